@@ -1,0 +1,98 @@
+"""What every decoder offers the engine, and the typed errors of bad decoding parameters.
+
+Engine step for one request (the scheduler packs many of these into one forward):
+
+    segment = decoder.next_segment(budget)     # None: nothing to run this step (finished)
+    result = runner.execute([... segment ...])  # one packed forward for all requests
+    decoder.absorb(result)                      # advance the state machine
+
+`budget` is the most query tokens the scheduler grants this step. Decoders honour it for prompt
+prefill (chunked: a long prompt is fed in budget-sized kept chunks with no reads) and may exceed it
+only for a step that cannot be split (a ReFusion plan of the whole pool); the scheduler then decides
+whether to run it now or next step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from workers.batch import Segment, SegmentResult
+
+
+class DecodeParamError(ValueError):
+    """A decoding parameter is invalid. `field` names it; the message says what to change."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass
+class DecodeStats:
+    """Per-request counters. tokens_per_forward = generated_tokens / forwards (spec definition)."""
+
+    forwards: int = 0
+    prefill_forwards: int = 0
+    generated_tokens: int = 0
+    slots_accepted_at_verify: int = 0
+    slots_accepted_after_completion: int = 0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated_tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def wall_time_s(self) -> float:
+        return max(0.0, self.finished_at - self.started_at) if self.finished_at else 0.0
+
+
+@dataclass
+class Handoff:
+    """The state one decoder hands to another at a block boundary (AR <-> ReFusion switch).
+
+    prompt_ids + generated_ids is the text so far, contiguous from position 0; the first `cached_len`
+    of those tokens have KV in the sequence's cache (in any physical order). The receiving decoder
+    feeds what is not cached yet and continues for `remaining` more tokens.
+    """
+
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    cached_len: int
+    remaining: int
+    stats: DecodeStats = field(default_factory=DecodeStats)
+
+
+class Decoder(Protocol):
+    """A per-request decoding state machine (see decoding.refusion and decoding.ar)."""
+
+    seq_id: str
+    stats: DecodeStats
+
+    @property
+    def finished(self) -> bool: ...
+
+    def next_segment(self, budget: int) -> Segment | None:
+        """The query tokens this request needs run next, or None once finished."""
+
+    def absorb(self, result: SegmentResult) -> None:
+        """Take the runner's answer to the last segment and advance."""
+
+    def skip_cached_prompt(self, num_tokens: int) -> None:
+        """The first num_tokens prompt tokens are already in the cache (prefix-cache hit): don't feed them."""
+
+    def stream_ids(self) -> list[int]:
+        """Generated ids in text order that are final and contiguous from the generation start
+        (excludes EOS and anything after it). Grows monotonically; the engine streams its deltas."""
+
+    def output_ids(self) -> list[int]:
+        """All generated ids in text order, up to and excluding the first EOS (final once finished)."""
+
+    def at_block_boundary(self) -> bool:
+        """True when a mode switch may happen now (no slot, branch or tentative KV in flight)."""
+
+    def handoff(self) -> Handoff:
+        """Export the state for another decoder; only valid at a block boundary."""

@@ -1,0 +1,37 @@
+"""`refusion` command line: one subcommand per module, imported only when used (keeps start-up fast)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module that defines `add_arguments(parser)` and `run(args) -> int`
+SUBCOMMANDS = {
+    "generate": ("integrations.cli_generate", "Decode one prompt with ReFusion or AR and print the completion."),
+    "train": ("integrations.cli_train", "Train or fine-tune a ReFusion model with the ReFusion objective."),
+    "serve": ("integrations.cli_serve", "Start the Ray Serve application (OpenAI API, editor protocol)."),
+    "lsp": ("integrations.cli_lsp", "Run the LSP bridge on stdio (inline completions from the backend)."),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="refusion", description="refusion-serve: ReFusion serving backend.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if argv and argv[0] in SUBCOMMANDS:
+        # Import only the chosen subcommand's module; others may pull heavy dependencies.
+        chosen = {argv[0]: SUBCOMMANDS[argv[0]]}
+    else:
+        chosen = SUBCOMMANDS
+    for name, (module_name, help_text) in chosen.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if len(chosen) == 1:
+            importlib.import_module(module_name).add_arguments(sub_parser)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The engine's public contract, used by every front end (CLI, OpenAI API, editor protocol).
+
+    engine = Engine(runner, tokenizer, config)       # scheduler.engine
+    await engine.start()
+    async for delta in engine.submit(request):       # streams text as it becomes final
+        ...
+    engine.cancel(request_id)                        # idempotent; frees KV at once
+    await engine.stop(drain_timeout_s=...)
+
+Plain Python; no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+
+class Priority(IntEnum):
+    """Lower value runs first; FCFS within a class."""
+
+    INTERACTIVE = 0  # editor completions: latency first
+    BATCH = 1  # agent tool calls, API traffic, bulk jobs
+
+
+class Mode(Enum):
+    REFUSION = "refusion"
+    AR = "ar"
+    AUTO = "auto"
+
+
+class FinishReason(Enum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # gen_length reached
+    DEADLINE = "deadline"  # max_time_ms passed
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class EngineError(Exception):
+    """Base of typed engine errors; the HTTP layer maps each to a status code."""
+
+
+class OverloadedError(EngineError):
+    """Queue or KV budget full: retry after `retry_after_s` seconds (HTTP 429/503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequestError(EngineError):
+    """Bad request input: `field` names it; the message says what to change (HTTP 400)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class GenerationRequest:
+    """One completion request. `params` holds decoding parameters by name (gen_length, slot_size,
+    serial_num_blocks, slot_threshold, token_threshold, temperature, top_k, top_p, seed); unset ones
+    take the model's defaults (refusion.json). Validation happens at submit and raises
+    InvalidRequestError naming the field."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: dict = field(default_factory=dict)
+    mode: Mode = Mode.AUTO
+    priority: Priority = Priority.BATCH
+    stop: list[str] = field(default_factory=list)
+    max_time_ms: int | None = None
+    # Infill: the suffix placed after the gap as already-generated text (editor protocol).
+    suffix_ids: list[int] | None = None
+
+
+@dataclass
+class Delta:
+    """A piece of a request's output. The last delta has finished=True, finish_reason and stats."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    mode: Mode | None = None  # the mode that served it (REFUSION or AR)
+    stats: dict = field(default_factory=dict)
+    error: str | None = None

@@ -1,0 +1,95 @@
+"""Builds small HF-format Qwen3 model directories for tests: a real byte-level BPE tokenizer trained on
+a little Python source, a config with `mask_token_id`, and random weights saved by transformers.
+
+These are random-weight models: good for exactness tests (engine vs transformers, engine vs oracle),
+not for output quality. The shipped trained model lives in models/.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+EOS = "<|endoftext|>"
+MASK = "<|mask|>"
+BOT = "<|beginoftext|>"
+
+
+def _training_text() -> list[str]:
+    """A few KB of real Python from the standard library: deterministic on a given interpreter."""
+    import argparse
+    import json as json_mod
+    import textwrap
+
+    return [inspect.getsource(m) for m in (textwrap, json_mod.decoder, argparse)]
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 384):
+    """Train a byte-level BPE tokenizer and save tokenizer.json + tokenizer_config.json in out_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, BOT, MASK],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_text(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, mask_token=MASK)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def make_tiny_model(
+    out_dir: Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    intermediate_size: int = 128,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Write a random-weight Qwen3 model directory (float32) and return its path."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out_dir)
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=tok.convert_tokens_to_ids(EOS),
+        pad_token_id=tok.convert_tokens_to_ids(EOS),
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).to(torch.float32)
+    # Random init gives near-uniform logits; scale the head so argmaxes are decisive and ties rare.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0) if not tie_word_embeddings else model.model.embed_tokens.weight.mul_(4.0)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(out_dir), safe_serialization=True, **kwargs)
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["mask_token_id"] = tok.convert_tokens_to_ids(MASK)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out_dir
