@@ -1,0 +1,186 @@
+"""How HTTP and editor front ends reach the engine: one interface, two transports.
+
+    client = request.app.state.engine_client          # set by the ingress (serve_app / openai_api)
+    async for delta in client.stream(GenerationRequest(...)):   # scheduler.api.Delta, last one finished
+        ...
+    await client.cancel(request_id)                   # idempotent
+    client.tokenizer.encode(text) / .decode(ids)      # transformers tokenizer of the served model
+    client.model_name                                 # e.g. "refusion-tiny-code"
+    await client.info()                               # {"model", "limits", "defaults", ...}
+
+`stream` cancels the engine request when the iterator is closed early (`aclose()`, `break` inside
+`contextlib.aclosing`) or when the consuming task is cancelled (client disconnect). Engine errors surface
+as the typed errors of scheduler.api: `InvalidRequestError(field)` and `OverloadedError(retry_after_s)`.
+
+Implementations:
+  - `LocalEngineClient`: in-process, over a scheduler Engine (tests, tools, single-process serving).
+  - `ServeEngineClient`: over a Ray Serve deployment handle to `serve_app.EngineDeployment` replicas,
+    streaming with `handle.options(stream=True)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Protocol
+
+from scheduler.api import Delta, EngineError, GenerationRequest, InvalidRequestError, OverloadedError
+
+
+class EngineClient(Protocol):
+    """What every front end may call. See the module docstring for the semantics."""
+
+    model_name: str
+    tokenizer: Any
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[Delta]: ...
+
+    async def cancel(self, request_id: str) -> None: ...
+
+    async def info(self) -> dict: ...
+
+    async def metrics(self) -> bytes:
+        """The engine's Prometheus text (scheduler.metrics.render()); b"" when it has none."""
+
+    async def check_health(self) -> None:
+        """Raise when the engine cannot serve a one-token request within its health timeout."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engine errors across a process boundary. scheduler.api's errors take extra constructor arguments,
+# which plain exception pickling drops; replicas therefore send this small record instead of raising.
+
+
+@dataclass
+class EngineFailure:
+    """A typed engine error as plain data: the first (and only) item a replica streams on failure."""
+
+    kind: str  # "invalid" | "overloaded" | "engine"
+    message: str
+    field: str | None = None
+    retry_after_s: float | None = None
+
+    @classmethod
+    def from_exception(cls, exc: EngineError) -> "EngineFailure":
+        if isinstance(exc, InvalidRequestError):
+            message = str(exc).split(": ", 1)[-1]
+            return cls("invalid", message, field=exc.field)
+        if isinstance(exc, OverloadedError):
+            return cls("overloaded", str(exc), retry_after_s=exc.retry_after_s)
+        return cls("engine", str(exc))
+
+    def to_exception(self) -> EngineError:
+        if self.kind == "invalid":
+            return InvalidRequestError(self.field or "request", self.message)
+        if self.kind == "overloaded":
+            return OverloadedError(self.message, self.retry_after_s or 1.0)
+        return EngineError(self.message)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def read_model_card(model_dir: str | Path) -> dict:
+    """What the model directory says about limits and decoding defaults (config.json, refusion.json)."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    defaults_path = model_dir / "refusion.json"
+    defaults = json.loads(defaults_path.read_text()) if defaults_path.exists() else {}
+    return {
+        "model": model_dir.name,
+        "limits": {"context_length": int(config.get("max_position_embeddings", 0))},
+        "defaults": defaults,
+    }
+
+
+async def _maybe_await(value):
+    return await value if inspect.isawaitable(value) else value
+
+
+class LocalEngineClient:
+    """In-process client over a started `scheduler.engine.Engine` (it shares the caller's event loop)."""
+
+    def __init__(self, engine, tokenizer, model_name: str, model_info: dict | None = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self._model_info = dict(model_info or {"model": model_name})
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[Delta]:
+        finished = False
+        try:
+            async for delta in self.engine.submit(req):
+                finished = finished or delta.finished
+                yield delta
+                if finished:
+                    return
+        finally:
+            if not finished:
+                await _maybe_await(self.engine.cancel(req.request_id))
+
+    async def cancel(self, request_id: str) -> None:
+        await _maybe_await(self.engine.cancel(request_id))
+
+    async def info(self) -> dict:
+        info = dict(self._model_info)
+        info["model"] = self.model_name
+        engine_info = getattr(self.engine, "info", None)
+        if callable(engine_info):
+            info["engine"] = await _maybe_await(engine_info())
+        return info
+
+    async def metrics(self) -> bytes:
+        from integrations.engine_host import engine_metrics_text
+
+        return engine_metrics_text(self.engine)
+
+    async def check_health(self) -> None:
+        from integrations.engine_host import one_token_probe
+
+        await one_token_probe(self)
+
+
+class ServeEngineClient:
+    """Client over a Ray Serve handle to `EngineDeployment` (methods generate/info/metrics/check)."""
+
+    def __init__(self, handle, tokenizer, model_name: str):
+        self._handle = handle
+        self._streaming = handle.options(stream=True)
+        self._inflight: dict[str, Any] = {}  # request_id -> DeploymentResponseGenerator
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[Delta]:
+        responses = self._streaming.generate.remote(req)
+        self._inflight[req.request_id] = responses
+        finished = False
+        try:
+            async for item in responses:
+                if isinstance(item, EngineFailure):
+                    finished = True  # nothing runs in the engine for this request
+                    raise item.to_exception()
+                finished = finished or item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._inflight.pop(req.request_id, None)
+            if not finished:
+                # Ray Serve cancels the replica-side generator, whose `finally` cancels in the engine.
+                responses.cancel()
+
+    async def cancel(self, request_id: str) -> None:
+        responses = self._inflight.get(request_id)
+        if responses is not None:
+            responses.cancel()
+
+    async def info(self) -> dict:
+        return await self._handle.info.remote()
+
+    async def metrics(self) -> bytes:
+        return await self._handle.metrics.remote()
+
+    async def check_health(self) -> None:
+        await self._handle.check_health.remote()

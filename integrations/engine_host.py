@@ -1,0 +1,79 @@
+"""Building, probing and draining one scheduler Engine: shared by the Ray Serve engine replica
+(`serve_app.EngineDeployment`) and in-process hosts (`LocalEngineClient`, tests).
+
+Heavy imports (torch through workers.runner) happen inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+from scheduler.api import Delta, GenerationRequest, Mode, OverloadedError, Priority
+
+
+class EngineUnhealthyError(RuntimeError):
+    """The engine did not finish a one-token request in time: the replica should be replaced."""
+
+
+def build_engine(model_dir: str | Path, runner_options: dict | None = None, engine_options: dict | None = None):
+    """Load the model and build an (unstarted) Engine. Returns (engine, tokenizer).
+
+    runner_options go to workers.runner.ModelRunner (dtype, device, block_size, num_blocks,
+    kv_memory_bytes); engine_options to scheduler.engine's config dataclass, validated there.
+    """
+    from scheduler.engine import Engine, EngineConfig
+    from workers.runner import ModelRunner
+
+    runner = ModelRunner(str(model_dir), **(runner_options or {}))
+    config = EngineConfig(**(engine_options or {}))
+    return Engine(runner, runner.tokenizer, config), runner.tokenizer
+
+
+def engine_metrics_text(engine) -> bytes:
+    """The engine's Prometheus exposition text (scheduler.metrics.render), or b"" if it has none."""
+    render = getattr(engine, "render_metrics", None)
+    if callable(render):
+        return render()
+    try:
+        from scheduler import metrics as scheduler_metrics
+    except ImportError:
+        return b""
+    return scheduler_metrics.render()
+
+
+def probe_request(tokenizer) -> GenerationRequest:
+    """A one-token AR request at interactive priority: exercises admission, one forward and streaming."""
+    prompt_ids = tokenizer.encode("\n") or [tokenizer.eos_token_id]
+    return GenerationRequest(
+        request_id=f"health-{uuid.uuid4().hex[:12]}",
+        prompt_ids=list(prompt_ids),
+        params={"gen_length": 1, "temperature": 0.0},
+        mode=Mode.AR,
+        priority=Priority.INTERACTIVE,
+    )
+
+
+async def one_token_probe(client, timeout_s: float = 30.0) -> None:
+    """Run one one-token request through `client.stream`; raise EngineUnhealthyError if it wedges.
+
+    An engine that answers OverloadedError is alive (it is just full), so that counts as healthy.
+    """
+    req = probe_request(client.tokenizer)
+
+    async def run_probe() -> Delta | None:
+        last = None
+        async for delta in client.stream(req):
+            last = delta
+        return last
+
+    try:
+        last = await asyncio.wait_for(run_probe(), timeout_s)
+    except OverloadedError:
+        return
+    except asyncio.TimeoutError as exc:
+        raise EngineUnhealthyError(f"one-token health probe did not finish within {timeout_s:.0f} s") from exc
+    if last is None or not last.finished or last.error:
+        detail = last.error if last is not None else "no output"
+        raise EngineUnhealthyError(f"one-token health probe failed: {detail}")
