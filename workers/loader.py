@@ -1,0 +1,196 @@
+"""Reads an HF-format Qwen3 directory: config.json, safetensors weights (single file or sharded index),
+tokenizer files, and the mask token id.
+
+Weights are read with safetensors directly (no transformers model at run time); transformers is used
+only for the tokenizer. Every problem with the directory raises `ModelDirError` naming the file and
+what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MASK_TOKEN = "<|mask|>"
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+class ModelDirError(ValueError):
+    """The model directory cannot be loaded. `path` names the offending file; the message says why."""
+
+    def __init__(self, path: Path | str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Qwen3 shape and constants the engine needs, read from config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    eos_token_id: int
+    mask_token_id: int | None  # None: not in config.json; resolved from the tokenizer later
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint tensor the model needs, by HF name, with its shape."""
+        h, d = self.hidden_size, self.head_dim
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, h), "model.norm.weight": (h,)}
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, h)
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (self.num_heads * d, h),
+                p + "self_attn.k_proj.weight": (self.num_kv_heads * d, h),
+                p + "self_attn.v_proj.weight": (self.num_kv_heads * d, h),
+                p + "self_attn.o_proj.weight": (h, self.num_heads * d),
+                p + "self_attn.q_norm.weight": (d,),
+                p + "self_attn.k_norm.weight": (d,),
+                p + "mlp.gate_proj.weight": (self.intermediate_size, h),
+                p + "mlp.up_proj.weight": (self.intermediate_size, h),
+                p + "mlp.down_proj.weight": (h, self.intermediate_size),
+            })
+        return shapes
+
+
+def _rope_theta(raw: dict, path: Path) -> float:
+    """rope_theta from the top level (transformers 4.x) or from rope_parameters (5.x); default RoPE only."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ModelDirError(path, f"rope type {rope_type!r} is not supported; only default RoPE is")
+    theta = params.get("rope_theta", raw.get("rope_theta"))
+    if theta is None:
+        raise ModelDirError(path, "no rope_theta (top level or in rope_parameters)")
+    return float(theta)
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    """Parse and check config.json of a Qwen3 model directory."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelDirError(path, "missing; a model directory needs config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(path, f"not valid JSON ({exc})") from exc
+    if raw.get("model_type") not in (None, "qwen3"):
+        raise ModelDirError(path, f"model_type is {raw.get('model_type')!r}; only 'qwen3' is supported")
+    if raw.get("attention_bias") or raw.get("use_sliding_window"):
+        raise ModelDirError(path, "attention_bias and use_sliding_window must be false for Qwen3")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ModelDirError(path, f"hidden_act is {raw['hidden_act']!r}; only 'silu' is supported")
+    try:
+        heads = int(raw["num_attention_heads"])
+        eos = raw.get("eos_token_id")
+        config = ModelConfig(
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=int(raw["hidden_size"]),
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
+            rope_theta=_rope_theta(raw, path),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            eos_token_id=int(eos[0] if isinstance(eos, list) else eos) if eos is not None else -1,
+            mask_token_id=int(raw["mask_token_id"]) if raw.get("mask_token_id") is not None else None,
+        )
+    except KeyError as exc:
+        raise ModelDirError(path, f"missing required key {exc.args[0]!r}") from exc
+    if config.num_heads % config.num_kv_heads:
+        raise ModelDirError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads")
+    return config
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Map tensor name -> safetensors file, from the shard index or the single file."""
+    model_dir = Path(model_dir)
+    index = model_dir / SHARD_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ModelDirError(index, f"not a safetensors index with a weight_map ({exc})") from exc
+        files = {name: model_dir / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise ModelDirError(shard, f"shard listed in {SHARD_INDEX} is missing")
+        return files
+    single = model_dir / SINGLE_FILE
+    if not single.is_file():
+        raise ModelDirError(single, f"missing; expected {SINGLE_FILE} or {SHARD_INDEX}")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict:
+    """Load every tensor the model needs, checked against the config's shapes, as `dtype` on `device`."""
+    from safetensors import safe_open
+
+    files = checkpoint_files(model_dir)
+    expected = config.expected_shapes()
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        if name not in files:
+            where = files and next(iter(files.values()))
+            raise ModelDirError(where or model_dir, f"tensor {name!r} is missing from the checkpoint")
+        by_file.setdefault(files[name], []).append(name)
+    weights = {}
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            if not set(names) <= set(handle.keys()):
+                missing = sorted(set(names) - set(handle.keys()))[0]
+                raise ModelDirError(path, f"tensor {missing!r} is listed in the index but not in this shard")
+            for name in names:
+                shape = tuple(handle.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise ModelDirError(path, f"tensor {name!r} has shape {shape}, config.json implies {expected[name]}")
+                weights[name] = handle.get_tensor(name).to(dtype)
+    return weights
+
+
+def load_tokenizer(model_dir: Path):
+    """The transformers tokenizer of the directory (tokenizer.json / tokenizer_config.json)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
+        raise ModelDirError(model_dir / "tokenizer.json", "missing; the directory needs tokenizer files")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(model_dir / "tokenizer.json", f"cannot be loaded ({exc})") from exc
+
+
+def resolve_mask_token_id(config: ModelConfig, tokenizer, model_dir: Path) -> int:
+    """`mask_token_id` from config.json, else the tokenizer's `<|mask|>` token."""
+    if config.mask_token_id is not None:
+        mask_id = config.mask_token_id
+    else:
+        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+        if mask_id is None or mask_id == tokenizer.unk_token_id or mask_id < 0:
+            raise ModelDirError(
+                Path(model_dir) / "config.json",
+                f"no mask_token_id and the tokenizer has no {MASK_TOKEN} token; add mask_token_id to config.json",
+            )
+    if not 0 <= mask_id < config.vocab_size:
+        raise ModelDirError(Path(model_dir) / "config.json", f"mask_token_id {mask_id} outside the vocabulary")
+    return int(mask_id)

@@ -1,0 +1,152 @@
+"""ModelRunner: the model, its paged KV cache and the packed forward behind `execute(segments)`.
+
+One `execute` call = one model forward over every query token of every segment ([T, hidden]), then
+the reads of all segments computed on the device and moved to the host in one transfer. KV semantics
+(truncate to context_len, append kept tokens in query order) follow workers/batch.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workers import loader
+from workers.attention import BACKENDS, AttentionPlan, default_backend
+from workers.batch import ReadKind, Segment, SegmentResult
+from workers.kv_blocks import BlockPool, BlockTables, KVCacheFullError
+from workers.kv_cache import PagedKVCache, blocks_for_budget
+from workers.model import build_model
+from workers.reads import ReadRequest, compute_results
+
+
+class SegmentError(ValueError):
+    """A segment cannot run as given. `seq_id` and `field` name the culprit; the message says what to change."""
+
+    def __init__(self, seq_id: str, field_name: str, message: str):
+        super().__init__(f"segment {seq_id}: {field_name}: {message}")
+        self.seq_id, self.field = seq_id, field_name
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What callers need to know about the loaded model."""
+
+    vocab_size: int
+    eos_token_id: int
+    mask_token_id: int
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str
+    device: str
+
+
+class ModelRunner:
+    """Owns the Qwen3 weights, the KV block pool and tensors, and each sequence's generator."""
+
+    def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | None = None, device: str | None = None,
+                 block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
+                 attention: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        model_dir = Path(model_dir)
+        config = loader.read_config(model_dir)
+        self.tokenizer = loader.load_tokenizer(model_dir)
+        mask_id = loader.resolve_mask_token_id(config, self.tokenizer, model_dir)
+        weights = loader.read_weights(model_dir, config, dtype=self.dtype, device=self.device)
+        self.model = build_model(config, weights, dtype=self.dtype, device=self.device)
+        self.config = config
+        n = blocks_for_budget(config, block_size, self.dtype, self.device, num_blocks, kv_memory_bytes)
+        self.blocks = BlockPool(n, block_size)
+        self._tables = BlockTables(self.blocks)
+        self.kv = PagedKVCache(config, n, block_size, self.dtype, self.device)
+        self.attention = attention or default_backend(self.device)
+        if self.attention not in BACKENDS:
+            raise ValueError(f"attention must be one of {sorted(BACKENDS)}, got {self.attention!r}")
+        self._generators: dict[str, torch.Generator] = {}
+        self.info = ModelInfo(
+            vocab_size=config.vocab_size, eos_token_id=config.eos_token_id, mask_token_id=mask_id,
+            num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, block_size=block_size,
+            dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+        )
+
+    # ---- sequence bookkeeping -------------------------------------------------------------------
+    def cached_len(self, seq_id: str) -> int:
+        """Tokens in the sequence's cache (0 for unknown ids)."""
+        return self._tables.length(seq_id)
+
+    def block_table(self, seq_id: str) -> list[int]:
+        """The sequence's block ids, in cache order."""
+        return self._tables.table(seq_id)
+
+    def adopt_prefix(self, seq_id: str, block_ids: list[int], num_tokens: int) -> None:
+        """Start a new sequence on shared full blocks (one more reference each; they stay read-only)."""
+        self._tables.adopt_prefix(seq_id, block_ids, num_tokens)
+
+    def free(self, seq_id: str) -> None:
+        """Release every block of the sequence and drop its generator (finish or cancel). Idempotent."""
+        self._tables.free(seq_id)
+        self._generators.pop(seq_id, None)
+
+    # ---- the forward ----------------------------------------------------------------------------
+    def execute(self, segments: list[Segment]) -> list[SegmentResult]:
+        """Run all segments in one packed forward; results in the order of `segments`."""
+        if not segments:
+            return []
+        self._validate(segments)
+        for seg in segments:
+            self._tables.truncate(seg.seq_id, seg.context_len)
+            if seg.seq_id not in self._generators:
+                self._generators[seg.seq_id] = torch.Generator(device=self.device).manual_seed(seg.sampling.seed)
+        needed = sum(self._tables.blocks_needed(s.seq_id, s.num_kept) for s in segments)
+        if needed > self.blocks.num_free:
+            raise KVCacheFullError(needed, self.blocks.num_free)
+        context_slots = [self._tables.context_slots(s.seq_id, s.context_len) for s in segments]
+        try:
+            write_slots = [self._tables.append_slots(s.seq_id, s.num_kept) for s in segments]
+            return self._forward(segments, context_slots, write_slots)
+        except BaseException:
+            for seg in segments:  # leave no trace of a failed forward
+                self._tables.truncate(seg.seq_id, seg.context_len)
+            raise
+
+    def _forward(self, segments, context_slots, write_slots) -> list[SegmentResult]:
+        dev = self.device
+        token_ids = torch.tensor([t for s in segments for t in s.token_ids], dtype=torch.long, device=dev)  # [T]
+        positions = torch.tensor([p for s in segments for p in s.positions], dtype=torch.long, device=dev)  # [T]
+        plan = AttentionPlan.build(segments, context_slots, write_slots, dev)
+        hidden = self.model.hidden(token_ids, positions, BACKENDS[self.attention](self.kv, plan))  # [T, H]
+        read_rows, requests = [], []
+        for seg, (start, _) in zip(segments, plan.rows):
+            requests.append(ReadRequest(seg, len(read_rows), self._generators[seg.seq_id]))
+            read_rows.extend(start + r.row for r in seg.reads)
+        if not read_rows:
+            return [SegmentResult(s.seq_id, []) for s in segments]
+        logits = self.model.logits(hidden[torch.tensor(read_rows, device=dev)])  # [R, V] float32
+        return compute_results(logits, requests)
+
+    def _validate(self, segments: list[Segment]) -> None:
+        seen = set()
+        vocab = self.config.vocab_size
+        for seg in segments:
+            if seg.seq_id in seen:
+                raise SegmentError(seg.seq_id, "seq_id", "appears twice in one execute call; send one segment per sequence")
+            seen.add(seg.seq_id)
+            if seg.context_len > self.cached_len(seg.seq_id):
+                raise SegmentError(seg.seq_id, "context_len", f"{seg.context_len} exceeds the "
+                                   f"{self.cached_len(seg.seq_id)} cached tokens; it may only roll back")
+            if min(seg.token_ids) < 0 or max(seg.token_ids) >= vocab:
+                raise SegmentError(seg.seq_id, "token_ids", f"ids must lie in 0..{vocab - 1}")
+            if min(seg.positions) < 0:
+                raise SegmentError(seg.seq_id, "positions", "positions must be >= 0")
+            for read in seg.reads:
+                if read.kind is ReadKind.PROB and not 0 <= read.token < vocab:
+                    raise SegmentError(seg.seq_id, "reads", f"PROB read token {read.token} outside 0..{vocab - 1}")
+            if seg.sampling.temperature < 0 or not 0 < seg.sampling.top_p <= 1 or seg.sampling.top_k < 0:
+                raise SegmentError(seg.seq_id, "sampling", "need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
