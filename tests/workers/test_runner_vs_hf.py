@@ -51,3 +51,57 @@ def test_decode_steps_with_cache(runner, model_dir):
     assert runner.cached_len("dec") == 11
     runner.free("dec")
     assert runner.blocks.num_free == runner.blocks.num_total
+
+
+def test_out_of_order_positions(runner, model_dir):
+    """Physical order != logical order (slot reordering): RoPE uses the given positions only."""
+    ids = _tokens(12, 2, runner.info.vocab_size)
+    positions = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7]
+    expected = dense_logits(model_dir, ids, positions)
+    runner.execute([segment("ooo", 0, ids[:8], positions[:8], reads=[])])
+    [res] = runner.execute([segment("ooo", 8, ids[8:], positions[8:])])
+    assert _max_diff(result_logits(res), expected[8:]) < TOL
+    runner.free("ooo")
+
+
+def test_tree_branches_equal_their_dense_runs(runner, model_dir):
+    """Trunk + three branches in one segment: each branch equals cache + trunk + itself run densely."""
+    vocab = runner.info.vocab_size
+    ctx, trunk = _tokens(7, 3, vocab), _tokens(2, 4, vocab)
+    branches = [_tokens(3, 10 + b, vocab) for b in range(3)]
+    runner.execute([segment("tree", 0, ctx, reads=[])])
+    ids = trunk + [t for br in branches for t in br]
+    branch_ids = [-1, -1] + [b for b in range(3) for _ in range(3)]
+    positions = [7, 8] + [p for b in range(3) for p in range(9 + 4 * b, 12 + 4 * b)]
+    [res] = runner.execute([segment("tree", 7, ids, positions, keep=False, branch=branch_ids)])
+    got = result_logits(res)
+    assert _max_diff(got[:2], dense_logits(model_dir, ctx + trunk)[7:]) < TOL
+    for b, br in enumerate(branches):
+        dense = dense_logits(model_dir, ctx + trunk + br, list(range(9)) + positions[2 + 3 * b:5 + 3 * b])
+        assert _max_diff(got[2 + 3 * b:5 + 3 * b], dense[9:]) < TOL
+    assert runner.cached_len("tree") == 7  # all dropped
+    runner.free("tree")
+
+
+def test_mixed_batch_matches_each_dense_run(runner, model_dir):
+    """Sequences at different cache lengths and segment kinds in ONE forward, each equal to its own run."""
+    vocab = runner.info.vocab_size
+    a, b, c = _tokens(10, 20, vocab), _tokens(9, 21, vocab), _tokens(6, 22, vocab)
+    runner.execute([segment("a", 0, a[:9], reads=[]), segment("b", 0, b[:5], reads=[])])
+    mask = runner.info.mask_token_id
+    segs = [
+        segment("a", 9, a[9:]),  # decode step at cache 9
+        segment("b", 5, b[5:] + [mask, mask], keep=[True] * 4 + [False] * 2),  # chunk + dropped plan rows
+        segment("c", 0, c),  # fresh prefill
+        segment("d", 0, c[:4], branch=[-1, 0, 1, 1], keep=False),  # branches on an empty cache
+    ]
+    ra, rb, rc, rd = runner.execute(segs)
+    assert _max_diff(result_logits(ra), dense_logits(model_dir, a)[9:]) < TOL
+    assert _max_diff(result_logits(rb), dense_logits(model_dir, b + [mask, mask])[5:]) < TOL
+    assert _max_diff(result_logits(rc), dense_logits(model_dir, c)) < TOL
+    assert _max_diff(result_logits(rd)[[0, 2, 3]], dense_logits(model_dir, [c[0], c[2], c[3]], [0, 2, 3])) < TOL
+    assert _max_diff(result_logits(rd)[1], dense_logits(model_dir, c[:2])[1]) < TOL
+    assert [runner.cached_len(s) for s in "abcd"] == [10, 9, 6, 0]
+    for s in "abcd":
+        runner.free(s)
+    assert runner.blocks.num_free == runner.blocks.num_total
