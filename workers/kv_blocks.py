@@ -94,6 +94,9 @@ class BlockTables:
     def __len__(self) -> int:
         return len(self._seqs)
 
+    def seq_ids(self) -> list[str]:
+        return list(self._seqs)
+
     def length(self, seq_id: str) -> int:
         seq = self._seqs.get(seq_id)
         return seq.length if seq else 0

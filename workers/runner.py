@@ -81,6 +81,10 @@ class ModelRunner:
         """Tokens in the sequence's cache (0 for unknown ids)."""
         return self._tables.length(seq_id)
 
+    def sequences(self) -> list[str]:
+        """Ids of every sequence holding a block table (empty once all are freed)."""
+        return self._tables.seq_ids()
+
     def block_table(self, seq_id: str) -> list[int]:
         """The sequence's block ids, in cache order."""
         return self._tables.table(seq_id)
