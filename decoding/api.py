@@ -57,6 +57,10 @@ class Handoff:
     prompt_ids + generated_ids is the text so far, contiguous from position 0; the first `cached_len`
     of those tokens have KV in the sequence's cache (in any physical order). The receiving decoder
     feeds what is not cached yet and continues for `remaining` more tokens.
+
+    Infill: `suffix_ids` sit at logical positions right after the generation span
+    (len(prompt_ids) + len(generated_ids) + remaining, ...); the first `suffix_cached_len` of them are
+    in the cache too (the cache then holds cached_len + suffix_cached_len tokens).
     """
 
     prompt_ids: list[int]
@@ -64,6 +68,8 @@ class Handoff:
     cached_len: int
     remaining: int
     stats: DecodeStats = field(default_factory=DecodeStats)
+    suffix_ids: list[int] = field(default_factory=list)
+    suffix_cached_len: int = 0
 
 
 class Decoder(Protocol):

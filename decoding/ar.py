@@ -1,0 +1,181 @@
+"""Autoregressive decoding of one request on the same Decoder interface as ReFusion (the AR fallback).
+
+    PREFILL (prompt chunks, kept, no reads) -> DECODE (one token per forward) -> FINISHED
+
+DECODE feeds the last generated token (clean, kept) at its position and reads the next one from its
+row: ARGMAX when temperature == 0, else SAMPLE (temperature, top-k, top-p, drawn from the sequence's
+own seeded generator in the runner, so draws do not depend on the batch).
+
+The first generation step carries the uncached context. When the last context token fed is not the
+token right before the generation point (everything was cached already, e.g. after a ReFusion
+handoff, or an infill suffix was fed last), that step appends a MASK token at the next logical
+position p instead: a mask at p predicts the token at p itself. Its KV is dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+
+from decoding.api import DecodeStats, Handoff
+from decoding.context import ContextFeed
+from decoding.params import DecodeParams
+from workers.batch import Read, ReadKind, Sampling, Segment, SegmentResult
+
+
+class ARPhase(Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    FINISHED = "finished"
+
+
+class ARDecoder:
+    """Autoregressive state machine for one request (implements decoding.api.Decoder)."""
+
+    def __init__(
+        self,
+        seq_id: str,
+        prompt_ids: list[int],
+        params: DecodeParams,
+        *,
+        suffix_ids: list[int] | None = None,
+        _handoff: Handoff | None = None,
+    ):
+        self.seq_id = seq_id
+        self.params = params
+        h = _handoff
+        self.prompt_ids = list(prompt_ids)
+        self.prior_ids = list(h.generated_ids) if h else []
+        self.span = h.remaining if h else params.gen_length
+        context = self.prompt_ids + self.prior_ids
+        self.feed = ContextFeed(
+            context,
+            gen_length=self.span,
+            suffix_ids=(h.suffix_ids if h else suffix_ids),
+            cached_len=h.cached_len if h else 0,
+            suffix_cached_len=h.suffix_cached_len if h else 0,
+        )
+        self.gen_start = len(context)
+        self.stats = h.stats if h else DecodeStats()
+        self.generated: list[int] = []
+        self.gen_cached = 0  # generated tokens whose KV is in the cache
+        self.phase = ARPhase.PREFILL if self.span > 0 else ARPhase.FINISHED
+        self._in_flight: Segment | None = None
+        self._first_step = False
+        self._context_in_flight = 0
+        if self.phase is ARPhase.FINISHED:
+            self._finish()
+
+    @classmethod
+    def from_handoff(cls, seq_id: str, handoff: Handoff, params: DecodeParams) -> "ARDecoder":
+        """Continue a request another decoder started (ReFusion -> AR at a block boundary)."""
+        return cls(seq_id, handoff.prompt_ids, params, _handoff=handoff)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is ARPhase.FINISHED
+
+    @property
+    def cache_len(self) -> int:
+        return self.feed.cache_len + self.gen_cached
+
+    @property
+    def next_position(self) -> int:
+        return self.gen_start + len(self.generated)
+
+    def skip_cached_prompt(self, num_tokens: int) -> None:
+        self.feed.skip(num_tokens)
+
+    def next_segment(self, budget: int) -> Segment | None:
+        if self.finished:
+            return None
+        if self._in_flight is not None:
+            raise RuntimeError(f"{self.seq_id}: absorb the result of the previous segment first")
+        if not self.stats.started_at:
+            self.stats.started_at = time.monotonic()
+        if self.phase is ARPhase.DECODE:
+            pos = self.next_position - 1
+            self._in_flight = self._segment([self.generated[-1]], [pos], [True], self.cache_len)
+            return self._in_flight
+        tokens, positions = self.feed.peek(self.feed.pending)
+        needs_mask = not positions or positions[-1] != self.next_position - 1
+        # A prefill chunk must leave the step that reads (context tail [+ mask]) non-empty.
+        chunk = min(max(1, budget), len(tokens) - (0 if needs_mask else 1))
+        if len(tokens) + needs_mask > max(1, budget) and chunk > 0:
+            self._first_step, self._context_in_flight = False, chunk
+            self._in_flight = Segment(
+                self.seq_id, self.cache_len, tokens[:chunk], positions[:chunk], [True] * chunk, [], None,
+                self._sampling(),
+            )
+            return self._in_flight
+        keep = [True] * len(tokens)
+        self._context_in_flight = len(tokens)
+        if needs_mask:
+            tokens, positions, keep = tokens + [self.params.mask_token_id], positions + [self.next_position], keep + [False]
+        self._first_step = True
+        self._in_flight = self._segment(tokens, positions, keep, self.cache_len)
+        return self._in_flight
+
+    def absorb(self, result: SegmentResult) -> None:
+        segment, self._in_flight = self._in_flight, None
+        if segment is None:
+            raise RuntimeError(f"{self.seq_id}: absorb() without a segment in flight")
+        if result.seq_id != self.seq_id or len(result.values) != len(segment.reads):
+            raise ValueError(f"{self.seq_id}: result has {len(result.values)} values for {len(segment.reads)} reads")
+        if self.phase is ARPhase.PREFILL:
+            self.feed.consume(self._context_in_flight)
+            if not self._first_step:
+                self.stats.prefill_forwards += 1
+                return
+        else:
+            self.gen_cached += 1
+        self.stats.forwards += 1
+        token = result.values[0][0]
+        self.generated.append(token)
+        if token == self.params.eos_token_id or len(self.generated) >= self.span:
+            self._finish()
+        else:
+            self.phase = ARPhase.DECODE
+
+    def stream_ids(self) -> list[int]:
+        return self.output_ids()
+
+    def output_ids(self) -> list[int]:
+        out = list(self.prior_ids)
+        for tok in self.generated:
+            if tok == self.params.eos_token_id:
+                break
+            out.append(tok)
+        return out
+
+    def at_block_boundary(self) -> bool:
+        """Between tokens, when the tokens left fill whole ReFusion blocks (so both modes share one grid)."""
+        remaining = self.span - len(self.generated)
+        return self._in_flight is None and not self.finished and remaining % self.params.block_length == 0
+
+    def handoff(self) -> Handoff:
+        if not self.at_block_boundary():
+            raise RuntimeError(f"{self.seq_id}: handoff only at a block boundary")
+        return Handoff(
+            prompt_ids=self.prompt_ids,
+            generated_ids=self.prior_ids + self.generated,
+            cached_len=self.feed.cached + self.gen_cached,
+            remaining=self.span - len(self.generated),
+            stats=self.stats,
+            suffix_ids=self.feed.suffix_ids,
+            suffix_cached_len=self.feed.suffix_in_cache,
+        )
+
+    def _sampling(self) -> Sampling:
+        p = self.params
+        return Sampling(p.temperature, p.top_k, p.top_p, p.seed)
+
+    def _segment(self, tokens: list[int], positions: list[int], keep: list[bool], context_len: int) -> Segment:
+        kind = ReadKind.ARGMAX if self.params.temperature == 0 else ReadKind.SAMPLE
+        reads = [Read(len(tokens) - 1, kind)]
+        return Segment(self.seq_id, context_len, tokens, positions, keep, reads, None, self._sampling())
+
+    def _finish(self) -> None:
+        self.phase = ARPhase.FINISHED
+        self.stats.generated_tokens = len(self.output_ids())
+        self.stats.finished_at = time.monotonic()

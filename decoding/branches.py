@@ -1,0 +1,118 @@
+"""Slot completion (spec step 3): each chosen slot is a branch over the same committed cache.
+
+One segment holds every branch (tree attention: `Segment.branch` gives each branch its own id, so a
+slot sees the committed cache and itself, never a sibling). Each round is two forwards:
+
+    draft:  branch tokens, verified ones as themselves, unverified ones as MASK; keep=False;
+            ARGMAX (plain, no Gumbel noise) on the masked rows: a mask at p predicts the token at p.
+    verify: branch tokens with the drafts filled in, clean, all branches in slot order; keep=True;
+            PROB reads shifted by one (row j-1 scores token j).
+
+Where the reference commits the branches' common verified prefix to per-branch cache rows, we re-feed
+each branch's full slot every round. That is numerically the same KV: the same tokens (verified tokens
+never change), the same positions and the same visibility (cache + earlier tokens of the branch). After
+the last verify round the cache holds every slot in slot order, each computed in its own branch, which
+is exactly the commit of spec step 4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.batch import Read, ReadKind, Sampling, Segment
+
+
+@dataclass
+class Branch:
+    """One chosen slot: its first logical position, current tokens, and verified flags (a prefix)."""
+
+    start: int
+    tokens: list[int]
+    verified: list[bool]
+
+    @property
+    def complete(self) -> bool:
+        return all(self.verified)
+
+    def first_verified(self, token_id: int) -> int | None:
+        """Index of the first verified occurrence of token_id in this slot, or None."""
+        for j, (tok, ok) in enumerate(zip(self.tokens, self.verified)):
+            if not ok:
+                return None
+            if tok == token_id:
+                return j
+        return None
+
+
+def draft_segment(seq_id: str, context_len: int, branches: list[Branch], mask_id: int, sampling: Sampling):
+    """The draft forward of one round and the (branch, slot index) each read answers.
+
+    Complete branches are left out: their draft would be discarded and nothing reads them.
+    """
+    tokens, positions, branch_ids, reads, layout = [], [], [], [], []
+    for b, br in enumerate(branches):
+        if br.complete:
+            continue
+        for j, (tok, ok) in enumerate(zip(br.tokens, br.verified)):
+            if not ok:
+                reads.append(Read(len(tokens), ReadKind.ARGMAX))
+                layout.append((b, j))
+            tokens.append(tok if ok else mask_id)
+            positions.append(br.start + j)
+            branch_ids.append(b)
+    segment = Segment(
+        seq_id, context_len, tokens, positions, [False] * len(tokens), reads, branch_ids, sampling
+    )
+    return segment, layout
+
+
+def absorb_drafts(branches: list[Branch], layout: list[tuple[int, int]], values: list[tuple[int, float]]) -> None:
+    """Write the argmax drafts into the unverified positions."""
+    for (b, j), (tok, _prob) in zip(layout, values):
+        branches[b].tokens[j] = tok
+
+
+def verify_segment(seq_id: str, context_len: int, branches: list[Branch], sampling: Sampling):
+    """The verify forward of one round (all branches, slot order, kept) and each read's (branch, j).
+
+    Token j of a branch needs a probability only when its predecessor is not verified yet; every
+    other token passes by the rule "a token whose predecessor was verified passes".
+    """
+    tokens, positions, branch_ids, reads, layout = [], [], [], [], []
+    for b, br in enumerate(branches):
+        row0 = len(tokens)
+        for j, tok in enumerate(br.tokens):
+            if j > 0 and not br.verified[j - 1]:
+                reads.append(Read(row0 + j - 1, ReadKind.PROB, tok))
+                layout.append((b, j))
+            tokens.append(tok)
+            positions.append(br.start + j)
+            branch_ids.append(b)
+    segment = Segment(seq_id, context_len, tokens, positions, [True] * len(tokens), reads, branch_ids, sampling)
+    return segment, layout
+
+
+def absorb_verification(
+    branches: list[Branch], layout: list[tuple[int, int]], values: list[tuple[int, float]], token_threshold: float
+) -> None:
+    """Grow each branch's verified prefix: token j passes if verified[j-1] held before this round,
+    or its shifted probability exceeds token_threshold; verified = cumulative AND of passes."""
+    probs = {bj: prob for bj, (_tok, prob) in zip(layout, values)}
+    for b, br in enumerate(branches):
+        before = list(br.verified)
+        ok = True
+        for j in range(len(br.tokens)):
+            passes = j == 0 or before[j - 1] or probs.get((b, j), 0.0) > token_threshold
+            ok = ok and passes
+            br.verified[j] = ok
+
+
+def stop_after_eos(branches: list[Branch], eos_id: int) -> int | None:
+    """Spec: if a verified token is EOS, keep branches up to the first one holding it (that branch
+    counts as complete) and stop the others. Returns that branch's index, or None (no EOS)."""
+    for b, br in enumerate(branches):
+        if br.first_verified(eos_id) is not None:
+            del branches[b + 1 :]
+            br.verified = [True] * len(br.verified)
+            return b
+    return None

@@ -1,0 +1,175 @@
+"""Decoding parameters of one request, validated at construction, and per-model defaults.
+
+Serving defaults (used when the model directory has no `refusion.json`):
+
+    gen_length 128, slot_size 8, serial_num_blocks 4 (blocks of 32 tokens), slot_threshold 0.9,
+    token_threshold 0.3, temperature 0 (greedy), top_k 0 (off), top_p 1.0, seed 0.
+
+The paper's code-task settings are gen 512, S=32, 4 blocks, slot 0.9, token 0.3. We keep its
+thresholds and block count but default to a shorter span with smaller slots: editor completions are
+short, and S=8 keeps a mostly-rejected slot cheap to complete (at most S branch rounds). A model
+directory overrides any of these with a `refusion.json` holding a JSON object of the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from decoding.api import DecodeParamError
+
+SERVING_DEFAULTS: dict = {
+    "gen_length": 128,
+    "slot_size": 8,
+    "serial_num_blocks": 4,
+    "slot_threshold": 0.9,
+    "token_threshold": 0.3,
+    "temperature": 0.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "seed": 0,
+}
+
+_INT_FIELDS = ("gen_length", "slot_size", "serial_num_blocks", "top_k", "seed", "eos_token_id", "mask_token_id")
+_FLOAT_FIELDS = ("slot_threshold", "token_threshold", "temperature", "top_p")
+
+
+@dataclass
+class DecodeParams:
+    """How one request is decoded (ReFusion and AR share it; AR ignores the ReFusion-only fields).
+
+    gen_length is rounded up to a multiple of slot_size (as the spec does); the block length
+    gen_length / serial_num_blocks must then be a whole multiple of slot_size.
+    """
+
+    eos_token_id: int
+    mask_token_id: int
+    gen_length: int = SERVING_DEFAULTS["gen_length"]
+    slot_size: int = SERVING_DEFAULTS["slot_size"]
+    serial_num_blocks: int = SERVING_DEFAULTS["serial_num_blocks"]
+    slot_threshold: float = SERVING_DEFAULTS["slot_threshold"]
+    token_threshold: float = SERVING_DEFAULTS["token_threshold"]
+    temperature: float = SERVING_DEFAULTS["temperature"]
+    top_k: int = SERVING_DEFAULTS["top_k"]
+    top_p: float = SERVING_DEFAULTS["top_p"]
+    seed: int = SERVING_DEFAULTS["seed"]
+
+    def __post_init__(self) -> None:
+        for name in _INT_FIELDS:
+            _check_int(name, getattr(self, name))
+        for name in _FLOAT_FIELDS:
+            value = _check_number(name, getattr(self, name))
+            setattr(self, name, float(value))
+        self._check_ranges()
+        # Spec: gen_length is rounded up to a multiple of slot_size.
+        self.gen_length = -(-self.gen_length // self.slot_size) * self.slot_size
+        if self.gen_length % self.serial_num_blocks:
+            raise DecodeParamError(
+                "serial_num_blocks",
+                f"gen_length {self.gen_length} (rounded up to a multiple of slot_size {self.slot_size}) "
+                f"does not split into {self.serial_num_blocks} equal blocks; choose a block count that divides it",
+            )
+        if self.block_length % self.slot_size:
+            raise DecodeParamError(
+                "serial_num_blocks",
+                f"block length gen_length/serial_num_blocks = {self.block_length} is not a multiple of "
+                f"slot_size {self.slot_size}; use fewer blocks or a smaller slot_size",
+            )
+
+    def _check_ranges(self) -> None:
+        if self.gen_length < 1:
+            raise DecodeParamError("gen_length", f"must be >= 1, got {self.gen_length}")
+        if self.slot_size < 1:
+            raise DecodeParamError("slot_size", f"must be >= 1, got {self.slot_size}")
+        if self.serial_num_blocks < 1:
+            raise DecodeParamError("serial_num_blocks", f"must be >= 1, got {self.serial_num_blocks}")
+        for name in ("slot_threshold", "token_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise DecodeParamError(name, f"must lie in [0, 1], got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise DecodeParamError("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise DecodeParamError("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise DecodeParamError("top_p", f"must lie in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise DecodeParamError("seed", f"must be >= 0, got {self.seed}")
+        for name in ("eos_token_id", "mask_token_id"):
+            if getattr(self, name) < 0:
+                raise DecodeParamError(name, f"must be a token id >= 0, got {getattr(self, name)}")
+
+    @property
+    def block_length(self) -> int:
+        """Tokens per semi-autoregressive block."""
+        return self.gen_length // self.serial_num_blocks
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DecodeParams":
+        """Build from a name -> value mapping (request params merged over model defaults).
+
+        Unknown names raise DecodeParamError naming the key, so a typo never passes silently.
+        """
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise DecodeParamError(str(key), f"unknown decoding parameter; use one of {sorted(known)}")
+        for name in ("eos_token_id", "mask_token_id"):
+            if values.get(name) is None:
+                raise DecodeParamError(name, "is required (read it from the model's config.json)")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DecodeParamError(name, f"must be an integer, got {value!r}")
+
+
+def _check_number(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DecodeParamError(name, f"must be a finite number, got {value!r}")
+    return value
+
+
+def load_model_defaults(model_dir: str | Path) -> dict:
+    """Default decoding parameters for a model directory.
+
+    SERVING_DEFAULTS, overridden by `refusion.json` when present, plus eos_token_id and mask_token_id
+    from `config.json` when it names them. Raises DecodeParamError("refusion.json", ...) for an
+    unreadable or ill-formed file; values themselves are checked when DecodeParams is built.
+    """
+    model_dir = Path(model_dir)
+    defaults = dict(SERVING_DEFAULTS)
+    config_path = model_dir / "config.json"
+    if config_path.is_file():
+        config = _read_json_object(config_path)
+        eos = config.get("eos_token_id")
+        if isinstance(eos, list) and eos:
+            eos = eos[0]
+        if isinstance(eos, int):
+            defaults["eos_token_id"] = eos
+        if isinstance(config.get("mask_token_id"), int):
+            defaults["mask_token_id"] = config["mask_token_id"]
+    path = model_dir / "refusion.json"
+    if path.is_file():
+        overrides = _read_json_object(path)
+        known = {f.name for f in fields(DecodeParams)}
+        for key in overrides:
+            if key not in known:
+                raise DecodeParamError("refusion.json", f"unknown key {key!r} in {path}; use one of {sorted(known)}")
+        defaults.update(overrides)
+    return defaults
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DecodeParamError(path.name, f"cannot read {path}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise DecodeParamError(path.name, f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
