@@ -1,0 +1,144 @@
+"""Infill the ReFusion way: prompt building, gap lengths, and picking among candidates (pure Python).
+
+ReFusion was trained with clean slots in any order, so the text after the cursor is given to the
+decoder as already-generated slots at their logical positions after the gap
+(`GenerationRequest.suffix_ids`); the middle is decoded with the suffix in view. The gap length is
+the one thing the editor does not know, so a completion decodes one or more candidate gap lengths
+as parallel requests and keeps one (`choose_candidate`). docs/editor-protocol.md, "Infill strategy".
+
+`build_infill_prompt` is the single place that turns (context, prefix, suffix) into token ids: the
+editor protocol, llama.cpp's /infill and `suffix` on /v1/completions all use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX
+
+# Token budgets of the prompt parts: the prefix is kept from its end, the suffix from its start.
+MAX_PREFIX_TOKENS = 1536
+MAX_SUFFIX_TOKENS = 384
+MAX_CONTEXT_TOKENS = 1024
+
+# Candidate gap lengths (tokens). A single line is rarely over 16 tokens; a multi-line completion
+# decodes a short and a long gap side by side. All are multiples of SLOT_SIZE.
+SLOT_SIZE = 8
+SINGLE_LINE_GAPS = (16,)
+MULTILINE_GAPS = (32, 64)
+
+_LINE_COMMENT = {"python": "#", "ruby": "#", "shell": "#", "sh": "#", "bash": "#", "yaml": "#", "toml": "#",
+                 "r": "#", "perl": "#", "lua": "--", "sql": "--", "haskell": "--"}  # fmt: skip
+
+
+@dataclass
+class InfillPrompt:
+    """Token ids for one infill. suffix_ids is None when there is no text after the cursor."""
+
+    prompt_ids: list[int]
+    suffix_ids: list[int] | None
+    truncated: bool = False  # some prefix, suffix or context did not fit its budget
+    context_tokens: int = 0  # leading prompt tokens that came from context chunks (stable, cacheable)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def format_context(chunks: Sequence, language: str = "") -> str:
+    """Context chunks as plain code: a comment line naming the file, then its text."""
+    comment = _LINE_COMMENT.get(language.lower(), "#" if not language else "//")
+    parts = []
+    for chunk in chunks:
+        path, text = (chunk.path, chunk.text) if hasattr(chunk, "path") else (chunk.get("path", ""), chunk["text"])
+        header = f"{comment} {path}\n" if path else ""
+        parts.append(header + text + ("" if text.endswith("\n") else "\n"))
+    return "\n".join(parts) + ("\n" if parts else "")
+
+
+def build_infill_prompt(
+    tokenizer,
+    prefix: str,
+    suffix: str = "",
+    context: Sequence = (),
+    language: str = "",
+    max_prefix_tokens: int = MAX_PREFIX_TOKENS,
+    max_suffix_tokens: int = MAX_SUFFIX_TOKENS,
+    max_context_tokens: int = MAX_CONTEXT_TOKENS,
+) -> InfillPrompt:
+    """prompt = context chunks (oldest dropped first) + prefix (its end); suffix = its start.
+
+    Context comes first so that it, not the moving prefix, is the stable part a prefix cache reuses.
+    Parts are tokenized separately: a boundary inside a token costs nothing to correctness here.
+    """
+    truncated = False
+    context_ids: list[int] = []
+    for chunk in reversed(list(context)):  # newest chunks (end of the list) are kept first
+        ids = _encode(tokenizer, format_context([chunk], language))
+        if len(context_ids) + len(ids) > max_context_tokens:
+            truncated = True
+            break
+        context_ids = ids + context_ids
+    prefix_ids = _encode(tokenizer, prefix)
+    if len(prefix_ids) > max_prefix_tokens:
+        prefix_ids, truncated = prefix_ids[-max_prefix_tokens:], True
+    suffix_ids = _encode(tokenizer, suffix)
+    if len(suffix_ids) > max_suffix_tokens:
+        suffix_ids, truncated = suffix_ids[:max_suffix_tokens], True
+    prompt_ids = context_ids + prefix_ids
+    if not prompt_ids:
+        # A completion at the very start of an empty file: give the model something to attend to.
+        prompt_ids = _encode(tokenizer, "\n") or [tokenizer.eos_token_id]
+    return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids))
+
+
+def plan_gaps(max_tokens: int | None, multiline: bool) -> tuple[int, ...]:
+    """Candidate gap lengths, capped by max_tokens (rounded up to the slot size)."""
+    base = MULTILINE_GAPS if multiline else SINGLE_LINE_GAPS
+    if max_tokens is None:
+        return base
+    cap = max_tokens if max_tokens < SLOT_SIZE else -(-max_tokens // SLOT_SIZE) * SLOT_SIZE
+    return tuple(sorted({min(g, cap) for g in base}))
+
+
+def gap_params(gap: int) -> dict:
+    """Decoding parameters that make `gap` a valid ReFusion generation span."""
+    slot = gap if gap < SLOT_SIZE else SLOT_SIZE
+    blocks = gap // 32 if gap >= 64 and gap % 32 == 0 else 1  # semi-AR blocks of 32 for long gaps
+    return {"gen_length": gap, "slot_size": slot, "serial_num_blocks": blocks}
+
+
+@dataclass
+class Candidate:
+    """One decoded gap length after post-processing."""
+
+    gap: int
+    text: str
+    stop_reason: str  # stop | length | deadline | newline | indent | suffix | cancelled | error
+    raw: str = ""
+    tokens: int = 0
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def closed(self) -> bool:
+        """The completion ended inside its gap: EOS/stop string, or a rule found its natural end."""
+        return self.stop_reason in ("stop", CUT_NEWLINE, CUT_INDENT, CUT_SUFFIX)
+
+
+def choose_candidate(candidates: Sequence[Candidate]) -> Candidate:
+    """The shortest gap whose completion closed inside it; else the longest gap's completion.
+
+    Why: a gap longer than the natural middle makes the model pad it, which shows as a repeat of
+    the suffix (trimmed, so the candidate closes); a gap shorter than the middle ends mid-thought
+    and does not close. The shortest closed gap is the least padded complete answer. Candidates
+    with no text lose to any with text.
+    """
+    if not candidates:
+        raise ValueError("choose_candidate needs at least one candidate")
+    ordered = sorted(candidates, key=lambda c: c.gap)
+    with_text = [c for c in ordered if c.text.strip()] or ordered
+    for cand in with_text:
+        if cand.closed:
+            return cand
+    return with_text[-1]

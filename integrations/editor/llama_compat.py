@@ -1,0 +1,193 @@
+"""llama.cpp-compatible POST /infill, shaped so llama.vim and llama.vscode work unmodified.
+
+What those clients send (read from their source): input_prefix (lines above the cursor), prompt (the
+cursor line up to the cursor), input_suffix (rest of the line and lines below), input_extra
+([{text, filename, time}] ring-buffer chunks), n_predict (0 = only warm the cache with input_extra),
+t_max_predict_ms, stop, n_indent, samplers, cache_prompt, stream, plus fields we accept and ignore
+(id_slot, n_probs, t_max_prompt_ms, lora, model, ...). llama.vscode may send n_cmpl (1-4) and then
+expects a JSON array of results. llama.vim sends response_fields and reads the flattened keys
+("timings/prompt_n", ...); it also checks the raw body with a regex that needs `"content":"` with no
+space after the colon, so bodies are written compactly.
+
+The document is input_prefix + prompt + <gap> + input_suffix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any, AsyncIterator
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from integrations.editor.infill import build_infill_prompt, plan_gaps
+from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
+from integrations.editor.protocol import ContextChunk, Limits
+from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
+from scheduler.api import Mode, Priority
+
+LIMITS = Limits()
+
+
+class ExtraChunk(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: str
+    filename: str = ""
+
+
+class InfillBody(BaseModel):
+    """The /infill request. Unknown fields are accepted and ignored (clients send many)."""
+
+    model_config = ConfigDict(extra="allow")
+    input_prefix: str = Field("", max_length=LIMITS.max_text_chars)
+    input_suffix: str = Field("", max_length=LIMITS.max_text_chars)
+    input_extra: list[ExtraChunk] = Field(default_factory=list, max_length=LIMITS.max_context_chunks)
+    prompt: str = Field("", max_length=LIMITS.max_text_chars)
+    n_predict: int = Field(-1, ge=-1, le=LIMITS.max_tokens)
+    t_max_predict_ms: int = Field(0, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    n_indent: int = Field(0, ge=0)
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0, le=2)
+    seed: int | None = None
+    n_cmpl: int = Field(1, ge=1, le=4)
+    response_fields: list[str] | None = None
+    cache_prompt: bool = True  # always on: the engine's prefix cache serves every request
+
+
+# Our stop reasons -> llama.cpp stop_type. A rule cut is a "limit" (llama.cpp reports its n_indent
+# stop that way); a cancelled request never reaches a response.
+_STOP_TYPE = {"stop": "eos", "length": "limit", "deadline": "limit", CUT_NEWLINE: "limit", CUT_INDENT: "limit",
+              CUT_SUFFIX: "limit", "cancelled": "none", "error": "none"}  # fmt: skip
+
+
+def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
+    context = [ContextChunk(c.filename, c.text) for c in body.input_extra]
+    prompt = build_infill_prompt(client.tokenizer, body.input_prefix + body.prompt, body.input_suffix, context)
+    max_tokens = body.n_predict if body.n_predict > 0 else None
+    gaps = plan_gaps(max_tokens, multiline=True)
+    if body.n_cmpl > len(gaps):  # more completions asked than the strategy has gaps: add longer ones
+        gaps = tuple(sorted(set(gaps) | {gaps[-1] * 2 ** k for k in range(1, body.n_cmpl - len(gaps) + 1)}))
+        gaps = tuple(g for g in gaps if max_tokens is None or g <= max(max_tokens, gaps[0]))
+    sampling = {k: v for k, v in (("temperature", body.temperature), ("seed", body.seed)) if v is not None}
+    return CompletionJob(
+        request_id=request_id,
+        prompt=prompt,
+        gaps=gaps,
+        rules=Rules(suffix=body.input_suffix, multiline=True, indent=body.n_indent),
+        mode=Mode.AUTO,
+        priority=Priority.INTERACTIVE,
+        stop=list(body.stop),
+        max_time_ms=body.t_max_predict_ms or None,
+        max_tokens=max_tokens,
+        sampling=sampling,
+    )
+
+
+def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_reason: str, tokens: int,
+            outcome: CompletionOutcome | None) -> dict:
+    prompt_n = len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or [])
+    total_ms = outcome.total_ms if outcome else 0.0
+    prompt_ms = (outcome.first_partial_ms or total_ms) if outcome else 0.0  # time to first text
+    predicted_ms = max(total_ms - prompt_ms, 0.0)
+    return {
+        "index": 0,
+        "content": content,
+        "id_slot": 0,
+        "stop": True,
+        "model": client.model_name,
+        "tokens_predicted": tokens,
+        "tokens_evaluated": prompt_n,
+        "generation_settings": {"n_predict": body.n_predict, "n_indent": body.n_indent, "gaps": list(job.gaps)},
+        "prompt": "",
+        "has_new_line": "\n" in content,
+        "truncated": job.prompt.truncated,
+        "stop_type": _STOP_TYPE.get(stop_reason, "none"),
+        "stopping_word": "",
+        "tokens_cached": prompt_n + tokens,
+        "timings": {
+            "prompt_n": prompt_n,
+            "prompt_ms": round(prompt_ms, 3),
+            "prompt_per_token_ms": round(prompt_ms / prompt_n, 3) if prompt_n else 0.0,
+            "prompt_per_second": round(1000.0 * prompt_n / prompt_ms, 3) if prompt_ms else 0.0,
+            "predicted_n": tokens,
+            "predicted_ms": round(predicted_ms, 3),
+            "predicted_per_token_ms": round(predicted_ms / tokens, 3) if tokens else 0.0,
+            "predicted_per_second": round(1000.0 * tokens / predicted_ms, 3) if predicted_ms else 0.0,
+        },
+    }
+
+
+def select_fields(result: dict, fields: list[str] | None) -> dict:
+    """llama.cpp's response_fields: only the listed paths, as flat keys ("timings/prompt_n")."""
+    if not fields:
+        return result
+    picked = {}
+    for path in fields:
+        node: Any = result
+        for part in path.split("/"):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            picked[path] = node
+    return picked
+
+
+def compact_json(payload) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def infill(client, body: InfillBody) -> dict | list:
+    """Run one non-streaming /infill. Engine errors propagate (the route maps them to HTTP)."""
+    request_id = f"infill-{uuid.uuid4().hex[:12]}"
+    job = make_job(client, body, request_id)
+    if body.n_predict == 0:
+        await warm_prefix(client, request_id, job.prompt)
+        return select_fields(_result(client, job, body, "", "length", 0, None), body.response_fields)
+    outcome = await run_completion(client, job)
+    results = [_result(client, job, body, outcome.text, outcome.stop_reason, outcome.tokens, outcome)]
+    if body.n_cmpl == 1:
+        return select_fields(results[0], body.response_fields)
+    others = [c for c in outcome.candidates if c.gap != outcome.gap]
+    for index, cand in enumerate(others[: body.n_cmpl - 1], start=1):
+        results.append({**_result(client, job, body, cand.text, cand.stop_reason, cand.tokens, outcome), "index": index})
+    return [select_fields(r, body.response_fields) for r in results]
+
+
+async def infill_events(client, body: InfillBody) -> AsyncIterator[bytes]:
+    """stream=true: server-sent events like llama.cpp, one `data: {json}` per text piece (content is the
+    new text only, stop=false), then one final event with stop=true and the full result fields."""
+    request_id = f"infill-{uuid.uuid4().hex[:12]}"
+    job = make_job(client, body, request_id)
+    if body.n_predict == 0:
+        await warm_prefix(client, request_id, job.prompt)
+        yield b"data: " + compact_json(_result(client, job, body, "", "length", 0, None)) + b"\n\n"
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    sent = ""
+
+    async def on_partial(text: str) -> None:
+        await queue.put(text)
+
+    async def produce() -> CompletionOutcome:
+        try:
+            return await run_completion(client, job, on_partial)
+        finally:
+            await queue.put(None)
+
+    task = asyncio.ensure_future(produce())
+    try:
+        while (text := await queue.get()) is not None:
+            if text.startswith(sent) and len(text) > len(sent):
+                piece = {"index": 0, "content": text[len(sent):], "stop": False}
+                sent = text
+                yield b"data: " + compact_json(piece) + b"\n\n"
+        outcome = await task
+    finally:
+        if not task.done():
+            task.cancel()  # client went away: cancels every candidate in the engine
+    tail = outcome.text[len(sent):] if outcome.text.startswith(sent) else ""
+    final = _result(client, job, body, tail, outcome.stop_reason, outcome.tokens, outcome)
+    yield b"data: " + compact_json(final) + b"\n\n"

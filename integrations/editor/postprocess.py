@@ -1,0 +1,161 @@
+"""Editor post-processing of a raw infill: the rules editors expect, as plain functions.
+
+Applied in this order to the text generated so far (cumulative, so it also runs on partials):
+  1. single-line: when `multiline` is off, stop at the first newline after visible text
+     (a completion that starts with a newline keeps that one newline and its next line);
+  2. indentation (llama.cpp `n_indent`): stop before the first new line whose indentation is
+     smaller than `indent` (only lines with visible text count; a line is judged once it has some);
+  3. suffix repeat: stop where the completion starts repeating the text after the cursor.
+
+Each rule returns the kept text and whether it cut; a cut is final (more tokens cannot undo it),
+so the caller may cancel generation at once. `final=True` enables the rules that only make sense
+once generation has ended (tail repeat of the suffix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Stop reasons a rule reports (also the wire values of the final result's `stop_reason`).
+CUT_NEWLINE = "newline"
+CUT_INDENT = "indent"
+CUT_SUFFIX = "suffix"
+
+# A suffix line this short ("}", ")", "end") is too common to prove a repeat on its own.
+_SHORT_LINE = 4
+# A partial repeat of the suffix at the end of the gap must be at least this many visible chars.
+_TAIL_MIN = 4
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What to apply. suffix: the document text after the cursor (as sent by the editor)."""
+
+    suffix: str = ""
+    multiline: bool = True
+    indent: int = 0
+
+
+@dataclass(frozen=True)
+class Processed:
+    text: str
+    cut: str | None = None  # CUT_* when a rule ended the completion
+
+
+def single_line(text: str) -> tuple[str, bool]:
+    """Keep up to the first newline that follows visible text."""
+    seen_visible = False
+    for i, ch in enumerate(text):
+        if ch == "\n" and seen_visible:
+            return text[:i], True
+        if not ch.isspace():
+            seen_visible = True
+    return text, False
+
+
+def min_indent(text: str, indent: int) -> tuple[str, bool]:
+    """Cut before the first line after the first whose indentation is below `indent`."""
+    if indent <= 0:
+        return text, False
+    start = text.find("\n")
+    while start != -1:
+        line_end = text.find("\n", start + 1)
+        line = text[start + 1 : line_end if line_end != -1 else len(text)]
+        body = line.lstrip(" \t")
+        if body and len(line) - len(body) < indent:
+            return text[:start], True
+        start = line_end
+    return text, False
+
+
+def _visible_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+def _suffix_anchor(suffix: str) -> list[str]:
+    """The suffix lines (stripped, non-blank) that prove a repeat: the first one, plus the next
+    while the anchor is shorter than _SHORT_LINE chars (so "}" alone never proves anything)."""
+    lines = _visible_lines(suffix)
+    anchor: list[str] = []
+    for line in lines:
+        anchor.append(line)
+        if sum(len(x) for x in anchor) >= _SHORT_LINE:
+            break
+    return anchor
+
+
+def trim_suffix_repeat(text: str, suffix: str, final: bool = False) -> tuple[str, bool]:
+    """Cut `text` where it starts repeating `suffix`.
+
+    Line rule (safe while streaming): a completion line (after the first) that equals the first
+    visible suffix line, followed by lines equal to the rest of the anchor, is a repeat: cut at the
+    newline before it. While streaming, the anchor must be complete; at the end, a match that runs
+    into the end of the text counts too.
+    Rest-of-line rule (final): when the cursor is mid-line, a first line ending with the rest of the
+    cursor line repeats it: drop that part and everything after.
+    Tail rule (final): text ending with the start of the suffix (>= _TAIL_MIN visible chars) was cut
+    by the gap's end in the middle of a repeat: drop that tail.
+    """
+    if not suffix.strip() or not text:
+        return text, False
+    lines = text.split("\n")
+    anchor = _suffix_anchor(suffix)
+    offsets = [0]
+    for line in lines[:-1]:
+        offsets.append(offsets[-1] + len(line) + 1)
+    complete = len(lines) if final else len(lines) - 1  # the last line may still grow
+    rest_of_line = suffix.split("\n", 1)[0].strip()
+    # With the cursor mid-line, the first generated line continues that line: never a whole repeat.
+    for k in range(1 if rest_of_line else 0, complete):
+        if _anchor_matches(lines[k:complete], anchor, allow_partial=final):
+            return text[: max(offsets[k] - 1, 0)], True
+    if not final:
+        return text, False
+    first = lines[0].rstrip()
+    if rest_of_line and first.endswith(rest_of_line):
+        return first[: len(first) - len(rest_of_line)].rstrip(" \t"), True
+    return _trim_tail(text, suffix)
+
+
+def _anchor_matches(lines: list[str], anchor: list[str], allow_partial: bool) -> bool:
+    visible = [line.strip() for line in lines if line.strip()]
+    if not visible or visible[0] != anchor[0]:
+        return False
+    needed = anchor[: len(visible)] if allow_partial else anchor
+    return visible[: len(needed)] == needed and (allow_partial or len(visible) >= len(anchor))
+
+
+def _trim_tail(text: str, suffix: str) -> tuple[str, bool]:
+    head = suffix.lstrip()
+    for start in range(len(text)):
+        tail = text[start:].lstrip()
+        if len(tail.replace(" ", "").replace("\n", "")) < _TAIL_MIN:
+            break
+        if head.startswith(tail) and (start == 0 or text[start - 1].isspace() or not text[start].isalnum()):
+            kept = text[:start].rstrip()
+            return kept, True
+    return text, False
+
+
+def shown_partial(text: str, suffix: str) -> str:
+    """What a partial may show: the text, less an unfinished last line that could still turn out to be
+    a repeat of the suffix (so a partial never shows a line the final result then drops)."""
+    anchor = _suffix_anchor(suffix)
+    cut = text.rfind("\n")
+    last = text[cut + 1 :].strip()
+    if anchor and last and anchor[0].startswith(last) and (cut >= 0 or not suffix.split("\n", 1)[0].strip()):
+        return text[: max(cut, 0)]
+    return text
+
+
+def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
+    """Apply single-line, indentation and suffix-repeat rules in that order (module docstring)."""
+    text, cut = raw, None
+    if not rules.multiline:
+        text, did = single_line(text)
+        cut = CUT_NEWLINE if did else cut
+    text, did = min_indent(text, rules.indent)
+    cut = CUT_INDENT if did else cut
+    text, did = trim_suffix_repeat(text, rules.suffix, final=final)
+    cut = CUT_SUFFIX if did else cut
+    return Processed(text, cut)

@@ -1,0 +1,170 @@
+"""Running one editor completion against the engine: candidate gaps in parallel, rules applied as
+text streams in, generation stopped as soon as a rule ends it (docs/editor-protocol.md).
+
+Shared by the WebSocket protocol (`session.py`) and llama.cpp's /infill (`llama_compat.py`).
+The engine is reached through the EngineClient interface (integrations/engine_client.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from integrations.editor.infill import Candidate, InfillPrompt, choose_candidate, gap_params
+from integrations.editor.postprocess import Rules, postprocess, shown_partial
+from scheduler.api import GenerationRequest, Mode, Priority
+
+PartialCallback = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class CompletionJob:
+    """Everything one completion needs; `request_id` prefixes the engine ids of its candidates."""
+
+    request_id: str
+    prompt: InfillPrompt
+    gaps: tuple[int, ...]
+    rules: Rules
+    mode: Mode = Mode.AUTO
+    priority: Priority = Priority.INTERACTIVE
+    stop: list[str] = field(default_factory=list)
+    max_time_ms: int | None = None
+    max_tokens: int | None = None  # hard cap on generated tokens (the gap may round up past it)
+    sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p, seed
+
+    def engine_requests(self) -> list[GenerationRequest]:
+        return [
+            GenerationRequest(
+                request_id=f"{self.request_id}-g{gap}",
+                prompt_ids=list(self.prompt.prompt_ids),
+                params={**self.sampling, **gap_params(gap)},
+                mode=self.mode,
+                priority=self.priority,
+                stop=list(self.stop),
+                max_time_ms=self.max_time_ms,
+                suffix_ids=list(self.prompt.suffix_ids) if self.prompt.suffix_ids else None,
+            )
+            for gap in self.gaps
+        ]
+
+
+@dataclass
+class CompletionOutcome:
+    """The chosen completion and what it cost."""
+
+    text: str
+    stop_reason: str
+    gap: int
+    candidates: list[Candidate]
+    mode: str | None
+    tokens: int
+    tokens_per_forward: float | None
+    first_partial_ms: float | None
+    total_ms: float
+
+    def timings(self) -> dict:
+        return {"first_partial_ms": self.first_partial_ms, "total_ms": round(self.total_ms, 2)}
+
+
+def tokens_per_forward(stats: dict) -> float | None:
+    """From the final Delta's stats; None when the stream was stopped early (no final stats)."""
+    if stats.get("tokens_per_forward") is not None:
+        return round(float(stats["tokens_per_forward"]), 3)
+    forwards = stats.get("forwards") or 0
+    return round(float(stats.get("generated_tokens", 0)) / forwards, 3) if forwards else None
+
+
+async def decode_candidate(client, req: GenerationRequest, gap: int, job: CompletionJob,
+                           on_text: PartialCallback | None = None) -> Candidate:
+    """Stream one candidate; stop early (closing the stream cancels it in the engine) on a rule cut
+    or the token cap. The returned text has the final-only rules applied too."""
+    raw, ids, reason, stats, mode = "", [], "length", {}, None
+    shown = ""
+    async with contextlib.aclosing(client.stream(req)) as deltas:
+        async for delta in deltas:
+            raw += delta.text
+            ids += list(delta.token_ids)
+            if job.max_tokens is not None and len(ids) >= job.max_tokens:
+                raw = client.tokenizer.decode(ids[: job.max_tokens], skip_special_tokens=True)
+                ids = ids[: job.max_tokens]
+                reason = "length"
+                if not delta.finished:
+                    break
+            processed = postprocess(raw, job.rules)
+            if processed.cut:
+                raw, reason = processed.text, processed.cut
+                break
+            if on_text is not None and (partial := shown_partial(processed.text, job.rules.suffix)) != shown:
+                shown = partial
+                await on_text(shown)
+            if delta.finished:
+                reason = delta.finish_reason.value if delta.finish_reason else "stop"
+                stats, mode = dict(delta.stats), delta.mode
+                if delta.error:
+                    reason = "error"
+                break
+    final = postprocess(raw, job.rules, final=True)
+    if final.cut:
+        reason = final.cut
+    cand = Candidate(gap=gap, text=final.text, stop_reason=reason, raw=raw, tokens=len(ids), stats=stats)
+    cand.stats["mode"] = mode.value if mode is not None else None
+    return cand
+
+
+async def run_completion(client, job: CompletionJob, on_partial: PartialCallback | None = None) -> CompletionOutcome:
+    """Decode every candidate gap in parallel; partials come from the first (shortest) gap.
+
+    Cancelling the awaiting task cancels every candidate in the engine. Engine errors
+    (InvalidRequestError, OverloadedError) propagate after the other candidates are cancelled.
+    """
+    start = time.perf_counter()
+    first_partial: list[float] = []
+
+    async def forward_partial(text: str) -> None:
+        if not first_partial:
+            first_partial.append((time.perf_counter() - start) * 1000.0)
+        if on_partial is not None:
+            await on_partial(text)
+
+    tasks = [
+        asyncio.ensure_future(decode_candidate(client, req, gap, job, forward_partial if i == 0 else None))
+        for i, (req, gap) in enumerate(zip(job.engine_requests(), job.gaps))
+    ]
+    try:
+        candidates = list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    chosen = choose_candidate(candidates)
+    return CompletionOutcome(
+        text=chosen.text,
+        stop_reason=chosen.stop_reason,
+        gap=chosen.gap,
+        candidates=candidates,
+        mode=chosen.stats.get("mode"),
+        tokens=chosen.tokens,
+        tokens_per_forward=tokens_per_forward(chosen.stats),
+        first_partial_ms=round(first_partial[0], 2) if first_partial else None,
+        total_ms=(time.perf_counter() - start) * 1000.0,
+    )
+
+
+async def warm_prefix(client, request_id: str, prompt: InfillPrompt) -> dict:
+    """llama.cpp's n_predict == 0: run the prompt through the engine (one AR token, discarded) so the
+    prefix cache holds it for the next completion. Returns {"tokens": prompt length}."""
+    req = GenerationRequest(
+        request_id=request_id,
+        prompt_ids=list(prompt.prompt_ids),
+        params={"gen_length": 1, "temperature": 0.0},
+        mode=Mode.AR,
+        priority=Priority.BATCH,  # background work: never ahead of a completion someone waits for
+    )
+    async with contextlib.aclosing(client.stream(req)) as deltas:
+        async for _ in deltas:
+            pass
+    return {"tokens": len(prompt.prompt_ids)}

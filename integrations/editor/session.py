@@ -1,0 +1,238 @@
+"""One editor connection: dispatch of msgpack-RPC requests, in-flight completions, supersession.
+
+Transport-free: the session gets frames through `handle_frame` and sends through an async `send`
+callable, so it runs the same under the FastAPI WebSocket route and in unit tests.
+
+Supersession: each uri has at most one completion in flight. A new `complete` for the same uri
+cancels the previous one at once (its engine requests are cancelled; it answers REQUEST_CANCELLED
+with reason "superseded"). Completions for different uris run side by side, up to
+Limits.max_inflight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from integrations.editor import protocol as rpc
+from integrations.editor.infill import build_infill_prompt, plan_gaps
+from integrations.editor.postprocess import Rules
+from integrations.editor.runner import CompletionJob, run_completion
+from scheduler.api import InvalidRequestError, Mode, OverloadedError, Priority
+
+Send = Callable[[bytes], Awaitable[None]]
+
+_MODES = {"auto": Mode.AUTO, "refusion": Mode.REFUSION, "ar": Mode.AR}
+_KEEP_FINISHED = 64  # finished completions remembered for accept/reject telemetry
+
+
+@dataclass
+class _Inflight:
+    task: asyncio.Task
+    uri: str
+    cancel_data: dict = field(default_factory=lambda: {"reason": "cancelled"})
+
+
+class EditorSession:
+    """State of one WebSocket connection (see module docstring)."""
+
+    def __init__(self, client, send: Send, limits: rpc.Limits | None = None):
+        self.client = client
+        self.limits = limits or rpc.Limits()
+        self.conn_id = uuid.uuid4().hex[:10]
+        self.inflight: dict = {}  # request id -> _Inflight
+        self.by_uri: dict[str, object] = {}  # uri -> request id in flight
+        self.finished: OrderedDict = OrderedDict()  # request id -> completion text length
+        self.telemetry: list[dict] = []  # accept/reject events
+        self._send = send
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+        self._background: set[asyncio.Task] = set()  # cancellation answers being sent
+
+    async def send(self, frame: bytes) -> None:
+        if self._closed:
+            return
+        async with self._send_lock:
+            await self._send(frame)
+
+    async def handle_frame(self, data: bytes | str | None) -> None:
+        """Answer one frame; protocol errors become error responses, never exceptions."""
+        msg_id = None
+        try:
+            req = rpc.decode_frame(data, self.limits)
+            msg_id = req.id
+            result = await self._dispatch(req)
+        except rpc.RpcError as err:
+            await self.send(rpc.encode_response(getattr(err, "request_id", msg_id), err.to_wire()))
+            return
+        if result is not None:
+            await self.send(rpc.encode_response(msg_id, None, result))
+
+    async def _dispatch(self, req: rpc.Request):
+        handler = {
+            "initialize": self._initialize,
+            "complete": self._complete,
+            "cancel": self._cancel,
+            "accept": self._feedback,
+            "reject": self._feedback,
+        }.get(req.method)
+        if handler is None:
+            raise rpc.RpcError(
+                rpc.METHOD_NOT_FOUND,
+                f"unknown method {req.method!r}; methods are initialize, complete, cancel, accept, reject",
+            )
+        return await handler(req)
+
+    async def _initialize(self, req: rpc.Request) -> dict:
+        from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS
+
+        return {
+            "protocol_version": rpc.PROTOCOL_VERSION,
+            "server": "refusion-serve",
+            "model": self.client.model_name,
+            "limits": self.limits.as_dict(),
+            "capabilities": {
+                "methods": ["initialize", "complete", "cancel", "accept", "reject"],
+                "notifications": ["completion/partial"],
+                "modes": list(rpc.MODES),
+                "multiline": True,
+                "context_chunks": True,
+                "supersession": "per-uri",
+                "infill": "suffix-as-clean-slots",
+            },
+            "defaults": {"single_line_gaps": list(SINGLE_LINE_GAPS), "multiline_gaps": list(MULTILINE_GAPS)},
+        }
+
+    async def _complete(self, req: rpc.Request) -> None:
+        params = rpc.parse_complete(req.params, self.limits)
+        if req.id in self.inflight:
+            raise rpc.RpcError(rpc.INVALID_REQUEST, f"request id {req.id!r} is already in flight; use a new id")
+        previous = self.by_uri.get(params.uri)
+        if previous is not None:
+            self._cancel_inflight(previous, {"reason": "superseded", "superseded_by": req.id})
+        if len(self.inflight) >= self.limits.max_inflight:
+            raise rpc.RpcError(
+                rpc.TOO_MANY_REQUESTS,
+                f"{len(self.inflight)} completions in flight on this connection (limit "
+                f"{self.limits.max_inflight}); cancel one or wait",
+            )
+        job = self._job(req.id, params)
+        task = asyncio.ensure_future(self._run(req.id, job))
+        self.inflight[req.id] = _Inflight(task, params.uri)
+        task.add_done_callback(lambda t, msg_id=req.id: self._on_done(msg_id, t))
+        self.by_uri[params.uri] = req.id
+        return None  # the task sends the response
+
+    def _job(self, msg_id, params: rpc.CompleteParams) -> CompletionJob:
+        prompt = build_infill_prompt(self.client.tokenizer, params.prefix, params.suffix, params.context, params.language)
+        sampling = {}
+        if params.temperature is not None:
+            sampling["temperature"] = params.temperature
+        if params.seed is not None:
+            sampling["seed"] = params.seed
+        return CompletionJob(
+            request_id=f"ed-{self.conn_id}-{msg_id}",
+            prompt=prompt,
+            gaps=plan_gaps(params.max_tokens, params.multiline),
+            rules=Rules(suffix=params.suffix, multiline=params.multiline, indent=params.indent),
+            mode=_MODES[params.mode],
+            priority=Priority.INTERACTIVE,
+            stop=params.stop,
+            max_time_ms=params.max_time_ms,
+            max_tokens=params.max_tokens,
+            sampling=sampling,
+        )
+
+    async def _run(self, msg_id, job: CompletionJob) -> None:
+        async def partial(text: str) -> None:
+            await self.send(rpc.encode_notification("completion/partial", {"id": msg_id, "text": text}))
+
+        try:
+            outcome = await run_completion(self.client, job, partial)
+        except Exception as exc:  # noqa: BLE001 - every failure must answer the request
+            await self.send(rpc.encode_response(msg_id, _engine_error(exc).to_wire()))
+            return
+        self._remember(msg_id, len(outcome.text))
+        await self.send(rpc.encode_response(msg_id, None, {
+            "text": outcome.text,
+            "stop_reason": outcome.stop_reason,
+            "timings": outcome.timings(),
+            "tokens": outcome.tokens,
+            "tokens_per_forward": outcome.tokens_per_forward,
+            "mode": outcome.mode,
+            "gap": outcome.gap,
+            "truncated": job.prompt.truncated,
+        }))
+
+    def _on_done(self, msg_id, task: asyncio.Task) -> None:
+        """Bookkeeping when a completion task ends; a cancelled one answers REQUEST_CANCELLED here
+        (a task cancelled before it started never runs its own code)."""
+        entry = self.inflight.get(msg_id)
+        self._forget(msg_id)
+        if task.cancelled() and not self._closed:
+            data = entry.cancel_data if entry is not None else {"reason": "cancelled"}
+            err = rpc.RpcError(rpc.REQUEST_CANCELLED, f"completion {data['reason']}", data)
+            sender = asyncio.ensure_future(self.send(rpc.encode_response(msg_id, err.to_wire())))
+            self._background.add(sender)
+            sender.add_done_callback(self._background.discard)
+
+    def _forget(self, msg_id) -> None:
+        entry = self.inflight.pop(msg_id, None)
+        if entry is not None and self.by_uri.get(entry.uri) == msg_id:
+            del self.by_uri[entry.uri]
+
+    def _remember(self, msg_id, length: int) -> None:
+        self.finished[msg_id] = length
+        while len(self.finished) > _KEEP_FINISHED:
+            self.finished.popitem(last=False)
+
+    def _cancel_inflight(self, msg_id, data: dict) -> bool:
+        entry = self.inflight.get(msg_id)
+        if entry is None or entry.task.done():
+            return False
+        entry.cancel_data = data
+        entry.task.cancel()
+        if self.by_uri.get(entry.uri) == msg_id:
+            del self.by_uri[entry.uri]
+        return True
+
+    async def _cancel(self, req: rpc.Request) -> dict:
+        target = rpc.request_id_of(req.params)
+        return {"cancelled": self._cancel_inflight(target, {"reason": "cancelled"})}
+
+    async def _feedback(self, req: rpc.Request) -> dict:
+        target = rpc.request_id_of(req.params)
+        length = req.params.get("accepted_length", 0 if req.method == "reject" else None)
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+            raise rpc.invalid_params("accepted_length", "must be a non-negative integer (characters accepted)")
+        known = target in self.finished
+        if known and length > self.finished[target]:
+            raise rpc.invalid_params(
+                "accepted_length", f"is {length} but completion {target!r} was {self.finished[target]} chars"
+            )
+        self.telemetry.append({"event": req.method, "id": target, "accepted_length": length, "known": known})
+        return {"ok": True, "known": known}
+
+    async def close(self) -> None:
+        """Connection gone: cancel every in-flight completion (and its engine requests)."""
+        self._closed = True
+        tasks = [entry.task for entry in self.inflight.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def drain(self) -> None:
+        """Wait until every in-flight completion has answered (tests, graceful close)."""
+        while self.inflight or self._background:
+            await asyncio.gather(*[e.task for e in self.inflight.values()], *self._background, return_exceptions=True)
+
+
+def _engine_error(exc: Exception) -> rpc.RpcError:
+    if isinstance(exc, InvalidRequestError):
+        return rpc.invalid_params(exc.field, str(exc).split(": ", 1)[-1])
+    if isinstance(exc, OverloadedError):
+        return rpc.RpcError(rpc.OVERLOADED, f"engine overloaded: {exc}; retry later", {"retry_after_s": exc.retry_after_s})
+    return rpc.RpcError(rpc.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,80 @@
+"""A scripted stand-in for integrations.engine_client.EngineClient, for the editor's unit tests.
+
+It streams a scripted text per gap length (GenerationRequest.params["gen_length"]), one token per
+delta with a small delay, and records what it was asked to run and what got cancelled, so tests can
+check supersession and early stops against what really reached the "engine". The real engine is
+exercised in test_editor_serve.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from scheduler.api import Delta, FinishReason, InvalidRequestError, Mode, OverloadedError
+
+
+@dataclass
+class FakeEngineClient:
+    tokenizer: object
+    script: dict = field(default_factory=dict)  # gen_length -> text (missing: default_text)
+    default_text: str = "x = 1\n"
+    delay_s: float = 0.002
+    model_name: str = "fake-model"
+    requests: list = field(default_factory=list)
+    cancelled: list = field(default_factory=list)
+    completed: list = field(default_factory=list)
+    fail_with: Exception | None = None
+
+    async def stream(self, req):
+        self.requests.append(req)
+        if self.fail_with is not None:
+            raise self.fail_with
+        if req.params.get("gen_length", 0) < 1:
+            raise InvalidRequestError("gen_length", "must be at least 1")
+        text = self.script.get(req.params.get("gen_length"), self.default_text)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        done = False
+        try:
+            for i, tok in enumerate(ids):
+                await asyncio.sleep(self.delay_s)
+                last = i == len(ids) - 1
+                yield Delta(
+                    req.request_id,
+                    self.tokenizer.decode([tok]),
+                    [tok],
+                    finished=last,
+                    finish_reason=FinishReason.STOP if last else None,
+                    mode=Mode.REFUSION,
+                    stats={"forwards": 4, "generated_tokens": len(ids)} if last else {},
+                )
+            done = True
+            self.completed.append(req.request_id)
+        finally:
+            if not done:
+                self.cancelled.append(req.request_id)
+
+    async def cancel(self, request_id):
+        self.cancelled.append(request_id)
+
+    async def info(self):
+        return {"model": self.model_name}
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory):
+    """The test BPE tokenizer alone (no model weights): fast."""
+    from model_factory import build_tokenizer
+
+    return build_tokenizer(Path(tmp_path_factory.mktemp("editor-tok")))
+
+
+@pytest.fixture
+def fake_client(bpe_tokenizer):
+    return FakeEngineClient(bpe_tokenizer)
+
+
+__all__ = ["FakeEngineClient", "OverloadedError"]

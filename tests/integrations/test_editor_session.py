@@ -1,0 +1,199 @@
+"""The editor session over a scripted engine: frames, streaming, cancel, supersession, telemetry.
+(The same behaviour against the real Ray Serve app and engine: test_editor_serve.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+from test_editor_fakes import FakeEngineClient, bpe_tokenizer, fake_client  # noqa: F401 - fixtures
+
+from integrations.editor import protocol as rpc
+from integrations.editor.session import EditorSession
+from scheduler.api import InvalidRequestError, OverloadedError, Priority
+
+
+class Wire:
+    """Collects what the session sends, decoded."""
+
+    def __init__(self):
+        self.frames: list = []
+
+    async def send(self, data: bytes) -> None:
+        self.frames.append(msgpack.unpackb(data, raw=False))
+
+    def responses(self, msg_id=None):
+        return [f for f in self.frames if f[0] == rpc.RESPONSE and (msg_id is None or f[1] == msg_id)]
+
+    def partials(self, msg_id):
+        return [f[2]["text"] for f in self.frames if f[0] == rpc.NOTIFICATION and f[2]["id"] == msg_id]
+
+
+def complete_params(**over):
+    params = {"uri": "file:///a.py", "prefix": "def add(a, b):\n    ", "suffix": "\n    return total\n",
+              "multiline": True, "language": "python"}
+    params.update(over)
+    return params
+
+
+@pytest.fixture
+def session(fake_client):  # noqa: F811
+    wire = Wire()
+    return EditorSession(fake_client, wire.send), wire
+
+
+async def test_initialize_announces_version_model_limits_capabilities(session):
+    s, wire = session
+    await s.handle_frame(rpc.encode_request(1, "initialize", {"client": {"name": "t"}}))
+    [[_, msg_id, err, result]] = wire.responses()
+    assert (msg_id, err) == (1, None)
+    assert result["protocol_version"] == rpc.PROTOCOL_VERSION and result["model"] == "fake-model"
+    assert result["limits"]["max_frame_bytes"] == rpc.Limits().max_frame_bytes
+    assert "complete" in result["capabilities"]["methods"]
+
+
+async def test_complete_streams_partials_then_final_result(session, fake_client):  # noqa: F811
+    s, wire = session
+    fake_client.script = {32: "total = a + b\n    return total\n"}
+    await s.handle_frame(rpc.encode_request(7, "complete", complete_params()))
+    await s.drain()
+    [[_, _, err, result]] = wire.responses(7)
+    assert err is None
+    assert result["text"] == "total = a + b" and result["stop_reason"] == "suffix"
+    partials = wire.partials(7)
+    assert partials and partials[-1] == "total = a + b"
+    assert all(result["text"].startswith(p) or p.startswith(result["text"]) for p in partials)
+    assert result["timings"]["first_partial_ms"] is not None and result["timings"]["total_ms"] > 0
+    reqs = fake_client.requests
+    assert {r.params["gen_length"] for r in reqs} == {32, 64}
+    assert all(r.priority == Priority.INTERACTIVE and r.suffix_ids for r in reqs)
+    # the repeat was detected while streaming: the 64 candidate was stopped early in the engine
+    assert any(rid.endswith("-g64") for rid in fake_client.cancelled)
+
+
+async def test_single_line_completion_stops_the_engine_at_the_newline(session, fake_client):  # noqa: F811
+    s, wire = session
+    fake_client.script = {16: "total = a + b\n    more = 1\n    and_more = 2\n"}
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False)))
+    await s.drain()
+    [[_, _, err, result]] = wire.responses(1)
+    assert err is None and result["text"] == "total = a + b" and result["stop_reason"] == "newline"
+    assert fake_client.cancelled == [fake_client.requests[0].request_id]
+
+
+async def test_cancel_answers_request_cancelled_and_cancels_in_engine(session, fake_client):  # noqa: F811
+    s, wire = session
+    fake_client.delay_s = 0.05
+    fake_client.default_text = "x = 1 + 2 + 3 + 4 + 5 + 6 + 7 + 8\n"
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False)))
+    await asyncio.sleep(0.12)
+    await s.handle_frame(rpc.encode_request(2, "cancel", {"id": 1}))
+    await s.drain()
+    assert wire.responses(2)[0][3] == {"cancelled": True}
+    [[_, _, err, _]] = wire.responses(1)
+    assert err["code"] == rpc.REQUEST_CANCELLED and err["data"]["reason"] == "cancelled"
+    assert fake_client.cancelled and not fake_client.completed
+    await s.handle_frame(rpc.encode_request(3, "cancel", {"id": 1}))  # idempotent
+    assert wire.responses(3)[0][3] == {"cancelled": False}
+
+
+async def test_new_complete_for_same_uri_supersedes_at_once(session, fake_client):  # noqa: F811
+    s, wire = session
+    fake_client.delay_s = 0.05
+    fake_client.default_text = "value = compute(a, b, c, d, e)\n"
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False)))
+    await asyncio.sleep(0.08)
+    await s.handle_frame(rpc.encode_request(2, "complete", complete_params(multiline=False, prefix="def add(a, b):\n    v")))
+    await s.handle_frame(rpc.encode_request(3, "complete", complete_params(multiline=False, uri="file:///other.py")))
+    await s.drain()
+    [[_, _, err1, _]] = wire.responses(1)
+    assert err1["code"] == rpc.REQUEST_CANCELLED
+    assert err1["data"] == {"reason": "superseded", "superseded_by": 2}
+    assert wire.responses(2)[0][2] is None and wire.responses(3)[0][2] is None  # other uri untouched
+    first_engine_id = fake_client.requests[0].request_id
+    assert first_engine_id in fake_client.cancelled and first_engine_id not in fake_client.completed
+
+
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        ("text frame", rpc.PARSE_ERROR),
+        (b"\xc1\xc1\xc1", rpc.PARSE_ERROR),
+        (msgpack.packb({"not": "an array"}), rpc.INVALID_REQUEST),
+        (msgpack.packb([0, 1, "complete"]), rpc.INVALID_REQUEST),
+        (msgpack.packb([0, 1.5, "initialize", {}]), rpc.INVALID_REQUEST),
+        (rpc.encode_request(4, "no/such/method", {}), rpc.METHOD_NOT_FOUND),
+        (rpc.encode_request(5, "complete", {"prefix": "x"}), rpc.INVALID_PARAMS),
+        (rpc.encode_request(6, "complete", {"uri": "u", "prefix": 3}), rpc.INVALID_PARAMS),
+        (rpc.encode_request(7, "complete", {"uri": "u", "prefix": "", "max_tokens": 10**6}), rpc.INVALID_PARAMS),
+        (rpc.encode_request(8, "complete", {"uri": "u", "prefix": "", "mode": "fast"}), rpc.INVALID_PARAMS),
+        (rpc.encode_request(9, "complete", {"uri": "u", "prefix": "", "context": [{"path": 1}]}), rpc.INVALID_PARAMS),
+        (rpc.encode_request(10, "cancel", {}), rpc.INVALID_PARAMS),
+        (rpc.encode_request(11, "complete", {"uri": "u", "prefix": "x" * (2 << 20)}), rpc.MESSAGE_TOO_LARGE),
+    ],
+)
+async def test_bad_frames_get_error_responses_and_the_session_lives_on(session, frame, code):
+    s, wire = session
+    await s.handle_frame(frame)
+    [[kind, _, err, result]] = wire.responses()
+    assert kind == rpc.RESPONSE and result is None and err["code"] == code and err["message"]
+    await s.handle_frame(rpc.encode_request(99, "initialize", {}))
+    assert wire.responses(99)[0][2] is None
+
+
+async def test_invalid_params_error_names_the_field(session):
+    s, wire = session
+    await s.handle_frame(rpc.encode_request(1, "complete", {"uri": "u", "prefix": "", "max_tokens": 0}))
+    err = wire.responses(1)[0][2]
+    assert err["data"]["field"] == "max_tokens" and "between 1 and" in err["message"]
+
+
+@pytest.mark.parametrize(
+    "exc, code",
+    [(InvalidRequestError("gen_length", "too long for the context"), rpc.INVALID_PARAMS),
+     (OverloadedError("queue full", 2.5), rpc.OVERLOADED)],
+)
+async def test_engine_errors_map_to_error_codes(session, fake_client, exc, code):  # noqa: F811
+    s, wire = session
+    fake_client.fail_with = exc
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params()))
+    await s.drain()
+    err = wire.responses(1)[0][2]
+    assert err["code"] == code
+    if code == rpc.OVERLOADED:
+        assert err["data"]["retry_after_s"] == 2.5
+
+
+async def test_inflight_limit_per_connection(fake_client):  # noqa: F811
+    wire = Wire()
+    fake_client.delay_s = 0.05
+    s = EditorSession(fake_client, wire.send, rpc.Limits(max_inflight=1))
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(uri="a")))
+    await s.handle_frame(rpc.encode_request(2, "complete", complete_params(uri="b")))
+    assert wire.responses(2)[0][2]["code"] == rpc.TOO_MANY_REQUESTS
+    await s.close()
+
+
+async def test_accept_and_reject_are_recorded_and_checked(session, fake_client):  # noqa: F811
+    s, wire = session
+    fake_client.default_text = "total = 1\n"
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False)))
+    await s.drain()
+    text = wire.responses(1)[0][3]["text"]
+    await s.handle_frame(rpc.encode_request(2, "accept", {"id": 1, "accepted_length": len(text)}))
+    await s.handle_frame(rpc.encode_request(3, "reject", {"id": 1}))
+    await s.handle_frame(rpc.encode_request(4, "accept", {"id": 1, "accepted_length": len(text) + 5}))
+    assert wire.responses(2)[0][3] == {"ok": True, "known": True}
+    assert wire.responses(4)[0][2]["data"]["field"] == "accepted_length"
+    assert [e["event"] for e in s.telemetry] == ["accept", "reject"]
+
+
+async def test_close_cancels_everything_in_flight(fake_client):  # noqa: F811
+    wire = Wire()
+    fake_client.delay_s = 0.05
+    s = EditorSession(fake_client, wire.send)
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params()))
+    await asyncio.sleep(0.06)
+    await s.close()
+    assert not s.inflight and len(fake_client.cancelled) == 2 and not wire.responses(1)

@@ -1,0 +1,164 @@
+"""Pure infill logic: post-processing rules, gap planning, candidate choice, prompt building."""
+
+from __future__ import annotations
+
+import pytest
+from test_editor_fakes import bpe_tokenizer  # noqa: F401 - fixture
+
+from integrations.editor.infill import (
+    Candidate,
+    build_infill_prompt,
+    choose_candidate,
+    format_context,
+    gap_params,
+    plan_gaps,
+)
+from integrations.editor.postprocess import Rules, min_indent, postprocess, single_line, trim_suffix_repeat
+
+SUFFIX = "\n    return total\n\n\ndef main():\n    pass\n"
+
+
+# ---- single line ---------------------------------------------------------------------------------
+
+
+def test_single_line_cuts_at_first_newline_after_text():
+    assert single_line("a + b\n    c") == ("a + b", True)
+    assert single_line("a + b") == ("a + b", False)
+
+
+def test_single_line_keeps_a_leading_newline_and_the_next_line():
+    assert single_line("\n    total = 0\n    x") == ("\n    total = 0", True)
+
+
+# ---- indentation (llama.cpp n_indent) ------------------------------------------------------------
+
+
+def test_min_indent_stops_before_a_dedented_line():
+    text = "x = 1\n    y = 2\n  z = 3\n    w"
+    assert min_indent(text, 4) == ("x = 1\n    y = 2", True)
+
+
+def test_min_indent_ignores_blank_lines_and_the_first_line():
+    assert min_indent("x\n\n    y\n", 4) == ("x\n\n    y\n", False)
+    assert min_indent("x\nno indent", 0) == ("x\nno indent", False)
+
+
+def test_min_indent_waits_until_a_line_has_visible_text():
+    # "\n  " could still become "\n      deeper": not judged yet
+    assert min_indent("x\n  ", 4) == ("x\n  ", False)
+
+
+# ---- suffix repeat -------------------------------------------------------------------------------
+
+
+def test_repeat_of_the_next_suffix_line_is_cut_while_streaming():
+    text = "total = a + b\n    return total\n"
+    assert trim_suffix_repeat(text, SUFFIX) == ("total = a + b", True)
+
+
+def test_incomplete_line_is_not_judged_while_streaming_but_is_at_the_end():
+    text = "total = a + b\n    return tot"
+    assert trim_suffix_repeat(text, SUFFIX) == (text, False)
+    assert trim_suffix_repeat(text, SUFFIX, final=True) == ("total = a + b", True)
+
+
+def test_short_suffix_line_needs_the_following_line_too():
+    suffix = "\n}\n\nint main() {\n"
+    nested = "if (x) {\n  y();\n}\nz();\n"  # a "}" that closes an inner block is no repeat
+    assert trim_suffix_repeat(nested, suffix) == (nested, False)
+    repeat = "x = 1;\n}\n\nint main() {\n"
+    assert trim_suffix_repeat(repeat, suffix) == ("x = 1;", True)
+
+
+def test_rest_of_line_repeat_is_dropped_at_the_end():
+    assert trim_suffix_repeat("a, b)", ")\n    x = 1\n", final=True) == ("a, b", True)
+
+
+def test_text_without_repeat_is_untouched():
+    text = "total = sum(values)"
+    assert trim_suffix_repeat(text, SUFFIX, final=True) == (text, False)
+    assert trim_suffix_repeat("anything", "", final=True) == ("anything", False)
+
+
+def test_postprocess_applies_rules_in_order_and_reports_the_last_cut():
+    rules = Rules(suffix=SUFFIX, multiline=True, indent=4)
+    out = postprocess("    total = a\n    return total\n", rules)
+    assert (out.text, out.cut) == ("    total = a", "suffix")
+    out = postprocess("total = a\nprint(1)\n", rules)
+    assert (out.text, out.cut) == ("total = a", "indent")
+    out = postprocess("total = a\n", Rules(suffix=SUFFIX, multiline=False))
+    assert (out.text, out.cut) == ("total = a", "newline")
+
+
+# ---- gaps and candidates -------------------------------------------------------------------------
+
+
+def test_plan_gaps_defaults_and_caps():
+    assert plan_gaps(None, multiline=False) == (16,)
+    assert plan_gaps(None, multiline=True) == (32, 64)
+    assert plan_gaps(20, multiline=True) == (24,)
+    assert plan_gaps(5, multiline=False) == (5,)
+    assert plan_gaps(128, multiline=True) == (32, 64)
+
+
+@pytest.mark.parametrize("gap", [3, 8, 16, 24, 32, 64, 128, 256])
+def test_gap_params_are_a_valid_refusion_span(gap):
+    p = gap_params(gap)
+    assert p["gen_length"] == gap
+    per_block = p["gen_length"] // p["serial_num_blocks"]
+    assert per_block * p["serial_num_blocks"] == gap and per_block % p["slot_size"] == 0
+
+
+def test_choose_prefers_the_shortest_closed_gap():
+    short_open = Candidate(16, "total = a +", "length")
+    mid_closed = Candidate(32, "total = a + b", "suffix")
+    long_closed = Candidate(64, "total = a + b + c", "stop")
+    assert choose_candidate([long_closed, short_open, mid_closed]) is mid_closed
+
+
+def test_choose_falls_back_to_the_longest_gap_and_skips_empty_text():
+    a, b = Candidate(16, "x", "length"), Candidate(32, "x = 1", "deadline")
+    assert choose_candidate([a, b]) is b
+    empty_closed = Candidate(16, "  ", "stop")
+    assert choose_candidate([empty_closed, b]) is b
+    with pytest.raises(ValueError):
+        choose_candidate([])
+
+
+# ---- prompt building -----------------------------------------------------------------------------
+
+
+def test_build_infill_prompt_places_context_before_prefix(bpe_tokenizer):  # noqa: F811
+    tok = bpe_tokenizer
+    ctx = [{"path": "util.py", "text": "def helper():\n    pass"}]
+    p = build_infill_prompt(tok, "def f(x):\n    ", "\n    return y\n", ctx, "python")
+    context_text = format_context(ctx, "python")
+    assert context_text.startswith("# util.py\n")
+    assert tok.decode(p.prompt_ids) == context_text + "def f(x):\n    "
+    assert p.context_tokens == len(tok.encode(context_text, add_special_tokens=False))
+    assert tok.decode(p.suffix_ids) == "\n    return y\n"
+    assert not p.truncated
+
+
+def test_build_infill_prompt_truncates_prefix_from_its_start_and_suffix_from_its_end(bpe_tokenizer):  # noqa: F811
+    tok = bpe_tokenizer
+    prefix = "".join(f"line_{i} = {i}\n" for i in range(200))
+    suffix = "".join(f"after_{i} = {i}\n" for i in range(200))
+    p = build_infill_prompt(tok, prefix, suffix, max_prefix_tokens=50, max_suffix_tokens=40)
+    assert p.truncated and len(p.prompt_ids) == 50 and len(p.suffix_ids) == 40
+    assert tok.decode(p.prompt_ids).endswith("line_199 = 199\n")
+    assert tok.decode(p.suffix_ids).startswith("after_0 = 0\n")
+
+
+def test_empty_suffix_means_plain_completion(bpe_tokenizer):  # noqa: F811
+    p = build_infill_prompt(bpe_tokenizer, "x = ", "")
+    assert p.suffix_ids is None and p.prompt_ids
+    assert build_infill_prompt(bpe_tokenizer, "", "").prompt_ids  # never an empty prompt
+
+
+def test_partial_holds_back_a_line_that_may_become_a_suffix_repeat():
+    from integrations.editor.postprocess import shown_partial
+
+    assert shown_partial("total = a + b\n    return to", SUFFIX) == "total = a + b"
+    assert shown_partial("total = a + b\n    print(", SUFFIX) == "total = a + b\n    print("
+    assert shown_partial("a, b", ")\n") == "a, b"  # mid-line: the first line is never a repeat
