@@ -1,0 +1,104 @@
+"""Engine configuration: one dataclass per concern, validated at construction.
+
+Bad values raise `EngineConfigError(field, message)` naming the field and what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class EngineConfigError(ValueError):
+    """An engine setting is invalid. `field` names it; the message says what to change."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise EngineConfigError(field_name, message)
+
+
+@dataclass
+class RoutingConfig:
+    """How Mode.AUTO picks ReFusion or AR (see scheduler.routing).
+
+    calibrate: time a few forwards at start-up to learn latency(packed tokens); tests switch it off and
+        pass `cost_points` instead (or rely on the flat default curve).
+    calibration_tokens: packed-token counts timed at start-up (clipped to the token budget).
+    cost_points: a fixed latency curve [(packed tokens, seconds), ...] used when calibrate is False.
+    refusion_tpf_prior / refusion_step_tokens_prior: what a ReFusion request is assumed to produce per
+        forward and to cost in packed tokens per step until live measurements exist.
+    ar_margin: AR is chosen only if its estimated throughput beats ReFusion's by this fraction.
+    compute_bound_share: the batch counts as compute-bound when the per-token part of the forward
+        latency (slope * tokens) exceeds this share of the whole latency.
+    allow_switch: AUTO requests may switch mode at block boundaries.
+    switch_interval_tokens: re-evaluate a running AUTO request at most every this many tokens.
+    ema: weight of a new observation in the live per-class averages.
+    """
+
+    calibrate: bool = True
+    calibration_tokens: tuple[int, ...] = (1, 8, 32, 128, 512)
+    calibration_repeats: int = 2
+    cost_points: list[tuple[int, float]] | None = None
+    refusion_tpf_prior: float = 2.0
+    refusion_step_tokens_prior: float = 24.0
+    ar_margin: float = 0.05
+    compute_bound_share: float = 0.8
+    allow_switch: bool = True
+    switch_interval_tokens: int = 32
+    ema: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.calibration_repeats >= 1, "routing.calibration_repeats", "must be >= 1")
+        _check(
+            len(self.calibration_tokens) >= 2 and all(n >= 1 for n in self.calibration_tokens),
+            "routing.calibration_tokens",
+            "give at least two packed-token counts, each >= 1",
+        )
+        if self.cost_points is not None:
+            _check(
+                len(self.cost_points) >= 1 and all(n >= 1 and s > 0 for n, s in self.cost_points),
+                "routing.cost_points",
+                "give [(tokens >= 1, seconds > 0), ...]",
+            )
+        _check(self.refusion_tpf_prior > 0, "routing.refusion_tpf_prior", "must be > 0")
+        _check(self.refusion_step_tokens_prior >= 1, "routing.refusion_step_tokens_prior", "must be >= 1")
+        _check(self.ar_margin >= 0, "routing.ar_margin", "must be >= 0")
+        _check(0 < self.compute_bound_share <= 1, "routing.compute_bound_share", "must be in (0, 1]")
+        _check(self.switch_interval_tokens >= 1, "routing.switch_interval_tokens", "must be >= 1")
+        _check(0 < self.ema <= 1, "routing.ema", "must be in (0, 1]")
+
+
+@dataclass
+class EngineConfig:
+    """Engine limits and features.
+
+    max_running: requests decoded concurrently (each holds KV blocks).
+    max_queue: waiting requests; beyond it submit() raises OverloadedError at once.
+    token_budget: most query tokens packed into one forward; long prompts are prefilled in chunks.
+    kv_reserve_fraction: share of KV blocks never promised at admission (headroom for tentative KV).
+    prefix_cache: reuse committed KV of identical prompt prefixes across requests.
+    deadline_grace_ms: after max_time_ms a request ends at the next newline, or after this grace.
+    max_stop_strings: most stop strings per request.
+    """
+
+    max_running: int = 64
+    max_queue: int = 256
+    token_budget: int = 512
+    kv_reserve_fraction: float = 0.05
+    prefix_cache: bool = True
+    deadline_grace_ms: int = 500
+    max_stop_strings: int = 16
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.max_running >= 1, "max_running", "must be >= 1")
+        _check(self.max_queue >= 0, "max_queue", "must be >= 0 (0 = reject whenever all running slots are busy)")
+        _check(self.token_budget >= 1, "token_budget", "must be >= 1 query token per forward")
+        _check(0 <= self.kv_reserve_fraction < 1, "kv_reserve_fraction", "must be in [0, 1)")
+        _check(self.deadline_grace_ms >= 0, "deadline_grace_ms", "must be >= 0")
+        _check(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0")
+        _check(isinstance(self.routing, RoutingConfig), "routing", "must be a scheduler.config.RoutingConfig")

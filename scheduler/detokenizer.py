@@ -1,0 +1,112 @@
+"""Incremental detokenization of a request's final ids, with stop strings and the deadline newline cut.
+
+Decoders expose `stream_ids()`: generated ids that are final and contiguous from the generation start,
+growing monotonically (ReFusion may add several per step). `TextStream` turns that growing list into
+text deltas:
+  - only complete characters are released (a byte-level BPE token can end inside a UTF-8 sequence);
+  - up to len(longest stop string) - 1 characters are held back so a stop string that spans two
+    steps is cut before any of it is sent;
+  - a stop string ends the text just before it; after a deadline, the text may end after a newline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass
+class TextUpdate:
+    """What to send for one step: new text and the ids newly final; `stopped` says why the text ended
+    ("stop": a stop string, "newline": the deadline newline cut), None while it goes on."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    stopped: str | None = None
+
+
+class TextStream:
+    """Turns a growing list of final ids into text deltas (see module docstring)."""
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self._tokenizer = tokenizer
+        self._stop = [s for s in (stop or []) if s]
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._ids: list[int] = []
+        self._text = ""  # decoded text of _ids[:_read_offset]
+        self._prefix_offset = 0  # _ids[_prefix_offset:_read_offset] decode to the tail of _text
+        self._read_offset = 0
+        self._sent_chars = 0
+        self._sent_ids = 0
+        self.done = False
+
+    @property
+    def text(self) -> str:
+        """Everything sent so far."""
+        return self._text[: self._sent_chars]
+
+    def update(self, ids: list[int], *, newline_cut: bool = False) -> TextUpdate:
+        """Take the decoder's current stream_ids(); return what can be sent now."""
+        if self.done:
+            return TextUpdate()
+        self._ids = list(ids)
+        self._decode_new(final=False)
+        return self._release(newline_cut=newline_cut, final=False)
+
+    def finish(self, *, newline_cut: bool = False) -> TextUpdate:
+        """The request ends: release everything held back (incomplete characters included)."""
+        if self.done:
+            return TextUpdate()
+        self._decode_new(final=True)
+        return self._release(newline_cut=newline_cut, final=True)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _decode_new(self, final: bool) -> None:
+        if self._read_offset >= len(self._ids):
+            return
+        known = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if full.endswith(REPLACEMENT_CHAR) and not final:
+            return  # the last token ends inside a character: wait for the rest of its bytes
+        self._text += full[len(known) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+
+    def _release(self, *, newline_cut: bool, final: bool) -> TextUpdate:
+        start = self._sent_chars
+        cut = self._find_stop(start)
+        stopped = "stop" if cut is not None else None
+        if cut is None and newline_cut:
+            newline = self._text.find("\n", start)
+            if newline >= 0:
+                cut, stopped = newline + 1, "newline"
+        if cut is not None:
+            end = cut
+        elif final:
+            end = len(self._text)
+        else:
+            end = max(start, len(self._text) - self._hold)
+        update = TextUpdate(text=self._text[start:end], stopped=stopped)
+        self._sent_chars = end
+        ids_end = self._ids_covering(end) if stopped else self._read_offset if not final else len(self._ids)
+        update.token_ids = self._ids[self._sent_ids : max(self._sent_ids, ids_end)]
+        self._sent_ids = max(self._sent_ids, ids_end)
+        if stopped or final:
+            self.done = True
+            self._text = self._text[:end]
+        return update
+
+    def _find_stop(self, start: int) -> int | None:
+        """Earliest stop-string start in the unsent text. One starting earlier would have been complete
+        (and cut) already, because the last len(stop) - 1 characters are always held back."""
+        hits = [i for i in (self._text.find(s, start) for s in self._stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _ids_covering(self, num_chars: int) -> int:
+        """The fewest ids whose text reaches num_chars characters (used once, when a stop cuts the text)."""
+        for k in range(self._sent_ids, len(self._ids) + 1):
+            if len(self._decode(self._ids[:k])) >= num_chars:
+                return k
+        return len(self._ids)

@@ -1,0 +1,329 @@
+"""The engine: one asyncio loop turning many requests into a stream of packed forwards.
+
+    engine = Engine(runner, tokenizer, EngineConfig())
+    await engine.start()                      # calibrates the routing cost curve, starts the loop
+    async for delta in engine.submit(request):
+        ...
+    await engine.stop(drain_timeout_s=10)
+
+Each step: schedule (start waiting requests that fit, collect every running request's next segment
+under the token budget) -> execute (ONE packed forward per runner, in a worker thread so the event
+loop keeps serving) -> postprocess (decoders absorb, new final text is streamed, finished requests
+free their KV). Plain Python; torch lives behind the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+import structlog
+
+from scheduler.api import Delta, FinishReason, GenerationRequest, InvalidRequestError, OverloadedError
+from scheduler.calibration import calibrate
+from scheduler.config import EngineConfig
+from scheduler.decoders import DecoderFactory, ModelDecoderFactory
+from scheduler.detokenizer import TextStream
+from scheduler.metrics import EngineMetrics
+from scheduler.mode_switch import maybe_switch
+from scheduler.prefix_cache import PrefixCache
+from scheduler.request import Request, RequestStatus
+from scheduler.routing import CostCurve, Router
+from scheduler.scheduler import Scheduler, StepPlan
+from scheduler.validation import parse_params, validate_request
+
+log = structlog.get_logger("engine")
+
+
+class EngineNotRunningError(OverloadedError):
+    """submit() before start() or after stop(): the service is not taking requests (HTTP 503)."""
+
+
+class Engine:
+    """Serves GenerationRequests on a runner (contract: scheduler/api.py, docs/architecture.md).
+
+    ar_runner / ar_decoder_factory: optional separate AR model (a second Qwen-family checkpoint with
+    the same tokenizer); requests routed to AR then run there. By default AR uses the same weights.
+    """
+
+    def __init__(self, runner, tokenizer, config: EngineConfig | None = None, decoder_factory: DecoderFactory | None = None,
+                 *, ar_runner=None, ar_decoder_factory: DecoderFactory | None = None):
+        self.config = config or EngineConfig()
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.metrics = EngineMetrics()
+        factory = decoder_factory or ModelDecoderFactory(runner)
+        runners, factories = {"main": runner}, {"main": factory}
+        if ar_runner is not None:
+            runners["ar"], factories["ar"] = ar_runner, ar_decoder_factory or ModelDecoderFactory(ar_runner)
+        self.prefix_cache = PrefixCache(runner.blocks) if self.config.prefix_cache else None
+        points = self.config.routing.cost_points or [(1, 1.0)]  # flat until calibrated
+        self.router = Router(self.config.routing, CostCurve(points))
+        self.scheduler = Scheduler(self.config, runners, factories, self.router, self.prefix_cache, self.metrics)
+        self._requests: dict[str, Request] = {}
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._stopping = False
+        self.forwards = 0
+
+    # ---- public API --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Calibrate the routing cost curve on the device (unless disabled) and start the loop."""
+        if self._task is not None:
+            return
+        routing = self.config.routing
+        if routing.calibrate:
+            self.router.curve = await asyncio.to_thread(
+                calibrate, self.runner, routing.calibration_tokens, routing.calibration_repeats, self.config.token_budget
+            )
+            log.info("calibrated", points=self.router.curve.points)
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="engine-loop")
+
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream the request's output as Deltas; the last has finished=True. Raises InvalidRequestError
+        or OverloadedError on the first iteration. Closing the generator (or cancelling the consuming
+        task) cancels the request and frees its KV."""
+        req = self._admit(request)
+        try:
+            while True:
+                delta = await req.outbox.get()
+                yield delta
+                if delta.finished:
+                    return
+        finally:
+            if not req.finished:
+                self.cancel(req.id)
+
+    def cancel(self, request_id: str) -> None:
+        """End a request now (idempotent): no further forward; its KV is freed at once, or right after
+        the forward in progress returns if its segment is inside it."""
+        req = self._requests.get(request_id)
+        if req is not None:
+            self._finish(req, FinishReason.CANCELLED)
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new requests, let running ones finish for up to drain_timeout_s, cancel the rest,
+        stop the loop and release every KV block the engine holds (prefix cache included)."""
+        if self._task is None:
+            return
+        self._stopping = True
+        deadline = time.monotonic() + max(0.0, drain_timeout_s)
+        while self.scheduler.has_work() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for req in list(self._requests.values()):
+            self._finish(req, FinishReason.CANCELLED, error="engine stopped")
+        self._wake.set()
+        await self._task
+        self._task = None
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
+    def stats(self) -> dict:
+        """A snapshot for health checks and benchmarks."""
+        blocks = self.runner.blocks
+        curve = self.router.curve
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "forwards": self.forwards,
+            "kv_blocks_total": blocks.num_total,
+            "kv_blocks_free": blocks.num_free,
+            "prefix_cache_blocks": len(self.prefix_cache) if self.prefix_cache else 0,
+            "prefix_cache_hit_rate": self.prefix_cache.hit_rate if self.prefix_cache else 0.0,
+            "cost_curve": list(curve.points),
+            "class_stats": {f"{m.value}/{p.name}": vars(s).copy() for (m, p), s in self.router._stats.items()},
+        }
+
+    def clear_prefix_cache(self) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            if not self.scheduler.has_work():
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self.step()
+            except Exception:  # keep serving: a bug in one step must not kill every stream
+                log.exception("step_failed")
+                for req in list(self.scheduler.running):
+                    req.in_flight = False
+                    self._finish(req, FinishReason.ERROR, error="internal error in engine step")
+
+    async def step(self) -> None:
+        """One engine step: schedule -> execute -> postprocess."""
+        self._expire_deadlines(time.monotonic())
+        plan = self.scheduler.schedule()
+        for req, error in plan.failed:
+            self._finish(req, FinishReason.ERROR, error=error)
+        for req in plan.done:
+            self._finish(req, self._natural_reason(req))
+        if plan.items:
+            results = await self._execute(plan)
+            if results is not None:
+                self._postprocess(plan, results)
+        else:
+            await asyncio.sleep(0.002)  # everyone is waiting on KV: don't spin
+        self._update_gauges()
+
+    async def _execute(self, plan: StepPlan):
+        """One forward per runner, off the event loop. Returns results aligned with plan.items."""
+        groups: dict[str, list[int]] = {}
+        for i, (req, _) in enumerate(plan.items):
+            req.in_flight = True
+            groups.setdefault(req.runner_key, []).append(i)
+
+        def run() -> list:
+            out = [None] * len(plan.items)
+            for key, idxs in groups.items():
+                results = self.scheduler.runners[key].execute([plan.items[i][1] for i in idxs])
+                by_seq = {r.seq_id: r for r in results}
+                for i in idxs:
+                    out[i] = by_seq[plan.items[i][1].seq_id]
+            return out
+
+        start = time.perf_counter()
+        try:
+            return await asyncio.to_thread(run)
+        except Exception as exc:
+            log.exception("forward_failed", requests=[r.id for r, _ in plan.items])
+            for req, _ in plan.items:
+                req.in_flight = False
+                self._finish(req, FinishReason.ERROR, error=f"forward failed: {type(exc).__name__}: {exc}")
+            return None
+        finally:
+            self.forwards += 1
+            self.metrics.forward_time.observe(time.perf_counter() - start)
+
+    def _postprocess(self, plan: StepPlan, results: list) -> None:
+        now = time.monotonic()
+        for (req, segment), result in zip(plan.items, results):
+            req.in_flight = False
+            if req.finished:  # cancelled while its segment ran: free now
+                self.scheduler.runners[req.runner_key].free(req.id)
+                continue
+            try:
+                self._absorb(req, segment, result, now)
+            except Exception as exc:
+                log.exception("absorb_failed", request_id=req.id)
+                self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+    def _absorb(self, req: Request, segment, result, now: float) -> None:
+        before = req.generated_tokens()
+        req.decoder.absorb(result)
+        if segment.reads:  # a decode step (prefill chunks carry no reads)
+            self.router.observe(req.mode, req.priority, req.generated_tokens() - before, 1, len(segment.token_ids))
+        if self.prefix_cache is not None and req.runner_key == "main":
+            self.prefix_cache.insert(req.spec.prompt_ids, self.runner.block_table(req.id), self.runner.cached_len(req.id))
+        self._stream(req, now)
+        if req.finished:
+            return
+        if req.decoder.finished:
+            self._finish(req, self._natural_reason(req))
+        else:
+            maybe_switch(self.scheduler, req)
+
+    # ---- output ------------------------------------------------------------------------------------
+    def _stream(self, req: Request, now: float) -> None:
+        """Send newly final text; end the request on a stop string or a passed deadline."""
+        deadline = req.deadline_s
+        past = deadline is not None and now >= deadline
+        update = req.stream.update(req.stream_ids(), newline_cut=past)
+        self._send(req, update.text, update.token_ids, now)
+        if update.stopped == "stop":
+            self._finish(req, FinishReason.STOP)
+        elif update.stopped == "newline" or (past and now >= deadline + self.config.deadline_grace_ms / 1000):
+            self._finish(req, FinishReason.DEADLINE)
+
+    def _send(self, req: Request, text: str, token_ids: list[int], now: float, finished: bool = False) -> None:
+        if token_ids or text:
+            if not req.first_token_s:
+                req.first_token_s = now
+                self.metrics.ttft.observe(now - req.arrival_s)
+            elif req.last_token_s:
+                self.metrics.inter_token.observe((now - req.last_token_s) / max(1, len(token_ids)))
+            req.last_token_s = now
+            self.metrics.generation_tokens.inc(len(token_ids))
+        if token_ids or text or finished:
+            req.outbox.put_nowait(req.delta(text, token_ids, finished=finished))
+
+    def _finish(self, req: Request, reason: FinishReason, error: str | None = None) -> None:
+        """Close a request: final delta (held-back text flushed), KV freed, metrics."""
+        if req.finished:
+            return
+        now = time.monotonic()
+        past = req.deadline_s is not None and now >= req.deadline_s
+        update = req.stream.finish(newline_cut=past and reason is not FinishReason.CANCELLED)
+        if update.stopped == "stop" and reason in (FinishReason.LENGTH, FinishReason.DEADLINE):
+            reason = FinishReason.STOP
+        req.finish_reason, req.error, req.finished_s = reason, error, now
+        self.scheduler.remove(req)
+        req.status = RequestStatus.FINISHED
+        self._requests.pop(req.id, None)
+        self._send(req, update.text, update.token_ids, now, finished=True)
+        self.metrics.finished.labels(reason=reason.value).inc()
+        self.metrics.e2e.observe(now - req.arrival_s)
+        if req.decoder is not None and req.forwards():
+            self.metrics.tpf.labels(mode=req.mode.value).observe(req.generated_tokens() / req.forwards())
+        log.info("finished", request_id=req.id, reason=reason.value, error=error, modes=req.mode_history,
+                 tokens=req.generated_tokens(), forwards=req.forwards())
+
+    def _natural_reason(self, req: Request) -> FinishReason:
+        """STOP when the decoder ended on EOS (fewer tokens than gen_length), else LENGTH."""
+        hit_eos = getattr(req.decoder, "hit_eos", None)
+        if hit_eos is None:
+            hit_eos = req.generated_tokens() < int(req.params.gen_length)
+        return FinishReason.STOP if hit_eos else FinishReason.LENGTH
+
+    def _expire_deadlines(self, now: float) -> None:
+        grace = self.config.deadline_grace_ms / 1000
+        for req in self.scheduler.waiting + self.scheduler.running:
+            if req.deadline_s is not None and now >= req.deadline_s + grace:
+                self._finish(req, FinishReason.DEADLINE)
+
+    def _update_gauges(self) -> None:
+        blocks = self.runner.blocks
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.waiting.set(len(self.scheduler.waiting))
+        self.metrics.kv_usage.set(1.0 - blocks.num_free / blocks.num_total if blocks.num_total else 0.0)
+        if self.prefix_cache is not None:
+            self.metrics.prefix_hit_rate.set(self.prefix_cache.hit_rate)
+
+    # ---- admission ---------------------------------------------------------------------------------
+    def _admit(self, spec: GenerationRequest) -> Request:
+        if self._task is None or self._stopping:
+            self.metrics.rejected.labels(reason="not_running").inc()
+            raise EngineNotRunningError("engine is not running; call `await engine.start()` first", retry_after_s=5.0)
+        info = getattr(self.runner, "info", None)
+        validate_request(spec, getattr(info, "vocab_size", None), self.config.max_stop_strings)
+        if spec.request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{spec.request_id!r} is already in flight; use a unique id")
+        params = parse_params(self.scheduler.factories["main"], spec.params)
+        suffix_len = len(spec.suffix_ids or [])
+        kv_blocks = self.scheduler.kv_blocks_needed(len(spec.prompt_ids), suffix_len, params)
+        capacity = self.scheduler.kv_capacity()
+        if kv_blocks > capacity:
+            raise InvalidRequestError(
+                "prompt_ids",
+                f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({params.gen_length}) "
+                f"need {kv_blocks} KV blocks but the engine has {capacity}; shorten the prompt or lower gen_length",
+            )
+        try:
+            self.scheduler.check_queue()
+        except OverloadedError:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise
+        req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=TextStream(self.tokenizer, spec.stop))
+        self.scheduler.add(req)
+        self._requests[req.id] = req
+        self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
+        self._wake.set()
+        return req

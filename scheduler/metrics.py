@@ -1,0 +1,46 @@
+"""Prometheus metrics of one engine, in its own CollectorRegistry (several engines never collide).
+
+The serving layer exposes `engine.metrics.render()` on /metrics with content type `CONTENT_TYPE`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TPF_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
+
+
+class EngineMetrics:
+    """Request latencies, load, KV usage, prefix-cache hit rate, TPF and routing decisions."""
+
+    def __init__(self, prefix: str = "refusion"):
+        self.registry = CollectorRegistry()
+        r, p = self.registry, prefix
+        self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "Submit to first streamed token.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram(
+            f"{p}_inter_token_latency_seconds",
+            "Gap between streamed deltas divided by the tokens in the delta.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(f"{p}_e2e_latency_seconds", "Submit to finish.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(f"{p}_queue_time_seconds", "Submit to start of decoding.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.forward_time = Histogram(f"{p}_forward_seconds", "One packed forward.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge(f"{p}_requests_running", "Requests decoding now.", registry=r)
+        self.waiting = Gauge(f"{p}_requests_waiting", "Requests queued.", registry=r)
+        self.kv_usage = Gauge(f"{p}_kv_cache_usage_ratio", "Share of KV blocks in use (main runner).", registry=r)
+        self.prefix_hit_rate = Gauge(f"{p}_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache.", registry=r)
+        self.tpf = Histogram(f"{p}_tokens_per_forward", "Generated tokens / forwards of finished requests.", ["mode"], buckets=_TPF_BUCKETS, registry=r)
+        self.mode_decisions = Counter(f"{p}_mode_decisions", "Routing decisions by mode and reason.", ["mode", "reason"], registry=r)
+        self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens admitted.", registry=r)
+        self.generation_tokens = Counter(f"{p}_generation_tokens", "Generated tokens streamed.", registry=r)
+        self.finished = Counter(f"{p}_requests_finished", "Finished requests by reason.", ["reason"], registry=r)
+        self.rejected = Counter(f"{p}_requests_rejected", "Requests refused at submit by reason.", ["reason"], registry=r)
+
+    def render(self) -> bytes:
+        """Prometheus text exposition of every metric of this engine."""
+        return generate_latest(self.registry)

@@ -1,0 +1,42 @@
+"""Switching a running AUTO request between ReFusion and AR at a block boundary.
+
+At a boundary no slot, branch or tentative KV is in flight, so the decoder's `handoff()` (text so far,
+how much of it is cached) is all the other decoder needs. On the same runner the KV stays where it is;
+moving to a separate AR model frees the old sequence and the new decoder prefills the text there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from scheduler.api import Mode
+from scheduler.request import Request
+
+
+def maybe_switch(scheduler, req: Request) -> bool:
+    """Re-route `req` if it is AUTO, at a block boundary, and the router now prefers the other mode.
+    Returns True when the request changed mode."""
+    cfg = scheduler.config.routing
+    if req.spec.mode is not Mode.AUTO or not cfg.allow_switch or req.finished or req.decoder.finished:
+        return False
+    generated = req.generated_tokens()
+    if generated - req.tokens_at_last_route < cfg.switch_interval_tokens or not req.decoder.at_block_boundary():
+        return False
+    req.tokens_at_last_route = generated
+    decision = scheduler.router.decide(Mode.AUTO, req.priority, scheduler.load_snapshot(exclude=req), current=req.mode)
+    if decision.mode is req.mode:
+        return False
+    new_key = "ar" if decision.mode is Mode.AR and "ar" in scheduler.runners else "main"
+    handoff = req.decoder.handoff()
+    if new_key != req.runner_key:
+        scheduler.runners[req.runner_key].free(req.id)  # the other model has none of this KV
+        handoff = dataclasses.replace(handoff, cached_len=0)
+    old = req.decoder
+    factory = scheduler.factories[new_key]
+    req.decoder = factory.from_handoff(decision.mode, req.id, handoff, req.params, req.spec.suffix_ids)
+    req.base_forwards += old.stats.forwards
+    req.switched_ids = list(handoff.generated_ids)
+    req.mode, req.runner_key = decision.mode, new_key
+    req.mode_history.append(decision.mode.value)
+    scheduler.record_decision(req, decision, "mode_switch")
+    return True

@@ -1,0 +1,118 @@
+"""Prefix cache: reuse the committed KV of identical prompt prefixes across requests.
+
+Every full block of prompt tokens is named by a chained hash (hash of the previous block's name and
+this block's tokens), so one name fixes the whole prefix up to and including that block. The cache
+holds one reference (runner.blocks.retain) to each named block; a request that hits starts its
+sequence on the shared blocks (runner.adopt_prefix, refcount +1) and its decoder skips those prompt
+tokens (decoder.skip_cached_prompt). At least one prompt token always stays uncached so the request
+still runs a forward that reads its prompt's last row.
+
+Only prompt blocks are shareable: ReFusion commits generated slots out of text order, so generated
+KV depends on the request's own decoding path. Eviction is LRU; on ties the deeper block goes first,
+so a chain is evicted from its tail and a cached block always has its parent cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from array import array
+
+
+@dataclass
+class _Entry:
+    block_id: int
+    depth: int  # index of the block in its prompt
+    last_used: int
+
+
+@dataclass
+class PrefixHit:
+    """The longest cached prefix of a prompt: shared block ids in order and the tokens they hold."""
+
+    block_ids: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+class PrefixCache:
+    """Chained-hash cache of full prompt blocks over a runner's block pool (see module docstring)."""
+
+    def __init__(self, blocks):
+        self._blocks = blocks  # workers.kv_blocks.BlockPool: block_size, num_free, retain, release
+        self.block_size: int = blocks.block_size
+        self._entries: dict[bytes, _Entry] = {}
+        self._clock = 0
+        self.lookup_tokens = 0
+        self.hit_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of looked-up prompt tokens served from the cache."""
+        return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
+
+    def block_names(self, prompt_ids: list[int]) -> list[bytes]:
+        """Chained hash of every full block of the prompt, in order."""
+        names, previous = [], b""
+        for start in range(0, len(prompt_ids) - self.block_size + 1, self.block_size):
+            chunk = array("q", prompt_ids[start : start + self.block_size]).tobytes()
+            previous = hashlib.blake2b(previous + chunk, digest_size=16).digest()
+            names.append(previous)
+        return names
+
+    def lookup(self, prompt_ids: list[int]) -> PrefixHit:
+        """The longest cached prefix, leaving at least one prompt token uncached. No side effects:
+        call `record(...)` once the request really starts on it."""
+        usable = (len(prompt_ids) - 1) // self.block_size
+        hit = PrefixHit()
+        for name in self.block_names(prompt_ids)[:usable]:
+            entry = self._entries.get(name)
+            if entry is None:
+                break
+            hit.block_ids.append(entry.block_id)
+        hit.num_tokens = len(hit.block_ids) * self.block_size
+        return hit
+
+    def record(self, prompt_ids: list[int], hit: PrefixHit) -> None:
+        """Count a lookup in the hit rate and mark the hit's blocks as just used."""
+        self.lookup_tokens += len(prompt_ids)
+        self.hit_tokens += hit.num_tokens
+        self._touch(self.block_names(prompt_ids)[: len(hit.block_ids)])
+
+    def insert(self, prompt_ids: list[int], block_table: list[int], cached_len: int) -> int:
+        """Name the prompt's full blocks that are computed in a sequence's cache (the first blocks of its
+        block table, in prompt order); returns how many full prompt blocks are now cached."""
+        names = self.block_names(prompt_ids)
+        ready = min(len(names), cached_len // self.block_size, len(block_table))
+        for depth in range(ready):
+            if names[depth] not in self._entries:
+                self._blocks.retain([block_table[depth]])
+                self._entries[names[depth]] = _Entry(block_table[depth], depth, 0)
+        self._touch(names[:ready])
+        return ready
+
+    def evict(self, blocks_wanted: int, protect: set[int] | None = None) -> int:
+        """Drop least recently used entries until `blocks_wanted` more blocks are free in the pool (or
+        nothing evictable is left). Blocks in `protect` are kept. Returns the blocks freed."""
+        protect = protect or set()
+        free_before = self._blocks.num_free
+        while self._blocks.num_free - free_before < blocks_wanted:
+            victims = [(e.last_used, -e.depth, n) for n, e in self._entries.items() if e.block_id not in protect]
+            if not victims:
+                break
+            _, _, name = min(victims)
+            self._blocks.release([self._entries.pop(name).block_id])
+        return self._blocks.num_free - free_before
+
+    def clear(self) -> None:
+        """Release every cached block (e.g. at shutdown or before counting leaks)."""
+        for entry in self._entries.values():
+            self._blocks.release([entry.block_id])
+        self._entries.clear()
+
+    def _touch(self, names: list[bytes]) -> None:
+        self._clock += 1
+        for name in names:
+            self._entries[name].last_used = self._clock

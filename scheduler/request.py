@@ -1,0 +1,125 @@
+"""The engine's one request object and its one status enum."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from scheduler.api import Delta, FinishReason, GenerationRequest, Mode, Priority
+from scheduler.detokenizer import TextStream
+
+
+class RequestStatus(Enum):
+    """WAITING (queued, no KV) -> RUNNING (has a decoder and KV) -> FINISHED (KV freed, stream closed)."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """One request inside the engine: the caller's GenerationRequest plus scheduling and output state.
+
+    order: arrival number; FCFS within a priority class.
+    kv_blocks: most KV blocks this request can hold at once (admission estimate).
+    mode: the mode serving it now (REFUSION or AR), set when it starts running.
+    runner_key: which runner holds its KV ("main", or "ar" for a separate AR model).
+    in_flight: its segment is inside the forward running now (its KV must not be freed until it returns).
+    skipped: steps in a row it was passed over (budget spent, or its unsplittable step did not fit);
+        the most-skipped go first within their priority class, so no running request starves.
+    """
+
+    spec: GenerationRequest
+    params: Any
+    kv_blocks: int
+    stream: TextStream
+    order: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    mode: Mode | None = None
+    runner_key: str = "main"
+    decoder: Any = None
+    in_flight: bool = False
+    skipped: int = 0
+    finish_reason: FinishReason | None = None
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrival_s: float = field(default_factory=time.monotonic)
+    started_s: float = 0.0
+    first_token_s: float = 0.0
+    last_token_s: float = 0.0
+    finished_s: float = 0.0
+    cached_prompt_tokens: int = 0
+    prefix_blocks_shared: int = 0
+    mode_history: list[str] = field(default_factory=list)
+    tokens_at_last_route: int = 0
+    base_forwards: int = 0  # forwards of decoders replaced by a mode switch
+    switched_ids: list[int] = field(default_factory=list)  # ids generated before the last mode switch
+    error: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.spec.request_id
+
+    @property
+    def priority(self) -> Priority:
+        return self.spec.priority
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def deadline_s(self) -> float | None:
+        """Monotonic time of max_time_ms, counted from submit."""
+        if self.spec.max_time_ms is None:
+            return None
+        return self.arrival_s + self.spec.max_time_ms / 1000.0
+
+    def sort_key(self) -> tuple:
+        """Scheduling order: priority class, then the most-skipped, then FCFS."""
+        return (int(self.priority), -self.skipped, self.order)
+
+    def stream_ids(self) -> list[int]:
+        """Final generated ids so far, across mode switches."""
+        own = self.decoder.stream_ids() if self.decoder is not None else []
+        return self.switched_ids + list(own)
+
+    def generated_tokens(self) -> int:
+        own = self.decoder.output_ids() if self.decoder is not None else []
+        return len(self.switched_ids) + len(own)
+
+    def forwards(self) -> int:
+        return self.base_forwards + (self.decoder.stats.forwards if self.decoder is not None else 0)
+
+    def final_stats(self) -> dict:
+        """The stats dict of the last Delta."""
+        total = self.generated_tokens()
+        forwards = self.forwards()
+        end = self.finished_s or time.monotonic()
+        return {
+            "prompt_tokens": len(self.spec.prompt_ids),
+            "generated_tokens": total,
+            "forwards": forwards,
+            "tokens_per_forward": total / forwards if forwards else 0.0,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "queue_time_s": (self.started_s or end) - self.arrival_s,
+            "time_to_first_token_s": (self.first_token_s - self.arrival_s) if self.first_token_s else None,
+            "e2e_latency_s": end - self.arrival_s,
+            "modes": list(self.mode_history),
+        }
+
+    def delta(self, text: str, token_ids: list[int], *, finished: bool = False) -> Delta:
+        """A Delta of this request (the final one carries the finish reason and stats)."""
+        return Delta(
+            request_id=self.id,
+            text=text,
+            token_ids=token_ids,
+            finished=finished,
+            finish_reason=self.finish_reason if finished else None,
+            mode=self.mode,
+            stats=self.final_stats() if finished else {},
+            error=self.error if finished else None,
+        )

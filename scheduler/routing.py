@@ -1,0 +1,154 @@
+"""Routing between ReFusion and the AR fallback (Mode.AUTO).
+
+ReFusion turns spare compute into tokens: each step runs many query tokens (a plan of the whole pool,
+then the chosen drafts) and yields `tpf` tokens per forward. AR runs one token per step and yields one.
+When the packed batch is small, a forward costs about the same whatever its size, so ReFusion's extra
+tokens are free; when the batch is compute-bound, forward latency grows with every packed token and
+AR's cheap steps give more tokens per second.
+
+The router estimates, for the batch that would run with this request added in each mode,
+
+    throughput(mode) = (sum of running requests' tokens per forward + tpf[mode])
+                       / latency(running packed tokens + step_tokens[mode])
+
+with latency() from the start-up calibration (`CostCurve`) and tpf / step_tokens tracked live per
+request class (mode, priority) as exponential moving averages (priors until measured). It picks AR
+when the batch would be compute-bound or AR's estimate beats ReFusion's by more than `ar_margin`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler.api import Mode, Priority
+from scheduler.config import RoutingConfig
+
+
+class CostCurve:
+    """Forward latency (seconds) as a function of packed query tokens: piecewise linear through the
+    measured points, extended linearly past the last one."""
+
+    def __init__(self, points: list[tuple[int, float]]):
+        if not points:
+            raise ValueError("CostCurve needs at least one (tokens, seconds) point")
+        merged: dict[int, float] = {}
+        for tokens, seconds in points:
+            merged[int(tokens)] = min(float(seconds), merged.get(int(tokens), float("inf")))
+        self.points = sorted(merged.items())
+
+    def latency(self, tokens: float) -> float:
+        pts = self.points
+        if len(pts) == 1:
+            return pts[0][1]
+        if tokens <= pts[0][0]:
+            return pts[0][1]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if tokens <= x1:
+                return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+        return pts[-1][1] + self.slope(pts[-1][0]) * (tokens - pts[-1][0])
+
+    def slope(self, tokens: float) -> float:
+        """Marginal seconds per extra packed token around `tokens` (never negative)."""
+        pts = self.points
+        if len(pts) == 1:
+            return 0.0
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if tokens <= x1:
+                return max(0.0, (y1 - y0) / (x1 - x0))
+        (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        return max(0.0, (y1 - y0) / (x1 - x0))
+
+    def compute_bound_share(self, tokens: float) -> float:
+        """Share of latency(tokens) that grows with the token count: ~0 when overhead-bound, ~1 when
+        compute-bound."""
+        return min(1.0, self.slope(tokens) * tokens / self.latency(tokens))
+
+
+@dataclass
+class ClassStats:
+    """Live averages for one request class: tokens per forward and packed tokens per decode step."""
+
+    tpf: float
+    step_tokens: float
+    samples: int = 0
+
+
+@dataclass
+class LoadSnapshot:
+    """What the running batch costs and yields per step (the request being routed excluded)."""
+
+    packed_tokens: float = 0.0
+    tokens_per_forward: float = 0.0
+    running: int = 0
+
+
+@dataclass
+class RouteDecision:
+    """A routing outcome with every input, for logs and metrics."""
+
+    mode: Mode
+    reason: str  # forced | refusion_faster | ar_faster | compute_bound | keep
+    inputs: dict = field(default_factory=dict)
+
+
+class Router:
+    """Chooses REFUSION or AR for AUTO requests (see module docstring)."""
+
+    def __init__(self, config: RoutingConfig, curve: CostCurve):
+        self.config = config
+        self.curve = curve
+        self._stats: dict[tuple[Mode, Priority], ClassStats] = {}
+
+    def stats_for(self, mode: Mode, priority: Priority) -> ClassStats:
+        key = (mode, Priority(priority))
+        if key not in self._stats:
+            if mode is Mode.AR:
+                self._stats[key] = ClassStats(tpf=1.0, step_tokens=1.0)
+            else:
+                cfg = self.config
+                self._stats[key] = ClassStats(tpf=cfg.refusion_tpf_prior, step_tokens=cfg.refusion_step_tokens_prior)
+        return self._stats[key]
+
+    def observe(self, mode: Mode, priority: Priority, tokens: int, forwards: int, packed_tokens: int) -> None:
+        """Fold one decode step (or a finished request's totals) into the class averages."""
+        if forwards <= 0:
+            return
+        stats = self.stats_for(mode, priority)
+        w = self.config.ema if stats.samples else 1.0
+        stats.tpf += w * (tokens / forwards - stats.tpf)
+        stats.step_tokens += w * (packed_tokens / forwards - stats.step_tokens)
+        stats.samples += 1
+
+    def decide(self, requested: Mode, priority: Priority, load: LoadSnapshot, current: Mode | None = None) -> RouteDecision:
+        """The mode for a request given the load of everything else; `current` is set when re-routing
+        a running request (it then switches only if the other mode is better by ar_margin)."""
+        if requested is not Mode.AUTO:
+            return RouteDecision(requested, "forced")
+        ref, ar = self.stats_for(Mode.REFUSION, priority), self.stats_for(Mode.AR, priority)
+        lat_ref = self.curve.latency(load.packed_tokens + ref.step_tokens)
+        lat_ar = self.curve.latency(load.packed_tokens + ar.step_tokens)
+        thr_ref = (load.tokens_per_forward + ref.tpf) / lat_ref
+        thr_ar = (load.tokens_per_forward + ar.tpf) / lat_ar
+        share = self.curve.compute_bound_share(load.packed_tokens + ref.step_tokens)
+        inputs = {
+            "running": load.running,
+            "packed_tokens": round(load.packed_tokens, 2),
+            "running_tpf_sum": round(load.tokens_per_forward, 3),
+            "refusion_tpf": round(ref.tpf, 3),
+            "refusion_step_tokens": round(ref.step_tokens, 2),
+            "latency_refusion_s": lat_ref,
+            "latency_ar_s": lat_ar,
+            "throughput_refusion": round(thr_ref, 2),
+            "throughput_ar": round(thr_ar, 2),
+            "compute_bound_share": round(share, 3),
+        }
+        margin = 1.0 + self.config.ar_margin
+        if share > self.config.compute_bound_share:
+            mode, reason = Mode.AR, "compute_bound"
+        elif thr_ar > thr_ref * margin:
+            mode, reason = Mode.AR, "ar_faster"
+        else:
+            mode, reason = Mode.REFUSION, "refusion_faster"
+        if current is Mode.AR and mode is Mode.REFUSION and thr_ref < thr_ar * margin:
+            mode, reason = Mode.AR, "keep"  # hysteresis: leave AR only for a clear gain
+        return RouteDecision(mode, reason, inputs)

@@ -1,0 +1,48 @@
+"""Submit-time validation of a GenerationRequest: every error names the field and what to change."""
+
+from __future__ import annotations
+
+from decoding.api import DecodeParamError
+from scheduler.api import GenerationRequest, InvalidRequestError, Mode, Priority
+
+
+def _token_list(value, field_name: str, vocab_size: int | None, *, allow_empty: bool) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequestError(field_name, f"must be a list of token ids, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise InvalidRequestError(field_name, "is empty; give at least one token id")
+    for i, tok in enumerate(value):
+        if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0 or (vocab_size and tok >= vocab_size):
+            limit = f"0..{vocab_size - 1}" if vocab_size else ">= 0"
+            raise InvalidRequestError(field_name, f"entry {i} is {tok!r}; token ids must be ints in {limit}")
+
+
+def validate_request(spec: GenerationRequest, vocab_size: int | None, max_stop_strings: int) -> None:
+    """Check the request's own fields (decoding params are checked by the decoder factory)."""
+    if not isinstance(spec.request_id, str) or not spec.request_id:
+        raise InvalidRequestError("request_id", "must be a non-empty string")
+    _token_list(spec.prompt_ids, "prompt_ids", vocab_size, allow_empty=False)
+    if spec.suffix_ids is not None:
+        _token_list(spec.suffix_ids, "suffix_ids", vocab_size, allow_empty=True)
+    if not isinstance(spec.mode, Mode):
+        raise InvalidRequestError("mode", f"must be a scheduler.api.Mode ({', '.join(m.value for m in Mode)}), got {spec.mode!r}")
+    if not isinstance(spec.priority, Priority):
+        raise InvalidRequestError("priority", f"must be a scheduler.api.Priority (INTERACTIVE or BATCH), got {spec.priority!r}")
+    if not isinstance(spec.params, dict):
+        raise InvalidRequestError("params", f"must be a dict of decoding parameters, got {type(spec.params).__name__}")
+    stop = spec.stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidRequestError("stop", "must be a list of non-empty strings")
+    if len(stop) > max_stop_strings:
+        raise InvalidRequestError("stop", f"has {len(stop)} strings; give at most {max_stop_strings}")
+    max_time = spec.max_time_ms
+    if max_time is not None and (not isinstance(max_time, int) or isinstance(max_time, bool) or max_time <= 0):
+        raise InvalidRequestError("max_time_ms", f"must be a positive integer number of milliseconds or None, got {max_time!r}")
+
+
+def parse_params(factory, params: dict):
+    """The factory's parsed parameters; DecodeParamError becomes InvalidRequestError(field)."""
+    try:
+        return factory.parse_params(params)
+    except DecodeParamError as exc:
+        raise InvalidRequestError(exc.field, exc.message) from exc

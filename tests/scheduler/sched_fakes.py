@@ -1,0 +1,248 @@
+"""Fake runner, block pool, decoders and tokenizer for pure scheduling tests (no torch).
+
+The fake runner keeps exact block accounting (so leaks show) and answers reads with a deterministic
+function of the query row's token and position, so a request's output never depends on its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from types import SimpleNamespace
+
+from decoding.api import DecodeParamError, DecodeStats, Handoff
+from scheduler.api import Mode
+from workers.batch import Read, ReadKind, Segment, SegmentResult
+
+VOCAB = 40
+EOS = 1
+MASK = 2
+NEWLINE = 3
+
+
+class FakeBlockPool:
+    def __init__(self, num_total: int, block_size: int):
+        self.num_total, self.block_size = num_total, block_size
+        self.refs = [0] * num_total
+
+    @property
+    def num_free(self) -> int:
+        return sum(1 for r in self.refs if r == 0)
+
+    def allocate(self) -> int:
+        for i, r in enumerate(self.refs):
+            if r == 0:
+                self.refs[i] = 1
+                return i
+        raise RuntimeError("fake pool exhausted")
+
+    def retain(self, ids):
+        for i in ids:
+            assert self.refs[i] > 0, f"retain of free block {i}"
+            self.refs[i] += 1
+
+    def release(self, ids):
+        for i in ids:
+            assert self.refs[i] > 0, f"release of free block {i}"
+            self.refs[i] -= 1
+
+
+def token_for(token: int, position: int) -> int:
+    """The fake model: next token from (token, position); never EOS/MASK unless position says so."""
+    return 4 + (token * 7 + position * 3) % (VOCAB - 4)
+
+
+class FakeRunner:
+    """Runner contract (workers/batch.py) with exact block accounting and an optional forward delay."""
+
+    def __init__(self, num_blocks: int = 64, block_size: int = 4, delay_s: float = 0.0, eos_at: int | None = None):
+        self.blocks = FakeBlockPool(num_blocks, block_size)
+        self.info = SimpleNamespace(vocab_size=VOCAB, eos_token_id=EOS, mask_token_id=MASK)
+        self.tables: dict[str, list[int]] = {}
+        self.lens: dict[str, int] = {}
+        self.calls: list[list[Segment]] = []
+        self.delay_s = delay_s
+        self.eos_at = eos_at  # position whose read returns EOS
+        self.lock = threading.Lock()
+
+    def execute(self, segments: list[Segment]) -> list[SegmentResult]:
+        with self.lock:
+            self.calls.append(list(segments))
+            assert len({s.seq_id for s in segments}) == len(segments), "two segments of one sequence"
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            return [self._run(s) for s in segments]
+
+    def _run(self, seg: Segment) -> SegmentResult:
+        cached = self.lens.get(seg.seq_id, 0)
+        assert seg.context_len <= cached, f"{seg.seq_id}: context_len {seg.context_len} > cached {cached}"
+        self._truncate(seg.seq_id, seg.context_len)
+        for keep in seg.keep:
+            if keep:
+                self._append(seg.seq_id)
+        values = []
+        for read in seg.reads:
+            pos = seg.positions[read.row]
+            tok = EOS if self.eos_at is not None and pos + 1 == self.eos_at else token_for(seg.token_ids[read.row], pos)
+            values.append((tok, 0.9))
+        return SegmentResult(seg.seq_id, values)
+
+    def _truncate(self, seq: str, n: int) -> None:
+        table = self.tables.setdefault(seq, [])
+        keep_blocks = math.ceil(n / self.blocks.block_size)
+        self.blocks.release(table[keep_blocks:])
+        del table[keep_blocks:]
+        self.lens[seq] = n
+
+    def _append(self, seq: str) -> None:
+        table = self.tables.setdefault(seq, [])
+        if self.lens.get(seq, 0) == len(table) * self.blocks.block_size:
+            table.append(self.blocks.allocate())
+        self.lens[seq] = self.lens.get(seq, 0) + 1
+
+    def free(self, seq_id: str) -> None:
+        self.blocks.release(self.tables.pop(seq_id, []))
+        self.lens.pop(seq_id, None)
+
+    def cached_len(self, seq_id: str) -> int:
+        return self.lens.get(seq_id, 0)
+
+    def block_table(self, seq_id: str) -> list[int]:
+        return list(self.tables.get(seq_id, []))
+
+    def adopt_prefix(self, seq_id: str, block_ids: list[int], num_tokens: int) -> None:
+        assert seq_id not in self.tables, "adopt_prefix on an existing sequence"
+        self.blocks.retain(block_ids)
+        self.tables[seq_id] = list(block_ids)
+        self.lens[seq_id] = num_tokens
+
+
+class FakeDecoder:
+    """Prefill in budget-sized kept chunks, then decode steps of `step_tokens` query tokens (the last
+    token kept, the rest dropped) yielding `tokens_per_step` tokens; a block boundary every
+    `block_tokens` generated tokens."""
+
+    def __init__(self, seq_id, prompt_ids, gen_length, *, step_tokens=1, tokens_per_step=1, block_tokens=4, generated=None, cached=0):
+        self.seq_id, self.prompt = seq_id, list(prompt_ids)
+        self.gen_length, self.step_tokens, self.tokens_per_step = gen_length, step_tokens, tokens_per_step
+        self.block_tokens = block_tokens
+        self.text = list(prompt_ids) + list(generated or [])  # tokens whose KV must be fed, in order
+        self.cached = cached
+        self.out: list[int] = []
+        self.stats = DecodeStats()
+        self.hit_eos = False
+        self.budgets: list[int] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.hit_eos or len(self.out) >= self.gen_length
+
+    def next_segment(self, budget: int):
+        self.budgets.append(budget)
+        if self.finished:
+            return None
+        ctx = self.cached
+        if ctx < len(self.text) - 1:  # prefill all but the last known token, in chunks
+            chunk = self.text[ctx : min(len(self.text) - 1, ctx + budget)]
+            self._last = Segment(self.seq_id, ctx, chunk, list(range(ctx, ctx + len(chunk))), [True] * len(chunk))
+            return self._last
+        last, n = self.text[-1], self.step_tokens
+        tokens = [last] + [MASK] * (n - 1)
+        reads = [Read(0, ReadKind.ARGMAX)] + [Read(i, ReadKind.ARGMAX) for i in range(1, min(n, self.tokens_per_step))]
+        self._last = Segment(self.seq_id, ctx, tokens, [ctx + i for i in range(n)], [True] + [False] * (n - 1), reads)
+        return self._last
+
+    def absorb(self, result: SegmentResult) -> None:
+        self.stats.forwards += 1
+        if not result.values:
+            self.stats.prefill_forwards += 1
+            self.cached += self._last.num_kept
+            return
+        self.cached += 1
+        for tok, _ in result.values:
+            if self.finished:
+                break
+            if tok == EOS:
+                self.hit_eos = True
+                break
+            self.out.append(tok)
+            self.text.append(tok)
+        self.stats.generated_tokens = len(self.out)
+
+    def skip_cached_prompt(self, num_tokens: int) -> None:
+        self.cached = num_tokens
+
+    def stream_ids(self) -> list[int]:
+        return list(self.out)
+
+    def output_ids(self) -> list[int]:
+        return list(self.out)
+
+    def at_block_boundary(self) -> bool:
+        return len(self.out) % self.block_tokens == 0
+
+    def handoff(self) -> Handoff:
+        return Handoff(self.prompt, list(self.out), self.cached, self.gen_length - len(self.out), self.stats)
+
+
+class FakeFactory:
+    """Builds FakeDecoders; params: gen_length (required > 0), slot_size, serial_num_blocks."""
+
+    REFUSION_SHAPE = {"step_tokens": 8, "tokens_per_step": 2}
+
+    def __init__(self):
+        self.created: list[tuple[str, Mode]] = []
+        self.decoders: dict[str, FakeDecoder] = {}
+
+    def parse_params(self, params: dict):
+        unknown = set(params) - {"gen_length", "slot_size", "serial_num_blocks"}
+        if unknown:
+            raise DecodeParamError(sorted(unknown)[0], "unknown parameter; remove it")
+        gen = params.get("gen_length", 8)
+        if not isinstance(gen, int) or gen <= 0:
+            raise DecodeParamError("gen_length", f"must be a positive int, got {gen!r}")
+        return SimpleNamespace(gen_length=gen, slot_size=params.get("slot_size", 1), serial_num_blocks=params.get("serial_num_blocks", 1))
+
+    def _shape(self, mode: Mode) -> dict:
+        return dict(self.REFUSION_SHAPE) if mode is Mode.REFUSION else {}
+
+    def create(self, mode, seq_id, prompt_ids, params, suffix_ids):
+        self.created.append((seq_id, mode))
+        dec = FakeDecoder(seq_id, prompt_ids, params.gen_length, **self._shape(mode))
+        self.decoders[seq_id] = dec
+        return dec
+
+    def from_handoff(self, mode, seq_id, handoff: Handoff, params, suffix_ids):
+        self.created.append((seq_id, mode))
+        dec = FakeDecoder(seq_id, handoff.prompt_ids, handoff.remaining, generated=handoff.generated_ids,
+                          cached=handoff.cached_len, **self._shape(mode))
+        self.decoders[seq_id] = dec
+        return dec
+
+
+class FakeTokenizer:
+    """id 3 -> newline, others -> one letter; EOS/MASK decode to nothing."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("\n" if i == NEWLINE else "" if i in (EOS, MASK) else chr(ord("a") + i % 26) for i in ids)
+
+
+def make_engine(runner=None, factory=None, tokenizer=None, **config):
+    """An Engine on fakes with calibration off (flat cost curve unless cost_points are given)."""
+    from scheduler.config import EngineConfig, RoutingConfig
+    from scheduler.engine import Engine
+
+    routing = config.pop("routing", None) or RoutingConfig(calibrate=False)
+    runner = runner or FakeRunner()
+    engine = Engine(runner, tokenizer or FakeTokenizer(), EngineConfig(routing=routing, **config), factory or FakeFactory())
+    return engine, runner
+
+
+async def collect(engine, request):
+    """All deltas of one request."""
+    return [d async for d in engine.submit(request)]
+
+
+def ids_of(deltas) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]

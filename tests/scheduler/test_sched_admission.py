@@ -1,0 +1,149 @@
+"""Admission: validation errors, bounded queue, KV-block budget, max running (fake runner, no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sched_fakes import FakeRunner, collect, ids_of, make_engine
+
+from scheduler.api import FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
+from scheduler.config import EngineConfig, EngineConfigError, RoutingConfig
+from scheduler.engine import EngineNotRunningError
+
+
+def req(rid, prompt=(5, 6, 7), gen=6, **kw):
+    return GenerationRequest(rid, list(prompt), {"gen_length": gen}, **kw)
+
+
+async def test_streams_and_finishes_with_length_and_frees_kv():
+    engine, runner = make_engine(prefix_cache=False)
+    await engine.start()
+    deltas = await collect(engine, req("a", mode=Mode.AR))
+    assert deltas[-1].finished and deltas[-1].finish_reason is FinishReason.LENGTH
+    assert len(ids_of(deltas)) == 6
+    assert "".join(d.text for d in deltas) == engine.tokenizer.decode(ids_of(deltas))
+    assert deltas[-1].stats["generated_tokens"] == 6 and deltas[-1].mode is Mode.AR
+    assert runner.blocks.num_free == runner.blocks.num_total
+    await engine.stop()
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"prompt_ids": []}, "prompt_ids"),
+        ({"prompt_ids": [5, 99999]}, "prompt_ids"),
+        ({"prompt_ids": [5, "x"]}, "prompt_ids"),
+        ({"params": {"gen_length": 0}}, "gen_length"),
+        ({"params": {"bogus": 1}}, "bogus"),
+        ({"params": "gen_length=5"}, "params"),
+        ({"stop": [""]}, "stop"),
+        ({"max_time_ms": -5}, "max_time_ms"),
+        ({"mode": "fast"}, "mode"),
+        ({"priority": 7}, "priority"),
+        ({"suffix_ids": [-1]}, "suffix_ids"),
+        ({"request_id": ""}, "request_id"),
+    ],
+)
+async def test_bad_input_raises_invalid_request_naming_the_field(kwargs, field):
+    engine, _ = make_engine()
+    await engine.start()
+    base = dict(request_id="r", prompt_ids=[5, 6], params={"gen_length": 4})
+    base.update(kwargs)
+    with pytest.raises(InvalidRequestError) as err:
+        await collect(engine, GenerationRequest(**base))
+    assert err.value.field == field
+    await engine.stop()
+
+
+async def test_prompt_that_can_never_fit_is_invalid_not_overloaded():
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=8, block_size=4))
+    await engine.start()
+    with pytest.raises(InvalidRequestError) as err:
+        await collect(engine, req("big", prompt=[5] * 40, gen=8))
+    assert err.value.field == "prompt_ids" and "shorten the prompt" in str(err.value)
+    await engine.stop()
+
+
+async def test_full_queue_rejects_at_once_with_retry_after():
+    engine, runner = make_engine(runner=FakeRunner(delay_s=0.02), max_running=1, max_queue=1)
+    await engine.start()
+    first = asyncio.create_task(collect(engine, req("a", gen=6)))
+    second = asyncio.create_task(collect(engine, req("b", gen=6)))
+    await asyncio.sleep(0.05)  # a runs, b waits
+    with pytest.raises(OverloadedError) as err:
+        await collect(engine, req("c"))
+    assert err.value.retry_after_s > 0
+    assert (await first)[-1].finish_reason is FinishReason.LENGTH
+    assert (await second)[-1].finish_reason is FinishReason.LENGTH
+    assert b'refusion_requests_rejected_total{reason="queue_full"} 1.0' in engine.metrics.render()
+    await engine.stop()
+
+
+async def test_kv_budget_holds_requests_until_blocks_free():
+    # 10 blocks of 4 tokens; each request needs ceil((3 + 6 + 6) / 4) + 1 = 5 blocks: two fit at once.
+    runner = FakeRunner(num_blocks=10, block_size=4)
+    engine, _ = make_engine(runner=runner, kv_reserve_fraction=0.0, prefix_cache=False)
+    await engine.start()
+    peak = {"running": 0}
+    original = runner.execute
+
+    def watching(segments):
+        peak["running"] = max(peak["running"], len(engine.scheduler.running))
+        return original(segments)
+
+    runner.execute = watching
+    results = await asyncio.gather(*[collect(engine, req(f"r{i}", mode=Mode.AR)) for i in range(5)])
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
+    assert peak["running"] == 2
+    assert runner.blocks.num_free == 10
+    await engine.stop()
+
+
+async def test_max_running_caps_concurrency():
+    engine, runner = make_engine(max_running=3, prefix_cache=False)
+    await engine.start()
+    batch_sizes = []
+    original = runner.execute
+    runner.execute = lambda segs: (batch_sizes.append(len(segs)), original(segs))[1]
+    await asyncio.gather(*[collect(engine, req(f"r{i}", mode=Mode.AR)) for i in range(7)])
+    assert max(batch_sizes) == 3
+    await engine.stop()
+
+
+async def test_submit_before_start_and_after_stop_is_refused():
+    engine, _ = make_engine()
+    with pytest.raises(EngineNotRunningError):
+        await collect(engine, req("a"))
+    await engine.start()
+    await engine.stop()
+    with pytest.raises(OverloadedError):
+        await collect(engine, req("b"))
+
+
+async def test_duplicate_request_id_in_flight_is_invalid():
+    engine, _ = make_engine(runner=FakeRunner(delay_s=0.02))
+    await engine.start()
+    running = asyncio.create_task(collect(engine, req("dup", gen=6)))
+    await asyncio.sleep(0.01)
+    with pytest.raises(InvalidRequestError) as err:
+        await collect(engine, req("dup"))
+    assert err.value.field == "request_id"
+    await running
+    await engine.stop()
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"max_running": 0}, "max_running"), ({"token_budget": 0}, "token_budget"), ({"kv_reserve_fraction": 1.5}, "kv_reserve_fraction")],
+)
+def test_engine_config_is_validated(kwargs, field):
+    with pytest.raises(EngineConfigError) as err:
+        EngineConfig(**kwargs)
+    assert err.value.field == field
+
+
+def test_routing_config_is_validated():
+    with pytest.raises(EngineConfigError) as err:
+        RoutingConfig(cost_points=[(0, 1.0)])
+    assert err.value.field == "routing.cost_points"
