@@ -1,0 +1,131 @@
+"""Loading HF-format directories: sharded checkpoints, mask token resolution, clear errors, dtype and KV sizing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hf_oracle import dense_logits, result_logits, segment  # noqa: E402
+from workers.kv_cache import bytes_per_block  # noqa: E402
+from workers.loader import ModelDirError, read_config  # noqa: E402
+from workers.runner import ModelRunner  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory) -> Path:
+    from model_factory import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("sharded"), tie_word_embeddings=False, max_shard_size="60KB", seed=3)
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(src, tmp_path / "model"))
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_sharded_checkpoint_loads_and_matches_transformers(sharded_dir):
+    shards = sorted(sharded_dir.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (sharded_dir / "model.safetensors.index.json").is_file()
+    runner = ModelRunner(sharded_dir, device="cpu", num_blocks=8)
+    ids = list(range(5, 17))
+    [res] = runner.execute([segment("s", 0, ids)])
+    assert (result_logits(res) - dense_logits(sharded_dir, ids)).abs().max() < 1e-4
+
+
+def test_missing_shard_is_named(sharded_dir, tmp_path):
+    model = _copy(sharded_dir, tmp_path)
+    victim = sorted(model.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(ModelDirError, match="missing") as err:
+        ModelRunner(model, device="cpu", num_blocks=8)
+    assert err.value.path == str(victim)
+
+
+def test_wrong_tensor_shape_is_named(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(tiny_model_dir, tmp_path)
+    weights = load_file(model / "model.safetensors")
+    weights["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(8, 64)
+    save_file(weights, model / "model.safetensors")
+    with pytest.raises(ModelDirError, match=r"k_proj.weight.*shape \(8, 64\).*\(32, 64\)") as err:
+        ModelRunner(model, device="cpu", num_blocks=8)
+    assert err.value.path.endswith("model.safetensors")
+
+
+def test_missing_tensor_is_named(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(tiny_model_dir, tmp_path)
+    weights = load_file(model / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, model / "model.safetensors")
+    with pytest.raises(ModelDirError, match="model.norm.weight"):
+        ModelRunner(model, device="cpu", num_blocks=8)
+
+
+def test_mask_token_from_tokenizer_then_none_at_all(tiny_model_dir, tmp_path):
+    model = _copy(tiny_model_dir, tmp_path)
+    _edit_json(model / "config.json", lambda c: c.pop("mask_token_id"))
+    assert ModelRunner(model, device="cpu", num_blocks=8).info.mask_token_id == 2  # the tokenizer's <|mask|>
+
+    def drop_mask(tok):
+        tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|mask|>"]
+        del tok["model"]["vocab"]["<|mask|>"]
+
+    _edit_json(model / "tokenizer.json", drop_mask)
+    _edit_json(model / "tokenizer_config.json", lambda c: c.pop("mask_token"))
+    with pytest.raises(ModelDirError, match="mask_token_id") as err:
+        ModelRunner(model, device="cpu", num_blocks=8)
+    assert err.value.path.endswith("config.json")
+
+
+@pytest.mark.parametrize("victim, expected", [
+    ("config.json", "config.json"),
+    ("model.safetensors", "model.safetensors"),
+    ("tokenizer", "tokenizer.json"),
+])
+def test_missing_files_are_named(tiny_model_dir, tmp_path, victim, expected):
+    model = _copy(tiny_model_dir, tmp_path)
+    names = ["tokenizer.json", "tokenizer_config.json"] if victim == "tokenizer" else [victim]
+    for name in names:
+        (model / name).unlink()
+    with pytest.raises(ModelDirError, match="missing") as err:
+        ModelRunner(model, device="cpu", num_blocks=8)
+    assert err.value.path.endswith(expected)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("hidden_size"), "hidden_size"),
+    (lambda c: c.update(model_type="llama"), "model_type"),
+    (lambda c: c.update(num_key_value_heads=3), "multiple"),
+    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "yarn"),
+])
+def test_bad_config_is_explained(tiny_model_dir, tmp_path, edit, message):
+    model = _copy(tiny_model_dir, tmp_path)
+    _edit_json(model / "config.json", edit)
+    with pytest.raises(ModelDirError, match=message):
+        read_config(model)
+
+
+def test_kv_budget_and_dtype(tiny_model_dir):
+    cfg = read_config(tiny_model_dir)
+    per_block = bytes_per_block(cfg, 16, torch.bfloat16)
+    runner = ModelRunner(tiny_model_dir, device="cpu", dtype=torch.bfloat16, kv_memory_bytes=10 * per_block + 5)
+    assert runner.blocks.num_total == 10 and runner.info.dtype == "bfloat16"
+    assert runner.kv.k[0].shape == (10, 16, cfg.num_kv_heads, cfg.head_dim) and runner.kv.k[0].dtype == torch.bfloat16
+    ids = list(range(5, 15))
+    [res] = runner.execute([segment("b", 0, ids)])
+    assert (result_logits(res) - dense_logits(tiny_model_dir, ids)).abs().max() < 0.5  # bf16 rounding only
+    with pytest.raises(ValueError, match="at most one"):
+        ModelRunner(tiny_model_dir, device="cpu", num_blocks=4, kv_memory_bytes=1 << 20)
