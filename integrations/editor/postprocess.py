@@ -143,6 +143,8 @@ def shown_partial(text: str, suffix: str) -> str:
     anchor = _suffix_anchor(suffix)
     cut = text.rfind("\n")
     last = text[cut + 1 :].strip()
+    if cut >= 0 and not last:
+        return text[:cut]  # a new line with no visible text yet: wait to see what it becomes
     if anchor and last and anchor[0].startswith(last) and (cut >= 0 or not suffix.split("\n", 1)[0].strip()):
         return text[: max(cut, 0)]
     return text

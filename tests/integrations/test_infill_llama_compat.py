@@ -1,0 +1,138 @@
+"""llama.cpp /infill over the router with a scripted engine: request shapes copied from what llama.vim
+and llama.vscode send (field names and types from their source), and the parsing they do.
+(The same requests against the real Ray Serve app: test_editor_serve.py.)"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from test_editor_fakes import FakeEngineClient, bpe_tokenizer, fake_client  # noqa: F401 - fixtures
+
+from integrations.editor.http import router
+from integrations.editor.llama_compat import select_fields
+from scheduler.api import Mode, Priority
+
+PREFIX = "import math\n\n\ndef area(r):\n"
+MIDDLE = "    "
+SUFFIX = "\n    return result\n\n\ndef main():\n    print(area(2))\n"
+TIMING_FIELDS = ["content", "timings/prompt_n", "timings/prompt_ms", "timings/prompt_per_token_ms",
+                 "timings/prompt_per_second", "timings/predicted_n", "timings/predicted_ms",
+                 "timings/predicted_per_token_ms", "timings/predicted_per_second", "truncated", "tokens_cached"]
+
+
+def llama_vim_request(**over) -> dict:
+    """As llama.vim's llama#fim builds it (autoload/llama.vim)."""
+    body = {
+        "id_slot": 0, "input_prefix": PREFIX, "input_suffix": SUFFIX,
+        "input_extra": [{"text": "PI = 3.14\n", "time": [1732, 5], "filename": "consts.py"}],
+        "prompt": MIDDLE, "n_predict": 128, "stop": [], "n_indent": 4, "top_k": 40, "top_p": 0.90,
+        "samplers": ["top_k", "top_p", "infill"], "stream": False, "cache_prompt": True,
+        "t_max_prompt_ms": 500, "t_max_predict_ms": 1000, "response_fields": TIMING_FIELDS,
+    }
+    body.update(over)
+    return body
+
+
+def llama_vscode_request(**over) -> dict:
+    """As llama.vscode's createRequestPayload builds it (src/llama-server.ts)."""
+    body = {
+        "id_slot": 0, "input_prefix": PREFIX, "input_suffix": SUFFIX,
+        "input_extra": [{"text": "PI = 3.14\n", "time": 1732000000000, "filename": "/w/consts.py"}],
+        "prompt": MIDDLE, "n_predict": 128, "n_cmpl": 1, "top_k": 40, "top_p": 0.99, "stream": False,
+        "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "n_indent": 4,
+        "t_max_prompt_ms": 500, "t_max_predict_ms": 2500,
+    }
+    body.update(over)
+    return body
+
+
+@pytest.fixture
+def http(fake_client):  # noqa: F811
+    app = FastAPI()
+    app.state.engine_client = fake_client
+    app.include_router(router)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def test_llama_vim_request_and_its_parsing(http, fake_client):  # noqa: F811
+    fake_client.script = {32: "result = math.pi * r * r\n    return result\n"}
+    resp = await http.post("/infill", json=llama_vim_request())
+    assert resp.status_code == 200
+    raw = resp.text
+    # llama.vim's own checks on the raw body before json_decode
+    assert re.match(r"^\s*\{", raw) and re.search(r'"content"\s*:"', raw)
+    data = json.loads(raw)
+    assert set(data) == set(TIMING_FIELDS)  # flattened response_fields, nothing else
+    assert data["content"] == "result = math.pi * r * r"  # suffix repeat trimmed
+    assert data["timings/predicted_n"] > 0 and data["tokens_cached"] > 0 and data["truncated"] is False
+    req = fake_client.requests[0]
+    assert req.priority == Priority.INTERACTIVE and req.max_time_ms == 1000 and req.mode == Mode.AUTO
+    text = fake_client.tokenizer.decode(req.prompt_ids)
+    assert text.startswith("# consts.py\nPI = 3.14\n") and text.endswith(PREFIX + MIDDLE)
+    assert fake_client.tokenizer.decode(req.suffix_ids) == SUFFIX
+
+
+async def test_llama_vim_cache_warm_request_runs_prompt_only(http, fake_client):  # noqa: F811
+    body = llama_vim_request(input_prefix="", input_suffix="", prompt="", n_predict=0, temperature=0.0,
+                             samplers=[], t_max_prompt_ms=1, t_max_predict_ms=1, response_fields=[""])
+    body.pop("n_indent")
+    resp = await http.post("/infill", json=body)
+    assert resp.status_code == 200 and resp.json() == {}
+    [req] = fake_client.requests
+    assert req.params["gen_length"] == 1 and req.mode == Mode.AR and req.priority == Priority.BATCH
+    assert fake_client.tokenizer.decode(req.prompt_ids).startswith("# consts.py\nPI = 3.14")
+
+
+async def test_llama_vscode_request_full_response(http, fake_client):  # noqa: F811
+    fake_client.script = {32: "result = r\n    return result\n"}
+    resp = await http.post("/infill", json=llama_vscode_request())
+    data = resp.json()
+    assert resp.status_code == 200 and data["content"] == "result = r"
+    assert data["stop"] is True and data["stop_type"] == "limit"
+    assert set(data["timings"]) >= {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "predicted_per_second"}
+    assert isinstance(data["tokens_cached"], int) and isinstance(data["truncated"], bool)
+
+
+async def test_llama_vscode_n_cmpl_returns_an_array_of_candidates(http, fake_client):  # noqa: F811
+    fake_client.script = {32: "result = r\n    return result\n", 64: "result = r * r\n    return result\n"}
+    resp = await http.post("/infill", json=llama_vscode_request(n_cmpl=2))
+    data = resp.json()
+    assert isinstance(data, list) and len(data) == 2
+    assert [d["content"] for d in data] == ["result = r", "result = r * r"]
+    assert [d["index"] for d in data] == [0, 1]
+
+
+async def test_stream_sends_pieces_then_a_final_event(http, fake_client):  # noqa: F811
+    fake_client.script = {32: "result = 2 * r\n    return result\n"}
+    resp = await http.post("/infill", json=llama_vscode_request(stream=True))
+    events = [json.loads(line[len("data: "):]) for line in resp.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1]["stop"] is True and all(e["stop"] is False for e in events[:-1])
+    assert "".join(e["content"] for e in events) == "result = 2 * r"
+
+
+@pytest.mark.parametrize(
+    "over, field",
+    [({"n_predict": "many"}, "n_predict"), ({"n_cmpl": 7}, "n_cmpl"), ({"input_extra": [{"filename": "x"}]}, "input_extra.0.text")],
+)
+async def test_bad_fields_are_400_naming_the_field(http, over, field):
+    resp = await http.post("/infill", json=llama_vscode_request(**over))
+    assert resp.status_code == 400
+    assert f"Field '{field}'" in resp.json()["error"]["message"]
+
+
+async def test_engine_overload_is_503_with_retry_after(http, fake_client):  # noqa: F811
+    from scheduler.api import OverloadedError
+
+    fake_client.fail_with = OverloadedError("queue full", 1.2)
+    resp = await http.post("/infill", json=llama_vim_request())
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "2"
+
+
+def test_select_fields_flattens_paths_and_skips_unknown():
+    result = {"content": "x", "timings": {"prompt_n": 3}}
+    assert select_fields(result, ["content", "timings/prompt_n", "nope", ""]) == {"content": "x", "timings/prompt_n": 3}
+    assert select_fields(result, None) is result
