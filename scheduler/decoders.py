@@ -22,37 +22,55 @@ class DecoderFactory(Protocol):
     def create(self, mode: Mode, seq_id: str, prompt_ids: list[int], params: Any, suffix_ids: list[int] | None) -> Decoder:
         """A fresh decoder (mode is REFUSION or AR)."""
 
-    def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any, suffix_ids: list[int] | None) -> Decoder:
-        """A decoder continuing another one's text (mode switch at a block boundary)."""
+    def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any) -> Decoder:
+        """A decoder continuing another one's text (mode switch at a block boundary); the handoff
+        carries the infill suffix. Its stream_ids()/output_ids() include the handed-off text."""
+
+
+REQUEST_PARAMS = (
+    "gen_length", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold",
+    "temperature", "top_k", "top_p", "seed",
+)
 
 
 class ModelDecoderFactory:
-    """The default factory: decoding.refusion / decoding.ar with decoding.params (model defaults from
-    refusion.json in the model directory)."""
+    """The default factory: decoding.refusion / decoding.ar with decoding.params.
 
-    def __init__(self, runner):
-        self._info = runner.info
-        self._model_dir = getattr(runner, "model_dir", None)
+    Defaults for unset parameters: `refusion.json` in `model_dir` when given (else the runner's
+    `model_dir` attribute when it has one), else decoding.params.SERVING_DEFAULTS; EOS and mask ids
+    always come from the runner's model.
+    """
+
+    def __init__(self, runner, model_dir=None):
+        from decoding.params import SERVING_DEFAULTS, load_model_defaults
+
+        model_dir = model_dir or getattr(runner, "model_dir", None)
+        defaults = load_model_defaults(model_dir) if model_dir else dict(SERVING_DEFAULTS)
+        defaults["eos_token_id"] = runner.info.eos_token_id
+        defaults["mask_token_id"] = runner.info.mask_token_id
+        self.defaults = defaults
 
     def parse_params(self, params: dict) -> Any:
+        from decoding.api import DecodeParamError
         from decoding.params import DecodeParams
 
-        return DecodeParams.from_request(params, model_dir=self._model_dir, info=self._info)
+        for key in params:
+            if key not in REQUEST_PARAMS:
+                raise DecodeParamError(str(key), f"is not a request parameter; use one of {list(REQUEST_PARAMS)}")
+        return DecodeParams.from_dict({**self.defaults, **params})
 
     def create(self, mode: Mode, seq_id: str, prompt_ids: list[int], params: Any, suffix_ids: list[int] | None) -> Decoder:
-        if mode is Mode.AR:
-            from decoding.ar import ARDecoder
+        return _decoder_class(mode)(seq_id, prompt_ids, params, suffix_ids=suffix_ids)
 
-            return ARDecoder(seq_id, prompt_ids, params, self._info, suffix_ids=suffix_ids)
-        from decoding.refusion import ReFusionDecoder
+    def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any) -> Decoder:
+        return _decoder_class(mode).from_handoff(seq_id, handoff, params)
 
-        return ReFusionDecoder(seq_id, prompt_ids, params, self._info, suffix_ids=suffix_ids)
 
-    def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any, suffix_ids: list[int] | None) -> Decoder:
-        if mode is Mode.AR:
-            from decoding.ar import ARDecoder
+def _decoder_class(mode: Mode):
+    if mode is Mode.AR:
+        from decoding.ar import ARDecoder
 
-            return ARDecoder.from_handoff(seq_id, handoff, params, self._info, suffix_ids=suffix_ids)
-        from decoding.refusion import ReFusionDecoder
+        return ARDecoder
+    from decoding.refusion import RefusionDecoder
 
-        return ReFusionDecoder.from_handoff(seq_id, handoff, params, self._info, suffix_ids=suffix_ids)
+    return RefusionDecoder

@@ -278,10 +278,7 @@ class Engine:
 
     def _natural_reason(self, req: Request) -> FinishReason:
         """STOP when the decoder ended on EOS (fewer tokens than gen_length), else LENGTH."""
-        hit_eos = getattr(req.decoder, "hit_eos", None)
-        if hit_eos is None:
-            hit_eos = req.generated_tokens() < int(req.params.gen_length)
-        return FinishReason.STOP if hit_eos else FinishReason.LENGTH
+        return FinishReason.STOP if req.generated_tokens() < int(req.params.gen_length) else FinishReason.LENGTH
 
     def _expire_deadlines(self, now: float) -> None:
         grace = self.config.deadline_grace_ms / 1000

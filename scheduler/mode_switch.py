@@ -30,12 +30,9 @@ def maybe_switch(scheduler, req: Request) -> bool:
     handoff = req.decoder.handoff()
     if new_key != req.runner_key:
         scheduler.runners[req.runner_key].free(req.id)  # the other model has none of this KV
-        handoff = dataclasses.replace(handoff, cached_len=0)
-    old = req.decoder
+        handoff = dataclasses.replace(handoff, cached_len=0, suffix_cached_len=0)
     factory = scheduler.factories[new_key]
-    req.decoder = factory.from_handoff(decision.mode, req.id, handoff, req.params, req.spec.suffix_ids)
-    req.base_forwards += old.stats.forwards
-    req.switched_ids = list(handoff.generated_ids)
+    req.decoder = factory.from_handoff(decision.mode, req.id, handoff, req.params)
     req.mode, req.runner_key = decision.mode, new_key
     req.mode_history.append(decision.mode.value)
     scheduler.record_decision(req, decision, "mode_switch")

@@ -52,11 +52,9 @@ class Request:
     last_token_s: float = 0.0
     finished_s: float = 0.0
     cached_prompt_tokens: int = 0
-    prefix_blocks_shared: int = 0
     mode_history: list[str] = field(default_factory=list)
     tokens_at_last_route: int = 0
-    base_forwards: int = 0  # forwards of decoders replaced by a mode switch
-    switched_ids: list[int] = field(default_factory=list)  # ids generated before the last mode switch
+    pending_segment: Any = None  # stated by the decoder but not run yet (did not fit the budget)
     error: str | None = None
 
     @property
@@ -83,16 +81,15 @@ class Request:
         return (int(self.priority), -self.skipped, self.order)
 
     def stream_ids(self) -> list[int]:
-        """Final generated ids so far, across mode switches."""
-        own = self.decoder.stream_ids() if self.decoder is not None else []
-        return self.switched_ids + list(own)
+        """Final generated ids so far (a decoder built from a handoff includes the handed-off text)."""
+        return self.decoder.stream_ids() if self.decoder is not None else []
 
     def generated_tokens(self) -> int:
-        own = self.decoder.output_ids() if self.decoder is not None else []
-        return len(self.switched_ids) + len(own)
+        return len(self.decoder.output_ids()) if self.decoder is not None else 0
 
     def forwards(self) -> int:
-        return self.base_forwards + (self.decoder.stats.forwards if self.decoder is not None else 0)
+        """Decode forwards (prefill chunks excluded, as in DecodeStats); the stats travel with a handoff."""
+        return self.decoder.stats.forwards if self.decoder is not None else 0
 
     def final_stats(self) -> dict:
         """The stats dict of the last Delta."""
@@ -103,6 +100,7 @@ class Request:
             "prompt_tokens": len(self.spec.prompt_ids),
             "generated_tokens": total,
             "forwards": forwards,
+            "prefill_forwards": self.decoder.stats.prefill_forwards if self.decoder is not None else 0,
             "tokens_per_forward": total / forwards if forwards else 0.0,
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "queue_time_s": (self.started_s or end) - self.arrival_s,

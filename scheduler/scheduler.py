@@ -111,14 +111,17 @@ class Scheduler:
             if budget <= 0:
                 req.skipped += 1
                 continue
-            segment = req.decoder.next_segment(budget)
+            segment = req.pending_segment or req.decoder.next_segment(budget)
             if segment is None:
                 plan.done.append(req)
                 continue
             if len(segment.token_ids) > budget and plan.items:
-                req.skipped += 1  # an unsplittable step larger than what is left: first in class next step
+                # An unsplittable step larger than what is left: hold it (the decoder already stated it)
+                # and run it first in its class next step.
+                req.pending_segment = segment
+                req.skipped += 1
                 continue
-            req.skipped = 0
+            req.pending_segment, req.skipped = None, 0
             plan.items.append((req, segment))
             budget -= len(segment.token_ids)
         return plan

@@ -123,16 +123,18 @@ class FakeDecoder:
     token kept, the rest dropped) yielding `tokens_per_step` tokens; a block boundary every
     `block_tokens` generated tokens."""
 
-    def __init__(self, seq_id, prompt_ids, gen_length, *, step_tokens=1, tokens_per_step=1, block_tokens=4, generated=None, cached=0):
+    def __init__(self, seq_id, prompt_ids, gen_length, *, step_tokens=1, tokens_per_step=1, block_tokens=4,
+                 generated=None, cached=0, stats=None):
         self.seq_id, self.prompt = seq_id, list(prompt_ids)
         self.gen_length, self.step_tokens, self.tokens_per_step = gen_length, step_tokens, tokens_per_step
         self.block_tokens = block_tokens
         self.text = list(prompt_ids) + list(generated or [])  # tokens whose KV must be fed, in order
         self.cached = cached
-        self.out: list[int] = []
-        self.stats = DecodeStats()
+        self.out: list[int] = list(generated or [])  # a handed-off text is part of the output
+        self.stats = stats or DecodeStats()
         self.hit_eos = False
         self.budgets: list[int] = []
+        self._last: Segment | None = None  # in flight
 
     @property
     def finished(self) -> bool:
@@ -142,6 +144,7 @@ class FakeDecoder:
         self.budgets.append(budget)
         if self.finished:
             return None
+        assert self._last is None, f"{self.seq_id}: next_segment before the last segment was absorbed"
         ctx = self.cached
         if ctx < len(self.text) - 1:  # prefill all but the last known token, in chunks
             chunk = self.text[ctx : min(len(self.text) - 1, ctx + budget)]
@@ -154,11 +157,12 @@ class FakeDecoder:
         return self._last
 
     def absorb(self, result: SegmentResult) -> None:
-        self.stats.forwards += 1
+        segment, self._last = self._last, None
         if not result.values:
             self.stats.prefill_forwards += 1
-            self.cached += self._last.num_kept
+            self.cached += segment.num_kept
             return
+        self.stats.forwards += 1
         self.cached += 1
         for tok, _ in result.values:
             if self.finished:
@@ -213,10 +217,11 @@ class FakeFactory:
         self.decoders[seq_id] = dec
         return dec
 
-    def from_handoff(self, mode, seq_id, handoff: Handoff, params, suffix_ids):
+    def from_handoff(self, mode, seq_id, handoff: Handoff, params):
         self.created.append((seq_id, mode))
-        dec = FakeDecoder(seq_id, handoff.prompt_ids, handoff.remaining, generated=handoff.generated_ids,
-                          cached=handoff.cached_len, **self._shape(mode))
+        total = len(handoff.generated_ids) + handoff.remaining
+        dec = FakeDecoder(seq_id, handoff.prompt_ids, total, generated=handoff.generated_ids,
+                          cached=handoff.cached_len, stats=handoff.stats, **self._shape(mode))
         self.decoders[seq_id] = dec
         return dec
 
