@@ -1,0 +1,37 @@
+"""`refusion lsp`: the LSP bridge on stdio (inline completions from a running refusion-serve backend).
+
+    refusion lsp --url ws://127.0.0.1:8000/v1/editor
+
+The editor starts this command as its language server; see README "Editor setup".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="ws://127.0.0.1:8000/v1/editor",
+                        help="the backend's editor WebSocket (default: %(default)s)")
+    parser.add_argument("--multiline", choices=("auto", "always", "never"), default="auto",
+                        help="auto: multi-line only when nothing follows the cursor on its line")
+    parser.add_argument("--max-tokens", type=int, default=None, help="cap on generated tokens per completion")
+    parser.add_argument("--max-time-ms", type=int, default=2000, help="time budget per completion (ms)")
+    parser.add_argument("--prefix-lines", type=int, default=256, help="lines above the cursor to send")
+    parser.add_argument("--suffix-lines", type=int, default=64, help="lines below the cursor to send")
+    parser.add_argument("--log-file", default=None, help="write logs here (stdout carries the protocol)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from integrations.lsp.server import BridgeConfig, build_server
+
+    if args.log_file:
+        logging.basicConfig(filename=args.log_file, level=logging.INFO)
+    for name, value in (("max_tokens", args.max_tokens), ("max_time_ms", args.max_time_ms)):
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    config = BridgeConfig(url=args.url, prefix_lines=args.prefix_lines, suffix_lines=args.suffix_lines,
+                          multiline=args.multiline, max_tokens=args.max_tokens, max_time_ms=args.max_time_ms)
+    build_server(config).start_io()
+    return 0

@@ -1,0 +1,5 @@
+"""The LSP bridge (`refusion lsp`): textDocument/inlineCompletion over the native editor protocol.
+
+    backend.py  WebSocket msgpack-RPC client of /v1/editor (also used by bench/editor_latency.py)
+    server.py   the pygls language server
+"""

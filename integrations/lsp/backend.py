@@ -1,0 +1,120 @@
+"""A client of the native editor protocol (msgpack-RPC over WebSocket, docs/editor-protocol.md).
+
+    backend = EditorBackend("ws://127.0.0.1:8000/v1/editor")
+    result = await backend.complete({"uri": ..., "prefix": ..., "suffix": ...}, on_partial=print)
+    # cancelling the awaiting task sends `cancel` for that completion
+
+One connection, opened on first use and reopened after a drop; one reader task routes responses to
+their waiting request and `completion/partial` notifications to the callback. Used by the LSP bridge
+and bench/editor_latency.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, Callable
+
+import msgpack
+
+from integrations.editor import protocol as rpc
+
+
+class BackendError(Exception):
+    """An error response from the backend: `code` (docs/editor-protocol.md), message, data."""
+
+    def __init__(self, error: dict):
+        super().__init__(f"{error.get('message')} (code {error.get('code')})")
+        self.code = error.get("code")
+        self.data = error.get("data") or {}
+
+
+class EditorBackend:
+    def __init__(self, url: str, connect_timeout_s: float = 10.0, extra_headers: dict | None = None):
+        self.url = url
+        self.connect_timeout_s = connect_timeout_s
+        self.extra_headers = extra_headers or {}
+        self.server_info: dict | None = None
+        self._ws = None
+        self._reader: asyncio.Task | None = None
+        self._pending: dict[Any, asyncio.Future] = {}
+        self._partials: dict[Any, Callable[[str], Any]] = {}
+        self._ids = itertools.count(1)
+        self._connect_lock = asyncio.Lock()
+
+    async def _connection(self):
+        async with self._connect_lock:
+            if self._ws is None:
+                import websockets
+
+                self._ws = await asyncio.wait_for(
+                    websockets.connect(self.url, max_size=None, additional_headers=self.extra_headers or None),
+                    self.connect_timeout_s,
+                )
+                self._reader = asyncio.ensure_future(self._read(self._ws))
+                self.server_info = await self._call_on(self._ws, "initialize", {"client": {"name": "refusion-lsp"}})
+            return self._ws
+
+    async def _read(self, ws) -> None:
+        try:
+            async for data in ws:
+                msg = msgpack.unpackb(data, raw=False)
+                if msg[0] == rpc.RESPONSE:
+                    future = self._pending.pop(msg[1], None)
+                    if future is not None and not future.done():
+                        future.set_result(msg)
+                elif msg[0] == rpc.NOTIFICATION and msg[1] == "completion/partial":
+                    callback = self._partials.get(msg[2].get("id"))
+                    if callback is not None:
+                        outcome = callback(msg[2].get("text", ""))
+                        if asyncio.iscoroutine(outcome):
+                            await outcome
+        except Exception:  # noqa: BLE001 - connection dropped: fail every waiter, reconnect next call
+            pass
+        finally:
+            if self._ws is ws:
+                self._ws = None
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionError(f"editor backend connection to {self.url} closed"))
+            self._pending.clear()
+
+    async def _call_on(self, ws, method: str, params: dict, msg_id=None):
+        msg_id = next(self._ids) if msg_id is None else msg_id
+        future = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = future
+        await ws.send(rpc.encode_request(msg_id, method, params))
+        _, _, error, result = await future
+        if error is not None:
+            raise BackendError(error)
+        return result
+
+    async def call(self, method: str, params: dict | None = None) -> Any:
+        return await self._call_on(await self._connection(), method, params or {})
+
+    async def complete(self, params: dict, on_partial: Callable[[str], Any] | None = None) -> dict:
+        """Run one completion; cancelling the caller sends `cancel` to the backend."""
+        ws = await self._connection()
+        msg_id = next(self._ids)
+        if on_partial is not None:
+            self._partials[msg_id] = on_partial
+        try:
+            return await self._call_on(ws, "complete", params, msg_id)
+        except asyncio.CancelledError:
+            if self._ws is ws:
+                await asyncio.shield(self._send_cancel(ws, msg_id))
+            raise
+        finally:
+            self._partials.pop(msg_id, None)
+
+    async def _send_cancel(self, ws, msg_id) -> None:
+        try:
+            await ws.send(rpc.encode_request(next(self._ids), "cancel", {"id": msg_id}))
+        except Exception:  # noqa: BLE001 - a dead connection has nothing left to cancel
+            pass
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)

@@ -1,0 +1,105 @@
+"""The LSP bridge: textDocument/inlineCompletion served from the native editor protocol.
+
+Any LSP 3.18 client with inline completions (Neovim 0.12+ `vim.lsp.inline_completion`, VS Code via
+vscode-languageclient, Emacs lsp-mode/eglot) gets completions without a plugin. The bridge keeps the
+documents in sync (pygls workspace), cuts prefix and suffix around the cursor, sends `complete` to the
+backend over one WebSocket, and answers with one InlineCompletionItem. `$/cancelRequest` cancels the
+handler task, which cancels the backend completion; a newer request for the same document supersedes
+the older one in the backend too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from lsprotocol import types
+from pygls.lsp.server import LanguageServer
+
+from integrations.lsp.backend import BackendError, EditorBackend
+
+log = logging.getLogger("refusion.lsp")
+
+
+@dataclass
+class BridgeConfig:
+    """How the bridge asks for completions; initializationOptions may override any field by name."""
+
+    url: str = "ws://127.0.0.1:8000/v1/editor"
+    prefix_lines: int = 256  # lines above the cursor sent as prefix
+    suffix_lines: int = 64  # lines below the cursor sent as suffix
+    multiline: str = "auto"  # auto: multi-line only when the cursor line has no text after the cursor
+    max_tokens: int | None = None  # None: the backend's default gaps
+    max_time_ms: int | None = 2000
+
+    def update(self, options: dict | None) -> None:
+        for key, value in (options or {}).items():
+            if key in self.__dataclass_fields__ and value is not None:
+                setattr(self, key, value)
+
+
+def cursor_context(source: str, offset: int, prefix_lines: int, suffix_lines: int) -> tuple[str, str]:
+    """(prefix, suffix) around a character offset, limited to whole lines above and below."""
+    before, after = source[:offset], source[offset:]
+    head = before.split("\n")
+    tail = after.split("\n")
+    return "\n".join(head[-(prefix_lines + 1):]), "\n".join(tail[: suffix_lines + 1])
+
+
+def wants_multiline(mode: str, suffix: str) -> bool:
+    if mode in ("always", "never"):
+        return mode == "always"
+    return not suffix.split("\n", 1)[0].strip()
+
+
+def complete_params(config: BridgeConfig, uri: str, version: int | None, language: str,
+                    prefix: str, suffix: str) -> dict:
+    params = {"uri": uri, "prefix": prefix, "suffix": suffix, "language": language or "",
+              "multiline": wants_multiline(config.multiline, suffix)}
+    if version is not None:
+        params["version"] = version
+    if config.max_tokens:
+        params["max_tokens"] = config.max_tokens
+    if config.max_time_ms:
+        params["max_time_ms"] = config.max_time_ms
+    return params
+
+
+def build_server(config: BridgeConfig) -> LanguageServer:
+    server = LanguageServer("refusion-lsp", "0.1.0")
+    backend = EditorBackend(config.url)
+
+    @server.feature(types.INITIALIZE)
+    def on_initialize(params: types.InitializeParams) -> None:
+        config.update(params.initialization_options if isinstance(params.initialization_options, dict) else None)
+        backend.url = config.url
+
+    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(params: types.InlineCompletionParams) -> types.InlineCompletionList:
+        doc = server.workspace.get_text_document(params.text_document.uri)
+        offset = doc.offset_at_position(params.position)
+        prefix, suffix = cursor_context(doc.source, offset, config.prefix_lines, config.suffix_lines)
+        request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
+        try:
+            result = await backend.complete(request)
+        except BackendError as exc:
+            if exc.code == -32800:  # superseded by a newer request for this document: nothing to show
+                return types.InlineCompletionList(items=[])
+            log.warning("backend error: %s", exc)
+            return types.InlineCompletionList(items=[])
+        except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("backend unreachable at %s: %s", config.url, exc)
+            return types.InlineCompletionList(items=[])
+        text = result.get("text", "")
+        if not text.strip():
+            return types.InlineCompletionList(items=[])
+        here = types.Range(start=params.position, end=params.position)
+        return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=text, range=here)])
+
+    @server.feature(types.SHUTDOWN)
+    async def on_shutdown(_params) -> None:
+        await backend.close()
+
+    server.backend = backend  # type: ignore[attr-defined] - for tests and embedding
+    return server

@@ -1,0 +1,135 @@
+"""`refusion lsp` as a subprocess, driven by a pygls LanguageClient: initialize, open a document,
+inline completion, $/cancelRequest. Here the backend is the editor router on a local uvicorn over a
+scripted engine (so the test can see what reached the engine); test_editor_serve.py repeats the round
+trip against the real Ray Serve app."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+import time
+
+import pytest
+from lsprotocol import types
+from pygls.lsp.client import LanguageClient
+from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fixture
+
+from integrations.lsp.server import cursor_context, wants_multiline
+
+DOC = "def area(r):\n    \n    return result\n"
+URI = "file:///tmp/area.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def scripted_backend(bpe_tokenizer):  # noqa: F811
+    """(ws url, fake engine) for the editor router served by uvicorn in a thread."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from integrations.editor.http import router
+
+    fake = FakeEngineClient(bpe_tokenizer, script={32: "result = 3.14 * r * r\n    return result\n"})
+    app = FastAPI()
+    app.state.engine_client = fake
+    app.include_router(router)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"ws://127.0.0.1:{port}/v1/editor", fake
+    server.should_exit = True
+    thread.join(10)
+
+
+async def start_lsp(url: str) -> LanguageClient:
+    client = LanguageClient("refusion-test", "0")
+    await client.start_io(sys.executable, "-m", "integrations.cli", "lsp", "--url", url, "--max-time-ms", "5000")
+    await asyncio.wait_for(client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities())), 30)
+    client.initialized(types.InitializedParams())
+    client.text_document_did_open(types.DidOpenTextDocumentParams(
+        text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=DOC)))
+    return client
+
+
+def inline_params(line: int = 1, character: int = 4) -> types.InlineCompletionParams:
+    return types.InlineCompletionParams(
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
+        text_document=types.TextDocumentIdentifier(uri=URI),
+        position=types.Position(line=line, character=character),
+    )
+
+
+async def stop_lsp(client: LanguageClient) -> None:
+    await asyncio.wait_for(client.shutdown_async(None), 10)
+    client.exit(None)
+    await asyncio.wait_for(client.stop(), 10)
+
+
+async def lsp_round_trip(url: str) -> types.InlineCompletionList:
+    client = await start_lsp(url)
+    try:
+        return await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), 60)
+    finally:
+        await stop_lsp(client)
+
+
+async def lsp_cancel(url: str, wait_s: float) -> Exception | None:
+    """Send a completion, cancel it after wait_s; return the error the client got (None: a result)."""
+    client = await start_lsp(url)
+    try:
+        future = client.protocol.send_request_async(types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(),
+                                                    msg_id="to-cancel")
+        await asyncio.sleep(wait_s)
+        client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="to-cancel"))
+        try:
+            await asyncio.wait_for(future, 30)
+        except Exception as exc:  # noqa: BLE001 - the cancellation error is the expected outcome
+            return exc
+        return None
+    finally:
+        await stop_lsp(client)
+
+
+def test_cursor_context_and_multiline_choice():
+    offset = DOC.index("\n    return")
+    prefix, suffix = cursor_context(DOC, offset, prefix_lines=256, suffix_lines=64)
+    assert prefix + suffix == DOC and prefix.endswith("    ")
+    assert cursor_context("a\nb\nc\nd", 5, prefix_lines=1, suffix_lines=0) == ("b\nc", "")
+    assert wants_multiline("auto", "\n    return") and not wants_multiline("auto", ")\n")
+    assert wants_multiline("always", ")") and not wants_multiline("never", "\n")
+
+
+async def test_inline_completion_round_trip(scripted_backend):
+    url, fake = scripted_backend
+    result = await lsp_round_trip(url)
+    [item] = result.items
+    assert item.insert_text == "result = 3.14 * r * r"  # the suffix repeat was trimmed
+    assert item.range.start == types.Position(line=1, character=4)
+    req = fake.requests[-1]
+    assert fake.tokenizer.decode(req.prompt_ids).endswith("def area(r):\n    ")
+    assert fake.tokenizer.decode(req.suffix_ids) == "\n    return result\n"
+
+
+async def test_cancel_request_cancels_the_backend_completion(scripted_backend):
+    url, fake = scripted_backend
+    fake.delay_s = 0.2
+    try:
+        n_before = len(fake.requests)
+        error = await lsp_cancel(url, wait_s=1.0)
+    finally:
+        fake.delay_s = 0.002
+    assert error is not None and "cancel" in str(error).lower()
+    started = [r.request_id for r in fake.requests[n_before:]]
+    assert started and all(rid in fake.cancelled for rid in started)
+    assert not set(started) & set(fake.completed)
