@@ -119,8 +119,10 @@ class PackedSDPA(_Backend):
         return mask
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys = torch.cat((self.cache.flat_k(layer).index_select(0, self.all_slots), k))  # [C + T, Hkv, D]
-        values = torch.cat((self.cache.flat_v(layer).index_select(0, self.all_slots), v))
+        group = q.shape[1] // k.shape[1]
+        # Heads expanded explicitly ([C + T, Hq, D]): SDPA's fused masked kernels do not take GQA.
+        keys = torch.cat((self.cache.flat_k(layer).index_select(0, self.all_slots), k)).repeat_interleave(group, 1)
+        values = torch.cat((self.cache.flat_v(layer).index_select(0, self.all_slots), v)).repeat_interleave(group, 1)
         out = _sdpa(q, keys, values, self.mask)
         self._write(layer, k, v)
         return out

@@ -17,7 +17,7 @@ from workers.attention import BACKENDS, AttentionPlan, default_backend
 from workers.batch import ReadKind, Segment, SegmentResult
 from workers.kv_blocks import BlockPool, BlockTables, KVCacheFullError
 from workers.kv_cache import PagedKVCache, blocks_for_budget
-from workers.model import build_model
+from workers.model import Qwen3, build_model
 from workers.reads import ReadRequest, compute_results
 
 
@@ -46,28 +46,50 @@ class ModelInfo:
     device: str
 
 
+def _device_and_dtype(device: str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """Defaults: cuda when available, else cpu; bfloat16 on cuda, float32 on cpu."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use device='cpu'")
+    return dev, dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
 class ModelRunner:
     """Owns the Qwen3 weights, the KV block pool and tensors, and each sequence's generator."""
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | None = None, device: str | None = None,
                  block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
                  attention: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        device, dtype = _device_and_dtype(device, dtype)
         model_dir = Path(model_dir)
         config = loader.read_config(model_dir)
-        self.tokenizer = loader.load_tokenizer(model_dir)
-        mask_id = loader.resolve_mask_token_id(config, self.tokenizer, model_dir)
-        weights = loader.read_weights(model_dir, config, dtype=self.dtype, device=self.device)
-        self.model = build_model(config, weights, dtype=self.dtype, device=self.device)
-        self.config = config
+        tokenizer = loader.load_tokenizer(model_dir)
+        mask_id = loader.resolve_mask_token_id(config, tokenizer, model_dir)
+        weights = loader.read_weights(model_dir, config, dtype=dtype, device=device)
+        model = build_model(config, weights, dtype=dtype, device=device)
+        self._setup(model, tokenizer, mask_id, block_size, num_blocks, kv_memory_bytes, attention)
+
+    @classmethod
+    def from_model(cls, model: Qwen3, *, mask_token_id: int, tokenizer=None, block_size: int = 16,
+                   num_blocks: int | None = None, kv_memory_bytes: int | None = None,
+                   attention: str | None = None) -> ModelRunner:
+        """A runner over an already built model (benchmarks: `workers.model.random_model`); no directory."""
+        runner = cls.__new__(cls)
+        runner._setup(model, tokenizer, mask_token_id, block_size, num_blocks, kv_memory_bytes, attention)
+        return runner
+
+    def _setup(self, model: Qwen3, tokenizer, mask_id: int, block_size: int, num_blocks: int | None,
+               kv_memory_bytes: int | None, attention: str | None) -> None:
+        config, weight = model.cfg, model.lm_head.weight
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.device, self.dtype = weight.device, weight.dtype
+        self.attention = attention or default_backend(self.device)
+        if self.attention not in BACKENDS:
+            raise ValueError(f"attention must be one of {sorted(BACKENDS)}, got {self.attention!r}")
         n = blocks_for_budget(config, block_size, self.dtype, self.device, num_blocks, kv_memory_bytes)
         self.blocks = BlockPool(n, block_size)
         self._tables = BlockTables(self.blocks)
         self.kv = PagedKVCache(config, n, block_size, self.dtype, self.device)
-        self.attention = attention or default_backend(self.device)
-        if self.attention not in BACKENDS:
-            raise ValueError(f"attention must be one of {sorted(BACKENDS)}, got {self.attention!r}")
         self._generators: dict[str, torch.Generator] = {}
         self.info = ModelInfo(
             vocab_size=config.vocab_size, eos_token_id=config.eos_token_id, mask_token_id=mask_id,
