@@ -56,7 +56,8 @@ def token_for(token: int, position: int) -> int:
 class FakeRunner:
     """Runner contract (workers/batch.py) with exact block accounting and an optional forward delay."""
 
-    def __init__(self, num_blocks: int = 64, block_size: int = 4, delay_s: float = 0.0, eos_at: int | None = None):
+    def __init__(self, num_blocks: int = 64, block_size: int = 4, delay_s: float = 0.0, eos_at: int | None = None,
+                 newline_every: int | None = None):
         self.blocks = FakeBlockPool(num_blocks, block_size)
         self.info = SimpleNamespace(vocab_size=VOCAB, eos_token_id=EOS, mask_token_id=MASK)
         self.tables: dict[str, list[int]] = {}
@@ -64,6 +65,7 @@ class FakeRunner:
         self.calls: list[list[Segment]] = []
         self.delay_s = delay_s
         self.eos_at = eos_at  # position whose read returns EOS
+        self.newline_every = newline_every  # positions p with p % newline_every == 0 hold a newline
         self.lock = threading.Lock()
 
     def execute(self, segments: list[Segment]) -> list[SegmentResult]:
@@ -84,7 +86,12 @@ class FakeRunner:
         values = []
         for read in seg.reads:
             pos = seg.positions[read.row]
-            tok = EOS if self.eos_at is not None and pos + 1 == self.eos_at else token_for(seg.token_ids[read.row], pos)
+            target = pos + 1 if read.row == 0 else pos  # row 0 is clean (predicts pos + 1), others are masks
+            tok = token_for(seg.token_ids[read.row], pos)
+            if self.newline_every and target % self.newline_every == 0:
+                tok = NEWLINE
+            if self.eos_at is not None and target == self.eos_at:
+                tok = EOS
             values.append((tok, 0.9))
         return SegmentResult(seg.seq_id, values)
 
@@ -153,7 +160,9 @@ class FakeDecoder:
         last, n = self.text[-1], self.step_tokens
         tokens = [last] + [MASK] * (n - 1)
         reads = [Read(0, ReadKind.ARGMAX)] + [Read(i, ReadKind.ARGMAX) for i in range(1, min(n, self.tokens_per_step))]
-        self._last = Segment(self.seq_id, ctx, tokens, [ctx + i for i in range(n)], [True] + [False] * (n - 1), reads)
+        # row 0: the last token at ctx (predicts ctx + 1); rows i >= 1: masks at ctx + 1 + i (predict themselves)
+        positions = [ctx] + [ctx + 1 + i for i in range(1, n)]
+        self._last = Segment(self.seq_id, ctx, tokens, positions, [True] + [False] * (n - 1), reads)
         return self._last
 
     def absorb(self, result: SegmentResult) -> None:

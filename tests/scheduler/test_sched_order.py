@@ -1,0 +1,113 @@
+"""Priority order, the per-step token budget, chunked prefill and fairness (fake runner, no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sched_fakes import FakeFactory, FakeRunner, collect, ids_of, make_engine
+
+from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
+
+
+def req(rid, prompt=(5, 6, 7), gen=4, **kw):
+    return GenerationRequest(rid, list(prompt), {"gen_length": gen}, **kw)
+
+
+async def _submit_all_then_run(engine, requests):
+    """Queue every request before the loop takes its first step, then run them all."""
+    tasks = [asyncio.create_task(collect(engine, r)) for r in requests]
+    await asyncio.sleep(0)  # each task has submitted (first __anext__ ran up to its queue wait)
+    return await asyncio.gather(*tasks)
+
+
+async def test_interactive_starts_before_earlier_batch_requests():
+    runner = FakeRunner()
+    engine, _ = make_engine(runner=runner, max_running=1, prefix_cache=False)
+    await engine.start()
+    requests = [req("batch1", mode=Mode.AR), req("batch2", mode=Mode.AR), req("inter", mode=Mode.AR, priority=Priority.INTERACTIVE)]
+    await _submit_all_then_run(engine, requests)
+    order = []
+    for call in runner.calls:
+        if call[0].seq_id not in order:
+            order.append(call[0].seq_id)
+    assert order == ["inter", "batch1", "batch2"]
+    await engine.stop()
+
+
+async def test_interactive_segments_come_first_in_the_budget():
+    # budget 9: the INTERACTIVE refusion step (8 tokens) goes first, the BATCH one waits a step.
+    runner = FakeRunner()
+    engine, _ = make_engine(runner=runner, token_budget=9, prefix_cache=False)
+    await engine.start()
+    await _submit_all_then_run(engine, [
+        req("b", prompt=[5], mode=Mode.REFUSION),
+        req("i", prompt=[5], mode=Mode.REFUSION, priority=Priority.INTERACTIVE),
+    ])
+    assert all(sum(len(s.token_ids) for s in call) <= 9 for call in runner.calls)
+    firsts = [call[0].seq_id for call in runner.calls]
+    assert firsts[0] == "i"
+    await engine.stop()
+
+
+async def test_token_budget_bounds_every_forward_and_nobody_starves():
+    runner = FakeRunner(num_blocks=256)
+    engine, _ = make_engine(runner=runner, token_budget=20, prefix_cache=False)
+    await engine.start()
+    results = await _submit_all_then_run(engine, [req(f"r{i}", mode=Mode.REFUSION, gen=8) for i in range(6)])
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
+    sizes = [sum(len(s.token_ids) for s in call) for call in runner.calls]
+    assert max(sizes) <= 20
+    # At most two 8-token decode steps share 20 tokens: the skipped ones ran in later forwards.
+    assert max(sum(1 for s in call if s.reads) for call in runner.calls) == 2
+    await engine.stop()
+
+
+async def test_long_prompt_is_prefilled_in_chunks_alongside_running_requests():
+    runner = FakeRunner(num_blocks=256)
+    factory = FakeFactory()
+    engine, _ = make_engine(runner=runner, factory=factory, token_budget=16, prefix_cache=False)
+    await engine.start()
+    short = engine.submit(req("short", mode=Mode.AR, gen=12))
+    first = await short.__anext__()  # short is decoding now
+    long_prompt = [4 + i % 30 for i in range(100)]
+    long = asyncio.create_task(collect(engine, req("long", prompt=long_prompt, mode=Mode.AR, gen=4)))
+    rest = [d async for d in short]
+    assert len(ids_of([first] + rest)) == 12 and len(ids_of(await long)) == 4
+    long_chunks = [s for call in runner.calls for s in call if s.seq_id == "long" and not s.reads]
+    assert len(long_chunks) >= 99 // 15  # 99 prompt tokens before the first read, <= 15 per step
+    assert all(len(s.token_ids) <= 16 for s in long_chunks)
+    # The short request kept decoding while the long prompt was being prefilled.
+    mixed = [call for call in runner.calls if {s.seq_id for s in call} == {"short", "long"}]
+    assert mixed
+    await engine.stop()
+
+
+async def test_oversized_step_is_held_and_run_first_next_step():
+    # budget 10: the AR request takes 1 token, the REFUSION step (8) fits; a second REFUSION step does
+    # not fit beside them and is held (not re-asked) for the next forward.
+    runner = FakeRunner(num_blocks=256)
+    engine, _ = make_engine(runner=runner, token_budget=10, prefix_cache=False)
+    await engine.start()
+    results = await _submit_all_then_run(engine, [
+        req("ar", prompt=[5], mode=Mode.AR, gen=8),
+        req("rf1", prompt=[5], mode=Mode.REFUSION, gen=8),
+        req("rf2", prompt=[5], mode=Mode.REFUSION, gen=8),
+    ])
+    assert all(len(ids_of(r)) == 8 for r in results)
+    assert max(sum(len(s.token_ids) for s in call) for call in runner.calls) <= 10
+    decode_steps = [{s.seq_id for s in call if s.reads} for call in runner.calls]
+    assert not any({"rf1", "rf2"} <= steps for steps in decode_steps)  # never both in one forward
+    assert sum("rf2" in steps for steps in decode_steps) == 4  # yet rf2 ran all its 4 steps (held, not lost)
+    await engine.stop()
+
+
+async def test_output_does_not_depend_on_the_batch():
+    runner = FakeRunner(num_blocks=256)
+    engine, _ = make_engine(runner=runner, token_budget=24, prefix_cache=False)
+    await engine.start()
+    solo = ids_of(await collect(engine, req("solo", prompt=[9, 8, 7], mode=Mode.REFUSION, gen=10)))
+    crowd = await _submit_all_then_run(
+        engine, [req(f"c{i}", prompt=[9, 8, 7], mode=Mode.REFUSION, gen=10) for i in range(5)]
+    )
+    assert all(ids_of(r) == solo for r in crowd)
+    await engine.stop()
