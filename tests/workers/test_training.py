@@ -78,7 +78,8 @@ def test_position_jumps_do_not_cut_attention():
     base = collate([ex], pad_token_id=EOS)
     changed = collate([build_example([5, 2], list(range(10, 30)), random.Random(2), mask_token_id=MASK,
                                      eos_token_id=EOS)], pad_token_id=EOS)
-    out = [objective_loss(model, b)[0] for b in (base, changed)]
+    with torch.no_grad():
+        out = [objective_loss(model, b)[0] for b in (base, changed)]
     assert float(out[0]) != pytest.approx(float(out[1]), rel=1e-7, abs=0)
 
 
@@ -108,3 +109,83 @@ def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(TrainingError) as err:
         train_model(_tiny_qwen3(), [([1], [2])], **args)
     assert err.value.field == field
+
+
+# --- corpus and tokenizer (workers/corpus.py, workers/tokenizer_build.py) ---
+
+SOURCE = '''
+import os
+
+
+@decorator
+def documented(a, b=1):
+    """Add two numbers.
+
+    More words.
+    """
+    total = a + b
+    if total > 3:
+        return total
+    return 0
+
+
+def one_liner(): return 1
+
+
+class Box:
+    size = 3
+
+    def grow(self, by):
+        self.size += by
+        return self.size
+'''
+
+
+def test_extract_units_splits_prompt_and_response_on_lines():
+    from workers.corpus import extract_units
+
+    units = {u.name: u for u in extract_units(SOURCE, "pkg/mod.py")}
+    assert set(units) == {"documented", "Box", "grow"}  # the one-liner has nothing to complete
+    doc = units["documented"]
+    assert doc.prompt.startswith('@decorator\ndef documented(a, b=1):\n    """Add two numbers.')
+    assert '    """\n' in doc.prompt  # the whole docstring is prompt
+    assert doc.prompt + doc.response == SOURCE[SOURCE.index("@decorator") : SOURCE.index("\n\n\ndef one")] + "\n"
+    grow = units["grow"]
+    assert grow.prompt.startswith("def grow(self, by):\n")  # methods are dedented
+    assert grow.response.endswith("    return self.size\n")
+
+
+def test_heldout_split_is_by_path_and_deterministic():
+    from workers.corpus import is_heldout
+
+    paths = [f"pkg/mod{i}.py" for i in range(2000)]
+    held = [p for p in paths if is_heldout(p, 0.1)]
+    assert 120 < len(held) < 280 and held == [p for p in paths if is_heldout(p, 0.1)]
+    assert not any(is_heldout(p, 0.0) for p in paths)
+
+
+def test_corpus_errors_name_the_field(tmp_path):
+    from workers.corpus import CorpusError, load_units
+
+    with pytest.raises(CorpusError) as err:
+        load_units([str(tmp_path / "missing")])
+    assert err.value.field == "corpus"
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(CorpusError, match="no function or class"):
+        load_units([str(tmp_path)])
+    with pytest.raises(CorpusError) as err:
+        load_units([str(tmp_path)], heldout_fraction=1.5)
+    assert err.value.field == "heldout_fraction"
+
+
+def test_bpe_tokenizer_has_the_special_tokens_and_round_trips():
+    from workers.tokenizer_build import BOT, EOS, MASK, TokenizerBuildError, build_bpe_tokenizer
+
+    tok = build_bpe_tokenizer([SOURCE] * 3, vocab_size=320)
+    assert [tok.convert_tokens_to_ids(t) for t in (EOS, BOT, MASK)] == [0, 1, 2]
+    assert tok.eos_token == EOS and tok.mask_token == MASK and len(tok) <= 320
+    ids = tok("def grow(self, by):\n    return 1", add_special_tokens=False)["input_ids"]
+    assert 2 not in ids and tok.decode(ids) == "def grow(self, by):\n    return 1"
+    with pytest.raises(TokenizerBuildError) as err:
+        build_bpe_tokenizer([SOURCE], vocab_size=100)
+    assert err.value.field == "vocab_size"

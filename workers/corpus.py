@@ -1,0 +1,136 @@
+"""A code-completion corpus from Python source present on any machine.
+
+`--corpus stdlib` reads the interpreter's standard library (tests, idlelib and site-packages excluded);
+`--corpus DIR ...` reads every *.py under the given directories (e.g. an installed package). Each file
+is cut with `ast` into units: top-level functions, methods of top-level classes and top-level classes,
+each dedented. A unit's prompt is its decorators + signature + docstring (when it has one) plus 0-2 more
+lines (chosen by a hash of the unit, so the split is deterministic); the response is the rest. The
+objective appends EOS to the response.
+
+The held-out split is by file: a file is held out when the hash of its path relative to its corpus
+root falls in the first `heldout_fraction` of the hash range, so it is the same on every machine with
+the same sources.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import sysconfig
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "idle_test", "__pycache__",
+                 "lib2to3", "turtledemo", "ensurepip", "venv"}
+
+
+class CorpusError(ValueError):
+    """A corpus argument is unusable. `field` names it; the message says what to change."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class CodeUnit:
+    """One function/method/class: `prompt + response` is its dedented source (ending in a newline)."""
+
+    path: str  # relative to the corpus root
+    name: str
+    prompt: str
+    response: str
+
+
+def source_files(corpus: Sequence[str]) -> list[tuple[Path, Path]]:
+    """(root, file) for every Python file of the corpus, sorted for determinism."""
+    if not corpus:
+        raise CorpusError("corpus", "is empty; give 'stdlib' or one or more directories of Python source")
+    out: list[tuple[Path, Path]] = []
+    for item in corpus:
+        root = Path(sysconfig.get_paths()["stdlib"]) if item == "stdlib" else Path(item)
+        if not root.is_dir():
+            raise CorpusError("corpus", f"{item!r} is not a directory; give 'stdlib' or a directory of .py files")
+        excluded = EXCLUDED_DIRS if item == "stdlib" else {"__pycache__"}  # user directories: all but caches
+        files = sorted(p for p in root.rglob("*.py") if not excluded & set(p.relative_to(root).parts[:-1]))
+        out += [(root, f) for f in files]
+    return out
+
+
+def _hash01(text: str) -> float:
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2**64
+
+
+def is_heldout(rel_path: str, heldout_fraction: float) -> bool:
+    """Whether a file (path relative to its corpus root, '/'-separated) belongs to the held-out split."""
+    return _hash01("heldout:" + rel_path) < heldout_fraction
+
+
+def _candidate_nodes(tree: ast.Module) -> Iterable[ast.AST]:
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+        elif isinstance(node, ast.ClassDef):
+            yield node
+            yield from (n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
+def _unit(lines: list[str], node, rel_path: str) -> CodeUnit | None:
+    start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    body_start = node.body[0].lineno
+    if body_start <= node.lineno or node.end_lineno is None:
+        return None  # one-line definition: nothing to complete
+    header_end = body_start - 1  # last line (1-based) of the signature
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        header_end = first.end_lineno
+    extra = int(_hash01(f"{rel_path}:{node.lineno}") * 3)  # 0, 1 or 2 more prompt lines
+    header_end = min(header_end + extra, node.end_lineno - 1)
+    if header_end < start or header_end >= node.end_lineno:
+        return None
+    text = textwrap.dedent("".join(lines[start - 1 : node.end_lineno]))
+    split_at = header_end - start + 1
+    unit_lines = text.splitlines(keepends=True)
+    prompt, response = "".join(unit_lines[:split_at]), "".join(unit_lines[split_at:])
+    if not response.strip():
+        return None
+    return CodeUnit(rel_path, node.name, prompt, response if response.endswith("\n") else response + "\n")
+
+
+def extract_units(text: str, rel_path: str) -> list[CodeUnit]:
+    """Every unit of one file's source; files that do not parse give none."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    lines = text.splitlines(keepends=True)
+    return [u for u in (_unit(lines, n, rel_path) for n in _candidate_nodes(tree)) if u is not None]
+
+
+def load_units(corpus: Sequence[str], heldout_fraction: float = 0.03) -> tuple[list[CodeUnit], list[CodeUnit]]:
+    """(train units, held-out units) of the corpus."""
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise CorpusError("heldout_fraction", f"got {heldout_fraction}; use a fraction in [0, 1), e.g. 0.03")
+    train: list[CodeUnit] = []
+    heldout: list[CodeUnit] = []
+    for root, path in source_files(corpus):
+        rel = path.relative_to(root).as_posix()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        (heldout if is_heldout(rel, heldout_fraction) else train).extend(extract_units(text, rel))
+    if not train:
+        raise CorpusError("corpus", f"{list(corpus)} holds no function or class with a body; point it at Python source")
+    return train, heldout
+
+
+def tokenize_units(tokenizer, units: Sequence[CodeUnit], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, response_ids) pairs; units longer than seq_len - 1 tokens (EOS included) are skipped."""
+    if not units:
+        return []
+    prompts = tokenizer([u.prompt for u in units], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([u.response for u in units], add_special_tokens=False)["input_ids"]
+    return [(list(p), list(r)) for p, r in zip(prompts, responses) if len(p) + len(r) + 1 <= seq_len and r]

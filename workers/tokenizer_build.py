@@ -1,0 +1,62 @@
+"""Byte-level BPE tokenizer for a ReFusion model trained from scratch, and `<|mask|>` for an existing one.
+
+The tokenizer has the special tokens `<|endoftext|>` (EOS, also used as padding), `<|beginoftext|>` and
+`<|mask|>` (ids 0, 1, 2 for a new tokenizer) and saves as tokenizer.json + tokenizer_config.json, which
+transformers' AutoTokenizer loads.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+EOS = "<|endoftext|>"
+BOT = "<|beginoftext|>"
+MASK = "<|mask|>"
+
+
+class TokenizerBuildError(ValueError):
+    """A tokenizer argument is unusable. `field` names it; the message says what to change."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE on `texts`; returns a transformers PreTrainedTokenizerFast (not saved)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 300:
+        raise TokenizerBuildError("vocab_size", f"got {vocab_size}; byte-level BPE needs at least 300 (256 bytes + specials)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, BOT, MASK],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, mask_token=MASK, additional_special_tokens=[BOT]
+    )
+
+
+def ensure_mask_token(tokenizer) -> bool:
+    """Add `<|mask|>` (and `<|beginoftext|>`) to an existing tokenizer when missing; returns whether it
+    grew, in which case the model's embeddings must be resized to len(tokenizer)."""
+    before = len(tokenizer)
+    vocab = tokenizer.get_vocab()
+    if MASK not in vocab:
+        tokenizer.add_special_tokens({"mask_token": MASK})
+    elif tokenizer.mask_token is None:
+        tokenizer.mask_token = MASK
+    if BOT not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [BOT]})
+    if tokenizer.eos_token is None:
+        raise TokenizerBuildError("init", "the tokenizer has no eos_token; ReFusion needs one to end responses")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return len(tokenizer) != before
