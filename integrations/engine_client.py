@@ -126,9 +126,9 @@ class LocalEngineClient:
     async def info(self) -> dict:
         info = dict(self._model_info)
         info["model"] = self.model_name
-        engine_info = getattr(self.engine, "info", None)
-        if callable(engine_info):
-            info["engine"] = await _maybe_await(engine_info())
+        engine_stats = getattr(self.engine, "stats", None)
+        if callable(engine_stats):
+            info["engine"] = await _maybe_await(engine_stats())
         return info
 
     async def metrics(self) -> bytes:

@@ -23,24 +23,36 @@ def build_engine(model_dir: str | Path, runner_options: dict | None = None, engi
     runner_options go to workers.runner.ModelRunner (dtype, device, block_size, num_blocks,
     kv_memory_bytes); engine_options to scheduler.engine's config dataclass, validated there.
     """
-    from scheduler.engine import Engine, EngineConfig
+    from scheduler.engine import Engine
     from workers.runner import ModelRunner
 
     runner = ModelRunner(str(model_dir), **(runner_options or {}))
-    config = EngineConfig(**(engine_options or {}))
-    return Engine(runner, runner.tokenizer, config), runner.tokenizer
+    return Engine(runner, runner.tokenizer, engine_config(engine_options)), runner.tokenizer
+
+
+def engine_config(options: dict | None):
+    """scheduler.config.EngineConfig from plain data (YAML / JSON): `routing` may be a nested mapping."""
+    from dataclasses import fields
+
+    from scheduler.config import EngineConfig, EngineConfigError, RoutingConfig
+
+    options = dict(options or {})
+    for name, cls, given in (("engine", EngineConfig, options), ("engine.routing", RoutingConfig, options.get("routing") or {})):
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise EngineConfigError(f"{name}.{unknown[0]}", f"unknown setting; known: {sorted(f.name for f in fields(cls))}")
+    routing = options.pop("routing", None)
+    if isinstance(routing, dict):
+        if routing.get("calibration_tokens") is not None:
+            routing["calibration_tokens"] = tuple(routing["calibration_tokens"])
+        routing = RoutingConfig(**routing)
+    return EngineConfig(**options, **({"routing": routing} if routing is not None else {}))
 
 
 def engine_metrics_text(engine) -> bytes:
-    """The engine's Prometheus exposition text (scheduler.metrics.render), or b"" if it has none."""
-    render = getattr(engine, "render_metrics", None)
-    if callable(render):
-        return render()
-    try:
-        from scheduler import metrics as scheduler_metrics
-    except ImportError:
-        return b""
-    return scheduler_metrics.render()
+    """The engine's Prometheus exposition text (engine.metrics.render()), or b"" if it has none."""
+    metrics = getattr(engine, "metrics", None)
+    return metrics.render() if metrics is not None else b""
 
 
 def probe_request(tokenizer) -> GenerationRequest:

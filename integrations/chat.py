@@ -1,0 +1,108 @@
+"""Chat messages -> prompt text.
+
+With a tokenizer that has a chat template (Qwen3 and most instruction models), the template renders
+the messages and the tool list (`apply_chat_template(..., tools=..., add_generation_prompt=True)`).
+
+Without one (the shipped tiny model, the test models) this plain template is used:
+
+    ### System
+    <system text>
+    ### Tools                                   (only when the request lists tools)
+    To call a function, reply with <tool_call>{"name": ..., "arguments": {...}}</tool_call>.
+    {"name": ..., "description": ..., "parameters": {...}}      (one line per tool)
+    ### User
+    <user text>
+    ### Assistant
+    <assistant text, tool calls written as <tool_call>{...}</tool_call>>
+    ### Tool result (call_id)
+    <tool message text>
+    ### Assistant
+                                                (generation starts here)
+
+Each section header sits on its own line; `PLAIN_STOP` ends generation when the model starts the next
+section by itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+from integrations.openai_models import ChatMessage, ToolSpec
+from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
+
+PLAIN_STOP = "\n### "
+
+_ROLE_HEADERS = {
+    "system": "### System",
+    "developer": "### System",
+    "user": "### User",
+    "assistant": "### Assistant",
+}
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None) -> tuple[str, list[str]]:
+    """(prompt text, extra stop strings) for a chat request."""
+    if has_chat_template(tokenizer):
+        text = tokenizer.apply_chat_template(
+            [_template_message(m) for m in messages],
+            tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        return text, []
+    return render_plain(messages, tools), [PLAIN_STOP]
+
+
+def render_plain(messages: list[ChatMessage], tools: list[ToolSpec] | None) -> str:
+    """The documented plain template (module docstring)."""
+    sections: list[str] = []
+    if tools:
+        lines = [f"To call a function, reply with {TOOL_OPEN}{{\"name\": ..., \"arguments\": {{...}}}}{TOOL_CLOSE}."]
+        lines += [json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False) for t in tools]
+        sections.append("### Tools\n" + "\n".join(lines))
+    for message in messages:
+        sections.append(_plain_section(message))
+    sections.append("### Assistant\n")
+    return "\n".join(sections)
+
+
+def _plain_section(message: ChatMessage) -> str:
+    content = message.content or ""
+    if message.role == "tool":
+        return f"### Tool result ({message.tool_call_id or message.name or 'call'})\n{content}"
+    parts = [content] if content else []
+    for call in message.tool_calls or []:
+        function = call.get("function", {})
+        arguments = function.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            pass
+        body = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
+        parts.append(f"{TOOL_OPEN}{body}{TOOL_CLOSE}")
+    return f"{_ROLE_HEADERS[message.role]}\n" + "\n".join(parts)
+
+
+def _template_message(message: ChatMessage) -> dict:
+    """A message as HF chat templates expect it (tool-call arguments as objects where they parse)."""
+    out: dict = {"role": "system" if message.role == "developer" else message.role, "content": message.content or ""}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            function = dict(call.get("function", {}))
+            if isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except ValueError:
+                    pass
+            calls.append({**call, "function": function})
+        out["tool_calls"] = calls
+    return out

@@ -1,0 +1,92 @@
+"""HTTP error mapping in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+    400 invalid_request_error   pydantic validation, engine InvalidRequestError (param names the field)
+    401 authentication_error    missing or wrong API key (when keys are configured)
+    404 not_found_error         unknown route or model
+    503 overloaded_error        engine OverloadedError or a full deployment queue, with Retry-After
+    500 server_error            anything else: a bug
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scheduler.api import EngineError, InvalidRequestError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+# Engine parameter names -> the OpenAI request field a client sets.
+_ENGINE_TO_API_FIELD = {"gen_length": "max_tokens", "prompt_ids": "prompt", "suffix_ids": "suffix", "params": "body"}
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.body()}, status_code=self.status, headers=self.headers)
+
+
+def overloaded(message: str, retry_after_s: float) -> APIError:
+    retry = str(max(1, math.ceil(retry_after_s)))
+    return APIError(503, message, "overloaded_error", code="overloaded", headers={"Retry-After": retry})
+
+
+def from_engine_error(exc: Exception) -> APIError:
+    """Map a typed engine error (or Ray Serve back-pressure) to its APIError; anything else is a bug."""
+    if isinstance(exc, InvalidRequestError):
+        field = _ENGINE_TO_API_FIELD.get(exc.field, exc.field)
+        message = str(exc).split(": ", 1)[-1]
+        return APIError(400, f"{field}: {message}", param=field)
+    if isinstance(exc, OverloadedError):
+        return overloaded(str(exc), exc.retry_after_s)
+    if type(exc).__name__ == "BackPressureError":  # ray.serve.exceptions: deployment queue full
+        return overloaded("the engine deployment's queue is full: retry shortly", 1.0)
+    if isinstance(exc, EngineError):
+        return APIError(500, f"engine error: {exc}", "server_error")
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+def _validation_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # pydantic adds union-member names (e.g. "str", "list[int]") to the location; drop them.
+    parts = [p for p in parts if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
+        param = _validation_param(tuple(first.get("loc", ())))
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return from_engine_error(exc).response()

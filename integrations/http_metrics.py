@@ -1,0 +1,112 @@
+"""Ingress-level Prometheus metrics and the one-line-per-request JSON log.
+
+Each app owns a CollectorRegistry (no global state, so several apps can live in one process, e.g.
+tests). GET /metrics serves these plus the engine's own text (scheduler.metrics.render(), fetched from
+the engine replica).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from scheduler.api import Delta
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TPF_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
+
+request_log = structlog.wrap_logger(
+    structlog.PrintLogger(sys.stderr),
+    processors=[structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.JSONRenderer()],
+)
+
+
+class APIMetrics:
+    """The ingress counters and histograms (prefix refusion_api_)."""
+
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("refusion_api_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.in_flight = Gauge("refusion_api_requests_in_flight", "Requests being answered", ["endpoint"], registry=r)
+        self.ttft = Histogram("refusion_api_time_to_first_token_seconds", "Time to first token", ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("refusion_api_inter_token_latency_seconds", "Time between streamed deltas, per token", ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("refusion_api_e2e_latency_seconds", "Request end-to-end latency", ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("refusion_api_queue_time_seconds", "Time waiting in the engine queue (engine-reported)", buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpf = Histogram("refusion_api_tokens_per_forward", "Generated tokens per model forward, per request", buckets=_TPF_BUCKETS, registry=r)
+        self.modes = Counter("refusion_api_mode_decisions", "Requests by the mode that served them", ["mode"], registry=r)
+        self.prompt_tokens = Counter("refusion_api_prompt_tokens", "Prompt tokens received", registry=r)
+        self.completion_tokens = Counter("refusion_api_completion_tokens", "Tokens generated", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _seconds(stats: dict, name: str) -> float | None:
+    """stats[name_s] or stats[name_ms] / 1000, whichever the engine reports."""
+    if f"{name}_s" in stats:
+        return float(stats[f"{name}_s"])
+    if f"{name}_ms" in stats:
+        return float(stats[f"{name}_ms"]) / 1000.0
+    return None
+
+
+class RequestObserver:
+    """Times one request from arrival to its last delta; records metrics and writes the log line."""
+
+    def __init__(self, metrics: APIMetrics, endpoint: str, request_id: str, prompt_tokens: int):
+        self.metrics, self.endpoint, self.request_id = metrics, endpoint, request_id
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.last: Delta | None = None
+        self._done = False
+        metrics.in_flight.labels(endpoint).inc()
+
+    def on_delta(self, delta: Delta) -> None:
+        now = time.perf_counter()
+        n = len(delta.token_ids)
+        if n:
+            if self.first_token_at is None:
+                self.first_token_at = now
+                self.metrics.ttft.labels(self.endpoint).observe(now - self.started)
+            elif self.last_token_at is not None:
+                self.metrics.itl.labels(self.endpoint).observe((now - self.last_token_at) / n)
+            self.last_token_at = now
+            self.completion_tokens += n
+        self.last = delta
+
+    def finish(self, status: int, error: str | None = None) -> None:
+        """Record the outcome once (later calls are ignored)."""
+        if self._done:
+            return
+        self._done = True
+        m, elapsed = self.metrics, time.perf_counter() - self.started
+        m.in_flight.labels(self.endpoint).dec()
+        m.requests.labels(self.endpoint, str(status)).inc()
+        m.e2e.labels(self.endpoint).observe(elapsed)
+        m.prompt_tokens.inc(self.prompt_tokens)
+        m.completion_tokens.inc(self.completion_tokens)
+        last = self.last
+        stats = (last.stats if last else None) or {}
+        mode = last.mode.value if last is not None and last.mode is not None else None
+        if mode:
+            m.modes.labels(mode).inc()
+        tpf = stats.get("tokens_per_forward")
+        if tpf:
+            m.tpf.observe(float(tpf))
+        queue_s = _seconds(stats, "queue_time")
+        if queue_s is not None:
+            m.queue.observe(queue_s)
+        request_log.info(
+            "request", request_id=self.request_id, endpoint=self.endpoint, status=status, mode=mode,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, tpf=tpf,
+            finish_reason=last.finish_reason.value if last is not None and last.finish_reason else None,
+            ttft_ms=round((self.first_token_at - self.started) * 1000, 2) if self.first_token_at else None,
+            e2e_ms=round(elapsed * 1000, 2), queue_ms=round(queue_s * 1000, 2) if queue_s is not None else None,
+            error=error,
+        )

@@ -1,0 +1,277 @@
+"""The OpenAI-compatible HTTP API (FastAPI), independent of how the engine is hosted.
+
+    app = create_app(APISettings(model_name=...), engine_client)   # or set app.state.engine_client later
+
+Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
+GET /metrics (Prometheus text), GET /v1/engine (engine info: limits, defaults, load), plus the editor
+protocol's router (integrations/editor/http.py) when that package is present.
+Streams are server-sent events, one JSON chunk per `data:` line, ending with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from integrations import openai_responses as shape
+from integrations.auth import APIKeyMiddleware
+from integrations.chat import render_chat
+from integrations.http_errors import APIError, from_engine_error, install_error_handlers
+from integrations.http_metrics import APIMetrics, RequestObserver
+from integrations.openai_models import ChatCompletionRequest, CompletionRequest, SamplingFields
+from integrations.tool_calls import ToolCallStreamParser
+from scheduler.api import Delta, GenerationRequest
+
+
+@dataclass
+class APISettings:
+    """Ingress behaviour. default_max_tokens applies to chat; completions default to 16, like OpenAI."""
+
+    model_name: str
+    api_keys: list[str] = field(default_factory=list)
+    default_max_tokens: int = 256
+    completion_default_max_tokens: int = 16
+
+
+router = APIRouter()
+
+
+def create_app(settings: APISettings, engine_client=None) -> FastAPI:
+    """The ASGI app. `engine_client` follows integrations.engine_client.EngineClient."""
+    app = FastAPI(title="refusion-serve", version="0.1.0")
+    app.state.settings = settings
+    app.state.engine_client = engine_client
+    app.state.metrics = APIMetrics()
+    install_error_handlers(app)
+    app.include_router(router)
+    editor_router = _editor_router()
+    if editor_router is not None:
+        app.include_router(editor_router)
+    app.add_middleware(APIKeyMiddleware, keys=list(settings.api_keys))
+    return app
+
+
+def _editor_router():
+    try:
+        from integrations.editor.http import router as editor_router
+    except ModuleNotFoundError as exc:
+        if exc.name in ("integrations.editor", "integrations.editor.http"):
+            return None
+        raise
+    return editor_router
+
+
+@router.get("/health")
+async def health(request: Request):
+    return {"status": "ok", "model": request.app.state.settings.model_name}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [_model_card(request.app.state.settings.model_name)]}
+
+
+@router.get("/v1/models/{model_id}")
+async def get_model(model_id: str, request: Request):
+    _check_model(request, model_id)
+    return _model_card(model_id)
+
+
+@router.get("/v1/engine")
+async def engine_info(request: Request):
+    return await request.app.state.engine_client.info()
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    engine_text = await request.app.state.engine_client.metrics()
+    body = request.app.state.metrics.render() + (engine_text or b"")
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    client, settings = request.app.state.engine_client, request.app.state.settings
+    _check_model(request, body.model)
+    prompt_ids = _prompt_ids(client.tokenizer, body.prompt)
+    suffix_ids = client.tokenizer.encode(body.suffix, add_special_tokens=False) if body.suffix else None
+    header = shape.ResponseHeader("cmpl", client.model_name)
+    req = _generation_request(header.id, body, prompt_ids, body.stop, settings.completion_default_max_tokens)
+    req.suffix_ids = suffix_ids
+    observer = RequestObserver(request.app.state.metrics, "completions", header.id, len(prompt_ids))
+    deltas = await _start(client, req, observer)
+    if body.stream:
+        events = _completion_events(header, deltas, observer, body.include_usage)
+        return _sse_response(events, observer, header.id)
+    text, last = await _collect(deltas, observer)
+    return _json(shape.completion_body(header, text, last, len(prompt_ids), observer.completion_tokens), header.id)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    client, settings = request.app.state.engine_client, request.app.state.settings
+    _check_model(request, body.model)
+    prompt_text, extra_stop = render_chat(client.tokenizer, body.messages, body.tools if body.tools_enabled else None)
+    prompt_ids = _prompt_ids(client.tokenizer, prompt_text)
+    header = shape.ResponseHeader("chatcmpl", client.model_name)
+    req = _generation_request(header.id, body, prompt_ids, body.stop + extra_stop, settings.default_max_tokens)
+    allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
+    observer = RequestObserver(request.app.state.metrics, "chat", header.id, len(prompt_ids))
+    deltas = await _start(client, req, observer)
+    if body.stream:
+        events = _chat_events(header, deltas, observer, body.include_usage, allowed)
+        return _sse_response(events, observer, header.id)
+    text, last = await _collect(deltas, observer)
+    completion = shape.chat_body(header, text, last, len(prompt_ids), observer.completion_tokens, allowed)
+    return _json(completion, header.id)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _model_card(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "refusion-serve"}
+
+
+def _check_model(request: Request, model: str | None) -> None:
+    served = request.app.state.settings.model_name
+    if model is not None and model != served:
+        raise APIError(404, f"model '{model}' is not served here: use '{served}' (GET /v1/models)",
+                       "not_found_error", param="model", code="model_not_found")
+
+
+def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+    else:
+        ids = list(prompt)
+        bad = [i for i in ids if not 0 <= i < len(tokenizer)]
+        if bad:
+            raise APIError(400, f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {len(tokenizer)})", param="prompt")
+    if not ids:
+        raise APIError(400, "prompt: must not be empty", param="prompt")
+    return ids
+
+
+def _generation_request(request_id: str, body: SamplingFields, prompt_ids: list[int], stop: list[str],
+                        default_max_tokens: int) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=request_id, prompt_ids=prompt_ids, params=body.decode_params(default_max_tokens),
+        mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,
+    )
+
+
+async def _start(client, req: GenerationRequest, observer: RequestObserver) -> AsyncIterator[Delta]:
+    """Submit and wait for the first delta, so that admission errors become HTTP errors (not a 200
+    stream that fails). Returns an iterator over all deltas; closing it cancels the engine request."""
+    stream = client.stream(req)
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = None
+    except BaseException as exc:
+        await stream.aclose()
+        error = exc if isinstance(exc, APIError) else from_engine_error(exc) if isinstance(exc, Exception) else None
+        observer.finish(error.status if error else 499, error=str(exc))
+        if error is None:
+            raise
+        raise error from exc
+
+    async def all_deltas() -> AsyncIterator[Delta]:
+        try:
+            for delta in ([first] if first is not None else []):
+                yield _checked(delta, observer)
+            async for delta in stream:
+                yield _checked(delta, observer)
+        finally:
+            await stream.aclose()
+
+    return all_deltas()
+
+
+def _checked(delta: Delta, observer: RequestObserver) -> Delta:
+    observer.on_delta(delta)
+    if delta.error:
+        raise APIError(500, f"engine error: {delta.error}", "server_error")
+    return delta
+
+
+async def _collect(deltas: AsyncIterator[Delta], observer: RequestObserver) -> tuple[str, Delta]:
+    parts, last = [], None
+    try:
+        async for delta in deltas:
+            parts.append(delta.text)
+            last = delta
+    except APIError as exc:
+        observer.finish(exc.status, error=exc.message)
+        raise
+    except (asyncio.CancelledError, GeneratorExit):
+        observer.finish(499, error="client disconnected")
+        raise
+    if last is None or not last.finished:
+        observer.finish(500, error="stream ended without a finished delta")
+        raise APIError(500, "engine stream ended without a final delta", "server_error")
+    observer.finish(200)
+    return "".join(parts), last
+
+
+def _json(body: dict, request_id: str) -> JSONResponse:
+    return JSONResponse(body, headers={"X-Request-Id": request_id})
+
+
+def _sse_response(events: AsyncIterator[dict], observer: RequestObserver, request_id: str) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+            observer.finish(200)
+        except APIError as exc:
+            observer.finish(exc.status, error=exc.message)
+            yield f"data: {json.dumps({'error': exc.body()})}\n\n".encode()
+        except (asyncio.CancelledError, GeneratorExit):
+            observer.finish(499, error="client disconnected")
+            raise
+        finally:
+            await events.aclose()
+        yield b"data: [DONE]\n\n"
+
+    headers = {"X-Request-Id": request_id, "Cache-Control": "no-cache"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+async def _completion_events(header, deltas, observer: RequestObserver, include_usage: bool) -> AsyncIterator[dict]:
+    async for delta in deltas:
+        finish = shape.openai_finish_reason(delta) if delta.finished else None
+        if delta.text or finish:
+            yield shape.completion_chunk(header, delta.text, finish)
+    if include_usage:
+        yield shape.usage_chunk(header, "text_completion", observer.prompt_tokens, observer.completion_tokens)
+
+
+async def _chat_events(header, deltas, observer: RequestObserver, include_usage: bool,
+                       allowed_tools: set[str] | None) -> AsyncIterator[dict]:
+    yield shape.chat_chunk(header, {"role": "assistant", "content": ""})
+    parser = ToolCallStreamParser(allowed_tools) if allowed_tools is not None else None
+    num_calls = 0
+    async for delta in deltas:
+        pieces = [delta.text] if parser is None else parser.feed(delta.text)
+        if delta.finished and parser is not None:
+            pieces += parser.finish()
+        for piece in pieces:
+            if isinstance(piece, str):
+                if piece:
+                    yield shape.chat_chunk(header, {"content": piece})
+            else:
+                yield shape.chat_chunk(header, shape.chat_tool_call_delta(piece, num_calls))
+                num_calls += 1
+        if delta.finished:
+            finish = "tool_calls" if num_calls else shape.openai_finish_reason(delta)
+            yield shape.chat_chunk(header, {}, finish)
+    if include_usage:
+        yield shape.usage_chunk(header, "chat.completion.chunk", observer.prompt_tokens, observer.completion_tokens)

@@ -1,0 +1,178 @@
+"""OpenAI-compatible request bodies (pydantic, the HTTP boundary only) and their mapping onto
+scheduler.api.GenerationRequest.
+
+Field names follow OpenAI's API. ReFusion extensions: `mode` ("auto" | "refusion" | "ar"), `slot_size`,
+`serial_num_blocks`, `slot_threshold`, `token_threshold`, `top_k`, `max_time_ms`, `priority`.
+Unknown fields are rejected (400 naming the field) so that typos do not silently change nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from scheduler.api import Mode, Priority
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = Field(default_factory=list)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
+    user: str | None = None
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported: leave at 0")
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported: leave at 0")
+    logit_bias: dict[str, float] | None = None
+    # ReFusion extensions
+    mode: Literal["auto", "refusion", "ar"] = "auto"
+    slot_size: int | None = Field(default=None, ge=1)
+    serial_num_blocks: int | None = Field(default=None, ge=1)
+    slot_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    token_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1)
+    max_time_ms: int | None = Field(default=None, ge=1)
+    priority: Literal["interactive", "batch"] = "batch"
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value):
+        if value:
+            raise ValueError("logit_bias is not supported: remove it")
+        return value
+
+    def decode_params(self, default_max_tokens: int) -> dict:
+        """The GenerationRequest.params this request sets (unset ones take the model's defaults)."""
+        params: dict[str, Any] = {"gen_length": self.max_tokens or default_max_tokens}
+        for name in ("temperature", "top_p", "seed", "top_k", "slot_size", "serial_num_blocks",
+                     "slot_threshold", "token_threshold"):
+            value = getattr(self, name)
+            if value is not None:
+                params[name] = value
+        return params
+
+    @property
+    def engine_mode(self) -> Mode:
+        return Mode(self.mode)
+
+    @property
+    def engine_priority(self) -> Priority:
+        return Priority.INTERACTIVE if self.priority == "interactive" else Priority.BATCH
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions. `prompt` is one string, a list with one string, or a list of token ids."""
+
+    prompt: str | list[str] | list[int]
+    suffix: str | None = None
+    echo: bool = Field(default=False, description="echo is not supported")
+    logprobs: int | None = None
+    best_of: int | None = Field(default=None, ge=1, le=1, description="only best_of=1 is supported")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) != 1:
+                raise ValueError("send one prompt per request (a string or a list with one string)")
+            return value[0]
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.echo:
+            raise ValueError("echo=true is not supported: remove it")
+        if self.logprobs is not None:
+            raise ValueError("logprobs is not supported: remove it")
+        return self
+
+
+class FunctionSpec(BaseModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class ChatMessage(BaseModel):
+    """One message; `content` may be a string or a list of {"type": "text", "text": ...} parts."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value):
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+                texts.append(part["text"])
+            return "".join(texts)
+        return value
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value and value.get("type") not in (None, "text"):
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return value
+
+    @model_validator(mode="after")
+    def _max_tokens_alias(self):
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    @property
+    def tools_enabled(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"

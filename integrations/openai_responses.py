@@ -1,0 +1,107 @@
+"""OpenAI response bodies and stream chunks, built from scheduler.api.Delta objects.
+
+Non-OpenAI detail goes under a `refusion` key: the mode that served the request, tokens per forward,
+and `finish_detail` when OpenAI's finish reasons cannot say it (e.g. "deadline" reports as "length").
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from integrations.tool_calls import ToolCall, split_tool_calls
+from scheduler.api import Delta, FinishReason
+
+_FINISH = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.DEADLINE: "length",
+    FinishReason.CANCELLED: "stop",
+}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def openai_finish_reason(delta: Delta) -> str:
+    return _FINISH.get(delta.finish_reason, "stop")
+
+
+def refusion_detail(delta: Delta) -> dict:
+    """Extension block: mode, TPF and anything OpenAI's finish reason hides."""
+    stats = delta.stats or {}
+    detail = {"mode": delta.mode.value if delta.mode else None}
+    if "tokens_per_forward" in stats:
+        detail["tokens_per_forward"] = stats["tokens_per_forward"]
+    if delta.finish_reason is not None and delta.finish_reason.value != openai_finish_reason(delta):
+        detail["finish_detail"] = delta.finish_reason.value
+    return detail
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class ResponseHeader:
+    """id / created / model shared by a response and all of its chunks."""
+
+    def __init__(self, prefix: str, model: str):
+        self.id = new_id(prefix)
+        self.created = int(time.time())
+        self.model = model
+
+    def fields(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+
+def completion_body(header: ResponseHeader, text: str, last: Delta, prompt_tokens: int, completion_tokens: int) -> dict:
+    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": openai_finish_reason(last)}
+    return {
+        **header.fields("text_completion"),
+        "choices": [choice],
+        "usage": usage(prompt_tokens, completion_tokens),
+        "refusion": refusion_detail(last),
+    }
+
+
+def completion_chunk(header: ResponseHeader, text: str, finish_reason: str | None = None) -> dict:
+    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+    return {**header.fields("text_completion"), "choices": [choice]}
+
+
+def chat_body(
+    header: ResponseHeader, text: str, last: Delta, prompt_tokens: int, completion_tokens: int,
+    allowed_tools: set[str] | None,
+) -> dict:
+    """A chat.completion; when tools are enabled, `<tool_call>` blocks become message.tool_calls."""
+    content, calls = (split_tool_calls(text, allowed_tools) if allowed_tools is not None else (text, []))
+    message: dict = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [c.to_openai() for c in calls]
+    finish = "tool_calls" if calls else openai_finish_reason(last)
+    return {
+        **header.fields("chat.completion"),
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "usage": usage(prompt_tokens, completion_tokens),
+        "refusion": refusion_detail(last),
+    }
+
+
+def chat_chunk(header: ResponseHeader, delta: dict, finish_reason: str | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {**header.fields("chat.completion.chunk"), "choices": [choice]}
+
+
+def chat_tool_call_delta(call: ToolCall, index: int) -> dict:
+    """A streamed tool call, sent whole in one chunk once its block has closed."""
+    return {"tool_calls": [{"index": index, **call.to_openai()}]}
+
+
+def usage_chunk(header: ResponseHeader, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The final chunk of a stream with stream_options.include_usage: no choices, usage set."""
+    return {**header.fields(obj), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}

@@ -1,0 +1,115 @@
+"""The serve application's settings: the `args` of Ray Serve's config file (see config/serve.yaml).
+
+Validated with pydantic at this YAML boundary: an unknown or bad key is an error that names it.
+`runner` goes to workers.runner.ModelRunner, `engine` to scheduler.config.EngineConfig.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from integrations.auth import keys_from_env
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "refusion-tiny-code"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingOptions(_Strict):
+    """Ray Serve autoscaling of engine replicas (replaces num_replicas when set)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=16.0, gt=0)
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+    def to_ray(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+class EngineDeploymentOptions(_Strict):
+    """The engine replicas. num_gpus: 1 on GPU clusters, 0 on CPU. max_ongoing_requests bounds the
+    concurrent calls per replica; keep it >= the engine's max_running + max_queue so the engine, not
+    Ray, decides admission (and answers OverloadedError with a retry hint)."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    autoscaling: AutoscalingOptions | None = None
+    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    max_ongoing_requests: int = Field(default=512, ge=1)
+    max_queued_requests: int = Field(default=-1, ge=-1)
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+    graceful_shutdown_wait_loop_s: float = Field(default=2.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    def ray_options(self) -> dict:
+        """Keyword arguments for `Deployment.options(...)`."""
+        options = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.to_ray()
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+class IngressOptions(_Strict):
+    """The HTTP ingress replicas: parsing, tokenizing and streaming only, so no CPU is reserved."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.0, ge=0)
+    max_ongoing_requests: int = Field(default=1024, ge=1)
+
+    def ray_options(self) -> dict:
+        return {
+            "num_replicas": self.num_replicas,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+
+
+class ServeConfig(_Strict):
+    """Everything `build_app` needs. Paths are resolved against the current directory."""
+
+    model: str = str(DEFAULT_MODEL)
+    model_name: str | None = Field(default=None, description="served model id; default: the directory name")
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; REFUSION_API_KEYS adds more")
+    default_max_tokens: int = Field(default=256, ge=1, description="chat max_tokens when the request sets none")
+    runner: dict = Field(default_factory=dict, description="workers.runner.ModelRunner keyword arguments")
+    engine: dict = Field(default_factory=dict, description="scheduler.config.EngineConfig fields")
+    engine_deployment: EngineDeploymentOptions = Field(default_factory=EngineDeploymentOptions)
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+    drain_timeout_s: float = Field(default=20.0, ge=0, description="shutdown: in-flight requests get this long")
+    health_probe_timeout_s: float = Field(default=20.0, gt=0, description="one-token probe limit")
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        model_dir = Path(self.model).expanduser().resolve()
+        if not (model_dir / "config.json").is_file():
+            raise ValueError(f"model: {model_dir} has no config.json; pass a model directory (default {DEFAULT_MODEL})")
+        self.model = str(model_dir)
+        self.model_name = self.model_name or model_dir.name
+        self.api_keys = list(dict.fromkeys(self.api_keys + keys_from_env()))
+        return self

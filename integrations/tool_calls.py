@@ -1,0 +1,134 @@
+"""Tool calls in model output: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks
+(the Qwen3 / Hermes convention) become OpenAI `tool_calls`.
+
+A block is a tool call only when its body is a JSON object with a string `name` (one of the request's
+tools when the request lists any) and `arguments` that are an object (or a JSON string of one); a
+missing `arguments` means `{}`. Anything else (bad JSON, unknown name, an unclosed block) stays in the
+message content as the model wrote it: a malformed call is text, never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+
+TOOL_OPEN = "<tool_call>"
+TOOL_CLOSE = "</tool_call>"
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, serialized (OpenAI sends arguments as a string)
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def parse_tool_block(body: str, allowed_names: set[str] | None = None) -> ToolCall | None:
+    """The ToolCall a block body encodes, or None when the body is not a well-formed call."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    if allowed_names and obj["name"] not in allowed_names:
+        return None
+    arguments = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(name=obj["name"], arguments=json.dumps(arguments, ensure_ascii=False))
+
+
+def split_tool_calls(text: str, allowed_names: set[str] | None = None) -> tuple[str | None, list[ToolCall]]:
+    """Split finished output into (content, tool_calls). Content is None when only calls remain."""
+    parser = ToolCallStreamParser(allowed_names)
+    events = parser.feed(text) + parser.finish()
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    content = "".join(e for e in events if isinstance(e, str))
+    if calls:
+        content = content.strip()
+    return (content or None) if calls else content, calls
+
+
+def _held_prefix_len(text: str, marker: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of marker (may still become it)."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+class ToolCallStreamParser:
+    """Incremental parser for streamed text. feed(text) and finish() return events in order: plain
+    text (str) to send as content, or a ToolCall once its block has closed.
+
+    Text that might be the start of `<tool_call>` is held back until it is decided. Whitespace-only text
+    is held until more text arrives, and dropped at the end when tool calls were found (the whitespace
+    around tool-call blocks is formatting, not content).
+    """
+
+    def __init__(self, allowed_names: set[str] | None = None):
+        self.allowed_names = allowed_names
+        self._pending = ""
+        self._inside = False
+        self._space = ""  # held whitespace-only text
+        self.num_calls = 0
+
+    def feed(self, text: str) -> list:
+        self._pending += text
+        events: list = []
+        while True:
+            if self._inside:
+                end = self._pending.find(TOOL_CLOSE)
+                if end < 0:
+                    return events
+                body, self._pending = self._pending[:end], self._pending[end + len(TOOL_CLOSE):]
+                self._inside = False
+                call = parse_tool_block(body.strip(), self.allowed_names)
+                if call is None:
+                    self._text(events, TOOL_OPEN + body + TOOL_CLOSE)
+                else:
+                    self._space = ""
+                    self.num_calls += 1
+                    events.append(call)
+                continue
+            start = self._pending.find(TOOL_OPEN)
+            if start >= 0:
+                self._text(events, self._pending[:start])
+                self._pending = self._pending[start + len(TOOL_OPEN):]
+                self._inside = True
+                continue
+            keep = _held_prefix_len(self._pending, TOOL_OPEN)
+            cut = len(self._pending) - keep
+            self._text(events, self._pending[:cut])
+            self._pending = self._pending[cut:]
+            return events
+
+    def finish(self) -> list:
+        """Flush at the end of output: an unclosed block or a held partial marker is plain text."""
+        events: list = []
+        rest = (TOOL_OPEN if self._inside else "") + self._pending
+        self._pending, self._inside = "", False
+        self._text(events, rest)
+        if self._space and not self.num_calls:
+            events.append(self._space)
+        self._space = ""
+        return events
+
+    def _text(self, events: list, text: str) -> None:
+        if not text:
+            return
+        if not text.strip():
+            self._space += text
+            return
+        events.append(self._space + text)
+        self._space = ""

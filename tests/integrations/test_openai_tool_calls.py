@@ -1,0 +1,129 @@
+"""Tool-call parsing and the chat response builder, streamed and whole, with real Delta objects."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from integrations import openai_responses as shape
+from integrations.openai_api import _chat_events
+from integrations.tool_calls import ToolCallStreamParser, parse_tool_block, split_tool_calls
+from scheduler.api import Delta, FinishReason, Mode
+
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+
+def _deltas(pieces: list[str], finish=FinishReason.STOP) -> list[Delta]:
+    out = [Delta("r1", p, [7] * max(1, len(p) // 4)) for p in pieces]
+    out[-1].finished, out[-1].finish_reason, out[-1].mode = True, finish, Mode.REFUSION
+    out[-1].stats = {"tokens_per_forward": 2.5}
+    return out
+
+
+def _stream_events(text: str, cut: int, allowed=None) -> list:
+    parser = ToolCallStreamParser(allowed)
+    return parser.feed(text[:cut]) + parser.feed(text[cut:]) + parser.finish()
+
+
+def test_parse_block_accepts_object_and_string_arguments():
+    call = parse_tool_block('{"name": "f", "arguments": {"x": 1}}')
+    assert (call.name, json.loads(call.arguments)) == ("f", {"x": 1})
+    call = parse_tool_block('{"name": "f", "arguments": "{\\"x\\": 2}"}')
+    assert json.loads(call.arguments) == {"x": 2}
+    assert json.loads(parse_tool_block('{"name": "f"}').arguments) == {}
+
+
+@pytest.mark.parametrize("body", ['{"name": "f", "arguments": {', '["f"]', '{"arguments": {}}', '{"name": "f", "arguments": 3}', '{"name": "g"}'])
+def test_parse_block_rejects_malformed(body):
+    assert parse_tool_block(body, {"f"}) is None
+
+
+def test_split_whole_text():
+    content, calls = split_tool_calls("Let me check.\n" + CALL + "\n", {"get_weather"})
+    assert content == "Let me check."
+    assert [c.name for c in calls] == ["get_weather"]
+    assert json.loads(calls[0].arguments) == {"city": "Paris"}
+    assert calls[0].id.startswith("call_")
+
+
+def test_split_keeps_malformed_and_unclosed_blocks_as_text():
+    bad = '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>'
+    assert split_tool_calls("a " + bad, {"get_weather"}) == ("a " + bad, [])
+    assert split_tool_calls("a <tool_call>{\"name\"", None) == ("a <tool_call>{\"name\"", [])
+    content, calls = split_tool_calls(bad + CALL, {"get_weather"})
+    assert content == bad and len(calls) == 1
+
+
+@pytest.mark.parametrize("cut", range(0, len(CALL) + 8, 3))
+def test_stream_parser_any_split_point(cut):
+    text = "ok " + CALL + " done"
+    events = _stream_events(text, cut, {"get_weather"})
+    texts = "".join(e for e in events if isinstance(e, str))
+    calls = [e for e in events if not isinstance(e, str)]
+    assert texts == "ok  done" and [c.name for c in calls] == ["get_weather"]
+
+
+def test_stream_parser_holds_back_marker_prefix_only_while_undecided():
+    parser = ToolCallStreamParser({"f"})
+    assert parser.feed("x <tool_") == ["x "]
+    assert parser.feed("box") == ["<tool_box"]
+    assert parser.feed("<tool_call>{\"na") == []
+    assert parser.finish() == ['<tool_call>{"na']
+
+
+async def _aiter(items):
+    for item in items:
+        yield item
+
+
+async def _run_chat_stream(pieces, allowed):
+    header = shape.ResponseHeader("chatcmpl", "m")
+    deltas = _deltas(pieces)
+
+    class Observer:
+        prompt_tokens, completion_tokens = 3, 4
+
+    return [c async for c in _chat_events(header, _aiter(deltas), Observer(), True, allowed)]
+
+
+async def test_streamed_tool_call_chunks():
+    pieces = ["Sure. <tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}</tool_call>', ""]
+    chunks = await _run_chat_stream(pieces, {"get_weather"})
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+    assert deltas[0] == {"content": "Sure. "}
+    call = deltas[1]["tool_calls"][0]
+    assert call["index"] == 0 and call["type"] == "function" and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 7
+
+
+async def test_streamed_malformed_block_is_content():
+    pieces = ['<tool_call>{"name": "get_weather", "arguments": }', "</tool_call>"]
+    chunks = await _run_chat_stream(pieces, {"get_weather"})
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "".join(pieces)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks if c["choices"])
+
+
+def test_chat_body_with_and_without_tools():
+    header = shape.ResponseHeader("chatcmpl", "m")
+    last = _deltas([CALL])[-1]
+    body = shape.chat_body(header, CALL, last, 5, 9, {"get_weather"})
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+    assert body["refusion"] == {"mode": "refusion", "tokens_per_forward": 2.5}
+    plain = shape.chat_body(header, CALL, last, 5, 9, None)  # tools not enabled: text stays text
+    assert plain["choices"][0]["message"] == {"role": "assistant", "content": CALL}
+
+
+def test_deadline_reports_length_with_detail():
+    last = _deltas(["x"], finish=FinishReason.DEADLINE)[-1]
+    body = shape.completion_body(shape.ResponseHeader("cmpl", "m"), "x", last, 1, 1)
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["refusion"]["finish_detail"] == "deadline"
