@@ -10,10 +10,13 @@ The router estimates, for the batch that would run with this request added in ea
 
     throughput(mode) = (sum of running requests' tokens per forward + tpf[mode])
                        / latency(running packed tokens + step_tokens[mode])
+    gain(mode)       = throughput(mode) - throughput of the running batch alone
 
 with latency() from the start-up calibration (`CostCurve`) and tpf / step_tokens tracked live per
 request class (mode, priority) as exponential moving averages (priors until measured). It picks AR
-when the batch would be compute-bound or AR's estimate beats ReFusion's by more than `ar_margin`.
+when the batch would be compute-bound or AR's gain beats ReFusion's by more than `ar_margin` of it.
+Gains, not totals, are compared: with many requests running, one more changes the total by little,
+and a margin on the total would never trigger.
 """
 
 from __future__ import annotations
@@ -125,11 +128,13 @@ class Router:
         if requested is not Mode.AUTO:
             return RouteDecision(requested, "forced")
         ref, ar = self.stats_for(Mode.REFUSION, priority), self.stats_for(Mode.AR, priority)
-        lat_ref = self.curve.latency(load.packed_tokens + ref.step_tokens)
-        lat_ar = self.curve.latency(load.packed_tokens + ar.step_tokens)
-        thr_ref = (load.tokens_per_forward + ref.tpf) / lat_ref
-        thr_ar = (load.tokens_per_forward + ar.tpf) / lat_ar
-        share = self.curve.compute_bound_share(load.packed_tokens + ref.step_tokens)
+        curve = self.curve
+        base = load.tokens_per_forward / curve.latency(load.packed_tokens) if load.running else 0.0
+        lat_ref = curve.latency(load.packed_tokens + ref.step_tokens)
+        lat_ar = curve.latency(load.packed_tokens + ar.step_tokens)
+        gain_ref = (load.tokens_per_forward + ref.tpf) / lat_ref - base
+        gain_ar = (load.tokens_per_forward + ar.tpf) / lat_ar - base
+        share = curve.compute_bound_share(load.packed_tokens + ref.step_tokens)
         inputs = {
             "running": load.running,
             "packed_tokens": round(load.packed_tokens, 2),
@@ -138,17 +143,18 @@ class Router:
             "refusion_step_tokens": round(ref.step_tokens, 2),
             "latency_refusion_s": lat_ref,
             "latency_ar_s": lat_ar,
-            "throughput_refusion": round(thr_ref, 2),
-            "throughput_ar": round(thr_ar, 2),
+            "throughput_now": round(base, 2),
+            "gain_refusion": round(gain_ref, 2),
+            "gain_ar": round(gain_ar, 2),
             "compute_bound_share": round(share, 3),
         }
-        margin = 1.0 + self.config.ar_margin
+        margin = self.config.ar_margin
         if share > self.config.compute_bound_share:
             mode, reason = Mode.AR, "compute_bound"
-        elif thr_ar > thr_ref * margin:
+        elif gain_ar > gain_ref + margin * abs(gain_ref):
             mode, reason = Mode.AR, "ar_faster"
         else:
             mode, reason = Mode.REFUSION, "refusion_faster"
-        if current is Mode.AR and mode is Mode.REFUSION and thr_ref < thr_ar * margin:
+        if current is Mode.AR and mode is Mode.REFUSION and gain_ref <= gain_ar + margin * abs(gain_ar):
             mode, reason = Mode.AR, "keep"  # hysteresis: leave AR only for a clear gain
         return RouteDecision(mode, reason, inputs)

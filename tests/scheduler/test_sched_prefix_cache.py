@@ -1,0 +1,123 @@
+"""Prefix cache: chained block names, hits leave one token uncached, refcounts, LRU eviction (no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sched_fakes import FakeBlockPool, FakeRunner, collect, ids_of, make_engine
+
+from scheduler.api import GenerationRequest, Mode
+from scheduler.prefix_cache import PrefixCache
+
+
+def _cache_with_sequence(prompt, block_size=4, num_blocks=16):
+    """A pool, a cache, and a 'sequence' holding blocks for the prompt's full blocks."""
+    pool = FakeBlockPool(num_blocks, block_size)
+    cache = PrefixCache(pool)
+    table = [pool.allocate() for _ in range(-(-len(prompt) // block_size))]
+    return pool, cache, table
+
+
+def test_block_names_are_chained():
+    cache = PrefixCache(FakeBlockPool(4, 4))
+    a = cache.block_names([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    b = cache.block_names([1, 2, 3, 4, 5, 6, 7, 8])
+    c = cache.block_names([0, 2, 3, 4, 5, 6, 7, 8])
+    assert len(a) == 2 and a == b  # only full blocks are named
+    assert c[1] != a[1]  # same second block, different first block: different name
+
+
+def test_insert_then_lookup_hits_all_but_the_last_token():
+    prompt = list(range(10, 22))  # 12 tokens = 3 full blocks of 4
+    pool, cache, table = _cache_with_sequence(prompt)
+    assert cache.insert(prompt, table, cached_len=12) == 3
+    assert [pool.refs[b] for b in table] == [2, 2, 2]  # the cache holds its own reference
+    hit = cache.lookup(prompt)
+    assert hit.block_ids == table[:2] and hit.num_tokens == 8  # (12 - 1) // 4 blocks usable
+    longer = cache.lookup(prompt + [99])
+    assert longer.block_ids == table and longer.num_tokens == 12
+    assert cache.lookup([10, 11, 12, 0] + prompt[4:]).block_ids == []
+
+
+def test_insert_only_names_blocks_that_are_computed():
+    prompt = list(range(10, 22))
+    pool, cache, table = _cache_with_sequence(prompt)
+    assert cache.insert(prompt, table, cached_len=6) == 1  # chunked prefill: one full block so far
+    assert len(cache) == 1 and pool.refs[table[1]] == 1
+
+
+def test_hit_rate_counts_looked_up_tokens():
+    prompt = list(range(10, 19))  # 9 tokens
+    _, cache, table = _cache_with_sequence(prompt)
+    cache.record(prompt, cache.lookup(prompt))  # miss
+    cache.insert(prompt, table, cached_len=9)
+    cache.record(prompt, cache.lookup(prompt))  # hit of 8 tokens
+    assert cache.hit_rate == 8 / 18
+
+
+def test_eviction_is_lru_tail_first_and_frees_blocks():
+    pool = FakeBlockPool(8, 2)
+    cache = PrefixCache(pool)
+    old, new = [1, 2, 3, 4, 5], [7, 8, 9, 10, 11]
+    old_table = [pool.allocate() for _ in range(2)]
+    new_table = [pool.allocate() for _ in range(2)]
+    cache.insert(old, old_table, 4)
+    cache.insert(new, new_table, 4)
+    pool.release(old_table + new_table)  # the sequences finish; only the cache holds the blocks
+    assert pool.num_free == 4
+    assert cache.evict(1) == 1
+    assert pool.refs[old_table[1]] == 0 and pool.refs[old_table[0]] == 1  # old chain, tail first
+    cache.lookup(old)  # lookups do not touch; record() does
+    cache.record(old, cache.lookup(old))
+    assert cache.evict(1) == 1 and pool.refs[new_table[1]] == 0  # old[0] was just used: new tail goes
+    cache.clear()
+    assert pool.num_free == 8 and len(cache) == 0
+
+
+def test_eviction_spares_protected_blocks_and_blocks_in_use():
+    pool = FakeBlockPool(4, 2)
+    cache = PrefixCache(pool)
+    table = [pool.allocate(), pool.allocate()]
+    cache.insert([1, 2, 3, 4], table, 4)
+    assert cache.evict(2, protect={table[0]}) == 0  # table[1] released but still held by the sequence
+    assert pool.refs[table[0]] == 2 and pool.refs[table[1]] == 1
+
+
+async def test_engine_reuses_prompt_blocks_and_output_is_unchanged():
+    runner = FakeRunner(num_blocks=64, block_size=4)
+    engine, _ = make_engine(runner=runner)
+    await engine.start()
+    prompt = list(range(4, 18))  # 14 tokens: 3 full blocks, all usable on a hit
+    first = await collect(engine, GenerationRequest("a", prompt, {"gen_length": 6}, mode=Mode.AR))
+    second = await collect(engine, GenerationRequest("b", prompt, {"gen_length": 6}, mode=Mode.AR))
+    assert ids_of(first) == ids_of(second)
+    assert first[-1].stats["cached_prompt_tokens"] == 0 and second[-1].stats["cached_prompt_tokens"] == 12
+    b_prefill = [s for call in runner.calls for s in call if s.seq_id == "b" and not s.reads]
+    assert sum(len(s.token_ids) for s in b_prefill) == 1  # only prompt[12] (prompt[13] goes with the first read)
+    assert engine.stats()["prefix_cache_hit_rate"] == 12 / 28
+    assert b"refusion_prefix_cache_hit_rate" in engine.metrics.render()
+    assert runner.blocks.num_free == runner.blocks.num_total - 3  # the cache's blocks only
+    engine.clear_prefix_cache()
+    assert runner.blocks.num_free == runner.blocks.num_total
+    await engine.stop()
+
+
+async def test_engine_evicts_cached_prefixes_when_blocks_are_needed():
+    # 24 blocks of 4; each request needs ceil((9 + 8 + 8) / 4) + 1 = 8 blocks.
+    runner = FakeRunner(num_blocks=24, block_size=4)
+    engine, _ = make_engine(runner=runner, kv_reserve_fraction=0.0)
+    await engine.start()
+    for i in range(6):  # distinct prompts: each leaves 2 cached blocks behind
+        prompt = [4 + i] * 9
+        await collect(engine, GenerationRequest(f"p{i}", prompt, {"gen_length": 8}, mode=Mode.AR))
+    assert len(engine.prefix_cache) == 12 and runner.blocks.num_free == 12
+    batch_sizes = []
+    original = runner.execute
+    runner.execute = lambda segs: (batch_sizes.append(len(segs)), original(segs))[1]
+    tasks = [asyncio.create_task(collect(engine, GenerationRequest(f"q{i}", [30 + i] * 9, {"gen_length": 8}, mode=Mode.AR)))
+             for i in range(3)]
+    results = await asyncio.gather(*tasks)
+    assert all(len(ids_of(r)) == 8 for r in results)
+    assert max(batch_sizes) == 3  # three at once (24 blocks) fit only after evicting cached prefixes
+    await engine.stop()
+    assert runner.blocks.num_free == runner.blocks.num_total

@@ -1,0 +1,127 @@
+"""Routing between ReFusion and AR: cost curves, live TPF, decisions, mode switches, calibration."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+from sched_fakes import FakeRunner, collect, ids_of, make_engine
+
+from scheduler.api import GenerationRequest, Mode, Priority
+from scheduler.calibration import CALIBRATION_SEQ, calibrate
+from scheduler.config import RoutingConfig
+from scheduler.routing import CostCurve, LoadSnapshot, Router
+
+FLAT = [(1, 0.010), (512, 0.0101)]  # overhead-bound: packed tokens are free
+STEEP = [(1, 0.0001), (512, 0.0512)]  # compute-bound: latency ~ tokens
+# overhead 10 ms, then 0.1 ms per packed token past 64
+KNEE = [(1, 0.010), (64, 0.010), (512, 0.0548)]
+
+
+def router(points, **cfg) -> Router:
+    return Router(RoutingConfig(calibrate=False, **cfg), CostCurve(points))
+
+
+def test_cost_curve_interpolates_and_extrapolates():
+    curve = CostCurve(KNEE)
+    assert curve.latency(32) == pytest.approx(0.010)
+    assert curve.latency(288) == pytest.approx(0.010 + 224 * 0.0001)
+    assert curve.latency(1024) == pytest.approx(0.0548 + 512 * 0.0001)
+    assert curve.slope(32) == 0.0 and curve.slope(300) == pytest.approx(0.0001)
+    assert curve.compute_bound_share(32) == 0.0
+    assert CostCurve(STEEP).compute_bound_share(400) > 0.95
+
+
+def test_idle_engine_routes_auto_to_refusion():
+    decision = router(FLAT).decide(Mode.AUTO, Priority.BATCH, LoadSnapshot())
+    assert decision.mode is Mode.REFUSION and decision.reason == "refusion_faster"
+    assert decision.inputs["gain_refusion"] > decision.inputs["gain_ar"]
+
+
+def test_compute_bound_batch_routes_to_ar():
+    decision = router(STEEP).decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(packed_tokens=100, tokens_per_forward=10, running=10))
+    assert decision.mode is Mode.AR and decision.reason == "compute_bound"
+
+
+def test_heavy_load_past_the_knee_routes_to_ar_on_throughput():
+    # 20 ReFusion requests running (24 packed tokens, tpf 2 each) = 480 packed tokens.
+    r = router(KNEE, compute_bound_share=1.0)
+    load = LoadSnapshot(packed_tokens=480, tokens_per_forward=40, running=20)
+    decision = r.decide(Mode.AUTO, Priority.BATCH, load)
+    # now: 40 / latency(480); refusion: (40 + 2) / latency(504); ar: (40 + 1) / latency(481)
+    curve = CostCurve(KNEE)
+    now = 40 / curve.latency(480)
+    gain_ref, gain_ar = 42 / curve.latency(504) - now, 41 / curve.latency(481) - now
+    assert gain_ar > 1.05 * gain_ref > 0
+    assert decision.mode is Mode.AR and decision.reason == "ar_faster"
+    assert decision.inputs["gain_ar"] == pytest.approx(gain_ar, abs=0.01)
+    light = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(packed_tokens=24, tokens_per_forward=2, running=1))
+    assert light.mode is Mode.REFUSION
+
+
+def test_live_tpf_below_one_sends_auto_to_ar_even_when_compute_is_free():
+    r = router(FLAT)
+    for _ in range(30):
+        r.observe(Mode.REFUSION, Priority.BATCH, tokens=1, forwards=2, packed_tokens=48)  # tpf 0.5
+    decision = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot())
+    assert r.stats_for(Mode.REFUSION, Priority.BATCH).tpf == pytest.approx(0.5)
+    assert decision.mode is Mode.AR and decision.reason == "ar_faster"
+    # another class keeps its own (prior) estimate
+    assert r.decide(Mode.AUTO, Priority.INTERACTIVE, LoadSnapshot()).mode is Mode.REFUSION
+
+
+def test_forced_modes_are_obeyed_whatever_the_load():
+    r = router(STEEP)
+    heavy = LoadSnapshot(packed_tokens=500, tokens_per_forward=40, running=40)
+    assert r.decide(Mode.REFUSION, Priority.BATCH, heavy).mode is Mode.REFUSION
+    assert r.decide(Mode.AR, Priority.BATCH, LoadSnapshot()).reason == "forced"
+
+
+def test_a_running_ar_request_leaves_ar_only_for_a_clear_gain():
+    r = router(FLAT, refusion_tpf_prior=1.02)  # refusion barely better: within ar_margin
+    assert r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot()).mode is Mode.REFUSION
+    kept = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), current=Mode.AR)
+    assert kept.mode is Mode.AR and kept.reason == "keep"
+
+
+async def test_engine_records_every_decision_in_metrics_and_logs():
+    routing = RoutingConfig(calibrate=False, cost_points=FLAT)
+    engine, _ = make_engine(routing=routing, prefix_cache=False)
+    await engine.start()
+    with structlog.testing.capture_logs() as logs:
+        auto = await collect(engine, GenerationRequest("a", [5, 6], {"gen_length": 4}))
+        forced = await collect(engine, GenerationRequest("b", [5, 6], {"gen_length": 4}, mode=Mode.AR))
+    assert auto[-1].mode is Mode.REFUSION and forced[-1].mode is Mode.AR
+    text = engine.metrics.render().decode()
+    assert 'refusion_mode_decisions_total{mode="refusion",reason="refusion_faster"} 1.0' in text
+    assert 'refusion_mode_decisions_total{mode="ar",reason="forced"} 1.0' in text
+    routes = [e for e in logs if e["event"] == "route"]
+    assert [e["request_id"] for e in routes] == ["a", "b"]
+    assert {"gain_refusion", "gain_ar", "packed_tokens", "refusion_tpf", "compute_bound_share"} <= set(routes[0])
+    await engine.stop()
+
+
+async def test_auto_request_switches_mode_at_a_block_boundary():
+    routing = RoutingConfig(calibrate=False, cost_points=FLAT, switch_interval_tokens=4)
+    engine, runner = make_engine(routing=routing, prefix_cache=False, runner=FakeRunner(num_blocks=128))
+    await engine.start()
+    stream = engine.submit(GenerationRequest("a", [5, 6, 7], {"gen_length": 16}))
+    deltas = [await stream.__anext__()]
+    assert deltas[0].mode is Mode.REFUSION
+    # ReFusion turns out poor for this class: the next boundary hands the request to AR.
+    engine.router.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 0.2
+    deltas += [d async for d in stream]
+    final = deltas[-1]
+    assert final.stats["modes"] == ["refusion", "ar"] and final.mode is Mode.AR
+    assert len(ids_of(deltas)) == 16  # no token lost or repeated across the handoff
+    assert 'reason="ar_faster"' in engine.metrics.render().decode()
+    assert runner.blocks.num_free == runner.blocks.num_total
+    await engine.stop()
+
+
+def test_calibration_times_each_count_and_frees_the_scratch_sequence():
+    runner = FakeRunner(num_blocks=8)
+    curve = calibrate(runner, (1, 16, 64, 1024), repeats=2, max_tokens=256)
+    assert [n for n, _ in curve.points] == [1, 16, 64, 256]
+    assert all(s > 0 for _, s in curve.points)
+    assert runner.cached_len(CALIBRATION_SEQ) == 0 and runner.blocks.num_free == 8
+    assert len(runner.calls) == 1 + 4 * 2  # warm-up + repeats
