@@ -93,6 +93,7 @@ def refusion_oracle(model, prompt_ids, *, gen_length, slot_size, serial_num_bloc
                 for k in range(eos_at + 1):
                     accepted[flat_pos[k]] = flat[k]
                 _crop(cache, base + eos_at + 1)
+                ev["pool_slots_dropped_after_verify_eos"] += len([s for s in pool if s > chosen[last]])
                 pool = [s for s in pool if s < chosen[last] and s not in chosen[:last]]
                 finish = True
                 continue
@@ -126,6 +127,8 @@ def refusion_oracle(model, prompt_ids, *, gen_length, slot_size, serial_num_bloc
                     accepted[branches[i] + j] = slots[i][j]
             pool = [s for s in pool if s not in chosen]
             if eos_branch is not None:
+                after = [s for s in pool if s > branches[eos_branch]]
+                ev["pool_slots_dropped_after_completion_eos"] += len(after)
                 pool = [s for s in pool if s < branches[eos_branch]]
                 finish = True
         if finish:
