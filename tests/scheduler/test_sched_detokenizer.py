@@ -1,0 +1,70 @@
+"""Incremental detokenization: complete characters only, stop strings across steps, deadline newline cut."""
+
+from __future__ import annotations
+
+import pytest
+from sched_fakes import FakeTokenizer
+
+from scheduler.detokenizer import TextStream
+
+A, B, C, NL = 0, 1 + 26 * 1, 2 + 26 * 1, 3  # FakeTokenizer: a, b, c, newline (1 and 2 are EOS/MASK)
+
+
+def feed(stream, steps, **kw):
+    ids, updates = [], []
+    for step in steps:
+        ids += step
+        updates.append(stream.update(ids, **kw))
+    return updates
+
+
+def test_text_streams_in_order_and_equals_full_decode():
+    tok = FakeTokenizer()
+    stream = TextStream(tok)
+    updates = feed(stream, [[A], [B, C], [NL, A]])
+    final = stream.finish()
+    assert "".join(u.text for u in updates) + final.text == "abc\na"
+    assert [t for u in updates for t in u.token_ids] + final.token_ids == [A, B, C, NL, A]
+
+
+def test_stop_string_spanning_two_steps_is_cut_before_it_is_sent():
+    stream = TextStream(FakeTokenizer(), stop=["bc"])
+    first = stream.update([A, B])
+    assert first.text == "a" and first.stopped is None  # "b" held back: it may start "bc"
+    second = stream.update([A, B, C, A])
+    assert second.stopped == "stop" and second.text == ""
+    assert stream.text == "a" and stream.done
+    assert stream.update([A, B, C, A, A]).text == ""  # nothing after the end
+
+
+def test_earliest_of_several_stop_strings_wins():
+    stream = TextStream(FakeTokenizer(), stop=["c", "\n"])
+    update = stream.update([A, B, NL, C])
+    assert update.stopped == "stop" and update.text == "ab"
+    assert update.token_ids == [A, B]
+
+
+def test_newline_cut_ends_after_the_newline():
+    stream = TextStream(FakeTokenizer())
+    stream.update([A, B])
+    update = stream.update([A, B, C, NL, A, B], newline_cut=True)
+    assert update.stopped == "newline" and update.text == "c\n"
+    assert stream.text == "abc\n" and update.token_ids == [C, NL]
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def test_multibyte_characters_are_never_split(bpe_tokenizer):
+    text = "naïve → ✓ done"
+    ids = bpe_tokenizer.encode(text)
+    assert any("\ufffd" in bpe_tokenizer.decode(ids[:k]) for k in range(1, len(ids)))  # the tokenizer does split
+    stream = TextStream(bpe_tokenizer)
+    pieces = [stream.update(ids[:k]).text for k in range(1, len(ids) + 1)]
+    pieces.append(stream.finish().text)
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
