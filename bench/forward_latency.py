@@ -1,0 +1,148 @@
+"""Per-forward latency of ModelRunner.execute at batch 1 against the weight-read floor.
+
+One sequence with `--context` cached tokens runs a segment of N query tokens (N = 1, 8, 32, 128), all
+dropped, with an ARGMAX read on every row (the shape of a ReFusion plan step). The floor is the time to
+read every weight once: weight bytes / memory bandwidth (measured with a large device copy unless
+--bandwidth-gbs is given). A forward at small N is memory-bound, so latency / floor shows the overhead.
+
+    OMP_NUM_THREADS=1 python bench/forward_latency.py --device cpu          # small float32 config
+    python bench/forward_latency.py --device cuda                          # 8B-shaped bf16, random weights
+    ... --append docs/benchmarks.md                                         # also append the table
+
+Weights are random and built directly on the device (workers.model.random_model): the 8B shape is never
+allocated on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from workers.batch import Read, ReadKind, Segment  # noqa: E402
+from workers.loader import ModelConfig  # noqa: E402
+from workers.model import random_model  # noqa: E402
+from workers.runner import ModelRunner  # noqa: E402
+
+CONFIGS = {
+    # Small enough for a 2-core CPU; GQA 8/4 like the real model.
+    "small": ModelConfig(vocab_size=32768, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                         num_kv_heads=4, head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False, eos_token_id=0, mask_token_id=1),
+    # Qwen3-8B / ReFusion-8B shape.
+    "8b": ModelConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                      num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, eos_token_id=151645, mask_token_id=151670),
+}
+
+
+def weight_read_bytes(model) -> int:
+    """Bytes one forward must read: every weight, except an untied embedding table (only rows gathered)."""
+    params = {p.data_ptr(): p for p in model.parameters()}
+    embed = model.model.embed_tokens.weight
+    skip = embed.data_ptr() if embed.data_ptr() != model.lm_head.weight.data_ptr() else None
+    return sum(p.numel() * p.element_size() for ptr, p in params.items() if ptr != skip)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / min(times[1:])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forward(runner: ModelRunner, context: int, n: int, repeats: int) -> list[float]:
+    """Seconds per execute() of an n-token dropped segment after `context` cached tokens."""
+    seg = Segment("bench", context, [7] * n, list(range(context, context + n)), [False] * n,
+                  [Read(r, ReadKind.ARGMAX) for r in range(n)])
+    for _ in range(2):
+        runner.execute([seg])  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.execute([seg])  # returns host values: already synchronised
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {threads} torch thread(s), torch {torch.__version__}"
+
+
+def run(args) -> str:
+    device = torch.device(args.device)
+    cfg = CONFIGS[args.config or ("8b" if device.type == "cuda" else "small")]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_model(cfg, dtype=dtype, device=device)
+    max_tokens = max(args.tokens)
+    runner = ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id,
+                                    num_blocks=(args.context + max_tokens) // 16 + 2)
+    if args.context:
+        runner.execute([Segment("bench", 0, [5] * args.context, list(range(args.context)), [True] * args.context)])
+    weight_bytes = weight_read_bytes(model)
+    bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_bandwidth(device)
+    floor_ms = weight_bytes / bandwidth * 1e3
+    lines = [
+        f"Machine: {machine(device)}. Model: {args.config or ('8b' if device.type == 'cuda' else 'small')} "
+        f"({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, {str(dtype)[6:]}), "
+        f"context {args.context} cached tokens, ARGMAX read on every row, attention `{runner.attention}`.",
+        f"Weight bytes read per forward: {weight_bytes / 1e9:.3f} GB; bandwidth "
+        f"{'given' if args.bandwidth_gbs else 'measured (device copy)'}: {bandwidth / 1e9:.1f} GB/s; "
+        f"floor {floor_ms:.2f} ms.",
+        "",
+        "| query tokens | median ms | min ms | floor ms | median / floor | query tokens / s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in args.tokens:
+        times = time_forward(runner, args.context, n, args.repeats)
+        med = statistics.median(times) * 1e3
+        lines.append(f"| {n} | {med:.2f} | {min(times) * 1e3:.2f} | {floor_ms:.2f} | {med / floor_ms:.1f}x "
+                     f"| {n / med * 1e3:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", choices=sorted(CONFIGS), help="default: 8b on cuda, small on cpu")
+    parser.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128])
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
+    parser.add_argument("--append", type=Path, help="append the table to this markdown file")
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and args.config == "8b":
+        parser.error("the 8b config is for CUDA only (16 GB of bf16 weights); use --config small on CPU")
+    table = run(args)
+    print(table)
+    if args.append:
+        with args.append.open("a") as out:
+            out.write("\n" + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
