@@ -46,10 +46,9 @@ CONFIGS = {
 
 def weight_read_bytes(model) -> int:
     """Bytes one forward must read: every weight, except an untied embedding table (only rows gathered)."""
-    params = {p.data_ptr(): p for p in model.parameters()}
     embed = model.model.embed_tokens.weight
-    skip = embed.data_ptr() if embed.data_ptr() != model.lm_head.weight.data_ptr() else None
-    return sum(p.numel() * p.element_size() for ptr, p in params.items() if ptr != skip)
+    tied = model.lm_head.weight is embed
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
