@@ -1,0 +1,169 @@
+"""Model-card numbers of a trained ReFusion model on held-out standard-library code, in one command:
+
+    OMP_NUM_THREADS=1 python bench/model_card.py [--model models/refusion-tiny-code] [--prompts 64]
+
+Prints a markdown table of:
+  - parameters (from model.safetensors; tied head counted once);
+  - held-out AR loss: next-token cross-entropy over response + EOS given the prompt, every held-out
+    unit that fits the training sequence length (transformers forward, workers/training.heldout_losses);
+  - next-line exact match: AR greedy's first generated line == the true first line of the response
+    (trailing whitespace ignored), on the first --prompts held-out units;
+  - ReFusion TPF (generated tokens / model forwards, prefill-only forwards excluded, spec definition)
+    and agreement with AR greedy (identical output; mean matching-prefix fraction) at the decode settings
+    in the model's refusion.json (or --set KEY=VALUE overrides), both decoded with the serving engine
+    runner (workers/runner.py) and the decoders (decoding/refusion.py, decoding/ar.py, decode_batch).
+
+The held-out split is the one `refusion train` used: files of the interpreter's standard library whose
+path hash falls in --heldout-fraction (read from train_args.json when present). Numbers depend on the
+Python version's stdlib (the shipped model was trained and measured on CPython 3.11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEFAULT_MODEL = REPO / "models" / "refusion-tiny-code"
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Number of stored parameters (safetensors), each tensor counted once."""
+    from safetensors.torch import load_file
+
+    return sum(t.numel() for path in sorted(model_dir.glob("*.safetensors")) for t in load_file(str(path)).values())
+
+
+def heldout_pairs(tokenizer, train_args: dict, corpus: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Held-out (prompt_ids, response_ids) pairs, in corpus order (sorted paths), fitting seq_len."""
+    from workers.corpus import load_units, tokenize_units
+
+    _, heldout = load_units(corpus, float(train_args.get("heldout_fraction", 0.03)))
+    return tokenize_units(tokenizer, heldout, int(train_args.get("seq_len", 256)))
+
+
+def heldout_ar_loss(model_dir: Path, pairs, eos_id: int, mask_id: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from workers.training import heldout_losses
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return heldout_losses(model, pairs, mask_token_id=mask_id, eos_token_id=eos_id, pad_token_id=eos_id)["heldout_ar_loss"]
+
+
+def decode_all(runner, kind: str, prompts: list[list[int]], params) -> tuple[list[list[int]], list]:
+    """Decode every prompt (one packed batch through the engine runner); returns (outputs, stats)."""
+    from decoding.ar import ARDecoder
+    from decoding.loop import decode_batch
+    from decoding.refusion import RefusionDecoder
+
+    cls = RefusionDecoder if kind == "refusion" else ARDecoder
+    decoders = [cls(f"{kind}-{i}", p, params) for i, p in enumerate(prompts)]
+    outputs = decode_batch(runner, decoders)
+    return outputs, [d.stats for d in decoders]
+
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0].rstrip()
+
+
+def _cut(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def agreement(a: list[list[int]], b: list[list[int]], eos: int) -> tuple[float, float]:
+    """(fraction of identical outputs, mean matching-prefix length / reference length), cut at EOS."""
+    same = prefix = 0.0
+    for x, y in zip(a, b):
+        x, y = _cut(x, eos), _cut(y, eos)
+        same += x == y
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        prefix += n / max(len(y), 1) if y else float(not x)
+    return same / len(a), prefix / len(a)
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = json.loads(value)
+    return out
+
+
+def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = False) -> dict:
+    """Every model-card number for one model directory and decode setting."""
+    from decoding.params import DecodeParams, load_model_defaults
+    from workers.runner import ModelRunner
+
+    train_args = json.loads((model_dir / "train_args.json").read_text()).get("args", {}) if (model_dir / "train_args.json").exists() else {}
+    runner = ModelRunner(str(model_dir))
+    tok, eos, mask = runner.tokenizer, runner.info.eos_token_id, runner.info.mask_token_id
+    pairs = heldout_pairs(tok, train_args, ["stdlib"])
+    row: dict = {"model": str(model_dir), "parameters": parameter_count(model_dir), "heldout_units": len(pairs)}
+    if not skip_loss:
+        row["heldout_ar_loss"] = round(heldout_ar_loss(model_dir, pairs, eos, mask), 4)
+    subset = pairs[:n_prompts]
+    prompts = [p for p, _ in subset]
+    truth = [first_line(tok.decode(r)) for _, r in subset]
+    params = DecodeParams.from_dict(load_model_defaults(model_dir) | overrides)
+    row["decode"] = {k: getattr(params, k) for k in ("gen_length", "slot_size", "serial_num_blocks",
+                                                      "slot_threshold", "token_threshold", "temperature")}
+    t0 = time.monotonic()
+    ar_out, ar_stats = decode_all(runner, "ar", prompts, params)
+    row["ar_wall_s"] = round(time.monotonic() - t0, 1)
+    t0 = time.monotonic()
+    rf_out, rf_stats = decode_all(runner, "refusion", prompts, params)
+    row["refusion_wall_s"] = round(time.monotonic() - t0, 1)
+    ar_lines = [first_line(tok.decode(_cut(o, eos))) for o in ar_out]
+    rf_lines = [first_line(tok.decode(_cut(o, eos))) for o in rf_out]
+    row["prompts"] = len(prompts)
+    row["ar_next_line_exact"] = round(sum(a == t for a, t in zip(ar_lines, truth)) / len(prompts), 4)
+    row["refusion_next_line_exact"] = round(sum(a == t for a, t in zip(rf_lines, truth)) / len(prompts), 4)
+    gen, fwd = sum(s.generated_tokens for s in rf_stats), sum(s.forwards for s in rf_stats)
+    row["refusion_tpf"] = round(gen / max(fwd, 1), 3)
+    row["ar_tpf"] = round(sum(s.generated_tokens for s in ar_stats) / max(sum(s.forwards for s in ar_stats), 1), 3)
+    same, prefix = agreement(rf_out, ar_out, eos)
+    row["refusion_equals_ar"], row["refusion_ar_prefix_match"] = round(same, 4), round(prefix, 4)
+    row["example"] = {"prompt": tok.decode(prompts[0]), "ar": tok.decode(_cut(ar_out[0], eos)),
+                      "refusion": tok.decode(_cut(rf_out[0], eos))}
+    return row
+
+
+def print_table(row: dict) -> None:
+    keys = ["parameters", "heldout_units", "heldout_ar_loss", "prompts", "ar_next_line_exact",
+            "refusion_next_line_exact", "refusion_tpf", "ar_tpf", "refusion_equals_ar", "refusion_ar_prefix_match",
+            "ar_wall_s", "refusion_wall_s"]
+    print(f"model: {row['model']}\ndecode: {json.dumps(row['decode'])}\n")
+    print("| metric | value |\n|---|---|")
+    for k in keys:
+        if k in row:
+            print(f"| {k} | {row[k]} |")
+    ex = row["example"]
+    print(f"\nexample prompt:\n{ex['prompt']}--- AR:\n{ex['ar']}\n--- ReFusion:\n{ex['refusion']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts to decode")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="decode setting overrides (JSON values)")
+    parser.add_argument("--skip-loss", action="store_true", help="skip the held-out loss (decode numbers only)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    row = measure(Path(args.model), args.prompts, _parse_sets(args.set), args.skip_loss)
+    print(json.dumps(row)) if args.json else print_table(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
