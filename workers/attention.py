@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from workers.batch import TRUNK, Segment
 from workers.kv_cache import PagedKVCache
+from workers.transfer import to_device
 
 
 def visibility(segment: Segment, context_len: int, device) -> torch.Tensor:
@@ -30,7 +31,7 @@ def visibility(segment: Segment, context_len: int, device) -> torch.Tensor:
     idx = torch.arange(q, device=device)
     among = idx[None, :] <= idx[:, None]  # [Q, Q] causal, self included
     if segment.branch is not None:
-        b = torch.tensor(segment.branch, device=device)
+        b = to_device(segment.branch, device)
         among &= (b[None, :] == b[:, None]) | (b[None, :] == TRUNK)
     ctx = torch.ones((q, context_len), dtype=torch.bool, device=device)
     return torch.cat((ctx, among), dim=1)
@@ -54,13 +55,12 @@ class AttentionPlan:
         for seg, slots, writes in zip(segments, context_slots, write_slots):
             end = start + len(seg.token_ids)
             rows.append((start, end))
-            ctx.append(torch.tensor(slots, dtype=torch.long, device=device))
+            ctx.append(to_device(slots, device))
             masks.append(visibility(seg, len(slots), device))
             w_rows.extend(start + i for i, kept in enumerate(seg.keep) if kept)
             w_slots.extend(writes)
             start = end
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        return cls(rows, ctx, masks, as_long(w_rows), as_long(w_slots))
+        return cls(rows, ctx, masks, to_device(w_rows, device), to_device(w_slots, device))
 
 
 class _Backend:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.batch import Read, ReadKind, Sampling, Segment, SegmentResult
+from workers.transfer import to_device
 
 
 @dataclass
@@ -56,18 +57,19 @@ def _segment_values(logits: torch.Tensor, probs: torch.Tensor, req: ReadRequest)
     kinds = lambda *ks: [i for i, r in enumerate(reads) if r.kind in ks]  # noqa: E731
     argmax = sorted(kinds(ReadKind.ARGMAX), key=lambda i: reads[i].row)
     if argmax:
-        idx = torch.tensor(argmax, device=logits.device)
+        idx = to_device(argmax, logits.device)
         if s.gumbel and s.temperature > 0:
             tokens[idx] = gumbel_argmax(logits[idx], s.temperature, req.generator)
         else:
             tokens[idx] = logits[idx].argmax(dim=-1)
     prob_rows = kinds(ReadKind.PROB)
     if prob_rows:
-        tokens[prob_rows] = torch.tensor([reads[i].token for i in prob_rows], device=logits.device)
+        prob_idx = to_device(prob_rows, logits.device)
+        tokens[prob_idx] = to_device([reads[i].token for i in prob_rows], logits.device)
     chosen = probs.gather(1, tokens.clamp(min=0)[:, None])[:, 0]  # [R] softmax prob of each token
     sample = kinds(ReadKind.SAMPLE)
     if sample:
-        idx = torch.tensor(sample, device=logits.device)
+        idx = to_device(sample, logits.device)
         if s.temperature > 0:
             dist = sampling_probs(logits[idx], s)  # [N, V]
             drawn = torch.multinomial(dist, 1, generator=req.generator)  # [N, 1]
@@ -77,8 +79,10 @@ def _segment_values(logits: torch.Tensor, probs: torch.Tensor, req: ReadRequest)
             tokens[idx] = logits[idx].argmax(dim=-1)
             chosen[idx] = probs[idx].gather(1, tokens[idx][:, None])[:, 0]
     logits_rows = kinds(ReadKind.LOGITS)
-    chosen[logits_rows] = float("nan")
-    tokens[prob_rows] = -1
+    if logits_rows:
+        chosen[to_device(logits_rows, logits.device)] = float("nan")
+    if prob_rows:
+        tokens[prob_idx] = -1
     return tokens, chosen
 
 

@@ -19,6 +19,7 @@ from workers.kv_blocks import BlockPool, BlockTables, KVCacheFullError
 from workers.kv_cache import PagedKVCache, blocks_for_budget
 from workers.model import Qwen3, build_model
 from workers.reads import ReadRequest, compute_results
+from workers.transfer import to_device
 
 
 class SegmentError(ValueError):
@@ -144,8 +145,8 @@ class ModelRunner:
 
     def _forward(self, segments, context_slots, write_slots) -> list[SegmentResult]:
         dev = self.device
-        token_ids = torch.tensor([t for s in segments for t in s.token_ids], dtype=torch.long, device=dev)  # [T]
-        positions = torch.tensor([p for s in segments for p in s.positions], dtype=torch.long, device=dev)  # [T]
+        token_ids = to_device([t for s in segments for t in s.token_ids], dev)  # [T]
+        positions = to_device([p for s in segments for p in s.positions], dev)  # [T]
         plan = AttentionPlan.build(segments, context_slots, write_slots, dev)
         hidden = self.model.hidden(token_ids, positions, BACKENDS[self.attention](self.kv, plan))  # [T, H]
         read_rows, requests = [], []
@@ -154,7 +155,7 @@ class ModelRunner:
             read_rows.extend(start + r.row for r in seg.reads)
         if not read_rows:
             return [SegmentResult(s.seq_id, []) for s in segments]
-        logits = self.model.logits(hidden[torch.tensor(read_rows, device=dev)])  # [R, V] float32
+        logits = self.model.logits(hidden[to_device(read_rows, dev)])  # [R, V] float32
         return compute_results(logits, requests)
 
     def _validate(self, segments: list[Segment]) -> None:

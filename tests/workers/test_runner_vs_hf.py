@@ -105,3 +105,35 @@ def test_mixed_batch_matches_each_dense_run(runner, model_dir):
     for s in "abcd":
         runner.free(s)
     assert runner.blocks.num_free == runner.blocks.num_total
+
+
+SYNCING = ("cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__")
+
+
+def test_one_host_transfer_and_head_on_read_rows_only(runner, monkeypatch):
+    """execute() moves results to the host once, and only rows with reads go through the LM head."""
+    ids = _tokens(9, 5, runner.info.vocab_size)
+    head_rows = []
+    hook = runner.model.lm_head.register_forward_hook(lambda mod, inp, out: head_rows.append(inp[0].shape[0]))
+    calls = {name: 0 for name in SYNCING}
+    for name in SYNCING:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    from workers.batch import Read, ReadKind, Sampling
+
+    reads = [Read(2, ReadKind.ARGMAX), Read(8, ReadKind.SAMPLE), Read(5, ReadKind.PROB, token=3)]
+    try:
+        runner.execute([segment("sync", 0, ids, reads=reads, sampling=Sampling(temperature=1.0, gumbel=True)),
+                        segment("sync2", 0, ids[:4], reads=[])])
+    finally:
+        monkeypatch.undo()
+        hook.remove()
+        runner.free("sync")
+        runner.free("sync2")
+    assert head_rows == [3]
+    assert calls == {**{name: 0 for name in SYNCING}, "cpu": 1, "tolist": 1}
