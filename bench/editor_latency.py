@@ -1,0 +1,178 @@
+"""Editor completion latency over the native protocol: time to the first partial and to a complete
+one-line suggestion, with a warm prefix cache, measured at the client (WebSocket + msgpack included).
+
+Cases are held-out lines of real Python (standard-library modules): the cursor sits after a line's
+indentation inside a function, the line itself is removed, the lines below are the suffix. Each case is
+completed once to warm the prefix cache, then `--repeats` times measured. The suggestion is also
+compared with the removed line (exact match), a rough quality signal for trained models.
+
+    OMP_NUM_THREADS=1 python bench/editor_latency.py                       # shipped model, in-process server
+    python bench/editor_latency.py --url ws://127.0.0.1:8000/v1/editor     # a running `refusion serve`
+    ... --append docs/benchmarks.md
+
+In-process mode serves the editor router with uvicorn on a local port over a LocalEngineClient (no Ray):
+it measures the protocol and engine, not Ray Serve's proxy hop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import os
+import platform
+import random
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from integrations.lsp.backend import EditorBackend  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE_MODULES = ("statistics", "fractions", "heapq", "bisect", "colorsys")
+
+
+def held_out_cases(n: int, seed: int = 0, context_lines: int = 60) -> list[dict]:
+    """(prefix, suffix, expected line) around random indented code lines of stdlib modules."""
+    import importlib
+
+    rng = random.Random(seed)
+    pool = []
+    for name in SOURCE_MODULES:
+        lines = inspect.getsource(importlib.import_module(name)).split("\n")
+        for i, line in enumerate(lines):
+            body = line.strip()
+            if line.startswith("    ") and len(body) >= 8 and not body.startswith(("#", '"', "'")) and i > 5:
+                pool.append((name, lines, i))
+    cases = []
+    for name, lines, i in rng.sample(pool, n):
+        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+        prefix = "\n".join(lines[max(0, i - context_lines):i]) + "\n" + indent
+        suffix = "\n" + "\n".join(lines[i + 1:i + 1 + context_lines // 3]) + "\n"
+        cases.append({"uri": f"file:///{name}.py#{i}", "prefix": prefix, "suffix": suffix,
+                      "expected": lines[i].strip()})
+    return cases
+
+
+async def measure(url: str, cases: list[dict], repeats: int, max_time_ms: int, mode: str) -> dict:
+    backend = EditorBackend(url)
+    first, full, tpf, exact, reasons = [], [], [], 0, {}
+    try:
+        for case in cases:
+            params = {"uri": case["uri"], "prefix": case["prefix"], "suffix": case["suffix"], "language": "python",
+                      "multiline": False, "max_time_ms": max_time_ms, "mode": mode}
+            await backend.complete(params)  # warm the prefix cache with this prompt
+            for _ in range(repeats):
+                seen: list[float] = []
+                start = time.perf_counter()
+                result = await backend.complete(
+                    params, on_partial=lambda _t, seen=seen: seen.append(time.perf_counter()) if not seen else None)
+                end = time.perf_counter()
+                full.append((end - start) * 1000)
+                first.append(((seen[0] if seen else end) - start) * 1000)
+                if result.get("tokens_per_forward") is not None:
+                    tpf.append(result["tokens_per_forward"])
+                reasons[result["stop_reason"]] = reasons.get(result["stop_reason"], 0) + 1
+            exact += result["text"].strip() == case["expected"]
+    finally:
+        await backend.close()
+    return {"first": first, "full": full, "tpf": tpf, "exact": exact, "reasons": reasons, "server": backend.server_info}
+
+
+def pct(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+async def with_local_server(model_dir: Path, run):
+    """Serve the editor router over an in-process engine on a free port; call run(url)."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from integrations.editor.http import router
+    from integrations.engine_client import LocalEngineClient
+    from integrations.engine_host import build_engine
+
+    engine, tokenizer = build_engine(model_dir)
+    await engine.start()
+    app = FastAPI()
+    app.state.engine_client = LocalEngineClient(engine, tokenizer, model_dir.name)
+    app.include_router(router)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    serve_task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    try:
+        return await run(f"ws://127.0.0.1:{port}/v1/editor")
+    finally:
+        server.should_exit = True
+        await serve_task
+        await engine.stop(drain_timeout_s=2)
+
+
+def report(stats: dict, args, where: str) -> str:
+    n = len(stats["full"])
+    import torch
+
+    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
+               f"torch {torch.__version__}; no GPU")
+    tpf = f"{statistics.median(stats['tpf']):.2f}" if stats["tpf"] else "n/a (stopped early by a rule)"
+    lines = [
+        f"Machine: {machine}. Model: `{args.model}` ({where}), mode `{args.mode}`, single-line, "
+        f"{args.cases} held-out stdlib lines x {args.repeats} repeats (prefix cache warmed by one run per case), "
+        f"max_time_ms {args.max_time_ms}.",
+        "",
+        "| measure | p50 ms | p95 ms | mean ms | n |",
+        "|---|---:|---:|---:|---:|",
+        f"| first partial | {pct(stats['first'], 50):.1f} | {pct(stats['first'], 95):.1f} | "
+        f"{statistics.fmean(stats['first']):.1f} | {n} |",
+        f"| complete one-line suggestion | {pct(stats['full'], 50):.1f} | {pct(stats['full'], 95):.1f} | "
+        f"{statistics.fmean(stats['full']):.1f} | {n} |",
+        "",
+        f"Stop reasons: {dict(sorted(stats['reasons'].items()))}; median tokens/forward of finished requests: {tpf}; "
+        f"exact match with the removed line: {stats['exact']}/{args.cases}.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
+    parser.add_argument("--url", default=None, help="measure a running server instead of an in-process one")
+    parser.add_argument("--cases", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-time-ms", type=int, default=5000)
+    parser.add_argument("--mode", choices=("auto", "refusion", "ar"), default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--append", default=None, help="append the table to this markdown file")
+    args = parser.parse_args()
+    cases = held_out_cases(args.cases, args.seed)
+
+    async def run(url: str) -> dict:
+        return await measure(url, cases, args.repeats, args.max_time_ms, args.mode)
+
+    if args.url:
+        stats, where = asyncio.run(run(args.url)), f"server at {args.url}"
+    else:
+        model_dir = Path(args.model)
+        if not (model_dir / "config.json").exists():
+            raise SystemExit(f"--model {model_dir}: no config.json there; pass a model directory")
+        stats, where = asyncio.run(with_local_server(model_dir, run)), "in-process engine + uvicorn"
+    text = report(stats, args, where)
+    print(text)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write("\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
