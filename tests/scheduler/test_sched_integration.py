@@ -1,0 +1,118 @@
+"""The engine on a real ModelRunner and the real decoders (tiny random Qwen3 on CPU).
+
+32 concurrent requests mixing ReFusion, AR and AUTO, greedy and seeded sampling, shared prompt
+prefixes, stop strings, cancellations and deadlines. Every request that finishes on its own must
+produce exactly its solo run's tokens; cancelled and expired ones a prefix of it; afterwards no KV
+block may be held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
+from scheduler.config import EngineConfig, RoutingConfig
+
+pytestmark = pytest.mark.slow
+
+SNIPPETS = [
+    "def parse(self, text):\n    return",
+    "class Wrapper:\n    def __init__(self",
+    "import json\n\ndef load(path):\n",
+    "for i in range(10):\n    print(",
+]
+SHARED = "    def _split_chunks(self, text):\n        chunks = self.wordsep_re.split(text)\n"
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir):
+    from workers.runner import ModelRunner
+
+    return ModelRunner(tiny_model_dir, num_blocks=512, block_size=16)
+
+
+def _requests(tokenizer) -> list[GenerationRequest]:
+    out = []
+    for i in range(32):
+        prompt = SHARED + SNIPPETS[i % 4] if i % 2 else SNIPPETS[i % 4] + " " * (i % 3)
+        params = {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 4}
+        if i % 5 == 4:
+            params.update(temperature=0.8, seed=i)
+        mode = (Mode.AR, Mode.REFUSION, Mode.AUTO)[i % 3]
+        priority = Priority.INTERACTIVE if i % 4 == 0 else Priority.BATCH
+        out.append(GenerationRequest(f"r{i}", tokenizer.encode(prompt), params, mode=mode, priority=priority))
+    return out
+
+
+def _solo(runner, factory, spec: GenerationRequest, mode: Mode) -> list[int]:
+    from decoding.loop import decode_batch
+
+    params = factory.parse_params(spec.params)
+    decoder = factory.create(mode, f"solo-{spec.request_id}-{mode.value}", spec.prompt_ids, params, spec.suffix_ids)
+    return decode_batch(runner, [decoder])[0]
+
+
+async def _consume(engine, spec, action):
+    """Collect deltas; `action` = "cancel" (engine.cancel after the first delta), "disconnect"
+    (stop iterating after the first delta) or None."""
+    deltas = []
+    stream = engine.submit(spec)
+    async for delta in stream:
+        deltas.append(delta)
+        if action == "cancel" and len(deltas) == 1 and not delta.finished:
+            engine.cancel(spec.request_id)
+        if action == "disconnect" and not delta.finished:
+            await stream.aclose()
+            break
+    return deltas
+
+
+async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(runner):
+    from scheduler.decoders import ModelDecoderFactory
+    from scheduler.engine import Engine
+
+    tokenizer = runner.tokenizer
+    factory = ModelDecoderFactory(runner)
+    specs = _requests(tokenizer)
+    actions = {"r3": "cancel", "r7": "cancel", "r10": "cancel", "r13": "disconnect", "r21": "disconnect"}
+    for rid in ("r5", "r17", "r26"):
+        specs[int(rid[1:])].max_time_ms = 1
+    solo = {s.request_id: {m: _solo(runner, factory, s, m) for m in (Mode.AR, Mode.REFUSION)} for s in specs}
+    # A stop string taken from request r0's own solo text ends it early, at the same place.
+    solo_text = tokenizer.decode(solo["r0"][Mode.AR], skip_special_tokens=True)
+    stop = next(solo_text[k : k + 2] for k in range(4, len(solo_text) - 2) if solo_text[k : k + 2].strip())
+    specs[0].stop = [stop]
+    assert runner.blocks.num_free == runner.blocks.num_total
+
+    config = EngineConfig(token_budget=256, deadline_grace_ms=0, max_running=12,
+                          routing=RoutingConfig(calibrate=True, calibration_tokens=(1, 64, 256), allow_switch=False))
+    engine = Engine(runner, tokenizer, config, factory)
+    await engine.start()
+    results = await asyncio.gather(*[_consume(engine, s, actions.get(s.request_id)) for s in specs])
+
+    reasons = {}
+    for spec, deltas in zip(specs, results):
+        rid, ids = spec.request_id, [t for d in deltas for t in d.token_ids]
+        final = deltas[-1] if deltas and deltas[-1].finished else None
+        reasons[rid] = final.finish_reason if final else "disconnected"
+        mode = final.mode if final and final.mode else (Mode.AR if spec.mode is Mode.AR else Mode.REFUSION)
+        expected = solo[rid][mode]
+        if rid == "r0":
+            assert final.finish_reason is FinishReason.STOP
+            assert "".join(d.text for d in deltas) == solo_text[: solo_text.index(stop)]
+        elif reasons[rid] in (FinishReason.LENGTH, FinishReason.STOP):
+            assert ids == expected, f"{rid} ({mode.value}) differs from its solo run"
+        else:
+            assert ids == expected[: len(ids)], f"{rid}: partial output is not a prefix of the solo run"
+    assert all(reasons[r] is FinishReason.CANCELLED for r in ("r3", "r7", "r10"))
+    assert all(reasons[r] is FinishReason.DEADLINE for r in ("r5", "r17", "r26"))
+    normal = [r for r, why in reasons.items() if why in (FinishReason.LENGTH, FinishReason.STOP)]
+    assert len(normal) >= 24
+    assert {d[-1].mode for d in results if d and d[-1].finished} >= {Mode.AR, Mode.REFUSION}
+    assert engine.prefix_cache.hit_rate > 0
+
+    await engine.stop()  # clears the prefix cache too
+    assert runner.blocks.num_free == runner.blocks.num_total
+    assert runner.sequences() == []
