@@ -6,9 +6,9 @@ rules) and where kept K/V go. Each layer then calls a backend with its q/k/v:
 
 - `SegmentSDPA` (CPU, tests, CI): one torch SDPA call per segment with an explicit boolean mask
   [Q_i, C_i + Q_i] over (gathered context K/V) + (the segment's own new K/V).
-- `PackedSDPA` (CUDA): one SDPA call per layer over all segments at once: keys are every segment's
-  gathered pages followed by all new K/V, with a block-structured boolean mask [T, C + T]. Correctness
-  first; it also runs on CPU, which is how its logic is tested without a GPU.
+- `BatchedSDPA` (CUDA, workers/attention_batched.py): segments grouped by query length, each group one
+  padded, batched SDPA per layer over gathered pages. It also runs on CPU, which is how its logic is
+  tested without a GPU.
 
 Both write kept tokens' K/V into their cache slots, in query order, in every layer.
 """
@@ -25,16 +25,15 @@ from workers.kv_cache import PagedKVCache
 from workers.transfer import to_device
 
 
-def visibility(segment: Segment, context_len: int, device) -> torch.Tensor:
-    """Boolean mask [Q, context_len + Q]: the committed context, then causal/branch rules among queries."""
+def among_queries(segment: Segment) -> torch.Tensor:
+    """Host boolean mask [Q, Q]: query i sees query j (causal, self included; branch rules if any)."""
     q = len(segment.token_ids)
-    idx = torch.arange(q, device=device)
-    among = idx[None, :] <= idx[:, None]  # [Q, Q] causal, self included
+    idx = torch.arange(q)
+    among = idx[None, :] <= idx[:, None]
     if segment.branch is not None:
-        b = to_device(segment.branch, device)
+        b = torch.tensor(segment.branch)
         among &= (b[None, :] == b[:, None]) | (b[None, :] == TRUNK)
-    ctx = torch.ones((q, context_len), dtype=torch.bool, device=device)
-    return torch.cat((ctx, among), dim=1)
+    return among
 
 
 @dataclass
@@ -42,25 +41,29 @@ class AttentionPlan:
     """Per-forward metadata shared by all layers (all tensors on the device)."""
 
     rows: list[tuple[int, int]]  # [start, end) query rows of each segment in the packed batch
-    context_slots: list[torch.Tensor]  # per segment: [C_i] flat cache slots of its committed context
-    masks: list[torch.Tensor]  # per segment: [Q_i, C_i + Q_i] bool
+    host_slots: list[list[int]]  # per segment: flat cache slots of its committed context (C_i)
+    among: list[torch.Tensor]  # per segment: host [Q_i, Q_i] bool visibility among its queries
+    context_slots: list[torch.Tensor]  # per segment: [C_i] the same slots on the device
+    masks: list[torch.Tensor]  # per segment: [Q_i, C_i + Q_i] bool on the device (context all visible)
     write_rows: torch.Tensor  # [W] packed rows of kept tokens, in query order
     write_slots: torch.Tensor  # [W] their flat cache slots
 
     @classmethod
     def build(cls, segments: list[Segment], context_slots: list[list[int]], write_slots: list[list[int]],
               device) -> AttentionPlan:
-        rows, masks, ctx, w_rows, w_slots = [], [], [], [], []
+        rows, among, masks, ctx, w_rows, w_slots = [], [], [], [], [], []
         start = 0
         for seg, slots, writes in zip(segments, context_slots, write_slots):
             end = start + len(seg.token_ids)
             rows.append((start, end))
             ctx.append(to_device(slots, device))
-            masks.append(visibility(seg, len(slots), device))
+            among.append(among_queries(seg))
+            visible = torch.cat((torch.ones((end - start, len(slots)), dtype=torch.bool), among[-1]), dim=1)
+            masks.append(visible.to(device, non_blocking=True))
             w_rows.extend(start + i for i, kept in enumerate(seg.keep) if kept)
             w_slots.extend(writes)
             start = end
-        return cls(rows, ctx, masks, to_device(w_rows, device), to_device(w_slots, device))
+        return cls(rows, list(context_slots), among, ctx, masks, to_device(w_rows, device), to_device(w_slots, device))
 
 
 class _Backend:
@@ -97,40 +100,13 @@ class SegmentSDPA(_Backend):
         return out
 
 
-class PackedSDPA(_Backend):
-    """CUDA backend: all segments in one SDPA per layer over gathered pages + new K/V."""
+def backends() -> dict[str, type]:
+    """Attention backends by name (the batched one lives in workers.attention_batched)."""
+    from workers.attention_batched import BatchedSDPA
 
-    def __init__(self, cache: PagedKVCache, plan: AttentionPlan):
-        super().__init__(cache, plan)
-        self.all_slots = torch.cat(plan.context_slots)  # [C]
-        self.mask = self._packed_mask()  # [T, C + T]
-
-    def _packed_mask(self) -> torch.Tensor:
-        plan = self.plan
-        num_ctx = int(self.all_slots.shape[0])
-        num_rows = plan.rows[-1][1] if plan.rows else 0
-        mask = torch.zeros((num_rows, num_ctx + num_rows), dtype=torch.bool, device=self.all_slots.device)
-        c0 = 0
-        for (s, e), slots, seg_mask in zip(plan.rows, plan.context_slots, plan.masks):
-            c = int(slots.shape[0])
-            mask[s:e, c0:c0 + c] = seg_mask[:, :c]
-            mask[s:e, num_ctx + s:num_ctx + e] = seg_mask[:, c:]
-            c0 += c
-        return mask
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        group = q.shape[1] // k.shape[1]
-        # Heads expanded explicitly ([C + T, Hq, D]): SDPA's fused masked kernels do not take GQA.
-        keys = torch.cat((self.cache.flat_k(layer).index_select(0, self.all_slots), k)).repeat_interleave(group, 1)
-        values = torch.cat((self.cache.flat_v(layer).index_select(0, self.all_slots), v)).repeat_interleave(group, 1)
-        out = _sdpa(q, keys, values, self.mask)
-        self._write(layer, k, v)
-        return out
-
-
-BACKENDS = {"segment": SegmentSDPA, "packed": PackedSDPA}
+    return {"segment": SegmentSDPA, "batched": BatchedSDPA}
 
 
 def default_backend(device: torch.device) -> str:
-    """The backend picked automatically: packed on a GPU, per-segment on CPU."""
-    return "packed" if device.type == "cuda" else "segment"
+    """The backend picked automatically: batched on a GPU, per-segment on CPU."""
+    return "batched" if device.type == "cuda" else "segment"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from workers import loader
-from workers.attention import BACKENDS, AttentionPlan, default_backend
+from workers.attention import AttentionPlan, backends, default_backend
 from workers.batch import ReadKind, Segment, SegmentResult
 from workers.kv_blocks import BlockPool, BlockTables, KVCacheFullError
 from workers.kv_cache import PagedKVCache, blocks_for_budget
@@ -85,8 +85,8 @@ class ModelRunner:
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype = weight.device, weight.dtype
         self.attention = attention or default_backend(self.device)
-        if self.attention not in BACKENDS:
-            raise ValueError(f"attention must be one of {sorted(BACKENDS)}, got {self.attention!r}")
+        if self.attention not in backends():
+            raise ValueError(f"attention must be one of {sorted(backends())}, got {self.attention!r}")
         n = blocks_for_budget(config, block_size, self.dtype, self.device, num_blocks, kv_memory_bytes)
         self.blocks = BlockPool(n, block_size)
         self._tables = BlockTables(self.blocks)
@@ -148,7 +148,7 @@ class ModelRunner:
         token_ids = to_device([t for s in segments for t in s.token_ids], dev)  # [T]
         positions = to_device([p for s in segments for p in s.positions], dev)  # [T]
         plan = AttentionPlan.build(segments, context_slots, write_slots, dev)
-        hidden = self.model.hidden(token_ids, positions, BACKENDS[self.attention](self.kv, plan))  # [T, H]
+        hidden = self.model.hidden(token_ids, positions, backends()[self.attention](self.kv, plan))  # [T, H]
         read_rows, requests = [], []
         for seg, (start, _) in zip(segments, plan.rows):
             requests.append(ReadRequest(seg, len(read_rows), self._generators[seg.seq_id]))

@@ -1,4 +1,4 @@
-"""The CUDA path of ModelRunner (packed SDPA over gathered pages). Skipped without a GPU."""
+"""The CUDA path of ModelRunner (batched SDPA over gathered pages). Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ def _mixed_batch(runner, mask_id: int):
     ])
 
 
-def test_defaults_pick_cuda_bf16_and_packed(tiny_model_dir):
+def test_defaults_pick_cuda_bf16_and_batched(tiny_model_dir):
     runner = ModelRunner(tiny_model_dir, num_blocks=32)
-    assert runner.device.type == "cuda" and runner.dtype == torch.bfloat16 and runner.attention == "packed"
+    assert runner.device.type == "cuda" and runner.dtype == torch.bfloat16 and runner.attention == "batched"
     assert runner.kv.k[0].is_cuda
 
 
@@ -46,12 +46,12 @@ def test_float32_cuda_matches_transformers(tiny_model_dir):
 
 def test_cuda_backends_agree_and_bf16_is_close(tiny_model_dir):
     outputs = {}
-    for attention, dtype in (("packed", torch.float32), ("segment", torch.float32), ("packed", torch.bfloat16)):
+    for attention, dtype in (("batched", torch.float32), ("segment", torch.float32), ("batched", torch.bfloat16)):
         runner = ModelRunner(tiny_model_dir, device="cuda", dtype=dtype, block_size=4, num_blocks=32, attention=attention)
         outputs[attention, dtype] = torch.cat([result_logits(r) for r in _mixed_batch(runner, runner.info.mask_token_id)])
-    f32 = outputs["packed", torch.float32]
+    f32 = outputs["batched", torch.float32]
     assert (f32 - outputs["segment", torch.float32]).abs().max() < 1e-4
-    assert (f32 - outputs["packed", torch.bfloat16]).abs().max() < 0.5
+    assert (f32 - outputs["batched", torch.bfloat16]).abs().max() < 0.5
 
 
 def test_gumbel_draws_are_per_sequence_on_cuda(tiny_model_dir):

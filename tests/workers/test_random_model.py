@@ -26,11 +26,11 @@ def test_random_model_is_on_device_in_dtype_and_tied():
     assert torch.equal(again.model.layers[1].self_attn.q_proj.weight, model.model.layers[1].self_attn.q_proj.weight)
 
 
-def test_packed_and_segment_backends_agree_on_a_mixed_batch():
-    """The CUDA backend's logic (one SDPA over all segments, expanded GQA heads) against the CPU one."""
+def test_batched_and_segment_backends_agree_on_a_mixed_batch():
+    """The CUDA backend's logic (padded groups, GQA folded into the query axis) against the CPU one."""
     model = random_model(CFG, dtype=torch.float32, device="cpu", seed=2, std=0.2)
     runners = [ModelRunner.from_model(model, mask_token_id=1, block_size=4, num_blocks=32, attention=a)
-               for a in ("segment", "packed")]
+               for a in ("segment", "batched")]
     outputs = []
     for runner in runners:
         runner.execute([segment("a", 0, list(range(2, 11)), reads=[]), segment("b", 0, [5, 6, 7], reads=[])])

@@ -19,7 +19,7 @@ def model_dir(request, tiny_model_dir, tiny_untied_model_dir):
     return tiny_model_dir if request.param == "tied_gqa" else tiny_untied_model_dir
 
 
-@pytest.fixture(scope="module", params=["segment", "packed"])
+@pytest.fixture(scope="module", params=["segment", "batched"])
 def runner(request, model_dir):
     return ModelRunner(model_dir, device="cpu", block_size=4, num_blocks=256, attention=request.param)
 
