@@ -150,8 +150,9 @@ def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         if name not in files:
-            where = files and next(iter(files.values()))
-            raise ModelDirError(where or model_dir, f"tensor {name!r} is missing from the checkpoint")
+            index = Path(model_dir) / SHARD_INDEX
+            where = index if index.is_file() else Path(model_dir) / SINGLE_FILE
+            raise ModelDirError(where, f"tensor {name!r} is missing from the checkpoint")
         by_file.setdefault(files[name], []).append(name)
     weights = {}
     for path, names in by_file.items():

@@ -47,18 +47,25 @@ class ModelInfo:
     device: str
 
 
-def _device_and_dtype(device: str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    """Defaults: cuda when available, else cpu; bfloat16 on cuda, float32 on cpu."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device_and_dtype(device: str | None, dtype: torch.dtype | str | None) -> tuple[torch.device, torch.dtype]:
+    """Defaults: cuda when available, else cpu; bfloat16 on cuda, float32 on cpu. dtype may be a name."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use device='cpu'")
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype.removeprefix("torch.")]
     return dev, dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 
 class ModelRunner:
     """Owns the Qwen3 weights, the KV block pool and tensors, and each sequence's generator."""
 
-    def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | None = None, device: str | None = None,
+    def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | None = None,
                  block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
                  attention: str | None = None):
         device, dtype = _device_and_dtype(device, dtype)

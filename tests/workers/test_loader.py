@@ -70,8 +70,9 @@ def test_missing_tensor_is_named(tiny_model_dir, tmp_path):
     weights = load_file(model / "model.safetensors")
     del weights["model.norm.weight"]
     save_file(weights, model / "model.safetensors")
-    with pytest.raises(ModelDirError, match="model.norm.weight"):
+    with pytest.raises(ModelDirError, match="model.norm.weight") as err:
         ModelRunner(model, device="cpu", num_blocks=8)
+    assert err.value.path.endswith("model.safetensors")
 
 
 def test_mask_token_from_tokenizer_then_none_at_all(tiny_model_dir, tmp_path):
@@ -121,11 +122,13 @@ def test_bad_config_is_explained(tiny_model_dir, tmp_path, edit, message):
 def test_kv_budget_and_dtype(tiny_model_dir):
     cfg = read_config(tiny_model_dir)
     per_block = bytes_per_block(cfg, 16, torch.bfloat16)
-    runner = ModelRunner(tiny_model_dir, device="cpu", dtype=torch.bfloat16, kv_memory_bytes=10 * per_block + 5)
+    runner = ModelRunner(tiny_model_dir, device="cpu", dtype="bfloat16", kv_memory_bytes=10 * per_block + 5)
     assert runner.blocks.num_total == 10 and runner.info.dtype == "bfloat16"
     assert runner.kv.k[0].shape == (10, 16, cfg.num_kv_heads, cfg.head_dim) and runner.kv.k[0].dtype == torch.bfloat16
     ids = list(range(5, 15))
     [res] = runner.execute([segment("b", 0, ids)])
     assert (result_logits(res) - dense_logits(tiny_model_dir, ids)).abs().max() < 0.5  # bf16 rounding only
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        ModelRunner(tiny_model_dir, device="cpu", dtype="float8")
     with pytest.raises(ValueError, match="at most one"):
         ModelRunner(tiny_model_dir, device="cpu", num_blocks=4, kv_memory_bytes=1 << 20)
