@@ -134,20 +134,24 @@ class ModelRunner:
         if not segments:
             return []
         self._validate(segments)
-        for seg in segments:
-            self._tables.truncate(seg.seq_id, seg.context_len)
-            if seg.seq_id not in self._generators:
-                self._generators[seg.seq_id] = torch.Generator(device=self.device).manual_seed(seg.sampling.seed)
-        needed = sum(self._tables.blocks_needed(s.seq_id, s.num_kept) for s in segments)
-        if needed > self.blocks.num_free:
-            raise KVCacheFullError(needed, self.blocks.num_free)
-        context_slots = [self._tables.context_slots(s.seq_id, s.context_len) for s in segments]
+        new = {s.seq_id for s in segments if s.seq_id not in self._tables}
         try:
+            for seg in segments:
+                self._tables.truncate(seg.seq_id, seg.context_len)
+                if seg.seq_id not in self._generators:
+                    self._generators[seg.seq_id] = torch.Generator(device=self.device).manual_seed(seg.sampling.seed)
+            needed = sum(self._tables.blocks_needed(s.seq_id, s.num_kept) for s in segments)
+            if needed > self.blocks.num_free:
+                raise KVCacheFullError(needed, self.blocks.num_free)
+            context_slots = [self._tables.context_slots(s.seq_id, s.context_len) for s in segments]
             write_slots = [self._tables.append_slots(s.seq_id, s.num_kept) for s in segments]
             return self._forward(segments, context_slots, write_slots)
         except BaseException:
-            for seg in segments:  # leave no trace of a failed forward
-                self._tables.truncate(seg.seq_id, seg.context_len)
+            for seg in segments:  # leave no trace of a failed call beyond the requested rollback
+                if seg.seq_id in new:
+                    self.free(seg.seq_id)
+                else:
+                    self._tables.truncate(seg.seq_id, seg.context_len)
             raise
 
     def _forward(self, segments, context_slots, write_slots) -> list[SegmentResult]:
