@@ -6,7 +6,8 @@ import torch
 
 from workers.loader import ModelConfig
 
-DEFAULT_CPU_KV_BYTES = 256 * 2**20
+DEFAULT_CPU_KV_TOKENS = 16384  # CPU default: room for this many tokens ...
+DEFAULT_CPU_KV_MAX_BYTES = 512 * 2**20  # ... but never more than this (tests build many runners)
 DEFAULT_CUDA_KV_FRACTION = 0.5  # of the GPU memory free after loading weights
 
 
@@ -18,19 +19,20 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> in
 
 def blocks_for_budget(cfg: ModelConfig, block_size: int, dtype, device: torch.device,
                       num_blocks: int | None, kv_memory_bytes: int | None) -> int:
-    """num_blocks if given, else as many blocks as kv_memory_bytes holds, else a device default."""
+    """num_blocks if given, else as many blocks as kv_memory_bytes holds, else a device default
+    (CUDA: half the free memory after weights; CPU: 16k tokens, at most 512 MiB)."""
     if num_blocks is not None and kv_memory_bytes is not None:
         raise ValueError("num_blocks and kv_memory_bytes: give at most one of them")
     if num_blocks is not None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         return int(num_blocks)
+    per_block = bytes_per_block(cfg, block_size, dtype)
     if kv_memory_bytes is None:
         if device.type == "cuda":
             kv_memory_bytes = int(torch.cuda.mem_get_info(device)[0] * DEFAULT_CUDA_KV_FRACTION)
         else:
-            kv_memory_bytes = DEFAULT_CPU_KV_BYTES
-    per_block = bytes_per_block(cfg, block_size, dtype)
+            kv_memory_bytes = min(DEFAULT_CPU_KV_MAX_BYTES, -(-DEFAULT_CPU_KV_TOKENS // block_size) * per_block)
     if kv_memory_bytes < per_block:
         raise ValueError(f"kv_memory_bytes {kv_memory_bytes} holds no block; one block needs {per_block} bytes")
     return int(kv_memory_bytes // per_block)

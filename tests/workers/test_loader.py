@@ -132,3 +132,8 @@ def test_kv_budget_and_dtype(tiny_model_dir):
         ModelRunner(tiny_model_dir, device="cpu", dtype="float8")
     with pytest.raises(ValueError, match="at most one"):
         ModelRunner(tiny_model_dir, device="cpu", num_blocks=4, kv_memory_bytes=1 << 20)
+
+
+def test_default_cpu_kv_budget_is_16k_tokens(tiny_model_dir):
+    runner = ModelRunner(tiny_model_dir, device="cpu")
+    assert runner.blocks.num_total * runner.blocks.block_size == 16384
