@@ -68,6 +68,13 @@ class ModelRunner:
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | None = None,
                  block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
                  attention: str | None = None):
+        """Load a Qwen3 HF directory (workers.loader; errors are ModelDirError).
+
+        dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA. device: default cuda when
+        available. KV cache: `num_blocks` blocks of `block_size` tokens, or as many as `kv_memory_bytes`
+        holds, or a device default (workers.kv_cache). attention: "segment" (CPU default) or
+        "batched" (CUDA default), see workers.attention.
+        """
         device, dtype = _device_and_dtype(device, dtype)
         model_dir = Path(model_dir)
         config = loader.read_config(model_dir)
