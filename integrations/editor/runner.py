@@ -160,7 +160,7 @@ async def warm_prefix(client, request_id: str, prompt: InfillPrompt) -> dict:
     req = GenerationRequest(
         request_id=request_id,
         prompt_ids=list(prompt.prompt_ids),
-        params={"gen_length": 1, "temperature": 0.0},
+        params={"gen_length": 1, "slot_size": 1, "serial_num_blocks": 1, "temperature": 0.0},
         mode=Mode.AR,
         priority=Priority.BATCH,  # background work: never ahead of a completion someone waits for
     )

@@ -11,15 +11,13 @@ the older one in the backend too.
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 
 from lsprotocol import types
+from pygls.exceptions import JsonRpcInternalError
 from pygls.lsp.server import LanguageServer
 
 from integrations.lsp.backend import BackendError, EditorBackend
-
-log = logging.getLogger("refusion.lsp")
 
 
 @dataclass
@@ -86,11 +84,10 @@ def build_server(config: BridgeConfig) -> LanguageServer:
         except BackendError as exc:
             if exc.code == -32800:  # superseded by a newer request for this document: nothing to show
                 return types.InlineCompletionList(items=[])
-            log.warning("backend error: %s", exc)
-            return types.InlineCompletionList(items=[])
+            raise JsonRpcInternalError(f"refusion backend: {exc}") from None
         except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
-            log.warning("backend unreachable at %s: %s", config.url, exc)
-            return types.InlineCompletionList(items=[])
+            # An error, not an empty answer: the editor's LSP log then says what is wrong.
+            raise JsonRpcInternalError(f"refusion backend unreachable at {config.url}: {exc}") from None
         text = result.get("text", "")
         if not text.strip():
             return types.InlineCompletionList(items=[])

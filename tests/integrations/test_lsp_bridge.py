@@ -133,3 +133,8 @@ async def test_cancel_request_cancels_the_backend_completion(scripted_backend):
     started = [r.request_id for r in fake.requests[n_before:]]
     assert started and all(rid in fake.cancelled for rid in started)
     assert not set(started) & set(fake.completed)
+
+
+async def test_unreachable_backend_is_an_lsp_error_not_an_empty_answer():
+    with pytest.raises(Exception, match="unreachable"):
+        await lsp_round_trip(f"ws://127.0.0.1:{_free_port()}/v1/editor")
