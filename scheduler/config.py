@@ -83,6 +83,8 @@ class EngineConfig:
     prefix_cache: reuse committed KV of identical prompt prefixes across requests.
     deadline_grace_ms: after max_time_ms a request ends at the next newline, or after this grace.
     max_stop_strings: most stop strings per request.
+    model_dir: directory whose `refusion.json` gives the default decoding parameters; None = the
+        runner's own directory (scheduler.decoders.find_model_dir).
     """
 
     max_running: int = 64
@@ -92,6 +94,7 @@ class EngineConfig:
     prefix_cache: bool = True
     deadline_grace_ms: int = 500
     max_stop_strings: int = 16
+    model_dir: str | None = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:

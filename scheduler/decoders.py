@@ -6,6 +6,7 @@ model only needs a factory that builds AR decoders for it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 from decoding.api import Decoder, Handoff
@@ -36,15 +37,15 @@ REQUEST_PARAMS = (
 class ModelDecoderFactory:
     """The default factory: decoding.refusion / decoding.ar with decoding.params.
 
-    Defaults for unset parameters: `refusion.json` in `model_dir` when given (else the runner's
-    `model_dir` attribute when it has one), else decoding.params.SERVING_DEFAULTS; EOS and mask ids
+    Defaults for unset parameters: `refusion.json` of the model directory (`model_dir`, else found
+    from the runner, see `find_model_dir`), else decoding.params.SERVING_DEFAULTS; EOS and mask ids
     always come from the runner's model.
     """
 
     def __init__(self, runner, model_dir=None):
         from decoding.params import SERVING_DEFAULTS, load_model_defaults
 
-        model_dir = model_dir or getattr(runner, "model_dir", None)
+        model_dir = model_dir or find_model_dir(runner)
         defaults = load_model_defaults(model_dir) if model_dir else dict(SERVING_DEFAULTS)
         defaults["eos_token_id"] = runner.info.eos_token_id
         defaults["mask_token_id"] = runner.info.mask_token_id
@@ -64,6 +65,15 @@ class ModelDecoderFactory:
 
     def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any) -> Decoder:
         return _decoder_class(mode).from_handoff(seq_id, handoff, params)
+
+
+def find_model_dir(runner) -> Path | None:
+    """The runner's model directory: its `model_dir` attribute, else the directory its tokenizer was
+    loaded from (ModelRunner loads both from one directory); None for a runner built in memory."""
+    for candidate in (getattr(runner, "model_dir", None), getattr(getattr(runner, "tokenizer", None), "name_or_path", None)):
+        if candidate and (Path(candidate) / "config.json").is_file():
+            return Path(candidate)
+    return None
 
 
 def _decoder_class(mode: Mode):

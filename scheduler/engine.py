@@ -53,7 +53,7 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.metrics = EngineMetrics()
-        factory = decoder_factory or ModelDecoderFactory(runner)
+        factory = decoder_factory or ModelDecoderFactory(runner, self.config.model_dir)
         runners, factories = {"main": runner}, {"main": factory}
         if ar_runner is not None:
             runners["ar"], factories["ar"] = ar_runner, ar_decoder_factory or ModelDecoderFactory(ar_runner)
