@@ -6,10 +6,12 @@ DECODE feeds the last generated token (clean, kept) at its position and reads th
 row: ARGMAX when temperature == 0, else SAMPLE (temperature, top-k, top-p, drawn from the sequence's
 own seeded generator in the runner, so draws do not depend on the batch).
 
-The first generation step carries the uncached context. When the last context token fed is not the
-token right before the generation point (everything was cached already, e.g. after a ReFusion
-handoff, or an infill suffix was fed last), that step appends a MASK token at the next logical
-position p instead: a mask at p predicts the token at p itself. Its KV is dropped.
+The first generation step carries the uncached context plus a MASK token at the first generation
+position p (a mask at p predicts the token at p itself; its KV is dropped), and the first token is read
+from that mask row, never from the last context row. Three reasons: after a ReFusion handoff the whole
+text is cached already and there is no last row to read; with an infill suffix the last row fed is a
+suffix token; and ReFusion's training objective gives prompt tokens no labels, so "last prompt row ->
+first response token" is never trained, while "mask at p -> token at p" is trained in every example.
 """
 
 from __future__ import annotations
@@ -98,22 +100,18 @@ class ARDecoder:
             self._in_flight = self._segment([self.generated[-1]], [pos], [True], self.cache_len)
             return self._in_flight
         tokens, positions = self.feed.peek(self.feed.pending)
-        needs_mask = not positions or positions[-1] != self.next_position - 1
-        # A prefill chunk must leave the step that reads (context tail [+ mask]) non-empty.
-        chunk = min(max(1, budget), len(tokens) - (0 if needs_mask else 1))
-        if len(tokens) + needs_mask > max(1, budget) and chunk > 0:
+        if tokens and len(tokens) + 1 > max(1, budget):  # prefill chunk: kept, no reads
+            chunk = min(max(1, budget), len(tokens))
             self._first_step, self._context_in_flight = False, chunk
             self._in_flight = Segment(
                 self.seq_id, self.cache_len, tokens[:chunk], positions[:chunk], [True] * chunk, [], None,
                 self._sampling(),
             )
             return self._in_flight
-        keep = [True] * len(tokens)
-        self._context_in_flight = len(tokens)
-        if needs_mask:
-            tokens, positions, keep = tokens + [self.params.mask_token_id], positions + [self.next_position], keep + [False]
-        self._first_step = True
-        self._in_flight = self._segment(tokens, positions, keep, self.cache_len)
+        # First generation step: [context tail, keep] + [MASK at the first generation position, drop].
+        self._first_step, self._context_in_flight = True, len(tokens)
+        tokens, positions = tokens + [self.params.mask_token_id], positions + [self.next_position]
+        self._in_flight = self._segment(tokens, positions, [True] * (len(tokens) - 1) + [False], self.cache_len)
         return self._in_flight
 
     def absorb(self, result: SegmentResult) -> None:

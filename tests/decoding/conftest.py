@@ -9,15 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-PROMPTS = [
-    "def foo(x):\n    return",
-    "import os\n",
-    "class A:",
-    "    if not self",
-    "for i in range(10):",
-    "x = [1, 2, 3]\nprint(",
-]
+from refusion_cases import PROMPTS  # noqa: E402
 
 
 @pytest.fixture(scope="session")

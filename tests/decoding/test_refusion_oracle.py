@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conftest import PROMPTS
 from oracle import refusion_oracle
+from refusion_cases import PROMPTS
 
 from decoding.loop import decode_batch
 from decoding.params import DecodeParams

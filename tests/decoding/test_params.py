@@ -1,0 +1,79 @@
+"""DecodeParams validation (typed errors naming the field) and per-model defaults."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from decoding.api import DecodeParamError
+from decoding.params import SERVING_DEFAULTS, DecodeParams, load_model_defaults
+
+IDS = dict(eos_token_id=0, mask_token_id=2)
+
+
+def test_defaults_are_the_documented_serving_settings():
+    p = DecodeParams(**IDS)
+    assert (p.gen_length, p.slot_size, p.serial_num_blocks, p.block_length) == (128, 8, 4, 32)
+    assert (p.slot_threshold, p.token_threshold, p.temperature) == (0.9, 0.3, 0.0)
+
+
+def test_gen_length_is_rounded_up_to_a_multiple_of_slot_size():
+    p = DecodeParams(**IDS, gen_length=30, slot_size=8, serial_num_blocks=1)
+    assert p.gen_length == 32 and p.block_length == 32
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(gen_length=0), "gen_length"),
+        (dict(slot_size=0), "slot_size"),
+        (dict(serial_num_blocks=0), "serial_num_blocks"),
+        (dict(gen_length=64, slot_size=8, serial_num_blocks=3), "serial_num_blocks"),  # 64/3 not whole
+        (dict(gen_length=64, slot_size=8, serial_num_blocks=16), "serial_num_blocks"),  # block 4 < S
+        (dict(slot_threshold=1.5), "slot_threshold"),
+        (dict(token_threshold=-0.1), "token_threshold"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.01), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(seed=-3), "seed"),
+        (dict(gen_length="64"), "gen_length"),
+        (dict(slot_size=4.0), "slot_size"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(slot_threshold=True), "slot_threshold"),
+        (dict(eos_token_id=-1), "eos_token_id"),
+    ],
+)
+def test_bad_values_raise_a_typed_error_naming_the_field(kwargs, field):
+    with pytest.raises(DecodeParamError) as info:
+        DecodeParams(**(IDS | kwargs))
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+
+
+def test_from_dict_rejects_unknown_names_and_missing_ids():
+    with pytest.raises(DecodeParamError) as info:
+        DecodeParams.from_dict(IDS | {"slot_treshold": 0.5})
+    assert info.value.field == "slot_treshold" and "slot_threshold" in info.value.message
+    with pytest.raises(DecodeParamError) as info:
+        DecodeParams.from_dict({"gen_length": 32})
+    assert info.value.field == "eos_token_id"
+    assert DecodeParams.from_dict(IDS | {"gen_length": 32, "slot_size": 4}).to_dict()["gen_length"] == 32
+
+
+def test_model_defaults_from_config_and_refusion_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [7, 8], "mask_token_id": 9}))
+    defaults = load_model_defaults(tmp_path)
+    assert defaults == SERVING_DEFAULTS | {"eos_token_id": 7, "mask_token_id": 9}
+    (tmp_path / "refusion.json").write_text(json.dumps({"gen_length": 512, "slot_size": 32}))
+    p = DecodeParams.from_dict(load_model_defaults(tmp_path))
+    assert (p.gen_length, p.slot_size, p.serial_num_blocks, p.eos_token_id) == (512, 32, 4, 7)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"gen_lenght": 3}'])
+def test_bad_refusion_json_names_the_file(tmp_path, content):
+    (tmp_path / "refusion.json").write_text(content)
+    with pytest.raises(DecodeParamError) as info:
+        load_model_defaults(tmp_path)
+    assert info.value.field == "refusion.json"
