@@ -1,8 +1,9 @@
 """Editor completion latency over the native protocol: time to the first partial and to a complete
 one-line suggestion, with a warm prefix cache, measured at the client (WebSocket + msgpack included).
 
-Cases are held-out lines of real Python (standard-library modules): the cursor sits after a line's
-indentation inside a function, the line itself is removed, the lines below are the suffix. Each case is
+Cases are held-out lines of real Python (functions of the standard-library files `refusion train` held
+out, workers/corpus.py): the cursor sits after a line's indentation inside a function body, the line
+itself is removed, the rest of the body is the suffix. Each case is
 completed once to warm the prefix cache, then `--repeats` times measured. The suggestion is also
 compared with the removed line (exact match), a rough quality signal for trained models.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
+import json
 import os
 import platform
 import random
@@ -33,29 +34,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from integrations.lsp.backend import EditorBackend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE_MODULES = ("statistics", "fractions", "heapq", "bisect", "colorsys")
 
 
-def held_out_cases(n: int, seed: int = 0, context_lines: int = 60) -> list[dict]:
-    """(prefix, suffix, expected line) around random indented code lines of stdlib modules."""
-    import importlib
+def held_out_cases(n: int, seed: int = 0, heldout_fraction: float = 0.03) -> list[dict]:
+    """Cursor after the indentation of a random code line inside held-out functions; the line is removed.
 
-    rng = random.Random(seed)
+    Units come from workers.corpus (the split `refusion train` used), so a trained model never saw them.
+    """
+    from workers.corpus import extract_units, is_heldout, source_files
+
     pool = []
-    for name in SOURCE_MODULES:
-        lines = inspect.getsource(importlib.import_module(name)).split("\n")
-        for i, line in enumerate(lines):
-            body = line.strip()
-            if line.startswith("    ") and len(body) >= 8 and not body.startswith(("#", '"', "'")) and i > 5:
-                pool.append((name, lines, i))
+    for root, path in source_files(["stdlib"]):
+        rel = path.relative_to(root).as_posix()
+        if not is_heldout(rel, heldout_fraction):
+            continue
+        for unit in extract_units(path.read_text(encoding="utf-8", errors="replace"), rel):
+            lines = unit.response.splitlines(keepends=True)
+            for j, line in enumerate(lines):
+                body = line.strip()
+                if line.startswith(" ") and len(body) >= 8 and not body.startswith(("#", '"', "'")):
+                    pool.append((unit, lines, j))
+    if len(pool) < n:
+        raise SystemExit(f"--cases {n}: only {len(pool)} held-out lines found; ask for fewer")
     cases = []
-    for name, lines, i in rng.sample(pool, n):
-        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-        prefix = "\n".join(lines[max(0, i - context_lines):i]) + "\n" + indent
-        suffix = "\n" + "\n".join(lines[i + 1:i + 1 + context_lines // 3]) + "\n"
-        cases.append({"uri": f"file:///{name}.py#{i}", "prefix": prefix, "suffix": suffix,
-                      "expected": lines[i].strip()})
+    for unit, lines, j in random.Random(seed).sample(pool, n):
+        indent = lines[j][: len(lines[j]) - len(lines[j].lstrip())]
+        cases.append({"uri": f"file:///{unit.path}#{unit.name}:{j}", "prefix": unit.prompt + "".join(lines[:j]) + indent,
+                      "suffix": "\n" + "".join(lines[j + 1:]), "expected": lines[j].strip()})
     return cases
+
+
+def heldout_fraction_of(model_dir: Path) -> float:
+    args_path = model_dir / "train_args.json"
+    if args_path.exists():
+        return float(json.loads(args_path.read_text()).get("heldout_fraction", 0.03))
+    return 0.03
 
 
 async def measure(url: str, cases: list[dict], repeats: int, max_time_ms: int, mode: str) -> dict:
@@ -127,7 +140,7 @@ def report(stats: dict, args, where: str) -> str:
     tpf = f"{statistics.median(stats['tpf']):.2f}" if stats["tpf"] else "n/a (stopped early by a rule)"
     lines = [
         f"Machine: {machine}. Model: `{args.model}` ({where}), mode `{args.mode}`, single-line, "
-        f"{args.cases} held-out stdlib lines x {args.repeats} repeats (prefix cache warmed by one run per case), "
+        f"{args.cases} held-out stdlib function-body lines x {args.repeats} repeats (prefix cache warmed by one run per case), "
         f"max_time_ms {args.max_time_ms}.",
         "",
         "| measure | p50 ms | p95 ms | mean ms | n |",
@@ -154,7 +167,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--append", default=None, help="append the table to this markdown file")
     args = parser.parse_args()
-    cases = held_out_cases(args.cases, args.seed)
+    cases = held_out_cases(args.cases, args.seed, heldout_fraction_of(Path(args.model)))
 
     async def run(url: str) -> dict:
         return await measure(url, cases, args.repeats, args.max_time_ms, args.mode)

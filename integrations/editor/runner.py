@@ -87,6 +87,7 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
         async for delta in deltas:
             raw += delta.text
             ids += list(delta.token_ids)
+            mode = delta.mode or mode
             if job.max_tokens is not None and len(ids) >= job.max_tokens:
                 raw = client.tokenizer.decode(ids[: job.max_tokens], skip_special_tokens=True)
                 ids = ids[: job.max_tokens]
@@ -102,7 +103,7 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
                 await on_text(shown)
             if delta.finished:
                 reason = delta.finish_reason.value if delta.finish_reason else "stop"
-                stats, mode = dict(delta.stats), delta.mode
+                stats = dict(delta.stats)
                 if delta.error:
                     reason = "error"
                 break

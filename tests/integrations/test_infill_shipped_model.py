@@ -1,0 +1,88 @@
+"""Infill on held-out function bodies with the shipped trained model (skipped until it is present).
+
+Each case removes one line from a function of a held-out standard-library file (the split `refusion
+train` used) and asks for it with the rest of the body as the suffix. Checked structurally — no suffix
+line duplicated, single-line answers are one line — because a tiny model's exact-match rate is a
+benchmark number (bench/editor_latency.py), not a pass/fail property. Runs in-process (engine +
+EditorSession), so it costs model load plus a few completions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from integrations.editor import protocol as rpc
+from integrations.editor.session import EditorSession
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED_MODEL = REPO / "models" / "refusion-tiny-code"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").exists(), reason="shipped model not present"),
+]
+
+
+def held_out_cases(n: int) -> list[dict]:
+    sys.path.insert(0, str(REPO / "bench"))
+    from editor_latency import held_out_cases as cases, heldout_fraction_of
+
+    return cases(n, seed=1, heldout_fraction=heldout_fraction_of(SHIPPED_MODEL))
+
+
+async def complete_all(cases: list[dict], multilines: tuple[bool, ...]) -> dict[bool, list[dict]]:
+    """Complete every case once per multiline setting, on one engine."""
+    from integrations.engine_client import LocalEngineClient
+    from integrations.engine_host import build_engine
+
+    engine, tokenizer = build_engine(SHIPPED_MODEL, {}, {"routing": {"calibrate": False}})
+    await engine.start()
+    frames: list = []
+
+    async def send(data: bytes) -> None:
+        frames.append(msgpack.unpackb(data, raw=False))
+
+    session = EditorSession(LocalEngineClient(engine, tokenizer, SHIPPED_MODEL.name), send)
+    try:
+        for multiline in multilines:
+            for i, case in enumerate(cases):
+                params = {"uri": f"{case['uri']}:{multiline}", "prefix": case["prefix"], "suffix": case["suffix"],
+                          "language": "python", "multiline": multiline, "max_time_ms": 20_000}
+                await session.handle_frame(rpc.encode_request(f"{multiline}-{i}", "complete", params))
+        await asyncio.wait_for(session.drain(), 300)
+    finally:
+        await engine.stop(drain_timeout_s=1)
+    responses = {f[1]: f for f in frames if f[0] == rpc.RESPONSE}
+    errors = [f[2] for f in responses.values() if f[2] is not None]
+    assert not errors, errors
+    return {m: [responses[f"{m}-{i}"][3] for i in range(len(cases))] for m in multilines}
+
+
+def _visible_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+async def test_held_out_infill_is_consistent_with_the_suffix():
+    cases = held_out_cases(4)
+    by_mode = await complete_all(cases, (False, True))
+    for multiline, results in by_mode.items():
+        check(cases, results, multiline)
+
+
+def check(cases: list[dict], results: list[dict], multiline: bool) -> None:
+    matches = 0
+    for case, result in zip(cases, results):
+        text, suffix_lines = result["text"], _visible_lines(case["suffix"])
+        if not multiline:
+            assert "\n" not in text.strip("\n"), text
+        # no line of the completion repeats the first line after the gap (the trimming rule held)
+        if suffix_lines and len(suffix_lines[0]) >= 4:
+            assert suffix_lines[0] not in _visible_lines(text), (text, suffix_lines[0])
+        assert result["stop_reason"] in ("stop", "length", "deadline", "newline", "indent", "suffix")
+        matches += text.strip() == case["expected"]
+    print(f"exact line matches ({'multi' if multiline else 'single'}-line): {matches}/{len(cases)}")
