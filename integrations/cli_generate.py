@@ -1,0 +1,171 @@
+"""`refusion generate`: decode one prompt with ReFusion or AR and print the completion.
+
+    refusion generate --prompt "def add(a, b):" [--mode refusion|ar] [--gen-length 64] [--json]
+
+The prompt is tokenized as is (no chat template; special tokens only if the tokenizer's post-processor
+adds them). Decoding parameters default to the model's (`refusion.json`, else decoding.params
+SERVING_DEFAULTS); flags override them. Plain output is the completion text; --json prints one object:
+text, token_ids (generated ids in text order, up to and excluding the first EOS), forwards,
+tokens_per_forward, elapsed_s, and a few more counters. Bad arguments print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "refusion-tiny-code"
+
+# DecodeParams field -> the flag that sets it (so errors name what the user typed)
+FLAGS = {
+    "gen_length": "--gen-length",
+    "slot_size": "--slot-size",
+    "serial_num_blocks": "--blocks",
+    "slot_threshold": "--slot-threshold",
+    "token_threshold": "--token-threshold",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "seed": "--seed",
+}
+
+
+class GenerateArgumentError(ValueError):
+    """A `refusion generate` argument is unusable: `flag` names it, the message says what to change."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `refusion generate`."""
+    a = parser.add_argument
+    a("--model", default=None, help=f"HF model directory (default: {DEFAULT_MODEL})")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-file", help="file holding the prompt text (UTF-8)")
+    a("--mode", choices=["refusion", "ar"], default="refusion")
+    a("--gen-length", type=int, help="tokens to generate (rounded up to a multiple of --slot-size)")
+    a("--slot-size", type=int, help="ReFusion slot size S")
+    a("--blocks", type=int, help="ReFusion serial blocks (gen-length / blocks must be a multiple of S)")
+    a("--slot-threshold", type=float, help="ReFusion plan: choose slots whose confidence exceeds this")
+    a("--token-threshold", type=float, help="ReFusion verify: tokens pass above this probability")
+    a("--temperature", type=float, help="0 = greedy (default)")
+    a("--top-k", type=int, help="AR sampling: keep the k most likely tokens (0 = off)")
+    a("--top-p", type=float, help="AR sampling: nucleus mass in (0, 1]")
+    a("--seed", type=int, help="seed of the request's random stream")
+    a("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+      help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    a("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    a("--json", action="store_true", help="print one JSON object instead of the text")
+    # argparse's own errors print usage plus a message; keep them to the one line the CLI promises.
+    parser.error = lambda message: _fail(f"{parser.prog}: error: {message}")
+
+
+def _fail(line: str) -> None:
+    print(line, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        text = args.prompt
+    else:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GenerateArgumentError("--prompt-file", f"cannot read {args.prompt_file}: {exc}") from exc
+    if not text:
+        raise GenerateArgumentError("--prompt", "is empty; give some text to continue")
+    return text
+
+
+def _model_dir(args) -> Path:
+    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
+    if not model_dir.is_dir():
+        hint = "pass --model DIR" if args.model else "the shipped model is not there; pass --model DIR"
+        raise GenerateArgumentError("--model", f"directory {model_dir} does not exist ({hint})")
+    return model_dir
+
+
+def _load_runner(model_dir: Path, args):
+    import torch
+
+    from workers.runner import ModelRunner
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise GenerateArgumentError("--device", "cuda requested but no CUDA device is available; use --device cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return ModelRunner(model_dir, dtype=dtype, device=args.device)
+
+
+def _params(model_dir: Path, args, runner):
+    from decoding.params import DecodeParams, load_model_defaults
+
+    values = load_model_defaults(model_dir)
+    values |= {"eos_token_id": runner.info.eos_token_id, "mask_token_id": runner.info.mask_token_id}
+    for name, flag in FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))  # "--gen-length" -> args.gen_length
+        if value is not None:
+            values[name] = value
+    return DecodeParams.from_dict(values)
+
+
+def generate(args) -> dict:
+    """Decode one prompt as `args` say; returns the --json object."""
+    from decoding.ar import ARDecoder
+    from decoding.loop import decode_batch
+    from decoding.refusion import RefusionDecoder
+
+    model_dir = _model_dir(args)
+    prompt = _read_prompt(args)
+    runner = _load_runner(model_dir, args)
+    params = _params(model_dir, args, runner)
+    prompt_ids = runner.tokenizer(prompt)["input_ids"]
+    if not prompt_ids:
+        raise GenerateArgumentError("--prompt", "tokenizes to nothing; give some text to continue")
+    decoder_cls = RefusionDecoder if args.mode == "refusion" else ARDecoder
+    decoder = decoder_cls("generate", prompt_ids, params)
+    start = time.perf_counter()
+    decode_batch(runner, [decoder])
+    elapsed = time.perf_counter() - start
+    ids, stats = decoder.output_ids(), decoder.stats
+    return {
+        "text": runner.tokenizer.decode(ids),
+        "token_ids": ids,
+        "mode": args.mode,
+        "prompt_tokens": len(prompt_ids),
+        "generated_tokens": stats.generated_tokens,
+        "forwards": stats.forwards,
+        "prefill_forwards": stats.prefill_forwards,
+        "tokens_per_forward": round(stats.tokens_per_forward, 4),
+        "slots_accepted_at_verify": stats.slots_accepted_at_verify,
+        "slots_accepted_after_completion": stats.slots_accepted_after_completion,
+        "elapsed_s": round(elapsed, 4),
+        "params": params.to_dict(),
+    }
+
+
+def run(args) -> int:
+    """Entry point of `refusion generate`: 0 on success, 2 with a one-line error for bad input."""
+    from decoding.api import DecodeParamError
+    from workers.loader import ModelDirError
+
+    try:
+        result = generate(args)
+    except (GenerateArgumentError, DecodeParamError, ModelDirError) as exc:
+        if isinstance(exc, DecodeParamError):
+            exc = f"{FLAGS.get(exc.field, exc.field)}: {exc.message}"
+        elif isinstance(exc, ModelDirError):
+            exc = f"--model: {exc}"
+        print(f"refusion generate: error: {exc}".replace("\n", " "), file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["text"])
+    return 0

@@ -1,0 +1,112 @@
+"""`refusion generate` on the random tiny model: text and JSON output, flags reach the decoder,
+bad arguments give one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from integrations.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(capsys, *argv):
+    code = main(["generate", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_json_output_matches_a_direct_decode(tiny_model_dir, capsys):
+    from decoding.loop import decode_batch
+    from decoding.params import DecodeParams
+    from decoding.refusion import RefusionDecoder
+    from workers.runner import ModelRunner
+
+    code, out, err = _run(capsys, "--model", str(tiny_model_dir), "--prompt", "def add(a, b):", "--gen-length", "16",
+                          "--slot-size", "4", "--blocks", "2", "--slot-threshold", "0.5", "--token-threshold", "0.2",
+                          "--json")
+    assert code == 0 and err == ""
+    result = json.loads(out)
+    assert {"text", "token_ids", "forwards", "tokens_per_forward", "elapsed_s"} <= set(result)
+    runner = ModelRunner(tiny_model_dir)
+    prompt_ids = runner.tokenizer("def add(a, b):")["input_ids"]
+    params = DecodeParams(eos_token_id=runner.info.eos_token_id, mask_token_id=runner.info.mask_token_id,
+                          gen_length=16, slot_size=4, serial_num_blocks=2, slot_threshold=0.5, token_threshold=0.2)
+    decoder = RefusionDecoder("x", prompt_ids, params)
+    decode_batch(runner, [decoder])
+    assert result["token_ids"] == decoder.output_ids()
+    assert result["forwards"] == decoder.stats.forwards
+    assert result["text"] == runner.tokenizer.decode(decoder.output_ids())
+    assert result["prompt_tokens"] == len(prompt_ids)
+    assert result["tokens_per_forward"] == pytest.approx(len(result["token_ids"]) / result["forwards"], abs=1e-3)
+    assert runner.info.eos_token_id not in result["token_ids"]
+
+
+def test_plain_output_is_the_completion_text_and_ar_mode_works(tiny_model_dir, tmp_path, capsys):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("import os\n")
+    code, out, _ = _run(capsys, "--model", str(tiny_model_dir), "--prompt-file", str(prompt_file), "--mode", "ar",
+                        "--gen-length", "8", "--slot-size", "4", "--blocks", "1", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["mode"] == "ar" and result["forwards"] == len(result["token_ids"]) == 8
+    code, out, _ = _run(capsys, "--model", str(tiny_model_dir), "--prompt-file", str(prompt_file), "--mode", "ar",
+                        "--gen-length", "8", "--slot-size", "4", "--blocks", "1")
+    assert code == 0 and out == result["text"] + "\n"
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--prompt", "x", "--gen-length", "64", "--slot-size", "8", "--blocks", "3"], "--blocks"),
+        (["--prompt", "x", "--slot-threshold", "2"], "--slot-threshold"),
+        (["--prompt", "x", "--temperature", "-1"], "--temperature"),
+        (["--prompt", "x", "--temperature", "hot"], "--temperature"),
+        (["--prompt", "x", "--mode", "fast"], "--mode"),
+        (["--prompt", "x", "--prompt-file", "f"], "--prompt-file"),
+        ([], "--prompt"),
+        (["--prompt", ""], "--prompt"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file"),
+        (["--prompt", "x", "--dtype", "int8"], "--dtype"),
+    ],
+)
+def test_bad_arguments_print_one_line_and_exit_non_zero(tiny_model_dir, capsys, argv, needle):
+    try:
+        code = main(["generate", "--model", str(tiny_model_dir), *argv])
+    except SystemExit as exc:  # argparse-level errors exit from the parser
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert needle in err
+
+
+def test_missing_model_directory_is_one_line(tmp_path, capsys):
+    code, out, err = _run(capsys, "--model", str(tmp_path / "nope"), "--prompt", "x")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "does not exist" in err and "--model" in err
+
+
+def test_directory_that_is_not_a_model_is_one_line(tmp_path, capsys):
+    code, _, err = _run(capsys, "--model", str(tmp_path), "--prompt", "x")
+    assert code == 2 and err.count("\n") == 1 and "--model" in err and "config.json" in err
+
+
+def test_entry_point_in_a_subprocess(tiny_model_dir):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ok = subprocess.run(
+        [sys.executable, "-m", "integrations.cli", "generate", "--model", str(tiny_model_dir), "--prompt", "class A:",
+         "--gen-length", "8", "--slot-size", "4", "--blocks", "2", "--json"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["token_ids"]) <= 8
+    bad = subprocess.run(
+        [sys.executable, "-m", "integrations.cli", "generate", "--prompt", "x", "--top-k", "many"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1 and "--top-k" in bad.stderr
