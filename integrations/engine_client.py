@@ -84,14 +84,14 @@ class EngineFailure:
 
 def read_model_card(model_dir: str | Path) -> dict:
     """What the model directory says about limits and decoding defaults (config.json, refusion.json)."""
+    from decoding.params import load_model_defaults
+
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    defaults_path = model_dir / "refusion.json"
-    defaults = json.loads(defaults_path.read_text()) if defaults_path.exists() else {}
     return {
         "model": model_dir.name,
         "limits": {"context_length": int(config.get("max_position_embeddings", 0))},
-        "defaults": defaults,
+        "defaults": load_model_defaults(model_dir),
     }
 
 

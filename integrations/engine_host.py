@@ -61,7 +61,7 @@ def probe_request(tokenizer) -> GenerationRequest:
     return GenerationRequest(
         request_id=f"health-{uuid.uuid4().hex[:12]}",
         prompt_ids=list(prompt_ids),
-        params={"gen_length": 1, "temperature": 0.0},
+        params={"gen_length": 1, "slot_size": 1, "serial_num_blocks": 1, "temperature": 0.0},
         mode=Mode.AR,
         priority=Priority.INTERACTIVE,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
@@ -26,7 +26,7 @@ from integrations.http_errors import APIError, from_engine_error, install_error_
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest, SamplingFields
 from integrations.tool_calls import ToolCallStreamParser
-from scheduler.api import Delta, GenerationRequest
+from scheduler.api import Delta, FinishReason, GenerationRequest
 
 
 @dataclass
@@ -37,6 +37,7 @@ class APISettings:
     api_keys: list[str] = field(default_factory=list)
     default_max_tokens: int = 256
     completion_default_max_tokens: int = 16
+    decode_defaults: dict = field(default_factory=dict)  # the model's (decoding.params.load_model_defaults)
 
 
 router = APIRouter()
@@ -102,10 +103,10 @@ async def completions(body: CompletionRequest, request: Request):
     prompt_ids = _prompt_ids(client.tokenizer, body.prompt)
     suffix_ids = client.tokenizer.encode(body.suffix, add_special_tokens=False) if body.suffix else None
     header = shape.ResponseHeader("cmpl", client.model_name)
-    req = _generation_request(header.id, body, prompt_ids, body.stop, settings.completion_default_max_tokens)
+    req = _generation_request(header.id, body, prompt_ids, body.stop, settings.completion_default_max_tokens, settings)
     req.suffix_ids = suffix_ids
     observer = RequestObserver(request.app.state.metrics, "completions", header.id, len(prompt_ids))
-    deltas = await _start(client, req, observer)
+    deltas = await _start(client, req, observer, body.max_tokens or settings.completion_default_max_tokens)
     if body.stream:
         events = _completion_events(header, deltas, observer, body.include_usage)
         return _sse_response(events, observer, header.id)
@@ -120,10 +121,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prompt_text, extra_stop = render_chat(client.tokenizer, body.messages, body.tools if body.tools_enabled else None)
     prompt_ids = _prompt_ids(client.tokenizer, prompt_text)
     header = shape.ResponseHeader("chatcmpl", client.model_name)
-    req = _generation_request(header.id, body, prompt_ids, body.stop + extra_stop, settings.default_max_tokens)
+    req = _generation_request(header.id, body, prompt_ids, body.stop + extra_stop, settings.default_max_tokens, settings)
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     observer = RequestObserver(request.app.state.metrics, "chat", header.id, len(prompt_ids))
-    deltas = await _start(client, req, observer)
+    deltas = await _start(client, req, observer, body.max_tokens or settings.default_max_tokens)
     if body.stream:
         events = _chat_events(header, deltas, observer, body.include_usage, allowed)
         return _sse_response(events, observer, header.id)
@@ -160,16 +161,18 @@ def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
 
 
 def _generation_request(request_id: str, body: SamplingFields, prompt_ids: list[int], stop: list[str],
-                        default_max_tokens: int) -> GenerationRequest:
+                        default_max_tokens: int, settings: APISettings) -> GenerationRequest:
     return GenerationRequest(
-        request_id=request_id, prompt_ids=prompt_ids, params=body.decode_params(default_max_tokens),
+        request_id=request_id, prompt_ids=prompt_ids,
+        params=body.decode_params(default_max_tokens, settings.decode_defaults),
         mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,
     )
 
 
-async def _start(client, req: GenerationRequest, observer: RequestObserver) -> AsyncIterator[Delta]:
+async def _start(client, req: GenerationRequest, observer: RequestObserver, max_tokens: int) -> AsyncIterator[Delta]:
     """Submit and wait for the first delta, so that admission errors become HTTP errors (not a 200
-    stream that fails). Returns an iterator over all deltas; closing it cancels the engine request."""
+    stream that fails). Returns an iterator over all deltas, capped at max_tokens (ReFusion rounds the
+    generation up to whole slots); closing it cancels the engine request."""
     stream = client.stream(req)
     try:
         first = await anext(stream)
@@ -184,15 +187,35 @@ async def _start(client, req: GenerationRequest, observer: RequestObserver) -> A
         raise error from exc
 
     async def all_deltas() -> AsyncIterator[Delta]:
+        cap = TokenCap(client.tokenizer, max_tokens)
         try:
             for delta in ([first] if first is not None else []):
-                yield _checked(delta, observer)
+                yield _checked(cap.apply(delta), observer)
             async for delta in stream:
-                yield _checked(delta, observer)
+                yield _checked(cap.apply(delta), observer)
         finally:
             await stream.aclose()
 
     return all_deltas()
+
+
+class TokenCap:
+    """Keeps a stream within max_tokens: the tokens past the cap (at most one slot's worth, from
+    rounding up to whole slots) are computed but not returned; finish_reason becomes "length"."""
+
+    def __init__(self, tokenizer, max_tokens: int):
+        self.tokenizer, self.remaining, self.capped = tokenizer, max_tokens, False
+
+    def apply(self, delta: Delta) -> Delta:
+        if self.capped or len(delta.token_ids) > self.remaining:
+            kept = delta.token_ids[: self.remaining] if not self.capped else []
+            text = self.tokenizer.decode(kept, skip_special_tokens=True) if kept else ""
+            delta = replace(delta, text=text, token_ids=kept)
+            self.capped = True
+        self.remaining -= len(delta.token_ids)
+        if delta.finished and self.capped and delta.finish_reason is FinishReason.STOP:
+            delta.finish_reason = FinishReason.LENGTH
+        return delta
 
 
 def _checked(delta: Delta, observer: RequestObserver) -> Delta:
@@ -248,7 +271,7 @@ def _sse_response(events: AsyncIterator[dict], observer: RequestObserver, reques
 async def _completion_events(header, deltas, observer: RequestObserver, include_usage: bool) -> AsyncIterator[dict]:
     async for delta in deltas:
         finish = shape.openai_finish_reason(delta) if delta.finished else None
-        if delta.text or finish:
+        if delta.text or delta.token_ids or finish:  # tokens that decode to "" still show progress
             yield shape.completion_chunk(header, delta.text, finish)
     if include_usage:
         yield shape.usage_chunk(header, "text_completion", observer.prompt_tokens, observer.completion_tokens)

@@ -15,6 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from scheduler.api import Mode, Priority
 
 
+def fitting_block_count(gen_length: int, slot_size: int, preferred: int) -> int:
+    """Largest block count <= preferred that splits gen_length (rounded up to whole slots) into blocks
+    of whole slots; 1 always fits."""
+    slots = -(-gen_length // slot_size)
+    return max(b for b in range(1, max(1, preferred) + 1) if slots % b == 0)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -64,14 +71,23 @@ class SamplingFields(BaseModel):
             raise ValueError("logit_bias is not supported: remove it")
         return value
 
-    def decode_params(self, default_max_tokens: int) -> dict:
-        """The GenerationRequest.params this request sets (unset ones take the model's defaults)."""
+    def decode_params(self, default_max_tokens: int, model_defaults: dict | None = None) -> dict:
+        """The GenerationRequest.params this request sets (unset ones take the model's defaults).
+
+        ReFusion needs gen_length (max_tokens rounded up to whole slots) to split into
+        serial_num_blocks blocks of whole slots. When the client leaves serial_num_blocks unset, the
+        largest block count up to the model default that fits is chosen, so any max_tokens works.
+        """
         params: dict[str, Any] = {"gen_length": self.max_tokens or default_max_tokens}
         for name in ("temperature", "top_p", "seed", "top_k", "slot_size", "serial_num_blocks",
                      "slot_threshold", "token_threshold"):
             value = getattr(self, name)
             if value is not None:
                 params[name] = value
+        defaults = model_defaults or {}
+        if self.serial_num_blocks is None and "slot_size" in defaults | params:
+            slot = params.get("slot_size", defaults.get("slot_size"))
+            params["serial_num_blocks"] = fitting_block_count(params["gen_length"], slot, defaults.get("serial_num_blocks", 1))
         return params
 
     @property

@@ -94,12 +94,14 @@ class IngressDeployment:
         self.config = ServeConfig.model_validate(config)
         tokenizer = AutoTokenizer.from_pretrained(self.config.model)
         self.client = ServeEngineClient(engine, tokenizer, self.config.model_name)
+        self.decode_defaults = read_model_card(self.config.model)["defaults"]
 
     def __serve_build_asgi_app__(self):
         settings = APISettings(
             model_name=self.config.model_name,
             api_keys=self.config.api_keys,
             default_max_tokens=self.config.default_max_tokens,
+            decode_defaults=self.decode_defaults,
         )
         return create_app(settings, self.client)
 

@@ -1,0 +1,210 @@
+"""End to end: the Ray Serve app on a real tiny model and the real Engine, through the openai SDK."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import API_KEY
+
+TOOLS = [{
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Weather for a city",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}]
+AR = {"mode": "ar"}
+# The random tiny model's greedy choice is mostly <|mask|> (decodes to ""); seeded sampling gives text and
+# is deterministic per request, so runs can be compared exactly.
+SAMPLED = {"temperature": 1.0, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def client(serve_base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=serve_base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_models_list(client, tiny_model_dir):
+    models = client.models.list().data
+    assert [m.id for m in models] == [tiny_model_dir.name]
+    assert client.models.retrieve(tiny_model_dir.name).id == tiny_model_dir.name
+
+
+def test_completion_plain(client, model):
+    prompt = "def add(a, b):\n"
+    first = client.completions.create(model=model, prompt=prompt, max_tokens=12, **SAMPLED, extra_body=AR)
+    again = client.completions.create(model=model, prompt=prompt, max_tokens=12, **SAMPLED, extra_body=AR)
+    choice = first.choices[0]
+    assert isinstance(choice.text, str) and choice.finish_reason in ("stop", "length")
+    assert first.usage.prompt_tokens > 0 and 0 < first.usage.completion_tokens <= 12
+    assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+    assert first.model_extra["refusion"]["mode"] == "ar"
+    assert choice.text and again.choices[0].text == choice.text  # same seed: same text
+
+
+def test_completion_refusion_mode_and_odd_max_tokens(client, model):
+    # 13 tokens is no multiple of the default slot: the ingress fits the blocks and caps the output.
+    out = client.completions.create(model=model, prompt="import os\n", max_tokens=13, extra_body={"mode": "refusion"})
+    assert out.usage.completion_tokens <= 13
+    assert out.model_extra["refusion"]["mode"] == "refusion"
+
+
+def test_completion_stop(client, model):
+    prompt = "class Parser:\n    def parse(self"
+    full = client.completions.create(model=model, prompt=prompt, max_tokens=24, **SAMPLED, extra_body=AR)
+    text = full.choices[0].text
+    words = re.findall(r"[A-Za-z]{2,}", text[2:])
+    assert words, f"the tiny model should produce some letters: {text!r}"
+    stop = words[0]
+    cut = client.completions.create(model=model, prompt=prompt, max_tokens=24, **SAMPLED, stop=[stop], extra_body=AR)
+    assert cut.choices[0].text == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_completion_stream_matches_plain(client, model):
+    prompt = "for i in range(10):\n"
+    plain = client.completions.create(model=model, prompt=prompt, max_tokens=16, **SAMPLED, extra_body=AR)
+    chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=16, **SAMPLED, stream=True,
+                                            stream_options={"include_usage": True}, extra_body=AR))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text and text == plain.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_chat_plain_and_stream(client, model):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list."}]
+    plain = client.chat.completions.create(model=model, messages=messages, max_tokens=16, **SAMPLED, extra_body=AR)
+    message = plain.choices[0].message
+    assert message.role == "assistant" and isinstance(message.content, str)
+    assert plain.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=16, **SAMPLED,
+                                                 stream=True, extra_body=AR))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert message.content and "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+
+
+def _assert_well_formed_tool_answer(message, finish_reason):
+    if message.tool_calls:
+        assert finish_reason == "tool_calls"
+        for call in message.tool_calls:
+            assert call.type == "function" and call.function.name == "get_weather"
+            assert isinstance(json.loads(call.function.arguments), dict)
+    else:
+        assert isinstance(message.content, str) and finish_reason in ("stop", "length")
+
+
+def test_chat_with_tools_is_well_formed(client, model):
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    out = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, max_tokens=24)
+    _assert_well_formed_tool_answer(out.choices[0].message, out.choices[0].finish_reason)
+    stream = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, max_tokens=24, stream=True)
+    finish = [c.choices[0].finish_reason for c in stream if c.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0] in ("stop", "length", "tool_calls")
+
+
+def test_bad_fields_are_400_naming_the_field(client, model):
+    cases = [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 7}, "temperature"),
+        ({"extra_body": {"slot_threshold": 1.5}}, "slot_threshold"),
+        ({"extra_body": {"mode": "fast"}}, "mode"),
+        ({"extra_body": {"bogus_field": 1}}, "bogus_field"),
+        # Passes the HTTP schema, rejected by the engine's DecodeParams (InvalidRequestError over Ray):
+        ({"max_tokens": 16, "extra_body": {"slot_size": 8, "serial_num_blocks": 5}}, "serial_num_blocks"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=model, prompt="x = 1", **kwargs)
+        assert err.value.status_code == 400
+        assert err.value.body["param"] == field and field in err.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="gpt-nope", prompt="x")
+    assert err.value.body["param"] == "model"
+
+
+def _long_stream(http: httpx.Client, path: str, headers: dict | None = None):
+    body = {"prompt": "while True:\n", "max_tokens": 3000, "stream": True, "mode": "ar", "temperature": 0}
+    return http.stream("POST", path, json=body, headers=headers or {})
+
+
+def _metric(url: str, name: str, **labels) -> float:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def test_disconnect_cancels_engine_request(serve_base_url):
+    before = _metric(serve_base_url, "refusion_requests_finished_total", reason="cancelled")
+    with httpx.Client(base_url=serve_base_url, timeout=30) as http:
+        with _long_stream(http, "/v1/completions") as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: {")  # decoding has started
+        started = time.monotonic()
+        while _metric(serve_base_url, "refusion_requests_finished_total", reason="cancelled") <= before:
+            assert time.monotonic() - started < 10, "engine request not cancelled after the client left"
+            time.sleep(0.1)
+        assert http.get("/v1/engine").json()["engine"]["running"] == 0
+
+
+def test_metrics_parse_and_move(serve_base_url, client, model):
+    names = ("refusion_api_requests_total", "refusion_api_time_to_first_token_seconds_count",
+             "refusion_api_completion_tokens_total", "refusion_generation_tokens_total", "refusion_api_e2e_latency_seconds_count")
+    before = {n: _metric(serve_base_url, n) for n in names}
+    client.completions.create(model=model, prompt="print(", max_tokens=8, extra_body=AR)
+    after = {n: _metric(serve_base_url, n) for n in names}
+    assert all(after[n] > before[n] for n in names), (before, after)
+    families = {f.name for f in text_string_to_metric_families(httpx.get(serve_base_url + "/metrics").text)}
+    for family in ("refusion_requests_running", "refusion_requests_waiting", "refusion_kv_cache_usage_ratio",
+                   "refusion_prefix_cache_hit_rate", "refusion_tokens_per_forward", "refusion_api_mode_decisions",
+                   "refusion_api_queue_time_seconds", "refusion_api_inter_token_latency_seconds"):
+        assert family in families
+
+
+def test_api_keys(strict_base_url):
+    with httpx.Client(base_url=strict_base_url, timeout=30) as http:
+        assert http.get("/health").status_code == 200
+        missing = http.get("/v1/models")
+        assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+        assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    sdk = openai.OpenAI(base_url=strict_base_url + "/v1", api_key=API_KEY, max_retries=0)
+    assert sdk.models.list().data
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=strict_base_url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_overload_is_503_with_retry_after(strict_base_url):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    sdk = openai.OpenAI(base_url=strict_base_url + "/v1", api_key=API_KEY, max_retries=0)
+    with httpx.Client(base_url=strict_base_url, timeout=30) as http:
+        with _long_stream(http, "/v1/completions", auth) as response:  # takes the engine's only slot
+            lines = response.iter_lines()  # keep a reference: a collected iterator closes the stream
+            assert next(lines).startswith("data: {")
+            with pytest.raises(openai.APIStatusError) as err:
+                sdk.completions.create(model=sdk.models.list().data[0].id, prompt="x", max_tokens=4)
+    assert err.value.status_code == 503
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    assert err.value.body["type"] == "overloaded_error"
+
+
+def test_engine_replica_health_check(serve_base_url):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("RefusionEngine", app_name="refusion")
+    assert handle.check_health.remote().result(timeout_s=30) is None
