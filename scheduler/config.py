@@ -36,12 +36,12 @@ class RoutingConfig:
         latency (slope * tokens) exceeds this share of the whole latency.
     allow_switch: AUTO requests may switch mode at block boundaries.
     switch_interval_tokens: re-evaluate a running AUTO request at most every this many tokens.
-    ema: weight of a new observation in the live per-class averages.
+    ema: per-observation decay (1 - ema) of the live per-class sums; ~1/ema decode steps of memory.
     """
 
     calibrate: bool = True
     calibration_tokens: tuple[int, ...] = (1, 8, 32, 128, 512)
-    calibration_repeats: int = 2
+    calibration_repeats: int = 3
     cost_points: list[tuple[int, float]] | None = None
     refusion_tpf_prior: float = 2.0
     refusion_step_tokens_prior: float = 24.0
@@ -49,7 +49,7 @@ class RoutingConfig:
     compute_bound_share: float = 0.8
     allow_switch: bool = True
     switch_interval_tokens: int = 32
-    ema: float = 0.1
+    ema: float = 0.01
 
     def __post_init__(self) -> None:
         _check(self.calibration_repeats >= 1, "routing.calibration_repeats", "must be >= 1")

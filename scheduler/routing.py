@@ -13,7 +13,7 @@ The router estimates, for the batch that would run with this request added in ea
     gain(mode)       = throughput(mode) - throughput of the running batch alone
 
 with latency() from the start-up calibration (`CostCurve`) and tpf / step_tokens tracked live per
-request class (mode, priority) as exponential moving averages (priors until measured). It picks AR
+request class (mode, priority) as ratios of exponentially decayed sums (priors until measured). It picks AR
 when the batch would be compute-bound or AR's gain beats ReFusion's by more than `ar_margin` of it.
 Gains, not totals, are compared: with many requests running, one more changes the total by little,
 and a margin on the total would never trigger.
@@ -29,7 +29,11 @@ from scheduler.config import RoutingConfig
 
 class CostCurve:
     """Forward latency (seconds) as a function of packed query tokens: piecewise linear through the
-    measured points, extended linearly past the last one."""
+    measured points, extended linearly past the last one.
+
+    Made non-decreasing: a point is lowered to the smallest latency measured at any larger token
+    count (timing noise on a shared machine is mostly upward spikes, and a curve that dips would
+    make a bigger step look cheaper than a smaller one)."""
 
     def __init__(self, points: list[tuple[int, float]]):
         if not points:
@@ -37,7 +41,12 @@ class CostCurve:
         merged: dict[int, float] = {}
         for tokens, seconds in points:
             merged[int(tokens)] = min(float(seconds), merged.get(int(tokens), float("inf")))
-        self.points = sorted(merged.items())
+        ordered = sorted(merged.items())
+        floor = float("inf")
+        for i in range(len(ordered) - 1, -1, -1):
+            floor = min(floor, ordered[i][1])
+            ordered[i] = (ordered[i][0], floor)
+        self.points = ordered
 
     def latency(self, tokens: float) -> float:
         pts = self.points
@@ -69,11 +78,31 @@ class CostCurve:
 
 @dataclass
 class ClassStats:
-    """Live averages for one request class: tokens per forward and packed tokens per decode step."""
+    """Live estimates for one request class: tokens per forward and packed tokens per decode step.
+
+    Ratio of exponentially decayed sums (tokens / forwards, packed tokens / forwards), not an average
+    of per-step ratios: a ReFusion step yields 0 tokens (plan) or a whole slot (verify), so per-step
+    ratios swing widely while the ratio of sums is steady. The prior enters as `prior_forwards`
+    pseudo-forwards and decays away like any old observation."""
 
     tpf: float
     step_tokens: float
     samples: int = 0
+    tokens_sum: float = 0.0
+    forwards_sum: float = 0.0
+    packed_sum: float = 0.0
+
+    @classmethod
+    def prior(cls, tpf: float, step_tokens: float, prior_forwards: float = 4.0) -> "ClassStats":
+        return cls(tpf, step_tokens, 0, tpf * prior_forwards, prior_forwards, step_tokens * prior_forwards)
+
+    def add(self, tokens: float, forwards: float, packed_tokens: float, decay: float) -> None:
+        self.tokens_sum = self.tokens_sum * decay + tokens
+        self.forwards_sum = self.forwards_sum * decay + forwards
+        self.packed_sum = self.packed_sum * decay + packed_tokens
+        self.tpf = self.tokens_sum / self.forwards_sum
+        self.step_tokens = self.packed_sum / self.forwards_sum
+        self.samples += 1
 
 
 @dataclass
@@ -106,21 +135,16 @@ class Router:
         key = (mode, Priority(priority))
         if key not in self._stats:
             if mode is Mode.AR:
-                self._stats[key] = ClassStats(tpf=1.0, step_tokens=1.0)
+                self._stats[key] = ClassStats.prior(tpf=1.0, step_tokens=1.0)
             else:
                 cfg = self.config
-                self._stats[key] = ClassStats(tpf=cfg.refusion_tpf_prior, step_tokens=cfg.refusion_step_tokens_prior)
+                self._stats[key] = ClassStats.prior(cfg.refusion_tpf_prior, cfg.refusion_step_tokens_prior)
         return self._stats[key]
 
     def observe(self, mode: Mode, priority: Priority, tokens: int, forwards: int, packed_tokens: int) -> None:
-        """Fold one decode step (or a finished request's totals) into the class averages."""
-        if forwards <= 0:
-            return
-        stats = self.stats_for(mode, priority)
-        w = self.config.ema if stats.samples else 1.0
-        stats.tpf += w * (tokens / forwards - stats.tpf)
-        stats.step_tokens += w * (packed_tokens / forwards - stats.step_tokens)
-        stats.samples += 1
+        """Fold one decode step (tokens it produced, its packed query tokens) into the class estimates."""
+        if forwards > 0:
+            self.stats_for(mode, priority).add(tokens, forwards, packed_tokens, 1.0 - self.config.ema)
 
     def decide(self, requested: Mode, priority: Priority, load: LoadSnapshot, current: Mode | None = None) -> RouteDecision:
         """The mode for a request given the load of everything else; `current` is set when re-routing

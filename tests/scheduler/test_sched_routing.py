@@ -31,6 +31,12 @@ def test_cost_curve_interpolates_and_extrapolates():
     assert CostCurve(STEEP).compute_bound_share(400) > 0.95
 
 
+def test_cost_curve_is_made_non_decreasing():
+    noisy = CostCurve([(1, 0.002), (8, 0.006), (32, 0.003), (128, 0.004)])  # a spike at 8 tokens
+    assert [s for _, s in noisy.points] == [0.002, 0.003, 0.003, 0.004]
+    assert noisy.latency(20) <= noisy.latency(30)
+
+
 def test_idle_engine_routes_auto_to_refusion():
     decision = router(FLAT).decide(Mode.AUTO, Priority.BATCH, LoadSnapshot())
     assert decision.mode is Mode.REFUSION and decision.reason == "refusion_faster"
@@ -60,10 +66,10 @@ def test_heavy_load_past_the_knee_routes_to_ar_on_throughput():
 
 def test_live_tpf_below_one_sends_auto_to_ar_even_when_compute_is_free():
     r = router(FLAT)
-    for _ in range(30):
-        r.observe(Mode.REFUSION, Priority.BATCH, tokens=1, forwards=2, packed_tokens=48)  # tpf 0.5
+    for step in range(600):  # plan steps yield nothing, verify steps a 4-token slot: tpf 0.5 overall
+        r.observe(Mode.REFUSION, Priority.BATCH, tokens=0 if step % 4 else 2, forwards=1, packed_tokens=24)
     decision = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot())
-    assert r.stats_for(Mode.REFUSION, Priority.BATCH).tpf == pytest.approx(0.5)
+    assert r.stats_for(Mode.REFUSION, Priority.BATCH).tpf == pytest.approx(0.5, abs=0.02)
     assert decision.mode is Mode.AR and decision.reason == "ar_faster"
     # another class keeps its own (prior) estimate
     assert r.decide(Mode.AUTO, Priority.INTERACTIVE, LoadSnapshot()).mode is Mode.REFUSION
@@ -108,6 +114,7 @@ async def test_auto_request_switches_mode_at_a_block_boundary():
     deltas = [await stream.__anext__()]
     assert deltas[0].mode is Mode.REFUSION
     # ReFusion turns out poor for this class: the next boundary hands the request to AR.
+    engine.router.observe = lambda *args: None  # freeze the estimates at the value set here
     engine.router.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 0.2
     deltas += [d async for d in stream]
     final = deltas[-1]

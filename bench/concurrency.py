@@ -1,0 +1,198 @@
+"""Engine throughput and per-request latency at concurrency 1, 2, 4, ..., 64: ReFusion, AR and AUTO.
+
+For each concurrency level c, c closed-loop clients each send requests back to back until
+`--requests` (at least c) have finished, through `scheduler.engine.Engine` on one ModelRunner. The
+three modes run back to back per level (so machine noise hits them alike); each mode keeps one engine
+for the whole run, so AUTO's live TPF estimates carry over between levels as in a real service.
+
+Reported per level and mode: generated tokens per second of wall time and of process CPU time (the
+second is robust to other jobs on a shared machine; all clients together), median time to
+first token, median inter-token latency (per request: (e2e - TTFT) / (tokens - 1)), median end-to-end
+latency, tokens per forward, and for AUTO the share of requests it served with ReFusion. The bar:
+AUTO within 5% of the better fixed mode at every level.
+
+    OMP_NUM_THREADS=1 python bench/concurrency.py --model models/refusion-tiny-code
+    ... --random-model                        # no trained model yet: random tiny Qwen3 (development)
+    ... --append docs/benchmarks.md           # also append the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import structlog  # noqa: E402
+
+from scheduler.api import GenerationRequest, Mode  # noqa: E402
+from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
+from scheduler.engine import Engine  # noqa: E402
+
+PROMPTS = [
+    "def read_config(path):\n    \"\"\"Load a JSON config file.\"\"\"\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    "def fibonacci(n):\n",
+    "import os\n\n\ndef list_python_files(root):\n",
+    "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n",
+    "    def __repr__(self):\n        return",
+    "def merge_sorted(a, b):\n    result = []\n",
+    "for line in open(path):\n    if line.startswith(",
+]
+MODES = (Mode.REFUSION, Mode.AR, Mode.AUTO)
+
+
+async def run_level(engine: Engine, tokenizer, mode: Mode, concurrency: int, total: int, params: dict, tag: str) -> dict:
+    """`concurrency` closed-loop clients until `total` requests finished: per-request records + wall time."""
+    counter = iter(range(total))
+    records = []
+
+    async def client():
+        for i in counter:
+            prompt = tokenizer.encode(PROMPTS[i % len(PROMPTS)])
+            spec = GenerationRequest(f"{tag}-{mode.value}-{concurrency}-{i}", prompt, dict(params), mode=mode)
+            start, first, tokens, final = time.perf_counter(), None, 0, None
+            async for delta in engine.submit(spec):
+                if delta.token_ids and first is None:
+                    first = time.perf_counter()
+                tokens += len(delta.token_ids)
+                final = delta
+            end = time.perf_counter()
+            first = first or end
+            records.append({
+                "ttft": first - start, "e2e": end - start, "tokens": tokens,
+                "itl": (end - first) / (tokens - 1) if tokens > 1 else 0.0,
+                "mode": final.mode, "tpf": final.stats.get("tokens_per_forward", 0.0),
+            })
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    await asyncio.gather(*[client() for _ in range(concurrency)])
+    return {"records": records, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu_start}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One level and mode over its rounds: throughput = all tokens / all wall time; latency medians."""
+    records = [r for run in runs for r in run["records"]]
+    med = lambda key: statistics.median(r[key] for r in records)  # noqa: E731
+    return {
+        "tok_s": sum(r["tokens"] for r in records) / sum(run["wall"] for run in runs),
+        "tok_cpu_s": sum(r["tokens"] for r in records) / sum(run["cpu"] for run in runs),
+        "ttft_ms": med("ttft") * 1e3, "itl_ms": med("itl") * 1e3, "e2e_ms": med("e2e") * 1e3,
+        "tpf": statistics.mean(r["tpf"] for r in records),
+        "refusion_share": sum(r["mode"] is Mode.REFUSION for r in records) / len(records),
+    }
+
+
+async def run(args, runner) -> list[tuple[int, Mode, dict]]:
+    tokenizer = runner.tokenizer
+    budget = args.token_budget
+    routing = RoutingConfig(calibrate=True, calibration_tokens=(1, 8, 32, 128, budget))
+    engines = {m: Engine(runner, tokenizer, EngineConfig(max_running=64, token_budget=budget, routing=routing)) for m in MODES}
+    for engine in engines.values():
+        await engine.start()
+    params = {"gen_length": args.gen_length} if args.gen_length else {}
+    for mode, engine in engines.items():  # warm-up: first-call costs; AUTO learns live TPF of both modes
+        for warm_mode in ((Mode.REFUSION, Mode.AR) if mode is Mode.AUTO else (mode,)):
+            await run_level(engine, tokenizer, warm_mode, 2, 4, params, "warm")
+    rows = []
+    for c in args.levels:
+        runs = {m: [] for m in MODES}
+        for k in range(args.rounds):  # modes interleaved, order rotated: machine noise hits all alike
+            for mode in MODES[k % 3:] + MODES[: k % 3]:
+                runs[mode].append(await run_level(engines[mode], tokenizer, mode, c, max(c, args.requests), params, f"b{k}"))
+        for mode in MODES:
+            result = summarize(runs[mode])
+            rows.append((c, mode, result))
+            print(f"c={c:3d} {mode.value:9s} {result['tok_s']:8.1f} tok/s {result['tok_cpu_s']:8.1f} tok/cpu-s  ttft {result['ttft_ms']:7.1f} ms  "
+                  f"itl {result['itl_ms']:6.1f} ms  e2e {result['e2e_ms']:8.1f} ms  tpf {result['tpf']:.2f}  "
+                  f"refusion {result['refusion_share']:.0%}", flush=True)
+    args.curve = engines[Mode.AUTO].router.curve.points
+    for engine in engines.values():
+        await engine.stop()
+    return rows
+
+
+def table(rows, args, machine: str, model: str) -> str:
+    lines = [
+        f"Machine: {machine}. Model: {model}. gen_length {args.gen_length or 'model default'}, token budget "
+        f"{args.token_budget}, {args.rounds} interleaved rounds of max(c, {args.requests}) requests per level, closed-loop clients.",
+        f"Calibrated forward latency (packed tokens: ms): "
+        + ", ".join(f"{n}: {s * 1e3:.1f}" for n, s in args.curve) + ".",
+        "",
+        "| c | mode | tok/s | tok/CPU-s | TTFT p50 ms | ITL p50 ms | e2e p50 ms | TPF | served by ReFusion | auto / best (wall, CPU) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    by_level = {}
+    for c, mode, r in rows:
+        by_level.setdefault(c, {})[mode] = r
+    held = {"wall": [], "CPU": []}
+    for c, results in by_level.items():
+        ratios = {}
+        for kind, key in (("wall", "tok_s"), ("CPU", "tok_cpu_s")):
+            ratios[kind] = results[Mode.AUTO][key] / max(results[Mode.REFUSION][key], results[Mode.AR][key])
+            held[kind].append((c, ratios[kind] >= 0.95))
+        for mode in MODES:
+            r = results[mode]
+            extra = f"{ratios['wall']:.2f}, {ratios['CPU']:.2f}" if mode is Mode.AUTO else ""
+            lines.append(f"| {c} | {mode.value} | {r['tok_s']:.1f} | {r['tok_cpu_s']:.1f} | {r['ttft_ms']:.1f} | "
+                         f"{r['itl_ms']:.1f} | {r['e2e_ms']:.1f} | {r['tpf']:.2f} | {r['refusion_share']:.0%} | {extra} |")
+    lines.append("")
+    for kind, checks in held.items():
+        failed = [c for c, ok in checks if not ok]
+        verdict = "holds" if not failed else f"does NOT hold at c = {failed}"
+        lines.append(f"Bar on {kind} throughput (auto >= 0.95 x the better mode at every level): {verdict}.")
+    return "\n".join(lines)
+
+
+def load_runner(args):
+    from workers.runner import ModelRunner
+
+    model_dir = args.model
+    if args.random_model:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from model_factory import make_tiny_model
+
+        model_dir = make_tiny_model(Path(tempfile.mkdtemp(prefix="bench-tiny-")))
+    return ModelRunner(model_dir, num_blocks=args.num_blocks), ("random tiny Qwen3 (tests/model_factory)" if args.random_model else str(args.model))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "refusion-tiny-code")
+    parser.add_argument("--random-model", action="store_true", help="use a random tiny model (development)")
+    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--requests", type=int, default=8, help="requests per level and round (at least the concurrency)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every level")
+    parser.add_argument("--gen-length", type=int, default=32, help="0 = the model's default")
+    parser.add_argument("--token-budget", type=int, default=512)
+    parser.add_argument("--num-blocks", type=int, default=2048)
+    parser.add_argument("--append", type=Path, help="append the table to this markdown file")
+    args = parser.parse_args(argv)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    import torch
+
+    runner, model = load_runner(args)
+    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
+               f"torch {torch.__version__}, device {runner.info.device}")
+    start = time.perf_counter()
+    rows = asyncio.run(run(args, runner))
+    text = table(rows, args, machine, model)
+    print(text)
+    print(f"bench wall time: {time.perf_counter() - start:.0f} s")
+    if args.append:
+        with args.append.open("a") as out:
+            out.write("\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
