@@ -47,99 +47,113 @@ def _append_kv(cache: DynamicCache, source: DynamicCache, start: int, length: in
 
 def refusion_oracle(model, prompt_ids, *, gen_length, slot_size, serial_num_blocks, slot_threshold,
                     token_threshold, eos_id, mask_id, suffix_ids=()) -> OracleResult:
-    S = slot_size
-    gen_length = -(-gen_length // S) * S
-    P = len(prompt_ids)
-    block_len = gen_length // serial_num_blocks
-    ctx = list(prompt_ids) + list(suffix_ids)
-    ctx_pos = list(range(P)) + [P + gen_length + i for i in range(len(suffix_ids))]
-    cache = DynamicCache()
-    accepted: dict[int, int] = {}
-    res = OracleResult([], 0)
-    ev = res.events
-    finish = False
-    for block in range(serial_num_blocks):
-        ev["blocks"] += 1
-        b0 = P + block * block_len
-        pool = list(range(b0, b0 + block_len, S))
-        while pool:
-            base = cache.get_seq_length() + len(ctx)
-            # 1. plan: pool slots as masks after the cache (the first plan also carries the context)
-            mask_pos = [s + j for s in pool for j in range(S)]
-            logits = _forward(model, cache, ctx + [mask_id] * len(mask_pos), ctx_pos + mask_pos)[len(ctx):]
-            res.forwards += 1
-            ctx, ctx_pos = [], []
-            _crop(cache, base)
-            x0 = logits.argmax(-1)
-            p0 = logits.softmax(-1).gather(-1, x0[:, None])[:, 0]
-            drafts = {s: (x0[i * S:(i + 1) * S].tolist(), p0[i * S:(i + 1) * S].tolist()) for i, s in enumerate(pool)}
-            chosen = [s for s in pool if drafts[s][1][0] > slot_threshold]
-            if not chosen:
-                conf = [drafts[s][1][0] for s in pool]
-                chosen = [pool[conf.index(max(conf))]]
-                ev["single_slot_fallback"] += 1
-            # 2. verify: chosen drafts in position order, clean; shifted probabilities
-            flat = [t for s in chosen for t in drafts[s][0]]
-            flat_pos = [s + j for s in chosen for j in range(S)]
-            logits = _forward(model, cache, flat, flat_pos)
-            res.forwards += 1
-            probs = logits.softmax(-1)
-            passes = [k % S == 0 or probs[k - 1, flat[k]].item() > token_threshold for k in range(len(flat))]
-            prefix = next((k for k, ok in enumerate(passes) if not ok), len(passes))
-            eos_at = next((k for k in range(prefix) if flat[k] == eos_id), None)
-            if eos_at is not None:
-                ev["eos_in_verify_prefix"] += 1
-                last = eos_at // S
-                for k in range(eos_at + 1):
-                    accepted[flat_pos[k]] = flat[k]
-                _crop(cache, base + eos_at + 1)
-                ev["pool_slots_dropped_after_verify_eos"] += len([s for s in pool if s > chosen[last]])
-                pool = [s for s in pool if s < chosen[last] and s not in chosen[:last]]
-                finish = True
-                continue
-            if prefix >= S:
-                whole = prefix // S
-                ev["whole_slots_at_verify"] += whole
-                for k in range(whole * S):
-                    accepted[flat_pos[k]] = flat[k]
-                _crop(cache, base + whole * S)
-                pool = [s for s in pool if s not in chosen[:whole]]
-                continue
-            _crop(cache, base)
-            # 3. complete inside the slots, one cache copy per branch
-            ev["slot_completion"] += 1
-            tags = [[all(passes[i * S: i * S + j + 1]) for j in range(S)] for i in range(len(chosen))]
-            slots = [list(drafts[s][0]) for s in chosen]
-            branches = list(chosen)
-            caches = [copy.deepcopy(cache) for _ in branches]
-            rounds, eos_branch = _complete(model, caches, slots, branches, tags, base, S, token_threshold, eos_id, mask_id, ev)
-            res.forwards += 2 * rounds
-            # 4. commit: each slot's KV as computed in its branch, in slot order, cut after the first EOS
-            kept = [t for slot in slots for t in slot]
-            if eos_branch is not None:
-                kept = kept[: kept.index(eos_id) + 1]
-            for i, br_cache in enumerate(caches):
-                n = min(S, len(kept) - i * S)
-                if n <= 0:
-                    break
-                _append_kv(cache, br_cache, base, n)
-                for j in range(n):
-                    accepted[branches[i] + j] = slots[i][j]
-            pool = [s for s in pool if s not in chosen]
-            if eos_branch is not None:
-                after = [s for s in pool if s > branches[eos_branch]]
-                ev["pool_slots_dropped_after_completion_eos"] += len(after)
-                pool = [s for s in pool if s < branches[eos_branch]]
-                finish = True
-        if finish:
-            break
-    out = []
-    for pos in sorted(accepted):
-        if accepted[pos] == eos_id:
-            break
-        out.append(accepted[pos])
-    res.output_ids = out
-    return res
+    """Decode one request by the spec; returns its output, forward count and path events."""
+    return _Oracle(model, prompt_ids, gen_length, slot_size, serial_num_blocks, slot_threshold, token_threshold,
+                   eos_id, mask_id, suffix_ids).run()
+
+
+class _Oracle:
+    def __init__(self, model, prompt_ids, gen_length, S, blocks, slot_threshold, token_threshold, eos_id, mask_id,
+                 suffix_ids):
+        self.model, self.S, self.blocks = model, S, blocks
+        self.gen_length = -(-gen_length // S) * S
+        self.slot_threshold, self.token_threshold, self.eos_id, self.mask_id = (
+            slot_threshold, token_threshold, eos_id, mask_id)
+        self.P = len(prompt_ids)
+        # context the first plan carries: prompt, then the infill suffix after the generation span
+        self.ctx = list(prompt_ids) + list(suffix_ids)
+        self.ctx_pos = list(range(self.P)) + [self.P + self.gen_length + i for i in range(len(suffix_ids))]
+        self.cache = DynamicCache()
+        self.accepted: dict[int, int] = {}
+        self.res = OracleResult([], 0)
+        self.ev = self.res.events
+        self.finish = False
+
+    def run(self) -> OracleResult:
+        block_len = self.gen_length // self.blocks
+        for block in range(self.blocks):
+            self.ev["blocks"] += 1
+            b0 = self.P + block * block_len
+            pool = list(range(b0, b0 + block_len, self.S))
+            while pool:
+                pool = self._step(pool)
+            if self.finish:
+                break
+        for pos in sorted(self.accepted):
+            if self.accepted[pos] == self.eos_id:
+                break
+            self.res.output_ids.append(self.accepted[pos])
+        return self.res
+
+    def _step(self, pool: list[int]) -> list[int]:
+        """One pass of the spec's loop body; returns the new pool."""
+        S, ev = self.S, self.ev
+        base = self.cache.get_seq_length() + len(self.ctx)
+        # 1. plan: pool slots as masks after the cache (the first plan also carries the context)
+        mask_pos = [s + j for s in pool for j in range(S)]
+        tokens = self.ctx + [self.mask_id] * len(mask_pos)
+        logits = _forward(self.model, self.cache, tokens, self.ctx_pos + mask_pos)[len(self.ctx):]
+        self.res.forwards += 1
+        self.ctx, self.ctx_pos = [], []
+        _crop(self.cache, base)
+        x0 = logits.argmax(-1)
+        p0 = logits.softmax(-1).gather(-1, x0[:, None])[:, 0]
+        drafts = {s: (x0[i * S:(i + 1) * S].tolist(), p0[i * S:(i + 1) * S].tolist()) for i, s in enumerate(pool)}
+        chosen = [s for s in pool if drafts[s][1][0] > self.slot_threshold]
+        if not chosen:
+            conf = [drafts[s][1][0] for s in pool]
+            chosen = [pool[conf.index(max(conf))]]
+            ev["single_slot_fallback"] += 1
+        # 2. verify: chosen drafts in position order, clean; shifted probabilities
+        flat = [t for s in chosen for t in drafts[s][0]]
+        flat_pos = [s + j for s in chosen for j in range(S)]
+        probs = _forward(self.model, self.cache, flat, flat_pos).softmax(-1)
+        self.res.forwards += 1
+        passes = [k % S == 0 or probs[k - 1, flat[k]].item() > self.token_threshold for k in range(len(flat))]
+        prefix = next((k for k, ok in enumerate(passes) if not ok), len(passes))
+        eos_at = next((k for k in range(prefix) if flat[k] == self.eos_id), None)
+        if eos_at is not None:
+            ev["eos_in_verify_prefix"] += 1
+            last = eos_at // S
+            self.accepted.update(zip(flat_pos[: eos_at + 1], flat[: eos_at + 1]))
+            _crop(self.cache, base + eos_at + 1)
+            ev["pool_slots_dropped_after_verify_eos"] += len([s for s in pool if s > chosen[last]])
+            self.finish = True
+            return [s for s in pool if s < chosen[last] and s not in chosen[:last]]
+        if prefix >= S:
+            whole = prefix // S
+            ev["whole_slots_at_verify"] += whole
+            self.accepted.update(zip(flat_pos[: whole * S], flat[: whole * S]))
+            _crop(self.cache, base + whole * S)
+            return [s for s in pool if s not in chosen[:whole]]
+        _crop(self.cache, base)
+        tags = [[all(passes[i * S: i * S + j + 1]) for j in range(S)] for i in range(len(chosen))]
+        return self._complete_and_commit(pool, chosen, [list(drafts[s][0]) for s in chosen], tags, base)
+
+    def _complete_and_commit(self, pool, chosen, slots, tags, base) -> list[int]:
+        """Spec steps 3-4: complete in branches (one cache copy each), then append each slot's branch KV."""
+        S, ev = self.S, self.ev
+        ev["slot_completion"] += 1
+        branches = list(chosen)
+        caches = [copy.deepcopy(self.cache) for _ in branches]
+        rounds, eos_branch = _complete(self.model, caches, slots, branches, tags, base, S, self.token_threshold,
+                                       self.eos_id, self.mask_id, ev)
+        self.res.forwards += 2 * rounds
+        kept = [t for slot in slots for t in slot]
+        if eos_branch is not None:
+            kept = kept[: kept.index(self.eos_id) + 1]
+        for i, br_cache in enumerate(caches):
+            n = min(S, len(kept) - i * S)
+            if n <= 0:
+                break
+            _append_kv(self.cache, br_cache, base, n)
+            self.accepted.update((branches[i] + j, slots[i][j]) for j in range(n))
+        pool = [s for s in pool if s not in chosen]
+        if eos_branch is not None:
+            ev["pool_slots_dropped_after_completion_eos"] += len([s for s in pool if s > branches[eos_branch]])
+            pool = [s for s in pool if s < branches[eos_branch]]
+            self.finish = True
+        return pool
 
 
 def _complete(model, caches, slots, branches, tags, base, S, token_threshold, eos_id, mask_id, ev):
