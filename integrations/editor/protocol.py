@@ -154,6 +154,7 @@ class CompleteParams:
     stop: list[str] = field(default_factory=list)
     temperature: float | None = None
     seed: int | None = None
+    gaps: tuple[int, ...] | None = None  # explicit candidate gap lengths (overrides the strategy)
 
 
 def _get(params: dict, name: str, kinds: tuple, default=None, what: str = ""):
@@ -212,6 +213,10 @@ def parse_complete(params: dict, limits: Limits) -> CompleteParams:
     stop = _get(params, "stop", (list,), [], "a list of strings")
     if not all(isinstance(s, str) and s for s in stop):
         raise invalid_params("stop", "must be a list of non-empty strings")
+    gaps = _get(params, "gaps", (list,), None, "a list of 1 to 4 integers")
+    if gaps is not None and not (1 <= len(gaps) <= 4 and all(
+            isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= limits.max_tokens for g in gaps)):
+        raise invalid_params("gaps", f"must be 1 to 4 integers between 1 and {limits.max_tokens}, got {gaps!r}")
     temperature = _get(params, "temperature", (int, float), None, "a number")
     if temperature is not None and not 0 <= temperature <= 2:
         raise invalid_params("temperature", f"must be between 0 and 2, got {temperature}")
@@ -230,6 +235,7 @@ def parse_complete(params: dict, limits: Limits) -> CompleteParams:
         stop=list(stop),
         temperature=float(temperature) if temperature is not None else None,
         seed=_get(params, "seed", (int,), None, "an integer"),
+        gaps=tuple(sorted(set(gaps))) if gaps else None,
     )
 
 

@@ -136,7 +136,7 @@ class EditorSession:
         return CompletionJob(
             request_id=f"ed-{self.conn_id}-{msg_id}",
             prompt=prompt,
-            gaps=plan_gaps(params.max_tokens, params.multiline),
+            gaps=params.gaps or plan_gaps(params.max_tokens, params.multiline),
             rules=Rules(suffix=params.suffix, multiline=params.multiline, indent=params.indent),
             mode=_MODES[params.mode],
             priority=Priority.INTERACTIVE,

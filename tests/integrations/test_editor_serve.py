@@ -85,20 +85,51 @@ async def test_initialize_and_streaming_complete(serve_base_url):
         assert HELD_OUT_SUFFIX.strip() not in result["text"]
 
 
+async def engine_cancellations(base: str) -> int:
+    """Requests the engine replica saw end unfinished (EngineDeployment.info: cancelled_by_client)."""
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        return (await http.get("/v1/engine")).json()["cancelled_by_client"]
+
+
+async def wait_cancellations(base: str, at_least: int, timeout_s: float = 15.0) -> int:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (seen := await engine_cancellations(base)) < at_least and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    return seen
+
+
+# One ReFusion candidate of 256 tokens with no suffix (no rule can end it early); a random model needs
+# about two forwards per token, so it is still running after 0.3 s.
+SLOW = {"gaps": [256], "max_tokens": 256, "suffix": "", "max_time_ms": 30_000, "mode": "refusion"}
+
+
 async def test_cancel_and_supersession_on_the_real_engine(serve_base_url):
+    before = await engine_cancellations(serve_base_url)
     async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws:
         conn = Conn(ws)
-        slow = {"max_tokens": 256, "max_time_ms": 30_000, "mode": "ar"}  # long enough to still be running
-        await conn.request(1, "complete", complete(**slow))
+        await conn.request(1, "complete", complete(**SLOW))
+        await asyncio.sleep(0.3)
         await conn.request(2, "cancel", {"id": 1})
-        _, _, err, _ = await conn.response(1)
-        assert err is not None and err["code"] == rpc.REQUEST_CANCELLED and err["data"]["reason"] == "cancelled"
-        await conn.request(3, "complete", complete(uri="file:///s.py", **slow))
+        _, _, err, result = await conn.response(1)
+        assert err is not None, (result, await conn.response(2))
+        assert err["code"] == rpc.REQUEST_CANCELLED and err["data"]["reason"] == "cancelled"
+        assert await wait_cancellations(serve_base_url, before + 1) >= before + 1  # it ended in the engine
+        await conn.request(3, "complete", complete(uri="file:///s.py", **SLOW))
+        await asyncio.sleep(0.3)
         await conn.request(4, "complete", complete(uri="file:///s.py", max_tokens=8))
         _, _, err3, _ = await conn.response(3)
         assert err3["code"] == rpc.REQUEST_CANCELLED and err3["data"] == {"reason": "superseded", "superseded_by": 4}
         _, _, err4, result4 = await conn.response(4)
         assert err4 is None and result4["tokens"] <= 8
+        assert await wait_cancellations(serve_base_url, before + 2) >= before + 2
+
+
+async def test_disconnect_cancels_in_flight_completions(serve_base_url):
+    before = await engine_cancellations(serve_base_url)
+    async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws:
+        await Conn(ws).request(1, "complete", complete(**SLOW))
+        await asyncio.sleep(0.3)
+    assert await wait_cancellations(serve_base_url, before + 1) >= before + 1
 
 
 async def test_bad_frames_and_unknown_methods_keep_the_connection(serve_base_url):

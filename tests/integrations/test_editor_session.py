@@ -197,3 +197,12 @@ async def test_close_cancels_everything_in_flight(fake_client):  # noqa: F811
     await asyncio.sleep(0.06)
     await s.close()
     assert not s.inflight and len(fake_client.cancelled) == 2 and not wire.responses(1)
+
+
+async def test_explicit_gaps_override_the_strategy(session, fake_client):  # noqa: F811
+    s, wire = session
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(gaps=[40, 8, 40])))
+    await s.handle_frame(rpc.encode_request(2, "complete", complete_params(uri="b", gaps=[0])))
+    await s.drain()
+    assert sorted(r.params["gen_length"] for r in fake_client.requests) == [8, 40]
+    assert wire.responses(2)[0][2]["data"]["field"] == "gaps"
