@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from integrations.editor import protocol as rpc
-from integrations.editor.infill import build_infill_prompt, plan_gaps
+from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, plan_gaps
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob, run_completion
 from scheduler.api import InvalidRequestError, Mode, OverloadedError, Priority
@@ -33,7 +33,7 @@ _KEEP_FINISHED = 64  # finished completions remembered for accept/reject telemet
 class _Inflight:
     task: asyncio.Task
     uri: str
-    cancel_data: dict = field(default_factory=lambda: {"reason": "cancelled"})
+    cancel_data: dict | None = None  # set once cancelled: {"reason": ..., "superseded_by"?: ...}
 
 
 class EditorSession:
@@ -87,8 +87,6 @@ class EditorSession:
         return await handler(req)
 
     async def _initialize(self, req: rpc.Request) -> dict:
-        from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS
-
         return {
             "protocol_version": rpc.PROTOCOL_VERSION,
             "server": "refusion-serve",
@@ -113,10 +111,11 @@ class EditorSession:
         previous = self.by_uri.get(params.uri)
         if previous is not None:
             self._cancel_inflight(previous, {"reason": "superseded", "superseded_by": req.id})
-        if len(self.inflight) >= self.limits.max_inflight:
+        running = sum(1 for entry in self.inflight.values() if entry.cancel_data is None)
+        if running >= self.limits.max_inflight:
             raise rpc.RpcError(
                 rpc.TOO_MANY_REQUESTS,
-                f"{len(self.inflight)} completions in flight on this connection (limit "
+                f"{running} completions in flight on this connection (limit "
                 f"{self.limits.max_inflight}); cancel one or wait",
             )
         job = self._job(req.id, params)
@@ -173,7 +172,7 @@ class EditorSession:
         entry = self.inflight.get(msg_id)
         self._forget(msg_id)
         if task.cancelled() and not self._closed:
-            data = entry.cancel_data if entry is not None else {"reason": "cancelled"}
+            data = (entry.cancel_data if entry is not None else None) or {"reason": "cancelled"}
             err = rpc.RpcError(rpc.REQUEST_CANCELLED, f"completion {data['reason']}", data)
             sender = asyncio.ensure_future(self.send(rpc.encode_response(msg_id, err.to_wire())))
             self._background.add(sender)

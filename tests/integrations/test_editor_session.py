@@ -206,3 +206,14 @@ async def test_explicit_gaps_override_the_strategy(session, fake_client):  # noq
     await s.drain()
     assert sorted(r.params["gen_length"] for r in fake_client.requests) == [8, 40]
     assert wire.responses(2)[0][2]["data"]["field"] == "gaps"
+
+
+async def test_supersession_frees_the_slot_under_the_inflight_limit(fake_client):  # noqa: F811
+    wire = Wire()
+    fake_client.delay_s = 0.05
+    s = EditorSession(fake_client, wire.send, rpc.Limits(max_inflight=1))
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False)))
+    await s.handle_frame(rpc.encode_request(2, "complete", complete_params(multiline=False)))
+    await s.drain()
+    assert wire.responses(1)[0][2]["data"]["reason"] == "superseded"
+    assert wire.responses(2)[0][2] is None
