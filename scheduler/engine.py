@@ -30,7 +30,7 @@ from scheduler.mode_switch import maybe_switch
 from scheduler.prefix_cache import PrefixCache
 from scheduler.request import Request, RequestStatus
 from scheduler.routing import CostCurve, Router
-from scheduler.scheduler import Scheduler, StepPlan
+from scheduler.scheduler import Scheduler, StepPlan, execute_plan
 from scheduler.validation import parse_params, validate_request
 
 log = structlog.get_logger("engine")
@@ -176,23 +176,11 @@ class Engine:
 
     async def _execute(self, plan: StepPlan):
         """One forward per runner, off the event loop. Returns results aligned with plan.items."""
-        groups: dict[str, list[int]] = {}
-        for i, (req, _) in enumerate(plan.items):
+        for req, _ in plan.items:
             req.in_flight = True
-            groups.setdefault(req.runner_key, []).append(i)
-
-        def run() -> list:
-            out = [None] * len(plan.items)
-            for key, idxs in groups.items():
-                results = self.scheduler.runners[key].execute([plan.items[i][1] for i in idxs])
-                by_seq = {r.seq_id: r for r in results}
-                for i in idxs:
-                    out[i] = by_seq[plan.items[i][1].seq_id]
-            return out
-
         start = time.perf_counter()
         try:
-            return await asyncio.to_thread(run)
+            return await asyncio.to_thread(execute_plan, self.scheduler.runners, plan)
         except Exception as exc:
             log.exception("forward_failed", requests=[r.id for r, _ in plan.items])
             for req, _ in plan.items:
@@ -304,22 +292,11 @@ class Engine:
         if spec.request_id in self._requests:
             raise InvalidRequestError("request_id", f"{spec.request_id!r} is already in flight; use a unique id")
         params = parse_params(self.scheduler.factories["main"], spec.params)
-        suffix_len = len(spec.suffix_ids or [])
-        kv_blocks = self.scheduler.kv_blocks_needed(len(spec.prompt_ids), suffix_len, params)
-        capacity = self.scheduler.kv_capacity()
-        if kv_blocks > capacity:
-            raise InvalidRequestError(
-                "prompt_ids",
-                f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({params.gen_length}) "
-                f"need {kv_blocks} KV blocks but the engine has {capacity}; shorten the prompt or lower gen_length",
-            )
         try:
-            self.scheduler.check_queue()
+            req = self.scheduler.add(spec, params, TextStream(self.tokenizer, spec.stop))
         except OverloadedError:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise
-        req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=TextStream(self.tokenizer, spec.stop))
-        self.scheduler.add(req)
         self._requests[req.id] = req
         self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
         self._wake.set()

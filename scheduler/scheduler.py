@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from scheduler.api import Mode, OverloadedError
+from scheduler.api import InvalidRequestError, Mode, OverloadedError
 from scheduler.config import EngineConfig
 from scheduler.prefix_cache import PrefixCache, PrefixHit
 from scheduler.request import Request, RequestStatus
@@ -39,6 +39,21 @@ class StepPlan:
     @property
     def packed_tokens(self) -> int:
         return sum(len(seg.token_ids) for _, seg in self.items)
+
+
+def execute_plan(runners: dict, plan: StepPlan) -> list:
+    """Run the plan: one execute (one packed forward) per runner. Results aligned with plan.items.
+    Called in a worker thread; touches nothing but the runners."""
+    out: list = [None] * len(plan.items)
+    groups: dict[str, list[int]] = {}
+    for i, (req, _) in enumerate(plan.items):
+        groups.setdefault(req.runner_key, []).append(i)
+    for key, idxs in groups.items():
+        results = runners[key].execute([plan.items[i][1] for i in idxs])
+        by_seq = {r.seq_id: r for r in results}
+        for i in idxs:
+            out[i] = by_seq[plan.items[i][1].seq_id]
+    return out
 
 
 class Scheduler:
@@ -69,8 +84,18 @@ class Scheduler:
         """Blocks one request may ever be promised (the pool less the reserve)."""
         return self.runners[key].blocks.num_total - self._reserve(key)
 
-    def check_queue(self) -> None:
-        """Raise OverloadedError when the bounded queue is full."""
+    def add(self, spec, params, stream) -> Request:
+        """Queue a validated request. Raises InvalidRequestError when it could never fit in the KV
+        cache, OverloadedError (with a retry-after hint) when the bounded queue is full."""
+        suffix_len = len(spec.suffix_ids or [])
+        kv_blocks = self.kv_blocks_needed(len(spec.prompt_ids), suffix_len, params)
+        capacity = self.kv_capacity()
+        if kv_blocks > capacity:
+            raise InvalidRequestError(
+                "prompt_ids",
+                f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({params.gen_length}) "
+                f"need {kv_blocks} KV blocks but the engine has {capacity}; shorten the prompt or lower gen_length",
+            )
         free_slots = max(0, self.config.max_running - len(self.running))
         if len(self.waiting) >= self.config.max_queue + free_slots:
             raise OverloadedError(
@@ -78,16 +103,15 @@ class Scheduler:
                 f"(max_queue={self.config.max_queue}); retry later",
                 retry_after_s=self.retry_after_s(),
             )
+        self._arrivals += 1
+        req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals)
+        self.waiting.append(req)
+        return req
 
     def retry_after_s(self) -> float:
         """Rough wait before a slot frees: queue length times the typical request time per slot."""
         typical = self._typical_latency_s()
         return round(min(60.0, max(0.5, typical * (len(self.waiting) + 1) / self.config.max_running)), 2)
-
-    def add(self, req: Request) -> None:
-        self._arrivals += 1
-        req.order = self._arrivals
-        self.waiting.append(req)
 
     def remove(self, req: Request) -> None:
         """Forget a finished request; free its KV unless its segment is inside the running forward."""

@@ -1,0 +1,51 @@
+"""A separate AR model (second runner) served by the same engine: routing, switching, KV on both."""
+
+from __future__ import annotations
+
+from sched_fakes import FakeFactory, FakeRunner, FakeTokenizer, collect, ids_of
+
+from scheduler.api import GenerationRequest, Mode, Priority
+from scheduler.config import EngineConfig, RoutingConfig
+from scheduler.engine import Engine
+
+FLAT = [(1, 0.010), (512, 0.0101)]
+
+
+def _engine(**routing):
+    main, ar = FakeRunner(num_blocks=128), FakeRunner(num_blocks=128)
+    config = EngineConfig(routing=RoutingConfig(calibrate=False, cost_points=FLAT, **routing))
+    engine = Engine(main, FakeTokenizer(), config, FakeFactory(), ar_runner=ar, ar_decoder_factory=FakeFactory())
+    return engine, main, ar
+
+
+def _seqs(runner):
+    return {s.seq_id for call in runner.calls for s in call}
+
+
+async def test_ar_requests_run_on_the_ar_model_and_refusion_on_the_main_one():
+    engine, main, ar = _engine()
+    await engine.start()
+    a = await collect(engine, GenerationRequest("a", [5, 6, 7], {"gen_length": 6}, mode=Mode.AR))
+    r = await collect(engine, GenerationRequest("r", [5, 6, 7], {"gen_length": 6}, mode=Mode.REFUSION))
+    assert len(ids_of(a)) == 6 and len(ids_of(r)) == 6
+    assert _seqs(ar) == {"a"} and _seqs(main) == {"r"}
+    await engine.stop()
+    assert main.blocks.num_free == main.blocks.num_total and ar.blocks.num_free == ar.blocks.num_total
+
+
+async def test_switch_to_the_ar_model_moves_the_request_and_frees_the_main_runner():
+    engine, main, ar = _engine(switch_interval_tokens=4)
+    await engine.start()
+    stream = engine.submit(GenerationRequest("s", [5, 6, 7], {"gen_length": 16}))
+    deltas = [await stream.__anext__()]
+    engine.router.observe = lambda *args: None
+    engine.router.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 0.2
+    deltas += [d async for d in stream]
+    assert deltas[-1].stats["modes"] == ["refusion", "ar"] and len(ids_of(deltas)) == 16
+    assert "s" in _seqs(main) and "s" in _seqs(ar)
+    # the AR model had none of the KV: it prefilled the prompt and the text generated so far
+    first_ar = next(s for call in ar.calls for s in call if s.seq_id == "s")
+    assert first_ar.context_len == 0 and first_ar.token_ids[:3] == [5, 6, 7] and not first_ar.reads
+    assert main.cached_len("s") == 0 and main.blocks.num_free == main.blocks.num_total
+    await engine.stop()
+    assert ar.blocks.num_free == ar.blocks.num_total
