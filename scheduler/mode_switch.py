@@ -35,5 +35,5 @@ def maybe_switch(scheduler, req: Request) -> bool:
     req.decoder = factory.from_handoff(decision.mode, req.id, handoff, req.params)
     req.mode, req.runner_key = decision.mode, new_key
     req.mode_history.append(decision.mode.value)
-    scheduler.record_decision(req, decision, "mode_switch")
+    scheduler.record_decision(req, decision, "mode_switch", generated_tokens=generated)
     return True

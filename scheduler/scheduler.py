@@ -170,11 +170,11 @@ class Scheduler:
         )
         return runner.blocks.num_free - promised - self._reserve(key)
 
-    def record_decision(self, req: Request, decision: RouteDecision, event: str) -> None:
+    def record_decision(self, req: Request, decision: RouteDecision, event: str, **context) -> None:
         """Every routing decision and its inputs go to the metrics and the log."""
         self.metrics.mode_decisions.labels(mode=decision.mode.value, reason=decision.reason).inc()
         log.info(event, request_id=req.id, mode=decision.mode.value, reason=decision.reason,
-                 requested=req.spec.mode.value, priority=req.priority.name, **decision.inputs)
+                 requested=req.spec.mode.value, priority=req.priority.name, **context, **decision.inputs)
 
     # ---- internals -----------------------------------------------------------------------------
     def _start_waiting(self, plan: StepPlan) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import structlog
 
 from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
 from scheduler.config import EngineConfig, RoutingConfig
@@ -42,7 +43,9 @@ def _requests(tokenizer) -> list[GenerationRequest]:
             params.update(temperature=0.8, seed=i)
         mode = (Mode.AR, Mode.REFUSION, Mode.AUTO)[i % 3]
         priority = Priority.INTERACTIVE if i % 4 == 0 else Priority.BATCH
-        out.append(GenerationRequest(f"r{i}", tokenizer.encode(prompt), params, mode=mode, priority=priority))
+        suffix = tokenizer.encode("\n    return result\n") if i in (28, 29, 30) else None  # infill
+        out.append(GenerationRequest(f"r{i}", tokenizer.encode(prompt), params, mode=mode, priority=priority,
+                                     suffix_ids=suffix))
     return out
 
 
@@ -128,3 +131,38 @@ async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(run
     await engine.stop()  # clears the prefix cache too
     assert runner.blocks.num_free == runner.blocks.num_total
     assert runner.sequences() == []
+
+
+def _step_until(runner, decoder, done) -> None:
+    while not decoder.finished and not done(decoder):
+        decoder.absorb(runner.execute([decoder.next_segment(8192)])[0])
+
+
+async def test_auto_request_switching_to_ar_equals_a_solo_run_switched_at_the_same_boundary(runner):
+    from scheduler.decoders import ModelDecoderFactory
+    from scheduler.engine import Engine
+
+    tokenizer, factory = runner.tokenizer, ModelDecoderFactory(runner)
+    spec = GenerationRequest("sw", tokenizer.encode(SNIPPETS[0]), {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 4})
+    routing = RoutingConfig(calibrate=False, cost_points=[(1, 0.01), (512, 0.0101)], switch_interval_tokens=1)
+    engine = Engine(runner, tokenizer, EngineConfig(routing=routing), factory)
+    await engine.start()
+    engine.router.observe = lambda *args: None  # frozen estimates: ReFusion first, then AR wins
+    with structlog.testing.capture_logs() as logs:
+        stream = engine.submit(spec)
+        deltas = [await stream.__anext__()]
+        engine.router.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 0.2
+        deltas += [d async for d in stream]
+    await engine.stop()
+    assert deltas[-1].stats["modes"] == ["refusion", "ar"] and deltas[-1].finish_reason is not FinishReason.ERROR
+    switch_at = next(e["generated_tokens"] for e in logs if e["event"] == "mode_switch")
+
+    params = factory.parse_params(spec.params)
+    solo = factory.create(Mode.REFUSION, "solo-sw", spec.prompt_ids, params, None)
+    _step_until(runner, solo, lambda d: d.at_block_boundary() and len(d.output_ids()) >= switch_at)
+    assert len(solo.output_ids()) == switch_at
+    solo = factory.from_handoff(Mode.AR, "solo-sw", solo.handoff(), params)
+    _step_until(runner, solo, lambda d: False)
+    runner.free("solo-sw")
+    assert [t for d in deltas for t in d.token_ids] == solo.output_ids()
+    assert runner.blocks.num_free == runner.blocks.num_total
