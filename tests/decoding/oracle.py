@@ -46,16 +46,22 @@ def _append_kv(cache: DynamicCache, source: DynamicCache, start: int, length: in
 
 
 def refusion_oracle(model, prompt_ids, *, gen_length, slot_size, serial_num_blocks, slot_threshold,
-                    token_threshold, eos_id, mask_id, suffix_ids=()) -> OracleResult:
-    """Decode one request by the spec; returns its output, forward count and path events."""
+                    token_threshold, eos_id, mask_id, suffix_ids=(), temperature=0.0, seed=0) -> OracleResult:
+    """Decode one request by the spec; returns its output, forward count and path events.
+
+    temperature > 0: the plan's argmax is taken over exp(logits) / (-log u)**T in float64 (the reference's
+    Gumbel-max), u drawn from a torch.Generator seeded with `seed`, one [mask rows, vocab] draw per plan
+    (the runner's documented draw order, so the engine can match token for token).
+    """
     return _Oracle(model, prompt_ids, gen_length, slot_size, serial_num_blocks, slot_threshold, token_threshold,
-                   eos_id, mask_id, suffix_ids).run()
+                   eos_id, mask_id, suffix_ids, temperature, seed).run()
 
 
 class _Oracle:
     def __init__(self, model, prompt_ids, gen_length, S, blocks, slot_threshold, token_threshold, eos_id, mask_id,
-                 suffix_ids):
+                 suffix_ids, temperature, seed):
         self.model, self.S, self.blocks = model, S, blocks
+        self.temperature, self.generator = temperature, torch.Generator().manual_seed(seed)
         self.gen_length = -(-gen_length // S) * S
         self.slot_threshold, self.token_threshold, self.eos_id, self.mask_id = (
             slot_threshold, token_threshold, eos_id, mask_id)
@@ -97,6 +103,10 @@ class _Oracle:
         self.ctx, self.ctx_pos = [], []
         _crop(self.cache, base)
         x0 = logits.argmax(-1)
+        if self.temperature > 0:  # Gumbel noise on the planning argmax only; confidence stays noise-free
+            u = torch.rand(logits.shape, generator=self.generator, dtype=torch.float64)
+            x0 = (logits.double().exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
+            self.ev["gumbel_plans"] += 1
         p0 = logits.softmax(-1).gather(-1, x0[:, None])[:, 0]
         drafts = {s: (x0[i * S:(i + 1) * S].tolist(), p0[i * S:(i + 1) * S].tolist()) for i, s in enumerate(pool)}
         chosen = [s for s in pool if drafts[s][1][0] > self.slot_threshold]

@@ -112,6 +112,32 @@ def test_infill_suffix_matches_oracle(untied_runner, untied_hf, frequent_tokens,
     assert without.output_ids() != with_suffix.output_ids()  # the suffix is actually seen
 
 
+@pytest.mark.parametrize("temperature, seed, case", [(0.7, 1, PARAM_SETS[1]), (1.5, 2, PARAM_SETS[4])])
+def test_gumbel_planning_matches_oracle(untied_runner, untied_hf, frequent_tokens, temperature, seed, case):
+    """temperature > 0: noise on the plan's argmax only (drafts inside branches stay plain argmax)."""
+    changed, events = 0, Counter()
+    for prompt in PROMPTS[:3]:
+        prompt_ids = untied_runner.tokenizer(prompt)["input_ids"]
+        params = _params(untied_runner, frequent_tokens, *case)
+        greedy = RefusionDecoder("greedy", prompt_ids, params)
+        decode_batch(untied_runner, [greedy])
+        params.temperature, params.seed = temperature, seed
+        oracle = refusion_oracle(
+            untied_hf, prompt_ids, gen_length=params.gen_length, slot_size=params.slot_size,
+            serial_num_blocks=params.serial_num_blocks, slot_threshold=params.slot_threshold,
+            token_threshold=params.token_threshold, eos_id=params.eos_token_id, mask_id=params.mask_token_id,
+            temperature=temperature, seed=seed,
+        )
+        decoder = RefusionDecoder("req", prompt_ids, params)
+        decode_batch(untied_runner, [decoder])
+        assert decoder.output_ids() == oracle.output_ids, prompt
+        assert decoder.stats.forwards == oracle.forwards
+        changed += decoder.output_ids() != greedy.output_ids()
+        events += oracle.events
+    assert changed > 0  # the noise really changed the text
+    assert events["gumbel_plans"] > 0 and events["slot_completion"] > 0
+
+
 @pytest.mark.parametrize("budget", [1, 3, 7])
 def test_chunked_prompt_prefill_matches_oracle(untied_runner, untied_hf, frequent_tokens, budget):
     prompt_ids = untied_runner.tokenizer(PROMPTS[5])["input_ids"]
