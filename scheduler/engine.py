@@ -134,10 +134,11 @@ class Engine:
             "prefix_cache_blocks": len(self.prefix_cache) if self.prefix_cache else 0,
             "prefix_cache_hit_rate": self.prefix_cache.hit_rate if self.prefix_cache else 0.0,
             "cost_curve": list(curve.points),
-            "class_stats": {f"{m.value}/{p.name}": vars(s).copy() for (m, p), s in self.router._stats.items()},
+            "class_stats": self.router.class_stats(),
         }
 
     def clear_prefix_cache(self) -> None:
+        """Release every block the prefix cache holds (blocks shared with running requests stay theirs)."""
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 

@@ -141,6 +141,11 @@ class Router:
                 self._stats[key] = ClassStats.prior(cfg.refusion_tpf_prior, cfg.refusion_step_tokens_prior)
         return self._stats[key]
 
+    def class_stats(self) -> dict[str, dict]:
+        """Current estimates per class, e.g. {"refusion/BATCH": {"tpf": 1.8, "step_tokens": 30.2, ...}}."""
+        return {f"{m.value}/{p.name}": {"tpf": s.tpf, "step_tokens": s.step_tokens, "samples": s.samples}
+                for (m, p), s in self._stats.items()}
+
     def observe(self, mode: Mode, priority: Priority, tokens: int, forwards: int, packed_tokens: int) -> None:
         """Fold one decode step (tokens it produced, its packed query tokens) into the class estimates."""
         if forwards > 0:
