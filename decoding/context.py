@@ -33,7 +33,9 @@ class ContextFeed:
         self.suffix_ids = list(suffix_ids or [])
         self.suffix_start = len(prompt_ids) + gen_length
         if not 0 <= suffix_cached_len <= len(self.suffix_ids):
-            raise DecodeParamError("suffix_cached_len", f"must lie in 0..{len(self.suffix_ids)}, got {suffix_cached_len}")
+            raise DecodeParamError(
+                "suffix_cached_len", f"must lie in 0..{len(self.suffix_ids)}, got {suffix_cached_len}"
+            )
         self.cached = cached_len  # prompt tokens in the cache
         self.suffix_in_cache = suffix_cached_len  # suffix tokens in the cache (fed after the whole prompt)
         self._pending = self._build_pending()

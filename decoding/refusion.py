@@ -13,6 +13,12 @@ requests into one forward. Spec step by step:
   3 BRANCH_*      slot completion, see decoding.branches.
   4 commit        in absorb: accepted tokens extend the committed cache length.
 Details the spec leaves implicit follow the reference implementation (see decoding.refusion_plan).
+
+Stats: `forwards` counts every forward of the request except pure prompt chunks (`prefill_forwards`);
+the first plan carries the prompt tail. Infill: `suffix_ids` are fed with the first segment, as clean
+kept tokens right after the generation span (decoding.context). Handoff: `handoff()` at a block
+boundary (PREFILL or NEXT_BLOCK, nothing in flight); `from_handoff` continues another decoder's text,
+and output_ids()/stream_ids() then include the handed-off text.
 """
 
 from __future__ import annotations
@@ -21,14 +27,7 @@ import time
 from enum import Enum
 
 from decoding.api import DecodeParamError, DecodeStats, Handoff
-from decoding.branches import (
-    Branch,
-    absorb_drafts,
-    absorb_verification,
-    draft_segment,
-    stop_after_eos,
-    verify_segment,
-)
+from decoding.branches import Branch, absorb_drafts, absorb_verification, draft_segment, stop_after_eos, verify_segment
 from decoding.context import ContextFeed
 from decoding.params import DecodeParams
 from decoding.refusion_plan import Draft, SlotPool, choose_slots, split_blocks, verify_prefix
