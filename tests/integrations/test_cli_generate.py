@@ -110,3 +110,12 @@ def test_entry_point_in_a_subprocess(tiny_model_dir):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1 and "--top-k" in bad.stderr
+
+
+@pytest.mark.skipif(not (REPO / "models" / "refusion-tiny-code" / "config.json").is_file(),
+                    reason="the shipped model is not in models/ yet")
+def test_default_model_is_the_shipped_one(capsys):
+    code, out, err = _run(capsys, "--prompt", "def add(a, b):\n", "--gen-length", "32", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert 0 < len(result["token_ids"]) <= 32 and result["forwards"] >= 1
