@@ -79,34 +79,34 @@ def tokens_per_forward(stats: dict) -> float | None:
 
 async def decode_candidate(client, req: GenerationRequest, gap: int, job: CompletionJob,
                            on_text: PartialCallback | None = None) -> Candidate:
-    """Stream one candidate; stop early (closing the stream cancels it in the engine) on a rule cut
-    or the token cap. The returned text has the final-only rules applied too."""
+    """Stream one candidate; stop early (closing the stream cancels it in the engine) on a rule cut,
+    or on the token cap when the engine would go past it. The text has the final-only rules applied."""
     raw, ids, reason, stats, mode = "", [], "length", {}, None
-    shown = ""
+    shown, capped = "", False
     async with contextlib.aclosing(client.stream(req)) as deltas:
         async for delta in deltas:
-            raw += delta.text
-            ids += list(delta.token_ids)
             mode = delta.mode or mode
-            if job.max_tokens is not None and len(ids) >= job.max_tokens:
-                raw = client.tokenizer.decode(ids[: job.max_tokens], skip_special_tokens=True)
-                ids = ids[: job.max_tokens]
-                reason = "length"
-                if not delta.finished:
+            if not capped:
+                raw, ids = raw + delta.text, ids + list(delta.token_ids)
+                if job.max_tokens is not None and len(ids) >= job.max_tokens:
+                    capped = True
+                    if len(ids) > job.max_tokens:
+                        ids = ids[: job.max_tokens]
+                        raw = client.tokenizer.decode(ids, skip_special_tokens=True)
+                processed = postprocess(raw, job.rules)
+                if processed.cut:
+                    raw, reason = processed.text, processed.cut
                     break
-            processed = postprocess(raw, job.rules)
-            if processed.cut:
-                raw, reason = processed.text, processed.cut
-                break
-            if on_text is not None and (partial := shown_partial(processed.text, job.rules.suffix)) != shown:
-                shown = partial
-                await on_text(shown)
+                if on_text is not None and (partial := shown_partial(processed.text, job.rules.suffix)) != shown:
+                    shown = partial
+                    await on_text(shown)
             if delta.finished:
-                reason = delta.finish_reason.value if delta.finish_reason else "stop"
                 stats = dict(delta.stats)
-                if delta.error:
-                    reason = "error"
+                if not capped:
+                    reason = "error" if delta.error else (delta.finish_reason.value if delta.finish_reason else "stop")
                 break
+            if capped and gap > job.max_tokens:
+                break  # the engine would generate past the cap: stop it now
     final = postprocess(raw, job.rules, final=True)
     if final.cut:
         reason = final.cut

@@ -217,3 +217,17 @@ async def test_supersession_frees_the_slot_under_the_inflight_limit(fake_client)
     await s.drain()
     assert wire.responses(1)[0][2]["data"]["reason"] == "superseded"
     assert wire.responses(2)[0][2] is None
+
+
+async def test_max_tokens_caps_the_text_and_stops_a_longer_gap(session, fake_client):  # noqa: F811
+    s, wire = session
+    fake_client.default_text = "value = compute(alpha, beta, gamma, delta)\n"
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(max_tokens=3, gaps=[16])))
+    await s.handle_frame(rpc.encode_request(2, "complete", complete_params(uri="b", max_tokens=8)))
+    await s.drain()
+    r1, r2 = wire.responses(1)[0][3], wire.responses(2)[0][3]
+    ids = fake_client.tokenizer.encode(fake_client.default_text, add_special_tokens=False)
+    assert r1["tokens"] == 3 and r1["text"] == fake_client.tokenizer.decode(ids[:3])
+    assert r1["stop_reason"] == "length" and fake_client.requests[0].request_id in fake_client.cancelled
+    # gap == cap (8): the engine ends on its own, so its final stats still arrive
+    assert r2["tokens"] == 8 and r2["tokens_per_forward"] is not None
