@@ -19,7 +19,6 @@ def untied_runner(tiny_untied_model_dir):
 
     from workers.runner import ModelRunner
 
-    torch.set_num_threads(1)
     return ModelRunner(tiny_untied_model_dir, dtype=torch.float32, device="cpu")
 
 
