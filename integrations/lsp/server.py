@@ -11,7 +11,7 @@ the older one in the backend too.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInternalError
@@ -30,6 +30,7 @@ class BridgeConfig:
     multiline: str = "auto"  # auto: multi-line only when the cursor line has no text after the cursor
     max_tokens: int | None = None  # None: the backend's default gaps
     max_time_ms: int | None = 2000
+    params: dict = field(default_factory=dict)  # extra `complete` params, e.g. {"mode": "ar", "temperature": 0.2}
 
     def update(self, options: dict | None) -> None:
         for key, value in (options or {}).items():
@@ -53,14 +54,15 @@ def wants_multiline(mode: str, suffix: str) -> bool:
 
 def complete_params(config: BridgeConfig, uri: str, version: int | None, language: str,
                     prefix: str, suffix: str) -> dict:
-    params = {"uri": uri, "prefix": prefix, "suffix": suffix, "language": language or "",
-              "multiline": wants_multiline(config.multiline, suffix)}
-    if version is not None:
-        params["version"] = version
+    params = {"multiline": wants_multiline(config.multiline, suffix)}
     if config.max_tokens:
         params["max_tokens"] = config.max_tokens
     if config.max_time_ms:
         params["max_time_ms"] = config.max_time_ms
+    params.update(config.params)
+    params.update(uri=uri, prefix=prefix, suffix=suffix, language=language or "")
+    if version is not None:
+        params["version"] = version
     return params
 
 

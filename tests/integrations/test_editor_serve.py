@@ -9,6 +9,7 @@ protocol's guarantees, the post-processing (no suffix line repeated), and that r
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import msgpack
@@ -168,6 +169,10 @@ async def test_infill_like_llama_vim_and_llama_vscode(serve_base_url):
         warm = await http.post("/infill", json=llama_vim_request(n_predict=0, input_prefix="", input_suffix="",
                                                                  prompt="", response_fields=[""]))
         assert warm.status_code == 200 and warm.json() == {}
+        streamed = await http.post("/infill", json=llama_vscode_request(n_predict=16, stream=True))
+        events = [json.loads(chunk[len("data: "):]) for chunk in streamed.text.split("\n\n") if chunk.startswith("data: ")]
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert events and events[-1]["stop"] is True and "timings" in events[-1]
         bad = await http.post("/infill", json=llama_vscode_request(n_cmpl=9))
         assert bad.status_code == 400 and "n_cmpl" in bad.json()["error"]["message"]
 
@@ -177,6 +182,8 @@ async def test_lsp_bridge_round_trip_and_cancel(serve_base_url):
     assert isinstance(result, types.InlineCompletionList)
     for item in result.items:
         assert item.insert_text.strip() and "return result" not in item.insert_text
-    error = await lsp_cancel(ws_url(serve_base_url), wait_s=0.0)
-    # cancelled before the backend answered (RequestCancelled), or so fast it finished: both are valid
-    assert error is None or "cancel" in str(error).lower()
+    before = await engine_cancellations(serve_base_url)
+    slow = {"params": {key: SLOW[key] for key in ("gaps", "max_tokens", "mode")}, "max_time_ms": 30_000}
+    error = await lsp_cancel(ws_url(serve_base_url), wait_s=0.8, init_options=slow)
+    assert error is not None and "cancel" in str(error).lower()
+    assert await wait_cancellations(serve_base_url, before + 1) >= before + 1  # $/cancelRequest reached the engine

@@ -52,10 +52,11 @@ def scripted_backend(bpe_tokenizer):  # noqa: F811
     thread.join(10)
 
 
-async def start_lsp(url: str) -> LanguageClient:
+async def start_lsp(url: str, init_options: dict | None = None) -> LanguageClient:
     client = LanguageClient("refusion-test", "0")
     await client.start_io(sys.executable, "-m", "integrations.cli", "lsp", "--url", url, "--max-time-ms", "5000")
-    await asyncio.wait_for(client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities())), 30)
+    init = types.InitializeParams(capabilities=types.ClientCapabilities(), initialization_options=init_options)
+    await asyncio.wait_for(client.initialize_async(init), 30)
     client.initialized(types.InitializedParams())
     client.text_document_did_open(types.DidOpenTextDocumentParams(
         text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=DOC)))
@@ -84,9 +85,9 @@ async def lsp_round_trip(url: str) -> types.InlineCompletionList:
         await stop_lsp(client)
 
 
-async def lsp_cancel(url: str, wait_s: float) -> Exception | None:
+async def lsp_cancel(url: str, wait_s: float, init_options: dict | None = None) -> Exception | None:
     """Send a completion, cancel it after wait_s; return the error the client got (None: a result)."""
-    client = await start_lsp(url)
+    client = await start_lsp(url, init_options)
     try:
         future = client.protocol.send_request_async(types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(),
                                                     msg_id="to-cancel")
@@ -108,6 +109,17 @@ def test_cursor_context_and_multiline_choice():
     assert cursor_context("a\nb\nc\nd", 5, prefix_lines=1, suffix_lines=0) == ("b\nc", "")
     assert wants_multiline("auto", "\n    return") and not wants_multiline("auto", ")\n")
     assert wants_multiline("always", ")") and not wants_multiline("never", "\n")
+
+
+async def test_initialization_options_reach_the_backend(scripted_backend):
+    url, fake = scripted_backend
+    client = await start_lsp(url, {"multiline": "never", "params": {"mode": "ar", "temperature": 0.5}})
+    try:
+        await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), 60)
+    finally:
+        await stop_lsp(client)
+    req = fake.requests[-1]
+    assert req.params["temperature"] == 0.5 and req.mode.value == "ar" and req.params["gen_length"] == 16
 
 
 async def test_inline_completion_round_trip(scripted_backend):
