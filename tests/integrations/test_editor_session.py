@@ -7,7 +7,7 @@ import asyncio
 
 import msgpack
 import pytest
-from test_editor_fakes import FakeEngineClient, bpe_tokenizer, fake_client  # noqa: F401 - fixtures
+from test_editor_fakes import bpe_tokenizer, fake_client  # noqa: F401 - fixtures
 
 from integrations.editor import protocol as rpc
 from integrations.editor.session import EditorSession

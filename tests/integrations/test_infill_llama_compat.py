@@ -10,7 +10,7 @@ import re
 import httpx
 import pytest
 from fastapi import FastAPI
-from test_editor_fakes import FakeEngineClient, bpe_tokenizer, fake_client  # noqa: F401 - fixtures
+from test_editor_fakes import bpe_tokenizer, fake_client  # noqa: F401 - fixtures
 
 from integrations.editor.http import router
 from integrations.editor.llama_compat import select_fields
