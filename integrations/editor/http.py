@@ -2,6 +2,7 @@
 
     WebSocket /v1/editor   native msgpack-RPC protocol (docs/editor-protocol.md)
     POST      /infill      llama.cpp-compatible infill (llama.vim, llama.vscode)
+    POST      /tokenize    llama.cpp-compatible token count helper (llama.vscode counts prompt tokens with it)
 
 Both reach the engine through `app.state.engine_client` (integrations/engine_client.py).
 """
@@ -73,3 +74,18 @@ async def infill_route(request: Request) -> Response:
     except (EngineError, ValueError) as exc:
         return _engine_error(exc)
     return Response(compact_json(result), media_type="application/json")
+
+
+@router.post("/tokenize")
+async def tokenize_route(request: Request) -> Response:
+    """llama.cpp /tokenize: {"content": str, "add_special": bool} -> {"tokens": [ids]}."""
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except json.JSONDecodeError as exc:
+        return _error(400, f"request body is not valid JSON: {exc.msg} at char {exc.pos}")
+    content = body.get("content") if isinstance(body, dict) else None
+    if not isinstance(content, str):
+        return _error(400, "Field 'content': required, a string to tokenize")
+    tokenizer = request.app.state.engine_client.tokenizer
+    tokens = tokenizer.encode(content, add_special_tokens=bool(body.get("add_special", False)))
+    return Response(compact_json({"tokens": list(tokens)}), media_type="application/json")

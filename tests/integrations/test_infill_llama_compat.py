@@ -136,3 +136,12 @@ def test_select_fields_flattens_paths_and_skips_unknown():
     result = {"content": "x", "timings": {"prompt_n": 3}}
     assert select_fields(result, ["content", "timings/prompt_n", "nope", ""]) == {"content": "x", "timings/prompt_n": 3}
     assert select_fields(result, None) is result
+
+
+async def test_tokenize_like_llama_vscode_counts_tokens(http, fake_client):  # noqa: F811
+    resp = await http.post("/tokenize", json={"content": "def f(x):\n    return x\n", "add_special": False,
+                                              "parse_special": True})
+    expected = fake_client.tokenizer.encode("def f(x):\n    return x\n", add_special_tokens=False)
+    assert resp.status_code == 200 and resp.json() == {"tokens": expected}
+    bad = await http.post("/tokenize", json={"text": "x"})
+    assert bad.status_code == 400 and "content" in bad.json()["error"]["message"]
