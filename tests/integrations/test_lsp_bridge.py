@@ -150,3 +150,15 @@ async def test_cancel_request_cancels_the_backend_completion(scripted_backend):
 async def test_unreachable_backend_is_an_lsp_error_not_an_empty_answer():
     with pytest.raises(Exception, match="unreachable"):
         await lsp_round_trip(f"ws://127.0.0.1:{_free_port()}/v1/editor")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--url", "http://127.0.0.1:8000/v1/editor"], "--url must be a WebSocket URL"),
+    (["--max-tokens", "0"], "--max-tokens must be a positive integer"),
+    (["--suffix-lines", "-1"], "--suffix-lines must be >= 0"),
+])
+def test_cli_rejects_bad_arguments_with_a_clear_message(argv, message):
+    from integrations.cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["lsp", *argv])
