@@ -7,7 +7,7 @@ Prints a markdown table of:
   - held-out AR loss: next-token cross-entropy over response + EOS given the prompt, every held-out
     unit that fits the training sequence length (transformers forward, workers/training.heldout_losses);
   - next-line exact match: AR greedy's first generated line == the true first line of the response
-    (trailing whitespace ignored), on the first --prompts held-out units;
+    (trailing whitespace ignored), on --prompts held-out units spread evenly over the held-out files;
   - ReFusion TPF (generated tokens / model forwards, prefill-only forwards excluded, spec definition)
     and agreement with AR greedy (identical output; mean matching-prefix fraction) at the decode settings
     in the model's refusion.json (or --set KEY=VALUE overrides), both decoded with the serving engine
@@ -109,7 +109,7 @@ def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = 
     row: dict = {"model": str(model_dir), "parameters": parameter_count(model_dir), "heldout_units": len(pairs)}
     if not skip_loss:
         row["heldout_ar_loss"] = round(heldout_ar_loss(model_dir, pairs, eos, mask), 4)
-    subset = pairs[:n_prompts]
+    subset = pairs[:: max(1, len(pairs) // n_prompts)][:n_prompts]  # evenly spread over held-out files
     prompts = [p for p, _ in subset]
     truth = [first_line(tok.decode(r)) for _, r in subset]
     params = DecodeParams.from_dict(load_model_defaults(model_dir) | overrides)

@@ -114,10 +114,14 @@ def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32") -> 
 
 def run(args) -> int:
     """Train and save; prints one progress line per log step. Returns 0 on success, 2 on bad flags."""
+    from workers.corpus import CorpusError
+    from workers.tokenizer_build import TokenizerBuildError
+    from workers.training import TrainingError
+
     try:
         _check(args)
         return _train(args)
-    except (TrainArgumentError, ValueError) as err:  # typed errors of corpus/tokenizer/training too
+    except (TrainArgumentError, CorpusError, TokenizerBuildError, TrainingError) as err:
         print(f"refusion train: {err}", file=sys.stderr)
         return 2
 
