@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from integrations import openai_responses as shape
 from integrations.auth import APIKeyMiddleware
 from integrations.chat import render_chat
-from integrations.http_errors import APIError, from_engine_error, install_error_handlers
+from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest, SamplingFields
 from integrations.tool_calls import ToolCallStreamParser
@@ -220,6 +220,8 @@ class TokenCap:
 
 def _checked(delta: Delta, observer: RequestObserver) -> Delta:
     observer.on_delta(delta)
+    if delta.error and delta.finish_reason is FinishReason.CANCELLED:
+        raise overloaded(f"request ended early: {delta.error}; retry", 1.0)  # e.g. replica draining
     if delta.error:
         raise APIError(500, f"engine error: {delta.error}", "server_error")
     return delta

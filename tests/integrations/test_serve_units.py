@@ -1,0 +1,180 @@
+"""Serving pieces without Ray: auth middleware, error mapping, health probe, config, CLI flags, the
+in-process app over a real Engine (LocalEngineClient), max_tokens capping."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pickle
+from pathlib import Path
+
+import httpx
+import pytest
+
+from integrations import cli_serve
+from integrations.auth import APIKeyMiddleware
+from integrations.chat import PLAIN_STOP, render_chat
+from integrations.engine_client import EngineFailure, LocalEngineClient, read_model_card
+from integrations.engine_host import EngineUnhealthyError, build_engine, one_token_probe
+from integrations.http_errors import _validation_param, from_engine_error
+from integrations.openai_api import APISettings, TokenCap, create_app
+from integrations.openai_models import ChatCompletionRequest, CompletionRequest, fitting_block_count
+from integrations.serve_config import ServeConfig
+from scheduler.api import Delta, FinishReason, InvalidRequestError, OverloadedError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def _call(app, scope_type: str, path: str, headers=(), query=b"") -> list[dict]:
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": scope_type, "path": path, "root_path": "", "headers": list(headers), "query_string": query}
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_api_key_middleware_http_and_websocket():
+    async def inner(scope, receive, send):
+        await send({"type": "ok"})
+
+    app = APIKeyMiddleware(inner, ["k1", "k2"])
+    assert (await _call(app, "http", "/v1/models"))[0]["status"] == 401
+    assert (await _call(app, "http", "/v1/models", [(b"authorization", b"Bearer nope")]))[0]["status"] == 401
+    assert (await _call(app, "http", "/v1/models", [(b"authorization", b"Bearer k2")])) == [{"type": "ok"}]
+    assert (await _call(app, "http", "/health")) == [{"type": "ok"}]
+    rejected = await _call(app, "websocket", "/v1/editor")
+    assert rejected == [{"type": "websocket.close", "code": 1008, "reason": "missing or invalid API key"}]
+    assert (await _call(app, "websocket", "/v1/editor", query=b"api_key=k1")) == [{"type": "ok"}]
+    assert (await _call(APIKeyMiddleware(inner, []), "http", "/v1/models")) == [{"type": "ok"}]
+
+
+def test_engine_errors_cross_processes_typed():
+    for exc in (InvalidRequestError("slot_size", "must divide"), OverloadedError("full", 2.5)):
+        again = pickle.loads(pickle.dumps(EngineFailure.from_exception(exc))).to_exception()
+        assert type(again) is type(exc) and str(again) == str(exc)
+    assert EngineFailure.from_exception(OverloadedError("full", 2.5)).to_exception().retry_after_s == 2.5
+    err = from_engine_error(InvalidRequestError("gen_length", "too long"))
+    assert (err.status, err.param, err.message) == (400, "max_tokens", "max_tokens: too long")
+    busy = from_engine_error(OverloadedError("full", 2.2))
+    assert busy.status == 503 and busy.headers["Retry-After"] == "3"
+    assert from_engine_error(RuntimeError("bug")).status == 500
+
+
+def test_validation_param_drops_union_members():
+    assert _validation_param(("body", "prompt", "list[int]", 0)) == "prompt.0"
+    assert _validation_param(("body", "messages", 0, "role")) == "messages.0.role"
+
+
+class _StuckClient:
+    tokenizer = type("T", (), {"encode": staticmethod(lambda text: [5]), "eos_token_id": 0})()
+
+    def __init__(self, error=None):
+        self.error = error
+
+    async def stream(self, req):
+        if self.error:
+            raise self.error
+        await asyncio.sleep(3600)
+        yield  # pragma: no cover
+
+
+async def test_health_probe_flags_a_wedged_engine_but_not_a_busy_one():
+    with pytest.raises(EngineUnhealthyError, match="did not finish"):
+        await one_token_probe(_StuckClient(), timeout_s=0.2)
+    await one_token_probe(_StuckClient(OverloadedError("full", 1.0)), timeout_s=0.2)
+
+
+def test_block_fitting_and_params():
+    assert fitting_block_count(128, 8, 4) == 4
+    assert fitting_block_count(16, 8, 4) == 2  # 2 slots: 2 blocks of one slot
+    assert fitting_block_count(13, 8, 4) == 2  # rounded up to 16
+    assert fitting_block_count(24, 8, 4) == 3
+    body = CompletionRequest(prompt="x", max_tokens=40, slot_size=8)
+    assert body.decode_params(16, {"slot_size": 32, "serial_num_blocks": 4}) == {
+        "gen_length": 40, "slot_size": 8, "serial_num_blocks": 1}
+    explicit = CompletionRequest(prompt="x", max_tokens=16, serial_num_blocks=5)
+    assert explicit.decode_params(16, {"slot_size": 8, "serial_num_blocks": 4})["serial_num_blocks"] == 5
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                 max_completion_tokens=9)
+    assert chat.max_tokens == 9 and chat.messages[0].content == "hi"
+
+
+def test_token_cap_trims_text_and_reports_length(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok.encode("def wrap(text, width=70):")
+    cap = TokenCap(tok, 3)
+    first = cap.apply(Delta("r", tok.decode(ids[:2]), ids[:2]))
+    second = cap.apply(Delta("r", tok.decode(ids[2:]), ids[2:]))
+    last = cap.apply(Delta("r", "", [], finished=True, finish_reason=FinishReason.STOP))
+    assert first.token_ids + second.token_ids == ids[:3]
+    assert first.text + second.text == tok.decode(ids[:3])
+    assert last.finish_reason is FinishReason.LENGTH
+
+
+def test_plain_chat_template_with_tools(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    body = ChatCompletionRequest(
+        messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                  {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                        "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "R"}],
+        tools=[{"type": "function", "function": {"name": "f"}}])
+    text, stops = render_chat(AutoTokenizer.from_pretrained(tiny_model_dir), body.messages, body.tools)
+    assert stops == [PLAIN_STOP]
+    assert text == ('### Tools\nTo call a function, reply with <tool_call>{"name": ..., "arguments": {...}}</tool_call>.\n'
+                    '{"name": "f"}\n### System\nS\n### User\nU\n### Assistant\n<tool_call>{"name": "f", "arguments": {"a": 1}}'
+                    '</tool_call>\n### Tool result (c1)\nR\n### Assistant\n')
+
+
+def test_config_file_and_flags(tiny_model_dir, tmp_path):
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    args = parser.parse_args(["--config", str(REPO / "config" / "serve.yaml"), "--model", str(tiny_model_dir),
+                              "--autoscale", "1:3", "--port", "9001"])
+    config, http = cli_serve.merged_config(args)
+    assert http == {"host": "127.0.0.1", "port": 9001}
+    options = ServeConfig.model_validate(config).engine_deployment.ray_options()
+    assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
+    assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
+    with pytest.raises(cli_serve.CLIError, match="--autoscale"):
+        cli_serve.parse_autoscale("4:2")
+    with pytest.raises(ValueError, match="no config.json"):
+        ServeConfig(model=str(tmp_path))
+    with pytest.raises(ValueError, match="max_ongoing"):
+        ServeConfig(model=str(tiny_model_dir), engine_deployment={"max_ongoing": 3})
+
+
+async def test_local_app_over_real_engine_and_drain(tiny_model_dir):
+    engine, tok = build_engine(tiny_model_dir, {"num_blocks": 512}, {"routing": {"calibrate": False}})
+    await engine.start()
+    card = read_model_card(tiny_model_dir)
+    client = LocalEngineClient(engine, tok, "tiny", card)
+    app = create_app(APISettings(model_name="tiny", decode_defaults=card["defaults"]), client)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://local") as http:
+        out = await http.post("/v1/completions", json={"prompt": "import os\n", "max_tokens": 5, "mode": "refusion"})
+        assert out.status_code == 200, out.text
+        assert out.json()["usage"]["completion_tokens"] <= 5
+        bad = await http.post("/v1/completions", json={"prompt": [10**9], "max_tokens": 5})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+        await one_token_probe(client, timeout_s=10)
+        # A long request in flight when the engine stops ends with a finished delta, not a hang.
+        long = asyncio.create_task(http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3000, "mode": "ar"}))
+        for _ in range(500):
+            if engine.stats()["running"] or long.done():
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats()["running"] == 1
+        await engine.stop(drain_timeout_s=0.1)
+        drained = await asyncio.wait_for(long, 10)
+        assert drained.status_code == 503 and drained.headers["retry-after"] == "1"
+        assert "engine stopped" in drained.json()["error"]["message"]
