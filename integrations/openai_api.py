@@ -11,13 +11,11 @@ Streams are server-sent events, one JSON chunk per `data:` line, ending with `da
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from integrations import openai_responses as shape
 from integrations.auth import APIKeyMiddleware
@@ -25,7 +23,7 @@ from integrations.chat import render_chat
 from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest, SamplingFields
-from integrations.tool_calls import ToolCallStreamParser
+from integrations.openai_stream import chat_events, completion_events, sse_response
 from scheduler.api import Delta, FinishReason, GenerationRequest
 
 
@@ -108,8 +106,8 @@ async def completions(body: CompletionRequest, request: Request):
     observer = RequestObserver(request.app.state.metrics, "completions", header.id, len(prompt_ids))
     deltas = await _start(client, req, observer, body.max_tokens or settings.completion_default_max_tokens)
     if body.stream:
-        events = _completion_events(header, deltas, observer, body.include_usage)
-        return _sse_response(events, observer, header.id)
+        events = completion_events(header, deltas, observer, body.include_usage)
+        return sse_response(events, observer, header.id)
     text, last = await _collect(deltas, observer)
     return _json(shape.completion_body(header, text, last, len(prompt_ids), observer.completion_tokens), header.id)
 
@@ -126,8 +124,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     observer = RequestObserver(request.app.state.metrics, "chat", header.id, len(prompt_ids))
     deltas = await _start(client, req, observer, body.max_tokens or settings.default_max_tokens)
     if body.stream:
-        events = _chat_events(header, deltas, observer, body.include_usage, allowed)
-        return _sse_response(events, observer, header.id)
+        events = chat_events(header, deltas, observer, body.include_usage, allowed)
+        return sse_response(events, observer, header.id)
     text, last = await _collect(deltas, observer)
     completion = shape.chat_body(header, text, last, len(prompt_ids), observer.completion_tokens, allowed)
     return _json(completion, header.id)
@@ -248,55 +246,3 @@ async def _collect(deltas: AsyncIterator[Delta], observer: RequestObserver) -> t
 
 def _json(body: dict, request_id: str) -> JSONResponse:
     return JSONResponse(body, headers={"X-Request-Id": request_id})
-
-
-def _sse_response(events: AsyncIterator[dict], observer: RequestObserver, request_id: str) -> StreamingResponse:
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
-            observer.finish(200)
-        except APIError as exc:
-            observer.finish(exc.status, error=exc.message)
-            yield f"data: {json.dumps({'error': exc.body()})}\n\n".encode()
-        except (asyncio.CancelledError, GeneratorExit):
-            observer.finish(499, error="client disconnected")
-            raise
-        finally:
-            await events.aclose()
-        yield b"data: [DONE]\n\n"
-
-    headers = {"X-Request-Id": request_id, "Cache-Control": "no-cache"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-
-
-async def _completion_events(header, deltas, observer: RequestObserver, include_usage: bool) -> AsyncIterator[dict]:
-    async for delta in deltas:
-        finish = shape.openai_finish_reason(delta) if delta.finished else None
-        if delta.text or delta.token_ids or finish:  # tokens that decode to "" still show progress
-            yield shape.completion_chunk(header, delta.text, finish)
-    if include_usage:
-        yield shape.usage_chunk(header, "text_completion", observer.prompt_tokens, observer.completion_tokens)
-
-
-async def _chat_events(header, deltas, observer: RequestObserver, include_usage: bool,
-                       allowed_tools: set[str] | None) -> AsyncIterator[dict]:
-    yield shape.chat_chunk(header, {"role": "assistant", "content": ""})
-    parser = ToolCallStreamParser(allowed_tools) if allowed_tools is not None else None
-    num_calls = 0
-    async for delta in deltas:
-        pieces = [delta.text] if parser is None else parser.feed(delta.text)
-        if delta.finished and parser is not None:
-            pieces += parser.finish()
-        for piece in pieces:
-            if isinstance(piece, str):
-                if piece:
-                    yield shape.chat_chunk(header, {"content": piece})
-            else:
-                yield shape.chat_chunk(header, shape.chat_tool_call_delta(piece, num_calls))
-                num_calls += 1
-        if delta.finished:
-            finish = "tool_calls" if num_calls else shape.openai_finish_reason(delta)
-            yield shape.chat_chunk(header, {}, finish)
-    if include_usage:
-        yield shape.usage_chunk(header, "chat.completion.chunk", observer.prompt_tokens, observer.completion_tokens)

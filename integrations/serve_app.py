@@ -15,7 +15,6 @@ clean error within drain_timeout_s).
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import AsyncIterator
 
@@ -27,9 +26,6 @@ from integrations.engine_host import build_engine, engine_metrics_text, one_toke
 from integrations.openai_api import APISettings, create_app
 from integrations.serve_config import ServeConfig
 from scheduler.api import Delta, EngineError, GenerationRequest
-
-log = logging.getLogger("ray.serve")
-
 
 @serve.deployment(name="RefusionEngine")
 class EngineDeployment:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from integrations import openai_responses as shape
-from integrations.openai_api import _chat_events
+from integrations.openai_stream import chat_events
 from integrations.tool_calls import ToolCallStreamParser, parse_tool_block, split_tool_calls
 from scheduler.api import Delta, FinishReason, Mode
 
@@ -84,7 +84,7 @@ async def _run_chat_stream(pieces, allowed):
     class Observer:
         prompt_tokens, completion_tokens = 3, 4
 
-    return [c async for c in _chat_events(header, _aiter(deltas), Observer(), True, allowed)]
+    return [c async for c in chat_events(header, _aiter(deltas), Observer(), True, allowed)]
 
 
 async def test_streamed_tool_call_chunks():

@@ -1,0 +1,70 @@
+"""Server-sent event streams of OpenAI chunks: one JSON chunk per `data:` line, then `data: [DONE]`.
+
+An error after the stream has started (the status line is already sent) becomes one
+`data: {"error": {...}}` line before `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+
+from integrations import openai_responses as shape
+from integrations.http_errors import APIError
+from integrations.http_metrics import RequestObserver
+from integrations.tool_calls import ToolCallStreamParser
+
+
+def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request_id: str) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+            observer.finish(200)
+        except APIError as exc:
+            observer.finish(exc.status, error=exc.message)
+            yield f"data: {json.dumps({'error': exc.body()})}\n\n".encode()
+        except (asyncio.CancelledError, GeneratorExit):
+            observer.finish(499, error="client disconnected")
+            raise
+        finally:
+            await events.aclose()
+        yield b"data: [DONE]\n\n"
+
+    headers = {"X-Request-Id": request_id, "Cache-Control": "no-cache"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+async def completion_events(header, deltas, observer: RequestObserver, include_usage: bool) -> AsyncIterator[dict]:
+    async for delta in deltas:
+        finish = shape.openai_finish_reason(delta) if delta.finished else None
+        if delta.text or delta.token_ids or finish:  # tokens that decode to "" still show progress
+            yield shape.completion_chunk(header, delta.text, finish)
+    if include_usage:
+        yield shape.usage_chunk(header, "text_completion", observer.prompt_tokens, observer.completion_tokens)
+
+
+async def chat_events(header, deltas, observer: RequestObserver, include_usage: bool,
+                       allowed_tools: set[str] | None) -> AsyncIterator[dict]:
+    yield shape.chat_chunk(header, {"role": "assistant", "content": ""})
+    parser = ToolCallStreamParser(allowed_tools) if allowed_tools is not None else None
+    num_calls = 0
+    async for delta in deltas:
+        pieces = [delta.text] if parser is None else parser.feed(delta.text)
+        if delta.finished and parser is not None:
+            pieces += parser.finish()
+        for piece in pieces:
+            if isinstance(piece, str):
+                if piece:
+                    yield shape.chat_chunk(header, {"content": piece})
+            else:
+                yield shape.chat_chunk(header, shape.chat_tool_call_delta(piece, num_calls))
+                num_calls += 1
+        if delta.finished:
+            finish = "tool_calls" if num_calls else shape.openai_finish_reason(delta)
+            yield shape.chat_chunk(header, {}, finish)
+    if include_usage:
+        yield shape.usage_chunk(header, "chat.completion.chunk", observer.prompt_tokens, observer.completion_tokens)
