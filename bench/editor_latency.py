@@ -71,8 +71,9 @@ def heldout_fraction_of(model_dir: Path) -> float:
     return 0.03
 
 
-async def measure(url: str, cases: list[dict], repeats: int, max_time_ms: int, mode: str) -> dict:
-    backend = EditorBackend(url)
+async def measure(url: str, cases: list[dict], repeats: int, max_time_ms: int, mode: str,
+                  api_key: str | None = None) -> dict:
+    backend = EditorBackend(url, api_key)
     first, full, tpf, exact, reasons = [], [], [], 0, {}
     try:
         for case in cases:
@@ -160,6 +161,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
     parser.add_argument("--url", default=None, help="measure a running server instead of an in-process one")
+    parser.add_argument("--api-key", default=os.environ.get("REFUSION_API_KEY"), help="for a server that needs one")
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-time-ms", type=int, default=5000)
@@ -170,7 +172,7 @@ def main() -> int:
     cases = held_out_cases(args.cases, args.seed, heldout_fraction_of(Path(args.model)))
 
     async def run(url: str) -> dict:
-        return await measure(url, cases, args.repeats, args.max_time_ms, args.mode)
+        return await measure(url, cases, args.repeats, args.max_time_ms, args.mode, args.api_key)
 
     if args.url:
         stats, where = asyncio.run(run(args.url)), f"server at {args.url}"

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="ws://127.0.0.1:8000/v1/editor",
                         help="the backend's editor WebSocket (default: %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("REFUSION_API_KEY"),
+                        help="API key, when the server requires one (default: env REFUSION_API_KEY)")
     parser.add_argument("--multiline", choices=("auto", "always", "never"), default="auto",
                         help="auto: multi-line only when nothing follows the cursor on its line")
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on generated tokens per completion")
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("prefix_lines", args.prefix_lines), ("suffix_lines", args.suffix_lines)):
         if value < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    config = BridgeConfig(url=args.url, prefix_lines=args.prefix_lines, suffix_lines=args.suffix_lines,
-                          multiline=args.multiline, max_tokens=args.max_tokens, max_time_ms=args.max_time_ms)
+    config = BridgeConfig(url=args.url, api_key=args.api_key, prefix_lines=args.prefix_lines,
+                          suffix_lines=args.suffix_lines, multiline=args.multiline, max_tokens=args.max_tokens,
+                          max_time_ms=args.max_time_ms)
     build_server(config).start_io()
     return 0

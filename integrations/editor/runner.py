@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 
 from integrations.editor.infill import Candidate, InfillPrompt, choose_candidate, gap_params
 from integrations.editor.postprocess import Rules, postprocess, shown_partial
-from scheduler.api import GenerationRequest, Mode, Priority
+from scheduler.api import GenerationRequest, Mode, OverloadedError, Priority
 
 PartialCallback = Callable[[str], Awaitable[None]]
 
@@ -118,8 +118,9 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
 async def run_completion(client, job: CompletionJob, on_partial: PartialCallback | None = None) -> CompletionOutcome:
     """Decode every candidate gap in parallel; partials come from the first (shortest) gap.
 
-    Cancelling the awaiting task cancels every candidate in the engine. Engine errors
-    (InvalidRequestError, OverloadedError) propagate after the other candidates are cancelled.
+    Cancelling the awaiting task cancels every candidate in the engine. Candidates the engine refuses
+    as overloaded are dropped when another was admitted; otherwise the first engine error
+    (InvalidRequestError, OverloadedError) propagates.
     """
     start = time.perf_counter()
     first_partial: list[float] = []
@@ -135,12 +136,17 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
         for i, (req, gap) in enumerate(zip(job.engine_requests(), job.gaps))
     ]
     try:
-        candidates = list(await asyncio.gather(*tasks))
-    except BaseException:
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    except BaseException:  # cancelled (superseded, client gone): cancel every candidate in the engine
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    candidates = [r for r in results if isinstance(r, Candidate)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    # Under load some candidates may be refused (OverloadedError): answer with the admitted ones.
+    if errors and (not candidates or not all(isinstance(e, OverloadedError) for e in errors)):
+        raise errors[0]
     chosen = choose_candidate(candidates)
     return CompletionOutcome(
         text=chosen.text,

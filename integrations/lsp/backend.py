@@ -30,10 +30,10 @@ class BackendError(Exception):
 
 
 class EditorBackend:
-    def __init__(self, url: str, connect_timeout_s: float = 10.0, extra_headers: dict | None = None):
+    def __init__(self, url: str, api_key: str | None = None, connect_timeout_s: float = 10.0):
         self.url = url
         self.connect_timeout_s = connect_timeout_s
-        self.extra_headers = extra_headers or {}
+        self.extra_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.server_info: dict | None = None
         self._ws = None
         self._reader: asyncio.Task | None = None
@@ -46,11 +46,17 @@ class EditorBackend:
         async with self._connect_lock:
             if self._ws is None:
                 import websockets
+                from websockets.exceptions import InvalidStatus
 
-                self._ws = await asyncio.wait_for(
-                    websockets.connect(self.url, max_size=None, additional_headers=self.extra_headers or None),
-                    self.connect_timeout_s,
-                )
+                try:
+                    self._ws = await asyncio.wait_for(
+                        websockets.connect(self.url, max_size=None, additional_headers=self.extra_headers or None),
+                        self.connect_timeout_s,
+                    )
+                except InvalidStatus as exc:
+                    status = exc.response.status_code
+                    hint = ": missing or wrong API key (--api-key)" if status in (401, 403) else ""
+                    raise ConnectionRefusedError(f"{self.url} refused the WebSocket with HTTP {status}{hint}") from None
                 self._reader = asyncio.ensure_future(self._read(self._ws))
                 self.server_info = await self._call_on(self._ws, "initialize", {"client": {"name": "refusion-lsp"}})
             return self._ws

@@ -25,6 +25,7 @@ class BridgeConfig:
     """How the bridge asks for completions; initializationOptions may override any field by name."""
 
     url: str = "ws://127.0.0.1:8000/v1/editor"
+    api_key: str | None = None  # sent as "Authorization: Bearer" when the server requires keys
     prefix_lines: int = 256  # lines above the cursor sent as prefix
     suffix_lines: int = 64  # lines below the cursor sent as suffix
     multiline: str = "auto"  # auto: multi-line only when the cursor line has no text after the cursor
@@ -68,12 +69,13 @@ def complete_params(config: BridgeConfig, uri: str, version: int | None, languag
 
 def build_server(config: BridgeConfig) -> LanguageServer:
     server = LanguageServer("refusion-lsp", "0.1.0")
-    backend = EditorBackend(config.url)
+    backend = EditorBackend(config.url, config.api_key)
 
     @server.feature(types.INITIALIZE)
     def on_initialize(params: types.InitializeParams) -> None:
         config.update(params.initialization_options if isinstance(params.initialization_options, dict) else None)
         backend.url = config.url
+        backend.extra_headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(params: types.InlineCompletionParams) -> types.InlineCompletionList:

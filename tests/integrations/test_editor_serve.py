@@ -187,3 +187,28 @@ async def test_lsp_bridge_round_trip_and_cancel(serve_base_url):
     error = await lsp_cancel(ws_url(serve_base_url), wait_s=0.8, init_options=slow)
     assert error is not None and "cancel" in str(error).lower()
     assert await wait_cancellations(serve_base_url, before + 1) >= before + 1  # $/cancelRequest reached the engine
+
+
+STRICT_KEY = "test-key-123"  # tests/integrations/conftest.py API_KEY: the strict app requires it
+
+
+async def test_api_key_and_overload_on_the_strict_app(strict_base_url):
+    from integrations.lsp.backend import BackendError, EditorBackend
+
+    url = ws_url(strict_base_url)
+    with pytest.raises(ConnectionRefusedError, match="API key"):
+        await EditorBackend(url).call("initialize")
+    backend = EditorBackend(url, api_key=STRICT_KEY)
+    try:
+        # room for exactly one request: of two candidate gaps one is refused, the completion still answers
+        result = await backend.complete(complete(gaps=[8, 16], max_tokens=16))
+        assert result["gap"] in (8, 16)
+        running = asyncio.ensure_future(backend.complete(complete(uri="file:///busy.py", **SLOW)))
+        await asyncio.sleep(0.3)
+        with pytest.raises(BackendError) as refused:
+            await backend.complete(complete(uri="file:///other.py", max_tokens=8))
+        assert refused.value.code == rpc.OVERLOADED and refused.value.data["retry_after_s"] > 0
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    finally:
+        await backend.close()

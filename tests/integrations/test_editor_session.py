@@ -231,3 +231,21 @@ async def test_max_tokens_caps_the_text_and_stops_a_longer_gap(session, fake_cli
     assert r1["stop_reason"] == "length" and fake_client.requests[0].request_id in fake_client.cancelled
     # gap == cap (8): the engine ends on its own, so its final stats still arrive
     assert r2["tokens"] == 8 and r2["tokens_per_forward"] is not None
+
+
+async def test_overloaded_candidates_are_dropped_when_another_was_admitted(session, fake_client):  # noqa: F811
+    s, wire = session
+    original = fake_client.stream
+
+    def stream(req):
+        if req.params["gen_length"] == 64:
+            fake_client.requests.append(req)
+            raise OverloadedError("queue full", 1.0)
+        return original(req)
+
+    fake_client.stream = stream
+    fake_client.script = {32: "total = a + b\n    return total\n"}
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params()))
+    await s.drain()
+    [[_, _, err, result]] = wire.responses(1)
+    assert err is None and result["text"] == "total = a + b" and result["gap"] == 32
