@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from ray import serve
 
-    from integrations.serve_app import build_app
+    from integrations.serve_app import build_app, signal_drain
 
     try:
         config, http = merged_config(args)
@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"refusion serve: ready at http://{http['host']}:{http['port']} (Ctrl-C to stop)", flush=True)
         stop.wait()
         print("refusion serve: draining and shutting down", flush=True)
+        drain = signal_drain("refusion")  # noqa: F841  (the signal lives while this handle does)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -9,15 +9,18 @@
 
 The engine replica streams Delta objects; an admission error travels as one EngineFailure record
 (typed errors do not survive Ray's exception pickling). Ray Serve's health check runs a one-token
-request through the engine; on shutdown the replica drains (in-flight requests finish or end with a
-clean error within drain_timeout_s).
+request through the engine. Draining: `signal_drain(app)` (sent by `refusion serve` on Ctrl-C/SIGTERM)
+makes every engine replica stop taking requests, finish running ones within drain_timeout_s and end
+the rest with a clean error; replica shutdown (`__del__`) does the same for whatever is left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import AsyncIterator
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -26,6 +29,37 @@ from integrations.engine_host import build_engine, engine_metrics_text, one_toke
 from integrations.openai_api import APISettings, create_app
 from integrations.serve_config import ServeConfig
 from scheduler.api import Delta, EngineError, GenerationRequest
+
+DRAIN_POLL_S = 1.0
+
+
+def _drain_signal_name(app_name: str) -> str:
+    return f"refusion-drain:{app_name}"
+
+
+@ray.remote(num_cpus=0)
+class DrainSignal:
+    """Exists while an application drains; its existence (a named actor) is the signal."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def signal_drain(app_name: str):
+    """Tell every engine replica of `app_name` to drain now. Keep the returned handle alive until the
+    application is shut down (the signal lives as long as the actor)."""
+    signal = DrainSignal.options(name=_drain_signal_name(app_name), namespace="serve").remote()
+    ray.get(signal.ready.remote())
+    return signal
+
+
+def drain_signalled(app_name: str) -> bool:
+    try:
+        ray.get_actor(_drain_signal_name(app_name), namespace="serve")
+    except ValueError:
+        return False
+    return True
+
 
 @serve.deployment(name="RefusionEngine")
 class EngineDeployment:
@@ -42,8 +76,19 @@ class EngineDeployment:
         await engine.start()
         self.engine = engine
         self.client = LocalEngineClient(engine, tokenizer, self.config.model_name, read_model_card(self.config.model))
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
         self.cancelled = 0
+        self._drain_watch = asyncio.create_task(self._watch_drain_signal(context.app_name))
+
+    async def _watch_drain_signal(self, app_name: str) -> None:
+        """Ray Serve waits for in-flight calls before shutting a replica down, and force-kills it after
+        graceful_shutdown_timeout_s: a long generation would be severed. When the drain signal appears
+        (signal_drain, sent by `refusion serve` on Ctrl-C/SIGTERM), the engine stops taking requests,
+        lets running ones finish for drain_timeout_s and ends the rest with a clean error."""
+        while not await asyncio.to_thread(drain_signalled, app_name):
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self.engine.stop(drain_timeout_s=self.config.drain_timeout_s)
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Delta | EngineFailure]:
         """Stream the request's deltas. Cancelling this call (client gone) cancels it in the engine."""
@@ -76,6 +121,7 @@ class EngineDeployment:
         # whatever is left within the timeout and ends the rest with a clean error delta.
         engine = getattr(self, "engine", None)  # absent when __init__ failed
         if engine is not None:
+            self._drain_watch.cancel()
             await engine.stop(drain_timeout_s=self.config.drain_timeout_s)
 
 

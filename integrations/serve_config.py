@@ -105,6 +105,14 @@ class ServeConfig(_Strict):
     health_probe_timeout_s: float = Field(default=20.0, gt=0, description="one-token probe limit")
 
     @model_validator(mode="after")
+    def _drain_fits_shutdown(self):
+        limit = self.engine_deployment.graceful_shutdown_timeout_s
+        if limit < self.drain_timeout_s + 2:
+            raise ValueError(f"engine_deployment.graceful_shutdown_timeout_s ({limit}) must exceed drain_timeout_s "
+                             f"({self.drain_timeout_s}) by >= 2 s, or Ray kills replicas mid-drain")
+        return self
+
+    @model_validator(mode="after")
     def _resolve(self):
         model_dir = Path(self.model).expanduser().resolve()
         if not (model_dir / "config.json").is_file():

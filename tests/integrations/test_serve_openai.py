@@ -208,3 +208,38 @@ def test_engine_replica_health_check(serve_base_url):
 
     handle = serve.get_deployment_handle("RefusionEngine", app_name="refusion")
     assert handle.check_health.remote().result(timeout_s=30) is None
+
+
+def test_drain_ends_in_flight_requests_cleanly(serve_port, tiny_model_dir):
+    """A third app, drained while a long generation streams: the stream ends within the drain timeout
+    with an error event and [DONE] (not a severed connection), new requests get 503, delete is quick."""
+    import ray
+    from ray import serve
+
+    from conftest import _wait_healthy, serve_config
+    from integrations.serve_app import signal_drain, build_app
+
+    config = serve_config(tiny_model_dir)
+    serve.run(build_app(config), name="refusion-drain", route_prefix="/drain")
+    url = f"http://127.0.0.1:{serve_port}/drain"
+    _wait_healthy(url)
+    signal = None
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            with _long_stream(http, "/v1/completions") as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: {")
+                signal = signal_drain("refusion-drain")
+                started = time.monotonic()
+                rest = [line for line in lines if line]
+            elapsed = time.monotonic() - started
+            refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
+        assert elapsed < config["drain_timeout_s"] + 4, elapsed  # poll (1 s) + drain (2 s) + slack
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "overloaded_error" and "engine stopped" in error["message"]
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+    finally:
+        serve.delete("refusion-drain")
+        if signal is not None:
+            ray.kill(signal)
