@@ -113,6 +113,14 @@ def test_chat_with_tools_is_well_formed(client, model):
     stream = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, max_tokens=24, stream=True)
     finish = [c.choices[0].finish_reason for c in stream if c.choices[0].finish_reason]
     assert len(finish) == 1 and finish[0] in ("stop", "length", "tool_calls")
+    # Second turn: the SDK sends the assistant's tool call and the tool's result back.
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    follow_up = messages + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 18}'}]
+    out = client.chat.completions.create(model=model, messages=follow_up, tools=TOOLS, max_tokens=16)
+    _assert_well_formed_tool_answer(out.choices[0].message, out.choices[0].finish_reason)
+    assert out.usage.prompt_tokens > client.chat.completions.create(
+        model=model, messages=messages, tools=TOOLS, max_tokens=1).usage.prompt_tokens
 
 
 def test_bad_fields_are_400_naming_the_field(client, model):
