@@ -3,7 +3,8 @@
     400 invalid_request_error   pydantic validation, engine InvalidRequestError (param names the field)
     401 authentication_error    missing or wrong API key (when keys are configured)
     404 not_found_error         unknown route or model
-    503 overloaded_error        engine OverloadedError or a full deployment queue, with Retry-After
+    503 overloaded_error        engine OverloadedError, a full deployment queue or a replica being
+                                replaced, with Retry-After
     500 server_error            anything else: a bug
 """
 
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 
 # Engine parameter names -> the OpenAI request field a client sets.
 _ENGINE_TO_API_FIELD = {"gen_length": "max_tokens", "prompt_ids": "prompt", "suffix_ids": "suffix", "params": "body"}
+
+
+# Ray errors that mean "no engine replica could answer right now" (a restart, a health-check swap).
+_REPLICA_GONE = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError"})
 
 
 class APIError(Exception):
@@ -56,6 +61,8 @@ def from_engine_error(exc: Exception) -> APIError:
         return overloaded(str(exc), exc.retry_after_s)
     if type(exc).__name__ == "BackPressureError":  # ray.serve.exceptions: deployment queue full
         return overloaded("the engine deployment's queue is full: retry shortly", 1.0)
+    if type(exc).__name__ in _REPLICA_GONE:  # a replica died or is being replaced: not a bug here
+        return overloaded(f"engine replica unavailable ({type(exc).__name__}): retry shortly", 2.0)
     if isinstance(exc, EngineError):
         return APIError(500, f"engine error: {exc}", "server_error")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")

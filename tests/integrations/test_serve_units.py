@@ -64,6 +64,8 @@ def test_engine_errors_cross_processes_typed():
     busy = from_engine_error(OverloadedError("full", 2.2))
     assert busy.status == 503 and busy.headers["Retry-After"] == "3"
     assert from_engine_error(RuntimeError("bug")).status == 500
+    replica_gone = type("ActorDiedError", (Exception,), {})("replica died")
+    assert from_engine_error(replica_gone).status == 503
 
 
 def test_validation_param_drops_union_members():
