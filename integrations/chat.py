@@ -40,6 +40,10 @@ _ROLE_HEADERS = {
 }
 
 
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template refused the messages (HTTP 400 on `messages`)."""
+
+
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -47,12 +51,15 @@ def has_chat_template(tokenizer) -> bool:
 def render_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None) -> tuple[str, list[str]]:
     """(prompt text, extra stop strings) for a chat request."""
     if has_chat_template(tokenizer):
-        text = tokenizer.apply_chat_template(
-            [_template_message(m) for m in messages],
-            tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
-            add_generation_prompt=True,
-            tokenize=False,
-        )
+        try:
+            text = tokenizer.apply_chat_template(
+                [_template_message(m) for m in messages],
+                tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except Exception as exc:  # jinja raises on orders/roles a template does not accept
+            raise ChatTemplateError(f"the model's chat template rejected the messages: {exc}") from exc
         return text, []
     return render_plain(messages, tools), [PLAIN_STOP]
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from integrations import openai_responses as shape
 from integrations.auth import APIKeyMiddleware
-from integrations.chat import render_chat
+from integrations.chat import ChatTemplateError, render_chat
 from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -89,7 +89,10 @@ async def engine_info(request: Request):
 
 @router.get("/metrics")
 async def metrics(request: Request):
-    engine_text = await request.app.state.engine_client.metrics()
+    try:
+        engine_text = await request.app.state.engine_client.metrics()
+    except Exception:  # a replica being replaced must not take the ingress's own metrics down with it
+        engine_text = b"# engine metrics unavailable: no engine replica answered\n"
     body = request.app.state.metrics.render() + (engine_text or b"")
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -116,7 +119,10 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     client, settings = request.app.state.engine_client, request.app.state.settings
     _check_model(request, body.model)
-    prompt_text, extra_stop = render_chat(client.tokenizer, body.messages, body.tools if body.tools_enabled else None)
+    try:
+        prompt_text, extra_stop = render_chat(client.tokenizer, body.messages, body.tools if body.tools_enabled else None)
+    except ChatTemplateError as exc:
+        raise APIError(400, f"messages: {exc}", param="messages") from exc
     prompt_ids = _prompt_ids(client.tokenizer, prompt_text)
     header = shape.ResponseHeader("chatcmpl", client.model_name)
     req = _generation_request(header.id, body, prompt_ids, body.stop + extra_stop, settings.default_max_tokens, settings)

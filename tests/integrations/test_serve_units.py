@@ -180,3 +180,17 @@ async def test_local_app_over_real_engine_and_drain(tiny_model_dir):
         drained = await asyncio.wait_for(long, 10)
         assert drained.status_code == 503 and drained.headers["retry-after"] == "1"
         assert "engine stopped" in drained.json()["error"]["message"]
+
+
+def test_chat_template_errors_are_400(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from integrations.chat import ChatTemplateError
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        render_chat(tok, body.messages, None)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    assert render_chat(tok, body.messages, None) == ("<user>hi<assistant>", [])
