@@ -169,6 +169,14 @@ def test_disconnect_cancels_engine_request(serve_base_url):
             assert time.monotonic() - started < 10, "engine request not cancelled after the client left"
             time.sleep(0.1)
         assert http.get("/v1/engine").json()["engine"]["running"] == 0
+        # A non-streaming request whose client gives up is cancelled too.
+        before = _metric(serve_base_url, "refusion_requests_finished_total", reason="cancelled")
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3000, "mode": "ar"}, timeout=1.0)
+        started = time.monotonic()
+        while _metric(serve_base_url, "refusion_requests_finished_total", reason="cancelled") <= before:
+            assert time.monotonic() - started < 10, "non-streaming request not cancelled after the client left"
+            time.sleep(0.1)
 
 
 def test_metrics_parse_and_move(serve_base_url, client, model):
