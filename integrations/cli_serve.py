@@ -100,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"refusion serve: {where}: {error['msg']}")
         return 2
     if args.address:
-        ray.init(address=args.address)
+        try:
+            ray.init(address=args.address)
+        except (ConnectionError, RuntimeError) as exc:
+            print(f"refusion serve: --address: cannot join the Ray cluster at {args.address}: {exc}".splitlines()[0])
+            return 2
     else:
         ray.init(address="local", include_dashboard=False)
     if "num_gpus" not in config["engine_deployment"] and ray.cluster_resources().get("GPU", 0) >= 1:
