@@ -147,6 +147,11 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     options = ServeConfig.model_validate(config).engine_deployment.ray_options()
     assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
     assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
+    from integrations.serve_app import EngineDeployment  # Ray accepts the options (validated, not deployed)
+
+    deployment = EngineDeployment.options(**options)._deployment_config
+    assert (deployment.autoscaling_config.min_replicas, deployment.autoscaling_config.max_replicas) == (1, 3)
+    assert deployment.max_ongoing_requests == 512
     with pytest.raises(cli_serve.CLIError, match="--autoscale"):
         cli_serve.parse_autoscale("4:2")
     with pytest.raises(ValueError, match="no config.json"):
