@@ -131,10 +131,10 @@ class IngressDeployment:
     """The HTTP front: OpenAI API, /metrics, /health and the editor protocol, over ServeEngineClient."""
 
     def __init__(self, engine: DeploymentHandle, config: dict):
-        from transformers import AutoTokenizer
+        from workers.loader import load_tokenizer
 
         self.config = ServeConfig.model_validate(config)
-        tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        tokenizer = load_tokenizer(self.config.model)
         self.client = ServeEngineClient(engine, tokenizer, self.config.model_name)
         self.decode_defaults = read_model_card(self.config.model)["defaults"]
 
