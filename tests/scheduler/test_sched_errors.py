@@ -1,0 +1,73 @@
+"""Failures inside a step end only the requests they touch, free their KV and leave the engine serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sched_fakes import FakeFactory, FakeRunner, collect, ids_of, make_engine
+
+from scheduler.api import FinishReason, GenerationRequest, Mode
+
+
+def req(rid, gen=6):
+    return GenerationRequest(rid, [5, 6, 7], {"gen_length": gen}, mode=Mode.AR)
+
+
+async def test_a_failed_forward_errors_its_batch_and_the_engine_keeps_serving():
+    runner = FakeRunner(num_blocks=64)
+    engine, _ = make_engine(runner=runner, prefix_cache=False)
+    await engine.start()
+    original, failures = runner.execute, []
+
+    def flaky(segments):
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("device lost")
+        return original(segments)
+
+    runner.execute = flaky
+    failed = await asyncio.gather(collect(engine, req("a")), collect(engine, req("b")))
+    for deltas in failed:
+        assert deltas[-1].finish_reason is FinishReason.ERROR and "device lost" in deltas[-1].error
+    assert runner.blocks.num_free == runner.blocks.num_total
+    after = await collect(engine, req("c"))
+    assert after[-1].finish_reason is FinishReason.LENGTH and len(ids_of(after)) == 6
+    await engine.stop()
+
+
+async def test_a_decoder_that_raises_errors_only_its_own_request():
+    factory = FakeFactory()
+    runner = FakeRunner(num_blocks=64)
+    engine, _ = make_engine(runner=runner, factory=factory, prefix_cache=False)
+    await engine.start()
+    original_create = factory.create
+
+    def create(mode, seq_id, *args):
+        decoder = original_create(mode, seq_id, *args)
+        if seq_id == "bad":
+            def absorb(result):
+                raise ValueError("corrupt result")
+            decoder.absorb = absorb
+        return decoder
+
+    factory.create = create
+    bad, good = await asyncio.gather(collect(engine, req("bad")), collect(engine, req("good")))
+    assert bad[-1].finish_reason is FinishReason.ERROR and "corrupt result" in bad[-1].error
+    assert good[-1].finish_reason is FinishReason.LENGTH and len(ids_of(good)) == 6
+    assert runner.blocks.num_free == runner.blocks.num_total
+    await engine.stop()
+
+
+async def test_a_decoder_that_cannot_be_built_fails_that_request_at_start():
+    factory = FakeFactory()
+    engine, runner = make_engine(factory=factory, prefix_cache=False)
+    await engine.start()
+
+    def create(*args):
+        raise ValueError("no decoder for this request")
+
+    factory.create = create
+    deltas = await collect(engine, req("x"))
+    assert deltas[-1].finish_reason is FinishReason.ERROR and "no decoder" in deltas[-1].error
+    assert engine.scheduler.running == [] and runner.blocks.num_free == runner.blocks.num_total
+    await engine.stop()
