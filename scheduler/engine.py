@@ -210,8 +210,7 @@ class Engine:
         req.decoder.absorb(result)
         if segment.reads:  # a decode step (prefill chunks carry no reads)
             self.router.observe(req.mode, req.priority, req.generated_tokens() - before, 1, len(segment.token_ids))
-        if self.prefix_cache is not None and req.runner_key == "main":
-            self.prefix_cache.insert(req.spec.prompt_ids, self.runner.block_table(req.id), self.runner.cached_len(req.id))
+        self._share_prompt_blocks(req)
         self._stream(req, now)
         if req.finished:
             return
@@ -219,6 +218,18 @@ class Engine:
             self._finish(req, self._natural_reason(req))
         else:
             maybe_switch(self.scheduler, req)
+
+    def _share_prompt_blocks(self, req: Request) -> None:
+        """Offer the prompt's newly computed full blocks to the prefix cache (only while prefill advances)."""
+        cache = self.prefix_cache
+        if cache is None or req.runner_key != "main":
+            return
+        full_blocks = len(req.spec.prompt_ids) // cache.block_size
+        cached_blocks = self.runner.cached_len(req.id) // cache.block_size
+        if req.prompt_blocks_shared < full_blocks and cached_blocks > req.prompt_blocks_shared:
+            req.prompt_blocks_shared = cache.insert(
+                req.spec.prompt_ids, self.runner.block_table(req.id), self.runner.cached_len(req.id)
+            )
 
     # ---- output ------------------------------------------------------------------------------------
     def _stream(self, req: Request, now: float) -> None:

@@ -51,7 +51,8 @@ class Request:
     first_token_s: float = 0.0
     last_token_s: float = 0.0
     finished_s: float = 0.0
-    cached_prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache at start
+    prompt_blocks_shared: int = 0  # full prompt blocks offered to the prefix cache so far
     mode_history: list[str] = field(default_factory=list)
     tokens_at_last_route: int = 0
     pending_segment: Any = None  # stated by the decoder but not run yet (did not fit the budget)
