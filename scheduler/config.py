@@ -83,6 +83,8 @@ class EngineConfig:
     prefix_cache: reuse committed KV of identical prompt prefixes across requests.
     deadline_grace_ms: after max_time_ms a request ends at the next newline, or after this grace.
     max_stop_strings: most stop strings per request.
+    preempt_for_interactive: a waiting INTERACTIVE request may send the youngest running BATCH request
+        back to the queue (it reruns from scratch later; same tokens, nothing streamed twice).
     model_dir: directory whose `refusion.json` gives the default decoding parameters; None = the
         runner's own directory (scheduler.decoders.find_model_dir).
     """
@@ -94,6 +96,7 @@ class EngineConfig:
     prefix_cache: bool = True
     deadline_grace_ms: int = 500
     max_stop_strings: int = 16
+    preempt_for_interactive: bool = True
     model_dir: str | None = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 

@@ -19,6 +19,8 @@ def maybe_switch(scheduler, req: Request) -> bool:
     cfg = scheduler.config.routing
     if req.spec.mode is not Mode.AUTO or not cfg.allow_switch or req.finished or req.decoder.finished:
         return False
+    if req.pinned_mode is not None:  # a preempted rerun must retrace its first run's tokens exactly
+        return False
     generated = req.generated_tokens()
     if generated - req.tokens_at_last_route < cfg.switch_interval_tokens or not req.decoder.at_block_boundary():
         return False

@@ -55,6 +55,8 @@ class Request:
     prompt_blocks_shared: int = 0  # full prompt blocks offered to the prefix cache so far
     mode_history: list[str] = field(default_factory=list)
     tokens_at_last_route: int = 0
+    pinned_mode: Mode | None = None  # set when preempted: the rerun keeps the mode it had
+    preemptions: int = 0
     pending_segment: Any = None  # stated by the decoder but not run yet (did not fit the budget)
     error: str | None = None
 
@@ -108,6 +110,7 @@ class Request:
             "time_to_first_token_s": (self.first_token_s - self.arrival_s) if self.first_token_s else None,
             "e2e_latency_s": end - self.arrival_s,
             "modes": list(self.mode_history),
+            "preemptions": self.preemptions,
         }
 
     def delta(self, text: str, token_ids: list[int], *, finished: bool = False) -> Delta:

@@ -7,7 +7,8 @@ ReFusion pool of tentative tokens, in blocks). A waiting request starts only whe
 blocks, minus what running requests may still allocate up to their own estimates, minus a reserve,
 cover its estimate (less the blocks it shares from the prefix cache). Prefix-cache blocks are evicted
 (LRU) when that frees enough. Priority order: INTERACTIVE before BATCH, FCFS within a class; running
-requests skipped for lack of budget go first in their class next step, so no one starves.
+requests skipped for lack of budget go first in their class next step, so no one starves. A waiting
+INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from scheduler.api import InvalidRequestError, Mode, OverloadedError
+from scheduler.api import InvalidRequestError, Mode, OverloadedError, Priority
 from scheduler.config import EngineConfig
 from scheduler.prefix_cache import PrefixCache, PrefixHit
 from scheduler.request import Request, RequestStatus
@@ -179,21 +180,44 @@ class Scheduler:
     # ---- internals -----------------------------------------------------------------------------
     def _start_waiting(self, plan: StepPlan) -> None:
         self.waiting.sort(key=Request.sort_key)
-        while self.waiting and len(self.running) < self.config.max_running:
+        while self.waiting:
             req = self.waiting[0]
             try:
-                started = self._try_start(req)
+                started = len(self.running) < self.config.max_running and self._try_start(req)
             except Exception as exc:  # a decoder that cannot be built for this request: fail it alone
                 log.exception("start_failed", request_id=req.id)
                 self.waiting.pop(0)
                 plan.failed.append((req, f"{type(exc).__name__}: {exc}"))
                 continue
-            if not started:
-                return  # head-of-line waits for KV: later requests must not overtake a higher class
-            self.waiting.pop(0)
+            if started:
+                self.waiting.pop(0)
+            elif not self._preempt_for(req):
+                return  # head-of-line waits: later requests must not overtake a higher class
+
+    def _preempt_for(self, req: Request) -> bool:
+        """Make room for a waiting INTERACTIVE request by sending the youngest running BATCH request back
+        to the queue: its KV is freed and it restarts from scratch later, in the same mode. Outputs are
+        batch-independent and seeded per request, so the rerun yields the same tokens and its stream
+        resumes where it stopped (nothing is sent twice). Requests that switched mode are not preempted."""
+        if not self.config.preempt_for_interactive or req.priority is not Priority.INTERACTIVE:
+            return False
+        victims = [r for r in self.running if r.priority > req.priority and len(r.mode_history) == 1]
+        if not victims:
+            return False
+        victim = max(victims, key=lambda r: r.order)
+        self.running.remove(victim)
+        self.runners[victim.runner_key].free(victim.id)
+        victim.pinned_mode, victim.mode_history = victim.mode, []
+        victim.decoder, victim.pending_segment, victim.status = None, None, RequestStatus.WAITING
+        victim.skipped, victim.tokens_at_last_route = 0, 0
+        victim.preemptions += 1
+        self.waiting.append(victim)
+        self.waiting.sort(key=Request.sort_key)
+        log.info("preempted", request_id=victim.id, for_request=req.id, mode=victim.pinned_mode.value)
+        return True
 
     def _try_start(self, req: Request) -> bool:
-        decision = self.router.decide(req.spec.mode, req.priority, self.load_snapshot())
+        decision = self.router.decide(req.pinned_mode or req.spec.mode, req.priority, self.load_snapshot())
         key = "ar" if decision.mode is Mode.AR and "ar" in self.runners else "main"
         cache = self.prefix_cache if key == "main" else None
         hit = cache.lookup(req.spec.prompt_ids) if cache is not None else PrefixHit()

@@ -72,7 +72,10 @@ def _pick_stop(tokenizer, specs, solo, exclude):
 
 async def _consume(engine, spec, action):
     """Collect deltas; `action` = "cancel" (engine.cancel after the first delta), "disconnect"
-    (stop iterating after the first delta) or None."""
+    (stop iterating after the first delta) or None. INTERACTIVE requests arrive a little later, when
+    BATCH requests fill every running slot, so they preempt some."""
+    if spec.priority is Priority.INTERACTIVE:
+        await asyncio.sleep(0.3)
     deltas = []
     stream = engine.submit(spec)
     async for delta in stream:
@@ -127,6 +130,7 @@ async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(run
     assert len(normal) >= 24
     assert {d[-1].mode for d in results if d and d[-1].finished} >= {Mode.AR, Mode.REFUSION}
     assert engine.prefix_cache.hit_rate > 0
+    assert sum(d[-1].stats.get("preemptions", 0) for d in results if d and d[-1].finished) > 0
 
     await engine.stop()  # clears the prefix cache too
     assert runner.blocks.num_free == runner.blocks.num_total

@@ -111,3 +111,40 @@ async def test_output_does_not_depend_on_the_batch():
     )
     assert all(ids_of(r) == solo for r in crowd)
     await engine.stop()
+
+
+async def test_interactive_preempts_the_youngest_batch_request_which_reruns_without_resending():
+    runner = FakeRunner(num_blocks=256, delay_s=0.002)
+    engine, _ = make_engine(runner=runner, max_running=2, prefix_cache=False)
+    await engine.start()
+    solo = ids_of(await collect(engine, req("solo", prompt=[9, 8], mode=Mode.REFUSION, gen=24)))
+    old = asyncio.create_task(collect(engine, req("old", prompt=[9, 8], mode=Mode.AR, gen=24)))
+    await asyncio.sleep(0)  # old is submitted first
+    young = engine.submit(req("young", prompt=[9, 8], mode=Mode.REFUSION, gen=24))
+    first = [await young.__anext__()]  # young is running and has streamed something
+    inter = await collect(engine, req("inter", mode=Mode.AR, priority=Priority.INTERACTIVE, gen=4))
+    rest = [d async for d in young]
+    deltas = first + rest
+    assert inter[-1].finish_reason is FinishReason.LENGTH
+    assert deltas[-1].stats["preemptions"] == 1 and deltas[-1].stats["modes"] == ["refusion"]
+    assert ids_of(deltas) == solo  # same tokens, each sent once
+    assert "".join(d.text for d in deltas) == engine.tokenizer.decode(solo)
+    assert (await old)[-1].stats["preemptions"] == 0  # the older BATCH request kept running
+    inter_first = next(i for i, call in enumerate(runner.calls) if any(s.seq_id == "inter" for s in call))
+    assert not any(s.seq_id == "young" for s in runner.calls[inter_first])
+    assert runner.blocks.num_free == runner.blocks.num_total
+    await engine.stop()
+
+
+async def test_without_preemption_interactive_waits_for_a_slot():
+    runner = FakeRunner(num_blocks=256, delay_s=0.002)
+    engine, _ = make_engine(runner=runner, max_running=1, prefix_cache=False, preempt_for_interactive=False)
+    await engine.start()
+    batch = engine.submit(req("batch", mode=Mode.AR, gen=12))
+    await batch.__anext__()
+    inter = await collect(engine, req("inter", mode=Mode.AR, priority=Priority.INTERACTIVE, gen=2))
+    rest = [d async for d in batch]
+    assert rest[-1].stats["preemptions"] == 0 and inter[-1].finish_reason is FinishReason.LENGTH
+    first_inter = next(i for i, call in enumerate(runner.calls) if any(s.seq_id == "inter" for s in call))
+    assert all(s.seq_id != "batch" for call in runner.calls[first_inter:] for s in call)  # batch had finished
+    await engine.stop()
