@@ -139,7 +139,7 @@ class LocalEngineClient:
     async def check_health(self) -> None:
         from integrations.engine_host import one_token_probe
 
-        await one_token_probe(self)
+        await one_token_probe(self, forwards=lambda: getattr(self.engine, "forwards", 0))
 
 
 class ServeEngineClient:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from scheduler.api import Delta, GenerationRequest, Mode, OverloadedError, Priority
 
@@ -56,23 +57,27 @@ def engine_metrics_text(engine) -> bytes:
 
 
 def probe_request(tokenizer) -> GenerationRequest:
-    """A one-token AR request at interactive priority: exercises admission, one forward and streaming."""
+    """A one-token AR request at BATCH priority: exercises admission, one forward and streaming.
+    (INTERACTIVE would preempt a running BATCH request whenever the engine is full.)"""
     prompt_ids = tokenizer.encode("\n") or [tokenizer.eos_token_id]
     return GenerationRequest(
         request_id=f"health-{uuid.uuid4().hex[:12]}",
         prompt_ids=list(prompt_ids),
         params={"gen_length": 1, "slot_size": 1, "serial_num_blocks": 1, "temperature": 0.0},
         mode=Mode.AR,
-        priority=Priority.INTERACTIVE,
+        priority=Priority.BATCH,
     )
 
 
-async def one_token_probe(client, timeout_s: float = 30.0) -> None:
-    """Run one one-token request through `client.stream`; raise EngineUnhealthyError if it wedges.
+async def one_token_probe(client, timeout_s: float = 30.0, forwards: Callable[[], int] | None = None) -> None:
+    """Run one one-token request through `client.stream`; raise EngineUnhealthyError if the engine is
+    wedged.
 
-    An engine that answers OverloadedError is alive (it is just full), so that counts as healthy.
+    Busy is not wedged: an OverloadedError answer (queue full) is healthy, and so is a probe still
+    queued at the timeout while `forwards()` (the engine's forward count) has advanced meanwhile.
     """
     req = probe_request(client.tokenizer)
+    forwards_before = forwards() if forwards else None
 
     async def run_probe() -> Delta | None:
         last = None
@@ -85,7 +90,10 @@ async def one_token_probe(client, timeout_s: float = 30.0) -> None:
     except OverloadedError:
         return
     except asyncio.TimeoutError as exc:
-        raise EngineUnhealthyError(f"one-token health probe did not finish within {timeout_s:.0f} s") from exc
+        if forwards is not None and forwards() > forwards_before:
+            return
+        raise EngineUnhealthyError(f"one-token health probe did not finish within {timeout_s:.0f} s "
+                                   "and the engine ran no forward meanwhile") from exc
     if last is None or not last.finished or last.error:
         detail = last.error if last is not None else "no output"
         raise EngineUnhealthyError(f"one-token health probe failed: {detail}")

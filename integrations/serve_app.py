@@ -114,7 +114,7 @@ class EngineDeployment:
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy (it is replaced)."""
-        await one_token_probe(self.client, self.config.health_probe_timeout_s)
+        await one_token_probe(self.client, self.config.health_probe_timeout_s, forwards=lambda: self.engine.forwards)
 
     async def __del__(self):
         # Ray Serve has already waited for in-flight calls (graceful_shutdown_wait_loop_s); stop() drains

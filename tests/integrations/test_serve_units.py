@@ -88,8 +88,10 @@ class _StuckClient:
 
 async def test_health_probe_flags_a_wedged_engine_but_not_a_busy_one():
     with pytest.raises(EngineUnhealthyError, match="did not finish"):
-        await one_token_probe(_StuckClient(), timeout_s=0.2)
+        await one_token_probe(_StuckClient(), timeout_s=0.2, forwards=lambda: 7)
     await one_token_probe(_StuckClient(OverloadedError("full", 1.0)), timeout_s=0.2)
+    progress = iter(range(100))
+    await one_token_probe(_StuckClient(), timeout_s=0.2, forwards=lambda: next(progress))  # queued but busy
 
 
 def test_block_fitting_and_params():
