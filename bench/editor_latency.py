@@ -120,7 +120,8 @@ async def with_local_server(model_dir: Path, run):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                           timeout_graceful_shutdown=1))
     serve_task = asyncio.ensure_future(server.serve())
     while not server.started:
         await asyncio.sleep(0.05)
