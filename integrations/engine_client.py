@@ -20,6 +20,7 @@ Implementations:
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 from dataclasses import dataclass
@@ -93,6 +94,57 @@ def read_model_card(model_dir: str | Path) -> dict:
         "limits": {"context_length": int(config.get("max_position_embeddings", 0))},
         "defaults": load_model_defaults(model_dir),
     }
+
+
+def merge_deltas(deltas: list[Delta]) -> Delta:
+    """One Delta carrying several consecutive ones of the same request (text and ids concatenated,
+    the last one's finish fields)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    last = deltas[-1]
+    return Delta(
+        request_id=last.request_id, text="".join(d.text for d in deltas),
+        token_ids=[t for d in deltas for t in d.token_ids], finished=last.finished,
+        finish_reason=last.finish_reason, mode=last.mode or next((d.mode for d in deltas if d.mode), None),
+        stats=last.stats, error=last.error,
+    )
+
+
+async def coalesce_deltas(stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    """Re-yield `stream`, merging the deltas that piled up while the consumer was busy.
+
+    Each item crossing a process boundary costs about as much as a small forward; an engine producing
+    one token per step for many requests would otherwise be slowed down by its own transport. Closing
+    or cancelling this iterator closes `stream` (which cancels the engine request)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump() -> None:
+        try:
+            async for delta in stream:
+                queue.put_nowait(delta)
+        except Exception as exc:  # handed to the consumer, raised there
+            queue.put_nowait(exc)
+        queue.put_nowait(end)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            deltas = [i for i in items if isinstance(i, Delta)]
+            if deltas:
+                yield merge_deltas(deltas)
+            for item in items:
+                if isinstance(item, Exception):
+                    raise item
+            if items[-1] is end:
+                return
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await stream.aclose()
 
 
 async def _maybe_await(value):

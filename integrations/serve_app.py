@@ -24,7 +24,9 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from integrations.engine_client import EngineFailure, LocalEngineClient, ServeEngineClient, read_model_card
+from integrations.engine_client import (
+    EngineFailure, LocalEngineClient, ServeEngineClient, coalesce_deltas, read_model_card,
+)
 from integrations.engine_host import build_engine, engine_metrics_text, one_token_probe
 from integrations.openai_api import APISettings, create_app
 from integrations.serve_config import ServeConfig
@@ -91,10 +93,11 @@ class EngineDeployment:
         await self.engine.stop(drain_timeout_s=self.config.drain_timeout_s)
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Delta | EngineFailure]:
-        """Stream the request's deltas. Cancelling this call (client gone) cancels it in the engine."""
+        """Stream the request's deltas (merged when several are ready at once). Cancelling this call
+        (client gone) cancels the request in the engine."""
         finished = False
         try:
-            async for delta in self.client.stream(req):
+            async for delta in coalesce_deltas(self.client.stream(req)):
                 finished = finished or delta.finished
                 yield delta
         except EngineError as exc:

@@ -201,3 +201,46 @@ def test_chat_template_errors_are_400(tiny_model_dir):
         render_chat(tok, body.messages, None)
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     assert render_chat(tok, body.messages, None) == ("<user>hi<assistant>", [])
+
+
+async def test_coalesce_merges_ready_deltas_and_closes_the_source():
+    from integrations.engine_client import coalesce_deltas
+
+    closed = []
+
+    async def burst():
+        try:
+            for i in range(20):
+                yield Delta("r", str(i % 10), [i])
+                if i % 5 == 4:
+                    await asyncio.sleep(0.01)
+            yield Delta("r", "", [], finished=True, finish_reason=FinishReason.STOP, stats={"x": 1})
+        finally:
+            closed.append(True)
+
+    out = [d async for d in coalesce_deltas(burst())]
+    assert len(out) < 21
+    assert "".join(d.text for d in out) == "01234567890123456789"
+    assert [t for d in out for t in d.token_ids] == list(range(20))
+    assert out[-1].finished and out[-1].finish_reason is FinishReason.STOP and out[-1].stats == {"x": 1}
+    assert closed == [True]
+
+    async def endless():
+        try:
+            while True:
+                await asyncio.sleep(0.001)
+                yield Delta("r", "a", [1])
+        finally:
+            closed.append("endless")
+
+    merged = coalesce_deltas(endless())
+    await anext(merged)
+    await merged.aclose()
+    assert closed[-1] == "endless"
+
+    async def refused():
+        raise OverloadedError("full", 1.0)
+        yield  # pragma: no cover
+
+    with pytest.raises(OverloadedError):
+        await anext(coalesce_deltas(refused()))
