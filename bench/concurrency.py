@@ -169,13 +169,13 @@ def table(rows, args, machine: str, model: str) -> str:
 def load_runner(args):
     from workers.runner import ModelRunner
 
-    model_dir = args.model
-    if args.random_model:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from model_factory import make_tiny_model
+    if not args.random_model:
+        return ModelRunner(args.model, num_blocks=args.num_blocks), str(args.model)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from model_factory import make_tiny_model
 
-        model_dir = make_tiny_model(Path(tempfile.mkdtemp(prefix="bench-tiny-")))
-    return ModelRunner(model_dir, num_blocks=args.num_blocks), ("random tiny Qwen3 (tests/model_factory)" if args.random_model else str(args.model))
+    with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:  # weights are in memory once loaded
+        return ModelRunner(make_tiny_model(Path(tmp)), num_blocks=args.num_blocks), "random tiny Qwen3 (tests/model_factory)"
 
 
 def main(argv: list[str] | None = None) -> int:
