@@ -34,6 +34,8 @@ class RoutingConfig:
     ar_margin: AR is chosen only if its estimated throughput beats ReFusion's by this fraction.
     compute_bound_share: the batch counts as compute-bound when the per-token part of the forward
         latency (slope * tokens) exceeds this share of the whole latency.
+    explore_every: every this many AUTO admissions (per priority class) one takes the mode the router
+        did not pick, so a mode's live estimates never go stale; 0 = never.
     allow_switch: AUTO requests may switch mode at block boundaries.
     switch_interval_tokens: re-evaluate a running AUTO request at most every this many tokens.
     ema: per-observation decay (1 - ema) of the live per-class sums; ~1/ema decode steps of memory.
@@ -47,6 +49,7 @@ class RoutingConfig:
     refusion_step_tokens_prior: float = 24.0
     ar_margin: float = 0.05
     compute_bound_share: float = 0.8
+    explore_every: int = 50
     allow_switch: bool = True
     switch_interval_tokens: int = 32
     ema: float = 0.01
@@ -68,6 +71,7 @@ class RoutingConfig:
         _check(self.refusion_step_tokens_prior >= 1, "routing.refusion_step_tokens_prior", "must be >= 1")
         _check(self.ar_margin >= 0, "routing.ar_margin", "must be >= 0")
         _check(0 < self.compute_bound_share <= 1, "routing.compute_bound_share", "must be in (0, 1]")
+        _check(self.explore_every >= 0, "routing.explore_every", "must be >= 0 (0 = never explore)")
         _check(self.switch_interval_tokens >= 1, "routing.switch_interval_tokens", "must be >= 1")
         _check(0 < self.ema <= 1, "routing.ema", "must be in (0, 1]")
 

@@ -119,7 +119,7 @@ class RouteDecision:
     """A routing outcome with every input, for logs and metrics."""
 
     mode: Mode
-    reason: str  # forced | refusion_faster | ar_faster | compute_bound | keep
+    reason: str  # forced | refusion_faster | ar_faster | compute_bound | keep | explore
     inputs: dict = field(default_factory=dict)
 
 
@@ -130,6 +130,7 @@ class Router:
         self.config = config
         self.curve = curve
         self._stats: dict[tuple[Mode, Priority], ClassStats] = {}
+        self._admissions: dict[Priority, int] = {}
 
     def stats_for(self, mode: Mode, priority: Priority) -> ClassStats:
         key = (mode, Priority(priority))
@@ -186,4 +187,14 @@ class Router:
             mode, reason = Mode.REFUSION, "refusion_faster"
         if current is Mode.AR and mode is Mode.REFUSION and gain_ref <= gain_ar + margin * abs(gain_ar):
             mode, reason = Mode.AR, "keep"  # hysteresis: leave AR only for a clear gain
+        if current is None and self._explore_now(priority):
+            mode, reason = (Mode.AR if mode is Mode.REFUSION else Mode.REFUSION), "explore"
         return RouteDecision(mode, reason, inputs)
+
+    def _explore_now(self, priority: Priority) -> bool:
+        """Every explore_every-th AUTO admission of a class takes the other mode, so the estimates of a
+        mode the router has stopped choosing still follow the traffic (it would never learn otherwise)."""
+        every = self.config.explore_every
+        key = Priority(priority)
+        self._admissions[key] = self._admissions.get(key, 0) + 1
+        return bool(every) and self._admissions[key] % every == 0

@@ -75,6 +75,16 @@ def test_live_tpf_below_one_sends_auto_to_ar_even_when_compute_is_free():
     assert r.decide(Mode.AUTO, Priority.INTERACTIVE, LoadSnapshot()).mode is Mode.REFUSION
 
 
+def test_every_nth_auto_admission_explores_the_other_mode():
+    r = router(STEEP, explore_every=4)
+    heavy = LoadSnapshot(packed_tokens=300, tokens_per_forward=20, running=20)
+    modes = [r.decide(Mode.AUTO, Priority.BATCH, heavy) for _ in range(8)]
+    assert [d.mode for d in modes].count(Mode.REFUSION) == 2
+    assert modes[3].reason == "explore" and modes[7].reason == "explore" and modes[0].reason == "compute_bound"
+    assert r.decide(Mode.AUTO, Priority.BATCH, heavy, current=Mode.AR).reason != "explore"  # re-routing never explores
+    assert router(STEEP, explore_every=0).decide(Mode.AUTO, Priority.BATCH, heavy).reason == "compute_bound"
+
+
 def test_forced_modes_are_obeyed_whatever_the_load():
     r = router(STEEP)
     heavy = LoadSnapshot(packed_tokens=500, tokens_per_forward=40, running=40)
