@@ -67,7 +67,8 @@ def held_out_cases(n: int, seed: int = 0, heldout_fraction: float = 0.03) -> lis
 def heldout_fraction_of(model_dir: Path) -> float:
     args_path = model_dir / "train_args.json"
     if args_path.exists():
-        return float(json.loads(args_path.read_text()).get("heldout_fraction", 0.03))
+        data = json.loads(args_path.read_text())
+        return float(data.get("heldout_fraction", data.get("args", {}).get("heldout_fraction", 0.03)))
     return 0.03
 
 

@@ -40,6 +40,7 @@ class InfillPrompt:
     suffix_ids: list[int] | None
     truncated: bool = False  # some prefix, suffix or context did not fit its budget
     context_tokens: int = 0  # leading prompt tokens that came from context chunks (stable, cacheable)
+    healed: str = ""  # trailing spaces/tabs left out of the prompt; the model writes them (see heal_text)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -71,6 +72,12 @@ def build_infill_prompt(
 
     Context comes first so that it, not the moving prefix, is the stable part a prefix cache reuses.
     Parts are tokenized separately: a boundary inside a token costs nothing to correctness here.
+
+    Token healing: byte-level BPE puts a word's leading space inside the word's token ("   " + " return"),
+    so a prompt ending in the editor's indentation ("    ") asks the model for text it never saw in
+    training, and it answers with one space too many. Trailing spaces/tabs are therefore left out of
+    the prompt (`healed`); the model writes the whitespace itself and `heal_text` drops that much
+    of it from the front of the output.
     """
     truncated = False
     context_ids: list[int] = []
@@ -80,7 +87,9 @@ def build_infill_prompt(
             truncated = True
             break
         context_ids = ids + context_ids
-    prefix_ids = _encode(tokenizer, prefix)
+    kept = prefix.rstrip(" \t")
+    healed = prefix[len(kept):]
+    prefix_ids = _encode(tokenizer, kept)
     if len(prefix_ids) > max_prefix_tokens:
         prefix_ids, truncated = prefix_ids[-max_prefix_tokens:], True
     suffix_ids = _encode(tokenizer, suffix)
@@ -90,7 +99,16 @@ def build_infill_prompt(
     if not prompt_ids:
         # A completion at the very start of an empty file: give the model something to attend to.
         prompt_ids = _encode(tokenizer, "\n") or [tokenizer.eos_token_id]
-    return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids))
+    return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids), healed)
+
+
+def heal_text(text: str, healed: str) -> str:
+    """The generated text as seen from the cursor: drop up to len(healed) leading spaces/tabs (the
+    whitespace the editor already has; a model that starts with a newline keeps it)."""
+    i = 0
+    while i < len(text) and i < len(healed) and text[i] in " \t":
+        i += 1
+    return text[i:]
 
 
 def plan_gaps(max_tokens: int | None, multiline: bool) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from integrations.editor.infill import Candidate, InfillPrompt, choose_candidate, gap_params
+from integrations.editor.infill import Candidate, InfillPrompt, choose_candidate, gap_params, heal_text
 from integrations.editor.postprocess import Rules, postprocess, shown_partial
 from scheduler.api import GenerationRequest, Mode, OverloadedError, Priority
 
@@ -82,7 +82,7 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
     """Stream one candidate; stop early (closing the stream cancels it in the engine) on a rule cut,
     or on the token cap when the engine would go past it. The text has the final-only rules applied."""
     raw, ids, reason, stats, mode = "", [], "length", {}, None
-    shown, capped = "", False
+    text, shown, capped = "", "", False  # text: raw as seen from the cursor, rules applied
     async with contextlib.aclosing(client.stream(req)) as deltas:
         async for delta in deltas:
             mode = delta.mode or mode
@@ -93,11 +93,12 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
                     if len(ids) > job.max_tokens:
                         ids = ids[: job.max_tokens]
                         raw = client.tokenizer.decode(ids, skip_special_tokens=True)
-                processed = postprocess(raw, job.rules)
+                processed = postprocess(heal_text(raw, job.prompt.healed), job.rules)
+                text = processed.text
                 if processed.cut:
-                    raw, reason = processed.text, processed.cut
+                    reason = processed.cut
                     break
-                if on_text is not None and (partial := shown_partial(processed.text, job.rules.suffix)) != shown:
+                if on_text is not None and (partial := shown_partial(text, job.rules.suffix)) != shown:
                     shown = partial
                     await on_text(shown)
             if delta.finished:
@@ -107,7 +108,7 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
                 break
             if capped and gap > job.max_tokens:
                 break  # the engine would generate past the cap: stop it now
-    final = postprocess(raw, job.rules, final=True)
+    final = postprocess(text, job.rules, final=True)
     if final.cut:
         reason = final.cut
     cand = Candidate(gap=gap, text=final.text, stop_reason=reason, raw=raw, tokens=len(ids), stats=stats)

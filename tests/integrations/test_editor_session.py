@@ -249,3 +249,12 @@ async def test_overloaded_candidates_are_dropped_when_another_was_admitted(sessi
     await s.drain()
     [[_, _, err, result]] = wire.responses(1)
     assert err is None and result["text"] == "total = a + b" and result["gap"] == 32
+
+
+async def test_healed_indentation_is_not_doubled(session, fake_client):  # noqa: F811
+    s, wire = session
+    fake_client.script = {16: "    total = a + b\n"}  # the model writes the indentation it was not given
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False)))
+    await s.drain()
+    assert wire.responses(1)[0][3]["text"] == "total = a + b"
+    assert fake_client.tokenizer.decode(fake_client.requests[0].prompt_ids).endswith("def add(a, b):\n")

@@ -134,7 +134,7 @@ def test_build_infill_prompt_places_context_before_prefix(bpe_tokenizer):  # noq
     p = build_infill_prompt(tok, "def f(x):\n    ", "\n    return y\n", ctx, "python")
     context_text = format_context(ctx, "python")
     assert context_text.startswith("# util.py\n")
-    assert tok.decode(p.prompt_ids) == context_text + "def f(x):\n    "
+    assert tok.decode(p.prompt_ids) == context_text + "def f(x):\n" and p.healed == "    "
     assert p.context_tokens == len(tok.encode(context_text, add_special_tokens=False))
     assert tok.decode(p.suffix_ids) == "\n    return y\n"
     assert not p.truncated
@@ -162,3 +162,14 @@ def test_partial_holds_back_a_line_that_may_become_a_suffix_repeat():
     assert shown_partial("total = a + b\n    return to", SUFFIX) == "total = a + b"
     assert shown_partial("total = a + b\n    print(", SUFFIX) == "total = a + b\n    print("
     assert shown_partial("a, b", ")\n") == "a, b"  # mid-line: the first line is never a repeat
+
+
+def test_token_healing_leaves_trailing_spaces_to_the_model(bpe_tokenizer):  # noqa: F811
+    from integrations.editor.infill import heal_text
+
+    p = build_infill_prompt(bpe_tokenizer, "x = ", "")
+    assert bpe_tokenizer.decode(p.prompt_ids) == "x =" and p.healed == " "
+    assert heal_text(" 1", " ") == "1"  # the model's " 1" token: the space is already in the buffer
+    assert heal_text("     return x", "    ") == " return x"  # never more than the healed amount
+    assert heal_text("\n    y", "    ") == "\n    y"  # a newline first: kept as is
+    assert build_infill_prompt(bpe_tokenizer, "x = 1", "").healed == ""

@@ -130,7 +130,7 @@ async def test_inline_completion_round_trip(scripted_backend):
     assert item.insert_text == "result = 3.14 * r * r"  # the suffix repeat was trimmed
     assert item.range.start == types.Position(line=1, character=4)
     req = fake.requests[-1]
-    assert fake.tokenizer.decode(req.prompt_ids).endswith("def area(r):\n    ")
+    assert fake.tokenizer.decode(req.prompt_ids).endswith("def area(r):\n")  # indentation healed
     assert fake.tokenizer.decode(req.suffix_ids) == "\n    return result\n"
 
 
