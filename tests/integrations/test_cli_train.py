@@ -63,6 +63,10 @@ def test_train_from_scratch_writes_a_loadable_model_and_log(corpus_dir, tmp_path
     assert cfg["num_hidden_layers"] == 1 and cfg["vocab_size"] == len(tok)
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert model.config.hidden_size == 32
+    from workers.runner import ModelRunner  # the serving engine loads it too
+
+    info = ModelRunner(str(out), device="cpu").info
+    assert (info.mask_token_id, info.eos_token_id, info.num_layers) == (cfg["mask_token_id"], tok.eos_token_id, 1)
 
 
 def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path):
