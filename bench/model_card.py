@@ -102,7 +102,8 @@ def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = 
     from decoding.params import DecodeParams, load_model_defaults
     from workers.runner import ModelRunner
 
-    train_args = json.loads((model_dir / "train_args.json").read_text()).get("args", {}) if (model_dir / "train_args.json").exists() else {}
+    args_path = model_dir / "train_args.json"
+    train_args = json.loads(args_path.read_text()).get("args", {}) if args_path.exists() else {}
     runner = ModelRunner(str(model_dir))
     tok, eos, mask = runner.tokenizer, runner.info.eos_token_id, runner.info.mask_token_id
     pairs = heldout_pairs(tok, train_args, ["stdlib"])

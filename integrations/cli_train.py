@@ -164,7 +164,9 @@ def _train(args) -> int:
             last_save[0] = time.monotonic()
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        held = f" | held-out ar {record['heldout_ar_loss']:.3f} mdm {record['heldout_mdm_loss']:.3f}" if "heldout_ar_loss" in record else ""
+        held = ""
+        if "heldout_ar_loss" in record:
+            held = f" | held-out ar {record['heldout_ar_loss']:.3f} mdm {record['heldout_mdm_loss']:.3f}"
         print(f"step {record['step']:6d} {record['elapsed_s']:8.1f}s lr {record['lr']:.2e} | train ar "
               f"{record['train_ar_loss']:.3f} mdm {record['train_mdm_loss']:.3f}{held}", flush=True)
 

@@ -28,7 +28,9 @@ def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 300:
-        raise TokenizerBuildError("vocab_size", f"got {vocab_size}; byte-level BPE needs at least 300 (256 bytes + specials)")
+        raise TokenizerBuildError(
+            "vocab_size", f"got {vocab_size}; byte-level BPE needs at least 300 (256 bytes + specials)"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
