@@ -34,8 +34,9 @@ class RoutingConfig:
     ar_margin: AR is chosen only if its estimated throughput beats ReFusion's by this fraction.
     compute_bound_share: the batch counts as compute-bound when the per-token part of the forward
         latency (slope * tokens) exceeds this share of the whole latency.
-    explore_every: every this many AUTO admissions (per priority class) one takes the mode the router
-        did not pick, so a mode's live estimates never go stale; 0 = never.
+    explore_every: every this many light-load AUTO admissions (per priority class) one takes the mode
+        the router did not pick, so a mode's live estimates never go stale; 0 = never.
+    explore_below_running: "light load" = fewer running requests than this.
     allow_switch: AUTO requests may switch mode at block boundaries.
     switch_interval_tokens: re-evaluate a running AUTO request at most every this many tokens.
     ema: per-observation decay (1 - ema) of the live per-class sums; ~1/ema decode steps of memory.
@@ -50,6 +51,7 @@ class RoutingConfig:
     ar_margin: float = 0.05
     compute_bound_share: float = 0.8
     explore_every: int = 50
+    explore_below_running: int = 4
     allow_switch: bool = True
     switch_interval_tokens: int = 32
     ema: float = 0.01

@@ -187,13 +187,15 @@ class Router:
             mode, reason = Mode.REFUSION, "refusion_faster"
         if current is Mode.AR and mode is Mode.REFUSION and gain_ref <= gain_ar + margin * abs(gain_ar):
             mode, reason = Mode.AR, "keep"  # hysteresis: leave AR only for a clear gain
-        if current is None and self._explore_now(priority):
+        if current is None and load.running < self.config.explore_below_running and self._explore_now(priority):
             mode, reason = (Mode.AR if mode is Mode.REFUSION else Mode.REFUSION), "explore"
         return RouteDecision(mode, reason, inputs)
 
     def _explore_now(self, priority: Priority) -> bool:
-        """Every explore_every-th AUTO admission of a class takes the other mode, so the estimates of a
-        mode the router has stopped choosing still follow the traffic (it would never learn otherwise)."""
+        """Every explore_every-th light-load AUTO admission of a class takes the other mode, so the
+        estimates of a mode the router has stopped choosing still follow the traffic (it would never
+        learn otherwise). Only under light load: there a slower request delays nobody else's forwards;
+        a request's TPF depends on its text, not on the load."""
         every = self.config.explore_every
         key = Priority(priority)
         self._admissions[key] = self._admissions.get(key, 0) + 1

@@ -77,12 +77,14 @@ def test_live_tpf_below_one_sends_auto_to_ar_even_when_compute_is_free():
 
 def test_every_nth_auto_admission_explores_the_other_mode():
     r = router(STEEP, explore_every=4)
-    heavy = LoadSnapshot(packed_tokens=300, tokens_per_forward=20, running=20)
-    modes = [r.decide(Mode.AUTO, Priority.BATCH, heavy) for _ in range(8)]
+    light = LoadSnapshot(packed_tokens=100, tokens_per_forward=2, running=2)
+    modes = [r.decide(Mode.AUTO, Priority.BATCH, light) for _ in range(8)]
     assert [d.mode for d in modes].count(Mode.REFUSION) == 2
     assert modes[3].reason == "explore" and modes[7].reason == "explore" and modes[0].reason == "compute_bound"
-    assert r.decide(Mode.AUTO, Priority.BATCH, heavy, current=Mode.AR).reason != "explore"  # re-routing never explores
-    assert router(STEEP, explore_every=0).decide(Mode.AUTO, Priority.BATCH, heavy).reason == "compute_bound"
+    assert r.decide(Mode.AUTO, Priority.BATCH, light, current=Mode.AR).reason != "explore"  # re-routing never explores
+    heavy = LoadSnapshot(packed_tokens=300, tokens_per_forward=20, running=20)
+    assert all(r.decide(Mode.AUTO, Priority.BATCH, heavy).reason == "compute_bound" for _ in range(8))
+    assert router(STEEP, explore_every=0).decide(Mode.AUTO, Priority.BATCH, light).reason == "compute_bound"
 
 
 def test_forced_modes_are_obeyed_whatever_the_load():
