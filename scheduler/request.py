@@ -104,6 +104,7 @@ class Request:
             "generated_tokens": total,
             "forwards": forwards,
             "prefill_forwards": self.decoder.stats.prefill_forwards if self.decoder is not None else 0,
+            "slots_accepted_at_verify": self.decoder.stats.slots_accepted_at_verify if self.decoder is not None else 0,
             "tokens_per_forward": total / forwards if forwards else 0.0,
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "queue_time_s": (self.started_s or end) - self.arrival_s,

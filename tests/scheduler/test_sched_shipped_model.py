@@ -1,0 +1,54 @@
+"""The engine on the shipped trained model: ReFusion really accepts slots at verify here (random weights
+almost never do), so packed batching is checked on the accept-and-keep-KV paths too."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scheduler.api import FinishReason, GenerationRequest, Mode
+from scheduler.config import EngineConfig, RoutingConfig
+
+SHIPPED = __import__("conftest").SHIPPED_MODEL
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="models/refusion-tiny-code not present"),
+]
+
+PROMPTS = [
+    "def read_config(path):\n",
+    "class Stack:\n    def __init__(self):\n",
+    "    def __repr__(self):\n        return",
+    "import os\n\n\ndef list_files(root):\n",
+]
+
+
+async def test_concurrent_requests_on_the_shipped_model_equal_their_solo_runs():
+    from decoding.loop import decode_batch
+    from scheduler.decoders import ModelDecoderFactory
+    from scheduler.engine import Engine
+    from workers.runner import ModelRunner
+
+    runner = ModelRunner(SHIPPED, num_blocks=512)
+    tokenizer, factory = runner.tokenizer, ModelDecoderFactory(runner)
+    specs = [GenerationRequest(f"s{i}", tokenizer.encode(PROMPTS[i % 4]), {}, mode=(Mode.REFUSION, Mode.AR)[i // 4 % 2])
+             for i in range(8)]
+    solo = {}
+    for spec in specs:
+        decoder = factory.create(spec.mode, f"solo-{spec.request_id}", spec.prompt_ids, factory.parse_params({}), None)
+        solo[spec.request_id] = decode_batch(runner, [decoder])[0]
+    engine = Engine(runner, tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
+    await engine.start()
+    results = await asyncio.gather(*[_collect(engine, s) for s in specs])
+    await engine.stop()
+    for spec, deltas in zip(specs, results):
+        assert deltas[-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+        assert [t for d in deltas for t in d.token_ids] == solo[spec.request_id], spec.request_id
+    accepted = sum(d[-1].stats["slots_accepted_at_verify"] for s, d in zip(specs, results) if s.mode is Mode.REFUSION)
+    assert accepted > 0  # slots were accepted at verify (KV kept from the verify forward), not only completed
+    assert runner.blocks.num_free == runner.blocks.num_total
+
+
+async def _collect(engine, spec):
+    return [d async for d in engine.submit(spec)]
