@@ -4,13 +4,14 @@ almost never do), so packed batching is checked on the accept-and-keep-KV paths 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from scheduler.api import FinishReason, GenerationRequest, Mode
 from scheduler.config import EngineConfig, RoutingConfig
 
-SHIPPED = __import__("conftest").SHIPPED_MODEL
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="models/refusion-tiny-code not present"),
