@@ -11,6 +11,7 @@ Streams are server-sent events, one JSON chunk per `data:` line, ending with `da
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
@@ -22,6 +23,7 @@ from integrations.auth import APIKeyMiddleware
 from integrations.chat import ChatTemplateError, render_chat
 from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
 from integrations.http_metrics import APIMetrics, RequestObserver
+from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest, SamplingFields
 from integrations.openai_stream import chat_events, completion_events, sse_response
 from scheduler.api import Delta, FinishReason, GenerationRequest
@@ -102,12 +104,16 @@ async def completions(body: CompletionRequest, request: Request):
     client, settings = request.app.state.engine_client, request.app.state.settings
     _check_model(request, body.model)
     prompt_ids = _prompt_ids(client.tokenizer, body.prompt)
-    suffix_ids = client.tokenizer.encode(body.suffix, add_special_tokens=False) if body.suffix else None
     header = shape.ResponseHeader("cmpl", client.model_name)
     req = _generation_request(header.id, body, prompt_ids, body.stop, settings.completion_default_max_tokens, settings)
-    req.suffix_ids = suffix_ids
     observer = RequestObserver(request.app.state.metrics, "completions", header.id, len(prompt_ids))
-    deltas = await _start(client, req, observer, body.max_tokens or settings.completion_default_max_tokens)
+    if body.suffix:  # infill: the editor protocol's path (integrations/openai_infill.py)
+        if not isinstance(body.prompt, str):
+            raise APIError(400, "prompt: must be a string when suffix is set", param="prompt")
+        job = infill_job(client, header.id, body, body.prompt, req.params)
+        deltas = _observed(infill_deltas(client, job, header.id, body.stream), observer)
+    else:
+        deltas = await _start(client, req, observer, body.max_tokens or settings.completion_default_max_tokens)
     if body.stream:
         events = completion_events(header, deltas, observer, body.include_usage)
         return sse_response(events, observer, header.id)
@@ -220,6 +226,12 @@ class TokenCap:
         if delta.finished and self.capped and delta.finish_reason is FinishReason.STOP:
             delta.finish_reason = FinishReason.LENGTH
         return delta
+
+
+async def _observed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> AsyncIterator[Delta]:
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            yield _checked(delta, observer)
 
 
 def _checked(delta: Delta, observer: RequestObserver) -> Delta:

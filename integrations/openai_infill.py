@@ -1,0 +1,114 @@
+"""`suffix` on POST /v1/completions: the editor's infill path behind the OpenAI response shape.
+
+A completion with a suffix is an infill: the same prompt builder (token healing, truncation), candidate
+gap lengths and post-processing rules (stop where the suffix starts repeating, single-line/indent
+rules) as the editor protocol and llama.cpp's /infill (docs/editor-protocol.md). This module runs that
+job and presents its outcome as the ordinary stream of `Delta`s the completions endpoint consumes, so
+streaming, usage, metrics and error mapping stay the endpoint's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+from integrations.editor.infill import build_infill_prompt, plan_gaps
+from integrations.editor.postprocess import Rules
+from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion
+from integrations.http_errors import APIError, from_engine_error
+from scheduler.api import Delta, EngineError, FinishReason, Mode
+
+# Decoding parameters that fix the generation span: the infill strategy chooses them per gap.
+_SPAN_PARAMS = ("gen_length", "slot_size", "serial_num_blocks")
+# The editor rules' stop reasons, as engine finish reasons (OpenAI shows "stop" or "length").
+_FINISH = {"length": FinishReason.LENGTH, "deadline": FinishReason.DEADLINE, "cancelled": FinishReason.CANCELLED,
+           "error": FinishReason.ERROR}  # fmt: skip
+
+
+def infill_job(client, request_id: str, body, prompt_text: str, decode_params: dict) -> CompletionJob:
+    """The editor CompletionJob for a completions request with `suffix` (multi-line, like /infill)."""
+    prompt = build_infill_prompt(client.tokenizer, prompt_text, body.suffix or "")
+    gaps = plan_gaps(body.max_tokens, multiline=True)
+    if body.stream:
+        # Partials come from one candidate; streaming a single gap keeps every chunk a true prefix.
+        gaps = gaps[-1:]
+    return CompletionJob(
+        request_id=request_id,
+        prompt=prompt,
+        gaps=gaps,
+        rules=Rules(suffix=body.suffix or "", multiline=True),
+        mode=body.engine_mode,
+        priority=body.engine_priority,
+        stop=list(body.stop),
+        max_time_ms=body.max_time_ms,
+        max_tokens=body.max_tokens,
+        sampling={k: v for k, v in decode_params.items() if k not in _SPAN_PARAMS},
+    )
+
+
+async def infill_deltas(client, job: CompletionJob, request_id: str, stream: bool) -> AsyncIterator[Delta]:
+    """Run the infill job; yield text pieces as Deltas (partials only when streaming), then a final
+    Delta carrying finish reason, mode and stats. Engine errors become APIErrors; closing the
+    iterator cancels every candidate in the engine."""
+    pieces: asyncio.Queue = asyncio.Queue()
+    sent = ""
+
+    async def on_partial(text: str) -> None:
+        await pieces.put(text)
+
+    task = asyncio.ensure_future(run_completion(client, job, on_partial if stream else None))
+    try:
+        while True:
+            getter = asyncio.ensure_future(pieces.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break
+            text = getter.result()
+            if text.startswith(sent) and len(text) > len(sent):
+                yield Delta(request_id, text[len(sent):], _ids(client, text[len(sent):]))
+                sent = text
+        outcome = _outcome(task)
+        rest = outcome.text[len(sent):] if outcome.text.startswith(sent) else ""
+        yield _final(request_id, rest, _ids(client, rest), outcome)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def _outcome(task: asyncio.Future) -> CompletionOutcome:
+    exc = task.exception()
+    if exc is None:
+        return task.result()
+    if isinstance(exc, APIError):
+        raise exc
+    if isinstance(exc, EngineError) or type(exc).__name__ in ("BackPressureError",):
+        raise from_engine_error(exc) from exc
+    raise exc
+
+
+def _ids(client, text: str) -> list[int]:
+    """Token ids of a post-processed piece (usage counts and time-to-first-token metrics)."""
+    return client.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def _final(request_id: str, text: str, token_ids: list[int], outcome: CompletionOutcome) -> Delta:
+    chosen = next((c for c in outcome.candidates if c.gap == outcome.gap), None)
+    stats = dict(chosen.stats) if chosen else {}
+    stats.setdefault("generated_tokens", outcome.tokens)
+    if outcome.tokens_per_forward is not None:
+        stats["tokens_per_forward"] = outcome.tokens_per_forward
+    stats["infill_gap"] = outcome.gap
+    mode = stats.pop("mode", None)
+    return Delta(
+        request_id,
+        text,
+        token_ids,
+        finished=True,
+        finish_reason=_FINISH.get(outcome.stop_reason, FinishReason.STOP),
+        mode=Mode(mode) if mode else None,
+        stats=stats,
+    )

@@ -1,0 +1,69 @@
+"""`suffix` on /v1/completions runs the editor's infill path: the shared prompt builder (token healing),
+candidate gaps and suffix-repeat trimming, behind OpenAI's response shape. Scripted engine here for
+exact text; the real Ray Serve app in test_openai_infill_e2e below."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from test_editor_fakes import bpe_tokenizer, fake_client  # noqa: F401 - fixtures
+
+from integrations.openai_api import APISettings, create_app
+from scheduler.api import OverloadedError
+
+PREFIX = "def area(r):\n    "
+SUFFIX = "\n    return result\n"
+MIDDLE = "result = 3.14 * r * r"
+
+
+@pytest.fixture
+def http(fake_client):  # noqa: F811
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def test_suffix_completion_trims_the_suffix_repeat_and_heals_indentation(http, fake_client):  # noqa: F811
+    fake_client.default_text = f"    {MIDDLE}\n    return result\n"  # the model repeats the suffix
+    resp = await http.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 32})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["choices"][0]["text"] == MIDDLE  # healed leading indent, suffix repeat cut
+    assert body["usage"]["completion_tokens"] > 0
+    req = fake_client.requests[0]
+    assert fake_client.tokenizer.decode(req.prompt_ids) == PREFIX.rstrip(" ")  # trailing indent healed
+    assert fake_client.tokenizer.decode(req.suffix_ids) == SUFFIX
+    assert len({r.params["gen_length"] for r in fake_client.requests}) >= 1
+
+
+async def test_suffix_completion_streams_prefixes_of_the_final_text(http, fake_client):  # noqa: F811
+    fake_client.default_text = f"    {MIDDLE}\n    return result\n"
+    async with http.stream("POST", "/v1/completions",
+                           json={"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 32, "stream": True}) as resp:
+        assert resp.status_code == 200
+        events = [line[6:] async for line in resp.aiter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == MIDDLE
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_suffix_completion_errors_are_http_errors(http, fake_client):  # noqa: F811
+    resp = await http.post("/v1/completions", json={"prompt": [1, 2, 3], "suffix": SUFFIX})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
+    fake_client.fail_with = OverloadedError("queue full", retry_after_s=2.0)
+    resp = await http.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX})
+    assert resp.status_code in (429, 503) and "Retry-After" in resp.headers
+
+
+def test_suffix_completion_through_the_sdk_on_the_real_app(serve_base_url):
+    client = openai.OpenAI(base_url=serve_base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    out = client.completions.create(model=model, prompt="def add(a, b):\n    ", suffix="\n    return total\n",
+                                    max_tokens=16, temperature=1.0, seed=3)
+    text = out.choices[0].text
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert "return total" not in text  # the suffix is never repeated inside the middle
+    assert out.usage.prompt_tokens > 0
