@@ -25,8 +25,9 @@ def _training_text() -> list[str]:
     return [inspect.getsource(m) for m in (textwrap, json_mod.decoder, argparse)]
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 384):
-    """Train a byte-level BPE tokenizer and save tokenizer.json + tokenizer_config.json in out_dir."""
+def build_tokenizer(out_dir: Path, vocab_size: int = 384, extra_text: list[str] = ()):
+    """Train a byte-level BPE tokenizer and save tokenizer.json + tokenizer_config.json in out_dir.
+    extra_text joins the training text (a test's own phrases then encode in few tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,7 +40,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 384):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_training_text(), trainer=trainer)
+    tok.train_from_iterator(_training_text() + list(extra_text), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, mask_token=MASK)
     fast.save_pretrained(str(out_dir))
     return fast

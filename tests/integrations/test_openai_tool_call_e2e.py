@@ -1,0 +1,123 @@
+"""Tool calls end to end: a tiny Qwen3 trained in-session (ReFusion objective, seconds) to answer weather
+questions with a `<tool_call>{...}</tool_call>` block, served by the real Engine behind the real OpenAI
+app, with the `openai` SDK as the client. The model really writes the block; the API parses it into
+`tool_calls` (plain and streamed). The Ray Serve transport is covered by test_serve_openai.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from model_factory import build_tokenizer
+
+from integrations.chat import render_chat
+from integrations.engine_client import LocalEngineClient
+from integrations.engine_host import build_engine
+from integrations.openai_api import APISettings, create_app
+from integrations.openai_models import ChatCompletionRequest
+
+TOOLS = [{
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Weather for a city",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}]
+CITIES = ["Paris", "Tokyo", "Lima"]
+AR = {"mode": "ar"}
+
+
+def _question(city: str) -> list[dict]:
+    return [{"role": "user", "content": f"What is the weather in {city}?"}]
+
+
+def _call(city: str) -> str:
+    return '<tool_call>{"name": "get_weather", "arguments": {"city": "%s"}}</tool_call>' % city
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(tmp_path_factory):
+    """Random tiny Qwen3 + the test BPE tokenizer, trained to emit the tool call for each city."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from workers.training import train_model
+
+    out = tmp_path_factory.mktemp("tool-model")
+    bodies = {city: ChatCompletionRequest(messages=_question(city), tools=TOOLS) for city in CITIES}
+    # The tokenizer also learns this test's phrases, so a call is a handful of tokens (quick to learn).
+    prompts = {city: render_chat(None, b.messages, b.tools)[0] for city, b in bodies.items()}
+    tok = build_tokenizer(out, vocab_size=512, extra_text=[t for c in CITIES for t in (prompts[c], _call(c))] * 20)
+    eos, mask = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|mask|>")
+    for city, body in bodies.items():  # exactly what the API will render with this tokenizer
+        assert render_chat(tok, body.messages, body.tools)[0] == prompts[city]
+    pairs = [(tok.encode(prompts[c], add_special_tokens=False), tok.encode(_call(c), add_special_tokens=False))
+             for c in CITIES]
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=eos, pad_token_id=eos)
+    model = Qwen3ForCausalLM(config).float()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        records = train_model(model, pairs * 4, steps=300, batch_size=6, lr=1e-2, mask_token_id=mask,
+                              eos_token_id=eos, seed=0, log_every=100)
+    finally:
+        torch.set_num_threads(threads)
+    assert records[-1]["train_loss"] < 0.2, records
+    model.save_pretrained(out)
+    config_json = json.loads((out / "config.json").read_text())
+    config_json["mask_token_id"] = mask
+    (out / "config.json").write_text(json.dumps(config_json))
+    return out
+
+
+@pytest.fixture
+async def sdk(tool_model_dir):
+    engine, tok = build_engine(tool_model_dir, {"num_blocks": 256}, {"routing": {"calibrate": False}})
+    await engine.start()
+    app = create_app(APISettings(model_name="tool-model"), LocalEngineClient(engine, tok, "tool-model"))
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local/v1")
+    try:
+        yield openai.AsyncOpenAI(base_url="http://local/v1", api_key="unused", http_client=http, max_retries=0)
+    finally:
+        await http.aclose()
+        await engine.stop(drain_timeout_s=1.0)
+
+
+@pytest.mark.parametrize("city", CITIES[:2])
+async def test_model_written_tool_call_is_parsed(sdk, city):
+    out = await sdk.chat.completions.create(model="tool-model", messages=_question(city), tools=TOOLS,
+                                            max_tokens=96, extra_body=AR)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls", repr(choice.message.content)
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": city}, repr(call)
+    assert "<tool_call>" not in (choice.message.content or "")
+
+
+async def test_model_written_tool_call_is_parsed_when_streamed(sdk):
+    stream = await sdk.chat.completions.create(model="tool-model", messages=_question("Lima"), tools=TOOLS,
+                                               max_tokens=96, extra_body=AR, stream=True)
+    name, arguments, finish, content = "", "", None, ""
+    async for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for part in delta.tool_calls or []:
+            name += part.function.name or "" if part.function else ""
+            arguments += part.function.arguments or "" if part.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert name == "get_weather" and json.loads(arguments) == {"city": "Lima"}
+    assert "<tool_call>" not in content
+
+
+async def test_without_tools_the_block_stays_text(sdk):
+    # No `tools` in the request: the prompt has no tools section and nothing is parsed into tool_calls.
+    out = await sdk.chat.completions.create(model="tool-model", messages=_question("Paris"), max_tokens=96,
+                                            extra_body=AR)
+    assert out.choices[0].message.tool_calls is None
+    assert out.choices[0].finish_reason in ("stop", "length")
