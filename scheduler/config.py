@@ -37,6 +37,8 @@ class RoutingConfig:
     explore_every: every this many light-load AUTO admissions (per priority class) one takes the mode
         the router did not pick, so a mode's live estimates never go stale; 0 = never.
     explore_below_running: "light load" = fewer running requests than this.
+    explore_max_stretch: when one mode's estimated throughput gain is k times the other's, the explore
+        period is explore_every * min(k, explore_max_stretch) (a clearly slower mode is tried less often).
     allow_switch: AUTO requests may switch mode at block boundaries.
     switch_interval_tokens: re-evaluate a running AUTO request at most every this many tokens.
     ema: per-observation decay (1 - ema) of the live per-class sums; ~1/ema decode steps of memory.
@@ -52,6 +54,7 @@ class RoutingConfig:
     compute_bound_share: float = 0.8
     explore_every: int = 50
     explore_below_running: int = 4
+    explore_max_stretch: float = 10.0
     allow_switch: bool = True
     switch_interval_tokens: int = 32
     ema: float = 0.01
@@ -74,6 +77,7 @@ class RoutingConfig:
         _check(self.ar_margin >= 0, "routing.ar_margin", "must be >= 0")
         _check(0 < self.compute_bound_share <= 1, "routing.compute_bound_share", "must be in (0, 1]")
         _check(self.explore_every >= 0, "routing.explore_every", "must be >= 0 (0 = never explore)")
+        _check(self.explore_max_stretch >= 1, "routing.explore_max_stretch", "must be >= 1")
         _check(self.switch_interval_tokens >= 1, "routing.switch_interval_tokens", "must be >= 1")
         _check(0 < self.ema <= 1, "routing.ema", "must be in (0, 1]")
 

@@ -187,16 +187,26 @@ class Router:
             mode, reason = Mode.REFUSION, "refusion_faster"
         if current is Mode.AR and mode is Mode.REFUSION and gain_ref <= gain_ar + margin * abs(gain_ar):
             mode, reason = Mode.AR, "keep"  # hysteresis: leave AR only for a clear gain
-        if current is None and load.running < self.config.explore_below_running and self._explore_now(priority):
-            mode, reason = (Mode.AR if mode is Mode.REFUSION else Mode.REFUSION), "explore"
+        if current is None and load.running < self.config.explore_below_running:
+            # The further behind the other mode is estimated, the rarer (and so cheaper) its exploration.
+            gains = sorted((gain_ref, gain_ar)) if reason in ("ar_faster", "refusion_faster") else (1.0, 1.0)
+            stretch = min(gains[1] / gains[0], self.config.explore_max_stretch) if gains[0] > 0 else 1.0
+            inputs["explore_period"] = round(self.config.explore_every * max(stretch, 1.0), 1)
+            if self._explore_now(priority, inputs["explore_period"]):
+                mode, reason = (Mode.AR if mode is Mode.REFUSION else Mode.REFUSION), "explore"
         return RouteDecision(mode, reason, inputs)
 
-    def _explore_now(self, priority: Priority) -> bool:
-        """Every explore_every-th light-load AUTO admission of a class takes the other mode, so the
+    def _explore_now(self, priority: Priority, period: float) -> bool:
+        """Once every `period` light-load AUTO admissions of a class, take the other mode, so the
         estimates of a mode the router has stopped choosing still follow the traffic (it would never
         learn otherwise). Only under light load: there a slower request delays nobody else's forwards;
-        a request's TPF depends on its text, not on the load."""
-        every = self.config.explore_every
+        a request's TPF depends on its text, not on the load. The period is explore_every stretched by
+        the estimated throughput gap, which bounds exploration's cost near 1/explore_every."""
+        if not self.config.explore_every:
+            return False
         key = Priority(priority)
         self._admissions[key] = self._admissions.get(key, 0) + 1
-        return bool(every) and self._admissions[key] % every == 0
+        if self._admissions[key] < period:
+            return False
+        self._admissions[key] = 0
+        return True

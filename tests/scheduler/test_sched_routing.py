@@ -87,6 +87,23 @@ def test_every_nth_auto_admission_explores_the_other_mode():
     assert router(STEEP, explore_every=0).decide(Mode.AUTO, Priority.BATCH, light).reason == "compute_bound"
 
 
+def test_a_clearly_slower_mode_is_explored_less_often():
+    r = router(FLAT, explore_every=4)
+    for step in range(600):  # ReFusion measured at tpf 0.25 against AR's 1: AR's gain is ~4x
+        r.observe(Mode.REFUSION, Priority.BATCH, tokens=0 if step % 8 else 2, forwards=1, packed_tokens=24)
+    idle = LoadSnapshot()
+    decisions = [r.decide(Mode.AUTO, Priority.BATCH, idle) for _ in range(64)]
+    period = decisions[0].inputs["explore_period"]
+    gain_ar, gain_ref = decisions[0].inputs["gain_ar"], decisions[0].inputs["gain_refusion"]
+    assert period == pytest.approx(4 * gain_ar / gain_ref, abs=0.1) and period > 12
+    explored = [d for d in decisions if d.reason == "explore"]
+    assert 0 < len(explored) <= 64 // 12 and all(d.mode is Mode.REFUSION for d in explored)
+    capped = router(FLAT, explore_every=4, explore_max_stretch=2.0)
+    for step in range(600):
+        capped.observe(Mode.REFUSION, Priority.BATCH, tokens=0 if step % 8 else 2, forwards=1, packed_tokens=24)
+    assert capped.decide(Mode.AUTO, Priority.BATCH, idle).inputs["explore_period"] == 8.0
+
+
 def test_forced_modes_are_obeyed_whatever_the_load():
     r = router(STEEP)
     heavy = LoadSnapshot(packed_tokens=500, tokens_per_forward=40, running=40)
