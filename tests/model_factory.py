@@ -26,22 +26,12 @@ def _training_text() -> list[str]:
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 384, extra_text: list[str] = ()):
-    """Train a byte-level BPE tokenizer and save tokenizer.json + tokenizer_config.json in out_dir.
-    extra_text joins the training text (a test's own phrases then encode in few tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """Train the project's byte-level BPE (workers.tokenizer_build) on a little stdlib source and save
+    tokenizer.json + tokenizer_config.json in out_dir. extra_text joins the training text (a test's
+    own phrases then encode in few tokens)."""
+    from workers.tokenizer_build import build_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS, BOT, MASK],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_training_text() + list(extra_text), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, mask_token=MASK)
+    fast = build_bpe_tokenizer(_training_text() + list(extra_text), vocab_size)
     fast.save_pretrained(str(out_dir))
     return fast
 
