@@ -1,22 +1,18 @@
 """Tool calls end to end: a tiny Qwen3 trained in-session (ReFusion objective, seconds) to answer weather
-questions with a `<tool_call>{...}</tool_call>` block, served by the real Engine behind the real OpenAI
-app, with the `openai` SDK as the client. The model really writes the block; the API parses it into
-`tool_calls` (plain and streamed). The Ray Serve transport is covered by test_serve_openai.py.
+questions with a `<tool_call>{...}</tool_call>` block, deployed as its own Ray Serve application (prefix
+/tools) on the session's Serve instance, with the `openai` SDK as the client. The model really writes
+the block; the API parses it into `tool_calls` (plain and streamed).
 """
 
 from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
 from model_factory import build_tokenizer
 
 from integrations.chat import render_chat
-from integrations.engine_client import LocalEngineClient
-from integrations.engine_host import build_engine
-from integrations.openai_api import APISettings, create_app
 from integrations.openai_models import ChatCompletionRequest
 
 TOOLS = [{
@@ -74,23 +70,30 @@ def tool_model_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-async def sdk(tool_model_dir):
-    engine, tok = build_engine(tool_model_dir, {"num_blocks": 256}, {"routing": {"calibrate": False}})
-    await engine.start()
-    app = create_app(APISettings(model_name="tool-model"), LocalEngineClient(engine, tok, "tool-model"))
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local/v1")
+@pytest.fixture(scope="module")
+def sdk(serve_port, tool_model_dir):
+    from ray import serve
+
+    from conftest import _wait_healthy, serve_config
+    from integrations.serve_app import build_app
+
+    serve.run(build_app(serve_config(tool_model_dir)), name="refusion-tools", route_prefix="/tools")
+    url = f"http://127.0.0.1:{serve_port}/tools"
+    _wait_healthy(url)
     try:
-        yield openai.AsyncOpenAI(base_url="http://local/v1", api_key="unused", http_client=http, max_retries=0)
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     finally:
-        await http.aclose()
-        await engine.stop(drain_timeout_s=1.0)
+        serve.delete("refusion-tools")
+
+
+def _model(sdk) -> str:
+    return sdk.models.list().data[0].id
 
 
 @pytest.mark.parametrize("city", CITIES[:2])
-async def test_model_written_tool_call_is_parsed(sdk, city):
-    out = await sdk.chat.completions.create(model="tool-model", messages=_question(city), tools=TOOLS,
-                                            max_tokens=96, extra_body=AR)
+def test_model_written_tool_call_is_parsed(sdk, city):
+    out = sdk.chat.completions.create(model=_model(sdk), messages=_question(city), tools=TOOLS,
+                                      max_tokens=96, extra_body=AR)
     choice = out.choices[0]
     assert choice.finish_reason == "tool_calls", repr(choice.message.content)
     (call,) = choice.message.tool_calls
@@ -99,11 +102,11 @@ async def test_model_written_tool_call_is_parsed(sdk, city):
     assert "<tool_call>" not in (choice.message.content or "")
 
 
-async def test_model_written_tool_call_is_parsed_when_streamed(sdk):
-    stream = await sdk.chat.completions.create(model="tool-model", messages=_question("Lima"), tools=TOOLS,
-                                               max_tokens=96, extra_body=AR, stream=True)
+def test_model_written_tool_call_is_parsed_when_streamed(sdk):
+    stream = sdk.chat.completions.create(model=_model(sdk), messages=_question("Lima"), tools=TOOLS,
+                                         max_tokens=96, extra_body=AR, stream=True)
     name, arguments, finish, content = "", "", None, ""
-    async for chunk in stream:
+    for chunk in stream:
         delta = chunk.choices[0].delta
         content += delta.content or ""
         for part in delta.tool_calls or []:
@@ -115,9 +118,9 @@ async def test_model_written_tool_call_is_parsed_when_streamed(sdk):
     assert "<tool_call>" not in content
 
 
-async def test_without_tools_the_block_stays_text(sdk):
+def test_without_tools_the_block_stays_text(sdk):
     # No `tools` in the request: the prompt has no tools section and nothing is parsed into tool_calls.
-    out = await sdk.chat.completions.create(model="tool-model", messages=_question("Paris"), max_tokens=96,
-                                            extra_body=AR)
+    out = sdk.chat.completions.create(model=_model(sdk), messages=_question("Paris"), max_tokens=96,
+                                      extra_body=AR)
     assert out.choices[0].message.tool_calls is None
     assert out.choices[0].finish_reason in ("stop", "length")
