@@ -20,7 +20,7 @@ import time
 from enum import Enum
 
 from decoding.api import DecodeStats, Handoff
-from decoding.context import ContextFeed
+from decoding.context import start_context
 from decoding.params import DecodeParams
 from workers.batch import Read, ReadKind, Sampling, Segment, SegmentResult
 
@@ -47,17 +47,8 @@ class ARDecoder:
         self.params = params
         h = _handoff
         self.prompt_ids = list(prompt_ids)
-        self.prior_ids = list(h.generated_ids) if h else []
-        self.span = h.remaining if h else params.gen_length
-        context = self.prompt_ids + self.prior_ids
-        self.feed = ContextFeed(
-            context,
-            gen_length=self.span,
-            suffix_ids=(h.suffix_ids if h else suffix_ids),
-            cached_len=h.cached_len if h else 0,
-            suffix_cached_len=h.suffix_cached_len if h else 0,
-        )
-        self.gen_start = len(context)
+        self.prior_ids, self.span, self.feed = start_context(prompt_ids, params.gen_length, suffix_ids, h)
+        self.gen_start = len(self.prompt_ids) + len(self.prior_ids)
         self.stats = h.stats if h else DecodeStats()
         self.generated: list[int] = []
         self.gen_cached = 0  # generated tokens whose KV is in the cache

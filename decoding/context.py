@@ -77,3 +77,23 @@ class ContextFeed:
             else:
                 self.suffix_in_cache += 1
         self._pending = self._pending[n:]
+
+
+def start_context(prompt_ids: list[int], gen_length: int, suffix_ids: list[int] | None, handoff):
+    """Where a decoder starts: (prior generated ids, tokens left to generate, its ContextFeed).
+
+    Fresh: the prompt, gen_length tokens, nothing cached. After a handoff (decoding.api.Handoff):
+    the text so far (prompt + generated), the handoff's remaining span, and what is already cached,
+    the suffix included.
+    """
+    h = handoff
+    prior_ids = list(h.generated_ids) if h else []
+    span = h.remaining if h else gen_length
+    feed = ContextFeed(
+        list(prompt_ids) + prior_ids,
+        gen_length=span,
+        suffix_ids=(h.suffix_ids if h else suffix_ids),
+        cached_len=h.cached_len if h else 0,
+        suffix_cached_len=h.suffix_cached_len if h else 0,
+    )
+    return prior_ids, span, feed

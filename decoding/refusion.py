@@ -28,7 +28,7 @@ from enum import Enum
 
 from decoding.api import DecodeParamError, DecodeStats, Handoff
 from decoding.branches import Branch, absorb_drafts, absorb_verification, draft_segment, stop_after_eos, verify_segment
-from decoding.context import ContextFeed
+from decoding.context import start_context
 from decoding.params import DecodeParams
 from decoding.refusion_plan import Draft, SlotPool, choose_slots, split_blocks, verify_prefix
 from workers.batch import Read, ReadKind, Sampling, Segment, SegmentResult
@@ -60,19 +60,11 @@ class RefusionDecoder:
         self.params = params
         h = _handoff
         self.prompt_ids = list(prompt_ids)
-        self.prior_ids = list(h.generated_ids) if h else []  # generated before a handoff to us
-        span = h.remaining if h else params.gen_length
+        # prior_ids: generated before a handoff to us
+        self.prior_ids, span, self.feed = start_context(prompt_ids, params.gen_length, suffix_ids, h)
         if span % params.slot_size:
             raise DecodeParamError("remaining", f"{span} tokens left is not a multiple of slot_size {params.slot_size}")
-        context = self.prompt_ids + self.prior_ids
-        self.feed = ContextFeed(
-            context,
-            gen_length=span,
-            suffix_ids=(h.suffix_ids if h else suffix_ids),
-            cached_len=h.cached_len if h else 0,
-            suffix_cached_len=h.suffix_cached_len if h else 0,
-        )
-        self.gen_start = len(context)
+        self.gen_start = len(self.prompt_ids) + len(self.prior_ids)
         self.pool = SlotPool(self.gen_start, split_blocks(span, params.block_length), params.slot_size)
         self.stats = h.stats if h else DecodeStats()
         self.phase = Phase.PREFILL if span else Phase.FINISHED
