@@ -9,7 +9,9 @@ objective appends EOS to the response.
 
 The held-out split is by file: a file is held out when the hash of its path relative to its corpus
 root falls in the first `heldout_fraction` of the hash range, so it is the same on every machine with
-the same sources.
+the same sources. Units are deduplicated by their exact text (installed packages vendor and copy code:
+setuptools carries distutils, transformers copies whole model files), and a training unit whose text
+equals a held-out unit is dropped, so held-out scores never measure memorised copies.
 """
 
 from __future__ import annotations
@@ -124,7 +126,19 @@ def load_units(corpus: Sequence[str], heldout_fraction: float = 0.03) -> tuple[l
         (heldout if is_heldout(rel, heldout_fraction) else train).extend(extract_units(text, rel))
     if not train:
         raise CorpusError("corpus", f"{list(corpus)} holds no function or class with a body; point it at Python source")
-    return train, heldout
+    heldout = _unique(heldout, set())
+    return _unique(train, {u.prompt + u.response for u in heldout}), heldout
+
+
+def _unique(units: list[CodeUnit], seen: set[str]) -> list[CodeUnit]:
+    """Units in order, without repeats of an earlier unit's text or of any text in `seen` (updated)."""
+    out = []
+    for u in units:
+        text = u.prompt + u.response
+        if text not in seen:
+            seen.add(text)
+            out.append(u)
+    return out
 
 
 def tokenize_units(tokenizer, units: Sequence[CodeUnit], seq_len: int) -> list[tuple[list[int], list[int]]]:

@@ -164,6 +164,22 @@ def test_heldout_split_is_by_path_and_deterministic():
     assert not any(is_heldout(p, 0.0) for p in paths)
 
 
+def test_corpus_drops_repeated_units_and_copies_of_heldout_units(tmp_path):
+    from workers.corpus import is_heldout, load_units
+
+    body = "def f{i}(x):\n    y = x + {i}\n    return y\n"
+    names = [f"m{i}.py" for i in range(400)]
+    held = next(n for n in names if is_heldout(n, 0.03))
+    kept = [n for n in names if not is_heldout(n, 0.03)]
+    (tmp_path / held).write_text(body.format(i=1))  # held out
+    (tmp_path / kept[0]).write_text(body.format(i=1))  # a training copy of the held-out unit: dropped
+    (tmp_path / kept[1]).write_text(body.format(i=2) + "\n\n" + body.format(i=2))  # repeated in one file
+    (tmp_path / kept[2]).write_text(body.format(i=2) + "\n\n" + body.format(i=3))  # repeated across files
+    train, heldout = load_units([str(tmp_path)], 0.03)
+    assert [u.name for u in heldout] == ["f1"]
+    assert sorted(u.name for u in train) == ["f2", "f3"]
+
+
 def test_corpus_errors_name_the_field(tmp_path):
     from workers.corpus import CorpusError, load_units
 
