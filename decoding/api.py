@@ -9,7 +9,8 @@ Engine step for one request (the scheduler packs many of these into one forward)
 `budget` is the most query tokens the scheduler grants this step. Decoders honour it for prompt
 prefill (chunked: a long prompt is fed in budget-sized kept chunks with no reads) and may exceed it
 only for a step that cannot be split (a ReFusion plan of the whole pool); the scheduler then decides
-whether to run it now or next step.
+whether to run it now or next step. A segment once returned is the decoder's next step: the scheduler
+runs exactly that segment (holding it across steps when needed) before it calls next_segment again.
 """
 
 from __future__ import annotations

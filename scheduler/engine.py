@@ -32,6 +32,7 @@ from scheduler.request import Request, RequestStatus
 from scheduler.routing import CostCurve, Router
 from scheduler.scheduler import Scheduler, StepPlan, execute_plan
 from scheduler.validation import parse_params, validate_request
+from workers.kv_blocks import KVCacheFullError
 
 log = structlog.get_logger("engine")
 
@@ -173,7 +174,8 @@ class Engine:
                 self._postprocess(plan, results)
         else:
             await asyncio.sleep(0.002)  # everyone is waiting on KV: don't spin
-        self._update_gauges()
+        s = self.scheduler
+        self.metrics.update_gauges(len(s.running), len(s.waiting), self.runner.blocks, self.prefix_cache)
 
     async def _execute(self, plan: StepPlan):
         """One forward per runner, off the event loop. Returns results aligned with plan.items."""
@@ -182,15 +184,28 @@ class Engine:
         start = time.perf_counter()
         try:
             return await asyncio.to_thread(execute_plan, self.scheduler.runners, plan)
+        except KVCacheFullError as exc:  # nothing ran: hold the segments, requeue the youngest request
+            log.warning("kv_cache_full", error=str(exc), requests=[r.id for r, _ in plan.items])
+            self._release_cancelled(plan)
+            for req in self.scheduler.recover_kv_full(plan):
+                self._finish(req, FinishReason.ERROR, error=f"KV cache full: {exc}")
+            return None
         except Exception as exc:
             log.exception("forward_failed", requests=[r.id for r, _ in plan.items])
+            self._release_cancelled(plan)
             for req, _ in plan.items:
-                req.in_flight = False
                 self._finish(req, FinishReason.ERROR, error=f"forward failed: {type(exc).__name__}: {exc}")
             return None
         finally:
             self.forwards += 1
             self.metrics.forward_time.observe(time.perf_counter() - start)
+
+    def _release_cancelled(self, plan: StepPlan) -> None:
+        """After a failed forward: nothing is in flight; free the KV of requests cancelled meanwhile."""
+        for req, _ in plan.items:
+            req.in_flight = False
+            if req.finished:
+                self.scheduler.runners[req.runner_key].free(req.id)
 
     def _postprocess(self, plan: StepPlan, results: list) -> None:
         now = time.monotonic()
@@ -210,7 +225,7 @@ class Engine:
         req.decoder.absorb(result)
         if segment.reads:  # a decode step (prefill chunks carry no reads)
             self.router.observe(req.mode, req.priority, req.generated_tokens() - before, 1, len(segment.token_ids))
-        self._share_prompt_blocks(req)
+        self.scheduler.share_prompt_blocks(req)
         self._stream(req, now)
         if req.finished:
             return
@@ -218,18 +233,6 @@ class Engine:
             self._finish(req, self._natural_reason(req))
         else:
             maybe_switch(self.scheduler, req)
-
-    def _share_prompt_blocks(self, req: Request) -> None:
-        """Offer the prompt's newly computed full blocks to the prefix cache (only while prefill advances)."""
-        cache = self.prefix_cache
-        if cache is None or req.runner_key != "main":
-            return
-        full_blocks = len(req.spec.prompt_ids) // cache.block_size
-        cached_blocks = self.runner.cached_len(req.id) // cache.block_size
-        if req.prompt_blocks_shared < full_blocks and cached_blocks > req.prompt_blocks_shared:
-            req.prompt_blocks_shared = cache.insert(
-                req.spec.prompt_ids, self.runner.block_table(req.id), self.runner.cached_len(req.id)
-            )
 
     # ---- output ------------------------------------------------------------------------------------
     def _stream(self, req: Request, now: float) -> None:
@@ -245,13 +248,8 @@ class Engine:
 
     def _send(self, req: Request, text: str, token_ids: list[int], now: float, finished: bool = False) -> None:
         if token_ids or text:
-            if not req.first_token_s:
-                req.first_token_s = now
-                self.metrics.ttft.observe(now - req.arrival_s)
-            elif req.last_token_s:
-                self.metrics.inter_token.observe((now - req.last_token_s) / max(1, len(token_ids)))
-            req.last_token_s = now
-            self.metrics.generation_tokens.inc(len(token_ids))
+            self.metrics.observe_delta(req, len(token_ids), now)
+            req.first_token_s, req.last_token_s = req.first_token_s or now, now
         if token_ids or text or finished:
             req.outbox.put_nowait(req.delta(text, token_ids, finished=finished))
 
@@ -269,10 +267,7 @@ class Engine:
         req.status = RequestStatus.FINISHED
         self._requests.pop(req.id, None)
         self._send(req, update.text, update.token_ids, now, finished=True)
-        self.metrics.finished.labels(reason=reason.value).inc()
-        self.metrics.e2e.observe(now - req.arrival_s)
-        if req.decoder is not None and req.forwards():
-            self.metrics.tpf.labels(mode=req.mode.value).observe(req.generated_tokens() / req.forwards())
+        self.metrics.observe_finish(req, now)
         log.info("finished", request_id=req.id, reason=reason.value, error=error, modes=req.mode_history,
                  tokens=req.generated_tokens(), forwards=req.forwards())
 
@@ -285,14 +280,6 @@ class Engine:
         for req in self.scheduler.waiting + self.scheduler.running:
             if req.deadline_s is not None and now >= req.deadline_s + grace:
                 self._finish(req, FinishReason.DEADLINE)
-
-    def _update_gauges(self) -> None:
-        blocks = self.runner.blocks
-        self.metrics.running.set(len(self.scheduler.running))
-        self.metrics.waiting.set(len(self.scheduler.waiting))
-        self.metrics.kv_usage.set(1.0 - blocks.num_free / blocks.num_total if blocks.num_total else 0.0)
-        if self.prefix_cache is not None:
-            self.metrics.prefix_hit_rate.set(self.prefix_cache.hit_rate)
 
     # ---- admission ---------------------------------------------------------------------------------
     def _admit(self, spec: GenerationRequest) -> Request:

@@ -41,6 +41,29 @@ class EngineMetrics:
         self.finished = Counter(f"{p}_requests_finished", "Finished requests by reason.", ["reason"], registry=r)
         self.rejected = Counter(f"{p}_requests_rejected", "Requests refused at submit by reason.", ["reason"], registry=r)
 
+    def observe_delta(self, req, num_tokens: int, now: float) -> None:
+        """TTFT on a request's first streamed tokens, inter-token latency after that; token count."""
+        if not req.first_token_s:
+            self.ttft.observe(now - req.arrival_s)
+        elif req.last_token_s:
+            self.inter_token.observe((now - req.last_token_s) / max(1, num_tokens))
+        self.generation_tokens.inc(num_tokens)
+
+    def observe_finish(self, req, now: float) -> None:
+        """Finish reason, end-to-end latency and (when it decoded) the request's tokens per forward."""
+        self.finished.labels(reason=req.finish_reason.value).inc()
+        self.e2e.observe(now - req.arrival_s)
+        if req.decoder is not None and req.forwards():
+            self.tpf.labels(mode=req.mode.value).observe(req.generated_tokens() / req.forwards())
+
+    def update_gauges(self, running: int, waiting: int, blocks, prefix_cache) -> None:
+        """Load gauges after a step: running/waiting counts, KV usage of `blocks`, prefix-cache hit rate."""
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(1.0 - blocks.num_free / blocks.num_total if blocks.num_total else 0.0)
+        if prefix_cache is not None:
+            self.prefix_hit_rate.set(prefix_cache.hit_rate)
+
     def render(self) -> bytes:
         """Prometheus text exposition of every metric of this engine."""
         return generate_latest(self.registry)

@@ -8,7 +8,8 @@ blocks, minus what running requests may still allocate up to their own estimates
 cover its estimate (less the blocks it shares from the prefix cache). Prefix-cache blocks are evicted
 (LRU) when that frees enough. Priority order: INTERACTIVE before BATCH, FCFS within a class; running
 requests skipped for lack of budget go first in their class next step, so no one starves. A waiting
-INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request.
+INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request. Should
+the runner still run short of KV blocks, the step is retried with the plan's youngest request requeued.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from scheduler.routing import LoadSnapshot, RouteDecision, Router
 from workers.batch import Segment
 
 log = structlog.get_logger("scheduler")
+
+MAX_REQUEUES = 3  # a request sent back to the queue this often for lack of KV fails on the next shortage
 
 
 @dataclass
@@ -177,6 +180,17 @@ class Scheduler:
         log.info(event, request_id=req.id, mode=decision.mode.value, reason=decision.reason,
                  requested=req.spec.mode.value, priority=req.priority.name, **context, **decision.inputs)
 
+    def share_prompt_blocks(self, req: Request) -> None:
+        """Offer the prompt's newly computed full blocks to the prefix cache (only while prefill advances)."""
+        cache = self.prefix_cache
+        if cache is None or req.runner_key != "main":
+            return
+        runner = self.runners["main"]
+        full_blocks = len(req.spec.prompt_ids) // cache.block_size
+        cached_len = runner.cached_len(req.id)
+        if req.prompt_blocks_shared < full_blocks and cached_len // cache.block_size > req.prompt_blocks_shared:
+            req.prompt_blocks_shared = cache.insert(req.spec.prompt_ids, runner.block_table(req.id), cached_len)
+
     # ---- internals -----------------------------------------------------------------------------
     def _start_waiting(self, plan: StepPlan) -> None:
         self.waiting.sort(key=Request.sort_key)
@@ -196,15 +210,37 @@ class Scheduler:
 
     def _preempt_for(self, req: Request) -> bool:
         """Make room for a waiting INTERACTIVE request by sending the youngest running BATCH request back
-        to the queue: its KV is freed and it restarts from scratch later, in the same mode. Outputs are
-        batch-independent and seeded per request, so the rerun yields the same tokens and its stream
-        resumes where it stopped (nothing is sent twice). Requests that switched mode are not preempted."""
+        to the queue (see `requeue`)."""
         if not self.config.preempt_for_interactive or req.priority is not Priority.INTERACTIVE:
             return False
         victims = [r for r in self.running if r.priority > req.priority and len(r.mode_history) == 1]
         if not victims:
             return False
-        victim = max(victims, key=lambda r: r.order)
+        self.requeue(max(victims, key=lambda r: r.order), reason=f"for {req.id}")
+        return True
+
+    def recover_kv_full(self, plan: StepPlan) -> list[Request]:
+        """The runner refused the plan for lack of KV blocks (admission estimates were short; the runner
+        took nothing). Every segment is held to run again next step; the youngest restartable request
+        of the plan goes back to the queue to free its blocks. Returns the requests that must fail
+        instead: the youngest one when it cannot restart (it switched mode, or was already requeued
+        MAX_REQUEUES times), so a request that never fits ends with an error instead of looping."""
+        for req, segment in plan.items:
+            req.pending_segment = segment
+        live = [r for r, _ in plan.items if not r.finished]
+        if not live:
+            return []
+        victim = max(live, key=lambda r: r.order)
+        if len(victim.mode_history) == 1 and victim.preemptions < MAX_REQUEUES:
+            self.requeue(victim, reason="kv cache full")
+            return []
+        return [victim]
+
+    def requeue(self, victim: Request, reason: str) -> None:
+        """Send a running request back to the queue: its KV is freed and it restarts from scratch later,
+        in the same mode. Outputs are batch-independent and seeded per request, so the rerun yields the
+        same tokens and its stream resumes where it stopped (nothing is sent twice). Only requests that
+        never switched mode are requeued."""
         self.running.remove(victim)
         self.runners[victim.runner_key].free(victim.id)
         victim.pinned_mode, victim.mode_history = victim.mode, []
@@ -213,8 +249,7 @@ class Scheduler:
         victim.preemptions += 1
         self.waiting.append(victim)
         self.waiting.sort(key=Request.sort_key)
-        log.info("preempted", request_id=victim.id, for_request=req.id, mode=victim.pinned_mode.value)
-        return True
+        log.info("preempted", request_id=victim.id, reason=reason, mode=victim.pinned_mode.value)
 
     def _try_start(self, req: Request) -> bool:
         decision = self.router.decide(req.pinned_mode or req.spec.mode, req.priority, self.load_snapshot())

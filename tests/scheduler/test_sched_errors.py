@@ -7,6 +7,7 @@ import asyncio
 from sched_fakes import FakeFactory, FakeRunner, collect, ids_of, make_engine
 
 from scheduler.api import FinishReason, GenerationRequest, Mode
+from workers.kv_blocks import KVCacheFullError
 
 
 def req(rid, gen=6):
@@ -70,4 +71,48 @@ async def test_a_decoder_that_cannot_be_built_fails_that_request_at_start():
     deltas = await collect(engine, req("x"))
     assert deltas[-1].finish_reason is FinishReason.ERROR and "no decoder" in deltas[-1].error
     assert engine.scheduler.running == [] and runner.blocks.num_free == runner.blocks.num_total
+    await engine.stop()
+
+
+async def test_a_kv_full_forward_requeues_the_youngest_request_and_loses_nothing():
+    runner = FakeRunner(num_blocks=64)
+    engine, _ = make_engine(runner=runner, prefix_cache=False)
+    await engine.start()
+    original, refusals = runner.execute, []
+
+    def short_of_kv(segments):
+        if len(refusals) < 2 and len(segments) > 1:
+            refusals.append([s.seq_id for s in segments])
+            raise KVCacheFullError(len(segments), 0)
+        return original(segments)
+
+    runner.execute = short_of_kv
+    solo = [await collect(engine, req(f"solo{i}")) for i in range(3)]
+    runner.execute = short_of_kv
+    outs = await asyncio.gather(*(collect(engine, req(f"r{i}")) for i in range(3)))
+    assert refusals, "the fake never refused a batch"
+    for deltas, alone in zip(outs, solo):
+        assert deltas[-1].finish_reason is FinishReason.LENGTH and ids_of(deltas) == ids_of(alone)
+    assert engine.metrics.finished.labels(reason="error")._value.get() == 0
+    assert runner.blocks.num_free == runner.blocks.num_total
+    await engine.stop()
+
+
+async def test_a_request_that_never_fits_fails_alone_instead_of_looping():
+    runner = FakeRunner(num_blocks=64)
+    engine, _ = make_engine(runner=runner, prefix_cache=False)
+    await engine.start()
+    original = runner.execute
+
+    def refuse_big(segments):
+        if any(s.seq_id == "big" for s in segments):
+            raise KVCacheFullError(99, 0)
+        return original(segments)
+
+    runner.execute = refuse_big
+    big = await asyncio.wait_for(collect(engine, req("big")), 10)
+    assert big[-1].finish_reason is FinishReason.ERROR and "KV cache full" in big[-1].error
+    small = await asyncio.wait_for(collect(engine, req("small")), 10)
+    assert small[-1].finish_reason is FinishReason.LENGTH and len(ids_of(small)) == 6
+    assert runner.blocks.num_free == runner.blocks.num_total
     await engine.stop()
