@@ -8,6 +8,8 @@ Prints a markdown table of:
     unit that fits the training sequence length (transformers forward, workers/training.heldout_losses);
   - next-line exact match: AR greedy's first generated line == the true first line of the response
     (trailing whitespace ignored), on --prompts held-out units spread evenly over the held-out files;
+  - valid Python: share of those prompts whose completion (cut at EOS; without EOS, after its last
+    complete line) leaves the unit parseable by `ast`, for AR greedy and for ReFusion;
   - ReFusion TPF (generated tokens / model forwards, prefill-only forwards excluded, spec definition)
     and agreement with AR greedy (identical output; mean matching-prefix fraction) at the decode settings
     in the model's refusion.json (or --set KEY=VALUE overrides), both decoded with the serving engine
@@ -89,6 +91,26 @@ def agreement(a: list[list[int]], b: list[list[int]], eos: int) -> tuple[float, 
     return same / len(a), prefix / len(a)
 
 
+def parses(prompt: str, completion: str, ended: bool) -> bool:
+    """Whether prompt + completion is valid Python (ast). A completion that did not end with EOS is cut
+    after its last complete line, so a function still being written is judged on what it has so far."""
+    import ast
+
+    if not ended:
+        completion = completion[: completion.rfind("\n") + 1]
+    try:
+        ast.parse(prompt + completion)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def parse_rate(tok, prompts: list[list[int]], outputs: list[list[int]], eos: int) -> float:
+    """Share of prompts whose completion (cut at EOS) keeps the unit valid Python (see `parses`)."""
+    ok = sum(parses(tok.decode(p), tok.decode(_cut(o, eos)), eos in o) for p, o in zip(prompts, outputs))
+    return ok / max(len(prompts), 1)
+
+
 def _parse_sets(items: list[str]) -> dict:
     out = {}
     for item in items:
@@ -132,6 +154,8 @@ def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = 
     row["ar_tpf"] = round(sum(s.generated_tokens for s in ar_stats) / max(sum(s.forwards for s in ar_stats), 1), 3)
     same, prefix = agreement(rf_out, ar_out, eos)
     row["refusion_equals_ar"], row["refusion_ar_prefix_match"] = round(same, 4), round(prefix, 4)
+    row["ar_valid_python"] = round(parse_rate(tok, prompts, ar_out, eos), 4)
+    row["refusion_valid_python"] = round(parse_rate(tok, prompts, rf_out, eos), 4)
     row["example"] = {"prompt": tok.decode(prompts[0]), "ar": tok.decode(_cut(ar_out[0], eos)),
                       "refusion": tok.decode(_cut(rf_out[0], eos))}
     return row
@@ -139,8 +163,8 @@ def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = 
 
 def print_table(row: dict) -> None:
     keys = ["parameters", "heldout_units", "heldout_ar_loss", "prompts", "ar_next_line_exact",
-            "refusion_next_line_exact", "refusion_tpf", "ar_tpf", "refusion_equals_ar", "refusion_ar_prefix_match",
-            "ar_wall_s", "refusion_wall_s"]
+            "refusion_next_line_exact", "ar_valid_python", "refusion_valid_python", "refusion_tpf", "ar_tpf",
+            "refusion_equals_ar", "refusion_ar_prefix_match", "ar_wall_s", "refusion_wall_s"]
     print(f"model: {row['model']}\ndecode: {json.dumps(row['decode'])}\n")
     print("| metric | value |\n|---|---|")
     for k in keys:

@@ -1,0 +1,30 @@
+"""The model card's judgement of generated code (bench/model_card.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from model_card import agreement, parses  # noqa: E402
+
+PROMPT = "def is_even(n):\n"
+
+
+def test_a_finished_completion_must_close_the_unit():
+    assert parses(PROMPT, "    return n % 2 == 0\n", ended=True)
+    assert not parses(PROMPT, "    return 'b''\n", ended=True)  # unterminated string
+    assert not parses(PROMPT, "    if n:\n", ended=True)  # block with no body
+
+
+def test_an_unfinished_completion_is_judged_on_its_complete_lines():
+    assert parses(PROMPT, "    x = n % 2\n    return x ==", ended=False)  # the partial last line is dropped
+    assert not parses(PROMPT, "    x = (n %\n    return x", ended=False)
+    assert not parses(PROMPT, "", ended=False)  # nothing: a def with no body
+
+
+def test_agreement_counts_identical_outputs_and_matching_prefixes():
+    eos = 0
+    same, prefix = agreement([[5, 6, 0, 9], [5, 7]], [[5, 6, 0], [5, 6, 8, 9]], eos)
+    assert same == 0.5 and prefix == (1.0 + 0.25) / 2
