@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from model_card import agreement, parses  # noqa: E402
@@ -28,3 +30,19 @@ def test_agreement_counts_identical_outputs_and_matching_prefixes():
     eos = 0
     same, prefix = agreement([[5, 6, 0, 9], [5, 7]], [[5, 6, 0], [5, 6, 8, 9]], eos)
     assert same == 0.5 and prefix == (1.0 + 0.25) / 2
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="the shipped model is not in models/")
+def test_the_shipped_model_writes_valid_python_on_heldout_prompts():
+    """The card's claim at the shipped settings: most completions keep the held-out unit valid Python
+    (measured 87.5% AR / 77% ReFusion on 256 prompts; asserted with a margin on 32)."""
+    from model_card import measure
+
+    row = measure(SHIPPED, 32, {}, skip_loss=True)
+    assert row["prompts"] == 32
+    assert row["ar_valid_python"] >= 0.7, row
+    assert row["refusion_valid_python"] >= 0.6, row
