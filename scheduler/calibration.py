@@ -34,14 +34,16 @@ def calibrate(runner, token_counts: tuple[int, ...], repeats: int = 2, max_token
 
 
 def _scratch_segment(num_tokens: int, filler: int) -> Segment:
-    # [num_tokens] query tokens, all dropped, one argmax read: the shape of a ReFusion plan step.
+    # [num_tokens] query tokens, all dropped, an argmax read on every row: the shape of a decode step
+    # (an AR step reads its one row, a ReFusion plan or verify step reads every row it feeds), so the
+    # LM head and the read of each row are part of the measured cost.
     return Segment(
         seq_id=CALIBRATION_SEQ,
         context_len=0,
         token_ids=[filler] * num_tokens,
         positions=list(range(num_tokens)),
         keep=[False] * num_tokens,
-        reads=[Read(num_tokens - 1, ReadKind.ARGMAX)],
+        reads=[Read(row, ReadKind.ARGMAX) for row in range(num_tokens)],
     )
 
 
