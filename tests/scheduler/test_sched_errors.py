@@ -14,19 +14,32 @@ def req(rid, gen=6):
     return GenerationRequest(rid, [5, 6, 7], {"gen_length": gen}, mode=Mode.AR)
 
 
+def fail_execute_when(runner, failure):
+    """Wrap runner.execute: `failure(segments)` returns the exception to raise instead, or None to run."""
+    original = runner.execute
+
+    def execute(segments):
+        exc = failure(segments)
+        if exc is not None:
+            raise exc
+        return original(segments)
+
+    runner.execute = execute
+
+
 async def test_a_failed_forward_errors_its_batch_and_the_engine_keeps_serving():
     runner = FakeRunner(num_blocks=64)
     engine, _ = make_engine(runner=runner, prefix_cache=False)
     await engine.start()
-    original, failures = runner.execute, []
+    failures = []
 
-    def flaky(segments):
+    def first_call_fails(segments):
         if not failures:
             failures.append(True)
-            raise RuntimeError("device lost")
-        return original(segments)
+            return RuntimeError("device lost")
+        return None
 
-    runner.execute = flaky
+    fail_execute_when(runner, first_call_fails)
     failed = await asyncio.gather(collect(engine, req("a")), collect(engine, req("b")))
     for deltas in failed:
         assert deltas[-1].finish_reason is FinishReason.ERROR and "device lost" in deltas[-1].error
@@ -78,17 +91,16 @@ async def test_a_kv_full_forward_requeues_the_youngest_request_and_loses_nothing
     runner = FakeRunner(num_blocks=64)
     engine, _ = make_engine(runner=runner, prefix_cache=False)
     await engine.start()
-    original, refusals = runner.execute, []
+    refusals = []
 
-    def short_of_kv(segments):
+    def short_of_kv(segments):  # the first two batches of more than one request are refused
         if len(refusals) < 2 and len(segments) > 1:
             refusals.append([s.seq_id for s in segments])
-            raise KVCacheFullError(len(segments), 0)
-        return original(segments)
+            return KVCacheFullError(len(segments), 0)
+        return None
 
-    runner.execute = short_of_kv
-    solo = [await collect(engine, req(f"solo{i}")) for i in range(3)]
-    runner.execute = short_of_kv
+    fail_execute_when(runner, short_of_kv)
+    solo = [await collect(engine, req(f"solo{i}")) for i in range(3)]  # one at a time: never refused
     outs = await asyncio.gather(*(collect(engine, req(f"r{i}")) for i in range(3)))
     assert refusals, "the fake never refused a batch"
     for deltas, alone in zip(outs, solo):
@@ -102,14 +114,7 @@ async def test_a_request_that_never_fits_fails_alone_instead_of_looping():
     runner = FakeRunner(num_blocks=64)
     engine, _ = make_engine(runner=runner, prefix_cache=False)
     await engine.start()
-    original = runner.execute
-
-    def refuse_big(segments):
-        if any(s.seq_id == "big" for s in segments):
-            raise KVCacheFullError(99, 0)
-        return original(segments)
-
-    runner.execute = refuse_big
+    fail_execute_when(runner, lambda segments: KVCacheFullError(99, 0) if any(s.seq_id == "big" for s in segments) else None)
     big = await asyncio.wait_for(collect(engine, req("big")), 10)
     assert big[-1].finish_reason is FinishReason.ERROR and "KV cache full" in big[-1].error
     small = await asyncio.wait_for(collect(engine, req("small")), 10)
