@@ -3,8 +3,8 @@
     PREFILL (prompt chunks, kept, no reads) -> DECODE (one token per forward) -> FINISHED
 
 DECODE feeds the last generated token (clean, kept) at its position and reads the next one from its
-row: ARGMAX when temperature == 0, else SAMPLE (temperature, top-k, top-p, drawn from the sequence's
-own seeded generator in the runner, so draws do not depend on the batch).
+row: an argmax read when temperature == 0, else a sample read (temperature, top-k, top-p; counter-based
+draws keyed by the request's seed and step, so they do not depend on the batch).
 
 The first generation step carries the uncached context plus a MASK token at the first generation
 position p (a mask at p predicts the token at p itself; its KV is dropped), and the first token is read
@@ -22,7 +22,7 @@ from enum import Enum
 from decoding.api import DecodeStats, Handoff
 from decoding.context import start_context
 from decoding.params import DecodeParams
-from workers.batch import Read, ReadKind, Sampling, Segment, SegmentResult
+from workers.batch import Reads, Sampling, Segment, SegmentResult
 
 
 class ARPhase(Enum):
@@ -88,29 +88,27 @@ class ARDecoder:
             self.stats.started_at = time.monotonic()
         if self.phase is ARPhase.DECODE:
             pos = self.next_position - 1
-            self._in_flight = self._segment([self.generated[-1]], [pos], [True], self.cache_len)
+            self._in_flight = self._segment([self.generated[-1]], [pos], 1, self.cache_len)
             return self._in_flight
         tokens, positions = self.feed.peek(self.feed.pending)
         if tokens and len(tokens) + 1 > max(1, budget):  # prefill chunk: kept, no reads
             chunk = min(max(1, budget), len(tokens))
             self._first_step, self._context_in_flight = False, chunk
-            self._in_flight = Segment(
-                self.seq_id, self.cache_len, tokens[:chunk], positions[:chunk], [True] * chunk, [], None,
-                self._sampling(),
-            )
+            self._in_flight = Segment(self.seq_id, self.cache_len, tokens[:chunk], positions[:chunk], chunk,
+                                      sampling=self._sampling())
             return self._in_flight
         # First generation step: [context tail, keep] + [MASK at the first generation position, drop].
         self._first_step, self._context_in_flight = True, len(tokens)
         tokens, positions = tokens + [self.params.mask_token_id], positions + [self.next_position]
-        self._in_flight = self._segment(tokens, positions, [True] * (len(tokens) - 1) + [False], self.cache_len)
+        self._in_flight = self._segment(tokens, positions, len(tokens) - 1, self.cache_len)
         return self._in_flight
 
     def absorb(self, result: SegmentResult) -> None:
         segment, self._in_flight = self._in_flight, None
         if segment is None:
             raise RuntimeError(f"{self.seq_id}: absorb() without a segment in flight")
-        if result.seq_id != self.seq_id or len(result.values) != len(segment.reads):
-            raise ValueError(f"{self.seq_id}: result has {len(result.values)} values for {len(segment.reads)} reads")
+        if result.seq_id != self.seq_id or len(result.tokens) != len(segment.reads):
+            raise ValueError(f"{self.seq_id}: result has {len(result.tokens)} values for {len(segment.reads)} reads")
         if self.phase is ARPhase.PREFILL:
             self.feed.consume(self._context_in_flight)
             if not self._first_step:
@@ -119,7 +117,7 @@ class ARDecoder:
         else:
             self.gen_cached += 1
         self.stats.forwards += 1
-        token = result.values[0][0]
+        token = result.tokens[0]
         self.generated.append(token)
         if token == self.params.eos_token_id or len(self.generated) >= self.span:
             self._finish()
@@ -156,13 +154,15 @@ class ARDecoder:
         )
 
     def _sampling(self) -> Sampling:
-        p = self.params
-        return Sampling(p.temperature, p.top_k, p.top_p, p.seed)
+        """`step` = decode forwards so far (prefill chunks, which depend on the budget, do not count;
+        carried across a handoff by the stats) keys the draws."""
+        p, st = self.params, self.stats
+        return Sampling(p.temperature, p.top_k, p.top_p, p.seed, step=st.forwards)
 
-    def _segment(self, tokens: list[int], positions: list[int], keep: list[bool], context_len: int) -> Segment:
-        kind = ReadKind.ARGMAX if self.params.temperature == 0 else ReadKind.SAMPLE
-        reads = [Read(len(tokens) - 1, kind)]
-        return Segment(self.seq_id, context_len, tokens, positions, keep, reads, None, self._sampling())
+    def _segment(self, tokens: list[int], positions: list[int], num_kept: int, context_len: int) -> Segment:
+        last = (len(tokens) - 1,)
+        reads = Reads(argmax=last) if self.params.temperature == 0 else Reads(sample=last)
+        return Segment(self.seq_id, context_len, tokens, positions, num_kept, reads, sampling=self._sampling())
 
     def _finish(self) -> None:
         self.phase = ARPhase.FINISHED

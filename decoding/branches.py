@@ -1,12 +1,12 @@
 """Slot completion (spec step 3): each chosen slot is a branch over the same committed cache.
 
-One segment holds every branch (tree attention: `Segment.branch` gives each branch its own id, so a
-slot sees the committed cache and itself, never a sibling). Each round is two forwards:
+One segment holds every branch as a run of its own (tree attention: `Segment.branch_lens`, so a slot
+sees the committed cache and itself, never a sibling). Each round is two forwards:
 
-    draft:  branch tokens, verified ones as themselves, unverified ones as MASK; keep=False;
-            ARGMAX (plain, no Gumbel noise) on the masked rows: a mask at p predicts the token at p.
-    verify: branch tokens with the drafts filled in, clean, all branches in slot order; keep=True;
-            PROB reads shifted by one (row j-1 scores token j).
+    draft:  branch tokens, verified ones as themselves, unverified ones as MASK; nothing kept;
+            argmax reads (plain, no Gumbel noise) on the masked rows: a mask at p predicts the token at p.
+    verify: branch tokens with the drafts filled in, clean, all branches in slot order; all kept;
+            prob reads shifted by one (row j-1 scores token j).
 
 Where the reference commits the branches' common verified prefix to per-branch cache rows, we re-feed
 each branch's full slot every round. That is numerically the same KV: the same tokens (verified tokens
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.batch import Read, ReadKind, Sampling, Segment
+from workers.batch import Reads, Sampling, Segment
 
 
 @dataclass
@@ -49,20 +49,18 @@ def draft_segment(seq_id: str, context_len: int, branches: list[Branch], mask_id
 
     Complete branches are left out: their draft would be discarded and nothing reads them.
     """
-    tokens, positions, branch_ids, reads, layout = [], [], [], [], []
+    tokens, positions, lens, rows, layout = [], [], [], [], []
     for b, br in enumerate(branches):
         if br.complete:
             continue
-        for j, (tok, ok) in enumerate(zip(br.tokens, br.verified)):
+        for j, ok in enumerate(br.verified):
             if not ok:
-                reads.append(Read(len(tokens), ReadKind.ARGMAX))
+                rows.append(len(tokens) + j)
                 layout.append((b, j))
-            tokens.append(tok if ok else mask_id)
-            positions.append(br.start + j)
-            branch_ids.append(b)
-    segment = Segment(
-        seq_id, context_len, tokens, positions, [False] * len(tokens), reads, branch_ids, sampling
-    )
+        tokens += [tok if ok else mask_id for tok, ok in zip(br.tokens, br.verified)]
+        positions += range(br.start, br.start + len(br.tokens))
+        lens.append(len(br.tokens))
+    segment = Segment(seq_id, context_len, tokens, positions, 0, Reads(argmax=tuple(rows)), lens, sampling)
     return segment, layout
 
 
@@ -78,17 +76,19 @@ def verify_segment(seq_id: str, context_len: int, branches: list[Branch], sampli
     Token j of a branch needs a probability only when its predecessor is not verified yet; every
     other token passes by the rule "a token whose predecessor was verified passes".
     """
-    tokens, positions, branch_ids, reads, layout = [], [], [], [], []
+    tokens, positions, lens, rows, scored, layout = [], [], [], [], [], []
     for b, br in enumerate(branches):
         row0 = len(tokens)
-        for j, tok in enumerate(br.tokens):
-            if j > 0 and not br.verified[j - 1]:
-                reads.append(Read(row0 + j - 1, ReadKind.PROB, tok))
+        for j in range(1, len(br.tokens)):
+            if not br.verified[j - 1]:
+                rows.append(row0 + j - 1)
+                scored.append(br.tokens[j])
                 layout.append((b, j))
-            tokens.append(tok)
-            positions.append(br.start + j)
-            branch_ids.append(b)
-    segment = Segment(seq_id, context_len, tokens, positions, [True] * len(tokens), reads, branch_ids, sampling)
+        tokens += br.tokens
+        positions += range(br.start, br.start + len(br.tokens))
+        lens.append(len(br.tokens))
+    reads = Reads(prob=tuple(rows), prob_tokens=tuple(scored))
+    segment = Segment(seq_id, context_len, tokens, positions, len(tokens), reads, lens, sampling)
     return segment, layout
 
 

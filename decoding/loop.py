@@ -2,8 +2,8 @@
 
     while any decoder is unfinished:
         segments = [d.next_segment(budget) for each unfinished d]
-        results  = runner.execute(segments)          # one packed forward
-        d.absorb(r) for each; runner.free(d.seq_id) once d is finished
+        results  = session.execute(segments)         # prepare KV, one packed forward
+        d.absorb(r) for each; session.free(d.seq_id) once d is finished
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from decoding.api import Decoder
 DEFAULT_BUDGET = 8192
 
 
-def decode_batch(runner, decoders: list[Decoder], *, budget: int = DEFAULT_BUDGET) -> list[list[int]]:
+def decode_batch(session, decoders: list[Decoder], *, budget: int = DEFAULT_BUDGET) -> list[list[int]]:
     """Run every decoder to completion, all in the same forwards; returns each one's output_ids.
 
-    `runner` needs `execute(segments)` and `free(seq_id)` (workers.runner.ModelRunner).
+    `session` owns the KV and runs steps: `execute(segments)` and `free(seq_id)`
+    (workers.session.RunnerSession over a ModelRunner). Raises ValueError for duplicate seq_ids and
+    whatever the runner raises (every decoder's KV is freed first).
     """
     ids = [d.seq_id for d in decoders]
     if len(set(ids)) != len(ids):
@@ -27,13 +29,13 @@ def decode_batch(runner, decoders: list[Decoder], *, budget: int = DEFAULT_BUDGE
             stepping = [(d, d.next_segment(budget)) for d in active]
             stepping = [(d, seg) for d, seg in stepping if seg is not None]
             if stepping:
-                results = runner.execute([seg for _, seg in stepping])
+                results = session.execute([seg for _, seg in stepping])
                 for (d, _), result in zip(stepping, results):
                     d.absorb(result)
             for d in [d for d in active if d.finished]:
-                runner.free(d.seq_id)
+                session.free(d.seq_id)
             active = [d for d in active if not d.finished]
     finally:
         for d in active:  # an exception mid-way must not leak KV blocks
-            runner.free(d.seq_id)
+            session.free(d.seq_id)
     return [d.output_ids() for d in decoders]

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from decoding.api import DecodeParamError
+from workers.batch import SEED_MAX
 
 SERVING_DEFAULTS: dict = {
     "gen_length": 128,
@@ -32,6 +33,8 @@ SERVING_DEFAULTS: dict = {
     "seed": 0,
 }
 
+MIN_TEMPERATURE = 1e-3  # below this sampling is greedy in effect and 1/T overflows: use 0
+MAX_TEMPERATURE = 100.0  # far past uniform; larger values only lose precision
 _INT_FIELDS = ("gen_length", "slot_size", "serial_num_blocks", "top_k", "seed", "eos_token_id", "mask_token_id")
 _FLOAT_FIELDS = ("slot_threshold", "token_threshold", "temperature", "top_p")
 
@@ -88,14 +91,15 @@ class DecodeParams:
         for name in ("slot_threshold", "token_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DecodeParamError(name, f"must lie in [0, 1], got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise DecodeParamError("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise DecodeParamError("temperature", f"must be 0 (greedy) or lie in [{MIN_TEMPERATURE}, "
+                                   f"{MAX_TEMPERATURE}], got {self.temperature}")
         if self.top_k < 0:
             raise DecodeParamError("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise DecodeParamError("top_p", f"must lie in (0, 1], got {self.top_p}")
-        if self.seed < 0:
-            raise DecodeParamError("seed", f"must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise DecodeParamError("seed", f"must lie in 0..{SEED_MAX} (a signed 64-bit integer), got {self.seed}")
         for name in ("eos_token_id", "mask_token_id"):
             if getattr(self, name) < 0:
                 raise DecodeParamError(name, f"must be a token id >= 0, got {getattr(self, name)}")

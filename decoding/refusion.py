@@ -31,7 +31,7 @@ from decoding.branches import Branch, absorb_drafts, absorb_verification, draft_
 from decoding.context import start_context
 from decoding.params import DecodeParams
 from decoding.refusion_plan import Draft, SlotPool, choose_slots, split_blocks, verify_prefix
-from workers.batch import Read, ReadKind, Sampling, Segment, SegmentResult
+from workers.batch import Reads, Sampling, Segment, SegmentResult
 
 
 class Phase(Enum):
@@ -127,9 +127,9 @@ class RefusionDecoder:
         segment, self._in_flight = self._in_flight, None
         if segment is None:
             raise RuntimeError(f"{self.seq_id}: absorb() without a segment in flight")
-        if result.seq_id != self.seq_id or len(result.values) != len(segment.reads):
+        if result.seq_id != self.seq_id or len(result.tokens) != len(segment.reads):
             raise ValueError(
-                f"{self.seq_id}: result for {result.seq_id} has {len(result.values)} values "
+                f"{self.seq_id}: result for {result.seq_id} has {len(result.tokens)} values "
                 f"for {len(segment.reads)} reads"
             )
         if self.phase is Phase.PREFILL:
@@ -142,7 +142,7 @@ class RefusionDecoder:
             Phase.VERIFY: self._absorb_verify,
             Phase.BRANCH_DRAFT: self._absorb_branch_draft,
             Phase.BRANCH_VERIFY: self._absorb_branch_verify,
-        }[self.phase](result.values)
+        }[self.phase](list(zip(result.tokens, result.probs)))
 
     def stream_ids(self) -> list[int]:
         out = list(self.prior_ids)
@@ -180,12 +180,16 @@ class RefusionDecoder:
     # ---- segments ---------------------------------------------------------------------------------
 
     def _sampling(self, gumbel: bool) -> Sampling:
-        p = self.params
-        return Sampling(p.temperature, p.top_k, p.top_p, p.seed, gumbel=gumbel and p.temperature > 0)
+        """The segment's randomness. `step` = decode forwards so far (prefill chunks, which depend on the
+        budget, do not count; carried across a handoff by the stats) keys the counter-based draws, so a
+        request rerun from scratch, or batched differently, draws the same numbers."""
+        p, st = self.params, self.stats
+        return Sampling(p.temperature, p.top_k, p.top_p, p.seed, gumbel=gumbel and p.temperature > 0,
+                        step=st.forwards)
 
     def _prefill_segment(self, n: int) -> Segment:
         tokens, positions = self.feed.peek(n)
-        return Segment(self.seq_id, self.cache_len, tokens, positions, [True] * n, [], None, self._sampling(False))
+        return Segment(self.seq_id, self.cache_len, tokens, positions, n, sampling=self._sampling(False))
 
     def _plan_segment(self) -> Segment:
         """Spec step 1: [uncached context, keep] + [every pool slot as MASK tokens, drop]."""
@@ -198,10 +202,9 @@ class RefusionDecoder:
             self.cache_len,
             ctx_tokens + [self.params.mask_token_id] * n_mask,
             ctx_positions + mask_positions,
-            [True] * n_ctx + [False] * n_mask,
-            [Read(n_ctx + i, ReadKind.ARGMAX) for i in range(n_mask)],
-            None,
-            self._sampling(gumbel=True),
+            n_ctx,
+            Reads(argmax=tuple(range(n_ctx, n_ctx + n_mask))),
+            sampling=self._sampling(gumbel=True),
         )
 
     def _verify_segment(self) -> Segment:
@@ -209,10 +212,10 @@ class RefusionDecoder:
         tokens = [t for d in self.chosen for t in d.tokens]
         positions = [d.start + j for d in self.chosen for j in range(len(d.tokens))]
         s = self.params.slot_size
-        reads = [Read(k - 1, ReadKind.PROB, tokens[k]) for k in range(len(tokens)) if k % s]
-        return Segment(
-            self.seq_id, self.cache_len, tokens, positions, [True] * len(tokens), reads, None, self._sampling(False)
-        )
+        scored = [k for k in range(len(tokens)) if k % s]
+        reads = Reads(prob=tuple(k - 1 for k in scored), prob_tokens=tuple(tokens[k] for k in scored))
+        return Segment(self.seq_id, self.cache_len, tokens, positions, len(tokens), reads,
+                       sampling=self._sampling(False))
 
     def _branch_draft_segment(self) -> Segment:
         segment, self._layout = draft_segment(

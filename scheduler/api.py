@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
+from typing import Protocol, Sequence
+
+from workers.batch import Segment, SegmentResult
 
 
 class Priority(IntEnum):
@@ -87,3 +90,26 @@ class Delta:
     mode: Mode | None = None  # the mode that served it (REFUSION or AR)
     stats: dict = field(default_factory=dict)
     error: str | None = None
+
+
+class RunnerInfo(Protocol):
+    """What the scheduler reads about a runner's model and KV cache."""
+
+    vocab_size: int
+    eos_token_id: int
+    mask_token_id: int
+    block_size: int  # tokens per KV block
+    num_kv_blocks: int  # blocks the scheduler may hand out (the runner keeps a scratch block apart)
+
+
+class Runner(Protocol):
+    """Executes one packed step (workers/batch.py). Implemented by workers.runner.ModelRunner and the
+    scheduler tests' fakes. The runner owns tensors and the device, never KV blocks: the scheduler
+    prepares every segment's block table (workers.kv_blocks.BlockTables.prepare) before the call."""
+
+    info: RunnerInfo
+    tokenizer: object
+
+    def execute(self, segments: Sequence[Segment], block_tables: Sequence[list[int]]) -> list[SegmentResult]:
+        """Run every segment in one forward; results in segment order. Raises ValueError (a
+        workers.runner.SegmentError naming seq_id and field) for a segment it cannot run."""

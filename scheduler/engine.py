@@ -27,12 +27,10 @@ from scheduler.decoders import DecoderFactory, ModelDecoderFactory
 from scheduler.detokenizer import TextStream
 from scheduler.metrics import EngineMetrics
 from scheduler.mode_switch import maybe_switch
-from scheduler.prefix_cache import PrefixCache
 from scheduler.request import Request, RequestStatus
 from scheduler.routing import CostCurve, Router
-from scheduler.scheduler import Scheduler, StepPlan, execute_plan
+from scheduler.scheduler import Scheduler, StepPlan, execute_isolated, execute_plan
 from scheduler.validation import parse_params, validate_request
-from workers.kv_blocks import KVCacheFullError
 
 log = structlog.get_logger("engine")
 
@@ -58,10 +56,11 @@ class Engine:
         runners, factories = {"main": runner}, {"main": factory}
         if ar_runner is not None:
             runners["ar"], factories["ar"] = ar_runner, ar_decoder_factory or ModelDecoderFactory(ar_runner)
-        self.prefix_cache = PrefixCache(runner.blocks) if self.config.prefix_cache else None
         points = self.config.routing.cost_points or [(1, 1.0)]  # flat until calibrated
         self.router = Router(self.config.routing, CostCurve(points))
-        self.scheduler = Scheduler(self.config, runners, factories, self.router, self.prefix_cache, self.metrics)
+        self.scheduler = Scheduler(self.config, runners, factories, self.router, self.metrics)
+        self.kv = self.scheduler.kv  # every KV block of every runner (scheduler/kv.py)
+        self.prefix_cache = self.kv.prefix_cache
         self._requests: dict[str, Request] = {}
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
@@ -124,7 +123,7 @@ class Engine:
 
     def stats(self) -> dict:
         """A snapshot for health checks and benchmarks."""
-        blocks = self.runner.blocks
+        blocks = self.kv.pool()
         curve = self.router.curve
         return {
             "running": len(self.scheduler.running),
@@ -175,44 +174,42 @@ class Engine:
         else:
             await asyncio.sleep(0.002)  # everyone is waiting on KV: don't spin
         s = self.scheduler
-        self.metrics.update_gauges(len(s.running), len(s.waiting), self.runner.blocks, self.prefix_cache)
+        self.metrics.update_gauges(len(s.running), len(s.waiting), self.kv.pool(), self.prefix_cache)
 
     async def _execute(self, plan: StepPlan):
-        """One forward per runner, off the event loop. Returns results aligned with plan.items."""
+        """One forward per runner, off the event loop. Returns results aligned with plan.items, or None.
+
+        A failed forward is re-run item by item (scheduler.execute_isolated): requests whose own
+        forward fails end with the error, the others continue with their results, so no request sees
+        an error it did not cause."""
         for req, _ in plan.items:
             req.in_flight = True
         start = time.perf_counter()
         try:
             return await asyncio.to_thread(execute_plan, self.scheduler.runners, plan)
-        except KVCacheFullError as exc:  # nothing ran: hold the segments, requeue the youngest request
-            log.warning("kv_cache_full", error=str(exc), requests=[r.id for r, _ in plan.items])
-            self._release_cancelled(plan)
-            for req in self.scheduler.recover_kv_full(plan):
-                self._finish(req, FinishReason.ERROR, error=f"KV cache full: {exc}")
-            return None
         except Exception as exc:
-            log.exception("forward_failed", requests=[r.id for r, _ in plan.items])
-            self._release_cancelled(plan)
-            for req, _ in plan.items:
-                self._finish(req, FinishReason.ERROR, error=f"forward failed: {type(exc).__name__}: {exc}")
-            return None
+            log.warning("forward_failed", error=f"{type(exc).__name__}: {exc}", requests=[r.id for r, _ in plan.items])
+            results = [exc] if len(plan.items) == 1 else await asyncio.to_thread(execute_isolated, self.scheduler.runners, plan)
+            for i, ((req, _), result) in enumerate(zip(plan.items, results)):
+                if isinstance(result, Exception):
+                    req.in_flight = False
+                    if req.finished:  # cancelled meanwhile: its KV waited for the forward
+                        self.kv.free(req)
+                    self._finish(req, FinishReason.ERROR, error=f"forward failed: {type(result).__name__}: {result}")
+                    results[i] = None
+            return results
         finally:
             self.forwards += 1
             self.metrics.forward_time.observe(time.perf_counter() - start)
 
-    def _release_cancelled(self, plan: StepPlan) -> None:
-        """After a failed forward: nothing is in flight; free the KV of requests cancelled meanwhile."""
-        for req, _ in plan.items:
-            req.in_flight = False
-            if req.finished:
-                self.scheduler.runners[req.runner_key].free(req.id)
-
     def _postprocess(self, plan: StepPlan, results: list) -> None:
         now = time.monotonic()
         for (req, segment), result in zip(plan.items, results):
+            if result is None:  # its own forward failed: already finished with the error
+                continue
             req.in_flight = False
             if req.finished:  # cancelled while its segment ran: free now
-                self.scheduler.runners[req.runner_key].free(req.id)
+                self.kv.free(req)
                 continue
             try:
                 self._absorb(req, segment, result, now)
@@ -225,7 +222,7 @@ class Engine:
         req.decoder.absorb(result)
         if segment.reads:  # a decode step (prefill chunks carry no reads)
             self.router.observe(req.mode, req.priority, req.generated_tokens() - before, 1, len(segment.token_ids))
-        self.scheduler.share_prompt_blocks(req)
+        self.kv.share_prompt_blocks(req)
         self._stream(req, now)
         if req.finished:
             return
@@ -286,8 +283,7 @@ class Engine:
         if self._task is None or self._stopping:
             self.metrics.rejected.labels(reason="not_running").inc()
             raise EngineNotRunningError("engine is not running; call `await engine.start()` first", retry_after_s=5.0)
-        info = getattr(self.runner, "info", None)
-        validate_request(spec, getattr(info, "vocab_size", None), self.config.max_stop_strings)
+        validate_request(spec, self.runner.info.vocab_size, self.config.max_stop_strings)
         if spec.request_id in self._requests:
             raise InvalidRequestError("request_id", f"{spec.request_id!r} is already in flight; use a unique id")
         params = parse_params(self.scheduler.factories["main"], spec.params)

@@ -31,7 +31,7 @@ def maybe_switch(scheduler, req: Request) -> bool:
     new_key = "ar" if decision.mode is Mode.AR and "ar" in scheduler.runners else "main"
     handoff = req.decoder.handoff()
     if new_key != req.runner_key:
-        scheduler.runners[req.runner_key].free(req.id)  # the other model has none of this KV
+        scheduler.kv.free(req)  # the other model has none of this KV
         handoff = dataclasses.replace(handoff, cached_len=0, suffix_cached_len=0)
     factory = scheduler.factories[new_key]
     req.decoder = factory.from_handoff(decision.mode, req.id, handoff, req.params)

@@ -8,13 +8,17 @@ blocks, minus what running requests may still allocate up to their own estimates
 cover its estimate (less the blocks it shares from the prefix cache). Prefix-cache blocks are evicted
 (LRU) when that frees enough. Priority order: INTERACTIVE before BATCH, FCFS within a class; running
 requests skipped for lack of budget go first in their class next step, so no one starves. A waiting
-INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request. Should
-the runner still run short of KV blocks, the step is retried with the plan's youngest request requeued.
+INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request.
+
+KV is the scheduler's (scheduler/kv.py): a segment's blocks are allocated when it enters the plan, and
+the plan carries each segment's block table. Should a step run short of blocks (tentative KV beyond
+the estimates), prefix-cache blocks are evicted, then running requests that come later in scheduling
+order and are not in this step are sent back to the queue; failing that the segment waits a step. The
+runner never allocates and never refuses for lack of KV.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -22,21 +26,22 @@ import structlog
 
 from scheduler.api import InvalidRequestError, Mode, OverloadedError, Priority
 from scheduler.config import EngineConfig
-from scheduler.prefix_cache import PrefixCache, PrefixHit
+from scheduler.kv import KVOwner
+from scheduler.prefix_cache import PrefixHit
 from scheduler.request import Request, RequestStatus
 from scheduler.routing import LoadSnapshot, RouteDecision, Router
 from workers.batch import Segment
 
 log = structlog.get_logger("scheduler")
 
-MAX_REQUEUES = 3  # a request sent back to the queue this often for lack of KV fails on the next shortage
-
 
 @dataclass
 class StepPlan:
-    """One step: the segments to run, requests whose decoders are done, requests that failed to start."""
+    """One step: the segments to run with their block tables (tables[i] belongs to items[i]),
+    requests whose decoders are done, requests that failed to start."""
 
     items: list[tuple[Request, Segment]] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
     done: list[Request] = field(default_factory=list)
     failed: list[tuple[Request, str]] = field(default_factory=list)
 
@@ -45,55 +50,57 @@ class StepPlan:
         return sum(len(seg.token_ids) for _, seg in self.items)
 
 
-def execute_plan(runners: dict, plan: StepPlan) -> list:
-    """Run the plan: one execute (one packed forward) per runner. Results aligned with plan.items.
-    Called in a worker thread; touches nothing but the runners."""
+def execute_plan(runners: dict, plan: StepPlan, only: list[int] | None = None) -> list:
+    """Run the plan (or the items at indices `only`): one execute (one packed forward) per runner.
+    Results aligned with plan.items (None for items not run). Called in a worker thread; touches
+    nothing but the runners."""
     out: list = [None] * len(plan.items)
     groups: dict[str, list[int]] = {}
-    for i, (req, _) in enumerate(plan.items):
-        groups.setdefault(req.runner_key, []).append(i)
+    for i in range(len(plan.items)) if only is None else only:
+        groups.setdefault(plan.items[i][0].runner_key, []).append(i)
     for key, idxs in groups.items():
-        results = runners[key].execute([plan.items[i][1] for i in idxs])
-        by_seq = {r.seq_id: r for r in results}
-        for i in idxs:
-            out[i] = by_seq[plan.items[i][1].seq_id]
+        results = runners[key].execute([plan.items[i][1] for i in idxs], [plan.tables[i] for i in idxs])
+        for i, result in zip(idxs, results):
+            out[i] = result
+    return out
+
+
+def execute_isolated(runners: dict, plan: StepPlan) -> list:
+    """After a failed step: run every item alone, so a fault one request causes ends only that request.
+    Returns, aligned with plan.items, each item's result or the exception its own forward raised.
+    Re-running is safe: the items' block tables are unchanged, and a rerun writes the same K/V into
+    the same slots."""
+    out: list = []
+    for i in range(len(plan.items)):
+        try:
+            out.append(execute_plan(runners, plan, only=[i])[i])
+        except Exception as exc:  # noqa: BLE001 - the culprit's own error, reported to it alone
+            out.append(exc)
     return out
 
 
 class Scheduler:
     """Waiting queue, running set, KV admission, routing at admission and the per-step token budget."""
 
-    def __init__(self, config: EngineConfig, runners: dict, factories: dict, router: Router, prefix_cache: PrefixCache | None, metrics):
+    def __init__(self, config: EngineConfig, runners: dict, factories: dict, router: Router, metrics):
         self.config = config
-        self.runners = runners  # "main" (and "ar" for a separate AR model) -> runner
+        self.runners = runners  # "main" (and "ar" for a separate AR model) -> scheduler.api.Runner
         self.factories = factories  # same keys -> DecoderFactory
         self.router = router
-        self.prefix_cache = prefix_cache
+        self.kv = KVOwner(runners, prefix_cache=config.prefix_cache, reserve_fraction=config.kv_reserve_fraction)
+        self.prefix_cache = self.kv.prefix_cache
         self.metrics = metrics
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._arrivals = 0
 
     # ---- submit-time checks -------------------------------------------------------------------
-    def kv_blocks_needed(self, prompt_len: int, suffix_len: int, params) -> int:
-        """Most blocks a request can hold: its text plus one ReFusion pool of tentative KV."""
-        gen = int(params.gen_length)
-        slot = int(getattr(params, "slot_size", 1) or 1)
-        gen = math.ceil(gen / slot) * slot
-        pool = math.ceil(gen / max(1, int(getattr(params, "serial_num_blocks", 1) or 1)))
-        tokens = prompt_len + suffix_len + gen + pool
-        return math.ceil(tokens / self.runners["main"].blocks.block_size) + 1
-
-    def kv_capacity(self, key: str = "main") -> int:
-        """Blocks one request may ever be promised (the pool less the reserve)."""
-        return self.runners[key].blocks.num_total - self._reserve(key)
-
     def add(self, spec, params, stream) -> Request:
         """Queue a validated request. Raises InvalidRequestError when it could never fit in the KV
         cache, OverloadedError (with a retry-after hint) when the bounded queue is full."""
         suffix_len = len(spec.suffix_ids or [])
-        kv_blocks = self.kv_blocks_needed(len(spec.prompt_ids), suffix_len, params)
-        capacity = self.kv_capacity()
+        kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params)
+        capacity = self.kv.capacity()
         if kv_blocks > capacity:
             raise InvalidRequestError(
                 "prompt_ids",
@@ -124,18 +131,21 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         if not req.in_flight and req.decoder is not None:
-            self.runners[req.runner_key].free(req.id)
+            self.kv.free(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        """Start waiting requests that fit, then ask running ones for their next segment under the budget."""
+        """Start waiting requests that fit, then ask running ones for their next segment under the
+        budget and allocate its KV (see the module docstring)."""
         plan = StepPlan()
         self._start_waiting(plan)
         budget = self.config.token_budget
         for req in sorted(self.running, key=Request.sort_key):
+            if req.status is not RequestStatus.RUNNING:
+                continue  # sent back to the queue for KV earlier in this loop
             if budget <= 0:
                 req.skipped += 1
                 continue
@@ -143,16 +153,37 @@ class Scheduler:
             if segment is None:
                 plan.done.append(req)
                 continue
-            if len(segment.token_ids) > budget and plan.items:
-                # An unsplittable step larger than what is left: hold it (the decoder already stated it)
-                # and run it first in its class next step.
+            # An unsplittable step larger than what is left, or one whose KV does not fit yet: hold it
+            # (the decoder already stated it) and run it first in its class next step.
+            table = None if len(segment.token_ids) > budget and plan.items else self._prepare_kv(req, segment, plan)
+            if table is None:
                 req.pending_segment = segment
                 req.skipped += 1
+                if not plan.items and req.skipped > self.config.max_running:
+                    plan.failed.append((req, "KV cache full: the request's step does not fit even alone"))
                 continue
             req.pending_segment, req.skipped = None, 0
             plan.items.append((req, segment))
+            plan.tables.append(table)
             budget -= len(segment.token_ids)
         return plan
+
+    def _prepare_kv(self, req: Request, segment: Segment, plan: StepPlan) -> list[int] | None:
+        """Allocate the segment's kept tokens; evict prefix-cache blocks, then preempt, when short.
+        Returns the block table, or None when the blocks cannot be had this step."""
+        short = self.kv.shortfall(req, segment)
+        if short:
+            self.kv.evict_prefix_cache(short, req.runner_key)
+            short = self.kv.shortfall(req, segment)
+        while short:
+            in_plan = {r.id for r, _ in plan.items}
+            victims = [r for r in self.running if r is not req and r.id not in in_plan and r.runner_key == req.runner_key
+                       and len(r.mode_history) == 1 and r.sort_key() > req.sort_key()]
+            if not victims:
+                return None
+            self.requeue(max(victims, key=Request.sort_key), reason=f"kv cache full (for {req.id})")
+            short = self.kv.shortfall(req, segment)
+        return self.kv.grow(req, segment)
 
     def load_snapshot(self, exclude: Request | None = None) -> LoadSnapshot:
         """Packed tokens and tokens per forward the running batch produces per step (class averages)."""
@@ -168,28 +199,13 @@ class Scheduler:
 
     def kv_available(self, key: str = "main") -> int:
         """Free blocks not yet promised to running requests, less the reserve."""
-        runner = self.runners[key]
-        promised = sum(
-            max(0, r.kv_blocks - len(runner.block_table(r.id))) for r in self.running if r.runner_key == key
-        )
-        return runner.blocks.num_free - promised - self._reserve(key)
+        return self.kv.available(self.running, key)
 
     def record_decision(self, req: Request, decision: RouteDecision, event: str, **context) -> None:
         """Every routing decision and its inputs go to the metrics and the log."""
         self.metrics.mode_decisions.labels(mode=decision.mode.value, reason=decision.reason).inc()
         log.info(event, request_id=req.id, mode=decision.mode.value, reason=decision.reason,
                  requested=req.spec.mode.value, priority=req.priority.name, **context, **decision.inputs)
-
-    def share_prompt_blocks(self, req: Request) -> None:
-        """Offer the prompt's newly computed full blocks to the prefix cache (only while prefill advances)."""
-        cache = self.prefix_cache
-        if cache is None or req.runner_key != "main":
-            return
-        runner = self.runners["main"]
-        full_blocks = len(req.spec.prompt_ids) // cache.block_size
-        cached_len = runner.cached_len(req.id)
-        if req.prompt_blocks_shared < full_blocks and cached_len // cache.block_size > req.prompt_blocks_shared:
-            req.prompt_blocks_shared = cache.insert(req.spec.prompt_ids, runner.block_table(req.id), cached_len)
 
     # ---- internals -----------------------------------------------------------------------------
     def _start_waiting(self, plan: StepPlan) -> None:
@@ -219,30 +235,13 @@ class Scheduler:
         self.requeue(max(victims, key=lambda r: r.order), reason=f"for {req.id}")
         return True
 
-    def recover_kv_full(self, plan: StepPlan) -> list[Request]:
-        """The runner refused the plan for lack of KV blocks (admission estimates were short; the runner
-        took nothing). Every segment is held to run again next step; the youngest restartable request
-        of the plan goes back to the queue to free its blocks. Returns the requests that must fail
-        instead: the youngest one when it cannot restart (it switched mode, or was already requeued
-        MAX_REQUEUES times), so a request that never fits ends with an error instead of looping."""
-        for req, segment in plan.items:
-            req.pending_segment = segment
-        live = [r for r, _ in plan.items if not r.finished]
-        if not live:
-            return []
-        victim = max(live, key=lambda r: r.order)
-        if len(victim.mode_history) == 1 and victim.preemptions < MAX_REQUEUES:
-            self.requeue(victim, reason="kv cache full")
-            return []
-        return [victim]
-
     def requeue(self, victim: Request, reason: str) -> None:
         """Send a running request back to the queue: its KV is freed and it restarts from scratch later,
         in the same mode. Outputs are batch-independent and seeded per request, so the rerun yields the
         same tokens and its stream resumes where it stopped (nothing is sent twice). Only requests that
         never switched mode are requeued."""
         self.running.remove(victim)
-        self.runners[victim.runner_key].free(victim.id)
+        self.kv.free(victim)
         victim.pinned_mode, victim.mode_history = victim.mode, []
         victim.decoder, victim.pending_segment, victim.status = None, None, RequestStatus.WAITING
         victim.skipped, victim.tokens_at_last_route = 0, 0
@@ -263,13 +262,11 @@ class Scheduler:
             available = self.kv_available(key)
         if available < need:
             return False
-        runner, spec = self.runners[key], req.spec
+        spec = req.spec
         req.decoder = self.factories[key].create(decision.mode, req.id, spec.prompt_ids, req.params, spec.suffix_ids)
+        self.kv.start(req, key, hit)
         if hit.block_ids:
-            runner.adopt_prefix(req.id, hit.block_ids, hit.num_tokens)
             req.decoder.skip_cached_prompt(hit.num_tokens)
-        if cache is not None:
-            cache.record(spec.prompt_ids, hit)
         req.cached_prompt_tokens = hit.num_tokens
         req.mode, req.runner_key, req.status = decision.mode, key, RequestStatus.RUNNING
         req.started_s = time.monotonic()
@@ -278,9 +275,6 @@ class Scheduler:
         self.metrics.queue_time.observe(req.started_s - req.arrival_s)
         self.record_decision(req, decision, "route")
         return True
-
-    def _reserve(self, key: str) -> int:
-        return int(self.config.kv_reserve_fraction * self.runners[key].blocks.num_total)
 
     def _typical_latency_s(self) -> float:
         hist = self.metrics.e2e

@@ -1,76 +1,89 @@
-"""The contract between decoders, scheduler and model runner: one packed forward.
+"""The contract between decoders, scheduler and model runner: one packed step. The source of truth for
+visibility, KV and read semantics.
 
 Plain Python (no torch), so `decoding/` and `scheduler/` can build and test against it anywhere.
 
-A forward executes a list of `Segment`s, at most one per sequence. Each segment is the next step of one
-request: a run of query tokens placed after that sequence's committed KV cache.
+Who owns what
+-------------
+A decoder states its next step as a `Segment` (query tokens after its committed cache). Whoever
+schedules the sequence owns its KV blocks (`workers.kv_blocks.BlockTables`: the engine's scheduler, or
+a `workers.session.RunnerSession` for the CLI, tests and benchmarks). Before a step it truncates the
+sequence to `context_len` and allocates room for the kept tokens (`BlockTables.prepare`), then hands the
+runner each segment with its block table. The runner never allocates and never refuses for lack of
+KV: it only reads and writes the slots it is told.
 
-Visibility of query token i of a segment (all rules are per segment; segments never see each other):
-  - the sequence's committed cache, i.e. its first `context_len` cached tokens, all of them;
-  - earlier query tokens j < i of the same segment, when `branch` is None (plain causal), or when
-    branch[j] == branch[i], or when branch[j] == TRUNK (a shared stem every branch sees).
+Visibility of query token i of a segment (per segment; segments never see each other):
+  - the sequence's committed cache: its first `context_len` cached tokens, all of them;
+  - earlier query tokens j <= i of the same segment that lie in the same run: with `branch_lens`
+    None the whole segment is one causal run; otherwise the segment is cut into consecutive runs of
+    those lengths (ReFusion slot completion: one run per branch), and a token sees only the earlier
+    tokens of its own run. Equivalently, with `branch_start(i)` the first query index of i's run,
+    i sees j iff branch_start(i) <= j <= i.
   Attention depends on logical positions only through RoPE (`positions`), on physical order only
-  through this visibility rule.
+  through this rule.
 
 KV lifecycle:
-  - Before running, the runner truncates the sequence's cache to `context_len` tokens (a decoder rolls
-    back tentative KV simply by stating a shorter context than the cache holds). `context_len` may
-    never exceed the cached length.
-  - Query tokens with keep[i] True have their KV appended to the sequence's cache in query order, so
-    after the forward the cache holds context_len + sum(keep) tokens. Dropped tokens leave no trace.
+  - The cache is truncated to `context_len` tokens before the step (a decoder rolls back tentative KV
+    by stating a shorter context than the cache holds); `context_len` never exceeds the cached length.
+  - The first `num_kept` query tokens have their K/V appended to the cache in query order, at cache
+    positions context_len .. context_len + num_kept - 1; the others leave no trace. (Every decoder
+    keeps a prefix: context chunks and verified drafts first, dropped mask or draft tokens after.)
+  - The block table handed to the runner covers context_len + num_kept tokens.
 
-Reads: the runner returns only what each segment asks for, one value per `Read`, computed on the
-device and moved to the host once per forward.
+Reads (what comes back; computed on the device for all rows of all segments at once, moved to the
+host in one transfer). `SegmentResult.tokens[k]` / `.probs[k]` answer the segment's reads in the order
+argmax rows, then prob rows, then sample rows:
+  - argmax: (token, softmax(logits)[token]). With Sampling.gumbel and temperature T > 0 the token is
+    argmax(logits - T * log(-log u)) in float64 (ReFusion drafting, spec "Parameters"); the
+    probability is still the plain softmax of the chosen token.
+  - prob: (the given token, softmax(logits)[token]) (verification), via logsumexp.
+  - sample: temperature, top-k, top-p from Sampling, drawn as the Gumbel-max argmax of the filtered
+    logits; (token, its probability under the filtered, tempered distribution). T == 0 is greedy.
+  - logits: full float32 rows in `SegmentResult.logits` (tests and debugging only).
+Randomness is counter-based: u = uniform(hash(seed, step, row, vocab index)), with `step` the
+request's own step counter and `row` the query row within the segment. A request's draws therefore
+depend on nothing else in the batch, and a request restarted from scratch draws the same numbers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 
-TRUNK = -1
-"""Branch id of query tokens that every branch of the segment may see (a shared stem)."""
-
-
-class ReadKind(Enum):
-    """What a caller wants back for one query row."""
-
-    ARGMAX = "argmax"
-    """(token id, softmax probability of it). With Sampling.temperature > 0 and gumbel, the argmax is
-    taken over logits perturbed by Gumbel noise in float64 (ReFusion drafting); the probability is
-    still softmax(logits)[token] without noise."""
-    PROB = "prob"
-    """Softmax probability of `Read.token` at this row (verification)."""
-    SAMPLE = "sample"
-    """(token id, its probability under the sampling distribution): temperature, top-k, top-p from
-    the segment's Sampling, drawn from the sequence's own seeded generator (AR decoding)."""
-    LOGITS = "logits"
-    """The full float32 logits row (tests and debugging only; costs a vocab-sized transfer)."""
-
-
-@dataclass(frozen=True)
-class Read:
-    """One value to return for query row `row` of a segment."""
-
-    row: int
-    kind: ReadKind
-    token: int = -1  # only for PROB
+SEED_MAX = 2**63 - 1
+"""Seeds are signed 64-bit on the device; the API rejects larger ones (a 400 naming `seed`)."""
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Randomness of a segment. temperature == 0 means greedy everywhere.
-
-    seed: seeds the per-sequence generator the first time the runner sees the sequence; later
-    segments continue the same stream, so a request's draws do not depend on what else is batched.
-    gumbel: ARGMAX reads use Gumbel-max noise (ReFusion); SAMPLE reads use temperature/top-k/top-p.
-    """
+    """Randomness of a segment. temperature == 0 means greedy everywhere; `step` keys the draws."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
-    seed: int = 0
-    gumbel: bool = False
+    seed: int = 0  # 0 .. SEED_MAX
+    gumbel: bool = False  # argmax reads use Gumbel-max noise (ReFusion drafting)
+    step: int = 0  # the request's step counter (decoders count their segments)
+
+
+@dataclass(frozen=True)
+class Reads:
+    """Rows of a segment to read, per kind (row indices into the segment's query tokens)."""
+
+    argmax: tuple[int, ...] = ()
+    prob: tuple[int, ...] = ()
+    prob_tokens: tuple[int, ...] = ()  # the token whose probability each prob row gives
+    sample: tuple[int, ...] = ()
+    logits: tuple[int, ...] = ()  # tests and debugging only (a vocab-sized transfer per row)
+
+    def __len__(self) -> int:
+        return len(self.argmax) + len(self.prob) + len(self.sample)
+
+    def rows(self) -> tuple[int, ...]:
+        """Every token-and-probability row, in result order (argmax, prob, sample)."""
+        return self.argmax + self.prob + self.sample
+
+
+NO_READS = Reads()
 
 
 @dataclass
@@ -81,41 +94,42 @@ class Segment:
     context_len: int
     token_ids: list[int]
     positions: list[int]
-    keep: list[bool]
-    reads: list[Read] = field(default_factory=list)
-    branch: list[int] | None = None
+    num_kept: int
+    reads: Reads = NO_READS
+    branch_lens: list[int] | None = None
     sampling: Sampling = field(default_factory=Sampling)
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
+        name = f"segment {self.seq_id}"
         if n == 0:
-            raise ValueError(f"segment {self.seq_id}: token_ids is empty; a segment needs at least one query token")
-        if len(self.positions) != n or len(self.keep) != n:
-            raise ValueError(
-                f"segment {self.seq_id}: token_ids, positions and keep must have equal lengths "
-                f"(got {n}, {len(self.positions)}, {len(self.keep)})"
-            )
-        if self.branch is not None and len(self.branch) != n:
-            raise ValueError(f"segment {self.seq_id}: branch has {len(self.branch)} entries for {n} tokens")
+            raise ValueError(f"{name}: token_ids is empty; a segment needs at least one query token")
+        if len(self.positions) != n:
+            raise ValueError(f"{name}: token_ids and positions must have equal lengths (got {n}, {len(self.positions)})")
+        if not 0 <= self.num_kept <= n:
+            raise ValueError(f"{name}: num_kept must lie in 0..{n}, got {self.num_kept}")
         if self.context_len < 0:
-            raise ValueError(f"segment {self.seq_id}: context_len must be >= 0, got {self.context_len}")
-        for read in self.reads:
-            if not 0 <= read.row < n:
-                raise ValueError(f"segment {self.seq_id}: read row {read.row} outside 0..{n - 1}")
+            raise ValueError(f"{name}: context_len must be >= 0, got {self.context_len}")
+        if self.branch_lens is not None and (sum(self.branch_lens) != n or min(self.branch_lens, default=0) <= 0):
+            raise ValueError(f"{name}: branch_lens {self.branch_lens} must be positive and sum to {n}")
+        r = self.reads
+        if len(r.prob) != len(r.prob_tokens):
+            raise ValueError(f"{name}: reads.prob has {len(r.prob)} rows but {len(r.prob_tokens)} prob_tokens")
+        for row in r.rows() + r.logits:
+            if not 0 <= row < n:
+                raise ValueError(f"{name}: read row {row} outside 0..{n - 1}")
 
     @property
-    def num_kept(self) -> int:
-        return sum(self.keep)
+    def num_query(self) -> int:
+        return len(self.token_ids)
 
 
 @dataclass
 class SegmentResult:
-    """What came back for one segment: `values[k]` answers `segment.reads[k]`.
-
-    ARGMAX and SAMPLE give (token id, probability); PROB gives (-1, probability); LOGITS gives
-    (-1, nan) and the row lands in `logits[k]` (a list of floats).
-    """
+    """What came back for one segment: tokens[k] / probs[k] answer reads.rows()[k] (argmax, prob,
+    sample order); logits[k] is the float32 row of reads.logits[k]."""
 
     seq_id: str
-    values: list[tuple[int, float]]
-    logits: dict[int, list[float]] = field(default_factory=dict)
+    tokens: list[int]
+    probs: list[float]
+    logits: list[list[float]] = field(default_factory=list)

@@ -1,5 +1,10 @@
 """Block accounting for the paged KV cache. Plain Python (no torch): the scheduler can use it anywhere.
 
+Whoever schedules a sequence owns its blocks (workers/batch.py, "Who owns what"): the engine's
+scheduler, or a `workers.session.RunnerSession`. `BlockTables.prepare` readies a step's segments
+(truncate to context_len, allocate room for the kept tokens, all or nothing) and returns the block
+tables the runner writes through.
+
 A `BlockPool` hands out fixed-size blocks and counts references: a sequence's block table holds one
 reference per block, and a prefix cache holds more with `retain`. A block goes back to the free list
 when its last reference is released. Blocks with more than one reference are shared and read-only:
@@ -131,8 +136,33 @@ class BlockTables:
         total = -(-(self.length(seq_id) + num_new) // self.pool.block_size)
         return max(0, total - len(self._seqs[seq_id].blocks if seq_id in self._seqs else []))
 
-    def append_slots(self, seq_id: str, num_new: int) -> list[int]:
-        """Grow the sequence by num_new tokens; return their flat cache slots (block * block_size + offset)."""
+    def prepare(self, segments) -> list[list[int]]:
+        """Ready one step: truncate each segment's sequence to its context_len, then grow it by its
+        num_kept tokens. All or nothing: raises KVCacheFullError (and SharedBlockWriteError for a write
+        into a shared block) leaving every table as it was after the truncation. Returns each segment's
+        block table (covering context_len + num_kept tokens), in segment order."""
+        for seg in segments:
+            if seg.context_len > self.length(seg.seq_id):
+                raise ValueError(f"sequence {seg.seq_id}: context_len {seg.context_len} exceeds the "
+                                 f"{self.length(seg.seq_id)} cached tokens; it may only roll back")
+        for seg in segments:
+            self.truncate(seg.seq_id, seg.context_len)
+        needed = sum(self.blocks_needed(seg.seq_id, seg.num_kept) for seg in segments)
+        if needed > self.pool.num_free:
+            raise KVCacheFullError(needed, self.pool.num_free)
+        grown = []
+        try:
+            for seg in segments:
+                self.grow(seg.seq_id, seg.num_kept)
+                grown.append(seg)
+        except SharedBlockWriteError:
+            for seg in grown:
+                self.truncate(seg.seq_id, seg.context_len)
+            raise
+        return [self.table(seg.seq_id) for seg in segments]
+
+    def grow(self, seq_id: str, num_new: int) -> None:
+        """Extend the sequence by num_new tokens, allocating blocks as needed (KVCacheFullError if short)."""
         seq = self._seqs.setdefault(seq_id, _Sequence())
         bs = self.pool.block_size
         if num_new and seq.length % bs and self.pool.refcount(seq.blocks[-1]) > 1:
@@ -140,15 +170,7 @@ class BlockTables:
                 f"sequence {seq_id}: appending at token {seq.length} would write into shared block "
                 f"{seq.blocks[-1]}; shared prefix blocks are read-only (truncate to a block boundary)")
         seq.blocks.extend(self.pool.allocate(self.blocks_needed(seq_id, num_new)))
-        slots = [seq.blocks[p // bs] * bs + p % bs for p in range(seq.length, seq.length + num_new)]
         seq.length += num_new
-        return slots
-
-    def context_slots(self, seq_id: str, num_tokens: int) -> list[int]:
-        """Flat cache slots of the first num_tokens cached tokens, in cache order."""
-        seq = self._seqs[seq_id]
-        bs = self.pool.block_size
-        return [seq.blocks[p // bs] * bs + p % bs for p in range(num_tokens)]
 
     def free(self, seq_id: str) -> None:
         """Release every block of the sequence and forget it. Idempotent."""

@@ -1,51 +1,24 @@
 """Fake runner, block pool, decoders and tokenizer for pure scheduling tests (no torch).
 
-The fake runner keeps exact block accounting (so leaks show) and answers reads with a deterministic
-function of the query row's token and position, so a request's output never depends on its batch.
+The fake runner checks the block tables the scheduler hands it (the engine owns KV: leaks show in
+`engine.kv`) and answers reads with a deterministic function of the query row's token and position,
+so a request's output never depends on its batch.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from types import SimpleNamespace
 
 from decoding.api import DecodeParamError, DecodeStats, Handoff
 from scheduler.api import Mode
-from workers.batch import Read, ReadKind, Segment, SegmentResult
+from workers.batch import Reads, Segment, SegmentResult
 
 VOCAB = 40
 EOS = 1
 MASK = 2
 NEWLINE = 3
-
-
-class FakeBlockPool:
-    def __init__(self, num_total: int, block_size: int):
-        self.num_total, self.block_size = num_total, block_size
-        self.refs = [0] * num_total
-
-    @property
-    def num_free(self) -> int:
-        return sum(1 for r in self.refs if r == 0)
-
-    def allocate(self) -> int:
-        for i, r in enumerate(self.refs):
-            if r == 0:
-                self.refs[i] = 1
-                return i
-        raise RuntimeError("fake pool exhausted")
-
-    def retain(self, ids):
-        for i in ids:
-            assert self.refs[i] > 0, f"retain of free block {i}"
-            self.refs[i] += 1
-
-    def release(self, ids):
-        for i in ids:
-            assert self.refs[i] > 0, f"release of free block {i}"
-            self.refs[i] -= 1
 
 
 def token_for(token: int, position: int) -> int:
@@ -54,75 +27,47 @@ def token_for(token: int, position: int) -> int:
 
 
 class FakeRunner:
-    """Runner contract (workers/batch.py) with exact block accounting and an optional forward delay."""
+    """scheduler.api.Runner on a deterministic fake model, with an optional forward delay. It owns no
+    KV: it checks that every block table it is handed covers the segment's context and kept tokens."""
 
     def __init__(self, num_blocks: int = 64, block_size: int = 4, delay_s: float = 0.0, eos_at: int | None = None,
                  newline_every: int | None = None):
-        self.blocks = FakeBlockPool(num_blocks, block_size)
-        self.info = SimpleNamespace(vocab_size=VOCAB, eos_token_id=EOS, mask_token_id=MASK)
-        self.tables: dict[str, list[int]] = {}
-        self.lens: dict[str, int] = {}
+        self.info = SimpleNamespace(vocab_size=VOCAB, eos_token_id=EOS, mask_token_id=MASK, block_size=block_size,
+                                    num_kv_blocks=num_blocks)
+        self.tokenizer = None
         self.calls: list[list[Segment]] = []
+        self.tables: list[list[list[int]]] = []  # block tables of each call
         self.delay_s = delay_s
         self.eos_at = eos_at  # position whose read returns EOS
         self.newline_every = newline_every  # positions p with p % newline_every == 0 hold a newline
         self.lock = threading.Lock()
 
-    def execute(self, segments: list[Segment]) -> list[SegmentResult]:
+    def execute(self, segments: list[Segment], block_tables: list[list[int]]) -> list[SegmentResult]:
         with self.lock:
             self.calls.append(list(segments))
+            self.tables.append([list(t) for t in block_tables])
             assert len({s.seq_id for s in segments}) == len(segments), "two segments of one sequence"
+            assert len(block_tables) == len(segments)
+            for seg, table in zip(segments, block_tables):
+                need = seg.context_len + seg.num_kept
+                assert len(table) * self.info.block_size >= need, f"{seg.seq_id}: table {table} < {need} tokens"
+                assert all(0 <= b < self.info.num_kv_blocks for b in table)
             if self.delay_s:
                 time.sleep(self.delay_s)
             return [self._run(s) for s in segments]
 
     def _run(self, seg: Segment) -> SegmentResult:
-        cached = self.lens.get(seg.seq_id, 0)
-        assert seg.context_len <= cached, f"{seg.seq_id}: context_len {seg.context_len} > cached {cached}"
-        self._truncate(seg.seq_id, seg.context_len)
-        for keep in seg.keep:
-            if keep:
-                self._append(seg.seq_id)
-        values = []
-        for read in seg.reads:
-            pos = seg.positions[read.row]
-            target = pos + 1 if read.row == 0 else pos  # row 0 is clean (predicts pos + 1), others are masks
-            tok = token_for(seg.token_ids[read.row], pos)
+        tokens = []
+        for row in seg.reads.rows():
+            pos = seg.positions[row]
+            target = pos + 1 if row == 0 else pos  # row 0 is clean (predicts pos + 1), others are masks
+            tok = token_for(seg.token_ids[row], pos)
             if self.newline_every and target % self.newline_every == 0:
                 tok = NEWLINE
             if self.eos_at is not None and target == self.eos_at:
                 tok = EOS
-            values.append((tok, 0.9))
-        return SegmentResult(seg.seq_id, values)
-
-    def _truncate(self, seq: str, n: int) -> None:
-        table = self.tables.setdefault(seq, [])
-        keep_blocks = math.ceil(n / self.blocks.block_size)
-        self.blocks.release(table[keep_blocks:])
-        del table[keep_blocks:]
-        self.lens[seq] = n
-
-    def _append(self, seq: str) -> None:
-        table = self.tables.setdefault(seq, [])
-        if self.lens.get(seq, 0) == len(table) * self.blocks.block_size:
-            table.append(self.blocks.allocate())
-        self.lens[seq] = self.lens.get(seq, 0) + 1
-
-    def free(self, seq_id: str) -> None:
-        self.blocks.release(self.tables.pop(seq_id, []))
-        self.lens.pop(seq_id, None)
-
-    def cached_len(self, seq_id: str) -> int:
-        return self.lens.get(seq_id, 0)
-
-    def block_table(self, seq_id: str) -> list[int]:
-        return list(self.tables.get(seq_id, []))
-
-    def adopt_prefix(self, seq_id: str, block_ids: list[int], num_tokens: int) -> None:
-        assert seq_id not in self.tables, "adopt_prefix on an existing sequence"
-        self.blocks.retain(block_ids)
-        self.tables[seq_id] = list(block_ids)
-        self.lens[seq_id] = num_tokens
+            tokens.append(tok)
+        return SegmentResult(seg.seq_id, tokens, [0.9] * len(tokens))
 
 
 class FakeDecoder:
@@ -155,25 +100,25 @@ class FakeDecoder:
         ctx = self.cached
         if ctx < len(self.text) - 1:  # prefill all but the last known token, in chunks
             chunk = self.text[ctx : min(len(self.text) - 1, ctx + budget)]
-            self._last = Segment(self.seq_id, ctx, chunk, list(range(ctx, ctx + len(chunk))), [True] * len(chunk))
+            self._last = Segment(self.seq_id, ctx, chunk, list(range(ctx, ctx + len(chunk))), len(chunk))
             return self._last
         last, n = self.text[-1], self.step_tokens
         tokens = [last] + [MASK] * (n - 1)
-        reads = [Read(0, ReadKind.ARGMAX)] + [Read(i, ReadKind.ARGMAX) for i in range(1, min(n, self.tokens_per_step))]
+        reads = Reads(argmax=tuple(range(min(n, max(1, self.tokens_per_step)))))
         # row 0: the last token at ctx (predicts ctx + 1); rows i >= 1: masks at ctx + 1 + i (predict themselves)
         positions = [ctx] + [ctx + 1 + i for i in range(1, n)]
-        self._last = Segment(self.seq_id, ctx, tokens, positions, [True] + [False] * (n - 1), reads)
+        self._last = Segment(self.seq_id, ctx, tokens, positions, 1, reads)
         return self._last
 
     def absorb(self, result: SegmentResult) -> None:
         segment, self._last = self._last, None
-        if not result.values:
+        if not result.tokens:
             self.stats.prefill_forwards += 1
             self.cached += segment.num_kept
             return
         self.stats.forwards += 1
         self.cached += 1
-        for tok, _ in result.values:
+        for tok in result.tokens:
             if self.finished:
                 break
             if tok == EOS:

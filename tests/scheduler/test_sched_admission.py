@@ -24,7 +24,7 @@ async def test_streams_and_finishes_with_length_and_frees_kv():
     assert len(ids_of(deltas)) == 6
     assert "".join(d.text for d in deltas) == engine.tokenizer.decode(ids_of(deltas))
     assert deltas[-1].stats["generated_tokens"] == 6 and deltas[-1].mode is Mode.AR
-    assert runner.blocks.num_free == runner.blocks.num_total
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
     await engine.stop()
 
 
@@ -88,15 +88,15 @@ async def test_kv_budget_holds_requests_until_blocks_free():
     peak = {"running": 0}
     original = runner.execute
 
-    def watching(segments):
+    def watching(segments, tables):
         peak["running"] = max(peak["running"], len(engine.scheduler.running))
-        return original(segments)
+        return original(segments, tables)
 
     runner.execute = watching
     results = await asyncio.gather(*[collect(engine, req(f"r{i}", mode=Mode.AR)) for i in range(5)])
     assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
     assert peak["running"] == 2
-    assert runner.blocks.num_free == 10
+    assert engine.kv.pool().num_free == 10
     await engine.stop()
 
 
@@ -105,7 +105,7 @@ async def test_max_running_caps_concurrency():
     await engine.start()
     batch_sizes = []
     original = runner.execute
-    runner.execute = lambda segs: (batch_sizes.append(len(segs)), original(segs))[1]
+    runner.execute = lambda segs, tables: (batch_sizes.append(len(segs)), original(segs, tables))[1]
     await asyncio.gather(*[collect(engine, req(f"r{i}", mode=Mode.AR)) for i in range(7)])
     assert max(batch_sizes) == 3
     await engine.stop()

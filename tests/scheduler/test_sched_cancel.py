@@ -32,13 +32,13 @@ async def test_cancel_ends_stream_frees_blocks_and_stops_forwards():
     await engine.start()
     stream = engine.submit(req("a", mode=Mode.AR))
     first = await stream.__anext__()
-    assert not first.finished and runner.cached_len("a") > 0
+    assert not first.finished and engine.kv.tables["main"].length("a") > 0
     engine.cancel("a")
     engine.cancel("a")  # idempotent
     engine.cancel("never-submitted")
     rest = [d async for d in stream]
     assert rest[-1].finished and rest[-1].finish_reason is FinishReason.CANCELLED
-    await _wait_for(lambda: runner.blocks.num_free == runner.blocks.num_total)
+    await _wait_for(lambda: engine.kv.pool().num_free == engine.kv.pool().num_total)
     seen = forwards_of(runner, "a")
     await asyncio.sleep(0.02)
     assert forwards_of(runner, "a") == seen
@@ -55,7 +55,7 @@ async def test_cancel_during_the_forward_frees_right_after_it():
     assert engine.scheduler.running == []
     deltas = await task
     assert deltas[-1].finish_reason is FinishReason.CANCELLED
-    await _wait_for(lambda: runner.blocks.num_free == runner.blocks.num_total)
+    await _wait_for(lambda: engine.kv.pool().num_free == engine.kv.pool().num_total)
     assert forwards_of(runner, "a") == 1
     await engine.stop()
 
@@ -68,7 +68,7 @@ async def test_consumer_that_stops_iterating_cancels_the_request():
     async for _ in stream:
         break
     await stream.aclose()
-    await _wait_for(lambda: runner.blocks.num_free == runner.blocks.num_total)
+    await _wait_for(lambda: engine.kv.pool().num_free == engine.kv.pool().num_total)
     assert engine.scheduler.running == [] and "a" not in engine._requests
     await engine.stop()
 
@@ -78,11 +78,11 @@ async def test_cancelled_consumer_task_cancels_the_request():
     engine, _ = make_engine(runner=runner, prefix_cache=False)
     await engine.start()
     task = asyncio.create_task(collect(engine, req("a", mode=Mode.AR)))
-    await _wait_for(lambda: runner.cached_len("a") > 0)
+    await _wait_for(lambda: engine.kv.tables["main"].length("a") > 0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await _wait_for(lambda: runner.blocks.num_free == runner.blocks.num_total)
+    await _wait_for(lambda: engine.kv.pool().num_free == engine.kv.pool().num_total)
     assert engine.scheduler.running == []
     await engine.stop()
 
@@ -112,7 +112,7 @@ async def test_deadline_ends_at_the_next_newline():
     assert deltas[-1].finish_reason is FinishReason.DEADLINE
     assert text.endswith("\n") and ids_of(deltas)[-1] == NEWLINE
     assert 0.06 <= elapsed < 2.0 and len(ids_of(deltas)) < 200
-    assert runner.blocks.num_free == runner.blocks.num_total
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
     await engine.stop()
 
 
@@ -152,4 +152,4 @@ async def test_stop_drains_then_cancels_the_rest_and_frees_everything():
     await engine.stop(drain_timeout_s=0.1)
     assert (await quick)[-1].finish_reason is FinishReason.LENGTH
     assert (await slow)[-1].finish_reason is FinishReason.CANCELLED
-    assert runner.blocks.num_free == runner.blocks.num_total
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total

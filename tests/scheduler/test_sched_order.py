@@ -132,7 +132,7 @@ async def test_interactive_preempts_the_youngest_batch_request_which_reruns_with
     assert (await old)[-1].stats["preemptions"] == 0  # the older BATCH request kept running
     inter_first = next(i for i, call in enumerate(runner.calls) if any(s.seq_id == "inter" for s in call))
     assert not any(s.seq_id == "young" for s in runner.calls[inter_first])
-    assert runner.blocks.num_free == runner.blocks.num_total
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
     await engine.stop()
 
 

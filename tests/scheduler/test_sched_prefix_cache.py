@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import asyncio
 
-from sched_fakes import FakeBlockPool, FakeRunner, collect, ids_of, make_engine
+from sched_fakes import FakeRunner, collect, ids_of, make_engine
 
 from scheduler.api import GenerationRequest, Mode
 from scheduler.prefix_cache import PrefixCache
+from workers.kv_blocks import BlockPool
 
 
 def _cache_with_sequence(prompt, block_size=4, num_blocks=16):
     """A pool, a cache, and a 'sequence' holding blocks for the prompt's full blocks."""
-    pool = FakeBlockPool(num_blocks, block_size)
+    pool = BlockPool(num_blocks, block_size)
     cache = PrefixCache(pool)
-    table = [pool.allocate() for _ in range(-(-len(prompt) // block_size))]
+    table = [pool.allocate(1)[0] for _ in range(-(-len(prompt) // block_size))]
     return pool, cache, table
 
 
 def test_block_names_are_chained():
-    cache = PrefixCache(FakeBlockPool(4, 4))
+    cache = PrefixCache(BlockPool(4, 4))
     a = cache.block_names([1, 2, 3, 4, 5, 6, 7, 8, 9])
     b = cache.block_names([1, 2, 3, 4, 5, 6, 7, 8])
     c = cache.block_names([0, 2, 3, 4, 5, 6, 7, 8])
@@ -31,7 +32,7 @@ def test_insert_then_lookup_hits_all_but_the_last_token():
     prompt = list(range(10, 22))  # 12 tokens = 3 full blocks of 4
     pool, cache, table = _cache_with_sequence(prompt)
     assert cache.insert(prompt, table, cached_len=12) == 3
-    assert [pool.refs[b] for b in table] == [2, 2, 2]  # the cache holds its own reference
+    assert [pool.refcount(b) for b in table] == [2, 2, 2]  # the cache holds its own reference
     hit = cache.lookup(prompt)
     assert hit.block_ids == table[:2] and hit.num_tokens == 8  # (12 - 1) // 4 blocks usable
     longer = cache.lookup(prompt + [99])
@@ -43,7 +44,7 @@ def test_insert_only_names_blocks_that_are_computed():
     prompt = list(range(10, 22))
     pool, cache, table = _cache_with_sequence(prompt)
     assert cache.insert(prompt, table, cached_len=6) == 1  # chunked prefill: one full block so far
-    assert len(cache) == 1 and pool.refs[table[1]] == 1
+    assert len(cache) == 1 and pool.refcount(table[1]) == 1
 
 
 def test_hit_rate_counts_looked_up_tokens():
@@ -56,31 +57,31 @@ def test_hit_rate_counts_looked_up_tokens():
 
 
 def test_eviction_is_lru_tail_first_and_frees_blocks():
-    pool = FakeBlockPool(8, 2)
+    pool = BlockPool(8, 2)
     cache = PrefixCache(pool)
     old, new = [1, 2, 3, 4, 5], [7, 8, 9, 10, 11]
-    old_table = [pool.allocate() for _ in range(2)]
-    new_table = [pool.allocate() for _ in range(2)]
+    old_table = [pool.allocate(1)[0] for _ in range(2)]
+    new_table = [pool.allocate(1)[0] for _ in range(2)]
     cache.insert(old, old_table, 4)
     cache.insert(new, new_table, 4)
     pool.release(old_table + new_table)  # the sequences finish; only the cache holds the blocks
     assert pool.num_free == 4
     assert cache.evict(1) == 1
-    assert pool.refs[old_table[1]] == 0 and pool.refs[old_table[0]] == 1  # old chain, tail first
+    assert pool.refcount(old_table[1]) == 0 and pool.refcount(old_table[0]) == 1  # old chain, tail first
     cache.lookup(old)  # lookups do not touch; record() does
     cache.record(old, cache.lookup(old))
-    assert cache.evict(1) == 1 and pool.refs[new_table[1]] == 0  # old[0] was just used: new tail goes
+    assert cache.evict(1) == 1 and pool.refcount(new_table[1]) == 0  # old[0] was just used: new tail goes
     cache.clear()
     assert pool.num_free == 8 and len(cache) == 0
 
 
 def test_eviction_spares_protected_blocks_and_blocks_in_use():
-    pool = FakeBlockPool(4, 2)
+    pool = BlockPool(4, 2)
     cache = PrefixCache(pool)
-    table = [pool.allocate(), pool.allocate()]
+    table = [pool.allocate(1)[0], pool.allocate(1)[0]]
     cache.insert([1, 2, 3, 4], table, 4)
     assert cache.evict(2, protect={table[0]}) == 0  # table[1] released but still held by the sequence
-    assert pool.refs[table[0]] == 2 and pool.refs[table[1]] == 1
+    assert pool.refcount(table[0]) == 2 and pool.refcount(table[1]) == 1
 
 
 async def test_engine_reuses_prompt_blocks_and_output_is_unchanged():
@@ -96,9 +97,9 @@ async def test_engine_reuses_prompt_blocks_and_output_is_unchanged():
     assert sum(len(s.token_ids) for s in b_prefill) == 1  # only prompt[12] (prompt[13] goes with the first read)
     assert engine.stats()["prefix_cache_hit_rate"] == 12 / 28
     assert b"refusion_prefix_cache_hit_rate" in engine.metrics.render()
-    assert runner.blocks.num_free == runner.blocks.num_total - 3  # the cache's blocks only
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total - 3  # the cache's blocks only
     engine.clear_prefix_cache()
-    assert runner.blocks.num_free == runner.blocks.num_total
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
     await engine.stop()
 
 
@@ -110,14 +111,14 @@ async def test_engine_evicts_cached_prefixes_when_blocks_are_needed():
     for i in range(6):  # distinct prompts: each leaves 2 cached blocks behind
         prompt = [4 + i] * 9
         await collect(engine, GenerationRequest(f"p{i}", prompt, {"gen_length": 8}, mode=Mode.AR))
-    assert len(engine.prefix_cache) == 12 and runner.blocks.num_free == 12
+    assert len(engine.prefix_cache) == 12 and engine.kv.pool().num_free == 12
     batch_sizes = []
     original = runner.execute
-    runner.execute = lambda segs: (batch_sizes.append(len(segs)), original(segs))[1]
+    runner.execute = lambda segs, tables: (batch_sizes.append(len(segs)), original(segs, tables))[1]
     tasks = [asyncio.create_task(collect(engine, GenerationRequest(f"q{i}", [30 + i] * 9, {"gen_length": 8}, mode=Mode.AR)))
              for i in range(3)]
     results = await asyncio.gather(*tasks)
     assert all(len(ids_of(r)) == 8 for r in results)
     assert max(batch_sizes) == 3  # three at once (24 blocks) fit only after evicting cached prefixes
     await engine.stop()
-    assert runner.blocks.num_free == runner.blocks.num_total
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total

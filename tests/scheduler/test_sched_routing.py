@@ -150,14 +150,15 @@ async def test_auto_request_switches_mode_at_a_block_boundary():
     assert final.stats["modes"] == ["refusion", "ar"] and final.mode is Mode.AR
     assert len(ids_of(deltas)) == 16  # no token lost or repeated across the handoff
     assert 'reason="ar_faster"' in engine.metrics.render().decode()
-    assert runner.blocks.num_free == runner.blocks.num_total
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
     await engine.stop()
 
 
-def test_calibration_times_each_count_and_frees_the_scratch_sequence():
+def test_calibration_times_each_count_and_uses_no_kv():
     runner = FakeRunner(num_blocks=8)
     curve = calibrate(runner, (1, 16, 64, 1024), repeats=2, max_tokens=256)
     assert [n for n, _ in curve.points] == [1, 16, 64, 256]
     assert all(s > 0 for _, s in curve.points)
-    assert runner.cached_len(CALIBRATION_SEQ) == 0 and runner.blocks.num_free == 8
     assert len(runner.calls) == 1 + 4 * 2  # warm-up + repeats
+    assert all(seg.num_kept == 0 and seg.seq_id == CALIBRATION_SEQ for call in runner.calls for seg in call)
+    assert all(tables == [[]] for tables in runner.tables)  # a scratch step needs no blocks

@@ -48,7 +48,7 @@ async def test_concurrent_requests_on_the_shipped_model_equal_their_solo_runs():
         assert [t for d in deltas for t in d.token_ids] == solo[spec.request_id], spec.request_id
     accepted = sum(d[-1].stats["slots_accepted_at_verify"] for s, d in zip(specs, results) if s.mode is Mode.REFUSION)
     assert accepted > 0  # slots were accepted at verify (KV kept from the verify forward), not only completed
-    assert runner.blocks.num_free == runner.blocks.num_total
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
 
 
 async def _collect(engine, spec):

@@ -1,0 +1,102 @@
+"""KV ownership: the scheduler holds every KV block of every runner (style rule 13).
+
+One `BlockTables` per runner key ("main", and "ar" for a separate AR model) over a pool of
+`runner.info.num_kv_blocks` blocks, and the prefix cache over the main pool. Blocks are allocated
+when a segment enters the plan (`prepare`): the sequence is truncated to the segment's context_len
+(rolling back tentative KV) and grown by its kept tokens; the plan carries the resulting block table
+to the runner, which only writes where it is told. Plain Python.
+
+Admission promises each running request up to `Request.kv_blocks` blocks (its estimate); `available`
+is what is left unpromised, less a reserve. Should a step still run short (estimates are bounds on
+text, tentative KV can exceed them briefly), the scheduler evicts prefix-cache blocks and then
+preempts at schedule time (scheduler.Scheduler._prepare_kv).
+"""
+
+from __future__ import annotations
+
+import math
+
+from scheduler.prefix_cache import PrefixCache, PrefixHit
+from scheduler.request import Request
+from workers.batch import Segment
+from workers.kv_blocks import BlockPool, BlockTables
+
+
+class KVOwner:
+    """Block tables of every runner and the prefix cache of the main runner."""
+
+    def __init__(self, runners: dict, *, prefix_cache: bool, reserve_fraction: float):
+        self.tables = {key: BlockTables(BlockPool(r.info.num_kv_blocks, r.info.block_size)) for key, r in runners.items()}
+        self.prefix_cache = PrefixCache(self.tables["main"].pool) if prefix_cache else None
+        self.reserve_fraction = reserve_fraction
+
+    def pool(self, key: str = "main") -> BlockPool:
+        return self.tables[key].pool
+
+    def reserve(self, key: str = "main") -> int:
+        """Blocks never promised at admission (headroom for tentative KV)."""
+        return int(self.reserve_fraction * self.pool(key).num_total)
+
+    def capacity(self, key: str = "main") -> int:
+        """Blocks one request may ever be promised (the pool less the reserve)."""
+        return self.pool(key).num_total - self.reserve(key)
+
+    def blocks_needed(self, prompt_len: int, suffix_len: int, params) -> int:
+        """Most blocks a request can hold: its text plus one ReFusion pool of tentative tokens."""
+        gen = int(params.gen_length)
+        slot = int(getattr(params, "slot_size", 1) or 1)
+        gen = math.ceil(gen / slot) * slot
+        pool = math.ceil(gen / max(1, int(getattr(params, "serial_num_blocks", 1) or 1)))
+        return math.ceil((prompt_len + suffix_len + gen + pool) / self.pool("main").block_size) + 1
+
+    def available(self, running: list[Request], key: str = "main") -> int:
+        """Free blocks not yet promised to running requests, less the reserve."""
+        tables = self.tables[key]
+        promised = sum(max(0, r.kv_blocks - len(tables.table(r.id))) for r in running if r.runner_key == key)
+        return tables.pool.num_free - promised - self.reserve(key)
+
+    def start(self, req: Request, key: str, hit: PrefixHit) -> None:
+        """A request starts on `key`: a prefix-cache hit becomes the first blocks of its table."""
+        if hit.block_ids:
+            self.tables[key].adopt_prefix(req.id, hit.block_ids, hit.num_tokens)
+        if key == "main" and self.prefix_cache is not None:
+            self.prefix_cache.record(req.spec.prompt_ids, hit)
+
+    def shortfall(self, req: Request, segment: Segment) -> int:
+        """Roll the sequence back to the segment's context_len; return the blocks its kept tokens still
+        lack beyond the free ones (0: it fits now)."""
+        tables = self.tables[req.runner_key]
+        tables.truncate(req.id, segment.context_len)
+        return max(0, tables.blocks_needed(req.id, segment.num_kept) - tables.pool.num_free)
+
+    def grow(self, req: Request, segment: Segment) -> list[int]:
+        """Allocate the segment's kept tokens (after `shortfall` returned 0); its block table."""
+        tables = self.tables[req.runner_key]
+        tables.grow(req.id, segment.num_kept)
+        return tables.table(req.id)
+
+    def evict_prefix_cache(self, blocks: int, key: str, protect: set[int] | None = None) -> None:
+        if key == "main" and self.prefix_cache is not None and blocks > 0:
+            self.prefix_cache.evict(blocks, protect=protect)
+
+    def free(self, req: Request) -> None:
+        """Release every block of the request's sequence. Idempotent."""
+        self.tables[req.runner_key].free(req.id)
+
+    def cached_len(self, req: Request) -> int:
+        return self.tables[req.runner_key].length(req.id)
+
+    def share_prompt_blocks(self, req: Request) -> None:
+        """Offer the prompt's newly computed full blocks to the prefix cache (while prefill advances)."""
+        cache = self.prefix_cache
+        if cache is None or req.runner_key != "main":
+            return
+        tables = self.tables["main"]
+        full_blocks = len(req.spec.prompt_ids) // cache.block_size
+        cached_len = tables.length(req.id)
+        if req.prompt_blocks_shared < full_blocks and cached_len // cache.block_size > req.prompt_blocks_shared:
+            req.prompt_blocks_shared = cache.insert(req.spec.prompt_ids, tables.table(req.id), cached_len)
+
+    def sequences(self) -> list[str]:
+        """Every sequence holding blocks on any runner (empty when the engine is idle)."""
+        return [seq for tables in self.tables.values() for seq in tables.seq_ids()]
