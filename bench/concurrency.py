@@ -114,12 +114,16 @@ async def run(args, runner) -> list[tuple[int, Mode, dict]]:
     for mode, engine in engines.items():  # warm-up: first-call costs; AUTO learns live TPF of both modes
         for warm_mode in ((Mode.REFUSION, Mode.AR) if mode is Mode.AUTO else (mode,)):
             await run_level(engine, tokenizer, warm_mode, 2, 4, params, "warm")
+        engine.clear_prefix_cache()
     rows = []
     for c in args.levels:
         runs = {m: [] for m in MODES}
         for k in range(args.rounds):  # modes interleaved, order rotated: machine noise hits all alike
             for mode in MODES[k % 3:] + MODES[: k % 3]:
                 runs[mode].append(await run_level(engines[mode], tokenizer, mode, c, max(c, args.requests), params, f"b{k}"))
+                # The three engines take turns on one runner, each owning the KV blocks while it runs
+                # (scheduler/kv.py): cached prefixes must not outlive a turn, another engine reuses the blocks.
+                engines[mode].clear_prefix_cache()
         auto_vs_best = round_ratios(runs)
         for mode in MODES:
             result = summarize(runs[mode])

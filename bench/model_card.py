@@ -62,11 +62,12 @@ def decode_all(runner, kind: str, prompts: list[list[int]], params) -> tuple[lis
     """Decode every prompt (one packed batch through the engine runner); returns (outputs, stats)."""
     from decoding.ar import ARDecoder
     from decoding.loop import decode_batch
+    from workers.session import RunnerSession
     from decoding.refusion import RefusionDecoder
 
     cls = RefusionDecoder if kind == "refusion" else ARDecoder
     decoders = [cls(f"{kind}-{i}", p, params) for i, p in enumerate(prompts)]
-    outputs = decode_batch(runner, decoders)
+    outputs = decode_batch(RunnerSession(runner), decoders)
     return outputs, [d.stats for d in decoders]
 
 

@@ -119,6 +119,7 @@ def generate(args) -> dict:
     """Decode one prompt as `args` say; returns the --json object."""
     from decoding.ar import ARDecoder
     from decoding.loop import decode_batch
+    from workers.session import RunnerSession
     from decoding.refusion import RefusionDecoder
 
     model_dir = _model_dir(args)
@@ -131,7 +132,7 @@ def generate(args) -> dict:
     decoder_cls = RefusionDecoder if args.mode == "refusion" else ARDecoder
     decoder = decoder_cls("generate", prompt_ids, params)
     start = time.perf_counter()
-    decode_batch(runner, [decoder])
+    decode_batch(RunnerSession(runner), [decoder])
     elapsed = time.perf_counter() - start
     ids, stats = decoder.output_ids(), decoder.stats
     return {

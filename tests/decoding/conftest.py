@@ -14,12 +14,14 @@ from refusion_cases import PROMPTS  # noqa: E402
 
 @pytest.fixture(scope="session")
 def untied_runner(tiny_untied_model_dir):
-    """Runner on the untied random model: its drafts vary more than the tied one's (which repeats)."""
+    """A session (runner + its own KV) on the untied random model: its drafts vary more than the tied
+    one's (which repeats)."""
     import torch
 
     from workers.runner import ModelRunner
+    from workers.session import RunnerSession
 
-    return ModelRunner(tiny_untied_model_dir, dtype=torch.float32, device="cpu")
+    return RunnerSession(ModelRunner(tiny_untied_model_dir, dtype=torch.float32, device="cpu"))
 
 
 @pytest.fixture(scope="session")

@@ -69,7 +69,7 @@ def test_prefix_cache_hit_gives_the_same_tokens(untied_runner):
         fresh = cls("fresh", prompt_ids, params)
         decode_batch(untied_runner, [fresh])
         # another sequence holds the prompt's first full block; the new request adopts it
-        untied_runner.execute([Segment("holder", 0, prompt_ids[:block], list(range(block)), [True] * block)])
+        untied_runner.execute([Segment("holder", 0, prompt_ids[:block], list(range(block)), block)])
         untied_runner.adopt_prefix("hit", untied_runner.block_table("holder")[:1], block)
         hit = cls("hit", prompt_ids, params)
         hit.skip_cached_prompt(block)

@@ -77,3 +77,21 @@ def test_bad_refusion_json_names_the_file(tmp_path, content):
     with pytest.raises(DecodeParamError) as info:
         load_model_defaults(tmp_path)
     assert info.value.field == "refusion.json"
+
+
+@pytest.mark.parametrize("field, value", [("seed", 2**63), ("seed", 18446744073709551616), ("seed", -1),
+                                          ("temperature", 1e-300), ("temperature", 1e9)])
+def test_values_the_engine_cannot_take_are_rejected_naming_the_field(field, value):
+    from decoding.params import DecodeParams
+
+    with pytest.raises(DecodeParamError) as err:
+        DecodeParams.from_dict({"eos_token_id": 0, "mask_token_id": 1, field: value})
+    assert err.value.field == field
+
+
+def test_the_largest_seed_and_smallest_temperature_are_accepted():
+    from decoding.params import MIN_TEMPERATURE, DecodeParams
+    from workers.batch import SEED_MAX
+
+    params = DecodeParams.from_dict({"eos_token_id": 0, "mask_token_id": 1, "seed": SEED_MAX, "temperature": MIN_TEMPERATURE})
+    assert params.seed == SEED_MAX

@@ -9,7 +9,7 @@ from decoding.ar import ARDecoder
 from decoding.loop import decode_batch
 from decoding.params import DecodeParams
 from decoding.refusion import Phase, RefusionDecoder
-from workers.batch import ReadKind, SegmentResult
+from workers.batch import Reads, SegmentResult
 
 EOS, MASK = 0, 2
 PROMPT = [10, 11, 12, 13, 14]  # positions 0..4; generation starts at 5
@@ -21,7 +21,7 @@ def _params(**kw) -> DecodeParams:
 
 
 def _answer(decoder, segment, values):
-    decoder.absorb(SegmentResult(segment.seq_id, values))
+    decoder.absorb(SegmentResult(segment.seq_id, [t for t, _ in values], [p for _, p in values]))
 
 
 def _plan(decoder, drafts: list[tuple[list[int], float]]):
@@ -37,13 +37,13 @@ def test_plan_verify_accepts_a_whole_slot_and_replans_the_rest():
     d = RefusionDecoder("r", PROMPT, _params())
     seg = _plan(d, [([20, 21, 22, 23], 0.95), ([30, 31, 32, 33], 0.2)])
     assert seg.token_ids == PROMPT + [MASK] * 8 and seg.positions == list(range(13))
-    assert seg.keep == [True] * 5 + [False] * 8 and seg.context_len == 0
-    assert [(r.row, r.kind) for r in seg.reads] == [(5 + i, ReadKind.ARGMAX) for i in range(8)]
+    assert seg.num_kept == 5 and seg.context_len == 0
+    assert seg.reads == Reads(argmax=tuple(5 + i for i in range(8)))
     assert not seg.sampling.gumbel
     seg = d.next_segment(1000)  # verify only the confident slot
     assert (seg.token_ids, seg.positions, seg.context_len) == ([20, 21, 22, 23], [5, 6, 7, 8], 5)
-    assert seg.keep == [True] * 4 and seg.branch is None
-    assert [(r.row, r.kind, r.token) for r in seg.reads] == [(k - 1, ReadKind.PROB, 20 + k) for k in (1, 2, 3)]
+    assert seg.num_kept == 4 and seg.branch_lens is None
+    assert seg.reads == Reads(prob=(0, 1, 2), prob_tokens=(21, 22, 23))
     _answer(d, seg, [(-1, 0.9)] * 3)
     assert d.accepted == {5: 20, 6: 21, 7: 22, 8: 23} and d.cache_len == 9
     assert d.stats.slots_accepted_at_verify == 1 and d.stream_ids() == [20, 21, 22, 23]
@@ -61,18 +61,18 @@ def test_no_whole_slot_goes_to_branches_with_tree_segments():
     assert [b.verified for b in d.branches] == [[True, False, False, False], [True, True, True, False]]
     draft = d.next_segment(1000)
     assert draft.token_ids == [20, MASK, MASK, MASK, 30, 31, 32, MASK]
-    assert draft.branch == [0] * 4 + [1] * 4 and draft.keep == [False] * 8
-    assert [r.row for r in draft.reads] == [1, 2, 3, 7] and not draft.sampling.gumbel
+    assert draft.branch_lens == [4, 4] and draft.num_kept == 0
+    assert draft.reads == Reads(argmax=(1, 2, 3, 7)) and not draft.sampling.gumbel
     _answer(d, draft, [(41, 0.3), (42, 0.3), (43, 0.3), (44, 0.3)])
     verify = d.next_segment(1000)
-    assert verify.token_ids == [20, 41, 42, 43, 30, 31, 32, 44] and verify.keep == [True] * 8
-    assert verify.branch == [0] * 4 + [1] * 4
+    assert verify.token_ids == [20, 41, 42, 43, 30, 31, 32, 44] and verify.num_kept == 8
+    assert verify.branch_lens == [4, 4]
     # token 1 of each branch whose predecessor was unverified needs a probability; others pass
-    assert [(r.row, r.token) for r in verify.reads] == [(1, 42), (2, 43)]
+    assert verify.reads == Reads(prob=(1, 2), prob_tokens=(42, 43))
     _answer(d, verify, [(-1, 0.1), (-1, 0.9)])
     assert [b.verified for b in d.branches] == [[True, True, False, False], [True] * 4]
     draft = d.next_segment(1000)
-    assert draft.token_ids == [20, 41, MASK, MASK] and draft.branch == [0] * 4  # complete branch 1 left out
+    assert draft.token_ids == [20, 41, MASK, MASK] and draft.branch_lens == [4]  # complete branch 1 left out
     _answer(d, draft, [(45, 0.3), (46, 0.3)])
     verify = d.next_segment(1000)
     _answer(d, verify, [(-1, 0.0)])  # token 3's predecessor was unverified and it fails: only token 2 gains
@@ -116,7 +116,7 @@ def test_prompt_prefill_is_chunked_by_budget_and_skips_a_cached_prefix():
             break
         sizes.append((seg.context_len, seg.positions, seg.reads))
         _answer(d, seg, [])
-    assert sizes == [(3, [3, 4, 5, 6], []), (7, [7, 8, 9], [])]
+    assert sizes == [(3, [3, 4, 5, 6], Reads()), (7, [7, 8, 9], Reads())]
     assert seg.context_len == 10 and seg.token_ids == [MASK] * 8  # the plan may exceed the budget
     assert d.stats.prefill_forwards == 2
     with pytest.raises(ValueError):
@@ -133,7 +133,7 @@ def test_temperature_puts_gumbel_noise_on_the_plan_only():
 def test_protocol_misuse_raises():
     d = RefusionDecoder("r", PROMPT, _params())
     with pytest.raises(RuntimeError):
-        d.absorb(SegmentResult("r", []))
+        d.absorb(SegmentResult("r", [], []))
     seg = d.next_segment(1000)
     with pytest.raises(RuntimeError):
         d.next_segment(1000)
@@ -150,10 +150,10 @@ def test_ar_feeds_a_mask_first_then_one_token_per_step():
     d = ARDecoder("a", PROMPT, _params(gen_length=8, serial_num_blocks=1))
     seg = d.next_segment(1000)
     assert seg.token_ids == PROMPT + [MASK] and seg.positions == [0, 1, 2, 3, 4, 5]
-    assert seg.keep == [True] * 5 + [False] and [(r.row, r.kind) for r in seg.reads] == [(5, ReadKind.ARGMAX)]
+    assert seg.num_kept == 5 and seg.reads == Reads(argmax=(5,))
     _answer(d, seg, [(30, 0.9)])
     seg = d.next_segment(1000)
-    assert (seg.token_ids, seg.positions, seg.keep, seg.context_len) == ([30], [5], [True], 5)
+    assert (seg.token_ids, seg.positions, seg.num_kept, seg.context_len) == ([30], [5], 1, 5)
     _answer(d, seg, [(31, 0.9)])
     _answer(d, d.next_segment(1000), [(EOS, 0.9)])
     assert d.finished and d.output_ids() == [30, 31] and d.stats.forwards == 3
@@ -162,11 +162,11 @@ def test_ar_feeds_a_mask_first_then_one_token_per_step():
 def test_ar_sampling_reads_and_chunked_prefill():
     d = ARDecoder("a", PROMPT, _params(temperature=0.9, top_k=5, top_p=0.8, seed=3))
     seg = d.next_segment(2)
-    assert seg.positions == [0, 1] and seg.reads == []
+    assert seg.positions == [0, 1] and len(seg.reads) == 0
     _answer(d, seg, [])
     _answer(d, d.next_segment(2), [])
     seg = d.next_segment(2)
-    assert seg.positions == [4, 5] and seg.reads[0].kind is ReadKind.SAMPLE
+    assert seg.positions == [4, 5] and seg.reads == Reads(sample=(1,))
     assert (seg.sampling.temperature, seg.sampling.top_k, seg.sampling.top_p, seg.sampling.seed) == (0.9, 5, 0.8, 3)
     assert d.stats.prefill_forwards == 2
 
@@ -183,7 +183,7 @@ def test_ar_block_boundaries_and_handoff():
     assert seg.context_len == 12 and seg.token_ids == [37] + [MASK] * 8 and seg.positions == list(range(12, 21))
 
 
-class _FailingRunner:
+class _FailingSession:
     def __init__(self):
         self.freed = []
 
@@ -195,7 +195,7 @@ class _FailingRunner:
 
 
 def test_decode_batch_frees_sequences_when_the_forward_fails():
-    runner = _FailingRunner()
+    runner = _FailingSession()
     with pytest.raises(RuntimeError):
         decode_batch(runner, [ARDecoder("a", PROMPT, _params()), RefusionDecoder("b", PROMPT, _params())])
     assert sorted(runner.freed) == ["a", "b"]

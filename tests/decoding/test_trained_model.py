@@ -68,8 +68,9 @@ def counting_runner(counting_model_dir):
     import torch
 
     from workers.runner import ModelRunner
+    from workers.session import RunnerSession
 
-    return ModelRunner(counting_model_dir, dtype=torch.float32, device="cpu")
+    return RunnerSession(ModelRunner(counting_model_dir, dtype=torch.float32, device="cpu"))
 
 
 def _params(runner, **kw) -> DecodeParams:

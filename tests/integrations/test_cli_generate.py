@@ -24,6 +24,7 @@ def _run(capsys, *argv):
 
 def test_json_output_matches_a_direct_decode(tiny_model_dir, capsys):
     from decoding.loop import decode_batch
+    from workers.session import RunnerSession
     from decoding.params import DecodeParams
     from decoding.refusion import RefusionDecoder
     from workers.runner import ModelRunner
@@ -39,7 +40,7 @@ def test_json_output_matches_a_direct_decode(tiny_model_dir, capsys):
     params = DecodeParams(eos_token_id=runner.info.eos_token_id, mask_token_id=runner.info.mask_token_id,
                           gen_length=16, slot_size=4, serial_num_blocks=2, slot_threshold=0.5, token_threshold=0.2)
     decoder = RefusionDecoder("x", prompt_ids, params)
-    decode_batch(runner, [decoder])
+    decode_batch(RunnerSession(runner), [decoder])
     assert result["token_ids"] == decoder.output_ids()
     assert result["forwards"] == decoder.stats.forwards
     assert result["text"] == runner.tokenizer.decode(decoder.output_ids())

@@ -30,7 +30,8 @@ async def test_ar_requests_run_on_the_ar_model_and_refusion_on_the_main_one():
     assert len(ids_of(a)) == 6 and len(ids_of(r)) == 6
     assert _seqs(ar) == {"a"} and _seqs(main) == {"r"}
     await engine.stop()
-    assert main.blocks.num_free == main.blocks.num_total and ar.blocks.num_free == ar.blocks.num_total
+    assert engine.kv.pool("main").num_free == engine.kv.pool("main").num_total
+    assert engine.kv.pool("ar").num_free == engine.kv.pool("ar").num_total
 
 
 async def test_switch_to_the_ar_model_moves_the_request_and_frees_the_main_runner():
@@ -46,6 +47,7 @@ async def test_switch_to_the_ar_model_moves_the_request_and_frees_the_main_runne
     # the AR model had none of the KV: it prefilled the prompt and the text generated so far
     first_ar = next(s for call in ar.calls for s in call if s.seq_id == "s")
     assert first_ar.context_len == 0 and first_ar.token_ids[:3] == [5, 6, 7] and not first_ar.reads
-    assert main.cached_len("s") == 0 and main.blocks.num_free == main.blocks.num_total
+    assert engine.kv.tables["main"].length("s") == 0
+    assert engine.kv.pool("main").num_free == engine.kv.pool("main").num_total
     await engine.stop()
-    assert ar.blocks.num_free == ar.blocks.num_total
+    assert engine.kv.pool("ar").num_free == engine.kv.pool("ar").num_total

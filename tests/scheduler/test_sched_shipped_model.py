@@ -30,6 +30,7 @@ async def test_concurrent_requests_on_the_shipped_model_equal_their_solo_runs():
     from scheduler.decoders import ModelDecoderFactory
     from scheduler.engine import Engine
     from workers.runner import ModelRunner
+    from workers.session import RunnerSession
 
     runner = ModelRunner(SHIPPED, num_blocks=512)
     tokenizer, factory = runner.tokenizer, ModelDecoderFactory(runner)
@@ -38,7 +39,7 @@ async def test_concurrent_requests_on_the_shipped_model_equal_their_solo_runs():
     solo = {}
     for spec in specs:
         decoder = factory.create(spec.mode, f"solo-{spec.request_id}", spec.prompt_ids, factory.parse_params({}), None)
-        solo[spec.request_id] = decode_batch(runner, [decoder])[0]
+        solo[spec.request_id] = decode_batch(RunnerSession(runner), [decoder])[0]
     engine = Engine(runner, tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
     await engine.start()
     results = await asyncio.gather(*[_collect(engine, s) for s in specs])
