@@ -40,9 +40,10 @@ argmax rows, then prob rows, then sample rows:
   - sample: temperature, top-k, top-p from Sampling, drawn as the Gumbel-max argmax of the filtered
     logits; (token, its probability under the filtered, tempered distribution). T == 0 is greedy.
   - logits: full float32 rows in `SegmentResult.logits` (tests and debugging only).
-Randomness is counter-based: u = uniform(hash(seed, step, row, vocab index)), with `step` the
-request's own step counter and `row` the query row within the segment. A request's draws therefore
-depend on nothing else in the batch, and a request restarted from scratch draws the same numbers.
+Randomness is counter-based: u = uniform(hash(seed, step, position, vocab index)), with `step` the
+request's own decode-step counter (decoders count forwards with reads) and `position` the logical
+position of the read row. Both are intrinsic to the request: its draws depend on nothing else in the
+batch nor on how its prompt was chunked, and a request restarted from scratch draws the same numbers.
 """
 
 from __future__ import annotations
