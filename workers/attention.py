@@ -1,112 +1,73 @@
-"""Attention over the paged cache for one packed forward.
+"""Attention of one packed step over the paged KV cache: one SDPA per layer, no host sync.
 
-`AttentionPlan` is built once per forward from the segments: which query rows belong to which
-segment, the cache slots of each segment's committed context, the visibility mask (workers.batch
-rules) and where kept K/V go. Each layer then calls a backend with its q/k/v:
+Per step (once, shared by every layer) `StepAttention` derives from the packed arrays
+(workers.packing) everything as device tensors of static shape:
+  - cell_rows [B*Q]: the packed row of query i of sequence b (cells past the sequence's query length,
+    and padding sequences, point at row 0; their outputs are never used);
+  - out_cells [T]: the cell b*Q + i of each packed row (padding rows: cell 0), to gather outputs back;
+  - ctx_slots [B, C] with C = NB * block_size: every slot of the sequence's first NB blocks;
+  - mask [B, 1, g*Q, C+Q] bool: context column c is visible iff c < context_len[b]; new column j is
+    visible to query i iff branch_start[i] <= j <= i (workers.batch). For real rows j <= i < q_len, so
+    padding columns are never seen; padding rows always see their own column (the diagonal), so no row
+    is fully masked and SDPA produces no NaN.
+Per layer: gather context K/V through the block tables and the step's own new K/V by cell, fold the
+g = Hq / Hkv query heads sharing a KV head into the query axis (GQA without copying K/V per head; the
+mask is tiled g times), one SDPA, gather outputs back to packed rows, then write the K/V of every row
+to its slot with one fixed-shape index_copy_ (dropped rows and padding write the scratch block).
+No boolean-mask indexing, nonzero, .item() or data-dependent shapes: the step can be captured as a
+CUDA graph per bucket.
 
-- `SegmentSDPA` (CPU, tests, CI): one torch SDPA call per segment with an explicit boolean mask
-  [Q_i, C_i + Q_i] over (gathered context K/V) + (the segment's own new K/V).
-- `BatchedSDPA` (CUDA, workers/attention_batched.py): segments grouped by query length, each group one
-  padded, batched SDPA per layer over gathered pages. It also runs on CPU, which is how its logic is
-  tested without a GPU.
-
-Both write kept tokens' K/V into their cache slots, in query order, in every layer.
+Cost: per layer the gathered context is 2 * B * C * Hkv * D elements (K and V; for an 8B model in
+bf16 that is 4 KiB per context token, so 64 sequences x 2048 tokens = 512 MiB of transient memory per
+layer), the mask B * g*Q * (C+Q) bytes, and every sequence is padded to the step's longest query, so a
+step mixing one long prefill with many decodes does B*Q cells of work. This is the portable path (CPU,
+tests, CUDA fallback); the CUDA fast path replaces this class in place with paged attention over the
+block tables (flex_attention with a block mask, or FlashInfer), which reads the cache where it lies.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from workers.batch import TRUNK, Segment
 from workers.kv_cache import PagedKVCache
-from workers.transfer import to_device
 
 
-def among_queries(segment: Segment) -> torch.Tensor:
-    """Host boolean mask [Q, Q]: query i sees query j (causal, self included; branch rules if any)."""
-    q = len(segment.token_ids)
-    idx = torch.arange(q)
-    among = idx[None, :] <= idx[:, None]
-    if segment.branch is not None:
-        b = torch.tensor(segment.branch)
-        among &= (b[None, :] == b[:, None]) | (b[None, :] == TRUNK)
-    return among
+class StepAttention:
+    """Per-step indices and mask (see module docstring); `__call__(layer, q, k, v)` per layer."""
 
-
-@dataclass
-class AttentionPlan:
-    """Per-forward metadata shared by all layers (all tensors on the device)."""
-
-    rows: list[tuple[int, int]]  # [start, end) query rows of each segment in the packed batch
-    host_slots: list[list[int]]  # per segment: flat cache slots of its committed context (C_i)
-    among: list[torch.Tensor]  # per segment: host [Q_i, Q_i] bool visibility among its queries
-    context_slots: list[torch.Tensor]  # per segment: [C_i] the same slots on the device
-    masks: list[torch.Tensor]  # per segment: [Q_i, C_i + Q_i] bool on the device (context all visible)
-    write_rows: torch.Tensor  # [W] packed rows of kept tokens, in query order
-    write_slots: torch.Tensor  # [W] their flat cache slots
-
-    @classmethod
-    def build(cls, segments: list[Segment], context_slots: list[list[int]], write_slots: list[list[int]],
-              device) -> AttentionPlan:
-        rows, among, masks, ctx, w_rows, w_slots = [], [], [], [], [], []
-        start = 0
-        for seg, slots, writes in zip(segments, context_slots, write_slots):
-            end = start + len(seg.token_ids)
-            rows.append((start, end))
-            ctx.append(to_device(slots, device))
-            among.append(among_queries(seg))
-            visible = torch.cat((torch.ones((end - start, len(slots)), dtype=torch.bool), among[-1]), dim=1)
-            masks.append(visible.to(device, non_blocking=True))
-            w_rows.extend(start + i for i, kept in enumerate(seg.keep) if kept)
-            w_slots.extend(writes)
-            start = end
-        return cls(rows, list(context_slots), among, ctx, masks, to_device(w_rows, device), to_device(w_slots, device))
-
-
-class _Backend:
-    def __init__(self, cache: PagedKVCache, plan: AttentionPlan):
-        self.cache, self.plan = cache, plan
-
-    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Scatter kept rows' K/V [W, Hkv, D] into their slots (disjoint from every context slot)."""
-        if self.plan.write_rows.numel():
-            self.cache.flat_k(layer).index_copy_(0, self.plan.write_slots, k.index_select(0, self.plan.write_rows))
-            self.cache.flat_v(layer).index_copy_(0, self.plan.write_slots, v.index_select(0, self.plan.write_rows))
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [Q, Hq, D], k/v [S, Hkv, D], mask [Q, S] -> [Q, Hq, D] (GQA by head groups)."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )  # [Hq, Q, D]
-    return out.transpose(0, 1)
-
-
-class SegmentSDPA(_Backend):
-    """CPU backend: one SDPA per segment; memory stays linear in each segment's own size."""
+    def __init__(self, kv: PagedKVCache, arrays, layout, heads_per_kv: int):
+        """arrays: workers.step.StepArrays (device views of the packed buffer); layout: StepLayout."""
+        b, q, bs, g = layout.num_seqs, layout.max_query, layout.block_size, heads_per_kv
+        c = layout.max_blocks * bs
+        dev = arrays.token_ids.device
+        self.kv, self.b, self.q, self.g = kv, b, q, g
+        self.slot_mapping = arrays.slot_mapping  # [T]
+        i = torch.arange(q, device=dev)
+        valid = i[None, :] < arrays.query_len[:, None]  # [B, Q]
+        rows = torch.where(valid, arrays.query_start[:, None] + i[None, :], 0)  # [B, Q]
+        self.cell_rows = rows.reshape(-1)  # [B*Q]
+        self.out_cells = arrays.seq_index * q + arrays.query_index  # [T]
+        offsets = torch.arange(bs, device=dev)
+        self.ctx_slots = (arrays.block_tables[:, :, None] * bs + offsets).reshape(b, c)  # [B, C]
+        branch_start = torch.where(valid, arrays.branch_start[rows], 0)  # [B, Q]
+        ctx_visible = torch.arange(c, device=dev)[None, None, :] < arrays.context_len[:, None, None]  # [B, 1, C]
+        new_visible = (i[None, None, :] >= branch_start[:, :, None]) & (i[None, None, :] <= i[None, :, None])
+        mask = torch.cat((ctx_visible.expand(b, q, c), new_visible), dim=-1)  # [B, Q, C+Q]
+        # Row gi * Q + i of the folded query axis is query i of head group gi: tile the mask g times.
+        self.mask = mask[:, None].expand(b, g, q, c + q).reshape(b, 1, g * q, c + q)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kc, vc = self.cache.flat_k(layer), self.cache.flat_v(layer)
-        out = torch.empty_like(q)  # [T, Hq, D]
-        for (s, e), slots, mask in zip(self.plan.rows, self.plan.context_slots, self.plan.masks):
-            keys = torch.cat((kc.index_select(0, slots), k[s:e]))  # [C_i + Q_i, Hkv, D]
-            values = torch.cat((vc.index_select(0, slots), v[s:e]))
-            out[s:e] = _sdpa(q[s:e], keys, values, mask)
-        self._write(layer, k, v)
-        return out
-
-
-def backends() -> dict[str, type]:
-    """Attention backends by name (the batched one lives in workers.attention_batched)."""
-    from workers.attention_batched import BatchedSDPA
-
-    return {"segment": SegmentSDPA, "batched": BatchedSDPA}
-
-
-def default_backend(device: torch.device) -> str:
-    """The backend picked automatically: batched on a GPU, per-segment on CPU."""
-    return "batched" if device.type == "cuda" else "segment"
+        """q [T, Hq, D], k/v [T, Hkv, D] (RoPE applied) -> attention output [T, Hq, D]; writes K/V."""
+        b, nq, g = self.b, self.q, self.g
+        hkv, d = k.shape[1], k.shape[2]
+        kc, vc = self.kv.flat_k(layer), self.kv.flat_v(layer)  # [slots, Hkv, D]
+        keys = torch.cat((kc[self.ctx_slots], k[self.cell_rows].view(b, nq, hkv, d)), dim=1)  # [B, C+Q, Hkv, D]
+        values = torch.cat((vc[self.ctx_slots], v[self.cell_rows].view(b, nq, hkv, d)), dim=1)
+        queries = q[self.cell_rows].view(b, nq, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * nq, d)
+        out = F.scaled_dot_product_attention(queries, keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=self.mask)  # [B, Hkv, g*Q, D]
+        out = out.view(b, hkv, g, nq, d).permute(0, 3, 1, 2, 4).reshape(b * nq, hkv * g, d)  # [B*Q, Hq, D]
+        kc.index_copy_(0, self.slot_mapping, k)
+        vc.index_copy_(0, self.slot_mapping, v)
+        return out[self.out_cells]

@@ -1,4 +1,9 @@
-"""The paged KV tensors on the device and how many blocks fit in a memory budget."""
+"""The paged KV tensors on the device and how many blocks fit in a memory budget.
+
+The runner allocates the blocks a budget buys for the KV owner (`num_kv_blocks`) plus one scratch block
+(index num_kv_blocks) that dropped query tokens and padding write into; the scratch block comes on top
+of the budget.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> in
 
 def blocks_for_budget(cfg: ModelConfig, block_size: int, dtype, device: torch.device,
                       num_blocks: int | None, kv_memory_bytes: int | None) -> int:
-    """num_blocks if given, else as many blocks as kv_memory_bytes holds, else a device default
+    """Blocks for the KV owner: num_blocks if given, else as many blocks as kv_memory_bytes holds, else a device default
     (CUDA: half the free memory after weights; CPU: 16k tokens, at most 512 MiB)."""
     if num_blocks is not None and kv_memory_bytes is not None:
         raise ValueError("num_blocks and kv_memory_bytes: give at most one of them")

@@ -1,8 +1,10 @@
 """The project's Qwen3 causal LM, written for packed forwards.
 
-All query tokens of a forward are one flat sequence of T rows ([T, hidden]); the model never sees a
-batch dimension. Attention is delegated to a backend callable (workers.attention) that knows which
-rows belong to which segment, what each may see, and where kept K/V go in the paged cache.
+All query tokens of a step are one flat sequence of T rows ([T, hidden]); the model never sees a
+batch dimension. Attention is delegated to a callable (workers.attention.StepAttention) that knows
+which rows belong to which sequence, what each may see, and where K/V go in the paged cache. No
+autograd context is set here: callers run steps under torch.inference_mode (workers.runner), and
+torch.compile traces `hidden` and `logits` as plain code (workers.step).
 
 Parameter names mirror the HF checkpoint ("model.layers.3.self_attn.q_proj.weight"), so weights load
 with `load_state_dict(..., assign=True)` from a model built on the meta device.
@@ -125,7 +127,6 @@ class Qwen3(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    @torch.inference_mode()
     def hidden(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
         """token_ids, positions [T] -> last hidden states [T, hidden] before the final norm."""
         x = self.model.embed_tokens(token_ids)  # [T, H]
@@ -134,7 +135,6 @@ class Qwen3(nn.Module):
             x = layer(x, cos, sin, attend)
         return x
 
-    @torch.inference_mode()
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """hidden rows [R, H] -> float32 logits [R, vocab] (final norm + LM head on those rows only)."""
         return self.lm_head(self.model.norm(hidden_rows)).float()

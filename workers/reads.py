@@ -1,125 +1,119 @@
-"""Turning logits rows into the values segments asked for, on the device, with one host transfer.
+"""Every read row of a step in one batched pass on the device (semantics: workers/batch.py, "Reads").
 
-Randomness comes from each sequence's own torch.Generator (seeded from Sampling.seed the first time
-the runner sees the sequence), so a request's draws do not depend on what else is batched.
+Input: logits of the read rows only, [R, V] float32, and per-row parameters (`ReadParams`, views of the
+packed step). Output: [2, R] float64, row 0 the token ids, row 1 the probabilities, so all results
+come back to the host in one transfer.
 
-Gumbel-max (ReFusion drafting): token = argmax exp(logits) / (-log u)**T, computed in float64 as the
-equivalent argmax(logits - T * log(-log u)); u ~ U(0, 1) from the sequence's generator, one draw of
-vocab size per ARGMAX row of the segment in row order (drawn as one [rows, vocab] tensor, which the
-generator fills in the same order).
+  - probabilities via logsumexp: p = exp(logit[token] - logsumexp(logits)), no softmax over rows;
+  - argmax rows: argmax(logits); with the gumbel flag (temperature T > 0) ReFusion's Gumbel-max draft
+    argmax(logits - T * log(-log u)) in float64; probability: the plain softmax of the chosen token;
+  - prob rows: the given token and its softmax probability;
+  - sample rows (T > 0; a sample read at T == 0 is packed as greedy): the Gumbel-max argmax of the
+    top-k/top-p filtered logits at temperature T, argmax(x - T * log(-log u)) = argmax(x / T + Gumbel),
+    and the token's probability under softmax(x / T).
+Padding rows are computed like the others (greedy on row 0) and ignored by the caller.
+
+Randomness is counter-based: u = uniform(seed, step, row, vocab index) is a splitmix64-style hash in
+int64 torch ops, identical on CPU and CUDA, with no torch.Generator and no state: a request's draws
+depend only on its own (seed, step, query row). The optional stages (noise, the sort for top-k/top-p)
+run only when the packed step's host flags ask for them, so shapes stay static per bucket.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from workers.batch import Read, ReadKind, Sampling, Segment, SegmentResult
-from workers.transfer import to_device
+# splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 wraps the same way).
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
 
 
-@dataclass
-class ReadRequest:
-    """All reads of one segment; `first` is the index of its first read in the packed logits."""
+class ReadParams(NamedTuple):
+    """Per read row parameters, each [R] on the device (int64 unless stated)."""
 
-    segment: Segment
-    first: int
-    generator: torch.Generator
-
-
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """logits [N, V] -> token ids [N] of argmax(logits - T*log(-log u)) in float64."""
-    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
-    return (logits.double() - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
-
-
-def sampling_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """logits [N, V] -> the sampling distribution [N, V] after temperature, top-k and top-p."""
-    scaled = logits.float() / s.temperature
-    if 0 < s.top_k < scaled.shape[-1]:
-        kth = scaled.topk(s.top_k, dim=-1).values[:, -1:]  # [N, 1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= s.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    return scaled.softmax(dim=-1)
+    given: torch.Tensor  # prob rows: the token; else -1
+    temperature: torch.Tensor  # float64
+    top_k: torch.Tensor  # 0 = off (non-sample rows: 0)
+    top_p: torch.Tensor  # float64 (non-sample rows: 1.0)
+    gumbel: torch.Tensor  # 1: Gumbel-max argmax row (T > 0)
+    sample: torch.Tensor  # 1: sample row with T > 0
+    seed: torch.Tensor
+    step: torch.Tensor
+    row: torch.Tensor  # query row within the segment
 
 
-def _segment_values(logits: torch.Tensor, probs: torch.Tensor, req: ReadRequest) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids [R], probabilities [R]) for one segment's reads; logits/probs are its rows [R, V]."""
-    reads, s = req.segment.reads, req.segment.sampling
-    tokens = torch.full((len(reads),), -1, dtype=torch.long, device=logits.device)
-    kinds = lambda *ks: [i for i, r in enumerate(reads) if r.kind in ks]  # noqa: E731
-    argmax = sorted(kinds(ReadKind.ARGMAX), key=lambda i: reads[i].row)
-    if argmax:
-        idx = to_device(argmax, logits.device)
-        if s.gumbel and s.temperature > 0:
-            tokens[idx] = gumbel_argmax(logits[idx], s.temperature, req.generator)
-        else:
-            tokens[idx] = logits[idx].argmax(dim=-1)
-    prob_rows = kinds(ReadKind.PROB)
-    if prob_rows:
-        prob_idx = to_device(prob_rows, logits.device)
-        tokens[prob_idx] = to_device([reads[i].token for i in prob_rows], logits.device)
-    chosen = probs.gather(1, tokens.clamp(min=0)[:, None])[:, 0]  # [R] softmax prob of each token
-    sample = kinds(ReadKind.SAMPLE)
-    if sample:
-        idx = to_device(sample, logits.device)
-        if s.temperature > 0:
-            dist = sampling_probs(logits[idx], s)  # [N, V]
-            drawn = torch.multinomial(dist, 1, generator=req.generator)  # [N, 1]
-            tokens[idx] = drawn[:, 0]
-            chosen[idx] = dist.gather(1, drawn)[:, 0]
-        else:  # greedy: argmax and its softmax probability
-            tokens[idx] = logits[idx].argmax(dim=-1)
-            chosen[idx] = probs[idx].gather(1, tokens[idx][:, None])[:, 0]
-    logits_rows = kinds(ReadKind.LOGITS)
-    if logits_rows:
-        chosen[to_device(logits_rows, logits.device)] = float("nan")
-    if prob_rows:
-        tokens[prob_idx] = -1
-    return tokens, chosen
+def _shift_right(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (>> is arithmetic on signed ints: mask the sign fill)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
 
 
-def compute_results(logits: torch.Tensor, requests: list[ReadRequest]) -> list[SegmentResult]:
-    """logits [R_total, V] float32 (every read of every segment, packed) -> results, one host transfer."""
-    probs = logits.softmax(dim=-1)  # [R_total, V] float32
-    token_parts, prob_parts, logit_parts = [], [], []
-    for req in requests:
-        n = len(req.segment.reads)
-        if n == 0:
-            continue
-        rows = slice(req.first, req.first + n)
-        tokens, chosen = _segment_values(logits[rows], probs[rows], req)
-        token_parts.append(tokens.double())
-        prob_parts.append(chosen.double())
-        for k, read in enumerate(req.segment.reads):
-            if read.kind is ReadKind.LOGITS:
-                logit_parts.append(logits[req.first + k].double())
-    parts = token_parts + prob_parts + logit_parts
-    host = torch.cat(parts).cpu().tolist() if parts else []  # the one device -> host transfer
-    return _unpack(host, requests, logits.shape[-1])
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64 step: z + golden ratio, then the finalizer (xor-shift-multiply). int64 -> int64."""
+    z = z + _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
 
 
-def _unpack(host: list[float], requests: list[ReadRequest], vocab: int) -> list[SegmentResult]:
-    """Split the flat host list [tokens..., probs..., logits rows...] back into per-segment results."""
-    total = sum(len(r.segment.reads) for r in requests)
-    results, k, logits_at = [], 0, 2 * total
-    for req in requests:
-        values, logit_rows = [], {}
-        for j, read in enumerate(req.segment.reads):
-            values.append((int(host[k + j]), host[total + k + j]))
-            if read.kind is ReadKind.LOGITS:
-                logit_rows[j] = host[logits_at:logits_at + vocab]
-                logits_at += vocab
-        k += len(req.segment.reads)
-        results.append(SegmentResult(req.segment.seq_id, values, logit_rows))
-    return results
+def uniform(seed: torch.Tensor, step: torch.Tensor, row: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R] int64 keys -> u [R, vocab] float64 in the open interval (0, 1): the top 53 bits of
+    mix64(mix64(mix64(mix64(seed) ^ step) ^ row) ^ vocab index), plus half a unit."""
+    key = mix64(mix64(mix64(seed) ^ step) ^ row)  # [R]
+    bits = mix64(key[:, None] ^ torch.arange(vocab, device=key.device))  # [R, V]
+    return _shift_right(bits, 11).double().add_(0.5).mul_(2.0**-53)
 
 
-__all__ = ["Read", "ReadRequest", "compute_results", "gumbel_argmax", "sampling_probs"]
+def gumbel_noise(params: ReadParams, vocab: int) -> torch.Tensor:
+    """-log(-log u) [R, V] float64 for each row's (seed, step, row)."""
+    return -torch.log(-torch.log(uniform(params.seed, params.step, params.row, vocab)))
+
+
+def filter_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       temperature: torch.Tensor) -> torch.Tensor:
+    """x [R, V] float64 logits -> the same with tokens outside top-k / top-p set to -inf.
+
+    top_k [R] (0 = off), top_p [R] float64 (1 = off), temperature [R] (the distribution top-p is
+    measured on; 0 is treated as 1). A token is kept when it ranks among the top k and the tokens
+    ranked above it hold less than top_p of the tempered probability; the first always stays. Ties
+    at the threshold are kept. Shapes are static: one sort of every row.
+    """
+    vocab = x.shape[-1]
+    ordered = x.sort(dim=-1, descending=True).values  # [R, V]
+    rank = torch.arange(vocab, device=x.device)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)  # [R]
+    in_top_k = rank[None, :] < k[:, None]  # [R, V]
+    ordered = ordered.masked_fill(~in_top_k, float("-inf"))
+    scale = torch.where(temperature > 0, temperature, 1.0)
+    probs = (ordered / scale[:, None]).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass ranked above each token: nondecreasing, so keep is a prefix
+    keep = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1))
+    threshold = ordered.gather(1, (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0))  # [R, 1]
+    return x.masked_fill(x < threshold, float("-inf"))
+
+
+def _chosen_logprob(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """log softmax(x)[token] per row: x [R, V], token [R] -> [R] (logsumexp, no full softmax)."""
+    return x.gather(1, token[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
+
+
+def compute_reads(logits: torch.Tensor, params: ReadParams, needs_noise: bool, needs_sort: bool) -> torch.Tensor:
+    """logits [R, V] float32 -> [2, R] float64: token ids (exact in float64) and probabilities."""
+    given = params.given
+    if not needs_noise and not needs_sort:  # greedy step: no float64 copy of the logits
+        token = torch.where(given >= 0, given, logits.argmax(dim=-1))
+        return torch.stack((token.double(), _chosen_logprob(logits, token).double().exp()))
+    sample = params.sample != 0
+    x = logits.double()  # [R, V]
+    if needs_sort:
+        x = filter_top_k_top_p(x, params.top_k, params.top_p, params.temperature)
+    z = x
+    if needs_noise:
+        scale = torch.where(sample | (params.gumbel != 0), params.temperature, 0.0)  # [R]
+        z = x + scale[:, None] * gumbel_noise(params, x.shape[-1])
+    token = torch.where(given >= 0, given, z.argmax(dim=-1))
+    plain = _chosen_logprob(logits, token).double()
+    tempered = _chosen_logprob(x / torch.where(sample, params.temperature, 1.0)[:, None], token)
+    return torch.stack((token.double(), torch.where(sample, tempered, plain).exp()))

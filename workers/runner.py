@@ -1,38 +1,40 @@
-"""ModelRunner: the model, its paged KV cache and the packed forward behind `execute(segments)`.
+"""ModelRunner: the model, its KV tensors and `execute(segments, block_tables)` (scheduler.api.Runner).
 
-One `execute` call = one model forward over every query token of every segment ([T, hidden]), then
-the reads of all segments computed on the device and moved to the host in one transfer. KV semantics
-(truncate to context_len, append kept tokens in query order) follow workers/batch.py.
+One `execute` call = one engine step:
+    pack (workers.packing, numpy) -> validate (workers.validation) -> one host->device copy
+    -> step_forward (workers.step: forward of every token, K/V writes, reads of every read row)
+    -> one device->host copy of [2, R] float64 -> SegmentResults.
+The runner owns tensors and the device, never KV blocks (style rule 13): whoever schedules the
+sequences prepares each segment's block table (workers.kv_blocks.BlockTables.prepare) and the runner
+writes only where it is told. It never allocates and never refuses for lack of KV. The KV tensors
+hold `num_kv_blocks` blocks for the owner plus one scratch block (index num_kv_blocks) that dropped
+query tokens and padding write into, so the K/V write is one fixed-shape index_copy_.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from workers import loader
-from workers.attention import AttentionPlan, backends, default_backend
-from workers.batch import ReadKind, Segment, SegmentResult
-from workers.kv_blocks import BlockPool, BlockTables, KVCacheFullError
+from workers.batch import Segment, SegmentResult
 from workers.kv_cache import PagedKVCache, blocks_for_budget
 from workers.model import Qwen3, build_model
-from workers.reads import ReadRequest, compute_results
-from workers.transfer import to_device
+from workers.packing import PackedStep, pack_step
+from workers.step import step_forward
+from workers.transfer import StepUploader
+from workers.validation import SegmentError, validate_step
 
-
-class SegmentError(ValueError):
-    """A segment cannot run as given. `seq_id` and `field` name the culprit; the message says what to change."""
-
-    def __init__(self, seq_id: str, field_name: str, message: str):
-        super().__init__(f"segment {seq_id}: {field_name}: {message}")
-        self.seq_id, self.field = seq_id, field_name
+__all__ = ["DTYPES", "ModelInfo", "ModelRunner", "SegmentError"]
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What callers need to know about the loaded model."""
+    """What callers need to know about the loaded model and its KV cache (scheduler.api.RunnerInfo)."""
 
     vocab_size: int
     eos_token_id: int
@@ -42,7 +44,8 @@ class ModelInfo:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    block_size: int
+    block_size: int  # tokens per KV block
+    num_kv_blocks: int  # blocks the owner may hand out (block ids 0 .. num_kv_blocks - 1)
     dtype: str
     device: str
 
@@ -63,17 +66,15 @@ def _device_and_dtype(device: str | None, dtype: torch.dtype | str | None) -> tu
 
 
 class ModelRunner:
-    """Owns the Qwen3 weights, the KV block pool and tensors, and each sequence's generator."""
+    """Owns the Qwen3 weights and the KV tensors; executes packed steps."""
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | None = None,
-                 block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
-                 attention: str | None = None):
+                 block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None):
         """Load a Qwen3 HF directory (workers.loader; errors are ModelDirError).
 
         dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA. device: default cuda when
         available. KV cache: `num_blocks` blocks of `block_size` tokens, or as many as `kv_memory_bytes`
-        holds, or a device default (workers.kv_cache). attention: "segment" (CPU default) or
-        "batched" (CUDA default), see workers.attention.
+        holds, or a device default (workers.kv_cache); one scratch block comes on top.
         """
         device, dtype = _device_and_dtype(device, dtype)
         model_dir = Path(model_dir)
@@ -82,116 +83,65 @@ class ModelRunner:
         mask_id = loader.resolve_mask_token_id(config, tokenizer, model_dir)
         weights = loader.read_weights(model_dir, config, dtype=dtype, device=device)
         model = build_model(config, weights, dtype=dtype, device=device)
-        self._setup(model, tokenizer, mask_id, block_size, num_blocks, kv_memory_bytes, attention)
+        self._setup(model, tokenizer, mask_id, block_size, num_blocks, kv_memory_bytes)
 
     @classmethod
     def from_model(cls, model: Qwen3, *, mask_token_id: int, tokenizer=None, block_size: int = 16,
-                   num_blocks: int | None = None, kv_memory_bytes: int | None = None,
-                   attention: str | None = None) -> ModelRunner:
+                   num_blocks: int | None = None, kv_memory_bytes: int | None = None) -> ModelRunner:
         """A runner over an already built model (benchmarks: `workers.model.random_model`); no directory."""
         runner = cls.__new__(cls)
-        runner._setup(model, tokenizer, mask_token_id, block_size, num_blocks, kv_memory_bytes, attention)
+        runner._setup(model, tokenizer, mask_token_id, block_size, num_blocks, kv_memory_bytes)
         return runner
 
     def _setup(self, model: Qwen3, tokenizer, mask_id: int, block_size: int, num_blocks: int | None,
-               kv_memory_bytes: int | None, attention: str | None) -> None:
+               kv_memory_bytes: int | None) -> None:
         config, weight = model.cfg, model.lm_head.weight
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype = weight.device, weight.dtype
-        self.attention = attention or default_backend(self.device)
-        if self.attention not in backends():
-            raise ValueError(f"attention must be one of {sorted(backends())}, got {self.attention!r}")
         n = blocks_for_budget(config, block_size, self.dtype, self.device, num_blocks, kv_memory_bytes)
-        self.blocks = BlockPool(n, block_size)
-        self._tables = BlockTables(self.blocks)
-        self.kv = PagedKVCache(config, n, block_size, self.dtype, self.device)
-        self._generators: dict[str, torch.Generator] = {}
+        self.kv = PagedKVCache(config, n + 1, block_size, self.dtype, self.device)  # + the scratch block
+        self.scratch_block = n
+        self.step_fn = step_forward  # a later issue swaps in captured graphs per bucket
+        self._uploader = StepUploader(self.device)
         self.info = ModelInfo(
             vocab_size=config.vocab_size, eos_token_id=config.eos_token_id, mask_token_id=mask_id,
             num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_heads,
             num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, block_size=block_size,
-            dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+            num_kv_blocks=n, dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
         )
 
-    # ---- sequence bookkeeping -------------------------------------------------------------------
-    def cached_len(self, seq_id: str) -> int:
-        """Tokens in the sequence's cache (0 for unknown ids)."""
-        return self._tables.length(seq_id)
+    def pack(self, segments: Sequence[Segment], block_tables: Sequence[list[int]]) -> PackedStep:
+        """Pack and validate a step (host only). Raises SegmentError naming the culprit segment."""
+        step = pack_step(list(segments), list(block_tables), self.info.block_size, self.scratch_block)
+        validate_step(step, [s.seq_id for s in segments], self.info.vocab_size, self.info.num_kv_blocks)
+        return step
 
-    def sequences(self) -> list[str]:
-        """Ids of every sequence holding a block table (empty once all are freed)."""
-        return self._tables.seq_ids()
+    def execute(self, segments: Sequence[Segment], block_tables: Sequence[list[int]]) -> list[SegmentResult]:
+        """Run every segment in one step; results in segment order (contract: workers/batch.py).
 
-    def block_table(self, seq_id: str) -> list[int]:
-        """The sequence's block ids, in cache order."""
-        return self._tables.table(seq_id)
-
-    def adopt_prefix(self, seq_id: str, block_ids: list[int], num_tokens: int) -> None:
-        """Start a new sequence on shared full blocks (one more reference each; they stay read-only)."""
-        self._tables.adopt_prefix(seq_id, block_ids, num_tokens)
-
-    def free(self, seq_id: str) -> None:
-        """Release every block of the sequence and drop its generator (finish or cancel). Idempotent."""
-        self._tables.free(seq_id)
-        self._generators.pop(seq_id, None)
-
-    # ---- the forward ----------------------------------------------------------------------------
-    def execute(self, segments: list[Segment]) -> list[SegmentResult]:
-        """Run all segments in one packed forward; results in the order of `segments`."""
+        block_tables[i] is segment i's block table covering context_len + num_kept tokens. Raises
+        SegmentError (a ValueError naming seq_id and field) before any device work for a segment that
+        cannot run; nothing is written then."""
         if not segments:
             return []
-        self._validate(segments)
-        new = {s.seq_id for s in segments if s.seq_id not in self._tables}
-        try:
-            for seg in segments:
-                self._tables.truncate(seg.seq_id, seg.context_len)
-                if seg.seq_id not in self._generators:
-                    self._generators[seg.seq_id] = torch.Generator(device=self.device).manual_seed(seg.sampling.seed)
-            needed = sum(self._tables.blocks_needed(s.seq_id, s.num_kept) for s in segments)
-            if needed > self.blocks.num_free:
-                raise KVCacheFullError(needed, self.blocks.num_free)
-            context_slots = [self._tables.context_slots(s.seq_id, s.context_len) for s in segments]
-            write_slots = [self._tables.append_slots(s.seq_id, s.num_kept) for s in segments]
-            return self._forward(segments, context_slots, write_slots)
-        except BaseException:
-            for seg in segments:  # leave no trace of a failed call beyond the requested rollback
-                if seg.seq_id in new:
-                    self.free(seg.seq_id)
-                else:
-                    self._tables.truncate(seg.seq_id, seg.context_len)
-            raise
+        step = self.pack(segments, block_tables)
+        buffer = self._uploader.upload(step.buffer)
+        with torch.inference_mode():
+            values, logits = self.step_fn(self.model, self.kv, buffer, step.layout)
+            host = values.cpu().numpy()  # the one device -> host transfer (logits: tests only)
+            host_logits = logits.cpu().numpy() if step.wants_logits else None
+        return unpack_results(step, [s.seq_id for s in segments], host, host_logits)
 
-    def _forward(self, segments, context_slots, write_slots) -> list[SegmentResult]:
-        dev = self.device
-        token_ids = to_device([t for s in segments for t in s.token_ids], dev)  # [T]
-        positions = to_device([p for s in segments for p in s.positions], dev)  # [T]
-        plan = AttentionPlan.build(segments, context_slots, write_slots, dev)
-        hidden = self.model.hidden(token_ids, positions, backends()[self.attention](self.kv, plan))  # [T, H]
-        read_rows, requests = [], []
-        for seg, (start, _) in zip(segments, plan.rows):
-            requests.append(ReadRequest(seg, len(read_rows), self._generators[seg.seq_id]))
-            read_rows.extend(start + r.row for r in seg.reads)
-        if not read_rows:
-            return [SegmentResult(s.seq_id, []) for s in segments]
-        logits = self.model.logits(hidden[to_device(read_rows, dev)])  # [R, V] float32
-        return compute_results(logits, requests)
 
-    def _validate(self, segments: list[Segment]) -> None:
-        seen = set()
-        vocab = self.config.vocab_size
-        for seg in segments:
-            if seg.seq_id in seen:
-                raise SegmentError(seg.seq_id, "seq_id", "appears twice in one execute call; send one segment per sequence")
-            seen.add(seg.seq_id)
-            if seg.context_len > self.cached_len(seg.seq_id):
-                raise SegmentError(seg.seq_id, "context_len", f"{seg.context_len} exceeds the "
-                                   f"{self.cached_len(seg.seq_id)} cached tokens; it may only roll back")
-            if min(seg.token_ids) < 0 or max(seg.token_ids) >= vocab:
-                raise SegmentError(seg.seq_id, "token_ids", f"ids must lie in 0..{vocab - 1}")
-            if min(seg.positions) < 0:
-                raise SegmentError(seg.seq_id, "positions", "positions must be >= 0")
-            for read in seg.reads:
-                if read.kind is ReadKind.PROB and not 0 <= read.token < vocab:
-                    raise SegmentError(seg.seq_id, "reads", f"PROB read token {read.token} outside 0..{vocab - 1}")
-            if seg.sampling.temperature < 0 or not 0 < seg.sampling.top_p <= 1 or seg.sampling.top_k < 0:
-                raise SegmentError(seg.seq_id, "sampling", "need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,
+                   logits: np.ndarray | None) -> list[SegmentResult]:
+    """values [2, R] float64 (tokens, probs) and optional logits [R, V] -> one SegmentResult per segment."""
+    tokens = values[0, :step.num_reads].astype(np.int64).tolist()
+    probs = values[1, :step.num_reads].tolist()
+    starts, n_tok, n_log = step.read_starts.tolist(), step.num_token_reads.tolist(), step.num_logit_reads.tolist()
+    results = []
+    for i, seq_id in enumerate(seq_ids):
+        a, b = starts[i], starts[i] + n_tok[i]
+        rows = logits[b:b + n_log[i]].tolist() if n_log[i] else []
+        results.append(SegmentResult(seq_id, tokens[a:b], probs[a:b], rows))
+    return results

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from workers.batch import Read, ReadKind, Segment
+from workers.batch import Reads, Segment
 
 _ORACLES: dict[str, object] = {}
 
@@ -29,21 +29,22 @@ def dense_logits(model_dir: Path, token_ids: list[int], positions: list[int] | N
     return hf_model(model_dir)(input_ids=ids, position_ids=pos).logits[0].float()
 
 
-def logits_reads(n: int, rows: list[int] | None = None) -> list[Read]:
-    """LOGITS reads for `rows` (default all n rows)."""
-    return [Read(r, ReadKind.LOGITS) for r in (rows if rows is not None else range(n))]
+def logits_reads(n: int, rows: list[int] | None = None) -> Reads:
+    """Logits reads of `rows` (default all n rows)."""
+    return Reads(logits=tuple(rows if rows is not None else range(n)))
 
 
 def segment(seq_id: str, context_len: int, token_ids: list[int], positions: list[int] | None = None,
-            keep: bool | list[bool] = True, reads: list[Read] | None = None, **kw) -> Segment:
-    """A segment with LOGITS reads on every row unless `reads` is given."""
+            keep: bool | int = True, reads: Reads | None = None, **kw) -> Segment:
+    """A segment with logits reads on every row unless `reads` is given. keep: all (True), none
+    (False) or the number of kept leading tokens."""
     n = len(token_ids)
     positions = positions if positions is not None else list(range(context_len, context_len + n))
-    keep = keep if isinstance(keep, list) else [keep] * n
-    return Segment(seq_id, context_len, list(token_ids), list(positions), keep,
+    num_kept = n if keep is True else 0 if keep is False else int(keep)
+    return Segment(seq_id, context_len, list(token_ids), list(positions), num_kept,
                    reads if reads is not None else logits_reads(n), **kw)
 
 
 def result_logits(result) -> torch.Tensor:
-    """The LOGITS rows of a SegmentResult as a tensor [R, V], in read order."""
-    return torch.tensor([result.logits[k] for k in sorted(result.logits)])
+    """The logits rows of a SegmentResult as a tensor [R, V], in read order."""
+    return torch.tensor(result.logits)

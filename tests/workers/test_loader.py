@@ -14,6 +14,7 @@ from hf_oracle import dense_logits, result_logits, segment  # noqa: E402
 from workers.kv_cache import bytes_per_block  # noqa: E402
 from workers.loader import ModelDirError, read_config  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
+from workers.session import RunnerSession  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_sharded_checkpoint_loads_and_matches_transformers(sharded_dir):
     assert len(shards) > 2 and (sharded_dir / "model.safetensors.index.json").is_file()
     runner = ModelRunner(sharded_dir, device="cpu", num_blocks=8)
     ids = list(range(5, 17))
-    [res] = runner.execute([segment("s", 0, ids)])
+    [res] = RunnerSession(runner).execute([segment("s", 0, ids)])
     assert (result_logits(res) - dense_logits(sharded_dir, ids)).abs().max() < 1e-4
 
 
@@ -123,10 +124,11 @@ def test_kv_budget_and_dtype(tiny_model_dir):
     cfg = read_config(tiny_model_dir)
     per_block = bytes_per_block(cfg, 16, torch.bfloat16)
     runner = ModelRunner(tiny_model_dir, device="cpu", dtype="bfloat16", kv_memory_bytes=10 * per_block + 5)
-    assert runner.blocks.num_total == 10 and runner.info.dtype == "bfloat16"
-    assert runner.kv.k[0].shape == (10, 16, cfg.num_kv_heads, cfg.head_dim) and runner.kv.k[0].dtype == torch.bfloat16
+    assert runner.info.num_kv_blocks == 10 and runner.info.dtype == "bfloat16"
+    # The budget buys the blocks handed out; the scratch block (dropped rows, padding) comes on top.
+    assert runner.kv.k[0].shape == (11, 16, cfg.num_kv_heads, cfg.head_dim) and runner.kv.k[0].dtype == torch.bfloat16
     ids = list(range(5, 15))
-    [res] = runner.execute([segment("b", 0, ids)])
+    [res] = RunnerSession(runner).execute([segment("b", 0, ids)])
     assert (result_logits(res) - dense_logits(tiny_model_dir, ids)).abs().max() < 0.5  # bf16 rounding only
     with pytest.raises(ValueError, match="dtype 'float8'"):
         ModelRunner(tiny_model_dir, device="cpu", dtype="float8")
@@ -136,4 +138,4 @@ def test_kv_budget_and_dtype(tiny_model_dir):
 
 def test_default_cpu_kv_budget_is_16k_tokens(tiny_model_dir):
     runner = ModelRunner(tiny_model_dir, device="cpu")
-    assert runner.blocks.num_total * runner.blocks.block_size == 16384
+    assert runner.info.num_kv_blocks * runner.info.block_size == 16384

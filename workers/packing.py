@@ -1,0 +1,232 @@
+"""One step's segments and block tables packed into one int64 host buffer (numpy, no torch).
+
+Everything the device needs for a step lives in one flat int64 array, copied to the device in one
+transfer; the step function slices views out of it (`StepLayout.offsets`). Float parameters
+(temperature, top_p) are stored bit-cast as float64 inside the same buffer, so one buffer and one copy
+serve every dtype.
+
+Shapes are padded to buckets (`bucket`): tokens T, sequences B, max query length Q, context blocks per
+sequence NB and read rows R are powers of two with a minimum, and the two host flags (needs_noise,
+needs_sort) switch optional read stages. `StepLayout` is therefore the key under which a later issue
+can capture one CUDA graph per bucket.
+
+Fields (one row per entry; "row" = packed token index):
+    per token [T]    token_ids, positions, slot_mapping (kept rows: their cache slot
+                     table[p // bs] * bs + p % bs for p = context_len + i; dropped rows and padding: the
+                     scratch slot), seq_index, query_index, branch_start (query index where the token's
+                     run starts; 0 for plain causal)
+    per sequence [B] query_start, query_len, context_len (padding sequences: 0, 0, 0)
+    block_tables     [B, NB] the first NB blocks of each table, padded with the scratch block
+    per read [R]     read_rows, temperature (f64 bits), top_k, top_p (f64 bits), gumbel, sample, given
+                     (prob rows: the token, else -1), seed, step, seg_row (query row in its segment)
+Padding tokens are token 0 at position 0 of sequence 0 writing the scratch slot; padding read rows read
+row 0 greedily. Their outputs are never returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
+from workers.batch import Segment
+from workers.validation import SegmentError, as_int64
+
+MIN_TOKENS, MIN_SEQS, MIN_QUERY, MIN_BLOCKS, MIN_READS = 16, 4, 1, 4, 8
+KINDS = np.array([0, 1, 2, 3])  # argmax, prob, sample, logits-only: the order of a segment's read rows
+
+TOKEN_FIELDS = ("token_ids", "positions", "slot_mapping", "seq_index", "query_index", "branch_start")
+SEQ_FIELDS = ("query_start", "query_len", "context_len")
+READ_FIELDS = ("read_rows", "temperature", "top_k", "top_p", "gumbel", "sample", "given", "seed", "step", "seg_row")
+FLOAT_FIELDS = frozenset({"temperature", "top_p"})
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The smallest power of two >= n, at least `minimum`."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """Static shape of one packed step (the CUDA-graph key) and where each field sits in the buffer."""
+
+    num_tokens: int  # T
+    num_seqs: int  # B
+    max_query: int  # Q
+    max_blocks: int  # NB: context blocks gathered per sequence
+    num_reads: int  # R (0 when no segment reads anything: the LM head is skipped)
+    block_size: int
+    needs_noise: bool  # some row draws Gumbel noise (gumbel argmax or sample with temperature > 0)
+    needs_sort: bool  # some sample row uses top-k or top-p
+
+    def sizes(self) -> list[tuple[str, int]]:
+        t, b, r = self.num_tokens, self.num_seqs, self.num_reads
+        return ([(f, t) for f in TOKEN_FIELDS] + [(f, b) for f in SEQ_FIELDS]
+                + [("block_tables", b * self.max_blocks)] + [(f, r) for f in READ_FIELDS])
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """Field -> (start, end) in the buffer."""
+        out, at = {}, 0
+        for name, size in self.sizes():
+            out[name] = (at, at + size)
+            at += size
+        return out
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size in self.sizes())
+
+
+@dataclass
+class PackedStep:
+    """The host side of one step: the buffer plus what validation and unpacking need."""
+
+    layout: StepLayout
+    buffer: np.ndarray  # [layout.size] int64
+    num_tokens: int  # real tokens (<= T)
+    num_reads: int  # real read rows (<= R)
+    read_starts: np.ndarray  # [n_seg + 1] first read row of each segment
+    num_token_reads: np.ndarray  # [n_seg] len(seg.reads): rows with a token and a probability
+    num_logit_reads: np.ndarray  # [n_seg] len(seg.reads.logits)
+    seg: dict[str, np.ndarray]  # per-segment arrays (context_len, num_kept, table_len, sampling ...)
+    tables_flat: np.ndarray  # every table's blocks, concatenated, then the scratch block
+    read_kinds: np.ndarray  # [num_reads] 0 argmax, 1 prob, 2 sample, 3 logits only
+    read_owner: np.ndarray  # [num_reads] segment index of each read row
+
+    def view(self, name: str) -> np.ndarray:
+        start, end = self.layout.offsets()[name]
+        arr = self.buffer[start:end]
+        return arr.view(np.float64) if name in FLOAT_FIELDS else arr
+
+    @property
+    def wants_logits(self) -> bool:
+        return bool(self.num_logit_reads.any())
+
+
+def _segment_lists(segments: list[Segment], tables: list[list[int]]) -> dict[str, list]:
+    """One pass over the segments collecting flat Python lists (no loop over tokens)."""
+    out = {k: [] for k in ("tokens", "positions", "run_lens", "rows", "counts", "prob_tokens", "tables",
+                           "n", "ctx", "kept", "table_len", "temperature", "top_k", "top_p", "seed",
+                           "step", "gumbel")}
+    seen = set()
+    for seg, table in zip(segments, tables):
+        if seg.seq_id in seen:
+            raise SegmentError(seg.seq_id, "seq_id", "appears twice in one step; send one segment per sequence")
+        seen.add(seg.seq_id)
+        r, s = seg.reads, seg.sampling
+        out["tokens"].append(seg.token_ids)
+        out["positions"].append(seg.positions)
+        out["run_lens"].extend(seg.branch_lens or (len(seg.token_ids),))
+        out["rows"].append(r.argmax + r.prob + r.sample + r.logits)
+        out["counts"].append((len(r.argmax), len(r.prob), len(r.sample), len(r.logits)))
+        out["prob_tokens"].append(r.prob_tokens)
+        out["tables"].append(table)
+        for key, value in (("n", len(seg.token_ids)), ("ctx", seg.context_len), ("kept", seg.num_kept),
+                           ("table_len", len(table)), ("temperature", s.temperature), ("top_k", s.top_k),
+                           ("top_p", s.top_p), ("seed", s.seed), ("step", s.step), ("gumbel", s.gumbel)):
+            out[key].append(value)
+    return out
+
+
+def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int, scratch_block: int) -> PackedStep:
+    """Pack a step. Raises SegmentError for a value that does not fit int64 or a repeated seq_id; range
+    checks against the model are `workers.validation.validate_step`'s."""
+    if len(tables) != len(segments):
+        raise ValueError(f"{len(segments)} segments but {len(tables)} block tables; give one table per segment")
+    lists = _segment_lists(segments, tables)
+    ids = [s.seq_id for s in segments]
+    seg = {k: as_int64(lists[k], k, ids) for k in ("n", "ctx", "kept", "table_len", "top_k", "seed", "step")}
+    seg["temperature"] = np.array(lists["temperature"], dtype=np.float64)
+    seg["top_p"] = np.array(lists["top_p"], dtype=np.float64)
+    seg["gumbel"] = np.array(lists["gumbel"], dtype=bool)
+    counts = np.array(lists["counts"], dtype=np.int64).reshape(-1, 4)  # [n_seg, 4]
+    tok_owner = np.repeat(np.arange(len(segments)), seg["n"])
+    tokens = as_int64(list(chain.from_iterable(lists["tokens"])), "token_ids", ids, tok_owner)
+    positions = as_int64(list(chain.from_iterable(lists["positions"])), "positions", ids, tok_owner)
+    flat_tables = as_int64(list(chain.from_iterable(lists["tables"])), "block_table", ids,
+                           np.repeat(np.arange(len(segments)), seg["table_len"]))
+    run_lens = np.array(lists["run_lens"], dtype=np.int64)
+    n_reads = counts.sum(1)
+    read_owner = np.repeat(np.arange(len(segments)), n_reads)
+    prob_owner = np.repeat(np.arange(len(segments)), counts[:, 1])
+    rows = np.fromiter(chain.from_iterable(lists["rows"]), dtype=np.int64, count=int(n_reads.sum()))
+    prob_tokens = as_int64(list(chain.from_iterable(lists["prob_tokens"])), "prob_tokens", ids, prob_owner)
+    kinds = np.repeat(np.tile(KINDS, len(segments)), counts.ravel())
+    layout = _layout(seg, kinds, read_owner, block_size)
+    step = PackedStep(layout, np.zeros(layout.size, dtype=np.int64), len(tokens), len(rows),
+                      np.concatenate(([0], np.cumsum(n_reads))), counts[:, :3].sum(1), counts[:, 3], seg,
+                      np.append(flat_tables, scratch_block), kinds, read_owner)
+    q_start = _fill_tokens(step, tokens, positions, run_lens, scratch_block)
+    _fill_sequences(step, q_start, scratch_block)
+    _fill_reads(step, q_start, rows, kinds, read_owner, prob_tokens)
+    return step
+
+
+def _layout(seg: dict, kinds: np.ndarray, read_owner: np.ndarray, block_size: int) -> StepLayout:
+    n, ctx = seg["n"], seg["ctx"]
+    sample = (kinds == 2) & (seg["temperature"][read_owner] > 0)
+    gumbel = (kinds == 0) & seg["gumbel"][read_owner] & (seg["temperature"][read_owner] > 0)
+    sort = sample & ((seg["top_k"][read_owner] > 0) | (seg["top_p"][read_owner] < 1))
+    max_ctx_blocks = int(-(-ctx.max() // block_size)) if len(ctx) else 0
+    return StepLayout(
+        num_tokens=bucket(int(n.sum()), MIN_TOKENS), num_seqs=bucket(len(n), MIN_SEQS),
+        max_query=bucket(int(n.max()), MIN_QUERY), max_blocks=bucket(max_ctx_blocks, MIN_BLOCKS),
+        num_reads=bucket(len(kinds), MIN_READS) if len(kinds) else 0, block_size=block_size,
+        needs_noise=bool((sample | gumbel).any()), needs_sort=bool(sort.any()),
+    )
+
+
+def _fill_tokens(step: PackedStep, tokens, positions, run_lens, scratch_block: int) -> np.ndarray:
+    """Per-token fields; returns each segment's first packed row [n_seg]."""
+    seg, t, bs = step.seg, step.num_tokens, step.layout.block_size
+    q_start = np.cumsum(seg["n"]) - seg["n"]
+    seq_index = np.repeat(np.arange(len(seg["n"])), seg["n"])  # [t]
+    query_index = np.arange(t) - q_start[seq_index]
+    run_start = np.repeat(np.cumsum(run_lens) - run_lens, run_lens)  # packed row where each token's run starts
+    kept = query_index < seg["kept"][seq_index]
+    p = seg["ctx"][seq_index] + query_index  # cache position of a kept token
+    table_start = np.cumsum(seg["table_len"]) - seg["table_len"]
+    entry = np.where(kept, table_start[seq_index] + p // bs, len(step.tables_flat) - 1)
+    entry = np.minimum(entry, len(step.tables_flat) - 1)  # a too-short table is validate_step's to report
+    slots = np.where(kept, step.tables_flat[entry] * bs + p % bs, scratch_block * bs)
+    for name, values in (("token_ids", tokens), ("positions", positions), ("slot_mapping", slots),
+                         ("seq_index", seq_index), ("query_index", query_index),
+                         ("branch_start", run_start - q_start[seq_index])):
+        step.view(name)[:t] = values
+    step.view("slot_mapping")[t:] = scratch_block * bs
+    return q_start
+
+
+def _fill_sequences(step: PackedStep, q_start: np.ndarray, scratch_block: int) -> None:
+    seg, lay = step.seg, step.layout
+    b = len(seg["n"])
+    step.view("query_start")[:b] = q_start
+    step.view("query_len")[:b] = seg["n"]
+    step.view("context_len")[:b] = seg["ctx"]
+    tables = step.view("block_tables").reshape(lay.num_seqs, lay.max_blocks)
+    tables[:] = scratch_block
+    cols = np.minimum(seg["table_len"], lay.max_blocks)  # [b] columns copied per sequence
+    owner = np.repeat(np.arange(b), cols)
+    col = np.arange(int(cols.sum())) - np.repeat(np.cumsum(cols) - cols, cols)
+    table_start = np.cumsum(seg["table_len"]) - seg["table_len"]
+    tables[owner, col] = step.tables_flat[table_start[owner] + col]
+
+
+def _fill_reads(step: PackedStep, q_start, rows, kinds, owner, prob_tokens) -> None:
+    seg, r = step.seg, step.num_reads
+    temperature = seg["temperature"][owner]
+    sample = (kinds == 2) & (temperature > 0)
+    given = np.full(r, -1, dtype=np.int64)
+    given[kinds == 1] = prob_tokens
+    values = {
+        "read_rows": q_start[owner] + rows, "temperature": temperature,
+        "top_k": np.where(sample, seg["top_k"][owner], 0), "top_p": np.where(sample, seg["top_p"][owner], 1.0),
+        "gumbel": (kinds == 0) & seg["gumbel"][owner] & (temperature > 0), "sample": sample, "given": given,
+        "seed": seg["seed"][owner], "step": seg["step"][owner], "seg_row": rows,
+    }
+    for name, value in values.items():
+        step.view(name)[:r] = value
+    if step.layout.num_reads:
+        step.view("given")[r:] = -1
+        step.view("top_p")[r:] = 1.0

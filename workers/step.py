@@ -1,0 +1,65 @@
+"""The device half of an engine step, as one function: `step_forward(model, kv, buffer, layout)`.
+
+    buffer  [layout.size] int64 on the device: the packed step (workers.packing), one upload
+    layout  workers.packing.StepLayout: every shape and flag, static per bucket
+    returns values [2, R] float64 (token ids, probabilities; workers.reads) and logits [R, V] float32
+
+Between the input copy and the output copy nothing waits for the host (style rule 12): the arrays are
+views of the buffer, attention is workers.attention.StepAttention, the reads workers.reads. The
+function runs eagerly in the runner and compiles with torch.compile(fullgraph=True)
+(tests/workers/test_step_compile.py), which is what a per-bucket CUDA graph capture needs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from workers.attention import StepAttention
+from workers.kv_cache import PagedKVCache
+from workers.packing import FLOAT_FIELDS, READ_FIELDS, StepLayout
+from workers.reads import ReadParams, compute_reads
+
+
+class StepArrays(NamedTuple):
+    """Device views of the packed buffer (field meanings: workers.packing)."""
+
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T]
+    seq_index: torch.Tensor  # [T]
+    query_index: torch.Tensor  # [T]
+    branch_start: torch.Tensor  # [T]
+    query_start: torch.Tensor  # [B]
+    query_len: torch.Tensor  # [B]
+    context_len: torch.Tensor  # [B]
+    block_tables: torch.Tensor  # [B, NB]
+    read_rows: torch.Tensor  # [R]
+    reads: ReadParams  # each [R]
+
+
+def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
+    """Slice the packed buffer into named views (float fields bit-cast to float64)."""
+    views = {}
+    for name, (start, end) in layout.offsets().items():
+        view = buffer[start:end]
+        views[name] = view.view(torch.float64) if name in FLOAT_FIELDS else view
+    views["block_tables"] = views["block_tables"].view(layout.num_seqs, layout.max_blocks)
+    reads = ReadParams(**{("row" if f == "seg_row" else f): views.pop(f) for f in READ_FIELDS if f != "read_rows"})
+    return StepArrays(reads=reads, **views)
+
+
+def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """One packed step on the device: forward of every token, K/V written to their slots, reads of
+    every read row. model: workers.model.Qwen3 (or anything with cfg, hidden(), logits()).
+    Returns (values [2, R] float64, logits [R, V] float32); R == 0 skips the LM head."""
+    a = step_arrays(buffer, layout)
+    cfg = model.cfg
+    attention = StepAttention(kv, a, layout, cfg.num_heads // cfg.num_kv_heads)
+    hidden = model.hidden(a.token_ids, a.positions, attention)  # [T, hidden]
+    if layout.num_reads == 0:
+        return (torch.empty((2, 0), dtype=torch.float64, device=buffer.device),
+                torch.empty((0, cfg.vocab_size), dtype=torch.float32, device=buffer.device))
+    logits = model.logits(hidden.index_select(0, a.read_rows))  # [R, V] float32
+    return compute_reads(logits, a.reads, layout.needs_noise, layout.needs_sort), logits
