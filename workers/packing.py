@@ -18,7 +18,8 @@ Fields (one row per entry; "row" = packed token index):
     per sequence [B] query_start, query_len, context_len (padding sequences: 0, 0, 0)
     block_tables     [B, NB] the first NB blocks of each table, padded with the scratch block
     per read [R]     read_rows, temperature (f64 bits), top_k, top_p (f64 bits), gumbel, sample, given
-                     (prob rows: the token, else -1), seed, step, seg_row (query row in its segment)
+                     (prob rows: the token, else -1), seed, step, read_position (the row's logical
+                     position: with seed and step it keys the row's random draws)
 Padding tokens are token 0 at position 0 of sequence 0 writing the scratch slot; padding read rows read
 row 0 greedily. Their outputs are never returned.
 """
@@ -38,7 +39,7 @@ KINDS = np.array([0, 1, 2, 3])  # argmax, prob, sample, logits-only: the order o
 
 TOKEN_FIELDS = ("token_ids", "positions", "slot_mapping", "seq_index", "query_index", "branch_start")
 SEQ_FIELDS = ("query_start", "query_len", "context_len")
-READ_FIELDS = ("read_rows", "temperature", "top_k", "top_p", "gumbel", "sample", "given", "seed", "step", "seg_row")
+READ_FIELDS = ("read_rows", "temperature", "top_k", "top_p", "gumbel", "sample", "given", "seed", "step", "read_position")
 FLOAT_FIELDS = frozenset({"temperature", "top_p"})
 
 
@@ -223,10 +224,11 @@ def _fill_reads(step: PackedStep, q_start, rows, kinds, owner, prob_tokens) -> N
         "read_rows": q_start[owner] + rows, "temperature": temperature,
         "top_k": np.where(sample, seg["top_k"][owner], 0), "top_p": np.where(sample, seg["top_p"][owner], 1.0),
         "gumbel": (kinds == 0) & seg["gumbel"][owner] & (temperature > 0), "sample": sample, "given": given,
-        "seed": seg["seed"][owner], "step": seg["step"][owner], "seg_row": rows,
+        "seed": seg["seed"][owner], "step": seg["step"][owner],
     }
     for name, value in values.items():
         step.view(name)[:r] = value
+    step.view("read_position")[:r] = step.view("positions")[values["read_rows"]]
     if step.layout.num_reads:
         step.view("given")[r:] = -1
         step.view("top_p")[r:] = 1.0

@@ -13,10 +13,11 @@ come back to the host in one transfer.
     and the token's probability under softmax(x / T).
 Padding rows are computed like the others (greedy on row 0) and ignored by the caller.
 
-Randomness is counter-based: u = uniform(seed, step, row, vocab index) is a splitmix64-style hash in
-int64 torch ops, identical on CPU and CUDA, with no torch.Generator and no state: a request's draws
-depend only on its own (seed, step, query row). The optional stages (noise, the sort for top-k/top-p)
-run only when the packed step's host flags ask for them, so shapes stay static per bucket.
+Randomness is counter-based: u = uniform(seed, step, position, vocab index) is a splitmix64-style hash
+in int64 torch ops, identical on CPU and CUDA, with no torch.Generator and no state: a request's draws
+depend only on its own (seed, step, logical position of the read row). The optional stages (noise,
+the sort for top-k/top-p) run only when the packed step's host flags ask for them, so shapes stay
+static per bucket.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class ReadParams(NamedTuple):
     sample: torch.Tensor  # 1: sample row with T > 0
     seed: torch.Tensor
     step: torch.Tensor
-    row: torch.Tensor  # query row within the segment
+    position: torch.Tensor  # logical position of the read row
 
 
 def _shift_right(z: torch.Tensor, s: int) -> torch.Tensor:
@@ -58,17 +59,17 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right(z, 31)
 
 
-def uniform(seed: torch.Tensor, step: torch.Tensor, row: torch.Tensor, vocab: int) -> torch.Tensor:
+def uniform(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
     """[R] int64 keys -> u [R, vocab] float64 in the open interval (0, 1): the top 53 bits of
-    mix64(mix64(mix64(mix64(seed) ^ step) ^ row) ^ vocab index), plus half a unit."""
-    key = mix64(mix64(mix64(seed) ^ step) ^ row)  # [R]
+    mix64(mix64(mix64(mix64(seed) ^ step) ^ position) ^ vocab index), plus half a unit."""
+    key = mix64(mix64(mix64(seed) ^ step) ^ position)  # [R]
     bits = mix64(key[:, None] ^ torch.arange(vocab, device=key.device))  # [R, V]
     return _shift_right(bits, 11).double().add_(0.5).mul_(2.0**-53)
 
 
 def gumbel_noise(params: ReadParams, vocab: int) -> torch.Tensor:
-    """-log(-log u) [R, V] float64 for each row's (seed, step, row)."""
-    return -torch.log(-torch.log(uniform(params.seed, params.step, params.row, vocab)))
+    """-log(-log u) [R, V] float64 for each row's (seed, step, position)."""
+    return -torch.log(-torch.log(uniform(params.seed, params.step, params.position, vocab)))
 
 
 def filter_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

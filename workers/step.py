@@ -46,7 +46,8 @@ def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
         view = buffer[start:end]
         views[name] = view.view(torch.float64) if name in FLOAT_FIELDS else view
     views["block_tables"] = views["block_tables"].view(layout.num_seqs, layout.max_blocks)
-    reads = ReadParams(**{("row" if f == "seg_row" else f): views.pop(f) for f in READ_FIELDS if f != "read_rows"})
+    reads = ReadParams(**{("position" if f == "read_position" else f): views.pop(f)
+                          for f in READ_FIELDS if f != "read_rows"})
     return StepArrays(reads=reads, **views)
 
 

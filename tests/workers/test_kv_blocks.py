@@ -1,4 +1,5 @@
-"""BlockPool / BlockTables accounting (plain Python): refcounts, sharing, truncation, exact freeing."""
+"""BlockPool / BlockTables accounting (plain Python): refcounts, sharing, truncation, prepare (all or
+nothing), exact freeing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import random
 
 import pytest
 
+from workers.batch import Segment
 from workers.kv_blocks import BlockPool, BlockTables, KVCacheFullError, SharedBlockWriteError
 
 
@@ -40,12 +42,11 @@ def test_misuse_is_refused(bad):
     assert pool.num_free == 2
 
 
-def test_append_truncate_and_slots():
+def test_grow_truncate_and_free():
     tables = BlockTables(BlockPool(8, 4))
-    slots = tables.append_slots("s", 6)
+    tables.grow("s", 6)
     blocks = tables.table("s")
-    assert len(blocks) == 2 and slots == [blocks[0] * 4 + i for i in range(4)] + [blocks[1] * 4, blocks[1] * 4 + 1]
-    assert tables.context_slots("s", 6) == slots
+    assert len(blocks) == 2 and tables.length("s") == 6 and tables.pool.num_free == 6
     tables.truncate("s", 4)  # second block becomes unused
     assert tables.table("s") == blocks[:1] and tables.pool.num_free == 7
     with pytest.raises(ValueError, match="exceeds"):
@@ -55,20 +56,50 @@ def test_append_truncate_and_slots():
     assert tables.pool.num_free == 8 and tables.length("s") == 0 and tables.table("s") == []
 
 
+def _seg(seq_id: str, context_len: int, n: int, num_kept: int | None = None) -> Segment:
+    return Segment(seq_id, context_len, [1] * n, list(range(context_len, context_len + n)),
+                   n if num_kept is None else num_kept)
+
+
+def test_prepare_truncates_then_grows_by_the_kept_tokens():
+    tables = BlockTables(BlockPool(8, 4))
+    tables.grow("a", 9)
+    a_blocks = tables.table("a")
+    out = tables.prepare([_seg("a", 5, 4, num_kept=2), _seg("b", 0, 6, num_kept=5)])
+    assert out == [tables.table("a"), tables.table("b")]
+    assert out[0] == a_blocks[:2] and tables.length("a") == 7  # rolled back to 5, then 2 kept
+    assert len(out[1]) == 2 and tables.length("b") == 5
+    assert tables.pool.num_free == 4
+    with pytest.raises(ValueError, match="exceeds"):
+        tables.prepare([_seg("a", 8, 1)])
+
+
+def test_prepare_is_all_or_nothing():
+    tables = BlockTables(BlockPool(4, 4))
+    tables.grow("a", 6)
+    with pytest.raises(KVCacheFullError) as err:
+        tables.prepare([_seg("a", 6, 2), _seg("b", 0, 9)])  # 0 + 3 blocks needed, 2 free
+    assert err.value.needed == 3 and err.value.free == 2
+    assert tables.length("a") == 6 and tables.length("b") == 0 and tables.pool.num_free == 2
+
+
 def test_shared_prefix_is_read_only():
     tables = BlockTables(BlockPool(8, 4))
-    tables.append_slots("owner", 8)
+    tables.grow("owner", 8)
     shared = tables.table("owner")
     tables.adopt_prefix("child", shared, 8)
     assert all(tables.pool.refcount(b) == 2 for b in shared)
-    tables.append_slots("child", 1)  # a fresh block: fine
+    tables.prepare([_seg("child", 8, 1)])  # a fresh block: fine
     assert tables.table("child")[:2] == shared and tables.length("child") == 9
-    tables.truncate("child", 6)  # now ends inside a shared block
     with pytest.raises(SharedBlockWriteError, match="shared block"):
-        tables.append_slots("child", 1)
+        tables.prepare([_seg("other", 0, 2), _seg("child", 6, 1)])  # would write into shared[1]
+    assert tables.length("child") == 6 and tables.length("other") == 0  # nothing grown
+    assert tables.table("child") == shared
+    tables.prepare([_seg("child", 6, 3, num_kept=0)])  # reading it is fine
     with pytest.raises(ValueError, match="full"):
-        tables.adopt_prefix("other", shared, 7)
+        tables.adopt_prefix("other2", shared, 7)
     tables.free("owner")
+    tables.free("other")
     assert all(tables.pool.refcount(b) == 1 for b in shared)
     tables.free("child")
     assert tables.pool.num_free == 8
@@ -96,11 +127,11 @@ def test_randomized_lifecycles_leak_nothing():
         elif op < 0.6 and live:
             seq = rng.choice(live)
             ctx = rng.randint(0, tables.length(seq))
+            n = rng.randint(1, 9)
             try:
-                tables.truncate(seq, ctx)
-                n = rng.randint(1, 9)
-                if tables.blocks_needed(seq, n) <= pool.num_free:
-                    tables.append_slots(seq, n)
+                tables.prepare([_seg(seq, ctx, n, num_kept=rng.randint(0, n))])
+            except KVCacheFullError:
+                assert tables.length(seq) == ctx
             except SharedBlockWriteError:
                 tables.truncate(seq, ctx - ctx % 4)
         elif op < 0.7 and live:
