@@ -1,4 +1,5 @@
-"""Reads computed on the device: ARGMAX (with Gumbel-max noise), PROB, SAMPLE, LOGITS; per-sequence seeds."""
+"""Reads computed on the device in one batched pass: argmax (with Gumbel-max noise), prob, sample,
+logits; counter-based draws keyed by (seed, step, logical position)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from hf_oracle import result_logits, segment  # noqa: E402
-from workers.batch import Read, ReadKind, Sampling  # noqa: E402
-from workers.reads import sampling_probs  # noqa: E402
-from workers.runner import ModelRunner  # noqa: E402
-
-A, P, S, L = ReadKind.ARGMAX, ReadKind.PROB, ReadKind.SAMPLE, ReadKind.LOGITS
+from workers.batch import SEED_MAX, Reads, Sampling  # noqa: E402
+from workers.reads import ReadParams, compute_reads, filter_top_k_top_p, uniform  # noqa: E402
+from workers.runner import ModelRunner, SegmentError  # noqa: E402
+from workers.session import RunnerSession  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +22,11 @@ def runner(tiny_model_dir):
     return ModelRunner(tiny_model_dir, device="cpu", block_size=4, num_blocks=64)
 
 
-@pytest.fixture(autouse=True)
-def free_all(runner):
-    yield
-    for seq in runner.sequences():
-        runner.free(seq)
+@pytest.fixture
+def session(runner):
+    session = RunnerSession(runner)
+    yield session
+    session.free_all()
 
 
 def _ids(n: int, seed: int) -> list[int]:
@@ -34,83 +34,132 @@ def _ids(n: int, seed: int) -> list[int]:
     return [rng.randrange(3, 384) for _ in range(n)]
 
 
-def _with_logits(reads: list[Read]) -> list[Read]:
-    """The reads followed by LOGITS reads of the same rows (logits draw no randomness)."""
-    return reads + [Read(r.row, L) for r in reads]
+def _dropped(seq_id: str, ids: list[int], reads: Reads, sampling: Sampling, context_len: int = 0):
+    """A segment whose rows are all read as logits too (logits draw no randomness), nothing kept."""
+    rows = reads.rows()
+    return segment(seq_id, context_len, ids, keep=False, reads=Reads(reads.argmax, reads.prob, reads.prob_tokens,
+                                                                       reads.sample, logits=rows), sampling=sampling)
 
 
-def test_greedy_argmax_and_prob(runner):
+def test_greedy_argmax_and_prob(session):
     ids = _ids(6, 0)
-    reads = [Read(1, A), Read(4, A), Read(2, P, token=17), Read(5, L)]
-    [res] = runner.execute([segment("g", 0, ids, reads=_with_logits(reads[:3]) + reads[3:])])
-    logits = result_logits(res)  # rows 1, 4, 2, 5
+    [res] = session.execute([_dropped("g", ids, Reads(argmax=(1, 4), prob=(2,), prob_tokens=(17,)), Sampling())])
+    probs = result_logits(res).softmax(-1)  # rows 1, 4, 2
+    for k in range(2):
+        assert res.tokens[k] == int(probs[k].argmax())
+        assert math.isclose(res.probs[k], float(probs[k].max()), rel_tol=1e-6)
+    assert res.tokens[2] == 17 and math.isclose(res.probs[2], float(probs[2, 17]), rel_tol=1e-6)
+    assert len(res.logits) == 3 and len(res.logits[0]) == 384
+
+
+def test_uniform_is_open_unit_interval_and_keyed():
+    keys = torch.tensor([0, 1, SEED_MAX]), torch.tensor([0, 0, 5]), torch.tensor([3, 3, 2**40])
+    u = uniform(*keys, 4096)  # [3, 4096] float64
+    assert u.dtype == torch.float64 and bool((u > 0).all()) and bool((u < 1).all())
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.003
+    assert not torch.equal(u[0], u[1])  # the seed matters
+    assert torch.equal(uniform(*keys, 4096), u)  # a pure function of its keys
+    assert not torch.equal(uniform(keys[0], keys[1] + 1, keys[2], 64), u[:, :64])  # the step matters
+    assert not torch.equal(uniform(keys[0], keys[1], keys[2] + 1, 64), u[:, :64])  # the position matters
+
+
+def test_gumbel_argmax_is_refusion_drafting_keyed_by_position(session):
+    ids, sampling = _ids(5, 1), Sampling(temperature=1.5, seed=42, gumbel=True, step=3)
+    [res] = session.execute([_dropped("gum", ids, Reads(argmax=(3, 0, 2)), sampling, context_len=0)])
+    logits = result_logits(res).double()  # rows 3, 0, 2 at positions 3, 0, 2
+    u = uniform(torch.full((3,), 42), torch.full((3,), 3), torch.tensor([3, 0, 2]), logits.shape[-1])
+    expected = (logits - 1.5 * torch.log(-torch.log(u))).argmax(-1)
+    paper = (logits.exp() / (-torch.log(u)) ** 1.5).argmax(-1)  # ReFusion's formula
+    assert torch.equal(expected, paper) and res.tokens == expected.tolist()
     probs = logits.softmax(-1)
-    for k, row in enumerate([0, 1]):
-        assert res.values[k][0] == int(logits[row].argmax())
-        assert math.isclose(res.values[k][1], float(probs[row].max()), rel_tol=1e-6)
-    assert res.values[2][0] == -1 and math.isclose(res.values[2][1], float(probs[2, 17]), rel_tol=1e-6)
-    assert res.values[6][0] == -1 and math.isnan(res.values[6][1]) and len(res.logits[6]) == 384
+    for k in range(3):  # the probability has no noise
+        assert math.isclose(res.probs[k], float(probs[k, res.tokens[k]]), rel_tol=1e-6)
 
 
-def _expected_gumbel(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> list[int]:
-    u = torch.stack([torch.rand(logits.shape[-1], generator=gen, dtype=torch.float64) for _ in logits])
-    tokens = (logits.double() - temperature * torch.log(-torch.log(u))).argmax(-1)
-    paper = (logits.double().exp() / (-torch.log(u)) ** temperature).argmax(-1)  # ReFusion's formula
-    assert torch.equal(tokens, paper)
-    return tokens.tolist()
+def test_draws_independent_of_the_batch_repeatable_and_keyed_by_step(session):
+    ids = _ids(4, 2)
+    reads = Reads(argmax=(0, 1, 2, 3))
+    sampling = Sampling(temperature=2.0, seed=7, gumbel=True, step=1)
+    noise = _dropped("o", _ids(5, 3), Reads(argmax=(0,), sample=(1,)), Sampling(temperature=1.0, seed=99, gumbel=True))
+    first = _dropped("x", ids, reads, sampling)
+    [alone] = session.execute([first])
+    other, batched = session.execute([noise, _dropped("y", ids, reads, sampling)])
+    [*_, last] = session.execute([_dropped("p", _ids(3, 4), Reads(argmax=(1,)), Sampling()), noise,
+                                  _dropped("z", ids, reads, sampling)])
+    for res in (batched, last):
+        assert res.tokens == alone.tokens
+        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(res.probs, alone.probs))
+    [again] = session.execute([first])
+    assert again.tokens == alone.tokens and again.probs == alone.probs
+    steps = {tuple(session.execute([_dropped("x", ids, reads, Sampling(2.0, seed=7, gumbel=True, step=s))])[0].tokens)
+             for s in range(6)}
+    assert len(steps) > 1  # other steps draw other noise (4 rows at T=2: a repeat of all 6 is implausible)
 
 
-def test_gumbel_argmax_draws_from_the_sequence_generator_in_row_order(runner):
-    ids, sampling = _ids(5, 1), Sampling(temperature=1.5, seed=42, gumbel=True)
-    reads = [Read(3, A), Read(0, A), Read(2, A)]  # listed out of row order on purpose
-    gen = torch.Generator().manual_seed(42)
-    for step in range(2):  # the stream continues across segments
-        [res] = runner.execute([segment("gum", 0, ids, keep=False, reads=_with_logits(reads), sampling=sampling)])
-        logits = result_logits(res)  # rows 3, 0, 2
-        by_row = _expected_gumbel(logits[[1, 2, 0]], 1.5, gen)  # rows 0, 2, 3 draw in that order
-        assert [v[0] for v in res.values[:3]] == [by_row[2], by_row[0], by_row[1]]
-        probs = logits.softmax(-1)
-        for k in range(3):  # probability without noise
-            assert math.isclose(res.values[k][1], float(probs[k, res.values[k][0]]), rel_tol=1e-6)
-
-
-def test_draws_do_not_depend_on_batch_company_and_free_resets(runner):
-    ids, sampling = _ids(4, 2), Sampling(temperature=2.0, seed=7, gumbel=True)
-    reads = [Read(r, A) for r in range(4)]
-    noise_seg = lambda sid: segment(sid, 0, _ids(5, 3), keep=False, reads=[Read(0, A), Read(1, S)],  # noqa: E731
-                                    sampling=Sampling(temperature=1.0, seed=99, gumbel=True))
-    [alone] = runner.execute([segment("x", 0, ids, keep=False, reads=reads, sampling=sampling)])
-    other, batched = runner.execute([noise_seg("o"), segment("y", 0, ids, keep=False, reads=reads, sampling=sampling)])
-    assert alone.values == batched.values
-    [second] = runner.execute([segment("x", 0, ids, keep=False, reads=reads, sampling=sampling)])
-    assert second.values != alone.values  # the stream moved on (4 rows x 384 draws: no accidental repeat)
-    runner.free("x")
-    [again] = runner.execute([segment("x", 0, ids, keep=False, reads=reads, sampling=sampling)])
-    assert again.values == alone.values
-
-
-def test_sample_reads(runner):
+def test_sample_reads(session):
     ids = _ids(5, 4)
-    seg = lambda sid, s: segment(sid, 0, ids, keep=False, reads=_with_logits([Read(4, S)]), sampling=s)  # noqa: E731
-    [greedy] = runner.execute([seg("s0", Sampling(temperature=0.0))])
+    seg = lambda sid, s: _dropped(sid, ids, Reads(sample=(4,)), s)  # noqa: E731
+    [greedy] = session.execute([seg("s0", Sampling(temperature=0.0))])
     row = result_logits(greedy)[0]
-    assert greedy.values[0][0] == int(row.argmax())
-    assert math.isclose(greedy.values[0][1], float(row.softmax(-1).max()), rel_tol=1e-6)
-    [top1] = runner.execute([seg("s1", Sampling(temperature=1.0, top_k=1, seed=3))])
-    assert top1.values[0] == (int(row.argmax()), 1.0)
+    assert greedy.tokens[0] == int(row.argmax())
+    assert math.isclose(greedy.probs[0], float(row.softmax(-1).max()), rel_tol=1e-6)
+    [top1] = session.execute([seg("s1", Sampling(temperature=1.0, top_k=1, seed=3))])
+    assert (top1.tokens[0], top1.probs[0]) == (int(row.argmax()), 1.0)
     s = Sampling(temperature=0.8, top_k=50, top_p=0.9, seed=5)
-    [res] = runner.execute([seg("s2", s)])
-    dist = sampling_probs(row[None], s)[0]
-    expected = int(torch.multinomial(dist, 1, generator=torch.Generator().manual_seed(5)))
-    assert res.values[0][0] == expected
-    assert math.isclose(res.values[0][1], float(dist[expected]), rel_tol=1e-6)
+    [res] = session.execute([seg("s2", s)])
+    kept = filter_top_k_top_p(row.double()[None], torch.tensor([50]), torch.tensor([0.9], dtype=torch.float64),
+                              torch.tensor([0.8], dtype=torch.float64))[0]
+    dist = (kept / 0.8).softmax(-1)
+    assert dist[res.tokens[0]] > 0 and math.isclose(res.probs[0], float(dist[res.tokens[0]]), rel_tol=1e-6)
 
 
-def test_sampling_probs_filters():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    nonzero = lambda s: (sampling_probs(logits, s)[0] > 0).tolist()  # noqa: E731
-    assert nonzero(Sampling(temperature=1.0)) == [True] * 4
-    assert nonzero(Sampling(temperature=1.0, top_k=2)) == [True, True, False, False]
-    assert nonzero(Sampling(temperature=1.0, top_p=0.5)) == [True, False, False, False]
-    assert nonzero(Sampling(temperature=1.0, top_p=0.7)) == [True, True, False, False]
-    torch.testing.assert_close(sampling_probs(logits, Sampling(temperature=0.5))[0], (logits[0] * 2).softmax(-1))
+def _params(r: int, temperature: float, top_k: int = 0, top_p: float = 1.0, sample: bool = True) -> ReadParams:
+    long = lambda v: torch.full((r,), v, dtype=torch.long)  # noqa: E731
+    dbl = lambda v: torch.full((r,), v, dtype=torch.float64)  # noqa: E731
+    return ReadParams(given=long(-1), temperature=dbl(temperature), top_k=long(top_k), top_p=dbl(top_p),
+                      gumbel=long(0), sample=long(int(sample)), seed=long(11), step=torch.arange(r),
+                      position=long(0))
+
+
+def test_top_p_sampling_distribution():
+    """Many draws of one row (steps 0..N-1): every draw inside the nucleus, frequencies match it."""
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0]]).repeat(4000, 1)
+    out = compute_reads(logits, _params(4000, temperature=1.0, top_p=0.8), needs_noise=True, needs_sort=True)
+    tokens = out[0].long()
+    probs = logits[0].softmax(-1)
+    nucleus = 3  # 0.394 + 0.239 < 0.8 <= + 0.145
+    assert float(probs[:2].sum()) < 0.8 <= float(probs[:3].sum())
+    assert int(tokens.max()) < nucleus
+    expected = probs[:nucleus] / probs[:nucleus].sum()
+    freq = torch.bincount(tokens, minlength=nucleus).double() / len(tokens)
+    assert (freq - expected).abs().max() < 0.03
+    torch.testing.assert_close(out[1], expected[tokens].double(), rtol=1e-6, atol=0)
+    greedy = compute_reads(logits[:4], _params(4, temperature=0.0, sample=False), needs_noise=False, needs_sort=False)
+    assert greedy[0].tolist() == [0.0] * 4
+
+
+def test_top_k_top_p_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
+
+    def kept(top_k=0, top_p=1.0, temperature=1.0):
+        x = filter_top_k_top_p(logits, torch.tensor([top_k]), torch.tensor([top_p], dtype=torch.float64),
+                               torch.tensor([temperature], dtype=torch.float64))
+        return torch.isfinite(x[0]).tolist()
+
+    assert kept() == [True] * 4
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_k=9) == [True] * 4
+    assert kept(top_p=0.5) == [True, False, False, False]
+    assert kept(top_p=0.7) == [True, True, False, False]
+    assert kept(top_k=1, top_p=0.99) == [True, False, False, False]
+    assert kept(top_p=0.7, temperature=10.0) == [True, True, True, False]  # measured on the tempered distribution
+
+
+def test_seed_range(session):
+    ids = _ids(3, 5)
+    reads = Reads(sample=(2,))
+    [res] = session.execute([_dropped("m", ids, reads, Sampling(temperature=1.0, seed=SEED_MAX))])
+    assert 0 <= res.tokens[0] < 384 and 0 < res.probs[0] <= 1
+    with pytest.raises(SegmentError) as err:
+        session.execute([_dropped("m2", ids, reads, Sampling(temperature=1.0, seed=SEED_MAX + 1))])
+    assert err.value.field == "seed" and err.value.seq_id == "m2"
