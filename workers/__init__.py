@@ -1,14 +1,21 @@
-"""Model runner side: the Qwen3 model, weight loading, the paged KV cache and the packed forward.
+"""Model runner side: the Qwen3 model, weight loading, the KV tensors and the packed step.
 
-This package owns every tensor and the device. `workers.batch` (the forward contract) and
-`workers.kv_blocks` (block accounting) import no torch, so the scheduler can use them anywhere.
+This package owns every tensor and the device. `workers.batch` (the step contract), `workers.kv_blocks`
+(block accounting), `workers.session`, `workers.packing` and `workers.validation` import no torch, so
+the scheduler can use them anywhere.
 
-    runner.py             ModelRunner: execute(segments) -> one packed forward, one host transfer
-    loader.py             config.json / safetensors (single or sharded) / tokenizer / mask id; ModelDirError
-    model.py              the Qwen3 model over packed rows; random_model for benchmarks
-    kv_blocks.py          BlockPool (refcounted blocks) and per-sequence block tables (plain Python)
-    kv_cache.py           the K/V tensors per layer and sizing from a memory budget
-    attention.py          per-forward AttentionPlan and the CPU backend (SDPA per segment)
-    attention_batched.py  the CUDA backend (padded groups of segments, one SDPA per group)
-    reads.py              ARGMAX / PROB / SAMPLE / LOGITS on the device, per-sequence generators
+    runner.py      ModelRunner.execute(segments, block_tables): pack -> validate -> one upload ->
+                   step_forward -> one download; SegmentError
+    session.py     RunnerSession: a runner plus its own block tables (CLI, tests, benchmarks)
+    batch.py       Segment / Reads / Sampling / SegmentResult: the contract (plain Python)
+    kv_blocks.py   BlockPool (refcounted blocks) and per-sequence block tables, prepare (plain Python)
+    packing.py     segments + block tables -> one int64 buffer, shapes padded to buckets (numpy)
+    validation.py  vectorized range checks of a packed step; SegmentError (numpy)
+    transfer.py    the one host -> device copy (pinned, non_blocking on CUDA)
+    step.py        step_forward(model, kv, buffer, layout): the device half of a step (compilable)
+    attention.py   StepAttention: device-built mask, one SDPA per layer, scratch-slot K/V writes
+    reads.py       argmax / prob / Gumbel-max / top-k-top-p sampling in one pass; counter-based draws
+    model.py       the Qwen3 model over packed rows; random_model for benchmarks
+    kv_cache.py    the K/V tensors per layer (+ the scratch block) and sizing from a memory budget
+    loader.py      config.json / safetensors (single or sharded) / tokenizer / mask id; ModelDirError
 """
