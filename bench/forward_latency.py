@@ -1,7 +1,8 @@
 """Per-forward latency of ModelRunner.execute at batch 1 against the weight-read floor.
 
 One sequence with `--context` cached tokens runs a segment of N query tokens (N = 1, 8, 32, 128), all
-dropped, with an ARGMAX read on every row (the shape of a ReFusion plan step). The floor is the time to
+dropped, with an argmax read on every row (the shape of a ReFusion plan step), through a
+workers.session.RunnerSession (which owns the KV blocks; its bookkeeping is part of the time). The floor is the time to
 read every weight once: weight bytes / memory bandwidth (measured with a large device copy unless
 --bandwidth-gbs is given). A forward at small N is memory-bound, so latency / floor shows the overhead.
 
@@ -27,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from workers.batch import Read, ReadKind, Segment  # noqa: E402
+from workers.batch import Reads, Segment  # noqa: E402
 from workers.loader import ModelConfig  # noqa: E402
 from workers.model import random_model  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
+from workers.session import RunnerSession  # noqa: E402
 
 CONFIGS = {
     # Small enough for a 2-core CPU; GQA 8/4 like the real model.
@@ -70,16 +72,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(runner: ModelRunner, context: int, n: int, repeats: int) -> list[float]:
+def time_forward(session: RunnerSession, context: int, n: int, repeats: int) -> list[float]:
     """Seconds per execute() of an n-token dropped segment after `context` cached tokens."""
-    seg = Segment("bench", context, [7] * n, list(range(context, context + n)), [False] * n,
-                  [Read(r, ReadKind.ARGMAX) for r in range(n)])
+    seg = Segment("bench", context, [7] * n, list(range(context, context + n)), 0, Reads(argmax=tuple(range(n))))
     for _ in range(2):
-        runner.execute([seg])  # warm-up
+        session.execute([seg])  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        runner.execute([seg])  # returns host values: already synchronised
+        session.execute([seg])  # returns host values: already synchronised
         times.append(time.perf_counter() - start)
     return times
 
@@ -99,15 +100,16 @@ def run(args) -> str:
     max_tokens = max(args.tokens)
     runner = ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id,
                                     num_blocks=(args.context + max_tokens) // 16 + 2)
+    session = RunnerSession(runner)
     if args.context:
-        runner.execute([Segment("bench", 0, [5] * args.context, list(range(args.context)), [True] * args.context)])
+        session.execute([Segment("bench", 0, [5] * args.context, list(range(args.context)), args.context)])
     weight_bytes = weight_read_bytes(model)
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_bandwidth(device)
     floor_ms = weight_bytes / bandwidth * 1e3
     lines = [
         f"Machine: {machine(device)}. Model: {args.config or ('8b' if device.type == 'cuda' else 'small')} "
         f"({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, {str(dtype)[6:]}), "
-        f"context {args.context} cached tokens, ARGMAX read on every row, attention `{runner.attention}`.",
+        f"context {args.context} cached tokens, argmax read on every row, step v2 (one SDPA per layer).",
         f"Weight bytes read per forward: {weight_bytes / 1e9:.3f} GB; bandwidth "
         f"{'given' if args.bandwidth_gbs else 'measured (device copy)'}: {bandwidth / 1e9:.1f} GB/s; "
         f"floor {floor_ms:.2f} ms.",
@@ -116,7 +118,7 @@ def run(args) -> str:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for n in args.tokens:
-        times = time_forward(runner, args.context, n, args.repeats)
+        times = time_forward(session, args.context, n, args.repeats)
         med = statistics.median(times) * 1e3
         lines.append(f"| {n} | {med:.2f} | {min(times) * 1e3:.2f} | {floor_ms:.2f} | {med / floor_ms:.1f}x "
                      f"| {n / med * 1e3:.0f} |")

@@ -26,7 +26,7 @@ row 0 greedily. Their outputs are never returned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
@@ -94,9 +94,13 @@ class PackedStep:
     tables_flat: np.ndarray  # every table's blocks, concatenated, then the scratch block
     read_kinds: np.ndarray  # [num_reads] 0 argmax, 1 prob, 2 sample, 3 logits only
     read_owner: np.ndarray  # [num_reads] segment index of each read row
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)  # layout.offsets(), computed once
+
+    def __post_init__(self) -> None:
+        self.offsets = self.layout.offsets()
 
     def view(self, name: str) -> np.ndarray:
-        start, end = self.layout.offsets()[name]
+        start, end = self.offsets[name]
         arr = self.buffer[start:end]
         return arr.view(np.float64) if name in FLOAT_FIELDS else arr
 
@@ -105,29 +109,36 @@ class PackedStep:
         return bool(self.num_logit_reads.any())
 
 
-def _segment_lists(segments: list[Segment], tables: list[list[int]]) -> dict[str, list]:
-    """One pass over the segments collecting flat Python lists (no loop over tokens)."""
-    out = {k: [] for k in ("tokens", "positions", "run_lens", "rows", "counts", "prob_tokens", "tables",
-                           "n", "ctx", "kept", "table_len", "temperature", "top_k", "top_p", "seed",
-                           "step", "gumbel")}
-    seen = set()
-    for seg, table in zip(segments, tables):
-        if seg.seq_id in seen:
-            raise SegmentError(seg.seq_id, "seq_id", "appears twice in one step; send one segment per sequence")
-        seen.add(seg.seq_id)
-        r, s = seg.reads, seg.sampling
-        out["tokens"].append(seg.token_ids)
-        out["positions"].append(seg.positions)
-        out["run_lens"].extend(seg.branch_lens or (len(seg.token_ids),))
-        out["rows"].append(r.argmax + r.prob + r.sample + r.logits)
-        out["counts"].append((len(r.argmax), len(r.prob), len(r.sample), len(r.logits)))
-        out["prob_tokens"].append(r.prob_tokens)
-        out["tables"].append(table)
-        for key, value in (("n", len(seg.token_ids)), ("ctx", seg.context_len), ("kept", seg.num_kept),
-                           ("table_len", len(table)), ("temperature", s.temperature), ("top_k", s.top_k),
-                           ("top_p", s.top_p), ("seed", s.seed), ("step", s.step), ("gumbel", s.gumbel)):
-            out[key].append(value)
-    return out
+SEG_INT_FIELDS = ("n", "ctx", "kept", "table_len", "top_k", "seed", "step", "gumbel",
+                  "n_argmax", "n_prob", "n_sample", "n_logits")
+
+
+def _per_segment(segments: list[Segment], tables: list[list[int]], ids: list[str]) -> dict[str, np.ndarray]:
+    """Per-segment scalars as arrays [n_seg] (one pass over the segments, no loop over tokens)."""
+    if len(set(ids)) < len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise SegmentError(dup, "seq_id", "appears twice in one step; send one segment per sequence")
+    rows = [(len(g.token_ids), g.context_len, g.num_kept, len(t), g.sampling.top_k, g.sampling.seed,
+             g.sampling.step, g.sampling.gumbel, len(g.reads.argmax), len(g.reads.prob), len(g.reads.sample),
+             len(g.reads.logits)) for g, t in zip(segments, tables)]
+    try:
+        ints = np.array(rows, dtype=np.int64).reshape(len(rows), len(SEG_INT_FIELDS))
+    except (OverflowError, TypeError, ValueError):
+        for k, name in enumerate(SEG_INT_FIELDS):  # locate the value that does not fit (raises)
+            as_int64([r[k] for r in rows], name, ids)
+        raise
+    floats = np.array([(g.sampling.temperature, g.sampling.top_p) for g in segments], dtype=np.float64)
+    seg = {name: ints[:, k] for k, name in enumerate(SEG_INT_FIELDS)}
+    seg.update(temperature=floats[:, 0], top_p=floats[:, 1], gumbel=ints[:, 7] != 0)
+    return seg
+
+
+def _flat(lists, count: int, field: str, ids: list[str], owner: np.ndarray) -> np.ndarray:
+    """The concatenation of `lists` as int64 [count]; a value outside int64 raises SegmentError."""
+    try:
+        return np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=count)
+    except (OverflowError, TypeError, ValueError):
+        return as_int64(list(chain.from_iterable(lists)), field, ids, owner)
 
 
 def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int, scratch_block: int) -> PackedStep:
@@ -135,27 +146,25 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     checks against the model are `workers.validation.validate_step`'s."""
     if len(tables) != len(segments):
         raise ValueError(f"{len(segments)} segments but {len(tables)} block tables; give one table per segment")
-    lists = _segment_lists(segments, tables)
-    ids = [s.seq_id for s in segments]
-    seg = {k: as_int64(lists[k], k, ids) for k in ("n", "ctx", "kept", "table_len", "top_k", "seed", "step")}
-    seg["temperature"] = np.array(lists["temperature"], dtype=np.float64)
-    seg["top_p"] = np.array(lists["top_p"], dtype=np.float64)
-    seg["gumbel"] = np.array(lists["gumbel"], dtype=bool)
-    counts = np.array(lists["counts"], dtype=np.int64).reshape(-1, 4)  # [n_seg, 4]
-    tok_owner = np.repeat(np.arange(len(segments)), seg["n"])
-    tokens = as_int64(list(chain.from_iterable(lists["tokens"])), "token_ids", ids, tok_owner)
-    positions = as_int64(list(chain.from_iterable(lists["positions"])), "positions", ids, tok_owner)
-    flat_tables = as_int64(list(chain.from_iterable(lists["tables"])), "block_table", ids,
-                           np.repeat(np.arange(len(segments)), seg["table_len"]))
-    run_lens = np.array(lists["run_lens"], dtype=np.int64)
+    ids = [g.seq_id for g in segments]
+    seg = _per_segment(segments, tables, ids)
+    counts = np.stack([seg["n_argmax"], seg["n_prob"], seg["n_sample"], seg["n_logits"]], axis=1)  # [n_seg, 4]
+    index = np.arange(len(segments))
+    tok_owner = np.repeat(index, seg["n"])
+    t = len(tok_owner)
+    tokens = _flat((g.token_ids for g in segments), t, "token_ids", ids, tok_owner)
+    positions = _flat((g.positions for g in segments), t, "positions", ids, tok_owner)
+    flat_tables = _flat(tables, int(seg["table_len"].sum()), "block_table", ids, np.repeat(index, seg["table_len"]))
+    run_lens = np.fromiter(chain.from_iterable(g.branch_lens or (len(g.token_ids),) for g in segments), np.int64)
     n_reads = counts.sum(1)
-    read_owner = np.repeat(np.arange(len(segments)), n_reads)
-    prob_owner = np.repeat(np.arange(len(segments)), counts[:, 1])
-    rows = np.fromiter(chain.from_iterable(lists["rows"]), dtype=np.int64, count=int(n_reads.sum()))
-    prob_tokens = as_int64(list(chain.from_iterable(lists["prob_tokens"])), "prob_tokens", ids, prob_owner)
+    read_owner = np.repeat(index, n_reads)
+    rows = np.fromiter(chain.from_iterable(g.reads.argmax + g.reads.prob + g.reads.sample + g.reads.logits
+                                           for g in segments), dtype=np.int64, count=len(read_owner))
+    prob_tokens = _flat((g.reads.prob_tokens for g in segments), int(counts[:, 1].sum()), "prob_tokens", ids,
+                        np.repeat(index, counts[:, 1]))
     kinds = np.repeat(np.tile(KINDS, len(segments)), counts.ravel())
     layout = _layout(seg, kinds, read_owner, block_size)
-    step = PackedStep(layout, np.zeros(layout.size, dtype=np.int64), len(tokens), len(rows),
+    step = PackedStep(layout, np.zeros(layout.size, dtype=np.int64), t, len(rows),
                       np.concatenate(([0], np.cumsum(n_reads))), counts[:, :3].sum(1), counts[:, 3], seg,
                       np.append(flat_tables, scratch_block), kinds, read_owner)
     q_start = _fill_tokens(step, tokens, positions, run_lens, scratch_block)

@@ -74,7 +74,7 @@ def gumbel_noise(params: ReadParams, vocab: int) -> torch.Tensor:
 
 def filter_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                        temperature: torch.Tensor) -> torch.Tensor:
-    """x [R, V] float64 logits -> the same with tokens outside top-k / top-p set to -inf.
+    """x [R, V] logits (any float dtype) -> the same with tokens outside top-k / top-p set to -inf.
 
     top_k [R] (0 = off), top_p [R] float64 (1 = off), temperature [R] (the distribution top-p is
     measured on; 0 is treated as 1). A token is kept when it ranks among the top k and the tokens
@@ -107,14 +107,14 @@ def compute_reads(logits: torch.Tensor, params: ReadParams, needs_noise: bool, n
         token = torch.where(given >= 0, given, logits.argmax(dim=-1))
         return torch.stack((token.double(), _chosen_logprob(logits, token).double().exp()))
     sample = params.sample != 0
+    if needs_sort:  # only sample rows carry top-k / top-p; other rows pass unchanged
+        logits = filter_top_k_top_p(logits, params.top_k, params.top_p, params.temperature)
     x = logits.double()  # [R, V]
-    if needs_sort:
-        x = filter_top_k_top_p(x, params.top_k, params.top_p, params.temperature)
     z = x
     if needs_noise:
         scale = torch.where(sample | (params.gumbel != 0), params.temperature, 0.0)  # [R]
         z = x + scale[:, None] * gumbel_noise(params, x.shape[-1])
     token = torch.where(given >= 0, given, z.argmax(dim=-1))
-    plain = _chosen_logprob(logits, token).double()
-    tempered = _chosen_logprob(x / torch.where(sample, params.temperature, 1.0)[:, None], token)
-    return torch.stack((token.double(), torch.where(sample, tempered, plain).exp()))
+    # Sample rows: probability under softmax(filtered / T); every other row: plain softmax (T_eff = 1).
+    tempered = x / torch.where(sample, params.temperature, 1.0)[:, None]
+    return torch.stack((token.double(), _chosen_logprob(tempered, token).exp()))

@@ -1,6 +1,9 @@
-"""The CUDA path of ModelRunner (batched SDPA over gathered pages). Skipped without a GPU."""
+"""The CUDA path of ModelRunner (step v2: packed buffer, one SDPA per layer, batched reads). Skipped
+without a GPU."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 
@@ -13,57 +16,113 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workers"))
 
 from hf_oracle import dense_logits, result_logits, segment  # noqa: E402
-from workers.batch import Read, ReadKind, Sampling  # noqa: E402
+from workers.batch import Reads, Sampling  # noqa: E402
+from workers.reads import uniform  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
+from workers.session import RunnerSession  # noqa: E402
+from workers.step import step_forward  # noqa: E402
 
 
-def _mixed_batch(runner, mask_id: int):
-    """Prefill two sequences, then one forward with a decode step, a dropped plan and branches."""
-    runner.execute([segment("a", 0, list(range(5, 14)), reads=[]), segment("b", 0, list(range(20, 26)), reads=[])])
-    return runner.execute([
+def _mixed_batch(session, mask_id: int):
+    """Prefill two sequences, then one step with a decode step, a dropped plan and branches."""
+    session.execute([segment("a", 0, list(range(5, 14)), reads=Reads()),
+                     segment("b", 0, list(range(20, 26)), reads=Reads())])
+    return session.execute([
         segment("a", 9, [14]),
-        segment("b", 6, [26, 27, mask_id, mask_id], keep=[True, True, False, False]),
-        segment("c", 0, [30, 31, 32, 33], branch=[-1, 0, 1, 1], keep=False),
+        segment("b", 6, [26, 27, mask_id, mask_id], keep=2),
+        segment("c", 0, [30, 31, 32, 33], keep=False, branch_lens=[2, 2]),
     ])
 
 
-def test_defaults_pick_cuda_bf16_and_batched(tiny_model_dir):
+def test_defaults_pick_cuda_bf16(tiny_model_dir):
     runner = ModelRunner(tiny_model_dir, num_blocks=32)
-    assert runner.device.type == "cuda" and runner.dtype == torch.bfloat16 and runner.attention == "batched"
-    assert runner.kv.k[0].is_cuda
+    assert runner.device.type == "cuda" and runner.dtype == torch.bfloat16
+    assert runner.kv.k[0].is_cuda and runner.kv.k[0].shape[0] == 33  # + the scratch block
 
 
 def test_float32_cuda_matches_transformers(tiny_model_dir):
     runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=32)
-    ra, rb, rc = _mixed_batch(runner, runner.info.mask_token_id)
+    session = RunnerSession(runner)
+    ra, rb, rc = _mixed_batch(session, runner.info.mask_token_id)
     mask = runner.info.mask_token_id
     tol = 1e-3  # cuBLAS/SDPA reduction order differs from the CPU oracle
     assert (result_logits(ra)[0] - dense_logits(tiny_model_dir, list(range(5, 15)))[9]).abs().max() < tol
     assert (result_logits(rb) - dense_logits(tiny_model_dir, list(range(20, 28)) + [mask, mask])[6:]).abs().max() < tol
-    assert (result_logits(rc)[[0, 2, 3]] - dense_logits(tiny_model_dir, [30, 32, 33], [0, 2, 3])).abs().max() < tol
-    assert [runner.cached_len(s) for s in "abc"] == [10, 8, 0]
+    assert (result_logits(rc)[:2] - dense_logits(tiny_model_dir, [30, 31])).abs().max() < tol
+    assert (result_logits(rc)[2:] - dense_logits(tiny_model_dir, [32, 33], [2, 3])).abs().max() < tol
+    assert [session.cached_len(s) for s in "abc"] == [10, 8, 0]
 
 
-def test_cuda_backends_agree_and_bf16_is_close(tiny_model_dir):
+def test_bf16_is_close_to_float32(tiny_model_dir):
     outputs = {}
-    for attention, dtype in (("batched", torch.float32), ("segment", torch.float32), ("batched", torch.bfloat16)):
-        runner = ModelRunner(tiny_model_dir, device="cuda", dtype=dtype, block_size=4, num_blocks=32, attention=attention)
-        outputs[attention, dtype] = torch.cat([result_logits(r) for r in _mixed_batch(runner, runner.info.mask_token_id)])
-    f32 = outputs["batched", torch.float32]
-    assert (f32 - outputs["segment", torch.float32]).abs().max() < 1e-4
-    assert (f32 - outputs["batched", torch.bfloat16]).abs().max() < 0.5
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = ModelRunner(tiny_model_dir, device="cuda", dtype=dtype, block_size=4, num_blocks=32)
+        results = _mixed_batch(RunnerSession(runner), runner.info.mask_token_id)
+        outputs[dtype] = torch.cat([result_logits(r) for r in results])
+    assert (outputs[torch.float32] - outputs[torch.bfloat16]).abs().max() < 0.5
 
 
-def test_gumbel_draws_are_per_sequence_on_cuda(tiny_model_dir):
-    runner = ModelRunner(tiny_model_dir, device="cuda", num_blocks=32)
-    sampling = Sampling(temperature=1.0, seed=5, gumbel=True)
-    reads = [Read(r, ReadKind.ARGMAX) for r in range(4)] + [Read(3, ReadKind.SAMPLE)]
+def test_uniforms_are_identical_on_cpu_and_cuda():
+    keys = [torch.tensor([0, 7, 2**62, 2**63 - 1]), torch.tensor([0, 3, 9, 1]), torch.tensor([0, 5, 100, 2**40])]
+    cpu = uniform(*keys, 1000)
+    cuda = uniform(*(k.cuda() for k in keys), 1000)
+    assert torch.equal(cpu, cuda.cpu())
+
+
+def test_gumbel_draws_do_not_depend_on_the_batch_on_cuda(tiny_model_dir):
+    session = RunnerSession(ModelRunner(tiny_model_dir, device="cuda", num_blocks=32))
+    sampling = Sampling(temperature=1.0, seed=5, gumbel=True, step=2)
+    reads = Reads(argmax=(0, 1, 2, 3))
     seg = lambda sid: segment(sid, 0, [40, 41, 42, 43], keep=False, reads=reads, sampling=sampling)  # noqa: E731
-    [alone] = runner.execute([seg("x")])
-    _, batched = runner.execute([segment("o", 0, [7, 8], reads=[Read(1, ReadKind.ARGMAX)], sampling=sampling), seg("y")])
-    assert alone.values == batched.values
-    runner.free("x")
-    assert runner.execute([seg("x")])[0].values == alone.values
-    for seq in ("x", "y", "o"):
-        runner.free(seq)
-    assert runner.blocks.num_free == runner.blocks.num_total
+    [alone] = session.execute([seg("x")])
+    _, batched = session.execute([segment("o", 0, [7, 8], reads=Reads(sample=(1,)), sampling=sampling), seg("y")])
+    assert alone.tokens == batched.tokens
+    assert session.execute([seg("x")])[0].tokens == alone.tokens
+    session.free_all()
+    assert session.blocks.num_free == session.blocks.num_total
+
+
+def _packed(tiny_model_dir):
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=32)
+    session = RunnerSession(runner)
+    session.execute([segment("a", 0, list(range(5, 14)), reads=Reads())])
+    segs = [segment("a", 9, [14, 1, 1], keep=1, reads=Reads(argmax=(1, 2), sample=(0,)),
+                    sampling=Sampling(temperature=0.8, top_k=20, top_p=0.9, gumbel=True, seed=3)),
+            segment("b", 0, [30, 31, 32, 33], keep=False, branch_lens=[2, 2], reads=Reads(argmax=(1, 3)))]
+    step = runner.pack(segs, session.tables.prepare(segs))
+    return runner, step, torch.from_numpy(step.buffer).cuda()
+
+
+def test_step_forward_never_syncs_with_the_host(tiny_model_dir):
+    runner, step, buffer = _packed(tiny_model_dir)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call inside the step raises
+    try:
+        with torch.inference_mode():
+            values, _ = step_forward(runner.model, runner.kv, buffer, step.layout)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert values.shape == (2, step.layout.num_reads)
+
+
+def test_step_forward_captures_as_a_cuda_graph(tiny_model_dir):
+    """The step replays from a CUDA graph with the same results as eager (the later per-bucket capture)."""
+    runner, step, buffer = _packed(tiny_model_dir)
+    kv_eager, kv_graph = copy.deepcopy(runner.kv), copy.deepcopy(runner.kv)
+    with torch.inference_mode():
+        expected, _ = step_forward(runner.model, kv_eager, buffer, step.layout)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step_forward(runner.model, copy.deepcopy(runner.kv), buffer, step.layout)  # warm-up
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured, _ = step_forward(runner.model, kv_graph, buffer, step.layout)
+        graph.replay()
+    torch.cuda.synchronize()
+    r = step.num_reads
+    assert torch.equal(captured[0, :r], expected[0, :r])
+    torch.testing.assert_close(captured[1, :r], expected[1, :r])
+    for a, b in zip(kv_graph.k, kv_eager.k):
+        torch.testing.assert_close(a[:-1], b[:-1])
