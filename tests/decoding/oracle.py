@@ -50,8 +50,8 @@ def refusion_oracle(model, prompt_ids, *, gen_length, slot_size, serial_num_bloc
     """Decode one request by the spec; returns its output, forward count and path events.
 
     temperature > 0: the plan's argmax is taken over exp(logits) / (-log u)**T in float64 (the reference's
-    Gumbel-max), u drawn from a torch.Generator seeded with `seed`, one [mask rows, vocab] draw per plan
-    (the runner's documented draw order, so the engine can match token for token).
+    Gumbel-max), u keyed by (seed, forwards so far, logical position) as workers/batch.py documents, so
+    the engine can match token for token.
     """
     return _Oracle(model, prompt_ids, gen_length, slot_size, serial_num_blocks, slot_threshold, token_threshold,
                    eos_id, mask_id, suffix_ids, temperature, seed).run()
@@ -61,7 +61,7 @@ class _Oracle:
     def __init__(self, model, prompt_ids, gen_length, S, blocks, slot_threshold, token_threshold, eos_id, mask_id,
                  suffix_ids, temperature, seed):
         self.model, self.S, self.blocks = model, S, blocks
-        self.temperature, self.generator = temperature, torch.Generator().manual_seed(seed)
+        self.temperature, self.seed = temperature, seed
         self.gen_length = -(-gen_length // S) * S
         self.slot_threshold, self.token_threshold, self.eos_id, self.mask_id = (
             slot_threshold, token_threshold, eos_id, mask_id)
@@ -74,6 +74,16 @@ class _Oracle:
         self.res = OracleResult([], 0)
         self.ev = self.res.events
         self.finish = False
+
+    def _uniform(self, positions: list[int], vocab: int) -> torch.Tensor:
+        """u [len(positions), vocab] float64 keyed by (seed, forwards before this plan, logical position): the
+        runner's documented counter-based draws (workers/batch.py, workers.reads.uniform)."""
+        from workers.reads import uniform
+
+        n = len(positions)
+        seed = torch.full((n,), self.seed, dtype=torch.long)
+        step = torch.full((n,), self.res.forwards - 1, dtype=torch.long)  # called after the plan counted
+        return uniform(seed, step, torch.tensor(positions, dtype=torch.long), vocab)
 
     def run(self) -> OracleResult:
         block_len = self.gen_length // self.blocks
@@ -104,7 +114,7 @@ class _Oracle:
         _crop(self.cache, base)
         x0 = logits.argmax(-1)
         if self.temperature > 0:  # Gumbel noise on the planning argmax only; confidence stays noise-free
-            u = torch.rand(logits.shape, generator=self.generator, dtype=torch.float64)
+            u = self._uniform(mask_pos, logits.shape[-1])
             x0 = (logits.double().exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
             self.ev["gumbel_plans"] += 1
         p0 = logits.softmax(-1).gather(-1, x0[:, None])[:, 0]
