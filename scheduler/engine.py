@@ -121,6 +121,11 @@ class Engine:
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
+    @property
+    def stopping(self) -> bool:
+        """True from stop() until the loop has ended: new requests are refused, running ones drain."""
+        return self._stopping and self._task is not None
+
     def stats(self) -> dict:
         """A snapshot for health checks and benchmarks."""
         blocks = self.kv.pool()
@@ -282,7 +287,8 @@ class Engine:
     def _admit(self, spec: GenerationRequest) -> Request:
         if self._task is None or self._stopping:
             self.metrics.rejected.labels(reason="not_running").inc()
-            raise EngineNotRunningError("engine is not running; call `await engine.start()` first", retry_after_s=5.0)
+            why = "the engine is shutting down" if self._stopping else "engine is not running; call `await engine.start()` first"
+            raise EngineNotRunningError(why, retry_after_s=5.0)
         validate_request(spec, self.runner.info.vocab_size, self.config.max_stop_strings)
         if spec.request_id in self._requests:
             raise InvalidRequestError("request_id", f"{spec.request_id!r} is already in flight; use a unique id")

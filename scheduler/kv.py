@@ -41,12 +41,13 @@ class KVOwner:
         """Blocks one request may ever be promised (the pool less the reserve)."""
         return self.pool(key).num_total - self.reserve(key)
 
-    def blocks_needed(self, prompt_len: int, suffix_len: int, params) -> int:
-        """Most blocks a request can hold: its text plus one ReFusion pool of tentative tokens."""
+    def blocks_needed(self, prompt_len: int, suffix_len: int, params, *, ar_only: bool = False) -> int:
+        """Most blocks a request can hold: its text plus one ReFusion pool of tentative tokens (none
+        for a request pinned to AR, whose only tentative token is the dropped first-step mask)."""
         gen = int(params.gen_length)
         slot = int(getattr(params, "slot_size", 1) or 1)
         gen = math.ceil(gen / slot) * slot
-        pool = math.ceil(gen / max(1, int(getattr(params, "serial_num_blocks", 1) or 1)))
+        pool = 0 if ar_only else math.ceil(gen / max(1, int(getattr(params, "serial_num_blocks", 1) or 1)))
         return math.ceil((prompt_len + suffix_len + gen + pool) / self.pool("main").block_size) + 1
 
     def available(self, running: list[Request], key: str = "main") -> int:

@@ -99,7 +99,7 @@ class Scheduler:
         """Queue a validated request. Raises InvalidRequestError when it could never fit in the KV
         cache, OverloadedError (with a retry-after hint) when the bounded queue is full."""
         suffix_len = len(spec.suffix_ids or [])
-        kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params)
+        kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR)
         capacity = self.kv.capacity()
         if kv_blocks > capacity:
             raise InvalidRequestError(

@@ -147,3 +147,29 @@ def test_routing_config_is_validated():
     with pytest.raises(EngineConfigError) as err:
         RoutingConfig(cost_points=[(0, 1.0)])
     assert err.value.field == "routing.cost_points"
+
+
+async def test_a_request_pinned_to_ar_is_promised_no_refusion_pool():
+    engine, _ = make_engine(prefix_cache=False)
+    params = engine.scheduler.factories["main"].parse_params({"gen_length": 16, "slot_size": 1, "serial_num_blocks": 1})
+    ar = engine.kv.blocks_needed(3, 0, params, ar_only=True)
+    refusion = engine.kv.blocks_needed(3, 0, params)
+    assert refusion - ar == 4  # the 16-token pool of tentative KV, 4-token blocks
+    await engine.start()
+    stream = engine.submit(req("a", gen=16, mode=Mode.AR))
+    await stream.__anext__()
+    assert engine.scheduler.running[0].kv_blocks == ar
+    await stream.aclose()
+    await engine.stop()
+
+
+async def test_stopping_engine_says_it_is_shutting_down():
+    engine, _ = make_engine(prefix_cache=False)
+    await engine.start()
+    stopping = asyncio.create_task(engine.stop(drain_timeout_s=5))
+    await asyncio.sleep(0)
+    assert engine.stopping
+    with pytest.raises(EngineNotRunningError, match="shutting down"):
+        await collect(engine, req("late"))
+    await stopping
+    assert not engine.stopping

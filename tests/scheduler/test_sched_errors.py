@@ -111,7 +111,7 @@ async def test_a_step_short_of_kv_preempts_at_schedule_time_and_loses_nothing():
     engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0)
     await engine.start()
     solo = [await collect(engine, req(f"solo{i}", gen=10)) for i in range(3)]
-    engine.kv.blocks_needed = lambda *args: 1
+    engine.kv.blocks_needed = lambda *args, **kwargs: 1
     outs = await asyncio.gather(*(collect(engine, req(f"r{i}", gen=10)) for i in range(3)))
     for deltas, alone in zip(outs, solo):
         assert deltas[-1].finish_reason is FinishReason.LENGTH and ids_of(deltas) == ids_of(alone)
@@ -125,7 +125,7 @@ async def test_a_request_that_never_fits_fails_alone_instead_of_looping():
     runner = FakeRunner(num_blocks=2, block_size=4)
     engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0)
     await engine.start()
-    engine.kv.blocks_needed = lambda *args: 1
+    engine.kv.blocks_needed = lambda *args, **kwargs: 1
     big = await asyncio.wait_for(collect(engine, req("big", gen=12)), 10)  # 15 tokens: 4 blocks
     assert big[-1].finish_reason is FinishReason.ERROR and "KV cache full" in big[-1].error
     small = await asyncio.wait_for(collect(engine, req("small", gen=4)), 10)
