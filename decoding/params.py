@@ -33,8 +33,9 @@ SERVING_DEFAULTS: dict = {
     "seed": 0,
 }
 
-MIN_TEMPERATURE = 1e-3  # below this sampling is greedy in effect and 1/T overflows: use 0
+GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM: smaller temperatures are greedy (and 1/T would overflow)
 MAX_TEMPERATURE = 100.0  # far past uniform; larger values only lose precision
+MIN_TOP_P = 1e-6  # smaller values round to 0 in float32 and would drop every token
 _INT_FIELDS = ("gen_length", "slot_size", "serial_num_blocks", "top_k", "seed", "eos_token_id", "mask_token_id")
 _FLOAT_FIELDS = ("slot_threshold", "token_threshold", "temperature", "top_p")
 
@@ -66,6 +67,8 @@ class DecodeParams:
             value = _check_number(name, getattr(self, name))
             setattr(self, name, float(value))
         self._check_ranges()
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:  # as vLLM: such temperatures mean greedy
+            self.temperature = 0.0
         # Spec: gen_length is rounded up to a multiple of slot_size.
         self.gen_length = -(-self.gen_length // self.slot_size) * self.slot_size
         if self.gen_length % self.serial_num_blocks:
@@ -91,13 +94,12 @@ class DecodeParams:
         for name in ("slot_threshold", "token_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DecodeParamError(name, f"must lie in [0, 1], got {getattr(self, name)}")
-        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
-            raise DecodeParamError("temperature", f"must be 0 (greedy) or lie in [{MIN_TEMPERATURE}, "
-                                   f"{MAX_TEMPERATURE}], got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise DecodeParamError("temperature", f"must lie in [0, {MAX_TEMPERATURE}] (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise DecodeParamError("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise DecodeParamError("top_p", f"must lie in (0, 1], got {self.top_p}")
+        if not MIN_TOP_P <= self.top_p <= 1.0:
+            raise DecodeParamError("top_p", f"must lie in [{MIN_TOP_P}, 1], got {self.top_p}")
         if not 0 <= self.seed <= SEED_MAX:
             raise DecodeParamError("seed", f"must lie in 0..{SEED_MAX} (a signed 64-bit integer), got {self.seed}")
         for name in ("eos_token_id", "mask_token_id"):

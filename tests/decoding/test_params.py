@@ -80,7 +80,7 @@ def test_bad_refusion_json_names_the_file(tmp_path, content):
 
 
 @pytest.mark.parametrize("field, value", [("seed", 2**63), ("seed", 18446744073709551616), ("seed", -1),
-                                          ("temperature", 1e-300), ("temperature", 1e9)])
+                                          ("temperature", 1e9), ("top_p", 1e-45)])
 def test_values_the_engine_cannot_take_are_rejected_naming_the_field(field, value):
     from decoding.params import DecodeParams
 
@@ -89,9 +89,11 @@ def test_values_the_engine_cannot_take_are_rejected_naming_the_field(field, valu
     assert err.value.field == field
 
 
-def test_the_largest_seed_and_smallest_temperature_are_accepted():
-    from decoding.params import MIN_TEMPERATURE, DecodeParams
+def test_the_largest_seed_is_accepted_and_tiny_temperatures_are_greedy():
+    from decoding.params import GREEDY_BELOW_TEMPERATURE, DecodeParams
     from workers.batch import SEED_MAX
 
-    params = DecodeParams.from_dict({"eos_token_id": 0, "mask_token_id": 1, "seed": SEED_MAX, "temperature": MIN_TEMPERATURE})
-    assert params.seed == SEED_MAX
+    params = DecodeParams.from_dict({"eos_token_id": 0, "mask_token_id": 1, "seed": SEED_MAX, "temperature": 1e-300})
+    assert params.seed == SEED_MAX and params.temperature == 0.0
+    params = DecodeParams.from_dict({"eos_token_id": 0, "mask_token_id": 1, "temperature": GREEDY_BELOW_TEMPERATURE})
+    assert params.temperature == GREEDY_BELOW_TEMPERATURE
