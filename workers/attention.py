@@ -18,9 +18,10 @@ No boolean-mask indexing, nonzero, .item() or data-dependent shapes: the step ca
 CUDA graph per bucket.
 
 Cost: per layer the gathered context is 2 * B * C * Hkv * D elements (K and V; for an 8B model in
-bf16 that is 4 KiB per context token, so 64 sequences x 2048 tokens = 512 MiB of transient memory per
-layer), the mask B * g*Q * (C+Q) bytes, and every sequence is padded to the step's longest query, so a
-step mixing one long prefill with many decodes does B*Q cells of work. This is the portable path (CPU,
+bf16 that is 4 KiB per context token, so 64 sequences x 2048 tokens = 512 MiB), held twice while the
+step's own K/V are concatenated to it (~1 GiB transient per layer, freed before the next layer); the
+mask is B * g*Q * (C+Q) bytes, and every sequence is padded to the step's longest query, so a step
+mixing one long prefill with many decodes does B*Q cells of work. This is the portable path (CPU,
 tests, CUDA fallback); the CUDA fast path replaces this class in place with paged attention over the
 block tables (flex_attention with a block mask, or FlashInfer), which reads the cache where it lies.
 """
