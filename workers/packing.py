@@ -34,12 +34,15 @@ import numpy as np
 from workers.batch import Segment
 from workers.validation import SegmentError, as_int64
 
+# Bucket minimums: small steps share a few buckets (every decode step of up to 16 requests has T = 16),
+# which bounds how many graphs a capture per bucket needs; Q starts at 1 so decode attention stays [B, 1].
 MIN_TOKENS, MIN_SEQS, MIN_QUERY, MIN_BLOCKS, MIN_READS = 16, 4, 1, 4, 8
 KINDS = np.array([0, 1, 2, 3])  # argmax, prob, sample, logits-only: the order of a segment's read rows
 
 TOKEN_FIELDS = ("token_ids", "positions", "slot_mapping", "seq_index", "query_index", "branch_start")
 SEQ_FIELDS = ("query_start", "query_len", "context_len")
-READ_FIELDS = ("read_rows", "temperature", "top_k", "top_p", "gumbel", "sample", "given", "seed", "step", "read_position")
+READ_FIELDS = ("read_rows", "temperature", "top_k", "top_p", "gumbel", "sample", "given", "seed", "step",
+               "read_position")
 FLOAT_FIELDS = frozenset({"temperature", "top_p"})
 
 
@@ -133,8 +136,9 @@ def _per_segment(segments: list[Segment], tables: list[list[int]], ids: list[str
     return seg
 
 
-def _flat(lists, count: int, field: str, ids: list[str], owner: np.ndarray) -> np.ndarray:
-    """The concatenation of `lists` as int64 [count]; a value outside int64 raises SegmentError."""
+def _flat(lists: list, count: int, field: str, ids: list[str], owner: np.ndarray) -> np.ndarray:
+    """The concatenation of `lists` (a list of int sequences) as int64 [count]; a value outside int64
+    raises SegmentError naming its segment."""
     try:
         return np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=count)
     except (OverflowError, TypeError, ValueError):
@@ -152,15 +156,15 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     index = np.arange(len(segments))
     tok_owner = np.repeat(index, seg["n"])
     t = len(tok_owner)
-    tokens = _flat((g.token_ids for g in segments), t, "token_ids", ids, tok_owner)
-    positions = _flat((g.positions for g in segments), t, "positions", ids, tok_owner)
+    tokens = _flat([g.token_ids for g in segments], t, "token_ids", ids, tok_owner)
+    positions = _flat([g.positions for g in segments], t, "positions", ids, tok_owner)
     flat_tables = _flat(tables, int(seg["table_len"].sum()), "block_table", ids, np.repeat(index, seg["table_len"]))
     run_lens = np.fromiter(chain.from_iterable(g.branch_lens or (len(g.token_ids),) for g in segments), np.int64)
     n_reads = counts.sum(1)
     read_owner = np.repeat(index, n_reads)
     rows = np.fromiter(chain.from_iterable(g.reads.argmax + g.reads.prob + g.reads.sample + g.reads.logits
                                            for g in segments), dtype=np.int64, count=len(read_owner))
-    prob_tokens = _flat((g.reads.prob_tokens for g in segments), int(counts[:, 1].sum()), "prob_tokens", ids,
+    prob_tokens = _flat([g.reads.prob_tokens for g in segments], int(counts[:, 1].sum()), "prob_tokens", ids,
                         np.repeat(index, counts[:, 1]))
     kinds = np.repeat(np.tile(KINDS, len(segments)), counts.ravel())
     layout = _layout(seg, kinds, read_owner, block_size)

@@ -51,7 +51,8 @@ def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
     return StepArrays(reads=reads, **views)
 
 
-def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor,
+                 layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """One packed step on the device: forward of every token, K/V written to their slots, reads of
     every read row. model: workers.model.Qwen3 (or anything with cfg, hidden(), logits()).
     Returns (values [2, R] float64, logits [R, V] float32); R == 0 skips the LM head."""

@@ -1,0 +1,69 @@
+"""Packing a step into one int64 buffer (numpy only): slots, runs, padding, buckets, read parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.batch import Reads, Sampling, Segment
+from workers.packing import bucket, pack_step
+from workers.validation import SegmentError
+
+BS, SCRATCH = 4, 99
+
+
+def _step():
+    a = Segment("a", 5, [10, 11, 12], [5, 6, 9], 2, Reads(argmax=(2,), prob=(0,), prob_tokens=(11,)),
+                sampling=Sampling(temperature=0.5, top_k=3, seed=7, step=2, gumbel=True))
+    b = Segment("b", 0, [20, 21, 22, 23, 24], [0, 1, 2, 4, 5], 0, Reads(sample=(4,), logits=(1,)), [3, 2],
+                Sampling(temperature=1.0, top_p=0.5, seed=8))
+    return pack_step([a, b], [[3, 8], []], BS, SCRATCH)
+
+
+def test_tokens_slots_and_runs():
+    step = _step()
+    t = step.num_tokens
+    assert step.layout.num_tokens == 16 and t == 8
+    assert step.view("token_ids")[:t].tolist() == [10, 11, 12, 20, 21, 22, 23, 24]
+    # a keeps 2 tokens at cache positions 5, 6 -> block 8 (table[1]), offsets 1, 2; the rest: scratch
+    assert step.view("slot_mapping").tolist() == [8 * BS + 1, 8 * BS + 2] + [SCRATCH * BS] * 14
+    assert step.view("seq_index")[:t].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert step.view("query_index")[:t].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert step.view("branch_start")[:t].tolist() == [0, 0, 0, 0, 0, 0, 3, 3]
+
+
+def test_sequences_and_block_tables_padded_to_buckets():
+    step = _step()
+    lay = step.layout
+    assert (lay.num_seqs, lay.max_query, lay.max_blocks) == (4, 8, 4)  # 2 -> 4 sequences, 5 -> 8 queries
+    assert step.view("query_start").tolist() == [0, 3, 0, 0]
+    assert step.view("query_len").tolist() == [3, 5, 0, 0]
+    assert step.view("context_len").tolist() == [5, 0, 0, 0]
+    tables = step.view("block_tables").reshape(4, 4)
+    assert tables[0].tolist() == [3, 8, SCRATCH, SCRATCH] and (tables[1:] == SCRATCH).all()
+
+
+def test_read_rows_in_result_order_with_their_parameters():
+    step = _step()
+    r = step.num_reads
+    assert step.layout.num_reads == 8 and r == 4
+    assert step.read_starts.tolist() == [0, 2, 4] and step.num_token_reads.tolist() == [2, 1]
+    assert step.view("read_rows")[:r].tolist() == [2, 0, 7, 4]  # a: argmax 2, prob 0; b: sample 4, logits 1
+    assert step.view("read_position")[:r].tolist() == [9, 5, 5, 1]
+    assert step.view("given").tolist() == [-1, 11, -1, -1] + [-1] * 4
+    assert step.view("gumbel")[:r].tolist() == [1, 0, 0, 0] and step.view("sample")[:r].tolist() == [0, 0, 1, 0]
+    assert step.view("temperature")[:r].tolist() == [0.5, 0.5, 1.0, 1.0]  # float64 bit-cast in the buffer
+    assert step.view("top_k")[:r].tolist() == [0, 0, 0, 0]  # top-k/top-p only on sample rows
+    assert step.view("top_p").tolist() == [1.0, 1.0, 0.5, 1.0] + [1.0] * 4
+    assert step.view("seed")[:r].tolist() == [7, 7, 8, 8]
+    assert step.layout.needs_noise and step.layout.needs_sort
+
+
+def test_buckets_and_int64_overflow():
+    assert [bucket(n, 4) for n in (0, 1, 4, 5, 64, 65)] == [4, 4, 4, 8, 64, 128]
+    seg = Segment("big", 0, [2**70], [0], 1)
+    with pytest.raises(SegmentError) as err:
+        pack_step([seg], [[0]], BS, SCRATCH)
+    assert (err.value.seq_id, err.value.field) == ("big", "token_ids")
+    assert pack_step([Segment("x", 0, [1], [0], 0)], [[]], BS, SCRATCH).layout.num_reads == 0
+    assert isinstance(_step().buffer, np.ndarray) and _step().buffer.dtype == np.int64
