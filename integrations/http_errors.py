@@ -1,8 +1,11 @@
 """HTTP error mapping in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
-    400 invalid_request_error   pydantic validation, engine InvalidRequestError (param names the field)
+    400 invalid_request_error   pydantic validation, engine InvalidRequestError, a malformed body
+                                (request_limits.InputError); param names the field
     401 authentication_error    missing or wrong API key (when keys are configured)
+    403 permission_error        a browser origin not in allowed_origins (auth.OriginGuard)
     404 not_found_error         unknown route or model
+    413 invalid_request_error   body over max_body_bytes (request_limits.BodyLimitMiddleware)
     503 overloaded_error        engine OverloadedError, a full deployment queue or a replica being
                                 replaced, with Retry-After
     500 server_error            anything else: a bug
@@ -18,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from integrations.request_limits import InputError
 from scheduler.api import EngineError, InvalidRequestError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -79,6 +83,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError):
+        code = "request_too_large" if exc.status == 413 else None
+        return APIError(exc.status, str(exc), param=exc.field, code=code).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -17,6 +17,7 @@ from integrations.editor.infill import build_infill_prompt, plan_gaps
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion
 from integrations.http_errors import APIError, from_engine_error
+from integrations.request_limits import off_loop
 from scheduler.api import Delta, EngineError, FinishReason, Mode
 
 # Decoding parameters that fix the generation span: the infill strategy chooses them per gap.
@@ -26,9 +27,12 @@ _FINISH = {"length": FinishReason.LENGTH, "deadline": FinishReason.DEADLINE, "ca
            "error": FinishReason.ERROR}  # fmt: skip
 
 
-def infill_job(client, request_id: str, body, prompt_text: str, decode_params: dict) -> CompletionJob:
-    """The editor CompletionJob for a completions request with `suffix` (multi-line, like /infill)."""
-    prompt = build_infill_prompt(client.tokenizer, prompt_text, body.suffix or "")
+async def infill_job(client, request_id: str, body, prompt_text: str, decode_params: dict) -> CompletionJob:
+    """The editor CompletionJob for a completions request with `suffix` (multi-line, like /infill).
+    The prompt is tokenized off the event loop."""
+    suffix = body.suffix or ""
+    prompt = await off_loop(build_infill_prompt, client.tokenizer, prompt_text, suffix,
+                            chars=len(prompt_text) + len(suffix))
     gaps = plan_gaps(body.max_tokens, multiline=True)
     if body.stream:
         # Partials come from one candidate; streaming a single gap keeps every chunk a true prefix.

@@ -29,6 +29,7 @@ from integrations.engine_client import (
 )
 from integrations.engine_host import build_engine, engine_metrics_text, one_token_probe
 from integrations.openai_api import APISettings, create_app
+from integrations.request_limits import RequestLimits
 from integrations.serve_config import ServeConfig
 from scheduler.api import Delta, EngineError, GenerationRequest
 
@@ -139,14 +140,18 @@ class IngressDeployment:
         self.config = ServeConfig.model_validate(config)
         tokenizer = load_tokenizer(self.config.model)
         self.client = ServeEngineClient(engine, tokenizer, self.config.model_name)
-        self.decode_defaults = read_model_card(self.config.model)["defaults"]
+        self.model_card = read_model_card(self.config.model)
 
     def __serve_build_asgi_app__(self):
+        limits = RequestLimits(max_body_bytes=self.config.max_body_bytes, max_prompt_chars=self.config.max_prompt_chars,
+                               context_length=self.model_card["limits"]["context_length"])
         settings = APISettings(
             model_name=self.config.model_name,
             api_keys=self.config.api_keys,
             default_max_tokens=self.config.default_max_tokens,
-            decode_defaults=self.decode_defaults,
+            decode_defaults=self.model_card["defaults"],
+            allowed_origins=self.config.allowed_origins,
+            limits=limits,
         )
         return create_app(settings, self.client)
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import msgpack
 
+from integrations.request_limits import MAX_SEED
+
 PROTOCOL_VERSION = 1
 
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
@@ -234,7 +236,7 @@ def parse_complete(params: dict, limits: Limits) -> CompleteParams:
         indent=_bounded_int(params, "indent", 0, 1000) or 0,
         stop=list(stop),
         temperature=float(temperature) if temperature is not None else None,
-        seed=_get(params, "seed", (int,), None, "an integer"),
+        seed=_bounded_int(params, "seed", 0, MAX_SEED),
         gaps=tuple(sorted(set(gaps))) if gaps else None,
     )
 
