@@ -36,6 +36,7 @@ GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM: logits / 1e-300 overflow to inf; suc
 TOKENIZER_THREADS = 2  # concurrent tokenizations; bounds their memory (one 2M-char encode holds ~0.5 GB)
 TRIM_AFTER_CHARS = 1 << 16  # after tokenizing this much text, give freed memory back to the OS
 TRIM_AFTER_BODY_BYTES = 1 * MiB  # likewise after a request with a body this large
+DISCARD_UP_TO_BYTES = 64 * MiB  # an over-limit body up to this size is read (and dropped) before the 413
 
 
 class InputError(Exception):
@@ -116,7 +117,11 @@ class BodyLimitMiddleware:
     """Pure ASGI: reads an HTTP request's body (at most max_body_bytes) before the app runs and hands it
     on in one piece, or answers 413 without running the app. Every route reads its whole body anyway;
     reading it here bounds what any route can be made to hold. WebSockets pass untouched (their frames
-    have the editor protocol's own limit)."""
+    have the editor protocol's own limit).
+
+    Most clients send the whole body before reading the answer, and see a reset connection instead of
+    a 413 sent early. So the rest of an over-limit body is read and discarded (memory stays flat) up to
+    DISCARD_UP_TO_BYTES in all, then the 413 goes out; a body declared larger is answered at once."""
 
     def __init__(self, app, max_body_bytes: int):
         self.app, self.limit = app, max_body_bytes
@@ -127,6 +132,8 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
+            if declared <= DISCARD_UP_TO_BYTES:
+                await _discard(receive, DISCARD_UP_TO_BYTES)
             await _send_413(send, declared, self.limit)
             return
         chunks, size = [], 0
@@ -136,6 +143,9 @@ class BodyLimitMiddleware:
                 return  # the client left before sending its body: nobody to answer
             size += len(message.get("body", b""))
             if size > self.limit:
+                chunks.clear()
+                if message.get("more_body", False):
+                    size += await _discard(receive, DISCARD_UP_TO_BYTES - size)
                 await _send_413(send, size, self.limit)
                 return
             chunks.append(message.get("body", b""))
@@ -155,6 +165,20 @@ class BodyLimitMiddleware:
             if size >= TRIM_AFTER_BODY_BYTES:
                 held.clear()
                 _trim_heap()  # parsing a large body leaves freed heap glibc would otherwise keep
+
+
+async def _discard(receive, budget: int) -> int:
+    """Read and drop body messages until the body ends, the client leaves or `budget` bytes went by;
+    returns the bytes read."""
+    read = 0
+    while read <= budget:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return read
 
 
 def _content_length(scope) -> int | None:

@@ -66,8 +66,9 @@ def test_valid_bodies_parse_and_empty_is_an_empty_object():
 
 
 async def _run(app, messages: list[dict], headers=()) -> tuple[list[dict], list]:
-    """Call an ASGI app with these receive messages; returns (sent messages, bodies the app read)."""
-    sent, pending = [], list(messages)
+    """Call an ASGI app; receive() pops `messages` (what is left shows what was not read). Returns
+    (sent messages, messages)."""
+    sent, pending = [], messages
 
     async def receive():
         return pending.pop(0) if pending else {"type": "http.disconnect"}
@@ -88,15 +89,21 @@ async def test_body_limit_by_declared_length_and_by_count():
         seen.append(await receive())
         await send({"type": "http.response.start", "status": 200, "headers": []})
 
+    def chunks(n):
+        return [{"type": "http.request", "body": b"12345", "more_body": True} for _ in range(n)]
+
     app = BodyLimitMiddleware(inner, max_body_bytes=10)
     sent, _ = await _run(app, [{"type": "http.request", "body": b"x"}], [(b"content-length", b"11")])
     assert sent[0]["status"] == 413 and not seen
     assert "max_body_bytes" in json.loads(sent[1]["body"])["error"]["message"]
-    chunked = [{"type": "http.request", "body": b"12345", "more_body": True}] * 3
-    sent, _ = await _run(app, chunked)
+    sent, _ = await _run(app, chunks(3))
     assert sent[0]["status"] == 413 and not seen
-    parts = [{"type": "http.request", "body": b"12345", "more_body": True}, {"type": "http.request", "body": b"678"}]
-    sent, _ = await _run(app, parts)
+    # The rest of an over-limit body is read (and dropped) before the 413, so the client sees it.
+    _, left = await _run(app, chunks(3) + [{"type": "http.request", "body": b"6789"}, {"type": "http.request", "body": b"next"}])
+    assert left == [{"type": "http.request", "body": b"next"}]
+    _, left = await _run(app, chunks(2), [(b"content-length", str(1 << 40).encode())])
+    assert len(left) == 2  # declared beyond DISCARD_UP_TO_BYTES: answered without reading
+    sent, _ = await _run(app, chunks(1) + [{"type": "http.request", "body": b"678"}])
     assert sent[0]["status"] == 200
     assert seen == [{"type": "http.request", "body": b"12345678", "more_body": False}, {"type": "http.disconnect"}]
 
