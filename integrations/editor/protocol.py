@@ -33,6 +33,7 @@ INTERNAL_ERROR = -32603
 MESSAGE_TOO_LARGE = -32001  # frame over Limits.max_frame_bytes; data: {"limit": bytes}
 OVERLOADED = -32002  # engine queue/KV full; data: {"retry_after_s": float}
 TOO_MANY_REQUESTS = -32003  # more than Limits.max_inflight completions on this connection
+ENGINE_UNAVAILABLE = -32004  # the engine replica serving it died (or none runs); data: {"retry_after_s"}
 REQUEST_CANCELLED = -32800  # data: {"reason": "cancelled" | "superseded", "superseded_by": id}
 
 MODES = ("auto", "refusion", "ar")

@@ -23,7 +23,8 @@ from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS, build_i
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob, run_completion
 from integrations.request_limits import off_loop, sampling_temperature
-from scheduler.api import InvalidRequestError, Mode, OverloadedError, Priority
+from integrations.engine_client import EngineUnavailableError
+from scheduler.api import EngineError, InvalidRequestError, Mode, OverloadedError, Priority
 
 Send = Callable[[bytes], Awaitable[None]]
 log = logging.getLogger(__name__)
@@ -242,8 +243,16 @@ class EditorSession:
 
 
 def _engine_error(exc: Exception) -> rpc.RpcError:
+    """The error answer of a failed completion: typed engine errors by their code; anything else is a bug,
+    logged here and answered with INTERNAL_ERROR naming no internals."""
     if isinstance(exc, InvalidRequestError):
         return rpc.invalid_params(exc.field, str(exc).split(": ", 1)[-1])
+    if isinstance(exc, EngineUnavailableError):
+        return rpc.RpcError(rpc.ENGINE_UNAVAILABLE, "the engine stopped while serving this completion; retry",
+                            {"retry_after_s": exc.retry_after_s})
     if isinstance(exc, OverloadedError):
         return rpc.RpcError(rpc.OVERLOADED, f"engine overloaded: {exc}; retry later", {"retry_after_s": exc.retry_after_s})
-    return rpc.RpcError(rpc.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, EngineError):
+        return rpc.RpcError(rpc.INTERNAL_ERROR, f"engine error: {exc}")
+    log.error("completion failed", exc_info=exc)
+    return rpc.RpcError(rpc.INTERNAL_ERROR, f"internal error ({type(exc).__name__}); the server log has the details")
