@@ -115,20 +115,19 @@ async def completions(request: Request):
     body = await _read_body(request, CompletionRequest)
     client, settings = request.app.state.engine_client, request.app.state.settings
     _check_model(request, body.model)
-    if body.suffix:
-        settings.limits.check_chars("suffix", body.suffix)
-    prompt_ids = await _prompt_ids(client.tokenizer, body.prompt, settings.limits)
-    max_tokens = settings.limits.fit_generation(len(prompt_ids), body.max_tokens or settings.completion_default_max_tokens,
-                                                requested=body.max_tokens is not None)
     header = shape.ResponseHeader("cmpl", client.model_name)
-    req = _generation_request(header.id, body, prompt_ids, body.stop, max_tokens, settings)
-    observer = RequestObserver(request.app.state.metrics, "completions", header.id, len(prompt_ids))
-    if body.suffix:  # infill: the editor protocol's path (integrations/openai_infill.py)
-        if not isinstance(body.prompt, str):
-            raise APIError(400, "prompt: must be a string when suffix is set", param="prompt")
-        job = await infill_job(client, header.id, body, body.prompt, req.params)
+    if body.suffix:  # infill: the editor protocol's path, limits and token budgets (integrations/openai_infill.py)
+        params = body.decode_params(body.max_tokens or settings.completion_default_max_tokens, settings.decode_defaults)
+        job = await infill_job(client, header.id, body, params)
+        prompt_ids = job.prompt.prompt_ids + (job.prompt.suffix_ids or [])
+        observer = RequestObserver(request.app.state.metrics, "completions", header.id, len(prompt_ids))
         deltas = _observed(infill_deltas(client, job, header.id, body.stream), observer)
     else:
+        prompt_ids = await _prompt_ids(client.tokenizer, body.prompt, settings.limits)
+        max_tokens = settings.limits.fit_generation(len(prompt_ids), body.max_tokens or settings.completion_default_max_tokens,
+                                                    requested=body.max_tokens is not None)
+        req = _generation_request(header.id, body, prompt_ids, body.stop, max_tokens, settings)
+        observer = RequestObserver(request.app.state.metrics, "completions", header.id, len(prompt_ids))
         deltas = await _start(client, req, observer, max_tokens)
     if body.stream:
         events = completion_events(header, deltas, observer, body.include_usage)

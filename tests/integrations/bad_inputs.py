@@ -90,7 +90,8 @@ HTTP_CASES = [
     _c("completions-prompt-lone-surrogate", {"prompt": "x\ud800"}, field="prompt"),
     _c("completions-prompt-over-chars", {"prompt": "a" * (MAX_PROMPT_CHARS + 1)}, field="max_prompt_chars"),
     _c("completions-prompt-ids-over-context", {"prompt": [5] * (CONTEXT + 1)}, field="prompt"),
-    _c("completions-suffix-over-chars", {"prompt": "x", "suffix": "a" * (MAX_PROMPT_CHARS + 1)}, field="suffix"),
+    _c("completions-suffix-over-chars", {"prompt": "x", "suffix": "a" * 200_001}, field="suffix"),
+    _c("completions-prompt-with-suffix-over-chars", {"prompt": "a" * 200_001, "suffix": "x"}, field="prompt"),
     _c("completions-suffix-with-ids", {"prompt": [5, 6], "suffix": "x"}, field="prompt"),
     # POST /v1/completions: sampling and ReFusion fields
     _c("completions-max-tokens-over-context", {"prompt": "x", "max_tokens": 10**6}, field="max_tokens"),

@@ -186,6 +186,18 @@ async def test_over_long_prompt_is_refused_before_tokenizing(bpe_tokenizer):  # 
     assert tokenizer.calls == []
 
 
+async def test_suffix_completion_has_the_editor_limits_not_the_context(fake_client):  # noqa: F811
+    """With `suffix`, /v1/completions is an infill: a prompt longer than max_prompt_chars and than the
+    context is cut to the infill budgets (as /infill and the editor protocol do), not refused."""
+    async with _app(fake_client) as http:
+        long = await http.post("/v1/completions", json={"prompt": "x = 1\n" * 8000, "suffix": "\n", "max_tokens": 8})
+        assert long.status_code == 200, long.text
+        assert len(fake_client.requests[0].prompt_ids) == MAX_PREFIX_TOKENS
+        assert long.json()["usage"]["prompt_tokens"] == MAX_PREFIX_TOKENS + len(fake_client.requests[0].suffix_ids)
+        too_long = await http.post("/v1/completions", json={"prompt": "x" * 200_001, "suffix": "\n"})
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prompt"
+
+
 def test_infill_prompt_tokenizes_at_most_its_budgets(bpe_tokenizer):  # noqa: F811
     tokenizer = _BlockingTokenizer(bpe_tokenizer, block_over=10**9)
     prompt = build_infill_prompt(tokenizer, "def f():\n    pass\n" * 20_000, "x = 1\n" * 20_000,
