@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
@@ -25,6 +26,7 @@ from integrations.auth import APIKeyMiddleware, OriginGuard
 from integrations.chat import chat_prompt_ids
 from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
 from integrations.http_metrics import APIMetrics, RequestObserver
+from integrations.ingress_gate import IngressGate, IngressGateMiddleware
 from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest, SamplingFields
 from integrations.openai_stream import chat_events, completion_events, sse_response
@@ -47,15 +49,20 @@ class APISettings:
     limits: RequestLimits = field(default_factory=RequestLimits)
 
 
+log = logging.getLogger(__name__)
 router = APIRouter()
+READY_TIMEOUT_S = 5.0  # /health: how long an engine replica may take to answer before "unavailable"
+ENGINE_METRICS_TIMEOUT_S = 2.0  # /metrics: the engine's part is left out when no replica answers by then
 
 
-def create_app(settings: APISettings, engine_client=None) -> FastAPI:
-    """The ASGI app. `engine_client` follows integrations.engine_client.EngineClient."""
+def create_app(settings: APISettings, engine_client=None, gate: IngressGate | None = None) -> FastAPI:
+    """The ASGI app. `engine_client` follows integrations.engine_client.EngineClient; `gate` (in-flight
+    accounting, draining: integrations/ingress_gate.py) is the host's to hold when it drains the app."""
     app = FastAPI(title="refusion-serve", version="0.1.0")
     app.state.settings = settings
     app.state.engine_client = engine_client
     app.state.metrics = APIMetrics()
+    app.state.gate = gate or IngressGate()
     install_error_handlers(app)
     app.include_router(router)
     editor_router = _editor_router()
@@ -65,6 +72,8 @@ def create_app(settings: APISettings, engine_client=None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, keys=list(settings.api_keys))
     app.add_middleware(OriginGuard, allowed=list(settings.allowed_origins))
+    # Outside all of them: in-flight gauge and observers, draining, disconnects (every path passes here).
+    app.add_middleware(IngressGateMiddleware, gate=app.state.gate, metrics=app.state.metrics)
     return app
 
 
@@ -78,9 +87,18 @@ def _editor_router():
     return editor_router
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request):
-    return {"status": "ok", "model": request.app.state.settings.model_name}
+    """200 when a request would be served at full speed now: an engine replica answers (replicas warm up
+    before they take traffic, engine_host.warm_up). 503 + Retry-After while none does (starting, being
+    replaced); while the ingress drains, the gate answers 503 {"status": "draining"} before this runs."""
+    model = request.app.state.settings.model_name
+    try:
+        await asyncio.wait_for(request.app.state.engine_client.info(), READY_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - not ready, whatever the reason; the reason is logged
+        log.info("health: engine not ready (%s)", type(exc).__name__)
+        return JSONResponse({"status": "unavailable", "model": model}, 503, headers={"Retry-After": "2"})
+    return {"status": "ok", "model": model}
 
 
 @router.get("/v1/models")
@@ -103,8 +121,8 @@ async def engine_info(request: Request):
 @router.get("/metrics")
 async def metrics(request: Request):
     try:
-        engine_text = await request.app.state.engine_client.metrics()
-    except Exception:  # a replica being replaced must not take the ingress's own metrics down with it
+        engine_text = await asyncio.wait_for(request.app.state.engine_client.metrics(), ENGINE_METRICS_TIMEOUT_S)
+    except Exception:  # a replica being replaced (calls wait for one) must not hold up the ingress's own metrics
         engine_text = b"# engine metrics unavailable: no engine replica answered\n"
     body = request.app.state.metrics.render() + (engine_text or b"")
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -120,14 +138,14 @@ async def completions(request: Request):
         params = body.decode_params(body.max_tokens or settings.completion_default_max_tokens, settings.decode_defaults)
         job = await infill_job(client, header.id, body, params)
         prompt_ids = job.prompt.prompt_ids + (job.prompt.suffix_ids or [])
-        observer = RequestObserver(request.app.state.metrics, "completions", header.id, len(prompt_ids))
+        observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
         deltas = _observed(infill_deltas(client, job, header.id, body.stream), observer)
     else:
         prompt_ids = await _prompt_ids(client.tokenizer, body.prompt, settings.limits)
         max_tokens = settings.limits.fit_generation(len(prompt_ids), body.max_tokens or settings.completion_default_max_tokens,
                                                     requested=body.max_tokens is not None)
         req = _generation_request(header.id, body, prompt_ids, body.stop, max_tokens, settings)
-        observer = RequestObserver(request.app.state.metrics, "completions", header.id, len(prompt_ids))
+        observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
         deltas = await _start(client, req, observer, max_tokens)
     if body.stream:
         events = completion_events(header, deltas, observer, body.include_usage)
@@ -150,7 +168,7 @@ async def chat_completions(request: Request):
     header = shape.ResponseHeader("chatcmpl", client.model_name)
     req = _generation_request(header.id, body, prompt_ids, body.stop + extra_stop, max_tokens, settings)
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
-    observer = RequestObserver(request.app.state.metrics, "chat", header.id, len(prompt_ids))
+    observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
     deltas = await _start(client, req, observer, max_tokens)
     if body.stream:
         events = chat_events(header, deltas, observer, body.include_usage, allowed)
