@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     from integrations.serve_app import build_app
     from integrations.serve_config import ServeConfig
-    from integrations.serve_drain import drain_app
+    from integrations.serve_drain import drain_app, drain_signal
 
     try:
         config, http = merged_config(args)
@@ -124,12 +124,13 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     try:
         serve.start(http_options=http)
+        drain = drain_signal("refusion")  # before the replicas: draining then costs one call, no actor start
         serve.run(build_app(config), name="refusion", route_prefix="/")
         print(f"refusion serve: ready at http://{http['host']}:{http['port']} (Ctrl-C to stop)", flush=True)
         stop.wait()
         drain_s = ServeConfig.model_validate(config).drain_timeout_s
         print(f"refusion serve: draining: running requests get up to {drain_s:g} s (Ctrl-C again: stop now)", flush=True)
-        drained = drain_app("refusion", drain_s, give_up=stop_now)
+        drained = drain_app("refusion", drain, drain_s, give_up=stop_now)
         print(f"refusion serve: {'drained' if drained else 'drain incomplete'}; shutting down", flush=True)
     finally:
         serve.shutdown()

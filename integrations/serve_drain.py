@@ -1,19 +1,22 @@
 """Draining a Ray Serve application before it is shut down, so no running request is cut.
 
-    drained = drain_app("refusion", drain_timeout_s=20)   # refusion serve, on Ctrl-C / SIGTERM
+    signal = drain_signal("refusion")                     # refusion serve, before serve.run: ready early
+    drained = drain_app("refusion", signal, drain_timeout_s=20)   # on Ctrl-C / SIGTERM
     serve.shutdown()                                      # only now: it kills the HTTP proxy first
 
 Ray Serve's own shutdown kills the HTTP proxy at once, severing every open stream. Draining first:
 
-1. `signal_drain` creates a named actor, the drain signal; every replica of the application polls for
-   it (`wait_for_drain_signal`, every DRAIN_POLL_S).
-2. On seeing it, an ingress replica refuses new requests (503 + Retry-After, integrations/ingress_gate.py)
-   and an engine replica stops admitting, lets running requests finish for drain_timeout_s and ends the
-   rest with a clean error (`scheduler.engine.Engine.stop`): an SSE `error` event, an editor error.
+1. The drain signal is a named actor per application (`drain_signal`), created before the replicas so
+   that signalling costs one call, not an actor start. Every replica finds it and waits on it with one
+   long-poll call (`wait_for_drain_signal`; replicas started without it look again every DRAIN_POLL_S).
+2. `drain_app` starts the drain: at once, an ingress replica refuses new requests (503 + Retry-After,
+   integrations/ingress_gate.py) and an engine replica stops admitting, lets running requests finish for
+   drain_timeout_s and ends the rest with a clean error (`scheduler.engine.Engine.stop`): an SSE `error`
+   event, an editor error.
 3. Each replica then reports the work it still holds to the signal (`report_open_work`): an ingress its
    HTTP requests not yet fully answered, an engine 1 until its engine has stopped.
 4. `drain_app` returns once every running replica has reported and none holds work (True), or when the
-   drain timeout plus a margin has passed or `give_up` is set (False).
+   drain timeout plus a margin has passed or `give_up` is set (False). It removes the signal.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from typing import Callable
 
 import ray
 
-DRAIN_POLL_S = 0.5  # how often replicas look for the drain signal
+DRAIN_POLL_S = 0.5  # replicas started before their drain signal exists look for it this often
 DRAIN_REPORT_S = 0.1  # how often a draining replica reports, and the caller reads the reports
-DRAIN_MARGIN_S = 5.0  # beyond drain_timeout_s: noticing the signal, ending cancelled streams, reporting
+DRAIN_MARGIN_S = 5.0  # beyond drain_timeout_s: ending cancelled streams, reporting
 DRAIN_RETRY_AFTER_S = 5  # Retry-After of requests refused while draining
 
 
@@ -37,35 +40,49 @@ def _drain_signal_name(app_name: str) -> str:
 
 @ray.remote(num_cpus=0)
 class DrainSignal:
-    """Exists while an application drains (a named actor: its existence is the signal). Draining
-    replicas report the work they still hold."""
+    """An application's drain switch (async actor: replicas wait on it concurrently) and the work its
+    draining replicas report."""
 
     def __init__(self):
+        self._draining = asyncio.Event()
         self._open_work: dict[str, int] = {}
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
         return True
 
-    def report(self, member: str, open_work: int) -> None:
+    async def start(self) -> None:
+        self._draining.set()
+
+    async def wait(self) -> None:
+        await self._draining.wait()
+
+    async def report(self, member: str, open_work: int) -> None:
         self._open_work[member] = open_work
 
-    def open_work(self) -> dict[str, int]:
+    async def open_work(self) -> dict[str, int]:
         return dict(self._open_work)
 
 
-def signal_drain(app_name: str):
-    """Tell every replica of `app_name` to drain now. Keep the returned handle alive until the
-    application is shut down (the signal lives as long as the actor)."""
-    signal = DrainSignal.options(name=_drain_signal_name(app_name), namespace="serve").remote()
+def drain_signal(app_name: str):
+    """The drain signal of `app_name` (created if missing), not yet started. It lives as long as the
+    process that created it."""
+    signal = DrainSignal.options(name=_drain_signal_name(app_name), namespace="serve", get_if_exists=True).remote()
     ray.get(signal.ready.remote())
     return signal
 
 
-def drain_app(app_name: str, drain_timeout_s: float, give_up: threading.Event | None = None) -> bool:
-    """Drain `app_name` (steps in the module docstring); True when every replica reported no open work
-    within drain_timeout_s + DRAIN_MARGIN_S (and before `give_up` was set). The signal is removed after."""
+def signal_drain(app_name: str):
+    """Start draining `app_name` now and return the signal (keep it alive until the app is shut down)."""
+    signal = drain_signal(app_name)
+    ray.get(signal.start.remote())
+    return signal
+
+
+def drain_app(app_name: str, signal, drain_timeout_s: float, give_up: threading.Event | None = None) -> bool:
+    """Drain `app_name` (steps in the module docstring); True when every running replica reported no open
+    work within drain_timeout_s + DRAIN_MARGIN_S (and before `give_up` was set). Removes the signal."""
     members = _running_replicas(app_name)
-    signal = signal_drain(app_name)
+    ray.get(signal.start.remote())
     deadline = time.monotonic() + drain_timeout_s + DRAIN_MARGIN_S
     try:
         while time.monotonic() < deadline and not (give_up is not None and give_up.is_set()):
@@ -86,11 +103,13 @@ def _running_replicas(app_name: str) -> int:
 
 
 async def wait_for_drain_signal(app_name: str):
-    """The drain signal's actor handle, once `signal_drain` has created it (it may never come)."""
+    """Return the drain signal's handle once the application's drain has started (may never happen)."""
     while True:
         try:
-            return await asyncio.to_thread(ray.get_actor, _drain_signal_name(app_name), namespace="serve")
-        except ValueError:
+            signal = await asyncio.to_thread(ray.get_actor, _drain_signal_name(app_name), namespace="serve")
+            await signal.wait.remote()
+            return signal
+        except (ValueError, ray.exceptions.RayActorError):  # not created yet, or its creator has exited
             await asyncio.sleep(DRAIN_POLL_S)
 
 
