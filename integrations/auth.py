@@ -1,9 +1,16 @@
-"""Optional Bearer API keys for every route except /health, HTTP and WebSocket alike.
+"""Who may call: optional Bearer API keys, and browser origins.
 
-Keys come from the serve config (`api_keys`) and from env REFUSION_API_KEYS (comma-separated); with
-no keys configured every request passes. WebSocket clients send the same `Authorization: Bearer` header
-(or `?api_key=` in the URL, for browsers that cannot set headers); a rejected handshake is closed with
-code 1008 (policy violation) before it is accepted, which clients see as HTTP 403.
+API keys (APIKeyMiddleware) guard every route except /health, HTTP and WebSocket alike. Keys come from
+the serve config (`api_keys`) and from env REFUSION_API_KEYS (comma-separated); with no keys configured
+every request passes. WebSocket clients send the same `Authorization: Bearer` header (or `?api_key=` in
+the URL, for browsers that cannot set headers); a rejected handshake is closed with code 1008 (policy
+violation) before it is accepted, which clients see as HTTP 403.
+
+Browser origins (OriginGuard): browsers do not apply the same-origin policy to WebSockets or to simple
+cross-site POSTs, so without a check any web page could drive a local server that has no API keys.
+A request carrying an `Origin` header (browsers send one; editors, SDKs and curl do not) is refused
+with 403 unless that origin is in `allowed_origins`; allowed origins also get CORS headers. The
+server's own origin is not implied: a DNS-rebinding page would pass that check.
 """
 
 from __future__ import annotations
@@ -11,9 +18,13 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
 from urllib.parse import parse_qs
 
+from starlette.middleware.cors import CORSMiddleware
+
 OPEN_PATHS = frozenset({"/health"})
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#\s]+$")
 
 
 def keys_from_env(environ=os.environ) -> list[str]:
@@ -58,4 +69,53 @@ class APIKeyMiddleware:
         }}).encode()
         headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
         await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def normalize_origin(value: str) -> str:
+    """An `allowed_origins` entry as browsers send it: "scheme://host[:port]" (lower case, no path),
+    "null" (file:// pages, sandboxed frames) or "*" (any origin). Raises ValueError naming the entry."""
+    origin = value.strip().rstrip("/").lower()
+    if origin in ("*", "null") or _ORIGIN.match(origin):
+        return origin
+    raise ValueError(f"allowed_origins: {value!r} is not an origin; write scheme://host[:port], e.g. "
+                     f"'http://localhost:3000' (no path), 'null' or '*'")
+
+
+def _origin(scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"origin":
+            return value.decode("latin-1").strip().lower()
+    return None
+
+
+class OriginGuard:
+    """Pure ASGI: refuses browser requests from origins not in `allowed` (see the module docstring).
+    A refused WebSocket handshake is closed before it is accepted (HTTP 403); a refused HTTP request
+    gets 403 in OpenAI's error shape. Requests without an Origin header, and /health, pass."""
+
+    def __init__(self, app, allowed: list[str]):
+        origins = [normalize_origin(o) for o in allowed]
+        self.allow_all = "*" in origins
+        self.allowed = frozenset(origins)
+        self.app = CORSMiddleware(app, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]) if origins else app
+
+    def _allowed(self, scope) -> bool:
+        origin = _origin(scope)
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        return origin is None or self.allow_all or origin in self.allowed or path in OPEN_PATHS
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed: see allowed_origins"})
+            return
+        reason = f"origin {_origin(scope)!r} is not allowed: add it to allowed_origins in the serve config"
+        body = json.dumps({"error": {"message": reason, "type": "permission_error", "param": "Origin",
+                                     "code": "origin_not_allowed"}}).encode()
+        await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})

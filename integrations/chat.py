@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 
 from integrations.openai_models import ChatMessage, ToolSpec
+from integrations.request_limits import InputError, RequestLimits, encode
 from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
 
 PLAIN_STOP = "\n### "
@@ -62,6 +63,22 @@ def render_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | 
             raise ChatTemplateError(f"the model's chat template rejected the messages: {exc}") from exc
         return text, []
     return render_plain(messages, tools), [PLAIN_STOP]
+
+
+def chat_prompt_ids(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None,
+                    limits: RequestLimits) -> tuple[list[int], list[str]]:
+    """The chat's prompt token ids and extra stop strings: render_chat, the rendered text checked
+    against max_prompt_chars, then tokenized (CPU-bound: run it in request_limits.off_loop). Raises
+    InputError(400, "messages") for a template error, an over-long or an empty prompt."""
+    try:
+        text, extra_stop = render_chat(tokenizer, messages, tools)
+    except ChatTemplateError as exc:
+        raise InputError(400, "messages", str(exc)) from None
+    limits.check_chars("messages", text)
+    ids = encode(tokenizer, text)
+    if not ids:
+        raise InputError(400, "messages", "the rendered prompt is empty: send some content")
+    return ids, extra_stop
 
 
 def render_plain(messages: list[ChatMessage], tools: list[ToolSpec] | None) -> str:

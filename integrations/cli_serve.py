@@ -6,8 +6,12 @@
 Without --address a local Ray instance is started (no dashboard); with it the app is deployed on that
 cluster. --config reads a Ray Serve config file (config/serve.yaml: `applications[0].args` and
 `http_options`) or a bare mapping of ServeConfig fields; flags override the file. Engine replicas ask
-for one GPU when the cluster has GPUs and the config does not say otherwise. Ctrl-C (or SIGTERM) drains
-in-flight requests and shuts down.
+for one GPU when the cluster has GPUs and the config does not say otherwise.
+
+Ctrl-C or SIGTERM drains, then shuts down (integrations/serve_drain.py): new requests get 503 +
+Retry-After, running ones get drain_timeout_s to finish and the rest end with a clean error (an SSE
+`error` event, an editor error answer); Ray Serve is shut down only when nothing is left open (or after
+drain_timeout_s plus a margin). Once it has exited, connections are refused. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -86,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from ray import serve
 
-    from integrations.serve_app import build_app, signal_drain
+    from integrations.serve_app import build_app
+    from integrations.serve_config import ServeConfig
+    from integrations.serve_drain import drain_app, drain_signal
 
     try:
         config, http = merged_config(args)
@@ -109,16 +115,23 @@ def run(args: argparse.Namespace) -> int:
         ray.init(address="local", include_dashboard=False)
     if "num_gpus" not in config["engine_deployment"] and ray.cluster_resources().get("GPU", 0) >= 1:
         config["engine_deployment"]["num_gpus"] = 1
-    stop = threading.Event()
+    stop, stop_now = threading.Event(), threading.Event()
+
+    def on_signal(*_):  # the first signal drains; a second one stops without waiting
+        (stop_now if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         serve.start(http_options=http)
+        drain = drain_signal("refusion")  # before the replicas: draining then costs one call, no actor start
         serve.run(build_app(config), name="refusion", route_prefix="/")
         print(f"refusion serve: ready at http://{http['host']}:{http['port']} (Ctrl-C to stop)", flush=True)
         stop.wait()
-        print("refusion serve: draining and shutting down", flush=True)
-        drain = signal_drain("refusion")  # noqa: F841  (the signal lives while this handle does)
+        drain_s = ServeConfig.model_validate(config).drain_timeout_s
+        print(f"refusion serve: draining: running requests get up to {drain_s:g} s (Ctrl-C again: stop now)", flush=True)
+        drained = drain_app("refusion", drain, drain_s, give_up=stop_now)
+        print(f"refusion serve: {'drained' if drained else 'drain incomplete'}; shutting down", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -9,8 +9,11 @@
     await client.info()                               # {"model", "limits", "defaults", ...}
 
 `stream` cancels the engine request when the iterator is closed early (`aclose()`, `break` inside
-`contextlib.aclosing`) or when the consuming task is cancelled (client disconnect). Engine errors surface
-as the typed errors of scheduler.api: `InvalidRequestError(field)` and `OverloadedError(retry_after_s)`.
+`contextlib.aclosing`) or when the consuming task is cancelled (client disconnect); `cancel(request_id)`
+ends the stream with a finished CANCELLED delta. Engine errors surface as the typed errors of
+scheduler.api: `InvalidRequestError(field)` and `OverloadedError(retry_after_s)`, plus
+`EngineUnavailableError` (an OverloadedError) when the replica serving a call dies or none is running:
+transport failures never reach front ends raw (Ray's messages name actors, pids and IPs).
 
 Implementations:
   - `LocalEngineClient`: in-process, over a scheduler Engine (tests, tools, single-process serving).
@@ -23,11 +26,23 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
-from scheduler.api import Delta, EngineError, GenerationRequest, InvalidRequestError, OverloadedError
+from scheduler.api import Delta, EngineError, FinishReason, GenerationRequest, InvalidRequestError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+# How long a client should wait before retrying a call whose engine replica died: Ray Serve notices the
+# death within a health-check period and routes to (or starts) another replica.
+REPLICA_RETRY_AFTER_S = 2.0
+
+
+class EngineUnavailableError(OverloadedError):
+    """No engine replica could finish the call: the one serving it died (its stream is cut) or none is
+    running. Retry after `retry_after_s` (HTTP 503 + Retry-After; editor ENGINE_UNAVAILABLE)."""
 
 
 class EngineClient(Protocol):
@@ -194,8 +209,28 @@ class LocalEngineClient:
         await one_token_probe(self, forwards=lambda: getattr(self.engine, "forwards", 0))
 
 
+def replica_call_error(exc: Exception, what: str) -> Exception:
+    """The typed error a front end sees for a failed call to an engine replica. Ray's own message goes
+    to the log (one line: it names the actor, pid and node), never to a client."""
+    from ray import exceptions as ray_errors
+    from ray.serve import exceptions as serve_errors
+
+    if isinstance(exc, serve_errors.BackPressureError):
+        return OverloadedError("the engine deployment's queue is full: retry shortly", 1.0)
+    lost = (ray_errors.RayActorError, ray_errors.WorkerCrashedError, ray_errors.NodeDiedError, ray_errors.ObjectLostError,
+            serve_errors.DeploymentUnavailableError, serve_errors.ReplicaUnavailableError)
+    if isinstance(exc, lost):
+        log.warning("engine replica lost during %s: %s", what, str(exc).splitlines()[0])
+        return EngineUnavailableError("the engine replica serving this request stopped; retry", REPLICA_RETRY_AFTER_S)
+    if isinstance(exc, ray_errors.RayTaskError):  # raised by replica code: a bug there, logged there too
+        log.error("engine replica failed during %s: %s", what, type(exc.cause).__name__ if exc.cause else exc)
+        return EngineError("internal error in the engine replica")
+    return exc
+
+
 class ServeEngineClient:
-    """Client over a Ray Serve handle to `EngineDeployment` (methods generate/info/metrics/check)."""
+    """Client over a Ray Serve handle to `EngineDeployment` (methods generate/info/metrics/check_health).
+    Every Ray failure is translated by `replica_call_error`."""
 
     def __init__(self, handle, tokenizer, model_name: str):
         self._handle = handle
@@ -205,6 +240,9 @@ class ServeEngineClient:
         self.model_name = model_name
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Delta]:
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException, RequestCancelledError
+
         responses = self._streaming.generate.remote(req)
         self._inflight[req.request_id] = responses
         finished = False
@@ -217,6 +255,12 @@ class ServeEngineClient:
                 yield item
                 if finished:
                     return
+        except RequestCancelledError:  # cancel(request_id): end like the engine's own cancel
+            finished = True
+            yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.CANCELLED)
+        except (RayError, RayServeException) as exc:
+            finished = True  # the replica is gone, and the request with it
+            raise replica_call_error(exc, f"request {req.request_id}") from None
         finally:
             self._inflight.pop(req.request_id, None)
             if not finished:
@@ -229,10 +273,19 @@ class ServeEngineClient:
             responses.cancel()
 
     async def info(self) -> dict:
-        return await self._handle.info.remote()
+        return await self._call("info")
 
     async def metrics(self) -> bytes:
-        return await self._handle.metrics.remote()
+        return await self._call("metrics")
 
     async def check_health(self) -> None:
-        await self._handle.check_health.remote()
+        await self._call("check_health")
+
+    async def _call(self, method: str):
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException
+
+        try:
+            return await getattr(self._handle, method).remote()
+        except (RayError, RayServeException) as exc:
+            raise replica_call_error(exc, method) from None

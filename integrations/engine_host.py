@@ -1,4 +1,4 @@
-"""Building, probing and draining one scheduler Engine: shared by the Ray Serve engine replica
+"""Building, warming up and probing one scheduler Engine: shared by the Ray Serve engine replica
 (`serve_app.EngineDeployment`) and in-process hosts (`LocalEngineClient`, tests).
 
 Heavy imports (torch through workers.runner) happen inside the functions, so importing this module is cheap.
@@ -7,6 +7,7 @@ Heavy imports (torch through workers.runner) happen inside the functions, so imp
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -69,6 +70,33 @@ def probe_request(tokenizer) -> GenerationRequest:
     )
 
 
+# Warm-up requests, one per decoding path: AR steps, and a ReFusion plan/verify/slot-completion round.
+WARMUP_PARAMS = {
+    Mode.AR: {"gen_length": 4, "slot_size": 1, "serial_num_blocks": 1, "temperature": 0.0},
+    Mode.REFUSION: {"gen_length": 16, "slot_size": 8, "serial_num_blocks": 1, "temperature": 0.0},
+}
+
+
+async def warm_up(client, timeout_s: float = 120.0) -> dict:
+    """Run one short request per decoding path through the engine before it takes traffic, so the first
+    real request does not pay for first use (allocator growth, kernel selection, lazily built state:
+    seconds on a fresh replica). Returns {"requests", "forwards", "seconds"}; raises EngineUnhealthyError
+    when a warm-up request fails, so a replica that cannot serve never reports ready."""
+    start, forwards = time.perf_counter(), 0
+    prompt_ids = client.tokenizer.encode("def main():\n") or [client.tokenizer.eos_token_id]
+    for mode, params in WARMUP_PARAMS.items():
+        req = GenerationRequest(request_id=f"warmup-{mode.value}-{uuid.uuid4().hex[:8]}", prompt_ids=list(prompt_ids),
+                                params=dict(params), mode=mode, priority=Priority.BATCH)
+        try:
+            last = await asyncio.wait_for(_last_delta(client, req), timeout_s)
+        except (asyncio.TimeoutError, OverloadedError) as exc:
+            raise EngineUnhealthyError(f"warm-up request ({mode.value}) did not run: {exc or 'timed out'}") from exc
+        if last is None or not last.finished or last.error:
+            raise EngineUnhealthyError(f"warm-up request ({mode.value}) failed: {last.error if last else 'no output'}")
+        forwards += int(last.stats.get("forwards", 0)) + int(last.stats.get("prefill_forwards", 0))
+    return {"requests": len(WARMUP_PARAMS), "forwards": forwards, "seconds": round(time.perf_counter() - start, 3)}
+
+
 async def one_token_probe(client, timeout_s: float = 30.0, forwards: Callable[[], int] | None = None) -> None:
     """Run one one-token request through `client.stream`; raise EngineUnhealthyError if the engine is
     wedged.
@@ -78,15 +106,8 @@ async def one_token_probe(client, timeout_s: float = 30.0, forwards: Callable[[]
     """
     req = probe_request(client.tokenizer)
     forwards_before = forwards() if forwards else None
-
-    async def run_probe() -> Delta | None:
-        last = None
-        async for delta in client.stream(req):
-            last = delta
-        return last
-
     try:
-        last = await asyncio.wait_for(run_probe(), timeout_s)
+        last = await asyncio.wait_for(_last_delta(client, req), timeout_s)
     except OverloadedError:
         return
     except asyncio.TimeoutError as exc:
@@ -97,3 +118,11 @@ async def one_token_probe(client, timeout_s: float = 30.0, forwards: Callable[[]
     if last is None or not last.finished or last.error:
         detail = last.error if last is not None else "no output"
         raise EngineUnhealthyError(f"one-token health probe failed: {detail}")
+
+
+async def _last_delta(client, req: GenerationRequest) -> Delta | None:
+    """Run `req` through `client.stream` to its end; its last delta (None if there was none)."""
+    last = None
+    async for last in client.stream(req):
+        pass
+    return last

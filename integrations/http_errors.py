@@ -1,10 +1,15 @@
 """HTTP error mapping in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
-    400 invalid_request_error   pydantic validation, engine InvalidRequestError (param names the field)
+    400 invalid_request_error   pydantic validation, engine InvalidRequestError, a malformed body
+                                (request_limits.InputError); param names the field
     401 authentication_error    missing or wrong API key (when keys are configured)
+    403 permission_error        a browser origin not in allowed_origins (auth.OriginGuard)
     404 not_found_error         unknown route or model
+    413 invalid_request_error   body over max_body_bytes (request_limits.BodyLimitMiddleware)
     503 overloaded_error        engine OverloadedError, a full deployment queue or a replica being
                                 replaced, with Retry-After
+    503 server_error            code engine_unavailable: the engine replica serving the request died
+                                (engine_client.EngineUnavailableError), with Retry-After
     500 server_error            anything else: a bug
 """
 
@@ -18,6 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from integrations.request_limits import InputError
+from integrations.engine_client import EngineUnavailableError
 from scheduler.api import EngineError, InvalidRequestError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,9 @@ def from_engine_error(exc: Exception) -> APIError:
         field = _ENGINE_TO_API_FIELD.get(exc.field, exc.field)
         message = str(exc).split(": ", 1)[-1]
         return APIError(400, f"{field}: {message}", param=field)
+    if isinstance(exc, EngineUnavailableError):
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        return APIError(503, str(exc), "server_error", code="engine_unavailable", headers={"Retry-After": retry})
     if isinstance(exc, OverloadedError):
         return overloaded(str(exc), exc.retry_after_s)
     if type(exc).__name__ == "BackPressureError":  # ray.serve.exceptions: deployment queue full
@@ -65,7 +75,7 @@ def from_engine_error(exc: Exception) -> APIError:
         return overloaded(f"engine replica unavailable ({type(exc).__name__}): retry shortly", 2.0)
     if isinstance(exc, EngineError):
         return APIError(500, f"engine error: {exc}", "server_error")
-    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    return APIError(500, f"internal error ({type(exc).__name__}); the server log has the details", "server_error")
 
 
 def _validation_param(loc: tuple) -> str | None:
@@ -80,6 +90,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: APIError):
         return exc.response()
 
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError):
+        code = "request_too_large" if exc.status == 413 else None
+        return APIError(exc.status, str(exc), param=exc.field, code=code).response()
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
@@ -92,6 +107,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(EngineError)
+    async def _engine(request: Request, exc: EngineError):  # typed: an answer, not a bug (no traceback)
+        return from_engine_error(exc).response()
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):

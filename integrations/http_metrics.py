@@ -54,7 +54,19 @@ def _seconds(stats: dict, name: str) -> float | None:
 
 
 class RequestObserver:
-    """Times one request from arrival to its last delta; records metrics and writes the log line."""
+    """Times one request from arrival to its last delta; records metrics and writes the log line.
+
+    The in-flight gauge is not its business: the ingress gate (integrations/ingress_gate.py) raises and
+    lowers it around the whole request, and finishes an observer registered with `for_request` that the
+    route left open (with the status that went out), so every request is counted once on every path.
+    """
+
+    @classmethod
+    def for_request(cls, request, endpoint: str, request_id: str, prompt_tokens: int) -> "RequestObserver":
+        """An observer for this HTTP request, registered so the ingress gate finishes it if the route does not."""
+        observer = cls(request.app.state.metrics, endpoint, request_id, prompt_tokens)
+        request.state.observer = observer
+        return observer
 
     def __init__(self, metrics: APIMetrics, endpoint: str, request_id: str, prompt_tokens: int):
         self.metrics, self.endpoint, self.request_id = metrics, endpoint, request_id
@@ -65,7 +77,6 @@ class RequestObserver:
         self.last_token_at: float | None = None
         self.last: Delta | None = None
         self._done = False
-        metrics.in_flight.labels(endpoint).inc()
 
     def on_delta(self, delta: Delta) -> None:
         now = time.perf_counter()
@@ -86,7 +97,6 @@ class RequestObserver:
             return
         self._done = True
         m, elapsed = self.metrics, time.perf_counter() - self.started
-        m.in_flight.labels(self.endpoint).dec()
         m.requests.labels(self.endpoint, str(status)).inc()
         m.e2e.labels(self.endpoint).observe(elapsed)
         m.prompt_tokens.inc(self.prompt_tokens)

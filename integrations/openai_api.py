@@ -12,49 +12,68 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 
 from integrations import openai_responses as shape
-from integrations.auth import APIKeyMiddleware
-from integrations.chat import ChatTemplateError, render_chat
+from integrations.auth import APIKeyMiddleware, OriginGuard
+from integrations.chat import chat_prompt_ids
 from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
 from integrations.http_metrics import APIMetrics, RequestObserver
+from integrations.ingress_gate import IngressGate, IngressGateMiddleware
 from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest, SamplingFields
 from integrations.openai_stream import chat_events, completion_events, sse_response
+from integrations.request_limits import BodyLimitMiddleware, RequestLimits, encode, off_loop, read_json_object
 from scheduler.api import Delta, FinishReason, GenerationRequest
 
 
 @dataclass
 class APISettings:
-    """Ingress behaviour. default_max_tokens applies to chat; completions default to 16, like OpenAI."""
+    """Ingress behaviour. default_max_tokens applies to chat; completions default to 16, like OpenAI
+    (either shrinks to the context left after the prompt). allowed_origins: browser origins that may
+    call (auth.OriginGuard); limits: body, prompt and context limits (request_limits.RequestLimits)."""
 
     model_name: str
     api_keys: list[str] = field(default_factory=list)
     default_max_tokens: int = 256
     completion_default_max_tokens: int = 16
     decode_defaults: dict = field(default_factory=dict)  # the model's (decoding.params.load_model_defaults)
+    allowed_origins: list[str] = field(default_factory=list)
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
+log = logging.getLogger(__name__)
 router = APIRouter()
+READY_TIMEOUT_S = 5.0  # /health: how long an engine replica may take to answer before "unavailable"
+ENGINE_METRICS_TIMEOUT_S = 2.0  # /metrics: the engine's part is left out when no replica answers by then
 
 
-def create_app(settings: APISettings, engine_client=None) -> FastAPI:
-    """The ASGI app. `engine_client` follows integrations.engine_client.EngineClient."""
+def create_app(settings: APISettings, engine_client=None, gate: IngressGate | None = None) -> FastAPI:
+    """The ASGI app. `engine_client` follows integrations.engine_client.EngineClient; `gate` (in-flight
+    accounting, draining: integrations/ingress_gate.py) is the host's to hold when it drains the app."""
     app = FastAPI(title="refusion-serve", version="0.1.0")
     app.state.settings = settings
     app.state.engine_client = engine_client
     app.state.metrics = APIMetrics()
+    app.state.gate = gate or IngressGate()
     install_error_handlers(app)
     app.include_router(router)
     editor_router = _editor_router()
     if editor_router is not None:
         app.include_router(editor_router)
+    # Outermost first: browser origin, then API key, then the body limit, then the routes.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, keys=list(settings.api_keys))
+    app.add_middleware(OriginGuard, allowed=list(settings.allowed_origins))
+    # Outside all of them: in-flight gauge and observers, draining, disconnects (every path passes here).
+    app.add_middleware(IngressGateMiddleware, gate=app.state.gate, metrics=app.state.metrics)
     return app
 
 
@@ -68,9 +87,18 @@ def _editor_router():
     return editor_router
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request):
-    return {"status": "ok", "model": request.app.state.settings.model_name}
+    """200 when a request would be served at full speed now: an engine replica answers (replicas warm up
+    before they take traffic, engine_host.warm_up). 503 + Retry-After while none does (starting, being
+    replaced); while the ingress drains, the gate answers 503 {"status": "draining"} before this runs."""
+    model = request.app.state.settings.model_name
+    try:
+        await asyncio.wait_for(request.app.state.engine_client.info(), READY_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - not ready, whatever the reason; the reason is logged
+        log.info("health: engine not ready (%s)", type(exc).__name__)
+        return JSONResponse({"status": "unavailable", "model": model}, 503, headers={"Retry-After": "2"})
+    return {"status": "ok", "model": model}
 
 
 @router.get("/v1/models")
@@ -86,34 +114,39 @@ async def get_model(model_id: str, request: Request):
 
 @router.get("/v1/engine")
 async def engine_info(request: Request):
-    return await request.app.state.engine_client.info()
+    info = await request.app.state.engine_client.info()
+    return {**info, "request_limits": request.app.state.settings.limits.as_dict()}
 
 
 @router.get("/metrics")
 async def metrics(request: Request):
     try:
-        engine_text = await request.app.state.engine_client.metrics()
-    except Exception:  # a replica being replaced must not take the ingress's own metrics down with it
+        engine_text = await asyncio.wait_for(request.app.state.engine_client.metrics(), ENGINE_METRICS_TIMEOUT_S)
+    except Exception:  # a replica being replaced (calls wait for one) must not hold up the ingress's own metrics
         engine_text = b"# engine metrics unavailable: no engine replica answered\n"
     body = request.app.state.metrics.render() + (engine_text or b"")
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request):
+async def completions(request: Request):
+    body = await _read_body(request, CompletionRequest)
     client, settings = request.app.state.engine_client, request.app.state.settings
     _check_model(request, body.model)
-    prompt_ids = _prompt_ids(client.tokenizer, body.prompt)
     header = shape.ResponseHeader("cmpl", client.model_name)
-    req = _generation_request(header.id, body, prompt_ids, body.stop, settings.completion_default_max_tokens, settings)
-    observer = RequestObserver(request.app.state.metrics, "completions", header.id, len(prompt_ids))
-    if body.suffix:  # infill: the editor protocol's path (integrations/openai_infill.py)
-        if not isinstance(body.prompt, str):
-            raise APIError(400, "prompt: must be a string when suffix is set", param="prompt")
-        job = infill_job(client, header.id, body, body.prompt, req.params)
+    if body.suffix:  # infill: the editor protocol's path, limits and token budgets (integrations/openai_infill.py)
+        params = body.decode_params(body.max_tokens or settings.completion_default_max_tokens, settings.decode_defaults)
+        job = await infill_job(client, header.id, body, params)
+        prompt_ids = job.prompt.prompt_ids + (job.prompt.suffix_ids or [])
+        observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
         deltas = _observed(infill_deltas(client, job, header.id, body.stream), observer)
     else:
-        deltas = await _start(client, req, observer, body.max_tokens or settings.completion_default_max_tokens)
+        prompt_ids = await _prompt_ids(client.tokenizer, body.prompt, settings.limits)
+        max_tokens = settings.limits.fit_generation(len(prompt_ids), body.max_tokens or settings.completion_default_max_tokens,
+                                                    requested=body.max_tokens is not None)
+        req = _generation_request(header.id, body, prompt_ids, body.stop, max_tokens, settings)
+        observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
+        deltas = await _start(client, req, observer, max_tokens)
     if body.stream:
         events = completion_events(header, deltas, observer, body.include_usage)
         return sse_response(events, observer, header.id)
@@ -122,19 +155,21 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+async def chat_completions(request: Request):
+    body = await _read_body(request, ChatCompletionRequest)
     client, settings = request.app.state.engine_client, request.app.state.settings
     _check_model(request, body.model)
-    try:
-        prompt_text, extra_stop = render_chat(client.tokenizer, body.messages, body.tools if body.tools_enabled else None)
-    except ChatTemplateError as exc:
-        raise APIError(400, f"messages: {exc}", param="messages") from exc
-    prompt_ids = _prompt_ids(client.tokenizer, prompt_text)
+    settings.limits.check_chars("messages", "".join(m.content or "" for m in body.messages))
+    tools = body.tools if body.tools_enabled else None
+    prompt_ids, extra_stop = await off_loop(chat_prompt_ids, client.tokenizer, body.messages, tools, settings.limits,
+                                            chars=sum(len(m.content or "") for m in body.messages))
+    max_tokens = settings.limits.fit_generation(len(prompt_ids), body.max_tokens or settings.default_max_tokens,
+                                                requested=body.max_tokens is not None)
     header = shape.ResponseHeader("chatcmpl", client.model_name)
-    req = _generation_request(header.id, body, prompt_ids, body.stop + extra_stop, settings.default_max_tokens, settings)
+    req = _generation_request(header.id, body, prompt_ids, body.stop + extra_stop, max_tokens, settings)
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
-    observer = RequestObserver(request.app.state.metrics, "chat", header.id, len(prompt_ids))
-    deltas = await _start(client, req, observer, body.max_tokens or settings.default_max_tokens)
+    observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
+    deltas = await _start(client, req, observer, max_tokens)
     if body.stream:
         events = chat_events(header, deltas, observer, body.include_usage, allowed)
         return sse_response(events, observer, header.id)
@@ -157,14 +192,27 @@ def _check_model(request: Request, model: str | None) -> None:
                        "not_found_error", param="model", code="model_not_found")
 
 
-def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+async def _read_body(request: Request, model: type[BaseModel]):
+    """The request body as `model`: JSON faults are request_limits.InputError, field faults
+    RequestValidationError (both 400 naming the field)."""
+    data = await read_json_object(request)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+
+
+async def _prompt_ids(tokenizer, prompt: str | list[int], limits: RequestLimits) -> list[int]:
+    """Token ids of a completions prompt; text is checked against max_prompt_chars, then tokenized off
+    the event loop."""
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        limits.check_chars("prompt", prompt)
+        ids = await off_loop(encode, tokenizer, prompt, chars=len(prompt))
     else:
-        ids = list(prompt)
-        bad = [i for i in ids if not 0 <= i < len(tokenizer)]
+        ids, vocab = list(prompt), len(tokenizer)
+        bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise APIError(400, f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {len(tokenizer)})", param="prompt")
+            raise APIError(400, f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="prompt")
     if not ids:
         raise APIError(400, "prompt: must not be empty", param="prompt")
     return ids

@@ -16,9 +16,12 @@ from typing import AsyncIterator
 from integrations.editor.infill import build_infill_prompt, plan_gaps
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion
+from integrations.editor.protocol import Limits
 from integrations.http_errors import APIError, from_engine_error
+from integrations.request_limits import InputError, off_loop
 from scheduler.api import Delta, EngineError, FinishReason, Mode
 
+_TEXT_LIMIT = Limits().max_text_chars  # characters of prompt and of suffix, as in the editor protocol
 # Decoding parameters that fix the generation span: the infill strategy chooses them per gap.
 _SPAN_PARAMS = ("gen_length", "slot_size", "serial_num_blocks")
 # The editor rules' stop reasons, as engine finish reasons (OpenAI shows "stop" or "length").
@@ -26,9 +29,22 @@ _FINISH = {"length": FinishReason.LENGTH, "deadline": FinishReason.DEADLINE, "ca
            "error": FinishReason.ERROR}  # fmt: skip
 
 
-def infill_job(client, request_id: str, body, prompt_text: str, decode_params: dict) -> CompletionJob:
-    """The editor CompletionJob for a completions request with `suffix` (multi-line, like /infill)."""
-    prompt = build_infill_prompt(client.tokenizer, prompt_text, body.suffix or "")
+async def infill_job(client, request_id: str, body, decode_params: dict) -> CompletionJob:
+    """The editor CompletionJob for a completions request with `suffix` (multi-line, like /infill).
+
+    As in the editor protocol, `prompt` (a string) and `suffix` may each be up to
+    protocol.Limits.max_text_chars characters and are cut to the infill token budgets (so the model
+    context is not the limit here); the prompt is tokenized off the event loop. Raises InputError
+    naming the field."""
+    if not isinstance(body.prompt, str):
+        raise InputError(400, "prompt", "must be a string when suffix is set")
+    suffix = body.suffix or ""
+    for name, text in (("prompt", body.prompt), ("suffix", suffix)):
+        if len(text) > _TEXT_LIMIT:
+            raise InputError(400, name, f"is {len(text):,} characters; with suffix send at most {_TEXT_LIMIT:,} "
+                                        f"(the infill keeps the end of the prompt and the start of the suffix)")
+    prompt = await off_loop(build_infill_prompt, client.tokenizer, body.prompt, suffix,
+                            chars=len(body.prompt) + len(suffix))
     gaps = plan_gaps(body.max_tokens, multiline=True)
     if body.stream:
         # Partials come from one candidate; streaming a single gap keeps every chunk a true prefix.

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from integrations.request_limits import MAX_SEED, MIN_TOP_P, sampling_temperature
 from scheduler.api import Mode, Priority
 
 
@@ -33,9 +34,9 @@ class SamplingFields(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="below 1e-5: greedy")
+    top_p: float | None = Field(default=None, ge=MIN_TOP_P, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -84,6 +85,8 @@ class SamplingFields(BaseModel):
             value = getattr(self, name)
             if value is not None:
                 params[name] = value
+        if "temperature" in params:
+            params["temperature"] = sampling_temperature(params["temperature"])
         defaults = model_defaults or {}
         if self.serial_num_blocks is None and "slot_size" in defaults | params:
             slot = params.get("slot_size", defaults.get("slot_size"))

@@ -1,21 +1,27 @@
 """Server-sent event streams of OpenAI chunks: one JSON chunk per `data:` line, then `data: [DONE]`.
 
 An error after the stream has started (the status line is already sent) becomes one
-`data: {"error": {...}}` line before `[DONE]`.
+`data: {"error": {...}}` line before `[DONE]`: typed engine errors as their HTTP mapping (a replica that
+died mid-stream: 503-style `engine_unavailable`), anything else as a 500-style error naming no internals
+(logged here). Only a client that went away gets no ending: there is no one left to read it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
 from integrations import openai_responses as shape
-from integrations.http_errors import APIError
+from integrations.http_errors import APIError, from_engine_error
 from integrations.http_metrics import RequestObserver
 from integrations.tool_calls import ToolCallStreamParser
+from scheduler.api import EngineError
+
+log = logging.getLogger(__name__)
 
 
 def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request_id: str) -> StreamingResponse:
@@ -24,12 +30,15 @@ def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request
             async for event in events:
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
             observer.finish(200)
-        except APIError as exc:
-            observer.finish(exc.status, error=exc.message)
-            yield f"data: {json.dumps({'error': exc.body()})}\n\n".encode()
         except (asyncio.CancelledError, GeneratorExit):
             observer.finish(499, error="client disconnected")
             raise
+        except Exception as exc:  # noqa: BLE001 - the 200 is out: the client must see why its stream ended
+            if not isinstance(exc, (APIError, EngineError)):
+                log.exception("stream %s failed", request_id)
+            error = exc if isinstance(exc, APIError) else from_engine_error(exc)
+            observer.finish(error.status, error=error.message)
+            yield f"data: {json.dumps({'error': error.body()})}\n\n".encode()
         finally:
             await events.aclose()
         yield b"data: [DONE]\n\n"

@@ -8,10 +8,12 @@
     RefusionEngine  (one scheduler Engine per replica; num_gpus 1 on GPU clusters, 0 on CPU)
 
 The engine replica streams Delta objects; an admission error travels as one EngineFailure record
-(typed errors do not survive Ray's exception pickling). Ray Serve's health check runs a one-token
-request through the engine. Draining: `signal_drain(app)` (sent by `refusion serve` on Ctrl-C/SIGTERM)
-makes every engine replica stop taking requests, finish running ones within drain_timeout_s and end
-the rest with a clean error; replica shutdown (`__del__`) does the same for whatever is left.
+(typed errors do not survive Ray's exception pickling). An engine replica warms up (one short request
+per decoding path) before it takes traffic; Ray Serve's health check runs a one-token request through
+the engine; the ingress's /health answers 200 only while an engine replica answers. Draining
+(integrations/serve_drain.py, `refusion serve` on Ctrl-C/SIGTERM): the ingress refuses new requests,
+every engine replica stops taking requests, finishes running ones within drain_timeout_s and ends the
+rest with a clean error; replica shutdown (`__del__`) does the same for whatever is left.
 """
 
 from __future__ import annotations
@@ -20,47 +22,21 @@ import asyncio
 import os
 from typing import AsyncIterator
 
-import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from integrations.engine_client import (
     EngineFailure, LocalEngineClient, ServeEngineClient, coalesce_deltas, read_model_card,
 )
-from integrations.engine_host import build_engine, engine_metrics_text, one_token_probe
+from integrations.engine_host import build_engine, engine_metrics_text, one_token_probe, warm_up
+from integrations.ingress_gate import IngressGate
 from integrations.openai_api import APISettings, create_app
+from integrations.request_limits import RequestLimits
 from integrations.serve_config import ServeConfig
+from integrations.serve_drain import DRAIN_RETRY_AFTER_S, report_open_work, signal_drain, wait_for_drain_signal
 from scheduler.api import Delta, EngineError, GenerationRequest
 
-DRAIN_POLL_S = 1.0
-
-
-def _drain_signal_name(app_name: str) -> str:
-    return f"refusion-drain:{app_name}"
-
-
-@ray.remote(num_cpus=0)
-class DrainSignal:
-    """Exists while an application drains; its existence (a named actor) is the signal."""
-
-    def ready(self) -> bool:
-        return True
-
-
-def signal_drain(app_name: str):
-    """Tell every engine replica of `app_name` to drain now. Keep the returned handle alive until the
-    application is shut down (the signal lives as long as the actor)."""
-    signal = DrainSignal.options(name=_drain_signal_name(app_name), namespace="serve").remote()
-    ray.get(signal.ready.remote())
-    return signal
-
-
-def drain_signalled(app_name: str) -> bool:
-    try:
-        ray.get_actor(_drain_signal_name(app_name), namespace="serve")
-    except ValueError:
-        return False
-    return True
+__all__ = ["EngineDeployment", "IngressDeployment", "build_app", "signal_drain"]
 
 
 @serve.deployment(name="RefusionEngine")
@@ -78,23 +54,32 @@ class EngineDeployment:
         await engine.start()
         self.engine = engine
         self.client = LocalEngineClient(engine, tokenizer, self.config.model_name, read_model_card(self.config.model))
+        # Before the replica takes traffic: Ray Serve routes to it (and /health passes) only after this.
+        self.warmup = await warm_up(self.client)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         self.cancelled = 0
-        self._drain_watch = asyncio.create_task(self._watch_drain_signal(context.app_name))
+        self.draining = False
+        self._drain_watch = asyncio.create_task(self._drain_when_signalled(context.app_name))
 
-    async def _watch_drain_signal(self, app_name: str) -> None:
+    async def _drain_when_signalled(self, app_name: str) -> None:
         """Ray Serve waits for in-flight calls before shutting a replica down, and force-kills it after
         graceful_shutdown_timeout_s: a long generation would be severed. When the drain signal appears
-        (signal_drain, sent by `refusion serve` on Ctrl-C/SIGTERM), the engine stops taking requests,
-        lets running ones finish for drain_timeout_s and ends the rest with a clean error."""
-        while not await asyncio.to_thread(drain_signalled, app_name):
-            await asyncio.sleep(DRAIN_POLL_S)
+        (integrations/serve_drain.py), the engine stops taking requests, lets running ones finish for
+        drain_timeout_s and ends the rest with a clean error; the replica reports 1 until then."""
+        signal = await wait_for_drain_signal(app_name)
+        self.draining, stopped = True, False
+        reporter = asyncio.create_task(report_open_work(signal, f"engine:{self.replica}", lambda: 0 if stopped else 1))
         await self.engine.stop(drain_timeout_s=self.config.drain_timeout_s)
+        stopped = True
+        await reporter
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Delta | EngineFailure]:
         """Stream the request's deltas (merged when several are ready at once). Cancelling this call
         (client gone) cancels the request in the engine."""
+        if self.draining:
+            yield EngineFailure("overloaded", "the server is shutting down: retry shortly", retry_after_s=DRAIN_RETRY_AFTER_S)
+            return
         finished = False
         try:
             async for delta in coalesce_deltas(self.client.stream(req)):
@@ -109,7 +94,7 @@ class EngineDeployment:
 
     async def info(self) -> dict:
         info = await self.client.info()
-        info.update(replica=self.replica, pid=os.getpid(), cancelled_by_client=self.cancelled)
+        info.update(replica=self.replica, pid=os.getpid(), cancelled_by_client=self.cancelled, warmup=self.warmup)
         return info
 
     async def metrics(self) -> bytes:
@@ -133,22 +118,35 @@ class EngineDeployment:
 class IngressDeployment:
     """The HTTP front: OpenAI API, /metrics, /health and the editor protocol, over ServeEngineClient."""
 
-    def __init__(self, engine: DeploymentHandle, config: dict):
+    async def __init__(self, engine: DeploymentHandle, config: dict):
         from workers.loader import load_tokenizer
 
         self.config = ServeConfig.model_validate(config)
         tokenizer = load_tokenizer(self.config.model)
         self.client = ServeEngineClient(engine, tokenizer, self.config.model_name)
-        self.decode_defaults = read_model_card(self.config.model)["defaults"]
+        self.model_card = read_model_card(self.config.model)
+        self.gate = IngressGate()
+        context = serve.get_replica_context()
+        self._drain_watch = asyncio.create_task(self._drain_when_signalled(context.app_name, context.replica_id.unique_id))
+
+    async def _drain_when_signalled(self, app_name: str, replica: str) -> None:
+        """On the drain signal: refuse new requests, and report those still being answered."""
+        signal = await wait_for_drain_signal(app_name)
+        self.gate.start_draining(DRAIN_RETRY_AFTER_S)
+        await report_open_work(signal, f"ingress:{replica}", lambda: self.gate.open_requests)
 
     def __serve_build_asgi_app__(self):
+        limits = RequestLimits(max_body_bytes=self.config.max_body_bytes, max_prompt_chars=self.config.max_prompt_chars,
+                               context_length=self.model_card["limits"]["context_length"])
         settings = APISettings(
             model_name=self.config.model_name,
             api_keys=self.config.api_keys,
             default_max_tokens=self.config.default_max_tokens,
-            decode_defaults=self.decode_defaults,
+            decode_defaults=self.model_card["defaults"],
+            allowed_origins=self.config.allowed_origins,
+            limits=limits,
         )
-        return create_app(settings, self.client)
+        return create_app(settings, self.client, gate=self.gate)
 
 
 def build_app(args: dict) -> serve.Application:

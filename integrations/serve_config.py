@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from integrations.auth import keys_from_env
+from integrations.auth import keys_from_env, normalize_origin
+from integrations.request_limits import DEFAULT_MAX_BODY_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "refusion-tiny-code"
@@ -97,12 +98,20 @@ class ServeConfig(_Strict):
     model_name: str | None = Field(default=None, description="served model id; default: the directory name")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; REFUSION_API_KEYS adds more")
     default_max_tokens: int = Field(default=256, ge=1, description="chat max_tokens when the request sets none")
+    allowed_origins: list[str] = Field(default_factory=list, description="browser origins that may call; [] = none")
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="HTTP request body limit (413)")
+    max_prompt_chars: int | None = Field(default=None, ge=1, description="prompt characters; default 8 x context")
     runner: dict = Field(default_factory=dict, description="workers.runner.ModelRunner keyword arguments")
     engine: dict = Field(default_factory=dict, description="scheduler.config.EngineConfig fields")
     engine_deployment: EngineDeploymentOptions = Field(default_factory=EngineDeploymentOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     drain_timeout_s: float = Field(default=20.0, ge=0, description="shutdown: in-flight requests get this long")
     health_probe_timeout_s: float = Field(default=20.0, gt=0, description="one-token probe limit")
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        return [normalize_origin(origin) for origin in value]
 
     @model_validator(mode="after")
     def _drain_fits_shutdown(self):

@@ -4,28 +4,33 @@
     POST      /infill      llama.cpp-compatible infill (llama.vim, llama.vscode)
     POST      /tokenize    llama.cpp-compatible token count helper (llama.vscode counts prompt tokens with it)
 
-Both reach the engine through `app.state.engine_client` (integrations/engine_client.py).
+Both reach the engine through `app.state.engine_client` (integrations/engine_client.py). Bodies are read
+by integrations/request_limits.py (size, JSON, nesting, Unicode); errors have llama.cpp's shape
+{"error": {"code", "message", "type"}} with the message naming the field ("Field 'n_cmpl': ...").
 """
 
 from __future__ import annotations
 
-import json
-import math
+import logging
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events
 from integrations.editor.session import EditorSession
-from scheduler.api import EngineError, InvalidRequestError, OverloadedError
+from integrations.http_errors import from_engine_error
+from integrations.request_limits import InputError, RequestLimits, encode, off_loop, read_json_object
+from scheduler.api import EngineError, InvalidRequestError
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
 @router.websocket("/v1/editor")
 async def editor_socket(websocket: WebSocket) -> None:
-    """One EditorSession per connection; every frame gets an answer, bad ones included."""
+    """One EditorSession per connection; every frame gets an answer, bad ones included. Browser origins
+    are checked before this runs (integrations.auth.OriginGuard)."""
     await websocket.accept()
     session = EditorSession(websocket.app.state.engine_client, websocket.send_bytes)
     try:
@@ -41,51 +46,86 @@ async def editor_socket(websocket: WebSocket) -> None:
         await session.close()
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
-    """llama.cpp's error body: {"error": {"code", "message", "type"}}."""
-    return JSONResponse({"error": {"code": status, "message": message, "type": kind}}, status, headers=headers)
+def _error_body(exc: Exception) -> tuple[int, dict, dict]:
+    """(status, llama.cpp error body, headers) of an /infill or /tokenize failure. Input faults name
+    the field; engine and Ray errors map as in integrations/http_errors.py; anything else is a bug
+    (logged, 500)."""
+    if isinstance(exc, InputError):
+        status, message, kind, headers = exc.status, _field_message(exc.field, exc.message), "invalid_request_error", {}
+    elif isinstance(exc, InvalidRequestError):
+        status, message, kind, headers = 400, _field_message(exc.field, str(exc).split(": ", 1)[-1]), "invalid_request_error", {}
+    else:
+        api = from_engine_error(exc)
+        if api.status >= 500 and api.type == "server_error":
+            log.error("/infill failed", exc_info=exc)
+        status, message, kind, headers = api.status, api.message, api.type, api.headers
+    return status, {"error": {"code": status, "message": message, "type": kind}}, headers
 
 
-def _engine_error(exc: Exception) -> JSONResponse:
-    if isinstance(exc, InvalidRequestError):
-        return _error(400, str(exc))
-    if isinstance(exc, OverloadedError):
-        retry = str(max(1, math.ceil(exc.retry_after_s)))
-        return _error(503, f"engine overloaded: {exc}; retry later", "unavailable_error", {"Retry-After": retry})
-    return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+def _field_message(field: str | None, message: str) -> str:
+    return f"Field '{field}': {message}" if field else message
+
+
+async def _read(request: Request, model: type[BaseModel]):
+    """The body validated as `model`; raises InputError naming the field."""
+    data = await read_json_object(request)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise InputError(400, ".".join(str(p) for p in first["loc"]) or None, first["msg"]) from None
 
 
 @router.post("/infill")
 async def infill_route(request: Request) -> Response:
     """llama.cpp /infill (see integrations/editor/llama_compat.py for the fields)."""
-    try:
-        body = InfillBody.model_validate(json.loads(await request.body() or b"{}"))
-    except json.JSONDecodeError as exc:
-        return _error(400, f"request body is not valid JSON: {exc.msg} at char {exc.pos}")
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
-        return _error(400, f"Field '{field}': {first['msg']}")
     client = request.app.state.engine_client
-    if body.stream:
-        return StreamingResponse(infill_events(client, body), media_type="text/event-stream")
     try:
-        result = await infill(client, body)
-    except (EngineError, ValueError) as exc:
-        return _engine_error(exc)
-    return Response(compact_json(result), media_type="application/json")
+        body = await _read(request, InfillBody)
+        if not body.stream:
+            return Response(compact_json(await infill(client, body)), media_type="application/json")
+        events = infill_events(client, body)
+        first = await anext(events)  # admission and input errors are still HTTP errors here
+    except (InputError, EngineError) as exc:
+        status, payload, headers = _error_body(exc)
+        return JSONResponse(payload, status, headers=headers)
+    return StreamingResponse(_events_after(first, events), media_type="text/event-stream")
+
+
+async def _events_after(first: bytes, events):
+    """The stream from its first event on; a later failure becomes a final `data: {"error": ...}` event
+    (the 200 header has gone out), as llama.cpp's server does."""
+    yield first
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:  # noqa: BLE001 - the client must see why its stream ended
+        yield b"data: " + compact_json(_error_body(exc)[1]) + b"\n\n"
+
+
+def _limits(request: Request) -> RequestLimits:
+    """The app's limits (openai_api.APISettings); defaults when the router runs on its own (tests)."""
+    settings = getattr(request.app.state, "settings", None)
+    return settings.limits if settings is not None else RequestLimits()
+
+
+class TokenizeBody(BaseModel):
+    """The /tokenize request (llama.cpp's fields; unknown ones, e.g. with_pieces, are ignored)."""
+
+    content: str
+    add_special: bool = False
 
 
 @router.post("/tokenize")
 async def tokenize_route(request: Request) -> Response:
-    """llama.cpp /tokenize: {"content": str, "add_special": bool} -> {"tokens": [ids]}."""
+    """llama.cpp /tokenize: {"content": str, "add_special": bool} -> {"tokens": [ids]}. `content` is
+    limited to max_prompt_chars characters and tokenized off the event loop."""
     try:
-        body = json.loads(await request.body() or b"{}")
-    except json.JSONDecodeError as exc:
-        return _error(400, f"request body is not valid JSON: {exc.msg} at char {exc.pos}")
-    content = body.get("content") if isinstance(body, dict) else None
-    if not isinstance(content, str):
-        return _error(400, "Field 'content': required, a string to tokenize")
+        body = await _read(request, TokenizeBody)
+        _limits(request).check_chars("content", body.content)
+    except InputError as exc:
+        status, payload, headers = _error_body(exc)
+        return JSONResponse(payload, status, headers=headers)
     tokenizer = request.app.state.engine_client.tokenizer
-    tokens = tokenizer.encode(content, add_special_tokens=bool(body.get("add_special", False)))
-    return Response(compact_json({"tokens": list(tokens)}), media_type="application/json")
+    tokens = await off_loop(encode, tokenizer, body.content, body.add_special, chars=len(body.content))
+    return Response(compact_json({"tokens": tokens}), media_type="application/json")

@@ -21,6 +21,10 @@ from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX
 MAX_PREFIX_TOKENS = 1536
 MAX_SUFFIX_TOKENS = 384
 MAX_CONTEXT_TOKENS = 1024
+# Text is cut to budget x this many characters before tokenizing, so tokenizing costs the budget, not
+# the document (an editor may send 200,000 characters of prefix for 1,536 tokens). BPE tokens of code
+# average 3-4 characters; runs of indentation are the longest common ones.
+MAX_CHARS_PER_TOKEN = 16
 
 # Candidate gap lengths (tokens). A single line is rarely over 16 tokens; a multi-line completion
 # decodes a short and a long gap side by side. All are multiples of SLOT_SIZE.
@@ -72,6 +76,9 @@ def build_infill_prompt(
 
     Context comes first so that it, not the moving prefix, is the stable part a prefix cache reuses.
     Parts are tokenized separately: a boundary inside a token costs nothing to correctness here.
+    Each part's text is first cut to its budget x MAX_CHARS_PER_TOKEN characters (the far end goes),
+    so the cost of tokenizing is bounded by the budgets. CPU-bound: callers on an event loop run it in
+    integrations.request_limits.off_loop.
 
     Token healing: byte-level BPE puts a word's leading space inside the word's token ("   " + " return"),
     so a prompt ending in the editor's indentation ("    ") asks the model for text it never saw in
@@ -82,16 +89,24 @@ def build_infill_prompt(
     truncated = False
     context_ids: list[int] = []
     for chunk in reversed(list(context)):  # newest chunks (end of the list) are kept first
-        ids = _encode(tokenizer, format_context([chunk], language))
+        text = format_context([chunk], language)
+        if len(text) > max_context_tokens * MAX_CHARS_PER_TOKEN:  # could never fit the budget
+            truncated = True
+            break
+        ids = _encode(tokenizer, text)
         if len(context_ids) + len(ids) > max_context_tokens:
             truncated = True
             break
         context_ids = ids + context_ids
     kept = prefix.rstrip(" \t")
     healed = prefix[len(kept):]
+    if len(kept) > max_prefix_tokens * MAX_CHARS_PER_TOKEN:
+        kept, truncated = kept[-max_prefix_tokens * MAX_CHARS_PER_TOKEN:], True
     prefix_ids = _encode(tokenizer, kept)
     if len(prefix_ids) > max_prefix_tokens:
         prefix_ids, truncated = prefix_ids[-max_prefix_tokens:], True
+    if len(suffix) > max_suffix_tokens * MAX_CHARS_PER_TOKEN:
+        suffix, truncated = suffix[:max_suffix_tokens * MAX_CHARS_PER_TOKEN], True
     suffix_ids = _encode(tokenizer, suffix)
     if len(suffix_ids) > max_suffix_tokens:
         suffix_ids, truncated = suffix_ids[:max_suffix_tokens], True

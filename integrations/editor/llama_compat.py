@@ -19,12 +19,13 @@ import json
 import uuid
 from typing import Any, AsyncIterator
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from integrations.editor.infill import build_infill_prompt, plan_gaps
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
 from integrations.editor.protocol import ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
+from integrations.request_limits import MAX_SEED, off_loop, sampling_temperature
 from scheduler.api import Mode, Priority
 
 LIMITS = Limits()
@@ -46,14 +47,21 @@ class InfillBody(BaseModel):
     prompt: str = Field("", max_length=LIMITS.max_text_chars)
     n_predict: int = Field(-1, ge=-1, le=LIMITS.max_tokens)
     t_max_predict_ms: int = Field(0, ge=0)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=list, max_length=16)
     n_indent: int = Field(0, ge=0)
     stream: bool = False
     temperature: float | None = Field(None, ge=0, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     n_cmpl: int = Field(1, ge=1, le=4)
     response_fields: list[str] | None = None
     cache_prompt: bool = True  # always on: the engine's prefix cache serves every request
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, value: list[str]) -> list[str]:
+        if not all(value):
+            raise ValueError("stop strings must be non-empty")
+        return value
 
 
 # Our stop reasons -> llama.cpp stop_type. A rule cut is a "limit" (llama.cpp reports its n_indent
@@ -62,15 +70,19 @@ _STOP_TYPE = {"stop": "eos", "length": "limit", "deadline": "limit", CUT_NEWLINE
               CUT_SUFFIX: "limit", "cancelled": "none", "error": "none"}  # fmt: skip
 
 
-def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
+async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
+    """The completion job of an /infill body; the prompt is tokenized off the event loop."""
     context = [ContextChunk(c.filename, c.text) for c in body.input_extra]
-    prompt = build_infill_prompt(client.tokenizer, body.input_prefix + body.prompt, body.input_suffix, context)
+    prefix = body.input_prefix + body.prompt
+    chars = len(prefix) + len(body.input_suffix) + sum(len(c.text) for c in context)
+    prompt = await off_loop(build_infill_prompt, client.tokenizer, prefix, body.input_suffix, context, chars=chars)
     max_tokens = body.n_predict if body.n_predict > 0 else None
     gaps = plan_gaps(max_tokens, multiline=True)
     if body.n_cmpl > len(gaps):  # more completions asked than the strategy has gaps: add longer ones
         gaps = tuple(sorted(set(gaps) | {gaps[-1] * 2 ** k for k in range(1, body.n_cmpl - len(gaps) + 1)}))
         gaps = tuple(g for g in gaps if max_tokens is None or g <= max(max_tokens, gaps[0]))
-    sampling = {k: v for k, v in (("temperature", body.temperature), ("seed", body.seed)) if v is not None}
+    temperature = sampling_temperature(body.temperature)
+    sampling = {k: v for k, v in (("temperature", temperature), ("seed", body.seed)) if v is not None}
     return CompletionJob(
         request_id=request_id,
         prompt=prompt,
@@ -142,7 +154,7 @@ def compact_json(payload) -> bytes:
 async def infill(client, body: InfillBody) -> dict | list:
     """Run one non-streaming /infill. Engine errors propagate (the route maps them to HTTP)."""
     request_id = f"infill-{uuid.uuid4().hex[:12]}"
-    job = make_job(client, body, request_id)
+    job = await make_job(client, body, request_id)
     if body.n_predict == 0:
         await warm_prefix(client, request_id, job.prompt)
         return select_fields(_result(client, job, body, "", "length", 0, None), body.response_fields)
@@ -158,9 +170,11 @@ async def infill(client, body: InfillBody) -> dict | list:
 
 async def infill_events(client, body: InfillBody) -> AsyncIterator[bytes]:
     """stream=true: server-sent events like llama.cpp, one `data: {json}` per text piece (content is the
-    new text only, stop=false), then one final event with stop=true and the full result fields."""
+    new text only, stop=false), then one final event with stop=true and the full result fields.
+    Errors (InputError, engine errors) are raised; the route turns one raised before the first event
+    into an HTTP error and a later one into a final `data: {"error": ...}` event."""
     request_id = f"infill-{uuid.uuid4().hex[:12]}"
-    job = make_job(client, body, request_id)
+    job = await make_job(client, body, request_id)
     if body.n_predict == 0:
         await warm_prefix(client, request_id, job.prompt)
         yield b"data: " + compact_json(_result(client, job, body, "", "length", 0, None)) + b"\n\n"

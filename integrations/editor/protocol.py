@@ -18,6 +18,8 @@ from typing import Any
 
 import msgpack
 
+from integrations.request_limits import MAX_SEED
+
 PROTOCOL_VERSION = 1
 
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
@@ -31,6 +33,7 @@ INTERNAL_ERROR = -32603
 MESSAGE_TOO_LARGE = -32001  # frame over Limits.max_frame_bytes; data: {"limit": bytes}
 OVERLOADED = -32002  # engine queue/KV full; data: {"retry_after_s": float}
 TOO_MANY_REQUESTS = -32003  # more than Limits.max_inflight completions on this connection
+ENGINE_UNAVAILABLE = -32004  # the engine replica serving it died (or none runs); data: {"retry_after_s"}
 REQUEST_CANCELLED = -32800  # data: {"reason": "cancelled" | "superseded", "superseded_by": id}
 
 MODES = ("auto", "refusion", "ar")
@@ -234,7 +237,7 @@ def parse_complete(params: dict, limits: Limits) -> CompleteParams:
         indent=_bounded_int(params, "indent", 0, 1000) or 0,
         stop=list(stop),
         temperature=float(temperature) if temperature is not None else None,
-        seed=_get(params, "seed", (int,), None, "an integer"),
+        seed=_bounded_int(params, "seed", 0, MAX_SEED),
         gaps=tuple(sorted(set(gaps))) if gaps else None,
     )
 

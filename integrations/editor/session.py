@@ -12,6 +12,7 @@ Limits.max_inflight.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,9 +22,12 @@ from integrations.editor import protocol as rpc
 from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, plan_gaps
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob, run_completion
-from scheduler.api import InvalidRequestError, Mode, OverloadedError, Priority
+from integrations.request_limits import off_loop, sampling_temperature
+from integrations.engine_client import EngineUnavailableError
+from scheduler.api import EngineError, InvalidRequestError, Mode, OverloadedError, Priority
 
 Send = Callable[[bytes], Awaitable[None]]
+log = logging.getLogger(__name__)
 
 _MODES = {"auto": Mode.AUTO, "refusion": Mode.REFUSION, "ar": Mode.AR}
 _KEEP_FINISHED = 64  # finished completions remembered for accept/reject telemetry
@@ -67,6 +71,11 @@ class EditorSession:
             result = await self._dispatch(req)
         except rpc.RpcError as err:
             await self.send(rpc.encode_response(getattr(err, "request_id", msg_id), err.to_wire()))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug answers this frame; the connection stays usable
+            log.exception("editor frame failed")
+            err = rpc.RpcError(rpc.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+            await self.send(rpc.encode_response(msg_id, err.to_wire()))
             return
         if result is not None:
             await self.send(rpc.encode_response(msg_id, None, result))
@@ -118,18 +127,21 @@ class EditorSession:
                 f"{running} completions in flight on this connection (limit "
                 f"{self.limits.max_inflight}); cancel one or wait",
             )
-        job = self._job(req.id, params)
-        task = asyncio.ensure_future(self._run(req.id, job))
+        task = asyncio.ensure_future(self._run(req.id, params))
         self.inflight[req.id] = _Inflight(task, params.uri)
         task.add_done_callback(lambda t, msg_id=req.id: self._on_done(msg_id, t))
         self.by_uri[params.uri] = req.id
         return None  # the task sends the response
 
-    def _job(self, msg_id, params: rpc.CompleteParams) -> CompletionJob:
-        prompt = build_infill_prompt(self.client.tokenizer, params.prefix, params.suffix, params.context, params.language)
+    async def _job(self, msg_id, params: rpc.CompleteParams) -> CompletionJob:
+        """The completion job; its prompt is tokenized off the event loop (other frames and connections
+        keep being served meanwhile)."""
+        chars = len(params.prefix) + len(params.suffix) + sum(len(c.text) for c in params.context)
+        prompt = await off_loop(build_infill_prompt, self.client.tokenizer, params.prefix, params.suffix,
+                                params.context, params.language, chars=chars)
         sampling = {}
         if params.temperature is not None:
-            sampling["temperature"] = params.temperature
+            sampling["temperature"] = sampling_temperature(params.temperature)
         if params.seed is not None:
             sampling["seed"] = params.seed
         return CompletionJob(
@@ -145,11 +157,12 @@ class EditorSession:
             sampling=sampling,
         )
 
-    async def _run(self, msg_id, job: CompletionJob) -> None:
+    async def _run(self, msg_id, params: rpc.CompleteParams) -> None:
         async def partial(text: str) -> None:
             await self.send(rpc.encode_notification("completion/partial", {"id": msg_id, "text": text}))
 
         try:
+            job = await self._job(msg_id, params)
             outcome = await run_completion(self.client, job, partial)
         except Exception as exc:  # noqa: BLE001 - every failure must answer the request
             await self.send(rpc.encode_response(msg_id, _engine_error(exc).to_wire()))
@@ -230,8 +243,16 @@ class EditorSession:
 
 
 def _engine_error(exc: Exception) -> rpc.RpcError:
+    """The error answer of a failed completion: typed engine errors by their code; anything else is a bug,
+    logged here and answered with INTERNAL_ERROR naming no internals."""
     if isinstance(exc, InvalidRequestError):
         return rpc.invalid_params(exc.field, str(exc).split(": ", 1)[-1])
+    if isinstance(exc, EngineUnavailableError):
+        return rpc.RpcError(rpc.ENGINE_UNAVAILABLE, "the engine stopped while serving this completion; retry",
+                            {"retry_after_s": exc.retry_after_s})
     if isinstance(exc, OverloadedError):
         return rpc.RpcError(rpc.OVERLOADED, f"engine overloaded: {exc}; retry later", {"retry_after_s": exc.retry_after_s})
-    return rpc.RpcError(rpc.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, EngineError):
+        return rpc.RpcError(rpc.INTERNAL_ERROR, f"engine error: {exc}")
+    log.error("completion failed", exc_info=exc)
+    return rpc.RpcError(rpc.INTERNAL_ERROR, f"internal error ({type(exc).__name__}); the server log has the details")

@@ -1,7 +1,8 @@
 """Integration fixtures: ONE local Ray instance and ONE Ray Serve application per test session.
 
     serve_base_url     "http://127.0.0.1:PORT": the refusion app on the random tiny model (no API keys,
-                       roomy engine limits); shared by the OpenAI API and editor-protocol tests.
+                       roomy engine limits, browser origin ALLOWED_ORIGIN allowed); shared by the
+                       OpenAI API, editor-protocol and bad-input tests.
     strict_base_url    "http://127.0.0.1:PORT/strict": a second app in the same Ray instance with
                        API_KEY required and a one-request engine (max_running=1, max_queue=0), for
                        auth and overload tests; started only when a test asks for it.
@@ -18,6 +19,7 @@ import urllib.request
 import pytest
 
 API_KEY = "test-key-123"
+ALLOWED_ORIGIN = "http://localhost:5173"  # a browser page the main app lets in (allowed_origins)
 RUNNER_OPTIONS = {"num_blocks": 512}
 ENGINE_OPTIONS = {"max_running": 8, "max_queue": 16, "token_budget": 256, "routing": {"calibrate": False}}
 STRICT_ENGINE_OPTIONS = {"max_running": 1, "max_queue": 0, "token_budget": 256, "routing": {"calibrate": False}}
@@ -52,6 +54,7 @@ def serve_config(model_dir, **overrides) -> dict:
         "engine_deployment": dict(ENGINE_DEPLOYMENT),
         "drain_timeout_s": 2.0,
         "health_probe_timeout_s": 10.0,
+        "allowed_origins": [ALLOWED_ORIGIN],
     }
     config.update(overrides)
     return config

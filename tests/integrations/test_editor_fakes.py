@@ -2,13 +2,15 @@
 
 It streams a scripted text per gap length (GenerationRequest.params["gen_length"]), one token per
 delta with a small delay, and records what it was asked to run and what got cancelled, so tests can
-check supersession and early stops against what really reached the "engine". The real engine is
-exercised in test_editor_serve.py.
+check supersession and early stops against what really reached the "engine". `hold` keeps every
+request in flight until the test lets it go, so a cancel is sure to find it running. The real engine
+is exercised in test_editor_serve.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,9 @@ class FakeEngineClient:
     cancelled: list = field(default_factory=list)
     completed: list = field(default_factory=list)
     fail_with: Exception | None = None
+    # While set to an unset Event, each request waits (recorded, before its first delta) until it is set.
+    # A threading.Event: the fake may run on another thread's event loop (a uvicorn server in a thread).
+    hold: threading.Event | None = None
 
     async def stream(self, req):
         self.requests.append(req)
@@ -39,6 +44,8 @@ class FakeEngineClient:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         done = False
         try:
+            while self.hold is not None and not self.hold.is_set():
+                await asyncio.sleep(0.005)  # polled: Event.wait() would block the whole event loop
             for i, tok in enumerate(ids):
                 await asyncio.sleep(self.delay_s)
                 last = i == len(ids) - 1

@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Awaitable, Callable
 
 import pytest
 from lsprotocol import types
@@ -20,6 +21,7 @@ from integrations.lsp.server import cursor_context, wants_multiline
 
 DOC = "def area(r):\n    \n    return result\n"
 URI = "file:///tmp/area.py"
+WAIT_S = 60.0  # bound on every wait: generous for a loaded 2-core machine (the bridge is a subprocess)
 
 
 def _free_port() -> int:
@@ -45,9 +47,10 @@ def scripted_backend(bpe_tokenizer):  # noqa: F811
                                            timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + WAIT_S
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert server.started, f"uvicorn did not start within {WAIT_S} s"
     yield f"ws://127.0.0.1:{port}/v1/editor", fake
     server.should_exit = True
     thread.join(10)
@@ -57,7 +60,7 @@ async def start_lsp(url: str, init_options: dict | None = None) -> LanguageClien
     client = LanguageClient("refusion-test", "0")
     await client.start_io(sys.executable, "-m", "integrations.cli", "lsp", "--url", url, "--max-time-ms", "5000")
     init = types.InitializeParams(capabilities=types.ClientCapabilities(), initialization_options=init_options)
-    await asyncio.wait_for(client.initialize_async(init), 30)
+    await asyncio.wait_for(client.initialize_async(init), WAIT_S)
     client.initialized(types.InitializedParams())
     client.text_document_did_open(types.DidOpenTextDocumentParams(
         text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=DOC)))
@@ -73,32 +76,56 @@ def inline_params(line: int = 1, character: int = 4) -> types.InlineCompletionPa
 
 
 async def stop_lsp(client: LanguageClient) -> None:
-    await asyncio.wait_for(client.shutdown_async(None), 10)
+    await asyncio.wait_for(client.shutdown_async(None), WAIT_S)
     client.exit(None)
-    await asyncio.wait_for(client.stop(), 10)
+    await asyncio.wait_for(client.stop(), WAIT_S)
 
 
 async def lsp_round_trip(url: str) -> types.InlineCompletionList:
     client = await start_lsp(url)
     try:
-        return await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), 60)
+        return await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), WAIT_S)
     finally:
         await stop_lsp(client)
 
 
-async def lsp_cancel(url: str, wait_s: float, init_options: dict | None = None) -> Exception | None:
-    """Send a completion, cancel it after wait_s; return the error the client got (None: a result)."""
+async def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll state (not a fixed sleep) until `predicate()` holds; fail after WAIT_S."""
+    end = time.monotonic() + WAIT_S
+    while not predicate():
+        assert time.monotonic() < end, f"timed out after {WAIT_S} s waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def lsp_cancel(url: str, wait_s: float | None = None, init_options: dict | None = None, *,
+                     in_flight: Callable[[], Awaitable] | None = None,
+                     ended: Callable[[], Awaitable] | None = None) -> Exception | None:
+    """Send a completion, cancel it, return the error the client got (None: a result).
+
+    in_flight: awaited before $/cancelRequest is sent; it returns once the backend runs the request, so
+    the cancel cannot overtake it (the bridge connects to the backend on first use, which takes a
+    while on a loaded machine). wait_s, a fixed sleep instead, is racy under load: prefer in_flight.
+    ended: awaited after the answer while the bridge is still connected, so what it sees was done by
+    the cancel, not by the disconnect at shutdown.
+    """
     client = await start_lsp(url, init_options)
     try:
         future = client.protocol.send_request_async(types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(),
                                                     msg_id="to-cancel")
-        await asyncio.sleep(wait_s)
+        if in_flight is not None:
+            await in_flight()
+        else:
+            await asyncio.sleep(wait_s or 0)
         client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="to-cancel"))
         try:
-            await asyncio.wait_for(future, 30)
+            await asyncio.wait_for(future, WAIT_S)
         except Exception as exc:  # noqa: BLE001 - the cancellation error is the expected outcome
-            return exc
-        return None
+            error = exc
+        else:
+            error = None
+        if ended is not None:
+            await ended()
+        return error
     finally:
         await stop_lsp(client)
 
@@ -116,7 +143,7 @@ async def test_initialization_options_reach_the_backend(scripted_backend):
     url, fake = scripted_backend
     client = await start_lsp(url, {"multiline": "never", "params": {"mode": "ar", "temperature": 0.5}})
     try:
-        await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), 60)
+        await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), WAIT_S)
     finally:
         await stop_lsp(client)
     req = fake.requests[-1]
@@ -136,16 +163,24 @@ async def test_inline_completion_round_trip(scripted_backend):
 
 async def test_cancel_request_cancels_the_backend_completion(scripted_backend):
     url, fake = scripted_backend
-    fake.delay_s = 0.2
+    n_before = len(fake.requests)
+
+    def started() -> set[str]:
+        return {r.request_id for r in fake.requests[n_before:]}
+
+    fake.hold = threading.Event()  # the completion stays in flight until the cancel ends it
     try:
-        n_before = len(fake.requests)
-        error = await lsp_cancel(url, wait_s=1.0)
+        error = await lsp_cancel(
+            url,
+            in_flight=lambda: wait_until(lambda: bool(started()), "the completion to reach the backend"),
+            ended=lambda: wait_until(lambda: started() <= set(fake.cancelled), "the backend to cancel it"),
+        )
     finally:
-        fake.delay_s = 0.002
+        fake.hold.set()  # the fixture is shared: leave no request held
+        fake.hold = None
     assert error is not None and "cancel" in str(error).lower()
-    started = [r.request_id for r in fake.requests[n_before:]]
-    assert started and all(rid in fake.cancelled for rid in started)
-    assert not set(started) & set(fake.completed)
+    assert started() and started() <= set(fake.cancelled)
+    assert not started() & set(fake.completed)
 
 
 async def test_unreachable_backend_is_an_lsp_error_not_an_empty_answer():

@@ -4,11 +4,17 @@
 prefixes, stop strings, cancellations and deadlines. Every request that finishes on its own must
 produce exactly its solo run's tokens; cancelled and expired ones a prefix of it; afterwards no KV
 block may be held.
+
+Nothing here waits on wall-clock luck: the preemption is forced (see `_run_with_preemption`), cancels
+and disconnects happen on a delta the request has already sent, and every test gets a fresh runner, so
+one failure cannot leave KV blocks or sequences to the next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import structlog
@@ -25,13 +31,42 @@ SNIPPETS = [
     "for i in range(10):\n    print(",
 ]
 SHARED = "    def _split_chunks(self, text):\n        chunks = self.wordsep_re.split(text)\n"
+WAIT_S = 120.0  # bound on waiting for engine state; generous for a loaded 2-core machine
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def runner(tiny_model_dir):
+    """A fresh runner per test (milliseconds): a test that fails midway leaves nothing to the next."""
     from workers.runner import ModelRunner
 
     return ModelRunner(tiny_model_dir, num_blocks=512, block_size=16)
+
+
+class ForwardGate:
+    """Wraps a runner's execute: the first forward waits in its worker thread until `release()`, so the
+    test can queue requests while the engine's running set is known (the event loop keeps serving)."""
+
+    def __init__(self, execute):
+        self._execute = execute
+        self.entered = threading.Event()
+        self._released = threading.Event()
+
+    def __call__(self, segments):
+        self.entered.set()
+        if not self._released.wait(WAIT_S):
+            raise TimeoutError(f"ForwardGate: the test did not release the forward within {WAIT_S} s")
+        return self._execute(segments)
+
+    def release(self) -> None:
+        self._released.set()
+
+
+async def _wait_until(predicate, what: str) -> None:
+    """Poll engine state (not a fixed sleep) until `predicate()` holds; fail after WAIT_S."""
+    end = time.monotonic() + WAIT_S
+    while not predicate():
+        assert time.monotonic() < end, f"timed out after {WAIT_S} s waiting for {what}"
+        await asyncio.sleep(0.005)
 
 
 def _requests(tokenizer) -> list[GenerationRequest]:
@@ -72,10 +107,7 @@ def _pick_stop(tokenizer, specs, solo, exclude):
 
 async def _consume(engine, spec, action):
     """Collect deltas; `action` = "cancel" (engine.cancel after the first delta), "disconnect"
-    (stop iterating after the first delta) or None. INTERACTIVE requests arrive a little later, when
-    BATCH requests fill every running slot, so they preempt some."""
-    if spec.priority is Priority.INTERACTIVE:
-        await asyncio.sleep(0.3)
+    (stop iterating after the first delta) or None."""
     deltas = []
     stream = engine.submit(spec)
     async for delta in stream:
@@ -88,7 +120,38 @@ async def _consume(engine, spec, action):
     return deltas
 
 
-async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(runner):
+async def _run_with_preemption(engine, runner, specs, actions, monkeypatch) -> list[list]:
+    """Run every request (results in the order of `specs`), the INTERACTIVE ones forced to preempt.
+
+    The BATCH requests are submitted first; they all reach the queue before the engine loop wakes
+    (asyncio runs ready tasks in order), so its first step fills every running slot. That first forward
+    is held until the INTERACTIVE requests are queued. At the next step each of them finds the slots
+    taken and sends the youngest running BATCH request back to the queue. Before that step a request
+    can only end on its own (deadline, or EOS or a stop string in its first forward): cancels and
+    disconnects need a delta that their consumer reads only during the next forward. So at least one
+    preempts unless 8 of the 12 end after one forward; only the 3 deadline requests are set up to.
+    """
+    batch = [s for s in specs if s.priority is Priority.BATCH]
+    interactive = [s for s in specs if s.priority is Priority.INTERACTIVE]
+    gate = ForwardGate(runner.execute)
+    monkeypatch.setattr(runner, "execute", gate)
+
+    def consume(spec):
+        return asyncio.create_task(_consume(engine, spec, actions.get(spec.request_id)))
+
+    consumers = {s.request_id: consume(s) for s in batch}
+    try:
+        await _wait_until(gate.entered.is_set, "the first forward")
+        assert len(engine.scheduler.running) == engine.config.max_running, "BATCH requests must fill every slot"
+        consumers.update({s.request_id: consume(s) for s in interactive})
+        queued = {s.request_id for s in interactive}
+        await _wait_until(lambda: queued <= {r.id for r in engine.scheduler.waiting}, "INTERACTIVE to queue")
+    finally:
+        gate.release()  # on failure too: engine.stop() must not wait on a held forward
+    return [await consumers[s.request_id] for s in specs]
+
+
+async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(runner, monkeypatch):
     from scheduler.decoders import ModelDecoderFactory
     from scheduler.engine import Engine
 
@@ -107,8 +170,11 @@ async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(run
     config = EngineConfig(token_budget=256, deadline_grace_ms=0, max_running=12,
                           routing=RoutingConfig(calibrate=True, calibration_tokens=(1, 64, 256), allow_switch=False))
     engine = Engine(runner, tokenizer, config, factory)
-    await engine.start()
-    results = await asyncio.gather(*[_consume(engine, s, actions.get(s.request_id)) for s in specs])
+    await engine.start()  # calibrates on the ungated runner
+    try:
+        results = await _run_with_preemption(engine, runner, specs, actions, monkeypatch)
+    finally:
+        await engine.stop()  # clears the prefix cache too
 
     reasons = {}
     for spec, deltas in zip(specs, results):
@@ -131,8 +197,6 @@ async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(run
     assert {d[-1].mode for d in results if d and d[-1].finished} >= {Mode.AR, Mode.REFUSION}
     assert engine.prefix_cache.hit_rate > 0
     assert sum(d[-1].stats.get("preemptions", 0) for d in results if d and d[-1].finished) > 0
-
-    await engine.stop()  # clears the prefix cache too
     assert runner.blocks.num_free == runner.blocks.num_total
     assert runner.sequences() == []
 

@@ -1,0 +1,133 @@
+"""The ingress's door: the outermost ASGI middleware, which every HTTP request and WebSocket passes.
+
+    gate = IngressGate()                                  # app.state.gate (openai_api.create_app)
+    app.add_middleware(IngressGateMiddleware, gate=gate, metrics=app.state.metrics)
+    gate.start_draining(retry_after_s=5)                  # serve_app, when `refusion serve` drains
+    gate.open_requests                                    # HTTP requests not yet fully answered
+
+It owns what must hold on every path, whatever a route does or fails to do:
+
+- In flight: `refusion_api_requests_in_flight{endpoint}` goes up when a request arrives and down in a
+  `finally` when its ASGI call returns (response sent, route failed, client gone), so no exit path can
+  leave it raised. A route's RequestObserver (http_metrics.RequestObserver.for_request) that is still
+  open then is finished with the status that went out: a 400 raised mid-route is counted as a 400.
+- Draining: after `start_draining()`, new requests get 503 + Retry-After in OpenAI's error shape (/health
+  answers {"status": "draining"}; /metrics keeps answering) and new WebSockets are refused (close code
+  1013, "try again later"), while requests already inside run to their end.
+- Disconnects: Ray Serve's ASGI bridge raises from `receive()` (TaskCancelledError when the proxy drops a
+  client, ActorDiedError when the proxy itself is gone) where ASGI servers deliver a disconnect message.
+  The gate delivers that message instead, so a client going away stays the normal event it is (one
+  request-log line), not a traceback in the error log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+log = logging.getLogger(__name__)
+
+# Routes whose requests the in-flight gauge counts, by their `endpoint` label.
+GAUGED_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/infill": "infill"}
+# Routes that keep answering while the ingress drains (Prometheus should see the drain happen).
+OPEN_WHILE_DRAINING = frozenset({"/metrics"})
+CLIENT_GONE = 499  # nginx's "client closed request": the status recorded when no response went out
+
+
+class IngressGate:
+    """Drain switch and open-request count of one ingress replica (shared with the middleware)."""
+
+    def __init__(self):
+        self.draining = False
+        self.retry_after_s = 5
+        self.open_requests = 0
+
+    def start_draining(self, retry_after_s: float = 5) -> None:
+        """Refuse new requests and WebSockets from now on; those already inside run to their end."""
+        self.retry_after_s = max(1, round(retry_after_s))
+        self.draining = True
+
+
+def route_path(scope) -> str:
+    """The path inside the application (behind Ray Serve's route prefix /x, /x/health is /health)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+class IngressGateMiddleware:
+    """Pure ASGI (WebSockets pass here too). See the module docstring."""
+
+    def __init__(self, app, gate: IngressGate, metrics):
+        self.app, self.gate, self.metrics = app, gate, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path = route_path(scope)
+        if self.gate.draining and path not in OPEN_WHILE_DRAINING:
+            await self._refuse(scope, send, path)
+            return
+        receive = _disconnect_on_transport_error(receive, scope["type"])
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+        await self._answer(scope, receive, send, path)
+
+    async def _answer(self, scope, receive, send, path: str) -> None:
+        status = CLIENT_GONE
+
+        async def send_and_note_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        scope["state"] = dict(scope.get("state") or {})  # per request: routes register their observer here
+        endpoint = GAUGED_ENDPOINTS.get(path)
+        gauge = self.metrics.in_flight.labels(endpoint) if endpoint else None
+        self.gate.open_requests += 1
+        if gauge is not None:
+            gauge.inc()
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        except Exception:
+            if status == CLIENT_GONE:
+                status = 500  # Starlette's outermost handler answers the unhandled error with a 500
+            raise
+        finally:
+            self.gate.open_requests -= 1
+            if gauge is not None:
+                gauge.dec()
+            observer = scope["state"].get("observer")
+            if observer is not None:
+                observer.finish(status, error="client disconnected" if status == CLIENT_GONE else None)
+
+    async def _refuse(self, scope, send, path: str) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1013, "reason": "server is shutting down"})
+            return
+        if path == "/health":
+            body = {"status": "draining"}
+        else:
+            body = {"error": {"message": f"the server is shutting down: retry in {self.gate.retry_after_s} s",
+                              "type": "overloaded_error", "param": None, "code": "shutting_down"}}
+        payload = json.dumps(body).encode() if scope.get("method") != "HEAD" else b""
+        headers = [(b"content-type", b"application/json"), (b"retry-after", str(self.gate.retry_after_s).encode()),
+                   (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _disconnect_on_transport_error(receive, scope_type: str):
+    """`receive` that answers a transport failure with the ASGI disconnect message (see module docstring)."""
+    disconnect = {"type": "http.disconnect"} if scope_type == "http" else {"type": "websocket.disconnect", "code": 1006}
+
+    async def receive_or_disconnect():
+        try:
+            return await receive()
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the client can no longer be reached
+            log.debug("receive failed (%s): treating it as a disconnect", type(exc).__name__)
+            return disconnect
+
+    return receive_or_disconnect

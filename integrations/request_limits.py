@@ -1,0 +1,313 @@
+"""What a request may carry, checked before any costly work, and tokenizing off the event loop.
+
+Every HTTP route reads its body through this module, so one kind of fault has one fix:
+
+    BodyLimitMiddleware      ASGI, every HTTP route: a body over max_body_bytes is answered 413 before
+                             the route runs (by Content-Length, or counted as it arrives)
+    parse_json_object(raw)   the body as a JSON object; not UTF-8, not JSON, NaN/Infinity, nested deeper
+                             than MAX_JSON_DEPTH, or a lone UTF-16 surrogate in a string (which no
+                             tokenizer or JSON encoder accepts) -> InputError naming the field
+    RequestLimits            prompt characters (checked before tokenizing) and the model context (tokens)
+    off_loop(fn, ...)        tokenizer work (encode, chat template, infill prompt) in a small thread
+                             pool, so a long prompt never stalls other requests; memory freed after
+
+Fronts map `InputError` to their error shape (OpenAI's in http_errors, llama.cpp's in editor/http.py).
+Sampling bounds that keep hostile values out of the forward (where one failing request would end
+every request of that batch) are here too: MAX_SEED, MIN_TOP_P, GREEDY_BELOW_TEMPERATURE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+MiB = 1 << 20
+DEFAULT_MAX_BODY_BYTES = 8 * MiB  # a 128K-token prompt is ~0.5 MB of text or ~0.9 MB of token ids
+PROMPT_CHARS_PER_CONTEXT_TOKEN = 8  # default max_prompt_chars = 8 x context; BPE averages 3-4 chars/token
+MAX_JSON_DEPTH = 64  # nested arrays/objects; tool schemas need ~20
+MAX_SEED = 2**64 - 1  # torch.Generator seeds are uint64; a larger seed fails inside the batched forward
+MIN_TOP_P = 1e-6  # below float32's smallest value top_p rounds to 0 and drops every token
+GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM: logits / 1e-300 overflow to inf; such temperatures mean greedy
+TOKENIZER_THREADS = 2  # concurrent tokenizations; bounds their memory (one 2M-char encode holds ~0.5 GB)
+TRIM_AFTER_CHARS = 1 << 16  # after tokenizing this much text, give freed memory back to the OS
+TRIM_AFTER_BODY_BYTES = 1 * MiB  # likewise after a request with a body this large
+DISCARD_UP_TO_BYTES = 64 * MiB  # an over-limit body up to this size is read (and dropped) before the 413
+
+
+class InputError(Exception):
+    """Bad or oversized input. `status`: 400 (malformed), 413 (too large); `field`: the JSON path
+    ("messages.0.content") or None for the body as a whole; the message says what to change."""
+
+    def __init__(self, status: int, field: str | None, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.status, self.field, self.message = status, field, message
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The HTTP front's input limits.
+
+    max_body_bytes: request body size in bytes (413 above it).
+    max_prompt_chars: characters of a prompt (or chat messages, suffix, /tokenize content), refused
+        before tokenizing; None = PROMPT_CHARS_PER_CONTEXT_TOKEN x context_length (1,000,000 when the
+        context is unknown).
+    context_length: the model's context in tokens (config.json max_position_embeddings); prompt +
+        max_tokens must fit. 0 = unknown, not checked.
+    """
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_prompt_chars: int | None = None
+    context_length: int = 0
+
+    @property
+    def prompt_chars(self) -> int:
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        return PROMPT_CHARS_PER_CONTEXT_TOKEN * self.context_length if self.context_length else 1_000_000
+
+    def as_dict(self) -> dict:
+        return {"max_body_bytes": self.max_body_bytes, "max_prompt_chars": self.prompt_chars,
+                "context_length": self.context_length, "max_json_depth": MAX_JSON_DEPTH}
+
+    def check_chars(self, field: str, text: str) -> None:
+        """Raise InputError(400, field) when `text` is over the prompt character limit."""
+        if len(text) > self.prompt_chars:
+            raise InputError(400, field, f"is {len(text):,} characters; the limit is {self.prompt_chars:,} "
+                                         f"(max_prompt_chars): send less text")
+
+    def fit_generation(self, prompt_tokens: int, max_tokens: int, requested: bool) -> int:
+        """Tokens to generate so that prompt + generation fit the context. A default (`requested`
+        False) shrinks to the room left, as vLLM does; a requested max_tokens that does not fit, or a
+        prompt that fills the context, is an InputError naming the field to change."""
+        if not self.context_length:
+            return max_tokens
+        room = self.context_length - prompt_tokens
+        if room < 1:
+            raise InputError(400, "prompt", f"is {prompt_tokens:,} tokens; the model's context is "
+                                            f"{self.context_length:,} tokens: shorten the prompt")
+        if max_tokens <= room or not requested:
+            return min(max_tokens, room)
+        raise InputError(400, "max_tokens", f"prompt ({prompt_tokens:,} tokens) + max_tokens ({max_tokens:,}) exceed "
+                                            f"the model's context of {self.context_length:,} tokens: ask for at "
+                                            f"most {room:,} or shorten the prompt")
+
+
+def sampling_temperature(value: float | None) -> float | None:
+    """The temperature the decoder gets: below GREEDY_BELOW_TEMPERATURE means greedy (0)."""
+    return 0.0 if value is not None and value < GREEDY_BELOW_TEMPERATURE else value
+
+
+# --------------------------------------------------------------------------------------------------
+# The body: size, then JSON
+
+
+def too_large_body(size: int, limit: int) -> dict:
+    """The 413 body in OpenAI's error shape."""
+    return {"error": {"message": f"request body is {size:,} bytes or more; the limit is {limit:,} bytes "
+                                 f"(max_body_bytes): send a shorter prompt",
+                      "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: reads an HTTP request's body (at most max_body_bytes) before the app runs and hands it
+    on in one piece, or answers 413 without running the app. Every route reads its whole body anyway;
+    reading it here bounds what any route can be made to hold. WebSockets pass untouched (their frames
+    have the editor protocol's own limit).
+
+    Most clients send the whole body before reading the answer, and see a reset connection instead of
+    a 413 sent early. So the rest of an over-limit body is read and discarded (memory stays flat) up to
+    DISCARD_UP_TO_BYTES in all, then the 413 goes out; a body declared larger is answered at once."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app, self.limit = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            if declared <= DISCARD_UP_TO_BYTES:
+                await _discard(receive, DISCARD_UP_TO_BYTES)
+            await _send_413(send, declared, self.limit)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body: nobody to answer
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                chunks.clear()
+                if message.get("more_body", False):
+                    size += await _discard(receive, DISCARD_UP_TO_BYTES - size)
+                await _send_413(send, size, self.limit)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        held = [b"".join(chunks)]
+        chunks.clear()
+
+        async def replay():
+            if held:  # the body once, then the connection's own messages (disconnect)
+                return {"type": "http.request", "body": held.pop(), "more_body": False}
+            return await receive()
+
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if size >= TRIM_AFTER_BODY_BYTES:
+                held.clear()
+                _trim_heap()  # parsing a large body leaves freed heap glibc would otherwise keep
+
+
+async def _discard(receive, budget: int) -> int:
+    """Read and drop body messages until the body ends, the client leaves or `budget` bytes went by;
+    returns the bytes read."""
+    read = 0
+    while read <= budget:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return read
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _send_413(send, size: int, limit: int) -> None:
+    body = json.dumps(too_large_body(size, limit)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """The body as a JSON object (an empty body is {}, so validation names the missing fields).
+    Raises InputError(400) saying what is wrong and, for a bad string or nesting, where."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(400, None, f"request body is not UTF-8 (bad byte at offset {exc.start}): "
+                                    f"send JSON encoded as UTF-8") from None
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise InputError(400, None, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                                    f"column {exc.colno}") from None
+    except RecursionError:
+        raise InputError(400, None, f"request body nests arrays/objects deeper than {MAX_JSON_DEPTH} "
+                                    f"levels: flatten it") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer of more than 4,300 digits
+        raise InputError(400, None, f"request body has a number JSON cannot carry: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(400, None, f"request body must be a JSON object ({{...}}), got {_json_kind(data)}")
+    _check_tree(data)
+    return data
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number; send a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a float; send a finite number")
+    return value
+
+
+def _json_kind(value) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def _check_tree(data: dict) -> None:
+    """Iteratively (no recursion to exhaust): nesting depth, and strings that are not valid Unicode."""
+    stack: list[tuple[Any, tuple, int]] = [(data, (), 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            field = _dotted(path[:6]) + (".…" if len(path) > 6 else "")
+            raise InputError(400, field, f"nests arrays/objects deeper than {MAX_JSON_DEPTH} levels: flatten it")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(key, str):
+                _check_text(key, path + (key,))
+            if isinstance(value, str):
+                _check_text(value, path + (key,))
+            elif isinstance(value, (dict, list)):
+                stack.append((value, path + (key,), depth + 1))
+
+
+def _check_text(text: str, path: tuple) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(400, _dotted(path), f"has a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at "
+                                             f"character {exc.start}: send valid Unicode text") from None
+
+
+def _dotted(path: tuple) -> str:
+    """"messages.0.content"; a key that is not valid Unicode itself is shown escaped."""
+    text = ".".join(str(p) for p in path) or "body"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+async def read_json_object(request) -> dict:
+    """parse_json_object of a Starlette request's body (already bounded by BodyLimitMiddleware)."""
+    return parse_json_object(await request.body())
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizing off the event loop
+
+_TOKENIZER_POOL = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS, thread_name_prefix="tokenize")
+
+
+async def off_loop(fn: Callable, *args, chars: int = 0):
+    """Run `fn(*args)` (tokenizer-bound work) in the tokenizer pool and return its result; exceptions
+    propagate. The event loop stays free meanwhile (HF tokenizers release the GIL while encoding).
+    `chars`: the text size involved; at TRIM_AFTER_CHARS or more, freed heap is returned to the OS
+    afterwards (glibc keeps it otherwise: a 2M-char encode leaves ~0.5 GB behind)."""
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_POOL, _run_and_trim, fn, args, chars)
+
+
+def _run_and_trim(fn: Callable, args: tuple, chars: int):
+    try:
+        return fn(*args)
+    finally:
+        if chars >= TRIM_AFTER_CHARS:
+            _trim_heap()
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of `text` (CPU-bound: run it through off_loop)."""
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens)) if text or add_special_tokens else []

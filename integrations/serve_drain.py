@@ -1,0 +1,123 @@
+"""Draining a Ray Serve application before it is shut down, so no running request is cut.
+
+    signal = drain_signal("refusion")                     # refusion serve, before serve.run: ready early
+    drained = drain_app("refusion", signal, drain_timeout_s=20)   # on Ctrl-C / SIGTERM
+    serve.shutdown()                                      # only now: it kills the HTTP proxy first
+
+Ray Serve's own shutdown kills the HTTP proxy at once, severing every open stream. Draining first:
+
+1. The drain signal is a named actor per application (`drain_signal`), created before the replicas so
+   that signalling costs one call, not an actor start. Every replica finds it and waits on it with one
+   long-poll call (`wait_for_drain_signal`; replicas started without it look again every DRAIN_POLL_S).
+2. `drain_app` starts the drain: at once, an ingress replica refuses new requests (503 + Retry-After,
+   integrations/ingress_gate.py) and an engine replica stops admitting, lets running requests finish for
+   drain_timeout_s and ends the rest with a clean error (`scheduler.engine.Engine.stop`): an SSE `error`
+   event, an editor error.
+3. Each replica then reports the work it still holds to the signal (`report_open_work`): an ingress its
+   HTTP requests not yet fully answered, an engine 1 until its engine has stopped.
+4. `drain_app` returns once every running replica has reported and none holds work (True), or when the
+   drain timeout plus a margin has passed or `give_up` is set (False). It removes the signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Callable
+
+import ray
+
+DRAIN_POLL_S = 0.5  # replicas started before their drain signal exists look for it this often
+DRAIN_REPORT_S = 0.1  # how often a draining replica reports, and the caller reads the reports
+DRAIN_MARGIN_S = 5.0  # beyond drain_timeout_s: ending cancelled streams, reporting
+DRAIN_RETRY_AFTER_S = 5  # Retry-After of requests refused while draining
+
+
+def _drain_signal_name(app_name: str) -> str:
+    return f"refusion-drain:{app_name}"
+
+
+@ray.remote(num_cpus=0)
+class DrainSignal:
+    """An application's drain switch (async actor: replicas wait on it concurrently) and the work its
+    draining replicas report."""
+
+    def __init__(self):
+        self._draining = asyncio.Event()
+        self._open_work: dict[str, int] = {}
+
+    async def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        self._draining.set()
+
+    async def wait(self) -> None:
+        await self._draining.wait()
+
+    async def report(self, member: str, open_work: int) -> None:
+        self._open_work[member] = open_work
+
+    async def open_work(self) -> dict[str, int]:
+        return dict(self._open_work)
+
+
+def drain_signal(app_name: str):
+    """The drain signal of `app_name` (created if missing), not yet started. It lives as long as the
+    process that created it."""
+    signal = DrainSignal.options(name=_drain_signal_name(app_name), namespace="serve", get_if_exists=True).remote()
+    ray.get(signal.ready.remote())
+    return signal
+
+
+def signal_drain(app_name: str):
+    """Start draining `app_name` now and return the signal (keep it alive until the app is shut down)."""
+    signal = drain_signal(app_name)
+    ray.get(signal.start.remote())
+    return signal
+
+
+def drain_app(app_name: str, signal, drain_timeout_s: float, give_up: threading.Event | None = None) -> bool:
+    """Drain `app_name` (steps in the module docstring); True when every running replica reported no open
+    work within drain_timeout_s + DRAIN_MARGIN_S (and before `give_up` was set). Removes the signal."""
+    members = _running_replicas(app_name)
+    ray.get(signal.start.remote())
+    deadline = time.monotonic() + drain_timeout_s + DRAIN_MARGIN_S
+    try:
+        while time.monotonic() < deadline and not (give_up is not None and give_up.is_set()):
+            open_work = ray.get(signal.open_work.remote())
+            if len(open_work) >= members and not any(open_work.values()):
+                return True
+            time.sleep(DRAIN_REPORT_S)
+        return False
+    finally:
+        ray.kill(signal)
+
+
+def _running_replicas(app_name: str) -> int:
+    from ray import serve
+
+    deployments = serve.status().applications[app_name].deployments.values()
+    return sum(count for d in deployments for state, count in d.replica_states.items() if state == "RUNNING")
+
+
+async def wait_for_drain_signal(app_name: str):
+    """Return the drain signal's handle once the application's drain has started (may never happen)."""
+    while True:
+        try:
+            signal = await asyncio.to_thread(ray.get_actor, _drain_signal_name(app_name), namespace="serve")
+            await signal.wait.remote()
+            return signal
+        except (ValueError, ray.exceptions.RayActorError):  # not created yet, or its creator has exited
+            await asyncio.sleep(DRAIN_POLL_S)
+
+
+async def report_open_work(signal, member: str, open_work: Callable[[], int]) -> None:
+    """Report `open_work()` to the drain signal every DRAIN_REPORT_S until the signal is gone."""
+    while True:
+        try:
+            await signal.report.remote(member, open_work())
+        except ray.exceptions.RayError:
+            return  # the drain is over: the signal was removed (or Ray is shutting down)
+        await asyncio.sleep(DRAIN_REPORT_S)

@@ -1,0 +1,245 @@
+"""The bad-input corpus: hostile or malformed requests for every endpoint of the serve app, with the
+answer each must get. Run by test_bad_input_corpus.py against the real Ray Serve app (serve_base_url).
+
+HTTPCase.body: a dict (sent as JSON; ensure_ascii keeps lone surrogates as \\ud800 escapes), raw bytes,
+or None (no body). `status` is the expected answer; `field` is a word the error message must contain
+(the offending field, or the setting that sets the limit). Cases with status 200 send junk an endpoint
+has no use for (it must be ignored, not crash it).
+
+FrameCase: one WebSocket frame for /v1/editor and the protocol error code it must get; `field` must be
+the error's data.field (INVALID_PARAMS) or appear in its message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field as dc_field
+
+import msgpack
+
+from integrations.editor import protocol as rpc
+
+MAX_BODY_BYTES = 8 << 20  # integrations.request_limits.DEFAULT_MAX_BODY_BYTES (the test app's setting)
+CONTEXT = 4096  # tests/model_factory.py max_position_embeddings
+MAX_PROMPT_CHARS = 8 * CONTEXT  # the default: 8 characters per context token
+NESTED = b"[" * 100_000  # the probe's RecursionError body
+
+
+def nested(levels: int):
+    """A JSON value nested `levels` deep: [[[...[1]...]]]."""
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@dataclass(frozen=True)
+class HTTPCase:
+    id: str
+    method: str
+    path: str
+    body: dict | list | str | bytes | None = None
+    status: int = 400
+    field: str | None = None
+    headers: dict = dc_field(default_factory=dict)
+
+    def content(self) -> bytes | None:
+        if self.body is None or isinstance(self.body, bytes):
+            return self.body
+        return json.dumps(self.body).encode()
+
+
+def _c(id, body, status=400, field=None, path="/v1/completions", **kw) -> HTTPCase:
+    return HTTPCase(id, "POST", path, body, status, field, **kw)
+
+
+def _chat(id, body, status=400, field=None) -> HTTPCase:
+    return HTTPCase(id, "POST", "/v1/chat/completions", body, status, field)
+
+
+def _infill(id, body, status=400, field=None) -> HTTPCase:
+    return HTTPCase(id, "POST", "/infill", body, status, field)
+
+
+def _tok(id, body, status=400, field=None) -> HTTPCase:
+    return HTTPCase(id, "POST", "/tokenize", body, status, field)
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+HTTP_CASES = [
+    # POST /v1/completions: the body
+    _c("completions-not-json", b'{"prompt": ', field="JSON"),
+    _c("completions-nested-100k", NESTED, field="deeper"),
+    _c("completions-not-utf8", b'{"prompt": "\xff\xfe"}', field="UTF-8"),
+    _c("completions-array-body", [], field="JSON object"),
+    _c("completions-string-body", "hi", field="JSON object"),
+    _c("completions-nan", b'{"prompt": "x", "temperature": NaN}', field="NaN"),
+    _c("completions-1e999", b'{"prompt": "x", "temperature": 1e999}', field="finite"),
+    _c("completions-5000-digit-int", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", field="number"),
+    _c("completions-over-body-limit", b'{"prompt": "' + b"a" * (MAX_BODY_BYTES + 16) + b'"}', 413, "max_body_bytes"),
+    _c("completions-deep-stop", {"prompt": "x", "stop": nested(70)}, field="stop"),
+    # POST /v1/completions: the prompt
+    _c("completions-no-prompt", {"max_tokens": 4}, field="prompt"),
+    _c("completions-prompt-null", {"prompt": None}, field="prompt"),
+    _c("completions-prompt-number", {"prompt": 5}, field="prompt"),
+    _c("completions-prompt-nested-ids", {"prompt": [[1, 2]]}, field="prompt"),
+    _c("completions-prompt-id-outside-vocab", {"prompt": [10**9]}, field="prompt"),
+    _c("completions-prompt-negative-id", {"prompt": [-1]}, field="prompt"),
+    _c("completions-prompt-empty-list", {"prompt": []}, field="prompt"),
+    _c("completions-prompt-lone-surrogate", {"prompt": "x\ud800"}, field="prompt"),
+    _c("completions-prompt-over-chars", {"prompt": "a" * (MAX_PROMPT_CHARS + 1)}, field="max_prompt_chars"),
+    _c("completions-prompt-ids-over-context", {"prompt": [5] * (CONTEXT + 1)}, field="prompt"),
+    _c("completions-suffix-over-chars", {"prompt": "x", "suffix": "a" * 200_001}, field="suffix"),
+    _c("completions-prompt-with-suffix-over-chars", {"prompt": "a" * 200_001, "suffix": "x"}, field="prompt"),
+    _c("completions-suffix-with-ids", {"prompt": [5, 6], "suffix": "x"}, field="prompt"),
+    # POST /v1/completions: sampling and ReFusion fields
+    _c("completions-max-tokens-over-context", {"prompt": "x", "max_tokens": 10**6}, field="max_tokens"),
+    _c("completions-max-tokens-zero", {"prompt": "x", "max_tokens": 0}, field="max_tokens"),
+    _c("completions-max-tokens-string", {"prompt": "x", "max_tokens": "many"}, field="max_tokens"),
+    _c("completions-temperature-negative", {"prompt": "x", "temperature": -1}, field="temperature"),
+    _c("completions-temperature-string", {"prompt": "x", "temperature": "hot"}, field="temperature"),
+    _c("completions-top-p-zero", {"prompt": "x", "top_p": 0}, field="top_p"),
+    _c("completions-top-p-denormal", {"prompt": "x", "top_p": 1e-300}, field="top_p"),
+    _c("completions-seed-over-uint64", {"prompt": "x", "seed": 2**70}, field="seed"),
+    _c("completions-seed-negative", {"prompt": "x", "seed": -5}, field="seed"),
+    _c("completions-stop-empty", {"prompt": "x", "stop": [""]}, field="stop"),
+    _c("completions-stop-five", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, field="stop"),
+    _c("completions-n-two", {"prompt": "x", "n": 2}, field="n"),
+    _c("completions-mode-unknown", {"prompt": "x", "mode": "fast"}, field="mode"),
+    _c("completions-priority-unknown", {"prompt": "x", "priority": "urgent"}, field="priority"),
+    _c("completions-stream-list", {"prompt": "x", "stream": [1]}, field="stream"),
+    _c("completions-unknown-field", {"prompt": "x", "bogus_field": 1}, field="bogus_field"),
+    _c("completions-slot-size-zero", {"prompt": "x", "slot_size": 0}, field="slot_size"),
+    _c("completions-blocks-do-not-divide", {"prompt": "x", "max_tokens": 16, "slot_size": 8, "serial_num_blocks": 5},
+       field="serial_num_blocks"),
+    _c("completions-echo", {"prompt": "x", "echo": True}, field="echo"),
+    _c("completions-logit-bias", {"prompt": "x", "logit_bias": {"1": 5}}, field="logit_bias"),
+    _c("completions-unknown-model", {"prompt": "x", "model": "gpt-nope"}, 404, "model"),
+    _c("completions-model-lone-surrogate", {"prompt": "x", "model": "\udc80"}, field="model"),
+    # POST /v1/chat/completions
+    _chat("chat-no-messages", {"max_tokens": 4}, field="messages"),
+    _chat("chat-empty-messages", {"messages": []}, field="messages"),
+    _chat("chat-messages-string", {"messages": "hi"}, field="messages"),
+    _chat("chat-role-unknown", {"messages": [{"role": "wizard", "content": "hi"}]}, field="messages.0.role"),
+    _chat("chat-image-part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+          field="messages.0.content"),
+    _chat("chat-content-lone-surrogate", {"messages": [{"role": "user", "content": "\ud83d"}]},
+          field="messages.0.content"),
+    _chat("chat-content-over-chars", {"messages": [{"role": "user", "content": "a" * (MAX_PROMPT_CHARS + 1)}]},
+          field="messages"),
+    _chat("chat-tool-schema-too-deep", {"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": nested(70)}}]}, field="tools.0.function.parameters"),
+    _chat("chat-tool-key-lone-surrogate", {"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"\ud800": 1}}}]}, field="tools.0.function.parameters"),
+    _chat("chat-tool-name-empty", {"messages": USER, "tools": [{"type": "function", "function": {"name": ""}}]},
+          field="tools.0.function.name"),
+    _chat("chat-tool-choice-unknown", {"messages": USER, "tool_choice": "required"}, field="tool_choice"),
+    _chat("chat-response-format-json", {"messages": USER, "response_format": {"type": "json_object"}},
+          field="response_format"),
+    _chat("chat-max-completion-tokens-zero", {"messages": USER, "max_completion_tokens": 0},
+          field="max_completion_tokens"),
+    _chat("chat-not-json", b"{messages: []}", field="JSON"),
+    # GET /v1/models, /health, /v1/engine, /metrics; unknown routes
+    HTTPCase("models-unknown-id", "GET", "/v1/models/nope", status=404, field="model"),
+    HTTPCase("models-undecodable-id", "GET", "/v1/models/%ff%fe", status=404, field="model"),
+    HTTPCase("models-post", "POST", "/v1/models", {"x": 1}, status=405),
+    HTTPCase("models-junk-query", "GET", "/v1/models?limit=%ff%00&order=[[[", status=200),
+    HTTPCase("health-junk-query", "GET", "/health?%ff=%00", status=200),
+    HTTPCase("health-post", "POST", "/health", {"x": 1}, status=405),
+    HTTPCase("health-body-over-limit", "GET", "/health", b"a" * (MAX_BODY_BYTES + 1), status=413, field="max_body_bytes"),
+    HTTPCase("engine-post", "POST", "/v1/engine", b"[[[[", status=405),
+    HTTPCase("engine-junk-query", "GET", "/v1/engine?verbose=%ff", status=200),
+    HTTPCase("metrics-post", "POST", "/metrics", NESTED, status=405),
+    HTTPCase("metrics-junk-query", "GET", "/metrics?name[]=%ff", status=200),
+    HTTPCase("detokenize-absent", "POST", "/detokenize", {"tokens": [1, 2]}, status=404),
+    HTTPCase("unknown-route", "GET", "/v1/nothing", status=404),
+    # POST /infill (llama.cpp)
+    _infill("infill-nested-100k", NESTED, field="deeper"),
+    _infill("infill-not-json", b"{'input_prefix': 1}", field="JSON"),
+    _infill("infill-not-utf8", b'{"input_prefix": "\xc3\x28"}', field="UTF-8"),
+    _infill("infill-array-body", [1], field="JSON object"),
+    _infill("infill-over-body-limit", b'{"input_prefix": "' + b"a" * (MAX_BODY_BYTES + 16) + b'"}', 413, "max_body_bytes"),
+    _infill("infill-n-cmpl-nine", {"input_prefix": "x", "n_cmpl": 9}, field="n_cmpl"),
+    _infill("infill-n-predict-string", {"input_prefix": "x", "n_predict": "lots"}, field="n_predict"),
+    _infill("infill-n-predict-huge", {"input_prefix": "x", "n_predict": 100_000}, field="n_predict"),
+    _infill("infill-n-indent-negative", {"input_prefix": "x", "n_indent": -1}, field="n_indent"),
+    _infill("infill-extra-text-number", {"input_prefix": "x", "input_extra": [{"text": 1}]}, field="input_extra.0.text"),
+    _infill("infill-extra-not-list", {"input_prefix": "x", "input_extra": "PI = 3"}, field="input_extra"),
+    _infill("infill-prefix-over-chars", {"input_prefix": "a" * 200_001}, field="input_prefix"),
+    _infill("infill-prefix-lone-surrogate", {"input_prefix": "\udfff"}, field="input_prefix"),
+    _infill("infill-stop-empty", {"input_prefix": "x", "stop": [""]}, field="stop"),
+    _infill("infill-stop-empty-streamed", {"input_prefix": "x", "stop": [""], "stream": True}, field="stop"),
+    _infill("infill-seed-over-uint64", {"input_prefix": "x", "seed": 2**70, "temperature": 1}, field="seed"),
+    _infill("infill-predict-ms-negative", {"input_prefix": "x", "t_max_predict_ms": -5}, field="t_max_predict_ms"),
+    _infill("infill-temperature-nine", {"input_prefix": "x", "temperature": 9}, field="temperature"),
+    _infill("infill-response-fields-number", {"input_prefix": "x", "response_fields": [1]}, field="response_fields.0"),
+    # POST /tokenize (llama.cpp)
+    _tok("tokenize-nested-100k", NESTED, field="deeper"),
+    _tok("tokenize-not-json", b"content=x", field="JSON"),
+    _tok("tokenize-string-body", "x", field="JSON object"),
+    _tok("tokenize-no-content", {}, field="content"),
+    _tok("tokenize-content-number", {"content": 5}, field="content"),
+    _tok("tokenize-content-lone-surrogate", {"content": "a\ud800b"}, field="content"),
+    _tok("tokenize-content-over-chars", {"content": "a" * (MAX_PROMPT_CHARS + 1)}, field="max_prompt_chars"),
+    _tok("tokenize-add-special-word", {"content": "x", "add_special": "maybe"}, field="add_special"),
+    _tok("tokenize-over-body-limit", b'{"content": "' + b"a" * (MAX_BODY_BYTES + 16) + b'"}', 413, "max_body_bytes"),
+]
+
+
+@dataclass(frozen=True)
+class FrameCase:
+    id: str
+    frame: bytes | str
+    code: int
+    field: str | None = None
+
+
+def _complete(**params) -> bytes:
+    return rpc.encode_request(1, "complete", {"uri": "file:///a.py", "prefix": "x = ", **params})
+
+
+def _raw(value) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+FRAME_CASES = [
+    FrameCase("ws-text-frame", '[0, 1, "initialize", {}]', rpc.PARSE_ERROR),
+    FrameCase("ws-not-msgpack", b"\xc1\xc1\xc1", rpc.PARSE_ERROR),
+    FrameCase("ws-empty-frame", b"", rpc.PARSE_ERROR),
+    FrameCase("ws-nested-100k", b"\x91" * 100_000 + b"\x01", rpc.PARSE_ERROR),
+    FrameCase("ws-invalid-utf8-string", b"\x94\x00\x01\xa2\xc3\x28\x80", rpc.PARSE_ERROR),
+    FrameCase("ws-map-not-array", _raw({"id": 1, "method": "initialize"}), rpc.INVALID_REQUEST),
+    FrameCase("ws-response-from-client", _raw([1, 1, None, None]), rpc.INVALID_REQUEST),
+    FrameCase("ws-bool-id", _raw([0, True, "initialize", {}]), rpc.INVALID_REQUEST),
+    FrameCase("ws-float-id", _raw([0, 1.5, "initialize", {}]), rpc.INVALID_REQUEST),
+    FrameCase("ws-method-number", _raw([0, 1, 5, {}]), rpc.INVALID_REQUEST),
+    FrameCase("ws-params-list", _raw([0, 1, "complete", [1]]), rpc.INVALID_REQUEST),
+    FrameCase("ws-params-ext-type", _raw([0, 1, "complete", msgpack.ExtType(5, b"xx")]), rpc.INVALID_REQUEST),
+    FrameCase("ws-unknown-method", rpc.encode_request(1, "frobnicate"), rpc.METHOD_NOT_FOUND),
+    FrameCase("ws-over-frame-limit", _complete(suffix="a" * (1 << 20)), rpc.MESSAGE_TOO_LARGE, "limit"),
+    FrameCase("ws-complete-no-uri", rpc.encode_request(1, "complete", {"prefix": "x"}), rpc.INVALID_PARAMS, "uri"),
+    FrameCase("ws-complete-no-prefix", rpc.encode_request(1, "complete", {"uri": "u"}), rpc.INVALID_PARAMS, "prefix"),
+    FrameCase("ws-complete-prefix-number", _complete(prefix=5), rpc.INVALID_PARAMS, "prefix"),
+    FrameCase("ws-complete-prefix-over-chars", _complete(prefix="a" * 200_001), rpc.INVALID_PARAMS, "prefix"),
+    FrameCase("ws-complete-mode-unknown", _complete(mode="fast"), rpc.INVALID_PARAMS, "mode"),
+    FrameCase("ws-complete-max-tokens-zero", _complete(max_tokens=0), rpc.INVALID_PARAMS, "max_tokens"),
+    FrameCase("ws-complete-max-tokens-huge", _complete(max_tokens=10**6), rpc.INVALID_PARAMS, "max_tokens"),
+    FrameCase("ws-complete-max-time-negative", _complete(max_time_ms=-1), rpc.INVALID_PARAMS, "max_time_ms"),
+    FrameCase("ws-complete-temperature-nine", _complete(temperature=9), rpc.INVALID_PARAMS, "temperature"),
+    FrameCase("ws-complete-seed-negative", _complete(seed=-1), rpc.INVALID_PARAMS, "seed"),
+    FrameCase("ws-complete-gaps-zero", _complete(gaps=[0]), rpc.INVALID_PARAMS, "gaps"),
+    FrameCase("ws-complete-gaps-five", _complete(gaps=[8, 16, 24, 32, 40]), rpc.INVALID_PARAMS, "gaps"),
+    FrameCase("ws-complete-stop-empty", _complete(stop=[""]), rpc.INVALID_PARAMS, "stop"),
+    FrameCase("ws-complete-context-string", _complete(context="x"), rpc.INVALID_PARAMS, "context"),
+    FrameCase("ws-complete-context-text-number", _complete(context=[{"text": 5}]), rpc.INVALID_PARAMS, "context[0]"),
+    FrameCase("ws-complete-context-33-chunks", _complete(context=[{"text": "x"}] * 33), rpc.INVALID_PARAMS, "context"),
+    FrameCase("ws-complete-indent-negative", _complete(indent=-1), rpc.INVALID_PARAMS, "indent"),
+    FrameCase("ws-complete-multiline-string", _complete(multiline="yes"), rpc.INVALID_PARAMS, "multiline"),
+    FrameCase("ws-complete-version-string", _complete(version="v1"), rpc.INVALID_PARAMS, "version"),
+    FrameCase("ws-cancel-no-id", rpc.encode_request(1, "cancel", {}), rpc.INVALID_PARAMS, "id"),
+    FrameCase("ws-accept-negative-length", rpc.encode_request(1, "accept", {"id": 7, "accepted_length": -1}),
+              rpc.INVALID_PARAMS, "accepted_length"),
+    FrameCase("ws-accept-length-string", rpc.encode_request(1, "accept", {"id": 7, "accepted_length": "all"}),
+              rpc.INVALID_PARAMS, "accepted_length"),
+]

@@ -1,0 +1,182 @@
+"""The ingress gate without Ray (integrations/ingress_gate.py): the in-flight gauge returns to idle on every
+exit path, errors after a stream started end it cleanly and name no internals, draining refuses new work,
+a transport failure in `receive` is a quiet disconnect, and /health (GET and HEAD) reports ready only when
+the engine answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_editor_fakes import bpe_tokenizer  # noqa: F401 - fixture
+
+from integrations import openai_api
+from integrations.engine_client import EngineUnavailableError
+from integrations.openai_api import APISettings, create_app
+from scheduler.api import Delta, FinishReason, Mode, OverloadedError
+
+
+class ScriptedClient:
+    """An engine client streaming `pieces` (text deltas), then ending with `end`: "finish" (a finished
+    delta), an exception to raise, or "hang" (never ends: a client must leave)."""
+
+    model_name = "scripted"
+
+    def __init__(self, tokenizer, pieces=("a", "b"), end="finish", ready=True):
+        self.tokenizer, self.pieces, self.end, self.ready = tokenizer, pieces, end, ready
+        self.cancelled: list[str] = []
+
+    async def stream(self, req):
+        finished = False
+        try:
+            for text in self.pieces:
+                await asyncio.sleep(0)
+                yield Delta(req.request_id, text, self.tokenizer.encode(text), mode=Mode.AR)
+            if isinstance(self.end, BaseException):
+                raise self.end
+            if self.end == "hang":
+                await asyncio.Event().wait()
+            finished = True
+            yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.STOP, mode=Mode.AR)
+        finally:
+            if not finished:
+                self.cancelled.append(req.request_id)
+
+    async def info(self) -> dict:
+        if not self.ready:
+            await asyncio.Event().wait()  # an engine replica that never answers
+        return {"model": self.model_name}
+
+    async def metrics(self) -> bytes:
+        return b""
+
+
+def _app(client):
+    return create_app(APISettings(model_name=client.model_name), client)
+
+
+def _metric(app, name: str, **labels) -> float:
+    text = app.state.metrics.render().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def _http(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test")
+
+
+def _events(body: str) -> list[str]:
+    return [line.removeprefix("data: ") for line in body.splitlines() if line.startswith("data: ")]
+
+
+async def test_bad_suffix_request_and_engine_refusal_leave_the_gauge_idle(bpe_tokenizer):  # noqa: F811
+    app = _app(ScriptedClient(bpe_tokenizer, pieces=(), end=OverloadedError("queue full", 2.0)))
+    async with _http(app) as http:
+        bad = await http.post("/v1/completions", json={"prompt": [5, 6, 7], "suffix": "\nreturn x"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+        refused = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "stream": True})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+    assert _metric(app, "refusion_api_requests_in_flight") == 0
+
+
+@pytest.mark.parametrize("end, code, hidden", [
+    (EngineUnavailableError("the engine replica serving this request stopped; retry", 2.0), "engine_unavailable", None),
+    (RuntimeError("secret at /srv/internal/path.py pid 4242"), None, "secret"),
+])
+async def test_stream_failures_end_with_an_error_event_then_done(bpe_tokenizer, end, code, hidden):  # noqa: F811
+    app = _app(ScriptedClient(bpe_tokenizer, end=end))
+    async with _http(app) as http:
+        for path, body in (("/v1/completions", {"prompt": "x"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+            response = await http.post(path, json={**body, "max_tokens": 8, "stream": True})
+            events = _events(response.text)
+            assert response.status_code == 200 and events[-1] == "[DONE]", response.text
+            error = json.loads(events[-2])["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+            assert hidden is None or hidden not in error["message"]
+            plain = await http.post(path, json={**body, "max_tokens": 8})
+            assert plain.status_code == (503 if code else 500)
+            assert hidden is None or hidden not in plain.text
+    assert _metric(app, "refusion_api_requests_in_flight") == 0
+
+
+async def _asgi_stream(app, receive) -> list[dict]:
+    """POST a streamed completion straight through ASGI with the given `receive`; the messages sent."""
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    body = json.dumps({"prompt": "x", "max_tokens": 8, "stream": True}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "http_version": "1.1", "scheme": "http", "server": ("test", 80), "client": ("127.0.0.1", 1)}
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+    async def first_then(next_receive):
+        return next(messages, None) or await next_receive()
+
+    await asyncio.wait_for(app(scope, lambda: first_then(receive), send), 10)
+    return sent
+
+
+async def test_client_gone_is_one_quiet_499_even_when_receive_raises(bpe_tokenizer, caplog):  # noqa: F811
+    """Ray Serve's bridge raises TaskCancelledError from receive() when the proxy drops a client; a server
+    delivers http.disconnect. Both are a 499 in the request log, a cancelled engine request, no error log."""
+    from ray.exceptions import TaskCancelledError
+
+    client = ScriptedClient(bpe_tokenizer, end="hang")
+    app = _app(client)
+
+    async def disconnect():
+        return {"type": "http.disconnect"}
+
+    async def ray_cancelled():
+        raise TaskCancelledError()
+
+    with caplog.at_level(logging.INFO):
+        for receive in (disconnect, ray_cancelled):
+            await _asgi_stream(app, receive)
+    assert len(client.cancelled) == 2
+    assert _metric(app, "refusion_api_requests_total", endpoint="completions", status="499") == 2
+    assert _metric(app, "refusion_api_requests_in_flight") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+
+
+async def test_draining_refuses_new_work_but_keeps_metrics(bpe_tokenizer):  # noqa: F811
+    app = _app(ScriptedClient(bpe_tokenizer))
+    app.state.gate.start_draining(retry_after_s=3)
+    async with _http(app) as http:
+        refused = await http.post("/v1/completions", json={"prompt": "x"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+        assert refused.json()["error"]["code"] == "shutting_down"
+        health = await http.get("/health")
+        assert health.status_code == 503 and health.json() == {"status": "draining"}
+        assert (await http.head("/health")).status_code == 503
+        assert (await http.get("/metrics")).status_code == 200
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    await app({"type": "websocket", "path": "/v1/editor", "root_path": "", "headers": [], "query_string": b""},
+              None, send)
+    assert sent == [{"type": "websocket.close", "code": 1013, "reason": "server is shutting down"}]
+    assert app.state.gate.open_requests == 0
+
+
+async def test_health_is_ready_only_when_the_engine_answers(bpe_tokenizer, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(openai_api, "READY_TIMEOUT_S", 0.05)
+    client = ScriptedClient(bpe_tokenizer, ready=False)
+    async with _http(_app(client)) as http:
+        starting = await http.get("/health")
+        assert starting.status_code == 503 and starting.headers["retry-after"]
+        client.ready = True
+        ok = await http.get("/health")
+        assert ok.status_code == 200 and ok.json()["status"] == "ok"
+        head = await http.head("/health")
+        assert head.status_code == 200 and head.content == b""

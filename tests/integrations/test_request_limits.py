@@ -1,0 +1,292 @@
+"""integrations/request_limits.py and auth.OriginGuard without Ray: JSON reading, the body limit, prompt
+and context limits, tokenizing off the event loop, browser origins, and the editor paths that use them.
+(The same behaviour through the real Ray Serve app: test_serve_input_limits.py, test_bad_input_corpus.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import httpx
+import pytest
+from test_editor_fakes import FakeEngineClient, bpe_tokenizer, fake_client  # noqa: F401 - fixtures
+
+from integrations.auth import OriginGuard, normalize_origin
+from integrations.editor.infill import MAX_CHARS_PER_TOKEN, MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, build_infill_prompt
+from integrations.openai_api import APISettings, create_app
+from integrations.request_limits import (
+    BodyLimitMiddleware, InputError, MAX_JSON_DEPTH, RequestLimits, parse_json_object, sampling_temperature,
+)
+from integrations.serve_config import ServeConfig
+from scheduler.api import Delta, InvalidRequestError, Mode
+
+# --- JSON bodies -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, field, words", [
+    (b"{", None, "not valid JSON"),
+    (b"[" * 100_000, None, "deeper than 64"),
+    (b'{"a": "\xff"}', None, "not UTF-8"),
+    (b"[1, 2]", None, "got an array"),
+    (b"null", None, "got null"),
+    (b'{"t": NaN}', None, "NaN"),
+    (b'{"t": -Infinity}', None, "Infinity"),
+    (b'{"t": 1e400}', None, "finite"),
+    (b'{"n": ' + b"7" * 5000 + b"}", None, "number"),
+    (json.dumps({"messages": [{"content": "ok\ud800"}]}).encode(), "messages.0.content", "lone UTF-16 surrogate"),
+    (json.dumps({"tools": {"\udc00key": 1}}).encode(), "tools.\\udc00key", "lone UTF-16 surrogate"),
+])
+def test_malformed_json_names_what_and_where(raw, field, words):
+    with pytest.raises(InputError) as err:
+        parse_json_object(raw)
+    assert err.value.status == 400 and err.value.field == field and words in str(err.value)
+
+
+def test_nesting_is_limited_below_the_recursion_limit():
+    def nested(levels):
+        value = 1
+        for _ in range(levels):
+            value = [value]
+        return {"a": value}
+
+    assert parse_json_object(json.dumps(nested(MAX_JSON_DEPTH - 1)).encode())
+    with pytest.raises(InputError) as err:
+        parse_json_object(json.dumps(nested(MAX_JSON_DEPTH + 5)).encode())
+    assert err.value.field.startswith("a.0.0") and "deeper than 64" in err.value.message
+
+
+def test_valid_bodies_parse_and_empty_is_an_empty_object():
+    assert parse_json_object(b"") == {} and parse_json_object(b"  ") == {}
+    emoji = json.dumps({"prompt": "caf\u00e9 \ud83d\ude00", "ids": list(range(1000))}).encode()  # a surrogate *pair*
+    assert parse_json_object(emoji)["prompt"] == "caf\u00e9 \U0001F600"
+
+
+# --- the body limit (ASGI) -------------------------------------------------------------------------
+
+
+async def _run(app, messages: list[dict], headers=()) -> tuple[list[dict], list]:
+    """Call an ASGI app; receive() pops `messages` (what is left shows what was not read). Returns
+    (sent messages, messages)."""
+    sent, pending = [], messages
+
+    async def receive():
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/completions", "root_path": "", "headers": list(headers), "query_string": b""}
+    await app(scope, receive, send)
+    return sent, messages
+
+
+async def test_body_limit_by_declared_length_and_by_count():
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append(await receive())
+        seen.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    def chunks(n):
+        return [{"type": "http.request", "body": b"12345", "more_body": True} for _ in range(n)]
+
+    app = BodyLimitMiddleware(inner, max_body_bytes=10)
+    sent, _ = await _run(app, [{"type": "http.request", "body": b"x"}], [(b"content-length", b"11")])
+    assert sent[0]["status"] == 413 and not seen
+    assert "max_body_bytes" in json.loads(sent[1]["body"])["error"]["message"]
+    sent, _ = await _run(app, chunks(3))
+    assert sent[0]["status"] == 413 and not seen
+    # The rest of an over-limit body is read (and dropped) before the 413, so the client sees it.
+    _, left = await _run(app, chunks(3) + [{"type": "http.request", "body": b"6789"}, {"type": "http.request", "body": b"next"}])
+    assert left == [{"type": "http.request", "body": b"next"}]
+    _, left = await _run(app, chunks(2), [(b"content-length", str(1 << 40).encode())])
+    assert len(left) == 2  # declared beyond DISCARD_UP_TO_BYTES: answered without reading
+    sent, _ = await _run(app, chunks(1) + [{"type": "http.request", "body": b"678"}])
+    assert sent[0]["status"] == 200
+    assert seen == [{"type": "http.request", "body": b"12345678", "more_body": False}, {"type": "http.disconnect"}]
+
+
+# --- prompt and context limits ----------------------------------------------------------------------
+
+
+def test_prompt_chars_default_to_eight_per_context_token_and_context_fits():
+    limits = RequestLimits(context_length=4096)
+    assert limits.prompt_chars == 32_768 and RequestLimits(max_prompt_chars=10, context_length=4096).prompt_chars == 10
+    limits.check_chars("prompt", "a" * 32_768)
+    with pytest.raises(InputError, match="max_prompt_chars") as err:
+        limits.check_chars("prompt", "a" * 32_769)
+    assert err.value.field == "prompt"
+    assert limits.fit_generation(4000, 16, requested=True) == 16
+    assert limits.fit_generation(4090, 16, requested=False) == 6  # a default shrinks to the room left
+    with pytest.raises(InputError, match="at most 6") as err:
+        limits.fit_generation(4090, 16, requested=True)
+    assert err.value.field == "max_tokens"
+    with pytest.raises(InputError) as err:
+        limits.fit_generation(4096, 1, requested=False)
+    assert err.value.field == "prompt"
+    assert RequestLimits().fit_generation(10**6, 10**6, requested=True) == 10**6  # context unknown: no check
+
+
+def test_temperatures_below_epsilon_mean_greedy():
+    assert sampling_temperature(1e-300) == 0.0 and sampling_temperature(0.7) == 0.7 and sampling_temperature(None) is None
+
+
+class _BlockingTokenizer:
+    """Wraps a tokenizer; encode() of long texts waits for `release` (bounded) and records its calls."""
+
+    def __init__(self, inner, block_over: int = 10_000):
+        self.inner, self.block_over = inner, block_over
+        self.entered, self.release, self.calls = threading.Event(), threading.Event(), []
+
+    def encode(self, text, add_special_tokens=True):
+        self.calls.append(len(text))
+        if len(text) > self.block_over:
+            self.entered.set()
+            assert self.release.wait(30), "never released: the test did not get a response while encoding"
+        return self.inner.encode(text, add_special_tokens=add_special_tokens)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def _app(client, **settings) -> httpx.AsyncClient:
+    app = create_app(APISettings(model_name="fake-model", limits=RequestLimits(context_length=4096), **settings), client)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+
+
+async def test_tokenizing_runs_off_the_event_loop(bpe_tokenizer):  # noqa: F811
+    """While one request's prompt is being tokenized, the same event loop answers /health."""
+    tokenizer = _BlockingTokenizer(bpe_tokenizer)
+    async with _app(FakeEngineClient(tokenizer)) as http:
+        long_request = asyncio.ensure_future(http.post("/tokenize", json={"content": "x = 1\n" * 3000}))
+        for _ in range(3000):  # bounded: until the pool thread is inside encode()
+            if tokenizer.entered.is_set() or long_request.done():
+                break
+            await asyncio.sleep(0.01)
+        assert tokenizer.entered.is_set(), long_request
+        health = await http.get("/health")  # would never be served if encode() held the loop
+        assert health.status_code == 200 and not long_request.done()
+        tokenizer.release.set()
+        assert (await long_request).status_code == 200
+
+
+async def test_over_long_prompt_is_refused_before_tokenizing(bpe_tokenizer):  # noqa: F811
+    tokenizer = _BlockingTokenizer(bpe_tokenizer, block_over=10**9)
+    async with _app(FakeEngineClient(tokenizer)) as http:
+        for path, body in (("/v1/completions", {"prompt": "a" * 40_000}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 40_000}]}),
+                           ("/tokenize", {"content": "a" * 40_000})):
+            response = await http.post(path, json=body)
+            assert response.status_code == 400 and "max_prompt_chars" in response.text, response.text
+    assert tokenizer.calls == []
+
+
+async def test_suffix_completion_has_the_editor_limits_not_the_context(fake_client):  # noqa: F811
+    """With `suffix`, /v1/completions is an infill: a prompt longer than max_prompt_chars and than the
+    context is cut to the infill budgets (as /infill and the editor protocol do), not refused."""
+    async with _app(fake_client) as http:
+        long = await http.post("/v1/completions", json={"prompt": "x = 1\n" * 8000, "suffix": "\n", "max_tokens": 8})
+        assert long.status_code == 200, long.text
+        assert len(fake_client.requests[0].prompt_ids) == MAX_PREFIX_TOKENS
+        assert long.json()["usage"]["prompt_tokens"] == MAX_PREFIX_TOKENS + len(fake_client.requests[0].suffix_ids)
+        too_long = await http.post("/v1/completions", json={"prompt": "x" * 200_001, "suffix": "\n"})
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prompt"
+
+
+def test_infill_prompt_tokenizes_at_most_its_budgets(bpe_tokenizer):  # noqa: F811
+    tokenizer = _BlockingTokenizer(bpe_tokenizer, block_over=10**9)
+    prompt = build_infill_prompt(tokenizer, "def f():\n    pass\n" * 20_000, "x = 1\n" * 20_000,
+                                 [{"path": "big.py", "text": "y = 2\n" * 20_000}])
+    assert prompt.truncated and len(prompt.prompt_ids) == MAX_PREFIX_TOKENS
+    assert len(prompt.suffix_ids) == MAX_SUFFIX_TOKENS and prompt.context_tokens == 0
+    assert max(tokenizer.calls) <= MAX_PREFIX_TOKENS * MAX_CHARS_PER_TOKEN
+
+
+# --- /infill streaming errors -----------------------------------------------------------------------
+
+
+class _FailsMidStream(FakeEngineClient):
+    """Streams one token, then the engine refuses the request."""
+
+    async def stream(self, req):
+        ids = self.tokenizer.encode("total", add_special_tokens=False)
+        yield Delta(req.request_id, "total", ids, mode=Mode.AR)
+        await asyncio.sleep(0)
+        raise InvalidRequestError("stop", "has 20 strings; give at most 16")
+
+
+async def test_infill_stream_error_after_the_first_event_is_an_error_event(bpe_tokenizer):  # noqa: F811
+    async with _app(_FailsMidStream(bpe_tokenizer)) as http:
+        response = await http.post("/infill", json={"input_prefix": "x = ", "n_predict": 16, "stream": True})
+    events = [json.loads(line[len("data: "):]) for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert response.status_code == 200 and events[0]["content"] == "total"
+    assert events[-1]["error"] == {"code": 400, "message": "Field 'stop': has 20 strings; give at most 16",
+                                   "type": "invalid_request_error"}
+
+
+async def test_infill_stream_error_before_the_first_event_is_an_http_error(fake_client):  # noqa: F811
+    fake_client.fail_with = InvalidRequestError("gen_length", "too long")
+    async with _app(fake_client) as http:
+        response = await http.post("/infill", json={"input_prefix": "x = ", "stream": True})
+    assert response.status_code == 400 and response.json()["error"]["message"] == "Field 'gen_length': too long"
+
+
+# --- browser origins ---------------------------------------------------------------------------------
+
+
+async def _origin_call(app, scope_type: str, path: str, origin: bytes | None) -> list[dict]:
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"origin", origin)] if origin else []
+    await app({"type": scope_type, "path": path, "root_path": "", "headers": headers, "query_string": b"",
+               "method": "GET"}, receive, send)
+    return sent
+
+
+async def test_origin_guard_refuses_unlisted_browser_origins():
+    async def inner(scope, receive, send):
+        await send({"type": "ok"})
+
+    guard = OriginGuard(inner, ["http://localhost:5173"])
+    assert await _origin_call(guard, "websocket", "/v1/editor", None) == [{"type": "ok"}]  # editors send no Origin
+    refused = await _origin_call(guard, "websocket", "/v1/editor", b"https://evil.example")
+    assert refused[0]["type"] == "websocket.close" and refused[0]["code"] == 1008
+    assert await _origin_call(guard, "websocket", "/v1/editor", b"http://LOCALHOST:5173") == [{"type": "ok"}]
+    http = await _origin_call(guard, "http", "/infill", b"https://evil.example")
+    assert http[0]["status"] == 403 and json.loads(http[1]["body"])["error"]["param"] == "Origin"
+    assert await _origin_call(guard, "http", "/health", b"https://evil.example") == [{"type": "ok"}]
+    assert await _origin_call(OriginGuard(inner, []), "websocket", "/v1/editor", b"null") != [{"type": "ok"}]
+    assert await _origin_call(OriginGuard(inner, ["*"]), "websocket", "/v1/editor", b"https://a.b") == [{"type": "ok"}]
+
+
+def test_allowed_origins_are_validated_in_the_config(tiny_model_dir):
+    assert normalize_origin("HTTP://LocalHost:3000/") == "http://localhost:3000"
+    config = ServeConfig(model=str(tiny_model_dir), allowed_origins=["vscode-webview://abc", "null", "*"])
+    assert config.allowed_origins == ["vscode-webview://abc", "null", "*"]
+    with pytest.raises(ValueError, match="allowed_origins"):
+        ServeConfig(model=str(tiny_model_dir), allowed_origins=["http://localhost:3000/app"])
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        ServeConfig(model=str(tiny_model_dir), max_body_bytes=10)
+    assert ServeConfig(model=str(tiny_model_dir)).max_body_bytes == 8 << 20
+
+
+def test_seed_bounds_on_the_editor_protocol():
+    from integrations.editor import protocol as rpc
+
+    assert rpc.parse_complete({"uri": "u", "prefix": "", "seed": 2**64 - 1}, rpc.Limits()).seed == 2**64 - 1
+    with pytest.raises(rpc.RpcError) as err:
+        rpc.parse_complete({"uri": "u", "prefix": "", "seed": -1}, rpc.Limits())
+    assert err.value.data == {"field": "seed"}
+
+

@@ -1,0 +1,206 @@
+"""`refusion serve` as a real process on a free port, its log captured: a cancel storm logs no error, an
+engine replica killed (SIGKILL) mid-stream ends every client with a typed error, and SIGTERM drains
+running streams to their normal end before the server exits.
+
+One server for the module (starting one costs ~15 s here); the tests run in file order and the last
+one stops it. Each also runs alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+import yaml
+from test_editor_serve import SLOW, Conn, complete, ws_url
+from test_serve_openai import _metric
+
+from conftest import ENGINE_DEPLOYMENT, RUNNER_OPTIONS, _free_port, _wait_healthy
+from integrations.editor import protocol as rpc
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+DRAIN_TIMEOUT_S = 60  # generous: the streams below need a few seconds; the test waits on them, not on this
+ENGINE = {"max_running": 32, "max_queue": 32, "token_budget": 256, "routing": {"calibrate": False}}
+# Runs for seconds on the random tiny model; several side by side (3000 tokens would queue behind each
+# other: the engine admits by KV estimate).
+LONG = {"prompt": "while True:\n", "max_tokens": 1000, "stream": True, "mode": "ar", "temperature": 0}
+ERROR_LINE = re.compile(r"Traceback|\bERROR\b|\[error|\bCRITICAL\b|Exception")
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
+        self.proc, self.url, self.log = proc, url, log
+
+    def log_since(self, offset: int) -> str:
+        return self.log.read_text(errors="replace")[offset:]
+
+    def log_size(self) -> int:
+        return len(self.log.read_text(errors="replace"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("serve-process")
+    config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": DRAIN_TIMEOUT_S,
+              "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S + 5}}
+    (workdir / "serve.yaml").write_text(yaml.safe_dump(config))
+    port, log = _free_port(), workdir / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "integrations.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+             "--config", str(workdir / "serve.yaml")],
+            cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, timeout_s=180)
+        yield Server(proc, url, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGINT)  # a second one: stop without draining
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def _until(check, what: str, attempts: int = 300, pause_s: float = 0.1):
+    """Poll `check()` (async, truthy when done) a bounded number of times."""
+    for _ in range(attempts):
+        if result := await check():
+            return result
+        await asyncio.sleep(pause_s)
+    pytest.fail(f"gave up waiting: {what}")
+
+
+async def _engine(http: httpx.AsyncClient) -> dict:
+    return (await http.get("/v1/engine")).json()["engine"]
+
+
+async def test_cancel_storm_logs_no_errors(server):
+    offset = server.log_size()
+
+    async def open_then_leave(http: httpx.AsyncClient, i: int) -> int:
+        body = {**LONG, "max_tokens": 300, "prompt": f"def f{i}(x):\n"}  # 30 of them fit in the KV cache
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    break  # leave mid-stream: the server sees the client disconnect
+            return response.status_code
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        statuses = await asyncio.gather(*(open_then_leave(http, i) for i in range(30)))
+        assert statuses == [200] * 30
+        await _until(lambda: _zero_running(http), "the engine to cancel every request")
+
+    def disconnect_lines() -> list[str]:
+        return [line for line in server.log_since(offset).splitlines() if '"status": 499' in line]
+
+    async def all_logged():
+        return len(disconnect_lines()) >= 30
+
+    await _until(all_logged, "30 request-log lines with status 499")  # Ray forwards replica logs with a lag
+    assert len(disconnect_lines()) == 30  # one line per disconnect
+    errors = [line for line in server.log_since(offset).splitlines() if ERROR_LINE.search(line)]
+    assert not errors, "\n".join(errors[:20])
+
+
+async def _zero_running(http: httpx.AsyncClient) -> bool:
+    engine = await _engine(http)
+    return engine["running"] == 0 and engine["waiting"] == 0
+
+
+def _internals(message: str, pid: int) -> list[str]:
+    """Fragments of Ray's raw failure text that must never reach a client."""
+    lowered = message.lower()
+    return [f for f in ("actor", "pid", "192.", "127.0", "worker", "raylet", str(pid)) if f in lowered]
+
+
+async def _read_stream(http: httpx.AsyncClient, body: dict, started: asyncio.Event) -> list[str]:
+    lines = []
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line:
+                lines.append(line)
+                started.set()
+    return lines
+
+
+async def test_replica_killed_mid_stream_ends_every_client_cleanly(server):
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        pid = (await http.get("/v1/engine")).json()["pid"]
+        async with websockets.connect(ws_url(server.url), max_size=None) as ws:
+            started = [asyncio.Event(), asyncio.Event()]
+            streams = [asyncio.create_task(_read_stream(http, LONG, event)) for event in started]
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 30)
+            editor = Conn(ws)
+            await editor.request(1, "complete", complete(**SLOW))  # seconds, beside the two streams
+
+            async def three_running():
+                return (await _engine(http))["running"] >= 3
+
+            await _until(three_running, "the two streams and the editor completion to run together", pause_s=0)
+            os.kill(pid, signal.SIGKILL)
+            results = await asyncio.wait_for(asyncio.gather(*streams), 60)
+            _, _, error, result = await editor.response(1)
+        for lines in results:
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+            body = json.loads(lines[-2].removeprefix("data: "))["error"]
+            assert (body["type"], body["code"]) == ("server_error", "engine_unavailable"), body
+            assert not _internals(body["message"], pid), body
+        assert result is None and error["code"] == rpc.ENGINE_UNAVAILABLE and error["data"]["retry_after_s"] > 0
+        assert not _internals(error["message"], pid), error
+
+        async def gauge_idle():
+            return await asyncio.to_thread(_metric, server.url, "refusion_api_requests_in_flight") == 0
+
+        await _until(gauge_idle, "every cut request to leave the in-flight gauge")
+
+
+def test_sigterm_drains_running_streams(server):
+    _wait_healthy(server.url, timeout_s=120)  # after the replica kill above, its replacement must be up
+    asyncio.run(_drain_under_sigterm(server))
+    assert server.proc.wait(DRAIN_TIMEOUT_S + 60) == 0
+    with pytest.raises(httpx.ConnectError):  # gone: connections are refused
+        httpx.get(server.url + "/health", timeout=5)
+
+
+async def _drain_under_sigterm(server: Server) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=DRAIN_TIMEOUT_S + 30) as http:
+        started = [asyncio.Event() for _ in range(8)]
+        bodies = [{**LONG, "max_tokens": 300, "prompt": f"def g{i}(x):\n"} for i in range(8)]
+        streams = [asyncio.create_task(_read_stream(http, body, event)) for body, event in zip(bodies, started)]
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 60)
+
+        async def eight_running():
+            return (await _engine(http))["running"] >= 8 or any(s.done() for s in streams)
+
+        await _until(eight_running, "the 8 streams to run", pause_s=0)
+        assert not any(s.done() for s in streams), "a stream ended before the signal: make them longer"
+        server.proc.send_signal(signal.SIGTERM)
+
+        async def refused():  # until the ingress notices the drain, a new request is still served
+            response = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "mode": "ar"})
+            return response if response.status_code == 503 else None
+
+        late = await _until(refused, "a request after SIGTERM to be refused")  # by the ingress or the engine
+        assert int(late.headers["retry-after"]) >= 1 and "shutting down" in late.json()["error"]["message"]
+        results = await asyncio.gather(*streams)
+    for lines in results:
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        last = json.loads(lines[-2].removeprefix("data: "))
+        assert "error" not in last and last["choices"][0]["finish_reason"] in ("length", "stop"), last
