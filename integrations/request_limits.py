@@ -26,13 +26,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from decoding import params
+from workers.batch import SEED_MAX
+
 MiB = 1 << 20
 DEFAULT_MAX_BODY_BYTES = 8 * MiB  # a 128K-token prompt is ~0.5 MB of text or ~0.9 MB of token ids
 PROMPT_CHARS_PER_CONTEXT_TOKEN = 8  # default max_prompt_chars = 8 x context; BPE averages 3-4 chars/token
 MAX_JSON_DEPTH = 64  # nested arrays/objects; tool schemas need ~20
-MAX_SEED = 2**64 - 1  # torch.Generator seeds are uint64; a larger seed fails inside the batched forward
-MIN_TOP_P = 1e-6  # below float32's smallest value top_p rounds to 0 and drops every token
-GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM: logits / 1e-300 overflow to inf; such temperatures mean greedy
+# Sampling bounds are the engine's own (decoding.params, workers.batch), checked here too so the HTTP
+# layer answers 400 naming the field before a request reaches the engine.
+MAX_SEED = SEED_MAX  # signed 64-bit: the device hashes (seed, step, position) in int64
+MIN_TOP_P = params.MIN_TOP_P
+GREEDY_BELOW_TEMPERATURE = params.GREEDY_BELOW_TEMPERATURE
 TOKENIZER_THREADS = 2  # concurrent tokenizations; bounds their memory (one 2M-char encode holds ~0.5 GB)
 TRIM_AFTER_CHARS = 1 << 16  # after tokenizing this much text, give freed memory back to the OS
 TRIM_AFTER_BODY_BYTES = 1 * MiB  # likewise after a request with a body this large

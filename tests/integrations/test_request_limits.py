@@ -284,7 +284,7 @@ def test_allowed_origins_are_validated_in_the_config(tiny_model_dir):
 def test_seed_bounds_on_the_editor_protocol():
     from integrations.editor import protocol as rpc
 
-    assert rpc.parse_complete({"uri": "u", "prefix": "", "seed": 2**64 - 1}, rpc.Limits()).seed == 2**64 - 1
+    assert rpc.parse_complete({"uri": "u", "prefix": "", "seed": 2**63 - 1}, rpc.Limits()).seed == 2**63 - 1
     with pytest.raises(rpc.RpcError) as err:
         rpc.parse_complete({"uri": "u", "prefix": "", "seed": -1}, rpc.Limits())
     assert err.value.data == {"field": "seed"}

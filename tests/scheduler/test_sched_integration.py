@@ -51,11 +51,11 @@ class ForwardGate:
         self.entered = threading.Event()
         self._released = threading.Event()
 
-    def __call__(self, segments):
+    def __call__(self, segments, tables):
         self.entered.set()
         if not self._released.wait(WAIT_S):
             raise TimeoutError(f"ForwardGate: the test did not release the forward within {WAIT_S} s")
-        return self._execute(segments)
+        return self._execute(segments, tables)
 
     def release(self) -> None:
         self._released.set()
@@ -86,10 +86,11 @@ def _requests(tokenizer) -> list[GenerationRequest]:
 
 def _solo(runner, factory, spec: GenerationRequest, mode: Mode) -> list[int]:
     from decoding.loop import decode_batch
+    from workers.session import RunnerSession
 
     params = factory.parse_params(spec.params)
     decoder = factory.create(mode, f"solo-{spec.request_id}-{mode.value}", spec.prompt_ids, params, spec.suffix_ids)
-    return decode_batch(runner, [decoder])[0]
+    return decode_batch(RunnerSession(runner), [decoder])[0]
 
 
 def _pick_stop(tokenizer, specs, solo, exclude):
@@ -165,7 +166,6 @@ async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(run
     # A stop string taken from an AR request's own solo text ends it early, at the same place (random
     # weights may generate only special tokens: then no request gets one; test_sched_detokenizer covers it).
     stopped = _pick_stop(tokenizer, specs, solo, exclude=set(actions) | {"r5", "r17", "r26"})
-    assert runner.blocks.num_free == runner.blocks.num_total
 
     config = EngineConfig(token_budget=256, deadline_grace_ms=0, max_running=12,
                           routing=RoutingConfig(calibrate=True, calibration_tokens=(1, 64, 256), allow_switch=False))
@@ -197,13 +197,13 @@ async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(run
     assert {d[-1].mode for d in results if d and d[-1].finished} >= {Mode.AR, Mode.REFUSION}
     assert engine.prefix_cache.hit_rate > 0
     assert sum(d[-1].stats.get("preemptions", 0) for d in results if d and d[-1].finished) > 0
-    assert runner.blocks.num_free == runner.blocks.num_total
-    assert runner.sequences() == []
+    assert engine.kv.sequences() == []
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
 
 
-def _step_until(runner, decoder, done) -> None:
+def _step_until(session, decoder, done) -> None:
     while not decoder.finished and not done(decoder):
-        decoder.absorb(runner.execute([decoder.next_segment(8192)])[0])
+        decoder.absorb(session.execute([decoder.next_segment(8192)])[0])
 
 
 async def test_auto_request_switching_to_ar_equals_a_solo_run_switched_at_the_same_boundary(runner):
@@ -225,12 +225,17 @@ async def test_auto_request_switching_to_ar_equals_a_solo_run_switched_at_the_sa
     assert deltas[-1].stats["modes"] == ["refusion", "ar"] and deltas[-1].finish_reason is not FinishReason.ERROR
     switch_at = next(e["generated_tokens"] for e in logs if e["event"] == "mode_switch")
 
+    assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+
+    from workers.session import RunnerSession
+
+    session = RunnerSession(runner)
     params = factory.parse_params(spec.params)
     solo = factory.create(Mode.REFUSION, "solo-sw", spec.prompt_ids, params, None)
-    _step_until(runner, solo, lambda d: d.at_block_boundary() and len(d.output_ids()) >= switch_at)
+    _step_until(session, solo, lambda d: d.at_block_boundary() and len(d.output_ids()) >= switch_at)
     assert len(solo.output_ids()) == switch_at
     solo = factory.from_handoff(Mode.AR, "solo-sw", solo.handoff(), params)
-    _step_until(runner, solo, lambda d: False)
-    runner.free("solo-sw")
+    _step_until(session, solo, lambda d: False)
+    session.free("solo-sw")
     assert [t for d in deltas for t in d.token_ids] == solo.output_ids()
-    assert runner.blocks.num_free == runner.blocks.num_total
+    assert session.blocks.num_free == session.blocks.num_total
