@@ -2,9 +2,9 @@
 
 Every full block of prompt tokens is named by a chained hash (hash of the previous block's name and
 this block's tokens), so one name fixes the whole prefix up to and including that block. The cache
-holds one reference (runner.blocks.retain) to each named block; a request that hits starts its
-sequence on the shared blocks (runner.adopt_prefix, refcount +1) and its decoder skips those prompt
-tokens (decoder.skip_cached_prompt). At least one prompt token always stays uncached so the request
+holds one reference (BlockPool.retain on the scheduler's pool, scheduler/kv.py) to each named block;
+a request that hits starts its sequence on the shared blocks (BlockTables.adopt_prefix, refcount +1)
+and its decoder skips those prompt tokens (decoder.skip_cached_prompt). At least one prompt token always stays uncached so the request
 still runs a forward that reads its prompt's last row.
 
 Only prompt blocks are shareable: ReFusion commits generated slots out of text order, so generated
