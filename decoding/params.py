@@ -35,6 +35,7 @@ SERVING_DEFAULTS: dict = {
 
 GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM: smaller temperatures are greedy (and 1/T would overflow)
 MAX_TEMPERATURE = 100.0  # far past uniform; larger values only lose precision
+MAX_TOP_K = 2**31 - 1  # far above any vocabulary (a larger top_k keeps every token); the device holds int64
 MIN_TOP_P = 1e-6  # smaller values round to 0 in float32 and would drop every token
 _INT_FIELDS = ("gen_length", "slot_size", "serial_num_blocks", "top_k", "seed", "eos_token_id", "mask_token_id")
 _FLOAT_FIELDS = ("slot_threshold", "token_threshold", "temperature", "top_p")
@@ -96,8 +97,8 @@ class DecodeParams:
                 raise DecodeParamError(name, f"must lie in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
             raise DecodeParamError("temperature", f"must lie in [0, {MAX_TEMPERATURE}] (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise DecodeParamError("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise DecodeParamError("top_k", f"must lie in 0..{MAX_TOP_K} (0 = off), got {self.top_k}")
         if not MIN_TOP_P <= self.top_p <= 1.0:
             raise DecodeParamError("top_p", f"must lie in [{MIN_TOP_P}, 1], got {self.top_p}")
         if not 0 <= self.seed <= SEED_MAX:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from decoding.params import MAX_TOP_K
 from integrations.request_limits import MAX_SEED, MIN_TOP_P, sampling_temperature
 from scheduler.api import Mode, Priority
 
@@ -51,7 +52,7 @@ class SamplingFields(BaseModel):
     serial_num_blocks: int | None = Field(default=None, ge=1)
     slot_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     token_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)
     max_time_ms: int | None = Field(default=None, ge=1)
     priority: Literal["interactive", "batch"] = "batch"
 

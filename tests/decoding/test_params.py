@@ -80,7 +80,8 @@ def test_bad_refusion_json_names_the_file(tmp_path, content):
 
 
 @pytest.mark.parametrize("field, value", [("seed", 2**63), ("seed", 18446744073709551616), ("seed", -1),
-                                          ("temperature", 1e9), ("top_p", 1e-45)])
+                                          ("temperature", 1e9), ("top_p", 1e-45), ("top_k", 2**63),
+                                          ("top_k", -1)])
 def test_values_the_engine_cannot_take_are_rejected_naming_the_field(field, value):
     from decoding.params import DecodeParams
 
