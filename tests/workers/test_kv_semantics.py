@@ -13,6 +13,7 @@ from hf_oracle import dense_logits, result_logits, segment  # noqa: E402
 from workers.batch import Reads, Sampling  # noqa: E402
 from workers.kv_blocks import KVCacheFullError, SharedBlockWriteError  # noqa: E402
 from workers.runner import ModelRunner, SegmentError  # noqa: E402
+from workers.session import RunnerSession  # noqa: E402
 
 TOL = 1e-4
 NO_READS = Reads()
