@@ -24,6 +24,13 @@ def runner(tiny_model_dir):
     return ModelRunner(tiny_model_dir, device="cpu", block_size=4, num_blocks=64)
 
 
+@pytest.fixture
+def session(runner):
+    session = RunnerSession(runner)
+    yield session
+    session.free_all()
+    assert session.blocks.num_free == session.blocks.num_total
+
 
 def _ids(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)

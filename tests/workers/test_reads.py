@@ -14,12 +14,19 @@ from hf_oracle import result_logits, segment  # noqa: E402
 from workers.batch import SEED_MAX, Reads, Sampling  # noqa: E402
 from workers.reads import ReadParams, compute_reads, filter_top_k_top_p, uniform  # noqa: E402
 from workers.runner import ModelRunner, SegmentError  # noqa: E402
+from workers.session import RunnerSession  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def runner(tiny_model_dir):
     return ModelRunner(tiny_model_dir, device="cpu", block_size=4, num_blocks=64)
 
+
+@pytest.fixture
+def session(runner):
+    session = RunnerSession(runner)
+    yield session
+    session.free_all()
 
 
 def _ids(n: int, seed: int) -> list[int]:

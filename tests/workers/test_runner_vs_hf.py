@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 from hf_oracle import dense_logits, result_logits, segment  # noqa: E402
 from workers.batch import Reads, Sampling  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
+from workers.session import RunnerSession  # noqa: E402
 
 TOL = 1e-4
 
@@ -24,6 +25,13 @@ def model_dir(request, tiny_model_dir, tiny_untied_model_dir):
 def runner(model_dir):
     return ModelRunner(model_dir, device="cpu", block_size=4, num_blocks=256)
 
+
+@pytest.fixture
+def session(runner):
+    session = RunnerSession(runner)
+    yield session
+    session.free_all()
+    assert session.blocks.num_free == session.blocks.num_total
 
 
 def _tokens(n: int, seed: int, vocab: int) -> list[int]:
