@@ -24,6 +24,11 @@ RUNNER_OPTIONS = {"num_blocks": 512}
 ENGINE_OPTIONS = {"max_running": 8, "max_queue": 16, "token_budget": 256, "routing": {"calibrate": False}}
 STRICT_ENGINE_OPTIONS = {"max_running": 1, "max_queue": 0, "token_budget": 256, "routing": {"calibrate": False}}
 ENGINE_DEPLOYMENT = {"num_cpus": 0.5, "torch_threads": 1, "health_check_period_s": 5, "graceful_shutdown_timeout_s": 5}
+# Ray Serve's controller gives a starting HTTP proxy actor 5 s to report ready (and a running one 10 s
+# per health check), then kills it; on a loaded 2-core machine the proxy's process can take longer to
+# start, and serve.start() fails with ActorDiedError ("killed by ray.kill"). Ray's processes inherit
+# the environment of the process that starts Ray, so these are set before ray.init().
+RAY_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 
 
 def _free_port() -> int:
@@ -66,15 +71,18 @@ def serve_port():
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=100 * 1024 * 1024, configure_logging=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in RAY_SERVE_ENV.items():
+            env.setenv(name, value)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=100 * 1024 * 1024, configure_logging=False)
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            yield port
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -92,51 +92,83 @@ async def test_initialize_and_streaming_complete(serve_base_url):
         assert HELD_OUT_SUFFIX.strip() not in result["text"]
 
 
-async def engine_cancellations(base: str) -> int:
-    """Requests the engine replica saw end unfinished (EngineDeployment.info: cancelled_by_client)."""
-    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
-        return (await http.get("/v1/engine")).json()["cancelled_by_client"]
+async def engine_info(base: str, headers: dict | None = None) -> dict:
+    """GET /v1/engine: the engine replica's info (EngineDeployment.info) and its engine's stats."""
+    async with httpx.AsyncClient(base_url=base, timeout=60, headers=headers) as http:
+        return (await http.get("/v1/engine")).json()
 
 
-async def wait_cancellations(base: str, at_least: int, timeout_s: float = 15.0) -> int:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while (seen := await engine_cancellations(base)) < at_least and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.1)
-    return seen
+def completion_steps(info: dict) -> int:
+    """Decode steps the engine has run for INTERACTIVE ReFusion requests: editor completions. Ray Serve's
+    health probe and the warm-up requests are BATCH, so unlike `running` this counts only the test's own."""
+    return info["engine"]["class_stats"].get("refusion/INTERACTIVE", {}).get("samples", 0)
 
 
-# One ReFusion candidate of 256 tokens with no suffix (no rule can end it early); a random model needs
-# about two forwards per token, so it is still running after 0.3 s.
+async def engine_idle(base: str, wait_until, headers: dict | None = None) -> dict:
+    """Wait until the engine holds no request (what earlier tests cancelled has ended and been counted);
+    return its info then, the baseline for `wait_decoding` and `wait_cancellations`."""
+    async def idle():
+        info = await engine_info(base, headers)
+        return info if info["engine"]["running"] == 0 and info["engine"]["waiting"] == 0 else None
+
+    return await wait_until(idle, "the engine to hold no request", interval_s=0.1)
+
+
+async def wait_decoding(base: str, wait_until, baseline: dict, headers: dict | None = None) -> None:
+    """Wait until the engine has decoded a completion sent after `baseline` (an engine_idle result):
+    from then on a cancel finds it running in the engine, not on its way there."""
+    steps = completion_steps(baseline)
+
+    async def decoding():
+        return completion_steps(await engine_info(base, headers)) > steps
+
+    await wait_until(decoding, "the completion to decode in the engine", interval_s=0.05)
+
+
+async def wait_cancellations(base: str, wait_until, at_least: int) -> None:
+    """Wait until `at_least` requests in all have ended unfinished in the engine replica
+    (EngineDeployment.info: cancelled_by_client)."""
+    async def reached():
+        return (await engine_info(base))["cancelled_by_client"] >= at_least
+
+    await wait_until(reached, f"{at_least} engine requests to end by their client's cancel", interval_s=0.1)
+
+
+# One ReFusion candidate of 256 tokens (the protocol's longest) with no suffix, so no rule can end it
+# early: a random model needs about two forwards per token, seconds of decoding, and every test cancels
+# it (or checks it holds the slot) as soon as the engine is seen decoding it.
 SLOW = {"gaps": [256], "max_tokens": 256, "suffix": "", "max_time_ms": 30_000, "mode": "refusion"}
 
 
-async def test_cancel_and_supersession_on_the_real_engine(serve_base_url):
-    before = await engine_cancellations(serve_base_url)
+async def test_cancel_and_supersession_on_the_real_engine(serve_base_url, wait_until):
+    idle = await engine_idle(serve_base_url, wait_until)
+    before = idle["cancelled_by_client"]
     async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws:
         conn = Conn(ws)
         await conn.request(1, "complete", complete(**SLOW))
-        await asyncio.sleep(0.3)
+        await wait_decoding(serve_base_url, wait_until, idle)
         await conn.request(2, "cancel", {"id": 1})
         _, _, err, result = await conn.response(1)
         assert err is not None, (result, await conn.response(2))
         assert err["code"] == rpc.REQUEST_CANCELLED and err["data"]["reason"] == "cancelled"
-        assert await wait_cancellations(serve_base_url, before + 1) >= before + 1  # it ended in the engine
+        await wait_cancellations(serve_base_url, wait_until, before + 1)  # it ended in the engine
+        idle = await engine_idle(serve_base_url, wait_until)
         await conn.request(3, "complete", complete(uri="file:///s.py", **SLOW))
-        await asyncio.sleep(0.3)
+        await wait_decoding(serve_base_url, wait_until, idle)
         await conn.request(4, "complete", complete(uri="file:///s.py", max_tokens=8))
         _, _, err3, _ = await conn.response(3)
         assert err3["code"] == rpc.REQUEST_CANCELLED and err3["data"] == {"reason": "superseded", "superseded_by": 4}
         _, _, err4, result4 = await conn.response(4)
         assert err4 is None and result4["tokens"] <= 8
-        assert await wait_cancellations(serve_base_url, before + 2) >= before + 2
+        await wait_cancellations(serve_base_url, wait_until, before + 2)
 
 
-async def test_disconnect_cancels_in_flight_completions(serve_base_url):
-    before = await engine_cancellations(serve_base_url)
+async def test_disconnect_cancels_in_flight_completions(serve_base_url, wait_until):
+    idle = await engine_idle(serve_base_url, wait_until)
     async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws:
         await Conn(ws).request(1, "complete", complete(**SLOW))
-        await asyncio.sleep(0.3)
-    assert await wait_cancellations(serve_base_url, before + 1) >= before + 1
+        await wait_decoding(serve_base_url, wait_until, idle)
+    await wait_cancellations(serve_base_url, wait_until, idle["cancelled_by_client"] + 1)
 
 
 async def test_bad_frames_and_unknown_methods_keep_the_connection(serve_base_url):
@@ -177,45 +209,69 @@ async def test_infill_like_llama_vim_and_llama_vscode(serve_base_url):
         assert bad.status_code == 400 and "n_cmpl" in bad.json()["error"]["message"]
 
 
-async def test_lsp_bridge_round_trip_and_cancel(serve_base_url):
+async def test_lsp_bridge_round_trip_and_cancel(serve_base_url, wait_until):
     result = await lsp_round_trip(ws_url(serve_base_url))  # backend errors would raise here
     assert isinstance(result, types.InlineCompletionList)
     for item in result.items:
         assert item.insert_text.strip() and "return result" not in item.insert_text
-    before = await engine_cancellations(serve_base_url)
+    idle = await engine_idle(serve_base_url, wait_until)
+    before = idle["cancelled_by_client"]
     slow = {"params": {key: SLOW[key] for key in ("gaps", "max_tokens", "mode")}, "max_time_ms": 30_000}
-    error = await lsp_cancel(ws_url(serve_base_url), wait_s=0.8, init_options=slow)
+    error = await lsp_cancel(
+        ws_url(serve_base_url), init_options=slow,
+        in_flight=lambda: wait_decoding(serve_base_url, wait_until, idle),
+        ended=lambda: wait_cancellations(serve_base_url, wait_until, before + 1),  # $/cancelRequest reached the engine
+    )
     assert error is not None and "cancel" in str(error).lower()
-    assert await wait_cancellations(serve_base_url, before + 1) >= before + 1  # $/cancelRequest reached the engine
+    assert (await engine_info(serve_base_url))["cancelled_by_client"] >= before + 1
 
 
 STRICT_KEY = "test-key-123"  # tests/integrations/conftest.py API_KEY: the strict app requires it
+STRICT_AUTH = {"Authorization": f"Bearer {STRICT_KEY}"}
 
 
-async def test_api_key_and_overload_on_the_strict_app(strict_base_url):
+async def test_api_key_and_overload_on_the_strict_app(strict_base_url, wait_until):
     from integrations.lsp.backend import BackendError, EditorBackend
 
     url = ws_url(strict_base_url)
     with pytest.raises(ConnectionRefusedError, match="API key"):
         await EditorBackend(url).call("initialize")
     backend = EditorBackend(url, api_key=STRICT_KEY)
+    running = None
     try:
-        # room for exactly one request: of two candidate gaps one is refused, the completion still answers
-        # (Ray Serve's periodic health probe can hold the only slot for a moment: retry, bounded.)
-        for _ in range(40):
+        # Room for exactly one request: of two candidate gaps one is refused, the completion still answers.
+        # Ray Serve's periodic health probe (a one-token request) can hold the only slot for a moment:
+        # a refused completion is retried.
+        async def answered():
             try:
-                result = await backend.complete(complete(gaps=[8, 16], max_tokens=16))
-                break
+                return await backend.complete(complete(gaps=[8, 16], max_tokens=16))
             except BackendError as exc:
                 assert exc.code == rpc.OVERLOADED, exc
-                await asyncio.sleep(0.25)
+                return None
+
+        result = await wait_until(answered, "a completion the health probe does not crowd out", interval_s=0.25)
         assert result["gap"] in (8, 16)
-        running = asyncio.ensure_future(backend.complete(complete(uri="file:///busy.py", **SLOW)))
-        await asyncio.sleep(0.3)
+
+        # The slow completion takes the only slot: seen decoding in the engine (retried if the probe had it).
+        idle = await engine_idle(strict_base_url, wait_until, STRICT_AUTH)
+
+        async def slot_taken():
+            nonlocal running
+            if running is not None and running.done():
+                exc = running.exception()
+                assert isinstance(exc, BackendError) and exc.code == rpc.OVERLOADED, exc or "it ended unseen"
+                running = None
+            if running is None:
+                running = asyncio.ensure_future(backend.complete(complete(uri="file:///busy.py", **SLOW)))
+                return False
+            return completion_steps(await engine_info(strict_base_url, STRICT_AUTH)) > completion_steps(idle)
+
+        await wait_until(slot_taken, "the slow completion to hold the engine's only slot", interval_s=0.05)
         with pytest.raises(BackendError) as refused:
             await backend.complete(complete(uri="file:///other.py", max_tokens=8))
         assert refused.value.code == rpc.OVERLOADED and refused.value.data["retry_after_s"] > 0
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
     finally:
+        if running is not None:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
         await backend.close()

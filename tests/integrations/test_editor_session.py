@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import threading
 
 import msgpack
 import pytest
@@ -82,12 +82,12 @@ async def test_single_line_completion_stops_the_engine_at_the_newline(session, f
     assert fake_client.cancelled == [fake_client.requests[0].request_id]
 
 
-async def test_cancel_answers_request_cancelled_and_cancels_in_engine(session, fake_client):  # noqa: F811
+async def test_cancel_answers_request_cancelled_and_cancels_in_engine(session, fake_client, wait_until):  # noqa: F811
     s, wire = session
-    fake_client.delay_s = 0.05
+    fake_client.hold = threading.Event()  # the request stays in the engine until cancelled
     fake_client.default_text = "x = 1 + 2 + 3 + 4 + 5 + 6 + 7 + 8\n"
     await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False)))
-    await asyncio.sleep(0.12)
+    await wait_until(lambda: fake_client.requests, "the completion to reach the engine")
     await s.handle_frame(rpc.encode_request(2, "cancel", {"id": 1}))
     await s.drain()
     assert wire.responses(2)[0][3] == {"cancelled": True}
@@ -98,13 +98,14 @@ async def test_cancel_answers_request_cancelled_and_cancels_in_engine(session, f
     assert wire.responses(3)[0][3] == {"cancelled": False}
 
 
-async def test_new_complete_for_same_uri_supersedes_at_once(session, fake_client):  # noqa: F811
+async def test_new_complete_for_same_uri_supersedes_at_once(session, fake_client, wait_until):  # noqa: F811
     s, wire = session
-    fake_client.delay_s = 0.05
+    fake_client.hold = threading.Event()  # request 1 is in the engine, unfinished, when 2 supersedes it
     fake_client.default_text = "value = compute(a, b, c, d, e)\n"
     await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False)))
-    await asyncio.sleep(0.08)
+    await wait_until(lambda: fake_client.requests, "the completion to reach the engine")
     await s.handle_frame(rpc.encode_request(2, "complete", complete_params(multiline=False, prefix="def add(a, b):\n    v")))
+    fake_client.hold.set()  # request 1's task was cancelled above: only 2 and 3 run on
     await s.handle_frame(rpc.encode_request(3, "complete", complete_params(multiline=False, uri="file:///other.py")))
     await s.drain()
     [[_, _, err1, _]] = wire.responses(1)
@@ -189,12 +190,12 @@ async def test_accept_and_reject_are_recorded_and_checked(session, fake_client):
     assert [e["event"] for e in s.telemetry] == ["accept", "reject"]
 
 
-async def test_close_cancels_everything_in_flight(fake_client):  # noqa: F811
+async def test_close_cancels_everything_in_flight(fake_client, wait_until):  # noqa: F811
     wire = Wire()
-    fake_client.delay_s = 0.05
+    fake_client.hold = threading.Event()  # both candidates stay in the engine until the close
     s = EditorSession(fake_client, wire.send)
     await s.handle_frame(rpc.encode_request(1, "complete", complete_params()))
-    await asyncio.sleep(0.06)
+    await wait_until(lambda: len(fake_client.requests) == 2, "both candidate gaps to reach the engine")
     await s.close()
     assert not s.inflight and len(fake_client.cancelled) == 2 and not wire.responses(1)
 

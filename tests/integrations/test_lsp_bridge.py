@@ -9,7 +9,6 @@ import asyncio
 import socket
 import sys
 import threading
-import time
 from typing import Awaitable, Callable
 
 import pytest
@@ -21,7 +20,7 @@ from integrations.lsp.server import cursor_context, wants_multiline
 
 DOC = "def area(r):\n    \n    return result\n"
 URI = "file:///tmp/area.py"
-WAIT_S = 60.0  # bound on every wait: generous for a loaded 2-core machine (the bridge is a subprocess)
+WAIT_S = 60.0  # bound on every LSP answer: generous for a loaded 2-core machine (the bridge is a subprocess)
 
 
 def _free_port() -> int:
@@ -31,7 +30,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def scripted_backend(bpe_tokenizer):  # noqa: F811
+def scripted_backend(bpe_tokenizer, wait_until):  # noqa: F811
     """(ws url, fake engine) for the editor router served by uvicorn in a thread."""
     import uvicorn
     from fastapi import FastAPI
@@ -47,10 +46,7 @@ def scripted_backend(bpe_tokenizer):  # noqa: F811
                                            timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, f"uvicorn did not start within {WAIT_S} s"
+    wait_until.blocking(lambda: server.started, "uvicorn to start")
     yield f"ws://127.0.0.1:{port}/v1/editor", fake
     server.should_exit = True
     thread.join(10)
@@ -89,22 +85,13 @@ async def lsp_round_trip(url: str) -> types.InlineCompletionList:
         await stop_lsp(client)
 
 
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    """Poll state (not a fixed sleep) until `predicate()` holds; fail after WAIT_S."""
-    end = time.monotonic() + WAIT_S
-    while not predicate():
-        assert time.monotonic() < end, f"timed out after {WAIT_S} s waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
-async def lsp_cancel(url: str, wait_s: float | None = None, init_options: dict | None = None, *,
-                     in_flight: Callable[[], Awaitable] | None = None,
+async def lsp_cancel(url: str, init_options: dict | None = None, *, in_flight: Callable[[], Awaitable],
                      ended: Callable[[], Awaitable] | None = None) -> Exception | None:
     """Send a completion, cancel it, return the error the client got (None: a result).
 
     in_flight: awaited before $/cancelRequest is sent; it returns once the backend runs the request, so
     the cancel cannot overtake it (the bridge connects to the backend on first use, which takes a
-    while on a loaded machine). wait_s, a fixed sleep instead, is racy under load: prefer in_flight.
+    while on a loaded machine).
     ended: awaited after the answer while the bridge is still connected, so what it sees was done by
     the cancel, not by the disconnect at shutdown.
     """
@@ -112,10 +99,7 @@ async def lsp_cancel(url: str, wait_s: float | None = None, init_options: dict |
     try:
         future = client.protocol.send_request_async(types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(),
                                                     msg_id="to-cancel")
-        if in_flight is not None:
-            await in_flight()
-        else:
-            await asyncio.sleep(wait_s or 0)
+        await in_flight()
         client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="to-cancel"))
         try:
             await asyncio.wait_for(future, WAIT_S)
@@ -161,7 +145,7 @@ async def test_inline_completion_round_trip(scripted_backend):
     assert fake.tokenizer.decode(req.suffix_ids) == "\n    return result\n"
 
 
-async def test_cancel_request_cancels_the_backend_completion(scripted_backend):
+async def test_cancel_request_cancels_the_backend_completion(scripted_backend, wait_until):
     url, fake = scripted_backend
     n_before = len(fake.requests)
 

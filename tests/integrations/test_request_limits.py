@@ -159,15 +159,12 @@ def _app(client, **settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
 
 
-async def test_tokenizing_runs_off_the_event_loop(bpe_tokenizer):  # noqa: F811
+async def test_tokenizing_runs_off_the_event_loop(bpe_tokenizer, wait_until):  # noqa: F811
     """While one request's prompt is being tokenized, the same event loop answers /health."""
     tokenizer = _BlockingTokenizer(bpe_tokenizer)
     async with _app(FakeEngineClient(tokenizer)) as http:
         long_request = asyncio.ensure_future(http.post("/tokenize", json={"content": "x = 1\n" * 3000}))
-        for _ in range(3000):  # bounded: until the pool thread is inside encode()
-            if tokenizer.entered.is_set() or long_request.done():
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: tokenizer.entered.is_set() or long_request.done(), "encode() in the pool thread")
         assert tokenizer.entered.is_set(), long_request
         health = await http.get("/health")  # would never be served if encode() held the loop
         assert health.status_code == 200 and not long_request.done()

@@ -175,25 +175,23 @@ def _metric(url: str, name: str, **labels) -> float:
     return total
 
 
-def test_disconnect_cancels_engine_request(serve_base_url):
-    before = _metric(serve_base_url, "refusion_requests_finished_total", reason="cancelled")
+def test_disconnect_cancels_engine_request(serve_base_url, wait_until):
+    def cancelled() -> float:
+        return _metric(serve_base_url, "refusion_requests_finished_total", reason="cancelled")
+
+    before = cancelled()
     with httpx.Client(base_url=serve_base_url, timeout=30) as http:
         with _long_stream(http, "/v1/completions") as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: {")  # decoding has started
-        started = time.monotonic()
-        while _metric(serve_base_url, "refusion_requests_finished_total", reason="cancelled") <= before:
-            assert time.monotonic() - started < 10, "engine request not cancelled after the client left"
-            time.sleep(0.1)
-        assert http.get("/v1/engine").json()["engine"]["running"] == 0
+        wait_until.blocking(lambda: cancelled() > before, "the engine to cancel the request after the client left")
+        # Nothing is left running (Ray Serve's health probe may hold the engine for one forward: polled).
+        wait_until.blocking(lambda: http.get("/v1/engine").json()["engine"]["running"] == 0, "an idle engine")
         # A non-streaming request whose client gives up is cancelled too.
-        before = _metric(serve_base_url, "refusion_requests_finished_total", reason="cancelled")
+        before = cancelled()
         with pytest.raises(httpx.ReadTimeout):
             http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3000, "mode": "ar"}, timeout=1.0)
-        started = time.monotonic()
-        while _metric(serve_base_url, "refusion_requests_finished_total", reason="cancelled") <= before:
-            assert time.monotonic() - started < 10, "non-streaming request not cancelled after the client left"
-            time.sleep(0.1)
+        wait_until.blocking(lambda: cancelled() > before, "the engine to cancel the non-streaming request")
 
 
 def test_metrics_parse_and_move(serve_base_url, client, model):
@@ -243,8 +241,10 @@ def test_engine_replica_health_check(serve_base_url):
 
 
 def test_drain_ends_in_flight_requests_cleanly(serve_port, tiny_model_dir):
-    """A third app, drained while a long generation streams: the stream ends within the drain timeout
-    with an error event and [DONE] (not a severed connection), new requests get 503, delete is quick."""
+    """A third app, drained while a long generation streams: the stream ends with an error event and
+    [DONE] (not a severed connection), new requests get 503. The error says the engine stopped it: the
+    drain timeout (2 s) ended it, not its own end (3000 tokens, tens of seconds on 2 cores); how fast
+    is bench/'s business, not a test's."""
     import ray
     from ray import serve
 
@@ -262,11 +262,8 @@ def test_drain_ends_in_flight_requests_cleanly(serve_port, tiny_model_dir):
                 lines = response.iter_lines()
                 assert next(lines).startswith("data: {")
                 signal = signal_drain("refusion-drain")
-                started = time.monotonic()
                 rest = [line for line in lines if line]
-            elapsed = time.monotonic() - started
             refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
-        assert elapsed < config["drain_timeout_s"] + 4, elapsed  # poll (1 s) + drain (2 s) + slack
         assert rest[-1] == "data: [DONE]"
         error = json.loads(rest[-2].removeprefix("data: "))["error"]
         assert error["type"] == "overloaded_error" and "engine stopped" in error["message"]

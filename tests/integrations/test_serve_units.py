@@ -162,7 +162,7 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
         ServeConfig(model=str(tiny_model_dir), engine_deployment={"max_ongoing": 3})
 
 
-async def test_local_app_over_real_engine_and_drain(tiny_model_dir):
+async def test_local_app_over_real_engine_and_drain(tiny_model_dir, wait_until):
     engine, tok = build_engine(tiny_model_dir, {"num_blocks": 512}, {"routing": {"calibrate": False}})
     await engine.start()
     card = read_model_card(tiny_model_dir)
@@ -175,16 +175,13 @@ async def test_local_app_over_real_engine_and_drain(tiny_model_dir):
         assert out.json()["usage"]["completion_tokens"] <= 5
         bad = await http.post("/v1/completions", json={"prompt": [10**9], "max_tokens": 5})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
-        await one_token_probe(client, timeout_s=10)
+        await one_token_probe(client, timeout_s=wait_until.timeout_s)
         # A long request in flight when the engine stops ends with a finished delta, not a hang.
         long = asyncio.create_task(http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3000, "mode": "ar"}))
-        for _ in range(500):
-            if engine.stats()["running"] or long.done():
-                break
-            await asyncio.sleep(0.01)
-        assert engine.stats()["running"] == 1
+        await wait_until(lambda: engine.stats()["running"] or long.done(), "the long request to run")
+        assert engine.stats()["running"] == 1  # running, not refused or finished (3000 tokens: seconds)
         await engine.stop(drain_timeout_s=0.1)
-        drained = await asyncio.wait_for(long, 10)
+        drained = await asyncio.wait_for(long, wait_until.timeout_s)
         assert drained.status_code == 503 and drained.headers["retry-after"] == "1"
         assert "engine stopped" in drained.json()["error"]["message"]
 

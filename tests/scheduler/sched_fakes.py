@@ -2,7 +2,8 @@
 
 The fake runner checks the block tables the scheduler hands it (the engine owns KV: leaks show in
 `engine.kv`) and answers reads with a deterministic function of the query row's token and position,
-so a request's output never depends on its batch.
+so a request's output never depends on its batch. `ForwardGate` holds any runner's forward, so a test
+can act (cancel, queue, submit) while the engine's state is known instead of racing the clock.
 """
 
 from __future__ import annotations
@@ -68,6 +69,34 @@ class FakeRunner:
                 tok = EOS
             tokens.append(tok)
         return SegmentResult(seg.seq_id, tokens, [0.9] * len(tokens))
+
+
+class ForwardGate:
+    """Wraps a runner's execute: every forward from number `hold_from` on (0-based; earlier ones pass)
+    waits in its worker thread until `release()`; the event loop keeps serving meanwhile, so the test can
+    cancel, submit or stop while the engine's state is known. `entered` is set when a held one arrives.
+
+        gate = ForwardGate(runner.execute); runner.execute = gate
+    """
+
+    def __init__(self, execute, hold_from: int = 0, timeout_s: float = 120.0):
+        self._execute = execute
+        self.hold_from = hold_from
+        self.timeout_s = timeout_s  # a test that never releases fails the forward instead of hanging
+        self.calls = 0
+        self.entered = threading.Event()
+        self._released = threading.Event()
+
+    def __call__(self, segments, block_tables):
+        number, self.calls = self.calls, self.calls + 1  # the engine runs one forward at a time
+        if number >= self.hold_from:
+            self.entered.set()
+            if not self._released.wait(self.timeout_s):
+                raise TimeoutError(f"ForwardGate: the test did not release the forward within {self.timeout_s} s")
+        return self._execute(segments, block_tables)
+
+    def release(self) -> None:
+        self._released.set()
 
 
 class FakeDecoder:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sched_fakes import FakeRunner, collect, ids_of, make_engine
+from sched_fakes import FakeRunner, ForwardGate, collect, ids_of, make_engine
 
 from scheduler.api import FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
 from scheduler.config import EngineConfig, EngineConfigError, RoutingConfig
@@ -65,15 +65,22 @@ async def test_prompt_that_can_never_fit_is_invalid_not_overloaded():
     await engine.stop()
 
 
-async def test_full_queue_rejects_at_once_with_retry_after():
-    engine, runner = make_engine(runner=FakeRunner(delay_s=0.02), max_running=1, max_queue=1)
+async def test_full_queue_rejects_at_once_with_retry_after(wait_until):
+    engine, runner = make_engine(max_running=1, max_queue=1)
+    gate = ForwardGate(runner.execute)  # a's first forward is held: a runs, b waits, the queue is full
+    runner.execute = gate
     await engine.start()
     first = asyncio.create_task(collect(engine, req("a", gen=6)))
     second = asyncio.create_task(collect(engine, req("b", gen=6)))
-    await asyncio.sleep(0.05)  # a runs, b waits
-    with pytest.raises(OverloadedError) as err:
-        await collect(engine, req("c"))
-    assert err.value.retry_after_s > 0
+    try:
+        await wait_until(gate.entered.is_set, "the first forward")
+        await wait_until(lambda: len(engine.scheduler.waiting) == 1, "the second request to queue")
+        assert [r.id for r in engine.scheduler.running] == ["a"] and engine.scheduler.waiting[0].id == "b"
+        with pytest.raises(OverloadedError) as err:
+            await collect(engine, req("c"))
+        assert err.value.retry_after_s > 0
+    finally:
+        gate.release()
     assert (await first)[-1].finish_reason is FinishReason.LENGTH
     assert (await second)[-1].finish_reason is FinishReason.LENGTH
     assert b'refusion_requests_rejected_total{reason="queue_full"} 1.0' in engine.metrics.render()
@@ -121,15 +128,20 @@ async def test_submit_before_start_and_after_stop_is_refused():
         await collect(engine, req("b"))
 
 
-async def test_duplicate_request_id_in_flight_is_invalid():
-    engine, _ = make_engine(runner=FakeRunner(delay_s=0.02))
+async def test_duplicate_request_id_in_flight_is_invalid(wait_until):
+    engine, runner = make_engine()
+    gate = ForwardGate(runner.execute)  # "dup" stays in flight until the duplicate has been refused
+    runner.execute = gate
     await engine.start()
     running = asyncio.create_task(collect(engine, req("dup", gen=6)))
-    await asyncio.sleep(0.01)
-    with pytest.raises(InvalidRequestError) as err:
-        await collect(engine, req("dup"))
-    assert err.value.field == "request_id"
-    await running
+    try:
+        await wait_until(gate.entered.is_set, "the first forward")
+        with pytest.raises(InvalidRequestError) as err:
+            await collect(engine, req("dup"))
+        assert err.value.field == "request_id"
+    finally:
+        gate.release()
+    assert (await running)[-1].finish_reason is FinishReason.LENGTH  # the original is untouched
     await engine.stop()
 
 

@@ -13,11 +13,10 @@ one failure cannot leave KV blocks or sequences to the next.
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 
 import pytest
 import structlog
+from sched_fakes import ForwardGate
 
 from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
 from scheduler.config import EngineConfig, RoutingConfig
@@ -31,7 +30,6 @@ SNIPPETS = [
     "for i in range(10):\n    print(",
 ]
 SHARED = "    def _split_chunks(self, text):\n        chunks = self.wordsep_re.split(text)\n"
-WAIT_S = 120.0  # bound on waiting for engine state; generous for a loaded 2-core machine
 
 
 @pytest.fixture
@@ -40,33 +38,6 @@ def runner(tiny_model_dir):
     from workers.runner import ModelRunner
 
     return ModelRunner(tiny_model_dir, num_blocks=512, block_size=16)
-
-
-class ForwardGate:
-    """Wraps a runner's execute: the first forward waits in its worker thread until `release()`, so the
-    test can queue requests while the engine's running set is known (the event loop keeps serving)."""
-
-    def __init__(self, execute):
-        self._execute = execute
-        self.entered = threading.Event()
-        self._released = threading.Event()
-
-    def __call__(self, segments, tables):
-        self.entered.set()
-        if not self._released.wait(WAIT_S):
-            raise TimeoutError(f"ForwardGate: the test did not release the forward within {WAIT_S} s")
-        return self._execute(segments, tables)
-
-    def release(self) -> None:
-        self._released.set()
-
-
-async def _wait_until(predicate, what: str) -> None:
-    """Poll engine state (not a fixed sleep) until `predicate()` holds; fail after WAIT_S."""
-    end = time.monotonic() + WAIT_S
-    while not predicate():
-        assert time.monotonic() < end, f"timed out after {WAIT_S} s waiting for {what}"
-        await asyncio.sleep(0.005)
 
 
 def _requests(tokenizer) -> list[GenerationRequest]:
@@ -121,7 +92,7 @@ async def _consume(engine, spec, action):
     return deltas
 
 
-async def _run_with_preemption(engine, runner, specs, actions, monkeypatch) -> list[list]:
+async def _run_with_preemption(engine, runner, specs, actions, monkeypatch, wait_until) -> list[list]:
     """Run every request (results in the order of `specs`), the INTERACTIVE ones forced to preempt.
 
     The BATCH requests are submitted first; they all reach the queue before the engine loop wakes
@@ -142,17 +113,17 @@ async def _run_with_preemption(engine, runner, specs, actions, monkeypatch) -> l
 
     consumers = {s.request_id: consume(s) for s in batch}
     try:
-        await _wait_until(gate.entered.is_set, "the first forward")
+        await wait_until(gate.entered.is_set, "the first forward")
         assert len(engine.scheduler.running) == engine.config.max_running, "BATCH requests must fill every slot"
         consumers.update({s.request_id: consume(s) for s in interactive})
         queued = {s.request_id for s in interactive}
-        await _wait_until(lambda: queued <= {r.id for r in engine.scheduler.waiting}, "INTERACTIVE to queue")
+        await wait_until(lambda: queued <= {r.id for r in engine.scheduler.waiting}, "INTERACTIVE to queue")
     finally:
         gate.release()  # on failure too: engine.stop() must not wait on a held forward
     return [await consumers[s.request_id] for s in specs]
 
 
-async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(runner, monkeypatch):
+async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(runner, monkeypatch, wait_until):
     from scheduler.decoders import ModelDecoderFactory
     from scheduler.engine import Engine
 
@@ -172,7 +143,7 @@ async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(run
     engine = Engine(runner, tokenizer, config, factory)
     await engine.start()  # calibrates on the ungated runner
     try:
-        results = await _run_with_preemption(engine, runner, specs, actions, monkeypatch)
+        results = await _run_with_preemption(engine, runner, specs, actions, monkeypatch, wait_until)
     finally:
         await engine.stop()  # clears the prefix cache too
 
