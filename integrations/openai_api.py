@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
@@ -146,7 +146,7 @@ async def completions(request: Request):
                                                     requested=body.max_tokens is not None)
         req = _generation_request(header.id, body, prompt_ids, body.stop, max_tokens, settings)
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
-        deltas = await _start(client, req, observer, max_tokens)
+        deltas = await _start(client, req, observer)
     if body.stream:
         events = completion_events(header, deltas, observer, body.include_usage)
         return sse_response(events, observer, header.id)
@@ -169,7 +169,7 @@ async def chat_completions(request: Request):
     req = _generation_request(header.id, body, prompt_ids, body.stop + extra_stop, max_tokens, settings)
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
-    deltas = await _start(client, req, observer, max_tokens)
+    deltas = await _start(client, req, observer)
     if body.stream:
         events = chat_events(header, deltas, observer, body.include_usage, allowed)
         return sse_response(events, observer, header.id)
@@ -224,13 +224,14 @@ def _generation_request(request_id: str, body: SamplingFields, prompt_ids: list[
         request_id=request_id, prompt_ids=prompt_ids,
         params=body.decode_params(default_max_tokens, settings.decode_defaults),
         mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,
+        max_tokens=default_max_tokens,
     )
 
 
-async def _start(client, req: GenerationRequest, observer: RequestObserver, max_tokens: int) -> AsyncIterator[Delta]:
+async def _start(client, req: GenerationRequest, observer: RequestObserver) -> AsyncIterator[Delta]:
     """Submit and wait for the first delta, so that admission errors become HTTP errors (not a 200
-    stream that fails). Returns an iterator over all deltas, capped at max_tokens (ReFusion rounds the
-    generation up to whole slots); closing it cancels the engine request."""
+    stream that fails). Returns an iterator over all deltas (the engine stops at max_tokens, held-back
+    text included); closing it cancels the engine request."""
     stream = client.stream(req)
     try:
         first = await anext(stream)
@@ -245,35 +246,15 @@ async def _start(client, req: GenerationRequest, observer: RequestObserver, max_
         raise error from exc
 
     async def all_deltas() -> AsyncIterator[Delta]:
-        cap = TokenCap(client.tokenizer, max_tokens)
         try:
             for delta in ([first] if first is not None else []):
-                yield _checked(cap.apply(delta), observer)
+                yield _checked(delta, observer)
             async for delta in stream:
-                yield _checked(cap.apply(delta), observer)
+                yield _checked(delta, observer)
         finally:
             await stream.aclose()
 
     return all_deltas()
-
-
-class TokenCap:
-    """Keeps a stream within max_tokens: the tokens past the cap (at most one slot's worth, from
-    rounding up to whole slots) are computed but not returned; finish_reason becomes "length"."""
-
-    def __init__(self, tokenizer, max_tokens: int):
-        self.tokenizer, self.remaining, self.capped = tokenizer, max_tokens, False
-
-    def apply(self, delta: Delta) -> Delta:
-        if self.capped or len(delta.token_ids) > self.remaining:
-            kept = delta.token_ids[: self.remaining] if not self.capped else []
-            text = self.tokenizer.decode(kept, skip_special_tokens=True) if kept else ""
-            delta = replace(delta, text=text, token_ids=kept)
-            self.capped = True
-        self.remaining -= len(delta.token_ids)
-        if delta.finished and self.capped and delta.finish_reason is FinishReason.STOP:
-            delta.finish_reason = FinishReason.LENGTH
-        return delta
 
 
 async def _observed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> AsyncIterator[Delta]:

@@ -76,6 +76,10 @@ class GenerationRequest:
     max_time_ms: int | None = None
     # Infill: the suffix placed after the gap as already-generated text (editor protocol).
     suffix_ids: list[int] | None = None
+    # Most generated tokens returned (OpenAI max_tokens). ReFusion decodes whole slots, so gen_length may
+    # round past it; the engine streams at most this many ids and then ends the request with LENGTH,
+    # text held back for stop strings included. None: gen_length is the cap.
+    max_tokens: int | None = None
 
 
 @dataclass

@@ -30,7 +30,7 @@ from scheduler.mode_switch import maybe_switch
 from scheduler.request import Request, RequestStatus
 from scheduler.routing import CostCurve, Router
 from scheduler.scheduler import Scheduler, StepPlan, execute_isolated, execute_plan
-from scheduler.validation import parse_params, validate_request
+from scheduler.validation import parse_params, validate_request, with_seed
 
 log = structlog.get_logger("engine")
 
@@ -238,15 +238,21 @@ class Engine:
 
     # ---- output ------------------------------------------------------------------------------------
     def _stream(self, req: Request, now: float) -> None:
-        """Send newly final text; end the request on a stop string or a passed deadline."""
+        """Send newly final text; end the request on a stop string, a passed deadline or max_tokens."""
         deadline = req.deadline_s
         past = deadline is not None and now >= deadline
-        update = req.stream.update(req.stream_ids(), newline_cut=past)
+        ids, cap = req.stream_ids(), req.spec.max_tokens
+        # At the cap with more to come (or past it: ReFusion's last slot), the request ends here; the
+        # ids are cut first, so finish() releases every held-back character of the kept ids.
+        capped = cap is not None and (len(ids) > cap or (len(ids) == cap and not req.decoder.finished))
+        update = req.stream.update(ids[:cap] if capped else ids, newline_cut=past)
         self._send(req, update.text, update.token_ids, now)
         if update.stopped == "stop":
             self._finish(req, FinishReason.STOP)
         elif update.stopped == "newline" or (past and now >= deadline + self.config.deadline_grace_ms / 1000):
             self._finish(req, FinishReason.DEADLINE)
+        elif capped:
+            self._finish(req, FinishReason.LENGTH)
 
     def _send(self, req: Request, text: str, token_ids: list[int], now: float, finished: bool = False) -> None:
         if token_ids or text:
@@ -292,7 +298,7 @@ class Engine:
         validate_request(spec, self.runner.info.vocab_size, self.config.max_stop_strings)
         if spec.request_id in self._requests:
             raise InvalidRequestError("request_id", f"{spec.request_id!r} is already in flight; use a unique id")
-        params = parse_params(self.scheduler.factories["main"], spec.params)
+        params = parse_params(self.scheduler.factories["main"], with_seed(spec.params))
         try:
             req = self.scheduler.add(spec, params, TextStream(self.tokenizer, spec.stop))
         except OverloadedError:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 from decoding.api import DecodeParamError
 from scheduler.api import GenerationRequest, InvalidRequestError, Mode, Priority
 
@@ -35,6 +37,9 @@ def validate_request(spec: GenerationRequest, vocab_size: int | None, max_stop_s
         raise InvalidRequestError("stop", "must be a list of non-empty strings")
     if len(stop) > max_stop_strings:
         raise InvalidRequestError("stop", f"has {len(stop)} strings; give at most {max_stop_strings}")
+    cap = spec.max_tokens
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0):
+        raise InvalidRequestError("max_tokens", f"must be a positive integer number of tokens or None, got {cap!r}")
     max_time = spec.max_time_ms
     if max_time is not None and (not isinstance(max_time, int) or isinstance(max_time, bool) or max_time <= 0):
         raise InvalidRequestError("max_time_ms", f"must be a positive integer number of milliseconds or None, got {max_time!r}")
@@ -46,3 +51,14 @@ def parse_params(factory, params: dict):
         return factory.parse_params(params)
     except DecodeParamError as exc:
         raise InvalidRequestError(exc.field, exc.message) from exc
+
+
+def with_seed(params: dict) -> dict:
+    """The request's decoding params with a seed: its own, else a fresh random one (0..2^63-1).
+
+    OpenAI: without `seed`, sampling is fresh on every request; with one, it is reproducible. Greedy
+    decoding (temperature 0) reads no random numbers, so it stays deterministic either way.
+    """
+    if params.get("seed") is not None:
+        return params
+    return {**params, "seed": secrets.randbits(63)}

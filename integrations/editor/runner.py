@@ -46,6 +46,7 @@ class CompletionJob:
                 stop=list(self.stop),
                 max_time_ms=self.max_time_ms,
                 suffix_ids=list(self.prompt.suffix_ids) if self.prompt.suffix_ids else None,
+                max_tokens=self.max_tokens,
             )
             for gap in self.gaps
         ]

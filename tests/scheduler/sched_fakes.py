@@ -174,7 +174,7 @@ class FakeDecoder:
 
 
 class FakeFactory:
-    """Builds FakeDecoders; params: gen_length (required > 0), slot_size, serial_num_blocks."""
+    """Builds FakeDecoders; params: gen_length (required > 0), slot_size, serial_num_blocks, seed (unused)."""
 
     REFUSION_SHAPE = {"step_tokens": 8, "tokens_per_step": 2}
 
@@ -183,7 +183,7 @@ class FakeFactory:
         self.decoders: dict[str, FakeDecoder] = {}
 
     def parse_params(self, params: dict):
-        unknown = set(params) - {"gen_length", "slot_size", "serial_num_blocks"}
+        unknown = set(params) - {"gen_length", "slot_size", "serial_num_blocks", "seed"}
         if unknown:
             raise DecodeParamError(sorted(unknown)[0], "unknown parameter; remove it")
         gen = params.get("gen_length", 8)
