@@ -51,7 +51,7 @@ class InfillBody(BaseModel):
     n_indent: int = Field(0, ge=0)
     stream: bool = False
     temperature: float | None = Field(None, ge=0, le=2)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 (llama.cpp's default): a random seed")
     n_cmpl: int = Field(1, ge=1, le=4)
     response_fields: list[str] | None = None
     cache_prompt: bool = True  # always on: the engine's prefix cache serves every request
@@ -82,7 +82,8 @@ async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
         gaps = tuple(sorted(set(gaps) | {gaps[-1] * 2 ** k for k in range(1, body.n_cmpl - len(gaps) + 1)}))
         gaps = tuple(g for g in gaps if max_tokens is None or g <= max(max_tokens, gaps[0]))
     temperature = sampling_temperature(body.temperature)
-    sampling = {k: v for k, v in (("temperature", temperature), ("seed", body.seed)) if v is not None}
+    seed = None if body.seed == -1 else body.seed  # llama.cpp: -1 is a random seed; unset is too (engine)
+    sampling = {k: v for k, v in (("temperature", temperature), ("seed", seed)) if v is not None}
     return CompletionJob(
         request_id=request_id,
         prompt=prompt,
