@@ -28,6 +28,14 @@ def openai_finish_reason(delta: Delta) -> str:
     return _FINISH.get(delta.finish_reason, "stop")
 
 
+def chat_finish_reason(last: Delta, num_calls: int) -> str:
+    """OpenAI's chat finish_reason: "tool_calls" only when the turn ended by itself after calling tools;
+    a turn cut by max_tokens (or any other limit) reports that cut ("length"), calls or not, as
+    OpenAI does, so a client never takes a truncated turn for a finished one."""
+    reason = openai_finish_reason(last)
+    return "tool_calls" if num_calls and reason == "stop" else reason
+
+
 def refusion_detail(delta: Delta) -> dict:
     """Extension block: mode, TPF and anything OpenAI's finish reason hides."""
     stats = delta.stats or {}
@@ -83,7 +91,7 @@ def chat_body(
     message: dict = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = [c.to_openai() for c in calls]
-    finish = "tool_calls" if calls else openai_finish_reason(last)
+    finish = chat_finish_reason(last, len(calls))
     return {
         **header.fields("chat.completion"),
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],

@@ -73,7 +73,7 @@ async def chat_events(header, deltas, observer: RequestObserver, include_usage: 
                 yield shape.chat_chunk(header, shape.chat_tool_call_delta(piece, num_calls))
                 num_calls += 1
         if delta.finished:
-            finish = "tool_calls" if num_calls else shape.openai_finish_reason(delta)
+            finish = shape.chat_finish_reason(delta, num_calls)
             yield shape.chat_chunk(header, {}, finish)
     if include_usage:
         yield shape.usage_chunk(header, "chat.completion.chunk", observer.prompt_tokens, observer.completion_tokens)

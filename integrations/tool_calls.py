@@ -5,6 +5,9 @@ A block is a tool call only when its body is a JSON object with a string `name` 
 tools when the request lists any) and `arguments` that are an object (or a JSON string of one); a
 missing `arguments` means `{}`. Anything else (bad JSON, unknown name, an unclosed block) stays in the
 message content as the model wrote it: a malformed call is text, never an error.
+
+A block ends at the first `</tool_call>` outside a JSON string, so an argument whose text contains
+`</tool_call>` (code, documentation) stays inside its call.
 """
 
 from __future__ import annotations
@@ -59,6 +62,25 @@ def split_tool_calls(text: str, allowed_names: set[str] | None = None) -> tuple[
     return (content or None) if calls else content, calls
 
 
+def block_end(body: str) -> int:
+    """Index in `body` (the text after `<tool_call>`) of the `</tool_call>` that closes the block: the
+    first one outside a JSON string literal (double-quoted, backslash escapes). -1 while none has come."""
+    in_string, escaped = False, False
+    for i, ch in enumerate(body):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "<" and body.startswith(TOOL_CLOSE, i):
+            return i
+    return -1
+
+
 def _held_prefix_len(text: str, marker: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of marker (may still become it)."""
     for n in range(min(len(text), len(marker) - 1), 0, -1):
@@ -88,7 +110,7 @@ class ToolCallStreamParser:
         events: list = []
         while True:
             if self._inside:
-                end = self._pending.find(TOOL_CLOSE)
+                end = block_end(self._pending)
                 if end < 0:
                     return events
                 body, self._pending = self._pending[:end], self._pending[end + len(TOOL_CLOSE):]

@@ -124,3 +124,19 @@ def test_without_tools_the_block_stays_text(sdk):
                                       extra_body=AR)
     assert out.choices[0].message.tool_calls is None
     assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_turn_cut_by_max_tokens_after_a_call_reports_length(sdk, tool_model_dir):
+    # max_tokens = exactly the call's tokens: the block closes, then the cap ends the turn before the
+    # model could end it (EOS). The call is parsed, but the turn was cut: finish_reason "length".
+    from transformers import AutoTokenizer
+
+    n_call = len(AutoTokenizer.from_pretrained(tool_model_dir).encode(_call("Paris"), add_special_tokens=False))
+    out = sdk.chat.completions.create(model=_model(sdk), messages=_question("Paris"), tools=TOOLS,
+                                      max_tokens=n_call, extra_body=AR)
+    assert out.choices[0].finish_reason == "length"
+    assert [c.function.name for c in out.choices[0].message.tool_calls] == ["get_weather"]
+    stream = sdk.chat.completions.create(model=_model(sdk), messages=_question("Paris"), tools=TOOLS,
+                                         max_tokens=n_call, extra_body=AR, stream=True)
+    finishes = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]

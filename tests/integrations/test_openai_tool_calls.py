@@ -127,3 +127,43 @@ def test_deadline_reports_length_with_detail():
     body = shape.completion_body(shape.ResponseHeader("cmpl", "m"), "x", last, 1, 1)
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["refusion"]["finish_detail"] == "deadline"
+
+
+# A call whose argument text contains the closing marker (code or docs about tool calls).
+TRICKY = ('<tool_call>{"name": "write_file", "arguments": {"path": "a.md", '
+          '"text": "end a call with </tool_call> and \\"quote\\" it"}}</tool_call>')
+
+
+@pytest.mark.parametrize("cut", range(0, len(TRICKY) + 1, 7))
+def test_close_marker_inside_an_argument_string_stays_in_the_call(cut):
+    events = _stream_events(TRICKY + " done", cut)
+    (call,) = [e for e in events if not isinstance(e, str)]
+    assert call.name == "write_file"
+    assert json.loads(call.arguments) == {"path": "a.md", "text": 'end a call with </tool_call> and "quote" it'}
+    assert "".join(e for e in events if isinstance(e, str)) == " done"
+    content, calls = split_tool_calls(TRICKY, {"write_file"})
+    assert content is None and [c.arguments for c in calls] == [call.arguments]
+
+
+def test_block_end_skips_markers_in_strings_and_escaped_quotes():
+    from integrations.tool_calls import block_end
+
+    assert block_end('{"a": "x</tool_call>"}</tool_call>') == len('{"a": "x</tool_call>"}')
+    assert block_end('{"a": "\\"</tool_call>"}</tool_call>') == len('{"a": "\\"</tool_call>"}')
+    assert block_end('{"a": "still open </tool_call>') == -1
+
+
+@pytest.mark.parametrize("finish, expected", [(FinishReason.LENGTH, "length"), (FinishReason.DEADLINE, "length"),
+                                              (FinishReason.STOP, "tool_calls")])
+async def test_turn_with_a_call_reports_a_cut_not_tool_calls(finish, expected):
+    header = shape.ResponseHeader("chatcmpl", "m")
+    last = _deltas([CALL], finish=finish)[-1]
+    assert shape.chat_body(header, CALL, last, 5, 9, {"get_weather"})["choices"][0]["finish_reason"] == expected
+
+    class Observer:
+        prompt_tokens, completion_tokens = 3, 4
+
+    chunks = [c async for c in chat_events(header, _aiter(_deltas([CALL, ""], finish=finish)), Observer(), False,
+                                           {"get_weather"})]
+    assert chunks[-1]["choices"][0]["finish_reason"] == expected
+    assert any("tool_calls" in c["choices"][0]["delta"] for c in chunks)
