@@ -134,7 +134,7 @@ async def completions(request: Request):
     client, settings = request.app.state.engine_client, request.app.state.settings
     _check_model(request, body.model)
     header = shape.ResponseHeader("cmpl", client.model_name)
-    if body.suffix:  # infill: the editor protocol's path, limits and token budgets (integrations/openai_infill.py)
+    if body.suffix is not None:  # infill, suffix "" (end of a file) too: the editor path (integrations/openai_infill.py)
         params = body.decode_params(body.max_tokens or settings.completion_default_max_tokens, settings.decode_defaults)
         job = await infill_job(client, header.id, body, params)
         prompt_ids = job.prompt.prompt_ids + (job.prompt.suffix_ids or [])

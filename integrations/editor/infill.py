@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from integrations.editor.document import DocumentStyle
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX
 
 # Token budgets of the prompt parts: the prefix is kept from its end, the suffix from its start.
@@ -45,6 +46,12 @@ class InfillPrompt:
     truncated: bool = False  # some prefix, suffix or context did not fit its budget
     context_tokens: int = 0  # leading prompt tokens that came from context chunks (stable, cacheable)
     healed: str = ""  # trailing spaces/tabs left out of the prompt; the model writes them (see heal_text)
+    style: DocumentStyle = DocumentStyle()  # the document's line endings and indentation (document.py)
+    at_indent: bool = True  # only tabs (or nothing) stand before the cursor on its line
+
+    def to_document(self, text: str) -> str:
+        """A completion (model text, seen from the cursor) in the document's line endings and indent."""
+        return self.style.to_document(text, at_indent=self.at_indent)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -85,11 +92,18 @@ def build_infill_prompt(
     training, and it answers with one space too many. Trailing spaces/tabs are therefore left out of
     the prompt (`healed`); the model writes the whitespace itself and `heal_text` drops that much
     of it from the front of the output.
+
+    Line endings and indentation: prefix, suffix and context are converted to the model's text (LF,
+    spaces) first; `InfillPrompt.to_document` converts a completion back (document.py).
     """
+    style = DocumentStyle.of(prefix, suffix)
+    at_indent = not prefix.rsplit("\n", 1)[-1].strip("\t")
+    prefix, suffix = style.to_model(prefix), style.to_model(suffix)
     truncated = False
     context_ids: list[int] = []
     for chunk in reversed(list(context)):  # newest chunks (end of the list) are kept first
         text = format_context([chunk], language)
+        text = DocumentStyle.of(text).to_model(text)
         if len(text) > max_context_tokens * MAX_CHARS_PER_TOKEN:  # could never fit the budget
             truncated = True
             break
@@ -114,7 +128,7 @@ def build_infill_prompt(
     if not prompt_ids:
         # A completion at the very start of an empty file: give the model something to attend to.
         prompt_ids = _encode(tokenizer, "\n") or [tokenizer.eos_token_id]
-    return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids), healed)
+    return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids), healed, style, at_indent)
 
 
 def heal_text(text: str, healed: str) -> str:
@@ -160,16 +174,24 @@ class Candidate:
 
 
 def choose_candidate(candidates: Sequence[Candidate]) -> Candidate:
-    """The shortest gap whose completion closed inside it; else the longest gap's completion.
+    """The shortest gap whose completion closed inside it; else the longest gap's; but never one
+    that does not extend the shortest gap's text, unless that text is only whitespace.
 
     Why: a gap longer than the natural middle makes the model pad it, which shows as a repeat of
     the suffix (trimmed, so the candidate closes); a gap shorter than the middle ends mid-thought
-    and does not close. The shortest closed gap is the least padded complete answer. Candidates
-    with no text lose to any with text.
+    and does not close. The shortest closed gap is the least padded complete answer. Partials stream
+    from the shortest gap, and a stream cannot take text back (llama.cpp's /infill and OpenAI's
+    streams send only new text), so a longer gap may replace it only when it extends what the
+    shortest one wrote: then the streamed and the non-streamed answers are the same text.
     """
     if not candidates:
         raise ValueError("choose_candidate needs at least one candidate")
     ordered = sorted(candidates, key=lambda c: c.gap)
+    streamed = ordered[0]
+    if streamed.text.strip():
+        if streamed.closed:
+            return streamed
+        ordered = [c for c in ordered if c.text.startswith(streamed.text)]
     with_text = [c for c in ordered if c.text.strip()] or ordered
     for cand in with_text:
         if cand.closed:

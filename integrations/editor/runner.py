@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable
 
+from integrations.editor.document import MODEL_TAB_WIDTH
 from integrations.editor.infill import Candidate, InfillPrompt, choose_candidate, gap_params, heal_text
 from integrations.editor.postprocess import Rules, postprocess, shown_partial
 from scheduler.api import GenerationRequest, Mode, OverloadedError, Priority
@@ -34,6 +35,13 @@ class CompletionJob:
     max_time_ms: int | None = None
     max_tokens: int | None = None  # hard cap on generated tokens (the gap may round up past it)
     sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p, seed
+
+    def model_rules(self) -> Rules:
+        """The rules on the model's text (LF, spaces; document.py): the suffix converted as the prompt
+        was, and n_indent in spaces when the document indents with tabs (llama.cpp counts characters)."""
+        style = self.prompt.style
+        indent = self.rules.indent * MODEL_TAB_WIDTH if style.tabs else self.rules.indent
+        return replace(self.rules, suffix=style.to_model(self.rules.suffix), indent=indent)
 
     def engine_requests(self) -> list[GenerationRequest]:
         return [
@@ -81,9 +89,11 @@ def tokens_per_forward(stats: dict) -> float | None:
 async def decode_candidate(client, req: GenerationRequest, gap: int, job: CompletionJob,
                            on_text: PartialCallback | None = None) -> Candidate:
     """Stream one candidate; stop early (closing the stream cancels it in the engine) on a rule cut,
-    or on the token cap when the engine would go past it. The text has the final-only rules applied."""
+    or on the token cap when the engine would go past it. The text has the final-only rules applied.
+    Rules run on the model's text; partials and the result are in the document's style (document.py)."""
     raw, ids, reason, stats, mode = "", [], "length", {}, None
     text, shown, capped = "", "", False  # text: raw as seen from the cursor, rules applied
+    rules = job.model_rules()
     async with contextlib.aclosing(client.stream(req)) as deltas:
         async for delta in deltas:
             mode = delta.mode or mode
@@ -94,12 +104,12 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
                     if len(ids) > job.max_tokens:
                         ids = ids[: job.max_tokens]
                         raw = client.tokenizer.decode(ids, skip_special_tokens=True)
-                processed = postprocess(heal_text(raw, job.prompt.healed), job.rules)
+                processed = postprocess(heal_text(raw, job.prompt.healed), rules)
                 text = processed.text
                 if processed.cut:
                     reason = processed.cut
                     break
-                if on_text is not None and (partial := shown_partial(text, job.rules.suffix)) != shown:
+                if on_text is not None and (partial := _partial(text, rules, job)) != shown:
                     shown = partial
                     await on_text(shown)
             if delta.finished:
@@ -109,12 +119,20 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
                 break
             if capped and gap > job.max_tokens:
                 break  # the engine would generate past the cap: stop it now
-    final = postprocess(text, job.rules, final=True)
+    final = postprocess(text, rules, final=True)
     if final.cut:
         reason = final.cut
-    cand = Candidate(gap=gap, text=final.text, stop_reason=reason, raw=raw, tokens=len(ids), stats=stats)
+    cand = Candidate(gap=gap, text=job.prompt.to_document(final.text), stop_reason=reason, raw=raw, tokens=len(ids),
+                     stats=stats)
     cand.stats["mode"] = mode.value if mode is not None else None
     return cand
+
+
+def _partial(text: str, rules: Rules, job: CompletionJob) -> str:
+    """What a partial shows, in the document's style. Whitespace alone is not shown: its indentation
+    (tabs or spaces) is known only once the line has text, and a partial must stay a prefix of the result."""
+    partial = shown_partial(text, rules.suffix)
+    return job.prompt.to_document(partial) if partial.strip(" \t") else ""
 
 
 async def run_completion(client, job: CompletionJob, on_partial: PartialCallback | None = None) -> CompletionOutcome:

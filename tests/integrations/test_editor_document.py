@@ -1,0 +1,78 @@
+"""Line endings and indentation of an editor's document (integrations/editor/document.py), and the
+infill path's use of them: prompt in the model's text, completion in the document's (issue 14 items 5, 6).
+The real app on the shipped model: test_serve_client_text.py."""
+
+from __future__ import annotations
+
+import pytest
+from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fixture
+
+from integrations.editor.document import DocumentStyle
+from integrations.editor.infill import build_infill_prompt
+from integrations.editor.postprocess import Rules
+from integrations.editor.runner import CompletionJob, run_completion
+
+TAB_PREFIX = "def parse_args(argv):\n\tparser = argparse.ArgumentParser()\n\t"  # issue 14, item 6
+TAB_SUFFIX = "\n\treturn parser.parse_args(argv)\n"
+
+
+@pytest.mark.parametrize("texts, style", [
+    (("a\r\nb",), DocumentStyle("\r\n", False)),
+    (("a\nb\r\n",), DocumentStyle("\n", False)),  # the first line break decides
+    (("no line break",), DocumentStyle("\n", False)),
+    ((TAB_PREFIX, TAB_SUFFIX), DocumentStyle("\n", True)),
+    (("if x:\n    y\n\tz\n    w",), DocumentStyle("\n", False)),  # mostly spaces
+    (("x = 1", "\r\nif y:\r\n\tz()"), DocumentStyle("\r\n", True)),  # judged on prefix and suffix together
+])  # fmt: skip
+def test_style_of_a_document(texts, style):
+    assert DocumentStyle.of(*texts) == style
+
+
+def test_to_model_converts_line_endings_and_leading_tabs_only():
+    style = DocumentStyle("\r\n", True)
+    assert style.to_model("if x:\r\n\tif y:\r\n\t\tz = 'a\tb'\r\n") == "if x:\n    if y:\n        z = 'a\tb'\n"
+    assert DocumentStyle("\n", False).to_model("\tx\r\n") == "\tx\n"  # a space-indented document keeps its tabs
+
+
+def test_to_document_round_trips_the_indentation():
+    style = DocumentStyle("\r\n", True)
+    model = "return x\n    y = 1\n        z = 2\n      w\n"
+    assert style.to_document(model, at_indent=False) == "return x\r\n\ty = 1\r\n\t\tz = 2\r\n\t  w\r\n"
+    assert style.to_document("    pass", at_indent=True) == "\tpass"  # the cursor stands at a tab stop
+    assert style.to_document("  # note", at_indent=False) == "  # note"  # mid-line: spaces are text
+    assert DocumentStyle().to_document("a\n    b", at_indent=True) == "a\n    b"
+
+
+def test_prompt_of_a_crlf_or_tab_document_equals_its_lf_space_twin(bpe_tokenizer):  # noqa: F811
+    lf = build_infill_prompt(bpe_tokenizer, TAB_PREFIX.replace("\t", "    "), TAB_SUFFIX.replace("\t", "    "))
+    for prefix, suffix in ((TAB_PREFIX, TAB_SUFFIX),
+                           (TAB_PREFIX.replace("\n", "\r\n"), TAB_SUFFIX.replace("\n", "\r\n"))):
+        doc = build_infill_prompt(bpe_tokenizer, prefix, suffix)
+        assert (doc.prompt_ids, doc.suffix_ids, doc.healed) == (lf.prompt_ids, lf.suffix_ids, lf.healed)
+        assert doc.style.tabs and doc.at_indent
+
+
+async def _complete(client, prefix: str, suffix: str, partials: list[str]) -> str:
+    job = CompletionJob("t", build_infill_prompt(client.tokenizer, prefix, suffix), (32,), Rules(suffix=suffix))
+
+    async def on_partial(text: str) -> None:
+        partials.append(text)
+
+    return (await run_completion(client, job, on_partial)).text
+
+
+async def test_a_crlf_tab_document_gets_its_own_style_back_partials_included(bpe_tokenizer):  # noqa: F811
+    # The model writes space indentation and LF, then repeats the suffix (trimmed as for an LF document).
+    model_text = "    parser.add_argument('x')\n    if argv:\n        argv = list(argv)\n    return parser.parse_args(argv)\n"
+    client = FakeEngineClient(bpe_tokenizer, default_text=model_text, delay_s=0)
+    partials: list[str] = []
+    text = await _complete(client, TAB_PREFIX.replace("\n", "\r\n"), TAB_SUFFIX.replace("\n", "\r\n"), partials)
+    assert text == "parser.add_argument('x')\r\n\tif argv:\r\n\t\targv = list(argv)"
+    assert partials and all(text.startswith(p) for p in partials)  # every partial a prefix of the result
+    assert "\n" not in text.replace("\r\n", "")
+
+
+async def test_an_lf_space_document_is_left_as_the_model_wrote_it(bpe_tokenizer):  # noqa: F811
+    client = FakeEngineClient(bpe_tokenizer, default_text="    x = 1\n    y = 2\n    return x\n", delay_s=0)
+    text = await _complete(client, "def f():\n    ", "\n    return x\n", [])
+    assert text == "x = 1\n    y = 2"
