@@ -45,10 +45,9 @@ async def infill_job(client, request_id: str, body, decode_params: dict) -> Comp
                                         f"(the infill keeps the end of the prompt and the start of the suffix)")
     prompt = await off_loop(build_infill_prompt, client.tokenizer, body.prompt, suffix,
                             chars=len(body.prompt) + len(suffix))
+    # The same gaps streamed or not: the choice keeps every chunk a prefix of the final text
+    # (infill.choose_candidate), so both return the same completion.
     gaps = plan_gaps(body.max_tokens, multiline=True)
-    if body.stream:
-        # Partials come from one candidate; streaming a single gap keeps every chunk a true prefix.
-        gaps = gaps[-1:]
     return CompletionJob(
         request_id=request_id,
         prompt=prompt,

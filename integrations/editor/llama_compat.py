@@ -55,6 +55,7 @@ class InfillBody(BaseModel):
     n_cmpl: int = Field(1, ge=1, le=4)
     response_fields: list[str] | None = None
     cache_prompt: bool = True  # always on: the engine's prefix cache serves every request
+    mode: Mode = Mode.AUTO  # ReFusion extension (llama.cpp has none): pin the decoder for reproducible output
 
     @field_validator("stop")
     @classmethod
@@ -89,7 +90,7 @@ async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
         prompt=prompt,
         gaps=gaps,
         rules=Rules(suffix=body.input_suffix, multiline=True, indent=body.n_indent),
-        mode=Mode.AUTO,
+        mode=body.mode,
         priority=Priority.INTERACTIVE,
         stop=list(body.stop),
         max_time_ms=body.t_max_predict_ms or None,

@@ -138,16 +138,61 @@ def _trim_tail(text: str, suffix: str) -> tuple[str, bool]:
 
 
 def shown_partial(text: str, suffix: str) -> str:
-    """What a partial may show: the text, less an unfinished last line that could still turn out to be
-    a repeat of the suffix (so a partial never shows a line the final result then drops)."""
-    anchor = _suffix_anchor(suffix)
+    """What a partial may show: only text that every way generation can go on keeps in the final result,
+    so streamed text is always a prefix of the final one (a stream cannot take text back). Held back:
+    a trailing line with no visible text yet; trailing lines that may still become a repeat of the
+    suffix (line rule); an unfinished first line's end that may still become the rest of the cursor
+    line (rest-of-line rule); an end that may still become the start of the suffix (tail rule)."""
     cut = text.rfind("\n")
-    last = text[cut + 1 :].strip()
-    if cut >= 0 and not last:
-        return text[:cut]  # a new line with no visible text yet: wait to see what it becomes
-    if anchor and last and anchor[0].startswith(last) and (cut >= 0 or not suffix.split("\n", 1)[0].strip()):
-        return text[: max(cut, 0)]
+    if cut >= 0 and not text[cut + 1 :].strip():
+        return shown_partial(text[:cut], suffix)  # a new line with no visible text yet: wait
+    anchor = _suffix_anchor(suffix)
+    rest_of_line = suffix.split("\n", 1)[0].strip()
+    lines = text.split("\n")
+    start = 0
+    for k, line in enumerate(lines):  # the earliest line from which the text may still be a repeat
+        if k >= (1 if rest_of_line else 0) and _may_become_anchor(lines[k:], anchor):
+            text = text[: max(start - 1, 0)]
+            break
+        start += len(line) + 1
+    if rest_of_line:
+        first, newline, after = text.partition("\n")
+        if newline and first.rstrip().endswith(rest_of_line):
+            return first.rstrip()[: len(first.rstrip()) - len(rest_of_line)].rstrip(" \t")
+        if not newline:
+            text = first[: _held_from(first, rest_of_line)].rstrip(" \t")
+    head = suffix.lstrip()
+    lo = max(len(text) - len(head), 0)  # a longer end cannot be a start of `head` (after its spaces)
+    while 0 < lo < len(text) and text[lo - 1].isspace():
+        lo -= 1
+    for i in range(lo, len(text)) if head else ():
+        if head.startswith(text[i:].lstrip()) and (i == 0 or text[i - 1].isspace() or not text[i].isalnum()):
+            return text[:i].rstrip()
     return text
+
+
+def _may_become_anchor(lines: list[str], anchor: list[str]) -> bool:
+    """`lines` (the last one unfinished) may still grow into the anchor: every finished visible line is
+    the anchor's next line, and the unfinished one a start of it."""
+    if not anchor:
+        return False
+    visible = [line.strip() for line in lines[:-1] if line.strip()]
+    last = lines[-1].strip()
+    if not visible and not last or len(visible) + bool(last) > len(anchor):
+        return False
+    if visible != anchor[: len(visible)]:
+        return False
+    return not last or anchor[len(visible)].startswith(last)
+
+
+def _held_from(line: str, rest_of_line: str) -> int:
+    """Where an unfinished first line stops being safe to show: the start of its longest end that is a
+    start of `rest_of_line` (len(line) when none)."""
+    core = line.rstrip()
+    for j in range(len(core)):
+        if rest_of_line.startswith(core[j:]):
+            return j
+    return len(line)
 
 
 def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
