@@ -110,16 +110,20 @@ def _limits(request: Request) -> RequestLimits:
 
 
 class TokenizeBody(BaseModel):
-    """The /tokenize request (llama.cpp's fields; unknown ones, e.g. with_pieces, are ignored)."""
+    """The /tokenize request, llama.cpp's fields (unknown ones are ignored)."""
 
     content: str
-    add_special: bool = False
+    add_special: bool = False  # insert the tokenizer's special tokens (BOS, when it has one)
+    parse_special: bool = True  # false: special-token text such as "<|endoftext|>" is plain text
+    with_pieces: bool = False  # each token as {"id", "piece"}
 
 
 @router.post("/tokenize")
 async def tokenize_route(request: Request) -> Response:
-    """llama.cpp /tokenize: {"content": str, "add_special": bool} -> {"tokens": [ids]}. `content` is
-    limited to max_prompt_chars characters and tokenized off the event loop."""
+    """llama.cpp /tokenize: {"content", "add_special", "parse_special", "with_pieces"} -> {"tokens": [ids]},
+    or [{"id", "piece"}] with with_pieces (piece: the token's text, or its bytes as a list of ints when
+    they are not valid UTF-8 on their own). `content` is limited to max_prompt_chars characters and
+    tokenized off the event loop. Errors: 400 naming the field, 413 for a body over max_body_bytes."""
     try:
         body = await _read(request, TokenizeBody)
         _limits(request).check_chars("content", body.content)
@@ -127,5 +131,45 @@ async def tokenize_route(request: Request) -> Response:
         status, payload, headers = _error_body(exc)
         return JSONResponse(payload, status, headers=headers)
     tokenizer = request.app.state.engine_client.tokenizer
-    tokens = await off_loop(encode, tokenizer, body.content, body.add_special, chars=len(body.content))
+    tokens = await off_loop(tokenize, tokenizer, body, chars=len(body.content))
     return Response(compact_json({"tokens": tokens}), media_type="application/json")
+
+
+def tokenize(tokenizer, body: TokenizeBody) -> list:
+    """The ids (or pieces) of /tokenize; CPU-bound, run off the event loop."""
+    if body.parse_special:
+        ids = encode(tokenizer, body.content, body.add_special)
+    else:
+        ids = list(tokenizer.encode(body.content, add_special_tokens=body.add_special, split_special_tokens=True))
+    if not body.with_pieces:
+        return ids
+    return [{"id": i, "piece": _piece(tokenizer, i)} for i in ids]
+
+
+def _piece(tokenizer, token_id: int) -> str | list[int]:
+    """A token's text; its bytes (ints) when they are not valid UTF-8 alone (byte-level BPE splits
+    multi-byte characters), as llama.cpp's with_pieces."""
+    raw = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)])
+    if "\ufffd" not in raw:
+        return raw
+    data = bytes(_BYTE_DECODER.get(ch, 0) for ch in tokenizer.convert_ids_to_tokens(token_id))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(data)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's character -> byte map (the inverse of its bytes_to_unicode)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _byte_decoder()

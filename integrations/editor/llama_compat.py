@@ -25,6 +25,7 @@ from integrations.editor.infill import build_infill_prompt, plan_gaps
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
 from integrations.editor.protocol import ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
+from decoding.params import MAX_TOP_K
 from integrations.request_limits import MAX_SEED, off_loop, sampling_temperature
 from scheduler.api import Mode, Priority
 
@@ -53,6 +54,9 @@ class InfillBody(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 (llama.cpp's default): a random seed")
     n_cmpl: int = Field(1, ge=1, le=4)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)  # 0: off, as llama.cpp
+    top_p: float | None = Field(None, ge=1e-6, le=1)
+    return_tokens: bool = False  # `tokens` holds the generated ids (always when streaming)
     response_fields: list[str] | None = None
     cache_prompt: bool = True  # always on: the engine's prefix cache serves every request
     mode: Mode = Mode.AUTO  # ReFusion extension (llama.cpp has none): pin the decoder for reproducible output
@@ -84,7 +88,8 @@ async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
         gaps = tuple(g for g in gaps if max_tokens is None or g <= max(max_tokens, gaps[0]))
     temperature = sampling_temperature(body.temperature)
     seed = None if body.seed == -1 else body.seed  # llama.cpp: -1 is a random seed; unset is too (engine)
-    sampling = {k: v for k, v in (("temperature", temperature), ("seed", seed)) if v is not None}
+    sampling = {k: v for k, v in (("temperature", temperature), ("seed", seed), ("top_k", body.top_k),
+                                  ("top_p", body.top_p)) if v is not None}
     return CompletionJob(
         request_id=request_id,
         prompt=prompt,
@@ -102,6 +107,8 @@ async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
 def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_reason: str, tokens: int,
             outcome: CompletionOutcome | None) -> dict:
     prompt_n = len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or [])
+    chosen = next((c for c in outcome.candidates if c.gap == outcome.gap), None) if outcome else None
+    cached = int((chosen.stats if chosen else {}).get("cached_prompt_tokens") or 0)
     total_ms = outcome.total_ms if outcome else 0.0
     prompt_ms = (outcome.first_partial_ms or total_ms) if outcome else 0.0  # time to first text
     predicted_ms = max(total_ms - prompt_ms, 0.0)
@@ -113,13 +120,14 @@ def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_rea
         "model": client.model_name,
         "tokens_predicted": tokens,
         "tokens_evaluated": prompt_n,
-        "generation_settings": {"n_predict": body.n_predict, "n_indent": body.n_indent, "gaps": list(job.gaps)},
-        "prompt": "",
+        "tokens": _ids(client, content) if body.return_tokens or body.stream else [],
+        "generation_settings": _settings(client, job, body),
+        "prompt": client.tokenizer.decode(job.prompt.prompt_ids),  # the processed prompt, as llama.cpp
         "has_new_line": "\n" in content,
         "truncated": job.prompt.truncated,
         "stop_type": _STOP_TYPE.get(stop_reason, "none"),
         "stopping_word": "",
-        "tokens_cached": prompt_n + tokens,
+        "tokens_cached": cached,  # prompt tokens the prefix cache served (llama.cpp: reused from before)
         "timings": {
             "prompt_n": prompt_n,
             "prompt_ms": round(prompt_ms, 3),
@@ -131,6 +139,20 @@ def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_rea
             "predicted_per_second": round(1000.0 * tokens / predicted_ms, 3) if predicted_ms else 0.0,
         },
     }
+
+
+def _settings(client, job: CompletionJob, body: InfillBody) -> dict:
+    """llama.cpp's generation_settings: the options in force (sampling as the engine got them; a
+    seed absent means a fresh random one), the model, and the candidate gaps (tokens)."""
+    return {"n_predict": body.n_predict, "n_indent": body.n_indent, "model": client.model_name,
+            "stop": list(body.stop), "stream": body.stream, "n_cmpl": body.n_cmpl,
+            "t_max_predict_ms": body.t_max_predict_ms, "mode": body.mode.value, "gaps": list(job.gaps),
+            **{k: job.sampling.get(k) for k in ("temperature", "seed", "top_k", "top_p")}}
+
+
+def _ids(client, text: str) -> list[int]:
+    """Token ids of a post-processed piece (the text the client receives)."""
+    return client.tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
 def select_fields(result: dict, fields: list[str] | None) -> dict:
@@ -197,7 +219,8 @@ async def infill_events(client, body: InfillBody) -> AsyncIterator[bytes]:
     try:
         while (text := await queue.get()) is not None:
             if text.startswith(sent) and len(text) > len(sent):
-                piece = {"index": 0, "content": text[len(sent):], "stop": False}
+                piece = {"index": 0, "content": text[len(sent):], "tokens": _ids(client, text[len(sent):]),
+                         "stop": False}
                 sent = text
                 yield b"data: " + compact_json(piece) + b"\n\n"
         outcome = await task

@@ -275,3 +275,14 @@ async def test_api_key_and_overload_on_the_strict_app(strict_base_url, wait_unti
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
         await backend.close()
+
+
+async def test_infill_tokens_cached_counts_prompt_tokens_reused_from_the_cache(serve_base_url):
+    # llama.cpp's README: tokens_cached = tokens of the prompt re-used from a previous completion.
+    body = llama_vim_request(input_prefix="import sys\n\n\n" + HELD_OUT_PREFIX * 4, response_fields=None, mode="ar")
+    async with httpx.AsyncClient(base_url=serve_base_url, timeout=120) as http:
+        first = (await http.post("/infill", json=body)).json()
+        again = (await http.post("/infill", json=body)).json()
+    assert 0 <= first["tokens_cached"] <= again["tokens_cached"] <= again["tokens_evaluated"]
+    assert again["tokens_cached"] > 0  # the same prompt again: served from the prefix cache
+    assert again["prompt"].endswith(HELD_OUT_PREFIX.rstrip(" "))  # the processed prompt

@@ -68,7 +68,7 @@ async def test_llama_vim_request_and_its_parsing(http, fake_client):  # noqa: F8
     data = json.loads(raw)
     assert set(data) == set(TIMING_FIELDS)  # flattened response_fields, nothing else
     assert data["content"] == "result = math.pi * r * r"  # suffix repeat trimmed
-    assert data["timings/predicted_n"] > 0 and data["tokens_cached"] > 0 and data["truncated"] is False
+    assert data["timings/predicted_n"] > 0 and data["tokens_cached"] == 0 and data["truncated"] is False  # cold cache
     req = fake_client.requests[0]
     assert req.priority == Priority.INTERACTIVE and req.max_time_ms == 1000 and req.mode == Mode.AUTO
     text = fake_client.tokenizer.decode(req.prompt_ids)
@@ -145,3 +145,32 @@ async def test_tokenize_like_llama_vscode_counts_tokens(http, fake_client):  # n
     assert resp.status_code == 200 and resp.json() == {"tokens": expected}
     bad = await http.post("/tokenize", json={"text": "x"})
     assert bad.status_code == 400 and "content" in bad.json()["error"]["message"]
+
+
+async def test_tokenize_with_pieces_and_parse_special_as_llama_cpp_documents(http, fake_client):  # noqa: F811
+    tok = fake_client.tokenizer
+    resp = await http.post("/tokenize", json={"content": "def á", "with_pieces": True})
+    pieces = resp.json()["tokens"]
+    assert [p["id"] for p in pieces] == tok.encode("def á", add_special_tokens=False)
+    # á is two bytes (C3 A1); a byte-level token holding one of them is returned as a list of bytes
+    assert bytes(b for p in pieces for b in (p["piece"] if isinstance(p["piece"], list) else p["piece"].encode())) \
+        == "def á".encode()
+    special = tok.eos_token
+    parsed = (await http.post("/tokenize", json={"content": "x" + special})).json()["tokens"]
+    plain = (await http.post("/tokenize", json={"content": "x" + special, "parse_special": False})).json()["tokens"]
+    assert parsed[-1] == tok.eos_token_id and tok.eos_token_id not in plain and len(plain) > len(parsed)
+
+
+async def test_infill_returns_llama_cpp_fields(http, fake_client):  # noqa: F811
+    fake_client.script = {32: "result = 2 * r\n    return result\n"}
+    data = (await http.post("/infill", json=llama_vscode_request(return_tokens=True, top_k=5, top_p=0.5))).json()
+    assert data["tokens"] == fake_client.tokenizer.encode(data["content"], add_special_tokens=False)
+    assert data["prompt"] == fake_client.tokenizer.decode(fake_client.tokenizer.encode(
+        "# /w/consts.py\nPI = 3.14\n\n" + PREFIX, add_special_tokens=False))  # context + prefix, healed
+    settings = data["generation_settings"]
+    assert settings["top_k"] == 5 and settings["top_p"] == 0.5 and settings["model"] == data["model"]
+    assert fake_client.requests and all(r.params["top_k"] == 5 and r.params["top_p"] == 0.5 for r in fake_client.requests)
+    stream = await http.post("/infill", json=llama_vscode_request(stream=True))
+    events = [json.loads(line[len("data: "):]) for line in stream.text.split("\n\n") if line.startswith("data: ")]
+    assert all(set(e) == {"index", "content", "tokens", "stop"} for e in events[:-1])  # llama.cpp's stream fields
+    assert [t for e in events for t in e["tokens"]] and events[-1]["stop"] is True
