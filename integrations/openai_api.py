@@ -24,13 +24,16 @@ from pydantic import BaseModel, ValidationError
 from integrations import openai_responses as shape
 from integrations.auth import APIKeyMiddleware, OriginGuard
 from integrations.chat import chat_prompt_ids
+from integrations.context_fit import fit_generation
 from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
 from integrations.openai_infill import infill_deltas, infill_job
-from integrations.openai_models import ChatCompletionRequest, CompletionRequest, SamplingFields
-from integrations.openai_stream import chat_events, completion_events, sse_response
-from integrations.request_limits import BodyLimitMiddleware, RequestLimits, encode, off_loop, read_json_object
+from integrations.openai_models import ChatCompletionRequest, CompletionRequest
+from integrations.openai_stream import chat_events, completion_events, null_usage_until_final, sse_response
+from integrations.openai_requests import generation_request, id_headers, request_id
+from integrations.openai_requests import prompt_ids as encode_prompt
+from integrations.request_limits import BodyLimitMiddleware, RequestLimits, off_loop, read_json_object
 from scheduler.api import Delta, FinishReason, GenerationRequest
 
 
@@ -130,32 +133,38 @@ async def metrics(request: Request):
 
 @router.post("/v1/completions")
 async def completions(request: Request):
+    """OpenAI completions. Every fault of the request (fields, context, engine admission) is answered
+    before the response starts, streamed or not."""
     body = await _read_body(request, CompletionRequest)
     client, settings = request.app.state.engine_client, request.app.state.settings
     _check_model(request, body.model)
-    header = shape.ResponseHeader("cmpl", client.model_name)
+    header = shape.ResponseHeader("cmpl", client.model_name, request_id(request, "cmpl"))
     if body.suffix is not None:  # infill, suffix "" (end of a file) too: the editor path (integrations/openai_infill.py)
         params = body.decode_params(body.max_tokens or settings.completion_default_max_tokens, settings.decode_defaults)
         job = await infill_job(client, header.id, body, params)
         prompt_ids = job.prompt.prompt_ids + (job.prompt.suffix_ids or [])
+        fit_generation(settings.limits.context_length, len(prompt_ids), body.max_tokens or 1,
+                       requested=body.max_tokens is not None)
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
-        deltas = _observed(infill_deltas(client, job, header.id, body.stream), observer)
+        deltas = await _primed(_observed(infill_deltas(client, job, header.id, body.stream), observer), observer)
     else:
-        prompt_ids = await _prompt_ids(client.tokenizer, body.prompt, settings.limits)
-        max_tokens = settings.limits.fit_generation(len(prompt_ids), body.max_tokens or settings.completion_default_max_tokens,
-                                                    requested=body.max_tokens is not None)
-        req = _generation_request(header.id, body, prompt_ids, body.stop, max_tokens, settings)
+        prompt_ids = await encode_prompt(client.tokenizer, body.prompt, settings.limits)
+        req = generation_request(header.id, body, prompt_ids, body.stop, settings.completion_default_max_tokens,
+                                 settings, "prompt")
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
         deltas = await _start(client, req, observer)
     if body.stream:
         events = completion_events(header, deltas, observer, body.include_usage)
-        return sse_response(events, observer, header.id)
+        events = null_usage_until_final(events) if body.include_usage else events
+        return sse_response(events, observer, header.id, id_headers(request, header.id))
     text, last = await _collect(deltas, observer)
-    return _json(shape.completion_body(header, text, last, len(prompt_ids), observer.completion_tokens), header.id)
+    body_json = shape.completion_body(header, text, last, len(prompt_ids), observer.completion_tokens)
+    return JSONResponse(body_json, headers=id_headers(request, header.id))
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
+    """OpenAI chat completions; faults are answered before the response starts, as for completions."""
     body = await _read_body(request, ChatCompletionRequest)
     client, settings = request.app.state.engine_client, request.app.state.settings
     _check_model(request, body.model)
@@ -163,19 +172,19 @@ async def chat_completions(request: Request):
     tools = body.tools if body.tools_enabled else None
     prompt_ids, extra_stop = await off_loop(chat_prompt_ids, client.tokenizer, body.messages, tools, settings.limits,
                                             chars=sum(len(m.content or "") for m in body.messages))
-    max_tokens = settings.limits.fit_generation(len(prompt_ids), body.max_tokens or settings.default_max_tokens,
-                                                requested=body.max_tokens is not None)
-    header = shape.ResponseHeader("chatcmpl", client.model_name)
-    req = _generation_request(header.id, body, prompt_ids, body.stop + extra_stop, max_tokens, settings)
+    header = shape.ResponseHeader("chatcmpl", client.model_name, request_id(request, "chatcmpl"))
+    req = generation_request(header.id, body, prompt_ids, body.stop + extra_stop, settings.default_max_tokens,
+                             settings, "messages")
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
     deltas = await _start(client, req, observer)
     if body.stream:
         events = chat_events(header, deltas, observer, body.include_usage, allowed)
-        return sse_response(events, observer, header.id)
+        events = null_usage_until_final(events) if body.include_usage else events
+        return sse_response(events, observer, header.id, id_headers(request, header.id))
     text, last = await _collect(deltas, observer)
     completion = shape.chat_body(header, text, last, len(prompt_ids), observer.completion_tokens, allowed)
-    return _json(completion, header.id)
+    return JSONResponse(completion, headers=id_headers(request, header.id))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,59 +211,36 @@ async def _read_body(request: Request, model: type[BaseModel]):
         raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
 
 
-async def _prompt_ids(tokenizer, prompt: str | list[int], limits: RequestLimits) -> list[int]:
-    """Token ids of a completions prompt; text is checked against max_prompt_chars, then tokenized off
-    the event loop."""
-    if isinstance(prompt, str):
-        limits.check_chars("prompt", prompt)
-        ids = await off_loop(encode, tokenizer, prompt, chars=len(prompt))
-    else:
-        ids, vocab = list(prompt), len(tokenizer)
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise APIError(400, f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="prompt")
-    if not ids:
-        raise APIError(400, "prompt: must not be empty", param="prompt")
-    return ids
-
-
-def _generation_request(request_id: str, body: SamplingFields, prompt_ids: list[int], stop: list[str],
-                        default_max_tokens: int, settings: APISettings) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=request_id, prompt_ids=prompt_ids,
-        params=body.decode_params(default_max_tokens, settings.decode_defaults),
-        mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,
-        max_tokens=default_max_tokens,
-    )
-
-
 async def _start(client, req: GenerationRequest, observer: RequestObserver) -> AsyncIterator[Delta]:
-    """Submit and wait for the first delta, so that admission errors become HTTP errors (not a 200
-    stream that fails). Returns an iterator over all deltas (the engine stops at max_tokens, held-back
-    text included); closing it cancels the engine request."""
-    stream = client.stream(req)
+    """Submit and wait for the first delta (_primed). Returns an iterator over all deltas (the engine
+    stops at max_tokens, held-back text included); closing it cancels the engine request."""
+    return await _primed(_observed(client.stream(req), observer), observer)
+
+
+async def _primed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> AsyncIterator[Delta]:
+    """Wait for the first delta, so that every fault found until then (engine field checks, admission,
+    an error delta) is an HTTP error before the response starts, not a 200 stream that fails. Returns
+    an iterator over all deltas, the first included; closing it closes `deltas`."""
     try:
-        first = await anext(stream)
+        first = await anext(deltas)
     except StopAsyncIteration:
         first = None
     except BaseException as exc:
-        await stream.aclose()
+        await deltas.aclose()
         error = exc if isinstance(exc, APIError) else from_engine_error(exc) if isinstance(exc, Exception) else None
         observer.finish(error.status if error else 499, error=str(exc))
         if error is None:
             raise
         raise error from exc
 
-    async def all_deltas() -> AsyncIterator[Delta]:
-        try:
-            for delta in ([first] if first is not None else []):
-                yield _checked(delta, observer)
-            async for delta in stream:
-                yield _checked(delta, observer)
-        finally:
-            await stream.aclose()
+    async def replay() -> AsyncIterator[Delta]:
+        async with contextlib.aclosing(deltas):
+            if first is not None:
+                yield first
+            async for delta in deltas:
+                yield delta
 
-    return all_deltas()
+    return replay()
 
 
 async def _observed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> AsyncIterator[Delta]:
@@ -289,7 +275,3 @@ async def _collect(deltas: AsyncIterator[Delta], observer: RequestObserver) -> t
         raise APIError(500, "engine stream ended without a final delta", "server_error")
     observer.finish(200)
     return "".join(parts), last
-
-
-def _json(body: dict, request_id: str) -> JSONResponse:
-    return JSONResponse(body, headers={"X-Request-Id": request_id})

@@ -3,16 +3,17 @@ scheduler.api.GenerationRequest.
 
 Field names follow OpenAI's API. ReFusion extensions: `mode` ("auto" | "refusion" | "ar"), `slot_size`,
 `serial_num_blocks`, `slot_threshold`, `token_threshold`, `top_k`, `max_time_ms`, `priority`.
-Unknown fields are rejected (400 naming the field) so that typos do not silently change nothing.
+Unknown fields are rejected (400 naming the field) so that typos do not silently change nothing. A
+field sent as JSON null counts as not sent, as in OpenAI's API (its SDKs and many clients send nulls).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from decoding.params import MAX_TOP_K
+from decoding.params import MAX_TOP_K, SERVING_DEFAULTS
 from integrations.request_limits import MAX_SEED, MIN_TOP_P, sampling_temperature
 from scheduler.api import Mode, Priority
 
@@ -24,11 +25,20 @@ def fitting_block_count(gen_length: int, slot_size: int, preferred: int) -> int:
     return max(b for b in range(1, max(1, preferred) + 1) if slots % b == 0)
 
 
-class StreamOptions(BaseModel):
+class OpenAIBody(BaseModel):
+    """A request object of OpenAI's API: a field given as null is a field not given (its default)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(OpenAIBody):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(OpenAIBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -73,19 +83,23 @@ class SamplingFields(BaseModel):
             raise ValueError("logit_bias is not supported: remove it")
         return value
 
-    def decode_params(self, default_max_tokens: int, model_defaults: dict | None = None) -> dict:
+    def decode_params(self, gen_length: int, model_defaults: dict | None = None, slot_size: int | None = None) -> dict:
         """The GenerationRequest.params this request sets (unset ones take the model's defaults).
 
-        ReFusion needs gen_length (max_tokens rounded up to whole slots) to split into
-        serial_num_blocks blocks of whole slots. When the client leaves serial_num_blocks unset, the
-        largest block count up to the model default that fits is chosen, so any max_tokens works.
+        gen_length: tokens to generate (context_fit.fit_generation's); slot_size: one it chose so the
+        generation fits the context, overriding the model's (the client's own is never overridden).
+        ReFusion needs gen_length (rounded up to whole slots) to split into serial_num_blocks blocks of
+        whole slots. When the client leaves serial_num_blocks unset, the largest block count up to the
+        model default that fits is chosen, so any max_tokens works.
         """
-        params: dict[str, Any] = {"gen_length": self.max_tokens or default_max_tokens}
+        params: dict[str, Any] = {"gen_length": gen_length}
         for name in ("temperature", "top_p", "seed", "top_k", "slot_size", "serial_num_blocks",
                      "slot_threshold", "token_threshold"):
             value = getattr(self, name)
             if value is not None:
                 params[name] = value
+        if slot_size is not None and self.slot_size is None:
+            params["slot_size"] = slot_size
         if "temperature" in params:
             params["temperature"] = sampling_temperature(params["temperature"])
         defaults = model_defaults or {}
@@ -93,6 +107,15 @@ class SamplingFields(BaseModel):
             slot = params.get("slot_size", defaults.get("slot_size"))
             params["serial_num_blocks"] = fitting_block_count(params["gen_length"], slot, defaults.get("serial_num_blocks", 1))
         return params
+
+    def slot_size_in_force(self, model_defaults: dict) -> int:
+        """The slot size gen_length is rounded up to: the client's, else the model's, else the serving default."""
+        return self.slot_size or model_defaults.get("slot_size") or SERVING_DEFAULTS["slot_size"]
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The name the client gave the token cap (chat may use max_completion_tokens)."""
+        return "max_tokens"
 
     @property
     def engine_mode(self) -> Mode:
@@ -112,7 +135,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | list[int]
     suffix: str | None = None
-    echo: bool = Field(default=False, description="echo is not supported")
+    echo: bool = Field(default=False, description="echo is not supported (null and false are accepted)")
     logprobs: int | None = None
     best_of: int | None = Field(default=None, ge=1, le=1, description="only best_of=1 is supported")
 
@@ -127,23 +150,29 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt must not be empty")
         return value
 
-    @model_validator(mode="after")
-    def _unsupported(self):
-        if self.echo:
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value):
+        if value:
             raise ValueError("echo=true is not supported: remove it")
-        if self.logprobs is not None:
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value is not None:
             raise ValueError("logprobs is not supported: remove it")
-        return self
+        return value
 
 
-class FunctionSpec(BaseModel):
+class FunctionSpec(OpenAIBody):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolSpec(BaseModel):
+class ToolSpec(OpenAIBody):
     type: Literal["function"] = "function"
     function: FunctionSpec
 
@@ -179,6 +208,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: dict[str, Any] | None = None
+    _cap_field: str = PrivateAttr("max_tokens")
 
     @field_validator("response_format")
     @classmethod
@@ -191,7 +221,12 @@ class ChatCompletionRequest(SamplingFields):
     def _max_tokens_alias(self):
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+            self._cap_field = "max_completion_tokens"
         return self
+
+    @property
+    def max_tokens_field(self) -> str:
+        return self._cap_field
 
     @property
     def tools_enabled(self) -> bool:

@@ -58,8 +58,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 class ResponseHeader:
     """id / created / model shared by a response and all of its chunks."""
 
-    def __init__(self, prefix: str, model: str):
-        self.id = new_id(prefix)
+    def __init__(self, prefix: str, model: str, request_id: str | None = None):
+        self.id = request_id or new_id(prefix)
         self.created = int(time.time())
         self.model = model
 

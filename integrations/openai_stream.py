@@ -24,7 +24,10 @@ from scheduler.api import EngineError
 log = logging.getLogger(__name__)
 
 
-def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request_id: str) -> StreamingResponse:
+def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request_id: str,
+                 headers: dict | None = None) -> StreamingResponse:
+    """The event stream as SSE; `headers` are added to the response's (openai_requests.id_headers)."""
+
     async def body() -> AsyncIterator[bytes]:
         try:
             async for event in events:
@@ -43,8 +46,18 @@ def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request
             await events.aclose()
         yield b"data: [DONE]\n\n"
 
-    headers = {"X-Request-Id": request_id, "Cache-Control": "no-cache"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
+
+
+async def null_usage_until_final(events: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    """stream_options.include_usage: every chunk carries "usage": null until the final usage chunk, as
+    OpenAI documents for its chunk objects ("When present, it contains a null value except for the last
+    chunk which contains the token usage statistics for the entire request")."""
+    try:
+        async for event in events:
+            yield event if "usage" in event else {**event, "usage": None}
+    finally:
+        await events.aclose()
 
 
 async def completion_events(header, deltas, observer: RequestObserver, include_usage: bool) -> AsyncIterator[dict]:

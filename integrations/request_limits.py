@@ -7,7 +7,8 @@ Every HTTP route reads its body through this module, so one kind of fault has on
     parse_json_object(raw)   the body as a JSON object; not UTF-8, not JSON, NaN/Infinity, nested deeper
                              than MAX_JSON_DEPTH, or a lone UTF-16 surrogate in a string (which no
                              tokenizer or JSON encoder accepts) -> InputError naming the field
-    RequestLimits            prompt characters (checked before tokenizing) and the model context (tokens)
+    RequestLimits            prompt characters (checked before tokenizing) and the model context (tokens,
+                             checked against the generation by integrations/context_fit.py)
     off_loop(fn, ...)        tokenizer work (encode, chat template, infill prompt) in a small thread
                              pool, so a long prompt never stalls other requests; memory freed after
 
@@ -84,22 +85,6 @@ class RequestLimits:
         if len(text) > self.prompt_chars:
             raise InputError(400, field, f"is {len(text):,} characters; the limit is {self.prompt_chars:,} "
                                          f"(max_prompt_chars): send less text")
-
-    def fit_generation(self, prompt_tokens: int, max_tokens: int, requested: bool) -> int:
-        """Tokens to generate so that prompt + generation fit the context. A default (`requested`
-        False) shrinks to the room left, as vLLM does; a requested max_tokens that does not fit, or a
-        prompt that fills the context, is an InputError naming the field to change."""
-        if not self.context_length:
-            return max_tokens
-        room = self.context_length - prompt_tokens
-        if room < 1:
-            raise InputError(400, "prompt", f"is {prompt_tokens:,} tokens; the model's context is "
-                                            f"{self.context_length:,} tokens: shorten the prompt")
-        if max_tokens <= room or not requested:
-            return min(max_tokens, room)
-        raise InputError(400, "max_tokens", f"prompt ({prompt_tokens:,} tokens) + max_tokens ({max_tokens:,}) exceed "
-                                            f"the model's context of {self.context_length:,} tokens: ask for at "
-                                            f"most {room:,} or shorten the prompt")
 
 
 def sampling_temperature(value: float | None) -> float | None:

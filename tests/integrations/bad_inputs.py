@@ -3,7 +3,8 @@ answer each must get. Run by test_bad_input_corpus.py against the real Ray Serve
 
 HTTPCase.body: a dict (sent as JSON; ensure_ascii keeps lone surrogates as \\ud800 escapes), raw bytes,
 or None (no body). `status` is the expected answer; `field` is a word the error message must contain
-(the offending field, or the setting that sets the limit). Cases with status 200 send junk an endpoint
+(the offending field, or the setting that sets the limit); `param`, when given, is the OpenAI error's
+exact `param` (None for a body that is not JSON). Cases with status 200 send junk an endpoint
 has no use for (it must be ignored, not crash it).
 
 FrameCase: one WebSocket frame for /v1/editor and the protocol error code it must get; `field` must be
@@ -23,6 +24,7 @@ MAX_BODY_BYTES = 8 << 20  # integrations.request_limits.DEFAULT_MAX_BODY_BYTES (
 CONTEXT = 4096  # tests/model_factory.py max_position_embeddings
 MAX_PROMPT_CHARS = 8 * CONTEXT  # the default: 8 characters per context token
 NESTED = b"[" * 100_000  # the probe's RecursionError body
+ANY_PARAM = "<not checked>"
 
 
 def nested(levels: int):
@@ -42,6 +44,7 @@ class HTTPCase:
     status: int = 400
     field: str | None = None
     headers: dict = dc_field(default_factory=dict)
+    param: str | None = ANY_PARAM
 
     def content(self) -> bytes | None:
         if self.body is None or isinstance(self.body, bytes):
@@ -53,11 +56,13 @@ def _c(id, body, status=400, field=None, path="/v1/completions", **kw) -> HTTPCa
     return HTTPCase(id, "POST", path, body, status, field, **kw)
 
 
-def _chat(id, body, status=400, field=None) -> HTTPCase:
-    return HTTPCase(id, "POST", "/v1/chat/completions", body, status, field)
+def _chat(id, body, status=400, field=None, **kw) -> HTTPCase:
+    return HTTPCase(id, "POST", "/v1/chat/completions", body, status, field, **kw)
 
 
-def _infill(id, body, status=400, field=None) -> HTTPCase:
+def _infill(id, body, status=400, field=None, stream=False) -> HTTPCase:
+    if stream:  # the same fault streamed: still answered before the response starts (issue 14, item 3)
+        return HTTPCase(id + "-streamed", "POST", "/infill", {**body, "stream": True}, status, field)
     return HTTPCase(id, "POST", "/infill", body, status, field)
 
 
@@ -116,7 +121,8 @@ HTTP_CASES = [
     _c("completions-slot-size-zero", {"prompt": "x", "slot_size": 0}, field="slot_size"),
     _c("completions-blocks-do-not-divide", {"prompt": "x", "max_tokens": 16, "slot_size": 8, "serial_num_blocks": 5},
        field="serial_num_blocks"),
-    _c("completions-echo", {"prompt": "x", "echo": True}, field="echo"),
+    _c("completions-echo", {"prompt": "x", "echo": True}, field="echo", param="echo"),
+    _c("completions-logprobs", {"prompt": "x", "logprobs": 2}, field="logprobs", param="logprobs"),
     _c("completions-logit-bias", {"prompt": "x", "logit_bias": {"1": 5}}, field="logit_bias"),
     _c("completions-unknown-model", {"prompt": "x", "model": "gpt-nope"}, 404, "model"),
     _c("completions-model-lone-surrogate", {"prompt": "x", "model": "\udc80"}, field="model"),
@@ -142,7 +148,34 @@ HTTP_CASES = [
           field="response_format"),
     _chat("chat-max-completion-tokens-zero", {"messages": USER, "max_completion_tokens": 0},
           field="max_completion_tokens"),
-    _chat("chat-not-json", b"{messages: []}", field="JSON"),
+    _chat("chat-not-json", b"{messages: []}", field="JSON", param=None),
+    # Issue 14: the context counts what is really generated; streamed faults are answered before the
+    # 200; each error's param is the request field to change (items 3, 8, 10).
+    _c("completions-not-json-param-null", b'{"prompt": "x", ]', field="JSON", param=None),
+    _c("completions-max-tokens-4200", {"prompt": "def f(x):\n", "max_tokens": 4200}, field="4,096", param="max_tokens"),
+    _c("completions-max-tokens-4200-streamed", {"prompt": "def f(x):\n", "max_tokens": 4200, "stream": True},
+       field="max_tokens", param="max_tokens"),
+    _c("completions-max-tokens-1e9", b'{"prompt": "x", "max_tokens": 1e9}', field="max_tokens", param="max_tokens"),
+    _c("completions-max-tokens-2^70", {"prompt": "x", "max_tokens": 2**70}, field="max_tokens", param="max_tokens"),
+    _c("completions-max-tokens-100000", {"prompt": "x", "max_tokens": 100_000}, field="max_tokens", param="max_tokens"),
+    _c("completions-slot-size-1e6", {"prompt": "x", "slot_size": 1_000_000}, field="slot_size", param="slot_size"),
+    _c("completions-slot-size-1e6-streamed", {"prompt": "x", "slot_size": 1_000_000, "stream": True}, field="slot_size",
+       param="slot_size"),
+    _c("completions-slot-rounds-past-context", {"prompt": [5] * (CONTEXT - 6), "max_tokens": 4, "slot_size": 8},
+       field="slot_size", param="slot_size"),
+    _c("completions-prompt-fills-context-streamed", {"prompt": [5] * CONTEXT, "stream": True}, field="prompt",
+       param="prompt"),
+    _c("completions-suffix-max-tokens-4200-streamed", {"prompt": "def f(x):\n", "suffix": "\n", "max_tokens": 4200,
+                                                       "stream": True}, field="max_tokens", param="max_tokens"),
+    _c("completions-suffix-seed-2^70-streamed", {"prompt": "x", "suffix": "\n", "seed": 2**70, "stream": True},
+       field="seed", param="seed"),
+    _chat("chat-max-completion-tokens-over-context", {"messages": USER, "max_completion_tokens": 100_000, "stream": True},
+          field="max_completion_tokens", param="max_completion_tokens"),
+    _chat("chat-max-tokens-2^70-streamed", {"messages": USER, "max_tokens": 2**70, "stream": True}, field="max_tokens",
+          param="max_tokens"),
+    _chat("chat-messages-fill-context", {"messages": [{"role": "user", "content": "a " * CONTEXT}]}, field="messages",
+          param="messages"),
+    _chat("chat-not-json-param-null", b'{"messages": [}', field="JSON", param=None),
     # GET /v1/models, /health, /v1/engine, /metrics; unknown routes
     HTTPCase("models-unknown-id", "GET", "/v1/models/nope", status=404, field="model"),
     HTTPCase("models-undecodable-id", "GET", "/v1/models/%ff%fe", status=404, field="model"),
@@ -173,6 +206,9 @@ HTTP_CASES = [
     _infill("infill-prefix-lone-surrogate", {"input_prefix": "\udfff"}, field="input_prefix"),
     _infill("infill-stop-empty", {"input_prefix": "x", "stop": [""]}, field="stop"),
     _infill("infill-stop-empty-streamed", {"input_prefix": "x", "stop": [""], "stream": True}, field="stop"),
+    _infill("infill-n-predict-huge", {"input_prefix": "x", "n_predict": 100_000}, field="n_predict", stream=True),
+    _infill("infill-seed-over-uint64", {"input_prefix": "x", "seed": 2**70, "temperature": 1}, field="seed", stream=True),
+    _infill("infill-temperature-nine", {"input_prefix": "x", "temperature": 9}, field="temperature", stream=True),
     _infill("infill-seed-over-uint64", {"input_prefix": "x", "seed": 2**70, "temperature": 1}, field="seed"),
     _infill("infill-predict-ms-negative", {"input_prefix": "x", "t_max_predict_ms": -5}, field="t_max_predict_ms"),
     _infill("infill-temperature-nine", {"input_prefix": "x", "temperature": 9}, field="temperature"),

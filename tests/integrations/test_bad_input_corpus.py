@@ -12,7 +12,7 @@ import httpx
 import msgpack
 import pytest
 import websockets
-from bad_inputs import FRAME_CASES, HTTP_CASES
+from bad_inputs import ANY_PARAM, FRAME_CASES, HTTP_CASES
 
 from integrations.editor import protocol as rpc
 
@@ -53,6 +53,8 @@ def test_http_bad_input_is_a_4xx_naming_the_field(http, case):
         assert isinstance(error["message"], str) and error["type"] != "server_error"
         if case.field:
             assert case.field in error["message"], error
+        if case.param != ANY_PARAM:
+            assert error["param"] == case.param, error
     assert http.get("/health").status_code == 200
 
 

@@ -111,22 +111,13 @@ async def test_body_limit_by_declared_length_and_by_count():
 # --- prompt and context limits ----------------------------------------------------------------------
 
 
-def test_prompt_chars_default_to_eight_per_context_token_and_context_fits():
+def test_prompt_chars_default_to_eight_per_context_token():
     limits = RequestLimits(context_length=4096)
     assert limits.prompt_chars == 32_768 and RequestLimits(max_prompt_chars=10, context_length=4096).prompt_chars == 10
     limits.check_chars("prompt", "a" * 32_768)
     with pytest.raises(InputError, match="max_prompt_chars") as err:
         limits.check_chars("prompt", "a" * 32_769)
     assert err.value.field == "prompt"
-    assert limits.fit_generation(4000, 16, requested=True) == 16
-    assert limits.fit_generation(4090, 16, requested=False) == 6  # a default shrinks to the room left
-    with pytest.raises(InputError, match="at most 6") as err:
-        limits.fit_generation(4090, 16, requested=True)
-    assert err.value.field == "max_tokens"
-    with pytest.raises(InputError) as err:
-        limits.fit_generation(4096, 1, requested=False)
-    assert err.value.field == "prompt"
-    assert RequestLimits().fit_generation(10**6, 10**6, requested=True) == 10**6  # context unknown: no check
 
 
 def test_temperatures_below_epsilon_mean_greedy():

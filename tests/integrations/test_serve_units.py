@@ -100,13 +100,18 @@ def test_block_fitting_and_params():
     assert fitting_block_count(13, 8, 4) == 2  # rounded up to 16
     assert fitting_block_count(24, 8, 4) == 3
     body = CompletionRequest(prompt="x", max_tokens=40, slot_size=8)
-    assert body.decode_params(16, {"slot_size": 32, "serial_num_blocks": 4}) == {
+    assert body.decode_params(40, {"slot_size": 32, "serial_num_blocks": 4}) == {
         "gen_length": 40, "slot_size": 8, "serial_num_blocks": 1}
+    # A slot size chosen to fit the context replaces the model's, never the client's.
+    assert CompletionRequest(prompt="x").decode_params(6, {"slot_size": 8, "serial_num_blocks": 4}, 6) == {
+        "gen_length": 6, "slot_size": 6, "serial_num_blocks": 1}
+    assert body.decode_params(40, {}, 3)["slot_size"] == 8
     explicit = CompletionRequest(prompt="x", max_tokens=16, serial_num_blocks=5)
     assert explicit.decode_params(16, {"slot_size": 8, "serial_num_blocks": 4})["serial_num_blocks"] == 5
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                                  max_completion_tokens=9)
     assert chat.max_tokens == 9 and chat.messages[0].content == "hi"
+    assert chat.max_tokens_field == "max_completion_tokens" and body.max_tokens_field == "max_tokens"
 
 
 def test_token_cap_trims_text_and_reports_length(tiny_model_dir):

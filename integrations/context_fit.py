@@ -1,0 +1,67 @@
+"""Prompt + generation against the model's context, counted as the engine will really generate it.
+
+OpenAI's rule is prompt tokens + max_tokens <= the model's context, else 400 naming the field to change
+(its message: "This model's maximum context length is N tokens. However, you requested M tokens ...").
+Here the engine decodes gen_length rounded up to whole slots (decoding.params.DecodeParams, in AR and
+ReFusion alike), so the check is made on ceil(max_tokens / slot_size) * slot_size:
+
+    a requested max_tokens over the room left           -> InputError(400, "max_tokens" or the chat alias)
+    an unset max_tokens                                  -> shrinks to the room left (as vLLM does)
+    a requested slot_size whose rounding overflows       -> InputError(400, "slot_size")
+    the model's slot_size whose rounding overflows       -> a smaller slot_size is chosen (GenerationFit)
+    a prompt that leaves no room                         -> InputError(400, the prompt's field)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from integrations.request_limits import InputError
+
+
+@dataclass(frozen=True)
+class GenerationFit:
+    """What to ask the engine for. gen_length: tokens (prompt + gen_length rounded to whole slots fits
+    the context); slot_size: a slot size chosen so that it fits, or None to keep the request's."""
+
+    gen_length: int
+    slot_size: int | None = None
+
+
+def whole_slots(tokens: int, slot_size: int) -> int:
+    """Tokens the engine generates for gen_length `tokens` (rounded up to a multiple of slot_size)."""
+    return -(-tokens // slot_size) * slot_size
+
+
+def fit_generation(context_length: int, prompt_tokens: int, max_tokens: int, *, requested: bool, slot_size: int = 1,
+                   slot_requested: bool = False, prompt_field: str = "prompt",
+                   max_tokens_field: str = "max_tokens") -> GenerationFit:
+    """Fit max_tokens (and its rounding to slot_size) into context_length - prompt_tokens.
+
+    context_length 0 means unknown: nothing is checked. `requested` / `slot_requested`: whether the
+    client set max_tokens / slot_size (a default may shrink; a requested value is refused instead).
+    Raises InputError(400) naming prompt_field, max_tokens_field or "slot_size", with the largest value
+    that would fit (a fitting slot_size for a requested one)."""
+    if not context_length:
+        return GenerationFit(max_tokens)
+    room = context_length - prompt_tokens
+    if room < 1:
+        raise InputError(400, prompt_field, f"is {prompt_tokens:,} tokens; the model's maximum context length is "
+                                            f"{context_length:,} tokens, leaving no room to generate: shorten it")
+    if max_tokens > room:
+        if requested:
+            raise InputError(400, max_tokens_field, f"the model's maximum context length is {context_length:,} tokens; "
+                                                    f"the prompt ({prompt_tokens:,} tokens) + {max_tokens_field} "
+                                                    f"({max_tokens:,}) is {prompt_tokens + max_tokens:,}: ask for at "
+                                                    f"most {room:,} or shorten the prompt")
+        max_tokens = room
+    generated = whole_slots(max_tokens, slot_size)
+    if generated <= room:
+        return GenerationFit(max_tokens)
+    fitting = next(s for s in range(min(slot_size, room), 0, -1) if whole_slots(max_tokens, s) <= room)
+    if slot_requested:
+        raise InputError(400, "slot_size", f"{slot_size:,} rounds {max_tokens_field} {max_tokens:,} up to {generated:,} "
+                                           f"generated tokens (whole slots); with the prompt's {prompt_tokens:,} tokens "
+                                           f"that exceeds the model's maximum context length of {context_length:,} "
+                                           f"tokens: choose a slot_size that fits, such as {fitting:,}, or ask for fewer tokens")
+    return GenerationFit(max_tokens, fitting)

@@ -1,0 +1,76 @@
+"""From a validated OpenAI body to what the engine runs: the request id, prompt ids and the generation
+that fits the model's context (integrations/context_fit.py). Everything here raises before a response
+starts, so a streamed request's faults are HTTP errors, never a 200 stream that fails.
+
+Request ids: Ray Serve's proxy gives every HTTP request an `x-request-id` (the client's own when it sends
+one, else a new UUID) and always returns it as the `X-Request-Id` response header. That id is used as
+ours: the body's `id`, the request log's `request_id` and the engine request's id are the same value,
+and the header is added here only where no proxy set one (the app served on its own), so a response
+carries exactly one.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import Request
+
+from integrations.context_fit import fit_generation
+from integrations.http_errors import APIError
+from integrations.openai_models import SamplingFields
+from integrations.openai_responses import new_id
+from integrations.request_limits import RequestLimits, encode, off_loop
+from scheduler.api import GenerationRequest
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(request: Request, prefix: str) -> str:
+    """The request's id: its x-request-id header (Ray Serve's proxy always sets one), else a new
+    `{prefix}-<hex>`. Raises APIError(400, param "X-Request-Id") for a header that is not 1-128
+    letters, digits, '.', '_', ':' or '-' (it goes into logs and the engine)."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is None:
+        return new_id(prefix)
+    if not _REQUEST_ID.fullmatch(given):
+        raise APIError(400, "X-Request-Id header: must be 1-128 letters, digits, '.', '_', ':' or '-'",
+                       param="X-Request-Id")
+    return given
+
+
+def id_headers(request: Request, rid: str) -> dict:
+    """Response headers that carry the id: none when the request came with one (the proxy returns it)."""
+    return {} if REQUEST_ID_HEADER in request.headers else {"X-Request-Id": rid}
+
+
+async def prompt_ids(tokenizer, prompt: str | list[int], limits: RequestLimits) -> list[int]:
+    """Token ids of a completions prompt; text is checked against max_prompt_chars, then tokenized off
+    the event loop. Raises APIError/InputError(400, "prompt")."""
+    if isinstance(prompt, str):
+        limits.check_chars("prompt", prompt)
+        ids = await off_loop(encode, tokenizer, prompt, chars=len(prompt))
+    else:
+        ids, vocab = list(prompt), len(tokenizer)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise APIError(400, f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="prompt")
+    if not ids:
+        raise APIError(400, "prompt: must not be empty", param="prompt")
+    return ids
+
+
+def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: list[str], default_max_tokens: int,
+                       settings, prompt_field: str) -> GenerationRequest:
+    """The engine request, its generation fitted to the context counting the rounding to whole slots
+    (context_fit.fit_generation; InputError names prompt_field, the body's max_tokens field or
+    slot_size). `settings`: openai_api.APISettings; the engine stops at max_tokens = the fitted gen_length."""
+    fit = fit_generation(settings.limits.context_length, len(prompt), body.max_tokens or default_max_tokens,
+                         requested=body.max_tokens is not None, slot_size=body.slot_size_in_force(settings.decode_defaults),
+                         slot_requested=body.slot_size is not None, prompt_field=prompt_field,
+                         max_tokens_field=body.max_tokens_field)
+    return GenerationRequest(
+        request_id=rid, prompt_ids=prompt, params=body.decode_params(fit.gen_length, settings.decode_defaults, fit.slot_size),
+        mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,
+        max_tokens=fit.gen_length,
+    )

@@ -1,0 +1,49 @@
+"""integrations/context_fit.py: prompt + what the engine really generates (max_tokens rounded up to whole
+slots) must fit the model's context; the error names the field to change (issue 14, item 8)."""
+
+from __future__ import annotations
+
+import pytest
+
+from integrations.context_fit import GenerationFit, fit_generation, whole_slots
+from integrations.request_limits import InputError
+
+CONTEXT = 4096
+
+
+def test_requested_max_tokens_fits_or_names_its_field():
+    assert fit_generation(CONTEXT, 4000, 16, requested=True) == GenerationFit(16)
+    with pytest.raises(InputError, match="at most 6") as err:
+        fit_generation(CONTEXT, 4090, 16, requested=True)
+    assert err.value.field == "max_tokens"
+    # The issue's examples: 4200 with a 6-token prompt; 10**5; 1e9; 2**70. All name max_tokens.
+    for asked in (4200, 100_000, 10**9, 2**70):
+        with pytest.raises(InputError, match="maximum context length is 4,096") as err:
+            fit_generation(CONTEXT, 6, asked, requested=True)
+        assert err.value.field == "max_tokens"
+    with pytest.raises(InputError) as err:
+        fit_generation(CONTEXT, 14, 100_000, requested=True, max_tokens_field="max_completion_tokens")
+    assert err.value.field == "max_completion_tokens" and "max_completion_tokens (100,000)" in str(err.value)
+
+
+def test_a_default_shrinks_and_a_full_prompt_names_the_prompt():
+    assert fit_generation(CONTEXT, 4090, 16, requested=False) == GenerationFit(6)
+    with pytest.raises(InputError) as err:
+        fit_generation(CONTEXT, 4096, 1, requested=False, prompt_field="messages")
+    assert err.value.field == "messages"
+    assert fit_generation(0, 10**6, 10**6, requested=True) == GenerationFit(10**6)  # context unknown: no check
+
+
+def test_rounding_to_whole_slots_counts_against_the_context():
+    assert whole_slots(4090, 64) == 4096 and whole_slots(13, 8) == 16
+    # The model's slot (not the client's): a smaller slot is chosen so the rounded generation fits.
+    fit = fit_generation(CONTEXT, 6, 4090, requested=True, slot_size=64)
+    assert fit.gen_length == 4090 and whole_slots(4090, fit.slot_size) <= CONTEXT - 6
+    assert fit_generation(CONTEXT, 4090, 16, requested=False, slot_size=8) == GenerationFit(6, 6)
+    # The client's slot_size: refused naming slot_size, with one that fits.
+    with pytest.raises(InputError, match="up to 4,096 generated tokens") as err:
+        fit_generation(CONTEXT, 6, 4090, requested=True, slot_size=64, slot_requested=True)
+    assert err.value.field == "slot_size"
+    with pytest.raises(InputError, match="1,000,000") as err:  # the issue's slot_size example
+        fit_generation(CONTEXT, 6, 16, requested=False, slot_size=1_000_000, slot_requested=True)
+    assert err.value.field == "slot_size"

@@ -1,0 +1,108 @@
+"""What OpenAI clients receive from the real Ray Serve app (serve_base_url), issue 14 items 8, 10, 12:
+one X-Request-Id, ours (the body's id and the request log's), `"usage": null` on every streamed chunk
+but the final usage chunk, JSON null meaning "not set", and the context counted as really generated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+CONTEXT = 4096  # tests/model_factory.py max_position_embeddings
+SAMPLED = {"temperature": 1.0, "seed": 7, "mode": "ar"}
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def http(serve_base_url):
+    with httpx.Client(base_url=serve_base_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(serve_base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=serve_base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _request_log() -> str:
+    """The ingress replica's log in this Ray session (where the request log lines go)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # no public API for the session's logs
+    files = [*(logs / "serve").glob("replica_refusion_RefusionIngress_*.log")]
+    files += [p for p in logs.glob("worker-*.err") if b"ServeReplica:refusion:RefusionIngress" in p.read_bytes()[:400]]
+    return "".join(p.read_text("utf-8", "replace") for p in files)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "def f(x):\n", "max_tokens": 4, **SAMPLED}),
+    ("/v1/completions", {"prompt": "def f(x):\n", "max_tokens": 4, "stream": True, **SAMPLED}),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 4, **SAMPLED}),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 4, "stream": True, **SAMPLED}),
+])
+def test_one_request_id_in_header_body_and_log(http, wait_until, path, body):
+    response = http.post(path, json=body)
+    assert response.status_code == 200, response.text[:300]
+    ids = response.headers.get_list("x-request-id")
+    assert len(ids) == 1 and "," not in ids[0], ids  # was "ours, Ray's"
+    first = response.text.split("data: ", 1)[-1].split("\n", 1)[0] if body.get("stream") else response.text
+    assert httpx.Response(200, content=first).json()["id"] == ids[0]
+    wait_until.blocking(lambda: f'"request_id": "{ids[0]}"' in _request_log(), f"the request log line of {ids[0]}")
+
+
+def test_a_client_request_id_is_the_one_id(http):
+    response = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, **SAMPLED},
+                         headers={"X-Request-Id": "editor-42.a"})
+    assert response.headers.get_list("x-request-id") == ["editor-42.a"] and response.json()["id"] == "editor-42.a"
+    bad = http.post("/v1/completions", json={"prompt": "x"}, headers={"X-Request-Id": "a b"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Id"
+    assert len(bad.headers.get_list("x-request-id")) == 1
+
+
+def test_streamed_chunks_carry_null_usage_until_the_final_usage_chunk(client):
+    model = client.models.list().data[0].id
+    for stream in (client.completions.create(model=model, prompt="def f(x):\n", max_tokens=6, stream=True,
+                                             stream_options={"include_usage": True}, extra_body=SAMPLED),
+                   client.chat.completions.create(model=model, messages=USER, max_tokens=6, stream=True,
+                                                  stream_options={"include_usage": True}, extra_body=SAMPLED)):
+        chunks = list(stream)
+        assert len(chunks) >= 2 and chunks[-1].usage is not None and chunks[-1].choices == []
+        assert all("usage" in c.model_fields_set and c.usage is None for c in chunks[:-1]), chunks
+        assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_json_null_means_not_set(http):
+    body = {"prompt": "x", "max_tokens": 2, "logprobs": None, "echo": None, "stream": None, "n": None, "seed": None,
+            "stop": None, "user": None, "best_of": None, "suffix": None, "stream_options": None, "mode": "ar"}
+    out = http.post("/v1/completions", json=body)
+    assert out.status_code == 200, out.text[:300]
+    chat = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "tools": None, "n": None,
+                                                   "max_completion_tokens": None, "response_format": None, "mode": "ar"})
+    assert chat.status_code == 200, chat.text[:300]
+    assert http.post("/v1/completions", json={"prompt": "x", "echo": True}).json()["error"]["param"] == "echo"
+
+
+def test_context_errors_name_the_field_to_change(client):
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError) as err:  # the issue's example: 4200 > 4096
+        client.completions.create(model=model, prompt="def f(x):\n", max_tokens=4200)
+    assert err.value.body["param"] == "max_tokens" and "maximum context length is 4,096 tokens" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=USER, max_completion_tokens=100_000)
+    assert err.value.body["param"] == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="x", extra_body={"slot_size": 1_000_000})
+    assert err.value.body["param"] == "slot_size"
+
+
+def test_the_model_slot_never_takes_a_generation_past_the_context(client):
+    """Room for 6 tokens with the model's slot of 8: the generation is not rounded up to 8 (past the
+    context); the ingress picks a slot that fits and the request is served."""
+    model = client.models.list().data[0].id
+    prompt = [5] * (CONTEXT - 6)
+    for mode in ("ar", "refusion"):
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=1.0, seed=3,
+                                        extra_body={"mode": mode})
+        assert 0 < out.usage.completion_tokens <= 6 and out.usage.prompt_tokens == CONTEXT - 6
