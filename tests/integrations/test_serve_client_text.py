@@ -180,6 +180,8 @@ def test_an_empty_prompt_with_a_suffix_is_an_infill_at_the_top_of_the_file(http)
     text, finish = completion(http, body)
     assert finish in ("stop", "length") and isinstance(text, str)
     assert completion(http, body, stream=True)[0] == text
+    infill = {"input_prefix": "", "prompt": "", "input_suffix": body["suffix"], "n_predict": 16, "temperature": 0}
+    assert isinstance(post(http, "/infill", infill)["content"], str)  # llama.cpp's /infill: the same situation
 
 
 def test_an_empty_suffix_runs_the_infill_path(http):
