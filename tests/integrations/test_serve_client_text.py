@@ -153,11 +153,16 @@ def test_a_crlf_document_streamed_gets_crlf_in_every_chunk(http):
     assert "\n" in lf and crlf == _crlf(lf)
 
 
-def test_a_crlf_document_on_llama_cpp_infill(http):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_crlf_document_on_llama_cpp_infill(http, stream):
     prefix, suffix = DOCUMENTS[2]
-    body = {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 16, "temperature": 0}
-    lf = post(http, "/infill", body)["content"]
-    crlf = post(http, "/infill", {**body, "input_prefix": _crlf(prefix), "input_suffix": _crlf(suffix)})["content"]
+    body = {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 16, "temperature": 0, "mode": "ar"}
+    crlf_body = {**body, "input_prefix": _crlf(prefix), "input_suffix": _crlf(suffix)}
+    if stream:
+        lf = "".join(e["content"] for e in streamed(http, "/infill", body))
+        crlf = "".join(e["content"] for e in streamed(http, "/infill", crlf_body))
+    else:
+        lf, crlf = post(http, "/infill", body)["content"], post(http, "/infill", crlf_body)["content"]
     assert crlf == _crlf(lf)
 
 
