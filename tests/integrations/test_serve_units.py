@@ -17,7 +17,7 @@ from integrations.chat import PLAIN_STOP, render_chat
 from integrations.engine_client import EngineFailure, LocalEngineClient, read_model_card
 from integrations.engine_host import EngineUnhealthyError, build_engine, one_token_probe
 from integrations.http_errors import _validation_param, from_engine_error
-from integrations.openai_api import APISettings, TokenCap, create_app
+from integrations.openai_api import APISettings, create_app
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest, fitting_block_count
 from integrations.serve_config import ServeConfig
 from scheduler.api import Delta, FinishReason, InvalidRequestError, OverloadedError
@@ -112,20 +112,6 @@ def test_block_fitting_and_params():
                                  max_completion_tokens=9)
     assert chat.max_tokens == 9 and chat.messages[0].content == "hi"
     assert chat.max_tokens_field == "max_completion_tokens" and body.max_tokens_field == "max_tokens"
-
-
-def test_token_cap_trims_text_and_reports_length(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    ids = tok.encode("def wrap(text, width=70):")
-    cap = TokenCap(tok, 3)
-    first = cap.apply(Delta("r", tok.decode(ids[:2]), ids[:2]))
-    second = cap.apply(Delta("r", tok.decode(ids[2:]), ids[2:]))
-    last = cap.apply(Delta("r", "", [], finished=True, finish_reason=FinishReason.STOP))
-    assert first.token_ids + second.token_ids == ids[:3]
-    assert first.text + second.text == tok.decode(ids[:3])
-    assert last.finish_reason is FinishReason.LENGTH
 
 
 def test_plain_chat_template_with_tools(tiny_model_dir):
