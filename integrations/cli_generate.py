@@ -1,6 +1,6 @@
 """`refusion generate`: decode one prompt with ReFusion or AR and print the completion.
 
-    refusion generate --prompt "def add(a, b):" [--mode refusion|ar] [--gen-length 64] [--json]
+    refusion generate --prompt $'def add(a, b):\n    ' [--mode refusion|ar] [--gen-length 64] [--json]
 
 The prompt is tokenized as is (no chat template; special tokens only if the tokenizer's post-processor
 adds them). Decoding parameters default to the model's (`refusion.json`, else decoding.params
@@ -112,6 +112,14 @@ def _params(model_dir: Path, args, runner):
         value = getattr(args, flag[2:].replace("-", "_"))  # "--gen-length" -> args.gen_length
         if value is not None:
             values[name] = value
+    if args.blocks is None:
+        # As the API does (openai_models.fitting_block_count): without --blocks, the model's block count
+        # shrinks to one that splits --gen-length into whole slots instead of failing.
+        from decoding.params import SERVING_DEFAULTS
+        from integrations.openai_models import fitting_block_count
+
+        full = SERVING_DEFAULTS | values
+        values["serial_num_blocks"] = fitting_block_count(full["gen_length"], full["slot_size"], full["serial_num_blocks"])
     return DecodeParams.from_dict(values)
 
 

@@ -49,6 +49,19 @@ def test_json_output_matches_a_direct_decode(tiny_model_dir, capsys):
     assert runner.info.eos_token_id not in result["token_ids"]
 
 
+def test_a_short_gen_length_without_blocks_takes_a_block_count_that_fits(tiny_model_dir, capsys):
+    """`--gen-length 16` on a model whose card says 4 blocks of slot 8 (16/4 = 4, not whole slots) used to
+    fail (the tiny model has no refusion.json: the serving defaults apply); as on the API, the block count shrinks to one that fits (2), while an explicit --blocks is kept."""
+    code, out, err = _run(capsys, "--model", str(tiny_model_dir), "--prompt", "def add(a, b):\n    ",
+                          "--gen-length", "16", "--slot-size", "8", "--json")
+    assert code == 0 and err == "", err
+    result = json.loads(out)
+    assert result["params"]["serial_num_blocks"] == 2 and len(result["token_ids"]) <= 16
+    code, _, err = _run(capsys, "--model", str(tiny_model_dir), "--prompt", "x", "--gen-length", "16",
+                        "--slot-size", "8", "--blocks", "4")
+    assert code != 0 and "--blocks" in err
+
+
 def test_plain_output_is_the_completion_text_and_ar_mode_works(tiny_model_dir, tmp_path, capsys):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("import os\n")
