@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import Enum
 from typing import Any
 
@@ -78,6 +80,16 @@ class Request:
         if self.spec.max_time_ms is None:
             return None
         return self.arrival_s + self.spec.max_time_ms / 1000.0
+
+    @cached_property
+    def route_key(self) -> int:
+        """A 64-bit digest of everything that decides this request's text: prompt and suffix ids, the
+        parsed decoding parameters (the seed included: a drawn one when the client sent none),
+        max_tokens and stop strings. Identical requests share it; the router's exploration uses it
+        (Router.decide) so that a repeated seeded or greedy request is routed alike."""
+        spec = self.spec
+        text = repr((spec.prompt_ids, spec.suffix_ids, self.params, spec.max_tokens, spec.stop))
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
     def sort_key(self) -> tuple:
         """Scheduling order: priority class, then the most-skipped, then FCFS."""

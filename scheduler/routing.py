@@ -130,7 +130,6 @@ class Router:
         self.config = config
         self.curve = curve
         self._stats: dict[tuple[Mode, Priority], ClassStats] = {}
-        self._admissions: dict[Priority, int] = {}
 
     def stats_for(self, mode: Mode, priority: Priority) -> ClassStats:
         key = (mode, Priority(priority))
@@ -152,9 +151,12 @@ class Router:
         if forwards > 0:
             self.stats_for(mode, priority).add(tokens, forwards, packed_tokens, 1.0 - self.config.ema)
 
-    def decide(self, requested: Mode, priority: Priority, load: LoadSnapshot, current: Mode | None = None) -> RouteDecision:
+    def decide(self, requested: Mode, priority: Priority, load: LoadSnapshot, current: Mode | None = None,
+               request_key: int | None = None) -> RouteDecision:
         """The mode for a request given the load of everything else; `current` is set when re-routing
-        a running request (it then switches only if the other mode is better by ar_margin)."""
+        a running request (it then switches only if the other mode is better by ar_margin).
+        `request_key` (Request.route_key, a uniform 64-bit digest of what decides the request's
+        text) picks the requests that explore; without one a request never explores."""
         if requested is not Mode.AUTO:
             return RouteDecision(requested, "forced")
         ref, ar = self.stats_for(Mode.REFUSION, priority), self.stats_for(Mode.AR, priority)
@@ -187,26 +189,26 @@ class Router:
             mode, reason = Mode.REFUSION, "refusion_faster"
         if current is Mode.AR and mode is Mode.REFUSION and gain_ref <= gain_ar + margin * abs(gain_ar):
             mode, reason = Mode.AR, "keep"  # hysteresis: leave AR only for a clear gain
-        if current is None and load.running < self.config.explore_below_running:
+        if current is None and request_key is not None and load.running < self.config.explore_below_running:
             # The further behind the other mode is estimated, the rarer (and so cheaper) its exploration.
             gains = sorted((gain_ref, gain_ar)) if reason in ("ar_faster", "refusion_faster") else (1.0, 1.0)
             stretch = min(gains[1] / gains[0], self.config.explore_max_stretch) if gains[0] > 0 else 1.0
             inputs["explore_period"] = round(self.config.explore_every * max(stretch, 1.0), 1)
-            if self._explore_now(priority, inputs["explore_period"]):
+            if self._explores(request_key, inputs["explore_period"]):
                 mode, reason = (Mode.AR if mode is Mode.REFUSION else Mode.REFUSION), "explore"
         return RouteDecision(mode, reason, inputs)
 
-    def _explore_now(self, priority: Priority, period: float) -> bool:
-        """Once every `period` light-load AUTO admissions of a class, take the other mode, so the
-        estimates of a mode the router has stopped choosing still follow the traffic (it would never
-        learn otherwise). Only under light load: there a slower request delays nobody else's forwards;
-        a request's TPF depends on its text, not on the load. The period is explore_every stretched by
-        the estimated throughput gap, which bounds exploration's cost near 1/explore_every."""
+    def _explores(self, request_key: int, period: float) -> bool:
+        """Whether a light-load AUTO request takes the other mode: 1 in `period` of requests, chosen by
+        their key, so the estimates of a mode the router has stopped choosing still follow the traffic
+        (it would never learn otherwise). Only under light load: there a slower request delays nobody
+        else's forwards; a request's TPF depends on its text, not on the load. The period is
+        explore_every stretched by the estimated throughput gap, which bounds exploration's cost near
+        1/explore_every.
+
+        Chosen by key, not by a counter: the same request (same prompt, parameters and seed) sent
+        again is explored or not alike, so a seeded or greedy request repeated on an idle server
+        gets the same decoder and the same text (a counter made every Nth repeat differ)."""
         if not self.config.explore_every:
             return False
-        key = Priority(priority)
-        self._admissions[key] = self._admissions.get(key, 0) + 1
-        if self._admissions[key] < period:
-            return False
-        self._admissions[key] = 0
-        return True
+        return (request_key % 2**32) < 2**32 / period

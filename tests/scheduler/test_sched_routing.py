@@ -75,16 +75,25 @@ def test_live_tpf_below_one_sends_auto_to_ar_even_when_compute_is_free():
     assert r.decide(Mode.AUTO, Priority.INTERACTIVE, LoadSnapshot()).mode is Mode.REFUSION
 
 
-def test_every_nth_auto_admission_explores_the_other_mode():
+def spread_keys(n: int) -> list[int]:
+    """n request keys spread evenly over the 32 bits the router reads."""
+    return [k * 2**32 // n for k in range(n)]
+
+
+def test_one_in_explore_every_light_load_auto_requests_explores_the_other_mode():
     r = router(STEEP, explore_every=4)
     light = LoadSnapshot(packed_tokens=100, tokens_per_forward=2, running=2)
-    modes = [r.decide(Mode.AUTO, Priority.BATCH, light) for _ in range(8)]
-    assert [d.mode for d in modes].count(Mode.REFUSION) == 2
-    assert modes[3].reason == "explore" and modes[7].reason == "explore" and modes[0].reason == "compute_bound"
-    assert r.decide(Mode.AUTO, Priority.BATCH, light, current=Mode.AR).reason != "explore"  # re-routing never explores
+    keys = spread_keys(8)
+    decisions = [r.decide(Mode.AUTO, Priority.BATCH, light, request_key=k) for k in keys]
+    assert [d.reason for d in decisions] == ["explore"] * 2 + ["compute_bound"] * 6
+    assert [d.mode for d in decisions] == [Mode.REFUSION] * 2 + [Mode.AR] * 6
+    # The same requests again are decided alike (a counter made every Nth repeat differ).
+    assert [r.decide(Mode.AUTO, Priority.BATCH, light, request_key=k).mode for k in keys] == [d.mode for d in decisions]
+    assert r.decide(Mode.AUTO, Priority.BATCH, light).reason == "compute_bound"  # no key: never explores
+    assert r.decide(Mode.AUTO, Priority.BATCH, light, current=Mode.AR, request_key=0).reason != "explore"  # re-routing
     heavy = LoadSnapshot(packed_tokens=300, tokens_per_forward=20, running=20)
-    assert all(r.decide(Mode.AUTO, Priority.BATCH, heavy).reason == "compute_bound" for _ in range(8))
-    assert router(STEEP, explore_every=0).decide(Mode.AUTO, Priority.BATCH, light).reason == "compute_bound"
+    assert all(r.decide(Mode.AUTO, Priority.BATCH, heavy, request_key=k).reason == "compute_bound" for k in keys)
+    assert router(STEEP, explore_every=0).decide(Mode.AUTO, Priority.BATCH, light, request_key=0).reason == "compute_bound"
 
 
 def test_a_clearly_slower_mode_is_explored_less_often():
@@ -92,16 +101,31 @@ def test_a_clearly_slower_mode_is_explored_less_often():
     for step in range(600):  # ReFusion measured at tpf 0.25 against AR's 1: AR's gain is ~4x
         r.observe(Mode.REFUSION, Priority.BATCH, tokens=0 if step % 8 else 2, forwards=1, packed_tokens=24)
     idle = LoadSnapshot()
-    decisions = [r.decide(Mode.AUTO, Priority.BATCH, idle) for _ in range(64)]
+    decisions = [r.decide(Mode.AUTO, Priority.BATCH, idle, request_key=k) for k in spread_keys(64)]
     period = decisions[0].inputs["explore_period"]
     gain_ar, gain_ref = decisions[0].inputs["gain_ar"], decisions[0].inputs["gain_refusion"]
     assert period == pytest.approx(4 * gain_ar / gain_ref, abs=0.1) and period > 12
     explored = [d for d in decisions if d.reason == "explore"]
-    assert 0 < len(explored) <= 64 // 12 and all(d.mode is Mode.REFUSION for d in explored)
+    assert len(explored) == -(-64 // period) and all(d.mode is Mode.REFUSION for d in explored)
     capped = router(FLAT, explore_every=4, explore_max_stretch=2.0)
     for step in range(600):
         capped.observe(Mode.REFUSION, Priority.BATCH, tokens=0 if step % 8 else 2, forwards=1, packed_tokens=24)
-    assert capped.decide(Mode.AUTO, Priority.BATCH, idle).inputs["explore_period"] == 8.0
+    assert capped.decide(Mode.AUTO, Priority.BATCH, idle, request_key=0).inputs["explore_period"] == 8.0
+
+
+async def test_a_repeated_request_is_routed_alike_and_distinct_ones_explore():
+    # Issue 14: the same seeded /infill request on an idle server must give the same text; with a
+    # per-class counter every Nth repeat explored the other decoder and answered differently.
+    routing = RoutingConfig(calibrate=False, cost_points=FLAT, explore_every=2, allow_switch=False)
+    engine, _ = make_engine(routing=routing, prefix_cache=False)
+    await engine.start()
+    repeats = [await collect(engine, GenerationRequest(f"r{i}", [5, 6], {"gen_length": 4, "seed": 7}))
+               for i in range(8)]
+    assert len({d[-1].mode for d in repeats}) == 1 and len({tuple(ids_of(d)) for d in repeats}) == 1
+    distinct = [await collect(engine, GenerationRequest(f"d{i}", [5, 6 + i], {"gen_length": 4, "seed": 7}))
+                for i in range(16)]
+    assert {d[-1].mode for d in distinct} == {Mode.REFUSION, Mode.AR}  # exploration still happens
+    await engine.stop()
 
 
 def test_forced_modes_are_obeyed_whatever_the_load():
