@@ -84,11 +84,14 @@ class Request:
     @cached_property
     def route_key(self) -> int:
         """A 64-bit digest of everything that decides this request's text: prompt and suffix ids, the
-        parsed decoding parameters (the seed included: a drawn one when the client sent none),
-        max_tokens and stop strings. Identical requests share it; the router's exploration uses it
+        parsed decoding parameters (the seed included, a drawn one when the client sent none; left out
+        when greedy, which reads no random numbers), max_tokens and stop strings. Identical requests share it; the router's exploration uses it
         (Router.decide) so that a repeated seeded or greedy request is routed alike."""
         spec = self.spec
-        text = repr((spec.prompt_ids, spec.suffix_ids, self.params, spec.max_tokens, spec.stop))
+        params = dict(vars(self.params))
+        if params.get("temperature") == 0.0:
+            params["seed"] = 0  # greedy reads no random numbers: a drawn seed must not change the key
+        text = repr((spec.prompt_ids, spec.suffix_ids, sorted(params.items()), spec.max_tokens, spec.stop))
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
     def sort_key(self) -> tuple:

@@ -98,7 +98,8 @@ async def test_the_server_still_serves_after_the_corpus(serve_base_url, log_mark
         tokens = await client.post("/tokenize", json={"content": "def f(x):"})
         assert tokens.status_code == 200 and tokens.json()["tokens"]
     async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws:
-        await ws.send(rpc.encode_request(1, "complete", {"uri": "file:///a.py", "prefix": "x = ", "max_tokens": 8}))
+        await ws.send(rpc.encode_request(1, "complete", {"uri": "file:///a.py", "prefix": "x = ", "max_tokens": 8,
+                                                         "mode": "ar", "temperature": 1.0, "seed": 3}))
         _, _, err, result = await _response(ws, 1)
         assert err is None and result["tokens"] > 0
     written = ""

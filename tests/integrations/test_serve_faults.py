@@ -8,12 +8,14 @@ import httpx
 from test_serve_openai import _metric
 
 
-def test_rejected_suffix_request_leaves_the_gauge_idle(serve_base_url):
+def test_rejected_suffix_request_leaves_the_gauge_idle(serve_base_url, wait_until):
     with httpx.Client(base_url=serve_base_url, timeout=30) as http:
         for _ in range(3):
             bad = http.post("/v1/completions", json={"prompt": [5, 6, 7], "suffix": "\nreturn x"})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
-    assert _metric(serve_base_url, "refusion_api_requests_in_flight", endpoint="completions") == 0
+    # The gauge drops when the response has been sent (just after the client has it); a leak never drops.
+    wait_until.blocking(lambda: _metric(serve_base_url, "refusion_api_requests_in_flight", endpoint="completions") == 0,
+                        "the in-flight gauge to return to 0")
 
 
 def test_health_answers_head_and_only_after_warm_up(serve_base_url):

@@ -150,11 +150,12 @@ def _long_stream(http: httpx.Client, path: str, headers: dict | None = None):
 
 
 @contextlib.contextmanager
-def _long_stream_admitted(http: httpx.Client, path: str, headers: dict, attempts: int = 40):
+def _long_stream_admitted(http: httpx.Client, path: str, headers: dict, wait_s: float = 120.0):
     """Open a long stream on the strict app (one running request, no queue). Ray Serve's periodic
     health probe (a one-token forward) can hold that slot for a moment: retry while the engine answers
-    'overloaded' (bounded), then yield the line iterator."""
-    for _ in range(attempts):
+    'overloaded' (for at most wait_s seconds), then yield the line iterator."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
         with _long_stream(http, path, headers) as response:
             lines = response.iter_lines()  # keep a reference: a collected iterator closes the stream
             if response.status_code == 200:
@@ -162,7 +163,7 @@ def _long_stream_admitted(http: httpx.Client, path: str, headers: dict, attempts
                 return
             assert response.status_code == 503, response.read()
         time.sleep(0.25)
-    raise AssertionError(f"the strict engine stayed busy for {attempts} attempts")
+    raise AssertionError(f"the strict engine stayed busy for {wait_s} s")
 
 
 def _metric(url: str, name: str, **labels) -> float:
@@ -194,13 +195,13 @@ def test_disconnect_cancels_engine_request(serve_base_url, wait_until):
         wait_until.blocking(lambda: cancelled() > before, "the engine to cancel the non-streaming request")
 
 
-def test_metrics_parse_and_move(serve_base_url, client, model):
+def test_metrics_parse_and_move(serve_base_url, client, model, wait_until):
     names = ("refusion_api_requests_total", "refusion_api_time_to_first_token_seconds_count",
              "refusion_api_completion_tokens_total", "refusion_generation_tokens_total", "refusion_api_e2e_latency_seconds_count")
     before = {n: _metric(serve_base_url, n) for n in names}
     client.completions.create(model=model, prompt="print(", max_tokens=8, extra_body=AR)
-    after = {n: _metric(serve_base_url, n) for n in names}
-    assert all(after[n] > before[n] for n in names), (before, after)
+    # The ingress records a request when its response has been sent, just after the client has it.
+    wait_until.blocking(lambda: all(_metric(serve_base_url, n) > before[n] for n in names), f"every one of {names} to move")
     families = {f.name for f in text_string_to_metric_families(httpx.get(serve_base_url + "/metrics").text)}
     for family in ("refusion_requests_running", "refusion_requests_waiting", "refusion_kv_cache_usage_ratio",
                    "refusion_prefix_cache_hit_rate", "refusion_tokens_per_forward", "refusion_api_mode_decisions",

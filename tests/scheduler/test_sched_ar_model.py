@@ -35,7 +35,7 @@ async def test_ar_requests_run_on_the_ar_model_and_refusion_on_the_main_one():
 
 
 async def test_switch_to_the_ar_model_moves_the_request_and_frees_the_main_runner():
-    engine, main, ar = _engine(switch_interval_tokens=4)
+    engine, main, ar = _engine(switch_interval_tokens=4, explore_every=0)  # the first route must be ReFusion
     await engine.start()
     stream = engine.submit(GenerationRequest("s", [5, 6, 7], {"gen_length": 16}))
     deltas = [await stream.__anext__()]

@@ -183,7 +183,8 @@ async def test_auto_request_switching_to_ar_equals_a_solo_run_switched_at_the_sa
 
     tokenizer, factory = runner.tokenizer, ModelDecoderFactory(runner)
     spec = GenerationRequest("sw", tokenizer.encode(SNIPPETS[0]), {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 4})
-    routing = RoutingConfig(calibrate=False, cost_points=[(1, 0.01), (512, 0.0101)], switch_interval_tokens=1)
+    routing = RoutingConfig(calibrate=False, cost_points=[(1, 0.01), (512, 0.0101)], switch_interval_tokens=1,
+                            explore_every=0)  # the first route must be ReFusion: no exploration
     engine = Engine(runner, tokenizer, EngineConfig(routing=routing), factory)
     await engine.start()
     engine.router.observe = lambda *args: None  # frozen estimates: ReFusion first, then AR wins

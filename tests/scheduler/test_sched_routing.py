@@ -113,6 +113,19 @@ def test_a_clearly_slower_mode_is_explored_less_often():
     assert capped.decide(Mode.AUTO, Priority.BATCH, idle, request_key=0).inputs["explore_period"] == 8.0
 
 
+def test_the_route_key_follows_what_decides_the_text():
+    from decoding.params import DecodeParams
+    from scheduler.request import Request
+
+    def key(temperature: float, seed: int, prompt=(5, 6)) -> int:
+        params = DecodeParams(eos_token_id=1, mask_token_id=2, temperature=temperature, seed=seed)
+        return Request(GenerationRequest(f"k{seed}", list(prompt)), params, kv_blocks=1, stream=None).route_key
+
+    assert key(0.0, 1) == key(0.0, 2)  # greedy reads no random numbers: a drawn seed changes nothing
+    assert key(1.0, 1) != key(1.0, 2) and key(1.0, 1) == key(1.0, 1)
+    assert key(0.0, 1) != key(0.0, 1, prompt=(5, 7))
+
+
 async def test_a_repeated_request_is_routed_alike_and_distinct_ones_explore():
     # Issue 14: the same seeded /infill request on an idle server must give the same text; with a
     # per-class counter every Nth repeat explored the other decoder and answered differently.
@@ -143,7 +156,7 @@ def test_a_running_ar_request_leaves_ar_only_for_a_clear_gain():
 
 
 async def test_engine_records_every_decision_in_metrics_and_logs():
-    routing = RoutingConfig(calibrate=False, cost_points=FLAT)
+    routing = RoutingConfig(calibrate=False, cost_points=FLAT, explore_every=0)  # reasons without exploration
     engine, _ = make_engine(routing=routing, prefix_cache=False)
     await engine.start()
     with structlog.testing.capture_logs() as logs:
@@ -160,7 +173,7 @@ async def test_engine_records_every_decision_in_metrics_and_logs():
 
 
 async def test_auto_request_switches_mode_at_a_block_boundary():
-    routing = RoutingConfig(calibrate=False, cost_points=FLAT, switch_interval_tokens=4)
+    routing = RoutingConfig(calibrate=False, cost_points=FLAT, switch_interval_tokens=4, explore_every=0)
     engine, runner = make_engine(routing=routing, prefix_cache=False, runner=FakeRunner(num_blocks=128))
     await engine.start()
     stream = engine.submit(GenerationRequest("a", [5, 6, 7], {"gen_length": 16}))
