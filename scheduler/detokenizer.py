@@ -40,6 +40,7 @@ class TextStream:
         self._sent_chars = 0
         self._sent_ids = 0
         self.done = False
+        self.stop_word: str | None = None  # the stop string that ended the text, if one did
 
     @property
     def text(self) -> str:
@@ -101,8 +102,11 @@ class TextStream:
     def _find_stop(self, start: int) -> int | None:
         """Earliest stop-string start in the unsent text. One starting earlier would have been complete
         (and cut) already, because the last len(stop) - 1 characters are always held back."""
-        hits = [i for i in (self._text.find(s, start) for s in self._stop) if i >= 0]
-        return min(hits) if hits else None
+        hits = [(i, s) for i, s in ((self._text.find(s, start), s) for s in self._stop) if i >= 0]
+        if not hits:
+            return None
+        index, self.stop_word = min(hits, key=lambda hit: hit[0])
+        return index
 
     def _ids_covering(self, num_chars: int) -> int:
         """The fewest ids whose text reaches num_chars characters (used once, when a stop cuts the text)."""

@@ -127,6 +127,7 @@ class Request:
             "e2e_latency_s": end - self.arrival_s,
             "modes": list(self.mode_history),
             "preemptions": self.preemptions,
+            "stop_word": self.stream.stop_word if self.stream is not None else None,
         }
 
     def delta(self, text: str, token_ids: list[int], *, finished: bool = False) -> Delta:

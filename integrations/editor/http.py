@@ -82,9 +82,10 @@ async def infill_route(request: Request) -> Response:
     client = request.app.state.engine_client
     try:
         body = await _read(request, InfillBody)
+        n_ctx = _limits(request).context_length
         if not body.stream:
-            return Response(compact_json(await infill(client, body)), media_type="application/json")
-        events = infill_events(client, body)
+            return Response(compact_json(await infill(client, body, n_ctx)), media_type="application/json")
+        events = infill_events(client, body, n_ctx)
         first = await anext(events)  # admission and input errors are still HTTP errors here
     except (InputError, EngineError) as exc:
         status, payload, headers = _error_body(exc)

@@ -4,7 +4,9 @@ What those clients send (read from their source): input_prefix (lines above the 
 cursor line up to the cursor), input_suffix (rest of the line and lines below), input_extra
 ([{text, filename, time}] ring-buffer chunks), n_predict (0 = only warm the cache with input_extra),
 t_max_predict_ms, stop, n_indent, samplers, cache_prompt, stream, plus fields we accept and ignore
-(id_slot, n_probs, t_max_prompt_ms, lora, model, ...). llama.vscode may send n_cmpl (1-4) and then
+(id_slot, t_max_prompt_ms, samplers, model, ...). Fields that would change what the output is
+(grammar, json_schema, n_probs > 0, lora, ignore_eos, logit_bias) are refused with 400 rather than
+silently ignored. llama.vscode may send n_cmpl (1-4) and then
 expects a JSON array of results. llama.vim sends response_fields and reads the flattened keys
 ("timings/prompt_n", ...); it also checks the raw body with a regex that needs `"content":"` with no
 space after the colon, so bodies are written compactly.
@@ -21,7 +23,7 @@ from typing import Any, AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from integrations.editor.infill import build_infill_prompt, plan_gaps
+from integrations.editor.infill import Candidate, build_infill_prompt, plan_gaps
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
 from integrations.editor.protocol import ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
@@ -46,20 +48,29 @@ class InfillBody(BaseModel):
     input_suffix: str = Field("", max_length=LIMITS.max_text_chars)
     input_extra: list[ExtraChunk] = Field(default_factory=list, max_length=LIMITS.max_context_chunks)
     prompt: str = Field("", max_length=LIMITS.max_text_chars)
-    n_predict: int = Field(-1, ge=-1, le=LIMITS.max_tokens)
+    n_predict: int = Field(-1, ge=-1)  # a maximum: the strategy's gaps (at most LIMITS.max_tokens) apply
     t_max_predict_ms: int = Field(0, ge=0)
     stop: list[str] = Field(default_factory=list, max_length=16)
     n_indent: int = Field(0, ge=0)
     stream: bool = False
-    temperature: float | None = Field(None, ge=0, le=2)
+    # llama.cpp's README defaults: temperature 0.8, top_k 40, top_p 0.95, seed -1 (random).
+    temperature: float = Field(0.8, ge=0, le=2)
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 (llama.cpp's default): a random seed")
     n_cmpl: int = Field(1, ge=1, le=4)
-    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)  # 0: off, as llama.cpp
-    top_p: float | None = Field(None, ge=1e-6, le=1)
+    top_k: int = Field(40, ge=0, le=MAX_TOP_K)  # 0: off, as llama.cpp
+    top_p: float = Field(0.95, ge=1e-6, le=1)
     return_tokens: bool = False  # `tokens` holds the generated ids (always when streaming)
     response_fields: list[str] | None = None
     cache_prompt: bool = True  # always on: the engine's prefix cache serves every request
     mode: Mode = Mode.AUTO  # ReFusion extension (llama.cpp has none): pin the decoder for reproducible output
+
+    # Accepted only at their "off" value: each would change what the output is, and none is applied.
+    grammar: str = ""
+    json_schema: Any = None
+    n_probs: int = 0
+    lora: list = Field(default_factory=list)
+    ignore_eos: bool = False
+    logit_bias: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -68,9 +79,21 @@ class InfillBody(BaseModel):
             raise ValueError("stop strings must be non-empty")
         return value
 
+    @field_validator("grammar", "json_schema", "n_probs", "lora", "ignore_eos", "logit_bias")
+    @classmethod
+    def _unsupported_when_on(cls, value: Any, info) -> Any:
+        # json_schema {} is on too: llama.cpp reads it as "any JSON"
+        if value if info.field_name != "json_schema" else value is not None:
+            off = {"grammar": '""', "json_schema": "null", "n_probs": "0", "lora": "[]", "ignore_eos": "false",
+                   "logit_bias": "[]"}[info.field_name]
+            raise ValueError(f"not supported by this server (constrained sampling, token probabilities, "
+                             f"adapters and logit biases are not applied): remove it or set it to {off}")
+        return value
+
 
 # Our stop reasons -> llama.cpp stop_type. A rule cut is a "limit" (llama.cpp reports its n_indent
-# stop that way); a cancelled request never reaches a response.
+# stop that way); a cancelled request never reaches a response. A "stop" ended by one of the
+# request's stop strings is a "word" (see _stop_fields).
 _STOP_TYPE = {"stop": "eos", "length": "limit", "deadline": "limit", CUT_NEWLINE: "limit", CUT_INDENT: "limit",
               CUT_SUFFIX: "limit", "cancelled": "none", "error": "none"}  # fmt: skip
 
@@ -81,15 +104,15 @@ async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
     prefix = body.input_prefix + body.prompt
     chars = len(prefix) + len(body.input_suffix) + sum(len(c.text) for c in context)
     prompt = await off_loop(build_infill_prompt, client.tokenizer, prefix, body.input_suffix, context, chars=chars)
-    max_tokens = body.n_predict if body.n_predict > 0 else None
+    max_tokens = min(body.n_predict, LIMITS.max_tokens) if body.n_predict > 0 else None
     gaps = plan_gaps(max_tokens, multiline=True)
     if body.n_cmpl > len(gaps):  # more completions asked than the strategy has gaps: add longer ones
         gaps = tuple(sorted(set(gaps) | {gaps[-1] * 2 ** k for k in range(1, body.n_cmpl - len(gaps) + 1)}))
         gaps = tuple(g for g in gaps if max_tokens is None or g <= max(max_tokens, gaps[0]))
-    temperature = sampling_temperature(body.temperature)
     seed = None if body.seed == -1 else body.seed  # llama.cpp: -1 is a random seed; unset is too (engine)
-    sampling = {k: v for k, v in (("temperature", temperature), ("seed", seed), ("top_k", body.top_k),
-                                  ("top_p", body.top_p)) if v is not None}
+    sampling = {"temperature": sampling_temperature(body.temperature), "top_k": body.top_k, "top_p": body.top_p}
+    if seed is not None:
+        sampling["seed"] = seed
     return CompletionJob(
         request_id=request_id,
         prompt=prompt,
@@ -98,16 +121,27 @@ async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
         mode=body.mode,
         priority=Priority.INTERACTIVE,
         stop=list(body.stop),
-        max_time_ms=body.t_max_predict_ms or None,
         max_tokens=max_tokens,
         sampling=sampling,
+        predict_limit_ms=body.t_max_predict_ms or None,
     )
 
 
+def _stop_fields(stop_reason: str, candidate: Candidate | None) -> dict:
+    """llama.cpp's stop_type and stopping_word: "word" and the string when one of the request's stop
+    strings ended the text (the engine reports it as the final stats' stop_word)."""
+    word = (candidate.stats.get("stop_word") if candidate is not None else None) or ""
+    if stop_reason == "stop" and word:
+        return {"stop_type": "word", "stopping_word": word}
+    return {"stop_type": _STOP_TYPE.get(stop_reason, "none"), "stopping_word": ""}
+
+
 def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_reason: str, tokens: int,
-            outcome: CompletionOutcome | None) -> dict:
+            outcome: CompletionOutcome | None, candidate: Candidate | None = None, n_ctx: int = 0) -> dict:
+    """One llama.cpp /completion result; `candidate` is the one reported (default: the chosen one)."""
     prompt_n = len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or [])
     chosen = next((c for c in outcome.candidates if c.gap == outcome.gap), None) if outcome else None
+    candidate = candidate or chosen
     cached = int((chosen.stats if chosen else {}).get("cached_prompt_tokens") or 0)
     total_ms = outcome.total_ms if outcome else 0.0
     prompt_ms = (outcome.first_partial_ms or total_ms) if outcome else 0.0  # time to first text
@@ -121,12 +155,11 @@ def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_rea
         "tokens_predicted": tokens,
         "tokens_evaluated": prompt_n,
         "tokens": _ids(client, content) if body.return_tokens or body.stream else [],
-        "generation_settings": _settings(client, job, body),
+        "generation_settings": _settings(client, job, body, n_ctx),
         "prompt": client.tokenizer.decode(job.prompt.prompt_ids),  # the processed prompt, as llama.cpp
         "has_new_line": "\n" in content,
         "truncated": job.prompt.truncated,
-        "stop_type": _STOP_TYPE.get(stop_reason, "none"),
-        "stopping_word": "",
+        **_stop_fields(stop_reason, candidate),
         "tokens_cached": cached,  # prompt tokens the prefix cache served (llama.cpp: reused from before)
         "timings": {
             "prompt_n": prompt_n,
@@ -141,10 +174,11 @@ def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_rea
     }
 
 
-def _settings(client, job: CompletionJob, body: InfillBody) -> dict:
+def _settings(client, job: CompletionJob, body: InfillBody, n_ctx: int) -> dict:
     """llama.cpp's generation_settings: the options in force (sampling as the engine got them; a
-    seed absent means a fresh random one), the model, and the candidate gaps (tokens)."""
-    return {"n_predict": body.n_predict, "n_indent": body.n_indent, "model": client.model_name,
+    seed absent means a fresh random one), n_ctx (the model's context, tokens), the model, and the
+    candidate gaps (tokens)."""
+    return {"n_predict": body.n_predict, "n_indent": body.n_indent, "model": client.model_name, "n_ctx": n_ctx,
             "stop": list(body.stop), "stream": body.stream, "n_cmpl": body.n_cmpl,
             "t_max_predict_ms": body.t_max_predict_ms, "mode": body.mode.value, "gaps": list(job.gaps),
             **{k: job.sampling.get(k) for k in ("temperature", "seed", "top_k", "top_p")}}
@@ -175,24 +209,26 @@ def compact_json(payload) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-async def infill(client, body: InfillBody) -> dict | list:
-    """Run one non-streaming /infill. Engine errors propagate (the route maps them to HTTP)."""
+async def infill(client, body: InfillBody, n_ctx: int = 0) -> dict | list:
+    """Run one non-streaming /infill; n_ctx: the model's context (tokens) for generation_settings.
+    Engine errors propagate (the route maps them to HTTP)."""
     request_id = f"infill-{uuid.uuid4().hex[:12]}"
     job = await make_job(client, body, request_id)
     if body.n_predict == 0:
         await warm_prefix(client, request_id, job.prompt)
-        return select_fields(_result(client, job, body, "", "length", 0, None), body.response_fields)
+        return select_fields(_result(client, job, body, "", "length", 0, None, n_ctx=n_ctx), body.response_fields)
     outcome = await run_completion(client, job)
-    results = [_result(client, job, body, outcome.text, outcome.stop_reason, outcome.tokens, outcome)]
+    results = [_result(client, job, body, outcome.text, outcome.stop_reason, outcome.tokens, outcome, n_ctx=n_ctx)]
     if body.n_cmpl == 1:
         return select_fields(results[0], body.response_fields)
     others = [c for c in outcome.candidates if c.gap != outcome.gap]
     for index, cand in enumerate(others[: body.n_cmpl - 1], start=1):
-        results.append({**_result(client, job, body, cand.text, cand.stop_reason, cand.tokens, outcome), "index": index})
+        results.append({**_result(client, job, body, cand.text, cand.stop_reason, cand.tokens, outcome, cand, n_ctx),
+                        "index": index})
     return [select_fields(r, body.response_fields) for r in results]
 
 
-async def infill_events(client, body: InfillBody) -> AsyncIterator[bytes]:
+async def infill_events(client, body: InfillBody, n_ctx: int = 0) -> AsyncIterator[bytes]:
     """stream=true: server-sent events like llama.cpp, one `data: {json}` per text piece (content is the
     new text only, stop=false), then one final event with stop=true and the full result fields.
     Errors (InputError, engine errors) are raised; the route turns one raised before the first event
@@ -201,7 +237,7 @@ async def infill_events(client, body: InfillBody) -> AsyncIterator[bytes]:
     job = await make_job(client, body, request_id)
     if body.n_predict == 0:
         await warm_prefix(client, request_id, job.prompt)
-        yield b"data: " + compact_json(_result(client, job, body, "", "length", 0, None)) + b"\n\n"
+        yield b"data: " + compact_json(_result(client, job, body, "", "length", 0, None, n_ctx=n_ctx)) + b"\n\n"
         return
     queue: asyncio.Queue = asyncio.Queue()
     sent = ""
@@ -228,5 +264,5 @@ async def infill_events(client, body: InfillBody) -> AsyncIterator[bytes]:
         if not task.done():
             task.cancel()  # client went away: cancels every candidate in the engine
     tail = outcome.text[len(sent):] if outcome.text.startswith(sent) else ""
-    final = _result(client, job, body, tail, outcome.stop_reason, outcome.tokens, outcome)
+    final = _result(client, job, body, tail, outcome.stop_reason, outcome.tokens, outcome, n_ctx=n_ctx)
     yield b"data: " + compact_json(final) + b"\n\n"

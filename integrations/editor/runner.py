@@ -35,6 +35,10 @@ class CompletionJob:
     max_time_ms: int | None = None
     max_tokens: int | None = None  # hard cap on generated tokens (the gap may round up past it)
     sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p, seed
+    # llama.cpp's t_max_predict_ms: a candidate ends once this many ms have passed since its first
+    # token AND its text has a newline (README, /completion options); None: no such limit.
+    predict_limit_ms: int | None = None
+    clock: Callable[[], float] | None = None  # seconds; None: time.monotonic (a test moves its own)
 
     def model_rules(self) -> Rules:
         """The rules on the model's text (LF, spaces; document.py): the suffix converted as the prompt
@@ -93,10 +97,13 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
     Rules run on the model's text; partials and the result are in the document's style (document.py)."""
     raw, ids, reason, stats, mode = "", [], "length", {}, None
     text, shown, capped = "", "", False  # text: raw as seen from the cursor, rules applied
+    first_token_s: float | None = None
     rules = job.model_rules()
     async with contextlib.aclosing(client.stream(req)) as deltas:
         async for delta in deltas:
             mode = delta.mode or mode
+            if first_token_s is None and delta.token_ids:
+                first_token_s = _now(job)
             if not capped:
                 raw, ids = raw + delta.text, ids + list(delta.token_ids)
                 if job.max_tokens is not None and len(ids) >= job.max_tokens:
@@ -119,6 +126,9 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
                 break
             if capped and gap > job.max_tokens:
                 break  # the engine would generate past the cap: stop it now
+            if _past_predict_limit(job, first_token_s, raw):
+                reason = "deadline"
+                break  # closing the stream cancels the candidate in the engine
     final = postprocess(text, rules, final=True)
     if final.cut:
         reason = final.cut
@@ -126,6 +136,18 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
                      stats=stats)
     cand.stats["mode"] = mode.value if mode is not None else None
     return cand
+
+
+def _past_predict_limit(job: CompletionJob, first_token_s: float | None, raw: str) -> bool:
+    """llama.cpp's t_max_predict_ms rule: more than the limit since the first token, and a newline
+    generated (so a one-line completion is never cut short)."""
+    if not job.predict_limit_ms or first_token_s is None or "\n" not in raw:
+        return False
+    return (_now(job) - first_token_s) * 1000.0 > job.predict_limit_ms
+
+
+def _now(job: CompletionJob) -> float:
+    return job.clock() if job.clock is not None else time.monotonic()
 
 
 def _partial(text: str, rules: Rules, job: CompletionJob) -> str:

@@ -70,7 +70,10 @@ async def test_llama_vim_request_and_its_parsing(http, fake_client):  # noqa: F8
     assert data["content"] == "result = math.pi * r * r"  # suffix repeat trimmed
     assert data["timings/predicted_n"] > 0 and data["tokens_cached"] == 0 and data["truncated"] is False  # cold cache
     req = fake_client.requests[0]
-    assert req.priority == Priority.INTERACTIVE and req.max_time_ms == 1000 and req.mode == Mode.AUTO
+    # t_max_predict_ms is llama.cpp's rule (from the first token, once a newline is out), not an engine deadline
+    assert req.priority == Priority.INTERACTIVE and req.max_time_ms is None and req.mode == Mode.AUTO
+    # llama.cpp's defaults where the client sends none (llama.vim sends top_k and top_p)
+    assert req.params["temperature"] == 0.8 and req.params["top_k"] == 40 and req.params["top_p"] == 0.90
     text = fake_client.tokenizer.decode(req.prompt_ids)
     assert text.startswith("# consts.py\nPI = 3.14\n") and text.endswith(PREFIX)  # MIDDLE is indentation: healed
     assert fake_client.tokenizer.decode(req.suffix_ids) == SUFFIX
@@ -174,3 +177,66 @@ async def test_infill_returns_llama_cpp_fields(http, fake_client):  # noqa: F811
     events = [json.loads(line[len("data: "):]) for line in stream.text.split("\n\n") if line.startswith("data: ")]
     assert all(set(e) == {"index", "content", "tokens", "stop"} for e in events[:-1])  # llama.cpp's stream fields
     assert [t for e in events for t in e["tokens"]] and events[-1]["stop"] is True
+
+
+# ---- issue 14, item 11: fields behave as llama.cpp's server README documents them --------------------
+
+async def _run_with_clock(client, body: dict):
+    """An /infill job run with a clock that moves one second each time it is read, so "the limit has
+    passed" is decided by the code path, not by how fast this machine is."""
+    from integrations.editor.llama_compat import InfillBody, make_job
+    from integrations.editor.runner import run_completion
+
+    job = await make_job(client, InfillBody(**body), "t-max")
+    ticks = iter(range(10_000))
+    job.clock = lambda: float(next(ticks))
+    return await run_completion(client, job)
+
+
+async def test_t_max_predict_ms_ends_after_the_limit_once_a_newline_is_out(fake_client):  # noqa: F811
+    # README: the limit is measured from the first token and triggers only once a newline was generated.
+    fake_client.default_text = "a = 1\nb = 2\nc = 3\nd = 4\n"
+    body = {"input_prefix": "x = 0\n", "input_suffix": "", "n_predict": 64, "temperature": 0}
+    limited = await _run_with_clock(fake_client, {**body, "t_max_predict_ms": 500})
+    assert limited.stop_reason == "deadline" and limited.text == "a = 1\n"  # ends at the first newline past the limit
+    assert set(fake_client.cancelled) >= {r.request_id for r in fake_client.requests}  # stopped in the engine
+    unlimited = await _run_with_clock(fake_client, body)
+    assert unlimited.text.startswith("a = 1\nb = 2\nc = 3") and unlimited.stop_reason != "deadline"
+    # No newline: the limit never ends a one-line completion, however long it takes.
+    fake_client.default_text = "total = a + b + c + d + e"
+    one_line = await _run_with_clock(fake_client, {**body, "t_max_predict_ms": 500})
+    assert one_line.text == "total = a + b + c + d + e" and one_line.stop_reason != "deadline"
+
+
+async def test_the_limit_reports_stop_type_limit(http, fake_client, monkeypatch):  # noqa: F811
+    import time
+    from types import SimpleNamespace
+
+    from integrations.editor import runner
+
+    ticks = iter(range(10_000))  # the runner's clock moves one second per reading, as in the test above
+    monkeypatch.setattr(runner, "time", SimpleNamespace(monotonic=lambda: float(next(ticks)), perf_counter=time.perf_counter))
+    fake_client.default_text = "a = 1\nb = 2\nc = 3\n"
+    data = (await http.post("/infill", json={"input_prefix": "x = 0\n", "n_predict": 64, "temperature": 0,
+                                             "t_max_predict_ms": 500})).json()
+    assert data["content"] == "a = 1\n" and data["stop_type"] == "limit" and data["stopping_word"] == ""
+
+
+async def test_defaults_n_ctx_and_n_predict_are_llama_cpp_s(http, fake_client):  # noqa: F811
+    data = (await http.post("/infill", json={"input_prefix": "x = 0\n", "n_predict": 100_000})).json()
+    settings = data["generation_settings"]
+    assert (settings["temperature"], settings["top_k"], settings["top_p"]) == (0.8, 40, 0.95)  # README defaults
+    assert "n_ctx" in settings and settings["n_predict"] == 100_000  # a maximum, not a size to refuse
+    assert all(r.params["temperature"] == 0.8 and r.params["top_k"] == 40 and r.params["top_p"] == 0.95
+               and r.max_tokens == 256 for r in fake_client.requests)  # capped at the longest editor gap
+
+
+@pytest.mark.parametrize("field, value", [("grammar", "root ::= [0-9]+"), ("json_schema", {}), ("n_probs", 3),
+                                          ("lora", [{"id": 0, "scale": 1.0}]), ("ignore_eos", True),
+                                          ("logit_bias", [[15043, 1.0]])])
+async def test_options_that_would_change_the_output_are_refused_not_ignored(http, fake_client, field, value):  # noqa: F811
+    resp = await http.post("/infill", json={"input_prefix": "x", field: value})
+    assert resp.status_code == 400 and f"Field '{field}'" in resp.json()["error"]["message"]
+    assert not fake_client.requests
+    off = {"grammar": "", "json_schema": None, "n_probs": 0, "lora": [], "ignore_eos": False, "logit_bias": []}
+    assert (await http.post("/infill", json={"input_prefix": "x", field: off[field]})).status_code == 200

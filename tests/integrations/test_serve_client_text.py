@@ -197,3 +197,23 @@ def test_an_empty_suffix_runs_the_infill_path(http):
                                     "mode": "ar"})
     assert text.strip() and not text.startswith(" "), repr(text)  # healed: no doubled space
     assert text == infill["content"]
+
+
+# ---- item 11: llama.cpp's stop_type "word" and stopping_word ----------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_infill_stopped_by_a_stop_string_reports_the_word(http, stream):
+    body = {"input_prefix": "def add(a, b):\n    ", "input_suffix": "", "n_predict": 16, "temperature": 0, "mode": "ar"}
+    whole = post(http, "/infill", body)["content"]
+    word = next(whole[i:i + 2] for i in range(1, len(whole) - 1) if whole[i:i + 2].strip() == whole[i:i + 2])
+    before = whole[: whole.index(word)]
+    if stream:
+        events = streamed(http, "/infill", {**body, "stop": [word]})
+        content, final = "".join(e["content"] for e in events), events[-1]
+    else:
+        final = post(http, "/infill", {**body, "stop": [word]})
+        content = final["content"]
+    assert (final["stop_type"], final["stopping_word"]) == ("word", word)  # README: the word that stopped it
+    assert whole.startswith(content) and word not in content and content.rstrip() == before.rstrip()
+    plain = post(http, "/infill", {**body, "n_predict": 4})
+    assert plain["stop_type"] in ("eos", "limit") and plain["stopping_word"] == ""

@@ -39,9 +39,11 @@ def test_stop_string_spanning_two_steps_is_cut_before_it_is_sent():
 
 def test_earliest_of_several_stop_strings_wins():
     stream = TextStream(FakeTokenizer(), stop=["c", "\n"])
+    assert stream.stop_word is None
     update = stream.update([A, B, NL, C])
     assert update.stopped == "stop" and update.text == "ab"
     assert update.token_ids == [A, B]
+    assert stream.stop_word == "\n"  # the string that ended it (llama.cpp's stopping_word)
 
 
 def test_newline_cut_ends_after_the_newline():
