@@ -30,7 +30,8 @@ from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
 from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
-from integrations.openai_stream import chat_events, completion_events, null_usage_until_final, sse_response
+from integrations.editor.document import DocumentStyle
+from integrations.openai_stream import chat_events, completion_events, in_document_style, null_usage_until_final, sse_response
 from integrations.openai_requests import generation_request, id_headers, request_id
 from integrations.openai_requests import prompt_ids as encode_prompt
 from integrations.request_limits import BodyLimitMiddleware, RequestLimits, off_loop, read_json_object
@@ -148,11 +149,18 @@ async def completions(request: Request):
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
         deltas = await _primed(_observed(infill_deltas(client, job, header.id, body.stream), observer), observer)
     else:
-        prompt_ids = await encode_prompt(client.tokenizer, body.prompt, settings.limits)
-        req = generation_request(header.id, body, prompt_ids, body.stop, settings.completion_default_max_tokens,
-                                 settings, "prompt")
+        # A CRLF or tab-indented prompt is completed as its LF, space-indented twin and the text comes
+        # back in the prompt's style (editor/document.py), as on the infill path.
+        style = DocumentStyle.of(body.prompt) if isinstance(body.prompt, str) else DocumentStyle()
+        prompt = style.to_model(body.prompt) if isinstance(body.prompt, str) else body.prompt
+        prompt_ids = await encode_prompt(client.tokenizer, prompt, settings.limits)
+        req = generation_request(header.id, body, prompt_ids, [style.to_model(s) for s in body.stop],
+                                 settings.completion_default_max_tokens, settings, "prompt")
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
         deltas = await _start(client, req, observer)
+        if style != DocumentStyle():
+            at_indent = not body.prompt.rsplit("\n", 1)[-1].strip("\t")
+            deltas = in_document_style(deltas, style, at_indent)
     if body.stream:
         events = completion_events(header, deltas, observer, body.include_usage)
         events = null_usage_until_final(events) if body.include_usage else events

@@ -9,6 +9,8 @@ died mid-stream: 503-style `engine_unavailable`), anything else as a 500-style e
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 from typing import AsyncIterator
@@ -16,10 +18,11 @@ from typing import AsyncIterator
 from fastapi.responses import StreamingResponse
 
 from integrations import openai_responses as shape
+from integrations.editor.document import DocumentStyle, DocumentTextStream
 from integrations.http_errors import APIError, from_engine_error
 from integrations.http_metrics import RequestObserver
 from integrations.tool_calls import ToolCallStreamParser
-from scheduler.api import EngineError
+from scheduler.api import Delta, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +93,14 @@ async def chat_events(header, deltas, observer: RequestObserver, include_usage: 
             yield shape.chat_chunk(header, {}, finish)
     if include_usage:
         yield shape.usage_chunk(header, "chat.completion.chunk", observer.prompt_tokens, observer.completion_tokens)
+
+
+async def in_document_style(deltas: AsyncIterator[Delta], style: DocumentStyle, at_indent: bool) -> AsyncIterator[Delta]:
+    """The deltas with their text (model text: LF, spaces) in the prompt's style: CRLF line breaks
+    and tab indentation when the prompt has them (issue 14, items 5 and 6; editor/document.py).
+    Indentation still open at a piece's end is sent with the next piece. Closing this closes `deltas`."""
+    stream = DocumentTextStream(style, at_indent=at_indent)
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            text = stream.feed(delta.text) + (stream.finish() if delta.finished else "")
+            yield dataclasses.replace(delta, text=text)

@@ -73,3 +73,39 @@ def _tabs_for_spaces(text: str) -> str:
         return "\t" * levels + " " * rest
 
     return _LEADING_SPACES.sub(indent, text)
+
+
+_OPEN_INDENT = re.compile(r"(?:^|\n) *$")  # a run of spaces (maybe empty) that starts the last line
+
+
+class DocumentTextStream:
+    """A completion streamed in pieces of model text, converted to the document's style piece by piece.
+
+    DocumentStyle.to_document is line-local, so converting the text so far and sending what is new
+    gives the same text as converting it whole, except while the last line is still nothing but
+    spaces: how many tabs they make is known only when the line's text (or its end) arrives, so that
+    run is held back. Used by /v1/completions without `suffix` (the infill path converts whole texts).
+    """
+
+    def __init__(self, style: DocumentStyle, *, at_indent: bool):
+        self.style, self.at_indent = style, at_indent
+        self._model = ""  # model text so far
+        self._sent = 0  # characters of the converted text already returned
+
+    def feed(self, text: str) -> str:
+        """The newly final document text after `text` (model text) arrives."""
+        self._model += text
+        end = len(self._model)
+        if self.style.tabs and (match := _OPEN_INDENT.search(self._model)):
+            end = match.start() + (1 if self._model[match.start():match.start() + 1] == "\n" else 0)
+        return self._release(self._model[:end])
+
+    def finish(self) -> str:
+        """Everything held back (the stream has ended)."""
+        return self._release(self._model)
+
+    def _release(self, model_text: str) -> str:
+        converted = self.style.to_document(model_text, at_indent=self.at_indent)
+        piece = converted[self._sent:]
+        self._sent = max(self._sent, len(converted))
+        return piece

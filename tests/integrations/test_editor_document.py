@@ -4,6 +4,8 @@ The real app on the shipped model: test_serve_client_text.py."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fixture
 
@@ -76,3 +78,24 @@ async def test_an_lf_space_document_is_left_as_the_model_wrote_it(bpe_tokenizer)
     client = FakeEngineClient(bpe_tokenizer, default_text="    x = 1\n    y = 2\n    return x\n", delay_s=0)
     text = await _complete(client, "def f():\n    ", "\n    return x\n", [])
     assert text == "x = 1\n    y = 2"
+
+
+@pytest.mark.parametrize("style", [DocumentStyle("\r\n", True), DocumentStyle("\n", True), DocumentStyle("\r\n", False)])
+def test_a_streamed_completion_converts_to_the_same_text_as_the_whole(style):
+    # /v1/completions without suffix streams model text piece by piece; cut anywhere (here: at random
+    # points, fixed seed), the pieces joined must equal the whole text converted at once.
+    from integrations.editor.document import DocumentTextStream
+
+    rng = random.Random(0)
+    for _ in range(500):
+        text = "".join(rng.choice(["a", " ", "  ", "    ", "\n", "x = 1", "\t"]) for _ in range(rng.randint(0, 20)))
+        at_indent = rng.random() < 0.5
+        stream, out, i = DocumentTextStream(style, at_indent=at_indent), "", 0
+        while i < len(text):
+            j = rng.randint(i, len(text))
+            out += stream.feed(text[i:j])
+            i = j
+        assert out + stream.finish() == style.to_document(text, at_indent=at_indent), repr(text)
+    held = DocumentTextStream(DocumentStyle("\n", True), at_indent=False)
+    assert held.feed("x = 1\n    ") == "x = 1\n"  # the open indentation waits for its line's text
+    assert held.feed("    y") == "\t\ty"

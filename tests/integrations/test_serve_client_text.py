@@ -179,6 +179,28 @@ def test_a_tab_document_gets_the_space_completion_indented_with_tabs(http, strea
     assert re.sub(r"(?m)^\t+", lambda m: "    " * len(m.group()), tabs) == spaces
 
 
+# Items 5 and 6 on /v1/completions without `suffix`: the prompt is the document up to the cursor.
+
+@pytest.mark.parametrize("prefix", [prefix for prefix, _ in DOCUMENTS])
+def test_a_crlf_prompt_gets_the_lf_completion_in_crlf(http, prefix):
+    lf, lf_finish = completion(http, {"prompt": prefix, **GREEDY_AR})
+    crlf, crlf_finish = completion(http, {"prompt": _crlf(prefix), **GREEDY_AR})
+    assert (crlf, crlf_finish) == (_crlf(lf), lf_finish)
+    assert "\n" not in crlf.replace("\r\n", "")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tab_indented_prompt_gets_the_space_completion_indented_with_tabs(http, stream):
+    body = {**GREEDY_AR, "max_tokens": 32, "stop": ["\n\n\n"]}
+    tabs, _ = completion(http, {**body, "prompt": "class Stack:\n\tdef __init__(self):\n\t\t"}, stream)
+    spaces, _ = completion(http, {**body, "prompt": "class Stack:\n    def __init__(self):\n        "}, stream)
+    assert "\n" in spaces and re.search(r"\n {4}", spaces), repr(spaces)  # indented lines to convert
+    assert re.sub(r"(?m)^\t+", lambda m: "    " * len(m.group()), tabs) == spaces
+    assert not re.search(r"\n {4}", tabs), repr(tabs)  # later lines indented with tabs, not spaces
+    crlf, _ = completion(http, {**body, "prompt": _crlf("class Stack:\n\tdef __init__(self):\n\t\t")}, stream)
+    assert crlf == _crlf(tabs)
+
+
 # ---- item 7: the start and the end of a file ---------------------------------------------------------
 
 def test_an_empty_prompt_with_a_suffix_is_an_infill_at_the_top_of_the_file(http):
