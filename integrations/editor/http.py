@@ -19,7 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events
 from integrations.editor.session import EditorSession
-from integrations.http_errors import from_engine_error
+from integrations.http_errors import APIError, from_engine_error
+from integrations.openai_requests import id_headers, request_id
 from integrations.request_limits import InputError, RequestLimits, encode, off_loop, read_json_object
 from scheduler.api import EngineError, InvalidRequestError
 
@@ -81,16 +82,27 @@ async def infill_route(request: Request) -> Response:
     """llama.cpp /infill (see integrations/editor/llama_compat.py for the fields)."""
     client = request.app.state.engine_client
     try:
+        rid = _request_id(request)  # the X-Request-Id Ray's proxy returns: the id in the engine's logs too
         body = await _read(request, InfillBody)
         n_ctx = _limits(request).context_length
         if not body.stream:
-            return Response(compact_json(await infill(client, body, n_ctx)), media_type="application/json")
-        events = infill_events(client, body, n_ctx)
+            return Response(compact_json(await infill(client, body, n_ctx, rid)), media_type="application/json",
+                            headers=id_headers(request, rid))
+        events = infill_events(client, body, n_ctx, rid)
         first = await anext(events)  # admission and input errors are still HTTP errors here
     except (InputError, EngineError) as exc:
         status, payload, headers = _error_body(exc)
         return JSONResponse(payload, status, headers=headers)
-    return StreamingResponse(_events_after(first, events), media_type="text/event-stream")
+    return StreamingResponse(_events_after(first, events), media_type="text/event-stream",
+                             headers=id_headers(request, rid))
+
+
+def _request_id(request: Request) -> str:
+    """openai_requests.request_id with llama.cpp's error shape (InputError naming the header)."""
+    try:
+        return request_id(request, "infill")
+    except APIError as exc:
+        raise InputError(400, "X-Request-Id", str(exc).split(": ", 1)[-1]) from None
 
 
 async def _events_after(first: bytes, events):

@@ -209,10 +209,11 @@ def compact_json(payload) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-async def infill(client, body: InfillBody, n_ctx: int = 0) -> dict | list:
-    """Run one non-streaming /infill; n_ctx: the model's context (tokens) for generation_settings.
-    Engine errors propagate (the route maps them to HTTP)."""
-    request_id = f"infill-{uuid.uuid4().hex[:12]}"
+async def infill(client, body: InfillBody, n_ctx: int = 0, request_id: str | None = None) -> dict | list:
+    """Run one non-streaming /infill; n_ctx: the model's context (tokens) for generation_settings;
+    request_id: the HTTP request's id (X-Request-Id), prefix of its candidates' engine ids (a new one
+    when None). Engine errors propagate (the route maps them to HTTP)."""
+    request_id = request_id or f"infill-{uuid.uuid4().hex[:12]}"
     job = await make_job(client, body, request_id)
     if body.n_predict == 0:
         await warm_prefix(client, request_id, job.prompt)
@@ -228,12 +229,12 @@ async def infill(client, body: InfillBody, n_ctx: int = 0) -> dict | list:
     return [select_fields(r, body.response_fields) for r in results]
 
 
-async def infill_events(client, body: InfillBody, n_ctx: int = 0) -> AsyncIterator[bytes]:
+async def infill_events(client, body: InfillBody, n_ctx: int = 0, request_id: str | None = None) -> AsyncIterator[bytes]:
     """stream=true: server-sent events like llama.cpp, one `data: {json}` per text piece (content is the
     new text only, stop=false), then one final event with stop=true and the full result fields.
     Errors (InputError, engine errors) are raised; the route turns one raised before the first event
-    into an HTTP error and a later one into a final `data: {"error": ...}` event."""
-    request_id = f"infill-{uuid.uuid4().hex[:12]}"
+    into an HTTP error and a later one into a final `data: {"error": ...}` event. Arguments as infill()."""
+    request_id = request_id or f"infill-{uuid.uuid4().hex[:12]}"
     job = await make_job(client, body, request_id)
     if body.n_predict == 0:
         await warm_prefix(client, request_id, job.prompt)

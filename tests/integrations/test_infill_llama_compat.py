@@ -240,3 +240,14 @@ async def test_options_that_would_change_the_output_are_refused_not_ignored(http
     assert not fake_client.requests
     off = {"grammar": "", "json_schema": None, "n_probs": 0, "lora": [], "ignore_eos": False, "logit_bias": []}
     assert (await http.post("/infill", json={"input_prefix": "x", field: off[field]})).status_code == 200
+
+
+async def test_the_request_id_prefixes_the_engine_ids(http, fake_client):  # noqa: F811
+    for stream in (False, True):
+        resp = await http.post("/infill", json={"input_prefix": "x = 0\n", "stream": stream},
+                               headers={"X-Request-Id": f"vim-{stream}"})
+        assert resp.status_code == 200  # (Ray's proxy echoes a given id: test_serve_openai_fields)
+        assert {r.request_id.rsplit("-g", 1)[0] for r in fake_client.requests} == {f"vim-{stream}"}
+        fake_client.requests.clear()
+    fresh = await http.post("/infill", json={"input_prefix": "x = 0\n"})
+    assert fake_client.requests[0].request_id.startswith(fresh.headers["x-request-id"] + "-g")

@@ -106,3 +106,16 @@ def test_the_model_slot_never_takes_a_generation_past_the_context(client):
         out = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=1.0, seed=3,
                                         extra_body={"mode": mode})
         assert 0 < out.usage.completion_tokens <= 6 and out.usage.prompt_tokens == CONTEXT - 6
+
+
+def test_infill_carries_the_one_request_id(http):
+    # llama.cpp's /infill has no body id: the X-Request-Id (Ray's or the client's) is the one id, and
+    # the engine's ids of its candidates start with it (test_infill_llama_compat checks those).
+    body = {"input_prefix": "def f(x):\n    ", "n_predict": 4, "temperature": 0, "mode": "ar"}
+    for stream in (False, True):
+        given = http.post("/infill", json={**body, "stream": stream}, headers={"X-Request-Id": "vim-7.a"})
+        assert given.status_code == 200 and given.headers.get_list("x-request-id") == ["vim-7.a"]
+        fresh = http.post("/infill", json={**body, "stream": stream})
+        assert len(fresh.headers.get_list("x-request-id")) == 1 and "," not in fresh.headers["x-request-id"]
+    bad = http.post("/infill", json=body, headers={"X-Request-Id": "a b"})
+    assert bad.status_code == 400 and "X-Request-Id" in bad.json()["error"]["message"]
