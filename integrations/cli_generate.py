@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--temperature", type=float, help="0 = greedy (default)")
     a("--top-k", type=int, help="AR sampling: keep the k most likely tokens (0 = off)")
     a("--top-p", type=float, help="AR sampling: nucleus mass in (0, 1]")
-    a("--seed", type=int, help="seed of the request's random stream")
+    a("--seed", type=int, help="seed of the request's random stream (default: a fresh random one)")
     a("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
       help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     a("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
@@ -120,6 +120,12 @@ def _params(model_dir: Path, args, runner):
 
         full = SERVING_DEFAULTS | values
         values["serial_num_blocks"] = fitting_block_count(full["gen_length"], full["slot_size"], full["serial_num_blocks"])
+    if args.seed is None:
+        # As the API (scheduler/validation.with_seed): without --seed sampling is fresh each run; --json's
+        # params report the seed drawn, so a run can be repeated with --seed.
+        from scheduler.validation import with_seed
+
+        values["seed"] = with_seed({})["seed"]
     return DecodeParams.from_dict(values)
 
 

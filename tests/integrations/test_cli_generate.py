@@ -62,6 +62,16 @@ def test_a_short_gen_length_without_blocks_takes_a_block_count_that_fits(tiny_mo
     assert code != 0 and "--blocks" in err
 
 
+def test_sampling_without_a_seed_is_fresh_and_a_seed_repeats(tiny_model_dir, capsys):
+    # Issue 14 item 2 on the CLI: as the API, no --seed means a fresh random seed (reported in --json).
+    argv = ["--model", str(tiny_model_dir), "--prompt", "def ", "--mode", "ar", "--gen-length", "8",
+            "--temperature", "1.0", "--json"]
+    fresh = [json.loads(_run(capsys, *argv)[1]) for _ in range(2)]
+    assert fresh[0]["params"]["seed"] != fresh[1]["params"]["seed"]
+    again = [json.loads(_run(capsys, *argv, "--seed", str(fresh[0]["params"]["seed"]))[1]) for _ in range(2)]
+    assert again[0]["token_ids"] == again[1]["token_ids"] == fresh[0]["token_ids"]
+
+
 def test_plain_output_is_the_completion_text_and_ar_mode_works(tiny_model_dir, tmp_path, capsys):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("import os\n")
