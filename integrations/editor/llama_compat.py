@@ -82,8 +82,8 @@ class InfillBody(BaseModel):
     @field_validator("grammar", "json_schema", "n_probs", "lora", "ignore_eos", "logit_bias")
     @classmethod
     def _unsupported_when_on(cls, value: Any, info) -> Any:
-        # json_schema {} is on too: llama.cpp reads it as "any JSON"
-        if value if info.field_name != "json_schema" else value is not None:
+        on = value is not None if info.field_name == "json_schema" else bool(value)  # {} means "any JSON"
+        if on:
             off = {"grammar": '""', "json_schema": "null", "n_probs": "0", "lora": "[]", "ignore_eos": "false",
                    "logit_bias": "[]"}[info.field_name]
             raise ValueError(f"not supported by this server (constrained sampling, token probabilities, "
