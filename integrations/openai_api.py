@@ -25,12 +25,12 @@ from integrations import openai_responses as shape
 from integrations.auth import APIKeyMiddleware, OriginGuard
 from integrations.chat import chat_prompt_ids
 from integrations.context_fit import fit_generation
+from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
 from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
-from integrations.editor.document import DocumentStyle
 from integrations.openai_stream import chat_events, completion_events, in_document_style, null_usage_until_final, sse_response
 from integrations.openai_requests import generation_request, id_headers, request_id
 from integrations.openai_requests import prompt_ids as encode_prompt
@@ -151,16 +151,18 @@ async def completions(request: Request):
     else:
         # A CRLF or tab-indented prompt is completed as its LF, space-indented twin and the text comes
         # back in the prompt's style (editor/document.py), as on the infill path.
-        style = DocumentStyle.of(body.prompt) if isinstance(body.prompt, str) else DocumentStyle()
-        prompt = style.to_model(body.prompt) if isinstance(body.prompt, str) else body.prompt
-        prompt_ids = await encode_prompt(client.tokenizer, prompt, settings.limits)
-        req = generation_request(header.id, body, prompt_ids, [style.to_model(s) for s in body.stop],
+        text = body.prompt if isinstance(body.prompt, str) else None
+        if text is not None:
+            settings.limits.check_chars("prompt", text)  # the client's text, before tabs become spaces
+        style = DocumentStyle.of(text) if text is not None else DocumentStyle()
+        prompt = style.to_model(text) if text is not None else body.prompt
+        prompt_ids = await encode_prompt(client.tokenizer, prompt)
+        req = generation_request(header.id, body, prompt_ids, style.model_stops(body.stop),
                                  settings.completion_default_max_tokens, settings, "prompt")
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
         deltas = await _start(client, req, observer)
         if style != DocumentStyle():
-            at_indent = not body.prompt.rsplit("\n", 1)[-1].strip("\t")
-            deltas = in_document_style(deltas, style, at_indent)
+            deltas = in_document_style(deltas, style, cursor_at_indent(text))
     if body.stream:
         events = completion_events(header, deltas, observer, body.include_usage)
         events = null_usage_until_final(events) if body.include_usage else events

@@ -19,7 +19,7 @@ from integrations.context_fit import fit_generation
 from integrations.http_errors import APIError
 from integrations.openai_models import SamplingFields
 from integrations.openai_responses import new_id
-from integrations.request_limits import RequestLimits, encode, off_loop
+from integrations.request_limits import encode, off_loop
 from scheduler.api import GenerationRequest
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -44,11 +44,10 @@ def id_headers(request: Request, rid: str) -> dict:
     return {} if REQUEST_ID_HEADER in request.headers else {"X-Request-Id": rid}
 
 
-async def prompt_ids(tokenizer, prompt: str | list[int], limits: RequestLimits) -> list[int]:
-    """Token ids of a completions prompt; text is checked against max_prompt_chars, then tokenized off
-    the event loop. Raises APIError/InputError(400, "prompt")."""
+async def prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+    """Token ids of a completions prompt: text (already checked against max_prompt_chars by the
+    caller, as the client sent it) is tokenized off the event loop. Raises APIError(400, "prompt")."""
     if isinstance(prompt, str):
-        limits.check_chars("prompt", prompt)
         ids = await off_loop(encode, tokenizer, prompt, chars=len(prompt))
     else:
         ids, vocab = list(prompt), len(tokenizer)

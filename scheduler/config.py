@@ -34,9 +34,11 @@ class RoutingConfig:
     ar_margin: AR is chosen only if its estimated throughput beats ReFusion's by this fraction.
     compute_bound_share: the batch counts as compute-bound when the per-token part of the forward
         latency (slope * tokens) exceeds this share of the whole latency.
-    explore_every: one in this many light-load AUTO admissions takes the mode the router did not
-        pick, so a mode's live estimates never go stale; 0 = never. Which ones is decided by a digest
-        of the request (Request.route_key), so a repeated seeded or greedy request is treated alike.
+    explore_every: about one in this many light-load AUTO admissions takes the mode the router did
+        not pick, so a mode's live estimates follow the traffic; 0 = never. Which ones is decided by a
+        digest of the request (Request.route_key), so a repeated seeded or greedy request is treated
+        alike; the flip side: traffic of a few distinct greedy requests repeated may explore never
+        (or always), and the rate holds only over many distinct requests.
     explore_below_running: "light load" = fewer running requests than this.
     explore_max_stretch: when one mode's estimated throughput gain is k times the other's, the explore
         period is explore_every * min(k, explore_max_stretch) (a clearly slower mode is tried less often).

@@ -6,8 +6,8 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from enum import Enum
+from functools import cached_property
 from typing import Any
 
 from scheduler.api import Delta, FinishReason, GenerationRequest, Mode, Priority
@@ -85,8 +85,9 @@ class Request:
     def route_key(self) -> int:
         """A 64-bit digest of everything that decides this request's text: prompt and suffix ids, the
         parsed decoding parameters (the seed included, a drawn one when the client sent none; left out
-        when greedy, which reads no random numbers), max_tokens and stop strings. Identical requests share it; the router's exploration uses it
-        (Router.decide) so that a repeated seeded or greedy request is routed alike."""
+        when greedy, which reads no random numbers), max_tokens and stop strings. Identical requests
+        share it; the router's exploration uses it (Router.decide) so that a repeated seeded or greedy
+        request is routed alike."""
         spec = self.spec
         params = dict(vars(self.params))
         if params.get("temperature") == 0.0:

@@ -251,8 +251,9 @@ class Scheduler:
         log.info("preempted", request_id=victim.id, reason=reason, mode=victim.pinned_mode.value)
 
     def _try_start(self, req: Request) -> bool:
-        decision = self.router.decide(req.pinned_mode or req.spec.mode, req.priority, self.load_snapshot(),
-                                      request_key=req.route_key)
+        requested = req.pinned_mode or req.spec.mode
+        route_key = req.route_key if requested is Mode.AUTO else None  # only AUTO requests can explore
+        decision = self.router.decide(requested, req.priority, self.load_snapshot(), request_key=route_key)
         key = "ar" if decision.mode is Mode.AR and "ar" in self.runners else "main"
         cache = self.prefix_cache if key == "main" else None
         hit = cache.lookup(req.spec.prompt_ids) if cache is not None else PrefixHit()

@@ -52,6 +52,12 @@ class DocumentStyle:
             text = _LEADING_TABS.sub(lambda m: " " * (MODEL_TAB_WIDTH * len(m.group())), text)
         return text
 
+    def model_stops(self, stops: list[str]) -> list[str]:
+        """Stop strings as the model's text reads them: converted like the document when it has CRLF
+        or tabs to convert; as given for an LF, space-indented document (where a "\r\n" stop keeps
+        its meaning)."""
+        return [self.to_model(s) for s in stops] if self != DocumentStyle() else list(stops)
+
     def to_document(self, text: str, *, at_indent: bool) -> str:
         """A completion (model text) in the document's style. at_indent: the cursor stands in the line's
         indentation at a tab stop (only tabs before it), so the completion's own leading spaces are
@@ -66,6 +72,12 @@ class DocumentStyle:
         return text
 
 
+def cursor_at_indent(prefix: str) -> bool:
+    """Whether the cursor after `prefix` stands in its line's indentation at a tab stop (only tabs
+    before it on the line): DocumentStyle.to_document's at_indent."""
+    return not prefix.rsplit("\n", 1)[-1].strip("\t")
+
+
 def _tabs_for_spaces(text: str) -> str:
     """Leading spaces of each line as tabs (MODEL_TAB_WIDTH a tab); a remainder stays spaces."""
     def indent(match: re.Match) -> str:
@@ -75,37 +87,42 @@ def _tabs_for_spaces(text: str) -> str:
     return _LEADING_SPACES.sub(indent, text)
 
 
-_OPEN_INDENT = re.compile(r"(?:^|\n) *$")  # a run of spaces (maybe empty) that starts the last line
-
-
 class DocumentTextStream:
     """A completion streamed in pieces of model text, converted to the document's style piece by piece.
 
-    DocumentStyle.to_document is line-local, so converting the text so far and sending what is new
-    gives the same text as converting it whole, except while the last line is still nothing but
-    spaces: how many tabs they make is known only when the line's text (or its end) arrives, so that
-    run is held back. Used by /v1/completions without `suffix` (the infill path converts whole texts).
+    DocumentStyle.to_document is line-local, so converting line by line gives the same text as
+    converting the whole, and a line's converted start never changes once the line has a character
+    that is not a space: only a line that is nothing but spaces so far is held back (how many tabs
+    they make is known when its text or its end arrives). Each piece costs the length of the lines
+    it touches. Used by /v1/completions without `suffix` (the infill paths convert whole texts).
     """
 
     def __init__(self, style: DocumentStyle, *, at_indent: bool):
-        self.style, self.at_indent = style, at_indent
-        self._model = ""  # model text so far
-        self._sent = 0  # characters of the converted text already returned
+        self.style = style
+        self._at_indent = at_indent  # for the first line; later lines start at a line start
+        self._line = ""  # model text of the open (last) line
+        self._line_sent = 0  # characters of its conversion already returned
 
     def feed(self, text: str) -> str:
         """The newly final document text after `text` (model text) arrives."""
-        self._model += text
-        end = len(self._model)
-        if self.style.tabs and (match := _OPEN_INDENT.search(self._model)):
-            end = match.start() + (1 if self._model[match.start():match.start() + 1] == "\n" else 0)
-        return self._release(self._model[:end])
+        *done, self._line = (self._line + text).split("\n")
+        out = ""
+        if done:  # the open line and the lines after it are complete up to their newline
+            out = self._convert("\n".join(done) + "\n")[self._line_sent:]
+            self._line_sent, self._at_indent = 0, True
+        if not (self.style.tabs and not self._line.strip(" ")):
+            out += self._release_line()
+        return out
 
     def finish(self) -> str:
         """Everything held back (the stream has ended)."""
-        return self._release(self._model)
+        return self._release_line()
 
-    def _release(self, model_text: str) -> str:
-        converted = self.style.to_document(model_text, at_indent=self.at_indent)
-        piece = converted[self._sent:]
-        self._sent = max(self._sent, len(converted))
+    def _release_line(self) -> str:
+        converted = self._convert(self._line)
+        piece = converted[self._line_sent:]
+        self._line_sent = max(self._line_sent, len(converted))
         return piece
+
+    def _convert(self, text: str) -> str:
+        return self.style.to_document(text, at_indent=self._at_indent)

@@ -12,6 +12,7 @@ by integrations/request_limits.py (size, JSON, nesting, Unicode); errors have ll
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -85,10 +86,13 @@ async def infill_route(request: Request) -> Response:
         rid = _request_id(request)  # the X-Request-Id Ray's proxy returns: the id in the engine's logs too
         body = await _read(request, InfillBody)
         n_ctx = _limits(request).context_length
+        # Engine ids <X-Request-Id>.<random>-g<gap>: a client that reuses its id at once never meets
+        # the candidates of its previous request still being cancelled.
+        engine_rid = f"{rid}.{uuid.uuid4().hex[:6]}"
         if not body.stream:
-            return Response(compact_json(await infill(client, body, n_ctx, rid)), media_type="application/json",
-                            headers=id_headers(request, rid))
-        events = infill_events(client, body, n_ctx, rid)
+            return Response(compact_json(await infill(client, body, n_ctx, engine_rid)),
+                            media_type="application/json", headers=id_headers(request, rid))
+        events = infill_events(client, body, n_ctx, engine_rid)
         first = await anext(events)  # admission and input errors are still HTTP errors here
     except (InputError, EngineError) as exc:
         status, payload, headers = _error_body(exc)
@@ -102,7 +106,7 @@ def _request_id(request: Request) -> str:
     try:
         return request_id(request, "infill")
     except APIError as exc:
-        raise InputError(400, "X-Request-Id", str(exc).split(": ", 1)[-1]) from None
+        raise InputError(400, "X-Request-Id", exc.message.split(": ", 1)[-1]) from None
 
 
 async def _events_after(first: bytes, events):

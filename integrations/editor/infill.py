@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from integrations.editor.document import DocumentStyle
+from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX
 
 # Token budgets of the prompt parts: the prefix is kept from its end, the suffix from its start.
@@ -97,7 +97,7 @@ def build_infill_prompt(
     spaces) first; `InfillPrompt.to_document` converts a completion back (document.py).
     """
     style = DocumentStyle.of(prefix, suffix)
-    at_indent = not prefix.rsplit("\n", 1)[-1].strip("\t")
+    at_indent = cursor_at_indent(prefix)
     prefix, suffix = style.to_model(prefix), style.to_model(suffix)
     truncated = False
     context_ids: list[int] = []

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from typing import Any, AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -79,6 +78,12 @@ class InfillBody(BaseModel):
             raise ValueError("stop strings must be non-empty")
         return value
 
+    @field_validator("temperature", "top_k", "top_p", "grammar", "n_probs", "lora", "ignore_eos", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info) -> Any:
+        """llama.cpp reads a JSON null as "not given": the default (or the off value) applies."""
+        return cls.model_fields[info.field_name].get_default(call_default_factory=True) if value is None else value
+
     @field_validator("grammar", "json_schema", "n_probs", "lora", "ignore_eos", "logit_bias")
     @classmethod
     def _unsupported_when_on(cls, value: Any, info) -> Any:
@@ -127,12 +132,14 @@ async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
     )
 
 
-def _stop_fields(stop_reason: str, candidate: Candidate | None) -> dict:
+def _stop_fields(stop_reason: str, candidate: Candidate | None, job: CompletionJob) -> dict:
     """llama.cpp's stop_type and stopping_word: "word" and the string when one of the request's stop
-    strings ended the text (the engine reports it as the final stats' stop_word)."""
+    strings ended the text (the engine reports it, in the model's style, as the final stats' stop_word;
+    the client gets its own string back)."""
     word = (candidate.stats.get("stop_word") if candidate is not None else None) or ""
     if stop_reason == "stop" and word:
-        return {"stop_type": "word", "stopping_word": word}
+        style = job.prompt.style
+        return {"stop_type": "word", "stopping_word": next((s for s in job.stop if style.model_stops([s]) == [word]), word)}
     return {"stop_type": _STOP_TYPE.get(stop_reason, "none"), "stopping_word": ""}
 
 
@@ -159,7 +166,7 @@ def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_rea
         "prompt": client.tokenizer.decode(job.prompt.prompt_ids),  # the processed prompt, as llama.cpp
         "has_new_line": "\n" in content,
         "truncated": job.prompt.truncated,
-        **_stop_fields(stop_reason, candidate),
+        **_stop_fields(stop_reason, candidate, job),
         "tokens_cached": cached,  # prompt tokens the prefix cache served (llama.cpp: reused from before)
         "timings": {
             "prompt_n": prompt_n,
@@ -209,11 +216,10 @@ def compact_json(payload) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-async def infill(client, body: InfillBody, n_ctx: int = 0, request_id: str | None = None) -> dict | list:
+async def infill(client, body: InfillBody, n_ctx: int, request_id: str) -> dict | list:
     """Run one non-streaming /infill; n_ctx: the model's context (tokens) for generation_settings;
-    request_id: the HTTP request's id (X-Request-Id), prefix of its candidates' engine ids (a new one
-    when None). Engine errors propagate (the route maps them to HTTP)."""
-    request_id = request_id or f"infill-{uuid.uuid4().hex[:12]}"
+    request_id: the prefix of its candidates' engine ids. Engine errors propagate (the route maps
+    them to HTTP)."""
     job = await make_job(client, body, request_id)
     if body.n_predict == 0:
         await warm_prefix(client, request_id, job.prompt)
@@ -229,12 +235,11 @@ async def infill(client, body: InfillBody, n_ctx: int = 0, request_id: str | Non
     return [select_fields(r, body.response_fields) for r in results]
 
 
-async def infill_events(client, body: InfillBody, n_ctx: int = 0, request_id: str | None = None) -> AsyncIterator[bytes]:
+async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str) -> AsyncIterator[bytes]:
     """stream=true: server-sent events like llama.cpp, one `data: {json}` per text piece (content is the
     new text only, stop=false), then one final event with stop=true and the full result fields.
     Errors (InputError, engine errors) are raised; the route turns one raised before the first event
     into an HTTP error and a later one into a final `data: {"error": ...}` event. Arguments as infill()."""
-    request_id = request_id or f"infill-{uuid.uuid4().hex[:12]}"
     job = await make_job(client, body, request_id)
     if body.n_predict == 0:
         await warm_prefix(client, request_id, job.prompt)

@@ -17,6 +17,7 @@ from integrations.editor.document import MODEL_TAB_WIDTH
 from integrations.editor.infill import Candidate, InfillPrompt, choose_candidate, gap_params, heal_text
 from integrations.editor.postprocess import Rules, postprocess, shown_partial
 from scheduler.api import GenerationRequest, Mode, OverloadedError, Priority
+from scheduler.validation import with_seed
 
 PartialCallback = Callable[[str], Awaitable[None]]
 
@@ -40,6 +41,12 @@ class CompletionJob:
     predict_limit_ms: int | None = None
     clock: Callable[[], float] | None = None  # seconds; None: time.monotonic (a test moves its own)
 
+    def __post_init__(self) -> None:
+        # One seed for every candidate (a fresh one when the client gave none): a longer gap replaces
+        # the shortest only when it extends its text (choose_candidate), and sampled candidates share
+        # a prefix only when they share their random stream.
+        self.sampling = with_seed(self.sampling)
+
     def model_rules(self) -> Rules:
         """The rules on the model's text (LF, spaces; document.py): the suffix converted as the prompt
         was, and n_indent in spaces when the document indents with tabs (llama.cpp counts characters)."""
@@ -55,7 +62,7 @@ class CompletionJob:
                 params={**self.sampling, **gap_params(gap)},
                 mode=self.mode,
                 priority=self.priority,
-                stop=list(self.stop),
+                stop=self.prompt.style.model_stops(self.stop),
                 max_time_ms=self.max_time_ms,
                 suffix_ids=list(self.prompt.suffix_ids) if self.prompt.suffix_ids else None,
                 max_tokens=self.max_tokens,

@@ -99,3 +99,9 @@ def test_a_streamed_completion_converts_to_the_same_text_as_the_whole(style):
     held = DocumentTextStream(DocumentStyle("\n", True), at_indent=False)
     assert held.feed("x = 1\n    ") == "x = 1\n"  # the open indentation waits for its line's text
     assert held.feed("    y") == "\t\ty"
+
+
+def test_stop_strings_follow_the_document_and_keep_their_meaning_in_an_lf_one():
+    assert DocumentStyle("\r\n", False).model_stops(["\r\n\r\n", "x"]) == ["\n\n", "x"]
+    assert DocumentStyle("\n", True).model_stops(["\n\tpass"]) == ["\n    pass"]
+    assert DocumentStyle().model_stops(["\r\n"]) == ["\r\n"]  # an LF document: "\r\n" is not "\n"

@@ -209,13 +209,10 @@ async def test_t_max_predict_ms_ends_after_the_limit_once_a_newline_is_out(fake_
 
 
 async def test_the_limit_reports_stop_type_limit(http, fake_client, monkeypatch):  # noqa: F811
-    import time
-    from types import SimpleNamespace
-
     from integrations.editor import runner
 
     ticks = iter(range(10_000))  # the runner's clock moves one second per reading, as in the test above
-    monkeypatch.setattr(runner, "time", SimpleNamespace(monotonic=lambda: float(next(ticks)), perf_counter=time.perf_counter))
+    monkeypatch.setattr(runner, "_now", lambda job: float(next(ticks)))
     fake_client.default_text = "a = 1\nb = 2\nc = 3\n"
     data = (await http.post("/infill", json={"input_prefix": "x = 0\n", "n_predict": 64, "temperature": 0,
                                              "t_max_predict_ms": 500})).json()
@@ -226,7 +223,7 @@ async def test_defaults_n_ctx_and_n_predict_are_llama_cpp_s(http, fake_client): 
     data = (await http.post("/infill", json={"input_prefix": "x = 0\n", "n_predict": 100_000})).json()
     settings = data["generation_settings"]
     assert (settings["temperature"], settings["top_k"], settings["top_p"]) == (0.8, 40, 0.95)  # README defaults
-    assert "n_ctx" in settings and settings["n_predict"] == 100_000  # a maximum, not a size to refuse
+    assert settings["n_predict"] == 100_000  # a maximum, not a size to refuse (n_ctx: test_serve_client_text)
     assert all(r.params["temperature"] == 0.8 and r.params["top_k"] == 40 and r.params["top_p"] == 0.95
                and r.max_tokens == 256 for r in fake_client.requests)  # capped at the longest editor gap
 
@@ -247,7 +244,22 @@ async def test_the_request_id_prefixes_the_engine_ids(http, fake_client):  # noq
         resp = await http.post("/infill", json={"input_prefix": "x = 0\n", "stream": stream},
                                headers={"X-Request-Id": f"vim-{stream}"})
         assert resp.status_code == 200  # (Ray's proxy echoes a given id: test_serve_openai_fields)
-        assert {r.request_id.rsplit("-g", 1)[0] for r in fake_client.requests} == {f"vim-{stream}"}
+        # <id>.<random>-g<gap>: the client's id first; a reused id never meets its last request's candidates
+        assert all(r.request_id.startswith(f"vim-{stream}.") for r in fake_client.requests)
+        assert len({r.request_id.rsplit("-g", 1)[0] for r in fake_client.requests}) == 1
         fake_client.requests.clear()
     fresh = await http.post("/infill", json={"input_prefix": "x = 0\n"})
-    assert fake_client.requests[0].request_id.startswith(fresh.headers["x-request-id"] + "-g")
+    assert fake_client.requests[0].request_id.startswith(fresh.headers["x-request-id"] + ".")
+
+
+async def test_null_means_the_default_and_all_candidates_share_one_seed(http, fake_client):  # noqa: F811
+    body = {"input_prefix": "x = 0\n", "temperature": None, "top_k": None, "top_p": None, "grammar": None,
+            "n_probs": None, "lora": None, "ignore_eos": None, "json_schema": None, "logit_bias": None}
+    data = (await http.post("/infill", json=body)).json()
+    settings = data["generation_settings"]
+    assert (settings["temperature"], settings["top_k"], settings["top_p"]) == (0.8, 40, 0.95)
+    seeds = {r.params["seed"] for r in fake_client.requests}
+    assert len(fake_client.requests) > 1 and len(seeds) == 1 and settings["seed"] in seeds  # one drawn seed
+    fake_client.requests.clear()
+    await http.post("/infill", json=body)
+    assert {r.params["seed"] for r in fake_client.requests} != seeds  # fresh for the next completion

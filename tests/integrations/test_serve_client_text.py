@@ -239,3 +239,17 @@ def test_infill_stopped_by_a_stop_string_reports_the_word(http, stream):
     assert whole.startswith(content) and word not in content and content.rstrip() == before.rstrip()
     plain = post(http, "/infill", {**body, "n_predict": 4})
     assert plain["stop_type"] in ("eos", "limit") and plain["stopping_word"] == ""
+    assert plain["generation_settings"]["n_ctx"] == http.get("/v1/engine").json()["limits"]["context_length"] > 0
+
+
+def test_a_crlf_stop_string_stops_a_crlf_document_and_comes_back_as_sent(http):
+    # The model reads the CRLF document as LF: its stop strings are converted alike, and stopping_word
+    # is the client's own string.
+    body = {"input_suffix": "", "n_predict": 32, "temperature": 0, "mode": "ar"}
+    prefix, whole = next((p, c) for p, c in ((p, post(http, "/infill", {**body, "input_prefix": p})["content"])
+                                            for p, _ in DOCUMENTS) if "\n" in c.strip())
+    cut = whole.index("\n", len(whole) - len(whole.lstrip()))  # a line break inside the text
+    word = whole[cut - 1:cut + 1]  # the last character of a line and its break
+    got = post(http, "/infill", {**body, "input_prefix": _crlf(prefix), "stop": [_crlf(word)]})
+    assert (got["stop_type"], got["stopping_word"]) == ("word", _crlf(word))
+    assert got["content"] == _crlf(whole[:whole.index(word)])
