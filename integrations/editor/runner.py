@@ -39,7 +39,6 @@ class CompletionJob:
     # llama.cpp's t_max_predict_ms: a candidate ends once this many ms have passed since its first
     # token AND its text has a newline (README, /completion options); None: no such limit.
     predict_limit_ms: int | None = None
-    clock: Callable[[], float] | None = None  # seconds; None: time.monotonic (a test moves its own)
 
     def __post_init__(self) -> None:
         # One seed for every candidate (a fresh one when the client gave none): a longer gap replaces
@@ -110,7 +109,7 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
         async for delta in deltas:
             mode = delta.mode or mode
             if first_token_s is None and delta.token_ids:
-                first_token_s = _now(job)
+                first_token_s = _now()
             if not capped:
                 raw, ids = raw + delta.text, ids + list(delta.token_ids)
                 if job.max_tokens is not None and len(ids) >= job.max_tokens:
@@ -150,11 +149,12 @@ def _past_predict_limit(job: CompletionJob, first_token_s: float | None, raw: st
     generated (so a one-line completion is never cut short)."""
     if not job.predict_limit_ms or first_token_s is None or "\n" not in raw:
         return False
-    return (_now(job) - first_token_s) * 1000.0 > job.predict_limit_ms
+    return (_now() - first_token_s) * 1000.0 > job.predict_limit_ms
 
 
-def _now(job: CompletionJob) -> float:
-    return job.clock() if job.clock is not None else time.monotonic()
+def _now() -> float:
+    """Seconds on the clock of the t_max_predict_ms rule (a test replaces this to move time itself)."""
+    return time.monotonic()
 
 
 def _partial(text: str, rules: Rules, job: CompletionJob) -> str:

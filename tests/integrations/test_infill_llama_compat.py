@@ -181,19 +181,25 @@ async def test_infill_returns_llama_cpp_fields(http, fake_client):  # noqa: F811
 
 # ---- issue 14, item 11: fields behave as llama.cpp's server README documents them --------------------
 
+@pytest.fixture
+def moving_clock(monkeypatch):
+    """The runner's clock moves one second each time it is read, so "the limit has passed" is decided
+    by the code path, not by how fast this machine is."""
+    from integrations.editor import runner
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(runner, "_now", lambda: float(next(ticks)))
+
+
 async def _run_with_clock(client, body: dict):
-    """An /infill job run with a clock that moves one second each time it is read, so "the limit has
-    passed" is decided by the code path, not by how fast this machine is."""
+    """An /infill job run to its outcome (with the moving_clock fixture in force)."""
     from integrations.editor.llama_compat import InfillBody, make_job
     from integrations.editor.runner import run_completion
 
-    job = await make_job(client, InfillBody(**body), "t-max")
-    ticks = iter(range(10_000))
-    job.clock = lambda: float(next(ticks))
-    return await run_completion(client, job)
+    return await run_completion(client, await make_job(client, InfillBody(**body), "t-max"))
 
 
-async def test_t_max_predict_ms_ends_after_the_limit_once_a_newline_is_out(fake_client):  # noqa: F811
+async def test_t_max_predict_ms_ends_after_the_limit_once_a_newline_is_out(fake_client, moving_clock):  # noqa: F811
     # README: the limit is measured from the first token and triggers only once a newline was generated.
     fake_client.default_text = "a = 1\nb = 2\nc = 3\nd = 4\n"
     body = {"input_prefix": "x = 0\n", "input_suffix": "", "n_predict": 64, "temperature": 0}
@@ -208,11 +214,7 @@ async def test_t_max_predict_ms_ends_after_the_limit_once_a_newline_is_out(fake_
     assert one_line.text == "total = a + b + c + d + e" and one_line.stop_reason != "deadline"
 
 
-async def test_the_limit_reports_stop_type_limit(http, fake_client, monkeypatch):  # noqa: F811
-    from integrations.editor import runner
-
-    ticks = iter(range(10_000))  # the runner's clock moves one second per reading, as in the test above
-    monkeypatch.setattr(runner, "_now", lambda job: float(next(ticks)))
+async def test_the_limit_reports_stop_type_limit(http, fake_client, moving_clock):  # noqa: F811
     fake_client.default_text = "a = 1\nb = 2\nc = 3\n"
     data = (await http.post("/infill", json={"input_prefix": "x = 0\n", "n_predict": 64, "temperature": 0,
                                              "t_max_predict_ms": 500})).json()
