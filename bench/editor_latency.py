@@ -2,7 +2,7 @@
 one-line suggestion, with a warm prefix cache, measured at the client (WebSocket + msgpack included).
 
 Cases are held-out lines of real Python (functions of the standard-library files `refusion train` held
-out, workers/corpus.py): the cursor sits after a line's indentation inside a function body, the line
+out, training/corpus.py): the cursor sits after a line's indentation inside a function body, the line
 itself is removed, the rest of the body is the suffix. Each case is
 completed once to warm the prefix cache, then `--repeats` times measured. The suggestion is also
 compared with the removed line (exact match), a rough quality signal for trained models.
@@ -39,9 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 def held_out_cases(n: int, seed: int = 0, heldout_fraction: float = 0.03) -> list[dict]:
     """Cursor after the indentation of a random code line inside held-out functions; the line is removed.
 
-    Units come from workers.corpus (the split `refusion train` used), so a trained model never saw them.
+    Units come from training.corpus (the split `refusion train` used), so a trained model never saw them.
     """
-    from workers.corpus import extract_units, is_heldout, source_files
+    from training.corpus import extract_units, is_heldout, source_files
 
     pool = []
     for root, path in source_files(["stdlib"]):

@@ -5,7 +5,7 @@
 Prints a markdown table of:
   - parameters (from model.safetensors; tied head counted once);
   - held-out AR loss: next-token cross-entropy over response + EOS given the prompt, every held-out
-    unit that fits the training sequence length (transformers forward, workers/training.heldout_losses);
+    unit that fits the training sequence length (transformers forward, training/trainer.heldout_losses);
   - next-line exact match: AR greedy's first generated line == the true first line of the response
     (trailing whitespace ignored), on --prompts held-out units spread evenly over the held-out files;
   - valid Python: share of those prompts whose completion (cut at EOS; without EOS, after its last
@@ -42,7 +42,7 @@ def parameter_count(model_dir: Path) -> int:
 
 def heldout_pairs(tokenizer, train_args: dict, corpus: list[str]) -> list[tuple[list[int], list[int]]]:
     """Held-out (prompt_ids, response_ids) pairs, in corpus order (sorted paths), fitting seq_len."""
-    from workers.corpus import load_units, tokenize_units
+    from training.corpus import load_units, tokenize_units
 
     _, heldout = load_units(corpus, float(train_args.get("heldout_fraction", 0.03)))
     return tokenize_units(tokenizer, heldout, int(train_args.get("seq_len", 256)))
@@ -52,10 +52,10 @@ def heldout_ar_loss(model_dir: Path, pairs, eos_id: int, mask_id: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from workers.training import heldout_losses
+    from training.trainer import heldout_losses
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    return heldout_losses(model, pairs, mask_token_id=mask_id, eos_token_id=eos_id, pad_token_id=eos_id)["heldout_ar_loss"]
+    return heldout_losses(model, pairs, mask_token_id=mask_id, eos_token_id=eos_id)["heldout_ar_loss"]
 
 
 def decode_all(runner, kind: str, prompts: list[list[int]], params) -> tuple[list[list[int]], list]:

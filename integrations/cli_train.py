@@ -5,7 +5,7 @@
 
 Output directory: config.json (with mask_token_id), model.safetensors, tokenizer files,
 train_log.jsonl (one JSON record per log step: train AR/MDM losses and held-out AR/MDM losses, see
-workers/training.py) and train_args.json (the flags and corpus statistics, for reproduction).
+training/trainer.py) and train_args.json (the flags and corpus statistics, for reproduction).
 """
 
 from __future__ import annotations
@@ -35,14 +35,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--minutes", type=float, default=None, help="wall-time budget in minutes")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    a("--batch-size", type=int, default=16)
+    a("--batch-tokens", type=int, default=8192,
+      help="tokens per optimizer step: --batch-tokens // --seq-len rows of --seq-len tokens, examples packed")
     a("--lr", type=float, default=2e-3)
-    a("--seq-len", type=int, default=256, help="longest prompt + response + EOS, in tokens")
+    a("--seq-len", type=int, default=256, help="row length: longest prompt + response + EOS, in tokens")
+    a("--compile", action="store_true", help="torch.compile the decoder stack (CUDA; one static batch shape)")
+    a("--data-workers", type=int, default=None,
+      help="processes arranging batches ahead of the step (default: 2 on CUDA, 0 on CPU)")
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=25)
     a("--heldout-fraction", type=float, default=0.03, help="fraction of files held out (by path hash)")
     a("--heldout-max", type=int, default=128, help="held-out units scored at each log step")
     a("--save-dtype", choices=["float32", "bfloat16"], default="float32")
+    a("--chat-fraction", type=float, default=0.25,
+      help="share of training pairs that are synthetic chat instructions and tool calls (training/chat_data.py)")
     a("--checkpoint-minutes", type=float, default=10.0, help="also save the model this often while training")
     shape = parser.add_argument_group("model shape (fresh model only)")
     shape.add_argument("--hidden", type=int, default=256)
@@ -57,7 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args) -> None:
     if args.steps is None and args.minutes is None:
         raise TrainArgumentError("--steps", "give --steps N or --minutes M to bound training")
-    for name in ("batch_size", "seq_len", "hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate"):
+    if not 0.0 <= args.chat_fraction < 1.0:
+        raise TrainArgumentError("--chat-fraction", f"got {args.chat_fraction}; use a fraction in [0, 1), e.g. 0.25")
+    if args.batch_tokens < args.seq_len:
+        raise TrainArgumentError("--batch-tokens", f"got {args.batch_tokens}; use at least --seq-len ({args.seq_len})")
+    for name in ("seq_len", "hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate"):
         if getattr(args, name) < 1:
             raise TrainArgumentError("--" + name.replace("_", "-"), f"got {getattr(args, name)}; use a positive number")
     if args.heads % args.kv_heads:
@@ -84,7 +94,7 @@ def _model_and_tokenizer(args, train_units):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.tokenizer_build import build_bpe_tokenizer, ensure_mask_token
+    from training.tokenizer_build import build_bpe_tokenizer, ensure_mask_token
 
     torch.manual_seed(args.seed)
     if args.init is None:
@@ -114,9 +124,9 @@ def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32") -> 
 
 def run(args) -> int:
     """Train and save; prints one progress line per log step. Returns 0 on success, 2 on bad flags."""
-    from workers.corpus import CorpusError
-    from workers.tokenizer_build import TokenizerBuildError
-    from workers.training import TrainingError
+    from training.corpus import CorpusError
+    from training.tokenizer_build import TokenizerBuildError
+    from training.trainer import TrainingError
 
     try:
         _check(args)
@@ -129,8 +139,9 @@ def run(args) -> int:
 def _train(args) -> int:
     import torch
 
-    from workers.corpus import load_units, tokenize_units
-    from workers.training import train_model
+    from training.chat_data import chat_pairs
+    from training.corpus import load_units, tokenize_units
+    from training.trainer import train_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,6 +149,10 @@ def _train(args) -> int:
     train_units, heldout_units = load_units(args.corpus, args.heldout_fraction)
     model, tokenizer = _model_and_tokenizer(args, train_units)
     train_pairs = tokenize_units(tokenizer, train_units, args.seq_len)
+    chat = tokenize_units(tokenizer, chat_pairs(train_units), args.seq_len) if args.chat_fraction else []
+    limit = int(len(train_pairs) * args.chat_fraction / (1.0 - args.chat_fraction))
+    chat = chat[:: max(1, -(-len(chat) // max(limit, 1)))][:limit]  # evenly spread over the corpus' packages
+    train_pairs += chat
     heldout_pairs = tokenize_units(tokenizer, heldout_units, args.seq_len)[: args.heldout_max]
     if not train_pairs:
         raise TrainArgumentError("--seq-len", f"no unit fits in {args.seq_len} tokens; raise --seq-len")
@@ -146,7 +161,8 @@ def _train(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
-    stats = {"train_units": len(train_pairs), "heldout_units": len(heldout_pairs), "parameters": n_params,
+    stats = {"train_units": len(train_pairs), "chat_pairs": len(chat), "heldout_units": len(heldout_pairs),
+             "parameters": n_params,
              "train_tokens_per_epoch": sum(len(p) + len(r) + 1 for p, r in train_pairs),
              "prep_s": round(time.monotonic() - t0, 1), "device": device, "torch_threads": torch.get_num_threads()}
     (out / "train_args.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **stats}, indent=2))
@@ -168,11 +184,14 @@ def _train(args) -> int:
         if "heldout_ar_loss" in record:
             held = f" | held-out ar {record['heldout_ar_loss']:.3f} mdm {record['heldout_mdm_loss']:.3f}"
         print(f"step {record['step']:6d} {record['elapsed_s']:8.1f}s lr {record['lr']:.2e} | train ar "
-              f"{record['train_ar_loss']:.3f} mdm {record['train_mdm_loss']:.3f}{held}", flush=True)
+              f"{record['train_ar_loss']:.3f} mdm {record['train_mdm_loss']:.3f}{held} | "
+              f"{record['tokens_per_s']:.0f} tok/s", flush=True)
 
     mask_id = tokenizer.convert_tokens_to_ids(tokenizer.mask_token)
     eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    train_model(model, train_pairs, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+    train_model(model, train_pairs, steps=args.steps, minutes=args.minutes, batch_tokens=args.batch_tokens,
+                row_len=args.seq_len, lr=args.lr, compile_model=args.compile,
+                data_workers=args.data_workers if args.data_workers is not None else (2 if device == "cuda" else 0),
                 mask_token_id=mask_id, eos_token_id=eos_id, seed=args.seed, log_every=args.log_every,
                 on_log=on_log, heldout=heldout_pairs or None)
     save_model_dir(model.cpu(), tokenizer, out, args.save_dtype)

@@ -26,10 +26,10 @@ def _training_text() -> list[str]:
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 384, extra_text: list[str] = ()):
-    """Train the project's byte-level BPE (workers.tokenizer_build) on a little stdlib source and save
+    """Train the project's byte-level BPE (training.tokenizer_build) on a little stdlib source and save
     tokenizer.json + tokenizer_config.json in out_dir. extra_text joins the training text (a test's
     own phrases then encode in few tokens)."""
-    from workers.tokenizer_build import build_bpe_tokenizer
+    from training.tokenizer_build import build_bpe_tokenizer
 
     fast = build_bpe_tokenizer(_training_text() + list(extra_text), vocab_size)
     fast.save_pretrained(str(out_dir))

@@ -33,7 +33,7 @@ def counting_model_dir(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    from workers.training import train_model
+    from training.trainer import train_model
 
     out = tmp_path_factory.mktemp("counting-model")
     words = [str(i) for i in range(N)] + ["count", ":", EOS, BOT, MASK]
@@ -50,7 +50,8 @@ def counting_model_dir(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        records = train_model(model, pairs * 4, steps=250, batch_size=30, lr=2e-2, mask_token_id=vocab[MASK],
+        longest = max(len(p) + len(r) + 1 for p, r in pairs)
+        records = train_model(model, pairs * 4, steps=250, batch_tokens=30 * longest, lr=2e-2, mask_token_id=vocab[MASK],
                               eos_token_id=vocab[EOS], seed=0, log_every=50)
     finally:
         torch.set_num_threads(threads)

@@ -50,13 +50,16 @@ def test_train_from_scratch_writes_a_loadable_model_and_log(corpus_dir, tmp_path
 
     out = tmp_path / "model"
     rc = main(["train", "--corpus", str(corpus_dir), "--out", str(out), "--steps", "6", "--log-every", "3",
-               "--batch-size", "4", "--vocab-size", "300", "--heldout-fraction", "0.3", *TINY])
+               "--batch-tokens", "512", "--vocab-size", "300", "--heldout-fraction", "0.3", *TINY])
     assert rc == 0
     printed = capsys.readouterr().out
     assert printed.count("step ") == 2 and "saved" in printed
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
     assert {"train_ar_loss", "train_mdm_loss", "heldout_ar_loss", "heldout_mdm_loss"} <= set(records[0])
+    assert records[0]["tokens_per_s"] > 0 and 0 < records[0]["fill"] <= 1
+    stats = json.loads((out / "train_args.json").read_text())
+    assert stats["chat_pairs"] >= 1  # `add` has a docstring: an instruction pair and a tool-call turn
     cfg = json.loads((out / "config.json").read_text())
     tok = AutoTokenizer.from_pretrained(str(out))
     assert cfg["mask_token_id"] == tok.convert_tokens_to_ids("<|mask|>") == tok.mask_token_id
@@ -85,7 +88,7 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path):
                                  eos_token_id=0)).save_pretrained(str(base))
     out = tmp_path / "tuned"
     rc = main(["train", "--corpus", str(corpus_dir), "--out", str(out), "--init", str(base), "--steps", "2",
-               "--batch-size", "2", "--threads", "1"])
+               "--batch-tokens", "256", "--threads", "1"])
     assert rc == 0
     tok = AutoTokenizer.from_pretrained(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(out))

@@ -38,7 +38,7 @@ def tool_model_dir(tmp_path_factory):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from workers.training import train_model
+    from training.trainer import train_model
 
     out = tmp_path_factory.mktemp("tool-model")
     bodies = {city: ChatCompletionRequest(messages=_question(city), tools=TOOLS) for city in CITIES}
@@ -58,7 +58,8 @@ def tool_model_dir(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        records = train_model(model, pairs * 4, steps=300, batch_size=6, lr=1e-2, mask_token_id=mask,
+        longest = max(len(p) + len(r) + 1 for p, r in pairs)
+        records = train_model(model, pairs * 4, steps=300, batch_tokens=6 * longest, lr=1e-2, mask_token_id=mask,
                               eos_token_id=eos, seed=0, log_every=100)
     finally:
         torch.set_num_threads(threads)

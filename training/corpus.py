@@ -1,7 +1,9 @@
 """A code-completion corpus from Python source present on any machine.
 
 `--corpus stdlib` reads the interpreter's standard library (tests, idlelib and site-packages excluded);
-`--corpus DIR ...` reads every *.py under the given directories (e.g. an installed package). Each file
+`--corpus site-packages` reads every installed package of the running interpreter (sysconfig's purelib
+and platlib: on a GPU machine torch, jax, scipy, pandas, transformers and the rest); `--corpus DIR ...`
+reads every *.py under the given directories (e.g. one installed package). Each file
 is cut with `ast` into units: top-level functions, methods of top-level classes and top-level classes,
 each dedented. A unit's prompt is its decorators + signature + docstring (when it has one) plus 0-2 more
 lines (chosen by a hash of the unit, so the split is deterministic); the response is the rest. The
@@ -49,16 +51,30 @@ class CodeUnit:
 def source_files(corpus: Sequence[str]) -> list[tuple[Path, Path]]:
     """(root, file) for every Python file of the corpus, sorted for determinism."""
     if not corpus:
-        raise CorpusError("corpus", "is empty; give 'stdlib' or one or more directories of Python source")
+        raise CorpusError("corpus", "is empty; give 'stdlib', 'site-packages' or directories of Python source")
     out: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()  # a file reached twice (a directory given twice, or inside site-packages) counts once
     for item in corpus:
-        root = Path(sysconfig.get_paths()["stdlib"]) if item == "stdlib" else Path(item)
-        if not root.is_dir():
-            raise CorpusError("corpus", f"{item!r} is not a directory; give 'stdlib' or a directory of .py files")
-        excluded = EXCLUDED_DIRS if item == "stdlib" else {"__pycache__"}  # user directories: all but caches
-        files = sorted(p for p in root.rglob("*.py") if not excluded & set(p.relative_to(root).parts[:-1]))
-        out += [(root, f) for f in files]
+        for root in _roots(item):
+            if not root.is_dir():
+                raise CorpusError("corpus", f"{item!r} is not a directory; give 'stdlib', 'site-packages' or a "
+                                            "directory of .py files")
+            excluded = EXCLUDED_DIRS if item == "stdlib" else {"__pycache__"}  # others: all but caches
+            files = sorted(p for p in root.rglob("*.py") if not excluded & set(p.relative_to(root).parts[:-1]))
+            for f in files:
+                if f.resolve() not in seen:
+                    seen.add(f.resolve())
+                    out.append((root, f))
     return out
+
+
+def _roots(item: str) -> list[Path]:
+    paths = sysconfig.get_paths()
+    if item == "stdlib":
+        return [Path(paths["stdlib"])]
+    if item == "site-packages":
+        return [Path(p) for p in dict.fromkeys((paths["purelib"], paths["platlib"]))]
+    return [Path(item)]
 
 
 def _hash01(text: str) -> float:
@@ -141,8 +157,9 @@ def _unique(units: list[CodeUnit], seen: set[str]) -> list[CodeUnit]:
     return out
 
 
-def tokenize_units(tokenizer, units: Sequence[CodeUnit], seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, response_ids) pairs; units longer than seq_len - 1 tokens (EOS included) are skipped."""
+def tokenize_units(tokenizer, units: Sequence, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, response_ids) pairs of anything with `.prompt` and `.response` text (CodeUnit,
+    training.chat_data.ChatPair); units longer than seq_len - 1 tokens (EOS included) are skipped."""
     if not units:
         return []
     prompts = tokenizer([u.prompt for u in units], add_special_tokens=False)["input_ids"]

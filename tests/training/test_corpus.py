@@ -1,0 +1,114 @@
+"""The code corpus (training/corpus.py) and tokenizer building (training/tokenizer_build.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+SOURCE = '''
+import os
+
+
+@decorator
+def documented(a, b=1):
+    """Add two numbers.
+
+    More words.
+    """
+    total = a + b
+    if total > 3:
+        return total
+    return 0
+
+
+def one_liner(): return 1
+
+
+class Box:
+    size = 3
+
+    def grow(self, by):
+        self.size += by
+        return self.size
+'''
+
+
+def test_extract_units_splits_prompt_and_response_on_lines():
+    from training.corpus import extract_units
+
+    units = {u.name: u for u in extract_units(SOURCE, "pkg/mod.py")}
+    assert set(units) == {"documented", "Box", "grow"}  # the one-liner has nothing to complete
+    doc = units["documented"]
+    assert doc.prompt.startswith('@decorator\ndef documented(a, b=1):\n    """Add two numbers.')
+    assert '    """\n' in doc.prompt  # the whole docstring is prompt
+    assert doc.prompt + doc.response == SOURCE[SOURCE.index("@decorator") : SOURCE.index("\n\n\ndef one")] + "\n"
+    grow = units["grow"]
+    assert grow.prompt.startswith("def grow(self, by):\n")  # methods are dedented
+    assert grow.response.endswith("    return self.size\n")
+
+
+def test_heldout_split_is_by_path_and_deterministic():
+    from training.corpus import is_heldout
+
+    paths = [f"pkg/mod{i}.py" for i in range(2000)]
+    held = [p for p in paths if is_heldout(p, 0.1)]
+    assert 120 < len(held) < 280 and held == [p for p in paths if is_heldout(p, 0.1)]
+    assert not any(is_heldout(p, 0.0) for p in paths)
+
+
+def test_corpus_drops_repeated_units_and_copies_of_heldout_units(tmp_path):
+    from training.corpus import is_heldout, load_units
+
+    body = "def f{i}(x):\n    y = x + {i}\n    return y\n"
+    names = [f"m{i}.py" for i in range(400)]
+    held = next(n for n in names if is_heldout(n, 0.03))
+    kept = [n for n in names if not is_heldout(n, 0.03)]
+    (tmp_path / held).write_text(body.format(i=1))  # held out
+    (tmp_path / kept[0]).write_text(body.format(i=1))  # a training copy of the held-out unit: dropped
+    (tmp_path / kept[1]).write_text(body.format(i=2) + "\n\n" + body.format(i=2))  # repeated in one file
+    (tmp_path / kept[2]).write_text(body.format(i=2) + "\n\n" + body.format(i=3))  # repeated across files
+    train, heldout = load_units([str(tmp_path)], 0.03)
+    assert [u.name for u in heldout] == ["f1"]
+    assert sorted(u.name for u in train) == ["f2", "f3"]
+
+
+def test_corpus_errors_name_the_field(tmp_path):
+    from training.corpus import CorpusError, load_units
+
+    with pytest.raises(CorpusError) as err:
+        load_units([str(tmp_path / "missing")])
+    assert err.value.field == "corpus"
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(CorpusError, match="no function or class"):
+        load_units([str(tmp_path)])
+    with pytest.raises(CorpusError) as err:
+        load_units([str(tmp_path)], heldout_fraction=1.5)
+    assert err.value.field == "heldout_fraction"
+
+
+def test_bpe_tokenizer_has_the_special_tokens_and_round_trips():
+    from training.tokenizer_build import BOT, EOS, MASK, TokenizerBuildError, build_bpe_tokenizer
+
+    tok = build_bpe_tokenizer([SOURCE] * 3, vocab_size=320)
+    assert [tok.convert_tokens_to_ids(t) for t in (EOS, BOT, MASK)] == [0, 1, 2]
+    assert tok.eos_token == EOS and tok.mask_token == MASK and len(tok) <= 320
+    ids = tok("def grow(self, by):\n    return 1", add_special_tokens=False)["input_ids"]
+    assert 2 not in ids and tok.decode(ids) == "def grow(self, by):\n    return 1"
+    with pytest.raises(TokenizerBuildError) as err:
+        build_bpe_tokenizer([SOURCE], vocab_size=100)
+    assert err.value.field == "vocab_size"
+
+
+def test_site_packages_reads_the_installed_packages_and_a_file_counts_once(tmp_path):
+    import sysconfig
+    from pathlib import Path
+
+    from training.corpus import source_files
+
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    files = source_files(["site-packages"])
+    assert files and all(root == purelib or root == Path(sysconfig.get_paths()["platlib"]) for root, _ in files)
+    assert any(f.parts[len(purelib.parts)] == "transformers" for _, f in files)
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "m.py").write_text("def f(x):\n    return x\n")
+    assert len(source_files([str(pkg), str(pkg)])) == 1
