@@ -10,6 +10,7 @@ Prints a markdown table of:
     (trailing whitespace ignored), on --prompts held-out units spread evenly over the held-out files;
   - valid Python: share of those prompts whose completion (cut at EOS; without EOS, after its last
     complete line) leaves the unit parseable by `ast`, for AR greedy and for ReFusion;
+  - chat and tool-call rows (bench/chat_card.py): held-out requests through /v1/chat/completions;
   - ReFusion TPF (generated tokens / model forwards, prefill-only forwards excluded, spec definition)
     and agreement with AR greedy (identical output; mean matching-prefix fraction) at the decode settings
     in the model's refusion.json (or --set KEY=VALUE overrides), both decoded with the serving engine
@@ -120,7 +121,7 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
-def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = False) -> dict:
+def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = False, chat_requests: int = 20) -> dict:
     """Every model-card number for one model directory and decode setting."""
     from decoding.params import DecodeParams, load_model_defaults
     from workers.runner import ModelRunner
@@ -159,13 +160,19 @@ def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = 
     row["refusion_valid_python"] = round(parse_rate(tok, prompts, rf_out, eos), 4)
     row["example"] = {"prompt": tok.decode(prompts[0]), "ar": tok.decode(_cut(ar_out[0], eos)),
                       "refusion": tok.decode(_cut(rf_out[0], eos))}
+    if chat_requests:
+        from bench.chat_card import measure_chat
+
+        row |= measure_chat(model_dir, ["stdlib"], float(train_args.get("heldout_fraction", 0.03)), chat_requests)
     return row
 
 
 def print_table(row: dict) -> None:
     keys = ["parameters", "heldout_units", "heldout_ar_loss", "prompts", "ar_next_line_exact",
             "refusion_next_line_exact", "ar_valid_python", "refusion_valid_python", "refusion_tpf", "ar_tpf",
-            "refusion_equals_ar", "refusion_ar_prefix_match", "ar_wall_s", "refusion_wall_s"]
+            "refusion_equals_ar", "refusion_ar_prefix_match", "ar_wall_s", "refusion_wall_s", "chat_requests",
+            "tool_requests"] + [f"{m}_{k}" for m in ("ar", "refusion") for k in (
+                "chat_nonempty", "chat_valid_python", "tool_call_rate", "tool_call_exact")]
     print(f"model: {row['model']}\ndecode: {json.dumps(row['decode'])}\n")
     print("| metric | value |\n|---|---|")
     for k in keys:
@@ -173,6 +180,10 @@ def print_table(row: dict) -> None:
             print(f"| {k} | {row[k]} |")
     ex = row["example"]
     print(f"\nexample prompt:\n{ex['prompt']}--- AR:\n{ex['ar']}\n--- ReFusion:\n{ex['refusion']}")
+    for mode in ("ar", "refusion"):
+        if f"{mode}_chat_example" in row:
+            chat = row[f"{mode}_chat_example"]
+            print(f"\nchat ({mode}): {chat['request']}\n{chat['content']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts to decode")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="decode setting overrides (JSON values)")
     parser.add_argument("--skip-loss", action="store_true", help="skip the held-out loss (decode numbers only)")
+    parser.add_argument("--chat-requests", type=int, default=20,
+                        help="held-out chat and tool-call requests each (bench/chat_card.py); 0 skips them")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    row = measure(Path(args.model), args.prompts, _parse_sets(args.set), args.skip_loss)
+    row = measure(Path(args.model), args.prompts, _parse_sets(args.set), args.skip_loss, args.chat_requests)
     print(json.dumps(row)) if args.json else print_table(row)
     return 0
 

@@ -39,9 +39,14 @@ class ChatPair:
 
     kind: str  # "instruction" or "tool_call"
     name: str  # the function the pair was made from
+    request: str  # the user message
     prompt: str
     response: str
-    tools: tuple[str, ...] = ()  # tool names offered (tool_call pairs)
+    tools: tuple[dict, ...] = ()  # function schemas offered, OpenAI `tools[].function` (tool_call pairs)
+
+    @property
+    def tool_names(self) -> tuple[str, ...]:
+        return tuple(t["name"] for t in self.tools)
 
 
 def _h(text: str) -> int:
@@ -122,7 +127,7 @@ def instruction_pair(unit: CodeUnit) -> ChatPair | None:
     signature = f"{node.name}({ast.unparse(node.args)})"
     request = f"Write a Python function `{signature}`. {summary}"
     prompt = render_plain([ChatMessage(role="user", content=request)], None)
-    return ChatPair("instruction", node.name, prompt, unit.prompt + unit.response)
+    return ChatPair("instruction", node.name, request, prompt, unit.prompt + unit.response)
 
 
 def tool_call_pair(unit: CodeUnit, others: Sequence[CodeUnit]) -> ChatPair | None:
@@ -147,8 +152,7 @@ def tool_call_pair(unit: CodeUnit, others: Sequence[CodeUnit]) -> ChatPair | Non
     tools = [ToolSpec(function=s) for s in schemas]
     prompt = render_plain([ChatMessage(role="user", content=request)], tools)
     call = json.dumps({"name": node.name, "arguments": arguments}, ensure_ascii=False)
-    return ChatPair("tool_call", node.name, prompt, f"{TOOL_OPEN}{call}{TOOL_CLOSE}",
-                    tuple(s["name"] for s in schemas))
+    return ChatPair("tool_call", node.name, request, prompt, f"{TOOL_OPEN}{call}{TOOL_CLOSE}", tuple(schemas))
 
 
 def chat_pairs(units: Sequence[CodeUnit]) -> list[ChatPair]:

@@ -46,3 +46,16 @@ def test_the_shipped_model_writes_valid_python_on_heldout_prompts():
     assert row["prompts"] == 32
     assert row["ar_valid_python"] >= 0.7, row
     assert row["refusion_valid_python"] >= 0.6, row
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="the shipped model is not in models/")
+def test_chat_rows_come_from_the_chat_endpoint_and_are_identical_on_two_runs():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from chat_card import measure_chat
+
+    first = measure_chat(SHIPPED, ["stdlib"], 0.03, n=2, modes=("ar",))
+    assert first["chat_requests"] == first["tool_requests"] == 2
+    assert all(0.0 <= first[f"ar_{k}"] <= 1.0 for k in ("chat_nonempty", "chat_valid_python", "tool_call_rate"))
+    assert first["ar_chat_example"]["request"].startswith("Write a Python function `")
+    assert measure_chat(SHIPPED, ["stdlib"], 0.03, n=2, modes=("ar",)) == first

@@ -53,8 +53,8 @@ def test_instruction_pair_is_the_servers_chat_prompt_and_the_function_source():
 def test_tool_call_turn_parses_into_a_call_of_an_offered_tool_with_its_required_arguments():
     units = _units()
     pair = tool_call_pair(units["resize"], [units["stats"], units["_private"]])
-    assert set(pair.tools) == {"resize", "stats"}  # private functions are never offered
-    content, calls = split_tool_calls(pair.response, allowed_names=set(pair.tools))
+    assert set(pair.tool_names) == {"resize", "stats"}  # private functions are never offered
+    content, calls = split_tool_calls(pair.response, allowed_names=set(pair.tool_names))
     assert content is None and [c.name for c in calls] == ["resize"]
     arguments = json.loads(calls[0].arguments)
     assert {"path", "width"} <= set(arguments) <= {"path", "width", "height", "keep"}
@@ -64,8 +64,9 @@ def test_tool_call_turn_parses_into_a_call_of_an_offered_tool_with_its_required_
     assert schemas["resize"]["parameters"]["required"] == ["path", "width"]
     assert schemas["resize"]["parameters"]["properties"]["keep"] == {"type": "boolean"}
     assert schemas["stats"]["parameters"]["properties"] == {"values": {"type": "array"}, "scale": {"type": "number"}}
-    tools = [ToolSpec(function=schemas[name]) for name in pair.tools]
-    user = pair.prompt.split("### User\n", 1)[1].split("\n### Assistant", 1)[0]
+    assert [schemas[name] for name in pair.tool_names] == list(pair.tools)
+    tools = [ToolSpec(function=t) for t in pair.tools]
+    user = pair.request
     assert pair.prompt == render_chat(None, [ChatMessage(role="user", content=user)], tools)[0]
     assert all(json.dumps(v) in user for v in arguments.values())  # the request states every value
 
@@ -75,6 +76,6 @@ def test_pairs_are_deterministic_and_use_only_the_units_given():
     first, second = chat_pairs(units), chat_pairs(units)
     assert first == second and {p.kind for p in first} == {"instruction", "tool_call"}
     names = {u.name for u in units}
-    assert all(set(p.tools) <= names for p in first)
+    assert all(set(p.tool_names) <= names for p in first)
     only_stats = chat_pairs([u for u in units if u.name == "stats"])
-    assert [p.tools for p in only_stats if p.kind == "tool_call"] == [("stats",)]
+    assert [p.tool_names for p in only_stats if p.kind == "tool_call"] == [("stats",)]

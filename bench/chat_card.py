@@ -1,0 +1,94 @@
+"""Chat and tool-call rows of the model card (bench/model_card.py): held-out requests sent through the
+real /v1/chat/completions handler (integrations.openai_api.create_app over an in-process engine, called
+with httpx over ASGI; the same code a Ray Serve ingress runs).
+
+The requests are the synthetic ones of training/chat_data.py made from the held-out files of the
+model-card split (never trained on): `n` documented functions ("Write a Python function `sig`. <doc
+summary>") and `n` tool-call turns (the function and up to two distractors as `tools`, the user asks
+with argument values), spread evenly over the held-out files. Greedy (temperature 0), max_tokens 256,
+each decoding mode pinned, so two runs give the same numbers.
+
+  - chat_nonempty: share of instruction answers with non-empty content;
+  - chat_valid_python: share whose content parses with `ast` (an answer cut by max_tokens is judged on
+    its complete lines, like the completion rows);
+  - tool_call_rate: share of tool turns answered with `tool_calls` whose first call names an offered tool;
+  - tool_call_exact: share whose first call names the asked function with exactly the asked arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+
+def heldout_chat_pairs(corpus: list[str], heldout_fraction: float, n: int):
+    """(instruction pairs, tool-call pairs): n of each from the held-out units, evenly spread."""
+    from training.chat_data import chat_pairs
+    from training.corpus import load_units
+
+    _, heldout = load_units(corpus, heldout_fraction)
+    pairs = chat_pairs(heldout)
+    out = []
+    for kind in ("instruction", "tool_call"):
+        chosen = [p for p in pairs if p.kind == kind]
+        out.append(chosen[:: max(1, len(chosen) // n)][:n])
+    return out[0], out[1]
+
+
+async def _ask(client, pair, mode: str) -> dict:
+    body = {"model": "m", "messages": [{"role": "user", "content": pair.request}], "temperature": 0,
+            "max_tokens": 256, "mode": mode}
+    if pair.tools:
+        body["tools"] = [{"type": "function", "function": t} for t in pair.tools]
+    response = await client.post("/v1/chat/completions", json=body, timeout=600)
+    response.raise_for_status()
+    return response.json()["choices"][0]
+
+
+async def _score(model_dir: Path, instructions, tool_turns, modes) -> dict:
+    import httpx
+
+    from bench.model_card import parses
+    from decoding.params import load_model_defaults
+    from integrations.engine_client import LocalEngineClient
+    from integrations.engine_host import build_engine
+    from integrations.openai_api import APISettings, create_app
+    from integrations.tool_calls import split_tool_calls
+
+    engine, tokenizer = build_engine(model_dir)
+    await engine.start()
+    app = create_app(APISettings(model_name="m", decode_defaults=load_model_defaults(model_dir)),
+                     LocalEngineClient(engine, tokenizer, "m"))
+    row: dict = {"chat_requests": len(instructions), "tool_requests": len(tool_turns)}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://card") as client:
+            for mode in modes:
+                # all at once: the engine batches them (greedy decoding is batch-invariant, tests/decoding)
+                answers = await asyncio.gather(*(_ask(client, p, mode) for p in instructions))
+                contents = [(a["message"].get("content") or "", a["finish_reason"] == "length") for a in answers]
+                row[f"{mode}_chat_nonempty"] = round(sum(bool(c.strip()) for c, _ in contents) / len(answers), 4)
+                row[f"{mode}_chat_valid_python"] = round(
+                    sum(bool(c.strip()) and parses("", c, ended=not cut) for c, cut in contents) / len(answers), 4)
+                turns = await asyncio.gather(*(_ask(client, p, mode) for p in tool_turns))
+                calls = [t["message"].get("tool_calls") or [] for t in turns]
+                named = exact = 0
+                for pair, made in zip(tool_turns, calls):
+                    first = made[0]["function"] if made else None
+                    named += first is not None and first["name"] in pair.tool_names
+                    (asked,) = split_tool_calls(pair.response)[1]
+                    exact += first is not None and (first["name"], json.loads(first["arguments"])) == (
+                        asked.name, json.loads(asked.arguments))
+                row[f"{mode}_tool_call_rate"] = round(named / len(tool_turns), 4)
+                row[f"{mode}_tool_call_exact"] = round(exact / len(tool_turns), 4)
+                row[f"{mode}_chat_example"] = {"request": instructions[0].request, "content": contents[0][0]}
+    finally:
+        await engine.stop(drain_timeout_s=1)
+    return row
+
+
+def measure_chat(model_dir: Path, corpus: list[str], heldout_fraction: float, n: int = 20,
+                 modes: tuple[str, ...] = ("ar", "refusion")) -> dict:
+    """The chat and tool-call rows for one model directory (module doc)."""
+    instructions, tool_turns = heldout_chat_pairs(corpus, heldout_fraction, n)
+    return asyncio.run(_score(model_dir, instructions, tool_turns, modes))
