@@ -71,7 +71,7 @@ def row_cross_entropy(model, t: dict, rows, decoder=None):
     # reads position jumps as packed-sequence boundaries and cuts attention inside an example.
     inputs = {k: t[k] for k in ("input_ids", "position_ids", "attention_mask")} | {"use_cache": False}
     if hasattr(model, "model") and hasattr(model, "lm_head"):
-        hidden = (decoder or model.model)(**inputs).last_hidden_state  # [R, L, H]
+        hidden = (model.model if decoder is None else decoder)(**inputs).last_hidden_state  # [R, L, H]
         logits = model.lm_head(hidden[rows])  # [n_rows, V]
     else:
         logits = model(**inputs).logits[rows]  # [n_rows, V]

@@ -62,6 +62,15 @@ def test_batches_arranged_in_a_worker_process_train_exactly_like_in_process():
     assert [r["total_tokens"] for r in in_worker] == [r["total_tokens"] for r in in_process]
 
 
+@pytest.mark.slow
+def test_a_compiled_decoder_trains_like_the_eager_one():
+    train = _counting_pairs(32, 0)
+    common = dict(steps=3, batch_tokens=4 * 13, lr=1e-2, mask_token_id=MASK, eos_token_id=EOS, seed=3, log_every=1)
+    eager = train_model(_tiny_qwen3(5), train, **common)
+    compiled = train_model(_tiny_qwen3(5), train, compile_model=True, **common)
+    assert [r["train_loss"] for r in compiled] == pytest.approx([r["train_loss"] for r in eager], rel=1e-4)
+
+
 def _padded_loss(model, examples):
     """The objective's loss computed the plain way: one example per row, right-padded, full logits."""
     batch = collate(examples, pad_token_id=EOS)
