@@ -42,7 +42,7 @@ def test_the_shipped_model_writes_valid_python_on_heldout_prompts():
     (measured 87.5% AR / 77% ReFusion on 256 prompts; asserted with a margin on 32)."""
     from model_card import measure
 
-    row = measure(SHIPPED, 32, {}, skip_loss=True)
+    row = measure(SHIPPED, 32, {}, skip_loss=True, chat_requests=0)
     assert row["prompts"] == 32
     assert row["ar_valid_python"] >= 0.7, row
     assert row["refusion_valid_python"] >= 0.6, row
