@@ -89,13 +89,15 @@ def test_a_stop_string_costs_no_text_at_the_token_cap(http, stream):
     body = {"prompt": LIST_PROMPT, "max_tokens": 13, "temperature": 0, "mode": "refusion"}
     plain = completion(http, body, stream)
     with_stop = completion(http, {**body, "stop": ["QQQQQQQQ"]}, stream)
-    assert plain == ("9, 3, 3, 3, 3, 3, 3", "length")  # the issue's right value
+    # The issue's case: the stop string is never met, so the text held back for it must come out in full at
+    # the cap. (The model of the issue wrote "9, 3, 3, 3, 3, 3, 3" here; the text itself is the model's.)
+    assert plain[1] == "length" and plain[0]
     assert with_stop == plain
 
 
 def test_chat_with_the_implicit_stop_returns_every_token_up_to_the_cap(serve_base_url, tiny_model_dir):
-    # The plain chat template stops at "\n### " (4 characters held back). The shipped model answers
-    # chat with EOS at once, so this runs on the random tiny model, sampled with a seed: the chat text
+    # The plain chat template stops at "\n### " (4 characters held back). The shipped model's chat
+    # answers may end before the cap, so this runs on the random tiny model, sampled with a seed: the chat text
     # must equal the completion of the same rendered prompt, with the same seed and no stop at all.
     from transformers import AutoTokenizer
 
@@ -192,12 +194,14 @@ def test_a_crlf_prompt_gets_the_lf_completion_in_crlf(http, prefix):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_tab_indented_prompt_gets_the_space_completion_indented_with_tabs(http, stream):
     body = {**GREEDY_AR, "max_tokens": 32, "stop": ["\n\n\n"]}
-    tabs, _ = completion(http, {**body, "prompt": "class Stack:\n\tdef __init__(self):\n\t\t"}, stream)
-    spaces, _ = completion(http, {**body, "prompt": "class Stack:\n    def __init__(self):\n        "}, stream)
+    # a prompt the shipped model continues over several indented lines
+    source = "class Queue:\n\tdef __init__(self):\n\t\tself.items = []\n\n\tdef push(self, item):\n\t\t"
+    tabs, _ = completion(http, {**body, "prompt": source}, stream)
+    spaces, _ = completion(http, {**body, "prompt": source.replace("\t", "    ")}, stream)
     assert "\n" in spaces and re.search(r"\n {4}", spaces), repr(spaces)  # indented lines to convert
     assert re.sub(r"(?m)^\t+", lambda m: "    " * len(m.group()), tabs) == spaces
     assert not re.search(r"\n {4}", tabs), repr(tabs)  # later lines indented with tabs, not spaces
-    crlf, _ = completion(http, {**body, "prompt": _crlf("class Stack:\n\tdef __init__(self):\n\t\t")}, stream)
+    crlf, _ = completion(http, {**body, "prompt": _crlf(source)}, stream)
     assert crlf == _crlf(tabs)
 
 
