@@ -25,6 +25,7 @@ section by itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from integrations.openai_models import ChatMessage, ToolSpec
@@ -79,6 +80,15 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec
     if not ids:
         raise InputError(400, "messages", "the rendered prompt is empty: send some content")
     return ids, extra_stop
+
+
+def conversation_key(messages: list[ChatMessage]) -> str:
+    """The routing key of a conversation (GenerationRequest.affinity_key): a digest of its messages up to
+    and including the first user message, which every later turn re-sends unchanged, so all turns of
+    one conversation (an agent's loop included) reach the replica that cached its prompt."""
+    first_user = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages) - 1)
+    opening = "\n".join(_plain_section(m) for m in messages[: first_user + 1])
+    return "chat:" + hashlib.blake2b(opening.encode(), digest_size=12).hexdigest()
 
 
 def render_plain(messages: list[ChatMessage], tools: list[ToolSpec] | None) -> str:

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # How long a client should wait before retrying a call whose engine replica died: Ray Serve notices the
 # death within a health-check period and routes to (or starts) another replica.
 REPLICA_RETRY_AFTER_S = 2.0
+# /metrics: how long an engine replica may take to send its metrics before it counts as unreachable
+# (below the ingress's own ENGINE_METRICS_TIMEOUT_S for the whole fan-out).
+REPLICA_METRICS_TIMEOUT_S = 1.5
 
 
 class EngineUnavailableError(OverloadedError):
@@ -228,6 +231,33 @@ def replica_call_error(exc: Exception, what: str) -> Exception:
     return exc
 
 
+def call_alone(make_call):
+    """`make_call()` (a deployment handle's `.remote(...)`) under an internal request id of its own.
+
+    Ray Serve gives every call made while serving one HTTP request that request's internal id, and a
+    request router that is not first-in-first-out (serve_router.EngineRouter) hands the replica it chose
+    to the waiting call with that id: of several concurrent calls from one request (an editor
+    completion's gap candidates, the /metrics fan-out) all but one would never be routed. The request
+    id seen in logs is kept. Ray's private request context is read defensively: without it, nothing
+    changes. Cancellation does not rely on Ray's parent-to-child link: `stream` cancels its call."""
+    import contextvars
+    import dataclasses
+    import uuid
+
+    def fresh():
+        try:
+            from ray.serve import context
+        except ImportError:
+            return make_call()
+        var = getattr(context, "_serve_request_context", None)
+        current = var.get() if var is not None else None
+        if current is not None and getattr(current, "_internal_request_id", ""):
+            var.set(dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
+        return make_call()
+
+    return contextvars.copy_context().run(fresh)
+
+
 class ServeEngineClient:
     """Client over a Ray Serve handle to `EngineDeployment` (methods generate/info/metrics/check_health).
     Every Ray failure is translated by `replica_call_error`."""
@@ -243,7 +273,7 @@ class ServeEngineClient:
         from ray.exceptions import RayError
         from ray.serve.exceptions import RayServeException, RequestCancelledError
 
-        responses = self._streaming.generate.remote(req)
+        responses = call_alone(lambda: self._streaming.generate.remote(req))
         self._inflight[req.request_id] = responses
         finished = False
         try:
@@ -276,16 +306,31 @@ class ServeEngineClient:
         return await self._call("info")
 
     async def metrics(self) -> bytes:
-        return await self._call("metrics")
+        """Every live engine replica's metrics and their sums (integrations/service_metrics.py). The
+        replicas are asked at once (each call routed to its replica by serve_router.EngineRouter); one
+        not heard from within REPLICA_METRICS_TIMEOUT_S is counted unreachable."""
+        from integrations.routing_state import live_replicas, routing_decisions
+        from integrations.service_metrics import ReplicaMetrics, combine
+
+        where = (self._handle.app_name, self._handle.deployment_name)
+        targets = live_replicas(*where) or (None,)  # None: before the first routed call, any one replica
+
+        async def ask(replica: str | None) -> ReplicaMetrics:
+            kwargs = {"replica": replica} if replica else {}
+            return ReplicaMetrics(**await asyncio.wait_for(self._call("metrics", **kwargs), REPLICA_METRICS_TIMEOUT_S))
+
+        answers = await asyncio.gather(*(ask(r) for r in targets), return_exceptions=True)
+        parts = [a for a in answers if isinstance(a, ReplicaMetrics)]
+        return combine(parts, unreachable=len(answers) - len(parts), decisions=routing_decisions(*where))
 
     async def check_health(self) -> None:
         await self._call("check_health")
 
-    async def _call(self, method: str):
+    async def _call(self, method: str, **kwargs):
         from ray.exceptions import RayError
         from ray.serve.exceptions import RayServeException
 
         try:
-            return await getattr(self._handle, method).remote()
+            return await call_alone(lambda: getattr(self._handle, method).remote(**kwargs))
         except (RayError, RayServeException) as exc:
             raise replica_call_error(exc, method) from None

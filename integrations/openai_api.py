@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from integrations import openai_responses as shape
 from integrations.auth import APIKeyMiddleware, OriginGuard
-from integrations.chat import chat_prompt_ids
+from integrations.chat import chat_prompt_ids, conversation_key
 from integrations.context_fit import fit_generation
 from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
@@ -184,7 +184,7 @@ async def chat_completions(request: Request):
                                             chars=sum(len(m.content or "") for m in body.messages))
     header = shape.ResponseHeader("chatcmpl", client.model_name, request_id(request, "chatcmpl"))
     req = generation_request(header.id, body, prompt_ids, body.stop + extra_stop, settings.default_max_tokens,
-                             settings, "messages")
+                             settings, "messages", affinity_key=conversation_key(body.messages))
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
     deltas = await _start(client, req, observer)

@@ -36,7 +36,7 @@ from integrations.serve_config import ServeConfig
 from integrations.serve_drain import DRAIN_RETRY_AFTER_S, report_open_work, signal_drain, wait_for_drain_signal
 from scheduler.api import Delta, EngineError, GenerationRequest
 
-__all__ = ["EngineDeployment", "IngressDeployment", "build_app", "signal_drain"]
+__all__ = ["EngineDeployment", "IngressDeployment", "build_app", "node_name", "signal_drain"]
 
 
 @serve.deployment(name="RefusionEngine")
@@ -58,6 +58,7 @@ class EngineDeployment:
         self.warmup = await warm_up(self.client)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
+        self.node = node_name()
         self.cancelled = 0
         self.draining = False
         self._drain_watch = asyncio.create_task(self._drain_when_signalled(context.app_name))
@@ -94,11 +95,14 @@ class EngineDeployment:
 
     async def info(self) -> dict:
         info = await self.client.info()
-        info.update(replica=self.replica, pid=os.getpid(), cancelled_by_client=self.cancelled, warmup=self.warmup)
+        info.update(replica=self.replica, node=self.node, pid=os.getpid(), cancelled_by_client=self.cancelled,
+                    warmup=self.warmup)
         return info
 
-    async def metrics(self) -> bytes:
-        return engine_metrics_text(self.engine)
+    async def metrics(self, replica: str | None = None) -> dict:
+        """{"replica", "node", "text"}: this engine's Prometheus text and where it runs. `replica` is the
+        target id the ingress's router delivered the call by (integrations/serve_router.py)."""
+        return {"replica": self.replica, "node": self.node, "text": engine_metrics_text(self.engine)}
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy (it is replaced)."""
@@ -147,6 +151,15 @@ class IngressDeployment:
             limits=limits,
         )
         return create_app(settings, self.client, gate=self.gate)
+
+
+def node_name() -> str:
+    """The Ray node this process runs on: its `ray start --node-name`, else its address."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), {})
+    return node.get("NodeName") or node.get("NodeManagerAddress") or node_id[:12]
 
 
 def build_app(args: dict) -> serve.Application:

@@ -7,6 +7,7 @@ Validated with pydantic at this YAML boundary: an unknown or bad key is an error
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,6 +31,10 @@ class AutoscalingOptions(_Strict):
     target_ongoing_requests: float = Field(default=16.0, gt=0)
     upscale_delay_s: float = Field(default=10.0, ge=0)
     downscale_delay_s: float = Field(default=60.0, ge=0)
+    # How often replicas report their ongoing requests, and the window they are averaged over (Ray
+    # Serve's defaults; shorter ones react faster to a ramp).
+    metrics_interval_s: float | None = Field(default=None, gt=0)
+    look_back_period_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -39,6 +44,25 @@ class AutoscalingOptions(_Strict):
 
     def to_ray(self) -> dict:
         return self.model_dump(exclude_none=True)
+
+
+class RouterOptions(_Strict):
+    """How the ingress picks an engine replica (integrations/serve_router.py). prefix_affinity: requests
+    with the same document, conversation or prompt head go to the same replica (its prefix cache holds
+    them) unless that replica has more than imbalanced_threshold ongoing requests above the least
+    loaded one; power_of_two: Ray Serve's default (two random replicas, the less loaded wins)."""
+
+    policy: Literal["prefix_affinity", "power_of_two"] = "prefix_affinity"
+    prefix_tokens: int = Field(default=256, ge=1, description="prompt ids keyed on when a request has no affinity key")
+    imbalanced_threshold: float = Field(default=8.0, ge=0, description="ongoing-request gap that overrides affinity")
+
+    def to_ray(self):
+        """Ray Serve's RequestRouterConfig for the engine deployment."""
+        from ray.serve.config import RequestRouterConfig
+
+        from integrations.serve_router import ROUTER_CLASS
+
+        return RequestRouterConfig(request_router_class=ROUTER_CLASS, request_router_kwargs=self.model_dump())
 
 
 class EngineDeploymentOptions(_Strict):
@@ -57,11 +81,14 @@ class EngineDeploymentOptions(_Strict):
     graceful_shutdown_wait_loop_s: float = Field(default=2.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=30.0, gt=0)
     torch_threads: int | None = Field(default=None, ge=1)
+    resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica")
+    router: RouterOptions = Field(default_factory=RouterOptions)
 
     def ray_options(self) -> dict:
         """Keyword arguments for `Deployment.options(...)`."""
         options = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": _actor_options(self.num_cpus, self.num_gpus, self.resources),
+            "request_router_config": self.router.to_ray(),
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "health_check_period_s": self.health_check_period_s,
@@ -82,13 +109,21 @@ class IngressOptions(_Strict):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.0, ge=0)
     max_ongoing_requests: int = Field(default=1024, ge=1)
+    resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica")
 
     def ray_options(self) -> dict:
         return {
             "num_replicas": self.num_replicas,
-            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "ray_actor_options": _actor_options(self.num_cpus, 0.0, self.resources),
             "max_ongoing_requests": self.max_ongoing_requests,
         }
+
+
+def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if resources:  # e.g. {"accelerator_type_H200": 0.01} or a node-pinning resource of `ray start --resources`
+        options["resources"] = dict(resources)
+    return options
 
 
 class ServeConfig(_Strict):

@@ -80,6 +80,11 @@ class GenerationRequest:
     # round past it; the engine streams at most this many ids and then ends the request with LENGTH,
     # text held back for stop strings included. None: gen_length is the cap.
     max_tokens: int | None = None
+    # Routing hint for the serving layer (integrations/serve_router.py): requests with the same key go
+    # to the same engine replica, whose prefix cache holds their shared prompt. The editor sets the
+    # document URI, chat the conversation's first turn; None: the router keys on the prompt's first
+    # tokens. The engine itself ignores it.
+    affinity_key: str | None = None
 
 
 @dataclass

@@ -34,6 +34,12 @@ class EngineMetrics:
         self.waiting = Gauge(f"{p}_requests_waiting", "Requests queued.", registry=r)
         self.kv_usage = Gauge(f"{p}_kv_cache_usage_ratio", "Share of KV blocks in use (main runner).", registry=r)
         self.prefix_hit_rate = Gauge(f"{p}_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache.", registry=r)
+        # The parts of the two ratios, so a service of many replicas can sum them (service_metrics.py).
+        self.kv_blocks_used = Gauge(f"{p}_kv_blocks_used", "KV blocks in use (main runner).", registry=r)
+        self.kv_blocks_capacity = Gauge(f"{p}_kv_blocks_capacity", "KV blocks in the pool (main runner).", registry=r)
+        self.prefix_lookup_tokens = Counter(f"{p}_prefix_cache_lookup_tokens", "Prompt tokens looked up in the prefix cache.", registry=r)
+        self.prefix_hit_tokens = Counter(f"{p}_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.", registry=r)
+        self._prefix_counted = (0, 0)
         self.tpf = Histogram(f"{p}_tokens_per_forward", "Generated tokens / forwards of finished requests.", ["mode"], buckets=_TPF_BUCKETS, registry=r)
         self.mode_decisions = Counter(f"{p}_mode_decisions", "Routing decisions by mode and reason.", ["mode", "reason"], registry=r)
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens admitted.", registry=r)
@@ -61,8 +67,14 @@ class EngineMetrics:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(1.0 - blocks.num_free / blocks.num_total if blocks.num_total else 0.0)
+        self.kv_blocks_used.set(blocks.num_total - blocks.num_free)
+        self.kv_blocks_capacity.set(blocks.num_total)
         if prefix_cache is not None:
             self.prefix_hit_rate.set(prefix_cache.hit_rate)
+            lookups, hits = self._prefix_counted
+            self.prefix_lookup_tokens.inc(max(0, prefix_cache.lookup_tokens - lookups))
+            self.prefix_hit_tokens.inc(max(0, prefix_cache.hit_tokens - hits))
+            self._prefix_counted = (prefix_cache.lookup_tokens, prefix_cache.hit_tokens)
 
     def render(self) -> bytes:
         """Prometheus text exposition of every metric of this engine."""

@@ -39,6 +39,9 @@ class CompletionJob:
     # llama.cpp's t_max_predict_ms: a candidate ends once this many ms have passed since its first
     # token AND its text has a newline (README, /completion options); None: no such limit.
     predict_limit_ms: int | None = None
+    # Requests with the same key go to the same engine replica (integrations/serve_router.py): the
+    # editor protocol sets the document URI, so every keystroke of a file finds its prefix cached.
+    affinity_key: str | None = None
 
     def __post_init__(self) -> None:
         # One seed for every candidate (a fresh one when the client gave none): a longer gap replaces
@@ -65,6 +68,7 @@ class CompletionJob:
                 max_time_ms=self.max_time_ms,
                 suffix_ids=list(self.prompt.suffix_ids) if self.prompt.suffix_ids else None,
                 max_tokens=self.max_tokens,
+                affinity_key=self.affinity_key,
             )
             for gap in self.gaps
         ]

@@ -155,6 +155,7 @@ class EditorSession:
             max_time_ms=params.max_time_ms,
             max_tokens=params.max_tokens,
             sampling=sampling,
+            affinity_key=f"editor:{params.uri}",
         )
 
     async def _run(self, msg_id, params: rpc.CompleteParams) -> None:
