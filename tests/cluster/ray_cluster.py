@@ -1,0 +1,190 @@
+"""A real multi-process Ray cluster on this machine, started with Ray's own CLI (fixture `cluster` in
+tests/cluster/conftest.py, once per test session).
+
+    ray start --head --node-name head   --num-cpus 1 --resources '{"refusion_head": 1}' --block
+    ray start --address HEAD            --node-name node-b --num-cpus 1 --block
+
+Two raylets (two nodes), each with its own worker processes; the engine deployment asks for one CPU
+per replica, so two replicas sit on the two nodes. Every node gets its own free ports (two nodes on one
+host would otherwise both take the dashboard agent's fixed port). The test process never joins the
+cluster (it may already hold the local Ray of tests/integrations): it deploys with `serve deploy` and
+`refusion serve --address`, talks HTTP to Serve's proxy, and reads placement from /metrics.
+The model is the random tiny model: greedy decoding of it never meets EOS, so a stream lasts exactly
+max_tokens tokens, long enough to still be running when a node is stopped or a replica drained.
+
+Skipped, with the reason, only when the `ray` CLI cannot start a head node here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+BIN = Path(sys.executable).parent
+ENV = {
+    **os.environ,
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray's token authentication (on by default for `ray start`): every process of the cluster and every
+    # client (ray.init, `serve deploy`, `refusion serve --address`) presents the same token.
+    "RAY_AUTH_MODE": "token",
+    "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    "OMP_NUM_THREADS": "1",
+    # A loaded 2-core machine starts Serve's proxy and replicas slowly (tests/integrations/conftest.py).
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_ports() -> list[str]:
+    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--metrics-export-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (from /proc: Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def get_text(url: str, timeout: float = 10.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+@dataclass
+class Cluster:
+    """Addresses of the running cluster and the processes that hold its nodes."""
+
+    gcs_address: str
+    dashboard_url: str
+    http_port: int
+    model_dir: Path
+    work_dir: Path
+    nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: list = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def app_config(self, **engine_deployment) -> dict:
+        """A Serve config file (the shape of config/serve.yaml) for this cluster: the proxy on the head
+        only (both nodes share one host and one port), the ingress pinned to the head node, one CPU per
+        engine replica."""
+        # Health probes are real one-token requests: rare here, so per-replica request counts move only
+        # with the tests' own traffic (node loss is noticed from the actor's death, not from probes).
+        deployment = {"num_cpus": 1, "torch_threads": 1, "health_check_period_s": 600, "health_check_timeout_s": 30,
+                      "graceful_shutdown_timeout_s": 60, **engine_deployment}
+        return {
+            "proxy_location": "HeadOnly",
+            "http_options": {"host": "127.0.0.1", "port": self.http_port},
+            "applications": [{
+                "name": "refusion", "route_prefix": "/", "import_path": "integrations.serve_app:build_app",
+                "args": {
+                    "model": str(self.model_dir),
+                    "runner": {"num_blocks": 1024},
+                    "engine": {"max_running": 16, "max_queue": 64, "token_budget": 256, "routing": {"calibrate": False}},
+                    "engine_deployment": deployment,
+                    "ingress": {"resources": {"refusion_head": 0.01}},
+                    "drain_timeout_s": 50,
+                    "health_probe_timeout_s": 20,
+                },
+            }],
+        }
+
+    def write_config(self, config: dict, name: str) -> Path:
+        path = self.work_dir / name
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def serve_deploy(self, config: dict, name: str = "serve.yaml") -> None:
+        """`serve deploy FILE --address DASHBOARD`: Ray's own CLI, as docs/cluster.md shows it."""
+        path = self.write_config(config, name)
+        subprocess.run([str(BIN / "serve"), "deploy", str(path), "--address", self.dashboard_url],
+                       check=True, env=ENV, timeout=120, capture_output=True)
+
+    def stop_node(self, name: str) -> None:
+        """Node loss: every process of that node dies at once (SIGKILL), as when a machine goes away."""
+        proc = self.nodes.pop(name)
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+
+    def node_processes(self, name: str, title: str) -> list[int]:
+        """Processes of node `name` whose command line contains `title` (e.g. a replica's actor name)."""
+        return [pid for pid in descendants(self.nodes[name].pid) if title in cmdline(pid)]
+
+
+def start_node(args: list[str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+                            stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+
+
+def wait_nodes(gcs_address: str, count: int, timeout_s: float = 180.0) -> list[dict]:
+    code = ("import json, ray, time\n"
+            f"ray.init(address={gcs_address!r}, logging_level='ERROR', log_to_driver=False)\n"
+            f"deadline = time.time() + {timeout_s}\n"
+            f"while len([n for n in ray.nodes() if n['Alive']]) < {count} and time.time() < deadline:\n"
+            "    time.sleep(0.5)\n"
+            "print(json.dumps([{'name': n.get('NodeName'), 'alive': n['Alive'], 'resources': n['Resources']} for n in ray.nodes()]))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=timeout_s + 60)
+    nodes = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+    alive = [n for n in nodes if n["alive"]]
+    assert len(alive) >= count, f"cluster has {len(alive)} live nodes, wanted {count}: {out.stderr[-600:]}"
+    return alive
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
+    """Poll `predicate()` until it returns a truthy value (returned) or fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except OSError as exc:  # the proxy or app is still starting
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; last: {last!r}")

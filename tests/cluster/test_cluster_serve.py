@@ -1,0 +1,205 @@
+"""The service on a real two-node Ray cluster (tests/cluster/ray_cluster.py): placement over both nodes,
+prefix-affinity routing, service-wide metrics, autoscaling up and a drain-safe scale-down, node loss
+with typed errors, and `refusion serve --address`. The tests run in file order and each one deploys
+what it needs, so any one of them also runs alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import threading
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from integrations.chat import conversation_key
+from integrations.openai_models import ChatMessage
+from integrations.serve_router import affinity_key, rendezvous_order
+from ray_cluster import BIN, ENV, get_text, wait_for
+from scheduler.api import GenerationRequest
+
+LONG = 2500  # tokens of a stream that must outlast a scale-down or a node loss (greedy, random model: no EOS)
+
+
+def metrics(url: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(get_text(url + "/metrics")) for s in f.samples}
+
+
+def replicas(url: str) -> dict[str, str]:
+    """Engine replicas that answered this scrape: {replica id: node name}."""
+    return {dict(labels)["replica"]: dict(labels)["node"]
+            for (name, labels), _ in metrics(url).items() if name == "refusion_requests_running"}
+
+
+def per_replica(url: str, sample: str, **labels) -> dict[str, float]:
+    out = {}
+    for (name, got), value in metrics(url).items():
+        got = dict(got)
+        if name == sample and all(got.get(k) == v for k, v in labels.items()):
+            out[got["replica"]] = out.get(got["replica"], 0.0) + value
+    return out
+
+
+def deploy(cluster, expected_replicas: int, **engine_deployment) -> dict[str, str]:
+    cluster.serve_deploy(cluster.app_config(**engine_deployment))
+    return wait_for(lambda: (r := replicas(cluster.url)) and len(r) == expected_replicas and r, 300,
+                    f"{expected_replicas} engine replicas answering /metrics")
+
+
+def conversation(i: int) -> list[ChatMessage]:
+    return [ChatMessage(role="system", content="You write Python."), ChatMessage(role="user", content=f"Task {i}: sort a list.")]
+
+
+def conversations_on(replica: str, live: list[str], n: int) -> list[list[ChatMessage]]:
+    """n conversations whose routing key prefers `replica` among `live` (the router's own rule)."""
+    found, i = [], 0
+    while len(found) < n:
+        messages = conversation(i)
+        key = affinity_key(GenerationRequest("-", [0], affinity_key=conversation_key(messages)), 256)
+        if rendezvous_order(key, live)[0] == replica:
+            found.append(messages)
+        i += 1
+    return found
+
+
+async def stream_completion(url: str, max_tokens: int, prompt: str = "", started: asyncio.Event | None = None,
+                            messages: list[ChatMessage] | None = None) -> dict:
+    """One streamed greedy AR request; returns {"chunks", "finish_reason", "error", "status"} once it ends."""
+    body = {"max_tokens": max_tokens, "temperature": 0, "mode": "ar", "stream": True}
+    path = "/v1/completions"
+    if messages is not None:
+        path, body["messages"] = "/v1/chat/completions", [m.model_dump(exclude_none=True) for m in messages]
+    else:
+        body["prompt"] = prompt
+    out = {"chunks": 0, "finish_reason": None, "error": None, "status": None}
+    async with httpx.AsyncClient(timeout=300) as client:
+        async with client.stream("POST", url + path, json=body) as response:
+            out["status"] = response.status_code
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out["error"] = chunk["error"]
+                    continue
+                out["chunks"] += 1
+                if started is not None:
+                    started.set()
+                reason = chunk["choices"][0].get("finish_reason")
+                out["finish_reason"] = reason or out["finish_reason"]
+    return out
+
+
+def test_serve_deploy_spreads_two_replicas_over_both_nodes(cluster):
+    placed = deploy(cluster, 2, num_replicas=2)
+    assert sorted(placed.values()) == ["head", "node-b"]
+    assert httpx.get(cluster.url + "/health", timeout=30).status_code == 200
+
+
+def test_affinity_routing_keeps_a_conversation_on_its_replica_and_metrics_sum_up(cluster):
+    placed = deploy(cluster, 2, num_replicas=2)
+    live = sorted(placed)
+    target, other = live[0], live[1]
+    before = per_replica(cluster.url, "refusion_requests_finished_total")
+    hits_before = metrics(cluster.url).get(("refusion_service_prefix_cache_hit_tokens_total", ()), 0.0)
+    turns = 0
+    for messages in conversations_on(target, live, 3):  # each conversation: three turns, history re-sent
+        for turn in range(3):
+            reply = httpx.post(cluster.url + "/v1/chat/completions", timeout=120, json={
+                "messages": [m.model_dump(exclude_none=True) for m in messages], "max_tokens": 8, "temperature": 0, "mode": "ar"})
+            assert reply.status_code == 200, reply.text
+            messages = messages + [ChatMessage(role="assistant", content=reply.json()["choices"][0]["message"]["content"]),
+                                   ChatMessage(role="user", content=f"Now step {turn}.")]
+            turns += 1
+    after = per_replica(cluster.url, "refusion_requests_finished_total")
+    assert after.get(target, 0) - before.get(target, 0) == turns  # every turn of every conversation on its replica
+    assert after.get(other, 0) - before.get(other, 0) == 0
+    scraped = metrics(cluster.url)
+    assert scraped[("refusion_service_prefix_cache_hit_tokens_total", ())] > hits_before  # later turns reuse the prompt
+    assert scraped[("refusion_router_decisions_total", (("decision", "affinity"),))] >= turns
+    total = sum(v for (name, labels), v in scraped.items() if name == "refusion_requests_finished_total")
+    service = sum(v for (name, labels), v in scraped.items() if name == "refusion_service_requests_finished_total")
+    assert service == total
+    assert scraped[("refusion_service_replicas", (("state", "answering"),))] == 2
+    used = sum(v for (name, _), v in scraped.items() if name == "refusion_kv_blocks_used")
+    capacity = sum(v for (name, _), v in scraped.items() if name == "refusion_kv_blocks_capacity")
+    assert scraped[("refusion_service_kv_cache_usage_ratio", ())] == used / capacity
+
+
+async def test_autoscaling_scales_up_under_a_ramp_and_drains_on_scale_down(cluster):
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 2,
+                   "upscale_delay_s": 0, "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}
+    first = deploy(cluster, 1, autoscaling=autoscaling)
+    ramp = [asyncio.create_task(stream_completion(cluster.url, 600, prompt=f"def ramp_{i}(x):")) for i in range(6)]
+    placed = await asyncio.to_thread(wait_for, lambda: (r := replicas(cluster.url)) and len(r) == 2 and r, 240,
+                                     "a second replica under the ramp")
+    assert set(first) < set(placed)
+    # One long stream preferred by each replica: whichever replica the scale-down removes is serving one.
+    live = sorted(placed)
+    holders, i = {}, 0
+    while len(holders) < 2:
+        messages = [ChatMessage(role="user", content=f"Write module {i}.")]
+        key = affinity_key(GenerationRequest("-", [0], affinity_key=conversation_key(messages)), 256)
+        holders.setdefault(rendezvous_order(key, live)[0], messages)
+        i += 1
+    long = [asyncio.create_task(stream_completion(cluster.url, LONG, messages=m)) for m in holders.values()]
+    ramp_results = await asyncio.gather(*ramp)
+    await asyncio.to_thread(wait_for, lambda: len(replicas(cluster.url)) == 1, 240, "the scale-down to one replica")
+    assert not all(t.done() for t in long), "both long streams ended before the scale-down: nothing was drained"
+    for result in ramp_results + list(await asyncio.gather(*long)):
+        assert result["status"] == 200 and result["error"] is None, result
+        assert result["finish_reason"] == "length", result  # none cut: every stream ran to max_tokens
+
+
+def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(cluster):
+    config = cluster.write_config(cluster.app_config(num_replicas=2), "cli.yaml")
+    proc = subprocess.Popen([str(BIN / "refusion"), "serve", "--address", cluster.gcs_address, "--config", str(config),
+                             "--port", str(cluster.http_port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("ready at" in line for line in lines) or proc.poll() is not None, 300, "refusion serve ready")
+        assert proc.poll() is None, "".join(lines)[-2000:]
+        placed = wait_for(lambda: (r := replicas(cluster.url)) and len(r) == 2 and r, 300, "2 replicas")
+        assert sorted(placed.values()) == ["head", "node-b"]
+        reply = httpx.post(cluster.url + "/v1/completions", timeout=120, json={"prompt": "def f(x):", "max_tokens": 8, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "length", reply.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=30)
+    assert any(line.startswith("refusion serve: drained") for line in lines), "".join(lines)[-2000:]
+
+
+async def test_node_loss_gives_typed_errors_and_the_service_keeps_answering(cluster):
+    placed = deploy(cluster, 2, num_replicas=2)
+    by_node = {node: replica for replica, node in placed.items()}
+    live = sorted(placed)
+    doomed = conversations_on(by_node["node-b"], live, 2)
+    safe = conversations_on(by_node["head"], live, 1)
+    started = [asyncio.Event() for _ in doomed]
+    tasks = [asyncio.create_task(stream_completion(cluster.url, LONG, messages=m, started=e)) for m, e in zip(doomed, started)]
+    tasks += [asyncio.create_task(stream_completion(cluster.url, 300, messages=m)) for m in safe]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+    replica_pids = cluster.node_processes("node-b", "ServeReplica:refusion:RefusionEngine")
+    assert replica_pids, "node-b runs no engine replica process"
+    for pid in replica_pids:  # frozen first: its streams cannot finish before the node goes
+        os.kill(pid, signal.SIGSTOP)
+    assert not any(t.done() for t in tasks[: len(doomed)])
+    cluster.stop_node("node-b")
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 180)
+    for cut in results[: len(doomed)]:
+        assert cut["error"] is not None and cut["error"]["code"] == "engine_unavailable", cut
+    assert results[-1]["error"] is None and results[-1]["finish_reason"] == "length", results[-1]
+    after = httpx.post(cluster.url + "/v1/completions", timeout=120, json={"prompt": "def f(x):", "max_tokens": 8, "temperature": 0})
+    assert after.status_code == 200, after.text
+    assert set(replicas(cluster.url).values()) == {"head"}
