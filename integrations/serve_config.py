@@ -54,7 +54,7 @@ class RouterOptions(_Strict):
 
     policy: Literal["prefix_affinity", "power_of_two"] = "prefix_affinity"
     prefix_tokens: int = Field(default=256, ge=1, description="prompt ids keyed on when a request has no affinity key")
-    imbalanced_threshold: float = Field(default=8.0, ge=0, description="ongoing-request gap that overrides affinity")
+    imbalanced_threshold: float = Field(default=2.0, ge=0, description="ongoing-request gap that overrides affinity")
 
     def to_ray(self):
         """Ray Serve's RequestRouterConfig for the engine deployment."""

@@ -70,7 +70,7 @@ class EngineRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     chosen for a request serves that request, not whichever one waited longest."""
 
     def initialize_state(self, policy: str = "prefix_affinity", prefix_tokens: int = 256,
-                         imbalanced_threshold: float = 8.0) -> None:
+                         imbalanced_threshold: float = 2.0) -> None:
         """Ray Serve passes `request_router_kwargs` here. Raises ValueError for an unknown policy."""
         if policy not in POLICIES:
             raise ValueError(f"router.policy: {policy!r} is not one of {POLICIES}")
