@@ -80,7 +80,15 @@ class EngineRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        routing_state.LIVE_REPLICAS[self._where] = tuple(sorted(r.replica_id.unique_id for r in replicas))
+        self._publish()
+
+    def on_replica_actor_died(self, replica_id) -> None:
+        """Ray's router drops a dead replica before the controller's next update; so does /metrics."""
+        super().on_replica_actor_died(replica_id)
+        self._publish()
+
+    def _publish(self) -> None:
+        routing_state.LIVE_REPLICAS[self._where] = tuple(sorted(r.unique_id for r in self.curr_replicas))
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> list[list[RunningReplica]]:

@@ -10,8 +10,10 @@ replica by integrations/serve_router.py) and serves:
     refusion_service_replicas{state="answering"} 2                   replicas heard from / not
 
 Counters and histograms are summed sample by sample (buckets, _sum, _count), and so are the gauges that
-count things (SUMMED_GAUGES); ratio gauges are rebuilt from their parts, never averaged. The result is
-the Prometheus text exposition format 0.0.4, one family per metric name.
+count things (SUMMED_GAUGES); ratio gauges are rebuilt from their parts, never averaged. A sum falls
+when a replica leaves, so summed counters and histograms are exported untyped, not as counters (a
+Prometheus `rate()` over them would read a reset): for rates use `sum(rate(refusion_x_total[5m]))` over
+the per-replica series. The result is the Prometheus text exposition format 0.0.4, one family per name.
 """
 
 from __future__ import annotations
@@ -67,8 +69,12 @@ def combine(replicas: list[ReplicaMetrics], unreachable: int = 0, decisions: dic
                 family_out = per_replica[family.name] = Metric(family.name, family.documentation, family.type)
             sum_it = family.name.startswith(ENGINE_PREFIX) and (family.type in ("counter", "histogram") or family.name in SUMMED_GAUGES)
             if sum_it and family.name not in summed:
+                # A sum over replicas drops when a replica goes away (scaled down, dead, too slow to
+                # answer), so summed counters and histograms are not counters: typed untyped, and
+                # rates come from sum(rate(x[5m])) over the per-replica series.
+                kind = "gauge" if family.type == "gauge" else "unknown"
                 summed[family.name] = Metric(SERVICE_PREFIX + family.name[len(ENGINE_PREFIX):],
-                                             family.documentation + " Summed over replicas.", family.type)
+                                             family.documentation + " Summed over the replicas answering now.", kind)
             for sample in family.samples:
                 if sample.name.endswith("_created"):  # creation times do not add up
                     continue

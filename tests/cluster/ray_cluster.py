@@ -143,9 +143,14 @@ class Cluster:
     def stop_node(self, name: str) -> None:
         """Node loss: every process of that node dies at once (SIGKILL), as when a machine goes away."""
         proc = self.nodes.pop(name)
-        for pid in [proc.pid, *descendants(proc.pid)]:
+        for _ in range(3):  # again: a raylet may fork a worker between listing and killing
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)  # the node's own session: strays that lost their parent
             except ProcessLookupError:
                 pass
         proc.wait(timeout=30)
@@ -168,7 +173,10 @@ def wait_nodes(gcs_address: str, count: int, timeout_s: float = 180.0) -> list[d
             f"while len([n for n in ray.nodes() if n['Alive']]) < {count} and time.time() < deadline:\n"
             "    time.sleep(0.5)\n"
             "print(json.dumps([{'name': n.get('NodeName'), 'alive': n['Alive'], 'resources': n['Resources']} for n in ray.nodes()]))\n")
-    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=timeout_s + 60)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=timeout_s + 60)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"no answer from the cluster at {gcs_address} within {timeout_s + 60:.0f} s") from exc
     nodes = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
     alive = [n for n in nodes if n["alive"]]
     assert len(alive) >= count, f"cluster has {len(alive)} live nodes, wanted {count}: {out.stderr[-600:]}"

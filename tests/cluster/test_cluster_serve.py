@@ -135,26 +135,37 @@ def test_affinity_routing_keeps_a_conversation_on_its_replica_and_metrics_sum_up
 async def test_autoscaling_scales_up_under_a_ramp_and_drains_on_scale_down(cluster):
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 2,
                    "upscale_delay_s": 0, "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}
-    first = deploy(cluster, 1, autoscaling=autoscaling)
-    ramp = [asyncio.create_task(stream_completion(cluster.url, 600, prompt=f"def ramp_{i}(x):")) for i in range(6)]
+    # Strict affinity (no load fallback): each long stream below stays on the replica its key prefers.
+    first = deploy(cluster, 1, autoscaling=autoscaling, router={"imbalanced_threshold": 1000})
+    stop_ramp = asyncio.Event()
+
+    async def ramp(i: int) -> None:  # six streams, renewed until the second replica is up
+        while not stop_ramp.is_set():
+            await stream_completion(cluster.url, 600, prompt=f"def ramp_{i}(x):")
+
+    ramps = [asyncio.create_task(ramp(i)) for i in range(6)]
     placed = await asyncio.to_thread(wait_for, lambda: (r := replicas(cluster.url)) and len(r) == 2 and r, 240,
                                      "a second replica under the ramp")
     assert set(first) < set(placed)
-    # One long stream preferred by each replica: whichever replica the scale-down removes is serving one.
-    live = sorted(placed)
-    holders, i = {}, 0
+    # One long stream on each replica, so whichever one the scale-down removes is serving one.
+    live, holders, i = sorted(placed), {}, 0
     while len(holders) < 2:
         messages = [ChatMessage(role="user", content=f"Write module {i}.")]
         key = affinity_key(GenerationRequest("-", [0], affinity_key=conversation_key(messages)), 256)
         holders.setdefault(rendezvous_order(key, live)[0], messages)
         i += 1
     long = [asyncio.create_task(stream_completion(cluster.url, LONG, messages=m)) for m in holders.values()]
-    ramp_results = await asyncio.gather(*ramp)
+    await asyncio.to_thread(wait_for, lambda: (n := per_replica(cluster.url, "refusion_requests_running"))
+                            and all(n.get(r, 0) >= 1 for r in live), 120, "a running stream on each replica")
+    stop_ramp.set()
+    for task in ramps:  # the ramp's streams in flight are closed by the client: no longer load
+        task.cancel()
+    await asyncio.gather(*ramps, return_exceptions=True)
     await asyncio.to_thread(wait_for, lambda: len(replicas(cluster.url)) == 1, 240, "the scale-down to one replica")
     assert not all(t.done() for t in long), "both long streams ended before the scale-down: nothing was drained"
-    for result in ramp_results + list(await asyncio.gather(*long)):
+    for result in await asyncio.gather(*long):
         assert result["status"] == 200 and result["error"] is None, result
-        assert result["finish_reason"] == "length", result  # none cut: every stream ran to max_tokens
+        assert result["finish_reason"] == "length", result  # drained, not cut: it ran to max_tokens
 
 
 def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(cluster):
