@@ -12,57 +12,9 @@ Ray is kept small (2 CPUs, no dashboard); both apps and Ray are shut down at ses
 
 from __future__ import annotations
 
-import socket
-import time
-import urllib.request
-
 import pytest
 
-API_KEY = "test-key-123"
-ALLOWED_ORIGIN = "http://localhost:5173"  # a browser page the main app lets in (allowed_origins)
-RUNNER_OPTIONS = {"num_blocks": 512}
-ENGINE_OPTIONS = {"max_running": 8, "max_queue": 16, "token_budget": 256, "routing": {"calibrate": False}}
-STRICT_ENGINE_OPTIONS = {"max_running": 1, "max_queue": 0, "token_budget": 256, "routing": {"calibrate": False}}
-ENGINE_DEPLOYMENT = {"num_cpus": 0.5, "torch_threads": 1, "health_check_period_s": 5, "graceful_shutdown_timeout_s": 5}
-# Ray Serve's controller gives a starting HTTP proxy actor 5 s to report ready (and a running one 10 s
-# per health check), then kills it; on a loaded 2-core machine the proxy's process can take longer to
-# start, and serve.start() fails with ActorDiedError ("killed by ray.kill"). Ray's processes inherit
-# the environment of the process that starts Ray, so these are set before ray.init().
-RAY_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.2)
-
-
-def serve_config(model_dir, **overrides) -> dict:
-    """The args of integrations.serve_app.build_app used by the tests."""
-    config = {
-        "model": str(model_dir),
-        "runner": dict(RUNNER_OPTIONS),
-        "engine": dict(ENGINE_OPTIONS),
-        "engine_deployment": dict(ENGINE_DEPLOYMENT),
-        "drain_timeout_s": 2.0,
-        "health_probe_timeout_s": 10.0,
-        "allowed_origins": [ALLOWED_ORIGIN],
-    }
-    config.update(overrides)
-    return config
+from serve_testbed import API_KEY, RAY_SERVE_ENV, STRICT_ENGINE_OPTIONS, free_port, serve_config, wait_healthy
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +28,7 @@ def serve_port():
             env.setenv(name, value)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  object_store_memory=100 * 1024 * 1024, configure_logging=False)
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             yield port
@@ -94,7 +46,7 @@ def serve_base_url(serve_port, tiny_model_dir) -> str:
 
     serve.run(build_app(serve_config(tiny_model_dir)), name="refusion", route_prefix="/")
     url = f"http://127.0.0.1:{serve_port}"
-    _wait_healthy(url)
+    wait_healthy(url)
     return url
 
 
@@ -108,5 +60,5 @@ def strict_base_url(serve_port, tiny_model_dir) -> str:
     config = serve_config(tiny_model_dir, api_keys=[API_KEY], engine=dict(STRICT_ENGINE_OPTIONS))
     serve.run(build_app(config), name="refusion-strict", route_prefix="/strict")
     url = f"http://127.0.0.1:{serve_port}/strict"
-    _wait_healthy(url)
+    wait_healthy(url)
     return url

@@ -6,7 +6,6 @@ trip against the real Ray Serve app."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 import threading
 from typing import Awaitable, Callable
@@ -17,16 +16,11 @@ from pygls.lsp.client import LanguageClient
 from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fixture
 
 from integrations.lsp.server import cursor_context, wants_multiline
+from serve_testbed import free_port
 
 DOC = "def area(r):\n    \n    return result\n"
 URI = "file:///tmp/area.py"
 WAIT_S = 60.0  # bound on every LSP answer: generous for a loaded 2-core machine (the bridge is a subprocess)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,7 @@ def scripted_backend(bpe_tokenizer, wait_until):  # noqa: F811
     app = FastAPI()
     app.state.engine_client = fake
     app.include_router(router)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
                                            timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -169,7 +163,7 @@ async def test_cancel_request_cancels_the_backend_completion(scripted_backend, w
 
 async def test_unreachable_backend_is_an_lsp_error_not_an_empty_answer():
     with pytest.raises(Exception, match="unreachable"):
-        await lsp_round_trip(f"ws://127.0.0.1:{_free_port()}/v1/editor")
+        await lsp_round_trip(f"ws://127.0.0.1:{free_port()}/v1/editor")
 
 
 @pytest.mark.parametrize("argv, message", [

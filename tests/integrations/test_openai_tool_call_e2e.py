@@ -75,12 +75,12 @@ def tool_model_dir(tmp_path_factory):
 def sdk(serve_port, tool_model_dir):
     from ray import serve
 
-    from conftest import _wait_healthy, serve_config
+    from serve_testbed import serve_config, wait_healthy
     from integrations.serve_app import build_app
 
     serve.run(build_app(serve_config(tool_model_dir)), name="refusion-tools", route_prefix="/tools")
     url = f"http://127.0.0.1:{serve_port}/tools"
-    _wait_healthy(url)
+    wait_healthy(url)
     try:
         yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     finally:

@@ -39,7 +39,7 @@ def http(serve_port, wait_until):
     """The refusion app on the shipped model (route prefix /shipped) in the session's Ray instance."""
     from ray import serve
 
-    from conftest import serve_config
+    from serve_testbed import serve_config
     from integrations.serve_app import build_app
 
     serve.run(build_app(serve_config(SHIPPED)), name="refusion-shipped", route_prefix="/shipped")

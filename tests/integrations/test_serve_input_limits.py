@@ -20,7 +20,7 @@ import pytest
 import websockets
 import websockets.exceptions
 from bad_inputs import CONTEXT, MAX_BODY_BYTES, MAX_PROMPT_CHARS, NESTED
-from conftest import ALLOWED_ORIGIN
+from serve_testbed import ALLOWED_ORIGIN
 
 from integrations.editor import protocol as rpc
 

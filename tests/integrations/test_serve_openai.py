@@ -12,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_KEY
+from serve_testbed import API_KEY
 
 TOOLS = [{
     "type": "function",
@@ -249,13 +249,13 @@ def test_drain_ends_in_flight_requests_cleanly(serve_port, tiny_model_dir):
     import ray
     from ray import serve
 
-    from conftest import _wait_healthy, serve_config
+    from serve_testbed import serve_config, wait_healthy
     from integrations.serve_app import signal_drain, build_app
 
     config = serve_config(tiny_model_dir)
     serve.run(build_app(config), name="refusion-drain", route_prefix="/drain")
     url = f"http://127.0.0.1:{serve_port}/drain"
-    _wait_healthy(url)
+    wait_healthy(url)
     signal = None
     try:
         with httpx.Client(base_url=url, timeout=30) as http:

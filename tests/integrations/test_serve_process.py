@@ -25,7 +25,7 @@ import yaml
 from test_editor_serve import SLOW, Conn, complete, ws_url
 from test_serve_openai import _metric
 
-from conftest import ENGINE_DEPLOYMENT, RUNNER_OPTIONS, _free_port, _wait_healthy
+from serve_testbed import ENGINE_DEPLOYMENT, RUNNER_OPTIONS, free_port, wait_healthy
 from integrations.editor import protocol as rpc
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def server(tiny_model_dir, tmp_path_factory):
     config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": DRAIN_TIMEOUT_S,
               "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S + 5}}
     (workdir / "serve.yaml").write_text(yaml.safe_dump(config))
-    port, log = _free_port(), workdir / "serve.log"
+    port, log = free_port(), workdir / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -66,7 +66,7 @@ def server(tiny_model_dir, tmp_path_factory):
             cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url)
+        wait_healthy(url)
         yield Server(proc, url, log)
     finally:
         if proc.poll() is None:
@@ -175,7 +175,7 @@ async def test_replica_killed_mid_stream_ends_every_client_cleanly(server):
 
 
 def test_sigterm_drains_running_streams(server):
-    _wait_healthy(server.url)  # after the replica kill above, its replacement must be up
+    wait_healthy(server.url)  # after the replica kill above, its replacement must be up
     asyncio.run(_drain_under_sigterm(server))
     assert server.proc.wait(DRAIN_TIMEOUT_S + 60) == 0
     with pytest.raises(httpx.ConnectError):  # gone: connections are refused

@@ -1,0 +1,56 @@
+"""Settings and helpers of the integration tests' Serve apps, shared by tests/integrations/conftest.py and
+the test modules that start apps of their own. A module with its own name: `from conftest import ...`
+would resolve to whichever conftest.py was imported first when several test directories run together.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+API_KEY = "test-key-123"
+ALLOWED_ORIGIN = "http://localhost:5173"  # a browser page the main app lets in (allowed_origins)
+RUNNER_OPTIONS = {"num_blocks": 512}
+ENGINE_OPTIONS = {"max_running": 8, "max_queue": 16, "token_budget": 256, "routing": {"calibrate": False}}
+STRICT_ENGINE_OPTIONS = {"max_running": 1, "max_queue": 0, "token_budget": 256, "routing": {"calibrate": False}}
+ENGINE_DEPLOYMENT = {"num_cpus": 0.5, "torch_threads": 1, "health_check_period_s": 5, "graceful_shutdown_timeout_s": 5}
+# Ray Serve's controller gives a starting HTTP proxy actor 5 s to report ready (and a running one 10 s
+# per health check), then kills it; on a loaded 2-core machine the proxy's process can take longer to
+# start, and serve.start() fails with ActorDiedError ("killed by ray.kill"). Ray's processes inherit
+# the environment of the process that starts Ray, so these are set before ray.init().
+RAY_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+def serve_config(model_dir, **overrides) -> dict:
+    """The args of integrations.serve_app.build_app used by the tests."""
+    config = {
+        "model": str(model_dir),
+        "runner": dict(RUNNER_OPTIONS),
+        "engine": dict(ENGINE_OPTIONS),
+        "engine_deployment": dict(ENGINE_DEPLOYMENT),
+        "drain_timeout_s": 2.0,
+        "health_probe_timeout_s": 10.0,
+        "allowed_origins": [ALLOWED_ORIGIN],
+    }
+    config.update(overrides)
+    return config
