@@ -140,6 +140,7 @@ class Engine:
             "prefix_cache_hit_rate": self.prefix_cache.hit_rate if self.prefix_cache else 0.0,
             "cost_curve": list(curve.points),
             "class_stats": self.router.class_stats(),
+            "runner": self.runner.stats() if hasattr(self.runner, "stats") else {},
         }
 
     def clear_prefix_cache(self) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from workers import loader
 from workers.batch import Segment, SegmentResult
+from workers.graphs import GraphPolicy, StepGraphs
 from workers.kv_cache import PagedKVCache, blocks_for_budget
 from workers.model import Qwen3, build_model
 from workers.packing import PackedStep, pack_step
@@ -69,12 +70,16 @@ class ModelRunner:
     """Owns the Qwen3 weights and the KV tensors; executes packed steps."""
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | None = None,
-                 block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None):
+                 block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
+                 cuda_graphs: bool | dict = False):
         """Load a Qwen3 HF directory (workers.loader; errors are ModelDirError).
 
         dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA. device: default cuda when
         available. KV cache: `num_blocks` blocks of `block_size` tokens, or as many as `kv_memory_bytes`
-        holds, or a device default (workers.kv_cache); one scratch block comes on top.
+        holds, or a device default (workers.kv_cache); one scratch block comes on top. cuda_graphs: True
+        or workers.graphs.GraphPolicy fields (max_tokens, max_graphs, memory_budget_bytes) to replay
+        steps from CUDA graphs per layout; off by default until measured on a GPU. Raises ValueError for
+        cuda_graphs on a device that is not CUDA.
         """
         device, dtype = _device_and_dtype(device, dtype)
         model_dir = Path(model_dir)
@@ -83,25 +88,26 @@ class ModelRunner:
         mask_id = loader.resolve_mask_token_id(config, tokenizer, model_dir)
         weights = loader.read_weights(model_dir, config, dtype=dtype, device=device)
         model = build_model(config, weights, dtype=dtype, device=device)
-        self._setup(model, tokenizer, mask_id, block_size, num_blocks, kv_memory_bytes)
+        self._setup(model, tokenizer, mask_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs)
 
     @classmethod
     def from_model(cls, model: Qwen3, *, mask_token_id: int, tokenizer=None, block_size: int = 16,
-                   num_blocks: int | None = None, kv_memory_bytes: int | None = None) -> ModelRunner:
+                   num_blocks: int | None = None, kv_memory_bytes: int | None = None,
+                   cuda_graphs: bool | dict = False) -> ModelRunner:
         """A runner over an already built model (benchmarks: `workers.model.random_model`); no directory."""
         runner = cls.__new__(cls)
-        runner._setup(model, tokenizer, mask_token_id, block_size, num_blocks, kv_memory_bytes)
+        runner._setup(model, tokenizer, mask_token_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs)
         return runner
 
     def _setup(self, model: Qwen3, tokenizer, mask_id: int, block_size: int, num_blocks: int | None,
-               kv_memory_bytes: int | None) -> None:
+               kv_memory_bytes: int | None, cuda_graphs: bool | dict = False) -> None:
         config, weight = model.cfg, model.lm_head.weight
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype = weight.device, weight.dtype
         n = blocks_for_budget(config, block_size, self.dtype, self.device, num_blocks, kv_memory_bytes)
         self.kv = PagedKVCache(config, n + 1, block_size, self.dtype, self.device)  # + the scratch block
         self.scratch_block = n
-        self.step_fn = step_forward  # a later issue swaps in captured graphs per bucket
+        self.step_fn = _step_function(cuda_graphs, self.device)
         self._uploader = StepUploader(self.device)
         self.info = ModelInfo(
             vocab_size=config.vocab_size, eos_token_id=config.eos_token_id, mask_token_id=mask_id,
@@ -109,6 +115,10 @@ class ModelRunner:
             num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, block_size=block_size,
             num_kv_blocks=n, dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
         )
+
+    def stats(self) -> dict:
+        """For /v1/engine: the CUDA graphs held and what capturing them cost (workers.graphs), if on."""
+        return {"cuda_graphs": self.step_fn.stats() if isinstance(self.step_fn, StepGraphs) else None}
 
     def pack(self, segments: Sequence[Segment], block_tables: Sequence[list[int]]) -> PackedStep:
         """Pack and validate a step (host only). Raises SegmentError naming the culprit segment."""
@@ -131,6 +141,21 @@ class ModelRunner:
             host = values.cpu().numpy()  # the one device -> host transfer (logits: tests only)
             host_logits = logits.cpu().numpy() if step.wants_logits else None
         return unpack_results(step, [s.seq_id for s in segments], host, host_logits)
+
+
+def _step_function(cuda_graphs: bool | dict, device: torch.device):
+    """step_forward, or StepGraphs over it when cuda_graphs is set (True or GraphPolicy fields)."""
+    if not cuda_graphs:
+        return step_forward
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graphs: needs a CUDA device, the runner is on {device}; remove cuda_graphs")
+    fields = cuda_graphs if isinstance(cuda_graphs, dict) else {}
+    try:
+        policy = GraphPolicy(**fields)
+    except TypeError:
+        raise ValueError(f"cuda_graphs: unknown setting in {sorted(fields)}; known: max_tokens, max_graphs, "
+                         "memory_budget_bytes") from None
+    return StepGraphs(step_forward, policy)
 
 
 def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,

@@ -1,0 +1,124 @@
+"""CUDA graphs of the device step, one per step layout (workers.packing.StepLayout), captured lazily.
+
+A packed step's shapes are bucketed (powers of two for tokens T, sequences B, query length Q, context
+blocks NB and read rows R, plus two flags), so a serving run meets a small set of layouts again and
+again: every decode step of up to 16 requests with short contexts is one layout. The first time an
+admitted layout appears, `StepGraphs` runs the step eagerly on a side stream (this is the step's real
+execution: its results are returned and its K/V written) and then captures `step_fn` on a static copy of
+the input buffer. Later steps of that layout copy their buffer into the static one and replay: one
+launch instead of a few thousand kernel launches, which is what bounds a small-batch forward on a GPU
+(nano-vllm and vLLM capture per batch-size bucket the same way).
+
+Replaying writes the same K/V the eager step would (the graph reads the KV tensors the runner owns; they
+never move), and returns the graph's own output tensors, overwritten by the next replay: the runner
+copies them to the host before it packs the next step.
+
+Admission (`GraphPolicy`): layouts with at most `max_tokens` tokens (small steps are launch-bound; large
+ones are compute-bound, where a graph gains nothing), at most `max_graphs` graphs, and captures stop
+once their memory (growth of the CUDA caching allocator's reserved bytes; all graphs share one memory
+pool) reaches `memory_budget_bytes`. Everything else runs eagerly. `stats()` reports graphs, capture
+time and memory for /v1/engine.
+
+CUDA only (torch.cuda.CUDAGraph). The admission and bookkeeping run anywhere with an injected capture
+function (tests/workers/test_graphs.py); capture and replay are checked against eager in tests/gpu.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from workers.packing import StepLayout
+
+StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (model, kv, buffer, layout) -> (values, logits)
+
+
+@dataclass(frozen=True)
+class GraphPolicy:
+    """Which step layouts get a CUDA graph (module docstring)."""
+
+    max_tokens: int = 256
+    max_graphs: int = 96
+    memory_budget_bytes: int = 4 << 30
+
+    def admits(self, layout: StepLayout, graphs: int, bytes_used: int) -> bool:
+        return layout.num_tokens <= self.max_tokens and graphs < self.max_graphs and bytes_used < self.memory_budget_bytes
+
+
+@dataclass
+class CapturedStep:
+    """A captured step: feed `input` (static buffer), `replay()`, read `values` / `logits`."""
+
+    input: torch.Tensor
+    replay: Callable[[], None]
+    values: torch.Tensor
+    logits: torch.Tensor
+
+
+Capture = Callable[[StepFn, tuple, torch.Tensor, StepLayout], tuple[CapturedStep, tuple[torch.Tensor, torch.Tensor]]]
+
+
+class StepGraphs:
+    """A drop-in for `step_forward` (same signature) that replays captured graphs where it can."""
+
+    def __init__(self, step_fn: StepFn, policy: GraphPolicy | None = None, capture: Capture | None = None):
+        self.step_fn = step_fn
+        self.policy = policy or GraphPolicy()
+        self._capture = capture or cuda_capture
+        self.graphs: dict[StepLayout, CapturedStep] = {}
+        self.capture_s = 0.0
+        self.bytes_used = 0
+        self.replays = 0
+        self.eager_steps = 0
+
+    def __call__(self, model, kv, buffer: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        graph = self.graphs.get(layout)
+        if graph is not None:
+            graph.input.copy_(buffer)
+            graph.replay()
+            self.replays += 1
+            return graph.values, graph.logits
+        if not self.policy.admits(layout, len(self.graphs), self.bytes_used):
+            self.eager_steps += 1
+            return self.step_fn(model, kv, buffer, layout)
+        start, before = time.perf_counter(), _reserved(buffer.device)
+        graph, outputs = self._capture(self.step_fn, (model, kv), buffer, layout)
+        self.bytes_used += max(0, _reserved(buffer.device) - before)
+        self.capture_s += time.perf_counter() - start
+        self.graphs[layout] = graph
+        return outputs
+
+    def stats(self) -> dict:
+        """For /v1/engine: graphs held, capture seconds and bytes, replayed and eager steps."""
+        return {"graphs": len(self.graphs), "capture_s": round(self.capture_s, 3), "capture_bytes": self.bytes_used,
+                "memory_budget_bytes": self.policy.memory_budget_bytes, "replays": self.replays,
+                "eager_steps": self.eager_steps}
+
+
+def _reserved(device: torch.device) -> int:
+    return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+
+
+_POOLS: dict[int, object] = {}  # one graph memory pool per device: graphs replay one at a time
+
+
+def cuda_capture(step_fn: StepFn, state: tuple, buffer: torch.Tensor,
+                 layout: StepLayout) -> tuple[CapturedStep, tuple[torch.Tensor, torch.Tensor]]:
+    """Run the step once eagerly on a side stream (its real execution; cuBLAS and friends set up their
+    workspaces there, as CUDA graph capture requires), then capture it reading a static copy of `buffer`.
+    Returns the captured step and the eager run's outputs."""
+    model, kv = state
+    pool = _POOLS.setdefault(buffer.device.index or 0, torch.cuda.graph_pool_handle())
+    static = buffer.clone()
+    side = torch.cuda.Stream(device=buffer.device)
+    side.wait_stream(torch.cuda.current_stream(buffer.device))
+    with torch.cuda.stream(side):
+        outputs = step_fn(model, kv, static, layout)
+    torch.cuda.current_stream(buffer.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        values, logits = step_fn(model, kv, static, layout)
+    return CapturedStep(static, graph.replay, values, logits), outputs
