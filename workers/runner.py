@@ -13,6 +13,7 @@ query tokens and padding write into, so the K/V write is one fixed-shape index_c
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from workers import loader
+from workers.attention import StepAttention
+from workers.attention_flex import FlexStepAttention
 from workers.batch import Segment, SegmentResult
 from workers.graphs import GraphPolicy, StepGraphs
 from workers.kv_cache import PagedKVCache, blocks_for_budget
@@ -71,7 +74,7 @@ class ModelRunner:
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | None = None,
                  block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
-                 cuda_graphs: bool | dict = False):
+                 cuda_graphs: bool | dict = False, attention: str = "sdpa"):
         """Load a Qwen3 HF directory (workers.loader; errors are ModelDirError).
 
         dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA. device: default cuda when
@@ -79,7 +82,9 @@ class ModelRunner:
         holds, or a device default (workers.kv_cache); one scratch block comes on top. cuda_graphs: True
         or workers.graphs.GraphPolicy fields (max_tokens, max_graphs, memory_budget_bytes) to replay
         steps from CUDA graphs per layout; off by default until measured on a GPU. Raises ValueError for
-        cuda_graphs on a device that is not CUDA.
+        cuda_graphs on a device that is not CUDA. attention: "sdpa" (workers.attention: gathers each
+        sequence's context; portable, the default) or "flex" (workers.attention_flex: reads the paged
+        cache in place; for CUDA, unmeasured so far); ValueError for another name.
         """
         device, dtype = _device_and_dtype(device, dtype)
         model_dir = Path(model_dir)
@@ -88,26 +93,26 @@ class ModelRunner:
         mask_id = loader.resolve_mask_token_id(config, tokenizer, model_dir)
         weights = loader.read_weights(model_dir, config, dtype=dtype, device=device)
         model = build_model(config, weights, dtype=dtype, device=device)
-        self._setup(model, tokenizer, mask_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs)
+        self._setup(model, tokenizer, mask_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs, attention)
 
     @classmethod
     def from_model(cls, model: Qwen3, *, mask_token_id: int, tokenizer=None, block_size: int = 16,
                    num_blocks: int | None = None, kv_memory_bytes: int | None = None,
-                   cuda_graphs: bool | dict = False) -> ModelRunner:
+                   cuda_graphs: bool | dict = False, attention: str = "sdpa") -> ModelRunner:
         """A runner over an already built model (benchmarks: `workers.model.random_model`); no directory."""
         runner = cls.__new__(cls)
-        runner._setup(model, tokenizer, mask_token_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs)
+        runner._setup(model, tokenizer, mask_token_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs, attention)
         return runner
 
     def _setup(self, model: Qwen3, tokenizer, mask_id: int, block_size: int, num_blocks: int | None,
-               kv_memory_bytes: int | None, cuda_graphs: bool | dict = False) -> None:
+               kv_memory_bytes: int | None, cuda_graphs: bool | dict = False, attention: str = "sdpa") -> None:
         config, weight = model.cfg, model.lm_head.weight
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype = weight.device, weight.dtype
         n = blocks_for_budget(config, block_size, self.dtype, self.device, num_blocks, kv_memory_bytes)
         self.kv = PagedKVCache(config, n + 1, block_size, self.dtype, self.device)  # + the scratch block
         self.scratch_block = n
-        self.step_fn = _step_function(cuda_graphs, self.device)
+        self.step_fn = _step_function(cuda_graphs, self.device, attention)
         self._uploader = StepUploader(self.device)
         self.info = ModelInfo(
             vocab_size=config.vocab_size, eos_token_id=config.eos_token_id, mask_token_id=mask_id,
@@ -143,10 +148,17 @@ class ModelRunner:
         return unpack_results(step, [s.seq_id for s in segments], host, host_logits)
 
 
-def _step_function(cuda_graphs: bool | dict, device: torch.device):
-    """step_forward, or StepGraphs over it when cuda_graphs is set (True or GraphPolicy fields)."""
+ATTENTION = {"sdpa": StepAttention, "flex": FlexStepAttention}
+
+
+def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: str = "sdpa"):
+    """step_forward with the chosen attention, under StepGraphs when cuda_graphs is set (True or
+    GraphPolicy fields)."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention: {attention!r} is not one of {sorted(ATTENTION)}")
+    step = step_forward if attention == "sdpa" else functools.partial(step_forward, attention_cls=ATTENTION[attention])
     if not cuda_graphs:
-        return step_forward
+        return step
     if device.type != "cuda":
         raise ValueError(f"cuda_graphs: needs a CUDA device, the runner is on {device}; remove cuda_graphs")
     fields = cuda_graphs if isinstance(cuda_graphs, dict) else {}
@@ -155,7 +167,7 @@ def _step_function(cuda_graphs: bool | dict, device: torch.device):
     except TypeError:
         raise ValueError(f"cuda_graphs: unknown setting in {sorted(fields)}; known: max_tokens, max_graphs, "
                          "memory_budget_bytes") from None
-    return StepGraphs(step_forward, policy)
+    return StepGraphs(step, policy)
 
 
 def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,

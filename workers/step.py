@@ -51,14 +51,16 @@ def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
     return StepArrays(reads=reads, **views)
 
 
-def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor,
-                 layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayout,
+                 attention_cls=StepAttention) -> tuple[torch.Tensor, torch.Tensor]:
     """One packed step on the device: forward of every token, K/V written to their slots, reads of
     every read row. model: workers.model.Qwen3 (or anything with cfg, hidden(), logits()).
-    Returns (values [2, R] float64, logits [R, V] float32); R == 0 skips the LM head."""
+    attention_cls: StepAttention (gathers context; portable) or workers.attention_flex.FlexStepAttention
+    (reads the paged cache in place). Returns (values [2, R] float64, logits [R, V] float32); R == 0
+    skips the LM head."""
     a = step_arrays(buffer, layout)
     cfg = model.cfg
-    attention = StepAttention(kv, a, layout, cfg.num_heads // cfg.num_kv_heads)
+    attention = attention_cls(kv, a, layout, cfg.num_heads // cfg.num_kv_heads)
     hidden = model.hidden(a.token_ids, a.positions, attention)  # [T, hidden]
     if layout.num_reads == 0:
         return (torch.empty((2, 0), dtype=torch.float64, device=buffer.device),

@@ -155,3 +155,18 @@ def test_runner_with_cuda_graphs_equals_eager(tiny_model_dir):
         torch.testing.assert_close(a[:-1], b[:-1])
     stats = graphed.stats()["cuda_graphs"]
     assert stats["graphs"] >= 1 and stats["replays"] >= 5, stats
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_flex_attention_on_cuda_matches_transformers(tiny_model_dir, block_size):
+    """attention="flex" (workers.attention_flex: the paged cache read in place by compiled flex_attention)
+    against the dense transformers oracle, as the sdpa path is above."""
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=block_size, num_blocks=32,
+                         attention="flex")
+    session = RunnerSession(runner)
+    ra, rb, rc = _mixed_batch(session, runner.info.mask_token_id)
+    mask, tol = runner.info.mask_token_id, 1e-3
+    assert (result_logits(ra)[0] - dense_logits(tiny_model_dir, list(range(5, 15)))[9]).abs().max() < tol
+    assert (result_logits(rb) - dense_logits(tiny_model_dir, list(range(20, 28)) + [mask, mask])[6:]).abs().max() < tol
+    assert (result_logits(rc)[:2] - dense_logits(tiny_model_dir, [30, 31])).abs().max() < tol
+    assert (result_logits(rc)[2:] - dense_logits(tiny_model_dir, [32, 33], [2, 3])).abs().max() < tol
