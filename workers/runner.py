@@ -93,13 +93,19 @@ class ModelRunner:
         mask_id = loader.resolve_mask_token_id(config, tokenizer, model_dir)
         weights = loader.read_weights(model_dir, config, dtype=dtype, device=device)
         model = build_model(config, weights, dtype=dtype, device=device)
+        del weights  # the model holds the tensors now: fusing below then frees the unfused ones
+        model.fuse_projections()
         self._setup(model, tokenizer, mask_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs, attention)
 
     @classmethod
     def from_model(cls, model: Qwen3, *, mask_token_id: int, tokenizer=None, block_size: int = 16,
                    num_blocks: int | None = None, kv_memory_bytes: int | None = None,
-                   cuda_graphs: bool | dict = False, attention: str = "sdpa") -> ModelRunner:
-        """A runner over an already built model (benchmarks: `workers.model.random_model`); no directory."""
+                   cuda_graphs: bool | dict = False, attention: str = "sdpa", fuse_projections: bool = True) -> ModelRunner:
+        """A runner over an already built model (benchmarks: `workers.model.random_model`); no directory.
+        fuse_projections: merge q/k/v and gate/up weights (Qwen3.fuse_projections), as loading does;
+        False keeps the model's tensors shared with whoever else holds them (a baseline on the same weights)."""
+        if fuse_projections:
+            model.fuse_projections()
         runner = cls.__new__(cls)
         runner._setup(model, tokenizer, mask_token_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs, attention)
         return runner

@@ -1,0 +1,274 @@
+"""One command for a GPU session: CUDA tests, forward latency, engine throughput and transformers baselines.
+
+Parts (`--parts`, default all, run in this order; each one's failure is recorded and the next one runs):
+    gpu_tests    `pytest tests/gpu` in a subprocess: pass / fail / skip counts (on CPU: skipped, no CUDA)
+    forward      bench/forward_latency.py's measurement at 1/8/32/128 query tokens vs the weight-read floor,
+                 per runner variant (--forward-variants): default (sdpa attention), flex (the paged cache
+                 read in place, workers/attention_flex.py), graphs (cuda_graphs, workers/graphs.py), both
+    engine       the engine, AR and ReFusion, at 1/8/32 concurrent requests: tok/s, tok/forward, ITL p50
+    baselines    one request at batch 1, engine vs transformers on the same weight tensors and tokens:
+                 `generate` (AR) and tests/decoding/oracle.py's refusion_oracle (ReFusion, dynamic cache)
+    concurrency  bench/concurrency.py on the shipped model, short (subprocess; skipped without structlog)
+forward/engine/baselines share one random-weight model built on the device (workers.model.random_model;
+8B shape in bf16 on CUDA) and the shipped model's tokenizer (bench/gpu_check_parts.py says how ids of
+the larger random vocabulary are decoded). Targets of issue "CUDA fast path" stand beside the numbers:
+forward batch 1 <= 1.25x floor at 1-32 query tokens and <= 1.6x at 128; engine AR >= 200 tok/s alone
+and >= 4,000 tok/s at 32 requests; a ReFusion step >= 8x faster than the batch-1 transformers one.
+`--budget-s` (default 450) stops starting parts once spent (recorded as skipped). Prints one table and
+writes one JSON file; exits 1 if any part failed (unmet targets are not failures).
+
+    python bench/gpu_check.py --json gpu_check.json                  # CUDA: 8b config, bf16
+    ... --runner-options '{"cuda_graphs": true}'                     # the runner with options (default: its defaults)
+    OMP_NUM_THREADS=1 python bench/gpu_check.py --device cpu         # dry run: tiny config, well under a minute
+
+The GPU machine (device tool) has torch, transformers and pytest but neither structlog (the engine
+imports it; without it the engine, baselines and concurrency parts fail or skip, recorded) nor pydantic
+(not needed here). Once, here, in the repo root, fetch structlog's wheel (pure Python, 74 kB):
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl structlog==26.1.0
+then call the device tool's `run` with carry [".whl"], timeout_s 590 and this command:
+    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 \
+        python3 bench/gpu_check.py --json $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
+The table is printed last (the reply's output tail); the JSON and the whole log come back from $OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from gpu_check_baselines import part_baselines  # noqa: E402
+from gpu_check_parts import CONFIGS, Row, Workbench, part_engine, part_forward  # noqa: E402
+
+PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency")
+# Per device type: defaults of the options left unset (the CPU ones make the dry run).
+DEFAULTS = {
+    "cuda": {"config": "8b", "forward_tokens": [1, 8, 32, 128], "context": 256, "repeats": 10, "levels": [1, 8, 32],
+             "forward_variants": ["default", "flex", "graphs", "flex+graphs"],
+             "gen_length": 128, "concurrency_args": "--levels 1,8,32 --rounds 1 --requests 8 --gen-length 64"},
+    "cpu": {"config": "tiny", "forward_tokens": [1, 8], "context": 32, "repeats": 3, "levels": [1, 2],
+            "forward_variants": ["default", "flex"],
+            "gen_length": 32, "concurrency_args": "--levels 1,2 --rounds 1 --requests 2 --gen-length 64 "
+                                                  "--token-budget 64 --num-blocks 256"},
+}
+
+
+class PartSkipped(Exception):
+    """A part that cannot run here (no CUDA, a missing optional package): recorded as skipped, not failed."""
+
+
+class PartFailed(Exception):
+    """A part that ran and measured, but failed: its results and rows are kept."""
+
+    def __init__(self, results: dict, rows: list[Row], message: str):
+        super().__init__(message)
+        self.results, self.rows = results, rows
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def part_gpu_tests(bench: Workbench) -> tuple[dict, list[Row]]:
+    """`pytest tests/gpu` in a subprocess; counts from its JUnit XML."""
+    if bench.device.type != "cuda":
+        raise PartSkipped("no CUDA")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu", f"--junitxml={report}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(300, bench.time_left())))
+        if not report.is_file():
+            raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
+        suites = ET.parse(report).getroot().iter("testsuite")
+        counts = {k: 0 for k in ("tests", "failures", "errors", "skipped")}
+        for suite in suites:
+            for key in counts:
+                counts[key] += int(suite.get(key, 0))
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    results = {**counts, "exit_code": proc.returncode, "output_tail": proc.stdout[-3000:]}
+    bad = counts["failures"] + counts["errors"]
+    value = f"{counts['passed']} passed, {bad} failed, {counts['skipped']} skipped"
+    if bad:
+        rows = [Row("pytest tests/gpu", value, "all pass", False)]
+        raise PartFailed(results, rows, f"{bad} of {counts['tests']} failed")
+    return results, [Row("pytest tests/gpu", value, "all pass", counts["skipped"] == 0)]
+
+
+# A level's row of bench/concurrency.py's table: c, mode, tok/s, tok/CPU-s, TTFT, ITL, e2e, TPF.
+CONCURRENCY_ROW = re.compile(r"^\| (\d+) \| (\w+) \|" + r" ([\d.]+) \|" * 6)
+
+
+def part_concurrency(bench: Workbench) -> tuple[dict, list[Row]]:
+    """bench/concurrency.py on the shipped model with a short setting, in a subprocess."""
+    if importlib.util.find_spec("structlog") is None:
+        raise PartSkipped("structlog is not installed (bench/concurrency.py needs it): carry its wheel, see the docstring")
+    cmd = [sys.executable, "bench/concurrency.py", *bench.args.concurrency_args.split()]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(300, bench.time_left())))
+    if proc.returncode:
+        raise RuntimeError(f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}")
+    levels, rows = [], []
+    for line in proc.stdout.splitlines():
+        if match := CONCURRENCY_ROW.match(line):
+            c, mode, tok_s, _, ttft, itl, _, tpf = match.groups()
+            levels.append({"concurrency": int(c), "mode": mode, "tok_s": float(tok_s), "ttft_ms": float(ttft),
+                           "itl_ms": float(itl), "tpf": float(tpf)})
+            rows.append(Row(f"concurrency.py, shipped model, {mode}, {c} client(s)",
+                            f"{float(tok_s):.0f} tok/s, {float(tpf):.2f} tok/forward, ITL p50 {float(itl):.1f} ms"))
+    if not levels:
+        raise RuntimeError(f"no table rows in its output: {proc.stdout[-2000:]}")
+    return {"command": " ".join(cmd[1:]), "levels": levels, "output_tail": proc.stdout[-3000:]}, rows
+
+
+PARTS = {"gpu_tests": part_gpu_tests, "forward": part_forward, "engine": part_engine, "baselines": part_baselines,
+         "concurrency": part_concurrency}
+
+
+def run_part(bench: Workbench, name: str) -> dict:
+    """Run one part; any exception (OOM, missing package, a bug) becomes its record, never the run's end."""
+    start = time.perf_counter()
+    record = {"status": "passed", "results": {}, "rows": []}
+    try:
+        record["results"], record["rows"] = PARTS[name](bench)
+    except PartSkipped as exc:
+        record.update(status="skipped", error=str(exc))
+    except PartFailed as exc:
+        record.update(status="failed", error=str(exc), results=exc.results, rows=exc.rows)
+    except Exception as exc:  # noqa: BLE001 - recorded, and the next part runs
+        hint = " (carry it as a wheel: see bench/gpu_check.py's docstring)" if isinstance(exc, ImportError) else ""
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}{hint}", traceback=traceback.format_exc(limit=8))
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def machine(bench: Workbench) -> dict:
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": str(bench.device), "dtype": str(bench.dtype).removeprefix("torch."), "config": bench.args.config,
+            "runner_options": bench.args.runner_options,
+            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if bench.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(bench.device)
+        info["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(bench.device) / 1e9
+    return info
+
+
+def table(info: dict, records: dict) -> str:
+    cfg = CONFIGS[info["config"]]
+    lines = [f"Machine: {info.get('gpu', platform.machine() + ' CPU')}, torch {info['torch']}, transformers "
+             f"{info['transformers']}. Model: {info['config']} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+             f"vocab {cfg.vocab_size}, {info['dtype']}), random weights. Runner options: "
+             f"{json.dumps(info['runner_options']) if info['runner_options'] else 'defaults'}.", "",
+             "| part | status | measurement | value | target | verdict |", "|---|---|---|---|---|---|"]
+    for name, rec in records.items():
+        status = f"{rec['status']} ({rec.get('seconds', 0):.0f} s)"
+        if rec.get("error"):
+            label = "why" if rec["status"] == "skipped" else "error"
+            lines.append(f"| {name} | {status} | {label} | {rec['error'][:300]} | - | - |")
+        for row in rec["rows"]:
+            verdict = "-" if row.met is None else "met" if row.met else "NOT met"
+            lines.append(f"| {name} | {status} | {row.measurement} | {row.value} | {row.target} | {verdict} |")
+    lines += ["", "Random weights: drafts are never confident at the serving thresholds, so ReFusion runs the "
+              "single-slot fallback and completes slots token by token (about 0.5 tokens per forward); "
+              "compare its time per step, not its tokens per forward."]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", choices=sorted(CONFIGS), help="default: 8b on cuda, tiny on cpu")
+    parser.add_argument("--parts", type=lambda s: s.split(","), default=list(PART_NAMES), help=",".join(PART_NAMES))
+    parser.add_argument("--budget-s", type=float, default=450.0, help="start no part after this many seconds")
+    parser.add_argument("--json", type=Path, default=Path("gpu_check.json"), help="where to write the results")
+    parser.add_argument("--append", type=Path, help="also append the table to this markdown file")
+    parser.add_argument("--forward-tokens", type=_ints, help="query tokens per forward (default 1,8,32,128)")
+    parser.add_argument("--context", type=int, help="cached tokens before the timed forwards (default 256)")
+    parser.add_argument("--forward-variants", type=lambda s: s.split(","),
+                        help="runner variants of the forward part: default, flex (attention), graphs (cuda_graphs), "
+                             "flex+graphs (default on CUDA: all four; on CPU: default,flex)")
+    parser.add_argument("--repeats", type=int, help="timed forwards per token count (default 10)")
+    parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
+    parser.add_argument("--levels", type=_ints, help="engine concurrency levels (default 1,8,32)")
+    parser.add_argument("--gen-length", type=int, help="tokens per request, a multiple of 32 (default 128)")
+    parser.add_argument("--token-budget", type=int, default=512, help="engine query tokens per forward")
+    parser.add_argument("--concurrency-args", help="arguments of bench/concurrency.py")
+    parser.add_argument("--runner-options", type=json.loads, default={},
+                        help='JSON of ModelRunner options for forward/engine/baselines, e.g. \'{"cuda_graphs": true}\'')
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if unknown := set(args.parts) - set(PART_NAMES):
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PART_NAMES)}")
+    if args.gen_length % 32:
+        parser.error(f"--gen-length {args.gen_length}: use a multiple of 32 (slot size 8, 4 serial blocks)")
+    if args.device == "cpu" and args.config == "8b":
+        parser.error("the 8b config is for CUDA only (16 GB of bf16 weights); use --config tiny or small on CPU")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    bench = Workbench(args)
+    records = {}
+    for name in PART_NAMES:
+        if name not in args.parts:
+            continue
+        if bench.time_left() <= 0:
+            records[name] = {"status": "skipped", "error": f"time budget of {args.budget_s:.0f} s spent", "rows": []}
+            continue
+        print(f"[gpu_check] {name} ...", flush=True)
+        records[name] = run_part(bench, name)
+        if "traceback" in records[name]:
+            print(records[name]["traceback"], file=sys.stderr, flush=True)
+        print(f"[gpu_check] {name}: {records[name]['status']} in {records[name]['seconds']:.1f} s "
+              f"{records[name].get('error', '')}", flush=True)
+    info = machine(bench)
+    text = table(info, records)
+    for rec in records.values():
+        rec["rows"] = [vars(row) for row in rec["rows"]]
+    report = {"machine": info, "args": vars(args), "parts": records, "table": text}
+    args.json.write_text(json.dumps(report, indent=1, default=str))
+    print(text)
+    if args.append:
+        with args.append.open("a") as out:
+            out.write("\n" + text + "\n")
+    failed = [name for name, rec in records.items() if rec["status"] == "failed"]
+    print(f"results: {args.json}; failed parts: {', '.join(failed) or 'none'}")
+    return 1 if failed else 0
+
+
+def quiet_engine_logs() -> None:
+    """The engine logs every request at info level through structlog: warnings only (as bench/concurrency.py)."""
+    try:
+        import structlog
+    except ImportError:
+        return  # the engine parts record the missing package
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+if __name__ == "__main__":
+    quiet_engine_logs()
+    sys.exit(main())

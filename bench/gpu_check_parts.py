@@ -1,0 +1,241 @@
+"""The in-process parts of bench/gpu_check.py and the Workbench they share (the baselines part: its own module).
+
+    forward    bench/forward_latency.py's measurement: ms per batch-1 forward vs the weight-read floor
+    engine     scheduler.engine.Engine, AR and ReFusion, at each concurrency level (bench/concurrency.py's
+               run_level): tokens/s, tokens per forward, median ITL, ms per engine step
+
+Each part returns (results for the JSON, table rows). The model is built once, on the device, by
+workers.model.random_model (bench/gpu_check_baselines.py gives transformers the same tensors). Prompts
+are the shipped model's tokenizer's encodings of bench/concurrency.py's PROMPTS. That tokenizer knows
+4096 ids, the 8B shape's random model emits up to 151,936: `ClippedTokenizer.decode` drops the ids it
+does not know. (tokenizers 0.23.3 skips them silently too, so the engine would not crash without it;
+the wrapper makes that independent of the version. Only the streamed text, which no part measures,
+loses them; token counts come from the ids.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+import forward_latency  # noqa: E402
+from workers.loader import ModelConfig, load_tokenizer  # noqa: E402
+from workers.model import Qwen3, random_model  # noqa: E402
+from workers.runner import ModelRunner  # noqa: E402
+
+SHIPPED_MODEL = ROOT / "models" / "refusion-tiny-code"
+CONFIGS = {
+    **forward_latency.CONFIGS,
+    # The CPU dry run: a few ms per forward on one core; its vocabulary is the shipped tokenizer's.
+    "tiny": ModelConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, rope_theta=1e6, rms_norm_eps=1e-6,
+                        tie_word_embeddings=False, eos_token_id=0, mask_token_id=2),
+}
+SLOT_SIZE, SERIAL_NUM_BLOCKS = 8, 4  # decoding.params.SERVING_DEFAULTS; gen_length must be a multiple of 32
+FORWARD_TARGETS = {1: 1.25, 8: 1.25, 32: 1.25, 128: 1.6}  # issue "CUDA fast path": latency / floor at most
+AR_TARGETS = {1: 200.0, 32: 4000.0}  # engine AR tokens/s at least, by concurrency
+
+
+@dataclass
+class Row:
+    """One line of the summary table: a measurement, its value, the issue's target and whether it is met."""
+
+    measurement: str
+    value: str
+    target: str = "-"
+    met: bool | None = None
+
+
+class ClippedTokenizer:
+    """The shipped tokenizer for a model with a larger vocabulary: `decode` drops ids >= its size."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=skip_special_tokens)
+
+
+class Workbench:
+    """What the parts share: device, shape, the time budget, and the model, tokenizer, engine runner and
+    transformers twin, each built on first use (a part that fails to build one records the error)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.cfg = CONFIGS[args.config]
+        self.deadline = time.monotonic() + args.budget_s
+        self._built: dict = {}
+
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def shared(self, name: str, build):
+        """The object built once under `name` (by `build()` on first use)."""
+        if name not in self._built:
+            self._built[name] = build()
+        return self._built[name]
+
+    def model(self) -> Qwen3:
+        return self.shared("model", lambda: random_model(self.cfg, dtype=self.dtype, device=self.device))
+
+    def tokenizer(self) -> ClippedTokenizer:
+        return self.shared("tokenizer", lambda: ClippedTokenizer(load_tokenizer(SHIPPED_MODEL)))
+
+    def engine_runner(self) -> ModelRunner:
+        # Room for every request of the largest level at once (prompt, generation, slack), prefix cache aside.
+        per_request = (64 + self.args.gen_length) // 16 + 4
+        blocks = max(self.args.levels) * per_request + 64
+        return self.shared("runner", lambda: ModelRunner.from_model(
+            self.model(), mask_token_id=self.cfg.mask_token_id, num_blocks=blocks, **self.args.runner_options))
+
+    def decode_params(self) -> dict:
+        """Request parameters: the serving defaults, with this run's gen_length, all named explicitly."""
+        from decoding.params import SERVING_DEFAULTS
+
+        names = ("slot_threshold", "token_threshold")
+        return {"gen_length": self.args.gen_length, "slot_size": SLOT_SIZE, "serial_num_blocks": SERIAL_NUM_BLOCKS,
+                **{k: SERVING_DEFAULTS[k] for k in names}}
+
+
+# ---- part: forward ---------------------------------------------------------------------------------
+FORWARD_VARIANTS = {"default": {}, "flex": {"attention": "flex"}, "graphs": {"cuda_graphs": True},
+                    "flex+graphs": {"attention": "flex", "cuda_graphs": True}}
+
+
+def part_forward(bench: Workbench) -> tuple[dict, list[Row]]:
+    """forward_latency's measurement on the shared model: one sequence, `context` cached tokens, N dropped
+    query tokens with an argmax read on every row; median ms vs weight bytes / measured bandwidth. Once
+    per runner variant (FORWARD_VARIANTS: the attention backend, CUDA graphs), each over --runner-options;
+    the first timed forward of a graph variant is preceded by an untimed one (time_forward warms up)."""
+    args, model = bench.args, bench.model()
+    weight_bytes = forward_latency.weight_read_bytes(model)
+    copy_bytes = 512 * 2**20 if bench.device.type == "cuda" else 64 * 2**20
+    bandwidth = (args.bandwidth_gbs * 1e9 if args.bandwidth_gbs
+                 else forward_latency.measure_bandwidth(bench.device, copy_bytes))
+    floor_ms = weight_bytes / bandwidth * 1e3
+    results = {"weight_gb": weight_bytes / 1e9, "bandwidth_gbs": bandwidth / 1e9, "floor_ms": floor_ms,
+               "context": args.context, "variants": {}}
+    rows = [Row("weight-read floor", f"{weight_bytes / 1e9:.3g} GB / {bandwidth / 1e9:.0f} GB/s = {floor_ms:.3g} ms")]
+    for variant in args.forward_variants:
+        try:
+            found, variant_rows = _forward_variant(bench, {**FORWARD_VARIANTS[variant], **args.runner_options}, floor_ms)
+        except Exception as exc:  # one variant failing (e.g. flex not compiling) must not hide the others
+            results["variants"][variant] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            rows.append(Row(f"forward [{variant}]", f"FAILED: {type(exc).__name__}: {str(exc)[:120]}", "-", False))
+            continue
+        results["variants"][variant] = found
+        rows += [dataclasses.replace(row, measurement=f"{row.measurement} [{variant}]") for row in variant_rows]
+    return results, rows
+
+
+def _forward_variant(bench: Workbench, options: dict, floor_ms: float) -> tuple[dict, list[Row]]:
+    from workers.batch import Segment
+    from workers.session import RunnerSession
+
+    args, model = bench.args, bench.model()
+    context, tokens = args.context, args.forward_tokens
+    runner = ModelRunner.from_model(model, mask_token_id=bench.cfg.mask_token_id,
+                                    num_blocks=(context + max(tokens)) // 16 + 2, **options)
+    session = RunnerSession(runner)
+    if context:
+        session.execute([Segment("bench", 0, [5] * context, list(range(context)), context)])
+    results, rows = {"options": options, "tokens": {}}, []
+    for n in tokens:
+        times = forward_latency.time_forward(session, context, n, args.repeats)
+        med = statistics.median(times) * 1e3
+        ratio = med / floor_ms
+        results["tokens"][n] = {"median_ms": med, "min_ms": min(times) * 1e3, "over_floor": ratio}
+        target = FORWARD_TARGETS.get(n)
+        rows.append(Row(f"forward batch 1, {n} query tokens", f"{med:.2f} ms = {ratio:.2f}x floor",
+                        f"<= {target}x floor" if target else "-", ratio <= target if target else None))
+    if isinstance(runner.stats().get("cuda_graphs"), dict):
+        results["cuda_graphs"] = runner.stats()["cuda_graphs"]
+    return results, rows
+
+
+# ---- part: engine ----------------------------------------------------------------------------------
+def part_engine(bench: Workbench) -> tuple[dict, list[Row]]:
+    """AR and ReFusion through the engine at each level: c closed-loop clients, max(c, 2) requests in all,
+    run once untimed first (kernel selection, allocator growth, CUDA graph captures stay out of the time)."""
+    from scheduler.api import Mode
+
+    results, rows = {}, []
+    for mode in (Mode.AR, Mode.REFUSION):
+        levels = asyncio.run(_engine_levels(bench, mode))
+        results[mode.value] = levels
+        for c, r in levels.items():
+            if "skipped" in r:
+                rows.append(Row(f"engine {mode.value}, {c} request(s)", f"skipped: {r['skipped']}"))
+                continue
+            target = AR_TARGETS.get(c) if mode is Mode.AR else None
+            rows.append(Row(f"engine {mode.value}, {c} request(s)",
+                            f"{r['tok_s']:.0f} tok/s, {r['tpf']:.2f} tok/forward, ITL p50 {r['itl_ms']:.1f} ms, "
+                            f"{r['ms_per_step']:.1f} ms/step",
+                            f">= {target:,.0f} tok/s" if target else "-", r["tok_s"] >= target if target else None))
+    runner = bench.engine_runner()
+    results["runner_stats"] = runner.stats() if hasattr(runner, "stats") else {}
+    return results, rows
+
+
+def new_engine(bench: Workbench):
+    """An engine on the shared runner, routing not calibrated (both modes here are fixed)."""
+    from scheduler.config import EngineConfig, RoutingConfig
+    from scheduler.engine import Engine
+
+    config = EngineConfig(max_running=max(64, max(bench.args.levels)), token_budget=bench.args.token_budget,
+                          routing=RoutingConfig(calibrate=False))
+    return Engine(bench.engine_runner(), bench.tokenizer(), config)
+
+
+def requests_ended_by_error(engine) -> int:
+    """Requests the engine has ended with an error: a forward that raises (out of memory, say) ends its
+    requests with an error delta instead of raising, so a level that looks finished may not be."""
+    value = engine.metrics.registry.get_sample_value("refusion_requests_finished_total", {"reason": "error"})
+    return int(value or 0)
+
+
+async def _engine_levels(bench: Workbench, mode) -> dict:
+    from concurrency import run_level, summarize
+
+    engine, tokenizer, params = new_engine(bench), bench.tokenizer(), bench.decode_params()
+    await engine.start()
+    levels = {}
+    try:
+        for c in bench.args.levels:
+            if bench.time_left() < 0:
+                levels[c] = {"skipped": "time budget spent"}
+                continue
+            engine.clear_prefix_cache()
+            await run_level(engine, tokenizer, mode, c, max(c, 2), params, f"warm{c}")  # the same steps, untimed
+            engine.clear_prefix_cache()
+            steps = engine.forwards
+            run = await run_level(engine, tokenizer, mode, c, max(c, 2), params, f"c{c}")
+            steps = engine.forwards - steps
+            if errors := requests_ended_by_error(engine):
+                raise RuntimeError(f"{errors} {mode.value} request(s) ended with an error by c={c} (the engine's "
+                                   f"forward_failed log line says why)")
+            summary = summarize([run])
+            levels[c] = {"tok_s": summary["tok_s"], "tpf": summary["tpf"], "itl_ms": summary["itl_ms"],
+                         "e2e_ms": summary["e2e_ms"], "ttft_ms": summary["ttft_ms"], "steps": steps,
+                         "tokens": sum(r["tokens"] for r in run["records"]), "wall_s": run["wall"],
+                         "ms_per_step": run["wall"] / max(steps, 1) * 1e3}
+    finally:
+        await engine.stop(drain_timeout_s=0)
+    return levels
