@@ -53,7 +53,9 @@ class PackedBatch:
 
     def tensors(self, device) -> dict:
         """Tensors on `device`: input_ids, position_ids, labels, kinds [R, L] int64; weights [R, L]
-        float32; attention_mask [R, 1, L, L] bool (block-diagonal causal, see module doc)."""
+        float32; attention_mask [R, 1, L, L] bool (block-diagonal causal, see module doc); loss_rows
+        [n] int64, the flat (r * L + l) indices of the positions with a loss weight, found on the host so
+        selecting them on the device is an index_select, not a boolean index (which waits for the GPU)."""
         import numpy as np
         import torch
 
@@ -62,6 +64,7 @@ class PackedBatch:
         host = {name: torch.from_numpy(np.asarray(getattr(self, name), dtype=np.int64))
                 for name in ("input_ids", "position_ids", "labels", "kinds", "segments")}
         host["weights"] = torch.from_numpy(np.asarray(self.weights, dtype=np.float32))
+        host["loss_rows"] = torch.from_numpy(np.flatnonzero(host["weights"].numpy() > 0).astype(np.int64))
         out = {name: t.to(device, non_blocking=True) for name, t in host.items()}
         seg = out.pop("segments")  # [R, L]
         length = seg.shape[1]

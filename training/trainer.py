@@ -58,7 +58,8 @@ class TrainingError(ValueError):
 
 
 def row_cross_entropy(model, t: dict, rows, decoder=None):
-    """Cross-entropy of the selected rows: `rows` is an [R, L] bool mask; returns [n_rows] float32.
+    """Cross-entropy of the selected rows: `rows` [n_rows] int64 flat indices into the [R, L] positions
+    (PackedBatch.tensors' loss_rows); returns [n_rows] float32.
 
     `t` holds input_ids, position_ids [R, L] and the 4D attention_mask [R, 1, L, L] (PackedBatch.tensors).
     For HF models with `.model` and `.lm_head` the head runs only on the selected rows (prompt and
@@ -72,20 +73,20 @@ def row_cross_entropy(model, t: dict, rows, decoder=None):
     inputs = {k: t[k] for k in ("input_ids", "position_ids", "attention_mask")} | {"use_cache": False}
     if hasattr(model, "model") and hasattr(model, "lm_head"):
         hidden = (model.model if decoder is None else decoder)(**inputs).last_hidden_state  # [R, L, H]
-        logits = model.lm_head(hidden[rows])  # [n_rows, V]
+        logits = model.lm_head(hidden.flatten(0, 1).index_select(0, rows))  # [n_rows, V]
     else:
-        logits = model(**inputs).logits[rows]  # [n_rows, V]
-    return F.cross_entropy(logits.float(), t["labels"][rows], reduction="none")
+        logits = model(**inputs).logits.flatten(0, 1).index_select(0, rows)  # [n_rows, V]
+    return F.cross_entropy(logits.float(), t["labels"].flatten().index_select(0, rows), reduction="none")
 
 
 def objective_loss(model, batch: PackedBatch, decoder=None):
     """(loss, ar_loss, mdm_loss) tensors for one packed batch: sum(w * CE) / num_examples, split by row kind."""
     device = next(model.parameters()).device
     t = batch.tensors(device)
-    rows = t["weights"] > 0  # [R, L]
+    rows = t["loss_rows"]  # [n_rows] flat indices of the weighted positions (no boolean index: no host sync)
     with _autocast(device):
         ce = row_cross_entropy(model, t, rows, decoder)  # [n_rows]
-    w, kinds = t["weights"][rows], t["kinds"][rows]
+    w, kinds = t["weights"].flatten().index_select(0, rows), t["kinds"].flatten().index_select(0, rows)
     n = batch.num_examples
     ar = (w * ce * (kinds == KIND_AR)).sum() / n
     mdm = (w * ce * (kinds == KIND_MDM)).sum() / n
@@ -123,7 +124,7 @@ def heldout_losses(model, pairs: Sequence[Pair], *, mask_token_id: int, eos_toke
             chunk = pairs[i : i + batch_size]
             t = pack_one_batch([in_order_example(p, r, eos_token_id) for p, r in chunk], row_len=row_len).tensors(device)
             with _autocast(device):
-                ce = row_cross_entropy(model, t, t["weights"] > 0)
+                ce = row_cross_entropy(model, t, t["loss_rows"])
             ar_sum, ar_n = ar_sum + float(ce.sum()), ar_n + ce.numel()
             masked = [build_example(p, r, rng, mask_token_id=mask_token_id, eos_token_id=eos_token_id) for p, r in chunk]
             mdm_sum += float(objective_loss(model, pack_one_batch(masked, row_len=row_len))[2]) * len(chunk)
