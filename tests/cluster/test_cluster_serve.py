@@ -22,7 +22,7 @@ from integrations.serve_router import affinity_key, rendezvous_order
 from ray_cluster import BIN, ENV, get_text, wait_for
 from scheduler.api import GenerationRequest
 
-LONG = 2500  # tokens of a stream that must outlast a scale-down or a node loss (greedy, random model: no EOS)
+LONG = 2500  # tokens of a stream that must outlast a node loss (greedy, random model: no EOS)
 
 
 def metrics(url: str) -> dict[tuple[str, tuple], float]:
@@ -147,25 +147,34 @@ async def test_autoscaling_scales_up_under_a_ramp_and_drains_on_scale_down(clust
     placed = await asyncio.to_thread(wait_for, lambda: (r := replicas(cluster.url)) and len(r) == 2 and r, 240,
                                      "a second replica under the ramp")
     assert set(first) < set(placed)
-    # One long stream on each replica, so whichever one the scale-down removes is serving one.
-    live, holders, i = sorted(placed), {}, 0
-    while len(holders) < 2:
+    # Streams pinned to each replica, back to back, until the scale-down: whichever replica it removes is
+    # serving one of them then (it is idle only between two of its streams), and that one must finish.
+    live, keys, i = sorted(placed), {}, 0
+    while len(keys) < 2:
         messages = [ChatMessage(role="user", content=f"Write module {i}.")]
         key = affinity_key(GenerationRequest("-", [0], affinity_key=conversation_key(messages)), 256)
-        holders.setdefault(rendezvous_order(key, live)[0], messages)
+        keys.setdefault(rendezvous_order(key, live)[0], messages)
         i += 1
-    long = [asyncio.create_task(stream_completion(cluster.url, LONG, messages=m)) for m in holders.values()]
+    stop_holders, results = asyncio.Event(), []
+
+    async def hold(messages) -> None:
+        while not stop_holders.is_set():
+            results.append(await stream_completion(cluster.url, 1000, messages=messages))
+
+    holders = [asyncio.create_task(hold(m)) for m in keys.values()]
     await asyncio.to_thread(wait_for, lambda: (n := per_replica(cluster.url, "refusion_requests_running"))
                             and all(n.get(r, 0) >= 1 for r in live), 120, "a running stream on each replica")
     stop_ramp.set()
     for task in ramps:  # the ramp's streams in flight are closed by the client: no longer load
         task.cancel()
     await asyncio.gather(*ramps, return_exceptions=True)
-    await asyncio.to_thread(wait_for, lambda: len(replicas(cluster.url)) == 1, 240, "the scale-down to one replica")
-    assert not all(t.done() for t in long), "both long streams ended before the scale-down: nothing was drained"
-    for result in await asyncio.gather(*long):
+    await asyncio.to_thread(wait_for, lambda: len(replicas(cluster.url)) == 1, 300, "the scale-down to one replica")
+    stop_holders.set()
+    await asyncio.wait_for(asyncio.gather(*holders), 300)
+    assert results, "no pinned stream finished"
+    for result in results:
         assert result["status"] == 200 and result["error"] is None, result
-        assert result["finish_reason"] == "length", result  # drained, not cut: it ran to max_tokens
+        assert result["finish_reason"] == "length", result  # none cut: each ran to max_tokens
 
 
 def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(cluster):
