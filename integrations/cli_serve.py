@@ -80,6 +80,7 @@ def merged_config(args: argparse.Namespace) -> tuple[dict, dict]:
     if args.autoscale:
         low, high = parse_autoscale(args.autoscale)
         deployment["autoscaling"] = {**(deployment.get("autoscaling") or {}), "min_replicas": low, "max_replicas": high}
+        deployment.pop("num_replicas", None)  # the flag replaces the file's fixed count
     config["engine_deployment"] = deployment
     http = {"host": args.host or http.get("host", "127.0.0.1"), "port": args.port or http.get("port", 8000)}
     return config, http
@@ -110,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
             ray.init(address=args.address)
         except (ConnectionError, RuntimeError) as exc:
             print(f"refusion serve: --address: cannot join the Ray cluster at {args.address}: {exc}".splitlines()[0])
+            print("refusion serve: check the address; a cluster with token authentication also needs "
+                  "RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN in this shell (docs/cluster.md)")
             return 2
     else:
         ray.init(address="local", include_dashboard=False)

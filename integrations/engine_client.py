@@ -48,6 +48,12 @@ class EngineUnavailableError(OverloadedError):
     running. Retry after `retry_after_s` (HTTP 503 + Retry-After; editor ENGINE_UNAVAILABLE)."""
 
 
+class ShuttingDownError(OverloadedError):
+    """The server is draining (shutdown or a replica being stopped): retry after `retry_after_s`, on the
+    same address once it is back or on another replica (HTTP 503 `shutting_down` + Retry-After, as the
+    ingress answers while it drains)."""
+
+
 class EngineClient(Protocol):
     """What every front end may call. See the module docstring for the semantics."""
 
@@ -76,7 +82,7 @@ class EngineClient(Protocol):
 class EngineFailure:
     """A typed engine error as plain data: the first (and only) item a replica streams on failure."""
 
-    kind: str  # "invalid" | "overloaded" | "engine"
+    kind: str  # "invalid" | "overloaded" | "shutting_down" | "engine"
     message: str
     field: str | None = None
     retry_after_s: float | None = None
@@ -86,6 +92,8 @@ class EngineFailure:
         if isinstance(exc, InvalidRequestError):
             message = str(exc).split(": ", 1)[-1]
             return cls("invalid", message, field=exc.field)
+        if isinstance(exc, ShuttingDownError) or type(exc).__name__ == "EngineNotRunningError":  # stopped engine
+            return cls("shutting_down", str(exc), retry_after_s=exc.retry_after_s)
         if isinstance(exc, OverloadedError):
             return cls("overloaded", str(exc), retry_after_s=exc.retry_after_s)
         return cls("engine", str(exc))
@@ -93,6 +101,8 @@ class EngineFailure:
     def to_exception(self) -> EngineError:
         if self.kind == "invalid":
             return InvalidRequestError(self.field or "request", self.message)
+        if self.kind == "shutting_down":
+            return ShuttingDownError(self.message, self.retry_after_s or 1.0)
         if self.kind == "overloaded":
             return OverloadedError(self.message, self.retry_after_s or 1.0)
         return EngineError(self.message)

@@ -7,7 +7,8 @@
     404 not_found_error         unknown route or model
     413 invalid_request_error   body over max_body_bytes (request_limits.BodyLimitMiddleware)
     503 overloaded_error        engine OverloadedError, a full deployment queue or a replica being
-                                replaced, with Retry-After
+                                replaced, with Retry-After; code shutting_down while the server drains
+                                (the ingress gate, or an engine replica: engine_client.ShuttingDownError)
     503 server_error            code engine_unavailable: the engine replica serving the request died
                                 (engine_client.EngineUnavailableError), with Retry-After
     500 server_error            anything else: a bug
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from integrations.request_limits import InputError
-from integrations.engine_client import EngineUnavailableError
+from integrations.engine_client import EngineUnavailableError, ShuttingDownError
 from scheduler.api import EngineError, InvalidRequestError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ def from_engine_error(exc: Exception) -> APIError:
         field = _ENGINE_TO_API_FIELD.get(exc.field, exc.field)
         message = str(exc).split(": ", 1)[-1]
         return APIError(400, f"{field}: {message}", param=field)
+    if isinstance(exc, ShuttingDownError):  # as the draining ingress answers (ingress_gate)
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        return APIError(503, str(exc), "overloaded_error", code="shutting_down", headers={"Retry-After": retry})
     if isinstance(exc, EngineUnavailableError):
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         return APIError(503, str(exc), "server_error", code="engine_unavailable", headers={"Retry-After": retry})

@@ -79,7 +79,7 @@ class EngineDeployment:
         """Stream the request's deltas (merged when several are ready at once). Cancelling this call
         (client gone) cancels the request in the engine."""
         if self.draining:
-            yield EngineFailure("overloaded", "the server is shutting down: retry shortly", retry_after_s=DRAIN_RETRY_AFTER_S)
+            yield EngineFailure("shutting_down", "the server is shutting down: retry shortly", retry_after_s=DRAIN_RETRY_AFTER_S)
             return
         finished = False
         try:

@@ -84,6 +84,13 @@ class EngineDeploymentOptions(_Strict):
     resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica")
     router: RouterOptions = Field(default_factory=RouterOptions)
 
+    @model_validator(mode="after")
+    def _one_way_to_scale(self):
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set num_replicas or autoscaling, not both: remove num_replicas to autoscale "
+                             "(autoscaling.initial_replicas sets the starting count)")
+        return self
+
     def ray_options(self) -> dict:
         """Keyword arguments for `Deployment.options(...)`."""
         options = {

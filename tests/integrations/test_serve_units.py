@@ -14,7 +14,7 @@ import pytest
 from integrations import cli_serve
 from integrations.auth import APIKeyMiddleware
 from integrations.chat import PLAIN_STOP, render_chat
-from integrations.engine_client import EngineFailure, LocalEngineClient, read_model_card
+from integrations.engine_client import EngineFailure, LocalEngineClient, ShuttingDownError, read_model_card
 from integrations.engine_host import EngineUnhealthyError, build_engine, one_token_probe
 from integrations.http_errors import _validation_param, from_engine_error
 from integrations.openai_api import APISettings, create_app
@@ -66,6 +66,13 @@ def test_engine_errors_cross_processes_typed():
     assert from_engine_error(RuntimeError("bug")).status == 500
     replica_gone = type("ActorDiedError", (Exception,), {})("replica died")
     assert from_engine_error(replica_gone).status == 503
+    # a draining engine replica answers as the draining ingress does: 503 shutting_down (README)
+    draining = EngineFailure("shutting_down", "the server is shutting down: retry shortly", retry_after_s=5.0)
+    again = pickle.loads(pickle.dumps(draining)).to_exception()
+    assert isinstance(again, ShuttingDownError) and isinstance(again, OverloadedError)
+    err = from_engine_error(again)
+    assert (err.status, err.code, err.headers["Retry-After"]) == (503, "shutting_down", "5")
+    assert EngineFailure.from_exception(again).kind == "shutting_down"
 
 
 def test_validation_param_drops_union_members():
@@ -151,6 +158,11 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
         ServeConfig(model=str(tmp_path))
     with pytest.raises(ValueError, match="max_ongoing"):
         ServeConfig(model=str(tiny_model_dir), engine_deployment={"max_ongoing": 3})
+    with pytest.raises(ValueError, match="set num_replicas or autoscaling, not both"):
+        ServeConfig(model=str(tiny_model_dir), engine_deployment={"num_replicas": 4, "autoscaling": {"max_replicas": 2}})
+    router = ServeConfig(model=str(tiny_model_dir)).engine_deployment.ray_options()["request_router_config"]
+    assert router.request_router_class == "integrations.serve_router.EngineRouter"
+    assert router.request_router_kwargs == {"policy": "prefix_affinity", "prefix_tokens": 256, "imbalanced_threshold": 2.0}
 
 
 async def test_local_app_over_real_engine_and_drain(tiny_model_dir, wait_until):
