@@ -166,6 +166,8 @@ def build_app(args: dict) -> serve.Application:
     """Application builder for `serve run` / `serve deploy` (import_path integrations.serve_app:build_app)
     and `refusion serve`. `args` follows integrations.serve_config.ServeConfig."""
     config = ServeConfig.model_validate(args or {})
-    plain = config.model_dump()
+    # Non-defaults only: the replicas validate it again, and a default written out (num_replicas beside
+    # autoscaling) would read as set there.
+    plain = config.model_dump(exclude_defaults=True)
     engine = EngineDeployment.options(**config.engine_deployment.ray_options()).bind(plain)
     return IngressDeployment.options(**config.ingress.ray_options()).bind(engine, plain)
