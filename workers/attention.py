@@ -28,10 +28,31 @@ block tables (flex_attention with a block mask, or FlashInfer), which reads the 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from workers.kv_cache import PagedKVCache
+
+
+class StepCells(NamedTuple):
+    """Where each sequence's queries sit in the packed rows, and what each sees of the step's own tokens."""
+
+    cell_rows: torch.Tensor  # [B*Q] packed row of query i of sequence b (padding cells: row 0)
+    out_cells: torch.Tensor  # [T] cell b*Q + i of each packed row
+    new_visible: torch.Tensor  # [B, Q, Q] bool: query i sees new token j iff branch_start[i] <= j <= i
+
+
+def step_cells(arrays, max_query: int) -> StepCells:
+    """The per-step cell layout shared by the attention backends (arrays: workers.step.StepArrays)."""
+    q = max_query
+    i = torch.arange(q, device=arrays.token_ids.device)
+    valid = i[None, :] < arrays.query_len[:, None]  # [B, Q]
+    rows = torch.where(valid, arrays.query_start[:, None] + i[None, :], 0)  # [B, Q]
+    branch_start = torch.where(valid, arrays.branch_start[rows], 0)  # [B, Q]
+    new_visible = (i[None, None, :] >= branch_start[:, :, None]) & (i[None, None, :] <= i[None, :, None])
+    return StepCells(rows.reshape(-1), arrays.seq_index * q + arrays.query_index, new_visible)
 
 
 class StepAttention:
@@ -44,16 +65,10 @@ class StepAttention:
         dev = arrays.token_ids.device
         self.kv, self.b, self.q, self.g = kv, b, q, g
         self.slot_mapping = arrays.slot_mapping  # [T]
-        i = torch.arange(q, device=dev)
-        valid = i[None, :] < arrays.query_len[:, None]  # [B, Q]
-        rows = torch.where(valid, arrays.query_start[:, None] + i[None, :], 0)  # [B, Q]
-        self.cell_rows = rows.reshape(-1)  # [B*Q]
-        self.out_cells = arrays.seq_index * q + arrays.query_index  # [T]
+        self.cell_rows, self.out_cells, new_visible = step_cells(arrays, q)
         offsets = torch.arange(bs, device=dev)
         self.ctx_slots = (arrays.block_tables[:, :, None] * bs + offsets).reshape(b, c)  # [B, C]
-        branch_start = torch.where(valid, arrays.branch_start[rows], 0)  # [B, Q]
         ctx_visible = torch.arange(c, device=dev)[None, None, :] < arrays.context_len[:, None, None]  # [B, 1, C]
-        new_visible = (i[None, None, :] >= branch_start[:, :, None]) & (i[None, None, :] <= i[None, :, None])
         mask = torch.cat((ctx_visible.expand(b, q, c), new_visible), dim=-1)  # [B, Q, C+Q]
         # Row gi * Q + i of the folded query axis is query i of head group gi: tile the mask g times.
         self.mask = mask[:, None].expand(b, g, q, c + q).reshape(b, 1, g * q, c + q)

@@ -33,6 +33,7 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from workers.attention import step_cells
 from workers.kv_cache import PagedKVCache
 
 Q_BLOCK = 128  # query rows per block-mask tile (a sequence's queries share its context blocks)
@@ -55,16 +56,9 @@ class FlexStepAttention:
 
     def __init__(self, kv: PagedKVCache, arrays, layout, heads_per_kv: int):
         b, q, bs, g = layout.num_seqs, layout.max_query, layout.block_size, heads_per_kv
-        dev = arrays.token_ids.device
         self.kv, self.b, self.q, self.g = kv, b, q, g
         self.slot_mapping = arrays.slot_mapping  # [T]
-        i = torch.arange(q, device=dev)
-        valid = i[None, :] < arrays.query_len[:, None]  # [B, Q]
-        rows = torch.where(valid, arrays.query_start[:, None] + i[None, :], 0)  # [B, Q]
-        self.cell_rows = rows.reshape(-1)  # [B*Q]
-        self.out_cells = arrays.seq_index * q + arrays.query_index  # [T]
-        branch_start = torch.where(valid, arrays.branch_start[rows], 0)  # [B, Q]
-        self.new_visible = (i[None, None, :] >= branch_start[:, :, None]) & (i[None, None, :] <= i[None, :, None])  # [B, Q, Q]
+        self.cell_rows, self.out_cells, self.new_visible = step_cells(arrays, q)  # [B*Q], [T], [B, Q, Q]
         self.block_mask = _context_block_mask(arrays.block_tables, arrays.context_len, kv.k[0].shape[0], bs, q)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
