@@ -157,7 +157,7 @@ def test_runner_with_cuda_graphs_equals_eager(tiny_model_dir):
     assert stats["graphs"] >= 1 and stats["replays"] >= 5, stats
 
 
-@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("block_size", [16, 64])  # Triton tiles want KV blocks of 16+ tokens
 def test_flex_attention_on_cuda_matches_transformers(tiny_model_dir, block_size):
     """attention="flex" (workers.attention_flex: the paged cache read in place by compiled flex_attention)
     against the dense transformers oracle, as the sdpa path is above."""
