@@ -29,6 +29,7 @@ runs bench/gpu_check.py (issue "CUDA fast path").
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -59,6 +60,9 @@ class FlexStepAttention:
         self.kv, self.b, self.q, self.g = kv, b, q, g
         self.slot_mapping = arrays.slot_mapping  # [T]
         self.cell_rows, self.out_cells, self.new_visible = step_cells(arrays, q)  # [B*Q], [T], [B, Q, Q]
+        # The main kernel's KV tile (BLOCK_N, 64 on an H200 in bf16) must divide the KV block; for smaller
+        # cache blocks the tile is set to the block (>= 16 tokens for tl.dot). Used on CUDA only.
+        self.kernel_options = {"BLOCK_N": bs} if bs < 64 else None
         self.block_mask = _context_block_mask(arrays.block_tables, arrays.context_len, kv.k[0].shape[0], bs, q)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -68,7 +72,8 @@ class FlexStepAttention:
         kc, vc = self.kv.flat_k(layer), self.kv.flat_v(layer)  # [slots, Hkv, D]
         queries = q[self.cell_rows].view(b, nq, hkv * g, d).transpose(1, 2)  # [B, Hq, Q, D]
         out1, lse1 = _flex(q.device.type)(queries, kc.permute(1, 0, 2).unsqueeze(0), vc.permute(1, 0, 2).unsqueeze(0),
-                                          block_mask=self.block_mask, enable_gqa=True, return_lse=True)
+                                          block_mask=self.block_mask, enable_gqa=True, return_lse=True,
+                                          kernel_options=self.kernel_options)
         out2, lse2 = self._new_tokens(queries, k[self.cell_rows], v[self.cell_rows], hkv, d)
         lse = torch.logaddexp(lse1.float(), lse2)  # [B, Hq, Q]
         out = out1.float() * torch.exp(lse1.float() - lse)[..., None] + out2 * torch.exp(lse2 - lse)[..., None]
@@ -97,7 +102,7 @@ def _context_block_mask(tables: torch.Tensor, context_len: torch.Tensor, pool_bl
     b, nb = tables.shape
     dev = tables.device
     cols = torch.arange(nb, device=dev).expand(b, nb)
-    num_full = torch.minimum(context_len // bs, torch.tensor(nb, device=dev))  # [B]
+    num_full = (context_len // bs).clamp(max=nb)  # [B] (clamp, not a host-made tensor: no sync, capturable)
     partial = (context_len % bs > 0) & (context_len // bs < nb)  # [B]
     logical = torch.full((b, pool_blocks), -1, dtype=torch.int64, device=dev)
     real = cols < (num_full + partial.long())[:, None]  # table entries holding committed context
@@ -105,9 +110,9 @@ def _context_block_mask(tables: torch.Tensor, context_len: torch.Tensor, pool_bl
     qb = -(-max_query // Q_BLOCK)
     width = torch.zeros((b, pool_blocks), dtype=torch.int32, device=dev)
     full_idx = width.clone()
-    full_idx[:, :nb] = tables.int()
+    full_idx[:, : min(nb, pool_blocks)] = tables[:, :pool_blocks].int()  # columns past the pool are padding
     part_idx = width.clone()
-    part_idx[:, 0] = torch.gather(tables, 1, torch.minimum(num_full, torch.tensor(nb - 1, device=dev))[:, None])[:, 0].int()
+    part_idx[:, 0] = torch.gather(tables, 1, num_full.clamp(max=nb - 1)[:, None])[:, 0].int()
     ctx = context_len
 
     def committed(bi, h, qi, kv):
@@ -117,5 +122,11 @@ def _context_block_mask(tables: torch.Tensor, context_len: torch.Tensor, pool_bl
     return BlockMask.from_kv_blocks(
         partial.int()[:, None, None].expand(b, 1, qb).contiguous(), part_idx[:, None, None].expand(b, 1, qb, pool_blocks).contiguous(),
         num_full.int()[:, None, None].expand(b, 1, qb).contiguous(), full_idx[:, None, None].expand(b, 1, qb, pool_blocks).contiguous(),
-        BLOCK_SIZE=(Q_BLOCK, bs), mask_mod=committed, seq_lengths=(max_query, pool_blocks * bs),
+        BLOCK_SIZE=(Q_BLOCK, bs), mask_mod=committed, seq_lengths=(max_query, pool_blocks * bs), **_INFERENCE_ONLY,
     )
+
+
+# The query-side block indices serve only the backward pass; building them sorts a [B, qb, pool] map
+# every step. The flag exists in recent torch; without it the indices are built and unused.
+_INFERENCE_ONLY = ({"compute_q_blocks": False}
+                   if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {})

@@ -170,3 +170,41 @@ def test_flex_attention_on_cuda_matches_transformers(tiny_model_dir, block_size)
     assert (result_logits(rb) - dense_logits(tiny_model_dir, list(range(20, 28)) + [mask, mask])[6:]).abs().max() < tol
     assert (result_logits(rc)[:2] - dense_logits(tiny_model_dir, [30, 31])).abs().max() < tol
     assert (result_logits(rc)[2:] - dense_logits(tiny_model_dir, [32, 33], [2, 3])).abs().max() < tol
+
+
+def test_flex_long_prefill_no_sync_and_graphs(tiny_model_dir):
+    """attention="flex" at block_size 16: a 200-token prefill (the main flex kernel, not the decoding
+    one) matches transformers; its steps never wait for the host; and with cuda_graphs the decode steps
+    replay and give what the sdpa runner gives."""
+    prompt = [5 + (i * 7) % 300 for i in range(200)]
+    flex = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=64,
+                       attention="flex")
+    got = RunnerSession(flex).execute([segment("p", 0, prompt)])
+    expected = dense_logits(tiny_model_dir, prompt)
+    assert (result_logits(got[0]) - expected).abs().max() < 1e-3
+    step = flex.pack([segment("q", 0, prompt[:40])], [[0, 1, 2]])
+    buffer = flex._uploader.upload(step.buffer)
+    with torch.inference_mode():
+        flex.step_fn(flex.model, flex.kv, buffer, step.layout)  # compiles flex for this shape first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises
+    try:
+        with torch.inference_mode():
+            flex.step_fn(flex.model, flex.kv, buffer, step.layout)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    tokens = {}
+    for name, options in (("sdpa", {}), ("flex+graphs", {"attention": "flex", "cuda_graphs": True})):
+        runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=64, **options)
+        session = RunnerSession(runner)
+        seqs = {"a": prompt[:30], "b": prompt[30:45]}
+        session.execute([segment(s, 0, p, reads=Reads()) for s, p in seqs.items()])
+        for _ in range(5):
+            results = session.execute([segment(s, session.cached_len(s), [t[-1]], reads=Reads(argmax=(0,)))
+                                       for s, t in seqs.items()])
+            for r in results:
+                seqs[r.seq_id].append(r.tokens[0])
+        tokens[name] = seqs
+        if options:
+            assert runner.stats()["cuda_graphs"]["replays"] >= 3
+    assert tokens["flex+graphs"] == tokens["sdpa"]
