@@ -16,7 +16,8 @@ copies them to the host before it packs the next step.
 Admission (`GraphPolicy`): layouts with at most `max_tokens` tokens (small steps are launch-bound; large
 ones are compute-bound, where a graph gains nothing), at most `max_graphs` graphs, and captures stop
 once their memory (growth of the CUDA caching allocator's reserved bytes; all graphs share one memory
-pool) reaches `memory_budget_bytes`. Everything else runs eagerly. `stats()` reports graphs, capture
+pool) reaches `memory_budget_bytes` (an over-estimate: the growth includes what the eager warm-up
+cached). Everything else runs eagerly. `stats()` reports graphs, capture
 time and memory for /v1/engine.
 
 CUDA only (torch.cuda.CUDAGraph). The admission and bookkeeping run anywhere with an injected capture
@@ -117,6 +118,8 @@ def cuda_capture(step_fn: StepFn, state: tuple, buffer: torch.Tensor,
     side.wait_stream(torch.cuda.current_stream(buffer.device))
     with torch.cuda.stream(side):
         outputs = step_fn(model, kv, static, layout)
+    # The eager outputs were made on the side stream and are read on the current one, which waits for it
+    # here; the runner copies them to the host before anything can reuse their memory.
     torch.cuda.current_stream(buffer.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
