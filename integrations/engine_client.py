@@ -24,14 +24,17 @@ Implementations:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
 from scheduler.api import Delta, EngineError, FinishReason, GenerationRequest, InvalidRequestError, OverloadedError
+from scheduler.engine import EngineNotRunningError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ class EngineFailure:
         if isinstance(exc, InvalidRequestError):
             message = str(exc).split(": ", 1)[-1]
             return cls("invalid", message, field=exc.field)
-        if isinstance(exc, ShuttingDownError) or type(exc).__name__ == "EngineNotRunningError":  # stopped engine
+        if isinstance(exc, (ShuttingDownError, EngineNotRunningError)):  # a draining replica or a stopped engine
             return cls("shutting_down", str(exc), retry_after_s=exc.retry_after_s)
         if isinstance(exc, OverloadedError):
             return cls("overloaded", str(exc), retry_after_s=exc.retry_after_s)
@@ -250,9 +253,6 @@ def call_alone(make_call):
     completion's gap candidates, the /metrics fan-out) all but one would never be routed. The request
     id seen in logs is kept. Ray's private request context is read defensively: without it, nothing
     changes. Cancellation does not rely on Ray's parent-to-child link: `stream` cancels its call."""
-    import contextvars
-    import dataclasses
-    import uuid
 
     def fresh():
         try:
@@ -262,7 +262,7 @@ def call_alone(make_call):
         var = getattr(context, "_serve_request_context", None)
         current = var.get() if var is not None else None
         if current is not None and getattr(current, "_internal_request_id", ""):
-            var.set(dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
+            var.set(replace(current, _internal_request_id=uuid.uuid4().hex))
         return make_call()
 
     return contextvars.copy_context().run(fresh)

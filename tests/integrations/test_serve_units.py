@@ -21,6 +21,7 @@ from integrations.openai_api import APISettings, create_app
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest, fitting_block_count
 from integrations.serve_config import ServeConfig
 from scheduler.api import Delta, FinishReason, InvalidRequestError, OverloadedError
+from scheduler.engine import EngineNotRunningError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,6 +74,7 @@ def test_engine_errors_cross_processes_typed():
     err = from_engine_error(again)
     assert (err.status, err.code, err.headers["Retry-After"]) == (503, "shutting_down", "5")
     assert EngineFailure.from_exception(again).kind == "shutting_down"
+    assert EngineFailure.from_exception(EngineNotRunningError("the engine is shutting down", 1.0)).kind == "shutting_down"
 
 
 def test_validation_param_drops_union_members():
