@@ -1,4 +1,4 @@
-"""Prefix-affinity routing vs Ray Serve's default router, 2 CPU engine replicas, in one run.
+"""Prefix-affinity routing vs Ray Serve's default router, 2 (`--replicas`) CPU engine replicas, in one run.
 
 An editor workload (users typing in many open files) plus agent conversations, measured as prefix-cache
 hit rate, time to a one-line suggestion, agent turn latency and throughput, per router policy.
@@ -15,14 +15,15 @@ conversations post `--turns` turns each to /v1/chat/completions, every turn re-s
 history (first turn: a file of their own plus a request), with `--think-ms` between turns; chat runs at
 the API's default batch priority, so editor completions (interactive) may preempt agent turns.
 
-Per policy the app "refusion" is deployed afresh (2 engine replicas, torch_threads 1), so both start
-with empty prefix caches, and deleted afterwards. The hit rate is the delta of the service's summed
+Per policy the app "refusion" is deployed afresh (`--replicas` engine replicas, torch_threads 1), so both
+start with empty prefix caches, and deleted afterwards. The hit rate is the delta of the service's summed
 counters (refusion_service_prefix_cache_{hit,lookup}_tokens_total) over the workload. KV cache size
 `--num-blocks` (16-token blocks, per replica): at the defaults (Python 3.11's stdlib) the working set
-is ~620 blocks of documents + ~170 of conversations; the default 576 holds about half of it plus the
-running requests' own blocks (suffix, gap), so the two replicas together hold all of it but one replica
-cannot hold every document: the many-open-files case affinity routing is for. The working set is
-printed to check that. Every error answer counts as a failure and is reported.
+is ~1,250 blocks of documents + ~180 of conversations; the default 1,000 holds a little over half of it
+plus the running requests' own blocks (suffix, gap), so two replicas together hold all of it but one
+replica cannot: the many-open-files case affinity routing is for. The working set is printed to check
+that. `--replicas` 4 shows how the default router's hit rate falls as replicas are added. Every error
+answer counts as a failure and is reported.
 
     OMP_NUM_THREADS=1 python bench/cluster_editor.py          # both policies, a few minutes on 2 cores
     OMP_NUM_THREADS=1 python bench/cluster_editor.py --quick  # smoke run: 2 documents, 1 agent
@@ -206,18 +207,18 @@ def measure_policy(policy: str, base_url: str, workload: dict, args) -> dict:
 
     config = {"model": args.model, "runner": {"num_blocks": args.num_blocks},
               "engine": {"routing": {"calibrate": False}}, "drain_timeout_s": 2.0,
-              "engine_deployment": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1, "health_check_period_s": 5,
+              "engine_deployment": {"num_replicas": args.replicas, "num_cpus": 1 / args.replicas, "torch_threads": 1, "health_check_period_s": 5,
                                     "graceful_shutdown_timeout_s": 5, "router": {"policy": policy, "imbalanced_threshold": args.imbalanced_threshold}}}
     started = time.perf_counter()
     serve.run(build_app(config), name="refusion", route_prefix="/")  # returns once every replica is up
     print(f"{policy}: deployed in {time.perf_counter() - started:.0f} s", flush=True)
     try:
-        before = scrape(base_url)
+        before = scrape(base_url, args.replicas)
         stats = asyncio.run(run_workload(base_url, workload, args))
-        after = scrape(base_url)
+        after = scrape(base_url, args.replicas)
     finally:
         serve.delete("refusion")
-    if min(before["answering"], after["answering"]) < 2:  # a missing replica's counters would skew the delta
+    if min(before["answering"], after["answering"]) < args.replicas:  # a missing replica's counters would skew the delta
         stats["failures"]["metrics: a replica did not answer /metrics"] += 1
     lookup = after["lookup"] - before["lookup"]
     stats.update(policy=policy, hit_rate=(after["hit"] - before["hit"]) / lookup if lookup else float("nan"),
@@ -252,7 +253,7 @@ def report(rows: list[dict], workload: dict, args, argv: list[str]) -> str:
         f"### Cluster editor workload: prefix-affinity vs default router ({datetime.date.today().isoformat()})",
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
-        f"{torch.__version__}, no GPU; local Ray (num_cpus 2), 2 engine replicas x 1 torch thread. Model "
+        f"{torch.__version__}, no GPU; local Ray (num_cpus 2), {args.replicas} engine replicas x 1 torch thread. Model "
         f"`{Path(args.model).name}`.",
         f"Command: `{threads}{shlex.join(['python', 'bench/cluster_editor.py', *argv])}`",
         "",
@@ -261,7 +262,7 @@ def report(rows: list[dict], workload: dict, args, argv: list[str]) -> str:
         f"requests per visit, ~{args.pace_ms} ms pause after each suggestion; plus {args.agents} agent conversations x "
         f"{args.turns} chat turns (max_tokens {args.agent_max_tokens}). Working set ~{blocks['documents']} blocks of "
         f"documents + ~{blocks['conversations']} of conversations; KV cache {args.num_blocks} blocks per replica: "
-        f"two replicas {'hold' if 2 * args.num_blocks >= sum(blocks.values()) else 'cannot hold'} the working set, "
+        f"{args.replicas} replicas {'hold' if args.replicas * args.num_blocks >= sum(blocks.values()) else 'cannot hold'} the working set, "
         f"one {'can' if args.num_blocks >= blocks['documents'] else 'cannot'} hold every document. Hit rate: delta "
         f"of the summed prefix-cache counters over the workload; latencies measured at the client.",
         "",
@@ -272,17 +273,18 @@ def report(rows: list[dict], workload: dict, args, argv: list[str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
-    parser.add_argument("--documents", type=int, default=12)
+    parser.add_argument("--documents", type=int, default=24)
     parser.add_argument("--keystrokes", type=int, default=9, help="requests per document")
     parser.add_argument("--burst", type=int, default=3, help="requests in one file before the user switches files")
-    parser.add_argument("--editors", type=int, default=4, help="users (one editor connection each)")
+    parser.add_argument("--editors", type=int, default=6, help="users (one editor connection each)")
     parser.add_argument("--agents", type=int, default=3)
     parser.add_argument("--turns", type=int, default=4, help="chat turns per agent conversation")
     parser.add_argument("--pace-ms", type=int, default=400, help="pause after a suggestion before the next edit")
     parser.add_argument("--think-ms", type=int, default=500, help="agent pause between turns")
     parser.add_argument("--editor-max-tokens", type=int, default=24)
     parser.add_argument("--agent-max-tokens", type=int, default=48)
-    parser.add_argument("--num-blocks", type=int, default=576, help="KV blocks per replica (16 tokens each)")
+    parser.add_argument("--replicas", type=int, default=2, help="engine replicas (they share the 2 CPUs Ray is given)")
+    parser.add_argument("--num-blocks", type=int, default=1000, help="KV blocks per replica (16 tokens each)")
     parser.add_argument("--imbalanced-threshold", type=float, default=2.0,
                         help="router setting: ongoing-request gap that overrides affinity (ServeConfig default 2)")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="a request slower than this is a failure")
