@@ -4,7 +4,8 @@ Parts (`--parts`, default all, run in this order; each one's failure is recorded
     gpu_tests    `pytest tests/gpu` in a subprocess: pass / fail / skip counts (on CPU: skipped, no CUDA)
     forward      bench/forward_latency.py's measurement at 1/8/32/128 query tokens vs the weight-read floor,
                  per runner variant (--forward-variants): default (sdpa attention), flex (the paged cache
-                 read in place, workers/attention_flex.py), graphs (cuda_graphs, workers/graphs.py), both
+                 read in place, workers/attention_flex.py), graphs (cuda_graphs, workers/graphs.py),
+                 compiled (compile_layers: fused kernels around attention, workers.model), and combinations
     engine       the engine, AR and ReFusion, at 1/8/32 concurrent requests: tok/s, tok/forward, ITL p50
     baselines    one request at batch 1, engine vs transformers on the same weight tensors and tokens:
                  `generate` (AR) and tests/decoding/oracle.py's refusion_oracle (ReFusion, dynamic cache)
@@ -56,13 +57,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
-from gpu_check_parts import CONFIGS, Row, Workbench, part_engine, part_forward  # noqa: E402
+from gpu_check_parts import CONFIGS, FORWARD_VARIANTS, Row, Workbench, part_engine, part_forward  # noqa: E402
 
 PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency")
 # Per device type: defaults of the options left unset (the CPU ones make the dry run).
 DEFAULTS = {
     "cuda": {"config": "8b", "forward_tokens": [1, 8, 32, 128], "context": 256, "repeats": 10, "levels": [1, 8, 32],
-             "forward_variants": ["default", "flex", "graphs", "flex+graphs"],
+             "forward_variants": ["default", "flex", "graphs", "flex+graphs", "compiled", "compiled+graphs",
+                                  "flex+compiled+graphs"],
              "gen_length": 128, "concurrency_args": "--levels 1,8,32 --rounds 1 --requests 8 --gen-length 64"},
     "cpu": {"config": "tiny", "forward_tokens": [1, 8], "context": 32, "repeats": 3, "levels": [1, 2],
             "forward_variants": ["default", "flex"],
@@ -207,7 +209,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, help="cached tokens before the timed forwards (default 256)")
     parser.add_argument("--forward-variants", type=lambda s: s.split(","),
                         help="runner variants of the forward part: default, flex (attention), graphs (cuda_graphs), "
-                             "flex+graphs (default on CUDA: all four; on CPU: default,flex)")
+                             "compiled (compile_layers) and the combinations in gpu_check_parts.FORWARD_VARIANTS "
+                             "(default on CUDA: all; on CPU: default,flex)")
     parser.add_argument("--repeats", type=int, help="timed forwards per token count (default 10)")
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
     parser.add_argument("--levels", type=_ints, help="engine concurrency levels (default 1,8,32)")
@@ -222,6 +225,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if unknown := set(args.parts) - set(PART_NAMES):
         parser.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PART_NAMES)}")
+    if unknown := set(args.forward_variants) - set(FORWARD_VARIANTS):
+        parser.error(f"unknown forward variants {sorted(unknown)}; choose from {','.join(FORWARD_VARIANTS)}")
     if args.gen_length % 32:
         parser.error(f"--gen-length {args.gen_length}: use a multiple of 32 (slot size 8, 4 serial blocks)")
     if args.device == "cpu" and args.config == "8b":

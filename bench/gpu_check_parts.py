@@ -116,13 +116,16 @@ class Workbench:
 
 # ---- part: forward ---------------------------------------------------------------------------------
 FORWARD_VARIANTS = {"default": {}, "flex": {"attention": "flex"}, "graphs": {"cuda_graphs": True},
-                    "flex+graphs": {"attention": "flex", "cuda_graphs": True}}
+                    "flex+graphs": {"attention": "flex", "cuda_graphs": True},
+                    "compiled": {"compile_layers": True}, "compiled+graphs": {"compile_layers": True, "cuda_graphs": True},
+                    "flex+compiled+graphs": {"attention": "flex", "compile_layers": True, "cuda_graphs": True}}
 
 
 def part_forward(bench: Workbench) -> tuple[dict, list[Row]]:
     """forward_latency's measurement on the shared model: one sequence, `context` cached tokens, N dropped
     query tokens with an argmax read on every row; median ms vs weight bytes / measured bandwidth. Once
-    per runner variant (FORWARD_VARIANTS: the attention backend, CUDA graphs), each over --runner-options;
+    per runner variant (FORWARD_VARIANTS: the attention backend, compiled layer kernels, CUDA graphs), each
+    over --runner-options;
     the first timed forward of a graph variant is preceded by an untimed one (time_forward warms up)."""
     args, model = bench.args, bench.model()
     weight_bytes = forward_latency.weight_read_bytes(model)

@@ -12,7 +12,8 @@ with `load_state_dict(..., assign=True)` from a model built on the meta device.
 
 from __future__ import annotations
 
-from typing import Protocol
+import functools
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., N] / rms(x) * weight [N]; the normalisation in float32, as HF Qwen3RMSNorm."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,11 +77,9 @@ class SelfAttention(nn.Module):
         self.qkv_proj: nn.Linear | None = None  # q/k/v merged by Qwen3.fuse_projections (serving)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+        """Separate projections (training); merged ones run as `attention_inputs` (DecoderLayer.forward)."""
         t, d, hq, hkv = x.shape[0], self.cfg.head_dim, self.cfg.num_heads, self.cfg.num_kv_heads
-        if self.qkv_proj is not None:  # one GEMM: [T, (Hq + 2 Hkv) * D]
-            q, k, v = self.qkv_proj(x).split((hq * d, hkv * d, hkv * d), dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.q_norm(q.view(t, hq, d))  # [T, Hq, D]
         k = self.k_norm(k.view(t, hkv, d))  # [T, Hkv, D]
         v = v.view(t, hkv, d)  # [T, Hkv, D]
@@ -94,11 +98,8 @@ class MLP(nn.Module):
         self.gate_up_proj: nn.Linear | None = None  # gate/up merged by Qwen3.fuse_projections (serving)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:  # one GEMM: [T, 2 * intermediate]
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        """Separate projections (training); merged ones run in `attention_output_mlp`."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -109,9 +110,69 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attend: AttentionFn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, attend: AttentionFn, kernels: LayerKernels | None = None) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]. With merged projections (Qwen3.fuse_projections: serving) the
+        work around attention runs as two `kernels` calls (EAGER_KERNELS unless given compiled ones);
+        unmerged (training, checkpoint tests) it runs module by module."""
+        attn, mlp = self.self_attn, self.mlp
+        if attn.qkv_proj is None or mlp.gate_up_proj is None:
+            x = x + attn(self.input_layernorm(x), cos, sin, attend)
+            return x + mlp(self.post_attention_layernorm(x))
+        kernels, cfg = kernels or EAGER_KERNELS, attn.cfg
+        q, k, v = kernels.attention_inputs(x, self.input_layernorm.weight, attn.qkv_proj.weight, attn.q_norm.weight,
+                                           attn.k_norm.weight, cos, sin, cfg.rms_norm_eps, cfg.num_heads,
+                                           cfg.num_kv_heads)
+        out = attend(attn.layer, q, k, v)  # [T, Hq, D]
+        return kernels.attention_output_mlp(x, out.reshape(x.shape[0], -1), attn.o_proj.weight,
+                                            self.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
+                                            mlp.down_proj.weight, cfg.rms_norm_eps)
+
+
+def attention_inputs(x: torch.Tensor, norm_weight: torch.Tensor, qkv_weight: torch.Tensor, q_norm_weight: torch.Tensor,
+                     k_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, num_heads: int,
+                     num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything of a layer before attention, merged projections: input RMSNorm, one QKV GEMM
+    (qkv_weight [(Hq + 2 Hkv) * D, hidden]), per-head q/k RMSNorm, RoPE (cos/sin [T, D]).
+    x [T, hidden] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D] (HF Qwen3Attention's order of operations)."""
+    t, d = x.shape[0], q_norm_weight.shape[0]
+    q, k, v = F.linear(rms_norm(x, norm_weight, eps), qkv_weight).split(
+        (num_heads * d, num_kv_heads * d, num_kv_heads * d), dim=-1)
+    q = apply_rope(rms_norm(q.view(t, num_heads, d), q_norm_weight, eps), cos, sin)
+    k = apply_rope(rms_norm(k.view(t, num_kv_heads, d), k_norm_weight, eps), cos, sin)
+    return q, k, v.view(t, num_kv_heads, d)
+
+
+def attention_output_mlp(x: torch.Tensor, attn_out: torch.Tensor, o_weight: torch.Tensor, norm_weight: torch.Tensor,
+                         gate_up_weight: torch.Tensor, down_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Everything of a layer after attention: o_proj and the residual add, post-attention RMSNorm, SwiGLU
+    on one gate/up GEMM (gate_up_weight [2 * intermediate, hidden]), down_proj and the residual add.
+    x [T, hidden], attn_out [T, Hq * D] -> the layer's output [T, hidden]."""
+    x = x + F.linear(attn_out, o_weight)
+    gate, up = F.linear(rms_norm(x, norm_weight, eps), gate_up_weight).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_weight)
+
+
+class LayerKernels(NamedTuple):
+    """The two per-layer functions around attention (DecoderLayer.forward), eager or compiled."""
+
+    attention_inputs: Callable
+    attention_output_mlp: Callable
+
+
+EAGER_KERNELS = LayerKernels(attention_inputs, attention_output_mlp)
+
+
+@functools.cache
+def compiled_kernels() -> LayerKernels:
+    """EAGER_KERNELS under torch.compile (fullgraph, dynamic token count): inductor fuses each RMSNorm
+    with the residual add before it, the q/k norms with RoPE and SiLU with the gate/up product, leaving
+    the GEMMs to the BLAS library: per layer a handful of kernels instead of ~40 small ones (the issue's
+    "fused work per layer"; vLLM and SGLang fuse the same ops with custom kernels). One compile per
+    process serves every layer and every runner (weights are arguments, not captured); the first steps
+    pay the compile (seconds on a GPU machine), a token count of 1 compiles once more (dynamo
+    specialises sizes 0/1). Compiled functions capture in CUDA graphs (workers.graphs)."""
+    compile = functools.partial(torch.compile, fullgraph=True, dynamic=True)
+    return LayerKernels(compile(attention_inputs), compile(attention_output_mlp))
 
 
 class Backbone(nn.Module):
@@ -168,12 +229,14 @@ class Qwen3(nn.Module):
                 state.update({prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up})
         return state
 
-    def hidden(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
-        """token_ids, positions [T] -> last hidden states [T, hidden] before the final norm."""
+    def hidden(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn,
+               kernels: LayerKernels | None = None) -> torch.Tensor:
+        """token_ids, positions [T] -> last hidden states [T, hidden] before the final norm. kernels: the
+        per-layer functions around attention (DecoderLayer.forward); default EAGER_KERNELS."""
         x = self.model.embed_tokens(token_ids)  # [T, H]
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attend)
+            x = layer(x, cos, sin, attend, kernels)
         return x
 
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from workers.attention_flex import FlexStepAttention
 from workers.batch import Segment, SegmentResult
 from workers.graphs import GraphPolicy, StepGraphs
 from workers.kv_cache import PagedKVCache, blocks_for_budget
-from workers.model import Qwen3, build_model
+from workers.model import Qwen3, build_model, compiled_kernels
 from workers.packing import PackedStep, pack_step
 from workers.step import step_forward
 from workers.transfer import StepUploader
@@ -74,7 +74,7 @@ class ModelRunner:
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | None = None,
                  block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
-                 cuda_graphs: bool | dict = False, attention: str = "sdpa"):
+                 cuda_graphs: bool | dict = False, attention: str = "sdpa", compile_layers: bool = False):
         """Load a Qwen3 HF directory (workers.loader; errors are ModelDirError).
 
         dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA. device: default cuda when
@@ -84,7 +84,9 @@ class ModelRunner:
         steps from CUDA graphs per layout; off by default until measured on a GPU. Raises ValueError for
         cuda_graphs on a device that is not CUDA. attention: "sdpa" (workers.attention: gathers each
         sequence's context; portable, the default) or "flex" (workers.attention_flex: reads the paged
-        cache in place; for CUDA, unmeasured so far); ValueError for another name.
+        cache in place; for CUDA, unmeasured so far); ValueError for another name. compile_layers: run
+        the work around attention (norms, residual adds, RoPE, SwiGLU) through torch.compile
+        (workers.model.compiled_kernels: fused kernels); off by default until measured on a GPU.
         """
         device, dtype = _device_and_dtype(device, dtype)
         model_dir = Path(model_dir)
@@ -95,30 +97,36 @@ class ModelRunner:
         model = build_model(config, weights, dtype=dtype, device=device)
         del weights  # the model holds the tensors now: fusing below then frees the unfused ones
         model.fuse_projections()
-        self._setup(model, tokenizer, mask_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs, attention)
+        self._setup(model, tokenizer, mask_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs, attention,
+                    compile_layers)
 
     @classmethod
     def from_model(cls, model: Qwen3, *, mask_token_id: int, tokenizer=None, block_size: int = 16,
                    num_blocks: int | None = None, kv_memory_bytes: int | None = None,
-                   cuda_graphs: bool | dict = False, attention: str = "sdpa", fuse_projections: bool = True) -> ModelRunner:
+                   cuda_graphs: bool | dict = False, attention: str = "sdpa", fuse_projections: bool = True,
+                   compile_layers: bool = False) -> ModelRunner:
         """A runner over an already built model (benchmarks: `workers.model.random_model`); no directory.
         fuse_projections: merge q/k/v and gate/up weights (Qwen3.fuse_projections), as loading does;
-        False keeps the model's tensors shared with whoever else holds them (a baseline on the same weights)."""
+        False keeps the model's tensors shared with whoever else holds them (a baseline on the same weights);
+        compile_layers then has no effect (the compiled functions take the merged weights)."""
         if fuse_projections:
             model.fuse_projections()
         runner = cls.__new__(cls)
-        runner._setup(model, tokenizer, mask_token_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs, attention)
+        runner._setup(model, tokenizer, mask_token_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs, attention,
+                      compile_layers)
         return runner
 
     def _setup(self, model: Qwen3, tokenizer, mask_id: int, block_size: int, num_blocks: int | None,
-               kv_memory_bytes: int | None, cuda_graphs: bool | dict = False, attention: str = "sdpa") -> None:
+               kv_memory_bytes: int | None, cuda_graphs: bool | dict = False, attention: str = "sdpa",
+               compile_layers: bool = False) -> None:
         config, weight = model.cfg, model.lm_head.weight
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype = weight.device, weight.dtype
         n = blocks_for_budget(config, block_size, self.dtype, self.device, num_blocks, kv_memory_bytes)
         self.kv = PagedKVCache(config, n + 1, block_size, self.dtype, self.device)  # + the scratch block
         self.scratch_block = n
-        self.step_fn = _step_function(cuda_graphs, self.device, attention)
+        self.step_fn = _step_function(cuda_graphs, self.device, attention, compile_layers)
+        self.attention, self.compile_layers = attention, compile_layers
         self._uploader = StepUploader(self.device)
         self.info = ModelInfo(
             vocab_size=config.vocab_size, eos_token_id=config.eos_token_id, mask_token_id=mask_id,
@@ -128,8 +136,10 @@ class ModelRunner:
         )
 
     def stats(self) -> dict:
-        """For /v1/engine: the CUDA graphs held and what capturing them cost (workers.graphs), if on."""
-        return {"cuda_graphs": self.step_fn.stats() if isinstance(self.step_fn, StepGraphs) else None}
+        """For /v1/engine: the attention backend, whether layer kernels are compiled, and the CUDA graphs
+        held and what capturing them cost (workers.graphs; None when off)."""
+        return {"attention": self.attention, "compile_layers": self.compile_layers,
+                "cuda_graphs": self.step_fn.stats() if isinstance(self.step_fn, StepGraphs) else None}
 
     def pack(self, segments: Sequence[Segment], block_tables: Sequence[list[int]]) -> PackedStep:
         """Pack and validate a step (host only). Raises SegmentError naming the culprit segment."""
@@ -157,12 +167,16 @@ class ModelRunner:
 ATTENTION = {"sdpa": StepAttention, "flex": FlexStepAttention}
 
 
-def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: str = "sdpa"):
-    """step_forward with the chosen attention, under StepGraphs when cuda_graphs is set (True or
-    GraphPolicy fields)."""
+def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: str = "sdpa",
+                   compile_layers: bool = False):
+    """step_forward with the chosen attention and layer kernels, under StepGraphs when cuda_graphs is set
+    (True or GraphPolicy fields)."""
     if attention not in ATTENTION:
         raise ValueError(f"attention: {attention!r} is not one of {sorted(ATTENTION)}")
-    step = step_forward if attention == "sdpa" else functools.partial(step_forward, attention_cls=ATTENTION[attention])
+    if not isinstance(compile_layers, bool):
+        raise ValueError(f"compile_layers: {compile_layers!r} is not true or false")
+    step = functools.partial(step_forward, attention_cls=ATTENTION[attention],
+                             kernels=compiled_kernels() if compile_layers else None)
     if not cuda_graphs:
         return step
     if device.type != "cuda":

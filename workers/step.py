@@ -52,16 +52,17 @@ def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
 
 
 def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayout,
-                 attention_cls=StepAttention) -> tuple[torch.Tensor, torch.Tensor]:
+                 attention_cls=StepAttention, kernels=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One packed step on the device: forward of every token, K/V written to their slots, reads of
     every read row. model: workers.model.Qwen3 (or anything with cfg, hidden(), logits()).
     attention_cls: StepAttention (gathers context; portable) or workers.attention_flex.FlexStepAttention
-    (reads the paged cache in place). Returns (values [2, R] float64, logits [R, V] float32); R == 0
-    skips the LM head."""
+    (reads the paged cache in place). kernels: workers.model.LayerKernels for the work around attention
+    (None: eager; workers.model.compiled_kernels(): fused by torch.compile). Returns (values [2, R]
+    float64, logits [R, V] float32); R == 0 skips the LM head."""
     a = step_arrays(buffer, layout)
     cfg = model.cfg
     attention = attention_cls(kv, a, layout, cfg.num_heads // cfg.num_kv_heads)
-    hidden = model.hidden(a.token_ids, a.positions, attention)  # [T, hidden]
+    hidden = model.hidden(a.token_ids, a.positions, attention, kernels)  # [T, hidden]
     if layout.num_reads == 0:
         return (torch.empty((2, 0), dtype=torch.float64, device=buffer.device),
                 torch.empty((0, cfg.vocab_size), dtype=torch.float32, device=buffer.device))

@@ -208,3 +208,43 @@ def test_flex_long_prefill_no_sync_and_graphs(tiny_model_dir):
         if options:
             assert runner.stats()["cuda_graphs"]["replays"] >= 3
     assert tokens["flex+graphs"] == tokens["sdpa"]
+
+
+def test_compiled_layers_on_cuda_match_transformers_and_replay(tiny_model_dir):
+    """compile_layers=True (workers.model.compiled_kernels: inductor's Triton kernels around attention)
+    against the dense transformers oracle; no host sync inside a compiled step; and with cuda_graphs
+    the decode steps replay and give what the eager runner gives."""
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, num_blocks=32, compile_layers=True)
+    session = RunnerSession(runner)
+    ra, rb, rc = _mixed_batch(session, runner.info.mask_token_id)
+    mask, tol = runner.info.mask_token_id, 1e-3
+    assert (result_logits(ra)[0] - dense_logits(tiny_model_dir, list(range(5, 15)))[9]).abs().max() < tol
+    assert (result_logits(rb) - dense_logits(tiny_model_dir, list(range(20, 28)) + [mask, mask])[6:]).abs().max() < tol
+    assert (result_logits(rc)[:2] - dense_logits(tiny_model_dir, [30, 31])).abs().max() < tol
+    assert (result_logits(rc)[2:] - dense_logits(tiny_model_dir, [32, 33], [2, 3])).abs().max() < tol
+    step = runner.pack([segment("q", 0, list(range(5, 45)))], [[20, 21, 22]])
+    buffer = runner._uploader.upload(step.buffer)
+    with torch.inference_mode():
+        runner.step_fn(runner.model, runner.kv, buffer, step.layout)  # compiled already; warms this shape
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises
+    try:
+        with torch.inference_mode():
+            runner.step_fn(runner.model, runner.kv, buffer, step.layout)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    tokens = {}
+    for name, options in (("eager", {}), ("compiled+graphs", {"compile_layers": True, "cuda_graphs": True})):
+        runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, num_blocks=64, **options)
+        session = RunnerSession(runner)
+        seqs = {"a": list(range(5, 35)), "b": list(range(60, 75)), "c": [7]}
+        session.execute([segment(s, 0, p, reads=Reads()) for s, p in seqs.items()])
+        for _ in range(5):
+            results = session.execute([segment(s, session.cached_len(s), [t[-1]], reads=Reads(argmax=(0,)))
+                                       for s, t in seqs.items()])
+            for r in results:
+                seqs[r.seq_id].append(r.tokens[0])
+        tokens[name] = seqs
+        if options:
+            assert runner.stats()["cuda_graphs"]["replays"] >= 3
+    assert tokens["compiled+graphs"] == tokens["eager"]

@@ -1,0 +1,95 @@
+"""`ModelRunner(compile_layers=True)`: the work around attention runs through torch.compile
+(workers.model.compiled_kernels, inductor on the CPU here) and gives the eager runner's results on the
+same weights, step after step: prefills of different lengths, AR decode, a ReFusion plan (masks dropped)
+and a verify, with K/V written by one step read by the next. Token counts vary from step to step, and
+the dynamic-shape compile serves them all without a recompile per count.
+
+Inductor compiles in-process (compile_threads=1) and emits scalar C++ (simdlen 0: much faster gcc); the
+model is the tiny test model's shape with two layers (the compiled functions are shared by every layer)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hf_oracle import result_logits, segment  # noqa: E402
+from workers.batch import Reads  # noqa: E402
+from workers.loader import read_config  # noqa: E402
+from workers.model import compiled_kernels, random_model  # noqa: E402
+from workers.runner import ModelRunner  # noqa: E402
+from workers.session import RunnerSession  # noqa: E402
+
+INDUCTOR_CPU = {"compile_threads": 1, "cpp.simdlen": 0}
+
+
+@pytest.fixture(scope="module")
+def sessions(tiny_model_dir):
+    cfg = dataclasses.replace(read_config(tiny_model_dir), num_layers=2)
+    model = random_model(cfg, dtype=torch.float32, device="cpu", seed=7, std=0.2)
+    eager = ModelRunner.from_model(copy.deepcopy(model), mask_token_id=cfg.mask_token_id, block_size=4, num_blocks=96)
+    compiled = ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, block_size=4, num_blocks=96,
+                                      compile_layers=True)
+    return RunnerSession(eager), RunnerSession(compiled)
+
+
+def _steps(mask_id: int):
+    """(name, segments builder) in order; each builder gets the session to read context lengths from."""
+    prompts = {"a": list(range(3, 20)), "b": list(range(40, 47)), "c": [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11]}
+
+    def prefill(session):
+        return [segment(s, 0, ids) for s, ids in prompts.items()]
+
+    def decode(session):  # one token per sequence: the AR shape, T = 3
+        return [segment(s, session.cached_len(s), [50 + i]) for i, s in enumerate(prompts)]
+
+    def decode_one(session):  # T = 1: dynamo specialises size 1, one more compile
+        return [segment("a", session.cached_len("a"), [60])]
+
+    def plan(session):  # 2 new context tokens kept + 2 slots of 3 masks dropped, argmax on the masks
+        out = []
+        for i, s in enumerate(("a", "b")):
+            ctx = session.cached_len(s)
+            out.append(segment(s, ctx, [70 + i, 71 + i] + [mask_id] * 6, keep=2, reads=Reads(argmax=tuple(range(2, 8)))))
+        return out
+
+    def verify(session):  # clean drafts kept, probabilities of the drafted tokens
+        ctx = session.cached_len("c")
+        return [segment("c", ctx, [30, 31, 32, 33], keep=4, reads=Reads(prob=(0, 1, 2), prob_tokens=(31, 32, 33)))]
+
+    return [("prefill", prefill), ("decode", decode), ("decode_one", decode_one), ("plan", plan), ("verify", verify)]
+
+
+def test_compiled_layers_match_eager_step_by_step(sessions):
+    eager, compiled = sessions
+    assert compiled.runner.step_fn.keywords["kernels"] is compiled_kernels()
+    assert eager.runner.stats()["compile_layers"] is False and compiled.runner.stats()["compile_layers"] is True
+    torch._dynamo.reset()
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch._inductor.config.patch(INDUCTOR_CPU):
+        for name, build in _steps(eager.runner.info.mask_token_id):
+            want, got = eager.execute(build(eager)), compiled.execute(build(compiled))
+            for w, g in zip(want, got, strict=True):
+                assert g.seq_id == w.seq_id
+                if w.logits:
+                    torch.testing.assert_close(result_logits(g), result_logits(w), rtol=1e-4, atol=1e-4,
+                                               msg=lambda m: f"{name} {w.seq_id}: {m}")
+                else:
+                    assert g.tokens == w.tokens, (name, w.seq_id)
+                    assert g.probs == pytest.approx(w.probs, rel=1e-4, abs=1e-6), (name, w.seq_id)
+    for s in ("a", "b", "c"):  # both caches hold the same sequences, written by the same steps
+        assert compiled.cached_len(s) == eager.cached_len(s)
+    for a, b in zip(compiled.runner.kv.k + compiled.runner.kv.v, eager.runner.kv.k + eager.runner.kv.v):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # five steps of token counts 35, 3, 1, 16, 4: each function compiles for a symbolic count and once
+    # more for a count of 1, not once per count
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before
+    assert 2 <= graphs <= 4, graphs
+
+
+def test_compile_layers_must_be_a_bool(tiny_model_dir):
+    with pytest.raises(ValueError, match="compile_layers"):
+        ModelRunner(tiny_model_dir, compile_layers="yes", num_blocks=8)
