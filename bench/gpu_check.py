@@ -6,7 +6,8 @@ Parts (`--parts`, default all, run in this order; each one's failure is recorded
                  per runner variant (--forward-variants): default (sdpa attention), flex (the paged cache
                  read in place, workers/attention_flex.py), graphs (cuda_graphs, workers/graphs.py),
                  compiled (compile_layers: fused kernels around attention, workers.model), and combinations
-    engine       the engine, AR and ReFusion, at 1/8/32 concurrent requests: tok/s, tok/forward, ITL p50
+    engine       the engine, AR and ReFusion, at 1/8/32 concurrent requests: tok/s, tok/forward, ITL p50;
+                 on the forward part's fastest runner variant (--engine-variant), as are the baselines
     baselines    one request at batch 1, engine vs transformers on the same weight tensors and tokens:
                  `generate` (AR) and tests/decoding/oracle.py's refusion_oracle (ReFusion, dynamic cache)
     concurrency  bench/concurrency.py on the shipped model, short (subprocess; skipped without structlog)
@@ -19,7 +20,8 @@ and >= 4,000 tok/s at 32 requests; a ReFusion step >= 8x faster than the batch-1
 writes one JSON file; exits 1 if any part failed (unmet targets are not failures).
 
     python bench/gpu_check.py --json gpu_check.json                  # CUDA: 8b config, bf16
-    ... --runner-options '{"cuda_graphs": true}'                     # the runner with options (default: its defaults)
+    ... --runner-options '{"cuda_graphs": true}'                     # options on top of every runner variant
+    ... --engine-variant compiled+graphs                             # engine/baselines runner (default: fastest forward)
     OMP_NUM_THREADS=1 python bench/gpu_check.py --device cpu         # dry run: tiny config, well under a minute
 
 The GPU machine (device tool) has torch, transformers and pytest but neither structlog (the engine
@@ -169,6 +171,8 @@ def machine(bench: Workbench) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "device": str(bench.device), "dtype": str(bench.dtype).removeprefix("torch."), "config": bench.args.config,
             "runner_options": bench.args.runner_options,
+            "engine_variant": bench.engine_variant() if "runner" in bench._built else None,
+            "engine_variant_rule": bench.args.engine_variant,
             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if bench.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(bench.device)
@@ -177,11 +181,14 @@ def machine(bench: Workbench) -> dict:
 
 
 def table(info: dict, records: dict) -> str:
-    cfg = CONFIGS[info["config"]]
+    cfg, engine = CONFIGS[info["config"]], ""
+    if info.get("engine_variant"):
+        chosen = " (the fastest forward)" if info["engine_variant_rule"] == "fastest" else ""
+        engine = f"; engine and baselines on the forward variant `{info['engine_variant']}`{chosen}"
     lines = [f"Machine: {info.get('gpu', platform.machine() + ' CPU')}, torch {info['torch']}, transformers "
              f"{info['transformers']}. Model: {info['config']} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
              f"vocab {cfg.vocab_size}, {info['dtype']}), random weights. Runner options: "
-             f"{json.dumps(info['runner_options']) if info['runner_options'] else 'defaults'}.", "",
+             f"{json.dumps(info['runner_options']) if info['runner_options'] else 'defaults'}{engine}.", "",
              "| part | status | measurement | value | target | verdict |", "|---|---|---|---|---|---|"]
     for name, rec in records.items():
         status = f"{rec['status']} ({rec.get('seconds', 0):.0f} s)"
@@ -217,6 +224,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gen-length", type=int, help="tokens per request, a multiple of 32 (default 128)")
     parser.add_argument("--token-budget", type=int, default=512, help="engine query tokens per forward")
     parser.add_argument("--concurrency-args", help="arguments of bench/concurrency.py")
+    parser.add_argument("--engine-variant", default="fastest",
+                        help="forward variant the engine and baselines parts run on: a variant name, or fastest "
+                             "(lowest forward medians of this run; default when the forward part did not run)")
     parser.add_argument("--runner-options", type=json.loads, default={},
                         help='JSON of ModelRunner options for forward/engine/baselines, e.g. \'{"cuda_graphs": true}\'')
     args = parser.parse_args(argv)
@@ -225,6 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if unknown := set(args.parts) - set(PART_NAMES):
         parser.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PART_NAMES)}")
+    if args.engine_variant != "fastest" and args.engine_variant not in FORWARD_VARIANTS:
+        parser.error(f"--engine-variant {args.engine_variant}: choose fastest or one of {','.join(FORWARD_VARIANTS)}")
     if unknown := set(args.forward_variants) - set(FORWARD_VARIANTS):
         parser.error(f"unknown forward variants {sorted(unknown)}; choose from {','.join(FORWARD_VARIANTS)}")
     if args.gen_length % 32:

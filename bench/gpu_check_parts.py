@@ -82,6 +82,7 @@ class Workbench:
         self.cfg = CONFIGS[args.config]
         self.deadline = time.monotonic() + args.budget_s
         self._built: dict = {}
+        self.forward_results: dict[str, dict] = {}  # variant -> the forward part's measurements
 
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -98,12 +99,25 @@ class Workbench:
     def tokenizer(self) -> ClippedTokenizer:
         return self.shared("tokenizer", lambda: ClippedTokenizer(load_tokenizer(SHIPPED_MODEL)))
 
+    def engine_variant(self) -> str:
+        """The forward variant the engine and baselines parts run: --engine-variant, or with "fastest" the
+        variant whose forward part medians summed over the token counts are lowest ("default" when the
+        forward part did not run or no variant measured). Fixed at the first call."""
+        def choose() -> str:
+            if self.args.engine_variant != "fastest":
+                return self.args.engine_variant
+            sums = {name: sum(t["median_ms"] for t in found["tokens"].values())
+                    for name, found in self.forward_results.items() if found.get("tokens")}
+            return min(sums, key=sums.get) if sums else "default"
+        return self.shared("engine_variant", choose)
+
     def engine_runner(self) -> ModelRunner:
         # Room for every request of the largest level at once (prompt, generation, slack), prefix cache aside.
         per_request = (64 + self.args.gen_length) // 16 + 4
         blocks = max(self.args.levels) * per_request + 64
+        options = {**FORWARD_VARIANTS[self.engine_variant()], **self.args.runner_options}
         return self.shared("runner", lambda: ModelRunner.from_model(
-            self.model(), mask_token_id=self.cfg.mask_token_id, num_blocks=blocks, **self.args.runner_options))
+            self.model(), mask_token_id=self.cfg.mask_token_id, num_blocks=blocks, **options))
 
     def decode_params(self) -> dict:
         """Request parameters: the serving defaults, with this run's gen_length, all named explicitly."""
@@ -143,7 +157,7 @@ def part_forward(bench: Workbench) -> tuple[dict, list[Row]]:
             results["variants"][variant] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             rows.append(Row(f"forward [{variant}]", f"FAILED: {type(exc).__name__}: {str(exc)[:120]}", "-", False))
             continue
-        results["variants"][variant] = found
+        results["variants"][variant] = bench.forward_results[variant] = found
         rows += [dataclasses.replace(row, measurement=f"{row.measurement} [{variant}]") for row in variant_rows]
     return results, rows
 

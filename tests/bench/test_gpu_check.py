@@ -34,6 +34,11 @@ def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
     for variant in forward["variants"].values():
         assert set(variant["tokens"]) == {"1", "8"}
         assert all(t["median_ms"] > 0 and t["over_floor"] > 0 for t in variant["tokens"].values())
+    # engine and baselines run on the forward variant with the lowest summed medians of this run
+    sums = {name: sum(t["median_ms"] for t in v["tokens"].values()) for name, v in forward["variants"].items()}
+    assert report["machine"]["engine_variant"] == min(sums, key=sums.get)
+    assert parts["engine"]["results"]["runner_stats"]["attention"] == forward["variants"][min(sums, key=sums.get)][
+        "options"].get("attention", "sdpa")
     for mode in ("ar", "refusion"):
         levels = parts["engine"]["results"][mode]
         assert set(levels) == {"1", "2"}
@@ -83,3 +88,17 @@ def test_parts_past_the_time_budget_are_skipped(tmp_path):
     parts = json.loads(out.read_text())["parts"]
     assert list(parts) == ["forward", "baselines"]
     assert all(p["status"] == "skipped" and "budget" in p["error"] for p in parts.values())
+
+
+def test_engine_variant_given_by_name_builds_that_runner():
+    args = gpu_check.parse_args(["--device", "cpu", "--engine-variant", "flex", "--runner-options", '{"block_size": 8}'])
+    runner = gpu_check.Workbench(args).engine_runner()
+    assert runner.stats()["attention"] == "flex" and runner.info.block_size == 8
+
+
+def test_unknown_engine_variant_is_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--device", "cpu", "--engine-variant", "turbo"])
+    assert "--engine-variant turbo: choose fastest or one of default,flex" in capsys.readouterr().err
