@@ -52,7 +52,7 @@ class ZeroCostModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.lm_head = nn.Linear(1, cfg.vocab_size, bias=False)  # [V, 1]: its weight places the runner
 
-    def hidden(self, token_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    def hidden(self, token_ids: torch.Tensor, positions: torch.Tensor, attend, kernels=None) -> torch.Tensor:
         """[T] -> [T, hidden]: no layer runs, so `attend` is never called."""
         return self.embed(token_ids)
 
@@ -65,7 +65,7 @@ def stand_in_runner(device: str, vocab: int, num_blocks: int) -> ModelRunner:
                       num_kv_heads=1, head_dim=8, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
                       eos_token_id=0, mask_token_id=1)
     model = ZeroCostModel(cfg).to(device).eval()
-    return ModelRunner.from_model(model, mask_token_id=1, block_size=16, num_blocks=num_blocks)
+    return ModelRunner.from_model(model, mask_token_id=1, block_size=16, num_blocks=num_blocks, fuse_projections=False)
 
 
 def segments_for(shape: str, n: int, context: int, s: int, slots: int, mask: int) -> list[Segment]:

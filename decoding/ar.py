@@ -128,12 +128,12 @@ class ARDecoder:
         return self.output_ids()
 
     def output_ids(self) -> list[int]:
-        out = list(self.prior_ids)
-        for tok in self.generated:
-            if tok == self.params.eos_token_id:
-                break
-            out.append(tok)
-        return out
+        # Called a few times per step per request (streaming, token counts): list operations in C, not
+        # a Python loop over every generated token (that was O(n) interpreted work per token).
+        generated, eos = self.generated, self.params.eos_token_id
+        if eos in generated:
+            generated = generated[: generated.index(eos)]
+        return self.prior_ids + generated
 
     def at_block_boundary(self) -> bool:
         """Between tokens, when the tokens left fill whole ReFusion blocks (so both modes share one grid)."""

@@ -69,6 +69,7 @@ class RefusionDecoder:
         self.stats = h.stats if h else DecodeStats()
         self.phase = Phase.PREFILL if span else Phase.FINISHED
         self.accepted: dict[int, int] = {}  # logical position -> token, every committed generated token
+        self._stream_run: list[int] = []  # accepted tokens contiguous from gen_start, EOS excluded (stream_ids)
         self.gen_cached = 0  # generated tokens in the cache (committed)
         self.finish_after_block = False
         self.chosen: list[Draft] = []
@@ -145,20 +146,21 @@ class RefusionDecoder:
         }[self.phase](list(zip(result.tokens, result.probs)))
 
     def stream_ids(self) -> list[int]:
-        out = list(self.prior_ids)
-        pos = self.gen_start
-        while pos in self.accepted and self.accepted[pos] != self.params.eos_token_id:
-            out.append(self.accepted[pos])
+        # The contiguous run from gen_start only grows (accepted tokens are never taken back), so it is
+        # extended from where the previous call stopped: per step O(new tokens), not O(generated).
+        run, accepted, eos = self._stream_run, self.accepted, self.params.eos_token_id
+        pos = self.gen_start + len(run)
+        while pos in accepted and accepted[pos] != eos:
+            run.append(accepted[pos])
             pos += 1
-        return out
+        return self.prior_ids + run
 
     def output_ids(self) -> list[int]:
-        out = list(self.prior_ids)
-        for pos in sorted(self.accepted):
-            if self.accepted[pos] == self.params.eos_token_id:
-                break
-            out.append(self.accepted[pos])
-        return out
+        accepted, eos = self.accepted, self.params.eos_token_id
+        tokens = [accepted[pos] for pos in sorted(accepted)]
+        if eos in tokens:
+            tokens = tokens[: tokens.index(eos)]
+        return self.prior_ids + tokens
 
     def at_block_boundary(self) -> bool:
         return self._in_flight is None and self.phase in (Phase.PREFILL, Phase.NEXT_BLOCK)

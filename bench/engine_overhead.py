@@ -1,0 +1,171 @@
+"""Host time per engine step: the whole engine (scheduler, decoders, KV ownership, detokenizing,
+streaming) on a model whose forward costs nothing, at 1/8/32/64 concurrent requests, AR and ReFusion.
+
+On a GPU an engine step costs its device time plus whatever the host does between forwards, because
+the engine loop is serial (schedule -> execute -> postprocess, scheduler/engine.py). This measures the
+second part on any machine: `ModelRunner` runs bench/step_overhead.py's zero-cost stand-in (no layer;
+the LM head an outer product), made to predict one token with a chosen confidence so requests run to
+`--gen-length` and ReFusion takes the path a real model would:
+
+    confident    the token's probability ~1: ReFusion's drafts verify, slots are accepted in parallel
+    uncertain    a small margin (argmax stable, probability ~1/V): ReFusion's single-slot fallback
+
+Reported per level: ms per engine step (wall / forwards), of which inside `ModelRunner.execute`
+(packing, validation, copies, the step's reads and unpacking: bench/step_overhead.py's column) and
+outside it (scheduler, decoders, KV bookkeeping, detokenizer, asyncio, streaming); tokens per
+forward; and the host ceiling: tokens per second if the device took no time at all. Issue "CUDA fast
+path": AR at 32 requests >= 4,000 tok/s needs a whole step under 8 ms, device time included.
+
+    OMP_NUM_THREADS=1 python bench/engine_overhead.py
+    ... --profile 32          # also cProfile one AR level of 32 requests: the top functions by own time
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import logging
+import os
+import platform
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import structlog  # noqa: E402
+import torch  # noqa: E402
+
+from concurrency import run_level, summarize  # noqa: E402
+from scheduler.api import Mode  # noqa: E402
+from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
+from scheduler.engine import Engine  # noqa: E402
+from step_overhead import stand_in_runner  # noqa: E402
+from workers.loader import load_tokenizer  # noqa: E402
+
+SHIPPED = ROOT / "models" / "refusion-tiny-code"
+CONFIDENCE = {"confident": 40.0, "uncertain": 0.5}  # logit of the predicted token; every other logit is 0
+
+
+def runner_predicting(token: int, logit: float, vocab: int, num_blocks: int, device: str):
+    """The zero-cost runner whose every row's logits are `logit` at `token` and 0 elsewhere."""
+    runner = stand_in_runner(device, vocab, num_blocks)
+    with torch.no_grad():
+        runner.model.embed.weight.fill_(1.0)  # hidden rows: ones, so logits = weight column
+        runner.model.lm_head.weight.zero_()
+        runner.model.lm_head.weight[token, 0] = logit
+    return runner
+
+
+class TimedRunner:
+    """Wraps a runner's execute to add up the time spent inside it (the engine calls it in a thread)."""
+
+    def __init__(self, runner):
+        self.runner, self.seconds, self.calls = runner, 0.0, 0
+        inner = runner.execute
+
+        def execute(segments, block_tables):
+            start = time.perf_counter()
+            try:
+                return inner(segments, block_tables)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        runner.execute = execute
+
+
+async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: int | None) -> list[dict]:
+    token = tokenizer.encode(" x")[0]
+    runner = runner_predicting(token, CONFIDENCE[confidence], len(tokenizer), args.num_blocks, args.device)
+    timed = TimedRunner(runner)
+    config = EngineConfig(max_running=max(64, max(args.levels)), token_budget=args.token_budget,
+                          routing=RoutingConfig(calibrate=False))
+    engine = Engine(runner, tokenizer, config)
+    params = {"gen_length": args.gen_length, "slot_size": 8, "serial_num_blocks": 4}
+    await engine.start()
+    rows = []
+    try:
+        for c in args.levels:
+            total = max(2 * c, 4)
+            await run_level(engine, tokenizer, mode, c, c, params, f"warm{c}")  # untimed: allocator, caches
+            engine.clear_prefix_cache()
+            forwards, inside = engine.forwards, timed.seconds
+            profiler = cProfile.Profile() if profile_level == c and mode is Mode.AR else None
+            if profiler:
+                profiler.enable()
+            run = await run_level(engine, tokenizer, mode, c, total, params, f"c{c}")
+            if profiler:
+                profiler.disable()
+            steps, inside = engine.forwards - forwards, timed.seconds - inside
+            summary = summarize([run])
+            tokens = sum(r["tokens"] for r in run["records"])
+            rows.append({"mode": mode.value, "confidence": confidence, "requests": c, "steps": steps,
+                         "tokens": tokens, "ms_per_step": run["wall"] / steps * 1e3,
+                         "runner_ms": inside / steps * 1e3, "outside_ms": (run["wall"] - inside) / steps * 1e3,
+                         "tpf": summary["tpf"], "ceiling_tok_s": tokens / run["wall"],
+                         "profile": _top(profiler, args.profile_rows) if profiler else None})
+            print(f"[engine_overhead] {mode.value} {confidence} c={c}: {rows[-1]['ms_per_step']:.2f} ms/step",
+                  flush=True)
+    finally:
+        await engine.stop(drain_timeout_s=0)
+    return rows
+
+
+def _top(profiler: cProfile.Profile, n: int) -> str:
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("tottime").print_stats(n)
+    return out.getvalue()
+
+
+def table(rows: list[dict], args) -> str:
+    lines = [f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch "
+             f"{torch.__version__}, device {args.device}. Zero-cost stand-in model (vocab of the shipped tokenizer), "
+             f"gen_length {args.gen_length}, slot size 8, token budget {args.token_budget}; requests = closed-loop "
+             f"clients, 2 x requests (at least 4) finished per level after an untimed round.", "",
+             "| mode | model | requests | steps | ms / step | in runner.execute ms | outside ms | tokens / forward "
+             "| host ceiling tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['confidence']} | {r['requests']} | {r['steps']} | {r['ms_per_step']:.2f} | "
+                     f"{r['runner_ms']:.2f} | {r['outside_ms']:.2f} | {r['tpf']:.2f} | {r['ceiling_tok_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
+    parser.add_argument("--gen-length", type=int, default=128)
+    parser.add_argument("--token-budget", type=int, default=2048)
+    parser.add_argument("--num-blocks", type=int, default=2048)
+    parser.add_argument("--modes", default="ar,refusion")
+    parser.add_argument("--confidence", default="confident,uncertain", help="ReFusion runs each; AR the first")
+    parser.add_argument("--profile", type=int, help="cProfile the AR level with this many requests")
+    parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--append", type=Path, help="append the table to this markdown file")
+    args = parser.parse_args(argv)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    tokenizer = load_tokenizer(SHIPPED)
+    confidences = args.confidence.split(",")
+    rows = []
+    for mode in (Mode(m) for m in args.modes.split(",")):
+        for confidence in confidences if mode is Mode.REFUSION else confidences[:1]:
+            rows += asyncio.run(measure(args, mode, confidence, tokenizer, args.profile))
+    text = table(rows, args)
+    print(text)
+    for r in rows:
+        if r["profile"]:
+            print(f"\ncProfile, {r['mode']} {r['requests']} requests, by own time:\n{r['profile']}")
+    if args.append:
+        with args.append.open("a") as f:
+            f.write("\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""bench/step_overhead.py and bench/engine_overhead.py run (their zero-cost stand-in model has to keep up
+with the runner's model interface) and measure what they claim: the engine on the stand-in runs every
+request to gen_length, AR one token per forward, ReFusion with confident drafts accepts whole slots."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import engine_overhead  # noqa: E402
+import step_overhead  # noqa: E402
+
+
+def test_step_overhead_runs_every_shape(capsys):
+    assert step_overhead.main(["--requests", "1,4", "--repeats", "2", "--vocab", "64"]) == 0
+    out = capsys.readouterr().out
+    for shape in step_overhead.SHAPES:
+        assert f"| {shape} | 4 |" in out, shape
+
+
+def test_engine_overhead_on_the_zero_cost_model(capsys, tmp_path):
+    table = tmp_path / "t.md"
+    assert engine_overhead.main(["--levels", "1,2", "--gen-length", "32", "--append", str(table)]) == 0
+    rows = [line.split("|")[1:-1] for line in table.read_text().splitlines() if line.startswith("| ar")
+            or line.startswith("| refusion")]
+    by = {(r[0].strip(), r[1].strip(), int(r[2])): r for r in rows}
+    assert set(by) == {(m, c, n) for m, c in (("ar", "confident"), ("refusion", "confident"),
+                                               ("refusion", "uncertain")) for n in (1, 2)}
+    for (mode, confidence, n), r in by.items():
+        steps, ms, inside, outside, tpf = int(r[3]), float(r[4]), float(r[5]), float(r[6]), float(r[7])
+        assert steps > 0 and ms > 0 and inside > 0 and outside > 0
+        assert abs(inside + outside - ms) < 0.02 + 0.01 * ms  # the two parts make up the step
+        if mode == "ar":
+            assert tpf == 1.0
+            assert steps >= 32 * max(2 * n, 4) / n  # one token per request per step, 32 tokens each
+        elif confidence == "confident":
+            assert tpf > 2.0  # whole slots verified at once
+        else:
+            assert tpf < 1.0  # single-slot fallback: a draft and a verify per token
