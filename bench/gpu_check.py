@@ -97,8 +97,15 @@ def part_gpu_tests(bench: Workbench) -> tuple[dict, list[Row]]:
         raise PartSkipped("no CUDA")
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu", f"--junitxml={report}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(300, bench.time_left())))
+        cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/gpu", f"--junitxml={report}"]
+        limit = max(30, min(300, bench.time_left()))
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+        except subprocess.TimeoutExpired as exc:  # -v: the tail names the tests that finished and the one running
+            tail = (exc.stdout or b"")[-3000:]
+            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+            raise PartFailed({"output_tail": tail}, [Row("pytest tests/gpu", f"timed out after {limit:.0f} s", "all pass",
+                                                         False)], f"timed out after {limit:.0f} s") from None
         if not report.is_file():
             raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
         suites = ET.parse(report).getroot().iter("testsuite")

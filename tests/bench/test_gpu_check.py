@@ -102,3 +102,21 @@ def test_unknown_engine_variant_is_refused(capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--device", "cpu", "--engine-variant", "turbo"])
     assert "--engine-variant turbo: choose fastest or one of default,flex" in capsys.readouterr().err
+
+
+def test_gpu_tests_past_their_time_limit_fail_with_the_output_tail(monkeypatch):
+    import subprocess
+
+    import pytest
+    import torch
+
+    def too_slow(cmd, **kwargs):
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"], output=b"tests/gpu/test_cuda_runner.py::test_a PASSED\n")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", too_slow)
+    bench = gpu_check.Workbench(gpu_check.parse_args(["--device", "cpu"]))
+    bench.device = torch.device("cuda")  # only its type is read before pytest would start
+    with pytest.raises(gpu_check.PartFailed) as failed:
+        gpu_check.part_gpu_tests(bench)
+    assert "timed out" in str(failed.value) and "test_a PASSED" in failed.value.results["output_tail"]
+    assert failed.value.rows[0].met is False
