@@ -70,6 +70,7 @@ class RefusionDecoder:
         self.phase = Phase.PREFILL if span else Phase.FINISHED
         self.accepted: dict[int, int] = {}  # logical position -> token, every committed generated token
         self._stream_run: list[int] = []  # accepted tokens contiguous from gen_start, EOS excluded (stream_ids)
+        self._output: list[int] | None = None  # accepted tokens in position order up to EOS (output_ids), or None
         self.gen_cached = 0  # generated tokens in the cache (committed)
         self.finish_after_block = False
         self.chosen: list[Draft] = []
@@ -156,11 +157,13 @@ class RefusionDecoder:
         return self.prior_ids + run
 
     def output_ids(self) -> list[int]:
-        accepted, eos = self.accepted, self.params.eos_token_id
-        tokens = [accepted[pos] for pos in sorted(accepted)]
-        if eos in tokens:
-            tokens = tokens[: tokens.index(eos)]
-        return self.prior_ids + tokens
+        # Asked several times per step (token counts, streaming, mode switches); `accepted` changes only
+        # in _commit, which drops the cached list.
+        if self._output is None:
+            accepted, eos = self.accepted, self.params.eos_token_id
+            tokens = [accepted[pos] for pos in sorted(accepted)]
+            self._output = tokens[: tokens.index(eos)] if eos in tokens else tokens
+        return self.prior_ids + self._output
 
     def at_block_boundary(self) -> bool:
         return self._in_flight is None and self.phase in (Phase.PREFILL, Phase.NEXT_BLOCK)
@@ -288,6 +291,7 @@ class RefusionDecoder:
         positions = [s.start + j for s in slots for j in range(self.params.slot_size)]
         for pos, tok in zip(positions, tokens):
             self.accepted[pos] = tok
+        self._output = None
         for s in slots:
             self.pool.remove(s.start)
         self.gen_cached += len(tokens)

@@ -78,6 +78,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
         """Separate projections (training); merged ones run as `attention_inputs` (DecoderLayer.forward)."""
+        if self.qkv_proj is not None:
+            raise RuntimeError("projections are merged (Qwen3.fuse_projections): DecoderLayer.forward runs them")
         t, d, hq, hkv = x.shape[0], self.cfg.head_dim, self.cfg.num_heads, self.cfg.num_kv_heads
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.q_norm(q.view(t, hq, d))  # [T, Hq, D]
@@ -99,6 +101,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Separate projections (training); merged ones run in `attention_output_mlp`."""
+        if self.gate_up_proj is not None:
+            raise RuntimeError("projections are merged (Qwen3.fuse_projections): DecoderLayer.forward runs them")
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -169,8 +173,10 @@ def compiled_kernels() -> LayerKernels:
     the GEMMs to the BLAS library: per layer a handful of kernels instead of ~40 small ones (the issue's
     "fused work per layer"; vLLM and SGLang fuse the same ops with custom kernels). One compile per
     process serves every layer and every runner (weights are arguments, not captured); the first steps
-    pay the compile (seconds on a GPU machine), a token count of 1 compiles once more (dynamo
-    specialises sizes 0/1). Compiled functions capture in CUDA graphs (workers.graphs)."""
+    pay the compile (seconds on a GPU machine). Packed steps have at least 16 tokens (workers.packing),
+    so dynamo's specialisation of sizes 0 and 1 never applies; if the first token count equals a model
+    dimension (hidden size, head dim) dynamo treats the two as one fixed size and compiles once more,
+    symbolically, at the next count. Compiled functions capture in CUDA graphs (workers.graphs)."""
     compile = functools.partial(torch.compile, fullgraph=True, dynamic=True)
     return LayerKernels(compile(attention_inputs), compile(attention_output_mlp))
 

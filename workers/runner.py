@@ -108,9 +108,12 @@ class ModelRunner:
         """A runner over an already built model (benchmarks: `workers.model.random_model`); no directory.
         fuse_projections: merge q/k/v and gate/up weights (Qwen3.fuse_projections), as loading does;
         False keeps the model's tensors shared with whoever else holds them (a baseline on the same weights);
-        compile_layers then has no effect (the compiled functions take the merged weights)."""
+        ValueError with compile_layers (the compiled functions take the merged weights)."""
         if fuse_projections:
             model.fuse_projections()
+        elif compile_layers:
+            raise ValueError("compile_layers: the compiled layer functions take merged projections; "
+                             "keep fuse_projections=True or drop compile_layers")
         runner = cls.__new__(cls)
         runner._setup(model, tokenizer, mask_token_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs, attention,
                       compile_layers)
