@@ -82,6 +82,22 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec
     return ids, extra_stop
 
 
+def forced_prefix_ids(tokenizer, opening: str, rest: str) -> tuple[list[int], str]:
+    """(token ids, text) of the longest run of leading tokens of `opening + rest` that ends within
+    `opening`: the prefill of a forced tool call (tool_calls.forced_call). Cutting at a token boundary of
+    the whole call, not tokenizing `opening` alone, gives the model the tokens it saw in training (BPE
+    may merge `<tool_call>{"` into one token, which `<tool_call>` alone would split). A tokenizer
+    without offsets (slow tokenizers) gets `opening` tokenized alone."""
+    full = opening + rest
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return encode(tokenizer, opening), opening
+    ends = [end for _, end in enc["offset_mapping"]]
+    k = next((i for i, end in enumerate(ends) if end > len(opening)), len(ends))
+    return list(enc["input_ids"][:k]), full[: ends[k - 1]] if k else ""
+
+
 def conversation_key(messages: list[ChatMessage]) -> str:
     """The routing key of a conversation (GenerationRequest.affinity_key): a digest of its messages up to
     and including the first user message, which every later turn re-sends unchanged, so all turns of

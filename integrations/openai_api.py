@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from integrations import openai_responses as shape
 from integrations.auth import APIKeyMiddleware, OriginGuard
-from integrations.chat import chat_prompt_ids, conversation_key
+from integrations.chat import chat_prompt_ids, conversation_key, forced_prefix_ids
 from integrations.context_fit import fit_generation
 from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
@@ -34,7 +34,8 @@ from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_stream import chat_events, completion_events, in_document_style, null_usage_until_final, sse_response
 from integrations.openai_requests import generation_request, id_headers, request_id
 from integrations.openai_requests import prompt_ids as encode_prompt
-from integrations.request_limits import BodyLimitMiddleware, RequestLimits, off_loop, read_json_object
+from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop, read_json_object
+from integrations.tool_calls import forced_call
 from scheduler.api import Delta, FinishReason, GenerationRequest
 
 
@@ -180,8 +181,16 @@ async def chat_completions(request: Request):
     _check_model(request, body.model)
     settings.limits.check_chars("messages", "".join(m.content or "" for m in body.messages))
     tools = body.tools if body.tools_enabled else None
+    try:
+        call = forced_call(body.forced_tool, [t.function.name for t in body.tools or []])
+    except ValueError as exc:
+        raise InputError(400, "tool_choice", str(exc)) from None
     prompt_ids, extra_stop = await off_loop(chat_prompt_ids, client.tokenizer, body.messages, tools, settings.limits,
                                             chars=sum(len(m.content or "") for m in body.messages))
+    forced = ""
+    if call is not None:  # the assistant's turn starts with the forced call's opening (tool_calls.forced_call)
+        forced_ids, forced = forced_prefix_ids(client.tokenizer, *call)
+        prompt_ids = prompt_ids + forced_ids
     header = shape.ResponseHeader("chatcmpl", client.model_name, request_id(request, "chatcmpl"))
     req = generation_request(header.id, body, prompt_ids, body.stop + extra_stop, settings.default_max_tokens,
                              settings, "messages", affinity_key=conversation_key(body.messages))
@@ -189,11 +198,11 @@ async def chat_completions(request: Request):
     observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
     deltas = await _start(client, req, observer)
     if body.stream:
-        events = chat_events(header, deltas, observer, body.include_usage, allowed)
+        events = chat_events(header, deltas, observer, body.include_usage, allowed, prefix=forced)
         events = null_usage_until_final(events) if body.include_usage else events
         return sse_response(events, observer, header.id, id_headers(request, header.id))
     text, last = await _collect(deltas, observer)
-    completion = shape.chat_body(header, text, last, len(prompt_ids), observer.completion_tokens, allowed)
+    completion = shape.chat_body(header, forced + text, last, len(prompt_ids), observer.completion_tokens, allowed)
     return JSONResponse(completion, headers=id_headers(request, header.id))
 
 

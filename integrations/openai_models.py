@@ -199,12 +199,23 @@ class ChatMessage(BaseModel):
         return value
 
 
+class NamedFunction(OpenAIBody):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(OpenAIBody):
+    """tool_choice {"type": "function", "function": {"name": ...}}: the model must call that tool."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ToolSpec] | None = None
-    tool_choice: Literal["none", "auto"] | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: dict[str, Any] | None = None
@@ -231,3 +242,10 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def tools_enabled(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_tool(self) -> str | None:
+        """What tool_choice forces: None (auto, none or unset), "" (required: some tool) or a tool name."""
+        if self.tool_choice == "required":
+            return ""
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None

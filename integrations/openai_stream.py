@@ -73,12 +73,16 @@ async def completion_events(header, deltas, observer: RequestObserver, include_u
 
 
 async def chat_events(header, deltas, observer: RequestObserver, include_usage: bool,
-                       allowed_tools: set[str] | None) -> AsyncIterator[dict]:
+                       allowed_tools: set[str] | None, prefix: str = "") -> AsyncIterator[dict]:
+    """Chat chunks: role, content pieces and tool calls (once each block closes), finish, usage.
+    prefix: text the turn starts with that the model did not write (a forced call's opening,
+    tool_calls.forced_call_prefix), parsed as if it had."""
     yield shape.chat_chunk(header, {"role": "assistant", "content": ""})
     parser = ToolCallStreamParser(allowed_tools) if allowed_tools is not None else None
-    num_calls = 0
+    num_calls, pending = 0, prefix
     async for delta in deltas:
-        pieces = [delta.text] if parser is None else parser.feed(delta.text)
+        text, pending = pending + delta.text, ""
+        pieces = [text] if parser is None else parser.feed(text)
         if delta.finished and parser is not None:
             pieces += parser.finish()
         for piece in pieces:

@@ -30,6 +30,28 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
+def forced_call(forced: str | None, tool_names: list[str]) -> tuple[str, str] | None:
+    """The opening of the call a tool_choice forces and an example of its rest, or None when nothing is
+    forced (OpenAI: "required" (forced == "") means the model must call one or more tools, a named
+    function that it must call that one). required -> (`<tool_call>{"name": "`, `<first tool>", ...`),
+    named -> (`<tool_call>{"name": "<name>", "arguments": `, `{}}</tool_call>`). The opening is prefilled
+    after the prompt (chat.forced_prefix_ids cuts it at a token boundary of the whole call, so the
+    model sees the tokens it was trained on) and put back in front of the model's text before parsing:
+    a call the model completes comes back as `tool_calls`; one it does not complete stays text, like
+    any malformed call (there is no constrained decoding). Raises ValueError when the request offers
+    no tools or not the named one."""
+    if forced is None:
+        return None
+    if not tool_names:
+        raise ValueError("forcing a tool call needs `tools`: list the functions, or send tool_choice \"auto\"")
+    if not forced:
+        name = json.dumps(tool_names[0], ensure_ascii=False)
+        return TOOL_OPEN + '{"name": "', name[1:] + ', "arguments": {}}' + TOOL_CLOSE
+    if forced not in tool_names:
+        raise ValueError(f"names {forced!r}, which is not in `tools` ({', '.join(tool_names)}): name one of them")
+    return TOOL_OPEN + '{"name": ' + json.dumps(forced, ensure_ascii=False) + ', "arguments": ', "{}}" + TOOL_CLOSE
+
+
 def parse_tool_block(body: str, allowed_names: set[str] | None = None) -> ToolCall | None:
     """The ToolCall a block body encodes, or None when the body is not a well-formed call."""
     try:

@@ -143,7 +143,13 @@ HTTP_CASES = [
         "name": "f", "parameters": {"\ud800": 1}}}]}, field="tools.0.function.parameters"),
     _chat("chat-tool-name-empty", {"messages": USER, "tools": [{"type": "function", "function": {"name": ""}}]},
           field="tools.0.function.name"),
-    _chat("chat-tool-choice-unknown", {"messages": USER, "tool_choice": "required"}, field="tool_choice"),
+    _chat("chat-tool-choice-required-without-tools", {"messages": USER, "tool_choice": "required"},
+          field="tool_choice"),
+    _chat("chat-tool-choice-unknown", {"messages": USER, "tool_choice": "any"}, field="tool_choice"),
+    _chat("chat-tool-choice-names-a-missing-tool", {"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}, field="tool_choice"),
+    _chat("chat-tool-choice-named-without-name", {"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f"}}], "tool_choice": {"type": "function", "function": {}}}, field="tool_choice"),
     _chat("chat-response-format-json", {"messages": USER, "response_format": {"type": "json_object"}},
           field="response_format"),
     _chat("chat-max-completion-tokens-zero", {"messages": USER, "max_completion_tokens": 0},

@@ -141,3 +141,44 @@ def test_turn_cut_by_max_tokens_after_a_call_reports_length(sdk, tool_model_dir)
                                          max_tokens=n_call, extra_body=AR, stream=True)
     finishes = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
     assert finishes == ["length"]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_forced_tool_choice_is_prefilled_and_parsed(sdk, choice):
+    # tool_choice "required" / a named function: the assistant's turn starts with the call's opening
+    # (integrations.tool_calls.forced_call_prefix); the model writes the rest, the API parses the whole.
+    out = sdk.chat.completions.create(model=_model(sdk), messages=_question("Tokyo"), tools=TOOLS, tool_choice=choice,
+                                      max_tokens=96, extra_body=AR)
+    choice_out = out.choices[0]
+    assert choice_out.finish_reason == "tool_calls", repr(choice_out.message.content)
+    (call,) = choice_out.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Tokyo"}
+    # the prefilled tokens are prompt, not completion: usage counts only what the model wrote
+    unforced = sdk.chat.completions.create(model=_model(sdk), messages=_question("Tokyo"), tools=TOOLS,
+                                           max_tokens=96, extra_body=AR)
+    assert out.usage.completion_tokens < unforced.usage.completion_tokens
+    assert out.usage.prompt_tokens > unforced.usage.prompt_tokens
+
+
+def test_forced_named_tool_choice_streamed(sdk):
+    stream = sdk.chat.completions.create(model=_model(sdk), messages=_question("Paris"), tools=TOOLS, max_tokens=96,
+                                         tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                         extra_body=AR, stream=True)
+    name, arguments, finish, content = "", "", None, ""
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for part in delta.tool_calls or []:
+            name += part.function.name or "" if part.function else ""
+            arguments += part.function.arguments or "" if part.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and not content
+    assert name == "get_weather" and json.loads(arguments) == {"city": "Paris"}
+
+
+def test_tool_choice_naming_a_tool_not_offered_is_a_400(sdk):
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.chat.completions.create(model=_model(sdk), messages=_question("Paris"), tools=TOOLS, max_tokens=8,
+                                    tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert "tool_choice" in str(err.value) and "get_weather" in str(err.value)

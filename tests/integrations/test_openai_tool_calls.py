@@ -8,7 +8,7 @@ import pytest
 
 from integrations import openai_responses as shape
 from integrations.openai_stream import chat_events
-from integrations.tool_calls import ToolCallStreamParser, parse_tool_block, split_tool_calls
+from integrations.tool_calls import ToolCallStreamParser, forced_call, parse_tool_block, split_tool_calls
 from scheduler.api import Delta, FinishReason, Mode
 
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
@@ -77,14 +77,14 @@ async def _aiter(items):
         yield item
 
 
-async def _run_chat_stream(pieces, allowed):
+async def _run_chat_stream(pieces, allowed, prefix=""):
     header = shape.ResponseHeader("chatcmpl", "m")
     deltas = _deltas(pieces)
 
     class Observer:
         prompt_tokens, completion_tokens = 3, 4
 
-    return [c async for c in chat_events(header, _aiter(deltas), Observer(), True, allowed)]
+    return [c async for c in chat_events(header, _aiter(deltas), Observer(), True, allowed, prefix=prefix)]
 
 
 async def test_streamed_tool_call_chunks():
@@ -167,3 +167,49 @@ async def test_turn_with_a_call_reports_a_cut_not_tool_calls(finish, expected):
                                            {"get_weather"})]
     assert chunks[-1]["choices"][0]["finish_reason"] == expected
     assert any("tool_calls" in c["choices"][0]["delta"] for c in chunks)
+
+
+def test_forced_call_for_each_tool_choice():
+    assert forced_call(None, ["get_weather"]) is None  # auto, none or unset: nothing forced
+    opening, rest = forced_call("", ["get_weather", "get_time"])  # required: any tool; the example is the first
+    assert (opening, rest) == ('<tool_call>{"name": "', 'get_weather", "arguments": {}}</tool_call>')
+    opening, rest = forced_call("get_weather", ["get_time", "get_weather"])
+    assert (opening, rest) == ('<tool_call>{"name": "get_weather", "arguments": ', "{}}</tool_call>")
+    content, calls = split_tool_calls(opening + '{"city": "Paris"}}</tool_call>', {"get_time", "get_weather"})
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert forced_call('we"ird', ['we"ird'])[0].endswith('{"name": "we\\"ird", "arguments": ')  # JSON-quoted
+    with pytest.raises(ValueError, match="not in `tools`"):
+        forced_call("get_time", ["get_weather"])
+    with pytest.raises(ValueError, match="needs `tools`"):
+        forced_call("", [])
+
+
+def test_forced_prefix_ids_are_the_whole_calls_leading_tokens():
+    from pathlib import Path
+
+    from integrations.chat import forced_prefix_ids
+    from workers.loader import load_tokenizer
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code")
+    for forced in ("", "get_weather"):
+        opening, rest = forced_call(forced, ["get_weather"])
+        ids, text = forced_prefix_ids(tok, opening, rest)
+        whole = tok.encode(opening + rest, add_special_tokens=False)
+        assert ids and ids == whole[: len(ids)]  # the tokens the model sees when it writes the call itself
+        assert opening.startswith(text) and tok.decode(ids) == text
+        assert len(tok.decode(whole[: len(ids) + 1])) > len(opening)  # the next token crosses the opening's end
+
+
+async def test_streamed_forced_call_starts_with_the_prefix():
+    opening, _ = forced_call("get_weather", ["get_weather"])
+    pieces = ['{"city": ', '"Lima"}}</tool_call>', ""]
+    chunks = await _run_chat_stream(pieces, {"get_weather"}, prefix=opening)
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Lima"})]
+    assert not any(d.get("content") for d in deltas)
+    # the model did not finish the call: the prefix and what it wrote come back as text
+    chunks = await _run_chat_stream([" nothing useful", ""], {"get_weather"}, prefix=opening)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == opening + " nothing useful"
