@@ -12,7 +12,9 @@ each decoding mode pinned, so two runs give the same numbers.
   - chat_valid_python: share whose content parses with `ast` (an answer cut by max_tokens is judged on
     its complete lines, like the completion rows);
   - tool_call_rate: share of tool turns answered with `tool_calls` whose first call names an offered tool;
-  - tool_call_exact: share whose first call names the asked function with exactly the asked arguments.
+  - tool_call_exact: share whose first call names the asked function with exactly the asked arguments;
+  - forced_tool_call_rate / forced_tool_call_exact: the same with tool_choice "required" (the API
+    prefills the call's opening, docs/api.md), i.e. what an agent that demands a call gets.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ def heldout_chat_pairs(corpus: list[str], heldout_fraction: float, n: int):
     return out[0], out[1]
 
 
-async def _ask(client, pair, mode: str) -> dict:
+async def _ask(client, pair, mode: str, tool_choice: str | None = None) -> dict:
     body = {"model": "m", "messages": [{"role": "user", "content": pair.request}], "temperature": 0,
             "max_tokens": 256, "mode": mode}
     if pair.tools:
         body["tools"] = [{"type": "function", "function": t} for t in pair.tools]
+    if tool_choice:
+        body["tool_choice"] = tool_choice
     response = await client.post("/v1/chat/completions", json=body, timeout=600)
     response.raise_for_status()
     return response.json()["choices"][0]
@@ -70,17 +74,18 @@ async def _score(model_dir: Path, instructions, tool_turns, modes) -> dict:
                 row[f"{mode}_chat_nonempty"] = round(sum(bool(c.strip()) for c, _ in contents) / len(answers), 4)
                 row[f"{mode}_chat_valid_python"] = round(
                     sum(bool(c.strip()) and parses("", c, ended=not cut) for c, cut in contents) / len(answers), 4)
-                turns = await asyncio.gather(*(_ask(client, p, mode) for p in tool_turns))
-                calls = [t["message"].get("tool_calls") or [] for t in turns]
-                named = exact = 0
-                for pair, made in zip(tool_turns, calls):
-                    first = made[0]["function"] if made else None
-                    named += first is not None and first["name"] in pair.tool_names
-                    (asked,) = split_tool_calls(pair.response)[1]
-                    exact += first is not None and (first["name"], json.loads(first["arguments"])) == (
-                        asked.name, json.loads(asked.arguments))
-                row[f"{mode}_tool_call_rate"] = round(named / len(tool_turns), 4)
-                row[f"{mode}_tool_call_exact"] = round(exact / len(tool_turns), 4)
+                for prefix, choice in (("", None), ("forced_", "required")):
+                    turns = await asyncio.gather(*(_ask(client, p, mode, choice) for p in tool_turns))
+                    calls = [t["message"].get("tool_calls") or [] for t in turns]
+                    named = exact = 0
+                    for pair, made in zip(tool_turns, calls):
+                        first = made[0]["function"] if made else None
+                        named += first is not None and first["name"] in pair.tool_names
+                        (asked,) = split_tool_calls(pair.response)[1]
+                        exact += first is not None and (first["name"], json.loads(first["arguments"])) == (
+                            asked.name, json.loads(asked.arguments))
+                    row[f"{mode}_{prefix}tool_call_rate"] = round(named / len(tool_turns), 4)
+                    row[f"{mode}_{prefix}tool_call_exact"] = round(exact / len(tool_turns), 4)
                 row[f"{mode}_chat_example"] = {"request": instructions[0].request, "content": contents[0][0]}
     finally:
         await engine.stop(drain_timeout_s=1)

@@ -172,7 +172,8 @@ def print_table(row: dict) -> None:
             "refusion_next_line_exact", "ar_valid_python", "refusion_valid_python", "refusion_tpf", "ar_tpf",
             "refusion_equals_ar", "refusion_ar_prefix_match", "ar_wall_s", "refusion_wall_s", "chat_requests",
             "tool_requests"] + [f"{m}_{k}" for m in ("ar", "refusion") for k in (
-                "chat_nonempty", "chat_valid_python", "tool_call_rate", "tool_call_exact")]
+                "chat_nonempty", "chat_valid_python", "tool_call_rate", "tool_call_exact", "forced_tool_call_rate",
+                "forced_tool_call_exact")]
     print(f"model: {row['model']}\ndecode: {json.dumps(row['decode'])}\n")
     print("| metric | value |\n|---|---|")
     for k in keys:

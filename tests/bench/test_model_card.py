@@ -56,6 +56,7 @@ def test_chat_rows_come_from_the_chat_endpoint_and_are_identical_on_two_runs():
 
     first = measure_chat(SHIPPED, ["stdlib"], 0.03, n=2, modes=("ar",))
     assert first["chat_requests"] == first["tool_requests"] == 2
-    assert all(0.0 <= first[f"ar_{k}"] <= 1.0 for k in ("chat_nonempty", "chat_valid_python", "tool_call_rate"))
+    assert all(0.0 <= first[f"ar_{k}"] <= 1.0 for k in ("chat_nonempty", "chat_valid_python", "tool_call_rate",
+                                                       "forced_tool_call_rate", "forced_tool_call_exact"))
     assert first["ar_chat_example"]["request"].startswith("Write a Python function `")
     assert measure_chat(SHIPPED, ["stdlib"], 0.03, n=2, modes=("ar",)) == first
