@@ -157,11 +157,19 @@ def _unique(units: list[CodeUnit], seen: set[str]) -> list[CodeUnit]:
     return out
 
 
+# Units per tokenizer call in tokenize_units: one call over a whole corpus held every unit's encoding at
+# once (peak +1.46 GB for 12.6M tokens of the standard library x 4, against +0.45 GB in chunks of 2,048).
+TOKENIZE_CHUNK = 2048
+
+
 def tokenize_units(tokenizer, units: Sequence, seq_len: int) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, response_ids) pairs of anything with `.prompt` and `.response` text (CodeUnit,
     training.chat_data.ChatPair); units longer than seq_len - 1 tokens (EOS included) are skipped."""
-    if not units:
-        return []
-    prompts = tokenizer([u.prompt for u in units], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([u.response for u in units], add_special_tokens=False)["input_ids"]
-    return [(list(p), list(r)) for p, r in zip(prompts, responses) if len(p) + len(r) + 1 <= seq_len and r]
+    out = []
+    for start in range(0, len(units), TOKENIZE_CHUNK):  # chunks bound the tokenizer's transient memory
+        chunk = units[start : start + TOKENIZE_CHUNK]
+        prompts = tokenizer([u.prompt for u in chunk], add_special_tokens=False, return_attention_mask=False)
+        responses = tokenizer([u.response for u in chunk], add_special_tokens=False, return_attention_mask=False)
+        out += [(list(p), list(r)) for p, r in zip(prompts["input_ids"], responses["input_ids"])
+                if len(p) + len(r) + 1 <= seq_len and r]
+    return out

@@ -112,3 +112,21 @@ def test_site_packages_reads_the_installed_packages_and_a_file_counts_once(tmp_p
     pkg.mkdir()
     (pkg / "m.py").write_text("def f(x):\n    return x\n")
     assert len(source_files([str(pkg), str(pkg)])) == 1
+
+
+def test_tokenize_units_in_chunks_equals_one_call_and_skips_long_units(monkeypatch):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from training import corpus
+    from workers.loader import load_tokenizer
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code")
+    units = [SimpleNamespace(prompt=f"def f{i}(x):\n", response=f"    return x + {i}\n" * (1 + i % 3)) for i in range(7)]
+    units.append(SimpleNamespace(prompt="def long():\n", response="    pass\n" * 200))  # over seq_len: skipped
+    units.append(SimpleNamespace(prompt="def empty():\n", response=""))  # nothing to learn: skipped
+    whole = [(tok.encode(u.prompt, add_special_tokens=False), tok.encode(u.response, add_special_tokens=False))
+             for u in units[:7]]
+    monkeypatch.setattr(corpus, "TOKENIZE_CHUNK", 3)  # 9 units: chunks of 3, 3 and 3
+    assert corpus.tokenize_units(tok, units, seq_len=128) == whole
+    assert corpus.tokenize_units(tok, [], seq_len=128) == []
