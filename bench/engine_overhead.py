@@ -128,27 +128,41 @@ def table(rows: list[dict], args) -> str:
              f"{torch.__version__}, device {args.device}. Zero-cost stand-in model (vocab of the shipped tokenizer), "
              f"gen_length {args.gen_length}, slot size 8, token budget {args.token_budget}; requests = closed-loop "
              f"clients, 2 x requests (at least 4) finished per level after an untimed round.", "",
-             "| mode | model | requests | steps | ms / step | in runner.execute ms | outside ms | tokens / forward "
-             "| host ceiling tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| mode | stand-in model | requests | steps | ms / step | in runner.execute ms | outside ms | "
+             "tokens / forward | host ceiling tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['confidence']} | {r['requests']} | {r['steps']} | {r['ms_per_step']:.2f} | "
+        requests = f"{r['requests']} (profiled)" if r["profile"] else r["requests"]
+        lines.append(f"| {r['mode']} | {r['confidence']} | {requests} | {r['steps']} | {r['ms_per_step']:.2f} | "
                      f"{r['runner_ms']:.2f} | {r['outside_ms']:.2f} | {r['tpf']:.2f} | {r['ceiling_tok_s']:,.0f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
-    parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument("--token-budget", type=int, default=2048)
-    parser.add_argument("--num-blocks", type=int, default=2048)
-    parser.add_argument("--modes", default="ar,refusion")
-    parser.add_argument("--confidence", default="confident,uncertain", help="ReFusion runs each; AR the first")
-    parser.add_argument("--profile", type=int, help="cProfile the AR level with this many requests")
-    parser.add_argument("--profile-rows", type=int, default=25)
+    parser = argparse.ArgumentParser(description="Host time per engine step on a zero-cost model (module docstring).")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64],
+                        help="concurrent requests per level, comma-separated (default 1,8,32,64)")
+    parser.add_argument("--gen-length", type=int, default=128, help="tokens per request, a multiple of 32 (slot size 8, "
+                                                                     "4 blocks)")
+    parser.add_argument("--token-budget", type=int, default=2048, help="engine query tokens per forward")
+    parser.add_argument("--num-blocks", type=int, default=2048, help="KV blocks of 16 tokens")
+    parser.add_argument("--modes", default="ar,refusion", help="ar and/or refusion, comma-separated")
+    parser.add_argument("--confidence", default="confident,uncertain",
+                        help="stand-in model(s), comma-separated: confident, uncertain; ReFusion runs each, AR the first")
+    parser.add_argument("--profile", type=int, help="cProfile the AR level with this many requests (that row is "
+                                                    "marked: the profiler slows it; runner.execute runs in a worker "
+                                                    "thread the profile does not see)")
+    parser.add_argument("--profile-rows", type=int, default=25, help="functions listed in the profile")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
+    if args.gen_length < 32 or args.gen_length % 32:
+        parser.error(f"--gen-length {args.gen_length}: use a multiple of 32 (4 blocks of whole 8-token slots)")
+    if bad := [m for m in args.modes.split(",") if m not in ("ar", "refusion")]:
+        parser.error(f"--modes: {bad[0]!r} is not ar or refusion")
+    if bad := [c for c in args.confidence.split(",") if c not in CONFIDENCE]:
+        parser.error(f"--confidence: {bad[0]!r} is not one of {', '.join(CONFIDENCE)}")
+    if args.num_blocks < 64:
+        parser.error(f"--num-blocks {args.num_blocks}: use at least 64 (every level's requests hold KV at once)")
     tokenizer = load_tokenizer(SHIPPED)
     confidences = args.confidence.split(",")
     rows = []

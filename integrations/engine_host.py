@@ -19,11 +19,24 @@ class EngineUnhealthyError(RuntimeError):
     """The engine did not finish a one-token request in time: the replica should be replaced."""
 
 
+# workers.runner.ModelRunner's keyword arguments (tests/integrations/test_serve_units.py pins this to its
+# signature), so a config's `runner:` keys are checked where the config is read, without importing torch.
+RUNNER_OPTIONS = ("dtype", "device", "block_size", "num_blocks", "kv_memory_bytes", "cuda_graphs", "attention",
+                  "compile_layers")
+
+
+def check_runner_options(options: dict) -> None:
+    """Raises ValueError naming the first key of `options` that ModelRunner does not take."""
+    unknown = sorted(set(options) - set(RUNNER_OPTIONS))
+    if unknown:
+        raise ValueError(f"runner.{unknown[0]}: unknown setting; known: {', '.join(RUNNER_OPTIONS)}")
+
+
 def build_engine(model_dir: str | Path, runner_options: dict | None = None, engine_options: dict | None = None):
     """Load the model and build an (unstarted) Engine. Returns (engine, tokenizer).
 
-    runner_options go to workers.runner.ModelRunner (dtype, device, block_size, num_blocks,
-    kv_memory_bytes); engine_options to scheduler.engine's config dataclass, validated there.
+    runner_options go to workers.runner.ModelRunner (RUNNER_OPTIONS); engine_options to scheduler.engine's
+    config dataclass, validated there.
     """
     from scheduler.engine import Engine
     from workers.runner import ModelRunner

@@ -221,6 +221,25 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
     _cap_field: str = PrivateAttr("max_tokens")
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value):
+        """One error that says what is wrong (the union's own errors would all describe its first member)."""
+        usage = '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+        if value is None or isinstance(value, str):
+            if value not in (None, "none", "auto", "required"):
+                raise ValueError(f"{value!r} is not one of {usage}")
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"use {usage}")
+        if value.get("type", "function") != "function":
+            raise ValueError(f"type {value.get('type')!r} is not supported; use {usage}")
+        function = value.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError('a named choice needs function.name, one of `tools`: {"type": "function", '
+                             '"function": {"name": ...}}')
+        return NamedToolChoice(function=NamedFunction(name=function["name"]))
+
     @field_validator("response_format")
     @classmethod
     def _text_only(cls, value):

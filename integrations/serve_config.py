@@ -150,6 +150,22 @@ class ServeConfig(_Strict):
     drain_timeout_s: float = Field(default=20.0, ge=0, description="shutdown: in-flight requests get this long")
     health_probe_timeout_s: float = Field(default=20.0, gt=0, description="one-token probe limit")
 
+    @field_validator("runner")
+    @classmethod
+    def _runner_keys(cls, value: dict) -> dict:
+        from integrations.engine_host import check_runner_options
+
+        check_runner_options(value)
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_settings(cls, value: dict) -> dict:
+        from integrations.engine_host import engine_config
+
+        engine_config(value)  # EngineConfigError (a ValueError) names the setting
+        return value
+
     @field_validator("allowed_origins")
     @classmethod
     def _origins(cls, value: list[str]) -> list[str]:

@@ -43,7 +43,7 @@ def forced_call(forced: str | None, tool_names: list[str]) -> tuple[str, str] | 
     if forced is None:
         return None
     if not tool_names:
-        raise ValueError("forcing a tool call needs `tools`: list the functions, or send tool_choice \"auto\"")
+        raise ValueError("forcing a tool call needs `tools`: list the functions, or leave tool_choice out")
     if not forced:
         name = json.dumps(tool_names[0], ensure_ascii=False)
         return TOOL_OPEN + '{"name": "', name[1:] + ', "arguments": {}}' + TOOL_CLOSE

@@ -167,6 +167,28 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     assert router.request_router_kwargs == {"policy": "prefix_affinity", "prefix_tokens": 256, "imbalanced_threshold": 2.0}
 
 
+def test_config_runner_and_engine_keys_are_checked_when_read(tiny_model_dir):
+    """A typo under runner: or engine: is a config error naming the key, not a replica that fails to start."""
+    import inspect
+
+    from integrations.engine_host import RUNNER_OPTIONS
+    from workers.runner import ModelRunner
+
+    taken = [p for p in inspect.signature(ModelRunner.__init__).parameters if p not in ("self", "model_dir")]
+    assert sorted(RUNNER_OPTIONS) == sorted(taken)  # the list the config checks against is the runner's own
+    with pytest.raises(ValueError, match="runner.compile_layer: unknown setting; known: .*compile_layers"):
+        ServeConfig(model=str(tiny_model_dir), runner={"compile_layer": True})
+    with pytest.raises(ValueError, match="engine.max_runing: unknown setting"):
+        ServeConfig(model=str(tiny_model_dir), engine={"max_runing": 3})
+    with pytest.raises(ValueError, match="engine.routing.calibrat: unknown setting"):
+        ServeConfig(model=str(tiny_model_dir), engine={"routing": {"calibrat": False}})
+    with pytest.raises(ValueError, match="max_running"):
+        ServeConfig(model=str(tiny_model_dir), engine={"max_running": 0})
+    config = ServeConfig(model=str(tiny_model_dir), runner={"compile_layers": True, "num_blocks": 64},
+                         engine={"max_running": 8, "routing": {"calibrate": False}})
+    assert config.runner == {"compile_layers": True, "num_blocks": 64} and config.engine["max_running"] == 8
+
+
 async def test_local_app_over_real_engine_and_drain(tiny_model_dir, wait_until):
     engine, tok = build_engine(tiny_model_dir, {"num_blocks": 512}, {"routing": {"calibrate": False}})
     await engine.start()
