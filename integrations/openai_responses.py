@@ -42,6 +42,8 @@ def refusion_detail(delta: Delta) -> dict:
     detail = {"mode": delta.mode.value if delta.mode else None}
     if "tokens_per_forward" in stats:
         detail["tokens_per_forward"] = stats["tokens_per_forward"]
+    if len(stats.get("modes") or ()) > 1:  # switched mid-request (AUTO): `mode` is the last decoder, TPF is overall
+        detail["modes"] = list(stats["modes"])
     if delta.finish_reason is not None and delta.finish_reason.value != openai_finish_reason(delta):
         detail["finish_detail"] = delta.finish_reason.value
     return detail

@@ -213,3 +213,11 @@ async def test_streamed_forced_call_starts_with_the_prefix():
     chunks = await _run_chat_stream([" nothing useful", ""], {"get_weather"}, prefix=opening)
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == opening + " nothing useful"
+
+
+def test_refusion_detail_lists_the_modes_of_a_switched_request():
+    last = _deltas(["x"])[-1]
+    last.mode, last.stats = Mode.AR, {"tokens_per_forward": 1.41, "modes": ["refusion", "ar"]}
+    assert shape.refusion_detail(last) == {"mode": "ar", "tokens_per_forward": 1.41, "modes": ["refusion", "ar"]}
+    last.stats = {"tokens_per_forward": 1.0, "modes": ["ar"]}  # one decoder throughout: no list
+    assert shape.refusion_detail(last) == {"mode": "ar", "tokens_per_forward": 1.0}
