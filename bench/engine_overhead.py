@@ -137,7 +137,7 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Host time per engine step on a zero-cost model (module docstring).")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64],
@@ -163,12 +163,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--confidence: {bad[0]!r} is not one of {', '.join(CONFIDENCE)}")
     if args.num_blocks < 64:
         parser.error(f"--num-blocks {args.num_blocks}: use at least 64 (every level's requests hold KV at once)")
+    return args
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Every (mode, stand-in model, level) row of the table."""
     tokenizer = load_tokenizer(SHIPPED)
     confidences = args.confidence.split(",")
     rows = []
     for mode in (Mode(m) for m in args.modes.split(",")):
         for confidence in confidences if mode is Mode.REFUSION else confidences[:1]:
             rows += asyncio.run(measure(args, mode, confidence, tokenizer, args.profile))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
     text = table(rows, args)
     print(text)
     for r in rows:

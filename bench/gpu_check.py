@@ -11,6 +11,8 @@ Parts (`--parts`, default all, run in this order; each one's failure is recorded
     baselines    one request at batch 1, engine vs transformers on the same weight tensors and tokens:
                  `generate` (AR) and tests/decoding/oracle.py's refusion_oracle (ReFusion, dynamic cache)
     concurrency  bench/concurrency.py on the shipped model, short (subprocess; skipped without structlog)
+    host         bench/engine_overhead.py: the engine's host time per step on a zero-cost model at the
+                 engine levels (what a step costs besides the model, on this machine's CPU and device)
 forward/engine/baselines share one random-weight model built on the device (workers.model.random_model;
 8B shape in bf16 on CUDA) and the shipped model's tokenizer (bench/gpu_check_parts.py says how ids of
 the larger random vocabulary are decoded). Targets of issue "CUDA fast path" stand beside the numbers:
@@ -61,7 +63,7 @@ import torch  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
 from gpu_check_parts import CONFIGS, FORWARD_VARIANTS, Row, Workbench, part_engine, part_forward  # noqa: E402
 
-PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency")
+PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency", "host")
 # Per device type: defaults of the options left unset (the CPU ones make the dry run).
 DEFAULTS = {
     "cuda": {"config": "8b", "forward_tokens": [1, 8, 32, 128], "context": 256, "repeats": 10, "levels": [1, 8, 32],
@@ -150,8 +152,25 @@ def part_concurrency(bench: Workbench) -> tuple[dict, list[Row]]:
     return {"command": " ".join(cmd[1:]), "levels": levels, "output_tail": proc.stdout[-3000:]}, rows
 
 
+def part_host(bench: Workbench) -> tuple[dict, list[Row]]:
+    """bench/engine_overhead.py on this machine's device: the engine's host time per step on a zero-cost
+    model (AR and confident ReFusion at the engine part's levels and gen_length), i.e. what a step costs
+    besides the model."""
+    if importlib.util.find_spec("structlog") is None:
+        raise PartSkipped("structlog is not installed (the engine needs it): carry its wheel, see the docstring")
+    import engine_overhead
+
+    args = engine_overhead.parse_args(["--device", str(bench.device), "--confidence", "confident", "--levels",
+                                       ",".join(map(str, bench.args.levels)), "--gen-length", str(bench.args.gen_length)])
+    rows = engine_overhead.run(args)
+    return {"rows": rows, "table": engine_overhead.table(rows, args)}, [
+        Row(f"engine host time, {r['mode']}, {r['requests']} request(s)",
+            f"{r['ms_per_step']:.2f} ms/step ({r['runner_ms']:.2f} in runner.execute, {r['outside_ms']:.2f} outside)")
+        for r in rows]
+
+
 PARTS = {"gpu_tests": part_gpu_tests, "forward": part_forward, "engine": part_engine, "baselines": part_baselines,
-         "concurrency": part_concurrency}
+         "concurrency": part_concurrency, "host": part_host}
 
 
 def run_part(bench: Workbench, name: str) -> dict:

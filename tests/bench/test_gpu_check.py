@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_check  # noqa: E402
 
-PARTS = ["gpu_tests", "forward", "engine", "baselines", "concurrency"]
+PARTS = ["gpu_tests", "forward", "engine", "baselines", "concurrency", "host"]
 
 
 def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
@@ -43,6 +43,9 @@ def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
         levels = parts["engine"]["results"][mode]
         assert set(levels) == {"1", "2"}
         assert all(r["tok_s"] > 0 and r["tpf"] > 0 and r["itl_ms"] > 0 and r["ms_per_step"] > 0 for r in levels.values())
+    host = parts["host"]["results"]["rows"]  # engine host time on the zero-cost model, AR and ReFusion
+    assert {(r["mode"], r["requests"]) for r in host} == {(m, c) for m in ("ar", "refusion") for c in (1, 2)}
+    assert all(r["ms_per_step"] > 0 and r["steps"] > 0 for r in host)
     concurrency = parts["concurrency"]["results"]["levels"]
     expected = {(c, m) for c in (1, 2) for m in ("refusion", "ar", "auto")}
     assert {(r["concurrency"], r["mode"]) for r in concurrency} == expected
