@@ -34,7 +34,7 @@ def forced_call(forced: str | None, tool_names: list[str]) -> tuple[str, str] | 
     """The opening of the call a tool_choice forces and an example of its rest, or None when nothing is
     forced (OpenAI: "required" (forced == "") means the model must call one or more tools, a named
     function that it must call that one). required -> (`<tool_call>{"name": "`, `<first tool>", ...`),
-    named -> (`<tool_call>{"name": "<name>", "arguments": `, `{}}</tool_call>`). The opening is prefilled
+    named, or required with a single tool -> (`<tool_call>{"name": "<name>", "arguments": `, `{}}</tool_call>`). The opening is prefilled
     after the prompt (chat.forced_prefix_ids cuts it at a token boundary of the whole call, so the
     model sees the tokens it was trained on) and put back in front of the model's text before parsing:
     a call the model completes comes back as `tool_calls`; one it does not complete stays text, like
@@ -44,6 +44,8 @@ def forced_call(forced: str | None, tool_names: list[str]) -> tuple[str, str] | 
         return None
     if not tool_names:
         raise ValueError("forcing a tool call needs `tools`: list the functions, or leave tool_choice out")
+    if not forced and len(tool_names) == 1:  # "required" with one tool: that tool (the name is not left to chance)
+        forced = tool_names[0]
     if not forced:
         name = json.dumps(tool_names[0], ensure_ascii=False)
         return TOOL_OPEN + '{"name": "', name[1:] + ', "arguments": {}}' + TOOL_CLOSE

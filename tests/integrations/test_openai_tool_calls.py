@@ -173,6 +173,7 @@ def test_forced_call_for_each_tool_choice():
     assert forced_call(None, ["get_weather"]) is None  # auto, none or unset: nothing forced
     opening, rest = forced_call("", ["get_weather", "get_time"])  # required: any tool; the example is the first
     assert (opening, rest) == ('<tool_call>{"name": "', 'get_weather", "arguments": {}}</tool_call>')
+    assert forced_call("", ["get_time"]) == forced_call("get_time", ["get_time"])  # required, one tool: that one
     opening, rest = forced_call("get_weather", ["get_time", "get_weather"])
     assert (opening, rest) == ('<tool_call>{"name": "get_weather", "arguments": ', "{}}</tool_call>")
     content, calls = split_tool_calls(opening + '{"city": "Paris"}}</tool_call>', {"get_time", "get_weather"})
