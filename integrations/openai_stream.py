@@ -76,7 +76,7 @@ async def chat_events(header, deltas, observer: RequestObserver, include_usage: 
                        allowed_tools: set[str] | None, prefix: str = "") -> AsyncIterator[dict]:
     """Chat chunks: role, content pieces and tool calls (once each block closes), finish, usage.
     prefix: text the turn starts with that the model did not write (a forced call's opening,
-    tool_calls.forced_call_prefix), parsed as if it had."""
+    tool_calls.forced_call), parsed as if it had."""
     yield shape.chat_chunk(header, {"role": "assistant", "content": ""})
     parser = ToolCallStreamParser(allowed_tools) if allowed_tools is not None else None
     num_calls, pending = 0, prefix
