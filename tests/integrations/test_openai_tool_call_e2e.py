@@ -147,7 +147,7 @@ def test_turn_cut_by_max_tokens_after_a_call_reports_length(sdk, tool_model_dir)
                          ids=["required", "named"])
 def test_forced_tool_choice_is_prefilled_and_parsed(sdk, choice):
     # tool_choice "required" / a named function: the assistant's turn starts with the call's opening
-    # (integrations.tool_calls.forced_call_prefix); the model writes the rest, the API parses the whole.
+    # (integrations.tool_calls.forced_call); the model writes the rest, the API parses the whole.
     out = sdk.chat.completions.create(model=_model(sdk), messages=_question("Tokyo"), tools=TOOLS, tool_choice=choice,
                                       max_tokens=96, extra_body=AR)
     choice_out = out.choices[0]
