@@ -82,6 +82,49 @@ def test_gumbel_draws_do_not_depend_on_the_batch_on_cuda(tiny_model_dir):
     assert session.blocks.num_free == session.blocks.num_total
 
 
+def _assert_mixed_batch_matches_transformers(tiny_model_dir, runner, tol: float = 1e-3) -> None:
+    """_mixed_batch on `runner` against the dense transformers oracle, row by row."""
+    ra, rb, rc = _mixed_batch(RunnerSession(runner), runner.info.mask_token_id)
+    mask = runner.info.mask_token_id
+    assert (result_logits(ra)[0] - dense_logits(tiny_model_dir, list(range(5, 15)))[9]).abs().max() < tol
+    assert (result_logits(rb) - dense_logits(tiny_model_dir, list(range(20, 28)) + [mask, mask])[6:]).abs().max() < tol
+    assert (result_logits(rc)[:2] - dense_logits(tiny_model_dir, [30, 31])).abs().max() < tol
+    assert (result_logits(rc)[2:] - dense_logits(tiny_model_dir, [32, 33], [2, 3])).abs().max() < tol
+
+
+def _assert_step_never_syncs(runner, tokens: list[int], table: list[int]) -> None:
+    """One prefill step of `tokens` through runner.step_fn, run once to compile and warm, then again with
+    CUDA's sync debug mode on: any host sync inside the step raises."""
+    step = runner.pack([segment("q", 0, tokens)], [table])
+    buffer = runner._uploader.upload(step.buffer)
+    with torch.inference_mode():
+        runner.step_fn(runner.model, runner.kv, buffer, step.layout)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            runner.step_fn(runner.model, runner.kv, buffer, step.layout)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _greedy_decode_tokens(tiny_model_dir, prompts: dict[str, list[int]], steps: int = 5, **options) -> dict:
+    """Prefill `prompts`, then `steps` greedy AR decode steps of all of them; the ids per sequence. With
+    cuda_graphs in `options` the decode steps must have replayed."""
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, num_blocks=64, **options)
+    session = RunnerSession(runner)
+    seqs = {s: list(p) for s, p in prompts.items()}
+    session.execute([segment(s, 0, p, reads=Reads()) for s, p in seqs.items()])
+    for _ in range(steps):
+        results = session.execute([segment(s, session.cached_len(s), [t[-1]], reads=Reads(argmax=(0,)))
+                                   for s, t in seqs.items()])
+        for r in results:
+            seqs[r.seq_id].append(r.tokens[0])
+    if options.get("cuda_graphs"):
+        assert runner.stats()["cuda_graphs"]["replays"] >= steps - 2
+    return seqs
+
+
 def _packed(tiny_model_dir):
     runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=32)
     session = RunnerSession(runner)
@@ -163,13 +206,7 @@ def test_flex_attention_on_cuda_matches_transformers(tiny_model_dir, block_size)
     against the dense transformers oracle, as the sdpa path is above."""
     runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=block_size, num_blocks=32,
                          attention="flex")
-    session = RunnerSession(runner)
-    ra, rb, rc = _mixed_batch(session, runner.info.mask_token_id)
-    mask, tol = runner.info.mask_token_id, 1e-3
-    assert (result_logits(ra)[0] - dense_logits(tiny_model_dir, list(range(5, 15)))[9]).abs().max() < tol
-    assert (result_logits(rb) - dense_logits(tiny_model_dir, list(range(20, 28)) + [mask, mask])[6:]).abs().max() < tol
-    assert (result_logits(rc)[:2] - dense_logits(tiny_model_dir, [30, 31])).abs().max() < tol
-    assert (result_logits(rc)[2:] - dense_logits(tiny_model_dir, [32, 33], [2, 3])).abs().max() < tol
+    _assert_mixed_batch_matches_transformers(tiny_model_dir, runner)
 
 
 def test_flex_long_prefill_no_sync_and_graphs(tiny_model_dir):
@@ -182,32 +219,10 @@ def test_flex_long_prefill_no_sync_and_graphs(tiny_model_dir):
     got = RunnerSession(flex).execute([segment("p", 0, prompt)])
     expected = dense_logits(tiny_model_dir, prompt)
     assert (result_logits(got[0]) - expected).abs().max() < 1e-3
-    step = flex.pack([segment("q", 0, prompt[:40])], [[0, 1, 2]])
-    buffer = flex._uploader.upload(step.buffer)
-    with torch.inference_mode():
-        flex.step_fn(flex.model, flex.kv, buffer, step.layout)  # compiles flex for this shape first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises
-    try:
-        with torch.inference_mode():
-            flex.step_fn(flex.model, flex.kv, buffer, step.layout)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    tokens = {}
-    for name, options in (("sdpa", {}), ("flex+graphs", {"attention": "flex", "cuda_graphs": True})):
-        runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=64, **options)
-        session = RunnerSession(runner)
-        seqs = {"a": prompt[:30], "b": prompt[30:45]}
-        session.execute([segment(s, 0, p, reads=Reads()) for s, p in seqs.items()])
-        for _ in range(5):
-            results = session.execute([segment(s, session.cached_len(s), [t[-1]], reads=Reads(argmax=(0,)))
-                                       for s, t in seqs.items()])
-            for r in results:
-                seqs[r.seq_id].append(r.tokens[0])
-        tokens[name] = seqs
-        if options:
-            assert runner.stats()["cuda_graphs"]["replays"] >= 3
-    assert tokens["flex+graphs"] == tokens["sdpa"]
+    _assert_step_never_syncs(flex, prompt[:40], [0, 1, 2])  # the first run compiles flex for this shape
+    seqs = {"a": prompt[:30], "b": prompt[30:45]}
+    assert (_greedy_decode_tokens(tiny_model_dir, seqs, block_size=16, attention="flex", cuda_graphs=True)
+            == _greedy_decode_tokens(tiny_model_dir, seqs, block_size=16))
 
 
 def test_compiled_layers_on_cuda_match_transformers_and_replay(tiny_model_dir):
@@ -215,39 +230,11 @@ def test_compiled_layers_on_cuda_match_transformers_and_replay(tiny_model_dir):
     against the dense transformers oracle; no host sync inside a compiled step; and with cuda_graphs
     the decode steps replay and give what the eager runner gives."""
     runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, num_blocks=32, compile_layers=True)
-    session = RunnerSession(runner)
-    ra, rb, rc = _mixed_batch(session, runner.info.mask_token_id)
-    mask, tol = runner.info.mask_token_id, 1e-3
-    assert (result_logits(ra)[0] - dense_logits(tiny_model_dir, list(range(5, 15)))[9]).abs().max() < tol
-    assert (result_logits(rb) - dense_logits(tiny_model_dir, list(range(20, 28)) + [mask, mask])[6:]).abs().max() < tol
-    assert (result_logits(rc)[:2] - dense_logits(tiny_model_dir, [30, 31])).abs().max() < tol
-    assert (result_logits(rc)[2:] - dense_logits(tiny_model_dir, [32, 33], [2, 3])).abs().max() < tol
-    step = runner.pack([segment("q", 0, list(range(5, 45)))], [[20, 21, 22]])
-    buffer = runner._uploader.upload(step.buffer)
-    with torch.inference_mode():
-        runner.step_fn(runner.model, runner.kv, buffer, step.layout)  # compiled already; warms this shape
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises
-    try:
-        with torch.inference_mode():
-            runner.step_fn(runner.model, runner.kv, buffer, step.layout)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    tokens = {}
-    for name, options in (("eager", {}), ("compiled+graphs", {"compile_layers": True, "cuda_graphs": True})):
-        runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, num_blocks=64, **options)
-        session = RunnerSession(runner)
-        seqs = {"a": list(range(5, 35)), "b": list(range(60, 75)), "c": [7]}
-        session.execute([segment(s, 0, p, reads=Reads()) for s, p in seqs.items()])
-        for _ in range(5):
-            results = session.execute([segment(s, session.cached_len(s), [t[-1]], reads=Reads(argmax=(0,)))
-                                       for s, t in seqs.items()])
-            for r in results:
-                seqs[r.seq_id].append(r.tokens[0])
-        tokens[name] = seqs
-        if options:
-            assert runner.stats()["cuda_graphs"]["replays"] >= 3
-    assert tokens["compiled+graphs"] == tokens["eager"]
+    _assert_mixed_batch_matches_transformers(tiny_model_dir, runner)
+    _assert_step_never_syncs(runner, list(range(5, 45)), [20, 21, 22])
+    seqs = {"a": list(range(5, 35)), "b": list(range(60, 75)), "c": [7]}
+    assert (_greedy_decode_tokens(tiny_model_dir, seqs, compile_layers=True, cuda_graphs=True)
+            == _greedy_decode_tokens(tiny_model_dir, seqs))
 
 
 def test_compiled_layers_in_bf16_are_close_to_eager(tiny_model_dir):
