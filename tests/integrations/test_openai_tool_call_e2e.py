@@ -91,6 +91,19 @@ def _model(sdk) -> str:
     return sdk.models.list().data[0].id
 
 
+def _gather_stream(stream) -> tuple[str, str, str | None, str]:
+    """(tool name, arguments, finish_reason, content) assembled from a streamed chat completion."""
+    name, arguments, finish, content = "", "", None, ""
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for part in delta.tool_calls or []:
+            name += part.function.name or "" if part.function else ""
+            arguments += part.function.arguments or "" if part.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    return name, arguments, finish, content
+
+
 @pytest.mark.parametrize("city", CITIES[:2])
 def test_model_written_tool_call_is_parsed(sdk, city):
     out = sdk.chat.completions.create(model=_model(sdk), messages=_question(city), tools=TOOLS,
@@ -106,14 +119,7 @@ def test_model_written_tool_call_is_parsed(sdk, city):
 def test_model_written_tool_call_is_parsed_when_streamed(sdk):
     stream = sdk.chat.completions.create(model=_model(sdk), messages=_question("Lima"), tools=TOOLS,
                                          max_tokens=96, extra_body=AR, stream=True)
-    name, arguments, finish, content = "", "", None, ""
-    for chunk in stream:
-        delta = chunk.choices[0].delta
-        content += delta.content or ""
-        for part in delta.tool_calls or []:
-            name += part.function.name or "" if part.function else ""
-            arguments += part.function.arguments or "" if part.function else ""
-        finish = chunk.choices[0].finish_reason or finish
+    name, arguments, finish, content = _gather_stream(stream)
     assert finish == "tool_calls"
     assert name == "get_weather" and json.loads(arguments) == {"city": "Lima"}
     assert "<tool_call>" not in content
@@ -165,14 +171,7 @@ def test_forced_named_tool_choice_streamed(sdk):
     stream = sdk.chat.completions.create(model=_model(sdk), messages=_question("Paris"), tools=TOOLS, max_tokens=96,
                                          tool_choice={"type": "function", "function": {"name": "get_weather"}},
                                          extra_body=AR, stream=True)
-    name, arguments, finish, content = "", "", None, ""
-    for chunk in stream:
-        delta = chunk.choices[0].delta
-        content += delta.content or ""
-        for part in delta.tool_calls or []:
-            name += part.function.name or "" if part.function else ""
-            arguments += part.function.arguments or "" if part.function else ""
-        finish = chunk.choices[0].finish_reason or finish
+    name, arguments, finish, content = _gather_stream(stream)
     assert finish == "tool_calls" and not content
     assert name == "get_weather" and json.loads(arguments) == {"city": "Paris"}
 
