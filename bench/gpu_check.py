@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
-from gpu_check_parts import CONFIGS, FORWARD_VARIANTS, Row, Workbench, part_engine, part_forward  # noqa: E402
+from gpu_check_parts import CONFIGS, FORWARD_VARIANTS, Row, Workbench, part_engine, part_forward, part_host  # noqa: E402
 
 PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency", "host")
 # Per device type: defaults of the options left unset (the CPU ones make the dry run).
@@ -150,23 +150,6 @@ def part_concurrency(bench: Workbench) -> tuple[dict, list[Row]]:
     if not levels:
         raise RuntimeError(f"no table rows in its output: {proc.stdout[-2000:]}")
     return {"command": " ".join(cmd[1:]), "levels": levels, "output_tail": proc.stdout[-3000:]}, rows
-
-
-def part_host(bench: Workbench) -> tuple[dict, list[Row]]:
-    """bench/engine_overhead.py on this machine's device: the engine's host time per step on a zero-cost
-    model (AR and confident ReFusion at the engine part's levels and gen_length), i.e. what a step costs
-    besides the model."""
-    if importlib.util.find_spec("structlog") is None:
-        raise PartSkipped("structlog is not installed (the engine needs it): carry its wheel, see the docstring")
-    import engine_overhead
-
-    args = engine_overhead.parse_args(["--device", str(bench.device), "--confidence", "confident", "--levels",
-                                       ",".join(map(str, bench.args.levels)), "--gen-length", str(bench.args.gen_length)])
-    rows = engine_overhead.run(args)
-    return {"rows": rows, "table": engine_overhead.table(rows, args)}, [
-        Row(f"engine host time, {r['mode']}, {r['requests']} request(s)",
-            f"{r['ms_per_step']:.2f} ms/step ({r['runner_ms']:.2f} in runner.execute, {r['outside_ms']:.2f} outside)")
-        for r in rows]
 
 
 PARTS = {"gpu_tests": part_gpu_tests, "forward": part_forward, "engine": part_engine, "baselines": part_baselines,

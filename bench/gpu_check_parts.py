@@ -256,3 +256,19 @@ async def _engine_levels(bench: Workbench, mode) -> dict:
     finally:
         await engine.stop(drain_timeout_s=0)
     return levels
+
+
+# ---- part: host ------------------------------------------------------------------------------------
+def part_host(bench: Workbench) -> tuple[dict, list[Row]]:
+    """bench/engine_overhead.py on this machine's device: the engine's host time per step on a zero-cost
+    model (AR and confident ReFusion at the engine part's levels and gen_length), i.e. what a step costs
+    besides the model."""
+    import engine_overhead
+
+    args = engine_overhead.parse_args(["--device", str(bench.device), "--confidence", "confident", "--levels",
+                                       ",".join(map(str, bench.args.levels)), "--gen-length", str(bench.args.gen_length)])
+    rows = engine_overhead.run(args)
+    return {"rows": rows, "table": engine_overhead.table(rows, args)}, [
+        Row(f"engine host time, {r['mode']}, {r['requests']} request(s)",
+            f"{r['ms_per_step']:.2f} ms/step ({r['runner_ms']:.2f} in runner.execute, {r['outside_ms']:.2f} outside)")
+        for r in rows]
