@@ -140,6 +140,23 @@ class Cluster:
         subprocess.run([str(BIN / "serve"), "deploy", str(path), "--address", self.dashboard_url],
                        check=True, env=ENV, timeout=120, capture_output=True)
 
+    def engine_replicas_settled(self) -> set[str] | None:
+        """The engine replica ids when the application has settled on its latest config (Serve's REST API:
+        application RUNNING, every engine replica RUNNING: no old version still stopping, none starting),
+        else None. Right after `serve deploy` the application is DEPLOYING until the new config's
+        replicas replaced the old ones, so a replica seen then may be one that is about to go."""
+        request = urllib.request.Request(self.dashboard_url + "/api/serve/applications/",
+                                         headers={"Authorization": f"Bearer {ENV['RAY_AUTH_TOKEN']}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            app = json.loads(response.read()).get("applications", {}).get("refusion")
+        if not app or app.get("status") != "RUNNING":
+            return None
+        engine = app["deployments"].get("RefusionEngine", {})
+        states = [(r["replica_id"], r["state"]) for r in engine.get("replicas", [])]
+        if not states or any(state != "RUNNING" for _, state in states):
+            return None
+        return {replica_id.split("#")[-1] for replica_id, _ in states}
+
     def stop_node(self, name: str) -> None:
         """Node loss: every process of that node dies at once (SIGKILL), as when a machine goes away."""
         proc = self.nodes.pop(name)

@@ -47,9 +47,22 @@ def per_replica(url: str, sample: str, **labels) -> dict[str, float]:
 
 
 def deploy(cluster, expected_replicas: int, **engine_deployment) -> dict[str, str]:
+    """Deploy and wait until the application has settled on this config with `expected_replicas` engine
+    replicas, and exactly those answer /metrics (a test that redeploys would otherwise catch a replica of
+    the previous config on its way out)."""
     cluster.serve_deploy(cluster.app_config(**engine_deployment))
-    return wait_for(lambda: (r := replicas(cluster.url)) and len(r) == expected_replicas and r, 300,
-                    f"{expected_replicas} engine replicas answering /metrics")
+    return settled(cluster, expected_replicas)
+
+
+def settled(cluster, expected_replicas: int) -> dict[str, str]:
+    """{replica id: node} once the application has settled with `expected_replicas` engine replicas, all
+    of them answering /metrics."""
+    def check():
+        live = cluster.engine_replicas_settled()
+        answering = replicas(cluster.url)
+        return live is not None and len(live) == expected_replicas and set(answering) == live and answering
+
+    return wait_for(check, 300, f"the application settled with {expected_replicas} engine replicas answering /metrics")
 
 
 def conversation(i: int) -> list[ChatMessage]:
@@ -187,7 +200,7 @@ def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(c
     try:
         wait_for(lambda: any("ready at" in line for line in lines) or proc.poll() is not None, 300, "refusion serve ready")
         assert proc.poll() is None, "".join(lines)[-2000:]
-        placed = wait_for(lambda: (r := replicas(cluster.url)) and len(r) == 2 and r, 300, "2 replicas")
+        placed = settled(cluster, 2)
         assert sorted(placed.values()) == ["head", "node-b"]
         reply = httpx.post(cluster.url + "/v1/completions", timeout=120, json={"prompt": "def f(x):", "max_tokens": 8, "temperature": 0})
         assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "length", reply.text
