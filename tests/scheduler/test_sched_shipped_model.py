@@ -17,11 +17,15 @@ pytestmark = [
     pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="models/refusion-tiny-code not present"),
 ]
 
+# A slot is accepted at verify when every drafted token's probability passes token_threshold; set far
+# below the shipped refusion.json's so that whichever stage ships takes the accept path on these prompts
+# (measured: a slot accepted on each with the stage-4 model; at the shipped 0.01, on two of them).
+PARAMS = {"token_threshold": 0.001}
 PROMPTS = [
-    "def read_config(path):\n",
     "class Stack:\n    def __init__(self):\n",
-    "    def __repr__(self):\n        return",
-    "import os\n\n\ndef list_files(root):\n",
+    "import sys\n\n\ndef main():\n",
+    "    def __init__(self, name):\n        self.name = name\n",
+    "for i in range(10):\n",
 ]
 
 
@@ -34,11 +38,11 @@ async def test_concurrent_requests_on_the_shipped_model_equal_their_solo_runs():
 
     runner = ModelRunner(SHIPPED, num_blocks=512)
     tokenizer, factory = runner.tokenizer, ModelDecoderFactory(runner)
-    specs = [GenerationRequest(f"s{i}", tokenizer.encode(PROMPTS[i % 4]), {}, mode=(Mode.REFUSION, Mode.AR)[i // 4 % 2])
+    specs = [GenerationRequest(f"s{i}", tokenizer.encode(PROMPTS[i % 4]), dict(PARAMS), mode=(Mode.REFUSION, Mode.AR)[i // 4 % 2])
              for i in range(8)]
     solo = {}
     for spec in specs:
-        decoder = factory.create(spec.mode, f"solo-{spec.request_id}", spec.prompt_ids, factory.parse_params({}), None)
+        decoder = factory.create(spec.mode, f"solo-{spec.request_id}", spec.prompt_ids, factory.parse_params(PARAMS), None)
         solo[spec.request_id] = decode_batch(RunnerSession(runner), [decoder])[0]
     engine = Engine(runner, tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
     await engine.start()
