@@ -182,8 +182,14 @@ def _forward_variant(bench: Workbench, options: dict, floor_ms: float) -> tuple[
         target = FORWARD_TARGETS.get(n)
         rows.append(Row(f"forward batch 1, {n} query tokens", f"{med:.2f} ms = {ratio:.2f}x floor",
                         f"<= {target}x floor" if target else "-", ratio <= target if target else None))
-    if isinstance(runner.stats().get("cuda_graphs"), dict):
-        results["cuda_graphs"] = runner.stats()["cuda_graphs"]
+    graphs = runner.stats().get("cuda_graphs")
+    if isinstance(graphs, dict):
+        results["cuda_graphs"] = graphs
+        startup = graphs["startup"] or {"graphs": 0, "seconds": 0.0, "bytes": 0}
+        gb = startup["bytes"] / 2**30
+        rows.append(Row("CUDA-graph capture at start-up",
+                        f"{startup['graphs']} graphs, {startup['seconds']:.1f} s, {gb:.2f} GiB",
+                        "< 60 s, < 4 GB", startup["seconds"] < 60 and startup["bytes"] < 4e9))
     return results, rows
 
 

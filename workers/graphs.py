@@ -1,9 +1,10 @@
-"""CUDA graphs of the device step, one per step layout (workers.packing.StepLayout), captured lazily.
+"""CUDA graphs of the device step, one per step layout (workers.packing.StepLayout): the common layouts
+captured at start-up, the others the first time they occur.
 
 A packed step's shapes are bucketed (powers of two for tokens T, sequences B, query length Q, context
 blocks NB and read rows R, plus two flags), so a serving run meets a small set of layouts again and
 again: every decode step of up to 16 requests with short contexts is one layout. The first time an
-admitted layout appears, `StepGraphs` runs the step eagerly on a side stream (this is the step's real
+admitted layout appears (at start-up, or while serving for a layout start-up did not cover), `StepGraphs` runs the step eagerly on a side stream (this is the step's real
 execution: its results are returned and its K/V written) and then captures `step_fn` on a static copy of
 the input buffer. Later steps of that layout copy their buffer into the static one and replay: one
 launch instead of a few thousand kernel launches, which is what bounds a small-batch forward on a GPU
@@ -20,6 +21,14 @@ pool) reaches `memory_budget_bytes` (an over-estimate: the growth includes what 
 cached). Everything else runs eagerly. `stats()` reports graphs, capture
 time and memory for /v1/engine.
 
+Start-up capture (`startup_steps`, run by `ModelRunner.capture_startup_graphs` when the runner is built):
+the layouts of uniform steps, n = 1..`startup_max_seqs` sequences of q query tokens each (q in
+`startup_query_lens`: 1 is an AR decode step, the slot size a ReFusion plan or verify step) reading
+every query row, for every context-block bucket up to `startup_max_context` tokens. These are the steps
+the decoders produce most (tests/workers/test_graphs.py checks that AR decode and single-slot ReFusion
+steps after start-up capture nothing new); other admitted layouts (mixed batches, partial reads) are
+still captured the first time they occur, within the same bounds.
+
 CUDA only (torch.cuda.CUDAGraph). The admission and bookkeeping run anywhere with an injected capture
 function (tests/workers/test_graphs.py); capture and replay are checked against eager in tests/gpu.
 """
@@ -32,21 +41,59 @@ from typing import Callable
 
 import torch
 
-from workers.packing import StepLayout
+from workers.packing import MIN_BLOCKS, StepLayout
 
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (model, kv, buffer, layout) -> (values, logits)
 
 
 @dataclass(frozen=True)
 class GraphPolicy:
-    """Which step layouts get a CUDA graph (module docstring)."""
+    """Which step layouts get a CUDA graph, and which are captured at start-up (module docstring).
+
+    Raises ValueError naming the field for a value that is not an int of the right range (the fields
+    come from serve config: `runner.cuda_graphs`)."""
 
     max_tokens: int = 256
     max_graphs: int = 96
     memory_budget_bytes: int = 4 << 30
+    startup_query_lens: tuple[int, ...] = (1, 8)  # AR decode; ReFusion slot of 8 (the shipped model's)
+    startup_max_seqs: int = 32
+    startup_max_context: int = 2048  # tokens; capped by the KV cache's size
+
+    def __post_init__(self) -> None:
+        lens = self.startup_query_lens
+        if not isinstance(lens, (list, tuple)) or not all(_is_int(q) and q > 0 for q in lens):
+            raise ValueError(f"cuda_graphs.startup_query_lens: {lens!r} must be a list of positive token counts "
+                             "([] captures nothing at start-up)")
+        object.__setattr__(self, "startup_query_lens", tuple(lens))
+        for name, low in (("max_tokens", 1), ("max_graphs", 0), ("memory_budget_bytes", 0),
+                          ("startup_max_seqs", 1), ("startup_max_context", 0)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"cuda_graphs.{name}: {value!r} must be an integer >= {low}")
 
     def admits(self, layout: StepLayout, graphs: int, bytes_used: int) -> bool:
         return layout.num_tokens <= self.max_tokens and graphs < self.max_graphs and bytes_used < self.memory_budget_bytes
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def startup_steps(policy: GraphPolicy, block_size: int, max_context: int) -> list[tuple[int, int, int]]:
+    """The uniform steps to capture at start-up, as (sequences n, query tokens q per sequence, context
+    tokens per sequence), in capture order: q as listed (AR decode first), then context buckets from the
+    shortest, then n. `max_context` (tokens the KV cache holds) caps `policy.startup_max_context`. The
+    context lengths are the context-block buckets (workers.packing.bucket, at least MIN_BLOCKS blocks)
+    times `block_size`; several n share a layout, and steps over `max_tokens` tokens are left out (the
+    runner packs each and keeps one step per distinct layout)."""
+    limit = min(policy.startup_max_context, max_context)
+    blocks, buckets = MIN_BLOCKS, []
+    while blocks * block_size <= limit:
+        buckets.append(blocks)
+        blocks *= 2
+    return [(n, q, nb * block_size) for q in policy.startup_query_lens for nb in buckets
+            for n in range(1, policy.startup_max_seqs + 1) if n * q <= policy.max_tokens]
 
 
 @dataclass
@@ -74,6 +121,7 @@ class StepGraphs:
         self.bytes_used = 0
         self.replays = 0
         self.eager_steps = 0
+        self.startup: dict | None = None  # {"graphs", "seconds", "bytes"} once start-up capture ran
 
     def __call__(self, model, kv, buffer: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
         graph = self.graphs.get(layout)
@@ -93,10 +141,11 @@ class StepGraphs:
         return outputs
 
     def stats(self) -> dict:
-        """For /v1/engine: graphs held, capture seconds and bytes, replayed and eager steps."""
+        """For /v1/engine: graphs held, capture seconds and bytes (all captures), replayed and eager steps,
+        and what start-up capture took ({"graphs", "seconds", "bytes"}; None before it ran)."""
         return {"graphs": len(self.graphs), "capture_s": round(self.capture_s, 3), "capture_bytes": self.bytes_used,
                 "memory_budget_bytes": self.policy.memory_budget_bytes, "replays": self.replays,
-                "eager_steps": self.eager_steps}
+                "eager_steps": self.eager_steps, "startup": self.startup}
 
 
 def _reserved(device: torch.device) -> int:

@@ -13,6 +13,7 @@ query tokens and padding write into, so the K/V write is one fixed-shape index_c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,8 @@ import torch
 from workers import loader
 from workers.attention import StepAttention
 from workers.attention_flex import FlexStepAttention
-from workers.batch import Segment, SegmentResult
-from workers.graphs import GraphPolicy, StepGraphs
+from workers.batch import Reads, Segment, SegmentResult
+from workers.graphs import GraphPolicy, StepGraphs, startup_steps
 from workers.kv_cache import PagedKVCache, blocks_for_budget
 from workers.model import Qwen3, build_model, compiled_kernels
 from workers.packing import PackedStep, pack_step
@@ -80,9 +81,10 @@ class ModelRunner:
         dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA. device: default cuda when
         available. KV cache: `num_blocks` blocks of `block_size` tokens, or as many as `kv_memory_bytes`
         holds, or a device default (workers.kv_cache); one scratch block comes on top. cuda_graphs: True
-        or workers.graphs.GraphPolicy fields (max_tokens, max_graphs, memory_budget_bytes) to replay
-        steps from CUDA graphs per layout; off by default until measured on a GPU. Raises ValueError for
-        cuda_graphs on a device that is not CUDA. attention: "sdpa" (workers.attention: gathers each
+        or workers.graphs.GraphPolicy fields (max_tokens, max_graphs, memory_budget_bytes, startup_*) to
+        replay steps from CUDA graphs per layout, the common ones captured here (capture_startup_graphs);
+        off by default until measured on a GPU. Raises ValueError for cuda_graphs on a device that is not
+        CUDA or a GraphPolicy field out of range. attention: "sdpa" (workers.attention: gathers each
         sequence's context; portable, the default) or "flex" (workers.attention_flex: reads the paged
         cache in place; for CUDA, unmeasured so far); ValueError for another name. compile_layers: run
         the work around attention (norms, residual adds, RoPE, SwiGLU) through torch.compile
@@ -137,6 +139,31 @@ class ModelRunner:
             num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, block_size=block_size,
             num_kv_blocks=n, dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
         )
+        self.capture_startup_graphs()
+
+    def capture_startup_graphs(self) -> dict | None:
+        """Capture the CUDA graphs of the common step layouts now (workers.graphs.startup_steps), so
+        serving does not pay for them on its first steps. Each is a synthetic step (token 0, argmax reads
+        of every row, every block table and every write on the scratch block: no KV block of the owner is
+        read or written) run through the graph wrapper, which captures layouts its policy admits, within
+        max_graphs and memory_budget_bytes. Returns and records in stats() {"graphs" (captured by this
+        call), "seconds", "bytes"}; None when cuda_graphs is off. Called by the constructor."""
+        graphs = self.step_fn
+        if not isinstance(graphs, StepGraphs):
+            return None
+        before, seconds, used = len(graphs.graphs), graphs.capture_s, graphs.bytes_used
+        bs = self.info.block_size
+        layouts = set()
+        for n, q, context in startup_steps(graphs.policy, bs, self.info.num_kv_blocks * bs):
+            segments = [Segment(f"startup-{i}", context, [0] * q, list(range(context, context + q)), 0,
+                                Reads(argmax=tuple(range(q)))) for i in range(n)]
+            step = pack_step(segments, [[self.scratch_block] * (context // bs)] * n, bs, self.scratch_block)
+            if step.layout not in layouts and step.layout.num_tokens <= graphs.policy.max_tokens:
+                layouts.add(step.layout)
+                self._run(step)
+        graphs.startup = {"graphs": len(graphs.graphs) - before, "seconds": round(graphs.capture_s - seconds, 3),
+                          "bytes": graphs.bytes_used - used}
+        return graphs.startup
 
     def stats(self) -> dict:
         """For /v1/engine: the attention backend, whether layer kernels are compiled, and the CUDA graphs
@@ -159,12 +186,17 @@ class ModelRunner:
         if not segments:
             return []
         step = self.pack(segments, block_tables)
+        host, host_logits = self._run(step)
+        return unpack_results(step, [s.seq_id for s in segments], host, host_logits)
+
+    def _run(self, step: PackedStep) -> tuple[np.ndarray, np.ndarray | None]:
+        """Upload, run and read back a packed step: values [2, R] and logits rows (when asked for)."""
         buffer = self._uploader.upload(step.buffer)
         with torch.inference_mode():
             values, logits = self.step_fn(self.model, self.kv, buffer, step.layout)
             host = values.cpu().numpy()  # the one device -> host transfer (logits: tests only)
             host_logits = logits.cpu().numpy() if step.wants_logits else None
-        return unpack_results(step, [s.seq_id for s in segments], host, host_logits)
+        return host, host_logits
 
 
 ATTENTION = {"sdpa": StepAttention, "flex": FlexStepAttention}
@@ -185,11 +217,11 @@ def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: st
     if device.type != "cuda":
         raise ValueError(f"cuda_graphs: needs a CUDA device, the runner is on {device}; remove cuda_graphs")
     fields = cuda_graphs if isinstance(cuda_graphs, dict) else {}
-    try:
-        policy = GraphPolicy(**fields)
-    except TypeError:
-        raise ValueError(f"cuda_graphs: unknown setting in {sorted(fields)}; known: max_tokens, max_graphs, "
-                         "memory_budget_bytes") from None
+    known = [f.name for f in dataclasses.fields(GraphPolicy)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"cuda_graphs.{unknown[0]}: unknown setting; known: {', '.join(known)}")
+    policy = GraphPolicy(**fields)
     return StepGraphs(step, policy)
 
 

@@ -173,7 +173,8 @@ def test_step_forward_captures_as_a_cuda_graph(tiny_model_dir):
 
 def test_runner_with_cuda_graphs_equals_eager(tiny_model_dir):
     """cuda_graphs=True (workers.graphs): a prefill, six greedy decode steps of three sequences and a
-    mixed ReFusion-shaped step give the same tokens and KV as the eager runner; decode steps replay."""
+    mixed ReFusion-shaped step give the same tokens and KV as the eager runner (start-up capture left
+    the KV cache alone); decode steps replay graphs captured at start-up."""
     eager = ModelRunner(tiny_model_dir, device="cuda", dtype="float32", num_blocks=64)
     graphed = ModelRunner(tiny_model_dir, device="cuda", dtype="float32", num_blocks=64, cuda_graphs=True)
     outputs = {}
@@ -198,6 +199,9 @@ def test_runner_with_cuda_graphs_equals_eager(tiny_model_dir):
         torch.testing.assert_close(a[:-1], b[:-1])
     stats = graphed.stats()["cuda_graphs"]
     assert stats["graphs"] >= 1 and stats["replays"] >= 5, stats
+    # start-up capture (GraphPolicy.startup_*) already held the decode steps' layout: only the prefill and
+    # the mixed step were captured while serving
+    assert stats["startup"]["graphs"] > 0 and stats["graphs"] - stats["startup"]["graphs"] <= 2, stats
 
 
 @pytest.mark.parametrize("block_size", [16, 64])  # Triton tiles want KV blocks of 16+ tokens

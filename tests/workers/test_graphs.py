@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from hf_oracle import segment  # noqa: E402
 from workers.batch import Reads  # noqa: E402
-from workers.graphs import CapturedStep, GraphPolicy, StepGraphs  # noqa: E402
+from workers.graphs import CapturedStep, GraphPolicy, StepGraphs, startup_steps  # noqa: E402
 from workers.loader import read_config  # noqa: E402
 from workers.model import random_model  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
@@ -105,3 +105,55 @@ def test_capture_runs_the_step_once_and_writes_its_kv(runners):
     RunnerSession(eager).execute([segment("a", 0, [5, 6, 7], reads=Reads())])
     assert not torch.equal(before[:-1], graphed.kv.k[0][:-1])
     torch.testing.assert_close(graphed.kv.k[0][:-1], eager.kv.k[0][:-1])
+
+
+STARTUP = GraphPolicy(max_tokens=64, startup_query_lens=(1, 4), startup_max_seqs=6, startup_max_context=64)
+
+
+def test_startup_capture_covers_decode_and_slot_steps_and_touches_no_kv(tiny_model_dir):
+    """After capture_startup_graphs, AR decode steps (1 token per sequence) and single-slot steps (4
+    tokens per sequence, every row read) of 1-6 sequences with contexts up to 64 tokens all replay:
+    serving captures nothing new. The synthetic steps write only the scratch block."""
+    cfg = dataclasses.replace(read_config(tiny_model_dir), num_layers=2)
+    model = random_model(cfg, dtype=torch.float32, device="cpu", seed=1, std=0.2)
+    eager, graphed = (ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, block_size=4, num_blocks=128)
+                      for _ in range(2))
+    graphs = StepGraphs(step_forward, STARTUP, capture=recording_capture)
+    graphed.step_fn = graphs
+    kv_before = [t[:-1].clone() for t in graphed.kv.k + graphed.kv.v]
+    startup = graphed.capture_startup_graphs()
+    assert startup["graphs"] == len(graphs.graphs) > 0 and graphs.replays == 0
+    assert graphed.stats()["cuda_graphs"]["startup"] == startup
+    for before, after in zip(kv_before, graphed.kv.k + graphed.kv.v):
+        assert torch.equal(before, after[:-1])
+    captured = len(graphs.graphs)
+
+    outputs = {}
+    for runner in (eager, graphed):
+        session, got = RunnerSession(runner), []
+        prompts = {f"s{i}": list(range(10 + i, 10 + i + 3 + 6 * i)) for i in range(6)}  # contexts 3..33 tokens
+        session.execute([segment(s, 0, p, reads=Reads()) for s, p in prompts.items()])  # prefill
+        for n in range(1, 7):  # AR decode of n sequences, then one 4-token slot each
+            seqs = list(prompts)[:n]
+            got.append([r.tokens for r in session.execute(
+                [segment(s, session.cached_len(s), [7], reads=Reads(argmax=(0,))) for s in seqs])])
+            got.append([r.tokens for r in session.execute(
+                [segment(s, session.cached_len(s), [3, 4, 5, 6], reads=Reads(argmax=(0, 1, 2, 3))) for s in seqs])])
+        outputs[runner is graphed] = got
+    assert outputs[True] == outputs[False]
+    assert len(graphs.graphs) == captured  # nothing new (the prefill, 108 tokens > max_tokens 64, ran eagerly)
+    assert graphs.replays == 12 and graphs.eager_steps == 1
+
+
+def test_startup_steps_and_policy_fields():
+    steps = startup_steps(STARTUP, block_size=4, max_context=1 << 20)
+    assert {ctx for _, _, ctx in steps} == {16, 32, 64}  # context-block buckets 4, 8, 16 blocks of 4 tokens
+    assert {(n, q) for n, q, _ in steps} == {(n, q) for q in (1, 4) for n in range(1, 7)}
+    assert [q for _, q, _ in steps][:3] == [1, 1, 1]  # AR decode first
+    assert {ctx for _, _, ctx in startup_steps(STARTUP, 4, max_context=40)} == {16, 32}  # capped by the KV cache
+    assert startup_steps(GraphPolicy(startup_query_lens=[]), 16, 4096) == []
+    assert GraphPolicy(startup_query_lens=[1, 8]).startup_query_lens == (1, 8)
+    with pytest.raises(ValueError, match="cuda_graphs.startup_query_lens"):
+        GraphPolicy(startup_query_lens=[0])
+    with pytest.raises(ValueError, match="cuda_graphs.startup_max_seqs"):
+        GraphPolicy(startup_max_seqs="8")
