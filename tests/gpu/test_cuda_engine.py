@@ -1,0 +1,83 @@
+"""The whole engine on CUDA against the whole engine on the CPU: AR and ReFusion requests, four at a time,
+give the same tokens on every runner variant (float32, greedy). The decoders' real steps run here
+(prefill chunks, decode, plan, verify, branches, remasking, mixed batches), so this covers what the
+runner-level tests in test_cuda_runner.py build by hand, and with cuda_graphs it runs them from graphs
+captured at start-up and while serving. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+from scheduler.api import GenerationRequest, Mode  # noqa: E402
+from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
+from scheduler.engine import Engine  # noqa: E402
+from workers.loader import load_tokenizer, read_config  # noqa: E402
+from workers.model import random_model  # noqa: E402
+from workers.runner import ModelRunner  # noqa: E402
+
+PROMPTS = ["def add(a, b):\n    return", "import os\n\nclass Config:\n", "for i in range(10):\n    print(", "x = ["]
+PARAMS = {  # ReFusion: blocks of 16 tokens, 4 slots of 4: parallel plans, verification, branches, remasks
+    Mode.AR: {"gen_length": 24, "slot_size": 1, "serial_num_blocks": 1, "temperature": 0.0},
+    Mode.REFUSION: {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 2, "temperature": 0.0,
+                    "slot_threshold": 0.05, "token_threshold": 0.01},
+}
+VARIANTS = {
+    "eager": {},
+    "graphs": {"cuda_graphs": True},
+    "compiled+graphs": {"cuda_graphs": True, "compile_layers": True},
+    "flex+graphs": {"attention": "flex", "cuda_graphs": True},
+}
+
+
+async def _run(runner: ModelRunner) -> dict[tuple[str, int], list[int]]:
+    engine = Engine(runner, runner.tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
+    await engine.start()
+
+    async def one(mode: Mode, i: int) -> list[int]:
+        spec = GenerationRequest(f"{mode.value}-{i}", runner.tokenizer.encode(PROMPTS[i]), dict(PARAMS[mode]), mode=mode)
+        ids, last = [], None
+        async for delta in engine.submit(spec):
+            ids += delta.token_ids
+            last = delta
+        assert last is not None and last.finished and last.error is None, last
+        return ids
+
+    try:
+        out = {}
+        for mode in PARAMS:
+            ids = await asyncio.gather(*(one(mode, i) for i in range(len(PROMPTS))))
+            out.update({(mode.value, i): t for i, t in enumerate(ids)})
+    finally:
+        await engine.stop(drain_timeout_s=0)
+    assert engine.kv.pool("main").num_free == engine.kv.pool("main").num_total  # no leaked KV block
+    return out
+
+
+def _outputs(model_dir, device: str, **options) -> tuple[dict, ModelRunner]:
+    """The engine's tokens on a random model with varied greedy output (the tiny model directory's own
+    weights predict one token everywhere): the same weights on every device (drawn on the CPU)."""
+    cfg = read_config(model_dir)
+    model = random_model(cfg, dtype=torch.float32, device="cpu", seed=1, std=0.2).to(device)
+    runner = ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, tokenizer=load_tokenizer(model_dir),
+                                    block_size=16, num_blocks=256, **options)
+    return asyncio.run(_run(runner)), runner
+
+
+@pytest.fixture(scope="module")
+def cpu_reference(tiny_model_dir):
+    return _outputs(tiny_model_dir, "cpu")[0]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_engine_on_cuda_gives_the_cpu_engines_tokens(tiny_model_dir, cpu_reference, variant):
+    got, runner = _outputs(tiny_model_dir, "cuda", **VARIANTS[variant])
+    assert got == cpu_reference
+    assert all(cpu_reference[key] for key in cpu_reference)  # every request generated something
+    stats = runner.stats()["cuda_graphs"]
+    if VARIANTS[variant].get("cuda_graphs"):
+        assert stats["startup"]["graphs"] > 0 and stats["replays"] > 0, stats
