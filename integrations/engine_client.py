@@ -192,16 +192,17 @@ class LocalEngineClient:
         self._model_info = dict(model_info or {"model": model_name})
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Delta]:
-        finished = False
+        # Closing the engine's own generator cancels exactly the request it admitted (Engine.submit's
+        # `finally`). Never cancel by id here: a submit refused at admission (e.g. request_id already
+        # in flight) admitted nothing, and the id would name someone else's request.
+        deltas = self.engine.submit(req)
         try:
-            async for delta in self.engine.submit(req):
-                finished = finished or delta.finished
+            async for delta in deltas:
                 yield delta
-                if finished:
+                if delta.finished:
                     return
         finally:
-            if not finished:
-                await _maybe_await(self.engine.cancel(req.request_id))
+            await deltas.aclose()
 
     async def cancel(self, request_id: str) -> None:
         await _maybe_await(self.engine.cancel(request_id))
@@ -283,6 +284,8 @@ class ServeEngineClient:
         from ray.exceptions import RayError
         from ray.serve.exceptions import RayServeException, RequestCancelledError
 
+        if req.request_id in self._inflight:  # the engine refuses this too, but only on the same replica
+            raise InvalidRequestError("request_id", f"{req.request_id!r} is already in flight; use a unique id")
         responses = call_alone(lambda: self._streaming.generate.remote(req))
         self._inflight[req.request_id] = responses
         finished = False

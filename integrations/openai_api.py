@@ -270,8 +270,9 @@ async def _observed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> 
 
 def _checked(delta: Delta, observer: RequestObserver) -> Delta:
     observer.on_delta(delta)
-    if delta.error and delta.finish_reason is FinishReason.CANCELLED:
-        raise overloaded(f"request ended early: {delta.error}; retry", 1.0)  # e.g. replica draining
+    if delta.finish_reason is FinishReason.CANCELLED:  # never the caller's doing: they would be gone
+        why = delta.error or "cancelled by the server"
+        raise overloaded(f"request ended early: {why}; retry", 1.0)  # e.g. replica draining
     if delta.error:
         raise APIError(500, f"engine error: {delta.error}", "server_error")
     return delta

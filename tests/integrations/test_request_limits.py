@@ -19,7 +19,7 @@ from integrations.request_limits import (
     BodyLimitMiddleware, InputError, MAX_JSON_DEPTH, RequestLimits, parse_json_object, sampling_temperature,
 )
 from integrations.serve_config import ServeConfig
-from scheduler.api import Delta, InvalidRequestError, Mode
+from scheduler.api import Delta, FinishReason, InvalidRequestError, Mode
 
 # --- JSON bodies -----------------------------------------------------------------------------------
 
@@ -278,3 +278,27 @@ def test_seed_bounds_on_the_editor_protocol():
     assert err.value.data == {"field": "seed"}
 
 
+
+
+# --- a request cancelled by the server ---------------------------------------------------------------
+
+
+class _CancelledByServer(FakeEngineClient):
+    """Streams one token, then the request ends CANCELLED without an error (a server-side cancel by id)."""
+
+    async def stream(self, req):
+        ids = self.tokenizer.encode("total", add_special_tokens=False)
+        yield Delta(req.request_id, "total", ids, mode=Mode.AR)
+        yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.CANCELLED, mode=Mode.AR)
+
+
+async def test_a_request_cancelled_by_the_server_is_a_503_not_a_short_stop(bpe_tokenizer):  # noqa: F811
+    """The caller is still there, so the cancel was not theirs: they get a retryable error, never a 200
+    whose cut text claims finish_reason "stop"."""
+    async with _app(_CancelledByServer(bpe_tokenizer)) as http:
+        response = await http.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 16})
+        streamed = await http.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 16, "stream": True})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "cancelled by the server" in response.json()["error"]["message"]
+    events = [line[len("data: "):] for line in streamed.text.split("\n\n") if line.startswith("data: ")]
+    assert '"stop"' not in streamed.text and "cancelled by the server" in events[-2]

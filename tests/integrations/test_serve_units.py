@@ -20,7 +20,7 @@ from integrations.http_errors import _validation_param, from_engine_error
 from integrations.openai_api import APISettings, create_app
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest, fitting_block_count
 from integrations.serve_config import ServeConfig
-from scheduler.api import Delta, FinishReason, InvalidRequestError, OverloadedError
+from scheduler.api import Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
 from scheduler.engine import EngineNotRunningError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -211,6 +211,28 @@ async def test_local_app_over_real_engine_and_drain(tiny_model_dir, wait_until):
         drained = await asyncio.wait_for(long, wait_until.timeout_s)
         assert drained.status_code == 503 and drained.headers["retry-after"] == "1"
         assert "engine stopped" in drained.json()["error"]["message"]
+
+
+async def test_a_repeated_request_id_is_refused_without_touching_the_request_in_flight(tiny_model_dir):
+    """A second request with the id of one in flight (X-Request-Id reused by a retrying gateway) gets the
+    400, and the first runs to its end: nothing cancels it by id. The duplicate is submitted while the
+    first is admitted and the engine loop cannot run in between (no await between them)."""
+    engine, tok = build_engine(tiny_model_dir, {"num_blocks": 512}, {"routing": {"calibrate": False}})
+    await engine.start()
+    client = LocalEngineClient(engine, tok, "tiny")
+    params = {"gen_length": 24, "slot_size": 1, "serial_num_blocks": 1, "temperature": 0.0}
+    try:
+        first = client.stream(GenerationRequest("dup-1", tok.encode("x = "), dict(params), mode=Mode.AR))
+        deltas = [await first.__anext__()]
+        assert not deltas[0].finished
+        with pytest.raises(InvalidRequestError, match="already in flight") as refused:
+            await client.stream(GenerationRequest("dup-1", tok.encode("y = "), dict(params), mode=Mode.AR)).__anext__()
+        assert refused.value.field == "request_id"
+        deltas += [d async for d in first]
+        assert deltas[-1].finish_reason is FinishReason.LENGTH
+        assert sum(len(d.token_ids) for d in deltas) == 24
+    finally:
+        await engine.stop(drain_timeout_s=0)
 
 
 def test_chat_template_errors_are_400(tiny_model_dir):
