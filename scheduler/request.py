@@ -33,6 +33,8 @@ class Request:
     in_flight: its segment is inside the forward running now (its KV must not be freed until it returns).
     skipped: steps in a row it was passed over (budget spent, or its unsplittable step did not fit);
         the most-skipped go first within their priority class, so no running request starves.
+    overtook: it started while an earlier request of its class waited for KV (scheduler backfilling).
+    kv_wait: (runner key, blocks short) when it last failed to start for lack of KV; else None.
     """
 
     spec: GenerationRequest
@@ -58,6 +60,8 @@ class Request:
     mode_history: list[str] = field(default_factory=list)
     tokens_at_last_route: int = 0
     pinned_mode: Mode | None = None  # set when preempted: the rerun keeps the mode it had
+    overtook: bool = False
+    kv_wait: tuple[str, int] | None = None
     preemptions: int = 0
     pending_segment: Any = None  # stated by the decoder but not run yet (did not fit the budget)
     error: str | None = None

@@ -10,6 +10,14 @@ cover its estimate (less the blocks it shares from the prefix cache). Prefix-cac
 requests skipped for lack of budget go first in their class next step, so no one starves. A waiting
 INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request.
 
+Backfilling: when the first waiting request of a class cannot start for lack of KV (a running slot is
+free), later requests of the same class that fit start around it (up to BACKFILL_SCAN of them looked
+at per step), so one long request's reservation does not hold a short one back for minutes (with the
+full gen_length reserved at admission, a few max_tokens=3000 requests would otherwise stall every
+later request while most blocks are still free). The waiting request is not starved: backfilling stops
+as soon as the blocks held by requests that overtook it would make it fit, so it waits at most for
+those to finish. Never across classes: a BATCH request does not overtake a waiting INTERACTIVE one.
+
 KV is the scheduler's (scheduler/kv.py): a segment's blocks are allocated when it enters the plan, and
 the plan carries each segment's block table. Should a step run short of blocks (tentative KV beyond
 the estimates), prefix-cache blocks are evicted, then running requests that come later in scheduling
@@ -33,6 +41,7 @@ from scheduler.routing import LoadSnapshot, RouteDecision, Router
 from workers.batch import Segment
 
 log = structlog.get_logger("scheduler")
+BACKFILL_SCAN = 16  # later requests looked at per step around a head waiting for KV (each costs a route decision and a prefix lookup)
 
 
 @dataclass
@@ -209,20 +218,42 @@ class Scheduler:
 
     # ---- internals -----------------------------------------------------------------------------
     def _start_waiting(self, plan: StepPlan) -> None:
+        """Start waiting requests in scheduling order; around a head waiting for KV, backfill (module
+        docstring)."""
         self.waiting.sort(key=Request.sort_key)
-        while self.waiting:
-            req = self.waiting[0]
+        head: Request | None = None  # the first request left waiting for KV
+        i = 0
+        while i < len(self.waiting):
+            req = self.waiting[i]
+            if head is not None and (req.priority is not head.priority or i > BACKFILL_SCAN
+                                     or not self._may_overtake(head)):
+                return
             try:
                 started = len(self.running) < self.config.max_running and self._try_start(req)
             except Exception as exc:  # a decoder that cannot be built for this request: fail it alone
                 log.exception("start_failed", request_id=req.id)
-                self.waiting.pop(0)
+                self.waiting.pop(i)
                 plan.failed.append((req, f"{type(exc).__name__}: {exc}"))
                 continue
             if started:
-                self.waiting.pop(0)
-            elif not self._preempt_for(req):
-                return  # head-of-line waits: later requests must not overtake a higher class
+                self.waiting.pop(i)
+                req.overtook = head is not None
+                if head is not None:
+                    log.info("backfilled", request_id=req.id, around=head.id)
+            elif head is None and self._preempt_for(req):
+                continue
+            elif len(self.running) >= self.config.max_running or req.kv_wait is None:
+                return  # no running slot: nobody can start
+            else:
+                head = head or req
+                i += 1
+
+    def _may_overtake(self, head: Request) -> bool:
+        """Whether a later request may still start around `head`: only while `head` waits for blocks held
+        by requests that were running before it could be overtaken, not by those that overtook it."""
+        key, short = head.kv_wait
+        held = sum(r.kv_blocks for r in self.running if r.overtook and r.runner_key == key)
+        return held < short
 
     def _preempt_for(self, req: Request) -> bool:
         """Make room for a waiting INTERACTIVE request by sending the youngest running BATCH request back
@@ -244,7 +275,7 @@ class Scheduler:
         self.kv.free(victim)
         victim.pinned_mode, victim.mode_history = victim.mode, []
         victim.decoder, victim.pending_segment, victim.status = None, None, RequestStatus.WAITING
-        victim.skipped, victim.tokens_at_last_route = 0, 0
+        victim.skipped, victim.tokens_at_last_route, victim.overtook = 0, 0, False
         victim.preemptions += 1
         self.waiting.append(victim)
         self.waiting.sort(key=Request.sort_key)
@@ -263,7 +294,9 @@ class Scheduler:
             cache.evict(need - available, protect=set(hit.block_ids))
             available = self.kv_available(key)
         if available < need:
+            req.kv_wait = (key, need - available)
             return False
+        req.kv_wait = None
         spec = req.spec
         req.decoder = self.factories[key].create(decision.mode, req.id, spec.prompt_ids, req.params, spec.suffix_ids)
         self.kv.start(req, key, hit)

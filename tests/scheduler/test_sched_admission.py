@@ -10,6 +10,7 @@ from sched_fakes import FakeRunner, ForwardGate, collect, ids_of, make_engine
 from scheduler.api import FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
 from scheduler.config import EngineConfig, EngineConfigError, RoutingConfig
 from scheduler.engine import EngineNotRunningError
+from scheduler.scheduler import StepPlan
 
 
 def req(rid, prompt=(5, 6, 7), gen=6, **kw):
@@ -185,3 +186,33 @@ async def test_stopping_engine_says_it_is_shutting_down():
         await collect(engine, req("late"))
     await stopping
     assert not engine.stopping
+
+
+async def test_short_requests_backfill_around_a_long_one_waiting_for_kv_but_never_starve_it(wait_until):
+    """20 blocks. `a` (long) runs and holds its reservation; `b` (long) cannot fit and waits; `c` (short)
+    fits in what is left and starts around `b`, since `b` waits for `a`'s blocks, not `c`'s. `d` (short)
+    also fits, but now `b` would start were it not for `c`: backfilling stops and `d` queues behind `b`.
+    Forwards are held throughout, so the state is exact."""
+    runner = FakeRunner(num_blocks=20, block_size=4)
+    engine, _ = make_engine(runner=runner, kv_reserve_fraction=0.0, prefix_cache=False)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    sched = engine.scheduler
+    tasks = {"a": asyncio.create_task(collect(engine, req("a", gen=40, mode=Mode.AR)))}
+    try:
+        await wait_until(gate.entered.is_set, "a's first forward")
+        for rid, gen in (("b", 40), ("c", 6), ("d", 6)):
+            tasks[rid] = asyncio.create_task(collect(engine, req(rid, gen=gen, mode=Mode.AR)))
+        await wait_until(lambda: len(sched.running) + len(sched.waiting) == 4, "every request admitted")
+        sched._start_waiting(StepPlan())  # what the next step does first (the forward is still held)
+        blocks = {r.id: r.kv_blocks for r in sched.running + sched.waiting}
+        assert blocks == {"a": 12, "b": 12, "c": 4, "d": 4}  # b is 4 short while a runs; c holds those 4
+        assert [r.id for r in sched.running] == ["a", "c"] and [r.id for r in sched.waiting] == ["b", "d"]
+        assert sched.running[1].overtook and sched.waiting[0].kv_wait == ("main", 4)
+    finally:
+        gate.release()
+    results = {rid: await task for rid, task in tasks.items()}
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results.values())
+    assert engine.kv.pool().num_free == 20
+    await engine.stop()
