@@ -11,6 +11,8 @@ It owns what must hold on every path, whatever a route does or fails to do:
   `finally` when its ASGI call returns (response sent, route failed, client gone), so no exit path can
   leave it raised. A route's RequestObserver (http_metrics.RequestObserver.for_request) that is still
   open then is finished with the status that went out: a 400 raised mid-route is counted as a 400.
+  A request answered before its route made an observer (an invalid body, an unknown model, a prompt
+  over the context, a refusal while draining) is counted in `refusion_api_requests_total` here.
 - Draining: after `start_draining()`, new requests get 503 + Retry-After in OpenAI's error shape (/health
   answers {"status": "draining"}; /metrics keeps answering) and new WebSockets are refused (close code
   1013, "try again later"), while requests already inside run to their end.
@@ -102,11 +104,15 @@ class IngressGateMiddleware:
             observer = scope["state"].get("observer")
             if observer is not None:
                 observer.finish(status, error="client disconnected" if status == CLIENT_GONE else None)
+            elif endpoint is not None:
+                self.metrics.requests.labels(endpoint, str(status)).inc()
 
     async def _refuse(self, scope, send, path: str) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1013, "reason": "server is shutting down"})
             return
+        if path in GAUGED_ENDPOINTS:
+            self.metrics.requests.labels(GAUGED_ENDPOINTS[path], "503").inc()
         if path == "/health":
             body = {"status": "draining"}
         else:

@@ -153,6 +153,7 @@ async def test_draining_refuses_new_work_but_keeps_metrics(bpe_tokenizer):  # no
     async with _http(app) as http:
         refused = await http.post("/v1/completions", json={"prompt": "x"})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+        assert _metric(app, "refusion_api_requests_total", endpoint="completions", status="503") == 1
         assert refused.json()["error"]["code"] == "shutting_down"
         health = await http.get("/health")
         assert health.status_code == 503 and health.json() == {"status": "draining"}
@@ -180,3 +181,19 @@ async def test_health_is_ready_only_when_the_engine_answers(bpe_tokenizer, monke
         assert ok.status_code == 200 and ok.json()["status"] == "ok"
         head = await http.head("/health")
         assert head.status_code == 200 and head.content == b""
+
+
+async def test_requests_refused_before_the_engine_are_counted(bpe_tokenizer):  # noqa: F811
+    """A 400 for an invalid body or a 404 for an unknown model is answered before the route makes its
+    request observer; the gate counts it, once, under the endpoint and status that went out."""
+    app = _app(ScriptedClient(bpe_tokenizer))
+    async with _http(app) as http:
+        assert (await http.post("/v1/completions", json={"prompt": "x", "max_tokens": -1})).status_code == 400
+        assert (await http.post("/v1/completions", content=b"{not json")).status_code == 400
+        assert (await http.post("/v1/chat/completions", json={"model": "nope", "messages": [
+            {"role": "user", "content": "hi"}]})).status_code == 404
+        assert (await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})).status_code == 200
+    assert _metric(app, "refusion_api_requests_total", endpoint="completions", status="400") == 2
+    assert _metric(app, "refusion_api_requests_total", endpoint="chat", status="404") == 1
+    assert _metric(app, "refusion_api_requests_total", endpoint="completions", status="200") == 1
+    assert _metric(app, "refusion_api_requests_in_flight") == 0
