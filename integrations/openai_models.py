@@ -62,7 +62,7 @@ class SamplingFields(OpenAIBody):
     serial_num_blocks: int | None = Field(default=None, ge=1)
     slot_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     token_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="0 = off (vLLM's and the engine's meaning)")
     max_time_ms: int | None = Field(default=None, ge=1)
     priority: Literal["interactive", "batch"] = "batch"
 
@@ -219,7 +219,19 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: dict[str, Any] | None = None
+    # OpenAI fields whose default is accepted (SDK wrappers send them) and whose other values are not supported
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    store: bool | None = None
     _cap_field: str = PrivateAttr("max_tokens")
+
+    @field_validator("logprobs", "top_logprobs", "store")
+    @classmethod
+    def _defaults_only(cls, value, info):
+        if value:
+            why = "completions are not stored" if info.field_name == "store" else "log probabilities are not returned"
+            raise ValueError(f"{info.field_name}={value!r} is not supported ({why}): remove it or leave it at its default")
+        return value
 
     @field_validator("tool_choice", mode="before")
     @classmethod

@@ -14,7 +14,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInternalError
+from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
 from integrations.lsp.backend import BackendError, EditorBackend
@@ -45,6 +45,17 @@ def cursor_context(source: str, offset: int, prefix_lines: int, suffix_lines: in
     head = before.split("\n")
     tail = after.split("\n")
     return "\n".join(head[-(prefix_lines + 1):]), "\n".join(tail[: suffix_lines + 1])
+
+
+def clamp_to_line(doc, position: types.Position) -> types.Position:
+    """A character past the end of its line means the line's end (LSP 3.17, Position: "If the character
+    value is greater than the line length it defaults back to the line length"); the end-of-line
+    characters do not count."""
+    lines = doc.lines
+    if position.line >= len(lines):
+        return position
+    text = lines[position.line].rstrip("\r\n")
+    return types.Position(position.line, min(position.character, doc.position_codec.client_num_units(text)))
 
 
 def wants_multiline(mode: str, suffix: str) -> bool:
@@ -79,8 +90,11 @@ def build_server(config: BridgeConfig) -> LanguageServer:
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(params: types.InlineCompletionParams) -> types.InlineCompletionList:
-        doc = server.workspace.get_text_document(params.text_document.uri)
-        offset = doc.offset_at_position(params.position)
+        uri = params.text_document.uri
+        if uri not in server.workspace.text_documents:  # pygls would read the path from disk
+            raise JsonRpcInvalidParams(f"textDocument {uri} is not open: send textDocument/didOpen first")
+        doc = server.workspace.get_text_document(uri)
+        offset = doc.offset_at_position(clamp_to_line(doc, params.position))
         prefix, suffix = cursor_context(doc.source, offset, config.prefix_lines, config.suffix_lines)
         request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
         try:

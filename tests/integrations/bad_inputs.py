@@ -128,6 +128,10 @@ HTTP_CASES = [
     _c("completions-model-lone-surrogate", {"prompt": "x", "model": "\udc80"}, field="model"),
     # POST /v1/chat/completions
     _chat("chat-no-messages", {"max_tokens": 4}, field="messages"),
+    _chat("chat-logprobs", {"messages": USER, "logprobs": True}, field="logprobs"),
+    _chat("chat-top-logprobs", {"messages": USER, "top_logprobs": 3}, field="top_logprobs"),
+    _chat("chat-store", {"messages": USER, "store": True}, field="store"),
+    _c("completions-top-k-negative", {"prompt": "x", "top_k": -1}, field="top_k"),
     _chat("chat-empty-messages", {"messages": []}, field="messages"),
     _chat("chat-messages-string", {"messages": "hi"}, field="messages"),
     _chat("chat-role-unknown", {"messages": [{"role": "wizard", "content": "hi"}]}, field="messages.0.role"),

@@ -161,6 +161,28 @@ async def test_cancel_request_cancels_the_backend_completion(scripted_backend, w
     assert not started() & set(fake.completed)
 
 
+async def test_unopened_document_and_cursor_past_the_line_end(scripted_backend):
+    """A completion for a document the client never opened is InvalidParams naming the fix (pygls would
+    read the URI from disk: an internal error with a traceback); a cursor past its line's end is the
+    line's end (LSP's Position rule), so the newline stays in the suffix."""
+    url, fake = scripted_backend
+    client = await start_lsp(url)
+    try:
+        unopened = inline_params()
+        unopened.text_document = types.TextDocumentIdentifier(uri="file:///tmp/never-opened.py")
+        with pytest.raises(Exception, match="is not open: send textDocument/didOpen first") as err:
+            await asyncio.wait_for(client.text_document_inline_completion_async(unopened), WAIT_S)
+        assert "Traceback" not in str(err.value)
+        n = len(fake.requests)
+        await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(0, 13)), WAIT_S)
+    finally:
+        await stop_lsp(client)
+    reqs = fake.requests[n:]  # one per gap candidate, all over the same text
+    assert reqs and all(fake.tokenizer.decode(r.prompt_ids).endswith("def area(r):") for r in reqs)  # char 13 of 12
+    assert all(fake.tokenizer.decode(r.suffix_ids).startswith("\n    \n") for r in reqs), [
+        fake.tokenizer.decode(r.suffix_ids) for r in reqs]
+
+
 async def test_unreachable_backend_is_an_lsp_error_not_an_empty_answer():
     with pytest.raises(Exception, match="unreachable"):
         await lsp_round_trip(f"ws://127.0.0.1:{free_port()}/v1/editor")

@@ -81,6 +81,10 @@ def test_json_null_means_not_set(http):
     chat = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "tools": None, "n": None,
                                                    "max_completion_tokens": None, "response_format": None, "mode": "ar"})
     assert chat.status_code == 200, chat.text[:300]
+    # defaults that SDK wrappers send explicitly (OpenAI's own defaults; top_k 0 = off, as in vLLM)
+    chat = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "logprobs": False,
+                                                   "top_logprobs": None, "store": False, "top_k": 0, "mode": "ar"})
+    assert chat.status_code == 200, chat.text[:300]
     assert http.post("/v1/completions", json={"prompt": "x", "echo": True}).json()["error"]["param"] == "echo"
 
 
