@@ -26,7 +26,11 @@ def fitting_block_count(gen_length: int, slot_size: int, preferred: int) -> int:
 
 
 class OpenAIBody(BaseModel):
-    """A request object of OpenAI's API: a field given as null is a field not given (its default)."""
+    """A request object of OpenAI's API: a field given as null is a field not given (its default). Types
+    are strict, as OpenAI's: "5" is not an integer, true is not a count, "yes" is not a boolean (an int
+    is still a valid float)."""
+
+    model_config = ConfigDict(strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -41,7 +45,7 @@ class StreamOptions(OpenAIBody):
 class SamplingFields(OpenAIBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
