@@ -125,6 +125,13 @@ class SamplingFields(OpenAIBody):
     def engine_mode(self) -> Mode:
         return Mode(self.mode)
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value, info):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true (as OpenAI): remove it or stream")
+        return value
+
     @property
     def engine_priority(self) -> Priority:
         return Priority.INTERACTIVE if self.priority == "interactive" else Priority.BATCH
@@ -142,6 +149,14 @@ class CompletionRequest(SamplingFields):
     echo: bool = Field(default=False, description="echo is not supported (null and false are accepted)")
     logprobs: int | None = None
     best_of: int | None = Field(default=None, ge=1, le=1, description="only best_of=1 is supported")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_token_batches(cls, value):
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            raise ValueError("a batch of token-id prompts is not supported: send one prompt per request "
+                             "(a string, a list with one string, or one list of token ids)")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -170,7 +185,8 @@ class CompletionRequest(SamplingFields):
 
 
 class FunctionSpec(OpenAIBody):
-    name: str = Field(min_length=1)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$",
+                      description="OpenAI's rule: letters, digits, underscores and dashes, at most 64")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -255,6 +271,15 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError('a named choice needs function.name, one of `tools`: {"type": "function", '
                              '"function": {"name": ...}}')
         return NamedToolChoice(function=NamedFunction(name=function["name"]))
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, value):
+        names = [t.function.name for t in value or []]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"function name {repeated[0]!r} appears more than once: give each tool its own name")
+        return value
 
     @field_validator("response_format")
     @classmethod

@@ -118,6 +118,13 @@ HTTP_CASES = [
     _c("completions-priority-unknown", {"prompt": "x", "priority": "urgent"}, field="priority"),
     _c("completions-stream-list", {"prompt": "x", "stream": [1]}, field="stream"),
     _c("completions-stream-string", {"prompt": "x", "stream": "yes"}, field="stream"),
+    _c("completions-stream-options-without-stream", {"prompt": "x", "stream_options": {"include_usage": True}},
+       field="stream_options"),
+    _c("completions-token-id-batch", {"prompt": [[5, 6], [7]]}, field="prompt"),
+    _chat("chat-tool-name-with-space", {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "get weather"}}]}, field="tools.0.function.name"),
+    _chat("chat-tool-names-repeated", {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]}, field="tools"),
     _c("completions-max-tokens-numeric-string", {"prompt": "x", "max_tokens": "5"}, field="max_tokens"),
     _c("completions-max-tokens-bool", {"prompt": "x", "max_tokens": True}, field="max_tokens"),
     _c("completions-seed-string", {"prompt": "x", "seed": "1"}, field="seed"),
