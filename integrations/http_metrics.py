@@ -62,16 +62,22 @@ class RequestObserver:
     """
 
     @classmethod
-    def for_request(cls, request, endpoint: str, request_id: str, prompt_tokens: int) -> "RequestObserver":
+    def for_request(cls, request, endpoint: str, request_id: str, prompt_tokens: int,
+                    usage_from_engine: bool = False) -> "RequestObserver":
         """An observer for this HTTP request, registered so the ingress gate finishes it if the route does not."""
-        observer = cls(request.app.state.metrics, endpoint, request_id, prompt_tokens)
+        observer = cls(request.app.state.metrics, endpoint, request_id, prompt_tokens, usage_from_engine)
         request.state.observer = observer
         return observer
 
-    def __init__(self, metrics: APIMetrics, endpoint: str, request_id: str, prompt_tokens: int):
+    def __init__(self, metrics: APIMetrics, endpoint: str, request_id: str, prompt_tokens: int,
+                 usage_from_engine: bool = False):
+        """usage_from_engine: completion_tokens is the final delta's stats["generated_tokens"] (the tokens
+        the model generated), not the ids the deltas carry: for text that was post-processed after
+        decoding (the infill path), whose ids are a re-tokenization of the text."""
         self.metrics, self.endpoint, self.request_id = metrics, endpoint, request_id
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self.usage_from_engine = usage_from_engine
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -89,6 +95,8 @@ class RequestObserver:
                 self.metrics.itl.labels(self.endpoint).observe((now - self.last_token_at) / n)
             self.last_token_at = now
             self.completion_tokens += n
+        if delta.finished and self.usage_from_engine and "generated_tokens" in delta.stats:
+            self.completion_tokens = int(delta.stats["generated_tokens"])
         self.last = delta
 
     def finish(self, status: int, error: str | None = None) -> None:

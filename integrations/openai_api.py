@@ -147,7 +147,8 @@ async def completions(request: Request):
         prompt_ids = job.prompt.prompt_ids + (job.prompt.suffix_ids or [])
         fit_generation(settings.limits.context_length, len(prompt_ids), body.max_tokens or 1,
                        requested=body.max_tokens is not None)
-        observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
+        observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids),
+                                               usage_from_engine=True)  # the text is post-processed (CRLF, cuts)
         deltas = await _primed(_observed(infill_deltas(client, job, header.id, body.stream), observer), observer)
     else:
         # A CRLF or tab-indented prompt is completed as its LF, space-indented twin and the text comes

@@ -106,14 +106,16 @@ def _outcome(task: asyncio.Future) -> CompletionOutcome:
 
 
 def _ids(client, text: str) -> list[int]:
-    """Token ids of a post-processed piece (usage counts and time-to-first-token metrics)."""
+    """Token ids of a post-processed piece (time-to-first-token and inter-token metrics). Usage counts the
+    generated tokens instead (the final Delta's stats, RequestObserver usage_from_engine): re-tokenized
+    text differs from them (CRLF restored, other splits)."""
     return client.tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
 def _final(request_id: str, text: str, token_ids: list[int], outcome: CompletionOutcome) -> Delta:
     chosen = next((c for c in outcome.candidates if c.gap == outcome.gap), None)
     stats = dict(chosen.stats) if chosen else {}
-    stats.setdefault("generated_tokens", outcome.tokens)
+    stats["generated_tokens"] = outcome.tokens  # the chosen candidate's streamed ids: at most max_tokens
     if outcome.tokens_per_forward is not None:
         stats["tokens_per_forward"] = outcome.tokens_per_forward
     stats["infill_gap"] = outcome.gap

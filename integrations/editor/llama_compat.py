@@ -35,7 +35,7 @@ LIMITS = Limits()
 
 class ExtraChunk(BaseModel):
     model_config = ConfigDict(extra="allow")
-    text: str
+    text: str = Field(max_length=LIMITS.max_text_chars)  # as the editor protocol's context chunks
     filename: str = ""
 
 

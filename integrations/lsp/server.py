@@ -94,7 +94,8 @@ def build_server(config: BridgeConfig) -> LanguageServer:
         if uri not in server.workspace.text_documents:  # pygls would read the path from disk
             raise JsonRpcInvalidParams(f"textDocument {uri} is not open: send textDocument/didOpen first")
         doc = server.workspace.get_text_document(uri)
-        offset = doc.offset_at_position(clamp_to_line(doc, params.position))
+        position = clamp_to_line(doc, params.position)
+        offset = doc.offset_at_position(position)
         prefix, suffix = cursor_context(doc.source, offset, config.prefix_lines, config.suffix_lines)
         request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
         try:
@@ -109,7 +110,7 @@ def build_server(config: BridgeConfig) -> LanguageServer:
         text = result.get("text", "")
         if not text.strip():
             return types.InlineCompletionList(items=[])
-        here = types.Range(start=params.position, end=params.position)
+        here = types.Range(start=position, end=position)  # where it completed (a clamped cursor included)
         return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=text, range=here)])
 
     @server.feature(types.SHUTDOWN)

@@ -225,6 +225,8 @@ HTTP_CASES = [
     _infill("infill-extra-text-number", {"input_prefix": "x", "input_extra": [{"text": 1}]}, field="input_extra.0.text"),
     _infill("infill-extra-not-list", {"input_prefix": "x", "input_extra": "PI = 3"}, field="input_extra"),
     _infill("infill-prefix-over-chars", {"input_prefix": "a" * 200_001}, field="input_prefix"),
+    _infill("infill-extra-text-over-chars", {"input_prefix": "x", "input_extra": [{"text": "y" * 200_001}]},
+            field="input_extra.0.text"),
     _infill("infill-prefix-lone-surrogate", {"input_prefix": "\udfff"}, field="input_prefix"),
     _infill("infill-stop-empty", {"input_prefix": "x", "stop": [""]}, field="stop"),
     _infill("infill-stop-empty-streamed", {"input_prefix": "x", "stop": [""], "stream": True}, field="stop"),

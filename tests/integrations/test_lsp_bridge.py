@@ -174,9 +174,10 @@ async def test_unopened_document_and_cursor_past_the_line_end(scripted_backend):
             await asyncio.wait_for(client.text_document_inline_completion_async(unopened), WAIT_S)
         assert "Traceback" not in str(err.value)
         n = len(fake.requests)
-        await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(0, 13)), WAIT_S)
+        past_end = await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(0, 13)), WAIT_S)
     finally:
         await stop_lsp(client)
+    assert past_end.items and all(item.range.start == types.Position(0, 12) for item in past_end.items)
     reqs = fake.requests[n:]  # one per gap candidate, all over the same text
     assert reqs and all(fake.tokenizer.decode(r.prompt_ids).endswith("def area(r):") for r in reqs)  # char 13 of 12
     assert all(fake.tokenizer.decode(r.suffix_ids).startswith("\n    \n") for r in reqs), [

@@ -235,6 +235,29 @@ async def test_a_repeated_request_id_is_refused_without_touching_the_request_in_
         await engine.stop(drain_timeout_s=0)
 
 
+async def test_infill_usage_counts_generated_tokens_not_the_returned_texts(wait_until):
+    """/v1/completions with a suffix on a CRLF document: the text comes back with CRLF line breaks, but
+    usage.completion_tokens is what the model generated (its LF twin's count, at most max_tokens), not
+    a re-tokenization of the returned text (which counted each restored \\r). Shipped model, greedy."""
+    model = REPO / "models" / "refusion-tiny-code"
+    engine, tok = build_engine(model, {"num_blocks": 512}, {"routing": {"calibrate": False}})
+    await engine.start()
+    card = read_model_card(model)
+    app = create_app(APISettings(model_name="m", decode_defaults=card["defaults"]), LocalEngineClient(engine, tok, "m", card))
+    lf = {"prompt": "import os\n\ndef list_files(path):\n", "suffix": "\n\nprint(list_files('.'))\n",
+          "max_tokens": 7, "temperature": 0, "mode": "ar"}
+    crlf = {**lf, "prompt": lf["prompt"].replace("\n", "\r\n"), "suffix": lf["suffix"].replace("\n", "\r\n")}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
+            answers = [(await http.post("/v1/completions", json=body)).json() for body in (lf, crlf)]
+    finally:
+        await engine.stop(drain_timeout_s=0)
+    (lf_out, crlf_out) = answers
+    assert "\n" in lf_out["choices"][0]["text"], lf_out  # a line break to restore, so the case bites
+    assert crlf_out["choices"][0]["text"] == lf_out["choices"][0]["text"].replace("\n", "\r\n")
+    assert crlf_out["usage"]["completion_tokens"] == lf_out["usage"]["completion_tokens"] <= 7
+
+
 def test_chat_template_errors_are_400(tiny_model_dir):
     from transformers import AutoTokenizer
 
