@@ -98,6 +98,10 @@ class EngineConfig:
     max_stop_strings: most stop strings per request.
     preempt_for_interactive: a waiting INTERACTIVE request may send the youngest running BATCH request
         back to the queue (it reruns from scratch later; same tokens, nothing streamed twice).
+    max_preemptions: times one BATCH request may be preempted; after that it runs to its end and
+        INTERACTIVE requests wait for a slot or KV like everyone else. Each preemption discards the
+        request's progress, so without a bound a steady interactive stream could restart a long batch
+        request forever (vLLM bounds nothing here but keeps no reservations; this engine does).
     model_dir: directory whose `refusion.json` gives the default decoding parameters; None = the
         runner's own directory (scheduler.decoders.find_model_dir).
     """
@@ -110,6 +114,7 @@ class EngineConfig:
     deadline_grace_ms: int = 500
     max_stop_strings: int = 16
     preempt_for_interactive: bool = True
+    max_preemptions: int = 2
     model_dir: str | None = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
@@ -120,4 +125,6 @@ class EngineConfig:
         _check(0 <= self.kv_reserve_fraction < 1, "kv_reserve_fraction", "must be in [0, 1)")
         _check(self.deadline_grace_ms >= 0, "deadline_grace_ms", "must be >= 0")
         _check(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0")
+        _check(isinstance(self.max_preemptions, int) and self.max_preemptions >= 0, "max_preemptions",
+               "must be an integer >= 0 (0: no request is preempted)")
         _check(isinstance(self.routing, RoutingConfig), "routing", "must be a scheduler.config.RoutingConfig")

@@ -8,7 +8,9 @@ blocks, minus what running requests may still allocate up to their own estimates
 cover its estimate (less the blocks it shares from the prefix cache). Prefix-cache blocks are evicted
 (LRU) when that frees enough. Priority order: INTERACTIVE before BATCH, FCFS within a class; running
 requests skipped for lack of budget go first in their class next step, so no one starves. A waiting
-INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request.
+INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request that
+has been preempted fewer than `max_preemptions` times (a preempted request restarts from scratch, so
+the bound is what lets a long BATCH request finish under a steady INTERACTIVE stream).
 
 Backfilling: when the first waiting request of a class cannot start for lack of KV (a running slot is
 free), later requests of the same class that fit start around it (up to BACKFILL_SCAN of them looked
@@ -260,7 +262,8 @@ class Scheduler:
         to the queue (see `requeue`)."""
         if not self.config.preempt_for_interactive or req.priority is not Priority.INTERACTIVE:
             return False
-        victims = [r for r in self.running if r.priority > req.priority and len(r.mode_history) == 1]
+        victims = [r for r in self.running if r.priority > req.priority and len(r.mode_history) == 1
+                   and r.preemptions < self.config.max_preemptions]
         if not victims:
             return False
         self.requeue(max(victims, key=lambda r: r.order), reason=f"for {req.id}")

@@ -148,3 +148,30 @@ async def test_without_preemption_interactive_waits_for_a_slot():
     first_inter = next(i for i, call in enumerate(runner.calls) if any(s.seq_id == "inter" for s in call))
     assert all(s.seq_id != "batch" for call in runner.calls[first_inter:] for s in call)  # batch had finished
     await engine.stop()
+
+
+async def test_a_batch_request_is_preempted_at_most_max_preemptions_times():
+    """One running slot, a long BATCH request and a steady INTERACTIVE stream (each one submitted once the
+    previous has finished, so one always waits while the batch request runs): the first two preempt it;
+    then it runs to its end, the third interactive request waiting for it, and its text is unchanged."""
+    runner = FakeRunner(num_blocks=256, delay_s=0.002)
+    engine, _ = make_engine(runner=runner, max_running=1, prefix_cache=False, max_preemptions=2)
+    await engine.start()
+    solo = ids_of(await collect(engine, req("solo", prompt=[9, 8], mode=Mode.AR, gen=40)))
+    batch = engine.submit(req("batch", prompt=[9, 8], mode=Mode.AR, gen=40))
+    deltas = [await batch.__anext__()]  # running, one token streamed
+    rest = asyncio.create_task(collect_rest(batch))
+    inters = []
+    for i in range(3):
+        inters.append(await collect(engine, req(f"i{i}", mode=Mode.AR, priority=Priority.INTERACTIVE, gen=2)))
+    deltas += await rest
+    assert deltas[-1].stats["preemptions"] == 2 and ids_of(deltas) == solo
+    batch_last = max(i for i, call in enumerate(runner.calls) if any(s.seq_id == "batch" for s in call))
+    i2_first = min(i for i, call in enumerate(runner.calls) if any(s.seq_id == "i2" for s in call))
+    assert i2_first > batch_last  # the third waited for the batch request to finish
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in inters)
+    await engine.stop()
+
+
+async def collect_rest(stream) -> list:
+    return [d async for d in stream]
