@@ -67,7 +67,8 @@ async def completion_events(header, deltas, observer: RequestObserver, include_u
     async for delta in deltas:
         finish = shape.openai_finish_reason(delta) if delta.finished else None
         if delta.text or delta.token_ids or finish:  # tokens that decode to "" still show progress
-            yield shape.completion_chunk(header, delta.text, finish)
+            chunk = shape.completion_chunk(header, delta.text, finish)
+            yield {**chunk, "refusion": shape.refusion_detail(delta)} if finish else chunk
     if include_usage:
         yield shape.usage_chunk(header, "text_completion", observer.prompt_tokens, observer.completion_tokens)
 
@@ -94,7 +95,7 @@ async def chat_events(header, deltas, observer: RequestObserver, include_usage: 
                 num_calls += 1
         if delta.finished:
             finish = shape.chat_finish_reason(delta, num_calls)
-            yield shape.chat_chunk(header, {}, finish)
+            yield {**shape.chat_chunk(header, {}, finish), "refusion": shape.refusion_detail(delta)}
     if include_usage:
         yield shape.usage_chunk(header, "chat.completion.chunk", observer.prompt_tokens, observer.completion_tokens)
 

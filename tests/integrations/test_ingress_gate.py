@@ -197,3 +197,12 @@ async def test_requests_refused_before_the_engine_are_counted(bpe_tokenizer):  #
     assert _metric(app, "refusion_api_requests_total", endpoint="chat", status="404") == 1
     assert _metric(app, "refusion_api_requests_total", endpoint="completions", status="200") == 1
     assert _metric(app, "refusion_api_requests_in_flight") == 0
+
+
+async def test_a_streamed_completion_ends_with_the_refusion_block(bpe_tokenizer):  # noqa: F811
+    app = _app(ScriptedClient(bpe_tokenizer))
+    async with _http(app) as http:
+        response = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "stream": True})
+    chunks = [json.loads(e) for e in _events(response.text) if e != "[DONE]"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["refusion"]["mode"] == "ar"
+    assert not any("refusion" in c for c in chunks[:-1])

@@ -107,6 +107,9 @@ async def test_streamed_malformed_block_is_content():
     assert text == "".join(pieces)
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks if c["choices"])
+    # the finishing chunk carries the extension block, as the non-streamed body does
+    assert chunks[-2]["refusion"] == {"mode": "refusion", "tokens_per_forward": 2.5}
+    assert not any("refusion" in c for c in chunks[:-2])
 
 
 def test_chat_body_with_and_without_tools():
