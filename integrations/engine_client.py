@@ -129,7 +129,7 @@ def read_model_card(model_dir: str | Path) -> dict:
 
 def merge_deltas(deltas: list[Delta]) -> Delta:
     """One Delta carrying several consecutive ones of the same request (text and ids concatenated,
-    the last one's finish fields)."""
+    the last one's finish fields, every one's stats: a later key wins)."""
     if len(deltas) == 1:
         return deltas[0]
     last = deltas[-1]
@@ -137,7 +137,7 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
         request_id=last.request_id, text="".join(d.text for d in deltas),
         token_ids=[t for d in deltas for t in d.token_ids], finished=last.finished,
         finish_reason=last.finish_reason, mode=last.mode or next((d.mode for d in deltas if d.mode), None),
-        stats=last.stats, error=last.error,
+        stats={k: v for d in deltas for k, v in d.stats.items()}, error=last.error,
     )
 
 

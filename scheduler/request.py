@@ -62,6 +62,7 @@ class Request:
     pinned_mode: Mode | None = None  # set when preempted: the rerun keeps the mode it had
     overtook: bool = False
     kv_wait: tuple[str, int] | None = None
+    start_reported: bool = False  # a delta carried cached_prompt_tokens (see delta())
     preemptions: int = 0
     pending_segment: Any = None  # stated by the decoder but not run yet (did not fit the budget)
     error: str | None = None
@@ -136,7 +137,15 @@ class Request:
         }
 
     def delta(self, text: str, token_ids: list[int], *, finished: bool = False) -> Delta:
-        """A Delta of this request (the final one carries the finish reason and stats)."""
+        """A Delta of this request: the final one carries the finish reason and stats; the first one with
+        tokens carries {"cached_prompt_tokens"} (known from the start, so a consumer that stops reading
+        early, e.g. an editor rule cut, still has it: llama.cpp's tokens_cached)."""
+        if finished:
+            stats = self.final_stats()
+        elif token_ids and not self.start_reported:
+            stats, self.start_reported = {"cached_prompt_tokens": self.cached_prompt_tokens}, True
+        else:
+            stats = {}
         return Delta(
             request_id=self.id,
             text=text,
@@ -144,6 +153,6 @@ class Request:
             finished=finished,
             finish_reason=self.finish_reason if finished else None,
             mode=self.mode,
-            stats=self.final_stats() if finished else {},
+            stats=stats,
             error=self.error if finished else None,
         )

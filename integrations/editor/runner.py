@@ -112,6 +112,7 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
     async with contextlib.aclosing(client.stream(req)) as deltas:
         async for delta in deltas:
             mode = delta.mode or mode
+            stats.update(delta.stats)  # cached_prompt_tokens comes early: kept when a rule stops reading
             if first_token_s is None and delta.token_ids:
                 first_token_s = _now()
             if not capped:
@@ -130,7 +131,6 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
                     shown = partial
                     await on_text(shown)
             if delta.finished:
-                stats = dict(delta.stats)
                 if not capped:
                     reason = "error" if delta.error else (delta.finish_reason.value if delta.finish_reason else "stop")
                 break

@@ -4,6 +4,7 @@ and llama.vscode send (field names and types from their source), and the parsing
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -265,3 +266,27 @@ async def test_null_means_the_default_and_all_candidates_share_one_seed(http, fa
     fake_client.requests.clear()
     await http.post("/infill", json=body)
     assert {r.params["seed"] for r in fake_client.requests} != seeds  # fresh for the next completion
+
+
+async def test_tokens_cached_survives_a_completion_cut_before_the_engines_final_stats(bpe_tokenizer):  # noqa: F811
+    """The engine sends cached_prompt_tokens with the first tokens; a completion that a rule ends early
+    (here the suffix repeat) never reads the final stats, and still reports what the cache served."""
+    from test_editor_fakes import FakeEngineClient
+
+    class CachedFirst(FakeEngineClient):
+        async def stream(self, req):
+            first = True
+            async for delta in super().stream(req):
+                if first:
+                    delta = dataclasses.replace(delta, stats={"cached_prompt_tokens": 9})
+                    first = False
+                yield delta
+
+    client = CachedFirst(bpe_tokenizer, script={32: "result = math.pi * r * r\n    return result\n    x = 1\n"})
+    app = FastAPI()
+    app.state.engine_client = client
+    app.include_router(router)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        data = (await http.post("/infill", json=llama_vim_request(response_fields=None))).json()
+    assert data["content"] == "result = math.pi * r * r" and data["tokens_cached"] == 9
+    assert client.cancelled  # cut before its end: the final stats were never read

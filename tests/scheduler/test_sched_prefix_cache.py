@@ -122,3 +122,18 @@ async def test_engine_evicts_cached_prefixes_when_blocks_are_needed():
     assert max(batch_sizes) == 3  # three at once (24 blocks) fit only after evicting cached prefixes
     await engine.stop()
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+async def test_the_first_tokens_delta_carries_cached_prompt_tokens():
+    """Known at start, sent with the first tokens (not only in the final stats), so a consumer that stops
+    reading early (an editor rule cut) still knows what the prefix cache served."""
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=64, block_size=4))
+    await engine.start()
+    prompt = list(range(10, 23))  # 13 tokens: 3 full blocks
+    await collect(engine, GenerationRequest("first", prompt, {"gen_length": 4}, mode=Mode.AR))
+    deltas = await collect(engine, GenerationRequest("again", prompt, {"gen_length": 4}, mode=Mode.AR))
+    first = next(d for d in deltas if d.token_ids)
+    assert first.stats == {"cached_prompt_tokens": 12} and not first.finished
+    assert all(d.stats == {} for d in deltas[1:-1] if d is not first)
+    assert deltas[-1].stats["cached_prompt_tokens"] == 12
+    await engine.stop()
