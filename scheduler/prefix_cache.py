@@ -95,11 +95,13 @@ class PrefixCache:
 
     def evict(self, blocks_wanted: int, protect: set[int] | None = None) -> int:
         """Drop least recently used entries until `blocks_wanted` more blocks are free in the pool (or
-        nothing evictable is left). Blocks in `protect` are kept. Returns the blocks freed."""
+        nothing evictable is left). Blocks in `protect` are kept, and so are blocks a running request
+        also holds: dropping those would free nothing and only lose the entry. Returns the blocks freed."""
         protect = protect or set()
         free_before = self._blocks.num_free
         while self._blocks.num_free - free_before < blocks_wanted:
-            victims = [(e.last_used, -e.depth, n) for n, e in self._entries.items() if e.block_id not in protect]
+            victims = [(e.last_used, -e.depth, n) for n, e in self._entries.items()
+                       if e.block_id not in protect and self._blocks.refcount(e.block_id) == 1]
             if not victims:
                 break
             _, _, name = min(victims)

@@ -80,8 +80,21 @@ def test_eviction_spares_protected_blocks_and_blocks_in_use():
     cache = PrefixCache(pool)
     table = [pool.allocate(1)[0], pool.allocate(1)[0]]
     cache.insert([1, 2, 3, 4], table, 4)
-    assert cache.evict(2, protect={table[0]}) == 0  # table[1] released but still held by the sequence
-    assert pool.refcount(table[0]) == 2 and pool.refcount(table[1]) == 1
+    assert cache.evict(2, protect={table[0]}) == 0  # table[1] is still the sequence's: freeing it is impossible
+    assert pool.refcount(table[0]) == 2 and pool.refcount(table[1]) == 2 and len(cache) == 2  # both entries kept
+
+
+def test_eviction_skips_entries_a_running_request_holds_and_frees_the_next_lru():
+    """The least recently used chain is still held by a running request: dropping it would free nothing
+    and lose the entries (an eviction used to empty the cache that way); the next chain goes instead."""
+    pool = BlockPool(8, 2)
+    cache = PrefixCache(pool)
+    held, idle = [pool.allocate(1)[0] for _ in range(2)], [pool.allocate(1)[0] for _ in range(2)]
+    cache.insert([1, 2, 3, 4, 5], held, 4)  # older
+    cache.insert([7, 8, 9, 10, 11], idle, 4)
+    pool.release(idle)  # that sequence finished; the other still runs
+    assert cache.evict(1) == 1
+    assert pool.refcount(idle[1]) == 0 and [pool.refcount(b) for b in held] == [2, 2] and len(cache) == 3
 
 
 async def test_engine_reuses_prompt_blocks_and_output_is_unchanged():
