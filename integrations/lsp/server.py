@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.json_rpc import JsonRPCRequestMessage
 
 from integrations.lsp.backend import BackendError, EditorBackend
 
@@ -78,8 +80,31 @@ def complete_params(config: BridgeConfig, uri: str, version: int | None, languag
     return params
 
 
+# A request whose params do not fit its LSP type (a negative position, a string line) is answered with
+# InvalidParams through this internal method; pygls itself logs it and answers nothing, so the client
+# would wait forever (JSON-RPC 2.0: every request gets a response).
+MALFORMED_REQUEST = "$/refusion/malformedRequest"
+
+
+class _Protocol(LanguageServerProtocol):
+    def structure_message(self, data):
+        try:
+            return super().structure_message(data)
+        except JsonRpcInvalidParams:
+            if "id" in data and "method" in data:
+                return JsonRPCRequestMessage(id=data["id"], method=MALFORMED_REQUEST, jsonrpc="2.0",
+                                             params={"method": data["method"]})
+            raise
+
+
 def build_server(config: BridgeConfig) -> LanguageServer:
-    server = LanguageServer("refusion-lsp", "0.1.0")
+    server = LanguageServer("refusion-lsp", "0.1.0", protocol_cls=_Protocol)
+
+    @server.feature(MALFORMED_REQUEST)
+    def on_malformed(params) -> None:
+        method = params.get("method") if isinstance(params, dict) else getattr(params, "method", "?")
+        raise JsonRpcInvalidParams(f"{method}: params do not match the LSP types (e.g. a negative line or "
+                                   "character: positions are unsigned integers)")
     backend = EditorBackend(config.url, config.api_key)
 
     @server.feature(types.INITIALIZE)

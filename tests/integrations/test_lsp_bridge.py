@@ -163,7 +163,8 @@ async def test_cancel_request_cancels_the_backend_completion(scripted_backend, w
 
 async def test_unopened_document_and_cursor_past_the_line_end(scripted_backend):
     """A completion for a document the client never opened is InvalidParams naming the fix (pygls would
-    read the URI from disk: an internal error with a traceback); a cursor past its line's end is the
+    read the URI from disk: an internal error with a traceback); a negative position is InvalidParams too
+    (pygls alone answered nothing: the client waited forever); a cursor past its line's end is the
     line's end (LSP's Position rule), so the newline stays in the suffix."""
     url, fake = scripted_backend
     client = await start_lsp(url)
@@ -173,6 +174,10 @@ async def test_unopened_document_and_cursor_past_the_line_end(scripted_backend):
         with pytest.raises(Exception, match="is not open: send textDocument/didOpen first") as err:
             await asyncio.wait_for(client.text_document_inline_completion_async(unopened), WAIT_S)
         assert "Traceback" not in str(err.value)
+        negative = inline_params()
+        object.__setattr__(negative.position, "line", -1)  # lsprotocol validates on construction only
+        with pytest.raises(Exception, match="positions are unsigned integers"):  # answered, not left hanging
+            await asyncio.wait_for(client.text_document_inline_completion_async(negative), WAIT_S)
         n = len(fake.requests)
         past_end = await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(0, 13)), WAIT_S)
     finally:
