@@ -15,8 +15,11 @@ so a chain is evicted from its tail and a cached block always has its parent cac
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from array import array
+
+NAMES_MEMO = 512  # prompts whose block names are kept (about the requests running and waiting)
 
 
 @dataclass
@@ -41,6 +44,7 @@ class PrefixCache:
         self._blocks = blocks  # workers.kv_blocks.BlockPool: block_size, num_free, retain, release
         self.block_size: int = blocks.block_size
         self._entries: dict[bytes, _Entry] = {}
+        self._names: OrderedDict[bytes, list[bytes]] = OrderedDict()  # hash of the prompt -> its block names (LRU)
         self._clock = 0
         self.lookup_tokens = 0
         self.hit_tokens = 0
@@ -54,12 +58,22 @@ class PrefixCache:
         return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
 
     def block_names(self, prompt_ids: list[int]) -> list[bytes]:
-        """Chained hash of every full block of the prompt, in order."""
-        names, previous = [], b""
-        for start in range(0, len(prompt_ids) - self.block_size + 1, self.block_size):
-            chunk = array("q", prompt_ids[start : start + self.block_size]).tobytes()
-            previous = hashlib.blake2b(previous + chunk, digest_size=16).digest()
+        """Chained hash of every full block of the prompt, in order. Memoized by prompt (a request's
+        prompt is looked up at every start attempt, recorded, and inserted after every prefill step; a
+        4,096-token prompt costs ~0.2 ms to hash, its memo key ~0.01 ms)."""
+        data = array("q", prompt_ids).tobytes()
+        key = hashlib.blake2b(data, digest_size=16).digest()  # one C call: small keys, whatever the prompt
+        names = self._names.get(key)
+        if names is not None:
+            self._names.move_to_end(key)
+            return names
+        names, previous, step = [], b"", self.block_size * 8  # 8 bytes per int64 token
+        for start in range(0, len(data) - step + 1, step):
+            previous = hashlib.blake2b(previous + data[start : start + step], digest_size=16).digest()
             names.append(previous)
+        self._names[key] = names
+        if len(self._names) > NAMES_MEMO:
+            self._names.popitem(last=False)
         return names
 
     def lookup(self, prompt_ids: list[int]) -> PrefixHit:

@@ -28,6 +28,20 @@ def test_block_names_are_chained():
     assert c[1] != a[1]  # same second block, different first block: different name
 
 
+def test_block_names_are_memoized_by_prompt_and_bounded():
+    from scheduler import prefix_cache
+
+    cache = PrefixCache(BlockPool(4, 4))
+    prompt = list(range(40))
+    first = cache.block_names(prompt)
+    assert cache.block_names(list(prompt)) is first  # an equal prompt: no rehashing
+    assert cache.block_names(prompt[:39]) == first[:9] and cache.block_names(prompt[:39]) is not first
+    for i in range(prefix_cache.NAMES_MEMO + 5):
+        cache.block_names([i] * 8)
+    assert len(cache._names) == prefix_cache.NAMES_MEMO
+    assert cache.block_names(prompt) == first == PrefixCache(BlockPool(4, 4)).block_names(prompt)
+
+
 def test_insert_then_lookup_hits_all_but_the_last_token():
     prompt = list(range(10, 22))  # 12 tokens = 3 full blocks of 4
     pool, cache, table = _cache_with_sequence(prompt)
