@@ -45,7 +45,7 @@ class StreamOptions(OpenAIBody):
 class SamplingFields(OpenAIBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")  # strict comes from OpenAIBody
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
