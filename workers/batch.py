@@ -99,6 +99,10 @@ class Segment:
     reads: Reads = NO_READS
     branch_lens: list[int] | None = None
     sampling: Sampling = field(default_factory=Sampling)
+    # Grammar-constrained decoding: the tokens the segment's argmax and sample rows may produce, one bit
+    # per token id (byte t // 8, bit t % 8, least significant first: llguidance's bitmask layout); bits
+    # beyond the bytes given are 0. None: every token. Prob rows are not masked.
+    token_bitmask: bytes | None = None
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)

@@ -20,6 +20,9 @@ Fields (one row per entry; "row" = packed token index):
     per read [R]     read_rows, temperature (f64 bits), top_k, top_p (f64 bits), gumbel, sample, given
                      (prob rows: the token, else -1), seed, step, read_position (the row's logical
                      position: with seed and step it keys the row's random draws)
+    token_bitmask    [R, W] only in steps with a grammar-constrained segment (W = layout.mask_words > 0):
+                     each read row's allowed tokens as W little-endian int64 words of bits
+                     (Segment.token_bitmask); unconstrained and prob rows: all bits set
 Padding tokens are token 0 at position 0 of sequence 0 writing the scratch slot; padding read rows read
 row 0 greedily. Their outputs are never returned.
 """
@@ -63,11 +66,13 @@ class StepLayout:
     block_size: int
     needs_noise: bool  # some row draws Gumbel noise (gumbel argmax or sample with temperature > 0)
     needs_sort: bool  # some sample row uses top-k or top-p
+    mask_words: int = 0  # int64 words of token bitmask per read row (0: no segment is constrained)
 
     def sizes(self) -> list[tuple[str, int]]:
         t, b, r = self.num_tokens, self.num_seqs, self.num_reads
         return ([(f, t) for f in TOKEN_FIELDS] + [(f, b) for f in SEQ_FIELDS]
-                + [("block_tables", b * self.max_blocks)] + [(f, r) for f in READ_FIELDS])
+                + [("block_tables", b * self.max_blocks)] + [(f, r) for f in READ_FIELDS]
+                + [("token_bitmask", r * self.mask_words)])
 
     def offsets(self) -> dict[str, tuple[int, int]]:
         """Field -> (start, end) in the buffer."""
@@ -98,6 +103,7 @@ class PackedStep:
     read_kinds: np.ndarray  # [num_reads] 0 argmax, 1 prob, 2 sample, 3 logits only
     read_owner: np.ndarray  # [num_reads] segment index of each read row
     offsets: dict[str, tuple[int, int]] = field(default_factory=dict)  # layout.offsets(), computed once
+    token_bitmasks: list = field(default_factory=list)  # [n_seg] Segment.token_bitmask (validation)
 
     def __post_init__(self) -> None:
         self.offsets = self.layout.offsets()
@@ -167,17 +173,22 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     prob_tokens = _flat([g.reads.prob_tokens for g in segments], int(counts[:, 1].sum()), "prob_tokens", ids,
                         np.repeat(index, counts[:, 1]))
     kinds = np.repeat(np.tile(KINDS, len(segments)), counts.ravel())
-    layout = _layout(seg, kinds, read_owner, block_size)
+    masks = [g.token_bitmask for g in segments]
+    mask_words = max(-(-len(m) // 8) for m in masks if m is not None) if any(m is not None for m in masks) else 0
+    layout = _layout(seg, kinds, read_owner, block_size, mask_words if len(kinds) else 0)
     step = PackedStep(layout, np.zeros(layout.size, dtype=np.int64), t, len(rows),
                       np.concatenate(([0], np.cumsum(n_reads))), counts[:, :3].sum(1), counts[:, 3], seg,
                       np.append(flat_tables, scratch_block), kinds, read_owner)
     q_start = _fill_tokens(step, tokens, positions, run_lens, scratch_block)
     _fill_sequences(step, q_start, scratch_block)
     _fill_reads(step, q_start, rows, kinds, read_owner, prob_tokens)
+    if layout.mask_words:
+        step.token_bitmasks = masks
+        _fill_bitmask(step, masks, kinds, read_owner)
     return step
 
 
-def _layout(seg: dict, kinds: np.ndarray, read_owner: np.ndarray, block_size: int) -> StepLayout:
+def _layout(seg: dict, kinds: np.ndarray, read_owner: np.ndarray, block_size: int, mask_words: int) -> StepLayout:
     n, ctx = seg["n"], seg["ctx"]
     sample = (kinds == 2) & (seg["temperature"][read_owner] > 0)
     gumbel = (kinds == 0) & seg["gumbel"][read_owner] & (seg["temperature"][read_owner] > 0)
@@ -187,7 +198,7 @@ def _layout(seg: dict, kinds: np.ndarray, read_owner: np.ndarray, block_size: in
         num_tokens=bucket(int(n.sum()), MIN_TOKENS), num_seqs=bucket(len(n), MIN_SEQS),
         max_query=bucket(int(n.max()), MIN_QUERY), max_blocks=bucket(max_ctx_blocks, MIN_BLOCKS),
         num_reads=bucket(len(kinds), MIN_READS) if len(kinds) else 0, block_size=block_size,
-        needs_noise=bool((sample | gumbel).any()), needs_sort=bool(sort.any()),
+        needs_noise=bool((sample | gumbel).any()), needs_sort=bool(sort.any()), mask_words=mask_words,
     )
 
 
@@ -245,3 +256,17 @@ def _fill_reads(step: PackedStep, q_start, rows, kinds, owner, prob_tokens) -> N
     if step.layout.num_reads:
         step.view("given")[r:] = -1
         step.view("top_p")[r:] = 1.0
+
+
+def _fill_bitmask(step: PackedStep, masks: list[bytes | None], kinds: np.ndarray, owner: np.ndarray) -> None:
+    """Each read row's token bitmask: its segment's (argmax and sample rows of constrained segments,
+    zero-padded to W words), else all bits set."""
+    w = step.layout.mask_words
+    table = np.full((len(masks), w), -1, dtype=np.int64)  # one row per segment
+    for i, mask in enumerate(masks):
+        if mask is not None:
+            table[i] = np.frombuffer(mask.ljust(w * 8, b"\0"), dtype="<i8")
+    rows = table[owner]  # [num_reads, W]
+    rows[(kinds == 1) | (kinds == 3)] = -1  # prob rows read a given token; logits-only rows are raw
+    step.view("token_bitmask").reshape(step.layout.num_reads, w)[: step.num_reads] = rows
+    step.view("token_bitmask")[step.num_reads * w:] = -1

@@ -95,6 +95,17 @@ def filter_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return x.masked_fill(x < threshold, float("-inf"))
 
 
+def apply_token_bitmask(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] float32, words [R, W] int64 (bit t of the little-endian words = token t allowed,
+    W * 64 >= V) -> logits with -inf at disallowed tokens (a new tensor). The reads then choose among
+    the allowed tokens and give probabilities under the masked distribution, the one the token was
+    drawn from (grammar-constrained decoding as in vLLM and llguidance: mask, then sample)."""
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    packed = words.view(torch.uint8)  # [R, 8 W]: byte t // 8 holds token t at bit t % 8 (little-endian)
+    allowed = (packed.index_select(1, vocab >> 3) >> (vocab & 7).to(torch.uint8)) & 1  # [R, V] uint8
+    return logits.masked_fill(allowed == 0, float("-inf"))
+
+
 def _chosen_logprob(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """log softmax(x)[token] per row: x [R, V], token [R] -> [R] (logsumexp, no full softmax)."""
     return x.gather(1, token[:, None])[:, 0] - torch.logsumexp(x, dim=-1)

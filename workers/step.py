@@ -19,7 +19,7 @@ import torch
 from workers.attention import StepAttention
 from workers.kv_cache import PagedKVCache
 from workers.packing import FLOAT_FIELDS, READ_FIELDS, StepLayout
-from workers.reads import ReadParams, compute_reads
+from workers.reads import ReadParams, apply_token_bitmask, compute_reads
 
 
 class StepArrays(NamedTuple):
@@ -37,6 +37,7 @@ class StepArrays(NamedTuple):
     block_tables: torch.Tensor  # [B, NB]
     read_rows: torch.Tensor  # [R]
     reads: ReadParams  # each [R]
+    token_bitmask: torch.Tensor  # [R, W] int64 (W = layout.mask_words; [R, 0] when no row is constrained)
 
 
 def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
@@ -46,6 +47,7 @@ def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
         view = buffer[start:end]
         views[name] = view.view(torch.float64) if name in FLOAT_FIELDS else view
     views["block_tables"] = views["block_tables"].view(layout.num_seqs, layout.max_blocks)
+    views["token_bitmask"] = views["token_bitmask"].view(layout.num_reads, layout.mask_words)
     reads = ReadParams(**{("position" if f == "read_position" else f): views.pop(f)
                           for f in READ_FIELDS if f != "read_rows"})
     return StepArrays(reads=reads, **views)
@@ -67,4 +69,6 @@ def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayo
         return (torch.empty((2, 0), dtype=torch.float64, device=buffer.device),
                 torch.empty((0, cfg.vocab_size), dtype=torch.float32, device=buffer.device))
     logits = model.logits(hidden.index_select(0, a.read_rows))  # [R, V] float32
+    if layout.mask_words:  # grammar-constrained rows (Segment.token_bitmask)
+        logits = apply_token_bitmask(logits, a.token_bitmask)
     return compute_reads(logits, a.reads, layout.needs_noise, layout.needs_sort), logits

@@ -62,6 +62,19 @@ def validate_step(step, seq_ids: list[str], vocab_size: int, num_kv_blocks: int)
             raise SegmentError(seq_ids[_first(bad, owner)], name, message)
     _check_tables(step, seq_ids, num_kv_blocks)
     _check_sampling(step.seg, seq_ids)
+    for seq_id, mask in zip(seq_ids, step.token_bitmasks):
+        if mask is not None:
+            _check_bitmask(seq_id, mask, vocab_size)
+
+
+def _check_bitmask(seq_id: str, mask: bytes, vocab_size: int) -> None:
+    """A token bitmask must allow some token id below vocab_size (else a read has nothing to choose)."""
+    full, rem = divmod(vocab_size, 8)
+    if mask[:full].count(0) < len(mask[:full]):
+        return
+    if rem and len(mask) > full and mask[full] & ((1 << rem) - 1):
+        return
+    raise SegmentError(seq_id, "token_bitmask", f"allows no token id in 0..{vocab_size - 1}; set at least one bit")
 
 
 def _check_tables(step, seq_ids: list[str], num_kv_blocks: int) -> None:

@@ -67,3 +67,23 @@ def test_buckets_and_int64_overflow():
     assert (err.value.seq_id, err.value.field) == ("big", "token_ids")
     assert pack_step([Segment("x", 0, [1], [0], 0)], [[]], BS, SCRATCH).layout.num_reads == 0
     assert isinstance(_step().buffer, np.ndarray) and _step().buffer.dtype == np.int64
+
+
+def test_token_bitmask_rows_per_read_kind():
+    import dataclasses
+
+    step = _step()
+    assert step.layout.mask_words == 0 and "token_bitmask" not in dict(s for s in step.layout.sizes() if s[1])
+    a = Segment("a", 5, [10, 11, 12], [5, 6, 9], 2, Reads(argmax=(2,), prob=(0,), prob_tokens=(11,)))
+    b = Segment("b", 0, [20, 21], [0, 1], 0, Reads(sample=(1,), logits=(0,)), sampling=Sampling(temperature=1.0))
+    c = Segment("c", 0, [30], [0], 0, Reads(argmax=(0,)))
+    mask = bytes(range(1, 10))  # 9 bytes -> 2 int64 words, zero-padded
+    step = pack_step([a, dataclasses.replace(b, token_bitmask=mask), c], [[3, 8], [], []], BS, SCRATCH)
+    assert step.layout.mask_words == 2
+    words = step.view("token_bitmask").reshape(step.layout.num_reads, 2)
+    expected = np.frombuffer(mask + bytes(7), dtype="<i8").tolist()
+    # reads in result order: a argmax, a prob, b sample, b logits, c argmax, then padding rows
+    assert words[2].tolist() == expected  # b's sample row is masked
+    for row in (0, 1, 3, 4, 5, 6, 7):  # unconstrained segments, b's logits-only row, padding: everything allowed
+        assert words[row].tolist() == [-1, -1]
+    assert step.layout != pack_step([a, b, c], [[3, 8], [], []], BS, SCRATCH).layout  # its own graph key

@@ -163,3 +163,57 @@ def test_seed_range(session):
     with pytest.raises(SegmentError) as err:
         session.execute([_dropped("m2", ids, reads, Sampling(temperature=1.0, seed=SEED_MAX + 1))])
     assert err.value.field == "seed" and err.value.seq_id == "m2"
+
+
+# ---- grammar-constrained reads (Segment.token_bitmask) -----------------------------------------------
+
+def _bitmask(allowed: list[int], vocab: int = 384) -> bytes:
+    mask = bytearray(-(-vocab // 8))
+    for t in allowed:
+        mask[t // 8] |= 1 << (t % 8)
+    return bytes(mask)
+
+
+ALLOWED = [5, 77, 200, 383]
+
+
+def test_token_bitmask_restricts_argmax_to_the_allowed_tokens(session):
+    import dataclasses
+
+    ids = _ids(6, 3)
+    free = _dropped("free", _ids(5, 4), Reads(argmax=(1, 4)), Sampling())
+    [alone] = session.execute([free])
+    masked = dataclasses.replace(_dropped("m", ids, Reads(argmax=(2, 5)), Sampling()), token_bitmask=_bitmask(ALLOWED))
+    res, free_res = session.execute([masked, free])
+    raw = result_logits(res)  # logits rows are never masked: the model's own distribution
+    for k in range(2):
+        sub = raw[k, ALLOWED]
+        assert res.tokens[k] == ALLOWED[int(sub.argmax())]
+        assert raw[k].argmax().item() not in ALLOWED or res.tokens[k] == raw[k].argmax().item()
+        # the probability is under the masked distribution (the one the token was chosen from)
+        assert math.isclose(res.probs[k], float(sub.softmax(-1).max()), rel_tol=1e-6)
+    assert free_res.tokens == alone.tokens and free_res.probs == pytest.approx(alone.probs, rel=1e-6)
+
+
+def test_token_bitmask_restricts_sample_rows(session):
+    import dataclasses
+
+    ids = _ids(4, 5)
+    seen = set()
+    for seed in range(24):
+        seg = dataclasses.replace(segment(f"s{seed}", 0, ids, keep=False, reads=Reads(sample=(3,))),
+                                  sampling=Sampling(temperature=2.0, seed=seed), token_bitmask=_bitmask(ALLOWED))
+        [res] = session.execute([seg])
+        assert res.tokens[0] in ALLOWED
+        seen.add(res.tokens[0])
+    assert len(seen) >= 2  # it samples among them, not a fixed pick
+
+
+def test_a_bitmask_allowing_no_token_is_refused(session):
+    import dataclasses
+
+    seg = _dropped("none", _ids(3, 6), Reads(argmax=(2,)), Sampling())
+    for mask in (bytes(48), bytes(48) + b"\xff"):  # nothing below the vocab of 384 allowed
+        with pytest.raises(SegmentError) as err:
+            session.execute([dataclasses.replace(seg, token_bitmask=mask)])
+        assert err.value.seq_id == "none" and err.value.field == "token_bitmask"
