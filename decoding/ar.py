@@ -12,6 +12,9 @@ from that mask row, never from the last context row. Three reasons: after a ReFu
 text is cached already and there is no last row to read; with an infill suffix the last row fed is a
 suffix token; and ReFusion's training objective gives prompt tokens no labels, so "last prompt row ->
 first response token" is never trained, while "mask at p -> token at p" is trained in every example.
+
+With a grammar (decoding.grammar.TokenConstraint) every read carries the bitmask of the tokens the
+grammar allows next, and the request ends when the grammar is complete (as on EOS).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from enum import Enum
 
 from decoding.api import DecodeStats, Handoff
 from decoding.context import start_context
+from decoding.grammar import TokenConstraint
 from decoding.params import DecodeParams
 from workers.batch import Reads, Sampling, Segment, SegmentResult
 
@@ -41,10 +45,12 @@ class ARDecoder:
         params: DecodeParams,
         *,
         suffix_ids: list[int] | None = None,
+        constraint: TokenConstraint | None = None,
         _handoff: Handoff | None = None,
     ):
         self.seq_id = seq_id
         self.params = params
+        self.constraint = constraint
         h = _handoff
         self.prompt_ids = list(prompt_ids)
         self.prior_ids, self.span, self.feed = start_context(prompt_ids, params.gen_length, suffix_ids, h)
@@ -119,7 +125,11 @@ class ARDecoder:
         self.stats.forwards += 1
         token = result.tokens[0]
         self.generated.append(token)
-        if token == self.params.eos_token_id or len(self.generated) >= self.span:
+        eos = token == self.params.eos_token_id
+        if self.constraint is not None and not eos:
+            self.constraint.consume(token)
+            eos = self.constraint.stopped  # the grammar is complete: it allows only EOS now
+        if eos or len(self.generated) >= self.span:
             self._finish()
         else:
             self.phase = ARPhase.DECODE
@@ -141,6 +151,8 @@ class ARDecoder:
         return self._in_flight is None and not self.finished and remaining % self.params.block_length == 0
 
     def handoff(self) -> Handoff:
+        if self.constraint is not None:
+            raise RuntimeError(f"{self.seq_id}: a grammar-constrained request stays on the AR path")
         if not self.at_block_boundary():
             raise RuntimeError(f"{self.seq_id}: handoff only at a block boundary")
         return Handoff(
@@ -162,7 +174,9 @@ class ARDecoder:
     def _segment(self, tokens: list[int], positions: list[int], num_kept: int, context_len: int) -> Segment:
         last = (len(tokens) - 1,)
         reads = Reads(argmax=last) if self.params.temperature == 0 else Reads(sample=last)
-        return Segment(self.seq_id, context_len, tokens, positions, num_kept, reads, sampling=self._sampling())
+        mask = self.constraint.bitmask() if self.constraint is not None else None
+        return Segment(self.seq_id, context_len, tokens, positions, num_kept, reads, sampling=self._sampling(),
+                       token_bitmask=mask)
 
     def _finish(self) -> None:
         self.phase = ARPhase.FINISHED

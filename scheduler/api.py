@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Protocol, Sequence
 
+from decoding.grammar import GrammarSpec
 from workers.batch import Segment, SegmentResult
 
 
@@ -85,6 +86,9 @@ class GenerationRequest:
     # document URI, chat the conversation's first turn; None: the router keys on the prompt's first
     # tokens. The engine itself ignores it.
     affinity_key: str | None = None
+    # Structured output: the output must match this grammar (decoding.grammar; JSON schema, regex, Lark).
+    # Decoded autoregressively: AUTO runs as AR, REFUSION is refused (field "mode").
+    grammar: GrammarSpec | None = None
 
 
 @dataclass

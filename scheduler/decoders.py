@@ -20,8 +20,10 @@ class DecoderFactory(Protocol):
     def parse_params(self, params: dict) -> Any:
         """Validate request parameters (model defaults for unset ones); raise DecodeParamError."""
 
-    def create(self, mode: Mode, seq_id: str, prompt_ids: list[int], params: Any, suffix_ids: list[int] | None) -> Decoder:
-        """A fresh decoder (mode is REFUSION or AR)."""
+    def create(self, mode: Mode, seq_id: str, prompt_ids: list[int], params: Any, suffix_ids: list[int] | None,
+               **constraint) -> Decoder:
+        """A fresh decoder (mode is REFUSION or AR). A grammar request (AR only) passes
+        constraint=decoding.grammar.TokenConstraint."""
 
     def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any) -> Decoder:
         """A decoder continuing another one's text (mode switch at a block boundary); the handoff
@@ -60,8 +62,9 @@ class ModelDecoderFactory:
                 raise DecodeParamError(str(key), f"is not a request parameter; use one of {list(REQUEST_PARAMS)}")
         return DecodeParams.from_dict({**self.defaults, **params})
 
-    def create(self, mode: Mode, seq_id: str, prompt_ids: list[int], params: Any, suffix_ids: list[int] | None) -> Decoder:
-        return _decoder_class(mode)(seq_id, prompt_ids, params, suffix_ids=suffix_ids)
+    def create(self, mode: Mode, seq_id: str, prompt_ids: list[int], params: Any, suffix_ids: list[int] | None,
+               **constraint) -> Decoder:
+        return _decoder_class(mode)(seq_id, prompt_ids, params, suffix_ids=suffix_ids, **constraint)
 
     def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any) -> Decoder:
         return _decoder_class(mode).from_handoff(seq_id, handoff, params)

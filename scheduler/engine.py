@@ -15,12 +15,15 @@ free their KV). Plain Python; torch lives behind the runner.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import AsyncIterator
 
 import structlog
 
-from scheduler.api import Delta, FinishReason, GenerationRequest, InvalidRequestError, OverloadedError
+from decoding.api import DecodeParamError
+from decoding.grammar import Grammar, GrammarSpec, GrammarTokenizer
+from scheduler.api import Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
 from scheduler.calibration import calibrate
 from scheduler.config import EngineConfig
 from scheduler.decoders import DecoderFactory, ModelDecoderFactory
@@ -51,6 +54,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.runner = runner
         self.tokenizer = tokenizer
+        self._grammar_tokenizer = GrammarTokenizer(tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
         self.metrics = EngineMetrics()
         factory = decoder_factory or ModelDecoderFactory(runner, self.config.model_dir)
         runners, factories = {"main": runner}, {"main": factory}
@@ -86,7 +90,10 @@ class Engine:
         """Stream the request's output as Deltas; the last has finished=True. Raises InvalidRequestError
         or OverloadedError on the first iteration. Closing the generator (or cancelling the consuming
         task) cancels the request and frees its KV."""
-        req = self._admit(request)
+        grammar = None
+        if request.grammar is not None:
+            request, grammar = await self._compile_grammar(request)
+        req = self._admit(request, grammar)
         try:
             while True:
                 delta = await req.outbox.get()
@@ -291,7 +298,23 @@ class Engine:
                 self._finish(req, FinishReason.DEADLINE)
 
     # ---- admission ---------------------------------------------------------------------------------
-    def _admit(self, spec: GenerationRequest) -> Request:
+    async def _compile_grammar(self, spec: GenerationRequest) -> tuple[GenerationRequest, Grammar]:
+        """A structured-output request runs on the AR path (decoding.grammar): AUTO becomes AR and
+        REFUSION is refused. The grammar compiles in a worker thread, off the engine loop. Raises
+        InvalidRequestError naming "mode" or "grammar"."""
+        if not isinstance(spec.grammar, GrammarSpec):
+            raise InvalidRequestError("grammar", f"must be a decoding.grammar.GrammarSpec, got {type(spec.grammar).__name__}")
+        if spec.mode is Mode.REFUSION:
+            raise InvalidRequestError("mode", "structured output (a grammar) is decoded autoregressively: "
+                                      "use mode 'ar' or 'auto', or drop the grammar")
+        validate_request(spec, self.runner.info.vocab_size, self.config.max_stop_strings)
+        try:
+            grammar = await asyncio.to_thread(Grammar, self._grammar_tokenizer, spec.grammar, spec.prompt_ids)
+        except DecodeParamError as exc:
+            raise InvalidRequestError(exc.field, exc.message) from None
+        return dataclasses.replace(spec, mode=Mode.AR), grammar
+
+    def _admit(self, spec: GenerationRequest, grammar: Grammar | None = None) -> Request:
         if self._task is None or self._stopping:
             self.metrics.rejected.labels(reason="not_running").inc()
             why = "the engine is shutting down" if self._stopping else "engine is not running; call `await engine.start()` first"
@@ -305,6 +328,7 @@ class Engine:
         except OverloadedError:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise
+        req.grammar = grammar
         self._requests[req.id] = req
         self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
         self._wake.set()

@@ -65,6 +65,7 @@ class Request:
     start_reported: bool = False  # a delta carried cached_prompt_tokens (see delta())
     preemptions: int = 0
     pending_segment: Any = None  # stated by the decoder but not run yet (did not fit the budget)
+    grammar: Any = None  # decoding.grammar.Grammar of a structured-output request (AR only); else None
     error: str | None = None
 
     @property

@@ -301,7 +301,9 @@ class Scheduler:
             return False
         req.kv_wait = None
         spec = req.spec
-        req.decoder = self.factories[key].create(decision.mode, req.id, spec.prompt_ids, req.params, spec.suffix_ids)
+        extra = {"constraint": req.grammar.constraint()} if req.grammar is not None else {}
+        req.decoder = self.factories[key].create(decision.mode, req.id, spec.prompt_ids, req.params, spec.suffix_ids,
+                                                 **extra)
         self.kv.start(req, key, hit)
         if hit.block_ids:
             req.decoder.skip_cached_prompt(hit.num_tokens)

@@ -1,0 +1,170 @@
+"""Structured output in the engine (decoding.grammar): grammar requests on a real ModelRunner (tiny random
+Qwen3 on CPU) always produce text their grammar accepts, run on the AR path, share forwards with free
+requests without changing them, and survive a forced preemption with the same output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import pytest
+from sched_fakes import ForwardGate
+
+from decoding.api import DecodeParamError
+from decoding.grammar import Grammar, GrammarSpec, GrammarTokenizer
+from scheduler.api import FinishReason, GenerationRequest, InvalidRequestError, Mode, Priority
+from scheduler.config import EngineConfig
+
+llguidance = pytest.importorskip("llguidance")
+LLMatcher = llguidance.LLMatcher
+
+# Bounded values, so every output completes within GEN tokens whatever a random model prefers.
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "size", "ok"],
+          "properties": {"name": {"type": "string", "maxLength": 4},
+                         "size": {"type": "integer", "minimum": 0, "maximum": 99},
+                         "ok": {"type": "boolean"}}}
+# No free whitespace (as the API compiles schemas): a random model would otherwise pad forever.
+JSON_GRAMMAR = GrammarSpec(LLMatcher.grammar_from_json_schema(SCHEMA, overrides={"whitespace_flexible": False}))
+GEN = 96
+PROMPTS = ["def parse(self, text):\n    return", "class Wrapper:\n    def __init__(self", "import json\n"]
+
+
+@pytest.fixture
+def runner(tiny_model_dir):
+    from workers.runner import ModelRunner
+
+    return ModelRunner(tiny_model_dir, num_blocks=256, block_size=16)
+
+
+@pytest.fixture
+async def engine_factory(runner):
+    from scheduler.engine import Engine
+
+    engines = []
+
+    async def make(**config):
+        engine = Engine(runner, runner.tokenizer, EngineConfig(**config))
+        await engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        await engine.stop(drain_timeout_s=1)
+        assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+async def _run(engine, spec) -> tuple[str, list[int], object]:
+    text, ids, last = "", [], None
+    async for delta in engine.submit(spec):
+        text, ids, last = text + delta.text, ids + delta.token_ids, delta
+    return text, ids, last
+
+
+def _matches_schema(text: str) -> bool:
+    value = json.loads(text)
+    return (set(value) == {"name", "size", "ok"} and isinstance(value["name"], str) and len(value["name"]) <= 4
+            and type(value["size"]) is int and 0 <= value["size"] <= 99 and isinstance(value["ok"], bool))
+
+
+def _ids(runner, text: str) -> list[int]:
+    return runner.tokenizer.encode(text, add_special_tokens=False)
+
+
+async def test_json_schema_output_always_parses_and_ends_when_the_grammar_does(engine_factory, runner):
+    engine = await engine_factory()
+    specs = [GenerationRequest(f"j{i}", _ids(runner, p), {"gen_length": GEN, **({"temperature": 1.0, "seed": i} if i % 2 else {})},
+                               mode=(Mode.AUTO, Mode.AR)[i % 2], grammar=JSON_GRAMMAR)
+             for i, p in enumerate(PROMPTS * 2)]
+    results = await asyncio.gather(*(_run(engine, s) for s in specs))
+    for text, ids, last in results:
+        assert _matches_schema(text), text
+        assert last.finish_reason is FinishReason.STOP and last.mode is Mode.AR
+        assert len(ids) < GEN  # ended by the grammar, not by the cap
+    # without the grammar the random model writes no JSON at all
+    free, _, _ = await _run(engine, GenerationRequest("free", _ids(runner, PROMPTS[0]), {"gen_length": 32}, mode=Mode.AR))
+    with pytest.raises(ValueError):
+        json.loads(free)
+
+
+async def test_regex_and_choice_grammars(engine_factory, runner):
+    engine = await engine_factory()
+    regex = GrammarSpec(LLMatcher.grammar_from_regex(r"[0-9]{3}-[a-z]{2,5}"))
+    choice = GrammarSpec(LLMatcher.grammar_from_lark('start: "alpha" | "beta" | "gamma"'))
+    for i, prompt in enumerate(PROMPTS):
+        text, _, _ = await _run(engine, GenerationRequest(f"r{i}", _ids(runner, prompt), {"gen_length": 32}, grammar=regex))
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2,5}", text), text
+        text, _, _ = await _run(engine, GenerationRequest(f"c{i}", _ids(runner, prompt), {"gen_length": 32}, grammar=choice))
+        assert text in ("alpha", "beta", "gamma")
+
+
+async def test_free_requests_in_the_same_forwards_are_unchanged(engine_factory, runner):
+    engine = await engine_factory()
+    free = [GenerationRequest(f"f{i}", _ids(runner, p), {"gen_length": 32}, mode=Mode.AR) for i, p in enumerate(PROMPTS)]
+    alone = [await _run(engine, f) for f in free]
+    free = [GenerationRequest(f"g{i}", f.prompt_ids, f.params, mode=Mode.AR) for i, f in enumerate(free)]
+    constrained = [GenerationRequest(f"k{i}", _ids(runner, p), {"gen_length": GEN}, grammar=JSON_GRAMMAR)
+                   for i, p in enumerate(PROMPTS)]
+    together = await asyncio.gather(*(_run(engine, s) for s in free + constrained))
+    assert [ids for _, ids, _ in together[:3]] == [ids for _, ids, _ in alone]
+    assert all(_matches_schema(text) for text, _, _ in together[3:])
+
+
+async def test_a_preempted_grammar_request_reruns_to_the_same_valid_output(engine_factory, runner, monkeypatch, wait_until):
+    engine = await engine_factory(max_running=1)
+    spec = GenerationRequest("g", _ids(runner, PROMPTS[1]), {"gen_length": GEN}, priority=Priority.BATCH, grammar=JSON_GRAMMAR)
+    reference, ref_ids, _ = await _run(engine, spec)
+    gate = ForwardGate(runner.execute, hold_from=3)  # held: the 4th forward, 3 tokens in
+    monkeypatch.setattr(runner, "execute", gate)
+    preempted, requeue = [], engine.scheduler.requeue
+    monkeypatch.setattr(engine.scheduler, "requeue", lambda victim, reason: (preempted.append(victim.id), requeue(victim, reason)))
+    task = asyncio.create_task(_run(engine, GenerationRequest("g2", spec.prompt_ids, spec.params, grammar=JSON_GRAMMAR)))
+    try:
+        await wait_until(gate.entered.is_set, "the held forward")
+        urgent = asyncio.create_task(_run(engine, GenerationRequest("u", _ids(runner, PROMPTS[0]), {"gen_length": 32},
+                                                                    mode=Mode.AR, priority=Priority.INTERACTIVE)))
+        await wait_until(lambda: any(r.id == "u" for r in engine.scheduler.waiting), "the interactive request to queue")
+    finally:
+        gate.release()
+    (text, ids, last), _ = await asyncio.gather(task, urgent)
+    assert preempted == ["g2"]
+    assert (text, ids) == (reference, ref_ids) and _matches_schema(text)
+    assert last.finish_reason is FinishReason.STOP
+
+
+async def test_grammar_requests_refuse_refusion_mode_and_bad_grammars(engine_factory, runner):
+    engine = await engine_factory()
+    prompt = _ids(runner, PROMPTS[0])
+    cases = [
+        (GenerationRequest("m", prompt, {}, mode=Mode.REFUSION, grammar=JSON_GRAMMAR), "mode"),
+        (GenerationRequest("b", prompt, {}, grammar=GrammarSpec(LLMatcher.grammar_from_lark("start: nothing"))), "grammar"),
+        (GenerationRequest("p", prompt, {}, grammar=GrammarSpec(JSON_GRAMMAR.grammar, prefill_tokens=2)), "grammar"),
+        (GenerationRequest("t", prompt, {}, grammar='{"type": "object"}'), "grammar"),
+    ]
+    for spec, field in cases:
+        with pytest.raises(InvalidRequestError) as err:
+            await _run(engine, spec)
+        assert err.value.field == field, err.value
+    assert not engine.scheduler.waiting and not engine.scheduler.running
+
+
+def test_each_run_gets_a_fresh_matcher_and_prefill_tokens_are_consumed(runner):
+    tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
+    lark = GrammarSpec(LLMatcher.grammar_from_lark('start: "<call>" /[a-z]+/ "</call>"'))
+    grammar = Grammar(tokenizer, lark, _ids(runner, "x"))
+    first, second = grammar.constraint(), grammar.constraint()
+    start = second.bitmask()
+    for token in _ids(runner, "<call>ab"):
+        first.consume(token)
+    assert second.bitmask() == start != first.bitmask()  # a rerun (preemption) starts from the beginning
+    # the API prefills a forced opening: the grammar consumes the prompt's last tokens first
+    prompt = _ids(runner, "question: <call>")
+    opening = len(_ids(runner, "<call>"))
+    assert prompt[-opening:] == _ids(runner, "<call>")
+    prefilled = Grammar(tokenizer, GrammarSpec(lark.grammar, prefill_tokens=opening), prompt).constraint()
+    with pytest.raises(RuntimeError):
+        prefilled.consume(_ids(runner, "<")[0])  # the opening is behind it: "<" is not allowed again
+    with pytest.raises(DecodeParamError) as err:
+        Grammar(tokenizer, GrammarSpec(lark.grammar, prefill_tokens=3), _ids(runner, "abc def"))
+    assert err.value.field == "grammar"
