@@ -35,7 +35,9 @@ from integrations.openai_stream import chat_events, completion_events, in_docume
 from integrations.openai_requests import generation_request, id_headers, request_id
 from integrations.openai_requests import prompt_ids as encode_prompt
 from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop, read_json_object
+from integrations.structured_output import tool_grammar
 from integrations.tool_calls import forced_call
+from decoding.grammar import GrammarSpec
 from scheduler.api import Delta, FinishReason, GenerationRequest
 
 
@@ -141,6 +143,10 @@ async def completions(request: Request):
     client, settings = request.app.state.engine_client, request.app.state.settings
     _check_model(request, body.model)
     header = shape.ResponseHeader("cmpl", client.model_name, request_id(request, "cmpl"))
+    grammar = await off_loop(body.output_grammar)  # compiling a large schema takes a while
+    if body.suffix is not None and grammar is not None:
+        raise InputError(400, "response_format" if body.structured_outputs is None else "structured_outputs",
+                         "structured output is not supported with `suffix` (infill): drop one of them")
     if body.suffix is not None:  # infill, suffix "" (end of a file) too: the editor path (integrations/openai_infill.py)
         params = body.decode_params(body.max_tokens or settings.completion_default_max_tokens, settings.decode_defaults)
         job = await infill_job(client, header.id, body, params)
@@ -160,7 +166,7 @@ async def completions(request: Request):
         prompt = style.to_model(text) if text is not None else body.prompt
         prompt_ids = await encode_prompt(client.tokenizer, prompt)
         req = generation_request(header.id, body, prompt_ids, style.model_stops(body.stop),
-                                 settings.completion_default_max_tokens, settings, "prompt")
+                                 settings.completion_default_max_tokens, settings, "prompt", grammar=grammar)
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
         deltas = await _start(client, req, observer)
         if style != DocumentStyle():
@@ -188,13 +194,14 @@ async def chat_completions(request: Request):
         raise InputError(400, "tool_choice", str(exc)) from None
     prompt_ids, extra_stop = await off_loop(chat_prompt_ids, client.tokenizer, body.messages, tools, settings.limits,
                                             chars=sum(len(m.content or "") for m in body.messages))
-    forced = ""
+    forced, forced_ids = "", []
     if call is not None:  # the assistant's turn starts with the forced call's opening (tool_calls.forced_call)
         forced_ids, forced = forced_prefix_ids(client.tokenizer, *call)
         prompt_ids = prompt_ids + forced_ids
+    grammar = await off_loop(chat_grammar, body, len(forced_ids))
     header = shape.ResponseHeader("chatcmpl", client.model_name, request_id(request, "chatcmpl"))
     req = generation_request(header.id, body, prompt_ids, body.stop + extra_stop, settings.default_max_tokens,
-                             settings, "messages", affinity_key=conversation_key(body.messages))
+                             settings, "messages", affinity_key=conversation_key(body.messages), grammar=grammar)
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
     deltas = await _start(client, req, observer)
@@ -205,6 +212,27 @@ async def chat_completions(request: Request):
     text, last = await _collect(deltas, observer)
     completion = shape.chat_body(header, forced + text, last, len(prompt_ids), observer.completion_tokens, allowed)
     return JSONResponse(completion, headers=id_headers(request, header.id))
+
+
+def chat_grammar(body: ChatCompletionRequest, prefill_tokens: int) -> GrammarSpec | None:
+    """The grammar of a chat turn (integrations/structured_output.py): a forced tool call's (tool_choice
+    "required" or named; response_format does not apply to a call), else response_format's, else with
+    tools offered and tool_choice "auto" or unset, text whose tool calls are valid. Mode "refusion"
+    leaves tool calls unconstrained (parsed from the text) and refuses response_format. InputError
+    (400) naming the field."""
+    forced = body.forced_tool
+    if body.tools_enabled and forced is not None:
+        if body.mode == "refusion":
+            return None
+        return tool_grammar(body.tools, forced, prefill_tokens, parallel=body.parallel_tool_calls is not False)
+    grammar = body.output_grammar()
+    if grammar is not None and body.tools_enabled:
+        raise InputError(400, "response_format" if body.structured_outputs is None else "structured_outputs",
+                         'a format with tools and tool_choice "auto" is not supported: set tool_choice to "none" '
+                         'or "required", or drop the format')
+    if grammar is None and body.tools_enabled and body.mode != "refusion":
+        grammar = tool_grammar(body.tools, None, 0)
+    return grammar
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,19 +2,24 @@
 scheduler.api.GenerationRequest.
 
 Field names follow OpenAI's API. ReFusion extensions: `mode` ("auto" | "refusion" | "ar"), `slot_size`,
-`serial_num_blocks`, `slot_threshold`, `token_threshold`, `top_k`, `max_time_ms`, `priority`.
+`serial_num_blocks`, `slot_threshold`, `token_threshold`, `top_k`, `max_time_ms`, `priority`; vLLM's
+`structured_outputs`.
 Unknown fields are rejected (400 naming the field) so that typos do not silently change nothing. A
 field sent as JSON null counts as not sent, as in OpenAI's API (its SDKs and many clients send nulls).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from decoding.grammar import GrammarSpec
 from decoding.params import MAX_TOP_K, SERVING_DEFAULTS
-from integrations.request_limits import MAX_SEED, MIN_TOP_P, sampling_temperature
+from integrations.request_limits import MAX_SEED, MIN_TOP_P, InputError, sampling_temperature
+from integrations.structured_output import (ANY_OBJECT, choice_grammar, json_grammar, lark_grammar, regex_grammar,
+                                            response_format_grammar)
 from scheduler.api import Mode, Priority
 
 
@@ -40,6 +45,70 @@ class OpenAIBody(BaseModel):
 
 class StreamOptions(OpenAIBody):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(OpenAIBody):
+    """response_format.json_schema (OpenAI structured outputs). `strict` is accepted either way: the
+    output always matches the schema (constrained decoding, integrations/structured_output.py)."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="OpenAI's rule, as for tool names")
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBody):
+    """OpenAI response_format: text, json_object (some JSON object) or json_schema (that schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs json_schema: {"name": ..., "schema": {...}}')
+        return self
+
+
+class StructuredOutputs(OpenAIBody):
+    """vLLM's `structured_outputs` extension: exactly one of json (a JSON Schema), regex, choice (one of
+    these strings), grammar (Lark) or json_object (true: some JSON object)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar or json_object"
+                             + (f" (got {', '.join(g.rstrip('_') for g in given)})" if given else ""))
+        return self
+
+    def grammar_spec(self) -> GrammarSpec:
+        """InputError naming structured_outputs.<field> when it does not compile."""
+        field = "structured_outputs."
+        if self.json_ is not None:
+            schema = self.json_
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as exc:
+                    raise InputError(400, field + "json", f"is not valid JSON: {exc}") from None
+            return GrammarSpec(json_grammar(schema, field + "json"))
+        if self.regex is not None:
+            return GrammarSpec(regex_grammar(self.regex, field + "regex"))
+        if self.choice is not None:
+            return GrammarSpec(choice_grammar(self.choice, field + "choice"))
+        if self.grammar is not None:
+            return GrammarSpec(lark_grammar(self.grammar, field + "grammar"))
+        return GrammarSpec(json_grammar(ANY_OBJECT, field + "json_object"))
 
 
 class SamplingFields(OpenAIBody):
@@ -69,6 +138,31 @@ class SamplingFields(OpenAIBody):
     top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="0 = off (vLLM's and the engine's meaning)")
     max_time_ms: int | None = Field(default=None, ge=1)
     priority: Literal["interactive", "batch"] = "batch"
+    # Structured outputs (integrations/structured_output.py): OpenAI's response_format (vLLM accepts it
+    # on completions too) or vLLM's structured_outputs; decoded on the AR path
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_format(cls, value, info):
+        response_format = info.data.get("response_format")  # validated first: declared before
+        if value is not None and response_format is not None and response_format.type != "text":
+            raise ValueError("give response_format or structured_outputs, not both")
+        return value
+
+    def output_grammar(self) -> GrammarSpec | None:
+        """The grammar response_format or structured_outputs asks for (None: free text). InputError
+        (400) naming the field: a schema, regex or grammar that does not compile, or mode "refusion"
+        (structured output decodes autoregressively)."""
+        if self.structured_outputs is not None:
+            spec = self.structured_outputs.grammar_spec()
+        else:
+            spec = response_format_grammar(self.response_format)
+        if spec is not None and self.mode == "refusion":
+            raise InputError(400, "mode", "structured output (response_format or structured_outputs) is decoded "
+                             "autoregressively: use mode \"auto\" or \"ar\", or drop the format")
+        return spec
 
     @field_validator("stop")
     @classmethod
@@ -238,7 +332,6 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    response_format: dict[str, Any] | None = None
     # OpenAI fields whose default is accepted (SDK wrappers send them) and whose other values are not supported
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -279,13 +372,6 @@ class ChatCompletionRequest(SamplingFields):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"function name {repeated[0]!r} appears more than once: give each tool its own name")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value):
-        if value and value.get("type") not in (None, "text"):
-            raise ValueError("only response_format {'type': 'text'} is supported")
         return value
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ import re
 
 from fastapi import Request
 
+from decoding.grammar import GrammarSpec
 from integrations.context_fit import fit_generation
 from integrations.http_errors import APIError
 from integrations.openai_models import SamplingFields
@@ -60,7 +61,8 @@ async def prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
 
 
 def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: list[str], default_max_tokens: int,
-                       settings, prompt_field: str, affinity_key: str | None = None) -> GenerationRequest:
+                       settings, prompt_field: str, affinity_key: str | None = None,
+                       grammar: GrammarSpec | None = None) -> GenerationRequest:
     """The engine request, its generation fitted to the context counting the rounding to whole slots
     (context_fit.fit_generation; InputError names prompt_field, the body's max_tokens field or
     slot_size). `settings`: openai_api.APISettings; the engine stops at max_tokens = the fitted gen_length."""
@@ -71,5 +73,5 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
     return GenerationRequest(
         request_id=rid, prompt_ids=prompt, params=body.decode_params(fit.gen_length, settings.decode_defaults, fit.slot_size),
         mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,
-        max_tokens=fit.gen_length, affinity_key=affinity_key,
+        max_tokens=fit.gen_length, affinity_key=affinity_key, grammar=grammar,
     )

@@ -1,0 +1,144 @@
+"""Structured outputs: the grammar (decoding.grammar.GrammarSpec) an API request asks for.
+
+  - OpenAI `response_format`: {"type": "text"} (no grammar), {"type": "json_object"} (any JSON
+    object), {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (that schema);
+  - OpenAI tools: tool_choice "required" or a named function -> the output is one or more
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (integrations/tool_calls.py)
+    naming an offered tool, arguments matching its `parameters` schema (objects closed:
+    `closed_objects`); tool_choice "auto" (or unset)
+    with tools -> free text in which every `<tool_call>` block the model opens is a valid call
+    (llguidance's structural tags, the mechanism SGLang and vLLM use for constrained tool calling);
+  - vLLM's `structured_outputs` {"json" | "regex" | "choice" | "grammar" (Lark or GBNF) | "json_object"}.
+
+JSON is generated compactly in json.dumps's style (", " and ": " separators, no newlines), the form
+the shipped model's tool calls were trained on. A grammar request decodes on the AR path
+(scheduler.engine); with mode "refusion" the API refuses response_format and structured_outputs, and
+leaves tool calls unconstrained (parsed from the text as before).
+
+Every fault is an InputError (HTTP 400) naming the field: an invalid schema, regex or grammar is
+compiled here (llguidance, without a tokenizer) before the request reaches the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from decoding.grammar import GrammarSpec, grammar_error
+from integrations.request_limits import InputError
+from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
+
+# json.dumps's separators, no free whitespace: the shape of the training data's JSON (training/chat_data.py)
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+ANY_OBJECT = {"type": "object"}
+
+
+def _checked(grammar: str, field: str, what: str) -> str:
+    error = grammar_error(grammar)
+    if error:
+        raise InputError(400, field, f"{what} does not compile: {error.strip().splitlines()[0][:300]}")
+    return grammar
+
+
+def json_grammar(schema: Any, field: str) -> str:
+    """The llguidance grammar of JSON matching `schema` (a JSON Schema object). InputError naming
+    `field` for a schema that is not an object or does not compile."""
+    from llguidance import LLMatcher
+
+    if isinstance(schema, bool):  # JSON Schema's `true` accepts anything
+        schema = {} if schema else None
+    if not isinstance(schema, dict):
+        raise InputError(400, field, f"must be a JSON Schema object, got {type(schema).__name__}")
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    except (ValueError, TypeError) as exc:
+        raise InputError(400, field, f"is not a usable JSON Schema: {exc}") from None
+    return _checked(grammar, field, "the JSON Schema")
+
+
+def response_format_grammar(response_format) -> GrammarSpec | None:
+    """response_format (openai_models.ResponseFormat or None) -> its grammar; None for text."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return GrammarSpec(json_grammar(ANY_OBJECT, "response_format"))
+    schema = response_format.json_schema.schema_
+    return GrammarSpec(json_grammar(ANY_OBJECT if schema is None else schema, "response_format.json_schema.schema"))
+
+
+def closed_objects(schema):
+    """`schema` with additionalProperties false on every object schema that lists `properties` and does
+    not say otherwise: a call's arguments are the function's parameters, never invented extra keys (as
+    OpenAI's strict function calling requires). Returns a new schema; the input is unchanged."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: closed_objects(value) for key, value in schema.items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
+def _arguments_schema(function) -> dict:
+    return closed_objects(function.parameters) if function.parameters is not None else ANY_OBJECT
+
+
+def _call_schema(function) -> dict:
+    """The JSON of one call of `function` (openai_models.FunctionSpec): name first, then arguments."""
+    parameters = _arguments_schema(function)
+    return {"type": "object", "properties": {"name": {"const": function.name}, "arguments": parameters},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel: bool = True) -> GrammarSpec:
+    """The grammar of a chat turn with `tools` (openai_models.ToolSpec list). `forced`: None (auto: text
+    with valid calls), "" (required: one or more calls of offered tools; exactly one when `parallel` is
+    False, OpenAI's parallel_tool_calls) or a tool name (exactly one call of that tool, as OpenAI's
+    named tool_choice).
+    `prefill_tokens`: tokens of the forced call's opening that the API put at the end of the prompt
+    (tool_calls.forced_call). InputError naming tools.N.function.parameters for a bad schema."""
+    from llguidance import LLMatcher, StructTag
+
+    for i, tool in enumerate(tools):  # name the tool whose schema is bad (the combined grammar cannot)
+        json_grammar(tool.function.parameters if tool.function.parameters is not None else ANY_OBJECT,
+                     f"tools.{i}.function.parameters")
+    if forced is None:
+        tags = [StructTag(trigger=TOOL_OPEN, begin=TOOL_OPEN + '{"name": ' + json.dumps(t.function.name) + ', "arguments": ',
+                          grammar={**_arguments_schema(t.function), "x-guidance": JSON_OPTIONS},
+                          end="}" + TOOL_CLOSE) for t in tools]
+        lark = StructTag.to_grammar(tags, assume_special=False)
+    else:
+        chosen = [t for t in tools if not forced or t.function.name == forced]
+        schema = {"anyOf": [_call_schema(t.function) for t in chosen], "x-guidance": JSON_OPTIONS}
+        calls = "call" if forced or not parallel else 'call ("\\n"? call)*'
+        lark = f"start: {calls}\ncall: {json.dumps(TOOL_OPEN)} %json {json.dumps(schema)} {json.dumps(TOOL_CLOSE)}\n"
+    grammar = _checked(LLMatcher.grammar_from_lark(lark), "tools", "the tools' call grammar")
+    return GrammarSpec(grammar, prefill_tokens)
+
+
+def regex_grammar(pattern: str, field: str) -> str:
+    from llguidance import LLMatcher
+
+    return _checked(LLMatcher.grammar_from_regex(pattern), field, "the regular expression")
+
+
+def lark_grammar(grammar: str, field: str) -> str:
+    """A Lark grammar (llguidance's dialect, `start:` rule) or a GBNF one (llama.cpp's and xgrammar's
+    EBNF, `root ::=`, converted with llguidance.gbnf_to_lark), as vLLM's structured_outputs.grammar."""
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        lark = any_to_lark(grammar)
+    except Exception as exc:  # the converter raises plain Exceptions (and AssertionErrors) on bad GBNF
+        raise InputError(400, field, f"is neither a Lark grammar (start: ...) nor valid GBNF (root ::= ...): {exc}") from None
+    return _checked(LLMatcher.grammar_from_lark(lark), field, "the grammar")
+
+
+def choice_grammar(choices: list[str], field: str) -> str:
+    """Exactly one of `choices` (vLLM's structured_outputs.choice)."""
+    if not choices:
+        raise InputError(400, field, "must list at least one string")
+    lark = "start: " + " | ".join(json.dumps(c) for c in choices) + "\n"
+    return lark_grammar(lark, field)

@@ -1,0 +1,155 @@
+"""Structured outputs end to end (integrations/structured_output.py): the Ray Serve app on the tiny random
+model, the openai SDK as the client. A random model writes no JSON by itself; whatever it prefers, the
+constrained output parses into what was asked for."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+pytest.importorskip("llguidance")
+
+MESSAGES = [{"role": "user", "content": "Describe the item as JSON."}]
+
+
+class Item(BaseModel):  # bounded fields: every output completes within max_tokens
+    name: str = Field(max_length=6)
+    size: int = Field(ge=0, le=999)
+    ok: bool
+    tags: list[str] = Field(max_length=2)
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+]
+
+
+@pytest.fixture(scope="module")
+def client(serve_base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=serve_base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "seed": 3}], ids=["greedy", "sampled"])
+def test_sdk_parse_gets_the_pydantic_model(client, model, sampling):
+    # The SDK turns Item into a strict json_schema response_format and parses the reply into an Item.
+    out = client.chat.completions.parse(model=model, messages=MESSAGES, response_format=Item, max_tokens=120,
+                                        **sampling)
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(choice.message.parsed, Item)
+    assert out.model_extra["refusion"]["mode"] == "ar"  # grammar requests decode autoregressively
+
+
+def test_json_object_streamed(client, model):
+    stream = client.chat.completions.create(model=model, messages=MESSAGES, response_format={"type": "json_object"},
+                                            max_tokens=200, stream=True, extra_body={"structured_outputs": None})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    # any object is allowed and a random model may nest until the cap; what it wrote is a JSON object's start
+    assert text.startswith("{")
+    try:
+        assert isinstance(json.loads(text), dict)
+    except ValueError:
+        assert len(text) > 20  # cut by max_tokens mid-object, never invalid before the cut
+
+
+def test_vllm_structured_outputs_on_completions(client, model):
+    out = client.completions.create(model=model, prompt="answer = ", max_tokens=16,
+                                    extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}})
+    assert out.choices[0].text in ("yes", "no", "maybe") and out.choices[0].finish_reason == "stop"
+    out = client.completions.create(model=model, prompt="id = ", max_tokens=24, temperature=1.0, seed=5,
+                                    extra_body={"structured_outputs": {"regex": r"[A-Z]{2}-[0-9]{4}"}})
+    assert re.fullmatch(r"[A-Z]{2}-[0-9]{4}", out.choices[0].text)
+    out = client.completions.create(model=model, prompt="flag = ", max_tokens=16,
+                                    extra_body={"structured_outputs": {"grammar": 'root ::= "on" | "off"'}})  # GBNF
+    assert out.choices[0].text in ("on", "off")
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}], ids=["required", "named"])
+def test_forced_tool_calls_always_parse_and_match_the_schema(client, model, choice):
+    # one call: a named choice always (OpenAI), "required" with parallel_tool_calls false
+    for seed in range(3):
+        out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Add 2 and 3."}],
+                                             tools=TOOLS, tool_choice=choice, max_tokens=80, temperature=1.0, seed=seed,
+                                             parallel_tool_calls=False)
+        message = out.choices[0].message
+        assert out.choices[0].finish_reason == "tool_calls", message.content
+        assert len(message.tool_calls) == 1 and not message.content
+        for call in message.tool_calls:
+            arguments = json.loads(call.function.arguments)
+            if call.function.name == "add" or isinstance(choice, dict):
+                assert call.function.name == "add" and set(arguments) == {"a", "b"}
+                assert all(type(v) is int and 0 <= v <= 99 for v in arguments.values())
+            else:
+                assert call.function.name == "get_weather" and isinstance(arguments["city"], str)
+
+
+def test_required_tool_calls_may_be_parallel(client, model):
+    # "required" without parallel_tool_calls: one or more calls (seeded sampling: the same calls every run)
+    counts = []
+    for seed in range(4):
+        out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Add 2 and 3."}],
+                                             tools=TOOLS, tool_choice="required", max_tokens=120, temperature=1.0,
+                                             seed=seed)
+        message = out.choices[0].message
+        assert message.tool_calls, message.content  # at least one, always
+        assert all(c.function.name in ("get_weather", "add") and isinstance(json.loads(c.function.arguments), dict)
+                   for c in message.tool_calls)
+        counts.append(len(message.tool_calls))
+    assert max(counts) >= 2, counts
+
+
+def test_auto_tool_choice_text_or_valid_calls(client, model):
+    # tool_choice auto: the model may answer in text; any <tool_call> block it opens is a valid call
+    for seed in range(4):
+        out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                                             tools=TOOLS, max_tokens=60, temperature=1.0, seed=seed)
+        message = out.choices[0].message
+        assert "<tool_call>" not in (message.content or "") or out.choices[0].finish_reason == "length"
+        for call in message.tool_calls or []:
+            assert call.function.name in ("get_weather", "add")
+            json.loads(call.function.arguments)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+      "mode": "refusion"}, "mode"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs"),
+    ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs.grammar"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
+    ({"response_format": {"type": "json_object"}, "tools": TOOLS}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}],
+      "tool_choice": "required"}, "tools.0.function.parameters"),
+], ids=["bad-schema", "refusion-mode", "no-json-schema", "unknown-type", "bad-regex", "two-kinds", "bad-lark",
+        "both-fields", "format-with-auto-tools", "bad-tool-schema"])
+def test_bad_structured_output_requests_are_400_naming_the_field(client, model, body, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, extra_body=body)
+    error = err.value.body
+    assert error["param"] == param, error
+    assert err.value.status_code == 400
+
+
+def test_structured_output_with_suffix_is_a_400(client, model):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="x = ", suffix="\n", max_tokens=8,
+                                  extra_body={"structured_outputs": {"choice": ["1"]}})
+    assert err.value.body["param"] == "structured_outputs"
