@@ -28,10 +28,11 @@ writes one JSON file; exits 1 if any part failed (unmet targets are not failures
 
 The GPU machine (device tool) has torch, transformers and pytest but neither structlog (the engine
 imports it; without it the engine, baselines and concurrency parts fail or skip, recorded) nor pydantic
-(not needed here). Once, here, in the repo root, fetch structlog's wheel (pure Python, 74 kB):
+(not needed here). Once, here, in the repo root, fetch structlog's wheel (pure Python, 74 kB) and
+llguidance's (abi3, 3 MB; tests/gpu then also checks grammar-constrained requests on CUDA):
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux2014_x86_64 -d .whl structlog==26.1.0
+        --platform manylinux2014_x86_64 --platform manylinux_2_31_x86_64 -d .whl structlog==26.1.0 llguidance==1.9.1
 then call the device tool's `run` with carry [".whl"], timeout_s 590 and this command:
     set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 \

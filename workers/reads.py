@@ -100,9 +100,9 @@ def apply_token_bitmask(logits: torch.Tensor, words: torch.Tensor) -> torch.Tens
     W * 64 >= V) -> logits with -inf at disallowed tokens (a new tensor). The reads then choose among
     the allowed tokens and give probabilities under the masked distribution, the one the token was
     drawn from (grammar-constrained decoding as in vLLM and llguidance: mask, then sample)."""
-    vocab = torch.arange(logits.shape[-1], device=logits.device)
     packed = words.view(torch.uint8)  # [R, 8 W]: byte t // 8 holds token t at bit t % 8 (little-endian)
-    allowed = (packed.index_select(1, vocab >> 3) >> (vocab & 7).to(torch.uint8)) & 1  # [R, V] uint8
+    shifts = torch.arange(8, device=logits.device, dtype=torch.uint8)
+    allowed = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, : logits.shape[-1]]  # [R, V] uint8
     return logits.masked_fill(allowed == 0, float("-inf"))
 
 

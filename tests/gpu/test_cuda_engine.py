@@ -2,11 +2,14 @@
 give the same tokens on every runner variant (float32, greedy). The decoders' real steps run here
 (prefill chunks, decode, plan, verify, branches, remasking, mixed batches), so this covers what the
 runner-level tests in test_cuda_runner.py build by hand, and with cuda_graphs it runs them from graphs
-captured at start-up and while serving. Skipped without a GPU."""
+captured at start-up and while serving. With llguidance installed, four grammar-constrained (JSON
+schema) AR requests run too: the token bitmask reaches the device and masks there as on the CPU.
+Skipped without a GPU."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 
 import pytest
 
@@ -47,11 +50,30 @@ async def _run(runner: ModelRunner) -> dict[tuple[str, int], list[int]]:
         assert last is not None and last.finished and last.error is None, last
         return ids
 
+    async def constrained(i: int) -> list[int]:
+        from llguidance import LLMatcher
+
+        from decoding.grammar import GrammarSpec
+
+        schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                                   "s": {"type": "string", "maxLength": 5}},
+                  "required": ["n", "s"], "additionalProperties": False}
+        grammar = GrammarSpec(LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_flexible": False}))
+        spec = GenerationRequest(f"grammar-{i}", runner.tokenizer.encode(PROMPTS[i]), dict(PARAMS[Mode.AR], gen_length=48),
+                                 mode=Mode.AR, grammar=grammar)
+        ids = []
+        async for delta in engine.submit(spec):
+            ids += delta.token_ids
+        return ids
+
     try:
         out = {}
         for mode in PARAMS:
             ids = await asyncio.gather(*(one(mode, i) for i in range(len(PROMPTS))))
             out.update({(mode.value, i): t for i, t in enumerate(ids)})
+        if importlib.util.find_spec("llguidance") is not None:
+            ids = await asyncio.gather(*(constrained(i) for i in range(len(PROMPTS))))
+            out.update({("grammar", i): t for i, t in enumerate(ids)})
     finally:
         await engine.stop(drain_timeout_s=0)
     assert engine.kv.pool("main").num_free == engine.kv.pool("main").num_total  # no leaked KV block

@@ -88,15 +88,26 @@ def _run_both(session, segs):
     return step, eager, graph, kv_eager, kv_compiled
 
 
-@pytest.mark.parametrize("shape", ["decode", "plan"])
+def _masked(segs: list) -> list:
+    """Grammar-constrained decode rows (Segment.token_bitmask) on every other sequence: tokens 3..130."""
+    mask = bytes([0b11111000] + [0xFF] * 15 + [0b111]) + bytes(31)  # 48 bytes: 384 tokens
+    return [dataclasses.replace(g, token_bitmask=mask) if i % 2 else g for i, g in enumerate(segs)]
+
+
+@pytest.mark.parametrize("shape", ["decode", "decode_masked", "plan"])
 def test_step_compiles_fullgraph_and_matches_eager(session, shape):
     torch._dynamo.reset()
-    segs = _decode_step(session) if shape == "decode" else _plan_step(session, session.info.mask_token_id)
+    segs = _plan_step(session, session.info.mask_token_id) if shape == "plan" else _decode_step(session)
+    segs = _masked(segs) if shape == "decode_masked" else segs
     step, (values, logits), (values_c, logits_c), kv_eager, kv_compiled = _run_both(session, segs)
     lay = step.layout
     assert (lay.num_tokens, lay.num_seqs, lay.max_query, lay.num_reads) == (
-        (16, 8, 1, 8) if shape == "decode" else (64, 8, 16, 32))
-    assert lay.needs_noise and lay.needs_sort == (shape == "decode")
+        (64, 8, 16, 32) if shape == "plan" else (16, 8, 1, 8))
+    assert lay.needs_noise and lay.needs_sort == (shape != "plan")
+    assert lay.mask_words == (6 if shape == "decode_masked" else 0)
+    if shape == "decode_masked":  # the constrained rows chose among tokens 3..130
+        tokens = values[0, : step.num_reads].tolist()
+        assert all(3 <= tokens[i] <= 130 for i in range(1, 8, 2)), tokens
     r = step.num_reads
     assert torch.equal(values_c[0, :r], values[0, :r])  # tokens
     torch.testing.assert_close(values_c[1, :r], values[1, :r], rtol=1e-4, atol=1e-6)  # probabilities
