@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from decoding.api import Decoder, Handoff
+from decoding.grammar import TokenConstraint
 from scheduler.api import Mode
 
 
@@ -21,9 +22,9 @@ class DecoderFactory(Protocol):
         """Validate request parameters (model defaults for unset ones); raise DecodeParamError."""
 
     def create(self, mode: Mode, seq_id: str, prompt_ids: list[int], params: Any, suffix_ids: list[int] | None,
-               **constraint) -> Decoder:
-        """A fresh decoder (mode is REFUSION or AR). A grammar request (AR only) passes
-        constraint=decoding.grammar.TokenConstraint."""
+               *, constraint: TokenConstraint | None = None) -> Decoder:
+        """A fresh decoder (mode is REFUSION or AR). `constraint`: a grammar request's matcher (AR only;
+        the scheduler passes it only for grammar requests)."""
 
     def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any) -> Decoder:
         """A decoder continuing another one's text (mode switch at a block boundary); the handoff
@@ -63,8 +64,12 @@ class ModelDecoderFactory:
         return DecodeParams.from_dict({**self.defaults, **params})
 
     def create(self, mode: Mode, seq_id: str, prompt_ids: list[int], params: Any, suffix_ids: list[int] | None,
-               **constraint) -> Decoder:
-        return _decoder_class(mode)(seq_id, prompt_ids, params, suffix_ids=suffix_ids, **constraint)
+               *, constraint: TokenConstraint | None = None) -> Decoder:
+        if constraint is None:
+            return _decoder_class(mode)(seq_id, prompt_ids, params, suffix_ids=suffix_ids)
+        if mode is not Mode.AR:
+            raise ValueError(f"{seq_id}: a grammar constrains AR decoding only, got mode {mode.value}")
+        return _decoder_class(mode)(seq_id, prompt_ids, params, suffix_ids=suffix_ids, constraint=constraint)
 
     def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any) -> Decoder:
         return _decoder_class(mode).from_handoff(seq_id, handoff, params)

@@ -301,9 +301,9 @@ class Scheduler:
             return False
         req.kv_wait = None
         spec = req.spec
-        extra = {"constraint": req.grammar.constraint()} if req.grammar is not None else {}
+        grammar = {"constraint": req.grammar.constraint()} if req.grammar is not None else {}  # fakes take none
         req.decoder = self.factories[key].create(decision.mode, req.id, spec.prompt_ids, req.params, spec.suffix_ids,
-                                                 **extra)
+                                                 **grammar)
         self.kv.start(req, key, hit)
         if hit.block_ids:
             req.decoder.skip_cached_prompt(hit.num_tokens)

@@ -68,7 +68,11 @@ def validate_step(step, seq_ids: list[str], vocab_size: int, num_kv_blocks: int)
 
 
 def _check_bitmask(seq_id: str, mask: bytes, vocab_size: int) -> None:
-    """A token bitmask must allow some token id below vocab_size (else a read has nothing to choose)."""
+    """A token bitmask has a bit for every token id and allows some id below vocab_size (else a read
+    has nothing to choose)."""
+    if len(mask) * 8 < vocab_size:
+        raise SegmentError(seq_id, "token_bitmask", f"has {len(mask) * 8} bits for a vocab of {vocab_size}; "
+                           f"give one bit per token id ({-(-vocab_size // 8)} bytes or more)")
     full, rem = divmod(vocab_size, 8)
     if mask[:full].count(0) < len(mask[:full]):
         return

@@ -213,7 +213,7 @@ def test_a_bitmask_allowing_no_token_is_refused(session):
     import dataclasses
 
     seg = _dropped("none", _ids(3, 6), Reads(argmax=(2,)), Sampling())
-    for mask in (bytes(48), bytes(48) + b"\xff"):  # nothing below the vocab of 384 allowed
+    for mask in (bytes(48), bytes(48) + b"\xff", b"\xff" * 47):  # nothing below the vocab of 384; too short
         with pytest.raises(SegmentError) as err:
             session.execute([dataclasses.replace(seg, token_bitmask=mask)])
         assert err.value.seq_id == "none" and err.value.field == "token_bitmask"
