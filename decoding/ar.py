@@ -14,7 +14,11 @@ suffix token; and ReFusion's training objective gives prompt tokens no labels, s
 first response token" is never trained, while "mask at p -> token at p" is trained in every example.
 
 With a grammar (decoding.grammar.TokenConstraint) every read carries the bitmask of the tokens the
-grammar allows next, and the request ends when the grammar is complete (as on EOS).
+grammar allows next, and the request ends when the grammar is complete (as on EOS). Tokens the grammar
+forces (a JSON schema's next key, a tool call's fixed text) are appended without a forward of their
+own ("jump-forward", as SGLang): the next step feeds every generated token without KV yet (kept) and
+reads after the last, so one forward yields the forced run plus the next token. A step never feeds
+more than the scheduler's budget: a longer run is fed in kept chunks without reads first.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ class ARDecoder:
         self._in_flight: Segment | None = None
         self._first_step = False
         self._context_in_flight = 0
+        self._catch_up = 0  # generated tokens fed by the decode step in flight without a read (jump-forward)
+        if constraint is not None and self.phase is not ARPhase.FINISHED:  # a grammar may force its start
+            self.generated = constraint.fast_forward(self.span)
+            if constraint.stopped or len(self.generated) >= self.span:
+                self.phase = ARPhase.FINISHED
         if self.phase is ARPhase.FINISHED:
             self._finish()
 
@@ -92,21 +101,38 @@ class ARDecoder:
             raise RuntimeError(f"{self.seq_id}: absorb the result of the previous segment first")
         if not self.stats.started_at:
             self.stats.started_at = time.monotonic()
+        # Generated tokens without KV: the last one read, plus any the grammar forced (jump-forward);
+        # before the first read, only forced ones.
+        forced = self.generated[self.gen_cached:]
+        start = self.gen_start + self.gen_cached
+        forced_positions = list(range(start, start + len(forced)))
+        budget = max(1, budget)
         if self.phase is ARPhase.DECODE:
-            pos = self.next_position - 1
-            self._in_flight = self._segment([self.generated[-1]], [pos], 1, self.cache_len)
+            if len(forced) > budget:
+                return self._catch_up_segment(forced, forced_positions, budget)
+            self._in_flight = self._segment(forced, forced_positions, len(forced), self.cache_len)
             return self._in_flight
         tokens, positions = self.feed.peek(self.feed.pending)
-        if tokens and len(tokens) + 1 > max(1, budget):  # prefill chunk: kept, no reads
-            chunk = min(max(1, budget), len(tokens))
+        if tokens and len(tokens) + len(forced) + 1 > budget:  # prefill chunk: kept, no reads
+            chunk = min(budget, len(tokens))
             self._first_step, self._context_in_flight = False, chunk
             self._in_flight = Segment(self.seq_id, self.cache_len, tokens[:chunk], positions[:chunk], chunk,
                                       sampling=self._sampling())
             return self._in_flight
-        # First generation step: [context tail, keep] + [MASK at the first generation position, drop].
+        if len(forced) + 1 > budget:
+            return self._catch_up_segment(forced, forced_positions, budget)
+        # First generation step: [context tail + forced tokens, keep] + [MASK at the first position to read, drop].
         self._first_step, self._context_in_flight = True, len(tokens)
-        tokens, positions = tokens + [self.params.mask_token_id], positions + [self.next_position]
+        tokens = tokens + forced + [self.params.mask_token_id]
+        positions = positions + forced_positions + [self.next_position]
         self._in_flight = self._segment(tokens, positions, len(tokens) - 1, self.cache_len)
+        return self._in_flight
+
+    def _catch_up_segment(self, forced: list[int], positions: list[int], budget: int) -> Segment:
+        """A run of forced tokens longer than the budget: its first `budget` tokens, kept, no reads."""
+        self._catch_up = budget
+        self._in_flight = Segment(self.seq_id, self.cache_len, forced[:budget], positions[:budget], budget,
+                                  sampling=self._sampling())
         return self._in_flight
 
     def absorb(self, result: SegmentResult) -> None:
@@ -115,19 +141,24 @@ class ARDecoder:
             raise RuntimeError(f"{self.seq_id}: absorb() without a segment in flight")
         if result.seq_id != self.seq_id or len(result.tokens) != len(segment.reads):
             raise ValueError(f"{self.seq_id}: result has {len(result.tokens)} values for {len(segment.reads)} reads")
+        if self._catch_up:  # a chunk of forced tokens: a generation forward without a read
+            self.gen_cached += self._catch_up
+            self._catch_up = 0
+            self.stats.forwards += 1
+            return
         if self.phase is ARPhase.PREFILL:
             self.feed.consume(self._context_in_flight)
             if not self._first_step:
                 self.stats.prefill_forwards += 1
                 return
-        else:
-            self.gen_cached += 1
+        self.gen_cached = len(self.generated)  # every generated token so far was fed (the new one is not)
         self.stats.forwards += 1
         token = result.tokens[0]
         self.generated.append(token)
         eos = token == self.params.eos_token_id
         if self.constraint is not None and not eos:
             self.constraint.consume(token)
+            self.generated += self.constraint.fast_forward(self.span - len(self.generated))
             eos = self.constraint.stopped  # the grammar is complete: it allows only EOS now
         if eos or len(self.generated) >= self.span:
             self._finish()

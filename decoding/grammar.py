@@ -104,6 +104,15 @@ class TokenConstraint:
         if not self._matcher.consume_token(token):
             raise RuntimeError(f"token {token} is not allowed by the grammar: {self._matcher.get_error()}")
 
+    def fast_forward(self, limit: int) -> list[int]:
+        """The tokens the grammar forces next (llguidance's fast-forward tokens: the canonical tokens of
+        the bytes no choice can change, without a last token that could still merge with what follows),
+        at most `limit`, consumed. [] when the next token is a real choice."""
+        forced = self._matcher.compute_ff_tokens()[: max(0, limit)]
+        if forced and not self._matcher.consume_tokens(forced):
+            raise RuntimeError(f"forced tokens {forced} refused: {self._matcher.get_error()}")
+        return forced
+
     @property
     def stopped(self) -> bool:
         """The grammar is complete and allows nothing more (only EOS)."""

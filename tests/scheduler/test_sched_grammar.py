@@ -115,13 +115,15 @@ async def test_a_preempted_grammar_request_reruns_to_the_same_valid_output(engin
     engine = await engine_factory(max_running=1)
     spec = GenerationRequest("g", _ids(runner, PROMPTS[1]), {"gen_length": GEN}, priority=Priority.BATCH, grammar=JSON_GRAMMAR)
     reference, ref_ids, _ = await _run(engine, spec)
-    gate = ForwardGate(runner.execute, hold_from=3)  # held: the 4th forward, 3 tokens in
+    gate = ForwardGate(runner.execute, hold_from=1)  # held: the 2nd forward, the grammar already advanced
     monkeypatch.setattr(runner, "execute", gate)
     preempted, requeue = [], engine.scheduler.requeue
     monkeypatch.setattr(engine.scheduler, "requeue", lambda victim, reason: (preempted.append(victim.id), requeue(victim, reason)))
     task = asyncio.create_task(_run(engine, GenerationRequest("g2", spec.prompt_ids, spec.params, grammar=JSON_GRAMMAR)))
     try:
         await wait_until(gate.entered.is_set, "the held forward")
+        (running,) = engine.scheduler.running
+        assert running.id == "g2" and running.decoder.generated and not running.decoder.finished
         urgent = asyncio.create_task(_run(engine, GenerationRequest("u", _ids(runner, PROMPTS[0]), {"gen_length": 32},
                                                                     mode=Mode.AR, priority=Priority.INTERACTIVE)))
         await wait_until(lambda: any(r.id == "u" for r in engine.scheduler.waiting), "the interactive request to queue")
@@ -168,3 +170,29 @@ def test_each_run_gets_a_fresh_matcher_and_prefill_tokens_are_consumed(runner):
     with pytest.raises(DecodeParamError) as err:
         Grammar(tokenizer, GrammarSpec(lark.grammar, prefill_tokens=3), _ids(runner, "abc def"))
     assert err.value.field == "grammar"
+
+
+def test_forced_tokens_are_fed_without_forwards_of_their_own(runner):
+    # Jump-forward: the grammar fixes most of the text; the decoder appends forced runs and feeds them with
+    # the next read, so it needs far fewer forwards than tokens, whatever the step budget (a run longer
+    # than the budget is fed in kept chunks first) and with the same output.
+    from decoding.ar import ARDecoder
+    from decoding.loop import decode_batch
+    from scheduler.decoders import ModelDecoderFactory
+    from workers.session import RunnerSession
+
+    tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
+    fixed = "def handler(request, response):\n    return dispatch(request"
+    lark = GrammarSpec(LLMatcher.grammar_from_lark(f'start: {json.dumps(fixed)} /[a-z]{{1,3}}/ ")\\n"'))
+    prompt = _ids(runner, PROMPTS[0])
+    params = ModelDecoderFactory(runner).parse_params({"gen_length": 64, "slot_size": 1, "serial_num_blocks": 1})
+    outputs = []
+    for budget in (64, 4, 1):
+        decoder = ARDecoder(f"ff{budget}", prompt, params, constraint=Grammar(tokenizer, lark, prompt).constraint())
+        [ids] = decode_batch(RunnerSession(runner), [decoder], budget=budget)
+        text = runner.tokenizer.decode(ids)
+        assert re.fullmatch(re.escape(fixed) + r"[a-z]{1,3}\)\n", text), text
+        outputs.append(ids)
+        reads = decoder.stats.forwards
+        assert len(ids) >= 12 and (reads <= 6 if budget == 64 else reads > 6), (budget, reads, len(ids))
+    assert outputs[0] == outputs[1] == outputs[2]
