@@ -2,7 +2,8 @@
 
 Runs the engine on a model directory (default: the shipped model) with N concurrent greedy AR requests,
 once free and once per grammar (a JSON schema, a forced tool call, text with tool calls, a regex), and
-reports per grammar: the time to compile it for a request (decoding.grammar.Grammar, in a worker
+reports per grammar: tokens per decode forward (grammar-forced tokens are fed without forwards of their
+own, decoding/ar.py), the time to compile it for a request (decoding.grammar.Grammar, in a worker
 thread at submit), the host time of each token's bitmask (llguidance, p50/p95 in microseconds), the
 engine's median step time (start of one forward to the start of the next: host work, masks and
 device-side masking, workers.reads.apply_token_bitmask, included) and the masks' share of the run.
@@ -100,13 +101,14 @@ async def run(model_dir: Path, requests: int, tokens: int) -> list[dict]:
             if not measured:
                 continue
             rows.append({
-                "grammar": name, "requests": requests, "tokens": sum(n for n, _ in outputs), "steps": steps,
+                "grammar": name, "requests": requests, "tokens": sum(o[0] for o in outputs), "steps": steps,
+                "tokens_per_forward": round(sum(o[0] for o in outputs) / max(1, sum(o[2] for o in outputs)), 2),
                 "compile_ms": round(1000 * statistics.mean(compiles), 1) if compiles else 0.0,
                 "step_ms_p50": round(1000 * statistics.median(gaps), 2) if gaps else 0.0,
                 "mask_p50_us": round(statistics.median(masks_us), 1) if masks_us else 0.0,
                 "mask_p95_us": round(masks_us[int(0.95 * (len(masks_us) - 1))], 1) if masks_us else 0.0,
                 "mask_share_of_wall": round(sum(timings) / wall, 3) if timings else 0.0,
-                "complete_json": (sum(_is_json(text) for _, text in outputs) if name == "json_schema" else None),
+                "complete_json": (sum(_is_json(o[1]) for o in outputs) if name == "json_schema" else None),
             })
     finally:
         grammar_module.TokenConstraint.bitmask = original
@@ -116,11 +118,13 @@ async def run(model_dir: Path, requests: int, tokens: int) -> list[dict]:
     return rows
 
 
-async def _collect(engine, spec) -> tuple[int, str]:
-    n, text = 0, ""
+async def _collect(engine, spec) -> tuple[int, str, int]:
+    """(tokens, text, decode forwards) of one request."""
+    n, text, forwards = 0, "", 0
     async for delta in engine.submit(spec):
         n, text = n + len(delta.token_ids), text + delta.text
-    return n, text
+        forwards = delta.stats.get("forwards", forwards)
+    return n, text, forwards
 
 
 def _is_json(text: str) -> bool:

@@ -11,6 +11,18 @@ Only AR decoding is constrained: ReFusion fills slots out of left-to-right order
 "verify"), and a grammar constrains text left to right, so the engine runs grammar requests on the AR
 path (scheduler.engine).
 
+Guards around llguidance (found by a break-test):
+  - compiling recurses once per nested rule and overflows an 8 MiB thread stack at ~2,500 chained
+    rules (a segfault: the process dies), so every compile runs on a thread with a 512 MiB stack
+    (`with_compile_stack`; virtual memory, touched only as deep as needed) and a grammar is at most
+    MAX_GRAMMAR_CHARS long (60,000 chained rules, 1.5 MB, compile fine on that stack);
+  - special tokens (mask, BOS, ...) are never allowed, and EOS only where the grammar may end: the
+    bitmask llguidance computes can offer a special token whose text spells a literal of the grammar,
+    which its matcher then refuses;
+  - a grammar that matches no text, or a parser limit met mid-request, ends the request with a
+    DecodeParamError naming the grammar's source field (the API answers 400), never an EOS that would
+    pass an incomplete text off as complete.
+
 Plain Python over llguidance's host-side matcher: no torch.
 """
 
@@ -19,7 +31,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import numpy as np
+
 from decoding.api import DecodeParamError
+
+MAX_GRAMMAR_CHARS = 1_000_000
+COMPILE_STACK_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -27,29 +44,69 @@ class GrammarSpec:
     """What a front end asks for (GenerationRequest.grammar). `grammar` is an llguidance grammar: the
     string LLMatcher.grammar_from_json_schema / grammar_from_lark / grammar_from_regex returns.
     `prefill_tokens`: how many of the prompt's last tokens are the grammar's first ones (the opening of
-    a forced tool call, which the API prefills): the matcher consumes them before decoding starts."""
+    a forced tool call, which the API prefills): the matcher consumes them before decoding starts.
+    `source`: the request field the grammar came from ("response_format.json_schema.schema", ...),
+    named by every error about it."""
 
     grammar: str
     prefill_tokens: int = 0
+    source: str = "grammar"
+
+
+def with_compile_stack(fn, *args):
+    """fn(*args) on a fresh thread with a COMPILE_STACK_BYTES stack; returns its result or raises its
+    exception. For every llguidance call that compiles a grammar (module doc)."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    with _STACK_LOCK:  # threading.stack_size is process-wide: set it only around this thread's start
+        previous = threading.stack_size(COMPILE_STACK_BYTES)
+        try:
+            thread = threading.Thread(target=target, name="grammar-compile", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+_STACK_LOCK = threading.Lock()
+
+
+def _short(message: str) -> str:
+    """llguidance's message without the parser-state and grammar dumps it appends."""
+    head = message.split("<state>", 1)[0].split("<grammar>", 1)[0]
+    return " ".join(head.split())[:400]
 
 
 def grammar_error(grammar: str) -> str:
     """'' when llguidance accepts `grammar` (compiled without a tokenizer: schema, regex and Lark
-    errors), else its message."""
+    errors), else its message (shortened)."""
     from llguidance import LLMatcher
 
-    message = LLMatcher.validate_grammar(grammar, None)
-    return "" if message.startswith("WARNING") else message
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        return f"the compiled grammar has {len(grammar):,} characters; at most {MAX_GRAMMAR_CHARS:,} are served"
+    message = with_compile_stack(LLMatcher.validate_grammar, grammar, None)
+    return "" if message.startswith("WARNING") else _short(message)
 
 
 class GrammarTokenizer:
     """The tokenizer view llguidance masks with, built on first use (~1 s for a 150k vocabulary) and
     shared by every grammar of one engine. `vocab_size` is the model's (the logits' width), which may
-    exceed the tokenizer's: ids past the tokenizer's are never allowed."""
+    exceed the tokenizer's: ids past the tokenizer's are never allowed. `keep` [ceil(V / 8)] uint8 has
+    every bit set except the special tokens' (EOS included: its bit is set where the grammar may end)."""
 
     def __init__(self, hf_tokenizer, vocab_size: int, eos_token_id: int):
         self._hf, self.vocab_size, self.eos_token_id = hf_tokenizer, vocab_size, eos_token_id
         self._built = None
+        self.keep: np.ndarray | None = None
         self._lock = threading.Lock()
 
     def get(self):
@@ -57,52 +114,86 @@ class GrammarTokenizer:
             if self._built is None:
                 import llguidance.hf
 
-                self._built = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size,
-                                                           eos_token=self.eos_token_id)
+                built = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size, eos_token=self.eos_token_id)
+                special = set(getattr(self._hf, "all_special_ids", []) or []) | {self.eos_token_id}
+                special |= {t for t in range(min(built.vocab_size, len(self._hf))) if built.is_special_token(t)}
+                keep = np.full(-(-self.vocab_size // 8) + 8, 0xFF, dtype=np.uint8)  # room for llguidance's padding
+                for t in special:
+                    if 0 <= t < self.vocab_size:
+                        keep[t // 8] &= ~np.uint8(1 << (t % 8))
+                self.keep, self._built = keep, built
             return self._built
 
 
 class Grammar:
     """A compiled grammar for one request. Build it off the engine loop (compiling a large JSON schema
-    can take 100 ms and more). Raises DecodeParamError("grammar", ...) for a grammar llguidance
-    refuses, or whose prefill tokens it does not accept."""
+    can take 100 ms and more; it runs on a large-stack thread, module doc). Raises DecodeParamError
+    naming spec.source for a grammar llguidance refuses, one that matches no text, or one whose prefill
+    tokens it does not accept."""
 
     def __init__(self, tokenizer: GrammarTokenizer, spec: GrammarSpec, prompt_ids: list[int]):
         from llguidance import LLMatcher
 
-        matcher = LLMatcher(tokenizer.get(), spec.grammar, log_level=0)
+        self.source, self.tokenizer = spec.source, tokenizer
+        if len(spec.grammar) > MAX_GRAMMAR_CHARS:
+            raise DecodeParamError(spec.source, f"the compiled grammar has {len(spec.grammar):,} characters; "
+                                   f"at most {MAX_GRAMMAR_CHARS:,} are served: simplify it")
+        llg_tokenizer = tokenizer.get()
+        matcher = with_compile_stack(lambda: LLMatcher(llg_tokenizer, spec.grammar, log_level=0))
         if matcher.is_error():
-            raise DecodeParamError("grammar", matcher.get_error())
+            raise DecodeParamError(spec.source, _short(matcher.get_error()))
         if not 0 <= spec.prefill_tokens <= len(prompt_ids):
-            raise DecodeParamError("grammar", f"prefill_tokens must lie in 0..{len(prompt_ids)} (the prompt's "
+            raise DecodeParamError(spec.source, f"prefill_tokens must lie in 0..{len(prompt_ids)} (the prompt's "
                                    f"length), got {spec.prefill_tokens}")
         prefill = list(prompt_ids[len(prompt_ids) - spec.prefill_tokens:])
         if prefill and not matcher.consume_tokens(prefill):
-            raise DecodeParamError("grammar", f"the prompt's last {len(prefill)} tokens are not a start of the "
-                                   f"grammar: {matcher.get_error()}")
+            raise DecodeParamError(spec.source, f"the prompt's last {len(prefill)} tokens are not a start of the "
+                                   f"grammar: {_short(matcher.get_error())}")
         self._pristine = matcher
+        self.constraint().bitmask()  # the first mask: lexer limits and grammars matching nothing fail here
 
     def constraint(self) -> "TokenConstraint":
         """A matcher at the grammar's start (a decoder's first run, or a preempted request's rerun)."""
-        return TokenConstraint(self._pristine.deep_copy())
+        return TokenConstraint(self._pristine.deep_copy(), self.tokenizer, self.source)
 
 
 class TokenConstraint:
-    """One decoder's position in its grammar."""
+    """One decoder's position in its grammar. Every method raises DecodeParamError naming the grammar's
+    source field when the grammar fails mid-request (a parser limit, or no way to go on)."""
 
-    def __init__(self, matcher):
-        self._matcher = matcher
+    def __init__(self, matcher, tokenizer: GrammarTokenizer, source: str):
+        self._matcher, self._tokenizer, self._source = matcher, tokenizer, source
+
+    def _failed(self, what: str) -> DecodeParamError:
+        return DecodeParamError(self._source, f"{what}: {_short(self._matcher.get_error())}; simplify the grammar")
 
     def bitmask(self) -> bytes:
         """The tokens allowed next: one bit per token id (byte t // 8, bit t % 8), sized to the vocab
-        (Segment.token_bitmask)."""
-        return self._matcher.compute_bitmask()
+        (Segment.token_bitmask). Special tokens never; EOS only where the grammar may end."""
+        raw = self._matcher.compute_bitmask()
+        dead_end = DecodeParamError(self._source, "no text can continue what the grammar has matched so far "
+                                    "(it matches no text, or dead-ends): check the grammar")
+        if self._matcher.is_error():
+            if "NoExtensionBias" in self._matcher.get_error():  # llguidance's word for "no token allowed"
+                raise dead_end
+            raise self._failed("the grammar failed while decoding")
+        allowed = np.frombuffer(raw, dtype=np.uint8)
+        mask = allowed & self._tokenizer.keep[: len(raw)]
+        eos = self._tokenizer.eos_token_id
+        if self._matcher.is_accepting() and eos // 8 < len(mask):
+            mask[eos // 8] |= np.uint8(1 << (eos % 8))
+        if not mask.any():
+            if allowed.any():
+                raise DecodeParamError(self._source, "the grammar allows only a special token here (a literal "
+                                       "that spells one, such as <|mask|>); special tokens are never generated: "
+                                       "remove it")
+            raise dead_end
+        return mask.tobytes()
 
     def consume(self, token: int) -> None:
-        """Advance past `token`. Raises RuntimeError if the grammar does not allow it (the runner masked
-        the read, so this is a bug, never user input)."""
+        """Advance past `token` (one the last bitmask allowed)."""
         if not self._matcher.consume_token(token):
-            raise RuntimeError(f"token {token} is not allowed by the grammar: {self._matcher.get_error()}")
+            raise self._failed(f"token {token} was refused")
 
     def fast_forward(self, limit: int) -> list[int]:
         """The tokens the grammar forces next (llguidance's fast-forward tokens: the canonical tokens of
@@ -110,7 +201,7 @@ class TokenConstraint:
         at most `limit`, consumed. [] when the next token is a real choice."""
         forced = self._matcher.compute_ff_tokens()[: max(0, limit)]
         if forced and not self._matcher.consume_tokens(forced):
-            raise RuntimeError(f"forced tokens {forced} refused: {self._matcher.get_error()}")
+            raise self._failed(f"forced tokens {forced} were refused")
         return forced
 
     @property

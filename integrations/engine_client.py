@@ -137,7 +137,7 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
         request_id=last.request_id, text="".join(d.text for d in deltas),
         token_ids=[t for d in deltas for t in d.token_ids], finished=last.finished,
         finish_reason=last.finish_reason, mode=last.mode or next((d.mode for d in deltas if d.mode), None),
-        stats={k: v for d in deltas for k, v in d.stats.items()}, error=last.error,
+        stats={k: v for d in deltas for k, v in d.stats.items()}, error=last.error, error_field=last.error_field,
     )
 
 

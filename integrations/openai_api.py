@@ -200,7 +200,10 @@ async def chat_completions(request: Request):
         prompt_ids = prompt_ids + forced_ids
     grammar = await off_loop(chat_grammar, body, len(forced_ids))
     header = shape.ResponseHeader("chatcmpl", client.model_name, request_id(request, "chatcmpl"))
-    req = generation_request(header.id, body, prompt_ids, body.stop + extra_stop, settings.default_max_tokens,
+    # The template's turn-end stops (plain template: "\n### ") would cut text the grammar allows; with a
+    # grammar, the grammar ends the turn (the client's own `stop` strings still apply, as in vLLM)
+    stops = body.stop + (extra_stop if grammar is None else [])
+    req = generation_request(header.id, body, prompt_ids, stops, settings.default_max_tokens,
                              settings, "messages", affinity_key=conversation_key(body.messages), grammar=grammar)
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
@@ -221,11 +224,11 @@ def chat_grammar(body: ChatCompletionRequest, prefill_tokens: int) -> GrammarSpe
     leaves tool calls unconstrained (parsed from the text) and refuses response_format. InputError
     (400) naming the field."""
     forced = body.forced_tool
+    grammar = body.output_grammar()  # checked even when a forced call makes it moot: a bad one is a 400
     if body.tools_enabled and forced is not None:
         if body.mode == "refusion":
             return None
         return tool_grammar(body.tools, forced, prefill_tokens, parallel=body.parallel_tool_calls is not False)
-    grammar = body.output_grammar()
     if grammar is not None and body.tools_enabled:
         raise InputError(400, "response_format" if body.structured_outputs is None else "structured_outputs",
                          'a format with tools and tool_choice "auto" is not supported: set tool_choice to "none" '
@@ -302,6 +305,8 @@ def _checked(delta: Delta, observer: RequestObserver) -> Delta:
     if delta.finish_reason is FinishReason.CANCELLED:  # never the caller's doing: they would be gone
         why = delta.error or "cancelled by the server"
         raise overloaded(f"request ended early: {why}; retry", 1.0)  # e.g. replica draining
+    if delta.error and delta.error_field:  # the request's own input failed mid-request (e.g. its grammar)
+        raise APIError(400, f"{delta.error_field}: {delta.error}", param=delta.error_field)
     if delta.error:
         raise APIError(500, f"engine error: {delta.error}", "server_error")
     return delta

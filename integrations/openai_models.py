@@ -101,14 +101,14 @@ class StructuredOutputs(OpenAIBody):
                     schema = json.loads(schema)
                 except ValueError as exc:
                     raise InputError(400, field + "json", f"is not valid JSON: {exc}") from None
-            return GrammarSpec(json_grammar(schema, field + "json"))
+            return GrammarSpec(json_grammar(schema, field + "json"), source=field + "json")
         if self.regex is not None:
-            return GrammarSpec(regex_grammar(self.regex, field + "regex"))
+            return GrammarSpec(regex_grammar(self.regex, field + "regex"), source=field + "regex")
         if self.choice is not None:
-            return GrammarSpec(choice_grammar(self.choice, field + "choice"))
+            return GrammarSpec(choice_grammar(self.choice, field + "choice"), source=field + "choice")
         if self.grammar is not None:
-            return GrammarSpec(lark_grammar(self.grammar, field + "grammar"))
-        return GrammarSpec(json_grammar(ANY_OBJECT, field + "json_object"))
+            return GrammarSpec(lark_grammar(self.grammar, field + "grammar"), source=field + "grammar")
+        return GrammarSpec(json_grammar(ANY_OBJECT, field + "json_object"), source=field + "json_object")
 
 
 class SamplingFields(OpenAIBody):

@@ -22,6 +22,7 @@ compiled here (llguidance, without a tokenizer) before the request reaches the e
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from decoding.grammar import GrammarSpec, grammar_error
@@ -31,12 +32,13 @@ from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
 # json.dumps's separators, no free whitespace: the shape of the training data's JSON (training/chat_data.py)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_OBJECT = {"type": "object"}
+_LARK_START = re.compile(r"(?m)^\s*(%llguidance\b|[?!]?start\s*:)")
 
 
 def _checked(grammar: str, field: str, what: str) -> str:
     error = grammar_error(grammar)
     if error:
-        raise InputError(400, field, f"{what} does not compile: {error.strip().splitlines()[0][:300]}")
+        raise InputError(400, field, f"{what} does not compile: {error}")
     return grammar
 
 
@@ -45,8 +47,10 @@ def json_grammar(schema: Any, field: str) -> str:
     `field` for a schema that is not an object or does not compile."""
     from llguidance import LLMatcher
 
-    if isinstance(schema, bool):  # JSON Schema's `true` accepts anything
-        schema = {} if schema else None
+    if schema is False:
+        raise InputError(400, field, "the schema `false` matches nothing: give a schema some JSON can match")
+    if schema is True:  # JSON Schema's `true` accepts anything
+        schema = {}
     if not isinstance(schema, dict):
         raise InputError(400, field, f"must be a JSON Schema object, got {type(schema).__name__}")
     try:
@@ -61,20 +65,34 @@ def response_format_grammar(response_format) -> GrammarSpec | None:
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return GrammarSpec(json_grammar(ANY_OBJECT, "response_format"))
-    schema = response_format.json_schema.schema_
-    return GrammarSpec(json_grammar(ANY_OBJECT if schema is None else schema, "response_format.json_schema.schema"))
+        return GrammarSpec(json_grammar(ANY_OBJECT, "response_format"), source="response_format")
+    schema, field = response_format.json_schema.schema_, "response_format.json_schema.schema"
+    return GrammarSpec(json_grammar(ANY_OBJECT if schema is None else schema, field), source=field)
+
+
+# JSON Schema keywords whose value is a schema, a list of schemas or a map of name -> schema: the only
+# places closed_objects looks (a const, enum, default or example value is data, never rewritten).
+_SCHEMA_VALUED = frozenset({"items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+                            "unevaluatedItems", "unevaluatedProperties", "additionalProperties"})
+_SCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems"})
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
 
 def closed_objects(schema):
     """`schema` with additionalProperties false on every object schema that lists `properties` and does
     not say otherwise: a call's arguments are the function's parameters, never invented extra keys (as
-    OpenAI's strict function calling requires). Returns a new schema; the input is unchanged."""
-    if isinstance(schema, list):
-        return [closed_objects(item) for item in schema]
+    OpenAI's strict function calling requires). Returns a new schema; the input is unchanged; only
+    schema-valued keywords are followed (const, enum, default stay as given)."""
     if not isinstance(schema, dict):
         return schema
-    out = {key: closed_objects(value) for key, value in schema.items()}
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in _SCHEMA_VALUED and isinstance(value, dict):
+            out[key] = closed_objects(value)
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [closed_objects(item) for item in value]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
     if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
         out["additionalProperties"] = False
     return out
@@ -101,8 +119,11 @@ def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel:
     from llguidance import LLMatcher, StructTag
 
     for i, tool in enumerate(tools):  # name the tool whose schema is bad (the combined grammar cannot)
-        json_grammar(tool.function.parameters if tool.function.parameters is not None else ANY_OBJECT,
-                     f"tools.{i}.function.parameters")
+        parameters = tool.function.parameters
+        if isinstance(parameters, dict) and parameters.get("type", "object") != "object":
+            raise InputError(400, f"tools.{i}.function.parameters", f"must describe an object (arguments are "
+                             f"named, as OpenAI's function calling), got type {parameters.get('type')!r}")
+        json_grammar(parameters if parameters is not None else ANY_OBJECT, f"tools.{i}.function.parameters")
     if forced is None:
         tags = [StructTag(trigger=TOOL_OPEN, begin=TOOL_OPEN + '{"name": ' + json.dumps(t.function.name) + ', "arguments": ',
                           grammar={**_arguments_schema(t.function), "x-guidance": JSON_OPTIONS},
@@ -114,7 +135,7 @@ def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel:
         calls = "call" if forced or not parallel else 'call ("\\n"? call)*'
         lark = f"start: {calls}\ncall: {json.dumps(TOOL_OPEN)} %json {json.dumps(schema)} {json.dumps(TOOL_CLOSE)}\n"
     grammar = _checked(LLMatcher.grammar_from_lark(lark), "tools", "the tools' call grammar")
-    return GrammarSpec(grammar, prefill_tokens)
+    return GrammarSpec(grammar, prefill_tokens, source="tools")
 
 
 def regex_grammar(pattern: str, field: str) -> str:
@@ -130,7 +151,7 @@ def lark_grammar(grammar: str, field: str) -> str:
     from llguidance.gbnf_to_lark import any_to_lark
 
     try:
-        lark = any_to_lark(grammar)
+        lark = grammar if _LARK_START.search(grammar) else any_to_lark(grammar)
     except Exception as exc:  # the converter raises plain Exceptions (and AssertionErrors) on bad GBNF
         raise InputError(400, field, f"is neither a Lark grammar (start: ...) nor valid GBNF (root ::= ...): {exc}") from None
     return _checked(LLMatcher.grammar_from_lark(lark), field, "the grammar")
@@ -140,5 +161,7 @@ def choice_grammar(choices: list[str], field: str) -> str:
     """Exactly one of `choices` (vLLM's structured_outputs.choice)."""
     if not choices:
         raise InputError(400, field, "must list at least one string")
-    lark = "start: " + " | ".join(json.dumps(c) for c in choices) + "\n"
+    # One terminal (a lexeme) of alternatives, not a rule: a rule with more than 2,000 alternatives
+    # exceeds llguidance's Earley row limit at the first token
+    lark = "start: CHOICE\nCHOICE: " + " | ".join(json.dumps(c) for c in dict.fromkeys(choices)) + "\n"
     return lark_grammar(lark, field)

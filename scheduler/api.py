@@ -103,6 +103,9 @@ class Delta:
     mode: Mode | None = None  # the mode that served it (REFUSION or AR)
     stats: dict = field(default_factory=dict)
     error: str | None = None
+    # The request field whose value caused `error` (a 4xx for the API: e.g. "grammar" for a grammar that
+    # dead-ends or hits a parser limit mid-request); None when the error is the server's.
+    error_field: str | None = None
 
 
 class RunnerInfo(Protocol):

@@ -177,8 +177,12 @@ class Engine:
         self._expire_deadlines(time.monotonic())
         plan = self.scheduler.schedule()
         for req, error in plan.failed:
-            self._finish(req, FinishReason.ERROR, error=error)
+            if isinstance(error, Exception):
+                self._fail(req, error)
+            else:
+                self._finish(req, FinishReason.ERROR, error=error)
         for req in plan.done:
+            self._stream(req, time.monotonic())  # a decoder done without a step (a grammar's forced text)
             self._finish(req, self._natural_reason(req))
         if plan.items:
             results = await self._execute(plan)
@@ -226,6 +230,8 @@ class Engine:
                 continue
             try:
                 self._absorb(req, segment, result, now)
+            except DecodeParamError as exc:  # the request's own input at fault (e.g. its grammar)
+                self._fail(req, exc)
             except Exception as exc:
                 log.exception("absorb_failed", request_id=req.id)
                 self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
@@ -269,7 +275,17 @@ class Engine:
         if token_ids or text or finished:
             req.outbox.put_nowait(req.delta(text, token_ids, finished=finished))
 
-    def _finish(self, req: Request, reason: FinishReason, error: str | None = None) -> None:
+    def _fail(self, req: Request, exc: Exception) -> None:
+        """End `req` with the error its own decoder raised; a DecodeParamError (a grammar that dead-ends
+        or hits a parser limit) names the request field at fault."""
+        if isinstance(exc, DecodeParamError):
+            self._finish(req, FinishReason.ERROR, error=exc.message, error_field=exc.field)
+        else:
+            log.error("decoder_failed", request_id=req.id, error=f"{type(exc).__name__}: {exc}")
+            self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+    def _finish(self, req: Request, reason: FinishReason, error: str | None = None,
+                error_field: str | None = None) -> None:
         """Close a request: final delta (held-back text flushed), KV freed, metrics."""
         if req.finished:
             return
@@ -278,7 +294,7 @@ class Engine:
         update = req.stream.finish(newline_cut=past and reason is not FinishReason.CANCELLED)
         if update.stopped == "stop" and reason in (FinishReason.LENGTH, FinishReason.DEADLINE):
             reason = FinishReason.STOP
-        req.finish_reason, req.error, req.finished_s = reason, error, now
+        req.finish_reason, req.error, req.error_field, req.finished_s = reason, error, error_field, now
         self.scheduler.remove(req)
         req.status = RequestStatus.FINISHED
         self._requests.pop(req.id, None)

@@ -67,6 +67,7 @@ class Request:
     pending_segment: Any = None  # stated by the decoder but not run yet (did not fit the budget)
     grammar: Any = None  # decoding.grammar.Grammar of a structured-output request (AR only); else None
     error: str | None = None
+    error_field: str | None = None  # the request field that caused `error` (scheduler.api.Delta.error_field)
 
     @property
     def id(self) -> str:
@@ -156,4 +157,5 @@ class Request:
             mode=self.mode,
             stats=stats,
             error=self.error if finished else None,
+            error_field=self.error_field if finished else None,
         )

@@ -54,7 +54,7 @@ class StepPlan:
     items: list[tuple[Request, Segment]] = field(default_factory=list)
     tables: list[list[int]] = field(default_factory=list)
     done: list[Request] = field(default_factory=list)
-    failed: list[tuple[Request, str]] = field(default_factory=list)
+    failed: list[tuple[Request, str | Exception]] = field(default_factory=list)  # an exception: its decoder's
 
     @property
     def packed_tokens(self) -> int:
@@ -160,7 +160,11 @@ class Scheduler:
             if budget <= 0:
                 req.skipped += 1
                 continue
-            segment = req.pending_segment or req.decoder.next_segment(budget)
+            try:
+                segment = req.pending_segment or req.decoder.next_segment(budget)
+            except Exception as exc:  # the decoder's own failure (a grammar dead end) ends its request only
+                plan.failed.append((req, exc))
+                continue
             if segment is None:
                 plan.done.append(req)
                 continue

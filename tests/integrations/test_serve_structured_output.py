@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import openai
 import pytest
@@ -14,6 +15,8 @@ from pydantic import BaseModel, Field
 pytest.importorskip("llguidance")
 
 MESSAGES = [{"role": "user", "content": "Describe the item as JSON."}]
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "models" / "refusion-tiny-code"
 
 
 class Item(BaseModel):  # bounded fields: every output completes within max_tokens
@@ -52,6 +55,8 @@ def test_sdk_parse_gets_the_pydantic_model(client, model, sampling):
     assert choice.finish_reason == "stop", choice.message.content
     assert isinstance(choice.message.parsed, Item)
     assert out.model_extra["refusion"]["mode"] == "ar"  # grammar requests decode autoregressively
+    # the schema's keys and punctuation are forced: fed without forwards of their own (jump-forward)
+    assert out.model_extra["refusion"]["tokens_per_forward"] > 1.2, out.model_extra
 
 
 def test_json_object_streamed(client, model):
@@ -153,3 +158,74 @@ def test_structured_output_with_suffix_is_a_400(client, model):
         client.completions.create(model=model, prompt="x = ", suffix="\n", max_tokens=8,
                                   extra_body={"structured_outputs": {"choice": ["1"]}})
     assert err.value.body["param"] == "structured_outputs"
+
+
+# ---- found by a break-test: each of these once crashed the server, answered 500, or passed text the
+# grammar does not match off as complete ------------------------------------------------------------
+
+@pytest.mark.parametrize("structured, param", [
+    ({"regex": "a{1000000}"}, "structured_outputs.regex"),  # lexer limit, met at the first token
+    ({"choice": ["<|mask|>"]}, "structured_outputs.choice"),  # only a special token spells it
+    ({"regex": "[^\\x00-\\x{10FFFF}]"}, "structured_outputs.regex"),  # matches no text
+    ({"grammar": 'start: "a" x\nx: x'}, "structured_outputs.grammar"),  # dead-ends after "a", mid-request
+], ids=["lexer-limit", "special-token-literal", "matches-nothing", "dead-end"])
+def test_grammars_that_cannot_be_served_are_400s_not_500s_or_empty_stops(client, model, structured, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=16,
+                                       extra_body={"structured_outputs": structured})
+    assert err.value.body["param"] == param, err.value.body
+    assert "<state>" not in err.value.body["message"] and len(err.value.body["message"]) < 600  # no parser dump
+    assert client.models.list().data  # still serving
+
+
+def test_many_choices_and_text_the_chat_template_would_stop_at(client, model):
+    choices = [f"city{i}" for i in range(3000)]  # past llguidance's 2,000-alternative Earley row limit
+    out = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=16,
+                                         extra_body={"structured_outputs": {"choice": choices}})
+    assert out.choices[0].message.content in choices
+    # the plain chat template ends a turn at "\n### "; with a grammar the grammar ends it
+    out = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=32,
+                                         extra_body={"structured_outputs": {"choice": ["intro\n### Details"]}})
+    assert out.choices[0].message.content == "intro\n### Details"
+
+
+def test_tool_argument_schemas_keep_their_data_and_must_be_objects(client, model):
+    const = {"properties": {"a": 1}}  # data that looks like a schema: never rewritten
+    tools = [{"type": "function", "function": {"name": "k", "parameters": {
+        "type": "object", "properties": {"c": {"const": const}}, "required": ["c"]}}}]
+    out = client.chat.completions.create(model=model, messages=MESSAGES, tools=tools, tool_choice="required",
+                                         max_tokens=40)
+    assert json.loads(out.choices[0].message.tool_calls[0].function.arguments) == {"c": const}
+    for parameters, body in (({"type": "string"}, {}),
+                             ({"type": "object"}, {"response_format": {"type": "json_schema", "json_schema": {
+                                 "name": "x", "schema": {"type": "bogus"}}}})):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, tool_choice="required",
+                                           tools=[{"type": "function", "function": {"name": "f", "parameters": parameters}}],
+                                           extra_body=body)
+        expected = "response_format.json_schema.schema" if body else "tools.0.function.parameters"
+        assert err.value.body["param"] == expected, err.value.body
+
+
+def test_chained_rules_deeper_than_a_thread_stack_compile_in_a_subprocess():
+    # 5,000 chained Lark rules and a 1,000-deep $ref chain once overflowed llguidance's compile stack
+    # (a segfault: the server process died). Run in a child so a regression fails this test, not pytest.
+    import subprocess
+    import sys
+
+    code = (
+        "from integrations.structured_output import lark_grammar, json_grammar\n"
+        "rules = '\\n'.join(f'x{i}: \"a\" x{i+1} | \"b\"' for i in range(5000)) + '\\nx5000: \"c\"\\n'\n"
+        "lark_grammar('start: x0\\n' + rules, 'g')\n"
+        "defs = {f'd{i}': {'anyOf': [{'type': 'integer'}, {'type': 'array', 'items': {'$ref': f'#/$defs/d{i+1}'}}]}"
+        " for i in range(1000)}\n"
+        "defs['d1000'] = {'type': 'string'}\n"
+        "json_grammar({'$defs': defs, '$ref': '#/$defs/d0'}, 's')\n"
+        "from transformers import AutoTokenizer\n"
+        "from decoding.grammar import Grammar, GrammarSpec, GrammarTokenizer\n"
+        f"tok = AutoTokenizer.from_pretrained({str(SHIPPED)!r})\n"
+        "Grammar(GrammarTokenizer(tok, 8192, 0), GrammarSpec(lark_grammar('start: x0\\n' + rules, 'g')), [1])\n"
+        "print('compiled')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0 and "compiled" in done.stdout, (done.returncode, done.stderr[-2000:])

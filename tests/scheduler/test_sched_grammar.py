@@ -165,8 +165,9 @@ def test_each_run_gets_a_fresh_matcher_and_prefill_tokens_are_consumed(runner):
     opening = len(_ids(runner, "<call>"))
     assert prompt[-opening:] == _ids(runner, "<call>")
     prefilled = Grammar(tokenizer, GrammarSpec(lark.grammar, prefill_tokens=opening), prompt).constraint()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(DecodeParamError) as err:
         prefilled.consume(_ids(runner, "<")[0])  # the opening is behind it: "<" is not allowed again
+    assert err.value.field == "grammar" and "<state>" not in err.value.message  # no parser dump
     with pytest.raises(DecodeParamError) as err:
         Grammar(tokenizer, GrammarSpec(lark.grammar, prefill_tokens=3), _ids(runner, "abc def"))
     assert err.value.field == "grammar"
