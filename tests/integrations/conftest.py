@@ -6,6 +6,8 @@
     strict_base_url    "http://127.0.0.1:PORT/strict": a second app in the same Ray instance with
                        API_KEY required and a one-request engine (max_running=1, max_queue=0), for
                        auth and overload tests; started only when a test asks for it.
+    client, model      an `openai.OpenAI` SDK client on serve_base_url and the id it serves (modules may
+                       define their own `client`)
 
 Ray is kept small (2 CPUs, no dashboard); both apps and Ray are shut down at session end.
 """
@@ -62,3 +64,15 @@ def strict_base_url(serve_port, tiny_model_dir) -> str:
     url = f"http://127.0.0.1:{serve_port}/strict"
     wait_healthy(url)
     return url
+
+
+@pytest.fixture(scope="module")
+def client(serve_base_url):
+    import openai
+
+    return openai.OpenAI(base_url=serve_base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id

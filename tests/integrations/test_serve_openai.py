@@ -25,16 +25,6 @@ AR = {"mode": "ar"}
 SAMPLED = {"temperature": 1.0, "seed": 7}
 
 
-@pytest.fixture(scope="module")
-def client(serve_base_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=serve_base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
-
-
 def test_models_list(client, tiny_model_dir):
     models = client.models.list().data
     assert [m.id for m in models] == [tiny_model_dir.name]

@@ -21,11 +21,6 @@ def http(serve_base_url):
         yield client
 
 
-@pytest.fixture(scope="module")
-def client(serve_base_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=serve_base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def _request_log() -> str:
     """The ingress replica's log in this Ray session (where the request log lines go)."""
     import ray

@@ -36,16 +36,6 @@ TOOLS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def client(serve_base_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=serve_base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
-
-
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "seed": 3}], ids=["greedy", "sampled"])
 def test_sdk_parse_gets_the_pydantic_model(client, model, sampling):
     # The SDK turns Item into a strict json_schema response_format and parses the reply into an Item.
