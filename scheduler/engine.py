@@ -239,7 +239,10 @@ class Engine:
     def _absorb(self, req: Request, segment, result, now: float) -> None:
         before = req.generated_tokens()
         req.decoder.absorb(result)
-        if segment.reads:  # a decode step (prefill chunks carry no reads)
+        # A decode step (prefill chunks carry no reads) of a request the router chose a mode for: grammar
+        # requests run AR by necessity and jump-forward lifts their tokens per forward, which would
+        # misstate what AR gives the requests the router does choose for
+        if segment.reads and req.grammar is None:
             self.router.observe(req.mode, req.priority, req.generated_tokens() - before, 1, len(segment.token_ids))
         self.kv.share_prompt_blocks(req)
         self._stream(req, now)

@@ -5,6 +5,7 @@ requests without changing them, and survive a forced preemption with the same ou
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import re
 
@@ -74,6 +75,7 @@ def _ids(runner, text: str) -> list[int]:
 
 async def test_json_schema_output_always_parses_and_ends_when_the_grammar_does(engine_factory, runner):
     engine = await engine_factory()
+    fresh_ar_stats = copy.deepcopy(engine.router.stats_for(Mode.AR, Priority.BATCH))
     specs = [GenerationRequest(f"j{i}", _ids(runner, p), {"gen_length": GEN, **({"temperature": 1.0, "seed": i} if i % 2 else {})},
                                mode=(Mode.AUTO, Mode.AR)[i % 2], grammar=JSON_GRAMMAR)
              for i, p in enumerate(PROMPTS * 2)]
@@ -82,6 +84,8 @@ async def test_json_schema_output_always_parses_and_ends_when_the_grammar_does(e
         assert _matches_schema(text), text
         assert last.finish_reason is FinishReason.STOP and last.mode is Mode.AR
         assert len(ids) < GEN  # ended by the grammar, not by the cap
+    # the router's AR estimates learn nothing from grammar requests (AR by necessity, jump-forward TPF)
+    assert engine.router.stats_for(Mode.AR, Priority.BATCH) == fresh_ar_stats
     # without the grammar the random model writes no JSON at all
     free, _, _ = await _run(engine, GenerationRequest("free", _ids(runner, PROMPTS[0]), {"gen_length": 32}, mode=Mode.AR))
     with pytest.raises(ValueError):
