@@ -2,12 +2,12 @@
 
   - OpenAI `response_format`: {"type": "text"} (no grammar), {"type": "json_object"} (any JSON
     object), {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (that schema);
-  - OpenAI tools: tool_choice "required" or a named function -> the output is one or more
-    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (integrations/tool_calls.py)
-    naming an offered tool, arguments matching its `parameters` schema (objects closed:
-    `closed_objects`); tool_choice "auto" (or unset)
-    with tools -> free text in which every `<tool_call>` block the model opens is a valid call
-    (llguidance's structural tags, the mechanism SGLang and vLLM use for constrained tool calling);
+  - OpenAI tools: tool_choice "required" -> one or more `<tool_call>{"name": ..., "arguments": {...}}
+    </tool_call>` blocks (integrations/tool_calls.py; exactly one with parallel_tool_calls false),
+    a named function -> one call of it; each names an offered tool, arguments matching its
+    `parameters` schema (objects closed: `closed_objects`); tool_choice "auto" (or unset) with tools ->
+    free text in which every `<tool_call>` block the model opens is a valid call (llguidance's
+    structural tags, the mechanism SGLang and vLLM use for constrained tool calling);
   - vLLM's `structured_outputs` {"json" | "regex" | "choice" | "grammar" (Lark or GBNF) | "json_object"}.
 
 JSON is generated compactly in json.dumps's style (", " and ": " separators, no newlines), the form
@@ -16,7 +16,9 @@ the shipped model's tool calls were trained on. A grammar request decodes on the
 leaves tool calls unconstrained (parsed from the text as before).
 
 Every fault is an InputError (HTTP 400) naming the field: an invalid schema, regex or grammar is
-compiled here (llguidance, without a tokenizer) before the request reaches the engine.
+compiled here (llguidance, without a tokenizer, on a large-stack thread: decoding.grammar) before the
+request reaches the engine; the engine compiles it again with the tokenizer and names the same field
+(GrammarSpec.source) for what only shows then (a grammar matching no text, a parser limit).
 """
 
 from __future__ import annotations
