@@ -21,10 +21,13 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
 from training.corpus import CodeUnit
+
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names (FunctionSpec.name)
 
 _JSON_TYPES = {"int": "integer", "float": "number", "str": "string", "bool": "boolean", "list": "array",
                "dict": "object", "tuple": "array", "List": "array", "Dict": "object", "Sequence": "array",
@@ -130,6 +133,12 @@ def instruction_pair(unit: CodeUnit) -> ChatPair | None:
     return ChatPair("instruction", node.name, request, prompt, unit.prompt + unit.response)
 
 
+def _offerable(name: str) -> bool:
+    """A public function whose name OpenAI's tools accept (^[a-zA-Z0-9_-]{1,64}$: the API refuses others,
+    integrations.openai_models.FunctionSpec); a 70-character test name or a non-ASCII one is never a tool."""
+    return not name.startswith("_") and TOOL_NAME.fullmatch(name) is not None
+
+
 def tool_call_pair(unit: CodeUnit, others: Sequence[CodeUnit]) -> ChatPair | None:
     """A tool-call turn from a function with parameters; `others` supply up to two distractor tools."""
     from integrations.chat import render_plain
@@ -137,11 +146,11 @@ def tool_call_pair(unit: CodeUnit, others: Sequence[CodeUnit]) -> ChatPair | Non
     from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
 
     node = _function(unit)
-    if node is None or node.name.startswith("_") or not _parameters(node):
+    if node is None or not _offerable(node.name) or not _parameters(node):
         return None
     seed = _h(f"{unit.path}:{unit.name}:{unit.prompt}")
     chosen = [n for n in (_function(o) for o in others)
-              if n is not None and n.name != node.name and not n.name.startswith("_")][:2]
+              if n is not None and n.name != node.name and _offerable(n.name)][:2]
     schemas = [_schema(n) for n in chosen] + [_schema(node)]
     schemas = sorted(schemas, key=lambda s: _h(f"{seed}:{s['name']}"))
     arguments = {name: _value(jtype, _h(f"{seed}:{name}")) for name, jtype, required in _parameters(node)

@@ -29,6 +29,16 @@ def _private(y):
     return y
 
 
+def test_isolated_weighted_constraint_when_the_graph_has_no_edges_and_weights_come_from_kwargs(a, b):
+    """A test-suite name longer than OpenAI's 64-character limit for tool names."""
+    return a
+
+
+def größe(wert: int):
+    """A non-ASCII name, which OpenAI's tool names do not allow."""
+    return wert
+
+
 def stats(values: list, *, scale: float = 1.0):
     """Mean and spread of values."""
     mean = sum(values) / len(values)
@@ -79,3 +89,15 @@ def test_pairs_are_deterministic_and_use_only_the_units_given():
     assert all(set(p.tool_names) <= names for p in first)
     only_stats = chat_pairs([u for u in units if u.name == "stats"])
     assert [p.tool_names for p in only_stats if p.kind == "tool_call"] == [("stats",)]
+
+
+def test_functions_whose_names_the_api_refuses_are_never_tools():
+    # the API's tool-name rule (^[a-zA-Z0-9_-]{1,64}$) once made chat_pairs raise on site-packages code
+    units = _units()
+    long_name = "test_isolated_weighted_constraint_when_the_graph_has_no_edges_and_weights_come_from_kwargs"
+    assert tool_call_pair(units[long_name], [units["stats"]]) is None
+    assert tool_call_pair(units["größe"], [units["stats"]]) is None
+    pair = tool_call_pair(units["resize"], [units[long_name], units["größe"], units["stats"]])
+    assert set(pair.tool_names) == {"resize", "stats"}
+    pairs = chat_pairs(list(units.values()))  # raised pydantic's ValidationError before
+    assert all(len(n) <= 64 and n.isascii() for p in pairs for n in p.tool_names)
