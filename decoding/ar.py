@@ -67,8 +67,11 @@ class ARDecoder:
         self._first_step = False
         self._context_in_flight = 0
         self._catch_up = 0  # generated tokens fed by the decode step in flight without a read (jump-forward)
+        self._catch_up_forwards = 0  # such forwards so far: their number depends on the step budgets
+        self.ended_on_eos = False  # EOS read, or the grammar complete: a natural end even at gen_length
         if constraint is not None and self.phase is not ARPhase.FINISHED:  # a grammar may force its start
             self.generated = constraint.fast_forward(self.span)
+            self.ended_on_eos = constraint.stopped
             if constraint.stopped or len(self.generated) >= self.span:
                 self.phase = ARPhase.FINISHED
         if self.phase is ARPhase.FINISHED:
@@ -145,6 +148,7 @@ class ARDecoder:
             self.gen_cached += self._catch_up
             self._catch_up = 0
             self.stats.forwards += 1
+            self._catch_up_forwards += 1
             return
         if self.phase is ARPhase.PREFILL:
             self.feed.consume(self._context_in_flight)
@@ -160,6 +164,7 @@ class ARDecoder:
             self.constraint.consume(token)
             self.generated += self.constraint.fast_forward(self.span - len(self.generated))
             eos = self.constraint.stopped  # the grammar is complete: it allows only EOS now
+        self.ended_on_eos = eos
         if eos or len(self.generated) >= self.span:
             self._finish()
         else:
@@ -197,10 +202,11 @@ class ARDecoder:
         )
 
     def _sampling(self) -> Sampling:
-        """`step` = decode forwards so far (prefill chunks, which depend on the budget, do not count;
-        carried across a handoff by the stats) keys the draws."""
+        """`step` = decode forwards with a read so far keys the draws (prefill and forced-token chunks,
+        whose number depends on the step budgets and so on the load, do not count; carried across a
+        handoff by the stats), so a seeded request draws the same numbers alone or in a busy batch."""
         p, st = self.params, self.stats
-        return Sampling(p.temperature, p.top_k, p.top_p, p.seed, step=st.forwards)
+        return Sampling(p.temperature, p.top_k, p.top_p, p.seed, step=st.forwards - self._catch_up_forwards)
 
     def _segment(self, tokens: list[int], positions: list[int], num_kept: int, context_len: int) -> Segment:
         last = (len(tokens) - 1,)

@@ -46,11 +46,13 @@ class GrammarSpec:
     `prefill_tokens`: how many of the prompt's last tokens are the grammar's first ones (the opening of
     a forced tool call, which the API prefills): the matcher consumes them before decoding starts.
     `source`: the request field the grammar came from ("response_format.json_schema.schema", ...),
-    named by every error about it."""
+    named by every error about it. `open_ended`: the grammar allows free text (a chat template's turn
+    end still applies)."""
 
     grammar: str
     prefill_tokens: int = 0
     source: str = "grammar"
+    open_ended: bool = False  # free text around constrained parts (tool calls with tool_choice auto)
 
 
 def with_compile_stack(fn, *args):

@@ -162,7 +162,8 @@ async def completions(request: Request):
         text = body.prompt if isinstance(body.prompt, str) else None
         if text is not None:
             settings.limits.check_chars("prompt", text)  # the client's text, before tabs become spaces
-        style = DocumentStyle.of(text) if text is not None else DocumentStyle()
+        # the grammar says exactly what the output is: never restyled (CRLF, tabs)
+        style = DocumentStyle.of(text) if text is not None and grammar is None else DocumentStyle()
         prompt = style.to_model(text) if text is not None else body.prompt
         prompt_ids = await encode_prompt(client.tokenizer, prompt)
         req = generation_request(header.id, body, prompt_ids, style.model_stops(body.stop),
@@ -201,8 +202,9 @@ async def chat_completions(request: Request):
     grammar = await off_loop(chat_grammar, body, len(forced_ids))
     header = shape.ResponseHeader("chatcmpl", client.model_name, request_id(request, "chatcmpl"))
     # The template's turn-end stops (plain template: "\n### ") would cut text the grammar allows; with a
-    # grammar, the grammar ends the turn (the client's own `stop` strings still apply, as in vLLM)
-    stops = body.stop + (extra_stop if grammar is None else [])
+    # grammar that says what the whole output is, the grammar ends the turn (the client's own `stop`
+    # strings still apply, as in vLLM); free text with tool calls (auto) keeps them
+    stops = body.stop + (extra_stop if grammar is None or grammar.open_ended else [])
     req = generation_request(header.id, body, prompt_ids, stops, settings.default_max_tokens,
                              settings, "messages", affinity_key=conversation_key(body.messages), grammar=grammar)
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None

@@ -34,7 +34,7 @@ from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
 # json.dumps's separators, no free whitespace: the shape of the training data's JSON (training/chat_data.py)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_OBJECT = {"type": "object"}
-_LARK_START = re.compile(r"(?m)^\s*(%llguidance\b|[?!]?start\s*:)")
+_LARK_START = re.compile(r"(?m)^\s*(%llguidance\b|[?!]?start\s*:(?!:=))")
 
 
 def _checked(grammar: str, field: str, what: str) -> str:
@@ -69,6 +69,8 @@ def response_format_grammar(response_format) -> GrammarSpec | None:
     if response_format.type == "json_object":
         return GrammarSpec(json_grammar(ANY_OBJECT, "response_format"), source="response_format")
     schema, field = response_format.json_schema.schema_, "response_format.json_schema.schema"
+    if response_format.json_schema.strict and isinstance(schema, dict):
+        schema = closed_objects(schema)  # OpenAI's strict mode demands additionalProperties false: applied
     return GrammarSpec(json_grammar(ANY_OBJECT if schema is None else schema, field), source=field)
 
 
@@ -95,8 +97,32 @@ def closed_objects(schema):
             out[key] = [closed_objects(item) for item in value]
         elif key in _SCHEMA_MAPS and isinstance(value, dict):
             out[key] = {name: closed_objects(sub) for name, sub in value.items()}
-    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
-        out["additionalProperties"] = False
+    properties = schema.get("properties")
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    if isinstance(properties, dict) and "additionalProperties" not in schema and set(required) <= set(properties):
+        out["additionalProperties"] = False  # (a required key not listed stays allowed: closing would forbid it)
+    return out
+
+
+def _rebased_refs(schema, prefix: str):
+    """`schema` (a tool's parameters) moved under #/$defs/<prefix> of another root: its local $refs
+    rewritten ("#" -> "#/$defs/<prefix>", "#/$defs/X" and "#/definitions/X" -> "#/$defs/<prefix>_X")."""
+    if isinstance(schema, list):
+        return [_rebased_refs(item, prefix) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            for local in ("#/$defs/", "#/definitions/"):
+                if value.startswith(local):
+                    value = f"#/$defs/{prefix}_" + value[len(local):]
+                    break
+            else:
+                value = f"#/$defs/{prefix}" + value[1:]
+        elif key in ("$defs", "definitions") and isinstance(value, dict):
+            continue  # hoisted to the root by _call_schemas
+        out[key] = _rebased_refs(value, prefix) if key not in ("const", "enum", "default", "examples") else value
     return out
 
 
@@ -104,11 +130,23 @@ def _arguments_schema(function) -> dict:
     return closed_objects(function.parameters) if function.parameters is not None else ANY_OBJECT
 
 
-def _call_schema(function) -> dict:
-    """The JSON of one call of `function` (openai_models.FunctionSpec): name first, then arguments."""
-    parameters = _arguments_schema(function)
-    return {"type": "object", "properties": {"name": {"const": function.name}, "arguments": parameters},
-            "required": ["name", "arguments"], "additionalProperties": False}
+def _call_schemas(tools: list) -> dict:
+    """The JSON of one call of any of `tools` (openai_models.ToolSpec): {"anyOf": [{"name": <const>,
+    "arguments": <parameters>}, ...]}, name first. Each tool's parameters move under #/$defs/t<i> with
+    their own $defs hoisted as t<i>_<name> (a pydantic model's nested types are $refs into #/$defs, which
+    must resolve from the combined schema's root)."""
+    defs, calls = {}, []
+    for i, tool in enumerate(tools):
+        parameters = _arguments_schema(tool.function)
+        prefix = f"t{i}"
+        for key in ("$defs", "definitions"):
+            for name, sub in (parameters.get(key) or {}).items():
+                defs[f"{prefix}_{name}"] = _rebased_refs(sub, prefix)
+        defs[prefix] = _rebased_refs(parameters, prefix)
+        calls.append({"type": "object", "properties": {"name": {"const": tool.function.name},
+                                                       "arguments": {"$ref": f"#/$defs/{prefix}"}},
+                      "required": ["name", "arguments"], "additionalProperties": False})
+    return {"anyOf": calls, "$defs": defs}
 
 
 def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel: bool = True) -> GrammarSpec:
@@ -122,10 +160,11 @@ def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel:
 
     for i, tool in enumerate(tools):  # name the tool whose schema is bad (the combined grammar cannot)
         parameters = tool.function.parameters
-        if isinstance(parameters, dict) and parameters.get("type", "object") != "object":
-            raise InputError(400, f"tools.{i}.function.parameters", f"must describe an object (arguments are "
-                             f"named, as OpenAI's function calling), got type {parameters.get('type')!r}")
-        json_grammar(parameters if parameters is not None else ANY_OBJECT, f"tools.{i}.function.parameters")
+        if parameters and parameters.get("type") != "object":
+            raise InputError(400, f"tools.{i}.function.parameters", 'must be an object schema, {"type": "object", '
+                             f'"properties": ...}} (OpenAI\'s rule: arguments are named), got type '
+                             f"{parameters.get('type')!r}")
+        json_grammar(_arguments_schema(tool.function), f"tools.{i}.function.parameters")
     if forced is None:
         tags = [StructTag(trigger=TOOL_OPEN, begin=TOOL_OPEN + '{"name": ' + json.dumps(t.function.name) + ', "arguments": ',
                           grammar={**_arguments_schema(t.function), "x-guidance": JSON_OPTIONS},
@@ -133,11 +172,11 @@ def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel:
         lark = StructTag.to_grammar(tags, assume_special=False)
     else:
         chosen = [t for t in tools if not forced or t.function.name == forced]
-        schema = {"anyOf": [_call_schema(t.function) for t in chosen], "x-guidance": JSON_OPTIONS}
+        schema = {**_call_schemas(chosen), "x-guidance": JSON_OPTIONS}
         calls = "call" if forced or not parallel else 'call ("\\n"? call)*'
         lark = f"start: {calls}\ncall: {json.dumps(TOOL_OPEN)} %json {json.dumps(schema)} {json.dumps(TOOL_CLOSE)}\n"
     grammar = _checked(LLMatcher.grammar_from_lark(lark), "tools", "the tools' call grammar")
-    return GrammarSpec(grammar, prefill_tokens, source="tools")
+    return GrammarSpec(grammar, prefill_tokens, source="tools", open_ended=forced is None)
 
 
 def regex_grammar(pattern: str, field: str) -> str:
@@ -150,13 +189,22 @@ def lark_grammar(grammar: str, field: str) -> str:
     """A Lark grammar (llguidance's dialect, `start:` rule) or a GBNF one (llama.cpp's and xgrammar's
     EBNF, `root ::=`, converted with llguidance.gbnf_to_lark), as vLLM's structured_outputs.grammar."""
     from llguidance import LLMatcher
-    from llguidance.gbnf_to_lark import any_to_lark
+    from llguidance.gbnf_to_lark import gbnf_to_lark
 
     try:
-        lark = grammar if _LARK_START.search(grammar) else any_to_lark(grammar)
+        lark = grammar if _LARK_START.search(grammar) else gbnf_to_lark(_rename_gbnf_start(grammar))
     except Exception as exc:  # the converter raises plain Exceptions (and AssertionErrors) on bad GBNF
         raise InputError(400, field, f"is neither a Lark grammar (start: ...) nor valid GBNF (root ::= ...): {exc}") from None
     return _checked(LLMatcher.grammar_from_lark(lark), field, "the grammar")
+
+
+_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[A-Za-z_][A-Za-z0-9_-]*|.', re.S)
+
+
+def _rename_gbnf_start(gbnf: str) -> str:
+    """GBNF with its rules named `start` renamed (outside strings, classes and comments): the converter
+    turns `root` into Lark's `start`, which a rule of that name would clash with."""
+    return "".join("start_rule_" if t == "start" else t for t in _GBNF_TOKEN.findall(gbnf))
 
 
 def choice_grammar(choices: list[str], field: str) -> str:

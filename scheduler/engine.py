@@ -307,7 +307,10 @@ class Engine:
                  tokens=req.generated_tokens(), forwards=req.forwards())
 
     def _natural_reason(self, req: Request) -> FinishReason:
-        """STOP when the decoder ended on EOS (fewer tokens than gen_length), else LENGTH."""
+        """STOP when the decoder ended on EOS (fewer tokens than gen_length, or an AR decoder that says
+        so: EOS or its grammar complete at exactly gen_length), else LENGTH."""
+        if getattr(req.decoder, "ended_on_eos", False):
+            return FinishReason.STOP
         return FinishReason.STOP if req.generated_tokens() < int(req.params.gen_length) else FinishReason.LENGTH
 
     def _expire_deadlines(self, now: float) -> None:

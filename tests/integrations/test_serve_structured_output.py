@@ -219,3 +219,64 @@ def test_chained_rules_deeper_than_a_thread_stack_compile_in_a_subprocess():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0 and "compiled" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+# ---- found by a second break-test, on the Ray Serve deployment ---------------------------------------
+
+class Address(BaseModel):
+    city: str = Field(max_length=8)
+    zip: int = Field(ge=0, le=99999)
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=8)
+    home: Address  # a nested model: pydantic writes it as a $ref into $defs
+
+
+def test_forced_tool_call_with_nested_models_resolves_its_refs(client, model):
+    tool = openai.pydantic_function_tool(Person)  # parameters with $defs/Address and a $ref to it
+    assert "$defs" in json.dumps(tool["function"]["parameters"])
+    for choice in ("required", {"type": "function", "function": {"name": "Person"}}):
+        out = client.chat.completions.create(model=model, messages=MESSAGES, tools=[tool], tool_choice=choice,
+                                             max_tokens=80, temperature=1.0, seed=2)
+        (call,) = out.choices[0].message.tool_calls
+        Person.model_validate_json(call.function.arguments)  # the nested object came out whole and typed
+
+
+def test_tool_parameters_must_be_object_schemas(client, model):
+    for parameters in ({"anyOf": [{"type": "string"}]}, {"properties": {"a": {"type": "string"}}}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, tool_choice="required",
+                                           tools=[{"type": "function", "function": {"name": "f", "parameters": parameters}}])
+        assert err.value.body["param"] == "tools.0.function.parameters", err.value.body
+    # a required key the properties do not list stays allowed (closing the object would forbid it)
+    out = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=60, tool_choice="required", temperature=1.0, seed=1,
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "required": ["z"], "properties": {"a": {"type": "integer", "maximum": 9}}}}}])
+    assert out.choices[0].message.tool_calls or out.choices[0].finish_reason == "length"
+
+
+def test_grammar_output_is_never_restyled_and_ends_as_stop_at_exactly_max_tokens(client, model):
+    # a CRLF or tab-indented prompt: free completions come back in the prompt's style; grammar output as is
+    out = client.completions.create(model=model, prompt="x = 1\r\n\ty = 2\r\n", max_tokens=16,
+                                    extra_body={"structured_outputs": {"choice": ["a\nb", "    c"]}})
+    assert out.choices[0].text in ("a\nb", "    c")
+    # an output the grammar completes at exactly max_tokens is whole: "stop", and parse() accepts it
+    n = client.completions.create(model=model, prompt="x", max_tokens=32,
+                                  extra_body={"structured_outputs": {"grammar": 'start: "a b c d e f g h"'}}).usage
+    out = client.completions.create(model=model, prompt="x", max_tokens=n.completion_tokens,
+                                    extra_body={"structured_outputs": {"grammar": 'start: "a b c d e f g h"'}})
+    assert out.choices[0].text == "a b c d e f g h" and out.choices[0].finish_reason == "stop"
+
+
+def test_gbnf_with_a_rule_named_start_and_strict_schemas_close_objects(client, model):
+    out = client.completions.create(model=model, prompt="x", max_tokens=8,
+                                    extra_body={"structured_outputs": {"grammar": 'root ::= start\nstart ::= "ok"'}})
+    assert out.choices[0].text == "ok"
+    schema = {"type": "object", "properties": {"k": {"type": "integer", "maximum": 9}}, "required": ["k"]}
+    for seed in range(3):  # strict: no invented keys next to "k", even though the schema does not say so
+        out = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=40, temperature=1.5, seed=seed,
+                                             response_format={"type": "json_schema", "json_schema": {
+                                                 "name": "k", "schema": schema, "strict": True}})
+        assert list(json.loads(out.choices[0].message.content)) == ["k"]

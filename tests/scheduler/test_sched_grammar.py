@@ -188,16 +188,20 @@ def test_forced_tokens_are_fed_without_forwards_of_their_own(runner):
 
     tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
     fixed = "def handler(request, response):\n    return dispatch(request"
-    lark = GrammarSpec(LLMatcher.grammar_from_lark(f'start: {json.dumps(fixed)} /[a-z]{{1,3}}/ ")\\n"'))
+    lark = GrammarSpec(LLMatcher.grammar_from_lark(
+        f'start: {json.dumps(fixed)} /[a-z]{{1,3}}/ ", " {json.dumps(fixed)} /[a-z]{{1,3}}/ ")\\n"'))
+    pattern = re.escape(fixed) + r"[a-z]{1,3}, " + re.escape(fixed) + r"[a-z]{1,3}\)\n"
     prompt = _ids(runner, PROMPTS[0])
-    params = ModelDecoderFactory(runner).parse_params({"gen_length": 64, "slot_size": 1, "serial_num_blocks": 1})
-    outputs = []
-    for budget in (64, 4, 1):
-        decoder = ARDecoder(f"ff{budget}", prompt, params, constraint=Grammar(tokenizer, lark, prompt).constraint())
-        [ids] = decode_batch(RunnerSession(runner), [decoder], budget=budget)
-        text = runner.tokenizer.decode(ids)
-        assert re.fullmatch(re.escape(fixed) + r"[a-z]{1,3}\)\n", text), text
-        outputs.append(ids)
-        reads = decoder.stats.forwards
-        assert len(ids) >= 12 and (reads <= 6 if budget == 64 else reads > 6), (budget, reads, len(ids))
-    assert outputs[0] == outputs[1] == outputs[2]
+    factory = ModelDecoderFactory(runner)
+    for sampling in ({}, {"temperature": 1.5, "seed": 11}):  # seeded draws too: the same whatever the budget
+        params = factory.parse_params({"gen_length": 96, "slot_size": 1, "serial_num_blocks": 1, **sampling})
+        outputs = []
+        for budget in (96, 4, 1):
+            decoder = ARDecoder(f"ff{budget}", prompt, params, constraint=Grammar(tokenizer, lark, prompt).constraint())
+            [ids] = decode_batch(RunnerSession(runner), [decoder], budget=budget)
+            text = runner.tokenizer.decode(ids)
+            assert re.fullmatch(pattern, text), text
+            outputs.append(ids)
+            forwards = decoder.stats.forwards
+            assert len(ids) >= 24 and (forwards <= 8 if budget == 96 else forwards > 8), (budget, forwards, len(ids))
+        assert outputs[0] == outputs[1] == outputs[2], sampling
