@@ -70,7 +70,7 @@ class ARDecoder:
         self._catch_up_forwards = 0  # such forwards so far: their number depends on the step budgets
         self.ended_on_eos = False  # EOS read, or the grammar complete: a natural end even at gen_length
         if constraint is not None and self.phase is not ARPhase.FINISHED:  # a grammar may force its start
-            self.generated = constraint.fast_forward(self.span)
+            self.generated = constraint.initial_forced[: self.span]  # consumed by the matcher already
             self.ended_on_eos = constraint.stopped
             if constraint.stopped or len(self.generated) >= self.span:
                 self.phase = ARPhase.FINISHED

@@ -151,20 +151,29 @@ class Grammar:
         if prefill and not matcher.consume_tokens(prefill):
             raise DecodeParamError(spec.source, f"the prompt's last {len(prefill)} tokens are not a start of the "
                                    f"grammar: {_short(matcher.get_error())}")
-        self._pristine = matcher
-        self.constraint().bitmask()  # the first mask: lexer limits and grammars matching nothing fail here
+        # The text the grammar forces before any choice (a schema's `{"key": `, a fixed opening), here in
+        # the compile thread rather than on the engine loop (its cost grows with its length), and the
+        # first mask after it: parser and lexer limits met there, and grammars matching nothing, are
+        # refused at submit
+        first = TokenConstraint(matcher, tokenizer, spec.source)
+        self.initial_forced = first.fast_forward(MAX_GRAMMAR_CHARS)
+        if not first.stopped:
+            first.bitmask()
+        self._start = matcher
 
     def constraint(self) -> "TokenConstraint":
-        """A matcher at the grammar's start (a decoder's first run, or a preempted request's rerun)."""
-        return TokenConstraint(self._pristine.deep_copy(), self.tokenizer, self.source)
+        """A matcher after the grammar's forced start (`initial_forced`, the decoder's first generated
+        tokens), for a decoder's first run or a preempted request's rerun."""
+        return TokenConstraint(self._start.deep_copy(), self.tokenizer, self.source, self.initial_forced)
 
 
 class TokenConstraint:
     """One decoder's position in its grammar. Every method raises DecodeParamError naming the grammar's
     source field when the grammar fails mid-request (a parser limit, or no way to go on)."""
 
-    def __init__(self, matcher, tokenizer: GrammarTokenizer, source: str):
+    def __init__(self, matcher, tokenizer: GrammarTokenizer, source: str, initial_forced: list[int] = ()):
         self._matcher, self._tokenizer, self._source = matcher, tokenizer, source
+        self.initial_forced = list(initial_forced)  # forced at the start, already consumed (Grammar)
 
     def _failed(self, what: str) -> DecodeParamError:
         return DecodeParamError(self._source, f"{what}: {_short(self._matcher.get_error())}; simplify the grammar")
@@ -202,8 +211,10 @@ class TokenConstraint:
         the bytes no choice can change, without a last token that could still merge with what follows),
         at most `limit`, consumed. [] when the next token is a real choice."""
         forced = self._matcher.compute_ff_tokens()[: max(0, limit)]
+        if self._matcher.is_error():  # llguidance then answers [] and reports itself stopped
+            raise self._failed("the grammar failed while decoding")
         if forced and not self._matcher.consume_tokens(forced):
-            raise self._failed(f"forced tokens {forced} were refused")
+            raise self._failed(f"{len(forced)} forced tokens were refused")
         return forced
 
     @property

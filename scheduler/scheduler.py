@@ -239,7 +239,7 @@ class Scheduler:
             except Exception as exc:  # a decoder that cannot be built for this request: fail it alone
                 log.exception("start_failed", request_id=req.id)
                 self.waiting.pop(i)
-                plan.failed.append((req, f"{type(exc).__name__}: {exc}"))
+                plan.failed.append((req, exc))  # the engine names the field of a DecodeParamError
                 continue
             if started:
                 self.waiting.pop(i)
@@ -283,6 +283,7 @@ class Scheduler:
         victim.pinned_mode, victim.mode_history = victim.mode, []
         victim.decoder, victim.pending_segment, victim.status = None, None, RequestStatus.WAITING
         victim.skipped, victim.tokens_at_last_route, victim.overtook = 0, 0, False
+        victim.prompt_blocks_shared = 0  # the rerun offers its prompt blocks again (some may have been evicted)
         victim.preemptions += 1
         self.waiting.append(victim)
         self.waiting.sort(key=Request.sort_key)

@@ -160,8 +160,9 @@ def test_each_run_gets_a_fresh_matcher_and_prefill_tokens_are_consumed(runner):
     lark = GrammarSpec(LLMatcher.grammar_from_lark('start: "<call>" /[a-z]+/ "</call>"'))
     grammar = Grammar(tokenizer, lark, _ids(runner, "x"))
     first, second = grammar.constraint(), grammar.constraint()
+    assert runner.tokenizer.decode(first.initial_forced) == "<call>"  # the forced start, computed at compile
     start = second.bitmask()
-    for token in _ids(runner, "<call>ab"):
+    for token in _ids(runner, "ab"):
         first.consume(token)
     assert second.bitmask() == start != first.bitmask()  # a rerun (preemption) starts from the beginning
     # the API prefills a forced opening: the grammar consumes the prompt's last tokens first
@@ -205,3 +206,22 @@ def test_forced_tokens_are_fed_without_forwards_of_their_own(runner):
             forwards = decoder.stats.forwards
             assert len(ids) >= 24 and (forwards <= 8 if budget == 96 else forwards > 8), (budget, forwards, len(ids))
         assert outputs[0] == outputs[1] == outputs[2], sampling
+
+
+async def test_a_parser_limit_in_the_forced_start_is_refused_at_submit(engine_factory, runner):
+    # The grammar's fixed start ("xy a") pushes an Earley row past llguidance's 2,000 items. The forced
+    # start is computed when the grammar compiles (off the loop), so this is an InvalidRequestError naming
+    # the grammar's source at submit; it was a nameless engine error (an HTTP 500) from inside the step.
+    n = 3000
+    alternatives = " | ".join(f"r{i}" for i in range(n))
+    rules = "\n".join(f"r{i}: A B{i}" for i in range(n))
+    lexemes = "\n".join(f'B{i}: "b{i}"' for i in range(n))
+    lark = f'start: X s\nX: "xy"\ns: {alternatives}\n{rules}\nA: "a"\n{lexemes}'
+    grammar = GrammarSpec(LLMatcher.grammar_from_lark(lark), source="structured_outputs.grammar")
+    engine = await engine_factory()
+    with pytest.raises(InvalidRequestError) as err:
+        await _run(engine, GenerationRequest("limit", _ids(runner, PROMPTS[0]), {"gen_length": 32}, grammar=grammar))
+    assert err.value.field == "structured_outputs.grammar" and "2000" in str(err.value)
+    text, _, last = await _run(engine, GenerationRequest("after", _ids(runner, PROMPTS[0]), {"gen_length": 32},
+                                                         grammar=JSON_GRAMMAR))
+    assert _matches_schema(text) and last.finish_reason is FinishReason.STOP  # the engine serves on

@@ -164,3 +164,51 @@ async def test_the_first_tokens_delta_carries_cached_prompt_tokens():
     assert all(d.stats == {} for d in deltas[1:-1] if d is not first)
     assert deltas[-1].stats["cached_prompt_tokens"] == 12
     await engine.stop()
+
+
+async def test_a_preempted_request_offers_its_prompt_blocks_again(monkeypatch, wait_until):
+    # A BATCH request is preempted while decoding and the INTERACTIVE one's KV needs evict some of its cached
+    # prompt blocks; its rerun recomputes them and must offer them to the cache again (it kept the count of
+    # its first run's offered blocks, so it never did): a later request with the same prompt hits them all.
+    from sched_fakes import ForwardGate
+
+    from scheduler.api import GenerationRequest, Mode, Priority
+    from scheduler.config import EngineConfig, RoutingConfig
+    from scheduler.engine import Engine
+    from workers.runner import ModelRunner
+
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"  # a compact tokenizer
+    runner = ModelRunner(shipped, num_blocks=40, block_size=4)
+    engine = Engine(runner, runner.tokenizer, EngineConfig(max_running=1, kv_reserve_fraction=0.0,
+                                                           routing=RoutingConfig(calibrate=False)))
+    await engine.start()
+    tok = runner.tokenizer
+    long = tok.encode("import os\n\nclass Loader:\n    def __init__(self, path):\n        self.path = path\n\n    "
+                      "class Stack:\n    def push(self, item):\n        self.items.append(item)\n\n    ")
+    other = tok.encode("class Stack:\n    def push(self, item):\n        self.items.append(item)\n\n    " * 2
+                       + "# utilities\nimport json\n\n")
+
+    async def run(spec):
+        last = None
+        async for delta in engine.submit(spec):
+            last = delta
+        return last
+
+    gate = ForwardGate(runner.execute, hold_from=2)  # prefill done, decoding
+    monkeypatch.setattr(runner, "execute", gate)
+    try:
+        first = asyncio.create_task(run(GenerationRequest("b", long, {"gen_length": 64}, mode=Mode.AR)))
+        await wait_until(gate.entered.is_set, "b decoding")
+        urgent = asyncio.create_task(run(GenerationRequest("u", other, {"gen_length": 64}, mode=Mode.AR,
+                                                           priority=Priority.INTERACTIVE)))
+        await wait_until(lambda: any(r.id == "u" for r in engine.scheduler.waiting), "u to queue")
+    finally:
+        gate.release()
+    b, _ = await asyncio.gather(first, urgent)
+    assert b.stats["preemptions"] == 1
+    again = await run(GenerationRequest("c", long, {"gen_length": 64}, mode=Mode.AR))
+    assert again.stats["cached_prompt_tokens"] == (len(long) - 1) // 4 * 4
+    await engine.stop(drain_timeout_s=1)
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
