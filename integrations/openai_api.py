@@ -208,14 +208,16 @@ async def chat_completions(request: Request):
     req = generation_request(header.id, body, prompt_ids, stops, settings.default_max_tokens,
                              settings, "messages", affinity_key=conversation_key(body.messages), grammar=grammar)
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
+    max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
     observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
     deltas = await _start(client, req, observer)
     if body.stream:
-        events = chat_events(header, deltas, observer, body.include_usage, allowed, prefix=forced)
+        events = chat_events(header, deltas, observer, body.include_usage, allowed, prefix=forced, max_calls=max_calls)
         events = null_usage_until_final(events) if body.include_usage else events
         return sse_response(events, observer, header.id, id_headers(request, header.id))
     text, last = await _collect(deltas, observer)
-    completion = shape.chat_body(header, forced + text, last, len(prompt_ids), observer.completion_tokens, allowed)
+    completion = shape.chat_body(header, forced + text, last, len(prompt_ids), observer.completion_tokens, allowed,
+                                 max_calls)
     return JSONResponse(completion, headers=id_headers(request, header.id))
 
 

@@ -86,10 +86,12 @@ def completion_chunk(header: ResponseHeader, text: str, finish_reason: str | Non
 
 def chat_body(
     header: ResponseHeader, text: str, last: Delta, prompt_tokens: int, completion_tokens: int,
-    allowed_tools: set[str] | None,
+    allowed_tools: set[str] | None, max_calls: int | None = None,
 ) -> dict:
-    """A chat.completion; when tools are enabled, `<tool_call>` blocks become message.tool_calls."""
+    """A chat.completion; when tools are enabled, `<tool_call>` blocks become message.tool_calls, at
+    most `max_calls` of them (parallel_tool_calls false: the first, as vLLM)."""
     content, calls = (split_tool_calls(text, allowed_tools) if allowed_tools is not None else (text, []))
+    calls = calls[:max_calls] if max_calls is not None else calls
     message: dict = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = [c.to_openai() for c in calls]

@@ -74,10 +74,11 @@ async def completion_events(header, deltas, observer: RequestObserver, include_u
 
 
 async def chat_events(header, deltas, observer: RequestObserver, include_usage: bool,
-                       allowed_tools: set[str] | None, prefix: str = "") -> AsyncIterator[dict]:
+                       allowed_tools: set[str] | None, prefix: str = "", max_calls: int | None = None) -> AsyncIterator[dict]:
     """Chat chunks: role, content pieces and tool calls (once each block closes), finish, usage.
     prefix: text the turn starts with that the model did not write (a forced call's opening,
-    tool_calls.forced_call), parsed as if it had."""
+    tool_calls.forced_call), parsed as if it had. max_calls: calls past it are dropped
+    (parallel_tool_calls false: 1, as vLLM keeps only the first)."""
     yield shape.chat_chunk(header, {"role": "assistant", "content": ""})
     parser = ToolCallStreamParser(allowed_tools) if allowed_tools is not None else None
     num_calls, pending = 0, prefix
@@ -90,7 +91,7 @@ async def chat_events(header, deltas, observer: RequestObserver, include_usage: 
             if isinstance(piece, str):
                 if piece:
                     yield shape.chat_chunk(header, {"content": piece})
-            else:
+            elif max_calls is None or num_calls < max_calls:
                 yield shape.chat_chunk(header, shape.chat_tool_call_delta(piece, num_calls))
                 num_calls += 1
         if delta.finished:

@@ -225,3 +225,26 @@ def test_refusion_detail_lists_the_modes_of_a_switched_request():
     assert shape.refusion_detail(last) == {"mode": "ar", "tokens_per_forward": 1.41, "modes": ["refusion", "ar"]}
     last.stats = {"tokens_per_forward": 1.0, "modes": ["ar"]}  # one decoder throughout: no list
     assert shape.refusion_detail(last) == {"mode": "ar", "tokens_per_forward": 1.0}
+
+
+async def test_parallel_tool_calls_false_keeps_only_the_first_call():
+    # OpenAI: parallel_tool_calls false means at most one call; a turn with two (tool_choice auto lets
+    # the grammar allow several) answers with the first only, as vLLM does, streamed or not
+    second = CALL.replace("Paris", "Lima")
+    header = shape.ResponseHeader("chatcmpl", "m")
+    last = _deltas([CALL + "\n" + second])[-1]
+    for max_calls, expected in ((None, ["Paris", "Lima"]), (1, ["Paris"])):
+        body = shape.chat_body(header, CALL + "\n" + second, last, 5, 9, {"get_weather"}, max_calls)
+        made = body["choices"][0]["message"]["tool_calls"]
+        assert [json.loads(c["function"]["arguments"])["city"] for c in made] == expected
+        assert body["choices"][0]["finish_reason"] == "tool_calls"
+
+        class Observer:
+            prompt_tokens, completion_tokens = 3, 4
+
+        chunks = [c async for c in chat_events(header, _aiter(_deltas([CALL, "\n", second, ""])), Observer(), False,
+                                               {"get_weather"}, max_calls=max_calls)]
+        streamed = [d["tool_calls"][0] for c in chunks if c["choices"] for d in [c["choices"][0]["delta"]]
+                    if "tool_calls" in d]
+        assert [json.loads(c["function"]["arguments"])["city"] for c in streamed] == expected
+        assert [c["index"] for c in streamed] == list(range(len(expected)))
