@@ -37,6 +37,7 @@ from decoding.api import DecodeParamError
 
 MAX_GRAMMAR_CHARS = 1_000_000
 COMPILE_STACK_BYTES = 512 << 20
+_STACK_LOCK = threading.Lock()  # threading.stack_size is process-wide (with_compile_stack)
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,6 @@ def with_compile_stack(fn, *args):
     if "error" in box:
         raise box["error"]
     return box["value"]
-
-
-_STACK_LOCK = threading.Lock()
 
 
 def _short(message: str) -> str:

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
+from decoding.grammar import GrammarSpec
 from integrations import openai_responses as shape
 from integrations.auth import APIKeyMiddleware, OriginGuard
 from integrations.chat import chat_prompt_ids, conversation_key, forced_prefix_ids
@@ -37,7 +38,6 @@ from integrations.openai_requests import prompt_ids as encode_prompt
 from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop, read_json_object
 from integrations.structured_output import tool_grammar
 from integrations.tool_calls import forced_call
-from decoding.grammar import GrammarSpec
 from scheduler.api import Delta, FinishReason, GenerationRequest
 
 
@@ -143,7 +143,9 @@ async def completions(request: Request):
     client, settings = request.app.state.engine_client, request.app.state.settings
     _check_model(request, body.model)
     header = shape.ResponseHeader("cmpl", client.model_name, request_id(request, "cmpl"))
-    grammar = await off_loop(body.output_grammar)  # compiling a large schema takes a while
+    grammar = None
+    if body.response_format is not None or body.structured_outputs is not None:  # compiling can take a while
+        grammar = await off_loop(body.output_grammar)
     if body.suffix is not None and grammar is not None:
         raise InputError(400, "response_format" if body.structured_outputs is None else "structured_outputs",
                          "structured output is not supported with `suffix` (infill): drop one of them")
@@ -199,7 +201,9 @@ async def chat_completions(request: Request):
     if call is not None:  # the assistant's turn starts with the forced call's opening (tool_calls.forced_call)
         forced_ids, forced = forced_prefix_ids(client.tokenizer, *call)
         prompt_ids = prompt_ids + forced_ids
-    grammar = await off_loop(chat_grammar, body, len(forced_ids))
+    grammar = None
+    if body.tools_enabled or body.response_format is not None or body.structured_outputs is not None:
+        grammar = await off_loop(chat_grammar, body, len(forced_ids))  # compiling can take a while
     header = shape.ResponseHeader("chatcmpl", client.model_name, request_id(request, "chatcmpl"))
     # The template's turn-end stops (plain template: "\n### ") would cut text the grammar allows; with a
     # grammar that says what the whole output is, the grammar ends the turn (the client's own `stop`

@@ -90,6 +90,7 @@ class Engine:
         """Stream the request's output as Deltas; the last has finished=True. Raises InvalidRequestError
         or OverloadedError on the first iteration. Closing the generator (or cancelling the consuming
         task) cancels the request and frees its KV."""
+        validate_request(request, self.runner.info.vocab_size, self.config.max_stop_strings)  # once, before a compile
         grammar = None
         if request.grammar is not None:
             request, grammar = await self._compile_grammar(request)
@@ -329,7 +330,6 @@ class Engine:
         if spec.mode is Mode.REFUSION:
             raise InvalidRequestError("mode", "structured output (a grammar) is decoded autoregressively: "
                                       "use mode 'ar' or 'auto', or drop the grammar")
-        validate_request(spec, self.runner.info.vocab_size, self.config.max_stop_strings)
         try:
             grammar = await asyncio.to_thread(Grammar, self._grammar_tokenizer, spec.grammar, spec.prompt_ids)
         except DecodeParamError as exc:
@@ -337,11 +337,11 @@ class Engine:
         return dataclasses.replace(spec, mode=Mode.AR), grammar
 
     def _admit(self, spec: GenerationRequest, grammar: Grammar | None = None) -> Request:
+        """Queue a request submit() validated (and whose grammar it compiled)."""
         if self._task is None or self._stopping:
             self.metrics.rejected.labels(reason="not_running").inc()
             why = "the engine is shutting down" if self._stopping else "engine is not running; call `await engine.start()` first"
             raise EngineNotRunningError(why, retry_after_s=5.0)
-        validate_request(spec, self.runner.info.vocab_size, self.config.max_stop_strings)
         if spec.request_id in self._requests:
             raise InvalidRequestError("request_id", f"{spec.request_id!r} is already in flight; use a unique id")
         params = parse_params(self.scheduler.factories["main"], with_seed(spec.params))
