@@ -9,7 +9,10 @@ still runs a forward that reads its prompt's last row.
 
 Only prompt blocks are shareable: ReFusion commits generated slots out of text order, so generated
 KV depends on the request's own decoding path. Eviction is LRU; on ties the deeper block goes first,
-so a chain is evicted from its tail and a cached block always has its parent cached.
+so a chain is evicted from its tail and a cached block always has its parent cached. The entries are
+kept in eviction order (an OrderedDict; a touch moves a chain to the end, deepest block first), so an
+eviction looks only at the entries it drops or skips, not at the whole cache (a GPU's pool holds tens
+of thousands of blocks and evictions run on the engine loop).
 """
 
 from __future__ import annotations
@@ -20,13 +23,6 @@ from dataclasses import dataclass, field
 from array import array
 
 NAMES_MEMO = 512  # prompts whose block names are kept (about the requests running and waiting)
-
-
-@dataclass
-class _Entry:
-    block_id: int
-    depth: int  # index of the block in its prompt
-    last_used: int
 
 
 @dataclass
@@ -43,9 +39,8 @@ class PrefixCache:
     def __init__(self, blocks):
         self._blocks = blocks  # workers.kv_blocks.BlockPool: block_size, num_free, retain, release
         self.block_size: int = blocks.block_size
-        self._entries: dict[bytes, _Entry] = {}
+        self._entries: OrderedDict[bytes, int] = OrderedDict()  # block name -> block id, LRU first
         self._names: OrderedDict[bytes, list[bytes]] = OrderedDict()  # hash of the prompt -> its block names (LRU)
-        self._clock = 0
         self.lookup_tokens = 0
         self.hit_tokens = 0
 
@@ -82,10 +77,10 @@ class PrefixCache:
         usable = (len(prompt_ids) - 1) // self.block_size
         hit = PrefixHit()
         for name in self.block_names(prompt_ids)[:usable]:
-            entry = self._entries.get(name)
-            if entry is None:
+            block_id = self._entries.get(name)
+            if block_id is None:
                 break
-            hit.block_ids.append(entry.block_id)
+            hit.block_ids.append(block_id)
         hit.num_tokens = len(hit.block_ids) * self.block_size
         return hit
 
@@ -103,7 +98,7 @@ class PrefixCache:
         for depth in range(ready):
             if names[depth] not in self._entries:
                 self._blocks.retain([block_table[depth]])
-                self._entries[names[depth]] = _Entry(block_table[depth], depth, 0)
+                self._entries[names[depth]] = block_table[depth]
         self._touch(names[:ready])
         return ready
 
@@ -112,23 +107,23 @@ class PrefixCache:
         nothing evictable is left). Blocks in `protect` are kept, and so are blocks a running request
         also holds: dropping those would free nothing and only lose the entry. Returns the blocks freed."""
         protect = protect or set()
-        free_before = self._blocks.num_free
-        while self._blocks.num_free - free_before < blocks_wanted:
-            victims = [(e.last_used, -e.depth, n) for n, e in self._entries.items()
-                       if e.block_id not in protect and self._blocks.refcount(e.block_id) == 1]
-            if not victims:
+        victims = []
+        for name, block_id in self._entries.items():  # least recently used first
+            if len(victims) >= blocks_wanted:
                 break
-            _, _, name = min(victims)
-            self._blocks.release([self._entries.pop(name).block_id])
+            if block_id not in protect and self._blocks.refcount(block_id) == 1:
+                victims.append(name)
+        free_before = self._blocks.num_free
+        self._blocks.release([self._entries.pop(name) for name in victims])  # each frees its block
         return self._blocks.num_free - free_before
 
     def clear(self) -> None:
         """Release every cached block (e.g. at shutdown or before counting leaks)."""
-        for entry in self._entries.values():
-            self._blocks.release([entry.block_id])
+        self._blocks.release(list(self._entries.values()))
         self._entries.clear()
 
     def _touch(self, names: list[bytes]) -> None:
-        self._clock += 1
-        for name in names:
-            self._entries[name].last_used = self._clock
+        """Mark a chain (prompt order) as just used: it moves to the end of the eviction order, its
+        deepest block before its shallower ones, so the chain is evicted tail first."""
+        for name in reversed(names):
+            self._entries.move_to_end(name)

@@ -212,3 +212,21 @@ async def test_a_preempted_request_offers_its_prompt_blocks_again(monkeypatch, w
     assert again.stats["cached_prompt_tokens"] == (len(long) - 1) // 4 * 4
     await engine.stop(drain_timeout_s=1)
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+def test_eviction_looks_only_at_the_entries_it_drops():
+    """Evictions run on the engine loop and a GPU's cache holds tens of thousands of blocks: evicting a
+    few must not look at every entry (it used to take the minimum over all entries per block: 0.5 s for
+    64 of 50,000). Counted through the pool's refcount calls, deterministic."""
+    pool = BlockPool(2_000, 2)
+    cache = PrefixCache(pool)
+    for p in range(200):  # 200 prompts of 10 full blocks, all idle
+        table = pool.allocate(10)
+        cache.insert([1000 + p] + list(range(20)), table, 21)
+        pool.release(table)
+    calls = []
+    refcount = pool.refcount
+    pool.refcount = lambda b: calls.append(b) or refcount(b)
+    assert cache.evict(5) == 5 and len(cache) == 1_995
+    assert len(calls) == 5
+    assert len(cache.lookup([1000] + list(range(20))).block_ids) == 5  # the oldest chain lost its tail
