@@ -128,7 +128,7 @@ class Request:
             "forwards": forwards,
             "prefill_forwards": self.decoder.stats.prefill_forwards if self.decoder is not None else 0,
             "slots_accepted_at_verify": self.decoder.stats.slots_accepted_at_verify if self.decoder is not None else 0,
-            "tokens_per_forward": total / forwards if forwards else 0.0,
+            "tokens_per_forward": total / forwards if forwards else None,  # None: no forward ran (all forced)
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "queue_time_s": (self.started_s or end) - self.arrival_s,
             "time_to_first_token_s": (self.first_token_s - self.arrival_s) if self.first_token_s else None,

@@ -103,6 +103,14 @@ async def test_regex_and_choice_grammars(engine_factory, runner):
         assert text in ("alpha", "beta", "gamma")
 
 
+async def test_an_output_the_grammar_forces_entirely_runs_no_forward_and_has_no_tpf(engine_factory, runner):
+    engine = await engine_factory()
+    literal = GrammarSpec(LLMatcher.grammar_from_lark('start: "return value + 1"'))
+    text, _, last = await _run(engine, GenerationRequest("lit", _ids(runner, PROMPTS[0]), {"gen_length": 32}, grammar=literal))
+    assert text == "return value + 1" and last.finish_reason == FinishReason.STOP
+    assert last.stats["forwards"] == 0 and last.stats["tokens_per_forward"] is None  # undefined, not 0.0
+
+
 async def test_free_requests_in_the_same_forwards_are_unchanged(engine_factory, runner):
     engine = await engine_factory()
     free = [GenerationRequest(f"f{i}", _ids(runner, p), {"gen_length": 32}, mode=Mode.AR) for i, p in enumerate(PROMPTS)]
