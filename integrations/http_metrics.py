@@ -39,6 +39,10 @@ class APIMetrics:
         self.modes = Counter("refusion_api_mode_decisions", "Requests by the mode that served them", ["mode"], registry=r)
         self.prompt_tokens = Counter("refusion_api_prompt_tokens", "Prompt tokens received", registry=r)
         self.completion_tokens = Counter("refusion_api_completion_tokens", "Tokens generated", registry=r)
+        # Editor protocol accept/reject telemetry (docs/editor-protocol.md): acceptance rate =
+        # accept / (accept + reject); known="false" when the server no longer remembered the completion.
+        self.editor_feedback = Counter("refusion_api_editor_feedback", "Editor accept/reject events", ["event", "known"], registry=r)
+        self.editor_accepted_chars = Counter("refusion_api_editor_accepted_chars", "Characters of editor completions users kept", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -34,7 +34,8 @@ async def editor_socket(websocket: WebSocket) -> None:
     """One EditorSession per connection; every frame gets an answer, bad ones included. Browser origins
     are checked before this runs (integrations.auth.OriginGuard)."""
     await websocket.accept()
-    session = EditorSession(websocket.app.state.engine_client, websocket.send_bytes)
+    state = websocket.app.state
+    session = EditorSession(state.engine_client, websocket.send_bytes, metrics=state.metrics)
     try:
         while True:
             message = await websocket.receive()

@@ -12,6 +12,7 @@ Limits.max_inflight.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from collections import OrderedDict
@@ -43,14 +44,18 @@ class _Inflight:
 class EditorSession:
     """State of one WebSocket connection (see module docstring)."""
 
-    def __init__(self, client, send: Send, limits: rpc.Limits | None = None):
+    def __init__(self, client, send: Send, limits: rpc.Limits | None = None, metrics=None):
+        """metrics: the ingress's APIMetrics (integrations/http_metrics.py), which counts accept/reject
+        telemetry for the whole service; None (unit tests) counts only in `feedback`."""
         self.client = client
         self.limits = limits or rpc.Limits()
+        self.metrics = metrics
         self.conn_id = uuid.uuid4().hex[:10]
+        self._engine_ids = itertools.count(1)  # engine request ids: client ids 1 and "1" are different ids
         self.inflight: dict = {}  # request id -> _Inflight
         self.by_uri: dict[str, object] = {}  # uri -> request id in flight
         self.finished: OrderedDict = OrderedDict()  # request id -> completion text length
-        self.telemetry: list[dict] = []  # accept/reject events
+        self.feedback = {"accept": 0, "reject": 0, "accepted_chars": 0}  # this connection's telemetry, counted
         self._send = send
         self._send_lock = asyncio.Lock()
         self._closed = False
@@ -145,7 +150,7 @@ class EditorSession:
         if params.seed is not None:
             sampling["seed"] = params.seed
         return CompletionJob(
-            request_id=f"ed-{self.conn_id}-{msg_id}",
+            request_id=f"ed-{self.conn_id}-{next(self._engine_ids)}",
             prompt=prompt,
             gaps=params.gaps or plan_gaps(params.max_tokens, params.multiline),
             rules=Rules(suffix=params.suffix, multiline=params.multiline, indent=params.indent),
@@ -169,7 +174,7 @@ class EditorSession:
             await self.send(rpc.encode_response(msg_id, _engine_error(exc).to_wire()))
             return
         self._remember(msg_id, len(outcome.text))
-        await self.send(rpc.encode_response(msg_id, None, {
+        result = {
             "text": outcome.text,
             "stop_reason": outcome.stop_reason,
             "timings": outcome.timings(),
@@ -178,7 +183,10 @@ class EditorSession:
             "mode": outcome.mode,
             "gap": outcome.gap,
             "truncated": job.prompt.truncated,
-        }))
+        }
+        if params.version is not None:
+            result["version"] = params.version  # echoed: which document version the text completes
+        await self.send(rpc.encode_response(msg_id, None, result))
 
     def _on_done(self, msg_id, task: asyncio.Task) -> None:
         """Bookkeeping when a completion task ends; a cancelled one answers REQUEST_CANCELLED here
@@ -226,7 +234,14 @@ class EditorSession:
             raise rpc.invalid_params(
                 "accepted_length", f"is {length} but completion {target!r} was {self.finished[target]} chars"
             )
-        self.telemetry.append({"event": req.method, "id": target, "accepted_length": length, "known": known})
+        # Counted, not kept: a connection may send feedback forever (ids up to a frame's size each).
+        # Characters only of completions the server remembers (bounded by their length).
+        kept = length if known and req.method == "accept" else 0
+        self.feedback[req.method] += 1
+        self.feedback["accepted_chars"] += kept
+        if self.metrics is not None:
+            self.metrics.editor_feedback.labels(event=req.method, known=str(known).lower()).inc()
+            self.metrics.editor_accepted_chars.inc(kept)
         return {"ok": True, "known": known}
 
     async def close(self) -> None:

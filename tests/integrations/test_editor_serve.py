@@ -289,3 +289,31 @@ async def test_infill_tokens_cached_counts_prompt_tokens_reused_from_the_cache(s
     assert 0 <= first["tokens_cached"] <= again["tokens_cached"] <= again["tokens_evaluated"]
     assert again["tokens_cached"] > 0  # the same prompt again: served from the prefix cache
     assert again["prompt"].endswith(HELD_OUT_PREFIX.rstrip(" "))  # the processed prompt
+
+
+def _feedback_counts(metrics_text: str) -> dict:
+    counts = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(("refusion_api_editor_feedback_total", "refusion_api_editor_accepted_chars_total")):
+            name, value = line.rsplit(" ", 1)
+            counts[name] = float(value)
+    return counts
+
+
+async def test_accept_and_reject_are_counted_in_metrics(serve_base_url):
+    async with httpx.AsyncClient(base_url=serve_base_url, timeout=60) as http:
+        before = _feedback_counts((await http.get("/metrics")).text)
+        async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws:
+            conn = Conn(ws)
+            await conn.request(1, "complete", complete(uri="file:///fb.py", mode="ar", temperature=1.0, seed=5))
+            _, _, err, result = await conn.response(1)
+            assert err is None, err
+            await conn.request(2, "accept", {"id": 1, "accepted_length": len(result["text"])})
+            await conn.request(3, "reject", {"id": "never-sent"})
+            assert (await conn.response(2))[3] == {"ok": True, "known": True}
+            assert (await conn.response(3))[3] == {"ok": True, "known": False}
+        after = _feedback_counts((await http.get("/metrics")).text)
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    assert delta['refusion_api_editor_feedback_total{event="accept",known="true"}'] == 1
+    assert delta['refusion_api_editor_feedback_total{event="reject",known="false"}'] == 1
+    assert delta["refusion_api_editor_accepted_chars_total"] == len(result["text"])

@@ -187,7 +187,7 @@ async def test_accept_and_reject_are_recorded_and_checked(session, fake_client):
     await s.handle_frame(rpc.encode_request(4, "accept", {"id": 1, "accepted_length": len(text) + 5}))
     assert wire.responses(2)[0][3] == {"ok": True, "known": True}
     assert wire.responses(4)[0][2]["data"]["field"] == "accepted_length"
-    assert [e["event"] for e in s.telemetry] == ["accept", "reject"]
+    assert s.feedback == {"accept": 1, "reject": 1, "accepted_chars": len(text)}  # the refused one not counted
 
 
 async def test_close_cancels_everything_in_flight(fake_client, wait_until):  # noqa: F811
@@ -259,3 +259,26 @@ async def test_healed_indentation_is_not_doubled(session, fake_client):  # noqa:
     await s.drain()
     assert wire.responses(1)[0][3]["text"] == "total = a + b"
     assert fake_client.tokenizer.decode(fake_client.requests[0].prompt_ids).endswith("def add(a, b):\n")
+
+
+async def test_ids_1_and_string_1_are_different_requests(session, fake_client):  # noqa: F811
+    """The protocol's ids are ints or strings: 1 and "1" in flight together are two requests (their
+    engine request ids once collided and the second was refused naming an internal field)."""
+    s, wire = session
+    fake_client.hold = threading.Event()
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(uri="file:///a.py", multiline=False)))
+    await s.handle_frame(rpc.encode_request("1", "complete", complete_params(uri="file:///b.py", multiline=False)))
+    fake_client.hold.set()
+    await s.drain()
+    assert [r[2] for r in wire.responses()] == [None, None]  # both results, no error
+    assert sorted(str(r[1]) for r in wire.responses()) == ["1", "1"]
+    engine_ids = [req.request_id for req in fake_client.requests]
+    assert len(engine_ids) == len(set(engine_ids)) >= 2
+
+
+async def test_result_echoes_the_document_version(session, fake_client):  # noqa: F811
+    s, wire = session
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(version=42, multiline=False)))
+    await s.handle_frame(rpc.encode_request(2, "complete", complete_params(uri="file:///b.py", multiline=False)))
+    await s.drain()
+    assert wire.responses(1)[0][3]["version"] == 42 and "version" not in wire.responses(2)[0][3]
