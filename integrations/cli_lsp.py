@@ -27,20 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from integrations.lsp.server import BridgeConfig, build_server
+    from integrations.lsp.server import BridgeConfig, BridgeConfigError, build_server
 
     if args.log_file:
         logging.basicConfig(filename=args.log_file, level=logging.INFO)
-    if not args.url.startswith(("ws://", "wss://")):
-        raise SystemExit(f"--url must be a WebSocket URL (ws://HOST:PORT/v1/editor), got {args.url!r}")
-    for name, value in (("max_tokens", args.max_tokens), ("max_time_ms", args.max_time_ms)):
-        if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    for name, value in (("prefix_lines", args.prefix_lines), ("suffix_lines", args.suffix_lines)):
-        if value < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     config = BridgeConfig(url=args.url, api_key=args.api_key, prefix_lines=args.prefix_lines,
                           suffix_lines=args.suffix_lines, multiline=args.multiline, max_tokens=args.max_tokens,
                           max_time_ms=args.max_time_ms)
+    try:
+        config.check()
+    except BridgeConfigError as exc:
+        raise SystemExit(f"--{exc.field.replace('_', '-')} {exc.message}") from None
     build_server(config).start_io()
     return 0

@@ -1,10 +1,10 @@
 """A document's line endings and indent style, and the one conversion between it and the model's text.
 
 The model was trained on files with LF line endings, indented with spaces. An editor's document may
-use CRLF or tabs. The infill path (editor protocol, llama.cpp's /infill, `suffix` on /v1/completions)
-converts the document to the model's form before it builds the prompt, and converts the completion
-back, so that:
-  - a CRLF document gets the same completion as its LF twin, with CRLF line breaks;
+use CRLF or CR line breaks (LSP counts "\n", "\r\n" and "\r") or tabs. The infill path (editor
+protocol, llama.cpp's /infill, `suffix` on /v1/completions) converts the document to the model's form
+before it builds the prompt, and converts the completion back, so that:
+  - a CRLF or CR document gets the same completion as its LF twin, with its own line breaks;
   - a tab-indented document gets the completion of its space-indented twin (MODEL_TAB_WIDTH spaces a
     tab), indented with tabs.
 Only indentation is converted (tabs at the start of a line; runs of spaces at the start of a
@@ -22,13 +22,14 @@ MODEL_TAB_WIDTH = 4
 _LEADING_TABS = re.compile(r"^\t+", re.MULTILINE)
 _LEADING_SPACES = re.compile(r"^ +", re.MULTILINE)
 _INDENT_START = re.compile(r"^([ \t])", re.MULTILINE)
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # LSP's line breaks
 
 
 @dataclass(frozen=True)
 class DocumentStyle:
     """How a document writes line breaks and indentation.
 
-    line_ending: "\\r\\n" when the document's first line break is CRLF, else "\\n".
+    line_ending: the document's first line break ("\\r\\n", "\\r" or "\\n"); "\\n" when it has none.
     tabs: the document indents with tabs (more of its indented lines start with a tab than a space).
     """
 
@@ -39,15 +40,15 @@ class DocumentStyle:
     def of(cls, *texts: str) -> "DocumentStyle":
         """The style of the document made of `texts` (e.g. prefix and suffix), judged on all of them."""
         text = "".join(texts)
-        newline = text.find("\n")
-        line_ending = "\r\n" if newline > 0 and text[newline - 1] == "\r" else "\n"
-        starts = _INDENT_START.findall(text)
+        first = _LINE_BREAK.search(text)
+        line_ending = first.group() if first else "\n"
+        starts = _INDENT_START.findall(_LINE_BREAK.sub("\n", text))
         return cls(line_ending, starts.count("\t") > starts.count(" "))
 
     def to_model(self, text: str) -> str:
         """Document text as the model reads it: LF line breaks (also for a mixed document), leading tabs
         as MODEL_TAB_WIDTH spaces each when the document indents with tabs."""
-        text = text.replace("\r\n", "\n")
+        text = _LINE_BREAK.sub("\n", text)
         if self.tabs:
             text = _LEADING_TABS.sub(lambda m: " " * (MODEL_TAB_WIDTH * len(m.group())), text)
         return text
@@ -75,7 +76,7 @@ class DocumentStyle:
 def cursor_at_indent(prefix: str) -> bool:
     """Whether the cursor after `prefix` stands in its line's indentation at a tab stop (only tabs
     before it on the line): DocumentStyle.to_document's at_indent."""
-    return not prefix.rsplit("\n", 1)[-1].strip("\t")
+    return not prefix[max(prefix.rfind("\n"), prefix.rfind("\r")) + 1:].strip("\t")
 
 
 def _tabs_for_spaces(text: str) -> str:

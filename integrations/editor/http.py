@@ -35,7 +35,7 @@ async def editor_socket(websocket: WebSocket) -> None:
     are checked before this runs (integrations.auth.OriginGuard)."""
     await websocket.accept()
     state = websocket.app.state
-    session = EditorSession(state.engine_client, websocket.send_bytes, metrics=state.metrics)
+    session = EditorSession(state.engine_client, websocket.send_bytes, metrics=getattr(state, "metrics", None))
     try:
         while True:
             message = await websocket.receive()

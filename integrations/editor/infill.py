@@ -60,13 +60,16 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def format_context(chunks: Sequence, language: str = "") -> str:
     """Context chunks as plain code: a comment line naming the file, then its text."""
-    comment = _LINE_COMMENT.get(language.lower(), "#" if not language else "//")
-    parts = []
-    for chunk in chunks:
-        path, text = (chunk.path, chunk.text) if hasattr(chunk, "path") else (chunk.get("path", ""), chunk["text"])
-        header = f"{comment} {path}\n" if path else ""
-        parts.append(header + text + ("" if text.endswith("\n") else "\n"))
+    parts = ["".join(_chunk_parts(chunk, language)) for chunk in chunks]
     return "\n".join(parts) + ("\n" if parts else "")
+
+
+def _chunk_parts(chunk, language: str) -> tuple[str, str]:
+    """(header, text) of one context chunk: the comment line naming its path ("" without a path) and
+    its text ending in a line break."""
+    comment = _LINE_COMMENT.get(language.lower(), "#" if not language else "//")
+    path, text = (chunk.path, chunk.text) if hasattr(chunk, "path") else (chunk.get("path", ""), chunk["text"])
+    return (f"{comment} {path}\n" if path else ""), text + ("" if text.endswith("\n") else "\n")
 
 
 def build_infill_prompt(
@@ -102,14 +105,16 @@ def build_infill_prompt(
     truncated = False
     context_ids: list[int] = []
     for chunk in reversed(list(context)):  # newest chunks (end of the list) are kept first
-        text = format_context([chunk], language)
-        text = DocumentStyle.of(text).to_model(text)
-        if len(text) > max_context_tokens * MAX_CHARS_PER_TOKEN:  # could never fit the budget
+        header, text = _chunk_parts(chunk, language)
+        chunk_style = DocumentStyle.of(text)
+        header, text = chunk_style.to_model(header), chunk_style.to_model(text + "\n")  # a blank line after
+        room = max_context_tokens - len(context_ids)
+        ids = _encode(tokenizer, header + text) if len(header + text) <= room * MAX_CHARS_PER_TOKEN else None
+        if ids is None or len(ids) > room:
+            # The chunk that crosses the budget keeps its path line and its last whole lines that fit
+            # (llama.cpp keeps the newest tokens of input_extra too); older chunks do not fit after it.
             truncated = True
-            break
-        ids = _encode(tokenizer, text)
-        if len(context_ids) + len(ids) > max_context_tokens:
-            truncated = True
+            context_ids = _header_and_tail(tokenizer, header, text, room) + context_ids
             break
         context_ids = ids + context_ids
     kept = prefix.rstrip(" \t")
@@ -129,6 +134,28 @@ def build_infill_prompt(
         # A completion at the very start of an empty file: give the model something to attend to.
         prompt_ids = _encode(tokenizer, "\n") or [tokenizer.eos_token_id]
     return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids), healed, style, at_indent)
+
+
+def _header_and_tail(tokenizer, header: str, text: str, budget: int) -> list[int]:
+    """Ids of a context chunk cut to `budget` tokens: its header and the longest run of its last whole
+    lines that fits after it; [] when no line fits."""
+    header_ids = _encode(tokenizer, header)
+    room = budget - len(header_ids)
+    if room <= 0:
+        return []
+    window = text[-room * MAX_CHARS_PER_TOKEN:]  # bounded tokenizing, as for the other parts
+    starts = [i + 1 for i, ch in enumerate(window[:-1]) if ch == "\n"]
+    if len(window) == len(text):
+        starts.insert(0, 0)  # the text's own start is a line start; a cut window's is not
+    lo, hi, best = 0, len(starts) - 1, []
+    while lo <= hi:  # the earliest line start whose tail fits (a longer tail has more tokens)
+        mid = (lo + hi) // 2
+        ids = _encode(tokenizer, window[starts[mid]:])
+        if len(ids) <= room:
+            best, hi = ids, mid - 1
+        else:
+            lo = mid + 1
+    return header_ids + best if best else []
 
 
 def heal_text(text: str, healed: str) -> str:

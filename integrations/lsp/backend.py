@@ -55,7 +55,9 @@ class EditorBackend:
                     )
                 except InvalidStatus as exc:
                     status = exc.response.status_code
-                    hint = ": missing or wrong API key (--api-key)" if status in (401, 403) else ""
+                    # The server refuses a handshake before accepting it, so every refusal is a 403 here.
+                    hint = (": a missing or wrong API key (--api-key), a path other than /v1/editor, or a "
+                            "server shutting down" if status in (401, 403) else "")
                     raise ConnectionRefusedError(f"{self.url} refused the WebSocket with HTTP {status}{hint}") from None
                 self._reader = asyncio.ensure_future(self._read(self._ws))
                 self.server_info = await self._call_on(self._ws, "initialize", {"client": {"name": "refusion-lsp"}})

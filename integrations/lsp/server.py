@@ -11,13 +11,15 @@ the older one in the backend too.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import JsonRPCRequestMessage
+from pygls.workspace import TextDocument, Workspace
 
 from integrations.lsp.backend import BackendError, EditorBackend
 
@@ -36,17 +38,89 @@ class BridgeConfig:
     params: dict = field(default_factory=dict)  # extra `complete` params, e.g. {"mode": "ar", "temperature": 0.2}
 
     def update(self, options: dict | None) -> None:
+        """Apply initializationOptions (None values keep the default); raises BridgeConfigError naming the
+        first bad option, and then changes nothing."""
+        updated = BridgeConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
         for key, value in (options or {}).items():
             if key in self.__dataclass_fields__ and value is not None:
-                setattr(self, key, value)
+                setattr(updated, key, value)
+        updated.check()
+        self.__dict__.update(updated.__dict__)
+
+    def check(self) -> None:
+        """Raises BridgeConfigError(field, message) for the first field a completion could not use."""
+        def integer(value, low):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        if not isinstance(self.url, str) or not self.url.startswith(("ws://", "wss://")):
+            raise BridgeConfigError("url", f"must be a WebSocket URL (ws://HOST:PORT/v1/editor), got {self.url!r}")
+        if self.api_key is not None and not isinstance(self.api_key, str):
+            raise BridgeConfigError("api_key", "must be a string")
+        for name in ("prefix_lines", "suffix_lines"):
+            if not integer(getattr(self, name), 0):
+                raise BridgeConfigError(name, f"must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("max_tokens", "max_time_ms"):
+            value = getattr(self, name)
+            if value is not None and not integer(value, 1):
+                raise BridgeConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.multiline not in ("auto", "always", "never"):
+            raise BridgeConfigError("multiline", f"must be 'auto', 'always' or 'never', got {self.multiline!r}")
+        if not isinstance(self.params, dict):
+            raise BridgeConfigError("params", "must be an object of extra `complete` params, e.g. {\"mode\": \"ar\"}")
+
+
+class BridgeConfigError(ValueError):
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name} {message}")
+        self.field = field_name
+        self.message = message
+
+
+# LSP's line breaks are "\n", "\r\n" and "\r" only (LSP 3.17, "Text Documents"). pygls splits lines
+# with str.splitlines, which also breaks at form feeds, U+2028 and others: positions in a file with a
+# form feed (common in Python, C and Lisp sources) then point into the wrong line, and incremental edits
+# land there too, corrupting the bridge's copy of the document.
+_LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+class LspTextDocument(TextDocument):
+    """A pygls document whose lines end only at LSP's line breaks (see _LSP_LINE)."""
+
+    @property
+    def lines(self):
+        return tuple(_LSP_LINE.findall(self.source))
+
+
+class LspWorkspace(Workspace):
+    """A pygls workspace of LspTextDocuments."""
+
+    def _create_text_document(self, doc_uri, source=None, version=None, language_id=None) -> TextDocument:
+        return LspTextDocument(doc_uri, source=source, version=version, language_id=language_id,
+                               sync_kind=self._sync_kind, position_codec=self.position_codec)
 
 
 def cursor_context(source: str, offset: int, prefix_lines: int, suffix_lines: int) -> tuple[str, str]:
-    """(prefix, suffix) around a character offset, limited to whole lines above and below."""
+    """(prefix, suffix) around a character offset: the cursor's line and at most `prefix_lines` lines
+    above and `suffix_lines` below (LSP line breaks, kept as they are)."""
     before, after = source[:offset], source[offset:]
-    head = before.split("\n")
-    tail = after.split("\n")
-    return "\n".join(head[-(prefix_lines + 1):]), "\n".join(tail[: suffix_lines + 1])
+    starts = [m.end() for m in _LINE_BREAK.finditer(before)]
+    ends = [m.start() for m in _LINE_BREAK.finditer(after)]
+    start = starts[-(prefix_lines + 1)] if len(starts) > prefix_lines else 0
+    end = ends[suffix_lines] if len(ends) > suffix_lines else len(after)
+    return before[start:], after[:end]
+
+
+def position_at_offset(doc, offset: int) -> types.Position:
+    """The client position (the negotiated encoding's units) of a character offset into doc.source. Not
+    pygls's client_position_at_offset, which answers (last line + 1, 0) at the end of a document that
+    does not end with a line break and fails on an empty one."""
+    lines = doc.lines
+    for number, line in enumerate(lines):
+        if offset < len(line) or (number == len(lines) - 1 and not _LINE_BREAK.search(line[-1:])):
+            return types.Position(number, doc.position_codec.client_num_units(line[:offset]))
+        offset -= len(line)
+    return types.Position(len(lines), 0)
 
 
 def clamp_to_line(doc, position: types.Position) -> types.Position:
@@ -63,7 +137,7 @@ def clamp_to_line(doc, position: types.Position) -> types.Position:
 def wants_multiline(mode: str, suffix: str) -> bool:
     if mode in ("always", "never"):
         return mode == "always"
-    return not suffix.split("\n", 1)[0].strip()
+    return not _LINE_BREAK.split(suffix, 1)[0].strip()
 
 
 def complete_params(config: BridgeConfig, uri: str, version: int | None, language: str,
@@ -109,7 +183,14 @@ def build_server(config: BridgeConfig) -> LanguageServer:
 
     @server.feature(types.INITIALIZE)
     def on_initialize(params: types.InitializeParams) -> None:
-        config.update(params.initialization_options if isinstance(params.initialization_options, dict) else None)
+        # pygls made its workspace just before this handler runs, with no document yet: use LSP's lines.
+        ws = server.workspace
+        server.protocol._workspace = LspWorkspace(ws.root_uri, server._text_document_sync_kind,
+                                                  list(ws.folders.values()), ws.position_encoding)
+        try:
+            config.update(params.initialization_options if isinstance(params.initialization_options, dict) else None)
+        except BridgeConfigError as exc:
+            raise JsonRpcInvalidParams(f"initializationOptions.{exc.field} {exc.message}") from None
         backend.url = config.url
         backend.extra_headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
 
@@ -119,8 +200,8 @@ def build_server(config: BridgeConfig) -> LanguageServer:
         if uri not in server.workspace.text_documents:  # pygls would read the path from disk
             raise JsonRpcInvalidParams(f"textDocument {uri} is not open: send textDocument/didOpen first")
         doc = server.workspace.get_text_document(uri)
-        position = clamp_to_line(doc, params.position)
-        offset = doc.offset_at_position(position)
+        offset = doc.offset_at_position(clamp_to_line(doc, params.position))
+        position = position_at_offset(doc, offset)  # where the prefix ends: past-the-end and mid-character positions normalized
         prefix, suffix = cursor_context(doc.source, offset, config.prefix_lines, config.suffix_lines)
         request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
         try:

@@ -21,6 +21,7 @@ TAB_SUFFIX = "\n\treturn parser.parse_args(argv)\n"
 @pytest.mark.parametrize("texts, style", [
     (("a\r\nb",), DocumentStyle("\r\n", False)),
     (("a\nb\r\n",), DocumentStyle("\n", False)),  # the first line break decides
+    (("a\rb\r\tc",), DocumentStyle("\r", True)),  # CR-only (LSP's third line break), tab-indented
     (("no line break",), DocumentStyle("\n", False)),
     ((TAB_PREFIX, TAB_SUFFIX), DocumentStyle("\n", True)),
     (("if x:\n    y\n\tz\n    w",), DocumentStyle("\n", False)),  # mostly spaces
@@ -48,7 +49,8 @@ def test_to_document_round_trips_the_indentation():
 def test_prompt_of_a_crlf_or_tab_document_equals_its_lf_space_twin(bpe_tokenizer):  # noqa: F811
     lf = build_infill_prompt(bpe_tokenizer, TAB_PREFIX.replace("\t", "    "), TAB_SUFFIX.replace("\t", "    "))
     for prefix, suffix in ((TAB_PREFIX, TAB_SUFFIX),
-                           (TAB_PREFIX.replace("\n", "\r\n"), TAB_SUFFIX.replace("\n", "\r\n"))):
+                           (TAB_PREFIX.replace("\n", "\r\n"), TAB_SUFFIX.replace("\n", "\r\n")),
+                           (TAB_PREFIX.replace("\n", "\r"), TAB_SUFFIX.replace("\n", "\r"))):
         doc = build_infill_prompt(bpe_tokenizer, prefix, suffix)
         assert (doc.prompt_ids, doc.suffix_ids, doc.healed) == (lf.prompt_ids, lf.suffix_ids, lf.healed)
         assert doc.style.tabs and doc.at_indent
@@ -72,6 +74,8 @@ async def test_a_crlf_tab_document_gets_its_own_style_back_partials_included(bpe
     assert text == "parser.add_argument('x')\r\n\tif argv:\r\n\t\targv = list(argv)"
     assert partials and all(text.startswith(p) for p in partials)  # every partial a prefix of the result
     assert "\n" not in text.replace("\r\n", "")
+    cr = await _complete(client, TAB_PREFIX.replace("\n", "\r"), TAB_SUFFIX.replace("\n", "\r"), [])
+    assert cr == text.replace("\r\n", "\r")  # a CR-only document: the same completion with CR breaks
 
 
 async def test_an_lf_space_document_is_left_as_the_model_wrote_it(bpe_tokenizer):  # noqa: F811

@@ -140,6 +140,22 @@ def test_build_infill_prompt_places_context_before_prefix(bpe_tokenizer):  # noq
     assert not p.truncated
 
 
+def test_a_context_chunk_over_the_budget_keeps_its_path_and_last_lines(bpe_tokenizer):  # noqa: F811
+    """The newest chunk that crosses the context budget keeps its path line and its last whole lines (it
+    used to drop every chunk, small older ones included, leaving the prompt without context)."""
+    tok = bpe_tokenizer
+    big = "".join(f"value_{i} = {i}\n" for i in range(2_000))
+    ctx = [{"path": "small.py", "text": "SMALL = 1\n"}, {"path": "big.py", "text": big}]
+    p = build_infill_prompt(tok, "x = ", "", ctx, "python", max_context_tokens=100)
+    context = tok.decode(p.prompt_ids[:p.context_tokens])
+    assert p.truncated and 50 < p.context_tokens <= 100
+    assert context.startswith("# big.py\nvalue_") and context.endswith("value_1999 = 1999\n\n")
+    assert "SMALL" not in context and context.split("\n")[1] in big.split("\n")  # whole lines only
+    fits = build_infill_prompt(tok, "x = ", "", ctx[:1] + [{"path": "b.py", "text": big[:40]}], "python",
+                               max_context_tokens=100)
+    assert tok.decode(fits.prompt_ids).startswith("# small.py\nSMALL = 1\n\n# b.py\n") and not fits.truncated
+
+
 def test_build_infill_prompt_truncates_prefix_from_its_start_and_suffix_from_its_end(bpe_tokenizer):  # noqa: F811
     tok = bpe_tokenizer
     prefix = "".join(f"line_{i} = {i}\n" for i in range(200))

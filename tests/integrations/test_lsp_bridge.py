@@ -15,7 +15,8 @@ from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fixture
 
-from integrations.lsp.server import cursor_context, wants_multiline
+from integrations.lsp.server import (BridgeConfig, BridgeConfigError, LspTextDocument, cursor_context,
+                                    position_at_offset, wants_multiline)
 from serve_testbed import free_port
 
 DOC = "def area(r):\n    \n    return result\n"
@@ -117,6 +118,76 @@ def test_cursor_context_and_multiline_choice():
     assert wants_multiline("always", ")") and not wants_multiline("never", "\n")
 
 
+def test_lines_break_only_where_lsp_says():
+    """LSP's line breaks are \\n, \\r\\n and \\r: a form feed or U+2028 is text (pygls's splitlines broke
+    there, so positions and incremental edits landed on the wrong line)."""
+    source = "import os\n\x0c\ndef f():\n    return 1\u2028x\r\ny\rz"
+    doc = LspTextDocument("file:///t.py", source)
+    assert doc.lines == ("import os\n", "\x0c\n", "def f():\n", "    return 1\u2028x\r\n", "y\r", "z")
+    assert source[doc.offset_at_position(types.Position(3, 4)):].startswith("return 1")
+    doc.apply_change(types.TextDocumentContentChangePartial(
+        range=types.Range(types.Position(3, 4), types.Position(3, 4)), text="x"))
+    assert doc.lines[3] == "    xreturn 1\u2028x\r\n"
+    assert cursor_context("a\rb\r\nc\nd", 6, prefix_lines=1, suffix_lines=0) == ("b\r\nc", "")  # CR and CRLF too
+    assert wants_multiline("auto", "\r    return") and not wants_multiline("auto", "x\ry")
+
+
+def test_position_at_offset_is_the_normalized_cursor():
+    doc = LspTextDocument("file:///t.py", "a\U0001F600b\nxy")  # UTF-16: the emoji is 2 units
+    assert position_at_offset(doc, 2) == types.Position(0, 3)  # after the emoji
+    assert position_at_offset(doc, 4) == types.Position(1, 0)
+    assert position_at_offset(doc, 6) == types.Position(1, 2)  # end of a document without a final newline
+    assert position_at_offset(LspTextDocument("file:///t.py", "ab\n"), 3) == types.Position(1, 0)
+    assert position_at_offset(LspTextDocument("file:///t.py", ""), 0) == types.Position(0, 0)
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"prefix_lines": "x"}, "prefix_lines"), ({"prefix_lines": -1}, "prefix_lines"), ({"params": "x"}, "params"),
+    ({"url": "http://h/v1/editor"}, "url"), ({"max_time_ms": 0}, "max_time_ms"), ({"multiline": "yes"}, "multiline"),
+])
+def test_initialization_options_are_checked_and_a_bad_one_changes_nothing(options, field):
+    config = BridgeConfig()
+    with pytest.raises(BridgeConfigError) as err:
+        config.update({"max_tokens": 8, **options})
+    assert err.value.field == field and config == BridgeConfig()
+    config.update({"max_tokens": 8, "prefix_lines": None})
+    assert config.max_tokens == 8 and config.prefix_lines == 256
+
+
+async def test_bad_initialization_options_fail_initialize_naming_the_option(scripted_backend):
+    url, _ = scripted_backend
+    with pytest.raises(Exception, match="initializationOptions.prefix_lines must be an integer >= 0"):
+        await start_lsp(url, {"prefix_lines": "x"})
+
+
+async def test_form_feed_document_edit_and_completion_on_the_right_line(scripted_backend):
+    """End to end through the bridge: a document with a form feed, an incremental edit, a completion:
+    the prompt the engine gets is the edited document cut at the cursor."""
+    url, fake = scripted_backend
+    client = LanguageClient("refusion-test", "0")
+    await client.start_io(sys.executable, "-m", "integrations.cli", "lsp", "--url", url, "--max-time-ms", "5000")
+    try:
+        await asyncio.wait_for(client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities())), WAIT_S)
+        client.initialized(types.InitializedParams())
+        uri = "file:///tmp/ff.py"
+        client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=types.TextDocumentItem(
+            uri=uri, language_id="python", version=1, text="import os\n\x0c\ndef f():\n    return 1\n")))
+        client.text_document_did_change(types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+            content_changes=[types.TextDocumentContentChangePartial(
+                range=types.Range(types.Position(3, 4), types.Position(3, 4)), text="y = 2\n    ")]))
+        params = inline_params(4, 4)
+        params.text_document = types.TextDocumentIdentifier(uri=uri)
+        n = len(fake.requests)
+        result = await asyncio.wait_for(client.text_document_inline_completion_async(params), WAIT_S)
+    finally:
+        await stop_lsp(client)
+    assert all(item.range.start == types.Position(4, 4) for item in result.items)
+    req = fake.requests[n]
+    assert fake.tokenizer.decode(req.prompt_ids).endswith("import os\n\x0c\ndef f():\n    y = 2\n")  # indent healed
+    assert fake.tokenizer.decode(req.suffix_ids).startswith("return 1\n")
+
+
 async def test_initialization_options_reach_the_backend(scripted_backend):
     url, fake = scripted_backend
     client = await start_lsp(url, {"multiline": "never", "params": {"mode": "ar", "temperature": 0.5}})
@@ -197,7 +268,7 @@ async def test_unreachable_backend_is_an_lsp_error_not_an_empty_answer():
 @pytest.mark.parametrize("argv, message", [
     (["--url", "http://127.0.0.1:8000/v1/editor"], "--url must be a WebSocket URL"),
     (["--max-tokens", "0"], "--max-tokens must be a positive integer"),
-    (["--suffix-lines", "-1"], "--suffix-lines must be >= 0"),
+    (["--suffix-lines", "-1"], "--suffix-lines must be an integer >= 0"),
 ])
 def test_cli_rejects_bad_arguments_with_a_clear_message(argv, message):
     from integrations.cli import main

@@ -13,7 +13,7 @@ import pytest
 from test_editor_fakes import FakeEngineClient, bpe_tokenizer, fake_client  # noqa: F401 - fixtures
 
 from integrations.auth import OriginGuard, normalize_origin
-from integrations.editor.infill import MAX_CHARS_PER_TOKEN, MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, build_infill_prompt
+from integrations.editor.infill import MAX_CHARS_PER_TOKEN, MAX_CONTEXT_TOKENS, MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, build_infill_prompt
 from integrations.openai_api import APISettings, create_app
 from integrations.request_limits import (
     BodyLimitMiddleware, InputError, MAX_JSON_DEPTH, RequestLimits, parse_json_object, sampling_temperature,
@@ -190,8 +190,8 @@ def test_infill_prompt_tokenizes_at_most_its_budgets(bpe_tokenizer):  # noqa: F8
     tokenizer = _BlockingTokenizer(bpe_tokenizer, block_over=10**9)
     prompt = build_infill_prompt(tokenizer, "def f():\n    pass\n" * 20_000, "x = 1\n" * 20_000,
                                  [{"path": "big.py", "text": "y = 2\n" * 20_000}])
-    assert prompt.truncated and len(prompt.prompt_ids) == MAX_PREFIX_TOKENS
-    assert len(prompt.suffix_ids) == MAX_SUFFIX_TOKENS and prompt.context_tokens == 0
+    assert prompt.truncated and len(prompt.prompt_ids) == MAX_PREFIX_TOKENS + prompt.context_tokens
+    assert len(prompt.suffix_ids) == MAX_SUFFIX_TOKENS and 0 < prompt.context_tokens <= MAX_CONTEXT_TOKENS
     assert max(tokenizer.calls) <= MAX_PREFIX_TOKENS * MAX_CHARS_PER_TOKEN
 
 
