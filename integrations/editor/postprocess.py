@@ -5,7 +5,10 @@ Applied in this order to the text generated so far (cumulative, so it also runs 
      (a completion that starts with a newline keeps that one newline and its next line);
   2. indentation (llama.cpp `n_indent`): stop before the first new line whose indentation is
      smaller than `indent` (only lines with visible text count; a line is judged once it has some);
-  3. suffix repeat: stop where the completion starts repeating the text after the cursor.
+  3. suffix repeat: stop where the completion starts repeating the text after the cursor;
+  4. trailing line breaks (final): when the text after the cursor starts with a line break, the
+     completion's trailing line breaks and blank lines are dropped (the document has that line break;
+     kept, they would insert a blank line). Partials never show them (a line with no visible text waits).
 
 Each rule returns the kept text and whether it cut; a cut is final (more tokens cannot undo it),
 so the caller may cancel generation at once. `final=True` enables the rules that only make sense
@@ -205,4 +208,9 @@ def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
     cut = CUT_INDENT if did else cut
     text, did = trim_suffix_repeat(text, rules.suffix, final=final)
     cut = CUT_SUFFIX if did else cut
+    if final and rules.suffix.startswith("\n"):
+        body = text.rstrip()
+        tail = text[len(body):]
+        if "\n" in tail:  # spaces before the first dropped line break stay: a partial may have shown them
+            text = body + tail[: tail.index("\n")]
     return Processed(text, cut)

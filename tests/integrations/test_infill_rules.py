@@ -189,3 +189,32 @@ def test_token_healing_leaves_trailing_spaces_to_the_model(bpe_tokenizer):  # no
     assert heal_text("     return x", "    ") == " return x"  # never more than the healed amount
     assert heal_text("\n    y", "    ") == "\n    y"  # a newline first: kept as is
     assert build_infill_prompt(bpe_tokenizer, "x = 1", "").healed == ""
+
+
+def test_rules_read_a_bounded_window_of_a_huge_suffix(bpe_tokenizer):  # noqa: F811
+    """The rules run on every delta; a 200,000-character suffix is cut as the prompt's is (they read its
+    first lines and a completion's length of it), with the same outcome as on the whole suffix."""
+    from integrations.editor.infill import MAX_CHARS_PER_TOKEN, MAX_SUFFIX_TOKENS
+    from integrations.editor.postprocess import Rules, postprocess
+    from integrations.editor.runner import CompletionJob
+
+    suffix = "\n    return total\n" + "x = 1\n" * 40_000
+    job = CompletionJob("t", build_infill_prompt(bpe_tokenizer, "def f():\n    ", suffix), (32,), Rules(suffix=suffix))
+    rules = job.model_rules()
+    assert len(rules.suffix) == MAX_SUFFIX_TOKENS * MAX_CHARS_PER_TOKEN and suffix.startswith(rules.suffix)
+    raw = "total = 1\n    return total\nx = 1\n"
+    assert postprocess(raw, rules, final=True) == postprocess(raw, Rules(suffix=suffix), final=True)
+
+
+@pytest.mark.parametrize("raw, suffix, final", [
+    ("total = a + b\n", "\n    return total\n", "total = a + b"),  # would insert a blank line
+    ("\n    helper()\n\n  \n", "\n", "\n    helper()"),
+    ("x = 1  \n", "\nprint(x)", "x = 1  "),  # spaces a partial may have shown stay
+    ("x = 1\n", "", "x = 1\n"),  # end of the file: as generated
+    ("x = 1\n", " + y\n", "x = 1\n"),  # mid-line cursor: not this rule's business
+])
+def test_trailing_line_breaks_before_a_line_break_are_dropped(raw, suffix, final):
+    from integrations.editor.postprocess import Rules, postprocess, shown_partial
+
+    assert postprocess(raw, Rules(suffix=suffix), final=True).text == final
+    assert final.startswith(shown_partial(raw, suffix))  # what a stream showed stays a prefix
