@@ -244,8 +244,8 @@ async def test_infill_usage_counts_generated_tokens_not_the_returned_texts(wait_
     await engine.start()
     card = read_model_card(model)
     app = create_app(APISettings(model_name="m", decode_defaults=card["defaults"]), LocalEngineClient(engine, tok, "m", card))
-    lf = {"prompt": "import os\n\ndef list_files(path):\n", "suffix": "\n\nprint(list_files('.'))\n",
-          "max_tokens": 7, "temperature": 0, "mode": "ar"}
+    lf = {"prompt": "class Stack:\n    def __init__(self):\n", "suffix": "\n    def push(self, item):\n",
+          "max_tokens": 24, "temperature": 0, "mode": "ar"}
     crlf = {**lf, "prompt": lf["prompt"].replace("\n", "\r\n"), "suffix": lf["suffix"].replace("\n", "\r\n")}
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
@@ -255,7 +255,7 @@ async def test_infill_usage_counts_generated_tokens_not_the_returned_texts(wait_
     (lf_out, crlf_out) = answers
     assert "\n" in lf_out["choices"][0]["text"], lf_out  # a line break to restore, so the case bites
     assert crlf_out["choices"][0]["text"] == lf_out["choices"][0]["text"].replace("\n", "\r\n")
-    assert crlf_out["usage"]["completion_tokens"] == lf_out["usage"]["completion_tokens"] <= 7
+    assert crlf_out["usage"]["completion_tokens"] == lf_out["usage"]["completion_tokens"] <= 24
 
 
 def test_chat_template_errors_are_400(tiny_model_dir):
