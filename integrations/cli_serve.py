@@ -5,7 +5,8 @@
 
 Without --address a local Ray instance is started (no dashboard); with it the app is deployed on that
 cluster. --config reads a Ray Serve config file (config/serve.yaml: `applications[0].args` and
-`http_options`) or a bare mapping of ServeConfig fields; flags override the file. Engine replicas ask
+`.deployments`, `http_options`, `proxy_location`), as `serve deploy` does, or a bare mapping of
+ServeConfig fields; flags override the file. Engine replicas ask
 for one GPU when the cluster has GPUs and the config does not say otherwise.
 
 Ctrl-C or SIGTERM drains, then shuts down (integrations/serve_drain.py): new requests get 503 +
@@ -19,9 +20,10 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from integrations.serve_config import DEFAULT_MODEL
+from integrations.serve_config import DEFAULT_MODEL, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +41,18 @@ class CLIError(ValueError):
     """A flag or config-file problem; the message names it and says what to change."""
 
 
-def load_config_file(path: Path) -> tuple[dict, dict]:
-    """(ServeConfig args, http_options) from a Serve config file or a bare args mapping."""
+@dataclass
+class ConfigFile:
+    """What `refusion serve` reads of a Serve config file (the keys `serve deploy` also reads)."""
+
+    args: dict = field(default_factory=dict)  # applications[0].args: ServeConfig
+    http: dict = field(default_factory=dict)  # http_options
+    proxy_location: str | None = None  # EveryNode / HeadOnly / Disabled (Ray's default when None)
+    deployments: dict[str, dict] = field(default_factory=dict)  # applications[0].deployments, by name
+
+
+def load_config_file(path: Path) -> ConfigFile:
+    """A Serve config file (or a bare args mapping) as `refusion serve` uses it."""
     import yaml
 
     if not path.is_file():
@@ -48,12 +60,20 @@ def load_config_file(path: Path) -> tuple[dict, dict]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise CLIError(f"--config: {path} must hold a mapping")
-    if "applications" in data:
-        apps = data["applications"] or []
-        if len(apps) != 1:
-            raise CLIError(f"--config: {path} must define exactly one application, found {len(apps)}")
-        return dict(apps[0].get("args") or {}), dict(data.get("http_options") or {})
-    return data, {}
+    if "applications" not in data:
+        return ConfigFile(args=data)
+    apps = data["applications"] or []
+    if len(apps) != 1:
+        raise CLIError(f"--config: {path} must define exactly one application, found {len(apps)}")
+    deployments = {}
+    for entry in apps[0].get("deployments") or []:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name not in (ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT):
+            raise CLIError(f"--config: applications[0].deployments: unknown deployment {name!r}; the "
+                           f"application has {ENGINE_DEPLOYMENT} and {INGRESS_DEPLOYMENT}")
+        deployments[name] = {k: v for k, v in entry.items() if k != "name"}
+    return ConfigFile(dict(apps[0].get("args") or {}), dict(data.get("http_options") or {}),
+                      data.get("proxy_location"), deployments)
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -66,12 +86,14 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return low, high
 
 
-def merged_config(args: argparse.Namespace) -> tuple[dict, dict]:
-    """(ServeConfig args, http_options) from the config file and the flags (flags win)."""
-    config, http = load_config_file(args.config) if args.config else ({}, {})
+def merged_config(args: argparse.Namespace) -> ConfigFile:
+    """The config file with the flags applied (flags win, also over the file's `deployments:` counts)."""
+    file = load_config_file(args.config) if args.config else ConfigFile()
+    config = file.args
     if args.model:
         config["model"] = args.model
     deployment = dict(config.get("engine_deployment") or {})
+    engine_override = file.deployments.get(ENGINE_DEPLOYMENT, {})
     if args.replicas is not None:
         if args.replicas < 1:
             raise CLIError(f"--replicas: must be >= 1, got {args.replicas}")
@@ -81,9 +103,16 @@ def merged_config(args: argparse.Namespace) -> tuple[dict, dict]:
         low, high = parse_autoscale(args.autoscale)
         deployment["autoscaling"] = {**(deployment.get("autoscaling") or {}), "min_replicas": low, "max_replicas": high}
         deployment.pop("num_replicas", None)  # the flag replaces the file's fixed count
+    if args.replicas is not None or args.autoscale:
+        for key in ("num_replicas", "autoscaling_config"):
+            engine_override.pop(key, None)
     config["engine_deployment"] = deployment
-    http = {"host": args.host or http.get("host", "127.0.0.1"), "port": args.port or http.get("port", 8000)}
-    return config, http
+    drain_s, grace_s = config.get("drain_timeout_s", 20.0), engine_override.get("graceful_shutdown_timeout_s")
+    if isinstance(grace_s, (int, float)) and isinstance(drain_s, (int, float)) and grace_s < drain_s + 2:
+        raise CLIError(f"--config: deployments {ENGINE_DEPLOYMENT} graceful_shutdown_timeout_s ({grace_s}) must "
+                       f"exceed drain_timeout_s ({drain_s}) by >= 2 s, or Ray kills replicas mid-drain")
+    file.http = {"host": args.host or file.http.get("host", "127.0.0.1"), "port": args.port or file.http.get("port", 8000)}
+    return file
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,15 +120,19 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from ray import serve
 
-    from integrations.serve_app import build_app
+    from integrations.serve_app import application
     from integrations.serve_config import ServeConfig
     from integrations.serve_drain import drain_app, drain_signal
 
     try:
-        config, http = merged_config(args)
-        build_app(config)  # validate before starting Ray
+        file = merged_config(args)
+        config, http = file.args, file.http
+        application(config, file.deployments)  # validate before starting Ray
     except CLIError as exc:
         print(f"refusion serve: {exc}")
+        return 2
+    except TypeError as exc:  # an option Deployment.options() does not know, from `deployments:`
+        print(f"refusion serve: --config: applications[0].deployments: {exc}")
         return 2
     except ValidationError as exc:
         for error in exc.errors():
@@ -126,9 +159,9 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
-        serve.start(http_options=http)
+        serve.start(http_options=http, **({"proxy_location": file.proxy_location} if file.proxy_location else {}))
         drain = drain_signal("refusion")  # before the replicas: draining then costs one call, no actor start
-        serve.run(build_app(config), name="refusion", route_prefix="/")
+        serve.run(application(config, file.deployments), name="refusion", route_prefix="/")
         print(f"refusion serve: ready at http://{http['host']}:{http['port']} (Ctrl-C to stop)", flush=True)
         stop.wait()
         drain_s = ServeConfig.model_validate(config).drain_timeout_s

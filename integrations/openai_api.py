@@ -27,6 +27,7 @@ from integrations.auth import APIKeyMiddleware, OriginGuard
 from integrations.chat import chat_prompt_ids, conversation_key, forced_prefix_ids
 from integrations.context_fit import fit_generation
 from integrations.editor.document import DocumentStyle, cursor_at_indent
+from integrations.engine_client import ShuttingDownError
 from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
@@ -38,7 +39,7 @@ from integrations.openai_requests import prompt_ids as encode_prompt
 from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop, read_json_object
 from integrations.structured_output import tool_grammar
 from integrations.tool_calls import forced_call
-from scheduler.api import Delta, FinishReason, GenerationRequest
+from scheduler.api import ENGINE_STOPPED, Delta, FinishReason, GenerationRequest
 
 
 @dataclass
@@ -312,7 +313,9 @@ def _checked(delta: Delta, observer: RequestObserver) -> Delta:
     observer.on_delta(delta)
     if delta.finish_reason is FinishReason.CANCELLED:  # never the caller's doing: they would be gone
         why = delta.error or "cancelled by the server"
-        raise overloaded(f"request ended early: {why}; retry", 1.0)  # e.g. replica draining
+        if delta.error == ENGINE_STOPPED:  # a draining replica: the code new requests get then too
+            raise from_engine_error(ShuttingDownError(f"request ended early: {why}; retry", 1.0))
+        raise overloaded(f"request ended early: {why}; retry", 1.0)
     if delta.error and delta.error_field:  # the request's own input failed mid-request (e.g. its grammar)
         raise APIError(400, f"{delta.error_field}: {delta.error}", param=delta.error_field)
     if delta.error:

@@ -32,14 +32,14 @@ from integrations.engine_host import build_engine, engine_metrics_text, one_toke
 from integrations.ingress_gate import IngressGate
 from integrations.openai_api import APISettings, create_app
 from integrations.request_limits import RequestLimits
-from integrations.serve_config import ServeConfig
+from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
 from integrations.serve_drain import DRAIN_RETRY_AFTER_S, report_open_work, signal_drain, wait_for_drain_signal
 from scheduler.api import Delta, EngineError, GenerationRequest
 
-__all__ = ["EngineDeployment", "IngressDeployment", "build_app", "node_name", "signal_drain"]
+__all__ = ["EngineDeployment", "IngressDeployment", "application", "build_app", "node_name", "signal_drain"]
 
 
-@serve.deployment(name="RefusionEngine")
+@serve.deployment(name=ENGINE_DEPLOYMENT)
 class EngineDeployment:
     """Hosts one scheduler Engine. Methods are called through deployment handles by the ingress."""
 
@@ -117,7 +117,7 @@ class EngineDeployment:
             await engine.stop(drain_timeout_s=self.config.drain_timeout_s)
 
 
-@serve.deployment(name="RefusionIngress")
+@serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress()
 class IngressDeployment:
     """The HTTP front: OpenAI API, /metrics, /health and the editor protocol, over ServeEngineClient."""
@@ -163,11 +163,31 @@ def node_name() -> str:
 
 
 def build_app(args: dict) -> serve.Application:
-    """Application builder for `serve run` / `serve deploy` (import_path integrations.serve_app:build_app)
-    and `refusion serve`. `args` follows integrations.serve_config.ServeConfig."""
+    """Application builder for `serve run` / `serve deploy` (import_path integrations.serve_app:build_app;
+    Ray calls builders with one argument). `args` follows integrations.serve_config.ServeConfig."""
+    return application(args)
+
+
+def application(args: dict, deployment_overrides: dict[str, dict] | None = None) -> serve.Application:
+    """The application of `args` (ServeConfig). deployment_overrides: {deployment name: Ray deployment
+    options}, the config file's `deployments:` section, which `serve deploy` applies itself and
+    `refusion serve` passes here; a replica count or autoscaling set there replaces the one in `args`.
+    Raises TypeError/ValueError for an unknown option."""
     config = ServeConfig.model_validate(args or {})
     # Non-defaults only: the replicas validate it again, and a default written out (num_replicas beside
     # autoscaling) would read as set there.
     plain = config.model_dump(exclude_defaults=True)
-    engine = EngineDeployment.options(**config.engine_deployment.ray_options()).bind(plain)
-    return IngressDeployment.options(**config.ingress.ray_options()).bind(engine, plain)
+    overrides = deployment_overrides or {}
+    engine = EngineDeployment.options(**_with_overrides(config.engine_deployment.ray_options(),
+                                                        overrides.get(ENGINE_DEPLOYMENT))).bind(plain)
+    ingress_options = _with_overrides(config.ingress.ray_options(), overrides.get(INGRESS_DEPLOYMENT))
+    return IngressDeployment.options(**ingress_options).bind(engine, plain)
+
+
+def _with_overrides(options: dict, override: dict | None) -> dict:
+    """Deployment options with a `deployments:` entry on top; its replica count or autoscaling replaces
+    the code's (Ray Serve's own precedence under `serve deploy`)."""
+    override = {k: v for k, v in (override or {}).items() if k != "name"}
+    if {"num_replicas", "autoscaling_config"} & set(override):
+        options = {k: v for k, v in options.items() if k not in ("num_replicas", "autoscaling_config")}
+    return {**options, **override}

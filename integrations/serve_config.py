@@ -15,6 +15,8 @@ from integrations.auth import keys_from_env, normalize_origin
 from integrations.request_limits import DEFAULT_MAX_BODY_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
+# The application's deployments, by the names a config file's `deployments:` overrides use.
+ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT = "RefusionEngine", "RefusionIngress"
 DEFAULT_MODEL = REPO / "models" / "refusion-tiny-code"
 
 

@@ -65,8 +65,13 @@ class DrainSignal:
 
 def drain_signal(app_name: str):
     """The drain signal of `app_name` (created if missing), not yet started. It lives as long as the
-    process that created it."""
-    signal = DrainSignal.options(name=_drain_signal_name(app_name), namespace="serve", get_if_exists=True).remote()
+    process that created it, on that process's node: placed anywhere, it died with a worker node and
+    the drain of `refusion serve` after a node loss failed, cutting every stream."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    signal = DrainSignal.options(name=_drain_signal_name(app_name), namespace="serve", get_if_exists=True,
+                                 scheduling_strategy=here).remote()
     ray.get(signal.ready.remote())
     return signal
 
@@ -82,7 +87,10 @@ def drain_app(app_name: str, signal, drain_timeout_s: float, give_up: threading.
     """Drain `app_name` (steps in the module docstring); True when every running replica reported no open
     work within drain_timeout_s + DRAIN_MARGIN_S (and before `give_up` was set). Removes the signal."""
     members = _running_replicas(app_name)
-    ray.get(signal.start.remote())
+    try:
+        ray.get(signal.start.remote())
+    except ray.exceptions.RayActorError:  # gone after all: a new one (replicas look it up again by name)
+        signal = signal_drain(app_name)
     deadline = time.monotonic() + drain_timeout_s + DRAIN_MARGIN_S
     try:
         while time.monotonic() < deadline and not (give_up is not None and give_up.is_set()):

@@ -26,7 +26,8 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 ENGINE_PREFIX, SERVICE_PREFIX = "refusion_", "refusion_service_"
-SUMMED_GAUGES = {"refusion_requests_running", "refusion_requests_waiting", "refusion_kv_blocks_used", "refusion_kv_blocks_capacity"}
+SUMMED_GAUGES = {"refusion_requests_running", "refusion_requests_waiting", "refusion_kv_blocks_used", "refusion_kv_blocks_capacity",
+                 "refusion_prefix_cache_blocks"}
 # service ratio = sum(numerator) / sum(denominator), each given as (family, sample name)
 RATIOS = {
     "kv_cache_usage_ratio": (("refusion_kv_blocks_used",) * 2, ("refusion_kv_blocks_capacity",) * 2,

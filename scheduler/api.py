@@ -33,6 +33,9 @@ class Mode(Enum):
     AUTO = "auto"
 
 
+ENGINE_STOPPED = "engine stopped"  # Delta.error of requests a stopping engine ended (FinishReason.CANCELLED)
+
+
 class FinishReason(Enum):
     STOP = "stop"  # EOS or a stop string
     LENGTH = "length"  # gen_length reached

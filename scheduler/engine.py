@@ -23,7 +23,7 @@ import structlog
 
 from decoding.api import DecodeParamError
 from decoding.grammar import Grammar, GrammarSpec, GrammarTokenizer
-from scheduler.api import Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
+from scheduler.api import ENGINE_STOPPED, Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
 from scheduler.calibration import calibrate
 from scheduler.config import EngineConfig
 from scheduler.decoders import DecoderFactory, ModelDecoderFactory
@@ -122,7 +122,7 @@ class Engine:
         while self.scheduler.has_work() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for req in list(self._requests.values()):
-            self._finish(req, FinishReason.CANCELLED, error="engine stopped")
+            self._finish(req, FinishReason.CANCELLED, error=ENGINE_STOPPED)
         self._wake.set()
         await self._task
         self._task = None

@@ -37,6 +37,8 @@ class EngineMetrics:
         # The parts of the two ratios, so a service of many replicas can sum them (service_metrics.py).
         self.kv_blocks_used = Gauge(f"{p}_kv_blocks_used", "KV blocks in use (main runner).", registry=r)
         self.kv_blocks_capacity = Gauge(f"{p}_kv_blocks_capacity", "KV blocks in the pool (main runner).", registry=r)
+        # The prefix cache's share of kv_blocks_used: used - cached is what requests hold (0 when idle).
+        self.prefix_cache_blocks = Gauge(f"{p}_prefix_cache_blocks", "KV blocks the prefix cache holds (main runner).", registry=r)
         self.prefix_lookup_tokens = Counter(f"{p}_prefix_cache_lookup_tokens", "Prompt tokens looked up in the prefix cache.", registry=r)
         self.prefix_hit_tokens = Counter(f"{p}_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.", registry=r)
         self._prefix_counted = (0, 0)
@@ -70,6 +72,7 @@ class EngineMetrics:
         self.kv_blocks_used.set(blocks.num_total - blocks.num_free)
         self.kv_blocks_capacity.set(blocks.num_total)
         if prefix_cache is not None:
+            self.prefix_cache_blocks.set(prefix_cache.num_blocks)
             self.prefix_hit_rate.set(prefix_cache.hit_rate)
             lookups, hits = self._prefix_counted
             self.prefix_lookup_tokens.inc(max(0, prefix_cache.lookup_tokens - lookups))

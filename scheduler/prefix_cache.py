@@ -48,6 +48,11 @@ class PrefixCache:
         return len(self._entries)
 
     @property
+    def num_blocks(self) -> int:
+        """KV blocks the cache holds (one per entry)."""
+        return len(self._entries)
+
+    @property
     def hit_rate(self) -> float:
         """Share of looked-up prompt tokens served from the cache."""
         return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0

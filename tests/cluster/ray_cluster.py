@@ -104,10 +104,11 @@ class Cluster:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def app_config(self, **engine_deployment) -> dict:
+    def app_config(self, deployments: list[dict] | None = None, **engine_deployment) -> dict:
         """A Serve config file (the shape of config/serve.yaml) for this cluster: the proxy on the head
         only (both nodes share one host and one port), the ingress pinned to the head node, one CPU per
-        engine replica."""
+        engine replica. `deployments`: Ray's per-deployment overrides (replica counts, as
+        config/serve.yaml sets them)."""
         # Health probes are real one-token requests: rare here, so per-replica request counts move only
         # with the tests' own traffic (node loss is noticed from the actor's death, not from probes).
         deployment = {"num_cpus": 1, "torch_threads": 1, "health_check_period_s": 600, "health_check_timeout_s": 30,
@@ -126,6 +127,7 @@ class Cluster:
                     "drain_timeout_s": 50,
                     "health_probe_timeout_s": 20,
                 },
+                **({"deployments": deployments} if deployments else {}),
             }],
         }
 
@@ -140,22 +142,35 @@ class Cluster:
         subprocess.run([str(BIN / "serve"), "deploy", str(path), "--address", self.dashboard_url],
                        check=True, env=ENV, timeout=120, capture_output=True)
 
-    def engine_replicas_settled(self) -> set[str] | None:
-        """The engine replica ids when the application has settled on its latest config (Serve's REST API:
-        application RUNNING, every engine replica RUNNING: no old version still stopping, none starting),
-        else None. Right after `serve deploy` the application is DEPLOYING until the new config's
-        replicas replaced the old ones, so a replica seen then may be one that is about to go."""
+    def serve_details(self) -> dict:
+        """Serve's REST API: the instance's applications (with per-deployment replica states) and proxies."""
         request = urllib.request.Request(self.dashboard_url + "/api/serve/applications/",
                                          headers={"Authorization": f"Bearer {ENV['RAY_AUTH_TOKEN']}"})
         with urllib.request.urlopen(request, timeout=10) as response:
-            app = json.loads(response.read()).get("applications", {}).get("refusion")
+            return json.loads(response.read())
+
+    def serve_application(self) -> dict | None:
+        return self.serve_details().get("applications", {}).get("refusion")
+
+    def serve_proxies(self) -> dict:
+        """{node id: proxy details} of Serve's HTTP proxies."""
+        return self.serve_details().get("proxies") or {}
+
+    def replicas_settled(self, deployment: str = "RefusionEngine") -> set[str] | None:
+        """A deployment's replica ids when the application has settled on its latest config (application
+        RUNNING, every replica of the deployment RUNNING: no old version still stopping, none starting),
+        else None. Right after `serve deploy` the application is DEPLOYING until the new config's
+        replicas replaced the old ones, so a replica seen then may be one that is about to go."""
+        app = self.serve_application()
         if not app or app.get("status") != "RUNNING":
             return None
-        engine = app["deployments"].get("RefusionEngine", {})
-        states = [(r["replica_id"], r["state"]) for r in engine.get("replicas", [])]
+        states = [(r["replica_id"], r["state"]) for r in app["deployments"].get(deployment, {}).get("replicas", [])]
         if not states or any(state != "RUNNING" for _, state in states):
             return None
         return {replica_id.split("#")[-1] for replica_id, _ in states}
+
+    def engine_replicas_settled(self) -> set[str] | None:
+        return self.replicas_settled("RefusionEngine")
 
     def stop_node(self, name: str) -> None:
         """Node loss: every process of that node dies at once (SIGKILL), as when a machine goes away."""

@@ -190,6 +190,33 @@ async def test_autoscaling_scales_up_under_a_ramp_and_drains_on_scale_down(clust
         assert result["finish_reason"] == "length", result  # none cut: each ran to max_tokens
 
 
+async def test_a_replica_count_change_rescales_in_place(cluster):
+    """config/serve.yaml keeps the replica count in Ray's `deployments:` section: `serve deploy` with a new
+    count rescales the running application (a change under `args` would be a new version, replacing
+    every replica, the ingress too, and cutting streams). The ingress and the kept engine replica are the
+    same replicas before and after, and a stream running through the change finishes."""
+    before = deploy(cluster, 2, deployments=[{"name": "RefusionEngine", "num_replicas": 2}])
+    ingress = cluster.replicas_settled("RefusionIngress")
+    started = asyncio.Event()
+    stream = asyncio.create_task(stream_completion(cluster.url, 600, prompt="def rescale(x):", started=started))
+    await asyncio.wait_for(started.wait(), 120)
+    await asyncio.to_thread(cluster.serve_deploy, cluster.app_config(deployments=[{"name": "RefusionEngine", "num_replicas": 1}]))
+    after = await asyncio.to_thread(settled, cluster, 1)
+    result = await asyncio.wait_for(stream, 300)
+    assert set(after) < set(before), (before, after)  # one of the two kept, none replaced
+    assert cluster.replicas_settled("RefusionIngress") == ingress  # the ingress was not restarted
+    assert result["status"] == 200 and result["error"] is None and result["finish_reason"] == "length", result
+
+
+def kill_drain_signal(cluster) -> None:
+    """Remove the application's drain signal actor behind `refusion serve`'s back (as a node loss took
+    it when it could live on any node)."""
+    code = ("import ray\n"
+            f"ray.init(address={cluster.gcs_address!r}, logging_level='ERROR', log_to_driver=False)\n"
+            "ray.kill(ray.get_actor('refusion-drain:refusion', namespace='serve'))\n")
+    subprocess.run([str(BIN / "python"), "-c", code], env=ENV, check=True, timeout=120, capture_output=True)
+
+
 def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(cluster):
     config = cluster.write_config(cluster.app_config(num_replicas=2), "cli.yaml")
     proc = subprocess.Popen([str(BIN / "refusion"), "serve", "--address", cluster.gcs_address, "--config", str(config),
@@ -204,6 +231,9 @@ def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(c
         assert sorted(placed.values()) == ["head", "node-b"]
         reply = httpx.post(cluster.url + "/v1/completions", timeout=120, json={"prompt": "def f(x):", "max_tokens": 8, "temperature": 0})
         assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "length", reply.text
+        # The file's proxy_location (HeadOnly) is honoured: one proxy, not one per node
+        assert len(cluster.serve_proxies()) == 1, cluster.serve_proxies()
+        kill_drain_signal(cluster)  # the drain must still happen (a new signal), not fail and cut streams
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=180) == 0
     finally:

@@ -144,8 +144,10 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     cli_serve.add_arguments(parser)
     args = parser.parse_args(["--config", str(REPO / "config" / "serve.yaml"), "--model", str(tiny_model_dir),
                               "--autoscale", "1:3", "--port", "9001"])
-    config, http = cli_serve.merged_config(args)
-    assert http == {"host": "127.0.0.1", "port": 9001}
+    file = cli_serve.merged_config(args)
+    config, http = file.args, file.http
+    assert http == {"host": "127.0.0.1", "port": 9001} and file.proxy_location == "EveryNode"
+    assert file.deployments == {"RefusionEngine": {}}  # the flag replaced the file's replica count
     options = ServeConfig.model_validate(config).engine_deployment.ray_options()
     assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
     assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
@@ -156,6 +158,18 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     assert deployment.max_ongoing_requests == 512
     with pytest.raises(cli_serve.CLIError, match="--autoscale"):
         cli_serve.parse_autoscale("4:2")
+    # Without flags the file's `deployments:` entry decides, as under `serve deploy`
+    file = cli_serve.merged_config(parser.parse_args(["--config", str(REPO / "config" / "serve.yaml"), "--model", str(tiny_model_dir)]))
+    assert file.deployments == {"RefusionEngine": {"num_replicas": 1}}
+    from integrations.serve_app import application
+
+    app = application(file.args, {"RefusionEngine": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 5}}})
+    engine_config = app._bound_deployment.init_args[0]._bound_deployment._deployment_config
+    assert engine_config.autoscaling_config.max_replicas == 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - import_path: integrations.serve_app:build_app\n    deployments: [{name: Engine}]\n")
+    with pytest.raises(cli_serve.CLIError, match="unknown deployment 'Engine'"):
+        cli_serve.load_config_file(bad)
     with pytest.raises(ValueError, match="no config.json"):
         ServeConfig(model=str(tmp_path))
     with pytest.raises(ValueError, match="max_ongoing"):

@@ -13,7 +13,7 @@ from scheduler.metrics import EngineMetrics
 def _engine(running, waiting, used, total, lookups, hits, finished):
     m = EngineMetrics()
     m.update_gauges(running, waiting, SimpleNamespace(num_free=total - used, num_total=total),
-                    SimpleNamespace(hit_rate=hits / lookups, lookup_tokens=lookups, hit_tokens=hits))
+                    SimpleNamespace(hit_rate=hits / lookups, lookup_tokens=lookups, hit_tokens=hits, num_blocks=used // 2))
     for reason in finished:
         m.finished.labels(reason=reason).inc()
     m.tpf.labels(mode="refusion").observe(1.7)
@@ -37,6 +37,7 @@ def test_sums_ratios_and_labels():
     assert out[("refusion_service_requests_finished_total", (("reason", "length"),))] == 1
     assert out[("refusion_service_tokens_per_forward_count", (("mode", "refusion"),))] == 2
     assert out[("refusion_service_kv_cache_usage_ratio", ())] == 40 / 200  # from summed blocks, not averaged
+    assert out[("refusion_service_prefix_cache_blocks", ())] == 5 + 15
     assert out[("refusion_service_prefix_cache_hit_rate", ())] == 300 / 500
     assert out[("refusion_service_replicas", (("state", "answering"),))] == 2
     assert out[("refusion_service_replicas", (("state", "unreachable"),))] == 1

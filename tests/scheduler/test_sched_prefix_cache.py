@@ -125,6 +125,8 @@ async def test_engine_reuses_prompt_blocks_and_output_is_unchanged():
     assert engine.stats()["prefix_cache_hit_rate"] == 12 / 28
     assert b"refusion_prefix_cache_hit_rate" in engine.metrics.render()
     assert engine.kv.pool().num_free == engine.kv.pool().num_total - 3  # the cache's blocks only
+    text = engine.metrics.render().decode()  # idle: every used block is the cache's, none a request's
+    assert "refusion_kv_blocks_used 3.0" in text and "refusion_prefix_cache_blocks 3.0" in text
     engine.clear_prefix_cache()
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
     await engine.stop()
