@@ -273,8 +273,11 @@ class ServeEngineClient:
     """Client over a Ray Serve handle to `EngineDeployment` (methods generate/info/metrics/check_health).
     Every Ray failure is translated by `replica_call_error`."""
 
-    def __init__(self, handle, tokenizer, model_name: str):
+    def __init__(self, handle, tokenizer, model_name: str, caller: str | None = None):
+        """caller: the Ray actor name of the ingress replica this client runs in, sent with each
+        generate call (EngineDeployment cancels the requests of a caller that died)."""
         self._handle = handle
+        self._caller = caller
         self._streaming = handle.options(stream=True)
         self._inflight: dict[str, Any] = {}  # request_id -> DeploymentResponseGenerator
         self.tokenizer = tokenizer
@@ -286,7 +289,7 @@ class ServeEngineClient:
 
         if req.request_id in self._inflight:  # the engine refuses this too, but only on the same replica
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already in flight; use a unique id")
-        responses = call_alone(lambda: self._streaming.generate.remote(req))
+        responses = call_alone(lambda: self._streaming.generate.remote(req, caller=self._caller))
         self._inflight[req.request_id] = responses
         finished = False
         try:

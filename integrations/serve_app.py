@@ -60,8 +60,28 @@ class EngineDeployment:
         self.replica = context.replica_id.unique_id
         self.node = node_name()
         self.cancelled = 0
+        self.orphaned = 0  # requests cancelled because the ingress replica streaming them died
+        self._callers: dict[str, set[str]] = {}  # ingress replica (Ray actor name) -> its request ids here
         self.draining = False
         self._drain_watch = asyncio.create_task(self._drain_when_signalled(context.app_name))
+        self._caller_watch = asyncio.create_task(self._cancel_orphans())
+
+    async def _cancel_orphans(self) -> None:
+        """An ingress replica that dies (killed, OOM) does not cancel its calls here: Ray neither ends the
+        streaming call nor tells this replica, so its requests would decode to max_tokens for nobody,
+        holding batch slots and KV. Every caller_check_s the ingress replicas with requests here are
+        looked up by name (as Ray Serve's controller checks its replicas); a dead one's are cancelled."""
+        import ray
+
+        while True:
+            await asyncio.sleep(self.config.caller_check_s)
+            for caller, request_ids in list(self._callers.items()):
+                try:
+                    await asyncio.to_thread(ray.get_actor, caller, namespace="serve")
+                except ValueError:  # no live actor by that name: it died
+                    for request_id in list(request_ids):
+                        self.orphaned += 1
+                        await self.client.cancel(request_id)
 
     async def _drain_when_signalled(self, app_name: str) -> None:
         """Ray Serve waits for in-flight calls before shutting a replica down, and force-kills it after
@@ -75,13 +95,16 @@ class EngineDeployment:
         stopped = True
         await reporter
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[Delta | EngineFailure]:
+    async def generate(self, req: GenerationRequest, caller: str | None = None) -> AsyncIterator[Delta | EngineFailure]:
         """Stream the request's deltas (merged when several are ready at once). Cancelling this call
-        (client gone) cancels the request in the engine."""
+        (client gone) cancels the request in the engine, and so does the death of `caller` (the calling
+        ingress replica's Ray actor name; `_cancel_orphans`)."""
         if self.draining:
             yield EngineFailure("shutting_down", "the server is shutting down: retry shortly", retry_after_s=DRAIN_RETRY_AFTER_S)
             return
         finished = False
+        if caller:
+            self._callers.setdefault(caller, set()).add(req.request_id)
         try:
             async for delta in coalesce_deltas(self.client.stream(req)):
                 finished = finished or delta.finished
@@ -92,11 +115,16 @@ class EngineDeployment:
         finally:
             if not finished:
                 self.cancelled += 1
+            if caller:
+                ids = self._callers.get(caller, set())
+                ids.discard(req.request_id)
+                if not ids:
+                    self._callers.pop(caller, None)
 
     async def info(self) -> dict:
         info = await self.client.info()
         info.update(replica=self.replica, node=self.node, pid=os.getpid(), cancelled_by_client=self.cancelled,
-                    warmup=self.warmup)
+                    cancelled_caller_died=self.orphaned, warmup=self.warmup)
         return info
 
     async def metrics(self, replica: str | None = None) -> dict:
@@ -114,6 +142,7 @@ class EngineDeployment:
         engine = getattr(self, "engine", None)  # absent when __init__ failed
         if engine is not None:
             self._drain_watch.cancel()
+            self._caller_watch.cancel()
             await engine.stop(drain_timeout_s=self.config.drain_timeout_s)
 
 
@@ -127,10 +156,11 @@ class IngressDeployment:
 
         self.config = ServeConfig.model_validate(config)
         tokenizer = load_tokenizer(self.config.model)
-        self.client = ServeEngineClient(engine, tokenizer, self.config.model_name)
+        context = serve.get_replica_context()
+        # Its Ray actor name travels with each call: an engine replica cancels a dead ingress's requests.
+        self.client = ServeEngineClient(engine, tokenizer, self.config.model_name, caller=context.replica_id.to_full_id_str())
         self.model_card = read_model_card(self.config.model)
         self.gate = IngressGate()
-        context = serve.get_replica_context()
         self._drain_watch = asyncio.create_task(self._drain_when_signalled(context.app_name, context.replica_id.unique_id))
 
     async def _drain_when_signalled(self, app_name: str, replica: str) -> None:

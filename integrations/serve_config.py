@@ -151,6 +151,8 @@ class ServeConfig(_Strict):
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     drain_timeout_s: float = Field(default=20.0, ge=0, description="shutdown: in-flight requests get this long")
     health_probe_timeout_s: float = Field(default=20.0, gt=0, description="one-token probe limit")
+    caller_check_s: float = Field(default=2.0, gt=0, description="how often an engine replica checks that the "
+                                  "ingress replicas it streams to are alive (a dead one's requests are cancelled)")
 
     @field_validator("runner")
     @classmethod

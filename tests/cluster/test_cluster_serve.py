@@ -243,6 +243,39 @@ def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(c
     assert any(line.startswith("refusion serve: drained") for line in lines), "".join(lines)[-2000:]
 
 
+async def test_requests_of_a_dead_ingress_are_cancelled_in_the_engine(cluster):
+    """Ray does not end an engine replica's streaming call when the ingress replica that made it dies, so
+    its requests would decode to max_tokens for nobody. The engine replica looks its callers up (every
+    caller_check_s) and cancels a dead one's requests: the stream's request ends "cancelled", long
+    before its LONG tokens, once the ingress replica is killed."""
+    config = cluster.app_config(num_replicas=1)
+    config["applications"][0]["args"]["caller_check_s"] = 0.2
+    await asyncio.to_thread(cluster.serve_deploy, config)
+    await asyncio.to_thread(settled, cluster, 1)
+
+    def engine_info() -> dict:
+        return json.loads(get_text(cluster.url + "/v1/engine"))
+
+    before = engine_info()["cancelled_caller_died"]
+    started = asyncio.Event()
+    stream = asyncio.create_task(stream_completion(cluster.url, LONG, prompt="def orphan(x):", started=started))
+    await asyncio.wait_for(started.wait(), 120)
+    [ingress] = cluster.node_processes("head", "ServeReplica:refusion:RefusionIngress")
+    os.kill(ingress, signal.SIGKILL)
+    try:
+        cut = await asyncio.wait_for(stream, 120)
+    except httpx.HTTPError:  # the connection went with the ingress
+        cut = None
+    assert cut is None or cut["finish_reason"] != "length", cut  # it did not run to its end meanwhile
+
+    def orphan_cancelled():  # the replacement ingress answers again; the engine holds no request
+        info = engine_info()
+        return info["cancelled_caller_died"] > before and info["engine"]["running"] == 0 and info
+
+    info = await asyncio.to_thread(wait_for, orphan_cancelled, 180, "the dead ingress's request cancelled in the engine")
+    assert info["cancelled_caller_died"] == before + 1
+
+
 async def test_node_loss_gives_typed_errors_and_the_service_keeps_answering(cluster):
     placed = deploy(cluster, 2, num_replicas=2)
     by_node = {node: replica for replica, node in placed.items()}
