@@ -29,7 +29,8 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # LSP's line breaks
 class DocumentStyle:
     """How a document writes line breaks and indentation.
 
-    line_ending: the document's first line break ("\\r\\n", "\\r" or "\\n"); "\\n" when it has none.
+    line_ending: the document's most common line break ("\\r\\n", "\\r" or "\\n"; the first one's
+        on a tie); "\\n" when it has none.
     tabs: the document indents with tabs (more of its indented lines start with a tab than a space).
     """
 
@@ -40,8 +41,10 @@ class DocumentStyle:
     def of(cls, *texts: str) -> "DocumentStyle":
         """The style of the document made of `texts` (e.g. prefix and suffix), judged on all of them."""
         text = "".join(texts)
-        first = _LINE_BREAK.search(text)
-        line_ending = first.group() if first else "\n"
+        breaks = _LINE_BREAK.findall(text)
+        # The most common line break (a stray one in a string or a pasted line does not decide); on a
+        # tie the first one's.
+        line_ending = max(dict.fromkeys(breaks), key=breaks.count) if breaks else "\n"
         starts = _INDENT_START.findall(_LINE_BREAK.sub("\n", text))
         return cls(line_ending, starts.count("\t") > starts.count(" "))
 

@@ -113,9 +113,13 @@ def build_infill_prompt(
         if ids is None or len(ids) > room:
             # The chunk that crosses the budget keeps its path line and its last whole lines that fit
             # (llama.cpp keeps the newest tokens of input_extra too); older chunks do not fit after it.
+            # One with no line that fits is left out, and older ones are tried.
             truncated = True
-            context_ids = _header_and_tail(tokenizer, header, text, room) + context_ids
-            break
+            kept = _header_and_tail(tokenizer, header, text, room)
+            context_ids = kept + context_ids
+            if kept:
+                break
+            continue
         context_ids = ids + context_ids
     kept = prefix.rstrip(" \t")
     healed = prefix[len(kept):]
@@ -138,7 +142,7 @@ def build_infill_prompt(
 
 def _header_and_tail(tokenizer, header: str, text: str, budget: int) -> list[int]:
     """Ids of a context chunk cut to `budget` tokens: its header and the longest run of its last whole
-    lines that fits after it; [] when no line fits."""
+    lines that fits after it; [] when no line with text fits (blank lines alone are not context)."""
     header_ids = _encode(tokenizer, header)
     room = budget - len(header_ids)
     if room <= 0:
@@ -147,15 +151,17 @@ def _header_and_tail(tokenizer, header: str, text: str, budget: int) -> list[int
     starts = [i + 1 for i, ch in enumerate(window[:-1]) if ch == "\n"]
     if len(window) == len(text):
         starts.insert(0, 0)  # the text's own start is a line start; a cut window's is not
-    lo, hi, best = 0, len(starts) - 1, []
+    lo, hi, best, best_ids = 0, len(starts) - 1, None, []
     while lo <= hi:  # the earliest line start whose tail fits (a longer tail has more tokens)
         mid = (lo + hi) // 2
         ids = _encode(tokenizer, window[starts[mid]:])
         if len(ids) <= room:
-            best, hi = ids, mid - 1
+            best, best_ids, hi = mid, ids, mid - 1
         else:
             lo = mid + 1
-    return header_ids + best if best else []
+    if best is None or not window[starts[best]:].strip():
+        return []
+    return header_ids + best_ids
 
 
 def heal_text(text: str, healed: str) -> str:

@@ -55,6 +55,7 @@ class EditorSession:
         self.inflight: dict = {}  # request id -> _Inflight
         self.by_uri: dict[str, object] = {}  # uri -> request id in flight
         self.finished: OrderedDict = OrderedDict()  # request id -> completion text length
+        self._feedback_counted: dict = {}  # remembered request id -> accepted characters counted so far
         self.feedback = {"accept": 0, "reject": 0, "accepted_chars": 0}  # this connection's telemetry, counted
         self._send = send
         self._send_lock = asyncio.Lock()
@@ -207,8 +208,9 @@ class EditorSession:
 
     def _remember(self, msg_id, length: int) -> None:
         self.finished[msg_id] = length
+        self._feedback_counted.pop(msg_id, None)  # an id used again is a new completion
         while len(self.finished) > _KEEP_FINISHED:
-            self.finished.popitem(last=False)
+            self._feedback_counted.pop(self.finished.popitem(last=False)[0], None)
 
     def _cancel_inflight(self, msg_id, data: dict) -> bool:
         entry = self.inflight.get(msg_id)
@@ -234,13 +236,19 @@ class EditorSession:
             raise rpc.invalid_params(
                 "accepted_length", f"is {length} but completion {target!r} was {self.finished[target]} chars"
             )
-        # Counted, not kept: a connection may send feedback forever (ids up to a frame's size each).
-        # Characters only of completions the server remembers (bounded by their length).
-        kept = length if known and req.method == "accept" else 0
-        self.feedback[req.method] += 1
+        # Counted, not kept: a connection may send feedback forever (ids up to a frame's size each). A
+        # remembered completion counts once (its first event); a later, longer accept of it (a partial
+        # accept growing) adds only the characters not yet counted; characters only of remembered ones.
+        counted = self._feedback_counted.get(target) if known else None
+        first = counted is None
+        kept = max(0, length - (counted or 0)) if known and req.method == "accept" else 0
+        if known:
+            self._feedback_counted[target] = (counted or 0) + kept
+        self.feedback[req.method] += first
         self.feedback["accepted_chars"] += kept
         if self.metrics is not None:
-            self.metrics.editor_feedback.labels(event=req.method, known=str(known).lower()).inc()
+            if first:
+                self.metrics.editor_feedback.labels(event=req.method, known=str(known).lower()).inc()
             self.metrics.editor_accepted_chars.inc(kept)
         return {"ok": True, "known": known}
 

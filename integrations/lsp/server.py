@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, field, fields
+from urllib.parse import unquote
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams
@@ -21,6 +22,7 @@ from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import JsonRPCRequestMessage
 from pygls.workspace import TextDocument, Workspace
 
+from integrations.editor.protocol import Limits
 from integrations.lsp.backend import BackendError, EditorBackend
 
 
@@ -42,7 +44,9 @@ class BridgeConfig:
         first bad option, and then changes nothing."""
         updated = BridgeConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
         for key, value in (options or {}).items():
-            if key in self.__dataclass_fields__ and value is not None:
+            if key not in self.__dataclass_fields__:
+                raise BridgeConfigError(key, f"is not an option; options are {', '.join(sorted(self.__dataclass_fields__))}")
+            if value is not None:
                 setattr(updated, key, value)
         updated.check()
         self.__dict__.update(updated.__dict__)
@@ -52,21 +56,33 @@ class BridgeConfig:
         def integer(value, low):
             return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
-        if not isinstance(self.url, str) or not self.url.startswith(("ws://", "wss://")):
+        if not _websocket_url(self.url):
             raise BridgeConfigError("url", f"must be a WebSocket URL (ws://HOST:PORT/v1/editor), got {self.url!r}")
         if self.api_key is not None and not isinstance(self.api_key, str):
             raise BridgeConfigError("api_key", "must be a string")
         for name in ("prefix_lines", "suffix_lines"):
             if not integer(getattr(self, name), 0):
                 raise BridgeConfigError(name, f"must be an integer >= 0, got {getattr(self, name)!r}")
-        for name in ("max_tokens", "max_time_ms"):
+        limits = Limits()  # the protocol's defaults (docs/editor-protocol.md): a server answers larger with an error
+        for name, most in (("max_tokens", limits.max_tokens), ("max_time_ms", limits.max_time_ms)):
             value = getattr(self, name)
-            if value is not None and not integer(value, 1):
-                raise BridgeConfigError(name, f"must be a positive integer, got {value!r}")
+            if value is not None and not (integer(value, 1) and value <= most):
+                raise BridgeConfigError(name, f"must be an integer in 1..{most}, got {value!r}")
         if self.multiline not in ("auto", "always", "never"):
             raise BridgeConfigError("multiline", f"must be 'auto', 'always' or 'never', got {self.multiline!r}")
         if not isinstance(self.params, dict):
             raise BridgeConfigError("params", "must be an object of extra `complete` params, e.g. {\"mode\": \"ar\"}")
+
+
+def _websocket_url(url) -> bool:
+    """Whether `url` is a ws:// or wss:// URL the websockets client can open (host, valid port)."""
+    from websockets.exceptions import InvalidURI
+    from websockets.uri import parse_uri
+
+    try:
+        return isinstance(url, str) and bool(parse_uri(url).host)
+    except (InvalidURI, ValueError):
+        return False
 
 
 class BridgeConfigError(ValueError):
@@ -85,11 +101,23 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 class LspTextDocument(TextDocument):
-    """A pygls document whose lines end only at LSP's line breaks (see _LSP_LINE)."""
+    """A pygls document whose lines end only at LSP's line breaks (see _LSP_LINE), and whose edits clamp
+    positions as LSP says (`clamp_position`; pygls moved a character past the line's end one back, into
+    the line, and counted the line break as part of the line)."""
+
+    _lines_of: tuple = (None, ())  # (source, its lines): pygls reads `lines` for every edit and position
 
     @property
     def lines(self):
-        return tuple(_LSP_LINE.findall(self.source))
+        source = self.source
+        if self._lines_of[0] is not source:
+            self._lines_of = (source, tuple(_LSP_LINE.findall(source)))
+        return self._lines_of[1]
+
+    def _apply_incremental_change(self, change: types.TextDocumentContentChangePartial) -> None:
+        start, end = clamp_position(self, change.range.start), clamp_position(self, change.range.end)
+        super()._apply_incremental_change(types.TextDocumentContentChangePartial(
+            range=types.Range(start, end), text=change.text, range_length=change.range_length))
 
 
 class LspWorkspace(Workspace):
@@ -123,13 +151,13 @@ def position_at_offset(doc, offset: int) -> types.Position:
     return types.Position(len(lines), 0)
 
 
-def clamp_to_line(doc, position: types.Position) -> types.Position:
+def clamp_position(doc, position: types.Position) -> types.Position:
     """A character past the end of its line means the line's end (LSP 3.17, Position: "If the character
-    value is greater than the line length it defaults back to the line length"); the end-of-line
-    characters do not count."""
+    value is greater than the line length it defaults back to the line length"; the end-of-line
+    characters do not count), and a line past the document's last means the document's end."""
     lines = doc.lines
     if position.line >= len(lines):
-        return position
+        return position_at_offset(doc, len(doc.source))
     text = lines[position.line].rstrip("\r\n")
     return types.Position(position.line, min(position.character, doc.position_codec.client_num_units(text)))
 
@@ -197,11 +225,11 @@ def build_server(config: BridgeConfig) -> LanguageServer:
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(params: types.InlineCompletionParams) -> types.InlineCompletionList:
         uri = params.text_document.uri
-        if uri not in server.workspace.text_documents:  # pygls would read the path from disk
+        if unquote(uri) not in server.workspace.text_documents:  # pygls keys by the unquoted URI; it would read the path from disk
             raise JsonRpcInvalidParams(f"textDocument {uri} is not open: send textDocument/didOpen first")
         doc = server.workspace.get_text_document(uri)
-        offset = doc.offset_at_position(clamp_to_line(doc, params.position))
-        position = position_at_offset(doc, offset)  # where the prefix ends: past-the-end and mid-character positions normalized
+        offset = doc.offset_at_position(clamp_position(doc, params.position))
+        position = position_at_offset(doc, offset)  # where the prefix ends: a mid-character position normalized
         prefix, suffix = cursor_context(doc.source, offset, config.prefix_lines, config.suffix_lines)
         request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
         try:

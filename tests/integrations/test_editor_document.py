@@ -20,7 +20,8 @@ TAB_SUFFIX = "\n\treturn parser.parse_args(argv)\n"
 
 @pytest.mark.parametrize("texts, style", [
     (("a\r\nb",), DocumentStyle("\r\n", False)),
-    (("a\nb\r\n",), DocumentStyle("\n", False)),  # the first line break decides
+    (("a\nb\r\n",), DocumentStyle("\n", False)),  # a tie: the first line break decides
+    (("10%\r20%\ndef f():\n    pass\n",), DocumentStyle("\n", False)),  # the most common one, not a stray CR
     (("a\rb\r\tc",), DocumentStyle("\r", True)),  # CR-only (LSP's third line break), tab-indented
     (("no line break",), DocumentStyle("\n", False)),
     ((TAB_PREFIX, TAB_SUFFIX), DocumentStyle("\n", True)),

@@ -187,7 +187,14 @@ async def test_accept_and_reject_are_recorded_and_checked(session, fake_client):
     await s.handle_frame(rpc.encode_request(4, "accept", {"id": 1, "accepted_length": len(text) + 5}))
     assert wire.responses(2)[0][3] == {"ok": True, "known": True}
     assert wire.responses(4)[0][2]["data"]["field"] == "accepted_length"
-    assert s.feedback == {"accept": 1, "reject": 1, "accepted_chars": len(text)}  # the refused one not counted
+    # once per completion: the reject after the accept and the refused accept are not counted again
+    assert s.feedback == {"accept": 1, "reject": 0, "accepted_chars": len(text)}
+    await s.handle_frame(rpc.encode_request(5, "complete", complete_params(uri="file:///b.py", multiline=False)))
+    await s.drain()
+    for msg_id, accepted in ((6, 2), (7, 5), (8, 3)):  # a partial accept growing, then a shorter repeat
+        await s.handle_frame(rpc.encode_request(msg_id, "accept", {"id": 5, "accepted_length": accepted}))
+    await s.handle_frame(rpc.encode_request(9, "reject", {"id": "never-sent"}))
+    assert s.feedback == {"accept": 2, "reject": 1, "accepted_chars": len(text) + 5}
 
 
 async def test_close_cancels_everything_in_flight(fake_client, wait_until):  # noqa: F811

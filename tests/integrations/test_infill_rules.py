@@ -151,6 +151,9 @@ def test_a_context_chunk_over_the_budget_keeps_its_path_and_last_lines(bpe_token
     assert p.truncated and 50 < p.context_tokens <= 100
     assert context.startswith("# big.py\nvalue_") and context.endswith("value_1999 = 1999\n\n")
     assert "SMALL" not in context and context.split("\n")[1] in big.split("\n")  # whole lines only
+    one_line = build_infill_prompt(tok, "x = ", "", ctx[:1] + [{"path": "long.py", "text": "y = " + "abc_" * 2_000}],
+                                   "python", max_context_tokens=100)  # no line of the newest fits: skipped
+    assert one_line.truncated and tok.decode(one_line.prompt_ids).startswith("# small.py\nSMALL = 1\n\nx =")
     fits = build_infill_prompt(tok, "x = ", "", ctx[:1] + [{"path": "b.py", "text": big[:40]}], "python",
                                max_context_tokens=100)
     assert tok.decode(fits.prompt_ids).startswith("# small.py\nSMALL = 1\n\n# b.py\n") and not fits.truncated

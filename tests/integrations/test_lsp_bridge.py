@@ -132,6 +132,19 @@ def test_lines_break_only_where_lsp_says():
     assert wants_multiline("auto", "\r    return") and not wants_multiline("auto", "x\ry")
 
 
+@pytest.mark.parametrize("source, start, end, text, edited", [
+    ("abc", (0, 5), (0, 5), "X", "abcX"),  # past the line's end: its end (pygls put it one before)
+    ("abc\r\ndef", (0, 4), (0, 4), "X", "abcX\r\ndef"),  # never inside the line break
+    ("abc\rdef", (0, 4), (0, 4), "X", "abcX\rdef"),
+    ("abc\ndef", (0, 3), (1, 9), "", "abc"),
+    ("abc\n", (7, 0), (9, 9), "Z", "abc\nZ"),  # lines past the end: the document's end
+])
+def test_edits_clamp_positions_as_lsp_says(source, start, end, text, edited):
+    doc = LspTextDocument("file:///t.py", source)
+    doc.apply_change(types.TextDocumentContentChangePartial(range=types.Range(types.Position(*start), types.Position(*end)), text=text))
+    assert doc.source == edited
+
+
 def test_position_at_offset_is_the_normalized_cursor():
     doc = LspTextDocument("file:///t.py", "a\U0001F600b\nxy")  # UTF-16: the emoji is 2 units
     assert position_at_offset(doc, 2) == types.Position(0, 3)  # after the emoji
@@ -144,6 +157,8 @@ def test_position_at_offset_is_the_normalized_cursor():
 @pytest.mark.parametrize("options, field", [
     ({"prefix_lines": "x"}, "prefix_lines"), ({"prefix_lines": -1}, "prefix_lines"), ({"params": "x"}, "params"),
     ({"url": "http://h/v1/editor"}, "url"), ({"max_time_ms": 0}, "max_time_ms"), ({"multiline": "yes"}, "multiline"),
+    ({"url": "ws://h:port/x"}, "url"), ({"url": "ws://[::1"}, "url"), ({"max_tokens": 300}, "max_tokens"),
+    ({"maxTokens": 8}, "maxTokens"),  # not an option (camelCase): named, not ignored
 ])
 def test_initialization_options_are_checked_and_a_bad_one_changes_nothing(options, field):
     config = BridgeConfig()
@@ -169,7 +184,7 @@ async def test_form_feed_document_edit_and_completion_on_the_right_line(scripted
     try:
         await asyncio.wait_for(client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities())), WAIT_S)
         client.initialized(types.InitializedParams())
-        uri = "file:///tmp/ff.py"
+        uri = "file:///tmp/my%20project/ff.py"  # escaped, as VS Code sends paths with spaces or drive colons
         client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=types.TextDocumentItem(
             uri=uri, language_id="python", version=1, text="import os\n\x0c\ndef f():\n    return 1\n")))
         client.text_document_did_change(types.DidChangeTextDocumentParams(
@@ -267,7 +282,8 @@ async def test_unreachable_backend_is_an_lsp_error_not_an_empty_answer():
 
 @pytest.mark.parametrize("argv, message", [
     (["--url", "http://127.0.0.1:8000/v1/editor"], "--url must be a WebSocket URL"),
-    (["--max-tokens", "0"], "--max-tokens must be a positive integer"),
+    (["--max-tokens", "0"], "--max-tokens must be an integer in 1..256"),
+    (["--url", "ws://"], "--url must be a WebSocket URL"),
     (["--suffix-lines", "-1"], "--suffix-lines must be an integer >= 0"),
 ])
 def test_cli_rejects_bad_arguments_with_a_clear_message(argv, message):
