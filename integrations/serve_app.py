@@ -19,6 +19,7 @@ rest with a clean error; replica shutdown (`__del__`) does the same for whatever
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import AsyncIterator
 
@@ -35,6 +36,8 @@ from integrations.request_limits import RequestLimits
 from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
 from integrations.serve_drain import DRAIN_RETRY_AFTER_S, report_open_work, signal_drain, wait_for_drain_signal
 from scheduler.api import Delta, EngineError, GenerationRequest
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["EngineDeployment", "IngressDeployment", "application", "build_app", "node_name", "signal_drain"]
 
@@ -78,10 +81,16 @@ class EngineDeployment:
             for caller, request_ids in list(self._callers.items()):
                 try:
                     await asyncio.to_thread(ray.get_actor, caller, namespace="serve")
+                    continue
                 except ValueError:  # no live actor by that name: it died
-                    for request_id in list(request_ids):
-                        self.orphaned += 1
-                        await self.client.cancel(request_id)
+                    pass
+                except Exception:  # noqa: BLE001 - the lookup itself failed (GCS busy): look again next round
+                    logger.warning("could not look up ingress replica %s", caller, exc_info=True)
+                    continue
+                self._callers.pop(caller, None)  # each request is cancelled once
+                for request_id in request_ids:
+                    self.orphaned += 1
+                    await self.client.cancel(request_id)
 
     async def _drain_when_signalled(self, app_name: str) -> None:
         """Ray Serve waits for in-flight calls before shutting a replica down, and force-kills it after
