@@ -80,6 +80,7 @@ def probe_request(tokenizer) -> GenerationRequest:
         params={"gen_length": 1, "slot_size": 1, "serial_num_blocks": 1, "temperature": 0.0},
         mode=Mode.AR,
         priority=Priority.BATCH,
+        internal=True,  # not traffic: kept out of the metrics and the router's estimates
     )
 
 
@@ -99,7 +100,7 @@ async def warm_up(client, timeout_s: float = 120.0) -> dict:
     prompt_ids = client.tokenizer.encode("def main():\n") or [client.tokenizer.eos_token_id]
     for mode, params in WARMUP_PARAMS.items():
         req = GenerationRequest(request_id=f"warmup-{mode.value}-{uuid.uuid4().hex[:8]}", prompt_ids=list(prompt_ids),
-                                params=dict(params), mode=mode, priority=Priority.BATCH)
+                                params=dict(params), mode=mode, priority=Priority.BATCH, internal=True)
         try:
             last = await asyncio.wait_for(_last_delta(client, req), timeout_s)
         except (asyncio.TimeoutError, OverloadedError) as exc:

@@ -243,7 +243,7 @@ class Engine:
         # A decode step (prefill chunks carry no reads) of a request the router chose a mode for: grammar
         # requests run AR by necessity and jump-forward lifts their tokens per forward, which would
         # misstate what AR gives the requests the router does choose for
-        if segment.reads and req.grammar is None:
+        if segment.reads and req.grammar is None and not req.spec.internal:
             self.router.observe(req.mode, req.priority, req.generated_tokens() - before, 1, len(segment.token_ids))
         self.kv.share_prompt_blocks(req)
         self._stream(req, now)
@@ -274,7 +274,8 @@ class Engine:
 
     def _send(self, req: Request, text: str, token_ids: list[int], now: float, finished: bool = False) -> None:
         if token_ids or text:
-            self.metrics.observe_delta(req, len(token_ids), now)
+            if not req.spec.internal:
+                self.metrics.observe_delta(req, len(token_ids), now)
             req.first_token_s, req.last_token_s = req.first_token_s or now, now
         if token_ids or text or finished:
             req.outbox.put_nowait(req.delta(text, token_ids, finished=finished))
@@ -303,9 +304,11 @@ class Engine:
         req.status = RequestStatus.FINISHED
         self._requests.pop(req.id, None)
         self._send(req, update.text, update.token_ids, now, finished=True)
-        self.metrics.observe_finish(req, now)
-        log.info("finished", request_id=req.id, reason=reason.value, error=error, modes=req.mode_history,
-                 tokens=req.generated_tokens(), forwards=req.forwards())
+        if not req.spec.internal:
+            self.metrics.observe_finish(req, now)
+        (log.debug if req.spec.internal else log.info)(
+            "finished", request_id=req.id, reason=reason.value, error=error, modes=req.mode_history,
+            tokens=req.generated_tokens(), forwards=req.forwards())
 
     def _natural_reason(self, req: Request) -> FinishReason:
         """STOP when the decoder ended on EOS (fewer tokens than gen_length, or an AR decoder that says
@@ -352,6 +355,7 @@ class Engine:
             raise
         req.grammar = grammar
         self._requests[req.id] = req
-        self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
+        if not spec.internal:
+            self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
         self._wake.set()
         return req

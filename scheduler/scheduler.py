@@ -217,7 +217,11 @@ class Scheduler:
         return self.kv.available(self.running, key)
 
     def record_decision(self, req: Request, decision: RouteDecision, event: str, **context) -> None:
-        """Every routing decision and its inputs go to the metrics and the log."""
+        """Every routing decision and its inputs go to the metrics and the log (the server's own
+        requests only to the debug log)."""
+        if req.spec.internal:
+            log.debug(event, request_id=req.id, mode=decision.mode.value, reason=decision.reason)
+            return
         self.metrics.mode_decisions.labels(mode=decision.mode.value, reason=decision.reason).inc()
         log.info(event, request_id=req.id, mode=decision.mode.value, reason=decision.reason,
                  requested=req.spec.mode.value, priority=req.priority.name, **context, **decision.inputs)
@@ -317,7 +321,8 @@ class Scheduler:
         req.started_s = time.monotonic()
         req.mode_history.append(decision.mode.value)
         self.running.append(req)
-        self.metrics.queue_time.observe(req.started_s - req.arrival_s)
+        if not req.spec.internal:
+            self.metrics.queue_time.observe(req.started_s - req.arrival_s)
         self.record_decision(req, decision, "route")
         return True
 
