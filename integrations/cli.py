@@ -24,11 +24,14 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {argv[0]: SUBCOMMANDS[argv[0]]}
     else:
         chosen = SUBCOMMANDS
+    sub_parsers = {}
     for name, (module_name, help_text) in chosen.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parsers[name] = sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if len(chosen) == 1:
             importlib.import_module(module_name).add_arguments(sub_parser)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's own usage and name, not the top-level ones
+        sub_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     return int(module.run(args) or 0)
 

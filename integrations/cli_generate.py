@@ -88,7 +88,8 @@ def _model_dir(args) -> Path:
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     if not model_dir.is_dir():
         hint = "pass --model DIR" if args.model else "the shipped model is not there; pass --model DIR"
-        raise GenerateArgumentError("--model", f"directory {model_dir} does not exist ({hint})")
+        what = "is a file, not a model directory" if model_dir.exists() else "does not exist"
+        raise GenerateArgumentError("--model", f"{model_dir} {what} ({hint})")
     return model_dir
 
 
@@ -119,7 +120,8 @@ def _params(model_dir: Path, args, runner):
         from integrations.openai_models import fitting_block_count
 
         full = SERVING_DEFAULTS | values
-        values["serial_num_blocks"] = fitting_block_count(full["gen_length"], full["slot_size"], full["serial_num_blocks"])
+        if all(isinstance(full[k], int) and full[k] >= 1 for k in ("gen_length", "slot_size")):  # else: named below
+            values["serial_num_blocks"] = fitting_block_count(full["gen_length"], full["slot_size"], full["serial_num_blocks"])
     if args.seed is None:
         # As the API (scheduler/validation.with_seed): without --seed sampling is fresh each run; --json's
         # params report the seed drawn, so a run can be repeated with --seed.
@@ -127,6 +129,24 @@ def _params(model_dir: Path, args, runner):
 
         values["seed"] = with_seed({})["seed"]
     return DecodeParams.from_dict(values)
+
+
+def _check_context(model_dir: Path, prompt_tokens: int, params, mode: str) -> None:
+    """The prompt and the decoded span must fit the model's context (config.json max_position_embeddings),
+    as the server checks (integrations/context_fit.py): ReFusion decodes whole slots, so its span is
+    gen_length rounded up to slot_size. Raises GenerateArgumentError naming the flag to change."""
+    from integrations.engine_client import read_model_card
+
+    context = read_model_card(model_dir)["limits"]["context_length"]
+    rounded = -(-params.gen_length // params.slot_size) * params.slot_size if mode == "refusion" else params.gen_length
+    if not context or prompt_tokens + rounded <= context:
+        return
+    room = context - prompt_tokens
+    if mode == "refusion" and params.slot_size > room:
+        raise GenerateArgumentError("--slot-size", f"{params.slot_size}-token slots do not fit the model's context of "
+                                    f"{context} tokens after a {prompt_tokens}-token prompt; use at most {max(room, 1)}")
+    raise GenerateArgumentError("--gen-length", f"{params.gen_length} tokens after a {prompt_tokens}-token prompt exceed "
+                                f"the model's context of {context} tokens; use at most {max(room, 0)}")
 
 
 def generate(args) -> dict:
@@ -143,6 +163,7 @@ def generate(args) -> dict:
     prompt_ids = runner.tokenizer(prompt)["input_ids"]
     if not prompt_ids:
         raise GenerateArgumentError("--prompt", "tokenizes to nothing; give some text to continue")
+    _check_context(model_dir, len(prompt_ids), params, args.mode)
     decoder_cls = RefusionDecoder if args.mode == "refusion" else ARDecoder
     decoder = decoder_cls("generate", prompt_ids, params)
     start = time.perf_counter()

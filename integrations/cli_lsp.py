@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
                           max_time_ms=args.max_time_ms)
     try:
         config.check()
-    except BridgeConfigError as exc:
-        raise SystemExit(f"--{exc.field.replace('_', '-')} {exc.message}") from None
+    except BridgeConfigError as exc:  # as argparse reports a bad flag: prefixed, exit code 2
+        print(f"refusion lsp: error: --{exc.field.replace('_', '-')} {exc.message}", file=sys.stderr)
+        return 2
     build_server(config).start_io()
     return 0

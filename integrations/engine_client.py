@@ -120,10 +120,12 @@ def read_model_card(model_dir: str | Path) -> dict:
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
+    defaults = load_model_defaults(model_dir)
+    defaults.pop("seed", None)  # no default seed here: a request without one samples with a fresh seed
     return {
         "model": model_dir.name,
         "limits": {"context_length": int(config.get("max_position_embeddings", 0))},
-        "defaults": load_model_defaults(model_dir),
+        "defaults": defaults,
     }
 
 

@@ -97,6 +97,11 @@ def test_plain_output_is_the_completion_text_and_ar_mode_works(tiny_model_dir, t
         (["--prompt", ""], "--prompt"),
         (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file"),
         (["--prompt", "x", "--dtype", "int8"], "--dtype"),
+        (["--prompt", "x", "--slot-size", "0"], "--slot-size"),  # was a ZeroDivisionError traceback
+        (["--prompt", "x", "--mode", "ar", "--slot-size", "0"], "--slot-size"),
+        (["--prompt", "x", "--gen-length", "5000"], "--gen-length"),  # past the 4,096-token context
+        (["--prompt", "x", "--mode", "ar", "--gen-length", "100000"], "--gen-length"),  # was an out-of-memory traceback
+        (["--prompt", "x", "--gen-length", "64", "--slot-size", "5000"], "--slot-size"),  # rounds 64 up to 5,000
     ],
 )
 def test_bad_arguments_print_one_line_and_exit_non_zero(tiny_model_dir, capsys, argv, needle):
@@ -113,6 +118,19 @@ def test_bad_arguments_print_one_line_and_exit_non_zero(tiny_model_dir, capsys, 
 def test_missing_model_directory_is_one_line(tmp_path, capsys):
     code, out, err = _run(capsys, "--model", str(tmp_path / "nope"), "--prompt", "x")
     assert code == 2 and out == "" and err.count("\n") == 1 and "does not exist" in err and "--model" in err
+
+
+def test_an_unknown_flag_is_reported_by_the_subcommand(tiny_model_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--bogus"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err == "refusion generate: error: unrecognized arguments: --bogus\n"
+
+
+def test_a_file_given_as_the_model_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "README.md").write_text("not a model")
+    code, _, err = _run(capsys, "--model", str(tmp_path / "README.md"), "--prompt", "x")
+    assert code == 2 and err.count("\n") == 1 and "is a file, not a model directory" in err
 
 
 def test_directory_that_is_not_a_model_is_one_line(tmp_path, capsys):

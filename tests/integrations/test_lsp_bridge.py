@@ -286,8 +286,10 @@ async def test_unreachable_backend_is_an_lsp_error_not_an_empty_answer():
     (["--url", "ws://"], "--url must be a WebSocket URL"),
     (["--suffix-lines", "-1"], "--suffix-lines must be an integer >= 0"),
 ])
-def test_cli_rejects_bad_arguments_with_a_clear_message(argv, message):
+def test_cli_rejects_bad_arguments_with_a_clear_message(argv, message, capsys):
     from integrations.cli import main
 
-    with pytest.raises(SystemExit, match=message):
-        main(["lsp", *argv])
+    assert main(["lsp", *argv]) == 2  # as argparse's own errors
+    err = capsys.readouterr().err
+    assert err.startswith(f"refusion lsp: error: {message}") and err.count("\n") == 1, err
+

@@ -327,3 +327,10 @@ async def test_coalesce_merges_ready_deltas_and_closes_the_source():
 
     with pytest.raises(OverloadedError):
         await anext(coalesce_deltas(refused()))
+
+
+def test_the_model_card_names_no_default_seed():
+    """/v1/engine shows the card's decoding defaults; a seed there (0) read as the default, while a
+    request without a seed gets a fresh random one (scheduler.validation.with_seed)."""
+    card = read_model_card(REPO / "models" / "refusion-tiny-code")
+    assert "seed" not in card["defaults"] and "temperature" in card["defaults"]
