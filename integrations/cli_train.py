@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args) -> None:
     if args.steps is None and args.minutes is None:
         raise TrainArgumentError("--steps", "give --steps N or --minutes M to bound training")
+    if args.steps is not None and args.steps < 1:  # checked here, before minutes of corpus building
+        raise TrainArgumentError("--steps", f"got {args.steps}; use at least 1 optimizer step")
+    if args.minutes is not None and not args.minutes > 0:
+        raise TrainArgumentError("--minutes", f"got {args.minutes}; use a positive number of minutes")
     if not 0.0 <= args.chat_fraction < 1.0:
         raise TrainArgumentError("--chat-fraction", f"got {args.chat_fraction}; use a fraction in [0, 1), e.g. 0.25")
     if args.batch_tokens < args.seq_len:

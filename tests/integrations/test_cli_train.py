@@ -104,6 +104,8 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path):
         (["--out", "OUT", "--steps", "1", "--heads", "3", "--kv-heads", "2"], "--kv-heads"),
         (["--out", "OUT", "--steps", "1", "--corpus", "/nonexistent/dir"], "corpus"),
         (["--out", "OUT", "--steps", "1", "--init", "/nonexistent/dir"], "--init"),
+        (["--out", "OUT", "--steps", "0"], "--steps: got 0"),  # before the corpus is read, named as a flag
+        (["--out", "OUT", "--minutes", "0"], "--minutes: got 0"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(corpus_dir, tmp_path, capsys, argv, message):
