@@ -103,9 +103,14 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
         low, high = parse_autoscale(args.autoscale)
         deployment["autoscaling"] = {**(deployment.get("autoscaling") or {}), "min_replicas": low, "max_replicas": high}
         deployment.pop("num_replicas", None)  # the flag replaces the file's fixed count
-    if args.replicas is not None or args.autoscale:
+    if args.replicas is not None:  # the flag replaces the file's count or autoscaling
         for key in ("num_replicas", "autoscaling_config"):
             engine_override.pop(key, None)
+    if args.autoscale:  # the flag sets min and max of the file's autoscaling (its other settings stay)
+        engine_override.pop("num_replicas", None)
+        if isinstance(engine_override.get("autoscaling_config"), dict):
+            engine_override["autoscaling_config"] = {**engine_override["autoscaling_config"],
+                                                     "min_replicas": low, "max_replicas": high}
     config["engine_deployment"] = deployment
     drain_s, grace_s = config.get("drain_timeout_s", 20.0), engine_override.get("graceful_shutdown_timeout_s")
     if isinstance(grace_s, (int, float)) and isinstance(drain_s, (int, float)) and grace_s < drain_s + 2:
@@ -131,13 +136,13 @@ def run(args: argparse.Namespace) -> int:
     except CLIError as exc:
         print(f"refusion serve: {exc}")
         return 2
-    except TypeError as exc:  # an option Deployment.options() does not know, from `deployments:`
-        print(f"refusion serve: --config: applications[0].deployments: {exc}")
-        return 2
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "config"
             print(f"refusion serve: {where}: {error['msg']}")
+        return 2
+    except (TypeError, ValueError) as exc:  # an option or value Deployment.options() refuses, from `deployments:`
+        print(f"refusion serve: --config: applications[0].deployments: {exc}".splitlines()[0])
         return 2
     if args.address:
         try:

@@ -219,7 +219,8 @@ def application(args: dict, deployment_overrides: dict[str, dict] | None = None)
     overrides = deployment_overrides or {}
     engine = EngineDeployment.options(**_with_overrides(config.engine_deployment.ray_options(),
                                                         overrides.get(ENGINE_DEPLOYMENT))).bind(plain)
-    ingress_options = _with_overrides(config.ingress.ray_options(), overrides.get(INGRESS_DEPLOYMENT))
+    grace_s = config.engine_deployment.graceful_shutdown_timeout_s
+    ingress_options = _with_overrides(config.ingress.ray_options(grace_s), overrides.get(INGRESS_DEPLOYMENT))
     return IngressDeployment.options(**ingress_options).bind(engine, plain)
 
 

@@ -119,12 +119,17 @@ class IngressOptions(_Strict):
     num_cpus: float = Field(default=0.0, ge=0)
     max_ongoing_requests: int = Field(default=1024, ge=1)
     resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica")
+    # How long a replaced ingress replica may finish its open streams before Ray kills it (cutting them);
+    # None: the engine deployment's graceful_shutdown_timeout_s (Ray's own default, 20 s, cut streams
+    # that the engine would still have finished).
+    graceful_shutdown_timeout_s: float | None = Field(default=None, gt=0)
 
-    def ray_options(self) -> dict:
+    def ray_options(self, engine_grace_s: float) -> dict:
         return {
             "num_replicas": self.num_replicas,
             "ray_actor_options": _actor_options(self.num_cpus, 0.0, self.resources),
             "max_ongoing_requests": self.max_ongoing_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s or engine_grace_s,
         }
 
 

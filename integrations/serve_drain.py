@@ -70,8 +70,10 @@ def drain_signal(app_name: str):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # A signal process that dies (killed, OOM) is restarted in place, and calls to it are retried there:
+    # the handles of this driver and of the waiting replicas stay valid (a restarted one is not draining).
     signal = DrainSignal.options(name=_drain_signal_name(app_name), namespace="serve", get_if_exists=True,
-                                 scheduling_strategy=here).remote()
+                                 scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote()
     ray.get(signal.ready.remote())
     return signal
 

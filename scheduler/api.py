@@ -93,8 +93,8 @@ class GenerationRequest:
     # Decoded autoregressively: AUTO runs as AR, REFUSION is refused (field "mode").
     grammar: GrammarSpec | None = None
     # The server's own request (health probe, warm-up): decoded like any other, but not counted in the
-    # request metrics, the router's estimates or the info log (a probe every 10 s would swamp an idle
-    # server's numbers).
+    # request metrics, the prefix-cache hit rate, the router's estimates or the log (a probe every 10 s
+    # would swamp an idle server's numbers).
     internal: bool = False
 
 

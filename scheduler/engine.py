@@ -306,9 +306,8 @@ class Engine:
         self._send(req, update.text, update.token_ids, now, finished=True)
         if not req.spec.internal:
             self.metrics.observe_finish(req, now)
-        (log.debug if req.spec.internal else log.info)(
-            "finished", request_id=req.id, reason=reason.value, error=error, modes=req.mode_history,
-            tokens=req.generated_tokens(), forwards=req.forwards())
+            log.info("finished", request_id=req.id, reason=reason.value, error=error, modes=req.mode_history,
+                     tokens=req.generated_tokens(), forwards=req.forwards())
 
     def _natural_reason(self, req: Request) -> FinishReason:
         """STOP when the decoder ended on EOS (fewer tokens than gen_length, or an AR decoder that says

@@ -61,7 +61,9 @@ class KVOwner:
         if hit.block_ids:
             self.tables[key].adopt_prefix(req.id, hit.block_ids, hit.num_tokens)
         if key == "main" and self.prefix_cache is not None:
-            self.prefix_cache.record(req.spec.prompt_ids, hit)
+            # The server's own requests use a hit but are not counted in the hit rate (an idle server's
+            # health probes would drag it towards 0); touching the blocks keeps them warm as for any use.
+            self.prefix_cache.record(req.spec.prompt_ids, hit, count=not req.spec.internal)
 
     def shortfall(self, req: Request, segment: Segment) -> int:
         """Roll the sequence back to the segment's context_len; return the blocks its kept tokens still

@@ -89,10 +89,11 @@ class PrefixCache:
         hit.num_tokens = len(hit.block_ids) * self.block_size
         return hit
 
-    def record(self, prompt_ids: list[int], hit: PrefixHit) -> None:
-        """Count a lookup in the hit rate and mark the hit's blocks as just used."""
-        self.lookup_tokens += len(prompt_ids)
-        self.hit_tokens += hit.num_tokens
+    def record(self, prompt_ids: list[int], hit: PrefixHit, count: bool = True) -> None:
+        """Count a lookup in the hit rate (unless `count` is False) and mark the hit's blocks as just used."""
+        if count:
+            self.lookup_tokens += len(prompt_ids)
+            self.hit_tokens += hit.num_tokens
         self._touch(self.block_names(prompt_ids)[: len(hit.block_ids)])
 
     def insert(self, prompt_ids: list[int], block_table: list[int], cached_len: int) -> int:

@@ -217,10 +217,9 @@ class Scheduler:
         return self.kv.available(self.running, key)
 
     def record_decision(self, req: Request, decision: RouteDecision, event: str, **context) -> None:
-        """Every routing decision and its inputs go to the metrics and the log (the server's own
-        requests only to the debug log)."""
+        """Every routing decision and its inputs go to the metrics and the log (not those of the
+        server's own requests: a health probe every few seconds)."""
         if req.spec.internal:
-            log.debug(event, request_id=req.id, mode=decision.mode.value, reason=decision.reason)
             return
         self.metrics.mode_decisions.labels(mode=decision.mode.value, reason=decision.reason).inc()
         log.info(event, request_id=req.id, mode=decision.mode.value, reason=decision.reason,

@@ -166,6 +166,14 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     app = application(file.args, {"RefusionEngine": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 5}}})
     engine_config = app._bound_deployment.init_args[0]._bound_deployment._deployment_config
     assert engine_config.autoscaling_config.max_replicas == 5
+    ingress_config = app._bound_deployment._deployment_config
+    assert ingress_config.graceful_shutdown_timeout_s == 30  # the engine's, not Ray's 20 s default
+    # --autoscale sets min/max of the file's autoscaling_config and keeps its other settings
+    scaled = tmp_path / "scaled.yaml"
+    scaled.write_text("applications:\n  - import_path: integrations.serve_app:build_app\n    deployments:\n"
+                      "      - {name: RefusionEngine, autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 3}}\n")
+    file = cli_serve.merged_config(parser.parse_args(["--config", str(scaled), "--model", str(tiny_model_dir), "--autoscale", "1:2"]))
+    assert file.deployments["RefusionEngine"]["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 3}
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications:\n  - import_path: integrations.serve_app:build_app\n    deployments: [{name: Engine}]\n")
     with pytest.raises(cli_serve.CLIError, match="unknown deployment 'Engine'"):

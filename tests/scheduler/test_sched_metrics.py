@@ -47,7 +47,7 @@ async def test_metrics_after_traffic():
 async def test_the_servers_own_requests_are_not_counted():
     """Health probes (one every 10 s) and warm-ups are internal: decoded like any request, but kept out
     of the request metrics and the router's estimates (they outnumbered real requests on an idle server)."""
-    engine, _ = make_engine(runner=FakeRunner(num_blocks=128, delay_s=0.001), prefix_cache=False)
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=128, delay_s=0.001))
     await engine.start()
     counted = ("refusion_prompt_tokens_total", "refusion_generation_tokens_total", "refusion_e2e_latency_seconds_count",
                "refusion_time_to_first_token_seconds_count", "refusion_queue_time_seconds_count")
@@ -59,6 +59,7 @@ async def test_the_servers_own_requests_are_not_counted():
     assert all(after.get((name, ()), 0) == before.get((name, ()), 0) for name in counted)
     assert not any(name == "refusion_mode_decisions_total" for name, _ in after)
     assert engine.stats()["class_stats"] == classes  # the router learned nothing from them
+    assert engine.stats()["prefix_cache_hit_rate"] == 0.0 and engine.prefix_cache.lookup_tokens == 0  # nor the cache
     await collect(engine, GenerationRequest("real", [5, 6, 7], {"gen_length": 6}, mode=Mode.AR))
     assert samples(engine)[("refusion_prompt_tokens_total", ())] == before.get(("refusion_prompt_tokens_total", ()), 0) + 3
     await engine.stop()
