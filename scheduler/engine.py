@@ -144,7 +144,7 @@ class Engine:
             "forwards": self.forwards,
             "kv_blocks_total": blocks.num_total,
             "kv_blocks_free": blocks.num_free,
-            "prefix_cache_blocks": len(self.prefix_cache) if self.prefix_cache else 0,
+            "prefix_cache_blocks": self.prefix_cache.num_blocks if self.prefix_cache else 0,
             "prefix_cache_hit_rate": self.prefix_cache.hit_rate if self.prefix_cache else 0.0,
             "cost_curve": list(curve.points),
             "class_stats": self.router.class_stats(),

@@ -22,7 +22,7 @@ MODEL_TAB_WIDTH = 4
 _LEADING_TABS = re.compile(r"^\t+", re.MULTILINE)
 _LEADING_SPACES = re.compile(r"^ +", re.MULTILINE)
 _INDENT_START = re.compile(r"^([ \t])", re.MULTILINE)
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # LSP's line breaks
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # LSP's line breaks (integrations/lsp/server.py splits by them too)
 
 
 @dataclass(frozen=True)
@@ -41,17 +41,17 @@ class DocumentStyle:
     def of(cls, *texts: str) -> "DocumentStyle":
         """The style of the document made of `texts` (e.g. prefix and suffix), judged on all of them."""
         text = "".join(texts)
-        breaks = _LINE_BREAK.findall(text)
+        breaks = LINE_BREAK.findall(text)
         # The most common line break (a stray one in a string or a pasted line does not decide); on a
         # tie the first one's.
         line_ending = max(dict.fromkeys(breaks), key=breaks.count) if breaks else "\n"
-        starts = _INDENT_START.findall(_LINE_BREAK.sub("\n", text))
+        starts = _INDENT_START.findall(LINE_BREAK.sub("\n", text))
         return cls(line_ending, starts.count("\t") > starts.count(" "))
 
     def to_model(self, text: str) -> str:
         """Document text as the model reads it: LF line breaks (also for a mixed document), leading tabs
         as MODEL_TAB_WIDTH spaces each when the document indents with tabs."""
-        text = _LINE_BREAK.sub("\n", text)
+        text = LINE_BREAK.sub("\n", text)
         if self.tabs:
             text = _LEADING_TABS.sub(lambda m: " " * (MODEL_TAB_WIDTH * len(m.group())), text)
         return text

@@ -22,6 +22,7 @@ from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import JsonRPCRequestMessage
 from pygls.workspace import TextDocument, Workspace
 
+from integrations.editor.document import LINE_BREAK
 from integrations.editor.protocol import Limits
 from integrations.lsp.backend import BackendError, EditorBackend
 
@@ -97,7 +98,6 @@ class BridgeConfigError(ValueError):
 # form feed (common in Python, C and Lisp sources) then point into the wrong line, and incremental edits
 # land there too, corrupting the bridge's copy of the document.
 _LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 class LspTextDocument(TextDocument):
@@ -132,8 +132,8 @@ def cursor_context(source: str, offset: int, prefix_lines: int, suffix_lines: in
     """(prefix, suffix) around a character offset: the cursor's line and at most `prefix_lines` lines
     above and `suffix_lines` below (LSP line breaks, kept as they are)."""
     before, after = source[:offset], source[offset:]
-    starts = [m.end() for m in _LINE_BREAK.finditer(before)]
-    ends = [m.start() for m in _LINE_BREAK.finditer(after)]
+    starts = [m.end() for m in LINE_BREAK.finditer(before)]
+    ends = [m.start() for m in LINE_BREAK.finditer(after)]
     start = starts[-(prefix_lines + 1)] if len(starts) > prefix_lines else 0
     end = ends[suffix_lines] if len(ends) > suffix_lines else len(after)
     return before[start:], after[:end]
@@ -145,7 +145,7 @@ def position_at_offset(doc, offset: int) -> types.Position:
     does not end with a line break and fails on an empty one."""
     lines = doc.lines
     for number, line in enumerate(lines):
-        if offset < len(line) or (number == len(lines) - 1 and not _LINE_BREAK.search(line[-1:])):
+        if offset < len(line) or (number == len(lines) - 1 and not LINE_BREAK.search(line[-1:])):
             return types.Position(number, doc.position_codec.client_num_units(line[:offset]))
         offset -= len(line)
     return types.Position(len(lines), 0)
@@ -165,7 +165,7 @@ def clamp_position(doc, position: types.Position) -> types.Position:
 def wants_multiline(mode: str, suffix: str) -> bool:
     if mode in ("always", "never"):
         return mode == "always"
-    return not _LINE_BREAK.split(suffix, 1)[0].strip()
+    return not LINE_BREAK.split(suffix, 1)[0].strip()
 
 
 def complete_params(config: BridgeConfig, uri: str, version: int | None, language: str,
