@@ -40,3 +40,11 @@ def test_engine_overhead_on_the_zero_cost_model(capsys, tmp_path):
             assert tpf > 2.0  # whole slots verified at once
         else:
             assert tpf < 1.0  # single-slot fallback: a draft and a verify per token
+
+
+def test_prefix_cache_bench_measures_a_full_cache(capsys):
+    import prefix_cache
+
+    assert prefix_cache.main(["--sizes", "300", "--prompt-blocks", "10", "--repeats", "2"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 300 |")]
+    assert len(row) == 1 and all(float(x) > 0 for x in row[0].split("|")[2:-1])

@@ -1,0 +1,102 @@
+"""Host time of the prefix cache's operations on a full cache, at the sizes a GPU's KV pool reaches.
+
+The engine loop calls `PrefixCache.evict` when a request needs blocks the free list lacks, and
+`lookup` + `record` when a request starts; both run between two forwards, so their time adds to the
+step (scheduler/prefix_cache.py). A full cache of `--blocks` 16-token blocks is built from prompts of
+`--prompt-blocks` blocks each, every block idle (held only by the cache); then, per size:
+
+    evict(1) / evict(16) / evict(64)   ms to free that many blocks (median of --repeats, cache refilled)
+    lookup+record                      ms for one prompt that hits its whole cached chain
+
+    OMP_NUM_THREADS=1 python bench/prefix_cache.py                       # 1,000 / 10,000 / 50,000 blocks
+    ... --sizes 1000 --append docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scheduler.prefix_cache import PrefixCache  # noqa: E402
+from workers.kv_blocks import BlockPool  # noqa: E402
+
+BLOCK = 16
+EVICTS = (1, 16, 64)
+
+
+def full_cache(num_blocks: int, prompt_blocks: int, seed: int = 0) -> tuple[PrefixCache, BlockPool, list[list[int]]]:
+    """A pool of num_blocks whose every block is a cached prompt block (refcount 1: the cache's)."""
+    pool = BlockPool(num_blocks, BLOCK)
+    cache = PrefixCache(pool)
+    rng = random.Random(seed)
+    prompts = []
+    while pool.num_free >= prompt_blocks:
+        prompt = [rng.randrange(8_000) for _ in range(prompt_blocks * BLOCK + 1)]
+        table = pool.allocate(prompt_blocks)
+        cache.insert(prompt, table, len(prompt))
+        pool.release(table)  # the request finished: only the cache holds them
+        prompts.append(prompt)
+    return cache, pool, prompts
+
+
+def measure(num_blocks: int, prompt_blocks: int, repeats: int) -> dict:
+    row = {"blocks": num_blocks}
+    for want in EVICTS:
+        times = []
+        for r in range(repeats):
+            cache, _, _ = full_cache(num_blocks, prompt_blocks, seed=r)
+            start = time.perf_counter()
+            freed = cache.evict(want)
+            times.append(time.perf_counter() - start)
+            assert freed == want, (freed, want)
+        row[f"evict{want}"] = statistics.median(times) * 1e3
+    cache, _, prompts = full_cache(num_blocks, prompt_blocks)
+    times = []
+    for prompt in prompts[-repeats:]:
+        start = time.perf_counter()
+        hit = cache.lookup(prompt)
+        cache.record(prompt, hit)
+        times.append(time.perf_counter() - start)
+        assert len(hit.block_ids) == prompt_blocks
+    row["lookup"] = statistics.median(times) * 1e3
+    return row
+
+
+def table(rows: list[dict], args) -> str:
+    lines = [f"{platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}; "
+             f"{BLOCK}-token blocks, prompts of {args.prompt_blocks} blocks, every block cached and idle; "
+             f"median of {args.repeats}.", "",
+             "| cached blocks | evict(1) ms | evict(16) ms | evict(64) ms | lookup+record ms |",
+             "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['blocks']:,} | {r['evict1']:.3f} | {r['evict16']:.3f} | {r['evict64']:.3f} | {r['lookup']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1_000, 10_000, 50_000])
+    parser.add_argument("--prompt-blocks", type=int, default=100, help="blocks per cached prompt")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--append", type=Path, help="append the table to this markdown file")
+    args = parser.parse_args(argv)
+    rows = [measure(n, args.prompt_blocks, args.repeats) for n in args.sizes]
+    text = table(rows, args)
+    print(text)
+    if args.append:
+        with args.append.open("a") as f:
+            f.write("\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
