@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from workers.batch import Segment, SegmentResult
+from workers.batch import Segment, SegmentResult, TokenLogprob
 
 
 class DecodeParamError(ValueError):
@@ -71,6 +71,8 @@ class Handoff:
     stats: DecodeStats = field(default_factory=DecodeStats)
     suffix_ids: list[int] = field(default_factory=list)
     suffix_cached_len: int = 0
+    # TokenLogprob of each generated id, when the request asks for log probabilities (else empty).
+    generated_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Decoder(Protocol):
@@ -97,6 +99,11 @@ class Decoder(Protocol):
 
     def output_ids(self) -> list[int]:
         """All generated ids in text order, up to and excluding the first EOS (final once finished)."""
+
+    def stream_logprobs(self, start: int, end: int) -> list[TokenLogprob]:
+        """The TokenLogprob of stream_ids()[start:end] (params.logprobs set; else empty): each token's
+        log probability under the read that accepted it (AR: its read; ReFusion: a slot's first token
+        its plan read, the others their verify read, or in slot completion the last read of the token)."""
 
     def at_block_boundary(self) -> bool:
         """True when a mode switch may happen now (no slot, branch or tentative KV in flight)."""

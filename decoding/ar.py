@@ -30,7 +30,7 @@ from decoding.api import DecodeStats, Handoff
 from decoding.context import start_context
 from decoding.grammar import TokenConstraint
 from decoding.params import DecodeParams
-from workers.batch import Reads, Sampling, Segment, SegmentResult
+from workers.batch import Reads, Sampling, Segment, SegmentResult, TokenLogprob
 
 
 class ARPhase(Enum):
@@ -61,6 +61,8 @@ class ARDecoder:
         self.gen_start = len(self.prompt_ids) + len(self.prior_ids)
         self.stats = h.stats if h else DecodeStats()
         self.generated: list[int] = []
+        # params.logprobs set: TokenLogprob of prior_ids + generated (the handed-off ones first)
+        self.logprobs: list[TokenLogprob] = list(h.generated_logprobs) if h else []
         self.gen_cached = 0  # generated tokens whose KV is in the cache
         self.phase = ARPhase.PREFILL if self.span > 0 else ARPhase.FINISHED
         self._in_flight: Segment | None = None
@@ -71,6 +73,7 @@ class ARDecoder:
         self.ended_on_eos = False  # EOS read, or the grammar complete: a natural end even at gen_length
         if constraint is not None and self.phase is not ARPhase.FINISHED:  # a grammar may force its start
             self.generated = constraint.initial_forced[: self.span]  # consumed by the matcher already
+            self._record_forced(self.generated)
             self.ended_on_eos = constraint.stopped
             if constraint.stopped or len(self.generated) >= self.span:
                 self.phase = ARPhase.FINISHED
@@ -159,10 +162,14 @@ class ARDecoder:
         self.stats.forwards += 1
         token = result.tokens[0]
         self.generated.append(token)
+        if self.params.logprobs is not None:
+            self.logprobs.append(result.logprobs[0])
         eos = token == self.params.eos_token_id
         if self.constraint is not None and not eos:
             self.constraint.consume(token)
-            self.generated += self.constraint.fast_forward(self.span - len(self.generated))
+            forced = self.constraint.fast_forward(self.span - len(self.generated))
+            self.generated += forced
+            self._record_forced(forced)
             eos = self.constraint.stopped  # the grammar is complete: it allows only EOS now
         self.ended_on_eos = eos
         if eos or len(self.generated) >= self.span:
@@ -180,6 +187,14 @@ class ARDecoder:
         if eos in generated:
             generated = generated[: generated.index(eos)]
         return self.prior_ids + generated
+
+    def stream_logprobs(self, start: int, end: int) -> list[TokenLogprob]:
+        return self.logprobs[start:end]
+
+    def _record_forced(self, tokens: list[int]) -> None:
+        """Tokens the grammar forced (no read): probability 1 under the grammar's mask."""
+        if self.params.logprobs is not None:
+            self.logprobs += [TokenLogprob.forced(t, self.params.logprobs) for t in tokens]
 
     def at_block_boundary(self) -> bool:
         """Between tokens, when the tokens left fill whole ReFusion blocks (so both modes share one grid)."""
@@ -199,6 +214,7 @@ class ARDecoder:
             stats=self.stats,
             suffix_ids=self.feed.suffix_ids,
             suffix_cached_len=self.feed.suffix_in_cache,
+            generated_logprobs=list(self.logprobs),
         )
 
     def _sampling(self) -> Sampling:
@@ -213,7 +229,7 @@ class ARDecoder:
         reads = Reads(argmax=last) if self.params.temperature == 0 else Reads(sample=last)
         mask = self.constraint.bitmask() if self.constraint is not None else None
         return Segment(self.seq_id, context_len, tokens, positions, num_kept, reads, sampling=self._sampling(),
-                       token_bitmask=mask)
+                       token_bitmask=mask, logprobs=self.params.logprobs)
 
     def _finish(self) -> None:
         self.phase = ARPhase.FINISHED

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.batch import Reads, Sampling, Segment
+from workers.batch import Reads, Sampling, Segment, TokenLogprob
 
 
 @dataclass
@@ -29,6 +29,9 @@ class Branch:
     start: int
     tokens: list[int]
     verified: list[bool]
+    # Log probability of each token from its latest read (params.logprobs set; else None): final once
+    # the token is verified, since verified tokens are neither redrafted nor rescored.
+    entries: list[TokenLogprob] | None = None
 
     @property
     def complete(self) -> bool:
@@ -44,7 +47,8 @@ class Branch:
         return None
 
 
-def draft_segment(seq_id: str, context_len: int, branches: list[Branch], mask_id: int, sampling: Sampling):
+def draft_segment(seq_id: str, context_len: int, branches: list[Branch], mask_id: int, sampling: Sampling,
+                  logprobs: int | None = None):
     """The draft forward of one round and the (branch, slot index) each read answers.
 
     Complete branches are left out: their draft would be discarded and nothing reads them.
@@ -60,17 +64,22 @@ def draft_segment(seq_id: str, context_len: int, branches: list[Branch], mask_id
         tokens += [tok if ok else mask_id for tok, ok in zip(br.tokens, br.verified)]
         positions += range(br.start, br.start + len(br.tokens))
         lens.append(len(br.tokens))
-    segment = Segment(seq_id, context_len, tokens, positions, 0, Reads(argmax=tuple(rows)), lens, sampling)
+    segment = Segment(seq_id, context_len, tokens, positions, 0, Reads(argmax=tuple(rows)), lens, sampling,
+                      logprobs=logprobs)
     return segment, layout
 
 
-def absorb_drafts(branches: list[Branch], layout: list[tuple[int, int]], values: list[tuple[int, float]]) -> None:
-    """Write the argmax drafts into the unverified positions."""
-    for (b, j), (tok, _prob) in zip(layout, values):
+def absorb_drafts(branches: list[Branch], layout: list[tuple[int, int]], values: list[tuple[int, float]],
+                  entries: list[TokenLogprob] | None = None) -> None:
+    """Write the argmax drafts (and their log probabilities, when asked for) into the unverified positions."""
+    for k, ((b, j), (tok, _prob)) in enumerate(zip(layout, values)):
         branches[b].tokens[j] = tok
+        if entries is not None:
+            branches[b].entries[j] = entries[k]
 
 
-def verify_segment(seq_id: str, context_len: int, branches: list[Branch], sampling: Sampling):
+def verify_segment(seq_id: str, context_len: int, branches: list[Branch], sampling: Sampling,
+                   logprobs: int | None = None):
     """The verify forward of one round (all branches, slot order, kept) and each read's (branch, j).
 
     Token j of a branch needs a probability only when its predecessor is not verified yet; every
@@ -88,16 +97,20 @@ def verify_segment(seq_id: str, context_len: int, branches: list[Branch], sampli
         positions += range(br.start, br.start + len(br.tokens))
         lens.append(len(br.tokens))
     reads = Reads(prob=tuple(rows), prob_tokens=tuple(scored))
-    segment = Segment(seq_id, context_len, tokens, positions, len(tokens), reads, lens, sampling)
+    segment = Segment(seq_id, context_len, tokens, positions, len(tokens), reads, lens, sampling, logprobs=logprobs)
     return segment, layout
 
 
 def absorb_verification(
-    branches: list[Branch], layout: list[tuple[int, int]], values: list[tuple[int, float]], token_threshold: float
+    branches: list[Branch], layout: list[tuple[int, int]], values: list[tuple[int, float]], token_threshold: float,
+    entries: list[TokenLogprob] | None = None,
 ) -> None:
     """Grow each branch's verified prefix: token j passes if verified[j-1] held before this round,
-    or its shifted probability exceeds token_threshold; verified = cumulative AND of passes."""
+    or its shifted probability exceeds token_threshold; verified = cumulative AND of passes. The scored
+    tokens' log probabilities (when asked for) replace their draft reads'."""
     probs = {bj: prob for bj, (_tok, prob) in zip(layout, values)}
+    for (b, j), entry in zip(layout, entries or ()):
+        branches[b].entries[j] = entry
     for b, br in enumerate(branches):
         before = list(br.verified)
         ok = True

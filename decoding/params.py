@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from decoding.api import DecodeParamError
-from workers.batch import SEED_MAX
+from workers.batch import MAX_TOP_LOGPROBS, SEED_MAX
 
 SERVING_DEFAULTS: dict = {
     "gen_length": 128,
@@ -60,6 +60,9 @@ class DecodeParams:
     top_k: int = SERVING_DEFAULTS["top_k"]
     top_p: float = SERVING_DEFAULTS["top_p"]
     seed: int = SERVING_DEFAULTS["seed"]
+    # Return each generated token's log probability with this many alternatives (OpenAI logprobs /
+    # top_logprobs, 0 .. MAX_TOP_LOGPROBS); None: none. Does not change what is decoded.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -103,6 +106,11 @@ class DecodeParams:
             raise DecodeParamError("top_p", f"must lie in [{MIN_TOP_P}, 1], got {self.top_p}")
         if not 0 <= self.seed <= SEED_MAX:
             raise DecodeParamError("seed", f"must lie in 0..{SEED_MAX} (a signed 64-bit integer), got {self.seed}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+                raise DecodeParamError("logprobs", f"must lie in 0..{MAX_TOP_LOGPROBS} alternatives per token "
+                                                   f"(or be unset), got {self.logprobs}")
         for name in ("eos_token_id", "mask_token_id"):
             if getattr(self, name) < 0:
                 raise DecodeParamError(name, f"must be a token id >= 0, got {getattr(self, name)}")

@@ -31,7 +31,7 @@ from decoding.branches import Branch, absorb_drafts, absorb_verification, draft_
 from decoding.context import start_context
 from decoding.params import DecodeParams
 from decoding.refusion_plan import Draft, SlotPool, choose_slots, split_blocks, verify_prefix
-from workers.batch import Reads, Sampling, Segment, SegmentResult
+from workers.batch import Reads, Sampling, Segment, SegmentResult, TokenLogprob
 
 
 class Phase(Enum):
@@ -69,6 +69,8 @@ class RefusionDecoder:
         self.stats = h.stats if h else DecodeStats()
         self.phase = Phase.PREFILL if span else Phase.FINISHED
         self.accepted: dict[int, int] = {}  # logical position -> token, every committed generated token
+        self.accepted_logprobs: dict[int, TokenLogprob] = {}  # the same positions (params.logprobs set)
+        self.prior_logprobs: list[TokenLogprob] = list(h.generated_logprobs) if h else []
         self._stream_run: list[int] = []  # accepted tokens contiguous from gen_start, EOS excluded (stream_ids)
         self._output: list[int] | None = None  # accepted tokens in position order up to EOS (output_ids), or None
         self.gen_cached = 0  # generated tokens in the cache (committed)
@@ -144,7 +146,7 @@ class RefusionDecoder:
             Phase.VERIFY: self._absorb_verify,
             Phase.BRANCH_DRAFT: self._absorb_branch_draft,
             Phase.BRANCH_VERIFY: self._absorb_branch_verify,
-        }[self.phase](list(zip(result.tokens, result.probs)))
+        }[self.phase](list(zip(result.tokens, result.probs)), result.logprobs)
 
     def stream_ids(self) -> list[int]:
         # The contiguous run from gen_start only grows (accepted tokens are never taken back), so it is
@@ -165,6 +167,11 @@ class RefusionDecoder:
             self._output = tokens[: tokens.index(eos)] if eos in tokens else tokens
         return self.prior_ids + self._output
 
+    def stream_logprobs(self, start: int, end: int) -> list[TokenLogprob]:
+        prior, accepted = self.prior_logprobs, self.accepted_logprobs
+        first = self.gen_start - len(prior)  # logical position of stream index 0's generated twin
+        return prior[start:end] + [accepted[first + i] for i in range(max(start, len(prior)), end)]
+
     def at_block_boundary(self) -> bool:
         return self._in_flight is None and self.phase in (Phase.PREFILL, Phase.NEXT_BLOCK)
 
@@ -180,6 +187,7 @@ class RefusionDecoder:
             stats=self.stats,
             suffix_ids=self.feed.suffix_ids,
             suffix_cached_len=self.feed.suffix_in_cache,
+            generated_logprobs=self.stream_logprobs(0, len(generated)) if self.params.logprobs is not None else [],
         )
 
     # ---- segments ---------------------------------------------------------------------------------
@@ -210,6 +218,7 @@ class RefusionDecoder:
             n_ctx,
             Reads(argmax=tuple(range(n_ctx, n_ctx + n_mask))),
             sampling=self._sampling(gumbel=True),
+            logprobs=self.params.logprobs,
         )
 
     def _verify_segment(self) -> Segment:
@@ -220,54 +229,64 @@ class RefusionDecoder:
         scored = [k for k in range(len(tokens)) if k % s]
         reads = Reads(prob=tuple(k - 1 for k in scored), prob_tokens=tuple(tokens[k] for k in scored))
         return Segment(self.seq_id, self.cache_len, tokens, positions, len(tokens), reads,
-                       sampling=self._sampling(False))
+                       sampling=self._sampling(False), logprobs=self.params.logprobs)
 
     def _branch_draft_segment(self) -> Segment:
         segment, self._layout = draft_segment(
-            self.seq_id, self.cache_len, self.branches, self.params.mask_token_id, self._sampling(False)
+            self.seq_id, self.cache_len, self.branches, self.params.mask_token_id, self._sampling(False),
+            self.params.logprobs,
         )
         return segment
 
     def _branch_verify_segment(self) -> Segment:
-        segment, self._layout = verify_segment(self.seq_id, self.cache_len, self.branches, self._sampling(False))
+        segment, self._layout = verify_segment(self.seq_id, self.cache_len, self.branches, self._sampling(False),
+                                               self.params.logprobs)
         return segment
 
     # ---- absorbing results ------------------------------------------------------------------------
 
-    def _absorb_plan(self, values: list[tuple[int, float]]) -> None:
+    def _absorb_plan(self, values: list[tuple[int, float]], logprobs: list[TokenLogprob] | None) -> None:
         self.feed.consume(self._context_in_flight)
-        self.chosen = choose_slots(self.pool.starts, values, self.params.slot_size, self.params.slot_threshold)
+        self.chosen = choose_slots(self.pool.starts, values, self.params.slot_size, self.params.slot_threshold,
+                                   logprobs)
         self.phase = Phase.VERIFY
 
-    def _absorb_verify(self, values: list[tuple[int, float]]) -> None:
+    def _absorb_verify(self, values: list[tuple[int, float]], logprobs: list[TokenLogprob] | None) -> None:
         p = self.params
         tokens = [t for d in self.chosen for t in d.tokens]
+        entries = None
+        if p.logprobs is not None:  # a slot's first token: its plan read; the others: their verify read
+            scored = iter(logprobs or ())
+            entries = [d.entries[0] if j == 0 else next(scored) for d in self.chosen for j in range(len(d.tokens))]
         verdict = verify_prefix(self.chosen, [prob for _, prob in values], p.slot_size, p.token_threshold)
         eos_at = next((k for k in range(verdict.prefix) if tokens[k] == p.eos_token_id), None)
         if eos_at is not None:
             last = eos_at // p.slot_size  # chosen slot holding the first EOS
-            self._commit(tokens[: eos_at + 1], self.chosen[: last + 1])
+            self._commit(tokens[: eos_at + 1], self.chosen[: last + 1], entries)
             self.pool.drop_from(self.chosen[last].start)
             self.finish_after_block = True
             self.stats.slots_accepted_at_verify += last + 1
         elif verdict.prefix >= p.slot_size:
             whole = verdict.prefix // p.slot_size
-            self._commit(tokens[: whole * p.slot_size], self.chosen[:whole])
+            self._commit(tokens[: whole * p.slot_size], self.chosen[:whole], entries)
             self.stats.slots_accepted_at_verify += whole
         else:
             # No whole slot verified: the verify KV is rolled back (context_len stays), complete in branches.
-            self.branches = [Branch(d.start, list(d.tokens), list(v)) for d, v in zip(self.chosen, verdict.slot_flags)]
+            s = p.slot_size
+            slot_entries = [entries[i * s:(i + 1) * s] for i in range(len(self.chosen))] if entries is not None else None
+            self.branches = [Branch(d.start, list(d.tokens), list(v), slot_entries[i] if slot_entries else None)
+                             for i, (d, v) in enumerate(zip(self.chosen, verdict.slot_flags))]
             self.phase = Phase.BRANCH_DRAFT
             return
         self._after_commit()
 
-    def _absorb_branch_draft(self, values: list[tuple[int, float]]) -> None:
-        absorb_drafts(self.branches, self._layout, values)
+    def _absorb_branch_draft(self, values: list[tuple[int, float]], logprobs: list[TokenLogprob] | None) -> None:
+        absorb_drafts(self.branches, self._layout, values, logprobs)
         self.phase = Phase.BRANCH_VERIFY
 
-    def _absorb_branch_verify(self, values: list[tuple[int, float]]) -> None:
+    def _absorb_branch_verify(self, values: list[tuple[int, float]], logprobs: list[TokenLogprob] | None) -> None:
         p = self.params
-        absorb_verification(self.branches, self._layout, values, p.token_threshold)
+        absorb_verification(self.branches, self._layout, values, p.token_threshold, logprobs)
         eos_branch = stop_after_eos(self.branches, p.eos_token_id)
         if not all(br.complete for br in self.branches):
             self.phase = Phase.BRANCH_DRAFT
@@ -276,7 +295,8 @@ class RefusionDecoder:
         tokens = [t for br in self.branches for t in br.tokens]
         if eos_branch is not None:
             tokens = tokens[: tokens.index(p.eos_token_id) + 1]
-        self._commit(tokens, self.branches)
+        entries = [e for br in self.branches for e in br.entries] if p.logprobs is not None else None
+        self._commit(tokens, self.branches, entries)
         for d in self.chosen:
             self.pool.remove(d.start)
         if eos_branch is not None:
@@ -286,11 +306,14 @@ class RefusionDecoder:
         self.branches = []
         self._after_commit()
 
-    def _commit(self, tokens: list[int], slots) -> None:
-        """Accept `tokens` (the slots' tokens in slot order); they are the first KV rows just kept."""
+    def _commit(self, tokens: list[int], slots, entries: list[TokenLogprob] | None = None) -> None:
+        """Accept `tokens` (the slots' tokens in slot order; `entries` their log probabilities, when
+        asked for); they are the first KV rows just kept."""
         positions = [s.start + j for s in slots for j in range(self.params.slot_size)]
         for pos, tok in zip(positions, tokens):
             self.accepted[pos] = tok
+        for pos, entry in zip(positions, entries or ()):
+            self.accepted_logprobs[pos] = entry
         self._output = None
         for s in slots:
             self.pool.remove(s.start)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workers.batch import TokenLogprob
+
 
 @dataclass
 class Draft:
@@ -21,6 +23,7 @@ class Draft:
     start: int
     tokens: list[int]
     probs: list[float]
+    entries: list[TokenLogprob] | None = None  # the plan reads' log probabilities (params.logprobs set)
 
     @property
     def confidence(self) -> float:
@@ -85,11 +88,14 @@ class SlotPool:
         self.starts = [s for s in self.starts if s < start]
 
 
-def choose_slots(starts: list[int], values: list[tuple[int, float]], slot_size: int, threshold: float) -> list[Draft]:
-    """Spec step 1: drafts of every pool slot from the plan reads; keep the confident ones, in position order."""
+def choose_slots(starts: list[int], values: list[tuple[int, float]], slot_size: int, threshold: float,
+                 entries: list[TokenLogprob] | None = None) -> list[Draft]:
+    """Spec step 1: drafts of every pool slot from the plan reads; keep the confident ones, in position
+    order. `entries`: the reads' log probabilities, kept with each draft (None: not asked for)."""
     drafts = [
         Draft(start, [t for t, _ in values[i * slot_size : (i + 1) * slot_size]],
-              [p for _, p in values[i * slot_size : (i + 1) * slot_size]])
+              [p for _, p in values[i * slot_size : (i + 1) * slot_size]],
+              entries[i * slot_size : (i + 1) * slot_size] if entries is not None else None)
         for i, start in enumerate(starts)
     ]
     chosen = [d for d in drafts if d.confidence > threshold]

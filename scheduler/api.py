@@ -113,6 +113,8 @@ class Delta:
     # The request field whose value caused `error` (a 4xx for the API: e.g. "grammar" for a grammar that
     # dead-ends or hits a parser limit mid-request); None when the error is the server's.
     error_field: str | None = None
+    # params["logprobs"] set: one workers.batch.TokenLogprob per id of token_ids (Decoder.stream_logprobs)
+    logprobs: list | None = None
 
 
 class RunnerInfo(Protocol):

@@ -18,12 +18,14 @@ REPLACEMENT_CHAR = "\ufffd"
 
 @dataclass
 class TextUpdate:
-    """What to send for one step: new text and the ids newly final; `stopped` says why the text ended
-    ("stop": a stop string, "newline": the deadline newline cut), None while it goes on."""
+    """What to send for one step: new text and the ids newly final (`ids_start`: the index of the first
+    in the stream's ids); `stopped` says why the text ended ("stop": a stop string, "newline": the
+    deadline newline cut), None while it goes on."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     stopped: str | None = None
+    ids_start: int = 0
 
 
 class TextStream:
@@ -93,6 +95,7 @@ class TextStream:
         self._sent_chars = end
         ids_end = self._ids_covering(end) if stopped else self._read_offset if not final else len(self._ids)
         update.token_ids = self._ids[self._sent_ids : max(self._sent_ids, ids_end)]
+        update.ids_start = self._sent_ids
         self._sent_ids = max(self._sent_ids, ids_end)
         if stopped or final:
             self.done = True

@@ -27,7 +27,7 @@ from scheduler.api import ENGINE_STOPPED, Delta, FinishReason, GenerationRequest
 from scheduler.calibration import calibrate
 from scheduler.config import EngineConfig
 from scheduler.decoders import DecoderFactory, ModelDecoderFactory
-from scheduler.detokenizer import TextStream
+from scheduler.detokenizer import TextStream, TextUpdate
 from scheduler.metrics import EngineMetrics
 from scheduler.mode_switch import maybe_switch
 from scheduler.request import Request, RequestStatus
@@ -263,8 +263,11 @@ class Engine:
         # At the cap with more to come (or past it: ReFusion's last slot), the request ends here; the
         # ids are cut first, so finish() releases every held-back character of the kept ids.
         capped = cap is not None and (len(ids) > cap or (len(ids) == cap and not req.decoder.finished))
-        update = req.stream.update(ids[:cap] if capped else ids, newline_cut=past)
-        self._send(req, update.text, update.token_ids, now)
+        ids = ids[:cap] if capped else ids
+        if req.top_logprobs is not None and len(ids) > len(req.logprobs):
+            req.logprobs += req.decoder.stream_logprobs(len(req.logprobs), len(ids))
+        update = req.stream.update(ids, newline_cut=past)
+        self._send(req, update, now)
         if update.stopped == "stop":
             self._finish(req, FinishReason.STOP)
         elif update.stopped == "newline" or (past and now >= deadline + self.config.deadline_grace_ms / 1000):
@@ -272,13 +275,17 @@ class Engine:
         elif capped:
             self._finish(req, FinishReason.LENGTH)
 
-    def _send(self, req: Request, text: str, token_ids: list[int], now: float, finished: bool = False) -> None:
+    def _send(self, req: Request, update: TextUpdate, now: float, finished: bool = False) -> None:
+        text, token_ids = update.text, update.token_ids
         if token_ids or text:
             if not req.spec.internal:
                 self.metrics.observe_delta(req, len(token_ids), now)
             req.first_token_s, req.last_token_s = req.first_token_s or now, now
         if token_ids or text or finished:
-            req.outbox.put_nowait(req.delta(text, token_ids, finished=finished))
+            logprobs = None
+            if req.top_logprobs is not None:
+                logprobs = req.logprobs[update.ids_start:update.ids_start + len(token_ids)]
+            req.outbox.put_nowait(req.delta(text, token_ids, finished=finished, logprobs=logprobs))
 
     def _fail(self, req: Request, exc: Exception) -> None:
         """End `req` with the error its own decoder raised; a DecodeParamError (a grammar that dead-ends
@@ -303,7 +310,7 @@ class Engine:
         self.scheduler.remove(req)
         req.status = RequestStatus.FINISHED
         self._requests.pop(req.id, None)
-        self._send(req, update.text, update.token_ids, now, finished=True)
+        self._send(req, update, now, finished=True)
         if not req.spec.internal:
             self.metrics.observe_finish(req, now)
             log.info("finished", request_id=req.id, reason=reason.value, error=error, modes=req.mode_history,

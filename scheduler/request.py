@@ -68,6 +68,9 @@ class Request:
     grammar: Any = None  # decoding.grammar.Grammar of a structured-output request (AR only); else None
     error: str | None = None
     error_field: str | None = None  # the request field that caused `error` (scheduler.api.Delta.error_field)
+    # params.logprobs set: TokenLogprob of every id handed to `stream` so far (kept here, not read back
+    # from the decoder, because a preempted request's held-back ids outlive the decoder that made them)
+    logprobs: list = field(default_factory=list)
 
     @property
     def id(self) -> str:
@@ -80,6 +83,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def top_logprobs(self) -> int | None:
+        """Alternatives per token when the request asks for log probabilities (params.logprobs), else None."""
+        return getattr(self.params, "logprobs", None)
 
     @property
     def deadline_s(self) -> float | None:
@@ -138,7 +146,7 @@ class Request:
             "stop_word": self.stream.stop_word if self.stream is not None else None,
         }
 
-    def delta(self, text: str, token_ids: list[int], *, finished: bool = False) -> Delta:
+    def delta(self, text: str, token_ids: list[int], *, finished: bool = False, logprobs: list | None = None) -> Delta:
         """A Delta of this request: the final one carries the finish reason and stats; the first one with
         tokens carries {"cached_prompt_tokens"} (known from the start, so a consumer that stops reading
         early, e.g. an editor rule cut, still has it: llama.cpp's tokens_cached)."""
@@ -158,4 +166,5 @@ class Request:
             stats=stats,
             error=self.error if finished else None,
             error_field=self.error_field if finished else None,
+            logprobs=logprobs,
         )

@@ -40,6 +40,12 @@ argmax rows, then prob rows, then sample rows:
   - sample: temperature, top-k, top-p from Sampling, drawn as the Gumbel-max argmax of the filtered
     logits; (token, its probability under the filtered, tempered distribution). T == 0 is greedy.
   - logits: full float32 rows in `SegmentResult.logits` (tests and debugging only).
+  - log probabilities (only for segments with `Segment.logprobs` set): per token-and-probability row,
+    `SegmentResult.logprobs[k]` = TokenLogprob(token, log softmax(logits)[token], the row's
+    `Segment.logprobs` most likely tokens and their log probabilities, best first). These are of the
+    model's distribution as the grammar mask leaves it, before temperature, top-k and top-p (vLLM's
+    default `raw_logprobs`), whatever the row's kind; -inf is reported as -9999.0 (as vLLM), and top
+    entries the grammar mask removed are left out.
 Randomness is counter-based: u = uniform(hash(seed, step, position, vocab index)), with `step` the
 request's own decode-step counter (decoders count forwards with reads) and `position` the logical
 position of the read row. Both are intrinsic to the request: its draws depend on nothing else in the
@@ -52,6 +58,13 @@ from dataclasses import dataclass, field
 
 SEED_MAX = 2**63 - 1
 """Seeds are signed 64-bit on the device; the API rejects larger ones (a 400 naming `seed`)."""
+
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives a read returns per token (vLLM's default max_logprobs, OpenAI's top_logprobs bound);
+a step with any log-probability segment computes this many for every read row."""
+
+LOGPROB_FLOOR = -9999.0
+"""The log probability reported for a token of probability 0 (JSON has no -inf; vLLM's value)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,9 @@ class Segment:
     # per token id (byte t // 8, bit t % 8, least significant first: llguidance's bitmask layout); bits
     # beyond the bytes given are 0. None: every token. Prob rows are not masked.
     token_bitmask: bytes | None = None
+    # Log probabilities of the read tokens with this many alternatives each (0 .. MAX_TOP_LOGPROBS;
+    # OpenAI `logprobs` / `top_logprobs`); None: none (the step's reads then skip that work).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -123,18 +139,37 @@ class Segment:
         for row in r.rows() + r.logits:
             if not 0 <= row < n:
                 raise ValueError(f"{name}: read row {row} outside 0..{n - 1}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"{name}: logprobs must lie in 0..{MAX_TOP_LOGPROBS} or be None, got {self.logprobs}")
 
     @property
     def num_query(self) -> int:
         return len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability and the most likely tokens at its place, best first
+    (OpenAI's `logprobs`; semantics in "Reads" above). A token the grammar forced without a forward has
+    logprob 0.0 and itself as its only alternative (probability 1 under the grammar's mask)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    @classmethod
+    def forced(cls, token: int, num_top: int) -> "TokenLogprob":
+        return cls(token, 0.0, ((token, 0.0),) if num_top else ())
+
+
 @dataclass
 class SegmentResult:
     """What came back for one segment: tokens[k] / probs[k] answer reads.rows()[k] (argmax, prob,
-    sample order); logits[k] is the float32 row of reads.logits[k]."""
+    sample order); logits[k] is the float32 row of reads.logits[k]; logprobs[k] (only when the segment
+    set `logprobs`, else None) is the TokenLogprob of tokens[k]."""
 
     seq_id: str
     tokens: list[int]
     probs: list[float]
     logits: list[list[float]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None

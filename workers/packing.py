@@ -6,8 +6,8 @@ transfer; the step function slices views out of it (`StepLayout.offsets`). Float
 serve every dtype.
 
 Shapes are padded to buckets (`bucket`): tokens T, sequences B, max query length Q, context blocks per
-sequence NB and read rows R are powers of two with a minimum, and the two host flags (needs_noise,
-needs_sort) switch optional read stages. `StepLayout` is therefore the key under which a later issue
+sequence NB and read rows R are powers of two with a minimum, and the host flags (needs_noise,
+needs_sort, logprobs) switch optional read stages. `StepLayout` is therefore the key under which a later issue
 can capture one CUDA graph per bucket.
 
 Fields (one row per entry; "row" = packed token index):
@@ -29,6 +29,7 @@ row 0 greedily. Their outputs are never returned.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -67,6 +68,7 @@ class StepLayout:
     needs_noise: bool  # some row draws Gumbel noise (gumbel argmax or sample with temperature > 0)
     needs_sort: bool  # some sample row uses top-k or top-p
     mask_words: int = 0  # int64 words of token bitmask per read row (0: no segment is constrained)
+    logprobs: bool = False  # some segment asks for log probabilities: reads add MAX_TOP_LOGPROBS alternatives
 
     def sizes(self) -> list[tuple[str, int]]:
         t, b, r = self.num_tokens, self.num_seqs, self.num_reads
@@ -176,6 +178,8 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     masks = [g.token_bitmask for g in segments]
     mask_words = max(-(-len(m) // 8) for m in masks if m is not None) if any(m is not None for m in masks) else 0
     layout = _layout(seg, kinds, read_owner, block_size, mask_words if len(kinds) else 0)
+    if len(kinds) and any(g.logprobs is not None and len(g.reads) for g in segments):
+        layout = dataclasses.replace(layout, logprobs=True)
     step = PackedStep(layout, np.zeros(layout.size, dtype=np.int64), t, len(rows),
                       np.concatenate(([0], np.cumsum(n_reads))), counts[:, :3].sum(1), counts[:, 3], seg,
                       np.append(flat_tables, scratch_block), kinds, read_owner)

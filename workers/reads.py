@@ -2,7 +2,10 @@
 
 Input: logits of the read rows only, [R, V] float32, and per-row parameters (`ReadParams`, views of the
 packed step). Output: [2, R] float64, row 0 the token ids, row 1 the probabilities, so all results
-come back to the host in one transfer.
+come back to the host in one transfer. With `logprobs` (a segment of the step asks for them) the output
+is [3 + 2K, R] (K = MAX_TOP_LOGPROBS): then row 2 the chosen token's log probability, rows 3 .. 3+K the
+K most likely token ids and rows 3+K .. 3+2K their log probabilities, all under log_softmax of the
+logits as given (grammar mask applied; before temperature, top-k, top-p: vLLM's raw_logprobs).
 
   - probabilities via logsumexp: p = exp(logit[token] - logsumexp(logits)), no softmax over rows;
   - argmax rows: argmax(logits); with the gumbel flag (temperature T > 0) ReFusion's Gumbel-max draft
@@ -25,6 +28,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from workers.batch import MAX_TOP_LOGPROBS
 
 # splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 wraps the same way).
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64
@@ -111,8 +116,21 @@ def _chosen_logprob(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     return x.gather(1, token[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
 
 
-def compute_reads(logits: torch.Tensor, params: ReadParams, needs_noise: bool, needs_sort: bool) -> torch.Tensor:
-    """logits [R, V] float32 -> [2, R] float64: token ids (exact in float64) and probabilities."""
+def compute_reads(logits: torch.Tensor, params: ReadParams, needs_noise: bool, needs_sort: bool,
+                  logprobs: bool = False) -> torch.Tensor:
+    """logits [R, V] float32 -> [2, R] float64: token ids (exact in float64) and probabilities; with
+    `logprobs`, [3 + 2K, R]: plus the token's log probability and the top K (module docstring)."""
+    values = _token_and_prob(logits, params, needs_noise, needs_sort)
+    if not logprobs:
+        return values
+    log_probs = logits.log_softmax(dim=-1)  # [R, V] float32
+    top = log_probs.topk(min(MAX_TOP_LOGPROBS, logits.shape[-1]), dim=-1)  # [R, K] each
+    chosen = log_probs.gather(1, values[0].long()[:, None])[:, 0]  # [R]
+    return torch.cat((values, chosen.double()[None], top.indices.double().T, top.values.double().T))
+
+
+def _token_and_prob(logits: torch.Tensor, params: ReadParams, needs_noise: bool, needs_sort: bool) -> torch.Tensor:
+    """[2, R]: the read's token and probability per row (module docstring, per row kind)."""
     given = params.given
     if not needs_noise and not needs_sort:  # greedy step: no float64 copy of the logits
         token = torch.where(given >= 0, given, logits.argmax(dim=-1))

@@ -25,7 +25,7 @@ import torch
 from workers import loader
 from workers.attention import StepAttention
 from workers.attention_flex import FlexStepAttention
-from workers.batch import Reads, Segment, SegmentResult
+from workers.batch import LOGPROB_FLOOR, Reads, Segment, SegmentResult, TokenLogprob
 from workers.graphs import GraphPolicy, StepGraphs, startup_steps
 from workers.kv_cache import PagedKVCache, blocks_for_budget
 from workers.model import Qwen3, build_model, compiled_kernels
@@ -187,10 +187,11 @@ class ModelRunner:
             return []
         step = self.pack(segments, block_tables)
         host, host_logits = self._run(step)
-        return unpack_results(step, [s.seq_id for s in segments], host, host_logits)
+        return unpack_results(step, [s.seq_id for s in segments], host, host_logits, [s.logprobs for s in segments])
 
     def _run(self, step: PackedStep) -> tuple[np.ndarray, np.ndarray | None]:
-        """Upload, run and read back a packed step: values [2, R] and logits rows (when asked for)."""
+        """Upload, run and read back a packed step: values [2, R] ([3 + 2K, R] with log probabilities) and
+        logits rows (when asked for)."""
         buffer = self._uploader.upload(step.buffer)
         with torch.inference_mode():
             values, logits = self.step_fn(self.model, self.kv, buffer, step.layout)
@@ -226,8 +227,9 @@ def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: st
 
 
 def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,
-                   logits: np.ndarray | None) -> list[SegmentResult]:
-    """values [2, R] float64 (tokens, probs) and optional logits [R, V] -> one SegmentResult per segment."""
+                   logits: np.ndarray | None, top_wanted: list[int | None] | None = None) -> list[SegmentResult]:
+    """values [2, R] float64 (tokens, probs; [3 + 2K, R] with log probabilities) and optional logits
+    [R, V] -> one SegmentResult per segment. top_wanted[i]: segment i's `logprobs` (None: none)."""
     tokens = values[0, :step.num_reads].astype(np.int64).tolist()
     probs = values[1, :step.num_reads].tolist()
     starts, n_tok, n_log = step.read_starts.tolist(), step.num_token_reads.tolist(), step.num_logit_reads.tolist()
@@ -235,5 +237,20 @@ def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,
     for i, seq_id in enumerate(seq_ids):
         a, b = starts[i], starts[i] + n_tok[i]
         rows = logits[b:b + n_log[i]].tolist() if n_log[i] else []
-        results.append(SegmentResult(seq_id, tokens[a:b], probs[a:b], rows))
+        result = SegmentResult(seq_id, tokens[a:b], probs[a:b], rows)
+        if top_wanted is not None and top_wanted[i] is not None:  # no reads in the step: no values rows
+            result.logprobs = token_logprobs(values[:, a:b], top_wanted[i]) if step.layout.logprobs else []
+        results.append(result)
     return results
+
+
+def token_logprobs(values: np.ndarray, num_top: int) -> list[TokenLogprob]:
+    """values [3 + 2K, n] of one segment's reads -> n TokenLogprob with num_top alternatives each
+    (-inf as LOGPROB_FLOOR; alternatives of probability 0, which a grammar mask removed, left out)."""
+    k = (values.shape[0] - 3) // 2
+    chosen = np.maximum(values[2], LOGPROB_FLOOR).tolist()
+    top_ids = values[3:3 + min(num_top, k)].T.astype(np.int64).tolist()
+    top_lps = values[3 + k:3 + k + min(num_top, k)].T.tolist()
+    token_ids = values[0].astype(np.int64).tolist()
+    return [TokenLogprob(token, lp, tuple((t, v) for t, v in zip(ids, lps) if v != -np.inf))
+            for token, lp, ids, lps in zip(token_ids, chosen, top_ids, top_lps)]

@@ -2,7 +2,8 @@
 
     buffer  [layout.size] int64 on the device: the packed step (workers.packing), one upload
     layout  workers.packing.StepLayout: every shape and flag, static per bucket
-    returns values [2, R] float64 (token ids, probabilities; workers.reads) and logits [R, V] float32
+    returns values [2, R] float64 (token ids, probabilities; [3 + 2K, R] with layout.logprobs: workers.reads)
+            and logits [R, V] float32
 
 Between the input copy and the output copy nothing waits for the host (style rule 12): the arrays are
 views of the buffer, attention is workers.attention.StepAttention, the reads workers.reads. The
@@ -60,7 +61,7 @@ def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayo
     attention_cls: StepAttention (gathers context; portable) or workers.attention_flex.FlexStepAttention
     (reads the paged cache in place). kernels: workers.model.LayerKernels for the work around attention
     (None: eager; workers.model.compiled_kernels(): fused by torch.compile). Returns (values [2, R]
-    float64, logits [R, V] float32); R == 0 skips the LM head."""
+    float64, or [3 + 2K, R] with layout.logprobs; logits [R, V] float32); R == 0 skips the LM head."""
     a = step_arrays(buffer, layout)
     cfg = model.cfg
     attention = attention_cls(kv, a, layout, cfg.num_heads // cfg.num_kv_heads)
@@ -71,4 +72,4 @@ def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayo
     logits = model.logits(hidden.index_select(0, a.read_rows))  # [R, V] float32
     if layout.mask_words:  # grammar-constrained rows (Segment.token_bitmask)
         logits = apply_token_bitmask(logits, a.token_bitmask)
-    return compute_reads(logits, a.reads, layout.needs_noise, layout.needs_sort), logits
+    return compute_reads(logits, a.reads, layout.needs_noise, layout.needs_sort, layout.logprobs), logits

@@ -3,7 +3,10 @@
 transformers' Qwen3ForCausalLM with a DynamicCache, batch 1, host-side control flow as in the spec,
 the cache copied once per branch in slot completion, completed slots' KV appended to the main cache
 as computed in their branches. Greedy only (temperature 0). `events` counts which paths ran, so a test
-can assert that it covered what it claims.
+can assert that it covered what it claims. `logprob_rows` holds, per generated position, the
+log_softmax row of the read that accepted its token (a slot's first token: its plan read; others: the
+verify read, or in slot completion the token's last draft or verify read): what the engine's
+log probabilities must equal.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class OracleResult:
     output_ids: list[int]  # generated ids in text order, up to and excluding the first EOS
     forwards: int  # engine-equivalent forward count (a branch round is 2, however many branches)
     events: Counter = field(default_factory=Counter)
+    logprob_rows: dict = field(default_factory=dict)  # logical position -> [V] float32 log_softmax row
 
 
 def _crop(cache: DynamicCache, length: int) -> None:
@@ -118,6 +122,7 @@ class _Oracle:
             x0 = (logits.double().exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
             self.ev["gumbel_plans"] += 1
         p0 = logits.softmax(-1).gather(-1, x0[:, None])[:, 0]
+        plan_rows = logits.log_softmax(-1)
         drafts = {s: (x0[i * S:(i + 1) * S].tolist(), p0[i * S:(i + 1) * S].tolist()) for i, s in enumerate(pool)}
         chosen = [s for s in pool if drafts[s][1][0] > self.slot_threshold]
         if not chosen:
@@ -127,7 +132,10 @@ class _Oracle:
         # 2. verify: chosen drafts in position order, clean; shifted probabilities
         flat = [t for s in chosen for t in drafts[s][0]]
         flat_pos = [s + j for s in chosen for j in range(S)]
-        probs = _forward(self.model, self.cache, flat, flat_pos).softmax(-1)
+        verify_logits = _forward(self.model, self.cache, flat, flat_pos)
+        probs = verify_logits.softmax(-1)
+        verify_rows = verify_logits.log_softmax(-1)
+        rows = [plan_rows[pool.index(flat_pos[k]) * S] if k % S == 0 else verify_rows[k - 1] for k in range(len(flat))]
         self.res.forwards += 1
         passes = [k % S == 0 or probs[k - 1, flat[k]].item() > self.token_threshold for k in range(len(flat))]
         prefix = next((k for k, ok in enumerate(passes) if not ok), len(passes))
@@ -136,6 +144,7 @@ class _Oracle:
             ev["eos_in_verify_prefix"] += 1
             last = eos_at // S
             self.accepted.update(zip(flat_pos[: eos_at + 1], flat[: eos_at + 1]))
+            self.res.logprob_rows.update(zip(flat_pos[: eos_at + 1], rows))
             _crop(self.cache, base + eos_at + 1)
             ev["pool_slots_dropped_after_verify_eos"] += len([s for s in pool if s > chosen[last]])
             self.finish = True
@@ -144,20 +153,22 @@ class _Oracle:
             whole = prefix // S
             ev["whole_slots_at_verify"] += whole
             self.accepted.update(zip(flat_pos[: whole * S], flat[: whole * S]))
+            self.res.logprob_rows.update(zip(flat_pos[: whole * S], rows))
             _crop(self.cache, base + whole * S)
             return [s for s in pool if s not in chosen[:whole]]
         _crop(self.cache, base)
         tags = [[all(passes[i * S: i * S + j + 1]) for j in range(S)] for i in range(len(chosen))]
-        return self._complete_and_commit(pool, chosen, [list(drafts[s][0]) for s in chosen], tags, base)
+        slot_rows = [rows[i * S:(i + 1) * S] for i in range(len(chosen))]
+        return self._complete_and_commit(pool, chosen, [list(drafts[s][0]) for s in chosen], tags, base, slot_rows)
 
-    def _complete_and_commit(self, pool, chosen, slots, tags, base) -> list[int]:
+    def _complete_and_commit(self, pool, chosen, slots, tags, base, slot_rows) -> list[int]:
         """Spec steps 3-4: complete in branches (one cache copy each), then append each slot's branch KV."""
         S, ev = self.S, self.ev
         ev["slot_completion"] += 1
         branches = list(chosen)
         caches = [copy.deepcopy(self.cache) for _ in branches]
         rounds, eos_branch = _complete(self.model, caches, slots, branches, tags, base, S, self.token_threshold,
-                                       self.eos_id, self.mask_id, ev)
+                                       self.eos_id, self.mask_id, ev, slot_rows)
         self.res.forwards += 2 * rounds
         kept = [t for slot in slots for t in slot]
         if eos_branch is not None:
@@ -168,6 +179,7 @@ class _Oracle:
                 break
             _append_kv(self.cache, br_cache, base, n)
             self.accepted.update((branches[i] + j, slots[i][j]) for j in range(n))
+            self.res.logprob_rows.update((branches[i] + j, slot_rows[i][j]) for j in range(n))
         pool = [s for s in pool if s not in chosen]
         if eos_branch is not None:
             ev["pool_slots_dropped_after_completion_eos"] += len([s for s in pool if s > branches[eos_branch]])
@@ -176,8 +188,9 @@ class _Oracle:
         return pool
 
 
-def _complete(model, caches, slots, branches, tags, base, S, token_threshold, eos_id, mask_id, ev):
-    """Spec step 3 rounds; mutates slots/branches/caches/tags. Returns (rounds, EOS branch index or None)."""
+def _complete(model, caches, slots, branches, tags, base, S, token_threshold, eos_id, mask_id, ev, slot_rows):
+    """Spec step 3 rounds; mutates slots/branches/caches/tags/slot_rows (each token's latest read row).
+    Returns (rounds, EOS branch index or None)."""
     apl = 0  # common verified prefix committed to every branch's cache rows
     rounds = 0
     eos_branch = None
@@ -189,10 +202,18 @@ def _complete(model, caches, slots, branches, tags, base, S, token_threshold, eo
             _crop(caches[b], base + apl)
             x = logits.argmax(-1).tolist()
             slots[b][apl:] = [t if ok else d for t, ok, d in zip(slots[b][apl:], tags[b][apl:], x)]
+            draft_rows = logits.log_softmax(-1)
+            for j in range(apl, S):
+                if not tags[b][j]:
+                    slot_rows[b][j] = draft_rows[j - apl]
         for b in range(len(slots)):  # verify: clean, kept; shifted probabilities
             logits = _forward(model, caches[b], slots[b][apl:], [branches[b] + j for j in range(apl, S)])
             probs = logits.softmax(-1)
+            verify_rows = logits.log_softmax(-1)
             before = list(tags[b])
+            for j in range(apl + 1, S):
+                if not before[j - 1]:  # scored this round (a token after a verified one passes unread)
+                    slot_rows[b][j] = verify_rows[j - apl - 1]
             ok = True
             for j in range(apl, S):
                 passes = j == apl or before[j - 1] or probs[j - apl - 1, slots[b][j]].item() > token_threshold
@@ -203,7 +224,7 @@ def _complete(model, caches, slots, branches, tags, base, S, token_threshold, eo
             if eos_id in verified:
                 ev["eos_in_completion"] += 1 if eos_branch is None else 0
                 eos_branch = b
-                del slots[b + 1:], branches[b + 1:], caches[b + 1:], tags[b + 1:]
+                del slots[b + 1:], branches[b + 1:], caches[b + 1:], tags[b + 1:], slot_rows[b + 1:]
                 tags[b] = [True] * S
                 break
         common = min(sum(t[apl:]) for t in tags)

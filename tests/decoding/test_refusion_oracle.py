@@ -145,3 +145,28 @@ def test_chunked_prompt_prefill_matches_oracle(untied_runner, untied_hf, frequen
     decoder, oracle = _run_both(untied_runner, untied_hf, prompt_ids, params, budget=budget)
     assert decoder.output_ids() == oracle.output_ids
     assert decoder.stats.prefill_forwards == -(-len(prompt_ids) // budget)
+
+
+def _expected_entry(row, token: int, num_top: int):
+    top = row.topk(num_top)
+    return row[token].item(), list(zip(top.indices.tolist(), top.values.tolist()))
+
+
+@pytest.mark.parametrize("case", PARAM_SETS)
+def test_logprobs_are_the_accepting_reads_of_the_oracle(untied_runner, untied_hf, frequent_tokens, case):
+    """params.logprobs: every output token's log probability and top alternatives are those of the read
+    that accepted it in the literal spec oracle (plan, verify, or the token's last read in slot
+    completion), on every path; asking for them does not change the text."""
+    prompt_ids = untied_runner.tokenizer(PROMPTS[1])["input_ids"]
+    params = _params(untied_runner, frequent_tokens, *case)
+    params.logprobs = 3
+    decoder, oracle = _run_both(untied_runner, untied_hf, prompt_ids, params)
+    out = decoder.output_ids()
+    assert out == oracle.output_ids and out
+    entries = decoder.stream_logprobs(0, len(out))
+    assert [e.token for e in entries] == out
+    for pos, (token, entry) in enumerate(zip(out, entries), start=len(prompt_ids)):
+        logprob, top = _expected_entry(oracle.logprob_rows[pos], token, 3)
+        assert entry.logprob == pytest.approx(logprob, abs=1e-4), (case, pos)
+        assert [t for t, _ in entry.top] == [t for t, _ in top], (case, pos)
+        assert [v for _, v in entry.top] == pytest.approx([v for _, v in top], abs=1e-4)

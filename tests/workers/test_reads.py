@@ -217,3 +217,39 @@ def test_a_bitmask_allowing_no_token_is_refused(session):
         with pytest.raises(SegmentError) as err:
             session.execute([dataclasses.replace(seg, token_bitmask=mask)])
         assert err.value.seq_id == "none" and err.value.field == "token_bitmask"
+
+
+def test_logprob_reads_are_the_raw_log_softmax_of_each_row(session):
+    """Segment.logprobs: every read kind reports log_softmax(logits)[token] of the model's own row (no
+    temperature, top-k or top-p) and the top alternatives; rows of a constrained segment are under the
+    grammar's mask, so a mask of 3 tokens leaves 3 alternatives; other segments of the step are
+    unchanged and get no log probabilities; a segment with no reads gets an empty list."""
+    import dataclasses
+
+    few = [5, 77, 300]
+    plain = _dropped("plain", _ids(5, 7), Reads(argmax=(1,), sample=(3,)), Sampling(temperature=1.5, top_k=3, seed=2))
+    [alone] = session.execute([plain])
+    mixed = _dropped("mixed", _ids(6, 8), Reads(argmax=(0,), prob=(2,), prob_tokens=(11,), sample=(4,)),
+                     Sampling(temperature=0.7, top_p=0.5, seed=1))
+    masked = dataclasses.replace(_dropped("masked", _ids(4, 9), Reads(argmax=(3,)), Sampling()),
+                                 token_bitmask=_bitmask(few))
+    silent = segment("silent", 0, _ids(3, 10), keep=False, reads=Reads())
+    res_plain, res, res_masked, res_silent = session.execute(
+        [plain, dataclasses.replace(mixed, logprobs=4), dataclasses.replace(masked, logprobs=20),
+         dataclasses.replace(silent, logprobs=2)])
+    assert res_plain.logprobs is None and res_silent.logprobs == []
+    assert res_plain.tokens == alone.tokens and res_plain.probs == pytest.approx(alone.probs, rel=1e-6)
+    rows = result_logits(res).log_softmax(-1)  # argmax, prob, sample rows
+    for k, entry in enumerate(res.logprobs):
+        assert entry.token == res.tokens[k]
+        assert entry.logprob == pytest.approx(float(rows[k, res.tokens[k]]), abs=1e-5)
+        top = rows[k].topk(4)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-5)
+    assert res.tokens[1] == 11  # the prob row's given token
+    assert math.log(res.probs[2]) != pytest.approx(res.logprobs[2].logprob, abs=1e-3)  # tempered vs raw
+    [entry] = res_masked.logprobs
+    sub = result_logits(res_masked)[0, few].log_softmax(-1)
+    assert entry.token in few and sorted(t for t, _ in entry.top) == few
+    assert entry.logprob == pytest.approx(float(sub.max()), abs=1e-5)
+    assert sum(math.exp(v) for _, v in entry.top) == pytest.approx(1.0, abs=1e-5)

@@ -89,9 +89,12 @@ def _run_both(session, segs):
 
 
 def _masked(segs: list) -> list:
-    """Grammar-constrained decode rows (Segment.token_bitmask) on every other sequence: tokens 3..130."""
+    """Grammar-constrained decode rows (Segment.token_bitmask) on every other sequence: tokens 3..130;
+    log probabilities asked for on sequences 1 and 2 (one constrained, one not): the step's reads then
+    add the top-K stage (StepLayout.logprobs), compiled in the same graph."""
     mask = bytes([0b11111000] + [0xFF] * 15 + [0b111]) + bytes(31)  # 48 bytes: 384 tokens
-    return [dataclasses.replace(g, token_bitmask=mask) if i % 2 else g for i, g in enumerate(segs)]
+    segs = [dataclasses.replace(g, token_bitmask=mask) if i % 2 else g for i, g in enumerate(segs)]
+    return [dataclasses.replace(g, logprobs=5) if i in (1, 2) else g for i, g in enumerate(segs)]
 
 
 @pytest.mark.parametrize("shape", ["decode", "decode_masked", "plan"])
@@ -105,12 +108,20 @@ def test_step_compiles_fullgraph_and_matches_eager(session, shape):
         (64, 8, 16, 32) if shape == "plan" else (16, 8, 1, 8))
     assert lay.needs_noise and lay.needs_sort == (shape != "plan")
     assert lay.mask_words == (6 if shape == "decode_masked" else 0)
+    assert lay.logprobs == (shape == "decode_masked")
+    assert values.shape[0] == (3 + 2 * 20 if lay.logprobs else 2)
     if shape == "decode_masked":  # the constrained rows chose among tokens 3..130
         tokens = values[0, : step.num_reads].tolist()
         assert all(3 <= tokens[i] <= 130 for i in range(1, 8, 2)), tokens
     r = step.num_reads
     assert torch.equal(values_c[0, :r], values[0, :r])  # tokens
     torch.testing.assert_close(values_c[1, :r], values[1, :r], rtol=1e-4, atol=1e-6)  # probabilities
+    if lay.logprobs:  # chosen log probability, top-K ids (exact) and log probabilities
+        torch.testing.assert_close(values_c[2, :r], values[2, :r], rtol=1e-4, atol=1e-5)
+        assert torch.equal(values_c[3:23, :r], values[3:23, :r])
+        finite = values[23:, :r].isfinite()
+        assert torch.equal(values_c[23:, :r].isfinite(), finite)
+        torch.testing.assert_close(values_c[23:, :r][finite], values[23:, :r][finite], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits_c, logits, rtol=1e-4, atol=1e-4)
     for a, b in zip(kv_compiled.k + kv_compiled.v, kv_eager.k + kv_eager.v):  # same K/V written, same slots
         torch.testing.assert_close(a[:-1], b[:-1], rtol=1e-4, atol=1e-5)
