@@ -130,8 +130,8 @@ def read_model_card(model_dir: str | Path) -> dict:
 
 
 def merge_deltas(deltas: list[Delta]) -> Delta:
-    """One Delta carrying several consecutive ones of the same request (text and ids concatenated,
-    the last one's finish fields, every one's stats: a later key wins)."""
+    """One Delta carrying several consecutive ones of the same request (text, ids and log probabilities
+    concatenated, the last one's finish fields, every one's stats: a later key wins)."""
     if len(deltas) == 1:
         return deltas[0]
     last = deltas[-1]
@@ -140,6 +140,7 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
         token_ids=[t for d in deltas for t in d.token_ids], finished=last.finished,
         finish_reason=last.finish_reason, mode=last.mode or next((d.mode for d in deltas if d.mode), None),
         stats={k: v for d in deltas for k, v in d.stats.items()}, error=last.error, error_field=last.error_field,
+        logprobs=None if last.logprobs is None else [e for d in deltas for e in d.logprobs or ()],
     )
 
 

@@ -32,6 +32,7 @@ from integrations.http_errors import APIError, from_engine_error, install_error_
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
 from integrations.openai_infill import infill_deltas, infill_job
+from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_stream import chat_events, completion_events, in_document_style, null_usage_until_final, sse_response
 from integrations.openai_requests import generation_request, id_headers, request_id
@@ -147,6 +148,8 @@ async def completions(request: Request):
     grammar = None
     if body.response_format is not None or body.structured_outputs is not None:  # compiling can take a while
         grammar = await off_loop(body.output_grammar)
+    if body.suffix is not None and body.logprobs is not None:
+        raise InputError(400, "logprobs", "log probabilities are not returned for infill (`suffix`): drop one of them")
     if body.suffix is not None and grammar is not None:
         raise InputError(400, "response_format" if body.structured_outputs is None else "structured_outputs",
                          "structured output is not supported with `suffix` (infill): drop one of them")
@@ -175,12 +178,14 @@ async def completions(request: Request):
         deltas = await _start(client, req, observer)
         if style != DocumentStyle():
             deltas = in_document_style(deltas, style, cursor_at_indent(text))
+    formatter = _logprob_formatter(client, body)
     if body.stream:
-        events = completion_events(header, deltas, observer, body.include_usage)
+        events = completion_events(header, deltas, observer, body.include_usage, formatter)
         events = null_usage_until_final(events) if body.include_usage else events
         return sse_response(events, observer, header.id, id_headers(request, header.id))
-    text, last = await _collect(deltas, observer)
-    body_json = shape.completion_body(header, text, last, len(prompt_ids), observer.completion_tokens)
+    text, last, entries = await _collect(deltas, observer)
+    body_json = shape.completion_body(header, text, last, len(prompt_ids), observer.completion_tokens,
+                                      formatter.completion(entries) if formatter else None)
     return JSONResponse(body_json, headers=id_headers(request, header.id))
 
 
@@ -216,13 +221,15 @@ async def chat_completions(request: Request):
     max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
     observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
     deltas = await _start(client, req, observer)
+    formatter = _logprob_formatter(client, body)
     if body.stream:
-        events = chat_events(header, deltas, observer, body.include_usage, allowed, prefix=forced, max_calls=max_calls)
+        events = chat_events(header, deltas, observer, body.include_usage, allowed, prefix=forced, max_calls=max_calls,
+                             logprobs=formatter)
         events = null_usage_until_final(events) if body.include_usage else events
         return sse_response(events, observer, header.id, id_headers(request, header.id))
-    text, last = await _collect(deltas, observer)
+    text, last, entries = await _collect(deltas, observer)
     completion = shape.chat_body(header, forced + text, last, len(prompt_ids), observer.completion_tokens, allowed,
-                                 max_calls)
+                                 max_calls, formatter.chat(entries) if formatter else None)
     return JSONResponse(completion, headers=id_headers(request, header.id))
 
 
@@ -323,11 +330,17 @@ def _checked(delta: Delta, observer: RequestObserver) -> Delta:
     return delta
 
 
-async def _collect(deltas: AsyncIterator[Delta], observer: RequestObserver) -> tuple[str, Delta]:
-    parts, last = [], None
+def _logprob_formatter(client, body) -> LogprobFormatter | None:
+    return LogprobFormatter(client.tokenizer, body.num_logprobs) if body.num_logprobs is not None else None
+
+
+async def _collect(deltas: AsyncIterator[Delta], observer: RequestObserver) -> tuple[str, Delta, list]:
+    """The whole text, the last delta and every token's log probability entry (empty when not asked for)."""
+    parts, last, entries = [], None, []
     try:
         async for delta in deltas:
             parts.append(delta.text)
+            entries += delta.logprobs or []
             last = delta
     except APIError as exc:
         observer.finish(exc.status, error=exc.message)
@@ -339,4 +352,4 @@ async def _collect(deltas: AsyncIterator[Delta], observer: RequestObserver) -> t
         observer.finish(500, error="stream ended without a finished delta")
         raise APIError(500, "engine stream ended without a final delta", "server_error")
     observer.finish(200)
-    return "".join(parts), last
+    return "".join(parts), last, entries

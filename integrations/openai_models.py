@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from decoding.grammar import GrammarSpec
 from decoding.params import MAX_TOP_K, SERVING_DEFAULTS
+from workers.batch import MAX_TOP_LOGPROBS
 from integrations.request_limits import MAX_SEED, MIN_TOP_P, InputError, sampling_temperature
 from integrations.structured_output import (ANY_OBJECT, choice_grammar, json_grammar, lark_grammar, regex_grammar,
                                             response_format_grammar)
@@ -151,6 +152,12 @@ class SamplingFields(OpenAIBody):
             raise ValueError("give response_format or structured_outputs, not both")
         return value
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token when log probabilities are asked for (0: the chosen token's only), else
+        None. Completions' `logprobs: N`; chat's `logprobs: true` with `top_logprobs: N`."""
+        return None
+
     def output_grammar(self) -> GrammarSpec | None:
         """The grammar response_format or structured_outputs asks for (None: free text). InputError
         (400) naming the field: a schema, regex or grammar that does not compile, or mode "refusion"
@@ -196,6 +203,8 @@ class SamplingFields(OpenAIBody):
             value = getattr(self, name)
             if value is not None:
                 params[name] = value
+        if self.num_logprobs is not None:
+            params["logprobs"] = self.num_logprobs
         if slot_size is not None and self.slot_size is None:
             params["slot_size"] = slot_size
         if "temperature" in params:
@@ -241,7 +250,8 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int]
     suffix: str | None = None
     echo: bool = Field(default=False, description="echo is not supported (null and false are accepted)")
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description=f"the most likely 0..{MAX_TOP_LOGPROBS} tokens per position (vLLM's bound)")
     best_of: int | None = Field(default=None, ge=1, le=1, description="only best_of=1 is supported")
 
     @field_validator("prompt", mode="before")
@@ -270,12 +280,9 @@ class CompletionRequest(SamplingFields):
             raise ValueError("echo=true is not supported: remove it")
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value is not None:
-            raise ValueError("logprobs is not supported: remove it")
-        return value
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class FunctionSpec(OpenAIBody):
@@ -332,19 +339,30 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    # OpenAI fields whose default is accepted (SDK wrappers send them) and whose other values are not supported
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description=f"0..{MAX_TOP_LOGPROBS} alternatives per token; needs logprobs: true")
+    # An OpenAI field whose default is accepted (SDK wrappers send it) and whose other value is not supported
     store: bool | None = None
     _cap_field: str = PrivateAttr("max_tokens")
 
-    @field_validator("logprobs", "top_logprobs", "store")
+    @field_validator("store")
     @classmethod
-    def _defaults_only(cls, value, info):
+    def _not_stored(cls, value):
         if value:
-            why = "completions are not stored" if info.field_name == "store" else "log probabilities are not returned"
-            raise ValueError(f"{info.field_name}={value!r} is not supported ({why}): remove it or leave it at its default")
+            raise ValueError("store=true is not supported (completions are not stored): remove it or leave it false")
         return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value, info):
+        if value is not None and not info.data.get("logprobs"):  # OpenAI's rule
+            raise ValueError("top_logprobs needs logprobs: true; set it, or drop top_logprobs")
+        return value
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("tool_choice", mode="before")
     @classmethod

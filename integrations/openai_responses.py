@@ -69,8 +69,10 @@ class ResponseHeader:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
 
-def completion_body(header: ResponseHeader, text: str, last: Delta, prompt_tokens: int, completion_tokens: int) -> dict:
-    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": openai_finish_reason(last)}
+def completion_body(header: ResponseHeader, text: str, last: Delta, prompt_tokens: int, completion_tokens: int,
+                    logprobs: dict | None = None) -> dict:
+    """A text_completion; `logprobs`: integrations/openai_logprobs.py's completions object, if asked for."""
+    choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": openai_finish_reason(last)}
     return {
         **header.fields("text_completion"),
         "choices": [choice],
@@ -79,17 +81,19 @@ def completion_body(header: ResponseHeader, text: str, last: Delta, prompt_token
     }
 
 
-def completion_chunk(header: ResponseHeader, text: str, finish_reason: str | None = None) -> dict:
-    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+def completion_chunk(header: ResponseHeader, text: str, finish_reason: str | None = None,
+                     logprobs: dict | None = None) -> dict:
+    choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**header.fields("text_completion"), "choices": [choice]}
 
 
 def chat_body(
     header: ResponseHeader, text: str, last: Delta, prompt_tokens: int, completion_tokens: int,
-    allowed_tools: set[str] | None, max_calls: int | None = None,
+    allowed_tools: set[str] | None, max_calls: int | None = None, logprobs: list[dict] | None = None,
 ) -> dict:
     """A chat.completion; when tools are enabled, `<tool_call>` blocks become message.tool_calls, at
-    most `max_calls` of them (parallel_tool_calls false: the first, as vLLM)."""
+    most `max_calls` of them (parallel_tool_calls false: the first, as vLLM). `logprobs`: the content
+    list of integrations/openai_logprobs.py (every generated token, tool-call text included), if asked for."""
     content, calls = (split_tool_calls(text, allowed_tools) if allowed_tools is not None else (text, []))
     calls = calls[:max_calls] if max_calls is not None else calls
     message: dict = {"role": "assistant", "content": content}
@@ -98,14 +102,17 @@ def chat_body(
     finish = chat_finish_reason(last, len(calls))
     return {
         **header.fields("chat.completion"),
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                     "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}],
         "usage": usage(prompt_tokens, completion_tokens),
         "refusion": refusion_detail(last),
     }
 
 
-def chat_chunk(header: ResponseHeader, delta: dict, finish_reason: str | None = None) -> dict:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_chunk(header: ResponseHeader, delta: dict, finish_reason: str | None = None,
+               logprobs: list[dict] | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
+              "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
     return {**header.fields("chat.completion.chunk"), "choices": [choice]}
 
 

@@ -1,0 +1,85 @@
+"""OpenAI `logprobs` objects from the engine's per-token entries (scheduler.api.Delta.logprobs, one
+workers.batch.TokenLogprob per generated id).
+
+Shapes, as OpenAI documents them and vLLM returns them:
+  - completions (`logprobs: N`): {"tokens": [str], "token_logprobs": [float], "top_logprobs": [{str:
+    float}], "text_offset": [int]}; each top dict holds the N most likely tokens plus the chosen one ("up
+    to logprobs+1 elements"), text_offset is where each token's text starts in the returned text;
+  - chat (`logprobs: true, top_logprobs: N`): {"content": [{"token", "logprob", "bytes", "top_logprobs":
+    [{"token", "logprob", "bytes"}] (N, best first)}], "refusal": null}.
+A token's string is its own text (a token that ends inside a UTF-8 character shows U+FFFD there, as
+its decode does); `bytes` are its exact UTF-8 bytes (byte-level BPE tokenizers: the token's own bytes).
+The values are the model's log probabilities before temperature, top-k and top-p (vLLM's default
+raw_logprobs; workers/batch.py, "Reads"); -9999.0 stands for a probability of 0.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, char -> byte: printable bytes map to themselves, the others to 256+."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class LogprobFormatter:
+    """Turns TokenLogprob entries into OpenAI's objects for one response (token strings cached)."""
+
+    def __init__(self, tokenizer, num_top: int):
+        self.tokenizer = tokenizer
+        self.num_top = num_top
+        self._text: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
+        self._offset = 0  # completions: characters of text returned before the next token
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+
+    def text(self, token: int) -> str:
+        if token not in self._text:
+            self._text[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return self._text[token]
+
+    def token_bytes(self, token: int) -> list[int]:
+        if token not in self._bytes:
+            piece = self.tokenizer.convert_ids_to_tokens(token) if self._byte_level else None
+            alphabet = _byte_level_alphabet()
+            if piece is not None and all(ch in alphabet for ch in piece):
+                self._bytes[token] = [alphabet[ch] for ch in piece]
+            else:  # a special token, or a tokenizer that is not byte-level: its decoded text
+                self._bytes[token] = list(self.text(token).encode("utf-8"))
+        return self._bytes[token]
+
+    def completion(self, entries) -> dict:
+        """The completions object of these entries; offsets continue from the previous call's."""
+        tokens, offsets = [], []
+        for e in entries:
+            tokens.append(self.text(e.token))
+            offsets.append(self._offset)
+            self._offset += len(tokens[-1])
+        top = [{**{self.text(t): v for t, v in e.top[:self.num_top]}, self.text(e.token): e.logprob} for e in entries]
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
+                "text_offset": offsets}
+
+    def chat(self, entries) -> list[dict]:
+        """The chat `content` list of these entries."""
+        return [{**self._chat_token(e.token, e.logprob),
+                 "top_logprobs": [self._chat_token(t, v) for t, v in e.top[:self.num_top]]} for e in entries]
+
+    def _chat_token(self, token: int, logprob: float) -> dict:
+        return {"token": self.text(token), "logprob": logprob, "bytes": self.token_bytes(token)}
+
+
+def merge_completion(parts: list[dict]) -> dict:
+    """One completions logprobs object from consecutive ones (a non-streamed response)."""
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    return {k: [v for p in parts for v in p[k]] for k in keys}
