@@ -31,10 +31,12 @@ from integrations.engine_client import ShuttingDownError
 from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
+from integrations.openai_choices import choice_requests, indexed, merged, start_all
 from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
-from integrations.openai_stream import chat_events, completion_events, in_document_style, null_usage_until_final, sse_response
+from integrations.openai_stream import (chat_events, completion_events, in_document_style, null_usage_until_final,
+                                        sse_response, usage_at_end)
 from integrations.openai_requests import generation_request, id_headers, request_id
 from integrations.openai_requests import prompt_ids as encode_prompt
 from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop, read_json_object
@@ -148,6 +150,9 @@ async def completions(request: Request):
     grammar = None
     if body.response_format is not None or body.structured_outputs is not None:  # compiling can take a while
         grammar = await off_loop(body.output_grammar)
+    if body.suffix is not None and body.n > 1:
+        raise InputError(400, "n", "several completions of an infill (`suffix`) are not offered here: use n 1, "
+                         "or POST /infill with n_cmpl")
     if body.suffix is not None and body.logprobs is not None:
         raise InputError(400, "logprobs", "log probabilities are not returned for infill (`suffix`): drop one of them")
     if body.suffix is not None and grammar is not None:
@@ -161,7 +166,7 @@ async def completions(request: Request):
                        requested=body.max_tokens is not None)
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids),
                                                usage_from_engine=True)  # the text is post-processed (CRLF, cuts)
-        deltas = await _primed(_observed(infill_deltas(client, job, header.id, body.stream), observer), observer)
+        streams = [await _primed(_observed(infill_deltas(client, job, header.id, body.stream), observer), observer)]
     else:
         # A CRLF or tab-indented prompt is completed as its LF, space-indented twin and the text comes
         # back in the prompt's style (editor/document.py), as on the infill path.
@@ -175,17 +180,16 @@ async def completions(request: Request):
         req = generation_request(header.id, body, prompt_ids, style.model_stops(body.stop),
                                  settings.completion_default_max_tokens, settings, "prompt", grammar=grammar)
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
-        deltas = await _start(client, req, observer)
+        streams = await start_all(lambda r: _start(client, r, observer), choice_requests(req, body.n))
         if style != DocumentStyle():
-            deltas = in_document_style(deltas, style, cursor_at_indent(text))
-    formatter = _logprob_formatter(client, body)
+            streams = [in_document_style(d, style, cursor_at_indent(text)) for d in streams]
+    formatters = [_logprob_formatter(client, body) for _ in streams]  # one each: text offsets are per choice
     if body.stream:
-        events = completion_events(header, deltas, observer, body.include_usage, formatter)
-        events = null_usage_until_final(events) if body.include_usage else events
-        return sse_response(events, observer, header.id, id_headers(request, header.id))
-    text, last, entries = await _collect(deltas, observer)
-    body_json = shape.completion_body(header, text, last, len(prompt_ids), observer.completion_tokens,
-                                      formatter.completion(entries) if formatter else None)
+        events = merged([indexed(completion_events(header, d, f), i) for i, (d, f) in enumerate(zip(streams, formatters))])
+        return _sse(request, header, observer, events, "text_completion", body.include_usage)
+    collected = await _collect_all(streams, observer)
+    choices = [(text, last, f.completion(entries) if f else None) for (text, last, entries), f in zip(collected, formatters)]
+    body_json = shape.completion_body(header, choices, len(prompt_ids), observer.completion_tokens)
     return JSONResponse(body_json, headers=id_headers(request, header.id))
 
 
@@ -220,16 +224,15 @@ async def chat_completions(request: Request):
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
     observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
-    deltas = await _start(client, req, observer)
+    streams = await start_all(lambda r: _start(client, r, observer), choice_requests(req, body.n))
     formatter = _logprob_formatter(client, body)
     if body.stream:
-        events = chat_events(header, deltas, observer, body.include_usage, allowed, prefix=forced, max_calls=max_calls,
-                             logprobs=formatter)
-        events = null_usage_until_final(events) if body.include_usage else events
-        return sse_response(events, observer, header.id, id_headers(request, header.id))
-    text, last, entries = await _collect(deltas, observer)
-    completion = shape.chat_body(header, forced + text, last, len(prompt_ids), observer.completion_tokens, allowed,
-                                 max_calls, formatter.chat(entries) if formatter else None)
+        events = merged([indexed(chat_events(header, d, allowed, prefix=forced, max_calls=max_calls, logprobs=formatter), i)
+                         for i, d in enumerate(streams)])
+        return _sse(request, header, observer, events, "chat.completion.chunk", body.include_usage)
+    collected = await _collect_all(streams, observer)
+    choices = [(forced + text, last, formatter.chat(entries) if formatter else None) for text, last, entries in collected]
+    completion = shape.chat_body(header, choices, len(prompt_ids), observer.completion_tokens, allowed, max_calls)
     return JSONResponse(completion, headers=id_headers(request, header.id))
 
 
@@ -330,12 +333,37 @@ def _checked(delta: Delta, observer: RequestObserver) -> Delta:
     return delta
 
 
+def _sse(request: Request, header, observer: RequestObserver, events, obj: str, include_usage: bool):
+    """The SSE response of a stream's chunk events; with include_usage, "usage": null on every chunk and
+    one final usage chunk for the whole request."""
+    if include_usage:
+        events = null_usage_until_final(usage_at_end(events, header, obj, observer))
+    return sse_response(events, observer, header.id, id_headers(request, header.id))
+
+
+async def _collect_all(streams: list[AsyncIterator[Delta]], observer: RequestObserver) -> list[tuple[str, Delta, list]]:
+    """_collect of every choice at once; the observer is finished once all have ended (or the first failed)."""
+    tasks = [asyncio.ensure_future(_collect(s, observer, finish=False)) for s in streams]
+    try:
+        collected = await asyncio.gather(*tasks)
+    except BaseException:  # one failed (or the client left): end the others, each of which cancels its request
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+        raise
+    observer.finish(200)
+    return collected
+
+
 def _logprob_formatter(client, body) -> LogprobFormatter | None:
     return LogprobFormatter(client.tokenizer, body.num_logprobs) if body.num_logprobs is not None else None
 
 
-async def _collect(deltas: AsyncIterator[Delta], observer: RequestObserver) -> tuple[str, Delta, list]:
-    """The whole text, the last delta and every token's log probability entry (empty when not asked for)."""
+async def _collect(deltas: AsyncIterator[Delta], observer: RequestObserver, finish: bool = True) -> tuple[str, Delta, list]:
+    """The whole text, the last delta and every token's log probability entry (empty when not asked for).
+    finish: record the request's success on the observer at the end (errors are always recorded)."""
     parts, last, entries = [], None, []
     try:
         async for delta in deltas:
@@ -351,5 +379,6 @@ async def _collect(deltas: AsyncIterator[Delta], observer: RequestObserver) -> t
     if last is None or not last.finished:
         observer.finish(500, error="stream ended without a finished delta")
         raise APIError(500, "engine stream ended without a final delta", "server_error")
-    observer.finish(200)
+    if finish:
+        observer.finish(200)
     return "".join(parts), last, entries

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from decoding.grammar import GrammarSpec
 from decoding.params import MAX_TOP_K, SERVING_DEFAULTS
+from integrations.openai_choices import MAX_CHOICES
 from workers.batch import MAX_TOP_LOGPROBS
 from integrations.request_limits import MAX_SEED, MIN_TOP_P, InputError, sampling_temperature
 from integrations.structured_output import (ANY_OBJECT, choice_grammar, json_grammar, lark_grammar, regex_grammar,
@@ -125,7 +126,7 @@ class SamplingFields(OpenAIBody):
     stop: str | list[str] | None = Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description=f"choices per prompt, 1..{MAX_CHOICES}")
     user: str | None = None
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported: leave at 0")
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported: leave at 0")

@@ -69,15 +69,21 @@ class ResponseHeader:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
 
-def completion_body(header: ResponseHeader, text: str, last: Delta, prompt_tokens: int, completion_tokens: int,
-                    logprobs: dict | None = None) -> dict:
-    """A text_completion; `logprobs`: integrations/openai_logprobs.py's completions object, if asked for."""
-    choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": openai_finish_reason(last)}
+def completion_body(header: ResponseHeader, choices: list[tuple[str, Delta, dict | None]], prompt_tokens: int,
+                    completion_tokens: int) -> dict:
+    """A text_completion of one or more choices, each (text, its last delta, its logprobs object:
+    integrations/openai_logprobs.py's, or None). The `refusion` block describes choice 0; with several
+    choices each also carries its own."""
+    out = [{"text": text, "index": i, "logprobs": logprobs, "finish_reason": openai_finish_reason(last)}
+           for i, (text, last, logprobs) in enumerate(choices)]
+    if len(out) > 1:
+        for choice, (_, last, _) in zip(out, choices):
+            choice["refusion"] = refusion_detail(last)
     return {
         **header.fields("text_completion"),
-        "choices": [choice],
+        "choices": out,
         "usage": usage(prompt_tokens, completion_tokens),
-        "refusion": refusion_detail(last),
+        "refusion": refusion_detail(choices[0][1]),
     }
 
 
@@ -88,24 +94,29 @@ def completion_chunk(header: ResponseHeader, text: str, finish_reason: str | Non
 
 
 def chat_body(
-    header: ResponseHeader, text: str, last: Delta, prompt_tokens: int, completion_tokens: int,
-    allowed_tools: set[str] | None, max_calls: int | None = None, logprobs: list[dict] | None = None,
+    header: ResponseHeader, choices: list[tuple[str, Delta, list[dict] | None]], prompt_tokens: int,
+    completion_tokens: int, allowed_tools: set[str] | None, max_calls: int | None = None,
 ) -> dict:
-    """A chat.completion; when tools are enabled, `<tool_call>` blocks become message.tool_calls, at
-    most `max_calls` of them (parallel_tool_calls false: the first, as vLLM). `logprobs`: the content
-    list of integrations/openai_logprobs.py (every generated token, tool-call text included), if asked for."""
-    content, calls = (split_tool_calls(text, allowed_tools) if allowed_tools is not None else (text, []))
-    calls = calls[:max_calls] if max_calls is not None else calls
-    message: dict = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = [c.to_openai() for c in calls]
-    finish = chat_finish_reason(last, len(calls))
+    """A chat.completion of one or more choices, each (text, its last delta, its logprobs: the content
+    list of integrations/openai_logprobs.py, every generated token with tool-call text, or None). When
+    tools are enabled, `<tool_call>` blocks become message.tool_calls, at most `max_calls` of them
+    (parallel_tool_calls false: the first, as vLLM). `refusion` as in completion_body."""
+    out = []
+    for i, (text, last, logprobs) in enumerate(choices):
+        content, calls = (split_tool_calls(text, allowed_tools) if allowed_tools is not None else (text, []))
+        calls = calls[:max_calls] if max_calls is not None else calls
+        message: dict = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [c.to_openai() for c in calls]
+        out.append({"index": i, "message": message, "finish_reason": chat_finish_reason(last, len(calls)),
+                    "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}})
+        if len(choices) > 1:
+            out[-1]["refusion"] = refusion_detail(last)
     return {
         **header.fields("chat.completion"),
-        "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                     "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}],
+        "choices": out,
         "usage": usage(prompt_tokens, completion_tokens),
-        "refusion": refusion_detail(last),
+        "refusion": refusion_detail(choices[0][1]),
     }
 
 

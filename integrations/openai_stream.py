@@ -64,51 +64,57 @@ async def null_usage_until_final(events: AsyncIterator[dict]) -> AsyncIterator[d
         await events.aclose()
 
 
-async def completion_events(header, deltas, observer: RequestObserver, include_usage: bool,
-                            logprobs: LogprobFormatter | None = None) -> AsyncIterator[dict]:
-    """Completion chunks; with `logprobs`, each chunk carries its tokens' (integrations/openai_logprobs.py)."""
-    async for delta in deltas:
-        finish = shape.openai_finish_reason(delta) if delta.finished else None
-        if delta.text or delta.token_ids or finish:  # tokens that decode to "" still show progress
-            entries = logprobs.completion(delta.logprobs) if logprobs is not None and delta.token_ids else None
-            chunk = shape.completion_chunk(header, delta.text, finish, entries)
-            yield {**chunk, "refusion": shape.refusion_detail(delta)} if finish else chunk
-    if include_usage:
-        yield shape.usage_chunk(header, "text_completion", observer.prompt_tokens, observer.completion_tokens)
+async def completion_events(header, deltas, logprobs: LogprobFormatter | None = None) -> AsyncIterator[dict]:
+    """Completion chunks of one choice (index 0); with `logprobs`, each chunk carries its tokens'
+    (integrations/openai_logprobs.py)."""
+    async with contextlib.aclosing(deltas):  # closing the events (client gone) cancels the request
+        async for delta in deltas:
+            finish = shape.openai_finish_reason(delta) if delta.finished else None
+            if delta.text or delta.token_ids or finish:  # tokens that decode to "" still show progress
+                entries = logprobs.completion(delta.logprobs) if logprobs is not None and delta.token_ids else None
+                chunk = shape.completion_chunk(header, delta.text, finish, entries)
+                yield {**chunk, "refusion": shape.refusion_detail(delta)} if finish else chunk
 
 
-async def chat_events(header, deltas, observer: RequestObserver, include_usage: bool,
-                       allowed_tools: set[str] | None, prefix: str = "", max_calls: int | None = None,
-                       logprobs: LogprobFormatter | None = None) -> AsyncIterator[dict]:
-    """Chat chunks: role, content pieces and tool calls (once each block closes), finish, usage.
+async def usage_at_end(events: AsyncIterator[dict], header, obj: str, observer: RequestObserver) -> AsyncIterator[dict]:
+    """stream_options.include_usage: the events, then one usage chunk for the whole request (every choice)."""
+    async with contextlib.aclosing(events):
+        async for event in events:
+            yield event
+    yield shape.usage_chunk(header, obj, observer.prompt_tokens, observer.completion_tokens)
+
+
+async def chat_events(header, deltas, allowed_tools: set[str] | None, prefix: str = "", max_calls: int | None = None,
+                      logprobs: LogprobFormatter | None = None) -> AsyncIterator[dict]:
+    """Chat chunks of one choice (index 0): role, content pieces and tool calls (once each block closes),
+    finish.
     prefix: text the turn starts with that the model did not write (a forced call's opening,
     tool_calls.forced_call), parsed as if it had. max_calls: calls past it are dropped
     (parallel_tool_calls false: 1, as vLLM keeps only the first). logprobs: the tokens' log
     probabilities ride on the next chunk sent (text a tool-call block holds back carries them on later)."""
-    yield shape.chat_chunk(header, {"role": "assistant", "content": ""})
     parser = ToolCallStreamParser(allowed_tools) if allowed_tools is not None else None
     num_calls, pending, entries = 0, prefix, []
-    async for delta in deltas:
-        text, pending = pending + delta.text, ""
-        entries += delta.logprobs or []
-        pieces = [text] if parser is None else parser.feed(text)
-        if delta.finished and parser is not None:
-            pieces += parser.finish()
-        for piece in pieces:
-            content = logprobs.chat(entries) if logprobs is not None and entries else None
-            if isinstance(piece, str):
-                if piece:
-                    yield shape.chat_chunk(header, {"content": piece}, logprobs=content)
-                    entries = []
-            elif max_calls is None or num_calls < max_calls:
-                yield shape.chat_chunk(header, shape.chat_tool_call_delta(piece, num_calls), logprobs=content)
-                num_calls, entries = num_calls + 1, []
-        if delta.finished:
-            finish = shape.chat_finish_reason(delta, num_calls)
-            content = logprobs.chat(entries) if logprobs is not None and entries else None
-            yield {**shape.chat_chunk(header, {}, finish, content), "refusion": shape.refusion_detail(delta)}
-    if include_usage:
-        yield shape.usage_chunk(header, "chat.completion.chunk", observer.prompt_tokens, observer.completion_tokens)
+    async with contextlib.aclosing(deltas):  # closing the events (client gone) cancels the request
+        yield shape.chat_chunk(header, {"role": "assistant", "content": ""})
+        async for delta in deltas:
+            text, pending = pending + delta.text, ""
+            entries += delta.logprobs or []
+            pieces = [text] if parser is None else parser.feed(text)
+            if delta.finished and parser is not None:
+                pieces += parser.finish()
+            for piece in pieces:
+                content = logprobs.chat(entries) if logprobs is not None and entries else None
+                if isinstance(piece, str):
+                    if piece:
+                        yield shape.chat_chunk(header, {"content": piece}, logprobs=content)
+                        entries = []
+                elif max_calls is None or num_calls < max_calls:
+                    yield shape.chat_chunk(header, shape.chat_tool_call_delta(piece, num_calls), logprobs=content)
+                    num_calls, entries = num_calls + 1, []
+            if delta.finished:
+                finish = shape.chat_finish_reason(delta, num_calls)
+                content = logprobs.chat(entries) if logprobs is not None and entries else None
+                yield {**shape.chat_chunk(header, {}, finish, content), "refusion": shape.refusion_detail(delta)}
 
 
 async def in_document_style(deltas: AsyncIterator[Delta], style: DocumentStyle, at_indent: bool) -> AsyncIterator[Delta]:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from integrations import openai_responses as shape
-from integrations.openai_stream import chat_events
+from integrations.openai_stream import chat_events, usage_at_end
 from integrations.tool_calls import ToolCallStreamParser, forced_call, parse_tool_block, split_tool_calls
 from scheduler.api import Delta, FinishReason, Mode
 
@@ -84,7 +84,9 @@ async def _run_chat_stream(pieces, allowed, prefix=""):
     class Observer:
         prompt_tokens, completion_tokens = 3, 4
 
-    return [c async for c in chat_events(header, _aiter(deltas), Observer(), True, allowed, prefix=prefix)]
+    events = usage_at_end(chat_events(header, _aiter(deltas), allowed, prefix=prefix), header, "chat.completion.chunk",
+                          Observer())
+    return [c async for c in events]
 
 
 async def test_streamed_tool_call_chunks():
@@ -115,19 +117,19 @@ async def test_streamed_malformed_block_is_content():
 def test_chat_body_with_and_without_tools():
     header = shape.ResponseHeader("chatcmpl", "m")
     last = _deltas([CALL])[-1]
-    body = shape.chat_body(header, CALL, last, 5, 9, {"get_weather"})
+    body = shape.chat_body(header, [(CALL, last, None)], 5, 9, {"get_weather"})
     choice = body["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
     assert body["refusion"] == {"mode": "refusion", "tokens_per_forward": 2.5}
-    plain = shape.chat_body(header, CALL, last, 5, 9, None)  # tools not enabled: text stays text
+    plain = shape.chat_body(header, [(CALL, last, None)], 5, 9, None)  # tools not enabled: text stays text
     assert plain["choices"][0]["message"] == {"role": "assistant", "content": CALL}
 
 
 def test_deadline_reports_length_with_detail():
     last = _deltas(["x"], finish=FinishReason.DEADLINE)[-1]
-    body = shape.completion_body(shape.ResponseHeader("cmpl", "m"), "x", last, 1, 1)
+    body = shape.completion_body(shape.ResponseHeader("cmpl", "m"), [("x", last, None)], 1, 1)
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["refusion"]["finish_detail"] == "deadline"
 
@@ -161,12 +163,12 @@ def test_block_end_skips_markers_in_strings_and_escaped_quotes():
 async def test_turn_with_a_call_reports_a_cut_not_tool_calls(finish, expected):
     header = shape.ResponseHeader("chatcmpl", "m")
     last = _deltas([CALL], finish=finish)[-1]
-    assert shape.chat_body(header, CALL, last, 5, 9, {"get_weather"})["choices"][0]["finish_reason"] == expected
+    assert shape.chat_body(header, [(CALL, last, None)], 5, 9, {"get_weather"})["choices"][0]["finish_reason"] == expected
 
     class Observer:
         prompt_tokens, completion_tokens = 3, 4
 
-    chunks = [c async for c in chat_events(header, _aiter(_deltas([CALL, ""], finish=finish)), Observer(), False,
+    chunks = [c async for c in chat_events(header, _aiter(_deltas([CALL, ""], finish=finish)),
                                            {"get_weather"})]
     assert chunks[-1]["choices"][0]["finish_reason"] == expected
     assert any("tool_calls" in c["choices"][0]["delta"] for c in chunks)
@@ -234,7 +236,7 @@ async def test_parallel_tool_calls_false_keeps_only_the_first_call():
     header = shape.ResponseHeader("chatcmpl", "m")
     last = _deltas([CALL + "\n" + second])[-1]
     for max_calls, expected in ((None, ["Paris", "Lima"]), (1, ["Paris"])):
-        body = shape.chat_body(header, CALL + "\n" + second, last, 5, 9, {"get_weather"}, max_calls)
+        body = shape.chat_body(header, [(CALL + "\n" + second, last, None)], 5, 9, {"get_weather"}, max_calls)
         made = body["choices"][0]["message"]["tool_calls"]
         assert [json.loads(c["function"]["arguments"])["city"] for c in made] == expected
         assert body["choices"][0]["finish_reason"] == "tool_calls"
@@ -242,7 +244,7 @@ async def test_parallel_tool_calls_false_keeps_only_the_first_call():
         class Observer:
             prompt_tokens, completion_tokens = 3, 4
 
-        chunks = [c async for c in chat_events(header, _aiter(_deltas([CALL, "\n", second, ""])), Observer(), False,
+        chunks = [c async for c in chat_events(header, _aiter(_deltas([CALL, "\n", second, ""])),
                                                {"get_weather"}, max_calls=max_calls)]
         streamed = [d["tool_calls"][0] for c in chunks if c["choices"] for d in [c["choices"][0]["delta"]]
                     if "tool_calls" in d]

@@ -1,0 +1,155 @@
+"""What returning log probabilities costs (docs/api.md "Log probabilities", workers/reads.py).
+
+Three measurements, one table:
+  reads     workers.reads.compute_reads on random logits [R, V] (greedy rows), without and with the
+            log-probability stage (log_softmax, the chosen token's value and the top 20 by topk), at
+            vocabularies of the shipped model and of Qwen3 (151,936) and R = 8 / 64 read rows: median ms
+  engine    the engine on a model directory (default: the shipped model), N concurrent greedy requests
+            per mode (AR, ReFusion), once without and once with logprobs (5 alternatives): median step
+            time (start of one forward to the start of the next) and tokens per second
+  format    the ingress's work per token (integrations/openai_logprobs.py): the OpenAI objects of 5
+            alternatives per token, completions and chat shapes, microseconds per token
+
+    python -m bench.logprobs [--model DIR] [--device cpu] [--requests 8] [--tokens 64] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "refusion-tiny-code"
+PROMPTS = ["def load(path):\n", "class Stack:\n    def __init__(self):\n", "import os\n\n\ndef main():\n",
+           "for i in range(10):\n"]
+
+
+def bench_reads(device: str, vocabs: list[int], rows: list[int], repeats: int) -> list[dict]:
+    import torch
+
+    from workers.reads import ReadParams, compute_reads
+
+    out = []
+    for vocab in vocabs:
+        for r in rows:
+            logits = torch.randn(r, vocab, device=device)
+            zeros = torch.zeros(r, dtype=torch.long, device=device)
+            params = ReadParams(given=zeros - 1, temperature=zeros.double(), top_k=zeros, top_p=zeros.double() + 1,
+                                gumbel=zeros, sample=zeros, seed=zeros, step=zeros, position=zeros)
+            row = {"vocab": vocab, "rows": r}
+            for name, flag in (("plain_ms", False), ("logprobs_ms", True)):
+                times = []
+                for _ in range(repeats + 2):
+                    start = time.perf_counter()
+                    compute_reads(logits, params, False, False, flag).cpu()
+                    times.append(time.perf_counter() - start)
+                row[name] = round(1000 * statistics.median(times[2:]), 3)
+            out.append(row)
+    return out
+
+
+async def bench_engine(model_dir: Path, requests: int, tokens: int) -> list[dict]:
+    from integrations.engine_host import build_engine
+    from scheduler.api import GenerationRequest, Mode
+
+    engine, tokenizer = build_engine(model_dir)
+    await engine.start()
+    starts: list[float] = []
+    execute = engine.runner.execute
+
+    def timed_execute(segments, tables):
+        starts.append(time.perf_counter())
+        return execute(segments, tables)
+
+    engine.runner.execute = timed_execute
+    rows = []
+    try:
+        for measured in (False, True):  # a warm-up round of every case first
+            for mode in (Mode.AR, Mode.REFUSION):
+                for logprobs in (None, 5):
+                    starts.clear()
+                    params = {"gen_length": tokens, "temperature": 0.0} | ({"logprobs": logprobs} if logprobs is not None else {})
+                    specs = [GenerationRequest(f"{mode.value}-{logprobs}-{i}-{measured}",
+                                               tokenizer.encode(PROMPTS[i % len(PROMPTS)]), dict(params), mode=mode)
+                             for i in range(requests)]
+                    begin = time.perf_counter()
+                    counts = await asyncio.gather(*(_count(engine, s) for s in specs))
+                    wall = time.perf_counter() - begin
+                    gaps = [b - a for a, b in zip(starts, starts[1:])]
+                    if measured:
+                        rows.append({"mode": mode.value, "logprobs": logprobs if logprobs is not None else "-",
+                                     "requests": requests, "tokens": sum(counts),
+                                     "step_ms_p50": round(1000 * statistics.median(gaps), 2) if gaps else 0.0,
+                                     "tok_per_s": round(sum(counts) / wall, 1)})
+    finally:
+        engine.runner.execute = execute
+        await engine.stop(drain_timeout_s=1)
+    return rows
+
+
+async def _count(engine, spec) -> int:
+    n = 0
+    async for delta in engine.submit(spec):
+        n += len(delta.token_ids)
+        assert (delta.logprobs is not None) == ("logprobs" in spec.params)
+    return n
+
+
+def bench_format(model_dir: Path, tokens: int = 2000) -> dict:
+    import random
+
+    from transformers import AutoTokenizer
+
+    from integrations.openai_logprobs import LogprobFormatter
+    from workers.batch import TokenLogprob
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(0)
+    vocab = len(tokenizer)
+    entries = [TokenLogprob(rng.randrange(vocab), -rng.random(), tuple((rng.randrange(vocab), -rng.random())
+                                                                        for _ in range(5))) for _ in range(tokens)]
+    out = {}
+    for shape in ("completion", "chat"):
+        formatter = LogprobFormatter(tokenizer, 5)  # a fresh one per response: its token cache starts empty
+        start = time.perf_counter()
+        for k in range(0, tokens, 8):  # streamed: 8 tokens per chunk
+            getattr(formatter, shape)(entries[k:k + 8])
+        out[f"{shape}_us_per_token"] = round(1e6 * (time.perf_counter() - start) / tokens, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--vocabs", default="8192,151936")
+    parser.add_argument("--rows", default="8,64")
+    args = parser.parse_args(argv)
+    model_dir = Path(args.model)
+    reads = bench_reads(args.device, [int(v) for v in args.vocabs.split(",")], [int(r) for r in args.rows.split(",")],
+                        args.repeats)
+    engine = asyncio.run(bench_engine(model_dir, args.requests, args.tokens))
+    fmt = bench_format(model_dir)
+    print(f"machine: {platform.processor() or platform.machine()}, device {args.device}, model {model_dir.name}")
+    print("| reads: vocab | rows | plain ms | with logprobs ms |\n|---|---|---|---|")
+    for r in reads:
+        print(f"| {r['vocab']} | {r['rows']} | {r['plain_ms']} | {r['logprobs_ms']} |")
+    print("\n| engine: mode | logprobs | requests | tokens | step ms p50 | tok/s |\n|---|---|---|---|---|---|")
+    for r in engine:
+        print(f"| {r['mode']} | {r['logprobs']} | {r['requests']} | {r['tokens']} | {r['step_ms_p50']} | {r['tok_per_s']} |")
+    print(f"\nformat (ingress): completions {fmt['completion_us_per_token']} us/token, chat {fmt['chat_us_per_token']} us/token"
+          " (5 alternatives, a fresh token cache)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""bench/logprobs.py runs and reports every case: reads with and without the log-probability stage, the
+engine in both modes with and without logprobs (its requests assert they got them), the ingress format."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import logprobs  # noqa: E402
+
+
+def test_logprobs_bench_reports_every_case(capsys):
+    assert logprobs.main(["--vocabs", "64", "--rows", "2", "--repeats", "1", "--requests", "2", "--tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "| 64 | 2 |" in out
+    for mode in ("ar", "refusion"):
+        for asked in ("-", "5"):
+            row = next(line for line in out.splitlines() if line.startswith(f"| {mode} | {asked} | 2 |"))
+            assert int(row.split("|")[4]) > 0  # tokens came back
+    assert "us/token" in out

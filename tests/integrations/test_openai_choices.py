@@ -1,0 +1,106 @@
+"""integrations/openai_choices.py and the route helpers of `n`, without Ray: seeds per choice, merged
+streams, and that one failing choice ends the others (their engine requests cancelled) streamed or not."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from integrations.http_errors import APIError
+from integrations.openai_choices import choice_requests, indexed, merged, start_all
+from integrations.request_limits import MAX_SEED
+from scheduler.api import Delta, FinishReason, GenerationRequest
+
+
+def test_choice_requests_ids_and_seeds():
+    req = GenerationRequest("cmpl-1", [1, 2], {"gen_length": 8, "seed": MAX_SEED - 1})
+    assert choice_requests(req, 1) == [req]
+    reqs = choice_requests(req, 3)
+    assert [r.request_id for r in reqs] == ["cmpl-1.0", "cmpl-1.1", "cmpl-1.2"]
+    assert [r.params["seed"] for r in reqs] == [MAX_SEED - 1, MAX_SEED, 0]  # wraps inside the device's range
+    assert req.params["seed"] == MAX_SEED - 1  # the original is untouched
+    unseeded = choice_requests(GenerationRequest("c", [1], {"gen_length": 8}), 2)
+    assert all("seed" not in r.params for r in unseeded)  # the engine draws one per request
+
+
+class Stream:
+    """An async iterator of deltas that records whether it was closed; `fail_after` raises an APIError
+    after that many deltas; `hang` waits forever after its deltas (a choice still decoding)."""
+
+    def __init__(self, name: str, n: int, fail_after: int | None = None, hang: bool = False):
+        self.name, self.n, self.fail_after, self.hang = name, n, fail_after, hang
+        self.closed = False
+        self._gen = self._run()
+
+    async def _run(self):
+        try:
+            for i in range(self.n):
+                if self.fail_after is not None and i == self.fail_after:
+                    raise APIError(400, "grammar: dead end", param="grammar")
+                yield Delta(self.name, f"{self.name}{i} ", [i], finished=not self.hang and i == self.n - 1,
+                            finish_reason=None if self.hang or i < self.n - 1 else FinishReason.STOP)
+                await asyncio.sleep(0)
+            if self.hang:
+                await asyncio.Event().wait()
+        finally:
+            self.closed = True
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._gen.__anext__()
+
+    async def aclose(self):
+        await self._gen.aclose()
+
+
+async def _events(stream):
+    async for delta in stream:
+        yield {"choices": [{"index": 0, "text": delta.text}]}
+
+
+async def test_merged_keeps_each_choices_order_and_indexes_them():
+    streams = [Stream("a", 3), Stream("b", 2)]
+    out = [e async for e in merged([indexed(_events(s), i) for i, s in enumerate(streams)])]
+    by_index = {i: [e["choices"][0]["text"] for e in out if e["choices"][0]["index"] == i] for i in (0, 1)}
+    assert by_index == {0: ["a0 ", "a1 ", "a2 "], 1: ["b0 ", "b1 "]}
+
+
+async def test_a_failing_choice_closes_the_others_when_streamed():
+    failing, hanging = Stream("a", 3, fail_after=1), Stream("b", 2, hang=True)
+    events = merged([indexed(_events(failing), 0), indexed(_events(hanging), 1)])
+    with pytest.raises(APIError):
+        async for _ in events:
+            pass
+    await events.aclose()
+    assert failing.closed and hanging.closed
+
+
+async def test_a_failing_choice_closes_the_others_when_collected():
+    from integrations.http_metrics import APIMetrics, RequestObserver
+    from integrations.openai_api import _collect_all
+
+    observer = RequestObserver(APIMetrics(), "completions", "r", 2)
+    failing, hanging = Stream("a", 3, fail_after=1), Stream("b", 2, hang=True)
+    with pytest.raises(APIError):
+        await asyncio.wait_for(_collect_all([failing, hanging], observer), 10)
+    assert failing.closed and hanging.closed
+
+
+async def test_start_all_closes_started_choices_when_one_is_refused():
+    started = []
+
+    async def start(req):
+        if req.request_id.endswith(".1"):
+            raise APIError(503, "engine full")
+        stream = Stream(req.request_id, 1, hang=True)
+        started.append(stream)
+        await stream.__anext__()  # the first delta arrived: admitted
+        return stream
+
+    reqs = choice_requests(GenerationRequest("r", [1], {"gen_length": 4}), 3)
+    with pytest.raises(APIError) as err:
+        await start_all(start, reqs)
+    assert err.value.status == 503 and len(started) == 2 and all(s.closed for s in started)
