@@ -13,7 +13,7 @@ import logprobs  # noqa: E402
 
 
 def test_logprobs_bench_reports_every_case(capsys):
-    assert logprobs.main(["--vocabs", "64", "--rows", "2", "--repeats", "1", "--requests", "2", "--tokens", "16"]) == 0
+    assert logprobs.main(["--vocabs", "64", "--rows", "2", "--repeats", "1", "--requests", "2", "--tokens", "64"]) == 0
     out = capsys.readouterr().out
     assert "| 64 | 2 |" in out
     for mode in ("ar", "refusion"):
