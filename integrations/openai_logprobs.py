@@ -15,21 +15,7 @@ raw_logprobs; workers/batch.py, "Reads"); -9999.0 stands for a probability of 0.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
-
-@lru_cache(maxsize=1)
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, char -> byte: printable bytes map to themselves, the others to 256+."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+from integrations.token_bytes import token_bytes
 
 
 class LogprobFormatter:
@@ -42,7 +28,7 @@ class LogprobFormatter:
         self._bytes: dict[int, list[int]] = {}
         self._offset = 0  # completions: characters of text returned before the next token
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._byte_level = type(decoder).__name__ == "ByteLevel"  # token strings are byte-level text
 
     def text(self, token: int) -> str:
         if token not in self._text:
@@ -51,12 +37,9 @@ class LogprobFormatter:
 
     def token_bytes(self, token: int) -> list[int]:
         if token not in self._bytes:
-            piece = self.tokenizer.convert_ids_to_tokens(token) if self._byte_level else None
-            alphabet = _byte_level_alphabet()
-            if piece is not None and all(ch in alphabet for ch in piece):
-                self._bytes[token] = [alphabet[ch] for ch in piece]
-            else:  # a special token, or a tokenizer that is not byte-level: its decoded text
-                self._bytes[token] = list(self.text(token).encode("utf-8"))
+            data = token_bytes(self.tokenizer, token) if self._byte_level else None
+            # a special token, or a tokenizer that is not byte-level: its decoded text
+            self._bytes[token] = list(data if data is not None else self.text(token).encode("utf-8"))
         return self._bytes[token]
 
     def completion(self, entries) -> dict:

@@ -23,6 +23,7 @@ from integrations.editor.session import EditorSession
 from integrations.http_errors import APIError, from_engine_error
 from integrations.openai_requests import id_headers, request_id
 from integrations.request_limits import InputError, RequestLimits, encode, off_loop, read_json_object
+from integrations.token_bytes import token_bytes
 from scheduler.api import EngineError, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -168,26 +169,10 @@ def _piece(tokenizer, token_id: int) -> str | list[int]:
     """A token's text; its bytes (ints) when they are not valid UTF-8 alone (byte-level BPE splits
     multi-byte characters), as llama.cpp's with_pieces."""
     raw = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)])
-    if "\ufffd" not in raw:
+    data = token_bytes(tokenizer, token_id) if "\ufffd" in raw else None
+    if data is None:
         return raw
-    data = bytes(_BYTE_DECODER.get(ch, 0) for ch in tokenizer.convert_ids_to_tokens(token_id))
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return list(data)
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2 byte-level BPE's character -> byte map (the inverse of its bytes_to_unicode)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-_BYTE_DECODER = _byte_decoder()

@@ -1,0 +1,50 @@
+"""integrations/openai_logprobs.py on the shipped tokenizer: OpenAI's completions and chat shapes, the
+chosen token always in a completions top dict, text offsets continuing across streamed chunks, and a
+token's exact bytes where its text alone is not valid UTF-8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from integrations.openai_logprobs import LogprobFormatter
+from workers.batch import TokenLogprob
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SHIPPED)
+
+
+def test_completion_shape_offsets_and_the_chosen_token(tokenizer):
+    ids = tokenizer.encode("def add(a, b):\n    return a + b", add_special_tokens=False)
+    entries = [TokenLogprob(t, -0.5, ((t, -0.5), (ids[0], -1.5))) for t in ids]
+    entries[2] = TokenLogprob(ids[2], -3.0, ((ids[0], -0.1), (ids[1], -0.2)))  # sampled: not among the top
+    formatter = LogprobFormatter(tokenizer, 1)
+    first, second = formatter.completion(entries[:3]), formatter.completion(entries[3:])
+    tokens = first["tokens"] + second["tokens"]
+    assert "".join(tokens) == tokenizer.decode(ids)
+    assert first["text_offset"] + second["text_offset"] == [len("".join(tokens[:i])) for i in range(len(ids))]
+    top = first["top_logprobs"][2]  # N = 1 most likely, plus the chosen token (OpenAI: up to N + 1)
+    assert top == {tokenizer.decode([ids[0]]): -0.1, tokenizer.decode([ids[2]]): -3.0}
+    assert first["token_logprobs"] == [-0.5, -0.5, -3.0]
+
+
+def test_chat_entries_carry_exact_bytes(tokenizer):
+    ids = tokenizer.encode("naïve → 日本", add_special_tokens=False)
+    partial = [t for t in ids if "\ufffd" in tokenizer.decode([t])]
+    assert partial  # the shipped vocabulary splits some of these characters into byte tokens
+    formatter = LogprobFormatter(tokenizer, 2)
+    content = formatter.chat([TokenLogprob(t, -1.0, ((t, -1.0),)) for t in ids])
+    assert b"".join(bytes(e["bytes"]) for e in content).decode("utf-8") == "naïve → 日本"
+    for entry in content:
+        assert entry["top_logprobs"] == [{"token": entry["token"], "logprob": -1.0, "bytes": entry["bytes"]}]
+    special = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    [eos] = formatter.chat([TokenLogprob(special, -2.0)])
+    assert eos["token"] == tokenizer.eos_token and bytes(eos["bytes"]).decode() == tokenizer.eos_token
+    assert eos["top_logprobs"] == []
