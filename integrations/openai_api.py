@@ -37,8 +37,7 @@ from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_stream import (chat_events, completion_events, in_document_style, null_usage_until_final,
                                         sse_response, usage_at_end)
-from integrations.openai_requests import generation_request, id_headers, request_id
-from integrations.openai_requests import prompt_ids as encode_prompt
+from integrations.openai_requests import completion_requests, generation_request, id_headers, request_id
 from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop, read_json_object
 from integrations.structured_output import tool_grammar
 from integrations.tool_calls import forced_call
@@ -150,6 +149,8 @@ async def completions(request: Request):
     grammar = None
     if body.response_format is not None or body.structured_outputs is not None:  # compiling can take a while
         grammar = await off_loop(body.output_grammar)
+    if body.suffix is not None and len(body.prompts) > 1:
+        raise InputError(400, "prompt", "an infill (`suffix`) takes one prompt: send one per request")
     if body.suffix is not None and body.n > 1:
         raise InputError(400, "n", "several completions of an infill (`suffix`) are not offered here: use n 1, "
                          "or POST /infill with n_cmpl")
@@ -168,28 +169,22 @@ async def completions(request: Request):
                                                usage_from_engine=True)  # the text is post-processed (CRLF, cuts)
         streams = [await _primed(_observed(infill_deltas(client, job, header.id, body.stream), observer), observer)]
     else:
-        # A CRLF or tab-indented prompt is completed as its LF, space-indented twin and the text comes
-        # back in the prompt's style (editor/document.py), as on the infill path.
-        text = body.prompt if isinstance(body.prompt, str) else None
-        if text is not None:
-            settings.limits.check_chars("prompt", text)  # the client's text, before tabs become spaces
-        # the grammar says exactly what the output is: never restyled (CRLF, tabs)
-        style = DocumentStyle.of(text) if text is not None and grammar is None else DocumentStyle()
-        prompt = style.to_model(text) if text is not None else body.prompt
-        prompt_ids = await encode_prompt(client.tokenizer, prompt)
-        req = generation_request(header.id, body, prompt_ids, style.model_stops(body.stop),
-                                 settings.completion_default_max_tokens, settings, "prompt", grammar=grammar)
-        observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids))
-        streams = await start_all(lambda r: _start(client, r, observer), choice_requests(req, body.n))
-        if style != DocumentStyle():
-            streams = [in_document_style(d, style, cursor_at_indent(text)) for d in streams]
+        prepared = await completion_requests(client.tokenizer, header.id, body, settings, grammar)
+        observer = RequestObserver.for_request(request, "completions", header.id,
+                                               sum(len(p.request.prompt_ids) for p in prepared))
+        total = len(prepared) * body.n  # choice k * n + j: prompt k's choice j (OpenAI's order)
+        reqs = [r for k, p in enumerate(prepared) for r in choice_requests(p.request, body.n, k * body.n, total)]
+        streams = await start_all(lambda r: _start(client, r, observer), reqs)
+        for i, p in enumerate(p for p in prepared for _ in range(body.n)):
+            if p.style != DocumentStyle():  # a CRLF or tab-indented prompt: the text comes back in its style
+                streams[i] = in_document_style(streams[i], p.style, cursor_at_indent(p.text))
     formatters = [_logprob_formatter(client, body) for _ in streams]  # one each: text offsets are per choice
     if body.stream:
         events = merged([indexed(completion_events(header, d, f), i) for i, (d, f) in enumerate(zip(streams, formatters))])
         return _sse(request, header, observer, events, "text_completion", body.include_usage)
     collected = await _collect_all(streams, observer)
     choices = [(text, last, f.completion(entries) if f else None) for (text, last, entries), f in zip(collected, formatters)]
-    body_json = shape.completion_body(header, choices, len(prompt_ids), observer.completion_tokens)
+    body_json = shape.completion_body(header, choices, observer.prompt_tokens, observer.completion_tokens)
     return JSONResponse(body_json, headers=id_headers(request, header.id))
 
 

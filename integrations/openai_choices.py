@@ -27,12 +27,14 @@ MAX_CHOICES = 16
 one HTTP request from filling the engine's queue)."""
 
 
-def choice_requests(req: GenerationRequest, n: int) -> list[GenerationRequest]:
-    """The engine requests of n choices of `req` (n == 1: `req` itself)."""
-    if n == 1:
+def choice_requests(req: GenerationRequest, n: int, first: int = 0, total: int | None = None) -> list[GenerationRequest]:
+    """The engine requests of n choices of `req`, numbered from `first` among `total` choices of the
+    response (default n; a batch of prompts numbers its choices across prompts). One choice in all:
+    `req` itself."""
+    if (total or n) == 1:
         return [req]
     seed = req.params.get("seed")
-    return [dataclasses.replace(req, request_id=f"{req.request_id}.{i}",
+    return [dataclasses.replace(req, request_id=f"{req.request_id}.{first + i}",
                                 params={**req.params, **({"seed": (seed + i) % (MAX_SEED + 1)} if seed is not None else {})})
             for i in range(n)]
 

@@ -36,15 +36,16 @@ async def infill_job(client, request_id: str, body, decode_params: dict) -> Comp
     protocol.Limits.max_text_chars characters and are cut to the infill token budgets (so the model
     context is not the limit here); the prompt is tokenized off the event loop. Raises InputError
     naming the field."""
-    if not isinstance(body.prompt, str):
+    [text_prompt] = body.prompts  # the route refuses a batch with a suffix
+    if not isinstance(text_prompt, str):
         raise InputError(400, "prompt", "must be a string when suffix is set")
     suffix = body.suffix or ""
-    for name, text in (("prompt", body.prompt), ("suffix", suffix)):
+    for name, text in (("prompt", text_prompt), ("suffix", suffix)):
         if len(text) > _TEXT_LIMIT:
             raise InputError(400, name, f"is {len(text):,} characters; with suffix send at most {_TEXT_LIMIT:,} "
                                         f"(the infill keeps the end of the prompt and the start of the suffix)")
-    prompt = await off_loop(build_infill_prompt, client.tokenizer, body.prompt, suffix,
-                            chars=len(body.prompt) + len(suffix))
+    prompt = await off_loop(build_infill_prompt, client.tokenizer, text_prompt, suffix,
+                            chars=len(text_prompt) + len(suffix))
     # The same gaps streamed or not: the choice keeps every chunk a prefix of the final text
     # (infill.choose_candidate), so both return the same completion.
     gaps = plan_gaps(body.max_tokens, multiline=True)

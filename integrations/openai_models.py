@@ -245,34 +245,41 @@ class SamplingFields(OpenAIBody):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(SamplingFields):
-    """POST /v1/completions. `prompt` is one string, a list with one string, or a list of token ids."""
+MAX_PROMPTS = 64
+"""Most prompts in one /v1/completions batch (each runs as its own engine request, times `n`)."""
 
-    prompt: str | list[str] | list[int]
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions. `prompt`: a string, token ids, or a batch of either (OpenAI's four forms);
+    a batch's choices come back in prompt order, `n` per prompt."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
     suffix: str | None = None
     echo: bool = Field(default=False, description="echo is not supported (null and false are accepted)")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description=f"the most likely 0..{MAX_TOP_LOGPROBS} tokens per position (vLLM's bound)")
     best_of: int | None = Field(default=None, ge=1, le=1, description="only best_of=1 is supported")
 
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _no_token_batches(cls, value):
-        if isinstance(value, list) and value and isinstance(value[0], list):
-            raise ValueError("a batch of token-id prompts is not supported: send one prompt per request "
-                             "(a string, a list with one string, or one list of token ids)")
-        return value
-
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value):
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise ValueError("send one prompt per request (a string or a list with one string)")
-            return value[0]
+    def _prompt_batch(cls, value, info):
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be empty")
+        batch = len(value) if isinstance(value, list) and isinstance(value[0], (str, list)) else 1
+        n = info.data.get("n", 1)  # validated first: declared before
+        if batch * n > MAX_PROMPTS:
+            raise ValueError(f"{batch} prompts x n {n} = {batch * n} sequences; at most {MAX_PROMPTS} per request: "
+                             "send the rest in another request")
+        if isinstance(value, list) and isinstance(value[0], list) and not all(value):
+            raise ValueError("every prompt of a batch of token ids needs at least one token")
         return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt: one string or one list of token ids each."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            return list(self.prompt)
+        return [self.prompt]
 
     @field_validator("echo")
     @classmethod

@@ -12,11 +12,13 @@ carries exactly one.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from fastapi import Request
 
 from decoding.grammar import GrammarSpec
 from integrations.context_fit import fit_generation
+from integrations.editor.document import DocumentStyle
 from integrations.http_errors import APIError
 from integrations.openai_models import SamplingFields
 from integrations.openai_responses import new_id
@@ -45,19 +47,49 @@ def id_headers(request: Request, rid: str) -> dict:
     return {} if REQUEST_ID_HEADER in request.headers else {"X-Request-Id": rid}
 
 
-async def prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+async def prompt_ids(tokenizer, prompt: str | list[int], field: str = "prompt") -> list[int]:
     """Token ids of a completions prompt: text (already checked against max_prompt_chars by the
-    caller, as the client sent it) is tokenized off the event loop. Raises APIError(400, "prompt")."""
+    caller, as the client sent it) is tokenized off the event loop. Raises APIError(400, field)."""
     if isinstance(prompt, str):
         ids = await off_loop(encode, tokenizer, prompt, chars=len(prompt))
     else:
         ids, vocab = list(prompt), len(tokenizer)
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise APIError(400, f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="prompt")
+            raise APIError(400, f"{field}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param=field)
     if not ids:
-        raise APIError(400, "prompt: must not be empty", param="prompt")
+        raise APIError(400, f"{field}: must not be empty", param=field)
     return ids
+
+
+@dataclass
+class PreparedPrompt:
+    """One prompt of a completions request: its engine request, the style its text comes back in, and
+    the client's text (None for token ids)."""
+
+    request: GenerationRequest
+    style: DocumentStyle
+    text: str | None
+
+
+async def completion_requests(tokenizer, rid: str, body, settings, grammar: GrammarSpec | None) -> list[PreparedPrompt]:
+    """The engine request of each prompt of a /v1/completions body (openai_models.CompletionRequest;
+    one, or a batch). A CRLF or tab-indented prompt is completed as its LF, space-indented twin and its
+    text comes back in the prompt's style (editor/document.py), as on the infill path; a grammar's
+    output is never restyled. Faults name the prompt (`prompt`, or `prompt.K` in a batch) or the field."""
+    prepared = []
+    batch = len(body.prompts) > 1
+    for k, prompt in enumerate(body.prompts):
+        field = f"prompt.{k}" if batch else "prompt"
+        text = prompt if isinstance(prompt, str) else None
+        if text is not None:
+            settings.limits.check_chars(field, text)  # the client's text, before tabs become spaces
+        style = DocumentStyle.of(text) if text is not None and grammar is None else DocumentStyle()
+        ids = await prompt_ids(tokenizer, style.to_model(text) if text is not None else prompt, field)
+        req = generation_request(rid, body, ids, style.model_stops(body.stop), settings.completion_default_max_tokens,
+                                 settings, field, grammar=grammar)
+        prepared.append(PreparedPrompt(req, style, text))
+    return prepared
 
 
 def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: list[str], default_max_tokens: int,

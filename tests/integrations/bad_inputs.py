@@ -88,7 +88,12 @@ HTTP_CASES = [
     _c("completions-no-prompt", {"max_tokens": 4}, field="prompt"),
     _c("completions-prompt-null", {"prompt": None}, field="prompt"),
     _c("completions-prompt-number", {"prompt": 5}, field="prompt"),
-    _c("completions-prompt-nested-ids", {"prompt": [[1, 2]]}, field="prompt"),
+    _c("completions-prompt-nested-ids", {"prompt": [[[1, 2]]]}, field="prompt"),
+    _c("completions-prompt-batch-id-outside-vocab", {"prompt": [[1, 2], [10**9]]}, field="prompt.1"),
+    _c("completions-prompt-batch-empty-ids", {"prompt": [[1, 2], []]}, field="prompt"),
+    _c("completions-prompt-batch-mixed", {"prompt": ["x", [1, 2]]}, field="prompt"),
+    _c("completions-prompt-batch-too-many", {"prompt": ["x"] * 33, "n": 2}, field="prompt"),
+    _c("completions-prompt-batch-with-suffix", {"prompt": ["x", "y"], "suffix": "z"}, field="prompt", param="prompt"),
     _c("completions-prompt-id-outside-vocab", {"prompt": [10**9]}, field="prompt"),
     _c("completions-prompt-negative-id", {"prompt": [-1]}, field="prompt"),
     _c("completions-prompt-empty-list", {"prompt": []}, field="prompt"),
@@ -123,7 +128,6 @@ HTTP_CASES = [
     _c("completions-stream-string", {"prompt": "x", "stream": "yes"}, field="stream"),
     _c("completions-stream-options-without-stream", {"prompt": "x", "stream_options": {"include_usage": True}},
        field="stream_options"),
-    _c("completions-token-id-batch", {"prompt": [[5, 6], [7]]}, field="prompt"),
     _chat("chat-tool-name-with-space", {"messages": USER, "tools": [
         {"type": "function", "function": {"name": "get weather"}}]}, field="tools.0.function.name"),
     _chat("chat-tool-names-repeated", {"messages": USER, "tools": [

@@ -76,3 +76,27 @@ def test_a_choice_that_cannot_start_fails_the_request_and_leaks_nothing(strict_b
     wait_until.blocking(idle, "the admitted choice to be cancelled")
     one = strict.completions.create(model=model, prompt="x", max_tokens=4, extra_body={"mode": "ar"})
     assert one.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_batch_of_prompts_answers_in_prompt_order(client, model):
+    """OpenAI's batch forms: a list of strings or of token-id lists; choice k * n + j is prompt k's
+    choice j, equal to that prompt sent alone with seed + j; each prompt keeps its own style (a CRLF
+    prompt's text comes back with CRLF); usage counts every prompt."""
+    prompts = ["def f(x):\n", "import os\r\n", "class A:\n"]
+    out = client.completions.create(model=model, prompt=prompts, max_tokens=6, n=2, seed=3, extra_body=SAMPLED)
+    assert [c.index for c in out.choices] == list(range(6))
+    for k, prompt in enumerate(prompts):
+        for j in range(2):
+            alone = client.completions.create(model=model, prompt=prompt, max_tokens=6, seed=3 + j, extra_body=SAMPLED)
+            assert out.choices[2 * k + j].text == alone.choices[0].text, (k, j)
+    singles = [client.completions.create(model=model, prompt=p, max_tokens=1, extra_body=SAMPLED) for p in prompts]
+    assert out.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    ids = [[5, 6, 7], [8, 9]]
+    by_ids = client.completions.create(model=model, prompt=ids, max_tokens=4, temperature=0, extra_body={"mode": "ar"})
+    for k, prompt in enumerate(ids):
+        alone = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, extra_body={"mode": "ar"})
+        assert by_ids.choices[k].text == alone.choices[0].text
+    streamed = list(client.completions.create(model=model, prompt=prompts, max_tokens=6, n=2, seed=3, stream=True,
+                                              extra_body=SAMPLED))
+    texts = ["".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i) for i in range(6)]
+    assert texts == [c.text for c in out.choices]
