@@ -30,7 +30,8 @@ import logging
 log = logging.getLogger(__name__)
 
 # Routes whose requests the in-flight gauge counts, by their `endpoint` label.
-GAUGED_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/infill": "infill"}
+GAUGED_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses",
+                    "/infill": "infill"}
 # Routes that keep answering while the ingress drains (Prometheus should see the drain happen).
 OPEN_WHILE_DRAINING = frozenset({"/metrics"})
 CLIENT_GONE = 499  # nginx's "client closed request": the status recorded when no response went out

@@ -3,6 +3,7 @@
     app = create_app(APISettings(model_name=...), engine_client)   # or set app.state.engine_client later
 
 Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
+POST /v1/responses (integrations/responses_api.py),
 GET /metrics (Prometheus text), GET /v1/engine (engine info: limits, defaults, load), plus the editor
 protocol's router (integrations/editor/http.py) when that package is present.
 Streams are server-sent events, one JSON chunk per `data:` line, ending with `data: [DONE]`.
@@ -11,37 +12,28 @@ Streams are server-sent events, one JSON chunk per `data:` line, ending with `da
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
 
-from decoding.grammar import GrammarSpec
 from integrations import openai_responses as shape
 from integrations.auth import APIKeyMiddleware, OriginGuard
-from integrations.chat import chat_prompt_ids, conversation_key, forced_prefix_ids
+from integrations.chat_run import start_chat
 from integrations.context_fit import fit_generation
 from integrations.editor.document import DocumentStyle, cursor_at_indent
-from integrations.engine_client import ShuttingDownError
-from integrations.http_errors import APIError, from_engine_error, install_error_handlers, overloaded
+from integrations.http_errors import install_error_handlers
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
+from integrations.openai_calls import check_model, collect_all, logprob_formatter, primed, observed, read_body, sse, start
 from integrations.openai_choices import choice_requests, indexed, merged, start_all
 from integrations.openai_infill import infill_deltas, infill_job
-from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
-from integrations.openai_stream import (chat_events, completion_events, in_document_style, null_usage_until_final,
-                                        sse_response, usage_at_end)
-from integrations.openai_requests import completion_requests, generation_request, id_headers, request_id
-from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop, read_json_object
-from integrations.structured_output import tool_grammar
-from integrations.tool_calls import forced_call
-from scheduler.api import ENGINE_STOPPED, Delta, FinishReason, GenerationRequest
+from integrations.openai_requests import completion_requests, id_headers, request_id
+from integrations.openai_stream import chat_events, completion_events, in_document_style
+from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop
+from integrations.responses_api import router as responses_router
 
 
 @dataclass
@@ -75,6 +67,7 @@ def create_app(settings: APISettings, engine_client=None, gate: IngressGate | No
     app.state.gate = gate or IngressGate()
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(responses_router)
     editor_router = _editor_router()
     if editor_router is not None:
         app.include_router(editor_router)
@@ -118,7 +111,7 @@ async def list_models(request: Request):
 
 @router.get("/v1/models/{model_id}")
 async def get_model(model_id: str, request: Request):
-    _check_model(request, model_id)
+    check_model(request, model_id)
     return _model_card(model_id)
 
 
@@ -142,9 +135,9 @@ async def metrics(request: Request):
 async def completions(request: Request):
     """OpenAI completions. Every fault of the request (fields, context, engine admission) is answered
     before the response starts, streamed or not."""
-    body = await _read_body(request, CompletionRequest)
+    body = await read_body(request, CompletionRequest)
     client, settings = request.app.state.engine_client, request.app.state.settings
-    _check_model(request, body.model)
+    check_model(request, body.model)
     header = shape.ResponseHeader("cmpl", client.model_name, request_id(request, "cmpl"))
     grammar = None
     if body.response_format is not None or body.structured_outputs is not None:  # compiling can take a while
@@ -167,22 +160,22 @@ async def completions(request: Request):
                        requested=body.max_tokens is not None)
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids),
                                                usage_from_engine=True)  # the text is post-processed (CRLF, cuts)
-        streams = [await _primed(_observed(infill_deltas(client, job, header.id, body.stream), observer), observer)]
+        streams = [await primed(observed(infill_deltas(client, job, header.id, body.stream), observer), observer)]
     else:
         prepared = await completion_requests(client.tokenizer, header.id, body, settings, grammar)
         observer = RequestObserver.for_request(request, "completions", header.id,
                                                sum(len(p.request.prompt_ids) for p in prepared))
         total = len(prepared) * body.n  # choice k * n + j: prompt k's choice j (OpenAI's order)
         reqs = [r for k, p in enumerate(prepared) for r in choice_requests(p.request, body.n, k * body.n, total)]
-        streams = await start_all(lambda r: _start(client, r, observer), reqs)
+        streams = await start_all(lambda r: start(client, r, observer), reqs)
         for i, p in enumerate(p for p in prepared for _ in range(body.n)):
             if p.style != DocumentStyle():  # a CRLF or tab-indented prompt: the text comes back in its style
                 streams[i] = in_document_style(streams[i], p.style, cursor_at_indent(p.text))
-    formatters = [_logprob_formatter(client, body) for _ in streams]  # one each: text offsets are per choice
+    formatters = [logprob_formatter(client, body) for _ in streams]  # one each: text offsets are per choice
     if body.stream:
         events = merged([indexed(completion_events(header, d, f), i) for i, (d, f) in enumerate(zip(streams, formatters))])
-        return _sse(request, header, observer, events, "text_completion", body.include_usage)
-    collected = await _collect_all(streams, observer)
+        return sse(request, header, observer, events, "text_completion", body.include_usage)
+    collected = await collect_all(streams, observer)
     choices = [(text, last, f.completion(entries) if f else None) for (text, last, entries), f in zip(collected, formatters)]
     body_json = shape.completion_body(header, choices, observer.prompt_tokens, observer.completion_tokens)
     return JSONResponse(body_json, headers=id_headers(request, header.id))
@@ -191,65 +184,19 @@ async def completions(request: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     """OpenAI chat completions; faults are answered before the response starts, as for completions."""
-    body = await _read_body(request, ChatCompletionRequest)
-    client, settings = request.app.state.engine_client, request.app.state.settings
-    _check_model(request, body.model)
-    settings.limits.check_chars("messages", "".join(m.content or "" for m in body.messages))
-    tools = body.tools if body.tools_enabled else None
-    try:
-        call = forced_call(body.forced_tool, [t.function.name for t in body.tools or []])
-    except ValueError as exc:
-        raise InputError(400, "tool_choice", str(exc)) from None
-    prompt_ids, extra_stop = await off_loop(chat_prompt_ids, client.tokenizer, body.messages, tools, settings.limits,
-                                            chars=sum(len(m.content or "") for m in body.messages))
-    forced, forced_ids = "", []
-    if call is not None:  # the assistant's turn starts with the forced call's opening (tool_calls.forced_call)
-        forced_ids, forced = forced_prefix_ids(client.tokenizer, *call)
-        prompt_ids = prompt_ids + forced_ids
-    grammar = None
-    if body.tools_enabled or body.response_format is not None or body.structured_outputs is not None:
-        grammar = await off_loop(chat_grammar, body, len(forced_ids))  # compiling can take a while
-    header = shape.ResponseHeader("chatcmpl", client.model_name, request_id(request, "chatcmpl"))
-    # The template's turn-end stops (plain template: "\n### ") would cut text the grammar allows; with a
-    # grammar that says what the whole output is, the grammar ends the turn (the client's own `stop`
-    # strings still apply, as in vLLM); free text with tool calls (auto) keeps them
-    stops = body.stop + (extra_stop if grammar is None or grammar.open_ended else [])
-    req = generation_request(header.id, body, prompt_ids, stops, settings.default_max_tokens,
-                             settings, "messages", affinity_key=conversation_key(body.messages), grammar=grammar)
-    allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
-    max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
-    observer = RequestObserver.for_request(request, "chat", header.id, len(prompt_ids))
-    streams = await start_all(lambda r: _start(client, r, observer), choice_requests(req, body.n))
-    formatter = _logprob_formatter(client, body)
+    body = await read_body(request, ChatCompletionRequest)
+    run = await start_chat(request, body, "chatcmpl", "chat")
+    header, observer = run.header, run.observer
+    formatter = logprob_formatter(run.client, body)
     if body.stream:
-        events = merged([indexed(chat_events(header, d, allowed, prefix=forced, max_calls=max_calls, logprobs=formatter), i)
-                         for i, d in enumerate(streams)])
-        return _sse(request, header, observer, events, "chat.completion.chunk", body.include_usage)
-    collected = await _collect_all(streams, observer)
-    choices = [(forced + text, last, formatter.chat(entries) if formatter else None) for text, last, entries in collected]
-    completion = shape.chat_body(header, choices, len(prompt_ids), observer.completion_tokens, allowed, max_calls)
+        events = merged([indexed(chat_events(header, d, run.allowed, prefix=run.forced, max_calls=run.max_calls,
+                                             logprobs=formatter), i) for i, d in enumerate(run.streams)])
+        return sse(request, header, observer, events, "chat.completion.chunk", body.include_usage)
+    collected = await collect_all(run.streams, observer)
+    choices = [(run.forced + text, last, formatter.chat(entries) if formatter else None) for text, last, entries in collected]
+    completion = shape.chat_body(header, choices, observer.prompt_tokens, observer.completion_tokens, run.allowed,
+                                 run.max_calls)
     return JSONResponse(completion, headers=id_headers(request, header.id))
-
-
-def chat_grammar(body: ChatCompletionRequest, prefill_tokens: int) -> GrammarSpec | None:
-    """The grammar of a chat turn (integrations/structured_output.py): a forced tool call's (tool_choice
-    "required" or named; response_format does not apply to a call), else response_format's, else with
-    tools offered and tool_choice "auto" or unset, text whose tool calls are valid. Mode "refusion"
-    leaves tool calls unconstrained (parsed from the text) and refuses response_format. InputError
-    (400) naming the field."""
-    forced = body.forced_tool
-    grammar = body.output_grammar()  # checked even when a forced call makes it moot: a bad one is a 400
-    if body.tools_enabled and forced is not None:
-        if body.mode == "refusion":
-            return None
-        return tool_grammar(body.tools, forced, prefill_tokens, parallel=body.parallel_tool_calls is not False)
-    if grammar is not None and body.tools_enabled:
-        raise InputError(400, "response_format" if body.structured_outputs is None else "structured_outputs",
-                         'a format with tools and tool_choice "auto" is not supported: set tool_choice to "none" '
-                         'or "required", or drop the format')
-    if grammar is None and body.tools_enabled and body.mode != "refusion":
-        grammar = tool_grammar(body.tools, None, 0)
-    return grammar
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,121 +206,3 @@ def _model_card(model_id: str) -> dict:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "refusion-serve"}
 
 
-def _check_model(request: Request, model: str | None) -> None:
-    served = request.app.state.settings.model_name
-    if model is not None and model != served:
-        raise APIError(404, f"model '{model}' is not served here: use '{served}' (GET /v1/models)",
-                       "not_found_error", param="model", code="model_not_found")
-
-
-async def _read_body(request: Request, model: type[BaseModel]):
-    """The request body as `model`: JSON faults are request_limits.InputError, field faults
-    RequestValidationError (both 400 naming the field)."""
-    data = await read_json_object(request)
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
-
-
-async def _start(client, req: GenerationRequest, observer: RequestObserver) -> AsyncIterator[Delta]:
-    """Submit and wait for the first delta (_primed). Returns an iterator over all deltas (the engine
-    stops at max_tokens, held-back text included); closing it cancels the engine request."""
-    return await _primed(_observed(client.stream(req), observer), observer)
-
-
-async def _primed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> AsyncIterator[Delta]:
-    """Wait for the first delta, so that every fault found until then (engine field checks, admission,
-    an error delta) is an HTTP error before the response starts, not a 200 stream that fails. Returns
-    an iterator over all deltas, the first included; closing it closes `deltas`."""
-    try:
-        first = await anext(deltas)
-    except StopAsyncIteration:
-        first = None
-    except BaseException as exc:
-        await deltas.aclose()
-        error = exc if isinstance(exc, APIError) else from_engine_error(exc) if isinstance(exc, Exception) else None
-        observer.finish(error.status if error else 499, error=str(exc))
-        if error is None:
-            raise
-        raise error from exc
-
-    async def replay() -> AsyncIterator[Delta]:
-        async with contextlib.aclosing(deltas):
-            if first is not None:
-                yield first
-            async for delta in deltas:
-                yield delta
-
-    return replay()
-
-
-async def _observed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> AsyncIterator[Delta]:
-    async with contextlib.aclosing(deltas):
-        async for delta in deltas:
-            yield _checked(delta, observer)
-
-
-def _checked(delta: Delta, observer: RequestObserver) -> Delta:
-    observer.on_delta(delta)
-    if delta.finish_reason is FinishReason.CANCELLED:  # never the caller's doing: they would be gone
-        why = delta.error or "cancelled by the server"
-        if delta.error == ENGINE_STOPPED:  # a draining replica: the code new requests get then too
-            raise from_engine_error(ShuttingDownError(f"request ended early: {why}; retry", 1.0))
-        raise overloaded(f"request ended early: {why}; retry", 1.0)
-    if delta.error and delta.error_field:  # the request's own input failed mid-request (e.g. its grammar)
-        raise APIError(400, f"{delta.error_field}: {delta.error}", param=delta.error_field)
-    if delta.error:
-        raise APIError(500, f"engine error: {delta.error}", "server_error")
-    return delta
-
-
-def _sse(request: Request, header, observer: RequestObserver, events, obj: str, include_usage: bool):
-    """The SSE response of a stream's chunk events; with include_usage, "usage": null on every chunk and
-    one final usage chunk for the whole request."""
-    if include_usage:
-        events = null_usage_until_final(usage_at_end(events, header, obj, observer))
-    return sse_response(events, observer, header.id, id_headers(request, header.id))
-
-
-async def _collect_all(streams: list[AsyncIterator[Delta]], observer: RequestObserver) -> list[tuple[str, Delta, list]]:
-    """_collect of every choice at once; the observer is finished once all have ended (or the first failed)."""
-    tasks = [asyncio.ensure_future(_collect(s, observer, finish=False)) for s in streams]
-    try:
-        collected = await asyncio.gather(*tasks)
-    except BaseException:  # one failed (or the client left): end the others, each of which cancels its request
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for stream in streams:
-            await stream.aclose()
-        raise
-    observer.finish(200)
-    return collected
-
-
-def _logprob_formatter(client, body) -> LogprobFormatter | None:
-    return LogprobFormatter(client.tokenizer, body.num_logprobs) if body.num_logprobs is not None else None
-
-
-async def _collect(deltas: AsyncIterator[Delta], observer: RequestObserver, finish: bool = True) -> tuple[str, Delta, list]:
-    """The whole text, the last delta and every token's log probability entry (empty when not asked for).
-    finish: record the request's success on the observer at the end (errors are always recorded)."""
-    parts, last, entries = [], None, []
-    try:
-        async for delta in deltas:
-            parts.append(delta.text)
-            entries += delta.logprobs or []
-            last = delta
-    except APIError as exc:
-        observer.finish(exc.status, error=exc.message)
-        raise
-    except (asyncio.CancelledError, GeneratorExit):
-        observer.finish(499, error="client disconnected")
-        raise
-    if last is None or not last.finished:
-        observer.finish(500, error="stream ended without a finished delta")
-        raise APIError(500, "engine stream ended without a final delta", "server_error")
-    if finish:
-        observer.finish(200)
-    return "".join(parts), last, entries

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 
@@ -29,13 +29,21 @@ log = logging.getLogger(__name__)
 
 
 def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request_id: str,
-                 headers: dict | None = None) -> StreamingResponse:
-    """The event stream as SSE; `headers` are added to the response's (openai_requests.id_headers)."""
+                 headers: dict | None = None, *, named: bool = False,
+                 error_event: Callable[[APIError], dict] | None = None) -> StreamingResponse:
+    """The event stream as SSE; `headers` are added to the response's (openai_requests.id_headers).
+    named: each event also gets an `event: <its "type">` line and no `[DONE]` ends the stream (the
+    Responses API's form); error_event: the event an error after the start becomes (default
+    {"error": {...}}, the chat and completions form)."""
+
+    def line(event: dict) -> bytes:
+        name = f"event: {event['type']}\n" if named else ""
+        return f"{name}data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
     async def body() -> AsyncIterator[bytes]:
         try:
             async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+                yield line(event)
             observer.finish(200)
         except (asyncio.CancelledError, GeneratorExit):
             observer.finish(499, error="client disconnected")
@@ -45,10 +53,11 @@ def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request
                 log.exception("stream %s failed", request_id)
             error = exc if isinstance(exc, APIError) else from_engine_error(exc)
             observer.finish(error.status, error=error.message)
-            yield f"data: {json.dumps({'error': error.body()})}\n\n".encode()
+            yield line(error_event(error) if error_event is not None else {"error": error.body()})
         finally:
             await events.aclose()
-        yield b"data: [DONE]\n\n"
+        if not named:
+            yield b"data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
 

@@ -80,12 +80,12 @@ async def test_a_failing_choice_closes_the_others_when_streamed():
 
 async def test_a_failing_choice_closes_the_others_when_collected():
     from integrations.http_metrics import APIMetrics, RequestObserver
-    from integrations.openai_api import _collect_all
+    from integrations.openai_calls import collect_all
 
     observer = RequestObserver(APIMetrics(), "completions", "r", 2)
     failing, hanging = Stream("a", 3, fail_after=1), Stream("b", 2, hang=True)
     with pytest.raises(APIError):
-        await asyncio.wait_for(_collect_all([failing, hanging], observer), 10)
+        await asyncio.wait_for(collect_all([failing, hanging], observer), 10)
     assert failing.closed and hanging.closed
 
 

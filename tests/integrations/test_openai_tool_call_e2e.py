@@ -181,3 +181,35 @@ def test_tool_choice_naming_a_tool_not_offered_is_a_400(sdk):
         sdk.chat.completions.create(model=_model(sdk), messages=_question("Paris"), tools=TOOLS, max_tokens=8,
                                     tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert "tool_choice" in str(err.value) and "get_weather" in str(err.value)
+
+
+RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather for a city",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+
+def test_responses_api_returns_the_model_written_call_as_a_function_call_item(sdk):
+    """POST /v1/responses (openai SDK `responses.create`): the same turn as chat, the call as a
+    function_call output item; streamed, its events carry the same call; sending the call and its
+    output back as input items continues the conversation."""
+    out = sdk.responses.create(model=_model(sdk), input=_question("Paris"), tools=RESPONSES_TOOLS,
+                               max_output_tokens=96, extra_body=AR)
+    assert out.status == "completed" and out.usage.output_tokens > 0
+    (call,) = [item for item in out.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert call.call_id.startswith("call_") and call.status == "completed"
+    events = list(sdk.responses.create(model=_model(sdk), input=_question("Lima"), tools=RESPONSES_TOOLS,
+                                       max_output_tokens=96, extra_body=AR, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = [e.item for e in events if e.type == "response.output_item.done" and e.item.type == "function_call"]
+    assert len(done) == 1 and json.loads(done[0].arguments) == {"city": "Lima"}
+    arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert arguments == done[0].arguments
+    final = events[-1].response
+    assert [i.type for i in final.output] == [i.type for i in out.output]
+    follow = sdk.responses.create(model=_model(sdk), max_output_tokens=8, extra_body=AR, tools=RESPONSES_TOOLS, input=[
+        *_question("Paris"),
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}])
+    assert follow.status in ("completed", "incomplete") and follow.usage.input_tokens > out.usage.input_tokens

@@ -1,0 +1,105 @@
+"""A chat turn from a validated body to running engine requests, shared by /v1/chat/completions and
+/v1/responses (integrations/responses_api.py): template, forced tool-call opening, grammar, context fit,
+`n` choices started (every fault answered before the response starts).
+
+    run = await start_chat(request, body, "chatcmpl", "chat")
+    ... run.streams (one delta stream per choice), run.forced (text to put back before the model's) ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from decoding.grammar import GrammarSpec
+from integrations.chat import chat_prompt_ids, conversation_key, forced_prefix_ids
+from integrations.http_metrics import RequestObserver
+from integrations.openai_calls import check_model, start
+from integrations.openai_choices import choice_requests, start_all
+from integrations.openai_models import ChatCompletionRequest
+from integrations.openai_requests import generation_request, request_id
+from integrations.openai_responses import ResponseHeader
+from integrations.request_limits import InputError, off_loop
+from integrations.structured_output import tool_grammar
+from integrations.tool_calls import forced_call
+from scheduler.api import Delta
+
+
+@dataclass
+class ChatRun:
+    """A started chat turn. forced: the text a forced tool call's turn starts with (the model did not
+    write it; put it back before parsing); allowed: the tool names calls may use (None: tools off);
+    max_calls: 1 with parallel_tool_calls false, else None."""
+
+    client: object
+    header: ResponseHeader
+    observer: RequestObserver
+    streams: list[AsyncIterator[Delta]]
+    forced: str
+    allowed: set[str] | None
+    max_calls: int | None
+
+
+async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: str, endpoint: str,
+                     prompt_field: str = "messages") -> ChatRun:
+    """Build the prompt and grammar of `body`, fit the context, start its `n` engine requests. Raises
+    InputError / APIError (4xx naming the field, `prompt_field` for the conversation; 503 when the engine
+    is full) before any response."""
+    client, settings = request.app.state.engine_client, request.app.state.settings
+    check_model(request, body.model)
+    settings.limits.check_chars(prompt_field, "".join(m.content or "" for m in body.messages))
+    tools = body.tools if body.tools_enabled else None
+    try:
+        call = forced_call(body.forced_tool, [t.function.name for t in body.tools or []])
+    except ValueError as exc:
+        raise InputError(400, "tool_choice", str(exc)) from None
+    try:
+        prompt_ids, extra_stop = await off_loop(chat_prompt_ids, client.tokenizer, body.messages, tools, settings.limits,
+                                                chars=sum(len(m.content or "") for m in body.messages))
+    except InputError as exc:
+        raise InputError(exc.status, prompt_field, exc.message) if exc.field == "messages" else exc from None
+    forced, forced_ids = "", []
+    if call is not None:  # the assistant's turn starts with the forced call's opening (tool_calls.forced_call)
+        forced_ids, forced = forced_prefix_ids(client.tokenizer, *call)
+        prompt_ids = prompt_ids + forced_ids
+    grammar = None
+    if body.tools_enabled or body.response_format is not None or body.structured_outputs is not None:
+        grammar = await off_loop(chat_grammar, body, len(forced_ids))  # compiling can take a while
+    header = ResponseHeader(id_prefix, client.model_name, request_id(request, id_prefix))
+    # The template's turn-end stops (plain template: "\n### ") would cut text the grammar allows; with a
+    # grammar that says what the whole output is, the grammar ends the turn (the client's own `stop`
+    # strings still apply, as in vLLM); free text with tool calls (auto) keeps them
+    stops = body.stop + (extra_stop if grammar is None or grammar.open_ended else [])
+    req = generation_request(header.id, body, prompt_ids, stops, settings.default_max_tokens,
+                             settings, prompt_field, affinity_key=conversation_key(body.messages), grammar=grammar)
+    allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
+    max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
+    observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt_ids))
+    streams = await start_all(lambda r: start(client, r, observer), choice_requests(req, body.n))
+    return ChatRun(client, header, observer, streams, forced, allowed, max_calls)
+
+
+def chat_grammar(body: ChatCompletionRequest, prefill_tokens: int) -> GrammarSpec | None:
+    """The grammar of a chat turn (integrations/structured_output.py): a forced tool call's (tool_choice
+    "required" or named; response_format does not apply to a call), else response_format's, else with
+    tools offered and tool_choice "auto" or unset, text whose tool calls are valid. Mode "refusion"
+    leaves tool calls unconstrained (parsed from the text) and refuses response_format. InputError
+    (400) naming the field."""
+    forced = body.forced_tool
+    grammar = body.output_grammar()  # checked even when a forced call makes it moot: a bad one is a 400
+    if body.tools_enabled and forced is not None:
+        if body.mode == "refusion":
+            return None
+        return tool_grammar(body.tools, forced, prefill_tokens, parallel=body.parallel_tool_calls is not False)
+    if grammar is not None and body.tools_enabled:
+        raise InputError(400, "response_format" if body.structured_outputs is None else "structured_outputs",
+                         'a format with tools and tool_choice "auto" is not supported: set tool_choice to "none" '
+                         'or "required", or drop the format')
+    if grammar is None and body.tools_enabled and body.mode != "refusion":
+        grammar = tool_grammar(body.tools, None, 0)
+    return grammar
+
+
+# ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""How the OpenAI routes call the engine: read and check the body, start engine requests (every fault
+answered before the response starts), check each delta, collect or stream the result.
+
+    deltas = await start(client, req, observer)       # submitted; the first delta is in
+    text, last, entries = await collect(deltas, observer)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from integrations.engine_client import ShuttingDownError
+from integrations.http_errors import APIError, from_engine_error, overloaded
+from integrations.http_metrics import RequestObserver
+from integrations.openai_logprobs import LogprobFormatter
+from integrations.openai_requests import id_headers
+from integrations.openai_stream import null_usage_until_final, sse_response, usage_at_end
+from integrations.request_limits import read_json_object
+from scheduler.api import ENGINE_STOPPED, Delta, FinishReason, GenerationRequest
+
+
+def check_model(request: Request, model: str | None) -> None:
+    served = request.app.state.settings.model_name
+    if model is not None and model != served:
+        raise APIError(404, f"model '{model}' is not served here: use '{served}' (GET /v1/models)",
+                       "not_found_error", param="model", code="model_not_found")
+
+
+async def read_body(request: Request, model: type[BaseModel]):
+    """The request body as `model`: JSON faults are request_limits.InputError, field faults
+    RequestValidationError (both 400 naming the field)."""
+    data = await read_json_object(request)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+
+
+async def start(client, req: GenerationRequest, observer: RequestObserver) -> AsyncIterator[Delta]:
+    """Submit and wait for the first delta (primed). Returns an iterator over all deltas (the engine
+    stops at max_tokens, held-back text included); closing it cancels the engine request."""
+    return await primed(observed(client.stream(req), observer), observer)
+
+
+async def primed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> AsyncIterator[Delta]:
+    """Wait for the first delta, so that every fault found until then (engine field checks, admission,
+    an error delta) is an HTTP error before the response starts, not a 200 stream that fails. Returns
+    an iterator over all deltas, the first included; closing it closes `deltas`."""
+    try:
+        first = await anext(deltas)
+    except StopAsyncIteration:
+        first = None
+    except BaseException as exc:
+        await deltas.aclose()
+        error = exc if isinstance(exc, APIError) else from_engine_error(exc) if isinstance(exc, Exception) else None
+        observer.finish(error.status if error else 499, error=str(exc))
+        if error is None:
+            raise
+        raise error from exc
+
+    async def replay() -> AsyncIterator[Delta]:
+        async with contextlib.aclosing(deltas):
+            if first is not None:
+                yield first
+            async for delta in deltas:
+                yield delta
+
+    return replay()
+
+
+async def observed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> AsyncIterator[Delta]:
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            yield checked(delta, observer)
+
+
+def checked(delta: Delta, observer: RequestObserver) -> Delta:
+    observer.on_delta(delta)
+    if delta.finish_reason is FinishReason.CANCELLED:  # never the caller's doing: they would be gone
+        why = delta.error or "cancelled by the server"
+        if delta.error == ENGINE_STOPPED:  # a draining replica: the code new requests get then too
+            raise from_engine_error(ShuttingDownError(f"request ended early: {why}; retry", 1.0))
+        raise overloaded(f"request ended early: {why}; retry", 1.0)
+    if delta.error and delta.error_field:  # the request's own input failed mid-request (e.g. its grammar)
+        raise APIError(400, f"{delta.error_field}: {delta.error}", param=delta.error_field)
+    if delta.error:
+        raise APIError(500, f"engine error: {delta.error}", "server_error")
+    return delta
+
+
+def sse(request: Request, header, observer: RequestObserver, events, obj: str, include_usage: bool):
+    """The SSE response of a stream's chunk events; with include_usage, "usage": null on every chunk and
+    one final usage chunk for the whole request."""
+    if include_usage:
+        events = null_usage_until_final(usage_at_end(events, header, obj, observer))
+    return sse_response(events, observer, header.id, id_headers(request, header.id))
+
+
+async def collect_all(streams: list[AsyncIterator[Delta]], observer: RequestObserver) -> list[tuple[str, Delta, list]]:
+    """collect of every choice at once; the observer is finished once all have ended (or the first failed)."""
+    tasks = [asyncio.ensure_future(collect(s, observer, finish=False)) for s in streams]
+    try:
+        collected = await asyncio.gather(*tasks)
+    except BaseException:  # one failed (or the client left): end the others, each of which cancels its request
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+        raise
+    observer.finish(200)
+    return collected
+
+
+def logprob_formatter(client, body) -> LogprobFormatter | None:
+    return LogprobFormatter(client.tokenizer, body.num_logprobs) if body.num_logprobs is not None else None
+
+
+async def collect(deltas: AsyncIterator[Delta], observer: RequestObserver, finish: bool = True) -> tuple[str, Delta, list]:
+    """The whole text, the last delta and every token's log probability entry (empty when not asked for).
+    finish: record the request's success on the observer at the end (errors are always recorded)."""
+    parts, last, entries = [], None, []
+    try:
+        async for delta in deltas:
+            parts.append(delta.text)
+            entries += delta.logprobs or []
+            last = delta
+    except APIError as exc:
+        observer.finish(exc.status, error=exc.message)
+        raise
+    except (asyncio.CancelledError, GeneratorExit):
+        observer.finish(499, error="client disconnected")
+        raise
+    if last is None or not last.finished:
+        observer.finish(500, error="stream ended without a finished delta")
+        raise APIError(500, "engine stream ended without a final delta", "server_error")
+    if finish:
+        observer.finish(200)
+    return "".join(parts), last, entries

@@ -1,0 +1,207 @@
+"""POST /v1/responses: OpenAI's Responses API on the chat path (what agents such as the OpenAI Agents SDK
+and Codex speak). The request maps onto a chat turn (integrations/responses_models.py); the turn runs as
+on /v1/chat/completions (integrations/chat_run.py: template, tool calls, structured outputs, `n` 1);
+the answer is a `response` object whose `output` holds a `message` item with the text (`output_text`)
+and one `function_call` item per tool call, in the order the model wrote them.
+
+Streamed (`stream: true`), the events OpenAI documents, each `event: <type>` + `data: {...}` with a
+`sequence_number`: response.created, response.in_progress, then per output item
+response.output_item.added, (text) response.content_part.added, response.output_text.delta...,
+response.output_text.done, response.content_part.done, (call) response.function_call_arguments.delta
+and .done, response.output_item.done; finally response.completed, or response.incomplete when
+max_output_tokens (or max_time_ms) cut the turn. A failure after the stream started is one `error`
+event ({"type": "error", "code", "message", "param"}). No `[DONE]` line (OpenAI sends none here).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from integrations.chat_run import ChatRun, start_chat
+from integrations.http_errors import APIError
+from integrations.openai_calls import collect_all, logprob_formatter, read_body
+from integrations.openai_logprobs import LogprobFormatter
+from integrations.openai_requests import id_headers
+from integrations.openai_responses import refusion_detail
+from integrations.openai_stream import sse_response
+from integrations.responses_models import ResponsesRequest
+from integrations.tool_calls import ToolCall, ToolCallStreamParser, split_tool_calls
+from scheduler.api import Delta, FinishReason
+
+router = APIRouter()
+
+
+@router.post("/v1/responses")
+async def create_response(request: Request):
+    """OpenAI's Responses API (module docstring); faults are 4xx before the response starts."""
+    body = await read_body(request, ResponsesRequest)
+    chat = body.chat_request()
+    run = await start_chat(request, chat, "resp", "responses", prompt_field="input")
+    formatter = logprob_formatter(run.client, chat)
+    shell = ResponseShell(body, run)
+    if body.stream:
+        events = response_events(shell, run.streams[0], formatter)
+        return sse_response(events, run.observer, run.header.id, id_headers(request, run.header.id),
+                            named=True, error_event=_error_event)
+    [(text, last, entries)] = await collect_all(run.streams, run.observer)
+    content, calls = _split(run, run.forced + text)
+    items = ([_message_item(_new_id("msg"), content, "completed", formatter.chat(entries) if formatter else [])]
+             if content or not calls else [])
+    items += [_call_item(call, "completed") for call in calls]
+    return JSONResponse(shell.final(items, last), headers=id_headers(request, run.header.id))
+
+
+class ResponseShell:
+    """The `response` object's fields that do not depend on the output (echoes of the request)."""
+
+    def __init__(self, body: ResponsesRequest, run: ChatRun):
+        self.body, self.run = body, run
+        self.created_at = int(time.time())
+
+    def object(self, status: str, output: list[dict], usage: dict | None = None, incomplete: str | None = None) -> dict:
+        body = self.body
+        text_format = (body.text or {}).get("format") or {"type": "text"}
+        return {
+            "id": self.run.header.id, "object": "response", "created_at": self.created_at, "status": status,
+            "error": None, "incomplete_details": {"reason": incomplete} if incomplete else None,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+            "model": self.run.header.model, "output": output,
+            "parallel_tool_calls": body.parallel_tool_calls is not False, "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None}, "store": False, "temperature": body.temperature,
+            "text": {"format": text_format}, "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
+            "top_p": body.top_p, "top_logprobs": body.top_logprobs, "truncation": "disabled", "usage": usage,
+            "user": body.user, "metadata": body.metadata or {},
+        }
+
+    def final(self, output: list[dict], last: Delta) -> dict:
+        cut = last.finish_reason in (FinishReason.LENGTH, FinishReason.DEADLINE)
+        observer = self.run.observer
+        usage = {"input_tokens": observer.prompt_tokens,
+                 "input_tokens_details": {"cached_tokens": int((last.stats or {}).get("cached_prompt_tokens") or 0)},
+                 "output_tokens": observer.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": observer.prompt_tokens + observer.completion_tokens}
+        out = self.object("incomplete" if cut else "completed", output, usage, "max_output_tokens" if cut else None)
+        out["refusion"] = refusion_detail(last)
+        return out
+
+
+async def response_events(shell: ResponseShell, deltas: AsyncIterator[Delta],
+                          formatter: LogprobFormatter | None) -> AsyncIterator[dict]:
+    """The streamed events of one turn (module docstring), sequence numbers included."""
+    run, seq = shell.run, 0
+    items: list[dict] = []  # output items done so far
+    message: dict | None = None  # the message item being streamed
+    entries: list = []  # log probabilities of text not yet sent
+
+    def event(kind: str, **fields) -> dict:
+        nonlocal seq
+        seq += 1
+        return {"type": kind, "sequence_number": seq - 1, **fields}
+
+    def close_message() -> list[dict]:
+        nonlocal message
+        if message is None:
+            return []
+        index, text = len(items), message["content"][0]["text"]
+        done = _message_item(message["id"], text, "completed", message["content"][0]["logprobs"])
+        items.append(done)
+        ref = {"item_id": message["id"], "output_index": index, "content_index": 0}
+        message = None
+        return [event("response.output_text.done", **ref, text=text, logprobs=done["content"][0]["logprobs"]),
+                event("response.content_part.done", **ref, part=done["content"][0]),
+                event("response.output_item.done", output_index=index, item=done)]
+
+    def open_message(item: dict) -> list[dict]:
+        return [event("response.output_item.added", output_index=len(items),
+                      item=_message_item(item["id"], "", "in_progress", [], parts=False)),
+                event("response.content_part.added", item_id=item["id"], output_index=len(items), content_index=0,
+                      part=_text_part("", []))]
+
+    yield event("response.created", response=shell.object("in_progress", []))
+    yield event("response.in_progress", response=shell.object("in_progress", []))
+    parser = ToolCallStreamParser(run.allowed) if run.allowed is not None else None
+    pending, num_calls, last = run.forced, 0, None
+    async for delta in deltas:
+        last, text, pending = delta, pending + delta.text, ""
+        entries += delta.logprobs or []
+        pieces = [text] if parser is None else parser.feed(text)
+        if delta.finished and parser is not None:
+            pieces += parser.finish()
+        for piece in pieces:
+            if isinstance(piece, str):
+                if not piece:
+                    continue
+                if message is None:
+                    message = _message_item(_new_id("msg"), "", "in_progress", [])
+                    for opened in open_message(message):
+                        yield opened
+                sent = formatter.chat(entries) if formatter is not None else []
+                message["content"][0]["text"] += piece
+                message["content"][0]["logprobs"] += sent
+                entries = []
+                yield event("response.output_text.delta", item_id=message["id"], output_index=len(items),
+                            content_index=0, delta=piece, logprobs=sent)
+            elif run.max_calls is None or num_calls < run.max_calls:
+                for done in close_message():
+                    yield done
+                num_calls += 1
+                for call_event in _call_events(piece, len(items), event):
+                    yield call_event
+                items.append(_call_item(piece, "completed"))
+    if not items and message is None:  # no text and no call: one empty message, as the whole response has
+        message = _message_item(_new_id("msg"), "", "in_progress", [])
+        for opened in open_message(message):
+            yield opened
+    if message is not None and entries and formatter is not None:  # text the end released without a piece
+        message["content"][0]["logprobs"] += formatter.chat(entries)
+    for done in close_message():
+        yield done
+    if last is None:
+        raise APIError(500, "engine stream ended without a final delta", "server_error")
+    final = shell.final(items, last)
+    yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
+
+
+def _call_events(call: ToolCall, index: int, event) -> list[dict]:
+    added = _call_item(call, "in_progress", arguments="")
+    done = _call_item(call, "completed")
+    return [event("response.output_item.added", output_index=index, item=added),
+            event("response.function_call_arguments.delta", item_id=added["id"], output_index=index,
+                  delta=call.arguments),
+            event("response.function_call_arguments.done", item_id=added["id"], output_index=index,
+                  arguments=call.arguments),
+            event("response.output_item.done", output_index=index, item=done)]
+
+
+def _split(run: ChatRun, text: str) -> tuple[str, list[ToolCall]]:
+    content, calls = split_tool_calls(text, run.allowed) if run.allowed is not None else (text, [])
+    calls = calls[:run.max_calls] if run.max_calls is not None else calls
+    return content or "", calls
+
+
+def _text_part(text: str, logprobs: list) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
+
+
+def _message_item(item_id: str, text: str, status: str, logprobs: list, parts: bool = True) -> dict:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [_text_part(text, list(logprobs))] if parts else []}
+
+
+def _call_item(call: ToolCall, status: str, arguments: str | None = None) -> dict:
+    """A function_call output item; its id is derived from the call id, so every event names it alike."""
+    return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
+            "name": call.name, "arguments": call.arguments if arguments is None else arguments, "status": status}
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def _error_event(error: APIError) -> dict:
+    return {"type": "error", "code": error.code or error.type, "message": error.message, "param": error.param}

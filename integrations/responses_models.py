@@ -1,0 +1,191 @@
+"""The OpenAI Responses API request (POST /v1/responses) and its mapping onto a chat turn.
+
+Supported, with OpenAI's semantics: `input` (a string, or items: messages with text content, earlier
+`function_call` items and `function_call_output` results, as agents send a conversation back),
+`instructions` (a system message before the input), function `tools` and `tool_choice`,
+`parallel_tool_calls`, `text.format` (text, json_object, json_schema: structured outputs),
+`max_output_tokens`, `temperature`, `top_p`, `top_logprobs` (0-20: `output_text.logprobs`), `stream`,
+`metadata` and `user` (echoed), and the ReFusion extensions of the chat route (`mode`, `slot_size`, ...).
+Accepted and ignored: `store` (nothing is stored: the response says `"store": false`), `reasoning`
+(the model has no reasoning mode), `truncation: "disabled"`, `include` entries about reasoning,
+`prompt_cache_key` (the prefix cache is automatic). Refused with a 400 naming the field:
+`previous_response_id` and `conversation` (no response is stored: send the whole conversation in
+`input`), hosted tools (web_search, file_search, ...), non-text input (images, files, audio),
+`truncation: "auto"`, unknown fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError
+
+from integrations.openai_models import ChatCompletionRequest, OpenAIBody
+from integrations.request_limits import InputError
+from workers.batch import MAX_TOP_LOGPROBS
+
+# ReFusion and sampling extensions passed through to the chat turn unchanged (openai_models.SamplingFields)
+EXTENSIONS = ("mode", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold", "top_k", "max_time_ms",
+              "priority", "seed", "stop", "structured_outputs")
+# A chat field a 400 may name -> the Responses field the client sent
+_FIELD_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
+                "logprobs": "top_logprobs"}
+
+
+class ResponsesRequest(OpenAIBody):
+    """POST /v1/responses (the module docstring lists what is supported)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    stream: bool = False
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    store: bool | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["disabled"] | None = None
+    include: list[str] | None = None
+    prompt_cache_key: str | None = None
+    previous_response_id: str | None = None  # refused in chat_request: nothing is stored
+    conversation: str | dict[str, Any] | None = None  # refused in chat_request: nothing is stored
+    # ReFusion / vLLM extensions (validated by the chat turn)
+    mode: Any = None
+    slot_size: Any = None
+    serial_num_blocks: Any = None
+    slot_threshold: Any = None
+    token_threshold: Any = None
+    top_k: Any = None
+    max_time_ms: Any = None
+    priority: Any = None
+    seed: Any = None
+    stop: Any = None
+    structured_outputs: Any = None
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat turn this request asks for. Raises InputError (400) naming the Responses field."""
+        for name in ("previous_response_id", "conversation"):
+            if getattr(self, name) is not None:
+                raise InputError(400, name, "responses are not stored here: send the whole conversation in `input` "
+                                 "(earlier messages, function_call and function_call_output items)")
+        if self.include and any(not i.startswith("reasoning.") and i != "message.output_text.logprobs"
+                                for i in self.include):
+            bad = next(i for i in self.include if not i.startswith("reasoning.") and i != "message.output_text.logprobs")
+            raise InputError(400, "include", f"{bad!r} is not offered here (supported: message.output_text.logprobs)")
+        body: dict[str, Any] = {"messages": self._messages(), "stream": self.stream}
+        if self.tools:
+            body["tools"] = [_tool(t, k) for k, t in enumerate(self.tools)]
+        if self.tool_choice is not None:
+            body["tool_choice"] = _tool_choice(self.tool_choice)
+        if self.text is not None and self.text.get("format") is not None:
+            body["response_format"] = _text_format(self.text["format"])
+        if self.top_logprobs is not None:
+            body["logprobs"], body["top_logprobs"] = True, self.top_logprobs
+        for name, chat_name in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
+                                ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
+                                ("user", "user"), ("model", "model")) + tuple((e, e) for e in EXTENSIONS):
+            if getattr(self, name) is not None:
+                body[chat_name] = getattr(self, name)
+        try:
+            chat = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False, include_input=False)[0]
+            loc = [str(part) for part in error["loc"]]
+            field = ".".join([_FIELD_NAMES.get(loc[0], loc[0]), *loc[1:]]) if loc else "body"
+            raise InputError(400, field, error["msg"]) from None
+        chat._cap_field = "max_output_tokens"  # a context error names the field the client sent
+        return chat
+
+    def _messages(self) -> list[dict]:
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        if isinstance(self.input, str):
+            return messages + [{"role": "user", "content": self.input}]
+        for k, item in enumerate(self.input):
+            kind = item.get("type", "message")
+            if kind == "message":
+                messages.append(_message(item, k))
+            elif kind == "function_call":
+                call = {"id": _text_field(item, "call_id", k), "type": "function",
+                        "function": {"name": _text_field(item, "name", k), "arguments": _text_field(item, "arguments", k)}}
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                    last["tool_calls"].append(call)  # parallel calls of one turn
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif kind == "function_call_output":
+                output = item.get("output")
+                text = output if isinstance(output, str) else _parts_text(output, f"input.{k}.output")
+                messages.append({"role": "tool", "tool_call_id": _text_field(item, "call_id", k), "content": text})
+            elif kind == "reasoning":
+                continue  # an earlier turn's reasoning item, sent back by an agent: nothing to render
+            else:
+                raise InputError(400, f"input.{k}.type", f"{kind!r} items are not supported here; send message, "
+                                 "function_call and function_call_output items")
+        return messages
+
+
+def _message(item: dict, k: int) -> dict:
+    role = item.get("role")
+    if role not in ("user", "system", "developer", "assistant"):
+        raise InputError(400, f"input.{k}.role", f"must be user, system, developer or assistant, got {role!r}")
+    content = item.get("content")
+    text = content if isinstance(content, str) else _parts_text(content, f"input.{k}.content")
+    return {"role": role, "content": text}
+
+
+def _parts_text(parts, field: str) -> str:
+    """The text of content parts (input_text, output_text); anything else (images, files, audio) is a 400."""
+    if not isinstance(parts, list):
+        raise InputError(400, field, "must be a string or a list of text parts ({'type': 'input_text', 'text': ...})")
+    texts = []
+    for i, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise InputError(400, f"{field}.{i}", f"only text parts are supported (input_text, output_text), got {kind!r}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _text_field(item: dict, name: str, k: int) -> str:
+    value = item.get(name)
+    if not isinstance(value, str) or (name != "arguments" and not value):
+        raise InputError(400, f"input.{k}.{name}", "must be a non-empty string" if name != "arguments" else "must be a string")
+    return value
+
+
+def _tool(tool: dict, k: int) -> dict:
+    if tool.get("type") != "function":
+        raise InputError(400, f"tools.{k}.type", f"{tool.get('type')!r} tools are OpenAI's hosted tools and are not "
+                         "offered here; use function tools ({'type': 'function', 'name': ..., 'parameters': {...}})")
+    unknown = sorted(set(tool) - {"type", "name", "description", "parameters", "strict"})
+    if unknown:
+        raise InputError(400, f"tools.{k}.{unknown[0]}", "unknown field of a function tool")
+    return {"type": "function", "function": {key: tool[key] for key in ("name", "description", "parameters", "strict")
+                                             if tool.get(key) is not None}}
+
+
+def _tool_choice(choice) -> str | dict:
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise InputError(400, "tool_choice", 'use "auto", "none", "required" or {"type": "function", "name": ...}')
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
+
+
+def _text_format(fmt) -> dict:
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise InputError(400, "text.format", 'use {"type": "text"}, {"type": "json_object"} or {"type": '
+                         '"json_schema", "name": ..., "schema": {...}}')
+    if fmt["type"] != "json_schema":
+        return {"type": fmt["type"]}
+    schema = {key: fmt[key] for key in ("name", "schema", "description", "strict") if fmt.get(key) is not None}
+    return {"type": "json_schema", "json_schema": schema}
