@@ -4,7 +4,9 @@ workers.batch.TokenLogprob per generated id).
 Shapes, as OpenAI documents them and vLLM returns them:
   - completions (`logprobs: N`): {"tokens": [str], "token_logprobs": [float], "top_logprobs": [{str:
     float}], "text_offset": [int]}; each top dict holds the N most likely tokens plus the chosen one ("up
-    to logprobs+1 elements"), text_offset is where each token's text starts in the returned text;
+    to logprobs+1 elements"), text_offset is where each token's text starts in the returned text,
+    counted in characters of the UTF-8 decoded bytes (a token that starts inside a character split over
+    several tokens gets that character's offset; special tokens, which the text leaves out, add none);
   - chat (`logprobs: true, top_logprobs: N`): {"content": [{"token", "logprob", "bytes", "top_logprobs":
     [{"token", "logprob", "bytes"}] (N, best first)}], "refusal": null}.
 A token's string is its own text (a token that ends inside a UTF-8 character shows U+FFFD there, as
@@ -14,6 +16,8 @@ raw_logprobs; workers/batch.py, "Reads"); -9999.0 stands for a probability of 0.
 """
 
 from __future__ import annotations
+
+import codecs
 
 from integrations.token_bytes import token_bytes
 
@@ -27,6 +31,8 @@ class LogprobFormatter:
         self._text: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
         self._offset = 0  # completions: characters of text returned before the next token
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # bytes so far -> whole characters
+        self._special = set(getattr(tokenizer, "all_special_ids", ()))  # left out of the returned text
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         self._byte_level = type(decoder).__name__ == "ByteLevel"  # token strings are byte-level text
 
@@ -48,7 +54,8 @@ class LogprobFormatter:
         for e in entries:
             tokens.append(self.text(e.token))
             offsets.append(self._offset)
-            self._offset += len(tokens[-1])
+            if e.token not in self._special:
+                self._offset += len(self._utf8.decode(bytes(self.token_bytes(e.token))))
         top = [{**{self.text(t): v for t, v in e.top[:self.num_top]}, self.text(e.token): e.logprob} for e in entries]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
                 "text_offset": offsets}

@@ -7,6 +7,9 @@ text deltas:
   - up to len(longest stop string) - 1 characters are held back so a stop string that spans two
     steps is cut before any of it is sent;
   - a stop string ends the text just before it; after a deadline, the text may end after a newline.
+Ids are released with the text that covers them; at a stop string, through the end of the stop string
+(its tokens were generated: usage counts them, as vLLM's does), so every decoder gives the same ids
+for the same text, whether the stop string's tokens came in one step or several.
 """
 
 from __future__ import annotations
@@ -93,7 +96,10 @@ class TextStream:
             end = max(start, len(self._text) - self._hold)
         update = TextUpdate(text=self._text[start:end], stopped=stopped)
         self._sent_chars = end
-        ids_end = self._ids_covering(end) if stopped else self._read_offset if not final else len(self._ids)
+        # A stop string's own tokens were generated (and counted, as vLLM and OpenAI's usage count them):
+        # the ids go through its end, whether a step brought them with the stop or before it
+        covered = end + len(self.stop_word) if stopped == "stop" else end
+        ids_end = self._ids_covering(covered) if stopped else self._read_offset if not final else len(self._ids)
         update.token_ids = self._ids[self._sent_ids : max(self._sent_ids, ids_end)]
         update.ids_start = self._sent_ids
         self._sent_ids = max(self._sent_ids, ids_end)

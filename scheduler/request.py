@@ -100,11 +100,13 @@ class Request:
     def route_key(self) -> int:
         """A 64-bit digest of everything that decides this request's text: prompt and suffix ids, the
         parsed decoding parameters (the seed included, a drawn one when the client sent none; left out
-        when greedy, which reads no random numbers), max_tokens and stop strings. Identical requests
+        when greedy, which reads no random numbers; logprobs left out: they report on the tokens, they do
+        not choose them), max_tokens and stop strings. Identical requests
         share it; the router's exploration uses it (Router.decide) so that a repeated seeded or greedy
         request is routed alike."""
         spec = self.spec
         params = dict(vars(self.params))
+        params.pop("logprobs", None)  # what is reported about the tokens, not what they are
         if params.get("temperature") == 0.0:
             params["seed"] = 0  # greedy reads no random numbers: a drawn seed must not change the key
         text = repr((spec.prompt_ids, spec.suffix_ids, sorted(params.items()), spec.max_tokens, spec.stop))

@@ -35,6 +35,23 @@ def test_completion_shape_offsets_and_the_chosen_token(tokenizer):
     assert first["token_logprobs"] == [-0.5, -0.5, -3.0]
 
 
+def test_text_offsets_count_characters_of_the_bytes_not_token_strings(tokenizer):
+    """A character split over byte tokens is one character of the text: the tokens that carry its
+    bytes start at its offset, and later tokens are not shifted by the U+FFFD their strings show;
+    a special token (left out of the text) takes no room."""
+    text = "naïve → 日本 ok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    ids = ids[:3] + [eos] + ids[3:]
+    formatter = LogprobFormatter(tokenizer, 0)
+    offsets = [o for k in range(0, len(ids), 3) for o in formatter.completion(
+        [TokenLogprob(t, -1.0) for t in ids[k:k + 3]])["text_offset"]]
+    raw = [b"" if t == eos else bytes(formatter.token_bytes(t)) for t in ids]
+    want = [len(b"".join(raw[:k]).decode("utf-8", "ignore")) for k in range(len(ids))]
+    assert offsets == want and any("\ufffd" in formatter.text(t) for t in ids)
+    assert offsets[-1] < len(text)
+
+
 def test_chat_entries_carry_exact_bytes(tokenizer):
     ids = tokenizer.encode("naïve → 日本", add_special_tokens=False)
     partial = [t for t in ids if "\ufffd" in tokenizer.decode([t])]

@@ -42,8 +42,19 @@ def test_earliest_of_several_stop_strings_wins():
     assert stream.stop_word is None
     update = stream.update([A, B, NL, C])
     assert update.stopped == "stop" and update.text == "ab"
-    assert update.token_ids == [A, B]
+    assert update.token_ids == [A, B, NL]  # through the stop string's tokens (generated, counted)
     assert stream.stop_word == "\n"  # the string that ended it (llama.cpp's stopping_word)
+
+
+def test_stop_string_ids_do_not_depend_on_how_the_tokens_arrived():
+    """AR releases one id per step while the text is held back for a possible stop string; ReFusion may
+    bring the same ids in one step. Both end with the same ids: through the stop string's last token."""
+    one_step = TextStream(FakeTokenizer(), stop=["bc"])
+    together = one_step.update([A, A, B, C, A])
+    per_step = TextStream(FakeTokenizer(), stop=["bc"])
+    updates = feed(per_step, [[A], [A], [B], [C], [A]])
+    assert together.text == "".join(u.text for u in updates) == "aa"
+    assert together.token_ids == [t for u in updates for t in u.token_ids] == [A, A, B, C]
 
 
 def test_newline_cut_ends_after_the_newline():

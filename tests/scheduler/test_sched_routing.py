@@ -117,13 +117,14 @@ def test_the_route_key_follows_what_decides_the_text():
     from decoding.params import DecodeParams
     from scheduler.request import Request
 
-    def key(temperature: float, seed: int, prompt=(5, 6)) -> int:
-        params = DecodeParams(eos_token_id=1, mask_token_id=2, temperature=temperature, seed=seed)
+    def key(temperature: float, seed: int, prompt=(5, 6), logprobs=None) -> int:
+        params = DecodeParams(eos_token_id=1, mask_token_id=2, temperature=temperature, seed=seed, logprobs=logprobs)
         return Request(GenerationRequest(f"k{seed}", list(prompt)), params, kv_blocks=1, stream=None).route_key
 
     assert key(0.0, 1) == key(0.0, 2)  # greedy reads no random numbers: a drawn seed changes nothing
     assert key(1.0, 1) != key(1.0, 2) and key(1.0, 1) == key(1.0, 1)
     assert key(0.0, 1) != key(0.0, 1, prompt=(5, 7))
+    assert key(1.0, 3) == key(1.0, 3, logprobs=0) == key(1.0, 3, logprobs=20)  # reported, not decided: same route
 
 
 async def test_a_repeated_request_is_routed_alike_and_distinct_ones_explore():
