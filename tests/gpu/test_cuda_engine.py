@@ -3,8 +3,9 @@ give the same tokens on every runner variant (float32, greedy). The decoders' re
 (prefill chunks, decode, plan, verify, branches, remasking, mixed batches), so this covers what the
 runner-level tests in test_cuda_runner.py build by hand, and with cuda_graphs it runs them from graphs
 captured at start-up and while serving. With llguidance installed, four grammar-constrained (JSON
-schema) AR requests run too: the token bitmask reaches the device and masks there as on the CPU.
-Skipped without a GPU."""
+schema) AR requests run too: the token bitmask reaches the device and masks there as on the CPU. Half
+of the AR and ReFusion requests ask for log probabilities (3 alternatives): the steps that carry them
+take the reads' top-k stage (its own graphs), and their values match the CPU's. Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -37,17 +38,26 @@ VARIANTS = {
 }
 
 
+LOGPROBS: dict = {}  # (device, mode, request index) -> [(token, logprob, top ids)] of the requests that ask
+
+
 async def _run(runner: ModelRunner) -> dict[tuple[str, int], list[int]]:
     engine = Engine(runner, runner.tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
     await engine.start()
+    device = runner.device.type
 
     async def one(mode: Mode, i: int) -> list[int]:
-        spec = GenerationRequest(f"{mode.value}-{i}", runner.tokenizer.encode(PROMPTS[i]), dict(PARAMS[mode]), mode=mode)
-        ids, last = [], None
+        params = dict(PARAMS[mode], **({"logprobs": 3} if i % 2 else {}))
+        spec = GenerationRequest(f"{mode.value}-{i}", runner.tokenizer.encode(PROMPTS[i]), params, mode=mode)
+        ids, last, entries = [], None, []
         async for delta in engine.submit(spec):
             ids += delta.token_ids
+            entries += delta.logprobs or []
             last = delta
         assert last is not None and last.finished and last.error is None, last
+        if i % 2:
+            assert [e.token for e in entries] == ids
+            LOGPROBS[(device, mode.value, i)] = [(e.token, e.logprob, [t for t, _ in e.top]) for e in entries]
         return ids
 
     async def constrained(i: int) -> list[int]:
@@ -99,6 +109,12 @@ def cpu_reference(tiny_model_dir):
 def test_engine_on_cuda_gives_the_cpu_engines_tokens(tiny_model_dir, cpu_reference, variant):
     got, runner = _outputs(tiny_model_dir, "cuda", **VARIANTS[variant])
     assert got == cpu_reference
+    for (device, mode, i), cuda_entries in [(k, v) for k, v in LOGPROBS.items() if k[0] == "cuda"]:
+        cpu_entries = LOGPROBS[("cpu", mode, i)]
+        assert [e[0] for e in cuda_entries] == [e[0] for e in cpu_entries]
+        assert [e[1] for e in cuda_entries] == pytest.approx([e[1] for e in cpu_entries], abs=1e-3)
+        assert [e[2][0] for e in cuda_entries] == [e[2][0] for e in cpu_entries]  # the best alternative
+    assert any(k[0] == "cuda" for k in LOGPROBS)
     assert all(cpu_reference[key] for key in cpu_reference)  # every request generated something
     stats = runner.stats()["cuda_graphs"]
     if VARIANTS[variant].get("cuda_graphs"):
