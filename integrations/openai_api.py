@@ -106,13 +106,14 @@ async def health(request: Request):
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [_model_card(request.app.state.settings.model_name)]}
+    settings = request.app.state.settings
+    return {"object": "list", "data": [_model_card(settings.model_name, settings.limits.context_length)]}
 
 
 @router.get("/v1/models/{model_id}")
 async def get_model(model_id: str, request: Request):
     check_model(request, model_id)
-    return _model_card(model_id)
+    return _model_card(model_id, request.app.state.settings.limits.context_length)
 
 
 @router.get("/v1/engine")
@@ -202,7 +203,10 @@ async def chat_completions(request: Request):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _model_card(model_id: str) -> dict:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "refusion-serve"}
+def _model_card(model_id: str, context_length: int) -> dict:
+    """OpenAI's model object plus vLLM's `max_model_len` (the context, tokens), which clients read to
+    size their prompts."""
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "refusion-serve", "root": model_id,
+            "max_model_len": context_length}
 
 

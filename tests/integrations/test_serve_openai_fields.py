@@ -118,3 +118,10 @@ def test_infill_carries_the_one_request_id(http):
         assert len(fresh.headers.get_list("x-request-id")) == 1 and "," not in fresh.headers["x-request-id"]
     bad = http.post("/infill", json=body, headers={"X-Request-Id": "a b"})
     assert bad.status_code == 400 and "X-Request-Id" in bad.json()["error"]["message"]
+
+
+def test_models_report_the_context_as_vllm_does(client, http):
+    """vLLM's model card field `max_model_len` (clients size prompts with it): the served context."""
+    [card] = client.models.list().data
+    assert card.max_model_len == CONTEXT and card.owned_by == "refusion-serve"
+    assert http.get(f"/v1/models/{card.id}").json()["max_model_len"] == CONTEXT
