@@ -2,7 +2,8 @@
 
     WebSocket /v1/editor   native msgpack-RPC protocol (docs/editor-protocol.md)
     POST      /infill      llama.cpp-compatible infill (llama.vim, llama.vscode)
-    POST      /tokenize    llama.cpp-compatible token count helper (llama.vscode counts prompt tokens with it)
+    POST      /tokenize    llama.cpp's token helper (llama.vscode counts prompt tokens with it), vLLM's too
+    POST      /detokenize  llama.cpp's and vLLM's: ids -> text
 
 Both reach the engine through `app.state.engine_client` (integrations/engine_client.py). Bodies are read
 by integrations/request_limits.py (size, JSON, nesting, Unicode); errors have llama.cpp's shape
@@ -16,11 +17,13 @@ import uuid
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, model_validator
 
+from integrations.chat import chat_prompt_ids
 from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events
 from integrations.editor.session import EditorSession
 from integrations.http_errors import APIError, from_engine_error
+from integrations.openai_models import ChatMessage
 from integrations.openai_requests import id_headers, request_id
 from integrations.request_limits import InputError, RequestLimits, encode, off_loop, read_json_object
 from integrations.token_bytes import token_bytes
@@ -129,12 +132,33 @@ def _limits(request: Request) -> RequestLimits:
 
 
 class TokenizeBody(BaseModel):
-    """The /tokenize request, llama.cpp's fields (unknown ones are ignored)."""
+    """The /tokenize request: llama.cpp's fields, or vLLM's (`prompt`, or chat `messages` rendered with the
+    chat template as /v1/chat/completions does). Unknown fields are ignored (llama.cpp's rule)."""
 
-    content: str
+    content: str | None = None
+    prompt: str | None = None  # vLLM's name of content
+    messages: list[ChatMessage] | None = None  # vLLM: the chat prompt's tokens (template, generation prompt)
     add_special: bool = False  # insert the tokenizer's special tokens (BOS, when it has one)
+    add_special_tokens: bool | None = None  # vLLM's name of add_special
     parse_special: bool = True  # false: special-token text such as "<|endoftext|>" is plain text
     with_pieces: bool = False  # each token as {"id", "piece"}
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        given = [name for name in ("content", "prompt", "messages") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of content (llama.cpp), prompt or messages (vLLM), got {given or 'none'}")
+        if self.prompt is not None:
+            self.content = self.prompt
+        if self.add_special_tokens is not None:
+            self.add_special = self.add_special_tokens
+        return self
+
+
+class DetokenizeBody(BaseModel):
+    """The /detokenize request (llama.cpp and vLLM): token ids."""
+
+    tokens: list[int]
 
 
 @router.post("/tokenize")
@@ -143,15 +167,43 @@ async def tokenize_route(request: Request) -> Response:
     or [{"id", "piece"}] with with_pieces (piece: the token's text, or its bytes as a list of ints when
     they are not valid UTF-8 on their own). `content` is limited to max_prompt_chars characters and
     tokenized off the event loop. Errors: 400 naming the field, 413 for a body over max_body_bytes."""
+    limits = _limits(request)
+    tokenizer = request.app.state.engine_client.tokenizer
     try:
         body = await _read(request, TokenizeBody)
-        _limits(request).check_chars("content", body.content)
+        if body.messages is not None:  # vLLM's chat form: the prompt /v1/chat/completions would run
+            chars = sum(len(m.content or "") for m in body.messages)
+            limits.check_chars("messages", "".join(m.content or "" for m in body.messages))
+            ids, _ = await off_loop(chat_prompt_ids, tokenizer, body.messages, None, limits, chars=chars)
+            tokens = [{"id": i, "piece": _piece(tokenizer, i)} for i in ids] if body.with_pieces else ids
+        else:
+            limits.check_chars("prompt" if body.prompt is not None else "content", body.content)
+            tokens = await off_loop(tokenize, tokenizer, body, chars=len(body.content))
     except InputError as exc:
         status, payload, headers = _error_body(exc)
         return JSONResponse(payload, status, headers=headers)
+    # llama.cpp's {"tokens"} plus vLLM's count and max_model_len
+    payload = {"tokens": tokens, "count": len(tokens), "max_model_len": limits.context_length}
+    return Response(compact_json(payload), media_type="application/json")
+
+
+@router.post("/detokenize")
+async def detokenize_route(request: Request) -> Response:
+    """llama.cpp / vLLM /detokenize: {"tokens": [ids]} -> {"content": text} (llama.cpp's key) and
+    {"prompt": text} (vLLM's), special tokens included, decoded off the event loop. Errors: 400 naming
+    `tokens` (not ids of the vocabulary), 413 for a body over max_body_bytes (which bounds the work)."""
     tokenizer = request.app.state.engine_client.tokenizer
-    tokens = await off_loop(tokenize, tokenizer, body, chars=len(body.content))
-    return Response(compact_json({"tokens": tokens}), media_type="application/json")
+    try:
+        body = await _read(request, DetokenizeBody)
+        vocab = len(tokenizer)
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise InputError(400, "tokens", f"ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    except InputError as exc:
+        status, payload, headers = _error_body(exc)
+        return JSONResponse(payload, status, headers=headers)
+    text = await off_loop(tokenizer.decode, body.tokens, chars=len(body.tokens))
+    return Response(compact_json({"content": text, "prompt": text}), media_type="application/json")
 
 
 def tokenize(tokenizer, body: TokenizeBody) -> list:

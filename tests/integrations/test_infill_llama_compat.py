@@ -146,9 +146,24 @@ async def test_tokenize_like_llama_vscode_counts_tokens(http, fake_client):  # n
     resp = await http.post("/tokenize", json={"content": "def f(x):\n    return x\n", "add_special": False,
                                               "parse_special": True})
     expected = fake_client.tokenizer.encode("def f(x):\n    return x\n", add_special_tokens=False)
-    assert resp.status_code == 200 and resp.json() == {"tokens": expected}
+    assert resp.status_code == 200 and resp.json()["tokens"] == expected and resp.json()["count"] == len(expected)
     bad = await http.post("/tokenize", json={"text": "x"})
     assert bad.status_code == 400 and "content" in bad.json()["error"]["message"]
+
+
+async def test_tokenize_and_detokenize_in_vllms_forms(http, fake_client):  # noqa: F811
+    tok = fake_client.tokenizer
+    text = "def f(x):\n    return x\n"
+    vllm = (await http.post("/tokenize", json={"prompt": text, "add_special_tokens": False})).json()
+    assert vllm["tokens"] == tok.encode(text, add_special_tokens=False) and vllm["count"] == len(vllm["tokens"])
+    both = await http.post("/tokenize", json={"prompt": text, "content": text})
+    assert both.status_code == 400 and "exactly one" in both.json()["error"]["message"]
+    ids = vllm["tokens"] + [tok.eos_token_id]
+    out = (await http.post("/detokenize", json={"tokens": ids})).json()
+    assert out["content"] == out["prompt"] == tok.decode(ids) and out["content"].startswith(text)
+    for bad in ([10**9], [-1], "x", [1.5]):
+        resp = await http.post("/detokenize", json={"tokens": bad})
+        assert resp.status_code == 400 and "tokens" in resp.json()["error"]["message"], resp.text
 
 
 async def test_tokenize_with_pieces_and_parse_special_as_llama_cpp_documents(http, fake_client):  # noqa: F811

@@ -125,3 +125,14 @@ def test_models_report_the_context_as_vllm_does(client, http):
     [card] = client.models.list().data
     assert card.max_model_len == CONTEXT and card.owned_by == "refusion-serve"
     assert http.get(f"/v1/models/{card.id}").json()["max_model_len"] == CONTEXT
+
+
+def test_tokenize_counts_the_chat_prompt_the_server_runs(http, client, model):
+    """vLLM's /tokenize with `messages`: the count is the prompt /v1/chat/completions runs (usage)."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]
+    counted = http.post("/tokenize", json={"messages": messages}).json()
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=2, extra_body={"mode": "ar"})
+    assert counted["count"] == chat.usage.prompt_tokens == len(counted["tokens"])
+    assert counted["max_model_len"] == CONTEXT
+    text = http.post("/detokenize", json={"tokens": counted["tokens"]}).json()["prompt"]
+    assert "def add(a, b):" in text and "Be brief." in text
