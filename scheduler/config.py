@@ -94,6 +94,10 @@ class EngineConfig:
     token_budget: most query tokens packed into one forward; long prompts are prefilled in chunks.
     kv_reserve_fraction: share of KV blocks never promised at admission (headroom for tentative KV).
     prefix_cache: reuse committed KV of identical prompt prefixes across requests.
+    prefix_wait_blocks: a waiting request whose prompt shares at least this many more full KV blocks
+        with the prompt a running request is still prefilling than the cache holds waits for that
+        prefill, then reads them from the cache instead of computing them again in parallel (`n`
+        choices, an editor's gap candidates; SGLang's in-batch prefix caching). 0: never wait.
     deadline_grace_ms: after max_time_ms a request ends at the next newline, or after this grace.
     max_stop_strings: most stop strings per request.
     preempt_for_interactive: a waiting INTERACTIVE request may send the youngest running BATCH request
@@ -111,6 +115,7 @@ class EngineConfig:
     token_budget: int = 512
     kv_reserve_fraction: float = 0.05
     prefix_cache: bool = True
+    prefix_wait_blocks: int = 2
     deadline_grace_ms: int = 500
     max_stop_strings: int = 16
     preempt_for_interactive: bool = True
@@ -124,6 +129,8 @@ class EngineConfig:
         _check(self.token_budget >= 1, "token_budget", "must be >= 1 query token per forward")
         _check(0 <= self.kv_reserve_fraction < 1, "kv_reserve_fraction", "must be in [0, 1)")
         _check(self.deadline_grace_ms >= 0, "deadline_grace_ms", "must be >= 0")
+        _check(isinstance(self.prefix_wait_blocks, int) and self.prefix_wait_blocks >= 0, "prefix_wait_blocks",
+               "must be an integer >= 0 (0: never wait for another request's prefill)")
         _check(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0")
         _check(isinstance(self.max_preemptions, int) and self.max_preemptions >= 0, "max_preemptions",
                "must be an integer >= 0 (0: no request is preempted)")

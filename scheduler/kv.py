@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 from scheduler.prefix_cache import PrefixCache, PrefixHit
+
 from scheduler.request import Request
 from workers.batch import Segment
 from workers.kv_blocks import BlockPool, BlockTables
@@ -99,6 +100,29 @@ class KVOwner:
         cached_len = tables.length(req.id)
         if req.prompt_blocks_shared < full_blocks and cached_len // cache.block_size > req.prompt_blocks_shared:
             req.prompt_blocks_shared = cache.insert(req.spec.prompt_ids, tables.table(req.id), cached_len)
+
+    def prefill_in_flight(self, req: Request, hit: PrefixHit, running: list[Request], min_blocks: int) -> Request | None:
+        """A running request still prefilling a prompt that shares at least `min_blocks` (> 0) more full
+        blocks with `req`'s than the cache holds (`hit`), or None. Started now, `req` would compute those
+        blocks a second time in parallel; started once they are cached, it reads them (SGLang's in-batch
+        prefix caching: `n` choices, an editor's gap candidates, a chat's retries share whole prompts)."""
+        cache = self.prefix_cache
+        if cache is None or min_blocks <= 0:
+            return None
+        have = len(hit.block_ids)
+        names = cache.block_names(req.spec.prompt_ids)[: (len(req.spec.prompt_ids) - 1) // cache.block_size]
+        if len(names) - have < min_blocks:
+            return None
+        for other in running:
+            if other.runner_key != "main" or other.prompt_blocks_shared >= len(other.spec.prompt_ids) // cache.block_size:
+                continue  # another runner's, or its full prompt blocks are in the cache already
+            theirs = cache.block_names(other.spec.prompt_ids)
+            common = have  # chained names: equal at a depth means equal up to it
+            while common < min(len(names), len(theirs)) and names[common] == theirs[common]:
+                common += 1
+            if common - have >= min_blocks:
+                return other
+        return None
 
     def sequences(self) -> list[str]:
         """Every sequence holding blocks on any runner (empty when the engine is idle)."""

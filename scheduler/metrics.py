@@ -41,6 +41,7 @@ class EngineMetrics:
         self.prefix_cache_blocks = Gauge(f"{p}_prefix_cache_blocks", "KV blocks the prefix cache holds (main runner).", registry=r)
         self.prefix_lookup_tokens = Counter(f"{p}_prefix_cache_lookup_tokens", "Prompt tokens looked up in the prefix cache.", registry=r)
         self.prefix_hit_tokens = Counter(f"{p}_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.", registry=r)
+        self.prefix_waits = Counter(f"{p}_prefix_waits", "Requests that waited for a running request's prefill of their prompt prefix instead of computing it again.", registry=r)
         self._prefix_counted = (0, 0)
         self.tpf = Histogram(f"{p}_tokens_per_forward", "Generated tokens / forwards of finished requests.", ["mode"], buckets=_TPF_BUCKETS, registry=r)
         self.mode_decisions = Counter(f"{p}_mode_decisions", "Routing decisions by mode and reason.", ["mode", "reason"], registry=r)

@@ -63,6 +63,8 @@ class Request:
     overtook: bool = False
     kv_wait: tuple[str, int] | None = None
     start_reported: bool = False  # a delta carried cached_prompt_tokens (see delta())
+    prefix_wait: str | None = None  # the running request whose prompt prefill it waits for (Scheduler._try_start)
+    prefix_waits: int = 0  # steps it waited so (in final stats)
     preemptions: int = 0
     pending_segment: Any = None  # stated by the decoder but not run yet (did not fit the budget)
     grammar: Any = None  # decoding.grammar.Grammar of a structured-output request (AR only); else None
@@ -145,6 +147,7 @@ class Request:
             "e2e_latency_s": end - self.arrival_s,
             "modes": list(self.mode_history),
             "preemptions": self.preemptions,
+            "prefix_waits": self.prefix_waits,
             "stop_word": self.stream.stop_word if self.stream is not None else None,
         }
 

@@ -20,6 +20,13 @@ later request while most blocks are still free). The waiting request is not star
 as soon as the blocks held by requests that overtook it would make it fit, so it waits at most for
 those to finish. Never across classes: a BATCH request does not overtake a waiting INTERACTIVE one.
 
+Prefix waits: a waiting request whose prompt shares at least `prefix_wait_blocks` more full blocks with
+a prompt a running request is still prefilling than the prefix cache holds does not start yet (it is
+skipped, not a head: later requests may start); once that prefill is cached it starts on the cached
+blocks. Copies of one prompt submitted together (OpenAI `n`, an editor's gap candidates) so compute it
+once instead of once each, as SGLang's in-batch prefix caching does. A waiter never waits for a
+request that is gone (cancelled, preempted, finished): only running ones are looked at, each step.
+
 KV is the scheduler's (scheduler/kv.py): a segment's blocks are allocated when it enters the plan, and
 the plan carries each segment's block table. Should a step run short of blocks (tentative KV beyond
 the estimates), prefix-cache blocks are evicted, then running requests that come later in scheduling
@@ -237,6 +244,7 @@ class Scheduler:
             if head is not None and (req.priority is not head.priority or i > BACKFILL_SCAN
                                      or not self._may_overtake(head)):
                 return
+            req.prefix_wait = None
             try:
                 started = len(self.running) < self.config.max_running and self._try_start(req)
             except Exception as exc:  # a decoder that cannot be built for this request: fail it alone
@@ -249,6 +257,8 @@ class Scheduler:
                 req.overtook = head is not None
                 if head is not None:
                     log.info("backfilled", request_id=req.id, around=head.id)
+            elif req.prefix_wait is not None:
+                i += 1  # it starts on the cached prompt once that prefill is done; later ones may start now
             elif head is None and self._preempt_for(req):
                 continue
             elif len(self.running) >= self.config.max_running or req.kv_wait is None:
@@ -299,6 +309,15 @@ class Scheduler:
         key = "ar" if decision.mode is Mode.AR and "ar" in self.runners else "main"
         cache = self.prefix_cache if key == "main" else None
         hit = cache.lookup(req.spec.prompt_ids) if cache is not None else PrefixHit()
+        prefilling = (self.kv.prefill_in_flight(req, hit, self.running, self.config.prefix_wait_blocks)
+                      if cache is not None else None)
+        if prefilling is not None:  # its prompt is being computed right now: read it once cached
+            req.prefix_wait, req.kv_wait = prefilling.id, None
+            req.prefix_waits += 1
+            if req.prefix_waits == 1 and not req.spec.internal:
+                self.metrics.prefix_waits.inc()
+                log.info("waits_for_prefix", request_id=req.id, prefilling=prefilling.id)
+            return False
         need = req.kv_blocks - len(hit.block_ids)
         available = self.kv_available(key)
         if available < need and cache is not None:

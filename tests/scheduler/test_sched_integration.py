@@ -138,7 +138,9 @@ async def test_32_concurrent_requests_match_their_solo_runs_and_leak_nothing(run
     # weights may generate only special tokens: then no request gets one; test_sched_detokenizer covers it).
     stopped = _pick_stop(tokenizer, specs, solo, exclude=set(actions) | {"r5", "r17", "r26"})
 
-    config = EngineConfig(token_budget=256, deadline_grace_ms=0, max_running=12,
+    # prefix_wait_blocks 0: the requests sharing SHARED all start in the first step (the preemption set-up
+    # below needs every slot filled at once); waiting for an in-flight prefill: test_sched_prefix_cache.py
+    config = EngineConfig(token_budget=256, deadline_grace_ms=0, max_running=12, prefix_wait_blocks=0,
                           routing=RoutingConfig(calibrate=True, calibration_tokens=(1, 64, 256), allow_switch=False))
     engine = Engine(runner, tokenizer, config, factory)
     await engine.start()  # calibrates on the ungated runner

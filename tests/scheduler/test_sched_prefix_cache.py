@@ -232,3 +232,83 @@ def test_eviction_looks_only_at_the_entries_it_drops():
     assert cache.evict(5) == 5 and len(cache) == 1_995
     assert len(calls) == 5
     assert len(cache.lookup([1000] + list(range(20))).block_ids) == 5  # the oldest chain lost its tail
+
+
+def _fed_prompt_tokens(runner, seq_id: str) -> int:
+    """Query tokens a sequence fed as kept context (its prompt prefill): kept rows before its first read row."""
+    total = 0
+    for call in runner.calls:
+        for seg in call:
+            if seg.seq_id == seq_id:
+                first_read = min(seg.reads.rows(), default=len(seg.token_ids))
+                total += min(seg.num_kept, first_read)
+    return total
+
+
+async def test_requests_sharing_a_prompt_being_prefilled_wait_and_read_it_from_the_cache():
+    """Four requests with one 64-token prompt submitted together (OpenAI `n`, an editor's gap candidates):
+    the first prefills it, the other three wait for that and start on the cached blocks, so the prompt is
+    computed once, not four times; their outputs are unchanged; an unrelated request starts at once."""
+    runner = FakeRunner(num_blocks=128, block_size=4)
+    engine, _ = make_engine(runner=runner)
+    await engine.start()
+    prompt = list(range(4, 36)) * 2  # 64 tokens: 16 full blocks
+    specs = [GenerationRequest(f"c{i}", prompt, {"gen_length": 8, "seed": i}, mode=Mode.AR) for i in range(4)]
+    other = GenerationRequest("other", list(range(20, 40)), {"gen_length": 8}, mode=Mode.AR)
+    results = await asyncio.gather(*(collect(engine, s) for s in specs + [other]))
+    waited = [r[-1].stats for r in results[1:4]]
+    assert results[0][-1].stats["prefix_waits"] == 0 and all(s["prefix_waits"] >= 1 for s in waited)
+    assert all(s["cached_prompt_tokens"] == 60 for s in waited)  # all but the last block (one token stays uncached)
+    fed = [_fed_prompt_tokens(runner, f"c{i}") for i in range(4)]
+    assert fed[0] >= 60 and fed[1:] == [fed[0] - 60] * 3  # the prompt computed once; each waiter its last block
+    assert results[4][-1].stats["prefix_waits"] == 0 and results[4][-1].stats["cached_prompt_tokens"] == 0
+    first_step = runner.calls[0]
+    assert {s.seq_id for s in first_step} == {"c0", "other"}  # the unrelated request did not wait
+    solo = await collect(engine, GenerationRequest("solo", prompt, {"gen_length": 8, "seed": 2}, mode=Mode.AR))
+    assert ids_of(results[2]) == ids_of(solo)
+    assert b"refusion_prefix_waits_total 3.0" in engine.metrics.render()
+    await engine.stop()
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+async def test_a_waiting_request_starts_when_the_prefill_it_waits_for_is_cancelled(monkeypatch, wait_until):
+    """The request being waited for is cancelled in the middle of its chunked prefill: the waiter starts
+    on its own (nothing hangs), computes the rest of the prompt, and its output is the solo run's."""
+    from sched_fakes import ForwardGate
+
+    runner = FakeRunner(num_blocks=128, block_size=4)
+    engine, _ = make_engine(runner=runner, token_budget=16)  # a 64-token prompt: four prefill chunks
+    await engine.start()
+    prompt = list(range(4, 36)) * 2
+    gate = ForwardGate(runner.execute, hold_from=1)
+    monkeypatch.setattr(runner, "execute", gate)
+    try:
+        first = asyncio.create_task(collect(engine, GenerationRequest("a", prompt, {"gen_length": 8}, mode=Mode.AR)))
+        await wait_until(gate.entered.is_set, "a's second prefill chunk")
+        waiter = asyncio.create_task(collect(engine, GenerationRequest("b", prompt, {"gen_length": 8}, mode=Mode.AR)))
+        await wait_until(lambda: any(r.id == "b" for r in engine.scheduler.waiting), "b to queue")
+        engine.cancel("a")
+    finally:
+        gate.release()
+    a, b = await asyncio.gather(first, waiter)
+    assert a[-1].finish_reason.value == "cancelled" and b[-1].finish_reason.value == "length"
+    assert 0 < b[-1].stats["cached_prompt_tokens"] < 60  # a's first chunks were cached, the rest b computed
+    solo = await collect(engine, GenerationRequest("solo", prompt, {"gen_length": 8}, mode=Mode.AR))
+    assert ids_of(b) == ids_of(solo)
+    await engine.stop()
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+async def test_no_wait_when_the_shared_part_is_short_or_waiting_is_off():
+    runner = FakeRunner(num_blocks=128, block_size=4)
+    prompt = list(range(4, 36)) * 2
+    near = prompt[:5] + [39] * 59  # one full block in common: not worth a wait
+    for k, (config, pair) in enumerate((({}, (prompt, near)), ({"prefix_wait_blocks": 0}, (prompt, prompt)))):
+        engine, _ = make_engine(runner=runner, **config)
+        await engine.start()
+        results = await asyncio.gather(*(collect(engine, GenerationRequest(f"{k}x{i}", p, {"gen_length": 8}, mode=Mode.AR))
+                                         for i, p in enumerate(pair)))
+        assert all(r[-1].stats["prefix_waits"] == 0 for r in results), config
+        await engine.stop()
+    # waiting off, the same prompt twice at once: both compute it (what every waiter above saves)
+    assert _fed_prompt_tokens(runner, "1x0") == _fed_prompt_tokens(runner, "1x1") >= 60
