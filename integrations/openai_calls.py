@@ -64,14 +64,30 @@ async def primed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> Asy
             raise
         raise error from exc
 
-    async def replay() -> AsyncIterator[Delta]:
-        async with contextlib.aclosing(deltas):
-            if first is not None:
-                yield first
-            async for delta in deltas:
-                yield delta
+    return Replay(first, deltas)
 
-    return replay()
+
+class Replay:
+    """The deltas of a started request, its first (already read) included. An object rather than an
+    async generator so that closing it before the first read still closes `deltas` (an unstarted
+    generator's aclose runs none of its body): a request whose sibling choice was refused is cancelled
+    at once, not when the garbage collector gets to it."""
+
+    def __init__(self, first: Delta | None, deltas: AsyncIterator[Delta]):
+        self._first, self._deltas = first, deltas
+
+    def __aiter__(self) -> "Replay":
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._deltas)
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._deltas.aclose()
 
 
 async def observed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> AsyncIterator[Delta]:
@@ -143,3 +159,24 @@ async def collect(deltas: AsyncIterator[Delta], observer: RequestObserver, finis
     if finish:
         observer.finish(200)
     return "".join(parts), last, entries
+
+
+async def last_event(events: AsyncIterator[dict], observer: RequestObserver) -> dict:
+    """Run an event stream to its end and return its last event (a non-streamed answer built by the
+    same events as the streamed one); outcome recorded on the observer as `collect` does."""
+    last = None
+    try:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                last = event
+    except APIError as exc:
+        observer.finish(exc.status, error=exc.message)
+        raise
+    except (asyncio.CancelledError, GeneratorExit):
+        observer.finish(499, error="client disconnected")
+        raise
+    if last is None:
+        observer.finish(500, error="stream ended without an event")
+        raise APIError(500, "engine stream ended without a final event", "server_error")
+    observer.finish(200)
+    return last

@@ -41,16 +41,32 @@ def choice_requests(req: GenerationRequest, n: int, first: int = 0, total: int |
 
 async def start_all(start: Callable[[GenerationRequest], Awaitable[AsyncIterator[Delta]]],
                     reqs: list[GenerationRequest]) -> list[AsyncIterator[Delta]]:
-    """Start every request at once (start = openai_api's submit-and-await-first-delta); if one fails,
-    close the started ones and raise the first failure."""
-    results = await asyncio.gather(*(start(r) for r in reqs), return_exceptions=True)
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
-        for stream in results:
-            if not isinstance(stream, BaseException):
-                await stream.aclose()
-        raise failed[0]
-    return list(results)
+    """Start every request at once (start = openai_calls.start: submit, then await the first delta); the
+    first failure (a refusal is immediate) cancels the starts still waiting, closes the started ones
+    (cancelling their engine requests) and is raised at once."""
+    if len(reqs) == 1:
+        return [await start(reqs[0])]
+    tasks = [asyncio.ensure_future(start(r)) for r in reqs]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:  # the caller was cancelled (the client went away)
+        await _abandon(tasks)
+        raise
+    failed = next((t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None), None)
+    if failed is None:  # FIRST_EXCEPTION returned without one: every start is done
+        return [t.result() for t in tasks]
+    await _abandon(tasks)
+    raise failed
+
+
+async def _abandon(tasks: list[asyncio.Future]) -> None:
+    """Cancel the starts still waiting (each cancels its engine request) and close the started streams."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is None:
+            await task.result().aclose()
 
 
 async def indexed(events: AsyncIterator[dict], index: int) -> AsyncIterator[dict]:

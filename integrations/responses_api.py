@@ -15,22 +15,25 @@ event ({"type": "error", "code", "message", "param"}). No `[DONE]` line (OpenAI 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from integrations.chat_run import ChatRun, start_chat
 from integrations.http_errors import APIError
-from integrations.openai_calls import collect_all, logprob_formatter, read_body
+from integrations.openai_calls import last_event, logprob_formatter, read_body
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_requests import id_headers
 from integrations.openai_responses import refusion_detail
 from integrations.openai_stream import sse_response
-from integrations.responses_models import ResponsesRequest
-from integrations.tool_calls import ToolCall, ToolCallStreamParser, split_tool_calls
+from integrations.request_limits import InputError
+from integrations.responses_models import ResponsesRequest, responses_field
+from integrations.tool_calls import ToolCall, ToolCallStreamParser
 from scheduler.api import Delta, FinishReason
 
 router = APIRouter()
@@ -38,22 +41,28 @@ router = APIRouter()
 
 @router.post("/v1/responses")
 async def create_response(request: Request):
-    """OpenAI's Responses API (module docstring); faults are 4xx before the response starts."""
+    """OpenAI's Responses API (module docstring); faults are 4xx before the response starts, naming the
+    Responses field. Streamed or not, the output is built by the same events (response_events), so both
+    give the same items in the same order."""
     body = await read_body(request, ResponsesRequest)
     chat = body.chat_request()
-    run = await start_chat(request, chat, "resp", "responses", prompt_field="input")
+    try:
+        run = await start_chat(request, chat, "resp", "responses", prompt_field="input")
+    except InputError as exc:
+        raise InputError(exc.status, responses_field(exc.field), exc.message) from None
+    except APIError as exc:
+        if exc.param is None:
+            raise
+        raise APIError(exc.status, exc.message.replace(exc.param, responses_field(exc.param), 1), exc.type,
+                       responses_field(exc.param), exc.code, exc.headers) from None
     formatter = logprob_formatter(run.client, chat)
-    shell = ResponseShell(body, run)
+    numbers = itertools.count()  # sequence_number of every event, an error event's too
+    events = response_events(ResponseShell(body, run), run.streams[0], formatter, numbers)
     if body.stream:
-        events = response_events(shell, run.streams[0], formatter)
-        return sse_response(events, run.observer, run.header.id, id_headers(request, run.header.id),
-                            named=True, error_event=_error_event)
-    [(text, last, entries)] = await collect_all(run.streams, run.observer)
-    content, calls = _split(run, run.forced + text)
-    items = ([_message_item(_new_id("msg"), content, "completed", formatter.chat(entries) if formatter else [])]
-             if content or not calls else [])
-    items += [_call_item(call, "completed") for call in calls]
-    return JSONResponse(shell.final(items, last), headers=id_headers(request, run.header.id))
+        return sse_response(events, run.observer, run.header.id, id_headers(request, run.header.id), named=True,
+                            error_event=lambda error: _error_event(error, next(numbers)))
+    final = await last_event(events, run.observer)
+    return JSONResponse(final["response"], headers=id_headers(request, run.header.id))
 
 
 class ResponseShell:
@@ -90,18 +99,24 @@ class ResponseShell:
         return out
 
 
-async def response_events(shell: ResponseShell, deltas: AsyncIterator[Delta],
-                          formatter: LogprobFormatter | None) -> AsyncIterator[dict]:
-    """The streamed events of one turn (module docstring), sequence numbers included."""
-    run, seq = shell.run, 0
+async def response_events(shell: ResponseShell, deltas: AsyncIterator[Delta], formatter: LogprobFormatter | None,
+                          numbers: Iterator[int]) -> AsyncIterator[dict]:
+    """The events of one turn (module docstring), numbered from `numbers`; the last one holds the whole
+    response. Closing this closes `deltas` (cancelling the engine request)."""
+    async with contextlib.aclosing(deltas):
+        async for event in _turn_events(shell, deltas, formatter, numbers):
+            yield event
+
+
+async def _turn_events(shell: ResponseShell, deltas: AsyncIterator[Delta], formatter: LogprobFormatter | None,
+                       numbers: Iterator[int]) -> AsyncIterator[dict]:
+    run = shell.run
     items: list[dict] = []  # output items done so far
     message: dict | None = None  # the message item being streamed
     entries: list = []  # log probabilities of text not yet sent
 
     def event(kind: str, **fields) -> dict:
-        nonlocal seq
-        seq += 1
-        return {"type": kind, "sequence_number": seq - 1, **fields}
+        return {"type": kind, "sequence_number": next(numbers), **fields}
 
     def close_message() -> list[dict]:
         nonlocal message
@@ -149,7 +164,7 @@ async def response_events(shell: ResponseShell, deltas: AsyncIterator[Delta],
             elif run.max_calls is None or num_calls < run.max_calls:
                 for done in close_message():
                     yield done
-                num_calls += 1
+                num_calls, entries = num_calls + 1, []  # a call's tokens: no logprobs field to carry them
                 for call_event in _call_events(piece, len(items), event):
                     yield call_event
                 items.append(_call_item(piece, "completed"))
@@ -178,12 +193,6 @@ def _call_events(call: ToolCall, index: int, event) -> list[dict]:
             event("response.output_item.done", output_index=index, item=done)]
 
 
-def _split(run: ChatRun, text: str) -> tuple[str, list[ToolCall]]:
-    content, calls = split_tool_calls(text, run.allowed) if run.allowed is not None else (text, [])
-    calls = calls[:run.max_calls] if run.max_calls is not None else calls
-    return content or "", calls
-
-
 def _text_part(text: str, logprobs: list) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
@@ -203,5 +212,6 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def _error_event(error: APIError) -> dict:
-    return {"type": "error", "code": error.code or error.type, "message": error.message, "param": error.param}
+def _error_event(error: APIError, number: int) -> dict:
+    return {"type": "error", "code": error.code or error.type, "message": error.message, "param": error.param,
+            "sequence_number": number}

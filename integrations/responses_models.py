@@ -6,7 +6,7 @@ Supported, with OpenAI's semantics: `input` (a string, or items: messages with t
 `parallel_tool_calls`, `text.format` (text, json_object, json_schema: structured outputs),
 `max_output_tokens`, `temperature`, `top_p`, `top_logprobs` (0-20: `output_text.logprobs`), `stream`,
 `metadata` and `user` (echoed), and the ReFusion extensions of the chat route (`mode`, `slot_size`, ...).
-Accepted and ignored: `store` (nothing is stored: the response says `"store": false`), `reasoning`
+Accepted and ignored: `stream_options`, `store` (nothing is stored: the response says `"store": false`), `reasoning`
 (the model has no reasoning mode), `truncation: "disabled"`, `include` entries about reasoning,
 `prompt_cache_key` (the prefix cache is automatic). Refused with a 400 naming the field:
 `previous_response_id` and `conversation` (no response is stored: send the whole conversation in
@@ -27,9 +27,25 @@ from workers.batch import MAX_TOP_LOGPROBS
 # ReFusion and sampling extensions passed through to the chat turn unchanged (openai_models.SamplingFields)
 EXTENSIONS = ("mode", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold", "top_k", "max_time_ms",
               "priority", "seed", "stop", "structured_outputs")
-# A chat field a 400 may name -> the Responses field the client sent
-_FIELD_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
-                "logprobs": "top_logprobs"}
+# A chat field a 400 may name -> the Responses field the client sent (prefixes, longest first)
+_FIELD_NAMES = [("response_format.json_schema", "text.format"), ("response_format", "text.format"),
+                ("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
+                ("max_tokens", "max_output_tokens"), ("logprobs", "top_logprobs")]
+
+
+def responses_field(field: str | None) -> str | None:
+    """The Responses API's name of a chat-turn field a 400 names (tools.0.function.name -> tools.0.name,
+    response_format.json_schema.schema -> text.format.schema, messages -> input, ...)."""
+    if not field:
+        return field
+    parts = field.split(".")
+    if len(parts) >= 3 and parts[0] == "tools" and parts[2] == "function":
+        return ".".join(parts[:2] + parts[3:])
+    for chat, ours in _FIELD_NAMES:
+        chat, ours = chat.rstrip("."), ours.rstrip(".")
+        if field == chat or field.startswith(chat + "."):
+            return ours + field[len(chat):]
+    return field
 
 
 class ResponsesRequest(OpenAIBody):
@@ -49,6 +65,7 @@ class ResponsesRequest(OpenAIBody):
     top_p: float | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
+    stream_options: dict[str, Any] | None = None  # include_obfuscation: accepted, nothing to obfuscate here
     metadata: dict[str, str] | None = None
     user: str | None = None
     store: bool | None = None
@@ -99,14 +116,14 @@ class ResponsesRequest(OpenAIBody):
             chat = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             error = exc.errors(include_url=False, include_input=False)[0]
-            loc = [str(part) for part in error["loc"]]
-            field = ".".join([_FIELD_NAMES.get(loc[0], loc[0]), *loc[1:]]) if loc else "body"
+            field = responses_field(".".join(str(part) for part in error["loc"])) or "body"
             raise InputError(400, field, error["msg"]) from None
         chat._cap_field = "max_output_tokens"  # a context error names the field the client sent
         return chat
 
     def _messages(self) -> list[dict]:
         messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        calls: set[str] = set()  # call_ids of the function_call items so far
         if isinstance(self.input, str):
             return messages + [{"role": "user", "content": self.input}]
         for k, item in enumerate(self.input):
@@ -116,15 +133,20 @@ class ResponsesRequest(OpenAIBody):
             elif kind == "function_call":
                 call = {"id": _text_field(item, "call_id", k), "type": "function",
                         "function": {"name": _text_field(item, "name", k), "arguments": _text_field(item, "arguments", k)}}
+                calls.add(call["id"])
                 last = messages[-1] if messages else None
-                if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                    last["tool_calls"].append(call)  # parallel calls of one turn
+                if last is not None and last["role"] == "assistant":  # the same turn: its text, then its calls (vLLM)
+                    last.setdefault("tool_calls", []).append(call)
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif kind == "function_call_output":
                 output = item.get("output")
                 text = output if isinstance(output, str) else _parts_text(output, f"input.{k}.output")
-                messages.append({"role": "tool", "tool_call_id": _text_field(item, "call_id", k), "content": text})
+                call_id = _text_field(item, "call_id", k)
+                if call_id not in calls:  # OpenAI: "No tool call found for function call output with call_id"
+                    raise InputError(400, f"input.{k}.call_id", f"no function_call item with call_id {call_id!r} comes "
+                                     "before this output: send the call's item too (nothing is stored here)")
+                messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
             elif kind == "reasoning":
                 continue  # an earlier turn's reasoning item, sent back by an agent: nothing to render
             else:
@@ -185,6 +207,10 @@ def _text_format(fmt) -> dict:
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise InputError(400, "text.format", 'use {"type": "text"}, {"type": "json_object"} or {"type": '
                          '"json_schema", "name": ..., "schema": {...}}')
+    unknown = sorted(set(fmt) - {"type", "name", "schema", "description", "strict"})
+    if unknown:
+        raise InputError(400, f"text.format.{unknown[0]}", "unknown field of a text format (type, name, schema, "
+                         "description, strict)")
     if fmt["type"] != "json_schema":
         return {"type": fmt["type"]}
     schema = {key: fmt[key] for key in ("name", "schema", "description", "strict") if fmt.get(key) is not None}

@@ -234,7 +234,9 @@ HTTP_CASES = [
     HTTPCase("engine-junk-query", "GET", "/v1/engine?verbose=%ff", status=200),
     HTTPCase("metrics-post", "POST", "/metrics", NESTED, status=405),
     HTTPCase("metrics-junk-query", "GET", "/metrics?name[]=%ff", status=200),
-    HTTPCase("detokenize-absent", "POST", "/detokenize", {"tokens": [1, 2]}, status=404),
+    HTTPCase("detokenize-id-outside-vocab", "POST", "/detokenize", {"tokens": [1, 10**9]}, field="tokens"),
+    HTTPCase("detokenize-not-a-list", "POST", "/detokenize", {"tokens": "1 2"}, field="tokens"),
+    HTTPCase("tokenize-two-inputs", "POST", "/tokenize", {"content": "x", "prompt": "y"}, field="content"),
     HTTPCase("unknown-route", "GET", "/v1/nothing", status=404),
     # POST /infill (llama.cpp)
     _infill("infill-nested-100k", NESTED, field="deeper"),

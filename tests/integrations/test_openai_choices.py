@@ -89,18 +89,37 @@ async def test_a_failing_choice_closes_the_others_when_collected():
     assert failing.closed and hanging.closed
 
 
-async def test_start_all_closes_started_choices_when_one_is_refused():
-    started = []
+async def test_a_refused_choice_fails_the_request_at_once_and_cancels_the_others():
+    """Choice .1 is refused at submit (a full queue); .0 already has its first delta (admitted), .2 is
+    still queued (no delta yet). The refusal is raised at once, not when .2 gets scheduled; .2's wait
+    is cancelled and .0's engine stream closed although nobody read it (openai_calls.Replay)."""
+    from integrations.openai_calls import Replay
+
+    closed, cancelled = [], []
 
     async def start(req):
         if req.request_id.endswith(".1"):
+            await asyncio.sleep(0.01)
             raise APIError(503, "engine full")
-        stream = Stream(req.request_id, 1, hang=True)
-        started.append(stream)
-        await stream.__anext__()  # the first delta arrived: admitted
-        return stream
+        if req.request_id.endswith(".2"):
+            try:
+                await asyncio.Event().wait()  # queued behind running requests: no first delta for a long time
+            except asyncio.CancelledError:
+                cancelled.append(req.request_id)
+                raise
+        stream = Stream(req.request_id, 2, hang=True)
+        first = await stream.__anext__()
+        replay = Replay(first, stream)
+        original = replay.aclose
+
+        async def aclose():
+            closed.append(req.request_id)
+            await original()
+
+        replay.aclose = aclose
+        return replay
 
     reqs = choice_requests(GenerationRequest("r", [1], {"gen_length": 4}), 3)
     with pytest.raises(APIError) as err:
-        await start_all(start, reqs)
-    assert err.value.status == 503 and len(started) == 2 and all(s.closed for s in started)
+        await asyncio.wait_for(start_all(start, reqs), 5)
+    assert err.value.status == 503 and closed == ["r.0"] and cancelled == ["r.2"]

@@ -89,6 +89,14 @@ def test_required_tool_choice_gives_function_call_items(client, model):
     ({"input": "x", "bogus": 1}, "bogus"),
     ({"input": "x", "include": ["file_search_call.results"]}, "include"),
     ({"input": "x", "temperature": 3}, "temperature"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "r", "schema": {"type": "nonsense"}}}},
+     "text.format.schema"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "schema": SCHEMA}}}, "text.format.name"),
+    ({"input": "x", "text": {"format": {"type": "json_object", "foo": 1}}}, "text.format.foo"),
+    ({"input": "x", "text": {"format": {"type": "json_object"}}, "tools": [TOOL]}, "text.format"),
+    ({"input": "x", "tools": [{"type": "function", "name": "bad name"}]}, "tools.0.name"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]}, "tools.0.parameters"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input.0.call_id"),
 ])
 def test_bad_requests_name_the_responses_field(http, body, field):
     for stream in (False, True):
@@ -96,6 +104,13 @@ def test_bad_requests_name_the_responses_field(http, body, field):
         assert response.status_code == 400, response.text[:300]
         error = response.json()["error"]
         assert error["param"] == field or field in error["message"], error
+
+
+def test_stream_options_are_accepted(http):
+    response = http.post("/v1/responses", json={"input": "x", "max_output_tokens": 2, "stream": True, "mode": "ar",
+                                                "stream_options": {"include_obfuscation": False}})
+    assert response.status_code == 200
+    assert "event: response.completed" in response.text or "event: response.incomplete" in response.text
 
 
 def test_sdk_raises_on_a_bad_request(client, model):
