@@ -40,6 +40,7 @@ def bench_reads(device: str, vocabs: list[int], rows: list[int], repeats: int) -
             logits = torch.randn(r, vocab, device=device)
             zeros = torch.zeros(r, dtype=torch.long, device=device)
             params = ReadParams(given=zeros - 1, temperature=zeros.double(), top_k=zeros, top_p=zeros.double() + 1,
+                                min_p=zeros.double(),
                                 gumbel=zeros, sample=zeros, seed=zeros, step=zeros, position=zeros)
             row = {"vocab": vocab, "rows": r}
             for name, flag in (("plain_ms", False), ("logprobs_ms", True)):

@@ -222,7 +222,7 @@ class ARDecoder:
         whose number depends on the step budgets and so on the load, do not count; carried across a
         handoff by the stats), so a seeded request draws the same numbers alone or in a busy batch."""
         p, st = self.params, self.stats
-        return Sampling(p.temperature, p.top_k, p.top_p, p.seed, step=st.forwards - self._catch_up_forwards)
+        return Sampling(p.temperature, p.top_k, p.top_p, p.min_p, p.seed, step=st.forwards - self._catch_up_forwards)
 
     def _segment(self, tokens: list[int], positions: list[int], num_kept: int, context_len: int) -> Segment:
         last = (len(tokens) - 1,)

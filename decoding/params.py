@@ -3,7 +3,7 @@
 Serving defaults (used when the model directory has no `refusion.json`):
 
     gen_length 128, slot_size 8, serial_num_blocks 4 (blocks of 32 tokens), slot_threshold 0.9,
-    token_threshold 0.3, temperature 0 (greedy), top_k 0 (off), top_p 1.0, seed 0.
+    token_threshold 0.3, temperature 0 (greedy), top_k 0 (off), top_p 1.0, min_p 0 (off), seed 0.
 
 The paper's code-task settings are gen 512, S=32, 4 blocks, slot 0.9, token 0.3. We keep its
 thresholds and block count but default to a shorter span with smaller slots: editor completions are
@@ -30,6 +30,7 @@ SERVING_DEFAULTS: dict = {
     "temperature": 0.0,
     "top_k": 0,
     "top_p": 1.0,
+    "min_p": 0.0,
     "seed": 0,
 }
 
@@ -38,7 +39,7 @@ MAX_TEMPERATURE = 100.0  # far past uniform; larger values only lose precision
 MAX_TOP_K = 2**31 - 1  # far above any vocabulary (a larger top_k keeps every token); the device holds int64
 MIN_TOP_P = 1e-6  # smaller values round to 0 in float32 and would drop every token
 _INT_FIELDS = ("gen_length", "slot_size", "serial_num_blocks", "top_k", "seed", "eos_token_id", "mask_token_id")
-_FLOAT_FIELDS = ("slot_threshold", "token_threshold", "temperature", "top_p")
+_FLOAT_FIELDS = ("slot_threshold", "token_threshold", "temperature", "top_p", "min_p")
 
 
 @dataclass
@@ -59,6 +60,7 @@ class DecodeParams:
     temperature: float = SERVING_DEFAULTS["temperature"]
     top_k: int = SERVING_DEFAULTS["top_k"]
     top_p: float = SERVING_DEFAULTS["top_p"]
+    min_p: float = SERVING_DEFAULTS["min_p"]  # AR sampling: drop tokens below min_p x the top one's probability
     seed: int = SERVING_DEFAULTS["seed"]
     # Return each generated token's log probability with this many alternatives (OpenAI logprobs /
     # top_logprobs, 0 .. MAX_TOP_LOGPROBS); None: none. Does not change what is decoded.
@@ -104,6 +106,8 @@ class DecodeParams:
             raise DecodeParamError("top_k", f"must lie in 0..{MAX_TOP_K} (0 = off), got {self.top_k}")
         if not MIN_TOP_P <= self.top_p <= 1.0:
             raise DecodeParamError("top_p", f"must lie in [{MIN_TOP_P}, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise DecodeParamError("min_p", f"must lie in [0, 1] (0 = off), got {self.min_p}")
         if not 0 <= self.seed <= SEED_MAX:
             raise DecodeParamError("seed", f"must lie in 0..{SEED_MAX} (a signed 64-bit integer), got {self.seed}")
         if self.logprobs is not None:

@@ -197,7 +197,7 @@ class RefusionDecoder:
         budget, do not count; carried across a handoff by the stats) keys the counter-based draws, so a
         request rerun from scratch, or batched differently, draws the same numbers."""
         p, st = self.params, self.stats
-        return Sampling(p.temperature, p.top_k, p.top_p, p.seed, gumbel=gumbel and p.temperature > 0,
+        return Sampling(p.temperature, p.top_k, p.top_p, p.min_p, p.seed, gumbel=gumbel and p.temperature > 0,
                         step=st.forwards)
 
     def _prefill_segment(self, n: int) -> Segment:

@@ -138,6 +138,7 @@ class SamplingFields(OpenAIBody):
     slot_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     token_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="0 = off (vLLM's and the engine's meaning)")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="vLLM's: 0 = off; AR sampling only")
     max_time_ms: int | None = Field(default=None, ge=1)
     priority: Literal["interactive", "batch"] = "batch"
     # Structured outputs (integrations/structured_output.py): OpenAI's response_format (vLLM accepts it
@@ -199,7 +200,7 @@ class SamplingFields(OpenAIBody):
         model default that fits is chosen, so any max_tokens works.
         """
         params: dict[str, Any] = {"gen_length": gen_length}
-        for name in ("temperature", "top_p", "seed", "top_k", "slot_size", "serial_num_blocks",
+        for name in ("temperature", "top_p", "seed", "top_k", "min_p", "slot_size", "serial_num_blocks",
                      "slot_threshold", "token_threshold"):
             value = getattr(self, name)
             if value is not None:

@@ -25,8 +25,8 @@ from integrations.request_limits import InputError
 from workers.batch import MAX_TOP_LOGPROBS
 
 # ReFusion and sampling extensions passed through to the chat turn unchanged (openai_models.SamplingFields)
-EXTENSIONS = ("mode", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold", "top_k", "max_time_ms",
-              "priority", "seed", "stop", "structured_outputs")
+EXTENSIONS = ("mode", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold", "top_k", "min_p",
+              "max_time_ms", "priority", "seed", "stop", "structured_outputs")
 # A chat field a 400 may name -> the Responses field the client sent (prefixes, longest first)
 _FIELD_NAMES = [("response_format.json_schema", "text.format"), ("response_format", "text.format"),
                 ("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
@@ -82,6 +82,7 @@ class ResponsesRequest(OpenAIBody):
     slot_threshold: Any = None
     token_threshold: Any = None
     top_k: Any = None
+    min_p: Any = None
     max_time_ms: Any = None
     priority: Any = None
     seed: Any = None

@@ -37,8 +37,9 @@ argmax rows, then prob rows, then sample rows:
     argmax(logits - T * log(-log u)) in float64 (ReFusion drafting, spec "Parameters"); the
     probability is still the plain softmax of the chosen token.
   - prob: (the given token, softmax(logits)[token]) (verification), via logsumexp.
-  - sample: temperature, top-k, top-p from Sampling, drawn as the Gumbel-max argmax of the filtered
-    logits; (token, its probability under the filtered, tempered distribution). T == 0 is greedy.
+  - sample: temperature, top-k, top-p and min-p from Sampling, drawn as the Gumbel-max argmax of the
+    filtered logits; (token, its probability under the filtered, tempered distribution). T == 0 is
+    greedy. min-p (vLLM's): tokens whose tempered probability is below min_p x the top token's are out.
   - logits: full float32 rows in `SegmentResult.logits` (tests and debugging only).
   - log probabilities (only for segments with `Segment.logprobs` set): per token-and-probability row,
     `SegmentResult.logprobs[k]` = TokenLogprob(token, log softmax(logits)[token], the row's
@@ -74,6 +75,7 @@ class Sampling:
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
+    min_p: float = 0.0  # 0 = off; keep tokens whose probability is >= min_p x the most likely one's
     seed: int = 0  # 0 .. SEED_MAX
     gumbel: bool = False  # argmax reads use Gumbel-max noise (ReFusion drafting)
     step: int = 0  # the request's step counter (decoders count their segments)

@@ -17,7 +17,7 @@ Fields (one row per entry; "row" = packed token index):
                      run starts; 0 for plain causal)
     per sequence [B] query_start, query_len, context_len (padding sequences: 0, 0, 0)
     block_tables     [B, NB] the first NB blocks of each table, padded with the scratch block
-    per read [R]     read_rows, temperature (f64 bits), top_k, top_p (f64 bits), gumbel, sample, given
+    per read [R]     read_rows, temperature (f64 bits), top_k, top_p, min_p (f64 bits), gumbel, sample, given
                      (prob rows: the token, else -1), seed, step, read_position (the row's logical
                      position: with seed and step it keys the row's random draws)
     token_bitmask    [R, W] only in steps with a grammar-constrained segment (W = layout.mask_words > 0):
@@ -45,9 +45,9 @@ KINDS = np.array([0, 1, 2, 3])  # argmax, prob, sample, logits-only: the order o
 
 TOKEN_FIELDS = ("token_ids", "positions", "slot_mapping", "seq_index", "query_index", "branch_start")
 SEQ_FIELDS = ("query_start", "query_len", "context_len")
-READ_FIELDS = ("read_rows", "temperature", "top_k", "top_p", "gumbel", "sample", "given", "seed", "step",
+READ_FIELDS = ("read_rows", "temperature", "top_k", "top_p", "min_p", "gumbel", "sample", "given", "seed", "step",
                "read_position")
-FLOAT_FIELDS = frozenset({"temperature", "top_p"})
+FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p"})
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -138,9 +138,10 @@ def _per_segment(segments: list[Segment], tables: list[list[int]], ids: list[str
         for k, name in enumerate(SEG_INT_FIELDS):  # locate the value that does not fit (raises)
             as_int64([r[k] for r in rows], name, ids)
         raise
-    floats = np.array([(g.sampling.temperature, g.sampling.top_p) for g in segments], dtype=np.float64)
+    floats = np.array([(g.sampling.temperature, g.sampling.top_p, g.sampling.min_p) for g in segments],
+                      dtype=np.float64).reshape(len(segments), 3)
     seg = {name: ints[:, k] for k, name in enumerate(SEG_INT_FIELDS)}
-    seg.update(temperature=floats[:, 0], top_p=floats[:, 1], gumbel=ints[:, 7] != 0)
+    seg.update(temperature=floats[:, 0], top_p=floats[:, 1], min_p=floats[:, 2], gumbel=ints[:, 7] != 0)
     return seg
 
 
@@ -196,7 +197,7 @@ def _layout(seg: dict, kinds: np.ndarray, read_owner: np.ndarray, block_size: in
     n, ctx = seg["n"], seg["ctx"]
     sample = (kinds == 2) & (seg["temperature"][read_owner] > 0)
     gumbel = (kinds == 0) & seg["gumbel"][read_owner] & (seg["temperature"][read_owner] > 0)
-    sort = sample & ((seg["top_k"][read_owner] > 0) | (seg["top_p"][read_owner] < 1))
+    sort = sample & ((seg["top_k"][read_owner] > 0) | (seg["top_p"][read_owner] < 1) | (seg["min_p"][read_owner] > 0))
     max_ctx_blocks = int(-(-ctx.max() // block_size)) if len(ctx) else 0
     return StepLayout(
         num_tokens=bucket(int(n.sum()), MIN_TOKENS), num_seqs=bucket(len(n), MIN_SEQS),
@@ -251,6 +252,7 @@ def _fill_reads(step: PackedStep, q_start, rows, kinds, owner, prob_tokens) -> N
     values = {
         "read_rows": q_start[owner] + rows, "temperature": temperature,
         "top_k": np.where(sample, seg["top_k"][owner], 0), "top_p": np.where(sample, seg["top_p"][owner], 1.0),
+        "min_p": np.where(sample, seg["min_p"][owner], 0.0),
         "gumbel": (kinds == 0) & seg["gumbel"][owner] & (temperature > 0), "sample": sample, "given": given,
         "seed": seg["seed"][owner], "step": seg["step"][owner],
     }

@@ -44,6 +44,7 @@ class ReadParams(NamedTuple):
     temperature: torch.Tensor  # float64
     top_k: torch.Tensor  # 0 = off (non-sample rows: 0)
     top_p: torch.Tensor  # float64 (non-sample rows: 1.0)
+    min_p: torch.Tensor  # float64 (non-sample rows: 0.0)
     gumbel: torch.Tensor  # 1: Gumbel-max argmax row (T > 0)
     sample: torch.Tensor  # 1: sample row with T > 0
     seed: torch.Tensor
@@ -78,13 +79,14 @@ def gumbel_noise(params: ReadParams, vocab: int) -> torch.Tensor:
 
 
 def filter_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                       temperature: torch.Tensor) -> torch.Tensor:
-    """x [R, V] logits (any float dtype) -> the same with tokens outside top-k / top-p set to -inf.
+                       temperature: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """x [R, V] logits (any float dtype) -> the same with tokens outside top-k / top-p / min-p set to -inf.
 
-    top_k [R] (0 = off), top_p [R] float64 (1 = off), temperature [R] (the distribution top-p is
-    measured on; 0 is treated as 1). A token is kept when it ranks among the top k and the tokens
-    ranked above it hold less than top_p of the tempered probability; the first always stays. Ties
-    at the threshold are kept. Shapes are static: one sort of every row.
+    top_k [R] (0 = off), top_p [R] float64 (1 = off), temperature [R] (the distribution top-p and min-p
+    are measured on; 0 is treated as 1), min_p [R] float64 (0 = off). A token is kept when it ranks
+    among the top k, the tokens ranked above it hold less than top_p of the tempered probability, and
+    its tempered probability is at least min_p times the top token's (logit >= top + T log min_p); the
+    first always stays. Ties at the thresholds are kept. Shapes are static: one sort of every row.
     """
     vocab = x.shape[-1]
     ordered = x.sort(dim=-1, descending=True).values  # [R, V]
@@ -97,6 +99,9 @@ def filter_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     before = probs.cumsum(dim=-1) - probs  # mass ranked above each token: nondecreasing, so keep is a prefix
     keep = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1))
     threshold = ordered.gather(1, (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0))  # [R, 1]
+    if min_p is not None:  # relative to the top logit; min_p 0 gives -inf (off)
+        floor = ordered[:, :1].double() + scale[:, None] * torch.log(min_p[:, None])  # [R, 1]
+        threshold = torch.maximum(threshold, floor.to(threshold.dtype))
     return x.masked_fill(x < threshold, float("-inf"))
 
 
@@ -137,7 +142,7 @@ def _token_and_prob(logits: torch.Tensor, params: ReadParams, needs_noise: bool,
         return torch.stack((token.double(), _chosen_logprob(logits, token).double().exp()))
     sample = params.sample != 0
     if needs_sort:  # only sample rows carry top-k / top-p; other rows pass unchanged
-        logits = filter_top_k_top_p(logits, params.top_k, params.top_p, params.temperature)
+        logits = filter_top_k_top_p(logits, params.top_k, params.top_p, params.temperature, params.min_p)
     x = logits.double()  # [R, V]
     z = x
     if needs_noise:

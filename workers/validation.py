@@ -4,7 +4,7 @@ arrays; the culprit segment is located only when a check fails.
 Every failure is a `SegmentError(seq_id, field, message)` (a ValueError) naming the segment and the
 field to change: token_ids / prob_tokens outside the vocab, negative positions, a block table too short
 for context_len + num_kept or naming a block the runner does not have, sampling out of range
-(temperature finite and >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= seed <= SEED_MAX, step >= 0).
+(temperature finite and >= 0, 0 < top_p <= 1, 0 <= min_p <= 1, top_k >= 0, 0 <= seed <= SEED_MAX, step >= 0).
 """
 
 from __future__ import annotations
@@ -96,10 +96,11 @@ def _check_tables(step, seq_ids: list[str], num_kv_blocks: int) -> None:
 
 
 def _check_sampling(seg: dict, seq_ids: list[str]) -> None:
-    temperature, top_p = seg["temperature"], seg["top_p"]
+    temperature, top_p, min_p = seg["temperature"], seg["top_p"], seg["min_p"]
     rules = [
         ("temperature", ~(np.isfinite(temperature) & (temperature >= 0)), "must be finite and >= 0"),
         ("top_p", ~((top_p > 0) & (top_p <= 1)), "must satisfy 0 < top_p <= 1"),
+        ("min_p", ~((min_p >= 0) & (min_p <= 1)), "must satisfy 0 <= min_p <= 1 (0 = off)"),
         ("top_k", seg["top_k"] < 0, "must be >= 0 (0 = off)"),
         ("seed", seg["seed"] < 0, f"must lie in 0..{SEED_MAX}"),
         ("step", seg["step"] < 0, "must be >= 0"),

@@ -52,12 +52,13 @@ class InfillBody(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16)
     n_indent: int = Field(0, ge=0)
     stream: bool = False
-    # llama.cpp's README defaults: temperature 0.8, top_k 40, top_p 0.95, seed -1 (random).
+    # llama.cpp's README defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, seed -1 (random).
     temperature: float = Field(0.8, ge=0, le=2)
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 (llama.cpp's default): a random seed")
     n_cmpl: int = Field(1, ge=1, le=4)
     top_k: int = Field(40, ge=0, le=MAX_TOP_K)  # 0: off, as llama.cpp
     top_p: float = Field(0.95, ge=1e-6, le=1)
+    min_p: float = Field(0.05, ge=0, le=1)  # 0: off
     return_tokens: bool = False  # `tokens` holds the generated ids (always when streaming)
     response_fields: list[str] | None = None
     cache_prompt: bool = True  # always on: the engine's prefix cache serves every request
@@ -78,7 +79,7 @@ class InfillBody(BaseModel):
             raise ValueError("stop strings must be non-empty")
         return value
 
-    @field_validator("temperature", "top_k", "top_p", "grammar", "n_probs", "lora", "ignore_eos", mode="before")
+    @field_validator("temperature", "top_k", "top_p", "min_p", "grammar", "n_probs", "lora", "ignore_eos", mode="before")
     @classmethod
     def _null_is_the_default(cls, value: Any, info) -> Any:
         """llama.cpp reads a JSON null as "not given": the default (or the off value) applies."""
@@ -115,7 +116,8 @@ async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
         gaps = tuple(sorted(set(gaps) | {gaps[-1] * 2 ** k for k in range(1, body.n_cmpl - len(gaps) + 1)}))
         gaps = tuple(g for g in gaps if max_tokens is None or g <= max(max_tokens, gaps[0]))
     seed = None if body.seed == -1 else body.seed  # llama.cpp: -1 is a random seed; unset is too (engine)
-    sampling = {"temperature": sampling_temperature(body.temperature), "top_k": body.top_k, "top_p": body.top_p}
+    sampling = {"temperature": sampling_temperature(body.temperature), "top_k": body.top_k, "top_p": body.top_p,
+                "min_p": body.min_p}
     if seed is not None:
         sampling["seed"] = seed
     return CompletionJob(
@@ -188,7 +190,7 @@ def _settings(client, job: CompletionJob, body: InfillBody, n_ctx: int) -> dict:
     return {"n_predict": body.n_predict, "n_indent": body.n_indent, "model": client.model_name, "n_ctx": n_ctx,
             "stop": list(body.stop), "stream": body.stream, "n_cmpl": body.n_cmpl,
             "t_max_predict_ms": body.t_max_predict_ms, "mode": body.mode.value, "gaps": list(job.gaps),
-            **{k: job.sampling.get(k) for k in ("temperature", "seed", "top_k", "top_p")}}
+            **{k: job.sampling.get(k) for k in ("temperature", "seed", "top_k", "top_p", "min_p")}}
 
 
 def _ids(client, text: str) -> list[int]:

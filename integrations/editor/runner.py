@@ -36,7 +36,7 @@ class CompletionJob:
     stop: list[str] = field(default_factory=list)
     max_time_ms: int | None = None
     max_tokens: int | None = None  # hard cap on generated tokens (the gap may round up past it)
-    sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p, seed
+    sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p, min_p, seed
     # llama.cpp's t_max_predict_ms: a candidate ends once this many ms have passed since its first
     # token AND its text has a newline (README, /completion options); None: no such limit.
     predict_limit_ms: int | None = None

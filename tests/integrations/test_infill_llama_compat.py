@@ -75,6 +75,7 @@ async def test_llama_vim_request_and_its_parsing(http, fake_client):  # noqa: F8
     assert req.priority == Priority.INTERACTIVE and req.max_time_ms is None and req.mode == Mode.AUTO
     # llama.cpp's defaults where the client sends none (llama.vim sends top_k and top_p)
     assert req.params["temperature"] == 0.8 and req.params["top_k"] == 40 and req.params["top_p"] == 0.90
+    assert req.params["min_p"] == 0.05  # llama.cpp's default min_p, applied
     text = fake_client.tokenizer.decode(req.prompt_ids)
     assert text.startswith("# consts.py\nPI = 3.14\n") and text.endswith(PREFIX)  # MIDDLE is indentation: healed
     assert fake_client.tokenizer.decode(req.suffix_ids) == SUFFIX

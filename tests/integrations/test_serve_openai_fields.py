@@ -136,3 +136,17 @@ def test_tokenize_counts_the_chat_prompt_the_server_runs(http, client, model):
     assert counted["max_model_len"] == CONTEXT
     text = http.post("/detokenize", json={"tokens": counted["tokens"]}).json()["prompt"]
     assert "def add(a, b):" in text and "Be brief." in text
+
+
+def test_min_p_one_samples_only_the_most_likely_token(client, model):
+    """vLLM's min_p: with 1.0 only tokens as likely as the top one survive, so any seed at any temperature
+    gives the greedy text; 0.0 leaves sampling alone (some seed differs from greedy)."""
+    greedy = client.completions.create(model=model, prompt="def f(x):\n", max_tokens=8, temperature=0,
+                                       extra_body={"mode": "ar"}).choices[0].text
+    for seed in (1, 2, 3):
+        out = client.completions.create(model=model, prompt="def f(x):\n", max_tokens=8, temperature=1.8, seed=seed,
+                                        extra_body={"mode": "ar", "min_p": 1.0})
+        assert out.choices[0].text == greedy
+    free = {client.completions.create(model=model, prompt="def f(x):\n", max_tokens=8, temperature=1.8, seed=seed,
+                                      extra_body={"mode": "ar", "min_p": 0.0}).choices[0].text for seed in range(4)}
+    assert free != {greedy}

@@ -113,10 +113,11 @@ def test_sample_reads(session):
     assert dist[res.tokens[0]] > 0 and math.isclose(res.probs[0], float(dist[res.tokens[0]]), rel_tol=1e-6)
 
 
-def _params(r: int, temperature: float, top_k: int = 0, top_p: float = 1.0, sample: bool = True) -> ReadParams:
+def _params(r: int, temperature: float, top_k: int = 0, top_p: float = 1.0, sample: bool = True,
+            min_p: float = 0.0) -> ReadParams:
     long = lambda v: torch.full((r,), v, dtype=torch.long)  # noqa: E731
     dbl = lambda v: torch.full((r,), v, dtype=torch.float64)  # noqa: E731
-    return ReadParams(given=long(-1), temperature=dbl(temperature), top_k=long(top_k), top_p=dbl(top_p),
+    return ReadParams(given=long(-1), temperature=dbl(temperature), top_k=long(top_k), top_p=dbl(top_p), min_p=dbl(min_p),
                       gumbel=long(0), sample=long(int(sample)), seed=long(11), step=torch.arange(r),
                       position=long(0))
 
@@ -153,6 +154,28 @@ def test_top_k_top_p_filters():
     assert kept(top_p=0.7) == [True, True, False, False]
     assert kept(top_k=1, top_p=0.99) == [True, False, False, False]
     assert kept(top_p=0.7, temperature=10.0) == [True, True, True, False]  # measured on the tempered distribution
+
+
+def test_min_p_keeps_tokens_within_a_share_of_the_top_tokens_tempered_probability():
+    """vLLM's min_p: p(token) >= min_p x p(top), measured after temperature; 0 is off; with top-k/top-p
+    the stricter filter wins; the first token always stays."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
+
+    def kept(min_p, temperature=1.0, top_k=0, top_p=1.0):
+        x = filter_top_k_top_p(logits, torch.tensor([top_k]), torch.tensor([top_p], dtype=torch.float64),
+                               torch.tensor([temperature], dtype=torch.float64), torch.tensor([min_p], dtype=torch.float64))
+        return torch.isfinite(x[0]).tolist()
+
+    # ratios to the top: e^-1 = 0.368, e^-2 = 0.135, e^-3 = 0.050
+    assert kept(0.0) == [True] * 4
+    assert kept(0.3) == [True, True, False, False]
+    assert kept(0.1) == [True, True, True, False]
+    assert kept(1.0) == [True, False, False, False]
+    assert kept(0.5, temperature=4.0) == [True, True, True, False]  # tempered: ratios e^-0.25, e^-0.5, e^-0.75
+    assert kept(0.1, top_k=2) == [True, True, False, False]
+    draws = compute_reads(torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0]]).repeat(2000, 1),
+                          _params(2000, temperature=1.0, min_p=0.5), needs_noise=True, needs_sort=True)
+    assert set(draws[0].long().tolist()) == {0, 1}  # e^-0.5 = 0.61 >= 0.5 > e^-1 = 0.37
 
 
 def test_seed_range(session):

@@ -42,7 +42,7 @@ def session(tiny_model_dir):
 
 def _decode_step(session) -> list:
     """8 sequences x 1 query, AR: greedy, sampled (temperature, top-k, top-p) and greedy-sampled rows."""
-    samplings = [Sampling(), Sampling(temperature=0.7, top_k=20, top_p=0.9, seed=3, step=4),
+    samplings = [Sampling(), Sampling(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, seed=3, step=4),
                  Sampling(temperature=1.0, seed=5), Sampling(temperature=0.0)]
     segs = []
     for i in range(8):
