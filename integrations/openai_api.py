@@ -175,7 +175,7 @@ async def completions(request: Request):
     formatters = [logprob_formatter(client, body) for _ in streams]  # one each: text offsets are per choice
     if body.stream:
         events = merged([indexed(completion_events(header, d, f), i) for i, (d, f) in enumerate(zip(streams, formatters))])
-        return sse(request, header, observer, events, "text_completion", body.include_usage)
+        return sse(request, header, observer, events, "text_completion", body.include_usage, body.continuous_usage)
     collected = await collect_all(streams, observer)
     choices = [(text, last, f.completion(entries) if f else None) for (text, last, entries), f in zip(collected, formatters)]
     body_json = shape.completion_body(header, choices, observer.prompt_tokens, observer.completion_tokens)
@@ -192,7 +192,7 @@ async def chat_completions(request: Request):
     if body.stream:
         events = merged([indexed(chat_events(header, d, run.allowed, prefix=run.forced, max_calls=run.max_calls,
                                              logprobs=formatter), i) for i, d in enumerate(run.streams)])
-        return sse(request, header, observer, events, "chat.completion.chunk", body.include_usage)
+        return sse(request, header, observer, events, "chat.completion.chunk", body.include_usage, body.continuous_usage)
     collected = await collect_all(run.streams, observer)
     choices = [(run.forced + text, last, formatter.chat(entries) if formatter else None) for text, last, entries in collected]
     completion = shape.chat_body(header, choices, observer.prompt_tokens, observer.completion_tokens, run.allowed,

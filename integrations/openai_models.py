@@ -47,6 +47,7 @@ class OpenAIBody(BaseModel):
 
 class StreamOptions(OpenAIBody):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class JSONSchemaFormat(OpenAIBody):
@@ -244,6 +245,10 @@ class SamplingFields(OpenAIBody):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 MAX_PROMPTS = 64

@@ -62,13 +62,19 @@ def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
 
 
-async def null_usage_until_final(events: AsyncIterator[dict]) -> AsyncIterator[dict]:
+async def null_usage_until_final(events: AsyncIterator[dict], observer: RequestObserver | None = None) -> AsyncIterator[dict]:
     """stream_options.include_usage: every chunk carries "usage": null until the final usage chunk, as
     OpenAI documents for its chunk objects ("When present, it contains a null value except for the last
-    chunk which contains the token usage statistics for the entire request")."""
+    chunk which contains the token usage statistics for the entire request"). With `observer`
+    (vLLM's continuous_usage_stats) each chunk carries the usage so far instead of null."""
     try:
         async for event in events:
-            yield event if "usage" in event else {**event, "usage": None}
+            if "usage" in event:
+                yield event
+            elif observer is None:
+                yield {**event, "usage": None}
+            else:
+                yield {**event, "usage": shape.usage(observer.prompt_tokens, observer.completion_tokens)}
     finally:
         await events.aclose()
 

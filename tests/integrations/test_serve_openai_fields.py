@@ -150,3 +150,15 @@ def test_min_p_one_samples_only_the_most_likely_token(client, model):
     free = {client.completions.create(model=model, prompt="def f(x):\n", max_tokens=8, temperature=1.8, seed=seed,
                                       extra_body={"mode": "ar", "min_p": 0.0}).choices[0].text for seed in range(4)}
     assert free != {greedy}
+
+
+def test_continuous_usage_stats_give_the_usage_so_far_on_every_chunk(http):
+    """vLLM's stream_options.continuous_usage_stats: each chunk's usage counts the tokens sent so far."""
+    body = {"prompt": "def f(x):\n", "max_tokens": 8, "stream": True, "mode": "ar", "temperature": 0,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    lines = [line[6:] for line in http.post("/v1/completions", json=body).text.splitlines()
+             if line.startswith("data: {")]
+    chunks = [httpx.Response(200, content=line).json() for line in lines]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == chunks[-1]["usage"]["completion_tokens"] > 0
+    assert all(c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] for c in chunks)
