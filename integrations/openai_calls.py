@@ -141,21 +141,29 @@ def logprob_formatter(client, body) -> LogprobFormatter | None:
     return LogprobFormatter(client.tokenizer, body.num_logprobs) if body.num_logprobs is not None else None
 
 
-async def collect(deltas: AsyncIterator[Delta], observer: RequestObserver, finish: bool = True) -> tuple[str, Delta, list]:
-    """The whole text, the last delta and every token's log probability entry (empty when not asked for).
-    finish: record the request's success on the observer at the end (errors are always recorded)."""
-    parts, last, entries = [], None, []
+@contextlib.contextmanager
+def failures_recorded(observer: RequestObserver):
+    """While a response's deltas or events are consumed: an APIError is recorded with its status, a
+    client that went away (cancelled) as 499; both propagate."""
     try:
-        async for delta in deltas:
-            parts.append(delta.text)
-            entries += delta.logprobs or []
-            last = delta
+        yield
     except APIError as exc:
         observer.finish(exc.status, error=exc.message)
         raise
     except (asyncio.CancelledError, GeneratorExit):
         observer.finish(499, error="client disconnected")
         raise
+
+
+async def collect(deltas: AsyncIterator[Delta], observer: RequestObserver, finish: bool = True) -> tuple[str, Delta, list]:
+    """The whole text, the last delta and every token's log probability entry (empty when not asked for).
+    finish: record the request's success on the observer at the end (errors are always recorded)."""
+    parts, last, entries = [], None, []
+    with failures_recorded(observer):
+        async for delta in deltas:
+            parts.append(delta.text)
+            entries += delta.logprobs or []
+            last = delta
     if last is None or not last.finished:
         observer.finish(500, error="stream ended without a finished delta")
         raise APIError(500, "engine stream ended without a final delta", "server_error")
@@ -168,16 +176,10 @@ async def last_event(events: AsyncIterator[dict], observer: RequestObserver) -> 
     """Run an event stream to its end and return its last event (a non-streamed answer built by the
     same events as the streamed one); outcome recorded on the observer as `collect` does."""
     last = None
-    try:
+    with failures_recorded(observer):
         async with contextlib.aclosing(events):
             async for event in events:
                 last = event
-    except APIError as exc:
-        observer.finish(exc.status, error=exc.message)
-        raise
-    except (asyncio.CancelledError, GeneratorExit):
-        observer.finish(499, error="client disconnected")
-        raise
     if last is None:
         observer.finish(500, error="stream ended without an event")
         raise APIError(500, "engine stream ended without a final event", "server_error")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from integrations.openai_models import ChatCompletionRequest, OpenAIBody
 from integrations.request_limits import InputError
@@ -75,19 +75,17 @@ class ResponsesRequest(OpenAIBody):
     prompt_cache_key: str | None = None
     previous_response_id: str | None = None  # refused in chat_request: nothing is stored
     conversation: str | dict[str, Any] | None = None  # refused in chat_request: nothing is stored
-    # ReFusion / vLLM extensions (validated by the chat turn)
-    mode: Any = None
-    slot_size: Any = None
-    serial_num_blocks: Any = None
-    slot_threshold: Any = None
-    token_threshold: Any = None
-    top_k: Any = None
-    min_p: Any = None
-    max_time_ms: Any = None
-    priority: Any = None
-    seed: Any = None
-    stop: Any = None
-    structured_outputs: Any = None
+    # ReFusion / vLLM extensions (EXTENSIONS, sent at the top level), passed on to the chat turn, which
+    # validates them
+    extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_extensions(cls, data):
+        if isinstance(data, dict) and any(k in data for k in EXTENSIONS):
+            found = {k: data[k] for k in EXTENSIONS if k in data and data[k] is not None}
+            data = {k: v for k, v in data.items() if k not in EXTENSIONS} | {"extensions": found}
+        return data
 
     def chat_request(self) -> ChatCompletionRequest:
         """The chat turn this request asks for. Raises InputError (400) naming the Responses field."""
@@ -110,9 +108,10 @@ class ResponsesRequest(OpenAIBody):
             body["logprobs"], body["top_logprobs"] = True, self.top_logprobs
         for name, chat_name in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
                                 ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
-                                ("user", "user"), ("model", "model")) + tuple((e, e) for e in EXTENSIONS):
+                                ("user", "user"), ("model", "model")):
             if getattr(self, name) is not None:
                 body[chat_name] = getattr(self, name)
+        body.update(self.extensions)
         try:
             chat = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:

@@ -15,7 +15,6 @@ from sched_fakes import ForwardGate
 from decoding.api import DecodeParamError
 from decoding.grammar import Grammar, GrammarSpec, GrammarTokenizer
 from scheduler.api import FinishReason, GenerationRequest, InvalidRequestError, Mode, Priority
-from scheduler.config import EngineConfig
 
 llguidance = pytest.importorskip("llguidance")
 LLMatcher = llguidance.LLMatcher
@@ -36,24 +35,6 @@ def runner(tiny_model_dir):
     from workers.runner import ModelRunner
 
     return ModelRunner(tiny_model_dir, num_blocks=256, block_size=16)
-
-
-@pytest.fixture
-async def engine_factory(runner):
-    from scheduler.engine import Engine
-
-    engines = []
-
-    async def make(**config):
-        engine = Engine(runner, runner.tokenizer, EngineConfig(**config))
-        await engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        await engine.stop(drain_timeout_s=1)
-        assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
 
 
 async def _run(engine, spec) -> tuple[str, list[int], object]:

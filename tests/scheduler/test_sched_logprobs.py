@@ -12,7 +12,6 @@ import pytest
 from sched_fakes import ForwardGate
 
 from scheduler.api import GenerationRequest, Mode, Priority
-from scheduler.config import EngineConfig
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
 pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="models/refusion-tiny-code not present")
@@ -24,24 +23,6 @@ def runner():
     from workers.runner import ModelRunner
 
     return ModelRunner(SHIPPED_MODEL, num_blocks=256)
-
-
-@pytest.fixture
-async def engine_factory(runner):
-    from scheduler.engine import Engine
-
-    engines = []
-
-    async def make(**config):
-        engine = Engine(runner, runner.tokenizer, EngineConfig(**config))
-        await engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        await engine.stop(drain_timeout_s=1)
-        assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
 
 
 async def _run(engine, spec):
