@@ -105,7 +105,10 @@ class KVOwner:
         """A running request still prefilling a prompt that shares at least `min_blocks` (> 0) more full
         blocks with `req`'s than the cache holds (`hit`), or None. Started now, `req` would compute those
         blocks a second time in parallel; started once they are cached, it reads them (SGLang's in-batch
-        prefix caching: `n` choices, an editor's gap candidates, a chat's retries share whole prompts)."""
+        prefix caching: `n` choices, an editor's gap candidates, a chat's retries share whole prompts).
+        Only a request of the same or a higher priority class that ran last step qualifies, so the wait
+        is never on a prefill that is itself held back (an INTERACTIVE request never waits on a BATCH one
+        that the interactive load starves)."""
         cache = self.prefix_cache
         if cache is None or min_blocks <= 0:
             return None
@@ -116,6 +119,8 @@ class KVOwner:
         for other in running:
             if other.runner_key != "main" or other.prompt_blocks_shared >= len(other.spec.prompt_ids) // cache.block_size:
                 continue  # another runner's, or its full prompt blocks are in the cache already
+            if other.priority > req.priority or other.skipped:
+                continue  # a lower class, or passed over last step: its prefill may not advance, so never wait on it
             theirs = cache.block_names(other.spec.prompt_ids)
             common = have  # chained names: equal at a depth means equal up to it
             while common < min(len(names), len(theirs)) and names[common] == theirs[common]:

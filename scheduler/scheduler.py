@@ -21,11 +21,13 @@ as soon as the blocks held by requests that overtook it would make it fit, so it
 those to finish. Never across classes: a BATCH request does not overtake a waiting INTERACTIVE one.
 
 Prefix waits: a waiting request whose prompt shares at least `prefix_wait_blocks` more full blocks with
-a prompt a running request is still prefilling than the prefix cache holds does not start yet (it is
-skipped, not a head: later requests may start); once that prefill is cached it starts on the cached
-blocks. Copies of one prompt submitted together (OpenAI `n`, an editor's gap candidates) so compute it
-once instead of once each, as SGLang's in-batch prefix caching does. A waiter never waits for a
-request that is gone (cancelled, preempted, finished): only running ones are looked at, each step.
+a prompt a running request is still prefilling than the prefix cache holds does not start yet; once
+that prefill is cached it starts on the cached blocks. Copies of one prompt submitted together (OpenAI
+`n`, an editor's gap candidates) so compute it once instead of once each, as SGLang's in-batch prefix
+caching does. A waiter keeps a running slot and its KV estimate from later requests (which may start
+around it with what is left), so the wait lasts the prefill, not some later request's generation. It
+only waits on a running request of its own or a higher priority class that ran last step (never on a
+prefill that is itself held back, nor on a request that is gone: the check is redone each step).
 
 KV is the scheduler's (scheduler/kv.py): a segment's blocks are allocated when it enters the plan, and
 the plan carries each segment's block table. Should a step run short of blocks (tentative KV beyond
@@ -238,6 +240,7 @@ class Scheduler:
         docstring)."""
         self.waiting.sort(key=Request.sort_key)
         head: Request | None = None  # the first request left waiting for KV
+        held_slots = held_blocks = 0  # what the prefix waiters met so far keep for themselves (below)
         i = 0
         while i < len(self.waiting):
             req = self.waiting[i]
@@ -245,8 +248,9 @@ class Scheduler:
                                      or not self._may_overtake(head)):
                 return
             req.prefix_wait = None
+            slot_free = len(self.running) + held_slots < self.config.max_running
             try:
-                started = len(self.running) < self.config.max_running and self._try_start(req)
+                started = slot_free and self._try_start(req, held_blocks)
             except Exception as exc:  # a decoder that cannot be built for this request: fail it alone
                 log.exception("start_failed", request_id=req.id)
                 self.waiting.pop(i)
@@ -258,10 +262,13 @@ class Scheduler:
                 if head is not None:
                     log.info("backfilled", request_id=req.id, around=head.id)
             elif req.prefix_wait is not None:
-                i += 1  # it starts on the cached prompt once that prefill is done; later ones may start now
+                # It starts on the cached prompt once that prefill is done (a step or a few): later requests
+                # may start now, but not in the slot and blocks it will take then
+                held_slots, held_blocks = held_slots + 1, held_blocks + req.kv_blocks
+                i += 1
             elif head is None and self._preempt_for(req):
                 continue
-            elif len(self.running) >= self.config.max_running or req.kv_wait is None:
+            elif not slot_free or req.kv_wait is None:
                 return  # no running slot: nobody can start
             else:
                 head = head or req
@@ -302,7 +309,10 @@ class Scheduler:
         self.waiting.sort(key=Request.sort_key)
         log.info("preempted", request_id=victim.id, reason=reason, mode=victim.pinned_mode.value)
 
-    def _try_start(self, req: Request) -> bool:
+    def _try_start(self, req: Request, held_blocks: int = 0) -> bool:
+        """Start `req` if a route, KV (beyond `held_blocks`, kept by prefix waiters ahead of it) and its
+        prompt allow; False with `req.kv_wait` (short of KV) or `req.prefix_wait` (its prompt is being
+        prefilled by a running request) set."""
         requested = req.pinned_mode or req.spec.mode
         route_key = req.route_key if requested is Mode.AUTO else None  # only AUTO requests can explore
         decision = self.router.decide(requested, req.priority, self.load_snapshot(), request_key=route_key)
@@ -319,10 +329,11 @@ class Scheduler:
                 log.info("waits_for_prefix", request_id=req.id, prefilling=prefilling.id)
             return False
         need = req.kv_blocks - len(hit.block_ids)
-        available = self.kv_available(key)
+        held = held_blocks if key == "main" else 0
+        available = self.kv_available(key) - held
         if available < need and cache is not None:
             cache.evict(need - available, protect=set(hit.block_ids))
-            available = self.kv_available(key)
+            available = self.kv_available(key) - held
         if available < need:
             req.kv_wait = (key, need - available)
             return False

@@ -312,3 +312,76 @@ async def test_no_wait_when_the_shared_part_is_short_or_waiting_is_off():
         await engine.stop()
     # waiting off, the same prompt twice at once: both compute it (what every waiter above saves)
     assert _fed_prompt_tokens(runner, "1x0") == _fed_prompt_tokens(runner, "1x1") >= 60
+
+
+def _first_forward(runner, seq_id: str) -> int:
+    return next(i for i, call in enumerate(runner.calls) if any(s.seq_id == seq_id for s in call))
+
+
+async def test_a_prefix_waiter_keeps_its_slot_from_later_requests():
+    """Two copies of one prompt and a later unrelated request, two running slots: the second copy waits
+    for the first's prefill and then takes the second slot; the later request does not take it meanwhile
+    (it would hold it for its whole generation and serialize the copies)."""
+    runner = FakeRunner(num_blocks=256, block_size=4)
+    engine, _ = make_engine(runner=runner, token_budget=8, max_running=2)
+    await engine.start()
+    prompt = list(range(4, 36)) * 2  # 64 tokens: 8 prefill chunks at a budget of 8
+    specs = [GenerationRequest("a", prompt, {"gen_length": 40}, mode=Mode.AR),
+             GenerationRequest("b", prompt, {"gen_length": 40}, mode=Mode.AR),
+             GenerationRequest("x", [7] * 5, {"gen_length": 80}, mode=Mode.AR)]
+    a, b, x = await asyncio.wait_for(asyncio.gather(*(collect(engine, s) for s in specs)), 60)
+    assert b[-1].stats["prefix_waits"] >= 1 and b[-1].stats["cached_prompt_tokens"] >= 56  # all but the last block(s)
+    assert _first_forward(runner, "b") < _first_forward(runner, "x")  # x waited for a slot, not b
+    assert _first_forward(runner, "b") < 12  # right after a's prefill, not after a's whole generation
+    await engine.stop()
+
+
+async def test_waiting_for_a_prefix_never_costs_extra_preemptions(monkeypatch, wait_until):
+    """Two slots: `o` prefilling a prompt, `v` decoding; an INTERACTIVE copy of `o`'s prompt arrives. It
+    preempts `v` once for a slot (as without waiting), then waits for `o`'s prefill in that slot: `v`
+    must not restart in it and be preempted again, nor `o` be preempted in the prefill awaited."""
+    from sched_fakes import ForwardGate
+
+    from scheduler.api import Priority
+
+    runner = FakeRunner(num_blocks=512, block_size=4)
+    engine, _ = make_engine(runner=runner, token_budget=8, max_running=2)
+    gate = ForwardGate(runner.execute, hold_from=2)
+    monkeypatch.setattr(runner, "execute", gate)
+    await engine.start()
+    prompt = list(range(4, 36)) * 2
+    o = asyncio.create_task(collect(engine, GenerationRequest("o", prompt, {"gen_length": 8}, mode=Mode.AR)))
+    v = asyncio.create_task(collect(engine, GenerationRequest("v", [7] * 5, {"gen_length": 40}, mode=Mode.AR)))
+    try:
+        await wait_until(gate.entered.is_set, "the third forward")
+        w = asyncio.create_task(collect(engine, GenerationRequest("w", prompt, {"gen_length": 8}, mode=Mode.AR,
+                                                                  priority=Priority.INTERACTIVE)))
+        await wait_until(lambda: any(r.id == "w" for r in engine.scheduler.waiting), "w to queue")
+    finally:
+        gate.release()
+    ro, rv, rw = await asyncio.wait_for(asyncio.gather(o, v, w), 60)
+    assert rv[-1].stats["preemptions"] <= 1 and ro[-1].stats["preemptions"] == 0
+    assert rw[-1].stats["cached_prompt_tokens"] > 0
+    await engine.stop()
+
+
+async def test_an_interactive_request_never_waits_on_a_starved_batch_prefill(wait_until):
+    """Interactive requests use the whole token budget every step, so a running BATCH request gets none;
+    an INTERACTIVE copy of its prompt computes the prompt itself instead of waiting behind it."""
+    from scheduler.api import Priority
+
+    runner = FakeRunner(num_blocks=4096, block_size=4)
+    engine, _ = make_engine(runner=runner, token_budget=16, max_running=32)
+    await engine.start()
+    busy = [asyncio.create_task(collect(engine, GenerationRequest(f"i{k}", [5 + k, 6], {"gen_length": 150}, mode=Mode.AR,
+                                                                  priority=Priority.INTERACTIVE))) for k in range(16)]
+    await wait_until(lambda: len(runner.calls) >= 3, "the interactive requests to decode")
+    prompt = list(range(4, 36)) * 2
+    o = asyncio.create_task(collect(engine, GenerationRequest("o", prompt, {"gen_length": 4}, mode=Mode.AR)))
+    await wait_until(lambda: any(r.id == "o" for r in engine.scheduler.running), "o to start")
+    w = await asyncio.wait_for(collect(engine, GenerationRequest("w", prompt, {"gen_length": 4}, mode=Mode.AR,
+                                                                 priority=Priority.INTERACTIVE)), 60)
+    assert w[-1].stats["prefix_waits"] == 0
+    for task in busy + [o]:
+        await task
+    await engine.stop()
