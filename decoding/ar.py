@@ -24,6 +24,7 @@ more than the scheduler's budget: a longer run is fed in kept chunks without rea
 from __future__ import annotations
 
 import time
+from collections import Counter
 from enum import Enum
 
 from decoding.api import DecodeStats, Handoff
@@ -229,7 +230,19 @@ class ARDecoder:
         reads = Reads(argmax=last) if self.params.temperature == 0 else Reads(sample=last)
         mask = self.constraint.bitmask() if self.constraint is not None else None
         return Segment(self.seq_id, context_len, tokens, positions, num_kept, reads, sampling=self._sampling(),
-                       token_bitmask=mask, logprobs=self.params.logprobs)
+                       token_bitmask=mask, logprobs=self.params.logprobs, logit_bias=self._logit_bias())
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's logit_bias plus the presence and frequency penalties of the text so far (handed-off
+        text included): each generated token's logit loses presence + frequency x its count."""
+        p = self.params
+        if not (p.presence_penalty or p.frequency_penalty or p.logit_bias):
+            return ()
+        bias = dict(p.logit_bias or {})
+        if p.presence_penalty or p.frequency_penalty:
+            for token, count in Counter(self.prior_ids + self.generated).items():
+                bias[token] = bias.get(token, 0.0) - p.presence_penalty - p.frequency_penalty * count
+        return tuple(sorted(bias.items()))
 
     def _finish(self) -> None:
         self.phase = ARPhase.FINISHED

@@ -38,6 +38,9 @@ GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM: smaller temperatures are greedy (and
 MAX_TEMPERATURE = 100.0  # far past uniform; larger values only lose precision
 MAX_TOP_K = 2**31 - 1  # far above any vocabulary (a larger top_k keeps every token); the device holds int64
 MIN_TOP_P = 1e-6  # smaller values round to 0 in float32 and would drop every token
+MAX_PENALTY = 2.0  # presence and frequency penalties: OpenAI's range is [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range
+MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI refuses larger maps too
 _INT_FIELDS = ("gen_length", "slot_size", "serial_num_blocks", "top_k", "seed", "eos_token_id", "mask_token_id")
 _FLOAT_FIELDS = ("slot_threshold", "token_threshold", "temperature", "top_p", "min_p")
 
@@ -65,6 +68,12 @@ class DecodeParams:
     # Return each generated token's log probability with this many alternatives (OpenAI logprobs /
     # top_logprobs, 0 .. MAX_TOP_LOGPROBS); None: none. Does not change what is decoded.
     logprobs: int | None = None
+    # OpenAI's penalties and logit bias (AR decoding only: the engine runs such requests AR): each
+    # token already generated has presence_penalty + frequency_penalty x its count subtracted from its
+    # logit, and logit_bias {token id: bias} is added, before the token is chosen (greedy or sampled)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -110,6 +119,13 @@ class DecodeParams:
             raise DecodeParamError("min_p", f"must lie in [0, 1] (0 = off), got {self.min_p}")
         if not 0 <= self.seed <= SEED_MAX:
             raise DecodeParamError("seed", f"must lie in 0..{SEED_MAX} (a signed 64-bit integer), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _check_number(name, getattr(self, name))
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise DecodeParamError(name, f"must lie in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (OpenAI's range), got {value}")
+            setattr(self, name, float(value))
+        if self.logit_bias is not None:
+            self.logit_bias = _check_logit_bias(self.logit_bias)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
@@ -152,6 +168,24 @@ def _check_number(name: str, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DecodeParamError(name, f"must be a finite number, got {value!r}")
     return value
+
+
+def _check_logit_bias(value) -> dict:
+    """{token id (int >= 0): bias in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]}, at most MAX_LOGIT_BIAS_TOKENS
+    entries; raises DecodeParamError naming logit_bias."""
+    if not isinstance(value, dict):
+        raise DecodeParamError("logit_bias", f"must map token ids to biases, got {type(value).__name__}")
+    if len(value) > MAX_LOGIT_BIAS_TOKENS:
+        raise DecodeParamError("logit_bias", f"has {len(value)} entries; give at most {MAX_LOGIT_BIAS_TOKENS}")
+    out = {}
+    for token, bias in value.items():
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise DecodeParamError("logit_bias", f"key {token!r} is not a token id (an int >= 0)")
+        _check_number("logit_bias", bias)
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise DecodeParamError("logit_bias", f"bias {bias} of token {token} is outside [-100, 100] (OpenAI's range)")
+        out[token] = float(bias)
+    return out
 
 
 def load_model_defaults(model_dir: str | Path) -> dict:

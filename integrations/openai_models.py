@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from decoding.grammar import GrammarSpec
-from decoding.params import MAX_TOP_K, SERVING_DEFAULTS
+from decoding.params import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_PENALTY, MAX_TOP_K, SERVING_DEFAULTS
 from integrations.openai_choices import MAX_CHOICES
 from workers.batch import MAX_TOP_LOGPROBS
 from integrations.request_limits import MAX_SEED, MIN_TOP_P, InputError, sampling_temperature
@@ -129,9 +129,9 @@ class SamplingFields(OpenAIBody):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES, description=f"choices per prompt, 1..{MAX_CHOICES}")
     user: str | None = None
-    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported: leave at 0")
-    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported: leave at 0")
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[str, float] | None = None  # {"token id": bias in [-100, 100]}, as OpenAI
     # ReFusion extensions
     mode: Literal["auto", "refusion", "ar"] = "auto"
     slot_size: int | None = Field(default=None, ge=1)
@@ -186,9 +186,17 @@ class SamplingFields(OpenAIBody):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported: remove it")
+    def _token_biases(cls, value):
+        """OpenAI's form: token ids (as JSON object keys, so strings) -> biases in [-100, 100]."""
+        if not value:
+            return None
+        if len(value) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"has {len(value)} entries; give at most {MAX_LOGIT_BIAS_TOKENS}")
+        for key, bias in value.items():
+            if not key.isdigit():
+                raise ValueError(f"key {key!r} is not a token id: use the tokenizer's ids as strings, e.g. \"50256\"")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"bias {bias} of token {key} is outside [-100, 100]")
         return value
 
     def decode_params(self, gen_length: int, model_defaults: dict | None = None, slot_size: int | None = None) -> dict:
@@ -208,6 +216,11 @@ class SamplingFields(OpenAIBody):
                 params[name] = value
         if self.num_logprobs is not None:
             params["logprobs"] = self.num_logprobs
+        for name in ("presence_penalty", "frequency_penalty"):  # AR decoding: the engine runs such requests AR
+            if getattr(self, name):
+                params[name] = getattr(self, name)
+        if self.logit_bias:
+            params["logit_bias"] = {int(token): bias for token, bias in self.logit_bias.items()}
         if slot_size is not None and self.slot_size is None:
             params["slot_size"] = slot_size
         if "temperature" in params:

@@ -36,6 +36,7 @@ from scheduler.scheduler import Scheduler, StepPlan, execute_isolated, execute_p
 from scheduler.validation import parse_params, validate_request, with_seed
 
 log = structlog.get_logger("engine")
+AR_ONLY_PARAMS = ("presence_penalty", "frequency_penalty", "logit_bias")  # decoding params that make a request AR
 
 
 class EngineNotRunningError(OverloadedError):
@@ -91,6 +92,7 @@ class Engine:
         or OverloadedError on the first iteration. Closing the generator (or cancelling the consuming
         task) cancels the request and frees its KV."""
         validate_request(request, self.runner.info.vocab_size, self.config.max_stop_strings)  # once, before a compile
+        request = self._ar_only(request)
         grammar = None
         if request.grammar is not None:
             request, grammar = await self._compile_grammar(request)
@@ -330,6 +332,19 @@ class Engine:
                 self._finish(req, FinishReason.DEADLINE)
 
     # ---- admission ---------------------------------------------------------------------------------
+    def _ar_only(self, spec: GenerationRequest) -> GenerationRequest:
+        """Penalties and a logit bias shape AR decoding (decoding/ar.py); ReFusion's plans and verifies
+        are the spec's, so such a request runs AR: AUTO becomes AR, REFUSION is refused (as grammars).
+        Raises InvalidRequestError naming "mode"."""
+        params = spec.params if isinstance(spec.params, dict) else {}
+        asked = [name for name in AR_ONLY_PARAMS if params.get(name)]
+        if not asked:
+            return spec
+        if spec.mode is Mode.REFUSION:
+            raise InvalidRequestError("mode", f"{asked[0]} applies to autoregressive decoding: use mode 'ar' or "
+                                      f"'auto', or drop {asked[0]}")
+        return dataclasses.replace(spec, mode=Mode.AR)
+
     async def _compile_grammar(self, spec: GenerationRequest) -> tuple[GenerationRequest, Grammar]:
         """A structured-output request runs on the AR path (decoding.grammar): AUTO becomes AR and
         REFUSION is refused. The grammar compiles in a worker thread, off the engine loop. Raises

@@ -40,6 +40,11 @@ def validate_request(spec: GenerationRequest, vocab_size: int | None, max_stop_s
     cap = spec.max_tokens
     if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0):
         raise InvalidRequestError("max_tokens", f"must be a positive integer number of tokens or None, got {cap!r}")
+    bias = spec.params.get("logit_bias")
+    if isinstance(bias, dict) and vocab_size:
+        outside = [t for t in bias if isinstance(t, int) and not isinstance(t, bool) and t >= vocab_size]
+        if outside:
+            raise InvalidRequestError("logit_bias", f"token id {outside[0]} is outside the vocabulary 0..{vocab_size - 1}")
     max_time = spec.max_time_ms
     if max_time is not None and (not isinstance(max_time, int) or isinstance(max_time, bool) or max_time <= 0):
         raise InvalidRequestError("max_time_ms", f"must be a positive integer number of milliseconds or None, got {max_time!r}")

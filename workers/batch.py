@@ -121,6 +121,10 @@ class Segment:
     # Log probabilities of the read tokens with this many alternatives each (0 .. MAX_TOP_LOGPROBS;
     # OpenAI `logprobs` / `top_logprobs`); None: none (the step's reads then skip that work).
     logprobs: int | None = None
+    # (token, bias) pairs added to the logits of the segment's argmax and sample rows before the token is
+    # chosen (OpenAI logit_bias and the presence/frequency penalties an AR decoder computes); prob rows
+    # and log probabilities see the logits without them. Empty: none.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)

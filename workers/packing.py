@@ -47,7 +47,8 @@ TOKEN_FIELDS = ("token_ids", "positions", "slot_mapping", "seq_index", "query_in
 SEQ_FIELDS = ("query_start", "query_len", "context_len")
 READ_FIELDS = ("read_rows", "temperature", "top_k", "top_p", "min_p", "gumbel", "sample", "given", "seed", "step",
                "read_position")
-FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p"})
+FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p", "bias_values"})
+MIN_BIAS = 8  # bias pairs per row: buckets of powers of two from 8 (a few graph layouts, whatever the count)
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -69,12 +70,14 @@ class StepLayout:
     needs_sort: bool  # some sample row uses top-k or top-p
     mask_words: int = 0  # int64 words of token bitmask per read row (0: no segment is constrained)
     logprobs: bool = False  # some segment asks for log probabilities: reads add MAX_TOP_LOGPROBS alternatives
+    bias_width: int = 0  # (token, bias) pairs per read row (0: no segment has Segment.logit_bias)
 
     def sizes(self) -> list[tuple[str, int]]:
         t, b, r = self.num_tokens, self.num_seqs, self.num_reads
         return ([(f, t) for f in TOKEN_FIELDS] + [(f, b) for f in SEQ_FIELDS]
                 + [("block_tables", b * self.max_blocks)] + [(f, r) for f in READ_FIELDS]
-                + [("token_bitmask", r * self.mask_words)])
+                + [("token_bitmask", r * self.mask_words)]
+                + [("bias_ids", r * self.bias_width), ("bias_values", r * self.bias_width)])
 
     def offsets(self) -> dict[str, tuple[int, int]]:
         """Field -> (start, end) in the buffer."""
@@ -181,6 +184,9 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     layout = _layout(seg, kinds, read_owner, block_size, mask_words if len(kinds) else 0)
     if len(kinds) and any(g.logprobs is not None and len(g.reads) for g in segments):
         layout = dataclasses.replace(layout, logprobs=True)
+    widest_bias = max((len(g.logit_bias) for g in segments if g.reads.argmax or g.reads.sample), default=0)
+    if len(kinds) and widest_bias:
+        layout = dataclasses.replace(layout, bias_width=bucket(widest_bias, MIN_BIAS))
     step = PackedStep(layout, np.zeros(layout.size, dtype=np.int64), t, len(rows),
                       np.concatenate(([0], np.cumsum(n_reads))), counts[:, :3].sum(1), counts[:, 3], seg,
                       np.append(flat_tables, scratch_block), kinds, read_owner)
@@ -190,6 +196,8 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     if layout.mask_words:
         step.token_bitmasks = masks
         _fill_bitmask(step, masks, kinds, read_owner)
+    if layout.bias_width:
+        _fill_bias(step, [g.logit_bias for g in segments], kinds, read_owner, ids)
     return step
 
 
@@ -262,6 +270,24 @@ def _fill_reads(step: PackedStep, q_start, rows, kinds, owner, prob_tokens) -> N
     if step.layout.num_reads:
         step.view("given")[r:] = -1
         step.view("top_p")[r:] = 1.0
+
+
+def _fill_bias(step: PackedStep, biases: list, kinds: np.ndarray, owner: np.ndarray, ids: list[str]) -> None:
+    """Each argmax and sample row's (token, bias) pairs: its segment's, padded with (0, 0.0) (adds
+    nothing); prob and logits-only rows get none."""
+    w, r = step.layout.bias_width, step.num_reads
+    tokens = np.zeros((len(biases), w), dtype=np.int64)
+    values = np.zeros((len(biases), w), dtype=np.float64)
+    for i, pairs in enumerate(biases):
+        if pairs:
+            try:
+                tokens[i, :len(pairs)] = [t for t, _ in pairs]
+                values[i, :len(pairs)] = [v for _, v in pairs]
+            except (OverflowError, TypeError, ValueError):
+                raise SegmentError(ids[i], "logit_bias", "must be (token id, finite number) pairs") from None
+    chosen = (kinds == 0) | (kinds == 2)
+    step.view("bias_ids").reshape(step.layout.num_reads, w)[:r] = np.where(chosen[:, None], tokens[owner], 0)
+    step.view("bias_values").reshape(step.layout.num_reads, w)[:r] = np.where(chosen[:, None], values[owner], 0.0)
 
 
 def _fill_bitmask(step: PackedStep, masks: list[bytes | None], kinds: np.ndarray, owner: np.ndarray) -> None:

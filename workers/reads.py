@@ -122,10 +122,15 @@ def _chosen_logprob(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
 
 
 def compute_reads(logits: torch.Tensor, params: ReadParams, needs_noise: bool, needs_sort: bool,
-                  logprobs: bool = False) -> torch.Tensor:
+                  logprobs: bool = False, bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """logits [R, V] float32 -> [2, R] float64: token ids (exact in float64) and probabilities; with
-    `logprobs`, [3 + 2K, R]: plus the token's log probability and the top K (module docstring)."""
-    values = _token_and_prob(logits, params, needs_noise, needs_sort)
+    `logprobs`, [3 + 2K, R]: plus the token's log probability and the top K (module docstring).
+    bias: ([R, L] token ids, [R, L] float64 values) added to the logits the token is chosen from
+    (Segment.logit_bias; padding pairs add 0); the log probabilities are of the logits without it."""
+    chosen_from = logits
+    if bias is not None:
+        chosen_from = logits.scatter_add(1, bias[0], bias[1].to(logits.dtype))
+    values = _token_and_prob(chosen_from, params, needs_noise, needs_sort)
     if not logprobs:
         return values
     log_probs = logits.log_softmax(dim=-1)  # [R, V] float32

@@ -39,6 +39,8 @@ class StepArrays(NamedTuple):
     read_rows: torch.Tensor  # [R]
     reads: ReadParams  # each [R]
     token_bitmask: torch.Tensor  # [R, W] int64 (W = layout.mask_words; [R, 0] when no row is constrained)
+    bias_ids: torch.Tensor  # [R, L] int64 (L = layout.bias_width; [R, 0] when no segment has a logit bias)
+    bias_values: torch.Tensor  # [R, L] float64
 
 
 def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
@@ -49,6 +51,8 @@ def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
         views[name] = view.view(torch.float64) if name in FLOAT_FIELDS else view
     views["block_tables"] = views["block_tables"].view(layout.num_seqs, layout.max_blocks)
     views["token_bitmask"] = views["token_bitmask"].view(layout.num_reads, layout.mask_words)
+    for name in ("bias_ids", "bias_values"):
+        views[name] = views[name].view(layout.num_reads, layout.bias_width)
     reads = ReadParams(**{("position" if f == "read_position" else f): views.pop(f)
                           for f in READ_FIELDS if f != "read_rows"})
     return StepArrays(reads=reads, **views)
@@ -72,4 +76,5 @@ def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayo
     logits = model.logits(hidden.index_select(0, a.read_rows))  # [R, V] float32
     if layout.mask_words:  # grammar-constrained rows (Segment.token_bitmask)
         logits = apply_token_bitmask(logits, a.token_bitmask)
-    return compute_reads(logits, a.reads, layout.needs_noise, layout.needs_sort, layout.logprobs), logits
+    bias = (a.bias_ids, a.bias_values) if layout.bias_width else None
+    return compute_reads(logits, a.reads, layout.needs_noise, layout.needs_sort, layout.logprobs, bias), logits

@@ -65,6 +65,14 @@ def validate_step(step, seq_ids: list[str], vocab_size: int, num_kv_blocks: int)
     for seq_id, mask in zip(seq_ids, step.token_bitmasks):
         if mask is not None:
             _check_bitmask(seq_id, mask, vocab_size)
+    if step.layout.bias_width:
+        w = step.layout.bias_width
+        ids = step.view("bias_ids").reshape(step.layout.num_reads, w)[:r]
+        values = step.view("bias_values").reshape(step.layout.num_reads, w)[:r]
+        bad = ((ids < 0) | (ids >= vocab_size) | ~np.isfinite(values)).any(axis=1)
+        if bad.any():
+            raise SegmentError(seq_ids[_first(bad, step.read_owner)], "logit_bias",
+                               f"token ids must lie in 0..{vocab_size - 1} and biases be finite numbers")
 
 
 def _check_bitmask(seq_id: str, mask: bytes, vocab_size: int) -> None:

@@ -145,7 +145,12 @@ HTTP_CASES = [
     _c("completions-logprobs-bool", {"prompt": "x", "logprobs": True}, field="logprobs", param="logprobs"),
     _c("completions-logprobs-with-suffix", {"prompt": "x", "suffix": "y", "logprobs": 1}, field="logprobs",
        param="logprobs"),
-    _c("completions-logit-bias", {"prompt": "x", "logit_bias": {"1": 5}}, field="logit_bias"),
+    _c("completions-logit-bias-word-key", {"prompt": "x", "logit_bias": {"hello": 5}}, field="logit_bias"),
+    _c("completions-logit-bias-over-100", {"prompt": "x", "logit_bias": {"1": 101}}, field="logit_bias"),
+    _c("completions-logit-bias-outside-vocab", {"prompt": "x", "logit_bias": {"999999999": 1}}, field="logit_bias"),
+    _c("completions-presence-penalty-over-2", {"prompt": "x", "presence_penalty": 2.5}, field="presence_penalty"),
+    _c("completions-penalty-with-refusion", {"prompt": "x", "frequency_penalty": 0.5, "mode": "refusion"}, field="mode"),
+    _chat("chat-frequency-penalty-string", {"messages": USER, "frequency_penalty": "0.5"}, field="frequency_penalty"),
     _c("completions-unknown-model", {"prompt": "x", "model": "gpt-nope"}, 404, "model"),
     _c("completions-model-lone-surrogate", {"prompt": "x", "model": "\udc80"}, field="model"),
     # POST /v1/chat/completions

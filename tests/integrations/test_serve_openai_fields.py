@@ -162,3 +162,20 @@ def test_continuous_usage_stats_give_the_usage_so_far_on_every_chunk(http):
     counts = [c["usage"]["completion_tokens"] for c in chunks]
     assert counts == sorted(counts) and counts[-1] == chunks[-1]["usage"]["completion_tokens"] > 0
     assert all(c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] for c in chunks)
+
+
+def test_logit_bias_and_penalties_shape_the_text(client, model, http):
+    """OpenAI's logit_bias forces a token (+100) or bans the greedy text's tokens (-100); penalties change a
+    greedy text. Such requests run AR (the `refusion` block says so)."""
+    base = dict(model=model, prompt="def f(x):\n", max_tokens=8, temperature=0)
+    [x] = http.post("/tokenize", json={"content": "x"}).json()["tokens"]
+    forced = client.completions.create(**base, logit_bias={str(x): 100})
+    assert forced.choices[0].text == http.post("/detokenize", json={"tokens": [x] * 8}).json()["prompt"]
+    assert forced.model_extra["refusion"]["mode"] == "ar"
+    greedy = client.completions.create(**base, logprobs=0, extra_body={"mode": "ar"}).choices[0].logprobs.tokens
+    used = {t for piece in set(greedy) for t in http.post("/tokenize", json={"content": piece}).json()["tokens"]}
+    banned = client.completions.create(**base, logprobs=0, logit_bias={str(t): -100 for t in used})
+    assert not set(banned.choices[0].logprobs.tokens) & set(greedy)  # none of the greedy text's tokens
+    plain = client.completions.create(**{**base, "max_tokens": 48}, extra_body={"mode": "ar"})
+    varied = client.completions.create(**{**base, "max_tokens": 48}, frequency_penalty=2.0, presence_penalty=1.0)
+    assert varied.choices[0].text != plain.choices[0].text

@@ -91,9 +91,10 @@ def _run_both(session, segs):
 def _masked(segs: list) -> list:
     """Grammar-constrained decode rows (Segment.token_bitmask) on every other sequence: tokens 3..130;
     log probabilities asked for on sequences 1 and 2 (one constrained, one not): the step's reads then
-    add the top-K stage (StepLayout.logprobs), compiled in the same graph."""
+    add the top-K stage (StepLayout.logprobs), compiled in the same graph; sequence 4 has a logit bias."""
     mask = bytes([0b11111000] + [0xFF] * 15 + [0b111]) + bytes(31)  # 48 bytes: 384 tokens
     segs = [dataclasses.replace(g, token_bitmask=mask) if i % 2 else g for i, g in enumerate(segs)]
+    segs = [dataclasses.replace(g, logit_bias=((10, 50.0), (77, -5.0))) if i == 4 else g for i, g in enumerate(segs)]
     return [dataclasses.replace(g, logprobs=5) if i in (1, 2) else g for i, g in enumerate(segs)]
 
 
@@ -108,7 +109,9 @@ def test_step_compiles_fullgraph_and_matches_eager(session, shape):
         (64, 8, 16, 32) if shape == "plan" else (16, 8, 1, 8))
     assert lay.needs_noise and lay.needs_sort == (shape != "plan")
     assert lay.mask_words == (6 if shape == "decode_masked" else 0)
-    assert lay.logprobs == (shape == "decode_masked")
+    assert lay.logprobs == (shape == "decode_masked") and lay.bias_width == (8 if shape == "decode_masked" else 0)
+    if shape == "decode_masked":  # the +50 bias wins the greedy read of sequence 4
+        assert values[0, 4].item() == 10
     assert values.shape[0] == (3 + 2 * 20 if lay.logprobs else 2)
     if shape == "decode_masked":  # the constrained rows chose among tokens 3..130
         tokens = values[0, : step.num_reads].tolist()
