@@ -11,6 +11,7 @@ field sent as JSON null counts as not sent, as in OpenAI's API (its SDKs and man
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -23,6 +24,9 @@ from integrations.request_limits import MAX_SEED, MIN_TOP_P, InputError, samplin
 from integrations.structured_output import (ANY_OBJECT, choice_grammar, json_grammar, lark_grammar, regex_grammar,
                                             response_format_grammar)
 from scheduler.api import Mode, Priority
+
+
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")  # a logit_bias key: ASCII digits (str.isdigit also takes "²" and "٢")
 
 
 def fitting_block_count(gen_length: int, slot_size: int, preferred: int) -> int:
@@ -192,9 +196,13 @@ class SamplingFields(OpenAIBody):
             return None
         if len(value) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"has {len(value)} entries; give at most {MAX_LOGIT_BIAS_TOKENS}")
+        seen = set()
         for key, bias in value.items():
-            if not key.isdigit():
+            if not _TOKEN_ID.fullmatch(key):
                 raise ValueError(f"key {key!r} is not a token id: use the tokenizer's ids as strings, e.g. \"50256\"")
+            if int(key) in seen:
+                raise ValueError(f"token {int(key)} appears twice (as {key!r}): give each token one bias")
+            seen.add(int(key))
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise ValueError(f"bias {bias} of token {key} is outside [-100, 100]")
         return value
@@ -261,7 +269,8 @@ class SamplingFields(OpenAIBody):
 
     @property
     def continuous_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+        """vLLM's continuous_usage_stats, which (as there) takes effect with include_usage."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
 
 MAX_PROMPTS = 64

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, Field, StrictInt, ValidationError, model_validator
 
 from integrations.chat import chat_prompt_ids
 from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events
 from integrations.editor.session import EditorSession
 from integrations.http_errors import APIError, from_engine_error
-from integrations.openai_models import ChatMessage
+from integrations.openai_models import ChatMessage, ToolSpec
 from integrations.openai_requests import id_headers, request_id
 from integrations.request_limits import InputError, RequestLimits, encode, off_loop, read_json_object
 from integrations.token_bytes import token_bytes
@@ -132,12 +133,17 @@ def _limits(request: Request) -> RequestLimits:
 
 
 class TokenizeBody(BaseModel):
-    """The /tokenize request: llama.cpp's fields, or vLLM's (`prompt`, or chat `messages` rendered with the
-    chat template as /v1/chat/completions does). Unknown fields are ignored (llama.cpp's rule)."""
+    """The /tokenize request: llama.cpp's fields, or vLLM's (`prompt`, or chat `messages` and `tools`
+    rendered with the chat template as /v1/chat/completions does). Other unknown fields are ignored
+    (llama.cpp's rule); vLLM's chat-template options other than the defaults are refused."""
 
     content: str | None = None
     prompt: str | None = None  # vLLM's name of content
-    messages: list[ChatMessage] | None = None  # vLLM: the chat prompt's tokens (template, generation prompt)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)  # vLLM: the chat prompt's tokens
+    tools: list[ToolSpec] | None = None  # with messages: the tools the chat template lists
+    add_generation_prompt: Literal[True] = True  # the chat route always adds it
+    continue_final_message: Literal[False] = False
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=0)
     add_special: bool = False  # insert the tokenizer's special tokens (BOS, when it has one)
     add_special_tokens: bool | None = None  # vLLM's name of add_special
     parse_special: bool = True  # false: special-token text such as "<|endoftext|>" is plain text
@@ -156,9 +162,9 @@ class TokenizeBody(BaseModel):
 
 
 class DetokenizeBody(BaseModel):
-    """The /detokenize request (llama.cpp and vLLM): token ids."""
+    """The /detokenize request (llama.cpp and vLLM): token ids (JSON integers, not strings or booleans)."""
 
-    tokens: list[int]
+    tokens: list[StrictInt]
 
 
 @router.post("/tokenize")
@@ -174,7 +180,7 @@ async def tokenize_route(request: Request) -> Response:
         if body.messages is not None:  # vLLM's chat form: the prompt /v1/chat/completions would run
             chars = sum(len(m.content or "") for m in body.messages)
             limits.check_chars("messages", "".join(m.content or "" for m in body.messages))
-            ids, _ = await off_loop(chat_prompt_ids, tokenizer, body.messages, None, limits, chars=chars)
+            ids, _ = await off_loop(chat_prompt_ids, tokenizer, body.messages, body.tools, limits, chars=chars)
             tokens = [{"id": i, "piece": _piece(tokenizer, i)} for i in ids] if body.with_pieces else ids
         else:
             limits.check_chars("prompt" if body.prompt is not None else "content", body.content)

@@ -136,6 +136,15 @@ def test_tokenize_counts_the_chat_prompt_the_server_runs(http, client, model):
     assert counted["max_model_len"] == CONTEXT
     text = http.post("/detokenize", json={"tokens": counted["tokens"]}).json()["prompt"]
     assert "def add(a, b):" in text and "Be brief." in text
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    with_tools = http.post("/tokenize", json={"messages": messages, "tools": tools}).json()
+    chat = client.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=2,
+                                          extra_body={"mode": "ar"})
+    assert with_tools["count"] == chat.usage.prompt_tokens > counted["count"]
+    for field, value in (("add_generation_prompt", False), ("continue_final_message", True),
+                         ("chat_template_kwargs", {"enable_thinking": True})):
+        refused = http.post("/tokenize", json={"messages": messages, field: value})
+        assert refused.status_code == 400 and field in refused.json()["error"]["message"]
 
 
 def test_min_p_one_samples_only_the_most_likely_token(client, model):
@@ -156,6 +165,8 @@ def test_continuous_usage_stats_give_the_usage_so_far_on_every_chunk(http):
     """vLLM's stream_options.continuous_usage_stats: each chunk's usage counts the tokens sent so far."""
     body = {"prompt": "def f(x):\n", "max_tokens": 8, "stream": True, "mode": "ar", "temperature": 0,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    alone = {**body, "stream_options": {"continuous_usage_stats": True}}  # as vLLM: only with include_usage
+    assert '"usage"' not in http.post("/v1/completions", json=alone).text
     lines = [line[6:] for line in http.post("/v1/completions", json=body).text.splitlines()
              if line.startswith("data: {")]
     chunks = [httpx.Response(200, content=line).json() for line in lines]
