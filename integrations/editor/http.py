@@ -4,6 +4,7 @@
     POST      /infill      llama.cpp-compatible infill (llama.vim, llama.vscode)
     POST      /tokenize    llama.cpp's token helper (llama.vscode counts prompt tokens with it), vLLM's too
     POST      /detokenize  llama.cpp's and vLLM's: ids -> text
+    POST      /completion  llama.cpp's plain completion (integrations/llama_completion.py)
 
 Both reach the engine through `app.state.engine_client` (integrations/engine_client.py). Bodies are read
 by integrations/request_limits.py (size, JSON, nesting, Unicode); errors have llama.cpp's shape
@@ -13,7 +14,9 @@ by integrations/request_limits.py (size, JSON, nesting, Unicode); errors have ll
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
@@ -21,9 +24,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, StrictInt, ValidationError, model_validator
 
 from integrations.chat import chat_prompt_ids
-from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events
+from integrations.editor.document import DocumentStyle, cursor_at_indent
+from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events, select_fields
 from integrations.editor.session import EditorSession
 from integrations.http_errors import APIError, from_engine_error
+from integrations.http_metrics import RequestObserver
+from integrations.llama_completion import (LlamaCompletionBody, llama_events, llama_field, llama_probabilities,
+                                           llama_result)
+from integrations.openai_calls import collect, logprob_formatter, start
+from integrations.openai_requests import completion_requests
+from integrations.openai_stream import in_document_style
 from integrations.openai_models import ChatMessage, ToolSpec
 from integrations.openai_requests import id_headers, request_id
 from integrations.request_limits import InputError, RequestLimits, encode, off_loop, read_json_object
@@ -32,6 +42,9 @@ from scheduler.api import EngineError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+# /completion's settings when the router runs without the OpenAI app (tests): its defaults
+_STANDALONE = SimpleNamespace(limits=RequestLimits(), default_max_tokens=256, completion_default_max_tokens=16,
+                              decode_defaults={})
 
 
 @router.websocket("/v1/editor")
@@ -60,6 +73,8 @@ def _error_body(exc: Exception) -> tuple[int, dict, dict]:
     (logged, 500)."""
     if isinstance(exc, InputError):
         status, message, kind, headers = exc.status, _field_message(exc.field, exc.message), "invalid_request_error", {}
+    elif isinstance(exc, APIError):
+        status, message, kind, headers = exc.status, exc.message, exc.type, exc.headers
     elif isinstance(exc, InvalidRequestError):
         status, message, kind, headers = 400, _field_message(exc.field, str(exc).split(": ", 1)[-1]), "invalid_request_error", {}
     else:
@@ -105,6 +120,55 @@ async def infill_route(request: Request) -> Response:
         return JSONResponse(payload, status, headers=headers)
     return StreamingResponse(_events_after(first, events), media_type="text/event-stream",
                              headers=id_headers(request, rid))
+
+
+@router.post("/completion")
+async def completion_route(request: Request) -> Response:
+    """llama.cpp /completion (integrations/llama_completion.py): run as /v1/completions runs, answered in
+    llama.cpp's shape; errors in llama.cpp's shape naming llama.cpp's fields."""
+    client = request.app.state.engine_client
+    settings = getattr(request.app.state, "settings", None) or _STANDALONE
+    started = time.perf_counter()
+    try:
+        rid = _request_id(request)
+        body = await _read(request, LlamaCompletionBody)
+        openai = body.openai_body(settings.default_max_tokens)
+        grammar = await off_loop(openai.output_grammar) if openai.response_format or openai.structured_outputs else None
+        [prepared] = await completion_requests(client.tokenizer, rid, openai, settings, grammar)
+        prompt_ids = prepared.request.prompt_ids
+        observer = RequestObserver.for_request(request, "completion", rid, len(prompt_ids))
+        deltas = await start(client, prepared.request, observer)
+        if prepared.style != DocumentStyle():
+            deltas = in_document_style(deltas, prepared.style, cursor_at_indent(prepared.text))
+        formatter = logprob_formatter(client, openai)
+        n_ctx = settings.limits.context_length
+        if body.stream:
+            events = llama_events(client, body, prompt_ids, deltas, formatter, started, n_ctx)
+            first = b"data: " + compact_json(await anext(events)) + b"\n\n"
+        else:
+            text, last, entries = await collect(deltas, observer)
+            probabilities = llama_probabilities(formatter, entries) if formatter is not None else None
+            first_s = started + ((last.stats or {}).get("time_to_first_token_s") or 0.0)
+            result = llama_result(client, body, prompt_ids, text, last, observer.completion_tokens, probabilities,
+                                  started, first_s, n_ctx)
+            return Response(compact_json(select_fields(result, getattr(body, "response_fields", None))),
+                            media_type="application/json", headers=id_headers(request, rid))
+    except (InputError, APIError, EngineError) as exc:
+        field, message = (exc.field, exc.message) if isinstance(exc, InputError) else (
+            (exc.param, exc.message.split(": ", 1)[-1]) if isinstance(exc, APIError) and exc.status == 400 and exc.param
+            else (None, None))
+        if field is not None:  # named as llama.cpp names it (n_predict, n_probs, json_schema, grammar)
+            exc = InputError(400 if not isinstance(exc, InputError) else exc.status, llama_field(field),
+                             message.replace(field, llama_field(field)))
+        status, payload, headers = _error_body(exc)
+        return JSONResponse(payload, status, headers=headers)
+    return StreamingResponse(_events_after(first, _sse_lines(events)), media_type="text/event-stream",
+                             headers=id_headers(request, rid))
+
+
+async def _sse_lines(events):
+    async for event in events:
+        yield b"data: " + compact_json(event) + b"\n\n"
 
 
 def _request_id(request: Request) -> str:

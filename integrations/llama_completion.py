@@ -1,0 +1,172 @@
+"""llama.cpp's POST /completion (its server's native completion route; tools/server/README.md): a plain
+completion of `prompt`, answered in llama.cpp's shape, streamed or not.
+
+The request maps onto an OpenAI completions body (integrations/openai_models.CompletionRequest) so it
+runs exactly as /v1/completions does (context fit, CRLF/tab style, engine admission); llama.cpp's names
+map over: n_predict -> max_tokens (-1: the server's default_max_tokens, less when fewer fit: this
+server reserves KV for the whole generation, so "until the context is full" is not offered), n_probs ->
+logprobs (`completion_probabilities`), json_schema and grammar (GBNF or Lark) -> structured outputs,
+seed -1 -> a random seed, logit_bias as [[id, bias], ...] or {"id": bias}. Defaults are llama.cpp's:
+temperature 0.8, top_k 40, top_p 0.95, min_p 0.05. Fields that would change the output and are not
+applied (repeat_penalty other than 1, ignore_eos, lora, ...) are a 400; others are ignored (llama.cpp's
+clients send many). Errors: llama.cpp's shape, the message naming llama.cpp's field.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from integrations.openai_models import CompletionRequest
+from integrations.request_limits import InputError
+from scheduler.api import Delta, FinishReason
+
+# OpenAI body field a 400 may name -> llama.cpp's name of it
+_FIELDS = [("response_format.json_schema.schema", "json_schema"), ("structured_outputs.grammar", "grammar"),
+           ("max_tokens", "n_predict"), ("logprobs", "n_probs")]
+# Not applied here, so refused unless at their "off" value (llama.cpp's defaults)
+_OFF = {"repeat_penalty": 1.0, "ignore_eos": False, "lora": [], "mirostat": 0, "dry_multiplier": 0.0,
+        "xtc_probability": 0.0, "typical_p": 1.0}
+
+
+def llama_field(field: str | None) -> str | None:
+    """The llama.cpp name of an OpenAI completions field (`max_tokens` -> `n_predict`, ...)."""
+    for ours, theirs in _FIELDS:
+        if field == ours or (field or "").startswith(ours + "."):
+            return theirs + field[len(ours):]
+    return field
+
+
+class LlamaCompletionBody(BaseModel):
+    """POST /completion (module docstring). Unknown fields are accepted and ignored, as llama.cpp does."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str | list[int]
+    n_predict: int = Field(-1, ge=-1)
+    temperature: float = Field(0.8, ge=0, le=2)
+    top_k: int = Field(40, ge=0)
+    top_p: float = Field(0.95, ge=1e-6, le=1)
+    min_p: float = Field(0.05, ge=0, le=1)
+    seed: int = Field(-1, ge=-1)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    stream: bool = False
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: list[list[float]] | dict[str, float] | None = None
+    n_probs: int = Field(0, ge=0, le=20)
+    grammar: str = ""
+    json_schema: dict[str, Any] | None = None
+    return_tokens: bool = False
+    mode: str = "auto"  # ReFusion extension
+
+    @field_validator("temperature", "top_k", "top_p", "min_p", "seed", "n_predict", "n_probs", "presence_penalty",
+                     "frequency_penalty", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value, info):
+        """llama.cpp reads a JSON null as "not given"."""
+        return cls.model_fields[info.field_name].get_default() if value is None else value
+
+    def openai_body(self, default_max_tokens: int) -> CompletionRequest:
+        """The /v1/completions body this request is. Raises InputError naming llama.cpp's field."""
+        for name, off in _OFF.items():
+            value = (self.model_extra or {}).get(name, off)
+            if value is not None and value != off:
+                raise InputError(400, name, f"is not applied by this server: remove it or set it to {off!r}")
+        body: dict[str, Any] = {
+            "prompt": self.prompt, "max_tokens": self.n_predict if self.n_predict > 0 else default_max_tokens,
+            "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+            "stop": self.stop, "mode": self.mode, "stream": self.stream,
+        }
+        if self.seed >= 0:
+            body["seed"] = self.seed
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                body[name] = getattr(self, name)
+        if self.logit_bias:
+            body["logit_bias"] = _openai_bias(self.logit_bias)
+        if self.n_probs:
+            body["logprobs"] = self.n_probs
+        if self.json_schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "json_schema", "schema": self.json_schema}}
+        if self.grammar:
+            if self.json_schema is not None:
+                raise InputError(400, "grammar", "give grammar or json_schema, not both")
+            body["structured_outputs"] = {"grammar": self.grammar}
+        try:
+            return CompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False, include_input=False)[0]
+            raise InputError(400, llama_field(".".join(str(p) for p in error["loc"])) or None, error["msg"]) from None
+
+
+def _openai_bias(bias) -> dict[str, float]:
+    """llama.cpp's [[token id, bias], ...] (or {"id": bias}) -> OpenAI's {"id": bias}; a bias of false
+    (llama.cpp: never this token) is -100."""
+    if isinstance(bias, dict):
+        return bias
+    out = {}
+    for pair in bias:
+        if len(pair) != 2 or pair[0] != int(pair[0]):
+            raise InputError(400, "logit_bias", "use [[token id, bias], ...]")
+        out[str(int(pair[0]))] = -100.0 if pair[1] is False else float(pair[1])
+    return out
+
+
+def llama_result(client, body: LlamaCompletionBody, prompt_ids: list[int], text: str, last: Delta, tokens: int,
+                 probabilities: list | None, started: float, first_token_s: float | None, n_ctx: int) -> dict:
+    """llama.cpp's completion result (the final event of a stream carries it, with its own content)."""
+    stats = last.stats or {}
+    word = stats.get("stop_word") or ""
+    stop_type = ("word" if word else "eos") if last.finish_reason is FinishReason.STOP else "limit"
+    total_ms = (time.perf_counter() - started) * 1000.0
+    prompt_ms = ((first_token_s or time.perf_counter()) - started) * 1000.0
+    predicted_ms = max(total_ms - prompt_ms, 0.0)
+    prompt_n = len(prompt_ids)
+    result = {
+        "index": 0, "content": text, "id_slot": 0, "stop": True, "model": client.model_name,
+        "tokens_predicted": tokens, "tokens_evaluated": prompt_n,
+        "tokens": client.tokenizer.encode(text, add_special_tokens=False) if body.return_tokens and text else [],
+        "generation_settings": {"n_predict": body.n_predict, "n_ctx": n_ctx, "model": client.model_name,
+                                "temperature": body.temperature, "top_k": body.top_k, "top_p": body.top_p,
+                                "min_p": body.min_p, "seed": body.seed, "stop": list(body.stop),
+                                "n_probs": body.n_probs, "stream": body.stream, "mode": body.mode},
+        "prompt": client.tokenizer.decode(prompt_ids), "has_new_line": "\n" in text, "truncated": False,
+        "stop_type": stop_type, "stopping_word": word if stop_type == "word" else "",
+        "tokens_cached": int(stats.get("cached_prompt_tokens") or 0),
+        "timings": {"prompt_n": prompt_n, "prompt_ms": round(prompt_ms, 3),
+                    "predicted_n": tokens, "predicted_ms": round(predicted_ms, 3),
+                    "predicted_per_second": round(1000.0 * tokens / predicted_ms, 3) if predicted_ms else 0.0},
+    }
+    if probabilities is not None:
+        result["completion_probabilities"] = probabilities
+    return result
+
+
+def llama_probabilities(formatter, entries) -> list[dict]:
+    """llama.cpp's completion_probabilities: per token {id, token, bytes, logprob, top_logprobs: [{id,
+    token, bytes, logprob}]} (n_probs alternatives), from the engine's TokenLogprob entries."""
+    def one(token: int, logprob: float) -> dict:
+        return {"id": token, "token": formatter.text(token), "bytes": formatter.token_bytes(token), "logprob": logprob}
+
+    return [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top[:formatter.num_top]]}
+            for e in entries]
+
+
+async def llama_events(client, body: LlamaCompletionBody, prompt_ids: list[int], deltas: AsyncIterator[Delta],
+                       formatter, started: float, n_ctx: int) -> AsyncIterator[dict]:
+    """stream=true: one event per text piece ({index, content, tokens, stop: false}, plus its
+    completion_probabilities), then the final result with stop true and content "" (all sent before)."""
+    tokens, first, last = 0, None, None
+    async for delta in deltas:
+        last, tokens = delta, tokens + len(delta.token_ids)
+        if delta.token_ids and first is None:
+            first = time.perf_counter()
+        if delta.text or delta.token_ids:
+            piece = {"index": 0, "content": delta.text, "tokens": list(delta.token_ids), "stop": False}
+            if formatter is not None:
+                piece["completion_probabilities"] = llama_probabilities(formatter, delta.logprobs or [])
+            yield piece
+    yield llama_result(client, body, prompt_ids, "", last, tokens, [] if formatter is not None else None, started,
+                       first, n_ctx)

@@ -1,0 +1,65 @@
+"""llama.cpp's POST /completion on the real Ray Serve app: the same text as /v1/completions for the same
+request, streamed events that add up to it, completion_probabilities from n_probs, grammars and JSON
+schemas enforced, llama.cpp's defaults and error shape with llama.cpp's field names."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+
+@pytest.fixture(scope="module")
+def http(serve_base_url):
+    with httpx.Client(base_url=serve_base_url, timeout=60) as client:
+        yield client
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_completion_is_the_openai_completion_in_llama_cpps_shape(http):
+    prompt = "def add(a, b):\n"
+    out = http.post("/completion", json={"prompt": prompt, "n_predict": 8, "temperature": 0, "mode": "ar",
+                                         "n_probs": 2, "return_tokens": True}).json()
+    same = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0, "mode": "ar"}).json()
+    assert out["content"] == same["choices"][0]["text"] and out["stop"] is True
+    assert out["tokens_predicted"] == same["usage"]["completion_tokens"] == len(out["completion_probabilities"])
+    assert out["tokens_evaluated"] == same["usage"]["prompt_tokens"] and out["stop_type"] in ("eos", "limit")
+    assert all(len(p["top_logprobs"]) == 2 and p["top_logprobs"][0]["id"] == p["id"]  # greedy: the best one
+               for p in out["completion_probabilities"])
+    settings = out["generation_settings"]
+    assert (settings["top_k"], settings["top_p"], settings["min_p"]) == (40, 0.95, 0.05)  # llama.cpp's defaults
+    streamed = _events(http.post("/completion", json={"prompt": prompt, "n_predict": 8, "temperature": 0,
+                                                      "mode": "ar", "stream": True}).text)
+    assert "".join(e["content"] for e in streamed) == out["content"]
+    assert streamed[-1]["stop"] is True and all(e["stop"] is False for e in streamed[:-1])
+    assert streamed[-1]["timings"]["predicted_n"] == out["tokens_predicted"]
+
+
+def test_grammars_and_json_schemas_are_enforced(http):
+    gbnf = http.post("/completion", json={"prompt": "x", "grammar": 'root ::= "yes" | "no"', "mode": "ar"}).json()
+    assert gbnf["content"] in ("yes", "no")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    out = http.post("/completion", json={"prompt": "x", "json_schema": schema, "n_predict": 32}).json()
+    assert set(json.loads(out["content"])) == {"ok"}
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"prompt": "x", "n_predict": 100000}, "n_predict"),
+    ({"prompt": "x", "n_probs": 50}, "n_probs"),
+    ({"prompt": "x", "repeat_penalty": 1.3}, "repeat_penalty"),
+    ({"prompt": "x", "json_schema": {"type": "nope"}}, "json_schema"),
+    ({"prompt": "x", "grammar": "root ::= ("}, "grammar"),
+    ({"prompt": "x", "logit_bias": [[1]]}, "logit_bias"),
+    ({"prompt": [10**9]}, "prompt"),
+    ({"n_predict": 4}, "prompt"),
+])
+def test_bad_requests_are_llama_cpp_errors_naming_the_field(http, body, field):
+    for stream in (False, True):
+        response = http.post("/completion", json={**body, "stream": stream})
+        assert response.status_code == 400, response.text[:300]
+        error = response.json()["error"]
+        assert error["code"] == 400 and f"Field '{field}'" in error["message"], error
