@@ -54,7 +54,7 @@ class LlamaCompletionBody(BaseModel):
     stream: bool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: list[list[float]] | dict[str, float] | None = None
+    logit_bias: list[tuple[int, bool | float]] | dict[str, float] | None = None  # [[id, bias or false]] or {"id": bias}
     n_probs: int = Field(0, ge=0, le=20)
     grammar: str = ""
     json_schema: dict[str, Any] | None = None
@@ -107,10 +107,10 @@ def _openai_bias(bias) -> dict[str, float]:
     if isinstance(bias, dict):
         return bias
     out = {}
-    for pair in bias:
-        if len(pair) != 2 or pair[0] != int(pair[0]):
-            raise InputError(400, "logit_bias", "use [[token id, bias], ...]")
-        out[str(int(pair[0]))] = -100.0 if pair[1] is False else float(pair[1])
+    for token, value in bias:
+        if value is True:
+            raise InputError(400, "logit_bias", f"token {token}: a bias is a number, or false to ban the token")
+        out[str(token)] = -100.0 if value is False else float(value)
     return out
 
 

@@ -39,6 +39,19 @@ def test_completion_is_the_openai_completion_in_llama_cpps_shape(http):
     assert streamed[-1]["timings"]["predicted_n"] == out["tokens_predicted"]
 
 
+def test_logit_bias_in_llama_cpps_form(http):
+    """[[id, bias]] pairs; false bans a token (llama.cpp's form)."""
+    [x] = http.post("/tokenize", json={"content": "x"}).json()["tokens"]
+    forced = http.post("/completion", json={"prompt": "y", "n_predict": 4, "logit_bias": [[x, 100]]}).json()
+    assert forced["content"] == http.post("/detokenize", json={"tokens": [x] * 4}).json()["content"]
+    banned = http.post("/completion", json={"prompt": "y", "n_predict": 4, "temperature": 0,
+                                            "logit_bias": [[x, 100], [x + 1, False]]}).json()
+    assert banned["content"] == forced["content"]  # the +100 still wins: false bans only x + 1
+    only_ban = http.post("/completion", json={"prompt": "y", "n_predict": 4, "temperature": 0, "n_probs": 1,
+                                              "logit_bias": [[x, False]]}).json()
+    assert all(p["id"] != x for p in only_ban["completion_probabilities"])
+
+
 def test_grammars_and_json_schemas_are_enforced(http):
     gbnf = http.post("/completion", json={"prompt": "x", "grammar": 'root ::= "yes" | "no"', "mode": "ar"}).json()
     assert gbnf["content"] in ("yes", "no")
@@ -62,4 +75,4 @@ def test_bad_requests_are_llama_cpp_errors_naming_the_field(http, body, field):
         response = http.post("/completion", json={**body, "stream": stream})
         assert response.status_code == 400, response.text[:300]
         error = response.json()["error"]
-        assert error["code"] == 400 and f"Field '{field}'" in error["message"], error
+        assert error["code"] == 400 and f"Field '{field}" in error["message"], error
