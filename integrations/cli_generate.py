@@ -29,8 +29,12 @@ FLAGS = {
     "temperature": "--temperature",
     "top_k": "--top-k",
     "top_p": "--top-p",
+    "min_p": "--min-p",
+    "presence_penalty": "--presence-penalty",
+    "frequency_penalty": "--frequency-penalty",
     "seed": "--seed",
 }
+AR_ONLY = ("--presence-penalty", "--frequency-penalty")  # shape AR decoding only (as on the API)
 
 
 class GenerateArgumentError(ValueError):
@@ -57,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--temperature", type=float, help="0 = greedy (default)")
     a("--top-k", type=int, help="AR sampling: keep the k most likely tokens (0 = off)")
     a("--top-p", type=float, help="AR sampling: nucleus mass in (0, 1]")
+    a("--min-p", type=float, help="AR sampling: drop tokens below this share of the top one's probability (0 = off)")
+    a("--presence-penalty", type=float, help="--mode ar: subtract from every generated token's logit (-2..2)")
+    a("--frequency-penalty", type=float, help="--mode ar: subtract this x each generated token's count (-2..2)")
     a("--seed", type=int, help="seed of the request's random stream (default: a fresh random one)")
     a("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
       help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -164,6 +171,9 @@ def generate(args) -> dict:
     if not prompt_ids:
         raise GenerateArgumentError("--prompt", "tokenizes to nothing; give some text to continue")
     _check_context(model_dir, len(prompt_ids), params, args.mode)
+    for flag in AR_ONLY:
+        if args.mode == "refusion" and getattr(args, flag[2:].replace("-", "_")):
+            raise GenerateArgumentError(flag, "applies to autoregressive decoding: add --mode ar")
     decoder_cls = RefusionDecoder if args.mode == "refusion" else ARDecoder
     decoder = decoder_cls("generate", prompt_ids, params)
     start = time.perf_counter()

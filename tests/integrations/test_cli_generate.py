@@ -72,6 +72,16 @@ def test_sampling_without_a_seed_is_fresh_and_a_seed_repeats(tiny_model_dir, cap
     assert again[0]["token_ids"] == again[1]["token_ids"] == fresh[0]["token_ids"]
 
 
+def test_penalties_and_min_p_reach_the_decoder(tiny_model_dir, capsys):
+    argv = ["--model", str(tiny_model_dir), "--prompt", "def ", "--mode", "ar", "--gen-length", "16", "--json"]
+    plain = json.loads(_run(capsys, *argv)[1])
+    penalized = json.loads(_run(capsys, *argv, "--frequency-penalty", "2", "--presence-penalty", "1")[1])
+    assert penalized["params"]["frequency_penalty"] == 2.0 and penalized["params"]["presence_penalty"] == 1.0
+    assert len(set(penalized["token_ids"])) > len(set(plain["token_ids"]))  # the random model repeats itself less
+    greedy_like = json.loads(_run(capsys, *argv, "--temperature", "1.5", "--min-p", "1", "--seed", "3")[1])
+    assert greedy_like["token_ids"] == plain["token_ids"]  # min_p 1 keeps only the most likely token
+
+
 def test_plain_output_is_the_completion_text_and_ar_mode_works(tiny_model_dir, tmp_path, capsys):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("import os\n")
@@ -102,6 +112,9 @@ def test_plain_output_is_the_completion_text_and_ar_mode_works(tiny_model_dir, t
         (["--prompt", "x", "--gen-length", "5000"], "--gen-length"),  # past the 4,096-token context
         (["--prompt", "x", "--mode", "ar", "--gen-length", "100000"], "--gen-length"),  # was an out-of-memory traceback
         (["--prompt", "x", "--gen-length", "64", "--slot-size", "5000"], "--slot-size"),  # rounds 64 up to 5,000
+        (["--prompt", "x", "--min-p", "1.5"], "--min-p"),
+        (["--prompt", "x", "--mode", "ar", "--presence-penalty", "3"], "--presence-penalty"),
+        (["--prompt", "x", "--frequency-penalty", "1"], "--frequency-penalty"),  # ReFusion: needs --mode ar
     ],
 )
 def test_bad_arguments_print_one_line_and_exit_non_zero(tiny_model_dir, capsys, argv, needle):
