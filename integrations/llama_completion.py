@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any, AsyncIterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from integrations.openai_models import CompletionRequest
 from integrations.request_limits import InputError
@@ -28,7 +28,9 @@ _FIELDS = [("response_format.json_schema.schema", "json_schema"), ("structured_o
            ("max_tokens", "n_predict"), ("logprobs", "n_probs")]
 # Not applied here, so refused unless at their "off" value (llama.cpp's defaults)
 _OFF = {"repeat_penalty": 1.0, "ignore_eos": False, "lora": [], "mirostat": 0, "dry_multiplier": 0.0,
-        "xtc_probability": 0.0, "typical_p": 1.0}
+        "xtc_probability": 0.0, "typical_p": 1.0, "post_sampling_probs": False, "dynatemp_range": 0.0,
+        "top_n_sigma": -1.0, "n_indent": 0, "t_max_predict_ms": 0, "n_cmpl": 1, "image_data": [],
+        "grammar_lazy": False}
 
 
 def llama_field(field: str | None) -> str | None:
@@ -54,28 +56,30 @@ class LlamaCompletionBody(BaseModel):
     stream: bool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: list[tuple[int, bool | float]] | dict[str, float] | None = None  # [[id, bias or false]] or {"id": bias}
+    logit_bias: list[tuple[int, bool | float]] | dict[str, bool | float] | None = None  # [[id, bias or false]], {"id": ...}
     n_probs: int = Field(0, ge=0, le=20)
     grammar: str = ""
     json_schema: dict[str, Any] | None = None
     return_tokens: bool = False
+    response_fields: list[str] | None = None
     mode: str = "auto"  # ReFusion extension
 
-    @field_validator("temperature", "top_k", "top_p", "min_p", "seed", "n_predict", "n_probs", "presence_penalty",
-                     "frequency_penalty", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _null_is_the_default(cls, value, info):
-        """llama.cpp reads a JSON null as "not given"."""
-        return cls.model_fields[info.field_name].get_default() if value is None else value
+    def _null_is_the_default(cls, data):
+        """llama.cpp reads a JSON null as "not given": the field's default applies."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
-    def openai_body(self, default_max_tokens: int) -> CompletionRequest:
+    def openai_body(self) -> CompletionRequest:
         """The /v1/completions body this request is. Raises InputError naming llama.cpp's field."""
         for name, off in _OFF.items():
             value = (self.model_extra or {}).get(name, off)
             if value is not None and value != off:
                 raise InputError(400, name, f"is not applied by this server: remove it or set it to {off!r}")
         body: dict[str, Any] = {
-            "prompt": self.prompt, "max_tokens": self.n_predict if self.n_predict > 0 else default_max_tokens,
+            # n_predict -1: unset (the server's default, shrunk to the room left); 0: one token to evaluate the
+            # prompt into the cache, not returned (llama.cpp generates none)
+            "prompt": self.prompt, "max_tokens": {-1: None, 0: 1}.get(self.n_predict, self.n_predict),
             "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
             "stop": self.stop, "mode": self.mode, "stream": self.stream,
         }
@@ -104,10 +108,8 @@ class LlamaCompletionBody(BaseModel):
 def _openai_bias(bias) -> dict[str, float]:
     """llama.cpp's [[token id, bias], ...] (or {"id": bias}) -> OpenAI's {"id": bias}; a bias of false
     (llama.cpp: never this token) is -100."""
-    if isinstance(bias, dict):
-        return bias
     out = {}
-    for token, value in bias:
+    for token, value in (bias.items() if isinstance(bias, dict) else bias):
         if value is True:
             raise InputError(400, "logit_bias", f"token {token}: a bias is a number, or false to ban the token")
         out[str(token)] = -100.0 if value is False else float(value)
@@ -115,8 +117,10 @@ def _openai_bias(bias) -> dict[str, float]:
 
 
 def llama_result(client, body: LlamaCompletionBody, prompt_ids: list[int], text: str, last: Delta, tokens: int,
-                 probabilities: list | None, started: float, first_token_s: float | None, n_ctx: int) -> dict:
-    """llama.cpp's completion result (the final event of a stream carries it, with its own content)."""
+                 probabilities: list | None, started: float, first_token_s: float | None, n_ctx: int,
+                 ids: list[int] = (), has_new_line: bool | None = None) -> dict:
+    """llama.cpp's completion result (the final event of a stream carries it, with its own content);
+    ids: the generated token ids (`tokens` with return_tokens)."""
     stats = last.stats or {}
     word = stats.get("stop_word") or ""
     stop_type = ("word" if word else "eos") if last.finish_reason is FinishReason.STOP else "limit"
@@ -127,12 +131,13 @@ def llama_result(client, body: LlamaCompletionBody, prompt_ids: list[int], text:
     result = {
         "index": 0, "content": text, "id_slot": 0, "stop": True, "model": client.model_name,
         "tokens_predicted": tokens, "tokens_evaluated": prompt_n,
-        "tokens": client.tokenizer.encode(text, add_special_tokens=False) if body.return_tokens and text else [],
+        "tokens": list(ids) if body.return_tokens else [],
         "generation_settings": {"n_predict": body.n_predict, "n_ctx": n_ctx, "model": client.model_name,
                                 "temperature": body.temperature, "top_k": body.top_k, "top_p": body.top_p,
                                 "min_p": body.min_p, "seed": body.seed, "stop": list(body.stop),
                                 "n_probs": body.n_probs, "stream": body.stream, "mode": body.mode},
-        "prompt": client.tokenizer.decode(prompt_ids), "has_new_line": "\n" in text, "truncated": False,
+        "prompt": client.tokenizer.decode(prompt_ids), "truncated": False,
+        "has_new_line": "\n" in text if has_new_line is None else has_new_line,
         "stop_type": stop_type, "stopping_word": word if stop_type == "word" else "",
         "tokens_cached": int(stats.get("cached_prompt_tokens") or 0),
         "timings": {"prompt_n": prompt_n, "prompt_ms": round(prompt_ms, 3),
@@ -158,9 +163,13 @@ async def llama_events(client, body: LlamaCompletionBody, prompt_ids: list[int],
                        formatter, started: float, n_ctx: int) -> AsyncIterator[dict]:
     """stream=true: one event per text piece ({index, content, tokens, stop: false}, plus its
     completion_probabilities), then the final result with stop true and content "" (all sent before)."""
-    tokens, first, last = 0, None, None
+    tokens, first, last, new_line = 0, None, None, False
+    quiet = body.n_predict == 0  # the prompt evaluated into the cache only: nothing generated is shown
     async for delta in deltas:
-        last, tokens = delta, tokens + len(delta.token_ids)
+        last = delta
+        if quiet:
+            continue
+        tokens, new_line = tokens + len(delta.token_ids), new_line or "\n" in delta.text
         if delta.token_ids and first is None:
             first = time.perf_counter()
         if delta.text or delta.token_ids:
@@ -169,4 +178,4 @@ async def llama_events(client, body: LlamaCompletionBody, prompt_ids: list[int],
                 piece["completion_probabilities"] = llama_probabilities(formatter, delta.logprobs or [])
             yield piece
     yield llama_result(client, body, prompt_ids, "", last, tokens, [] if formatter is not None else None, started,
-                       first, n_ctx)
+                       first, n_ctx, has_new_line=new_line)

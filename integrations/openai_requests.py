@@ -72,11 +72,13 @@ class PreparedPrompt:
     text: str | None
 
 
-async def completion_requests(tokenizer, rid: str, body, settings, grammar: GrammarSpec | None) -> list[PreparedPrompt]:
+async def completion_requests(tokenizer, rid: str, body, settings, grammar: GrammarSpec | None,
+                              default_max_tokens: int | None = None) -> list[PreparedPrompt]:
     """The engine request of each prompt of a /v1/completions body (openai_models.CompletionRequest;
     one, or a batch). A CRLF or tab-indented prompt is completed as its LF, space-indented twin and its
     text comes back in the prompt's style (editor/document.py), as on the infill path; a grammar's
-    output is never restyled. Faults name the prompt (`prompt`, or `prompt.K` in a batch) or the field."""
+    output is never restyled. Faults name the prompt (`prompt`, or `prompt.K` in a batch) or the field.
+    default_max_tokens: for an unset max_tokens (shrunk to the room left); default the settings' 16."""
     prepared = []
     batch = len(body.prompts) > 1
     for k, prompt in enumerate(body.prompts):
@@ -86,7 +88,8 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
             settings.limits.check_chars(field, text)  # the client's text, before tabs become spaces
         style = DocumentStyle.of(text) if text is not None and grammar is None else DocumentStyle()
         ids = await prompt_ids(tokenizer, style.to_model(text) if text is not None else prompt, field)
-        req = generation_request(rid, body, ids, style.model_stops(body.stop), settings.completion_default_max_tokens,
+        req = generation_request(rid, body, ids, style.model_stops(body.stop),
+                                 default_max_tokens or settings.completion_default_max_tokens,
                                  settings, field, grammar=grammar)
         prepared.append(PreparedPrompt(req, style, text))
     return prepared

@@ -13,6 +13,7 @@ by integrations/request_limits.py (size, JSON, nesting, Unicode); errors have ll
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -130,14 +131,15 @@ async def completion_route(request: Request) -> Response:
     settings = getattr(request.app.state, "settings", None) or _STANDALONE
     started = time.perf_counter()
     try:
-        rid = _request_id(request)
+        rid = _request_id(request, "cmpl")
         body = await _read(request, LlamaCompletionBody)
-        openai = body.openai_body(settings.default_max_tokens)
+        openai = body.openai_body()
         grammar = await off_loop(openai.output_grammar) if openai.response_format or openai.structured_outputs else None
-        [prepared] = await completion_requests(client.tokenizer, rid, openai, settings, grammar)
+        [prepared] = await completion_requests(client.tokenizer, rid, openai, settings, grammar, settings.default_max_tokens)
         prompt_ids = prepared.request.prompt_ids
         observer = RequestObserver.for_request(request, "completion", rid, len(prompt_ids))
-        deltas = await start(client, prepared.request, observer)
+        ids: list[int] = []  # the generated ids (return_tokens: llama.cpp's raw ids, not a re-encoding)
+        deltas = _recording(await start(client, prepared.request, observer), ids)
         if prepared.style != DocumentStyle():
             deltas = in_document_style(deltas, prepared.style, cursor_at_indent(prepared.text))
         formatter = logprob_formatter(client, openai)
@@ -149,9 +151,11 @@ async def completion_route(request: Request) -> Response:
             text, last, entries = await collect(deltas, observer)
             probabilities = llama_probabilities(formatter, entries) if formatter is not None else None
             first_s = started + ((last.stats or {}).get("time_to_first_token_s") or 0.0)
-            result = llama_result(client, body, prompt_ids, text, last, observer.completion_tokens, probabilities,
-                                  started, first_s, n_ctx)
-            return Response(compact_json(select_fields(result, getattr(body, "response_fields", None))),
+            if body.n_predict == 0:  # llama.cpp: the prompt evaluated into the cache, no token generated
+                text, ids, probabilities = "", [], [] if probabilities is not None else None
+            result = llama_result(client, body, prompt_ids, text, last, len(ids), probabilities, started, first_s,
+                                  n_ctx, ids)
+            return Response(compact_json(select_fields(result, body.response_fields)),
                             media_type="application/json", headers=id_headers(request, rid))
     except (InputError, APIError, EngineError) as exc:
         field, message = (exc.field, exc.message) if isinstance(exc, InputError) else (
@@ -166,15 +170,23 @@ async def completion_route(request: Request) -> Response:
                              headers=id_headers(request, rid))
 
 
+async def _recording(deltas, ids: list[int]):
+    """The deltas, their token ids appended to `ids` as they pass. Closing this closes `deltas`."""
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            ids.extend(delta.token_ids)
+            yield delta
+
+
 async def _sse_lines(events):
     async for event in events:
         yield b"data: " + compact_json(event) + b"\n\n"
 
 
-def _request_id(request: Request) -> str:
+def _request_id(request: Request, prefix: str = "infill") -> str:
     """openai_requests.request_id with llama.cpp's error shape (InputError naming the header)."""
     try:
-        return request_id(request, "infill")
+        return request_id(request, prefix)
     except APIError as exc:
         raise InputError(400, "X-Request-Id", exc.message.split(": ", 1)[-1]) from None
 

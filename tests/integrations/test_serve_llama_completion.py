@@ -76,3 +76,30 @@ def test_bad_requests_are_llama_cpp_errors_naming_the_field(http, body, field):
         assert response.status_code == 400, response.text[:300]
         error = response.json()["error"]
         assert error["code"] == 400 and f"Field '{field}" in error["message"], error
+
+
+def test_n_predict_follows_llama_cpp(http):
+    """-1 (or absent): the server's default, shrunk to the room a long prompt leaves (not a 400); 0: the
+    prompt evaluated into the cache, no token generated, streamed or not."""
+    long = http.post("/completion", json={"prompt": [50] * 4000, "mode": "ar", "temperature": 0}).json()
+    assert long["stop"] is True and 0 < long["tokens_predicted"] <= 96
+    for stream in (False, True):
+        response = http.post("/completion", json={"prompt": "def add(a, b):\n", "n_predict": 0, "stream": stream})
+        final = _events(response.text)[-1] if stream else response.json()
+        assert final["content"] == "" and final["tokens_predicted"] == 0
+        assert not stream or len(_events(response.text)) == 1
+
+
+def test_return_tokens_are_the_generated_ids_and_biases_ban_in_both_forms(http):
+    body = {"prompt": "def add(a, b):\n", "n_predict": 8, "temperature": 0, "mode": "ar", "return_tokens": True}
+    out = http.post("/completion", json=body).json()
+    streamed = _events(http.post("/completion", json={**body, "stream": True}).text)
+    assert out["tokens"] == [t for e in streamed[:-1] for t in e["tokens"]] and len(out["tokens"]) == out["tokens_predicted"]
+    first = out["tokens"][0]
+    for bias in ([[first, False]], {str(first): False}):
+        banned = http.post("/completion", json={**body, "logit_bias": bias}).json()
+        assert banned["tokens"][0] != first, bias
+    for bad in ({"response_fields": [1]}, {"response_fields": 5}, {"post_sampling_probs": True}):
+        response = http.post("/completion", json={**body, **bad})
+        assert response.status_code == 400 and response.json()["error"]["code"] == 400, response.text[:200]
+    assert http.post("/completion", json={**body, "stream": None, "stop": None, "mode": None}).status_code == 200
