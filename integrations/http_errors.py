@@ -82,7 +82,9 @@ def from_engine_error(exc: Exception) -> APIError:
     return APIError(500, f"internal error ({type(exc).__name__}); the server log has the details", "server_error")
 
 
-def _validation_param(loc: tuple) -> str | None:
+def validation_field(loc: tuple) -> str | None:
+    """The request field a pydantic error location names (dotted), without the union-member names pydantic
+    inserts; None for the body as a whole."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     # pydantic adds union-member names (e.g. "str", "list[int]") to the location; drop them.
     parts = [p for p in parts if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool")]
@@ -103,7 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
-        param = _validation_param(tuple(first.get("loc", ())))
+        param = validation_field(tuple(first.get("loc", ())))
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return APIError(400, message, param=param).response()
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from integrations.http_errors import validation_field
 from integrations.openai_models import ChatCompletionRequest, OpenAIBody
 from integrations.request_limits import InputError
 from workers.batch import MAX_TOP_LOGPROBS
@@ -116,7 +117,7 @@ class ResponsesRequest(OpenAIBody):
             chat = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             error = exc.errors(include_url=False, include_input=False)[0]
-            field = responses_field(".".join(str(part) for part in error["loc"])) or "body"
+            field = responses_field(validation_field(tuple(error["loc"]))) or "body"
             raise InputError(400, field, error["msg"]) from None
         chat._cap_field = "max_output_tokens"  # a context error names the field the client sent
         return chat

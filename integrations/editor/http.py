@@ -28,7 +28,7 @@ from integrations.chat import chat_prompt_ids
 from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events, select_fields
 from integrations.editor.session import EditorSession
-from integrations.http_errors import APIError, from_engine_error
+from integrations.http_errors import APIError, from_engine_error, validation_field
 from integrations.http_metrics import RequestObserver
 from integrations.llama_completion import (LlamaCompletionBody, llama_events, llama_field, llama_probabilities,
                                            llama_result)
@@ -97,7 +97,7 @@ async def _read(request: Request, model: type[BaseModel]):
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        raise InputError(400, ".".join(str(p) for p in first["loc"]) or None, first["msg"]) from None
+        raise InputError(400, validation_field(tuple(first["loc"])), first["msg"]) from None
 
 
 @router.post("/infill")

@@ -103,3 +103,9 @@ def test_return_tokens_are_the_generated_ids_and_biases_ban_in_both_forms(http):
         response = http.post("/completion", json={**body, **bad})
         assert response.status_code == 400 and response.json()["error"]["code"] == 400, response.text[:200]
     assert http.post("/completion", json={**body, "stream": None, "stop": None, "mode": None}).status_code == 200
+
+
+def test_errors_name_the_field_without_pydantic_union_members(http):
+    for body, field in (({"prompt": {"x": 1}}, "prompt"), ({"prompt": "x", "logit_bias": [["a", False]]}, "logit_bias.0.0")):
+        message = http.post("/completion", json=body).json()["error"]["message"]
+        assert message.startswith(f"Field '{field}'"), message

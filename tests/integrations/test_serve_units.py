@@ -16,7 +16,7 @@ from integrations.auth import APIKeyMiddleware
 from integrations.chat import PLAIN_STOP, render_chat
 from integrations.engine_client import EngineFailure, LocalEngineClient, ShuttingDownError, read_model_card
 from integrations.engine_host import EngineUnhealthyError, build_engine, one_token_probe
-from integrations.http_errors import _validation_param, from_engine_error
+from integrations.http_errors import from_engine_error, validation_field
 from integrations.openai_api import APISettings, create_app
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest, fitting_block_count
 from integrations.serve_config import ServeConfig
@@ -78,8 +78,8 @@ def test_engine_errors_cross_processes_typed():
 
 
 def test_validation_param_drops_union_members():
-    assert _validation_param(("body", "prompt", "list[int]", 0)) == "prompt.0"
-    assert _validation_param(("body", "messages", 0, "role")) == "messages.0.role"
+    assert validation_field(("body", "prompt", "list[int]", 0)) == "prompt.0"
+    assert validation_field(("body", "messages", 0, "role")) == "messages.0.role"
 
 
 class _StuckClient:
