@@ -13,6 +13,8 @@ Parts (`--parts`, default all, run in this order; each one's failure is recorded
     concurrency  bench/concurrency.py on the shipped model, short (subprocess; skipped without structlog)
     host         bench/engine_overhead.py: the engine's host time per step on a zero-cost model at the
                  engine levels (what a step costs besides the model, on this machine's CPU and device)
+    features     AR at the largest engine level with log probabilities, a frequency penalty, min_p
+                 sampling, against plain: what those per-request options cost on the device
 forward/engine/baselines share one random-weight model built on the device (workers.model.random_model;
 8B shape in bf16 on CUDA) and the shipped model's tokenizer (bench/gpu_check_parts.py says how ids of
 the larger random vocabulary are decoded). Targets of issue "CUDA fast path" stand beside the numbers:
@@ -62,9 +64,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
-from gpu_check_parts import CONFIGS, FORWARD_VARIANTS, Row, Workbench, part_engine, part_forward, part_host  # noqa: E402
+from gpu_check_parts import (CONFIGS, FORWARD_VARIANTS, Row, Workbench, part_engine, part_features,  # noqa: E402
+                             part_forward, part_host)
 
-PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency", "host")
+PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency", "host", "features")
 # Per device type: defaults of the options left unset (the CPU ones make the dry run).
 DEFAULTS = {
     "cuda": {"config": "8b", "forward_tokens": [1, 8, 32, 128], "context": 256, "repeats": 10, "levels": [1, 8, 32],
@@ -154,7 +157,7 @@ def part_concurrency(bench: Workbench) -> tuple[dict, list[Row]]:
 
 
 PARTS = {"gpu_tests": part_gpu_tests, "forward": part_forward, "engine": part_engine, "baselines": part_baselines,
-         "concurrency": part_concurrency, "host": part_host}
+         "concurrency": part_concurrency, "host": part_host, "features": part_features}
 
 
 def run_part(bench: Workbench, name: str) -> dict:

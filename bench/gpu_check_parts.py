@@ -264,6 +264,53 @@ async def _engine_levels(bench: Workbench, mode) -> dict:
     return levels
 
 
+# ---- part: features ----------------------------------------------------------------------------------
+FEATURES = {"plain": {}, "logprobs 5": {"logprobs": 5}, "frequency_penalty 1": {"frequency_penalty": 1.0},
+            "min_p 0.05, T 0.8": {"temperature": 0.8, "min_p": 0.05, "seed": 1}}
+
+
+def part_features(bench: Workbench) -> tuple[dict, list[Row]]:
+    """What the per-request options cost on the device: AR at the largest engine level, plain against log
+    probabilities (the reads' top-k stage), a frequency penalty (the logit-bias scatter) and min_p
+    sampling (the filter stage), each run once untimed first. tok/s and its ratio to plain."""
+    results = asyncio.run(_feature_runs(bench))
+    plain = results.get("plain", {}).get("tok_s")
+    rows = [Row(f"engine ar, {r['requests']} request(s), {name}", f"{r['tok_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms/step"
+                + (f" ({r['tok_s'] / plain:.2f}x plain)" if plain and name != "plain" else ""))
+            for name, r in results.items() if "tok_s" in r]
+    rows += [Row(f"engine ar, {name}", f"skipped: {r['skipped']}") for name, r in results.items() if "skipped" in r]
+    return results, rows
+
+
+async def _feature_runs(bench: Workbench) -> dict:
+    from concurrency import run_level, summarize
+
+    from scheduler.api import Mode
+
+    engine, tokenizer = new_engine(bench), bench.tokenizer()
+    c = max(bench.args.levels)
+    await engine.start()
+    out = {}
+    try:
+        for name, extra in FEATURES.items():
+            if bench.time_left() < 0:
+                out[name] = {"skipped": "time budget spent"}
+                continue
+            params = {**bench.decode_params(), **extra}
+            engine.clear_prefix_cache()
+            await run_level(engine, tokenizer, Mode.AR, c, c, params, f"fw-{len(out)}")  # untimed: graphs, kernels
+            engine.clear_prefix_cache()
+            steps = engine.forwards
+            run = await run_level(engine, tokenizer, Mode.AR, c, c, params, f"f-{len(out)}")
+            if errors := requests_ended_by_error(engine):
+                raise RuntimeError(f"{errors} request(s) ended with an error ({name})")
+            out[name] = {"requests": c, "tok_s": summarize([run])["tok_s"],
+                         "ms_per_step": run["wall"] / max(engine.forwards - steps, 1) * 1e3}
+    finally:
+        await engine.stop(drain_timeout_s=0)
+    return out
+
+
 # ---- part: host ------------------------------------------------------------------------------------
 def part_host(bench: Workbench) -> tuple[dict, list[Row]]:
     """bench/engine_overhead.py on this machine's device: the engine's host time per step on a zero-cost
