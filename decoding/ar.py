@@ -65,6 +65,8 @@ class ARDecoder:
         # params.logprobs set: TokenLogprob of prior_ids + generated (the handed-off ones first)
         self.logprobs: list[TokenLogprob] = list(h.generated_logprobs) if h else []
         self.gen_cached = 0  # generated tokens whose KV is in the cache
+        self._counts: Counter | None = None  # penalties: counts of prior_ids + generated[:_counted]
+        self._counted = 0
         self.phase = ARPhase.PREFILL if self.span > 0 else ARPhase.FINISHED
         self._in_flight: Segment | None = None
         self._first_step = False
@@ -240,7 +242,12 @@ class ARDecoder:
             return ()
         bias = dict(p.logit_bias or {})
         if p.presence_penalty or p.frequency_penalty:
-            for token, count in Counter(self.prior_ids + self.generated).items():
+            # Counted as tokens arrive, not recounted each step (a long generation would cost O(n^2))
+            if self._counts is None:
+                self._counts, self._counted = Counter(self.prior_ids), 0
+            self._counts.update(self.generated[self._counted:])
+            self._counted = len(self.generated)
+            for token, count in self._counts.items():
                 bias[token] = bias.get(token, 0.0) - p.presence_penalty - p.frequency_penalty * count
         return tuple(sorted(bias.items()))
 
