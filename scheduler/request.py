@@ -64,7 +64,7 @@ class Request:
     kv_wait: tuple[str, int] | None = None
     start_reported: bool = False  # a delta carried cached_prompt_tokens (see delta())
     prefix_wait: str | None = None  # the running request whose prompt prefill it waits for (Scheduler._try_start)
-    prefix_waits: int = 0  # steps it waited so (in final stats)
+    prefix_waits: int = 0  # steps it spent waiting so (final stats)
     preemptions: int = 0
     pending_segment: Any = None  # stated by the decoder but not run yet (did not fit the budget)
     grammar: Any = None  # decoding.grammar.Grammar of a structured-output request (AR only); else None
