@@ -2,7 +2,7 @@
 
 API keys (APIKeyMiddleware) guard every route except /health, HTTP and WebSocket alike. Keys come from
 the serve config (`api_keys`) and from env REFUSION_API_KEYS (comma-separated); with no keys configured
-every request passes. WebSocket clients send the same `Authorization: Bearer` header (or `?api_key=` in
+every request passes. Anthropic clients may send the key as `x-api-key: <key>`. WebSocket clients send the same `Authorization: Bearer` header (or `?api_key=` in
 the URL, for browsers that cannot set headers); a rejected handshake is closed with code 1008 (policy
 violation) before it is accepted, which clients see as HTTP 403.
 
@@ -36,6 +36,8 @@ def _presented_key(scope) -> str | None:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if scheme.lower() == "bearer" else None
+        if name == b"x-api-key":  # Anthropic's clients send the key so (llama.cpp's server takes it too)
+            return value.decode("latin-1").strip()
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     return query.get("api_key", [None])[0]
 
@@ -64,7 +66,7 @@ class APIKeyMiddleware:
             await send({"type": "websocket.close", "code": 1008, "reason": "missing or invalid API key"})
             return
         body = json.dumps({"error": {
-            "message": "missing or invalid API key: send 'Authorization: Bearer <key>'",
+            "message": "missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
             "type": "authentication_error", "param": None, "code": "invalid_api_key",
         }}).encode()
         headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]

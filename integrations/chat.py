@@ -19,6 +19,10 @@ Without one (the shipped tiny model, the test models) this plain template is use
     ### Assistant
                                                 (generation starts here)
 
+With `continue_final_message` (vLLM's chat extension; an Anthropic assistant prefill) the last message
+is an assistant message whose turn stays open: the prompt ends with its text (`### Assistant\n<text>`,
+or the template's `continue_final_message=True` rendering) and generation continues it.
+
 Each section header sits on its own line; `PLAIN_STOP` ends generation when the model starts the next
 section by itself.
 """
@@ -50,29 +54,32 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None) -> tuple[str, list[str]]:
-    """(prompt text, extra stop strings) for a chat request."""
+def render_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None,
+                continue_final: bool = False) -> tuple[str, list[str]]:
+    """(prompt text, extra stop strings) for a chat request; continue_final: the last (assistant) message's
+    turn is left open for the model to continue (module docstring)."""
     if has_chat_template(tokenizer):
         try:
             text = tokenizer.apply_chat_template(
                 [_template_message(m) for m in messages],
                 tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
-                add_generation_prompt=True,
+                add_generation_prompt=not continue_final,
+                continue_final_message=continue_final,
                 tokenize=False,
             )
         except Exception as exc:  # jinja raises on orders/roles a template does not accept
             raise ChatTemplateError(f"the model's chat template rejected the messages: {exc}") from exc
         return text, []
-    return render_plain(messages, tools), [PLAIN_STOP]
+    return render_plain(messages, tools, continue_final), [PLAIN_STOP]
 
 
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None,
-                    limits: RequestLimits) -> tuple[list[int], list[str]]:
+                    limits: RequestLimits, continue_final: bool = False) -> tuple[list[int], list[str]]:
     """The chat's prompt token ids and extra stop strings: render_chat, the rendered text checked
     against max_prompt_chars, then tokenized (CPU-bound: run it in request_limits.off_loop). Raises
     InputError(400, "messages") for a template error, an over-long or an empty prompt."""
     try:
-        text, extra_stop = render_chat(tokenizer, messages, tools)
+        text, extra_stop = render_chat(tokenizer, messages, tools, continue_final)
     except ChatTemplateError as exc:
         raise InputError(400, "messages", str(exc)) from None
     limits.check_chars("messages", text)
@@ -107,7 +114,7 @@ def conversation_key(messages: list[ChatMessage]) -> str:
     return "chat:" + hashlib.blake2b(opening.encode(), digest_size=12).hexdigest()
 
 
-def render_plain(messages: list[ChatMessage], tools: list[ToolSpec] | None) -> str:
+def render_plain(messages: list[ChatMessage], tools: list[ToolSpec] | None, continue_final: bool = False) -> str:
     """The documented plain template (module docstring)."""
     sections: list[str] = []
     if tools:
@@ -116,7 +123,8 @@ def render_plain(messages: list[ChatMessage], tools: list[ToolSpec] | None) -> s
         sections.append("### Tools\n" + "\n".join(lines))
     for message in messages:
         sections.append(_plain_section(message))
-    sections.append("### Assistant\n")
+    if not continue_final:
+        sections.append("### Assistant\n")
     return "\n".join(sections)
 
 

@@ -57,6 +57,7 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
         raise InputError(400, "tool_choice", str(exc)) from None
     try:
         prompt_ids, extra_stop = await off_loop(chat_prompt_ids, client.tokenizer, body.messages, tools, settings.limits,
+                                                body.continue_final_message,
                                                 chars=sum(len(m.content or "") for m in body.messages))
     except InputError as exc:
         raise InputError(exc.status, prompt_field, exc.message) if exc.field == "messages" else exc from None
@@ -66,6 +67,9 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
         prompt_ids = prompt_ids + forced_ids
     grammar = None
     if body.tools_enabled or body.response_format is not None or body.structured_outputs is not None:
+        if body.continue_final_message:  # the grammar would have to start inside the prefilled text
+            raise InputError(400, "continue_final_message", "cannot be combined with tools or a response format: "
+                             "drop the tools (or set tool_choice to \"none\") and the format, or the prefill")
         grammar = await off_loop(chat_grammar, body, len(forced_ids))  # compiling can take a while
     header = ResponseHeader(id_prefix, client.model_name, request_id(request, id_prefix))
     # The template's turn-end stops (plain template: "\n### ") would cut text the grammar allows; with a

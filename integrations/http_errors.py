@@ -12,10 +12,15 @@
     503 server_error            code engine_unavailable: the engine replica serving the request died
                                 (engine_client.EngineUnavailableError), with Retry-After
     500 server_error            anything else: a bug
+
+Routes of Anthropic's Messages API (/v1/messages...) answer the same statuses in Anthropic's shape,
+{"type": "error", "error": {"type", "message"}} (AnthropicErrorShape rewrites every error response of
+those paths, the middlewares' included; anthropic_error_body).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -122,3 +127,60 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _bug(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
         return from_engine_error(exc).response()
+
+
+# Anthropic's error types (https://docs.anthropic.com/en/api/errors) for ours; the rest map by status
+_ANTHROPIC_TYPES = {"server_error": "api_error", "not_found_error": "not_found_error",
+                    "authentication_error": "authentication_error", "permission_error": "permission_error",
+                    "overloaded_error": "overloaded_error"}
+ANTHROPIC_PATHS = "/v1/messages"
+
+
+def anthropic_error_body(status: int, kind: str, message: str) -> dict:
+    """An error in Anthropic's shape: {"type": "error", "error": {"type", "message"}}; `kind` is ours
+    (the OpenAI-shape type), mapped to Anthropic's (server_error -> api_error, a 413 -> request_too_large)."""
+    anthropic = "request_too_large" if status == 413 else _ANTHROPIC_TYPES.get(kind, "invalid_request_error")
+    return {"type": "error", "error": {"type": anthropic, "message": message}}
+
+
+class AnthropicErrorShape:
+    """Pure ASGI: an error response (status >= 400, a JSON body in OpenAI's shape) on a path under
+    ANTHROPIC_PATHS is rewritten into Anthropic's shape; other paths and successful responses (streams
+    included) pass untouched. Outermost, so the key, origin, body-limit and draining answers get it too."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if scope["type"] != "http" or not (path == ANTHROPIC_PATHS or path.startswith(ANTHROPIC_PATHS + "/")):
+            await self.app(scope, receive, send)
+            return
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def rewrite(message):
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message  # held until the whole body is in
+                return
+            if start is None:
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            try:
+                error = json.loads(body)["error"]
+                body = json.dumps(anthropic_error_body(start["status"], error.get("type", ""),
+                                                       error.get("message", ""))).encode()
+            except (ValueError, KeyError, TypeError, AttributeError):
+                pass  # not an error object of ours: leave it as it is
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewrite)

@@ -3,7 +3,8 @@
     app = create_app(APISettings(model_name=...), engine_client)   # or set app.state.engine_client later
 
 Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
-POST /v1/responses (integrations/responses_api.py),
+POST /v1/responses (integrations/responses_api.py), POST /v1/messages and /v1/messages/count_tokens
+(Anthropic's Messages API: integrations/anthropic_api.py),
 GET /metrics (Prometheus text), GET /v1/engine (engine info: limits, defaults, load), plus the editor
 protocol's router (integrations/editor/http.py) when that package is present.
 Streams are server-sent events, one JSON chunk per `data:` line, ending with `data: [DONE]`.
@@ -23,7 +24,8 @@ from integrations.auth import APIKeyMiddleware, OriginGuard
 from integrations.chat_run import start_chat
 from integrations.context_fit import fit_generation
 from integrations.editor.document import DocumentStyle, cursor_at_indent
-from integrations.http_errors import install_error_handlers
+from integrations.anthropic_api import router as anthropic_router
+from integrations.http_errors import AnthropicErrorShape, install_error_handlers
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
 from integrations.openai_calls import check_model, collect_all, logprob_formatter, primed, observed, read_body, sse, start
@@ -68,6 +70,7 @@ def create_app(settings: APISettings, engine_client=None, gate: IngressGate | No
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(responses_router)
+    app.include_router(anthropic_router)
     editor_router = _editor_router()
     if editor_router is not None:
         app.include_router(editor_router)
@@ -77,6 +80,7 @@ def create_app(settings: APISettings, engine_client=None, gate: IngressGate | No
     app.add_middleware(OriginGuard, allowed=list(settings.allowed_origins))
     # Outside all of them: in-flight gauge and observers, draining, disconnects (every path passes here).
     app.add_middleware(IngressGateMiddleware, gate=app.state.gate, metrics=app.state.metrics)
+    app.add_middleware(AnthropicErrorShape)  # /v1/messages errors in Anthropic's shape, whoever answered
     return app
 
 

@@ -356,6 +356,15 @@ class ChatMessage(BaseModel):
         return value
 
 
+def check_continuable(messages: list[ChatMessage] | None) -> None:
+    """continue_final_message's rule: the last message is assistant text the model can continue. Raises
+    ValueError saying what to change."""
+    last = (messages or [None])[-1]
+    if last is None or last.role != "assistant" or not last.content or last.tool_calls:
+        raise ValueError("needs the last message to be an assistant message with text content (and no "
+                         "tool_calls) for the model to continue; add one, or drop continue_final_message")
+
+
 class NamedFunction(OpenAIBody):
     name: str = Field(min_length=1)
 
@@ -378,9 +387,18 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
                                      description=f"0..{MAX_TOP_LOGPROBS} alternatives per token; needs logprobs: true")
+    # vLLM's extension: the last message is an assistant message the model continues (a prefill)
+    continue_final_message: bool = False
     # An OpenAI field whose default is accepted (SDK wrappers send it) and whose other value is not supported
     store: bool | None = None
     _cap_field: str = PrivateAttr("max_tokens")
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _final_is_assistant_text(cls, value, info):
+        if value:
+            check_continuable(info.data.get("messages"))
+        return value
 
     @field_validator("store")
     @classmethod

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -35,7 +35,7 @@ from integrations.llama_completion import (LlamaCompletionBody, llama_events, ll
 from integrations.openai_calls import collect, logprob_formatter, start
 from integrations.openai_requests import completion_requests
 from integrations.openai_stream import in_document_style
-from integrations.openai_models import ChatMessage, ToolSpec
+from integrations.openai_models import ChatMessage, ToolSpec, check_continuable
 from integrations.openai_requests import id_headers, request_id
 from integrations.request_limits import InputError, RequestLimits, encode, off_loop, read_json_object
 from integrations.token_bytes import token_bytes
@@ -217,8 +217,8 @@ class TokenizeBody(BaseModel):
     prompt: str | None = None  # vLLM's name of content
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)  # vLLM: the chat prompt's tokens
     tools: list[ToolSpec] | None = None  # with messages: the tools the chat template lists
-    add_generation_prompt: Literal[True] = True  # the chat route always adds it
-    continue_final_message: Literal[False] = False
+    add_generation_prompt: bool = True  # the chat route adds it unless continue_final_message is set
+    continue_final_message: bool = False  # vLLM's: the last (assistant) message left open, as chat runs it
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=0)
     add_special: bool = False  # insert the tokenizer's special tokens (BOS, when it has one)
     add_special_tokens: bool | None = None  # vLLM's name of add_special
@@ -230,6 +230,14 @@ class TokenizeBody(BaseModel):
         given = [name for name in ("content", "prompt", "messages") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of content (llama.cpp), prompt or messages (vLLM), got {given or 'none'}")
+        if self.continue_final_message:
+            if "add_generation_prompt" in self.model_fields_set and self.add_generation_prompt:
+                raise ValueError("add_generation_prompt and continue_final_message cannot both be true (vLLM's "
+                                 "rule): drop add_generation_prompt")
+            check_continuable(self.messages)
+        elif not self.add_generation_prompt:
+            raise ValueError("add_generation_prompt false is only offered with continue_final_message true (the "
+                             "chat route always opens the assistant's turn)")
         if self.prompt is not None:
             self.content = self.prompt
         if self.add_special_tokens is not None:
@@ -256,7 +264,8 @@ async def tokenize_route(request: Request) -> Response:
         if body.messages is not None:  # vLLM's chat form: the prompt /v1/chat/completions would run
             chars = sum(len(m.content or "") for m in body.messages)
             limits.check_chars("messages", "".join(m.content or "" for m in body.messages))
-            ids, _ = await off_loop(chat_prompt_ids, tokenizer, body.messages, body.tools, limits, chars=chars)
+            ids, _ = await off_loop(chat_prompt_ids, tokenizer, body.messages, body.tools, limits,
+                                    body.continue_final_message, chars=chars)
             tokens = [{"id": i, "piece": _piece(tokenizer, i)} for i in ids] if body.with_pieces else ids
         else:
             limits.check_chars("prompt" if body.prompt is not None else "content", body.content)

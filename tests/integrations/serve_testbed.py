@@ -5,9 +5,12 @@ would resolve to whichever conftest.py was imported first when several test dire
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 import urllib.request
+
+import httpx
 
 API_KEY = "test-key-123"
 ALLOWED_ORIGIN = "http://localhost:5173"  # a browser page the main app lets in (allowed_origins)
@@ -54,3 +57,25 @@ def serve_config(model_dir, **overrides) -> dict:
     }
     config.update(overrides)
     return config
+
+
+def long_stream(http: httpx.Client, path: str, headers: dict | None = None):
+    body = {"prompt": "while True:\n", "max_tokens": 3000, "stream": True, "mode": "ar", "temperature": 0}
+    return http.stream("POST", path, json=body, headers=headers or {})
+
+
+@contextlib.contextmanager
+def long_stream_admitted(http: httpx.Client, path: str, headers: dict, wait_s: float = 120.0):
+    """Open a long stream on the strict app (one running request, no queue). Ray Serve's periodic
+    health probe (a one-token forward) can hold that slot for a moment: retry while the engine answers
+    'overloaded' (for at most wait_s seconds), then yield the line iterator."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        with long_stream(http, path, headers) as response:
+            lines = response.iter_lines()  # keep a reference: a collected iterator closes the stream
+            if response.status_code == 200:
+                yield lines
+                return
+            assert response.status_code == 503, response.read()
+        time.sleep(0.25)
+    raise AssertionError(f"the strict engine stayed busy for {wait_s} s")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import time
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_testbed import API_KEY
+from serve_testbed import API_KEY, long_stream, long_stream_admitted
 
 TOOLS = [{
     "type": "function",
@@ -134,28 +132,6 @@ def test_bad_fields_are_400_naming_the_field(client, model):
     assert err.value.body["param"] == "model"
 
 
-def _long_stream(http: httpx.Client, path: str, headers: dict | None = None):
-    body = {"prompt": "while True:\n", "max_tokens": 3000, "stream": True, "mode": "ar", "temperature": 0}
-    return http.stream("POST", path, json=body, headers=headers or {})
-
-
-@contextlib.contextmanager
-def _long_stream_admitted(http: httpx.Client, path: str, headers: dict, wait_s: float = 120.0):
-    """Open a long stream on the strict app (one running request, no queue). Ray Serve's periodic
-    health probe (a one-token forward) can hold that slot for a moment: retry while the engine answers
-    'overloaded' (for at most wait_s seconds), then yield the line iterator."""
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        with _long_stream(http, path, headers) as response:
-            lines = response.iter_lines()  # keep a reference: a collected iterator closes the stream
-            if response.status_code == 200:
-                yield lines
-                return
-            assert response.status_code == 503, response.read()
-        time.sleep(0.25)
-    raise AssertionError(f"the strict engine stayed busy for {wait_s} s")
-
-
 def _metric(url: str, name: str, **labels) -> float:
     text = httpx.get(url + "/metrics", timeout=30).text
     total = 0.0
@@ -172,7 +148,7 @@ def test_disconnect_cancels_engine_request(serve_base_url, wait_until):
 
     before = cancelled()
     with httpx.Client(base_url=serve_base_url, timeout=30) as http:
-        with _long_stream(http, "/v1/completions") as response:
+        with long_stream(http, "/v1/completions") as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: {")  # decoding has started
         wait_until.blocking(lambda: cancelled() > before, "the engine to cancel the request after the client left")
@@ -215,7 +191,7 @@ def test_overload_is_503_with_retry_after(strict_base_url):
     auth = {"Authorization": f"Bearer {API_KEY}"}
     sdk = openai.OpenAI(base_url=strict_base_url + "/v1", api_key=API_KEY, max_retries=0)
     with httpx.Client(base_url=strict_base_url, timeout=30) as http:
-        with _long_stream_admitted(http, "/v1/completions", auth) as lines:  # takes the engine's only slot
+        with long_stream_admitted(http, "/v1/completions", auth) as lines:  # takes the engine's only slot
             assert next(lines).startswith("data: {")
             with pytest.raises(openai.APIStatusError) as err:
                 sdk.completions.create(model=sdk.models.list().data[0].id, prompt="x", max_tokens=4)
@@ -249,7 +225,7 @@ def test_drain_ends_in_flight_requests_cleanly(serve_port, tiny_model_dir):
     signal = None
     try:
         with httpx.Client(base_url=url, timeout=30) as http:
-            with _long_stream(http, "/v1/completions") as response:
+            with long_stream(http, "/v1/completions") as response:
                 lines = response.iter_lines()
                 assert next(lines).startswith("data: {")
                 signal = signal_drain("refusion-drain")

@@ -10,6 +10,8 @@ import httpx
 import openai
 import pytest
 
+from integrations.chat import PLAIN_STOP
+
 CONTEXT = 4096  # tests/model_factory.py max_position_embeddings
 SAMPLED = {"temperature": 1.0, "seed": 7, "mode": "ar"}
 USER = [{"role": "user", "content": "hi"}]
@@ -145,6 +147,26 @@ def test_tokenize_counts_the_chat_prompt_the_server_runs(http, client, model):
                          ("chat_template_kwargs", {"enable_thinking": True})):
         refused = http.post("/tokenize", json={"messages": messages, field: value})
         assert refused.status_code == 400 and field in refused.json()["error"]["message"]
+
+
+def test_continue_final_message_continues_the_assistant_text(client, model, http):
+    """vLLM's continue_final_message: the prompt ends with the last (assistant) message's text, no new turn
+    opened, and the chat answer is the completion of exactly that prompt (same seed, the template's
+    turn-end stop); /tokenize counts it; without an assistant message last it is a 400."""
+    messages = [{"role": "user", "content": "Write add."}, {"role": "assistant", "content": "def add(a, b):\n"}]
+    counted = http.post("/tokenize", json={"messages": messages, "continue_final_message": True}).json()
+    prompt = http.post("/detokenize", json={"tokens": counted["tokens"]}).json()["prompt"]
+    assert prompt.endswith("### User\nWrite add.\n### Assistant\ndef add(a, b):\n")
+    sampled = {"mode": "ar", "continue_final_message": True}
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=1.0, seed=5,
+                                          extra_body=sampled)
+    plain = client.completions.create(model=model, prompt=counted["tokens"], max_tokens=10, temperature=1.0, seed=5,
+                                      stop=[PLAIN_STOP], extra_body={"mode": "ar"})
+    assert chat.choices[0].message.content and chat.choices[0].message.content == plain.choices[0].text
+    assert chat.usage.prompt_tokens == counted["count"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=messages[:1], max_tokens=4, extra_body=sampled)
+    assert err.value.body["param"] == "continue_final_message"
 
 
 def test_min_p_one_samples_only_the_most_likely_token(client, model):

@@ -1,0 +1,182 @@
+"""POST /v1/messages and POST /v1/messages/count_tokens: Anthropic's Messages API on the chat path, as
+llama.cpp's server and vLLM offer it (for the `anthropic` SDK, Claude Code and other agents). The
+request maps onto a chat turn (integrations/anthropic_models.py); the turn runs as on
+/v1/chat/completions (integrations/chat_run.py: template, tool calls, structured output); the answer is
+a `message` whose `content` holds `text` blocks and one `tool_use` block per tool call, in the order
+the model wrote them, with Anthropic's `stop_reason` (`end_turn`, `max_tokens`, `stop_sequence` with
+the matched `stop_sequence`, `tool_use`) and `usage` (`input_tokens` not read from the prefix cache,
+`cache_read_input_tokens`, `output_tokens`).
+
+Streamed (`stream: true`), Anthropic's events, each `event: <type>` + `data: {...}`: message_start,
+then per block content_block_start, content_block_delta (`text_delta`, or one `input_json_delta` with
+a tool call's whole input), content_block_stop; then message_delta (stop_reason, stop_sequence,
+usage) and message_stop. A failure after the stream started is one `error` event
+({"type": "error", "error": {"type", "message"}}). Errors before it are Anthropic's error object
+({"type": "error", "error": {"type", "message"}}, the message starting with the field it names;
+http_errors.anthropic_error_body) with the usual status codes; a full engine is 503 `overloaded_error`
+with Retry-After, which the SDK retries. API keys may come as `x-api-key` (integrations/auth.py).
+Ids are `msg-<hex>` (the project's request ids) and `toolu_<hex>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from integrations.chat import chat_prompt_ids
+from integrations.chat_run import ChatRun, start_chat
+from integrations.http_errors import APIError, anthropic_error_body
+from integrations.openai_calls import check_model, last_event, read_body
+from integrations.openai_requests import id_headers
+from integrations.openai_responses import refusion_detail
+from integrations.openai_stream import sse_response
+from integrations.request_limits import InputError, off_loop
+from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
+from integrations.tool_calls import ToolCall, ToolCallStreamParser
+from scheduler.api import Delta, FinishReason
+
+router = APIRouter()
+
+
+@router.post("/v1/messages")
+async def create_message(request: Request):
+    """Anthropic's Messages API (module docstring); faults are 4xx before the response starts, naming the
+    Messages field. Streamed or not, the message is built by the same events (MessageTurn.events)."""
+    body = await read_body(request, MessagesRequest)
+    chat = body.chat_request()
+    with _renamed_fields():
+        run = await start_chat(request, chat, "msg", "messages")
+    turn = MessageTurn(body, run)
+    if body.stream:
+        return sse_response(turn.events(), run.observer, run.header.id, id_headers(request, run.header.id),
+                            named=True, error_event=error_event)
+    await last_event(turn.events(), run.observer)
+    return JSONResponse(turn.message, headers=id_headers(request, run.header.id))
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(request: Request):
+    """{"input_tokens": N}: the prompt tokens a /v1/messages request with these messages, system prompt
+    and tools runs (the chat template applied, a forced tool call's opening not included), as
+    Anthropic's count_tokens answers. 400 naming the field as /v1/messages does."""
+    body = await read_body(request, CountTokensRequest)
+    chat = body.chat_request()
+    settings, tokenizer = request.app.state.settings, request.app.state.engine_client.tokenizer
+    check_model(request, chat.model)
+    text = "".join(m.content or "" for m in chat.messages)
+    with _renamed_fields():
+        settings.limits.check_chars("messages", text)
+        ids, _ = await off_loop(chat_prompt_ids, tokenizer, chat.messages, chat.tools if chat.tools_enabled else None,
+                                settings.limits, chat.continue_final_message, chars=len(text))
+    return {"input_tokens": len(ids)}
+
+
+@contextlib.contextmanager
+def _renamed_fields():
+    """A chat-turn fault names the field the Messages request sent (anthropic_models.messages_field)."""
+    try:
+        yield
+    except InputError as exc:
+        raise InputError(exc.status, messages_field(exc.field), exc.message) from None
+    except APIError as exc:
+        if exc.param is None:
+            raise
+        ours = messages_field(exc.param)
+        raise APIError(exc.status, exc.message.replace(exc.param, ours, 1), exc.type, ours, exc.code,
+                       exc.headers) from None
+
+
+class MessageTurn:
+    """One turn's events (module docstring); `message` is the whole message built so far (complete once
+    the events have ended)."""
+
+    def __init__(self, body: MessagesRequest, run: ChatRun):
+        self.body, self.run = body, run
+        self.message = {"id": run.header.id, "type": "message", "role": "assistant", "model": run.header.model,
+                        "content": [], "stop_reason": None, "stop_sequence": None,
+                        "usage": {"input_tokens": run.observer.prompt_tokens, "output_tokens": 0}}
+
+    async def events(self) -> AsyncIterator[dict]:
+        """The turn's events; closing them closes the engine stream (cancelling the request)."""
+        deltas = self.run.streams[0]
+        async with contextlib.aclosing(deltas):
+            async for event in self._events(deltas):
+                yield event
+
+    async def _events(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[dict]:
+        run, content = self.run, self.message["content"]
+        yield {"type": "message_start", "message": {**self.message, "content": []}}
+        parser = ToolCallStreamParser(run.allowed) if run.allowed is not None else None
+        pending, num_calls, last, text_open = run.forced, 0, None, False
+        async for delta in deltas:
+            last, text, pending = delta, pending + delta.text, ""
+            pieces = [text] if parser is None else parser.feed(text)
+            if delta.finished and parser is not None:
+                pieces += parser.finish()
+            for piece in pieces:
+                if isinstance(piece, str):
+                    if not piece:
+                        continue
+                    if not text_open:
+                        content.append({"type": "text", "text": ""})
+                        text_open = True
+                        yield {"type": "content_block_start", "index": len(content) - 1,
+                               "content_block": {"type": "text", "text": ""}}
+                    content[-1]["text"] += piece
+                    yield {"type": "content_block_delta", "index": len(content) - 1,
+                           "delta": {"type": "text_delta", "text": piece}}
+                elif run.max_calls is None or num_calls < run.max_calls:
+                    if text_open:
+                        text_open = False
+                        yield {"type": "content_block_stop", "index": len(content) - 1}
+                    num_calls += 1
+                    for event in _tool_use_events(piece, len(content), content):
+                        yield event
+        if last is None:
+            raise APIError(500, "engine stream ended without a final delta", "server_error")
+        if text_open:
+            yield {"type": "content_block_stop", "index": len(content) - 1}
+        stop_reason, stop_sequence = self._stop(last, num_calls)
+        usage = self._usage(last)
+        self.message.update(stop_reason=stop_reason, stop_sequence=stop_sequence, usage=usage,
+                            refusion=refusion_detail(last))
+        yield {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+               "usage": usage}
+        yield {"type": "message_stop"}
+
+    def _stop(self, last: Delta, num_calls: int) -> tuple[str, str | None]:
+        """Anthropic's stop_reason and stop_sequence. A cut (max_tokens, or the max_time_ms extension) is
+        max_tokens, calls or not, so a client never takes a truncated turn for a finished one."""
+        if last.finish_reason in (FinishReason.LENGTH, FinishReason.DEADLINE):
+            return "max_tokens", None
+        word = (last.stats or {}).get("stop_word")
+        if word is not None and word in (self.body.stop_sequences or []):
+            return "stop_sequence", word
+        return ("tool_use" if num_calls else "end_turn"), None
+
+    def _usage(self, last: Delta) -> dict:
+        observer = self.run.observer
+        cached = int((last.stats or {}).get("cached_prompt_tokens") or 0)
+        return {"input_tokens": observer.prompt_tokens - cached, "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": cached, "output_tokens": observer.completion_tokens}
+
+
+def error_event(error: APIError) -> dict:
+    """The `error` event that ends a stream that failed after it started (Anthropic's form)."""
+    return anthropic_error_body(error.status, error.type, error.message)
+
+
+def _tool_use_events(call: ToolCall, index: int, content: list[dict]) -> list[dict]:
+    """A tool call as a tool_use block (its input sent whole in one input_json_delta, once the call has
+    closed); the block joins `content`."""
+    block = {"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name,
+             "input": json.loads(call.arguments)}
+    content.append(block)
+    return [{"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}},
+            {"type": "content_block_delta", "index": index,
+             "delta": {"type": "input_json_delta", "partial_json": call.arguments}},
+            {"type": "content_block_stop", "index": index}]

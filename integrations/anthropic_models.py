@@ -1,0 +1,301 @@
+"""The Anthropic Messages API request (POST /v1/messages and /v1/messages/count_tokens) and its mapping
+onto a chat turn, as llama.cpp's server and vLLM offer it to Anthropic clients (the `anthropic` SDK,
+Claude Code and other agents).
+
+Supported, with Anthropic's semantics: `messages` (user and assistant turns; content a string or
+blocks: `text`, `tool_use` in assistant turns, `tool_result` in user turns, whose `tool_use_id` must
+name an earlier `tool_use`; `thinking` / `redacted_thinking` blocks an agent sends back are skipped),
+`system` (a string or text blocks, joined by newlines), custom `tools` (`name`, `description`,
+`input_schema`), `tool_choice` (`auto`, `any`, `tool`, `none`; `disable_parallel_tool_use`),
+`max_tokens`, `stop_sequences`, `temperature`, `top_p`, `top_k`, `metadata.user_id`, `stream`,
+`output_config.format` (a JSON schema: structured output) and a final assistant message, which the
+model continues (a prefill: the chat turn's `continue_final_message`), plus the ReFusion extensions of
+the chat route (`mode`, `slot_size`, ...; EXTENSIONS) at the top level.
+Accepted and ignored: `cache_control` (here and on blocks and tools: the prefix cache is automatic),
+`thinking` (the model has no thinking mode: no thinking blocks are returned), `service_tier`,
+`output_config.effort`. Refused with a 400 naming the field: images, documents and other non-text
+blocks, server tools (`web_search_...`, `bash_...`, ...), `container`, `mcp_servers`, unknown fields.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+
+from integrations.http_errors import validation_field
+from integrations.openai_models import ChatCompletionRequest, OpenAIBody
+from integrations.request_limits import InputError
+
+# ReFusion and sampling extensions passed through to the chat turn unchanged (openai_models.SamplingFields);
+# Anthropic's own names cover stop strings (stop_sequences) and top_k
+EXTENSIONS = ("mode", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold", "min_p",
+              "max_time_ms", "priority", "seed", "structured_outputs")
+# A chat field a 400 may name -> the Messages field the client sent (prefixes, longest first)
+_FIELD_NAMES = [("response_format", "output_config.format"), ("messages", "messages"),
+                ("continue_final_message", "messages"), ("stop", "stop_sequences"),
+                ("parallel_tool_calls", "tool_choice.disable_parallel_tool_use"), ("user", "metadata.user_id")]
+
+
+def messages_field(field: str | None) -> str | None:
+    """The Messages API's name of a chat-turn field a 400 names (tools.0.function.parameters ->
+    tools.0.input_schema, response_format -> output_config.format, stop -> stop_sequences, ...). Chat
+    message indices differ from the request's (system and tool results become messages of their own),
+    so a message fault found by the chat turn names `messages`."""
+    if not field:
+        return field
+    parts = field.split(".")
+    if len(parts) >= 3 and parts[0] == "tools" and parts[2] == "function":
+        rest = parts[3:]
+        return ".".join(parts[:2] + (["input_schema"] + rest[1:] if rest[:1] == ["parameters"] else rest))
+    for chat, ours in _FIELD_NAMES:
+        if field == chat or field.startswith(chat + "."):
+            return ours if chat == "messages" else ours + field[len(chat):]
+    return field
+
+
+class MessagesBody(OpenAIBody):
+    """The fields /v1/messages and /v1/messages/count_tokens share: what the prompt is made of."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None  # accepted, ignored (module docstring)
+    cache_control: dict[str, Any] | None = None  # accepted, ignored: the prefix cache is automatic
+    output_config: dict[str, Any] | None = None
+
+    def chat_body(self) -> dict[str, Any]:
+        """The chat turn's body (a dict for ChatCompletionRequest). Raises InputError (400) naming the
+        Messages field."""
+        if self.thinking is not None and self.thinking.get("type") not in ("enabled", "disabled", "adaptive"):
+            raise InputError(400, "thinking.type", 'use "enabled", "disabled" or "adaptive" (ignored here: the model '
+                             "has no thinking mode)")
+        messages, continue_final = self._messages()
+        body: dict[str, Any] = {"messages": messages, "continue_final_message": continue_final}
+        if self.tools:
+            body["tools"] = [_tool(t, k) for k, t in enumerate(self.tools)]
+        if self.tool_choice is not None:
+            body["tool_choice"], parallel = _tool_choice(self.tool_choice)
+            if parallel is False:
+                body["parallel_tool_calls"] = False
+        fmt = (self.output_config or {}).get("format")
+        if fmt is not None:
+            body["response_format"] = _output_format(fmt)
+        unknown = sorted(set(self.output_config or {}) - {"format", "effort"})
+        if unknown:
+            raise InputError(400, f"output_config.{unknown[0]}", "unknown field of output_config (format, effort)")
+        if self.model is not None:
+            body["model"] = self.model
+        return body
+
+    def _messages(self) -> tuple[list[dict], bool]:
+        """Chat messages, and whether the last (assistant) one is a prefill to continue."""
+        out = [{"role": "system", "content": _system_text(self.system)}] if self.system else []
+        tool_uses: set[str] = set()  # ids of the tool_use blocks so far
+        for k, message in enumerate(self.messages):
+            role = message.get("role")
+            if role not in ("user", "assistant"):
+                raise InputError(400, f"messages.{k}.role", f"must be user or assistant, got {role!r} (a system "
+                                 "prompt goes in the top-level `system`)")
+            unknown = sorted(set(message) - {"role", "content"})
+            if unknown:
+                raise InputError(400, f"messages.{k}.{unknown[0]}", "unknown field of a message (role, content)")
+            content = message.get("content")
+            if isinstance(content, str):
+                out.append({"role": role, "content": content})
+            elif isinstance(content, list):
+                out += _blocks(role, content, k, tool_uses)
+            else:
+                raise InputError(400, f"messages.{k}.content", "must be a string or a list of content blocks")
+        last = out[-1] if out else None
+        if self.messages[-1].get("role") != "assistant" or last is None or last["role"] != "assistant":
+            return out, False
+        if last.get("tool_calls"):
+            raise InputError(400, f"messages.{len(self.messages) - 1}.content", "ends with a tool_use: send its "
+                             "tool_result in a user message after it")
+        if not last.get("content"):
+            raise InputError(400, f"messages.{len(self.messages) - 1}.content", "a final assistant message (a "
+                             "prefill the model continues) needs text: add some, or drop the message")
+        return out, True
+
+
+class MessagesRequest(MessagesBody):
+    """POST /v1/messages (the module docstring lists what is supported)."""
+
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: Literal["auto", "standard_only"] | None = None  # accepted, ignored: one tier here
+    # ReFusion / vLLM extensions (EXTENSIONS, sent at the top level), validated by the chat turn
+    extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_extensions(cls, data):
+        if isinstance(data, dict) and any(k in data for k in EXTENSIONS):
+            found = {k: data[k] for k in EXTENSIONS if k in data and data[k] is not None}
+            data = {k: v for k, v in data.items() if k not in EXTENSIONS} | {"extensions": found}
+        return data
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat turn this request asks for. Raises InputError (400) naming the Messages field."""
+        body = self.chat_body() | {"stream": self.stream, "max_tokens": self.max_tokens}
+        for name, chat_name in (("stop_sequences", "stop"), ("temperature", "temperature"), ("top_p", "top_p"),
+                                ("top_k", "top_k")):
+            if getattr(self, name) is not None:
+                body[chat_name] = getattr(self, name)
+        unknown = sorted(set(self.metadata or {}) - {"user_id"})
+        if unknown:
+            raise InputError(400, f"metadata.{unknown[0]}", "unknown field of metadata (user_id)")
+        if (self.metadata or {}).get("user_id") is not None:
+            body["user"] = self.metadata["user_id"]
+        body.update(self.extensions)
+        return _validated(body)
+
+
+class CountTokensRequest(MessagesBody):
+    """POST /v1/messages/count_tokens: the prompt a /v1/messages request with these fields would run."""
+
+    def chat_request(self) -> ChatCompletionRequest:
+        return _validated(self.chat_body())
+
+
+def _validated(body: dict) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        field = messages_field(validation_field(tuple(error["loc"]))) or "body"
+        raise InputError(400, field, error["msg"]) from None
+
+
+def _system_text(system) -> str:
+    if isinstance(system, str):
+        return system
+    texts = []
+    for i, block in enumerate(system):
+        texts.append(_text_of(block, f"system.{i}"))
+    return "\n".join(texts)
+
+
+def _text_of(block, field: str) -> str:
+    if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+        kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+        raise InputError(400, field, f"only text blocks ({{'type': 'text', 'text': ...}}) are supported here, got {kind!r}")
+    return block["text"]
+
+
+def _blocks(role: str, blocks: list, k: int, tool_uses: set[str]) -> list[dict]:
+    """One message's content blocks as chat messages: text (and, from the assistant, its tool calls) in
+    one message; each tool_result a tool message, in the order written."""
+    out: list[dict] = []
+    text: list[str] = []
+    calls: list[dict] = []
+
+    def flush():
+        if text or calls:
+            message = {"role": role, "content": "".join(text) if text else None}
+            if calls:
+                message["tool_calls"] = list(calls)
+            out.append(message)
+            text.clear()
+            calls.clear()
+
+    for i, block in enumerate(blocks):
+        field = f"messages.{k}.content.{i}"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            text.append(_text_of(block, field))
+        elif kind == "tool_use" and role == "assistant":
+            calls.append(_tool_use(block, field, tool_uses))
+        elif kind == "tool_result" and role == "user":
+            flush()
+            out.append(_tool_result(block, field, tool_uses))
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            continue  # an earlier turn's thinking, sent back by an agent: nothing to render
+        elif kind in ("tool_use", "tool_result"):
+            raise InputError(400, f"{field}.type", f"{kind} blocks belong in "
+                             f"{'assistant' if kind == 'tool_use' else 'user'} messages")
+        else:
+            raise InputError(400, f"{field}.type", f"{kind!r} blocks are not supported here; send text, tool_use "
+                             "and tool_result blocks")
+    flush()
+    return out
+
+
+def _tool_use(block: dict, field: str, tool_uses: set[str]) -> dict:
+    for name in ("id", "name"):
+        if not isinstance(block.get(name), str) or not block[name]:
+            raise InputError(400, f"{field}.{name}", "must be a non-empty string")
+    if not isinstance(block.get("input"), dict):
+        raise InputError(400, f"{field}.input", "must be an object (the tool's arguments)")
+    tool_uses.add(block["id"])
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": json.dumps(block["input"], ensure_ascii=False)}}
+
+
+def _tool_result(block: dict, field: str, tool_uses: set[str]) -> dict:
+    call_id = block.get("tool_use_id")
+    if not isinstance(call_id, str) or call_id not in tool_uses:
+        raise InputError(400, f"{field}.tool_use_id", f"no earlier tool_use block has id {call_id!r}: send the "
+                         "assistant message with that tool_use too (nothing is stored here)")
+    content = block.get("content", "")
+    if isinstance(content, list):
+        content = "".join(_text_of(part, f"{field}.content.{j}") for j, part in enumerate(content))
+    elif not isinstance(content, str):
+        raise InputError(400, f"{field}.content", "must be a string or a list of text blocks")
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+def _tool(tool: dict, k: int) -> dict:
+    if tool.get("type") not in (None, "custom"):
+        raise InputError(400, f"tools.{k}.type", f"{tool.get('type')!r} tools are Anthropic's server or built-in "
+                         "tools and are not offered here; define custom tools ({'name': ..., 'input_schema': {...}})")
+    unknown = sorted(set(tool) - {"type", "name", "description", "input_schema", "cache_control", "strict"})
+    if unknown:
+        raise InputError(400, f"tools.{k}.{unknown[0]}", "unknown field of a tool (name, description, input_schema)")
+    if "input_schema" not in tool:
+        raise InputError(400, f"tools.{k}.input_schema", "is required: the JSON schema of the tool's input")
+    function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
+    for key in ("description", "strict"):
+        if tool.get(key) is not None:
+            function[key] = tool[key]
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice: dict) -> tuple[str | dict, bool | None]:
+    """(the chat tool_choice, parallel_tool_calls: False when disable_parallel_tool_use, else None)."""
+    kind = choice.get("type")
+    unknown = sorted(set(choice) - {"type", "name", "disable_parallel_tool_use"})
+    if unknown:
+        raise InputError(400, f"tool_choice.{unknown[0]}", "unknown field of tool_choice")
+    parallel = False if choice.get("disable_parallel_tool_use") is True else None
+    if kind == "auto":
+        return "auto", parallel
+    if kind == "any":
+        return "required", parallel
+    if kind == "none":
+        return "none", None
+    if kind == "tool":
+        if not isinstance(choice.get("name"), str) or not choice["name"]:
+            raise InputError(400, "tool_choice.name", 'a "tool" choice names the tool: {"type": "tool", "name": ...}')
+        return {"type": "function", "function": {"name": choice["name"]}}, parallel
+    raise InputError(400, "tool_choice.type", f'must be "auto", "any", "tool" or "none", got {kind!r}')
+
+
+def _output_format(fmt) -> dict:
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise InputError(400, "output_config.format", 'use {"type": "json_schema", "schema": {...}}')
+    unknown = sorted(set(fmt) - {"type", "schema"})
+    if unknown:
+        raise InputError(400, f"output_config.format.{unknown[0]}", "unknown field of a format (type, schema)")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}

@@ -1,0 +1,209 @@
+"""integrations/anthropic_models.py's mapping of a Messages request onto a chat turn, and
+integrations/anthropic_api.py's event builder, without Ray or a model: content blocks in the order
+written (text, tool_use, tool_result), a final assistant message as a prefill, 400s naming the Messages
+field, content blocks in the order the model wrote text and calls, stop reasons, and the error event."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from integrations.anthropic_api import MessageTurn, error_event
+from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
+from integrations.chat_run import ChatRun
+from integrations.http_errors import APIError
+from integrations.openai_responses import ResponseHeader
+from integrations.request_limits import InputError
+from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
+from scheduler.api import Delta, FinishReason
+
+TOOL = {"name": "add", "description": "Add", "input_schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+
+
+def _request(**fields) -> MessagesRequest:
+    return MessagesRequest.model_validate({"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]} | fields)
+
+
+def test_blocks_become_chat_messages_in_the_order_written():
+    chat = _request(system=[{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Use Python."}], tools=[TOOL],
+                    messages=[
+                        {"role": "user", "content": [{"type": "text", "text": "Add 2 "}, {"type": "text", "text": "and 3."}]},
+                        {"role": "assistant", "content": [
+                            {"type": "thinking", "thinking": "easy", "signature": "s"},
+                            {"type": "text", "text": "Adding."},
+                            {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 2}}]},
+                        {"role": "user", "content": [
+                            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "5"}]},
+                            {"type": "text", "text": "Thanks."}]},
+                    ], stop_sequences=["\n\n"], top_k=5, metadata={"user_id": "u1"},
+                    tool_choice={"type": "any", "disable_parallel_tool_use": True}).chat_request()
+    got = [(m.role, m.content, m.tool_calls, m.tool_call_id) for m in chat.messages]
+    call = {"id": "toolu_1", "type": "function", "function": {"name": "add", "arguments": json.dumps({"a": 2})}}
+    assert got == [("system", "Be brief.\nUse Python.", None, None), ("user", "Add 2 and 3.", None, None),
+                   ("assistant", "Adding.", [call], None), ("tool", "5", None, "toolu_1"), ("user", "Thanks.", None, None)]
+    assert not chat.continue_final_message
+    assert chat.stop == ["\n\n"] and chat.top_k == 5 and chat.user == "u1" and chat.max_tokens == 8
+    assert chat.tool_choice == "required" and chat.parallel_tool_calls is False
+    assert chat.tools[0].function.parameters == TOOL["input_schema"]
+
+
+def test_a_final_assistant_message_is_a_prefill_to_continue():
+    chat = _request(messages=[{"role": "user", "content": "Write add."},
+                              {"role": "assistant", "content": [{"type": "text", "text": "def add("}]}]).chat_request()
+    assert chat.continue_final_message and chat.messages[-1].content == "def add("
+    count = CountTokensRequest.model_validate({"messages": [{"role": "user", "content": "x"},
+                                                            {"role": "assistant", "content": "y"}]}).chat_request()
+    assert count.continue_final_message
+
+
+def test_tool_choices_and_the_output_format_map_to_the_chat_turn():
+    named = _request(tools=[TOOL], tool_choice={"type": "tool", "name": "add"}).chat_request()
+    assert named.forced_tool == "add" and named.parallel_tool_calls is None
+    assert _request(tools=[TOOL], tool_choice={"type": "none"}).chat_request().tools_enabled is False
+    assert _request(tools=[TOOL], tool_choice={"type": "auto"}).chat_request().tool_choice == "auto"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
+    chat = _request(output_config={"format": {"type": "json_schema", "schema": schema}, "effort": "low"}).chat_request()
+    assert chat.response_format.json_schema.schema_ == schema
+    assert _request(thinking={"type": "enabled", "budget_tokens": 2048}).chat_request().messages[-1].content == "hi"
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages.0.content.0.type"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "5"}]}]},
+     "messages.0.content.0.tool_use_id"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "add", "input": {}}]}]},
+     "messages.0.content.0.type"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "add", "input": {}}]}]}, "messages.1.content"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}, "messages.1.content"),
+    ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"system": [{"type": "image"}]}, "system.0"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
+    ({"tools": [{"name": "add"}]}, "tools.0.input_schema"),
+    ({"tools": [{"name": "add", "input_schema": {}, "input_examples": []}]}, "tools.0.input_examples"),
+    ({"tools": [{"name": "", "input_schema": {"type": "object"}}]}, "tools.0.name"),
+    ({"tools": [TOOL], "tool_choice": {"type": "tool"}}, "tool_choice.name"),
+    ({"tools": [TOOL], "tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
+    ({"output_config": {"format": {"type": "xml"}}}, "output_config.format"),
+    ({"output_config": {"verbosity": 1}}, "output_config.verbosity"),
+    ({"thinking": {"type": "deep"}}, "thinking.type"),
+    ({"metadata": {"user": "x"}}, "metadata.user"),
+    ({"temperature": 7}, "temperature"),
+    ({"mode": "fast"}, "mode"),
+])
+def test_bad_requests_name_the_messages_field(fields, field):
+    with pytest.raises(InputError) as err:
+        _request(**fields).chat_request()
+    assert err.value.status == 400 and err.value.field == field
+
+
+def test_body_faults_are_validation_errors_naming_the_field():
+    for body, field in (({"messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+                        ({"max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+                        ({"max_tokens": 4, "messages": []}, "messages"),
+                        ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "container": "c"}, "container"),
+                        ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "stop_sequences": [5]},
+                         "stop_sequences")):
+        with pytest.raises(ValidationError) as err:
+            MessagesRequest.model_validate(body)
+        assert err.value.errors()[0]["loc"][0] == field
+
+
+def test_chat_turn_fields_are_named_as_the_messages_api_names_them():
+    assert messages_field("tools.0.function.parameters") == "tools.0.input_schema"
+    assert messages_field("tools.1.function.name") == "tools.1.name"
+    assert messages_field("response_format.json_schema.schema") == "output_config.format.json_schema.schema"
+    assert messages_field("messages.3.content") == "messages"  # chat indices are not the request's
+    assert messages_field("stop.0") == "stop_sequences.0" and messages_field("max_tokens") == "max_tokens"
+
+
+# --- the event builder ---------------------------------------------------------------------------------
+
+CALL = TOOL_OPEN + '{"name": "add", "arguments": {"a": 1}}' + TOOL_CLOSE
+
+
+class Observer:
+    prompt_tokens, completion_tokens = 5, 9
+
+
+def _turn(body: MessagesRequest, allowed=frozenset({"add"}), max_calls=None) -> MessageTurn:
+    run = ChatRun(client=None, header=ResponseHeader("msg", "m", "msg-1"), observer=Observer(), streams=[],
+                  forced="", allowed=set(allowed) if allowed is not None else None, max_calls=max_calls)
+    return MessageTurn(body, run)
+
+
+async def _deltas(pieces, reason=FinishReason.STOP, stats=None, fail=False):
+    for i, text in enumerate(pieces):
+        last = i == len(pieces) - 1 and not fail
+        yield Delta("msg-1", text, [i], finished=last, finish_reason=reason if last else None,
+                    stats=(stats or {}) if last else {})
+    if fail:
+        raise APIError(500, "engine error: boom", "server_error")
+
+
+async def _events(turn: MessageTurn, deltas) -> list[dict]:
+    turn.run.streams.append(deltas)
+    return [e async for e in turn.events()]
+
+
+async def test_blocks_keep_the_order_written_and_the_stream_builds_the_message():
+    turn = _turn(_request(tools=[TOOL]))
+    events = await _events(turn, _deltas(["Let me add. ", CALL[:15], CALL[15:], " Done."], stats={"cached_prompt_tokens": 2}))
+    message = turn.message
+    assert [(b["type"], b.get("text") or b.get("name")) for b in message["content"]] == [
+        ("text", "Let me add. "), ("tool_use", "add"), ("text", " Done.")]
+    assert message["content"][1]["input"] == {"a": 1} and message["content"][1]["id"].startswith("toolu_")
+    assert message["stop_reason"] == "tool_use" and message["stop_sequence"] is None
+    assert message["usage"] == {"input_tokens": 3, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2,
+                                "output_tokens": 9}
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert events[0]["message"]["content"] == [] and events[0]["message"]["stop_reason"] is None
+    rebuilt: list[dict] = []  # what a client rebuilds from the events
+    for e in events:
+        if e["type"] == "content_block_start":
+            assert e["index"] == len(rebuilt)
+            rebuilt.append(dict(e["content_block"]))
+        elif e["type"] == "content_block_delta" and e["delta"]["type"] == "text_delta":
+            rebuilt[e["index"]]["text"] += e["delta"]["text"]
+        elif e["type"] == "content_block_delta":
+            rebuilt[e["index"]]["input"] = json.loads(e["delta"]["partial_json"])
+    assert rebuilt == message["content"]
+    assert events[-2]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+    assert events[-2]["usage"] == message["usage"]
+
+
+@pytest.mark.parametrize("reason, stats, stop_sequences, expected", [
+    (FinishReason.LENGTH, {}, None, ("max_tokens", None)),
+    (FinishReason.DEADLINE, {}, None, ("max_tokens", None)),
+    (FinishReason.STOP, {"stop_word": "\n\n"}, ["\n\n"], ("stop_sequence", "\n\n")),
+    (FinishReason.STOP, {"stop_word": "\n### "}, ["\n\n"], ("end_turn", None)),  # the template's turn end
+    (FinishReason.STOP, {}, None, ("end_turn", None)),
+])
+async def test_stop_reasons(reason, stats, stop_sequences, expected):
+    turn = _turn(_request(stop_sequences=stop_sequences), allowed=None)
+    await _events(turn, _deltas(["abc"], reason, stats))
+    assert (turn.message["stop_reason"], turn.message["stop_sequence"]) == expected
+
+
+async def test_a_turn_cut_after_a_call_says_max_tokens_and_disabled_parallel_calls_keep_the_first():
+    turn = _turn(_request(tools=[TOOL]), max_calls=1)
+    await _events(turn, _deltas([CALL, CALL], FinishReason.LENGTH))
+    assert [b["type"] for b in turn.message["content"]] == ["tool_use"]
+    assert turn.message["stop_reason"] == "max_tokens"
+
+
+async def test_a_failure_after_the_start_is_one_anthropic_error_event():
+    turn = _turn(_request(), allowed=None)
+    events = []
+    with pytest.raises(APIError) as err:
+        turn.run.streams.append(_deltas(["a", "b"], fail=True))
+        async for event in turn.events():
+            events.append(event)
+    assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta",
+                                           "content_block_delta"]
+    assert error_event(err.value) == {"type": "error", "error": {"type": "api_error", "message": "engine error: boom"}}

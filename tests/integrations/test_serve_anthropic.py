@@ -1,0 +1,205 @@
+"""POST /v1/messages and /v1/messages/count_tokens on the real Ray Serve app with the `anthropic` SDK:
+the message equals what /v1/chat/completions answers for the same conversation (text, tool_use and
+tool_result blocks, system prompt, prefill), streamed and whole alike; stop reasons; forced tool calls
+whose input follows the schema; token counts equal to the prompt the turn runs; errors in Anthropic's
+shape naming the field; `x-api-key`; a full engine is a 503 overloaded_error with Retry-After."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import httpx
+import pytest
+
+from serve_testbed import API_KEY, long_stream_admitted
+
+# The SDK has no temperature argument: sent as extra_body. The tests' random-weight model writes nothing
+# visible greedily (special tokens), so texts are compared under seeded sampling: the same seed and prompt
+# give the same tokens on every route.
+GREEDY_AR = {"mode": "ar", "temperature": 0}
+SAMPLED_AR = {"mode": "ar", "temperature": 1.0, "seed": 7}
+TOOL = {"name": "add", "description": "Add two digits",
+        "input_schema": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                                          "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+                         "required": ["a", "b"], "additionalProperties": False}}
+OPENAI_TOOL = {"type": "function", "function": {"name": TOOL["name"], "description": TOOL["description"],
+                                                "parameters": TOOL["input_schema"]}}
+# A conversation an agent sends back: a call, its result, a new question (Anthropic blocks / OpenAI messages)
+CONVERSATION = [
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": [{"type": "text", "text": "Let me add."},
+                                      {"type": "tool_use", "id": "toolu_01", "name": "add", "input": {"a": 2, "b": 3}}]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "5"},
+                                 {"type": "text", "text": "Now write it in Python."}]},
+]
+OPENAI_CONVERSATION = [
+    {"role": "system", "content": "You write Python."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "Let me add.", "tool_calls": [
+        {"id": "toolu_01", "type": "function", "function": {"name": "add", "arguments": json.dumps({"a": 2, "b": 3})}}]},
+    {"role": "tool", "tool_call_id": "toolu_01", "content": "5"},
+    {"role": "user", "content": "Now write it in Python."},
+]
+
+
+@pytest.fixture(scope="module")
+def claude(serve_base_url):
+    return anthropic.Anthropic(base_url=serve_base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(serve_base_url):
+    with httpx.Client(base_url=serve_base_url, timeout=60) as client:
+        yield client
+
+
+def _text(message) -> str:
+    return "".join(block.text for block in message.content if block.type == "text")
+
+
+def test_a_conversation_with_tool_results_answers_as_the_chat_route(claude, client, model, http):
+    """The same conversation as Anthropic blocks and as OpenAI messages: the same prompt (count_tokens ==
+    /tokenize == usage) and, greedy, the same text; streamed, the events rebuild the same message."""
+    kwargs = dict(model=model, max_tokens=16, system="You write Python.", messages=CONVERSATION, tools=[TOOL],
+                  tool_choice={"type": "none"}, extra_body=SAMPLED_AR)
+    out = claude.messages.create(**kwargs)
+    chat = client.chat.completions.create(model=model, max_tokens=16, messages=OPENAI_CONVERSATION, temperature=1.0,
+                                          seed=7, tools=[OPENAI_TOOL], tool_choice="none", extra_body={"mode": "ar"})
+    assert out.type == "message" and out.role == "assistant" and out.model == model
+    assert _text(out) and _text(out) == chat.choices[0].message.content
+    assert out.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[chat.choices[0].finish_reason]
+    assert out.usage.input_tokens + out.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    assert out.usage.output_tokens == chat.usage.completion_tokens
+    counted = claude.messages.count_tokens(model=model, system="You write Python.", messages=CONVERSATION,
+                                           tools=[TOOL], tool_choice={"type": "none"})
+    tokenized = http.post("/tokenize", json={"messages": OPENAI_CONVERSATION}).json()  # tool_choice none: no tools
+    assert counted.input_tokens == tokenized["count"] == chat.usage.prompt_tokens
+    with claude.messages.stream(**kwargs) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert _text(final) == _text(out) and [b.type for b in final.content] == ["text"]
+    assert final.stop_reason == out.stop_reason
+    assert final.usage.output_tokens == out.usage.output_tokens
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+
+
+def test_stop_sequences_end_the_text_and_are_reported(claude, model):
+    kwargs = dict(model=model, max_tokens=24, messages=[{"role": "user", "content": "def add(a, b):"}],
+                  extra_body=SAMPLED_AR)
+    text = _text(claude.messages.create(**kwargs))
+    usable = [p for p in range(1, len(text) - 1) if text.find(text[p:p + 2]) == p and text[p:p + 2].isprintable()
+              and text[p:p + 2].strip() and "\ufffd" not in text[p:p + 2]]
+    cut = usable[0] if usable else None
+    assert cut is not None, f"no usable stop sequence in {text!r}"
+    stop = text[cut:cut + 2]
+    out = claude.messages.create(stop_sequences=[stop, "never-written"], **kwargs)
+    assert (out.stop_reason, out.stop_sequence) == ("stop_sequence", stop)
+    assert _text(out) == text[:cut]
+
+
+def test_max_tokens_cut_is_max_tokens(claude, client, model):
+    messages = [{"role": "user", "content": "Write a long story."}]
+    chat = client.chat.completions.create(model=model, max_tokens=3, messages=messages, temperature=0,
+                                          extra_body={"mode": "ar"})
+    assert chat.choices[0].finish_reason == "length"  # the oracle: greedy does not end within 3 tokens
+    out = claude.messages.create(model=model, max_tokens=3, messages=messages, extra_body=GREEDY_AR)
+    assert out.stop_reason == "max_tokens" and out.usage.output_tokens == 3
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "tool", "name": "add"}, {"type": "any"}])
+def test_forced_tool_calls_are_tool_use_blocks_whose_input_follows_the_schema(claude, model, tool_choice):
+    kwargs = dict(model=model, max_tokens=64, messages=[{"role": "user", "content": "Add 2 and 3."}],
+                  tools=[TOOL], tool_choice={**tool_choice, "disable_parallel_tool_use": True},
+                  extra_body={"temperature": 0.8, "seed": 3})
+    out = claude.messages.create(**kwargs)
+    [call] = [block for block in out.content if block.type == "tool_use"]
+    assert call.name == "add" and call.id.startswith("toolu_")
+    assert set(call.input) == {"a", "b"} and all(isinstance(v, int) and 0 <= v <= 9 for v in call.input.values())
+    assert out.stop_reason == "tool_use"
+    partial, started = [], None
+    for event in claude.messages.create(stream=True, **kwargs):
+        if event.type == "content_block_start" and event.content_block.type == "tool_use":
+            started = event.content_block
+        elif event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+            partial.append(event.delta.partial_json)
+    assert started.name == "add" and started.input == {}
+    assert json.loads("".join(partial)) == call.input  # same seed: the same call
+
+
+def test_a_final_assistant_message_is_continued(claude, client, model, http):
+    """A prefill: the prompt ends with the assistant's text (no new turn opened) and the answer is what
+    the chat route's continue_final_message gives (the prefill itself is not repeated)."""
+    messages = [{"role": "user", "content": "Write add."}, {"role": "assistant", "content": "def add(a, b):\n"}]
+    out = claude.messages.create(model=model, max_tokens=12, messages=messages, extra_body=SAMPLED_AR)
+    chat = client.chat.completions.create(model=model, max_tokens=12, messages=messages, temperature=1.0, seed=7,
+                                          extra_body={"mode": "ar", "continue_final_message": True})
+    assert _text(out) and _text(out) == chat.choices[0].message.content
+    tokenized = http.post("/tokenize", json={"messages": messages, "continue_final_message": True,
+                                             "add_generation_prompt": False}).json()
+    prompt = http.post("/detokenize", json={"tokens": tokenized["tokens"]}).json()["prompt"]
+    assert prompt.endswith("### Assistant\ndef add(a, b):\n")  # the plain template's open turn
+    assert claude.messages.count_tokens(model=model, messages=messages).input_tokens == tokenized["count"]
+    assert chat.usage.prompt_tokens == tokenized["count"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "u"}}]}]},
+     "messages.0.content.0.type"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "5"}]}]},
+     "messages.0.content.0.tool_use_id"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
+    ({"tools": [{"name": "add", "input_schema": {"type": "object", "properties": 5}}]}, "tools.0.input_schema"),
+    ({"tool_choice": {"type": "any"}}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "tool", "name": "mul"}}, "tool_choice"),
+    ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}, "tools": [TOOL]},
+     "output_config.format"),
+    ({"max_tokens": None}, "max_tokens"),
+    ({"max_tokens": 10 ** 7}, "max_tokens"),
+    ({"top_k": -1}, "top_k"),
+    ({"mode": "fast"}, "mode"),
+    ({"bogus": 1}, "bogus"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": [TOOL]},
+     "messages"),  # a prefill with tools: the grammar would start inside it
+])
+def test_bad_requests_are_anthropic_errors_naming_the_field(http, model, body, field):
+    base = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    response = http.post("/v1/messages", json={k: v for k, v in (base | body).items() if v is not None})
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["message"].startswith(field), error["error"]["message"]
+
+
+def test_the_sdk_raises_typed_errors(claude, model):
+    with pytest.raises(anthropic.BadRequestError) as err:
+        claude.messages.create(model=model, max_tokens=8, messages=[{"role": "bot", "content": "x"}])
+    assert err.value.body["error"]["message"].startswith("messages.0.role")
+    with pytest.raises(anthropic.NotFoundError) as err:
+        claude.messages.create(model="claude-nope", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    assert err.value.body["error"]["type"] == "not_found_error" and model in err.value.body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.count_tokens(model=model, messages=[{"role": "user", "content": [{"type": "image"}]}])
+
+
+def test_x_api_key_and_overload_on_the_strict_app(strict_base_url):
+    """Anthropic clients send `x-api-key`; a wrong or missing key is a 401 in Anthropic's shape; with the
+    engine's only slot taken, a message is a 503 overloaded_error with Retry-After (the SDK retries it)."""
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    with httpx.Client(base_url=strict_base_url, timeout=30) as http:
+        missing = http.post("/v1/messages/count_tokens", json=body)
+        assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+        assert missing.json()["type"] == "error"
+        assert http.post("/v1/messages/count_tokens", json=body, headers={"x-api-key": "wrong"}).status_code == 401
+        counted = http.post("/v1/messages/count_tokens", json=body, headers={"x-api-key": API_KEY})
+        assert counted.status_code == 200 and counted.json()["input_tokens"] > 0
+        strict = anthropic.Anthropic(base_url=strict_base_url, api_key=API_KEY, max_retries=0, timeout=30)
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        with long_stream_admitted(http, "/v1/completions", auth) as lines:  # takes the engine's only slot
+            assert next(lines).startswith("data: {")
+            with pytest.raises(anthropic.APIStatusError) as err:
+                strict.messages.create(model=http.get("/v1/models", headers=auth).json()["data"][0]["id"], max_tokens=4,
+                                       **body)
+    assert err.value.status_code == 503 and int(err.value.response.headers["retry-after"]) >= 1
+    assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "overloaded_error"
