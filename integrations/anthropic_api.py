@@ -28,7 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from integrations.chat import chat_prompt_ids
-from integrations.chat_run import ChatRun, start_chat
+from integrations.chat_run import ChatRun, start_chat, turn_pieces
 from integrations.http_errors import APIError, anthropic_error_body
 from integrations.openai_calls import check_model, last_event, read_body
 from integrations.openai_requests import id_headers
@@ -36,7 +36,7 @@ from integrations.openai_responses import refusion_detail
 from integrations.openai_stream import sse_response
 from integrations.request_limits import InputError, off_loop
 from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
-from integrations.tool_calls import ToolCall, ToolCallStreamParser
+from integrations.tool_calls import ToolCall
 from scheduler.api import Delta, FinishReason
 
 router = APIRouter()
@@ -110,13 +110,9 @@ class MessageTurn:
     async def _events(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[dict]:
         run, content = self.run, self.message["content"]
         yield {"type": "message_start", "message": {**self.message, "content": []}}
-        parser = ToolCallStreamParser(run.allowed) if run.allowed is not None else None
-        pending, num_calls, last, text_open = run.forced, 0, None, False
-        async for delta in deltas:
-            last, text, pending = delta, pending + delta.text, ""
-            pieces = [text] if parser is None else parser.feed(text)
-            if delta.finished and parser is not None:
-                pieces += parser.finish()
+        num_calls, last, text_open = 0, None, False
+        async for delta, pieces in turn_pieces(run, deltas):
+            last = delta
             for piece in pieces:
                 if isinstance(piece, str):
                     if not piece:

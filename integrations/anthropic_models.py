@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError
 
 from integrations.http_errors import validation_field
-from integrations.openai_models import ChatCompletionRequest, OpenAIBody
+from integrations.openai_models import ChatCompletionRequest, ExtensionsBody, OpenAIBody
 from integrations.request_limits import InputError
 
 # ReFusion and sampling extensions passed through to the chat turn unchanged (openai_models.SamplingFields);
@@ -124,7 +124,7 @@ class MessagesBody(OpenAIBody):
         return out, True
 
 
-class MessagesRequest(MessagesBody):
+class MessagesRequest(MessagesBody, ExtensionsBody):
     """POST /v1/messages (the module docstring lists what is supported)."""
 
     max_tokens: int = Field(ge=1)
@@ -135,16 +135,7 @@ class MessagesRequest(MessagesBody):
     top_k: int | None = None
     metadata: dict[str, Any] | None = None
     service_tier: Literal["auto", "standard_only"] | None = None  # accepted, ignored: one tier here
-    # ReFusion / vLLM extensions (EXTENSIONS, sent at the top level), validated by the chat turn
-    extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _collect_extensions(cls, data):
-        if isinstance(data, dict) and any(k in data for k in EXTENSIONS):
-            found = {k: data[k] for k in EXTENSIONS if k in data and data[k] is not None}
-            data = {k: v for k, v in data.items() if k not in EXTENSIONS} | {"extensions": found}
-        return data
+    EXTENSION_NAMES = EXTENSIONS  # ReFusion / vLLM extensions sent at the top level (ExtensionsBody)
 
     def chat_request(self) -> ChatCompletionRequest:
         """The chat turn this request asks for. Raises InputError (400) naming the Messages field."""

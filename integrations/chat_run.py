@@ -23,7 +23,7 @@ from integrations.openai_requests import generation_request, request_id
 from integrations.openai_responses import ResponseHeader
 from integrations.request_limits import InputError, off_loop
 from integrations.structured_output import tool_grammar
-from integrations.tool_calls import forced_call
+from integrations.tool_calls import ToolCallStreamParser, forced_call
 from scheduler.api import Delta
 
 
@@ -83,6 +83,20 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt_ids))
     streams = await start_all(lambda r: start(client, r, observer), choice_requests(req, body.n))
     return ChatRun(client, header, observer, streams, forced, allowed, max_calls)
+
+
+async def turn_pieces(run: ChatRun, deltas: AsyncIterator[Delta]) -> AsyncIterator[tuple[Delta, list]]:
+    """Each delta of a turn with its output pieces in order: text (str) and, with tools on, a
+    tool_calls.ToolCall once its block has closed; a forced call's opening (run.forced) goes before the
+    model's first text. The event builders of /v1/responses and /v1/messages read the turn through it."""
+    parser = ToolCallStreamParser(run.allowed) if run.allowed is not None else None
+    pending = run.forced
+    async for delta in deltas:
+        text, pending = pending + delta.text, ""
+        pieces = [text] if parser is None else parser.feed(text)
+        if delta.finished and parser is not None:
+            pieces += parser.finish()
+        yield delta, pieces
 
 
 def chat_grammar(body: ChatCompletionRequest, prefill_tokens: int) -> GrammarSpec | None:

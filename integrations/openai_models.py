@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -47,6 +47,24 @@ class OpenAIBody(BaseModel):
     @classmethod
     def _null_is_unset(cls, data):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class ExtensionsBody(OpenAIBody):
+    """A body of another API (Responses, Anthropic Messages) that takes the chat route's extensions
+    (`EXTENSION_NAMES`: mode, slot_size, ...) at its top level: the non-null ones are kept in
+    `extensions` and passed on to the chat turn, which validates them."""
+
+    EXTENSION_NAMES: ClassVar[tuple[str, ...]] = ()
+    extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_extensions(cls, data):
+        names = cls.EXTENSION_NAMES
+        if isinstance(data, dict) and any(k in data for k in names):
+            found = {k: data[k] for k in names if k in data and data[k] is not None}
+            data = {k: v for k, v in data.items() if k not in names} | {"extensions": found}
+        return data
 
 
 class StreamOptions(OpenAIBody):

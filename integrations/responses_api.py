@@ -24,7 +24,7 @@ from typing import AsyncIterator, Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from integrations.chat_run import ChatRun, start_chat
+from integrations.chat_run import ChatRun, start_chat, turn_pieces
 from integrations.http_errors import APIError
 from integrations.openai_calls import last_event, logprob_formatter, read_body
 from integrations.openai_logprobs import LogprobFormatter
@@ -33,7 +33,7 @@ from integrations.openai_responses import refusion_detail
 from integrations.openai_stream import sse_response
 from integrations.request_limits import InputError
 from integrations.responses_models import ResponsesRequest, responses_field
-from integrations.tool_calls import ToolCall, ToolCallStreamParser
+from integrations.tool_calls import ToolCall
 from scheduler.api import Delta, FinishReason
 
 router = APIRouter()
@@ -139,14 +139,10 @@ async def _turn_events(shell: ResponseShell, deltas: AsyncIterator[Delta], forma
 
     yield event("response.created", response=shell.object("in_progress", []))
     yield event("response.in_progress", response=shell.object("in_progress", []))
-    parser = ToolCallStreamParser(run.allowed) if run.allowed is not None else None
-    pending, num_calls, last = run.forced, 0, None
-    async for delta in deltas:
-        last, text, pending = delta, pending + delta.text, ""
+    num_calls, last = 0, None
+    async for delta, pieces in turn_pieces(run, deltas):
+        last = delta
         entries += delta.logprobs or []
-        pieces = [text] if parser is None else parser.feed(text)
-        if delta.finished and parser is not None:
-            pieces += parser.finish()
         for piece in pieces:
             if isinstance(piece, str):
                 if not piece:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError
 
 from integrations.http_errors import validation_field
-from integrations.openai_models import ChatCompletionRequest, OpenAIBody
+from integrations.openai_models import ChatCompletionRequest, ExtensionsBody
 from integrations.request_limits import InputError
 from workers.batch import MAX_TOP_LOGPROBS
 
@@ -49,7 +49,7 @@ def responses_field(field: str | None) -> str | None:
     return field
 
 
-class ResponsesRequest(OpenAIBody):
+class ResponsesRequest(ExtensionsBody):
     """POST /v1/responses (the module docstring lists what is supported)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -76,17 +76,7 @@ class ResponsesRequest(OpenAIBody):
     prompt_cache_key: str | None = None
     previous_response_id: str | None = None  # refused in chat_request: nothing is stored
     conversation: str | dict[str, Any] | None = None  # refused in chat_request: nothing is stored
-    # ReFusion / vLLM extensions (EXTENSIONS, sent at the top level), passed on to the chat turn, which
-    # validates them
-    extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _collect_extensions(cls, data):
-        if isinstance(data, dict) and any(k in data for k in EXTENSIONS):
-            found = {k: data[k] for k in EXTENSIONS if k in data and data[k] is not None}
-            data = {k: v for k, v in data.items() if k not in EXTENSIONS} | {"extensions": found}
-        return data
+    EXTENSION_NAMES = EXTENSIONS  # ReFusion / vLLM extensions sent at the top level (ExtensionsBody)
 
     def chat_request(self) -> ChatCompletionRequest:
         """The chat turn this request asks for. Raises InputError (400) naming the Responses field."""
