@@ -27,14 +27,14 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from integrations.chat import chat_prompt_ids
-from integrations.chat_run import ChatRun, start_chat, turn_pieces
+from integrations.chat_run import ChatRun, chat_prompt, start_chat, turn_pieces
+from integrations.context_fit import ContextLengthError
 from integrations.http_errors import APIError, anthropic_error_body
 from integrations.openai_calls import check_model, last_event, read_body
 from integrations.openai_requests import id_headers
 from integrations.openai_responses import refusion_detail
 from integrations.openai_stream import sse_response
-from integrations.request_limits import InputError, off_loop
+from integrations.request_limits import InputError
 from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
 from integrations.tool_calls import ToolCall
 from scheduler.api import Delta, FinishReason
@@ -60,26 +60,32 @@ async def create_message(request: Request):
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request):
-    """{"input_tokens": N}: the prompt tokens a /v1/messages request with these messages, system prompt
-    and tools runs (the chat template applied, a forced tool call's opening not included), as
-    Anthropic's count_tokens answers. 400 naming the field as /v1/messages does."""
+    """{"input_tokens": N}: the prompt tokens the /v1/messages turn with these messages, system prompt,
+    tools and tool_choice runs (template, tools, a forced call's opening: what its usage counts), as
+    Anthropic's count_tokens answers. 400 naming the field as /v1/messages does (a schema is compiled
+    only when a message is created)."""
     body = await read_body(request, CountTokensRequest)
     chat = body.chat_request()
-    settings, tokenizer = request.app.state.settings, request.app.state.engine_client.tokenizer
     check_model(request, chat.model)
-    text = "".join(m.content or "" for m in chat.messages)
     with _renamed_fields():
-        settings.limits.check_chars("messages", text)
-        ids, _ = await off_loop(chat_prompt_ids, tokenizer, chat.messages, chat.tools if chat.tools_enabled else None,
-                                settings.limits, chat.continue_final_message, chars=len(text))
-    return {"input_tokens": len(ids)}
+        prompt = await chat_prompt(request.app.state.engine_client.tokenizer, request.app.state.settings.limits, chat)
+    return {"input_tokens": len(prompt.ids)}
 
 
 @contextlib.contextmanager
 def _renamed_fields():
-    """A chat-turn fault names the field the Messages request sent (anthropic_models.messages_field)."""
+    """A chat-turn fault names the field the Messages request sent (anthropic_models.messages_field); a
+    context overflow is worded as Anthropic words it, which Claude Code parses to shrink `max_tokens`
+    and retry ("input length and `max_tokens` exceed context limit: P + M > C, ...")."""
     try:
         yield
+    except ContextLengthError as exc:
+        if exc.max_tokens is None:
+            message = f"prompt is too long: {exc.prompt_tokens} tokens > {exc.context_length} maximum"
+        else:
+            message = (f"input length and `max_tokens` exceed context limit: {exc.prompt_tokens} + {exc.max_tokens} > "
+                       f"{exc.context_length}, decrease input length or `max_tokens` and try again")
+        raise APIError(400, message, param=messages_field(exc.field)) from None
     except InputError as exc:
         raise InputError(exc.status, messages_field(exc.field), exc.message) from None
     except APIError as exc:
@@ -97,8 +103,7 @@ class MessageTurn:
     def __init__(self, body: MessagesRequest, run: ChatRun):
         self.body, self.run = body, run
         self.message = {"id": run.header.id, "type": "message", "role": "assistant", "model": run.header.model,
-                        "content": [], "stop_reason": None, "stop_sequence": None,
-                        "usage": {"input_tokens": run.observer.prompt_tokens, "output_tokens": 0}}
+                        "content": [], "stop_reason": None, "stop_sequence": None, "usage": {}}
 
     async def events(self) -> AsyncIterator[dict]:
         """The turn's events; closing them closes the engine stream (cancelling the request)."""
@@ -109,9 +114,11 @@ class MessageTurn:
 
     async def _events(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[dict]:
         run, content = self.run, self.message["content"]
-        yield {"type": "message_start", "message": {**self.message, "content": []}}
         num_calls, last, text_open = 0, None, False
         async for delta, pieces in turn_pieces(run, deltas):
+            if last is None:  # the first delta says how much of the prompt the prefix cache held
+                self.message["usage"] = {**self._usage(delta), "output_tokens": 0}
+                yield {"type": "message_start", "message": {**self.message, "content": []}}
             last = delta
             for piece in pieces:
                 if isinstance(piece, str):
@@ -154,9 +161,10 @@ class MessageTurn:
             return "stop_sequence", word
         return ("tool_use" if num_calls else "end_turn"), None
 
-    def _usage(self, last: Delta) -> dict:
+    def _usage(self, delta: Delta) -> dict:
+        """Usage as of `delta` (the first delta and the last carry the prefix cache's share of the prompt)."""
         observer = self.run.observer
-        cached = int((last.stats or {}).get("cached_prompt_tokens") or 0)
+        cached = int((delta.stats or {}).get("cached_prompt_tokens") or 0)
         return {"input_tokens": observer.prompt_tokens - cached, "cache_creation_input_tokens": 0,
                 "cache_read_input_tokens": cached, "output_tokens": observer.completion_tokens}
 

@@ -2,9 +2,10 @@
 onto a chat turn, as llama.cpp's server and vLLM offer it to Anthropic clients (the `anthropic` SDK,
 Claude Code and other agents).
 
-Supported, with Anthropic's semantics: `messages` (user and assistant turns; content a string or
-blocks: `text`, `tool_use` in assistant turns, `tool_result` in user turns, whose `tool_use_id` must
-name an earlier `tool_use`; `thinking` / `redacted_thinking` blocks an agent sends back are skipped),
+Supported, with Anthropic's semantics: `messages` (user and assistant turns, and system messages within
+the conversation, as Claude Code sends them; content a non-empty string or blocks: `text`, `tool_use`
+in assistant turns, `tool_result` in user turns; every tool_use answered by a tool_result in the next
+user message, ids unique; `thinking` / `redacted_thinking` blocks an agent sends back are skipped),
 `system` (a string or text blocks, joined by newlines), custom `tools` (`name`, `description`,
 `input_schema`), `tool_choice` (`auto`, `any`, `tool`, `none`; `disable_parallel_tool_use`),
 `max_tokens`, `stop_sequences`, `temperature`, `top_p`, `top_k`, `metadata.user_id`, `stream`,
@@ -12,9 +13,10 @@ name an earlier `tool_use`; `thinking` / `redacted_thinking` blocks an agent sen
 model continues (a prefill: the chat turn's `continue_final_message`), plus the ReFusion extensions of
 the chat route (`mode`, `slot_size`, ...; EXTENSIONS) at the top level.
 Accepted and ignored: `cache_control` (here and on blocks and tools: the prefix cache is automatic),
-`thinking` (the model has no thinking mode: no thinking blocks are returned), `service_tier`,
-`output_config.effort`. Refused with a 400 naming the field: images, documents and other non-text
-blocks, server tools (`web_search_...`, `bash_...`, ...), `container`, `mcp_servers`, unknown fields.
+`thinking` (the model has no thinking mode: no thinking blocks are returned), `context_management`
+(nothing is kept between requests), `service_tier`, `output_config.effort`. Refused with a 400 naming
+the field: images, documents and other non-text blocks, server tools (`web_search_...`, `bash_...`,
+...), `container`, `mcp_servers`, unknown fields.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from integrations.http_errors import validation_field
+from integrations.http_errors import validation_field, validation_message
 from integrations.openai_models import ChatCompletionRequest, ExtensionsBody, OpenAIBody
 from integrations.request_limits import InputError
 
@@ -32,8 +34,9 @@ from integrations.request_limits import InputError
 # Anthropic's own names cover stop strings (stop_sequences) and top_k
 EXTENSIONS = ("mode", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold", "min_p",
               "max_time_ms", "priority", "seed", "structured_outputs")
+EFFORTS = ("low", "medium", "high", "xhigh", "max")  # output_config.effort values (accepted, ignored)
 # A chat field a 400 may name -> the Messages field the client sent (prefixes, longest first)
-_FIELD_NAMES = [("response_format", "output_config.format"), ("messages", "messages"),
+_FIELD_NAMES = [("response_format.json_schema", "output_config.format"), ("response_format", "output_config.format"), ("messages", "messages"),
                 ("continue_final_message", "messages"), ("stop", "stop_sequences"),
                 ("parallel_tool_calls", "tool_choice.disable_parallel_tool_use"), ("user", "metadata.user_id")]
 
@@ -62,11 +65,12 @@ class MessagesBody(OpenAIBody):
 
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
-    system: str | list[dict[str, Any]] | None = None
+    system: str | list[Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None  # accepted, ignored (module docstring)
     cache_control: dict[str, Any] | None = None  # accepted, ignored: the prefix cache is automatic
+    context_management: dict[str, Any] | None = None  # accepted, ignored: nothing is stored between turns
     output_config: dict[str, Any] | None = None
 
     def chat_body(self) -> dict[str, Any]:
@@ -80,47 +84,60 @@ class MessagesBody(OpenAIBody):
         if self.tools:
             body["tools"] = [_tool(t, k) for k, t in enumerate(self.tools)]
         if self.tool_choice is not None:
-            body["tool_choice"], parallel = _tool_choice(self.tool_choice)
+            names = [t.get("name") for t in self.tools or []]
+            body["tool_choice"], parallel = _tool_choice(self.tool_choice, names)
             if parallel is False:
                 body["parallel_tool_calls"] = False
-        fmt = (self.output_config or {}).get("format")
-        if fmt is not None:
-            body["response_format"] = _output_format(fmt)
-        unknown = sorted(set(self.output_config or {}) - {"format", "effort"})
+        config = self.output_config or {}
+        unknown = sorted(set(config) - {"format", "effort"})
         if unknown:
             raise InputError(400, f"output_config.{unknown[0]}", "unknown field of output_config (format, effort)")
+        if config.get("effort") is not None and config["effort"] not in EFFORTS:
+            raise InputError(400, "output_config.effort", f"must be one of {', '.join(EFFORTS)} (ignored here)")
+        if config.get("format") is not None:
+            body["response_format"] = _output_format(config["format"])
         if self.model is not None:
             body["model"] = self.model
         return body
 
     def _messages(self) -> tuple[list[dict], bool]:
-        """Chat messages, and whether the last (assistant) one is a prefill to continue."""
+        """Chat messages, and whether the last (assistant) one is a prefill to continue. Anthropic's rules
+        for tool use: ids are unique, and every tool_use of an assistant message is answered by a
+        tool_result in the next user message (system messages between them aside), which answers
+        nothing else."""
         out = [{"role": "system", "content": _system_text(self.system)}] if self.system else []
-        tool_uses: set[str] = set()  # ids of the tool_use blocks so far
+        seen: set[str] = set()  # every tool_use id so far
+        open_uses: dict[str, int] = {}  # tool_use id -> index of its assistant message, not answered yet
         for k, message in enumerate(self.messages):
             role = message.get("role")
-            if role not in ("user", "assistant"):
-                raise InputError(400, f"messages.{k}.role", f"must be user or assistant, got {role!r} (a system "
-                                 "prompt goes in the top-level `system`)")
+            if role not in ("user", "assistant", "system"):
+                raise InputError(400, f"messages.{k}.role", f"must be user or assistant, got {role!r}")
             unknown = sorted(set(message) - {"role", "content"})
             if unknown:
                 raise InputError(400, f"messages.{k}.{unknown[0]}", "unknown field of a message (role, content)")
             content = message.get("content")
+            if content is None or content == "" or content == []:
+                raise InputError(400, f"messages.{k}.content", "must not be empty (Anthropic's rule): send text or "
+                                 "blocks, or drop the message")
+            if role == "system":  # a system message within the conversation (Claude Code sends them)
+                out.append({"role": "system", "content": _texts(content, f"messages.{k}.content")})
+                continue
+            if role == "assistant" and open_uses:
+                _unanswered(open_uses)
             if isinstance(content, str):
                 out.append({"role": role, "content": content})
             elif isinstance(content, list):
-                out += _blocks(role, content, k, tool_uses)
+                out += _blocks(role, content, k, seen, open_uses)
             else:
                 raise InputError(400, f"messages.{k}.content", "must be a string or a list of content blocks")
+            if role == "user" and open_uses:
+                _unanswered(open_uses)
+        if open_uses:
+            raise InputError(400, f"messages.{max(open_uses.values())}.content", "ends with a tool_use: send its "
+                             "tool_result in a user message after it")
         last = out[-1] if out else None
         if self.messages[-1].get("role") != "assistant" or last is None or last["role"] != "assistant":
             return out, False
-        if last.get("tool_calls"):
-            raise InputError(400, f"messages.{len(self.messages) - 1}.content", "ends with a tool_use: send its "
-                             "tool_result in a user message after it")
-        if not last.get("content"):
-            raise InputError(400, f"messages.{len(self.messages) - 1}.content", "a final assistant message (a "
-                             "prefill the model continues) needs text: add some, or drop the message")
         return out, True
 
 
@@ -166,26 +183,47 @@ def _validated(body: dict) -> ChatCompletionRequest:
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]
         field = messages_field(validation_field(tuple(error["loc"]))) or "body"
-        raise InputError(400, field, error["msg"]) from None
+        raise InputError(400, field, validation_message(error)) from None
 
 
 def _system_text(system) -> str:
+    """The top-level system prompt: a string, or text blocks joined by newlines."""
     if isinstance(system, str):
         return system
-    texts = []
-    for i, block in enumerate(system):
-        texts.append(_text_of(block, f"system.{i}"))
-    return "\n".join(texts)
+    return "\n".join(_text_of(block, f"system.{i}") for i, block in enumerate(system))
+
+
+def _texts(content, field: str) -> str:
+    """A string, or the text of a list of text blocks (concatenated)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InputError(400, field, "must be a string or a list of text blocks")
+    return "".join(_text_of(block, f"{field}.{i}") for i, block in enumerate(content))
 
 
 def _text_of(block, field: str) -> str:
-    if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-        kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-        raise InputError(400, field, f"only text blocks ({{'type': 'text', 'text': ...}}) are supported here, got {kind!r}")
+    """A text block's text. Raises InputError naming what is wrong with it."""
+    if not isinstance(block, dict):
+        raise InputError(400, field, f"must be a text block ({{'type': 'text', 'text': ...}}), got a {type(block).__name__}")
+    if block.get("type") != "text":
+        raise InputError(400, f"{field}.type", f"only text blocks are supported here, got {block.get('type')!r}")
+    if not isinstance(block.get("text"), str):
+        raise InputError(400, f"{field}.text", "must be a string")
+    unknown = sorted(set(block) - {"type", "text", "cache_control", "citations"})
+    if unknown:
+        raise InputError(400, f"{field}.{unknown[0]}", "unknown field of a text block (type, text, cache_control)")
     return block["text"]
 
 
-def _blocks(role: str, blocks: list, k: int, tool_uses: set[str]) -> list[dict]:
+def _unanswered(open_uses: dict[str, int]) -> None:
+    """Raise the 400 of tool_use blocks whose tool_result the next user message does not carry."""
+    ids = ", ".join(repr(i) for i in open_uses)
+    raise InputError(400, f"messages.{min(open_uses.values())}.content", f"tool_use ids {ids} have no tool_result in "
+                     "the next user message: answer every tool_use there (Anthropic's rule)")
+
+
+def _blocks(role: str, blocks: list, k: int, seen: set[str], open_uses: dict[str, int]) -> list[dict]:
     """One message's content blocks as chat messages: text (and, from the assistant, its tool calls) in
     one message; each tool_result a tool message, in the order written."""
     out: list[dict] = []
@@ -204,13 +242,14 @@ def _blocks(role: str, blocks: list, k: int, tool_uses: set[str]) -> list[dict]:
     for i, block in enumerate(blocks):
         field = f"messages.{k}.content.{i}"
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
+        if kind == "text" or not isinstance(block, dict):
             text.append(_text_of(block, field))
         elif kind == "tool_use" and role == "assistant":
-            calls.append(_tool_use(block, field, tool_uses))
+            calls.append(_tool_use(block, field, seen))
+            open_uses[block["id"]] = k
         elif kind == "tool_result" and role == "user":
             flush()
-            out.append(_tool_result(block, field, tool_uses))
+            out.append(_tool_result(block, field, open_uses))
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # an earlier turn's thinking, sent back by an agent: nothing to render
         elif kind in ("tool_use", "tool_result"):
@@ -223,22 +262,28 @@ def _blocks(role: str, blocks: list, k: int, tool_uses: set[str]) -> list[dict]:
     return out
 
 
-def _tool_use(block: dict, field: str, tool_uses: set[str]) -> dict:
+def _tool_use(block: dict, field: str, seen: set[str]) -> dict:
     for name in ("id", "name"):
         if not isinstance(block.get(name), str) or not block[name]:
             raise InputError(400, f"{field}.{name}", "must be a non-empty string")
     if not isinstance(block.get("input"), dict):
         raise InputError(400, f"{field}.input", "must be an object (the tool's arguments)")
-    tool_uses.add(block["id"])
+    if block["id"] in seen:
+        raise InputError(400, f"{field}.id", f"tool_use id {block['id']!r} is used twice: give each tool_use its own id")
+    seen.add(block["id"])
     return {"id": block["id"], "type": "function",
             "function": {"name": block["name"], "arguments": json.dumps(block["input"], ensure_ascii=False)}}
 
 
-def _tool_result(block: dict, field: str, tool_uses: set[str]) -> dict:
+def _tool_result(block: dict, field: str, open_uses: dict[str, int]) -> dict:
     call_id = block.get("tool_use_id")
-    if not isinstance(call_id, str) or call_id not in tool_uses:
-        raise InputError(400, f"{field}.tool_use_id", f"no earlier tool_use block has id {call_id!r}: send the "
-                         "assistant message with that tool_use too (nothing is stored here)")
+    if not isinstance(call_id, str) or call_id not in open_uses:
+        raise InputError(400, f"{field}.tool_use_id", f"{call_id!r} is not a tool_use of the assistant message "
+                         "before this one still to be answered: send that message (nothing is stored here), and "
+                         "answer each tool_use once")
+    del open_uses[call_id]
+    if block.get("is_error") is not None and not isinstance(block["is_error"], bool):
+        raise InputError(400, f"{field}.is_error", "must be a boolean")
     content = block.get("content", "")
     if isinstance(content, list):
         content = "".join(_text_of(part, f"{field}.content.{j}") for j, part in enumerate(content))
@@ -254,8 +299,8 @@ def _tool(tool: dict, k: int) -> dict:
     unknown = sorted(set(tool) - {"type", "name", "description", "input_schema", "cache_control", "strict"})
     if unknown:
         raise InputError(400, f"tools.{k}.{unknown[0]}", "unknown field of a tool (name, description, input_schema)")
-    if "input_schema" not in tool:
-        raise InputError(400, f"tools.{k}.input_schema", "is required: the JSON schema of the tool's input")
+    if not isinstance(tool.get("input_schema"), dict):
+        raise InputError(400, f"tools.{k}.input_schema", "is required: the JSON schema (an object) of the tool's input")
     function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
     for key in ("description", "strict"):
         if tool.get(key) is not None:
@@ -263,24 +308,32 @@ def _tool(tool: dict, k: int) -> dict:
     return {"type": "function", "function": function}
 
 
-def _tool_choice(choice: dict) -> tuple[str | dict, bool | None]:
+def _tool_choice(choice: dict, tool_names: list) -> tuple[str | dict, bool | None]:
     """(the chat tool_choice, parallel_tool_calls: False when disable_parallel_tool_use, else None)."""
     kind = choice.get("type")
     unknown = sorted(set(choice) - {"type", "name", "disable_parallel_tool_use"})
     if unknown:
         raise InputError(400, f"tool_choice.{unknown[0]}", "unknown field of tool_choice")
-    parallel = False if choice.get("disable_parallel_tool_use") is True else None
+    disable = choice.get("disable_parallel_tool_use")
+    if disable is not None and not isinstance(disable, bool):
+        raise InputError(400, "tool_choice.disable_parallel_tool_use", "must be a boolean")
+    parallel = False if disable else None
+    if kind not in ("auto", "any", "tool", "none"):
+        raise InputError(400, "tool_choice.type", f'must be "auto", "any", "tool" or "none", got {kind!r}')
+    if kind in ("any", "tool") and not tool_names:
+        raise InputError(400, "tool_choice", f'"{kind}" needs `tools`: list the tools, or leave tool_choice out')
     if kind == "auto":
         return "auto", parallel
     if kind == "any":
         return "required", parallel
     if kind == "none":
         return "none", None
-    if kind == "tool":
-        if not isinstance(choice.get("name"), str) or not choice["name"]:
-            raise InputError(400, "tool_choice.name", 'a "tool" choice names the tool: {"type": "tool", "name": ...}')
-        return {"type": "function", "function": {"name": choice["name"]}}, parallel
-    raise InputError(400, "tool_choice.type", f'must be "auto", "any", "tool" or "none", got {kind!r}')
+    if not isinstance(choice.get("name"), str) or not choice["name"]:
+        raise InputError(400, "tool_choice.name", 'a "tool" choice names the tool: {"type": "tool", "name": ...}')
+    if choice["name"] not in tool_names:
+        raise InputError(400, "tool_choice.name", f"{choice['name']!r} is not in `tools` ({', '.join(map(str, tool_names))}): "
+                         "name one of them")
+    return {"type": "function", "function": {"name": choice["name"]}}, parallel
 
 
 def _output_format(fmt) -> dict:

@@ -31,15 +31,20 @@ def keys_from_env(environ=os.environ) -> list[str]:
     return [k.strip() for k in environ.get("REFUSION_API_KEYS", "").split(",") if k.strip()]
 
 
-def _presented_key(scope) -> str | None:
+def _presented_keys(scope) -> list[str]:
+    """Every key the request presents: a Bearer token, an `x-api-key` header (Anthropic's clients), the
+    `api_key` query parameter; a request passes when any of them is a configured key, whatever their
+    order or the other headers (a `Basic` Authorization beside a valid x-api-key, say)."""
+    keys = []
     for name, value in scope.get("headers", []):
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
-        if name == b"x-api-key":  # Anthropic's clients send the key so (llama.cpp's server takes it too)
-            return value.decode("latin-1").strip()
+            if scheme.lower() == "bearer":
+                keys.append(token.strip())
+        elif name == b"x-api-key":
+            keys.append(value.decode("latin-1").strip())
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    return query.get("api_key", [None])[0]
+    return keys + query.get("api_key", [])
 
 
 class APIKeyMiddleware:
@@ -55,8 +60,7 @@ class APIKeyMiddleware:
             path = path[len(root):]  # behind a route prefix (Ray Serve), /prefix/health is /health
         if not self.keys or path in OPEN_PATHS:
             return True
-        key = _presented_key(scope)
-        return key is not None and any(hmac.compare_digest(key.encode(), k) for k in self.keys)
+        return any(hmac.compare_digest(key.encode(), k) for key in _presented_keys(scope) for k in self.keys)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket") or self._allowed(scope):

@@ -21,7 +21,7 @@ from integrations.openai_choices import choice_requests, start_all
 from integrations.openai_models import ChatCompletionRequest
 from integrations.openai_requests import generation_request, request_id
 from integrations.openai_responses import ResponseHeader
-from integrations.request_limits import InputError, off_loop
+from integrations.request_limits import InputError, RequestLimits, off_loop
 from integrations.structured_output import tool_grammar
 from integrations.tool_calls import ToolCallStreamParser, forced_call
 from scheduler.api import Delta
@@ -42,6 +42,41 @@ class ChatRun:
     max_calls: int | None
 
 
+@dataclass
+class ChatPrompt:
+    """A chat turn's prompt. ids: its tokens, a forced call's opening included (what usage counts);
+    extra_stop: the template's turn-end stop strings; forced: the text of that opening (the model did not
+    write it); forced_tokens: its tokens at the end of `ids`."""
+
+    ids: list[int]
+    extra_stop: list[str]
+    forced: str
+    forced_tokens: int
+
+
+async def chat_prompt(tokenizer, limits: RequestLimits, body: ChatCompletionRequest,
+                      prompt_field: str = "messages") -> ChatPrompt:
+    """The prompt `body` runs as (template, tools, forced tool-call opening), off the event loop (the
+    model name is the caller's to check). Raises InputError (400 naming the field, `prompt_field` for
+    the conversation)."""
+    limits.check_chars(prompt_field, "".join(m.content or "" for m in body.messages))
+    tools = body.tools if body.tools_enabled else None
+    try:
+        call = forced_call(body.forced_tool, [t.function.name for t in body.tools or []])
+    except ValueError as exc:
+        raise InputError(400, "tool_choice", str(exc)) from None
+    try:
+        prompt_ids, extra_stop = await off_loop(chat_prompt_ids, tokenizer, body.messages, tools, limits,
+                                                body.continue_final_message,
+                                                chars=sum(len(m.content or "") for m in body.messages))
+    except InputError as exc:
+        raise InputError(exc.status, prompt_field, exc.message) if exc.field == "messages" else exc from None
+    forced, forced_ids = "", []
+    if call is not None:  # the assistant's turn starts with the forced call's opening (tool_calls.forced_call)
+        forced_ids, forced = forced_prefix_ids(tokenizer, *call)
+    return ChatPrompt(prompt_ids + forced_ids, extra_stop, forced, len(forced_ids))
+
+
 async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: str, endpoint: str,
                      prompt_field: str = "messages") -> ChatRun:
     """Build the prompt and grammar of `body`, fit the context, start its `n` engine requests. Raises
@@ -49,40 +84,25 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     is full) before any response."""
     client, settings = request.app.state.engine_client, request.app.state.settings
     check_model(request, body.model)
-    settings.limits.check_chars(prompt_field, "".join(m.content or "" for m in body.messages))
-    tools = body.tools if body.tools_enabled else None
-    try:
-        call = forced_call(body.forced_tool, [t.function.name for t in body.tools or []])
-    except ValueError as exc:
-        raise InputError(400, "tool_choice", str(exc)) from None
-    try:
-        prompt_ids, extra_stop = await off_loop(chat_prompt_ids, client.tokenizer, body.messages, tools, settings.limits,
-                                                body.continue_final_message,
-                                                chars=sum(len(m.content or "") for m in body.messages))
-    except InputError as exc:
-        raise InputError(exc.status, prompt_field, exc.message) if exc.field == "messages" else exc from None
-    forced, forced_ids = "", []
-    if call is not None:  # the assistant's turn starts with the forced call's opening (tool_calls.forced_call)
-        forced_ids, forced = forced_prefix_ids(client.tokenizer, *call)
-        prompt_ids = prompt_ids + forced_ids
+    prompt = await chat_prompt(client.tokenizer, settings.limits, body, prompt_field)
     grammar = None
     if body.tools_enabled or body.response_format is not None or body.structured_outputs is not None:
         if body.continue_final_message:  # the grammar would have to start inside the prefilled text
             raise InputError(400, "continue_final_message", "cannot be combined with tools or a response format: "
                              "drop the tools (or set tool_choice to \"none\") and the format, or the prefill")
-        grammar = await off_loop(chat_grammar, body, len(forced_ids))  # compiling can take a while
+        grammar = await off_loop(chat_grammar, body, prompt.forced_tokens)  # compiling can take a while
     header = ResponseHeader(id_prefix, client.model_name, request_id(request, id_prefix))
     # The template's turn-end stops (plain template: "\n### ") would cut text the grammar allows; with a
     # grammar that says what the whole output is, the grammar ends the turn (the client's own `stop`
     # strings still apply, as in vLLM); free text with tool calls (auto) keeps them
-    stops = body.stop + (extra_stop if grammar is None or grammar.open_ended else [])
-    req = generation_request(header.id, body, prompt_ids, stops, settings.default_max_tokens,
+    stops = body.stop + (prompt.extra_stop if grammar is None or grammar.open_ended else [])
+    req = generation_request(header.id, body, prompt.ids, stops, settings.default_max_tokens,
                              settings, prompt_field, affinity_key=conversation_key(body.messages), grammar=grammar)
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
-    observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt_ids))
+    observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt.ids))
     streams = await start_all(lambda r: start(client, r, observer), choice_requests(req, body.n))
-    return ChatRun(client, header, observer, streams, forced, allowed, max_calls)
+    return ChatRun(client, header, observer, streams, prompt.forced, allowed, max_calls)
 
 
 async def turn_pieces(run: ChatRun, deltas: AsyncIterator[Delta]) -> AsyncIterator[tuple[Delta, list]]:

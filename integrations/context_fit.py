@@ -10,6 +10,8 @@ ReFusion alike), so the check is made on ceil(max_tokens / slot_size) * slot_siz
     a requested slot_size whose rounding overflows       -> InputError(400, "slot_size")
     the model's slot_size whose rounding overflows       -> a smaller slot_size is chosen (GenerationFit)
     a prompt that leaves no room                         -> InputError(400, the prompt's field)
+
+(the first and last: ContextLengthError, an InputError carrying the numbers).
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from integrations.request_limits import InputError
+
+
+class ContextLengthError(InputError):
+    """Prompt + max_tokens over the context (400), with the numbers, for routes that word it their own
+    way (Anthropic's Messages API). max_tokens None: the prompt alone leaves no room."""
+
+    def __init__(self, field: str, message: str, prompt_tokens: int, max_tokens: int | None, context_length: int):
+        super().__init__(400, field, message)
+        self.prompt_tokens, self.max_tokens, self.context_length = prompt_tokens, max_tokens, context_length
 
 
 @dataclass(frozen=True)
@@ -46,14 +57,15 @@ def fit_generation(context_length: int, prompt_tokens: int, max_tokens: int, *, 
         return GenerationFit(max_tokens)
     room = context_length - prompt_tokens
     if room < 1:
-        raise InputError(400, prompt_field, f"is {prompt_tokens:,} tokens; the model's maximum context length is "
-                                            f"{context_length:,} tokens, leaving no room to generate: shorten it")
+        raise ContextLengthError(prompt_field, f"is {prompt_tokens:,} tokens; the model's maximum context length is "
+                                 f"{context_length:,} tokens, leaving no room to generate: shorten it",
+                                 prompt_tokens, None, context_length)
     if max_tokens > room:
         if requested:
-            raise InputError(400, max_tokens_field, f"the model's maximum context length is {context_length:,} tokens; "
-                                                    f"the prompt ({prompt_tokens:,} tokens) + {max_tokens_field} "
-                                                    f"({max_tokens:,}) is {prompt_tokens + max_tokens:,}: ask for at "
-                                                    f"most {room:,} or shorten the prompt")
+            raise ContextLengthError(max_tokens_field, f"the model's maximum context length is {context_length:,} "
+                                     f"tokens; the prompt ({prompt_tokens:,} tokens) + {max_tokens_field} "
+                                     f"({max_tokens:,}) is {prompt_tokens + max_tokens:,}: ask for at most {room:,} "
+                                     "or shorten the prompt", prompt_tokens, max_tokens, context_length)
         max_tokens = room
     generated = whole_slots(max_tokens, slot_size)
     if generated <= room:

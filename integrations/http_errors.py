@@ -96,6 +96,11 @@ def validation_field(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def validation_message(error: dict) -> str:
+    """A pydantic error's message without pydantic's "Value error, " prefix (our validators' own text)."""
+    return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -111,7 +116,7 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
         param = validation_field(tuple(first.get("loc", ())))
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        message = f"{param}: {validation_message(first)}" if param else validation_message(first)
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

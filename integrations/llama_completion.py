@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from integrations.http_errors import validation_field
+from integrations.http_errors import validation_field, validation_message
 from integrations.openai_models import CompletionRequest
 from integrations.request_limits import InputError
 from scheduler.api import Delta, FinishReason
@@ -103,7 +103,7 @@ class LlamaCompletionBody(BaseModel):
             return CompletionRequest.model_validate(body)
         except ValidationError as exc:
             error = exc.errors(include_url=False, include_input=False)[0]
-            raise InputError(400, llama_field(validation_field(tuple(error["loc"]))), error["msg"]) from None
+            raise InputError(400, llama_field(validation_field(tuple(error["loc"]))), validation_message(error)) from None
 
 
 def _openai_bias(bias) -> dict[str, float]:

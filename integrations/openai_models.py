@@ -51,20 +51,26 @@ class OpenAIBody(BaseModel):
 
 class ExtensionsBody(OpenAIBody):
     """A body of another API (Responses, Anthropic Messages) that takes the chat route's extensions
-    (`EXTENSION_NAMES`: mode, slot_size, ...) at its top level: the non-null ones are kept in
-    `extensions` and passed on to the chat turn, which validates them."""
+    (`EXTENSION_NAMES`: mode, slot_size, ...) at its top level: the non-null ones are kept apart
+    (`extensions`, not a field a client can send) and passed on to the chat turn, which validates them."""
 
     EXTENSION_NAMES: ClassVar[tuple[str, ...]] = ()
-    extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    _extensions: dict[str, Any] = PrivateAttr(default_factory=dict)
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _collect_extensions(cls, data):
-        names = cls.EXTENSION_NAMES
-        if isinstance(data, dict) and any(k in data for k in names):
-            found = {k: data[k] for k in names if k in data and data[k] is not None}
-            data = {k: v for k, v in data.items() if k not in names} | {"extensions": found}
-        return data
+    def _collect_extensions(cls, data, handler):
+        found = {}
+        if isinstance(data, dict):
+            found = {k: data[k] for k in cls.EXTENSION_NAMES if data.get(k) is not None}
+            data = {k: v for k, v in data.items() if k not in cls.EXTENSION_NAMES}
+        model = handler(data)
+        model._extensions = found
+        return model
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        return dict(self._extensions)
 
 
 class StreamOptions(OpenAIBody):
@@ -374,15 +380,6 @@ class ChatMessage(BaseModel):
         return value
 
 
-def check_continuable(messages: list[ChatMessage] | None) -> None:
-    """continue_final_message's rule: the last message is assistant text the model can continue. Raises
-    ValueError saying what to change."""
-    last = (messages or [None])[-1]
-    if last is None or last.role != "assistant" or not last.content or last.tool_calls:
-        raise ValueError("needs the last message to be an assistant message with text content (and no "
-                         "tool_calls) for the model to continue; add one, or drop continue_final_message")
-
-
 class NamedFunction(OpenAIBody):
     name: str = Field(min_length=1)
 
@@ -414,8 +411,10 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("continue_final_message")
     @classmethod
     def _final_is_assistant_text(cls, value, info):
-        if value:
-            check_continuable(info.data.get("messages"))
+        last = (info.data.get("messages") or [None])[-1]
+        if value and (last is None or last.role != "assistant" or not last.content or last.tool_calls):
+            raise ValueError("needs the last message to be an assistant message with text content (and no "
+                             "tool_calls) for the model to continue; add one, or drop continue_final_message")
         return value
 
     @field_validator("store")

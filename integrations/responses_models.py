@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from integrations.http_errors import validation_field
+from integrations.http_errors import validation_field, validation_message
 from integrations.openai_models import ChatCompletionRequest, ExtensionsBody
 from integrations.request_limits import InputError
 from workers.batch import MAX_TOP_LOGPROBS
@@ -108,7 +108,7 @@ class ResponsesRequest(ExtensionsBody):
         except ValidationError as exc:
             error = exc.errors(include_url=False, include_input=False)[0]
             field = responses_field(validation_field(tuple(error["loc"]))) or "body"
-            raise InputError(400, field, error["msg"]) from None
+            raise InputError(400, field, validation_message(error)) from None
         chat._cap_field = "max_output_tokens"  # a context error names the field the client sent
         return chat
 

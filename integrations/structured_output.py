@@ -5,7 +5,8 @@
   - OpenAI tools: tool_choice "required" -> one or more `<tool_call>{"name": ..., "arguments": {...}}
     </tool_call>` blocks (integrations/tool_calls.py; exactly one with parallel_tool_calls false),
     a named function -> one call of it; each names an offered tool, arguments matching its
-    `parameters` schema (objects closed: `closed_objects`); tool_choice "auto" (or unset) with tools ->
+    `parameters` schema (objects closed: `closed_objects`; keywords llguidance does not implement,
+    such as `propertyNames`, ignored: TOOL_JSON_OPTIONS); tool_choice "auto" (or unset) with tools ->
     free text in which every `<tool_call>` block the model opens is a valid call (llguidance's
     structural tags, the mechanism SGLang and vLLM use for constrained tool calling);
   - vLLM's `structured_outputs` {"json" | "regex" | "choice" | "grammar" (Lark or GBNF) | "json_object"}.
@@ -33,6 +34,10 @@ from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
 
 # json.dumps's separators, no free whitespace: the shape of the training data's JSON (training/chat_data.py)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Tool schemas are the client's own, written for hosted models (Claude Code's use `propertyNames`, ...):
+# keywords llguidance does not implement are ignored there rather than refused, so a call is constrained
+# by every keyword it does implement. A response_format schema, asked for explicitly, stays strict (400).
+TOOL_JSON_OPTIONS = {**JSON_OPTIONS, "lenient": True}
 ANY_OBJECT = {"type": "object"}
 _LARK_START = re.compile(r"(?m)^\s*(%llguidance\b|[?!]?start\s*:(?!:=))")
 
@@ -44,9 +49,9 @@ def _checked(grammar: str, field: str, what: str) -> str:
     return grammar
 
 
-def json_grammar(schema: Any, field: str) -> str:
-    """The llguidance grammar of JSON matching `schema` (a JSON Schema object). InputError naming
-    `field` for a schema that is not an object or does not compile."""
+def json_grammar(schema: Any, field: str, options: dict = JSON_OPTIONS) -> str:
+    """The llguidance grammar of JSON matching `schema` (a JSON Schema object), with llguidance's JSON
+    `options`. InputError naming `field` for a schema that is not an object or does not compile."""
     from llguidance import LLMatcher
 
     if schema is False:
@@ -56,7 +61,7 @@ def json_grammar(schema: Any, field: str) -> str:
     if not isinstance(schema, dict):
         raise InputError(400, field, f"must be a JSON Schema object, got {type(schema).__name__}")
     try:
-        grammar = LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+        grammar = LLMatcher.grammar_from_json_schema(schema, overrides=options)
     except (ValueError, TypeError) as exc:
         raise InputError(400, field, f"is not a usable JSON Schema: {exc}") from None
     return _checked(grammar, field, "the JSON Schema")
@@ -164,15 +169,15 @@ def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel:
             raise InputError(400, f"tools.{i}.function.parameters", 'must be an object schema, {"type": "object", '
                              f'"properties": ...}} (OpenAI\'s rule: arguments are named), got type '
                              f"{parameters.get('type')!r}")
-        json_grammar(_arguments_schema(tool.function), f"tools.{i}.function.parameters")
+        json_grammar(_arguments_schema(tool.function), f"tools.{i}.function.parameters", TOOL_JSON_OPTIONS)
     if forced is None:
         tags = [StructTag(trigger=TOOL_OPEN, begin=TOOL_OPEN + '{"name": ' + json.dumps(t.function.name) + ', "arguments": ',
-                          grammar={**_arguments_schema(t.function), "x-guidance": JSON_OPTIONS},
+                          grammar={**_arguments_schema(t.function), "x-guidance": TOOL_JSON_OPTIONS},
                           end="}" + TOOL_CLOSE) for t in tools]
         lark = StructTag.to_grammar(tags, assume_special=False)
     else:
         chosen = [t for t in tools if not forced or t.function.name == forced]
-        schema = {**_call_schemas(chosen), "x-guidance": JSON_OPTIONS}
+        schema = {**_call_schemas(chosen), "x-guidance": TOOL_JSON_OPTIONS}
         calls = "call" if forced or not parallel else 'call ("\\n"? call)*'
         lark = f"start: {calls}\ncall: {json.dumps(TOOL_OPEN)} %json {json.dumps(schema)} {json.dumps(TOOL_CLOSE)}\n"
     grammar = _checked(LLMatcher.grammar_from_lark(lark), "tools", "the tools' call grammar")

@@ -55,9 +55,10 @@ def forced_call(forced: str | None, tool_names: list[str]) -> tuple[str, str] | 
 
 
 def parse_tool_block(body: str, allowed_names: set[str] | None = None) -> ToolCall | None:
-    """The ToolCall a block body encodes, or None when the body is not a well-formed call."""
+    """The ToolCall a block body encodes, or None when the body is not a well-formed call. NaN and
+    Infinity are not JSON (Python's json reads them): a call holding one is not well-formed."""
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_not_json)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
@@ -67,12 +68,16 @@ def parse_tool_block(body: str, allowed_names: set[str] | None = None) -> ToolCa
     arguments = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
+            arguments = json.loads(arguments, parse_constant=_not_json)
         except ValueError:
             return None
     if not isinstance(arguments, dict):
         return None
     return ToolCall(name=obj["name"], arguments=json.dumps(arguments, ensure_ascii=False))
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def split_tool_calls(text: str, allowed_names: set[str] | None = None) -> tuple[str | None, list[ToolCall]]:

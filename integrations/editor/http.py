@@ -22,20 +22,20 @@ from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from integrations.chat import chat_prompt_ids
 from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events, select_fields
 from integrations.editor.session import EditorSession
-from integrations.http_errors import APIError, from_engine_error, validation_field
+from integrations.http_errors import APIError, from_engine_error, validation_field, validation_message
 from integrations.http_metrics import RequestObserver
 from integrations.llama_completion import (LlamaCompletionBody, llama_events, llama_field, llama_probabilities,
                                            llama_result)
 from integrations.openai_calls import collect, logprob_formatter, start
 from integrations.openai_requests import completion_requests
 from integrations.openai_stream import in_document_style
-from integrations.openai_models import ChatMessage, ToolSpec, check_continuable
+from integrations.chat_run import chat_prompt
+from integrations.openai_models import ChatCompletionRequest, ChatMessage, ToolSpec
 from integrations.openai_requests import id_headers, request_id
 from integrations.request_limits import InputError, RequestLimits, encode, off_loop, read_json_object
 from integrations.token_bytes import token_bytes
@@ -97,7 +97,7 @@ async def _read(request: Request, model: type[BaseModel]):
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        raise InputError(400, validation_field(tuple(first["loc"])), first["msg"]) from None
+        raise InputError(400, validation_field(tuple(first["loc"])), validation_message(first)) from None
 
 
 @router.post("/infill")
@@ -217,32 +217,55 @@ class TokenizeBody(BaseModel):
     prompt: str | None = None  # vLLM's name of content
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)  # vLLM: the chat prompt's tokens
     tools: list[ToolSpec] | None = None  # with messages: the tools the chat template lists
-    add_generation_prompt: bool = True  # the chat route adds it unless continue_final_message is set
-    continue_final_message: bool = False  # vLLM's: the last (assistant) message left open, as chat runs it
+    tool_choice: Any = None  # with messages and tools: as chat's ("none" leaves the tools out, a forced call adds its opening)
+    add_generation_prompt: bool | None = None  # the chat route adds it unless continue_final_message is set
+    # vLLM's: the last (assistant) message left open, as chat runs it (validated when unset too)
+    continue_final_message: bool = Field(default=False, validate_default=True)
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=0)
     add_special: bool = False  # insert the tokenizer's special tokens (BOS, when it has one)
     add_special_tokens: bool | None = None  # vLLM's name of add_special
     parse_special: bool = True  # false: special-token text such as "<|endoftext|>" is plain text
     with_pieces: bool = False  # each token as {"id", "piece"}
 
+    @field_validator("continue_final_message")
+    @classmethod
+    def _generation_prompt(cls, value, info):
+        """vLLM's rule: the two cannot both be true; the chat route always opens the assistant's turn
+        otherwise, so add_generation_prompt false alone is refused."""
+        add = info.data.get("add_generation_prompt")
+        if value and add:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true (vLLM's rule): "
+                             "drop add_generation_prompt")
+        if not value and add is False:
+            raise ValueError("add_generation_prompt false is only offered with continue_final_message true (the "
+                             "chat route always opens the assistant's turn)")
+        return value
+
     @model_validator(mode="after")
     def _one_input(self):
         given = [name for name in ("content", "prompt", "messages") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of content (llama.cpp), prompt or messages (vLLM), got {given or 'none'}")
-        if self.continue_final_message:
-            if "add_generation_prompt" in self.model_fields_set and self.add_generation_prompt:
-                raise ValueError("add_generation_prompt and continue_final_message cannot both be true (vLLM's "
-                                 "rule): drop add_generation_prompt")
-            check_continuable(self.messages)
-        elif not self.add_generation_prompt:
-            raise ValueError("add_generation_prompt false is only offered with continue_final_message true (the "
-                             "chat route always opens the assistant's turn)")
         if self.prompt is not None:
             self.content = self.prompt
         if self.add_special_tokens is not None:
             self.add_special = self.add_special_tokens
         return self
+
+
+def _tokenize_chat(body: TokenizeBody) -> ChatCompletionRequest:
+    """The chat turn whose prompt /tokenize's chat form counts. Raises InputError naming the field."""
+    fields = {"messages": [m.model_dump(exclude_none=True) for m in body.messages],
+              "continue_final_message": body.continue_final_message}
+    if body.tools is not None:
+        fields["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
+    if body.tool_choice is not None:
+        fields["tool_choice"] = body.tool_choice
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise InputError(400, validation_field(tuple(first["loc"])), validation_message(first)) from None
 
 
 class DetokenizeBody(BaseModel):
@@ -262,10 +285,7 @@ async def tokenize_route(request: Request) -> Response:
     try:
         body = await _read(request, TokenizeBody)
         if body.messages is not None:  # vLLM's chat form: the prompt /v1/chat/completions would run
-            chars = sum(len(m.content or "") for m in body.messages)
-            limits.check_chars("messages", "".join(m.content or "" for m in body.messages))
-            ids, _ = await off_loop(chat_prompt_ids, tokenizer, body.messages, body.tools, limits,
-                                    body.continue_final_message, chars=chars)
+            ids = (await chat_prompt(tokenizer, limits, _tokenize_chat(body))).ids
             tokens = [{"id": i, "piece": _piece(tokenizer, i)} for i in ids] if body.with_pieces else ids
         else:
             limits.check_chars("prompt" if body.prompt is not None else "content", body.content)

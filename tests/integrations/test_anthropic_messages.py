@@ -49,6 +49,25 @@ def test_blocks_become_chat_messages_in_the_order_written():
     assert chat.tools[0].function.parameters == TOOL["input_schema"]
 
 
+def test_system_messages_within_the_conversation_stay_in_place():
+    """Claude Code sends `role: "system"` messages between turns (its mid-conversation-system beta), and
+    `context_management`, `thinking: adaptive`, `output_config.effort`, which change nothing here."""
+    chat = _request(messages=[{"role": "user", "content": "a"}, {"role": "system", "content": [{"type": "text", "text": "s"}]},
+                              {"role": "user", "content": "b"}],
+                    context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+                    thinking={"type": "adaptive"}, output_config={"effort": "high"}).chat_request()
+    assert [(m.role, m.content) for m in chat.messages] == [("user", "a"), ("system", "s"), ("user", "b")]
+
+
+def test_extensions_come_only_from_their_own_top_level_fields():
+    """The extensions collected from the top level are not a field a client can send itself (it would
+    bypass the Messages checks: `n`, `messages`)."""
+    assert _request(mode="ar", seed=3).chat_request().mode == "ar"
+    with pytest.raises(ValidationError) as err:
+        _request(extensions={"n": 3})
+    assert err.value.errors()[0]["loc"] == ("extensions",)
+
+
 def test_a_final_assistant_message_is_a_prefill_to_continue():
     chat = _request(messages=[{"role": "user", "content": "Write add."},
                               {"role": "assistant", "content": [{"type": "text", "text": "def add("}]}]).chat_request()
@@ -70,7 +89,37 @@ def test_tool_choices_and_the_output_format_map_to_the_chat_turn():
 
 
 @pytest.mark.parametrize("fields, field", [
-    ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": ""}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": []},
+                   {"role": "user", "content": "y"}]}, "messages.1.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages.0.content.0.text"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages.0.content.0"),
+    ({"messages": [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "add", "input": {}},
+                                                     {"type": "tool_use", "id": "t1", "name": "add", "input": {}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1"}]}]},
+     "messages.1.content.1.id"),
+    ({"messages": [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "add", "input": {}}]},
+                   {"role": "user", "content": "never answered"}]}, "messages.1.content"),
+    ({"messages": [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "add", "input": {}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "1"}]},
+                   {"role": "assistant", "content": "ok"},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "1"}]}]},
+     "messages.4.content.0.tool_use_id"),
+    ({"messages": [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "add", "input": {}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": "yes"}]}]},
+     "messages.2.content.0.is_error"),
+    ({"system": ["hi"]}, "system.0"),
+    ({"tools": [TOOL], "tool_choice": {"type": "any", "disable_parallel_tool_use": "yes"}},
+     "tool_choice.disable_parallel_tool_use"),
+    ({"tools": [{"name": "add", "input_schema": None}]}, "tools.0.input_schema"),
+    ({"tools": [TOOL], "tool_choice": {"type": "tool", "name": "mul"}}, "tool_choice.name"),
+    ({"tool_choice": {"type": "any"}}, "tool_choice"),
+    ({"output_config": {"effort": 5}}, "output_config.effort"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages.0.content.0.type"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "5"}]}]},
      "messages.0.content.0.tool_use_id"),
@@ -81,7 +130,7 @@ def test_tool_choices_and_the_output_format_map_to_the_chat_turn():
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}, "messages.1.content"),
     ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-    ({"system": [{"type": "image"}]}, "system.0"),
+    ({"system": [{"type": "image"}]}, "system.0.type"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
     ({"tools": [{"name": "add"}]}, "tools.0.input_schema"),
     ({"tools": [{"name": "add", "input_schema": {}, "input_examples": []}]}, "tools.0.input_examples"),
@@ -116,7 +165,7 @@ def test_body_faults_are_validation_errors_naming_the_field():
 def test_chat_turn_fields_are_named_as_the_messages_api_names_them():
     assert messages_field("tools.0.function.parameters") == "tools.0.input_schema"
     assert messages_field("tools.1.function.name") == "tools.1.name"
-    assert messages_field("response_format.json_schema.schema") == "output_config.format.json_schema.schema"
+    assert messages_field("response_format.json_schema.schema") == "output_config.format.schema"
     assert messages_field("messages.3.content") == "messages"  # chat indices are not the request's
     assert messages_field("stop.0") == "stop_sequences.0" and messages_field("max_tokens") == "max_tokens"
 

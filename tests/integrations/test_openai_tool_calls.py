@@ -34,7 +34,8 @@ def test_parse_block_accepts_object_and_string_arguments():
     assert json.loads(parse_tool_block('{"name": "f"}').arguments) == {}
 
 
-@pytest.mark.parametrize("body", ['{"name": "f", "arguments": {', '["f"]', '{"arguments": {}}', '{"name": "f", "arguments": 3}', '{"name": "g"}'])
+@pytest.mark.parametrize("body", ['{"name": "f", "arguments": {', '["f"]', '{"arguments": {}}', '{"name": "f", "arguments": 3}', '{"name": "g"}',
+                                  '{"name": "f", "arguments": {"x": NaN}}', '{"name": "f", "arguments": "{\\"x\\": -Infinity}"}'])
 def test_parse_block_rejects_malformed(body):
     assert parse_tool_block(body, {"f"}) is None
 

@@ -7,6 +7,7 @@ shape naming the field; `x-api-key`; a full engine is a 503 overloaded_error wit
 from __future__ import annotations
 
 import json
+import re
 
 import anthropic
 import httpx
@@ -17,6 +18,7 @@ from serve_testbed import API_KEY, long_stream_admitted
 # The SDK has no temperature argument: sent as extra_body. The tests' random-weight model writes nothing
 # visible greedily (special tokens), so texts are compared under seeded sampling: the same seed and prompt
 # give the same tokens on every route.
+CONTEXT = 4096  # tests/model_factory.py max_position_embeddings
 GREEDY_AR = {"mode": "ar", "temperature": 0}
 SAMPLED_AR = {"mode": "ar", "temperature": 1.0, "seed": 7}
 TOOL = {"name": "add", "description": "Add two digits",
@@ -152,11 +154,11 @@ def test_a_final_assistant_message_is_continued(claude, client, model, http):
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
     ({"tools": [{"name": "add", "input_schema": {"type": "object", "properties": 5}}]}, "tools.0.input_schema"),
     ({"tool_choice": {"type": "any"}}, "tool_choice"),
-    ({"tools": [TOOL], "tool_choice": {"type": "tool", "name": "mul"}}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "tool", "name": "mul"}}, "tool_choice.name"),
+    ({"extensions": {"n": 3}}, "extensions"),
     ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}, "tools": [TOOL]},
      "output_config.format"),
     ({"max_tokens": None}, "max_tokens"),
-    ({"max_tokens": 10 ** 7}, "max_tokens"),
     ({"top_k": -1}, "top_k"),
     ({"mode": "fast"}, "mode"),
     ({"bogus": 1}, "bogus"),
@@ -170,6 +172,70 @@ def test_bad_requests_are_anthropic_errors_naming_the_field(http, model, body, f
     error = response.json()
     assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
     assert error["error"]["message"].startswith(field), error["error"]["message"]
+
+
+def test_a_request_shaped_as_claude_code_sends_it_is_answered(claude, model):
+    """What Claude Code 2.1 sends (captured): system blocks with cache_control, a `system` message within
+    the conversation, thinking blocks sent back, `thinking: adaptive`, `context_management`,
+    `output_config.effort`, metadata.user_id as a JSON string, a tool whose schema uses `propertyNames`
+    (which the grammar engine lacks: ignored in tool grammars), streamed with the beta client."""
+    todo = {"name": "todo", "description": "Track tasks", "input_schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "additionalProperties": False,
+        "properties": {"tasks": {"type": "object", "propertyNames": {"type": "string"}, "additionalProperties": {}}}}}
+    cached = {"type": "ephemeral"}
+    body = dict(
+        model=model, max_tokens=16, stream=True, tools=[TOOL, todo], metadata={"user_id": json.dumps({"device": "x"})},
+        system=[{"type": "text", "text": "You are a coding agent."},
+                {"type": "text", "text": "Answer in Python.", "cache_control": cached}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Add 2 and 3.", "cache_control": cached}]},
+                  {"role": "system", "content": "Available agents: none."},
+                  {"role": "assistant", "content": [
+                      {"type": "thinking", "thinking": "use add", "signature": "sig"},
+                      {"type": "tool_use", "id": "toolu_01", "name": "add", "input": {"a": 2, "b": 3}}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "5",
+                                                "cache_control": cached}]}],
+        extra_body={"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+                    "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+                    **SAMPLED_AR})
+    events = list(claude.beta.messages.create(**body))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert events[-2].delta.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+
+def test_usage_and_token_counts_agree_everywhere(claude, model):
+    """count_tokens is the prompt the turn runs, a forced call's opening included; the second of two
+    identical requests reads its prompt from the prefix cache, and message_start already splits the
+    input as the end does."""
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "Add 2 and 3, please, using the tool."}],
+                  tools=[TOOL], tool_choice={"type": "tool", "name": "add"})
+    counted = claude.messages.count_tokens(**kwargs).input_tokens
+    for _ in range(2):
+        events = list(claude.messages.create(max_tokens=24, stream=True, extra_body=SAMPLED_AR, **kwargs))
+        start, end = events[0].message.usage, events[-2].usage
+        assert start.input_tokens + start.cache_read_input_tokens == counted
+        assert (start.input_tokens, start.cache_read_input_tokens) == (end.input_tokens, end.cache_read_input_tokens)
+    assert end.cache_read_input_tokens > 0  # the second request found the first one's prompt cached
+
+
+def test_context_overflows_are_worded_as_anthropic_words_them(http, claude, model):
+    """Claude Code parses these two messages (its default max_tokens is 32,000) to shrink max_tokens and
+    retry, or to compact the conversation."""
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    prompt = claude.messages.count_tokens(model=model, messages=messages).input_tokens
+    response = http.post("/v1/messages", json={"model": model, "max_tokens": 32000, "messages": messages})
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    found = re.match(r"input length and `max_tokens` exceed context limit: (\d+) \+ (\d+) > (\d+), decrease input length "
+                     r"or `max_tokens` and try again$", message)
+    assert found and [int(g) for g in found.groups()] == [prompt, 32000, CONTEXT], message
+    retried = claude.messages.create(model=model, max_tokens=CONTEXT - prompt, messages=messages,
+                                     extra_body={"mode": "ar", "max_time_ms": 1})  # the shrunk request fits
+    assert retried.stop_reason == "max_tokens"
+    long_prompt = [{"role": "user", "content": "x = 1\n" * 3000}]
+    response = http.post("/v1/messages", json={"model": model, "max_tokens": 8, "messages": long_prompt})
+    assert response.status_code == 400
+    assert re.match(r"prompt is too long: \d+ tokens > 4096 maximum$", response.json()["error"]["message"])
 
 
 def test_the_sdk_raises_typed_errors(claude, model):
@@ -194,6 +260,10 @@ def test_x_api_key_and_overload_on_the_strict_app(strict_base_url):
         assert http.post("/v1/messages/count_tokens", json=body, headers={"x-api-key": "wrong"}).status_code == 401
         counted = http.post("/v1/messages/count_tokens", json=body, headers={"x-api-key": API_KEY})
         assert counted.status_code == 200 and counted.json()["input_tokens"] > 0
+        for other in ("Bearer wrong", "Basic dXNlcjpwYXNz"):  # any valid key passes, whatever else is sent
+            both = http.post("/v1/messages/count_tokens", json=body,
+                             headers={"Authorization": other, "x-api-key": API_KEY})
+            assert both.status_code == 200, both.text
         strict = anthropic.Anthropic(base_url=strict_base_url, api_key=API_KEY, max_retries=0, timeout=30)
         auth = {"Authorization": f"Bearer {API_KEY}"}
         with long_stream_admitted(http, "/v1/completions", auth) as lines:  # takes the engine's only slot

@@ -143,6 +143,12 @@ def test_tokenize_counts_the_chat_prompt_the_server_runs(http, client, model):
     chat = client.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=2,
                                           extra_body={"mode": "ar"})
     assert with_tools["count"] == chat.usage.prompt_tokens > counted["count"]
+    for choice in ("none", "required"):  # tools left out; a forced call's opening added
+        tokenized = http.post("/tokenize", json={"messages": messages, "tools": tools, "tool_choice": choice}).json()
+        chat = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice=choice,
+                                              max_tokens=2, extra_body={"mode": "ar"})
+        assert tokenized["count"] == chat.usage.prompt_tokens
+    assert tokenized["count"] > with_tools["count"]
     for field, value in (("add_generation_prompt", False), ("continue_final_message", True),
                          ("chat_template_kwargs", {"enable_thinking": True})):
         refused = http.post("/tokenize", json={"messages": messages, field: value})

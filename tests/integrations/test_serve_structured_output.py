@@ -243,6 +243,22 @@ def test_forced_tool_call_with_nested_models_resolves_its_refs(client, model):
         Person.model_validate_json(call.function.arguments)  # the nested object came out whole and typed
 
 
+def test_tool_schemas_with_keywords_the_grammar_engine_lacks_still_constrain_the_rest(client, model):
+    """Tool schemas written for hosted models use keywords llguidance does not implement (Claude Code's
+    use `propertyNames`): they are ignored in tool grammars, not refused, and every other keyword still
+    binds the call; a response_format schema with one is still a 400 (asked for explicitly)."""
+    parameters = {"type": "object", "required": ["c", "m"], "properties": {
+        "c": {"const": "yes"}, "m": {"type": "object", "maxProperties": 0, "propertyNames": {"pattern": "^[a-z]+$"}}}}
+    out = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=60, tool_choice="required",
+                                         temperature=1.0, seed=4,
+                                         tools=[{"type": "function", "function": {"name": "f", "parameters": parameters}}])
+    assert json.loads(out.choices[0].message.tool_calls[0].function.arguments) == {"c": "yes", "m": {}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": parameters}})
+    assert err.value.body["param"] == "response_format.json_schema.schema" and "propertyNames" in err.value.body["message"]
+
+
 def test_tool_parameters_must_be_object_schemas(client, model):
     for parameters in ({"anyOf": [{"type": "string"}]}, {"properties": {"a": {"type": "string"}}}):
         with pytest.raises(openai.BadRequestError) as err:
