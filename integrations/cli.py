@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "train": ("integrations.cli_train", "Train or fine-tune a ReFusion model with the ReFusion objective."),
     "serve": ("integrations.cli_serve", "Start the Ray Serve application (OpenAI API, editor protocol)."),
     "lsp": ("integrations.cli_lsp", "Run the LSP bridge on stdio (inline completions from the backend)."),
+    "run-batch": ("integrations.cli_batch", "Answer an OpenAI batch file (JSONL) offline on a local engine."),
 }
 
 
