@@ -1,9 +1,12 @@
-"""A chat turn from a validated body to running engine requests, shared by /v1/chat/completions and
-/v1/responses (integrations/responses_api.py): template, forced tool-call opening, grammar, context fit,
-`n` choices started (every fault answered before the response starts).
+"""A chat turn from a validated body to running engine requests, shared by /v1/chat/completions,
+/v1/responses (integrations/responses_api.py) and /v1/messages (integrations/anthropic_api.py):
+template, forced tool-call opening, grammar, context fit, `n` choices started (every fault answered
+before the response starts).
 
     run = await start_chat(request, body, "chatcmpl", "chat")
     ... run.streams (one delta stream per choice), run.forced (text to put back before the model's) ...
+    async for delta, pieces in turn_pieces(run, run.streams[0]): ...   # text and tool calls in order
+    prompt = await chat_prompt(tokenizer, limits, body)                 # the prompt alone (token counts)
 """
 
 from __future__ import annotations
