@@ -34,7 +34,7 @@ from integrations.openai_calls import check_model, last_event, read_body
 from integrations.openai_requests import id_headers
 from integrations.openai_responses import refusion_detail
 from integrations.openai_stream import sse_response
-from integrations.request_limits import InputError
+from integrations.request_limits import InputError, PromptCharsError
 from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
 from integrations.tool_calls import ToolCall
 from scheduler.api import Delta, FinishReason
@@ -76,7 +76,8 @@ async def count_tokens(request: Request):
 def _renamed_fields():
     """A chat-turn fault names the field the Messages request sent (anthropic_models.messages_field); a
     context overflow is worded as Anthropic words it, which Claude Code parses to shrink `max_tokens`
-    and retry ("input length and `max_tokens` exceed context limit: P + M > C, ...")."""
+    and retry ("input length and `max_tokens` exceed context limit: P + M > C, ...") or to compact the
+    conversation ("prompt is too long: ...", the character limit too)."""
     try:
         yield
     except ContextLengthError as exc:
@@ -86,6 +87,10 @@ def _renamed_fields():
             message = (f"input length and `max_tokens` exceed context limit: {exc.prompt_tokens} + {exc.max_tokens} > "
                        f"{exc.context_length}, decrease input length or `max_tokens` and try again")
         raise APIError(400, message, param=messages_field(exc.field)) from None
+    except PromptCharsError as exc:  # counted before tokenizing: characters, not tokens
+        raise APIError(400, f"prompt is too long: {exc.chars} characters > {exc.limit} maximum (max_prompt_chars: the "
+                       "rendered prompt, system and tools included, is checked before it is tokenized)",
+                       param=messages_field(exc.field)) from None
     except InputError as exc:
         raise InputError(exc.status, messages_field(exc.field), exc.message) from None
     except APIError as exc:

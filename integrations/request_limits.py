@@ -54,6 +54,14 @@ class InputError(Exception):
         self.status, self.field, self.message = status, field, message
 
 
+class PromptCharsError(InputError):
+    """A prompt over max_prompt_chars (400), with the numbers, for routes that word it their own way."""
+
+    def __init__(self, field: str, chars: int, limit: int):
+        super().__init__(400, field, f"is {chars:,} characters; the limit is {limit:,} (max_prompt_chars): send less text")
+        self.chars, self.limit = chars, limit
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """The HTTP front's input limits.
@@ -81,10 +89,10 @@ class RequestLimits:
                 "context_length": self.context_length, "max_json_depth": MAX_JSON_DEPTH}
 
     def check_chars(self, field: str, text: str) -> None:
-        """Raise InputError(400, field) when `text` is over the prompt character limit."""
+        """Raise PromptCharsError (an InputError, 400 naming `field`) when `text` is over the prompt
+        character limit."""
         if len(text) > self.prompt_chars:
-            raise InputError(400, field, f"is {len(text):,} characters; the limit is {self.prompt_chars:,} "
-                                         f"(max_prompt_chars): send less text")
+            raise PromptCharsError(field, len(text), self.prompt_chars)
 
 
 def sampling_temperature(value: float | None) -> float | None:

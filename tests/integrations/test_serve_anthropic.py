@@ -236,6 +236,10 @@ def test_context_overflows_are_worded_as_anthropic_words_them(http, claude, mode
     response = http.post("/v1/messages", json={"model": model, "max_tokens": 8, "messages": long_prompt})
     assert response.status_code == 400
     assert re.match(r"prompt is too long: \d+ tokens > 4096 maximum$", response.json()["error"]["message"])
+    huge = [{"role": "user", "content": "x" * 40_000}]  # over max_prompt_chars (8 x context): refused before tokenizing
+    response = http.post("/v1/messages", json={"model": model, "max_tokens": 8, "messages": huge})
+    found = re.match(r"prompt is too long: (\d+) characters > (\d+) maximum", response.json()["error"]["message"])
+    assert response.status_code == 400 and found and int(found[1]) > int(found[2]), response.text
 
 
 def test_the_sdk_raises_typed_errors(claude, model):
