@@ -2,21 +2,27 @@
 
     refusion run-batch -i requests.jsonl -o results.jsonl [--model DIR] [--concurrency 32]
 
-Input: one JSON object per line, OpenAI's batch request form, {"custom_id": "...", "method": "POST",
-"url": "/v1/chat/completions" | "/v1/completions" | "/v1/responses", "body": {...}} (the body exactly as
-the route takes it; `model` is the served name, the model directory's name unless --served-model-name
-says otherwise). Output: one line per input line, in input order, OpenAI's batch output form:
+Input: one JSON object per line (lines end at "\\n"; blank lines are skipped but counted, a leading
+BOM is dropped), OpenAI's batch request form, {"custom_id": "...", "method": "POST", "url":
+"/v1/chat/completions" | "/v1/completions" | "/v1/responses", "body": {...}} (the body exactly as the
+route takes it; `model` is the served name, the model directory's name unless --served-model-name says
+otherwise). Output: one line per request line, in input order, OpenAI's batch output form:
 {"id": "batch_req_<hex>", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}; a
 request the route refused keeps its status and error body under `response` and sets `error`
-({"code", "message"}); a line that is not a request (bad JSON, a missing or wrong `custom_id`,
-`method`, `url` or `body`, a repeated custom_id, `stream: true`) gets `response: null` and an `error`
-naming the field (OpenAI's line validation). Every line is answered; the summary goes to stderr.
+({"code", "message"}); a line that is not a request (not UTF-8, bad JSON, a missing or wrong
+`custom_id`, `method`, `url` or `body`, a repeated custom_id, `stream: true`) gets `response: null`
+and an `error` naming the file line and the field (OpenAI's line validation). Every line is answered
+once; the summary goes to stderr. Interrupted (Ctrl-C, SIGTERM), the lines written so far are whole
+and the summary says how many.
 
 Each request runs through the same app as `refusion serve` (integrations/openai_api.create_app: every
 field, default and check alike) in this process, on a local engine, with no HTTP server and no Ray:
-httpx's ASGI transport calls the app directly. Up to --concurrency requests are in flight, so the
-engine batches them as it batches a server's traffic; a request the engine refuses as full (503) is
-retried after its Retry-After while others are in flight (alone, it can never fit: its 503 is the answer).
+httpx's ASGI transport calls the app directly, with the body as JSON text (so NaN, Infinity or a lone
+surrogate get the server's 400, not a crash here). Up to --concurrency requests are in flight, so the
+engine batches them as it batches a server's traffic. A request the engine refuses as full (503
+`overloaded`) waits until another request of the batch has finished and is retried; refused while no
+other request is being answered, it can never fit (its `n` choices exceed --max-num-seqs plus
+--max-queue) and that 503 is its answer.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 import uuid
@@ -32,7 +40,6 @@ from pathlib import Path
 from integrations.cli_generate import DEFAULT_MODEL
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
-OVERLOADED_RETRY_S = 0.5  # the least wait before resubmitting a request the engine refused as full
 
 
 class BatchArgumentError(ValueError):
@@ -41,6 +48,10 @@ class BatchArgumentError(ValueError):
     def __init__(self, flag: str, message: str):
         super().__init__(f"{flag}: {message}")
         self.flag = flag
+
+
+class Interrupted(Exception):
+    """The run was stopped (SIGTERM) before every line was answered."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,69 +74,105 @@ def run(args) -> int:
 
     # The engine's log goes to stderr with the request log: stdout may carry the results (-o -)
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    progress = Progress()
     try:
-        summary = asyncio.run(run_batch(args))
+        asyncio.run(run_batch(args, progress))
     except BatchArgumentError as exc:
         print(f"refusion run-batch: error: {exc}", file=sys.stderr)
         return 2
-    print(f"refusion run-batch: {summary['requests']} lines, {summary['succeeded']} succeeded, {summary['failed']} "
-          f"failed, {summary['completion_tokens']} tokens generated in {summary['seconds']:.1f} s", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted):
+        print(f"refusion run-batch: interrupted: {progress.summary()}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # -o - into a reader that stopped reading (`| head`): nothing more to say there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # keep the exit-time flush quiet
+        return 1
+    print(f"refusion run-batch: {progress.summary()}", file=sys.stderr)
     return 0
 
 
-async def run_batch(args) -> dict:
-    """Answer every line of args.input_file into args.output_file (module docstring). Returns counts:
-    requests, succeeded, failed, completion_tokens, seconds. Raises BatchArgumentError for unusable
-    arguments (before the model loads)."""
+class Progress:
+    """What a run has answered so far (the summary line; counted as results are written)."""
+
+    def __init__(self):
+        self.requests = self.written = self.failed = self.completion_tokens = 0
+        self.started = time.monotonic()
+
+    def add(self, result: dict) -> None:
+        self.written += 1
+        self.failed += result["error"] is not None
+        self.completion_tokens += _completion_tokens(result)
+
+    def summary(self) -> str:
+        return (f"{self.written} of {self.requests} lines answered, {self.written - self.failed} succeeded, "
+                f"{self.failed} failed, {self.completion_tokens} tokens generated in "
+                f"{time.monotonic() - self.started:.1f} s")
+
+
+async def run_batch(args, progress: Progress | None = None) -> Progress:
+    """Answer every line of args.input_file into args.output_file (module docstring). Raises
+    BatchArgumentError for unusable arguments, before the output file is touched."""
     import httpx
 
     from integrations.engine_client import LocalEngineClient, read_model_card
     from integrations.engine_host import build_engine, engine_config
-    from scheduler.config import EngineConfigError
     from integrations.openai_api import APISettings, create_app
     from integrations.request_limits import RequestLimits
+    from scheduler.config import EngineConfigError
+    from workers.loader import ModelDirError
 
+    progress = progress or Progress()
     if args.concurrency < 1:
         raise BatchArgumentError("--concurrency", f"must be at least 1, got {args.concurrency}")
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     if not model_dir.is_dir():
         raise BatchArgumentError("--model", f"{model_dir} is not a model directory")
-    lines = _read_lines(args.input_file)
-    output = _open_output(args.output_file)
-    options = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
+    if args.output_file != "-" and args.input_file != "-" and Path(args.output_file).resolve() == Path(args.input_file).resolve():
+        raise BatchArgumentError("--output-file", "is the input file: write the results elsewhere")
     engine_options = {k: v for k, v in (("max_running", args.max_num_seqs), ("max_queue", args.max_queue)) if v is not None}
     try:
         engine_config(engine_options)  # checked before the model loads
     except EngineConfigError as exc:
         flag = {"max_running": "--max-num-seqs", "max_queue": "--max-queue"}.get(exc.field, exc.field)
         raise BatchArgumentError(flag, str(exc).split(": ", 1)[-1]) from None
-    engine, tokenizer = build_engine(model_dir, runner_options=options, engine_options=engine_options)
-    card = read_model_card(model_dir)
+    lines = _read_lines(args.input_file)
+    requests = _parse_all(lines)
+    progress.requests = len(requests)
+    options = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
+    try:
+        engine, tokenizer = build_engine(model_dir, runner_options=options, engine_options=engine_options)
+        card = read_model_card(model_dir)
+    except (ModelDirError, OSError, ValueError) as exc:
+        raise BatchArgumentError("--model", f"{model_dir} cannot be loaded: {exc}") from None
     name = args.served_model_name or card["model"]
     settings = APISettings(model_name=name, decode_defaults=card["defaults"],
                            limits=RequestLimits(context_length=card["limits"]["context_length"]))
     app = create_app(settings, LocalEngineClient(engine, tokenizer, name))
-    started = time.monotonic()
+    output = _open_output(args.output_file)  # only now: a refused run leaves an existing file as it was
+    task = asyncio.current_task()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     await engine.start()
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://refusion-batch", timeout=None) as http:
-            results = await _answer_all(http, lines, args.concurrency, output)
+            await BatchRun(http, args.concurrency, output, progress).answer_all(requests)
+    except asyncio.CancelledError:
+        raise Interrupted() from None
     finally:
-        await engine.stop()
+        await engine.stop(drain_timeout_s=0)
         if output is not sys.stdout:
             output.close()
-    return {"requests": len(results), "succeeded": sum(r["error"] is None for r in results),
-            "failed": sum(r["error"] is not None for r in results),
-            "completion_tokens": sum(_completion_tokens(r) for r in results), "seconds": time.monotonic() - started}
+    return progress
 
 
-def _read_lines(path: str) -> list[str]:
+def _read_lines(path: str) -> list[tuple[int, bytes]]:
+    """(file line number, bytes) of every non-blank line; lines end at b"\\n" only (U+2028 and the like
+    are text inside a JSON string), a leading UTF-8 BOM is dropped."""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BatchArgumentError("--input-file", f"cannot read {path}: {exc}") from None
-    return [line for line in text.splitlines() if line.strip()]
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise BatchArgumentError("--input-file", f"cannot read {path}: {exc.strerror or exc}") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    return [(k, line.rstrip(b"\r")) for k, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
 
 
 def _open_output(path: str):
@@ -134,44 +181,20 @@ def _open_output(path: str):
     try:
         return open(path, "w", encoding="utf-8")
     except OSError as exc:
-        raise BatchArgumentError("--output-file", f"cannot write {path}: {exc}") from None
+        raise BatchArgumentError("--output-file", f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-async def _answer_all(http, lines: list[str], concurrency: int, output) -> list[dict]:
-    """Answer every line, at most `concurrency` at once; results are written in input order as soon as
-    every earlier one is done (so a long batch's output grows as it runs)."""
-    gate = asyncio.Semaphore(concurrency)
-    results: list[dict | None] = [None] * len(lines)
-    written = 0
-    in_flight = [0]  # requests being answered now (a refusal with none beside it can never be admitted)
+def _parse_all(lines: list[tuple[int, bytes]]) -> list[dict]:
     seen: set[str] = set()
-    requests = [_parse(k + 1, line, seen) for k, line in enumerate(lines)]
-
-    async def answer(k: int):
-        nonlocal written
-        request = requests[k]
-        if "error" in request:
-            results[k] = _result(request.get("custom_id"), None, request["error"])
-        else:
-            async with gate:
-                in_flight[0] += 1
-                try:
-                    results[k] = await _post(http, request, in_flight)
-                finally:
-                    in_flight[0] -= 1
-        while written < len(results) and results[written] is not None:
-            output.write(json.dumps(results[written], ensure_ascii=False) + "\n")
-            written += 1
-        output.flush()
-
-    await asyncio.gather(*(answer(k) for k in range(len(lines))))
-    return results
+    return [_parse(number, line, seen) for number, line in lines]
 
 
-def _parse(number: int, line: str, seen: set[str]) -> dict:
-    """The request of input line `number`, or {"custom_id"?, "error"} naming what is wrong with it."""
+def _parse(number: int, raw: bytes, seen: set[str]) -> dict:
+    """The request of file line `number`, or {"custom_id"?, "error"} naming what is wrong with it."""
     try:
-        request = json.loads(line)
+        request = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return {"error": _error("invalid_json", f"line {number}: not UTF-8 (byte {exc.start + 1} of the line)")}
     except ValueError as exc:
         return {"error": _error("invalid_json", f"line {number}: not JSON ({exc})")}
     if not isinstance(request, dict):
@@ -179,6 +202,9 @@ def _parse(number: int, line: str, seen: set[str]) -> dict:
     custom_id = request.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return {"error": _error("invalid_request", f"line {number}: custom_id must be a non-empty string")}
+    if not _is_text(custom_id):
+        return {"error": _error("invalid_request", f"line {number}: custom_id is not valid Unicode text "
+                                                    "(a lone surrogate)")}
     problem = None
     if custom_id in seen:
         problem = f"custom_id {custom_id!r} is used by an earlier line: give each request its own"
@@ -199,24 +225,79 @@ def _parse(number: int, line: str, seen: set[str]) -> dict:
     return request
 
 
-async def _post(http, request: dict, in_flight: list[int]) -> dict:
-    """Run one request through the app. A 503 the engine sends when full is retried after Retry-After
-    while other requests of the batch are in flight (they will free room); refused with none beside it,
-    it can never be admitted (its `n` choices exceed the engine's room) and is answered with that 503."""
-    while True:
-        response = await http.post(request["url"], json=request["body"])
-        detail = _json(response).get("error")
-        detail = detail if isinstance(detail, dict) else {}
-        if response.status_code != 503 or detail.get("code") != "overloaded" or in_flight[0] <= 1:
-            break
-        await asyncio.sleep(max(OVERLOADED_RETRY_S, float(response.headers.get("retry-after", 1))))
-    body = _json(response)
-    error = None
-    if response.status_code >= 400:
-        error = _error(detail.get("code") or detail.get("type") or str(response.status_code),
-                       detail.get("message") or response.text)
-    data = {"status_code": response.status_code, "request_id": response.headers.get("x-request-id"), "body": body}
-    return _result(request["custom_id"], data, error)
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class BatchRun:
+    """The requests of one run in flight (module docstring): at most `concurrency` at once, results
+    written in input order as soon as every earlier one is done (a long batch's output grows as it
+    runs); a request refused as full waits for another to finish (`finished`) and is retried."""
+
+    def __init__(self, http, concurrency: int, output, progress: Progress):
+        self.http, self.output, self.progress = http, output, progress
+        self.gate = asyncio.Semaphore(concurrency)
+        self.posting = 0  # requests being answered by the app right now (holding engine room, or asking)
+        self.done = 0  # requests answered for good so far
+        self.finished = asyncio.Condition()  # notified when one is
+
+    async def answer_all(self, requests: list[dict]) -> None:
+        results: list[dict | None] = [None] * len(requests)
+        written = 0
+
+        async def answer(k: int):
+            nonlocal written
+            request = requests[k]
+            if "error" in request:
+                results[k] = _result(request.get("custom_id"), None, request["error"])
+            else:
+                async with self.gate:
+                    results[k] = await self._post(request)
+            while written < len(results) and results[written] is not None:
+                self.output.write(json.dumps(results[written], ensure_ascii=False) + "\n")
+                self.progress.add(results[written])
+                written += 1
+            self.output.flush()
+
+        await asyncio.gather(*(answer(k) for k in range(len(requests))))
+
+    async def _post(self, request: dict) -> dict:
+        body = json.dumps(request["body"], ensure_ascii=True).encode()  # NaN stays NaN: the app's 400
+        headers = {"content-type": "application/json"}
+        while True:
+            done_before = self.done
+            self.posting += 1
+            try:
+                response = await self.http.post(request["url"], content=body, headers=headers)
+            finally:
+                self.posting -= 1
+            detail = _json(response).get("error")
+            detail = detail if isinstance(detail, dict) else {}
+            if response.status_code != 503 or detail.get("code") != "overloaded":
+                break
+            if self.done != done_before:  # another request finished meanwhile: there may be room now
+                continue
+            if self.posting == 0:  # refused with nothing else holding the engine: it can never fit
+                detail["message"] = (f"{detail.get('message', '')}; nothing else of the batch was running, so this "
+                                     "request (its n choices) does not fit the engine: raise --max-num-seqs or "
+                                     "--max-queue, or lower n")
+                break
+            async with self.finished:
+                await self.finished.wait_for(lambda: self.done != done_before)
+        self.done += 1
+        async with self.finished:
+            self.finished.notify_all()
+        error = None
+        if response.status_code >= 400:
+            error = _error(detail.get("code") or detail.get("type") or str(response.status_code),
+                           detail.get("message") or response.text)
+        data = {"status_code": response.status_code, "request_id": response.headers.get("x-request-id"),
+                "body": _json(response)}
+        return _result(request["custom_id"], data, error)
 
 
 def _json(response) -> dict:

@@ -19,7 +19,8 @@ SAMPLED = {"mode": "ar", "temperature": 1.0, "seed": 11}
 
 def _run_batch(tmp_path: Path, model_dir: Path, lines: list, *flags: str) -> tuple[int, list[dict], str]:
     source = tmp_path / "in.jsonl"
-    source.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    source.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() if isinstance(line, str)
+                                  else json.dumps(line).encode() for line in lines) + b"\n")
     target = tmp_path / "out.jsonl"
     proc = subprocess.run([sys.executable, "-m", "integrations.cli", "run-batch", "-i", str(source), "-o", str(target),
                            "--model", str(model_dir), *flags], cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -71,7 +72,7 @@ def test_every_line_is_answered_in_order_as_the_server_answers_it(tmp_path, tiny
     assert refused["response"]["status_code"] == 400 and refused["error"]["message"].startswith("temperature")
     assert refused["response"]["body"]["error"]["param"] == "temperature"
     assert unknown["response"]["status_code"] == 404 and unknown["error"]["code"] == "model_not_found"
-    assert "10 lines, 3 succeeded, 7 failed" in stderr
+    assert "10 of 10 lines answered, 3 succeeded, 7 failed" in stderr
 
 
 def test_a_full_engine_is_retried_and_a_request_that_can_never_fit_gets_its_503(tmp_path, tiny_model_dir):
@@ -81,18 +82,72 @@ def test_a_full_engine_is_retried_and_a_request_that_can_never_fit_gets_its_503(
     model = tiny_model_dir.name
     lines = [_line(f"r{i}", "/v1/completions", {"model": model, "prompt": f"x = {i}", "max_tokens": 4, **SAMPLED})
              for i in range(4)]
-    lines.append(_line("two", "/v1/completions", {"model": model, "prompt": "y", "max_tokens": 4, "n": 2, **SAMPLED}))
+    for name in ("two", "two-more"):  # two that can never fit must not keep each other retrying
+        lines.append(_line(name, "/v1/completions", {"model": model, "prompt": "y", "max_tokens": 4, "n": 2, **SAMPLED}))
     code, results, stderr = _run_batch(tmp_path, tiny_model_dir, lines, "--max-num-seqs", "1", "--max-queue", "0",
-                                       "--concurrency", "5")
+                                       "--concurrency", "6")
     assert code == 0, stderr
     assert [r["response"]["status_code"] for r in results[:4]] == [200] * 4
-    assert results[4]["response"]["status_code"] == 503 and results[4]["error"]["code"] == "overloaded"
+    for never in results[4:]:
+        assert never["response"]["status_code"] == 503 and never["error"]["code"] == "overloaded"
+        assert "does not fit the engine" in never["error"]["message"]
+
+
+def test_odd_bytes_are_answered_line_by_line(tmp_path, tiny_model_dir):
+    """Lines end at \\n only (U+2028 is text inside a JSON string), are numbered as the file numbers them,
+    may be CRLF or start with a BOM; a line that is not UTF-8 or holds NaN or a lone surrogate is that
+    line's error (the body's own faults the app's 400), never the batch's end."""
+    model = tiny_model_dir.name
+    body = {"model": model, "prompt": "x", "max_tokens": 2, **SAMPLED}
+    lines = [
+        b"\xef\xbb\xbf" + json.dumps(_line("bom", "/v1/completions", body)).encode(),
+        b"",
+        json.dumps(_line("sep", "/v1/chat/completions", {**body, "prompt": None, "messages": [
+            {"role": "user", "content": "a\u2028b\u0085c"}]}), ensure_ascii=False).encode() + b"\r",
+        b'{"custom_id": "latin1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "caf\xe9"}}',
+        b'{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"model": "%s", "prompt": "x", '
+        b'"temperature": NaN}}' % model.encode(),
+        b'{"custom_id": "surrogate", "method": "POST", "url": "/v1/completions", "body": {"model": "%s", '
+        b'"prompt": "\\ud800"}}' % model.encode(),
+        b'{"custom_id": "a\\udc00", "method": "POST", "url": "/v1/completions", "body": {}}',
+    ]
+    code, results, stderr = _run_batch(tmp_path, tiny_model_dir, lines)
+    assert code == 0 and "Traceback" not in stderr, stderr
+    assert [r["custom_id"] for r in results] == ["bom", "sep", None, "nan", "surrogate", None]
+    assert [(r["response"] or {}).get("status_code") for r in results] == [200, 200, None, 400, 400, None]
+    assert results[2]["error"]["message"].startswith("line 4: not UTF-8")
+    assert "NaN" in results[3]["error"]["message"] and "surrogate" in results[4]["error"]["message"]
+    assert results[5]["error"]["message"].startswith("line 7: custom_id is not valid Unicode")
+
+
+def test_an_interrupted_run_leaves_whole_lines_and_says_how_far_it_got(tmp_path, tiny_model_dir):
+    import signal
+    import time
+
+    model = tiny_model_dir.name
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(_line(f"r{i}", "/v1/completions", {
+        "model": model, "prompt": f"x = {i}", "max_tokens": 32, **SAMPLED})) + "\n" for i in range(2000)))
+    proc = subprocess.Popen([sys.executable, "-m", "integrations.cli", "run-batch", "-i", str(source), "-o", str(target),
+                             "--model", str(tiny_model_dir)], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's job
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (target.exists() and target.read_text().count("\n") >= 3):
+        time.sleep(0.2)  # answering has begun (the model loaded, results flowing)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    written = target.read_text().splitlines()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert [json.loads(line)["custom_id"] for line in written] == [f"r{i}" for i in range(len(written))]
+    assert f"interrupted: {len(written)} of 2000 lines answered" in stderr and len(written) < 2000
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--concurrency", "0"], "--concurrency: must be at least 1"),
     (["--max-queue", "-1"], "--max-queue:"),
     (["--model", "/nonexistent"], "--model: /nonexistent is not a model directory"),
+    (["--model", "/tmp"], "--model: /tmp cannot be loaded"),
 ])
 def test_bad_flags_are_one_line_on_stderr(tmp_path, tiny_model_dir, flags, message):
     source = tmp_path / "in.jsonl"
@@ -104,3 +159,7 @@ def test_bad_flags_are_one_line_on_stderr(tmp_path, tiny_model_dir, flags, messa
     missing = subprocess.run([sys.executable, "-m", "integrations.cli", "run-batch", "-i", str(tmp_path / "none"),
                               "-o", str(tmp_path / "o.jsonl")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "--input-file: cannot read" in missing.stderr
+    assert not (tmp_path / "o.jsonl").exists()  # a refused run leaves the output alone
+    same = subprocess.run([sys.executable, "-m", "integrations.cli", "run-batch", "-i", str(source), "-o", str(source)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert same.returncode == 2 and "--output-file: is the input file" in same.stderr
