@@ -111,7 +111,8 @@ class MessagesBody(OpenAIBody):
         for k, message in enumerate(self.messages):
             role = message.get("role")
             if role not in ("user", "assistant", "system"):
-                raise InputError(400, f"messages.{k}.role", f"must be user or assistant, got {role!r}")
+                raise InputError(400, f"messages.{k}.role", f"must be user or assistant (or system, within the "
+                                 f"conversation), got {role!r}")
             unknown = sorted(set(message) - {"role", "content"})
             if unknown:
                 raise InputError(400, f"messages.{k}.{unknown[0]}", "unknown field of a message (role, content)")
@@ -210,10 +211,7 @@ def _text_of(block, field: str) -> str:
         raise InputError(400, f"{field}.type", f"only text blocks are supported here, got {block.get('type')!r}")
     if not isinstance(block.get("text"), str):
         raise InputError(400, f"{field}.text", "must be a string")
-    unknown = sorted(set(block) - {"type", "text", "cache_control", "citations"})
-    if unknown:
-        raise InputError(400, f"{field}.{unknown[0]}", "unknown field of a text block (type, text, cache_control)")
-    return block["text"]
+    return block["text"]  # other fields of a block (cache_control, citations, newer ones an SDK echoes) are ignored
 
 
 def _unanswered(open_uses: dict[str, int]) -> None:

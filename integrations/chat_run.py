@@ -24,7 +24,7 @@ from integrations.openai_choices import choice_requests, start_all
 from integrations.openai_models import ChatCompletionRequest
 from integrations.openai_requests import generation_request, request_id
 from integrations.openai_responses import ResponseHeader
-from integrations.request_limits import InputError, RequestLimits, off_loop
+from integrations.request_limits import InputError, PromptCharsError, RequestLimits, off_loop
 from integrations.structured_output import tool_grammar
 from integrations.tool_calls import ToolCallStreamParser, forced_call
 from scheduler.api import Delta
@@ -72,8 +72,16 @@ async def chat_prompt(tokenizer, limits: RequestLimits, body: ChatCompletionRequ
         prompt_ids, extra_stop = await off_loop(chat_prompt_ids, tokenizer, body.messages, tools, limits,
                                                 body.continue_final_message,
                                                 chars=sum(len(m.content or "") for m in body.messages))
+    except PromptCharsError as exc:  # the rendered prompt (tools included) over max_prompt_chars
+        raise PromptCharsError(prompt_field, exc.chars, exc.limit) from None
     except InputError as exc:
         raise InputError(exc.status, prompt_field, exc.message) if exc.field == "messages" else exc from None
+    if body.continue_final_message and (body.tools_enabled or body.response_format is not None
+                                        or body.structured_outputs is not None):
+        # a grammar would have to start inside the prefilled text (refused wherever the prompt is built,
+        # so token counts answer only what a generation would run)
+        raise InputError(400, "continue_final_message", "cannot be combined with tools or a response format: drop "
+                         "the tools (or set tool_choice to \"none\") and the format, or the prefill")
     forced, forced_ids = "", []
     if call is not None:  # the assistant's turn starts with the forced call's opening (tool_calls.forced_call)
         forced_ids, forced = forced_prefix_ids(tokenizer, *call)
@@ -90,9 +98,6 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     prompt = await chat_prompt(client.tokenizer, settings.limits, body, prompt_field)
     grammar = None
     if body.tools_enabled or body.response_format is not None or body.structured_outputs is not None:
-        if body.continue_final_message:  # the grammar would have to start inside the prefilled text
-            raise InputError(400, "continue_final_message", "cannot be combined with tools or a response format: "
-                             "drop the tools (or set tool_choice to \"none\") and the format, or the prefill")
         grammar = await off_loop(chat_grammar, body, prompt.forced_tokens)  # compiling can take a while
     header = ResponseHeader(id_prefix, client.model_name, request_id(request, id_prefix))
     # The template's turn-end stops (plain template: "\n### ") would cut text the grammar allows; with a

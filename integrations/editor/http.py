@@ -22,7 +22,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events, select_fields
@@ -219,8 +219,9 @@ class TokenizeBody(BaseModel):
     tools: list[ToolSpec] | None = None  # with messages: the tools the chat template lists
     tool_choice: Any = None  # with messages and tools: as chat's ("none" leaves the tools out, a forced call adds its opening)
     add_generation_prompt: bool | None = None  # the chat route adds it unless continue_final_message is set
-    # vLLM's: the last (assistant) message left open, as chat runs it (validated when unset too)
-    continue_final_message: bool = Field(default=False, validate_default=True)
+    # vLLM's: the last (assistant) message left open, as chat runs it (a strict boolean as on chat; null
+    # is unset; validated when unset too)
+    continue_final_message: StrictBool | None = Field(default=None, validate_default=True)
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=0)
     add_special: bool = False  # insert the tokenizer's special tokens (BOS, when it has one)
     add_special_tokens: bool | None = None  # vLLM's name of add_special
@@ -256,7 +257,7 @@ class TokenizeBody(BaseModel):
 def _tokenize_chat(body: TokenizeBody) -> ChatCompletionRequest:
     """The chat turn whose prompt /tokenize's chat form counts. Raises InputError naming the field."""
     fields = {"messages": [m.model_dump(exclude_none=True) for m in body.messages],
-              "continue_final_message": body.continue_final_message}
+              "continue_final_message": bool(body.continue_final_message)}
     if body.tools is not None:
         fields["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
     if body.tool_choice is not None:

@@ -172,6 +172,11 @@ def test_bad_requests_are_anthropic_errors_naming_the_field(http, model, body, f
     error = response.json()
     assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
     assert error["error"]["message"].startswith(field), error["error"]["message"]
+    generation_only = {"max_tokens", "top_k", "mode", "bogus", "extensions", "output_config"}  # not count_tokens fields
+    if not set(body) & generation_only and field != "tools.0.input_schema":
+        # count_tokens refuses what a message refuses (a schema is compiled only when a message is created)
+        counted = http.post("/v1/messages/count_tokens", json={"model": model, "messages": base["messages"]} | body)
+        assert counted.status_code == 400 and counted.json()["error"]["message"].startswith(field), counted.text
 
 
 def test_a_request_shaped_as_claude_code_sends_it_is_answered(claude, model):
@@ -237,9 +242,16 @@ def test_context_overflows_are_worded_as_anthropic_words_them(http, claude, mode
     assert response.status_code == 400
     assert re.match(r"prompt is too long: \d+ tokens > 4096 maximum$", response.json()["error"]["message"])
     huge = [{"role": "user", "content": "x" * 40_000}]  # over max_prompt_chars (8 x context): refused before tokenizing
-    response = http.post("/v1/messages", json={"model": model, "max_tokens": 8, "messages": huge})
-    found = re.match(r"prompt is too long: (\d+) characters > (\d+) maximum", response.json()["error"]["message"])
-    assert response.status_code == 400 and found and int(found[1]) > int(found[2]), response.text
+    in_history = [{"role": "user", "content": "hi"},  # the same, the characters in a tool call of the history
+                  {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "add",
+                                                     "input": {"a": "z" * 40_000}}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]
+    for messages in (huge, in_history):
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            response = http.post(path, json={"model": model, "max_tokens": 8, "messages": messages} if path.endswith(
+                "messages") else {"model": model, "messages": messages})
+            found = re.match(r"prompt is too long: (\d+) characters > (\d+) maximum", response.json()["error"]["message"])
+            assert response.status_code == 400 and found and int(found[1]) > int(found[2]), response.text
 
 
 def test_the_sdk_raises_typed_errors(claude, model):

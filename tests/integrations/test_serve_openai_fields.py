@@ -173,6 +173,14 @@ def test_continue_final_message_continues_the_assistant_text(client, model, http
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=model, messages=messages[:1], max_tokens=4, extra_body=sampled)
     assert err.value.body["param"] == "continue_final_message"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    with pytest.raises(openai.BadRequestError) as err:  # a grammar would start inside the prefill
+        client.chat.completions.create(model=model, messages=messages, max_tokens=4, tools=tools, extra_body=sampled)
+    assert err.value.body["param"] == "continue_final_message"
+    for fields in ({"tools": tools}, {"continue_final_message": "yes"}):  # /tokenize refuses as chat does
+        refused = http.post("/tokenize", json={"messages": messages, "continue_final_message": True} | fields)
+        assert refused.status_code == 400 and "continue_final_message" in refused.json()["error"]["message"], refused.text
+    assert http.post("/tokenize", json={"messages": messages[:1], "continue_final_message": None}).status_code == 200
 
 
 def test_min_p_one_samples_only_the_most_likely_token(client, model):
