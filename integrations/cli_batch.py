@@ -95,7 +95,12 @@ class Progress:
 
     def __init__(self):
         self.requests = self.written = self.failed = self.completion_tokens = 0
-        self.started = time.monotonic()
+        self.started = time.monotonic()  # reset when answering starts (the model loaded)
+        self.finished: float | None = None
+
+    def seconds(self) -> float:
+        """Answering time so far (or in all, once finished), model loading excluded."""
+        return (self.finished or time.monotonic()) - self.started
 
     def add(self, result: dict) -> None:
         self.written += 1
@@ -104,8 +109,7 @@ class Progress:
 
     def summary(self) -> str:
         return (f"{self.written} of {self.requests} lines answered, {self.written - self.failed} succeeded, "
-                f"{self.failed} failed, {self.completion_tokens} tokens generated in "
-                f"{time.monotonic() - self.started:.1f} s")
+                f"{self.failed} failed, {self.completion_tokens} tokens generated in {self.seconds():.1f} s")
 
 
 async def run_batch(args, progress: Progress | None = None) -> Progress:
@@ -151,10 +155,12 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     task = asyncio.current_task()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     await engine.start()
+    progress.started = time.monotonic()
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://refusion-batch", timeout=None) as http:
             await BatchRun(http, args.concurrency, output, progress).answer_all(requests)
+        progress.finished = time.monotonic()
     except asyncio.CancelledError:
         raise Interrupted() from None
     finally:
