@@ -21,8 +21,9 @@ httpx's ASGI transport calls the app directly, with the body as JSON text (so Na
 surrogate get the server's 400, not a crash here). Up to --concurrency requests are in flight, so the
 engine batches them as it batches a server's traffic. A request the engine refuses as full (503
 `overloaded`) waits until another request of the batch has finished and is retried; refused while no
-other request is being answered, it can never fit (its `n` choices exceed --max-num-seqs plus
---max-queue) and that 503 is its answer.
+other request is being answered, it is tried once more alone (new requests held back until it is
+answered), and refused then it can never fit (its `n` choices exceed --max-num-seqs plus --max-queue):
+that 503 is its answer.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def run(args) -> int:
     except BatchArgumentError as exc:
         print(f"refusion run-batch: error: {exc}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Interrupted, asyncio.CancelledError):
         print(f"refusion run-batch: interrupted: {progress.summary()}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # -o - into a reader that stopped reading (`| head`): nothing more to say there
@@ -125,13 +126,14 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     from workers.loader import ModelDirError
 
     progress = progress or Progress()
+    task = asyncio.current_task()
+    signal.signal(signal.SIGTERM, lambda *_: task.cancel())  # as Ctrl-C: lands at the next await, loading included
     if args.concurrency < 1:
         raise BatchArgumentError("--concurrency", f"must be at least 1, got {args.concurrency}")
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     if not model_dir.is_dir():
         raise BatchArgumentError("--model", f"{model_dir} is not a model directory")
-    if args.output_file != "-" and args.input_file != "-" and Path(args.output_file).resolve() == Path(args.input_file).resolve():
-        raise BatchArgumentError("--output-file", "is the input file: write the results elsewhere")
+    _check_output(args.output_file, args.input_file)
     engine_options = {k: v for k, v in (("max_running", args.max_num_seqs), ("max_queue", args.max_queue)) if v is not None}
     try:
         engine_config(engine_options)  # checked before the model loads
@@ -151,9 +153,8 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     settings = APISettings(model_name=name, decode_defaults=card["defaults"],
                            limits=RequestLimits(context_length=card["limits"]["context_length"]))
     app = create_app(settings, LocalEngineClient(engine, tokenizer, name))
+    await asyncio.sleep(0)  # a signal that came while the model loaded stops the run here, output untouched
     output = _open_output(args.output_file)  # only now: a refused run leaves an existing file as it was
-    task = asyncio.current_task()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     await engine.start()
     progress.started = time.monotonic()
     try:
@@ -179,6 +180,22 @@ def _read_lines(path: str) -> list[tuple[int, bytes]]:
         raise BatchArgumentError("--input-file", f"cannot read {path}: {exc.strerror or exc}") from None
     data = data.removeprefix(b"\xef\xbb\xbf")
     return [(k, line.rstrip(b"\r")) for k, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
+
+
+def _check_output(path: str, input_path: str) -> None:
+    """Refuse an output the run could not write, before the model loads (the file is not touched)."""
+    if path == "-":
+        return
+    target = Path(path)
+    if input_path != "-" and target.resolve() == Path(input_path).resolve():
+        raise BatchArgumentError("--output-file", "is the input file: write the results elsewhere")
+    if target.is_dir():
+        raise BatchArgumentError("--output-file", f"{path} is a directory: name a file")
+    folder = target.parent
+    if not folder.is_dir():
+        raise BatchArgumentError("--output-file", f"{folder} does not exist: create it or write elsewhere")
+    if not os.access(target if target.exists() else folder, os.W_OK):
+        raise BatchArgumentError("--output-file", f"cannot write {path}: permission denied")
 
 
 def _open_output(path: str):
@@ -249,7 +266,8 @@ class BatchRun:
         self.gate = asyncio.Semaphore(concurrency)
         self.posting = 0  # requests being answered by the app right now (holding engine room, or asking)
         self.done = 0  # requests answered for good so far
-        self.finished = asyncio.Condition()  # notified when one is
+        self.finished = asyncio.Condition()  # notified when either count changes
+        self.solo = asyncio.Lock()  # held while a refused request is tried alone
 
     async def answer_all(self, requests: list[dict]) -> None:
         results: list[dict | None] = [None] * len(requests)
@@ -272,31 +290,37 @@ class BatchRun:
         await asyncio.gather(*(answer(k) for k in range(len(requests))))
 
     async def _post(self, request: dict) -> dict:
+        """Answer one request (module docstring). Refused as full: retried at once if another request
+        finished meanwhile, else after one does; refused with nothing else being answered, it is tried
+        once more alone (new requests held back), and refused then it can never fit."""
         body = json.dumps(request["body"], ensure_ascii=True).encode()  # NaN stays NaN: the app's 400
-        headers = {"content-type": "application/json"}
         while True:
             done_before = self.done
-            self.posting += 1
-            try:
-                response = await self.http.post(request["url"], content=body, headers=headers)
-            finally:
-                self.posting -= 1
-            detail = _json(response).get("error")
-            detail = detail if isinstance(detail, dict) else {}
-            if response.status_code != 503 or detail.get("code") != "overloaded":
+            async with self.solo:  # wait while a request runs alone
+                pass
+            response = await self._send(request["url"], body)
+            if not _overloaded(response) or self.done != done_before:
+                if _overloaded(response):
+                    continue  # another request finished meanwhile: there may be room now
                 break
-            if self.done != done_before:  # another request finished meanwhile: there may be room now
+            if self.posting > 0:
+                async with self.finished:
+                    await self.finished.wait_for(lambda: self.done != done_before)
                 continue
-            if self.posting == 0:  # refused with nothing else holding the engine: it can never fit
-                detail["message"] = (f"{detail.get('message', '')}; nothing else of the batch was running, so this "
-                                     "request (its n choices) does not fit the engine: raise --max-num-seqs or "
-                                     "--max-queue, or lower n")
-                break
-            async with self.finished:
-                await self.finished.wait_for(lambda: self.done != done_before)
+            async with self.solo:  # nothing else was being answered: try alone, no new request starting
+                async with self.finished:
+                    await self.finished.wait_for(lambda: self.posting == 0)
+                response = await self._send(request["url"], body)
+            break
         self.done += 1
         async with self.finished:
             self.finished.notify_all()
+        detail = _json(response).get("error")
+        detail = detail if isinstance(detail, dict) else {}
+        if _overloaded(response):  # refused while alone: its choices exceed the engine's room
+            detail["message"] = ("does not fit the engine: refused while no other request of the batch was running, "
+                                 "so its n choices exceed --max-num-seqs plus --max-queue; raise those or lower n "
+                                 f"(the engine said: {detail.get('message', '')})")
         error = None
         if response.status_code >= 400:
             error = _error(detail.get("code") or detail.get("type") or str(response.status_code),
@@ -304,6 +328,23 @@ class BatchRun:
         data = {"status_code": response.status_code, "request_id": response.headers.get("x-request-id"),
                 "body": _json(response)}
         return _result(request["custom_id"], data, error)
+
+    async def _send(self, url: str, body: bytes):
+        self.posting += 1
+        try:
+            return await self.http.post(url, content=body, headers={"content-type": "application/json"})
+        finally:
+            self.posting -= 1
+            async with self.finished:
+                self.finished.notify_all()
+
+
+def _overloaded(response) -> bool:
+    """The engine refused the request as full (retryable), as opposed to any other answer."""
+    if response.status_code != 503:
+        return False
+    detail = _json(response).get("error")
+    return isinstance(detail, dict) and detail.get("code") == "overloaded"
 
 
 def _json(response) -> dict:

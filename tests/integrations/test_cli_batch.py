@@ -93,6 +93,21 @@ def test_a_full_engine_is_retried_and_a_request_that_can_never_fit_gets_its_503(
         assert "does not fit the engine" in never["error"]["message"]
 
 
+def test_requests_that_fit_are_never_told_they_do_not(tmp_path, tiny_model_dir):
+    """Two requests of two choices each on an engine of two slots: started together, each may get one
+    slot and be refused (a grammar's compile delays one choice's admission); the one refused with
+    nothing else running is tried again alone, so both are answered, neither 503."""
+    model = tiny_model_dir.name
+    body = {"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 8, "n": 2,
+            "response_format": {"type": "json_object"}, **SAMPLED}
+    lines = [_line(f"g{i}", "/v1/chat/completions", body) for i in range(6)]
+    code, results, stderr = _run_batch(tmp_path, tiny_model_dir, lines, "--max-num-seqs", "2", "--max-queue", "0",
+                                       "--concurrency", "2")
+    assert code == 0, stderr
+    assert [r["response"]["status_code"] for r in results] == [200] * 6, [r["error"] for r in results]
+    assert all(len(r["response"]["body"]["choices"]) == 2 for r in results)
+
+
 def test_odd_bytes_are_answered_line_by_line(tmp_path, tiny_model_dir):
     """Lines end at \\n only (U+2028 is text inside a JSON string), are numbered as the file numbers them,
     may be CRLF or start with a BOM; a line that is not UTF-8 or holds NaN or a lone surrogate is that
@@ -163,3 +178,8 @@ def test_bad_flags_are_one_line_on_stderr(tmp_path, tiny_model_dir, flags, messa
     same = subprocess.run([sys.executable, "-m", "integrations.cli", "run-batch", "-i", str(source), "-o", str(source)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert same.returncode == 2 and "--output-file: is the input file" in same.stderr
+    for target, why in ((tmp_path, "is a directory"), (tmp_path / "no" / "o.jsonl", "does not exist")):
+        refused = subprocess.run([sys.executable, "-m", "integrations.cli", "run-batch", "-i", str(source), "-o",
+                                  str(target), "--model", str(tiny_model_dir)], cwd=REPO,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and why in refused.stderr, refused.stderr
