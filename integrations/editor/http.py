@@ -5,6 +5,8 @@
     POST      /tokenize    llama.cpp's token helper (llama.vscode counts prompt tokens with it), vLLM's too
     POST      /detokenize  llama.cpp's and vLLM's: ids -> text
     POST      /completion  llama.cpp's plain completion (integrations/llama_completion.py)
+    POST      /apply-template  llama.cpp's: chat messages -> the prompt text the chat route runs
+    GET       /props       llama.cpp's server properties (context, decode defaults, template)
 
 Both reach the engine through `app.state.engine_client` (integrations/engine_client.py). Bodies are read
 by integrations/request_limits.py (size, JSON, nesting, Unicode); errors have llama.cpp's shape
@@ -254,8 +256,9 @@ class TokenizeBody(BaseModel):
         return self
 
 
-def _tokenize_chat(body: TokenizeBody) -> ChatCompletionRequest:
-    """The chat turn whose prompt /tokenize's chat form counts. Raises InputError naming the field."""
+def _chat_turn(body) -> ChatCompletionRequest:
+    """The chat turn whose prompt /tokenize's chat form and /apply-template give (`body`: their messages,
+    tools, tool_choice, continue_final_message). Raises InputError naming the field."""
     fields = {"messages": [m.model_dump(exclude_none=True) for m in body.messages],
               "continue_final_message": bool(body.continue_final_message)}
     if body.tools is not None:
@@ -286,7 +289,7 @@ async def tokenize_route(request: Request) -> Response:
     try:
         body = await _read(request, TokenizeBody)
         if body.messages is not None:  # vLLM's chat form: the prompt /v1/chat/completions would run
-            ids = (await chat_prompt(tokenizer, limits, _tokenize_chat(body))).ids
+            ids = (await chat_prompt(tokenizer, limits, _chat_turn(body))).ids
             tokens = [{"id": i, "piece": _piece(tokenizer, i)} for i in ids] if body.with_pieces else ids
         else:
             limits.check_chars("prompt" if body.prompt is not None else "content", body.content)
@@ -316,6 +319,58 @@ async def detokenize_route(request: Request) -> Response:
         return JSONResponse(payload, status, headers=headers)
     text = await off_loop(tokenizer.decode, body.tokens, chars=len(body.tokens))
     return Response(compact_json({"content": text, "prompt": text}), media_type="application/json")
+
+
+class ApplyTemplateBody(BaseModel):
+    """The /apply-template request (llama.cpp): chat `messages`, and `tools`, `tool_choice`,
+    `continue_final_message` as /tokenize's chat form takes them. Other fields are ignored (llama.cpp)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolSpec] | None = None
+    tool_choice: Any = None
+    continue_final_message: StrictBool | None = None
+
+
+@router.post("/apply-template")
+async def apply_template_route(request: Request) -> Response:
+    """llama.cpp's /apply-template: {"messages": [...]} -> {"prompt": text}, the prompt
+    /v1/chat/completions runs for them (chat template or the plain one, tools, a forced call's
+    opening; the same tokens /tokenize counts, decoded). Errors: 400 naming the field, 413."""
+    tokenizer = request.app.state.engine_client.tokenizer
+    try:
+        body = await _read(request, ApplyTemplateBody)
+        ids = (await chat_prompt(tokenizer, _limits(request), _chat_turn(body))).ids
+    except InputError as exc:
+        status, payload, headers = _error_body(exc)
+        return JSONResponse(payload, status, headers=headers)
+    text = await off_loop(tokenizer.decode, ids, chars=len(ids))
+    return Response(compact_json({"prompt": text}), media_type="application/json")
+
+
+@router.get("/props")
+async def props_route(request: Request) -> Response:
+    """llama.cpp's GET /props, what its clients read to configure themselves: the context
+    (`default_generation_settings.n_ctx`) and decode defaults (`params`), the model's name
+    (`model_alias`, `model_path`), `chat_template` (the tokenizer's; "" with the plain template,
+    integrations/chat.py), `chat_template_caps`, `modalities` (text only), `bos_token`, `eos_token`,
+    `build_info`. Setting props (llama.cpp's POST /props) is not offered."""
+    tokenizer = request.app.state.engine_client.tokenizer
+    settings = getattr(request.app.state, "settings", None)
+    defaults = dict(settings.decode_defaults) if settings is not None else {}
+    name = settings.model_name if settings is not None else request.app.state.engine_client.model_name
+    params = {"n_predict": settings.default_max_tokens if settings is not None else None, **defaults}
+    payload = {
+        "default_generation_settings": {"n_ctx": _limits(request).context_length, "params": params},
+        "total_slots": None,  # the engine's running requests are not slots; /v1/engine has its limits
+        "model_alias": name, "model_path": name,
+        "modalities": {"vision": False, "audio": False},
+        "chat_template": getattr(tokenizer, "chat_template", None) or "",
+        "chat_template_caps": {"supports_tools": True, "supports_tool_calls": True,
+                               "supports_parallel_tool_calls": True, "supports_system_role": True},
+        "bos_token": getattr(tokenizer, "bos_token", None) or "", "eos_token": getattr(tokenizer, "eos_token", None) or "",
+        "build_info": "refusion-serve",
+    }
+    return Response(compact_json(payload), media_type="application/json")
 
 
 def tokenize(tokenizer, body: TokenizeBody) -> list:

@@ -155,6 +155,25 @@ def test_tokenize_counts_the_chat_prompt_the_server_runs(http, client, model):
         assert refused.status_code == 400 and field in refused.json()["error"]["message"]
 
 
+def test_llama_cpp_props_and_apply_template(client, model, http):
+    """llama.cpp's GET /props (what its clients read: the context, the decode defaults, the model's name)
+    and POST /apply-template (the prompt chat runs, as text: /tokenize's tokens decoded)."""
+    props = http.get("/props").json()
+    assert props["default_generation_settings"]["n_ctx"] == CONTEXT and props["model_alias"] == model
+    engine = http.get("/v1/engine").json()
+    assert {k: props["default_generation_settings"]["params"][k] for k in engine["defaults"]} == engine["defaults"]
+    assert props["modalities"] == {"vision": False, "audio": False} and props["eos_token"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    for extra in ({}, {"tools": tools}, {"tools": tools, "tool_choice": "required"}):
+        prompt = http.post("/apply-template", json={"messages": messages} | extra).json()["prompt"]
+        tokens = http.post("/tokenize", json={"messages": messages} | extra).json()["tokens"]
+        assert prompt == http.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
+    assert prompt.startswith("### Tools\n") and '<tool_call>{"name": "add"' in prompt  # the forced opening
+    refused = http.post("/apply-template", json={"messages": []})
+    assert refused.status_code == 400 and "messages" in refused.json()["error"]["message"]
+
+
 def test_continue_final_message_continues_the_assistant_text(client, model, http):
     """vLLM's continue_final_message: the prompt ends with the last (assistant) message's text, no new turn
     opened, and the chat answer is the completion of exactly that prompt (same seed, the template's
