@@ -4,7 +4,8 @@
 
 Input: one JSON object per line (lines end at "\\n"; blank lines are skipped but counted, a leading
 BOM is dropped), OpenAI's batch request form, {"custom_id": "...", "method": "POST", "url":
-"/v1/chat/completions" | "/v1/completions" | "/v1/responses", "body": {...}} (the body exactly as the
+"/v1/chat/completions" | "/v1/completions" | "/v1/responses" | "/v1/messages" (Anthropic's), "body":
+{...}} (the body exactly as the
 route takes it; `model` is the served name, the model directory's name unless --served-model-name says
 otherwise). Output: one line per request line, in input order, OpenAI's batch output form:
 {"id": "batch_req_<hex>", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}; a
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from integrations.cli_generate import DEFAULT_MODEL
 
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 
 
 class BatchArgumentError(ValueError):

@@ -40,6 +40,8 @@ def test_every_line_is_answered_in_order_as_the_server_answers_it(tmp_path, tiny
         _line("chat", "/v1/chat/completions", chat),
         _line("completion", "/v1/completions", completion),
         _line("response", "/v1/responses", {"model": model, "input": "def f():", "max_output_tokens": 6, **SAMPLED}),
+        _line("message", "/v1/messages", {"model": model, "max_tokens": 6, **SAMPLED,
+                                          "messages": [{"role": "user", "content": "def f():"}]}),
         "{not json",
         _line("chat", "/v1/completions", completion),  # a repeated custom_id
         _line("wrong-url", "/v1/embeddings", {"model": model, "input": "x"}),
@@ -50,29 +52,29 @@ def test_every_line_is_answered_in_order_as_the_server_answers_it(tmp_path, tiny
     ]
     code, results, stderr = _run_batch(tmp_path, tiny_model_dir, lines)
     assert code == 0, stderr
-    assert [r["custom_id"] for r in results] == ["chat", "completion", "response", None, "chat", "wrong-url",
-                                                  "wrong-method", "streamed", "refused", "unknown-model"]
+    assert [r["custom_id"] for r in results] == ["chat", "completion", "response", "message", None, "chat",
+                                                  "wrong-url", "wrong-method", "streamed", "refused", "unknown-model"]
     assert len({r["id"] for r in results}) == len(results)
     served_chat = client.chat.completions.create(**{k: v for k, v in chat.items() if k not in SAMPLED},
                                                  temperature=1.0, seed=11, extra_body={"mode": "ar"})
     served_completion = client.completions.create(**{k: v for k, v in completion.items() if k not in SAMPLED},
                                                   temperature=1.0, seed=11, extra_body={"mode": "ar"})
-    ok = {r["custom_id"]: r["response"] for r in results[:3]}
+    ok = {r["custom_id"]: r["response"] for r in results[:4]}
     assert all(r["status_code"] == 200 and r["request_id"] for r in ok.values()) and results[0]["error"] is None
     assert ok["chat"]["body"]["choices"][0]["message"]["content"] == served_chat.choices[0].message.content
     assert ok["completion"]["body"]["choices"][0]["text"] == served_completion.choices[0].text
     assert ok["completion"]["body"]["usage"] == served_completion.usage.model_dump(exclude_none=True)
-    assert ok["response"]["body"]["object"] == "response"
-    line_faults = {r["custom_id"]: r["error"]["message"] for r in results[3:8]}
-    assert all(r["response"] is None for r in results[3:8])
-    assert "line 4: not JSON" in line_faults[None] and "used by an earlier line" in line_faults["chat"]
+    assert ok["response"]["body"]["object"] == "response" and ok["message"]["body"]["type"] == "message"
+    line_faults = {r["custom_id"]: r["error"]["message"] for r in results[4:9]}
+    assert all(r["response"] is None for r in results[4:9])
+    assert "line 5: not JSON" in line_faults[None] and "used by an earlier line" in line_faults["chat"]
     assert "url must be one of" in line_faults["wrong-url"] and "method" in line_faults["wrong-method"]
     assert "body.stream" in line_faults["streamed"]
-    refused, unknown = results[8], results[9]
+    refused, unknown = results[9], results[10]
     assert refused["response"]["status_code"] == 400 and refused["error"]["message"].startswith("temperature")
     assert refused["response"]["body"]["error"]["param"] == "temperature"
     assert unknown["response"]["status_code"] == 404 and unknown["error"]["code"] == "model_not_found"
-    assert "10 of 10 lines answered, 3 succeeded, 7 failed" in stderr
+    assert "11 of 11 lines answered, 4 succeeded, 7 failed" in stderr
 
 
 def test_a_full_engine_is_retried_and_a_request_that_can_never_fit_gets_its_503(tmp_path, tiny_model_dir):
