@@ -111,7 +111,9 @@ async def health(request: Request):
 @router.get("/v1/models")
 async def list_models(request: Request):
     settings = request.app.state.settings
-    return {"object": "list", "data": [_model_card(settings.model_name, settings.limits.context_length)]}
+    # OpenAI's list, plus the pagination fields of Anthropic's (one model: no further page)
+    return {"object": "list", "data": [_model_card(settings.model_name, settings.limits.context_length)],
+            "has_more": False, "first_id": settings.model_name, "last_id": settings.model_name}
 
 
 @router.get("/v1/models/{model_id}")
@@ -209,8 +211,10 @@ async def chat_completions(request: Request):
 
 def _model_card(model_id: str, context_length: int) -> dict:
     """OpenAI's model object plus vLLM's `max_model_len` (the context, tokens), which clients read to
-    size their prompts."""
+    size their prompts, and the fields of Anthropic's model object (`type`, `display_name`,
+    `created_at`, `max_input_tokens`), so the anthropic SDK's `models.list()` reads it too."""
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "refusion-serve", "root": model_id,
-            "max_model_len": context_length}
+            "max_model_len": context_length, "type": "model", "display_name": model_id,
+            "created_at": "1970-01-01T00:00:00Z", "max_input_tokens": context_length}
 
 

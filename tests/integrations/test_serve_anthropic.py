@@ -254,6 +254,14 @@ def test_context_overflows_are_worded_as_anthropic_words_them(http, claude, mode
             assert response.status_code == 400 and found and int(found[1]) > int(found[2]), response.text
 
 
+def test_the_sdk_lists_the_served_model(claude, model):
+    [card] = list(claude.models.list())
+    assert (card.id, card.type, card.display_name, card.max_input_tokens) == (model, "model", model, CONTEXT)
+    assert claude.models.retrieve(model).id == model
+    with pytest.raises(anthropic.NotFoundError):
+        claude.models.retrieve("claude-nope")
+
+
 def test_the_sdk_raises_typed_errors(claude, model):
     with pytest.raises(anthropic.BadRequestError) as err:
         claude.messages.create(model=model, max_tokens=8, messages=[{"role": "bot", "content": "x"}])
