@@ -27,6 +27,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
 from integrations.chat_run import ChatRun, chat_prompt, start_chat, turn_pieces
 from integrations.context_fit import ContextLengthError
 from integrations.http_errors import APIError, anthropic_error_body
@@ -35,7 +36,6 @@ from integrations.openai_requests import id_headers
 from integrations.openai_responses import refusion_detail
 from integrations.openai_stream import sse_response
 from integrations.request_limits import InputError, PromptCharsError
-from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
 from integrations.tool_calls import ToolCall
 from scheduler.api import Delta, FinishReason
 
