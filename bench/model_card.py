@@ -199,8 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    import structlog
+
     torch.set_num_threads(1)
-    row = measure(Path(args.model), args.prompts, _parse_sets(args.set), args.skip_loss, args.chat_requests)
+    saved = structlog.get_config()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # the chat rows' engine log
+    try:  # goes to stderr, so stdout is the table or the one JSON object alone
+        row = measure(Path(args.model), args.prompts, _parse_sets(args.set), args.skip_loss, args.chat_requests)
+    finally:
+        structlog.configure(**saved)
     print(json.dumps(row)) if args.json else print_table(row)
     return 0
 
