@@ -52,10 +52,6 @@ class BatchArgumentError(ValueError):
         self.flag = flag
 
 
-class Interrupted(Exception):
-    """The run was stopped (SIGTERM) before every line was answered."""
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `refusion run-batch` (vLLM's names where it has them)."""
     a = parser.add_argument
@@ -82,7 +78,7 @@ def run(args) -> int:
     except BatchArgumentError as exc:
         print(f"refusion run-batch: error: {exc}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, Interrupted, asyncio.CancelledError):
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C; SIGTERM (run_batch cancels itself)
         print(f"refusion run-batch: interrupted: {progress.summary()}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # -o - into a reader that stopped reading (`| head`): nothing more to say there
@@ -163,8 +159,6 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
         async with httpx.AsyncClient(transport=transport, base_url="http://refusion-batch", timeout=None) as http:
             await BatchRun(http, args.concurrency, output, progress).answer_all(requests)
         progress.finished = time.monotonic()
-    except asyncio.CancelledError:
-        raise Interrupted() from None
     finally:
         await engine.stop(drain_timeout_s=0)
         if output is not sys.stdout:
