@@ -105,6 +105,11 @@ class Decoder(Protocol):
         log probability under the read that accepted it (AR: its read; ReFusion: a slot's first token
         its plan read, the others their verify read, or in slot completion the last read of the token)."""
 
+    def prompt_scores(self) -> list[TokenLogprob] | None:
+        """params.prompt_logprobs set and the whole prompt scored: the TokenLogprob of prompt tokens
+        1 .. P-1 (token k given tokens 0 .. k-1; decoding.context); else None (not asked, not scored
+        yet, or a decoder continuing a handoff, which has nothing of the prompt to score)."""
+
     def at_block_boundary(self) -> bool:
         """True when a mode switch may happen now (no slot, branch or tentative KV in flight)."""
 

@@ -1,6 +1,6 @@
 """Autoregressive decoding of one request on the same Decoder interface as ReFusion (the AR fallback).
 
-    PREFILL (prompt chunks, kept, no reads) -> DECODE (one token per forward) -> FINISHED
+    PREFILL (prompt chunks, kept, no reads unless scoring the prompt) -> DECODE (one token per forward) -> FINISHED
 
 DECODE feeds the last generated token (clean, kept) at its position and reads the next one from its
 row: an argmax read when temperature == 0, else a sample read (temperature, top-k, top-p; counter-based
@@ -58,7 +58,8 @@ class ARDecoder:
         self.constraint = constraint
         h = _handoff
         self.prompt_ids = list(prompt_ids)
-        self.prior_ids, self.span, self.feed = start_context(prompt_ids, params.gen_length, suffix_ids, h)
+        self.prior_ids, self.span, self.feed = start_context(prompt_ids, params.gen_length, suffix_ids, h,
+                                                             params.prompt_logprobs)
         self.gen_start = len(self.prompt_ids) + len(self.prior_ids)
         self.stats = h.stats if h else DecodeStats()
         self.generated: list[int] = []
@@ -122,11 +123,13 @@ class ARDecoder:
             self._in_flight = self._segment(forced, forced_positions, len(forced), self.cache_len)
             return self._in_flight
         tokens, positions = self.feed.peek(self.feed.pending)
-        if tokens and len(tokens) + len(forced) + 1 > budget:  # prefill chunk: kept, no reads
+        if tokens and (len(tokens) + len(forced) + 1 > budget or self.feed.scoring):
+            # prefill chunk: kept; no reads, but those scoring the prompt (params.prompt_logprobs)
             chunk = min(budget, len(tokens))
             self._first_step, self._context_in_flight = False, chunk
             self._in_flight = Segment(self.seq_id, self.cache_len, tokens[:chunk], positions[:chunk], chunk,
-                                      sampling=self._sampling())
+                                      self.feed.prompt_reads(chunk), sampling=self._sampling(),
+                                      logprobs=self.feed.score_top)
             return self._in_flight
         if len(forced) + 1 > budget:
             return self._catch_up_segment(forced, forced_positions, budget)
@@ -157,7 +160,7 @@ class ARDecoder:
             self._catch_up_forwards += 1
             return
         if self.phase is ARPhase.PREFILL:
-            self.feed.consume(self._context_in_flight)
+            self.feed.consume(self._context_in_flight, None if self._first_step else result.logprobs)
             if not self._first_step:
                 self.stats.prefill_forwards += 1
                 return
@@ -193,6 +196,9 @@ class ARDecoder:
 
     def stream_logprobs(self, start: int, end: int) -> list[TokenLogprob]:
         return self.logprobs[start:end]
+
+    def prompt_scores(self) -> list[TokenLogprob] | None:
+        return self.feed.scores()
 
     def _record_forced(self, tokens: list[int]) -> None:
         """Tokens the grammar forced (no read): probability 1 under the grammar's mask."""

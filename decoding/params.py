@@ -68,6 +68,11 @@ class DecodeParams:
     # Return each generated token's log probability with this many alternatives (OpenAI logprobs /
     # top_logprobs, 0 .. MAX_TOP_LOGPROBS); None: none. Does not change what is decoded.
     logprobs: int | None = None
+    # Score the prompt: each prompt token but the first gets its log probability given the tokens before
+    # it, with this many alternatives (OpenAI `echo` with `logprobs`, vLLM `prompt_logprobs`; 0 ..
+    # MAX_TOP_LOGPROBS); None: none. The prompt is then prefilled apart and never read from the prefix
+    # cache (decoding.context). Does not change what is decoded.
+    prompt_logprobs: int | None = None
     # OpenAI's penalties and logit bias (AR decoding only: the engine runs such requests AR): each
     # token already generated has presence_penalty + frequency_penalty x its count subtracted from its
     # logit, and logit_bias {token id: bias} is added, before the token is chosen (greedy or sampled)
@@ -126,11 +131,13 @@ class DecodeParams:
             setattr(self, name, float(value))
         if self.logit_bias is not None:
             self.logit_bias = _check_logit_bias(self.logit_bias)
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs)
-            if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-                raise DecodeParamError("logprobs", f"must lie in 0..{MAX_TOP_LOGPROBS} alternatives per token "
-                                                   f"(or be unset), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value)
+                if not 0 <= value <= MAX_TOP_LOGPROBS:
+                    raise DecodeParamError(name, f"must lie in 0..{MAX_TOP_LOGPROBS} alternatives per token "
+                                                 f"(or be unset), got {value}")
         for name in ("eos_token_id", "mask_token_id"):
             if getattr(self, name) < 0:
                 raise DecodeParamError(name, f"must be a token id >= 0, got {getattr(self, name)}")

@@ -35,7 +35,7 @@ from workers.batch import Reads, Sampling, Segment, SegmentResult, TokenLogprob
 
 
 class Phase(Enum):
-    PREFILL = "prefill"  # prompt chunks, kept, no reads
+    PREFILL = "prefill"  # prompt chunks, kept, no reads (but those scoring the prompt: decoding.context)
     PLAN = "plan"  # spec step 1
     VERIFY = "verify"  # spec step 2
     BRANCH_DRAFT = "branch_draft"  # spec step 3, draft forward of a round
@@ -61,7 +61,8 @@ class RefusionDecoder:
         h = _handoff
         self.prompt_ids = list(prompt_ids)
         # prior_ids: generated before a handoff to us
-        self.prior_ids, span, self.feed = start_context(prompt_ids, params.gen_length, suffix_ids, h)
+        self.prior_ids, span, self.feed = start_context(prompt_ids, params.gen_length, suffix_ids, h,
+                                                        params.prompt_logprobs)
         if span % params.slot_size:
             raise DecodeParamError("remaining", f"{span} tokens left is not a multiple of slot_size {params.slot_size}")
         self.gen_start = len(self.prompt_ids) + len(self.prior_ids)
@@ -114,7 +115,7 @@ class RefusionDecoder:
             self.phase = Phase.PLAN
         if self.phase is Phase.PREFILL:
             pending = self.feed.pending
-            if pending and pending + self.pool.num_tokens > max(1, budget):
+            if pending and (pending + self.pool.num_tokens > max(1, budget) or self.feed.scoring):
                 self._in_flight = self._prefill_segment(min(pending, max(1, budget)))
                 return self._in_flight
             self.phase = Phase.PLAN
@@ -137,7 +138,7 @@ class RefusionDecoder:
                 f"for {len(segment.reads)} reads"
             )
         if self.phase is Phase.PREFILL:
-            self.feed.consume(len(segment.token_ids))
+            self.feed.consume(len(segment.token_ids), result.logprobs)
             self.stats.prefill_forwards += 1
             return
         self.stats.forwards += 1
@@ -172,6 +173,9 @@ class RefusionDecoder:
         first = self.gen_start - len(prior)  # logical position of stream index 0's generated twin
         return prior[start:end] + [accepted[first + i] for i in range(max(start, len(prior)), end)]
 
+    def prompt_scores(self) -> list[TokenLogprob] | None:
+        return self.feed.scores()
+
     def at_block_boundary(self) -> bool:
         return self._in_flight is None and self.phase in (Phase.PREFILL, Phase.NEXT_BLOCK)
 
@@ -202,7 +206,8 @@ class RefusionDecoder:
 
     def _prefill_segment(self, n: int) -> Segment:
         tokens, positions = self.feed.peek(n)
-        return Segment(self.seq_id, self.cache_len, tokens, positions, n, sampling=self._sampling(False))
+        return Segment(self.seq_id, self.cache_len, tokens, positions, n, self.feed.prompt_reads(n),
+                       sampling=self._sampling(False), logprobs=self.feed.score_top)
 
     def _plan_segment(self) -> Segment:
         """Spec step 1: [uncached context, keep] + [every pool slot as MASK tokens, drop]."""

@@ -131,7 +131,8 @@ def read_model_card(model_dir: str | Path) -> dict:
 
 def merge_deltas(deltas: list[Delta]) -> Delta:
     """One Delta carrying several consecutive ones of the same request (text, ids and log probabilities
-    concatenated, the last one's finish fields, every one's stats: a later key wins)."""
+    concatenated, the last one's finish fields, every one's stats: a later key wins; the prompt's scores
+    of the one that carries them)."""
     if len(deltas) == 1:
         return deltas[0]
     last = deltas[-1]
@@ -141,6 +142,7 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
         finish_reason=last.finish_reason, mode=last.mode or next((d.mode for d in deltas if d.mode), None),
         stats={k: v for d in deltas for k, v in d.stats.items()}, error=last.error, error_field=last.error_field,
         logprobs=None if last.logprobs is None else [e for d in deltas for e in d.logprobs or ()],
+        prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
     )
 
 

@@ -33,7 +33,7 @@ from integrations.openai_choices import choice_requests, indexed, merged, start_
 from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_requests import completion_requests, id_headers, request_id
-from integrations.openai_stream import chat_events, completion_events, in_document_style
+from integrations.openai_stream import chat_events, completion_events, echoed, in_document_style
 from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop
 from integrations.responses_api import router as responses_router
 
@@ -154,6 +154,11 @@ async def completions(request: Request):
     if body.suffix is not None and body.n > 1:
         raise InputError(400, "n", "several completions of an infill (`suffix`) are not offered here: use n 1, "
                          "or POST /infill with n_cmpl")
+    if body.max_tokens == 0 and not body.echo:
+        raise InputError(400, "max_tokens", "0 generates nothing: it is only for echo true (the prompt alone, with "
+                         "its log probabilities when logprobs is set); ask for at least 1 token")
+    if body.suffix is not None and body.echo:
+        raise InputError(400, "echo", "an infill (`suffix`) is not echoed: drop echo or suffix")
     if body.suffix is not None and body.logprobs is not None:
         raise InputError(400, "logprobs", "log probabilities are not returned for infill (`suffix`): drop one of them")
     if body.suffix is not None and grammar is not None:
@@ -168,6 +173,7 @@ async def completions(request: Request):
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids),
                                                usage_from_engine=True)  # the text is post-processed (CRLF, cuts)
         streams = [await primed(observed(infill_deltas(client, job, header.id, body.stream), observer), observer)]
+        echo_counts = [0]
     else:
         prepared = await completion_requests(client.tokenizer, header.id, body, settings, grammar)
         observer = RequestObserver.for_request(request, "completions", header.id,
@@ -178,7 +184,11 @@ async def completions(request: Request):
         for i, p in enumerate(p for p in prepared for _ in range(body.n)):
             if p.style != DocumentStyle():  # a CRLF or tab-indented prompt: the text comes back in its style
                 streams[i] = in_document_style(streams[i], p.style, cursor_at_indent(p.text))
-    formatters = [logprob_formatter(client, body) for _ in streams]  # one each: text offsets are per choice
+            if body.echo:  # the client's own text, or its token ids as text (special tokens shown)
+                text = p.text if p.text is not None else client.tokenizer.decode(p.request.prompt_ids)
+                streams[i] = echoed(streams[i], text, p.request.prompt_ids[0], body.logprobs is not None)
+        echo_counts = [len(p.request.prompt_ids) if body.echo else 0 for p in prepared for _ in range(body.n)]
+    formatters = [logprob_formatter(client, body, k) for k in echo_counts]  # one each: text offsets are per choice
     if body.stream:
         events = merged([indexed(completion_events(header, d, f), i) for i, (d, f) in enumerate(zip(streams, formatters))])
         return sse(request, header, observer, events, "text_completion", body.include_usage, body.continuous_usage)

@@ -6,7 +6,9 @@ Shapes, as OpenAI documents them and vLLM returns them:
     float}], "text_offset": [int]}; each top dict holds the N most likely tokens plus the chosen one ("up
     to logprobs+1 elements"), text_offset is where each token's text starts in the returned text,
     counted in characters of the UTF-8 decoded bytes (a token that starts inside a character split over
-    several tokens gets that character's offset; special tokens, which the text leaves out, add none);
+    several tokens gets that character's offset; special tokens, which the generated text leaves out,
+    add none, but those of an echoed prompt, whose text shows them, do). With `echo` the prompt's tokens
+    come first, the first with null logprob and top_logprobs (as OpenAI's and vLLM's);
   - chat (`logprobs: true, top_logprobs: N`): {"content": [{"token", "logprob", "bytes", "top_logprobs":
     [{"token", "logprob", "bytes"}] (N, best first)}], "refusal": null}.
 A token's string is its own text (a token that ends inside a UTF-8 character shows U+FFFD there, as
@@ -25,9 +27,10 @@ from integrations.token_bytes import token_bytes
 class LogprobFormatter:
     """Turns TokenLogprob entries into OpenAI's objects for one response (token strings cached)."""
 
-    def __init__(self, tokenizer, num_top: int):
+    def __init__(self, tokenizer, num_top: int, echo_tokens: int = 0):
         self.tokenizer = tokenizer
         self.num_top = num_top
+        self._echo_left = echo_tokens  # completions: entries still to come of the echoed prompt
         self._text: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
         self._offset = 0  # completions: characters of text returned before the next token
@@ -54,9 +57,11 @@ class LogprobFormatter:
         for e in entries:
             tokens.append(self.text(e.token))
             offsets.append(self._offset)
-            if e.token not in self._special:
+            if self._echo_left or e.token not in self._special:
                 self._offset += len(self._utf8.decode(bytes(self.token_bytes(e.token))))
-        top = [{**{self.text(t): v for t, v in e.top[:self.num_top]}, self.text(e.token): e.logprob} for e in entries]
+            self._echo_left = max(0, self._echo_left - 1)
+        top = [None if e.logprob is None else {**{self.text(t): v for t, v in e.top[:self.num_top]}, self.text(e.token): e.logprob}
+               for e in entries]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
                 "text_offset": offsets}
 

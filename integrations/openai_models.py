@@ -307,7 +307,9 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     suffix: str | None = None
-    echo: bool = Field(default=False, description="echo is not supported (null and false are accepted)")
+    max_tokens: int | None = Field(default=None, ge=0, description="0: with echo only, the prompt alone (scored)")
+    echo: bool = Field(default=False, description="the prompt before the completion, its tokens' logprobs too "
+                                                  "(OpenAI's legacy completions, vLLM)")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description=f"the most likely 0..{MAX_TOP_LOGPROBS} tokens per position (vLLM's bound)")
     best_of: int | None = Field(default=None, ge=1, le=1, description="only best_of=1 is supported")
@@ -333,16 +335,22 @@ class CompletionRequest(SamplingFields):
             return list(self.prompt)
         return [self.prompt]
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo=true is not supported: remove it")
-        return value
-
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt is returned (and scored), nothing is generated."""
+        return self.echo and self.max_tokens == 0
+
+    def decode_params(self, gen_length: int, model_defaults: dict | None = None, slot_size: int | None = None) -> dict:
+        """SamplingFields.decode_params, plus prompt_logprobs when the echoed prompt needs its scores
+        (echo with logprobs; echo_only, which the engine runs as a scoring request, with 0 alternatives)."""
+        params = super().decode_params(gen_length, model_defaults, slot_size)
+        if self.echo and (self.logprobs is not None or self.echo_only):
+            params["prompt_logprobs"] = self.logprobs or 0
+        return params
 
 
 class FunctionSpec(OpenAIBody):

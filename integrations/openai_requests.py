@@ -101,12 +101,13 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
     """The engine request, its generation fitted to the context counting the rounding to whole slots
     (context_fit.fit_generation; InputError names prompt_field, the body's max_tokens field or
     slot_size). `settings`: openai_api.APISettings; the engine stops at max_tokens = the fitted gen_length."""
-    fit = fit_generation(settings.limits.context_length, len(prompt), body.max_tokens or default_max_tokens,
+    echo_only = getattr(body, "echo_only", False)  # the engine scores the prompt and stops: room for 1 token kept
+    fit = fit_generation(settings.limits.context_length, len(prompt), 1 if echo_only else body.max_tokens or default_max_tokens,
                          requested=body.max_tokens is not None, slot_size=body.slot_size_in_force(settings.decode_defaults),
                          slot_requested=body.slot_size is not None, prompt_field=prompt_field,
                          max_tokens_field=body.max_tokens_field)
     return GenerationRequest(
         request_id=rid, prompt_ids=prompt, params=body.decode_params(fit.gen_length, settings.decode_defaults, fit.slot_size),
         mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,
-        max_tokens=fit.gen_length, affinity_key=affinity_key, grammar=grammar,
+        max_tokens=0 if echo_only else fit.gen_length, affinity_key=affinity_key, grammar=grammar,
     )

@@ -24,6 +24,7 @@ from integrations.http_metrics import RequestObserver
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.tool_calls import ToolCallStreamParser
 from scheduler.api import Delta, EngineError
+from workers.batch import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ async def completion_events(header, deltas, logprobs: LogprobFormatter | None = 
         async for delta in deltas:
             finish = shape.openai_finish_reason(delta) if delta.finished else None
             if delta.text or delta.token_ids or finish:  # tokens that decode to "" still show progress
-                entries = logprobs.completion(delta.logprobs) if logprobs is not None and delta.token_ids else None
+                entries = logprobs.completion(delta.logprobs) if logprobs is not None and delta.logprobs else None
                 chunk = shape.completion_chunk(header, delta.text, finish, entries)
                 yield {**chunk, "refusion": shape.refusion_detail(delta)} if finish else chunk
 
@@ -130,6 +131,23 @@ async def chat_events(header, deltas, allowed_tools: set[str] | None, prefix: st
                 finish = shape.chat_finish_reason(delta, num_calls)
                 content = logprobs.chat(entries) if logprobs is not None and entries else None
                 yield {**shape.chat_chunk(header, {}, finish, content), "refusion": shape.refusion_detail(delta)}
+
+
+async def echoed(deltas: AsyncIterator[Delta], prompt_text: str, first_token: int, with_logprobs: bool) -> AsyncIterator[Delta]:
+    """The deltas of one choice with its prompt echoed (OpenAI's legacy completions `echo`, as vLLM):
+    `prompt_text` before the first delta's text; with_logprobs, the prompt tokens' entries before that
+    delta's own: the first token's with logprob None (nothing precedes it, OpenAI's null), then the
+    engine's scores of the others (Delta.prompt_logprobs, which the first delta carries). The token ids
+    and so the usage stay the generated ones. Closing this closes `deltas`."""
+    first = True
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            text, entries = delta.text, delta.logprobs
+            if first:
+                text, first = prompt_text + text, False
+            if with_logprobs and delta.prompt_logprobs is not None:
+                entries = [TokenLogprob(first_token, None, ())] + delta.prompt_logprobs + (entries or [])
+            yield dataclasses.replace(delta, text=text, logprobs=entries)
 
 
 async def in_document_style(deltas: AsyncIterator[Delta], style: DocumentStyle, at_indent: bool) -> AsyncIterator[Delta]:

@@ -115,6 +115,9 @@ class Delta:
     error_field: str | None = None
     # params["logprobs"] set: one workers.batch.TokenLogprob per id of token_ids (Decoder.stream_logprobs)
     logprobs: list | None = None
+    # params["prompt_logprobs"] set: the prompt's scores, one TokenLogprob per prompt token but the first
+    # (Decoder.prompt_scores), on one delta only: the first with tokens, or the final one
+    prompt_logprobs: list | None = None
 
 
 class RunnerInfo(Protocol):

@@ -240,12 +240,15 @@ class Engine:
                 self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def _absorb(self, req: Request, segment, result, now: float) -> None:
-        before = req.generated_tokens()
+        before, forwards = req.generated_tokens(), req.decoder.stats.forwards
         req.decoder.absorb(result)
-        # A decode step (prefill chunks carry no reads) of a request the router chose a mode for: grammar
-        # requests run AR by necessity and jump-forward lifts their tokens per forward, which would
-        # misstate what AR gives the requests the router does choose for
-        if segment.reads and req.grammar is None and not req.spec.internal:
+        if req.scores_prompt and req.prompt_logprobs is None:
+            req.prompt_logprobs = req.decoder.prompt_scores()  # None until the whole prompt is scored
+        # A decode step (a prefill chunk counts no forward; those scoring the prompt have reads) of a
+        # request the router chose a mode for: grammar requests run AR by necessity and jump-forward
+        # lifts their tokens per forward, which would misstate what AR gives the requests it chooses for
+        decoded = req.decoder.stats.forwards > forwards
+        if decoded and segment.reads and req.grammar is None and not req.spec.internal:
             self.router.observe(req.mode, req.priority, req.generated_tokens() - before, 1, len(segment.token_ids))
         self.kv.share_prompt_blocks(req)
         self._stream(req, now)
@@ -264,7 +267,9 @@ class Engine:
         ids, cap = req.stream_ids(), req.spec.max_tokens
         # At the cap with more to come (or past it: ReFusion's last slot), the request ends here; the
         # ids are cut first, so finish() releases every held-back character of the kept ids.
+        # max_tokens 0 (OpenAI's echo of a scored prompt): the request ends once its prompt is scored
         capped = cap is not None and (len(ids) > cap or (len(ids) == cap and not req.decoder.finished))
+        capped = capped and not (cap == 0 and req.prompt_logprobs is None)
         ids = ids[:cap] if capped else ids
         if req.top_logprobs is not None and len(ids) > len(req.logprobs):
             req.logprobs += req.decoder.stream_logprobs(len(req.logprobs), len(ids))

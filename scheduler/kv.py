@@ -61,7 +61,7 @@ class KVOwner:
         """A request starts on `key`: a prefix-cache hit becomes the first blocks of its table."""
         if hit.block_ids:
             self.tables[key].adopt_prefix(req.id, hit.block_ids, hit.num_tokens)
-        if key == "main" and self.prefix_cache is not None:
+        if key == "main" and self.prefix_cache is not None and not req.scores_prompt:
             # The server's own requests use a hit but are not counted in the hit rate (an idle server's
             # health probes would drag it towards 0); touching the blocks keeps them warm as for any use.
             self.prefix_cache.record(req.spec.prompt_ids, hit, count=not req.spec.internal)

@@ -73,6 +73,10 @@ class Request:
     # params.logprobs set: TokenLogprob of every id handed to `stream` so far (kept here, not read back
     # from the decoder, because a preempted request's held-back ids outlive the decoder that made them)
     logprobs: list = field(default_factory=list)
+    # params.prompt_logprobs set: the prompt's TokenLogprob entries (tokens 1 .. P-1) once scored, kept
+    # here (a preempted rerun scores again but they are sent once); prompt_scores_sent: a delta carried them
+    prompt_logprobs: list | None = None
+    prompt_scores_sent: bool = False
 
     @property
     def id(self) -> str:
@@ -92,6 +96,12 @@ class Request:
         return getattr(self.params, "logprobs", None)
 
     @property
+    def scores_prompt(self) -> bool:
+        """The request asks for its prompt's log probabilities (params.prompt_logprobs): every prompt row
+        is computed, so it neither starts on the prefix cache nor counts in its hit rate."""
+        return getattr(self.params, "prompt_logprobs", None) is not None
+
+    @property
     def deadline_s(self) -> float | None:
         """Monotonic time of max_time_ms, counted from submit."""
         if self.spec.max_time_ms is None:
@@ -103,12 +113,13 @@ class Request:
         """A 64-bit digest of everything that decides this request's text: prompt and suffix ids, the
         parsed decoding parameters (the seed included, a drawn one when the client sent none; left out
         when greedy, which reads no random numbers; logprobs left out: they report on the tokens, they do
-        not choose them), max_tokens and stop strings. Identical requests
+        not choose them, prompt_logprobs likewise), max_tokens and stop strings. Identical requests
         share it; the router's exploration uses it (Router.decide) so that a repeated seeded or greedy
         request is routed alike."""
         spec = self.spec
         params = dict(vars(self.params))
         params.pop("logprobs", None)  # what is reported about the tokens, not what they are
+        params.pop("prompt_logprobs", None)
         if params.get("temperature") == 0.0:
             params["seed"] = 0  # greedy reads no random numbers: a drawn seed must not change the key
         text = repr((spec.prompt_ids, spec.suffix_ids, sorted(params.items()), spec.max_tokens, spec.stop))
@@ -154,7 +165,11 @@ class Request:
     def delta(self, text: str, token_ids: list[int], *, finished: bool = False, logprobs: list | None = None) -> Delta:
         """A Delta of this request: the final one carries the finish reason and stats; the first one with
         tokens carries {"cached_prompt_tokens"} (known from the start, so a consumer that stops reading
-        early, e.g. an editor rule cut, still has it: llama.cpp's tokens_cached)."""
+        early, e.g. an editor rule cut, still has it: llama.cpp's tokens_cached). The prompt's scores
+        (params.prompt_logprobs) ride on the first delta with tokens, or on the final one."""
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self.prompt_scores_sent and (token_ids or finished):
+            prompt_logprobs, self.prompt_scores_sent = self.prompt_logprobs, True
         if finished:
             stats = self.final_stats()
         elif token_ids and not self.start_reported:
@@ -172,4 +187,5 @@ class Request:
             error=self.error if finished else None,
             error_field=self.error_field if finished else None,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )

@@ -317,7 +317,7 @@ class Scheduler:
         route_key = req.route_key if requested is Mode.AUTO else None  # only AUTO requests can explore
         decision = self.router.decide(requested, req.priority, self.load_snapshot(), request_key=route_key)
         key = "ar" if decision.mode is Mode.AR and "ar" in self.runners else "main"
-        cache = self.prefix_cache if key == "main" else None
+        cache = self.prefix_cache if key == "main" and not req.scores_prompt else None
         hit = cache.lookup(req.spec.prompt_ids) if cache is not None else PrefixHit()
         prefilling = (self.kv.prefill_in_flight(req, hit, self.running, self.config.prefix_wait_blocks)
                       if cache is not None else None)

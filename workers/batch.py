@@ -157,10 +157,11 @@ class Segment:
 class TokenLogprob:
     """One generated token's log probability and the most likely tokens at its place, best first
     (OpenAI's `logprobs`; semantics in "Reads" above). A token the grammar forced without a forward has
-    logprob 0.0 and itself as its only alternative (probability 1 under the grammar's mask)."""
+    logprob 0.0 and itself as its only alternative (probability 1 under the grammar's mask). An echoed
+    prompt's first token has logprob None and no alternatives (nothing precedes it; the API makes it)."""
 
     token: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
 
     @classmethod

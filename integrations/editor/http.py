@@ -7,6 +7,7 @@
     POST      /completion  llama.cpp's plain completion (integrations/llama_completion.py)
     POST      /apply-template  llama.cpp's: chat messages -> the prompt text the chat route runs
     GET       /props       llama.cpp's server properties (context, decode defaults, template)
+    GET       /tokenizer_info  vLLM's tokenizer settings (lm-evaluation-harness's remote tokenizer)
 
 Both reach the engine through `app.state.engine_client` (integrations/engine_client.py). Bodies are read
 by integrations/request_limits.py (size, JSON, nesting, Unicode); errors have llama.cpp's shape
@@ -370,6 +371,21 @@ async def props_route(request: Request) -> Response:
         "bos_token": getattr(tokenizer, "bos_token", None) or "", "eos_token": getattr(tokenizer, "eos_token", None) or "",
         "build_info": "refusion-serve",
     }
+    return Response(compact_json(payload), media_type="application/json")
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info_route(request: Request) -> Response:
+    """vLLM's GET /tokenizer_info (its tokenizer_config.json equivalent), which lm-evaluation-harness
+    reads, with /tokenize and /detokenize, to tokenize on the server ("remote tokenizer"):
+    `tokenizer_class`, `eos_token`, `bos_token`, `pad_token`, `unk_token`, `mask_token` (null when the
+    tokenizer has none), `model_max_length` (the served context, tokens) and `chat_template` (the
+    tokenizer's Jinja template; null with the plain template, integrations/chat.py)."""
+    tokenizer = request.app.state.engine_client.tokenizer
+    payload = {"tokenizer_class": type(tokenizer).__name__,
+               **{k: getattr(tokenizer, k, None) for k in ("eos_token", "bos_token", "pad_token", "unk_token", "mask_token")},
+               "model_max_length": _limits(request).context_length,
+               "chat_template": getattr(tokenizer, "chat_template", None) or None}
     return Response(compact_json(payload), media_type="application/json")
 
 

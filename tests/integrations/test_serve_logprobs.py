@@ -97,3 +97,116 @@ def test_refusion_and_sampled_requests_return_logprobs(client, model):
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens
         assert all(v <= 0 and math.isfinite(v) for v in lp.token_logprobs)
         assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+
+
+@pytest.fixture(scope="module")
+def prompt_rows(tiny_model_dir):
+    """[P, V] log_softmax rows of transformers' causal forward of a prompt (row p: token p + 1)."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    hf = Qwen3ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def rows(prompt_ids: list[int]) -> torch.Tensor:
+        return hf(input_ids=torch.tensor([prompt_ids])).logits[0].float().log_softmax(-1)
+
+    return rows
+
+
+@pytest.mark.parametrize("extra", [AR, {"mode": "refusion"}])
+def test_echo_returns_the_prompt_and_its_tokens_logprobs(client, model, reference, prompt_rows, extra):
+    """echo + logprobs 3 (OpenAI's legacy completions, vLLM): the text is the prompt then the completion
+    the same request without echo returns; the logprobs list the prompt's tokens first, the first with
+    null logprob and top_logprobs, each other one with transformers' causal log probability and top 3;
+    every text_offset points at its token's text; streamed, the same text and entries."""
+    tok, _ = reference
+    prompt = "import os\n\ndef read(path):\n    with open(path) as f:\n"
+    ids = tok(prompt)["input_ids"]
+    plain = client.completions.create(model=model, prompt=prompt, max_tokens=8, logprobs=3, extra_body=extra)
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=8, logprobs=3, echo=True, extra_body=extra)
+    choice, lp = out.choices[0], out.choices[0].logprobs
+    assert choice.text == prompt + plain.choices[0].text and choice.finish_reason == plain.choices[0].finish_reason
+    assert out.usage.completion_tokens == plain.usage.completion_tokens
+    assert lp.tokens == [_text(tok, t) for t in ids] + plain.choices[0].logprobs.tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    rows = prompt_rows(ids)
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx([rows[k, ids[k + 1]].item() for k in range(len(ids) - 1)],
+                                                          abs=1e-4)
+    for k in range(1, len(ids)):
+        best = rows[k - 1].topk(3)
+        want = {_text(tok, t): v for t, v in zip(best.indices.tolist(), best.values.tolist())}
+        want[_text(tok, ids[k])] = rows[k - 1, ids[k]].item()
+        assert lp.top_logprobs[k].keys() == want.keys()
+    assert lp.token_logprobs[len(ids):] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-5)
+    for k, (token, offset) in enumerate(zip(lp.tokens, lp.text_offset)):
+        if k < len(ids) or token not in tok.all_special_tokens:  # generated special tokens have no text
+            assert choice.text[offset:offset + len(token)] == token
+    chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=8, logprobs=3, echo=True,
+                                            stream=True, extra_body=extra))
+    assert chunks[0].choices[0].text.startswith(prompt)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    pieces = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for p in pieces for t in p.tokens] == lp.tokens
+    assert [o for p in pieces for o in p.text_offset] == lp.text_offset
+
+
+def test_lm_eval_loglikelihood_requests(client, model, reference, prompt_rows):
+    """What lm-evaluation-harness's local-completions sends to score a continuation (a batch of token-id
+    prompts, echo, logprobs 1, max_tokens 1, temperature 0) and how it reads the answer: the sum of
+    token_logprobs[ctxlen:-1] is the continuation's log-likelihood under the causal model, and is_greedy
+    compares each token's value with the best of its top_logprobs."""
+    tok, _ = reference
+    pairs = [("def add(a, b):\n    return", " a + b"), ("for i in range(10):\n", "    print(i)")]
+    batch = [tok(c)["input_ids"] + tok(x)["input_ids"] for c, x in pairs]
+    out = client.completions.create(model=model, prompt=batch, max_tokens=1, logprobs=1, echo=True, temperature=0,
+                                    seed=1234)
+    assert len(out.choices) == 2
+    for choice, ids, (context, _) in zip(sorted(out.choices, key=lambda c: c.index), batch, pairs):
+        ctxlen = len(tok(context)["input_ids"])
+        rows = prompt_rows(ids)
+        want = sum(rows[k - 1, ids[k]].item() for k in range(ctxlen, len(ids)))
+        values = choice.logprobs.token_logprobs
+        assert len(values) == len(ids) + 1  # the prompt, then the one generated token
+        assert sum(values[ctxlen:-1]) == pytest.approx(want, abs=1e-3)
+        greedy = all(rows[k - 1].argmax().item() == ids[k] for k in range(ctxlen, len(ids)))
+        seen = all(v == max(top.values()) for v, top in zip(values[ctxlen:-1], choice.logprobs.top_logprobs[ctxlen:-1]))
+        assert seen == greedy
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_returns_the_scored_prompt_alone(client, model, reference, prompt_rows, stream):
+    tok, _ = reference
+    prompt = "class Stack:\n    def push(self, item):"
+    ids = tok(prompt)["input_ids"]
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=2, stream=stream,
+                                    stream_options={"include_usage": True} if stream else None)
+    chunks = list(out) if stream else [out]
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    values = [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert text == prompt and finish == ["length"]
+    assert chunks[-1].usage.completion_tokens == 0 and chunks[-1].usage.prompt_tokens == len(ids)
+    rows = prompt_rows(ids)
+    assert values[0] is None
+    assert values[1:] == pytest.approx([rows[k - 1, ids[k]].item() for k in range(1, len(ids))], abs=1e-4)
+
+
+def test_echo_without_logprobs_and_echo_errors(client, model):
+    import openai
+
+    out = client.completions.create(model=model, prompt=[[5, 6, 7], [40, 41]], max_tokens=4, echo=True, n=2,
+                                    extra_body={"mode": "ar"})
+    assert len(out.choices) == 4 and all(c.logprobs is None for c in out.choices)
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    for ids, choice_texts in (([5, 6, 7], texts[:2]), ([40, 41], texts[2:])):
+        only = client.completions.create(model=model, prompt=ids, max_tokens=0, echo=True)
+        assert only.usage.completion_tokens == 0 and only.choices[0].logprobs is None
+        assert only.choices[0].text and all(t.startswith(only.choices[0].text) for t in choice_texts)
+    text = client.completions.create(model=model, prompt="x = 1\n", max_tokens=4, echo=True).choices[0].text
+    assert text.startswith("x = 1\n")
+    for kwargs, field in (({"max_tokens": 0}, "max_tokens"), ({"echo": True, "suffix": "\n"}, "echo"),
+                          ({"max_tokens": -1, "echo": True}, "max_tokens")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=model, prompt="x = ", **({"max_tokens": 4} | kwargs))
+        assert err.value.body["param"] == field, err.value.body

@@ -82,7 +82,8 @@ def test_json_null_means_not_set(http):
     chat = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "logprobs": False,
                                                    "top_logprobs": None, "store": False, "top_k": 0, "mode": "ar"})
     assert chat.status_code == 200, chat.text[:300]
-    assert http.post("/v1/completions", json={"prompt": "x", "echo": True}).json()["error"]["param"] == "echo"
+    echoed = http.post("/v1/completions", json={"prompt": "x", "echo": True, "max_tokens": 2, "logprobs": None})
+    assert echoed.status_code == 200 and echoed.json()["choices"][0]["text"].startswith("x")
 
 
 def test_context_errors_name_the_field_to_change(client):
@@ -172,6 +173,21 @@ def test_llama_cpp_props_and_apply_template(client, model, http):
     assert prompt.startswith("### Tools\n") and '<tool_call>{"name": "add"' in prompt  # the forced opening
     refused = http.post("/apply-template", json={"messages": []})
     assert refused.status_code == 400 and "messages" in refused.json()["error"]["message"]
+
+
+def test_vllm_tokenizer_info_serves_lm_eval_remote_tokenizer(http, tiny_model_dir):
+    """lm-evaluation-harness's remote tokenizer check (GET /tokenizer_info with an eos_token, then POST
+    /tokenize {"prompt", "add_special_tokens": false} -> {"tokens"}) and its round trip through
+    /detokenize; the values are the served tokenizer's."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    info = http.get("/tokenizer_info").json()
+    assert info["eos_token"] == tok.eos_token and info["model_max_length"] == CONTEXT
+    assert info["pad_token"] == tok.pad_token and info["chat_template"] is None  # the plain template
+    tokens = http.post("/tokenize", json={"prompt": "def f(x):\n", "add_special_tokens": False}).json()["tokens"]
+    assert tokens == tok.encode("def f(x):\n", add_special_tokens=False)
+    assert http.post("/detokenize", json={"tokens": tokens}).json()["prompt"] == "def f(x):\n"
 
 
 def test_continue_final_message_continues_the_assistant_text(client, model, http):

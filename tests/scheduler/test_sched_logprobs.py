@@ -115,3 +115,75 @@ async def test_tokens_a_grammar_forces_have_logprob_zero(engine_factory, runner)
     assert forced and all(e.logprob == 0.0 for e in forced)  # jump-forward: probability 1 under the mask
     read = [e for e in entries if e not in forced]
     assert read and all(1 <= len(e.top) <= 2 and e.logprob <= 0 for e in read)  # the choices the model made
+
+
+async def _scored(engine, spec):
+    """(ids, prompt scores, finish reason, final stats) of a prompt-scoring request; exactly one delta
+    carries the scores."""
+    ids, carriers, last = [], [], None
+    async for delta in engine.submit(spec):
+        ids += delta.token_ids
+        if delta.prompt_logprobs is not None:
+            carriers.append(delta)
+        last = delta
+    assert len(carriers) == 1
+    return ids, carriers[0].prompt_logprobs, last.finish_reason.value, last.stats
+
+
+@pytest.mark.parametrize("mode", [Mode.AR, Mode.REFUSION])
+async def test_prompt_scores_come_once_never_from_the_prefix_cache_and_change_nothing(engine_factory, runner, mode):
+    """The same prompt twice (the first run fills the prefix cache): both runs score every prompt token
+    alike, neither starts on cached tokens, and the text is that of a request that scores nothing."""
+    engine = await engine_factory()
+    prompt = _ids(runner, PROMPTS[0] + "\n" + PROMPTS[1])  # a full KV block and more
+    params = {"gen_length": 64, "temperature": 0.7, "seed": 5}
+    _, plain_ids, _, _ = await _run(engine, GenerationRequest("p", prompt, dict(params), mode=mode))
+    runs = [await _scored(engine, GenerationRequest(f"s{i}", prompt, params | {"prompt_logprobs": 2}, mode=mode))
+            for i in range(2)]
+    for ids, scores, _, stats in runs:
+        assert ids == plain_ids and stats["cached_prompt_tokens"] == 0
+        assert [e.token for e in scores] == prompt[1:]
+        assert all(e.logprob <= 0 and len(e.top) == 2 for e in scores)
+    assert [e.logprob for e in runs[0][1]] == pytest.approx([e.logprob for e in runs[1][1]], abs=1e-5)
+    again = [d async for d in engine.submit(GenerationRequest("c", prompt, dict(params), mode=mode))]
+    assert again[-1].stats["cached_prompt_tokens"] > 0  # the cache was filled; scoring only bypassed it
+
+
+async def test_max_tokens_0_scores_the_prompt_and_generates_nothing(engine_factory, runner):
+    """OpenAI's echo with max_tokens 0: the request ends once its prompt is scored, with no token, as
+    `length`; without prompt scoring max_tokens 0 is refused naming the field."""
+    from scheduler.api import InvalidRequestError
+
+    engine = await engine_factory()
+    prompt = _ids(runner, PROMPTS[1])
+    ids, scores, reason, stats = await _scored(engine, GenerationRequest(
+        "z", prompt, {"gen_length": 64, "prompt_logprobs": 0}, mode=Mode.REFUSION, max_tokens=0))
+    assert ids == [] and reason == "length" and stats["generated_tokens"] == 0 and stats["forwards"] == 0
+    assert [e.token for e in scores] == prompt[1:]
+    with pytest.raises(InvalidRequestError) as err:
+        await _run(engine, GenerationRequest("n", prompt, {"gen_length": 64}, max_tokens=0))
+    assert err.value.field == "max_tokens"
+
+
+async def test_a_preempted_scoring_request_sends_its_scores_once(engine_factory, runner, monkeypatch, wait_until):
+    """Preempted after its prompt was scored and its first tokens sent, the rerun scores again: the client
+    still gets one set of scores, equal to an undisturbed run's, and the same tokens."""
+    engine = await engine_factory(max_running=1)
+    spec = GenerationRequest("r", _ids(runner, PROMPTS[1]), {"gen_length": 64, "prompt_logprobs": 1}, mode=Mode.AR)
+    ref_ids, reference, _, _ = await _scored(engine, spec)
+    gate = ForwardGate(runner.execute, hold_from=4)
+    monkeypatch.setattr(runner, "execute", gate)
+    preempted, requeue = [], engine.scheduler.requeue
+    monkeypatch.setattr(engine.scheduler, "requeue", lambda victim, reason: (preempted.append(victim.id), requeue(victim, reason)))
+    task = asyncio.create_task(_scored(engine, GenerationRequest("r2", spec.prompt_ids, spec.params, mode=Mode.AR)))
+    try:
+        await wait_until(gate.entered.is_set, "the held forward")
+        urgent = asyncio.create_task(_run(engine, GenerationRequest("u", _ids(runner, PROMPTS[0]), {"gen_length": 64},
+                                                                    mode=Mode.AR, priority=Priority.INTERACTIVE)))
+        await wait_until(lambda: any(r.id == "u" for r in engine.scheduler.waiting), "the interactive request to queue")
+    finally:
+        gate.release()
+    (ids, scores, _, stats), _ = await asyncio.gather(task, urgent)
+    assert preempted == ["r2"] and stats["preemptions"] == 1
+    assert ids == ref_ids
+    assert [e.logprob for e in scores] == pytest.approx([e.logprob for e in reference], abs=1e-5)
