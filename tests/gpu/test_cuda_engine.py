@@ -5,7 +5,9 @@ runner-level tests in test_cuda_runner.py build by hand, and with cuda_graphs it
 captured at start-up and while serving. With llguidance installed, four grammar-constrained (JSON
 schema) AR requests run too: the token bitmask reaches the device and masks there as on the CPU. Half
 of the AR and ReFusion requests ask for log probabilities (3 alternatives): the steps that carry them
-take the reads' top-k stage (its own graphs), and their values match the CPU's. Skipped without a GPU."""
+take the reads' top-k stage (its own graphs), and their values match the CPU's; they also score their
+prompts (prompt_logprobs 2: prefill steps with a read on every row), which match the CPU's too.
+Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ VARIANTS = {
 
 
 LOGPROBS: dict = {}  # (device, mode, request index) -> [(token, logprob, top ids)] of the requests that ask
+PROMPT_LOGPROBS: dict = {}  # the same keys -> the prompt's scores, as LOGPROBS's entries
 
 
 async def _run(runner: ModelRunner) -> dict[tuple[str, int], list[int]]:
@@ -47,17 +50,20 @@ async def _run(runner: ModelRunner) -> dict[tuple[str, int], list[int]]:
     device = runner.device.type
 
     async def one(mode: Mode, i: int) -> list[int]:
-        params = dict(PARAMS[mode], **({"logprobs": 3} if i % 2 else {}))
+        params = dict(PARAMS[mode], **({"logprobs": 3, "prompt_logprobs": 2} if i % 2 else {}))
         spec = GenerationRequest(f"{mode.value}-{i}", runner.tokenizer.encode(PROMPTS[i]), params, mode=mode)
-        ids, last, entries = [], None, []
+        ids, last, entries, scores = [], None, [], []
         async for delta in engine.submit(spec):
             ids += delta.token_ids
             entries += delta.logprobs or []
+            scores += delta.prompt_logprobs or []
             last = delta
         assert last is not None and last.finished and last.error is None, last
         if i % 2:
             assert [e.token for e in entries] == ids
             LOGPROBS[(device, mode.value, i)] = [(e.token, e.logprob, [t for t, _ in e.top]) for e in entries]
+            assert [e.token for e in scores] == spec.prompt_ids[1:]
+            PROMPT_LOGPROBS[(device, mode.value, i)] = [(e.token, e.logprob, [t for t, _ in e.top]) for e in scores]
         return ids
 
     async def constrained(i: int) -> list[int]:
@@ -115,6 +121,10 @@ def test_engine_on_cuda_gives_the_cpu_engines_tokens(tiny_model_dir, cpu_referen
         assert [e[1] for e in cuda_entries] == pytest.approx([e[1] for e in cpu_entries], abs=1e-3)
         assert [e[2][0] for e in cuda_entries] == [e[2][0] for e in cpu_entries]  # the best alternative
     assert any(k[0] == "cuda" for k in LOGPROBS)
+    for key, cuda_scores in [(k, v) for k, v in PROMPT_LOGPROBS.items() if k[0] == "cuda"]:
+        cpu_scores = PROMPT_LOGPROBS[("cpu",) + key[1:]]
+        assert [e[1] for e in cuda_scores] == pytest.approx([e[1] for e in cpu_scores], abs=1e-3)
+        assert [e[2][0] for e in cuda_scores] == [e[2][0] for e in cpu_scores]
     assert all(cpu_reference[key] for key in cpu_reference)  # every request generated something
     stats = runner.stats()["cuda_graphs"]
     if VARIANTS[variant].get("cuda_graphs"):
