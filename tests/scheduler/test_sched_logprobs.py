@@ -187,3 +187,22 @@ async def test_a_preempted_scoring_request_sends_its_scores_once(engine_factory,
     assert preempted == ["r2"] and stats["preemptions"] == 1
     assert ids == ref_ids
     assert [e.logprob for e in scores] == pytest.approx([e.logprob for e in reference], abs=1e-5)
+
+
+async def test_a_grammar_request_scores_its_prompt_too(engine_factory, runner):
+    """Prompt scoring with a grammar (echo with structured output): the scores equal an unconstrained
+    request's (prob reads are never masked) and the constrained text is unchanged by asking."""
+    llguidance = pytest.importorskip("llguidance")
+    from decoding.grammar import GrammarSpec
+
+    engine = await engine_factory()
+    prompt = _ids(runner, PROMPTS[0])
+    grammar = GrammarSpec(llguidance.LLMatcher.grammar_from_regex(r"return self\.value [ab]"))
+    plain = [d async for d in engine.submit(GenerationRequest("g0", prompt, {"gen_length": 64}, grammar=grammar))]
+    ids, scores, _, _ = await _scored(engine, GenerationRequest("g1", prompt, {"gen_length": 64, "prompt_logprobs": 1},
+                                                                grammar=grammar))
+    _, free, _, _ = await _scored(engine, GenerationRequest("f", prompt, {"gen_length": 64, "prompt_logprobs": 1},
+                                                            mode=Mode.AR))
+    assert ids == [t for d in plain for t in d.token_ids]
+    assert [(e.token, e.top[0][0]) for e in scores] == [(e.token, e.top[0][0]) for e in free]
+    assert [e.logprob for e in scores] == pytest.approx([e.logprob for e in free], abs=1e-5)
