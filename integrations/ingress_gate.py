@@ -14,8 +14,9 @@ It owns what must hold on every path, whatever a route does or fails to do:
   A request answered before its route made an observer (an invalid body, an unknown model, a prompt
   over the context, a refusal while draining) is counted in `refusion_api_requests_total` here.
 - Draining: after `start_draining()`, new requests get 503 + Retry-After in OpenAI's error shape (/health
-  answers {"status": "draining"}; /metrics keeps answering) and new WebSockets are refused (close code
-  1013, "try again later"), while requests already inside run to their end.
+  answers {"status": "draining"}; /metrics keeps answering) and new WebSockets are accepted and at once
+  closed with code 1013 ("try again later": closing before the accept would reach the client as an HTTP
+  403, the answer to a bad key), while requests already inside run to their end.
 - Disconnects: Ray Serve's ASGI bridge raises from `receive()` (TaskCancelledError when the proxy drops a
   client, ActorDiedError when the proxy itself is gone) where ASGI servers deliver a disconnect message.
   The gate delivers that message instead, so a client going away stays the normal event it is (one
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # Routes whose requests the in-flight gauge counts, by their `endpoint` label.
 GAUGED_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses",
-                    "/infill": "infill"}
+                    "/v1/messages": "messages", "/infill": "infill", "/completion": "completion"}
 # Routes that keep answering while the ingress drains (Prometheus should see the drain happen).
 OPEN_WHILE_DRAINING = frozenset({"/metrics"})
 CLIENT_GONE = 499  # nginx's "client closed request": the status recorded when no response went out
@@ -69,7 +70,7 @@ class IngressGateMiddleware:
             return
         path = route_path(scope)
         if self.gate.draining and path not in OPEN_WHILE_DRAINING:
-            await self._refuse(scope, send, path)
+            await self._refuse(scope, receive, send, path)
             return
         receive = _disconnect_on_transport_error(receive, scope["type"])
         if scope["type"] == "websocket":
@@ -108,9 +109,11 @@ class IngressGateMiddleware:
             elif endpoint is not None:
                 self.metrics.requests.labels(endpoint, str(status)).inc()
 
-    async def _refuse(self, scope, send, path: str) -> None:
+    async def _refuse(self, scope, receive, send, path: str) -> None:
         if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1013, "reason": "server is shutting down"})
+            if (await receive())["type"] == "websocket.connect":  # else the client already left
+                await send({"type": "websocket.accept"})
+                await send({"type": "websocket.close", "code": 1013, "reason": "server is shutting down"})
             return
         if path in GAUGED_ENDPOINTS:
             self.metrics.requests.labels(GAUGED_ENDPOINTS[path], "503").inc()

@@ -164,9 +164,14 @@ async def test_draining_refuses_new_work_but_keeps_metrics(bpe_tokenizer):  # no
     async def send(message):
         sent.append(message)
 
+    async def receive():
+        return {"type": "websocket.connect"}
+
     await app({"type": "websocket", "path": "/v1/editor", "root_path": "", "headers": [], "query_string": b""},
-              None, send)
-    assert sent == [{"type": "websocket.close", "code": 1013, "reason": "server is shutting down"}]
+              receive, send)
+    # accepted, then closed: a close before the accept reaches the client as an HTTP 403
+    assert sent == [{"type": "websocket.accept"},
+                    {"type": "websocket.close", "code": 1013, "reason": "server is shutting down"}]
     assert app.state.gate.open_requests == 0
 
 

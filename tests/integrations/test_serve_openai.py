@@ -8,6 +8,8 @@ import re
 import httpx
 import openai
 import pytest
+import websockets
+import websockets.sync.client
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve_testbed import API_KEY, long_stream, long_stream_admitted
@@ -231,6 +233,10 @@ def test_drain_ends_in_flight_requests_cleanly(serve_port, tiny_model_dir):
                 signal = signal_drain("refusion-drain")
                 rest = [line for line in lines if line]
             refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
+        with websockets.sync.client.connect(f"ws://127.0.0.1:{serve_port}/drain/v1/editor") as ws:
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+        assert closed.value.rcvd.code == 1013  # "try again later", as the docs promise (not a 403)
         assert rest[-1] == "data: [DONE]"
         error = json.loads(rest[-2].removeprefix("data: "))["error"]
         assert error["type"] == "overloaded_error" and "engine stopped" in error["message"]
