@@ -83,11 +83,11 @@ async def infill_deltas(client, job: CompletionJob, request_id: str, stream: boo
                 break
             text = getter.result()
             if text.startswith(sent) and len(text) > len(sent):
-                yield Delta(request_id, text[len(sent):], _ids(client, text[len(sent):]))
+                yield Delta(request_id, text[len(sent):], piece_ids(client, text[len(sent):]))
                 sent = text
         outcome = _outcome(task)
         rest = outcome.text[len(sent):] if outcome.text.startswith(sent) else ""
-        yield _final(request_id, rest, _ids(client, rest), outcome)
+        yield final_delta(request_id, rest, piece_ids(client, rest), outcome)
     finally:
         if not task.done():
             task.cancel()
@@ -106,14 +106,18 @@ def _outcome(task: asyncio.Future) -> CompletionOutcome:
     raise exc
 
 
-def _ids(client, text: str) -> list[int]:
-    """Token ids of a post-processed piece (time-to-first-token and inter-token metrics). Usage counts the
+def piece_ids(client, text: str) -> list[int]:
+    """Token ids of a post-processed piece (the text the client receives; /infill's `tokens`, and the
+    time-to-first-token and inter-token metrics). Usage counts the
     generated tokens instead (the final Delta's stats, RequestObserver usage_from_engine): re-tokenized
     text differs from them (CRLF restored, other splits)."""
     return client.tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
-def _final(request_id: str, text: str, token_ids: list[int], outcome: CompletionOutcome) -> Delta:
+def final_delta(request_id: str, text: str, token_ids: list[int], outcome: CompletionOutcome) -> Delta:
+    """The last Delta of an infill job's outcome: its last text piece and ids, the finish reason of its
+    stop reason, the chosen candidate's mode and stats, `generated_tokens` the tokens it streamed (what
+    usage counts: RequestObserver usage_from_engine), `infill_gap` the gap chosen."""
     chosen = next((c for c in outcome.candidates if c.gap == outcome.gap), None)
     stats = dict(chosen.stats) if chosen else {}
     stats["generated_tokens"] = outcome.tokens  # the chosen candidate's streamed ids: at most max_tokens

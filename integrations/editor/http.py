@@ -16,6 +16,7 @@ by integrations/request_limits.py (size, JSON, nesting, Unicode); errors have ll
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -111,18 +112,22 @@ async def infill_route(request: Request) -> Response:
         rid = _request_id(request)  # the X-Request-Id Ray's proxy returns: the id in the engine's logs too
         body = await _read(request, InfillBody)
         n_ctx = _limits(request).context_length
+        # the request log line and metrics (the ingress gate finishes it with the status that went out);
+        # none when this router is mounted alone, without the app's metrics (tests)
+        observer = (RequestObserver.for_request(request, "infill", rid, 0, usage_from_engine=True)
+                    if hasattr(request.app.state, "metrics") else None)
         # Engine ids <X-Request-Id>.<random>-g<gap>: a client that reuses its id at once never meets
         # the candidates of its previous request still being cancelled.
         engine_rid = f"{rid}.{uuid.uuid4().hex[:6]}"
         if not body.stream:
-            return Response(compact_json(await infill(client, body, n_ctx, engine_rid)),
+            return Response(compact_json(await infill(client, body, n_ctx, engine_rid, observer)),
                             media_type="application/json", headers=id_headers(request, rid))
-        events = infill_events(client, body, n_ctx, engine_rid)
+        events = infill_events(client, body, n_ctx, engine_rid, observer)
         first = await anext(events)  # admission and input errors are still HTTP errors here
     except (InputError, EngineError) as exc:
         status, payload, headers = _error_body(exc)
         return JSONResponse(payload, status, headers=headers)
-    return StreamingResponse(_events_after(first, events), media_type="text/event-stream",
+    return StreamingResponse(_events_after(first, events, observer), media_type="text/event-stream",
                              headers=id_headers(request, rid))
 
 
@@ -169,7 +174,7 @@ async def completion_route(request: Request) -> Response:
                              message.replace(field, llama_field(field)))
         status, payload, headers = _error_body(exc)
         return JSONResponse(payload, status, headers=headers)
-    return StreamingResponse(_events_after(first, _sse_lines(events)), media_type="text/event-stream",
+    return StreamingResponse(_events_after(first, _sse_lines(events), observer), media_type="text/event-stream",
                              headers=id_headers(request, rid))
 
 
@@ -194,15 +199,27 @@ def _request_id(request: Request, prefix: str = "infill") -> str:
         raise InputError(400, "X-Request-Id", exc.message.split(": ", 1)[-1]) from None
 
 
-async def _events_after(first: bytes, events):
+async def _events_after(first: bytes, events, observer: RequestObserver | None):
     """The stream from its first event on; a later failure becomes a final `data: {"error": ...}` event
-    (the 200 header has gone out), as llama.cpp's server does."""
-    yield first
+    (the 200 header has gone out), as llama.cpp's server does. The observer records the outcome: 200,
+    the error's status, or 499 for a client that went away (the engine requests are cancelled)."""
     try:
+        yield first
         async for event in events:
             yield event
+        if observer is not None:
+            observer.finish(200)
+    except (asyncio.CancelledError, GeneratorExit):
+        if observer is not None:
+            observer.finish(499, error="client disconnected")
+        raise
     except Exception as exc:  # noqa: BLE001 - the client must see why its stream ended
-        yield b"data: " + compact_json(_error_body(exc)[1]) + b"\n\n"
+        status, payload, _ = _error_body(exc)
+        if observer is not None:
+            observer.finish(status, error=payload["error"]["message"])
+        yield b"data: " + compact_json(payload) + b"\n\n"
+    finally:
+        await events.aclose()
 
 
 def _limits(request: Request) -> RequestLimits:

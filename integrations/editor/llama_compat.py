@@ -28,7 +28,8 @@ from integrations.editor.protocol import ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
 from decoding.params import MAX_TOP_K
 from integrations.request_limits import MAX_SEED, off_loop, sampling_temperature
-from scheduler.api import Mode, Priority
+from integrations.openai_infill import final_delta, piece_ids
+from scheduler.api import Delta, Mode, Priority
 
 LIMITS = Limits()
 
@@ -163,7 +164,7 @@ def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_rea
         "model": client.model_name,
         "tokens_predicted": tokens,
         "tokens_evaluated": prompt_n,
-        "tokens": _ids(client, content) if body.return_tokens or body.stream else [],
+        "tokens": piece_ids(client, content) if body.return_tokens or body.stream else [],
         "generation_settings": _settings(client, job, body, n_ctx),
         "prompt": client.tokenizer.decode(job.prompt.prompt_ids),  # the processed prompt, as llama.cpp
         "has_new_line": "\n" in content,
@@ -193,11 +194,6 @@ def _settings(client, job: CompletionJob, body: InfillBody, n_ctx: int) -> dict:
             **{k: job.sampling.get(k) for k in ("temperature", "seed", "top_k", "top_p", "min_p")}}
 
 
-def _ids(client, text: str) -> list[int]:
-    """Token ids of a post-processed piece (the text the client receives)."""
-    return client.tokenizer.encode(text, add_special_tokens=False) if text else []
-
-
 def select_fields(result: dict, fields: list[str] | None) -> dict:
     """llama.cpp's response_fields: only the listed paths, as flat keys ("timings/prompt_n")."""
     if not fields:
@@ -218,15 +214,25 @@ def compact_json(payload) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-async def infill(client, body: InfillBody, n_ctx: int, request_id: str) -> dict | list:
+def _observe_prompt(observer, job: CompletionJob) -> None:
+    """The request log's prompt tokens, known once the job's prompt is built (prompt and suffix)."""
+    if observer is not None:
+        observer.prompt_tokens = len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or [])
+
+
+async def infill(client, body: InfillBody, n_ctx: int, request_id: str, observer=None) -> dict | list:
     """Run one non-streaming /infill; n_ctx: the model's context (tokens) for generation_settings;
-    request_id: the prefix of its candidates' engine ids. Engine errors propagate (the route maps
-    them to HTTP)."""
+    request_id: the prefix of its candidates' engine ids; observer: the request's
+    http_metrics.RequestObserver (usage_from_engine), fed the outcome. Engine errors propagate (the
+    route maps them to HTTP)."""
     job = await make_job(client, body, request_id)
+    _observe_prompt(observer, job)
     if body.n_predict == 0:
         await warm_prefix(client, request_id, job.prompt)
         return select_fields(_result(client, job, body, "", "length", 0, None, n_ctx=n_ctx), body.response_fields)
     outcome = await run_completion(client, job)
+    if observer is not None:
+        observer.on_delta(final_delta(request_id, outcome.text, piece_ids(client, outcome.text), outcome))
     results = [_result(client, job, body, outcome.text, outcome.stop_reason, outcome.tokens, outcome, n_ctx=n_ctx)]
     if body.n_cmpl == 1:
         return select_fields(results[0], body.response_fields)
@@ -237,12 +243,14 @@ async def infill(client, body: InfillBody, n_ctx: int, request_id: str) -> dict 
     return [select_fields(r, body.response_fields) for r in results]
 
 
-async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str) -> AsyncIterator[bytes]:
+async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, observer=None) -> AsyncIterator[bytes]:
     """stream=true: server-sent events like llama.cpp, one `data: {json}` per text piece (content is the
     new text only, stop=false), then one final event with stop=true and the full result fields.
     Errors (InputError, engine errors) are raised; the route turns one raised before the first event
-    into an HTTP error and a later one into a final `data: {"error": ...}` event. Arguments as infill()."""
+    into an HTTP error and a later one into a final `data: {"error": ...}` event. Arguments as infill()
+    (the observer also sees each piece: time to first token, inter-token latency)."""
     job = await make_job(client, body, request_id)
+    _observe_prompt(observer, job)
     if body.n_predict == 0:
         await warm_prefix(client, request_id, job.prompt)
         yield b"data: " + compact_json(_result(client, job, body, "", "length", 0, None, n_ctx=n_ctx)) + b"\n\n"
@@ -263,8 +271,10 @@ async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str) -
     try:
         while (text := await queue.get()) is not None:
             if text.startswith(sent) and len(text) > len(sent):
-                piece = {"index": 0, "content": text[len(sent):], "tokens": _ids(client, text[len(sent):]),
+                piece = {"index": 0, "content": text[len(sent):], "tokens": piece_ids(client, text[len(sent):]),
                          "stop": False}
+                if observer is not None:
+                    observer.on_delta(Delta(request_id, piece["content"], piece["tokens"]))
                 sent = text
                 yield b"data: " + compact_json(piece) + b"\n\n"
         outcome = await task
@@ -272,5 +282,7 @@ async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str) -
         if not task.done():
             task.cancel()  # client went away: cancels every candidate in the engine
     tail = outcome.text[len(sent):] if outcome.text.startswith(sent) else ""
+    if observer is not None:
+        observer.on_delta(final_delta(request_id, tail, piece_ids(client, tail), outcome))
     final = _result(client, job, body, tail, outcome.stop_reason, outcome.tokens, outcome, n_ctx=n_ctx)
     yield b"data: " + compact_json(final) + b"\n\n"

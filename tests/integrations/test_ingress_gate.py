@@ -104,15 +104,16 @@ async def test_stream_failures_end_with_an_error_event_then_done(bpe_tokenizer, 
     assert _metric(app, "refusion_api_requests_in_flight") == 0
 
 
-async def _asgi_stream(app, receive) -> list[dict]:
-    """POST a streamed completion straight through ASGI with the given `receive`; the messages sent."""
+async def _asgi_stream(app, receive, path: str = "/v1/completions", fields: dict | None = None) -> list[dict]:
+    """POST a streamed request (default a completion) straight through ASGI with the given `receive`;
+    the messages sent."""
     sent: list[dict] = []
 
     async def send(message):
         sent.append(message)
 
-    body = json.dumps({"prompt": "x", "max_tokens": 8, "stream": True}).encode()
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "", "query_string": b"",
+    body = json.dumps(fields or {"prompt": "x", "max_tokens": 8, "stream": True}).encode()
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "query_string": b"",
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
              "http_version": "1.1", "scheme": "http", "server": ("test", 80), "client": ("127.0.0.1", 1)}
     messages = iter([{"type": "http.request", "body": body, "more_body": False}])
@@ -145,6 +146,31 @@ async def test_client_gone_is_one_quiet_499_even_when_receive_raises(bpe_tokeniz
     assert _metric(app, "refusion_api_requests_total", endpoint="completions", status="499") == 2
     assert _metric(app, "refusion_api_requests_in_flight") == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+
+
+async def test_llama_cpp_streams_left_by_their_client_are_499s(bpe_tokenizer):  # noqa: F811
+    """/completion and /infill streams whose client leaves mid-way: the engine requests are cancelled and
+    each is counted once as a 499 (the 200 header had gone out: the route records the outcome)."""
+    client = ScriptedClient(bpe_tokenizer, pieces=("a", "b"), end="hang")
+    app = _app(client)
+
+    async def disconnect():
+        return {"type": "http.disconnect"}
+
+    streams = {"completion": ("/completion", {"prompt": "x", "n_predict": 8, "stream": True}),
+               "infill": ("/infill", {"input_prefix": "x = ", "input_suffix": "", "n_predict": 8, "stream": True})}
+    for endpoint, (path, fields) in streams.items():
+        sent = await _asgi_stream(app, disconnect, path, fields)
+        assert sent[0]["status"] == 200 and b"data: " in sent[1]["body"]
+        assert _metric(app, "refusion_api_requests_total", endpoint=endpoint, status="499") == 1, endpoint
+        assert _metric(app, "refusion_api_requests_total", endpoint=endpoint) == 1, endpoint
+    assert client.cancelled and _metric(app, "refusion_api_requests_in_flight") == 0
+    client.end = "finish"
+    async with _http(app) as http:  # a whole /infill: one request-log line and its counts, as any route's
+        whole = await http.post("/infill", json=streams["infill"][1] | {"stream": False})
+    assert whole.status_code == 200 and whole.json()["content"]
+    assert _metric(app, "refusion_api_requests_total", endpoint="infill", status="200") == 1
+    assert _metric(app, "refusion_api_prompt_tokens_total") > 0
 
 
 async def test_draining_refuses_new_work_but_keeps_metrics(bpe_tokenizer):  # noqa: F811
