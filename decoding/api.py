@@ -105,6 +105,10 @@ class Decoder(Protocol):
         log probability under the read that accepted it (AR: its read; ReFusion: a slot's first token
         its plan read, the others their verify read, or in slot completion the last read of the token)."""
 
+    def eos_logprob(self) -> TokenLogprob | None:
+        """params.logprobs set and the text ended on an EOS token: that EOS's TokenLogprob (the token is
+        not part of stream_ids/output_ids; OpenAI's completions list it last, as vLLM does); else None."""
+
     def prompt_scores(self) -> list[TokenLogprob] | None:
         """params.prompt_logprobs set and the whole prompt scored: the TokenLogprob of prompt tokens
         1 .. P-1 (token k given tokens 0 .. k-1; decoding.context); else None (not asked, not scored

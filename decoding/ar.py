@@ -197,6 +197,13 @@ class ARDecoder:
     def stream_logprobs(self, start: int, end: int) -> list[TokenLogprob]:
         return self.logprobs[start:end]
 
+    def eos_logprob(self) -> TokenLogprob | None:
+        if self.params.logprobs is None:
+            return None
+        n = len(self.output_ids())  # self.logprobs covers prior_ids + generated, the EOS included
+        entry = self.logprobs[n] if n < len(self.logprobs) else None
+        return entry if entry is not None and entry.token == self.params.eos_token_id else None
+
     def prompt_scores(self) -> list[TokenLogprob] | None:
         return self.feed.scores()
 

@@ -173,6 +173,13 @@ class RefusionDecoder:
         first = self.gen_start - len(prior)  # logical position of stream index 0's generated twin
         return prior[start:end] + [accepted[first + i] for i in range(max(start, len(prior)), end)]
 
+    def eos_logprob(self) -> TokenLogprob | None:
+        if self.params.logprobs is None:
+            return None
+        eos = self.params.eos_token_id
+        first = min((pos for pos, token in self.accepted.items() if token == eos), default=None)
+        return self.accepted_logprobs.get(first) if first is not None else None
+
     def prompt_scores(self) -> list[TokenLogprob] | None:
         return self.feed.scores()
 

@@ -143,6 +143,7 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
         stats={k: v for d in deltas for k, v in d.stats.items()}, error=last.error, error_field=last.error_field,
         logprobs=None if last.logprobs is None else [e for d in deltas for e in d.logprobs or ()],
         prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
+        eos_logprob=last.eos_logprob,
     )
 
 

@@ -33,7 +33,7 @@ from integrations.openai_choices import choice_requests, indexed, merged, start_
 from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_requests import completion_requests, id_headers, request_id
-from integrations.openai_stream import chat_events, completion_events, echoed, in_document_style
+from integrations.openai_stream import chat_events, completion_events, echoed, eos_listed, in_document_style
 from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop
 from integrations.responses_api import router as responses_router
 
@@ -184,6 +184,8 @@ async def completions(request: Request):
         for i, p in enumerate(p for p in prepared for _ in range(body.n)):
             if p.style != DocumentStyle():  # a CRLF or tab-indented prompt: the text comes back in its style
                 streams[i] = in_document_style(streams[i], p.style, cursor_at_indent(p.text))
+            if body.logprobs is not None:  # an EOS ending is listed last (OpenAI's legacy completions, vLLM)
+                streams[i] = eos_listed(streams[i])
             if body.echo:  # the client's own text, or its token ids as text (special tokens shown)
                 text = p.text if p.text is not None else client.tokenizer.decode(p.request.prompt_ids)
                 streams[i] = echoed(streams[i], text, p.request.prompt_ids[0], body.logprobs is not None)

@@ -150,6 +150,18 @@ async def echoed(deltas: AsyncIterator[Delta], prompt_text: str, first_token: in
             yield dataclasses.replace(delta, text=text, logprobs=entries)
 
 
+async def eos_listed(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    """The deltas with the log probability of the EOS the text ended on (Delta.eos_logprob) as the last
+    delta's last logprobs entry: OpenAI's legacy completions list the end-of-text token (its text is not
+    returned), as vLLM's do, and lm-evaluation-harness reads the generated token as the last entry of an
+    echoed prompt's. Token ids and usage stay the returned tokens. Closing this closes `deltas`."""
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            if delta.eos_logprob is not None:
+                delta = dataclasses.replace(delta, logprobs=(delta.logprobs or []) + [delta.eos_logprob])
+            yield delta
+
+
 async def in_document_style(deltas: AsyncIterator[Delta], style: DocumentStyle, at_indent: bool) -> AsyncIterator[Delta]:
     """The deltas with their text (model text: LF, spaces) in the prompt's style: CRLF line breaks
     and tab indentation when the prompt has them (issue 14, items 5 and 6; editor/document.py).

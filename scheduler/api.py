@@ -118,6 +118,9 @@ class Delta:
     # params["prompt_logprobs"] set: the prompt's scores, one TokenLogprob per prompt token but the first
     # (Decoder.prompt_scores), on one delta only: the first with tokens, or the final one
     prompt_logprobs: list | None = None
+    # params["logprobs"] set and the text ended on EOS within max_tokens: that EOS's TokenLogprob, on the
+    # final delta only (the token is not in token_ids; OpenAI's completions list it, Decoder.eos_logprob)
+    eos_logprob: object | None = None
 
 
 class RunnerInfo(Protocol):

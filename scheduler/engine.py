@@ -314,6 +314,8 @@ class Engine:
         if update.stopped == "stop" and reason in (FinishReason.LENGTH, FinishReason.DEADLINE):
             reason = FinishReason.STOP
         req.finish_reason, req.error, req.error_field, req.finished_s = reason, error, error_field, now
+        if reason is FinishReason.STOP and req.top_logprobs is not None:
+            req.eos_logprob = self._eos_entry(req)
         self.scheduler.remove(req)
         req.status = RequestStatus.FINISHED
         self._requests.pop(req.id, None)
@@ -322,6 +324,16 @@ class Engine:
             self.metrics.observe_finish(req, now)
             log.info("finished", request_id=req.id, reason=reason.value, error=error, modes=req.mode_history,
                      tokens=req.generated_tokens(), forwards=req.forwards())
+
+    @staticmethod
+    def _eos_entry(req: Request):
+        """The TokenLogprob of the EOS the text ended on, when it ended so (not on a stop string, a grammar's
+        end or the token cap) with room left under max_tokens for the EOS; else None."""
+        stop_word = req.stream.stop_word if req.stream is not None else None
+        if req.decoder is None or stop_word is not None or not hasattr(req.decoder, "eos_logprob"):
+            return None
+        cap = req.spec.max_tokens
+        return req.decoder.eos_logprob() if cap is None or len(req.stream_ids()) < cap else None
 
     def _natural_reason(self, req: Request) -> FinishReason:
         """STOP when the decoder ended on EOS (fewer tokens than gen_length, or an AR decoder that says

@@ -77,6 +77,7 @@ class Request:
     # here (a preempted rerun scores again but they are sent once); prompt_scores_sent: a delta carried them
     prompt_logprobs: list | None = None
     prompt_scores_sent: bool = False
+    eos_logprob: Any = None  # set when it finishes on EOS with logprobs asked (scheduler.api.Delta.eos_logprob)
 
     @property
     def id(self) -> str:
@@ -188,4 +189,5 @@ class Request:
             error_field=self.error_field if finished else None,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            eos_logprob=self.eos_logprob if finished else None,
         )

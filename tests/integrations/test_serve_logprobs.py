@@ -210,3 +210,32 @@ def test_echo_without_logprobs_and_echo_errors(client, model):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model=model, prompt="x = ", **({"max_tokens": 4} | kwargs))
         assert err.value.body["param"] == field, err.value.body
+
+
+def test_an_eos_ending_is_the_last_logprobs_entry(client, model, reference):
+    """Text that ends on EOS (forced here with logit_bias, which leaves the reported log probabilities
+    unbiased): completions list the EOS token last, with the model's log probability of it (its text is
+    not returned and usage counts returned tokens), as OpenAI's legacy completions and vLLM do; echoed,
+    that is the entry lm-evaluation-harness drops as the generated one (`token_logprobs[ctxlen:-1]`).
+    A stop string or the token cap ends the text otherwise: no EOS entry."""
+    tok, decode = reference
+    eos = tok.eos_token_id
+    prompt = "def add(a, b):\n    return a + b\n"
+    ids = tok(prompt)["input_ids"]
+    _, rows = decode(ids, 1)  # the first generated token is read from a MASK row (the AR decoder's rule)
+    for stream in (False, True):
+        out = client.completions.create(model=model, prompt=ids, max_tokens=1, logprobs=1, echo=True, temperature=0,
+                                        logit_bias={str(eos): 100}, stream=stream)
+        chunks = list(out) if stream else [out]
+        lps = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+        tokens = [t for lp in lps for t in lp.tokens]
+        values = [v for lp in lps for v in lp.token_logprobs]
+        assert len(values) == len(ids) + 1 and tokens[-1] == _text(tok, eos)
+        assert values[-1] == pytest.approx(rows[0][eos].item(), abs=1e-4)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    plain = client.completions.create(model=model, prompt=ids, max_tokens=4, logprobs=0, logit_bias={str(eos): 100})
+    assert plain.choices[0].text == "" and plain.choices[0].logprobs.tokens == [_text(tok, eos)]
+    assert plain.usage.completion_tokens == 0 and plain.choices[0].logprobs.text_offset == [0]
+    capped = client.completions.create(model=model, prompt=prompt, max_tokens=3, logprobs=0, extra_body=AR)
+    assert capped.choices[0].finish_reason == "length" and len(capped.choices[0].logprobs.tokens) == 3

@@ -206,3 +206,26 @@ async def test_a_grammar_request_scores_its_prompt_too(engine_factory, runner):
     assert ids == [t for d in plain for t in d.token_ids]
     assert [(e.token, e.top[0][0]) for e in scores] == [(e.token, e.top[0][0]) for e in free]
     assert [e.logprob for e in scores] == pytest.approx([e.logprob for e in free], abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", [Mode.AR, Mode.REFUSION])
+async def test_an_eos_ending_carries_the_eos_logprob_on_the_final_delta(engine_factory, runner, mode):
+    """The text ends on EOS (the shipped model ends its text after PROMPTS[1] with EOS in both modes): the final delta
+    carries that EOS's entry, apart from the tokens; ended by a stop string or with no room left under
+    max_tokens, none; without logprobs, none."""
+    engine = await engine_factory()
+    prompt, eos = _ids(runner, PROMPTS[1]), runner.info.eos_token_id
+    _, ids, entries, deltas = await _run(engine, GenerationRequest("e", prompt, {"gen_length": 64, "logprobs": 2},
+                                                                   mode=mode))
+    assert len(ids) < 64 and deltas[-1].finish_reason.value == "stop" and eos not in ids
+    entry = deltas[-1].eos_logprob
+    assert entry.token == eos and entry.logprob <= 0 and len(entry.top) == 2
+    assert all(d.eos_logprob is None for d in deltas[:-1])
+    half = len(ids) // 2
+    stop = runner.tokenizer.decode(ids[half:half + 2])
+    assert stop.strip(), ids
+    for spec in (GenerationRequest("s", prompt, {"gen_length": 64, "logprobs": 2}, mode=mode, stop=[stop]),
+                 GenerationRequest("c", prompt, {"gen_length": 64, "logprobs": 2}, mode=mode, max_tokens=len(ids)),
+                 GenerationRequest("n", prompt, {"gen_length": 64}, mode=mode)):
+        *_, last = await _run(engine, spec)
+        assert last[-1].eos_logprob is None, spec.request_id
