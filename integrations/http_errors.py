@@ -36,7 +36,8 @@ from scheduler.api import EngineError, InvalidRequestError, OverloadedError
 log = logging.getLogger(__name__)
 
 # Engine parameter names -> the OpenAI request field a client sets.
-_ENGINE_TO_API_FIELD = {"gen_length": "max_tokens", "prompt_ids": "prompt", "suffix_ids": "suffix", "params": "body"}
+_ENGINE_TO_API_FIELD = {"gen_length": "max_tokens", "prompt_ids": "prompt", "suffix_ids": "suffix", "params": "body",
+                        "request_id": "X-Request-Id"}  # an engine id is the X-Request-Id header (or ours, unique)
 
 
 # Ray errors that mean "no engine replica could answer right now" (a restart, a health-check swap).

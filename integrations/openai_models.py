@@ -74,6 +74,8 @@ class ExtensionsBody(OpenAIBody):
 
 
 class StreamOptions(OpenAIBody):
+    model_config = ConfigDict(extra="forbid")  # an unknown option is a typo to show, as at the top level
+
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
@@ -367,17 +369,21 @@ class ToolSpec(OpenAIBody):
 
 
 class ChatMessage(BaseModel):
-    """One message; `content` may be a string or a list of {"type": "text", "text": ...} parts."""
+    """One message; `content` may be a string or a list of {"type": "text", "text": ...} parts. Only an
+    assistant message may leave it out (or send null): one that only calls tools, as OpenAI's API."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[dict[str, Any]] | None = Field(default=None, validate_default=True)
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
     @field_validator("content")
     @classmethod
-    def _text_parts_only(cls, value):
+    def _text_parts_only(cls, value, info):
+        role = info.data.get("role")  # validated first: declared before
+        if value is None and role is not None and role != "assistant":
+            raise ValueError(f"is required in a {role} message: a string or text parts")
         if isinstance(value, list):
             texts = []
             for part in value:

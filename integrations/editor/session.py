@@ -275,7 +275,8 @@ def _engine_error(exc: Exception) -> rpc.RpcError:
         return rpc.RpcError(rpc.ENGINE_UNAVAILABLE, "the engine stopped while serving this completion; retry",
                             {"retry_after_s": exc.retry_after_s})
     if isinstance(exc, OverloadedError):
-        return rpc.RpcError(rpc.OVERLOADED, f"engine overloaded: {exc}; retry later", {"retry_after_s": exc.retry_after_s})
+        # its message already says what is full and to retry (scheduler, engine client, draining ingress)
+        return rpc.RpcError(rpc.OVERLOADED, str(exc), {"retry_after_s": exc.retry_after_s})
     if isinstance(exc, EngineError):
         return rpc.RpcError(rpc.INTERNAL_ERROR, f"engine error: {exc}")
     log.error("completion failed", exc_info=exc)

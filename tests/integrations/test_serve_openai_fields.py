@@ -56,6 +56,14 @@ def test_a_client_request_id_is_the_one_id(http):
     bad = http.post("/v1/completions", json={"prompt": "x"}, headers={"X-Request-Id": "a b"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Id"
     assert len(bad.headers.get_list("x-request-id")) == 1
+    eos = http.post("/tokenize", json={"content": http.get("/tokenizer_info").json()["eos_token"]}).json()["tokens"]
+    endless = {"prompt": "while True:\n", "max_tokens": 3000, "stream": True, "logit_bias": {str(eos[0]): -100}}
+    with http.stream("POST", "/v1/completions", json=endless, headers={"X-Request-Id": "dup-1"}) as running:
+        lines = running.iter_lines()  # keep a reference: a collected iterator closes the stream
+        assert next(lines).startswith("data: {")  # no EOS: it runs until the stream is closed
+        again = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers={"X-Request-Id": "dup-1"})
+    assert again.status_code == 400 and again.json()["error"]["param"] == "X-Request-Id"  # the header to change
+    assert "already in flight" in again.json()["error"]["message"]
 
 
 def test_streamed_chunks_carry_null_usage_until_the_final_usage_chunk(client):
