@@ -9,8 +9,13 @@ Three measurements, one table:
             time (start of one forward to the start of the next) and tokens per second
   format    the ingress's work per token (integrations/openai_logprobs.py): the OpenAI objects of 5
             alternatives per token, completions and chat shapes, microseconds per token
+  scoring   prompt scoring (`echo` + `logprobs`, docs/api.md "Prompt log probabilities"): N distinct
+            random prompts of L tokens scored with max_tokens 0 (prompt_logprobs 1: a PROB read on every
+            prompt row), against the same prompts prefilled plainly for one AR token: prompt tokens per
+            second (no prefix-cache hits: the prompts share no block)
 
     python -m bench.logprobs [--model DIR] [--device cpu] [--requests 8] [--tokens 64] [--repeats 20]
+                             [--score-prompt-tokens 512]
 """
 
 from __future__ import annotations
@@ -124,6 +129,45 @@ def bench_format(model_dir: Path, tokens: int = 2000) -> dict:
     return out
 
 
+async def bench_scoring(model_dir: Path, requests: int, prompt_tokens: int) -> list[dict]:
+    import random
+
+    from integrations.engine_host import build_engine
+    from scheduler.api import GenerationRequest, Mode
+
+    engine, tokenizer = build_engine(model_dir)
+    await engine.start()
+    special = set(tokenizer.all_special_ids)
+    ordinary = [t for t in range(len(tokenizer)) if t not in special]
+    rng = random.Random(0)
+    rows = []
+
+    async def one(spec) -> tuple[int, int]:
+        scored = generated = 0
+        async for delta in engine.submit(spec):
+            scored += len(delta.prompt_logprobs or ())
+            generated += len(delta.token_ids)
+        return scored, generated
+
+    try:
+        for measured in (False, True):  # a warm-up round first
+            for case, params, cap in (("prefill + 1 AR token", {"gen_length": 8, "serial_num_blocks": 1}, 1),
+                                      ("scored, max_tokens 0", {"gen_length": 8, "serial_num_blocks": 1,
+                                                                "prompt_logprobs": 1}, 0)):
+                specs = [GenerationRequest(f"{case}-{i}-{measured}", [rng.choice(ordinary) for _ in range(prompt_tokens)],
+                                           dict(params), mode=Mode.AR, max_tokens=cap) for i in range(requests)]
+                begin = time.perf_counter()
+                counts = await asyncio.gather(*(one(s) for s in specs))
+                wall = time.perf_counter() - begin
+                assert all(scored == (prompt_tokens - 1 if cap == 0 else 0) for scored, _ in counts), counts
+                if measured:
+                    rows.append({"case": case, "requests": requests, "prompt_tokens": prompt_tokens,
+                                 "wall_s": round(wall, 3), "tok_per_s": round(requests * prompt_tokens / wall, 1)})
+    finally:
+        await engine.stop(drain_timeout_s=1)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -133,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--vocabs", default="8192,151936")
     parser.add_argument("--rows", default="8,64")
+    parser.add_argument("--score-prompt-tokens", type=int, default=512)
     args = parser.parse_args(argv)
     model_dir = Path(args.model)
     reads = bench_reads(args.device, [int(v) for v in args.vocabs.split(",")], [int(r) for r in args.rows.split(",")],
                         args.repeats)
     engine = asyncio.run(bench_engine(model_dir, args.requests, args.tokens))
     fmt = bench_format(model_dir)
+    scoring = asyncio.run(bench_scoring(model_dir, args.requests, args.score_prompt_tokens))
     print(f"machine: {platform.processor() or platform.machine()}, device {args.device}, model {model_dir.name}")
     print("| reads: vocab | rows | plain ms | with logprobs ms |\n|---|---|---|---|")
     for r in reads:
@@ -148,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['mode']} | {r['logprobs']} | {r['requests']} | {r['tokens']} | {r['step_ms_p50']} | {r['tok_per_s']} |")
     print(f"\nformat (ingress): completions {fmt['completion_us_per_token']} us/token, chat {fmt['chat_us_per_token']} us/token"
           " (5 alternatives, a fresh token cache)")
+    print("\n| scoring: case | requests | prompt tokens each | wall s | prompt tok/s |\n|---|---|---|---|---|")
+    for r in scoring:
+        print(f"| {r['case']} | {r['requests']} | {r['prompt_tokens']} | {r['wall_s']} | {r['tok_per_s']} |")
     return 0
 
 

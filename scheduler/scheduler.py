@@ -317,10 +317,13 @@ class Scheduler:
         route_key = req.route_key if requested is Mode.AUTO else None  # only AUTO requests can explore
         decision = self.router.decide(requested, req.priority, self.load_snapshot(), request_key=route_key)
         key = "ar" if decision.mode is Mode.AR and "ar" in self.runners else "main"
-        cache = self.prefix_cache if key == "main" and not req.scores_prompt else None
-        hit = cache.lookup(req.spec.prompt_ids) if cache is not None else PrefixHit()
+        cache = self.prefix_cache if key == "main" else None
+        # A request scoring its prompt computes every prompt row: it neither starts on cached blocks nor
+        # waits for another's prefill, but may evict the cache for room like any request
+        lookup = cache is not None and not req.scores_prompt
+        hit = cache.lookup(req.spec.prompt_ids) if lookup else PrefixHit()
         prefilling = (self.kv.prefill_in_flight(req, hit, self.running, self.config.prefix_wait_blocks)
-                      if cache is not None else None)
+                      if lookup else None)
         if prefilling is not None:  # its prompt is being computed right now: read it once cached
             req.prefix_wait, req.kv_wait = prefilling.id, None
             req.prefix_waits += 1

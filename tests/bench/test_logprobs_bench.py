@@ -13,7 +13,8 @@ import logprobs  # noqa: E402
 
 
 def test_logprobs_bench_reports_every_case(capsys):
-    assert logprobs.main(["--vocabs", "64", "--rows", "2", "--repeats", "1", "--requests", "2", "--tokens", "64"]) == 0
+    assert logprobs.main(["--vocabs", "64", "--rows", "2", "--repeats", "1", "--requests", "2", "--tokens", "64",
+                          "--score-prompt-tokens", "40"]) == 0
     out = capsys.readouterr().out
     assert "| 64 | 2 |" in out
     for mode in ("ar", "refusion"):
@@ -21,3 +22,6 @@ def test_logprobs_bench_reports_every_case(capsys):
             row = next(line for line in out.splitlines() if line.startswith(f"| {mode} | {asked} | 2 |"))
             assert int(row.split("|")[4]) > 0  # tokens came back
     assert "us/token" in out
+    for case in ("prefill + 1 AR token", "scored, max_tokens 0"):  # (each request asserted its scores)
+        row = next(line for line in out.splitlines() if line.startswith(f"| {case} | 2 | 40 |"))
+        assert float(row.split("|")[5]) > 0

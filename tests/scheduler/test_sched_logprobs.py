@@ -229,3 +229,27 @@ async def test_an_eos_ending_carries_the_eos_logprob_on_the_final_delta(engine_f
                  GenerationRequest("n", prompt, {"gen_length": 64}, mode=mode)):
         *_, last = await _run(engine, spec)
         assert last[-1].eos_logprob is None, spec.request_id
+
+
+async def test_a_scoring_request_evicts_the_prefix_cache_for_room(engine_factory, runner):
+    """The prefix cache holds most of the KV pool (earlier distinct prompts): a prompt-scoring request,
+    which reads no cached block, still evicts cached blocks to start, as any request (it waited
+    forever before; found by bench/logprobs.py's scoring rounds)."""
+    import random
+
+    engine = await engine_factory()
+    rng = random.Random(0)
+    block = engine.kv.pool().block_size
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(3, runner.info.vocab_size) for _ in range(n)]
+
+    while engine.kv.pool().num_free >= 1000 // block + 4:  # fill the pool with cached prompt blocks
+        await _run(engine, GenerationRequest(f"fill-{rng.random()}", prompt(700), {"gen_length": 8,
+                                                                                    "serial_num_blocks": 1},
+                                             mode=Mode.AR, max_tokens=1))
+    assert engine.prefix_cache.num_blocks > engine.kv.pool().num_free
+    ids, scores, reason, _ = await asyncio.wait_for(_scored(engine, GenerationRequest(
+        "score", prompt(1000), {"gen_length": 8, "serial_num_blocks": 1, "prompt_logprobs": 0},
+        mode=Mode.AR, max_tokens=0)), 120)  # a bound for a hang, not a speed target
+    assert reason == "length" and ids == [] and len(scores) == 999
