@@ -56,9 +56,17 @@ class LogprobFormatter:
         tokens, offsets = [], []
         for e in entries:
             tokens.append(self.text(e.token))
-            offsets.append(self._offset)
-            if self._echo_left or e.token not in self._special:
-                self._offset += len(self._utf8.decode(bytes(self.token_bytes(e.token))))
+            data = bytes(self.token_bytes(e.token))
+            counted = bool(self._echo_left) or e.token not in self._special  # its text is in the returned text
+            pending = self._utf8.getstate()[0]  # bytes of a character not complete yet
+            # A token that does not continue that character (no UTF-8 continuation byte first) starts
+            # after the U+FFFD the pending bytes become: the text shows them before this token
+            broken = counted and pending and not (data and 0x80 <= data[0] <= 0xBF)
+            offsets.append(self._offset + (len(pending.decode("utf-8", "replace")) if broken else 0))
+            if counted:
+                self._offset += len(self._utf8.decode(data))
+            if self._echo_left == 1:  # the echoed prompt's text is decoded on its own, the completion's after it
+                self._offset += len(self._utf8.decode(b"", final=True))
             self._echo_left = max(0, self._echo_left - 1)
         top = [None if e.logprob is None else {**{self.text(t): v for t, v in e.top[:self.num_top]}, self.text(e.token): e.logprob}
                for e in entries]

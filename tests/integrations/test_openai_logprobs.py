@@ -52,6 +52,20 @@ def test_text_offsets_count_characters_of_the_bytes_not_token_strings(tokenizer)
     assert offsets[-1] < len(text)
 
 
+def test_text_offsets_after_a_broken_character(tokenizer):
+    """A lone UTF-8 lead byte followed by a token that does not continue it shows as U+FFFD in the text:
+    the next token starts after it; and an echoed prompt that ends inside a character is decoded on its
+    own (the echoed text shows U+FFFD there), so the completion's tokens start after it too."""
+    lead = next(t for t in range(len(tokenizer)) if bytes(LogprobFormatter(tokenizer, 0).token_bytes(t)) == b"\xc3")
+    x = tokenizer.encode("x", add_special_tokens=False)[0]
+    formatter = LogprobFormatter(tokenizer, 0)
+    assert formatter.completion([TokenLogprob(t, -1.0) for t in (lead, x, lead, lead)])["text_offset"] == [0, 1, 2, 3]
+    echoed = LogprobFormatter(tokenizer, 0, echo_tokens=2)
+    offsets = echoed.completion([TokenLogprob(x, None), TokenLogprob(lead, -1.0)])["text_offset"]
+    offsets += echoed.completion([TokenLogprob(x, -1.0)])["text_offset"]  # the completion: "x" after "x\ufffd"
+    assert offsets == [0, 1, 2]
+
+
 def test_chat_entries_carry_exact_bytes(tokenizer):
     ids = tokenizer.encode("naïve → 日本", add_special_tokens=False)
     partial = [t for t in ids if "\ufffd" in tokenizer.decode([t])]
