@@ -154,8 +154,9 @@ async def bench_scoring(model_dir: Path, requests: int, prompt_tokens: int) -> l
             for case, params, cap in (("prefill + 1 AR token", {"gen_length": 8, "serial_num_blocks": 1}, 1),
                                       ("scored, max_tokens 0", {"gen_length": 8, "serial_num_blocks": 1,
                                                                 "prompt_logprobs": 1}, 0)):
-                specs = [GenerationRequest(f"{case}-{i}-{measured}", [rng.choice(ordinary) for _ in range(prompt_tokens)],
-                                           dict(params), mode=Mode.AR, max_tokens=cap) for i in range(requests)]
+                prompts = [[rng.choice(ordinary) for _ in range(prompt_tokens)] for _ in range(requests)]
+                specs = [GenerationRequest(f"{case}-{i}-{measured}", p, dict(params), mode=Mode.AR, max_tokens=cap)
+                         for i, p in enumerate(prompts)]
                 begin = time.perf_counter()
                 counts = await asyncio.gather(*(one(s) for s in specs))
                 wall = time.perf_counter() - begin

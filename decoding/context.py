@@ -121,8 +121,8 @@ def start_context(prompt_ids: list[int], gen_length: int, suffix_ids: list[int] 
     """Where a decoder starts: (prior generated ids, tokens left to generate, its ContextFeed).
 
     Fresh: the prompt, gen_length tokens, nothing cached, the prompt scored when score_top is set
-    (params.prompt_logprobs; a handoff comes after the prompt was fed, so it never scores). After a handoff (decoding.api.Handoff):
-    the text so far (prompt + generated), the handoff's remaining span, and what is already cached,
+    (params.prompt_logprobs; a handoff comes after the prompt was fed, so it never scores). After a
+    handoff (decoding.api.Handoff): the text so far (prompt + generated), the handoff's remaining span, and what is already cached,
     the suffix included.
     """
     h = handoff

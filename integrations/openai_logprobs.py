@@ -68,7 +68,8 @@ class LogprobFormatter:
             if self._echo_left == 1:  # the echoed prompt's text is decoded on its own, the completion's after it
                 self._offset += len(self._utf8.decode(b"", final=True))
             self._echo_left = max(0, self._echo_left - 1)
-        top = [None if e.logprob is None else {**{self.text(t): v for t, v in e.top[:self.num_top]}, self.text(e.token): e.logprob}
+        top = [None if e.logprob is None  # an echoed prompt's first token: OpenAI's null
+               else {**{self.text(t): v for t, v in e.top[:self.num_top]}, self.text(e.token): e.logprob}
                for e in entries]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
                 "text_offset": offsets}

@@ -102,7 +102,8 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
     (context_fit.fit_generation; InputError names prompt_field, the body's max_tokens field or
     slot_size). `settings`: openai_api.APISettings; the engine stops at max_tokens = the fitted gen_length."""
     echo_only = getattr(body, "echo_only", False)  # the engine scores the prompt and stops: room for 1 token kept
-    fit = fit_generation(settings.limits.context_length, len(prompt), 1 if echo_only else body.max_tokens or default_max_tokens,
+    wanted = 1 if echo_only else body.max_tokens or default_max_tokens
+    fit = fit_generation(settings.limits.context_length, len(prompt), wanted,
                          requested=body.max_tokens is not None, slot_size=body.slot_size_in_force(settings.decode_defaults),
                          slot_requested=body.slot_size is not None, prompt_field=prompt_field,
                          max_tokens_field=body.max_tokens_field)

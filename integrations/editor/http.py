@@ -400,7 +400,8 @@ async def tokenizer_info_route(request: Request) -> Response:
     tokenizer's Jinja template; null with the plain template, integrations/chat.py)."""
     tokenizer = request.app.state.engine_client.tokenizer
     payload = {"tokenizer_class": type(tokenizer).__name__,
-               **{k: getattr(tokenizer, k, None) for k in ("eos_token", "bos_token", "pad_token", "unk_token", "mask_token")},
+               **{k: getattr(tokenizer, k, None)
+                  for k in ("eos_token", "bos_token", "pad_token", "unk_token", "mask_token")},
                "model_max_length": _limits(request).context_length,
                "chat_template": getattr(tokenizer, "chat_template", None) or None}
     return Response(compact_json(payload), media_type="application/json")
