@@ -79,15 +79,15 @@ async def test_logprobs_are_cut_with_the_text(engine_factory, runner):
     assert entries == full[:len(ids)]
 
 
-async def test_a_preempted_request_reports_the_same_logprobs(engine_factory, runner, monkeypatch, wait_until):
-    engine = await engine_factory(max_running=1)
-    spec = GenerationRequest("r", _ids(runner, PROMPTS[1]), {"gen_length": 64, "logprobs": 2}, mode=Mode.REFUSION)
-    _, ref_ids, reference, _ = await _run(engine, spec)
-    gate = ForwardGate(runner.execute, hold_from=3)
+async def _preempted_copy(engine, runner, monkeypatch, wait_until, consume, spec, hold_from: int):
+    """Run a copy of `spec` (id "r2") with `consume` on an engine of one running slot, preempted for sure:
+    its forward number `hold_from` is held until an interactive request is queued behind it. Returns
+    what `consume` returned and the ids of the requests preempted."""
+    gate = ForwardGate(runner.execute, hold_from=hold_from)
     monkeypatch.setattr(runner, "execute", gate)
     preempted, requeue = [], engine.scheduler.requeue
     monkeypatch.setattr(engine.scheduler, "requeue", lambda victim, reason: (preempted.append(victim.id), requeue(victim, reason)))
-    task = asyncio.create_task(_run(engine, GenerationRequest("r2", spec.prompt_ids, spec.params, mode=Mode.REFUSION)))
+    task = asyncio.create_task(consume(engine, GenerationRequest("r2", spec.prompt_ids, spec.params, mode=spec.mode)))
     try:
         await wait_until(gate.entered.is_set, "the held forward")
         urgent = asyncio.create_task(_run(engine, GenerationRequest("u", _ids(runner, PROMPTS[0]), {"gen_length": 64},
@@ -95,7 +95,15 @@ async def test_a_preempted_request_reports_the_same_logprobs(engine_factory, run
         await wait_until(lambda: any(r.id == "u" for r in engine.scheduler.waiting), "the interactive request to queue")
     finally:
         gate.release()
-    (_, ids, entries, _), _ = await asyncio.gather(task, urgent)
+    result, _ = await asyncio.gather(task, urgent)
+    return result, preempted
+
+
+async def test_a_preempted_request_reports_the_same_logprobs(engine_factory, runner, monkeypatch, wait_until):
+    engine = await engine_factory(max_running=1)
+    spec = GenerationRequest("r", _ids(runner, PROMPTS[1]), {"gen_length": 64, "logprobs": 2}, mode=Mode.REFUSION)
+    _, ref_ids, reference, _ = await _run(engine, spec)
+    (_, ids, entries, _), preempted = await _preempted_copy(engine, runner, monkeypatch, wait_until, _run, spec, 3)
     assert preempted == ["r2"]
     assert ids == ref_ids
     assert [e.token for e in entries] == [e.token for e in reference]
@@ -171,19 +179,7 @@ async def test_a_preempted_scoring_request_sends_its_scores_once(engine_factory,
     engine = await engine_factory(max_running=1)
     spec = GenerationRequest("r", _ids(runner, PROMPTS[1]), {"gen_length": 64, "prompt_logprobs": 1}, mode=Mode.AR)
     ref_ids, reference, _, _ = await _scored(engine, spec)
-    gate = ForwardGate(runner.execute, hold_from=4)
-    monkeypatch.setattr(runner, "execute", gate)
-    preempted, requeue = [], engine.scheduler.requeue
-    monkeypatch.setattr(engine.scheduler, "requeue", lambda victim, reason: (preempted.append(victim.id), requeue(victim, reason)))
-    task = asyncio.create_task(_scored(engine, GenerationRequest("r2", spec.prompt_ids, spec.params, mode=Mode.AR)))
-    try:
-        await wait_until(gate.entered.is_set, "the held forward")
-        urgent = asyncio.create_task(_run(engine, GenerationRequest("u", _ids(runner, PROMPTS[0]), {"gen_length": 64},
-                                                                    mode=Mode.AR, priority=Priority.INTERACTIVE)))
-        await wait_until(lambda: any(r.id == "u" for r in engine.scheduler.waiting), "the interactive request to queue")
-    finally:
-        gate.release()
-    (ids, scores, _, stats), _ = await asyncio.gather(task, urgent)
+    (ids, scores, _, stats), preempted = await _preempted_copy(engine, runner, monkeypatch, wait_until, _scored, spec, 4)
     assert preempted == ["r2"] and stats["preemptions"] == 1
     assert ids == ref_ids
     assert [e.logprob for e in scores] == pytest.approx([e.logprob for e in reference], abs=1e-5)
