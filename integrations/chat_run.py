@@ -25,7 +25,7 @@ from integrations.openai_models import ChatCompletionRequest
 from integrations.openai_requests import generation_request, request_id
 from integrations.openai_responses import ResponseHeader
 from integrations.request_limits import InputError, PromptCharsError, RequestLimits, off_loop
-from integrations.structured_output import tool_grammar
+from integrations.structured_output import response_format_schema, tool_grammar, tools_or_format_grammar
 from integrations.tool_calls import ToolCallStreamParser, forced_call
 from scheduler.api import Delta
 
@@ -129,20 +129,25 @@ async def turn_pieces(run: ChatRun, deltas: AsyncIterator[Delta]) -> AsyncIterat
 
 def chat_grammar(body: ChatCompletionRequest, prefill_tokens: int) -> GrammarSpec | None:
     """The grammar of a chat turn (integrations/structured_output.py): a forced tool call's (tool_choice
-    "required" or named; response_format does not apply to a call), else response_format's, else with
-    tools offered and tool_choice "auto" or unset, text whose tool calls are valid. Mode "refusion"
+    "required" or named; response_format does not apply to a call), else with tools offered and
+    tool_choice "auto" or unset, calls or an answer in response_format's JSON when it has one, else
+    response_format's (or structured_outputs'), else text whose tool calls are valid. Mode "refusion"
     leaves tool calls unconstrained (parsed from the text) and refuses response_format. InputError
     (400) naming the field."""
     forced = body.forced_tool
+    parallel = body.parallel_tool_calls is not False
     grammar = body.output_grammar()  # checked even when a forced call makes it moot: a bad one is a 400
     if body.tools_enabled and forced is not None:
         if body.mode == "refusion":
             return None
-        return tool_grammar(body.tools, forced, prefill_tokens, parallel=body.parallel_tool_calls is not False)
+        return tool_grammar(body.tools, forced, prefill_tokens, parallel=parallel)
     if grammar is not None and body.tools_enabled:
-        raise InputError(400, "response_format" if body.structured_outputs is None else "structured_outputs",
-                         'a format with tools and tool_choice "auto" is not supported: set tool_choice to "none" '
-                         'or "required", or drop the format')
+        found = response_format_schema(body.response_format) if body.structured_outputs is None else None
+        if found is None:  # vLLM's regex, choice or Lark formats do not combine with calls here
+            raise InputError(400, "structured_outputs", 'structured_outputs with tools and tool_choice "auto" is not '
+                             'supported: use response_format (a JSON schema), set tool_choice to "none" or '
+                             '"required", or drop the format')
+        return tools_or_format_grammar(body.tools, *found, parallel=parallel)
     if grammar is None and body.tools_enabled and body.mode != "refusion":
         grammar = tool_grammar(body.tools, None, 0)
     return grammar

@@ -8,7 +8,8 @@
     `parameters` schema (objects closed: `closed_objects`; keywords llguidance does not implement,
     such as `propertyNames`, ignored: TOOL_JSON_OPTIONS); tool_choice "auto" (or unset) with tools ->
     free text in which every `<tool_call>` block the model opens is a valid call (llguidance's
-    structural tags, the mechanism SGLang and vLLM use for constrained tool calling);
+    structural tags, the mechanism SGLang and vLLM use for constrained tool calling); with a
+    response_format as well, calls as for "required" or an answer in the format's JSON;
   - vLLM's `structured_outputs` {"json" | "regex" | "choice" | "grammar" (Lark or GBNF) | "json_object"}.
 
 JSON is generated compactly in json.dumps's style (", " and ": " separators, no newlines), the form
@@ -67,16 +68,26 @@ def json_grammar(schema: Any, field: str, options: dict = JSON_OPTIONS) -> str:
     return _checked(grammar, field, "the JSON Schema")
 
 
-def response_format_grammar(response_format) -> GrammarSpec | None:
-    """response_format (openai_models.ResponseFormat or None) -> its grammar; None for text."""
+def response_format_schema(response_format) -> tuple[Any, str] | None:
+    """The JSON Schema response_format (openai_models.ResponseFormat or None) asks for and the field that
+    names it; None for text. json_object: any object; a strict json_schema has its objects closed."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return GrammarSpec(json_grammar(ANY_OBJECT, "response_format"), source="response_format")
+        return ANY_OBJECT, "response_format"
     schema, field = response_format.json_schema.schema_, "response_format.json_schema.schema"
     if response_format.json_schema.strict and isinstance(schema, dict):
         schema = closed_objects(schema)  # OpenAI's strict mode demands additionalProperties false: applied
-    return GrammarSpec(json_grammar(ANY_OBJECT if schema is None else schema, field), source=field)
+    return (ANY_OBJECT if schema is None else schema), field
+
+
+def response_format_grammar(response_format) -> GrammarSpec | None:
+    """response_format (openai_models.ResponseFormat or None) -> its grammar; None for text."""
+    found = response_format_schema(response_format)
+    if found is None:
+        return None
+    schema, field = found
+    return GrammarSpec(json_grammar(schema, field), source=field)
 
 
 # JSON Schema keywords whose value is a schema, a list of schemas or a map of name -> schema: the only
@@ -163,13 +174,7 @@ def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel:
     (tool_calls.forced_call). InputError naming tools.N.function.parameters for a bad schema."""
     from llguidance import LLMatcher, StructTag
 
-    for i, tool in enumerate(tools):  # name the tool whose schema is bad (the combined grammar cannot)
-        parameters = tool.function.parameters
-        if parameters and parameters.get("type") != "object":
-            raise InputError(400, f"tools.{i}.function.parameters", 'must be an object schema, {"type": "object", '
-                             f'"properties": ...}} (OpenAI\'s rule: arguments are named), got type '
-                             f"{parameters.get('type')!r}")
-        json_grammar(_arguments_schema(tool.function), f"tools.{i}.function.parameters", TOOL_JSON_OPTIONS)
+    _check_tools(tools)
     if forced is None:
         tags = [StructTag(trigger=TOOL_OPEN, begin=TOOL_OPEN + '{"name": ' + json.dumps(t.function.name) + ', "arguments": ',
                           grammar={**_arguments_schema(t.function), "x-guidance": TOOL_JSON_OPTIONS},
@@ -182,6 +187,38 @@ def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel:
         lark = f"start: {calls}\ncall: {json.dumps(TOOL_OPEN)} %json {json.dumps(schema)} {json.dumps(TOOL_CLOSE)}\n"
     grammar = _checked(LLMatcher.grammar_from_lark(lark), "tools", "the tools' call grammar")
     return GrammarSpec(grammar, prefill_tokens, source="tools", open_ended=forced is None)
+
+
+def _check_tools(tools: list) -> None:
+    """Each tool's parameters compile as an object schema; InputError naming the tool's field (a combined
+    grammar's error could not say which tool is at fault)."""
+    for i, tool in enumerate(tools):
+        parameters = tool.function.parameters
+        if parameters and parameters.get("type") != "object":
+            raise InputError(400, f"tools.{i}.function.parameters", 'must be an object schema, {"type": "object", '
+                             f'"properties": ...}} (OpenAI\'s rule: arguments are named), got type '
+                             f"{parameters.get('type')!r}")
+        json_grammar(_arguments_schema(tool.function), f"tools.{i}.function.parameters", TOOL_JSON_OPTIONS)
+
+
+def tools_or_format_grammar(tools: list, schema: Any, field: str, parallel: bool = True) -> GrammarSpec:
+    """A chat turn with `tools`, tool_choice "auto" and a response format (OpenAI accepts both: the model
+    calls tools or answers in the format; the OpenAI Agents SDK sends an agent's tools and output_type
+    so, LangChain's bind_tools(response_format=...) too): one or more `<tool_call>` blocks, as
+    tool_choice "required" (exactly one when `parallel` is False), or JSON matching `schema` (the
+    response format's, `field` naming it). InputError naming the field at fault."""
+    from llguidance import LLMatcher
+
+    _check_tools(tools)
+    json_grammar(schema, field)  # the format's schema checked, named on error
+    calls = {**_call_schemas(tools), "x-guidance": TOOL_JSON_OPTIONS}
+    answer = {**(schema if isinstance(schema, dict) else {}), "x-guidance": JSON_OPTIONS}
+    repeat = 'call ("\\n"? call)*' if parallel else "call"
+    lark = (f"start: calls | answer\ncalls: {repeat}\n"
+            f"call: {json.dumps(TOOL_OPEN)} %json {json.dumps(calls)} {json.dumps(TOOL_CLOSE)}\n"
+            f"answer: %json {json.dumps(answer)}\n")
+    grammar = _checked(LLMatcher.grammar_from_lark(lark), field, "the tools' calls or the format's JSON")
+    return GrammarSpec(grammar, source=field)
 
 
 def regex_grammar(pattern: str, field: str) -> str:

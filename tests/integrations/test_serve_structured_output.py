@@ -119,6 +119,46 @@ def test_auto_tool_choice_text_or_valid_calls(client, model):
             json.loads(call.function.arguments)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tools_with_a_format_call_tools_or_answer_in_the_format(client, model, tiny_model_dir, stream):
+    """tools + response_format with tool_choice unset (OpenAI accepts both: the OpenAI Agents SDK sends an
+    agent's tools with its output_type so, LangChain's bind_tools(response_format=...) too): the turn is
+    valid calls or JSON of the format. Each branch forced by a logit_bias on its first token (the
+    reported text is the grammar's either way)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    fmt = {"type": "json_schema", "json_schema": {"name": "final_output", "strict": True,
+                                                  "schema": Item.model_json_schema()}}
+    for first, branch in ((tok.encode("<tool_call>", add_special_tokens=False)[0], "calls"),
+                          (tok.encode("{", add_special_tokens=False)[0], "answer")):
+        out = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, response_format=fmt,
+                                             max_tokens=120, logit_bias={str(first): 100}, stream=stream,
+                                             parallel_tool_calls=False)  # one call: the bias would repeat it
+        if stream:
+            chunks = list(out)
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+            named = [t.function.name for t in calls if t.function and t.function.name]
+        else:
+            message = out.choices[0].message
+            content, named = message.content or "", [t.function.name for t in message.tool_calls or []]
+        if branch == "calls":
+            assert named and set(named) <= {"get_weather", "add"} and not content.strip(), (named, content)
+        else:
+            assert not named and Item.model_validate_json(content), content
+    if not stream:  # the Responses API (text.format with tools, the Agents SDK's other path): either one
+        tools = [{"type": "function", **t["function"]} for t in TOOLS]
+        text = {"format": {"type": "json_schema", "name": "final_output", "strict": True,
+                           "schema": Item.model_json_schema()}}
+        for seed in range(3):
+            out = client.responses.create(model=model, input=MESSAGES, tools=tools, text=text, max_output_tokens=120,
+                                          temperature=1.0, extra_body={"seed": seed}, parallel_tool_calls=False)
+            calls = [item for item in out.output if item.type == "function_call"]
+            assert calls or Item.model_validate_json(out.output_text), out.output
+            assert all(c.name in ("get_weather", "add") and isinstance(json.loads(c.arguments), dict) for c in calls)
+
+
 @pytest.mark.parametrize("body, param", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
      "response_format.json_schema.schema"),
@@ -130,11 +170,11 @@ def test_auto_tool_choice_text_or_valid_calls(client, model):
     ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs"),
     ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs.grammar"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
-    ({"response_format": {"type": "json_object"}, "tools": TOOLS}, "response_format"),
+    ({"structured_outputs": {"choice": ["a"]}, "tools": TOOLS}, "structured_outputs"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}],
       "tool_choice": "required"}, "tools.0.function.parameters"),
 ], ids=["bad-schema", "refusion-mode", "no-json-schema", "unknown-type", "bad-regex", "two-kinds", "bad-lark",
-        "both-fields", "format-with-auto-tools", "bad-tool-schema"])
+        "both-fields", "vllm-format-with-auto-tools", "bad-tool-schema"])
 def test_bad_structured_output_requests_are_400_naming_the_field(client, model, body, param):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, extra_body=body)
