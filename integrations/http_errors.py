@@ -118,6 +118,10 @@ def install_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
         param = validation_field(tuple(first.get("loc", ())))
         message = f"{param}: {validation_message(first)}" if param else validation_message(first)
+        if first.get("type") == "extra_forbidden":  # every unknown field at once, not one per round trip
+            others = [validation_field(tuple(e.get("loc", ()))) for e in errors[1:] if e.get("type") == "extra_forbidden"]
+            if others:
+                message += f" (nor are: {', '.join(others)})"
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -420,6 +420,19 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     # An OpenAI field whose default is accepted (SDK wrappers send it) and whose other value is not supported
     store: bool | None = None
+    # OpenAI chat fields accepted and without effect here (agent frameworks pass them through from their
+    # model settings): the model has no reasoning mode and one service tier; nothing is stored
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_retention: Literal["in-memory", "24h"] | None = None
+    prediction: dict[str, Any] | None = None  # Predicted Outputs: a latency hint; the output is the same without
+    modalities: list[Literal["text"]] | None = None  # text is the only output
+    # OpenAI's prompt-cache routing key: requests with the same key go to the same engine replica, whose
+    # prefix cache holds their shared prompt (the serve router's affinity key; default: the conversation's)
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
     _cap_field: str = PrivateAttr("max_tokens")
 
     @field_validator("continue_final_message")

@@ -7,11 +7,12 @@ Supported, with OpenAI's semantics: `input` (a string, or items: messages with t
 `max_output_tokens`, `temperature`, `top_p`, `top_logprobs` (0-20: `output_text.logprobs`), `stream`,
 `metadata` and `user` (echoed), and the ReFusion extensions of the chat route (`mode`, `slot_size`, ...).
 Accepted and ignored: `stream_options`, `store` (nothing is stored: the response says `"store": false`), `reasoning`
-(the model has no reasoning mode), `truncation: "disabled"`, `include` entries about reasoning,
-`prompt_cache_key` (the prefix cache is automatic). Refused with a 400 naming the field:
-`previous_response_id` and `conversation` (no response is stored: send the whole conversation in
-`input`), hosted tools (web_search, file_search, ...), non-text input (images, files, audio),
-`truncation: "auto"`, unknown fields.
+(the model has no reasoning mode), `truncation` ("disabled", and "auto", which the OpenAI Agents SDK
+sends from its model settings: nothing is dropped here, so an input over the context is a 400 either
+way), `include` entries about reasoning. `prompt_cache_key` routes as on chat (the serve router's
+affinity key). Refused with a 400 naming the field: `previous_response_id` and `conversation` (no
+response is stored: send the whole conversation in `input`), hosted tools (web_search, file_search,
+...), non-text input (images, files, audio), unknown fields.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class ResponsesRequest(ExtensionsBody):
     user: str | None = None
     store: bool | None = None
     reasoning: dict[str, Any] | None = None
-    truncation: Literal["disabled"] | None = None
+    truncation: Literal["disabled", "auto"] | None = None
     include: list[str] | None = None
     prompt_cache_key: str | None = None
     previous_response_id: str | None = None  # refused in chat_request: nothing is stored
@@ -99,7 +100,7 @@ class ResponsesRequest(ExtensionsBody):
             body["logprobs"], body["top_logprobs"] = True, self.top_logprobs
         for name, chat_name in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
                                 ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
-                                ("user", "user"), ("model", "model")):
+                                ("user", "user"), ("model", "model"), ("prompt_cache_key", "prompt_cache_key")):
             if getattr(self, name) is not None:
                 body[chat_name] = getattr(self, name)
         body.update(self.extensions)

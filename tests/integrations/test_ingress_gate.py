@@ -237,3 +237,24 @@ async def test_a_streamed_completion_ends_with_the_refusion_block(bpe_tokenizer)
     chunks = [json.loads(e) for e in _events(response.text) if e != "[DONE]"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["refusion"]["mode"] == "ar"
     assert not any("refusion" in c for c in chunks[:-1])
+
+
+async def test_prompt_cache_key_is_the_requests_affinity_key(bpe_tokenizer):  # noqa: F811
+    """OpenAI's prompt_cache_key (chat, and the Responses API's) becomes the engine request's affinity key,
+    which the serve router sends to one replica (integrations/serve_router.py); without it, the
+    conversation's key."""
+    client = ScriptedClient(bpe_tokenizer)
+    keys, stream = [], client.stream
+
+    def recording(req):
+        keys.append(req.affinity_key)
+        return stream(req)
+
+    client.stream = recording
+    app = _app(client)
+    messages = [{"role": "user", "content": "hi"}]
+    async with _http(app) as http:
+        for body in ({"messages": messages, "prompt_cache_key": "conv-7"}, {"messages": messages}):
+            assert (await http.post("/v1/chat/completions", json=body | {"max_tokens": 4})).status_code == 200
+        assert (await http.post("/v1/responses", json={"input": "hi", "prompt_cache_key": "conv-8"})).status_code == 200
+    assert keys[0] == "conv-7" and keys[1] not in (None, "conv-7") and keys[2] == "conv-8"

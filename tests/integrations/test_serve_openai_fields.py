@@ -269,3 +269,23 @@ def test_logit_bias_and_penalties_shape_the_text(client, model, http):
     plain = client.completions.create(**{**base, "max_tokens": 48}, extra_body={"mode": "ar"})
     varied = client.completions.create(**{**base, "max_tokens": 48}, frequency_penalty=2.0, presence_penalty=1.0)
     assert varied.choices[0].text != plain.choices[0].text
+
+
+def test_openai_chat_fields_agent_frameworks_pass_through_are_accepted(client, model, http):
+    """Documented OpenAI chat fields without effect here (the OpenAI Agents SDK and LangChain send them from
+    their model settings: metadata, reasoning_effort, verbosity, ...) are accepted; the Responses API's
+    truncation "auto" too; a value that asks for what is not offered is a 400 naming it; several unknown
+    fields are named in one answer."""
+    extra = {"metadata": {"k": "v"}, "reasoning_effort": "low", "verbosity": "low", "service_tier": "auto",
+             "safety_identifier": "u-1", "prompt_cache_retention": "in-memory", "prompt_cache_key": "conv-7",
+             "prediction": {"type": "content", "content": "x = 1"}, "modalities": ["text"]}
+    out = client.chat.completions.create(model=model, messages=USER, max_tokens=4, extra_body={"mode": "ar", **extra})
+    assert out.choices[0].finish_reason in ("stop", "length")
+    responses = client.responses.create(model=model, input="def f():", max_output_tokens=8, truncation="auto",
+                                        extra_body={"mode": "ar"})
+    assert responses.status in ("completed", "incomplete")
+    audio = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "modalities": ["text", "audio"]})
+    assert audio.status_code == 400 and audio.json()["error"]["param"] == "modalities.1"
+    unknown = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "bogus_a": 1, "bogus_b": 2})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "bogus_a"
+    assert "bogus_b" in unknown.json()["error"]["message"]
