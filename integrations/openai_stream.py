@@ -133,7 +133,8 @@ async def chat_events(header, deltas, allowed_tools: set[str] | None, prefix: st
                 yield {**shape.chat_chunk(header, {}, finish, content), "refusion": shape.refusion_detail(delta)}
 
 
-async def echoed(deltas: AsyncIterator[Delta], prompt_text: str, first_token: int, with_logprobs: bool) -> AsyncIterator[Delta]:
+async def echoed(deltas: AsyncIterator[Delta], prompt_text: str, first_token: int,
+                 with_logprobs: bool) -> AsyncIterator[Delta]:
     """The deltas of one choice with its prompt echoed (OpenAI's legacy completions `echo`, as vLLM):
     `prompt_text` before the first delta's text; with_logprobs, the prompt tokens' entries before that
     delta's own: the first token's with logprob None (nothing precedes it, OpenAI's null), then the
