@@ -122,8 +122,8 @@ def start_context(prompt_ids: list[int], gen_length: int, suffix_ids: list[int] 
 
     Fresh: the prompt, gen_length tokens, nothing cached, the prompt scored when score_top is set
     (params.prompt_logprobs; a handoff comes after the prompt was fed, so it never scores). After a
-    handoff (decoding.api.Handoff): the text so far (prompt + generated), the handoff's remaining span, and what is already cached,
-    the suffix included.
+    handoff (decoding.api.Handoff): the text so far (prompt + generated), the handoff's remaining span,
+    and what is already cached, the suffix included.
     """
     h = handoff
     prior_ids = list(h.generated_ids) if h else []

@@ -104,9 +104,9 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     # grammar that says what the whole output is, the grammar ends the turn (the client's own `stop`
     # strings still apply, as in vLLM); free text with tool calls (auto) keeps them
     stops = body.stop + (prompt.extra_stop if grammar is None or grammar.open_ended else [])
+    affinity = body.prompt_cache_key or conversation_key(body.messages)  # the serve router's replica key
     req = generation_request(header.id, body, prompt.ids, stops, settings.default_max_tokens,
-                             settings, prompt_field, affinity_key=body.prompt_cache_key or conversation_key(body.messages),
-                             grammar=grammar)
+                             settings, prompt_field, affinity_key=affinity, grammar=grammar)
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
     observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt.ids))

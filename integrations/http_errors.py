@@ -119,7 +119,8 @@ def install_error_handlers(app: FastAPI) -> None:
         param = validation_field(tuple(first.get("loc", ())))
         message = f"{param}: {validation_message(first)}" if param else validation_message(first)
         if first.get("type") == "extra_forbidden":  # every unknown field at once, not one per round trip
-            others = [validation_field(tuple(e.get("loc", ()))) for e in errors[1:] if e.get("type") == "extra_forbidden"]
+            others = [validation_field(tuple(e.get("loc", ()))) for e in errors[1:]
+                      if e.get("type") == "extra_forbidden"]
             if others:
                 message += f" (nor are: {', '.join(others)})"
         return APIError(400, message, param=param).response()
