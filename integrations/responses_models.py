@@ -9,7 +9,9 @@ Supported, with OpenAI's semantics: `input` (a string, or items: messages with t
 Accepted and ignored: `stream_options`, `store` (nothing is stored: the response says `"store": false`), `reasoning`
 (the model has no reasoning mode), `truncation` ("disabled", and "auto", which the OpenAI Agents SDK
 sends from its model settings: nothing is dropped here, so an input over the context is a 400 either
-way), `include` entries about reasoning. `prompt_cache_key` routes as on chat (the serve router's
+way), `include` entries about reasoning, `service_tier`, `safety_identifier`, `prompt_cache_retention`,
+`max_tool_calls` (it caps built-in tools, which are not offered), `background: false`.
+`prompt_cache_key` routes as on chat (the serve router's
 affinity key). Refused with a 400 naming the field: `previous_response_id` and `conversation` (no
 response is stored: send the whole conversation in `input`), hosted tools (web_search, file_search,
 ...), non-text input (images, files, audio), unknown fields.
@@ -75,6 +77,13 @@ class ResponsesRequest(ExtensionsBody):
     truncation: Literal["disabled", "auto"] | None = None
     include: list[str] | None = None
     prompt_cache_key: str | None = None
+    # accepted without effect, as on chat (agent frameworks pass them through from their model settings):
+    # one service tier, nothing stored or cached beyond the prefix cache, no built-in tools to cap
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_retention: Literal["in-memory", "24h"] | None = None
+    max_tool_calls: int | None = Field(default=None, ge=1)
+    background: Literal[False] | None = None  # true: 400 (responses are not stored to poll later)
     previous_response_id: str | None = None  # refused in chat_request: nothing is stored
     conversation: str | dict[str, Any] | None = None  # refused in chat_request: nothing is stored
     EXTENSION_NAMES = EXTENSIONS  # ReFusion / vLLM extensions sent at the top level (ExtensionsBody)

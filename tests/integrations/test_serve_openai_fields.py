@@ -282,7 +282,8 @@ def test_openai_chat_fields_agent_frameworks_pass_through_are_accepted(client, m
     out = client.chat.completions.create(model=model, messages=USER, max_tokens=4, extra_body={"mode": "ar", **extra})
     assert out.choices[0].finish_reason in ("stop", "length")
     responses = client.responses.create(model=model, input="def f():", max_output_tokens=8, truncation="auto",
-                                        extra_body={"mode": "ar"})
+                                        service_tier="auto", safety_identifier="u-1", prompt_cache_retention="24h",
+                                        max_tool_calls=2, background=False, extra_body={"mode": "ar"})
     assert responses.status in ("completed", "incomplete")
     audio = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "modalities": ["text", "audio"]})
     assert audio.status_code == 400 and audio.json()["error"]["param"] == "modalities.1"
