@@ -129,6 +129,26 @@ def test_forced_tool_calls_are_tool_use_blocks_whose_input_follows_the_schema(cl
     assert json.loads("".join(partial)) == call.input  # same seed: the same call
 
 
+def test_tools_with_an_output_format_answer_with_calls_or_the_format(claude, model):
+    """output_config.format with tools and tool_choice auto: each turn is tool_use blocks or a text answer
+    in the format's JSON (the chat route's grammar), whichever the sampled model takes."""
+    schema = {"type": "object", "properties": {"sum": {"type": "integer", "minimum": 0, "maximum": 18}},
+              "required": ["sum"], "additionalProperties": False}
+    for seed in range(3):
+        out = claude.messages.create(model=model, max_tokens=64, messages=[{"role": "user", "content": "Add 2 and 3."}],
+                                     tools=[TOOL], extra_body={"output_config": {"format": {"type": "json_schema",
+                                                                                            "schema": schema}},
+                                                               "temperature": 1.0, "seed": seed,
+                                                               "tool_choice": {"type": "auto",
+                                                                               "disable_parallel_tool_use": True}})
+        calls = [b for b in out.content if b.type == "tool_use"]
+        texts = "".join(b.text for b in out.content if b.type == "text")
+        if calls:
+            assert out.stop_reason == "tool_use" and all(c.name == "add" and set(c.input) == {"a", "b"} for c in calls)
+        else:
+            assert out.stop_reason == "end_turn" and set(json.loads(texts)) == {"sum"}
+
+
 def test_a_final_assistant_message_is_continued(claude, client, model, http):
     """A prefill: the prompt ends with the assistant's text (no new turn opened) and the answer is what
     the chat route's continue_final_message gives (the prefill itself is not repeated)."""
@@ -156,8 +176,8 @@ def test_a_final_assistant_message_is_continued(claude, client, model, http):
     ({"tool_choice": {"type": "any"}}, "tool_choice"),
     ({"tools": [TOOL], "tool_choice": {"type": "tool", "name": "mul"}}, "tool_choice.name"),
     ({"extensions": {"n": 3}}, "extensions"),
-    ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}, "tools": [TOOL]},
-     "output_config.format"),
+    ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "nonsense"}}}, "tools": [TOOL]},
+     "output_config.format"),  # (a format with tools is served: calls, or an answer in the format)
     ({"max_tokens": None}, "max_tokens"),
     ({"top_k": -1}, "top_k"),
     ({"mode": "fast"}, "mode"),
