@@ -206,11 +206,11 @@ def tools_or_format_grammar(tools: list, schema: Any, field: str, parallel: bool
     calls tools or answers in the format; the OpenAI Agents SDK sends an agent's tools and output_type
     so, LangChain's bind_tools(response_format=...) too): one or more `<tool_call>` blocks, as
     tool_choice "required" (exactly one when `parallel` is False), or JSON matching `schema` (the
-    response format's, `field` naming it). InputError naming the field at fault."""
+    response format's, `field` naming it; the caller has compiled it on its own, so an error in it is
+    named: chat_run.chat_grammar via output_grammar). InputError naming the field at fault."""
     from llguidance import LLMatcher
 
     _check_tools(tools)
-    json_grammar(schema, field)  # the format's schema checked, named on error
     calls = {**_call_schemas(tools), "x-guidance": TOOL_JSON_OPTIONS}
     answer = {**(schema if isinstance(schema, dict) else {}), "x-guidance": JSON_OPTIONS}
     repeat = 'call ("\\n"? call)*' if parallel else "call"

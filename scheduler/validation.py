@@ -39,7 +39,7 @@ def validate_request(spec: GenerationRequest, vocab_size: int | None, max_stop_s
         raise InvalidRequestError("stop", f"has {len(stop)} strings; give at most {max_stop_strings}")
     cap = spec.max_tokens
     if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 0):
-        raise InvalidRequestError("max_tokens", f"must be a positive integer number of tokens or None, got {cap!r}")
+        raise InvalidRequestError("max_tokens", f"must be a non-negative integer number of tokens or None, got {cap!r}")
     if cap == 0 and spec.params.get("prompt_logprobs") is None:
         raise InvalidRequestError("max_tokens", "0 generates nothing: it is only for scoring the prompt "
                                   "(prompt_logprobs set); ask for at least 1 token")
