@@ -95,6 +95,7 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     is full) before any response."""
     client, settings = request.app.state.engine_client, request.app.state.settings
     check_model(request, body.model)
+    settings.limits.check_sequences(1, body.n)
     prompt = await chat_prompt(client.tokenizer, settings.limits, body, prompt_field)
     grammar = None
     if body.tools_enabled or body.response_format is not None or body.structured_outputs is not None:

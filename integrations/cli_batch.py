@@ -23,8 +23,8 @@ surrogate get the server's 400, not a crash here). Up to --concurrency requests 
 engine batches them as it batches a server's traffic. A request the engine refuses as full (503
 `overloaded`) waits until another request of the batch has finished and is retried; refused while no
 other request is being answered, it is tried once more alone (new requests held back until it is
-answered), and refused then it can never fit (its `n` choices exceed --max-num-seqs plus --max-queue):
-that 503 is its answer.
+answered), and that answer is its result. A request whose choices could never fit (more than
+--max-num-seqs plus --max-queue) is the app's 400 naming `n`, as on the server.
 """
 
 from __future__ import annotations
@@ -147,8 +147,9 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     except (ModelDirError, OSError, ValueError) as exc:
         raise BatchArgumentError("--model", f"{model_dir} cannot be loaded: {exc}") from None
     name = args.served_model_name or card["model"]
-    settings = APISettings(model_name=name, decode_defaults=card["defaults"],
-                           limits=RequestLimits(context_length=card["limits"]["context_length"]))
+    limits = RequestLimits(context_length=card["limits"]["context_length"],
+                           max_sequences=engine.config.max_running + engine.config.max_queue)
+    settings = APISettings(model_name=name, decode_defaults=card["defaults"], limits=limits)
     app = create_app(settings, LocalEngineClient(engine, tokenizer, name))
     await asyncio.sleep(0)  # a signal that came while the model loaded stops the run here, output untouched
     output = _open_output(args.output_file)  # only now: a refused run leaves an existing file as it was
@@ -287,7 +288,7 @@ class BatchRun:
     async def _post(self, request: dict) -> dict:
         """Answer one request (module docstring). Refused as full: retried at once if another request
         finished meanwhile, else after one does; refused with nothing else being answered, it is tried
-        once more alone (new requests held back), and refused then it can never fit."""
+        once more alone (new requests held back), and that answer is its result."""
         body = json.dumps(request["body"], ensure_ascii=True).encode()  # NaN stays NaN: the app's 400
         while True:
             done_before = self.done
@@ -312,10 +313,6 @@ class BatchRun:
             self.finished.notify_all()
         detail = _json(response).get("error")
         detail = detail if isinstance(detail, dict) else {}
-        if _overloaded(response):  # refused while alone: its choices exceed the engine's room
-            detail["message"] = ("does not fit the engine: refused while no other request of the batch was running, "
-                                 "so its n choices exceed --max-num-seqs plus --max-queue; raise those or lower n "
-                                 f"(the engine said: {detail.get('message', '')})")
         error = None
         if response.status_code >= 400:
             error = _error(detail.get("code") or detail.get("type") or str(response.status_code),

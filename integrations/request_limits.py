@@ -72,11 +72,15 @@ class RequestLimits:
         context is unknown).
     context_length: the model's context in tokens (config.json max_position_embeddings); prompt +
         max_tokens must fit. 0 = unknown, not checked.
+    max_sequences: engine requests one HTTP request may start (prompts x n): more than the engine's
+        max_running + max_queue can never be admitted, so that is a 400, not a retryable 503.
+        0 = unknown, not checked.
     """
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_prompt_chars: int | None = None
     context_length: int = 0
+    max_sequences: int = 0
 
     @property
     def prompt_chars(self) -> int:
@@ -86,13 +90,24 @@ class RequestLimits:
 
     def as_dict(self) -> dict:
         return {"max_body_bytes": self.max_body_bytes, "max_prompt_chars": self.prompt_chars,
-                "context_length": self.context_length, "max_json_depth": MAX_JSON_DEPTH}
+                "context_length": self.context_length, "max_json_depth": MAX_JSON_DEPTH,
+                **({"max_sequences": self.max_sequences} if self.max_sequences else {})}
 
     def check_chars(self, field: str, text: str) -> None:
         """Raise PromptCharsError (an InputError, 400 naming `field`) when `text` is over the prompt
         character limit."""
         if len(text) > self.prompt_chars:
             raise PromptCharsError(field, len(text), self.prompt_chars)
+
+    def check_sequences(self, prompts: int, n: int) -> None:
+        """Raise InputError (400 naming `n`, or `prompt` for a batch of one choice each) when prompts x n
+        engine requests exceed max_sequences: the engine could never hold them all at once."""
+        count = prompts * n
+        if self.max_sequences and count > self.max_sequences:
+            what = f"{prompts} prompts x n {n}" if prompts > 1 else f"n {n}"
+            raise InputError(400, "n" if n > 1 else "prompt",
+                             f"{what} = {count} sequences, but this server admits at most {self.max_sequences} "
+                             "at once (the engine's max_running + max_queue): lower n or send fewer prompts per request")
 
 
 def sampling_temperature(value: float | None) -> float | None:

@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from integrations.engine_client import (
     EngineFailure, LocalEngineClient, ServeEngineClient, coalesce_deltas, read_model_card,
 )
-from integrations.engine_host import build_engine, engine_metrics_text, one_token_probe, warm_up
+from integrations.engine_host import build_engine, engine_config, engine_metrics_text, one_token_probe, warm_up
 from integrations.ingress_gate import IngressGate
 from integrations.openai_api import APISettings, create_app
 from integrations.request_limits import RequestLimits
@@ -179,8 +179,10 @@ class IngressDeployment:
         await report_open_work(signal, f"ingress:{replica}", lambda: self.gate.open_requests)
 
     def __serve_build_asgi_app__(self):
+        engine = engine_config(self.config.engine)  # every replica's: prompts x n beyond its room are a 400
         limits = RequestLimits(max_body_bytes=self.config.max_body_bytes, max_prompt_chars=self.config.max_prompt_chars,
-                               context_length=self.model_card["limits"]["context_length"])
+                               context_length=self.model_card["limits"]["context_length"],
+                               max_sequences=engine.max_running + engine.max_queue)
         settings = APISettings(
             model_name=self.config.model_name,
             api_keys=self.config.api_keys,

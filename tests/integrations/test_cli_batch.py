@@ -1,7 +1,7 @@
 """`refusion run-batch` (vLLM's run-batch: the OpenAI batch file format, offline) as a subprocess on the
 random tiny model: one result line per input line in input order, each request answered exactly as the
 served app answers the same body, line faults and route faults as OpenAI's batch output writes them, a
-full engine retried, a request that can never fit answered with its 503, bad flags one line on stderr."""
+full engine retried, a request that can never fit answered with a 400 naming `n`, bad flags one line on stderr."""
 
 from __future__ import annotations
 
@@ -77,10 +77,10 @@ def test_every_line_is_answered_in_order_as_the_server_answers_it(tmp_path, tiny
     assert "11 of 11 lines answered, 4 succeeded, 7 failed" in stderr
 
 
-def test_a_full_engine_is_retried_and_a_request_that_can_never_fit_gets_its_503(tmp_path, tiny_model_dir):
+def test_a_full_engine_is_retried_and_a_request_that_can_never_fit_gets_a_400(tmp_path, tiny_model_dir):
     """One running request and no queue: four requests in flight at once are refused in turn and retried
-    until each runs; a request of two choices can never be admitted, so once it is alone its 503 is
-    the answer (it does not spin for ever)."""
+    until each runs; a request of two choices can never be admitted: a 400 naming `n` at once, as the
+    server answers it (never retried, never a retryable 503)."""
     model = tiny_model_dir.name
     lines = [_line(f"r{i}", "/v1/completions", {"model": model, "prompt": f"x = {i}", "max_tokens": 4, **SAMPLED})
              for i in range(4)]
@@ -91,8 +91,9 @@ def test_a_full_engine_is_retried_and_a_request_that_can_never_fit_gets_its_503(
     assert code == 0, stderr
     assert [r["response"]["status_code"] for r in results[:4]] == [200] * 4
     for never in results[4:]:
-        assert never["response"]["status_code"] == 503 and never["error"]["code"] == "overloaded"
-        assert "does not fit the engine" in never["error"]["message"]
+        assert never["response"]["status_code"] == 400, never
+        assert never["response"]["body"]["error"]["param"] == "n"
+        assert "at most 1 at once" in never["error"]["message"]
 
 
 def test_requests_that_fit_are_never_told_they_do_not(tmp_path, tiny_model_dir):

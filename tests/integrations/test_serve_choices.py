@@ -54,9 +54,11 @@ def test_greedy_choices_are_identical(client, model):
     assert len({c.text for c in out.choices}) == 1
 
 
-def test_a_choice_that_cannot_start_fails_the_request_and_leaks_nothing(strict_base_url, wait_until):
-    """The strict app runs one request at a time with no queue: n=2 cannot be admitted whole, so the
-    request is a 503 before it starts (streamed too), and the admitted choice is cancelled."""
+def test_choices_that_can_never_be_admitted_are_a_400_and_leak_nothing(strict_base_url, wait_until):
+    """The strict app runs one request at a time with no queue: n=2 can never be admitted whole, so
+    the request is a 400 naming `n` before any choice starts (streamed too; not a 503 a client would
+    retry for ever), and the engine is left idle. (A choice refused by a full engine, its admitted
+    siblings cancelled: test_openai_choices.)"""
     from serve_testbed import API_KEY
 
     strict = openai.OpenAI(base_url=strict_base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
@@ -66,14 +68,14 @@ def test_a_choice_that_cannot_start_fails_the_request_and_leaks_nothing(strict_b
             result = strict.completions.create(model=model, prompt="x", max_tokens=4, n=2, stream=stream,
                                                extra_body={"mode": "ar"})
             list(result) if stream else None
-        assert err.value.status_code == 503
+        assert err.value.status_code == 400 and err.value.body["param"] == "n", err.value.body
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
     def idle() -> bool:
         engine = httpx.get(strict_base_url + "/v1/engine", headers=headers, timeout=30).json()["engine"]
         return engine["running"] == 0 and engine["waiting"] == 0
 
-    wait_until.blocking(idle, "the admitted choice to be cancelled")
+    wait_until.blocking(idle, "the engine to be idle")
     one = strict.completions.create(model=model, prompt="x", max_tokens=4, extra_body={"mode": "ar"})
     assert one.choices[0].finish_reason in ("stop", "length")
 

@@ -20,7 +20,7 @@ import pytest
 import websockets
 import websockets.exceptions
 from bad_inputs import CONTEXT, MAX_BODY_BYTES, MAX_PROMPT_CHARS, NESTED
-from serve_testbed import ALLOWED_ORIGIN
+from serve_testbed import ALLOWED_ORIGIN, ENGINE_OPTIONS
 
 from integrations.editor import protocol as rpc
 
@@ -41,7 +41,23 @@ def ws_url(base: str) -> str:
 def test_limits_are_announced(http):
     limits = http.get("/v1/engine").json()["request_limits"]
     assert limits == {"max_body_bytes": MAX_BODY_BYTES, "max_prompt_chars": MAX_PROMPT_CHARS,
-                      "context_length": CONTEXT, "max_json_depth": 64}
+                      "context_length": CONTEXT, "max_json_depth": 64,
+                      "max_sequences": ENGINE_OPTIONS["max_running"] + ENGINE_OPTIONS["max_queue"]}
+
+
+def test_more_sequences_than_an_engine_can_ever_hold_are_a_400_not_a_503(http):
+    """prompts x n above the engine's max_running + max_queue (8 + 16 here) could never be admitted: a
+    400 naming `n` (or `prompt` for one choice each), not a retryable 503 a client would retry for ever;
+    a request that fits is served (a few sequences short of the room: a health probe may hold a slot)."""
+    room = ENGINE_OPTIONS["max_running"] + ENGINE_OPTIONS["max_queue"]
+    sampled = {"mode": "ar", "temperature": 1.0, "seed": 3, "max_tokens": 2}
+    for body, field in (({"prompt": ["a", "b"], "n": 13}, "n"), ({"prompt": ["a"] * (room + 1)}, "prompt")):
+        response = http.post("/v1/completions", json={**body, **sampled})
+        assert response.status_code == 400, response.text[:300]
+        error = response.json()["error"]
+        assert error["param"] == field and f"at most {room} at once" in error["message"], error
+    fits = http.post("/v1/completions", json={"prompt": ["a", "b"], "n": room // 2 - 2, **sampled})
+    assert fits.status_code == 200 and len(fits.json()["choices"]) == room - 4, fits.text[:300]
 
 
 def test_body_over_the_limit_is_413_naming_it(http):
