@@ -23,7 +23,6 @@ from integrations import openai_responses as shape
 from integrations.auth import APIKeyMiddleware, OriginGuard
 from integrations.chat_run import start_chat
 from integrations.context_fit import fit_generation
-from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.anthropic_api import router as anthropic_router
 from integrations.http_errors import AnthropicErrorShape, install_error_handlers
 from integrations.http_metrics import APIMetrics, RequestObserver
@@ -33,7 +32,7 @@ from integrations.openai_choices import choice_requests, indexed, merged, start_
 from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_requests import completion_requests, id_headers, request_id
-from integrations.openai_stream import chat_events, completion_events, echoed, eos_listed, in_document_style
+from integrations.openai_stream import chat_events, completion_events, echoed, eos_listed
 from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop
 from integrations.responses_api import router as responses_router
 
@@ -183,8 +182,7 @@ async def completions(request: Request):
         reqs = [r for k, p in enumerate(prepared) for r in choice_requests(p.request, body.n, k * body.n, total)]
         streams = await start_all(lambda r: start(client, r, observer), reqs)
         for i, p in enumerate(p for p in prepared for _ in range(body.n)):
-            if p.style != DocumentStyle():  # a CRLF or tab-indented prompt: the text comes back in its style
-                streams[i] = in_document_style(streams[i], p.style, cursor_at_indent(p.text))
+            streams[i] = p.client_deltas(streams[i])  # healed whitespace dropped; a CRLF or tab-indented prompt's style
             if body.logprobs is not None:  # an EOS ending is listed last (OpenAI's legacy completions, vLLM)
                 streams[i] = eos_listed(streams[i])
             if body.echo:  # the client's own text, or its token ids as text (special tokens shown)

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import AsyncIterator
 
 from fastapi import Request
 
 from decoding.grammar import GrammarSpec
 from integrations.context_fit import fit_generation
-from integrations.editor.document import DocumentStyle
+from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.http_errors import APIError
 from integrations.openai_models import SamplingFields
 from integrations.openai_responses import new_id
+from integrations.openai_stream import healed_deltas, in_document_style
 from integrations.request_limits import encode, off_loop
-from scheduler.api import GenerationRequest
+from scheduler.api import Delta, GenerationRequest
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -64,12 +66,23 @@ async def prompt_ids(tokenizer, prompt: str | list[int], field: str = "prompt") 
 
 @dataclass
 class PreparedPrompt:
-    """One prompt of a completions request: its engine request, the style its text comes back in, and
-    the client's text (None for token ids)."""
+    """One prompt of a completions request: its engine request, the style its text comes back in, the
+    client's text (None for token ids) and the trailing spaces/tabs left out of the prompt (`healed`,
+    token healing: completion_requests)."""
 
     request: GenerationRequest
     style: DocumentStyle
     text: str | None
+    healed: str = ""
+
+    def client_deltas(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        """The engine's deltas with their text as the client reads it after its own prompt: the healed
+        whitespace dropped from the front, then in the prompt's line-ending and indentation style."""
+        if self.healed:
+            deltas = healed_deltas(deltas, self.healed)
+        if self.style != DocumentStyle():
+            deltas = in_document_style(deltas, self.style, cursor_at_indent(self.text))
+        return deltas
 
 
 async def completion_requests(tokenizer, rid: str, body, settings, grammar: GrammarSpec | None,
@@ -78,7 +91,15 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
     one, or a batch). A CRLF or tab-indented prompt is completed as its LF, space-indented twin and its
     text comes back in the prompt's style (editor/document.py), as on the infill path; a grammar's
     output is never restyled. Faults name the prompt (`prompt`, or `prompt.K` in a batch) or the field.
-    default_max_tokens: for an unset max_tokens (shrunk to the room left); default the settings' 16."""
+    default_max_tokens: for an unset max_tokens (shrunk to the room left); default the settings' 16.
+
+    Token healing, as on the infill path (editor/infill.py): byte-level BPE puts a word's leading space
+    in the word's token ("\n   " + " return"), so a text prompt ending in spaces or tabs (a cursor in
+    the indentation, or after "x = ") ends on a token the model never saw followed by text, and the
+    model answers with nothing or with one space too many. That whitespace is left out of the prompt
+    and as much of it is dropped from the front of the generated text (PreparedPrompt.client_deltas).
+    Not for token-id prompts, `echo`, `logprobs` or a grammar: there the tokens are exactly the ones
+    the client asked for or scores."""
     prepared = []
     batch = len(body.prompts) > 1
     for k, prompt in enumerate(body.prompts):
@@ -87,11 +108,16 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
         if text is not None:
             settings.limits.check_chars(field, text)  # the client's text, before tabs become spaces
         style = DocumentStyle.of(text) if text is not None and grammar is None else DocumentStyle()
-        ids = await prompt_ids(tokenizer, style.to_model(text) if text is not None else prompt, field)
+        model_text = style.to_model(text) if text is not None else None
+        healed = ""
+        if model_text is not None and grammar is None and not body.echo and body.logprobs is None:
+            kept = model_text.rstrip(" \t")
+            model_text, healed = (kept, model_text[len(kept):]) if kept else (model_text, "")
+        ids = await prompt_ids(tokenizer, model_text if model_text is not None else prompt, field)
         req = generation_request(rid, body, ids, style.model_stops(body.stop),
                                  default_max_tokens or settings.completion_default_max_tokens,
                                  settings, field, grammar=grammar)
-        prepared.append(PreparedPrompt(req, style, text))
+        prepared.append(PreparedPrompt(req, style, text, healed))
     return prepared
 
 

@@ -28,7 +28,6 @@ from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
-from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events, select_fields
 from integrations.editor.session import EditorSession
 from integrations.http_errors import APIError, from_engine_error, validation_field, validation_message
@@ -37,7 +36,6 @@ from integrations.llama_completion import (LlamaCompletionBody, llama_events, ll
                                            llama_result)
 from integrations.openai_calls import collect, logprob_formatter, start
 from integrations.openai_requests import completion_requests
-from integrations.openai_stream import in_document_style
 from integrations.chat_run import chat_prompt
 from integrations.openai_models import ChatCompletionRequest, ChatMessage, ToolSpec
 from integrations.openai_requests import id_headers, request_id
@@ -147,9 +145,7 @@ async def completion_route(request: Request) -> Response:
         prompt_ids = prepared.request.prompt_ids
         observer = RequestObserver.for_request(request, "completion", rid, len(prompt_ids))
         ids: list[int] = []  # the generated ids (return_tokens: llama.cpp's raw ids, not a re-encoding)
-        deltas = _recording(await start(client, prepared.request, observer), ids)
-        if prepared.style != DocumentStyle():
-            deltas = in_document_style(deltas, prepared.style, cursor_at_indent(prepared.text))
+        deltas = prepared.client_deltas(_recording(await start(client, prepared.request, observer), ids))
         formatter = logprob_formatter(client, openai)
         n_ctx = settings.limits.context_length
         if body.stream:

@@ -195,7 +195,7 @@ def test_a_crlf_prompt_gets_the_lf_completion_in_crlf(http, prefix):
 def test_a_tab_indented_prompt_gets_the_space_completion_indented_with_tabs(http, stream):
     body = {**GREEDY_AR, "max_tokens": 32, "stop": ["\n\n\n"]}
     # a prompt the shipped model continues over several indented lines
-    source = "class Queue:\n\tdef __init__(self):\n\t\tself.items = []\n\n\tdef push(self, item):\n\t\t"
+    source = "def setup(app):\n\tapp.add_config_value(\n"
     tabs, _ = completion(http, {**body, "prompt": source}, stream)
     spaces, _ = completion(http, {**body, "prompt": source.replace("\t", "    ")}, stream)
     assert "\n" in spaces and re.search(r"\n {4}", spaces), repr(spaces)  # indented lines to convert
@@ -257,3 +257,42 @@ def test_a_crlf_stop_string_stops_a_crlf_document_and_comes_back_as_sent(http):
     got = post(http, "/infill", {**body, "input_prefix": _crlf(prefix), "stop": [_crlf(word)]})
     assert (got["stop_type"], got["stopping_word"]) == ("word", _crlf(word))
     assert got["content"] == _crlf(whole[:whole.index(word)])
+
+
+# ---- token healing on /v1/completions and /completion ------------------------------------------------
+# The shipped tokenizer writes an indented line as "\n   " + " return": a prompt ending in the
+# indentation ends on a token the model never saw before text, and it answered "" (greedy, both modes).
+
+HEALED_PROMPT = DOCUMENTS[1][0]  # "def add(a, b):\n    "
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_ending_in_indentation_gets_the_line_the_model_writes(http, stream):
+    """The trailing spaces are left out of the prompt, the model writes the indentation itself, and the
+    client gets the text after its own spaces: the unhealed prompt's completion with its indentation
+    cut, not the empty answer the raw prompt gets. prompt_tokens counts the prompt the model read."""
+    bare = HEALED_PROMPT.rstrip(" ")
+    reference = post(http, "/v1/completions", {"prompt": bare, **GREEDY_AR})
+    written = reference["choices"][0]["text"]
+    assert written.startswith("    ") and written.strip(), repr(written)  # the model indents by itself
+    text, _ = completion(http, {"prompt": HEALED_PROMPT, **GREEDY_AR}, stream)
+    assert text == written[4:] and not text[0].isspace(), repr(text)
+    healed = post(http, "/v1/completions", {"prompt": HEALED_PROMPT, **GREEDY_AR})
+    assert healed["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]
+    llama = post(http, "/completion", {"prompt": HEALED_PROMPT, "n_predict": 16, "temperature": 0, "mode": "ar"})
+    assert llama["content"] == text
+
+
+def test_prompts_are_read_as_sent_when_tokens_are_scored(http):
+    """With logprobs the prompt is not healed (the entries are the tokens of the prompt as sent), nor is
+    a token-id prompt."""
+    bare = HEALED_PROMPT.rstrip(" ")
+    healed = post(http, "/v1/completions", {"prompt": HEALED_PROMPT, **GREEDY_AR})
+    scored = post(http, "/v1/completions", {"prompt": HEALED_PROMPT, "logprobs": 1, **GREEDY_AR})
+    choice = scored["choices"][0]
+    assert choice["logprobs"]["tokens"]  # the unhealed prompt's answer (the shipped model: an EOS at once)
+    ids = post(http, "/tokenize", {"content": HEALED_PROMPT})["tokens"]
+    by_ids = post(http, "/v1/completions", {"prompt": ids, **GREEDY_AR})
+    assert by_ids["usage"]["prompt_tokens"] == len(ids) == scored["usage"]["prompt_tokens"]
+    assert by_ids["choices"][0]["text"] == choice["text"] != healed["choices"][0]["text"]
+    assert healed["usage"]["prompt_tokens"] == len(post(http, "/tokenize", {"content": bare})["tokens"])
