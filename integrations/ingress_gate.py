@@ -17,7 +17,13 @@ It owns what must hold on every path, whatever a route does or fails to do:
   answers {"status": "draining"}; /metrics keeps answering) and new WebSockets are accepted and at once
   closed with code 1013 ("try again later": closing before the accept would reach the client as an HTTP
   403, the answer to a bad key), while requests already inside run to their end.
-- Disconnects: Ray Serve's ASGI bridge raises from `receive()` (TaskCancelledError when the proxy drops a
+- Disconnects before the answer starts: on the generation routes (GAUGED_ENDPOINTS) the gate watches the
+  connection once the body is read, and a client that leaves before the response starts (a non-streamed
+  request, or a stream still waiting for its first token) has its route cancelled, which cancels its
+  engine requests and frees their KV (recorded as 499). Ray Serve's proxy cancels the route itself;
+  a plain ASGI server (uvicorn) reports the disconnect only to a route that reads `receive()`, which a
+  route collecting a non-streamed answer never does, so without the watch it ran to its end.
+- Transport errors: Ray Serve's ASGI bridge raises from `receive()` (TaskCancelledError when the proxy drops a
   client, ActorDiedError when the proxy itself is gone) where ASGI servers deliver a disconnect message.
   The gate delivers that message instead, so a client going away stays the normal event it is (one
   request-log line), not a traceback in the error log.
@@ -25,6 +31,7 @@ It owns what must hold on every path, whatever a route does or fails to do:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -94,7 +101,11 @@ class IngressGateMiddleware:
         if gauge is not None:
             gauge.inc()
         try:
-            await self.app(scope, receive, send_and_note_status)
+            if endpoint is None:
+                await self.app(scope, receive, send_and_note_status)
+            else:
+                await _cancelled_when_client_leaves(self.app, scope, receive, send_and_note_status,
+                                                    started=lambda: status != CLIENT_GONE)
         except Exception:
             if status == CLIENT_GONE:
                 status = 500  # Starlette's outermost handler answers the unhandled error with a 500
@@ -127,6 +138,52 @@ class IngressGateMiddleware:
                    (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+async def _cancelled_when_client_leaves(app, scope, receive, send, started) -> None:
+    """Run the route; once it has read the whole body, read the connection on its behalf (messages are
+    queued for the route's own receive() calls) and cancel the route if the client disconnects before
+    `started()` (the response's status went out). Returns normally when the route was cancelled so."""
+    queued: asyncio.Queue = asyncio.Queue()
+    left_early = False
+    watcher: asyncio.Task | None = None
+
+    async def watch() -> None:
+        nonlocal left_early
+        while True:
+            message = await receive()
+            queued.put_nowait(message)
+            if message["type"] == "http.disconnect":
+                if not started():
+                    left_early = True
+                    route.cancel()
+                return
+
+    async def route_receive():
+        nonlocal watcher
+        if watcher is not None:
+            message = await queued.get()
+            if message["type"] == "http.disconnect":
+                queued.put_nowait(message)  # every later call gets it too (ASGI)
+            return message
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            watcher = asyncio.ensure_future(watch())  # the body is read: from now on, watch the client
+            if message["type"] == "http.disconnect":
+                queued.put_nowait(message)
+        return message
+
+    route = asyncio.ensure_future(app(scope, route_receive, send))
+    try:
+        await route
+    except asyncio.CancelledError:
+        if not left_early or asyncio.current_task().cancelling():
+            raise  # cancelled from outside (Ray Serve's proxy, server shutdown): not ours to swallow
+    finally:
+        route.cancel()  # when the caller itself was cancelled
+        if watcher is not None:
+            watcher.cancel()
+        await asyncio.gather(route, *([watcher] if watcher else []), return_exceptions=True)
 
 
 def _disconnect_on_transport_error(receive, scope_type: str):

@@ -104,13 +104,18 @@ async def test_stream_failures_end_with_an_error_event_then_done(bpe_tokenizer, 
     assert _metric(app, "refusion_api_requests_in_flight") == 0
 
 
-async def _asgi_stream(app, receive, path: str = "/v1/completions", fields: dict | None = None) -> list[dict]:
-    """POST a streamed request (default a completion) straight through ASGI with the given `receive`;
-    the messages sent."""
+async def _asgi_stream(app, receive, path: str = "/v1/completions", fields: dict | None = None,
+                       leave_when=None) -> list[dict]:
+    """POST a request (default a streamed completion) straight through ASGI; once the body is read,
+    `receive` answers after `leave_when` (an asyncio.Event; default: the response has started, the
+    client leaves mid-stream). The messages sent."""
     sent: list[dict] = []
+    started = asyncio.Event()
+    leave_when = leave_when or started
 
     async def send(message):
         sent.append(message)
+        started.set()
 
     body = json.dumps(fields or {"prompt": "x", "max_tokens": 8, "stream": True}).encode()
     scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "query_string": b"",
@@ -119,7 +124,11 @@ async def _asgi_stream(app, receive, path: str = "/v1/completions", fields: dict
     messages = iter([{"type": "http.request", "body": body, "more_body": False}])
 
     async def first_then(next_receive):
-        return next(messages, None) or await next_receive()
+        message = next(messages, None)
+        if message is not None:
+            return message
+        await leave_when.wait()
+        return await next_receive()
 
     await asyncio.wait_for(app(scope, lambda: first_then(receive), send), 10)
     return sent
@@ -146,6 +155,72 @@ async def test_client_gone_is_one_quiet_499_even_when_receive_raises(bpe_tokeniz
     assert _metric(app, "refusion_api_requests_total", endpoint="completions", status="499") == 2
     assert _metric(app, "refusion_api_requests_in_flight") == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+
+
+@pytest.mark.parametrize("path, fields", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 8}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 8, "n": 2}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 8, "stream": True}),  # still waiting for its first token
+    ("/completion", {"prompt": "x", "n_predict": 8}),
+])
+async def test_a_client_that_leaves_before_its_answer_starts_has_its_engine_requests_cancelled(
+        bpe_tokenizer, path, fields):  # noqa: F811
+    """A plain ASGI server (uvicorn) tells a route that its client left only through receive(), which a
+    route collecting a whole answer never reads: the gate watches the connection and cancels the route,
+    so the engine requests end (KV freed) at once, counted as one 499, nothing sent. Forced: the client
+    leaves once every engine request has started."""
+    client = ScriptedClient(bpe_tokenizer, pieces=() if fields.get("stream") else ("a",), end="hang")
+    running, stream = [], client.stream
+    all_running = asyncio.Event()
+    choices = fields.get("n", 1)
+
+    async def recording(req):
+        running.append(req.request_id)
+        if len(running) == choices:
+            all_running.set()
+        async for delta in stream(req):
+            yield delta
+
+    client.stream = recording
+    app = _app(client)
+
+    async def disconnect():
+        return {"type": "http.disconnect"}
+
+    sent = await _asgi_stream(app, disconnect, path, fields, leave_when=all_running)
+    assert sent == [] and sorted(client.cancelled) == sorted(running) and len(running) == choices
+    endpoint = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/completion": "completion"}[path]
+    assert _metric(app, "refusion_api_requests_total", endpoint=endpoint, status="499") == 1
+    assert _metric(app, "refusion_api_requests_total", endpoint=endpoint) == 1
+    assert _metric(app, "refusion_api_requests_in_flight") == 0 and app.state.gate.open_requests == 0
+
+
+async def test_a_client_that_stays_gets_its_whole_answer_with_the_watch_on(bpe_tokenizer):  # noqa: F811
+    """The watch reads the connection while the route works: a client that stays connected gets every
+    answer whole, and the disconnect uvicorn delivers once a response has gone out cancels nothing."""
+    client = ScriptedClient(bpe_tokenizer, pieces=("a", "b"))
+    app = _app(client)
+
+    async def stays():
+        await asyncio.Event().wait()
+
+    async def disconnect():
+        return {"type": "http.disconnect"}
+
+    for receive in (stays, disconnect):
+        for fields in ({"prompt": "x", "max_tokens": 8}, {"prompt": "x", "max_tokens": 8, "stream": True}):
+            if fields.get("stream") and receive is disconnect:
+                continue  # a disconnect mid-stream is a client leaving: the next test's case
+            sent = await _asgi_stream(app, receive, fields=fields)
+            body = b"".join(m.get("body", b"") for m in sent[1:]).decode()
+            if fields.get("stream"):
+                texts = [json.loads(e)["choices"][0]["text"] for e in _events(body) if e != "[DONE]"]
+            else:
+                texts = [json.loads(body)["choices"][0]["text"]]
+            assert sent[0]["status"] == 200 and "".join(texts) == "ab", body
+    assert client.cancelled == []
+    assert _metric(app, "refusion_api_requests_total", endpoint="completions", status="200") == 3
+    assert _metric(app, "refusion_api_requests_in_flight") == 0
 
 
 async def test_llama_cpp_streams_left_by_their_client_are_499s(bpe_tokenizer):  # noqa: F811
