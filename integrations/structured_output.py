@@ -62,7 +62,7 @@ def json_grammar(schema: Any, field: str, options: dict = JSON_OPTIONS) -> str:
     if not isinstance(schema, dict):
         raise InputError(400, field, f"must be a JSON Schema object, got {type(schema).__name__}")
     try:
-        grammar = LLMatcher.grammar_from_json_schema(schema, overrides=options)
+        grammar = LLMatcher.grammar_from_json_schema(_without_string_key_rules(schema), overrides=options)
     except (ValueError, TypeError) as exc:
         raise InputError(400, field, f"is not a usable JSON Schema: {exc}") from None
     return _checked(grammar, field, "the JSON Schema")
@@ -98,26 +98,47 @@ _SCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems"})
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
 
-def closed_objects(schema):
-    """`schema` with additionalProperties false on every object schema that lists `properties` and does
-    not say otherwise: a call's arguments are the function's parameters, never invented extra keys (as
-    OpenAI's strict function calling requires). Returns a new schema; the input is unchanged; only
-    schema-valued keywords are followed (const, enum, default stay as given)."""
+def _rewritten(schema, rewrite):
+    """A new `schema` in which every (sub)schema `node` became rewrite(node, copy), copy being node with
+    its subschemas already rewritten (innermost first). Only schema-valued keywords are followed (const,
+    enum, default stay as given); the input is unchanged."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for key, value in schema.items():
         if key in _SCHEMA_VALUED and isinstance(value, dict):
-            out[key] = closed_objects(value)
+            out[key] = _rewritten(value, rewrite)
         elif key in _SCHEMA_LISTS and isinstance(value, list):
-            out[key] = [closed_objects(item) for item in value]
+            out[key] = [_rewritten(item, rewrite) for item in value]
         elif key in _SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
-    properties = schema.get("properties")
-    required = schema.get("required") if isinstance(schema.get("required"), list) else []
-    if isinstance(properties, dict) and "additionalProperties" not in schema and set(required) <= set(properties):
-        out["additionalProperties"] = False  # (a required key not listed stays allowed: closing would forbid it)
-    return out
+            out[key] = {name: _rewritten(sub, rewrite) for name, sub in value.items()}
+    return rewrite(schema, out)
+
+
+def closed_objects(schema):
+    """`schema` with additionalProperties false on every object schema that lists `properties` and does
+    not say otherwise: a call's arguments are the function's parameters, never invented extra keys (as
+    OpenAI's strict function calling requires). Returns a new schema; the input is unchanged."""
+    def close(node: dict, out: dict) -> dict:
+        properties = node.get("properties")
+        required = node.get("required") if isinstance(node.get("required"), list) else []
+        if isinstance(properties, dict) and "additionalProperties" not in node and set(required) <= set(properties):
+            out["additionalProperties"] = False  # (a required key not listed stays allowed: closing would forbid it)
+        return out
+
+    return _rewritten(schema, close)
+
+
+def _without_string_key_rules(schema):
+    """`schema` without `propertyNames: {"type": "string"}`, which every JSON object meets (keys are
+    strings) and which llguidance does not implement: zod 4 writes it for every z.record(), so the
+    Vercel AI SDK's and openai-node's record schemas would otherwise be refused."""
+    def drop(node: dict, out: dict) -> dict:
+        if out.get("propertyNames") == {"type": "string"}:
+            del out["propertyNames"]
+        return out
+
+    return _rewritten(schema, drop)
 
 
 def _rebased_refs(schema, prefix: str):

@@ -299,6 +299,23 @@ def test_tool_schemas_with_keywords_the_grammar_engine_lacks_still_constrain_the
     assert err.value.body["param"] == "response_format.json_schema.schema" and "propertyNames" in err.value.body["message"]
 
 
+def test_a_zod_record_schema_is_a_usable_response_format(client, model):
+    """zod 4 writes `propertyNames: {"type": "string"}` for every z.record() (openai-node's
+    zodResponseFormat, the Vercel AI SDK): a rule every JSON object meets, so it is dropped, not refused
+    as an unimplemented keyword; the output is still bound by the rest of the schema."""
+    schema = {"type": "object", "required": ["d"], "additionalProperties": False, "properties": {
+        "d": {"type": "object", "propertyNames": {"type": "string"}, "additionalProperties": {"type": "integer"}}}}
+    out = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=48, temperature=1.0, seed=2,
+                                         response_format={"type": "json_schema", "json_schema": {
+                                             "name": "scores", "strict": True, "schema": schema}})
+    choice = out.choices[0]
+    if choice.finish_reason == "stop":
+        value = json.loads(choice.message.content)
+        assert set(value) == {"d"} and all(isinstance(v, int) for v in value["d"].values()), value
+    else:  # cut at max_tokens: still a prefix of such an object
+        assert choice.message.content.startswith('{"d": {'), choice.message.content
+
+
 def test_tool_parameters_must_be_object_schemas(client, model):
     for parameters in ({"anyOf": [{"type": "string"}]}, {"properties": {"a": {"type": "string"}}}):
         with pytest.raises(openai.BadRequestError) as err:
