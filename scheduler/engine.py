@@ -66,6 +66,7 @@ class Engine:
         self.scheduler = Scheduler(self.config, runners, factories, self.router, self.metrics)
         self.kv = self.scheduler.kv  # every KV block of every runner (scheduler/kv.py)
         self.prefix_cache = self.kv.prefix_cache
+        self.metrics.update_gauges(0, 0, self.kv.pool(), self.prefix_cache)  # capacity known before a first step
         self._requests: dict[str, Request] = {}
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None

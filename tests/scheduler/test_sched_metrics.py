@@ -18,6 +18,14 @@ def samples(engine) -> dict:
     return out
 
 
+def test_kv_capacity_is_exported_before_any_request():
+    """/metrics agrees with /v1/engine from the start: the pool's size, none of it used."""
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=128))
+    m = samples(engine)
+    assert m[("refusion_kv_blocks_capacity", ())] == engine.kv.pool().num_total > 0
+    assert m[("refusion_kv_blocks_used", ())] == 0 and m[("refusion_kv_cache_usage_ratio", ())] == 0.0
+
+
 async def test_metrics_after_traffic():
     engine, _ = make_engine(runner=FakeRunner(num_blocks=128, delay_s=0.001), prefix_cache=False)
     other, _ = make_engine()
