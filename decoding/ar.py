@@ -33,6 +33,8 @@ from decoding.grammar import TokenConstraint
 from decoding.params import DecodeParams
 from workers.batch import Reads, Sampling, Segment, SegmentResult, TokenLogprob
 
+EOS_BAN = -1e9  # the logit bias that keeps EOS from being chosen (ignore_eos, min_tokens): finite, below any logit
+
 
 class ARPhase(Enum):
     PREFILL = "prefill"
@@ -249,9 +251,11 @@ class ARDecoder:
 
     def _logit_bias(self) -> tuple[tuple[int, float], ...]:
         """OpenAI's logit_bias plus the presence and frequency penalties of the text so far (handed-off
-        text included): each generated token's logit loses presence + frequency x its count."""
+        text included): each generated token's logit loses presence + frequency x its count; EOS is
+        banned (EOS_BAN) under vLLM's ignore_eos, or while fewer than min_tokens are generated."""
         p = self.params
-        if not (p.presence_penalty or p.frequency_penalty or p.logit_bias):
+        ban_eos = p.ignore_eos or len(self.generated) < p.min_tokens
+        if not (p.presence_penalty or p.frequency_penalty or p.logit_bias or ban_eos):
             return ()
         bias = dict(p.logit_bias or {})
         if p.presence_penalty or p.frequency_penalty:
@@ -262,6 +266,8 @@ class ARDecoder:
             self._counted = len(self.generated)
             for token, count in self._counts.items():
                 bias[token] = bias.get(token, 0.0) - p.presence_penalty - p.frequency_penalty * count
+        if ban_eos:
+            bias[p.eos_token_id] = EOS_BAN
         return tuple(sorted(bias.items()))
 
     def _finish(self) -> None:

@@ -79,6 +79,11 @@ class DecodeParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None
+    # vLLM's: EOS is never chosen (ignore_eos: the text runs to gen_length unless a stop string or a
+    # grammar ends it), or not before min_tokens tokens are generated (stop strings neither:
+    # scheduler.detokenizer). AR decoding only, as the penalties.
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -131,6 +136,11 @@ class DecodeParams:
             setattr(self, name, float(value))
         if self.logit_bias is not None:
             self.logit_bias = _check_logit_bias(self.logit_bias)
+        if not isinstance(self.ignore_eos, bool):
+            raise DecodeParamError("ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
+        _check_int("min_tokens", self.min_tokens)
+        if not 0 <= self.min_tokens <= self.gen_length:
+            raise DecodeParamError("min_tokens", f"must lie in 0..gen_length ({self.gen_length}), got {self.min_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:

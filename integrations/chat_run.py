@@ -104,7 +104,9 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     # The template's turn-end stops (plain template: "\n### ") would cut text the grammar allows; with a
     # grammar that says what the whole output is, the grammar ends the turn (the client's own `stop`
     # strings still apply, as in vLLM); free text with tool calls (auto) keeps them
-    stops = body.stop + (prompt.extra_stop if grammar is None or grammar.open_ended else [])
+    # ignore_eos (vLLM's) ignores the turn's end too: the template's stop is this template's EOS
+    turn_end = grammar is None or grammar.open_ended
+    stops = body.stop + (prompt.extra_stop if turn_end and not body.ignore_eos else [])
     affinity = body.prompt_cache_key or conversation_key(body.messages)  # the serve router's replica key
     req = generation_request(header.id, body, prompt.ids, stops, settings.default_max_tokens,
                              settings, prompt_field, affinity_key=affinity, grammar=grammar)

@@ -6,9 +6,9 @@ runs exactly as /v1/completions does (context fit, CRLF/tab style, engine admiss
 map over: n_predict -> max_tokens (-1: the server's default_max_tokens, less when fewer fit: this
 server reserves KV for the whole generation, so "until the context is full" is not offered), n_probs ->
 logprobs (`completion_probabilities`), json_schema and grammar (GBNF or Lark) -> structured outputs,
-seed -1 -> a random seed, logit_bias as [[id, bias], ...] or {"id": bias}. Defaults are llama.cpp's:
-temperature 0.8, top_k 40, top_p 0.95, min_p 0.05. Fields that would change the output and are not
-applied (repeat_penalty other than 1, ignore_eos, lora, ...) are a 400; others are ignored (llama.cpp's
+seed -1 -> a random seed, logit_bias as [[id, bias], ...] or {"id": bias}, ignore_eos as on
+/v1/completions. Defaults are llama.cpp's: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05. Fields
+that would change the output and are not applied (repeat_penalty other than 1, lora, ...) are a 400; others are ignored (llama.cpp's
 clients send many). Errors: llama.cpp's shape, the message naming llama.cpp's field.
 """
 
@@ -28,7 +28,7 @@ from scheduler.api import Delta, FinishReason
 _FIELDS = [("response_format.json_schema.schema", "json_schema"), ("structured_outputs.grammar", "grammar"),
            ("max_tokens", "n_predict"), ("logprobs", "n_probs")]
 # Not applied here, so refused unless at their "off" value (llama.cpp's defaults)
-_OFF = {"repeat_penalty": 1.0, "ignore_eos": False, "lora": [], "mirostat": 0, "dry_multiplier": 0.0,
+_OFF = {"repeat_penalty": 1.0, "lora": [], "mirostat": 0, "dry_multiplier": 0.0,
         "xtc_probability": 0.0, "typical_p": 1.0, "post_sampling_probs": False, "dynatemp_range": 0.0,
         "top_n_sigma": -1.0, "n_indent": 0, "t_max_predict_ms": 0, "n_cmpl": 1, "image_data": [],
         "grammar_lazy": False}
@@ -61,6 +61,7 @@ class LlamaCompletionBody(BaseModel):
     n_probs: int = Field(0, ge=0, le=20)
     grammar: str = ""
     json_schema: dict[str, Any] | None = None
+    ignore_eos: bool = False
     return_tokens: bool = False
     response_fields: list[str] | None = None
     mode: str = "auto"  # ReFusion extension
@@ -91,6 +92,8 @@ class LlamaCompletionBody(BaseModel):
                 body[name] = getattr(self, name)
         if self.logit_bias:
             body["logit_bias"] = _openai_bias(self.logit_bias)
+        if self.ignore_eos:
+            body["ignore_eos"] = True
         if self.n_probs:
             body["logprobs"] = self.n_probs
         if self.json_schema is not None:

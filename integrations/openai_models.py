@@ -162,6 +162,11 @@ class SamplingFields(OpenAIBody):
     presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     logit_bias: dict[str, float] | None = None  # {"token id": bias in [-100, 100]}, as OpenAI
+    # vLLM's sampling extensions, as its benchmark client (`vllm bench serve`) and others send them:
+    # EOS never chosen / not before min_tokens (AR decoding, as the penalties); repetition_penalty only 1
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    repetition_penalty: float | None = None
     # ReFusion extensions
     mode: Literal["auto", "refusion", "ar"] = "auto"
     slot_size: int | None = Field(default=None, ge=1)
@@ -176,6 +181,14 @@ class SamplingFields(OpenAIBody):
     # on completions too) or vLLM's structured_outputs; decoded on the AR path
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _repetition_penalty_off(cls, value):
+        if value is not None and value != 1.0:
+            raise ValueError("only 1 (off) is supported here (vLLM's multiplicative penalty is not implemented): "
+                             "use presence_penalty or frequency_penalty, or drop repetition_penalty")
+        return value
 
     @field_validator("structured_outputs")
     @classmethod
@@ -255,6 +268,9 @@ class SamplingFields(OpenAIBody):
                 params[name] = getattr(self, name)
         if self.logit_bias:
             params["logit_bias"] = {int(token): bias for token, bias in self.logit_bias.items()}
+        for name in ("ignore_eos", "min_tokens"):  # AR decoding, as the penalties
+            if getattr(self, name):
+                params[name] = getattr(self, name)
         if slot_size is not None and self.slot_size is None:
             params["slot_size"] = slot_size
         if "temperature" in params:

@@ -24,7 +24,7 @@ from integrations.http_errors import APIError
 from integrations.openai_models import SamplingFields
 from integrations.openai_responses import new_id
 from integrations.openai_stream import healed_deltas, in_document_style
-from integrations.request_limits import encode, off_loop
+from integrations.request_limits import InputError, encode, off_loop
 from scheduler.api import Delta, GenerationRequest
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -133,6 +133,9 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
                          requested=body.max_tokens is not None, slot_size=body.slot_size_in_force(settings.decode_defaults),
                          slot_requested=body.slot_size is not None, prompt_field=prompt_field,
                          max_tokens_field=body.max_tokens_field)
+    if body.min_tokens > (0 if echo_only else fit.gen_length):  # vLLM's rule: min_tokens <= max_tokens
+        raise InputError(400, "min_tokens", f"is {body.min_tokens}, above the {fit.gen_length} tokens this request "
+                         f"generates at most ({body.max_tokens_field} and the context): lower min_tokens")
     return GenerationRequest(
         request_id=rid, prompt_ids=prompt, params=body.decode_params(fit.gen_length, settings.decode_defaults, fit.slot_size),
         mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,

@@ -34,7 +34,7 @@ class DecoderFactory(Protocol):
 REQUEST_PARAMS = (
     "gen_length", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold",
     "temperature", "top_k", "top_p", "min_p", "seed", "logprobs", "prompt_logprobs", "presence_penalty",
-    "frequency_penalty", "logit_bias",
+    "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens",
 )
 
 

@@ -6,7 +6,9 @@ text deltas:
   - only complete characters are released (a byte-level BPE token can end inside a UTF-8 sequence);
   - up to len(longest stop string) - 1 characters are held back so a stop string that spans two
     steps is cut before any of it is sent;
-  - a stop string ends the text just before it; after a deadline, the text may end after a newline.
+  - a stop string ends the text just before it; after a deadline, the text may end after a newline;
+  - with min_tokens (vLLM's), a stop string counts only if it ends inside or after the text of the
+    min_tokens-th id: one complete before that is passed over (vLLM checks no stop string before then).
 Ids are released with the text that covers them; at a stop string, through the end of the stop string
 (its tokens were generated: usage counts them, as vLLM's does), so every decoder gives the same ids
 for the same text, whether the stop string's tokens came in one step or several.
@@ -34,9 +36,11 @@ class TextUpdate:
 class TextStream:
     """Turns a growing list of final ids into text deltas (see module docstring)."""
 
-    def __init__(self, tokenizer, stop: list[str] | None = None):
+    def __init__(self, tokenizer, stop: list[str] | None = None, min_tokens: int = 0):
         self._tokenizer = tokenizer
         self._stop = [s for s in (stop or []) if s]
+        self._min_tokens = min_tokens if self._stop else 0
+        self._stops_from: int | None = None if self._min_tokens > 1 else 0  # chars of the first min_tokens - 1 ids  # chars of the first min_tokens - 1 ids
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._ids: list[int] = []
         self._text = ""  # decoded text of _ids[:_read_offset]
@@ -111,7 +115,12 @@ class TextStream:
     def _find_stop(self, start: int) -> int | None:
         """Earliest stop-string start in the unsent text. One starting earlier would have been complete
         (and cut) already, because the last len(stop) - 1 characters are always held back."""
-        hits = [(i, s) for i, s in ((self._text.find(s, start), s) for s in self._stop) if i >= 0]
+        if self._stops_from is None:
+            if len(self._ids) < self._min_tokens:
+                return None  # vLLM checks no stop string before min_tokens tokens
+            self._stops_from = len(self._decode(self._ids[: self._min_tokens - 1]))
+        hits = [(i, s) for i, s in ((self._text.find(s, max(start, self._stops_from - len(s) + 1)), s)
+                                    for s in self._stop) if i >= 0]
         if not hits:
             return None
         index, self.stop_word = min(hits, key=lambda hit: hit[0])

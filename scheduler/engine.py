@@ -36,7 +36,8 @@ from scheduler.scheduler import Scheduler, StepPlan, execute_isolated, execute_p
 from scheduler.validation import parse_params, validate_request, with_seed
 
 log = structlog.get_logger("engine")
-AR_ONLY_PARAMS = ("presence_penalty", "frequency_penalty", "logit_bias")  # decoding params that make a request AR
+# decoding params that make a request AR (its decoder composes them into each step's logit bias)
+AR_ONLY_PARAMS = ("presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens")
 
 
 class EngineNotRunningError(OverloadedError):
@@ -388,7 +389,8 @@ class Engine:
             raise InvalidRequestError("request_id", f"{spec.request_id!r} is already in flight; use a unique id")
         params = parse_params(self.scheduler.factories["main"], with_seed(spec.params))
         try:
-            req = self.scheduler.add(spec, params, TextStream(self.tokenizer, spec.stop))
+            stream = TextStream(self.tokenizer, spec.stop, min_tokens=getattr(params, "min_tokens", 0))
+            req = self.scheduler.add(spec, params, stream)
         except OverloadedError:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise

@@ -290,3 +290,42 @@ def test_openai_chat_fields_agent_frameworks_pass_through_are_accepted(client, m
     unknown = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "bogus_a": 1, "bogus_b": 2})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "bogus_a"
     assert "bogus_b" in unknown.json()["error"]["message"]
+
+
+def _streamed_usage(http, path: str, body: dict) -> dict:
+    with http.stream("POST", path, json=body) as response:
+        assert response.status_code == 200, response.read()[:300]
+        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
+    return httpx.Response(200, content=lines[-1]).json()["usage"]
+
+
+def test_what_vllm_bench_serve_sends_runs_to_exactly_max_tokens(http, model):
+    """The bodies of `vllm bench serve --ignore-eos` (vllm/benchmarks/lib/endpoint_request_func.py: the
+    completions body always carries repetition_penalty 1.0 and logprobs null) are served, and every
+    request generates exactly its max_tokens (EOS never chosen; on chat the template's turn-end stop
+    is not applied either); min_tokens holds EOS back that long."""
+    completions = {"model": model, "prompt": "def f(x):\n", "repetition_penalty": 1.0, "max_tokens": 40,
+                   "logprobs": None, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    chat = {"model": model, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "max_completion_tokens": 40, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    for path, body in (("/v1/completions", completions), ("/v1/chat/completions", chat)):
+        for temperature in (0.0, 1.0):
+            assert _streamed_usage(http, path, {**body, "temperature": temperature})["completion_tokens"] == 40
+    plain = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 64, "temperature": 0, "mode": "ar"}).json()
+    held = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 64, "temperature": 0, "min_tokens": 30}).json()
+    assert held["usage"]["completion_tokens"] >= 30 and held["refusion"]["mode"] == "ar"
+    assert held["choices"][0]["text"].startswith(plain["choices"][0]["text"]) or plain["usage"]["completion_tokens"] >= 30
+    llama = http.post("/completion", json={"prompt": "x", "n_predict": 24, "ignore_eos": True}).json()
+    assert llama["tokens_predicted"] == 24 and llama["stop_type"] == "limit"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "x", "max_tokens": 8, "min_tokens": 9}, "min_tokens"),
+    ({"prompt": "x", "max_tokens": 8, "repetition_penalty": 1.3}, "repetition_penalty"),
+    ({"prompt": "x", "max_tokens": 8, "ignore_eos": True, "mode": "refusion"}, "mode"),
+    ({"prompt": "x", "max_tokens": 8, "ignore_eos": "yes"}, "ignore_eos"),
+    ({"prompt": "x", "max_tokens": 8, "min_tokens": -1}, "min_tokens"),
+])
+def test_vllm_sampling_extensions_name_their_field_when_refused(http, body, field):
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text[:300]

@@ -53,3 +53,31 @@ async def test_refusion_mode_and_out_of_vocabulary_biases_are_refused(engine_fac
         with pytest.raises(InvalidRequestError) as err:
             await _run(engine, GenerationRequest(f"bad-{field}", prompt, {"gen_length": 64, **params}, mode=mode))
         assert err.value.field == field
+
+
+async def test_ignore_eos_and_min_tokens_hold_eos_and_stop_strings_back(engine_factory, runner):
+    """vLLM's ignore_eos: EOS is never chosen, the text runs to gen_length; min_tokens: not before that
+    many tokens, and a stop string ending before the min_tokens-th token is passed over (vLLM checks
+    none before then). Both run AR (AUTO), and greedy text is the plain text up to where EOS was."""
+    engine = await engine_factory()
+    tok = runner.tokenizer
+    prompt = tok.encode("def add(a, b):\n", add_special_tokens=False)
+    base = {"gen_length": 64, "temperature": 0.0}
+    plain, plain_last = await _run(engine, GenerationRequest("plain", prompt, dict(base), mode=Mode.AR))
+    assert plain_last.finish_reason.value == "stop" and len(plain) < 16  # the shipped model ends early
+    full, last = await _run(engine, GenerationRequest("all", prompt, base | {"ignore_eos": True}))
+    assert last.mode is Mode.AR and last.finish_reason.value == "length"
+    assert len(full) == 64 and full[:len(plain)] == plain and runner.info.eos_token_id not in full
+    floor = len(plain) + 6
+    held, _ = await _run(engine, GenerationRequest("min", prompt, base | {"min_tokens": floor}))
+    assert len(held) >= floor and held[:len(plain)] == plain and held[:floor] == full[:floor]
+    text = tok.decode(full)
+    before = len(tok.decode(full[:19]))  # with min_tokens 20 a stop string must end inside or after token 20
+    # two characters that occur both early (ending before that) and later in the text
+    stop = next(text[i:i + 2] for i in range(before - 2) if text.find(text[i:i + 2], before - 1) >= 0)
+    cut = [d async for d in engine.submit(GenerationRequest("stop", prompt, base | {"ignore_eos": True}, stop=[stop]))]
+    assert "".join(d.text for d in cut) == text[: text.index(stop)]
+    passed = [d async for d in engine.submit(GenerationRequest("passed", prompt, base | {"ignore_eos": True, "min_tokens": 20},
+                                                               stop=[stop]))]
+    later = text.find(stop, before - len(stop) + 1)
+    assert later > text.index(stop) and "".join(d.text for d in passed) == text[:later]
