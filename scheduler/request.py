@@ -13,6 +13,10 @@ from typing import Any
 from scheduler.api import Delta, FinishReason, GenerationRequest, Mode, Priority
 from scheduler.detokenizer import TextStream
 
+# Steps in a row a running request may be passed over before it is planned with the first class
+# (Request.plan_key): under a saturating INTERACTIVE stream a BATCH request then runs about one step in nine.
+AGED_AFTER_SKIPS = 8
+
 
 class RequestStatus(Enum):
     """WAITING (queued, no KV) -> RUNNING (has a decoder and KV) -> FINISHED (KV freed, stream closed)."""
@@ -129,6 +133,15 @@ class Request:
     def sort_key(self) -> tuple:
         """Scheduling order: priority class, then the most-skipped, then FCFS."""
         return (int(self.priority), -self.skipped, self.order)
+
+    def plan_key(self) -> tuple:
+        """Step-planning order: sort_key, except that a request passed over AGED_AFTER_SKIPS steps in a
+        row is planned with the first class (aging), so a running BATCH request still gets a share of
+        the token budget under a steady INTERACTIVE stream that fills it; once it runs, its count
+        resets. Admission and preemption keep sort_key (an aged request never displaces another)."""
+        if self.skipped >= AGED_AFTER_SKIPS:
+            return (int(Priority.INTERACTIVE), -self.skipped, self.order)
+        return self.sort_key()
 
     def stream_ids(self) -> list[int]:
         """Final generated ids so far (a decoder built from a handoff includes the handed-off text)."""

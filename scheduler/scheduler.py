@@ -7,7 +7,9 @@ ReFusion pool of tentative tokens, in blocks). A waiting request starts only whe
 blocks, minus what running requests may still allocate up to their own estimates, minus a reserve,
 cover its estimate (less the blocks it shares from the prefix cache). Prefix-cache blocks are evicted
 (LRU) when that frees enough. Priority order: INTERACTIVE before BATCH, FCFS within a class; running
-requests skipped for lack of budget go first in their class next step, so no one starves. A waiting
+requests skipped for lack of budget go first in their class next step, and one skipped
+AGED_AFTER_SKIPS steps in a row is planned with the first class (aging: Request.plan_key), so no one
+starves, a BATCH request under a steady INTERACTIVE stream included. A waiting
 INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request that
 has been preempted fewer than `max_preemptions` times (a preempted request restarts from scratch, so
 the bound is what lets a long BATCH request finish under a steady INTERACTIVE stream).
@@ -163,7 +165,7 @@ class Scheduler:
         plan = StepPlan()
         self._start_waiting(plan)
         budget = self.config.token_budget
-        for req in sorted(self.running, key=Request.sort_key):
+        for req in sorted(self.running, key=Request.plan_key):
             if req.status is not RequestStatus.RUNNING:
                 continue  # sent back to the queue for KV earlier in this loop
             if budget <= 0:

@@ -175,3 +175,25 @@ async def test_a_batch_request_is_preempted_at_most_max_preemptions_times():
 
 async def collect_rest(stream) -> list:
     return [d async for d in stream]
+
+
+async def test_a_running_batch_request_is_not_starved_by_a_steady_interactive_stream():
+    """Budget 8, every step 8 tokens: interactive steps alone would fill every forward until the last
+    interactive request ended. Aging (Request.plan_key) plans the batch request with the first class
+    once it has been passed over AGED_AFTER_SKIPS steps in a row, so it runs while they still do."""
+    from scheduler.request import AGED_AFTER_SKIPS
+
+    runner = FakeRunner(num_blocks=512)
+    engine, _ = make_engine(runner=runner, token_budget=8, prefix_cache=False)
+    await engine.start()
+    batch = req("batch", prompt=[5], mode=Mode.REFUSION, gen=16)
+    interactive = [req(f"i{k}", prompt=[5], mode=Mode.REFUSION, gen=16, priority=Priority.INTERACTIVE)
+                   for k in range(6)]
+    await _submit_all_then_run(engine, [batch, *interactive])
+    steps = [{s.seq_id for s in call if s.reads} for call in runner.calls]
+    batch_steps = [k for k, ids in enumerate(steps) if "batch" in ids]
+    last_interactive = max(k for k, ids in enumerate(steps) if ids - {"batch"})
+    assert batch_steps and batch_steps[0] < last_interactive, steps
+    gaps = [b - a for a, b in zip([-1] + batch_steps, batch_steps) if b < last_interactive]
+    assert gaps and max(gaps) <= AGED_AFTER_SKIPS + 1 + len(interactive), (gaps, steps)
+    await engine.stop()
