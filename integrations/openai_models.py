@@ -176,7 +176,7 @@ class SamplingFields(OpenAIBody):
     top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="0 = off (vLLM's and the engine's meaning)")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="vLLM's: 0 = off; AR sampling only")
     max_time_ms: int | None = Field(default=None, ge=1)
-    priority: Literal["interactive", "batch"] = "batch"
+    priority: Literal["interactive", "batch"] | None = None  # default: interactive with `suffix` (FIM), else batch
     # Structured outputs (integrations/structured_output.py): OpenAI's response_format (vLLM accepts it
     # on completions too) or vLLM's structured_outputs; decoded on the AR path
     response_format: ResponseFormat | None = None
@@ -303,7 +303,10 @@ class SamplingFields(OpenAIBody):
 
     @property
     def engine_priority(self) -> Priority:
-        return Priority.INTERACTIVE if self.priority == "interactive" else Priority.BATCH
+        """The client's class; unset, INTERACTIVE for a FIM completion (`suffix`: an editor's
+        autocomplete, as /infill and the editor protocol are) and BATCH otherwise."""
+        priority = self.priority or ("interactive" if getattr(self, "suffix", None) is not None else "batch")
+        return Priority.INTERACTIVE if priority == "interactive" else Priority.BATCH
 
     @property
     def include_usage(self) -> bool:

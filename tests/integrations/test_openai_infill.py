@@ -50,6 +50,22 @@ async def test_suffix_completion_streams_prefixes_of_the_final_text(http, fake_c
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+async def test_a_fim_completion_is_interactive_unless_the_client_says_otherwise(http, fake_client):  # noqa: F811
+    """`suffix` is what autocomplete plugins send (Continue, Tabby): unset, its priority is the editor
+    protocol's (INTERACTIVE), so a steady editor stream does not hold it back; a plain completion
+    stays BATCH; the client's own `priority` wins either way."""
+    from scheduler.api import Priority
+
+    fake_client.default_text = MIDDLE
+    cases = [({"suffix": SUFFIX}, Priority.INTERACTIVE), ({}, Priority.BATCH),
+             ({"suffix": SUFFIX, "priority": "batch"}, Priority.BATCH), ({"priority": "interactive"}, Priority.INTERACTIVE)]
+    for fields, priority in cases:
+        fake_client.requests.clear()
+        resp = await http.post("/v1/completions", json={"prompt": PREFIX, "max_tokens": 16, **fields})
+        assert resp.status_code == 200, resp.text
+        assert fake_client.requests and {r.priority for r in fake_client.requests} == {priority}, fields
+
+
 async def test_suffix_completion_errors_are_http_errors(http, fake_client):  # noqa: F811
     resp = await http.post("/v1/completions", json={"prompt": [1, 2, 3], "suffix": SUFFIX})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
