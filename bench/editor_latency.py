@@ -9,7 +9,13 @@ compared with the removed line (exact match), a rough quality signal for trained
 
     OMP_NUM_THREADS=1 python bench/editor_latency.py                       # shipped model, in-process server
     python bench/editor_latency.py --url ws://127.0.0.1:8000/v1/editor     # a running `refusion serve`
+    ... --batch-load 4 [--no-aging]    # in-process: 4 BATCH requests kept running beside the editor
     ... --append docs/benchmarks.md
+
+With --batch-load N, N BATCH requests (AR, 256 sampled tokens each, resubmitted as each ends) share the
+engine with the editor's INTERACTIVE ones; the table adds the batch tokens generated per second, the
+progress scheduler aging (scheduler.request.AGED_AFTER) keeps for them; --no-aging turns it off
+in this process for an A/B.
 
 In-process mode serves the editor router with uvicorn on a local port over a LocalEngineClient (no Ray):
 it measures the protocol and engine, not Ray Serve's proxy hop.
@@ -104,8 +110,31 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-async def with_local_server(model_dir: Path, run):
-    """Serve the editor router over an in-process engine on a free port; call run(url)."""
+async def batch_load(engine, n: int, done: asyncio.Event) -> int:
+    """Keep n BATCH requests running on `engine` until `done`; the tokens they generated."""
+    from scheduler.api import GenerationRequest, Mode, Priority
+
+    tokens = 0
+
+    async def one_stream(k: int) -> None:
+        nonlocal tokens
+        round_ = 0
+        while not done.is_set():
+            params = {"gen_length": 256, "temperature": 1.0, "seed": k * 1000 + round_, "ignore_eos": True}
+            spec = GenerationRequest(f"batch-{k}-{round_}", [5 + k, 6, 7, 8], params, mode=Mode.AR, priority=Priority.BATCH)
+            async for delta in engine.submit(spec):
+                tokens += len(delta.token_ids)
+                if done.is_set():
+                    break
+            round_ += 1
+
+    await asyncio.gather(*(one_stream(k) for k in range(n)))
+    return tokens
+
+
+async def with_local_server(model_dir: Path, run, batch: int = 0):
+    """Serve the editor router over an in-process engine on a free port; call run(url), with `batch`
+    BATCH requests running beside it (batch_load); returns (run's result, batch tokens per second)."""
     import uvicorn
     from fastapi import FastAPI
 
@@ -126,9 +155,16 @@ async def with_local_server(model_dir: Path, run):
     serve_task = asyncio.ensure_future(server.serve())
     while not server.started:
         await asyncio.sleep(0.05)
+    done = asyncio.Event()
+    load = asyncio.ensure_future(batch_load(engine, batch, done))
+    start = time.perf_counter()
     try:
-        return await run(f"ws://127.0.0.1:{port}/v1/editor")
+        result = await run(f"ws://127.0.0.1:{port}/v1/editor")
+        done.set()
+        return result, await load / (time.perf_counter() - start)
     finally:
+        done.set()
+        load.cancel()
         server.should_exit = True
         await serve_task
         await engine.stop(drain_timeout_s=2)
@@ -142,7 +178,7 @@ def report(stats: dict, args, where: str) -> str:
                f"torch {torch.__version__}; no GPU")
     tpf = f"{statistics.median(stats['tpf']):.2f}" if stats["tpf"] else "n/a (stopped early by a rule)"
     lines = [
-        f"Machine: {machine}. Model: `{args.model}` ({where}), mode `{args.mode}`, single-line, "
+        f"Machine: {machine}. Model: `{args.model}` ({where}), mode `{args.mode}`, single-line, {args.editors} editor(s), "
         f"{args.cases} held-out stdlib function-body lines x {args.repeats} repeats (prefix cache warmed by one run per case), "
         f"max_time_ms {args.max_time_ms}.",
         "",
@@ -156,6 +192,10 @@ def report(stats: dict, args, where: str) -> str:
         f"Stop reasons: {dict(sorted(stats['reasons'].items()))}; median tokens/forward of finished requests: {tpf}; "
         f"exact match with the removed line: {stats['exact']}/{args.cases}.",
     ]
+    if args.batch_load:
+        lines.append(f"Beside it: {args.batch_load} BATCH requests (AR, 256 sampled tokens each, resubmitted), "
+                     f"{stats['batch_tok_s']:.1f} batch tokens/s; scheduler aging "
+                     f"{'off (--no-aging)' if args.no_aging else 'on'}.")
     return "\n".join(lines)
 
 
@@ -170,11 +210,30 @@ def main() -> int:
     parser.add_argument("--mode", choices=("auto", "refusion", "ar"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--append", default=None, help="append the table to this markdown file")
+    parser.add_argument("--editors", type=int, default=1, help="editors completing at once (each runs every case)")
+    parser.add_argument("--batch-load", type=int, default=0, help="in-process: BATCH requests kept running beside")
+    parser.add_argument("--no-aging", action="store_true", help="in-process: scheduler aging off (A/B)")
     args = parser.parse_args()
+    if args.url and (args.batch_load or args.no_aging):
+        raise SystemExit("--batch-load and --no-aging need the in-process server: drop --url")
+    if args.no_aging:
+        import scheduler.request
+
+        scheduler.request.AGED_AFTER = 10**9
     cases = held_out_cases(args.cases, args.seed, heldout_fraction_of(Path(args.model)))
 
     async def run(url: str) -> dict:
-        return await measure(url, cases, args.repeats, args.max_time_ms, args.mode, args.api_key)
+        if args.editors == 1:
+            return await measure(url, cases, args.repeats, args.max_time_ms, args.mode, args.api_key)
+        runs = await asyncio.gather(*(measure(url, cases[k % len(cases):] + cases[:k % len(cases)], args.repeats,
+                                              args.max_time_ms, args.mode, args.api_key) for k in range(args.editors)))
+        merged = {"first": [], "full": [], "tpf": [], "exact": runs[0]["exact"], "reasons": {}, "server": runs[0]["server"]}
+        for one in runs:
+            for key in ("first", "full", "tpf"):
+                merged[key] += one[key]
+            for reason, count in one["reasons"].items():
+                merged["reasons"][reason] = merged["reasons"].get(reason, 0) + count
+        return merged
 
     if args.url:
         stats, where = asyncio.run(run(args.url)), f"server at {args.url}"
@@ -182,7 +241,8 @@ def main() -> int:
         model_dir = Path(args.model)
         if not (model_dir / "config.json").exists():
             raise SystemExit(f"--model {model_dir}: no config.json there; pass a model directory")
-        stats, where = asyncio.run(with_local_server(model_dir, run)), "in-process engine + uvicorn"
+        stats, batch_tok_s = asyncio.run(with_local_server(model_dir, run, args.batch_load))
+        stats["batch_tok_s"], where = batch_tok_s, "in-process engine + uvicorn"
     text = report(stats, args, where)
     print(text)
     if args.append:

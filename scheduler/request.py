@@ -13,9 +13,10 @@ from typing import Any
 from scheduler.api import Delta, FinishReason, GenerationRequest, Mode, Priority
 from scheduler.detokenizer import TextStream
 
-# Steps in a row a running request may be passed over before it is planned with the first class
-# (Request.plan_key): under a saturating INTERACTIVE stream a BATCH request then runs about one step in nine.
-AGED_AFTER_SKIPS = 8
+# Times a request may be passed over before it is ranked with the first class (Request.rank_key): running,
+# steps in a row without budget; waiting, later requests started before it. Under a saturating
+# INTERACTIVE stream a BATCH request then gets about one step, and one start, in nine.
+AGED_AFTER = 8
 
 
 class RequestStatus(Enum):
@@ -37,6 +38,8 @@ class Request:
     in_flight: its segment is inside the forward running now (its KV must not be freed until it returns).
     skipped: steps in a row it was passed over (budget spent, or its unsplittable step did not fit);
         the most-skipped go first within their priority class, so no running request starves.
+    passed_over: later requests that started while it waited; with `skipped`, what ages it into the
+        first class (rank_class). Never reset: a request aged while waiting keeps the rank to its end.
     overtook: it started while an earlier request of its class waited for KV (scheduler backfilling).
     kv_wait: (runner key, blocks short) when it last failed to start for lack of KV; else None.
     """
@@ -52,6 +55,7 @@ class Request:
     decoder: Any = None
     in_flight: bool = False
     skipped: int = 0
+    passed_over: int = 0
     finish_reason: FinishReason | None = None
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival_s: float = field(default_factory=time.monotonic)
@@ -134,14 +138,18 @@ class Request:
         """Scheduling order: priority class, then the most-skipped, then FCFS."""
         return (int(self.priority), -self.skipped, self.order)
 
-    def plan_key(self) -> tuple:
-        """Step-planning order: sort_key, except that a request passed over AGED_AFTER_SKIPS steps in a
-        row is planned with the first class (aging), so a running BATCH request still gets a share of
-        the token budget under a steady INTERACTIVE stream that fills it; once it runs, its count
-        resets. Admission and preemption keep sort_key (an aged request never displaces another)."""
-        if self.skipped >= AGED_AFTER_SKIPS:
-            return (int(Priority.INTERACTIVE), -self.skipped, self.order)
-        return self.sort_key()
+    @property
+    def rank_class(self) -> Priority:
+        """The class it is ranked with: its own, or the first once passed over AGED_AFTER times (aging:
+        running, `skipped` steps in a row; waiting, `passed_over` later requests that started first),
+        so a BATCH request still gets a share of slots, KV and the token budget under a steady
+        INTERACTIVE stream; an aged request is no preemption victim (scheduler._preempt_for). KV
+        victims go by sort_key (`priority`)."""
+        return Priority.INTERACTIVE if max(self.skipped, self.passed_over) >= AGED_AFTER else self.priority
+
+    def rank_key(self) -> tuple:
+        """Admission and step-planning order: rank_class, then the most-skipped, then FCFS."""
+        return (int(self.rank_class), -self.skipped, self.order)
 
     def stream_ids(self) -> list[int]:
         """Final generated ids so far (a decoder built from a handoff includes the handed-off text)."""

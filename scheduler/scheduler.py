@@ -7,9 +7,11 @@ ReFusion pool of tentative tokens, in blocks). A waiting request starts only whe
 blocks, minus what running requests may still allocate up to their own estimates, minus a reserve,
 cover its estimate (less the blocks it shares from the prefix cache). Prefix-cache blocks are evicted
 (LRU) when that frees enough. Priority order: INTERACTIVE before BATCH, FCFS within a class; running
-requests skipped for lack of budget go first in their class next step, and one skipped
-AGED_AFTER_SKIPS steps in a row is planned with the first class (aging: Request.plan_key), so no one
-starves, a BATCH request under a steady INTERACTIVE stream included. A waiting
+requests skipped for lack of budget go first in their class next step. Aging: a request passed over
+AGED_AFTER times (steps in a row without budget, or later requests that started while it waited) is
+ranked with the first class (Request.rank_class), so no one starves, a BATCH request under a steady
+INTERACTIVE stream that fills the slots, the KV or the budget included. A request aged while waiting
+keeps that rank to its end, so it is not preempted for an INTERACTIVE one; aging never preempts. A waiting
 INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request that
 has been preempted fewer than `max_preemptions` times (a preempted request restarts from scratch, so
 the bound is what lets a long BATCH request finish under a steady INTERACTIVE stream).
@@ -20,7 +22,8 @@ at per step), so one long request's reservation does not hold a short one back f
 full gen_length reserved at admission, a few max_tokens=3000 requests would otherwise stall every
 later request while most blocks are still free). The waiting request is not starved: backfilling stops
 as soon as the blocks held by requests that overtook it would make it fit, so it waits at most for
-those to finish. Never across classes: a BATCH request does not overtake a waiting INTERACTIVE one.
+those to finish. Never across classes: a BATCH request does not overtake a waiting INTERACTIVE one (classes as ranked,
+aging included).
 
 Prefix waits: a waiting request whose prompt shares at least `prefix_wait_blocks` more full blocks with
 a prompt a running request is still prefilling than the prefix cache holds does not start yet; once
@@ -165,7 +168,7 @@ class Scheduler:
         plan = StepPlan()
         self._start_waiting(plan)
         budget = self.config.token_budget
-        for req in sorted(self.running, key=Request.plan_key):
+        for req in sorted(self.running, key=Request.rank_key):
             if req.status is not RequestStatus.RUNNING:
                 continue  # sent back to the queue for KV earlier in this loop
             if budget <= 0:
@@ -238,15 +241,22 @@ class Scheduler:
 
     # ---- internals -----------------------------------------------------------------------------
     def _start_waiting(self, plan: StepPlan) -> None:
-        """Start waiting requests in scheduling order; around a head waiting for KV, backfill (module
-        docstring)."""
-        self.waiting.sort(key=Request.sort_key)
+        """Start waiting requests in rank order; around a head waiting for KV, backfill (module
+        docstring). Each request left waiting counts the later ones that started before it (aging)."""
+        self.waiting.sort(key=Request.rank_key)
+        started: list[Request] = []
+        self._start_in_order(plan, started)
+        for req in self.waiting:
+            req.passed_over += sum(1 for r in started if r.order > req.order)
+
+    def _start_in_order(self, plan: StepPlan, started_now: list[Request]) -> None:
+        """The waiting requests (in rank order) that can start now, moved to running and to `started_now`."""
         head: Request | None = None  # the first request left waiting for KV
         held_slots = held_blocks = 0  # what the prefix waiters met so far keep for themselves (below)
         i = 0
         while i < len(self.waiting):
             req = self.waiting[i]
-            if head is not None and (req.priority is not head.priority or i > BACKFILL_SCAN
+            if head is not None and (req.rank_class is not head.rank_class or i > BACKFILL_SCAN
                                      or not self._may_overtake(head)):
                 return
             req.prefix_wait = None
@@ -260,6 +270,7 @@ class Scheduler:
                 continue
             if started:
                 self.waiting.pop(i)
+                started_now.append(req)
                 req.overtook = head is not None
                 if head is not None:
                     log.info("backfilled", request_id=req.id, around=head.id)
@@ -288,8 +299,8 @@ class Scheduler:
         to the queue (see `requeue`)."""
         if not self.config.preempt_for_interactive or req.priority is not Priority.INTERACTIVE:
             return False
-        victims = [r for r in self.running if r.priority > req.priority and len(r.mode_history) == 1
-                   and r.preemptions < self.config.max_preemptions]
+        victims = [r for r in self.running if r.rank_class > req.priority and len(r.mode_history) == 1
+                   and r.preemptions < self.config.max_preemptions]  # an aged request is not preempted
         if not victims:
             return False
         self.requeue(max(victims, key=lambda r: r.order), reason=f"for {req.id}")

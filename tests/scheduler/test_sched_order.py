@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from sched_fakes import FakeFactory, FakeRunner, collect, ids_of, make_engine
 
 from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
@@ -179,9 +180,9 @@ async def collect_rest(stream) -> list:
 
 async def test_a_running_batch_request_is_not_starved_by_a_steady_interactive_stream():
     """Budget 8, every step 8 tokens: interactive steps alone would fill every forward until the last
-    interactive request ended. Aging (Request.plan_key) plans the batch request with the first class
-    once it has been passed over AGED_AFTER_SKIPS steps in a row, so it runs while they still do."""
-    from scheduler.request import AGED_AFTER_SKIPS
+    interactive request ended. Aging (Request.rank_class) plans the batch request with the first class
+    once it has been passed over AGED_AFTER steps in a row, so it runs while they still do."""
+    from scheduler.request import AGED_AFTER
 
     runner = FakeRunner(num_blocks=512)
     engine, _ = make_engine(runner=runner, token_budget=8, prefix_cache=False)
@@ -195,5 +196,33 @@ async def test_a_running_batch_request_is_not_starved_by_a_steady_interactive_st
     last_interactive = max(k for k, ids in enumerate(steps) if ids - {"batch"})
     assert batch_steps and batch_steps[0] < last_interactive, steps
     gaps = [b - a for a, b in zip([-1] + batch_steps, batch_steps) if b < last_interactive]
-    assert gaps and max(gaps) <= AGED_AFTER_SKIPS + 1 + len(interactive), (gaps, steps)
+    assert gaps and max(gaps) <= AGED_AFTER + 1 + len(interactive), (gaps, steps)
+    await engine.stop()
+
+
+@pytest.mark.parametrize("preempt", [False, True])
+async def test_a_waiting_batch_request_is_not_starved_by_later_interactive_ones(preempt):
+    """One running slot: a batch request queued first and 30 interactive ones behind it. Strict classes
+    would start all 30 before it; aged after AGED_AFTER later requests started first, it is ranked with
+    them and, the oldest, starts next, and (aged) is not preempted by the next interactive request: it
+    runs to its end before the interactive stream does, with preemption on or off."""
+    from scheduler.request import AGED_AFTER
+
+    runner = FakeRunner(num_blocks=512)
+    engine, _ = make_engine(runner=runner, max_running=1, prefix_cache=False, preempt_for_interactive=preempt)
+    await engine.start()
+    requests = [req("batch", mode=Mode.AR)] + [req(f"i{k}", mode=Mode.AR, priority=Priority.INTERACTIVE) for k in range(30)]
+    results = await _submit_all_then_run(engine, requests)
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
+    firsts = []
+    for call in runner.calls:
+        for segment in call:
+            if segment.seq_id not in firsts:
+                firsts.append(segment.seq_id)
+    last_batch = max(k for k, call in enumerate(runner.calls) if any(s.seq_id == "batch" for s in call))
+    first_of_last = min(k for k, call in enumerate(runner.calls) if any(s.seq_id == "i29" for s in call))
+    assert last_batch < first_of_last
+    assert firsts.index("batch") == AGED_AFTER, firsts  # after exactly AGED_AFTER interactive starts
+    batch_calls = [k for k, call in enumerate(runner.calls) if any(s.seq_id == "batch" for s in call)]
+    assert batch_calls == list(range(batch_calls[0], batch_calls[-1] + 1))  # one slot: never preempted
     await engine.stop()
