@@ -14,8 +14,8 @@ compared with the removed line (exact match), a rough quality signal for trained
 
 With --batch-load N, N BATCH requests (AR, 256 sampled tokens each, resubmitted as each ends) share the
 engine with the editor's INTERACTIVE ones; the table adds the batch tokens generated per second, the
-progress scheduler aging (scheduler.request.AGED_AFTER) keeps for them; --no-aging turns it off
-in this process for an A/B.
+progress scheduler aging (EngineConfig.aging_after) keeps for them; --no-aging sets it to 0 (strict
+classes) for an A/B.
 
 In-process mode serves the editor router with uvicorn on a local port over a LocalEngineClient (no Ray):
 it measures the protocol and engine, not Ray Serve's proxy hop.
@@ -132,7 +132,7 @@ async def batch_load(engine, n: int, done: asyncio.Event) -> int:
     return tokens
 
 
-async def with_local_server(model_dir: Path, run, batch: int = 0):
+async def with_local_server(model_dir: Path, run, batch: int = 0, engine_options: dict | None = None):
     """Serve the editor router over an in-process engine on a free port; call run(url), with `batch`
     BATCH requests running beside it (batch_load); returns (run's result, batch tokens per second)."""
     import uvicorn
@@ -142,7 +142,7 @@ async def with_local_server(model_dir: Path, run, batch: int = 0):
     from integrations.engine_client import LocalEngineClient
     from integrations.engine_host import build_engine
 
-    engine, tokenizer = build_engine(model_dir)
+    engine, tokenizer = build_engine(model_dir, engine_options=engine_options)
     await engine.start()
     app = FastAPI()
     app.state.engine_client = LocalEngineClient(engine, tokenizer, model_dir.name)
@@ -179,6 +179,7 @@ def report(stats: dict, args, where: str) -> str:
     tpf = f"{statistics.median(stats['tpf']):.2f}" if stats["tpf"] else "n/a (stopped early by a rule)"
     lines = [
         f"Machine: {machine}. Model: `{args.model}` ({where}), mode `{args.mode}`, single-line, {args.editors} editor(s), "
+        f"{f'max_running {args.max_running}, ' if args.max_running else ''}"
         f"{args.cases} held-out stdlib function-body lines x {args.repeats} repeats (prefix cache warmed by one run per case), "
         f"max_time_ms {args.max_time_ms}.",
         "",
@@ -213,13 +214,10 @@ def main() -> int:
     parser.add_argument("--editors", type=int, default=1, help="editors completing at once (each runs every case)")
     parser.add_argument("--batch-load", type=int, default=0, help="in-process: BATCH requests kept running beside")
     parser.add_argument("--no-aging", action="store_true", help="in-process: scheduler aging off (A/B)")
+    parser.add_argument("--max-running", type=int, default=None, help="in-process: the engine's max_running")
     args = parser.parse_args()
-    if args.url and (args.batch_load or args.no_aging):
-        raise SystemExit("--batch-load and --no-aging need the in-process server: drop --url")
-    if args.no_aging:
-        import scheduler.request
-
-        scheduler.request.AGED_AFTER = 10**9
+    if args.url and (args.batch_load or args.no_aging or args.max_running):
+        raise SystemExit("--batch-load, --no-aging and --max-running need the in-process server: drop --url")
     cases = held_out_cases(args.cases, args.seed, heldout_fraction_of(Path(args.model)))
 
     async def run(url: str) -> dict:
@@ -241,7 +239,9 @@ def main() -> int:
         model_dir = Path(args.model)
         if not (model_dir / "config.json").exists():
             raise SystemExit(f"--model {model_dir}: no config.json there; pass a model directory")
-        stats, batch_tok_s = asyncio.run(with_local_server(model_dir, run, args.batch_load))
+        options = {**({"max_running": args.max_running} if args.max_running else {}),
+                   **({"aging_after": 0} if args.no_aging else {})}
+        stats, batch_tok_s = asyncio.run(with_local_server(model_dir, run, args.batch_load, options))
         stats["batch_tok_s"], where = batch_tok_s, "in-process engine + uvicorn"
     text = report(stats, args, where)
     print(text)

@@ -106,6 +106,12 @@ class EngineConfig:
         INTERACTIVE requests wait for a slot or KV like everyone else. Each preemption discards the
         request's progress, so without a bound a steady interactive stream could restart a long batch
         request forever (vLLM bounds nothing here but keeps no reservations; this engine does).
+    aging_after: times a request may be passed over (steps in a row without budget while running;
+        later requests started while it waited) before it is ranked with the first class (aging:
+        scheduler.request.Request.rank_class). Under a steady INTERACTIVE stream that fills the slots,
+        KV or budget, a BATCH request then still progresses; an aged one is not preempted. 0: strict
+        classes (a BATCH request waits for as long as INTERACTIVE requests keep coming, as vLLM's
+        priority scheduling). bench/editor_latency.py --no-aging measures the trade.
     model_dir: directory whose `refusion.json` gives the default decoding parameters; None = the
         runner's own directory (scheduler.decoders.find_model_dir).
     """
@@ -120,6 +126,7 @@ class EngineConfig:
     max_stop_strings: int = 16
     preempt_for_interactive: bool = True
     max_preemptions: int = 2
+    aging_after: int = 8
     model_dir: str | None = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
@@ -134,4 +141,6 @@ class EngineConfig:
         _check(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0")
         _check(isinstance(self.max_preemptions, int) and self.max_preemptions >= 0, "max_preemptions",
                "must be an integer >= 0 (0: no request is preempted)")
+        _check(isinstance(self.aging_after, int) and self.aging_after >= 0, "aging_after",
+               "must be an integer >= 0 (0: strict priority classes, no aging)")
         _check(isinstance(self.routing, RoutingConfig), "routing", "must be a scheduler.config.RoutingConfig")

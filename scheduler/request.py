@@ -13,11 +13,6 @@ from typing import Any
 from scheduler.api import Delta, FinishReason, GenerationRequest, Mode, Priority
 from scheduler.detokenizer import TextStream
 
-# Times a request may be passed over before it is ranked with the first class (Request.rank_key): running,
-# steps in a row without budget; waiting, later requests started before it. Under a saturating
-# INTERACTIVE stream a BATCH request then gets about one step, and one start, in nine.
-AGED_AFTER = 8
-
 
 class RequestStatus(Enum):
     """WAITING (queued, no KV) -> RUNNING (has a decoder and KV) -> FINISHED (KV freed, stream closed)."""
@@ -56,6 +51,7 @@ class Request:
     in_flight: bool = False
     skipped: int = 0
     passed_over: int = 0
+    aged_after: int = 0  # EngineConfig.aging_after (0: never aged)
     finish_reason: FinishReason | None = None
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival_s: float = field(default_factory=time.monotonic)
@@ -140,12 +136,13 @@ class Request:
 
     @property
     def rank_class(self) -> Priority:
-        """The class it is ranked with: its own, or the first once passed over AGED_AFTER times (aging:
+        """The class it is ranked with: its own, or the first once passed over `aged_after` times (aging:
         running, `skipped` steps in a row; waiting, `passed_over` later requests that started first),
         so a BATCH request still gets a share of slots, KV and the token budget under a steady
         INTERACTIVE stream; an aged request is no preemption victim (scheduler._preempt_for). KV
         victims go by sort_key (`priority`)."""
-        return Priority.INTERACTIVE if max(self.skipped, self.passed_over) >= AGED_AFTER else self.priority
+        aged = self.aged_after and max(self.skipped, self.passed_over) >= self.aged_after
+        return Priority.INTERACTIVE if aged else self.priority
 
     def rank_key(self) -> tuple:
         """Admission and step-planning order: rank_class, then the most-skipped, then FCFS."""

@@ -8,7 +8,7 @@ blocks, minus what running requests may still allocate up to their own estimates
 cover its estimate (less the blocks it shares from the prefix cache). Prefix-cache blocks are evicted
 (LRU) when that frees enough. Priority order: INTERACTIVE before BATCH, FCFS within a class; running
 requests skipped for lack of budget go first in their class next step. Aging: a request passed over
-AGED_AFTER times (steps in a row without budget, or later requests that started while it waited) is
+`aging_after` times (steps in a row without budget, or later requests that started while it waited) is
 ranked with the first class (Request.rank_class), so no one starves, a BATCH request under a steady
 INTERACTIVE stream that fills the slots, the KV or the budget included. A request aged while waiting
 keeps that rank to its end, so it is not preempted for an INTERACTIVE one; aging never preempts. A waiting
@@ -140,7 +140,8 @@ class Scheduler:
                 retry_after_s=self.retry_after_s(),
             )
         self._arrivals += 1
-        req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals)
+        req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
+                      aged_after=self.config.aging_after)
         self.waiting.append(req)
         return req
 

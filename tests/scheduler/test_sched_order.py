@@ -178,14 +178,15 @@ async def collect_rest(stream) -> list:
     return [d async for d in stream]
 
 
-async def test_a_running_batch_request_is_not_starved_by_a_steady_interactive_stream():
+@pytest.mark.parametrize("aging_after", [8, 0])
+async def test_a_running_batch_request_is_not_starved_by_a_steady_interactive_stream(aging_after):
     """Budget 8, every step 8 tokens: interactive steps alone would fill every forward until the last
     interactive request ended. Aging (Request.rank_class) plans the batch request with the first class
-    once it has been passed over AGED_AFTER steps in a row, so it runs while they still do."""
-    from scheduler.request import AGED_AFTER
+    once it has been passed over `aging_after` steps in a row, so it runs while they still do; with
+    aging off (0), strict classes: it runs only after the last interactive step."""
 
     runner = FakeRunner(num_blocks=512)
-    engine, _ = make_engine(runner=runner, token_budget=8, prefix_cache=False)
+    engine, _ = make_engine(runner=runner, token_budget=8, prefix_cache=False, aging_after=aging_after)
     await engine.start()
     batch = req("batch", prompt=[5], mode=Mode.REFUSION, gen=16)
     interactive = [req(f"i{k}", prompt=[5], mode=Mode.REFUSION, gen=16, priority=Priority.INTERACTIVE)
@@ -194,20 +195,21 @@ async def test_a_running_batch_request_is_not_starved_by_a_steady_interactive_st
     steps = [{s.seq_id for s in call if s.reads} for call in runner.calls]
     batch_steps = [k for k, ids in enumerate(steps) if "batch" in ids]
     last_interactive = max(k for k, ids in enumerate(steps) if ids - {"batch"})
-    assert batch_steps and batch_steps[0] < last_interactive, steps
-    gaps = [b - a for a, b in zip([-1] + batch_steps, batch_steps) if b < last_interactive]
-    assert gaps and max(gaps) <= AGED_AFTER + 1 + len(interactive), (gaps, steps)
+    if not aging_after:  # strict classes: the batch steps all come after the interactive ones
+        assert batch_steps[0] > last_interactive, steps
+    else:
+        assert batch_steps and batch_steps[0] < last_interactive, steps
+        gaps = [b - a for a, b in zip([-1] + batch_steps, batch_steps) if b < last_interactive]
+        assert gaps and max(gaps) <= aging_after + 1 + len(interactive), (gaps, steps)
     await engine.stop()
 
 
 @pytest.mark.parametrize("preempt", [False, True])
 async def test_a_waiting_batch_request_is_not_starved_by_later_interactive_ones(preempt):
     """One running slot: a batch request queued first and 30 interactive ones behind it. Strict classes
-    would start all 30 before it; aged after AGED_AFTER later requests started first, it is ranked with
+    would start all 30 before it; aged after `aging_after` later requests started first, it is ranked with
     them and, the oldest, starts next, and (aged) is not preempted by the next interactive request: it
     runs to its end before the interactive stream does, with preemption on or off."""
-    from scheduler.request import AGED_AFTER
-
     runner = FakeRunner(num_blocks=512)
     engine, _ = make_engine(runner=runner, max_running=1, prefix_cache=False, preempt_for_interactive=preempt)
     await engine.start()
@@ -222,7 +224,7 @@ async def test_a_waiting_batch_request_is_not_starved_by_later_interactive_ones(
     last_batch = max(k for k, call in enumerate(runner.calls) if any(s.seq_id == "batch" for s in call))
     first_of_last = min(k for k, call in enumerate(runner.calls) if any(s.seq_id == "i29" for s in call))
     assert last_batch < first_of_last
-    assert firsts.index("batch") == AGED_AFTER, firsts  # after exactly AGED_AFTER interactive starts
+    assert firsts.index("batch") == engine.config.aging_after == 8, firsts  # after exactly 8 interactive starts
     batch_calls = [k for k, call in enumerate(runner.calls) if any(s.seq_id == "batch" for s in call)]
     assert batch_calls == list(range(batch_calls[0], batch_calls[-1] + 1))  # one slot: never preempted
     await engine.stop()
