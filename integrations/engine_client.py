@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
-from scheduler.api import Delta, EngineError, FinishReason, GenerationRequest, InvalidRequestError, OverloadedError
+from scheduler.api import Delta, EngineError, FinishReason, GenerationRequest, InvalidRequestError, OverloadedError, merge_deltas
 from scheduler.engine import EngineNotRunningError
 
 log = logging.getLogger(__name__)
@@ -127,24 +127,6 @@ def read_model_card(model_dir: str | Path) -> dict:
         "limits": {"context_length": int(config.get("max_position_embeddings", 0))},
         "defaults": defaults,
     }
-
-
-def merge_deltas(deltas: list[Delta]) -> Delta:
-    """One Delta carrying several consecutive ones of the same request (text, ids and log probabilities
-    concatenated, the last one's finish fields, every one's stats: a later key wins; the prompt's scores
-    of the one that carries them)."""
-    if len(deltas) == 1:
-        return deltas[0]
-    last = deltas[-1]
-    return Delta(
-        request_id=last.request_id, text="".join(d.text for d in deltas),
-        token_ids=[t for d in deltas for t in d.token_ids], finished=last.finished,
-        finish_reason=last.finish_reason, mode=last.mode or next((d.mode for d in deltas if d.mode), None),
-        stats={k: v for d in deltas for k, v in d.stats.items()}, error=last.error, error_field=last.error_field,
-        logprobs=None if last.logprobs is None else [e for d in deltas for e in d.logprobs or ()],
-        prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
-        eos_logprob=last.eos_logprob,
-    )
 
 
 async def coalesce_deltas(stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:

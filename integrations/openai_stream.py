@@ -119,19 +119,26 @@ async def chat_events(header, deltas, allowed_tools: set[str] | None, prefix: st
             pieces = [text] if parser is None else parser.feed(text)
             if delta.finished and parser is not None:
                 pieces += parser.finish()
+            chunks, last_is_text = [], False
             for piece in pieces:
                 content = logprobs.chat(entries) if logprobs is not None and entries else None
                 if isinstance(piece, str):
                     if piece:
-                        yield shape.chat_chunk(header, {"content": piece}, logprobs=content)
-                        entries = []
+                        chunks.append(shape.chat_chunk(header, {"content": piece}, logprobs=content))
+                        entries, last_is_text = [], True
                 elif max_calls is None or num_calls < max_calls:
-                    yield shape.chat_chunk(header, shape.chat_tool_call_delta(piece, num_calls), logprobs=content)
-                    num_calls, entries = num_calls + 1, []
+                    chunks.append(shape.chat_chunk(header, shape.chat_tool_call_delta(piece, num_calls), logprobs=content))
+                    num_calls, entries, last_is_text = num_calls + 1, [], False
             if delta.finished:
                 finish = shape.chat_finish_reason(delta, num_calls)
                 content = logprobs.chat(entries) if logprobs is not None and entries else None
-                yield {**shape.chat_chunk(header, {}, finish, content), "refusion": shape.refusion_detail(delta)}
+                if last_is_text and content is None:  # the last text and the finish share a chunk (as vLLM)
+                    chunks[-1]["choices"][0]["finish_reason"] = finish
+                    chunks[-1]["refusion"] = shape.refusion_detail(delta)
+                else:
+                    chunks.append({**shape.chat_chunk(header, {}, finish, content), "refusion": shape.refusion_detail(delta)})
+            for chunk in chunks:
+                yield chunk
 
 
 async def echoed(deltas: AsyncIterator[Delta], prompt_text: str, first_token: int,

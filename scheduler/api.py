@@ -123,6 +123,24 @@ class Delta:
     eos_logprob: object | None = None
 
 
+def merge_deltas(deltas: list[Delta]) -> Delta:
+    """One Delta carrying several consecutive ones of the same request (text, ids and log probabilities
+    concatenated, the last one's finish fields, every one's stats: a later key wins; the prompt's scores
+    of the one that carries them)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    last = deltas[-1]
+    return Delta(
+        request_id=last.request_id, text="".join(d.text for d in deltas),
+        token_ids=[t for d in deltas for t in d.token_ids], finished=last.finished,
+        finish_reason=last.finish_reason, mode=last.mode or next((d.mode for d in deltas if d.mode), None),
+        stats={k: v for d in deltas for k, v in d.stats.items()}, error=last.error, error_field=last.error_field,
+        logprobs=None if all(d.logprobs is None for d in deltas) else [e for d in deltas for e in d.logprobs or ()],
+        prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
+        eos_logprob=last.eos_logprob,
+    )
+
+
 class RunnerInfo(Protocol):
     """What the scheduler reads about a runner's model and KV cache."""
 

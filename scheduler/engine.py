@@ -23,7 +23,8 @@ import structlog
 
 from decoding.api import DecodeParamError
 from decoding.grammar import Grammar, GrammarSpec, GrammarTokenizer
-from scheduler.api import ENGINE_STOPPED, Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
+from scheduler.api import (ENGINE_STOPPED, Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode,
+                           OverloadedError, merge_deltas)
 from scheduler.calibration import calibrate
 from scheduler.config import EngineConfig
 from scheduler.decoders import DecoderFactory, ModelDecoderFactory
@@ -90,8 +91,10 @@ class Engine:
         self._task = asyncio.create_task(self._run(), name="engine-loop")
 
     async def submit(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream the request's output as Deltas; the last has finished=True. Raises InvalidRequestError
-        or OverloadedError on the first iteration. Closing the generator (or cancelling the consuming
+        """Stream the request's output as Deltas; the last has finished=True. Deltas queued together are
+        yielded as one (merge_deltas): a step's last text and the request's end come in one Delta, as
+        vLLM puts finish_reason on the last token's chunk. Raises InvalidRequestError or
+        OverloadedError on the first iteration. Closing the generator (or cancelling the consuming
         task) cancels the request and frees its KV."""
         validate_request(request, self.runner.info.vocab_size, self.config.max_stop_strings)  # once, before a compile
         request = self._ar_only(request)
@@ -101,7 +104,10 @@ class Engine:
         req = self._admit(request, grammar)
         try:
             while True:
-                delta = await req.outbox.get()
+                pending = [await req.outbox.get()]
+                while not req.outbox.empty():  # one step's text and its end, or deltas a slow reader let pile up
+                    pending.append(req.outbox.get_nowait())
+                delta = merge_deltas(pending)
                 yield delta
                 if delta.finished:
                     return

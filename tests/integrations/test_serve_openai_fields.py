@@ -317,6 +317,9 @@ def test_what_vllm_bench_serve_sends_runs_to_exactly_max_tokens(http, model):
     assert held["choices"][0]["text"].startswith(plain["choices"][0]["text"]) or plain["usage"]["completion_tokens"] >= 30
     llama = http.post("/completion", json={"prompt": "x", "n_predict": 24, "ignore_eos": True}).json()
     assert llama["tokens_predicted"] == 24 and llama["stop_type"] == "limit"
+    sampled = {"prompt": "x", "max_tokens": 12, "temperature": 1.0, "seed": 9, "mode": "ar"}
+    off = [http.post("/v1/completions", json={**sampled, "top_k": k}).json()["choices"][0]["text"] for k in (-1, 0)]
+    assert off[0] == off[1]  # `vllm bench serve --top-k -1`: -1 is vLLM's "off", as 0
 
 
 @pytest.mark.parametrize("body, field", [
@@ -329,3 +332,19 @@ def test_what_vllm_bench_serve_sends_runs_to_exactly_max_tokens(http, model):
 def test_vllm_sampling_extensions_name_their_field_when_refused(http, body, field):
     response = http.post("/v1/completions", json=body)
     assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text[:300]
+
+
+def test_the_last_text_and_finish_reason_share_a_chunk(http):
+    """As vLLM: the chunk with finish_reason carries the last step's text (no empty trailing chunk, which
+    benchmark clients time as a ~0 ms inter-token latency), on completions and chat."""
+    for path, body in (("/v1/completions", {"prompt": "def f(x):\n"}),
+                       ("/v1/chat/completions", {"messages": USER})):
+        body = {**body, "max_tokens": 8, "ignore_eos": True, "stream": True, "temperature": 1.0, "seed": 5}
+        with http.stream("POST", path, json=body) as response:
+            lines = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
+        chunks = [httpx.Response(200, content=line).json() for line in lines]
+        choices = [c["choices"][0] for c in chunks if c.get("choices")]
+        finishing = [c for c in choices if c.get("finish_reason")]
+        text = (lambda c: c.get("text") if "text" in c else (c.get("delta") or {}).get("content"))
+        assert len(finishing) == 1 and finishing[0]["finish_reason"] == "length" and text(finishing[0]), choices
+        assert choices[-1] is finishing[0]
