@@ -12,7 +12,8 @@ It owns what must hold on every path, whatever a route does or fails to do:
   leave it raised. A route's RequestObserver (http_metrics.RequestObserver.for_request) that is still
   open then is finished with the status that went out: a 400 raised mid-route is counted as a 400.
   A request answered before its route made an observer (an invalid body, an unknown model, a prompt
-  over the context, a refusal while draining) is counted in `refusion_api_requests_total` here.
+  over the context) gets one here, finished with that status: counted in `refusion_api_requests_total`
+  and written to the request log like any other (a refusal while draining is counted only).
 - Draining: after `start_draining()`, new requests get 503 + Retry-After in OpenAI's error shape (/health
   answers {"status": "draining"}; /metrics keeps answering) and new WebSockets are accepted and at once
   closed with code 1013 ("try again later": closing before the accept would reach the client as an HTTP
@@ -34,6 +35,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+
+from integrations.http_metrics import RequestObserver
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,7 @@ class IngressGateMiddleware:
                 status = message["status"]
             await send(message)
 
+        arrived = time.perf_counter()
         scope["state"] = dict(scope.get("state") or {})  # per request: routes register their observer here
         endpoint = GAUGED_ENDPOINTS.get(path)
         gauge = self.metrics.in_flight.labels(endpoint) if endpoint else None
@@ -115,10 +120,12 @@ class IngressGateMiddleware:
             if gauge is not None:
                 gauge.dec()
             observer = scope["state"].get("observer")
+            if observer is None and endpoint is not None:  # answered before the route made one
+                request_id = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1") or None
+                observer = RequestObserver(self.metrics, endpoint, request_id, 0)
+                observer.started = arrived
             if observer is not None:
                 observer.finish(status, error="client disconnected" if status == CLIENT_GONE else None)
-            elif endpoint is not None:
-                self.metrics.requests.labels(endpoint, str(status)).inc()
 
     async def _refuse(self, scope, receive, send, path: str) -> None:
         if scope["type"] == "websocket":

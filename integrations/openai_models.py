@@ -173,7 +173,7 @@ class SamplingFields(OpenAIBody):
     serial_num_blocks: int | None = Field(default=None, ge=1)
     slot_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     token_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="0 = off (vLLM's and the engine's meaning)")
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K, description="0 or -1 = off (vLLM's meaning; the engine's 0)")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="vLLM's: 0 = off; AR sampling only")
     max_time_ms: int | None = Field(default=None, ge=1)
     priority: Literal["interactive", "batch"] | None = None  # default: interactive with `suffix` (FIM), else batch
@@ -181,6 +181,11 @@ class SamplingFields(OpenAIBody):
     # on completions too) or vLLM's structured_outputs; decoded on the AR path
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off(cls, value):
+        return 0 if value == -1 else value  # vLLM reads -1 and 0 alike: all tokens
 
     @field_validator("repetition_penalty")
     @classmethod

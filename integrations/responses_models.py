@@ -28,9 +28,12 @@ from integrations.openai_models import ChatCompletionRequest, ExtensionsBody
 from integrations.request_limits import InputError
 from workers.batch import MAX_TOP_LOGPROBS
 
-# ReFusion and sampling extensions passed through to the chat turn unchanged (openai_models.SamplingFields)
+# ReFusion and sampling extensions passed through to the chat turn unchanged (openai_models.SamplingFields);
+# vLLM's ResponsesRequest takes ignore_eos, min_tokens and repetition_penalty too (GuideLLM and AIPerf
+# send ignore_eos for fixed output lengths)
 EXTENSIONS = ("mode", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold", "top_k", "min_p",
-              "max_time_ms", "priority", "seed", "stop", "structured_outputs")
+              "max_time_ms", "priority", "seed", "stop", "structured_outputs", "ignore_eos", "min_tokens",
+              "repetition_penalty")
 # A chat field a 400 may name -> the Responses field the client sent (prefixes, longest first)
 _FIELD_NAMES = [("response_format.json_schema", "text.format"), ("response_format", "text.format"),
                 ("messages", "input"), ("max_completion_tokens", "max_output_tokens"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 import logging
 
 import httpx
@@ -289,12 +290,18 @@ async def test_health_is_ready_only_when_the_engine_answers(bpe_tokenizer, monke
         assert head.status_code == 200 and head.content == b""
 
 
-async def test_requests_refused_before_the_engine_are_counted(bpe_tokenizer):  # noqa: F811
+async def test_requests_refused_before_the_engine_are_counted(bpe_tokenizer, monkeypatch):  # noqa: F811
     """A 400 for an invalid body or a 404 for an unknown model is answered before the route makes its
-    request observer; the gate counts it, once, under the endpoint and status that went out."""
+    request observer; the gate counts it, once, under the endpoint and status that went out, and
+    writes its request-log line (with the client's X-Request-Id when it sent one)."""
+    from integrations import http_metrics
+
+    lines = []
+    monkeypatch.setattr(http_metrics, "request_log", SimpleNamespace(info=lambda event, **fields: lines.append(fields)))
     app = _app(ScriptedClient(bpe_tokenizer))
     async with _http(app) as http:
-        assert (await http.post("/v1/completions", json={"prompt": "x", "max_tokens": -1})).status_code == 400
+        assert (await http.post("/v1/completions", json={"prompt": "x", "max_tokens": -1},
+                                headers={"X-Request-Id": "bad-1"})).status_code == 400
         assert (await http.post("/v1/completions", content=b"{not json")).status_code == 400
         assert (await http.post("/v1/chat/completions", json={"model": "nope", "messages": [
             {"role": "user", "content": "hi"}]})).status_code == 404
@@ -303,6 +310,9 @@ async def test_requests_refused_before_the_engine_are_counted(bpe_tokenizer):  #
     assert _metric(app, "refusion_api_requests_total", endpoint="chat", status="404") == 1
     assert _metric(app, "refusion_api_requests_total", endpoint="completions", status="200") == 1
     assert _metric(app, "refusion_api_requests_in_flight") == 0
+    assert sorted((line["endpoint"], line["status"]) for line in lines) == [
+        ("chat", 404), ("completions", 200), ("completions", 400), ("completions", 400)]
+    assert any(line["request_id"] == "bad-1" and line["status"] == 400 for line in lines)
 
 
 async def test_a_streamed_completion_ends_with_the_refusion_block(bpe_tokenizer):  # noqa: F811

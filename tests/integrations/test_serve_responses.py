@@ -117,3 +117,18 @@ def test_sdk_raises_on_a_bad_request(client, model):
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model=model, input="x", previous_response_id="resp_123")
     assert err.value.body["param"] == "previous_response_id"
+
+
+def test_what_guidellm_sends_runs_to_exactly_max_output_tokens(http):
+    """GuideLLM's and AIPerf's Responses bodies for a fixed output length (stop null, ignore_eos true,
+    streamed): vLLM's extensions are taken here as on chat, and every request generates exactly
+    max_output_tokens."""
+    body = {"stream": True, "max_output_tokens": 24, "stop": None, "ignore_eos": True,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "def f(x):"}]}]}
+    with http.stream("POST", "/v1/responses", json=body) as response:
+        assert response.status_code == 200, response.read()[:300]
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    final = events[-1]
+    assert final["type"] == "response.incomplete" and final["response"]["usage"]["output_tokens"] == 24, final
+    bad = http.post("/v1/responses", json={"input": "x", "max_output_tokens": 8, "repetition_penalty": 1.2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "repetition_penalty", bad.text[:300]
