@@ -247,8 +247,9 @@ class Scheduler:
         self.waiting.sort(key=Request.rank_key)
         started: list[Request] = []
         self._start_in_order(plan, started)
-        for req in self.waiting:
-            req.passed_over += sum(1 for r in started if r.order > req.order)
+        if started:  # (most steps start nobody: no walk over the queue then)
+            for req in self.waiting:
+                req.passed_over += sum(1 for r in started if r.order > req.order)
 
     def _start_in_order(self, plan: StepPlan, started_now: list[Request]) -> None:
         """The waiting requests (in rank order) that can start now, moved to running and to `started_now`."""
