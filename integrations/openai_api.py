@@ -144,7 +144,8 @@ async def completions(request: Request):
     body = await read_body(request, CompletionRequest)
     client, settings = request.app.state.engine_client, request.app.state.settings
     check_model(request, body.model)
-    settings.limits.check_sequences(len(body.prompts), body.n)
+    if body.suffix is None:  # (an infill takes one prompt and n 1: refused below, naming why)
+        settings.limits.check_sequences(len(body.prompts), body.n)
     header = shape.ResponseHeader("cmpl", client.model_name, request_id(request, "cmpl"))
     grammar = None
     if body.response_format is not None or body.structured_outputs is not None:  # compiling can take a while

@@ -59,7 +59,7 @@ async def primed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> Asy
     except BaseException as exc:
         await deltas.aclose()
         error = exc if isinstance(exc, APIError) else from_engine_error(exc) if isinstance(exc, Exception) else None
-        observer.finish(error.status if error else 499, error=str(exc))
+        observer.finish(error.status if error else 499, error=str(exc) if error else "client disconnected")
         if error is None:
             raise
         raise error from exc

@@ -133,9 +133,10 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
                          requested=body.max_tokens is not None, slot_size=body.slot_size_in_force(settings.decode_defaults),
                          slot_requested=body.slot_size is not None, prompt_field=prompt_field,
                          max_tokens_field=body.max_tokens_field)
-    if body.min_tokens > (0 if echo_only else fit.gen_length):  # vLLM's rule: min_tokens <= max_tokens
-        raise InputError(400, "min_tokens", f"is {body.min_tokens}, above the {fit.gen_length} tokens this request "
-                         f"generates at most ({body.max_tokens_field} and the context): lower min_tokens")
+    most = 0 if echo_only else fit.gen_length
+    if body.min_tokens > most:  # vLLM's rule: min_tokens <= max_tokens
+        raise InputError(400, "min_tokens", f"is {body.min_tokens}, above the {most} tokens this request generates "
+                         f"at most ({body.max_tokens_field} and the context): lower min_tokens")
     return GenerationRequest(
         request_id=rid, prompt_ids=prompt, params=body.decode_params(fit.gen_length, settings.decode_defaults, fit.slot_size),
         mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from integrations import openai_responses as shape
 from integrations.editor.document import DocumentStyle, DocumentTextStream
-from integrations.editor.infill import heal_text
+from integrations.editor.infill import Healer
 from integrations.http_errors import APIError, from_engine_error
 from integrations.http_metrics import RequestObserver
 from integrations.openai_logprobs import LogprobFormatter
@@ -172,17 +172,15 @@ async def eos_listed(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
 
 
 async def healed_deltas(deltas: AsyncIterator[Delta], healed: str) -> AsyncIterator[Delta]:
-    """The deltas with up to len(healed) leading spaces/tabs of the generated text dropped (the
-    whitespace a token-healed prompt left out: openai_requests.completion_requests), however the text
-    is split across deltas; a newline or any other character ends the dropping. Token ids and logprobs
-    are untouched. Closing this closes `deltas`."""
-    left = len(healed)
+    """The deltas with the front of the generated text that the healed whitespace stands for dropped
+    (editor.infill.Healer: the whitespace a token-healed prompt left out, openai_requests.
+    completion_requests), however the text is split across deltas. Token ids and logprobs are
+    untouched. Closing this closes `deltas`."""
+    healer = Healer(healed)
     async with contextlib.aclosing(deltas):
         async for delta in deltas:
-            if left and delta.text:
-                text = heal_text(delta.text, " " * left)
-                left = left - (len(delta.text) - len(text)) if not text else 0
-                delta = dataclasses.replace(delta, text=text)
+            if not healer.done and delta.text:
+                delta = dataclasses.replace(delta, text=healer.feed(delta.text))
             yield delta
 
 

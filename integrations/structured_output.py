@@ -129,12 +129,23 @@ def closed_objects(schema):
     return _rewritten(schema, close)
 
 
+_ANNOTATIONS = frozenset({"description", "title", "$comment", "examples"})  # keywords that constrain nothing
+
+
 def _without_string_key_rules(schema):
-    """`schema` without `propertyNames: {"type": "string"}`, which every JSON object meets (keys are
-    strings) and which llguidance does not implement: zod 4 writes it for every z.record(), so the
-    Vercel AI SDK's and openai-node's record schemas would otherwise be refused."""
+    """`schema` without a `propertyNames` every JSON object meets (keys are strings): `true`, `{}`, or
+    `{"type": "string"}` (or `["string"]`) with annotations at most. llguidance does not implement the
+    keyword; zod 4 writes it for every z.record() (with `.describe()`'s description), so the Vercel AI
+    SDK's and openai-node's record schemas would otherwise be refused."""
+    def trivial(rule) -> bool:
+        if rule is True:
+            return True
+        if not isinstance(rule, dict) or set(rule) - _ANNOTATIONS - {"type"}:
+            return False
+        return rule.get("type", "string") in ("string", ["string"])
+
     def drop(node: dict, out: dict) -> dict:
-        if out.get("propertyNames") == {"type": "string"}:
+        if "propertyNames" in out and trivial(out["propertyNames"]):
             del out["propertyNames"]
         return out
 

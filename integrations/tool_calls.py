@@ -81,13 +81,12 @@ def _not_json(constant: str):
 
 
 def split_tool_calls(text: str, allowed_names: set[str] | None = None) -> tuple[str | None, list[ToolCall]]:
-    """Split finished output into (content, tool_calls). Content is None when only calls remain."""
+    """Split finished output into (content, tool_calls), exactly as ToolCallStreamParser streams it (so a
+    streamed and a whole answer agree). Content is None when only calls remain."""
     parser = ToolCallStreamParser(allowed_names)
     events = parser.feed(text) + parser.finish()
     calls = [e for e in events if isinstance(e, ToolCall)]
     content = "".join(e for e in events if isinstance(e, str))
-    if calls:
-        content = content.strip()
     return (content or None) if calls else content, calls
 
 
@@ -122,9 +121,10 @@ class ToolCallStreamParser:
     """Incremental parser for streamed text. feed(text) and finish() return events in order: plain
     text (str) to send as content, or a ToolCall once its block has closed.
 
-    Text that might be the start of `<tool_call>` is held back until it is decided. Whitespace-only text
-    is held until more text arrives, and dropped at the end when tool calls were found (the whitespace
-    around tool-call blocks is formatting, not content).
+    Text that might be the start of `<tool_call>` is held back until it is decided. Trailing whitespace
+    is held until more text arrives: dropped when a call comes next, or at the end when tool calls were
+    found (the whitespace around tool-call blocks is formatting, not content); sent before the next text
+    otherwise.
     """
 
     def __init__(self, allowed_names: set[str] | None = None):
@@ -178,8 +178,9 @@ class ToolCallStreamParser:
     def _text(self, events: list, text: str) -> None:
         if not text:
             return
-        if not text.strip():
+        body = text.rstrip()
+        if not body:
             self._space += text
             return
-        events.append(self._space + text)
-        self._space = ""
+        events.append(self._space + body)
+        self._space = text[len(body):]

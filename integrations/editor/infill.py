@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from integrations.editor.document import DocumentStyle, cursor_at_indent
+from integrations.editor.document import MODEL_TAB_WIDTH, DocumentStyle, cursor_at_indent
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX
 
 # Token budgets of the prompt parts: the prefix is kept from its end, the suffix from its start.
@@ -164,13 +164,39 @@ def _header_and_tail(tokenizer, header: str, text: str, budget: int) -> list[int
     return header_ids + best_ids
 
 
+def _blank_end(column: int, char: str) -> int:
+    """The column after one space or tab starting at `column` (tab stops every MODEL_TAB_WIDTH)."""
+    return column + 1 if char == " " else (column // MODEL_TAB_WIDTH + 1) * MODEL_TAB_WIDTH
+
+
+class Healer:
+    """Drops the front of generated text that the healed whitespace already stands for, piece by piece:
+    leading spaces/tabs while they stay within the healed whitespace's width in columns (a tab reaches
+    the next multiple of MODEL_TAB_WIDTH, counted from the healed text's start), so "  \t" (4 columns)
+    absorbs the four spaces the model writes. A newline or any other character ends the dropping."""
+
+    def __init__(self, healed: str):
+        self.width = 0
+        for char in healed:
+            self.width = _blank_end(self.width, char)
+        self.column = 0
+        self.done = not healed
+
+    def feed(self, text: str) -> str:
+        i = 0
+        while not self.done and i < len(text):
+            end = _blank_end(self.column, text[i]) if text[i] in " \t" else None
+            if end is None or end > self.width:
+                self.done = True
+                break
+            self.column, i = end, i + 1
+        return text[i:]
+
+
 def heal_text(text: str, healed: str) -> str:
-    """The generated text as seen from the cursor: drop up to len(healed) leading spaces/tabs (the
-    whitespace the editor already has; a model that starts with a newline keeps it)."""
-    i = 0
-    while i < len(text) and i < len(healed) and text[i] in " \t":
-        i += 1
-    return text[i:]
+    """The generated text as seen from the cursor: Healer(healed) on the whole text (the whitespace the
+    editor already has dropped; a model that starts with a newline keeps it)."""
+    return Healer(healed).feed(text)
 
 
 def plan_gaps(max_tokens: int | None, multiline: bool) -> tuple[int, ...]:

@@ -204,7 +204,7 @@ async def test_blocks_keep_the_order_written_and_the_stream_builds_the_message()
     events = await _events(turn, _deltas(["Let me add. ", CALL[:15], CALL[15:], " Done."], stats={"cached_prompt_tokens": 2}))
     message = turn.message
     assert [(b["type"], b.get("text") or b.get("name")) for b in message["content"]] == [
-        ("text", "Let me add. "), ("tool_use", "add"), ("text", " Done.")]
+        ("text", "Let me add."), ("tool_use", "add"), ("text", " Done.")]
     assert message["content"][1]["input"] == {"a": 1} and message["content"][1]["id"].startswith("toolu_")
     assert message["stop_reason"] == "tool_use" and message["stop_sequence"] is None
     assert message["usage"] == {"input_tokens": 3, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2,

@@ -200,6 +200,9 @@ def test_token_healing_leaves_trailing_spaces_to_the_model(bpe_tokenizer):  # no
     (["      y"], "    ", "  y"),                    # never more than the healed amount
     (["  ", "\n    y"], "    ", "\n    y"),       # a newline ends the dropping
     ([" 1", " 2"], " ", "1 2"),                      # only the front of the text
+    (["  ", "  return"], "  \t", "return"),          # mixed: "  \t" is 4 columns, as the 4 spaces written
+    (["\treturn"], "  ", "\treturn"),               # a tab past the healed 2 columns is the model's own
+    (["\t", "x"], "\t", "x"),
 ])
 async def test_healed_deltas_drop_the_healed_blanks_however_the_text_is_split(pieces, healed, expected):
     """/v1/completions' token healing on a stream (openai_stream.healed_deltas): the same text as

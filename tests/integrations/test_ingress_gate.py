@@ -165,7 +165,7 @@ async def test_client_gone_is_one_quiet_499_even_when_receive_raises(bpe_tokeniz
     ("/completion", {"prompt": "x", "n_predict": 8}),
 ])
 async def test_a_client_that_leaves_before_its_answer_starts_has_its_engine_requests_cancelled(
-        bpe_tokenizer, path, fields):  # noqa: F811
+        bpe_tokenizer, path, fields, monkeypatch):  # noqa: F811
     """A plain ASGI server (uvicorn) tells a route that its client left only through receive(), which a
     route collecting a whole answer never reads: the gate watches the connection and cancels the route,
     so the engine requests end (KV freed) at once, counted as one 499, nothing sent. Forced: the client
@@ -184,6 +184,10 @@ async def test_a_client_that_leaves_before_its_answer_starts_has_its_engine_requ
 
     client.stream = recording
     app = _app(client)
+    from integrations import http_metrics
+
+    lines = []
+    monkeypatch.setattr(http_metrics, "request_log", SimpleNamespace(info=lambda event, **fields: lines.append(fields)))
 
     async def disconnect():
         return {"type": "http.disconnect"}
@@ -194,6 +198,7 @@ async def test_a_client_that_leaves_before_its_answer_starts_has_its_engine_requ
     assert _metric(app, "refusion_api_requests_total", endpoint=endpoint, status="499") == 1
     assert _metric(app, "refusion_api_requests_total", endpoint=endpoint) == 1
     assert _metric(app, "refusion_api_requests_in_flight") == 0 and app.state.gate.open_requests == 0
+    assert [(line["status"], line["error"]) for line in lines] == [(499, "client disconnected")]
 
 
 async def test_a_client_that_stays_gets_its_whole_answer_with_the_watch_on(bpe_tokenizer):  # noqa: F811

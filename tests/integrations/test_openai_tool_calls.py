@@ -62,13 +62,14 @@ def test_stream_parser_any_split_point(cut):
     events = _stream_events(text, cut, {"get_weather"})
     texts = "".join(e for e in events if isinstance(e, str))
     calls = [e for e in events if not isinstance(e, str)]
-    assert texts == "ok  done" and [c.name for c in calls] == ["get_weather"]
+    assert texts == "ok done" and [c.name for c in calls] == ["get_weather"]  # the space before a call is formatting
+    assert split_tool_calls(text, {"get_weather"})[0] == texts  # whole and streamed alike
 
 
 def test_stream_parser_holds_back_marker_prefix_only_while_undecided():
     parser = ToolCallStreamParser({"f"})
-    assert parser.feed("x <tool_") == ["x "]
-    assert parser.feed("box") == ["<tool_box"]
+    assert parser.feed("x <tool_") == ["x"]  # the space waits: it is dropped if a call comes next
+    assert parser.feed("box") == [" <tool_box"]
     assert parser.feed("<tool_call>{\"na") == []
     assert parser.finish() == ['<tool_call>{"na']
 
@@ -95,7 +96,7 @@ async def test_streamed_tool_call_chunks():
     chunks = await _run_chat_stream(pieces, {"get_weather"})
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
-    assert deltas[0] == {"content": "Sure. "}
+    assert deltas[0] == {"content": "Sure."}  # the space before the call is formatting (as the whole answer)
     call = deltas[1]["tool_calls"][0]
     assert call["index"] == 0 and call["type"] == "function" and call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
@@ -251,3 +252,19 @@ async def test_parallel_tool_calls_false_keeps_only_the_first_call():
                     if "tool_calls" in d]
         assert [json.loads(c["function"]["arguments"])["city"] for c in streamed] == expected
         assert [c["index"] for c in streamed] == list(range(len(expected)))
+
+
+@pytest.mark.parametrize("text", [
+    CALL + "\n >",                            # text after a call (a cut second call, ignore_eos)
+    "Sure.\n\n" + CALL + "\n" + CALL + "\n",  # formatting between and after calls
+    "  lead " + CALL + " tail  ",
+    "no call at all \n",
+    "a <tool_call>{\"name\"",                  # an unclosed block is text
+])
+def test_streamed_and_whole_answers_have_the_same_content(text):
+    """The non-streamed content (split_tool_calls) is what the stream sends, split anywhere."""
+    content, calls = split_tool_calls(text, {"get_weather"})
+    for cut in range(len(text) + 1):
+        events = _stream_events(text, cut, {"get_weather"})
+        assert "".join(e for e in events if isinstance(e, str)) == (content or "")
+        assert [c.name for c in events if not isinstance(c, str)] == [c.name for c in calls]

@@ -54,7 +54,7 @@ async def test_items_keep_the_order_written():
     events = await _events(["Let me check. ", CALL[:20], CALL[20:], " Then I explain."])
     final = events[-1]["response"]
     kinds = [(i["type"], i["content"][0]["text"] if i["type"] == "message" else i["name"]) for i in final["output"]]
-    assert kinds == [("message", "Let me check. "), ("function_call", "ping"), ("message", " Then I explain.")]
+    assert kinds == [("message", "Let me check."), ("function_call", "ping"), ("message", " Then I explain.")]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
     assert done == final["output"]  # the streamed items are the response's

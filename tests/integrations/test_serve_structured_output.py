@@ -314,6 +314,12 @@ def test_a_zod_record_schema_is_a_usable_response_format(client, model):
         assert set(value) == {"d"} and all(isinstance(v, int) for v in value["d"].values()), value
     else:  # cut at max_tokens: still a prefix of such an object
         assert choice.message.content.startswith('{"d": {'), choice.message.content
+    # zod's .describe() on a record key, and other rules every key meets, are dropped alike
+    for rule in ({"type": "string", "description": "key"}, {}, True, {"type": ["string"]}):
+        loose = {**schema, "properties": {"d": {**schema["properties"]["d"], "propertyNames": rule}}}
+        out = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "scores", "schema": loose}})
+        assert out.choices[0].message.content.startswith("{"), rule
 
 
 def test_tool_parameters_must_be_object_schemas(client, model):
