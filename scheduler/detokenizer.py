@@ -4,8 +4,9 @@ Decoders expose `stream_ids()`: generated ids that are final and contiguous from
 growing monotonically (ReFusion may add several per step). `TextStream` turns that growing list into
 text deltas:
   - only complete characters are released (a byte-level BPE token can end inside a UTF-8 sequence);
-  - up to len(longest stop string) - 1 characters are held back so a stop string that spans two
-    steps is cut before any of it is sent;
+  - the end of the text that could be the start of a stop string (the longest suffix that is a proper
+    prefix of one) is held back, so a stop string that spans two steps is cut before any of it is sent;
+    other text goes out at once (vLLM holds back len(longest stop) - 1 characters whatever they are);
   - a stop string ends the text just before it; after a deadline, the text may end after a newline;
   - with min_tokens (vLLM's), a stop string counts only if it ends inside or after the text of the
     min_tokens-th id: one complete before that is passed over (vLLM checks no stop string before then).
@@ -97,7 +98,7 @@ class TextStream:
         elif final:
             end = len(self._text)
         else:
-            end = max(start, len(self._text) - self._hold)
+            end = len(self._text) - self._held_tail(start)
         update = TextUpdate(text=self._text[start:end], stopped=stopped)
         self._sent_chars = end
         # A stop string's own tokens were generated (and counted, as vLLM and OpenAI's usage count them):
@@ -112,9 +113,19 @@ class TextStream:
             self._text = self._text[:end]
         return update
 
+    def _held_tail(self, start: int) -> int:
+        """Characters at the end of the unsent text (from `start`) that may begin a stop string: the
+        longest suffix that is a proper prefix of one (0 without stop strings)."""
+        unsent = len(self._text) - start
+        for n in range(min(unsent, self._hold), 0, -1):
+            tail = self._text[len(self._text) - n:]
+            if any(s.startswith(tail) for s in self._stop):
+                return n
+        return 0
+
     def _find_stop(self, start: int) -> int | None:
         """Earliest stop-string start in the unsent text. One starting earlier would have been complete
-        (and cut) already, because the last len(stop) - 1 characters are always held back."""
+        (and cut) already: sent text never ends with what may begin a stop string (_held_tail)."""
         if self._stops_from is None:
             if len(self._ids) < self._min_tokens:
                 return None  # vLLM checks no stop string before min_tokens tokens

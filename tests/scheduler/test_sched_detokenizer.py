@@ -37,6 +37,20 @@ def test_stop_string_spanning_two_steps_is_cut_before_it_is_sent():
     assert stream.update([A, B, C, A, A]).text == ""  # nothing after the end
 
 
+def test_only_what_may_begin_a_stop_string_is_held_back():
+    """Chat's implicit "\n### " (4 characters) held back every text's last 4 characters, so streamed text
+    lagged its tokens at every step; now only a tail that is a proper prefix of a stop string waits."""
+    stream = TextStream(FakeTokenizer(), stop=["\nab\n", "cc"])
+    first = stream.update([A, B, B])
+    assert first.text == "abb"  # nothing here can begin a stop string
+    second = stream.update([A, B, B, NL, A])
+    assert second.text == ""  # "\na" may begin "\nab\n"
+    third = stream.update([A, B, B, NL, A, C])
+    assert third.text == "\na"  # "\nac" cannot; the "c" may begin "cc"
+    fourth = stream.update([A, B, B, NL, A, C, C])
+    assert fourth.stopped == "stop" and fourth.text == "" and stream.text == "abb\na"
+
+
 def test_earliest_of_several_stop_strings_wins():
     stream = TextStream(FakeTokenizer(), stop=["c", "\n"])
     assert stream.stop_word is None
