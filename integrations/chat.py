@@ -55,9 +55,12 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def render_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None,
-                continue_final: bool = False) -> tuple[str, list[str]]:
+                continue_final: bool = False, template_kwargs: dict | None = None) -> tuple[str, list[str]]:
     """(prompt text, extra stop strings) for a chat request; continue_final: the last (assistant) message's
-    turn is left open for the model to continue (module docstring)."""
+    turn is left open for the model to continue (module docstring); template_kwargs: vLLM's
+    chat_template_kwargs, extra variables of the tokenizer's chat template (`enable_thinking` for Qwen3's);
+    the plain template has none, so they change nothing there (as Jinja ignores variables a template
+    does not read)."""
     if has_chat_template(tokenizer):
         try:
             text = tokenizer.apply_chat_template(
@@ -66,6 +69,7 @@ def render_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | 
                 add_generation_prompt=not continue_final,
                 continue_final_message=continue_final,
                 tokenize=False,
+                **(template_kwargs or {}),
             )
         except Exception as exc:  # jinja raises on orders/roles a template does not accept
             raise ChatTemplateError(f"the model's chat template rejected the messages: {exc}") from exc
@@ -74,12 +78,13 @@ def render_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | 
 
 
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None,
-                    limits: RequestLimits, continue_final: bool = False) -> tuple[list[int], list[str]]:
+                    limits: RequestLimits, continue_final: bool = False,
+                    template_kwargs: dict | None = None) -> tuple[list[int], list[str]]:
     """The chat's prompt token ids and extra stop strings: render_chat, the rendered text checked
     against max_prompt_chars, then tokenized (CPU-bound: run it in request_limits.off_loop). Raises
     InputError(400, "messages") for a template error, an over-long or an empty prompt."""
     try:
-        text, extra_stop = render_chat(tokenizer, messages, tools, continue_final)
+        text, extra_stop = render_chat(tokenizer, messages, tools, continue_final, template_kwargs)
     except ChatTemplateError as exc:
         raise InputError(400, "messages", str(exc)) from None
     limits.check_chars("messages", text)

@@ -70,7 +70,7 @@ async def chat_prompt(tokenizer, limits: RequestLimits, body: ChatCompletionRequ
         raise InputError(400, "tool_choice", str(exc)) from None
     try:
         prompt_ids, extra_stop = await off_loop(chat_prompt_ids, tokenizer, body.messages, tools, limits,
-                                                body.continue_final_message,
+                                                body.continue_final_message, body.chat_template_kwargs,
                                                 chars=sum(len(m.content or "") for m in body.messages))
     except PromptCharsError as exc:  # the rendered prompt (tools included) over max_prompt_chars
         raise PromptCharsError(prompt_field, exc.chars, exc.limit) from None

@@ -144,6 +144,9 @@ class StructuredOutputs(OpenAIBody):
         return GrammarSpec(json_grammar(ANY_OBJECT, field + "json_object"), source=field + "json_object")
 
 
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
 class SamplingFields(OpenAIBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -167,6 +170,8 @@ class SamplingFields(OpenAIBody):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     repetition_penalty: float | None = None
+    skip_special_tokens: bool | None = None  # only true (vLLM's default): special tokens never reach the text here
+    stop_token_ids: list[int] | None = Field(default=None, max_length=0)  # none: EOS is the stop token here
     # ReFusion extensions
     mode: Literal["auto", "refusion", "ar"] = "auto"
     slot_size: int | None = Field(default=None, ge=1)
@@ -186,6 +191,30 @@ class SamplingFields(OpenAIBody):
     @classmethod
     def _top_k_off(cls, value):
         return 0 if value == -1 else value  # vLLM reads -1 and 0 alike: all tokens
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guided_is_structured_outputs(cls, data):
+        """vLLM's older guided_json / guided_regex / guided_choice / guided_grammar are its
+        structured_outputs json / regex / choice / grammar (still sent by older clients)."""
+        if not isinstance(data, dict) or not any(k in data for k in _GUIDED):
+            return data
+        data = dict(data)
+        guided = {_GUIDED[k]: data.pop(k) for k in list(data) if k in _GUIDED and data[k] is not None}
+        for k in [k for k in data if k in _GUIDED]:
+            data.pop(k)
+        if guided:
+            if data.get("structured_outputs") is not None:
+                raise ValueError("give structured_outputs or vLLM's older guided_* fields, not both")
+            data["structured_outputs"] = guided
+        return data
+
+    @field_validator("skip_special_tokens")
+    @classmethod
+    def _special_tokens_skipped(cls, value):
+        if value is False:
+            raise ValueError("false is not supported (special tokens never reach the text here): drop it or send true")
+        return value
 
     @field_validator("repetition_penalty")
     @classmethod
@@ -429,6 +458,14 @@ class NamedToolChoice(OpenAIBody):
     function: NamedFunction
 
 
+# apply_chat_template arguments the chat route sets from the request (chat.render_chat), or that would
+# change what the call returns: not a chat_template_kwargs name
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "documents", "add_generation_prompt",
+                                      "continue_final_message", "tokenize", "chat_template", "return_dict",
+                                      "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
+                                      "return_assistant_tokens_mask"})
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -454,10 +491,21 @@ class ChatCompletionRequest(SamplingFields):
     prompt_cache_retention: Literal["in-memory", "24h"] | None = None
     prediction: dict[str, Any] | None = None  # Predicted Outputs: a latency hint; the output is the same without
     modalities: list[Literal["text"]] | None = None  # text is the only output
+    # vLLM's: extra variables of the model's chat template ({"enable_thinking": false} for Qwen3's); names
+    # the server sets itself are refused
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=32)
     # OpenAI's prompt-cache routing key: requests with the same key go to the same engine replica, whose
     # prefix cache holds their shared prompt (the serve router's affinity key; default: the conversation's)
     prompt_cache_key: str | None = Field(default=None, max_length=1024)
     _cap_field: str = PrivateAttr("max_tokens")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, value):
+        taken = sorted(set(value or {}) & RESERVED_TEMPLATE_KWARGS)
+        if taken:
+            raise ValueError(f"{taken[0]!r} is set by the server (the request's own fields decide it): remove it")
+        return value
 
     @field_validator("continue_final_message")
     @classmethod

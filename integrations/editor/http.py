@@ -238,7 +238,7 @@ class TokenizeBody(BaseModel):
     # vLLM's: the last (assistant) message left open, as chat runs it (a strict boolean as on chat; null
     # is unset; validated when unset too)
     continue_final_message: StrictBool | None = Field(default=None, validate_default=True)
-    chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=0)
+    chat_template_kwargs: dict[str, Any] | None = None  # as on chat: extra chat-template variables
     add_special: bool = False  # insert the tokenizer's special tokens (BOS, when it has one)
     add_special_tokens: bool | None = None  # vLLM's name of add_special
     parse_special: bool = True  # false: special-token text such as "<|endoftext|>" is plain text
@@ -279,6 +279,8 @@ def _chat_turn(body) -> ChatCompletionRequest:
         fields["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
     if body.tool_choice is not None:
         fields["tool_choice"] = body.tool_choice
+    if getattr(body, "chat_template_kwargs", None) is not None:
+        fields["chat_template_kwargs"] = body.chat_template_kwargs
     try:
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as exc:

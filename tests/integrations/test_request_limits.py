@@ -302,3 +302,20 @@ async def test_a_request_cancelled_by_the_server_is_a_503_not_a_short_stop(bpe_t
     assert "cancelled by the server" in response.json()["error"]["message"]
     events = [line[len("data: "):] for line in streamed.text.split("\n\n") if line.startswith("data: ")]
     assert '"stop"' not in streamed.text and "cancelled by the server" in events[-2]
+
+
+def test_chat_template_kwargs_reach_the_models_chat_template(bpe_tokenizer):  # noqa: F811
+    """vLLM's chat_template_kwargs are variables of the tokenizer's own template (Qwen3's enable_thinking);
+    the plain template (no tokenizer template) reads none."""
+    import copy
+
+    from integrations.chat import render_chat
+    from integrations.openai_models import ChatMessage
+
+    tok = copy.deepcopy(bpe_tokenizer)
+    tok.chat_template = ("{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}"
+                         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    messages = [ChatMessage(role="user", content="hi")]
+    assert render_chat(tok, messages, None)[0] == "user: hi\n"
+    assert render_chat(tok, messages, None, template_kwargs={"enable_thinking": False})[0] == "<no-think>user: hi\n"
+    assert render_chat(None, messages, None, template_kwargs={"enable_thinking": False}) == render_chat(None, messages, None)

@@ -159,9 +159,18 @@ def test_tokenize_counts_the_chat_prompt_the_server_runs(http, client, model):
         assert tokenized["count"] == chat.usage.prompt_tokens
     assert tokenized["count"] > with_tools["count"]
     for field, value in (("add_generation_prompt", False), ("continue_final_message", True),
-                         ("chat_template_kwargs", {"enable_thinking": True})):
+                         ("chat_template_kwargs", {"tools": []})):  # a name the server sets itself
         refused = http.post("/tokenize", json={"messages": messages, field: value})
         assert refused.status_code == 400 and field in refused.json()["error"]["message"]
+    # vLLM's chat_template_kwargs: template variables, counted as chat runs them (this model's plain
+    # template reads none; tests/integrations/test_request_limits.py renders a template that does)
+    kwargs = {"enable_thinking": False}
+    tokenized = http.post("/tokenize", json={"messages": messages, "chat_template_kwargs": kwargs}).json()
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=2,
+                                          extra_body={"mode": "ar", "chat_template_kwargs": kwargs})
+    assert tokenized["count"] == chat.usage.prompt_tokens == counted["count"]
+    refused = http.post("/v1/chat/completions", json={"messages": messages, "chat_template_kwargs": {"tokenize": True}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template_kwargs"
 
 
 def test_llama_cpp_props_and_apply_template(client, model, http):
@@ -348,3 +357,24 @@ def test_the_last_text_and_finish_reason_share_a_chunk(http):
         text = (lambda c: c.get("text") if "text" in c else (c.get("delta") or {}).get("content"))
         assert len(finishing) == 1 and finishing[0]["finish_reason"] == "length" and text(finishing[0]), choices
         assert choices[-1] is finishing[0]
+
+
+def test_vllm_fields_older_clients_send(http):
+    """guided_choice / guided_regex / guided_json (vLLM's older names of structured_outputs) constrain the
+    output; skip_special_tokens true and an empty stop_token_ids are its defaults, other values a 400
+    naming the field (not applied here)."""
+    base = {"prompt": "x", "max_tokens": 8, "mode": "ar", "temperature": 1.0, "seed": 3}
+    choice = http.post("/v1/completions", json={**base, "guided_choice": ["yes", "no"]}).json()
+    assert choice["choices"][0]["text"] in ("yes", "no"), choice
+    regex = http.post("/v1/completions", json={**base, "guided_regex": "[0-9]{3}"}).json()
+    assert len(regex["choices"][0]["text"]) == 3 and regex["choices"][0]["text"].isdigit(), regex
+    chat = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 24, "guided_json": {
+        "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"].startswith('{"ok": ')
+    ok = http.post("/v1/completions", json={**base, "skip_special_tokens": True, "stop_token_ids": []})
+    assert ok.status_code == 200, ok.text[:300]
+    for field, value in (("skip_special_tokens", False), ("stop_token_ids", [5])):
+        refused = http.post("/v1/completions", json={**base, field: value})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text[:300]
+    both = http.post("/v1/completions", json={**base, "guided_choice": ["a"], "structured_outputs": {"choice": ["b"]}})
+    assert both.status_code == 400 and "guided" in both.json()["error"]["message"]
