@@ -97,6 +97,13 @@ def validation_field(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+# Unknown fields that clients send for an API this server offers under another name: the 400 says which
+REPLACED_FIELDS = {
+    "functions": "OpenAI's deprecated functions / function_call are offered as tools / tool_choice",
+    "function_call": "OpenAI's deprecated functions / function_call are offered as tools / tool_choice",
+}
+
+
 def validation_message(error: dict) -> str:
     """A pydantic error's message without pydantic's "Value error, " prefix (our validators' own text)."""
     return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -123,6 +130,9 @@ def install_error_handlers(app: FastAPI) -> None:
                       if e.get("type") == "extra_forbidden"]
             if others:
                 message += f" (nor are: {', '.join(others)})"
+            hint = next((REPLACED_FIELDS[f] for f in [param, *others] if f in REPLACED_FIELDS), None)
+            if hint:
+                message += f"; {hint}"
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

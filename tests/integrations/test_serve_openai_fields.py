@@ -378,3 +378,7 @@ def test_vllm_fields_older_clients_send(http):
         assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text[:300]
     both = http.post("/v1/completions", json={**base, "guided_choice": ["a"], "structured_outputs": {"choice": ["b"]}})
     assert both.status_code == 400 and "guided" in both.json()["error"]["message"]
+    legacy = http.post("/v1/chat/completions", json={"messages": USER, "function_call": "auto", "functions": [
+        {"name": "f", "parameters": {"type": "object", "properties": {}}}]})
+    error = legacy.json()["error"]
+    assert legacy.status_code == 400 and error["param"] == "function_call" and "tools / tool_choice" in error["message"]
