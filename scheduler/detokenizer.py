@@ -10,9 +10,10 @@ text deltas:
   - a stop string ends the text just before it; after a deadline, the text may end after a newline;
   - with min_tokens (vLLM's), a stop string counts only if it ends inside or after the text of the
     min_tokens-th id: one complete before that is passed over (vLLM checks no stop string before then).
-Ids are released with the text that covers them; at a stop string, through the end of the stop string
-(its tokens were generated: usage counts them, as vLLM's does), so every decoder gives the same ids
-for the same text, whether the stop string's tokens came in one step or several.
+Ids are released once their text is decoded (a token ending inside a character waits for the rest),
+even while that text waits for a possible stop string; at a stop string, through the end of the stop
+string (its tokens were generated: usage counts them, as vLLM's does), so every decoder gives the same
+ids for the same text, whether the stop string's tokens came in one step or several.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class TextStream:
         self._tokenizer = tokenizer
         self._stop = [s for s in (stop or []) if s]
         self._min_tokens = min_tokens if self._stop else 0
-        self._stops_from: int | None = None if self._min_tokens > 1 else 0  # chars of the first min_tokens - 1 ids  # chars of the first min_tokens - 1 ids
+        self._stops_from: int | None = None if self._min_tokens > 1 else 0  # chars of the first min_tokens - 1 ids
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._ids: list[int] = []
         self._text = ""  # decoded text of _ids[:_read_offset]

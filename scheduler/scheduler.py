@@ -8,11 +8,11 @@ blocks, minus what running requests may still allocate up to their own estimates
 cover its estimate (less the blocks it shares from the prefix cache). Prefix-cache blocks are evicted
 (LRU) when that frees enough. Priority order: INTERACTIVE before BATCH, FCFS within a class; running
 requests skipped for lack of budget go first in their class next step. Aging: a request passed over
-`aging_after` times (steps in a row without budget, or later requests that started while it waited) is
-ranked with the first class (Request.rank_class), so no one starves, a BATCH request under a steady
-INTERACTIVE stream that fills the slots, the KV or the budget included. A request aged while waiting
-keeps that rank to its end, so it is not preempted for an INTERACTIVE one; aging never preempts. A waiting
-INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request that
+`aging_after` times (steps in a row without budget, or later requests that started while it waited)
+is ranked with the first class (Request.rank_class), so no one starves, a BATCH request under a
+steady INTERACTIVE stream that fills the slots, the KV or the budget included. A request aged while
+waiting keeps that rank to its end, so it is not preempted for an INTERACTIVE one; aging itself
+never preempts. A waiting INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request that
 has been preempted fewer than `max_preemptions` times (a preempted request restarts from scratch, so
 the bound is what lets a long BATCH request finish under a steady INTERACTIVE stream).
 
@@ -22,8 +22,8 @@ at per step), so one long request's reservation does not hold a short one back f
 full gen_length reserved at admission, a few max_tokens=3000 requests would otherwise stall every
 later request while most blocks are still free). The waiting request is not starved: backfilling stops
 as soon as the blocks held by requests that overtook it would make it fit, so it waits at most for
-those to finish. Never across classes: a BATCH request does not overtake a waiting INTERACTIVE one (classes as ranked,
-aging included).
+those to finish. Never across classes (as ranked, aging included): a BATCH request does not overtake
+a waiting INTERACTIVE one.
 
 Prefix waits: a waiting request whose prompt shares at least `prefix_wait_blocks` more full blocks with
 a prompt a running request is still prefilling than the prefix cache holds does not start yet; once
