@@ -200,9 +200,8 @@ class SamplingFields(OpenAIBody):
         if not isinstance(data, dict) or not any(k in data for k in _GUIDED):
             return data
         data = dict(data)
-        guided = {_GUIDED[k]: data.pop(k) for k in list(data) if k in _GUIDED and data[k] is not None}
-        for k in [k for k in data if k in _GUIDED]:
-            data.pop(k)
+        given = {k: data.pop(k) for k in [k for k in data if k in _GUIDED]}
+        guided = {_GUIDED[k]: value for k, value in given.items() if value is not None}
         if guided:
             if data.get("structured_outputs") is not None:
                 raise ValueError("give structured_outputs or vLLM's older guided_* fields, not both")
