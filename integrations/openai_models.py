@@ -10,6 +10,9 @@ field sent as JSON null counts as not sent, as in OpenAI's API (its SDKs and man
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import json
 import re
 from typing import Any, ClassVar, Literal
@@ -204,7 +207,8 @@ class SamplingFields(OpenAIBody):
         guided = {_GUIDED[k]: value for k, value in given.items() if value is not None}
         if guided:
             if data.get("structured_outputs") is not None:
-                raise ValueError("give structured_outputs or vLLM's older guided_* fields, not both")
+                raise InputError(400, "structured_outputs", "give structured_outputs or vLLM's older guided_* "
+                                 f"fields ({', '.join(k for k in given if given[k] is not None)}), not both")
             data["structured_outputs"] = guided
         return data
 
@@ -465,6 +469,16 @@ RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "docu
                                       "return_assistant_tokens_mask"})
 
 
+@functools.cache
+def _apply_chat_template_arguments() -> frozenset[str]:
+    """The named parameters of the installed transformers' apply_chat_template (they change the call,
+    not the template's variables; the list grows between versions: sanitize_control_tokens, ...)."""
+    from transformers import PreTrainedTokenizerBase
+
+    parameters = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters.values()
+    return frozenset(p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -501,7 +515,7 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_variables_only(cls, value):
-        taken = sorted(set(value or {}) & RESERVED_TEMPLATE_KWARGS)
+        taken = sorted(set(value or {}) & (RESERVED_TEMPLATE_KWARGS | _apply_chat_template_arguments()))
         if taken:
             raise ValueError(f"{taken[0]!r} is set by the server (the request's own fields decide it): remove it")
         return value

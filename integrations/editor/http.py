@@ -339,12 +339,14 @@ async def detokenize_route(request: Request) -> Response:
 
 class ApplyTemplateBody(BaseModel):
     """The /apply-template request (llama.cpp): chat `messages`, and `tools`, `tool_choice`,
-    `continue_final_message` as /tokenize's chat form takes them. Other fields are ignored (llama.cpp)."""
+    `continue_final_message`, `chat_template_kwargs` as /tokenize's chat form takes them. Other fields
+    are ignored (llama.cpp)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ToolSpec] | None = None
     tool_choice: Any = None
     continue_final_message: StrictBool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 @router.post("/apply-template")

@@ -171,6 +171,11 @@ def test_tokenize_counts_the_chat_prompt_the_server_runs(http, client, model):
     assert tokenized["count"] == chat.usage.prompt_tokens == counted["count"]
     refused = http.post("/v1/chat/completions", json={"messages": messages, "chat_template_kwargs": {"tokenize": True}})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template_kwargs"
+    # /apply-template takes them as chat does (llama.cpp's takes chat_template_kwargs too)
+    applied = http.post("/apply-template", json={"messages": messages, "chat_template_kwargs": kwargs})
+    assert applied.json()["prompt"] == http.post("/detokenize", json={"tokens": tokenized["tokens"]}).json()["prompt"]
+    refused = http.post("/apply-template", json={"messages": messages, "chat_template_kwargs": {"tools": []}})
+    assert refused.status_code == 400 and "chat_template_kwargs" in refused.json()["error"]["message"]
 
 
 def test_llama_cpp_props_and_apply_template(client, model, http):
@@ -377,7 +382,8 @@ def test_vllm_fields_older_clients_send(http):
         refused = http.post("/v1/completions", json={**base, field: value})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text[:300]
     both = http.post("/v1/completions", json={**base, "guided_choice": ["a"], "structured_outputs": {"choice": ["b"]}})
-    assert both.status_code == 400 and "guided" in both.json()["error"]["message"]
+    assert both.status_code == 400 and both.json()["error"]["param"] == "structured_outputs"
+    assert "guided_choice" in both.json()["error"]["message"]
     legacy = http.post("/v1/chat/completions", json={"messages": USER, "function_call": "auto", "functions": [
         {"name": "f", "parameters": {"type": "object", "properties": {}}}]})
     error = legacy.json()["error"]
