@@ -244,7 +244,7 @@ def tools_or_format_grammar(tools: list, schema: Any, field: str, parallel: bool
 
     _check_tools(tools)
     calls = {**_call_schemas(tools), "x-guidance": TOOL_JSON_OPTIONS}
-    answer = {**(schema if isinstance(schema, dict) else {}), "x-guidance": JSON_OPTIONS}
+    answer = {**(_without_string_key_rules(schema) if isinstance(schema, dict) else {}), "x-guidance": JSON_OPTIONS}
     repeat = 'call ("\\n"? call)*' if parallel else "call"
     lark = (f"start: calls | answer\ncalls: {repeat}\n"
             f"call: {json.dumps(TOOL_OPEN)} %json {json.dumps(calls)} {json.dumps(TOOL_CLOSE)}\n"
