@@ -8,8 +8,9 @@ server reserves KV for the whole generation, so "until the context is full" is n
 logprobs (`completion_probabilities`), json_schema and grammar (GBNF or Lark) -> structured outputs,
 seed -1 -> a random seed, logit_bias as [[id, bias], ...] or {"id": bias}, ignore_eos as on
 /v1/completions. Defaults are llama.cpp's: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05. Fields
-that would change the output and are not applied (repeat_penalty other than 1, lora, ...) are a 400; others are ignored (llama.cpp's
-clients send many). Errors: llama.cpp's shape, the message naming llama.cpp's field.
+that would change the output and are not applied (repeat_penalty other than 1, lora, ...) are a 400;
+others are ignored (llama.cpp's clients send many). Errors: llama.cpp's shape, the message naming
+llama.cpp's field.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+from scheduler.detokenizer import held_prefix_len
+
 TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"
 
@@ -109,14 +111,6 @@ def block_end(body: str) -> int:
     return -1
 
 
-def _held_prefix_len(text: str, marker: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of marker (may still become it)."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
-
-
 class ToolCallStreamParser:
     """Incremental parser for streamed text. feed(text) and finish() return events in order: plain
     text (str) to send as content, or a ToolCall once its block has closed.
@@ -158,7 +152,7 @@ class ToolCallStreamParser:
                 self._pending = self._pending[start + len(TOOL_OPEN):]
                 self._inside = True
                 continue
-            keep = _held_prefix_len(self._pending, TOOL_OPEN)
+            keep = held_prefix_len(self._pending, [TOOL_OPEN])
             cut = len(self._pending) - keep
             self._text(events, self._pending[:cut])
             self._pending = self._pending[cut:]

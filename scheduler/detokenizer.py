@@ -35,6 +35,17 @@ class TextUpdate:
     ids_start: int = 0
 
 
+def held_prefix_len(text: str, markers: list[str], limit: int | None = None) -> int:
+    """Length of the longest suffix of `text` (at most `limit` characters) that is a proper prefix of one
+    of `markers`: text that may still become a marker once more arrives (0 when none can)."""
+    longest = max((len(m) for m in markers), default=1) - 1
+    for n in range(min(len(text), longest, len(text) if limit is None else limit), 0, -1):
+        tail = text[len(text) - n:]
+        if any(m.startswith(tail) for m in markers):
+            return n
+    return 0
+
+
 class TextStream:
     """Turns a growing list of final ids into text deltas (see module docstring)."""
 
@@ -43,7 +54,6 @@ class TextStream:
         self._stop = [s for s in (stop or []) if s]
         self._min_tokens = min_tokens if self._stop else 0
         self._stops_from: int | None = None if self._min_tokens > 1 else 0  # chars of the first min_tokens - 1 ids
-        self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._ids: list[int] = []
         self._text = ""  # decoded text of _ids[:_read_offset]
         self._prefix_offset = 0  # _ids[_prefix_offset:_read_offset] decode to the tail of _text
@@ -115,14 +125,8 @@ class TextStream:
         return update
 
     def _held_tail(self, start: int) -> int:
-        """Characters at the end of the unsent text (from `start`) that may begin a stop string: the
-        longest suffix that is a proper prefix of one (0 without stop strings)."""
-        unsent = len(self._text) - start
-        for n in range(min(unsent, self._hold), 0, -1):
-            tail = self._text[len(self._text) - n:]
-            if any(s.startswith(tail) for s in self._stop):
-                return n
-        return 0
+        """Characters at the end of the unsent text (from `start`) that may begin a stop string."""
+        return held_prefix_len(self._text, self._stop, len(self._text) - start)
 
     def _find_stop(self, start: int) -> int | None:
         """Earliest stop-string start in the unsent text. One starting earlier would have been complete

@@ -279,7 +279,7 @@ def _chat_turn(body) -> ChatCompletionRequest:
         fields["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
     if body.tool_choice is not None:
         fields["tool_choice"] = body.tool_choice
-    if getattr(body, "chat_template_kwargs", None) is not None:
+    if body.chat_template_kwargs is not None:
         fields["chat_template_kwargs"] = body.chat_template_kwargs
     try:
         return ChatCompletionRequest.model_validate(fields)
