@@ -12,8 +12,8 @@ requests skipped for lack of budget go first in their class next step. Aging: a 
 is ranked with the first class (Request.rank_class), so no one starves, a BATCH request under a
 steady INTERACTIVE stream that fills the slots, the KV or the budget included. A request aged while
 waiting keeps that rank to its end, so it is not preempted for an INTERACTIVE one; aging itself
-never preempts. A waiting INTERACTIVE request that finds no running slot or KV preempts the youngest running BATCH request that
-has been preempted fewer than `max_preemptions` times (a preempted request restarts from scratch, so
+never preempts. A waiting INTERACTIVE request that finds no running slot or KV preempts the youngest
+running BATCH request that has been preempted fewer than `max_preemptions` times (a preempted request restarts from scratch, so
 the bound is what lets a long BATCH request finish under a steady INTERACTIVE stream).
 
 Backfilling: when the first waiting request of a class cannot start for lack of KV (a running slot is
