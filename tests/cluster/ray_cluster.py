@@ -5,8 +5,11 @@ tests/cluster/conftest.py, once per test session).
     ray start --address HEAD            --node-name node-b --num-cpus 1 --block
 
 Two raylets (two nodes), each with its own worker processes; the engine deployment asks for one CPU
-per replica, so two replicas sit on the two nodes. Every node gets its own free ports (two nodes on one
-host would otherwise both take the dashboard agent's fixed port). The test process never joins the
+per replica, so two replicas sit on the two nodes. Ports: every node's own servers bind a port of the
+kernel's choosing (port 0; the dashboard agent's default is a fixed port, which two nodes on one host
+would both take). The few ports a client must know in advance (GCS, dashboard, Ray client, Serve's HTTP
+proxy) come from `free_ports`, outside the range the kernel hands to those self-binding servers, so no
+Ray process can take one between choosing it and binding it. The test process never joins the
 cluster (it may already hold the local Ray of tests/integrations): it deploys with `serve deploy` and
 `refusion serve --address`, talks HTTP to Serve's proxy, and reads placement from /metrics.
 The model is the random tiny model: greedy decoding of it never meets EOS, so a stream lasts exactly
@@ -21,7 +24,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,16 +48,8 @@ ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def node_ports() -> list[str]:
-    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--metrics-export-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+# Every other server of a node binds port 0 by default (Ray >= 2.5x: "components self-bind").
+NODE_PORTS = ["--dashboard-agent-listen-port", "0"]
 
 
 def descendants(pid: int) -> list[int]:
@@ -198,7 +192,9 @@ def start_node(args: list[str], log_path: Path) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
 
-def wait_nodes(gcs_address: str, count: int, timeout_s: float = 180.0) -> list[dict]:
+def wait_nodes(gcs_address: str, count: int, timeout_s: float = 180.0, log_path: Path | None = None) -> list[dict]:
+    """The cluster's live nodes once there are `count` of them; AssertionError after `timeout_s`, with the
+    tail of `log_path` (the `ray start` output of the node waited for) in the message."""
     code = ("import json, ray, time\n"
             f"ray.init(address={gcs_address!r}, logging_level='ERROR', log_to_driver=False)\n"
             f"deadline = time.time() + {timeout_s}\n"
@@ -211,7 +207,9 @@ def wait_nodes(gcs_address: str, count: int, timeout_s: float = 180.0) -> list[d
         raise AssertionError(f"no answer from the cluster at {gcs_address} within {timeout_s + 60:.0f} s") from exc
     nodes = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
     alive = [n for n in nodes if n["alive"]]
-    assert len(alive) >= count, f"cluster has {len(alive)} live nodes, wanted {count}: {out.stderr[-600:]}"
+    log = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.exists() else ""
+    assert len(alive) >= count, (f"cluster has {len(alive)} live nodes, wanted {count}: {out.stderr[-600:]}"
+                                 + (f"\n--- {log_path}:\n{log}" if log_path else ""))
     return alive
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve_testbed import API_KEY, RAY_SERVE_ENV, STRICT_ENGINE_OPTIONS, free_port, serve_config, wait_healthy
+from ports import free_port
+from serve_testbed import API_KEY, RAY_SERVE_ENV, STRICT_ENGINE_OPTIONS, serve_config, wait_healthy
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ would resolve to whichever conftest.py was imported first when several test dire
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 import urllib.request
 
@@ -23,12 +22,6 @@ ENGINE_DEPLOYMENT = {"num_cpus": 0.5, "torch_threads": 1, "health_check_period_s
 # start, and serve.start() fails with ActorDiedError ("killed by ray.kill"). Ray's processes inherit
 # the environment of the process that starts Ray, so these are set before ray.init().
 RAY_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout_s: float = 300.0) -> None:

@@ -17,7 +17,7 @@ from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fi
 
 from integrations.lsp.server import (BridgeConfig, BridgeConfigError, LspTextDocument, cursor_context,
                                     position_at_offset, wants_multiline)
-from serve_testbed import free_port
+from ports import free_port
 
 DOC = "def area(r):\n    \n    return result\n"
 URI = "file:///tmp/area.py"

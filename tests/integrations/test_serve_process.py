@@ -25,7 +25,8 @@ import yaml
 from test_editor_serve import SLOW, Conn, complete, ws_url
 from test_serve_openai import _metric
 
-from serve_testbed import ENGINE_DEPLOYMENT, RUNNER_OPTIONS, free_port, wait_healthy
+from ports import free_port
+from serve_testbed import ENGINE_DEPLOYMENT, RUNNER_OPTIONS, wait_healthy
 from integrations.editor import protocol as rpc
 
 pytestmark = pytest.mark.slow
