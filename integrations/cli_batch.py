@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("-i", "--input-file", required=True, help="OpenAI batch requests, one JSON object per line ('-': stdin)")
     a("-o", "--output-file", required=True, help="where the results go, one JSON object per line ('-': stdout)")
     a("--model", default=None, help=f"HF model directory (default: {DEFAULT_MODEL})")
-    a("--served-model-name", default=None, help="the `model` the bodies name (default: the directory's name)")
+    a("--served-model-name", nargs="+", metavar="NAME", default=None,
+      help="the `model` id(s) the bodies may name, as vLLM's: answers carry the first (default: the directory's name)")
     a("--concurrency", type=int, default=32, help="requests in flight at once (default 32)")
     a("--max-num-seqs", type=int, default=None, help="engine: requests decoded at once (vLLM's name; engine max_running)")
     a("--max-queue", type=int, default=None, help="engine: requests waiting beyond those (engine max_queue)")
@@ -146,10 +147,10 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
         card = read_model_card(model_dir)
     except (ModelDirError, OSError, ValueError) as exc:
         raise BatchArgumentError("--model", f"{model_dir} cannot be loaded: {exc}") from None
-    name = args.served_model_name or card["model"]
+    name, *aliases = args.served_model_name or [card["model"]]
     limits = RequestLimits(context_length=card["limits"]["context_length"],
                            max_sequences=engine.config.max_running + engine.config.max_queue)
-    settings = APISettings(model_name=name, decode_defaults=card["defaults"], limits=limits)
+    settings = APISettings(model_name=name, model_aliases=tuple(aliases), decode_defaults=card["defaults"], limits=limits)
     app = create_app(settings, LocalEngineClient(engine, tokenizer, name))
     await asyncio.sleep(0)  # a signal that came while the model loaded stops the run here, output untouched
     output = _open_output(args.output_file)  # only now: a refused run leaves an existing file as it was

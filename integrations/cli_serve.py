@@ -1,7 +1,7 @@
 """`refusion serve`: start the Ray Serve application (OpenAI API, editor protocol, /metrics).
 
-    refusion serve [--model DIR] [--host H] [--port P] [--replicas N | --autoscale MIN:MAX]
-                   [--config FILE] [--address RAY_ADDRESS]
+    refusion serve [--model DIR] [--served-model-name NAME ...] [--host H] [--port P]
+                   [--replicas N | --autoscale MIN:MAX] [--config FILE] [--address RAY_ADDRESS]
 
 Without --address a local Ray instance is started (no dashboard); with it the app is deployed on that
 cluster. --config reads a Ray Serve config file (config/serve.yaml: `applications[0].args` and
@@ -28,6 +28,9 @@ from integrations.serve_config import DEFAULT_MODEL, ENGINE_DEPLOYMENT, INGRESS_
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help=f"model directory (default: {DEFAULT_MODEL.relative_to(DEFAULT_MODEL.parents[1])})")
+    parser.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                        help="the model id(s) clients use, as vLLM's: answers carry the first, requests may name "
+                             "any (default: the model directory's name)")
     parser.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1, or the config's http_options)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     scale = parser.add_mutually_exclusive_group()
@@ -92,6 +95,8 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
     config = file.args
     if args.model:
         config["model"] = args.model
+    if args.served_model_name:
+        config["model_name"] = args.served_model_name
     deployment = dict(config.get("engine_deployment") or {})
     engine_override = file.deployments.get(ENGINE_DEPLOYMENT, {})
     if args.replicas is not None:

@@ -44,6 +44,7 @@ class APISettings:
     call (auth.OriginGuard); limits: body, prompt and context limits (request_limits.RequestLimits)."""
 
     model_name: str
+    model_aliases: tuple[str, ...] = ()  # further ids requests may name (vLLM's --served-model-name after the first)
     api_keys: list[str] = field(default_factory=list)
     default_max_tokens: int = 256
     completion_default_max_tokens: int = 16
@@ -110,9 +111,10 @@ async def health(request: Request):
 @router.get("/v1/models")
 async def list_models(request: Request):
     settings = request.app.state.settings
-    # OpenAI's list, plus the pagination fields of Anthropic's (one model: no further page)
-    return {"object": "list", "data": [_model_card(settings.model_name, settings.limits.context_length)],
-            "has_more": False, "first_id": settings.model_name, "last_id": settings.model_name}
+    names = [settings.model_name, *settings.model_aliases]  # one model under each served id, as vLLM lists them
+    # OpenAI's list, plus the pagination fields of Anthropic's (all on one page)
+    return {"object": "list", "data": [_model_card(name, settings.limits.context_length) for name in names],
+            "has_more": False, "first_id": names[0], "last_id": names[-1]}
 
 
 @router.get("/v1/models/{model_id}")

@@ -26,9 +26,13 @@ from scheduler.api import ENGINE_STOPPED, Delta, FinishReason, GenerationRequest
 
 
 def check_model(request: Request, model: str | None) -> None:
-    served = request.app.state.settings.model_name
-    if model is not None and model != served:
-        raise APIError(404, f"model '{model}' is not served here: use '{served}' (GET /v1/models)",
+    """404 model_not_found unless `model` is absent or one of the served ids (OpenAI's error; vLLM's
+    --served-model-name: any of its names)."""
+    settings = request.app.state.settings
+    served = (settings.model_name, *settings.model_aliases)
+    if model is not None and model not in served:
+        names = " or ".join(f"'{name}'" for name in served)
+        raise APIError(404, f"model '{model}' is not served here: use {names} (GET /v1/models)",
                        "not_found_error", param="model", code="model_not_found")
 
 

@@ -56,7 +56,7 @@ class EngineDeployment:
         engine, tokenizer = build_engine(self.config.model, self.config.runner, self.config.engine)
         await engine.start()
         self.engine = engine
-        self.client = LocalEngineClient(engine, tokenizer, self.config.model_name, read_model_card(self.config.model))
+        self.client = LocalEngineClient(engine, tokenizer, self.config.served_model_names[0], read_model_card(self.config.model))
         # Before the replica takes traffic: Ray Serve routes to it (and /health passes) only after this.
         self.warmup = await warm_up(self.client)
         context = serve.get_replica_context()
@@ -167,7 +167,7 @@ class IngressDeployment:
         tokenizer = load_tokenizer(self.config.model)
         context = serve.get_replica_context()
         # Its Ray actor name travels with each call: an engine replica cancels a dead ingress's requests.
-        self.client = ServeEngineClient(engine, tokenizer, self.config.model_name, caller=context.replica_id.to_full_id_str())
+        self.client = ServeEngineClient(engine, tokenizer, self.config.served_model_names[0], caller=context.replica_id.to_full_id_str())
         self.model_card = read_model_card(self.config.model)
         self.gate = IngressGate()
         self._drain_watch = asyncio.create_task(self._drain_when_signalled(context.app_name, context.replica_id.unique_id))
@@ -184,7 +184,8 @@ class IngressDeployment:
                                context_length=self.model_card["limits"]["context_length"],
                                max_sequences=engine.max_running + engine.max_queue)
         settings = APISettings(
-            model_name=self.config.model_name,
+            model_name=self.config.served_model_names[0],
+            model_aliases=tuple(self.config.served_model_names[1:]),
             api_keys=self.config.api_keys,
             default_max_tokens=self.config.default_max_tokens,
             decode_defaults=self.model_card["defaults"],

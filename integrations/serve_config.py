@@ -144,7 +144,9 @@ class ServeConfig(_Strict):
     """Everything `build_app` needs. Paths are resolved against the current directory."""
 
     model: str = str(DEFAULT_MODEL)
-    model_name: str | None = Field(default=None, description="served model id; default: the directory name")
+    model_name: str | list[str] | None = Field(
+        default=None, description="served model id, or ids as vLLM's --served-model-name: answers carry the "
+        "first, requests may name any, /v1/models lists all; default: the directory name")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; REFUSION_API_KEYS adds more")
     default_max_tokens: int = Field(default=256, ge=1, description="chat max_tokens when the request sets none")
     allowed_origins: list[str] = Field(default_factory=list, description="browser origins that may call; [] = none")
@@ -158,6 +160,21 @@ class ServeConfig(_Strict):
     health_probe_timeout_s: float = Field(default=20.0, gt=0, description="one-token probe limit")
     caller_check_s: float = Field(default=2.0, gt=0, description="how often an engine replica checks that the "
                                   "ingress replicas it streams to are alive (a dead one's requests are cancelled)")
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_names(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):
+            if not value or any(not name.strip() for name in value):
+                raise ValueError("give one or more non-empty names")
+            if len(set(value)) != len(value):
+                raise ValueError(f"names repeat in {value}; give each once")
+        return value
+
+    @property
+    def served_model_names(self) -> list[str]:
+        """Every served model id, the one answers carry first (model_name as a list; set once validated)."""
+        return [self.model_name] if isinstance(self.model_name, str) else list(self.model_name or [])
 
     @field_validator("runner")
     @classmethod

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from ports import free_port
-from serve_testbed import API_KEY, RAY_SERVE_ENV, STRICT_ENGINE_OPTIONS, serve_config, wait_healthy
+from serve_testbed import API_KEY, RAY_SERVE_ENV, STRICT_ALIAS, STRICT_ENGINE_OPTIONS, serve_config, wait_healthy
 
 
 @pytest.fixture(scope="session")
@@ -55,12 +55,14 @@ def serve_base_url(serve_port, tiny_model_dir) -> str:
 
 @pytest.fixture(scope="session")
 def strict_base_url(serve_port, tiny_model_dir) -> str:
-    """A second app (prefix /strict) with API_KEY required and room for exactly one request."""
+    """A second app (prefix /strict) with API_KEY required and room for exactly one request, served under
+    two model ids (the directory's name, then STRICT_ALIAS)."""
     from ray import serve
 
     from integrations.serve_app import build_app
 
-    config = serve_config(tiny_model_dir, api_keys=[API_KEY], engine=dict(STRICT_ENGINE_OPTIONS))
+    config = serve_config(tiny_model_dir, api_keys=[API_KEY], engine=dict(STRICT_ENGINE_OPTIONS),
+                          model_name=[tiny_model_dir.name, STRICT_ALIAS])
     serve.run(build_app(config), name="refusion-strict", route_prefix="/strict")
     url = f"http://127.0.0.1:{serve_port}/strict"
     wait_healthy(url)

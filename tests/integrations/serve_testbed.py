@@ -22,6 +22,7 @@ ENGINE_DEPLOYMENT = {"num_cpus": 0.5, "torch_threads": 1, "health_check_period_s
 # start, and serve.start() fails with ActorDiedError ("killed by ray.kill"). Ray's processes inherit
 # the environment of the process that starts Ray, so these are set before ray.init().
 RAY_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+STRICT_ALIAS = "gpt-4o-mini"  # the strict app's second served model id
 
 
 def wait_healthy(url: str, timeout_s: float = 300.0) -> None:

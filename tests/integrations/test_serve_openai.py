@@ -12,7 +12,7 @@ import websockets
 import websockets.sync.client
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_testbed import API_KEY, long_stream, long_stream_admitted
+from serve_testbed import API_KEY, STRICT_ALIAS, long_stream, long_stream_admitted
 
 TOOLS = [{
     "type": "function",
@@ -184,7 +184,10 @@ def test_api_keys(strict_base_url):
         assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
         assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     sdk = openai.OpenAI(base_url=strict_base_url + "/v1", api_key=API_KEY, max_retries=0)
-    assert sdk.models.list().data
+    ids = [m.id for m in sdk.models.list().data]  # the app's two served ids (--served-model-name a b)
+    assert ids[1:] == [STRICT_ALIAS] and sdk.models.retrieve(STRICT_ALIAS).id == STRICT_ALIAS
+    with pytest.raises(openai.NotFoundError, match=f"use '{ids[0]}' or '{STRICT_ALIAS}'"):
+        sdk.completions.create(model="gpt-5", prompt="x", max_tokens=1)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=strict_base_url + "/v1", api_key="wrong", max_retries=0).models.list()
 

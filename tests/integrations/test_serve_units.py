@@ -211,6 +211,50 @@ def test_config_runner_and_engine_keys_are_checked_when_read(tiny_model_dir):
     assert config.runner == {"compile_layers": True, "num_blocks": 64} and config.engine["max_running"] == 8
 
 
+def test_served_model_names_from_the_flag_and_the_config(tiny_model_dir):
+    """`--served-model-name a b` (vLLM's flag) becomes model_name [a, b]; the default is the directory's
+    name; an empty, blank or repeated name is refused naming model_name."""
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_model_dir), "--served-model-name", "coder", "gpt-4o-mini"])
+    config = ServeConfig.model_validate(cli_serve.merged_config(args).args)
+    assert config.served_model_names == ["coder", "gpt-4o-mini"]
+    assert ServeConfig.model_validate(config.model_dump(exclude_defaults=True)).served_model_names == ["coder", "gpt-4o-mini"]
+    assert ServeConfig(model=str(tiny_model_dir)).served_model_names == [tiny_model_dir.name]
+    assert ServeConfig(model=str(tiny_model_dir), model_name="coder").served_model_names == ["coder"]
+    for names, message in (([], "one or more"), (["a", " "], "non-empty"), (["a", "a"], "repeat")):
+        with pytest.raises(ValueError, match=f"model_name(.|\n)*{message}"):
+            ServeConfig(model=str(tiny_model_dir), model_name=names)
+
+
+async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(tiny_model_dir):
+    """vLLM's --served-model-name semantics: /v1/models lists each id, a request naming any is served and
+    its answer carries the first, an unknown one is OpenAI's 404 model_not_found naming the ids."""
+    engine, tok = build_engine(tiny_model_dir, {"num_blocks": 256}, {"routing": {"calibrate": False}})
+    await engine.start()
+    card = read_model_card(tiny_model_dir)
+    client = LocalEngineClient(engine, tok, "coder", card)
+    app = create_app(APISettings(model_name="coder", model_aliases=("gpt-4o-mini",), decode_defaults=card["defaults"]), client)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
+            listed = (await http.get("/v1/models")).json()
+            assert [m["id"] for m in listed["data"]] == ["coder", "gpt-4o-mini"] and listed["last_id"] == "gpt-4o-mini"
+            assert (await http.get("/v1/models/gpt-4o-mini")).json()["id"] == "gpt-4o-mini"
+            body = {"prompt": "x = ", "max_tokens": 2, "temperature": 0}
+            for name in ("coder", "gpt-4o-mini"):
+                out = await http.post("/v1/completions", json={**body, "model": name})
+                assert out.status_code == 200 and out.json()["model"] == "coder", out.text
+            chat = await http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "max_tokens": 2,
+                                                                 "messages": [{"role": "user", "content": "hi"}]})
+            assert chat.status_code == 200 and chat.json()["model"] == "coder", chat.text
+            unknown = await http.post("/v1/completions", json={**body, "model": "gpt-5"})
+            error = unknown.json()["error"]
+            assert unknown.status_code == 404 and error["code"] == "model_not_found" and error["param"] == "model"
+            assert "'coder' or 'gpt-4o-mini'" in error["message"]
+    finally:
+        await engine.stop(drain_timeout_s=0)
+
+
 async def test_local_app_over_real_engine_and_drain(tiny_model_dir, wait_until):
     engine, tok = build_engine(tiny_model_dir, {"num_blocks": 512}, {"routing": {"calibrate": False}})
     await engine.start()
