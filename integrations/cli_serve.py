@@ -1,7 +1,8 @@
 """`refusion serve`: start the Ray Serve application (OpenAI API, editor protocol, /metrics).
 
-    refusion serve [--model DIR] [--served-model-name NAME ...] [--host H] [--port P]
-                   [--replicas N | --autoscale MIN:MAX] [--config FILE] [--address RAY_ADDRESS]
+    refusion serve [--model DIR] [--served-model-name NAME ...] [--api-key KEY] [--max-num-seqs N]
+                   [--dtype D] [--host H] [--port P] [--replicas N | --autoscale MIN:MAX]
+                   [--config FILE] [--address RAY_ADDRESS]
 
 Without --address a local Ray instance is started (no dashboard); with it the app is deployed on that
 cluster. --config reads a Ray Serve config file (config/serve.yaml: `applications[0].args` and
@@ -31,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", nargs="+", metavar="NAME",
                         help="the model id(s) clients use, as vLLM's: answers carry the first, requests may name "
                              "any (default: the model directory's name)")
+    parser.add_argument("--api-key", action="append", metavar="KEY",
+                        help="a Bearer key clients must send (vLLM's flag; repeat for more; REFUSION_API_KEYS and the "
+                             "config's api_keys add more)")
+    parser.add_argument("--max-num-seqs", type=int, metavar="N",
+                        help="requests each engine replica decodes at once (vLLM's name; engine max_running)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (default: float32 on CPU, bfloat16 on CUDA; runner dtype)")
     parser.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1, or the config's http_options)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     scale = parser.add_mutually_exclusive_group()
@@ -97,6 +105,14 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
         config["model"] = args.model
     if args.served_model_name:
         config["model_name"] = args.served_model_name
+    if args.api_key:
+        config["api_keys"] = [*(config.get("api_keys") or []), *args.api_key]
+    if args.max_num_seqs is not None:
+        if args.max_num_seqs < 1:
+            raise CLIError(f"--max-num-seqs: must be >= 1, got {args.max_num_seqs}")
+        config["engine"] = {**(config.get("engine") or {}), "max_running": args.max_num_seqs}
+    if args.dtype:
+        config["runner"] = {**(config.get("runner") or {}), "dtype": args.dtype}
     deployment = dict(config.get("engine_deployment") or {})
     engine_override = file.deployments.get(ENGINE_DEPLOYMENT, {})
     if args.replicas is not None:

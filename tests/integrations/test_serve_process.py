@@ -1,4 +1,5 @@
-"""`refusion serve` as a real process on a free port, its log captured: a cancel storm logs no error, an
+"""`refusion serve` as a real process on a free port, its log captured: vLLM's flags reach the service, a
+cancel storm logs no error, an
 engine replica killed (SIGKILL) mid-stream ends every client with a typed error, and SIGTERM drains
 running streams to their normal end before the server exits.
 
@@ -33,11 +34,12 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 DRAIN_TIMEOUT_S = 60  # generous: the streams below need a few seconds; the test waits on them, not on this
-ENGINE = {"max_running": 32, "max_queue": 32, "token_budget": 256, "routing": {"calibrate": False}}
+ENGINE = {"max_queue": 32, "token_budget": 256, "routing": {"calibrate": False}}  # max_running: the flag below
 # Runs for seconds on the random tiny model; several side by side (3000 tokens would queue behind each
 # other: the engine admits by KV estimate).
 LONG = {"prompt": "while True:\n", "max_tokens": 1000, "stream": True, "mode": "ar", "temperature": 0}
 WAIT_S = 180.0  # bound on every wait below
+ALIAS = "refusion-alias"  # the server's second --served-model-name
 ERROR_LINE = re.compile(r"Traceback|\bERROR\b|\[error|\bCRITICAL\b|Exception")
 
 
@@ -63,7 +65,8 @@ def server(tiny_model_dir, tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "integrations.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-             "--config", str(workdir / "serve.yaml")],
+             "--config", str(workdir / "serve.yaml"), "--max-num-seqs", "32", "--served-model-name",
+             tiny_model_dir.name, ALIAS],
             cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -92,6 +95,15 @@ async def _until(check, what: str, pause_s: float = 0.1):
 
 async def _engine(http: httpx.AsyncClient) -> dict:
     return (await http.get("/v1/engine")).json()["engine"]
+
+
+def test_vllm_flags_reach_the_service(server, tiny_model_dir):
+    """--max-num-seqs 32 (the engine's default is 64) and --served-model-name DIR ALIAS, as vLLM's flags."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        assert http.get("/v1/engine").json()["request_limits"]["max_sequences"] == 32 + ENGINE["max_queue"]
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [tiny_model_dir.name, ALIAS]
+        out = http.post("/v1/completions", json={"model": ALIAS, "prompt": "x", "max_tokens": 2, "mode": "ar"})
+        assert out.status_code == 200 and out.json()["model"] == tiny_model_dir.name, out.text
 
 
 async def test_cancel_storm_logs_no_errors(server):

@@ -227,6 +227,23 @@ def test_served_model_names_from_the_flag_and_the_config(tiny_model_dir):
             ServeConfig(model=str(tiny_model_dir), model_name=names)
 
 
+def test_vllm_flags_merge_into_the_config_file(tiny_model_dir, tmp_path):
+    """--api-key adds to the file's api_keys, --max-num-seqs and --dtype set one key of the file's engine
+    and runner sections and keep the rest; a count below 1 is refused naming the flag."""
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    file = tmp_path / "args.yaml"
+    file.write_text("api_keys: [k0]\nengine: {max_running: 9, max_queue: 3}\nrunner: {num_blocks: 64}\n")
+    args = parser.parse_args(["--config", str(file), "--model", str(tiny_model_dir), "--api-key", "k1",
+                              "--api-key", "k2", "--max-num-seqs", "5", "--dtype", "bfloat16"])
+    config = ServeConfig.model_validate(cli_serve.merged_config(args).args)
+    assert config.api_keys[:3] == ["k0", "k1", "k2"]  # (REFUSION_API_KEYS would add after them)
+    assert config.engine == {"max_running": 5, "max_queue": 3}
+    assert config.runner == {"num_blocks": 64, "dtype": "bfloat16"}
+    with pytest.raises(cli_serve.CLIError, match="--max-num-seqs: must be >= 1"):
+        cli_serve.merged_config(parser.parse_args(["--max-num-seqs", "0"]))
+
+
 async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(tiny_model_dir):
     """vLLM's --served-model-name semantics: /v1/models lists each id, a request naming any is served and
     its answer carries the first, an unknown one is OpenAI's 404 model_not_found naming the ids."""
