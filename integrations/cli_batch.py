@@ -40,6 +40,7 @@ import uuid
 from pathlib import Path
 
 from integrations.cli_generate import DEFAULT_MODEL
+from integrations.engine_host import RUNNER_DTYPES
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 
@@ -63,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--concurrency", type=int, default=32, help="requests in flight at once (default 32)")
     a("--max-num-seqs", type=int, default=None, help="engine: requests decoded at once (vLLM's name; engine max_running)")
     a("--max-queue", type=int, default=None, help="engine: requests waiting beyond those (engine max_queue)")
-    a("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    a("--dtype", choices=RUNNER_DTYPES, default=None,
       help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     a("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
 
@@ -120,6 +121,7 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     from integrations.engine_host import build_engine, engine_config
     from integrations.openai_api import APISettings, create_app
     from integrations.request_limits import RequestLimits
+    from integrations.serve_config import served_names_problem
     from scheduler.config import EngineConfigError
     from workers.loader import ModelDirError
 
@@ -128,6 +130,8 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     signal.signal(signal.SIGTERM, lambda *_: task.cancel())  # as Ctrl-C: lands at the next await, loading included
     if args.concurrency < 1:
         raise BatchArgumentError("--concurrency", f"must be at least 1, got {args.concurrency}")
+    if args.served_model_name and (problem := served_names_problem(args.served_model_name)):
+        raise BatchArgumentError("--served-model-name", problem)
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     if not model_dir.is_dir():
         raise BatchArgumentError("--model", f"{model_dir} is not a model directory")

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from integrations.engine_host import RUNNER_DTYPES
+
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "refusion-tiny-code"
 
 # DecodeParams field -> the flag that sets it (so errors name what the user typed)
@@ -65,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--presence-penalty", type=float, help="--mode ar: subtract from every generated token's logit (-2..2)")
     a("--frequency-penalty", type=float, help="--mode ar: subtract this x each generated token's count (-2..2)")
     a("--seed", type=int, help="seed of the request's random stream (default: a fresh random one)")
-    a("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    a("--dtype", choices=RUNNER_DTYPES, default=None,
       help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     a("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     a("--json", action="store_true", help="print one JSON object instead of the text")

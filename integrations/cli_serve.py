@@ -24,7 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from integrations.serve_config import DEFAULT_MODEL, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
+from integrations.engine_host import RUNNER_DTYPES
+from integrations.serve_config import DEFAULT_MODEL, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, served_names_problem
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "config's api_keys add more)")
     parser.add_argument("--max-num-seqs", type=int, metavar="N",
                         help="requests each engine replica decodes at once (vLLM's name; engine max_running)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", choices=RUNNER_DTYPES,
                         help="weights dtype (default: float32 on CPU, bfloat16 on CUDA; runner dtype)")
     parser.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1, or the config's http_options)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
@@ -97,6 +98,14 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return low, high
 
 
+def _section(config: dict, name: str) -> dict:
+    """A copy of the config's mapping `name` ({} when absent), for a flag to set one key of."""
+    value = config.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise CLIError(f"--config: {name}: must be a mapping of settings, got {value!r}")
+    return dict(value or {})
+
+
 def merged_config(args: argparse.Namespace) -> ConfigFile:
     """The config file with the flags applied (flags win, also over the file's `deployments:` counts)."""
     file = load_config_file(args.config) if args.config else ConfigFile()
@@ -104,16 +113,21 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
     if args.model:
         config["model"] = args.model
     if args.served_model_name:
+        if problem := served_names_problem(args.served_model_name):
+            raise CLIError(f"--served-model-name: {problem}")
         config["model_name"] = args.served_model_name
     if args.api_key:
-        config["api_keys"] = [*(config.get("api_keys") or []), *args.api_key]
+        if any(not key.strip() for key in args.api_key):
+            raise CLIError("--api-key: an empty key would let in a request with an empty Bearer token; give a key")
+        keys = config.get("api_keys")  # not a list: left for the config check to name
+        config["api_keys"] = [*keys, *args.api_key] if isinstance(keys, list) else keys or args.api_key
     if args.max_num_seqs is not None:
         if args.max_num_seqs < 1:
             raise CLIError(f"--max-num-seqs: must be >= 1, got {args.max_num_seqs}")
-        config["engine"] = {**(config.get("engine") or {}), "max_running": args.max_num_seqs}
+        config["engine"] = {**_section(config, "engine"), "max_running": args.max_num_seqs}
     if args.dtype:
-        config["runner"] = {**(config.get("runner") or {}), "dtype": args.dtype}
-    deployment = dict(config.get("engine_deployment") or {})
+        config["runner"] = {**_section(config, "runner"), "dtype": args.dtype}
+    deployment = _section(config, "engine_deployment")
     engine_override = file.deployments.get(ENGINE_DEPLOYMENT, {})
     if args.replicas is not None:
         if args.replicas < 1:

@@ -25,11 +25,18 @@ RUNNER_OPTIONS = ("dtype", "device", "block_size", "num_blocks", "kv_memory_byte
                   "compile_layers")
 
 
+RUNNER_DTYPES = ("float32", "bfloat16", "float16")  # workers.runner.DTYPES's names (no torch import here)
+
+
 def check_runner_options(options: dict) -> None:
-    """Raises ValueError naming the first key of `options` that ModelRunner does not take."""
+    """Raises ValueError naming the first key of `options` that ModelRunner does not take, or a `dtype`
+    it does not know (checked here so that a bad config fails before any replica starts)."""
     unknown = sorted(set(options) - set(RUNNER_OPTIONS))
     if unknown:
         raise ValueError(f"runner.{unknown[0]}: unknown setting; known: {', '.join(RUNNER_OPTIONS)}")
+    dtype = options.get("dtype")
+    if dtype is not None and (not isinstance(dtype, str) or dtype.removeprefix("torch.") not in RUNNER_DTYPES):
+        raise ValueError(f"runner.dtype: {dtype!r} is not supported; use one of {', '.join(RUNNER_DTYPES)}")
 
 
 def build_engine(model_dir: str | Path, runner_options: dict | None = None, engine_options: dict | None = None):

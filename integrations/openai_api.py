@@ -117,7 +117,7 @@ async def list_models(request: Request):
             "has_more": False, "first_id": names[0], "last_id": names[-1]}
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id:path}")  # a served id may hold a slash ("org/model", as on the hub)
 async def get_model(model_id: str, request: Request):
     check_model(request, model_id)
     return _model_card(model_id, request.app.state.settings.limits.context_length)

@@ -140,6 +140,15 @@ def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]
     return options
 
 
+def served_names_problem(names: list[str]) -> str | None:
+    """What is wrong with a list of served model ids (vLLM's --served-model-name), or None."""
+    if not names or any(not name.strip() for name in names):
+        return "give one or more non-empty names"
+    if len(set(names)) != len(names):
+        return f"names repeat in {names}; give each once"
+    return None
+
+
 class ServeConfig(_Strict):
     """Everything `build_app` needs. Paths are resolved against the current directory."""
 
@@ -164,11 +173,17 @@ class ServeConfig(_Strict):
     @field_validator("model_name")
     @classmethod
     def _model_names(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list):
-            if not value or any(not name.strip() for name in value):
-                raise ValueError("give one or more non-empty names")
-            if len(set(value)) != len(value):
-                raise ValueError(f"names repeat in {value}; give each once")
+        if value is None or value == "":  # the directory's name
+            return value
+        if problem := served_names_problem(value if isinstance(value, list) else [value]):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, value: list[str]) -> list[str]:
+        if any(not key.strip() for key in value):
+            raise ValueError("an empty key would let in a request with an empty Bearer token; remove it")
         return value
 
     @property

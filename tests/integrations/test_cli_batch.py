@@ -166,6 +166,8 @@ def test_an_interrupted_run_leaves_whole_lines_and_says_how_far_it_got(tmp_path,
     (["--max-queue", "-1"], "--max-queue:"),
     (["--model", "/nonexistent"], "--model: /nonexistent is not a model directory"),
     (["--model", "/tmp"], "--model: /tmp cannot be loaded"),
+    (["--served-model-name", "a", " "], "--served-model-name: give one or more non-empty names"),
+    (["--served-model-name", "a", "a"], "--served-model-name: names repeat"),
 ])
 def test_bad_flags_are_one_line_on_stderr(tmp_path, tiny_model_dir, flags, message):
     source = tmp_path / "in.jsonl"

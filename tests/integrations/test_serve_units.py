@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from integrations import cli_serve
@@ -222,9 +223,12 @@ def test_served_model_names_from_the_flag_and_the_config(tiny_model_dir):
     assert ServeConfig.model_validate(config.model_dump(exclude_defaults=True)).served_model_names == ["coder", "gpt-4o-mini"]
     assert ServeConfig(model=str(tiny_model_dir)).served_model_names == [tiny_model_dir.name]
     assert ServeConfig(model=str(tiny_model_dir), model_name="coder").served_model_names == ["coder"]
-    for names, message in (([], "one or more"), (["a", " "], "non-empty"), (["a", "a"], "repeat")):
+    for names, message in (([], "one or more"), (["a", " "], "non-empty"), (["a", "a"], "repeat"), ("  ", "non-empty")):
         with pytest.raises(ValueError, match=f"model_name(.|\n)*{message}"):
             ServeConfig(model=str(tiny_model_dir), model_name=names)
+    for names, message in ((["a", ""], "non-empty"), (["a", "a"], "repeat")):  # the flag is named, not the key
+        with pytest.raises(cli_serve.CLIError, match=f"--served-model-name: .*{message}"):
+            cli_serve.merged_config(parser.parse_args(["--served-model-name", *names]))
 
 
 def test_vllm_flags_merge_into_the_config_file(tiny_model_dir, tmp_path):
@@ -242,6 +246,25 @@ def test_vllm_flags_merge_into_the_config_file(tiny_model_dir, tmp_path):
     assert config.runner == {"num_blocks": 64, "dtype": "bfloat16"}
     with pytest.raises(cli_serve.CLIError, match="--max-num-seqs: must be >= 1"):
         cli_serve.merged_config(parser.parse_args(["--max-num-seqs", "0"]))
+    with pytest.raises(cli_serve.CLIError, match="--api-key: an empty key"):  # it would let an empty Bearer in
+        cli_serve.merged_config(parser.parse_args(["--api-key", "k1", "--api-key", ""]))
+    with pytest.raises(ValueError, match="api_keys(.|\n)*empty key"):
+        ServeConfig(model=str(tiny_model_dir), api_keys=["k1", " "])
+    # A file's faults stay named by their key when a flag touches the same setting.
+    file.write_text("api_keys: k1\n")  # a string, not a list: never split into one-character keys
+    with pytest.raises(ValueError, match="api_keys(.|\n)*valid list"):
+        ServeConfig.model_validate(cli_serve.merged_config(parser.parse_args(["--config", str(file), "--api-key", "k2"])).args)
+    for text, flag in (("engine: 5", "--max-num-seqs"), ("runner: [1]", "--dtype"), ("engine_deployment: 2", "--port")):
+        file.write_text(text + "\n")
+        section = text.split(":")[0]
+        with pytest.raises(cli_serve.CLIError, match=f"--config: {section}: must be a mapping"):
+            cli_serve.merged_config(parser.parse_args(["--config", str(file), flag, "3" if flag != "--dtype" else "float16"]))
+    with pytest.raises(ValueError, match="runner.dtype: 'int8' is not supported"):  # before any replica starts
+        ServeConfig(model=str(tiny_model_dir), runner={"dtype": "int8"})
+    from integrations.engine_host import RUNNER_DTYPES
+    from workers.runner import DTYPES
+
+    assert set(RUNNER_DTYPES) == set(DTYPES)  # the flags' and the config check's list is the runner's
 
 
 async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(tiny_model_dir):
@@ -251,12 +274,16 @@ async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(t
     await engine.start()
     card = read_model_card(tiny_model_dir)
     client = LocalEngineClient(engine, tok, "coder", card)
-    app = create_app(APISettings(model_name="coder", model_aliases=("gpt-4o-mini",), decode_defaults=card["defaults"]), client)
+    app = create_app(APISettings(model_name="coder", model_aliases=("gpt-4o-mini", "org/model"),
+                                 decode_defaults=card["defaults"]), client)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
             listed = (await http.get("/v1/models")).json()
-            assert [m["id"] for m in listed["data"]] == ["coder", "gpt-4o-mini"] and listed["last_id"] == "gpt-4o-mini"
+            assert [m["id"] for m in listed["data"]] == ["coder", "gpt-4o-mini", "org/model"]
+            assert listed["last_id"] == "org/model"
             assert (await http.get("/v1/models/gpt-4o-mini")).json()["id"] == "gpt-4o-mini"
+            sdk = openai.AsyncOpenAI(base_url="http://local/v1", api_key="-", http_client=http, max_retries=0)
+            assert (await sdk.models.retrieve("org/model")).id == "org/model"  # a hub-style id, slash and all
             body = {"prompt": "x = ", "max_tokens": 2, "temperature": 0}
             for name in ("coder", "gpt-4o-mini"):
                 out = await http.post("/v1/completions", json={**body, "model": name})
@@ -267,7 +294,7 @@ async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(t
             unknown = await http.post("/v1/completions", json={**body, "model": "gpt-5"})
             error = unknown.json()["error"]
             assert unknown.status_code == 404 and error["code"] == "model_not_found" and error["param"] == "model"
-            assert "'coder' or 'gpt-4o-mini'" in error["message"]
+            assert "'coder' or 'gpt-4o-mini' or 'org/model'" in error["message"]
     finally:
         await engine.stop(drain_timeout_s=0)
 
