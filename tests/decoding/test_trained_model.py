@@ -28,7 +28,10 @@ def _answer(a: int) -> list[str]:
 @pytest.fixture(scope="module")
 def counting_model_dir(tmp_path_factory):
     """Word-level tokenizer (numbers 0..29, "count", ":", EOS, BOT, MASK) and a 2-layer Qwen3 trained
-    250 steps (about 10 s on one CPU core) on all 30 examples."""
+    500 steps (about 13 s on one CPU core) on all 30 examples. The training's float rounding differs
+    between CPUs (kernels per instruction set): 250 steps left the loss at 0.05 on an AMD EPYC, where
+    ReFusion then wrote one number wrong (it passed on the Intel machines before); from 350 steps on
+    the loss is below 0.002 there, so 500 leaves a wide margin and the check below a clear message."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
@@ -51,11 +54,11 @@ def counting_model_dir(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         longest = max(len(p) + len(r) + 1 for p, r in pairs)
-        records = train_model(model, pairs * 4, steps=250, batch_tokens=30 * longest, lr=2e-2, mask_token_id=vocab[MASK],
+        records = train_model(model, pairs * 4, steps=500, batch_tokens=30 * longest, lr=2e-2, mask_token_id=vocab[MASK],
                               eos_token_id=vocab[EOS], seed=0, log_every=50)
     finally:
         torch.set_num_threads(threads)
-    assert records[-1]["train_loss"] < 0.2, records
+    assert records[-1]["train_loss"] < 0.02, f"the counting model did not converge on this CPU: {records[-1]}"
     model.save_pretrained(out)
     config_path = out / "config.json"
     config_json = json.loads(config_path.read_text())
