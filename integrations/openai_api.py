@@ -126,7 +126,9 @@ async def get_model(model_id: str, request: Request):
 @router.get("/v1/engine")
 async def engine_info(request: Request):
     info = await request.app.state.engine_client.info()
-    return {**info, "request_limits": request.app.state.settings.limits.as_dict()}
+    settings = request.app.state.settings
+    return {**info, "served_model_names": [settings.model_name, *settings.model_aliases],
+            "request_limits": settings.limits.as_dict()}
 
 
 @router.get("/metrics")

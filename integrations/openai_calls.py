@@ -25,14 +25,18 @@ from integrations.request_limits import read_json_object
 from scheduler.api import ENGINE_STOPPED, Delta, FinishReason, GenerationRequest
 
 
+MAX_NAMES_LISTED = 8  # served ids named in a 404 (all of them are in GET /v1/models)
+
+
 def check_model(request: Request, model: str | None) -> None:
     """404 model_not_found unless `model` is absent or one of the served ids (OpenAI's error; vLLM's
-    --served-model-name: any of its names)."""
+    --served-model-name: any of its names). The message names the first MAX_NAMES_LISTED ids."""
     settings = request.app.state.settings
     served = (settings.model_name, *settings.model_aliases)
     if model is not None and model not in served:
-        names = " or ".join(f"'{name}'" for name in served)
-        raise APIError(404, f"model '{model}' is not served here: use {names} (GET /v1/models)",
+        names = " or ".join(f"'{name}'" for name in served[:MAX_NAMES_LISTED])
+        more = f" or one of {len(served) - MAX_NAMES_LISTED} more" if len(served) > MAX_NAMES_LISTED else ""
+        raise APIError(404, f"model '{model}' is not served here: use {names}{more} (GET /v1/models)",
                        "not_found_error", param="model", code="model_not_found")
 
 

@@ -34,7 +34,7 @@ from integrations.http_errors import APIError, from_engine_error, validation_fie
 from integrations.http_metrics import RequestObserver
 from integrations.llama_completion import (LlamaCompletionBody, llama_events, llama_field, llama_probabilities,
                                            llama_result)
-from integrations.openai_calls import collect, logprob_formatter, start
+from integrations.openai_calls import check_model, collect, logprob_formatter, start
 from integrations.openai_requests import completion_requests
 from integrations.chat_run import chat_prompt
 from integrations.openai_models import ChatCompletionRequest, ChatMessage, ToolSpec
@@ -243,6 +243,7 @@ class TokenizeBody(BaseModel):
     add_special_tokens: bool | None = None  # vLLM's name of add_special
     parse_special: bool = True  # false: special-token text such as "<|endoftext|>" is plain text
     with_pieces: bool = False  # each token as {"id", "piece"}
+    model: str | None = None  # vLLM's: one of the served ids (404 model_not_found otherwise)
 
     @field_validator("continue_final_message")
     @classmethod
@@ -292,6 +293,7 @@ class DetokenizeBody(BaseModel):
     """The /detokenize request (llama.cpp and vLLM): token ids (JSON integers, not strings or booleans)."""
 
     tokens: list[StrictInt]
+    model: str | None = None  # vLLM's: one of the served ids (404 model_not_found otherwise)
 
 
 @router.post("/tokenize")
@@ -299,11 +301,13 @@ async def tokenize_route(request: Request) -> Response:
     """llama.cpp /tokenize: {"content", "add_special", "parse_special", "with_pieces"} -> {"tokens": [ids]},
     or [{"id", "piece"}] with with_pieces (piece: the token's text, or its bytes as a list of ints when
     they are not valid UTF-8 on their own). `content` is limited to max_prompt_chars characters and
-    tokenized off the event loop. Errors: 400 naming the field, 413 for a body over max_body_bytes."""
+    tokenized off the event loop. Errors: 400 naming the field, 404 model_not_found for a `model` (vLLM's
+    field) that is not a served id, 413 for a body over max_body_bytes."""
     limits = _limits(request)
     tokenizer = request.app.state.engine_client.tokenizer
     try:
         body = await _read(request, TokenizeBody)
+        check_model(request, body.model)
         if body.messages is not None:  # vLLM's chat form: the prompt /v1/chat/completions would run
             ids = (await chat_prompt(tokenizer, limits, _chat_turn(body))).ids
             tokens = [{"id": i, "piece": _piece(tokenizer, i)} for i in ids] if body.with_pieces else ids
@@ -322,10 +326,12 @@ async def tokenize_route(request: Request) -> Response:
 async def detokenize_route(request: Request) -> Response:
     """llama.cpp / vLLM /detokenize: {"tokens": [ids]} -> {"content": text} (llama.cpp's key) and
     {"prompt": text} (vLLM's), special tokens included, decoded off the event loop. Errors: 400 naming
-    `tokens` (not ids of the vocabulary), 413 for a body over max_body_bytes (which bounds the work)."""
+    `tokens` (not ids of the vocabulary), 404 model_not_found for a `model` that is not a served id (vLLM),
+    413 for a body over max_body_bytes (which bounds the work)."""
     tokenizer = request.app.state.engine_client.tokenizer
     try:
         body = await _read(request, DetokenizeBody)
+        check_model(request, body.model)
         vocab = len(tokenizer)
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:

@@ -294,7 +294,19 @@ async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(t
             unknown = await http.post("/v1/completions", json={**body, "model": "gpt-5"})
             error = unknown.json()["error"]
             assert unknown.status_code == 404 and error["code"] == "model_not_found" and error["param"] == "model"
-            assert "'coder' or 'gpt-4o-mini' or 'org/model'" in error["message"]
+            assert "'coder' or 'gpt-4o-mini' or 'org/model' (GET /v1/models)" in error["message"]
+            engine_info = (await http.get("/v1/engine")).json()
+            assert engine_info["served_model_names"] == ["coder", "gpt-4o-mini", "org/model"]
+            # vLLM's /tokenize and /detokenize check `model` too
+            assert (await http.post("/tokenize", json={"prompt": "x", "model": "org/model"})).status_code == 200
+            for path, extra in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [5]})):
+                wrong = await http.post(path, json={**extra, "model": "gpt-5"})
+                assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found", wrong.text
+        many = tuple(f"alias-{k}" for k in range(20))
+        crowded = create_app(APISettings(model_name="coder", model_aliases=many, decode_defaults=card["defaults"]), client)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=crowded), base_url="http://local") as http:
+            message = (await http.post("/v1/completions", json={**body, "model": "gpt-5"})).json()["error"]["message"]
+            assert "'alias-6' or one of 13 more (GET /v1/models)" in message and "alias-7" not in message  # 8 named
     finally:
         await engine.stop(drain_timeout_s=0)
 
