@@ -12,7 +12,7 @@ carries exactly one.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -23,7 +23,7 @@ from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.http_errors import APIError
 from integrations.openai_models import SamplingFields
 from integrations.openai_responses import new_id
-from integrations.openai_stream import healed_deltas, in_document_style
+from integrations.openai_stream import in_document_style
 from integrations.request_limits import InputError, encode, off_loop
 from scheduler.api import Delta, GenerationRequest
 
@@ -66,20 +66,17 @@ async def prompt_ids(tokenizer, prompt: str | list[int], field: str = "prompt") 
 
 @dataclass
 class PreparedPrompt:
-    """One prompt of a completions request: its engine request, the style its text comes back in, the
-    client's text (None for token ids) and the trailing spaces/tabs left out of the prompt (`healed`,
-    token healing: completion_requests)."""
+    """One prompt of a completions request: its engine request (with the trailing spaces/tabs token
+    healing left out of the prompt: `request.healed`, completion_requests), the style its text comes
+    back in and the client's text (None for token ids)."""
 
     request: GenerationRequest
     style: DocumentStyle
     text: str | None
-    healed: str = ""
 
     def client_deltas(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
-        """The engine's deltas with their text as the client reads it after its own prompt: the healed
-        whitespace dropped from the front, then in the prompt's line-ending and indentation style."""
-        if self.healed:
-            deltas = healed_deltas(deltas, self.healed)
+        """The engine's deltas (the healed whitespace already dropped by the engine) with their text as
+        the client reads it after its own prompt: in the prompt's line-ending and indentation style."""
         if self.style != DocumentStyle():
             deltas = in_document_style(deltas, self.style, cursor_at_indent(self.text))
         return deltas
@@ -97,7 +94,8 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
     in the word's token ("\n   " + " return"), so a text prompt ending in spaces or tabs (a cursor in
     the indentation, or after "x = ") ends on a token the model never saw followed by text, and the
     model answers with nothing or with one space too many. That whitespace is left out of the prompt
-    and as much of it is dropped from the front of the generated text (PreparedPrompt.client_deltas).
+    and the engine drops as much of it from the front of the generated text, before stop strings are
+    matched (GenerationRequest.healed).
     Not for token-id prompts, `echo`, `logprobs` or a grammar: there the tokens are exactly the ones
     the client asked for or scores."""
     prepared = []
@@ -117,7 +115,7 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
         req = generation_request(rid, body, ids, style.model_stops(body.stop),
                                  default_max_tokens or settings.completion_default_max_tokens,
                                  settings, field, grammar=grammar)
-        prepared.append(PreparedPrompt(req, style, text, healed))
+        prepared.append(PreparedPrompt(replace(req, healed=healed), style, text))
     return prepared
 
 

@@ -19,7 +19,6 @@ from fastapi.responses import StreamingResponse
 
 from integrations import openai_responses as shape
 from integrations.editor.document import DocumentStyle, DocumentTextStream
-from integrations.editor.infill import Healer
 from integrations.http_errors import APIError, from_engine_error
 from integrations.http_metrics import RequestObserver
 from integrations.openai_logprobs import LogprobFormatter
@@ -168,19 +167,6 @@ async def eos_listed(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
         async for delta in deltas:
             if delta.eos_logprob is not None:
                 delta = dataclasses.replace(delta, logprobs=(delta.logprobs or []) + [delta.eos_logprob])
-            yield delta
-
-
-async def healed_deltas(deltas: AsyncIterator[Delta], healed: str) -> AsyncIterator[Delta]:
-    """The deltas with the front of the generated text that the healed whitespace stands for dropped
-    (editor.infill.Healer: the whitespace a token-healed prompt left out, openai_requests.
-    completion_requests), however the text is split across deltas. Token ids and logprobs are
-    untouched. Closing this closes `deltas`."""
-    healer = Healer(healed)
-    async with contextlib.aclosing(deltas):
-        async for delta in deltas:
-            if not healer.done and delta.text:
-                delta = dataclasses.replace(delta, text=healer.feed(delta.text))
             yield delta
 
 

@@ -92,6 +92,11 @@ class GenerationRequest:
     # Structured output: the output must match this grammar (decoding.grammar; JSON schema, regex, Lark).
     # Decoded autoregressively: AUTO runs as AR, REFUSION is refused (field "mode").
     grammar: GrammarSpec | None = None
+    # Token healing: the spaces/tabs the client's prompt ended in, left out of prompt_ids so that the
+    # model writes them inside its next token (byte-level BPE keeps a word's leading space in the word's
+    # token). The engine drops as much leading blank text (scheduler.detokenizer.Healer) before the
+    # text is sent and before stop strings are matched; token ids and usage keep the generated tokens.
+    healed: str = ""
     # The server's own request (health probe, warm-up): decoded like any other, but not counted in the
     # request metrics, the prefix-cache hit rate, the router's estimates or the log (a probe every 10 s
     # would swamp an idle server's numbers).

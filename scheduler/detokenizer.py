@@ -9,7 +9,11 @@ text deltas:
     other text goes out at once (vLLM holds back len(longest stop) - 1 characters whatever they are);
   - a stop string ends the text just before it; after a deadline, the text may end after a newline;
   - with min_tokens (vLLM's), a stop string counts only if it ends inside or after the text of the
-    min_tokens-th id: one complete before that is passed over (vLLM checks no stop string before then).
+    min_tokens-th id: one complete before that is passed over (vLLM checks no stop string before then);
+  - token healing (`healed`: the spaces/tabs a prompt ended in, left out of it so that the model writes
+    them inside its next token): as much leading blank text as they stand for is dropped (Healer)
+    before anything else, so the text, stop strings and the newline cut start where the client's
+    prompt ended, as OpenAI's stop strings never match the prompt.
 Ids are released once their text is decoded (a token ending inside a character waits for the rest),
 even while that text waits for a possible stop string; at a stop string, through the end of the stop
 string (its tokens were generated: usage counts them, as vLLM's does), so every decoder gives the same
@@ -21,6 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 REPLACEMENT_CHAR = "\ufffd"
+# Spaces per indent level in the model's text (a tab's columns), as Python code (PEP 8) and the
+# training corpus indent; the editor's document conversion (integrations/editor/document.py) uses it.
+MODEL_TAB_WIDTH = 4
 
 
 @dataclass
@@ -46,16 +53,50 @@ def held_prefix_len(text: str, markers: list[str], limit: int | None = None) -> 
     return 0
 
 
-class TextStream:
-    """Turns a growing list of final ids into text deltas (see module docstring)."""
+def _blank_end(column: int, char: str) -> int:
+    """The column after one space or tab starting at `column` (tab stops every MODEL_TAB_WIDTH)."""
+    return column + 1 if char == " " else (column // MODEL_TAB_WIDTH + 1) * MODEL_TAB_WIDTH
 
-    def __init__(self, tokenizer, stop: list[str] | None = None, min_tokens: int = 0):
+
+class Healer:
+    """Drops the front of generated text that the healed whitespace already stands for, piece by piece:
+    leading spaces/tabs while they stay within the healed whitespace's width in columns (a tab reaches
+    the next multiple of MODEL_TAB_WIDTH, counted from the healed text's start), so "  \t" (4 columns)
+    absorbs the four spaces the model writes. A newline or any other character ends the dropping.
+    `dropped`: characters dropped so far."""
+
+    def __init__(self, healed: str):
+        self.width = 0
+        for char in healed:
+            self.width = _blank_end(self.width, char)
+        self.column = 0
+        self.dropped = 0
+        self.done = not healed
+
+    def feed(self, text: str) -> str:
+        i = 0
+        while not self.done and i < len(text):
+            end = _blank_end(self.column, text[i]) if text[i] in " \t" else None
+            if end is None or end > self.width:
+                self.done = True
+                break
+            self.column, i = end, i + 1
+        self.dropped += i
+        return text[i:]
+
+
+class TextStream:
+    """Turns a growing list of final ids into text deltas (see module docstring). `healed`: the blanks
+    token healing left out of the prompt (only spaces and tabs; "" for none)."""
+
+    def __init__(self, tokenizer, stop: list[str] | None = None, min_tokens: int = 0, healed: str = ""):
         self._tokenizer = tokenizer
+        self._healer = Healer(healed)
         self._stop = [s for s in (stop or []) if s]
         self._min_tokens = min_tokens if self._stop else 0
         self._stops_from: int | None = None if self._min_tokens > 1 else 0  # chars of the first min_tokens - 1 ids
         self._ids: list[int] = []
-        self._text = ""  # decoded text of _ids[:_read_offset]
+        self._text = ""  # decoded text of _ids[:_read_offset], less the healer's dropped front
         self._prefix_offset = 0  # _ids[_prefix_offset:_read_offset] decode to the tail of _text
         self._read_offset = 0
         self._sent_chars = 0
@@ -93,7 +134,7 @@ class TextStream:
         full = self._decode(self._ids[self._prefix_offset :])
         if full.endswith(REPLACEMENT_CHAR) and not final:
             return  # the last token ends inside a character: wait for the rest of its bytes
-        self._text += full[len(known) :]
+        self._text += self._healer.feed(full[len(known) :])
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
 
     def _release(self, *, newline_cut: bool, final: bool) -> TextUpdate:
@@ -134,7 +175,8 @@ class TextStream:
         if self._stops_from is None:
             if len(self._ids) < self._min_tokens:
                 return None  # vLLM checks no stop string before min_tokens tokens
-            self._stops_from = len(self._decode(self._ids[: self._min_tokens - 1]))
+            # (a healer still dropping has dropped all of that text so far, and more only after it)
+            self._stops_from = max(0, len(self._decode(self._ids[: self._min_tokens - 1])) - self._healer.dropped)
         hits = [(i, s) for i, s in ((self._text.find(s, max(start, self._stops_from - len(s) + 1)), s)
                                     for s in self._stop) if i >= 0]
         if not hits:
@@ -143,8 +185,9 @@ class TextStream:
         return index
 
     def _ids_covering(self, num_chars: int) -> int:
-        """The fewest ids whose text reaches num_chars characters (used once, when a stop cuts the text)."""
+        """The fewest ids whose text reaches num_chars characters of the text (used once, when a stop cuts
+        it; the healer is done by then: there is text)."""
         for k in range(self._sent_ids, len(self._ids) + 1):
-            if len(self._decode(self._ids[:k])) >= num_chars:
+            if len(self._decode(self._ids[:k])) - self._healer.dropped >= num_chars:
                 return k
         return len(self._ids)

@@ -395,7 +395,7 @@ class Engine:
             raise InvalidRequestError("request_id", f"{spec.request_id!r} is already in flight; use a unique id")
         params = parse_params(self.scheduler.factories["main"], with_seed(spec.params))
         try:
-            stream = TextStream(self.tokenizer, spec.stop, min_tokens=getattr(params, "min_tokens", 0))
+            stream = TextStream(self.tokenizer, spec.stop, min_tokens=getattr(params, "min_tokens", 0), healed=spec.healed)
             req = self.scheduler.add(spec, params, stream)
         except OverloadedError:
             self.metrics.rejected.labels(reason="queue_full").inc()

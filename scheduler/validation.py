@@ -37,6 +37,8 @@ def validate_request(spec: GenerationRequest, vocab_size: int | None, max_stop_s
         raise InvalidRequestError("stop", "must be a list of non-empty strings")
     if len(stop) > max_stop_strings:
         raise InvalidRequestError("stop", f"has {len(stop)} strings; give at most {max_stop_strings}")
+    if not isinstance(spec.healed, str) or spec.healed.strip(" \t"):
+        raise InvalidRequestError("healed", f"must be spaces and tabs only (the prompt's trailing blanks), got {spec.healed!r}")
     cap = spec.max_tokens
     if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 0):
         raise InvalidRequestError("max_tokens", f"must be a non-negative integer number of tokens or None, got {cap!r}")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Spaces per indent level in the model's text; Python code (PEP 8) and the training corpus use 4.
-MODEL_TAB_WIDTH = 4
+from scheduler.detokenizer import MODEL_TAB_WIDTH  # spaces per indent level in the model's text
+
 
 _LEADING_TABS = re.compile(r"^\t+", re.MULTILINE)
 _LEADING_SPACES = re.compile(r"^ +", re.MULTILINE)

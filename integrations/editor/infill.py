@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from integrations.editor.document import MODEL_TAB_WIDTH, DocumentStyle, cursor_at_indent
+from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX
+from scheduler.detokenizer import Healer
 
 # Token budgets of the prompt parts: the prefix is kept from its end, the suffix from its start.
 MAX_PREFIX_TOKENS = 1536
@@ -93,8 +94,8 @@ def build_infill_prompt(
     Token healing: byte-level BPE puts a word's leading space inside the word's token ("   " + " return"),
     so a prompt ending in the editor's indentation ("    ") asks the model for text it never saw in
     training, and it answers with one space too many. Trailing spaces/tabs are therefore left out of
-    the prompt (`healed`); the model writes the whitespace itself and `heal_text` drops that much
-    of it from the front of the output.
+    the prompt (`healed`); the model writes the whitespace itself and the engine drops that much
+    of it from the front of the output (GenerationRequest.healed; heal_text on a whole text).
 
     Line endings and indentation: prefix, suffix and context are converted to the model's text (LF,
     spaces) first; `InfillPrompt.to_document` converts a completion back (document.py).
@@ -164,38 +165,10 @@ def _header_and_tail(tokenizer, header: str, text: str, budget: int) -> list[int
     return header_ids + best_ids
 
 
-def _blank_end(column: int, char: str) -> int:
-    """The column after one space or tab starting at `column` (tab stops every MODEL_TAB_WIDTH)."""
-    return column + 1 if char == " " else (column // MODEL_TAB_WIDTH + 1) * MODEL_TAB_WIDTH
-
-
-class Healer:
-    """Drops the front of generated text that the healed whitespace already stands for, piece by piece:
-    leading spaces/tabs while they stay within the healed whitespace's width in columns (a tab reaches
-    the next multiple of MODEL_TAB_WIDTH, counted from the healed text's start), so "  \t" (4 columns)
-    absorbs the four spaces the model writes. A newline or any other character ends the dropping."""
-
-    def __init__(self, healed: str):
-        self.width = 0
-        for char in healed:
-            self.width = _blank_end(self.width, char)
-        self.column = 0
-        self.done = not healed
-
-    def feed(self, text: str) -> str:
-        i = 0
-        while not self.done and i < len(text):
-            end = _blank_end(self.column, text[i]) if text[i] in " \t" else None
-            if end is None or end > self.width:
-                self.done = True
-                break
-            self.column, i = end, i + 1
-        return text[i:]
-
-
 def heal_text(text: str, healed: str) -> str:
-    """The generated text as seen from the cursor: Healer(healed) on the whole text (the whitespace the
-    editor already has dropped; a model that starts with a newline keeps it)."""
+    """The generated text as seen from the cursor: scheduler.detokenizer.Healer(healed) on the whole
+    text (the whitespace the editor already has dropped; a model that starts with a newline keeps it).
+    The engine does this to a request's text itself (GenerationRequest.healed)."""
     return Healer(healed).feed(text)
 
 

@@ -74,6 +74,7 @@ class CompletionJob:
                 suffix_ids=list(self.prompt.suffix_ids) if self.prompt.suffix_ids else None,
                 max_tokens=self.max_tokens,
                 affinity_key=self.affinity_key,
+                healed=self.prompt.healed,
             )
             for gap in self.gaps
         ]
@@ -111,7 +112,7 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
     or on the token cap when the engine would go past it. The text has the final-only rules applied.
     Rules run on the model's text; partials and the result are in the document's style (document.py)."""
     raw, ids, reason, stats, mode = "", [], "length", {}, None
-    text, shown, capped = "", "", False  # text: raw as seen from the cursor, rules applied
+    text, shown, capped = "", "", False  # text: raw (as seen from the cursor) with the rules applied
     first_token_s: float | None = None
     rules = job.model_rules()
     async with contextlib.aclosing(client.stream(req)) as deltas:
@@ -126,8 +127,8 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
                     capped = True
                     if len(ids) > job.max_tokens:
                         ids = ids[: job.max_tokens]
-                        raw = client.tokenizer.decode(ids, skip_special_tokens=True)
-                processed = postprocess(heal_text(raw, job.prompt.healed), rules)
+                        raw = heal_text(client.tokenizer.decode(ids, skip_special_tokens=True), job.prompt.healed)
+                processed = postprocess(raw, rules)  # raw: the engine dropped the healed blanks (request.healed)
                 text = processed.text
                 if processed.cut:
                     reason = processed.cut

@@ -1,7 +1,7 @@
 """A scripted stand-in for integrations.engine_client.EngineClient, for the editor's unit tests.
 
 It streams a scripted text per gap length (GenerationRequest.params["gen_length"]), one token per
-delta with a small delay, and records what it was asked to run and what got cancelled, so tests can
+delta with a small delay, the request's healed blanks dropped from its front as the engine does, and records what it was asked to run and what got cancelled, so tests can
 check supersession and early stops against what really reached the "engine". `hold` keeps every
 request in flight until the test lets it go, so a cancel is sure to find it running. The real engine
 is exercised in test_editor_serve.py.
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from scheduler.api import Delta, FinishReason, InvalidRequestError, Mode, OverloadedError
+from scheduler.detokenizer import Healer
 
 
 @dataclass
@@ -42,6 +43,7 @@ class FakeEngineClient:
             raise InvalidRequestError("gen_length", "must be at least 1")
         text = self.script.get(req.params.get("gen_length"), self.default_text)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
+        healer = Healer(req.healed)  # the engine's contract: the healed blanks are dropped from the text
         done = False
         try:
             while self.hold is not None and not self.hold.is_set():
@@ -51,7 +53,7 @@ class FakeEngineClient:
                 last = i == len(ids) - 1
                 yield Delta(
                     req.request_id,
-                    self.tokenizer.decode([tok]),
+                    healer.feed(self.tokenizer.decode([tok])),
                     [tok],
                     finished=last,
                     finish_reason=FinishReason.STOP if last else None,

@@ -194,32 +194,6 @@ def test_token_healing_leaves_trailing_spaces_to_the_model(bpe_tokenizer):  # no
     assert build_infill_prompt(bpe_tokenizer, "x = 1", "").healed == ""
 
 
-@pytest.mark.parametrize("pieces, healed, expected", [
-    (["   ", " return x"], "    ", "return x"),      # the blanks split across deltas
-    (["", "  ", "", "  y"], "    ", "y"),            # empty deltas on the way
-    (["      y"], "    ", "  y"),                    # never more than the healed amount
-    (["  ", "\n    y"], "    ", "\n    y"),       # a newline ends the dropping
-    ([" 1", " 2"], " ", "1 2"),                      # only the front of the text
-    (["  ", "  return"], "  \t", "return"),          # mixed: "  \t" is 4 columns, as the 4 spaces written
-    (["\treturn"], "  ", "\treturn"),               # a tab past the healed 2 columns is the model's own
-    (["\t", "x"], "\t", "x"),
-])
-async def test_healed_deltas_drop_the_healed_blanks_however_the_text_is_split(pieces, healed, expected):
-    """/v1/completions' token healing on a stream (openai_stream.healed_deltas): the same text as
-    heal_text on the whole, token ids untouched."""
-    from integrations.editor.infill import heal_text
-    from integrations.openai_stream import healed_deltas
-    from scheduler.api import Delta
-
-    async def deltas():
-        for k, piece in enumerate(pieces):
-            yield Delta("r", piece, [k], finished=k == len(pieces) - 1)
-
-    out = [d async for d in healed_deltas(deltas(), healed)]
-    assert "".join(d.text for d in out) == expected == heal_text("".join(pieces), healed)
-    assert [d.token_ids for d in out] == [[k] for k in range(len(pieces))] and out[-1].finished
-
-
 def test_rules_read_a_bounded_window_of_a_huge_suffix(bpe_tokenizer):  # noqa: F811
     """The rules run on every delta; a 200,000-character suffix is cut as the prompt's is (they read its
     first lines and a completion's length of it), with the same outcome as on the whole suffix."""

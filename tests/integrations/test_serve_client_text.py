@@ -283,6 +283,28 @@ def test_a_prompt_ending_in_indentation_gets_the_line_the_model_writes(http, str
     assert llama["content"] == text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_do_not_match_the_healed_blanks(http, stream):
+    """The healed blanks are the client's prompt, and OpenAI's stop strings never match the prompt: a stop
+    string that the model's text ("    return ...") matches only together with them (" r") does not end
+    the text (the client got "" before: the engine matched it on the model's text); one inside the text
+    the client reads still ends it. The same on llama.cpp's /completion and on /infill (editor path)."""
+    text, reason = completion(http, {"prompt": HEALED_PROMPT, **GREEDY_AR}, stream)
+    across = " " + text[:2]  # the last healed blank and the text's first characters
+    assert text[:2].strip() == text[:2] and across not in text, repr(text)
+    assert completion(http, {"prompt": HEALED_PROMPT, **GREEDY_AR, "stop": [across]}, stream) == (text, reason)
+    inside = text[2:5]
+    assert completion(http, {"prompt": HEALED_PROMPT, **GREEDY_AR, "stop": [inside]}, stream) == (
+        text[:text.index(inside)], "stop")
+    llama = {"prompt": HEALED_PROMPT, "n_predict": 16, "temperature": 0, "mode": "ar", "stop": [across]}
+    assert post(http, "/completion", llama)["content"] == text
+    infill = {"input_prefix": HEALED_PROMPT, "input_suffix": "", "n_predict": 16, "temperature": 0, "mode": "ar"}
+    whole = post(http, "/infill", infill)["content"]
+    assert whole[:2].strip() == whole[:2], repr(whole)
+    got = post(http, "/infill", {**infill, "stop": [" " + whole[:2]]})
+    assert got["content"] == whole and got["stop_type"] != "word"
+
+
 def test_prompts_are_read_as_sent_when_tokens_are_scored(http):
     """With logprobs the prompt is not healed (the entries are the tokens of the prompt as sent), nor is
     a token-id prompt."""

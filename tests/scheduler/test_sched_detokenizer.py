@@ -95,3 +95,62 @@ def test_multibyte_characters_are_never_split(bpe_tokenizer):
     pieces.append(stream.finish().text)
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
+
+
+# ---- token healing (GenerationRequest.healed) ----------------------------------------------------------
+
+class PieceTokenizer:
+    """Token id k decodes to pieces[k]."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def healed_stream(pieces, healed, **kw):
+    """Each piece one token, released one per step; the updates and the closing one."""
+    stream = TextStream(PieceTokenizer(pieces), healed=healed, **kw)
+    updates = [stream.update(list(range(k + 1))) for k in range(len(pieces))]
+    return updates + [stream.finish()]
+
+
+@pytest.mark.parametrize("pieces, healed, expected", [
+    (["   ", " return x"], "    ", "return x"),      # the blanks split across tokens
+    (["", "  ", "", "  y"], "    ", "y"),            # empty tokens on the way
+    (["      y"], "    ", "  y"),                    # never more than the healed amount
+    (["  ", "\n    y"], "    ", "\n    y"),          # a newline ends the dropping
+    ([" 1", " 2"], " ", "1 2"),                      # only the front of the text
+    (["  ", "  return"], "  \t", "return"),          # mixed: "  \t" is 4 columns, as the 4 spaces written
+    (["\treturn"], "  ", "\treturn"),                # a tab past the healed 2 columns is the model's own
+    (["\t", "x"], "\t", "x"),
+    (["   ", " "], "    ", ""),                      # only blanks: nothing to send, every id released
+])
+def test_healed_blanks_are_dropped_however_the_tokens_split_them(pieces, healed, expected):
+    from scheduler.detokenizer import Healer
+
+    updates = healed_stream(pieces, healed)
+    assert "".join(u.text for u in updates) == expected == Healer(healed).feed("".join(pieces))
+    assert [t for u in updates for t in u.token_ids] == list(range(len(pieces)))  # ids untouched
+
+
+def test_stop_strings_are_matched_on_the_text_after_the_healed_blanks():
+    """OpenAI's stop strings never match the prompt: the healed blanks are the client's prompt, so a stop
+    string that the model's text matches only together with them does not end the text (it did: " r"
+    in "    return" cut the text at once, and the client got nothing)."""
+    pieces = ["   ", " return", " x", "\n"]
+    updates = healed_stream(pieces, "    ", stop=[" r"])
+    assert "".join(u.text for u in updates) == "return x\n" and not any(u.stopped for u in updates[:-1])
+    updates = healed_stream(pieces, "    ", stop=["re", " x"])  # both inside the text the client reads
+    stopped = [u for u in updates if u.stopped]
+    assert stopped[0].stopped == "stop" and "".join(u.text for u in updates) == ""
+    assert [t for u in updates for t in u.token_ids] == [0, 1]  # through the stop string's tokens
+
+
+def test_min_tokens_counts_the_healed_text_from_the_client_s_start():
+    """vLLM's min_tokens: a stop string counts only if it ends inside or after the min_tokens-th token's
+    text; with healing, that text is found in the text after the dropped blanks."""
+    updates = healed_stream(["    ", "ab", "cb"], "    ", stop=["b"], min_tokens=3)
+    assert "".join(u.text for u in updates) == "abc"
+    assert any(u.stopped == "stop" for u in updates)
