@@ -31,9 +31,11 @@ MAX_NAMES_LISTED = 8  # served ids named in a 404 (all of them are in GET /v1/mo
 def check_model(request: Request, model: str | None) -> None:
     """404 model_not_found unless `model` is absent or one of the served ids (OpenAI's error; vLLM's
     --served-model-name: any of its names). The message names the first MAX_NAMES_LISTED ids."""
+    if model is None:
+        return
     settings = request.app.state.settings
     served = (settings.model_name, *settings.model_aliases)
-    if model is not None and model not in served:
+    if model not in served:
         names = " or ".join(f"'{name}'" for name in served[:MAX_NAMES_LISTED])
         more = f" or one of {len(served) - MAX_NAMES_LISTED} more" if len(served) > MAX_NAMES_LISTED else ""
         raise APIError(404, f"model '{model}' is not served here: use {names}{more} (GET /v1/models)",
