@@ -176,6 +176,12 @@ def test_bad_flags_are_one_line_on_stderr(tmp_path, tiny_model_dir, flags, messa
             "--model", str(tiny_model_dir), *flags]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()  # a refused run leaves the output alone
+
+
+def test_bad_files_are_one_line_on_stderr_and_leave_the_output_alone(tmp_path, tiny_model_dir):
+    source = tmp_path / "in.jsonl"
+    source.write_text("")
     missing = subprocess.run([sys.executable, "-m", "integrations.cli", "run-batch", "-i", str(tmp_path / "none"),
                               "-o", str(tmp_path / "o.jsonl")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "--input-file: cannot read" in missing.stderr
