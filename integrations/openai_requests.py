@@ -68,17 +68,19 @@ async def prompt_ids(tokenizer, prompt: str | list[int], field: str = "prompt") 
 class PreparedPrompt:
     """One prompt of a completions request: its engine request (with the trailing spaces/tabs token
     healing left out of the prompt: `request.healed`, completion_requests), the style its text comes
-    back in and the client's text (None for token ids)."""
+    back in, the client's text (None for token ids) and stop strings."""
 
     request: GenerationRequest
     style: DocumentStyle
     text: str | None
+    stops: list[str]  # the client's stop strings (request.stop holds them in the model's form)
 
     def client_deltas(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
         """The engine's deltas (the healed whitespace already dropped by the engine) with their text as
-        the client reads it after its own prompt: in the prompt's line-ending and indentation style."""
+        the client reads it after its own prompt: in the prompt's line-ending and indentation style,
+        and the matched stop string (stats["stop_word"]) the client's own."""
         if self.style != DocumentStyle():
-            deltas = in_document_style(deltas, self.style, cursor_at_indent(self.text))
+            deltas = in_document_style(deltas, self.style, cursor_at_indent(self.text), self.stops)
         return deltas
 
 
@@ -115,7 +117,7 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
         req = generation_request(rid, body, ids, style.model_stops(body.stop),
                                  default_max_tokens or settings.completion_default_max_tokens,
                                  settings, field, grammar=grammar)
-        prepared.append(PreparedPrompt(replace(req, healed=healed), style, text))
+        prepared.append(PreparedPrompt(replace(req, healed=healed), style, text, list(body.stop)))
     return prepared
 
 

@@ -170,12 +170,18 @@ async def eos_listed(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
             yield delta
 
 
-async def in_document_style(deltas: AsyncIterator[Delta], style: DocumentStyle, at_indent: bool) -> AsyncIterator[Delta]:
+async def in_document_style(deltas: AsyncIterator[Delta], style: DocumentStyle, at_indent: bool,
+                            stops: list[str] = ()) -> AsyncIterator[Delta]:
     """The deltas with their text (model text: LF, spaces) in the prompt's style: CRLF line breaks
     and tab indentation when the prompt has them (issue 14, items 5 and 6; editor/document.py).
-    Indentation still open at a piece's end is sent with the next piece. Closing this closes `deltas`."""
+    Indentation still open at a piece's end is sent with the next piece. The stop string the engine
+    reports (stats["stop_word"], in the model's form) becomes the client's own of `stops` (llama.cpp's
+    stopping_word). Closing this closes `deltas`."""
     stream = DocumentTextStream(style, at_indent=at_indent)
     async with contextlib.aclosing(deltas):
         async for delta in deltas:
             text = stream.feed(delta.text) + (stream.finish() if delta.finished else "")
+            if delta.stats and delta.stats.get("stop_word"):
+                delta = dataclasses.replace(delta, stats={**delta.stats, "stop_word": style.client_stop(
+                    list(stops), delta.stats["stop_word"])})
             yield dataclasses.replace(delta, text=text)

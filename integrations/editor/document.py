@@ -57,10 +57,22 @@ class DocumentStyle:
         return text
 
     def model_stops(self, stops: list[str]) -> list[str]:
-        """Stop strings as the model's text reads them: converted like the document when it has CRLF
-        or tabs to convert; as given for an LF, space-indented document (where a "\r\n" stop keeps
-        its meaning)."""
-        return [self.to_model(s) for s in stops] if self != DocumentStyle() else list(stops)
+        """Stop strings as the model's text reads them, each converted only as the document's own text
+        is: line breaks to "\n" when the document's are CRLF or CR, leading tabs to spaces when it
+        indents with tabs. An LF document's "\r\n" stop keeps its meaning (it never matches), tabs or not."""
+        out = []
+        for stop in stops:
+            if self.line_ending != "\n":
+                stop = LINE_BREAK.sub("\n", stop)
+            if self.tabs:
+                stop = _LEADING_TABS.sub(lambda m: " " * (MODEL_TAB_WIDTH * len(m.group())), stop)
+            out.append(stop)
+        return out
+
+    def client_stop(self, stops: list[str], word: str) -> str:
+        """The client's stop string (one of `stops`) whose model form (model_stops) is `word`, the string
+        the engine reports it matched (Delta.stats["stop_word"]); `word` when none is."""
+        return next((stop for stop in stops if self.model_stops([stop]) == [word]), word)
 
     def to_document(self, text: str, *, at_indent: bool) -> str:
         """A completion (model text) in the document's style. at_indent: the cursor stands in the line's

@@ -141,8 +141,7 @@ def _stop_fields(stop_reason: str, candidate: Candidate | None, job: CompletionJ
     the client gets its own string back)."""
     word = (candidate.stats.get("stop_word") if candidate is not None else None) or ""
     if stop_reason == "stop" and word:
-        style = job.prompt.style
-        return {"stop_type": "word", "stopping_word": next((s for s in job.stop if style.model_stops([s]) == [word]), word)}
+        return {"stop_type": "word", "stopping_word": job.prompt.style.client_stop(job.stop, word)}
     return {"stop_type": _STOP_TYPE.get(stop_reason, "none"), "stopping_word": ""}
 
 

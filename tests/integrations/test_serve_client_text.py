@@ -259,6 +259,23 @@ def test_a_crlf_stop_string_stops_a_crlf_document_and_comes_back_as_sent(http):
     assert got["content"] == _crlf(whole[:whole.index(word)])
 
 
+def test_completion_stops_keep_the_clients_meaning_and_come_back_as_sent(http):
+    """llama.cpp's /completion on a CRLF document: the "\r\n" stop ends the text at a line break and
+    stopping_word is the client's "\r\n" (it was the model's "\n"). On an LF document indented with
+    tabs, a "\r\n" stop never matches (it cut at every "\n": the tabs made the whole stop converted)."""
+    body = {"n_predict": 32, "temperature": 0, "mode": "ar"}
+    prefix, whole = next((p, c) for p, c in ((p, post(http, "/completion", {**body, "prompt": p})["content"])
+                                            for p, _ in DOCUMENTS) if "\n" in c.strip())
+    got = post(http, "/completion", {**body, "prompt": _crlf(prefix), "stop": ["\r\n"]})
+    assert (got["stop_type"], got["stopping_word"]) == ("word", "\r\n")
+    assert got["content"] == _crlf(whole)[:_crlf(whole).index("\r\n")]
+    tabbed = {"prompt": TAB_PREFIX.rstrip("\t"), "max_tokens": 32, "temperature": 0, "mode": "ar"}
+    plain = post(http, "/v1/completions", tabbed)["choices"][0]
+    assert "\n" in plain["text"], repr(plain["text"])
+    stopped = post(http, "/v1/completions", {**tabbed, "stop": ["\r\n"]})["choices"][0]
+    assert (stopped["text"], stopped["finish_reason"]) == (plain["text"], plain["finish_reason"])
+
+
 # ---- token healing on /v1/completions and /completion ------------------------------------------------
 # The shipped tokenizer writes an indented line as "\n   " + " return": a prompt ending in the
 # indentation ends on a token the model never saw before text, and it answered "" (greedy, both modes).
