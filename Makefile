@@ -14,7 +14,7 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 serve: install
 	$(BIN)/refusion serve

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,11 +18,58 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on the 2-core machine: one torch thread each (torch's
+    # default of one per core would run four spinning OpenMP threads on two cores). Set before anything
+    # imports torch; Ray's workers and the CLI subprocesses inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = REPO / "models" / "refusion-tiny-code"
 # Bound on every wait for state. Generous on purpose: a loaded 2-core machine must never fail a test
 # falsely, and a wait whose condition holds returns at once, so the bound costs nothing when all is well.
 WAIT_S = 120.0
+
+
+RAY_GROUP = "ray"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Units of work for a parallel run (`make test`: pytest-xdist's `--dist loadgroup
+    --no-loadscope-reorder`); serial runs keep the collected order.
+
+    Every test on a Ray instance the session shares (fixtures `serve_port`, the local Ray Serve instance,
+    and `cluster`, the two-node cluster) is in one unit, RAY_GROUP: one worker runs them one after
+    another, so one local Ray Serve instance serves them all and the cluster's tests never compete with
+    it for the 2 cores. That unit, over half of the suite's time, goes first; the other worker runs the
+    other tests meanwhile, a module per unit (its module-scoped fixtures built once; a module's tests off
+    Ray are a unit apart from its tests on Ray). Only
+    tests/integrations/test_serve_process.py, whose `refusion serve` starts a Ray of its own, may run
+    beside the unit."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def on_ray(item) -> bool:
+        return bool({"serve_port", "cluster"} & set(item.fixturenames))
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(RAY_GROUP if on_ray(item) else item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: not on_ray(item))
+
+
+_niced = False
+
+
+def pytest_runtest_setup(item):
+    """In a parallel run, the worker that runs a test outside RAY_GROUP lowers its CPU priority (os.nice,
+    for the rest of its life; its subprocesses inherit it), so the Ray unit, the run's critical path, gets
+    the cores when it needs them and the other tests take what it leaves."""
+    global _niced
+    group = item.get_closest_marker("xdist_group")
+    if not _niced and group is not None and group.args[0] != RAY_GROUP:
+        os.nice(10)
+        _niced = True
 
 
 class StatePoll:

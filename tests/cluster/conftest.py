@@ -1,4 +1,6 @@
-"""Fixture `cluster`: the two-node Ray cluster of tests/cluster/ray_cluster.py, once per session."""
+"""Fixture `cluster`: the two-node Ray cluster of tests/cluster/ray_cluster.py, once per module (one
+module uses it; torn down when it ends, so the rest of the suite does not share the 2 cores with an idle
+cluster)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from ports import free_ports
 from ray_cluster import BIN, NODE_PORTS, Cluster, start_node, wait_nodes
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
     """Head + node-b, started with `ray start --block`; torn down by killing both nodes' processes."""
     if shutil.which("ray", path=str(BIN)) is None:
