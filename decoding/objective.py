@@ -12,10 +12,15 @@ Spec: shared/refusion-spec.md, "Training objective". Per example (prompt, respon
      divided by the batch size.
 
 Labels here are NOT shifted the HF way: `labels[i]` is what the output at row i must predict. Each row
-carries a weight so that `loss = sum(weights * CE(logits, labels)) / batch_size` reproduces step 4
-exactly, and `kinds` tells AR rows from MDM rows so the two parts can be logged separately. The AR mean
-is per example (each example's clean-slot CE averaged over its own labels), which keeps the function
-pure per example.
+carries a weight and a kind (`kinds`: AR rows, MDM rows) so that step 4 is, over a batch of B examples
+(training/trainer.objective_loss):
+
+    loss = sum(CE of AR rows) / (number of AR rows in the batch) + sum(weights * CE of MDM rows) / B
+
+AR rows have weight 1: their mean is over every clean-slot label of the batch, pooled (as the
+reference, ML-GSAI/ReFusion's modeling_qwen3_refusion.py, computes it: cross_entropy(..., "mean") over
+the batch's AR labels, not divided by B), so an example with no clean slot adds nothing to it; MDM rows
+have weight 1 / (p len(target)).
 
 Draw order from `rng` (a `random.Random`; fixed, so tests can hand-compute cases): S = rng.choice(slot
 sizes); t = rng.random(); one rng.random() per slot in position order (masked when < p); then
@@ -56,7 +61,7 @@ class ObjectiveExample:
     input_ids: list[int]
     position_ids: list[int]  # logical positions (out of physical order after the prompt)
     labels: list[int]  # IGNORE where no loss
-    weights: list[float]  # per-row loss weight (before dividing by batch size)
+    weights: list[float]  # per-row loss weight: 1 on AR rows (pooled mean), 1 / (p len(target)) on MDM rows
     kinds: list[int]  # KIND_NONE / KIND_AR / KIND_MDM
     slot_size: int
     mask_prob: float
@@ -118,10 +123,8 @@ def build_example(
         labels += slot
         kinds += [KIND_MDM] * len(slot)
 
-    n_ar = kinds.count(KIND_AR)
-    ar_weight = 1.0 / n_ar if n_ar else 0.0
     mdm_weight = 1.0 / (mask_prob * n_target)
-    weights = [ar_weight if k == KIND_AR else mdm_weight if k == KIND_MDM else 0.0 for k in kinds]
+    weights = [1.0 if k == KIND_AR else mdm_weight if k == KIND_MDM else 0.0 for k in kinds]
     return ObjectiveExample(
         input_ids, position_ids, labels, weights, kinds, slot_size, mask_prob, masked_slots, clean_order
     )

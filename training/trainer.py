@@ -80,7 +80,9 @@ def row_cross_entropy(model, t: dict, rows, decoder=None):
 
 
 def objective_loss(model, batch: PackedBatch, decoder=None):
-    """(loss, ar_loss, mdm_loss) tensors for one packed batch: sum(w * CE) / num_examples, split by row kind."""
+    """(loss, ar_loss, mdm_loss) tensors for one packed batch (spec, "Training objective";
+    decoding/objective.py): ar_loss the mean CE over every AR row of the batch (clean-slot labels,
+    pooled), mdm_loss sum(w * CE) over the MDM rows / num_examples."""
     device = next(model.parameters()).device
     t = batch.tensors(device)
     rows = t["loss_rows"]  # [n_rows] flat indices of the weighted positions (no boolean index: no host sync)
@@ -88,7 +90,8 @@ def objective_loss(model, batch: PackedBatch, decoder=None):
         ce = row_cross_entropy(model, t, rows, decoder)  # [n_rows]
     w, kinds = t["weights"].flatten().index_select(0, rows), t["kinds"].flatten().index_select(0, rows)
     n = batch.num_examples
-    ar = (w * ce * (kinds == KIND_AR)).sum() / n
+    is_ar = kinds == KIND_AR
+    ar = (w * ce * is_ar).sum() / is_ar.sum().clamp(min=1)  # a tensor count: no host sync
     mdm = (w * ce * (kinds == KIND_MDM)).sum() / n
     return ar + mdm, ar, mdm
 

@@ -48,8 +48,8 @@ def test_hand_made_case_positions_labels_weights():
     assert ex.position_ids == [0, 1, 2, 3, 4, 5, 6, 7, 8]
     assert ex.labels == [IGNORE, IGNORE, 11, 12, 13, IGNORE, 14, 15, EOS]
     assert ex.kinds == [KIND_NONE] * 2 + [KIND_AR] * 3 + [KIND_NONE] + [KIND_MDM] * 3
-    ar_w, mdm_w = 1 / 3, 1 / (p * 7)
-    assert ex.weights == pytest.approx([0, 0, ar_w, ar_w, ar_w, 0, mdm_w, mdm_w, mdm_w])
+    mdm_w = 1 / (p * 7)  # AR rows weigh 1: their mean is pooled over the batch (training/trainer.objective_loss)
+    assert ex.weights == pytest.approx([0, 0, 1, 1, 1, 0, mdm_w, mdm_w, mdm_w])
 
 
 def test_clean_slots_in_shuffled_order_keep_true_positions():
@@ -62,9 +62,9 @@ def test_clean_slots_in_shuffled_order_keep_true_positions():
     assert ex.input_ids == [5, EOS, 20, 21, 22, 23, MASK, MASK, MASK, MASK]
     assert ex.position_ids == [0, 9, 1, 2, 3, 4, 5, 6, 7, 8]
     assert ex.labels == [IGNORE, IGNORE, 21, 22, 23, IGNORE, 24, 25, 26, 27]
-    # A one-token slot has no AR label; AR weights average over the 3 labels of slot 0.
-    ar_w, mdm_w = 1 / 3, 1 / (0.001 * 9)
-    assert ex.weights == pytest.approx([0, 0, ar_w, ar_w, ar_w, 0] + [mdm_w] * 4)
+    # A one-token slot has no AR label; slot 0's 3 labels weigh 1 each.
+    mdm_w = 1 / (0.001 * 9)
+    assert ex.weights == pytest.approx([0, 0, 1, 1, 1, 0] + [mdm_w] * 4)
 
 
 def test_all_masked_has_no_ar_rows_and_all_clean_no_mdm_rows():
@@ -79,7 +79,7 @@ def test_all_masked_has_no_ar_rows_and_all_clean_no_mdm_rows():
     assert all_clean.input_ids == [1, 10, 11, EOS]
     assert all_clean.labels == [IGNORE, 11, EOS, IGNORE]
     assert KIND_MDM not in all_clean.kinds
-    assert sum(all_clean.weights) == pytest.approx(1.0)
+    assert all_clean.weights == [0.0, 1.0, 1.0, 0.0]
 
 
 def test_random_examples_are_permutations_of_the_target():
@@ -95,9 +95,7 @@ def test_random_examples_are_permutations_of_the_target():
                 assert by_pos[pos] == MASK and lab == target[pos - 3]
             elif kind == KIND_AR:
                 assert by_pos[pos] == target[pos - 3] and lab == target[pos - 2]
-        n_ar = ex.kinds.count(KIND_AR)
-        ar_sum = sum(w for w, k in zip(ex.weights, ex.kinds) if k == KIND_AR)
-        assert ar_sum == pytest.approx(1.0 if n_ar else 0.0)
+        assert all(w == 1.0 for w, k in zip(ex.weights, ex.kinds) if k == KIND_AR)
 
 
 def test_same_seed_same_example():

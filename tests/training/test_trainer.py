@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from decoding.objective import build_example, collate  # noqa: E402
+from decoding.objective import KIND_AR, KIND_MDM, build_example, collate  # noqa: E402
 from training.batches import pack_one_batch  # noqa: E402
 from training.trainer import TrainingError, heldout_losses, objective_loss, row_cross_entropy, train_model  # noqa: E402
 
@@ -79,20 +79,55 @@ def _padded_loss(model, examples):
                        attention_mask=torch.tensor(batch.attention_mask)).logits
     labels = torch.tensor(batch.labels)
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten().clamp(min=0), reduction="none")
-    return float((ce * torch.tensor(batch.weights).flatten()).sum() / len(examples))
+    kinds, weights = torch.tensor(batch.kinds).flatten(), torch.tensor(batch.weights).flatten()
+    ar = ce[kinds == KIND_AR].mean()  # every clean-slot label of the batch, pooled (the spec; the reference)
+    return float(ar + (ce * weights)[kinds == KIND_MDM].sum() / len(examples))
 
 
 def test_packed_loss_equals_the_padded_one_example_per_row_loss():
     model = _tiny_qwen3(1)
-    rng = random.Random(3)
+    rng = random.Random(7)
     examples = [build_example([1, 2, 3], list(range(4, 4 + n)), rng, mask_token_id=MASK, eos_token_id=EOS)
                 for n in (5, 17, 30)]
+    assert [e.kinds.count(KIND_AR) for e in examples] == [0, 9, 17]  # seed 7: uneven clean labels, masked rows each
+    assert all(KIND_MDM in e.kinds for e in examples)
     batch = pack_one_batch(examples, row_len=64)
     assert len(batch.input_ids) == 1 and batch.num_examples == 3  # 9 + 21 + 34 tokens share one row
     with torch.no_grad():
         loss, ar, mdm = objective_loss(model, batch)
     assert float(loss) == pytest.approx(_padded_loss(model, examples), rel=1e-5)
     assert float(ar + mdm) == pytest.approx(float(loss), rel=1e-6)
+
+
+class _UniformLM(torch.nn.Module):
+    """Zero logits everywhere: every row's cross-entropy is log(vocab)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.dummy = vocab, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, **_):
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab) + 0 * self.dummy})()
+
+
+def test_the_ar_part_is_the_mean_over_the_batchs_clean_labels():
+    """Spec, "Training objective": the AR part is the mean CE over the clean-slot labels of the batch,
+    pooled (the reference: cross_entropy(..., "mean") over them, not divided by the batch size): an
+    example with no clean slot adds nothing to it (a per-example mean would halve it here)."""
+    def drawn(response, slot, clean):  # the first seed whose draw masks every slot (clean False) or none
+        for seed in range(1000):
+            ex = build_example([1], response, random.Random(seed), mask_token_id=MASK, eos_token_id=EOS,
+                               slot_sizes=(slot,))
+            if (KIND_MDM in ex.kinds) != clean:
+                return ex
+        raise AssertionError("no seed draws it")
+
+    no_clean, all_clean = drawn([10, 11], 8, clean=False), drawn(list(range(20, 27)), 4, clean=True)
+    assert no_clean.kinds.count(KIND_AR) == 0 and all_clean.kinds.count(KIND_AR) == 6
+    with torch.no_grad():
+        _, ar, mdm = objective_loss(_UniformLM(64), pack_one_batch([no_clean, all_clean], row_len=16))
+    assert float(ar) == pytest.approx(math.log(64), rel=1e-6)
+    assert float(mdm) == pytest.approx(math.log(64) * sum(no_clean.weights) / 2, rel=1e-6)  # / the batch size
 
 
 def test_examples_packed_in_one_row_do_not_see_each_other():
