@@ -74,6 +74,7 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self.forwards = 0
+        self._plan_items: list = []  # the step's (request, segment) pairs while its forward and postprocess run
 
     # ---- public API --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -182,6 +183,12 @@ class Engine:
                 for req in list(self.scheduler.running):
                     req.in_flight = False
                     self._finish(req, FinishReason.ERROR, error="internal error in engine step")
+                for req, _ in self._plan_items:  # cancelled while its segment ran: its KV waited for the forward
+                    if req.in_flight and req.finished:
+                        req.in_flight = False
+                        self.kv.free(req)
+            finally:
+                self._plan_items = []
 
     async def step(self) -> None:
         """One engine step: schedule -> execute -> postprocess."""
@@ -196,6 +203,7 @@ class Engine:
             self._stream(req, time.monotonic())  # a decoder done without a step (a grammar's forced text)
             self._finish(req, self._natural_reason(req))
         if plan.items:
+            self._plan_items = plan.items  # (the loop frees what a failure here would strand)
             results = await self._execute(plan)
             if results is not None:
                 self._postprocess(plan, results)

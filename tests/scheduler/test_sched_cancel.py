@@ -118,6 +118,31 @@ async def test_cancel_during_the_forward_frees_right_after_it(wait_until):
     await engine.stop()
 
 
+async def test_a_step_failing_after_its_forward_still_frees_a_request_cancelled_during_it(wait_until, monkeypatch):
+    """A bug after the forward (here in postprocessing) fails the step: the loop's catch-all ends the
+    running requests, and a request cancelled while its segment was in that forward, no longer running
+    but holding its KV for it, gets its blocks freed too (found by a soak review)."""
+    runner = FakeRunner(num_blocks=64)
+    engine, _ = make_engine(runner=runner, prefix_cache=False)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    monkeypatch.setattr(engine, "_postprocess", lambda plan, results: 1 / 0)
+    cancelled = asyncio.create_task(collect(engine, req("a", mode=Mode.AR)))
+    running = asyncio.create_task(collect(engine, req("b", mode=Mode.AR)))
+    try:
+        await wait_until(gate.entered.is_set, "the first forward")
+        await wait_until(lambda: engine.kv.tables["main"].length("b") > 0, "b in the held forward")
+        engine.cancel("a")
+        assert engine.kv.tables["main"].length("a") > 0
+    finally:
+        gate.release()
+    assert (await cancelled)[-1].finish_reason is FinishReason.CANCELLED
+    assert (await running)[-1].finish_reason is FinishReason.ERROR
+    await wait_until(lambda: engine.kv.pool().num_free == engine.kv.pool().num_total, "every block to be freed")
+    await engine.stop()
+
+
 async def test_consumer_that_stops_iterating_cancels_the_request(wait_until):
     runner = FakeRunner(num_blocks=64, delay_s=0.002)
     engine, _ = make_engine(runner=runner, prefix_cache=False)
