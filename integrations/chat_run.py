@@ -11,7 +11,7 @@ before the response starts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -113,7 +113,10 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
     observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt.ids))
-    streams = await start_all(lambda r: start(client, r, observer), choice_requests(req, body.n))
+    reqs = choice_requests(req, body.n)
+    # vLLM's prompt_logprobs: one list per response (the choices read one prompt), so choice 0 scores it
+    reqs[1:] = [replace(r, params={k: v for k, v in r.params.items() if k != "prompt_logprobs"}) for r in reqs[1:]]
+    streams = await start_all(lambda r: start(client, r, observer), reqs)
     return ChatRun(client, header, observer, streams, prompt.forced, allowed, max_calls)
 
 

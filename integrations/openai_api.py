@@ -30,9 +30,10 @@ from integrations.ingress_gate import IngressGate, IngressGateMiddleware
 from integrations.openai_calls import check_model, collect_all, logprob_formatter, primed, observed, read_body, sse, start
 from integrations.openai_choices import choice_requests, indexed, merged, start_all
 from integrations.openai_infill import infill_deltas, infill_job
+from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_requests import completion_requests, id_headers, request_id
-from integrations.openai_stream import chat_events, completion_events, echoed, eos_listed
+from integrations.openai_stream import chat_events, completion_events, echoed, eos_listed, prompt_scores_kept
 from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop
 from integrations.responses_api import router as responses_router
 
@@ -166,6 +167,9 @@ async def completions(request: Request):
         raise InputError(400, "echo", "an infill (`suffix`) is not echoed: drop echo or suffix")
     if body.suffix is not None and body.logprobs is not None:
         raise InputError(400, "logprobs", "log probabilities are not returned for infill (`suffix`): drop one of them")
+    if body.suffix is not None and body.prompt_logprobs is not None:
+        raise InputError(400, "prompt_logprobs", "prompt log probabilities are not returned for infill (`suffix`): "
+                         "drop one of them")
     if body.suffix is not None and grammar is not None:
         raise InputError(400, "response_format" if body.structured_outputs is None else "structured_outputs",
                          "structured output is not supported with `suffix` (infill): drop one of them")
@@ -178,7 +182,7 @@ async def completions(request: Request):
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids),
                                                usage_from_engine=True)  # the text is post-processed (CRLF, cuts)
         streams = [await primed(observed(infill_deltas(client, job, header.id, body.stream), observer), observer)]
-        echo_counts = [0]
+        echo_counts, scores = [0], None
     else:
         prepared = await completion_requests(client.tokenizer, header.id, body, settings, grammar)
         observer = RequestObserver.for_request(request, "completions", header.id,
@@ -186,7 +190,10 @@ async def completions(request: Request):
         total = len(prepared) * body.n  # choice k * n + j: prompt k's choice j (OpenAI's order)
         reqs = [r for k, p in enumerate(prepared) for r in choice_requests(p.request, body.n, k * body.n, total)]
         streams = await start_all(lambda r: start(client, r, observer), reqs)
+        scores = [[] for _ in reqs] if body.returns_prompt_logprobs else None
         for i, p in enumerate(p for p in prepared for _ in range(body.n)):
+            if scores is not None:  # vLLM's prompt_logprobs, per choice
+                streams[i] = prompt_scores_kept(streams[i], scores[i])
             streams[i] = p.client_deltas(streams[i])  # healed whitespace dropped; a CRLF or tab-indented prompt's style
             if body.logprobs is not None:  # an EOS ending is listed last (OpenAI's legacy completions, vLLM)
                 streams[i] = eos_listed(streams[i])
@@ -201,6 +208,10 @@ async def completions(request: Request):
     collected = await collect_all(streams, observer)
     choices = [(text, last, f.completion(entries) if f else None) for (text, last, entries), f in zip(collected, formatters)]
     body_json = shape.completion_body(header, choices, observer.prompt_tokens, observer.completion_tokens)
+    if scores is not None:
+        prompt_formatter = LogprobFormatter(client.tokenizer, body.prompt_logprobs)
+        for choice, entries in zip(body_json["choices"], scores):
+            choice["prompt_logprobs"] = prompt_formatter.prompt_logprobs(entries)
     return JSONResponse(body_json, headers=id_headers(request, header.id))
 
 
@@ -211,6 +222,9 @@ async def chat_completions(request: Request):
     run = await start_chat(request, body, "chatcmpl", "chat")
     header, observer = run.header, run.observer
     formatter = logprob_formatter(run.client, body)
+    scores = [] if body.returns_prompt_logprobs else None
+    if scores is not None:  # vLLM's prompt_logprobs: one list for the response (every choice shares the prompt)
+        run.streams[0] = prompt_scores_kept(run.streams[0], scores)
     if body.stream:
         events = merged([indexed(chat_events(header, d, run.allowed, prefix=run.forced, max_calls=run.max_calls,
                                              logprobs=formatter), i) for i, d in enumerate(run.streams)])
@@ -219,6 +233,8 @@ async def chat_completions(request: Request):
     choices = [(run.forced + text, last, formatter.chat(entries) if formatter else None) for text, last, entries in collected]
     completion = shape.chat_body(header, choices, observer.prompt_tokens, observer.completion_tokens, run.allowed,
                                  run.max_calls)
+    if scores is not None:
+        completion["prompt_logprobs"] = LogprobFormatter(run.client.tokenizer, body.prompt_logprobs).prompt_logprobs(scores)
     return JSONResponse(completion, headers=id_headers(request, header.id))
 
 

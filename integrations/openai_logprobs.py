@@ -11,6 +11,8 @@ Shapes, as OpenAI documents them and vLLM returns them:
     come first, the first with null logprob and top_logprobs (as OpenAI's and vLLM's);
   - chat (`logprobs: true, top_logprobs: N`): {"content": [{"token", "logprob", "bytes", "top_logprobs":
     [{"token", "logprob", "bytes"}] (N, best first)}], "refusal": null}.
+  - vLLM's `prompt_logprobs: N` (both routes, not streamed): [None, {"token id": {"logprob", "rank",
+    "decoded_token"}}, ...], one entry per prompt token (LogprobFormatter.prompt_logprobs).
 A token's string is its own text (a token that ends inside a UTF-8 character shows U+FFFD there, as
 its decode does); `bytes` are its exact UTF-8 bytes (byte-level BPE tokenizers: the token's own bytes).
 The values are the model's log probabilities before temperature, top-k and top-p (vLLM's default
@@ -81,6 +83,23 @@ class LogprobFormatter:
 
     def _chat_token(self, token: int, logprob: float) -> dict:
         return {"token": self.text(token), "logprob": logprob, "bytes": self.token_bytes(token)}
+
+    def prompt_logprobs(self, entries) -> list[dict | None]:
+        """vLLM's `prompt_logprobs` list of a prompt scored by the engine (entries: TokenLogprob of prompt
+        tokens 1 .. P-1, Delta.prompt_logprobs): None for the first token (nothing precedes it), then per
+        token {"token id": {"logprob", "rank", "decoded_token"}}, the prompt's own token first, then the
+        num_top most likely (ranks 1 .. num_top; a prompt token among them keeps one key), as vLLM's
+        OpenAI server returns them (vllm/logprobs.py, `Logprob`): one entry per prompt token."""
+        out: list[dict | None] = [None]
+        for e in entries:
+            position = {str(e.token): self._ranked(e.token, e.logprob, e.rank)}
+            for rank, (t, v) in enumerate(e.top[:self.num_top], 1):
+                position.setdefault(str(t), self._ranked(t, v, rank))
+            out.append(position)
+        return out
+
+    def _ranked(self, token: int, logprob: float, rank: int | None) -> dict:
+        return {"logprob": logprob, "rank": rank, "decoded_token": self.text(token)}
 
 
 def merge_completion(parts: list[dict]) -> dict:

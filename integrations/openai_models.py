@@ -189,6 +189,8 @@ class SamplingFields(OpenAIBody):
     # on completions too) or vLLM's structured_outputs; decoded on the AR path
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's prompt_logprobs: the prompt tokens' log probabilities, with this many alternatives each
+    prompt_logprobs: int | None = None
 
     @field_validator("top_k")
     @classmethod
@@ -212,6 +214,20 @@ class SamplingFields(OpenAIBody):
             data["structured_outputs"] = guided
         return data
 
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs(cls, value, info):
+        """vLLM's rules: 0 .. max logprobs (20 here, vLLM's default; its -1, the whole vocabulary, is not
+        offered), and not with stream unless 0 (the scores are not streamed; 0 with stream returns none)."""
+        if value is None:
+            return None
+        if not 0 <= value <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"is {value}: give 0..{MAX_TOP_LOGPROBS} alternatives per prompt token (vLLM's -1, "
+                             "the whole vocabulary, is not offered)")
+        if value > 0 and info.data.get("stream"):
+            raise ValueError("prompt log probabilities are not streamed (as vLLM): drop stream, or prompt_logprobs")
+        return value
+
     @field_validator("skip_special_tokens")
     @classmethod
     def _special_tokens_skipped(cls, value):
@@ -234,6 +250,11 @@ class SamplingFields(OpenAIBody):
         if value is not None and response_format is not None and response_format.type != "text":
             raise ValueError("give response_format or structured_outputs, not both")
         return value
+
+    @property
+    def returns_prompt_logprobs(self) -> bool:
+        """vLLM's prompt_logprobs are asked for and returned (not streamed: 0 with stream returns none)."""
+        return self.prompt_logprobs is not None and not self.stream
 
     @property
     def num_logprobs(self) -> int | None:
@@ -300,6 +321,8 @@ class SamplingFields(OpenAIBody):
                 params[name] = value
         if self.num_logprobs is not None:
             params["logprobs"] = self.num_logprobs
+        if self.returns_prompt_logprobs:
+            params["prompt_logprobs"] = self.prompt_logprobs
         for name in ("presence_penalty", "frequency_penalty"):  # AR decoding: the engine runs such requests AR
             if getattr(self, name):
                 params[name] = getattr(self, name)
@@ -404,10 +427,11 @@ class CompletionRequest(SamplingFields):
 
     def decode_params(self, gen_length: int, model_defaults: dict | None = None, slot_size: int | None = None) -> dict:
         """SamplingFields.decode_params, plus prompt_logprobs when the echoed prompt needs its scores
-        (echo with logprobs; echo_only, which the engine runs as a scoring request, with 0 alternatives)."""
+        (echo with logprobs; echo_only, which the engine runs as a scoring request, with 0 alternatives;
+        the engine scores with the larger count when vLLM's prompt_logprobs is also set)."""
         params = super().decode_params(gen_length, model_defaults, slot_size)
-        if self.echo and (self.logprobs is not None or self.echo_only):
-            params["prompt_logprobs"] = self.logprobs or 0
+        if self.echo and (self.logprobs is not None or self.echo_only):  # with vLLM's prompt_logprobs: the larger
+            params["prompt_logprobs"] = max(self.logprobs or 0, params.get("prompt_logprobs", 0))
         return params
 
 

@@ -98,8 +98,8 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
     model answers with nothing or with one space too many. That whitespace is left out of the prompt
     and the engine drops as much of it from the front of the generated text, before stop strings are
     matched (GenerationRequest.healed).
-    Not for token-id prompts, `echo`, `logprobs` or a grammar: there the tokens are exactly the ones
-    the client asked for or scores."""
+    Not for token-id prompts, `echo`, `logprobs`, `prompt_logprobs` or a grammar: there the tokens are
+    exactly the ones the client asked for or scores."""
     prepared = []
     batch = len(body.prompts) > 1
     for k, prompt in enumerate(body.prompts):
@@ -110,7 +110,8 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
         style = DocumentStyle.of(text) if text is not None and grammar is None else DocumentStyle()
         model_text = style.to_model(text) if text is not None else None
         healed = ""
-        if model_text is not None and grammar is None and not body.echo and body.logprobs is None:
+        if (model_text is not None and grammar is None and not body.echo and body.logprobs is None
+                and body.prompt_logprobs is None):
             kept = model_text.rstrip(" \t")
             model_text, healed = (kept, model_text[len(kept):]) if kept else (model_text, "")
         ids = await prompt_ids(tokenizer, model_text if model_text is not None else prompt, field)

@@ -158,6 +158,16 @@ async def echoed(deltas: AsyncIterator[Delta], prompt_text: str, first_token: in
             yield dataclasses.replace(delta, text=text, logprobs=entries)
 
 
+async def prompt_scores_kept(deltas: AsyncIterator[Delta], into: list) -> AsyncIterator[Delta]:
+    """The deltas, unchanged; the engine's scores of the prompt (Delta.prompt_logprobs, which one delta
+    carries) are added to `into` as they pass (vLLM's `prompt_logprobs`). Closing this closes `deltas`."""
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            if delta.prompt_logprobs is not None:
+                into += delta.prompt_logprobs
+            yield delta
+
+
 async def eos_listed(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
     """The deltas with the log probability of the EOS the text ended on (Delta.eos_logprob) as the last
     delta's last logprobs entry: OpenAI's legacy completions list the end-of-text token (its text is not

@@ -158,15 +158,18 @@ class TokenLogprob:
     """One generated token's log probability and the most likely tokens at its place, best first
     (OpenAI's `logprobs`; semantics in "Reads" above). A token the grammar forced without a forward has
     logprob 0.0 and itself as its only alternative (probability 1 under the grammar's mask). An echoed
-    prompt's first token has logprob None and no alternatives (nothing precedes it; the API makes it)."""
+    prompt's first token has logprob None and no alternatives (nothing precedes it; the API makes it).
+    rank: 1 + the number of tokens more likely than this one at its place (vLLM's `prompt_logprobs`
+    report it; 1 for a forced token; None where no read made it)."""
 
     token: int
     logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
     @classmethod
     def forced(cls, token: int, num_top: int) -> "TokenLogprob":
-        return cls(token, 0.0, ((token, 0.0),) if num_top else ())
+        return cls(token, 0.0, ((token, 0.0),) if num_top else (), 1)
 
 
 @dataclass

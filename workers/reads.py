@@ -3,8 +3,9 @@
 Input: logits of the read rows only, [R, V] float32, and per-row parameters (`ReadParams`, views of the
 packed step). Output: [2, R] float64, row 0 the token ids, row 1 the probabilities, so all results
 come back to the host in one transfer. With `logprobs` (a segment of the step asks for them) the output
-is [3 + 2K, R] (K = MAX_TOP_LOGPROBS): then row 2 the chosen token's log probability, rows 3 .. 3+K the
-K most likely token ids and rows 3+K .. 3+2K their log probabilities, all under log_softmax of the
+is [4 + 2K, R] (K = MAX_TOP_LOGPROBS): then row 2 the chosen token's log probability, rows 3 .. 3+K the
+K most likely token ids, rows 3+K .. 3+2K their log probabilities, and row 3+2K the chosen token's rank
+(1 + the number of tokens more likely; vLLM's `prompt_logprobs` report it), all under log_softmax of the
 logits as given (grammar mask applied; before temperature, top-k, top-p: vLLM's raw_logprobs).
 
   - probabilities via logsumexp: p = exp(logit[token] - logsumexp(logits)), no softmax over rows;
@@ -124,7 +125,7 @@ def _chosen_logprob(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
 def compute_reads(logits: torch.Tensor, params: ReadParams, needs_noise: bool, needs_sort: bool,
                   logprobs: bool = False, bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """logits [R, V] float32 -> [2, R] float64: token ids (exact in float64) and probabilities; with
-    `logprobs`, [3 + 2K, R]: plus the token's log probability and the top K (module docstring).
+    `logprobs`, [4 + 2K, R]: plus the token's log probability, the top K and its rank (module docstring).
     bias: ([R, L] token ids, [R, L] float64 values) added to the logits the token is chosen from
     (Segment.logit_bias; padding pairs add 0); the log probabilities are of the logits without it."""
     chosen_from = logits
@@ -136,7 +137,9 @@ def compute_reads(logits: torch.Tensor, params: ReadParams, needs_noise: bool, n
     log_probs = logits.log_softmax(dim=-1)  # [R, V] float32
     top = log_probs.topk(min(MAX_TOP_LOGPROBS, logits.shape[-1]), dim=-1)  # [R, K] each
     chosen = log_probs.gather(1, values[0].long()[:, None])[:, 0]  # [R]
-    return torch.cat((values, chosen.double()[None], top.indices.double().T, top.values.double().T))
+    rank = (log_probs > chosen[:, None]).sum(dim=-1) + 1  # [R]
+    return torch.cat((values, chosen.double()[None], top.indices.double().T, top.values.double().T,
+                      rank.double()[None]))
 
 
 def _token_and_prob(logits: torch.Tensor, params: ReadParams, needs_noise: bool, needs_sort: bool) -> torch.Tensor:
@@ -145,6 +148,7 @@ def _token_and_prob(logits: torch.Tensor, params: ReadParams, needs_noise: bool,
     if not needs_noise and not needs_sort:  # greedy step: no float64 copy of the logits
         token = torch.where(given >= 0, given, logits.argmax(dim=-1))
         return torch.stack((token.double(), _chosen_logprob(logits, token).double().exp()))
+    raw = logits
     sample = params.sample != 0
     if needs_sort:  # only sample rows carry top-k / top-p; other rows pass unchanged
         logits = filter_top_k_top_p(logits, params.top_k, params.top_p, params.temperature, params.min_p)
@@ -156,4 +160,10 @@ def _token_and_prob(logits: torch.Tensor, params: ReadParams, needs_noise: bool,
     token = torch.where(given >= 0, given, z.argmax(dim=-1))
     # Sample rows: probability under softmax(filtered / T); every other row: plain softmax (T_eff = 1).
     tempered = x / torch.where(sample, params.temperature, 1.0)[:, None]
-    return torch.stack((token.double(), _chosen_logprob(tempered, token).exp()))
+    logprob = _chosen_logprob(tempered, token)
+    # Plain rows (greedy argmax, prob reads) take the float32 value of the greedy step above, so a greedy
+    # request's probabilities, which its thresholds compare, do not depend on whether a sampled request
+    # shares its step (the spec's batch invariance)
+    plain = ~sample & (params.gumbel == 0)
+    logprob = torch.where(plain, _chosen_logprob(raw, token).double(), logprob)
+    return torch.stack((token.double(), logprob.exp()))

@@ -190,7 +190,7 @@ class ModelRunner:
         return unpack_results(step, [s.seq_id for s in segments], host, host_logits, [s.logprobs for s in segments])
 
     def _run(self, step: PackedStep) -> tuple[np.ndarray, np.ndarray | None]:
-        """Upload, run and read back a packed step: values [2, R] ([3 + 2K, R] with log probabilities) and
+        """Upload, run and read back a packed step: values [2, R] ([4 + 2K, R] with log probabilities) and
         logits rows (when asked for)."""
         buffer = self._uploader.upload(step.buffer)
         with torch.inference_mode():
@@ -228,7 +228,7 @@ def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: st
 
 def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,
                    logits: np.ndarray | None, top_wanted: list[int | None] | None = None) -> list[SegmentResult]:
-    """values [2, R] float64 (tokens, probs; [3 + 2K, R] with log probabilities) and optional logits
+    """values [2, R] float64 (tokens, probs; [4 + 2K, R] with log probabilities) and optional logits
     [R, V] -> one SegmentResult per segment. top_wanted[i]: segment i's `logprobs` (None: none)."""
     tokens = values[0, :step.num_reads].astype(np.int64).tolist()
     probs = values[1, :step.num_reads].tolist()
@@ -245,12 +245,13 @@ def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,
 
 
 def token_logprobs(values: np.ndarray, num_top: int) -> list[TokenLogprob]:
-    """values [3 + 2K, n] of one segment's reads -> n TokenLogprob with num_top alternatives each
+    """values [4 + 2K, n] of one segment's reads -> n TokenLogprob with num_top alternatives each
     (-inf as LOGPROB_FLOOR; alternatives of probability 0, which a grammar mask removed, left out)."""
-    k = (values.shape[0] - 3) // 2
+    k = (values.shape[0] - 4) // 2
     chosen = np.maximum(values[2], LOGPROB_FLOOR).tolist()
     top_ids = values[3:3 + min(num_top, k)].T.astype(np.int64).tolist()
     top_lps = values[3 + k:3 + k + min(num_top, k)].T.tolist()
     token_ids = values[0].astype(np.int64).tolist()
-    return [TokenLogprob(token, lp, tuple((t, v) for t, v in zip(ids, lps) if v != -np.inf))
-            for token, lp, ids, lps in zip(token_ids, chosen, top_ids, top_lps)]
+    ranks = values[3 + 2 * k].astype(np.int64).tolist()
+    return [TokenLogprob(token, lp, tuple((t, v) for t, v in zip(ids, lps) if v != -np.inf), rank)
+            for token, lp, ids, lps, rank in zip(token_ids, chosen, top_ids, top_lps, ranks)]

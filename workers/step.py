@@ -2,7 +2,7 @@
 
     buffer  [layout.size] int64 on the device: the packed step (workers.packing), one upload
     layout  workers.packing.StepLayout: every shape and flag, static per bucket
-    returns values [2, R] float64 (token ids, probabilities; [3 + 2K, R] with layout.logprobs: workers.reads)
+    returns values [2, R] float64 (token ids, probabilities; [4 + 2K, R] with layout.logprobs: workers.reads)
             and logits [R, V] float32
 
 Between the input copy and the output copy nothing waits for the host (style rule 12): the arrays are
@@ -65,7 +65,7 @@ def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayo
     attention_cls: StepAttention (gathers context; portable) or workers.attention_flex.FlexStepAttention
     (reads the paged cache in place). kernels: workers.model.LayerKernels for the work around attention
     (None: eager; workers.model.compiled_kernels(): fused by torch.compile). Returns (values [2, R]
-    float64, or [3 + 2K, R] with layout.logprobs; logits [R, V] float32); R == 0 skips the LM head."""
+    float64, or [4 + 2K, R] with layout.logprobs; logits [R, V] float32); R == 0 skips the LM head."""
     a = step_arrays(buffer, layout)
     cfg = model.cfg
     attention = attention_cls(kv, a, layout, cfg.num_heads // cfg.num_kv_heads)

@@ -171,6 +171,9 @@ HTTP_CASES = [
     _chat("chat-logprobs-count", {"messages": USER, "logprobs": 3}, field="logprobs"),
     _chat("chat-top-logprobs-without-logprobs", {"messages": USER, "top_logprobs": 3}, field="top_logprobs"),
     _chat("chat-top-logprobs-over-20", {"messages": USER, "logprobs": True, "top_logprobs": 21}, field="top_logprobs"),
+    _chat("chat-prompt-logprobs-streamed", {"messages": USER, "prompt_logprobs": 2, "stream": True},
+          field="prompt_logprobs"),
+    _chat("chat-prompt-logprobs-string", {"messages": USER, "prompt_logprobs": "2"}, field="prompt_logprobs"),
     _chat("chat-store", {"messages": USER, "store": True}, field="store"),
     _c("completions-top-k-negative", {"prompt": "x", "top_k": -2}, field="top_k"),  # (-1 is vLLM's "off")
     _c("completions-min-p-over-one", {"prompt": "x", "min_p": 1.5}, field="min_p"),

@@ -239,3 +239,66 @@ def test_an_eos_ending_is_the_last_logprobs_entry(client, model, reference):
     assert plain.usage.completion_tokens == 0 and plain.choices[0].logprobs.text_offset == [0]
     capped = client.completions.create(model=model, prompt=prompt, max_tokens=3, logprobs=0, extra_body=AR)
     assert capped.choices[0].finish_reason == "length" and len(capped.choices[0].logprobs.tokens) == 3
+
+
+def _check_prompt_logprobs(tok, plp, ids, rows, num_top):
+    """vLLM's prompt_logprobs against transformers' causal rows: None first, then per token its own
+    entry first (logprob, rank = 1 + the tokens more likely, decoded_token), then the num_top best."""
+    assert len(plp) == len(ids) and plp[0] is None
+    for k in range(1, len(ids)):
+        row, position = rows[k - 1], plp[k]
+        own = position[str(ids[k])]
+        assert list(position)[0] == str(ids[k])
+        assert own["logprob"] == pytest.approx(row[ids[k]].item(), abs=1e-4)
+        value = row[ids[k]].item()  # rank: 1 + the tokens more likely (within float noise of transformers')
+        assert 1 + int((row > value + 1e-4).sum()) <= own["rank"] <= 1 + int((row > value - 1e-4).sum())
+        assert own["decoded_token"] == _text(tok, ids[k])
+        best = row.topk(num_top).indices.tolist()
+        assert set(position) == {str(ids[k])} | {str(t) for t in best}
+        for r, t in enumerate(best, 1):
+            if t != ids[k]:
+                assert position[str(t)]["rank"] == r and position[str(t)]["logprob"] == pytest.approx(row[t].item(), abs=1e-4)
+
+
+def test_vllm_prompt_logprobs(client, model, serve_base_url, reference, prompt_rows):
+    """vLLM's `prompt_logprobs: N` (extra_body): completions give each choice the list (its own
+    prompt's, in a batch), chat gives the response one; the values are transformers' causal log
+    probabilities of the prompt as the server read it (a prompt ending in spaces is not healed), the
+    generated text is the same as without it; streamed, 0 is accepted and returns none, N > 0 is a 400."""
+    import httpx
+    import openai
+
+    tok, _ = reference
+    prompts = ["def add(a, b):\n    ", "for i in range(3):\n"]
+    out = client.completions.create(model=model, prompt=prompts, max_tokens=4, n=2, extra_body=AR | {"prompt_logprobs": 2})
+    plain = client.completions.create(model=model, prompt=prompts, max_tokens=4, n=2, extra_body=AR)
+    assert len(out.choices) == 4
+    for choice, twin in zip(sorted(out.choices, key=lambda c: c.index), sorted(plain.choices, key=lambda c: c.index)):
+        ids = tok(prompts[choice.index // 2])["input_ids"]  # read as sent: the trailing spaces too
+        _check_prompt_logprobs(tok, choice.model_extra["prompt_logprobs"], ids, prompt_rows(ids), 2)
+        assert choice.logprobs is None and "prompt_logprobs" not in twin.model_extra
+    assert out.usage.prompt_tokens == sum(len(tok(p)["input_ids"]) for p in prompts)
+
+    echo = client.completions.create(model=model, prompt=prompts[1], max_tokens=2, echo=True, logprobs=1,
+                                     extra_body=AR | {"prompt_logprobs": 4})
+    ids = tok(prompts[1])["input_ids"]
+    _check_prompt_logprobs(tok, echo.choices[0].model_extra["prompt_logprobs"], ids, prompt_rows(ids), 4)
+    assert all(len(top) <= 2 for top in echo.choices[0].logprobs.top_logprobs[1:])  # echo's own count: 1 (+ chosen)
+
+    messages = [{"role": "user", "content": "Write add(a, b)."}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=4, n=2,
+                                          extra_body=AR | {"prompt_logprobs": 0})
+    ids = httpx.post(f"{serve_base_url}/tokenize", json={"model": model, "messages": messages}).json()["tokens"]
+    plp = chat.model_extra["prompt_logprobs"]
+    assert len(ids) == chat.usage.prompt_tokens
+    _check_prompt_logprobs(tok, plp, ids, prompt_rows(ids), 0)
+    assert all(len(position) == 1 for position in plp[1:])
+
+    chunks = list(client.completions.create(model=model, prompt=prompts[1], max_tokens=2, stream=True,
+                                            extra_body=AR | {"prompt_logprobs": 0}))
+    assert all("prompt_logprobs" not in c.choices[0].model_extra for c in chunks if c.choices)
+    for kwargs in ({"stream": True, "extra_body": {"prompt_logprobs": 1}}, {"extra_body": {"prompt_logprobs": -1}},
+                   {"extra_body": {"prompt_logprobs": 21}}, {"suffix": "\n", "extra_body": {"prompt_logprobs": 1}}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=model, prompt="x = ", max_tokens=2, **kwargs)
+        assert err.value.body["param"] == "prompt_logprobs", err.value.body

@@ -96,6 +96,17 @@ def test_draws_independent_of_the_batch_repeatable_and_keyed_by_step(session):
     assert len(steps) > 1  # other steps draw other noise (4 rows at T=2: a repeat of all 6 is implausible)
 
 
+def test_greedy_probabilities_do_not_depend_on_a_sampled_neighbour(session):
+    """A greedy segment's argmax and prob reads come back bit-identical whether its step is greedy-only
+    or shares it with a sampled (noise, top-k/top-p) segment: the thresholds ReFusion compares them
+    with must not see the batch (spec, "Batching across requests")."""
+    greedy = _dropped("g", _ids(6, 0), Reads(argmax=(1, 3, 5), prob=(2, 4), prob_tokens=(17, 9)), Sampling())
+    sampled = _dropped("s", _ids(5, 3), Reads(sample=(0, 2)), Sampling(temperature=0.8, seed=3, top_k=50, top_p=0.9))
+    [alone] = session.execute([greedy])
+    _, shared = session.execute([sampled, greedy])
+    assert shared.tokens == alone.tokens and shared.probs == alone.probs
+
+
 def test_sample_reads(session):
     ids = _ids(5, 4)
     seg = lambda sid, s: _dropped(sid, ids, Reads(sample=(4,)), s)  # noqa: E731

@@ -112,7 +112,7 @@ def test_step_compiles_fullgraph_and_matches_eager(session, shape):
     assert lay.logprobs == (shape == "decode_masked") and lay.bias_width == (8 if shape == "decode_masked" else 0)
     if shape == "decode_masked":  # the +50 bias wins the greedy read of sequence 4
         assert values[0, 4].item() == 10
-    assert values.shape[0] == (3 + 2 * 20 if lay.logprobs else 2)
+    assert values.shape[0] == (4 + 2 * 20 if lay.logprobs else 2)
     if shape == "decode_masked":  # the constrained rows chose among tokens 3..130
         tokens = values[0, : step.num_reads].tolist()
         assert all(3 <= tokens[i] <= 130 for i in range(1, 8, 2)), tokens
@@ -122,9 +122,10 @@ def test_step_compiles_fullgraph_and_matches_eager(session, shape):
     if lay.logprobs:  # chosen log probability, top-K ids (exact) and log probabilities
         torch.testing.assert_close(values_c[2, :r], values[2, :r], rtol=1e-4, atol=1e-5)
         assert torch.equal(values_c[3:23, :r], values[3:23, :r])
-        finite = values[23:, :r].isfinite()
-        assert torch.equal(values_c[23:, :r].isfinite(), finite)
-        torch.testing.assert_close(values_c[23:, :r][finite], values[23:, :r][finite], rtol=1e-4, atol=1e-5)
+        finite = values[23:43, :r].isfinite()
+        assert torch.equal(values_c[23:43, :r].isfinite(), finite)
+        torch.testing.assert_close(values_c[23:43, :r][finite], values[23:43, :r][finite], rtol=1e-4, atol=1e-5)
+        assert torch.equal(values_c[43, :r], values[43, :r])  # ranks
     torch.testing.assert_close(logits_c, logits, rtol=1e-4, atol=1e-4)
     for a, b in zip(kv_compiled.k + kv_compiled.v, kv_eager.k + kv_eager.v):  # same K/V written, same slots
         torch.testing.assert_close(a[:-1], b[:-1], rtol=1e-4, atol=1e-5)
