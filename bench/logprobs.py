@@ -2,7 +2,8 @@
 
 Three measurements, one table:
   reads     workers.reads.compute_reads on random logits [R, V] (greedy rows), without and with the
-            log-probability stage (log_softmax, the chosen token's value and the top 20 by topk), at
+            log-probability stage (log_softmax, the chosen token's value and the top 20 by topk), and
+            with it and ranks (prompt scoring: one more comparison pass over the vocabulary), at
             vocabularies of the shipped model and of Qwen3 (151,936) and R = 8 / 64 read rows: median ms
   engine    the engine on a model directory (default: the shipped model), N concurrent greedy requests
             per mode (AR, ReFusion), once without and once with logprobs (5 alternatives): median step
@@ -15,7 +16,7 @@ Three measurements, one table:
             second (no prefix-cache hits: the prompts share no block)
 
     python -m bench.logprobs [--model DIR] [--device cpu] [--requests 8] [--tokens 64] [--repeats 20]
-                             [--score-prompt-tokens 512]
+                             [--score-prompt-tokens 512] [--parts reads,engine,format,scoring]
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ def bench_reads(device: str, vocabs: list[int], rows: list[int], repeats: int) -
                                 min_p=zeros.double(),
                                 gumbel=zeros, sample=zeros, seed=zeros, step=zeros, position=zeros)
             row = {"vocab": vocab, "rows": r}
-            for name, flag in (("plain_ms", False), ("logprobs_ms", True)):
+            for name, flag, ranks in (("plain_ms", False, False), ("logprobs_ms", True, False),
+                                      ("ranks_ms", True, True)):
                 times = []
                 for _ in range(repeats + 2):
                     start = time.perf_counter()
-                    compute_reads(logits, params, False, False, flag).cpu()
+                    compute_reads(logits, params, False, False, flag, ranks=ranks).cpu()
                     times.append(time.perf_counter() - start)
                 row[name] = round(1000 * statistics.median(times[2:]), 3)
             out.append(row)
@@ -179,25 +181,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocabs", default="8192,151936")
     parser.add_argument("--rows", default="8,64")
     parser.add_argument("--score-prompt-tokens", type=int, default=512)
+    parser.add_argument("--parts", default="reads,engine,format,scoring", help="the tables to measure")
     args = parser.parse_args(argv)
     model_dir = Path(args.model)
-    reads = bench_reads(args.device, [int(v) for v in args.vocabs.split(",")], [int(r) for r in args.rows.split(",")],
-                        args.repeats)
-    engine = asyncio.run(bench_engine(model_dir, args.requests, args.tokens))
-    fmt = bench_format(model_dir)
-    scoring = asyncio.run(bench_scoring(model_dir, args.requests, args.score_prompt_tokens))
+    parts = set(args.parts.split(","))
+    unknown = parts - {"reads", "engine", "format", "scoring"}
+    if unknown:
+        parser.error(f"--parts: unknown {sorted(unknown)}; choose among reads, engine, format, scoring")
     print(f"machine: {platform.processor() or platform.machine()}, device {args.device}, model {model_dir.name}")
-    print("| reads: vocab | rows | plain ms | with logprobs ms |\n|---|---|---|---|")
-    for r in reads:
-        print(f"| {r['vocab']} | {r['rows']} | {r['plain_ms']} | {r['logprobs_ms']} |")
-    print("\n| engine: mode | logprobs | requests | tokens | step ms p50 | tok/s |\n|---|---|---|---|---|---|")
-    for r in engine:
-        print(f"| {r['mode']} | {r['logprobs']} | {r['requests']} | {r['tokens']} | {r['step_ms_p50']} | {r['tok_per_s']} |")
-    print(f"\nformat (ingress): completions {fmt['completion_us_per_token']} us/token, chat {fmt['chat_us_per_token']} us/token"
-          " (5 alternatives, a fresh token cache)")
-    print("\n| scoring: case | requests | prompt tokens each | wall s | prompt tok/s |\n|---|---|---|---|---|")
-    for r in scoring:
-        print(f"| {r['case']} | {r['requests']} | {r['prompt_tokens']} | {r['wall_s']} | {r['tok_per_s']} |")
+    if "reads" in parts:
+        reads = bench_reads(args.device, [int(v) for v in args.vocabs.split(",")],
+                            [int(r) for r in args.rows.split(",")], args.repeats)
+        print("| reads: vocab | rows | plain ms | with logprobs ms | with logprobs and ranks ms |\n|---|---|---|---|---|")
+        for r in reads:
+            print(f"| {r['vocab']} | {r['rows']} | {r['plain_ms']} | {r['logprobs_ms']} | {r['ranks_ms']} |")
+    if "engine" in parts:
+        engine = asyncio.run(bench_engine(model_dir, args.requests, args.tokens))
+        print("\n| engine: mode | logprobs | requests | tokens | step ms p50 | tok/s |\n|---|---|---|---|---|---|")
+        for r in engine:
+            print(f"| {r['mode']} | {r['logprobs']} | {r['requests']} | {r['tokens']} | {r['step_ms_p50']} "
+                  f"| {r['tok_per_s']} |")
+    if "format" in parts:
+        fmt = bench_format(model_dir)
+        print(f"\nformat (ingress): completions {fmt['completion_us_per_token']} us/token, chat "
+              f"{fmt['chat_us_per_token']} us/token (5 alternatives, a fresh token cache)")
+    if "scoring" in parts:
+        scoring = asyncio.run(bench_scoring(model_dir, args.requests, args.score_prompt_tokens))
+        print("\n| scoring: case | requests | prompt tokens each | wall s | prompt tok/s |\n|---|---|---|---|---|")
+        for r in scoring:
+            print(f"| {r['case']} | {r['requests']} | {r['prompt_tokens']} | {r['wall_s']} | {r['tok_per_s']} |")
     return 0
 
 

@@ -131,7 +131,7 @@ class ARDecoder:
             self._first_step, self._context_in_flight = False, chunk
             self._in_flight = Segment(self.seq_id, self.cache_len, tokens[:chunk], positions[:chunk], chunk,
                                       self.feed.prompt_reads(chunk), sampling=self._sampling(),
-                                      logprobs=self.feed.score_top)
+                                      logprobs=self.feed.score_top, ranks=self.feed.score_top is not None)
             return self._in_flight
         if len(forced) + 1 > budget:
             return self._catch_up_segment(forced, forced_positions, budget)

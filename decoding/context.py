@@ -9,9 +9,9 @@ The suffix sits physically before every generated token, so every later query se
 
 Prompt scoring (`score_top` set: OpenAI's `echo` with `logprobs`, vLLM's `prompt_logprobs`): every
 prompt row p < P-1 reads the probability of prompt token p+1 (a PROB read with that many alternatives),
-so each prompt token but the first gets its causal log probability. The whole prompt is then fed in
-prefill segments of its own (never with the first generation step, whose last context row reads
-nothing), and no prefix-cache hit may skip any of it.
+so each prompt token but the first gets its causal log probability and its rank (Segment.ranks). The
+whole prompt is then fed in prefill segments of its own (never with the first generation step, whose
+last context row reads nothing), and no prefix-cache hit may skip any of it.
 """
 
 from __future__ import annotations

@@ -214,7 +214,8 @@ class RefusionDecoder:
     def _prefill_segment(self, n: int) -> Segment:
         tokens, positions = self.feed.peek(n)
         return Segment(self.seq_id, self.cache_len, tokens, positions, n, self.feed.prompt_reads(n),
-                       sampling=self._sampling(False), logprobs=self.feed.score_top)
+                       sampling=self._sampling(False), logprobs=self.feed.score_top,
+                       ranks=self.feed.score_top is not None)
 
     def _plan_segment(self) -> Segment:
         """Spec step 1: [uncached context, keep] + [every pool slot as MASK tokens, drop]."""

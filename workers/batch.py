@@ -125,6 +125,9 @@ class Segment:
     # chosen (OpenAI logit_bias and the presence/frequency penalties an AR decoder computes); prob rows
     # and log probabilities see the logits without them. Empty: none.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # With `logprobs`: each read token's rank too (1 + the tokens more likely; vLLM's `prompt_logprobs`
+    # report it). One more pass over the vocabulary per read row of the step, so only prompt scoring asks.
+    ranks: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -160,7 +163,7 @@ class TokenLogprob:
     logprob 0.0 and itself as its only alternative (probability 1 under the grammar's mask). An echoed
     prompt's first token has logprob None and no alternatives (nothing precedes it; the API makes it).
     rank: 1 + the number of tokens more likely than this one at its place (vLLM's `prompt_logprobs`
-    report it; 1 for a forced token; None where no read made it)."""
+    report it; 1 for a forced token; None where no read made it or its segment did not set `ranks`)."""
 
     token: int
     logprob: float | None

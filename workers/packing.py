@@ -70,6 +70,7 @@ class StepLayout:
     needs_sort: bool  # some sample row uses top-k or top-p
     mask_words: int = 0  # int64 words of token bitmask per read row (0: no segment is constrained)
     logprobs: bool = False  # some segment asks for log probabilities: reads add MAX_TOP_LOGPROBS alternatives
+    ranks: bool = False  # some segment with logprobs asks for ranks (Segment.ranks): reads fill the rank row
     bias_width: int = 0  # (token, bias) pairs per read row (0: no segment has Segment.logit_bias)
 
     def sizes(self) -> list[tuple[str, int]]:
@@ -183,7 +184,8 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     mask_words = max(-(-len(m) // 8) for m in masks if m is not None) if any(m is not None for m in masks) else 0
     layout = _layout(seg, kinds, read_owner, block_size, mask_words if len(kinds) else 0)
     if len(kinds) and any(g.logprobs is not None and len(g.reads) for g in segments):
-        layout = dataclasses.replace(layout, logprobs=True)
+        layout = dataclasses.replace(layout, logprobs=True,
+                                     ranks=any(g.ranks and g.logprobs is not None and len(g.reads) for g in segments))
     widest_bias = max((len(g.logit_bias) for g in segments if g.reads.argmax or g.reads.sample), default=0)
     if len(kinds) and widest_bias:
         layout = dataclasses.replace(layout, bias_width=bucket(widest_bias, MIN_BIAS))

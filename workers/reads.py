@@ -5,8 +5,8 @@ packed step). Output: [2, R] float64, row 0 the token ids, row 1 the probabiliti
 come back to the host in one transfer. With `logprobs` (a segment of the step asks for them) the output
 is [4 + 2K, R] (K = MAX_TOP_LOGPROBS): then row 2 the chosen token's log probability, rows 3 .. 3+K the
 K most likely token ids, rows 3+K .. 3+2K their log probabilities, and row 3+2K the chosen token's rank
-(1 + the number of tokens more likely; vLLM's `prompt_logprobs` report it), all under log_softmax of the
-logits as given (grammar mask applied; before temperature, top-k, top-p: vLLM's raw_logprobs).
+(1 + the number of tokens more likely; vLLM's `prompt_logprobs` report it; 0 = not computed: only with
+`ranks`, one more pass over the vocabulary per row), all under log_softmax of the logits as given (grammar mask applied; before temperature, top-k, top-p: vLLM's raw_logprobs).
 
   - probabilities via logsumexp: p = exp(logit[token] - logsumexp(logits)), no softmax over rows;
   - argmax rows: argmax(logits); with the gumbel flag (temperature T > 0) ReFusion's Gumbel-max draft
@@ -123,9 +123,11 @@ def _chosen_logprob(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
 
 
 def compute_reads(logits: torch.Tensor, params: ReadParams, needs_noise: bool, needs_sort: bool,
-                  logprobs: bool = False, bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  logprobs: bool = False, bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  ranks: bool = False) -> torch.Tensor:
     """logits [R, V] float32 -> [2, R] float64: token ids (exact in float64) and probabilities; with
-    `logprobs`, [4 + 2K, R]: plus the token's log probability, the top K and its rank (module docstring).
+    `logprobs`, [4 + 2K, R]: plus the token's log probability, the top K and its rank (with `ranks`;
+    else 0) (module docstring).
     bias: ([R, L] token ids, [R, L] float64 values) added to the logits the token is chosen from
     (Segment.logit_bias; padding pairs add 0); the log probabilities are of the logits without it."""
     chosen_from = logits
@@ -137,7 +139,10 @@ def compute_reads(logits: torch.Tensor, params: ReadParams, needs_noise: bool, n
     log_probs = logits.log_softmax(dim=-1)  # [R, V] float32
     top = log_probs.topk(min(MAX_TOP_LOGPROBS, logits.shape[-1]), dim=-1)  # [R, K] each
     chosen = log_probs.gather(1, values[0].long()[:, None])[:, 0]  # [R]
-    rank = (log_probs > chosen[:, None]).sum(dim=-1) + 1  # [R]
+    if ranks:  # an int32 count: summing the bool mask as int64 takes twice as long on the CPU
+        rank = (log_probs > chosen[:, None]).sum(dim=-1, dtype=torch.int32) + 1  # [R]
+    else:
+        rank = torch.zeros_like(chosen)
     return torch.cat((values, chosen.double()[None], top.indices.double().T, top.values.double().T,
                       rank.double()[None]))
 

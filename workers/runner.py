@@ -187,7 +187,8 @@ class ModelRunner:
             return []
         step = self.pack(segments, block_tables)
         host, host_logits = self._run(step)
-        return unpack_results(step, [s.seq_id for s in segments], host, host_logits, [s.logprobs for s in segments])
+        return unpack_results(step, [s.seq_id for s in segments], host, host_logits, [s.logprobs for s in segments],
+                              [s.ranks for s in segments])
 
     def _run(self, step: PackedStep) -> tuple[np.ndarray, np.ndarray | None]:
         """Upload, run and read back a packed step: values [2, R] ([4 + 2K, R] with log probabilities) and
@@ -227,9 +228,11 @@ def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: st
 
 
 def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,
-                   logits: np.ndarray | None, top_wanted: list[int | None] | None = None) -> list[SegmentResult]:
+                   logits: np.ndarray | None, top_wanted: list[int | None] | None = None,
+                   ranks: list[bool] | None = None) -> list[SegmentResult]:
     """values [2, R] float64 (tokens, probs; [4 + 2K, R] with log probabilities) and optional logits
-    [R, V] -> one SegmentResult per segment. top_wanted[i]: segment i's `logprobs` (None: none)."""
+    [R, V] -> one SegmentResult per segment. top_wanted[i]: segment i's `logprobs` (None: none);
+    ranks[i]: segment i's `ranks` (others get rank None even when the step computed the row)."""
     tokens = values[0, :step.num_reads].astype(np.int64).tolist()
     probs = values[1, :step.num_reads].tolist()
     starts, n_tok, n_log = step.read_starts.tolist(), step.num_token_reads.tolist(), step.num_logit_reads.tolist()
@@ -239,19 +242,21 @@ def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,
         rows = logits[b:b + n_log[i]].tolist() if n_log[i] else []
         result = SegmentResult(seq_id, tokens[a:b], probs[a:b], rows)
         if top_wanted is not None and top_wanted[i] is not None:  # no reads in the step: no values rows
-            result.logprobs = token_logprobs(values[:, a:b], top_wanted[i]) if step.layout.logprobs else []
+            with_ranks = bool(ranks and ranks[i])
+            result.logprobs = token_logprobs(values[:, a:b], top_wanted[i], with_ranks) if step.layout.logprobs else []
         results.append(result)
     return results
 
 
-def token_logprobs(values: np.ndarray, num_top: int) -> list[TokenLogprob]:
+def token_logprobs(values: np.ndarray, num_top: int, with_ranks: bool = False) -> list[TokenLogprob]:
     """values [4 + 2K, n] of one segment's reads -> n TokenLogprob with num_top alternatives each
-    (-inf as LOGPROB_FLOOR; alternatives of probability 0, which a grammar mask removed, left out)."""
+    (-inf as LOGPROB_FLOOR; alternatives of probability 0, which a grammar mask removed, left out) and,
+    with_ranks, their rank (else None)."""
     k = (values.shape[0] - 4) // 2
     chosen = np.maximum(values[2], LOGPROB_FLOOR).tolist()
     top_ids = values[3:3 + min(num_top, k)].T.astype(np.int64).tolist()
     top_lps = values[3 + k:3 + k + min(num_top, k)].T.tolist()
     token_ids = values[0].astype(np.int64).tolist()
-    ranks = values[3 + 2 * k].astype(np.int64).tolist()
+    ranks = values[3 + 2 * k].astype(np.int64).tolist() if with_ranks else [None] * len(token_ids)
     return [TokenLogprob(token, lp, tuple((t, v) for t, v in zip(ids, lps) if v != -np.inf), rank)
             for token, lp, ids, lps, rank in zip(token_ids, chosen, top_ids, top_lps, ranks)]

@@ -77,4 +77,5 @@ def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayo
     if layout.mask_words:  # grammar-constrained rows (Segment.token_bitmask)
         logits = apply_token_bitmask(logits, a.token_bitmask)
     bias = (a.bias_ids, a.bias_values) if layout.bias_width else None
-    return compute_reads(logits, a.reads, layout.needs_noise, layout.needs_sort, layout.logprobs, bias), logits
+    return compute_reads(logits, a.reads, layout.needs_noise, layout.needs_sort, layout.logprobs, bias,
+                         layout.ranks), logits

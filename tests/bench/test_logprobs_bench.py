@@ -1,5 +1,5 @@
-"""bench/logprobs.py runs and reports every case: reads with and without the log-probability stage, the
-engine in both modes with and without logprobs (its requests assert they got them), the ingress format."""
+"""bench/logprobs.py runs and reports every case: reads with and without the log-probability stage (and
+ranks), the engine in both modes with and without logprobs (its requests assert they got them), the ingress format."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def test_logprobs_bench_reports_every_case(capsys):
     assert logprobs.main(["--vocabs", "64", "--rows", "2", "--repeats", "1", "--requests", "2", "--tokens", "64",
                           "--score-prompt-tokens", "40"]) == 0
     out = capsys.readouterr().out
-    assert "| 64 | 2 |" in out
+    reads = next(line for line in out.splitlines() if line.startswith("| 64 | 2 |"))
+    assert len(reads.split("|")) == 7  # vocab, rows, plain, with logprobs, with logprobs and ranks
     for mode in ("ar", "refusion"):
         for asked in ("-", "5"):
             row = next(line for line in out.splitlines() if line.startswith(f"| {mode} | {asked} | 2 |"))
@@ -25,3 +26,9 @@ def test_logprobs_bench_reports_every_case(capsys):
     for case in ("prefill + 1 AR token", "scored, max_tokens 0"):  # (each request asserted its scores)
         row = next(line for line in out.splitlines() if line.startswith(f"| {case} | 2 | 40 |"))
         assert float(row.split("|")[5]) > 0
+
+
+def test_logprobs_bench_measures_only_the_parts_asked(capsys):
+    assert logprobs.main(["--vocabs", "64", "--rows", "2", "--repeats", "1", "--parts", "reads"]) == 0
+    out = capsys.readouterr().out
+    assert "| 64 | 2 |" in out and "engine:" not in out and "scoring:" not in out and "us/token" not in out

@@ -287,3 +287,27 @@ def test_logprob_reads_are_the_raw_log_softmax_of_each_row(session):
     assert entry.token in few and sorted(t for t, _ in entry.top) == few
     assert entry.logprob == pytest.approx(float(sub.max()), abs=1e-5)
     assert sum(math.exp(v) for _, v in entry.top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ranks_are_computed_only_for_segments_that_ask(session):
+    """Segment.ranks (prompt scoring, vLLM's prompt_logprobs): each read token's rank is 1 + the tokens
+    of its row with a larger log probability; a segment with logprobs but not ranks gets rank None, in
+    the same step and in a step where no segment asks (the pass over the vocabulary is skipped)."""
+    import dataclasses
+
+    given = (11, 200, 7)
+    scored = dataclasses.replace(_dropped("scored", _ids(5, 11), Reads(argmax=(0,), prob=(1, 2, 3), prob_tokens=given),
+                                          Sampling()), logprobs=2, ranks=True)
+    other = dataclasses.replace(_dropped("other", _ids(4, 12), Reads(argmax=(3,)), Sampling()), logprobs=2)
+    res_scored, res_other = session.execute([scored, other])
+    rows = result_logits(res_scored).log_softmax(-1)
+    for k, entry in enumerate(res_scored.logprobs):
+        value = float(rows[k, entry.token])  # within float noise of the engine's own log_softmax
+        assert 1 + int((rows[k] > value + 1e-5).sum()) <= entry.rank <= 1 + int((rows[k] > value - 1e-5).sum())
+    assert res_scored.logprobs[0].rank == 1  # the argmax row
+    assert max(e.rank for e in res_scored.logprobs[1:]) > 1  # given tokens are rarely the most likely
+    assert [e.rank for e in res_other.logprobs] == [None]
+    [alone] = session.execute([dataclasses.replace(other, seq_id="alone")])
+    assert [e.rank for e in alone.logprobs] == [None] and alone.tokens == res_other.tokens
+    ask_without_logprobs = session.execute([dataclasses.replace(scored, seq_id="nolp", logprobs=None)])[0]
+    assert ask_without_logprobs.logprobs is None

@@ -95,7 +95,8 @@ def _masked(segs: list) -> list:
     mask = bytes([0b11111000] + [0xFF] * 15 + [0b111]) + bytes(31)  # 48 bytes: 384 tokens
     segs = [dataclasses.replace(g, token_bitmask=mask) if i % 2 else g for i, g in enumerate(segs)]
     segs = [dataclasses.replace(g, logit_bias=((10, 50.0), (77, -5.0))) if i == 4 else g for i, g in enumerate(segs)]
-    return [dataclasses.replace(g, logprobs=5) if i in (1, 2) else g for i, g in enumerate(segs)]
+    segs = [dataclasses.replace(g, logprobs=5) if i in (1, 2) else g for i, g in enumerate(segs)]
+    return [dataclasses.replace(g, ranks=True) if i == 1 else g for i, g in enumerate(segs)]
 
 
 @pytest.mark.parametrize("shape", ["decode", "decode_masked", "plan"])
@@ -109,7 +110,7 @@ def test_step_compiles_fullgraph_and_matches_eager(session, shape):
         (64, 8, 16, 32) if shape == "plan" else (16, 8, 1, 8))
     assert lay.needs_noise and lay.needs_sort == (shape != "plan")
     assert lay.mask_words == (6 if shape == "decode_masked" else 0)
-    assert lay.logprobs == (shape == "decode_masked") and lay.bias_width == (8 if shape == "decode_masked" else 0)
+    assert lay.logprobs == lay.ranks == (shape == "decode_masked") and lay.bias_width == (8 if shape == "decode_masked" else 0)
     if shape == "decode_masked":  # the +50 bias wins the greedy read of sequence 4
         assert values[0, 4].item() == 10
     assert values.shape[0] == (4 + 2 * 20 if lay.logprobs else 2)
@@ -125,7 +126,8 @@ def test_step_compiles_fullgraph_and_matches_eager(session, shape):
         finite = values[23:43, :r].isfinite()
         assert torch.equal(values_c[23:43, :r].isfinite(), finite)
         torch.testing.assert_close(values_c[23:43, :r][finite], values[23:43, :r][finite], rtol=1e-4, atol=1e-5)
-        assert torch.equal(values_c[43, :r], values[43, :r])  # ranks
+        assert torch.equal(values_c[43, :r], values[43, :r])  # ranks (computed: segment 1 asks)
+        assert (values[43, :r] >= 1).all()
     torch.testing.assert_close(logits_c, logits, rtol=1e-4, atol=1e-4)
     for a, b in zip(kv_compiled.k + kv_compiled.v, kv_eager.k + kv_eager.v):  # same K/V written, same slots
         torch.testing.assert_close(a[:-1], b[:-1], rtol=1e-4, atol=1e-5)
