@@ -3,7 +3,7 @@
     gate = IngressGate()                                  # app.state.gate (openai_api.create_app)
     app.add_middleware(IngressGateMiddleware, gate=gate, metrics=app.state.metrics)
     gate.start_draining(retry_after_s=5)                  # serve_app, when `refusion serve` drains
-    gate.open_requests                                    # HTTP requests not yet fully answered
+    gate.open_work                                        # HTTP requests not yet fully answered + WebSockets open
 
 It owns what must hold on every path, whatever a route does or fails to do:
 
@@ -17,7 +17,9 @@ It owns what must hold on every path, whatever a route does or fails to do:
 - Draining: after `start_draining()`, new requests get 503 + Retry-After in OpenAI's error shape (/health
   answers {"status": "draining"}; /metrics keeps answering) and new WebSockets are accepted and at once
   closed with code 1013 ("try again later": closing before the accept would reach the client as an HTTP
-  403, the answer to a bad key), while requests already inside run to their end.
+  403, the answer to a bad key), while requests already inside run to their end. A WebSocket already
+  open counts as open work until it closes; the editor route (integrations/editor/http.py) closes it
+  with 1001 ("going away") once its completions in flight have answered (`wait_draining`).
 - Disconnects before the answer starts: on the generation routes (GAUGED_ENDPOINTS) the gate watches the
   connection once the body is read, and a client that leaves before the response starts (a non-streamed
   request, or a stream still waiting for its first token) has its route cancelled, which cancels its
@@ -55,12 +57,24 @@ class IngressGate:
     def __init__(self):
         self.draining = False
         self.retry_after_s = 5
-        self.open_requests = 0
+        self.open_requests = 0  # HTTP requests inside, not yet fully answered
+        self.open_sockets = 0  # WebSockets inside, not yet closed
+        self._drain_started = asyncio.Event()
+
+    @property
+    def open_work(self) -> int:
+        """What a draining replica still holds (serve_drain.report_open_work): requests and sockets."""
+        return self.open_requests + self.open_sockets
 
     def start_draining(self, retry_after_s: float = 5) -> None:
         """Refuse new requests and WebSockets from now on; those already inside run to their end."""
         self.retry_after_s = max(1, round(retry_after_s))
         self.draining = True
+        self._drain_started.set()
+
+    async def wait_draining(self) -> None:
+        """Return once start_draining has been called (at once if it has)."""
+        await self._drain_started.wait()
 
 
 def route_path(scope) -> str:
@@ -85,7 +99,11 @@ class IngressGateMiddleware:
             return
         receive = _disconnect_on_transport_error(receive, scope["type"])
         if scope["type"] == "websocket":
-            await self.app(scope, receive, send)
+            self.gate.open_sockets += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.gate.open_sockets -= 1
             return
         await self._answer(scope, receive, send, path)
 

@@ -173,10 +173,11 @@ class IngressDeployment:
         self._drain_watch = asyncio.create_task(self._drain_when_signalled(context.app_name, context.replica_id.unique_id))
 
     async def _drain_when_signalled(self, app_name: str, replica: str) -> None:
-        """On the drain signal: refuse new requests, and report those still being answered."""
+        """On the drain signal: refuse new requests, and report those still being answered and the editor
+        sockets still open (each closes with 1001 once its completions have answered)."""
         signal = await wait_for_drain_signal(app_name)
         self.gate.start_draining(DRAIN_RETRY_AFTER_S)
-        await report_open_work(signal, f"ingress:{replica}", lambda: self.gate.open_requests)
+        await report_open_work(signal, f"ingress:{replica}", lambda: self.gate.open_work)
 
     def __serve_build_asgi_app__(self):
         engine = engine_config(self.config.engine)  # every replica's: prompts x n beyond its room are a 400

@@ -53,21 +53,49 @@ _STANDALONE = SimpleNamespace(limits=RequestLimits(), default_max_tokens=256, co
 @router.websocket("/v1/editor")
 async def editor_socket(websocket: WebSocket) -> None:
     """One EditorSession per connection; every frame gets an answer, bad ones included. Browser origins
-    are checked before this runs (integrations.auth.OriginGuard)."""
+    are checked before this runs (integrations.auth.OriginGuard). When the ingress drains (`refusion
+    serve` stopping; integrations/ingress_gate.py) the socket closes with 1001 ("going away", RFC 6455
+    7.4.1) once its completions in flight have answered, so an editor sees the server leave instead of
+    a dropped connection; frames keep being read until then (a cancel still cancels)."""
     await websocket.accept()
     state = websocket.app.state
     session = EditorSession(state.engine_client, websocket.send_bytes, metrics=getattr(state, "metrics", None))
+    tasks = {asyncio.ensure_future(_read_frames(websocket, session))}
+    gate = getattr(state, "gate", None)
+    if gate is not None:
+        tasks.add(asyncio.ensure_future(_close_when_draining(websocket, session, gate)))
     try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # a failure other than the client leaving is raised, as before
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
+
+
+async def _read_frames(websocket: WebSocket, session: EditorSession) -> None:
+    """Answer every frame until the client disconnects."""
+    with contextlib.suppress(WebSocketDisconnect):
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
-                break
+                return
             data = message.get("bytes")
             await session.handle_frame(data if data is not None else message.get("text"))
-    except WebSocketDisconnect:
-        pass
-    finally:
-        await session.close()
+
+
+async def _close_when_draining(websocket: WebSocket, session: EditorSession, gate) -> None:
+    """On the ingress's drain: let the completions in flight answer, then close with 1001."""
+    await gate.wait_draining()
+
+    async def close() -> None:
+        # a client that left meanwhile makes the close fail; there is no one left to tell
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await websocket.close(1001, "server is shutting down")
+
+    await session.finish(close)
 
 
 def _error_body(exc: Exception) -> tuple[int, dict, dict]:

@@ -265,6 +265,15 @@ class EditorSession:
         while self.inflight or self._background:
             await asyncio.gather(*[e.task for e in self.inflight.values()], *self._background, return_exceptions=True)
 
+    async def finish(self, close_socket: Callable[[], Awaitable[None]]) -> None:
+        """The server is going away: wait until every in-flight completion has answered (a draining
+        engine ends those past its drain timeout with an error answer), then stop sending and call
+        close_socket under the send lock, so no frame follows the close."""
+        await self.drain()
+        async with self._send_lock:
+            self._closed = True
+            await close_socket()
+
 
 def _engine_error(exc: Exception) -> rpc.RpcError:
     """The error answer of a failed completion: typed engine errors by their code; anything else is a bug,

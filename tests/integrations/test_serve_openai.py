@@ -214,7 +214,8 @@ def test_engine_replica_health_check(serve_base_url):
 
 def test_drain_ends_in_flight_requests_cleanly(serve_port, tiny_model_dir):
     """A third app, drained while a long generation streams: the stream ends with an error event and
-    [DONE] (not a severed connection), new requests get 503. The error says the engine stopped it: the
+    [DONE] (not a severed connection), new requests get 503, an idle editor socket opened before the
+    drain is closed with 1001 and a new one with 1013. The error says the engine stopped it: the
     drain timeout (2 s) ended it, not its own end (3000 tokens, tens of seconds on 2 cores); how fast
     is bench/'s business, not a test's."""
     import ray
@@ -228,15 +229,19 @@ def test_drain_ends_in_flight_requests_cleanly(serve_port, tiny_model_dir):
     url = f"http://127.0.0.1:{serve_port}/drain"
     wait_healthy(url)
     signal = None
+    editor = f"ws://127.0.0.1:{serve_port}/drain/v1/editor"
     try:
-        with httpx.Client(base_url=url, timeout=30) as http:
+        with httpx.Client(base_url=url, timeout=30) as http, websockets.sync.client.connect(editor) as idle:
             with long_stream(http, "/v1/completions") as response:
                 lines = response.iter_lines()
                 assert next(lines).startswith("data: {")
                 signal = signal_drain("refusion-drain")
                 rest = [line for line in lines if line]
             refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
-        with websockets.sync.client.connect(f"ws://127.0.0.1:{serve_port}/drain/v1/editor") as ws:
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as gone:  # open before the drain
+                idle.recv(timeout=30)
+        assert gone.value.rcvd.code == 1001  # "going away": closed by the server, not dropped
+        with websockets.sync.client.connect(editor) as ws:
             with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
                 ws.recv(timeout=30)
         assert closed.value.rcvd.code == 1013  # "try again later", as the docs promise (not a 403)
