@@ -91,8 +91,11 @@ class EditorBackend:
         msg_id = next(self._ids) if msg_id is None else msg_id
         future = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = future
-        await ws.send(rpc.encode_request(msg_id, method, params))
-        _, _, error, result = await future
+        try:
+            await ws.send(rpc.encode_request(msg_id, method, params))
+            _, _, error, result = await future
+        finally:  # answered, or the send failed or the caller was cancelled: nothing waits on it any more
+            self._pending.pop(msg_id, None)
         if error is not None:
             raise BackendError(error)
         return result

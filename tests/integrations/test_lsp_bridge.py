@@ -293,3 +293,33 @@ def test_cli_rejects_bad_arguments_with_a_clear_message(argv, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"refusion lsp: error: {message}") and err.count("\n") == 1, err
 
+
+
+async def test_backend_forgets_a_request_whose_send_failed_or_whose_caller_left():
+    """EditorBackend._pending holds only requests still waiting for an answer: a send that fails (the
+    connection broke) or a caller cancelled mid-wait leaves no entry behind (they were kept until the
+    connection closed, or forever on a connection that stayed up)."""
+    from integrations.lsp.backend import EditorBackend
+
+    class Socket:
+        def __init__(self, fail: bool):
+            self.fail, self.sent = fail, []
+
+        async def send(self, frame: bytes) -> None:
+            if self.fail:
+                raise ConnectionError("the connection broke")
+            self.sent.append(frame)
+
+    backend = EditorBackend("ws://127.0.0.1:1/v1/editor")
+    with pytest.raises(ConnectionError):
+        await backend._call_on(Socket(fail=True), "initialize", {})
+    assert backend._pending == {}
+    up = Socket(fail=False)
+    waiting = asyncio.ensure_future(backend._call_on(up, "initialize", {}))
+    while not up.sent:  # sent; now waiting for an answer that never comes
+        await asyncio.sleep(0)
+    assert len(backend._pending) == 1
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert backend._pending == {}
