@@ -18,7 +18,8 @@ Guards around llguidance (found by a break-test):
     MAX_GRAMMAR_CHARS long (60,000 chained rules, 1.5 MB, compile fine on that stack);
   - special tokens (mask, BOS, ...) are never allowed, and EOS only where the grammar may end: the
     bitmask llguidance computes can offer a special token whose text spells a literal of the grammar,
-    which its matcher then refuses;
+    which its matcher then refuses; where that text is forced (fast-forward), it is forced as the
+    ordinary tokens that spell it;
   - a grammar that matches no text, or a parser limit met mid-request, ends the request with a
     DecodeParamError naming the grammar's source field (the API answers 400), never an EOS that would
     pass an incomplete text off as complete.
@@ -124,6 +125,11 @@ class GrammarTokenizer:
                 self.keep, self._built = keep, built
             return self._built
 
+    def spell(self, token: int) -> list[int]:
+        """The ordinary tokens that spell a special token's text ("<|mask|>" -> "<", "|", ...)."""
+        text = self._hf.decode([token], skip_special_tokens=False)
+        return self._hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+
 
 class Grammar:
     """A compiled grammar for one request. Build it off the engine loop (compiling a large JSON schema
@@ -206,11 +212,19 @@ class TokenConstraint:
 
     def fast_forward(self, limit: int) -> list[int]:
         """The tokens the grammar forces next (llguidance's fast-forward tokens: the canonical tokens of
-        the bytes no choice can change, without a last token that could still merge with what follows),
-        at most `limit`, consumed. [] when the next token is a real choice."""
+        the bytes no choice can change, without a last token that could still merge with what follows;
+        a special token among them respelled with ordinary tokens), at most `limit`, consumed. [] when
+        the next token is a real choice."""
         forced = self._matcher.compute_ff_tokens()[: max(0, limit)]
         if self._matcher.is_error():  # llguidance then answers [] and reports itself stopped
             raise self._failed("the grammar failed while decoding")
+        # llguidance spells the forced bytes with the tokenizer's own encoding, which reads a special
+        # token's text ("<|mask|>") as that token; the matcher then refuses it, and offers nothing else
+        # for those bytes. Such a token is forced as the ordinary tokens that spell its text instead.
+        keep = self._tokenizer.keep
+        if any(not keep[t // 8] >> (t % 8) & 1 for t in forced):
+            forced = [p for t in forced for p in ((t,) if keep[t // 8] >> (t % 8) & 1 else self._tokenizer.spell(t))]
+            forced = forced[: max(0, limit)]
         if forced and not self._matcher.consume_tokens(forced):
             raise self._failed(f"{len(forced)} forced tokens were refused")
         return forced

@@ -92,6 +92,22 @@ async def test_an_output_the_grammar_forces_entirely_runs_no_forward_and_has_no_
     assert last.stats["forwards"] == 0 and last.stats["tokens_per_forward"] is None  # undefined, not 0.0
 
 
+async def test_forced_text_that_spells_special_tokens_comes_out_as_text(engine_factory, runner):
+    """A literal the grammar forces may spell a special token ("<|mask|>", the EOS's "<|endoftext|>"):
+    llguidance's fast-forward tokenizes it into that token, which the matcher refuses (the request
+    failed with "forced tokens were refused"; found by a break-test). The forced run stops before it
+    and the model writes it with ordinary tokens, as it writes such text when it is a choice."""
+    engine = await engine_factory()
+    special = set(runner.tokenizer.all_special_ids)
+    assert {runner.tokenizer.convert_tokens_to_ids(t) for t in ("<|mask|>", "<|endoftext|>")} <= special
+    literal = "x = '<|mask|>' + '<|endoftext|>'"
+    spec = GrammarSpec(LLMatcher.grammar_from_lark(f'start: "{literal}"'))
+    text, ids, last = await _run(engine, GenerationRequest("sp", _ids(runner, PROMPTS[0]), {"gen_length": 32},
+                                                           grammar=spec))
+    assert text == literal and last.finish_reason == FinishReason.STOP
+    assert not special & set(ids)
+
+
 async def test_free_requests_in_the_same_forwards_are_unchanged(engine_factory, runner):
     engine = await engine_factory()
     free = [GenerationRequest(f"f{i}", _ids(runner, p), {"gen_length": 32}, mode=Mode.AR) for i, p in enumerate(PROMPTS)]
