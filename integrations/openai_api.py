@@ -182,7 +182,7 @@ async def completions(request: Request):
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids),
                                                usage_from_engine=True)  # the text is post-processed (CRLF, cuts)
         streams = [await primed(observed(infill_deltas(client, job, header.id, body.stream), observer), observer)]
-        echo_counts, scores = [0], None
+        echo_counts, scores, healed = [0], None, [""]
     else:
         prepared = await completion_requests(client.tokenizer, header.id, body, settings, grammar)
         observer = RequestObserver.for_request(request, "completions", header.id,
@@ -201,7 +201,9 @@ async def completions(request: Request):
                 text = p.text if p.text is not None else client.tokenizer.decode(p.request.prompt_ids)
                 streams[i] = echoed(streams[i], text, p.request.prompt_ids[0], body.logprobs is not None)
         echo_counts = [len(p.request.prompt_ids) if body.echo else 0 for p in prepared for _ in range(body.n)]
-    formatters = [logprob_formatter(client, body, k) for k in echo_counts]  # one each: text offsets are per choice
+        healed = [p.request.healed for p in prepared for _ in range(body.n)]
+    # one each: text offsets are per choice
+    formatters = [logprob_formatter(client, body, k, h) for k, h in zip(echo_counts, healed)]
     if body.stream:
         events = merged([indexed(completion_events(header, d, f), i) for i, (d, f) in enumerate(zip(streams, formatters))])
         return sse(request, header, observer, events, "text_completion", body.include_usage, body.continuous_usage)

@@ -147,9 +147,12 @@ async def collect_all(streams: list[AsyncIterator[Delta]], observer: RequestObse
     return collected
 
 
-def logprob_formatter(client, body, echo_tokens: int = 0) -> LogprobFormatter | None:
-    """The body's formatter, or None without logprobs; echo_tokens: the echoed prompt's token count."""
-    return LogprobFormatter(client.tokenizer, body.num_logprobs, echo_tokens) if body.num_logprobs is not None else None
+def logprob_formatter(client, body, echo_tokens: int = 0, healed: str = "") -> LogprobFormatter | None:
+    """The body's formatter, or None without logprobs; echo_tokens: the echoed prompt's token count;
+    healed: the request's healed blanks (GenerationRequest.healed)."""
+    if body.num_logprobs is None:
+        return None
+    return LogprobFormatter(client.tokenizer, body.num_logprobs, echo_tokens, healed)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@ workers.batch.TokenLogprob per generated id).
 Shapes, as OpenAI documents them and vLLM returns them:
   - completions (`logprobs: N`): {"tokens": [str], "token_logprobs": [float], "top_logprobs": [{str:
     float}], "text_offset": [int]}; each top dict holds the N most likely tokens plus the chosen one ("up
-    to logprobs+1 elements"), text_offset is where each token's text starts in the returned text,
+    to logprobs+1 elements"), text_offset is where each token's text starts in the returned text
+    (after token healing's dropped blanks: a healed token's string keeps them, its text does not),
     counted in characters of the UTF-8 decoded bytes (a token that starts inside a character split over
     several tokens gets that character's offset; special tokens, which the generated text leaves out,
     add none, but those of an echoed prompt, whose text shows them, do). With `echo` the prompt's tokens
@@ -24,15 +25,20 @@ from __future__ import annotations
 import codecs
 
 from integrations.token_bytes import token_bytes
+from scheduler.detokenizer import Healer
 
 
 class LogprobFormatter:
     """Turns TokenLogprob entries into OpenAI's objects for one response (token strings cached)."""
 
-    def __init__(self, tokenizer, num_top: int, echo_tokens: int = 0):
+    def __init__(self, tokenizer, num_top: int, echo_tokens: int = 0, healed: str = ""):
+        """healed: the blanks token healing left out of a completions prompt (GenerationRequest.healed):
+        the engine drops as much from the front of the generated text, so text_offset skips it too
+        (the tokens' strings stay their own text)."""
         self.tokenizer = tokenizer
         self.num_top = num_top
         self._echo_left = echo_tokens  # completions: entries still to come of the echoed prompt
+        self._healer = Healer(healed)
         self._text: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
         self._offset = 0  # completions: characters of text returned before the next token
@@ -66,7 +72,8 @@ class LogprobFormatter:
             broken = counted and pending and not (data and 0x80 <= data[0] <= 0xBF)
             offsets.append(self._offset + (len(pending.decode("utf-8", "replace")) if broken else 0))
             if counted:
-                self._offset += len(self._utf8.decode(data))
+                piece = self._utf8.decode(data)
+                self._offset += len(piece if self._echo_left else self._healer.feed(piece))
             if self._echo_left == 1:  # the echoed prompt's text is decoded on its own, the completion's after it
                 self._offset += len(self._utf8.decode(b"", final=True))
             self._echo_left = max(0, self._echo_left - 1)

@@ -174,7 +174,7 @@ class SamplingFields(OpenAIBody):
     min_tokens: int = Field(default=0, ge=0)
     repetition_penalty: float | None = None
     skip_special_tokens: bool | None = None  # only true (vLLM's default): special tokens never reach the text here
-    stop_token_ids: list[int] | None = Field(default=None, max_length=0)  # none: EOS is the stop token here
+    stop_token_ids: list[int] | None = None  # only empty: EOS is the stop token here
     # ReFusion extensions
     mode: Literal["auto", "refusion", "ar"] = "auto"
     slot_size: int | None = Field(default=None, ge=1)
@@ -233,6 +233,14 @@ class SamplingFields(OpenAIBody):
     def _special_tokens_skipped(cls, value):
         if value is False:
             raise ValueError("false is not supported (special tokens never reach the text here): drop it or send true")
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _no_stop_token_ids(cls, value):
+        if value:
+            raise ValueError("only an empty list is supported here (the EOS token is the one stop token): use "
+                             "`stop` strings, or drop stop_token_ids")
         return value
 
     @field_validator("repetition_penalty")
@@ -395,11 +403,30 @@ class CompletionRequest(SamplingFields):
                                  description=f"the most likely 0..{MAX_TOP_LOGPROBS} tokens per position (vLLM's bound)")
     best_of: int | None = Field(default=None, ge=1, le=1, description="only best_of=1 is supported")
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_form(cls, value):
+        """One of OpenAI's four forms, said by name (pydantic's own message names only the first)."""
+        def kind(item) -> str:
+            if isinstance(item, str):
+                return "text"
+            if isinstance(item, int) and not isinstance(item, bool):
+                return "id"
+            if isinstance(item, list) and all(kind(t) == "id" for t in item):
+                return "ids"
+            return "other"
+
+        kinds = {kind(item) for item in value} if isinstance(value, list) else {kind(value)}
+        if kinds <= {"text"} or (isinstance(value, list) and (kinds == {"id"} or kinds == {"ids"})):
+            return value
+        raise ValueError("must be a string, a list of strings, a list of token ids (integers) or a list of "
+                         "token-id lists (OpenAI's four forms; a batch does not mix them)")
+
     @field_validator("prompt")
     @classmethod
     def _prompt_batch(cls, value, info):
         if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be empty")
+            raise ValueError("must not be empty: give a string or at least one token id")
         batch = len(value) if isinstance(value, list) and isinstance(value[0], (str, list)) else 1
         n = info.data.get("n", 1)  # validated first: declared before
         if batch * n > MAX_PROMPTS:
@@ -601,7 +628,8 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _max_tokens_alias(self):
-        if self.max_tokens is None and self.max_completion_tokens is not None:
+        # vLLM's rule: max_completion_tokens, OpenAI's newer name, wins when a client sends both
+        if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
             self._cap_field = "max_completion_tokens"
         return self

@@ -98,20 +98,22 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
     model answers with nothing or with one space too many. That whitespace is left out of the prompt
     and the engine drops as much of it from the front of the generated text, before stop strings are
     matched (GenerationRequest.healed).
-    Not for token-id prompts, `echo`, `logprobs`, `prompt_logprobs` or a grammar: there the tokens are
-    exactly the ones the client asked for or scores."""
+    Not for token-id prompts, `echo`, `prompt_logprobs` or a grammar: there the tokens are exactly the
+    ones the client asked for or scores. A prompt that is scored (`prompt_logprobs`, or `echo` with
+    `logprobs`) is read as sent, neither restyled nor healed: its scores are those of the client's text,
+    as vLLM's. `logprobs` alone changes neither (log probabilities report, they never change a token)."""
     prepared = []
     batch = len(body.prompts) > 1
+    scored = body.prompt_logprobs is not None or (body.echo and body.logprobs is not None)
     for k, prompt in enumerate(body.prompts):
         field = f"prompt.{k}" if batch else "prompt"
         text = prompt if isinstance(prompt, str) else None
         if text is not None:
             settings.limits.check_chars(field, text)  # the client's text, before tabs become spaces
-        style = DocumentStyle.of(text) if text is not None and grammar is None else DocumentStyle()
-        model_text = style.to_model(text) if text is not None else None
+        style = DocumentStyle.of(text) if text is not None and grammar is None and not scored else DocumentStyle()
+        model_text = text if text is None or scored else style.to_model(text)
         healed = ""
-        if (model_text is not None and grammar is None and not body.echo and body.logprobs is None
-                and body.prompt_logprobs is None):
+        if model_text is not None and grammar is None and not body.echo and body.prompt_logprobs is None:
             kept = model_text.rstrip(" \t")
             model_text, healed = (kept, model_text[len(kept):]) if kept else (model_text, "")
         ids = await prompt_ids(tokenizer, model_text if model_text is not None else prompt, field)

@@ -35,6 +35,25 @@ def test_completion_shape_offsets_and_the_chosen_token(tokenizer):
     assert first["token_logprobs"] == [-0.5, -0.5, -3.0]
 
 
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_text_offsets_skip_the_healed_blanks(tokenizer, split):
+    """A healed prompt ("def f():\n" + "    " left out): the model writes the indentation itself and the
+    engine drops it from the text (scheduler.detokenizer.Healer). The tokens keep their own strings, and
+    text_offset counts the text the client gets, however the chunks split the tokens."""
+    written = "    return a + b"
+    ids = tokenizer.encode(written, add_special_tokens=False)
+    assert tokenizer.decode(ids[:1]).startswith(" ")
+    entries = [TokenLogprob(t, -0.5, ()) for t in ids]
+    formatter = LogprobFormatter(tokenizer, 0, healed="    ")
+    parts = [formatter.completion(entries[:split]), formatter.completion(entries[split:])]
+    tokens = [t for p in parts for t in p["tokens"]]
+    offsets = [o for p in parts for o in p["text_offset"]]
+    assert "".join(tokens) == written
+    text = written[4:]
+    assert offsets == [max(0, len("".join(tokens[:i])) - 4) for i in range(len(ids))]
+    assert text.startswith("return") and offsets[-1] == text.rindex(tokens[-1])
+
+
 def test_text_offsets_count_characters_of_the_bytes_not_token_strings(tokenizer):
     """A character split over byte tokens is one character of the text: the tokens that carry its
     bytes start at its offset, and later tokens are not shifted by the U+FFFD their strings show;

@@ -322,16 +322,38 @@ def test_stop_strings_do_not_match_the_healed_blanks(http, stream):
     assert got["content"] == whole and got["stop_type"] != "word"
 
 
-def test_prompts_are_read_as_sent_when_tokens_are_scored(http):
-    """With logprobs the prompt is not healed (the entries are the tokens of the prompt as sent), nor is
-    a token-id prompt."""
+def test_logprobs_change_no_token_and_scored_prompts_are_read_as_sent(http):
+    """`logprobs` reports and changes nothing: the healed prompt's text, its text_offset counted in the
+    text the client gets (the first token's string keeps the healed blanks). A prompt that is scored
+    (`prompt_logprobs`, `echo` with `logprobs`) is read as sent, neither healed nor restyled: one entry
+    per token of the client's own text, CRLF included, as /tokenize counts them (vLLM scores the exact
+    prompt); so is a token-id prompt. (A break-test found logprobs turning healing off, which changed
+    the text, and a CRLF prompt scored as its LF twin.)"""
     bare = HEALED_PROMPT.rstrip(" ")
     healed = post(http, "/v1/completions", {"prompt": HEALED_PROMPT, **GREEDY_AR})
-    scored = post(http, "/v1/completions", {"prompt": HEALED_PROMPT, "logprobs": 1, **GREEDY_AR})
-    choice = scored["choices"][0]
-    assert choice["logprobs"]["tokens"]  # the unhealed prompt's answer (the shipped model: an EOS at once)
+    reported = post(http, "/v1/completions", {"prompt": HEALED_PROMPT, "logprobs": 1, **GREEDY_AR})
+    text, logprobs = reported["choices"][0]["text"], reported["choices"][0]["logprobs"]
+    assert text == healed["choices"][0]["text"] and text.strip(), repr(text)
+    assert reported["usage"] == healed["usage"]
+    tokens, offsets = logprobs["tokens"], logprobs["text_offset"]
+    if reported["choices"][0]["finish_reason"] == "stop" and tokens[-1] == "<|endoftext|>":
+        tokens, offsets = tokens[:-1], offsets[:-1]  # the EOS entry: no text
+    joined = "".join(tokens)
+    dropped = len(joined) - len(text)  # the healed blanks: in the tokens' strings, not in the text
+    assert dropped > 0 and joined[:dropped].strip() == "" and joined[dropped:] == text, (tokens, text)
+    starts = [len("".join(tokens[:i])) for i in range(len(tokens))]
+    assert offsets == [max(0, start - dropped) for start in starts]
+    assert healed["usage"]["prompt_tokens"] == len(post(http, "/tokenize", {"content": bare})["tokens"])
     ids = post(http, "/tokenize", {"content": HEALED_PROMPT})["tokens"]
     by_ids = post(http, "/v1/completions", {"prompt": ids, **GREEDY_AR})
+    scored = post(http, "/v1/completions", {"prompt": HEALED_PROMPT, "echo": True, "logprobs": 1, **GREEDY_AR})
     assert by_ids["usage"]["prompt_tokens"] == len(ids) == scored["usage"]["prompt_tokens"]
-    assert by_ids["choices"][0]["text"] == choice["text"] != healed["choices"][0]["text"]
-    assert healed["usage"]["prompt_tokens"] == len(post(http, "/tokenize", {"content": bare})["tokens"])
+    assert scored["choices"][0]["text"] == HEALED_PROMPT + by_ids["choices"][0]["text"]
+    for prompt in (_crlf(DOCUMENTS[0][0]), TAB_PREFIX):
+        exact = post(http, "/tokenize", {"content": prompt})["tokens"]
+        scores = post(http, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 0})
+        entries = scores["choices"][0]["prompt_logprobs"]
+        assert [int(next(iter(e))) for e in entries[1:]] == exact[1:]
+        echoed = post(http, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0})
+        assert echoed["choices"][0]["logprobs"]["tokens"] == [post(http, "/detokenize", {"tokens": [t]})["content"]
+                                                              for t in exact]

@@ -122,6 +122,8 @@ def test_block_fitting_and_params():
                                  max_completion_tokens=9)
     assert chat.max_tokens == 9 and chat.messages[0].content == "hi"
     assert chat.max_tokens_field == "max_completion_tokens" and body.max_tokens_field == "max_tokens"
+    both = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=2, max_completion_tokens=10)
+    assert (both.max_tokens, both.max_tokens_field) == (10, "max_completion_tokens")  # vLLM's rule: the newer name
 
 
 def test_plain_chat_template_with_tools(tiny_model_dir):
