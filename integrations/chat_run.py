@@ -11,7 +11,7 @@ before the response starts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -20,7 +20,7 @@ from decoding.grammar import GrammarSpec
 from integrations.chat import chat_prompt_ids, conversation_key, forced_prefix_ids
 from integrations.http_metrics import RequestObserver
 from integrations.openai_calls import check_model, start
-from integrations.openai_choices import choice_requests, start_all
+from integrations.openai_choices import choice_requests, scored_once, start_all
 from integrations.openai_models import ChatCompletionRequest
 from integrations.openai_requests import generation_request, request_id
 from integrations.openai_responses import ResponseHeader
@@ -113,9 +113,7 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
     observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt.ids))
-    reqs = choice_requests(req, body.n)
-    # vLLM's prompt_logprobs: one list per response (the choices read one prompt), so choice 0 scores it
-    reqs[1:] = [replace(r, params={k: v for k, v in r.params.items() if k != "prompt_logprobs"}) for r in reqs[1:]]
+    reqs = scored_once(choice_requests(req, body.n), body.n)  # vLLM's prompt_logprobs: one list per response
     streams = await start_all(lambda r: start(client, r, observer), reqs)
     return ChatRun(client, header, observer, streams, prompt.forced, allowed, max_calls)
 

@@ -28,7 +28,7 @@ from integrations.http_errors import AnthropicErrorShape, install_error_handlers
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
 from integrations.openai_calls import check_model, collect_all, logprob_formatter, primed, observed, read_body, sse, start
-from integrations.openai_choices import choice_requests, indexed, merged, start_all
+from integrations.openai_choices import choice_requests, indexed, merged, scored_once, start_all
 from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
@@ -189,10 +189,15 @@ async def completions(request: Request):
                                                sum(len(p.request.prompt_ids) for p in prepared))
         total = len(prepared) * body.n  # choice k * n + j: prompt k's choice j (OpenAI's order)
         reqs = [r for k, p in enumerate(prepared) for r in choice_requests(p.request, body.n, k * body.n, total)]
+        # vLLM's prompt_logprobs: each prompt scored once, its choices share the list; but with echo and
+        # logprobs every choice's stream opens with its prompt's scores, so each scores it
+        scored_each = body.echo and body.logprobs is not None
+        if body.returns_prompt_logprobs and not scored_each:
+            reqs = scored_once(reqs, body.n)
         streams = await start_all(lambda r: start(client, r, observer), reqs)
         scores = [[] for _ in reqs] if body.returns_prompt_logprobs else None
         for i, p in enumerate(p for p in prepared for _ in range(body.n)):
-            if scores is not None:  # vLLM's prompt_logprobs, per choice
+            if scores is not None and (scored_each or i % body.n == 0):
                 streams[i] = prompt_scores_kept(streams[i], scores[i])
             streams[i] = p.client_deltas(streams[i])  # healed whitespace dropped; a CRLF or tab-indented prompt's style
             if body.logprobs is not None:  # an EOS ending is listed last (OpenAI's legacy completions, vLLM)
@@ -212,8 +217,8 @@ async def completions(request: Request):
     body_json = shape.completion_body(header, choices, observer.prompt_tokens, observer.completion_tokens)
     if scores is not None:
         prompt_formatter = LogprobFormatter(client.tokenizer, body.prompt_logprobs)
-        for choice, entries in zip(body_json["choices"], scores):
-            choice["prompt_logprobs"] = prompt_formatter.prompt_logprobs(entries)
+        for i, choice in enumerate(body_json["choices"]):
+            choice["prompt_logprobs"] = prompt_formatter.prompt_logprobs(scores[i if scored_each else i - i % body.n])
     return JSONResponse(body_json, headers=id_headers(request, header.id))
 
 

@@ -39,6 +39,15 @@ def choice_requests(req: GenerationRequest, n: int, first: int = 0, total: int |
             for i in range(n)]
 
 
+def scored_once(reqs: list[GenerationRequest], n: int) -> list[GenerationRequest]:
+    """The requests of prompts with n choices each (choice k * n + j: prompt k's choice j) with vLLM's
+    `prompt_logprobs` left to each prompt's first choice: the choices read one prompt, so it is scored
+    once (vLLM computes it once per request) and its list shared; the others may start on the prefix
+    cache."""
+    return [r if i % n == 0 else dataclasses.replace(r, params={k: v for k, v in r.params.items() if k != "prompt_logprobs"})
+            for i, r in enumerate(reqs)]
+
+
 async def start_all(start: Callable[[GenerationRequest], Awaitable[AsyncIterator[Delta]]],
                     reqs: list[GenerationRequest]) -> list[AsyncIterator[Delta]]:
     """Start every request at once (start = openai_calls.start: submit, then await the first delta); the

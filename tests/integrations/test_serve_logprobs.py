@@ -277,6 +277,8 @@ def test_vllm_prompt_logprobs(client, model, serve_base_url, reference, prompt_r
         ids = tok(prompts[choice.index // 2])["input_ids"]  # read as sent: the trailing spaces too
         _check_prompt_logprobs(tok, choice.model_extra["prompt_logprobs"], ids, prompt_rows(ids), 2)
         assert choice.logprobs is None and "prompt_logprobs" not in twin.model_extra
+    by_index = {c.index: c.model_extra["prompt_logprobs"] for c in out.choices}
+    assert by_index[0] == by_index[1] and by_index[2] == by_index[3]  # one scoring per prompt, shared (as vLLM)
     assert out.usage.prompt_tokens == sum(len(tok(p)["input_ids"]) for p in prompts)
 
     echo = client.completions.create(model=model, prompt=prompts[1], max_tokens=2, echo=True, logprobs=1,
