@@ -73,7 +73,8 @@ async def chat_prompt(tokenizer, limits: RequestLimits, body: ChatCompletionRequ
                                                 body.continue_final_message, body.chat_template_kwargs,
                                                 chars=sum(len(m.content or "") for m in body.messages))
     except PromptCharsError as exc:  # the rendered prompt (tools included) over max_prompt_chars
-        raise PromptCharsError(prompt_field, exc.chars, exc.limit) from None
+        raise PromptCharsError(prompt_field, exc.chars, exc.limit, "make a chat prompt (the messages as the chat "
+                               "template writes them, tools included) of") from None
     except InputError as exc:
         raise InputError(exc.status, prompt_field, exc.message) if exc.field == "messages" else exc from None
     if body.continue_final_message and (body.tools_enabled or body.response_format is not None

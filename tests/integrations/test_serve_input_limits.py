@@ -82,6 +82,11 @@ def test_prompt_over_the_character_limit_is_400_naming_it(http):
         assert response.status_code == 400, response.text[:300]
         message = response.json()["error"]["message"]
         assert "max_prompt_chars" in message and f"{MAX_PROMPT_CHARS:,}" in message
+    # short messages whose templated prompt is over the limit: the message says what was counted
+    many = [{"role": "user", "content": "a"}] * (MAX_PROMPT_CHARS // 4)
+    response = http.post("/v1/chat/completions", json={"messages": many})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages", response.text[:300]
+    assert "chat template" in response.json()["error"]["message"], response.text[:300]
 
 
 def test_prompt_and_max_tokens_must_fit_the_context(http):
