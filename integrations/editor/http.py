@@ -56,12 +56,15 @@ async def editor_socket(websocket: WebSocket) -> None:
     are checked before this runs (integrations.auth.OriginGuard). When the ingress drains (`refusion
     serve` stopping; integrations/ingress_gate.py) the socket closes with 1001 ("going away", RFC 6455
     7.4.1) once its completions in flight have answered, so an editor sees the server leave instead of
-    a dropped connection; frames keep being read until then (a cancel still cancels)."""
+    a dropped connection; frames keep being read until then (a cancel still cancels; a new `complete`
+    is answered OVERLOADED and supersedes nothing)."""
     await websocket.accept()
     state = websocket.app.state
-    session = EditorSession(state.engine_client, websocket.send_bytes, metrics=getattr(state, "metrics", None))
-    tasks = {asyncio.ensure_future(_read_frames(websocket, session))}
     gate = getattr(state, "gate", None)
+    refusing = (lambda: gate.retry_after_s if gate.draining else None) if gate is not None else None
+    session = EditorSession(state.engine_client, websocket.send_bytes, metrics=getattr(state, "metrics", None),
+                            refusing=refusing)
+    tasks = {asyncio.ensure_future(_read_frames(websocket, session))}
     if gate is not None:
         tasks.add(asyncio.ensure_future(_close_when_draining(websocket, session, gate)))
     try:

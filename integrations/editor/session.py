@@ -44,10 +44,14 @@ class _Inflight:
 class EditorSession:
     """State of one WebSocket connection (see module docstring)."""
 
-    def __init__(self, client, send: Send, limits: rpc.Limits | None = None, metrics=None):
+    def __init__(self, client, send: Send, limits: rpc.Limits | None = None, metrics=None,
+                 refusing: Callable[[], float | None] | None = None):
         """metrics: the ingress's APIMetrics (integrations/http_metrics.py), which counts accept/reject
-        telemetry for the whole service; None (unit tests) counts only in `feedback`."""
+        telemetry for the whole service; None (unit tests) counts only in `feedback`. refusing: while it
+        returns a number (the ingress draining: its Retry-After in seconds), a new `complete` is answered
+        OVERLOADED at once, before it could supersede the completion in flight for its uri."""
         self.client = client
+        self._refusing = refusing
         self.limits = limits or rpc.Limits()
         self.metrics = metrics
         self.conn_id = uuid.uuid4().hex[:10]
@@ -123,6 +127,10 @@ class EditorSession:
         params = rpc.parse_complete(req.params, self.limits)
         if req.id in self.inflight:
             raise rpc.RpcError(rpc.INVALID_REQUEST, f"request id {req.id!r} is already in flight; use a new id")
+        retry_after_s = self._refusing() if self._refusing is not None else None
+        if retry_after_s is not None:  # the engine would refuse it: keep the completion it would supersede
+            raise rpc.RpcError(rpc.OVERLOADED, f"the server is shutting down: retry in {retry_after_s} s",
+                               {"retry_after_s": retry_after_s})
         previous = self.by_uri.get(params.uri)
         if previous is not None:
             self._cancel_inflight(previous, {"reason": "superseded", "superseded_by": req.id})

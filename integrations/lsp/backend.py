@@ -16,6 +16,7 @@ import itertools
 from typing import Any, Callable
 
 import msgpack
+from websockets.exceptions import ConnectionClosed
 
 from integrations.editor import protocol as rpc
 
@@ -84,18 +85,32 @@ class EditorBackend:
                 self._ws = None
             for future in self._pending.values():
                 if not future.done():
-                    future.set_exception(ConnectionError(f"editor backend connection to {self.url} closed"))
+                    future.set_exception(self._closed_error(ws))
             self._pending.clear()
+
+    def _closed_error(self, ws) -> ConnectionError:
+        """Why the connection ended, from its close frame: 1001 ("going away") and 1013 ("try again
+        later") are the server draining (docs/editor-protocol.md), worth saying so."""
+        code, reason = getattr(ws, "close_code", None), getattr(ws, "close_reason", None) or ""
+        if code in (1001, 1013):
+            return ConnectionError(f"the refusion server at {self.url} is shutting down or restarting (close code "
+                                   f"{code}: {reason}); retry in a few seconds")
+        return ConnectionError(f"editor backend connection to {self.url} closed" + (f" (close code {code})" if code else ""))
 
     async def _call_on(self, ws, method: str, params: dict, msg_id=None):
         msg_id = next(self._ids) if msg_id is None else msg_id
         future = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = future
         try:
-            await ws.send(rpc.encode_request(msg_id, method, params))
+            try:
+                await ws.send(rpc.encode_request(msg_id, method, params))
+            except ConnectionClosed:  # the server closed it (a drain's 1001 or 1013) or it dropped
+                raise self._closed_error(ws) from None
             _, _, error, result = await future
         finally:  # answered, or the send failed or the caller was cancelled: nothing waits on it any more
             self._pending.pop(msg_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # the reader may have failed it while the send failed: retrieved, not logged
         if error is not None:
             raise BackendError(error)
         return result

@@ -1,13 +1,15 @@
 """Editor sockets when the ingress drains (`refusion serve` stopping; integrations/ingress_gate.py): an idle
 socket is closed with 1001 ("going away") at once, a socket with a completion in flight gets that
-completion's answer first and then the 1001 close, a new socket gets 1013, and the gate's open work
-returns to 0. A real uvicorn server and websockets client over the ingress app; the engine is scripted
+completion's answer first and then the 1001 close (a new `complete` meanwhile is refused, superseding
+nothing), a new socket gets 1013 and the LSP bridge's backend says the server is going away, and the
+gate's open work returns to 0. A real uvicorn server and websockets client over the ingress app; the engine is scripted
 (test_editor_fakes.FakeEngineClient, held until the test lets it go, so the drain surely finds the
 completion running). test_serve_openai.py drains the real Ray Serve app."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import msgpack
 import pytest
@@ -15,6 +17,7 @@ import websockets
 from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fixture
 
 from integrations.editor import protocol as rpc
+from integrations.lsp.backend import EditorBackend
 from integrations.openai_api import APISettings, create_app
 from ports import free_port
 
@@ -56,6 +59,24 @@ async def test_draining_closes_editor_sockets_with_1001_after_their_completions_
             assert (idle_frames, idle_code) == ([], 1001)
             async with websockets.connect(url) as late:  # a new socket while draining: "try again later"
                 assert (await _frames_until_closed(late))[1] == 1013
+            # the LSP bridge's backend connecting now is told the server is going away, as an error it
+            # handles (it raised websockets' ConnectionClosed, and logged an unretrieved future; a break-test)
+            unhandled = []
+            asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
+            backend = EditorBackend(url)
+            for _ in range(2):
+                with pytest.raises(ConnectionError, match="shutting down or restarting"):
+                    await backend.complete({"uri": "file:///b.py", "prefix": "x = ", "multiline": False})
+            await backend.close()
+            gc.collect()
+            assert unhandled == []
+            # an editor that keeps typing: its new `complete` for the same uri is refused at once and
+            # supersedes nothing (it cancelled the completion the drain lets finish; a break-test)
+            await busy.send(rpc.encode_request(2, "complete", {"uri": "file:///a.py", "prefix": "def add(a, b):\n    t",
+                                                               "multiline": False}))
+            refused = msgpack.unpackb(await asyncio.wait_for(busy.recv(), WAIT_S))
+            assert refused[:2] == [1, 2] and refused[2]["code"] == rpc.OVERLOADED, refused
+            assert refused[2]["data"]["retry_after_s"] == gate.retry_after_s and len(fake.requests) == 1
             fake.hold.set()  # the engine answers; only then may the busy socket close
             frames, code = await _frames_until_closed(busy)
         assert code == 1001
