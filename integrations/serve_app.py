@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import Counter
 from typing import AsyncIterator
 
 from ray import serve
@@ -40,6 +41,36 @@ from scheduler.api import Delta, EngineError, GenerationRequest
 logger = logging.getLogger(__name__)
 
 __all__ = ["EngineDeployment", "IngressDeployment", "application", "build_app", "node_name", "signal_drain"]
+
+
+class CallerRequests:
+    """The engine requests each calling ingress replica (its Ray actor name) has running here, for
+    EngineDeployment._cancel_orphans. Calls are counted per request id: a second call with an id already
+    running (the engine refuses it) ends without dropping the running one's entry, which would leave that
+    request uncancelled if its ingress then died."""
+
+    def __init__(self):
+        self._by_caller: dict[str, Counter] = {}
+
+    def add(self, caller: str, request_id: str) -> None:
+        self._by_caller.setdefault(caller, Counter())[request_id] += 1
+
+    def discard(self, caller: str, request_id: str) -> None:
+        ids = self._by_caller.get(caller)
+        if ids is None or request_id not in ids:
+            return
+        ids[request_id] -= 1
+        if ids[request_id] <= 0:
+            del ids[request_id]
+        if not ids:
+            del self._by_caller[caller]
+
+    def callers(self) -> list[str]:
+        return list(self._by_caller)
+
+    def pop(self, caller: str) -> list[str]:
+        """The caller's request ids, forgotten (each is then cancelled once)."""
+        return list(self._by_caller.pop(caller, ()))
 
 
 @serve.deployment(name=ENGINE_DEPLOYMENT)
@@ -64,7 +95,7 @@ class EngineDeployment:
         self.node = node_name()
         self.cancelled = 0
         self.orphaned = 0  # requests cancelled because the ingress replica streaming them died
-        self._callers: dict[str, set[str]] = {}  # ingress replica (Ray actor name) -> its request ids here
+        self._callers = CallerRequests()  # ingress replica (Ray actor name) -> its request ids here
         self.draining = False
         self._drain_watch = asyncio.create_task(self._drain_when_signalled(context.app_name))
         self._caller_watch = asyncio.create_task(self._cancel_orphans())
@@ -78,7 +109,7 @@ class EngineDeployment:
 
         while True:
             await asyncio.sleep(self.config.caller_check_s)
-            for caller, request_ids in list(self._callers.items()):
+            for caller in self._callers.callers():
                 try:
                     await asyncio.to_thread(ray.get_actor, caller, namespace="serve")
                     continue
@@ -87,8 +118,7 @@ class EngineDeployment:
                 except Exception:  # noqa: BLE001 - the lookup itself failed (GCS busy): look again next round
                     logger.warning("could not look up ingress replica %s", caller, exc_info=True)
                     continue
-                self._callers.pop(caller, None)  # each request is cancelled once
-                for request_id in request_ids:
+                for request_id in self._callers.pop(caller):  # each request is cancelled once
                     self.orphaned += 1
                     await self.client.cancel(request_id)
 
@@ -113,7 +143,7 @@ class EngineDeployment:
             return
         finished = False
         if caller:
-            self._callers.setdefault(caller, set()).add(req.request_id)
+            self._callers.add(caller, req.request_id)
         try:
             async for delta in coalesce_deltas(self.client.stream(req)):
                 finished = finished or delta.finished
@@ -125,10 +155,7 @@ class EngineDeployment:
             if not finished:
                 self.cancelled += 1
             if caller:
-                ids = self._callers.get(caller, set())
-                ids.discard(req.request_id)
-                if not ids:
-                    self._callers.pop(caller, None)
+                self._callers.discard(caller, req.request_id)
 
     async def info(self) -> dict:
         info = await self.client.info()

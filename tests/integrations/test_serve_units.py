@@ -444,3 +444,20 @@ def test_the_model_card_names_no_default_seed():
     request without a seed gets a fresh random one (scheduler.validation.with_seed)."""
     card = read_model_card(REPO / "models" / "refusion-tiny-code")
     assert "seed" not in card["defaults"] and "temperature" in card["defaults"]
+
+
+def test_caller_requests_keep_a_running_id_when_a_duplicate_call_ends():
+    """EngineDeployment's record of each ingress replica's requests (cancelled when that replica dies):
+    a second call with an id already running, which the engine refuses, must not drop the running
+    request's entry when it ends (a set dropped it; a soak's review)."""
+    from integrations.serve_app import CallerRequests
+
+    calls = CallerRequests()
+    calls.add("ingress-a", "r1")
+    calls.add("ingress-a", "r1")  # the duplicate: refused, its call ends
+    calls.discard("ingress-a", "r1")
+    calls.add("ingress-b", "r2")
+    calls.discard("ingress-b", "r2")
+    calls.discard("ingress-b", "r2")  # ending twice is harmless
+    assert calls.callers() == ["ingress-a"]
+    assert calls.pop("ingress-a") == ["r1"] and calls.pop("ingress-a") == [] and calls.callers() == []
