@@ -19,7 +19,9 @@ drain_timeout_s plus a margin). Once it has exited, connections are refused. A s
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=RUNNER_DTYPES,
                         help="weights dtype (default: float32 on CPU, bfloat16 on CUDA; runner dtype)")
     parser.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1, or the config's http_options)")
-    parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    parser.add_argument("--port", type=port_number, default=None, help="HTTP port, 1-65535 (default 8000)")
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, help="fixed number of engine replicas")
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale engine replicas between MIN and MAX")
@@ -51,6 +53,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 class CLIError(ValueError):
     """A flag or config-file problem; the message names it and says what to change."""
+
+
+def port_number(text: str) -> int:
+    """argparse type of --port: an integer 1-65535 (0, which would mean "any free port", is refused: the
+    service's address has to be known to print and to connect to)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {port}")
+    return port
+
+
+def check_bindable(host: str, port: int, where: str = "--host/--port") -> None:
+    """Raise CLIError unless (host, port) can be bound here now.
+
+    Ray Serve's HTTP proxy binds with SO_REUSEPORT, so a second `refusion serve` on a port another one
+    already serves would start anyway and the kernel would split connections between the two services
+    (each with its own --api-key). A plain bind (SO_REUSEADDR only, as uvicorn's: a port left in
+    TIME_WAIT is free) fails on a listening port whatever options its owner set, so it catches that, an
+    address this machine does not have, and a host name that does not resolve, before Ray starts.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise CLIError(f"{where}: cannot resolve host {host!r} ({exc}); give an address of this machine, "
+                       f"e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CLIError(f"{where}: {host}:{port}: address already in use (another server listens there); "
+                               f"stop it or choose another --port") from None
+            if exc.errno == errno.EACCES:
+                raise CLIError(f"{where}: {host}:{port}: permission denied (ports below 1024 need privileges); "
+                               f"choose a port >= 1024") from None
+            raise CLIError(f"{where}: cannot listen on {host}:{port}: {exc.strerror}; give an address of "
+                           f"this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
 
 
 @dataclass
@@ -67,24 +111,40 @@ def load_config_file(path: Path) -> ConfigFile:
     """A Serve config file (or a bare args mapping) as `refusion serve` uses it."""
     import yaml
 
+    if path.is_dir():
+        raise CLIError(f"--config: {path} is a directory; give the YAML file (e.g. config/serve.yaml)")
     if not path.is_file():
         raise CLIError(f"--config: {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except PermissionError:
+        raise CLIError(f"--config: {path}: permission denied; make it readable") from None
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"--config: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from None
+    except yaml.YAMLError as exc:
+        place = getattr(exc, "problem_mark", None)
+        at = f" at line {place.line + 1}, column {place.column + 1}" if place else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CLIError(f"--config: {path} is not valid YAML{at}: {problem}") from None
     if not isinstance(data, dict):
         raise CLIError(f"--config: {path} must hold a mapping")
     if "applications" not in data:
         return ConfigFile(args=data)
     apps = data["applications"] or []
-    if len(apps) != 1:
-        raise CLIError(f"--config: {path} must define exactly one application, found {len(apps)}")
+    if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], dict):
+        found = f"{len(apps)} entries" if isinstance(apps, list) else repr(apps)
+        raise CLIError(f"--config: applications: must be a list of exactly one application mapping, found {found}")
+    entries = apps[0].get("deployments") or []
+    if not isinstance(entries, list):
+        raise CLIError(f"--config: applications[0].deployments: must be a list of mappings with a name, got {entries!r}")
     deployments = {}
-    for entry in apps[0].get("deployments") or []:
+    for entry in entries:
         name = entry.get("name") if isinstance(entry, dict) else None
         if name not in (ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT):
             raise CLIError(f"--config: applications[0].deployments: unknown deployment {name!r}; the "
                            f"application has {ENGINE_DEPLOYMENT} and {INGRESS_DEPLOYMENT}")
         deployments[name] = {k: v for k, v in entry.items() if k != "name"}
-    return ConfigFile(dict(apps[0].get("args") or {}), dict(data.get("http_options") or {}),
+    return ConfigFile(_section(apps[0], "args"), _section(data, "http_options"),
                       data.get("proxy_location"), deployments)
 
 
@@ -151,7 +211,14 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
     if isinstance(grace_s, (int, float)) and isinstance(drain_s, (int, float)) and grace_s < drain_s + 2:
         raise CLIError(f"--config: deployments {ENGINE_DEPLOYMENT} graceful_shutdown_timeout_s ({grace_s}) must "
                        f"exceed drain_timeout_s ({drain_s}) by >= 2 s, or Ray kills replicas mid-drain")
-    file.http = {"host": args.host or file.http.get("host", "127.0.0.1"), "port": args.port or file.http.get("port", 8000)}
+    host = args.host if args.host is not None else file.http.get("host", "127.0.0.1")
+    port = args.port if args.port is not None else file.http.get("port", 8000)
+    if not isinstance(host, str) or not host.strip():
+        where = "--host" if args.host is not None else "--config: http_options.host"
+        raise CLIError(f"{where}: expected a host name or address such as 127.0.0.1 or 0.0.0.0, got {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise CLIError(f"--config: http_options.port: expected a port number 1-65535, got {port!r}")
+    file.http = {"host": host, "port": port}
     return file
 
 
@@ -179,6 +246,12 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:  # an option or value Deployment.options() refuses, from `deployments:`
         print(f"refusion serve: --config: applications[0].deployments: {exc}".splitlines()[0])
         return 2
+    if not args.address:  # a local Ray: its proxy will listen here (on a cluster, on the cluster's nodes)
+        try:
+            check_bindable(http["host"], http["port"])
+        except CLIError as exc:
+            print(f"refusion serve: {exc}")
+            return 2
     if args.address:
         try:
             ray.init(address=args.address)

@@ -269,6 +269,74 @@ def test_vllm_flags_merge_into_the_config_file(tiny_model_dir, tmp_path):
     assert set(RUNNER_DTYPES) == set(DTYPES)  # the flags' and the config check's list is the runner's
 
 
+def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
+    """A YAML syntax error, a directory, a non-UTF-8 file or a wrongly shaped applications list is a
+    CLIError naming the file and what to change, not a yaml or Python traceback (a break-test)."""
+    cases = {"broken.yaml": ("applications:\n  - args: {model: [x\n", "is not valid YAML at line"),
+             "latin1.yaml": ("model: caf\xe9\n".encode("latin-1"), "is not UTF-8 text"),
+             "apps.yaml": ("applications: [5]\n", "applications: must be a list of exactly one application"),
+             "deps.yaml": ("applications:\n  - deployments: {name: RefusionEngine}\n", "deployments: must be a list"),
+             "http.yaml": ("applications: [{args: {}}]\nhttp_options: 8000\n", "http_options: must be a mapping")}
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(cli_serve.CLIError, match=message):
+            cli_serve.load_config_file(path)
+    with pytest.raises(cli_serve.CLIError, match="is a directory; give the YAML file"):
+        cli_serve.load_config_file(tmp_path)
+    with pytest.raises(cli_serve.CLIError, match="does not exist"):
+        cli_serve.load_config_file(tmp_path / "missing.yaml")
+
+
+def test_port_and_host_are_checked_before_ray_starts(tmp_path, capsys):
+    """--port takes 1-65535 (0 no longer falls back to 8000), the config's http_options are checked the
+    same way, and a host this machine cannot listen on is named."""
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    for bad in ("0", "-5", "70000", "http"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--port", bad])
+        assert "expected a port number 1-65535" in capsys.readouterr().err
+    assert cli_serve.merged_config(parser.parse_args(["--port", "8123"])).http == {"host": "127.0.0.1", "port": 8123}
+    config = tmp_path / "serve.yaml"
+    config.write_text("applications: [{args: {}}]\nhttp_options: {host: 0.0.0.0, port: 0}\n")
+    with pytest.raises(cli_serve.CLIError, match="http_options.port: expected a port number 1-65535, got 0"):
+        cli_serve.merged_config(parser.parse_args(["--config", str(config)]))
+    assert cli_serve.merged_config(parser.parse_args(["--config", str(config), "--port", "9"])).http == {"host": "0.0.0.0", "port": 9}
+    with pytest.raises(cli_serve.CLIError, match="--host: expected a host name"):
+        cli_serve.merged_config(parser.parse_args(["--host", " "]))
+    with pytest.raises(cli_serve.CLIError, match="--host/--port: (cannot resolve host|cannot listen on) '?999.1.1.1"):
+        cli_serve.check_bindable("999.1.1.1", 8000)
+    with pytest.raises(cli_serve.CLIError, match="cannot listen on 192.0.2.1:8000"):  # TEST-NET: not this machine's
+        cli_serve.check_bindable("192.0.2.1", 8000)
+
+
+def test_a_second_serve_on_a_busy_port_exits_instead_of_sharing_it():
+    """Ray's proxy binds with SO_REUSEPORT, so a second `refusion serve --port P` used to start and split
+    P's connections with the first (bypassing its --api-key). Now it exits 2 naming the port before Ray
+    starts. The first server is played by a socket listening with SO_REUSEPORT, as Ray's proxy does."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with socket.socket() as other:  # what Ray's proxy would do: it succeeds, so the check must catch it
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            other.bind(("127.0.0.1", port))
+        with pytest.raises(cli_serve.CLIError, match=f"127.0.0.1:{port}: address already in use"):
+            cli_serve.check_bindable("127.0.0.1", port)
+        proc = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", "--port", str(port)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == (f"refusion serve: --host/--port: 127.0.0.1:{port}: address already in use "
+                                   "(another server listens there); stop it or choose another --port")
+    assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
 async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(tiny_model_dir):
     """vLLM's --served-model-name semantics: /v1/models lists each id, a request naming any is served and
     its answer carries the first, an unknown one is OpenAI's 404 model_not_found naming the ids."""
