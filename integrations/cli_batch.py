@@ -41,6 +41,7 @@ from pathlib import Path
 
 from integrations.cli_generate import DEFAULT_MODEL
 from integrations.engine_host import RUNNER_DTYPES
+from integrations.request_limits import MAX_JSON_DEPTH, InputError, check_json_tree
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 
@@ -221,6 +222,9 @@ def _parse(number: int, raw: bytes, seen: set[str]) -> dict:
         return {"error": _error("invalid_json", f"line {number}: not UTF-8 (byte {exc.start + 1} of the line)")}
     except ValueError as exc:
         return {"error": _error("invalid_json", f"line {number}: not JSON ({exc})")}
+    except RecursionError:  # Python's decoder recurses per level: ~1,000 levels exhaust it
+        return {"error": _error("invalid_json", f"line {number}: nests arrays/objects deeper than "
+                                                f"{MAX_JSON_DEPTH} levels: flatten it")}
     if not isinstance(request, dict):
         return {"error": _error("invalid_request", f"line {number}: must be a JSON object")}
     custom_id = request.get("custom_id")
@@ -243,6 +247,11 @@ def _parse(number: int, raw: bytes, seen: set[str]) -> dict:
     else:
         unknown = sorted(set(request) - {"custom_id", "method", "url", "body"})
         problem = f"{unknown[0]}: unknown field of a batch line (custom_id, method, url, body)" if unknown else None
+        try:
+            check_json_tree(request["body"])  # as the HTTP API checks a body; json.dumps then cannot recurse too deep
+        except InputError as exc:
+            where = "body" if exc.field == "body" else f"body.{exc.field}"
+            problem = problem or f"{where}: {exc.message}"
     seen.add(custom_id)
     if problem:
         return {"custom_id": custom_id, "error": _error("invalid_request", f"line {number}: {problem}")}

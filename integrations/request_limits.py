@@ -235,7 +235,7 @@ def parse_json_object(raw: bytes) -> dict:
         raise InputError(400, None, f"request body has a number JSON cannot carry: {exc}") from None
     if not isinstance(data, dict):
         raise InputError(400, None, f"request body must be a JSON object ({{...}}), got {_json_kind(data)}")
-    _check_tree(data)
+    check_json_tree(data)
     return data
 
 
@@ -254,8 +254,10 @@ def _json_kind(value) -> str:
     return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
-def _check_tree(data: dict) -> None:
-    """Iteratively (no recursion to exhaust): nesting depth, and strings that are not valid Unicode."""
+def check_json_tree(data: dict) -> None:
+    """Iteratively (no recursion to exhaust): nesting depth (at most MAX_JSON_DEPTH levels, `data` being
+    the first) and strings or keys that are not valid Unicode (a lone surrogate). Raises InputError(400)
+    whose field is the dotted path to the fault ("messages.0.content")."""
     stack: list[tuple[Any, tuple, int]] = [(data, (), 1)]
     while stack:
         node, path, depth = stack.pop()

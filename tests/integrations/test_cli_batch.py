@@ -113,8 +113,9 @@ def test_requests_that_fit_are_never_told_they_do_not(tmp_path, tiny_model_dir):
 
 def test_odd_bytes_are_answered_line_by_line(tmp_path, tiny_model_dir):
     """Lines end at \\n only (U+2028 is text inside a JSON string), are numbered as the file numbers them,
-    may be CRLF or start with a BOM; a line that is not UTF-8 or holds NaN or a lone surrogate is that
-    line's error (the body's own faults the app's 400), never the batch's end."""
+    may be CRLF or start with a BOM; a line that is not UTF-8, holds NaN or a lone surrogate, or nests
+    deeper than the API allows (3,000 levels overflowed Python's JSON decoder and ended the batch) is
+    that line's error (NaN the app's 400), never the batch's end."""
     model = tiny_model_dir.name
     body = {"model": model, "prompt": "x", "max_tokens": 2, **SAMPLED}
     lines = [
@@ -128,14 +129,25 @@ def test_odd_bytes_are_answered_line_by_line(tmp_path, tiny_model_dir):
         b'{"custom_id": "surrogate", "method": "POST", "url": "/v1/completions", "body": {"model": "%s", '
         b'"prompt": "\\ud800"}}' % model.encode(),
         b'{"custom_id": "a\\udc00", "method": "POST", "url": "/v1/completions", "body": {}}',
+        b'{"custom_id": "deep", "method": "POST", "url": "/v1/completions", "body": {"prompt": %s}}'
+        % (b"[" * 3000 + b"]" * 3000),
+        b'{"custom_id": "nested", "method": "POST", "url": "/v1/completions", "body": {"prompt": %s}}'
+        % (b"[" * 200 + b"]" * 200),
+        json.dumps(_line("after", "/v1/completions", body)).encode(),
     ]
     code, results, stderr = _run_batch(tmp_path, tiny_model_dir, lines)
     assert code == 0 and "Traceback" not in stderr, stderr
-    assert [r["custom_id"] for r in results] == ["bom", "sep", None, "nan", "surrogate", None]
-    assert [(r["response"] or {}).get("status_code") for r in results] == [200, 200, None, 400, 400, None]
+    assert [r["custom_id"] for r in results] == ["bom", "sep", None, "nan", "surrogate", None, None, "nested", "after"]
+    assert [(r["response"] or {}).get("status_code") for r in results] == [200, 200, None, 400, None, None, None,
+                                                                           None, 200]
     assert results[2]["error"]["message"].startswith("line 4: not UTF-8")
-    assert "NaN" in results[3]["error"]["message"] and "surrogate" in results[4]["error"]["message"]
+    assert "NaN" in results[3]["error"]["message"]
+    assert results[4]["error"]["message"] == ("line 6: body.prompt: has a lone UTF-16 surrogate (\\ud800) at character "
+                                              "0: send valid Unicode text")
     assert results[5]["error"]["message"].startswith("line 7: custom_id is not valid Unicode")
+    assert results[6]["error"] == {"code": "invalid_json",
+                                   "message": "line 8: nests arrays/objects deeper than 64 levels: flatten it"}
+    assert results[7]["error"]["message"].startswith("line 9: body.prompt.0.0.0.0.0.…: nests arrays/objects deeper")
 
 
 def test_an_interrupted_run_leaves_whole_lines_and_says_how_far_it_got(tmp_path, tiny_model_dir):
