@@ -140,7 +140,7 @@ def _params(model_dir: Path, args, runner):
     return DecodeParams.from_dict(values)
 
 
-def _check_context(model_dir: Path, prompt_tokens: int, params, mode: str) -> None:
+def _check_context(model_dir: Path, prompt_tokens: int, params, mode: str, prompt_flag: str = "--prompt") -> None:
     """The prompt and the decoded span must fit the model's context (config.json max_position_embeddings),
     as the server checks (integrations/context_fit.py): ReFusion decodes whole slots, so its span is
     gen_length rounded up to slot_size. Raises GenerateArgumentError naming the flag to change."""
@@ -151,6 +151,10 @@ def _check_context(model_dir: Path, prompt_tokens: int, params, mode: str) -> No
     if not context or prompt_tokens + rounded <= context:
         return
     room = context - prompt_tokens
+    if room < 1:  # no setting of the decode flags helps: the prompt itself is too long
+        raise GenerateArgumentError(prompt_flag, f"{prompt_tokens} tokens leave no room in the model's context of "
+                                    f"{context} tokens; shorten the prompt to at most {context - 1} tokens (fewer "
+                                    f"by the tokens to generate)")
     if mode == "refusion" and params.slot_size > room:
         raise GenerateArgumentError("--slot-size", f"{params.slot_size}-token slots do not fit the model's context of "
                                     f"{context} tokens after a {prompt_tokens}-token prompt; use at most {max(room, 1)}")
@@ -172,7 +176,7 @@ def generate(args) -> dict:
     prompt_ids = runner.tokenizer(prompt)["input_ids"]
     if not prompt_ids:
         raise GenerateArgumentError("--prompt", "tokenizes to nothing; give some text to continue")
-    _check_context(model_dir, len(prompt_ids), params, args.mode)
+    _check_context(model_dir, len(prompt_ids), params, args.mode, "--prompt-file" if args.prompt_file else "--prompt")
     for flag in AR_ONLY:
         if args.mode == "refusion" and getattr(args, flag[2:].replace("-", "_")):
             raise GenerateArgumentError(flag, "applies to autoregressive decoding: add --mode ar")

@@ -115,6 +115,9 @@ def test_plain_output_is_the_completion_text_and_ar_mode_works(tiny_model_dir, t
         (["--prompt", "x", "--min-p", "1.5"], "--min-p"),
         (["--prompt", "x", "--mode", "ar", "--presence-penalty", "3"], "--presence-penalty"),
         (["--prompt", "x", "--frequency-penalty", "1"], "--frequency-penalty"),  # ReFusion: needs --mode ar
+        # A prompt past the context names itself, not the decode flags ("--slot-size: use at most 1")
+        (["--prompt", "x = 1\n" * 3000], "--prompt: "),
+        (["--prompt", "x = 1\n" * 3000, "--mode", "ar"], "shorten the prompt to at most 4095 tokens"),
     ],
 )
 def test_bad_arguments_print_one_line_and_exit_non_zero(tiny_model_dir, capsys, argv, needle):
