@@ -15,7 +15,8 @@ usage) and message_stop. A failure after the stream started is one `error` event
 ({"type": "error", "error": {"type", "message"}}, the message starting with the field it names;
 http_errors.anthropic_error_body) with the usual status codes; a full engine is 503 `overloaded_error`
 with Retry-After, which the SDK retries. API keys may come as `x-api-key` (integrations/auth.py).
-Ids are `msg-<hex>` (the project's request ids) and `toolu_<hex>`.
+A message's id is its request id (openai_requests.request_id: X-Request-Id, the proxy's UUID behind
+Ray Serve, else `msg-<hex>`); tool_use ids are `toolu_<hex>`.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from integrations.request_limits import InputError
 # Anthropic's own names cover stop strings (stop_sequences) and top_k
 EXTENSIONS = ("mode", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold", "min_p",
               "max_time_ms", "priority", "seed", "structured_outputs")
+MESSAGES_MAX_STOPS = 16  # stop_sequences per request (Anthropic documents no limit; OpenAI's routes take 4)
 EFFORTS = ("low", "medium", "high", "xhigh", "max")  # output_config.effort values (accepted, ignored)
 # A chat field a 400 may name -> the Messages field the client sent (prefixes, longest first)
 _FIELD_NAMES = [("response_format.json_schema", "output_config.format"), ("response_format", "output_config.format"), ("messages", "messages"),
@@ -168,7 +169,7 @@ class MessagesRequest(MessagesBody, ExtensionsBody):
         if (self.metadata or {}).get("user_id") is not None:
             body["user"] = self.metadata["user_id"]
         body.update(self.extensions)
-        return _validated(body)
+        return _validated(body, max_stops=MESSAGES_MAX_STOPS)
 
 
 class CountTokensRequest(MessagesBody):
@@ -178,9 +179,9 @@ class CountTokensRequest(MessagesBody):
         return _validated(self.chat_body())
 
 
-def _validated(body: dict) -> ChatCompletionRequest:
+def _validated(body: dict, max_stops: int = 4) -> ChatCompletionRequest:
     try:
-        return ChatCompletionRequest.model_validate(body)
+        return ChatCompletionRequest.model_validate(body, context={"max_stops": max_stops})
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]
         field = messages_field(validation_field(tuple(error["loc"]))) or "body"

@@ -17,7 +17,7 @@ import json
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from decoding.grammar import GrammarSpec
 from decoding.params import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_PENALTY, MAX_TOP_K, SERVING_DEFAULTS
@@ -285,10 +285,13 @@ class SamplingFields(OpenAIBody):
 
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, value):
+    def _stop_list(cls, value, info: ValidationInfo):
+        """OpenAI allows 4 stop sequences; a route whose API allows more passes context max_stops
+        (the Messages route: Anthropic documents no limit, this server takes MESSAGES_MAX_STOPS)."""
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+        limit = (info.context or {}).get("max_stops", 4)
+        if len(stops) > limit:
+            raise ValueError(f"at most {limit} stop sequences, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops

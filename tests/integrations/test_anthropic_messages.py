@@ -14,6 +14,7 @@ from integrations.anthropic_api import MessageTurn, error_event
 from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
 from integrations.chat_run import ChatRun
 from integrations.http_errors import APIError
+from integrations.openai_models import ChatCompletionRequest
 from integrations.openai_responses import ResponseHeader
 from integrations.request_limits import InputError
 from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
@@ -143,11 +144,22 @@ def test_tool_choices_and_the_output_format_map_to_the_chat_turn():
     ({"metadata": {"user": "x"}}, "metadata.user"),
     ({"temperature": 7}, "temperature"),
     ({"mode": "fast"}, "mode"),
+    ({"stop_sequences": [f"s{k}" for k in range(17)]}, "stop_sequences"),
 ])
 def test_bad_requests_name_the_messages_field(fields, field):
     with pytest.raises(InputError) as err:
         _request(**fields).chat_request()
     assert err.value.status == 400 and err.value.field == field
+
+
+def test_stop_sequences_are_not_held_to_openais_four():
+    """Anthropic documents no stop_sequences limit: the Messages route takes up to 16 (chat's `stop`, 4)."""
+    stops = [f"s{k}" for k in range(16)]
+    assert _request(stop_sequences=stops).chat_request().stop == stops
+    with pytest.raises(InputError, match="stop_sequences: at most 16 stop sequences, got 17"):
+        _request(stop_sequences=[*stops, "x"]).chat_request()
+    with pytest.raises(ValidationError, match="at most 4 stop sequences, got 5"):
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "stop": stops[:5]})
 
 
 def test_body_faults_are_validation_errors_naming_the_field():
