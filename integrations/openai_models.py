@@ -15,9 +15,10 @@ import inspect
 
 import json
 import re
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationInfo, field_validator,
+                      model_validator)
 
 from decoding.grammar import GrammarSpec
 from decoding.params import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_PENALTY, MAX_TOP_K, SERVING_DEFAULTS
@@ -37,6 +38,11 @@ def fitting_block_count(gen_length: int, slot_size: int, preferred: int) -> int:
     of whole slots; 1 always fits."""
     slots = -(-gen_length // slot_size)
     return max(b for b in range(1, max(1, preferred) + 1) if slots % b == 0)
+
+
+# OpenAI's `metadata` (chat and Responses): up to 16 pairs, keys up to 64 characters, values up to 512
+Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]],
+                     Field(max_length=16)]
 
 
 class OpenAIBody(BaseModel):
@@ -550,7 +556,7 @@ class ChatCompletionRequest(SamplingFields):
     store: bool | None = None
     # OpenAI chat fields accepted and without effect here (agent frameworks pass them through from their
     # model settings): the model has no reasoning mode and one service tier; nothing is stored
-    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    metadata: Metadata | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None

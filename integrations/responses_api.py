@@ -87,8 +87,13 @@ class ResponseShell:
             "user": body.user, "metadata": body.metadata or {},
         }
 
+    @staticmethod
+    def cut(last: Delta) -> bool:
+        """Whether the turn ended at the token cap or the time limit (an "incomplete" response)."""
+        return last.finish_reason in (FinishReason.LENGTH, FinishReason.DEADLINE)
+
     def final(self, output: list[dict], last: Delta) -> dict:
-        cut = last.finish_reason in (FinishReason.LENGTH, FinishReason.DEADLINE)
+        cut = self.cut(last)
         observer = self.run.observer
         usage = {"input_tokens": observer.prompt_tokens,
                  "input_tokens_details": {"cached_tokens": int((last.stats or {}).get("cached_prompt_tokens") or 0)},
@@ -118,12 +123,12 @@ async def _turn_events(shell: ResponseShell, deltas: AsyncIterator[Delta], forma
     def event(kind: str, **fields) -> dict:
         return {"type": kind, "sequence_number": next(numbers), **fields}
 
-    def close_message() -> list[dict]:
+    def close_message(status: str = "completed") -> list[dict]:
         nonlocal message
         if message is None:
             return []
         index, text = len(items), message["content"][0]["text"]
-        done = _message_item(message["id"], text, "completed", message["content"][0]["logprobs"])
+        done = _message_item(message["id"], text, status, message["content"][0]["logprobs"])
         items.append(done)
         ref = {"item_id": message["id"], "output_index": index, "content_index": 0}
         message = None
@@ -170,10 +175,11 @@ async def _turn_events(shell: ResponseShell, deltas: AsyncIterator[Delta], forma
             yield opened
     if message is not None and entries and formatter is not None:  # text the end released without a piece
         message["content"][0]["logprobs"] += formatter.chat(entries)
-    for done in close_message():
-        yield done
     if last is None:
         raise APIError(500, "engine stream ended without a final delta", "server_error")
+    # The message the cap (or max_time_ms) cut is "incomplete", as OpenAI marks it; finished calls stay "completed"
+    for done in close_message("incomplete" if ResponseShell.cut(last) else "completed"):
+        yield done
     final = shell.final(items, last)
     yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError
 
 from integrations.http_errors import validation_field, validation_message
-from integrations.openai_models import ChatCompletionRequest, ExtensionsBody
+from integrations.openai_models import ChatCompletionRequest, ExtensionsBody, Metadata
 from integrations.request_limits import InputError
 from workers.batch import MAX_TOP_LOGPROBS
 
@@ -73,7 +73,7 @@ class ResponsesRequest(ExtensionsBody):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     stream_options: dict[str, Any] | None = None  # include_obfuscation: accepted, nothing to obfuscate here
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None  # echoed in the response
     user: str | None = None
     store: bool | None = None
     reasoning: dict[str, Any] | None = None
@@ -127,7 +127,8 @@ class ResponsesRequest(ExtensionsBody):
 
     def _messages(self) -> list[dict]:
         messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
-        calls: set[str] = set()  # call_ids of the function_call items so far
+        calls: dict[str, int] = {}  # call_id of each function_call item so far -> its index in input
+        answered: set[str] = set()  # call_ids a function_call_output answered
         if isinstance(self.input, str):
             return messages + [{"role": "user", "content": self.input}]
         for k, item in enumerate(self.input):
@@ -137,7 +138,10 @@ class ResponsesRequest(ExtensionsBody):
             elif kind == "function_call":
                 call = {"id": _text_field(item, "call_id", k), "type": "function",
                         "function": {"name": _text_field(item, "name", k), "arguments": _text_field(item, "arguments", k)}}
-                calls.add(call["id"])
+                if call["id"] in calls:  # its output could not say which call it answers
+                    raise InputError(400, f"input.{k}.call_id", f"call_id {call['id']!r} is used by input.{calls[call['id']]} "
+                                     "too: give each function_call its own call_id")
+                calls[call["id"]] = k
                 last = messages[-1] if messages else None
                 if last is not None and last["role"] == "assistant":  # the same turn: its text, then its calls (vLLM)
                     last.setdefault("tool_calls", []).append(call)
@@ -150,12 +154,17 @@ class ResponsesRequest(ExtensionsBody):
                 if call_id not in calls:  # OpenAI: "No tool call found for function call output with call_id"
                     raise InputError(400, f"input.{k}.call_id", f"no function_call item with call_id {call_id!r} comes "
                                      "before this output: send the call's item too (nothing is stored here)")
+                answered.add(call_id)
                 messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
             elif kind == "reasoning":
                 continue  # an earlier turn's reasoning item, sent back by an agent: nothing to render
             else:
                 raise InputError(400, f"input.{k}.type", f"{kind!r} items are not supported here; send message, "
                                  "function_call and function_call_output items")
+        for call_id, k in calls.items():  # OpenAI: "No tool output found for function call <call_id>"
+            if call_id not in answered:
+                raise InputError(400, f"input.{k}", f"no function_call_output item answers function_call {call_id!r}: "
+                                 "send the call's output after it (or drop the call)")
         return messages
 
 

@@ -63,6 +63,26 @@ async def test_items_keep_the_order_written():
     assert json.loads(final["output"][1]["arguments"]) == {"host": "a"}
 
 
+async def test_the_message_the_cap_cut_is_incomplete():
+    """As OpenAI: in an incomplete response the message being written when the cap cut it has status
+    "incomplete" (it was "completed"); a call finished before it stays "completed"."""
+    async def cut(pieces):
+        async for delta in _deltas(pieces):
+            yield Delta(delta.request_id, delta.text, delta.token_ids, finished=delta.finished, logprobs=delta.logprobs,
+                        finish_reason=FinishReason.LENGTH if delta.finished else None)
+
+    numbers = itertools.count()
+    body = ResponsesRequest(input="x", tools=[{"type": "function", "name": "ping"}])
+    events = [e async for e in response_events(ResponseShell(body, _run()), cut([CALL, "Then I"]), None, numbers)]
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.incomplete" and final["status"] == "incomplete"
+    assert [(i["type"], i["status"]) for i in final["output"]] == [("function_call", "completed"), ("message", "incomplete")]
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert done == final["output"]
+    events = await _events(["All done."])  # a turn that ended by itself: completed
+    assert [i["status"] for i in events[-1]["response"]["output"]] == ["completed"]
+
+
 async def test_an_error_event_is_numbered_after_the_last_event():
     numbers = itertools.count()
     body = ResponsesRequest(input="x")
@@ -91,12 +111,35 @@ def test_calls_join_the_assistant_turn_they_belong_to_and_outputs_need_their_cal
         {"role": "assistant", "content": [{"type": "output_text", "text": "Let me check."}]},
         {"type": "function_call", "call_id": "c1", "name": "ping", "arguments": "{}"},
         {"type": "function_call", "call_id": "c2", "name": "ping", "arguments": "{}"},
-        {"type": "function_call_output", "call_id": "c1", "output": "up"}])
+        {"type": "function_call_output", "call_id": "c1", "output": "up"},
+        {"type": "function_call_output", "call_id": "c2", "output": "down"}])
     messages = body.chat_request().messages
-    assert [m.role for m in messages] == ["user", "assistant", "tool"]
+    assert [m.role for m in messages] == ["user", "assistant", "tool", "tool"]
     assert messages[1].content == "Let me check." and [c["id"] for c in messages[1].tool_calls] == ["c1", "c2"]
     orphan = ResponsesRequest(input=[{"role": "user", "content": "x"},
                                      {"type": "function_call_output", "call_id": "nope", "output": "up"}])
     with pytest.raises(InputError) as err:
         orphan.chat_request()
     assert err.value.field == "input.1.call_id"
+    # As OpenAI: a call without its output, or two calls sharing a call_id, is a 400 naming the item
+    call = {"type": "function_call", "call_id": "c1", "name": "ping", "arguments": "{}"}
+    for items, field, message in (
+            ([call], "input.1", "no function_call_output item answers function_call 'c1'"),
+            ([call, call, {"type": "function_call_output", "call_id": "c1", "output": "up"}], "input.2.call_id",
+             "call_id 'c1' is used by input.1 too")):
+        with pytest.raises(InputError, match=message) as err:
+            ResponsesRequest(input=[{"role": "user", "content": "x"}, *items]).chat_request()
+        assert err.value.field == field
+
+
+def test_metadata_is_held_to_openais_limits():
+    """Responses' metadata is echoed back, so it takes OpenAI's limits as chat's does: 16 pairs, keys up
+    to 64 characters, values up to 512 (it was uncapped)."""
+    from pydantic import ValidationError
+
+    assert ResponsesRequest(input="x", metadata={"k" * 64: "v" * 512}).metadata == {"k" * 64: "v" * 512}
+    for metadata, where in (({str(k): "v" for k in range(17)}, ("metadata",)), ({"k" * 65: "v"}, ("metadata", "k" * 65, "[key]")),
+                            ({"k": "v" * 513}, ("metadata", "k"))):
+        with pytest.raises(ValidationError) as err:
+            ResponsesRequest(input="x", metadata=metadata)
+        assert err.value.errors()[0]["loc"] == where

@@ -130,5 +130,6 @@ def test_what_guidellm_sends_runs_to_exactly_max_output_tokens(http):
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
     final = events[-1]
     assert final["type"] == "response.incomplete" and final["response"]["usage"]["output_tokens"] == 24, final
+    assert [item["status"] for item in final["response"]["output"]] == ["incomplete"]  # the message the cap cut
     bad = http.post("/v1/responses", json={"input": "x", "max_output_tokens": 8, "repetition_penalty": 1.2})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "repetition_penalty", bad.text[:300]
