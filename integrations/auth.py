@@ -71,7 +71,7 @@ class APIKeyMiddleware:
             return
         body = json.dumps({"error": {
             "message": "missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
-            "type": "authentication_error", "param": None, "code": "invalid_api_key",
+            "type": "invalid_request_error", "param": None, "code": "invalid_api_key",  # OpenAI's 401
         }}).encode()
         headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
         await send({"type": "http.response.start", "status": 401, "headers": headers})

@@ -2,7 +2,8 @@
 
     400 invalid_request_error   pydantic validation, engine InvalidRequestError, a malformed body
                                 (request_limits.InputError); param names the field
-    401 authentication_error    missing or wrong API key (when keys are configured)
+    401 invalid_request_error   code invalid_api_key, as OpenAI's: missing or wrong API key (when keys
+                                are configured)
     403 permission_error        a browser origin not in allowed_origins (auth.OriginGuard)
     404 not_found_error         unknown route or model
     413 invalid_request_error   body over max_body_bytes (request_limits.BodyLimitMiddleware)
@@ -159,8 +160,10 @@ ANTHROPIC_PATHS = "/v1/messages"
 
 def anthropic_error_body(status: int, kind: str, message: str) -> dict:
     """An error in Anthropic's shape: {"type": "error", "error": {"type", "message"}}; `kind` is ours
-    (the OpenAI-shape type), mapped to Anthropic's (server_error -> api_error, a 413 -> request_too_large)."""
-    anthropic = "request_too_large" if status == 413 else _ANTHROPIC_TYPES.get(kind, "invalid_request_error")
+    (the OpenAI-shape type), mapped to Anthropic's (server_error -> api_error, a 401 -> authentication_error,
+    a 413 -> request_too_large)."""
+    by_status = {401: "authentication_error", 413: "request_too_large"}
+    anthropic = by_status.get(status) or _ANTHROPIC_TYPES.get(kind, "invalid_request_error")
     return {"type": "error", "error": {"type": anthropic, "message": message}}
 
 

@@ -181,7 +181,8 @@ def test_api_keys(strict_base_url):
     with httpx.Client(base_url=strict_base_url, timeout=30) as http:
         assert http.get("/health").status_code == 200
         missing = http.get("/v1/models")
-        assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+        error = missing.json()["error"]  # OpenAI's 401: invalid_request_error, code invalid_api_key
+        assert missing.status_code == 401 and (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
         assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     sdk = openai.OpenAI(base_url=strict_base_url + "/v1", api_key=API_KEY, max_retries=0)
     ids = [m.id for m in sdk.models.list().data]  # the app's two served ids (--served-model-name a b)
