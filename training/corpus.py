@@ -121,7 +121,7 @@ def extract_units(text: str, rel_path: str) -> list[CodeUnit]:
     """Every unit of one file's source; files that do not parse give none."""
     try:
         tree = ast.parse(text)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # the last two: an expression nested too deep
         return []
     lines = text.splitlines(keepends=True)
     return [u for u in (_unit(lines, n, rel_path) for n in _candidate_nodes(tree)) if u is not None]

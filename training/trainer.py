@@ -217,8 +217,12 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
                 eos_token_id: int, seed: int, log_every: int = 10, on_log: Callable[[dict], None] | None = None,
                 heldout: Sequence[Pair] | None = None, warmup_steps: int | None = None,
                 weight_decay: float = 0.01, grad_clip: float = 1.0, slot_sizes: Sequence[int] = SLOT_SIZES,
-                compile_model: bool = False, data_workers: int = 0) -> list[dict]:
-    """Train `model` in place with the ReFusion objective; return the log records (see module doc)."""
+                compile_model: bool = False, data_workers: int = 0,
+                should_stop: Callable[[], bool] | None = None) -> list[dict]:
+    """Train `model` in place with the ReFusion objective; return the log records (see module doc).
+    `should_stop` is asked before each step: True ends training there (the last record covers the steps
+    done). Raises TrainingError for bad arguments, and (field "lr") when the training loss is not finite
+    at a log step: the run diverged, and the model is not worth saving."""
     import torch
 
     _check_args(examples, steps, minutes, batch_tokens, row_len, lr, data_workers)
@@ -241,12 +245,17 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
     while True:
         elapsed = time.monotonic() - start
         progress = max(step / steps if steps else 0.0, elapsed / budget_s if budget_s else 0.0)
-        if progress >= 1.0:
+        if progress >= 1.0 or (should_stop is not None and should_stop()):
             break
         cur_lr = _lr_at(progress, step, lr, warmup)
         for group in opt.param_groups:
             group["lr"] = cur_lr
-        batch = next(batches)
+        try:
+            batch = next(batches)
+        except RuntimeError:  # a data worker ended by the same Ctrl-C that asks the loop to stop
+            if should_stop is not None and should_stop():
+                break
+            raise
         loss, ar, mdm = objective_loss(model, batch, decoder)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -279,6 +288,9 @@ def _log(model, acc: dict, step: int, start: float, lr: float, heldout, on_log, 
               "train_tokens": acc["tokens"], "total_tokens": acc["total_tokens"],
               "tokens_per_s": round(acc["tokens"] / max(now - acc["since"], 1e-9), 1),
               "fill": round(acc["tokens"] / max(acc["slots"], 1), 4)}
+    if not math.isfinite(record["train_loss"]):
+        raise TrainingError("lr", f"the training loss is {record['train_loss']} at step {step}: training diverged; "
+                                  f"lower the learning rate (got {lr:.3g} at this step)")
     if heldout:
         record.update(heldout_losses(model, heldout, mask_token_id=mask_id, eos_token_id=eos_id))
     acc.update(loss=0.0, ar=0.0, mdm=0.0, tokens=0, slots=0, n=0, since=time.monotonic())

@@ -106,11 +106,92 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path):
         (["--out", "OUT", "--steps", "1", "--init", "/nonexistent/dir"], "--init"),
         (["--out", "OUT", "--steps", "0"], "--steps: got 0"),  # before the corpus is read, named as a flag
         (["--out", "OUT", "--minutes", "0"], "--minutes: got 0"),
+        # Checked before the corpus is built, named as flags (they were tracebacks or Python field names)
+        (["--out", "OUT", "--steps", "1", "--log-every", "0"], "--log-every: got 0"),
+        (["--out", "OUT", "--steps", "1", "--threads", "-1"], "--threads: got -1"),
+        (["--out", "OUT", "--steps", "1", "--device", "tpu"], "--device: got 'tpu'"),
+        (["--out", "OUT", "--steps", "1", "--lr", "inf"], "--lr: got inf"),
+        (["--out", "OUT", "--steps", "1", "--lr", "-1"], "--lr: got -1"),
+        (["--out", "OUT", "--steps", "1", "--data-workers", "-1"], "--data-workers: got -1"),
+        (["--out", "OUT", "--steps", "1", "--heldout-fraction", "1"], "--heldout-fraction: got 1.0"),
+        (["--out", "OUT", "--steps", "1", "--head-dim", "15"], "--head-dim: got 15"),
+        (["--out", "OUT", "--steps", "1", "--vocab-size", "100"], "--vocab-size: got 100"),
+        (["--out", "OUT", "--minutes", "inf"], "--minutes: got inf"),
+        (["--out", "OUT", "--steps", "1", "--corpus", ""], "--corpus: an empty name"),
+        (["--out", "/dev/null", "--steps", "1"], "--out: /dev/null is a file"),
+        (["--out", "OUT", "--steps", "1", "--init", "CORPUS"], "has no config.json"),
+        # Found once the corpus is tokenized: a batch bigger than the corpus would never fill
+        (["--out", "OUT", "--steps", "1", "--batch-tokens", "2000000"], "--batch-tokens: 2000000 tokens make 7812 rows"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(corpus_dir, tmp_path, capsys, argv, message):
-    argv = [a.replace("OUT", str(tmp_path / "m")) for a in argv]
+    argv = [a.replace("OUT", str(tmp_path / "m")).replace("CORPUS", str(corpus_dir)) for a in argv]
     if "--corpus" not in argv:
         argv += ["--corpus", str(corpus_dir)]
     assert main(["train", *TINY, *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_out_never_replaces_a_model_unless_asked(corpus_dir, tmp_path, capsys):
+    """--out naming a directory that holds a model (the shipped one, say) is refused: the run would
+    replace its weights and keep its card (a break-test). --overwrite allows it; a directory where a run
+    saved no model (only train_args.json and train_log.jsonl) is reused without it."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "README.md").write_text("card")
+
+    def train(out, *more):
+        return main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--steps", "1",
+                     "--batch-tokens", "256", "--vocab-size", "300", *more])
+
+    assert train(model) == 2
+    assert "--out: " + str(model) + " already holds a model" in capsys.readouterr().err
+    assert (model / "config.json").read_text() == "{}"
+    assert train(model, "--overwrite") == 0 and json.loads((model / "config.json").read_text())["mask_token_id"]
+    left = tmp_path / "diverged"  # what a run that failed after writing its records leaves
+    left.mkdir()
+    (left / "train_args.json").write_text("{}")
+    (left / "train_log.jsonl").write_text("")
+    assert train(left) == 0 and (left / "model.safetensors").exists()
+
+
+def test_a_diverged_run_fails_naming_lr_and_saves_nothing(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "m"
+    rc = main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--steps", "3", "--log-every", "1",
+               "--batch-tokens", "256", "--vocab-size", "300", "--lr", "1e30"])
+    assert rc == 2
+    assert "--lr: the training loss is nan at step" in capsys.readouterr().err  # it was saved as a NaN model, rc 0
+    assert not (out / "model.safetensors").exists()
+
+
+def test_sigterm_while_training_saves_the_model_and_exits_130(corpus_dir, tmp_path):
+    """SIGTERM (or Ctrl-C) during training stops after the step in flight and saves a loadable model;
+    it was a KeyboardInterrupt traceback (SIGINT) or a silent death (SIGTERM) with nothing saved. The
+    signal is sent once the first log line shows training under way: no timing luck."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from workers.runner import ModelRunner
+
+    out = tmp_path / "m"
+    proc = subprocess.Popen([sys.executable, "-m", "integrations.cli", "train", *TINY, "--corpus", str(corpus_dir),
+                             "--out", str(out), "--minutes", "10", "--log-every", "1", "--batch-tokens", "256",
+                             "--vocab-size", "300"], cwd=Path(__file__).resolve().parents[2], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in proc.stdout:
+            if line.startswith("step "):
+                break
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "SIGTERM: stopping after this step and saving" in stderr and "Traceback" not in stderr
+    assert "interrupted at step" in stdout and f"saved {out}" in stdout
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert records and ModelRunner(str(out), device="cpu").info.num_layers == 1

@@ -85,6 +85,19 @@ def test_corpus_errors_name_the_field(tmp_path):
     assert err.value.field == "heldout_fraction"
 
 
+def test_a_file_too_deep_for_the_parser_is_skipped_not_fatal(tmp_path):
+    """An expression of 100,000 terms makes ast.parse raise RecursionError: that file gives no unit and
+    the rest of the corpus loads (it ended the whole `refusion train` run; a break-test)."""
+    from training.corpus import extract_units, load_units
+
+    deep = "def f():\n    return " + "+".join(["1"] * 100_000) + "\n"
+    assert extract_units(deep, "deep.py") == []
+    (tmp_path / "deep.py").write_text(deep)
+    (tmp_path / "ok.py").write_text("def g(a):\n    b = a\n    return b\n")
+    train, heldout = load_units([str(tmp_path)], heldout_fraction=0.0)
+    assert [u.name for u in train] == ["g"] and heldout == []
+
+
 def test_bpe_tokenizer_has_the_special_tokens_and_round_trips():
     from training.tokenizer_build import BOT, EOS, MASK, TokenizerBuildError, build_bpe_tokenizer
 
