@@ -37,6 +37,7 @@ FLAGS = {
     "seed": "--seed",
 }
 AR_ONLY = ("--presence-penalty", "--frequency-penalty")  # shape AR decoding only (as on the API)
+MAX_PROMPT_FILE_BYTES = 64 * 2**20  # far past any context: a bound on reading /dev/zero or a log file
 
 
 class GenerateArgumentError(ValueError):
@@ -85,7 +86,12 @@ def _read_prompt(args) -> str:
         text = args.prompt
     else:
         try:
-            text = Path(args.prompt_file).read_text(encoding="utf-8")
+            with open(args.prompt_file, "rb") as f:
+                data = f.read(MAX_PROMPT_FILE_BYTES + 1)
+            if len(data) > MAX_PROMPT_FILE_BYTES:
+                raise GenerateArgumentError("--prompt-file", f"{args.prompt_file} is larger than "
+                                            f"{MAX_PROMPT_FILE_BYTES // 2**20} MiB; give the prompt text itself")
+            text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise GenerateArgumentError("--prompt-file", f"cannot read {args.prompt_file}: {exc}") from exc
     if not text:
@@ -187,7 +193,7 @@ def generate(args) -> dict:
     elapsed = time.perf_counter() - start
     ids, stats = decoder.output_ids(), decoder.stats
     return {
-        "text": runner.tokenizer.decode(ids),
+        "text": runner.tokenizer.decode(ids, skip_special_tokens=True),  # as the server's text: no <|mask|>
         "token_ids": ids,
         "mode": args.mode,
         "prompt_tokens": len(prompt_ids),
@@ -211,7 +217,12 @@ def run(args) -> int:
         result = generate(args)
     except (GenerateArgumentError, DecodeParamError, ModelDirError) as exc:
         if isinstance(exc, DecodeParamError):
-            exc = f"{FLAGS.get(exc.field, exc.field)}: {exc.message}"
+            flag = FLAGS.get(exc.field, exc.field)
+            if flag in FLAGS.values() and getattr(args, flag[2:].replace("-", "_"), None) is None:
+                # not given as a flag: the value came from the model's refusion.json
+                exc = f"--model: {_model_dir(args) / 'refusion.json'}: {exc.field}: {exc.message} (fix the file or pass {flag})"
+            else:
+                exc = f"{flag}: {exc.message}"
         elif isinstance(exc, ModelDirError):
             exc = f"--model: {exc}"
         print(f"refusion generate: error: {exc}".replace("\n", " "), file=sys.stderr)

@@ -8,6 +8,7 @@ what is wrong with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,10 @@ def read_config(model_dir: Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelDirError(path, f"not valid JSON ({exc})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelDirError(path, f"cannot be read ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelDirError(path, f"must hold a JSON object, got {type(raw).__name__}")
     if raw.get("model_type") not in (None, "qwen3"):
         raise ModelDirError(path, f"model_type is {raw.get('model_type')!r}; only 'qwen3' is supported")
     if raw.get("attention_bias") or raw.get("use_sliding_window"):
@@ -113,6 +118,18 @@ def read_config(model_dir: Path) -> ModelConfig:
         )
     except KeyError as exc:
         raise ModelDirError(path, f"missing required key {exc.args[0]!r}") from exc
+    except (TypeError, ValueError, IndexError, AttributeError) as exc:  # "abc" for a size, [] for eos_token_id, ...
+        raise ModelDirError(path, f"a value has the wrong type or form ({exc}); sizes and ids are integers") from exc
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        if getattr(config, key) < 1:
+            name = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                    "num_kv_heads": "num_key_value_heads"}.get(key, key)
+            raise ModelDirError(path, f"{name} is {getattr(config, key)}; it must be a positive integer")
+    if not (config.rms_norm_eps > 0 and config.rope_theta > 0):
+        raise ModelDirError(path, "rms_norm_eps and rope_theta must be positive numbers")
+    context = raw.get("max_position_embeddings")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ModelDirError(path, f"max_position_embeddings is {context!r}; it must be a positive integer (the context)")
     if config.num_heads % config.num_kv_heads:
         raise ModelDirError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads")
     return config
@@ -135,16 +152,26 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     single = model_dir / SINGLE_FILE
     if not single.is_file():
         raise ModelDirError(single, f"missing; expected {SINGLE_FILE} or {SHARD_INDEX}")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as handle:
+    with _opened(single) as handle:
         return {name: single for name in handle.keys()}
 
 
-def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict:
-    """Load every tensor the model needs, checked against the config's shapes, as `dtype` on `device`."""
-    from safetensors import safe_open
+@contextlib.contextmanager
+def _opened(path: Path, device: str = "cpu"):
+    """safe_open of a safetensors file; a truncated, empty or foreign file is a ModelDirError naming it."""
+    from safetensors import SafetensorError, safe_open
 
+    try:
+        handle = safe_open(str(path), framework="pt", device=device)
+    except (SafetensorError, OSError) as exc:
+        raise ModelDirError(path, f"not a readable safetensors file ({exc}); re-download or re-save it") from exc
+    with handle:
+        yield handle
+
+
+def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict:
+    """Load every tensor the model needs, checked against the config's shapes, as `dtype` on `device`.
+    Raises ModelDirError naming the file for a missing, misshapen or unreadable tensor."""
     files = checkpoint_files(model_dir)
     expected = config.expected_shapes()
     by_file: dict[Path, list[str]] = {}
@@ -156,7 +183,7 @@ def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict
         by_file.setdefault(files[name], []).append(name)
     weights = {}
     for path, names in by_file.items():
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        with _opened(path, str(device)) as handle:
             if not set(names) <= set(handle.keys()):
                 missing = sorted(set(names) - set(handle.keys()))[0]
                 raise ModelDirError(path, f"tensor {missing!r} is listed in the index but not in this shard")
@@ -177,8 +204,8 @@ def load_tokenizer(model_dir: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise ModelDirError(model_dir / "tokenizer.json", f"cannot be loaded ({exc})") from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # a file of the wrong structure
+        raise ModelDirError(model_dir / "tokenizer.json", f"cannot be loaded ({type(exc).__name__}: {exc})") from exc
 
 
 def resolve_mask_token_id(config: ModelConfig, tokenizer, model_dir: Path) -> int:

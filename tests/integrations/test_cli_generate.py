@@ -43,7 +43,7 @@ def test_json_output_matches_a_direct_decode(tiny_model_dir, capsys):
     decode_batch(RunnerSession(runner), [decoder])
     assert result["token_ids"] == decoder.output_ids()
     assert result["forwards"] == decoder.stats.forwards
-    assert result["text"] == runner.tokenizer.decode(decoder.output_ids())
+    assert result["text"] == runner.tokenizer.decode(decoder.output_ids(), skip_special_tokens=True)
     assert result["prompt_tokens"] == len(prompt_ids)
     assert result["tokens_per_forward"] == pytest.approx(len(result["token_ids"]) / result["forwards"], abs=1e-3)
     assert runner.info.eos_token_id not in result["token_ids"]
@@ -152,6 +152,56 @@ def test_a_file_given_as_the_model_is_named_as_such(tmp_path, capsys):
 def test_directory_that_is_not_a_model_is_one_line(tmp_path, capsys):
     code, _, err = _run(capsys, "--model", str(tmp_path), "--prompt", "x")
     assert code == 2 and err.count("\n") == 1 and "--model" in err and "config.json" in err
+
+
+def _damaged_copy(model_dir, tmp_path, name, content) -> str:
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    target = copy / name
+    if callable(content):
+        content(target)
+    else:
+        target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(copy)
+
+
+def _config_with(**changes):
+    def write(path):
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({**config, **changes}))
+    return write
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("model.safetensors", b"", "model.safetensors: not a readable safetensors file"),
+    ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "not a readable safetensors"),
+    ("model.safetensors", (2**40).to_bytes(8, "little") + b"{}", "not a readable safetensors"),
+    ("config.json", "[]", "config.json: must hold a JSON object"),
+    ("config.json", _config_with(hidden_size="abc"), "config.json: a value has the wrong type"),
+    ("config.json", _config_with(eos_token_id=[]), "config.json: a value has the wrong type"),
+    ("config.json", _config_with(num_hidden_layers=-2), "num_hidden_layers is -2; it must be a positive integer"),
+    ("config.json", _config_with(max_position_embeddings=-1), "max_position_embeddings is -1"),
+    ("config.json", _config_with(max_position_embeddings="big"), "max_position_embeddings is 'big'"),
+    ("tokenizer.json", '{"garbage": 1}', "tokenizer.json: cannot be loaded"),
+    ("refusion.json", '{"slot_size": -4}', "refusion.json: slot_size: "),
+])
+def test_a_damaged_model_directory_is_one_line_naming_the_file(tiny_model_dir, tmp_path, capsys, name, content, needle):
+    """A truncated or foreign safetensors file, a config.json of the wrong shape or types, a tokenizer.json
+    of the wrong structure: one line naming the file, not a library traceback; a bad setting of the
+    model's refusion.json is named there, not as a flag the user never passed (a break-test)."""
+    model = _damaged_copy(tiny_model_dir, tmp_path, name, content)
+    code, out, err = _run(capsys, "--model", model, "--prompt", "x")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("refusion generate: error: --model: ") and needle in err, err
+
+
+def test_a_prompt_file_past_the_bound_is_refused_unread(capsys, tiny_model_dir):
+    """/dev/zero (or any endless file) is read up to 64 MiB, then refused (it grew to 24 GB and the
+    kernel killed it)."""
+    code, _, err = _run(capsys, "--model", str(tiny_model_dir), "--prompt-file", "/dev/zero")
+    assert code == 2 and "--prompt-file: /dev/zero is larger than 64 MiB" in err
 
 
 def test_entry_point_in_a_subprocess(tiny_model_dir):
