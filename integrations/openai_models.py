@@ -180,7 +180,7 @@ class SamplingFields(OpenAIBody):
     min_tokens: int = Field(default=0, ge=0)
     repetition_penalty: float | None = None
     skip_special_tokens: bool | None = None  # only true (vLLM's default): special tokens never reach the text here
-    stop_token_ids: list[int] | None = None  # only empty: EOS is the stop token here
+    stop_token_ids: list[int] | None = None  # only EOS's id (a no-op): EOS is the one stop token here
     # ReFusion extensions
     mode: Literal["auto", "refusion", "ar"] = "auto"
     slot_size: int | None = Field(default=None, ge=1)
@@ -243,10 +243,10 @@ class SamplingFields(OpenAIBody):
 
     @field_validator("stop_token_ids")
     @classmethod
-    def _no_stop_token_ids(cls, value):
-        if value:
-            raise ValueError("only an empty list is supported here (the EOS token is the one stop token): use "
-                             "`stop` strings, or drop stop_token_ids")
+    def _stop_token_ids(cls, value):
+        """Token ids; only the model's EOS is taken (openai_requests.generation_request checks it)."""
+        if value and any(t < 0 for t in value):
+            raise ValueError("token ids are non-negative integers")
         return value
 
     @field_validator("repetition_penalty")

@@ -366,8 +366,8 @@ def test_the_last_text_and_finish_reason_share_a_chunk(http):
 
 def test_vllm_fields_older_clients_send(http):
     """guided_choice / guided_regex / guided_json (vLLM's older names of structured_outputs) constrain the
-    output; skip_special_tokens true and an empty stop_token_ids are its defaults, other values a 400
-    naming the field (not applied here)."""
+    output; skip_special_tokens true and an empty stop_token_ids are its defaults, stop_token_ids naming
+    EOS is taken (EOS is the stop token here), other values a 400 naming the field (not applied here)."""
     base = {"prompt": "x", "max_tokens": 8, "mode": "ar", "temperature": 1.0, "seed": 3}
     choice = http.post("/v1/completions", json={**base, "guided_choice": ["yes", "no"]}).json()
     assert choice["choices"][0]["text"] in ("yes", "no"), choice
@@ -376,11 +376,16 @@ def test_vllm_fields_older_clients_send(http):
     chat = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 24, "guided_json": {
         "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}})
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"].startswith('{"ok": ')
-    ok = http.post("/v1/completions", json={**base, "skip_special_tokens": True, "stop_token_ids": []})
-    assert ok.status_code == 200, ok.text[:300]
-    for field, value in (("skip_special_tokens", False), ("stop_token_ids", [5])):
+    eos = http.post("/tokenize", json={"content": http.get("/tokenizer_info").json()["eos_token"]}).json()["tokens"][0]
+    for stop_ids in ([], [eos]):  # EOS is the one stop token: naming it is taken (it was a 400)
+        ok = http.post("/v1/completions", json={**base, "skip_special_tokens": True, "stop_token_ids": stop_ids})
+        assert ok.status_code == 200, ok.text[:300]
+    for field, value in (("skip_special_tokens", False), ("stop_token_ids", [eos, eos + 1])):
         refused = http.post("/v1/completions", json={**base, field: value})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text[:300]
+    assert f"token {eos + 1} cannot stop the text here: only EOS ({eos}) does" in refused.json()["error"]["message"]
+    both = http.post("/v1/chat/completions", json={"messages": USER, "stop_token_ids": [eos], "ignore_eos": True})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "stop_token_ids", both.text[:300]
     both = http.post("/v1/completions", json={**base, "guided_choice": ["a"], "structured_outputs": {"choice": ["b"]}})
     assert both.status_code == 400 and both.json()["error"]["param"] == "structured_outputs"
     assert "guided_choice" in both.json()["error"]["message"]
