@@ -2,7 +2,9 @@
 
     refusion lsp --url ws://127.0.0.1:8000/v1/editor
 
-The editor starts this command as its language server; see README "Editor setup".
+The editor starts this command as its language server; see README "Editor setup". Exit codes: 0 after
+the client's shutdown and exit, 1 for exit (or the end of input) without shutdown (LSP 3.17, "Exit
+Notification") or a malformed LSP header, 2 for a bad flag, 130 on Ctrl-C (SIGINT; SIGTERM ends it too).
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from integrations.lsp.base_protocol import FramingError, serve_stdio
     from integrations.lsp.server import BridgeConfig, BridgeConfigError, build_server
 
-    if args.log_file:
-        logging.basicConfig(filename=args.log_file, level=logging.INFO)
     config = BridgeConfig(url=args.url, api_key=args.api_key, prefix_lines=args.prefix_lines,
                           suffix_lines=args.suffix_lines, multiline=args.multiline, max_tokens=args.max_tokens,
                           max_time_ms=args.max_time_ms)
@@ -40,5 +41,14 @@ def run(args: argparse.Namespace) -> int:
     except BridgeConfigError as exc:  # as argparse reports a bad flag: prefixed, exit code 2
         print(f"refusion lsp: error: --{exc.field.replace('_', '-')} {exc.message}", file=sys.stderr)
         return 2
-    build_server(config).start_io()
-    return 0
+    if args.log_file:
+        try:
+            logging.basicConfig(handlers=[logging.FileHandler(args.log_file)], level=logging.INFO)
+        except OSError as exc:
+            print(f"refusion lsp: error: --log-file {args.log_file}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    try:
+        return serve_stdio(build_server(config))
+    except FramingError as exc:  # the editor's LSP log shows stderr
+        print(f"refusion lsp: error: {exc}; the message boundaries are lost", file=sys.stderr)
+        return 1

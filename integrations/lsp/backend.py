@@ -68,7 +68,9 @@ class EditorBackend:
         try:
             async for data in ws:
                 msg = msgpack.unpackb(data, raw=False)
-                if msg[0] == rpc.RESPONSE:
+                if msg[0] == rpc.RESPONSE and msg[1] is None:
+                    self._fail_all_pending(msg)
+                elif msg[0] == rpc.RESPONSE:
                     future = self._pending.pop(msg[1], None)
                     if future is not None and not future.done():
                         future.set_result(msg)
@@ -87,6 +89,16 @@ class EditorBackend:
                 if not future.done():
                     future.set_exception(self._closed_error(ws))
             self._pending.clear()
+
+    def _fail_all_pending(self, response: list) -> None:
+        """An error with id nil answers a frame whose id the server could not read, e.g. one over its
+        max_frame_bytes (docs/editor-protocol.md, "Errors and limits"; as JSON-RPC 2.0, section 5). Any
+        request waiting here may be that frame, which gets no other answer: every waiting request fails
+        with this error, rather than one of them waiting forever."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result(response)
+        self._pending.clear()
 
     def _closed_error(self, ws) -> ConnectionError:
         """Why the connection ended, from its close frame: 1001 ("going away") and 1013 ("try again
@@ -114,6 +126,14 @@ class EditorBackend:
         if error is not None:
             raise BackendError(error)
         return result
+
+    async def limits(self) -> rpc.Limits:
+        """The server's limits, from its `initialize` answer (connecting first when needed); the
+        protocol's defaults (docs/editor-protocol.md) for any it did not announce."""
+        await self._connection()
+        announced = (self.server_info or {}).get("limits") or {}
+        return rpc.Limits(**{name: value for name, value in announced.items()
+                             if name in rpc.Limits.__dataclass_fields__ and isinstance(value, int)})
 
     async def call(self, method: str, params: dict | None = None) -> Any:
         return await self._call_on(await self._connection(), method, params or {})

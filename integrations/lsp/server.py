@@ -2,10 +2,11 @@
 
 Any LSP 3.18 client with inline completions (Neovim 0.12+ `vim.lsp.inline_completion`, VS Code via
 vscode-languageclient, Emacs lsp-mode/eglot) gets completions without a plugin. The bridge keeps the
-documents in sync (pygls workspace), cuts prefix and suffix around the cursor, sends `complete` to the
-backend over one WebSocket, and answers with one InlineCompletionItem. `$/cancelRequest` cancels the
-handler task, which cancels the backend completion; a newer request for the same document supersedes
-the older one in the backend too.
+documents in sync (pygls workspace), cuts prefix and suffix around the cursor (whole lines, then to the
+server's announced limits), sends `complete` to the backend over one WebSocket, and answers with one
+InlineCompletionItem. `$/cancelRequest` cancels the handler task, which cancels the backend completion;
+a newer request for the same document supersedes the older one in the backend too. The LSP base
+protocol and lifecycle (framing, malformed messages, initialize/shutdown/exit) are base_protocol.py's.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from urllib.parse import unquote
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
-from pygls.protocol import LanguageServerProtocol
-from pygls.protocol.json_rpc import JsonRPCRequestMessage
 from pygls.workspace import TextDocument, Workspace
 
 from integrations.editor.document import LINE_BREAK
 from integrations.editor.protocol import Limits
 from integrations.lsp.backend import BackendError, EditorBackend
+from integrations.lsp.base_protocol import BridgeServer
 
 
 @dataclass
@@ -182,31 +182,19 @@ def complete_params(config: BridgeConfig, uri: str, version: int | None, languag
     return params
 
 
-# A request whose params do not fit its LSP type (a negative position, a string line) is answered with
-# InvalidParams through this internal method; pygls itself logs it and answers nothing, so the client
-# would wait forever (JSON-RPC 2.0: every request gets a response).
-MALFORMED_REQUEST = "$/refusion/malformedRequest"
-
-
-class _Protocol(LanguageServerProtocol):
-    def structure_message(self, data):
-        try:
-            return super().structure_message(data)
-        except JsonRpcInvalidParams:
-            if "id" in data and "method" in data:
-                return JsonRPCRequestMessage(id=data["id"], method=MALFORMED_REQUEST, jsonrpc="2.0",
-                                             params={"method": data["method"]})
-            raise
+def fit_to_limits(prefix: str, suffix: str, limits: Limits) -> tuple[str, str]:
+    """Prefix and suffix cut to what the server accepts (the limits its `initialize` announces,
+    docs/editor-protocol.md): at most max_text_chars each, and UTF-8 (up to 4 bytes a character) small
+    enough that both fit in one max_frame_bytes frame with room for the other params. The prefix keeps
+    its end and the suffix its start: the text next to the cursor, as the server's token budgets keep."""
+    chars, size = limits.max_text_chars, limits.max_frame_bytes * 3 // 8  # each; a quarter of the frame for the rest
+    before, after = prefix[max(0, len(prefix) - chars):].encode(), suffix[:chars].encode()
+    return (before[max(0, len(before) - size):].decode(errors="ignore"),  # a character cut in two is dropped
+            after[:size].decode(errors="ignore"))
 
 
 def build_server(config: BridgeConfig) -> LanguageServer:
-    server = LanguageServer("refusion-lsp", "0.1.0", protocol_cls=_Protocol)
-
-    @server.feature(MALFORMED_REQUEST)
-    def on_malformed(params) -> None:
-        method = params.get("method") if isinstance(params, dict) else getattr(params, "method", "?")
-        raise JsonRpcInvalidParams(f"{method}: params do not match the LSP types (e.g. a negative line or "
-                                   "character: positions are unsigned integers)")
+    server = BridgeServer("refusion-lsp", "0.1.0")
     backend = EditorBackend(config.url, config.api_key)
 
     @server.feature(types.INITIALIZE)
@@ -231,8 +219,9 @@ def build_server(config: BridgeConfig) -> LanguageServer:
         offset = doc.offset_at_position(clamp_position(doc, params.position))
         position = position_at_offset(doc, offset)  # where the prefix ends: a mid-character position normalized
         prefix, suffix = cursor_context(doc.source, offset, config.prefix_lines, config.suffix_lines)
-        request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
         try:
+            prefix, suffix = fit_to_limits(prefix, suffix, await backend.limits())  # a line can be very long
+            request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
             result = await backend.complete(request)
         except BackendError as exc:
             if exc.code == -32800:  # superseded by a newer request for this document: nothing to show

@@ -6,6 +6,9 @@ trip against the real Ray Serve app."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import signal
 import sys
 import threading
 from typing import Awaitable, Callable
@@ -107,6 +110,62 @@ async def lsp_cancel(url: str, init_options: dict | None = None, *, in_flight: C
         return error
     finally:
         await stop_lsp(client)
+
+
+# The bridge as `refusion lsp` runs it, with SIGINT handled as in a terminal even when the test runner
+# ignores it (a child inherits an ignored SIGINT).
+BRIDGE = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+          "from integrations.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+class RawLsp:
+    """The bridge as a subprocess spoken to in raw frames: what a well-behaved LSP client never sends."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, stderr_path):
+        self.proc, self.stderr_path = proc, stderr_path
+
+    @classmethod
+    async def start(cls, url: str, tmp_path) -> "RawLsp":
+        stderr_path = tmp_path / "bridge-stderr.txt"
+        with open(stderr_path, "wb") as stderr:  # a file: a pipe nobody reads could fill and block the bridge
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", BRIDGE, "lsp", "--url", url, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=stderr)
+        return cls(proc, stderr_path)
+
+    def send(self, message: bytes | dict) -> None:
+        body = message if isinstance(message, bytes) else json.dumps(message).encode()
+        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def receive(self) -> dict:
+        async def read() -> dict:
+            header = await self.proc.stdout.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", header).group(1))
+            return json.loads(await self.proc.stdout.readexactly(length))
+        return await asyncio.wait_for(read(), WAIT_S)
+
+    async def request(self, msg_id, method: str, params=None) -> dict:
+        self.send({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+        return await self.receive()
+
+    def notify(self, method: str, params=None) -> None:
+        self.send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    async def exit_code(self) -> int:
+        """The exit code, with stdin still open: the bridge ends by itself."""
+        return await asyncio.wait_for(self.proc.wait(), WAIT_S)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+
+
+def raw_inline_params(uri: str = URI) -> dict:
+    return {"textDocument": {"uri": uri}, "position": {"line": 1, "character": 4}, "context": {"triggerKind": 1}}
 
 
 def test_cursor_context_and_multiline_choice():
@@ -262,7 +321,7 @@ async def test_unopened_document_and_cursor_past_the_line_end(scripted_backend):
         assert "Traceback" not in str(err.value)
         negative = inline_params()
         object.__setattr__(negative.position, "line", -1)  # lsprotocol validates on construction only
-        with pytest.raises(Exception, match="positions are unsigned integers"):  # answered, not left hanging
+        with pytest.raises(Exception, match=r"params\.position: Position\.line should be in range"):  # answered
             await asyncio.wait_for(client.text_document_inline_completion_async(negative), WAIT_S)
         n = len(fake.requests)
         past_end = await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(0, 13)), WAIT_S)
@@ -285,6 +344,7 @@ async def test_unreachable_backend_is_an_lsp_error_not_an_empty_answer():
     (["--max-tokens", "0"], "--max-tokens must be an integer in 1..256"),
     (["--url", "ws://"], "--url must be a WebSocket URL"),
     (["--suffix-lines", "-1"], "--suffix-lines must be an integer >= 0"),
+    (["--log-file", "/nonexistent/dir/x.log"], "--log-file /nonexistent/dir/x.log: No such file or directory"),
 ])
 def test_cli_rejects_bad_arguments_with_a_clear_message(argv, message, capsys):
     from integrations.cli import main
@@ -323,3 +383,138 @@ async def test_backend_forgets_a_request_whose_send_failed_or_whose_caller_left(
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert backend._pending == {}
+
+
+LONG = "a" * 300_000
+
+
+@pytest.mark.parametrize("text, prompt_end, suffix_start", [
+    # a 300,000-character line on each side: over the server's max_text_chars (200,000), whole lines or not
+    (f"s = '{LONG}'\ndef area(r):\n    \nt = '{LONG}'\n", "a'\ndef area(r):\n", "\nt = 'aaaa"),
+    # under max_text_chars, but at 3 bytes a character over the server's 1 MiB frame
+    ("€" * 190_000 + "\ndef area(r):\n    \n" + "€" * 190_000, "€€\ndef area(r):\n", "\n€€€€"),
+], ids=["over-max-text-chars", "over-max-frame-bytes"])  # short ids: pytest puts the id in the bridge's environment
+async def test_long_lines_are_cut_to_the_server_limits(scripted_backend, text, prompt_end, suffix_start):
+    """The bridge cut by whole lines only: the server answered every completion with an error (too many
+    characters), or with an error its id could not be read for (too many bytes), which left it waiting."""
+    url, fake = scripted_backend
+    client = await start_lsp(url)
+    try:
+        uri = "file:///tmp/long.py"
+        client.text_document_did_open(types.DidOpenTextDocumentParams(
+            text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+        params = inline_params(2, 4)
+        params.text_document = types.TextDocumentIdentifier(uri=uri)
+        n = len(fake.requests)
+        result = await asyncio.wait_for(client.text_document_inline_completion_async(params), WAIT_S)
+    finally:
+        await stop_lsp(client)
+    assert result.items and result.items[0].insert_text.startswith("result = 3.14 * r * r")
+    reqs = fake.requests[n:]  # one per candidate gap
+    assert reqs and all(fake.tokenizer.decode(r.prompt_ids).endswith(prompt_end) for r in reqs)
+    assert all(fake.tokenizer.decode(r.suffix_ids).startswith(suffix_start) for r in reqs)
+
+
+async def test_an_error_the_server_cannot_tie_to_a_request_fails_the_waiting_completion(scripted_backend):
+    """Extra `complete` params (here context chunks) can still make a frame over the server's 1 MiB: it
+    answers with id nil, which the backend client dropped, so the LSP request was never answered."""
+    url, _ = scripted_backend
+    context = [{"path": f"lib{i}.py", "text": "x" * 40_000} for i in range(32)]  # 1.3 MB, each chunk allowed
+    client = await start_lsp(url, {"params": {"context": context}})
+    try:
+        with pytest.raises(Exception, match="the limit is 1048576"):
+            await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), WAIT_S)
+    finally:
+        await stop_lsp(client)
+
+
+async def test_malformed_messages_and_the_lifecycle_get_the_answers_the_specs_give(scripted_backend, tmp_path):
+    """JSON-RPC 2.0 (5.1: parse error and invalid request, with id null) and LSP 3.17's lifecycle, where
+    pygls answered with window/showMessage popups, a traceback, or nothing."""
+    url, _ = scripted_backend
+    lsp = await RawLsp.start(url, tmp_path)
+    try:
+        early = await lsp.request(1, "textDocument/inlineCompletion", raw_inline_params())
+        assert early["id"] == 1 and early["error"]["code"] == -32002  # ServerNotInitialized
+        lsp.notify("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "python", "version": 1,
+                                                             "text": DOC}})  # before initialize: dropped
+        assert "capabilities" in (await lsp.request(2, "initialize", {"capabilities": {}}))["result"]
+        lsp.notify("initialized", {})
+        request_with_object_id = {"jsonrpc": "2.0", "id": {"a": 1}, "method": "textDocument/inlineCompletion",
+                                  "params": raw_inline_params()}
+        for message, code in [(b"{not json", -32700), (b"[1, 2]", -32600), (b"3", -32600), (b"null", -32600),
+                              ({"jsonrpc": "2.0"}, -32600), (request_with_object_id, -32600)]:
+            lsp.send(message)
+            answer = await lsp.receive()
+            assert answer["id"] is None and answer["error"]["code"] == code, (message, answer)
+            assert "data" not in answer["error"], answer  # no traceback
+        # Ignored and logged; a popup (window/showMessage) would come before the next answer.
+        lsp.notify("textDocument/didChange", {"textDocument": {"uri": "file:///never-opened.py", "version": 2},
+                                              "contentChanges": [{"text": "x"}]})
+        lsp.notify("$/cancelRequest", {})
+        no_context = {key: value for key, value in raw_inline_params().items() if key != "context"}
+        malformed = await lsp.request(3, "textDocument/inlineCompletion", no_context)
+        assert malformed == {"jsonrpc": "2.0", "id": 3, "error": {
+            "code": -32602, "message": "textDocument/inlineCompletion: params.context: required field missing"}}
+        unopened = await lsp.request(4, "textDocument/inlineCompletion", raw_inline_params())
+        assert "is not open" in unopened["error"]["message"]  # the didOpen before initialize was dropped
+        assert await lsp.request(5, "shutdown") == {"jsonrpc": "2.0", "id": 5, "result": None}
+        late = await lsp.request(6, "textDocument/inlineCompletion", raw_inline_params())
+        assert late["id"] == 6 and late["error"]["code"] == -32600  # InvalidRequest after shutdown
+        lsp.notify("exit")
+        assert await lsp.exit_code() == 0
+    finally:
+        await lsp.close()
+
+
+async def test_exit_without_shutdown_ends_with_1_and_ctrl_c_with_130(tmp_path):
+    """LSP 3.17, "Exit Notification": 0 after shutdown, else 1 (pygls exited 0, and only once the editor
+    closed stdin). Ctrl-C kept the bridge running until the editor closed stdin."""
+    url = f"ws://127.0.0.1:{free_port()}/v1/editor"  # never connected: neither needs a backend
+    lsp = await RawLsp.start(url, tmp_path)
+    try:
+        lsp.notify("exit")  # allowed before initialize
+        assert await lsp.exit_code() == 1
+    finally:
+        await lsp.close()
+    lsp = await RawLsp.start(url, tmp_path)
+    try:
+        assert "result" in await lsp.request(1, "initialize", {"capabilities": {}})  # serving: past start-up
+        lsp.proc.send_signal(signal.SIGINT)
+        assert await lsp.exit_code() == 130
+    finally:
+        await lsp.close()
+
+
+@pytest.mark.parametrize("frame, message", [
+    (b"Content-Lenght: 2\r\n\r\n{}", "without Content-Length"),
+    (b"Content-Length: 99999999999\r\n\r\n", "over the 67108864-byte limit"),
+    (b"Content-Length 2\r\n\r\n{}", "malformed header line"),
+])
+async def test_a_broken_header_ends_the_bridge_with_a_message(frame, message, tmp_path):
+    """After a header the base protocol does not allow, no message boundary can be trusted (pygls went on
+    reading bodies as headers, or allocated what Content-Length said)."""
+    lsp = await RawLsp.start(f"ws://127.0.0.1:{free_port()}/v1/editor", tmp_path)
+    try:
+        lsp.proc.stdin.write(frame)
+        assert await lsp.exit_code() == 1
+    finally:
+        await lsp.close()
+    assert lsp.stderr().startswith("refusion lsp: error: ") and message in lsp.stderr(), lsp.stderr()
+
+
+def test_no_traceback_in_error_data():
+    """pygls put the traceback of an unexpected error in a handler into error.data, which editors show."""
+    from pygls.exceptions import JsonRpcInternalError
+
+    from integrations.lsp.base_protocol import BridgeServer
+
+    written = []
+    protocol = BridgeServer("refusion-lsp", "0").protocol
+    protocol.set_writer(type("Writer", (), {"write": lambda self, data: written.append(data)})())
+    try:
+        {}["missing"]
+    except KeyError:
+        protocol._send_response(7, error=JsonRpcInternalError.of(sys.exc_info()).to_response_error())
+    body = json.loads(written[0].split(b"\r\n\r\n", 1)[1])
+    assert body == {"jsonrpc": "2.0", "id": 7, "error": {"code": -32603, "message": "KeyError: 'missing'"}}
