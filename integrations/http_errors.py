@@ -5,7 +5,7 @@
     401 invalid_request_error   code invalid_api_key, as OpenAI's: missing or wrong API key (when keys
                                 are configured)
     403 permission_error        a browser origin not in allowed_origins (auth.OriginGuard)
-    404 not_found_error         unknown route or model
+    404 invalid_request_error   unknown route or model (code model_not_found), as OpenAI's
     413 invalid_request_error   body over max_body_bytes (request_limits.BodyLimitMiddleware)
     503 overloaded_error        engine OverloadedError, a full deployment queue or a replica being
                                 replaced, with Retry-After; code shutting_down while the server drains
@@ -15,8 +15,9 @@
     500 server_error            anything else: a bug
 
 Routes of Anthropic's Messages API (/v1/messages...) answer the same statuses in Anthropic's shape,
-{"type": "error", "error": {"type", "message"}} (AnthropicErrorShape rewrites every error response of
-those paths, the middlewares' included; anthropic_error_body).
+{"type": "error", "error": {"type", "message"}}, and llama.cpp's routes (/infill, /completion,
+/tokenize, ...) in llama.cpp's, {"error": {"code", "message", "type"}}: RouteErrorShape rewrites every
+error response of those paths, the middlewares' (401, 403, 413, 503 while draining) included.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        kind = "invalid_request_error"  # OpenAI's type for an unknown route, too
         return APIError(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(EngineError)
@@ -152,25 +153,43 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 # Anthropic's error types (https://docs.anthropic.com/en/api/errors) for ours; the rest map by status
-_ANTHROPIC_TYPES = {"server_error": "api_error", "not_found_error": "not_found_error",
-                    "authentication_error": "authentication_error", "permission_error": "permission_error",
+_ANTHROPIC_TYPES = {"server_error": "api_error", "permission_error": "permission_error",
                     "overloaded_error": "overloaded_error"}
 ANTHROPIC_PATHS = "/v1/messages"
+# llama.cpp server's routes served here (integrations/editor/http.py): errors in llama.cpp's shape
+LLAMA_PATHS = ("/infill", "/completion", "/tokenize", "/detokenize", "/apply-template", "/props", "/tokenizer_info")
 
 
 def anthropic_error_body(status: int, kind: str, message: str) -> dict:
     """An error in Anthropic's shape: {"type": "error", "error": {"type", "message"}}; `kind` is ours
     (the OpenAI-shape type), mapped to Anthropic's (server_error -> api_error, a 401 -> authentication_error,
     a 413 -> request_too_large)."""
-    by_status = {401: "authentication_error", 413: "request_too_large"}
+    by_status = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}
     anthropic = by_status.get(status) or _ANTHROPIC_TYPES.get(kind, "invalid_request_error")
     return {"type": "error", "error": {"type": anthropic, "message": message}}
 
 
-class AnthropicErrorShape:
-    """Pure ASGI: an error response (status >= 400, a JSON body in OpenAI's shape) on a path under
-    ANTHROPIC_PATHS is rewritten into Anthropic's shape; other paths and successful responses (streams
-    included) pass untouched. Outermost, so the key, origin, body-limit and draining answers get it too."""
+def llama_error_body(status: int, kind: str, message: str) -> dict:
+    """An error in llama.cpp server's shape: {"error": {"code": status, "message", "type"}}; `kind` is
+    ours, with llama.cpp's names where they differ (401 authentication_error, 404 not_found_error)."""
+    by_status = {401: "authentication_error", 404: "not_found_error"}
+    return {"error": {"code": status, "message": message, "type": by_status.get(status) or kind}}
+
+
+def _route_shape(path: str):
+    """The error-body builder of `path`'s API, or None for OpenAI's (the shape errors start in)."""
+    if path == ANTHROPIC_PATHS or path.startswith(ANTHROPIC_PATHS + "/"):
+        return anthropic_error_body
+    if path in LLAMA_PATHS:
+        return llama_error_body
+    return None
+
+
+class RouteErrorShape:
+    """Pure ASGI: an error response (status >= 400, a JSON body {"error": {"type", "message", ...}}) on
+    a path of Anthropic's or llama.cpp's API is rewritten into that API's shape (_route_shape); other
+    paths and successful responses (streams included) pass untouched. Outermost, so the key, origin,
+    body-limit and draining answers get it too."""
 
     def __init__(self, app):
         self.app = app
@@ -179,7 +198,8 @@ class AnthropicErrorShape:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
-        if scope["type"] != "http" or not (path == ANTHROPIC_PATHS or path.startswith(ANTHROPIC_PATHS + "/")):
+        shape = _route_shape(path) if scope["type"] == "http" else None
+        if shape is None:
             await self.app(scope, receive, send)
             return
         start: dict | None = None
@@ -199,8 +219,7 @@ class AnthropicErrorShape:
             body = b"".join(chunks)
             try:
                 error = json.loads(body)["error"]
-                body = json.dumps(anthropic_error_body(start["status"], error.get("type", ""),
-                                                       error.get("message", ""))).encode()
+                body = json.dumps(shape(start["status"], error.get("type", ""), error.get("message", ""))).encode()
             except (ValueError, KeyError, TypeError, AttributeError):
                 pass  # not an error object of ours: leave it as it is
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]

@@ -24,7 +24,7 @@ from integrations.auth import APIKeyMiddleware, OriginGuard
 from integrations.chat_run import start_chat
 from integrations.context_fit import fit_generation
 from integrations.anthropic_api import router as anthropic_router
-from integrations.http_errors import AnthropicErrorShape, install_error_handlers
+from integrations.http_errors import RouteErrorShape, install_error_handlers
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
 from integrations.openai_calls import check_model, collect_all, logprob_formatter, primed, observed, read_body, sse, start
@@ -81,7 +81,7 @@ def create_app(settings: APISettings, engine_client=None, gate: IngressGate | No
     app.add_middleware(OriginGuard, allowed=list(settings.allowed_origins))
     # Outside all of them: in-flight gauge and observers, draining, disconnects (every path passes here).
     app.add_middleware(IngressGateMiddleware, gate=app.state.gate, metrics=app.state.metrics)
-    app.add_middleware(AnthropicErrorShape)  # /v1/messages errors in Anthropic's shape, whoever answered
+    app.add_middleware(RouteErrorShape)  # Anthropic's and llama.cpp's routes: errors in their shape, whoever answered
     return app
 
 

@@ -39,7 +39,7 @@ def check_model(request: Request, model: str | None) -> None:
         names = " or ".join(f"'{name}'" for name in served[:MAX_NAMES_LISTED])
         more = f" or one of {len(served) - MAX_NAMES_LISTED} more" if len(served) > MAX_NAMES_LISTED else ""
         raise APIError(404, f"model '{model}' is not served here: use {names}{more} (GET /v1/models)",
-                       "not_found_error", param="model", code="model_not_found")
+                       "invalid_request_error", param="model", code="model_not_found")
 
 
 async def read_body(request: Request, model: type[BaseModel]):

@@ -529,3 +529,32 @@ def test_caller_requests_keep_a_running_id_when_a_duplicate_call_ends():
     calls.discard("ingress-b", "r2")  # ending twice is harmless
     assert calls.callers() == ["ingress-a"]
     assert calls.pop("ingress-a") == ["r1"] and calls.pop("ingress-a") == [] and calls.callers() == []
+
+
+async def test_each_api_gets_its_own_error_shape_whoever_answers(tiny_model_dir):
+    """The middlewares' errors (401 key, 413 body) come in the shape of the route's API: llama.cpp's
+    {"error": {"code", "message", "type"}} on /infill, /completion, /tokenize (they were OpenAI's),
+    Anthropic's on /v1/messages, OpenAI's elsewhere; an unknown model is OpenAI's 404
+    invalid_request_error + model_not_found (it said not_found_error)."""
+    from integrations.request_limits import RequestLimits
+
+    engine, tok = build_engine(tiny_model_dir, {"num_blocks": 64}, {"routing": {"calibrate": False}})
+    client = LocalEngineClient(engine, tok, "m", read_model_card(tiny_model_dir))
+    settings = APISettings(model_name="m", api_keys=["k"], limits=RequestLimits(max_body_bytes=1000))
+    app = create_app(settings, client)
+    key = {"Authorization": "Bearer k"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
+        for path in ("/infill", "/completion", "/tokenize"):
+            denied = await http.post(path, json={"content": "x"})
+            assert denied.status_code == 401 and set(denied.json()["error"]) == {"code", "message", "type"}
+            assert denied.json()["error"]["code"] == 401 and denied.json()["error"]["type"] == "authentication_error"
+            big = await http.post(path, headers=key, json={"content": "x" * 2000})
+            assert big.status_code == 413 and big.json()["error"]["code"] == 413, big.text
+        bad = await http.post("/tokenize", headers=key, json={"content": 5})  # the route's own error: unchanged
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == 400
+        assert (await http.post("/v1/messages", json={})).json()["error"]["type"] == "authentication_error"
+        openai_denied = (await http.post("/v1/completions", json={})).json()["error"]
+        assert (openai_denied["type"], openai_denied["code"]) == ("invalid_request_error", "invalid_api_key")
+        unknown = await http.post("/v1/completions", headers=key, json={"model": "x", "prompt": "a", "max_tokens": 1})
+        error = unknown.json()["error"]
+        assert unknown.status_code == 404 and (error["type"], error["code"]) == ("invalid_request_error", "model_not_found")
