@@ -105,7 +105,7 @@ class RequestLimits:
         engine requests exceed max_sequences: the engine could never hold them all at once."""
         count = prompts * n
         if self.max_sequences and count > self.max_sequences:
-            what = f"{prompts} prompts x n {n}" if prompts > 1 else f"n {n}"
+            what = f"{prompts} prompts x n {n}" if prompts > 1 else f"{n} choices"  # the field, n, leads the message
             raise InputError(400, "n" if n > 1 else "prompt",
                              f"{what} = {count} sequences, but this server admits at most {self.max_sequences} "
                              "at once (the engine's max_running + max_queue): lower n or send fewer prompts per request")
