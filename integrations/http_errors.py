@@ -15,8 +15,8 @@
     500 server_error            anything else: a bug
 
 Routes of Anthropic's Messages API (/v1/messages...) answer the same statuses in Anthropic's shape,
-{"type": "error", "error": {"type", "message"}}, and llama.cpp's routes (/infill, /completion,
-/tokenize, ...) in llama.cpp's, {"error": {"code", "message", "type"}}: RouteErrorShape rewrites every
+{"type": "error", "error": {"type", "message"}}, and llama.cpp's own routes (/infill, /completion, ...:
+LLAMA_PATHS) in llama.cpp's, {"error": {"code", "message", "type"}}: RouteErrorShape rewrites every
 error response of those paths, the middlewares' (401, 403, 413, 503 while draining) included.
 """
 
@@ -156,8 +156,10 @@ def install_error_handlers(app: FastAPI) -> None:
 _ANTHROPIC_TYPES = {"server_error": "api_error", "permission_error": "permission_error",
                     "overloaded_error": "overloaded_error"}
 ANTHROPIC_PATHS = "/v1/messages"
-# llama.cpp server's routes served here (integrations/editor/http.py): errors in llama.cpp's shape
-LLAMA_PATHS = ("/infill", "/completion", "/tokenize", "/detokenize", "/apply-template", "/props", "/tokenizer_info")
+# llama.cpp server's own routes served here (integrations/editor/http.py): errors in llama.cpp's shape.
+# Not /tokenize, /detokenize, /tokenizer_info: vLLM serves them too, and its clients read OpenAI's shape
+# (a vLLM-style `model` that is not served is OpenAI's 404 model_not_found there)
+LLAMA_PATHS = ("/infill", "/completion", "/apply-template", "/props")
 
 
 def anthropic_error_body(status: int, kind: str, message: str) -> dict:

@@ -533,7 +533,8 @@ def test_caller_requests_keep_a_running_id_when_a_duplicate_call_ends():
 
 async def test_each_api_gets_its_own_error_shape_whoever_answers(tiny_model_dir):
     """The middlewares' errors (401 key, 413 body) come in the shape of the route's API: llama.cpp's
-    {"error": {"code", "message", "type"}} on /infill, /completion, /tokenize (they were OpenAI's),
+    {"error": {"code", "message", "type"}} on /infill, /completion, /apply-template (they were OpenAI's;
+    /tokenize, shared with vLLM, keeps OpenAI's for them),
     Anthropic's on /v1/messages, OpenAI's elsewhere; an unknown model is OpenAI's 404
     invalid_request_error + model_not_found (it said not_found_error)."""
     from integrations.request_limits import RequestLimits
@@ -544,7 +545,7 @@ async def test_each_api_gets_its_own_error_shape_whoever_answers(tiny_model_dir)
     app = create_app(settings, client)
     key = {"Authorization": "Bearer k"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
-        for path in ("/infill", "/completion", "/tokenize"):
+        for path in ("/infill", "/completion", "/apply-template"):
             denied = await http.post(path, json={"content": "x"})
             assert denied.status_code == 401 and set(denied.json()["error"]) == {"code", "message", "type"}
             assert denied.json()["error"]["code"] == 401 and denied.json()["error"]["type"] == "authentication_error"
