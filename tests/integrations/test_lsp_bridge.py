@@ -61,10 +61,10 @@ async def start_lsp(url: str, init_options: dict | None = None) -> LanguageClien
     return client
 
 
-def inline_params(line: int = 1, character: int = 4) -> types.InlineCompletionParams:
+def inline_params(line: int = 1, character: int = 4, uri: str = URI) -> types.InlineCompletionParams:
     return types.InlineCompletionParams(
         context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
-        text_document=types.TextDocumentIdentifier(uri=URI),
+        text_document=types.TextDocumentIdentifier(uri=uri),
         position=types.Position(line=line, character=character),
     )
 
@@ -250,10 +250,8 @@ async def test_form_feed_document_edit_and_completion_on_the_right_line(scripted
             text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
             content_changes=[types.TextDocumentContentChangePartial(
                 range=types.Range(types.Position(3, 4), types.Position(3, 4)), text="y = 2\n    ")]))
-        params = inline_params(4, 4)
-        params.text_document = types.TextDocumentIdentifier(uri=uri)
         n = len(fake.requests)
-        result = await asyncio.wait_for(client.text_document_inline_completion_async(params), WAIT_S)
+        result = await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(4, 4, uri)), WAIT_S)
     finally:
         await stop_lsp(client)
     assert all(item.range.start == types.Position(4, 4) for item in result.items)
@@ -403,10 +401,8 @@ async def test_long_lines_are_cut_to_the_server_limits(scripted_backend, text, p
         uri = "file:///tmp/long.py"
         client.text_document_did_open(types.DidOpenTextDocumentParams(
             text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
-        params = inline_params(2, 4)
-        params.text_document = types.TextDocumentIdentifier(uri=uri)
         n = len(fake.requests)
-        result = await asyncio.wait_for(client.text_document_inline_completion_async(params), WAIT_S)
+        result = await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(2, 4, uri)), WAIT_S)
     finally:
         await stop_lsp(client)
     assert result.items and result.items[0].insert_text.startswith("result = 3.14 * r * r")
