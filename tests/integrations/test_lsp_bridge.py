@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import signal
 import sys
@@ -18,7 +19,8 @@ from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fixture
 
-from integrations.lsp.server import (BridgeConfig, BridgeConfigError, LspTextDocument, cursor_context,
+from integrations.editor.document import LINE_BREAK
+from integrations.lsp.server import (_LSP_LINE, BridgeConfig, BridgeConfigError, LspTextDocument, cursor_context,
                                     position_at_offset, wants_multiline)
 from ports import free_port
 
@@ -202,6 +204,61 @@ def test_edits_clamp_positions_as_lsp_says(source, start, end, text, edited):
     doc = LspTextDocument("file:///t.py", source)
     doc.apply_change(types.TextDocumentContentChangePartial(range=types.Range(types.Position(*start), types.Position(*end)), text=text))
     assert doc.source == edited
+
+
+def _reference_edit(source: str, start: types.Position, end: types.Position, text: str) -> str:
+    """An edit applied as LSP 3.17 defines it, over the whole document (UTF-16 positions clamped to the line
+    and document ends; one inside a surrogate pair taken to the character's end, as pygls's position codec
+    takes it): what LspTextDocument's splice must equal."""
+    lines = _LSP_LINE.findall(source)
+
+    def offset(position: types.Position) -> int:
+        if position.line >= len(lines):
+            return len(source)
+        line = lines[position.line].rstrip("\r\n")
+        units, chars = 0, 0
+        while chars < len(line) and units < position.character:
+            units += len(line[chars].encode("utf-16-le")) // 2
+            chars += 1
+        return sum(map(len, lines[:position.line])) + chars
+
+    begin, finish = sorted((offset(start), offset(end)))
+    return source[:begin] + text + source[finish:]
+
+
+def test_edits_splice_the_document_as_a_whole_document_edit_would():
+    """Edits are spliced into the source and only the touched lines re-split (whole-document work per
+    keystroke took 0.4 s on a 30 MB file). 3,000 seeded random edits over CR, LF, CRLF, form feeds and
+    astral characters, "\r" + "\n" joins included, end with the same text and lines as the reference."""
+    rng = random.Random(20261203)
+    pieces = ["a", "b", "\r", "\n", "\r\n", "\x0c", "\U0001F600", "€", ""]
+    for _ in range(300):
+        source = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 12)))
+        doc = LspTextDocument("file:///t.py", source)
+        for _ in range(10):
+            start, end = (types.Position(rng.randrange(0, 6), rng.randrange(0, 6)) for _ in range(2))
+            if (end.line, end.character) < (start.line, start.character):
+                start, end = end, start
+            text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 4)))
+            expected = _reference_edit(doc.source, start, end, text)
+            doc.apply_change(types.TextDocumentContentChangePartial(range=types.Range(start, end), text=text))
+            assert doc.source == expected
+            assert doc.lines == tuple(_LSP_LINE.findall(expected)), repr(expected)
+
+
+def test_cursor_context_reads_lines_as_a_whole_document_split_would():
+    """cursor_context reads a window around the cursor; it must cut where splitting the whole document at
+    LSP's line breaks cuts, a window edge inside "\r\n" and a window that must grow included."""
+    rng = random.Random(3)
+    for _ in range(400):
+        source = "".join(rng.choice(["x" * 1500, "y", "\r", "\n", "\r\n"]) for _ in range(rng.randrange(0, 30)))
+        offset, above, below = rng.randrange(0, len(source) + 1), rng.randrange(0, 5), rng.randrange(0, 5)
+        before, after = source[:offset], source[offset:]
+        starts = [m.end() for m in LINE_BREAK.finditer(before)]
+        ends = [m.start() for m in LINE_BREAK.finditer(after)]
+        expected = (before[starts[-(above + 1)] if len(starts) > above else 0:],
+                    after[:ends[below] if len(ends) > below else len(after)])
+        assert cursor_context(source, offset, above, below) == expected
 
 
 def test_position_at_offset_is_the_normalized_cursor():
@@ -457,6 +514,30 @@ async def test_malformed_messages_and_the_lifecycle_get_the_answers_the_specs_gi
         assert await lsp.request(5, "shutdown") == {"jsonrpc": "2.0", "id": 5, "result": None}
         late = await lsp.request(6, "textDocument/inlineCompletion", raw_inline_params())
         assert late["id"] == 6 and late["error"]["code"] == -32600  # InvalidRequest after shutdown
+        lsp.notify("exit")
+        assert await lsp.exit_code() == 0
+    finally:
+        await lsp.close()
+
+
+async def test_a_lone_surrogate_in_the_document_is_sent_as_a_replacement_character(scripted_backend, tmp_path):
+    """JSON carries "\\ud800", UTF-8 cannot: the bridge failed every completion of such a document with
+    -32603. It is sent as U+FFFD, as an editor's UTF-8 encoder (WHATWG TextEncoder) writes it."""
+    url, fake = scripted_backend
+    lsp = await RawLsp.start(url, tmp_path)
+    try:
+        assert "capabilities" in (await lsp.request(1, "initialize", {"capabilities": {}}))["result"]
+        lsp.notify("initialized", {})
+        text = "s = '\ud800'\n" + DOC  # json.dumps writes the lone surrogate as an escape
+        lsp.notify("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "python", "version": 1,
+                                                             "text": text}})
+        n = len(fake.requests)
+        params = raw_inline_params() | {"position": {"line": 2, "character": 4}}
+        answer = await lsp.request(2, "textDocument/inlineCompletion", params)
+        assert answer["result"]["items"][0]["insertText"].startswith("result = 3.14 * r * r"), answer
+        prompts = [fake.tokenizer.decode(r.prompt_ids) for r in fake.requests[n:]]
+        assert prompts and all(p.startswith("s = '\ufffd'\ndef area(r):\n") for p in prompts), prompts
+        assert await lsp.request(3, "shutdown") == {"jsonrpc": "2.0", "id": 3, "result": None}
         lsp.notify("exit")
         assert await lsp.exit_code() == 0
     finally:
