@@ -64,7 +64,7 @@ class MessagesBody(OpenAIBody):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
+    model: str  # required, as Anthropic's API and vLLM's Messages route require it (a missing model is a 400)
     messages: list[dict[str, Any]] = Field(min_length=1)
     system: str | list[Any] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -97,8 +97,7 @@ class MessagesBody(OpenAIBody):
             raise InputError(400, "output_config.effort", f"must be one of {', '.join(EFFORTS)} (ignored here)")
         if config.get("format") is not None:
             body["response_format"] = _output_format(config["format"])
-        if self.model is not None:
-            body["model"] = self.model
+        body["model"] = self.model
         return body
 
     def _messages(self) -> tuple[list[dict], bool]:

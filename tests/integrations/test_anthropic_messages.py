@@ -24,7 +24,8 @@ TOOL = {"name": "add", "description": "Add", "input_schema": {"type": "object", 
 
 
 def _request(**fields) -> MessagesRequest:
-    return MessagesRequest.model_validate({"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]} | fields)
+    return MessagesRequest.model_validate({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+                                          | fields)
 
 
 def test_blocks_become_chat_messages_in_the_order_written():
@@ -73,7 +74,7 @@ def test_a_final_assistant_message_is_a_prefill_to_continue():
     chat = _request(messages=[{"role": "user", "content": "Write add."},
                               {"role": "assistant", "content": [{"type": "text", "text": "def add("}]}]).chat_request()
     assert chat.continue_final_message and chat.messages[-1].content == "def add("
-    count = CountTokensRequest.model_validate({"messages": [{"role": "user", "content": "x"},
+    count = CountTokensRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"},
                                                             {"role": "assistant", "content": "y"}]}).chat_request()
     assert count.continue_final_message
 
@@ -170,8 +171,12 @@ def test_body_faults_are_validation_errors_naming_the_field():
                         ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "stop_sequences": [5]},
                          "stop_sequences")):
         with pytest.raises(ValidationError) as err:
-            MessagesRequest.model_validate(body)
+            MessagesRequest.model_validate({"model": "m"} | body)
         assert err.value.errors()[0]["loc"][0] == field
+    for request in (MessagesRequest, CountTokensRequest):  # Anthropic requires model on both routes
+        with pytest.raises(ValidationError) as err:
+            request.model_validate({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}]})
+        assert err.value.errors()[0]["loc"] == ("model",)
 
 
 def test_chat_turn_fields_are_named_as_the_messages_api_names_them():

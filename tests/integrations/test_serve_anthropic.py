@@ -13,7 +13,7 @@ import anthropic
 import httpx
 import pytest
 
-from serve_testbed import API_KEY, long_stream_admitted
+from serve_testbed import API_KEY, STRICT_ALIAS, long_stream_admitted
 
 # The SDK has no temperature argument: sent as extra_body. The tests' random-weight model writes nothing
 # visible greedily (special tokens), so texts are compared under seeded sampling: the same seed and prompt
@@ -182,6 +182,7 @@ def test_a_final_assistant_message_is_continued(claude, client, model, http):
     ({"top_k": -1}, "top_k"),
     ({"mode": "fast"}, "mode"),
     ({"bogus": 1}, "bogus"),
+    ({"model": None}, "model"),  # required, as Anthropic's API and vLLM's Messages route require it
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": [TOOL]},
      "messages"),  # a prefill with tools: the grammar would start inside it
 ])
@@ -296,7 +297,7 @@ def test_the_sdk_raises_typed_errors(claude, model):
 def test_x_api_key_and_overload_on_the_strict_app(strict_base_url):
     """Anthropic clients send `x-api-key`; a wrong or missing key is a 401 in Anthropic's shape; with the
     engine's only slot taken, a message is a 503 overloaded_error with Retry-After (the SDK retries it)."""
-    body = {"messages": [{"role": "user", "content": "x"}]}
+    body = {"model": STRICT_ALIAS, "messages": [{"role": "user", "content": "x"}]}
     with httpx.Client(base_url=strict_base_url, timeout=30) as http:
         missing = http.post("/v1/messages/count_tokens", json=body)
         assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
@@ -313,7 +314,6 @@ def test_x_api_key_and_overload_on_the_strict_app(strict_base_url):
         with long_stream_admitted(http, "/v1/completions", auth) as lines:  # takes the engine's only slot
             assert next(lines).startswith("data: {")
             with pytest.raises(anthropic.APIStatusError) as err:
-                strict.messages.create(model=http.get("/v1/models", headers=auth).json()["data"][0]["id"], max_tokens=4,
-                                       **body)
+                strict.messages.create(max_tokens=4, **body)
     assert err.value.status_code == 503 and int(err.value.response.headers["retry-after"]) >= 1
     assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "overloaded_error"
