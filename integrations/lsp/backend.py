@@ -39,6 +39,7 @@ class EditorBackend:
         self._ws = None
         self._reader: asyncio.Task | None = None
         self._pending: dict[Any, asyncio.Future] = {}
+        self._frame_bytes: dict[Any, int] = {}  # size of each waiting request's frame
         self._partials: dict[Any, Callable[[str], Any]] = {}
         self._ids = itertools.count(1)
         self._connect_lock = asyncio.Lock()
@@ -69,7 +70,7 @@ class EditorBackend:
             async for data in ws:
                 msg = msgpack.unpackb(data, raw=False)
                 if msg[0] == rpc.RESPONSE and msg[1] is None:
-                    self._fail_all_pending(msg)
+                    self._answer_unreadable_frame(msg)
                 elif msg[0] == rpc.RESPONSE:
                     future = self._pending.pop(msg[1], None)
                     if future is not None and not future.done():
@@ -90,15 +91,19 @@ class EditorBackend:
                     future.set_exception(self._closed_error(ws))
             self._pending.clear()
 
-    def _fail_all_pending(self, response: list) -> None:
+    def _answer_unreadable_frame(self, response: list) -> None:
         """An error with id nil answers a frame whose id the server could not read, e.g. one over its
-        max_frame_bytes (docs/editor-protocol.md, "Errors and limits"; as JSON-RPC 2.0, section 5). Any
-        request waiting here may be that frame, which gets no other answer: every waiting request fails
-        with this error, rather than one of them waiting forever."""
-        for future in self._pending.values():
+        max_frame_bytes (docs/editor-protocol.md, "Errors and limits"; as JSON-RPC 2.0, section 5), which
+        gets no other answer. The waiting requests whose frames were over the server's limit fail with
+        this error; when none was (the frame is not known), every waiting request fails, rather than one
+        of them waiting forever."""
+        limit = (self.server_info or {}).get("limits", {}).get("max_frame_bytes")
+        oversized = [msg_id for msg_id, size in self._frame_bytes.items()
+                     if isinstance(limit, int) and size > limit and msg_id in self._pending]
+        for msg_id in oversized or list(self._pending):
+            future = self._pending.pop(msg_id)
             if not future.done():
                 future.set_result(response)
-        self._pending.clear()
 
     def _closed_error(self, ws) -> ConnectionError:
         """Why the connection ended, from its close frame: 1001 ("going away") and 1013 ("try again
@@ -114,13 +119,16 @@ class EditorBackend:
         future = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = future
         try:
+            frame = rpc.encode_request(msg_id, method, params)
+            self._frame_bytes[msg_id] = len(frame)
             try:
-                await ws.send(rpc.encode_request(msg_id, method, params))
+                await ws.send(frame)
             except ConnectionClosed:  # the server closed it (a drain's 1001 or 1013) or it dropped
                 raise self._closed_error(ws) from None
             _, _, error, result = await future
         finally:  # answered, or the send failed or the caller was cancelled: nothing waits on it any more
             self._pending.pop(msg_id, None)
+            self._frame_bytes.pop(msg_id, None)
             if future.done() and not future.cancelled():
                 future.exception()  # the reader may have failed it while the send failed: retrieved, not logged
         if error is not None:

@@ -440,6 +440,42 @@ async def test_backend_forgets_a_request_whose_send_failed_or_whose_caller_left(
     assert backend._pending == {}
 
 
+async def test_an_unreadable_frame_error_fails_only_the_oversized_request():
+    """The server answers a frame over its max_frame_bytes with an error of id nil. Every waiting request
+    failed with it, so one document's oversized request also failed another document's completion; now
+    only requests whose frames were over the announced limit fail (all of them when none was)."""
+    from integrations.editor import protocol as rpc
+    from integrations.lsp.backend import BackendError, EditorBackend
+
+    class Socket:
+        def __init__(self):
+            self.sent = []
+
+        async def send(self, frame: bytes) -> None:
+            self.sent.append(frame)
+
+    backend, up = EditorBackend("ws://127.0.0.1:1/v1/editor"), Socket()
+    backend.server_info = {"limits": {"max_frame_bytes": 1000}}
+    small = asyncio.ensure_future(backend._call_on(up, "complete", {"prefix": "def f("}, msg_id=1))
+    big = asyncio.ensure_future(backend._call_on(up, "complete", {"prefix": "x" * 2000}, msg_id=2))
+    while len(up.sent) < 2:
+        await asyncio.sleep(0)
+    unreadable = [rpc.RESPONSE, None, {"code": -32600, "message": "frame over 1000 bytes"}, None]
+    backend._answer_unreadable_frame(unreadable)
+    with pytest.raises(BackendError, match="frame over 1000 bytes"):
+        await big
+    assert not small.done() and list(backend._pending) == [1]
+    backend._pending[1].set_result([rpc.RESPONSE, 1, None, {"text": "x)"}])
+    assert await small == {"text": "x)"}
+    unknown = asyncio.ensure_future(backend._call_on(up, "complete", {"prefix": "y"}, msg_id=3))
+    while len(up.sent) < 3:
+        await asyncio.sleep(0)
+    backend._answer_unreadable_frame(unreadable)  # no frame was over the limit: whichever it was, it fails
+    with pytest.raises(BackendError):
+        await unknown
+    assert backend._pending == {} and backend._frame_bytes == {}
+
+
 LONG = "a" * 300_000
 
 
