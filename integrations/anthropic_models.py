@@ -27,10 +27,11 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError
 
 from integrations.http_errors import validation_field, validation_message
-from integrations.openai_models import ChatCompletionRequest, ExtensionsBody, OpenAIBody
+from integrations.openai_body import ExtensionsBody, OpenAIBody
+from integrations.openai_models import ChatCompletionRequest
 from integrations.request_limits import InputError
 
-# ReFusion and sampling extensions passed through to the chat turn unchanged (openai_models.SamplingFields);
+# ReFusion and sampling extensions passed through to the chat turn unchanged (openai_sampling.SamplingFields);
 # Anthropic's own names cover stop strings (stop_sequences) and top_k
 EXTENSIONS = ("mode", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold", "min_p",
               "max_time_ms", "priority", "seed", "structured_outputs")

@@ -129,10 +129,10 @@ def _params(model_dir: Path, args, runner):
         if value is not None:
             values[name] = value
     if args.blocks is None:
-        # As the API does (openai_models.fitting_block_count): without --blocks, the model's block count
+        # As the API does (openai_sampling.fitting_block_count): without --blocks, the model's block count
         # shrinks to one that splits --gen-length into whole slots instead of failing.
         from decoding.params import SERVING_DEFAULTS
-        from integrations.openai_models import fitting_block_count
+        from integrations.openai_sampling import fitting_block_count
 
         full = SERVING_DEFAULTS | values
         if all(isinstance(full[k], int) and full[k] >= 1 for k in ("gen_length", "slot_size")):  # else: named below

@@ -21,7 +21,7 @@ from decoding.grammar import GrammarSpec
 from integrations.context_fit import fit_generation
 from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.http_errors import APIError
-from integrations.openai_models import SamplingFields
+from integrations.openai_sampling import SamplingFields
 from integrations.openai_responses import new_id
 from integrations.openai_stream import in_document_style
 from integrations.request_limits import InputError, encode, off_loop

@@ -24,11 +24,12 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError
 
 from integrations.http_errors import validation_field, validation_message
-from integrations.openai_models import ChatCompletionRequest, ExtensionsBody, Metadata
+from integrations.openai_body import ExtensionsBody, Metadata
+from integrations.openai_models import ChatCompletionRequest
 from integrations.request_limits import InputError
 from workers.batch import MAX_TOP_LOGPROBS
 
-# ReFusion and sampling extensions passed through to the chat turn unchanged (openai_models.SamplingFields);
+# ReFusion and sampling extensions passed through to the chat turn unchanged (openai_sampling.SamplingFields);
 # vLLM's ResponsesRequest takes ignore_eos, min_tokens and repetition_penalty too (GuideLLM and AIPerf
 # send ignore_eos for fixed output lengths)
 EXTENSIONS = ("mode", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold", "top_k", "min_p",

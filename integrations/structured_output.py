@@ -69,7 +69,7 @@ def json_grammar(schema: Any, field: str, options: dict = JSON_OPTIONS) -> str:
 
 
 def response_format_schema(response_format) -> tuple[Any, str] | None:
-    """The JSON Schema response_format (openai_models.ResponseFormat or None) asks for and the field that
+    """The JSON Schema response_format (openai_body.ResponseFormat or None) asks for and the field that
     names it; None for text. json_object: any object; a strict json_schema has its objects closed."""
     if response_format is None or response_format.type == "text":
         return None
@@ -82,7 +82,7 @@ def response_format_schema(response_format) -> tuple[Any, str] | None:
 
 
 def response_format_grammar(response_format) -> GrammarSpec | None:
-    """response_format (openai_models.ResponseFormat or None) -> its grammar; None for text."""
+    """response_format (openai_body.ResponseFormat or None) -> its grammar; None for text."""
     found = response_format_schema(response_format)
     if found is None:
         return None

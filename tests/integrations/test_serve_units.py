@@ -19,7 +19,8 @@ from integrations.engine_client import EngineFailure, LocalEngineClient, Shuttin
 from integrations.engine_host import EngineUnhealthyError, build_engine, one_token_probe
 from integrations.http_errors import from_engine_error, validation_field
 from integrations.openai_api import APISettings, create_app
-from integrations.openai_models import ChatCompletionRequest, CompletionRequest, fitting_block_count
+from integrations.openai_models import ChatCompletionRequest, CompletionRequest
+from integrations.openai_sampling import fitting_block_count
 from integrations.serve_config import ServeConfig
 from scheduler.api import Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
 from scheduler.engine import EngineNotRunningError
