@@ -8,7 +8,9 @@ BOM is dropped), OpenAI's batch request form, {"custom_id": "...", "method": "PO
 {...}} (the body exactly as the
 route takes it; `model` is the served name, the model directory's name unless --served-model-name says
 otherwise). Output: one line per request line, in input order, OpenAI's batch output form:
-{"id": "batch_req_<hex>", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}; a
+{"id": "batch_req_<hex>", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
+(`request_id` a UUID sent as X-Request-Id, as Ray Serve's proxy sends one, so it is the body's `id` and
+the request log's, refused requests included); a
 request the route refused keeps its status and error body under `response` and sets `error`
 ({"code", "message"}); a line that is not a request (not UTF-8, bad JSON, a missing or wrong
 `custom_id`, `method`, `url` or `body`, a repeated custom_id, `stream: true`) gets `response: null`
@@ -331,14 +333,17 @@ class BatchRun:
         if response.status_code >= 400:
             error = _error(detail.get("code") or detail.get("type") or str(response.status_code),
                            detail.get("message") or response.text)
-        data = {"status_code": response.status_code, "request_id": response.headers.get("x-request-id"),
+        data = {"status_code": response.status_code, "request_id": response.request.headers["x-request-id"],
                 "body": _json(response)}
         return _result(request["custom_id"], data, error)
 
     async def _send(self, url: str, body: bytes):
         self.posting += 1
         try:
-            return await self.http.post(url, content=body, headers={"content-type": "application/json"})
+            # Every attempt gets its own request id, as Ray Serve's proxy gives every HTTP request one: the
+            # body's id and the log lines carry it, and a request the app refused has one too.
+            return await self.http.post(url, content=body, headers={"content-type": "application/json",
+                                                                     "x-request-id": str(uuid.uuid4())})
         finally:
             self.posting -= 1
             async with self.finished:

@@ -61,6 +61,9 @@ def test_every_line_is_answered_in_order_as_the_server_answers_it(tmp_path, tiny
                                                   temperature=1.0, seed=11, extra_body={"mode": "ar"})
     ok = {r["custom_id"]: r["response"] for r in results[:4]}
     assert all(r["status_code"] == 200 and r["request_id"] for r in ok.values()) and results[0]["error"] is None
+    # the id the server's proxy would give: the body's id (a chat completion's, a response's, a message's)
+    assert all(r["body"]["id"] == r["request_id"] for r in ok.values() if r["body"].get("object") != "response")
+    assert ok["response"]["body"]["id"].endswith(ok["response"]["request_id"])
     assert ok["chat"]["body"]["choices"][0]["message"]["content"] == served_chat.choices[0].message.content
     assert ok["completion"]["body"]["choices"][0]["text"] == served_completion.choices[0].text
     assert ok["completion"]["body"]["usage"] == served_completion.usage.model_dump(exclude_none=True)
@@ -74,6 +77,8 @@ def test_every_line_is_answered_in_order_as_the_server_answers_it(tmp_path, tiny
     assert refused["response"]["status_code"] == 400 and refused["error"]["message"].startswith("temperature")
     assert refused["response"]["body"]["error"]["param"] == "temperature"
     assert unknown["response"]["status_code"] == 404 and unknown["error"]["code"] == "model_not_found"
+    ids = [r["response"]["request_id"] for r in results if r["response"]]
+    assert all(ids) and len(set(ids)) == len(ids)  # refused requests have one too (it was null)
     assert "11 of 11 lines answered, 4 succeeded, 7 failed" in stderr
 
 
