@@ -48,7 +48,10 @@ async def infill_job(client, request_id: str, body, decode_params: dict) -> Comp
                             chars=len(text_prompt) + len(suffix))
     # The same gaps streamed or not: the choice keeps every chunk a prefix of the final text
     # (infill.choose_candidate), so both return the same completion.
-    gaps = plan_gaps(body.max_tokens, multiline=True)
+    if body.max_tokens is not None and body.min_tokens > body.max_tokens:  # vLLM's rule, as without suffix
+        raise InputError(400, "min_tokens", f"is {body.min_tokens}, above max_tokens ({body.max_tokens}): lower "
+                         "min_tokens")
+    gaps = plan_gaps(body.max_tokens, multiline=True, min_tokens=body.min_tokens)
     return CompletionJob(
         request_id=request_id,
         prompt=prompt,

@@ -172,13 +172,16 @@ def heal_text(text: str, healed: str) -> str:
     return Healer(healed).feed(text)
 
 
-def plan_gaps(max_tokens: int | None, multiline: bool) -> tuple[int, ...]:
-    """Candidate gap lengths, capped by max_tokens (rounded up to the slot size)."""
+def plan_gaps(max_tokens: int | None, multiline: bool, min_tokens: int = 0) -> tuple[int, ...]:
+    """Candidate gap lengths, capped by max_tokens and none shorter than min_tokens (vLLM's: the text runs
+    at least that long, which a shorter gap cannot hold), both rounded up to the slot size. The caller
+    keeps min_tokens <= max_tokens."""
+    def whole_slots(tokens: int) -> int:
+        return tokens if tokens < SLOT_SIZE else -(-tokens // SLOT_SIZE) * SLOT_SIZE
+
     base = MULTILINE_GAPS if multiline else SINGLE_LINE_GAPS
-    if max_tokens is None:
-        return base
-    cap = max_tokens if max_tokens < SLOT_SIZE else -(-max_tokens // SLOT_SIZE) * SLOT_SIZE
-    return tuple(sorted({min(g, cap) for g in base}))
+    cap = None if max_tokens is None else whole_slots(max_tokens)
+    return tuple(sorted({max(g if cap is None else min(g, cap), whole_slots(min_tokens)) for g in base}))
 
 
 def gap_params(gap: int) -> dict:

@@ -99,6 +99,12 @@ def test_plan_gaps_defaults_and_caps():
     assert plan_gaps(20, multiline=True) == (24,)
     assert plan_gaps(5, multiline=False) == (5,)
     assert plan_gaps(128, multiline=True) == (32, 64)
+    # min_tokens: no gap shorter (it cannot hold the text), rounded up to whole slots, under the cap
+    assert plan_gaps(64, multiline=True, min_tokens=40) == (40, 64)
+    assert plan_gaps(None, multiline=True, min_tokens=41) == (48, 64)
+    assert plan_gaps(None, multiline=True, min_tokens=100) == (104,)
+    assert plan_gaps(41, multiline=True, min_tokens=41) == (48,)
+    assert plan_gaps(5, multiline=False, min_tokens=3) == (5,)
 
 
 @pytest.mark.parametrize("gap", [3, 8, 16, 24, 32, 64, 128, 256])

@@ -74,6 +74,19 @@ async def test_suffix_completion_errors_are_http_errors(http, fake_client):  # n
     assert resp.status_code in (429, 503) and "Retry-After" in resp.headers
 
 
+def test_min_tokens_with_a_suffix_is_checked_against_max_tokens_not_a_gap(serve_base_url):
+    """The infill's shortest candidate gap (32 tokens) refused min_tokens 40 with max_tokens 64 ("must
+    lie in 0..gen_length (32)", a length the client never set); no gap is now shorter than min_tokens."""
+    client = openai.OpenAI(base_url=serve_base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    kwargs = dict(model=model, prompt="def add(a, b):\n    ", suffix="\n    return total\n", temperature=1.0, seed=3)
+    out = client.completions.create(max_tokens=64, extra_body={"min_tokens": 40}, **kwargs)
+    assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens >= 40
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(max_tokens=16, extra_body={"min_tokens": 40}, **kwargs)
+    assert err.value.body["param"] == "min_tokens" and "above max_tokens (16)" in err.value.body["message"]
+
+
 def test_suffix_completion_through_the_sdk_on_the_real_app(serve_base_url):
     client = openai.OpenAI(base_url=serve_base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
     model = client.models.list().data[0].id
