@@ -16,9 +16,9 @@ llama.cpp's field.
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from integrations.http_errors import validation_field, validation_message
 from integrations.openai_models import CompletionRequest
@@ -43,10 +43,40 @@ def llama_field(field: str | None) -> str | None:
     return field
 
 
-class LlamaCompletionBody(BaseModel):
-    """POST /completion (module docstring). Unknown fields are accepted and ignored, as llama.cpp does."""
+class LlamaBody(BaseModel):
+    """A llama.cpp request object (/completion, /infill): JSON null is "not given" (llama.cpp's
+    json_value reads null as the default); types are strict, so "5", true or "yes" for a number or a flag
+    is a 400 naming the field (llama.cpp silently takes the default for a wrong type, which hides the
+    client's mistake; an int is still a float). Unknown fields are accepted and ignored, as llama.cpp does."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+def llama_timings(prompt_n: int, cached: int, prompt_ms: float, predicted_n: int, predicted_ms: float) -> dict:
+    """llama.cpp's `timings` of a result: prompt_n counts the prompt tokens processed (`cached` ones the
+    prefix cache served are not), prompt_ms and predicted_ms in milliseconds, with the per-token and
+    per-second figures llama.cpp derives from them."""
+    processed = max(prompt_n - cached, 0)
+    return {
+        "prompt_n": processed,
+        "prompt_ms": round(prompt_ms, 3),
+        "prompt_per_token_ms": round(prompt_ms / processed, 3) if processed else 0.0,
+        "prompt_per_second": round(1000.0 * processed / prompt_ms, 3) if prompt_ms else 0.0,
+        "predicted_n": predicted_n,
+        "predicted_ms": round(predicted_ms, 3),
+        "predicted_per_token_ms": round(predicted_ms / predicted_n, 3) if predicted_n else 0.0,
+        "predicted_per_second": round(1000.0 * predicted_n / predicted_ms, 3) if predicted_ms else 0.0,
+    }
+
+
+class LlamaCompletionBody(LlamaBody):
+    """POST /completion (module docstring)."""
+
     prompt: str | list[int]
     n_predict: int = Field(-1, ge=-1)
     temperature: float = Field(0.8, ge=0, le=2)
@@ -58,7 +88,8 @@ class LlamaCompletionBody(BaseModel):
     stream: bool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: list[tuple[int, bool | float]] | dict[str, bool | float] | None = None  # [[id, bias or false]], {"id": ...}
+    # [[id, bias or false]] (a JSON pair is a list: a tuple only in lax mode), {"id": ...}
+    logit_bias: list[Annotated[tuple[int, bool | float], Strict(False)]] | dict[str, bool | float] | None = None
     n_probs: int = Field(0, ge=0, le=20)
     grammar: str = ""
     json_schema: dict[str, Any] | None = None
@@ -66,12 +97,6 @@ class LlamaCompletionBody(BaseModel):
     return_tokens: bool = False
     response_fields: list[str] | None = None
     mode: str = "auto"  # ReFusion extension
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_the_default(cls, data):
-        """llama.cpp reads a JSON null as "not given": the field's default applies."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     def openai_body(self) -> CompletionRequest:
         """The /v1/completions body this request is. Raises InputError naming llama.cpp's field."""
@@ -145,9 +170,7 @@ def llama_result(client, body: LlamaCompletionBody, prompt_ids: list[int], text:
         "has_new_line": "\n" in text if has_new_line is None else has_new_line,
         "stop_type": stop_type, "stopping_word": word if stop_type == "word" else "",
         "tokens_cached": int(stats.get("cached_prompt_tokens") or 0),
-        "timings": {"prompt_n": prompt_n, "prompt_ms": round(prompt_ms, 3),
-                    "predicted_n": tokens, "predicted_ms": round(predicted_ms, 3),
-                    "predicted_per_second": round(1000.0 * tokens / predicted_ms, 3) if predicted_ms else 0.0},
+        "timings": llama_timings(prompt_n, int(stats.get("cached_prompt_tokens") or 0), prompt_ms, tokens, predicted_ms),
     }
     if probabilities is not None:
         result["completion_probabilities"] = probabilities

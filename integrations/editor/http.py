@@ -78,6 +78,17 @@ async def editor_socket(websocket: WebSocket) -> None:
         await session.close()
 
 
+@router.get("/v1/editor", include_in_schema=False)
+async def editor_without_upgrade() -> JSONResponse:
+    """A plain GET of the WebSocket route (curl, a browser, a client without the upgrade headers): 426
+    Upgrade Required naming the protocol (RFC 9110, 15.5.22: the response carries Upgrade), not the 404
+    a route that only takes WebSockets answers."""
+    message = ("/v1/editor is a WebSocket (msgpack-RPC, docs/editor-protocol.md): connect with a WebSocket client, "
+               "e.g. websockets.connect('ws://HOST:PORT/v1/editor')")
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                   "code": "upgrade_required"}}, 426, headers={"Upgrade": "websocket"})
+
+
 async def _read_frames(websocket: WebSocket, session: EditorSession) -> None:
     """Answer every frame until the client disconnects."""
     with contextlib.suppress(WebSocketDisconnect):

@@ -20,7 +20,7 @@ import asyncio
 import json
 from typing import Any, AsyncIterator
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from integrations.editor.infill import Candidate, build_infill_prompt, plan_gaps
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
@@ -28,24 +28,24 @@ from integrations.editor.protocol import ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
 from decoding.params import MAX_TOP_K
 from integrations.request_limits import MAX_SEED, off_loop, sampling_temperature
+from integrations.llama_completion import LlamaBody, llama_timings
 from integrations.openai_infill import final_delta, piece_ids
 from scheduler.api import Delta, Mode, Priority
 
 LIMITS = Limits()
 
 
-class ExtraChunk(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ExtraChunk(LlamaBody):
     text: str = Field(max_length=LIMITS.max_text_chars)  # as the editor protocol's context chunks
     filename: str = ""
 
 
-class InfillBody(BaseModel):
-    """The /infill request. Unknown fields are accepted and ignored (clients send many)."""
+class InfillBody(LlamaBody):
+    """The /infill request (llama.cpp's tools/server/README.md, "POST /infill"): input_prefix and
+    input_suffix are required, as llama.cpp requires them."""
 
-    model_config = ConfigDict(extra="allow")
-    input_prefix: str = Field("", max_length=LIMITS.max_text_chars)
-    input_suffix: str = Field("", max_length=LIMITS.max_text_chars)
+    input_prefix: str = Field(max_length=LIMITS.max_text_chars)
+    input_suffix: str = Field(max_length=LIMITS.max_text_chars)
     input_extra: list[ExtraChunk] = Field(default_factory=list, max_length=LIMITS.max_context_chunks)
     prompt: str = Field("", max_length=LIMITS.max_text_chars)
     n_predict: int = Field(-1, ge=-1)  # a maximum: the strategy's gaps (at most LIMITS.max_tokens) apply
@@ -63,7 +63,8 @@ class InfillBody(BaseModel):
     return_tokens: bool = False  # `tokens` holds the generated ids (always when streaming)
     response_fields: list[str] | None = None
     cache_prompt: bool = True  # always on: the engine's prefix cache serves every request
-    mode: Mode = Mode.AUTO  # ReFusion extension (llama.cpp has none): pin the decoder for reproducible output
+    # ReFusion extension (llama.cpp has none): pin the decoder for reproducible output; its JSON string
+    mode: Mode = Field(Mode.AUTO, strict=False)
 
     # Accepted only at their "off" value: each would change what the output is, and none is applied.
     grammar: str = ""
@@ -79,12 +80,6 @@ class InfillBody(BaseModel):
         if not all(value):
             raise ValueError("stop strings must be non-empty")
         return value
-
-    @field_validator("temperature", "top_k", "top_p", "min_p", "grammar", "n_probs", "lora", "ignore_eos", mode="before")
-    @classmethod
-    def _null_is_the_default(cls, value: Any, info) -> Any:
-        """llama.cpp reads a JSON null as "not given": the default (or the off value) applies."""
-        return cls.model_fields[info.field_name].get_default(call_default_factory=True) if value is None else value
 
     @field_validator("grammar", "json_schema", "n_probs", "lora", "ignore_eos", "logit_bias")
     @classmethod
@@ -170,16 +165,7 @@ def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_rea
         "truncated": job.prompt.truncated,
         **_stop_fields(stop_reason, candidate, job),
         "tokens_cached": cached,  # prompt tokens the prefix cache served (llama.cpp: reused from before)
-        "timings": {
-            "prompt_n": prompt_n,
-            "prompt_ms": round(prompt_ms, 3),
-            "prompt_per_token_ms": round(prompt_ms / prompt_n, 3) if prompt_n else 0.0,
-            "prompt_per_second": round(1000.0 * prompt_n / prompt_ms, 3) if prompt_ms else 0.0,
-            "predicted_n": tokens,
-            "predicted_ms": round(predicted_ms, 3),
-            "predicted_per_token_ms": round(predicted_ms / tokens, 3) if tokens else 0.0,
-            "predicted_per_second": round(1000.0 * tokens / predicted_ms, 3) if predicted_ms else 0.0,
-        },
+        "timings": llama_timings(prompt_n, cached, prompt_ms, tokens, predicted_ms),
     }
 
 

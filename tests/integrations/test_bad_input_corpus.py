@@ -93,7 +93,7 @@ async def test_the_server_still_serves_after_the_corpus(serve_base_url, log_mark
         chat = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                                "max_tokens": 4})
         assert chat.status_code == 200, chat.text
-        infill = await client.post("/infill", json={"input_prefix": "def f(x):\n    ", "n_predict": 8})
+        infill = await client.post("/infill", json={"input_prefix": "def f(x):\n    ", "input_suffix": "", "n_predict": 8})
         assert infill.status_code == 200 and isinstance(infill.json()["content"], str)
         tokens = await client.post("/tokenize", json={"content": "def f(x):"})
         assert tokens.status_code == 200 and tokens.json()["tokens"]

@@ -190,6 +190,14 @@ async def test_bad_frames_and_unknown_methods_keep_the_connection(serve_base_url
         assert err is None and "\n" not in result["text"].strip("\n")
 
 
+async def test_a_plain_get_of_the_websocket_route_says_to_upgrade(serve_base_url):
+    """curl http://HOST:PORT/v1/editor answered 404 Not Found, as if the route did not exist."""
+    async with httpx.AsyncClient(base_url=serve_base_url, timeout=30) as http:
+        plain = await http.get("/v1/editor")
+    assert plain.status_code == 426 and plain.headers["upgrade"] == "websocket"
+    assert "WebSocket" in plain.json()["error"]["message"]
+
+
 async def test_infill_like_llama_vim_and_llama_vscode(serve_base_url):
     async with httpx.AsyncClient(base_url=serve_base_url, timeout=60) as http:
         vim = await http.post("/infill", json=llama_vim_request(n_predict=16))

@@ -233,13 +233,13 @@ async def test_t_max_predict_ms_ends_after_the_limit_once_a_newline_is_out(fake_
 
 async def test_the_limit_reports_stop_type_limit(http, fake_client, moving_clock):  # noqa: F811
     fake_client.default_text = "a = 1\nb = 2\nc = 3\n"
-    data = (await http.post("/infill", json={"input_prefix": "x = 0\n", "n_predict": 64, "temperature": 0,
+    data = (await http.post("/infill", json={"input_prefix": "x = 0\n", "input_suffix": "", "n_predict": 64, "temperature": 0,
                                              "t_max_predict_ms": 500})).json()
     assert data["content"] == "a = 1\n" and data["stop_type"] == "limit" and data["stopping_word"] == ""
 
 
 async def test_defaults_n_ctx_and_n_predict_are_llama_cpp_s(http, fake_client):  # noqa: F811
-    data = (await http.post("/infill", json={"input_prefix": "x = 0\n", "n_predict": 100_000})).json()
+    data = (await http.post("/infill", json={"input_prefix": "x = 0\n", "input_suffix": "", "n_predict": 100_000})).json()
     settings = data["generation_settings"]
     assert (settings["temperature"], settings["top_k"], settings["top_p"]) == (0.8, 40, 0.95)  # README defaults
     assert settings["n_predict"] == 100_000  # a maximum, not a size to refuse (n_ctx: test_serve_client_text)
@@ -251,28 +251,28 @@ async def test_defaults_n_ctx_and_n_predict_are_llama_cpp_s(http, fake_client): 
                                           ("lora", [{"id": 0, "scale": 1.0}]), ("ignore_eos", True),
                                           ("logit_bias", [[15043, 1.0]])])
 async def test_options_that_would_change_the_output_are_refused_not_ignored(http, fake_client, field, value):  # noqa: F811
-    resp = await http.post("/infill", json={"input_prefix": "x", field: value})
+    resp = await http.post("/infill", json={"input_prefix": "x", "input_suffix": "", field: value})
     assert resp.status_code == 400 and f"Field '{field}'" in resp.json()["error"]["message"]
     assert not fake_client.requests
     off = {"grammar": "", "json_schema": None, "n_probs": 0, "lora": [], "ignore_eos": False, "logit_bias": []}
-    assert (await http.post("/infill", json={"input_prefix": "x", field: off[field]})).status_code == 200
+    assert (await http.post("/infill", json={"input_prefix": "x", "input_suffix": "", field: off[field]})).status_code == 200
 
 
 async def test_the_request_id_prefixes_the_engine_ids(http, fake_client):  # noqa: F811
     for stream in (False, True):
-        resp = await http.post("/infill", json={"input_prefix": "x = 0\n", "stream": stream},
+        resp = await http.post("/infill", json={"input_prefix": "x = 0\n", "input_suffix": "", "stream": stream},
                                headers={"X-Request-Id": f"vim-{stream}"})
         assert resp.status_code == 200  # (Ray's proxy echoes a given id: test_serve_openai_fields)
         # <id>.<random>-g<gap>: the client's id first; a reused id never meets its last request's candidates
         assert all(r.request_id.startswith(f"vim-{stream}.") for r in fake_client.requests)
         assert len({r.request_id.rsplit("-g", 1)[0] for r in fake_client.requests}) == 1
         fake_client.requests.clear()
-    fresh = await http.post("/infill", json={"input_prefix": "x = 0\n"})
+    fresh = await http.post("/infill", json={"input_prefix": "x = 0\n", "input_suffix": ""})
     assert fake_client.requests[0].request_id.startswith(fresh.headers["x-request-id"] + ".")
 
 
 async def test_null_means_the_default_and_all_candidates_share_one_seed(http, fake_client):  # noqa: F811
-    body = {"input_prefix": "x = 0\n", "temperature": None, "top_k": None, "top_p": None, "grammar": None,
+    body = {"input_prefix": "x = 0\n", "input_suffix": "", "temperature": None, "top_k": None, "top_p": None, "grammar": None,
             "n_probs": None, "lora": None, "ignore_eos": None, "json_schema": None, "logit_bias": None}
     data = (await http.post("/infill", json=body)).json()
     settings = data["generation_settings"]

@@ -210,7 +210,7 @@ class _FailsMidStream(FakeEngineClient):
 
 async def test_infill_stream_error_after_the_first_event_is_an_error_event(bpe_tokenizer):  # noqa: F811
     async with _app(_FailsMidStream(bpe_tokenizer)) as http:
-        response = await http.post("/infill", json={"input_prefix": "x = ", "n_predict": 16, "stream": True})
+        response = await http.post("/infill", json={"input_prefix": "x = ", "input_suffix": "", "n_predict": 16, "stream": True})
     events = [json.loads(line[len("data: "):]) for line in response.text.split("\n\n") if line.startswith("data: ")]
     assert response.status_code == 200 and events[0]["content"] == "total"
     assert events[-1]["error"] == {"code": 400, "message": "Field 'stop': has 20 strings; give at most 16",
@@ -220,7 +220,7 @@ async def test_infill_stream_error_after_the_first_event_is_an_error_event(bpe_t
 async def test_infill_stream_error_before_the_first_event_is_an_http_error(fake_client):  # noqa: F811
     fake_client.fail_with = InvalidRequestError("gen_length", "too long")
     async with _app(fake_client) as http:
-        response = await http.post("/infill", json={"input_prefix": "x = ", "stream": True})
+        response = await http.post("/infill", json={"input_prefix": "x = ", "input_suffix": "", "stream": True})
     assert response.status_code == 400 and response.json()["error"]["message"] == "Field 'gen_length': too long"
 
 

@@ -162,7 +162,7 @@ async def test_editor_websocket_refuses_foreign_origins(serve_base_url):
 
 
 def test_http_refuses_foreign_origins_and_allows_configured_ones(http):
-    body = {"input_prefix": "def f(", "n_predict": 4}
+    body = {"input_prefix": "def f(", "input_suffix": "", "n_predict": 4}
     foreign = http.post("/infill", json=body, headers={"Origin": "https://evil.example"})
     error = foreign.json()["error"]  # llama.cpp's shape on its route, the middleware's answer too
     assert foreign.status_code == 403 and (error["code"], error["type"]) == (403, "permission_error"), error

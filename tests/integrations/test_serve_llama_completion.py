@@ -39,6 +39,19 @@ def test_completion_is_the_openai_completion_in_llama_cpps_shape(http):
     assert streamed[-1]["timings"]["predicted_n"] == out["tokens_predicted"]
 
 
+def test_timings_are_llama_cpps_eight_and_count_only_the_prompt_tokens_processed(http):
+    """llama.cpp's timings: prompt_n is the prompt tokens processed, so tokens the prefix cache served are
+    not in it (they were; and /completion lacked the three per-token / per-second fields /infill has)."""
+    prompt = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(12))
+    body = {"prompt": prompt, "n_predict": 4, "temperature": 0, "mode": "ar"}
+    http.post("/completion", json=body)
+    again = http.post("/completion", json=body).json()
+    assert set(again["timings"]) == {"prompt_n", "prompt_ms", "prompt_per_token_ms", "prompt_per_second",
+                                     "predicted_n", "predicted_ms", "predicted_per_token_ms", "predicted_per_second"}
+    assert again["tokens_cached"] > 0, again
+    assert again["timings"]["prompt_n"] == again["tokens_evaluated"] - again["tokens_cached"]
+
+
 def test_logit_bias_in_llama_cpps_form(http):
     """[[id, bias]] pairs; false bans a token (llama.cpp's form)."""
     [x] = http.post("/tokenize", json={"content": "x"}).json()["tokens"]

@@ -121,7 +121,7 @@ def test_the_model_slot_never_takes_a_generation_past_the_context(client):
 def test_infill_carries_the_one_request_id(http):
     # llama.cpp's /infill has no body id: the X-Request-Id (Ray's or the client's) is the one id, and
     # the engine's ids of its candidates start with it (test_infill_llama_compat checks those).
-    body = {"input_prefix": "def f(x):\n    ", "n_predict": 4, "temperature": 0, "mode": "ar"}
+    body = {"input_prefix": "def f(x):\n    ", "input_suffix": "", "n_predict": 4, "temperature": 0, "mode": "ar"}
     for stream in (False, True):
         given = http.post("/infill", json={**body, "stream": stream}, headers={"X-Request-Id": "vim-7.a"})
         assert given.status_code == 200 and given.headers.get_list("x-request-id") == ["vim-7.a"]
