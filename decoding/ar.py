@@ -80,7 +80,8 @@ class ARDecoder:
         if constraint is not None and self.phase is not ARPhase.FINISHED:  # a grammar may force its start
             self.generated = constraint.initial_forced[: self.span]  # consumed by the matcher already
             self._record_forced(self.generated)
-            self.ended_on_eos = constraint.stopped
+            # Complete only if the whole forced start fits: the matcher consumed all of it, a cut one is not
+            self.ended_on_eos = constraint.stopped and len(constraint.initial_forced) <= self.span
             if constraint.stopped or len(self.generated) >= self.span:
                 self.phase = ARPhase.FINISHED
         if self.phase is ARPhase.FINISHED:

@@ -92,6 +92,24 @@ async def test_an_output_the_grammar_forces_entirely_runs_no_forward_and_has_no_
     assert last.stats["forwards"] == 0 and last.stats["tokens_per_forward"] is None  # undefined, not 0.0
 
 
+async def test_a_forced_output_cut_by_gen_length_is_a_length_finish(engine_factory, runner):
+    """A grammar that forces more than gen_length tokens: the cut text is not the grammar's end, so the
+    finish is LENGTH (it was STOP: the matcher had consumed the whole forced start, so the decoder took
+    the grammar as complete and a client read truncated JSON as finished)."""
+    engine = await engine_factory()
+    literal = GrammarSpec(LLMatcher.grammar_from_lark('start: "return value + 1 if value else other_value - 2"'))
+    prompt = _ids(runner, PROMPTS[0])
+    whole, ids, last = await _run(engine, GenerationRequest("all", prompt, {"gen_length": 32}, grammar=literal))
+    assert whole == "return value + 1 if value else other_value - 2" and last.finish_reason == FinishReason.STOP
+    span = len(ids) - 2
+    cut, _, last = await _run(engine, GenerationRequest("cut", prompt, {"gen_length": span, "slot_size": span, "serial_num_blocks": 1},
+                                                        grammar=literal))
+    assert whole.startswith(cut) and cut != whole and last.finish_reason == FinishReason.LENGTH
+    exact, _, last = await _run(engine, GenerationRequest("exact", prompt, {"gen_length": len(ids), "slot_size": len(ids), "serial_num_blocks": 1},
+                                                          grammar=literal))
+    assert exact == whole and last.finish_reason == FinishReason.STOP  # the grammar ends at gen_length itself
+
+
 async def test_forced_text_that_spells_special_tokens_comes_out_as_text(engine_factory, runner):
     """A literal the grammar forces may spell a special token ("<|mask|>", the EOS's "<|endoftext|>"):
     llguidance's fast-forward tokenizes it into that token, which the matcher refuses (the request
