@@ -139,13 +139,8 @@ def _plain_section(message: ChatMessage) -> str:
         return f"### Tool result ({message.tool_call_id or message.name or 'call'})\n{content}"
     parts = [content] if content else []
     for call in message.tool_calls or []:
-        function = call.get("function", {})
-        arguments = function.get("arguments", "{}")
-        try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
-            pass
-        body = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
+        body = json.dumps({"name": call.function.name, "arguments": _parsed_arguments(call.function.arguments)},
+                          ensure_ascii=False)
         parts.append(f"{TOOL_OPEN}{body}{TOOL_CLOSE}")
     return f"{_ROLE_HEADERS[message.role]}\n" + "\n".join(parts)
 
@@ -158,14 +153,17 @@ def _template_message(message: ChatMessage) -> dict:
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
     if message.tool_calls:
-        calls = []
-        for call in message.tool_calls:
-            function = dict(call.get("function", {}))
-            if isinstance(function.get("arguments"), str):
-                try:
-                    function["arguments"] = json.loads(function["arguments"])
-                except ValueError:
-                    pass
-            calls.append({**call, "function": function})
-        out["tool_calls"] = calls
+        out["tool_calls"] = [{"id": call.id, "type": call.type,
+                              "function": {"name": call.function.name,
+                                           "arguments": _parsed_arguments(call.function.arguments)}}
+                             for call in message.tool_calls]
     return out
+
+
+def _parsed_arguments(arguments: str):
+    """A call's arguments as an object where the JSON string parses (templates and the plain format write
+    objects), else the string as sent."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments

@@ -13,7 +13,7 @@ import functools
 import inspect
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from integrations.openai_body import Metadata, OpenAIBody
 from integrations.openai_sampling import SamplingFields
@@ -109,15 +109,43 @@ class ToolSpec(OpenAIBody):
     function: FunctionSpec
 
 
+class CalledFunction(BaseModel):
+    """The function of an assistant message's tool call: its name and its arguments, a JSON string, as
+    the model wrote them (OpenAI's ChatCompletionMessageToolCall.function)."""
+
+    model_config = ConfigDict(strict=True)
+
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class AssistantToolCall(BaseModel):
+    """A tool call of an earlier assistant message, sent back in the conversation (OpenAI's
+    ChatCompletionMessageToolCall: `id`, `type` "function", `function`); a `tool` message answers it by id."""
+
+    model_config = ConfigDict(strict=True)
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"  # OpenAI's custom tools are not offered
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     """One message; `content` may be a string or a list of {"type": "text", "text": ...} parts. Only an
-    assistant message may leave it out (or send null): one that only calls tools, as OpenAI's API."""
+    assistant message may leave it out (or send null): one that only calls tools, as OpenAI's API. A
+    `tool` message needs its `tool_call_id`, as OpenAI requires."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = Field(default=None, validate_default=True)
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[AssistantToolCall] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_result_names_its_call(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id is required in a tool message: the id of the assistant tool call it answers")
+        return self
 
     @field_validator("content")
     @classmethod
@@ -126,6 +154,8 @@ class ChatMessage(BaseModel):
         if value is None and role is not None and role != "assistant":
             raise ValueError(f"is required in a {role} message: a string or text parts")
         if isinstance(value, list):
+            if not value:
+                raise ValueError("is an empty list: give a string or at least one text part")
             texts = []
             for part in value:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):

@@ -179,6 +179,23 @@ HTTP_CASES = [
     _c("completions-min-p-over-one", {"prompt": "x", "min_p": 1.5}, field="min_p"),
     _infill("infill-min-p-negative", {"input_prefix": "x", "input_suffix": "", "min_p": -0.1}, field="min_p"),
     _chat("chat-empty-messages", {"messages": []}, field="messages"),
+    # an earlier assistant turn's tool calls are OpenAI's shape (a function that was a string: a 500)
+    _chat("chat-tool-call-function-string", {"messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": "f"}]}]}, field="messages.1.tool_calls.0.function"),
+    _chat("chat-tool-call-function-null-streamed", {"stream": True, "messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": None}]}]}, field="messages.1.tool_calls.0.function"),
+    _chat("chat-tool-call-arguments-object", {"messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]}]},
+          field="messages.1.tool_calls.0.function.arguments"),
+    _chat("chat-tool-call-no-id", {"messages": USER + [{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, field="messages.1.tool_calls.0.id"),
+    _chat("chat-tool-call-custom", {"messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "custom", "custom": {"name": "f", "input": "x"}}]}]}, field="messages.1.tool_calls.0.type"),
+    _chat("chat-tool-message-without-id", {"messages": USER + [{"role": "tool", "content": "5"}]}, field="messages.1"),
+    _chat("chat-content-empty-list", {"messages": [{"role": "user", "content": []}]}, field="messages.0.content"),
+    HTTPCase("apply-template-tool-call-function-string", "POST", "/apply-template", {"messages": USER + [
+        {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": "f"}]}]}, 400,
+             "messages.1.tool_calls.0.function"),
     _chat("chat-messages-string", {"messages": "hi"}, field="messages"),
     _chat("chat-role-unknown", {"messages": [{"role": "wizard", "content": "hi"}]}, field="messages.0.role"),
     _chat("chat-image-part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},

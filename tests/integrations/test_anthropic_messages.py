@@ -41,7 +41,8 @@ def test_blocks_become_chat_messages_in_the_order_written():
                             {"type": "text", "text": "Thanks."}]},
                     ], stop_sequences=["\n\n"], top_k=5, metadata={"user_id": "u1"},
                     tool_choice={"type": "any", "disable_parallel_tool_use": True}).chat_request()
-    got = [(m.role, m.content, m.tool_calls, m.tool_call_id) for m in chat.messages]
+    got = [(m.role, m.content, [c.model_dump() for c in m.tool_calls] if m.tool_calls else None, m.tool_call_id)
+           for m in chat.messages]
     call = {"id": "toolu_1", "type": "function", "function": {"name": "add", "arguments": json.dumps({"a": 2})}}
     assert got == [("system", "Be brief.\nUse Python.", None, None), ("user", "Add 2 and 3.", None, None),
                    ("assistant", "Adding.", [call], None), ("tool", "5", None, "toolu_1"), ("user", "Thanks.", None, None)]

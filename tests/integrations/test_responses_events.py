@@ -115,7 +115,7 @@ def test_calls_join_the_assistant_turn_they_belong_to_and_outputs_need_their_cal
         {"type": "function_call_output", "call_id": "c2", "output": "down"}])
     messages = body.chat_request().messages
     assert [m.role for m in messages] == ["user", "assistant", "tool", "tool"]
-    assert messages[1].content == "Let me check." and [c["id"] for c in messages[1].tool_calls] == ["c1", "c2"]
+    assert messages[1].content == "Let me check." and [c.id for c in messages[1].tool_calls] == ["c1", "c2"]
     orphan = ResponsesRequest(input=[{"role": "user", "content": "x"},
                                      {"type": "function_call_output", "call_id": "nope", "output": "up"}])
     with pytest.raises(InputError) as err:
