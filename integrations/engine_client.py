@@ -35,6 +35,7 @@ from typing import Any, AsyncIterator, Protocol
 
 from scheduler.api import Delta, EngineError, FinishReason, GenerationRequest, InvalidRequestError, OverloadedError, merge_deltas
 from scheduler.engine import EngineNotRunningError
+from scheduler.request_ids import InFlightIds, in_flight_message
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,7 @@ class ServeEngineClient:
         self._caller = caller
         self._streaming = handle.options(stream=True)
         self._inflight: dict[str, Any] = {}  # request_id -> DeploymentResponseGenerator
+        self._inflight_ids = InFlightIds()  # its keys, with their dotted prefixes
         self.tokenizer = tokenizer
         self.model_name = model_name
 
@@ -275,10 +277,12 @@ class ServeEngineClient:
         from ray.exceptions import RayError
         from ray.serve.exceptions import RayServeException, RequestCancelledError
 
-        if req.request_id in self._inflight:  # the engine refuses this too, but only on the same replica
-            raise InvalidRequestError("request_id", f"{req.request_id!r} is already in flight; use a unique id")
+        # the engine refuses this too, but only on the same replica
+        if (running := self._inflight_ids.overlap(req.request_id)) is not None:
+            raise InvalidRequestError("request_id", in_flight_message(req.request_id, running))
         responses = call_alone(lambda: self._streaming.generate.remote(req, caller=self._caller))
         self._inflight[req.request_id] = responses
+        self._inflight_ids.add(req.request_id)
         finished = False
         try:
             async for item in responses:
@@ -297,6 +301,7 @@ class ServeEngineClient:
             raise replica_call_error(exc, f"request {req.request_id}") from None
         finally:
             self._inflight.pop(req.request_id, None)
+            self._inflight_ids.discard(req.request_id)
             if not finished:
                 # Ray Serve cancels the replica-side generator, whose `finally` cancels in the engine.
                 responses.cancel()

@@ -32,6 +32,7 @@ from scheduler.detokenizer import TextStream, TextUpdate
 from scheduler.metrics import EngineMetrics
 from scheduler.mode_switch import maybe_switch
 from scheduler.request import Request, RequestStatus
+from scheduler.request_ids import InFlightIds, in_flight_message
 from scheduler.routing import CostCurve, Router
 from scheduler.scheduler import Scheduler, StepPlan, execute_isolated, execute_plan
 from scheduler.validation import parse_params, validate_request, with_seed
@@ -70,6 +71,7 @@ class Engine:
         self.prefix_cache = self.kv.prefix_cache
         self.metrics.update_gauges(0, 0, self.kv.pool(), self.prefix_cache)  # capacity known before a first step
         self._requests: dict[str, Request] = {}
+        self._ids = InFlightIds()  # the keys of _requests, with their dotted prefixes (scheduler/request_ids.py)
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = False
@@ -335,6 +337,7 @@ class Engine:
         self.scheduler.remove(req)
         req.status = RequestStatus.FINISHED
         self._requests.pop(req.id, None)
+        self._ids.discard(req.id)
         self._send(req, update, now, finished=True)
         if not req.spec.internal:
             self.metrics.observe_finish(req, now)
@@ -399,8 +402,8 @@ class Engine:
             self.metrics.rejected.labels(reason="not_running").inc()
             why = "the engine is shutting down" if self._stopping else "engine is not running; call `await engine.start()` first"
             raise EngineNotRunningError(why, retry_after_s=5.0)
-        if spec.request_id in self._requests:
-            raise InvalidRequestError("request_id", f"{spec.request_id!r} is already in flight; use a unique id")
+        if (running := self._ids.overlap(spec.request_id)) is not None:
+            raise InvalidRequestError("request_id", in_flight_message(spec.request_id, running))
         params = parse_params(self.scheduler.factories["main"], with_seed(spec.params))
         try:
             stream = TextStream(self.tokenizer, spec.stop, min_tokens=getattr(params, "min_tokens", 0), healed=spec.healed)
@@ -410,6 +413,7 @@ class Engine:
             raise
         req.grammar = grammar
         self._requests[req.id] = req
+        self._ids.add(req.id)
         if not spec.internal:
             self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
         self._wake.set()

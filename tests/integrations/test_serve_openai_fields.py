@@ -64,6 +64,16 @@ def test_a_client_request_id_is_the_one_id(http):
         again = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers={"X-Request-Id": "dup-1"})
     assert again.status_code == 400 and again.json()["error"]["param"] == "X-Request-Id"  # the header to change
     assert "already in flight" in again.json()["error"]["message"]
+    # n choices run as <id>.<i>: the client's id was not seen among them, so a second request with the id of
+    # a running n=2 request was served (found by a break-test)
+    with http.stream("POST", "/v1/completions", json=endless | {"n": 2}, headers={"X-Request-Id": "dup-2"}) as running:
+        lines = running.iter_lines()
+        assert next(lines).startswith("data: {")
+        for body in ({"prompt": "x", "max_tokens": 2}, {"prompt": "x", "max_tokens": 2, "n": 3}):
+            again = http.post("/v1/completions", json=body, headers={"X-Request-Id": "dup-2"})
+            assert again.status_code == 400 and again.json()["error"]["param"] == "X-Request-Id", again.text
+        sibling = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers={"X-Request-Id": "dup-2x"})
+        assert sibling.status_code == 200  # only dotted prefixes overlap
 
 
 def test_streamed_chunks_carry_null_usage_until_the_final_usage_chunk(client):
