@@ -140,7 +140,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "invalid_request_error"  # OpenAI's type for an unknown route, too
-        return APIError(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None)).response()
+        headers = getattr(exc, "headers", None)
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":  # the router's: no such route
+            # OpenAI's wording, "Invalid URL (POST /v1/embeddings)", and where the served routes are listed
+            message = (f"Invalid URL ({request.method} {request.url.path}): not a route of this server (embeddings, "
+                       "files, moderations and stored responses are not offered); GET /docs and docs/api.md list the routes")
+        elif exc.status_code == 405 and message == "Method Not Allowed" and (headers or {}).get("Allow"):
+            message = f"{request.method} is not allowed on {request.url.path}: use {headers['Allow']}"
+        return APIError(exc.status_code, message, kind, headers=headers).response()
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError):  # typed: an answer, not a bug (no traceback)

@@ -69,13 +69,26 @@ class SamplingFields(OpenAIBody):
     top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K, description="0 or -1 = off (vLLM's meaning; the engine's 0)")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="vLLM's: 0 = off; AR sampling only")
     max_time_ms: int | None = Field(default=None, ge=1)
-    priority: Literal["interactive", "batch"] | None = None  # default: interactive with `suffix` (FIM), else batch
+    # default: interactive with `suffix` (FIM), else batch; vLLM's integer priority 0 (its default) is unset
+    priority: Literal["interactive", "batch"] | int | None = None
     # Structured outputs (integrations/structured_output.py): OpenAI's response_format (vLLM accepts it
     # on completions too) or vLLM's structured_outputs; decoded on the AR path
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     # vLLM's prompt_logprobs: the prompt tokens' log probabilities, with this many alternatives each
     prompt_logprobs: int | None = None
+
+    @field_validator("priority")
+    @classmethod
+    def _vllm_priority(cls, value):
+        """vLLM's `priority` is an integer that needs its priority scheduling policy; under its default
+        policy only 0 is taken, as here (the default class)."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value != 0:
+                raise ValueError(f"is {value}: this server's classes are \"interactive\" and \"batch\" (vLLM's "
+                                 "integer priority is taken only as 0, its default)")
+            return None
+        return value
 
     @field_validator("top_k")
     @classmethod

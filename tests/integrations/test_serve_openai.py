@@ -123,6 +123,7 @@ def test_bad_fields_are_400_naming_the_field(client, model):
         ({"extra_body": {"bogus_field": 1}}, "bogus_field"),
         # Passes the HTTP schema, rejected by the engine's DecodeParams (InvalidRequestError over Ray):
         ({"max_tokens": 16, "extra_body": {"slot_size": 8, "serial_num_blocks": 5}}, "serial_num_blocks"),
+        ({"extra_body": {"priority": 3}}, "priority"),  # vLLM's integer priority: only 0, its default
     ]
     for kwargs, field in cases:
         with pytest.raises(openai.BadRequestError) as err:
@@ -132,6 +133,19 @@ def test_bad_fields_are_400_naming_the_field(client, model):
     with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(model="gpt-nope", prompt="x")
     assert err.value.body["param"] == "model"
+    vllm_default = client.completions.create(model=model, prompt="x", max_tokens=2, extra_body={"priority": 0})
+    assert vllm_default.choices  # vLLM's integer priority 0 (its default) was a 400
+
+
+def test_routes_that_are_not_served_say_so(client, model):
+    """An OpenAI route this server does not offer was a bare 404 "Not Found" (and 405 "Method Not Allowed"):
+    OpenAI's "Invalid URL (...)" wording and where the routes are listed, or the method to use."""
+    with pytest.raises(openai.NotFoundError) as err:
+        client.embeddings.create(model=model, input="x")
+    assert err.value.body["message"].startswith("Invalid URL (POST /v1/embeddings): not a route of this server")
+    with pytest.raises(openai.APIStatusError) as err:
+        client.models.delete(model)
+    assert err.value.status_code == 405 and err.value.body["message"] == f"DELETE is not allowed on /v1/models/{model}: use GET"
 
 
 def _metric(url: str, name: str, **labels) -> float:
