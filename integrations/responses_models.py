@@ -200,8 +200,10 @@ def _text_field(item: dict, name: str, k: int) -> str:
 
 def _tool(tool: dict, k: int) -> dict:
     if tool.get("type") != "function":
-        raise InputError(400, f"tools.{k}.type", f"{tool.get('type')!r} tools are OpenAI's hosted tools and are not "
-                         "offered here; use function tools ({'type': 'function', 'name': ..., 'parameters': {...}})")
+        kind = ("custom tools (free-form input)" if tool.get("type") == "custom"
+                else f"{tool.get('type')!r} tools are OpenAI's hosted tools and")
+        raise InputError(400, f"tools.{k}.type", f"{kind} are not offered here; use function tools "
+                         "({'type': 'function', 'name': ..., 'parameters': {...}})")
     unknown = sorted(set(tool) - {"type", "name", "description", "parameters", "strict"})
     if unknown:
         raise InputError(400, f"tools.{k}.{unknown[0]}", "unknown field of a function tool")
@@ -210,11 +212,13 @@ def _tool(tool: dict, k: int) -> dict:
 
 
 def _tool_choice(choice) -> str | dict:
-    if isinstance(choice, dict):
-        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
-            raise InputError(400, "tool_choice", 'use "auto", "none", "required" or {"type": "function", "name": ...}')
+    """The chat turn's tool_choice; the Responses form of a named function is {"type": "function", "name"}
+    (chat's nests it under "function"), so a bad value is refused here in the Responses API's words."""
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    return choice
+    if choice in ("auto", "none", "required"):
+        return choice
+    raise InputError(400, "tool_choice", 'use "auto", "none", "required" or {"type": "function", "name": ...}')
 
 
 def _text_format(fmt) -> dict:

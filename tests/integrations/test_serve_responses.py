@@ -87,6 +87,8 @@ def test_required_tool_choice_gives_function_call_items(client, model):
     ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
     ({"input": "x", "tool_choice": {"type": "function", "name": "missing"}, "tools": [TOOL]}, "tool_choice"),
     ({"input": "x", "bogus": 1}, "bogus"),
+    ({"input": "x", "tool_choice": "sometimes", "tools": [TOOL]}, "tool_choice"),
+    ({"input": "x", "tools": [{"type": "custom", "name": "f"}]}, "tools.0.type"),
     ({"input": "x", "include": ["file_search_call.results"]}, "include"),
     ({"input": "x", "temperature": 3}, "temperature"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "r", "schema": {"type": "nonsense"}}}},
@@ -104,6 +106,9 @@ def test_bad_requests_name_the_responses_field(http, body, field):
         assert response.status_code == 400, response.text[:300]
         error = response.json()["error"]
         assert error["param"] == field or field in error["message"], error
+        assert '"function": {"name"' not in error["message"], error  # the Responses form, not chat's nested one
+        if body.get("tools", [{}])[0].get("type") == "custom":
+            assert "custom tools (free-form input) are not offered" in error["message"], error  # not "hosted"
 
 
 def test_stream_options_are_accepted(http):
