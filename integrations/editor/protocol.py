@@ -172,7 +172,7 @@ def _get(params: dict, name: str, kinds: tuple, default=None, what: str = ""):
 
 
 def _text(params: dict, name: str, limits: Limits, required: bool = False) -> str:
-    if required and name not in params:
+    if required and params.get(name) is None:  # nil is not a string either (it read as "")
         raise invalid_params(name, "is required (a string)")
     value = _get(params, name, (str,), "", "a string")
     if len(value) > limits.max_text_chars:

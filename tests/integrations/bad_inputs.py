@@ -373,6 +373,7 @@ FRAME_CASES = [
     FrameCase("ws-complete-no-uri", rpc.encode_request(1, "complete", {"prefix": "x"}), rpc.INVALID_PARAMS, "uri"),
     FrameCase("ws-complete-no-prefix", rpc.encode_request(1, "complete", {"uri": "u"}), rpc.INVALID_PARAMS, "prefix"),
     FrameCase("ws-complete-prefix-number", _complete(prefix=5), rpc.INVALID_PARAMS, "prefix"),
+    FrameCase("ws-complete-prefix-nil", _complete(prefix=None), rpc.INVALID_PARAMS, "prefix"),
     FrameCase("ws-complete-prefix-over-chars", _complete(prefix="a" * 200_001), rpc.INVALID_PARAMS, "prefix"),
     FrameCase("ws-complete-mode-unknown", _complete(mode="fast"), rpc.INVALID_PARAMS, "mode"),
     FrameCase("ws-complete-max-tokens-zero", _complete(max_tokens=0), rpc.INVALID_PARAMS, "max_tokens"),
