@@ -296,6 +296,8 @@ async def test_infill_tokens_cached_counts_prompt_tokens_reused_from_the_cache(s
         again = (await http.post("/infill", json=body)).json()
     assert 0 <= first["tokens_cached"] <= again["tokens_cached"] <= again["tokens_evaluated"]
     assert again["tokens_cached"] > 0  # the same prompt again: served from the prefix cache
+    # timings.prompt_n counts the prompt tokens processed, as llama.cpp's (cached ones were in it)
+    assert again["timings"]["prompt_n"] == again["tokens_evaluated"] - again["tokens_cached"]
     assert again["prompt"].endswith(HELD_OUT_PREFIX.rstrip(" "))  # the processed prompt
 
 
