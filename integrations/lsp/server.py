@@ -118,7 +118,7 @@ class LspTextDocument(TextDocument):
     def _apply_incremental_change(self, change: types.TextDocumentContentChangePartial) -> None:
         """Splice the edit into the source and re-split only the lines it touched. pygls rebuilt the whole
         document line by line for every edit, and `lines` then re-split all of it: 0.4 s a keystroke on a
-        30 MB file (bench in tests/integrations/test_lsp_bridge.py's edit test)."""
+        30 MB file (bench/lsp_document.py, docs/benchmarks.md)."""
         lines, text = self.lines, change.text
         start, end = clamp_position(self, change.range.start), clamp_position(self, change.range.end)
         if not lines:  # an empty document
@@ -157,7 +157,7 @@ def cursor_context(source: str, offset: int, prefix_lines: int, suffix_lines: in
     """(prefix, suffix) around a character offset: the cursor's line and at most `prefix_lines` lines
     above and `suffix_lines` below (LSP line breaks, kept as they are). Reads only the text near the
     cursor (a window that grows until it holds the lines), not the whole document."""
-    window, start = 4096, 0
+    window, start = max(4096, 128 * (prefix_lines + 1)), 0  # most code lines are shorter: one pass
     while True:
         low = max(0, offset - window)
         # ends of the line breaks before the cursor; a "\r\n" cut at `low` ends at the same place
