@@ -191,7 +191,7 @@ def _check_output(path: str, input_path: str) -> None:
     if path == "-":
         return
     target = Path(path)
-    if input_path != "-" and target.resolve() == Path(input_path).resolve():
+    if input_path != "-" and (target.resolve() == Path(input_path).resolve() or _same_file(target, Path(input_path))):
         raise BatchArgumentError("--output-file", "is the input file: write the results elsewhere")
     if target.is_dir():
         raise BatchArgumentError("--output-file", f"{path} is a directory: name a file")
@@ -200,6 +200,14 @@ def _check_output(path: str, input_path: str) -> None:
         raise BatchArgumentError("--output-file", f"{folder} does not exist: create it or write elsewhere")
     if not os.access(target if target.exists() else folder, os.W_OK):
         raise BatchArgumentError("--output-file", f"cannot write {path}: permission denied")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two existing paths are one file (a hard link too, which resolve() cannot see)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def _open_output(path: str):
@@ -351,11 +359,12 @@ class BatchRun:
 
 
 def _overloaded(response) -> bool:
-    """The engine refused the request as full (retryable), as opposed to any other answer."""
+    """The engine refused the request as full (retryable), as opposed to any other answer: OpenAI's
+    shape (error.code "overloaded") or, on /v1/messages, Anthropic's (error.type "overloaded_error")."""
     if response.status_code != 503:
         return False
     detail = _json(response).get("error")
-    return isinstance(detail, dict) and detail.get("code") == "overloaded"
+    return isinstance(detail, dict) and (detail.get("code") == "overloaded" or detail.get("type") == "overloaded_error")
 
 
 def _json(response) -> dict:

@@ -83,19 +83,22 @@ def test_every_line_is_answered_in_order_as_the_server_answers_it(tmp_path, tiny
 
 
 def test_a_full_engine_is_retried_and_a_request_that_can_never_fit_gets_a_400(tmp_path, tiny_model_dir):
-    """One running request and no queue: four requests in flight at once are refused in turn and retried
-    until each runs; a request of two choices can never be admitted: a 400 naming `n` at once, as the
+    """One running request and no queue: six requests in flight at once (four completions, two Anthropic
+    messages) are refused in turn and retried until each runs; a request of two choices can never be admitted: a 400 naming `n` at once, as the
     server answers it (never retried, never a retryable 503)."""
     model = tiny_model_dir.name
     lines = [_line(f"r{i}", "/v1/completions", {"model": model, "prompt": f"x = {i}", "max_tokens": 4, **SAMPLED})
              for i in range(4)]
+    for i in range(2):  # Anthropic's shape of the same refusal (overloaded_error) was not retried: a 503 result
+        lines.append(_line(f"m{i}", "/v1/messages", {"model": model, "max_tokens": 4, **SAMPLED,
+                                                     "messages": [{"role": "user", "content": f"x = {i}"}]}))
     for name in ("two", "two-more"):  # two that can never fit must not keep each other retrying
         lines.append(_line(name, "/v1/completions", {"model": model, "prompt": "y", "max_tokens": 4, "n": 2, **SAMPLED}))
     code, results, stderr = _run_batch(tmp_path, tiny_model_dir, lines, "--max-num-seqs", "1", "--max-queue", "0",
                                        "--concurrency", "6")
     assert code == 0, stderr
-    assert [r["response"]["status_code"] for r in results[:4]] == [200] * 4
-    for never in results[4:]:
+    assert [r["response"]["status_code"] for r in results[:6]] == [200] * 6, [r["error"] for r in results[:6]]
+    for never in results[6:]:
         assert never["response"]["status_code"] == 400, never
         assert never["response"]["body"]["error"]["param"] == "n"
         assert "at most 1 at once" in never["error"]["message"]
@@ -206,6 +209,12 @@ def test_bad_files_are_one_line_on_stderr_and_leave_the_output_alone(tmp_path, t
     same = subprocess.run([sys.executable, "-m", "integrations.cli", "run-batch", "-i", str(source), "-o", str(source)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert same.returncode == 2 and "--output-file: is the input file" in same.stderr
+    linked = tmp_path / "linked.jsonl"
+    os.link(source, linked)  # one file under two names: resolve() does not see it, the run overwrote its input
+    before = source.read_bytes()
+    hard = subprocess.run([sys.executable, "-m", "integrations.cli", "run-batch", "-i", str(source), "-o", str(linked)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert hard.returncode == 2 and "--output-file: is the input file" in hard.stderr and source.read_bytes() == before
     for target, why in ((tmp_path, "is a directory"), (tmp_path / "no" / "o.jsonl", "does not exist")):
         refused = subprocess.run([sys.executable, "-m", "integrations.cli", "run-batch", "-i", str(source), "-o",
                                   str(target), "--model", str(tiny_model_dir)], cwd=REPO,
