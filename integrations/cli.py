@@ -33,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's own usage and name, not the top-level ones
         sub_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    try:
+        module = importlib.import_module(SUBCOMMANDS[args.command][0])
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C that a subcommand does not handle itself: a line, not a traceback
+        print(f"refusion {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

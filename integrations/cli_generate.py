@@ -92,8 +92,11 @@ def _read_prompt(args) -> str:
                 raise GenerateArgumentError("--prompt-file", f"{args.prompt_file} is larger than "
                                             f"{MAX_PROMPT_FILE_BYTES // 2**20} MiB; give the prompt text itself")
             text = data.decode("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise GenerateArgumentError("--prompt-file", f"cannot read {args.prompt_file}: {exc}") from exc
+        except OSError as exc:  # strerror: the path is said once
+            raise GenerateArgumentError("--prompt-file", f"cannot read {args.prompt_file}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise GenerateArgumentError("--prompt-file", f"{args.prompt_file} is not UTF-8 text ({exc.reason} at "
+                                        f"byte {exc.start})") from exc
     if not text:
         raise GenerateArgumentError("--prompt", "is empty; give some text to continue")
     return text
@@ -164,8 +167,10 @@ def _check_context(model_dir: Path, prompt_tokens: int, params, mode: str, promp
     if mode == "refusion" and params.slot_size > room:
         raise GenerateArgumentError("--slot-size", f"{params.slot_size}-token slots do not fit the model's context of "
                                     f"{context} tokens after a {prompt_tokens}-token prompt; use at most {max(room, 1)}")
+    most = room // params.slot_size * params.slot_size if mode == "refusion" else room  # whole slots fit
     raise GenerateArgumentError("--gen-length", f"{params.gen_length} tokens after a {prompt_tokens}-token prompt exceed "
-                                f"the model's context of {context} tokens; use at most {max(room, 0)}")
+                                f"the model's context of {context} tokens; use at most {most}"
+                                + (f" (ReFusion decodes whole {params.slot_size}-token slots)" if most != room else ""))
 
 
 def generate(args) -> dict:

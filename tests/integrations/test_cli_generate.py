@@ -118,6 +118,11 @@ def test_plain_output_is_the_completion_text_and_ar_mode_works(tiny_model_dir, t
         # A prompt past the context names itself, not the decode flags ("--slot-size: use at most 1")
         (["--prompt", "x = 1\n" * 3000], "--prompt: "),
         (["--prompt", "x = 1\n" * 3000, "--mode", "ar"], "shorten the prompt to at most 4095 tokens"),
+        # the largest gen_length that fits once rounded up to whole slots (it suggested the 4095 asked for)
+        (["--prompt", "x", "--gen-length", "4095", "--slot-size", "8"], "use at most 4088 (ReFusion decodes whole"),
+        (["--prompt", "x", "--mode", "ar", "--gen-length", "4096"], "use at most 4095"),
+        # the path once, with the reason (it was repeated in the OSError's own text)
+        (["--prompt-file", "/nonexistent/p.txt"], "--prompt-file: cannot read /nonexistent/p.txt: No such file or directory"),
     ],
 )
 def test_bad_arguments_print_one_line_and_exit_non_zero(tiny_model_dir, capsys, argv, needle):
@@ -129,6 +134,19 @@ def test_bad_arguments_print_one_line_and_exit_non_zero(tiny_model_dir, capsys, 
     assert code != 0
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert needle in err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_model_dir, capsys, monkeypatch):
+    """Ctrl-C while the model loads or decodes was a KeyboardInterrupt traceback (the process died of
+    SIGINT); the CLI catches what a subcommand does not handle itself."""
+    from integrations import cli_generate
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_generate, "generate", interrupted)
+    code = main(["generate", "--model", str(tiny_model_dir), "--prompt", "x"])
+    assert code == 130 and capsys.readouterr().err == "refusion generate: interrupted\n"
 
 
 def test_missing_model_directory_is_one_line(tmp_path, capsys):
