@@ -13,6 +13,8 @@ user message, ids unique; `thinking` / `redacted_thinking` blocks an agent sends
 model continues (a prefill: the chat turn's `continue_final_message`), plus the ReFusion extensions of
 the chat route (`mode`, `slot_size`, ...; EXTENSIONS) at the top level.
 Accepted and ignored: `cache_control` (here and on blocks and tools: the prefix cache is automatic),
+`inference_geo` and `speed` (where and in which tier Anthropic runs a request), tools' `defer_loading:
+false` (every tool is in the prompt; true is a 400),
 `thinking` (the model has no thinking mode: no thinking blocks are returned), `context_management`
 (nothing is kept between requests), `service_tier`, `output_config.effort`. Refused with a 400 naming
 the field: images, documents and other non-text blocks, server tools (`web_search_...`, `bash_...`,
@@ -74,6 +76,9 @@ class MessagesBody(OpenAIBody):
     cache_control: dict[str, Any] | None = None  # accepted, ignored: the prefix cache is automatic
     context_management: dict[str, Any] | None = None  # accepted, ignored: nothing is stored between turns
     output_config: dict[str, Any] | None = None
+    # accepted, ignored (the anthropic SDK has them): where inference runs, and Anthropic's fast-output tier
+    inference_geo: str | None = None
+    speed: str | None = None
 
     def chat_body(self) -> dict[str, Any]:
         """The chat turn's body (a dict for ChatCompletionRequest). Raises InputError (400) naming the
@@ -291,13 +296,22 @@ def _tool_result(block: dict, field: str, open_uses: dict[str, int]) -> dict:
     return {"role": "tool", "tool_call_id": call_id, "content": content}
 
 
+# A custom tool's fields; cache_control is accepted and ignored, defer_loading (Anthropic's tool search,
+# not offered) only false: every tool is in the prompt. input_examples would change what the model sees
+# and is not rendered, so it is refused as an unknown field.
+_TOOL_FIELDS = ("type", "name", "description", "input_schema", "strict", "cache_control", "defer_loading")
+
+
 def _tool(tool: dict, k: int) -> dict:
     if tool.get("type") not in (None, "custom"):
         raise InputError(400, f"tools.{k}.type", f"{tool.get('type')!r} tools are Anthropic's server or built-in "
                          "tools and are not offered here; define custom tools ({'name': ..., 'input_schema': {...}})")
-    unknown = sorted(set(tool) - {"type", "name", "description", "input_schema", "cache_control", "strict"})
+    unknown = sorted(set(tool) - set(_TOOL_FIELDS))
     if unknown:
-        raise InputError(400, f"tools.{k}.{unknown[0]}", "unknown field of a tool (name, description, input_schema)")
+        raise InputError(400, f"tools.{k}.{unknown[0]}", f"unknown field of a tool ({', '.join(_TOOL_FIELDS)})")
+    if tool.get("defer_loading") not in (None, False):
+        raise InputError(400, f"tools.{k}.defer_loading", "only false: there is no tool search here, so every tool is "
+                         "loaded into the prompt")
     if not isinstance(tool.get("input_schema"), dict):
         raise InputError(400, f"tools.{k}.input_schema", "is required: the JSON schema (an object) of the tool's input")
     function = {"name": tool.get("name"), "parameters": tool["input_schema"]}

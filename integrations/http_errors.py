@@ -186,9 +186,13 @@ def llama_error_body(status: int, kind: str, message: str) -> dict:
     return {"error": {"code": status, "message": message, "type": by_status.get(status) or kind}}
 
 
-def _route_shape(path: str):
-    """The error-body builder of `path`'s API, or None for OpenAI's (the shape errors start in)."""
+def _route_shape(path: str, headers=()):
+    """The error-body builder of `path`'s API, or None for OpenAI's (the shape errors start in). /v1/models
+    serves both SDKs: a request with Anthropic's `anthropic-version` header (the anthropic SDK always sends
+    it) gets Anthropic's shape there."""
     if path == ANTHROPIC_PATHS or path.startswith(ANTHROPIC_PATHS + "/"):
+        return anthropic_error_body
+    if (path == "/v1/models" or path.startswith("/v1/models/")) and any(k == b"anthropic-version" for k, _ in headers):
         return anthropic_error_body
     if path in LLAMA_PATHS:
         return llama_error_body
@@ -208,7 +212,7 @@ class RouteErrorShape:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
-        shape = _route_shape(path) if scope["type"] == "http" else None
+        shape = _route_shape(path, scope.get("headers") or ()) if scope["type"] == "http" else None
         if shape is None:
             await self.app(scope, receive, send)
             return

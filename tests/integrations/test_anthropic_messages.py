@@ -164,6 +164,22 @@ def test_stop_sequences_are_not_held_to_openais_four():
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "stop": stops[:5]})
 
 
+def test_fields_of_the_sdk_without_effect_here_are_accepted():
+    """The anthropic SDK sends speed and inference_geo, and tools with defer_loading: each was a 400 "Extra
+    inputs are not permitted"; an unknown tool field lists the accepted ones."""
+    tool = TOOL | {"defer_loading": False, "cache_control": {"type": "ephemeral"}}
+    chat = _request(speed="standard", inference_geo="us", tools=[tool]).chat_request()
+    assert [t.function.name for t in chat.tools] == ["add"]
+    assert CountTokensRequest.model_validate({"model": "m", "speed": "standard", "messages": [
+        {"role": "user", "content": "x"}]}).chat_request().messages[0].content == "x"
+    with pytest.raises(InputError) as err:
+        _request(tools=[TOOL | {"color": "red"}]).chat_request()
+    assert err.value.field == "tools.0.color" and "input_schema, strict, cache_control" in err.value.message
+    with pytest.raises(InputError) as err:
+        _request(tools=[TOOL | {"defer_loading": True}]).chat_request()
+    assert err.value.field == "tools.0.defer_loading"
+
+
 def test_body_faults_are_validation_errors_naming_the_field():
     for body, field in (({"messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
                         ({"max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),

@@ -279,8 +279,11 @@ def test_the_sdk_lists_the_served_model(claude, model):
     [card] = list(claude.models.list())
     assert (card.id, card.type, card.display_name, card.max_input_tokens) == (model, "model", model, CONTEXT)
     assert claude.models.retrieve(model).id == model
-    with pytest.raises(anthropic.NotFoundError):
+    with pytest.raises(anthropic.NotFoundError) as err:
         claude.models.retrieve("claude-nope")
+    # Anthropic's shape for the anthropic SDK (its anthropic-version header), OpenAI's for everyone else
+    assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "not_found_error", err.value.body
+    assert "type" not in httpx.get(str(claude.base_url).rstrip("/") + "/v1/models/claude-nope", timeout=30).json()
 
 
 def test_the_sdk_raises_typed_errors(claude, model):
