@@ -42,6 +42,13 @@ _ENGINE_TO_API_FIELD = {"gen_length": "max_tokens", "prompt_ids": "prompt", "suf
                         "request_id": "X-Request-Id"}  # an engine id is the X-Request-Id header (or ours, unique)
 
 
+# ... and the names other routes give them (RequestObserver endpoints)
+_ENDPOINT_FIELDS = {"chat": {"prompt_ids": "messages"}, "messages": {"prompt_ids": "messages"},
+                    "responses": {"prompt_ids": "input", "gen_length": "max_output_tokens"},
+                    "infill": {"prompt_ids": "input_prefix", "suffix_ids": "input_suffix", "gen_length": "n_predict"},
+                    "completion": {"gen_length": "n_predict"}}
+
+
 # Ray errors that mean "no engine replica could answer right now" (a restart, a health-check swap).
 _REPLICA_GONE = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError"})
 
@@ -67,12 +74,25 @@ def overloaded(message: str, retry_after_s: float) -> APIError:
     return APIError(503, message, "overloaded_error", code="overloaded", headers={"Retry-After": retry})
 
 
-def from_engine_error(exc: Exception) -> APIError:
-    """Map a typed engine error (or Ray Serve back-pressure) to its APIError; anything else is a bug."""
+def api_field(engine_field: str, endpoint: str | None = None) -> str:
+    """The request field an engine parameter is on a route (`endpoint`: a RequestObserver's, e.g. "chat");
+    OpenAI completions' names by default."""
+    return (_ENDPOINT_FIELDS.get(endpoint or "", {}).get(engine_field)
+            or _ENGINE_TO_API_FIELD.get(engine_field, engine_field))
+
+
+def engine_message(exc: InvalidRequestError, endpoint: str | None = None) -> str:
+    """An engine 400's message in the route's words: its gen_length is the route's token cap field."""
+    return str(exc).split(": ", 1)[-1].replace("gen_length", api_field("gen_length", endpoint))
+
+
+def from_engine_error(exc: Exception, endpoint: str | None = None) -> APIError:
+    """Map a typed engine error (or Ray Serve back-pressure) to its APIError; anything else is a bug.
+    endpoint: the route's (RequestObserver.endpoint), so a 400 names the field that route's client sent
+    (chat's `messages`, not `prompt`)."""
     if isinstance(exc, InvalidRequestError):
-        field = _ENGINE_TO_API_FIELD.get(exc.field, exc.field)
-        message = str(exc).split(": ", 1)[-1]
-        return APIError(400, f"{field}: {message}", param=field)
+        field = api_field(exc.field, endpoint)
+        return APIError(400, f"{field}: {engine_message(exc, endpoint)}", param=field)
     if isinstance(exc, ShuttingDownError):  # as the draining ingress answers (ingress_gate)
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         return APIError(503, str(exc), "overloaded_error", code="shutting_down", headers={"Retry-After": retry})
@@ -88,6 +108,12 @@ def from_engine_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineError):
         return APIError(500, f"engine error: {exc}", "server_error")
     return APIError(500, f"internal error ({type(exc).__name__}); the server log has the details", "server_error")
+
+
+def _endpoint(request: Request) -> str | None:
+    """The route's RequestObserver endpoint ("chat", ...), once the route registered one."""
+    observer = getattr(request.state, "observer", None)
+    return getattr(observer, "endpoint", None)
 
 
 def validation_field(loc: tuple) -> str | None:
@@ -152,7 +178,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError):  # typed: an answer, not a bug (no traceback)
-        return from_engine_error(exc).response()
+        return from_engine_error(exc, _endpoint(request)).response()
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):

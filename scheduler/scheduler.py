@@ -130,7 +130,8 @@ class Scheduler:
             raise InvalidRequestError(
                 "prompt_ids",
                 f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({params.gen_length}) "
-                f"need {kv_blocks} KV blocks but the engine has {capacity}; shorten the prompt or lower gen_length",
+                f"need {kv_blocks} KV blocks but the engine's KV cache has {capacity} (the runner's num_blocks or "
+                f"kv_memory_bytes); shorten the prompt or lower gen_length",
             )
         free_slots = max(0, self.config.max_running - len(self.running))
         if len(self.waiting) >= self.config.max_queue + free_slots:

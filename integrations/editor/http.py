@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationError, f
 
 from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events, select_fields
 from integrations.editor.session import EditorSession
-from integrations.http_errors import APIError, from_engine_error, validation_field, validation_message
+from integrations.http_errors import APIError, api_field, engine_message, from_engine_error, validation_field, validation_message
 from integrations.http_metrics import RequestObserver
 from integrations.llama_completion import (LlamaCompletionBody, llama_events, llama_field, llama_probabilities,
                                            llama_result)
@@ -112,7 +112,7 @@ async def _close_when_draining(websocket: WebSocket, session: EditorSession, gat
     await session.finish(close)
 
 
-def _error_body(exc: Exception) -> tuple[int, dict, dict]:
+def _error_body(exc: Exception, endpoint: str | None = None) -> tuple[int, dict, dict]:
     """(status, llama.cpp error body, headers) of an /infill or /tokenize failure. Input faults name
     the field; engine and Ray errors map as in integrations/http_errors.py; anything else is a bug
     (logged, 500)."""
@@ -120,10 +120,11 @@ def _error_body(exc: Exception) -> tuple[int, dict, dict]:
         status, message, kind, headers = exc.status, _field_message(exc.field, exc.message), "invalid_request_error", {}
     elif isinstance(exc, APIError):
         status, message, kind, headers = exc.status, exc.message, exc.type, exc.headers
-    elif isinstance(exc, InvalidRequestError):
-        status, message, kind, headers = 400, _field_message(exc.field, str(exc).split(": ", 1)[-1]), "invalid_request_error", {}
+    elif isinstance(exc, InvalidRequestError):  # in the route's words (llama.cpp's fields)
+        message = _field_message(api_field(exc.field, endpoint), engine_message(exc, endpoint))
+        status, kind, headers = 400, "invalid_request_error", {}
     else:
-        api = from_engine_error(exc)
+        api = from_engine_error(exc, endpoint)
         if api.status >= 500 and api.type == "server_error":
             log.error("/infill failed", exc_info=exc)
         status, message, kind, headers = api.status, api.message, api.type, api.headers
@@ -165,7 +166,7 @@ async def infill_route(request: Request) -> Response:
         events = infill_events(client, body, n_ctx, engine_rid, observer)
         first = await anext(events)  # admission and input errors are still HTTP errors here
     except (InputError, EngineError) as exc:
-        status, payload, headers = _error_body(exc)
+        status, payload, headers = _error_body(exc, "infill")
         return JSONResponse(payload, status, headers=headers)
     return StreamingResponse(_events_after(first, events, observer), media_type="text/event-stream",
                              headers=id_headers(request, rid))
@@ -210,7 +211,7 @@ async def completion_route(request: Request) -> Response:
         if field is not None:  # named as llama.cpp names it (n_predict, n_probs, json_schema, grammar)
             exc = InputError(400 if not isinstance(exc, InputError) else exc.status, llama_field(field),
                              message.replace(field, llama_field(field)))
-        status, payload, headers = _error_body(exc)
+        status, payload, headers = _error_body(exc, "completion")
         return JSONResponse(payload, status, headers=headers)
     return StreamingResponse(_events_after(first, _sse_lines(events), observer), media_type="text/event-stream",
                              headers=id_headers(request, rid))

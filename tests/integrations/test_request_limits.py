@@ -221,7 +221,7 @@ async def test_infill_stream_error_before_the_first_event_is_an_http_error(fake_
     fake_client.fail_with = InvalidRequestError("gen_length", "too long")
     async with _app(fake_client) as http:
         response = await http.post("/infill", json={"input_prefix": "x = ", "input_suffix": "", "stream": True})
-    assert response.status_code == 400 and response.json()["error"]["message"] == "Field 'gen_length': too long"
+    assert response.status_code == 400 and response.json()["error"]["message"] == "Field 'n_predict': too long"  # llama.cpp's name
 
 
 # --- browser origins ---------------------------------------------------------------------------------

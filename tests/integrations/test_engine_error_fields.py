@@ -1,0 +1,53 @@
+"""An engine 400 (scheduler.api.InvalidRequestError) names the field the route's client sent: the KV-cache
+refusal of a request that can never fit said `prompt` and `gen_length` on every route ('prompt_ids' on
+/infill), which a chat, Responses, Messages or llama.cpp client never sends. The app over a scripted
+engine client that raises the engine's own error, as the engine raises it at admission."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from test_editor_fakes import bpe_tokenizer, fake_client  # noqa: F401 - fixtures
+
+from integrations.openai_api import APISettings, create_app
+from scheduler.api import InvalidRequestError
+
+NEVER_FITS = ("prompt (2006 tokens) + suffix (0) + gen_length (64) need 131 KV blocks but the engine's KV cache has "
+              "46 (the runner's num_blocks or kv_memory_bytes); shorten the prompt or lower gen_length")
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def http(fake_client):  # noqa: F811
+    fake_client.fail_with = InvalidRequestError("prompt_ids", NEVER_FITS)
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+@pytest.mark.parametrize("path, body, field, cap", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 64}, "prompt", "max_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 64}, "messages", "max_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 64, "stream": True}, "messages", "max_tokens"),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 64}, "input", "max_output_tokens"),
+    ("/v1/messages", {"model": "m", "messages": USER, "max_tokens": 64}, "messages", "max_tokens"),
+])
+async def test_the_route_names_its_own_fields(http, fake_client, path, body, field, cap):  # noqa: F811
+    if path == "/v1/messages":
+        body = body | {"model": fake_client.model_name}
+    response = await http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith(f"{field}: prompt (2006 tokens)"), error
+    assert f"{cap} (64)" in error["message"] and "gen_length" not in error["message"], error
+    if path != "/v1/messages":  # Anthropic's shape has no param
+        assert error["param"] == field
+
+
+async def test_llama_routes_name_llama_fields(http):
+    infill = await http.post("/infill", json={"input_prefix": "x", "input_suffix": "", "n_predict": 64})
+    assert infill.status_code == 400, infill.text
+    message = infill.json()["error"]["message"]
+    assert message.startswith("Field 'input_prefix': prompt (2006 tokens)") and "n_predict (64)" in message, message
+    completion = await http.post("/completion", json={"prompt": "x", "n_predict": 64})
+    message = completion.json()["error"]["message"]
+    assert completion.status_code == 400 and "n_predict (64)" in message and "gen_length" not in message, message
