@@ -212,6 +212,7 @@ class Scheduler:
                        and len(r.mode_history) == 1 and r.sort_key() > req.sort_key()]
             if not victims:
                 return None
+            self.metrics.preemptions.labels(cause="kv").inc()
             self.requeue(max(victims, key=Request.sort_key), reason=f"kv cache full (for {req.id})")
             short = self.kv.shortfall(req, segment)
         return self.kv.grow(req, segment)
@@ -306,6 +307,7 @@ class Scheduler:
                    and r.preemptions < self.config.max_preemptions]  # an aged request is not preempted
         if not victims:
             return False
+        self.metrics.preemptions.labels(cause="interactive").inc()
         self.requeue(max(victims, key=lambda r: r.order), reason=f"for {req.id}")
         return True
 

@@ -115,7 +115,9 @@ async def test_a_step_short_of_kv_preempts_at_schedule_time_and_loses_nothing():
     outs = await asyncio.gather(*(collect(engine, req(f"r{i}", gen=10)) for i in range(3)))
     for deltas, alone in zip(outs, solo):
         assert deltas[-1].finish_reason is FinishReason.LENGTH and ids_of(deltas) == ids_of(alone)
-    assert sum(d[-1].stats["preemptions"] for d in outs) > 0
+    preempted = sum(d[-1].stats["preemptions"] for d in outs)
+    assert preempted > 0
+    assert f'refusion_preemptions_total{{cause="kv"}} {float(preempted)}'.encode() in engine.metrics.render()
     assert engine.metrics.finished.labels(reason="error")._value.get() == 0
     assert_idle(engine)
     await engine.stop()

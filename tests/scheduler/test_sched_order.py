@@ -128,6 +128,7 @@ async def test_interactive_preempts_the_youngest_batch_request_which_reruns_with
     deltas = first + rest
     assert inter[-1].finish_reason is FinishReason.LENGTH
     assert deltas[-1].stats["preemptions"] == 1 and deltas[-1].stats["modes"] == ["refusion"]
+    assert b'refusion_preemptions_total{cause="interactive"} 1.0' in engine.metrics.render()
     assert ids_of(deltas) == solo  # same tokens, each sent once
     assert "".join(d.text for d in deltas) == engine.tokenizer.decode(solo)
     assert (await old)[-1].stats["preemptions"] == 0  # the older BATCH request kept running
