@@ -85,6 +85,11 @@ def test_min_tokens_with_a_suffix_is_checked_against_max_tokens_not_a_gap(serve_
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(max_tokens=16, extra_body={"min_tokens": 40}, **kwargs)
     assert err.value.body["param"] == "min_tokens" and "above max_tokens (16)" in err.value.body["message"]
+    # without max_tokens the bound is the strategy's longest gap: min_tokens 5000 ran a 5,000-token candidate
+    # past the 4,096-token context, unchecked (found by a break-test)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(extra_body={"min_tokens": 5000}, **kwargs)
+    assert err.value.body["param"] == "min_tokens" and "without max_tokens (set max_tokens too)" in err.value.body["message"]
 
 
 def test_suffix_completion_through_the_sdk_on_the_real_app(serve_base_url):
