@@ -141,12 +141,17 @@ def _stop_fields(stop_reason: str, candidate: Candidate | None, job: CompletionJ
 
 
 def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_reason: str, tokens: int,
-            outcome: CompletionOutcome | None, candidate: Candidate | None = None, n_ctx: int = 0) -> dict:
-    """One llama.cpp /completion result; `candidate` is the one reported (default: the chosen one)."""
+            outcome: CompletionOutcome | None, candidate: Candidate | None = None, n_ctx: int = 0,
+            warmed: dict | None = None) -> dict:
+    """One llama.cpp /completion result; `candidate` is the one reported (default: the chosen one);
+    `warmed`: warm_prefix's answer for an n_predict 0 request (no outcome)."""
     prompt_n = len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or [])
     chosen = next((c for c in outcome.candidates if c.gap == outcome.gap), None) if outcome else None
     candidate = candidate or chosen
-    cached = int((chosen.stats if chosen else {}).get("cached_prompt_tokens") or 0)
+    if chosen is not None:
+        cached = int(chosen.stats.get("cached_prompt_tokens") or 0)
+    else:  # a warm-up (or nothing run)
+        cached = int((warmed or {}).get("cached") or 0)
     total_ms = outcome.total_ms if outcome else 0.0
     prompt_ms = (outcome.first_partial_ms or total_ms) if outcome else 0.0  # time to first text
     predicted_ms = max(total_ms - prompt_ms, 0.0)
@@ -213,8 +218,9 @@ async def infill(client, body: InfillBody, n_ctx: int, request_id: str, observer
     job = await make_job(client, body, request_id)
     _observe_prompt(observer, job)
     if body.n_predict == 0:
-        await warm_prefix(client, request_id, job.prompt)
-        return select_fields(_result(client, job, body, "", "length", 0, None, n_ctx=n_ctx), body.response_fields)
+        warmed = await warm_prefix(client, request_id, job.prompt)
+        return select_fields(_result(client, job, body, "", "length", 0, None, n_ctx=n_ctx, warmed=warmed),
+                             body.response_fields)
     outcome = await run_completion(client, job)
     if observer is not None:
         observer.on_delta(final_delta(request_id, outcome.text, piece_ids(client, outcome.text), outcome))
@@ -237,8 +243,9 @@ async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, o
     job = await make_job(client, body, request_id)
     _observe_prompt(observer, job)
     if body.n_predict == 0:
-        await warm_prefix(client, request_id, job.prompt)
-        yield b"data: " + compact_json(_result(client, job, body, "", "length", 0, None, n_ctx=n_ctx)) + b"\n\n"
+        warmed = await warm_prefix(client, request_id, job.prompt)
+        yield b"data: " + compact_json(_result(client, job, body, "", "length", 0, None, n_ctx=n_ctx,
+                                               warmed=warmed)) + b"\n\n"
         return
     queue: asyncio.Queue = asyncio.Queue()
     sent = ""

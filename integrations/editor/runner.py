@@ -222,7 +222,8 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
 
 async def warm_prefix(client, request_id: str, prompt: InfillPrompt) -> dict:
     """llama.cpp's n_predict == 0: run the prompt through the engine (one AR token, discarded) so the
-    prefix cache holds it for the next completion. Returns {"tokens": prompt length}."""
+    prefix cache holds it for the next completion. Returns {"tokens": prompt length, "cached": prompt
+    tokens the prefix cache already held}."""
     req = GenerationRequest(
         request_id=request_id,
         prompt_ids=list(prompt.prompt_ids),
@@ -230,7 +231,9 @@ async def warm_prefix(client, request_id: str, prompt: InfillPrompt) -> dict:
         mode=Mode.AR,
         priority=Priority.BATCH,  # background work: never ahead of a completion someone waits for
     )
+    last = None
     async with contextlib.aclosing(client.stream(req)) as deltas:
-        async for _ in deltas:
+        async for last in deltas:
             pass
-    return {"tokens": len(prompt.prompt_ids)}
+    cached = int(((last.stats if last is not None else None) or {}).get("cached_prompt_tokens") or 0)
+    return {"tokens": len(prompt.prompt_ids), "cached": cached}

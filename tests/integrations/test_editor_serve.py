@@ -298,6 +298,9 @@ async def test_infill_tokens_cached_counts_prompt_tokens_reused_from_the_cache(s
     assert again["tokens_cached"] > 0  # the same prompt again: served from the prefix cache
     # timings.prompt_n counts the prompt tokens processed, as llama.cpp's (cached ones were in it)
     assert again["timings"]["prompt_n"] == again["tokens_evaluated"] - again["tokens_cached"]
+    async with httpx.AsyncClient(base_url=serve_base_url, timeout=120) as http:  # an n_predict 0 warm-up too
+        warm = (await http.post("/infill", json=body | {"n_predict": 0})).json()
+    assert warm["tokens_cached"] > 0 and warm["timings"]["prompt_n"] == warm["tokens_evaluated"] - warm["tokens_cached"]
     assert again["prompt"].endswith(HELD_OUT_PREFIX.rstrip(" "))  # the processed prompt
 
 
