@@ -191,7 +191,7 @@ def _check_output(path: str, input_path: str) -> None:
     if path == "-":
         return
     target = Path(path)
-    if input_path != "-" and (target.resolve() == Path(input_path).resolve() or _same_file(target, Path(input_path))):
+    if input_path != "-" and _same_file(target, Path(input_path)):
         raise BatchArgumentError("--output-file", "is the input file: write the results elsewhere")
     if target.is_dir():
         raise BatchArgumentError("--output-file", f"{path} is a directory: name a file")
@@ -203,7 +203,8 @@ def _check_output(path: str, input_path: str) -> None:
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    """Whether two existing paths are one file (a hard link too, which resolve() cannot see)."""
+    """Whether two existing paths are one file: the same path, a symlink or a hard link (which comparing
+    resolved paths cannot see)."""
     try:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist (yet)

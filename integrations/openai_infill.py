@@ -52,8 +52,8 @@ async def infill_job(client, request_id: str, body, decode_params: dict) -> Comp
     # the infill strategy's longest gap (so min_tokens never lengthens a generation past what was checked)
     most = body.max_tokens if body.max_tokens is not None else max(plan_gaps(None, multiline=True))
     if body.min_tokens > most:
-        cap = f"max_tokens ({most})" if body.max_tokens is not None else \
-            f"the {most} tokens an infill generates at most without max_tokens (set max_tokens too)"
+        cap = (f"max_tokens ({most})" if body.max_tokens is not None
+               else f"the {most} tokens an infill generates at most without max_tokens (set max_tokens too)")
         raise InputError(400, "min_tokens", f"is {body.min_tokens}, above {cap}: lower min_tokens")
     gaps = plan_gaps(body.max_tokens, multiline=True, min_tokens=body.min_tokens)
     return CompletionJob(

@@ -30,7 +30,8 @@ from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationError, f
 
 from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events, select_fields
 from integrations.editor.session import EditorSession
-from integrations.http_errors import APIError, api_field, engine_message, from_engine_error, validation_field, validation_message
+from integrations.http_errors import (APIError, api_field, engine_message, from_engine_error, validation_field,
+                                      validation_message)
 from integrations.http_metrics import RequestObserver
 from integrations.llama_completion import (LlamaCompletionBody, llama_events, llama_field, llama_probabilities,
                                            llama_result)
