@@ -111,6 +111,21 @@ def test_bpe_tokenizer_has_the_special_tokens_and_round_trips():
     assert err.value.field == "vocab_size"
 
 
+def test_bpe_trainer_sees_long_runs_cut_into_pieces_and_the_tokenizer_still_round_trips():
+    # One word of 2 x 100,000 letters (a minified or generated file) took minutes in the BPE trainer,
+    # whose time grows about quadratically with a word's length; it now sees 256-character pieces.
+    from training.tokenizer_build import MAX_WORD_CHARS, _bpe_pieces, build_bpe_tokenizer
+
+    long_text = "x = '" + "a" * 100_000 + "b" * 100_000 + "'\n"
+    pieces = list(_bpe_pieces([SOURCE, long_text, "y = 1\n"]))
+    assert pieces[0] == SOURCE and pieces[-1] == "y = 1\n"  # ordinary text passes whole
+    assert "".join(pieces[1:-1]) == long_text and max(len(p) for p in pieces[1:-1]) == MAX_WORD_CHARS
+    assert all(" " not in p and "\n" not in p for p in pieces[2:-2])  # only the run itself is cut
+    tok = build_bpe_tokenizer([SOURCE, long_text], vocab_size=320)
+    probe = "x = '" + "a" * 3000 + "'\n"
+    assert tok.decode(tok(probe, add_special_tokens=False)["input_ids"]) == probe
+
+
 def test_site_packages_reads_the_installed_packages_and_a_file_counts_once(tmp_path):
     import sysconfig
     from pathlib import Path
