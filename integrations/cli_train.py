@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--out", required=True, help="output model directory (created)")
     a("--init", default=None, help="start from this HF model directory instead of a fresh config")
     a("--steps", type=int, default=None, help="optimizer steps (default: until --minutes runs out)")
-    a("--minutes", type=float, default=None, help="wall-time budget in minutes")
+    a("--minutes", type=float, default=None,
+      help="wall-time budget of the training loop in minutes (the first step always runs)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--batch-tokens", type=int, default=8192,
@@ -108,6 +109,8 @@ def _check(args) -> None:
     _check_device(args.device)
     if args.init is not None:
         _check_init(Path(args.init))
+    else:
+        _check_memory(args)
     _check_out(Path(args.out), args.overwrite)
 
 
@@ -124,6 +127,47 @@ def _check_device(device: str | None) -> None:
         raise TrainArgumentError("--device", f"got {device!r}; use cpu or cuda")
     if kind == "cuda" and not torch.cuda.is_available():
         raise TrainArgumentError("--device", "no CUDA device is available here; use --device cpu")
+
+
+# Bytes per parameter while training: float32 weights, gradients and AdamW's two moments (activations
+# come on top, so this is a floor)
+TRAIN_BYTES_PER_PARAM = 16
+
+
+def _check_memory(args) -> None:
+    """A fresh model whose training state (TRAIN_BYTES_PER_PARAM per parameter, counted on the meta
+    device) exceeds the memory free on the training device is refused naming the shape flags. It was an
+    allocator traceback after the corpus was built, or a machine driven into swap. Raises
+    TrainArgumentError (field "--hidden")."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    free = _free_bytes(torch.device(device))
+    if free is None:
+        return
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in _fresh_model(args, vocab_size=args.vocab_size, eos=0).parameters())
+    need = n_params * TRAIN_BYTES_PER_PARAM
+    if need > free:
+        raise TrainArgumentError("--hidden", f"a model of {n_params / 1e6:,.0f}M parameters needs at least "
+                                 f"{need / 2**30:.1f} GiB to train ({TRAIN_BYTES_PER_PARAM} bytes per parameter: float32 "
+                                 f"weights, gradients and AdamW's moments), more than the {free / 2**30:.1f} GiB free on "
+                                 f"{device}; use a smaller --hidden, --intermediate, --layers or --vocab-size")
+
+
+def _free_bytes(device) -> int | None:
+    """Memory free for a new model on `device`: CUDA's free memory, or the kernel's MemAvailable on the
+    CPU; None where it cannot be read (no /proc)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024  # kB
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _check_init(init: Path) -> None:
@@ -163,12 +207,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise TrainArgumentError("--out", f"{out} cannot be created under {parent}; give a path you can write")
 
 
-def _fresh_model(args, tokenizer):
+def _fresh_model(args, vocab_size: int, eos: int):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
+        vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         head_dim=args.head_dim, max_position_embeddings=max(4096, args.seq_len), rope_theta=10000.0,
         rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=eos, pad_token_id=eos, bos_token_id=None,
@@ -186,7 +229,8 @@ def _model_and_tokenizer(args, train_units):
     torch.manual_seed(args.seed)
     if args.init is None:
         tokenizer = build_bpe_tokenizer((u.prompt + u.response for u in train_units), args.vocab_size)
-        return _fresh_model(args, tokenizer).float(), tokenizer
+        eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+        return _fresh_model(args, len(tokenizer), eos).float(), tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.init)
         model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
@@ -305,11 +349,13 @@ def _train(args, interrupt: _Interrupt) -> int:
 
     last_save = [time.monotonic()]
 
-    def on_log(record: dict) -> None:
+    def on_step(step: int) -> None:
         if time.monotonic() - last_save[0] > 60 * args.checkpoint_minutes:  # float32 checkpoint, same layout
             save_model_dir(model, tokenizer, out, "float32")
             model.train()
             last_save[0] = time.monotonic()
+
+    def on_log(record: dict) -> None:
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         held = ""
@@ -326,11 +372,15 @@ def _train(args, interrupt: _Interrupt) -> int:
                           row_len=args.seq_len, lr=args.lr, compile_model=args.compile,
                           data_workers=args.data_workers if args.data_workers is not None else (2 if device == "cuda" else 0),
                           mask_token_id=mask_id, eos_token_id=eos_id, seed=args.seed, log_every=args.log_every,
-                          on_log=on_log, heldout=heldout_pairs or None, should_stop=lambda: interrupt.requested)
+                          on_log=on_log, on_step=on_step, heldout=heldout_pairs or None,
+                          should_stop=lambda: interrupt.requested)
+    if not records:  # interrupted before the first step: an untrained model is not worth a directory
+        print("refusion train: interrupted before the first step; nothing saved", file=sys.stderr, flush=True)
+        return 130
     save_model_dir(model.cpu(), tokenizer, out, args.save_dtype)
     if interrupt.requested:
-        step = records[-1]["step"] if records else 0
-        print(f"refusion train: interrupted at step {step}; saved {out} in {time.monotonic() - t0:.0f}s", flush=True)
+        print(f"refusion train: interrupted at step {records[-1]['step']}; saved {out} in "
+              f"{time.monotonic() - t0:.0f}s", flush=True)
         return 130
     print(f"refusion train: saved {out} in {time.monotonic() - t0:.0f}s", flush=True)
     return 0

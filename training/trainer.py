@@ -20,8 +20,8 @@ many worker processes ahead of the step (torch DataLoader), so the Python object
 stall a GPU.
 
 Training stops after `steps` optimizer steps or `minutes` of wall time, whichever comes first (at least
-one must be given); the learning rate warms up linearly, then follows a cosine to 10% of `lr` over that
-budget. AdamW (betas 0.9/0.95), gradient clipping at `grad_clip`.
+one must be given; the first step always runs, so a budget spent before it still trains); the learning
+rate warms up linearly, then follows a cosine to 10% of `lr` over that budget. AdamW (betas 0.9/0.95), gradient clipping at `grad_clip`.
 
 Every `log_every` steps (and after the last step) one record is appended to the returned list and passed
 to `on_log`:
@@ -218,10 +218,12 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
                 heldout: Sequence[Pair] | None = None, warmup_steps: int | None = None,
                 weight_decay: float = 0.01, grad_clip: float = 1.0, slot_sizes: Sequence[int] = SLOT_SIZES,
                 compile_model: bool = False, data_workers: int = 0,
-                should_stop: Callable[[], bool] | None = None) -> list[dict]:
+                should_stop: Callable[[], bool] | None = None,
+                on_step: Callable[[int], None] | None = None) -> list[dict]:
     """Train `model` in place with the ReFusion objective; return the log records (see module doc).
     `should_stop` is asked before each step: True ends training there (the last record covers the steps
-    done). Raises TrainingError for bad arguments, and (field "lr") when the training loss is not finite
+    done; no record when no step ran). `on_step(step)` runs after each optimizer step and its log record
+    (a checkpoint hook: `refusion train --checkpoint-minutes`). Raises TrainingError for bad arguments, and (field "lr") when the training loss is not finite
     at a log step: the run diverged, and the model is not worth saving."""
     import torch
 
@@ -245,7 +247,7 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
     while True:
         elapsed = time.monotonic() - start
         progress = max(step / steps if steps else 0.0, elapsed / budget_s if budget_s else 0.0)
-        if progress >= 1.0 or (should_stop is not None and should_stop()):
+        if (step and progress >= 1.0) or (should_stop is not None and should_stop()):
             break
         cur_lr = _lr_at(progress, step, lr, warmup)
         for group in opt.param_groups:
@@ -265,6 +267,8 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
         _accumulate(acc, batch, loss, ar, mdm)
         if step % log_every == 0:
             records.append(_log(model, acc, step, start, cur_lr, heldout, on_log, mask_token_id, eos_token_id))
+        if on_step is not None:
+            on_step(step)
     if acc["n"]:
         records.append(_log(model, acc, step, start, cur_lr, heldout, on_log, mask_token_id, eos_token_id))
     model.eval()

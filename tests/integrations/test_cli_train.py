@@ -120,6 +120,8 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path):
         (["--out", "OUT", "--steps", "1", "--corpus", ""], "--corpus: an empty name"),
         (["--out", "/dev/null", "--steps", "1"], "--out: /dev/null is a file"),
         (["--out", "OUT", "--steps", "1", "--init", "CORPUS"], "has no config.json"),
+        # Counted on the meta device before the corpus is built; it was an allocator traceback
+        (["--out", "OUT", "--steps", "1", "--hidden", "10000000"], "--hidden: a model of 43,870M parameters needs at least 653.7 GiB"),
         # Found once the corpus is tokenized: a batch bigger than the corpus would never fill
         (["--out", "OUT", "--steps", "1", "--batch-tokens", "2000000"], "--batch-tokens: 2000000 tokens make 7812 rows"),
     ],
@@ -195,3 +197,46 @@ def test_sigterm_while_training_saves_the_model_and_exits_130(corpus_dir, tmp_pa
     assert "interrupted at step" in stdout and f"saved {out}" in stdout
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert records and ModelRunner(str(out), device="cpu").info.num_layers == 1
+
+
+def test_checkpoints_follow_the_clock_at_any_step_and_a_tiny_budget_still_trains(corpus_dir, tmp_path, monkeypatch):
+    """--checkpoint-minutes is checked after every optimizer step, not only at log steps (with
+    --log-every above the run's steps a long run saved nothing until its end); --minutes smaller than one
+    step still trains that step (it saved an untrained model)."""
+    from integrations import cli_train
+
+    saves = []
+    real_save = cli_train.save_model_dir
+    monkeypatch.setattr(cli_train, "save_model_dir", lambda *a: (saves.append(a[-1]), real_save(*a)))
+    out = tmp_path / "m"
+    assert main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--steps", "3", "--log-every", "100",
+                 "--checkpoint-minutes", "1e-9", "--batch-tokens", "256", "--vocab-size", "300",
+                 "--save-dtype", "bfloat16"]) == 0
+    assert saves == ["float32"] * 3 + ["bfloat16"]  # one checkpoint per step, then the final save
+    out2 = tmp_path / "m2"
+    assert main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out2), "--minutes", "1e-9",
+                 "--batch-tokens", "256", "--vocab-size", "300"]) == 0
+    records = [json.loads(line) for line in (out2 / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]
+
+
+def test_interrupted_before_the_first_step_saves_nothing(corpus_dir, tmp_path, monkeypatch, capsys):
+    """A stop asked for before any step (the signal raced the loop's start) saved an untrained model as if
+    it were a result; the request is forced here by an interrupt that is already set when training starts."""
+    from integrations import cli_train
+
+    class StopAtOnce(cli_train._Interrupt):
+        @property
+        def requested(self):
+            return self.training
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(cli_train, "_Interrupt", StopAtOnce)
+    out = tmp_path / "m"
+    assert main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--steps", "3",
+                 "--batch-tokens", "256", "--vocab-size", "300"]) == 130
+    assert "interrupted before the first step; nothing saved" in capsys.readouterr().err
+    assert not (out / "model.safetensors").exists()
