@@ -190,7 +190,7 @@ def install_error_handlers(app: FastAPI) -> None:
 _ANTHROPIC_TYPES = {"server_error": "api_error", "permission_error": "permission_error",
                     "overloaded_error": "overloaded_error"}
 ANTHROPIC_PATHS = "/v1/messages"
-# llama.cpp server's own routes served here (integrations/editor/http.py): errors in llama.cpp's shape.
+# llama.cpp server's own routes served here (integrations/editor/http.py, token_routes.py): errors in llama.cpp's shape.
 # Not /tokenize, /detokenize, /tokenizer_info: vLLM serves them too, and its clients read OpenAI's shape
 # (a vLLM-style `model` that is not served is OpenAI's 404 model_not_found there)
 LLAMA_PATHS = ("/infill", "/completion", "/apply-template", "/props")

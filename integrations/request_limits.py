@@ -12,7 +12,7 @@ Every HTTP route reads its body through this module, so one kind of fault has on
     off_loop(fn, ...)        tokenizer work (encode, chat template, infill prompt) in a small thread
                              pool, so a long prompt never stalls other requests; memory freed after
 
-Fronts map `InputError` to their error shape (OpenAI's in http_errors, llama.cpp's in editor/http.py).
+Fronts map `InputError` to their error shape (OpenAI's in http_errors, llama.cpp's in editor/route_errors.py).
 Sampling bounds that keep hostile values out of the forward (where one failing request would end
 every request of that batch) are here too: MAX_SEED, MIN_TOP_P, GREEDY_BELOW_TEMPERATURE.
 """

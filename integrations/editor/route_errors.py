@@ -1,0 +1,57 @@
+"""What the llama.cpp-shaped routes share (integrations/editor/http.py, integrations/editor/token_routes.py):
+llama.cpp's error body {"error": {"code", "message", "type"}} with the message naming the field
+("Field 'n_cmpl': ..."), the body read and validated as a pydantic model, and the app's request limits.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from integrations.http_errors import (APIError, api_field, engine_message, from_engine_error, validation_field,
+                                      validation_message)
+from integrations.request_limits import InputError, RequestLimits, read_json_object
+from scheduler.api import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+def error_body(exc: Exception, endpoint: str | None = None) -> tuple[int, dict, dict]:
+    """(status, llama.cpp error body, headers) of a failure on a llama.cpp-shaped route. Input faults name
+    the field; engine and Ray errors map as in integrations/http_errors.py; anything else is a bug
+    (logged, 500)."""
+    if isinstance(exc, InputError):
+        status, message, kind, headers = exc.status, field_message(exc.field, exc.message), "invalid_request_error", {}
+    elif isinstance(exc, APIError):
+        status, message, kind, headers = exc.status, exc.message, exc.type, exc.headers
+    elif isinstance(exc, InvalidRequestError):  # in the route's words (llama.cpp's fields)
+        message = field_message(api_field(exc.field, endpoint), engine_message(exc, endpoint))
+        status, kind, headers = 400, "invalid_request_error", {}
+    else:
+        api = from_engine_error(exc, endpoint)
+        if api.status >= 500 and api.type == "server_error":
+            log.error("%s failed", "/" + endpoint if endpoint else "llama.cpp route", exc_info=exc)
+        status, message, kind, headers = api.status, api.message, api.type, api.headers
+    return status, {"error": {"code": status, "message": message, "type": kind}}, headers
+
+
+def field_message(field: str | None, message: str) -> str:
+    return f"Field '{field}': {message}" if field else message
+
+
+async def read_body(request: Request, model: type[BaseModel]):
+    """The body validated as `model`; raises InputError naming the field."""
+    data = await read_json_object(request)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise InputError(400, validation_field(tuple(first["loc"])), validation_message(first)) from None
+
+
+def app_limits(request: Request) -> RequestLimits:
+    """The app's limits (openai_api.APISettings); defaults when the router runs on its own (tests)."""
+    settings = getattr(request.app.state, "settings", None)
+    return settings.limits if settings is not None else RequestLimits()
