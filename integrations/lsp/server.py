@@ -18,12 +18,12 @@ from dataclasses import dataclass, field, fields
 from urllib.parse import unquote
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams
+from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams, JsonRpcServerNotInitialized
 from pygls.lsp.server import LanguageServer
 from pygls.workspace import TextDocument, Workspace
 
 from integrations.editor.document import LINE_BREAK
-from integrations.editor.protocol import Limits
+from integrations.editor.protocol import Limits, RpcError, parse_complete
 from integrations.lsp.backend import BackendError, EditorBackend
 from integrations.lsp.base_protocol import BridgeServer
 
@@ -74,6 +74,10 @@ class BridgeConfig:
             raise BridgeConfigError("multiline", f"must be 'auto', 'always' or 'never', got {self.multiline!r}")
         if not isinstance(self.params, dict):
             raise BridgeConfigError("params", "must be an object of extra `complete` params, e.g. {\"mode\": \"ar\"}")
+        try:  # the protocol's own checks (docs/editor-protocol.md, "complete"): a bad one failed every completion
+            parse_complete({**self.params, "uri": "file:///check", "prefix": ""}, limits)
+        except RpcError as exc:
+            raise BridgeConfigError(f"params.{exc.data['field']}", exc.message.split(": ", 1)[-1]) from None
 
 
 def _websocket_url(url) -> bool:
@@ -240,6 +244,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def build_server(config: BridgeConfig) -> LanguageServer:
     server = BridgeServer("refusion-lsp", "0.1.0")
     backend = EditorBackend(config.url, config.api_key)
+    initialized = [False]  # until an initialize succeeds, requests get LSP's -32002 (ServerNotInitialized)
 
     @server.feature(types.INITIALIZE)
     def on_initialize(params: types.InitializeParams) -> None:
@@ -253,9 +258,13 @@ def build_server(config: BridgeConfig) -> LanguageServer:
             raise JsonRpcInvalidParams(f"initializationOptions.{exc.field} {exc.message}") from None
         backend.url = config.url
         backend.extra_headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        initialized[0] = True
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(params: types.InlineCompletionParams) -> types.InlineCompletionList:
+        if not initialized[0]:  # LSP 3.17: requests before a successful initialize answer -32002
+            raise JsonRpcServerNotInitialized("the server is not initialized: send initialize (with valid "
+                                              "initializationOptions) first")
         uri = params.text_document.uri
         if unquote(uri) not in server.workspace.text_documents:  # pygls keys by the unquoted URI; it would read the path from disk
             raise JsonRpcInvalidParams(f"textDocument {uri} is not open: send textDocument/didOpen first")

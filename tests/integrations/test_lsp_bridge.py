@@ -275,6 +275,9 @@ def test_position_at_offset_is_the_normalized_cursor():
     ({"url": "http://h/v1/editor"}, "url"), ({"max_time_ms": 0}, "max_time_ms"), ({"multiline": "yes"}, "multiline"),
     ({"url": "ws://h:port/x"}, "url"), ({"url": "ws://[::1"}, "url"), ({"max_tokens": 300}, "max_tokens"),
     ({"maxTokens": 8}, "maxTokens"),  # not an option (camelCase): named, not ignored
+    # The `complete` params the server would refuse on every completion (-32603 each time): at initialize
+    ({"params": {"mode": "bogus"}}, "params.mode"), ({"params": {"temperature": 5}}, "params.temperature"),
+    ({"params": {"stop": [""]}}, "params.stop"),
 ])
 def test_initialization_options_are_checked_and_a_bad_one_changes_nothing(options, field):
     config = BridgeConfig()
@@ -289,6 +292,36 @@ async def test_bad_initialization_options_fail_initialize_naming_the_option(scri
     url, _ = scripted_backend
     with pytest.raises(Exception, match="initializationOptions.prefix_lines must be an integer >= 0"):
         await start_lsp(url, {"prefix_lines": "x"})
+    with pytest.raises(Exception, match="initializationOptions.params.mode must be one of auto"):
+        await start_lsp(url, {"params": {"mode": "bogus"}})
+
+
+async def test_requests_after_a_failed_initialize_answer_server_not_initialized(scripted_backend):
+    """LSP 3.17: until initialize succeeds, requests answer -32002; a completion after a refused
+    initialize was served with the default settings the client had tried to change."""
+    from pygls.exceptions import JsonRpcException
+
+    url, fake = scripted_backend
+    client = LanguageClient("refusion-test", "0")
+    await client.start_io(sys.executable, "-m", "integrations.cli", "lsp", "--url", url, "--max-time-ms", "5000")
+    try:
+        with pytest.raises(Exception, match="max_tokens"):
+            await asyncio.wait_for(client.initialize_async(types.InitializeParams(
+                capabilities=types.ClientCapabilities(), initialization_options={"max_tokens": "lots"})), WAIT_S)
+        client.text_document_did_open(types.DidOpenTextDocumentParams(
+            text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=DOC)))
+        n = len(fake.requests)
+        with pytest.raises(JsonRpcException, match="not initialized") as err:
+            await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), WAIT_S)
+        assert err.value.code == -32002 and len(fake.requests) == n
+        await asyncio.wait_for(client.initialize_async(types.InitializeParams(
+            capabilities=types.ClientCapabilities(), initialization_options={"max_tokens": 8})), WAIT_S)
+        client.text_document_did_open(types.DidOpenTextDocumentParams(
+            text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=DOC)))
+        result = await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), WAIT_S)
+        assert fake.requests[-1].max_tokens == 8 and result.items
+    finally:
+        await stop_lsp(client)
 
 
 async def test_form_feed_document_edit_and_completion_on_the_right_line(scripted_backend):
