@@ -40,10 +40,10 @@ class TokenizeBody(BaseModel):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)  # vLLM: the chat prompt's tokens
     tools: list[ToolSpec] | None = None  # with messages: the tools the chat template lists
     tool_choice: Any = None  # with messages and tools: as chat's ("none" leaves the tools out, a forced call adds its opening)
-    add_generation_prompt: bool | None = None  # the chat route adds it unless continue_final_message is set
     # vLLM's: the last (assistant) message left open, as chat runs it (a strict boolean as on chat; null
-    # is unset; validated when unset too)
-    continue_final_message: StrictBool | None = Field(default=None, validate_default=True)
+    # is unset). Before add_generation_prompt: its check reads this one.
+    continue_final_message: StrictBool | None = None
+    add_generation_prompt: bool | None = None  # the chat route adds it unless continue_final_message is set
     chat_template_kwargs: dict[str, Any] | None = None  # as on chat: extra chat-template variables
     add_special: bool = False  # insert the tokenizer's special tokens (BOS, when it has one)
     add_special_tokens: bool | None = None  # vLLM's name of add_special
@@ -51,19 +51,20 @@ class TokenizeBody(BaseModel):
     with_pieces: bool = False  # each token as {"id", "piece"}
     model: str | None = None  # vLLM's: one of the served ids (404 model_not_found otherwise)
 
-    @field_validator("continue_final_message")
+    @field_validator("add_generation_prompt")
     @classmethod
-    def _generation_prompt(cls, value, info):
+    def _generation_prompt(cls, add, info):
         """vLLM's rule: the two cannot both be true; the chat route always opens the assistant's turn
-        otherwise, so add_generation_prompt false alone is refused."""
-        add = info.data.get("add_generation_prompt")
+        otherwise, so add_generation_prompt false alone is refused. Either way the 400 names
+        add_generation_prompt, the field to change."""
+        value = info.data.get("continue_final_message")
         if value and add:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be true (vLLM's rule): "
                              "drop add_generation_prompt")
         if not value and add is False:
             raise ValueError("add_generation_prompt false is only offered with continue_final_message true (the "
                              "chat route always opens the assistant's turn)")
-        return value
+        return add
 
     @model_validator(mode="after")
     def _one_input(self):

@@ -159,6 +159,14 @@ async def test_tokenize_and_detokenize_in_vllms_forms(http, fake_client):  # noq
     assert vllm["tokens"] == tok.encode(text, add_special_tokens=False) and vllm["count"] == len(vllm["tokens"])
     both = await http.post("/tokenize", json={"prompt": text, "content": text})
     assert both.status_code == 400 and "exactly one" in both.json()["error"]["message"]
+    # vLLM's generation-prompt rules: the 400 names add_generation_prompt, the field to change (it named
+    # continue_final_message, which the client may not have sent)
+    chat = [{"role": "user", "content": "hi"}]
+    for flags in ({"add_generation_prompt": False}, {"add_generation_prompt": True, "continue_final_message": True}):
+        refused = await http.post("/tokenize", json={"messages": chat, **flags})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["message"].startswith("Field 'add_generation_prompt': "), refused.text
+    assert (await http.post("/tokenize", json={"messages": chat, "add_generation_prompt": True})).status_code == 200
     ids = vllm["tokens"] + [tok.eos_token_id]
     out = (await http.post("/detokenize", json={"tokens": ids})).json()
     assert out["content"] == out["prompt"] == tok.decode(ids) and out["content"].startswith(text)
