@@ -6,8 +6,8 @@ runs exactly as /v1/completions does (context fit, CRLF/tab style, engine admiss
 map over: n_predict -> max_tokens (-1: the server's default_max_tokens, less when fewer fit: this
 server reserves KV for the whole generation, so "until the context is full" is not offered), n_probs ->
 logprobs (`completion_probabilities`), json_schema and grammar (GBNF or Lark) -> structured outputs,
-seed -1 -> a random seed, logit_bias as [[id, bias], ...] or {"id": bias}, ignore_eos as on
-/v1/completions. Defaults are llama.cpp's: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05. Fields
+seed -1 -> a random seed (drawn here, reported in generation_settings), logit_bias as [[id, bias], ...]
+or {"id": bias}, ignore_eos as on /v1/completions. Defaults are llama.cpp's: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05. Fields
 that would change the output and are not applied (repeat_penalty other than 1, lora, ...) are a 400;
 others are ignored (llama.cpp's clients send many). Errors: llama.cpp's shape, the message naming
 llama.cpp's field.
@@ -18,12 +18,13 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, AsyncIterator
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from integrations.http_errors import validation_field, validation_message
 from integrations.openai_models import CompletionRequest
 from integrations.request_limits import InputError
 from scheduler.api import Delta, FinishReason
+from scheduler.validation import with_seed
 
 # OpenAI body field a 400 may name -> llama.cpp's name of it
 _FIELDS = [("response_format.json_schema.schema", "json_schema"), ("structured_outputs.grammar", "grammar"),
@@ -83,7 +84,9 @@ class LlamaCompletionBody(LlamaBody):
     top_k: int = Field(40, ge=0)
     top_p: float = Field(0.95, ge=1e-6, le=1)
     min_p: float = Field(0.05, ge=0, le=1)
-    seed: int = Field(-1, ge=-1)
+    # -1 (llama.cpp's default): a random seed, drawn when the body is read so that generation_settings
+    # reports the seed used and a sample can be repeated (as /infill's does)
+    seed: int = Field(-1, ge=-1, validate_default=True)
     stop: list[str] = Field(default_factory=list, max_length=4)
     stream: bool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -98,6 +101,11 @@ class LlamaCompletionBody(LlamaBody):
     response_fields: list[str] | None = None
     mode: str = "auto"  # ReFusion extension
 
+    @field_validator("seed")
+    @classmethod
+    def _draw_seed(cls, seed: int) -> int:
+        return with_seed({})["seed"] if seed == -1 else seed
+
     def openai_body(self) -> CompletionRequest:
         """The /v1/completions body this request is. Raises InputError naming llama.cpp's field."""
         for name, off in _OFF.items():
@@ -111,8 +119,7 @@ class LlamaCompletionBody(LlamaBody):
             "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
             "stop": self.stop, "mode": self.mode, "stream": self.stream,
         }
-        if self.seed >= 0:
-            body["seed"] = self.seed
+        body["seed"] = self.seed
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 body[name] = getattr(self, name)

@@ -39,6 +39,19 @@ def test_completion_is_the_openai_completion_in_llama_cpps_shape(http):
     assert streamed[-1]["timings"]["predicted_n"] == out["tokens_predicted"]
 
 
+def test_a_random_seed_is_reported_and_repeats_the_sample(http):
+    """seed -1 (the default) is drawn when the body is read and reported in generation_settings, as /infill
+    reports its own; it was reported as -1, so a sample could not be repeated."""
+    body = {"prompt": "def add(a, b):\n", "n_predict": 12, "mode": "ar", "temperature": 1.5, "top_k": 0, "min_p": 0}
+    first = http.post("/completion", json=body).json()
+    seed = first["generation_settings"]["seed"]
+    assert isinstance(seed, int) and seed >= 0
+    again = http.post("/completion", json={**body, "seed": seed}).json()
+    assert again["content"] == first["content"] and again["generation_settings"]["seed"] == seed
+    other = http.post("/completion", json={**body, "seed": -1}).json()["generation_settings"]["seed"]
+    assert other >= 0 and other != seed  # 63 random bits each
+
+
 def test_timings_are_llama_cpps_eight_and_count_only_the_prompt_tokens_processed(http):
     """llama.cpp's timings: prompt_n is the prompt tokens processed, so tokens the prefix cache served are
     not in it (they were; and /completion lacked the three per-token / per-second fields /infill has)."""
