@@ -154,6 +154,10 @@ class Engine:
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            # the scheduling limits in force (EngineConfig; `refusion serve --max-num-seqs` sets max_running)
+            "max_running": self.config.max_running,
+            "max_queue": self.config.max_queue,
+            "token_budget": self.config.token_budget,
             "forwards": self.forwards,
             "kv_blocks_total": blocks.num_total,
             "kv_blocks_free": blocks.num_free,

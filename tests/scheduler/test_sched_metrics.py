@@ -24,6 +24,12 @@ def test_kv_capacity_is_exported_before_any_request():
     m = samples(engine)
     assert m[("refusion_kv_blocks_capacity", ())] == engine.kv.pool().num_total > 0
     assert m[("refusion_kv_blocks_used", ())] == 0 and m[("refusion_kv_cache_usage_ratio", ())] == 0.0
+    # The closed label sets are series at 0 from the start (a dashboard read "no data" before the first)
+    assert [m[("refusion_preemptions_total", (("cause", c),))] for c in ("kv", "interactive")] == [0, 0]
+    assert all(m[("refusion_requests_finished_total", (("reason", r),))] == 0
+               for r in ("stop", "length", "deadline", "cancelled", "error"))
+    stats = engine.stats()  # /v1/engine's engine block: the scheduling limits in force
+    assert (stats["max_running"], stats["max_queue"]) == (engine.config.max_running, engine.config.max_queue)
 
 
 async def test_metrics_after_traffic():
