@@ -83,7 +83,7 @@ class ResponseShell:
             "parallel_tool_calls": body.parallel_tool_calls is not False, "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None}, "store": False, "temperature": body.temperature,
             "text": {"format": text_format}, "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
-            "top_p": body.top_p, "top_logprobs": body.top_logprobs, "truncation": "disabled", "usage": usage,
+            "top_p": body.top_p, "top_logprobs": body.top_logprobs, "truncation": body.truncation or "disabled", "usage": usage,
             "user": body.user, "metadata": body.metadata or {},
         }
 

@@ -309,6 +309,8 @@ def test_openai_chat_fields_agent_frameworks_pass_through_are_accepted(client, m
                                         service_tier="auto", safety_identifier="u-1", prompt_cache_retention="24h",
                                         max_tool_calls=2, background=False, extra_body={"mode": "ar"})
     assert responses.status in ("completed", "incomplete")
+    assert responses.truncation == "auto"  # echoed as sent (it said "disabled")
+    assert client.responses.create(model=model, input="x", max_output_tokens=2).truncation == "disabled"  # default
     audio = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "modalities": ["text", "audio"]})
     assert audio.status_code == 400 and audio.json()["error"]["param"] == "modalities.1"
     unknown = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "bogus_a": 1, "bogus_b": 2})
