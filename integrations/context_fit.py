@@ -6,7 +6,8 @@ Here the engine decodes gen_length rounded up to whole slots (decoding.params.De
 ReFusion alike), so the check is made on ceil(max_tokens / slot_size) * slot_size:
 
     a requested max_tokens over the room left           -> InputError(400, "max_tokens" or the chat alias)
-    an unset max_tokens                                  -> shrinks to the room left (as vLLM does)
+    an unset max_tokens                                  -> shrinks to the room left (as vLLM does); the
+                                                            engine shrinks it to its KV cache too (fit_to_kv)
     a requested slot_size whose rounding overflows       -> InputError(400, "slot_size")
     the model's slot_size whose rounding overflows       -> a smaller slot_size is chosen (GenerationFit)
     a prompt that leaves no room                         -> InputError(400, the prompt's field)

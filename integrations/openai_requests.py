@@ -157,4 +157,5 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
         request_id=rid, prompt_ids=prompt, params=body.decode_params(fit.gen_length, settings.decode_defaults, fit.slot_size),
         mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,
         max_tokens=0 if echo_only else fit.gen_length, affinity_key=affinity_key, grammar=grammar,
+        fit_to_kv=body.max_tokens is None and not echo_only,  # the default shrinks to the KV cache too
     )

@@ -97,6 +97,11 @@ class GenerationRequest:
     # token). The engine drops as much leading blank text (scheduler.detokenizer.Healer) before the
     # text is sent and before stop strings are matched; token ids and usage keep the generated tokens.
     healed: str = ""
+    # gen_length is the server's default, not the client's (OpenAI max_tokens unset): when prompt +
+    # gen_length needs more KV blocks than the engine's cache has, gen_length (and max_tokens) shrink to
+    # the largest whole blocks of whole slots that fit, instead of a 400, as an unset max_tokens shrinks
+    # to the room left in the context (vLLM; integrations/context_fit.py). A client's own value is refused.
+    fit_to_kv: bool = False
     # The server's own request (health probe, warm-up): decoded like any other, but not counted in the
     # request metrics, the prefix-cache hit rate, the router's estimates or the log (a probe every 10 s
     # would swamp an idle server's numbers).

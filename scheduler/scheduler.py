@@ -43,8 +43,9 @@ runner never allocates and never refuses for lack of KV.
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -126,6 +127,10 @@ class Scheduler:
         suffix_len = len(spec.suffix_ids or [])
         kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR)
         capacity = self.kv.capacity()
+        if kv_blocks > capacity and spec.fit_to_kv and (fitted := self._fit_to_kv(spec, params, capacity)):
+            params = fitted
+            spec = replace(spec, max_tokens=min(spec.max_tokens or params.gen_length, params.gen_length))
+            kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR)
         if kv_blocks > capacity:
             raise InvalidRequestError(
                 "prompt_ids",
@@ -145,6 +150,29 @@ class Scheduler:
                       aged_after=self.config.aging_after)
         self.waiting.append(req)
         return req
+
+    def _fit_to_kv(self, spec, params, capacity: int):
+        """A copy of `params` with the largest gen_length whose KV fits `capacity` blocks: a whole number of
+        blocks of whole slots (slot_size x serial_num_blocks), at least min_tokens; None when none fits.
+        Binary search: blocks_needed grows with gen_length."""
+        step = int(getattr(params, "slot_size", 1) or 1) * int(getattr(params, "serial_num_blocks", 1) or 1)
+        lowest = max(1, -(-int(getattr(params, "min_tokens", 0) or 0) // step))  # in steps
+
+        def fits(steps: int) -> bool:
+            trial = copy.copy(params)
+            trial.gen_length = steps * step
+            return self.kv.blocks_needed(len(spec.prompt_ids), len(spec.suffix_ids or []), trial,
+                                         ar_only=spec.mode is Mode.AR) <= capacity
+
+        low, high = lowest, params.gen_length // step - 1  # the full gen_length did not fit
+        if high < low or not fits(low):
+            return None
+        while low < high:  # invariant: fits(low)
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        fitted = copy.copy(params)
+        fitted.gen_length = low * step
+        return fitted
 
     def retry_after_s(self) -> float:
         """Rough wait before a slot frees: queue length times the typical request time per slot."""

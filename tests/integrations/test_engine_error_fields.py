@@ -51,3 +51,22 @@ async def test_llama_routes_name_llama_fields(http):
     completion = await http.post("/completion", json={"prompt": "x", "n_predict": 64})
     message = completion.json()["error"]["message"]
     assert completion.status_code == 400 and "n_predict (64)" in message and "gen_length" not in message, message
+
+
+@pytest.mark.parametrize("path, body, fits", [
+    ("/v1/chat/completions", {"messages": USER}, True),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 8}, False),
+    ("/v1/completions", {"prompt": "x"}, True),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 8}, False),
+    ("/v1/responses", {"input": "hi"}, True),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 8}, False),
+    ("/completion", {"prompt": "x"}, True),  # n_predict -1: the server's default
+])
+async def test_only_a_default_max_tokens_may_shrink_to_the_kv_cache(fake_client, path, body, fits):  # noqa: F811
+    """The engine shrinks an unset max_tokens to its KV cache (scheduler.Scheduler.add, fit_to_kv) as the
+    ingress shrinks it to the context; a client's own max_tokens is never changed (a 400 instead)."""
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post(path, json=body)
+    assert response.status_code == 200, response.text
+    assert fake_client.requests[-1].fit_to_kv is fits

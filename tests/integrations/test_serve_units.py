@@ -382,6 +382,34 @@ async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(t
         await engine.stop(drain_timeout_s=0)
 
 
+async def test_chat_without_max_tokens_shrinks_to_a_small_kv_cache(tiny_model_dir):
+    """A real engine whose KV cache holds less than prompt + the default max_tokens (256): chat without
+    max_tokens is served, cut to what the cache holds (finish_reason length); it was a 400 naming
+    max_tokens, which the client never sent. A requested max_tokens that cannot fit is still that 400."""
+    engine, tok = build_engine(tiny_model_dir, {"num_blocks": 12, "block_size": 16}, {"routing": {"calibrate": False}})
+    await engine.start()
+    card = read_model_card(tiny_model_dir)
+    app = create_app(APISettings(model_name="tiny", decode_defaults=card["defaults"]),
+                     LocalEngineClient(engine, tok, "tiny", card))
+    body = {"messages": [{"role": "user", "content": "Write a function that adds two numbers."}], "mode": "ar",
+            "ignore_eos": True, "temperature": 0}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
+            out = await http.post("/v1/chat/completions", json=body)
+            assert out.status_code == 200, out.text
+            usage = out.json()["usage"]
+            assert out.json()["choices"][0]["finish_reason"] == "length"
+            room = engine.kv.capacity() * 16 - usage["prompt_tokens"]
+            assert 0 < usage["completion_tokens"] < 256 and usage["completion_tokens"] >= room - 2 * 16
+            asked = await http.post("/v1/chat/completions", json={**body, "max_tokens": 256})
+            assert asked.status_code == 400 and asked.json()["error"]["param"] == "messages", asked.text
+            assert "max_tokens (256)" in asked.json()["error"]["message"]
+        stats = engine.stats()  # idle: only the prefix cache holds blocks
+        assert stats["running"] == 0 and stats["kv_blocks_free"] + stats["prefix_cache_blocks"] == stats["kv_blocks_total"]
+    finally:
+        await engine.stop(drain_timeout_s=0)
+
+
 async def test_local_app_over_real_engine_and_drain(tiny_model_dir, wait_until):
     engine, tok = build_engine(tiny_model_dir, {"num_blocks": 512}, {"routing": {"calibrate": False}})
     await engine.start()

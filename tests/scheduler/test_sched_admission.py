@@ -66,6 +66,30 @@ async def test_prompt_that_can_never_fit_is_invalid_not_overloaded():
     await engine.stop()
 
 
+async def test_a_default_gen_length_shrinks_to_the_kv_cache_a_requested_one_is_refused():
+    """fit_to_kv (the client set no max_tokens): a generation the KV cache cannot hold is cut to the
+    longest that fits, in whole blocks of whole slots, and ends with LENGTH; it was a 400 the client could
+    only avoid by guessing a smaller max_tokens. Without fit_to_kv the request is refused as before, and
+    a prompt that leaves no room is refused either way."""
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=8, block_size=4), prefix_cache=False)
+    capacity = engine.kv.capacity()
+    params = engine.scheduler.factories["main"]
+    fits = max(g for g in range(1, 200) if engine.kv.blocks_needed(10, 0, params.parse_params({"gen_length": g}),
+                                                                     ar_only=True) <= capacity)
+    await engine.start()
+    deltas = await collect(engine, req("default", prompt=[5] * 10, gen=64, mode=Mode.AR, fit_to_kv=True))
+    assert 0 < fits < 64 and len(ids_of(deltas)) == fits and deltas[-1].finish_reason is FinishReason.LENGTH
+    slots = await collect(engine, GenerationRequest("slots", [5] * 10, {"gen_length": 64, "slot_size": 4},
+                                                    mode=Mode.AR, fit_to_kv=True))
+    assert len(ids_of(slots)) == fits // 4 * 4  # whole slots
+    with pytest.raises(InvalidRequestError, match="lower gen_length"):
+        await collect(engine, req("asked", prompt=[5] * 10, gen=64, mode=Mode.AR))
+    with pytest.raises(InvalidRequestError, match="shorten the prompt"):
+        await collect(engine, req("no-room", prompt=[5] * 40, gen=64, mode=Mode.AR, fit_to_kv=True))
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total  # nothing leaked
+    await engine.stop()
+
+
 async def test_full_queue_rejects_at_once_with_retry_after(wait_until):
     engine, runner = make_engine(max_running=1, max_queue=1)
     gate = ForwardGate(runner.execute)  # a's first forward is held: a runs, b waits, the queue is full
