@@ -17,28 +17,43 @@ import sys
 import time
 from pathlib import Path
 
-from integrations.cli_train_flags import TrainArgumentError, add_arguments, check_flags, fresh_model
+from integrations.cli_train_flags import (TrainArgumentError, add_arguments, check_flags, fresh_model,
+                                          remove_model_files)
 
 __all__ = ["add_arguments", "run", "save_model_dir"]  # add_arguments and run: integrations/cli.py's contract
 
 
-def _model_and_tokenizer(args, train_units):
-    """(model, tokenizer): fresh BPE + fresh Qwen3 config, or the --init checkpoint with <|mask|> ensured."""
+def _fresh_model_and_tokenizer(args, train_units):
+    """(model, tokenizer): a BPE tokenizer built on the training units and a fresh Qwen3 of the shape flags."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.tokenizer_build import build_bpe_tokenizer, ensure_mask_token
+    from training.tokenizer_build import build_bpe_tokenizer
 
     torch.manual_seed(args.seed)
-    if args.init is None:
-        tokenizer = build_bpe_tokenizer((u.prompt + u.response for u in train_units), args.vocab_size)
-        eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-        return fresh_model(args, len(tokenizer), eos).float(), tokenizer
+    tokenizer = build_bpe_tokenizer((u.prompt + u.response for u in train_units), args.vocab_size)
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    return fresh_model(args, len(tokenizer), eos).float(), tokenizer
+
+
+def _init_model_and_tokenizer(args):
+    """(model, tokenizer) of the --init checkpoint, <|mask|> ensured; loaded before the corpus is built, so
+    a checkpoint that cannot load fails in seconds. Raises TrainArgumentError("--init") for any load
+    failure (truncated weights, a bad config or tokenizer file): the directory is the user's input."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.tokenizer_build import ensure_mask_token
+
+    torch.manual_seed(args.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.init)
         model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:  # what transformers raises for a directory it cannot load
-        raise TrainArgumentError("--init", f"{args.init} cannot be loaded: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # what loading a broken dir raises
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        raise TrainArgumentError("--init", f"{args.init} cannot be loaded ({type(exc).__name__}: {reason}); give an "
+                                           "HF model directory whose weights, config and tokenizer load") from None
     if ensure_mask_token(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model, tokenizer
@@ -117,8 +132,15 @@ def _train(args, interrupt: _Interrupt) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.monotonic()
+    if args.init is not None:
+        print(f"refusion train: loading {args.init}", flush=True)
+        model, tokenizer = _init_model_and_tokenizer(args)
+    print(f"refusion train: reading the corpus ({' '.join(args.corpus)})", flush=True)
     train_units, heldout_units = load_units(args.corpus, args.heldout_fraction)
-    model, tokenizer = _model_and_tokenizer(args, train_units)
+    if args.init is None:
+        print(f"refusion train: {len(train_units)} training units; building a {args.vocab_size}-token BPE tokenizer",
+              flush=True)
+        model, tokenizer = _fresh_model_and_tokenizer(args, train_units)
     train_pairs = tokenize_units(tokenizer, train_units, args.seq_len)
     chat = tokenize_units(tokenizer, chat_pairs(train_units), args.seq_len) if args.chat_fraction else []
     limit = int(len(train_pairs) * args.chat_fraction / (1.0 - args.chat_fraction))
@@ -139,6 +161,8 @@ def _train(args, interrupt: _Interrupt) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrainArgumentError("--out", f"{out} cannot be created ({exc.strerror}); give a path you can write") from None
+    if args.overwrite:
+        remove_model_files(out)
     n_params = sum(p.numel() for p in model.parameters())
     stats = {"train_units": len(train_pairs), "chat_pairs": len(chat), "heldout_units": len(heldout_pairs),
              "parameters": n_params,

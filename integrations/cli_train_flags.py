@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="share of training pairs that are synthetic chat instructions and tool calls (training/chat_data.py)")
     a("--checkpoint-minutes", type=float, default=10.0, help="also save the model this often while training")
     a("--overwrite", action="store_true",
-      help="let --out be a directory that already holds a model or another run's files (they are replaced)")
+      help="let --out be a directory that already holds a model or another run's files: a model's files there "
+           "(weights, config, tokenizer, refusion.json, its README.md card) are removed first; other files stay")
     shape = parser.add_argument_group("model shape (fresh model only)")
     shape.add_argument("--hidden", type=int, default=256)
     shape.add_argument("--layers", type=int, default=4)
@@ -211,3 +212,22 @@ def fresh_model(args, vocab_size: int, eos: int):
         rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=eos, pad_token_id=eos, bos_token_id=None,
     )
     return Qwen3ForCausalLM(config)
+
+
+# What a model directory holds (transformers' files, the server's refusion.json, a run's records): with
+# --overwrite they are removed before the new model is written, so no file of the old model (its decode
+# settings above all) is read with the new one
+MODEL_FILES = ("config.json", "generation_config.json", "refusion.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "chat_template.jinja", "train_args.json", "train_log.jsonl")
+MODEL_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json")
+
+
+def remove_model_files(out: Path) -> list[str]:
+    """Remove the model files of `out` (MODEL_FILES, MODEL_PATTERNS, and README.md when the directory held
+    a config.json: a model card); returns the names removed. Other files and every folder stay."""
+    names = set(MODEL_FILES) | ({"README.md"} if (out / "config.json").is_file() else set())
+    doomed = [p for p in out.iterdir() if p.is_file() and (p.name in names or any(p.match(g) for g in MODEL_PATTERNS))]
+    for path in doomed:
+        path.unlink()
+    return sorted(p.name for p in doomed)

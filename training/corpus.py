@@ -22,6 +22,7 @@ import ast
 import hashlib
 import sysconfig
 import textwrap
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -57,8 +58,8 @@ def source_files(corpus: Sequence[str]) -> list[tuple[Path, Path]]:
     for item in corpus:
         for root in _roots(item):
             if not root.is_dir():
-                raise CorpusError("corpus", f"{item!r} is not a directory; give 'stdlib', 'site-packages' or a "
-                                            "directory of .py files")
+                what = "is not a directory" if root.exists() else "does not exist"
+                raise CorpusError("corpus", f"{item!r} {what}; give 'stdlib', 'site-packages' or a directory of .py files")
             excluded = EXCLUDED_DIRS if item == "stdlib" else {"__pycache__"}  # others: all but caches
             files = sorted(p for p in root.rglob("*.py") if not excluded & set(p.relative_to(root).parts[:-1]))
             for f in files:
@@ -136,14 +137,25 @@ def load_units(corpus: Sequence[str], heldout_fraction: float = 0.03) -> tuple[l
     for root, path in source_files(corpus):
         rel = path.relative_to(root).as_posix()
         try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+            text = _read_source(path)
+        except (UnicodeDecodeError, SyntaxError, LookupError, OSError):  # undecodable, or a bad coding cookie
             continue
         (heldout if is_heldout(rel, heldout_fraction) else train).extend(extract_units(text, rel))
+    if not train and heldout:
+        raise CorpusError("heldout_fraction", f"{heldout_fraction} holds out every file with units ({len(heldout)} "
+                                              "units); use a smaller fraction, e.g. 0.03")
     if not train:
         raise CorpusError("corpus", f"{list(corpus)} holds no function or class with a body; point it at Python source")
     heldout = _unique(heldout, set())
     return _unique(train, {u.prompt + u.response for u in heldout}), heldout
+
+
+def _read_source(path: Path) -> str:
+    """A Python file's text in the encoding it declares (PEP 263 coding cookie or BOM; UTF-8 otherwise),
+    universal newlines as Python reads source."""
+    with open(path, "rb") as f:
+        encoding, _ = tokenize.detect_encoding(f.readline)
+    return path.read_text(encoding=encoding)
 
 
 def _unique(units: list[CodeUnit], seen: set[str]) -> list[CodeUnit]:

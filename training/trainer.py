@@ -297,6 +297,9 @@ def _log(model, acc: dict, step: int, start: float, lr: float, heldout, on_log, 
                                   f"lower the learning rate (got {lr:.3g} at this step)")
     if heldout:
         record.update(heldout_losses(model, heldout, mask_token_id=mask_id, eos_token_id=eos_id))
+        if not all(math.isfinite(record[k]) for k in ("heldout_ar_loss", "heldout_mdm_loss")):
+            raise TrainingError("lr", f"the held-out loss is not finite at step {step}: training diverged; lower the "
+                                      f"learning rate (got {lr:.3g} at this step)")
     acc.update(loss=0.0, ar=0.0, mdm=0.0, tokens=0, slots=0, n=0, since=time.monotonic())
     if on_log is not None:
         on_log(record)

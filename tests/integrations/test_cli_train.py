@@ -240,3 +240,45 @@ def test_interrupted_before_the_first_step_saves_nothing(corpus_dir, tmp_path, m
                  "--batch-tokens", "256", "--vocab-size", "300"]) == 130
     assert "interrupted before the first step; nothing saved" in capsys.readouterr().err
     assert not (out / "model.safetensors").exists()
+
+
+def test_a_broken_init_checkpoint_fails_naming_init_before_the_corpus_is_read(corpus_dir, tmp_path, capsys):
+    """Truncated weights were a SafetensorError traceback (rc 1), after the corpus was built (minutes on
+    stdlib); the checkpoint now loads first and any load failure is one line naming --init."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    good = tmp_path / "good"
+    assert main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(good), "--steps", "1",
+                 "--batch-tokens", "256", "--vocab-size", "300"]) == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(["train", "--corpus", str(corpus_dir), "--out", str(tmp_path / "m"), "--init", str(broken),
+                 "--steps", "1", "--threads", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"refusion train: --init: {broken} cannot be loaded (") and "Traceback" not in err
+    assert "reading the corpus" not in out  # failed before the corpus was built
+    assert AutoModelForCausalLM.from_pretrained(str(good)) and AutoTokenizer.from_pretrained(str(good))
+
+
+def test_overwrite_removes_the_old_models_files_and_keeps_the_rest(corpus_dir, tmp_path):
+    """--overwrite over a model directory left the old refusion.json (its decode settings then applied to
+    the new model) and its README.md card; a model's files go, other files and folders stay."""
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "refusion.json").write_text('{"slot_threshold": 0.6}')
+    (out / "README.md").write_text("old card")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    assert main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--steps", "1", "--overwrite",
+                 "--batch-tokens", "256", "--vocab-size", "300"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert not {"refusion.json", "README.md", "model-00001-of-00002.safetensors"} & names
+    assert {"notes.txt", "sub", "model.safetensors", "config.json", "train_log.jsonl"} <= names
+    assert json.loads((out / "config.json").read_text())["mask_token_id"] is not None

@@ -85,6 +85,26 @@ def test_corpus_errors_name_the_field(tmp_path):
     assert err.value.field == "heldout_fraction"
 
 
+def test_declared_encodings_are_read_and_corpus_errors_say_what_is_wrong(tmp_path):
+    """A file declaring latin-1 (PEP 263) is valid Python and is read (it was skipped as not UTF-8); a
+    missing path says so (it said "is not a directory"); a held-out fraction that takes every file names
+    --heldout-fraction (it blamed the corpus)."""
+    from training.corpus import CorpusError, load_units
+
+    (tmp_path / "latin.py").write_bytes("# -*- coding: latin-1 -*-\ndef caf\u00e9():\n    return '\u00e9t\u00e9'\n"
+                                        .encode("latin-1"))
+    (tmp_path / "plain.py").write_text("def g(a):\n    b = a\n    return b\n")
+    train, _ = load_units([str(tmp_path)], heldout_fraction=0.0)
+    assert sorted(u.name for u in train) == ["caf\u00e9", "g"]
+    assert "return '\u00e9t\u00e9'" in next(u for u in train if u.name != "g").response
+    with pytest.raises(CorpusError, match="does not exist") as err:
+        load_units([str(tmp_path / "missing")])
+    assert err.value.field == "corpus"
+    with pytest.raises(CorpusError, match="holds out every file") as err:
+        load_units([str(tmp_path)], heldout_fraction=0.9999999)
+    assert err.value.field == "heldout_fraction"
+
+
 def test_a_file_too_deep_for_the_parser_is_skipped_not_fatal(tmp_path):
     """An expression of 100,000 terms makes ast.parse raise RecursionError: that file gives no unit and
     the rest of the corpus loads (it ended the whole `refusion train` run; a break-test)."""

@@ -186,3 +186,16 @@ def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(TrainingError) as err:
         train_model(_tiny_qwen3(), [([1], [2])], **args)
     assert err.value.field == field
+
+
+def test_a_non_finite_held_out_loss_stops_training_as_diverged(monkeypatch):
+    """A held-out loss of NaN (a run diverging) was written to train_log.jsonl as a bare NaN, which is not
+    JSON, and training went on; it is a divergence like a non-finite training loss."""
+    import training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "heldout_losses", lambda *a, **k: {"heldout_ar_loss": math.nan, "heldout_mdm_loss": 1.0})
+    records = []
+    with pytest.raises(TrainingError, match="held-out loss is not finite at step 1") as err:
+        train_model(_tiny_qwen3(), _counting_pairs(8, 0), steps=3, batch_tokens=64, lr=1e-3, mask_token_id=MASK,
+                    eos_token_id=EOS, seed=0, log_every=1, heldout=_counting_pairs(2, 1), on_log=records.append)
+    assert err.value.field == "lr" and records == []
