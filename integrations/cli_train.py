@@ -59,6 +59,16 @@ def _init_model_and_tokenizer(args):
     return model, tokenizer
 
 
+def _package_set(corpus) -> dict:
+    """{"packages": ["name==version", ...]} of the installed distributions when the corpus reads them
+    (`site-packages`), for reproduction; {} otherwise."""
+    if "site-packages" not in corpus:
+        return {}
+    from importlib.metadata import distributions
+
+    return {"packages": sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]})}
+
+
 def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32") -> None:
     """Write an HF model directory whose config.json carries mask_token_id."""
     import torch
@@ -167,7 +177,8 @@ def _train(args, interrupt: _Interrupt) -> int:
     stats = {"train_units": len(train_pairs), "chat_pairs": len(chat), "heldout_units": len(heldout_pairs),
              "parameters": n_params,
              "train_tokens_per_epoch": sum(len(p) + len(r) + 1 for p, r in train_pairs),
-             "prep_s": round(time.monotonic() - t0, 1), "device": device, "torch_threads": torch.get_num_threads()}
+             "prep_s": round(time.monotonic() - t0, 1), "device": device, "torch_threads": torch.get_num_threads(),
+             "python": sys.version.split()[0], **_package_set(args.corpus)}
     (out / "train_args.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **stats}, indent=2))
     print(f"refusion train: {n_params / 1e6:.2f}M parameters, {len(train_pairs)} train / {len(heldout_pairs)} "
           f"held-out units, {stats['train_tokens_per_epoch']} tokens per epoch, device {device}", flush=True)

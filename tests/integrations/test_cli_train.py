@@ -60,6 +60,12 @@ def test_train_from_scratch_writes_a_loadable_model_and_log(corpus_dir, tmp_path
     assert records[0]["tokens_per_s"] > 0 and 0 < records[0]["fill"] <= 1
     stats = json.loads((out / "train_args.json").read_text())
     assert stats["chat_pairs"] >= 1  # `add` has a docstring: an instruction pair and a tool-call turn
+    import platform
+
+    from integrations.cli_train import _package_set
+
+    assert stats["python"] == platform.python_version() and "packages" not in stats  # a directory corpus
+    assert any(p.startswith("torch==2.") for p in _package_set(["site-packages"])["packages"])
     cfg = json.loads((out / "config.json").read_text())
     tok = AutoTokenizer.from_pretrained(str(out))
     assert cfg["mask_token_id"] == tok.convert_tokens_to_ids("<|mask|>") == tok.mask_token_id
