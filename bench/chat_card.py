@@ -50,10 +50,18 @@ async def _ask(client, pair, mode: str, tool_choice: str | None = None) -> dict:
     return response.json()["choices"][0]
 
 
+def valid_answer(content: str, cut: bool) -> bool:
+    """Whether a chat answer is valid Python: judged on its complete lines when max_tokens cut it
+    (bench/model_card.judged), and never when nothing is left to judge (an answer cut before its first
+    newline counted as valid: ast parses "")."""
+    from bench.model_card import judged, parses
+
+    return bool(judged(content, not cut).strip()) and parses("", content, ended=not cut)
+
+
 async def _score(model_dir: Path, instructions, tool_turns, modes) -> dict:
     import httpx
 
-    from bench.model_card import parses
     from decoding.params import load_model_defaults
     from integrations.engine_client import LocalEngineClient
     from integrations.engine_host import build_engine
@@ -72,8 +80,7 @@ async def _score(model_dir: Path, instructions, tool_turns, modes) -> dict:
                 answers = await asyncio.gather(*(_ask(client, p, mode) for p in instructions))
                 contents = [(a["message"].get("content") or "", a["finish_reason"] == "length") for a in answers]
                 row[f"{mode}_chat_nonempty"] = round(sum(bool(c.strip()) for c, _ in contents) / len(answers), 4)
-                row[f"{mode}_chat_valid_python"] = round(
-                    sum(bool(c.strip()) and parses("", c, ended=not cut) for c, cut in contents) / len(answers), 4)
+                row[f"{mode}_chat_valid_python"] = round(sum(valid_answer(c, cut) for c, cut in contents) / len(answers), 4)
                 for prefix, choice in (("", None), ("forced_", "required")):
                     turns = await asyncio.gather(*(_ask(client, p, mode, choice) for p in tool_turns))
                     calls = [t["message"].get("tool_calls") or [] for t in turns]

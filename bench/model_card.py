@@ -93,13 +93,21 @@ def agreement(a: list[list[int]], b: list[list[int]], eos: int) -> tuple[float, 
     return same / len(a), prefix / len(a)
 
 
+class CardError(ValueError):
+    """An input the card cannot be measured with (flag, model directory, held-out split)."""
+
+
+def judged(completion: str, ended: bool) -> str:
+    """The part of a completion that is judged: all of it when it ended with EOS, else up to its last
+    complete line (a function still being written is judged on what it has so far)."""
+    return completion if ended else completion[: completion.rfind("\n") + 1]
+
+
 def parses(prompt: str, completion: str, ended: bool) -> bool:
-    """Whether prompt + completion is valid Python (ast). A completion that did not end with EOS is cut
-    after its last complete line, so a function still being written is judged on what it has so far."""
+    """Whether prompt + the judged completion (`judged`) is valid Python (ast)."""
     import ast
 
-    if not ended:
-        completion = completion[: completion.rfind("\n") + 1]
+    completion = judged(completion, ended)
     try:
         ast.parse(prompt + completion)
     except (SyntaxError, ValueError):
@@ -114,15 +122,22 @@ def parse_rate(tok, prompts: list[list[int]], outputs: list[list[int]], eos: int
 
 
 def _parse_sets(items: list[str]) -> dict:
+    """--set KEY=VALUE items as {key: JSON value}; raises CardError naming the item."""
     out = {}
     for item in items:
-        key, _, value = item.partition("=")
-        out[key] = json.loads(value)
+        key, sep, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            raise CardError(f"--set {item}: the value must be JSON (a number, true/false, or a quoted string)") from None
+        if not sep or not key:
+            raise CardError(f"--set {item}: use KEY=VALUE, e.g. slot_threshold=0.8")
     return out
 
 
 def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = False, chat_requests: int = 20) -> dict:
     """Every model-card number for one model directory and decode setting."""
+    from decoding.api import DecodeParamError
     from decoding.params import DecodeParams, load_model_defaults
     from workers.runner import ModelRunner
 
@@ -131,13 +146,20 @@ def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = 
     runner = ModelRunner(str(model_dir))
     tok, eos, mask = runner.tokenizer, runner.info.eos_token_id, runner.info.mask_token_id
     pairs = heldout_pairs(tok, train_args, ["stdlib"])
+    if not pairs:
+        raise CardError(f"no held-out unit: the model's held-out split (heldout_fraction "
+                        f"{train_args.get('heldout_fraction', 0.03)} in train_args.json) holds no standard-library unit "
+                        f"that fits seq_len {train_args.get('seq_len', 256)}; the card measures on held-out code only")
     row: dict = {"model": str(model_dir), "parameters": parameter_count(model_dir), "heldout_units": len(pairs)}
     if not skip_loss:
         row["heldout_ar_loss"] = round(heldout_ar_loss(model_dir, pairs, eos, mask), 4)
     subset = pairs[:: max(1, len(pairs) // n_prompts)][:n_prompts]  # evenly spread over held-out files
     prompts = [p for p, _ in subset]
     truth = [first_line(tok.decode(r)) for _, r in subset]
-    params = DecodeParams.from_dict(load_model_defaults(model_dir) | overrides)
+    try:
+        params = DecodeParams.from_dict(load_model_defaults(model_dir) | overrides)
+    except DecodeParamError as exc:
+        raise CardError(f"--set: {exc}") from None
     row["decode"] = {k: getattr(params, k) for k in ("gen_length", "slot_size", "serial_num_blocks",
                                                       "slot_threshold", "token_threshold", "temperature")}
     t0 = time.monotonic()
@@ -197,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out chat and tool-call requests each (bench/chat_card.py); 0 skips them")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
+    if args.prompts < 1 or args.chat_requests < 0:
+        parser.error("--prompts must be at least 1 and --chat-requests at least 0")
     import torch
 
     import structlog
@@ -204,8 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     saved = structlog.get_config()
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # the chat rows' engine log
+    from workers.loader import ModelDirError
+
     try:  # goes to stderr, so stdout is the table or the one JSON object alone
         row = measure(Path(args.model), args.prompts, _parse_sets(args.set), args.skip_loss, args.chat_requests)
+    except (CardError, ModelDirError) as exc:
+        print(f"model_card: {exc}", file=sys.stderr)
+        return 2
     finally:
         structlog.configure(**saved)
     print(json.dumps(row)) if args.json else print_table(row)

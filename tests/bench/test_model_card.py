@@ -26,6 +26,34 @@ def test_an_unfinished_completion_is_judged_on_its_complete_lines():
     assert not parses(PROMPT, "", ended=False)  # nothing: a def with no body
 
 
+def test_a_chat_answer_cut_before_its_first_line_ends_is_not_valid_python():
+    """A 256-token answer `    return self.......` cut by max_tokens left "" to judge, which ast parses:
+    the card counted such garbage as valid Python."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from chat_card import valid_answer
+
+    assert not valid_answer("    return self" + "." * 300, cut=True)
+    assert valid_answer("def f(x):\n    return x\n", cut=False)
+    assert valid_answer("def f(x):\n    return x\ndef g(", cut=True)  # judged on its complete lines
+    assert not valid_answer("", cut=False) and not valid_answer("def f(:\n", cut=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent/model"], "model_card: "),
+    (["--set", "slot_size=abc"], "--set slot_size=abc: the value must be JSON"),
+    (["--set", "=1"], "--set =1: use KEY=VALUE"),
+])
+def test_bad_inputs_are_one_line_and_exit_2(argv, message, capsys):
+    from model_card import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as code:
+        main(["--prompts", "0"])
+    assert code.value.code == 2
+
+
 def test_agreement_counts_identical_outputs_and_matching_prefixes():
     eos = 0
     same, prefix = agreement([[5, 6, 0, 9], [5, 7]], [[5, 6, 0], [5, 6, 8, 9]], eos)
