@@ -230,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
     from integrations.serve_app import application
     from integrations.serve_config import ServeConfig
     from integrations.serve_drain import drain_app, drain_signal
+    from workers.loader import ModelDirError, check_model_dir
 
     try:
         file = merged_config(args)
@@ -241,10 +242,15 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "config"
-            print(f"refusion serve: {where}: {error['msg']}")
+            print(f"refusion serve: {where}: {error['msg'].removeprefix('Value error, ')}")  # pydantic's prefix
         return 2
     except (TypeError, ValueError) as exc:  # an option or value Deployment.options() refuses, from `deployments:`
         print(f"refusion serve: --config: applications[0].deployments: {exc}".splitlines()[0])
+        return 2
+    try:  # seconds here, where a broken directory failed each replica after a minute of tracebacks
+        check_model_dir(ServeConfig.model_validate(config).model)
+    except ModelDirError as exc:
+        print(f"refusion serve: --model: {exc}")
         return 2
     if not args.address:  # a local Ray: its proxy will listen here (on a cluster, on the cluster's nodes)
         try:

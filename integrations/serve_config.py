@@ -224,7 +224,8 @@ class ServeConfig(_Strict):
     def _resolve(self):
         model_dir = Path(self.model).expanduser().resolve()
         if not (model_dir / "config.json").is_file():
-            raise ValueError(f"model: {model_dir} has no config.json; pass a model directory (default {DEFAULT_MODEL})")
+            what = "is not a directory" if model_dir.exists() and not model_dir.is_dir() else "has no config.json"
+            raise ValueError(f"model: {model_dir} {what}; pass a model directory (default {DEFAULT_MODEL})")
         self.model = str(model_dir)
         self.model_name = self.model_name or model_dir.name
         self.api_keys = list(dict.fromkeys(self.api_keys + keys_from_env()))

@@ -5,7 +5,7 @@ Bad values raise `EngineConfigError(field, message)` naming the field and what t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 class EngineConfigError(ValueError):
@@ -19,6 +19,24 @@ class EngineConfigError(ValueError):
 def _check(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise EngineConfigError(field_name, message)
+
+
+def _check_scalar_types(config, prefix: str = "") -> None:
+    """Each int, float or bool field of a config dataclass holds that type (an int is a float; a bool is
+    not an int): a value read from YAML such as max_running: "lots" is named, not compared (it was a
+    TypeError from the first range check)."""
+    names = {"int": "an integer", "float": "a number", "bool": "true or false"}
+    for f in fields(config):
+        value, kind = getattr(config, f.name), f.type
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        else:
+            continue
+        _check(ok, prefix + f.name, f"must be {names[kind]}, got {value!r}")
 
 
 @dataclass
@@ -63,6 +81,7 @@ class RoutingConfig:
     ema: float = 0.01
 
     def __post_init__(self) -> None:
+        _check_scalar_types(self, "routing.")
         _check(self.calibration_repeats >= 1, "routing.calibration_repeats", "must be >= 1")
         _check(
             len(self.calibration_tokens) >= 2 and all(n >= 1 for n in self.calibration_tokens),
@@ -131,6 +150,7 @@ class EngineConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
+        _check_scalar_types(self)
         _check(self.max_running >= 1, "max_running", "must be >= 1")
         _check(self.max_queue >= 0, "max_queue", "must be >= 0 (0 = reject whenever all running slots are busy)")
         _check(self.token_budget >= 1, "token_budget", "must be >= 1 query token per forward")

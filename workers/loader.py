@@ -172,6 +172,22 @@ def _opened(path: Path, device: str = "cpu"):
 def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict:
     """Load every tensor the model needs, checked against the config's shapes, as `dtype` on `device`.
     Raises ModelDirError naming the file for a missing, misshapen or unreadable tensor."""
+    return _checked_tensors(model_dir, config, str(device), lambda handle, name: handle.get_tensor(name).to(dtype))
+
+
+def check_model_dir(model_dir: Path | str) -> None:
+    """Every check loading the directory makes (config.json, the weight files' headers: names and shapes
+    against the config, the tokenizer, the mask token) without reading a tensor: seconds, so a server can
+    refuse a broken directory before it starts anything. Raises ModelDirError naming the file."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    _checked_tensors(model_dir, config, "cpu", None)
+    resolve_mask_token_id(config, load_tokenizer(model_dir), model_dir)
+
+
+def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) -> dict:
+    """{name: load(handle, name)} for every tensor the model needs, each checked first (present, listed in
+    its shard, the config's shape); `load` None checks only (headers) and returns {}."""
     files = checkpoint_files(model_dir)
     expected = config.expected_shapes()
     by_file: dict[Path, list[str]] = {}
@@ -183,7 +199,7 @@ def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict
         by_file.setdefault(files[name], []).append(name)
     weights = {}
     for path, names in by_file.items():
-        with _opened(path, str(device)) as handle:
+        with _opened(path, device) as handle:
             if not set(names) <= set(handle.keys()):
                 missing = sorted(set(names) - set(handle.keys()))[0]
                 raise ModelDirError(path, f"tensor {missing!r} is listed in the index but not in this shard")
@@ -191,7 +207,8 @@ def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict
                 shape = tuple(handle.get_slice(name).get_shape())
                 if shape != expected[name]:
                     raise ModelDirError(path, f"tensor {name!r} has shape {shape}, config.json implies {expected[name]}")
-                weights[name] = handle.get_tensor(name).to(dtype)
+                if load is not None:
+                    weights[name] = load(handle, name)
     return weights
 
 

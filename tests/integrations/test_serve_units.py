@@ -338,6 +338,26 @@ def test_a_second_serve_on_a_busy_port_exits_instead_of_sharing_it():
     assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
 
 
+def test_a_broken_model_directory_is_one_line_before_ray_starts(tiny_model_dir, tmp_path):
+    """Truncated weights started Ray and failed each engine replica: 42-75 s and 7-11 tracebacks ending
+    in "Deploying application refusion failed"; the directory is now checked first (workers.loader
+    .check_model_dir), and a file given as --model is called what it is."""
+    import shutil
+    import subprocess
+    import sys
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for target, said in ((model, f"--model: {weights}: not a readable safetensors file"),
+                         (weights, f"config: model: {weights} is not a directory")):
+        proc = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", "--model", str(target), "--port", "1"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stdout.startswith(f"refusion serve: {said}"), proc.stdout
+        assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
 async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(tiny_model_dir):
     """vLLM's --served-model-name semantics: /v1/models lists each id, a request naming any is served and
     its answer carries the first, an unknown one is OpenAI's 404 model_not_found naming the ids."""

@@ -120,6 +120,41 @@ def test_bad_config_is_explained(tiny_model_dir, tmp_path, edit, message):
         read_config(model)
 
 
+def _truncate(model: Path) -> None:
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def _drop_tensor(model: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, model / "model.safetensors")
+
+
+@pytest.mark.parametrize("break_it, file", [
+    (_truncate, "model.safetensors"),
+    (_drop_tensor, "model.safetensors"),
+    (lambda m: (m / "tokenizer.json").write_text("{"), "tokenizer.json"),
+    (lambda m: (m / "config.json").write_text("[]"), "config.json"),
+    (lambda m: [(m / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "tokenizer.json"),
+])
+def test_the_quick_check_finds_what_loading_finds(tiny_model_dir, tmp_path, break_it, file):
+    """check_model_dir (what `refusion serve` runs before it starts Ray; a broken directory failed every
+    replica after a minute of tracebacks) names the same file as loading the model does, reading no tensor."""
+    from workers.loader import check_model_dir
+
+    check_model_dir(tiny_model_dir)  # a good directory passes
+    model = _copy(tiny_model_dir, tmp_path)
+    break_it(model)
+    with pytest.raises(ModelDirError) as checked:
+        check_model_dir(model)
+    with pytest.raises(ModelDirError) as loaded:
+        ModelRunner(model, device="cpu", num_blocks=8)
+    assert checked.value.path == loaded.value.path and checked.value.path.endswith(file)
+
+
 def test_kv_budget_and_dtype(tiny_model_dir):
     cfg = read_config(tiny_model_dir)
     per_block = bytes_per_block(cfg, 16, torch.bfloat16)
