@@ -130,10 +130,14 @@ def load_config_file(path: Path) -> ConfigFile:
         raise CLIError(f"--config: {path} must hold a mapping")
     if "applications" not in data:
         return ConfigFile(args=data)
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    _check_keys(data, ServeDeploySchema, "")
     apps = data["applications"] or []
     if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], dict):
         found = f"{len(apps)} entries" if isinstance(apps, list) else repr(apps)
         raise CLIError(f"--config: applications: must be a list of exactly one application mapping, found {found}")
+    _check_keys(apps[0], ServeApplicationSchema, "applications[0].")
     entries = apps[0].get("deployments") or []
     if not isinstance(entries, list):
         raise CLIError(f"--config: applications[0].deployments: must be a list of mappings with a name, got {entries!r}")
@@ -146,6 +150,16 @@ def load_config_file(path: Path) -> ConfigFile:
         deployments[name] = {k: v for k, v in entry.items() if k != "name"}
     return ConfigFile(_section(apps[0], "args"), _section(data, "http_options"),
                       data.get("proxy_location"), deployments)
+
+
+def _check_keys(mapping: dict, schema, where: str) -> None:
+    """Raise CLIError for a key Ray Serve's config schema does not have (a typo such as proxy_locaton was
+    silently ignored); keys Serve knows and this command does not apply are left to Serve's own CLI."""
+    known = set(getattr(schema, "model_fields", None) or schema.__fields__)
+    unknown = sorted(str(k) for k in mapping if k not in known)
+    if unknown:
+        raise CLIError(f"--config: {where}{unknown[0]}: not a Ray Serve config key; the keys here are "
+                       f"{', '.join(sorted(known))}")
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:

@@ -277,7 +277,11 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
              "latin1.yaml": ("model: caf\xe9\n".encode("latin-1"), "is not UTF-8 text"),
              "apps.yaml": ("applications: [5]\n", "applications: must be a list of exactly one application"),
              "deps.yaml": ("applications:\n  - deployments: {name: RefusionEngine}\n", "deployments: must be a list"),
-             "http.yaml": ("applications: [{args: {}}]\nhttp_options: 8000\n", "http_options: must be a mapping")}
+             "http.yaml": ("applications: [{args: {}}]\nhttp_options: 8000\n", "http_options: must be a mapping"),
+             # typos in Serve's own keys were ignored silently
+             "typo.yaml": ("applications: [{args: {}}]\nproxy_locaton: EveryNode\n",
+                           "proxy_locaton: not a Ray Serve config key; the keys here are applications, "),
+             "apptypo.yaml": ("applications: [{args: {}, route_prefx: /}]\n", "applications\\[0\\].route_prefx: not a Ray")}
     for name, (text, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
