@@ -172,6 +172,30 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return low, high
 
 
+# How long --address may take to accept a TCP connection before it is called unreachable
+ADDRESS_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str) -> None:
+    """--address HOST:PORT (a GCS) or ray://HOST:PORT (Ray Client) must accept a TCP connection within
+    ADDRESS_TIMEOUT_S: ray.init retried a GCS address nobody listens on forever, with a warning every
+    40 s. "auto" (and a bare host, which Ray resolves itself) is left to Ray. Raises CLIError."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    host = host.strip("[]")  # an IPv6 literal
+    try:
+        with socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S):
+            return
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+    raise CLIError(f"--address: nothing answers at {target} ({why}); start the cluster there (`ray start --head` "
+                   f"prints the address to use) or give its address, or omit --address for a local Ray")
+
+
 def _section(config: dict, name: str) -> dict:
     """A copy of the config's mapping `name` ({} when absent), for a flag to set one key of."""
     value = config.get(name)
@@ -266,12 +290,14 @@ def run(args: argparse.Namespace) -> int:
     except ModelDirError as exc:
         print(f"refusion serve: --model: {exc}")
         return 2
-    if not args.address:  # a local Ray: its proxy will listen here (on a cluster, on the cluster's nodes)
-        try:
+    try:
+        if args.address:
+            check_reachable(args.address)
+        else:  # a local Ray: its proxy will listen here (on a cluster, on the cluster's nodes)
             check_bindable(http["host"], http["port"])
-        except CLIError as exc:
-            print(f"refusion serve: {exc}")
-            return 2
+    except CLIError as exc:
+        print(f"refusion serve: {exc}")
+        return 2
     if args.address:
         try:
             ray.init(address=args.address)

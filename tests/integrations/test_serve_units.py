@@ -293,6 +293,23 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
         cli_serve.load_config_file(tmp_path / "missing.yaml")
 
 
+def test_an_address_nobody_listens_on_is_refused_before_ray_is_asked():
+    """--address HOST:PORT with no GCS there made ray.init retry forever (a warning every 40 s); a closed
+    port is now one line at once, for ray:// too. A listening address and "auto" pass."""
+    import socket
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        cli_serve.check_reachable(f"127.0.0.1:{port}")
+        cli_serve.check_reachable(f"ray://127.0.0.1:{port}")
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):  # closed now
+        with pytest.raises(cli_serve.CLIError, match=f"--address: nothing answers at 127.0.0.1:{port}"):
+            cli_serve.check_reachable(address)
+    cli_serve.check_reachable("auto")
+
+
 def test_port_and_host_are_checked_before_ray_starts(tmp_path, capsys):
     """--port takes 1-65535 (0 no longer falls back to 8000), the config's http_options are checked the
     same way, and a host this machine cannot listen on is named."""
