@@ -139,7 +139,8 @@ class EngineDeployment:
         (client gone) cancels the request in the engine, and so does the death of `caller` (the calling
         ingress replica's Ray actor name; `_cancel_orphans`)."""
         if self.draining:
-            yield EngineFailure("shutting_down", "the server is shutting down: retry shortly", retry_after_s=DRAIN_RETRY_AFTER_S)
+            yield EngineFailure("shutting_down", f"the server is shutting down: retry in {DRAIN_RETRY_AFTER_S:g} s",
+                                retry_after_s=DRAIN_RETRY_AFTER_S)
             return
         finished = False
         if caller:
