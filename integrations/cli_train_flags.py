@@ -49,14 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--overwrite", action="store_true",
       help="let --out be a directory that already holds a model or another run's files: a model's files there "
            "(weights, config, tokenizer, refusion.json, its README.md card) are removed first; other files stay")
-    shape = parser.add_argument_group("model shape (fresh model only)")
-    shape.add_argument("--hidden", type=int, default=256)
-    shape.add_argument("--layers", type=int, default=4)
-    shape.add_argument("--heads", type=int, default=4)
-    shape.add_argument("--kv-heads", type=int, default=2)
-    shape.add_argument("--head-dim", type=int, default=64)
-    shape.add_argument("--intermediate", type=int, default=768)
-    shape.add_argument("--vocab-size", type=int, default=4096)
+    shape = parser.add_argument_group("model shape (fresh model only; with --init the checkpoint's)")
+    for name, default in SHAPE_DEFAULTS.items():
+        shape.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+
+
+# The shape flags of a fresh model and their defaults (args attribute -> value)
+SHAPE_DEFAULTS = {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "head_dim": 64, "intermediate": 768,
+                  "vocab_size": 4096}
 
 
 # Weight files an --init directory may hold (transformers' names)
@@ -102,6 +102,11 @@ def check_flags(args) -> None:
     _check_device(args.device)
     if args.init is not None:
         _check_init(Path(args.init))
+        changed = [name for name, default in SHAPE_DEFAULTS.items() if getattr(args, name) != default]
+        if changed:  # they were ignored silently: the checkpoint has its own shape
+            flag = "--" + changed[0].replace("_", "-")
+            raise TrainArgumentError(flag, f"the model's shape comes from the --init checkpoint; drop {flag} (shape "
+                                           "flags apply to a fresh model only)")
     else:
         _check_memory(args)
     _check_out(Path(args.out), args.overwrite)

@@ -78,7 +78,7 @@ def test_train_from_scratch_writes_a_loadable_model_and_log(corpus_dir, tmp_path
     assert (info.mask_token_id, info.eos_token_id, info.num_layers) == (cfg["mask_token_id"], tok.eos_token_id, 1)
 
 
-def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path):
+def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path, capsys):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -101,6 +101,10 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path):
     assert len(tok) == n_vocab + 2  # <|mask|> and <|beginoftext|>
     assert model.get_input_embeddings().weight.shape[0] >= len(tok)
     assert json.loads((out / "config.json").read_text())["mask_token_id"] == tok.mask_token_id >= n_vocab
+    # A shape flag beside --init was ignored silently (the checkpoint has its own shape): named now
+    assert main(["train", "--corpus", str(corpus_dir), "--out", str(tmp_path / "again"), "--init", str(base),
+                 "--steps", "1", "--hidden", "64"]) == 2
+    assert "--hidden: the model's shape comes from the --init checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
