@@ -104,3 +104,26 @@ def measure_chat(model_dir: Path, corpus: list[str], heldout_fraction: float, n:
     """The chat and tool-call rows for one model directory (module doc)."""
     instructions, tool_turns = heldout_chat_pairs(corpus, heldout_fraction, n)
     return asyncio.run(_score(model_dir, instructions, tool_turns, modes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python bench/chat_card.py [--model DIR] [--requests N]`: the chat rows alone, as one JSON object
+    (bench/model_card.py prints them with the rest of the card)."""
+    import argparse
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(repo / "models" / "refusion-tiny-code"))
+    parser.add_argument("--requests", type=int, default=20, help="held-out chat and tool-call requests each")
+    parser.add_argument("--heldout-fraction", type=float, default=0.03, help="the model's held-out split")
+    args = parser.parse_args(argv)
+    if args.requests < 1:
+        parser.error("--requests must be at least 1")
+    print(json.dumps(measure_chat(Path(args.model), ["stdlib"], args.heldout_fraction, args.requests)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -54,6 +54,19 @@ def test_bad_inputs_are_one_line_and_exit_2(argv, message, capsys):
     assert code.value.code == 2
 
 
+def test_chat_card_has_a_command_line(capsys):
+    """`python bench/chat_card.py --help` printed nothing (the module had no command line)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from chat_card import main
+
+    with pytest.raises(SystemExit) as code:
+        main(["--help"])
+    assert code.value.code == 0 and "--requests" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as code:
+        main(["--requests", "0"])
+    assert code.value.code == 2 and "--requests must be at least 1" in capsys.readouterr().err
+
+
 def test_agreement_counts_identical_outputs_and_matching_prefixes():
     eos = 0
     same, prefix = agreement([[5, 6, 0, 9], [5, 7]], [[5, 6, 0], [5, 6, 8, 9]], eos)
