@@ -201,12 +201,13 @@ def _system_text(system) -> str:
 
 
 def _texts(content, field: str) -> str:
-    """A string, or the text of a list of text blocks (concatenated)."""
+    """A string, or the text of a list of text blocks joined by newlines (a system message within the
+    conversation, as the top-level system's blocks)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise InputError(400, field, "must be a string or a list of text blocks")
-    return "".join(_text_of(block, f"{field}.{i}") for i, block in enumerate(content))
+    return "\n".join(_text_of(block, f"{field}.{i}") for i, block in enumerate(content))
 
 
 def _text_of(block, field: str) -> str:

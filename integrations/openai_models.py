@@ -161,7 +161,7 @@ class ChatMessage(BaseModel):
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
                 texts.append(part["text"])
-            return "".join(texts)
+            return "\n".join(texts)  # as vLLM joins a message's text parts (two code parts stay two lines)
         return value
 
 

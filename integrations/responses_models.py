@@ -188,7 +188,7 @@ def _parts_text(parts, field: str) -> str:
         if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
             raise InputError(400, f"{field}.{i}", f"only text parts are supported (input_text, output_text), got {kind!r}")
         texts.append(part["text"])
-    return "".join(texts)
+    return "\n".join(texts)  # as the chat route joins text parts (vLLM's rule)
 
 
 def _text_field(item: dict, name: str, k: int) -> str:

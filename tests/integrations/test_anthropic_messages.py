@@ -290,3 +290,10 @@ async def test_a_failure_after_the_start_is_one_anthropic_error_event():
     assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta",
                                            "content_block_delta"]
     assert error_event(err.value) == {"type": "error", "error": {"type": "api_error", "message": "engine error: boom"}}
+
+
+def test_a_system_message_in_the_conversation_joins_its_blocks_as_the_top_level_system_does():
+    blocks = [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Use Python."}]
+    chat = _request(system=blocks, messages=[{"role": "user", "content": "a"}, {"role": "system", "content": blocks},
+                                             {"role": "user", "content": "b"}]).chat_request()
+    assert chat.messages[0].content == chat.messages[2].content == "Be brief.\nUse Python."

@@ -143,3 +143,11 @@ def test_metadata_is_held_to_openais_limits():
         with pytest.raises(ValidationError) as err:
             ResponsesRequest(input="x", metadata=metadata)
         assert err.value.errors()[0]["loc"] == where
+
+
+def test_text_parts_are_joined_by_newlines_as_on_chat():
+    """input_text parts ran together ("def f():" + "    return 1" on one line); they are joined by newlines,
+    as the chat route and vLLM join a message's text parts."""
+    parts = [{"type": "input_text", "text": "def f():"}, {"type": "input_text", "text": "    return 1"}]
+    [message] = ResponsesRequest(input=[{"role": "user", "content": parts}]).chat_request().messages
+    assert message.content == "def f():\n    return 1"

@@ -122,6 +122,9 @@ def test_block_fitting_and_params():
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                                  max_completion_tokens=9)
     assert chat.max_tokens == 9 and chat.messages[0].content == "hi"
+    parts = [{"type": "text", "text": "def f():"}, {"type": "text", "text": "    return 1"}]
+    two = ChatCompletionRequest(messages=[{"role": "user", "content": parts}])
+    assert two.messages[0].content == "def f():\n    return 1"  # vLLM's join ("" ran the code lines together)
     assert chat.max_tokens_field == "max_completion_tokens" and body.max_tokens_field == "max_tokens"
     both = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=2, max_completion_tokens=10)
     assert (both.max_tokens, both.max_tokens_field) == (10, "max_completion_tokens")  # vLLM's rule: the newer name
