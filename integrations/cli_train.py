@@ -175,13 +175,14 @@ def _train(args, interrupt: _Interrupt) -> int:
         remove_model_files(out)
     n_params = sum(p.numel() for p in model.parameters())
     stats = {"train_units": len(train_pairs), "chat_pairs": len(chat), "heldout_units": len(heldout_pairs),
-             "parameters": n_params,
+             "parameters": n_params, "vocab_size": len(tokenizer),  # what BPE reached (--vocab-size is a bound)
              "train_tokens_per_epoch": sum(len(p) + len(r) + 1 for p, r in train_pairs),
              "prep_s": round(time.monotonic() - t0, 1), "device": device, "torch_threads": torch.get_num_threads(),
              "python": sys.version.split()[0], **_package_set(args.corpus)}
     (out / "train_args.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **stats}, indent=2))
-    print(f"refusion train: {n_params / 1e6:.2f}M parameters, {len(train_pairs)} train / {len(heldout_pairs)} "
-          f"held-out units, {stats['train_tokens_per_epoch']} tokens per epoch, device {device}", flush=True)
+    print(f"refusion train: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, {len(train_pairs)} train "
+          f"({len(chat)} chat) / {len(heldout_pairs)} held-out units, {stats['train_tokens_per_epoch']} tokens per epoch, "
+          f"device {device}", flush=True)
     log_path = out / "train_log.jsonl"
     log_path.write_text("")
 

@@ -65,6 +65,7 @@ def test_train_from_scratch_writes_a_loadable_model_and_log(corpus_dir, tmp_path
     from integrations.cli_train import _package_set
 
     assert stats["python"] == platform.python_version() and "packages" not in stats  # a directory corpus
+    assert stats["vocab_size"] == len(AutoTokenizer.from_pretrained(str(out)))  # reached, not asked (300)
     assert any(p.startswith("torch==2.") for p in _package_set(["site-packages"])["packages"])
     cfg = json.loads((out / "config.json").read_text())
     tok = AutoTokenizer.from_pretrained(str(out))
