@@ -147,6 +147,11 @@ def load_config_file(path: Path) -> ConfigFile:
         if name not in (ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT):
             raise CLIError(f"--config: applications[0].deployments: unknown deployment {name!r}; the "
                            f"application has {ENGINE_DEPLOYMENT} and {INGRESS_DEPLOYMENT}")
+        replicas = entry.get("num_replicas")
+        if replicas is not None and replicas != "auto" and (isinstance(replicas, bool) or not isinstance(replicas, int)
+                                                             or replicas < 1):
+            raise CLIError(f"--config: applications[0].deployments: {name} num_replicas: expected an integer >= 1 "
+                           f"or \"auto\", got {replicas!r}")
         deployments[name] = {k: v for k, v in entry.items() if k != "name"}
     return ConfigFile(_section(apps[0], "args"), _section(data, "http_options"),
                       data.get("proxy_location"), deployments)

@@ -284,7 +284,9 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
              # typos in Serve's own keys were ignored silently
              "typo.yaml": ("applications: [{args: {}}]\nproxy_locaton: EveryNode\n",
                            "proxy_locaton: not a Ray Serve config key; the keys here are applications, "),
-             "apptypo.yaml": ("applications: [{args: {}, route_prefx: /}]\n", "applications\\[0\\].route_prefx: not a Ray")}
+             "apptypo.yaml": ("applications: [{args: {}, route_prefx: /}]\n", "applications\\[0\\].route_prefx: not a Ray"),
+             "zero.yaml": ("applications: [{deployments: [{name: RefusionEngine, num_replicas: 0}]}]\n",
+                           "RefusionEngine num_replicas: expected an integer >= 1 or \"auto\", got 0")}
     for name, (text, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
