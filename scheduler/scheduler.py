@@ -140,9 +140,10 @@ class Scheduler:
             )
         free_slots = max(0, self.config.max_running - len(self.running))
         if len(self.waiting) >= self.config.max_queue + free_slots:
-            raise OverloadedError(
-                f"engine overloaded: {len(self.running)} running, {len(self.waiting)} waiting "
-                f"(max_queue={self.config.max_queue}); retry later",
+            raise OverloadedError(  # waiting counts requests about to take a free running slot too
+                f"engine overloaded: {len(self.running)} of {self.config.max_running} running and {len(self.waiting)} "
+                f"waiting, the most it queues (max_queue {self.config.max_queue} + {free_slots} free running "
+                f"slots); retry later",
                 retry_after_s=self.retry_after_s(),
             )
         self._arrivals += 1

@@ -104,6 +104,8 @@ async def test_full_queue_rejects_at_once_with_retry_after(wait_until):
         with pytest.raises(OverloadedError) as err:
             await collect(engine, req("c"))
         assert err.value.retry_after_s > 0
+        assert str(err.value).startswith("engine overloaded: 1 of 1 running and 1 waiting, the most it queues "
+                                         "(max_queue 1 + 0 free running slots)")
     finally:
         gate.release()
     assert (await first)[-1].finish_reason is FinishReason.LENGTH
