@@ -138,21 +138,26 @@ def chat_grammar(body: ChatCompletionRequest, prefill_tokens: int) -> GrammarSpe
     "required" or named; response_format does not apply to a call), else with tools offered and
     tool_choice "auto" or unset, calls or an answer in response_format's JSON when it has one, else
     response_format's (or structured_outputs'), else text whose tool calls are valid. Mode "refusion"
-    leaves tool calls unconstrained (parsed from the text) and refuses response_format. InputError
-    (400) naming the field."""
+    leaves tool_choice "auto" calls unconstrained (parsed from the text) and refuses response_format and
+    a forced call; structured_outputs does not combine with a forced call. InputError (400) naming the
+    field."""
     forced = body.forced_tool
     parallel = body.parallel_tool_calls is not False
     grammar = body.output_grammar()  # checked even when a forced call makes it moot: a bad one is a 400
     if body.tools_enabled and forced is not None:
-        if body.mode == "refusion":
-            return None
+        if body.mode == "refusion":  # it decoded unconstrained, and a call missing its arguments came back
+            raise InputError(400, "mode", 'a forced tool call (tool_choice "required" or a named function) is '
+                             'decoded under its grammar, which runs autoregressively: use mode "auto" or "ar"')
+        if body.structured_outputs is not None:  # it was dropped silently: the output is the call
+            raise InputError(400, "structured_outputs", 'does not apply to a forced tool call (tool_choice '
+                             '"required" or a named function: the output is the call): drop one of them')
         return tool_grammar(body.tools, forced, prefill_tokens, parallel=parallel)
     if grammar is not None and body.tools_enabled:
         found = response_format_schema(body.response_format) if body.structured_outputs is None else None
         if found is None:  # vLLM's regex, choice or Lark formats do not combine with calls here
             raise InputError(400, "structured_outputs", 'structured_outputs with tools and tool_choice "auto" is not '
-                             'supported: use response_format (a JSON schema), set tool_choice to "none" or '
-                             '"required", or drop the format')
+                             'supported: use response_format (a JSON schema) to get a call or an answer in it, '
+                             'set tool_choice "none" to answer in the format without calls, or drop the format')
         return tools_or_format_grammar(body.tools, *found, parallel=parallel)
     if grammar is None and body.tools_enabled and body.mode != "refusion":
         grammar = tool_grammar(body.tools, None, 0)

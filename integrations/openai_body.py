@@ -67,7 +67,10 @@ class StreamOptions(OpenAIBody):
 
 class JSONSchemaFormat(OpenAIBody):
     """response_format.json_schema (OpenAI structured outputs). `strict` is accepted either way: the
-    output always matches the schema (constrained decoding, integrations/structured_output.py)."""
+    output always matches the schema (constrained decoding, integrations/structured_output.py). Other
+    keys are a 400: a schema sent under another name would be silently not enforced."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="OpenAI's rule, as for tool names")
     description: str | None = None
@@ -76,7 +79,11 @@ class JSONSchemaFormat(OpenAIBody):
 
 
 class ResponseFormat(OpenAIBody):
-    """OpenAI response_format: text, json_object (some JSON object) or json_schema (that schema)."""
+    """OpenAI response_format: text, json_object (some JSON object) or json_schema (that schema). Other
+    keys are a 400 (Together's and Fireworks' {"type": "json_object", "schema": ...} was served as any
+    JSON object: the schema was not enforced)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None

@@ -64,8 +64,18 @@ def json_grammar(schema: Any, field: str, options: dict = JSON_OPTIONS) -> str:
     try:
         grammar = LLMatcher.grammar_from_json_schema(_without_string_key_rules(schema), overrides=options)
     except (ValueError, TypeError) as exc:
-        raise InputError(400, field, f"is not a usable JSON Schema: {exc}") from None
-    return _checked(grammar, field, "the JSON Schema")
+        raise InputError(400, field, f"is not a usable JSON Schema: {_plain(exc)}") from None
+    error = grammar_error(grammar)
+    if error:
+        raise InputError(400, field, f"the JSON Schema does not compile: {_plain(error)}")
+    return grammar
+
+
+def _plain(error) -> str:
+    """llguidance's message in this API's words: its advice to set `coerce_one_of`, an option a client
+    cannot set, becomes what the client can do."""
+    return re.sub(r"oneOf constraints are not supported\. Enable 'coerce_one_of' option to approximate oneOf with anyOf",
+                  "oneOf is not supported: use anyOf (an output then matches at least one of the schemas)", str(error))
 
 
 def response_format_schema(response_format) -> tuple[Any, str] | None:
@@ -108,7 +118,7 @@ def _rewritten(schema, rewrite):
     for key, value in schema.items():
         if key in _SCHEMA_VALUED and isinstance(value, dict):
             out[key] = _rewritten(value, rewrite)
-        elif key in _SCHEMA_LISTS and isinstance(value, list):
+        elif (key in _SCHEMA_LISTS or key == "items") and isinstance(value, list):  # items: draft 4's tuples
             out[key] = [_rewritten(item, rewrite) for item in value]
         elif key in _SCHEMA_MAPS and isinstance(value, dict):
             out[key] = {name: _rewritten(sub, rewrite) for name, sub in value.items()}
@@ -118,7 +128,12 @@ def _rewritten(schema, rewrite):
 def closed_objects(schema):
     """`schema` with additionalProperties false on every object schema that lists `properties` and does
     not say otherwise: a call's arguments are the function's parameters, never invented extra keys (as
-    OpenAI's strict function calling requires). Returns a new schema; the input is unchanged."""
+    OpenAI's strict function calling requires). A schema that merges objects (`allOf`, or a `$ref` beside
+    `properties`, OpenAPI's and pydantic's inheritance) is left as written: closing each part would forbid
+    the other parts' keys, and no object could match. Returns a new schema; the input is unchanged."""
+    if _merges_objects(schema):
+        return schema
+
     def close(node: dict, out: dict) -> dict:
         properties = node.get("properties")
         required = node.get("required") if isinstance(node.get("required"), list) else []
@@ -127,6 +142,19 @@ def closed_objects(schema):
         return out
 
     return _rewritten(schema, close)
+
+
+def _merges_objects(schema) -> bool:
+    """Whether some (sub)schema merges object schemas: `allOf`, or `$ref` beside `properties`/`required`."""
+    found = []
+
+    def look(node: dict, out: dict) -> dict:
+        if "allOf" in node or ("$ref" in node and ("properties" in node or "required" in node)):
+            found.append(node)
+        return out
+
+    _rewritten(schema, look)
+    return bool(found)
 
 
 _ANNOTATIONS = frozenset({"description", "title", "$comment", "examples"})  # keywords that constrain nothing
@@ -153,25 +181,23 @@ def _without_string_key_rules(schema):
 
 
 def _rebased_refs(schema, prefix: str):
-    """`schema` (a tool's parameters) moved under #/$defs/<prefix> of another root: its local $refs
-    rewritten ("#" -> "#/$defs/<prefix>", "#/$defs/X" and "#/definitions/X" -> "#/$defs/<prefix>_X")."""
-    if isinstance(schema, list):
-        return [_rebased_refs(item, prefix) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
-            for local in ("#/$defs/", "#/definitions/"):
-                if value.startswith(local):
-                    value = f"#/$defs/{prefix}_" + value[len(local):]
-                    break
-            else:
-                value = f"#/$defs/{prefix}" + value[1:]
-        elif key in ("$defs", "definitions") and isinstance(value, dict):
-            continue  # hoisted to the root by _call_schemas
-        out[key] = _rebased_refs(value, prefix) if key not in ("const", "enum", "default", "examples") else value
-    return out
+    """`schema` (a tool's parameters, or one of its root $defs) moved under #/$defs/<prefix> of another
+    root: its local JSON-pointer $refs rewritten ("#" -> "#/$defs/<prefix>", "#/$defs/X" and
+    "#/definitions/X" -> "#/$defs/<prefix>_X", "#/properties/..." -> "#/$defs/<prefix>/properties/...").
+    Only schema keywords are followed, so a property named `definitions` or `default` is a property; a
+    root `$id` or `$schema` is dropped (the moved schema must resolve in its new root); `$anchor` refs
+    ("#name") stay as they are."""
+    def rebase(node: dict, out: dict) -> dict:
+        ref = node.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            local = next((p for p in ("#/$defs/", "#/definitions/") if ref.startswith(p)), None)
+            out["$ref"] = f"#/$defs/{prefix}_" + ref[len(local):] if local else f"#/$defs/{prefix}" + ref[1:]
+        return out
+
+    rebased = _rewritten(schema, rebase)
+    if isinstance(rebased, dict):
+        rebased = {k: v for k, v in rebased.items() if k not in ("$id", "$schema")}
+    return rebased
 
 
 def _arguments_schema(function) -> dict:
@@ -190,7 +216,8 @@ def _call_schemas(tools: list) -> dict:
         for key in ("$defs", "definitions"):
             for name, sub in (parameters.get(key) or {}).items():
                 defs[f"{prefix}_{name}"] = _rebased_refs(sub, prefix)
-        defs[prefix] = _rebased_refs(parameters, prefix)
+        moved = _rebased_refs(parameters, prefix)
+        defs[prefix] = {k: v for k, v in moved.items() if k not in ("$defs", "definitions")}  # hoisted above
         calls.append({"type": "object", "properties": {"name": {"const": tool.function.name},
                                                        "arguments": {"$ref": f"#/$defs/{prefix}"}},
                       "required": ["name", "arguments"], "additionalProperties": False})
@@ -209,7 +236,7 @@ def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel:
     _check_tools(tools)
     if forced is None:
         tags = [StructTag(trigger=TOOL_OPEN, begin=TOOL_OPEN + '{"name": ' + json.dumps(t.function.name) + ', "arguments": ',
-                          grammar={**_arguments_schema(t.function), "x-guidance": TOOL_JSON_OPTIONS},
+                          grammar={**_arguments_schema(t.function), "x-guidance": _tool_options(t)},
                           end="}" + TOOL_CLOSE) for t in tools]
         lark = StructTag.to_grammar(tags, assume_special=False)
     else:
@@ -230,7 +257,15 @@ def _check_tools(tools: list) -> None:
             raise InputError(400, f"tools.{i}.function.parameters", 'must be an object schema, {"type": "object", '
                              f'"properties": ...}} (OpenAI\'s rule: arguments are named), got type '
                              f"{parameters.get('type')!r}")
-        json_grammar(_arguments_schema(tool.function), f"tools.{i}.function.parameters", TOOL_JSON_OPTIONS)
+        json_grammar(_arguments_schema(tool.function), f"tools.{i}.function.parameters", _tool_options(tool))
+
+
+def _tool_options(tool) -> dict:
+    """llguidance's JSON options of a tool's arguments: lenient (keywords it does not implement ignored),
+    or, for a tool marked `strict: true`, strict as a response_format schema (such a keyword is a 400:
+    OpenAI's strict mode refuses what it cannot enforce). A strict tool's schema then holds only
+    enforced keywords, so the forced-call grammar, compiled leniently for all tools, enforces all of it."""
+    return JSON_OPTIONS if tool.function.strict else TOOL_JSON_OPTIONS
 
 
 def tools_or_format_grammar(tools: list, schema: Any, field: str, parallel: bool = True) -> GrammarSpec:
@@ -266,7 +301,7 @@ def lark_grammar(grammar: str, field: str) -> str:
     from llguidance.gbnf_to_lark import gbnf_to_lark
 
     try:
-        lark = grammar if _LARK_START.search(grammar) else gbnf_to_lark(_rename_gbnf_start(grammar))
+        lark = grammar if _LARK_START.search(grammar) else gbnf_to_lark(_for_converter(grammar))
     except Exception as exc:  # the converter raises plain Exceptions (and AssertionErrors) on bad GBNF
         raise InputError(400, field, f"is neither a Lark grammar (start: ...) nor valid GBNF (root ::= ...): {exc}") from None
     return _checked(LLMatcher.grammar_from_lark(lark), field, "the grammar")
@@ -275,10 +310,31 @@ def lark_grammar(grammar: str, field: str) -> str:
 _GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[A-Za-z_][A-Za-z0-9_-]*|.', re.S)
 
 
-def _rename_gbnf_start(gbnf: str) -> str:
-    """GBNF with its rules named `start` renamed (outside strings, classes and comments): the converter
-    turns `root` into Lark's `start`, which a rule of that name would clash with."""
-    return "".join("start_rule_" if t == "start" else t for t in _GBNF_TOKEN.findall(gbnf))
+_GBNF_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.S)
+
+
+def _for_converter(gbnf: str) -> str:
+    """GBNF as llguidance's converter reads it: rules named `start` renamed (the converter turns `root`
+    into Lark's `start`, which a rule of that name would clash with), and llama.cpp's \\uXXXX and
+    \\UXXXXXXXX escapes in strings and classes written out (the converter dropped their leading zeros:
+    "\\u00e9" became "\\ue9", a lexer error). Comments are left alone."""
+    def unescape(match: re.Match) -> str:
+        escape = match.group(1)
+        if escape[0] not in "uU" or len(escape) == 1:
+            return match.group(0)
+        code = int(escape[1:], 16)
+        if code < 0x80:  # an ASCII character may be special where it stands: kept escaped, in a form it reads
+            return f"\\x{code:02x}"
+        return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else match.group(0)
+
+    out = []
+    for token in _GBNF_TOKEN.findall(gbnf):
+        if token == "start":
+            token = "start_rule_"
+        elif token[:1] in ('"', "["):
+            token = _GBNF_ESCAPE.sub(unescape, token)
+        out.append(token)
+    return "".join(out)
 
 
 def choice_grammar(choices: list[str], field: str) -> str:

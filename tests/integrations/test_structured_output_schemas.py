@@ -1,0 +1,143 @@
+"""integrations/structured_output.py on the schemas and grammars agent frameworks send (a break-test's
+cases), without Ray: a valid schema compiles for a forced call as for an auto one, and the compiled
+grammar accepts the JSON it should, matched token by token with the shipped tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from decoding.grammar import GrammarTokenizer, with_compile_stack
+from integrations.chat_run import chat_grammar
+from integrations.openai_models import ChatCompletionRequest
+from integrations.request_limits import InputError
+from integrations.structured_output import closed_objects, json_grammar, lark_grammar, tool_grammar
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
+
+
+@pytest.fixture(scope="module")
+def accepts():
+    """accepts(grammar, text): whether the grammar matches `text` whole (fed as the tokenizer splits it)."""
+    from llguidance import LLMatcher
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
+    view = GrammarTokenizer(tok, len(tok), tok.eos_token_id)
+
+    def check(grammar: str, text: str) -> bool:
+        matcher = with_compile_stack(lambda: LLMatcher(view.get(), grammar, log_level=0))
+        assert not matcher.is_error(), matcher.get_error()
+        return matcher.consume_tokens(tok.encode(text, add_special_tokens=False)) and matcher.is_accepting()
+
+    return check
+
+
+def _tools(parameters: dict, strict: bool | None = None) -> list:
+    function = {"name": "t", "parameters": parameters} | ({"strict": strict} if strict is not None else {})
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "x"}],
+                                 tools=[{"type": "function", "function": function}]).tools
+
+
+def _call(arguments: dict) -> str:
+    return '<tool_call>{"name": "t", "arguments": ' + json.dumps(arguments) + "}</tool_call>"
+
+
+ALL_OF = {"type": "object", "allOf": [
+    {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+    {"type": "object", "properties": {"b": {"type": "string"}}, "required": ["b"]}]}
+BASE_REF = {"type": "object", "$defs": {"Base": {"type": "object", "properties": {"a": {"type": "integer"}},
+                                                 "required": ["a"]}},
+            "allOf": [{"$ref": "#/$defs/Base"}, {"type": "object", "properties": {"b": {"type": "string"}},
+                                                 "required": ["b"]}]}
+
+
+@pytest.mark.parametrize("schema", [ALL_OF, BASE_REF], ids=["allOf", "allOf-ref"])
+def test_merged_objects_are_not_closed_part_by_part(schema, accepts):
+    """Each allOf part was closed (additionalProperties false), so no object could have both parts' keys:
+    every request with such a tool was a 400 "Unsatisfiable schema", on every route."""
+    assert closed_objects(schema) == schema
+    for forced in (None, ""):
+        grammar = tool_grammar(_tools(schema), forced, 0).grammar
+        assert accepts(grammar, _call({"a": 2, "b": "x"}))
+    assert accepts(json_grammar(closed_objects(schema), "response_format"), '{"a": 2, "b": "x"}')
+
+
+@pytest.mark.parametrize("schema, arguments", [
+    # a parameter named like a keyword: a property, not $defs (it was dropped, and required ones unsatisfiable)
+    ({"type": "object", "properties": {"word": {"type": "string"}, "definitions": {"type": "array", "items": {
+        "type": "string"}}}, "required": ["word", "definitions"]}, {"word": "w", "definitions": ["d"]}),
+    ({"type": "object", "$defs": {"U": {"enum": ["c", "f"]}}, "properties": {"default": {"$ref": "#/$defs/U"}},
+      "required": ["default"]}, {"default": "c"}),
+    # a root $id: the moved schema resolved its refs against it ("Pointer '/$defs/t0_Q' does not exist")
+    ({"$id": "https://example.com/q.json", "type": "object", "$defs": {"Q": {"type": "integer"}},
+      "properties": {"q": {"$ref": "#/$defs/Q"}}, "required": ["q"]}, {"q": 3}),
+    # an $anchor ref ("#q" was rewritten to "#/$defs/t0q")
+    ({"type": "object", "$defs": {"Q": {"$anchor": "q", "type": "integer"}}, "properties": {"q": {"$ref": "#q"}},
+      "required": ["q"]}, {"q": 3}),
+], ids=["property-named-definitions", "property-named-default", "root-id", "anchor"])
+def test_a_forced_call_takes_every_schema_an_auto_call_takes(schema, arguments, accepts):
+    for forced in (None, "", "t"):
+        assert accepts(tool_grammar(_tools(schema), forced, 0).grammar, _call(arguments)), forced
+
+
+def test_a_strict_tool_refuses_keywords_it_cannot_enforce():
+    """strict: true ignored uniqueItems (and oneOf) silently, and [1, 1] came back as a complete call."""
+    schema = {"type": "object", "properties": {"v": {"type": "array", "items": {"enum": [1, 2]}, "uniqueItems": True}},
+              "required": ["v"]}
+    tool_grammar(_tools(schema), "", 0)  # not strict: lenient, as documented
+    with pytest.raises(InputError) as err:
+        tool_grammar(_tools(schema, strict=True), "", 0)
+    assert err.value.field == "tools.0.function.parameters" and "uniqueItems" in err.value.message
+
+
+def test_one_of_is_refused_in_the_clients_words():
+    with pytest.raises(InputError) as err:
+        json_grammar({"type": "object", "properties": {"v": {"oneOf": [{"type": "integer", "minimum": 10},
+                                                                      {"type": "integer", "maximum": 5}]}}},
+                     "response_format.json_schema.schema")
+    assert "use anyOf" in err.value.message and "coerce_one_of" not in err.value.message
+
+
+@pytest.mark.parametrize("gbnf, text", [
+    ('root ::= "\\u00e9"', "é"), ('root ::= [\\u0430-\\u044f]+', "привет"), ('root ::= "\\U0001F600"', "😀"),
+    ('root ::= "a\\u0022b"', 'a"b'), ('root ::= "\\x41"', "A"),
+])
+def test_gbnf_unicode_escapes_compile_as_llama_cpp_reads_them(gbnf, text, accepts):
+    """llama.cpp's \\uXXXX escapes lost their leading zeros in the converter ("\\u00e9" -> "\\ue9"): a 400."""
+    assert accepts(lark_grammar(gbnf, "grammar"), text)
+
+
+def _chat(**fields) -> ChatCompletionRequest:
+    tools = [{"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {
+        "n": {"type": "integer"}}, "required": ["n"]}}}]
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "tools": tools} | fields)
+
+
+def test_what_a_forced_call_cannot_be_combined_with_is_named():
+    """mode "refusion" decoded a forced call unconstrained (arguments {} came back as a complete call);
+    structured_outputs beside a forced call was dropped silently."""
+    named = {"type": "function", "function": {"name": "g"}}
+    for choice in ("required", named):
+        with pytest.raises(InputError) as err:
+            chat_grammar(_chat(tool_choice=choice, mode="refusion"), 0)
+        assert err.value.field == "mode"
+        with pytest.raises(InputError) as err:
+            chat_grammar(_chat(tool_choice=choice, structured_outputs={"regex": "[a-z]+"}), 0)
+        assert err.value.field == "structured_outputs"
+    assert chat_grammar(_chat(tool_choice="auto", mode="refusion"), 0) is None  # auto: parsed from the text
+
+
+@pytest.mark.parametrize("response_format, key", [
+    ({"type": "json_object", "schema": {"type": "object"}}, "schema"),  # Together's form: the schema went unenforced
+    ({"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}, "foo": 1}}, "foo"),
+])
+def test_unknown_response_format_keys_are_refused(response_format, key):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}],
+                                              "response_format": response_format})
+    assert err.value.errors()[0]["loc"][-1] == key
