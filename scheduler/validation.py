@@ -63,12 +63,17 @@ def parse_params(factory, params: dict):
         raise InvalidRequestError(exc.field, exc.message) from exc
 
 
+DRAWN_SEED_BITS = 53  # JavaScript's Number.MAX_SAFE_INTEGER is 2^53 - 1
+
+
 def with_seed(params: dict) -> dict:
-    """The request's decoding params with a seed: its own, else a fresh random one (0..2^63-1).
+    """The request's decoding params with a seed: its own, else a fresh random one (0..2^53-1: the seeds
+    responses report, /completion's and /infill's generation_settings, survive a JavaScript client's
+    JSON numbers, exact only below 2^53; a drawn 63-bit seed sent back rounded gave other text).
 
     OpenAI: without `seed`, sampling is fresh on every request; with one, it is reproducible. Greedy
     decoding (temperature 0) reads no random numbers, so it stays deterministic either way.
     """
     if params.get("seed") is not None:
         return params
-    return {**params, "seed": secrets.randbits(63)}
+    return {**params, "seed": secrets.randbits(DRAWN_SEED_BITS)}
