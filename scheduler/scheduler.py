@@ -127,7 +127,13 @@ class Scheduler:
         suffix_len = len(spec.suffix_ids or [])
         kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR)
         capacity = self.kv.capacity()
-        if kv_blocks > capacity and spec.fit_to_kv and (fitted := self._fit_to_kv(spec, params, capacity)):
+        if kv_blocks > capacity and spec.fit_to_kv:
+            fitted = self._fit_to_kv(spec, params, capacity)
+            if fitted is None:  # the client set no generation length: the prompt is what does not fit
+                raise InvalidRequestError(
+                    "prompt_ids", f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) leaves no room to "
+                    f"generate in the engine's KV cache ({capacity} blocks of {self.kv.pool().block_size} tokens; the "
+                    f"runner's num_blocks or kv_memory_bytes); shorten the prompt")
             params = fitted
             spec = replace(spec, max_tokens=min(spec.max_tokens or params.gen_length, params.gen_length))
             kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR)
@@ -153,27 +159,34 @@ class Scheduler:
         return req
 
     def _fit_to_kv(self, spec, params, capacity: int):
-        """A copy of `params` with the largest gen_length whose KV fits `capacity` blocks: a whole number of
-        blocks of whole slots (slot_size x serial_num_blocks), at least min_tokens; None when none fits.
-        Binary search: blocks_needed grows with gen_length."""
-        step = int(getattr(params, "slot_size", 1) or 1) * int(getattr(params, "serial_num_blocks", 1) or 1)
-        lowest = max(1, -(-int(getattr(params, "min_tokens", 0) or 0) // step))  # in steps
+        """A copy of `params` with the largest gen_length whose KV fits `capacity` blocks, at least
+        min_tokens; None when none fits. gen_length is a whole number of blocks of whole slots (slot_size
+        x serial_num_blocks); when not one such step fits, one block (serial_num_blocks 1), then slot_size
+        1, are tried, so a short answer still fits where a 64-token step would not. Binary search per
+        shape: blocks_needed grows with gen_length."""
+        slot = int(getattr(params, "slot_size", 1) or 1)
+        blocks = int(getattr(params, "serial_num_blocks", 1) or 1)
+        least = int(getattr(params, "min_tokens", 0) or 0)
+        for slot_size, num_blocks in dict.fromkeys(((slot, blocks), (slot, 1), (1, 1))):
+            step = slot_size * num_blocks
 
-        def fits(steps: int) -> bool:
-            trial = copy.copy(params)
-            trial.gen_length = steps * step
-            return self.kv.blocks_needed(len(spec.prompt_ids), len(spec.suffix_ids or []), trial,
-                                         ar_only=spec.mode is Mode.AR) <= capacity
+            def trial(steps: int, slot_size=slot_size, num_blocks=num_blocks, step=step):
+                shaped = copy.copy(params)
+                shaped.gen_length, shaped.slot_size, shaped.serial_num_blocks = steps * step, slot_size, num_blocks
+                return shaped
 
-        low, high = lowest, params.gen_length // step - 1  # the full gen_length did not fit
-        if high < low or not fits(low):
-            return None
-        while low < high:  # invariant: fits(low)
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if fits(mid) else (low, mid - 1)
-        fitted = copy.copy(params)
-        fitted.gen_length = low * step
-        return fitted
+            def fits(steps: int) -> bool:
+                return self.kv.blocks_needed(len(spec.prompt_ids), len(spec.suffix_ids or []), trial(steps),
+                                             ar_only=spec.mode is Mode.AR) <= capacity
+
+            low, high = max(1, -(-least // step)), params.gen_length // step
+            if high < low or not fits(low):
+                continue
+            while low < high:  # invariant: fits(low)
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if fits(mid) else (low, mid - 1)
+            return trial(low)
+        return None
 
     def retry_after_s(self) -> float:
         """Rough wait before a slot frees: queue length times the typical request time per slot."""

@@ -82,10 +82,18 @@ async def test_a_default_gen_length_shrinks_to_the_kv_cache_a_requested_one_is_r
     slots = await collect(engine, GenerationRequest("slots", [5] * 10, {"gen_length": 64, "slot_size": 4},
                                                     mode=Mode.AR, fit_to_kv=True))
     assert len(ids_of(slots)) == fits // 4 * 4  # whole slots
+    # Room for less than one 16-token slot: one-token slots then (it was refused, blaming max_tokens)
+    short = max(g for g in range(1, 200) if engine.kv.blocks_needed(20, 0, params.parse_params({"gen_length": g}),
+                                                                      ar_only=True) <= capacity)
+    assert short < 16
+    tail = await collect(engine, GenerationRequest("tail", [5] * 20, {"gen_length": 64, "slot_size": 16},
+                                                   mode=Mode.AR, fit_to_kv=True))
+    assert len(ids_of(tail)) == short and tail[-1].finish_reason is FinishReason.LENGTH
     with pytest.raises(InvalidRequestError, match="lower gen_length"):
         await collect(engine, req("asked", prompt=[5] * 10, gen=64, mode=Mode.AR))
-    with pytest.raises(InvalidRequestError, match="shorten the prompt"):
+    with pytest.raises(InvalidRequestError, match="leaves no room to generate .* shorten the prompt") as err:
         await collect(engine, req("no-room", prompt=[5] * 40, gen=64, mode=Mode.AR, fit_to_kv=True))
+    assert "gen_length" not in str(err.value)  # the client set none: the prompt is named, not a max_tokens
     assert engine.kv.pool().num_free == engine.kv.pool().num_total  # nothing leaked
     await engine.stop()
 
