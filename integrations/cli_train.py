@@ -137,7 +137,7 @@ def _train(args, interrupt: _Interrupt) -> int:
 
     from training.chat_data import chat_pairs
     from training.corpus import load_units, tokenize_units
-    from training.trainer import train_model
+    from training.trainer import TrainingError
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,13 +186,13 @@ def _train(args, interrupt: _Interrupt) -> int:
     log_path = out / "train_log.jsonl"
     log_path.write_text("")
 
-    last_save = [time.monotonic()]
+    last_save, saved_step = [time.monotonic()], [None]
 
     def on_step(step: int) -> None:
         if time.monotonic() - last_save[0] > 60 * args.checkpoint_minutes:  # float32 checkpoint, same layout
             save_model_dir(model, tokenizer, out, "float32")
             model.train()
-            last_save[0] = time.monotonic()
+            last_save[0], saved_step[0] = time.monotonic(), step
 
     def on_log(record: dict) -> None:
         with log_path.open("a") as f:
@@ -207,12 +207,13 @@ def _train(args, interrupt: _Interrupt) -> int:
     mask_id = tokenizer.convert_tokens_to_ids(tokenizer.mask_token)
     eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     interrupt.training = True
-    records = train_model(model, train_pairs, steps=args.steps, minutes=args.minutes, batch_tokens=args.batch_tokens,
-                          row_len=args.seq_len, lr=args.lr, compile_model=args.compile,
-                          data_workers=args.data_workers if args.data_workers is not None else (2 if device == "cuda" else 0),
-                          mask_token_id=mask_id, eos_token_id=eos_id, seed=args.seed, log_every=args.log_every,
-                          on_log=on_log, on_step=on_step, heldout=heldout_pairs or None,
-                          should_stop=lambda: interrupt.requested)
+    try:
+        records = _run_training(args, model, train_pairs, heldout_pairs, mask_id, eos_id, on_log, on_step, interrupt)
+    except TrainingError as err:  # diverged: a checkpoint taken on the way may hold the diverged weights
+        if saved_step[0] is None:
+            raise
+        raise TrainingError(err.field, f"{str(err).split(': ', 1)[1]}; the checkpoint saved at step {saved_step[0]} is "
+                            f"left in {out} and may hold diverged weights: delete it") from None
     if not records:  # interrupted before the first step: an untrained model is not worth a directory
         print("refusion train: interrupted before the first step; nothing saved", file=sys.stderr, flush=True)
         return 130
@@ -223,3 +224,15 @@ def _train(args, interrupt: _Interrupt) -> int:
         return 130
     print(f"refusion train: saved {out} in {time.monotonic() - t0:.0f}s", flush=True)
     return 0
+
+def _run_training(args, model, train_pairs, heldout_pairs, mask_id: int, eos_id: int, on_log, on_step,
+                  interrupt: _Interrupt) -> list[dict]:
+    """training.trainer.train_model with the flags' settings; its log records."""
+    from training.trainer import train_model
+
+    workers = args.data_workers if args.data_workers is not None else (2 if next(model.parameters()).is_cuda else 0)
+    return train_model(model, train_pairs, steps=args.steps, minutes=args.minutes, batch_tokens=args.batch_tokens,
+                       row_len=args.seq_len, lr=args.lr, compile_model=args.compile, data_workers=workers,
+                       mask_token_id=mask_id, eos_token_id=eos_id, seed=args.seed, log_every=args.log_every,
+                       on_log=on_log, on_step=on_step, heldout=heldout_pairs or None,
+                       should_stop=lambda: interrupt.requested)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -132,7 +133,7 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path, capsys):
         (["--out", "/dev/null", "--steps", "1"], "--out: /dev/null is a file"),
         (["--out", "OUT", "--steps", "1", "--init", "CORPUS"], "has no config.json"),
         # Counted on the meta device before the corpus is built; it was an allocator traceback
-        (["--out", "OUT", "--steps", "1", "--hidden", "10000000"], "--hidden: a model of 43,870M parameters needs at least 653.7 GiB"),
+        (["--out", "OUT", "--steps", "1", "--hidden", "10000000"], "--hidden: a model of 43,870M parameters needs at least 817.1 GiB"),
         # Found once the corpus is tokenized: a batch bigger than the corpus would never fill
         (["--out", "OUT", "--steps", "1", "--batch-tokens", "2000000"], "--batch-tokens: 2000000 tokens make 7812 rows"),
     ],
@@ -167,6 +168,18 @@ def test_out_never_replaces_a_model_unless_asked(corpus_dir, tmp_path, capsys):
     (left / "train_args.json").write_text("{}")
     (left / "train_log.jsonl").write_text("")
     assert train(left) == 0 and (left / "model.safetensors").exists()
+
+
+def test_a_diverged_run_names_the_checkpoint_it_left(corpus_dir, tmp_path, capsys):
+    """A checkpoint saved before the divergence was seen stayed in --out, unmentioned, holding weights
+    near 1e30; the error now says it is there and may hold diverged weights."""
+    out = tmp_path / "m"
+    rc = main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--steps", "3", "--log-every", "2",
+               "--batch-tokens", "256", "--vocab-size", "300", "--lr", "1e30", "--checkpoint-minutes", "1e-9"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and f"is left in {out} and may hold diverged weights" in err
+    assert re.search(r"refusion train: --lr: the (training|held-out) loss .* the checkpoint saved at step \d is", err)
 
 
 def test_a_diverged_run_fails_naming_lr_and_saves_nothing(corpus_dir, tmp_path, capsys):
