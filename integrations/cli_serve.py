@@ -130,9 +130,11 @@ def load_config_file(path: Path) -> ConfigFile:
         raise CLIError(f"--config: {path} must hold a mapping")
     if "applications" not in data:
         return ConfigFile(args=data)
-    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+    from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
     _check_keys(data, ServeDeploySchema, "")
+    if isinstance(data.get("http_options"), dict):
+        _check_keys(data["http_options"], HTTPOptionsSchema, "http_options.")
     apps = data["applications"] or []
     if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], dict):
         found = f"{len(apps)} entries" if isinstance(apps, list) else repr(apps)
@@ -147,6 +149,7 @@ def load_config_file(path: Path) -> ConfigFile:
         if name not in (ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT):
             raise CLIError(f"--config: applications[0].deployments: unknown deployment {name!r}; the "
                            f"application has {ENGINE_DEPLOYMENT} and {INGRESS_DEPLOYMENT}")
+        _check_keys(entry, DeploymentSchema, f"applications[0].deployments {name} ")
         replicas = entry.get("num_replicas")
         if replicas is not None and replicas != "auto" and (isinstance(replicas, bool) or not isinstance(replicas, int)
                                                              or replicas < 1):
@@ -273,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
     from integrations.serve_app import application
     from integrations.serve_config import ServeConfig
     from integrations.serve_drain import drain_app, drain_signal
+    from decoding.params import DecodeParamError, DecodeParams, load_model_defaults
     from workers.loader import ModelDirError, check_model_dir
 
     try:
@@ -291,9 +295,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"refusion serve: --config: applications[0].deployments: {exc}".splitlines()[0])
         return 2
     try:  # seconds here, where a broken directory failed each replica after a minute of tracebacks
-        check_model_dir(ServeConfig.model_validate(config).model)
+        model_dir = ServeConfig.model_validate(config).model
+        check_model_dir(model_dir)
+        DecodeParams.from_dict(load_model_defaults(model_dir))  # the decode defaults every request starts from
     except ModelDirError as exc:
         print(f"refusion serve: --model: {exc}")
+        return 2
+    except DecodeParamError as exc:
+        print(f"refusion serve: --model: {Path(model_dir) / 'refusion.json'}: {exc}")
         return 2
     try:
         if args.address:

@@ -37,6 +37,15 @@ def check_runner_options(options: dict) -> None:
     dtype = options.get("dtype")
     if dtype is not None and (not isinstance(dtype, str) or dtype.removeprefix("torch.") not in RUNNER_DTYPES):
         raise ValueError(f"runner.dtype: {dtype!r} is not supported; use one of {', '.join(RUNNER_DTYPES)}")
+    for name in ("block_size", "num_blocks", "kv_memory_bytes"):  # a string here failed each replica after a minute
+        value = options.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"runner.{name}: expected a positive integer, got {value!r}")
+    for name, kinds in (("device", (str,)), ("attention", (str,)), ("compile_layers", (bool,)),
+                        ("cuda_graphs", (bool, dict))):
+        value = options.get(name)
+        if value is not None and not isinstance(value, kinds):
+            raise ValueError(f"runner.{name}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
 
 
 def build_engine(model_dir: str | Path, runner_options: dict | None = None, engine_options: dict | None = None):

@@ -213,6 +213,13 @@ def test_config_runner_and_engine_keys_are_checked_when_read(tiny_model_dir):
         ServeConfig(model=str(tiny_model_dir), engine={"routing": {"calibrat": False}})
     with pytest.raises(ValueError, match="max_running"):
         ServeConfig(model=str(tiny_model_dir), engine={"max_running": 0})
+    # Types too: num_blocks "x" failed each replica after a minute of tracebacks
+    for runner, message in (({"num_blocks": "x"}, "runner.num_blocks: expected a positive integer, got 'x'"),
+                            ({"block_size": 0}, "runner.block_size: expected a positive integer"),
+                            ({"compile_layers": "yes"}, "runner.compile_layers: expected bool, got 'yes'"),
+                            ({"cuda_graphs": 1}, "runner.cuda_graphs: expected bool or dict")):
+        with pytest.raises(ValueError, match=message):
+            ServeConfig(model=str(tiny_model_dir), runner=runner)
     config = ServeConfig(model=str(tiny_model_dir), runner={"compile_layers": True, "num_blocks": 64},
                          engine={"max_running": 8, "routing": {"calibrate": False}})
     assert config.runner == {"compile_layers": True, "num_blocks": 64} and config.engine["max_running"] == 8
@@ -286,7 +293,10 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
                            "proxy_locaton: not a Ray Serve config key; the keys here are applications, "),
              "apptypo.yaml": ("applications: [{args: {}, route_prefx: /}]\n", "applications\\[0\\].route_prefx: not a Ray"),
              "zero.yaml": ("applications: [{deployments: [{name: RefusionEngine, num_replicas: 0}]}]\n",
-                           "RefusionEngine num_replicas: expected an integer >= 1 or \"auto\", got 0")}
+                           "RefusionEngine num_replicas: expected an integer >= 1 or \"auto\", got 0"),
+             "httptypo.yaml": ("applications: [{args: {}}]\nhttp_options: {hots: x}\n", "http_options.hots: not a Ray"),
+             "deptypo.yaml": ("applications: [{deployments: [{name: RefusionEngine, num_replica: 2}]}]\n",
+                              "deployments RefusionEngine num_replica: not a Ray Serve config key")}
     for name, (text, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -375,8 +385,11 @@ def test_a_broken_model_directory_is_one_line_before_ray_starts(tiny_model_dir, 
     model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+    settings = Path(shutil.copytree(tiny_model_dir, tmp_path / "settings"))
+    (settings / "refusion.json").write_text('{"slot_threshold": 7}')  # failed each replica after Ray started
     for target, said in ((model, f"--model: {weights}: not a readable safetensors file"),
-                         (weights, f"config: model: {weights} is not a directory")):
+                         (weights, f"config: model: {weights} is not a directory"),
+                         (settings, f"--model: {settings / 'refusion.json'}: slot_threshold")):
         proc = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", "--model", str(target), "--port", "1"],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stdout + proc.stderr
