@@ -23,7 +23,7 @@ from pygls.lsp.server import LanguageServer
 from pygls.workspace import TextDocument, Workspace
 
 from integrations.editor.document import LINE_BREAK
-from integrations.editor.protocol import Limits, RpcError, parse_complete
+from integrations.editor.protocol import CompleteParams, Limits, RpcError, parse_complete
 from integrations.lsp.backend import BackendError, EditorBackend
 from integrations.lsp.base_protocol import BridgeServer
 
@@ -74,10 +74,20 @@ class BridgeConfig:
             raise BridgeConfigError("multiline", f"must be 'auto', 'always' or 'never', got {self.multiline!r}")
         if not isinstance(self.params, dict):
             raise BridgeConfigError("params", "must be an object of extra `complete` params, e.g. {\"mode\": \"ar\"}")
+        for key in self.params:  # a typo ("modee") was ignored, as the protocol ignores unknown keys
+            if key in BRIDGE_SETS:
+                raise BridgeConfigError(f"params.{key}", "is set by the bridge from the document and the cursor; drop it")
+            if key not in COMPLETE_PARAMS:
+                raise BridgeConfigError(f"params.{key}", f"is not a `complete` param; they are {', '.join(sorted(COMPLETE_PARAMS))}")
         try:  # the protocol's own checks (docs/editor-protocol.md, "complete"): a bad one failed every completion
             parse_complete({**self.params, "uri": "file:///check", "prefix": ""}, limits)
         except RpcError as exc:
             raise BridgeConfigError(f"params.{exc.data['field']}", exc.message.split(": ", 1)[-1]) from None
+
+
+# `complete` params a client may set through initializationOptions.params, and those the bridge sets itself
+BRIDGE_SETS = frozenset({"uri", "prefix", "suffix", "language", "version"})
+COMPLETE_PARAMS = frozenset(f.name for f in fields(CompleteParams)) - BRIDGE_SETS
 
 
 def _websocket_url(url) -> bool:
@@ -252,8 +262,11 @@ def build_server(config: BridgeConfig) -> LanguageServer:
         ws = server.workspace
         server.protocol._workspace = LspWorkspace(ws.root_uri, server._text_document_sync_kind,
                                                   list(ws.folders.values()), ws.position_encoding)
+        options = params.initialization_options
+        if options is not None and not isinstance(options, dict):  # it was taken as no options at all
+            raise JsonRpcInvalidParams(f"initializationOptions must be an object of options, got {type(options).__name__}")
         try:
-            config.update(params.initialization_options if isinstance(params.initialization_options, dict) else None)
+            config.update(options)
         except BridgeConfigError as exc:
             raise JsonRpcInvalidParams(f"initializationOptions.{exc.field} {exc.message}") from None
         backend.url = config.url

@@ -278,6 +278,7 @@ def test_position_at_offset_is_the_normalized_cursor():
     # The `complete` params the server would refuse on every completion (-32603 each time): at initialize
     ({"params": {"mode": "bogus"}}, "params.mode"), ({"params": {"temperature": 5}}, "params.temperature"),
     ({"params": {"stop": [""]}}, "params.stop"),
+    ({"params": {"modee": "ar"}}, "params.modee"), ({"params": {"prefix": "x"}}, "params.prefix"),  # typos named
 ])
 def test_initialization_options_are_checked_and_a_bad_one_changes_nothing(options, field):
     config = BridgeConfig()
@@ -294,6 +295,8 @@ async def test_bad_initialization_options_fail_initialize_naming_the_option(scri
         await start_lsp(url, {"prefix_lines": "x"})
     with pytest.raises(Exception, match="initializationOptions.params.mode must be one of auto"):
         await start_lsp(url, {"params": {"mode": "bogus"}})
+    with pytest.raises(Exception, match="initializationOptions must be an object of options, got str"):
+        await start_lsp(url, "x")
 
 
 async def test_requests_after_a_failed_initialize_answer_server_not_initialized(scripted_backend):
