@@ -222,7 +222,21 @@ def load_tokenizer(model_dir: Path):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # a file of the wrong structure
-        raise ModelDirError(model_dir / "tokenizer.json", f"cannot be loaded ({type(exc).__name__}: {exc})") from exc
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ModelDirError(_tokenizer_culprit(model_dir), f"cannot be loaded ({type(exc).__name__}: {reason})") from exc
+
+
+def _tokenizer_culprit(model_dir: Path) -> Path:
+    """The tokenizer file to name when transformers cannot load the tokenizer: one that is not JSON, else
+    a missing tokenizer.json (tokenizer_config.json alone needs a slow tokenizer's files), else
+    tokenizer.json."""
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        path = model_dir / name
+        try:
+            json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, ValueError):
+            return path
+    return model_dir / "tokenizer.json"
 
 
 def resolve_mask_token_id(config: ModelConfig, tokenizer, model_dir: Path) -> int:

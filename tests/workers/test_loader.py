@@ -137,6 +137,7 @@ def _drop_tensor(model: Path) -> None:
     (_truncate, "model.safetensors"),
     (_drop_tensor, "model.safetensors"),
     (lambda m: (m / "tokenizer.json").write_text("{"), "tokenizer.json"),
+    (lambda m: (m / "tokenizer_config.json").write_text("{"), "tokenizer_config.json"),  # was named tokenizer.json
     (lambda m: (m / "config.json").write_text("[]"), "config.json"),
     (lambda m: [(m / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "tokenizer.json"),
 ])
