@@ -9,7 +9,8 @@ Supported, with OpenAI's semantics: `input` (a string, or items: messages with t
 Accepted and ignored: `stream_options`, `store` (nothing is stored: the response says `"store": false`), `reasoning`
 (the model has no reasoning mode), `truncation` ("disabled", and "auto", which the OpenAI Agents SDK
 sends from its model settings: nothing is dropped here, so an input over the context is a 400 either
-way, and a response echoes the value sent, as vLLM's: an input that was answered needed no cut), `include` entries about reasoning, `service_tier`, `safety_identifier`, `prompt_cache_retention`,
+way, and a response echoes the value sent, as vLLM's: an input that was answered needed no cut),
+`include` entries about reasoning, `service_tier`, `safety_identifier`, `prompt_cache_retention`,
 `max_tool_calls` (it caps built-in tools, which are not offered), `background: false`.
 `prompt_cache_key` routes as on chat (the serve router's
 affinity key). Refused with a 400 naming the field: `previous_response_id` and `conversation` (no

@@ -78,7 +78,8 @@ class BridgeConfig:
             if key in BRIDGE_SETS:
                 raise BridgeConfigError(f"params.{key}", "is set by the bridge from the document and the cursor; drop it")
             if key not in COMPLETE_PARAMS:
-                raise BridgeConfigError(f"params.{key}", f"is not a `complete` param; they are {', '.join(sorted(COMPLETE_PARAMS))}")
+                raise BridgeConfigError(f"params.{key}", "is not a `complete` param; they are "
+                                                         + ", ".join(sorted(COMPLETE_PARAMS)))
         try:  # the protocol's own checks (docs/editor-protocol.md, "complete"): a bad one failed every completion
             parse_complete({**self.params, "uri": "file:///check", "prefix": ""}, limits)
         except RpcError as exc:
