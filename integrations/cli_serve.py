@@ -273,10 +273,10 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from ray import serve
 
+    from decoding.params import DecodeParamError, DecodeParams, load_model_defaults
     from integrations.serve_app import application
     from integrations.serve_config import ServeConfig
     from integrations.serve_drain import drain_app, drain_signal
-    from decoding.params import DecodeParamError, DecodeParams, load_model_defaults
     from workers.loader import ModelDirError, check_model_dir
 
     try:
@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"refusion serve: --model: {exc}")
         return 2
     except DecodeParamError as exc:
-        print(f"refusion serve: --model: {Path(model_dir) / 'refusion.json'}: {exc}")
+        print(f"refusion serve: --model: {Path(model_dir) / 'refusion.json'}: {str(exc).removeprefix('refusion.json: ')}")
         return 2
     try:
         if args.address:
