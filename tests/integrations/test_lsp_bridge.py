@@ -52,14 +52,28 @@ def scripted_backend(bpe_tokenizer, wait_until):  # noqa: F811
     thread.join(10)
 
 
-async def start_lsp(url: str, init_options: dict | None = None) -> LanguageClient:
+async def spawn_bridge(url: str) -> LanguageClient:
+    """A client of a `refusion lsp` process pointed at `url`, not yet initialized."""
     client = LanguageClient("refusion-test", "0")
     await client.start_io(sys.executable, "-m", "integrations.cli", "lsp", "--url", url, "--max-time-ms", "5000")
+    return client
+
+
+async def initialize(client: LanguageClient, init_options=None) -> None:
     init = types.InitializeParams(capabilities=types.ClientCapabilities(), initialization_options=init_options)
     await asyncio.wait_for(client.initialize_async(init), WAIT_S)
-    client.initialized(types.InitializedParams())
+
+
+def open_document(client: LanguageClient, uri: str = URI, text: str = DOC) -> None:
     client.text_document_did_open(types.DidOpenTextDocumentParams(
-        text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=DOC)))
+        text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+
+
+async def start_lsp(url: str, init_options: dict | None = None) -> LanguageClient:
+    client = await spawn_bridge(url)
+    await initialize(client, init_options)
+    client.initialized(types.InitializedParams())
+    open_document(client)
     return client
 
 
@@ -305,22 +319,17 @@ async def test_requests_after_a_failed_initialize_answer_server_not_initialized(
     from pygls.exceptions import JsonRpcException
 
     url, fake = scripted_backend
-    client = LanguageClient("refusion-test", "0")
-    await client.start_io(sys.executable, "-m", "integrations.cli", "lsp", "--url", url, "--max-time-ms", "5000")
+    client = await spawn_bridge(url)
     try:
         with pytest.raises(Exception, match="max_tokens"):
-            await asyncio.wait_for(client.initialize_async(types.InitializeParams(
-                capabilities=types.ClientCapabilities(), initialization_options={"max_tokens": "lots"})), WAIT_S)
-        client.text_document_did_open(types.DidOpenTextDocumentParams(
-            text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=DOC)))
+            await initialize(client, {"max_tokens": "lots"})
+        open_document(client)
         n = len(fake.requests)
         with pytest.raises(JsonRpcException, match="not initialized") as err:
             await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), WAIT_S)
         assert err.value.code == -32002 and len(fake.requests) == n
-        await asyncio.wait_for(client.initialize_async(types.InitializeParams(
-            capabilities=types.ClientCapabilities(), initialization_options={"max_tokens": 8})), WAIT_S)
-        client.text_document_did_open(types.DidOpenTextDocumentParams(
-            text_document=types.TextDocumentItem(uri=URI, language_id="python", version=1, text=DOC)))
+        await initialize(client, {"max_tokens": 8})
+        open_document(client)
         result = await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), WAIT_S)
         assert fake.requests[-1].max_tokens == 8 and result.items
     finally:
@@ -331,14 +340,12 @@ async def test_form_feed_document_edit_and_completion_on_the_right_line(scripted
     """End to end through the bridge: a document with a form feed, an incremental edit, a completion:
     the prompt the engine gets is the edited document cut at the cursor."""
     url, fake = scripted_backend
-    client = LanguageClient("refusion-test", "0")
-    await client.start_io(sys.executable, "-m", "integrations.cli", "lsp", "--url", url, "--max-time-ms", "5000")
+    client = await spawn_bridge(url)
     try:
-        await asyncio.wait_for(client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities())), WAIT_S)
+        await initialize(client)
         client.initialized(types.InitializedParams())
         uri = "file:///tmp/my%20project/ff.py"  # escaped, as VS Code sends paths with spaces or drive colons
-        client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=types.TextDocumentItem(
-            uri=uri, language_id="python", version=1, text="import os\n\x0c\ndef f():\n    return 1\n")))
+        open_document(client, uri, "import os\n\x0c\ndef f():\n    return 1\n")
         client.text_document_did_change(types.DidChangeTextDocumentParams(
             text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
             content_changes=[types.TextDocumentContentChangePartial(
