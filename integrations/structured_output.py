@@ -46,7 +46,7 @@ _LARK_START = re.compile(r"(?m)^\s*(%llguidance\b|[?!]?start\s*:(?!:=))")
 def _checked(grammar: str, field: str, what: str) -> str:
     error = grammar_error(grammar)
     if error:
-        raise InputError(400, field, f"{what} does not compile: {error}")
+        raise InputError(400, field, f"{what} does not compile: {_plain(error)}")
     return grammar
 
 
@@ -65,10 +65,7 @@ def json_grammar(schema: Any, field: str, options: dict = JSON_OPTIONS) -> str:
         grammar = LLMatcher.grammar_from_json_schema(_without_string_key_rules(schema), overrides=options)
     except (ValueError, TypeError) as exc:
         raise InputError(400, field, f"is not a usable JSON Schema: {_plain(exc)}") from None
-    error = grammar_error(grammar)
-    if error:
-        raise InputError(400, field, f"the JSON Schema does not compile: {_plain(error)}")
-    return grammar
+    return _checked(grammar, field, "the JSON Schema")
 
 
 def _plain(error) -> str:
