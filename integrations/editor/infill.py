@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from integrations.context_fit import whole_slots
 from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX
 from scheduler.detokenizer import Healer
@@ -176,12 +177,15 @@ def plan_gaps(max_tokens: int | None, multiline: bool, min_tokens: int = 0) -> t
     """Candidate gap lengths, capped by max_tokens and none shorter than min_tokens (vLLM's: the text runs
     at least that long, which a shorter gap cannot hold), both rounded up to the slot size. The caller
     keeps min_tokens <= max_tokens."""
-    def whole_slots(tokens: int) -> int:
-        return tokens if tokens < SLOT_SIZE else -(-tokens // SLOT_SIZE) * SLOT_SIZE
-
     base = MULTILINE_GAPS if multiline else SINGLE_LINE_GAPS
-    cap = None if max_tokens is None else whole_slots(max_tokens)
-    return tuple(sorted({max(g if cap is None else min(g, cap), whole_slots(min_tokens)) for g in base}))
+    cap = None if max_tokens is None else gap_cap(max_tokens)
+    return tuple(sorted({max(g if cap is None else min(g, cap), gap_cap(min_tokens)) for g in base}))
+
+
+def gap_cap(tokens: int) -> int:
+    """The longest gap a cap of `tokens` allows: rounded up to whole slots (a gap shorter than one slot
+    is one slot of its own length)."""
+    return tokens if tokens < SLOT_SIZE else whole_slots(tokens, SLOT_SIZE)
 
 
 def gap_params(gap: int) -> dict:

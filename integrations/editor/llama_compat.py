@@ -22,9 +22,9 @@ from typing import Any, AsyncIterator
 
 from pydantic import Field, field_validator
 
-from integrations.editor.infill import Candidate, build_infill_prompt, plan_gaps
+from integrations.editor.infill import Candidate, build_infill_prompt, plan_gaps, gap_cap
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
-from integrations.editor.protocol import ContextChunk, Limits
+from integrations.editor.protocol import MAX_INDENT, ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
 from decoding.params import MAX_TOP_K
 from integrations.request_limits import MAX_SEED, off_loop, sampling_temperature
@@ -51,7 +51,7 @@ class InfillBody(LlamaBody):
     n_predict: int = Field(-1, ge=-1)  # a maximum: the strategy's gaps (at most LIMITS.max_tokens) apply
     t_max_predict_ms: int = Field(0, ge=0)
     stop: list[str] = Field(default_factory=list, max_length=16)
-    n_indent: int = Field(0, ge=0)
+    n_indent: int = Field(0, ge=0, le=MAX_INDENT)
     stream: bool = False
     # llama.cpp's README defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, seed -1 (random).
     temperature: float = Field(0.8, ge=0, le=2)
@@ -110,7 +110,7 @@ async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
     gaps = plan_gaps(max_tokens, multiline=True)
     if body.n_cmpl > len(gaps):  # more completions asked than the strategy has gaps: add longer ones
         gaps = tuple(sorted(set(gaps) | {gaps[-1] * 2 ** k for k in range(1, body.n_cmpl - len(gaps) + 1)}))
-        gaps = tuple(g for g in gaps if max_tokens is None or g <= max(max_tokens, gaps[0]))
+        gaps = tuple(g for g in gaps if max_tokens is None or g <= gap_cap(max_tokens))
     seed = None if body.seed == -1 else body.seed  # llama.cpp: -1 is a random seed; unset is too (engine)
     sampling = {"temperature": sampling_temperature(body.temperature), "top_k": body.top_k, "top_p": body.top_p,
                 "min_p": body.min_p}
@@ -227,16 +227,22 @@ async def infill(client, body: InfillBody, n_ctx: int, request_id: str, observer
     results = [_result(client, job, body, outcome.text, outcome.stop_reason, outcome.tokens, outcome, n_ctx=n_ctx)]
     if body.n_cmpl == 1:
         return select_fields(results[0], body.response_fields)
-    others = [c for c in outcome.candidates if c.gap != outcome.gap]
-    for index, cand in enumerate(others[: body.n_cmpl - 1], start=1):
-        results.append({**_result(client, job, body, cand.text, cand.stop_reason, cand.tokens, outcome, cand, n_ctx),
-                        "index": index})
+    results += _other_results(client, job, body, outcome, n_ctx)
     return [select_fields(r, body.response_fields) for r in results]
+
+
+def _other_results(client, job: CompletionJob, body: InfillBody, outcome: CompletionOutcome, n_ctx: int) -> list[dict]:
+    """The results of index 1 to n_cmpl - 1: the candidates other than the chosen one, in gap order."""
+    others = [c for c in outcome.candidates if c.gap != outcome.gap]
+    return [{**_result(client, job, body, cand.text, cand.stop_reason, cand.tokens, outcome, cand, n_ctx), "index": index}
+            for index, cand in enumerate(others[: body.n_cmpl - 1], start=1)]
 
 
 async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, observer=None) -> AsyncIterator[bytes]:
     """stream=true: server-sent events like llama.cpp, one `data: {json}` per text piece (content is the
-    new text only, stop=false), then one final event with stop=true and the full result fields.
+    new text only, stop=false), then one final event with stop=true and the full result fields. With
+    n_cmpl > 1 the chosen candidate (index 0) streams, and each other one follows as one final event of
+    its own index with its whole text: per index, the contents add up to the non-streamed result's.
     Errors (InputError, engine errors) are raised; the route turns one raised before the first event
     into an HTTP error and a later one into a final `data: {"error": ...}` event. Arguments as infill()
     (the observer also sees each piece: time to first token, inter-token latency)."""
@@ -278,3 +284,5 @@ async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, o
         observer.on_delta(final_delta(request_id, tail, piece_ids(client, tail), outcome))
     final = _result(client, job, body, tail, outcome.stop_reason, outcome.tokens, outcome, n_ctx=n_ctx)
     yield b"data: " + compact_json(final) + b"\n\n"
+    for other in _other_results(client, job, body, outcome, n_ctx):  # whole: only the chosen one streams
+        yield b"data: " + compact_json(other) + b"\n\n"

@@ -37,6 +37,7 @@ ENGINE_UNAVAILABLE = -32004  # the engine replica serving it died (or none runs)
 REQUEST_CANCELLED = -32800  # data: {"reason": "cancelled" | "superseded", "superseded_by": id}
 
 MODES = ("auto", "refusion", "ar")
+MAX_INDENT = 1000  # `indent` / llama.cpp's `n_indent`, in characters: far past any code line's indentation
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ def parse_complete(params: dict, limits: Limits) -> CompleteParams:
         max_time_ms=_bounded_int(params, "max_time_ms", 1, limits.max_time_ms),
         multiline=_get(params, "multiline", (bool,), False, "a boolean"),
         mode=mode,
-        indent=_bounded_int(params, "indent", 0, 1000) or 0,
+        indent=_bounded_int(params, "indent", 0, MAX_INDENT) or 0,
         stop=list(stop),
         temperature=float(temperature) if temperature is not None else None,
         seed=_bounded_int(params, "seed", 0, MAX_SEED),
@@ -244,7 +245,10 @@ def parse_complete(params: dict, limits: Limits) -> CompleteParams:
 
 def request_id_of(params: dict, name: str = "id"):
     """The `id` field of cancel/accept/reject: the id of an earlier complete request."""
-    value = params.get(name)
-    if not isinstance(value, (int, str)) or isinstance(value, bool):
+    if name not in params:
         raise invalid_params(name, "is required: the id of the complete request it refers to")
+    value = params[name]
+    if not isinstance(value, (int, str)) or isinstance(value, bool):
+        raise invalid_params(name, f"must be an integer or a string (the id of the complete request it refers to), "
+                             f"got {type(value).__name__}")
     return value

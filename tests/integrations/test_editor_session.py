@@ -150,6 +150,14 @@ async def test_invalid_params_error_names_the_field(session):
     assert err["data"]["field"] == "max_tokens" and "between 1 and" in err["message"]
 
 
+@pytest.mark.parametrize("params, says", [({}, "is required"), ({"id": [1]}, "must be an integer or a string")])
+async def test_a_bad_cancel_id_is_named_for_what_is_wrong_with_it(session, params, says):
+    s, wire = session
+    await s.handle_frame(rpc.encode_request(1, "cancel", params))
+    err = wire.responses(1)[0][2]
+    assert err["data"]["field"] == "id" and says in err["message"]
+
+
 @pytest.mark.parametrize(
     "exc, code",
     [(InvalidRequestError("gen_length", "too long for the context"), rpc.INVALID_PARAMS),

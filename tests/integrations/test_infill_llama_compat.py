@@ -119,9 +119,30 @@ async def test_stream_sends_pieces_then_a_final_event(http, fake_client):  # noq
     assert "".join(e["content"] for e in events) == "result = 2 * r"
 
 
+async def test_stream_with_n_cmpl_sends_every_candidate_under_its_index(http, fake_client):  # noqa: F811
+    fake_client.script = {32: "result = r\n    return result\n", 64: "result = r * r\n    return result\n"}
+    whole = (await http.post("/infill", json=llama_vscode_request(n_cmpl=2))).json()
+    resp = await http.post("/infill", json=llama_vscode_request(n_cmpl=2, stream=True))
+    events = [json.loads(line[len("data: "):]) for line in resp.text.split("\n\n") if line.startswith("data: ")]
+    streamed = {}
+    for event in events:
+        streamed[event["index"]] = streamed.get(event["index"], "") + event["content"]
+    assert streamed == {d["index"]: d["content"] for d in whole} == {0: "result = r", 1: "result = r * r"}
+    assert [e["index"] for e in events if e["stop"]] == [0, 1]
+
+
+async def test_more_candidates_keep_the_gap_n_predict_rounds_up_to(http, fake_client):  # noqa: F811
+    fake_client.script = {32: "result = r\n", 40: "result = r * r\n"}
+    one = (await http.post("/infill", json=llama_vscode_request(n_predict=33))).json()
+    four = (await http.post("/infill", json=llama_vscode_request(n_predict=33, n_cmpl=4))).json()
+    assert one["generation_settings"]["gaps"] == four[0]["generation_settings"]["gaps"] == [32, 40]
+    assert len(four) == 2
+
+
 @pytest.mark.parametrize(
     "over, field",
-    [({"n_predict": "many"}, "n_predict"), ({"n_cmpl": 7}, "n_cmpl"), ({"input_extra": [{"filename": "x"}]}, "input_extra.0.text")],
+    [({"n_predict": "many"}, "n_predict"), ({"n_cmpl": 7}, "n_cmpl"), ({"input_extra": [{"filename": "x"}]}, "input_extra.0.text"),
+     ({"n_indent": 1001}, "n_indent")],
 )
 async def test_bad_fields_are_400_naming_the_field(http, over, field):
     resp = await http.post("/infill", json=llama_vscode_request(**over))
