@@ -43,6 +43,7 @@ class EditorBackend:
         self._partials: dict[Any, Callable[[str], Any]] = {}
         self._ids = itertools.count(1)
         self._connect_lock = asyncio.Lock()
+        self._turns: asyncio.Semaphore | None = None  # the server's max_inflight completions at once
 
     async def _connection(self):
         async with self._connect_lock:
@@ -147,7 +148,16 @@ class EditorBackend:
         return await self._call_on(await self._connection(), method, params or {})
 
     async def complete(self, params: dict, on_partial: Callable[[str], Any] | None = None) -> dict:
-        """Run one completion; cancelling the caller sends `cancel` to the backend."""
+        """Run one completion; cancelling the caller sends `cancel` to the backend. At most the server's
+        `max_inflight` run at once (its per-connection limit, docs/editor-protocol.md); more wait here
+        for their turn, where the server would refuse them with -32003."""
+        limit = (await self.limits()).max_inflight
+        if self._turns is None:  # checked after the await: concurrent first calls share one
+            self._turns = asyncio.Semaphore(limit)
+        async with self._turns:
+            return await self._complete(params, on_partial)
+
+    async def _complete(self, params: dict, on_partial: Callable[[str], Any] | None) -> dict:
         ws = await self._connection()
         msg_id = next(self._ids)
         if on_partial is not None:

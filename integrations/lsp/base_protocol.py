@@ -14,8 +14,13 @@ popup, with nothing, or with a traceback:
                                           (the id when one could be read)
     params that do not fit the method     -32602 InvalidParams naming fields  JSON-RPC 2.0, 5.1
                                           (a notification: logged and ignored)
-    a request before `initialize`         -32002 ServerNotInitialized; a notification is dropped
-                                          (LSP 3.17, "Initialize Request")
+    a request before a successful         -32002 ServerNotInitialized; a notification is dropped
+    `initialize`                          (LSP 3.17, "Initialize Request")
+    `initialize` after a successful one   -32600 InvalidRequest ("may only be sent once")
+    a response with an id that is not     logged and ignored: no request of ours carries it
+    an integer or a string
+    `$/cancelRequest` whose id is not     logged and ignored, as any notification whose params do not
+    an integer or a string                fit (pygls failed on it and the bridge exited)
     a request after `shutdown`            -32600 InvalidRequest; a notification is dropped ("Shutdown")
     `exit`                                the process ends: 0 after `shutdown`, else 1 ("Exit Notification")
 
@@ -56,7 +61,7 @@ class BridgeProtocol(LanguageServerProtocol):
 
     def __init__(self, server, converter):
         super().__init__(server, converter)
-        self.initialize_received = False
+        self.initialized = False  # set by the server's initialize handler once it succeeds
         self.shutdown_received = False  # on arrival: pygls sets its own flag once the handler has run
         self.exit_code: int | None = None  # set by `exit`: the process ends with it
 
@@ -71,18 +76,27 @@ class BridgeProtocol(LanguageServerProtocol):
             msg_id = data.get("id") if isinstance(data, dict) and _is_id(data.get("id")) else None
             return self._send_error(msg_id, JsonRpcInvalidRequest(f"Invalid Request: {problem}"))
         method, is_request = data.get("method"), "method" in data and "id" in data
+        if method is None and not _is_id(data["id"]):
+            logger.warning("ignored a response with id %.80r: not an integer or a string", data["id"])
+            return
+        if method == types.CANCEL_REQUEST and not is_request and not _is_id(_params_id(data)):
+            logger.warning("ignored a $/cancelRequest: params.id must be an integer or a string")
+            return
         if method == types.EXIT and not is_request:
             self.exit_code = 0 if self.shutdown_received else 1
             return
-        if is_request and not self.initialize_received and method != types.INITIALIZE:
-            return self._send_error(data["id"], JsonRpcServerNotInitialized(f"{method}: send initialize first"))
+        if is_request and method == types.INITIALIZE and self.initialized:
+            return self._send_error(data["id"], JsonRpcInvalidRequest(
+                "initialize: the server is initialized already; initialize may only be sent once"))
+        if is_request and not self.initialized and method != types.INITIALIZE:
+            return self._send_error(data["id"], JsonRpcServerNotInitialized(
+                f"{method}: the server is not initialized: send initialize (with valid initializationOptions) first"))
         if is_request and self.shutdown_received:
             return self._send_error(data["id"], JsonRpcInvalidRequest(
                 f"{method}: the server is shut down; only the exit notification may follow shutdown"))
-        if method is not None and not is_request and (self.shutdown_received or not self.initialize_received):
+        if method is not None and not is_request and (self.shutdown_received or not self.initialized):
             logger.info("dropped the %s notification: it came before initialize or after shutdown", method)
             return
-        self.initialize_received |= method == types.INITIALIZE
         self.shutdown_received |= is_request and method == types.SHUTDOWN
         try:
             message = self.structure_message(data)
@@ -120,6 +134,11 @@ class BridgeServer(LanguageServer):
 
 def _is_id(value) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)  # LSP 3.17: id is integer | string
+
+
+def _params_id(data: dict):
+    params = data.get("params")
+    return params.get("id") if isinstance(params, dict) else None
 
 
 def _why_invalid(data) -> str | None:

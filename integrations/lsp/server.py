@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from urllib.parse import unquote
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams, JsonRpcServerNotInitialized
+from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 from pygls.workspace import TextDocument, Workspace
 
@@ -255,8 +255,6 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def build_server(config: BridgeConfig) -> LanguageServer:
     server = BridgeServer("refusion-lsp", "0.1.0")
     backend = EditorBackend(config.url, config.api_key)
-    initialized = [False]  # until an initialize succeeds, requests get LSP's -32002 (ServerNotInitialized)
-
     @server.feature(types.INITIALIZE)
     def on_initialize(params: types.InitializeParams) -> None:
         # pygls made its workspace just before this handler runs, with no document yet: use LSP's lines.
@@ -272,13 +270,10 @@ def build_server(config: BridgeConfig) -> LanguageServer:
             raise JsonRpcInvalidParams(f"initializationOptions.{exc.field} {exc.message}") from None
         backend.url = config.url
         backend.extra_headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        initialized[0] = True
+        server.protocol.initialized = True  # from now on requests are served (base_protocol.py)
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(params: types.InlineCompletionParams) -> types.InlineCompletionList:
-        if not initialized[0]:  # LSP 3.17: requests before a successful initialize answer -32002
-            raise JsonRpcServerNotInitialized("the server is not initialized: send initialize (with valid "
-                                              "initializationOptions) first")
         uri = params.text_document.uri
         if unquote(uri) not in server.workspace.text_documents:  # pygls keys by the unquoted URI; it would read the path from disk
             raise JsonRpcInvalidParams(f"textDocument {uri} is not open: send textDocument/didOpen first")

@@ -328,6 +328,9 @@ async def test_requests_after_a_failed_initialize_answer_server_not_initialized(
         with pytest.raises(JsonRpcException, match="not initialized") as err:
             await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), WAIT_S)
         assert err.value.code == -32002 and len(fake.requests) == n
+        with pytest.raises(JsonRpcException, match="not initialized") as err:
+            await asyncio.wait_for(client.shutdown_async(None), WAIT_S)
+        assert err.value.code == -32002
         await initialize(client, {"max_tokens": 8})
         open_document(client)
         result = await asyncio.wait_for(client.text_document_inline_completion_async(inline_params()), WAIT_S)
@@ -402,6 +405,35 @@ async def test_cancel_request_cancels_the_backend_completion(scripted_backend, w
     assert error is not None and "cancel" in str(error).lower()
     assert started() and started() <= set(fake.cancelled)
     assert not started() & set(fake.completed)
+
+
+async def test_completions_past_the_servers_max_inflight_wait_for_a_turn(scripted_backend, wait_until):
+    """Every document shares the bridge's one connection: the 9th to 12th of twelve concurrent completions
+    were refused by the server (-32003) and reached the editor as InternalError."""
+    url, fake = scripted_backend
+    n_before = len(fake.requests)
+
+    def completions_started() -> set[str]:  # engine ids are <completion id>-g<gap>
+        return {r.request_id.rsplit("-g", 1)[0] for r in fake.requests[n_before:]}
+
+    client = await start_lsp(url)
+    fake.hold = threading.Event()
+    try:
+        uris = [f"file:///tmp/doc{i}.py" for i in range(12)]
+        for uri in uris:
+            open_document(client, uri)
+        answers = [asyncio.ensure_future(client.text_document_inline_completion_async(inline_params(uri=uri)))
+                   for uri in uris]
+        await wait_until(lambda: len(completions_started()) == 8, "eight completions to reach the backend")
+        done = [(i, a.exception() or a.result()) for i, a in enumerate(answers) if a.done()]
+        assert not done, done  # the other four wait in the bridge
+        fake.hold.set()
+        results = await asyncio.wait_for(asyncio.gather(*answers), WAIT_S)
+        assert all(result.items for result in results) and len(completions_started()) == 12
+    finally:
+        fake.hold.set()  # the fixture is shared: leave no request held
+        fake.hold = None
+        await stop_lsp(client)
 
 
 async def test_unopened_document_and_cursor_past_the_line_end(scripted_backend):
@@ -584,6 +616,12 @@ async def test_malformed_messages_and_the_lifecycle_get_the_answers_the_specs_gi
         lsp.notify("textDocument/didChange", {"textDocument": {"uri": "file:///never-opened.py", "version": 2},
                                               "contentChanges": [{"text": "x"}]})
         lsp.notify("$/cancelRequest", {})
+        lsp.notify("$/cancelRequest", {"id": [1]})  # unhashable ids: pygls's own handling ended the bridge
+        lsp.notify("$/cancelRequest", {"id": {"a": 1}})
+        lsp.send({"jsonrpc": "2.0", "id": [1], "result": None})  # a response to no request of ours
+        lsp.send({"jsonrpc": "2.0", "id": {"a": 1}, "error": {"code": -1, "message": "x"}})
+        again = await lsp.request(7, "initialize", {"capabilities": {}})
+        assert again["error"]["code"] == -32600 and "only be sent once" in again["error"]["message"]
         no_context = {key: value for key, value in raw_inline_params().items() if key != "context"}
         malformed = await lsp.request(3, "textDocument/inlineCompletion", no_context)
         assert malformed == {"jsonrpc": "2.0", "id": 3, "error": {
