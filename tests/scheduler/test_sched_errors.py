@@ -134,3 +134,36 @@ async def test_a_request_that_never_fits_fails_alone_instead_of_looping():
     assert small[-1].finish_reason is FinishReason.LENGTH and len(ids_of(small)) == 4
     assert_idle(engine)
     await engine.stop()
+
+
+async def test_a_request_done_without_a_step_is_never_a_kv_victim():
+    # A decoder can be done without a step (a grammar that forces the rest of the text); such a request is
+    # in the step's `done` list while the scheduler looks for KV for a later one. Aged (ranked first) and
+    # BATCH (a worse sort key than the INTERACTIVE one short of KV), it was requeued there: its decoder
+    # dropped, and the engine then ended it with no text of its own and a preemption it never had.
+    from scheduler.api import Priority
+
+    runner = FakeRunner(num_blocks=2, block_size=4)
+    engine, _ = make_engine(runner=runner, factory=(factory := FakeFactory()), prefix_cache=False,
+                            kv_reserve_fraction=0.0, preempt_for_interactive=False)
+    engine.kv.blocks_needed = lambda *args, **kwargs: 1  # both start: admission's estimate falls short
+    schedule = engine.scheduler.schedule
+
+    def schedule_forcing_the_end():
+        batch, interactive = factory.decoders.get("batch"), factory.decoders.get("interactive")
+        if interactive is not None and interactive.cached >= 4 and not batch.hit_eos:  # its next token needs a block
+            batch.hit_eos = True  # done without a step, as a grammar's forced end
+            next(r for r in engine.scheduler.running if r.id == "batch").skipped = 100  # aged: ranked first
+        return schedule()
+
+    engine.scheduler.schedule = schedule_forcing_the_end
+    await engine.start()
+    batch = GenerationRequest("batch", [5], {"gen_length": 8}, mode=Mode.AR)  # one block holds it a while
+    interactive = GenerationRequest("interactive", [5, 6, 7], {"gen_length": 4}, mode=Mode.AR,
+                                    priority=Priority.INTERACTIVE)
+    done, other = await asyncio.gather(collect(engine, batch), collect(engine, interactive))
+    assert done[-1].finish_reason is FinishReason.STOP and done[-1].stats["preemptions"] == 0
+    assert len(ids_of(done)) == done[-1].stats["generated_tokens"] >= 1
+    assert other[-1].finish_reason is FinishReason.LENGTH and len(ids_of(other)) == 4
+    assert_idle(engine)
+    await engine.stop()
