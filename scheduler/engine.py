@@ -360,10 +360,15 @@ class Engine:
 
     def _natural_reason(self, req: Request) -> FinishReason:
         """STOP when the decoder ended on EOS (fewer tokens than gen_length, or an AR decoder that says
-        so: EOS or its grammar complete at exactly gen_length), else LENGTH."""
+        so: EOS or its grammar complete at exactly gen_length), else LENGTH. Text that fills max_tokens
+        is LENGTH (OpenAI's "length": the cap was reached) even when ReFusion, which decodes whole
+        slots, saw the EOS just past it: AR, stopped at the cap, never sees that EOS."""
         if getattr(req.decoder, "ended_on_eos", False):
             return FinishReason.STOP
-        return FinishReason.STOP if req.generated_tokens() < int(req.params.gen_length) else FinishReason.LENGTH
+        cap, generated = req.spec.max_tokens, req.generated_tokens()
+        if cap is not None and generated >= cap:
+            return FinishReason.LENGTH
+        return FinishReason.STOP if generated < int(req.params.gen_length) else FinishReason.LENGTH
 
     def _expire_deadlines(self, now: float) -> None:
         grace = self.config.deadline_grace_ms / 1000

@@ -46,11 +46,14 @@ async def test_the_cap_ends_the_request_and_frees_its_kv():
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
 
 
-async def test_eos_before_the_cap_is_a_stop_and_reaching_the_cap_is_length():
+@pytest.mark.parametrize("mode", [Mode.AR, Mode.REFUSION])
+async def test_eos_before_the_cap_is_a_stop_and_reaching_the_cap_is_length(mode):
+    # ReFusion decodes the whole slot: it sees the EOS just past the cap, which the text never reaches
+    # (it answered "stop" there, where AR, stopped at the cap, answered "length").
     engine, _ = make_engine(FakeRunner(eos_at=3 + 3), prefix_cache=False)  # prompt at 0..2: the 4th token is EOS
     await engine.start()
-    early = await collect(engine, req("early", gen=8, max_tokens=4, mode=Mode.AR))
-    at_cap = await collect(engine, req("at-cap", gen=8, max_tokens=3, mode=Mode.AR))
+    early = await collect(engine, req("early", gen=8, max_tokens=4, mode=mode))
+    at_cap = await collect(engine, req("at-cap", gen=8, max_tokens=3, mode=mode))
     await engine.stop()
     assert len(ids_of(early)) == 3 and early[-1].finish_reason is FinishReason.STOP
     # OpenAI / vLLM: max_tokens reached is "length", whatever the next token would have been.
