@@ -14,6 +14,8 @@ Ctrl-C or SIGTERM drains, then shuts down (integrations/serve_drain.py): new req
 Retry-After, running ones get drain_timeout_s to finish and the rest end with a clean error (an SSE
 `error` event, an editor error answer); Ray Serve is shut down only when nothing is left open (or after
 drain_timeout_s plus a margin). Once it has exited, connections are refused. A second Ctrl-C stops at once.
+While the application is still starting, Ctrl-C or SIGTERM removes it and exits with 130; a deploy Ray
+reports as failed exits with 1 (integrations/serve_start.py).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale engine replicas between MIN and MAX")
     parser.add_argument("--config", type=Path, help="Ray Serve config YAML (see config/serve.yaml)")
     parser.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of a local Ray")
+
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: stopped by a signal before the application was ready
 
 
 class CLIError(ValueError):
@@ -130,9 +135,13 @@ def load_config_file(path: Path) -> ConfigFile:
         raise CLIError(f"--config: {path} must hold a mapping")
     if "applications" not in data:
         return ConfigFile(args=data)
+    from ray.serve.config import AutoscalingConfig, ProxyLocation
     from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
     _check_keys(data, ServeDeploySchema, "")
+    locations = [location.value for location in ProxyLocation]
+    if data.get("proxy_location") is not None and data["proxy_location"] not in locations:
+        raise CLIError(f"--config: proxy_location: expected one of {', '.join(locations)}, got {data['proxy_location']!r}")
     if isinstance(data.get("http_options"), dict):
         _check_keys(data["http_options"], HTTPOptionsSchema, "http_options.")
     apps = data["applications"] or []
@@ -150,6 +159,12 @@ def load_config_file(path: Path) -> ConfigFile:
             raise CLIError(f"--config: applications[0].deployments: unknown deployment {name!r}; the "
                            f"application has {ENGINE_DEPLOYMENT} and {INGRESS_DEPLOYMENT}")
         _check_keys(entry, DeploymentSchema, f"applications[0].deployments {name} ")
+        if isinstance(entry.get("autoscaling_config"), dict):  # Ray drops its unknown keys without a word
+            _check_keys(entry["autoscaling_config"], AutoscalingConfig,
+                        f"applications[0].deployments {name} autoscaling_config.")
+        if entry.get("user_config") is not None:  # Ray fails every replica on it, in a loop
+            raise CLIError(f"--config: applications[0].deployments {name} user_config: not used by this application "
+                           "(its deployments have no reconfigure); set engine and runner settings under args")
         replicas = entry.get("num_replicas")
         if replicas is not None and replicas != "auto" and (isinstance(replicas, bool) or not isinstance(replicas, int)
                                                              or replicas < 1):
@@ -272,11 +287,13 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from pydantic import ValidationError
     from ray import serve
+    from ray.serve import api as serve_api
 
     from decoding.params import DecodeParamError, DecodeParams, load_model_defaults
     from integrations.serve_app import application
     from integrations.serve_config import ServeConfig
     from integrations.serve_drain import drain_app, drain_signal
+    from integrations.serve_start import DeployError, deploy, serve_status
     from workers.loader import ModelDirError, check_model_dir
 
     try:
@@ -331,10 +348,23 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    ready = False
     try:
         serve.start(http_options=http, **({"proxy_location": file.proxy_location} if file.proxy_location else {}))
         drain = drain_signal("refusion")  # before the replicas: draining then costs one call, no actor start
-        serve.run(application(config, file.deployments), name="refusion", route_prefix="/")
+        app = application(config, file.deployments)
+        try:
+            # serve.run's own wait blocks signals; the submission without it is Ray's private _run
+            submit = lambda: serve_api._run(app, _blocking=False, name="refusion", route_prefix="/")  # noqa: E731
+            if not deploy(submit, lambda: serve_status("refusion"), stop,
+                          notice=lambda text: print(f"refusion serve: {text}", flush=True)):
+                print("refusion serve: stopped before the application was ready; removing it"
+                      + (" (up to 30 s)" if args.address else ""), flush=True)
+                return INTERRUPTED_EXIT_CODE
+        except DeployError as exc:
+            print(f"refusion serve: the application failed to deploy: {exc} (Ray's log above says why)", flush=True)
+            return 1
+        ready = True
         print(f"refusion serve: ready at http://{http['host']}:{http['port']} (Ctrl-C to stop)", flush=True)
         stop.wait()
         drain_s = ServeConfig.model_validate(config).drain_timeout_s
@@ -342,6 +372,8 @@ def run(args: argparse.Namespace) -> int:
         drained = drain_app("refusion", drain, drain_s, give_up=stop_now)
         print(f"refusion serve: {'drained' if drained else 'drain incomplete'}; shutting down", flush=True)
     finally:
-        serve.shutdown()
+        # A local Ray goes with ray.shutdown; Serve's own shutdown there waits 30 s on replicas never placed.
+        if ready or args.address:
+            serve.shutdown()
         ray.shutdown()
     return 0

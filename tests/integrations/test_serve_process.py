@@ -230,3 +230,37 @@ async def _drain_under_sigterm(server: Server) -> None:
         assert lines[-1] == "data: [DONE]", lines[-3:]
         last = json.loads(lines[-2].removeprefix("data: "))
         assert "error" not in last and last["choices"][0]["finish_reason"] in ("length", "stop"), last
+
+
+def test_a_signal_while_a_replica_waits_for_room_removes_the_app_at_once(tiny_model_dir, tmp_path):
+    """An engine replica the cluster can never place (here: a resource no node has; in a break-test, more
+    replicas than CPUs): serve.run waited forever and `refusion serve` ignored Ctrl-C and SIGTERM until
+    kill -9, leaving the application half-deployed. Now the first signal removes it and exits 130."""
+    config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": 1,
+              "engine_deployment": {**ENGINE_DEPLOYMENT, "resources": {"no_such_node": 1}}}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "integrations.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+             "--config", str(tmp_path / "serve.yaml")],
+            cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:  # the ingress answers (no engine yet): the deploy is under way, the engine unplaced
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+                if health.status_code == 503 and health.json().get("status") == "unavailable":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+        assert "stopped before the application was ready" in log.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

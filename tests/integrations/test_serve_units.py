@@ -296,7 +296,16 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
                            "RefusionEngine num_replicas: expected an integer >= 1 or \"auto\", got 0"),
              "httptypo.yaml": ("applications: [{args: {}}]\nhttp_options: {hots: x}\n", "http_options.hots: not a Ray"),
              "deptypo.yaml": ("applications: [{deployments: [{name: RefusionEngine, num_replica: 2}]}]\n",
-                              "deployments RefusionEngine num_replica: not a Ray Serve config key")}
+                              "deployments RefusionEngine num_replica: not a Ray Serve config key"),
+             # Ray's AutoscalingConfig dropped a typo; a bad proxy_location was a traceback after Ray started;
+             # user_config failed every replica in a loop
+             "scaletypo.yaml": ("applications: [{deployments: [{name: RefusionEngine, autoscaling_config: "
+                                "{min_replicas: 1, max_replicas: 2, target_ongoing_reqs: 5}}]}]\n",
+                                "RefusionEngine autoscaling_config.target_ongoing_reqs: not a Ray Serve config key"),
+             "proxy.yaml": ("applications: [{args: {}}]\nproxy_location: Everywhere\n",
+                            "proxy_location: expected one of Disabled, HeadOnly, EveryNode, got 'Everywhere'"),
+             "userconf.yaml": ("applications: [{deployments: [{name: RefusionEngine, user_config: {a: 1}}]}]\n",
+                               "RefusionEngine user_config: not used by this application")}
     for name, (text, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
