@@ -138,12 +138,17 @@ class Scheduler:
             spec = replace(spec, max_tokens=min(spec.max_tokens or params.gen_length, params.gen_length))
             kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR)
         if kv_blocks > capacity:
-            raise InvalidRequestError(
-                "prompt_ids",
-                f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({params.gen_length}) "
-                f"need {kv_blocks} KV blocks but the engine's KV cache has {capacity} (the runner's num_blocks or "
-                f"kv_memory_bytes); shorten the prompt or lower gen_length",
-            )
+            need = (f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({params.gen_length}) "
+                    f"need {kv_blocks} KV blocks but the engine's KV cache has {capacity} (the runner's num_blocks or "
+                    f"kv_memory_bytes)")
+            fitted = self._fit_to_kv(spec, params, capacity)
+            if fitted is None:  # not even the shortest generation fits: the prompt is what to change
+                raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt or lower gen_length")
+            shape = ("slot_size", "serial_num_blocks")
+            if all(getattr(fitted, k, None) == getattr(params, k, None) for k in shape):
+                raise InvalidRequestError("gen_length", f"{need}; ask for at most {fitted.gen_length}")
+            raise InvalidRequestError("gen_length", f"{need}; lower gen_length (at most {fitted.gen_length} fits with "
+                                      f"slot_size {fitted.slot_size} and serial_num_blocks {fitted.serial_num_blocks})")
         free_slots = max(0, self.config.max_running - len(self.running))
         if len(self.waiting) >= self.config.max_queue + free_slots:
             raise OverloadedError(  # waiting counts requests about to take a free running slot too

@@ -43,6 +43,22 @@ async def test_the_route_names_its_own_fields(http, fake_client, path, body, fie
         assert error["param"] == field
 
 
+@pytest.mark.parametrize("path, body, cap", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 64}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 64}, "max_tokens"),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 64}, "max_output_tokens"),
+])
+async def test_a_length_the_kv_cache_cannot_hold_names_the_routes_cap(fake_client, path, body, cap):  # noqa: F811
+    fake_client.fail_with = InvalidRequestError("gen_length", NEVER_FITS.replace(
+        "shorten the prompt or lower gen_length", "ask for at most 16"))
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post(path, json=body)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == cap, error
+    assert error["message"].startswith(f"{cap}: prompt") and error["message"].endswith("ask for at most 16"), error
+
+
 async def test_llama_routes_name_llama_fields(http):
     infill = await http.post("/infill", json={"input_prefix": "x", "input_suffix": "", "n_predict": 64})
     assert infill.status_code == 400, infill.text

@@ -89,8 +89,11 @@ async def test_a_default_gen_length_shrinks_to_the_kv_cache_a_requested_one_is_r
     tail = await collect(engine, GenerationRequest("tail", [5] * 20, {"gen_length": 64, "slot_size": 16},
                                                    mode=Mode.AR, fit_to_kv=True))
     assert len(ids_of(tail)) == short and tail[-1].finish_reason is FinishReason.LENGTH
-    with pytest.raises(InvalidRequestError, match="lower gen_length"):
+    # A requested length is refused naming it, with the most that fits (it blamed the prompt)
+    with pytest.raises(InvalidRequestError, match=f"; ask for at most {fits}$") as err:
         await collect(engine, req("asked", prompt=[5] * 10, gen=64, mode=Mode.AR))
+    assert err.value.field == "gen_length"
+    assert len(ids_of(await collect(engine, req("at-most", prompt=[5] * 10, gen=fits, mode=Mode.AR)))) == fits
     with pytest.raises(InvalidRequestError, match="leaves no room to generate .* shorten the prompt") as err:
         await collect(engine, req("no-room", prompt=[5] * 40, gen=64, mode=Mode.AR, fit_to_kv=True))
     assert "gen_length" not in str(err.value)  # the client set none: the prompt is named, not a max_tokens
