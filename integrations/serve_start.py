@@ -38,7 +38,7 @@ def deploy(submit: Callable[[], object], status: Callable[[], tuple[str, str]], 
         if state == "RUNNING":
             return True
         if state == "DEPLOY_FAILED":
-            raise DeployError((message or "").strip().splitlines()[0] if (message or "").strip() else state)
+            raise DeployError(next(iter(message.strip().splitlines()), state))
         if stop.wait(POLL_S):
             return False
         if not noticed and time.monotonic() - started > notice_after_s:

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from pydantic import Field, field_validator
 
-from integrations.editor.infill import Candidate, build_infill_prompt, plan_gaps, gap_cap
+from integrations.editor.infill import Candidate, build_infill_prompt, gap_cap, plan_gaps
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
 from integrations.editor.protocol import MAX_INDENT, ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix

@@ -255,6 +255,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def build_server(config: BridgeConfig) -> LanguageServer:
     server = BridgeServer("refusion-lsp", "0.1.0")
     backend = EditorBackend(config.url, config.api_key)
+
     @server.feature(types.INITIALIZE)
     def on_initialize(params: types.InitializeParams) -> None:
         # pygls made its workspace just before this handler runs, with no document yet: use LSP's lines.

@@ -151,7 +151,8 @@ async def test_a_request_done_without_a_step_is_never_a_kv_victim():
 
     def schedule_forcing_the_end():
         batch, interactive = factory.decoders.get("batch"), factory.decoders.get("interactive")
-        if interactive is not None and interactive.cached >= 4 and not batch.hit_eos:  # its next token needs a block
+        started = batch is not None and interactive is not None
+        if started and interactive.cached >= 4 and not batch.hit_eos:  # the interactive's next token needs a block
             batch.hit_eos = True  # done without a step, as a grammar's forced end
             next(r for r in engine.scheduler.running if r.id == "batch").skipped = 100  # aged: ranked first
         return schedule()
