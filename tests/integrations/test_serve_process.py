@@ -54,20 +54,27 @@ class Server:
         return len(self.log.read_text(errors="replace"))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("serve-process")
-    config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": DRAIN_TIMEOUT_S,
-              "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S + 5}}
+def start_serve(model_dir: Path, config: dict, workdir: Path, *flags: str) -> tuple[subprocess.Popen, int, Path]:
+    """`refusion serve` on a free port with `config` as its --config file, output in workdir/serve.log
+    (its own local Ray: RAY_ADDRESS unset). Returns (process, port, log)."""
     (workdir / "serve.yaml").write_text(yaml.safe_dump(config))
     port, log = free_port(), workdir / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "integrations.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-             "--config", str(workdir / "serve.yaml"), "--max-num-seqs", "32", "--served-model-name",
-             tiny_model_dir.name, ALIAS],
+            [sys.executable, "-m", "integrations.cli", "serve", "--model", str(model_dir), "--port", str(port),
+             "--config", str(workdir / "serve.yaml"), *flags],
             cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT)
+    return proc, port, log
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("serve-process")
+    config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": DRAIN_TIMEOUT_S,
+              "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S + 5}}
+    proc, port, log = start_serve(tiny_model_dir, config, workdir, "--max-num-seqs", "32", "--served-model-name",
+                                  tiny_model_dir.name, ALIAS)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url)
@@ -238,14 +245,7 @@ def test_a_signal_while_a_replica_waits_for_room_removes_the_app_at_once(tiny_mo
     kill -9, leaving the application half-deployed. Now the first signal removes it and exits 130."""
     config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": 1,
               "engine_deployment": {**ENGINE_DEPLOYMENT, "resources": {"no_such_node": 1}}}
-    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
-    port, log = free_port(), tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "integrations.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-             "--config", str(tmp_path / "serve.yaml")],
-            cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT)
+    proc, port, log = start_serve(tiny_model_dir, config, tmp_path)
     try:
         deadline = time.monotonic() + WAIT_S
         while True:  # the ingress answers (no engine yet): the deploy is under way, the engine unplaced
