@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from integrations import cli_serve
+from integrations import cli_serve, serve_config_file
 from integrations.auth import APIKeyMiddleware
 from integrations.chat import PLAIN_STOP, render_chat
 from integrations.engine_client import EngineFailure, LocalEngineClient, ShuttingDownError, read_model_card
@@ -164,7 +164,7 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     assert (deployment.autoscaling_config.min_replicas, deployment.autoscaling_config.max_replicas) == (1, 3)
     assert deployment.max_ongoing_requests == 512
     with pytest.raises(cli_serve.CLIError, match="--autoscale"):
-        cli_serve.parse_autoscale("4:2")
+        serve_config_file.parse_autoscale("4:2")
     # Without flags the file's `deployments:` entry decides, as under `serve deploy`
     file = cli_serve.merged_config(parser.parse_args(["--config", str(REPO / "config" / "serve.yaml"), "--model", str(tiny_model_dir)]))
     assert file.deployments == {"RefusionEngine": {"num_replicas": 1}}
@@ -184,7 +184,7 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications:\n  - import_path: integrations.serve_app:build_app\n    deployments: [{name: Engine}]\n")
     with pytest.raises(cli_serve.CLIError, match="unknown deployment 'Engine'"):
-        cli_serve.load_config_file(bad)
+        serve_config_file.load_config_file(bad)
     with pytest.raises(ValueError, match="no config.json"):
         ServeConfig(model=str(tmp_path))
     with pytest.raises(ValueError, match="max_ongoing"):
@@ -310,11 +310,11 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
         path = tmp_path / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(cli_serve.CLIError, match=message):
-            cli_serve.load_config_file(path)
+            serve_config_file.load_config_file(path)
     with pytest.raises(cli_serve.CLIError, match="is a directory; give the YAML file"):
-        cli_serve.load_config_file(tmp_path)
+        serve_config_file.load_config_file(tmp_path)
     with pytest.raises(cli_serve.CLIError, match="does not exist"):
-        cli_serve.load_config_file(tmp_path / "missing.yaml")
+        serve_config_file.load_config_file(tmp_path / "missing.yaml")
 
 
 def test_an_address_nobody_listens_on_is_refused_before_ray_is_asked():
@@ -453,7 +453,8 @@ async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(t
 async def test_chat_without_max_tokens_shrinks_to_a_small_kv_cache(tiny_model_dir):
     """A real engine whose KV cache holds less than prompt + the default max_tokens (256): chat without
     max_tokens is served, cut to what the cache holds (finish_reason length); it was a 400 naming
-    max_tokens, which the client never sent. A requested max_tokens that cannot fit is still that 400."""
+    max_tokens, which the client never sent. A requested max_tokens that cannot fit is still a 400, naming
+    max_tokens (it named the messages) with the most that fits."""
     engine, tok = build_engine(tiny_model_dir, {"num_blocks": 12, "block_size": 16}, {"routing": {"calibrate": False}})
     await engine.start()
     card = read_model_card(tiny_model_dir)
@@ -470,8 +471,12 @@ async def test_chat_without_max_tokens_shrinks_to_a_small_kv_cache(tiny_model_di
             room = engine.kv.capacity() * 16 - usage["prompt_tokens"]
             assert 0 < usage["completion_tokens"] < 256 and usage["completion_tokens"] >= room - 2 * 16
             asked = await http.post("/v1/chat/completions", json={**body, "max_tokens": 256})
-            assert asked.status_code == 400 and asked.json()["error"]["param"] == "messages", asked.text
-            assert "max_tokens (256)" in asked.json()["error"]["message"]
+            assert asked.status_code == 400 and asked.json()["error"]["param"] == "max_tokens", asked.text
+            message = asked.json()["error"]["message"]
+            assert "max_tokens (256)" in message and "; ask for at most " in message
+            most = int(message.rsplit(" ", 1)[1])  # the most that fits is served
+            fitting = await http.post("/v1/chat/completions", json={**body, "max_tokens": most})
+            assert fitting.status_code == 200 and fitting.json()["usage"]["completion_tokens"] == most, fitting.text
         stats = engine.stats()  # idle: only the prefix cache holds blocks
         assert stats["running"] == 0 and stats["kv_blocks_free"] + stats["prefix_cache_blocks"] == stats["kv_blocks_total"]
     finally:

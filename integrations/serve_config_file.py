@@ -1,0 +1,176 @@
+"""The Serve config file and the flags of `refusion serve`, merged into what it deploys.
+
+`load_config_file` reads a Ray Serve config file (config/serve.yaml: `applications[0].args` and
+`.deployments`, `http_options`, `proxy_location`) as `serve deploy` reads it, or a bare mapping of
+ServeConfig fields, and names every key Ray Serve would drop or fail on; `merged_config` applies the
+flags (flags win). Every problem is a CLIError naming the flag or key and what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, served_names_problem
+
+
+class CLIError(ValueError):
+    """A flag or config-file problem; the message names it and says what to change."""
+
+
+@dataclass
+class ConfigFile:
+    """What `refusion serve` reads of a Serve config file (the keys `serve deploy` also reads)."""
+
+    args: dict = field(default_factory=dict)  # applications[0].args: ServeConfig
+    http: dict = field(default_factory=dict)  # http_options
+    proxy_location: str | None = None  # EveryNode / HeadOnly / Disabled (Ray's default when None)
+    deployments: dict[str, dict] = field(default_factory=dict)  # applications[0].deployments, by name
+
+
+def load_config_file(path: Path) -> ConfigFile:
+    """A Serve config file (or a bare args mapping) as `refusion serve` uses it."""
+    import yaml
+
+    if path.is_dir():
+        raise CLIError(f"--config: {path} is a directory; give the YAML file (e.g. config/serve.yaml)")
+    if not path.is_file():
+        raise CLIError(f"--config: {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except PermissionError:
+        raise CLIError(f"--config: {path}: permission denied; make it readable") from None
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"--config: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from None
+    except yaml.YAMLError as exc:
+        place = getattr(exc, "problem_mark", None)
+        at = f" at line {place.line + 1}, column {place.column + 1}" if place else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CLIError(f"--config: {path} is not valid YAML{at}: {problem}") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"--config: {path} must hold a mapping")
+    if "applications" not in data:
+        return ConfigFile(args=data)
+    from ray.serve.config import AutoscalingConfig, ProxyLocation
+    from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
+
+    _check_keys(data, ServeDeploySchema, "")
+    locations = [location.value for location in ProxyLocation]
+    if data.get("proxy_location") is not None and data["proxy_location"] not in locations:
+        raise CLIError(f"--config: proxy_location: expected one of {', '.join(locations)}, got {data['proxy_location']!r}")
+    if isinstance(data.get("http_options"), dict):
+        _check_keys(data["http_options"], HTTPOptionsSchema, "http_options.")
+    apps = data["applications"] or []
+    if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], dict):
+        found = f"{len(apps)} entries" if isinstance(apps, list) else repr(apps)
+        raise CLIError(f"--config: applications: must be a list of exactly one application mapping, found {found}")
+    _check_keys(apps[0], ServeApplicationSchema, "applications[0].")
+    entries = apps[0].get("deployments") or []
+    if not isinstance(entries, list):
+        raise CLIError(f"--config: applications[0].deployments: must be a list of mappings with a name, got {entries!r}")
+    deployments = {}
+    for entry in entries:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name not in (ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT):
+            raise CLIError(f"--config: applications[0].deployments: unknown deployment {name!r}; the "
+                           f"application has {ENGINE_DEPLOYMENT} and {INGRESS_DEPLOYMENT}")
+        _check_keys(entry, DeploymentSchema, f"applications[0].deployments {name} ")
+        if isinstance(entry.get("autoscaling_config"), dict):  # Ray drops its unknown keys without a word
+            _check_keys(entry["autoscaling_config"], AutoscalingConfig,
+                        f"applications[0].deployments {name} autoscaling_config.")
+        if entry.get("user_config") is not None:  # Ray fails every replica on it, in a loop
+            raise CLIError(f"--config: applications[0].deployments {name} user_config: not used by this application "
+                           "(its deployments have no reconfigure); set engine and runner settings under args")
+        replicas = entry.get("num_replicas")
+        if replicas is not None and replicas != "auto" and (isinstance(replicas, bool) or not isinstance(replicas, int)
+                                                             or replicas < 1):
+            raise CLIError(f"--config: applications[0].deployments: {name} num_replicas: expected an integer >= 1 "
+                           f"or \"auto\", got {replicas!r}")
+        deployments[name] = {k: v for k, v in entry.items() if k != "name"}
+    return ConfigFile(_section(apps[0], "args"), _section(data, "http_options"),
+                      data.get("proxy_location"), deployments)
+
+
+def _check_keys(mapping: dict, schema, where: str) -> None:
+    """Raise CLIError for a key Ray Serve's config schema does not have (a typo such as proxy_locaton was
+    silently ignored); keys Serve knows and this command does not apply are left to Serve's own CLI."""
+    known = set(getattr(schema, "model_fields", None) or schema.__fields__)
+    unknown = sorted(str(k) for k in mapping if k not in known)
+    if unknown:
+        raise CLIError(f"--config: {where}{unknown[0]}: not a Ray Serve config key; the keys here are "
+                       f"{', '.join(sorted(known))}")
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise CLIError(f"--autoscale: expected MIN:MAX like 1:4, got {text!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise CLIError(f"--autoscale: need 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return low, high
+
+
+def _section(config: dict, name: str) -> dict:
+    """A copy of the config's mapping `name` ({} when absent), for a flag to set one key of."""
+    value = config.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise CLIError(f"--config: {name}: must be a mapping of settings, got {value!r}")
+    return dict(value or {})
+
+
+def merged_config(args: argparse.Namespace) -> ConfigFile:
+    """The config file with the flags applied (flags win, also over the file's `deployments:` counts)."""
+    file = load_config_file(args.config) if args.config else ConfigFile()
+    config = file.args
+    if args.model:
+        config["model"] = args.model
+    if args.served_model_name:
+        if problem := served_names_problem(args.served_model_name):
+            raise CLIError(f"--served-model-name: {problem}")
+        config["model_name"] = args.served_model_name
+    if args.api_key:
+        if any(not key.strip() for key in args.api_key):
+            raise CLIError("--api-key: an empty key would let in a request with an empty Bearer token; give a key")
+        keys = config.get("api_keys")  # not a list: left for the config check to name
+        config["api_keys"] = [*keys, *args.api_key] if isinstance(keys, list) else keys or args.api_key
+    if args.max_num_seqs is not None:
+        if args.max_num_seqs < 1:
+            raise CLIError(f"--max-num-seqs: must be >= 1, got {args.max_num_seqs}")
+        config["engine"] = {**_section(config, "engine"), "max_running": args.max_num_seqs}
+    if args.dtype:
+        config["runner"] = {**_section(config, "runner"), "dtype": args.dtype}
+    deployment = _section(config, "engine_deployment")
+    engine_override = file.deployments.get(ENGINE_DEPLOYMENT, {})
+    if args.replicas is not None:
+        if args.replicas < 1:
+            raise CLIError(f"--replicas: must be >= 1, got {args.replicas}")
+        deployment["num_replicas"] = args.replicas
+        deployment.pop("autoscaling", None)
+    if args.autoscale:
+        low, high = parse_autoscale(args.autoscale)
+        deployment["autoscaling"] = {**(deployment.get("autoscaling") or {}), "min_replicas": low, "max_replicas": high}
+        deployment.pop("num_replicas", None)  # the flag replaces the file's fixed count
+    if args.replicas is not None:  # the flag replaces the file's count or autoscaling
+        for key in ("num_replicas", "autoscaling_config"):
+            engine_override.pop(key, None)
+    if args.autoscale:  # the flag sets min and max of the file's autoscaling (its other settings stay)
+        engine_override.pop("num_replicas", None)
+        if isinstance(engine_override.get("autoscaling_config"), dict):
+            engine_override["autoscaling_config"] = {**engine_override["autoscaling_config"],
+                                                     "min_replicas": low, "max_replicas": high}
+    config["engine_deployment"] = deployment
+    drain_s, grace_s = config.get("drain_timeout_s", 20.0), engine_override.get("graceful_shutdown_timeout_s")
+    if isinstance(grace_s, (int, float)) and isinstance(drain_s, (int, float)) and grace_s < drain_s + 2:
+        raise CLIError(f"--config: deployments {ENGINE_DEPLOYMENT} graceful_shutdown_timeout_s ({grace_s}) must "
+                       f"exceed drain_timeout_s ({drain_s}) by >= 2 s, or Ray kills replicas mid-drain")
+    host = args.host if args.host is not None else file.http.get("host", "127.0.0.1")
+    port = args.port if args.port is not None else file.http.get("port", 8000)
+    if not isinstance(host, str) or not host.strip():
+        where = "--host" if args.host is not None else "--config: http_options.host"
+        raise CLIError(f"{where}: expected a host name or address such as 127.0.0.1 or 0.0.0.0, got {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise CLIError(f"--config: http_options.port: expected a port number 1-65535, got {port!r}")
+    file.http = {"host": host, "port": port}
+    return file
