@@ -122,6 +122,31 @@ def check_reachable(address: str) -> None:
                    f"prints the address to use) or give its address, or omit --address for a local Ray")
 
 
+def start_ray(ray, address: str | None) -> bool:
+    """Join the cluster at `address`, or start a local Ray (no dashboard); False, after saying why, when
+    the cluster cannot be joined. The caller's SIGTERM handler stays in force meanwhile: ray.init sets one
+    that exits at once (sys.exit inside ray.init), which left the agents it had started running."""
+    from ray._private import utils as ray_utils
+
+    set_handler = getattr(ray_utils, "set_sigterm_handler", None)
+    if set_handler is not None:
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        if not address:
+            ray.init(address="local", include_dashboard=False)
+            return True
+        ray.init(address=address)
+    except (ConnectionError, RuntimeError) as exc:
+        print(f"refusion serve: --address: cannot join the Ray cluster at {address}: {exc}".splitlines()[0])
+        print("refusion serve: check the address; a cluster with token authentication also needs "
+              "RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN in this shell (docs/cluster.md)")
+        return False
+    finally:
+        if set_handler is not None:
+            ray_utils.set_sigterm_handler = set_handler
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     import ray
     from pydantic import ValidationError
@@ -147,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
             where = ".".join(str(p) for p in error["loc"]) or "config"
             print(f"refusion serve: {where}: {error['msg'].removeprefix('Value error, ')}")  # pydantic's prefix
         return 2
-    except (TypeError, ValueError) as exc:  # an option or value Deployment.options() refuses, from `deployments:`
+    except (TypeError, ValueError, ImportError) as exc:  # what Deployment.options() refuses, from `deployments:`
+        # (ImportError: an autoscaling policy_function that does not import)
         print(f"refusion serve: --config: applications[0].deployments: {exc}".splitlines()[0])
         return 2
     try:  # seconds here, where a broken directory failed each replica after a minute of tracebacks
@@ -168,27 +194,27 @@ def run(args: argparse.Namespace) -> int:
     except CLIError as exc:
         print(f"refusion serve: {exc}")
         return 2
-    if args.address:
-        try:
-            ray.init(address=args.address)
-        except (ConnectionError, RuntimeError) as exc:
-            print(f"refusion serve: --address: cannot join the Ray cluster at {args.address}: {exc}".splitlines()[0])
-            print("refusion serve: check the address; a cluster with token authentication also needs "
-                  "RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN in this shell (docs/cluster.md)")
-            return 2
-    else:
-        ray.init(address="local", include_dashboard=False)
-    if "num_gpus" not in config["engine_deployment"] and ray.cluster_resources().get("GPU", 0) >= 1:
-        config["engine_deployment"]["num_gpus"] = 1
     stop, stop_now = threading.Event(), threading.Event()
 
     def on_signal(*_):  # the first signal drains; a second one stops without waiting
         (stop_now if stop.is_set() else stop).set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    ready = False
+    def handle_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    handle_signals()  # before Ray starts: a signal inside ray.init left its half-started agents running
+    serving = ready = False
     try:
+        if not start_ray(ray, args.address):
+            return 2
+        handle_signals()  # again: Ray's core worker installs a SIGTERM handler of its own as it connects
+        if stop.is_set():
+            print("refusion serve: stopped while Ray started", flush=True)
+            return INTERRUPTED_EXIT_CODE
+        if "num_gpus" not in config["engine_deployment"] and ray.cluster_resources().get("GPU", 0) >= 1:
+            config["engine_deployment"]["num_gpus"] = 1
+        serving = True  # from here on Serve runs on the cluster
         serve.start(http_options=http, **({"proxy_location": file.proxy_location} if file.proxy_location else {}))
         drain = drain_signal("refusion")  # before the replicas: draining then costs one call, no actor start
         app = application(config, file.deployments)
@@ -212,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"refusion serve: {'drained' if drained else 'drain incomplete'}; shutting down", flush=True)
     finally:
         # A local Ray goes with ray.shutdown; Serve's own shutdown there waits 30 s on replicas never placed.
-        if ready or args.address:
+        if ready or (serving and args.address):
             serve.shutdown()
         ray.shutdown()
     return 0

@@ -81,18 +81,20 @@ def api_field(engine_field: str, endpoint: str | None = None) -> str:
             or _ENGINE_TO_API_FIELD.get(engine_field, engine_field))
 
 
-def engine_message(exc: InvalidRequestError, endpoint: str | None = None) -> str:
-    """An engine 400's message in the route's words: its gen_length is the route's token cap field."""
-    return str(exc).split(": ", 1)[-1].replace("gen_length", api_field("gen_length", endpoint))
+def engine_message(exc: InvalidRequestError, endpoint: str | None = None, cap_field: str | None = None) -> str:
+    """An engine 400's message in the route's words: its gen_length is the route's token cap field
+    (`cap_field` when the client named it otherwise)."""
+    return str(exc).split(": ", 1)[-1].replace("gen_length", cap_field or api_field("gen_length", endpoint))
 
 
-def from_engine_error(exc: Exception, endpoint: str | None = None) -> APIError:
+def from_engine_error(exc: Exception, endpoint: str | None = None, cap_field: str | None = None) -> APIError:
     """Map a typed engine error (or Ray Serve back-pressure) to its APIError; anything else is a bug.
     endpoint: the route's (RequestObserver.endpoint), so a 400 names the field that route's client sent
-    (chat's `messages`, not `prompt`)."""
+    (chat's `messages`, not `prompt`); cap_field: the token cap's name as the client sent it
+    (RequestObserver.cap_field: chat's max_completion_tokens), else the route's."""
     if isinstance(exc, InvalidRequestError):
-        field = api_field(exc.field, endpoint)
-        return APIError(400, f"{field}: {engine_message(exc, endpoint)}", param=field)
+        field = (cap_field if exc.field == "gen_length" else None) or api_field(exc.field, endpoint)
+        return APIError(400, f"{field}: {engine_message(exc, endpoint, cap_field)}", param=field)
     if isinstance(exc, ShuttingDownError):  # as the draining ingress answers (ingress_gate)
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         return APIError(503, str(exc), "overloaded_error", code="shutting_down", headers={"Retry-After": retry})
@@ -110,10 +112,10 @@ def from_engine_error(exc: Exception, endpoint: str | None = None) -> APIError:
     return APIError(500, f"internal error ({type(exc).__name__}); the server log has the details", "server_error")
 
 
-def _endpoint(request: Request) -> str | None:
-    """The route's RequestObserver endpoint ("chat", ...), once the route registered one."""
+def _observed(request: Request) -> tuple[str | None, str | None]:
+    """The route's RequestObserver endpoint ("chat", ...) and cap_field, once the route registered one."""
     observer = getattr(request.state, "observer", None)
-    return getattr(observer, "endpoint", None)
+    return getattr(observer, "endpoint", None), getattr(observer, "cap_field", None)
 
 
 def validation_field(loc: tuple) -> str | None:
@@ -178,7 +180,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError):  # typed: an answer, not a bug (no traceback)
-        return from_engine_error(exc, _endpoint(request)).response()
+        return from_engine_error(exc, *_observed(request)).response()
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):

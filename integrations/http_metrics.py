@@ -86,6 +86,7 @@ class RequestObserver:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.last: Delta | None = None
+        self.cap_field: str | None = None  # the token cap's name where the client chose it (chat's max_completion_tokens)
         self._done = False
 
     def on_delta(self, delta: Delta) -> None:

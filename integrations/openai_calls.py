@@ -68,7 +68,7 @@ async def primed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> Asy
         first = None
     except BaseException as exc:
         await deltas.aclose()
-        error = (exc if isinstance(exc, APIError) else from_engine_error(exc, observer.endpoint)
+        error = (exc if isinstance(exc, APIError) else from_engine_error(exc, observer.endpoint, observer.cap_field)
                  if isinstance(exc, Exception) else None)
         observer.finish(error.status if error else 499, error=str(exc) if error else "client disconnected")
         if error is None:

@@ -52,7 +52,7 @@ def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request
         except Exception as exc:  # noqa: BLE001 - the 200 is out: the client must see why its stream ended
             if not isinstance(exc, (APIError, EngineError)):
                 log.exception("stream %s failed", request_id)
-            error = exc if isinstance(exc, APIError) else from_engine_error(exc, observer.endpoint)
+            error = exc if isinstance(exc, APIError) else from_engine_error(exc, observer.endpoint, observer.cap_field)
             observer.finish(error.status, error=error.message)
             yield line(error_event(error) if error_event is not None else {"error": error.body()})
         finally:

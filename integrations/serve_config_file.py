@@ -52,7 +52,7 @@ def load_config_file(path: Path) -> ConfigFile:
         raise CLIError(f"--config: {path} must hold a mapping")
     if "applications" not in data:
         return ConfigFile(args=data)
-    from ray.serve.config import AutoscalingConfig, ProxyLocation
+    from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, ProxyLocation
     from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
     _check_keys(data, ServeDeploySchema, "")
@@ -76,9 +76,12 @@ def load_config_file(path: Path) -> ConfigFile:
             raise CLIError(f"--config: applications[0].deployments: unknown deployment {name!r}; the "
                            f"application has {ENGINE_DEPLOYMENT} and {INGRESS_DEPLOYMENT}")
         _check_keys(entry, DeploymentSchema, f"applications[0].deployments {name} ")
-        if isinstance(entry.get("autoscaling_config"), dict):  # Ray drops its unknown keys without a word
-            _check_keys(entry["autoscaling_config"], AutoscalingConfig,
-                        f"applications[0].deployments {name} autoscaling_config.")
+        scaling = entry.get("autoscaling_config")
+        if isinstance(scaling, dict):  # Ray drops its unknown keys without a word
+            _check_keys(scaling, AutoscalingConfig, f"applications[0].deployments {name} autoscaling_config.")
+            if isinstance(scaling.get("policy"), dict):
+                _check_keys(scaling["policy"], AutoscalingPolicy,
+                            f"applications[0].deployments {name} autoscaling_config.policy.")
         if entry.get("user_config") is not None:  # Ray fails every replica on it, in a loop
             raise CLIError(f"--config: applications[0].deployments {name} user_config: not used by this application "
                            "(its deployments have no reconfigure); set engine and runner settings under args")

@@ -138,14 +138,17 @@ class Scheduler:
             spec = replace(spec, max_tokens=min(spec.max_tokens or params.gen_length, params.gen_length))
             kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR)
         if kv_blocks > capacity:
-            need = (f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({params.gen_length}) "
+            asked = params.gen_length if spec.max_tokens in (None, params.gen_length) else \
+                f"{spec.max_tokens}, {params.gen_length} in whole slots"
+            need = (f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({asked}) "
                     f"need {kv_blocks} KV blocks but the engine's KV cache has {capacity} (the runner's num_blocks or "
                     f"kv_memory_bytes)")
-            fitted = self._fit_to_kv(spec, params, capacity)
+            # AR: whole slots (the ingress rounds max_tokens so), in one block (AR needs no semi-AR blocks)
+            fitted = self._fit_to_kv(spec, params, capacity, one_block=spec.mode is Mode.AR)
             if fitted is None:  # not even the shortest generation fits: the prompt is what to change
                 raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt or lower gen_length")
             shape = ("slot_size", "serial_num_blocks")
-            if all(getattr(fitted, k, None) == getattr(params, k, None) for k in shape):
+            if spec.mode is Mode.AR or all(getattr(fitted, k, None) == getattr(params, k, None) for k in shape):
                 raise InvalidRequestError("gen_length", f"{need}; ask for at most {fitted.gen_length}")
             raise InvalidRequestError("gen_length", f"{need}; lower gen_length (at most {fitted.gen_length} fits with "
                                       f"slot_size {fitted.slot_size} and serial_num_blocks {fitted.serial_num_blocks})")
@@ -163,16 +166,17 @@ class Scheduler:
         self.waiting.append(req)
         return req
 
-    def _fit_to_kv(self, spec, params, capacity: int):
+    def _fit_to_kv(self, spec, params, capacity: int, one_block: bool = False):
         """A copy of `params` with the largest gen_length whose KV fits `capacity` blocks, at least
         min_tokens; None when none fits. gen_length is a whole number of blocks of whole slots (slot_size
         x serial_num_blocks); when not one such step fits, one block (serial_num_blocks 1), then slot_size
-        1, are tried, so a short answer still fits where a 64-token step would not. Binary search per
-        shape: blocks_needed grows with gen_length."""
+        1, are tried, so a short answer still fits where a 64-token step would not. one_block: the request's
+        slot_size in one block only. Binary search per shape: blocks_needed grows with gen_length."""
         slot = int(getattr(params, "slot_size", 1) or 1)
         blocks = int(getattr(params, "serial_num_blocks", 1) or 1)
         least = int(getattr(params, "min_tokens", 0) or 0)
-        for slot_size, num_blocks in dict.fromkeys(((slot, blocks), (slot, 1), (1, 1))):
+        shapes = ((slot, 1),) if one_block else dict.fromkeys(((slot, blocks), (slot, 1), (1, 1)))
+        for slot_size, num_blocks in shapes:
             step = slot_size * num_blocks
 
             def trial(steps: int, slot_size=slot_size, num_blocks=num_blocks, step=step):

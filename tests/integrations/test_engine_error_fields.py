@@ -46,6 +46,8 @@ async def test_the_route_names_its_own_fields(http, fake_client, path, body, fie
 @pytest.mark.parametrize("path, body, cap", [
     ("/v1/completions", {"prompt": "x", "max_tokens": 64}, "max_tokens"),
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 64}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": 64}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": 64, "stream": True}, "max_completion_tokens"),
     ("/v1/responses", {"input": "hi", "max_output_tokens": 64}, "max_output_tokens"),
 ])
 async def test_a_length_the_kv_cache_cannot_hold_names_the_routes_cap(fake_client, path, body, cap):  # noqa: F811

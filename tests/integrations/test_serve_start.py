@@ -43,3 +43,34 @@ def test_a_stop_while_deploying_returns_false_after_one_notice():
 
     assert not deploy(lambda: None, statuses(("DEPLOYING", "")), stop, notice=notice, notice_after_s=0)
     assert len(notices) == 1 and "lower --replicas" in notices[0]
+
+
+def test_a_sigterm_while_ray_starts_reaches_the_callers_handler():
+    """ray.init first sets a SIGTERM handler that calls sys.exit: a SIGTERM while Ray started ended the
+    process inside ray.init and left the agents it had started running (a break-test). start_ray keeps
+    the caller's handler, which only sets `refusion serve`'s stop event."""
+    import inspect
+    import os
+    import signal
+    import sys
+
+    import ray
+    from ray._private import utils as ray_utils
+
+    from integrations.cli_serve import start_ray
+
+    assert "set_sigterm_handler" in inspect.getsource(ray.init)  # what start_ray holds off, in this Ray
+
+    class RayStarting:
+        def init(self, **kwargs):
+            ray_utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))  # as ray.init does first
+            os.kill(os.getpid(), signal.SIGTERM)  # the operator's SIGTERM, while Ray starts
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: seen.append("stop"))
+    original = ray_utils.set_sigterm_handler
+    try:
+        assert start_ray(RayStarting(), None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == ["stop"] and ray_utils.set_sigterm_handler is original

@@ -305,7 +305,10 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
              "proxy.yaml": ("applications: [{args: {}}]\nproxy_location: Everywhere\n",
                             "proxy_location: expected one of Disabled, HeadOnly, EveryNode, got 'Everywhere'"),
              "userconf.yaml": ("applications: [{deployments: [{name: RefusionEngine, user_config: {a: 1}}]}]\n",
-                               "RefusionEngine user_config: not used by this application")}
+                               "RefusionEngine user_config: not used by this application"),
+             "policytypo.yaml": ("applications: [{deployments: [{name: RefusionEngine, autoscaling_config: "
+                                 "{min_replicas: 1, max_replicas: 2, policy: {policy_functon: x}}}]}]\n",
+                                 "autoscaling_config.policy.policy_functon: not a Ray Serve config key")}
     for name, (text, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -355,6 +358,18 @@ def test_port_and_host_are_checked_before_ray_starts(tmp_path, capsys):
         cli_serve.check_bindable("999.1.1.1", 8000)
     with pytest.raises(cli_serve.CLIError, match="cannot listen on 192.0.2.1:8000"):  # TEST-NET: not this machine's
         cli_serve.check_bindable("192.0.2.1", 8000)
+
+
+def test_an_autoscaling_policy_that_does_not_import_is_one_line_before_ray_starts(tiny_model_dir, tmp_path, capsys):
+    """Deployment.options imports the policy_function: a ModuleNotFoundError was a traceback (exit 1)."""
+    config = tmp_path / "serve.yaml"
+    config.write_text("applications:\n  - deployments:\n      - {name: RefusionEngine, autoscaling_config: "
+                      "{min_replicas: 1, max_replicas: 2, policy: {policy_function: 'nosuch.mod:fn'}}}\n")
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    assert cli_serve.run(parser.parse_args(["--model", str(tiny_model_dir), "--config", str(config)])) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("refusion serve: --config: applications[0].deployments: ") and "nosuch" in out[0]
 
 
 def test_a_second_serve_on_a_busy_port_exits_instead_of_sharing_it():
