@@ -257,9 +257,9 @@ class Scheduler:
         if short:
             self.kv.evict_prefix_cache(short, req.runner_key)
             short = self.kv.shortfall(req, segment)
+        # victims: none already in this step (planned, done without a step, or failed); built only when short
+        in_plan = short and {r.id for r, _ in plan.items} | {r.id for r in plan.done} | {r.id for r, _ in plan.failed}
         while short:
-            # not one already in this step: planned, done (a decoder done without a step) or failed
-            in_plan = {r.id for r, _ in plan.items} | {r.id for r in plan.done} | {r.id for r, _ in plan.failed}
             victims = [r for r in self.running if r is not req and r.id not in in_plan and r.runner_key == req.runner_key
                        and len(r.mode_history) == 1 and r.sort_key() > req.sort_key()]
             if not victims:

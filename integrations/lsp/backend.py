@@ -151,9 +151,10 @@ class EditorBackend:
         """Run one completion; cancelling the caller sends `cancel` to the backend. At most the server's
         `max_inflight` run at once (its per-connection limit, docs/editor-protocol.md); more wait here
         for their turn, where the server would refuse them with -32003."""
-        limit = (await self.limits()).max_inflight
-        if self._turns is None:  # checked after the await: concurrent first calls share one
-            self._turns = asyncio.Semaphore(limit)
+        if self._turns is None:
+            limit = (await self.limits()).max_inflight  # connects first; later calls skip this
+            if self._turns is None:  # checked again after the await: concurrent first calls share one
+                self._turns = asyncio.Semaphore(limit)
         async with self._turns:
             return await self._complete(params, on_partial)
 
