@@ -67,3 +67,83 @@ def test_conversation_key_is_stable_over_turns_and_tells_conversations_apart():
     assert conversation_key(turn1) == conversation_key(turn3)
     assert conversation_key(turn1) != conversation_key(other)
     assert conversation_key(turn1).startswith("chat:")
+
+
+# --- Routing a burst through Ray Serve's own routing loop -------------------------------------------
+# Ray's RequestRouter routes queued requests in a loop that does not yield between them, and its
+# queue-length cache grows only when a routed caller resumes and sends (Router._route_and_send_request_
+# once: `_choose_replica_for_request`, then `on_send_request`). These tests drive that real loop with
+# Ray's in-memory replica stand-in and a caller that does exactly those two steps.
+
+import asyncio  # noqa: E402
+
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata  # noqa: E402
+from ray.serve._private.test_utils import FakeRunningReplica  # noqa: E402
+from ray.serve.request_router import PendingRequest  # noqa: E402
+
+from integrations.serve_router import UNSENT_TTL_S, EngineRouter  # noqa: E402
+
+
+def _router(queue_lens: dict[str, int], policy: str = "prefix_affinity", clock=None) -> tuple[EngineRouter, dict]:
+    router = EngineRouter(deployment_id=DeploymentID(name="engine", app_name="refusion"),
+                          handle_source=DeploymentHandleSource.REPLICA, use_replica_queue_len_cache=True,
+                          get_curr_time_s=clock)
+    router.initialize_state(policy=policy, prefix_tokens=256, imbalanced_threshold=2.0)
+    replicas = {}
+    for name, queue_len in queue_lens.items():
+        replica = FakeRunningReplica(name, max_ongoing_requests=64)
+        replica.set_queue_len_response(queue_len)
+        replicas[name] = replica
+    router.update_replicas(list(replicas.values()))
+    return router, replicas
+
+
+async def _route_burst(router: EngineRouter, requests: list[GenerationRequest]) -> Counter:
+    async def send(i: int, req: GenerationRequest) -> str:
+        pending = PendingRequest(args=[req], kwargs={}, metadata=RequestMetadata(request_id=f"r{i}",
+                                                                                 internal_request_id=f"i{i}"))
+        replica = await router._choose_replica_for_request(pending)
+        router.on_send_request(replica.replica_id)
+        return replica.replica_id.unique_id
+
+    return Counter(await asyncio.gather(*(send(i, req) for i, req in enumerate(requests))))
+
+
+async def test_a_burst_on_one_prompt_head_spreads_once_the_guard_trips():
+    router, _ = _router({"old": 0, "new": 0})
+    burst = [_req(list(range(300)) + [i]) for i in range(12)]  # one shared head, one affinity key
+    counts = await _route_burst(router, burst)
+    assert sum(counts.values()) == 12
+    assert max(counts.values()) - min(counts.values(), default=0) <= 3, counts
+    assert len(counts) == 2, counts
+
+
+async def test_a_burst_after_scale_up_fills_the_new_replica_only_up_to_the_old_ones_load():
+    router, _ = _router({"old": 10, "new": 0})
+    counts = await _route_burst(router, [_req([i, 7, 7], key=f"doc{i}") for i in range(20)])
+    # 30 requests in all, 15 each when even: the new replica must not take the whole burst.
+    assert counts["new"] <= 15 + 2, counts
+
+
+async def test_power_of_two_policy_also_counts_requests_routed_in_the_same_burst():
+    router, _ = _router({"old": 10, "new": 0}, policy="power_of_two")
+    counts = await _route_burst(router, [_req([i]) for i in range(20)])
+    assert counts["new"] <= 15 + 2, counts
+
+
+async def test_a_choice_never_sent_stops_counting_after_the_ttl():
+    now = [1000.0]
+    router, _ = _router({"x": 0, "y": 0}, clock=lambda: now[0])
+    req = _req([1, 2, 3], key="editor:file:///a.py")
+
+    async def first_choice() -> list[str]:
+        groups = await router.choose_replicas(router._replicas_list, PendingRequest(
+            args=[req], kwargs={}, metadata=RequestMetadata(request_id="r", internal_request_id="i")))
+        return [r.replica_id.unique_id for r in groups[0]]
+
+    preferred = (await first_choice())[0]
+    for _ in range(2):  # chosen three times in all, none of them sent (e.g. cancelled before sending)
+        assert await first_choice() == [preferred]
+    assert preferred not in await first_choice()  # 3 unsent above the other's 0: the guard trips
+    now[0] += UNSENT_TTL_S + 0.5
+    assert await first_choice() == [preferred]  # forgotten: affinity again
