@@ -90,12 +90,16 @@ class EngineFailure:
     message: str
     field: str | None = None
     retry_after_s: float | None = None
+    asked: int | None = None  # InvalidRequestError's
+    most: int | None = None
+    prompt_tokens: int | None = None
 
     @classmethod
     def from_exception(cls, exc: EngineError) -> "EngineFailure":
         if isinstance(exc, InvalidRequestError):
             message = str(exc).split(": ", 1)[-1]
-            return cls("invalid", message, field=exc.field)
+            return cls("invalid", message, field=exc.field, asked=exc.asked, most=exc.most,
+                       prompt_tokens=exc.prompt_tokens)
         if isinstance(exc, (ShuttingDownError, EngineNotRunningError)):  # a draining replica or a stopped engine
             return cls("shutting_down", str(exc), retry_after_s=exc.retry_after_s)
         if isinstance(exc, OverloadedError):
@@ -104,7 +108,8 @@ class EngineFailure:
 
     def to_exception(self) -> EngineError:
         if self.kind == "invalid":
-            return InvalidRequestError(self.field or "request", self.message)
+            return InvalidRequestError(self.field or "request", self.message, asked=self.asked, most=self.most,
+                                       prompt_tokens=self.prompt_tokens)
         if self.kind == "shutting_down":
             return ShuttingDownError(self.message, self.retry_after_s or 1.0)
         if self.kind == "overloaded":

@@ -94,6 +94,13 @@ def from_engine_error(exc: Exception, endpoint: str | None = None, cap_field: st
     (RequestObserver.cap_field: chat's max_completion_tokens), else the route's."""
     if isinstance(exc, InvalidRequestError):
         field = (cap_field if exc.field == "gen_length" else None) or api_field(exc.field, endpoint)
+        if (endpoint == "messages" and exc.field == "gen_length" and None not in (exc.asked, exc.most, exc.prompt_tokens)
+                and exc.asked > exc.most):
+            # Anthropic's wording, which Claude Code parses to lower max_tokens and retry (as the
+            # context-length 400, anthropic_api._renamed_fields); the KV cache is this request's context
+            return APIError(400, f"input length and `max_tokens` exceed context limit: {exc.prompt_tokens} + "
+                            f"{exc.asked} > {exc.prompt_tokens + exc.most}, decrease input length or `max_tokens` "
+                            f"and try again ({engine_message(exc, endpoint, cap_field)})", param=field)
         return APIError(400, f"{field}: {engine_message(exc, endpoint, cap_field)}", param=field)
     if isinstance(exc, ShuttingDownError):  # as the draining ingress answers (ingress_gate)
         retry = str(max(1, math.ceil(exc.retry_after_s)))

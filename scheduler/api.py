@@ -57,11 +57,15 @@ class OverloadedError(EngineError):
 
 
 class InvalidRequestError(EngineError):
-    """Bad request input: `field` names it; the message says what to change (HTTP 400)."""
+    """Bad request input: `field` names it; the message says what to change (HTTP 400). Where the engine
+    knows them (a KV refusal of gen_length, which the Messages route words as Anthropic does): `asked`
+    is the value the client sent, `most` the largest the engine would accept, `prompt_tokens` the
+    request's prompt + suffix tokens."""
 
-    def __init__(self, field_name: str, message: str):
+    def __init__(self, field_name: str, message: str, *, asked: int | None = None, most: int | None = None,
+                 prompt_tokens: int | None = None):
         super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+        self.field, self.asked, self.most, self.prompt_tokens = field_name, asked, most, prompt_tokens
 
 
 @dataclass

@@ -149,7 +149,9 @@ class Scheduler:
                 raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt or lower gen_length")
             shape = ("slot_size", "serial_num_blocks")
             if spec.mode is Mode.AR or all(getattr(fitted, k, None) == getattr(params, k, None) for k in shape):
-                raise InvalidRequestError("gen_length", f"{need}; ask for at most {fitted.gen_length}")
+                raise InvalidRequestError("gen_length", f"{need}; ask for at most {fitted.gen_length}",
+                                          asked=spec.max_tokens or params.gen_length, most=fitted.gen_length,
+                                          prompt_tokens=len(spec.prompt_ids) + suffix_len)
             raise InvalidRequestError("gen_length", f"{need}; lower gen_length (at most {fitted.gen_length} fits with "
                                       f"slot_size {fitted.slot_size} and serial_num_blocks {fitted.serial_num_blocks})")
         free_slots = max(0, self.config.max_running - len(self.running))

@@ -10,6 +10,7 @@ import pytest
 from test_editor_fakes import bpe_tokenizer, fake_client  # noqa: F401 - fixtures
 
 from integrations.openai_api import APISettings, create_app
+from integrations.engine_client import EngineFailure
 from scheduler.api import InvalidRequestError
 
 NEVER_FITS = ("prompt (2006 tokens) + suffix (0) + gen_length (64) need 131 KV blocks but the engine's KV cache has "
@@ -88,3 +89,24 @@ async def test_only_a_default_max_tokens_may_shrink_to_the_kv_cache(fake_client,
         response = await http.post(path, json=body)
     assert response.status_code == 200, response.text
     assert fake_client.requests[-1].fit_to_kv is fits
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_messages_word_a_kv_refusal_of_max_tokens_as_anthropic_does(fake_client, stream):  # noqa: F811
+    """Claude Code reads "input length and `max_tokens` exceed context limit: P + M > C" to lower
+    max_tokens and retry (anthropic_api._renamed_fields words the context-length 400 so); the KV refusal,
+    whose limit is the engine's KV cache, is worded the same and keeps the engine's own reason."""
+    fake_client.fail_with = EngineFailure.from_exception(InvalidRequestError(  # as it crosses from a replica
+        "gen_length", NEVER_FITS.replace("shorten the prompt or lower gen_length", "ask for at most 16"),
+        asked=64, most=16, prompt_tokens=2006)).to_exception()
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post("/v1/messages", json={"model": fake_client.model_name, "messages": USER,
+                                                          "max_tokens": 64, "stream": stream})
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+    message = body["error"]["message"]
+    assert message.startswith("input length and `max_tokens` exceed context limit: 2006 + 64 > 2022, decrease "
+                              "input length or `max_tokens` and try again (prompt (2006 tokens)"), message
+    assert message.endswith("ask for at most 16)") and "gen_length" not in message, message

@@ -93,12 +93,14 @@ async def test_a_default_gen_length_shrinks_to_the_kv_cache_a_requested_one_is_r
     with pytest.raises(InvalidRequestError, match=f"; ask for at most {fits}$") as err:
         await collect(engine, req("asked", prompt=[5] * 10, gen=64, mode=Mode.AR))
     assert err.value.field == "gen_length"
+    assert (err.value.asked, err.value.most, err.value.prompt_tokens) == (64, fits, 10)  # Messages' wording needs them
     assert len(ids_of(await collect(engine, req("at-most", prompt=[5] * 10, gen=fits, mode=Mode.AR)))) == fits
     # AR: the most is in whole slots, whatever the request's semi-AR blocks (it was in steps of slot_size x
     # serial_num_blocks); the client's own cap is quoted beside the whole-slot length it became
-    with pytest.raises(InvalidRequestError, match=rf"gen_length \(61, 64 in whole slots\).*; ask for at most {fits // 8 * 8}$"):
+    with pytest.raises(InvalidRequestError, match=rf"gen_length \(61, 64 in whole slots\).*; ask for at most {fits // 8 * 8}$") as err:
         await collect(engine, GenerationRequest("slots8", [5] * 10, {"gen_length": 64, "slot_size": 8,
                                                                      "serial_num_blocks": 4}, mode=Mode.AR, max_tokens=61))
+    assert (err.value.asked, err.value.most) == (61, fits // 8 * 8)  # the client's cap, not the whole slots
     with pytest.raises(InvalidRequestError, match="leaves no room to generate .* shorten the prompt") as err:
         await collect(engine, req("no-room", prompt=[5] * 40, gen=64, mode=Mode.AR, fit_to_kv=True))
     assert "gen_length" not in str(err.value)  # the client set none: the prompt is named, not a max_tokens
