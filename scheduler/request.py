@@ -64,6 +64,7 @@ class Request:
     mode_history: list[str] = field(default_factory=list)
     tokens_at_last_route: int = 0
     pinned_mode: Mode | None = None  # set when preempted: the rerun keeps the mode it had
+    tokens_before_requeue: int = 0  # generated ids when last preempted (its rerun makes them again)
     overtook: bool = False
     kv_wait: tuple[str, int] | None = None
     start_reported: bool = False  # a delta carried cached_prompt_tokens (see delta())
@@ -160,22 +161,25 @@ class Request:
         return self.decoder.stats.forwards if self.decoder is not None else 0
 
     def final_stats(self) -> dict:
-        """The stats dict of the last Delta."""
-        total = self.generated_tokens()
+        """The stats dict of the last Delta. A preempted request ended before its rerun caught up still
+        counts the ids it generated before (the infill route's usage is `generated_tokens`) and its
+        mode; forwards and tokens_per_forward are the rerun's."""
+        made = self.generated_tokens()
         forwards = self.forwards()
         end = self.finished_s or time.monotonic()
+        modes = self.mode_history or ([self.pinned_mode.value] if self.preemptions and self.pinned_mode else [])
         return {
             "prompt_tokens": len(self.spec.prompt_ids),
-            "generated_tokens": total,
+            "generated_tokens": max(made, self.tokens_before_requeue),
             "forwards": forwards,
             "prefill_forwards": self.decoder.stats.prefill_forwards if self.decoder is not None else 0,
             "slots_accepted_at_verify": self.decoder.stats.slots_accepted_at_verify if self.decoder is not None else 0,
-            "tokens_per_forward": total / forwards if forwards else None,  # None: no forward ran (all forced)
+            "tokens_per_forward": made / forwards if forwards else None,  # None: no forward ran (all forced)
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "queue_time_s": (self.started_s or end) - self.arrival_s,
             "time_to_first_token_s": (self.first_token_s - self.arrival_s) if self.first_token_s else None,
             "e2e_latency_s": end - self.arrival_s,
-            "modes": list(self.mode_history),
+            "modes": list(modes),
             "preemptions": self.preemptions,
             "prefix_waits": self.prefix_waits,
             "stop_word": self.stream.stop_word if self.stream is not None else None,

@@ -337,7 +337,7 @@ class Scheduler:
                 # may start now, but not in the slot and blocks it will take then
                 held_slots, held_blocks = held_slots + 1, held_blocks + req.kv_blocks
                 i += 1
-            elif head is None and self._preempt_for(req):
+            elif head is None and self._preempt_for(req, slot_free):
                 continue
             elif not slot_free or req.kv_wait is None:
                 return  # no running slot: nobody can start
@@ -352,13 +352,16 @@ class Scheduler:
         held = sum(r.kv_blocks for r in self.running if r.overtook and r.runner_key == key)
         return held < short
 
-    def _preempt_for(self, req: Request) -> bool:
+    def _preempt_for(self, req: Request, slot_free: bool) -> bool:
         """Make room for a waiting INTERACTIVE request by sending the youngest running BATCH request back
-        to the queue (see `requeue`)."""
+        to the queue (see `requeue`): any one when it waits for a running slot, one on the runner whose
+        KV it waits for when a slot is free (another runner's blocks are another pool)."""
         if not self.config.preempt_for_interactive or req.priority is not Priority.INTERACTIVE:
             return False
+        kv_key = req.kv_wait[0] if slot_free and req.kv_wait is not None else None
         victims = [r for r in self.running if r.rank_class > req.priority and len(r.mode_history) == 1
-                   and r.preemptions < self.config.max_preemptions]  # an aged request is not preempted
+                   and r.preemptions < self.config.max_preemptions  # an aged request is not preempted
+                   and kv_key in (None, r.runner_key)]
         if not victims:
             return False
         self.metrics.preemptions.labels(cause="interactive").inc()
@@ -372,6 +375,7 @@ class Scheduler:
         never switched mode are requeued."""
         self.running.remove(victim)
         self.kv.free(victim)
+        victim.tokens_before_requeue = max(victim.tokens_before_requeue, victim.generated_tokens())
         victim.pinned_mode, victim.mode_history = victim.mode, []
         victim.decoder, victim.pending_segment, victim.status = None, None, RequestStatus.WAITING
         victim.skipped, victim.tokens_at_last_route, victim.overtook = 0, 0, False

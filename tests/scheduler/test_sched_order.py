@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sched_fakes import FakeFactory, FakeRunner, collect, ids_of, make_engine
+from sched_fakes import FakeFactory, FakeRunner, FakeTokenizer, ForwardGate, collect, ids_of, make_engine
 
 from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
+from scheduler.config import EngineConfig, RoutingConfig
+from scheduler.engine import Engine
 
 
 def req(rid, prompt=(5, 6, 7), gen=4, **kw):
@@ -229,3 +231,63 @@ async def test_a_waiting_batch_request_is_not_starved_by_later_interactive_ones(
     batch_calls = [k for k, call in enumerate(runner.calls) if any(s.seq_id == "batch" for s in call)]
     assert batch_calls == list(range(batch_calls[0], batch_calls[-1] + 1))  # one slot: never preempted
     await engine.stop()
+
+
+async def test_interactive_short_of_kv_preempts_only_on_the_runner_whose_kv_it_waits_for(wait_until):
+    """With a separate AR runner (its own KV pool), an INTERACTIVE request short of the main runner's KV
+    with a running slot free preempted the youngest BATCH request whatever its runner: the AR runner's
+    request lost its progress and a preemption, and freed nothing the INTERACTIVE request could use."""
+    main, ar = FakeRunner(num_blocks=8, block_size=4), FakeRunner(num_blocks=64, block_size=4)
+    engine = Engine(main, FakeTokenizer(), EngineConfig(routing=RoutingConfig(calibrate=False), prefix_cache=False,
+                                                        kv_reserve_fraction=0.0, max_running=8),
+                    FakeFactory(), ar_runner=ar, ar_decoder_factory=FakeFactory())
+    gate = ForwardGate(main.execute, hold_from=0)
+    main.execute = gate
+    await engine.start()
+    params = {"gen_length": 8}  # 3 + 8 tokens and one pool of 8: 6 of the main runner's 8 blocks
+    b_main = asyncio.create_task(collect(engine, GenerationRequest("b_main", [5, 6, 7], params, mode=Mode.REFUSION)))
+    b_ar = asyncio.create_task(collect(engine, GenerationRequest("b_ar", [5, 6, 7], params, mode=Mode.AR)))
+    await wait_until(lambda: len(engine.scheduler.running) == 2 and gate.entered.is_set(), "both running, forward held")
+    assert {r.id: r.runner_key for r in engine.scheduler.running} == {"b_main": "main", "b_ar": "ar"}
+    urgent = asyncio.create_task(collect(engine, GenerationRequest("i", [5, 6, 7], params, mode=Mode.REFUSION,
+                                                                   priority=Priority.INTERACTIVE)))
+    await wait_until(lambda: any(r.id == "i" for r in engine.scheduler.waiting), "i queued")
+    gate.release()
+    out_main, out_ar, out_i = await asyncio.gather(b_main, b_ar, urgent)
+    await engine.stop()
+    assert [d[-1].finish_reason for d in (out_main, out_ar, out_i)] == [FinishReason.LENGTH] * 3
+    assert out_main[-1].stats["preemptions"] == 1  # b_main holds the blocks "i" needs
+    assert out_ar[-1].stats["preemptions"] == 0
+    assert len(ids_of(out_ar)) == len(ids_of(out_main)) == 8
+
+
+async def test_a_preempted_request_ended_while_requeued_keeps_its_generated_count_and_mode(wait_until):
+    """Its final stats said it generated nothing in no mode (the rerun's decoder did not exist yet);
+    the infill route's usage is stats["generated_tokens"]."""
+    runner = FakeRunner(num_blocks=64, delay_s=0.01)
+    engine, _ = make_engine(runner=runner, prefix_cache=False, max_running=1)
+    gate = ForwardGate(runner.execute, hold_from=4)
+    runner.execute = gate
+    await engine.start()
+    deltas = []
+
+    async def consume():
+        async for d in engine.submit(GenerationRequest("b", [5, 6, 7], {"gen_length": 32}, mode=Mode.AR)):
+            deltas.append(d)
+
+    b = asyncio.create_task(consume())
+    await wait_until(gate.entered.is_set, "b decoding, its 5th forward held")
+    urgent = asyncio.create_task(collect(engine, GenerationRequest("i", [8, 9], {"gen_length": 64}, mode=Mode.AR,
+                                                                    priority=Priority.INTERACTIVE)))
+    await wait_until(lambda: any(r.id == "i" for r in engine.scheduler.waiting), "i queued")
+    gate.release()
+    await wait_until(lambda: any(r.id == "b" for r in engine.scheduler.waiting), "b preempted, waiting")
+    streamed = len(ids_of(deltas))
+    engine.cancel("b")
+    await b
+    await urgent
+    await engine.stop()
+    final = deltas[-1]
+    assert final.finish_reason is FinishReason.CANCELLED and final.stats["preemptions"] == 1
+    assert final.stats["modes"] == ["ar"]
+    assert final.stats["generated_tokens"] >= streamed > 0, (final.stats["generated_tokens"], streamed)
