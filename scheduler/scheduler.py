@@ -223,6 +223,7 @@ class Scheduler:
         plan = StepPlan()
         self._start_waiting(plan)
         budget = self.config.token_budget
+        stuck = None  # the first request refused KV before anything else was planned, long enough
         for req in sorted(self.running, key=Request.rank_key):
             if req.status is not RequestStatus.RUNNING:
                 continue  # sent back to the queue for KV earlier in this loop
@@ -243,13 +244,19 @@ class Scheduler:
             if table is None:
                 req.pending_segment = segment
                 req.skipped += 1
-                if not plan.items and req.skipped > self.config.max_running:
-                    plan.failed.append((req, "KV cache full: the request's step does not fit even alone"))
+                if stuck is None and not plan.items and req.skipped > self.config.max_running:
+                    stuck = req
                 continue
             req.pending_segment, req.skipped = None, 0
             plan.items.append((req, segment))
             plan.tables.append(table)
             budget -= len(segment.token_ids)
+        if stuck is not None and not (plan.items or plan.done or plan.failed):
+            # Nothing runs or ends this step, so no block will be freed for it: fail it rather than wait
+            # forever. While others run (an aged request ranked first waits on blocks an INTERACTIVE one
+            # holds and cannot be made to give up), it waits: they end and free their blocks.
+            plan.failed.append((stuck, "KV cache full: its step does not fit beside the running requests, "
+                                       "and none of them can run to free blocks"))
         return plan
 
     def _prepare_kv(self, req: Request, segment: Segment, plan: StepPlan) -> list[int] | None:

@@ -291,3 +291,52 @@ async def test_a_preempted_request_ended_while_requeued_keeps_its_generated_coun
     assert final.finish_reason is FinishReason.CANCELLED and final.stats["preemptions"] == 1
     assert final.stats["modes"] == ["ar"]
     assert final.stats["generated_tokens"] >= streamed > 0, (final.stats["generated_tokens"], streamed)
+
+
+async def test_an_aged_request_short_of_kv_waits_while_the_request_holding_it_runs():
+    """A step short of KV (admission estimates forced short, as test_sched_errors does) failed an aged
+    BATCH request as "does not fit even alone" while the INTERACTIVE request holding the blocks, which it
+    cannot preempt, still ran: aged, it was ranked first, so it was looked at while the plan was empty."""
+    runner = FakeRunner(num_blocks=5, block_size=16)
+    engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0, max_running=2, aging_after=4)
+    alone, _ = make_engine(runner=FakeRunner(num_blocks=5, block_size=16), prefix_cache=False, kv_reserve_fraction=0.0)
+    b = GenerationRequest("b", list(range(5, 35)), {"gen_length": 32}, mode=Mode.AR)  # 4 of 5 blocks alone
+    i = GenerationRequest("i", [5], {"gen_length": 30}, mode=Mode.AR, priority=Priority.INTERACTIVE)  # 2 blocks
+    await alone.start()
+    solo_b = await collect(alone, b)
+    await alone.stop()
+    assert solo_b[-1].finish_reason is FinishReason.LENGTH
+    engine.kv.blocks_needed = lambda *args, **kwargs: 1
+    await engine.start()
+    out_b, out_i = await asyncio.gather(collect(engine, b), collect(engine, i))
+    await engine.stop()
+    assert out_i[-1].finish_reason is FinishReason.LENGTH
+    assert out_b[-1].error is None and out_b[-1].finish_reason is FinishReason.LENGTH, out_b[-1].error
+    assert ids_of(out_b) == ids_of(solo_b)
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+async def test_requests_short_of_kv_that_none_can_free_fail_one_rather_than_wait_forever(wait_until):
+    """Two requests short of KV, neither a preemption victim (both switched mode: their history says so):
+    nothing can run, so after max_running such steps the first is failed; the other then finishes."""
+    runner = FakeRunner(num_blocks=5, block_size=16)
+    engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0, max_running=2)
+    gate = ForwardGate(runner.execute, hold_from=0)
+    runner.execute = gate
+    b = GenerationRequest("b", list(range(5, 35)), {"gen_length": 32}, mode=Mode.AR)  # 4 blocks alone
+    i = GenerationRequest("i", [5], {"gen_length": 62}, mode=Mode.AR, priority=Priority.INTERACTIVE)  # 4 blocks
+    engine.kv.blocks_needed = lambda *args, **kwargs: 1
+    await engine.start()
+    tasks = [asyncio.create_task(collect(engine, r)) for r in (b, i)]
+    await wait_until(lambda: len(engine.scheduler.running) == 2 and gate.entered.is_set(), "both running")
+    for req in engine.scheduler.running:
+        req.mode_history.append("refusion")  # as after a mode switch: never requeued
+    gate.release()
+    out_b, out_i = await asyncio.gather(*tasks)
+    await engine.stop()
+    ends = sorted([(out_b[-1].finish_reason, out_b[-1].error), (out_i[-1].finish_reason, out_i[-1].error)],
+                  key=lambda end: end[0].value)
+    assert ends[0] == (FinishReason.ERROR, "KV cache full: its step does not fit beside the running requests, "
+                                           "and none of them can run to free blocks"), ends
+    assert ends[1] == (FinishReason.LENGTH, None), ends
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
