@@ -388,8 +388,9 @@ class Scheduler:
         victim.skipped, victim.tokens_at_last_route, victim.overtook = 0, 0, False
         victim.prompt_blocks_shared = 0  # the rerun offers its prompt blocks again (some may have been evicted)
         victim.preemptions += 1
+        # Appended, not sorted in: _start_in_order may be walking `waiting` (in rank order, which each
+        # step sorts anew) when it preempts, so the victim is looked at last in this walk
         self.waiting.append(victim)
-        self.waiting.sort(key=Request.sort_key)
         log.info("preempted", request_id=victim.id, reason=reason, mode=victim.pinned_mode.value)
 
     def _try_start(self, req: Request, held_blocks: int = 0) -> bool:

@@ -10,6 +10,7 @@ from sched_fakes import FakeFactory, FakeRunner, FakeTokenizer, ForwardGate, col
 from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
 from scheduler.config import EngineConfig, RoutingConfig
 from scheduler.engine import Engine
+from scheduler.scheduler import StepPlan
 
 
 def req(rid, prompt=(5, 6, 7), gen=4, **kw):
@@ -340,3 +341,45 @@ async def test_requests_short_of_kv_that_none_can_free_fail_one_rather_than_wait
                                            "and none of them can run to free blocks"), ends
     assert ends[1] == (FinishReason.LENGTH, None), ends
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+async def test_a_preemption_during_the_admission_walk_keeps_its_order(wait_until):
+    """`requeue` sorted the waiting list by sort_key while _start_in_order walked it in rank order: an
+    aged BATCH prefix waiter ranked before the INTERACTIVE request it sorts after moved behind it, was
+    looked at (and its slot held) twice, and the INTERACTIVE request a BATCH request was just preempted
+    for did not start in that step. One admission walk with forwards held, so the state is exact."""
+    runner = FakeRunner(num_blocks=64, block_size=4)
+    engine, _ = make_engine(runner=runner, prefix_cache=False, max_running=3)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    sched = engine.scheduler
+    tasks = [asyncio.create_task(collect(engine, req("v1", gen=8, mode=Mode.AR)))]
+    try:
+        await wait_until(gate.entered.is_set, "v1's first forward")
+        tasks.append(asyncio.create_task(collect(engine, req("v2", gen=8, mode=Mode.AR))))
+        await wait_until(lambda: len(sched.waiting) == 1, "v2 waiting")
+        sched._start_waiting(StepPlan())  # v2 starts, outside the held forward (so it can be preempted)
+        assert [r.id for r in sched.running] == ["v1", "v2"]
+        tasks += [asyncio.create_task(collect(engine, req("a", gen=8, mode=Mode.AR))),
+                  asyncio.create_task(collect(engine, req("i", gen=8, mode=Mode.AR, priority=Priority.INTERACTIVE)))]
+        await wait_until(lambda: len(sched.waiting) == 2, "a and i waiting")
+        a = next(r for r in sched.waiting if r.id == "a")
+        a.aged_after, a.passed_over = 1, 1  # aged: ranked with INTERACTIVE requests, sorted as BATCH
+        try_start = sched._try_start
+
+        def a_waits_for_a_prefix(r, held_blocks=0):
+            if r is a:
+                r.prefix_wait = "v1"  # as if v1 were prefilling a's prompt
+                return False
+            return try_start(r, held_blocks)
+
+        sched._try_start = a_waits_for_a_prefix
+        sched._start_waiting(StepPlan())
+        sched._try_start = try_start
+        assert sorted(r.id for r in sched.running) == ["i", "v1"], [r.id for r in sched.running]
+        assert sorted(r.id for r in sched.waiting) == ["a", "v2"]
+    finally:
+        gate.release()
+    results = await asyncio.gather(*tasks)
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
