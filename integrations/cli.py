@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # subcommand -> module that defines `add_arguments(parser)` and `run(args) -> int`
@@ -16,8 +17,27 @@ SUBCOMMANDS = {
 }
 
 
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; returns its exit status (130 when Ctrl-C, or SIGTERM before the subcommand
+    handles signals itself, stops it: a line, not a traceback)."""
+    if argv is None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # the `refusion` process itself
+        # SIGTERM as Ctrl-C until the subcommand sets its own handlers: importing it (torch, Ray) takes
+        # seconds, in which SIGTERM killed the process with no word (status 143)
+        signal.signal(signal.SIGTERM, _interrupt)
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        name = f"refusion {argv[0]}" if argv and argv[0] in SUBCOMMANDS else "refusion"
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="refusion", description="refusion-serve: ReFusion serving backend.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if argv and argv[0] in SUBCOMMANDS:
@@ -33,12 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's own usage and name, not the top-level ones
         sub_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    try:
-        module = importlib.import_module(SUBCOMMANDS[args.command][0])
-        return int(module.run(args) or 0)
-    except KeyboardInterrupt:  # Ctrl-C that a subcommand does not handle itself: a line, not a traceback
-        print(f"refusion {args.command}: interrupted", file=sys.stderr)
-        return 130
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

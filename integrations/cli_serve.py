@@ -13,7 +13,8 @@ for one GPU when the cluster has GPUs and the config does not say otherwise.
 Ctrl-C or SIGTERM drains, then shuts down (integrations/serve_drain.py): new requests get 503 +
 Retry-After, running ones get drain_timeout_s to finish and the rest end with a clean error (an SSE
 `error` event, an editor error answer); Ray Serve is shut down only when nothing is left open (or after
-drain_timeout_s plus a margin). Once it has exited, connections are refused. A second Ctrl-C stops at once.
+drain_timeout_s plus a margin). Once it has exited, connections are refused (exit status 0). A second Ctrl-C
+stops at once, dropping open streams, and exits with 130.
 While the application is still starting, Ctrl-C or SIGTERM removes it and exits with 130; a deploy Ray
 reports as failed exits with 1 (integrations/serve_start.py).
 """
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of a local Ray")
 
 
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: stopped by a signal before the application was ready
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: stopped before the application was ready, or a drain cut short
 
 
 def port_number(text: str) -> int:
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, on_signal)
 
     handle_signals()  # before Ray starts: a signal inside ray.init left its half-started agents running
-    serving = ready = False
+    serving = ready = cut = False
     try:
         if not start_ray(ray, args.address):
             return 2
@@ -235,10 +236,14 @@ def run(args: argparse.Namespace) -> int:
         drain_s = ServeConfig.model_validate(config).drain_timeout_s
         print(f"refusion serve: draining: running requests get up to {drain_s:g} s (Ctrl-C again: stop now)", flush=True)
         drained = drain_app("refusion", drain, drain_s, give_up=stop_now)
-        print(f"refusion serve: {'drained' if drained else 'drain incomplete'}; shutting down", flush=True)
+        cut = stop_now.is_set() and not drained
+        print(f"refusion serve: {'drained' if drained else 'drain cut short' if cut else 'drain incomplete'}; "
+              "shutting down", flush=True)
     finally:
         # A local Ray goes with ray.shutdown; Serve's own shutdown there waits 30 s on replicas never placed.
         if ready or (serving and args.address):
             serve.shutdown()
         ray.shutdown()
-    return 0
+    # A second signal cut the drain (open streams were dropped): not a clean stop, as Ctrl-C's 130 says.
+    # A drain that ran out of drain_timeout_s ended every stream with an error event: a clean stop.
+    return INTERRUPTED_EXIT_CODE if cut else 0

@@ -245,3 +245,22 @@ def test_default_model_is_the_shipped_one(capsys):
     assert code == 0, err
     result = json.loads(out)
     assert 0 < len(result["token_ids"]) <= result["params"]["gen_length"] and result["forwards"] >= 1
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_sigterm_while_the_command_loads_is_an_interrupt_not_a_silent_kill(command, tiny_model_dir):
+    """Importing a subcommand (torch, Ray) takes seconds before it sets its own handlers; a SIGTERM then
+    killed `refusion` with status 143 and no word. The signal is sent as the subcommand's module is imported."""
+    script = ("import importlib, os, signal, sys\n"
+              "real = importlib.import_module\n"
+              "def import_module(name, *args):\n"
+              "    if name.startswith('integrations.cli_'):\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return real(name, *args)\n"
+              "importlib.import_module = import_module\n"
+              "from integrations.cli import main\n"
+              f"sys.argv = ['refusion', {command!r}, '--model', {str(tiny_model_dir)!r}]\n"
+              "sys.exit(main())\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.strip().splitlines()[-1] == f"refusion {command}: interrupted", done.stderr[-2000:]

@@ -264,3 +264,36 @@ def test_a_signal_while_a_replica_waits_for_room_removes_the_app_at_once(tiny_mo
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_second_signal_cuts_the_drain_and_exits_130(tiny_model_dir, tmp_path):
+    """The second Ctrl-C stops at once, dropping open streams: it exited 0 like a full drain, which told a
+    script or service manager nothing was lost."""
+    config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": DRAIN_TIMEOUT_S,
+              "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S + 5}}
+    proc, port, log = start_serve(tiny_model_dir, config, tmp_path)
+
+    def wait_for_line(text: str) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while text not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+
+    try:
+        wait_for_line("refusion serve: ready at")  # /health answers up to a status poll before this
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as http:
+            stream = http.send(http.build_request("POST", "/v1/completions", json=LONG), stream=True)
+            assert next(line for line in stream.iter_lines() if line.startswith("data: ")) != "data: [DONE]"
+            proc.send_signal(signal.SIGTERM)
+            wait_for_line("refusion serve: draining")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(WAIT_S) == 130
+            try:
+                stream.close()
+            except httpx.HTTPError:
+                pass
+        assert "refusion serve: drain cut short; shutting down" in log.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
