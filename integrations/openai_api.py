@@ -234,12 +234,13 @@ async def chat_completions(request: Request):
         run.streams[0] = prompt_scores_kept(run.streams[0], scores)
     if body.stream:
         events = merged([indexed(chat_events(header, d, run.allowed, prefix=run.forced, max_calls=run.max_calls,
-                                             logprobs=formatter), i) for i, d in enumerate(run.streams)])
+                                             logprobs=formatter, client_stops=body.stop), i)
+                         for i, d in enumerate(run.streams)])
         return sse(request, header, observer, events, "chat.completion.chunk", body.include_usage, body.continuous_usage)
     collected = await collect_all(run.streams, observer)
     choices = [(run.forced + text, last, formatter.chat(entries) if formatter else None) for text, last, entries in collected]
     completion = shape.chat_body(header, choices, observer.prompt_tokens, observer.completion_tokens, run.allowed,
-                                 run.max_calls)
+                                 run.max_calls, body.stop)
     if scores is not None:
         completion["prompt_logprobs"] = LogprobFormatter(run.client.tokenizer, body.prompt_logprobs).prompt_logprobs(scores)
     return JSONResponse(completion, headers=id_headers(request, header.id))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Collection
 
 from integrations.tool_calls import ToolCall, split_tool_calls
 from scheduler.api import Delta, FinishReason
@@ -28,12 +29,15 @@ def openai_finish_reason(delta: Delta) -> str:
     return _FINISH.get(delta.finish_reason, "stop")
 
 
-def chat_finish_reason(last: Delta, num_calls: int) -> str:
+def chat_finish_reason(last: Delta, num_calls: int, client_stops: Collection[str] = ()) -> str:
     """OpenAI's chat finish_reason: "tool_calls" only when the turn ended by itself after calling tools;
     a turn cut by max_tokens (or any other limit) reports that cut ("length"), calls or not, as
-    OpenAI does, so a client never takes a truncated turn for a finished one."""
+    OpenAI does, and one cut by one of the client's `stop` strings (`client_stops`; not the chat
+    template's own turn end) is "stop" (a call it cut stays in the content as text; the Messages route
+    says `stop_sequence`), so a client never takes a truncated turn for a finished one."""
     reason = openai_finish_reason(last)
-    return "tool_calls" if num_calls and reason == "stop" else reason
+    by_client_stop = (last.stats or {}).get("stop_word") in client_stops
+    return "tool_calls" if num_calls and reason == "stop" and not by_client_stop else reason
 
 
 def refusion_detail(delta: Delta) -> dict:
@@ -96,11 +100,13 @@ def completion_chunk(header: ResponseHeader, text: str, finish_reason: str | Non
 def chat_body(
     header: ResponseHeader, choices: list[tuple[str, Delta, list[dict] | None]], prompt_tokens: int,
     completion_tokens: int, allowed_tools: set[str] | None, max_calls: int | None = None,
+    client_stops: Collection[str] = (),
 ) -> dict:
     """A chat.completion of one or more choices, each (text, its last delta, its logprobs: the content
     list of integrations/openai_logprobs.py, every generated token with tool-call text, or None). When
     tools are enabled, `<tool_call>` blocks become message.tool_calls, at most `max_calls` of them
-    (parallel_tool_calls false: the first, as vLLM). `refusion` as in completion_body."""
+    (parallel_tool_calls false: the first, as vLLM); client_stops: the request's `stop` strings
+    (chat_finish_reason). `refusion` as in completion_body."""
     out = []
     for i, (text, last, logprobs) in enumerate(choices):
         content, calls = (split_tool_calls(text, allowed_tools) if allowed_tools is not None else (text, []))
@@ -108,7 +114,7 @@ def chat_body(
         message: dict = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = [c.to_openai() for c in calls]
-        out.append({"index": i, "message": message, "finish_reason": chat_finish_reason(last, len(calls)),
+        out.append({"index": i, "message": message, "finish_reason": chat_finish_reason(last, len(calls), client_stops),
                     "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}})
         if len(choices) > 1:
             out[-1]["refusion"] = refusion_detail(last)

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Collection
 
 from fastapi.responses import StreamingResponse
 
@@ -101,13 +101,14 @@ async def usage_at_end(events: AsyncIterator[dict], header, obj: str, observer: 
 
 
 async def chat_events(header, deltas, allowed_tools: set[str] | None, prefix: str = "", max_calls: int | None = None,
-                      logprobs: LogprobFormatter | None = None) -> AsyncIterator[dict]:
+                      logprobs: LogprobFormatter | None = None, client_stops: Collection[str] = ()) -> AsyncIterator[dict]:
     """Chat chunks of one choice (index 0): role, content pieces and tool calls (once each block closes),
     finish.
     prefix: text the turn starts with that the model did not write (a forced call's opening,
     tool_calls.forced_call), parsed as if it had. max_calls: calls past it are dropped
     (parallel_tool_calls false: 1, as vLLM keeps only the first). logprobs: the tokens' log
-    probabilities ride on the next chunk sent (text a tool-call block holds back carries them on later)."""
+    probabilities ride on the next chunk sent (text a tool-call block holds back carries them on later).
+    client_stops: the request's `stop` strings (openai_responses.chat_finish_reason)."""
     parser = ToolCallStreamParser(allowed_tools) if allowed_tools is not None else None
     num_calls, pending, entries = 0, prefix, []
     async with contextlib.aclosing(deltas):  # closing the events (client gone) cancels the request
@@ -129,7 +130,7 @@ async def chat_events(header, deltas, allowed_tools: set[str] | None, prefix: st
                     chunks.append(shape.chat_chunk(header, shape.chat_tool_call_delta(piece, num_calls), logprobs=content))
                     num_calls, entries, last_is_text = num_calls + 1, [], False
             if delta.finished:
-                finish = shape.chat_finish_reason(delta, num_calls)
+                finish = shape.chat_finish_reason(delta, num_calls, client_stops)
                 content = logprobs.chat(entries) if logprobs is not None and entries else None
                 if last_is_text and content is None:  # the last text and the finish share a chunk (as vLLM)
                     chunks[-1]["choices"][0]["finish_reason"] = finish

@@ -31,6 +31,7 @@ class FakeEngineClient:
     cancelled: list = field(default_factory=list)
     completed: list = field(default_factory=list)
     fail_with: Exception | None = None
+    final_stats: dict = field(default_factory=dict)  # added to the last delta's stats (e.g. a stop_word)
     # While set to an unset Event, each request waits (recorded, before its first delta) until it is set.
     # A threading.Event: the fake may run on another thread's event loop (a uvicorn server in a thread).
     hold: threading.Event | None = None
@@ -58,7 +59,7 @@ class FakeEngineClient:
                     finished=last,
                     finish_reason=FinishReason.STOP if last else None,
                     mode=Mode.REFUSION,
-                    stats={"forwards": 4, "generated_tokens": len(ids)} if last else {},
+                    stats={"forwards": 4, "generated_tokens": len(ids), **self.final_stats} if last else {},
                 )
             done = True
             self.completed.append(req.request_id)

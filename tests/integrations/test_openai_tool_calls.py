@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
+from test_editor_fakes import bpe_tokenizer, fake_client  # noqa: F401 - fixtures
 
 from integrations import openai_responses as shape
+from integrations.openai_api import APISettings, create_app
 from integrations.openai_stream import chat_events, usage_at_end
 from integrations.tool_calls import ToolCallStreamParser, forced_call, parse_tool_block, split_tool_calls
 from scheduler.api import Delta, FinishReason, Mode
@@ -160,18 +163,25 @@ def test_block_end_skips_markers_in_strings_and_escaped_quotes():
     assert block_end('{"a": "still open </tool_call>') == -1
 
 
-@pytest.mark.parametrize("finish, expected", [(FinishReason.LENGTH, "length"), (FinishReason.DEADLINE, "length"),
-                                              (FinishReason.STOP, "tool_calls")])
-async def test_turn_with_a_call_reports_a_cut_not_tool_calls(finish, expected):
+@pytest.mark.parametrize("finish, stop_word, expected", [
+    (FinishReason.LENGTH, None, "length"), (FinishReason.DEADLINE, None, "length"),
+    (FinishReason.STOP, None, "tool_calls"),
+    (FinishReason.STOP, "\n### ", "tool_calls"),  # the plain chat template's turn end: the turn ended itself
+    (FinishReason.STOP, "unit", "stop"),  # the client's stop string cut the turn (a second call, say)
+])
+async def test_turn_with_a_call_reports_a_cut_not_tool_calls(finish, stop_word, expected):
     header = shape.ResponseHeader("chatcmpl", "m")
-    last = _deltas([CALL], finish=finish)[-1]
-    assert shape.chat_body(header, [(CALL, last, None)], 5, 9, {"get_weather"})["choices"][0]["finish_reason"] == expected
 
-    class Observer:
-        prompt_tokens, completion_tokens = 3, 4
+    def deltas(pieces):
+        out = _deltas(pieces, finish=finish)
+        if stop_word:
+            out[-1].stats = {**out[-1].stats, "stop_word": stop_word}
+        return out
 
-    chunks = [c async for c in chat_events(header, _aiter(_deltas([CALL, ""], finish=finish)),
-                                           {"get_weather"})]
+    last = deltas([CALL])[-1]
+    body = shape.chat_body(header, [(CALL, last, None)], 5, 9, {"get_weather"}, client_stops=["unit"])
+    assert body["choices"][0]["finish_reason"] == expected
+    chunks = [c async for c in chat_events(header, _aiter(deltas([CALL, ""])), {"get_weather"}, client_stops=["unit"])]
     assert chunks[-1]["choices"][0]["finish_reason"] == expected
     assert any("tool_calls" in c["choices"][0]["delta"] for c in chunks)
 
@@ -268,3 +278,25 @@ def test_streamed_and_whole_answers_have_the_same_content(text):
         events = _stream_events(text, cut, {"get_weather"})
         assert "".join(e for e in events if isinstance(e, str)) == (content or "")
         assert [c.name for c in events if not isinstance(c, str)] == [c.name for c in calls]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("stop_word, stop, expected", [("unit", ["unit"], "stop"), ("\n### ", [], "tool_calls")])
+async def test_the_chat_route_tells_a_clients_stop_string_from_the_templates_turn_end(
+        fake_client, stream, stop_word, stop, expected):  # noqa: F811
+    """The route passes the request's `stop` strings to the finish reason: a call followed by the cut of
+    the client's stop string is "stop"; the plain template's own turn end ("\n### ") is the turn ending."""
+    fake_client.default_text, fake_client.final_stats = CALL, {"stop_word": stop_word}
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = {"messages": [{"role": "user", "content": "weather?"}], "tools": tools, "stop": stop, "stream": stream}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in response.text.splitlines()
+                  if line.startswith("data: {")]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert finish == [expected], finish
+    else:
+        assert response.json()["choices"][0]["finish_reason"] == expected, response.json()
