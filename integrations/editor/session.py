@@ -283,11 +283,20 @@ class EditorSession:
             await close_socket()
 
 
+# The engine's fields in this protocol's terms (a KV refusal names the prompt or the gap length)
+_ENGINE_FIELDS = {"prompt_ids": "prefix", "gen_length": "max_tokens"}
+
+
 def _engine_error(exc: Exception) -> rpc.RpcError:
     """The error answer of a failed completion: typed engine errors by their code; anything else is a bug,
-    logged here and answered with INTERNAL_ERROR naming no internals."""
+    logged here and answered with INTERNAL_ERROR naming no internals. An engine field is named as this
+    protocol names it: the prompt the prefix (with the suffix and context chunks it holds: send less of
+    them), the gap length max_tokens."""
     if isinstance(exc, InvalidRequestError):
-        return rpc.invalid_params(exc.field, str(exc).split(": ", 1)[-1])
+        message = str(exc).split(": ", 1)[-1].replace("gen_length", "max_tokens")
+        if exc.field == "prompt_ids":
+            message = message.replace("shorten the prompt", "send a shorter prefix, suffix or context")
+        return rpc.invalid_params(_ENGINE_FIELDS.get(exc.field, exc.field), message)
     if isinstance(exc, EngineUnavailableError):
         return rpc.RpcError(rpc.ENGINE_UNAVAILABLE, "the engine stopped while serving this completion; retry",
                             {"retry_after_s": exc.retry_after_s})

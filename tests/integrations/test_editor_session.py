@@ -150,6 +150,26 @@ async def test_invalid_params_error_names_the_field(session):
     assert err["data"]["field"] == "max_tokens" and "between 1 and" in err["message"]
 
 
+@pytest.mark.parametrize("field, message, named, says", [
+    ("prompt_ids", "prompt (2006 tokens) + suffix (40) + gen_length (64) need 131 KV blocks but the engine's KV cache "
+                   "has 46 (the runner's num_blocks or kv_memory_bytes); shorten the prompt or lower gen_length",
+     "prefix", "; send a shorter prefix, suffix or context or lower max_tokens"),
+    ("gen_length", "prompt (20 tokens) + suffix (0) + gen_length (64) need 9 KV blocks but the engine's KV cache has 6 "
+                   "(the runner's num_blocks or kv_memory_bytes); ask for at most 16",
+     "max_tokens", "+ max_tokens (64) need 9 KV blocks"),
+])
+async def test_a_kv_refusal_names_the_protocols_fields(session, fake_client, field, message, named, says):  # noqa: F811
+    """A KV cache smaller than the editor's prompt budgets refused with the engine's `prompt_ids` and
+    `gen_length`, which no editor sends."""
+    s, wire = session
+    fake_client.fail_with = InvalidRequestError(field, message)
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params()))
+    await s.drain()
+    err = wire.responses(1)[0][2]
+    assert err["code"] == rpc.INVALID_PARAMS and err["data"]["field"] == named, err
+    assert says in err["message"] and "gen_length" not in err["message"] and "prompt_ids" not in err["message"], err
+
+
 @pytest.mark.parametrize("params, says", [({}, "is required"), ({"id": [1]}, "must be an integer or a string")])
 async def test_a_bad_cancel_id_is_named_for_what_is_wrong_with_it(session, params, says):
     s, wire = session
