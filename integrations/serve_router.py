@@ -28,8 +28,8 @@ proxy) maps a key to the same engine replica without a lookup actor, and adding 
 moves only the keys that replica wins or held. Calls with a `replica=` keyword (the service-wide
 /metrics fan-out, integrations/service_metrics.py) go to exactly that replica.
 
-policy "power_of_two" is Ray Serve's default behaviour, kept so the two can be compared in one run
-(bench/cluster_editor.py). docs/cluster.md says why this is not ray.serve.llm.PrefixCacheAffinityRouter.
+policy "power_of_two" is Ray Serve's default behaviour (with bursts counted as above), kept so the two
+can be compared in one run (bench/cluster_editor.py). docs/cluster.md says why this is not ray.serve.llm.PrefixCacheAffinityRouter.
 
 Configured by ServeConfig.engine_deployment.router (config/serve.yaml); Ray Serve calls
 `initialize_state(**request_router_kwargs)` once per handle.
