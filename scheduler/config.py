@@ -118,7 +118,9 @@ class EngineConfig:
         prefill, then reads them from the cache instead of computing them again in parallel (`n`
         choices, an editor's gap candidates; SGLang's in-batch prefix caching). 0: never wait.
     deadline_grace_ms: after max_time_ms a request ends at the next newline, or after this grace.
-    max_stop_strings: most stop strings per request.
+    max_stop_strings: most stop strings per request, the server's own included: the routes bound the
+        client's (16 on Messages and the llama.cpp routes, 4 on OpenAI's) and a chat template may add
+        its turn end, so this leaves room above the routes' limits.
     preempt_for_interactive: a waiting INTERACTIVE request may send the youngest running BATCH request
         back to the queue (it reruns from scratch later; same tokens, nothing streamed twice).
     max_preemptions: times one BATCH request may be preempted; after that it runs to its end and
@@ -142,7 +144,7 @@ class EngineConfig:
     prefix_cache: bool = True
     prefix_wait_blocks: int = 2
     deadline_grace_ms: int = 500
-    max_stop_strings: int = 16
+    max_stop_strings: int = 24
     preempt_for_interactive: bool = True
     max_preemptions: int = 2
     aging_after: int = 8

@@ -98,6 +98,10 @@ def test_stop_sequences_end_the_text_and_are_reported(claude, model):
     out = claude.messages.create(stop_sequences=[stop, "never-written"], **kwargs)
     assert (out.stop_reason, out.stop_sequence) == ("stop_sequence", stop)
     assert _text(out) == text[:cut]
+    # As many as the route takes (16): the chat template's own turn end is not one of the client's
+    # (the engine counted it: 16 were refused as "has 17 strings; give at most 16")
+    many = claude.messages.create(stop_sequences=[stop] + [f"never-{k}" for k in range(15)], **kwargs)
+    assert (many.stop_reason, many.stop_sequence, _text(many)) == ("stop_sequence", stop, text[:cut])
 
 
 def test_max_tokens_cut_is_max_tokens(claude, client, model):
