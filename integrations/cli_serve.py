@@ -26,6 +26,7 @@ import errno
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 from integrations.engine_host import RUNNER_DTYPES
@@ -235,10 +236,13 @@ def run(args: argparse.Namespace) -> int:
         stop.wait()
         drain_s = ServeConfig.model_validate(config).drain_timeout_s
         print(f"refusion serve: draining: running requests get up to {drain_s:g} s (Ctrl-C again: stop now)", flush=True)
+        began = time.monotonic()
         drained = drain_app("refusion", drain, drain_s, give_up=stop_now)
         cut = stop_now.is_set() and not drained
-        print(f"refusion serve: {'drained' if drained else 'drain cut short' if cut else 'drain incomplete'}; "
-              "shutting down", flush=True)
+        outcome = "drain cut short" if cut else "drain incomplete" if not drained else \
+            "drained" if time.monotonic() - began < drain_s else \
+            f"drained (after {drain_s:g} s, requests still running were ended with an error)"
+        print(f"refusion serve: {outcome}; shutting down", flush=True)
     finally:
         # A local Ray goes with ray.shutdown; Serve's own shutdown there waits 30 s on replicas never placed.
         if ready or (serving and args.address):

@@ -146,7 +146,9 @@ class Scheduler:
             # AR: whole slots (the ingress rounds max_tokens so), in one block (AR needs no semi-AR blocks)
             fitted = self._fit_to_kv(spec, params, capacity, one_block=spec.mode is Mode.AR)
             if fitted is None:  # not even the shortest generation fits: the prompt is what to change
-                raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt or lower gen_length")
+                least = int(getattr(params, "min_tokens", 0) or 0)  # what _fit_to_kv tried at the shortest
+                raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt"
+                                          + (f" or lower min_tokens ({least})" if least > 1 else ""))
             shape = ("slot_size", "serial_num_blocks")
             if spec.mode is Mode.AR or all(getattr(fitted, k, None) == getattr(params, k, None) for k in shape):
                 raise InvalidRequestError("gen_length", f"{need}; ask for at most {fitted.gen_length}",

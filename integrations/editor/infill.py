@@ -182,6 +182,15 @@ def plan_gaps(max_tokens: int | None, multiline: bool, min_tokens: int = 0) -> t
     return tuple(sorted({max(g if cap is None else min(g, cap), gap_cap(min_tokens)) for g in base}))
 
 
+def capped_gaps(gaps: tuple[int, ...] | None, max_tokens: int | None) -> tuple[int, ...] | None:
+    """A client's explicit gaps, none longer than max_tokens allows (gap_cap): the output is cut at
+    max_tokens anyway, and a longer gap's KV (what a small cache refuses) would be named max_tokens,
+    which the client already lowered."""
+    if not gaps or max_tokens is None:
+        return gaps
+    return tuple(sorted({min(g, gap_cap(max_tokens)) for g in gaps}))
+
+
 def gap_cap(tokens: int) -> int:
     """The longest gap a cap of `tokens` allows: rounded up to whole slots (a gap shorter than one slot
     is one slot of its own length)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from integrations.editor import protocol as rpc
-from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, plan_gaps
+from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, capped_gaps, plan_gaps
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob, run_completion
 from integrations.request_limits import off_loop, sampling_temperature
@@ -161,7 +161,7 @@ class EditorSession:
         return CompletionJob(
             request_id=f"ed-{self.conn_id}-{next(self._engine_ids)}",
             prompt=prompt,
-            gaps=params.gaps or plan_gaps(params.max_tokens, params.multiline),
+            gaps=capped_gaps(params.gaps, params.max_tokens) or plan_gaps(params.max_tokens, params.multiline),
             rules=Rules(suffix=params.suffix, multiline=params.multiline, indent=params.indent),
             mode=_MODES[params.mode],
             priority=Priority.INTERACTIVE,

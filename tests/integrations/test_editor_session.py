@@ -152,8 +152,9 @@ async def test_invalid_params_error_names_the_field(session):
 
 @pytest.mark.parametrize("field, message, named, says", [
     ("prompt_ids", "prompt (2006 tokens) + suffix (40) + gen_length (64) need 131 KV blocks but the engine's KV cache "
-                   "has 46 (the runner's num_blocks or kv_memory_bytes); shorten the prompt or lower gen_length",
-     "prefix", "; send a shorter prefix, suffix or context or lower max_tokens"),
+                   "has 46 (the runner's num_blocks or kv_memory_bytes); shorten the prompt",
+     "prefix", "+ max_tokens (64) need 131 KV blocks but the engine's KV cache has 46 (the runner's num_blocks or "
+               "kv_memory_bytes); send a shorter prefix, suffix or context"),
     ("gen_length", "prompt (20 tokens) + suffix (0) + gen_length (64) need 9 KV blocks but the engine's KV cache has 6 "
                    "(the runner's num_blocks or kv_memory_bytes); ask for at most 16",
      "max_tokens", "+ max_tokens (64) need 9 KV blocks"),
@@ -242,6 +243,16 @@ async def test_explicit_gaps_override_the_strategy(session, fake_client):  # noq
     await s.drain()
     assert sorted(r.params["gen_length"] for r in fake_client.requests) == [8, 40]
     assert wire.responses(2)[0][2]["data"]["field"] == "gaps"
+
+
+async def test_explicit_gaps_are_capped_by_max_tokens(session, fake_client):  # noqa: F811
+    """A gap of 256 with max_tokens 64 decoded 256 tokens to return 64, and a KV cache that could not
+    hold it refused naming max_tokens (64: the client could lower nothing it sent)."""
+    s, wire = session
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(gaps=[16, 256], max_tokens=40)))
+    await s.drain()
+    assert sorted(r.params["gen_length"] for r in fake_client.requests) == [16, 40]
+    assert all(r.max_tokens == 40 for r in fake_client.requests)
 
 
 async def test_supersession_frees_the_slot_under_the_inflight_limit(fake_client):  # noqa: F811

@@ -14,7 +14,7 @@ from integrations.engine_client import EngineFailure
 from scheduler.api import InvalidRequestError
 
 NEVER_FITS = ("prompt (2006 tokens) + suffix (0) + gen_length (64) need 131 KV blocks but the engine's KV cache has "
-              "46 (the runner's num_blocks or kv_memory_bytes); shorten the prompt or lower gen_length")
+              "46 (the runner's num_blocks or kv_memory_bytes); shorten the prompt")
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -53,7 +53,7 @@ async def test_the_route_names_its_own_fields(http, fake_client, path, body, fie
 ])
 async def test_a_length_the_kv_cache_cannot_hold_names_the_routes_cap(fake_client, path, body, cap):  # noqa: F811
     fake_client.fail_with = InvalidRequestError("gen_length", NEVER_FITS.replace(
-        "shorten the prompt or lower gen_length", "ask for at most 16"))
+        "shorten the prompt", "ask for at most 16"))
     app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         response = await http.post(path, json=body)
@@ -97,7 +97,7 @@ async def test_messages_word_a_kv_refusal_of_max_tokens_as_anthropic_does(fake_c
     max_tokens and retry (anthropic_api._renamed_fields words the context-length 400 so); the KV refusal,
     whose limit is the engine's KV cache, is worded the same and keeps the engine's own reason."""
     fake_client.fail_with = EngineFailure.from_exception(InvalidRequestError(  # as it crosses from a replica
-        "gen_length", NEVER_FITS.replace("shorten the prompt or lower gen_length", "ask for at most 16"),
+        "gen_length", NEVER_FITS.replace("shorten the prompt", "ask for at most 16"),
         asked=64, most=16, prompt_tokens=2006)).to_exception()
     app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:

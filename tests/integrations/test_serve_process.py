@@ -208,6 +208,7 @@ def test_sigterm_drains_running_streams(server):
     wait_healthy(server.url)  # after the replica kill above, its replacement must be up
     asyncio.run(_drain_under_sigterm(server))
     assert server.proc.wait(DRAIN_TIMEOUT_S + 60) == 0
+    assert "refusion serve: drained; shutting down" in server.log.read_text(errors="replace")  # in time, none ended
     with pytest.raises(httpx.ConnectError):  # gone: connections are refused
         httpx.get(server.url + "/health", timeout=5)
 
