@@ -210,14 +210,19 @@ def _texts(content, field: str) -> str:
     return "\n".join(_text_of(block, f"{field}.{i}") for i, block in enumerate(content))
 
 
-def _text_of(block, field: str) -> str:
-    """A text block's text. Raises InputError naming what is wrong with it."""
+def _text_of(block, field: str, nonempty: bool = True) -> str:
+    """A text block's text. Raises InputError naming what is wrong with it: Anthropic's API refuses an
+    empty text block ("text content blocks must be non-empty"), except here within a tool_result
+    (`nonempty` False: a tool may print nothing)."""
     if not isinstance(block, dict):
         raise InputError(400, field, f"must be a text block ({{'type': 'text', 'text': ...}}), got a {type(block).__name__}")
     if block.get("type") != "text":
         raise InputError(400, f"{field}.type", f"only text blocks are supported here, got {block.get('type')!r}")
     if not isinstance(block.get("text"), str):
         raise InputError(400, f"{field}.text", "must be a string")
+    if nonempty and not block["text"]:
+        raise InputError(400, f"{field}.text", "must not be empty (Anthropic's rule: text content blocks must be "
+                         "non-empty): drop the block")
     return block["text"]  # other fields of a block (cache_control, citations, newer ones an SDK echoes) are ignored
 
 
@@ -291,7 +296,7 @@ def _tool_result(block: dict, field: str, open_uses: dict[str, int]) -> dict:
         raise InputError(400, f"{field}.is_error", "must be a boolean")
     content = block.get("content", "")
     if isinstance(content, list):
-        content = "".join(_text_of(part, f"{field}.content.{j}") for j, part in enumerate(content))
+        content = "".join(_text_of(part, f"{field}.content.{j}", nonempty=False) for j, part in enumerate(content))
     elif not isinstance(content, str):
         raise InputError(400, f"{field}.content", "must be a string or a list of text blocks")
     return {"role": "tool", "tool_call_id": call_id, "content": content}

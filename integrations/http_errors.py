@@ -208,8 +208,9 @@ LLAMA_PATHS = ("/infill", "/completion", "/apply-template", "/props")
 def anthropic_error_body(status: int, kind: str, message: str) -> dict:
     """An error in Anthropic's shape: {"type": "error", "error": {"type", "message"}}; `kind` is ours
     (the OpenAI-shape type), mapped to Anthropic's (server_error -> api_error, a 401 -> authentication_error,
-    a 413 -> request_too_large)."""
-    by_status = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}
+    a 413 -> request_too_large, every 503 -> overloaded_error: a lost engine replica too, as a drain and a
+    full queue say, where Anthropic's api_error is its 500)."""
+    by_status = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 503: "overloaded_error"}
     anthropic = by_status.get(status) or _ANTHROPIC_TYPES.get(kind, "invalid_request_error")
     return {"type": "error", "error": {"type": anthropic, "message": message}}
 

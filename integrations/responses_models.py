@@ -186,8 +186,10 @@ def _parts_text(parts, field: str) -> str:
     texts = []
     for i, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+        if kind not in ("input_text", "output_text", "text"):
             raise InputError(400, f"{field}.{i}", f"only text parts are supported (input_text, output_text), got {kind!r}")
+        if not isinstance(part.get("text"), str):
+            raise InputError(400, f"{field}.{i}.text", f"must be a string, got {type(part.get('text')).__name__}")
         texts.append(part["text"])
     return "\n".join(texts)  # as the chat route joins text parts (vLLM's rule)
 

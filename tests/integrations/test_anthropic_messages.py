@@ -97,6 +97,10 @@ def test_tool_choices_and_the_output_format_map_to_the_chat_turn():
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": []},
                    {"role": "user", "content": "y"}]}, "messages.1.content"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages.0.content.0.text"),
+    # an empty text block, as Anthropic refuses it ("text content blocks must be non-empty")
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": ""}]}]},
+     "messages.0.content.1.text"),
+    ({"system": [{"type": "text", "text": ""}]}, "system.0.text"),
     ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages.0.content.0"),
     ({"messages": [{"role": "user", "content": "x"},
                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "add", "input": {}},
@@ -290,6 +294,9 @@ async def test_a_failure_after_the_start_is_one_anthropic_error_event():
     assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta",
                                            "content_block_delta"]
     assert error_event(err.value) == {"type": "error", "error": {"type": "api_error", "message": "engine error: boom"}}
+    # a lost engine replica (503, ours server_error/engine_unavailable) is overloaded, as a drain says
+    lost = APIError(503, "engine replica unavailable", "server_error", code="engine_unavailable")
+    assert error_event(lost)["error"]["type"] == "overloaded_error"
 
 
 def test_a_system_message_in_the_conversation_joins_its_blocks_as_the_top_level_system_does():

@@ -80,6 +80,7 @@ def test_required_tool_choice_gives_function_call_items(client, model):
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input.0.content.0"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, "input.0.content.0.text"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input.0.type"),
     ({"input": [{"role": "wizard", "content": "x"}]}, "input.0.role"),
     ({"input": "x", "max_output_tokens": 100000}, "max_output_tokens"),
