@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
 from integrations.chat_run import ChatRun, chat_prompt, start_chat, turn_pieces
 from integrations.context_fit import ContextLengthError
-from integrations.http_errors import APIError, anthropic_error_body
+from integrations.http_errors import APIError, anthropic_error_body, anthropic_overflow_message
 from integrations.openai_calls import check_model, last_event, read_body
 from integrations.openai_requests import id_headers
 from integrations.openai_responses import refusion_detail
@@ -85,8 +85,7 @@ def _renamed_fields():
         if exc.max_tokens is None:
             message = f"prompt is too long: {exc.prompt_tokens} tokens > {exc.context_length} maximum"
         else:
-            message = (f"input length and `max_tokens` exceed context limit: {exc.prompt_tokens} + {exc.max_tokens} > "
-                       f"{exc.context_length}, decrease input length or `max_tokens` and try again")
+            message = anthropic_overflow_message(exc.prompt_tokens, exc.max_tokens, exc.context_length)
         raise APIError(400, message, param=messages_field(exc.field)) from None
     except PromptCharsError as exc:  # counted before tokenizing: characters, not tokens
         raise APIError(400, f"prompt is too long: {exc.chars} characters > {exc.limit} maximum (max_prompt_chars: the "

@@ -87,6 +87,13 @@ def engine_message(exc: InvalidRequestError, endpoint: str | None = None, cap_fi
     return str(exc).split(": ", 1)[-1].replace("gen_length", cap_field or api_field("gen_length", endpoint))
 
 
+def anthropic_overflow_message(prompt_tokens: int, max_tokens: int, limit: int) -> str:
+    """Anthropic's 400 for a prompt and max_tokens over the context, which Claude Code parses to lower
+    max_tokens and retry (the Messages route's context check and its KV refusal both say it)."""
+    return (f"input length and `max_tokens` exceed context limit: {prompt_tokens} + {max_tokens} > {limit}, "
+            "decrease input length or `max_tokens` and try again")
+
+
 def from_engine_error(exc: Exception, endpoint: str | None = None, cap_field: str | None = None) -> APIError:
     """Map a typed engine error (or Ray Serve back-pressure) to its APIError; anything else is a bug.
     endpoint: the route's (RequestObserver.endpoint), so a 400 names the field that route's client sent
@@ -96,11 +103,9 @@ def from_engine_error(exc: Exception, endpoint: str | None = None, cap_field: st
         field = (cap_field if exc.field == "gen_length" else None) or api_field(exc.field, endpoint)
         if (endpoint == "messages" and exc.field == "gen_length" and None not in (exc.asked, exc.most, exc.prompt_tokens)
                 and exc.asked > exc.most):
-            # Anthropic's wording, which Claude Code parses to lower max_tokens and retry (as the
-            # context-length 400, anthropic_api._renamed_fields); the KV cache is this request's context
-            return APIError(400, f"input length and `max_tokens` exceed context limit: {exc.prompt_tokens} + "
-                            f"{exc.asked} > {exc.prompt_tokens + exc.most}, decrease input length or `max_tokens` "
-                            f"and try again ({engine_message(exc, endpoint, cap_field)})", param=field)
+            # the KV cache is this request's context: worded as the context check words it
+            message = anthropic_overflow_message(exc.prompt_tokens, exc.asked, exc.prompt_tokens + exc.most)
+            return APIError(400, f"{message} ({engine_message(exc, endpoint, cap_field)})", param=field)
         return APIError(400, f"{field}: {engine_message(exc, endpoint, cap_field)}", param=field)
     if isinstance(exc, ShuttingDownError):  # as the draining ingress answers (ingress_gate)
         retry = str(max(1, math.ceil(exc.retry_after_s)))
