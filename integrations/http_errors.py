@@ -17,7 +17,8 @@
 Routes of Anthropic's Messages API (/v1/messages...) answer the same statuses in Anthropic's shape,
 {"type": "error", "error": {"type", "message"}}, and llama.cpp's own routes (/infill, /completion, ...:
 LLAMA_PATHS) in llama.cpp's, {"error": {"code", "message", "type"}}: RouteErrorShape rewrites every
-error response of those paths, the middlewares' (401, 403, 413, 503 while draining) included.
+error response of those paths, the middlewares' (401, 403, 413, 503 while draining) included; a bug's
+500, which Starlette answers from outside every middleware, is shaped where it is built (shaped_response).
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return from_engine_error(exc).response()
+        # Starlette answers this one from its outermost middleware, outside RouteErrorShape: shaped here
+        return shaped_response(request.scope, from_engine_error(exc))
 
 
 # Anthropic's error types (https://docs.anthropic.com/en/api/errors) for ours; the rest map by status
@@ -240,6 +242,19 @@ def _route_shape(path: str, headers=()):
     return None
 
 
+def _api_path(scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def shaped_response(scope, error: APIError) -> JSONResponse:
+    """`error` as a response in the shape of the API `scope`'s path belongs to (_route_shape)."""
+    shape = _route_shape(_api_path(scope), scope.get("headers") or ())
+    if shape is None:
+        return error.response()
+    return JSONResponse(shape(error.status, error.type, error.message), status_code=error.status, headers=error.headers)
+
+
 class RouteErrorShape:
     """Pure ASGI: an error response (status >= 400, a JSON body {"error": {"type", "message", ...}}) on
     a path of Anthropic's or llama.cpp's API is rewritten into that API's shape (_route_shape); other
@@ -250,10 +265,7 @@ class RouteErrorShape:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
-        shape = _route_shape(path, scope.get("headers") or ()) if scope["type"] == "http" else None
+        shape = _route_shape(_api_path(scope), scope.get("headers") or ()) if scope["type"] == "http" else None
         if shape is None:
             await self.app(scope, receive, send)
             return

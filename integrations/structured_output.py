@@ -132,8 +132,9 @@ def closed_objects(schema):
         return schema
 
     def close(node: dict, out: dict) -> dict:
-        properties = node.get("properties")
-        required = node.get("required") if isinstance(node.get("required"), list) else []
+        properties, required = node.get("properties"), node.get("required", [])
+        if not (isinstance(required, list) and all(isinstance(name, str) for name in required)):
+            return out  # not a list of names: an invalid schema, which its compile names (a 400)
         if isinstance(properties, dict) and "additionalProperties" not in node and set(required) <= set(properties):
             out["additionalProperties"] = False  # (a required key not listed stays allowed: closing would forbid it)
         return out
@@ -197,8 +198,17 @@ def _rebased_refs(schema, prefix: str):
     return rebased
 
 
+# OpenAI: "Omitting `parameters` defines a function with an empty parameter list": its arguments are {}
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
 def _arguments_schema(function) -> dict:
-    return closed_objects(function.parameters) if function.parameters is not None else ANY_OBJECT
+    """The schema of a call's arguments: the function's `parameters` with its objects closed; no
+    arguments (`{}`) when it has none; any object for `parameters: {}` (a schema that constrains nothing,
+    but arguments are an object)."""
+    if function.parameters is None:
+        return NO_ARGUMENTS
+    return closed_objects(function.parameters) if function.parameters else ANY_OBJECT
 
 
 def _call_schemas(tools: list) -> dict:
@@ -210,7 +220,7 @@ def _call_schemas(tools: list) -> dict:
     for i, tool in enumerate(tools):
         parameters = _arguments_schema(tool.function)
         prefix = f"t{i}"
-        for key in ("$defs", "definitions"):
+        for key in ("$defs", "definitions"):  # objects: _check_tools
             for name, sub in (parameters.get(key) or {}).items():
                 defs[f"{prefix}_{name}"] = _rebased_refs(sub, prefix)
         moved = _rebased_refs(parameters, prefix)
@@ -249,11 +259,15 @@ def _check_tools(tools: list) -> None:
     """Each tool's parameters compile as an object schema; InputError naming the tool's field (a combined
     grammar's error could not say which tool is at fault)."""
     for i, tool in enumerate(tools):
-        parameters = tool.function.parameters
+        parameters, field = tool.function.parameters, f"tools.{i}.function.parameters"
         if parameters and parameters.get("type") != "object":
-            raise InputError(400, f"tools.{i}.function.parameters", 'must be an object schema, {"type": "object", '
+            raise InputError(400, field, 'must be an object schema, {"type": "object", '
                              f'"properties": ...}} (OpenAI\'s rule: arguments are named), got type '
                              f"{parameters.get('type')!r}")
+        for key in ("$defs", "definitions"):
+            if key in (parameters or {}) and not isinstance(parameters[key], dict):
+                raise InputError(400, f"{field}.{key}", "must be an object of named schemas, {\"Name\": {...}}, "
+                                 f"got {type(parameters[key]).__name__}")
         json_grammar(_arguments_schema(tool.function), f"tools.{i}.function.parameters", _tool_options(tool))
 
 

@@ -217,6 +217,18 @@ HTTP_CASES = [
         "name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}, field="tool_choice"),
     _chat("chat-tool-choice-named-without-name", {"messages": USER, "tools": [{"type": "function", "function": {
         "name": "f"}}], "tool_choice": {"type": "function", "function": {}}}, field="tool_choice"),
+    # schemas that are not schemas, past the step that closes objects and the forced-call builder (were 500s)
+    _chat("chat-tool-required-names-objects", {"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": [{"x": 1}]}}}]},
+          field="tools.0.function.parameters"),
+    _chat("chat-tool-defs-string-forced-streamed", {"messages": USER, "stream": True, "tool_choice": "required",
+                                                   "tools": [{"type": "function", "function": {
+                                                       "name": "f", "parameters": {"type": "object", "$defs": "x"}}}]},
+          field="tools.0.function.parameters.$defs"),
+    HTTPCase("responses-strict-format-required-objects", "POST", "/v1/responses", {
+        "input": "hi", "max_output_tokens": 4, "text": {"format": {"type": "json_schema", "name": "n", "strict": True,
+                                                                   "schema": {"type": "object", "required": [{}]}}}},
+             400, "text.format.schema"),
     _chat("chat-response-format-unknown-type", {"messages": USER, "response_format": {"type": "yaml"}},
           field="response_format"),
     _chat("chat-response-format-bad-schema", {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {

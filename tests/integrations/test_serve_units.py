@@ -676,3 +676,31 @@ async def test_each_api_gets_its_own_error_shape_whoever_answers(tiny_model_dir)
         unknown = await http.post("/v1/completions", headers=key, json={"model": "x", "prompt": "a", "max_tokens": 1})
         error = unknown.json()["error"]
         assert unknown.status_code == 404 and (error["type"], error["code"]) == ("invalid_request_error", "model_not_found")
+
+
+async def test_an_unexpected_error_is_a_500_in_the_routes_own_shape(tiny_model_dir):
+    """A bug's 500 is answered by Starlette's outermost middleware, outside RouteErrorShape: it came in
+    OpenAI's shape on /v1/messages too, where the anthropic SDK expects {"type": "error", "error":
+    {"type": "api_error"}}, and on llama.cpp's /completion. Each route's shape, the message naming
+    the exception, never its text."""
+    engine, tok = build_engine(tiny_model_dir, {"num_blocks": 64}, {"routing": {"calibrate": False}})
+    client = LocalEngineClient(engine, tok, "m", read_model_card(tiny_model_dir))
+
+    class BrokenTokenizer:  # a bug inside the route itself (an engine stream's failure is typed)
+        def __getattr__(self, name):
+            raise RuntimeError("secret detail")
+
+    client.tokenizer = BrokenTokenizer()
+    app = create_app(APISettings(model_name="m"), client)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://local") as http:
+        messages = await http.post("/v1/messages", json={"model": "m", "max_tokens": 4,
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+        assert messages.status_code == 500
+        body = messages.json()
+        assert body["type"] == "error" and body["error"]["type"] == "api_error", body
+        assert "RuntimeError" in body["error"]["message"] and "secret" not in messages.text
+        llama = await http.post("/completion", json={"prompt": "def f():", "n_predict": 4})
+        assert llama.status_code == 500 and llama.json()["error"]["code"] == 500, llama.text
+        openai_shape = await http.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 4})
+        assert openai_shape.status_code == 500 and openai_shape.json()["error"]["type"] == "server_error"

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from decoding.grammar import GrammarTokenizer, with_compile_stack
 from integrations.chat_run import chat_grammar
@@ -135,9 +136,57 @@ def test_what_a_forced_call_cannot_be_combined_with_is_named():
     ({"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}, "foo": 1}}, "foo"),
 ])
 def test_unknown_response_format_keys_are_refused(response_format, key):
-    from pydantic import ValidationError
-
     with pytest.raises(ValidationError) as err:
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}],
                                               "response_format": response_format})
     assert err.value.errors()[0]["loc"][-1] == key
+
+
+def test_a_function_without_parameters_takes_no_arguments(accepts):
+    """OpenAI: "Omitting parameters defines a function with an empty parameter list". It took any object,
+    so a forced call of a no-argument tool came back with invented keys; `parameters: {}` constrains
+    nothing (JSON Schema's empty schema) but arguments stay an object."""
+    tools = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}],
+                                  tools=[{"type": "function", "function": {"name": "t"}}]).tools
+    for forced in (None, "", "t"):
+        grammar = tool_grammar(tools, forced, 0).grammar
+        assert accepts(grammar, _call({})), forced
+        assert not accepts(grammar, _call({"manager": "url"})), forced
+    for forced in (None, "t"):
+        grammar = tool_grammar(_tools({}), forced, 0).grammar
+        assert accepts(grammar, _call({"any": 1})) and not accepts(grammar, '<tool_call>{"name": "t", "arguments": [1]}'
+                                                                            '</tool_call>'), forced
+
+
+SCHEMA_KEYWORDS = ["type", "properties", "required", "items", "additionalProperties", "$defs", "definitions", "$ref",
+                   "anyOf", "oneOf", "allOf", "enum", "const", "prefixItems", "patternProperties", "propertyNames",
+                   "minItems", "maxLength", "pattern", "format", "$id", "$anchor", "not", "if", "dependentSchemas"]
+ODD_VALUES = [1, "x", [1], {"a": 1}, None, True, False, [{"x": 1}], [], {}, -1, 1.5]
+
+
+def test_a_malformed_schema_anywhere_is_a_400_on_every_path_that_compiles_one():
+    """Every keyword given every wrongly typed value, at the root and one property down, through each
+    path that compiles a client's schema (auto, required and named tool calls, response_format strict or
+    not, tools with a response format): an InputError or a grammar, never another exception (a `required`
+    list of objects and a non-object `$defs` were TypeError / AttributeError: HTTP 500s)."""
+    escaped = []
+    for key, value in [(k, v) for k in SCHEMA_KEYWORDS for v in ODD_VALUES]:
+        for schema in ({"type": "object", key: value} if key != "type" else {"type": value},
+                       {"type": "object", "properties": {"a": {key: value}}, "required": ["a"]}):
+            def turn(strict: bool, tools: list | None = None) -> ChatCompletionRequest:
+                return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "tools": tools,
+                                                             "response_format": {"type": "json_schema", "json_schema": {
+                                                                 "name": "n", "schema": schema, "strict": strict}}})
+
+            paths = [lambda: tool_grammar(_tools(schema), None, 0), lambda: tool_grammar(_tools(schema), "", 0),
+                     lambda: tool_grammar(_tools(schema), "t", 0), lambda: chat_grammar(turn(False), 0),
+                     lambda: chat_grammar(turn(True), 0),
+                     lambda: chat_grammar(turn(False, [{"type": "function", "function": {"name": "t", "parameters": schema}}]), 0)]
+            for i, path in enumerate(paths):
+                try:
+                    path()
+                except (InputError, ValidationError):  # a 400 either way
+                    pass
+                except Exception as exc:  # noqa: BLE001 - what the test looks for
+                    escaped.append((key, value, i, f"{type(exc).__name__}: {exc}"))
+    assert not escaped, escaped[:5]
