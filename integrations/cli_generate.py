@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--model", default=None, help=f"HF model directory (default: {DEFAULT_MODEL})")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
-    prompt.add_argument("--prompt-file", help="file holding the prompt text (UTF-8)")
+    prompt.add_argument("--prompt-file", help="file holding the prompt text (UTF-8); - for standard input")
     a("--mode", choices=["refusion", "ar"], default="refusion")
     a("--gen-length", type=int, help="tokens to generate (rounded up to a multiple of --slot-size)")
     a("--slot-size", type=int, help="ReFusion slot size S")
@@ -84,10 +84,18 @@ def _fail(line: str) -> None:
 def _read_prompt(args) -> str:
     if args.prompt is not None:
         text = args.prompt
+        try:  # argv's undecodable bytes arrive as lone surrogates (PEP 383)
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise GenerateArgumentError("--prompt", f"is not UTF-8 text (a byte that does not decode at character "
+                                        f"{exc.start}); give UTF-8, or the file with --prompt-file") from None
     else:
         try:
-            with open(args.prompt_file, "rb") as f:
-                data = f.read(MAX_PROMPT_FILE_BYTES + 1)
+            if args.prompt_file == "-":  # standard input, as run-batch's `-`
+                data = sys.stdin.buffer.read(MAX_PROMPT_FILE_BYTES + 1)
+            else:
+                with open(args.prompt_file, "rb") as f:
+                    data = f.read(MAX_PROMPT_FILE_BYTES + 1)
             if len(data) > MAX_PROMPT_FILE_BYTES:
                 raise GenerateArgumentError("--prompt-file", f"{args.prompt_file} is larger than "
                                             f"{MAX_PROMPT_FILE_BYTES // 2**20} MiB; give the prompt text itself")

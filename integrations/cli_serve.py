@@ -25,6 +25,7 @@ import argparse
 import errno
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -139,9 +140,10 @@ def start_ray(ray, address: str | None) -> bool:
             return True
         ray.init(address=address)
     except (ConnectionError, RuntimeError) as exc:
-        print(f"refusion serve: --address: cannot join the Ray cluster at {address}: {exc}".splitlines()[0])
+        print(f"refusion serve: --address: cannot join the Ray cluster at {address}: {exc}".splitlines()[0],
+              file=sys.stderr)
         print("refusion serve: check the address; a cluster with token authentication also needs "
-              "RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN in this shell (docs/cluster.md)")
+              "RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN in this shell (docs/cluster.md)", file=sys.stderr)
         return False
     finally:
         if set_handler is not None:
@@ -167,26 +169,28 @@ def run(args: argparse.Namespace) -> int:
         config, http = file.args, file.http
         application(config, file.deployments)  # validate before starting Ray
     except CLIError as exc:
-        print(f"refusion serve: {exc}")
+        print(f"refusion serve: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "config"
-            print(f"refusion serve: {where}: {error['msg'].removeprefix('Value error, ')}")  # pydantic's prefix
+            print(f"refusion serve: {where}: {error['msg'].removeprefix('Value error, ')}",  # pydantic's prefix
+                  file=sys.stderr)
         return 2
     except (TypeError, ValueError, ImportError) as exc:  # what Deployment.options() refuses, from `deployments:`
         # (ImportError: an autoscaling policy_function that does not import)
-        print(f"refusion serve: --config: applications[0].deployments: {exc}".splitlines()[0])
+        print(f"refusion serve: --config: applications[0].deployments: {exc}".splitlines()[0], file=sys.stderr)
         return 2
     try:  # seconds here, where a broken directory failed each replica after a minute of tracebacks
         model_dir = ServeConfig.model_validate(config).model
         check_model_dir(model_dir)
         DecodeParams.from_dict(load_model_defaults(model_dir))  # the decode defaults every request starts from
     except ModelDirError as exc:
-        print(f"refusion serve: --model: {exc}")
+        print(f"refusion serve: --model: {exc}", file=sys.stderr)
         return 2
     except DecodeParamError as exc:
-        print(f"refusion serve: --model: {Path(model_dir) / 'refusion.json'}: {str(exc).removeprefix('refusion.json: ')}")
+        print(f"refusion serve: --model: {Path(model_dir) / 'refusion.json'}: {str(exc).removeprefix('refusion.json: ')}",
+              file=sys.stderr)
         return 2
     try:
         if args.address:
@@ -194,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         else:  # a local Ray: its proxy will listen here (on a cluster, on the cluster's nodes)
             check_bindable(http["host"], http["port"])
     except CLIError as exc:
-        print(f"refusion serve: {exc}")
+        print(f"refusion serve: {exc}", file=sys.stderr)
         return 2
     stop, stop_now = threading.Event(), threading.Event()
 
@@ -229,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
                       + (" (up to 30 s)" if args.address else ""), flush=True)
                 return INTERRUPTED_EXIT_CODE
         except DeployError as exc:
-            print(f"refusion serve: the application failed to deploy: {exc} (Ray's log above says why)", flush=True)
+            print(f"refusion serve: the application failed to deploy: {exc} (Ray's log above says why)",
+                  file=sys.stderr, flush=True)
             return 1
         ready = True
         print(f"refusion serve: ready at http://{http['host']}:{http['port']} (Ctrl-C to stop)", flush=True)

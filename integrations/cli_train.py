@@ -12,12 +12,14 @@ and the checks made before the corpus is built, are in integrations/cli_train_fl
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-from integrations.cli_train_flags import (TrainArgumentError, add_arguments, check_flags, fresh_model,
+from integrations.cli_train_flags import (RUN_RECORDS, TrainArgumentError, add_arguments, check_flags, fresh_model,
                                           remove_model_files)
 
 __all__ = ["add_arguments", "run", "save_model_dir"]  # add_arguments and run: integrations/cli.py's contract
@@ -38,24 +40,34 @@ def _fresh_model_and_tokenizer(args, train_units):
 def _init_model_and_tokenizer(args):
     """(model, tokenizer) of the --init checkpoint, <|mask|> ensured; loaded before the corpus is built, so
     a checkpoint that cannot load fails in seconds. Raises TrainArgumentError("--init") for any load
-    failure (truncated weights, a bad config or tokenizer file): the directory is the user's input."""
+    failure (truncated weights, a bad config or tokenizer file): the directory is the user's input;
+    TrainArgumentError("--seq-len") for rows longer than its context. The embedding grows to every id the
+    tokenizer holds."""
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.tokenizer_build import ensure_mask_token
+    from workers.loader import TRANSFORMERS_LOAD_ERRORS
 
     torch.manual_seed(args.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.init)
         model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # what loading a broken dir raises
+    except (*TRANSFORMERS_LOAD_ERRORS, RuntimeError, SafetensorError, ZeroDivisionError) as exc:  # a broken dir
         reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         reason = reason if len(reason) <= 300 else reason[:297] + "..."
         raise TrainArgumentError("--init", f"{args.init} cannot be loaded ({type(exc).__name__}: {reason}); give an "
                                            "HF model directory whose weights, config and tokenizer load") from None
-    if ensure_mask_token(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+    ensure_mask_token(tokenizer)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and args.seq_len > context:  # positions past what the model is made for
+        raise TrainArgumentError("--seq-len", f"{args.seq_len} is longer than the --init model's context "
+                                              f"(max_position_embeddings {context}); give at most {context}")
+    rows, needed = model.get_input_embeddings().num_embeddings, max(tokenizer.get_vocab().values()) + 1
+    if needed > rows:  # every token id needs its embedding row (an added <|mask|>, a tokenizer larger than the model)
+        print(f"refusion train: the embedding grows from {rows} to {needed} rows (the tokenizer's ids)", flush=True)
+        model.resize_token_embeddings(needed)
     return model, tokenizer
 
 
@@ -69,17 +81,43 @@ def _package_set(corpus) -> dict:
     return {"packages": sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]})}
 
 
-def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32") -> None:
-    """Write an HF model directory whose config.json carries mask_token_id."""
+STAGING = ".saving"  # the folder of `out` a save is written into before its files move into place
+
+
+def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32", replace_old: bool = False) -> None:
+    """Write an HF model directory whose config.json carries mask_token_id. The files are written into
+    out/.saving, then moved into `out` (os.replace, one rename each): a save cut short (a second Ctrl-C)
+    leaves the last complete save in place, not config.json and weights without a tokenizer. replace_old:
+    the old model's files (cli_train_flags.remove_model_files, this run's records kept) are removed just
+    before the new ones move in (--overwrite: the old model stays whole until a new one is written). The
+    files get the umask's usual mode (0644 under 022; the weights were 0600, unreadable by a service
+    account serving the model)."""
     import torch
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(getattr(torch, save_dtype)).save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["mask_token_id"] = tokenizer.convert_tokens_to_ids(tokenizer.mask_token)
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # a save cut short earlier
+    staging.mkdir(parents=True)
+    try:
+        model.to(getattr(torch, save_dtype)).save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        cfg_path = staging / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["mask_token_id"] = tokenizer.convert_tokens_to_ids(tokenizer.mask_token)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        if replace_old:
+            remove_model_files(out, keep=RUN_RECORDS)
+        mode = 0o666 & ~_umask()
+        for path in sorted(staging.iterdir()):
+            path.chmod(mode)
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 # The flag behind a field that training/ names in its errors (TrainingError, CorpusError, TokenizerBuildError)
@@ -95,6 +133,7 @@ class _Interrupt:
     def __init__(self):
         self.training = False
         self.requested = False
+        self.checkpoint: str | None = None  # where the last checkpoint is, once one is saved
 
     def __call__(self, signum, frame):
         if self.training and not self.requested:
@@ -125,7 +164,7 @@ def run(args) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"refusion train: interrupted {'while training' if interrupt.training else 'before training'}; "
-              f"nothing saved", file=sys.stderr)
+              f"{interrupt.checkpoint or 'nothing saved'}", file=sys.stderr)
         return 130
     finally:
         for sig, handler in previous.items():
@@ -171,8 +210,6 @@ def _train(args, interrupt: _Interrupt) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrainArgumentError("--out", f"{out} cannot be created ({exc.strerror}); give a path you can write") from None
-    if args.overwrite:
-        remove_model_files(out)
     n_params = sum(p.numel() for p in model.parameters())
     stats = {"train_units": len(train_pairs), "chat_pairs": len(chat), "heldout_units": len(heldout_pairs),
              "parameters": n_params, "vocab_size": len(tokenizer),  # what BPE reached (--vocab-size is a bound)
@@ -190,9 +227,11 @@ def _train(args, interrupt: _Interrupt) -> int:
 
     def on_step(step: int) -> None:
         if time.monotonic() - last_save[0] > 60 * args.checkpoint_minutes:  # float32 checkpoint, same layout
-            save_model_dir(model, tokenizer, out, "float32")
+            # --overwrite: the old model's files go at the first save
+            save_model_dir(model, tokenizer, out, "float32", replace_old=args.overwrite and saved_step[0] is None)
             model.train()
             last_save[0], saved_step[0] = time.monotonic(), step
+            interrupt.checkpoint = f"the checkpoint of step {step} is in {out}"
 
     def on_log(record: dict) -> None:
         with log_path.open("a") as f:
@@ -217,7 +256,7 @@ def _train(args, interrupt: _Interrupt) -> int:
     if not records:  # interrupted before the first step: an untrained model is not worth a directory
         print("refusion train: interrupted before the first step; nothing saved", file=sys.stderr, flush=True)
         return 130
-    save_model_dir(model.cpu(), tokenizer, out, args.save_dtype)
+    save_model_dir(model.cpu(), tokenizer, out, args.save_dtype, replace_old=args.overwrite and saved_step[0] is None)
     if interrupt.requested:
         print(f"refusion train: interrupted at step {records[-1]['step']}; saved {out} in "
               f"{time.monotonic() - t0:.0f}s", flush=True)

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--checkpoint-minutes", type=float, default=10.0, help="also save the model this often while training")
     a("--overwrite", action="store_true",
       help="let --out be a directory that already holds a model or another run's files: a model's files there "
-           "(weights, config, tokenizer, refusion.json, its README.md card) are removed first; other files stay")
+           "(weights, config, tokenizer, refusion.json, its README.md card) are replaced when the new model is "
+           "first saved (an interrupted run leaves them whole); other files stay")
     shape = parser.add_argument_group("model shape (fresh model only; with --init the checkpoint's)")
     for name, default in SHAPE_DEFAULTS.items():
         shape.add_argument("--" + name.replace("_", "-"), type=int, default=default)
@@ -198,7 +199,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise TrainArgumentError("--out", f"{out} is a file, not a directory; give a new directory path")
     if out.is_dir():
         # A run that saved no model (bad flag found late, diverged, interrupted early) left only its records
-        if not overwrite and {p.name for p in out.iterdir()} - {"train_args.json", "train_log.jsonl"}:
+        if not overwrite and {p.name for p in out.iterdir()} - set(RUN_RECORDS):
             what = "a model" if (out / "config.json").exists() else "files"
             raise TrainArgumentError("--out", f"{out} already holds {what}; give a new or empty directory, or add "
                                               "--overwrite to replace them (to continue a model, pass it as --init)")
@@ -227,18 +228,20 @@ def fresh_model(args, vocab_size: int, eos: int):
 
 
 # What a model directory holds (transformers' files, the server's refusion.json, a run's records): with
-# --overwrite they are removed before the new model is written, so no file of the old model (its decode
-# settings above all) is read with the new one
+# --overwrite they are removed when the new model is first saved (cli_train.save_model_dir), so no file of
+# the old model (its decode settings above all) is read with the new one
+RUN_RECORDS = ("train_args.json", "train_log.jsonl")  # written by this run when it starts
 MODEL_FILES = ("config.json", "generation_config.json", "refusion.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                "chat_template.jinja", "train_args.json", "train_log.jsonl")
 MODEL_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json")
 
 
-def remove_model_files(out: Path) -> list[str]:
+def remove_model_files(out: Path, keep: tuple[str, ...] = ()) -> list[str]:
     """Remove the model files of `out` (MODEL_FILES, MODEL_PATTERNS, and README.md when the directory held
-    a config.json: a model card); returns the names removed. Other files and every folder stay."""
-    names = set(MODEL_FILES) | ({"README.md"} if (out / "config.json").is_file() else set())
+    a config.json: a model card) but those named in `keep`; returns the names removed. Other files and
+    every folder stay."""
+    names = (set(MODEL_FILES) | ({"README.md"} if (out / "config.json").is_file() else set())) - set(keep)
     doomed = [p for p in out.iterdir() if p.is_file() and (p.name in names or any(p.match(g) for g in MODEL_PATTERNS))]
     for path in doomed:
         path.unlink()

@@ -74,7 +74,7 @@ def _bpe_pieces(texts: Iterable[str]) -> Iterator[str]:
 
 def ensure_mask_token(tokenizer) -> bool:
     """Add `<|mask|>` (and `<|beginoftext|>`) to an existing tokenizer when missing; returns whether it
-    grew, in which case the model's embeddings must be resized to len(tokenizer)."""
+    grew (the model then needs an embedding row for each new id)."""
     before = len(tokenizer)
     vocab = tokenizer.get_vocab()
     if MASK not in vocab:

@@ -27,6 +27,11 @@ class ModelDirError(ValueError):
         self.problem = problem
 
 
+# config.json's integer sizes (num_key_value_heads and head_dim may be absent: derived)
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The Qwen3 shape and constants the engine needs, read from config.json."""
@@ -99,32 +104,48 @@ def read_config(model_dir: Path) -> ModelConfig:
         raise ModelDirError(path, "attention_bias and use_sliding_window must be false for Qwen3")
     if raw.get("hidden_act", "silu") != "silu":
         raise ModelDirError(path, f"hidden_act is {raw['hidden_act']!r}; only 'silu' is supported")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in raw:
+            raise ModelDirError(path, f"missing required key {key!r}")
+    for key in (*_SIZES, "eos_token_id", "mask_token_id"):  # ints, as transformers' config classes demand
+        value = raw.get(key)
+        if key == "eos_token_id" and isinstance(value, list):  # several end tokens: the first ends a response
+            value = value[0] if value else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ModelDirError(path, f"{key} is {value!r}; it must be an integer")
+        if value is not None and value < (0 if key.endswith("token_id") else 1):
+            raise ModelDirError(path, f"{key} is {value}; it must be a " +
+                                ("token id (>= 0)" if key.endswith("token_id") else "positive integer"))
+    heads, eos = raw["num_attention_heads"], raw.get("eos_token_id")
+    if eos is None or eos == []:
+        raise ModelDirError(path, "no eos_token_id: add the id of the token that ends a response (the "
+                                  "tokenizer's eos_token)")
     try:
-        heads = int(raw["num_attention_heads"])
-        eos = raw.get("eos_token_id")
         config = ModelConfig(
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["hidden_size"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
             rope_theta=_rope_theta(raw, path),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            eos_token_id=int(eos[0] if isinstance(eos, list) else eos) if eos is not None else -1,
-            mask_token_id=int(raw["mask_token_id"]) if raw.get("mask_token_id") is not None else None,
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            mask_token_id=raw.get("mask_token_id"),
         )
-    except KeyError as exc:
-        raise ModelDirError(path, f"missing required key {exc.args[0]!r}") from exc
-    except (TypeError, ValueError, IndexError, AttributeError) as exc:  # "abc" for a size, [] for eos_token_id, ...
+    except (TypeError, ValueError, AttributeError) as exc:  # "abc" for rms_norm_eps, a list for rope_parameters
         raise ModelDirError(path, f"a value has the wrong type or form ({exc}); sizes and ids are integers") from exc
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
-        if getattr(config, key) < 1:
-            name = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-                    "num_kv_heads": "num_key_value_heads"}.get(key, key)
-            raise ModelDirError(path, f"{name} is {getattr(config, key)}; it must be a positive integer")
+    if config.hidden_size % heads and "head_dim" not in raw:
+        raise ModelDirError(path, f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {heads}; "
+                                  "set head_dim")
+    for name, token in (("eos_token_id", config.eos_token_id), ("mask_token_id", config.mask_token_id)):
+        if token is not None and token >= config.vocab_size:
+            raise ModelDirError(path, f"{name} {token} is outside the vocabulary (vocab_size {config.vocab_size})")
+    if config.mask_token_id == config.eos_token_id:
+        raise ModelDirError(path, f"mask_token_id and eos_token_id are both {config.eos_token_id}; the mask token "
+                                  f"({MASK_TOKEN}) is a token of its own")
     if not (config.rms_norm_eps > 0 and config.rope_theta > 0):
         raise ModelDirError(path, "rms_norm_eps and rope_theta must be positive numbers")
     context = raw.get("max_position_embeddings")
@@ -142,12 +163,17 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ModelDirError(index, f"not a safetensors index with a weight_map ({exc})") from exc
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:  # TypeError: not an object
+            raise ModelDirError(index, f"not a safetensors index with a weight_map ({exc!r})") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) and shard.strip(". /")
+                                                       for shard in weight_map.values()):
+            raise ModelDirError(index, "weight_map must map each tensor name to its shard's file name "
+                                       '({"model.norm.weight": "model-00001-of-00002.safetensors", ...})')
         files = {name: model_dir / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
-                raise ModelDirError(shard, f"shard listed in {SHARD_INDEX} is missing")
+                raise ModelDirError(shard, f"shard listed in {SHARD_INDEX} is missing" +
+                                    (" (not a file)" if shard.exists() else ""))
         return files
     single = model_dir / SINGLE_FILE
     if not single.is_file():
@@ -182,7 +208,9 @@ def check_model_dir(model_dir: Path | str) -> None:
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     _checked_tensors(model_dir, config, "cpu", None)
-    resolve_mask_token_id(config, load_tokenizer(model_dir), model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    check_tokenizer(config, tokenizer, model_dir)
+    resolve_mask_token_id(config, tokenizer, model_dir)
 
 
 def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) -> dict:
@@ -221,22 +249,55 @@ def load_tokenizer(model_dir: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # a file of the wrong structure
+    except TRANSFORMERS_LOAD_ERRORS as exc:  # a file of the wrong structure
         reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise ModelDirError(_tokenizer_culprit(model_dir), f"cannot be loaded ({type(exc).__name__}: {reason})") from exc
+        culprit = model_dir / "config.json" if _is_config_error(exc) else _tokenizer_culprit(model_dir)
+        raise ModelDirError(culprit, f"cannot be loaded ({type(exc).__name__}: {reason})") from exc
+
+
+def _strict_dataclass_errors() -> tuple:
+    """huggingface_hub's validation errors of config values (transformers 5 reads config.json through
+    strict dataclasses: a string attention_dropout, a layer_types list of the wrong length); () on a
+    huggingface_hub without them."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+# What transformers' from_pretrained raises for a directory of the wrong structure
+TRANSFORMERS_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, *_strict_dataclass_errors())
+
+
+def _is_config_error(exc: Exception) -> bool:
+    return isinstance(exc, _strict_dataclass_errors())
 
 
 def _tokenizer_culprit(model_dir: Path) -> Path:
-    """The tokenizer file to name when transformers cannot load the tokenizer: one that is not JSON, else
+    """The tokenizer file to name when transformers cannot load the tokenizer: one that is not a JSON object, else
     a missing tokenizer.json (tokenizer_config.json alone needs a slow tokenizer's files), else
     tokenizer.json."""
     for name in ("tokenizer_config.json", "tokenizer.json"):
         path = model_dir / name
         try:
-            json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+            if path.is_file() and not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+                return path  # JSON, but not the object it must be
         except (OSError, ValueError):
             return path
     return model_dir / "tokenizer.json"
+
+
+def check_tokenizer(config: ModelConfig, tokenizer, model_dir: Path) -> None:
+    """Every id the tokenizer can produce has an embedding row: a tokenizer larger than config.json's
+    vocab_size (a cut embedding, an added token) passed loading and then failed the prompts holding such a
+    token, a server misconfiguration answered as the client's 400. Raises ModelDirError naming
+    tokenizer.json."""
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest >= config.vocab_size:
+        raise ModelDirError(Path(model_dir) / "tokenizer.json",
+                            f"holds token id {largest} but config.json's vocab_size is {config.vocab_size} (the "
+                            "embedding's rows): use the checkpoint's own tokenizer, or resize the embedding")
 
 
 def resolve_mask_token_id(config: ModelConfig, tokenizer, model_dir: Path) -> int:
@@ -252,4 +313,7 @@ def resolve_mask_token_id(config: ModelConfig, tokenizer, model_dir: Path) -> in
             )
     if not 0 <= mask_id < config.vocab_size:
         raise ModelDirError(Path(model_dir) / "config.json", f"mask_token_id {mask_id} outside the vocabulary")
+    if mask_id == config.eos_token_id:
+        raise ModelDirError(Path(model_dir) / "config.json", f"the tokenizer's {MASK_TOKEN} is id {mask_id}, which is "
+                                                             "eos_token_id too; the mask token is a token of its own")
     return int(mask_id)

@@ -94,6 +94,7 @@ class ModelRunner:
         model_dir = Path(model_dir)
         config = loader.read_config(model_dir)
         tokenizer = loader.load_tokenizer(model_dir)
+        loader.check_tokenizer(config, tokenizer, model_dir)
         mask_id = loader.resolve_mask_token_id(config, tokenizer, model_dir)
         weights = loader.read_weights(model_dir, config, dtype=dtype, device=device)
         model = build_model(config, weights, dtype=dtype, device=device)

@@ -123,6 +123,8 @@ def test_plain_output_is_the_completion_text_and_ar_mode_works(tiny_model_dir, t
         (["--prompt", "x", "--mode", "ar", "--gen-length", "4096"], "use at most 4095"),
         # the path once, with the reason (it was repeated in the OSError's own text)
         (["--prompt-file", "/nonexistent/p.txt"], "--prompt-file: cannot read /nonexistent/p.txt: No such file or directory"),
+        # an undecodable argv byte (a lone surrogate, PEP 383) was the tokenizer's TypeError traceback
+        (["--prompt", "def f():\n\udcff"], "--prompt: is not UTF-8 text"),
     ],
 )
 def test_bad_arguments_print_one_line_and_exit_non_zero(tiny_model_dir, capsys, argv, needle):
@@ -197,8 +199,9 @@ def _config_with(**changes):
     ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "not a readable safetensors"),
     ("model.safetensors", (2**40).to_bytes(8, "little") + b"{}", "not a readable safetensors"),
     ("config.json", "[]", "config.json: must hold a JSON object"),
-    ("config.json", _config_with(hidden_size="abc"), "config.json: a value has the wrong type"),
-    ("config.json", _config_with(eos_token_id=[]), "config.json: a value has the wrong type"),
+    ("config.json", _config_with(hidden_size="abc"), "config.json: hidden_size is 'abc'; it must be an integer"),
+    ("config.json", _config_with(eos_token_id=[]), "config.json: no eos_token_id"),
+    ("config.json", _config_with(rms_norm_eps="abc"), "config.json: a value has the wrong type"),
     ("config.json", _config_with(num_hidden_layers=-2), "num_hidden_layers is -2; it must be a positive integer"),
     ("config.json", _config_with(max_position_embeddings=-1), "max_position_embeddings is -1"),
     ("config.json", _config_with(max_position_embeddings="big"), "max_position_embeddings is 'big'"),
@@ -213,6 +216,19 @@ def test_a_damaged_model_directory_is_one_line_naming_the_file(tiny_model_dir, t
     code, out, err = _run(capsys, "--model", model, "--prompt", "x")
     assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("refusion generate: error: --model: ") and needle in err, err
+
+
+def test_prompt_file_dash_reads_standard_input(tiny_model_dir, capsys, monkeypatch):
+    """`--prompt-file -` said "cannot read -: No such file" (run-batch takes `-` for standard input)."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"def add(a, b):\n")))
+    flags = ("--model", str(tiny_model_dir), "--mode", "ar", "--gen-length", "4", "--json")
+    code, piped, _ = _run(capsys, "--prompt-file", "-", *flags)
+    direct_code, direct, _ = _run(capsys, "--prompt", "def add(a, b):\n", *flags)
+    assert code == direct_code == 0
+    assert json.loads(piped)["prompt_tokens"] == json.loads(direct)["prompt_tokens"] > 0
+    assert json.loads(piped)["token_ids"] == json.loads(direct)["token_ids"]
 
 
 def test_a_prompt_file_past_the_bound_is_refused_unread(capsys, tiny_model_dir):

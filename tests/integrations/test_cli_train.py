@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -231,7 +233,7 @@ def test_checkpoints_follow_the_clock_at_any_step_and_a_tiny_budget_still_trains
 
     saves = []
     real_save = cli_train.save_model_dir
-    monkeypatch.setattr(cli_train, "save_model_dir", lambda *a: (saves.append(a[-1]), real_save(*a)))
+    monkeypatch.setattr(cli_train, "save_model_dir", lambda *a, **kw: (saves.append(a[3]), real_save(*a, **kw)))
     out = tmp_path / "m"
     assert main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--steps", "3", "--log-every", "100",
                  "--checkpoint-minutes", "1e-9", "--batch-tokens", "256", "--vocab-size", "300",
@@ -306,3 +308,73 @@ def test_overwrite_removes_the_old_models_files_and_keeps_the_rest(corpus_dir, t
     assert not {"refusion.json", "README.md", "model-00001-of-00002.safetensors"} & names
     assert {"notes.txt", "sub", "model.safetensors", "config.json", "train_log.jsonl"} <= names
     assert json.loads((out / "config.json").read_text())["mask_token_id"] is not None
+
+
+def test_a_save_cut_short_leaves_the_last_complete_model(corpus_dir, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C while the final save wrote its files left config.json and weights without a
+    tokenizer (the directory no longer loaded) and said "nothing saved"; --overwrite removed the old model
+    when the run started, so a cut save lost it. The cut is forced where the weights are written."""
+    from transformers import Qwen3ForCausalLM
+
+    from workers.runner import ModelRunner
+
+    real_save, calls = Qwen3ForCausalLM.save_pretrained, []
+
+    def cut_on(which: int):
+        def save(self, path, *args, **kwargs):
+            calls.append(path)
+            if len(calls) == which:
+                (Path(path) / "model.safetensors").write_bytes(b"half-written")
+                raise KeyboardInterrupt  # what the second signal raises (cli_train._Interrupt)
+            return real_save(self, path, *args, **kwargs)
+        return save
+
+    out = tmp_path / "m"
+    out.mkdir()
+    old = {"config.json": "{}", "refusion.json": '{"slot_threshold": 0.6}', "model.safetensors": "old weights"}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    monkeypatch.setattr(Qwen3ForCausalLM, "save_pretrained", cut_on(1))
+    argv = ["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--overwrite", "--batch-tokens", "256",
+            "--vocab-size", "300"]
+    assert main([*argv, "--steps", "1"]) == 130
+    assert "interrupted while training; nothing saved" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in out.iterdir() if p.name in old} == old  # the old model, whole
+    assert set(p.name for p in out.iterdir()) == set(old) | {"train_args.json", "train_log.jsonl"}  # no .saving
+
+    # checkpoints at every step, the final save cut: the last checkpoint is named, and it loads
+    calls.clear()
+    monkeypatch.setattr(Qwen3ForCausalLM, "save_pretrained", cut_on(3))
+    assert main([*argv, "--steps", "3", "--checkpoint-minutes", "1e-9"]) == 130
+    assert f"interrupted while training; the checkpoint of step 2 is in {out}" in capsys.readouterr().err
+    assert not {"refusion.json"} & {p.name for p in out.iterdir()}  # the old model's files went at the first save
+    assert ModelRunner(str(out), device="cpu").info.num_layers == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == {oct(0o666 & ~umask)}
+
+
+def test_init_rows_past_the_context_are_refused_and_every_token_gets_an_embedding_row(corpus_dir, tiny_model_dir,
+                                                                                        tmp_path, capsys):
+    """--seq-len past the --init model's max_position_embeddings trained positions it is not made for, with
+    no word; a tokenizer holding ids past the embedding crashed mid-loop (IndexError)."""
+    import shutil
+
+    from workers.runner import ModelRunner
+
+    base = ["train", "--corpus", str(corpus_dir), "--steps", "1", "--threads", "1"]
+    assert main([*base, "--out", str(tmp_path / "long"), "--init", str(tiny_model_dir), "--seq-len", "8192",
+                 "--batch-tokens", "8192"]) == 2
+    assert "--seq-len: 8192 is longer than the --init model's context (max_position_embeddings 4096)" in \
+        capsys.readouterr().err
+    init = Path(shutil.copytree(tiny_model_dir, tmp_path / "init"))
+    tokenizer = json.loads((init / "tokenizer.json").read_text())
+    rows = json.loads((init / "config.json").read_text())["vocab_size"]
+    tokenizer["added_tokens"].append({"id": rows + 3, "content": "<|extra|>", "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": True})
+    (init / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = tmp_path / "grown"
+    assert main([*base, "--out", str(out), "--init", str(init), "--batch-tokens", "256", "--seq-len", "128"]) == 0
+    assert f"the embedding grows from {rows} to" in capsys.readouterr().out
+    info = ModelRunner(str(out), device="cpu").info  # the serving loader's check: every id has its row
+    assert info.vocab_size > rows

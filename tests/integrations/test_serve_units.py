@@ -368,7 +368,7 @@ def test_an_autoscaling_policy_that_does_not_import_is_one_line_before_ray_start
     parser = argparse.ArgumentParser()
     cli_serve.add_arguments(parser)
     assert cli_serve.run(parser.parse_args(["--model", str(tiny_model_dir), "--config", str(config)])) == 2
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()  # errors go to stderr, as generate's and train's
     assert len(out) == 1 and out[0].startswith("refusion serve: --config: applications[0].deployments: ") and "nosuch" in out[0]
 
 
@@ -393,7 +393,7 @@ def test_a_second_serve_on_a_busy_port_exits_instead_of_sharing_it():
         proc = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", "--port", str(port)], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert proc.stdout.strip() == (f"refusion serve: --host/--port: 127.0.0.1:{port}: address already in use "
+    assert proc.stderr.strip() == (f"refusion serve: --host/--port: 127.0.0.1:{port}: address already in use "
                                    "(another server listens there); stop it or choose another --port")
     assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
 
@@ -417,7 +417,7 @@ def test_a_broken_model_directory_is_one_line_before_ray_starts(tiny_model_dir, 
         proc = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", "--model", str(target), "--port", "1"],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert proc.stdout.startswith(f"refusion serve: {said}"), proc.stdout
+        assert proc.stderr.startswith(f"refusion serve: {said}") and not proc.stdout, proc.stdout + proc.stderr
         assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
 
 

@@ -138,9 +138,30 @@ def _drop_tensor(model: Path) -> None:
     (_drop_tensor, "model.safetensors"),
     (lambda m: (m / "tokenizer.json").write_text("{"), "tokenizer.json"),
     (lambda m: (m / "tokenizer_config.json").write_text("{"), "tokenizer_config.json"),  # was named tokenizer.json
+    (lambda m: (m / "tokenizer_config.json").write_text("[]"), "tokenizer_config.json"),
     (lambda m: (m / "config.json").write_text("[]"), "config.json"),
     (lambda m: [(m / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "tokenizer.json"),
-])
+    # each was a traceback (ZeroDivisionError, transformers' validation errors, TypeError, AttributeError)
+    (lambda m: _edit_json(m / "config.json", lambda c: (c.update(num_attention_heads=0), c.pop("head_dim", 0))),
+     "config.json"),
+    (lambda m: _edit_json(m / "config.json", lambda c: c.update(num_hidden_layers=True)), "config.json"),
+    (lambda m: _edit_json(m / "config.json", lambda c: c.update(hidden_size=256.7)), "config.json"),
+    (lambda m: _edit_json(m / "config.json", lambda c: c.update(attention_dropout="x")), "config.json"),
+    (lambda m: _edit_json(m / "config.json", lambda c: c.update(layer_types=["full_attention"] * 9)), "config.json"),
+    (lambda m: (m / "model.safetensors.index.json").write_text("[]"), "model.safetensors.index.json"),
+    (lambda m: (m / "model.safetensors.index.json").write_text('{"weight_map": []}'), "model.safetensors.index.json"),
+    (lambda m: (m / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm.weight": null}}'),
+     "model.safetensors.index.json"),
+    # accepted, then wrong at serving time: no end token, the mask token the end token, ids past the embedding
+    (lambda m: _edit_json(m / "config.json", lambda c: c.pop("eos_token_id")), "config.json"),
+    (lambda m: _edit_json(m / "config.json", lambda c: c.update(mask_token_id=c["eos_token_id"])), "config.json"),
+    (lambda m: _edit_json(m / "config.json", lambda c: c.update(eos_token_id=c["vocab_size"] + 7)), "config.json"),
+    (lambda m: _edit_json(m / "tokenizer.json", lambda t: t["added_tokens"].append(
+        {"id": len(t["model"]["vocab"]) + 50, "content": "<|extra|>", "single_word": False, "lstrip": False,
+         "rstrip": False, "normalized": False, "special": True})), "tokenizer.json"),
+], ids=["truncated", "tensor-dropped", "tokenizer-json", "tokenizer-config", "tokenizer-config-list", "config-list", "no-tokenizer",
+        "heads-0", "layers-bool", "hidden-float", "dropout-string", "layer-types", "index-list", "weight-map-list",
+        "shard-null", "no-eos", "mask-is-eos", "eos-past-vocab", "token-past-vocab"])
 def test_the_quick_check_finds_what_loading_finds(tiny_model_dir, tmp_path, break_it, file):
     """check_model_dir (what `refusion serve` runs before it starts Ray; a broken directory failed every
     replica after a minute of tracebacks) names the same file as loading the model does, reading no tensor."""
