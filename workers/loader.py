@@ -197,7 +197,8 @@ def _opened(path: Path, device: str = "cpu"):
 
 def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict:
     """Load every tensor the model needs, checked against the config's shapes, as `dtype` on `device`.
-    Raises ModelDirError naming the file for a missing, misshapen or unreadable tensor."""
+    Raises ModelDirError naming the file for a missing, misshapen or unreadable tensor, or one holding a
+    NaN or an infinity (damaged bytes loaded silently and decoded empty text)."""
     return _checked_tensors(model_dir, config, str(device), lambda handle, name: handle.get_tensor(name).to(dtype))
 
 
@@ -236,7 +237,11 @@ def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) ->
                 if shape != expected[name]:
                     raise ModelDirError(path, f"tensor {name!r} has shape {shape}, config.json implies {expected[name]}")
                 if load is not None:
-                    weights[name] = load(handle, name)
+                    weights[name] = tensor = load(handle, name)
+                    if tensor.is_floating_point() and not bool(tensor.isfinite().all()):  # one sync per tensor, at load
+                        raise ModelDirError(path, f"tensor {name!r} holds NaN or infinite values as {tensor.dtype} "
+                                                  "(damaged bytes, or values past what --dtype holds); re-download "
+                                                  "or re-save it")
     return weights
 
 

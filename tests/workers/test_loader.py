@@ -177,6 +177,19 @@ def test_the_quick_check_finds_what_loading_finds(tiny_model_dir, tmp_path, brea
     assert checked.value.path == loaded.value.path and checked.value.path.endswith(file)
 
 
+def test_weights_holding_nan_are_refused_naming_the_file(tiny_model_dir, tmp_path):
+    """Bytes overwritten in the weights (NaN in float32) or a NaN norm loaded and decoded empty text, exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(tiny_model_dir, tmp_path)
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"][3] = float("nan")
+    save_file(weights, model / "model.safetensors")
+    with pytest.raises(ModelDirError, match="'model.norm.weight' holds NaN or infinite values") as err:
+        ModelRunner(model, device="cpu", num_blocks=8)
+    assert err.value.path.endswith("model.safetensors")
+
+
 def test_kv_budget_and_dtype(tiny_model_dir):
     cfg = read_config(tiny_model_dir)
     per_block = bytes_per_block(cfg, 16, torch.bfloat16)
