@@ -14,7 +14,8 @@ each decoding mode pinned, so two runs give the same numbers.
   - tool_call_rate: share of tool turns answered with `tool_calls` whose first call names an offered tool;
   - tool_call_exact: share whose first call names the asked function with exactly the asked arguments;
   - forced_tool_call_rate / forced_tool_call_exact: the same with tool_choice "required" (the API
-    prefills the call's opening, docs/api.md), i.e. what an agent that demands a call gets.
+    prefills the call's opening, docs/api.md), i.e. what an agent that demands a call gets. AR only: a
+    forced call decodes autoregressively under its grammar, and the API refuses it with mode "refusion".
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ async def _score(model_dir: Path, instructions, tool_turns, modes) -> dict:
                 contents = [(a["message"].get("content") or "", a["finish_reason"] == "length") for a in answers]
                 row[f"{mode}_chat_nonempty"] = round(sum(bool(c.strip()) for c, _ in contents) / len(answers), 4)
                 row[f"{mode}_chat_valid_python"] = round(sum(valid_answer(c, cut) for c, cut in contents) / len(answers), 4)
-                for prefix, choice in (("", None), ("forced_", "required")):
+                forced = (("forced_", "required"),) if mode != "refusion" else ()  # a 400 in ReFusion mode
+                for prefix, choice in (("", None), *forced):
                     turns = await asyncio.gather(*(_ask(client, p, mode, choice) for p in tool_turns))
                     calls = [t["message"].get("tool_calls") or [] for t in turns]
                     named = exact = 0

@@ -101,3 +101,7 @@ def test_chat_rows_come_from_the_chat_endpoint_and_are_identical_on_two_runs():
                                                        "forced_tool_call_rate", "forced_tool_call_exact"))
     assert first["ar_chat_example"]["request"].startswith("Write a Python function `")
     assert measure_chat(SHIPPED, ["stdlib"], 0.03, n=2, modes=("ar",)) == first
+    # ReFusion mode: the forced rows are AR's alone (the API refuses a forced call in ReFusion mode: the
+    # card's one command failed with a 400 there)
+    refusion = measure_chat(SHIPPED, ["stdlib"], 0.03, n=1, modes=("refusion",))
+    assert 0.0 <= refusion["refusion_tool_call_rate"] <= 1.0 and "refusion_forced_tool_call_rate" not in refusion
