@@ -50,6 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.bench_args import positive_int  # noqa: E402
 from bench.editor_latency import pct  # noqa: E402
 from integrations.lsp.backend import EditorBackend  # noqa: E402
 
@@ -270,12 +271,6 @@ def report(rows: list[dict], workload: dict, args, argv: list[str]) -> str:
     ])
 
 
-def _positive(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text}: needs at least 1")
-    return int(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
@@ -289,7 +284,7 @@ def main() -> int:
     parser.add_argument("--think-ms", type=int, default=500, help="agent pause between turns")
     parser.add_argument("--editor-max-tokens", type=int, default=24)
     parser.add_argument("--agent-max-tokens", type=int, default=48)
-    parser.add_argument("--replicas", type=_positive, default=2, help="engine replicas (they share the 2 CPUs Ray is given)")
+    parser.add_argument("--replicas", type=positive_int, default=2, help="engine replicas (they share the 2 CPUs Ray is given)")
     parser.add_argument("--num-blocks", type=int, default=1000, help="KV blocks per replica (16 tokens each)")
     parser.add_argument("--imbalanced-threshold", type=float, default=2.0,
                         help="router setting: ongoing-request gap that overrides affinity (ServeConfig default 2)")

@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402
 
-from scheduler.api import GenerationRequest, Mode  # noqa: E402
+from bench.bench_args import positive_int, positive_ints  # noqa: E402
+from scheduler.api import GenerationRequest, InvalidRequestError, Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
 
@@ -186,12 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "refusion-tiny-code")
     parser.add_argument("--random-model", action="store_true", help="use a random tiny model (development)")
-    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--requests", type=int, default=6, help="requests per level and round (at least the concurrency)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of every level")
-    parser.add_argument("--gen-length", type=int, default=32, help="0 = the model's default")
-    parser.add_argument("--token-budget", type=int, default=512)
-    parser.add_argument("--num-blocks", type=int, default=2048)
+    parser.add_argument("--levels", type=positive_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--requests", type=positive_int, default=6,
+                        help="requests per level and round (at least the concurrency)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="interleaved repetitions of every level")
+    parser.add_argument("--gen-length", type=int, default=0,
+                        help="tokens per request, a multiple of the model's slot_size x serial_num_blocks; 0 (the "
+                             "default) = the model's own gen_length")
+    parser.add_argument("--token-budget", type=positive_int, default=512)
+    parser.add_argument("--num-blocks", type=positive_int, default=2048)
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -201,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
                f"torch {torch.__version__}, device {runner.info.device}")
     start = time.perf_counter()
-    rows = asyncio.run(run(args, runner))
+    try:
+        rows = asyncio.run(run(args, runner))
+    except InvalidRequestError as exc:  # the engine's check of the decode shape
+        parser.error(f"--gen-length {args.gen_length}: {exc}")
     text = table(rows, args, machine, model)
     print(text)
     print(f"bench wall time: {time.perf_counter() - start:.0f} s")

@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.bench_args import positive_int, positive_ints, torch_device  # noqa: E402
+
 from workers.batch import Reads, Segment  # noqa: E402
 from workers.loader import ModelConfig  # noqa: E402
 from workers.model import random_model  # noqa: E402
@@ -127,11 +129,11 @@ def run(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", choices=sorted(CONFIGS), help="default: 8b on cuda, small on cpu")
-    parser.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128])
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tokens", type=positive_ints, default=[1, 8, 32, 128])
+    parser.add_argument("--context", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)

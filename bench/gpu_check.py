@@ -20,8 +20,9 @@ forward/engine/baselines share one random-weight model built on the device (work
 the larger random vocabulary are decoded). Targets of issue "CUDA fast path" stand beside the numbers:
 forward batch 1 <= 1.25x floor at 1-32 query tokens and <= 1.6x at 128; engine AR >= 200 tok/s alone
 and >= 4,000 tok/s at 32 requests; a ReFusion step >= 8x faster than the batch-1 transformers one.
-`--budget-s` (default 450) stops starting parts once spent (recorded as skipped). Prints one table and
-writes one JSON file; exits 1 if any part failed (unmet targets are not failures).
+`--budget-s` (default 450) stops starting parts, and forward variants, once spent (recorded as skipped).
+Prints one table and writes one JSON file, rewritten after every part (a run cut short by the device
+tool's timeout keeps what it measured); exits 1 if any part failed (unmet targets are not failures).
 
     python bench/gpu_check.py --json gpu_check.json                  # CUDA: 8b config, bf16
     ... --runner-options '{"cuda_graphs": true}'                     # options on top of every runner variant
@@ -29,7 +30,7 @@ writes one JSON file; exits 1 if any part failed (unmet targets are not failures
     OMP_NUM_THREADS=1 python bench/gpu_check.py --device cpu         # dry run: tiny config, well under a minute
 
 The GPU machine (device tool) has torch, transformers and pytest but neither structlog (the engine
-imports it; without it the engine, baselines and concurrency parts fail or skip, recorded) nor pydantic
+imports it; without it the engine, baselines, host and features parts fail and concurrency skips, recorded) nor pydantic
 (not needed here). Once, here, in the repo root, fetch structlog's wheel (pure Python, 74 kB) and
 llguidance's (abi3, 3 MB; tests/gpu then also checks grammar-constrained requests on CUDA):
     echo /.whl/ >> .git/info/exclude
@@ -277,12 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             print(records[name]["traceback"], file=sys.stderr, flush=True)
         print(f"[gpu_check] {name}: {records[name]['status']} in {records[name]['seconds']:.1f} s "
               f"{records[name].get('error', '')}", flush=True)
-    info = machine(bench)
-    text = table(info, records)
-    for rec in records.values():
-        rec["rows"] = [vars(row) for row in rec["rows"]]
-    report = {"machine": info, "args": vars(args), "parts": records, "table": text}
-    args.json.write_text(json.dumps(report, indent=1, default=str))
+        write_report(bench, records)  # after every part: a run the device tool cuts short keeps what it measured
+    text = write_report(bench, records)
     print(text)
     if args.append:
         with args.append.open("a") as out:
@@ -290,6 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     failed = [name for name, rec in records.items() if rec["status"] == "failed"]
     print(f"results: {args.json}; failed parts: {', '.join(failed) or 'none'}")
     return 1 if failed else 0
+
+
+def write_report(bench: Workbench, records: dict) -> str:
+    """Write the JSON report of the parts run so far (--json: machine, args, parts with their rows, the
+    table); returns the table."""
+    info = machine(bench)
+    text = table(info, records)
+    parts = {name: {**rec, "rows": [vars(row) for row in rec["rows"]]} for name, rec in records.items()}
+    report = {"machine": info, "args": vars(bench.args), "parts": parts, "table": text}
+    bench.args.json.write_text(json.dumps(report, indent=1, default=str))
+    return text
 
 
 def quiet_engine_logs() -> None:

@@ -151,6 +151,10 @@ def part_forward(bench: Workbench) -> tuple[dict, list[Row]]:
                "context": args.context, "variants": {}}
     rows = [Row("weight-read floor", f"{weight_bytes / 1e9:.3g} GB / {bandwidth / 1e9:.0f} GB/s = {floor_ms:.3g} ms")]
     for variant in args.forward_variants:
+        if bench.time_left() <= 0:  # each variant builds a runner (graph capture, compile): not started late
+            results["variants"][variant] = {"skipped": "time budget spent"}
+            rows.append(Row(f"forward [{variant}]", "skipped: --budget-s spent", "-", None))
+            continue
         try:
             found, variant_rows = _forward_variant(bench, {**FORWARD_VARIANTS[variant], **args.runner_options}, floor_ms)
         except Exception as exc:  # one variant failing (e.g. flex not compiling) must not hide the others

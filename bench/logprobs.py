@@ -172,15 +172,20 @@ async def bench_scoring(model_dir: Path, requests: int, prompt_tokens: int) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.bench_args import positive_int, torch_device
+    from decoding.params import DecodeParamError
+    from scheduler.api import InvalidRequestError
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--requests", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", type=torch_device, default="cpu")
+    parser.add_argument("--requests", type=positive_int, default=8)
+    parser.add_argument("--tokens", type=positive_int, default=64,
+                        help="tokens per request: a multiple of the model's slot_size x serial_num_blocks")
+    parser.add_argument("--repeats", type=positive_int, default=20)
     parser.add_argument("--vocabs", default="8192,151936")
     parser.add_argument("--rows", default="8,64")
-    parser.add_argument("--score-prompt-tokens", type=int, default=512)
+    parser.add_argument("--score-prompt-tokens", type=positive_int, default=512)
     parser.add_argument("--parts", default="reads,engine,format,scoring", help="the tables to measure")
     args = parser.parse_args(argv)
     model_dir = Path(args.model)
@@ -196,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in reads:
             print(f"| {r['vocab']} | {r['rows']} | {r['plain_ms']} | {r['logprobs_ms']} | {r['ranks_ms']} |")
     if "engine" in parts:
-        engine = asyncio.run(bench_engine(model_dir, args.requests, args.tokens))
+        try:
+            engine = asyncio.run(bench_engine(model_dir, args.requests, args.tokens))
+        except (DecodeParamError, InvalidRequestError) as exc:  # the decode shape's check
+            parser.error(f"--tokens {args.tokens}: {exc}")
         print("\n| engine: mode | logprobs | requests | tokens | step ms p50 | tok/s |\n|---|---|---|---|---|---|")
         for r in engine:
             print(f"| {r['mode']} | {r['logprobs']} | {r['requests']} | {r['tokens']} | {r['step_ms_p50']} "

@@ -51,11 +51,13 @@ def one_run(model_dir: Path, source: Path, concurrency: int) -> tuple[dict, list
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.bench_args import positive_int, positive_ints
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--requests", type=int, default=128)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--requests", type=positive_int, default=128)
+    parser.add_argument("--tokens", type=positive_int, default=32)
+    parser.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32])
     args = parser.parse_args(argv)
     import structlog
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     model_dir = Path(args.model)
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = args.concurrency
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "batch.jsonl"
         source.write_text("\n".join(batch_lines(model_dir.name, args.requests, args.tokens)) + "\n")

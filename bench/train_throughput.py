@@ -24,15 +24,17 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> int:
+    from bench.bench_args import positive_int, torch_device
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
     parser.add_argument("--corpus", nargs="+", default=["stdlib"])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch-tokens", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-tokens", type=positive_int, default=8192)
+    parser.add_argument("--seq-len", type=positive_int, default=256)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--device", type=torch_device, default="cpu")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="measured bf16 matmul peak (H200)")
     parser.add_argument("--append", action="store_true")

@@ -96,6 +96,40 @@ def test_parts_past_the_time_budget_are_skipped(tmp_path):
     assert all(p["status"] == "skipped" and "budget" in p["error"] for p in parts.values())
 
 
+def test_the_report_is_written_after_every_part(tmp_path, monkeypatch):
+    """The JSON was written only at the end: a run the device tool cut at its timeout lost every number."""
+    out = tmp_path / "report.json"
+    seen = {}
+
+    def forward(bench):
+        return {"floor_ms": 1.0}, [gpu_check.Row("weight-read floor", "1 ms")]
+
+    def engine(bench):  # what a cut run would leave on disk at this point
+        seen.update(json.loads(out.read_text())["parts"])
+        return {}, []
+
+    monkeypatch.setitem(gpu_check.PARTS, "forward", forward)
+    monkeypatch.setitem(gpu_check.PARTS, "engine", engine)
+    assert gpu_check.main(["--device", "cpu", "--parts", "forward,engine", "--json", str(out)]) == 0
+    assert list(seen) == ["forward"] and seen["forward"]["results"] == {"floor_ms": 1.0}
+    assert seen["forward"]["rows"] == [{"measurement": "weight-read floor", "value": "1 ms", "target": "-", "met": None}]
+    assert list(json.loads(out.read_text())["parts"]) == ["forward", "engine"]
+
+
+def test_forward_variants_past_the_budget_are_skipped(tmp_path, monkeypatch):
+    """The budget was checked only between parts, and the forward part builds a runner per variant (graph
+    capture, compiling): once spent, the remaining variants are not started."""
+    left = iter([100.0])  # main's check before the part; every later look finds the budget spent
+    monkeypatch.setattr(gpu_check.Workbench, "time_left", lambda self: next(left, 0.0))
+    out = tmp_path / "report.json"
+    assert gpu_check.main(["--device", "cpu", "--parts", "forward", "--forward-variants", "default,flex",
+                           "--json", str(out)]) == 0
+    forward = json.loads(out.read_text())["parts"]["forward"]
+    assert forward["results"]["variants"] == {"default": {"skipped": "time budget spent"},
+                                              "flex": {"skipped": "time budget spent"}}
+    assert [r["value"] for r in forward["rows"][1:]] == ["skipped: --budget-s spent"] * 2
+
+
 def test_engine_variant_given_by_name_builds_that_runner():
     args = gpu_check.parse_args(["--device", "cpu", "--engine-variant", "flex", "--runner-options", '{"block_size": 8}'])
     runner = gpu_check.Workbench(args).engine_runner()

@@ -1,0 +1,37 @@
+"""argparse value types the bench scripts share: a bad value is argparse's one-line usage error (exit 2)
+naming the flag, not a traceback from deep inside the run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1 ("1,8,32")."""
+    return [positive_int(part) for part in text.split(",")]
+
+
+def torch_device(text: str) -> str:
+    """A torch device this machine has: cpu, or cuda[:N] where CUDA is available."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device; use cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: the bench scripts run on cpu or cuda")
+    return text
