@@ -68,6 +68,11 @@ class EngineClient(Protocol):
 
     async def cancel(self, request_id: str) -> None: ...
 
+    def in_flight(self, request_id: str) -> str | None:
+        """An id this client has in flight that `request_id` is, extends or is extended by
+        (scheduler/request_ids.py); None when there is none. For a route that names its engine requests
+        other than `<id>` or `<id>.<i>` (/infill's candidates), to refuse a client id already running."""
+
     async def info(self) -> dict: ...
 
     async def metrics(self) -> bytes:
@@ -201,6 +206,9 @@ class LocalEngineClient:
     async def cancel(self, request_id: str) -> None:
         await _maybe_await(self.engine.cancel(request_id))
 
+    def in_flight(self, request_id: str) -> str | None:
+        return self.engine.in_flight(request_id)
+
     async def info(self) -> dict:
         info = dict(self._model_info)
         info["model"] = self.model_name
@@ -310,6 +318,9 @@ class ServeEngineClient:
             if not finished:
                 # Ray Serve cancels the replica-side generator, whose `finally` cancels in the engine.
                 responses.cancel()
+
+    def in_flight(self, request_id: str) -> str | None:
+        return self._inflight_ids.overlap(request_id)  # this ingress replica's ids: the check is per replica
 
     async def cancel(self, request_id: str) -> None:
         responses = self._inflight.get(request_id)

@@ -118,6 +118,11 @@ class Engine:
             if not req.finished:
                 self.cancel(req.id)
 
+    def in_flight(self, request_id: str) -> str | None:
+        """An id in flight here that `request_id` is, extends or is extended by (scheduler/request_ids.py:
+        "a" and "a.0"); None when there is none."""
+        return self._ids.overlap(request_id)
+
     def cancel(self, request_id: str) -> None:
         """End a request now (idempotent): no further forward; its KV is freed at once, or right after
         the forward in progress returns if its segment is inside it."""

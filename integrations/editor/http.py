@@ -35,7 +35,8 @@ from integrations.llama_completion import (LlamaCompletionBody, llama_events, ll
 from integrations.openai_calls import collect, logprob_formatter, start
 from integrations.openai_requests import completion_requests, id_headers, request_id
 from integrations.request_limits import InputError, RequestLimits, off_loop
-from scheduler.api import EngineError
+from scheduler.api import EngineError, InvalidRequestError
+from scheduler.request_ids import in_flight_message
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -120,7 +121,10 @@ async def infill_route(request: Request) -> Response:
         observer = (RequestObserver.for_request(request, "infill", rid, 0, usage_from_engine=True)
                     if hasattr(request.app.state, "metrics") else None)
         # Engine ids <X-Request-Id>.<random>-g<gap>: a client that reuses its id at once never meets
-        # the candidates of its previous request still being cancelled.
+        # the candidates of its previous request still being cancelled in the engine. Two requests of
+        # one id never meet there either, so the id itself is checked against this client's ids in flight.
+        if (running := client.in_flight(rid)) is not None:
+            raise InvalidRequestError("request_id", in_flight_message(rid, running))
         engine_rid = f"{rid}.{uuid.uuid4().hex[:6]}"
         if not body.stream:
             return Response(compact_json(await infill(client, body, n_ctx, engine_rid, observer)),

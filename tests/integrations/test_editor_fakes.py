@@ -18,6 +18,7 @@ import pytest
 
 from scheduler.api import Delta, FinishReason, InvalidRequestError, Mode, OverloadedError
 from scheduler.detokenizer import Healer
+from scheduler.request_ids import InFlightIds
 
 
 @dataclass
@@ -35,11 +36,23 @@ class FakeEngineClient:
     # While set to an unset Event, each request waits (recorded, before its first delta) until it is set.
     # A threading.Event: the fake may run on another thread's event loop (a uvicorn server in a thread).
     hold: threading.Event | None = None
+    running: InFlightIds = field(default_factory=InFlightIds)  # what in_flight answers from
 
     async def stream(self, req):
         self.requests.append(req)
         if self.fail_with is not None:
             raise self.fail_with
+        self.running.add(req.request_id)
+        try:
+            async for delta in self._deltas(req):
+                yield delta
+        finally:
+            self.running.discard(req.request_id)
+
+    def in_flight(self, request_id):
+        return self.running.overlap(request_id)
+
+    async def _deltas(self, req):
         if req.params.get("gen_length", 0) < 1:
             raise InvalidRequestError("gen_length", "must be at least 1")
         text = self.script.get(req.params.get("gen_length"), self.default_text)

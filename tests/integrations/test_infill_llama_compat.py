@@ -4,6 +4,7 @@ and llama.vscode send (field names and types from their source), and the parsing
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -298,6 +299,26 @@ async def test_the_request_id_prefixes_the_engine_ids(http, fake_client):  # noq
         fake_client.requests.clear()
     fresh = await http.post("/infill", json={"input_prefix": "x = 0\n", "input_suffix": ""})
     assert fake_client.requests[0].request_id.startswith(fresh.headers["x-request-id"] + ".")
+
+
+async def test_an_id_in_flight_is_refused_and_free_again_once_it_ends(http, fake_client):  # noqa: F811
+    """Two /infill requests of one X-Request-Id ran side by side: their candidates (<id>.<random>-g<gap>)
+    never overlap, so the engine's check never fired. The id itself is checked now, as on every route."""
+    import threading
+
+    fake_client.hold = threading.Event()
+    body = {"input_prefix": "x = 0\n", "input_suffix": "", "n_predict": 16}
+    first = asyncio.create_task(http.post("/infill", json=body, headers={"X-Request-Id": "vim-7"}))
+    while not fake_client.requests:  # the first one's candidate is in flight (held)
+        await asyncio.sleep(0.005)
+    for stream in (False, True):
+        again = await asyncio.wait_for(  # (a second request of the id was held too: it ran)
+            http.post("/infill", json={**body, "stream": stream}, headers={"X-Request-Id": "vim-7"}), 30)
+        assert again.status_code == 400 and "X-Request-Id" in again.text and "in flight" in again.text, again.text
+    assert len(fake_client.requests) == 1  # the refused ones reached no engine
+    fake_client.hold.set()
+    assert (await first).status_code == 200
+    assert (await http.post("/infill", json=body, headers={"X-Request-Id": "vim-7"})).status_code == 200
 
 
 async def test_null_means_the_default_and_all_candidates_share_one_seed(http, fake_client):  # noqa: F811
