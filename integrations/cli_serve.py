@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         began = time.monotonic()
         drained = drain_app("refusion", drain, drain_s, give_up=stop_now)
         cut = stop_now.is_set() and not drained
-        outcome = "drain cut short" if cut else "drain incomplete" if not drained else \
+        outcome = "drain cut short" if cut else f"drain incomplete ({drained.holdouts()})" if not drained else \
             "drained" if time.monotonic() - began < drain_s else \
             f"drained (after {drain_s:g} s, requests still running were ended with an error)"
         print(f"refusion serve: {outcome}; shutting down", flush=True)

@@ -35,7 +35,8 @@ from integrations.ingress_gate import IngressGate
 from integrations.openai_api import APISettings, create_app
 from integrations.request_limits import RequestLimits
 from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
-from integrations.serve_drain import DRAIN_RETRY_AFTER_S, report_open_work, signal_drain, wait_for_drain_signal
+from integrations.serve_drain import (DRAIN_RETRY_AFTER_S, report_open_work, signal_drain, start_drain_watch,
+                                      wait_for_drain_signal)
 from scheduler.api import Delta, EngineError, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class EngineDeployment:
         self.orphaned = 0  # requests cancelled because the ingress replica streaming them died
         self._callers = CallerRequests()  # ingress replica (Ray actor name) -> its request ids here
         self.draining = False
-        self._drain_watch = asyncio.create_task(self._drain_when_signalled(context.app_name))
+        self._drain_watch = start_drain_watch(self._drain_when_signalled(context.app_name), f"engine {self.replica}")
         self._caller_watch = asyncio.create_task(self._cancel_orphans())
 
     async def _cancel_orphans(self) -> None:
@@ -198,7 +199,8 @@ class IngressDeployment:
         self.client = ServeEngineClient(engine, tokenizer, self.config.served_model_names[0], caller=context.replica_id.to_full_id_str())
         self.model_card = read_model_card(self.config.model)
         self.gate = IngressGate()
-        self._drain_watch = asyncio.create_task(self._drain_when_signalled(context.app_name, context.replica_id.unique_id))
+        replica = context.replica_id.unique_id
+        self._drain_watch = start_drain_watch(self._drain_when_signalled(context.app_name, replica), f"ingress {replica}")
 
     async def _drain_when_signalled(self, app_name: str, replica: str) -> None:
         """On the drain signal: refuse new requests, and report those still being answered and the editor

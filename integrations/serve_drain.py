@@ -22,11 +22,15 @@ Ray Serve's own shutdown kills the HTTP proxy at once, severing every open strea
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import ray
+
+log = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.5  # replicas started before their drain signal exists look for it this often
 DRAIN_REPORT_S = 0.1  # how often a draining replica reports, and the caller reads the reports
@@ -85,22 +89,43 @@ def signal_drain(app_name: str):
     return signal
 
 
-def drain_app(app_name: str, signal, drain_timeout_s: float, give_up: threading.Event | None = None) -> bool:
-    """Drain `app_name` (steps in the module docstring); True when every running replica reported no open
-    work within drain_timeout_s + DRAIN_MARGIN_S (and before `give_up` was set). Removes the signal."""
+@dataclass
+class DrainOutcome:
+    """What `drain_app` saw: true when `drained`; `members` running replicas when it began, `open_work`
+    the last reports (replica -> work it still held), for saying who did not finish."""
+
+    drained: bool
+    members: int
+    open_work: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.drained
+
+    def holdouts(self) -> str:
+        """Who kept the drain from completing, in words ("" when it completed)."""
+        if self.drained:
+            return ""
+        busy = [f"{member} holds {work}" for member, work in sorted(self.open_work.items()) if work]
+        return f"{len(self.open_work)} of {self.members} replicas reported" + (f"; {', '.join(busy)}" if busy else "")
+
+
+def drain_app(app_name: str, signal, drain_timeout_s: float, give_up: threading.Event | None = None) -> DrainOutcome:
+    """Drain `app_name` (steps in the module docstring); drained when every running replica reported no
+    open work within drain_timeout_s + DRAIN_MARGIN_S (and before `give_up` was set). Removes the signal."""
     members = _running_replicas(app_name)
     try:
         ray.get(signal.start.remote())
     except ray.exceptions.RayActorError:  # gone after all: a new one (replicas look it up again by name)
         signal = signal_drain(app_name)
     deadline = time.monotonic() + drain_timeout_s + DRAIN_MARGIN_S
+    open_work: dict[str, int] = {}
     try:
         while time.monotonic() < deadline and not (give_up is not None and give_up.is_set()):
             open_work = ray.get(signal.open_work.remote())
             if len(open_work) >= members and not any(open_work.values()):
-                return True
+                return DrainOutcome(True, members, open_work)
             time.sleep(DRAIN_REPORT_S)
-        return False
+        return DrainOutcome(False, members, open_work)
     finally:
         ray.kill(signal)
 
@@ -110,6 +135,20 @@ def _running_replicas(app_name: str) -> int:
 
     deployments = serve.status().applications[app_name].deployments.values()
     return sum(count for d in deployments for state, count in d.replica_states.items() if state == "RUNNING")
+
+
+def start_drain_watch(watch: Awaitable, replica: str) -> asyncio.Task:
+    """Run a replica's drain watch (wait for the signal, drain, report) as a task whose failure is logged:
+    a watch that died silently never reported, and the whole drain then ran into its timeout."""
+    task = asyncio.ensure_future(watch)
+
+    def logged(done: asyncio.Task) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.error("drain watch of %s failed: the drain will wait for it until its timeout", replica,
+                      exc_info=done.exception())
+
+    task.add_done_callback(logged)
+    return task
 
 
 async def wait_for_drain_signal(app_name: str):

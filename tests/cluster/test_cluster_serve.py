@@ -240,7 +240,8 @@ def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(c
         if proc.poll() is None:
             proc.kill()
     reader.join(timeout=30)
-    assert any(line.startswith("refusion serve: drained") for line in lines), "".join(lines)[-2000:]
+    said = [line for line in lines if line.startswith("refusion serve:")]  # (the tail alone was Ray's log)
+    assert any(line.startswith("refusion serve: drained") for line in lines), ("".join(said), "".join(lines)[-2000:])
 
 
 async def test_requests_of_a_dead_ingress_are_cancelled_in_the_engine(cluster):

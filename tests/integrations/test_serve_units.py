@@ -704,3 +704,25 @@ async def test_an_unexpected_error_is_a_500_in_the_routes_own_shape(tiny_model_d
         assert llama.status_code == 500 and llama.json()["error"]["code"] == 500, llama.text
         openai_shape = await http.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 4})
         assert openai_shape.status_code == 500 and openai_shape.json()["error"]["type"] == "server_error"
+
+
+async def test_an_incomplete_drain_says_who_held_it_and_a_failed_watch_is_logged(caplog):
+    """"drain incomplete" named nobody, and a replica's drain watch that raised died silently (it then
+    never reported, and the drain ran into its timeout)."""
+    import logging
+
+    from integrations.serve_drain import DrainOutcome, start_drain_watch
+
+    outcome = DrainOutcome(False, 3, {"engine:a": 1, "ingress:b": 0})
+    assert not outcome and outcome.holdouts() == "2 of 3 replicas reported; engine:a holds 1"
+    assert DrainOutcome(True, 3, {"engine:a": 0}) and DrainOutcome(True, 3).holdouts() == ""
+
+    async def broken():
+        raise RuntimeError("lost the signal")
+
+    with caplog.at_level(logging.ERROR, logger="integrations.serve_drain"):
+        task = start_drain_watch(broken(), "engine r1")
+        with pytest.raises(RuntimeError):
+            await task
+        await asyncio.sleep(0)  # the done callback runs on the next turn of the loop
+    assert "drain watch of engine r1 failed" in caplog.text and "lost the signal" in caplog.text
