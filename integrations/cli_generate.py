@@ -106,7 +106,8 @@ def _read_prompt(args) -> str:
             raise GenerateArgumentError("--prompt-file", f"{args.prompt_file} is not UTF-8 text ({exc.reason} at "
                                         f"byte {exc.start})") from exc
     if not text:
-        raise GenerateArgumentError("--prompt", "is empty; give some text to continue")
+        flag = "--prompt" if args.prompt is not None else "--prompt-file"
+        raise GenerateArgumentError(flag, "is empty; give some text to continue")
     return text
 
 

@@ -229,6 +229,9 @@ def test_prompt_file_dash_reads_standard_input(tiny_model_dir, capsys, monkeypat
     assert code == direct_code == 0
     assert json.loads(piped)["prompt_tokens"] == json.loads(direct)["prompt_tokens"] > 0
     assert json.loads(piped)["token_ids"] == json.loads(direct)["token_ids"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    code, _, err = _run(capsys, "--prompt-file", "-", *flags)
+    assert code == 2 and "--prompt-file: is empty" in err, err  # the flag given (it said --prompt)
 
 
 def test_a_prompt_file_past_the_bound_is_refused_unread(capsys, tiny_model_dir):
