@@ -22,6 +22,19 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",")]
 
 
+def at_most(limit: int, parse=positive_int):
+    """`parse` (positive_int or positive_ints) whose value(s) may not exceed `limit`: a size past what a
+    script's run can hold is a usage error, not an out-of-memory crash minutes later."""
+    def bounded(text: str):
+        value = parse(text)
+        for v in value if isinstance(value, list) else [value]:
+            if v > limit:
+                raise argparse.ArgumentTypeError(f"expected at most {limit}, got {v}")
+        return value
+
+    return bounded
+
+
 def torch_device(text: str) -> str:
     """A torch device this machine has: cpu, or cuda[:N] where CUDA is available."""
     import torch

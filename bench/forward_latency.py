@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.bench_args import positive_int, positive_ints, torch_device  # noqa: E402
+from bench.bench_args import at_most, positive_int, positive_ints, torch_device  # noqa: E402
 
 from workers.batch import Reads, Segment  # noqa: E402
 from workers.loader import ModelConfig  # noqa: E402
@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", choices=sorted(CONFIGS), help="default: 8b on cuda, small on cpu")
-    parser.add_argument("--tokens", type=positive_ints, default=[1, 8, 32, 128])
-    parser.add_argument("--context", type=positive_int, default=256)
+    # a segment's masks are tokens x tokens per sequence and head; the 8B shape's context is 40,960
+    parser.add_argument("--tokens", type=at_most(4096, positive_ints), default=[1, 8, 32, 128],
+                        help="query tokens per timed forward, comma-separated (each 1-4096)")
+    parser.add_argument("--context", type=at_most(32768), default=256, help="cached tokens (1-32768)")
     parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")

@@ -7,10 +7,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 import engine_overhead  # noqa: E402
+import forward_latency  # noqa: E402
 import step_overhead  # noqa: E402
 
 
@@ -48,3 +51,13 @@ def test_prefix_cache_bench_measures_a_full_cache(capsys):
     assert prefix_cache.main(["--sizes", "300", "--prompt-blocks", "10", "--repeats", "2"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 300 |")]
     assert len(row) == 1 and all(float(x) > 0 for x in row[0].split("|")[2:-1])
+
+
+def test_forward_latency_refuses_sizes_past_what_a_run_holds(capsys):
+    """--tokens 100000 used to build 100000 x 100000 masks and die of an allocation error minutes in."""
+    for flag, value in (("--tokens", "1,100000"), ("--context", "100000")):
+        with pytest.raises(SystemExit) as code:
+            forward_latency.main([flag, value, "--device", "cpu"])
+        assert code.value.code == 2
+        err = capsys.readouterr().err
+        assert flag in err and "at most" in err, err
