@@ -106,7 +106,7 @@ def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32", rep
         cfg_path.write_text(json.dumps(cfg, indent=2))
         if replace_old:
             remove_model_files(out, keep=RUN_RECORDS)
-        mode = 0o666 & ~_umask()
+        mode = _umask_mode(staging)
         for path in sorted(staging.iterdir()):
             path.chmod(mode)
             os.replace(path, out / path.name)
@@ -114,10 +114,15 @@ def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32", rep
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+def _umask_mode(folder: Path) -> int:
+    """The mode a new file in `folder` gets (0o666 less the umask), read from a probe file: os.umask can
+    only be read by setting it, which for a moment would give every file another thread creates 0o666."""
+    probe = folder / ".mode-probe"
+    probe.touch()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
 
 
 # The flag behind a field that training/ names in its errors (TrainingError, CorpusError, TokenizerBuildError)
