@@ -413,7 +413,8 @@ class Engine:
     def _admit(self, spec: GenerationRequest, grammar: Grammar | None = None) -> Request:
         """Queue a request submit() validated (and whose grammar it compiled)."""
         if self._task is None or self._stopping:
-            self.metrics.rejected.labels(reason="not_running").inc()
+            if not spec.internal:  # (health probes stay out of the request metrics)
+                self.metrics.rejected.labels(reason="not_running").inc()
             why = "the engine is shutting down" if self._stopping else "engine is not running; call `await engine.start()` first"
             raise EngineNotRunningError(why, retry_after_s=5.0)
         if (running := self._ids.overlap(spec.request_id)) is not None:
@@ -423,12 +424,13 @@ class Engine:
             stream = TextStream(self.tokenizer, spec.stop, min_tokens=getattr(params, "min_tokens", 0), healed=spec.healed)
             req = self.scheduler.add(spec, params, stream)
         except OverloadedError:
-            self.metrics.rejected.labels(reason="queue_full").inc()
+            if not spec.internal:
+                self.metrics.rejected.labels(reason="queue_full").inc()
             raise
         req.grammar = grammar
         self._requests[req.id] = req
         self._ids.add(req.id)
-        if not spec.internal:
-            self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
+        if not spec.internal:  # an infill's suffix is prompt too: the engine prefills it after the gap
+            self.metrics.prompt_tokens.inc(len(spec.prompt_ids) + len(spec.suffix_ids or ()))
         self._wake.set()
         return req

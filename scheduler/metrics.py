@@ -15,6 +15,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPF_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 PREEMPTION_CAUSES = ("kv", "interactive")  # the `cause` label of refusion_preemptions_total
+REJECT_REASONS = ("not_running", "queue_full")  # the `reason` label of refusion_requests_rejected_total
 
 
 class EngineMetrics:
@@ -61,6 +62,8 @@ class EngineMetrics:
             self.preemptions.labels(cause=cause)
         for reason in FinishReason:
             self.finished.labels(reason=reason.value)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
 
     def observe_delta(self, req, num_tokens: int, now: float) -> None:
         """TTFT on a request's first streamed tokens, inter-token latency after that; token count."""

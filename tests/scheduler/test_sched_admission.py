@@ -124,6 +124,8 @@ async def test_full_queue_rejects_at_once_with_retry_after(wait_until):
         assert err.value.retry_after_s > 0
         assert str(err.value).startswith("engine overloaded: 1 of 1 running and 1 waiting, the most it queues "
                                          "(max_queue 1 + 0 free running slots)")
+        with pytest.raises(OverloadedError):  # a health probe refused alike is not a request refused
+            await collect(engine, GenerationRequest("probe", [5, 6], {"gen_length": 1}, internal=True))
     finally:
         gate.release()
     assert (await first)[-1].finish_reason is FinishReason.LENGTH

@@ -28,6 +28,7 @@ def test_kv_capacity_is_exported_before_any_request():
     assert [m[("refusion_preemptions_total", (("cause", c),))] for c in ("kv", "interactive")] == [0, 0]
     assert all(m[("refusion_requests_finished_total", (("reason", r),))] == 0
                for r in ("stop", "length", "deadline", "cancelled", "error"))
+    assert [m[("refusion_requests_rejected_total", (("reason", r),))] for r in ("not_running", "queue_full")] == [0, 0]
     stats = engine.stats()  # /v1/engine's engine block: the scheduling limits in force
     assert (stats["max_running"], stats["max_queue"]) == (engine.config.max_running, engine.config.max_queue)
 
@@ -55,6 +56,9 @@ async def test_metrics_after_traffic():
     assert m[("refusion_forward_seconds_count", ())] == engine.forwards > 0
     # a second engine has its own registry: nothing leaks across
     assert samples(other)[("refusion_prompt_tokens_total", ())] == 0
+    # an infill's suffix is prefilled after the gap: prompt tokens too (/infill's tokens_evaluated counts it)
+    await collect(engine, GenerationRequest("c", [5, 6], {"gen_length": 4}, mode=Mode.AR, suffix_ids=[7, 8, 9]))
+    assert samples(engine)[("refusion_prompt_tokens_total", ())] == 5 + 5
     await engine.stop()
 
 
