@@ -37,7 +37,7 @@ class APIMetrics:
         self.queue = Histogram("refusion_api_queue_time_seconds", "Time waiting in the engine queue (engine-reported)", buckets=_LATENCY_BUCKETS, registry=r)
         self.tpf = Histogram("refusion_api_tokens_per_forward", "Generated tokens per model forward, per request", buckets=_TPF_BUCKETS, registry=r)
         self.modes = Counter("refusion_api_mode_decisions", "Requests by the mode that served them", ["mode"], registry=r)
-        self.prompt_tokens = Counter("refusion_api_prompt_tokens", "Prompt tokens received", registry=r)
+        self.prompt_tokens = Counter("refusion_api_prompt_tokens", "Prompt tokens of requests the engine took (refused ones add none)", registry=r)
         self.completion_tokens = Counter("refusion_api_completion_tokens", "Tokens generated", registry=r)
         # Editor protocol accept/reject telemetry (docs/editor-protocol.md): acceptance rate =
         # accept / (accept + reject); known="false" when the server no longer remembered the completion.
@@ -75,61 +75,80 @@ class RequestObserver:
 
     def __init__(self, metrics: APIMetrics, endpoint: str, request_id: str, prompt_tokens: int,
                  usage_from_engine: bool = False):
-        """usage_from_engine: completion_tokens is the final delta's stats["generated_tokens"] (the tokens
-        the model generated), not the ids the deltas carry: for text that was post-processed after
-        decoding (the infill path), whose ids are a re-tokenization of the text."""
+        """usage_from_engine: a choice's completion tokens are its final delta's stats["generated_tokens"]
+        (the tokens the model generated), not the ids its deltas carry: for text that was post-processed
+        after decoding (the infill path), whose ids are a re-tokenization of the text.
+
+        A request of several choices (n > 1, a list of prompts) feeds every choice's deltas here, told
+        apart by Delta.request_id: inter-token latency is timed within a choice, and each choice's
+        final delta adds one tokens-per-forward, mode and queue-time observation."""
         self.metrics, self.endpoint, self.request_id = metrics, endpoint, request_id
         self.prompt_tokens = prompt_tokens
-        self.completion_tokens = 0
         self.usage_from_engine = usage_from_engine
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
+        self._last_token_at: dict[str, float] = {}  # engine request id (a choice) -> its last delta's time
+        self._tokens: dict[str, int] = {}  # engine request id -> its completion tokens so far
+        self._finals: list[Delta] = []  # every choice's final delta, in the order they came
         self.last: Delta | None = None
         self.cap_field: str | None = None  # the token cap's name where the client chose it (chat's max_completion_tokens)
         self._done = False
 
+    @property
+    def completion_tokens(self) -> int:
+        """Completion tokens of every choice so far (OpenAI's usage.completion_tokens: summed over n)."""
+        return sum(self._tokens.values())
+
     def on_delta(self, delta: Delta) -> None:
         now = time.perf_counter()
-        n = len(delta.token_ids)
+        n, choice = len(delta.token_ids), delta.request_id
         if n:
             if self.first_token_at is None:
                 self.first_token_at = now
                 self.metrics.ttft.labels(self.endpoint).observe(now - self.started)
-            elif self.last_token_at is not None:
-                self.metrics.itl.labels(self.endpoint).observe((now - self.last_token_at) / n)
-            self.last_token_at = now
-            self.completion_tokens += n
-        if delta.finished and self.usage_from_engine and "generated_tokens" in delta.stats:
-            self.completion_tokens = int(delta.stats["generated_tokens"])
+            if (before := self._last_token_at.get(choice)) is not None:
+                self.metrics.itl.labels(self.endpoint).observe((now - before) / n)
+            self._last_token_at[choice] = now
+            self._tokens[choice] = self._tokens.get(choice, 0) + n
+        if delta.finished:
+            if self.usage_from_engine and "generated_tokens" in delta.stats:
+                self._tokens[choice] = int(delta.stats["generated_tokens"])
+            self._finals.append(delta)
         self.last = delta
 
     def finish(self, status: int, error: str | None = None) -> None:
-        """Record the outcome once (later calls are ignored)."""
+        """Record the outcome once (later calls are ignored). Prompt tokens count only for a request the
+        engine took: one refused (a 4xx, a 503 overload) or failed before any output adds none (vLLM's
+        prompt-token counter likewise counts the prompts it processed)."""
         if self._done:
             return
         self._done = True
         m, elapsed = self.metrics, time.perf_counter() - self.started
         m.requests.labels(self.endpoint, str(status)).inc()
         m.e2e.labels(self.endpoint).observe(elapsed)
-        m.prompt_tokens.inc(self.prompt_tokens)
+        if self.last is not None or status < 400 or status == 499:  # 499: the client left a running request
+            m.prompt_tokens.inc(self.prompt_tokens)
         m.completion_tokens.inc(self.completion_tokens)
-        last = self.last
-        stats = (last.stats if last else None) or {}
-        mode = last.mode.value if last is not None and last.mode is not None else None
-        if mode:
-            m.modes.labels(mode).inc()
-        tpf = stats.get("tokens_per_forward")
-        if tpf:
-            m.tpf.observe(float(tpf))
-        queue_s = _seconds(stats, "queue_time")
-        if queue_s is not None:
-            m.queue.observe(queue_s)
+        tpfs, queue_times = [], []
+        for final in self._finals:
+            stats = final.stats or {}
+            if final.mode is not None:
+                m.modes.labels(final.mode.value).inc()
+            if tpf := stats.get("tokens_per_forward"):
+                m.tpf.observe(float(tpf))
+                tpfs.append(float(tpf))
+            if (queue_s := _seconds(stats, "queue_time")) is not None:
+                m.queue.observe(queue_s)
+                queue_times.append(queue_s)
+        last = self._finals[-1] if self._finals else self.last
         request_log.info(
-            "request", request_id=self.request_id, endpoint=self.endpoint, status=status, mode=mode,
-            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, tpf=tpf,
+            "request", request_id=self.request_id, endpoint=self.endpoint, status=status,
+            mode=last.mode.value if last is not None and last.mode is not None else None,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+            # several choices: their mean tokens per forward and longest queue time, the last one's finish reason
+            tpf=round(sum(tpfs) / len(tpfs), 4) if tpfs else None, choices=max(1, len(self._finals)),
             finish_reason=last.finish_reason.value if last is not None and last.finish_reason else None,
             ttft_ms=round((self.first_token_at - self.started) * 1000, 2) if self.first_token_at else None,
-            e2e_ms=round(elapsed * 1000, 2), queue_ms=round(queue_s * 1000, 2) if queue_s is not None else None,
+            e2e_ms=round(elapsed * 1000, 2), queue_ms=round(max(queue_times) * 1000, 2) if queue_times else None,
             error=error,
         )
