@@ -68,8 +68,11 @@ class RequestObserver:
     @classmethod
     def for_request(cls, request, endpoint: str, request_id: str, prompt_tokens: int,
                     usage_from_engine: bool = False) -> "RequestObserver":
-        """An observer for this HTTP request, registered so the ingress gate finishes it if the route does not."""
+        """An observer for this HTTP request, registered so the ingress gate finishes it if the route does not.
+        Its clock (TTFT, e2e) starts when the gate saw the request arrive, so reading the body and
+        tokenizing count (vLLM's latencies likewise start at arrival), else now."""
         observer = cls(request.app.state.metrics, endpoint, request_id, prompt_tokens, usage_from_engine)
+        observer.started = getattr(request.state, "arrived_at", observer.started)
         request.state.observer = observer
         return observer
 

@@ -118,6 +118,7 @@ class IngressGateMiddleware:
 
         arrived = time.perf_counter()
         scope["state"] = dict(scope.get("state") or {})  # per request: routes register their observer here
+        scope["state"]["arrived_at"] = arrived  # latencies count from here: body reading and tokenizing included
         endpoint = GAUGED_ENDPOINTS.get(path)
         gauge = self.metrics.in_flight.labels(endpoint) if endpoint else None
         self.gate.open_requests += 1

@@ -351,3 +351,21 @@ async def test_prompt_cache_key_is_the_requests_affinity_key(bpe_tokenizer):  # 
             assert (await http.post("/v1/chat/completions", json=body | {"max_tokens": 4})).status_code == 200
         assert (await http.post("/v1/responses", json={"input": "hi", "prompt_cache_key": "conv-8"})).status_code == 200
     assert keys[0] == "conv-7" and keys[1] not in (None, "conv-7") and keys[2] == "conv-8"
+
+
+async def test_latencies_count_from_arrival_reading_the_body_included(bpe_tokenizer):  # noqa: F811
+    """TTFT and e2e start when the request arrives, not when the route has read and tokenized it: a body
+    that takes STALL_S to come in shows in both (the route made its observer after reading it)."""
+    stall_s = 0.3
+    app = _app(ScriptedClient(bpe_tokenizer))
+
+    async def slow_body():
+        yield b'{"prompt": "x", '
+        await asyncio.sleep(stall_s)
+        yield b'"max_tokens": 8}'
+
+    async with _http(app) as http:
+        reply = await http.post("/v1/completions", content=slow_body(), headers={"Content-Type": "application/json"})
+    assert reply.status_code == 200, reply.text
+    assert _metric(app, "refusion_api_e2e_latency_seconds_sum", endpoint="completions") >= stall_s
+    assert _metric(app, "refusion_api_time_to_first_token_seconds_sum", endpoint="completions") >= stall_s
