@@ -35,8 +35,8 @@ class APIMetrics:
         self.itl = Histogram("refusion_api_inter_token_latency_seconds", "Time between streamed deltas, per token", ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("refusion_api_e2e_latency_seconds", "Request end-to-end latency", ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("refusion_api_queue_time_seconds", "Time waiting in the engine queue (engine-reported)", buckets=_LATENCY_BUCKETS, registry=r)
-        self.tpf = Histogram("refusion_api_tokens_per_forward", "Generated tokens per model forward, per request", buckets=_TPF_BUCKETS, registry=r)
-        self.modes = Counter("refusion_api_mode_decisions", "Requests by the mode that served them", ["mode"], registry=r)
+        self.tpf = Histogram("refusion_api_tokens_per_forward", "Generated tokens per model forward, per choice (a request of n choices adds n)", buckets=_TPF_BUCKETS, registry=r)
+        self.modes = Counter("refusion_api_mode_decisions", "Choices (engine requests) by the mode that served them", ["mode"], registry=r)
         self.prompt_tokens = Counter("refusion_api_prompt_tokens", "Prompt tokens of requests the engine took (refused ones add none)", registry=r)
         self.completion_tokens = Counter("refusion_api_completion_tokens", "Tokens generated", registry=r)
         # Editor protocol accept/reject telemetry (docs/editor-protocol.md): acceptance rate =
