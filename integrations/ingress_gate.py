@@ -108,12 +108,14 @@ class IngressGateMiddleware:
         await self._answer(scope, receive, send, path)
 
     async def _answer(self, scope, receive, send, path: str) -> None:
-        status = CLIENT_GONE
+        status, error = CLIENT_GONE, None
 
         async def send_and_note_status(message):
-            nonlocal status
+            nonlocal status, error
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and status >= 400 and error is None:
+                error = _error_message(message.get("body", b""))
             await send(message)
 
         arrived = time.perf_counter()
@@ -144,7 +146,7 @@ class IngressGateMiddleware:
                 observer = RequestObserver(self.metrics, endpoint, request_id, 0)
                 observer.started = arrived
             if observer is not None:
-                observer.finish(status, error="client disconnected" if status == CLIENT_GONE else None)
+                observer.finish(status, error="client disconnected" if status == CLIENT_GONE else error)
 
     async def _refuse(self, scope, receive, send, path: str) -> None:
         if scope["type"] == "websocket":
@@ -210,6 +212,18 @@ async def _cancelled_when_client_leaves(app, scope, receive, send, started) -> N
         if watcher is not None:
             watcher.cancel()
         await asyncio.gather(route, *([watcher] if watcher else []), return_exceptions=True)
+
+
+def _error_message(body: bytes) -> str | None:
+    """The message of an error body, for the request log: `error.message` in OpenAI's, Anthropic's and
+    llama.cpp's shapes, else None (a body too large to be an error body is not parsed)."""
+    if len(body) > 16384:
+        return None
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return message if isinstance(message, str) else None
 
 
 def _disconnect_on_transport_error(receive, scope_type: str):

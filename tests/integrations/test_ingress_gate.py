@@ -321,6 +321,10 @@ async def test_requests_refused_before_the_engine_are_counted(bpe_tokenizer, mon
     assert sorted((line["endpoint"], line["status"]) for line in lines) == [
         ("chat", 404), ("completions", 200), ("completions", 400), ("completions", 400)]
     assert any(line["request_id"] == "bad-1" and line["status"] == 400 for line in lines)
+    # each refused request's line says why, as its error body did; the answered one has no error
+    errors = {(line["request_id"] or line["endpoint"], line["status"]): line["error"] for line in lines}
+    assert "max_tokens" in errors[("bad-1", 400)] and "nope" in errors[("chat", 404)], errors
+    assert [e for (_, status), e in errors.items() if status == 200] == [None]
 
 
 async def test_a_streamed_completion_ends_with_the_refusion_block(bpe_tokenizer):  # noqa: F811
