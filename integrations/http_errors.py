@@ -6,6 +6,8 @@
                                 are configured)
     403 permission_error        a browser origin not in allowed_origins (auth.OriginGuard)
     404 invalid_request_error   unknown route or model (code model_not_found), as OpenAI's
+    408 invalid_request_error   code request_timeout: a body that stopped arriving for body_timeout_s
+                                (request_limits.BodyLimitMiddleware)
     413 invalid_request_error   body over max_body_bytes (request_limits.BodyLimitMiddleware)
     503 overloaded_error        engine OverloadedError, a full deployment queue or a replica being
                                 replaced, with Retry-After; code shutting_down while the server drains
@@ -17,7 +19,7 @@
 Routes of Anthropic's Messages API (/v1/messages...) answer the same statuses in Anthropic's shape,
 {"type": "error", "error": {"type", "message"}}, and llama.cpp's own routes (/infill, /completion, ...:
 LLAMA_PATHS) in llama.cpp's, {"error": {"code", "message", "type"}}: RouteErrorShape rewrites every
-error response of those paths, the middlewares' (401, 403, 413, 503 while draining) included; a bug's
+error response of those paths, the middlewares' (401, 403, 408, 413, 503 while draining) included; a bug's
 500, which Starlette answers from outside every middleware, is shaped where it is built (shaped_response).
 """
 

@@ -76,7 +76,8 @@ def create_app(settings: APISettings, engine_client=None, gate: IngressGate | No
     if editor_router is not None:
         app.include_router(editor_router)
     # Outermost first: browser origin, then API key, then the body limit, then the routes.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes,
+                       body_timeout_s=settings.limits.body_timeout_s)
     app.add_middleware(APIKeyMiddleware, keys=list(settings.api_keys))
     app.add_middleware(OriginGuard, allowed=list(settings.allowed_origins))
     # Outside all of them: in-flight gauge and observers, draining, disconnects (every path passes here).

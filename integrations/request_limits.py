@@ -3,7 +3,8 @@
 Every HTTP route reads its body through this module, so one kind of fault has one fix:
 
     BodyLimitMiddleware      ASGI, every HTTP route: a body over max_body_bytes is answered 413 before
-                             the route runs (by Content-Length, or counted as it arrives)
+                             the route runs (by Content-Length, or counted as it arrives); a body that
+                             stops arriving for body_timeout_s is answered 408
     parse_json_object(raw)   the body as a JSON object; not UTF-8, not JSON, NaN/Infinity, nested deeper
                              than MAX_JSON_DEPTH, or a lone UTF-16 surrogate in a string (which no
                              tokenizer or JSON encoder accepts) -> InputError naming the field
@@ -43,6 +44,10 @@ TOKENIZER_THREADS = 2  # concurrent tokenizations; bounds their memory (one 2M-c
 TRIM_AFTER_CHARS = 1 << 16  # after tokenizing this much text, give freed memory back to the OS
 TRIM_AFTER_BODY_BYTES = 1 * MiB  # likewise after a request with a body this large
 DISCARD_UP_TO_BYTES = 64 * MiB  # an over-limit body up to this size is read (and dropped) before the 413
+# Seconds a request body may pause (no data) before a 408: a stalled upload would otherwise hold one of
+# the ingress replica's max_ongoing_requests call slots for good, and enough of them starve everyone
+# (nginx's client_body_timeout is the same rule, 60 s; clients send a JSON body at once).
+DEFAULT_BODY_TIMEOUT_S = 10.0
 
 
 class InputError(Exception):
@@ -68,6 +73,7 @@ class RequestLimits:
     """The HTTP front's input limits.
 
     max_body_bytes: request body size in bytes (413 above it).
+    body_timeout_s: seconds a request body may stop arriving before it is answered 408.
     max_prompt_chars: characters of a prompt (or chat messages, suffix, /tokenize content), refused
         before tokenizing; None = PROMPT_CHARS_PER_CONTEXT_TOKEN x context_length (1,000,000 when the
         context is unknown).
@@ -79,6 +85,7 @@ class RequestLimits:
     """
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     max_prompt_chars: int | None = None
     context_length: int = 0
     max_sequences: int = 0
@@ -90,7 +97,7 @@ class RequestLimits:
         return PROMPT_CHARS_PER_CONTEXT_TOKEN * self.context_length if self.context_length else 1_000_000
 
     def as_dict(self) -> dict:
-        return {"max_body_bytes": self.max_body_bytes, "max_prompt_chars": self.prompt_chars,
+        return {"max_body_bytes": self.max_body_bytes, "body_timeout_s": self.body_timeout_s, "max_prompt_chars": self.prompt_chars,
                 "context_length": self.context_length, "max_json_depth": MAX_JSON_DEPTH,
                 **({"max_sequences": self.max_sequences} if self.max_sequences else {})}
 
@@ -127,23 +134,45 @@ def too_large_body(size: int, limit: int) -> dict:
                       "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
 
 
+def timed_out_body(timeout_s: float) -> dict:
+    """The 408 body in OpenAI's error shape."""
+    return {"error": {"message": f"the request body stopped arriving: nothing came for {timeout_s:g} s "
+                                 f"(body_timeout_s); send the whole body at once",
+                      "type": "invalid_request_error", "param": None, "code": "request_timeout"}}
+
+
 class BodyLimitMiddleware:
     """Pure ASGI: reads an HTTP request's body (at most max_body_bytes) before the app runs and hands it
     on in one piece, or answers 413 without running the app. Every route reads its whole body anyway;
     reading it here bounds what any route can be made to hold. WebSockets pass untouched (their frames
-    have the editor protocol's own limit).
+    have the editor protocol's own limit). A body that pauses for body_timeout_s is answered 408 (and
+    the connection closed) without running the app: a stalled upload holds no call slot for long.
 
     Most clients send the whole body before reading the answer, and see a reset connection instead of
     a 413 sent early. So the rest of an over-limit body is read and discarded (memory stays flat) up to
     DISCARD_UP_TO_BYTES in all, then the 413 goes out; a body declared larger is answered at once."""
 
-    def __init__(self, app, max_body_bytes: int):
-        self.app, self.limit = app, max_body_bytes
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S):
+        self.app, self.limit, self.timeout_s = app, max_body_bytes, body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        try:
+            await self._read_then_run(scope, receive, send)
+        except BodyTimeout:
+            await _send_error(send, 408, timed_out_body(self.timeout_s))
+
+    async def _read_then_run(self, scope, receive, send):
+        app_receive = receive
+
+        async def receive():  # the body's messages, each within the timeout
+            try:
+                return await asyncio.wait_for(app_receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout from None
+
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
             if declared <= DISCARD_UP_TO_BYTES:
@@ -169,9 +198,9 @@ class BodyLimitMiddleware:
         chunks.clear()
 
         async def replay():
-            if held:  # the body once, then the connection's own messages (disconnect)
+            if held:  # the body once, then the connection's own messages (disconnect), untimed
                 return {"type": "http.request", "body": held.pop(), "more_body": False}
-            return await receive()
+            return await app_receive()
 
         try:
             await self.app(scope, replay, send)
@@ -205,11 +234,19 @@ def _content_length(scope) -> int | None:
     return None
 
 
+class BodyTimeout(Exception):
+    """A request body paused for longer than body_timeout_s."""
+
+
 async def _send_413(send, size: int, limit: int) -> None:
-    body = json.dumps(too_large_body(size, limit)).encode()
+    await _send_error(send, 413, too_large_body(size, limit))
+
+
+async def _send_error(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

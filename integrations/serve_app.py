@@ -211,7 +211,8 @@ class IngressDeployment:
 
     def __serve_build_asgi_app__(self):
         engine = engine_config(self.config.engine)  # every replica's: prompts x n beyond its room are a 400
-        limits = RequestLimits(max_body_bytes=self.config.max_body_bytes, max_prompt_chars=self.config.max_prompt_chars,
+        limits = RequestLimits(max_body_bytes=self.config.max_body_bytes, body_timeout_s=self.config.body_timeout_s,
+                               max_prompt_chars=self.config.max_prompt_chars,
                                context_length=self.model_card["limits"]["context_length"],
                                max_sequences=engine.max_running + engine.max_queue)
         settings = APISettings(

@@ -12,9 +12,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from integrations.auth import keys_from_env, normalize_origin
-from integrations.request_limits import DEFAULT_MAX_BODY_BYTES
+from integrations.request_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
+# The most max_ongoing_requests a replica may take. A Ray Serve replica is an async actor of 1000
+# concurrent calls (Ray's default; Serve allows no other), shared by requests and Ray Serve's own calls
+# (health check, queue-length probes, drain and metrics calls): these 64 stay free for them, else a
+# replica whose request slots are all held (stalled uploads, long streams) fails its health check and
+# is replaced, and the proxy can no longer route to it.
+MAX_ONGOING_REQUESTS = 1000 - 64
 # The application's deployments, by the names a config file's `deployments:` overrides use.
 ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT = "RefusionEngine", "RefusionIngress"
 DEFAULT_MODEL = REPO / "models" / "refusion-tiny-code"
@@ -76,7 +82,7 @@ class EngineDeploymentOptions(_Strict):
     autoscaling: AutoscalingOptions | None = None
     num_gpus: float = Field(default=0.0, ge=0)
     num_cpus: float = Field(default=1.0, ge=0)
-    max_ongoing_requests: int = Field(default=512, ge=1)
+    max_ongoing_requests: int = Field(default=512, ge=1, le=MAX_ONGOING_REQUESTS)
     max_queued_requests: int = Field(default=-1, ge=-1)
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
@@ -113,11 +119,15 @@ class EngineDeploymentOptions(_Strict):
 
 
 class IngressOptions(_Strict):
-    """The HTTP ingress replicas: parsing, tokenizing and streaming only, so no CPU is reserved."""
+    """The HTTP ingress replicas: parsing, tokenizing and streaming only, so no CPU is reserved.
+    max_ongoing_requests: HTTP requests one replica answers at once; max_queued_requests: requests Ray
+    Serve's proxy holds for a full replica, beyond which it answers 503 + Retry-After (-1: no bound, the
+    proxy queues without end and a flood hangs every client)."""
 
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.0, ge=0)
-    max_ongoing_requests: int = Field(default=1024, ge=1)
+    max_ongoing_requests: int = Field(default=900, ge=1, le=MAX_ONGOING_REQUESTS)
+    max_queued_requests: int = Field(default=1000, ge=-1)
     resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica")
     # How long a replaced ingress replica may finish its open streams before Ray kills it (cutting them);
     # None: the engine deployment's graceful_shutdown_timeout_s (Ray's own default, 20 s, cut streams
@@ -129,6 +139,7 @@ class IngressOptions(_Strict):
             "num_replicas": self.num_replicas,
             "ray_actor_options": _actor_options(self.num_cpus, 0.0, self.resources),
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s or engine_grace_s,
         }
 
@@ -160,6 +171,8 @@ class ServeConfig(_Strict):
     default_max_tokens: int = Field(default=256, ge=1, description="chat max_tokens when the request sets none")
     allowed_origins: list[str] = Field(default_factory=list, description="browser origins that may call; [] = none")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="HTTP request body limit (413)")
+    body_timeout_s: float = Field(default=DEFAULT_BODY_TIMEOUT_S, gt=0, description="seconds a request body may "
+                                  "stop arriving before a 408 (a stalled upload holds an ingress call slot)")
     max_prompt_chars: int | None = Field(default=None, ge=1, description="prompt characters; default 8 x context")
     runner: dict = Field(default_factory=dict, description="workers.runner.ModelRunner keyword arguments")
     engine: dict = Field(default_factory=dict, description="scheduler.config.EngineConfig fields")

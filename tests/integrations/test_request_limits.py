@@ -108,6 +108,52 @@ async def test_body_limit_by_declared_length_and_by_count():
     assert seen == [{"type": "http.request", "body": b"12345678", "more_body": False}, {"type": "http.disconnect"}]
 
 
+async def test_a_body_that_stops_arriving_is_a_408_and_the_app_never_runs():
+    """A stalled upload (headers and part of the body, then nothing) held an ingress call slot for good;
+    about a thousand of them hung the service. Each pause between body messages is bounded."""
+    ran = []
+
+    async def inner(scope, receive, send):
+        ran.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def stalled(first: list[dict]):
+        sent = []
+
+        async def receive():
+            if first:
+                return first.pop(0)
+            await asyncio.Event().wait()  # the client sends no more, and stays connected
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/v1/completions", "headers": [(b"content-length", b"1000")]}
+        await asyncio.wait_for(BodyLimitMiddleware(inner, max_body_bytes=10_000, body_timeout_s=0.2)(scope, receive, send), 10)
+        return sent
+
+    for first in ([], [{"type": "http.request", "body": b'{"model":', "more_body": True}]):
+        sent = await stalled(first)
+        assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"] and not ran
+        error = json.loads(sent[1]["body"])["error"]
+        assert error["code"] == "request_timeout" and "body_timeout_s" in error["message"], error
+    # a body whose parts keep coming is read whole, however long it takes in all
+    parts = [{"type": "http.request", "body": b"ab", "more_body": True}] * 5 + [{"type": "http.request", "body": b"c"}]
+
+    async def slow():
+        await asyncio.sleep(0.1)  # each pause shorter than the timeout; 0.6 s in all
+        return parts.pop(0)
+
+    sent = []
+
+    async def keep(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/completions", "headers": []}
+    await BodyLimitMiddleware(inner, max_body_bytes=10_000, body_timeout_s=0.2)(scope, slow, keep)
+    assert sent[0]["status"] == 200 and ran == [{"type": "http.request", "body": b"ababababab" + b"c", "more_body": False}]
+
+
 # --- prompt and context limits ----------------------------------------------------------------------
 
 

@@ -40,9 +40,31 @@ def ws_url(base: str) -> str:
 
 def test_limits_are_announced(http):
     limits = http.get("/v1/engine").json()["request_limits"]
-    assert limits == {"max_body_bytes": MAX_BODY_BYTES, "max_prompt_chars": MAX_PROMPT_CHARS,
+    assert limits == {"max_body_bytes": MAX_BODY_BYTES, "body_timeout_s": 10.0, "max_prompt_chars": MAX_PROMPT_CHARS,
                       "context_length": CONTEXT, "max_json_depth": 64,
                       "max_sequences": ENGINE_OPTIONS["max_running"] + ENGINE_OPTIONS["max_queue"]}
+
+
+def test_an_upload_that_stalls_is_a_408_after_body_timeout_s(http, serve_base_url):
+    """Headers and 9 bytes of a 1,000-byte body, then nothing: a 408 naming body_timeout_s once the body
+    has paused for 10 s (the test app's default), and the connection closes; the slot it held is free
+    again. Meanwhile the service answers others."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url = urlsplit(serve_base_url)
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\":")
+        began = time.monotonic()
+        assert http.get("/health").status_code == 200
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"request_timeout" in reply and b"body_timeout_s" in reply, reply
+    assert time.monotonic() - began >= 9  # not before the body had paused that long (10 s)
 
 
 def test_more_sequences_than_an_engine_can_ever_hold_are_a_400_not_a_503(http):

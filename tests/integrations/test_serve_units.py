@@ -175,6 +175,12 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     assert engine_config.autoscaling_config.max_replicas == 5
     ingress_config = app._bound_deployment._deployment_config
     assert ingress_config.graceful_shutdown_timeout_s == 30  # the engine's, not Ray's 20 s default
+    # A full ingress replica: the proxy answers 503 past a bounded queue (it queued without end, and a
+    # flood hung every client), and its request slots leave Ray's own calls room among the actor's 1000
+    assert (ingress_config.max_ongoing_requests, ingress_config.max_queued_requests) == (900, 1000)
+    for deployment in ("ingress", "engine_deployment"):
+        with pytest.raises(ValueError, match=f"{deployment}.max_ongoing_requests"):
+            ServeConfig(model=str(tiny_model_dir), **{deployment: {"max_ongoing_requests": 1024}})
     # --autoscale sets min/max of the file's autoscaling_config and keeps its other settings
     scaled = tmp_path / "scaled.yaml"
     scaled.write_text("applications:\n  - import_path: integrations.serve_app:build_app\n    deployments:\n"
