@@ -91,6 +91,14 @@ class RequestLimits:
     max_sequences: int = 0
 
     @property
+    def max_array_items(self) -> int | None:
+        """The most items a JSON array in a request may hold: the model's context in tokens (a prompt of
+        ids, messages, stop strings, a batch of prompts: no request needs more), at least max_sequences.
+        None when the context is unknown. Checked while parsing, before validation: validating a list
+        of millions of ids blocked the event loop for seconds."""
+        return max(self.context_length, self.max_sequences) if self.context_length else None
+
+    @property
     def prompt_chars(self) -> int:
         if self.max_prompt_chars is not None:
             return self.max_prompt_chars
@@ -250,9 +258,10 @@ async def _send_error(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def parse_json_object(raw: bytes) -> dict:
+def parse_json_object(raw: bytes, max_array_items: int | None = None) -> dict:
     """The body as a JSON object (an empty body is {}, so validation names the missing fields).
-    Raises InputError(400) saying what is wrong and, for a bad string or nesting, where."""
+    Raises InputError(400) saying what is wrong and, for a bad string, nesting or an array longer than
+    max_array_items, where."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -263,16 +272,18 @@ def parse_json_object(raw: bytes) -> dict:
     try:
         data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
-        raise InputError(400, None, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+        what = exc.msg.removesuffix(" at")  # "Invalid control character at": the position follows
+        raise InputError(400, None, f"request body is not valid JSON: {what} at line {exc.lineno} "
                                     f"column {exc.colno}") from None
     except RecursionError:
         raise InputError(400, None, f"request body nests arrays/objects deeper than {MAX_JSON_DEPTH} "
                                     f"levels: flatten it") from None
     except ValueError as exc:  # NaN/Infinity, or an integer of more than 4,300 digits
-        raise InputError(400, None, f"request body has a number JSON cannot carry: {exc}") from None
+        why = "an integer of more than 4,300 digits" if "digits" in str(exc) else str(exc)
+        raise InputError(400, None, f"request body has a number JSON cannot carry: {why}") from None
     if not isinstance(data, dict):
         raise InputError(400, None, f"request body must be a JSON object ({{...}}), got {_json_kind(data)}")
-    check_json_tree(data)
+    check_json_tree(data, max_array_items)
     return data
 
 
@@ -291,16 +302,20 @@ def _json_kind(value) -> str:
     return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
-def check_json_tree(data: dict) -> None:
+def check_json_tree(data: dict, max_array_items: int | None = None) -> None:
     """Iteratively (no recursion to exhaust): nesting depth (at most MAX_JSON_DEPTH levels, `data` being
-    the first) and strings or keys that are not valid Unicode (a lone surrogate). Raises InputError(400)
-    whose field is the dotted path to the fault ("messages.0.content")."""
+    the first), strings or keys that are not valid Unicode (a lone surrogate) and arrays longer than
+    max_array_items. Raises InputError(400) whose field is the dotted path to the fault
+    ("messages.0.content")."""
     stack: list[tuple[Any, tuple, int]] = [(data, (), 1)]
     while stack:
         node, path, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
             field = _dotted(path[:6]) + (".…" if len(path) > 6 else "")
             raise InputError(400, field, f"nests arrays/objects deeper than {MAX_JSON_DEPTH} levels: flatten it")
+        if max_array_items is not None and isinstance(node, list) and len(node) > max_array_items:
+            raise InputError(400, _dotted(path), f"holds {len(node):,} items; an array may hold at most "
+                                                 f"{max_array_items:,}, the model's context length in tokens")
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, value in items:
             if isinstance(key, str):
@@ -327,9 +342,20 @@ def _dotted(path: tuple) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+OFF_LOOP_BODY_BYTES = 256 * 1024  # bodies at least this large are parsed in a worker thread
+
+
 async def read_json_object(request) -> dict:
-    """parse_json_object of a Starlette request's body (already bounded by BodyLimitMiddleware)."""
-    return parse_json_object(await request.body())
+    """parse_json_object of a Starlette request's body (already bounded by BodyLimitMiddleware), with
+    the app's max_array_items (openai_api.APISettings.limits). A large body is parsed in a worker thread:
+    checking a tree of millions of items is Python work that would hold the event loop (the thread
+    gives it the interpreter between bytecodes)."""
+    raw = await request.body()
+    settings = getattr(request.app.state, "settings", None)
+    max_items = settings.limits.max_array_items if settings is not None else None
+    if len(raw) >= OFF_LOOP_BODY_BYTES:
+        return await asyncio.to_thread(parse_json_object, raw, max_items)
+    return parse_json_object(raw, max_items)
 
 
 # --------------------------------------------------------------------------------------------------

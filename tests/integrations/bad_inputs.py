@@ -84,6 +84,9 @@ HTTP_CASES = [
     _c("completions-5000-digit-int", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", field="number"),
     _c("completions-over-body-limit", b'{"prompt": "' + b"a" * (MAX_BODY_BYTES + 16) + b'"}', 413, "max_body_bytes"),
     _c("completions-deep-stop", {"prompt": "x", "stop": nested(70)}, field="stop"),
+    # arrays longer than the context are refused while parsing (validating millions of ids held the loop)
+    _c("completions-ids-past-context", {"prompt": [5] * (CONTEXT + 1)}, field="prompt"),
+    _c("completions-stop-list-past-context", {"prompt": "x", "stop": ["a"] * (CONTEXT + 1)}, field="stop"),
     # POST /v1/completions: the prompt
     _c("completions-no-prompt", {"max_tokens": 4}, field="prompt"),
     _c("completions-prompt-null", {"prompt": None}, field="prompt"),
@@ -289,6 +292,7 @@ HTTP_CASES = [
     HTTPCase("detokenize-id-outside-vocab", "POST", "/detokenize", {"tokens": [1, 10**9]}, field="tokens"),
     HTTPCase("detokenize-not-a-list", "POST", "/detokenize", {"tokens": "1 2"}, field="tokens"),
     HTTPCase("detokenize-string-id", "POST", "/detokenize", {"tokens": ["5"]}, field="tokens"),
+    HTTPCase("detokenize-ids-past-context", "POST", "/detokenize", {"tokens": [5] * (CONTEXT + 1)}, field="tokens"),
     HTTPCase("detokenize-boolean-id", "POST", "/detokenize", {"tokens": [True]}, field="tokens"),
     HTTPCase("tokenize-no-messages", "POST", "/tokenize", {"messages": []}, field="messages"),
     HTTPCase("tokenize-two-inputs", "POST", "/tokenize", {"content": "x", "prompt": "y"}, field="content"),

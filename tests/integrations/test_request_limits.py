@@ -365,3 +365,17 @@ def test_chat_template_kwargs_reach_the_models_chat_template(bpe_tokenizer):  # 
     assert render_chat(tok, messages, None)[0] == "user: hi\n"
     assert render_chat(tok, messages, None, template_kwargs={"enable_thinking": False})[0] == "<no-think>user: hi\n"
     assert render_chat(None, messages, None, template_kwargs={"enable_thinking": False}) == render_chat(None, messages, None)
+
+
+def test_arrays_longer_than_the_context_are_refused_while_parsing():
+    """A 2.7M-id prompt (8 MB, under the body limit) took seconds of validation on the event loop; no
+    array a request needs is longer than the context, so the parse refuses it naming its path."""
+    limits = RequestLimits(context_length=4096, max_sequences=320)
+    assert limits.max_array_items == 4096 and RequestLimits().max_array_items is None
+    assert RequestLimits(context_length=64, max_sequences=320).max_array_items == 320  # a batch of prompts
+    body = json.dumps({"prompt": [[1, 2], [5] * 4097]}).encode()
+    with pytest.raises(InputError, match="holds 4,097 items; an array may hold at most 4,096") as err:
+        parse_json_object(body, limits.max_array_items)
+    assert err.value.field == "prompt.1"
+    assert parse_json_object(body)["prompt"][1] == [5] * 4097  # no limit given, none applied
+    assert len(parse_json_object(json.dumps({"prompt": [5] * 4096}).encode(), 4096)["prompt"]) == 4096

@@ -105,7 +105,8 @@ def test_prompt_over_the_character_limit_is_400_naming_it(http):
         message = response.json()["error"]["message"]
         assert "max_prompt_chars" in message and f"{MAX_PROMPT_CHARS:,}" in message
     # short messages whose templated prompt is over the limit: the message says what was counted
-    many = [{"role": "user", "content": "a"}] * (MAX_PROMPT_CHARS // 4)
+    # (4,000 messages: an array longer than the context, 4,096, is refused before anything is counted)
+    many = [{"role": "user", "content": "a" * 4}] * 4000
     response = http.post("/v1/chat/completions", json={"messages": many})
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages", response.text[:300]
     assert "chat template" in response.json()["error"]["message"], response.text[:300]
