@@ -32,9 +32,11 @@ def keys_from_env(environ=os.environ) -> list[str]:
 
 
 def _presented_keys(scope) -> list[str]:
-    """Every key the request presents: a Bearer token, an `x-api-key` header (Anthropic's clients), the
-    `api_key` query parameter; a request passes when any of them is a configured key, whatever their
-    order or the other headers (a `Basic` Authorization beside a valid x-api-key, say)."""
+    """Every key the request presents: a Bearer token, an `x-api-key` header (Anthropic's clients), and
+    for a WebSocket the `api_key` query parameter (browsers cannot set its headers; an HTTP request can,
+    and a key in a URL ends up in proxies' and browsers' logs); a request passes when any of them is a
+    configured key, whatever their order or the other headers (a `Basic` Authorization beside a valid
+    x-api-key, say)."""
     keys = []
     for name, value in scope.get("headers", []):
         if name == b"authorization":
@@ -43,6 +45,8 @@ def _presented_keys(scope) -> list[str]:
                 keys.append(token.strip())
         elif name == b"x-api-key":
             keys.append(value.decode("latin-1").strip())
+    if scope.get("type") != "websocket":
+        return keys
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     return keys + query.get("api_key", [])
 

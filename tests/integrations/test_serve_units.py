@@ -54,6 +54,8 @@ async def test_api_key_middleware_http_and_websocket():
     rejected = await _call(app, "websocket", "/v1/editor")
     assert rejected == [{"type": "websocket.close", "code": 1008, "reason": "missing or invalid API key"}]
     assert (await _call(app, "websocket", "/v1/editor", query=b"api_key=k1")) == [{"type": "ok"}]
+    # the query key is for WebSockets only (browsers cannot set their headers); HTTP sends a header
+    assert (await _call(app, "http", "/v1/models", query=b"api_key=k1"))[0]["status"] == 401
     assert (await _call(APIKeyMiddleware(inner, []), "http", "/v1/models")) == [{"type": "ok"}]
 
 
