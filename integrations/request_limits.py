@@ -51,7 +51,7 @@ DEFAULT_BODY_TIMEOUT_S = 10.0
 
 
 class InputError(Exception):
-    """Bad or oversized input. `status`: 400 (malformed), 413 (too large); `field`: the JSON path
+    """Bad or oversized input. `status`: 400 (malformed), 413 (too large), 415 (a compressed body); `field`: the JSON path
     ("messages.0.content") or None for the body as a whole; the message says what to change."""
 
     def __init__(self, status: int, field: str | None, message: str):
@@ -350,6 +350,10 @@ async def read_json_object(request) -> dict:
     the app's max_array_items (openai_api.APISettings.limits). A large body is parsed in a worker thread:
     checking a tree of millions of items is Python work that would hold the event loop (the thread
     gives it the interpreter between bytecodes)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # (the body would be read as UTF-8 text and fail as "not UTF-8")
+        raise InputError(415, "Content-Encoding", f"is {encoding[:40]!r}; this server reads uncompressed "
+                                                  "bodies: send the JSON as is, without Content-Encoding")
     raw = await request.body()
     settings = getattr(request.app.state, "settings", None)
     max_items = settings.limits.max_array_items if settings is not None else None

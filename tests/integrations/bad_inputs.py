@@ -13,6 +13,7 @@ the error's data.field (INVALID_PARAMS) or appear in its message.
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field as dc_field
 
@@ -84,6 +85,8 @@ HTTP_CASES = [
     _c("completions-5000-digit-int", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", field="number"),
     _c("completions-over-body-limit", b'{"prompt": "' + b"a" * (MAX_BODY_BYTES + 16) + b'"}', 413, "max_body_bytes"),
     _c("completions-deep-stop", {"prompt": "x", "stop": nested(70)}, field="stop"),
+    _c("completions-gzip-body", gzip.compress(b'{"prompt": "x"}'), 415, "Content-Encoding",
+       headers={"Content-Encoding": "gzip"}, param="Content-Encoding"),
     # arrays longer than the context are refused while parsing (validating millions of ids held the loop)
     _c("completions-ids-past-context", {"prompt": [5] * (CONTEXT + 1)}, field="prompt"),
     _c("completions-stop-list-past-context", {"prompt": "x", "stop": ["a"] * (CONTEXT + 1)}, field="stop"),
