@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 
 from integrations.editor.infill import Candidate, build_infill_prompt, gap_cap, plan_gaps
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
-from integrations.editor.protocol import MAX_INDENT, ContextChunk, Limits
+from integrations.editor.protocol import MAX_INDENT, MAX_STOP_STRINGS, ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
 from decoding.params import MAX_TOP_K
 from integrations.request_limits import MAX_SEED, off_loop, sampling_temperature
@@ -50,7 +50,7 @@ class InfillBody(LlamaBody):
     prompt: str = Field("", max_length=LIMITS.max_text_chars)
     n_predict: int = Field(-1, ge=-1)  # a maximum: the strategy's gaps (at most LIMITS.max_tokens) apply
     t_max_predict_ms: int = Field(0, ge=0)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     n_indent: int = Field(0, ge=0, le=MAX_INDENT)
     stream: bool = False
     # llama.cpp's README defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, seed -1 (random).

@@ -38,6 +38,7 @@ REQUEST_CANCELLED = -32800  # data: {"reason": "cancelled" | "superseded", "supe
 
 MODES = ("auto", "refusion", "ar")
 MAX_INDENT = 1000  # `indent` / llama.cpp's `n_indent`, in characters: far past any code line's indentation
+MAX_STOP_STRINGS = 16  # a completion's own stop strings, as /infill's (the engine takes 24 with the server's own)
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,8 @@ def parse_complete(params: dict, limits: Limits) -> CompleteParams:
     stop = _get(params, "stop", (list,), [], "a list of strings")
     if not all(isinstance(s, str) and s for s in stop):
         raise invalid_params("stop", "must be a list of non-empty strings")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise invalid_params("stop", f"holds {len(stop)} strings; give at most {MAX_STOP_STRINGS}")
     gaps = _get(params, "gaps", (list,), None, "a list of 1 to 4 integers")
     if gaps is not None and not (1 <= len(gaps) <= 4 and all(
             isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= limits.max_tokens for g in gaps)):

@@ -403,6 +403,7 @@ FRAME_CASES = [
     FrameCase("ws-complete-gaps-zero", _complete(gaps=[0]), rpc.INVALID_PARAMS, "gaps"),
     FrameCase("ws-complete-gaps-five", _complete(gaps=[8, 16, 24, 32, 40]), rpc.INVALID_PARAMS, "gaps"),
     FrameCase("ws-complete-stop-empty", _complete(stop=[""]), rpc.INVALID_PARAMS, "stop"),
+    FrameCase("ws-complete-stop-17", _complete(stop=[f"s{i}" for i in range(17)]), rpc.INVALID_PARAMS, "stop"),
     FrameCase("ws-complete-context-string", _complete(context="x"), rpc.INVALID_PARAMS, "context"),
     FrameCase("ws-complete-context-text-number", _complete(context=[{"text": 5}]), rpc.INVALID_PARAMS, "context[0]"),
     FrameCase("ws-complete-context-33-chunks", _complete(context=[{"text": "x"}] * 33), rpc.INVALID_PARAMS, "context"),
