@@ -34,7 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from integrations.request_limits import InputError
+from integrations.request_limits import InputError, clipped
 from integrations.engine_client import EngineUnavailableError, ShuttingDownError
 from scheduler.api import EngineError, InvalidRequestError, OverloadedError
 
@@ -61,6 +61,7 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):
+        message, param = clipped(message), clipped(param, 200) if param else param  # values quoted from a request
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}

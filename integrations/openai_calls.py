@@ -21,7 +21,7 @@ from integrations.http_metrics import RequestObserver
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_requests import id_headers
 from integrations.openai_stream import null_usage_until_final, sse_response, usage_at_end
-from integrations.request_limits import read_json_object
+from integrations.request_limits import clipped, read_json_object
 from scheduler.api import ENGINE_STOPPED, Delta, FinishReason, GenerationRequest
 
 
@@ -38,7 +38,7 @@ def check_model(request: Request, model: str | None) -> None:
     if model not in served:
         names = " or ".join(f"'{name}'" for name in served[:MAX_NAMES_LISTED])
         more = f" or one of {len(served) - MAX_NAMES_LISTED} more" if len(served) > MAX_NAMES_LISTED else ""
-        raise APIError(404, f"model '{model}' is not served here: use {names}{more} (GET /v1/models)",
+        raise APIError(404, f"model '{clipped(model, 200)}' is not served here: use {names}{more} (GET /v1/models)",
                        "invalid_request_error", param="model", code="model_not_found")
 
 

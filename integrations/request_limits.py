@@ -50,11 +50,22 @@ DISCARD_UP_TO_BYTES = 64 * MiB  # an over-limit body up to this size is read (an
 DEFAULT_BODY_TIMEOUT_S = 10.0
 
 
+MAX_ERROR_MESSAGE_CHARS = 2000  # an error message quoting a client's value is cut here (a 1 MB `model` came back whole)
+
+
+def clipped(text: str, limit: int = MAX_ERROR_MESSAGE_CHARS) -> str:
+    """`text`, or its first `limit` characters and how many more were left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
 class InputError(Exception):
     """Bad or oversized input. `status`: 400 (malformed), 413 (too large), 415 (a compressed body); `field`: the JSON path
-    ("messages.0.content") or None for the body as a whole; the message says what to change."""
+    ("messages.0.content") or None for the body as a whole; the message says what to change (clipped to
+    MAX_ERROR_MESSAGE_CHARS, as the field)."""
 
     def __init__(self, status: int, field: str | None, message: str):
+        field = clipped(field, 200) if field else field
+        message = clipped(message)
         super().__init__(f"{field}: {message}" if field else message)
         self.status, self.field, self.message = status, field, message
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-from integrations.request_limits import MAX_SEED
+from integrations.request_limits import MAX_SEED, clipped
 
 PROTOCOL_VERSION = 1
 
@@ -57,9 +57,11 @@ class Limits:
 
 
 class RpcError(Exception):
-    """An error response: `code` from the table above, message says what to change."""
+    """An error response: `code` from the table above, message says what to change (clipped, as the
+    HTTP routes' messages: a value quoted from a 1 MiB frame would come back whole)."""
 
     def __init__(self, code: int, message: str, data: dict | None = None):
+        message = clipped(message)
         super().__init__(message)
         self.code = code
         self.message = message

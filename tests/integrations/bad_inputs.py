@@ -85,6 +85,7 @@ HTTP_CASES = [
     _c("completions-5000-digit-int", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", field="number"),
     _c("completions-over-body-limit", b'{"prompt": "' + b"a" * (MAX_BODY_BYTES + 16) + b'"}', 413, "max_body_bytes"),
     _c("completions-deep-stop", {"prompt": "x", "stop": nested(70)}, field="stop"),
+    _c("completions-huge-model-name", {"prompt": "x", "model": "m" * 100_000}, 404, "model"),
     _c("completions-gzip-body", gzip.compress(b'{"prompt": "x"}'), 415, "Content-Encoding",
        headers={"Content-Encoding": "gzip"}, param="Content-Encoding"),
     # arrays longer than the context are refused while parsing (validating millions of ids held the loop)
