@@ -116,8 +116,8 @@ class RequestLimits:
         return PROMPT_CHARS_PER_CONTEXT_TOKEN * self.context_length if self.context_length else 1_000_000
 
     def as_dict(self) -> dict:
-        return {"max_body_bytes": self.max_body_bytes, "body_timeout_s": self.body_timeout_s, "max_prompt_chars": self.prompt_chars,
-                "context_length": self.context_length, "max_json_depth": MAX_JSON_DEPTH,
+        return {"max_body_bytes": self.max_body_bytes, "body_timeout_s": self.body_timeout_s,
+                "max_prompt_chars": self.prompt_chars, "context_length": self.context_length, "max_json_depth": MAX_JSON_DEPTH,
                 **({"max_sequences": self.max_sequences} if self.max_sequences else {})}
 
     def check_chars(self, field: str, text: str) -> None:
