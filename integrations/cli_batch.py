@@ -43,7 +43,8 @@ from pathlib import Path
 
 from integrations.cli_generate import DEFAULT_MODEL
 from integrations.engine_host import RUNNER_DTYPES
-from integrations.request_limits import MAX_JSON_DEPTH, InputError, check_json_tree
+from integrations.request_body import check_json_tree
+from integrations.request_limits import MAX_JSON_DEPTH, InputError
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 

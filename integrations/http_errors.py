@@ -7,8 +7,8 @@
     403 permission_error        a browser origin not in allowed_origins (auth.OriginGuard)
     404 invalid_request_error   unknown route or model (code model_not_found), as OpenAI's
     408 invalid_request_error   code request_timeout: a body that stopped arriving for body_timeout_s
-                                (request_limits.BodyLimitMiddleware)
-    413 invalid_request_error   body over max_body_bytes (request_limits.BodyLimitMiddleware)
+                                (request_body.BodyLimitMiddleware)
+    413 invalid_request_error   body over max_body_bytes (request_body.BodyLimitMiddleware)
     503 overloaded_error        engine OverloadedError, a full deployment queue or a replica being
                                 replaced, with Retry-After; code shutting_down while the server drains
                                 (the ingress gate, or an engine replica: engine_client.ShuttingDownError)

@@ -34,7 +34,8 @@ from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_requests import completion_requests, id_headers, request_id
 from integrations.openai_stream import chat_events, completion_events, echoed, eos_listed, prompt_scores_kept
-from integrations.request_limits import BodyLimitMiddleware, InputError, RequestLimits, off_loop
+from integrations.request_body import BodyLimitMiddleware
+from integrations.request_limits import InputError, RequestLimits, off_loop
 from integrations.responses_api import router as responses_router
 
 

@@ -21,7 +21,8 @@ from integrations.http_metrics import RequestObserver
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_requests import id_headers
 from integrations.openai_stream import null_usage_until_final, sse_response, usage_at_end
-from integrations.request_limits import clipped, read_json_object
+from integrations.request_body import read_json_object
+from integrations.request_limits import clipped
 from scheduler.api import ENGINE_STOPPED, Delta, FinishReason, GenerationRequest
 
 

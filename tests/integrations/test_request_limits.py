@@ -15,9 +15,8 @@ from test_editor_fakes import FakeEngineClient, bpe_tokenizer, fake_client  # no
 from integrations.auth import OriginGuard, normalize_origin
 from integrations.editor.infill import MAX_CHARS_PER_TOKEN, MAX_CONTEXT_TOKENS, MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, build_infill_prompt
 from integrations.openai_api import APISettings, create_app
-from integrations.request_limits import (
-    BodyLimitMiddleware, InputError, MAX_JSON_DEPTH, RequestLimits, parse_json_object, sampling_temperature,
-)
+from integrations.request_body import BodyLimitMiddleware, parse_json_object
+from integrations.request_limits import InputError, MAX_JSON_DEPTH, RequestLimits, sampling_temperature
 from integrations.serve_config import ServeConfig
 from scheduler.api import Delta, FinishReason, InvalidRequestError, Mode
 

@@ -1,0 +1,248 @@
+"""The request body, read before any route runs: its size, its pace, then its JSON.
+
+    BodyLimitMiddleware      ASGI, every HTTP route: a body over max_body_bytes is answered 413 before
+                             the route runs (by Content-Length, or counted as it arrives); a body that
+                             stops arriving for body_timeout_s is answered 408
+    parse_json_object(raw)   the body as a JSON object; not UTF-8, not JSON, NaN/Infinity, nested deeper
+                             than MAX_JSON_DEPTH, an array longer than the context, or a lone UTF-16
+                             surrogate in a string (which no tokenizer or JSON encoder accepts) -> InputError
+                             naming the field
+    read_json_object(req)    both for a Starlette request, with the app's limits (integrations/request_limits.py)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import Any
+
+from integrations.request_limits import (DEFAULT_BODY_TIMEOUT_S, DISCARD_UP_TO_BYTES, MAX_JSON_DEPTH,
+                                         TRIM_AFTER_BODY_BYTES, InputError, trim_heap)
+
+
+def too_large_body(size: int, limit: int) -> dict:
+    """The 413 body in OpenAI's error shape."""
+    return {"error": {"message": f"request body is {size:,} bytes or more; the limit is {limit:,} bytes "
+                                 f"(max_body_bytes): send a shorter prompt",
+                      "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
+
+
+def timed_out_body(timeout_s: float) -> dict:
+    """The 408 body in OpenAI's error shape."""
+    return {"error": {"message": f"the request body stopped arriving: nothing came for {timeout_s:g} s "
+                                 f"(body_timeout_s); send the whole body at once",
+                      "type": "invalid_request_error", "param": None, "code": "request_timeout"}}
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: reads an HTTP request's body (at most max_body_bytes) before the app runs and hands it
+    on in one piece, or answers 413 without running the app. Every route reads its whole body anyway;
+    reading it here bounds what any route can be made to hold. WebSockets pass untouched (their frames
+    have the editor protocol's own limit). A body that pauses for body_timeout_s is answered 408 (and
+    the connection closed) without running the app: a stalled upload holds no call slot for long.
+
+    Most clients send the whole body before reading the answer, and see a reset connection instead of
+    a 413 sent early. So the rest of an over-limit body is read and discarded (memory stays flat) up to
+    DISCARD_UP_TO_BYTES in all, then the 413 goes out; a body declared larger is answered at once."""
+
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S):
+        self.app, self.limit, self.timeout_s = app, max_body_bytes, body_timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self._read_then_run(scope, receive, send)
+        except BodyTimeout:
+            await _send_error(send, 408, timed_out_body(self.timeout_s))
+
+    async def _read_then_run(self, scope, receive, send):
+        app_receive = receive
+
+        async def receive():  # the body's messages, each within the timeout
+            try:
+                return await asyncio.wait_for(app_receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout from None
+
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            if declared <= DISCARD_UP_TO_BYTES:
+                await _discard(receive, DISCARD_UP_TO_BYTES)
+            await _send_413(send, declared, self.limit)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body: nobody to answer
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                chunks.clear()
+                if message.get("more_body", False):
+                    size += await _discard(receive, DISCARD_UP_TO_BYTES - size)
+                await _send_413(send, size, self.limit)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        held = [b"".join(chunks)]
+        chunks.clear()
+
+        async def replay():
+            if held:  # the body once, then the connection's own messages (disconnect), untimed
+                return {"type": "http.request", "body": held.pop(), "more_body": False}
+            return await app_receive()
+
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if size >= TRIM_AFTER_BODY_BYTES:
+                held.clear()
+                trim_heap()  # parsing a large body leaves freed heap glibc would otherwise keep
+
+
+async def _discard(receive, budget: int) -> int:
+    """Read and drop body messages until the body ends, the client leaves or `budget` bytes went by;
+    returns the bytes read."""
+    read = 0
+    while read <= budget:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return read
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class BodyTimeout(Exception):
+    """A request body paused for longer than body_timeout_s."""
+
+
+async def _send_413(send, size: int, limit: int) -> None:
+    await _send_error(send, 413, too_large_body(size, limit))
+
+
+async def _send_error(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def parse_json_object(raw: bytes, max_array_items: int | None = None) -> dict:
+    """The body as a JSON object (an empty body is {}, so validation names the missing fields).
+    Raises InputError(400) saying what is wrong and, for a bad string, nesting or an array longer than
+    max_array_items, where."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(400, None, f"request body is not UTF-8 (bad byte at offset {exc.start}): "
+                                    f"send JSON encoded as UTF-8") from None
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        what = exc.msg.removesuffix(" at")  # "Invalid control character at": the position follows
+        raise InputError(400, None, f"request body is not valid JSON: {what} at line {exc.lineno} "
+                                    f"column {exc.colno}") from None
+    except RecursionError:
+        raise InputError(400, None, f"request body nests arrays/objects deeper than {MAX_JSON_DEPTH} "
+                                    f"levels: flatten it") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer of more than 4,300 digits
+        why = "an integer of more than 4,300 digits" if "digits" in str(exc) else str(exc)
+        raise InputError(400, None, f"request body has a number JSON cannot carry: {why}") from None
+    if not isinstance(data, dict):
+        raise InputError(400, None, f"request body must be a JSON object ({{...}}), got {_json_kind(data)}")
+    check_json_tree(data, max_array_items)
+    return data
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number; send a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a float; send a finite number")
+    return value
+
+
+def _json_kind(value) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def check_json_tree(data: dict, max_array_items: int | None = None) -> None:
+    """Iteratively (no recursion to exhaust): nesting depth (at most MAX_JSON_DEPTH levels, `data` being
+    the first), strings or keys that are not valid Unicode (a lone surrogate) and arrays longer than
+    max_array_items. Raises InputError(400) whose field is the dotted path to the fault
+    ("messages.0.content")."""
+    stack: list[tuple[Any, tuple, int]] = [(data, (), 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            field = _dotted(path[:6]) + (".…" if len(path) > 6 else "")
+            raise InputError(400, field, f"nests arrays/objects deeper than {MAX_JSON_DEPTH} levels: flatten it")
+        if max_array_items is not None and isinstance(node, list) and len(node) > max_array_items:
+            raise InputError(400, _dotted(path), f"holds {len(node):,} items; an array may hold at most "
+                                                 f"{max_array_items:,}, the model's context length in tokens")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(key, str):
+                _check_text(key, path + (key,))
+            if isinstance(value, str):
+                _check_text(value, path + (key,))
+            elif isinstance(value, (dict, list)):
+                stack.append((value, path + (key,), depth + 1))
+
+
+def _check_text(text: str, path: tuple) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(400, _dotted(path), f"has a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at "
+                                             f"character {exc.start}: send valid Unicode text") from None
+
+
+def _dotted(path: tuple) -> str:
+    """"messages.0.content"; a key that is not valid Unicode itself is shown escaped."""
+    text = ".".join(str(p) for p in path) or "body"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+OFF_LOOP_BODY_BYTES = 256 * 1024  # bodies at least this large are parsed in a worker thread
+
+
+async def read_json_object(request) -> dict:
+    """parse_json_object of a Starlette request's body (already bounded by BodyLimitMiddleware), with
+    the app's max_array_items (openai_api.APISettings.limits). A large body is parsed in a worker thread:
+    checking a tree of millions of items is Python work that would hold the event loop (the thread
+    gives it the interpreter between bytecodes)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # (the body would be read as UTF-8 text and fail as "not UTF-8")
+        raise InputError(415, "Content-Encoding", f"is {encoding[:40]!r}; this server reads uncompressed "
+                                                  "bodies: send the JSON as is, without Content-Encoding")
+    raw = await request.body()
+    settings = getattr(request.app.state, "settings", None)
+    max_items = settings.limits.max_array_items if settings is not None else None
+    if len(raw) >= OFF_LOOP_BODY_BYTES:
+        return await asyncio.to_thread(parse_json_object, raw, max_items)
+    return parse_json_object(raw, max_items)
