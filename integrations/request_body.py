@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from typing import Any
 
 from integrations.request_limits import (DEFAULT_BODY_TIMEOUT_S, DISCARD_UP_TO_BYTES, MAX_JSON_DEPTH,
@@ -28,10 +29,16 @@ def too_large_body(size: int, limit: int) -> dict:
                       "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
 
 
-def timed_out_body(timeout_s: float) -> dict:
-    """The 408 body in OpenAI's error shape."""
-    return {"error": {"message": f"the request body stopped arriving: nothing came for {timeout_s:g} s "
-                                 f"(body_timeout_s); send the whole body at once",
+# A whole body may take this many body_timeout_s in all (60 s by default): a client that trickles a
+# byte just inside each pause would otherwise hold its call slot for as long as it likes.
+BODY_TOTAL_TIMEOUTS = 6
+
+
+def timed_out_body(timeout_s: float, in_all: bool = False) -> dict:
+    """The 408 body in OpenAI's error shape: the body paused for `timeout_s`, or took longer in all."""
+    what = (f"took longer than {timeout_s * BODY_TOTAL_TIMEOUTS:g} s in all ({BODY_TOTAL_TIMEOUTS} x body_timeout_s)"
+            if in_all else f"stopped arriving: nothing came for {timeout_s:g} s (body_timeout_s)")
+    return {"error": {"message": f"the request body {what}; send the whole body at once",
                       "type": "invalid_request_error", "param": None, "code": "request_timeout"}}
 
 
@@ -55,17 +62,19 @@ class BodyLimitMiddleware:
             return
         try:
             await self._read_then_run(scope, receive, send)
-        except BodyTimeout:
-            await _send_error(send, 408, timed_out_body(self.timeout_s))
+        except BodyTimeout as timeout:
+            await _send_error(send, 408, timed_out_body(self.timeout_s, in_all=timeout.in_all))
 
     async def _read_then_run(self, scope, receive, send):
         app_receive = receive
+        deadline = time.monotonic() + self.timeout_s * BODY_TOTAL_TIMEOUTS
 
-        async def receive():  # the body's messages, each within the timeout
+        async def receive():  # the body's messages, each within the pause allowed and the whole deadline
+            left = deadline - time.monotonic()
             try:
-                return await asyncio.wait_for(app_receive(), self.timeout_s)
+                return await asyncio.wait_for(app_receive(), min(self.timeout_s, max(left, 0)))
             except asyncio.TimeoutError:
-                raise BodyTimeout from None
+                raise BodyTimeout(in_all=left < self.timeout_s) from None
 
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
@@ -129,7 +138,11 @@ def _content_length(scope) -> int | None:
 
 
 class BodyTimeout(Exception):
-    """A request body paused for longer than body_timeout_s."""
+    """A request body paused for longer than body_timeout_s, or (in_all) ran past its whole deadline."""
+
+    def __init__(self, in_all: bool = False):
+        super().__init__("request body timed out")
+        self.in_all = in_all
 
 
 async def _send_413(send, size: int, limit: int) -> None:

@@ -172,7 +172,7 @@ class ServeConfig(_Strict):
     allowed_origins: list[str] = Field(default_factory=list, description="browser origins that may call; [] = none")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="HTTP request body limit (413)")
     body_timeout_s: float = Field(default=DEFAULT_BODY_TIMEOUT_S, gt=0, description="seconds a request body may "
-                                  "stop arriving before a 408 (a stalled upload holds an ingress call slot)")
+                                  "pause (and 6x this in all) before a 408 (a stalled upload holds an ingress call slot)")
     max_prompt_chars: int | None = Field(default=None, ge=1, description="prompt characters; default 8 x context")
     runner: dict = Field(default_factory=dict, description="workers.runner.ModelRunner keyword arguments")
     engine: dict = Field(default_factory=dict, description="scheduler.config.EngineConfig fields")

@@ -151,6 +151,16 @@ async def test_a_body_that_stops_arriving_is_a_408_and_the_app_never_runs():
     scope = {"type": "http", "path": "/v1/completions", "headers": []}
     await BodyLimitMiddleware(inner, max_body_bytes=10_000, body_timeout_s=0.2)(scope, slow, keep)
     assert sent[0]["status"] == 200 and ran == [{"type": "http.request", "body": b"ababababab" + b"c", "more_body": False}]
+    # a body trickled just inside each pause ends at the whole body's deadline, 6 pauses (1.2 s here)
+    ran.clear(), sent.clear()
+
+    async def trickle():
+        await asyncio.sleep(0.1)
+        return {"type": "http.request", "body": b"a", "more_body": True}  # never the last part
+
+    await asyncio.wait_for(BodyLimitMiddleware(inner, max_body_bytes=10_000, body_timeout_s=0.2)(scope, trickle, keep), 10)
+    assert sent[0]["status"] == 408 and not ran
+    assert "took longer than 1.2 s in all" in json.loads(sent[1]["body"])["error"]["message"]
 
 
 # --- prompt and context limits ----------------------------------------------------------------------
