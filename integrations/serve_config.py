@@ -82,7 +82,7 @@ class EngineDeploymentOptions(_Strict):
     autoscaling: AutoscalingOptions | None = None
     num_gpus: float = Field(default=0.0, ge=0)
     num_cpus: float = Field(default=1.0, ge=0)
-    max_ongoing_requests: int = Field(default=512, ge=1, le=MAX_ONGOING_REQUESTS)
+    max_ongoing_requests: int = Field(default=512, ge=1)
     max_queued_requests: int = Field(default=-1, ge=-1)
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
@@ -91,6 +91,11 @@ class EngineDeploymentOptions(_Strict):
     torch_threads: int | None = Field(default=None, ge=1)
     resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica")
     router: RouterOptions = Field(default_factory=RouterOptions)
+
+    @field_validator("max_ongoing_requests")
+    @classmethod
+    def _ongoing(cls, value: int) -> int:
+        return _room_for_ray(value)
 
     @model_validator(mode="after")
     def _one_way_to_scale(self):
@@ -121,18 +126,23 @@ class EngineDeploymentOptions(_Strict):
 class IngressOptions(_Strict):
     """The HTTP ingress replicas: parsing, tokenizing and streaming only, so no CPU is reserved.
     max_ongoing_requests: HTTP requests one replica answers at once; max_queued_requests: requests Ray
-    Serve's proxy holds for a full replica, beyond which it answers 503 + Retry-After (-1: no bound, the
-    proxy queues without end and a flood hangs every client)."""
+    Serve's proxy holds for a full replica, beyond which it answers 503 itself (plain text, no
+    Retry-After; -1: no bound, the proxy queues without end and a flood hangs every client)."""
 
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.0, ge=0)
-    max_ongoing_requests: int = Field(default=900, ge=1, le=MAX_ONGOING_REQUESTS)
+    max_ongoing_requests: int = Field(default=900, ge=1)
     max_queued_requests: int = Field(default=1000, ge=-1)
     resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica")
     # How long a replaced ingress replica may finish its open streams before Ray kills it (cutting them);
     # None: the engine deployment's graceful_shutdown_timeout_s (Ray's own default, 20 s, cut streams
     # that the engine would still have finished).
     graceful_shutdown_timeout_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("max_ongoing_requests")
+    @classmethod
+    def _ongoing(cls, value: int) -> int:
+        return _room_for_ray(value)
 
     def ray_options(self, engine_grace_s: float) -> dict:
         return {
@@ -142,6 +152,13 @@ class IngressOptions(_Strict):
             "max_queued_requests": self.max_queued_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s or engine_grace_s,
         }
+
+
+def _room_for_ray(value: int) -> int:
+    if value > MAX_ONGOING_REQUESTS:
+        raise ValueError(f"at most {MAX_ONGOING_REQUESTS}, got {value}: a replica takes 1000 concurrent calls, "
+                         "and Ray Serve's own (its health check among them) need room")
+    return value
 
 
 def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:

@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, served_names_problem
+from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, MAX_ONGOING_REQUESTS, served_names_problem
 
 
 class CLIError(ValueError):
@@ -90,6 +90,12 @@ def load_config_file(path: Path) -> ConfigFile:
                                                              or replicas < 1):
             raise CLIError(f"--config: applications[0].deployments: {name} num_replicas: expected an integer >= 1 "
                            f"or \"auto\", got {replicas!r}")
+        ongoing = entry.get("max_ongoing_requests")
+        if ongoing is not None and (isinstance(ongoing, bool) or not isinstance(ongoing, int)
+                                    or not 1 <= ongoing <= MAX_ONGOING_REQUESTS):
+            raise CLIError(f"--config: applications[0].deployments: {name} max_ongoing_requests: expected an integer "
+                           f"from 1 to {MAX_ONGOING_REQUESTS}, got {ongoing!r} (a replica takes 1000 concurrent calls, "
+                           f"and Ray Serve's own, its health check among them, need room)")
         deployments[name] = {k: v for k, v in entry.items() if k != "name"}
     return ConfigFile(_section(apps[0], "args"), _section(data, "http_options"),
                       data.get("proxy_location"), deployments)

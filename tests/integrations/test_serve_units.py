@@ -314,6 +314,9 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
                             "proxy_location: expected one of Disabled, HeadOnly, EveryNode, got 'Everywhere'"),
              "userconf.yaml": ("applications: [{deployments: [{name: RefusionEngine, user_config: {a: 1}}]}]\n",
                                "RefusionEngine user_config: not used by this application"),
+             # past 936 a replica's own health check found no room among its 1000 concurrent calls
+             "ongoing.yaml": ("applications: [{deployments: [{name: RefusionIngress, max_ongoing_requests: 5000}]}]\n",
+                              "RefusionIngress max_ongoing_requests: expected an integer from 1 to 936, got 5000"),
              "policytypo.yaml": ("applications: [{deployments: [{name: RefusionEngine, autoscaling_config: "
                                  "{min_replicas: 1, max_replicas: 2, policy: {policy_functon: x}}}]}]\n",
                                  "autoscaling_config.policy.policy_functon: not a Ray Serve config key")}
