@@ -77,7 +77,8 @@ class APIKeyMiddleware:
             "message": "missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
             "type": "invalid_request_error", "param": None, "code": "invalid_api_key",  # OpenAI's 401
         }}).encode()
-        headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+        # closed after the answer: the body was not read (a stalled one would keep the connection open)
+        headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"), (b"connection", b"close")]
         await send({"type": "http.response.start", "status": 401, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

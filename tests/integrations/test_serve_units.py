@@ -47,7 +47,8 @@ async def test_api_key_middleware_http_and_websocket():
         await send({"type": "ok"})
 
     app = APIKeyMiddleware(inner, ["k1", "k2"])
-    assert (await _call(app, "http", "/v1/models"))[0]["status"] == 401
+    refused = (await _call(app, "http", "/v1/models"))[0]
+    assert refused["status"] == 401 and (b"connection", b"close") in refused["headers"]
     assert (await _call(app, "http", "/v1/models", [(b"authorization", b"Bearer nope")]))[0]["status"] == 401
     assert (await _call(app, "http", "/v1/models", [(b"authorization", b"Bearer k2")])) == [{"type": "ok"}]
     assert (await _call(app, "http", "/health")) == [{"type": "ok"}]
