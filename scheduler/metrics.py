@@ -5,8 +5,12 @@ The serving layer exposes `engine.metrics.render()` on /metrics with content typ
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# No `<name>_created` series (each series' creation time): noise on every scrape, and a sum over
+# replicas of creation times means nothing (vLLM turns them off alike)
+disable_created_metrics()
 
 from scheduler.api import FinishReason
 

@@ -29,6 +29,7 @@ def test_kv_capacity_is_exported_before_any_request():
     assert all(m[("refusion_requests_finished_total", (("reason", r),))] == 0
                for r in ("stop", "length", "deadline", "cancelled", "error"))
     assert [m[("refusion_requests_rejected_total", (("reason", r),))] for r in ("not_running", "queue_full")] == [0, 0]
+    assert not any(name.endswith("_created") for name, _ in m)  # no creation-time series (as vLLM)
     stats = engine.stats()  # /v1/engine's engine block: the scheduling limits in force
     assert (stats["max_running"], stats["max_queue"]) == (engine.config.max_running, engine.config.max_queue)
 
