@@ -158,9 +158,12 @@ def _flat(lists: list, count: int, field: str, ids: list[str], owner: np.ndarray
         return as_int64(list(chain.from_iterable(lists)), field, ids, owner)
 
 
-def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int, scratch_block: int) -> PackedStep:
+def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int, scratch_block: int,
+              pad: bool = True) -> PackedStep:
     """Pack a step. Raises SegmentError for a value that does not fit int64 or a repeated seq_id; range
-    checks against the model are `workers.validation.validate_step`'s."""
+    checks against the model are `workers.validation.validate_step`'s. pad: shapes padded to buckets
+    (what CUDA graphs and compiled layers key on); False: exact shapes (at least 1), for an eager step
+    on the CPU, where every padding row is computed (a 1-token step ran 16 rows through each layer)."""
     if len(tables) != len(segments):
         raise ValueError(f"{len(segments)} segments but {len(tables)} block tables; give one table per segment")
     ids = [g.seq_id for g in segments]
@@ -182,7 +185,7 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     kinds = np.repeat(np.tile(KINDS, len(segments)), counts.ravel())
     masks = [g.token_bitmask for g in segments]
     mask_words = max(-(-len(m) // 8) for m in masks if m is not None) if any(m is not None for m in masks) else 0
-    layout = _layout(seg, kinds, read_owner, block_size, mask_words if len(kinds) else 0)
+    layout = _layout(seg, kinds, read_owner, block_size, mask_words if len(kinds) else 0, pad)
     if len(kinds) and any(g.logprobs is not None and len(g.reads) for g in segments):
         layout = dataclasses.replace(layout, logprobs=True,
                                      ranks=any(g.ranks and g.logprobs is not None and len(g.reads) for g in segments))
@@ -203,16 +206,18 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     return step
 
 
-def _layout(seg: dict, kinds: np.ndarray, read_owner: np.ndarray, block_size: int, mask_words: int) -> StepLayout:
+def _layout(seg: dict, kinds: np.ndarray, read_owner: np.ndarray, block_size: int, mask_words: int,
+            pad: bool = True) -> StepLayout:
     n, ctx = seg["n"], seg["ctx"]
+    size = bucket if pad else (lambda count, minimum: max(count, 1))
     sample = (kinds == 2) & (seg["temperature"][read_owner] > 0)
     gumbel = (kinds == 0) & seg["gumbel"][read_owner] & (seg["temperature"][read_owner] > 0)
     sort = sample & ((seg["top_k"][read_owner] > 0) | (seg["top_p"][read_owner] < 1) | (seg["min_p"][read_owner] > 0))
     max_ctx_blocks = int(-(-ctx.max() // block_size)) if len(ctx) else 0
     return StepLayout(
-        num_tokens=bucket(int(n.sum()), MIN_TOKENS), num_seqs=bucket(len(n), MIN_SEQS),
-        max_query=bucket(int(n.max()), MIN_QUERY), max_blocks=bucket(max_ctx_blocks, MIN_BLOCKS),
-        num_reads=bucket(len(kinds), MIN_READS) if len(kinds) else 0, block_size=block_size,
+        num_tokens=size(int(n.sum()), MIN_TOKENS), num_seqs=size(len(n), MIN_SEQS),
+        max_query=size(int(n.max()), MIN_QUERY), max_blocks=size(max_ctx_blocks, MIN_BLOCKS),
+        num_reads=size(len(kinds), MIN_READS) if len(kinds) else 0, block_size=block_size,
         needs_noise=bool((sample | gumbel).any()), needs_sort=bool(sort.any()), mask_words=mask_words,
     )
 

@@ -172,9 +172,16 @@ class ModelRunner:
         return {"attention": self.attention, "compile_layers": self.compile_layers,
                 "cuda_graphs": self.step_fn.stats() if isinstance(self.step_fn, StepGraphs) else None}
 
+    @property
+    def pad_steps(self) -> bool:
+        """Whether steps are packed at bucketed shapes: what CUDA graphs and compiled layers key on (and
+        what costs a GPU little). An eager CPU step computes every padding row (a 1-token step ran 16
+        rows through each layer, twice the time), so it runs at its exact shape."""
+        return isinstance(self.step_fn, StepGraphs) or self.compile_layers or self.device.type != "cpu"
+
     def pack(self, segments: Sequence[Segment], block_tables: Sequence[list[int]]) -> PackedStep:
         """Pack and validate a step (host only). Raises SegmentError naming the culprit segment."""
-        step = pack_step(list(segments), list(block_tables), self.info.block_size, self.scratch_block)
+        step = pack_step(list(segments), list(block_tables), self.info.block_size, self.scratch_block, self.pad_steps)
         validate_step(step, [s.seq_id for s in segments], self.info.vocab_size, self.info.num_kv_blocks)
         return step
 

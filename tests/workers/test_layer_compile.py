@@ -87,7 +87,8 @@ def test_compiled_layers_match_eager_step_by_step(sessions):
     for s in ("a", "b", "c", "d"):  # both caches hold the same sequences, written by the same steps
         assert compiled.cached_len(s) == eager.cached_len(s)
     for a, b in zip(compiled.runner.kv.k + compiled.runner.kv.v, eager.runner.kv.k + eager.runner.kv.v):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # the scratch block (the last) aside: padding rows write there, and only the compiled runner pads
+        torch.testing.assert_close(a[:-1], b[:-1], rtol=1e-4, atol=1e-5)
     # steps padded to 32, 16, 16, 16, 16, 64 tokens (28, 3, 1, 16, 4 and 60 real ones; the first count
     # matches no model dimension, see compiled_kernels): each function compiles once, for a symbolic count
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before

@@ -87,3 +87,32 @@ def test_token_bitmask_rows_per_read_kind():
     for row in (0, 1, 3, 4, 5, 6, 7):  # unconstrained segments, b's logits-only row, padding: everything allowed
         assert words[row].tolist() == [-1, -1]
     assert step.layout != pack_step([a, b, c], [[3, 8], [], []], BS, SCRATCH).layout  # its own graph key
+
+
+def test_an_unpadded_step_has_its_exact_shapes_and_the_same_fields():
+    """pad=False (an eager CPU runner: every padding row would be computed) packs the step at its exact
+    sizes, at least 1 each; the real rows' fields are the padded step's."""
+    a = Segment("a", 5, [10, 11, 12], [5, 6, 9], 2, Reads(argmax=(2,), prob=(0,), prob_tokens=(11,)))
+    b = Segment("b", 0, [20, 21], [0, 1], 0, Reads())
+    padded = pack_step([a, b], [[3, 8], []], BS, SCRATCH)
+    exact = pack_step([a, b], [[3, 8], []], BS, SCRATCH, pad=False)
+    lay = exact.layout
+    assert (lay.num_tokens, lay.num_seqs, lay.max_query, lay.max_blocks, lay.num_reads) == (5, 2, 3, 2, 2)
+    assert (padded.layout.num_tokens, padded.layout.num_seqs, padded.layout.num_reads) == (16, 4, 8)
+    for name in ("token_ids", "positions", "slot_mapping", "seq_index", "query_index"):
+        assert exact.view(name).tolist() == padded.view(name)[:5].tolist(), name
+    assert exact.view("read_rows").tolist() == padded.view("read_rows")[:2].tolist()
+    no_context = pack_step([b], [[]], BS, SCRATCH, pad=False).layout
+    assert (no_context.max_blocks, no_context.num_reads) == (1, 0)  # no context, no reads: still one block column
+
+
+def test_the_runner_pads_only_where_shapes_are_keyed_on(tiny_model_dir):
+    """An eager CPU runner packs exact shapes (a 1-token step ran 16 rows through every layer, twice the
+    time); compiled layers and CUDA graphs (and any GPU) keep the buckets they key on."""
+    from workers.runner import ModelRunner
+
+    runner = ModelRunner(str(tiny_model_dir), device="cpu", num_blocks=8)
+    assert not runner.pad_steps
+    assert runner.pack([Segment("x", 0, [5], [0], 0, Reads(argmax=(0,)))], [[]]).layout.num_tokens == 1
+    runner.compile_layers = True
+    assert runner.pad_steps

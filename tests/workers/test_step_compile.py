@@ -22,6 +22,7 @@ from hf_oracle import segment  # noqa: E402
 from workers.batch import Reads, Sampling  # noqa: E402
 from workers.loader import read_config  # noqa: E402
 from workers.model import random_model  # noqa: E402
+from workers.packing import pack_step  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
 from workers.session import RunnerSession  # noqa: E402
 from workers.step import step_forward  # noqa: E402
@@ -76,7 +77,8 @@ def _plan_step(session, mask_id: int) -> list:
 def _run_both(session, segs):
     runner = session.runner
     tables = session.tables.prepare(segs)
-    step = runner.pack(segs, tables)
+    # the bucketed shapes compiled steps and CUDA graphs run at (an eager CPU runner packs exact shapes)
+    step = pack_step(segs, tables, runner.info.block_size, runner.scratch_block, pad=True)
     buffer = torch.from_numpy(step.buffer)
     kv_eager, kv_compiled = copy.deepcopy(runner.kv), copy.deepcopy(runner.kv)
     compiled = torch.compile(step_forward, fullgraph=True, dynamic=False)
