@@ -47,8 +47,12 @@ MAX_ERROR_MESSAGE_CHARS = 2000  # an error message quoting a client's value is c
 
 
 def clipped(text: str, limit: int = MAX_ERROR_MESSAGE_CHARS) -> str:
-    """`text`, or its first `limit` characters and how many more were left out."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+    """`text`, or its start and how many characters were left out, `limit` characters in all (so a
+    message clipped twice, as an InputError and again as the APIError it becomes, is clipped once)."""
+    if len(text) <= limit:
+        return text
+    keep = limit - len(f"... ({len(text):,} more characters)")
+    return f"{text[:keep]}... ({len(text) - keep:,} more characters)"
 
 
 class InputError(Exception):

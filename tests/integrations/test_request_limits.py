@@ -16,7 +16,7 @@ from integrations.auth import OriginGuard, normalize_origin
 from integrations.editor.infill import MAX_CHARS_PER_TOKEN, MAX_CONTEXT_TOKENS, MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, build_infill_prompt
 from integrations.openai_api import APISettings, create_app
 from integrations.request_body import BodyLimitMiddleware, parse_json_object
-from integrations.request_limits import InputError, MAX_JSON_DEPTH, RequestLimits, sampling_temperature
+from integrations.request_limits import InputError, MAX_JSON_DEPTH, RequestLimits, clipped, sampling_temperature
 from integrations.serve_config import ServeConfig
 from scheduler.api import Delta, FinishReason, InvalidRequestError, Mode
 
@@ -388,3 +388,11 @@ def test_arrays_longer_than_the_context_are_refused_while_parsing():
     assert err.value.field == "prompt.1"
     assert parse_json_object(body)["prompt"][1] == [5] * 4097  # no limit given, none applied
     assert len(parse_json_object(json.dumps({"prompt": [5] * 4096}).encode(), 4096)["prompt"]) == 4096
+
+
+def test_a_clipped_message_fits_its_limit_and_clipping_again_changes_nothing():
+    """An InputError's message is clipped, and again as the APIError it becomes: the second pass must
+    keep the first's count of what was left out."""
+    once = clipped("m" * 1_000_000)
+    assert len(once) <= 2000 and once.endswith(f"... ({1_000_000 - once.index('...'):,} more characters)")
+    assert clipped(once) == once and clipped("short") == "short"
