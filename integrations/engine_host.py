@@ -41,6 +41,10 @@ def check_runner_options(options: dict) -> None:
         value = options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"runner.{name}: expected a positive integer, got {value!r}")
+    least = min_kv_blocks(options.get("block_size") or 16)
+    if options.get("num_blocks") is not None and options["num_blocks"] < least:
+        raise ValueError(f"runner.num_blocks: the KV cache needs at least {least} blocks of {options.get('block_size') or 16} "
+                         f"tokens (the start-up warm-up requests), got {options['num_blocks']}; size it for the requests you serve")
     for name, kinds in (("device", (str,)), ("attention", (str,)), ("compile_layers", (bool,)),
                         ("cuda_graphs", (bool, dict))):
         value = options.get(name)
@@ -58,7 +62,13 @@ def build_engine(model_dir: str | Path, runner_options: dict | None = None, engi
     from workers.runner import ModelRunner
 
     runner = ModelRunner(str(model_dir), **(runner_options or {}))
-    return Engine(runner, runner.tokenizer, engine_config(engine_options)), runner.tokenizer
+    engine = Engine(runner, runner.tokenizer, engine_config(engine_options))
+    kv = engine.scheduler.kv
+    if kv.capacity() < min_kv_blocks(kv.pool().block_size):  # a kv_memory_bytes that holds too few blocks
+        raise ValueError(f"runner.kv_memory_bytes: the KV cache holds {kv.capacity()} usable blocks of "
+                         f"{kv.pool().block_size} tokens; the start-up warm-up requests need "
+                         f"{min_kv_blocks(kv.pool().block_size)}: raise it")
+    return engine, runner.tokenizer
 
 
 def engine_config(options: dict | None):
@@ -107,13 +117,24 @@ WARMUP_PARAMS = {
 }
 
 
+WARMUP_PROMPT = "def main():\n"
+WARMUP_PROMPT_TOKENS = len(WARMUP_PROMPT.encode())  # at most one token per byte, whatever the tokenizer
+
+
+def min_kv_blocks(block_size: int) -> int:
+    """KV blocks (of `block_size` tokens) the warm-up requests need, so the fewest a replica can start
+    with: prompt + gen_length + one ReFusion pool, plus one (scheduler.kv.KVOwner.blocks_needed)."""
+    most = max(WARMUP_PROMPT_TOKENS + 2 * p["gen_length"] for p in WARMUP_PARAMS.values())
+    return -(-most // block_size) + 1
+
+
 async def warm_up(client, timeout_s: float = 120.0) -> dict:
     """Run one short request per decoding path through the engine before it takes traffic, so the first
     real request does not pay for first use (allocator growth, kernel selection, lazily built state:
     seconds on a fresh replica). Returns {"requests", "forwards", "seconds"}; raises EngineUnhealthyError
     when a warm-up request fails, so a replica that cannot serve never reports ready."""
     start, forwards = time.perf_counter(), 0
-    prompt_ids = client.tokenizer.encode("def main():\n") or [client.tokenizer.eos_token_id]
+    prompt_ids = client.tokenizer.encode(WARMUP_PROMPT) or [client.tokenizer.eos_token_id]
     for mode, params in WARMUP_PARAMS.items():
         req = GenerationRequest(request_id=f"warmup-{mode.value}-{uuid.uuid4().hex[:8]}", prompt_ids=list(prompt_ids),
                                 params=dict(params), mode=mode, priority=Priority.BATCH, internal=True)

@@ -177,10 +177,11 @@ class EngineDeployment:
     async def __del__(self):
         # Ray Serve has already waited for in-flight calls (graceful_shutdown_wait_loop_s); stop() drains
         # whatever is left within the timeout and ends the rest with a clean error delta.
-        engine = getattr(self, "engine", None)  # absent when __init__ failed
+        engine = getattr(self, "engine", None)  # absent when __init__ failed before it
         if engine is not None:
-            self._drain_watch.cancel()
-            self._caller_watch.cancel()
+            for watch in (getattr(self, "_drain_watch", None), getattr(self, "_caller_watch", None)):
+                if watch is not None:  # absent when __init__ failed after the engine started (warm-up)
+                    watch.cancel()
             await engine.stop(drain_timeout_s=self.config.drain_timeout_s)
 
 

@@ -226,7 +226,10 @@ def test_config_runner_and_engine_keys_are_checked_when_read(tiny_model_dir):
     for runner, message in (({"num_blocks": "x"}, "runner.num_blocks: expected a positive integer, got 'x'"),
                             ({"block_size": 0}, "runner.block_size: expected a positive integer"),
                             ({"compile_layers": "yes"}, "runner.compile_layers: expected bool, got 'yes'"),
-                            ({"cuda_graphs": 1}, "runner.cuda_graphs: expected bool or dict")):
+                            ({"cuda_graphs": 1}, "runner.cuda_graphs: expected bool or dict"),
+                            # too few blocks for the warm-up passed, then failed each replica deep in Ray
+                            ({"num_blocks": 1}, r"runner.num_blocks: the KV cache needs at least 4 blocks of 16"),
+                            ({"num_blocks": 4, "block_size": 4}, r"runner.num_blocks: .* at least 12 blocks of 4")):
         with pytest.raises(ValueError, match=message):
             ServeConfig(model=str(tiny_model_dir), runner=runner)
     config = ServeConfig(model=str(tiny_model_dir), runner={"compile_layers": True, "num_blocks": 64},
@@ -738,3 +741,44 @@ async def test_an_incomplete_drain_says_who_held_it_and_a_failed_watch_is_logged
             await task
         await asyncio.sleep(0)  # the done callback runs on the next turn of the loop
     assert "drain watch of engine r1 failed" in caplog.text and "lost the signal" in caplog.text
+
+
+async def test_the_smallest_kv_cache_a_config_allows_warms_up_and_a_smaller_budget_is_refused(tiny_model_dir):
+    """runner.num_blocks at min_kv_blocks passes the start-up warm-up (one fewer is refused when the config
+    is read, above); a kv_memory_bytes holding fewer blocks is refused by name when the engine is built,
+    not by a warm-up traceback in every replica Ray retries."""
+    from integrations.engine_host import min_kv_blocks, warm_up
+
+    least = min_kv_blocks(16)
+    engine, tok = build_engine(tiny_model_dir, {"num_blocks": least, "block_size": 16}, {"routing": {"calibrate": False}})
+    await engine.start()
+    try:
+        done = await warm_up(LocalEngineClient(engine, tok, "tiny", read_model_card(tiny_model_dir)))
+        assert done["requests"] == 2 and done["forwards"] > 0
+    finally:
+        await engine.stop()
+    import torch
+
+    from workers.kv_cache import bytes_per_block
+    from workers.loader import read_config
+
+    per_block = bytes_per_block(read_config(Path(tiny_model_dir)), 16, torch.float32)
+    with pytest.raises(ValueError, match=r"runner.kv_memory_bytes: the KV cache holds \d+ usable blocks of 16 tokens"):
+        build_engine(tiny_model_dir, {"kv_memory_bytes": per_block * (least - 1)}, {"routing": {"calibrate": False}})
+
+
+async def test_a_replica_whose_warm_up_failed_shuts_down_cleanly():
+    """__init__ can fail after the engine started (the warm-up), before the drain and caller watches
+    exist: __del__ must still stop the engine (it raised AttributeError on _drain_watch instead)."""
+    from integrations.serve_app import EngineDeployment
+
+    stopped = []
+
+    class Engine:
+        async def stop(self, drain_timeout_s):
+            stopped.append(drain_timeout_s)
+
+    replica = object.__new__(EngineDeployment.func_or_class)
+    replica.engine, replica.config = Engine(), argparse.Namespace(drain_timeout_s=7.0)
+    await replica.__del__()
+    assert stopped == [7.0]
