@@ -53,6 +53,11 @@ class PrefixCache:
         return len(self._entries)
 
     @property
+    def evictable_blocks(self) -> int:
+        """Cached blocks no running request holds: what `evict` could free now."""
+        return sum(1 for block_id in self._entries.values() if self._blocks.refcount(block_id) == 1)
+
+    @property
     def hit_rate(self) -> float:
         """Share of looked-up prompt tokens served from the cache."""
         return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0

@@ -14,7 +14,8 @@ steady INTERACTIVE stream that fills the slots, the KV or the budget included. A
 waiting keeps that rank to its end, so it is not preempted for an INTERACTIVE one; aging itself
 never preempts. A waiting INTERACTIVE request that finds no running slot or KV preempts the youngest
 running BATCH request that has been preempted fewer than `max_preemptions` times (a preempted request restarts from scratch, so
-the bound is what lets a long BATCH request finish under a steady INTERACTIVE stream).
+the bound is what lets a long BATCH request finish under a steady INTERACTIVE stream), and only when
+the blocks such victims hold could make room for it (else it waits, and nobody loses progress).
 
 Backfilling: when the first waiting request of a class cannot start for lack of KV (a running slot is
 free), later requests of the same class that fit start around it (up to BACKFILL_SCAN of them looked
@@ -371,11 +372,25 @@ class Scheduler:
         victims = [r for r in self.running if r.rank_class > req.priority and len(r.mode_history) == 1
                    and r.preemptions < self.config.max_preemptions  # an aged request is not preempted
                    and kv_key in (None, r.runner_key)]
-        if not victims:
+        if not victims or not self._room_if_preempted(req, victims, [kv_key] if kv_key else list(self.runners)):
             return False
         self.metrics.preemptions.labels(cause="interactive").inc()
         self.requeue(max(victims, key=lambda r: r.order), reason=f"for {req.id}")
         return True
+
+    def _room_if_preempted(self, req: Request, victims: list[Request], keys: list[str]) -> bool:
+        """Whether sending every victim back could give `req` its KV on one of the runners `keys`: the KV
+        left, the prefix-cache blocks no request holds and the victims' blocks, against its estimate less
+        its prompt's cached blocks (an upper bound on the room). A preemption that cannot let `req` start
+        loses the victim's progress for nothing: it waits instead for what it is short of."""
+        for key in keys:
+            cache = self.prefix_cache if key == "main" else None
+            hit = cache.lookup(req.spec.prompt_ids) if cache is not None and not req.scores_prompt else PrefixHit()
+            room = (self.kv_available(key) + (cache.evictable_blocks if cache is not None else 0)
+                    + sum(v.kv_blocks for v in victims if v.runner_key == key))
+            if room >= req.kv_blocks - len(hit.block_ids):
+                return True
+        return False
 
     def requeue(self, victim: Request, reason: str) -> None:
         """Send a running request back to the queue: its KV is freed and it restarts from scratch later,

@@ -262,6 +262,33 @@ async def test_interactive_short_of_kv_preempts_only_on_the_runner_whose_kv_it_w
     assert len(ids_of(out_ar)) == len(ids_of(out_main)) == 8
 
 
+async def test_interactive_does_not_preempt_a_batch_request_whose_blocks_could_not_make_room(wait_until):
+    """Two running slots, both taken: INTERACTIVE i1 (11 of 16 blocks) and BATCH b (5). INTERACTIVE i2 also
+    needs 11: preempting b frees a slot but only 5 blocks, so i2 could not start anyway. It used to
+    preempt b all the same (b lost its progress, i2 still waited for i1); now i2 waits for i1 and b runs
+    on. Found by the KV-pressure break-test over HTTP."""
+    runner = FakeRunner(num_blocks=16, block_size=4)
+    engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0, max_running=2)
+    gate = ForwardGate(runner.execute, hold_from=0)
+    runner.execute = gate
+    await engine.start()
+    big = {"gen_length": 36}  # AR: 3 + 36 tokens in blocks of 4, plus one: 11 blocks
+    i1 = asyncio.create_task(collect(engine, GenerationRequest("i1", [5, 6, 7], big, mode=Mode.AR, priority=Priority.INTERACTIVE)))
+    b = asyncio.create_task(collect(engine, GenerationRequest("b", [5, 6, 7], {"gen_length": 12}, mode=Mode.AR)))  # 5 blocks
+    await wait_until(lambda: len(engine.scheduler.running) == 2 and gate.entered.is_set(), "i1 and b running, forward held")
+    i2 = asyncio.create_task(collect(engine, GenerationRequest("i2", [5, 6, 7], big, mode=Mode.AR, priority=Priority.INTERACTIVE)))
+    await wait_until(lambda: any(r.id == "i2" for r in engine.scheduler.waiting), "i2 queued")
+    gate.release()
+    out_i1, out_b, out_i2 = await asyncio.gather(i1, b, i2)
+    await engine.stop()
+    assert [d[-1].finish_reason for d in (out_i1, out_b, out_i2)] == [FinishReason.LENGTH] * 3
+    assert out_b[-1].stats["preemptions"] == 0
+    assert b'refusion_preemptions_total{cause="interactive"} 0.0' in engine.metrics.render()
+    i2_first = next(n for n, call in enumerate(runner.calls) if any(s.seq_id == "i2" for s in call))
+    assert not any(s.seq_id == "i1" for call in runner.calls[i2_first:] for s in call)  # i2 started once i1 ended
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
 async def test_a_preempted_request_ended_while_requeued_keeps_its_generated_count_and_mode(wait_until):
     """Its final stats said it generated nothing in no mode (the rerun's decoder did not exist yet);
     the infill route's usage is stats["generated_tokens"]."""
