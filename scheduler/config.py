@@ -109,7 +109,9 @@ class EngineConfig:
     """Engine limits and features.
 
     max_running: requests decoded concurrently (each holds KV blocks).
-    max_queue: waiting requests; beyond it submit() raises OverloadedError at once.
+    max_queue: waiting requests; beyond it submit() raises OverloadedError at once. An INTERACTIVE
+        request counts only the waiting requests ranked with it, and may take max_running places past
+        BATCH work filling the queue (it runs ahead of that work).
     token_budget: most query tokens packed into one forward; long prompts are prefilled in chunks.
     kv_reserve_fraction: share of KV blocks never promised at admission (headroom for tentative KV).
     prefix_cache: reuse committed KV of identical prompt prefixes across requests.

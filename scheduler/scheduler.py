@@ -157,19 +157,35 @@ class Scheduler:
                                           prompt_tokens=len(spec.prompt_ids) + suffix_len)
             raise InvalidRequestError("gen_length", f"{need}; lower gen_length (at most {fitted.gen_length} fits with "
                                       f"slot_size {fitted.slot_size} and serial_num_blocks {fitted.serial_num_blocks})")
-        free_slots = max(0, self.config.max_running - len(self.running))
-        if len(self.waiting) >= self.config.max_queue + free_slots:
-            raise OverloadedError(  # waiting counts requests about to take a free running slot too
-                f"engine overloaded: {len(self.running)} of {self.config.max_running} running and {len(self.waiting)} "
-                f"waiting, the most it queues (max_queue {self.config.max_queue} + {free_slots} free running "
-                f"slots); retry later",
-                retry_after_s=self.retry_after_s(),
-            )
+        self._check_queue_room(spec.priority)
         self._arrivals += 1
         req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
                       aged_after=self.config.aging_after)
         self.waiting.append(req)
         return req
+
+    def _check_queue_room(self, priority: Priority) -> None:
+        """Raise OverloadedError (with a retry-after hint) when the bounded queue has no room for a request
+        of `priority`. The queue holds max_queue requests (plus those about to take a free running slot).
+        An INTERACTIVE request counts only the waiting requests ranked with it (aged BATCH ones too):
+        it runs ahead of the rest, so BATCH work filling the queue does not refuse an editor's
+        completion; it may take max_running places beyond the bound for that (config/serve.yaml sizes
+        the engine replica's Ray max_ongoing_requests to hold them)."""
+        free_slots = max(0, self.config.max_running - len(self.running))
+        bound, waiting = self.config.max_queue + free_slots, len(self.waiting)
+        if priority is Priority.INTERACTIVE:
+            ranked_with = sum(1 for r in self.waiting if r.rank_class is Priority.INTERACTIVE)
+            full = ranked_with >= bound or waiting >= bound + self.config.max_running
+            past = f"; an interactive request {self.config.max_running} more past waiting batch ones"
+        else:
+            full, past = waiting >= bound, ""
+        if full:
+            raise OverloadedError(  # waiting counts requests about to take a free running slot too
+                f"engine overloaded: {len(self.running)} of {self.config.max_running} running and {waiting} "
+                f"waiting, the most it queues (max_queue {self.config.max_queue} + {free_slots} free running "
+                f"slots{past}); retry later",
+                retry_after_s=self.retry_after_s(),
+            )
 
     def _fit_to_kv(self, spec, params, capacity: int, one_block: bool = False):
         """A copy of `params` with the largest gen_length whose KV fits `capacity` blocks, at least

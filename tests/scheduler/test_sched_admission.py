@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from sched_fakes import FakeRunner, ForwardGate, collect, ids_of, make_engine
 
-from scheduler.api import FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
+from scheduler.api import FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError, Priority
 from scheduler.config import EngineConfig, EngineConfigError, RoutingConfig
 from scheduler.engine import EngineNotRunningError
 from scheduler.scheduler import StepPlan
@@ -131,6 +131,37 @@ async def test_full_queue_rejects_at_once_with_retry_after(wait_until):
     assert (await first)[-1].finish_reason is FinishReason.LENGTH
     assert (await second)[-1].finish_reason is FinishReason.LENGTH
     assert b'refusion_requests_rejected_total{reason="queue_full"} 1.0' in engine.metrics.render()
+    await engine.stop()
+
+
+async def test_batch_work_filling_the_queue_does_not_refuse_an_interactive_request(wait_until):
+    """One running slot, one queue place: batch a runs, batch b fills the queue. Batch c is refused, but
+    interactive i is queued (it runs ahead of b: the batch work does not refuse an editor's completion),
+    while interactive j, with i already waiting ranked with it, is refused. Found by the KV-pressure
+    break-test: editors' completions got 503 while run-batch work filled the queue."""
+    engine, runner = make_engine(max_running=1, max_queue=1, preempt_for_interactive=False)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    a = asyncio.create_task(collect(engine, req("a", gen=6)))
+    b = asyncio.create_task(collect(engine, req("b", gen=6)))
+    try:
+        await wait_until(gate.entered.is_set, "a's first forward")
+        await wait_until(lambda: len(engine.scheduler.waiting) == 1, "b queued")
+        with pytest.raises(OverloadedError):
+            await collect(engine, req("c"))
+        i = asyncio.create_task(collect(engine, req("i", gen=6, priority=Priority.INTERACTIVE)))
+        await wait_until(lambda: len(engine.scheduler.waiting) == 2, "i queued past b")
+        with pytest.raises(OverloadedError) as err:
+            await collect(engine, req("j", priority=Priority.INTERACTIVE))
+        assert "an interactive request 1 more past waiting batch ones" in str(err.value)
+    finally:
+        gate.release()
+    outs = await asyncio.gather(a, b, i)
+    assert [out[-1].finish_reason for out in outs] == [FinishReason.LENGTH] * 3
+    order = [next(n for n, call in enumerate(runner.calls) if any(s.seq_id == rid for s in call)) for rid in ("b", "i")]
+    assert order[1] < order[0]  # i ran before b
+    assert b'refusion_requests_rejected_total{reason="queue_full"} 2.0' in engine.metrics.render()
     await engine.stop()
 
 
