@@ -66,6 +66,7 @@ async def infill_job(client, request_id: str, body, decode_params: dict) -> Comp
         stop=list(body.stop),
         max_time_ms=body.max_time_ms,
         max_tokens=body.max_tokens,
+        fit_to_kv=body.max_tokens is None,
         sampling={k: v for k, v in decode_params.items() if k not in _SPAN_PARAMS},
     )
 

@@ -125,6 +125,7 @@ async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
         priority=Priority.INTERACTIVE,
         stop=list(body.stop),
         max_tokens=max_tokens,
+        fit_to_kv=max_tokens is None,
         sampling=sampling,
         predict_limit_ms=body.t_max_predict_ms or None,
     )

@@ -43,6 +43,10 @@ class CompletionJob:
     # Requests with the same key go to the same engine replica (integrations/serve_router.py): the
     # editor protocol sets the document URI, so every keystroke of a file finds its prefix cached.
     affinity_key: str | None = None
+    # The client set no length (max_tokens, n_predict, gaps): a candidate whose gap the engine's KV cache
+    # cannot hold is shrunk to what it holds, as an unset max_tokens is (scheduler.api.GenerationRequest);
+    # a length the client set is refused instead, naming it.
+    fit_to_kv: bool = False
 
     def __post_init__(self) -> None:
         # One seed for every candidate (a fresh one when the client gave none): a longer gap replaces
@@ -75,6 +79,7 @@ class CompletionJob:
                 max_tokens=self.max_tokens,
                 affinity_key=self.affinity_key,
                 healed=self.prompt.healed,
+                fit_to_kv=self.fit_to_kv,
             )
             for gap in self.gaps
         ]

@@ -168,6 +168,7 @@ class EditorSession:
             stop=params.stop,
             max_time_ms=params.max_time_ms,
             max_tokens=params.max_tokens,
+            fit_to_kv=params.max_tokens is None and not params.gaps,
             sampling=sampling,
             affinity_key=f"editor:{params.uri}",
         )

@@ -328,3 +328,18 @@ async def test_result_echoes_the_document_version(session, fake_client):  # noqa
     await s.handle_frame(rpc.encode_request(2, "complete", complete_params(uri="file:///b.py", multiline=False)))
     await s.drain()
     assert wire.responses(1)[0][3]["version"] == 42 and "version" not in wire.responses(2)[0][3]
+
+
+@pytest.mark.parametrize("over, shrinks", [({}, True), ({"max_tokens": 32}, False), ({"gaps": [32]}, False)])
+async def test_an_unset_length_lets_the_engine_shrink_a_gap_to_its_kv_cache(session, fake_client, over, shrinks):  # noqa: F811
+    """No max_tokens and no gaps: the candidates' lengths are the server's, so the engine may shrink one
+    its KV cache cannot hold (fit_to_kv), as an unset max_tokens shrinks; a length the client set is not
+    shrunk (a small cache refuses it, naming it). Found by the KV-pressure break-test: infill with no
+    length was refused, naming a length the client never sent."""
+    s, wire = session
+    fake_client.script = {32: "total = a + b\n"}
+    await s.handle_frame(rpc.encode_request(3, "complete", complete_params(**over)))
+    await s.drain()
+    [[_, _, err, _]] = wire.responses(3)
+    assert err is None
+    assert fake_client.requests and all(r.fit_to_kv is shrinks for r in fake_client.requests)

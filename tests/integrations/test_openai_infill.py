@@ -101,3 +101,19 @@ def test_suffix_completion_through_the_sdk_on_the_real_app(serve_base_url):
     assert out.choices[0].finish_reason in ("stop", "length")
     assert "return total" not in text  # the suffix is never repeated inside the middle
     assert out.usage.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("path, body, shrinks", [
+    ("/v1/completions", {"prompt": PREFIX, "suffix": SUFFIX}, True),
+    ("/v1/completions", {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 32}, False),
+    ("/infill", {"input_prefix": PREFIX, "input_suffix": SUFFIX}, True),
+    ("/infill", {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 32}, False),
+])
+async def test_an_infill_without_a_length_may_shrink_to_the_kv_cache(http, fake_client, path, body, shrinks):  # noqa: F811
+    """An infill whose client set no length (max_tokens, n_predict) runs candidates of the server's
+    lengths: the engine may shrink them to its KV cache (fit_to_kv) as it shrinks an unset max_tokens
+    without suffix; a length the client set is refused instead (test_serve_units.py runs both on a real engine)."""
+    fake_client.default_text = MIDDLE
+    resp = await http.post(path, json=body)
+    assert resp.status_code == 200, resp.text
+    assert fake_client.requests and all(r.fit_to_kv is shrinks for r in fake_client.requests)

@@ -782,3 +782,33 @@ async def test_a_replica_whose_warm_up_failed_shuts_down_cleanly():
     replica.engine, replica.config = Engine(), argparse.Namespace(drain_timeout_s=7.0)
     await replica.__del__()
     assert stopped == [7.0]
+
+
+async def test_an_infill_without_a_length_shrinks_to_a_small_kv_cache_and_a_set_one_is_refused(tiny_model_dir):
+    """A KV cache that holds the infill's 32-token candidate but not its 64-token one: with no max_tokens
+    the longer candidate shrinks (200, as an unset max_tokens without suffix shrinks); max_tokens 64 set by
+    the client is refused, naming max_tokens. It was refused, naming a max_tokens (32) the client never sent."""
+    from integrations.editor.infill import build_infill_prompt
+    from workers.loader import load_tokenizer
+
+    prefix, suffix = "x_value = compute(alpha, beta)\n" * 6 + "def f(a):\n    ", "\n    return a\n"
+    built = build_infill_prompt(load_tokenizer(tiny_model_dir), prefix, suffix)
+    tokens = len(built.prompt_ids) + len(built.suffix_ids or [])
+    num_blocks = -(-(tokens + 32 + 32) // 16) + 1  # the 32 candidate: gen 32 and one pool of 32
+    engine, tok = build_engine(tiny_model_dir, {"num_blocks": num_blocks, "block_size": 16},
+                               {"routing": {"calibrate": False}, "kv_reserve_fraction": 0.0})
+    await engine.start()
+    app = create_app(APISettings(model_name="tiny"), LocalEngineClient(engine, tok, "tiny", read_model_card(tiny_model_dir)))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
+            body = {"prompt": prefix, "suffix": suffix, "temperature": 0}
+            unset = await http.post("/v1/completions", json=body)
+            assert unset.status_code == 200, unset.text
+            llama = await http.post("/infill", json={"input_prefix": prefix, "input_suffix": suffix, "temperature": 0})
+            assert llama.status_code == 200, llama.text
+            asked = await http.post("/v1/completions", json={**body, "max_tokens": 64})
+            assert asked.status_code == 400 and asked.json()["error"]["param"] == "max_tokens", asked.text
+            assert "max_tokens (64)" in asked.json()["error"]["message"]
+    finally:
+        await engine.stop()
+    assert engine.scheduler.kv.pool().num_free + (engine.scheduler.prefix_cache.num_blocks or 0) == engine.scheduler.kv.pool().num_total
