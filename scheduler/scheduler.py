@@ -130,11 +130,13 @@ class Scheduler:
         capacity = self.kv.capacity()
         if kv_blocks > capacity and spec.fit_to_kv:
             fitted = self._fit_to_kv(spec, params, capacity)
-            if fitted is None:  # the client set no generation length: the prompt is what does not fit
+            if fitted is None:  # the client set no generation length: the prompt (or min_tokens) does not fit
+                least = int(getattr(params, "min_tokens", 0) or 0)
                 raise InvalidRequestError(
                     "prompt_ids", f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) leaves no room to "
-                    f"generate in the engine's KV cache ({capacity} blocks of {self.kv.pool().block_size} tokens; the "
-                    f"runner's num_blocks or kv_memory_bytes); shorten the prompt")
+                    f"generate{f' min_tokens ({least}) tokens' if least > 1 else ''} in the engine's KV cache "
+                    f"({capacity} blocks of {self.kv.pool().block_size} tokens; the runner's num_blocks or "
+                    f"kv_memory_bytes); shorten the prompt" + (f" or lower min_tokens ({least})" if least > 1 else ""))
             params = fitted
             spec = replace(spec, max_tokens=min(spec.max_tokens or params.gen_length, params.gen_length))
             kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR)

@@ -104,6 +104,7 @@ async def test_a_default_gen_length_shrinks_to_the_kv_cache_a_requested_one_is_r
     with pytest.raises(InvalidRequestError, match="leaves no room to generate .* shorten the prompt") as err:
         await collect(engine, req("no-room", prompt=[5] * 40, gen=64, mode=Mode.AR, fit_to_kv=True))
     assert "gen_length" not in str(err.value)  # the client set none: the prompt is named, not a max_tokens
+    assert "min_tokens" not in str(err.value)
     assert engine.kv.pool().num_free == engine.kv.pool().num_total  # nothing leaked
     await engine.stop()
 
