@@ -142,7 +142,8 @@ def _params(model_dir: Path, args, runner):
             values[name] = value
     if args.blocks is None:
         # As the API does (openai_sampling.fitting_block_count): without --blocks, the model's block count
-        # shrinks to one that splits --gen-length into whole slots instead of failing.
+        # shrinks to one that splits --gen-length into whole slots instead of failing (the API may also
+        # decode up to 10% more slots and stop at max_tokens; --gen-length here is what is decoded).
         from decoding.params import SERVING_DEFAULTS
         from integrations.openai_sampling import fitting_block_count
 

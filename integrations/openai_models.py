@@ -86,11 +86,12 @@ class CompletionRequest(SamplingFields):
         """echo with max_tokens 0: the prompt is returned (and scored), nothing is generated."""
         return self.echo and self.max_tokens == 0
 
-    def decode_params(self, gen_length: int, model_defaults: dict | None = None, slot_size: int | None = None) -> dict:
+    def decode_params(self, gen_length: int, model_defaults: dict | None = None, slot_size: int | None = None,
+                      room: int | None = None) -> dict:
         """SamplingFields.decode_params, plus prompt_logprobs when the echoed prompt needs its scores
         (echo with logprobs; echo_only, which the engine runs as a scoring request, with 0 alternatives;
         the engine scores with the larger count when vLLM's prompt_logprobs is also set)."""
-        params = super().decode_params(gen_length, model_defaults, slot_size)
+        params = super().decode_params(gen_length, model_defaults, slot_size, room)
         if self.echo and (self.logprobs is not None or self.echo_only):  # with vLLM's prompt_logprobs: the larger
             params["prompt_logprobs"] = max(self.logprobs or 0, params.get("prompt_logprobs", 0))
         return params

@@ -154,7 +154,9 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
         raise InputError(400, "min_tokens", f"is {body.min_tokens}, above the {most} tokens this request generates "
                          f"at most ({body.max_tokens_field} and the context): lower min_tokens")
     return GenerationRequest(
-        request_id=rid, prompt_ids=prompt, params=body.decode_params(fit.gen_length, settings.decode_defaults, fit.slot_size),
+        request_id=rid, prompt_ids=prompt,
+        params=body.decode_params(fit.gen_length, settings.decode_defaults, fit.slot_size,
+                                  room=(settings.limits.context_length - len(prompt)) if settings.limits.context_length else None),
         mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,
         max_tokens=0 if echo_only else fit.gen_length, affinity_key=affinity_key, grammar=grammar,
         fit_to_kv=body.max_tokens is None and not echo_only,  # the default shrinks to the KV cache too

@@ -32,6 +32,31 @@ def fitting_block_count(gen_length: int, slot_size: int, preferred: int) -> int:
     return max(b for b in range(1, max(1, preferred) + 1) if slots % b == 0)
 
 
+BLOCK_ROUNDING = 0.1  # most extra share of a generation decoded so it splits into the preferred blocks
+
+
+def fitting_blocks(gen_length: int, slot_size: int, preferred: int, room: int | None = None) -> tuple[int, int]:
+    """(gen_length, serial_num_blocks) for a client that set no block count: the model's `preferred`
+    blocks when gen_length's whole slots split into them, else the slots rounded up by at most
+    BLOCK_ROUNDING (and within `room`, the context left; None: no rounding) to a count that splits into
+    as many blocks as can be, else fitting_block_count's. Without the rounding a prime slot count (321
+    tokens: 41 slots of 8) was one block, whose ReFusion pool, and so its KV estimate, is the whole
+    generation: max_tokens 321 was refused where 512 fitted. The engine still stops at the client's
+    max_tokens (GenerationRequest.max_tokens); the extra positions cost compute, at most 10%."""
+    slots = -(-gen_length // slot_size)
+    best = (fitting_block_count(gen_length, slot_size, preferred), slots)
+    if room is not None and best[0] < preferred < slots:
+        most = min(int(slots * (1 + BLOCK_ROUNDING)), room // slot_size)
+        for rounded in range(slots + 1, most + 1):
+            blocks = fitting_block_count(rounded * slot_size, slot_size, preferred)
+            if blocks > best[0]:
+                best = (blocks, rounded)
+            if blocks == preferred:
+                break
+    blocks, rounded = best
+    return (gen_length if rounded == slots else rounded * slot_size), blocks
+
+
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
@@ -213,14 +238,17 @@ class SamplingFields(OpenAIBody):
                 raise ValueError(f"bias {bias} of token {key} is outside [-100, 100]")
         return value
 
-    def decode_params(self, gen_length: int, model_defaults: dict | None = None, slot_size: int | None = None) -> dict:
+    def decode_params(self, gen_length: int, model_defaults: dict | None = None, slot_size: int | None = None,
+                      room: int | None = None) -> dict:
         """The GenerationRequest.params this request sets (unset ones take the model's defaults).
 
         gen_length: tokens to generate (context_fit.fit_generation's); slot_size: one it chose so the
         generation fits the context, overriding the model's (the client's own is never overridden).
         ReFusion needs gen_length (rounded up to whole slots) to split into serial_num_blocks blocks of
-        whole slots. When the client leaves serial_num_blocks unset, the largest block count up to the
-        model default that fits is chosen, so any max_tokens works.
+        whole slots. When the client leaves serial_num_blocks unset, the model default is kept where
+        gen_length splits into it, or splits once rounded up by at most 10% within `room` (the context
+        left; the engine still stops at max_tokens), else the largest block count that fits
+        (`fitting_blocks`), so any max_tokens works.
         """
         params: dict[str, Any] = {"gen_length": gen_length}
         for name in ("temperature", "top_p", "seed", "top_k", "min_p", "slot_size", "serial_num_blocks",
@@ -247,7 +275,8 @@ class SamplingFields(OpenAIBody):
         defaults = model_defaults or {}
         if self.serial_num_blocks is None and "slot_size" in defaults | params:
             slot = params.get("slot_size", defaults.get("slot_size"))
-            params["serial_num_blocks"] = fitting_block_count(params["gen_length"], slot, defaults.get("serial_num_blocks", 1))
+            params["gen_length"], params["serial_num_blocks"] = fitting_blocks(
+                params["gen_length"], slot, defaults.get("serial_num_blocks", 1), room)
         return params
 
     def slot_size_in_force(self, model_defaults: dict) -> int:

@@ -20,7 +20,8 @@ from integrations.engine_host import EngineUnhealthyError, build_engine, one_tok
 from integrations.http_errors import from_engine_error, validation_field
 from integrations.openai_api import APISettings, create_app
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
-from integrations.openai_sampling import fitting_block_count
+from integrations.openai_sampling import fitting_block_count, fitting_blocks
+from integrations.request_limits import RequestLimits
 from integrations.serve_config import ServeConfig
 from scheduler.api import Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
 from scheduler.engine import EngineNotRunningError
@@ -122,6 +123,18 @@ def test_block_fitting_and_params():
     assert body.decode_params(40, {}, 3)["slot_size"] == 8
     explicit = CompletionRequest(prompt="x", max_tokens=16, serial_num_blocks=5)
     assert explicit.decode_params(16, {"slot_size": 8, "serial_num_blocks": 4})["serial_num_blocks"] == 5
+    # 321 tokens: 41 slots of 8 (a prime) were one block, a ReFusion pool (and KV estimate) of the whole
+    # generation; rounded up by at most 10% within the context left, they split into the model's 4 blocks
+    assert fitting_blocks(321, 8, 4, room=4000) == (352, 4)
+    assert fitting_blocks(321, 8, 4, room=340) == (336, 3)  # 44 slots would pass the context: 42 in 3 blocks
+    assert fitting_blocks(321, 8, 4) == (321, 1)  # the context unknown: no rounding
+    assert fitting_blocks(40, 8, 4, room=4000) == (40, 1)  # 5 slots: 8 would be 60% more, not rounded
+    assert fitting_blocks(128, 8, 4, room=4000) == (128, 4)  # splits already: unchanged
+    assert fitting_blocks(16, 8, 4, room=4000) == (16, 2)
+    rounded = CompletionRequest(prompt="x", max_tokens=321).decode_params(321, {"slot_size": 8, "serial_num_blocks": 4},
+                                                                          room=4000)
+    assert (rounded["gen_length"], rounded["serial_num_blocks"]) == (352, 4)
+    assert explicit.decode_params(321, {"slot_size": 8, "serial_num_blocks": 4}, room=4000)["gen_length"] == 321
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                                  max_completion_tokens=9)
     assert chat.max_tokens == 9 and chat.messages[0].content == "hi"
@@ -829,5 +842,27 @@ async def test_a_min_tokens_the_kv_cache_cannot_hold_is_named_when_the_length_is
                 pass
         spec = GenerationRequest("any", [5] * 60, {"gen_length": 256}, mode=Mode.AR, fit_to_kv=True)
         assert [d async for d in engine.submit(spec)][-1].finish_reason is FinishReason.LENGTH
+    finally:
+        await engine.stop()
+
+
+async def test_a_max_tokens_of_prime_slots_is_not_refused_where_a_larger_one_fits(tiny_model_dir):
+    """ReFusion, the model's 4 blocks of 8-token slots: max_tokens 321 is 41 slots (a prime), which used
+    to run as one block whose tentative pool was the whole generation, so its KV estimate was twice the
+    text and a 40-block cache refused it while larger values fitted (found by the KV-pressure
+    break-test). Rounded up to 44 slots in 4 blocks it fits; the text still stops at max_tokens."""
+    engine, tok = build_engine(tiny_model_dir, {"num_blocks": 40, "block_size": 16},
+                               {"routing": {"calibrate": False}, "kv_reserve_fraction": 0.0})
+    await engine.start()
+    card = read_model_card(tiny_model_dir)
+    limits = RequestLimits(context_length=card["limits"]["context_length"])
+    app = create_app(APISettings(model_name="tiny", decode_defaults=card["defaults"], limits=limits),
+                     LocalEngineClient(engine, tok, "tiny", card))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
+            reply = await http.post("/v1/completions", json={"prompt": "def f(x):\n", "max_tokens": 321,
+                                                              "mode": "refusion", "temperature": 0})
+            assert reply.status_code == 200, reply.text
+            assert 0 < reply.json()["usage"]["completion_tokens"] <= 321
     finally:
         await engine.stop()
