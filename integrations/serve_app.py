@@ -35,8 +35,8 @@ from integrations.ingress_gate import IngressGate
 from integrations.openai_api import APISettings, create_app
 from integrations.request_limits import RequestLimits
 from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
-from integrations.serve_drain import (DRAIN_RETRY_AFTER_S, report_open_work, signal_drain, start_drain_watch,
-                                      wait_for_drain_signal)
+from integrations.serve_drain import (DRAIN_RETRY_AFTER_S, report_final, report_open_work, signal_drain,
+                                      start_drain_watch, wait_for_drain_signal)
 from scheduler.api import Delta, EngineError, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class EngineDeployment:
         self.cancelled = 0
         self.orphaned = 0  # requests cancelled because the ingress replica streaming them died
         self._callers = CallerRequests()  # ingress replica (Ray actor name) -> its request ids here
-        self.draining = False
+        self.draining, self._stopped, self._drain_signal = False, False, None
         self._drain_watch = start_drain_watch(self._drain_when_signalled(context.app_name), f"engine {self.replica}")
         self._caller_watch = asyncio.create_task(self._cancel_orphans())
 
@@ -128,11 +128,11 @@ class EngineDeployment:
         graceful_shutdown_timeout_s: a long generation would be severed. When the drain signal appears
         (integrations/serve_drain.py), the engine stops taking requests, lets running ones finish for
         drain_timeout_s and ends the rest with a clean error; the replica reports 1 until then."""
-        signal = await wait_for_drain_signal(app_name)
-        self.draining, stopped = True, False
-        reporter = asyncio.create_task(report_open_work(signal, f"engine:{self.replica}", lambda: 0 if stopped else 1))
+        signal = self._drain_signal = await wait_for_drain_signal(app_name)
+        self.draining = True
+        reporter = asyncio.create_task(report_open_work(signal, f"engine:{self.replica}", lambda: 0 if self._stopped else 1))
         await self.engine.stop(drain_timeout_s=self.config.drain_timeout_s)
-        stopped = True
+        self._stopped = True
         await reporter
 
     async def generate(self, req: GenerationRequest, caller: str | None = None) -> AsyncIterator[Delta | EngineFailure]:
@@ -183,6 +183,9 @@ class EngineDeployment:
                 if watch is not None:  # absent when __init__ failed after the engine started (warm-up)
                     watch.cancel()
             await engine.stop(drain_timeout_s=self.config.drain_timeout_s)
+            self._stopped = True
+            if getattr(self, "_drain_signal", None) is not None:  # shut down by Ray while a drain runs
+                await report_final(self._drain_signal, f"engine:{self.replica}", 0)
 
 
 @serve.deployment(name=INGRESS_DEPLOYMENT)
@@ -200,15 +203,25 @@ class IngressDeployment:
         self.client = ServeEngineClient(engine, tokenizer, self.config.served_model_names[0], caller=context.replica_id.to_full_id_str())
         self.model_card = read_model_card(self.config.model)
         self.gate = IngressGate()
-        replica = context.replica_id.unique_id
+        replica = self.replica = context.replica_id.unique_id
+        self._drain_signal = None
         self._drain_watch = start_drain_watch(self._drain_when_signalled(context.app_name, replica), f"ingress {replica}")
 
     async def _drain_when_signalled(self, app_name: str, replica: str) -> None:
         """On the drain signal: refuse new requests, and report those still being answered and the editor
         sockets still open (each closes with 1001 once its completions have answered)."""
-        signal = await wait_for_drain_signal(app_name)
+        signal = self._drain_signal = await wait_for_drain_signal(app_name)
         self.gate.start_draining(DRAIN_RETRY_AFTER_S)
         await report_open_work(signal, f"ingress:{replica}", lambda: self.gate.open_work)
+
+    async def __del__(self):
+        # Ray Serve shuts this replica down only once its in-flight requests are answered: while a drain
+        # runs, say so before the process goes, or the last periodic report (work still open 0.1 s ago)
+        # would stand for a replica that is gone, and the drain would wait out its timeout.
+        signal = getattr(self, "_drain_signal", None)
+        if signal is not None:
+            self._drain_watch.cancel()
+            await report_final(signal, f"ingress:{self.replica}", self.gate.open_work)
 
     def __serve_build_asgi_app__(self):
         engine = engine_config(self.config.engine)  # every replica's: prompts x n beyond its room are a 400

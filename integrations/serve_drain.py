@@ -162,6 +162,16 @@ async def wait_for_drain_signal(app_name: str):
             await asyncio.sleep(DRAIN_POLL_S)
 
 
+async def report_final(signal, member: str, open_work: int, timeout_s: float = 2.0) -> None:
+    """A replica's last report as it shuts down during a drain (best effort: the drain may be over and its
+    signal gone). Without it a replica Ray stops mid-drain leaves the report it made while it still held
+    work, and the drain waits for a replica that no longer exists until its timeout."""
+    try:
+        await asyncio.wait_for(signal.report.remote(member, open_work), timeout_s)
+    except (ray.exceptions.RayError, asyncio.TimeoutError):
+        pass
+
+
 async def report_open_work(signal, member: str, open_work: Callable[[], int]) -> None:
     """Report `open_work()` to the drain signal every DRAIN_REPORT_S until the signal is gone."""
     while True:

@@ -797,6 +797,37 @@ async def test_a_replica_whose_warm_up_failed_shuts_down_cleanly():
     assert stopped == [7.0]
 
 
+async def test_a_replica_shut_down_during_a_drain_reports_its_end_to_the_drain_signal():
+    """Ray may stop a replica while a drain runs (a scale-down, a replaced version). Its periodic report
+    said it still held work; unless it reports again before it goes, the drain waits for a replica that no
+    longer exists until its timeout ("drain incomplete"). Both deployments send a last report from __del__."""
+    from integrations.serve_app import EngineDeployment, IngressDeployment
+
+    reports = []
+
+    class Signal:
+        class report:  # noqa: N801 - the shape of a Ray actor method
+            @staticmethod
+            async def remote(member, open_work):
+                reports.append((member, open_work))
+
+    class Engine:
+        async def stop(self, drain_timeout_s):
+            pass
+
+    engine = object.__new__(EngineDeployment.func_or_class)
+    engine.engine, engine.config, engine.replica = Engine(), argparse.Namespace(drain_timeout_s=1.0), "e1"
+    engine._drain_signal, engine._drain_watch, engine._caller_watch = Signal(), asyncio.sleep(0), None
+    engine._drain_watch = asyncio.ensure_future(engine._drain_watch)
+    await engine.__del__()
+    ingress = object.__new__(IngressDeployment.func_or_class)
+    ingress.replica, ingress._drain_signal = "i1", Signal()
+    ingress._drain_watch = asyncio.ensure_future(asyncio.sleep(0))
+    ingress.gate = argparse.Namespace(open_work=0)
+    await IngressDeployment.func_or_class.__del__(ingress)
+    assert reports == [("engine:e1", 0), ("ingress:i1", 0)]
+
+
 async def test_an_infill_without_a_length_shrinks_to_a_small_kv_cache_and_a_set_one_is_refused(tiny_model_dir):
     """A KV cache that holds the infill's 32-token candidate but not its 64-token one: with no max_tokens
     the longer candidate shrinks (200, as an unset max_tokens without suffix shrinks); max_tokens 64 set by
