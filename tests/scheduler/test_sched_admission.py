@@ -109,16 +109,23 @@ async def test_a_default_gen_length_shrinks_to_the_kv_cache_a_requested_one_is_r
     await engine.stop()
 
 
-async def test_full_queue_rejects_at_once_with_retry_after(wait_until):
-    engine, runner = make_engine(max_running=1, max_queue=1)
-    gate = ForwardGate(runner.execute)  # a's first forward is held: a runs, b waits, the queue is full
+async def _a_running_b_queued(wait_until, **config):
+    """An engine of one running slot and one queue place (`config` beside), batch a running with its first
+    forward held, batch b waiting: the queue is full. Returns (engine, runner, gate, a's task, b's task)."""
+    engine, runner = make_engine(max_running=1, max_queue=1, **config)
+    gate = ForwardGate(runner.execute)
     runner.execute = gate
     await engine.start()
     first = asyncio.create_task(collect(engine, req("a", gen=6)))
     second = asyncio.create_task(collect(engine, req("b", gen=6)))
+    await wait_until(gate.entered.is_set, "the first forward")
+    await wait_until(lambda: len(engine.scheduler.waiting) == 1, "the second request to queue")
+    return engine, runner, gate, first, second
+
+
+async def test_full_queue_rejects_at_once_with_retry_after(wait_until):
+    engine, runner, gate, first, second = await _a_running_b_queued(wait_until)
     try:
-        await wait_until(gate.entered.is_set, "the first forward")
-        await wait_until(lambda: len(engine.scheduler.waiting) == 1, "the second request to queue")
         assert [r.id for r in engine.scheduler.running] == ["a"] and engine.scheduler.waiting[0].id == "b"
         with pytest.raises(OverloadedError) as err:
             await collect(engine, req("c"))
@@ -140,15 +147,8 @@ async def test_batch_work_filling_the_queue_does_not_refuse_an_interactive_reque
     interactive i is queued (it runs ahead of b: the batch work does not refuse an editor's completion),
     while interactive j, with i already waiting ranked with it, is refused. Found by the KV-pressure
     break-test: editors' completions got 503 while run-batch work filled the queue."""
-    engine, runner = make_engine(max_running=1, max_queue=1, preempt_for_interactive=False)
-    gate = ForwardGate(runner.execute)
-    runner.execute = gate
-    await engine.start()
-    a = asyncio.create_task(collect(engine, req("a", gen=6)))
-    b = asyncio.create_task(collect(engine, req("b", gen=6)))
+    engine, runner, gate, a, b = await _a_running_b_queued(wait_until, preempt_for_interactive=False)
     try:
-        await wait_until(gate.entered.is_set, "a's first forward")
-        await wait_until(lambda: len(engine.scheduler.waiting) == 1, "b queued")
         with pytest.raises(OverloadedError):
             await collect(engine, req("c"))
         i = asyncio.create_task(collect(engine, req("i", gen=6, priority=Priority.INTERACTIVE)))
