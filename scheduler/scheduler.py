@@ -169,15 +169,16 @@ class Scheduler:
     def _check_queue_room(self, priority: Priority) -> None:
         """Raise OverloadedError (with a retry-after hint) when the bounded queue has no room for a request
         of `priority`. The queue holds max_queue requests (plus those about to take a free running slot).
-        An INTERACTIVE request counts only the waiting requests ranked with it (aged BATCH ones too):
-        it runs ahead of the rest, so BATCH work filling the queue does not refuse an editor's
-        completion; it may take max_running places beyond the bound for that (config/serve.yaml sizes
-        the engine replica's Ray max_ongoing_requests to hold them)."""
+        An INTERACTIVE request counts only the waiting INTERACTIVE requests, so BATCH work filling the
+        queue (aged or not: aged BATCH requests rank with INTERACTIVE ones, and counting them refused every
+        editor completion once the queued batch work had aged) does not refuse an editor's completion; it
+        may take max_running places beyond the bound for that (config/serve.yaml sizes the engine
+        replica's Ray max_ongoing_requests to hold them)."""
         free_slots = max(0, self.config.max_running - len(self.running))
         bound, waiting = self.config.max_queue + free_slots, len(self.waiting)
         if priority is Priority.INTERACTIVE:
-            ranked_with = sum(1 for r in self.waiting if r.rank_class is Priority.INTERACTIVE)
-            full = ranked_with >= bound or waiting >= bound + self.config.max_running
+            interactive = sum(1 for r in self.waiting if r.priority is Priority.INTERACTIVE)
+            full = interactive >= bound or waiting >= bound + self.config.max_running
             past = f"; an interactive request {self.config.max_running} more past waiting batch ones"
         else:
             full, past = waiting >= bound, ""
