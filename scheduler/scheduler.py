@@ -142,7 +142,8 @@ class Scheduler:
             kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR)
         if kv_blocks > capacity:
             asked = params.gen_length if spec.max_tokens in (None, params.gen_length) else \
-                f"{spec.max_tokens}, {params.gen_length} in whole slots"
+                f"{spec.max_tokens}, {params.gen_length} in whole slots" if params.gen_length > spec.max_tokens else \
+                f"{spec.max_tokens}; this request decodes {params.gen_length}"  # an infill candidate's gap
             need = (f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({asked}) "
                     f"need {kv_blocks} KV blocks but the engine's KV cache has {capacity} (the runner's num_blocks or "
                     f"kv_memory_bytes)")

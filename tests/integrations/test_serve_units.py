@@ -853,6 +853,9 @@ async def test_an_infill_without_a_length_shrinks_to_a_small_kv_cache_and_a_set_
             asked = await http.post("/v1/completions", json={**body, "max_tokens": 64})
             assert asked.status_code == 400 and asked.json()["error"]["param"] == "max_tokens", asked.text
             assert "max_tokens (64)" in asked.json()["error"]["message"]
+            # The longest candidate (64) is below the client's cap: it is not "whole slots" of it
+            more = await http.post("/v1/completions", json={**body, "max_tokens": 400})
+            assert "max_tokens (400; this request decodes 64)" in more.json()["error"]["message"], more.text
     finally:
         await engine.stop()
     assert engine.scheduler.kv.pool().num_free + (engine.scheduler.prefix_cache.num_blocks or 0) == engine.scheduler.kv.pool().num_total
