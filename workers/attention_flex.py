@@ -34,10 +34,27 @@ import inspect
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+try:
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # torch before AuxRequest: return_lse
+    AuxRequest = None
+
 from workers.attention import step_cells
 from workers.kv_cache import PagedKVCache
 
-Q_BLOCK = 128  # query rows per block-mask tile (a sequence's queries share its context blocks)
+Q_BLOCK = 128  # fewest query rows per block-mask tile (a sequence's queries share its context blocks)
+
+
+def query_block(max_query: int, heads_per_kv: int) -> int:
+    """Query rows per block-mask tile for a step of `max_query` query rows per sequence. Below 128 rows
+    compiled flex_attention runs its decoding kernel, which stacks the query heads of one KV head into
+    one tile of next_pow2(rows x heads_per_kv) rows and skips every config whose tile does not divide
+    the mask's query block: at the 8B shape (4 query heads per KV head) a 64-row step tiled 256 rows
+    against 128 and no config was left (inductor's NoValidChoicesError). A power of two at least that
+    tall always divides; every query row of a sequence sees the same context blocks, so a taller tile
+    changes nothing else."""
+    rows = max(1, max_query) * max(1, heads_per_kv)
+    return max(Q_BLOCK, 1 << (rows - 1).bit_length())
 
 
 @functools.cache
@@ -63,7 +80,8 @@ class FlexStepAttention:
         # The main kernel's KV tile (BLOCK_N, 64 on an H200 in bf16) must divide the KV block; for smaller
         # cache blocks the tile is set to the block (>= 16 tokens for tl.dot). Used on CUDA only.
         self.kernel_options = {"BLOCK_N": bs} if bs < 64 else None
-        self.block_mask = _context_block_mask(arrays.block_tables, arrays.context_len, kv.k[0].shape[0], bs, q)
+        self.block_mask = _context_block_mask(arrays.block_tables, arrays.context_len, kv.k[0].shape[0], bs, q,
+                                              query_block(q, g))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (RoPE applied) -> attention output [T, Hq, D]; writes K/V."""
@@ -72,8 +90,9 @@ class FlexStepAttention:
         kc, vc = self.kv.flat_k(layer), self.kv.flat_v(layer)  # [slots, Hkv, D]
         queries = q[self.cell_rows].view(b, nq, hkv * g, d).transpose(1, 2)  # [B, Hq, Q, D]
         out1, lse1 = _flex(q.device.type)(queries, kc.permute(1, 0, 2).unsqueeze(0), vc.permute(1, 0, 2).unsqueeze(0),
-                                          block_mask=self.block_mask, enable_gqa=True, return_lse=True,
-                                          kernel_options=self.kernel_options)
+                                          block_mask=self.block_mask, enable_gqa=True, kernel_options=self.kernel_options,
+                                          **_WITH_LSE)
+        lse1 = getattr(lse1, "lse", lse1)  # [B, Hq, Q]: AuxOutput.lse, or the tensor itself (older torch)
         out2, lse2 = self._new_tokens(queries, k[self.cell_rows], v[self.cell_rows], hkv, d)
         lse = torch.logaddexp(lse1.float(), lse2)  # [B, Hq, Q]
         out = out1.float() * torch.exp(lse1.float() - lse)[..., None] + out2 * torch.exp(lse2 - lse)[..., None]
@@ -96,7 +115,7 @@ class FlexStepAttention:
 
 
 def _context_block_mask(tables: torch.Tensor, context_len: torch.Tensor, pool_blocks: int, bs: int,
-                        max_query: int) -> BlockMask:
+                        max_query: int, q_block: int = Q_BLOCK) -> BlockMask:
     """The committed-context mask over the whole cache (module docstring, part 1). tables [B, NB] (padded
     with the scratch block, which is never below context_len), context_len [B]."""
     b, nb = tables.shape
@@ -107,7 +126,7 @@ def _context_block_mask(tables: torch.Tensor, context_len: torch.Tensor, pool_bl
     logical = torch.full((b, pool_blocks), -1, dtype=torch.int64, device=dev)
     real = cols < (num_full + partial.long())[:, None]  # table entries holding committed context
     logical.scatter_(1, torch.where(real, tables, pool_blocks - 1), torch.where(real, cols, -1))
-    qb = -(-max_query // Q_BLOCK)
+    qb = -(-max_query // q_block)
     width = torch.zeros((b, pool_blocks), dtype=torch.int32, device=dev)
     full_idx = width.clone()
     full_idx[:, : min(nb, pool_blocks)] = tables[:, :pool_blocks].int()  # columns past the pool are padding
@@ -122,9 +141,13 @@ def _context_block_mask(tables: torch.Tensor, context_len: torch.Tensor, pool_bl
     return BlockMask.from_kv_blocks(
         partial.int()[:, None, None].expand(b, 1, qb).contiguous(), part_idx[:, None, None].expand(b, 1, qb, pool_blocks).contiguous(),
         num_full.int()[:, None, None].expand(b, 1, qb).contiguous(), full_idx[:, None, None].expand(b, 1, qb, pool_blocks).contiguous(),
-        BLOCK_SIZE=(Q_BLOCK, bs), mask_mod=committed, seq_lengths=(max_query, pool_blocks * bs), **_INFERENCE_ONLY,
+        BLOCK_SIZE=(q_block, bs), mask_mod=committed, seq_lengths=(max_query, pool_blocks * bs), **_INFERENCE_ONLY,
     )
 
+
+# The log-sum-exp output: `return_aux` where torch has it (its `return_lse` is deprecated there, and the
+# deprecation's warn-once guard cost one more compile of the kernel per process), else `return_lse`.
+_WITH_LSE = ({"return_aux": AuxRequest(lse=True)} if AuxRequest is not None else {"return_lse": True})
 
 # The query-side block indices serve only the backward pass; building them sorts a [B, qb, pool] map
 # every step. The flag exists in recent torch; without it the indices are built and unused.

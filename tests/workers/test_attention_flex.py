@@ -68,3 +68,30 @@ def test_flex_equals_sdpa_with_shared_prefix_blocks(sessions):
 def test_unknown_attention_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="attention: 'paged' is not one of"):
         ModelRunner(tiny_model_dir, device="cpu", num_blocks=8, attention="paged")
+
+
+def test_the_query_tile_divides_for_every_step_length_and_head_ratio():
+    """Compiled flex_attention's decoding kernel (below 128 query rows) stacks the query heads of a KV head
+    into one tile of next_pow2(rows x heads_per_kv) rows (at least 16) and needs it to divide the mask's
+    query block. At the 8B shape (4 query heads per KV head) a 64-row step tiled 256 rows against a fixed
+    128 and compilation found no kernel config; the query block now grows with the step."""
+    from workers.attention_flex import Q_BLOCK, query_block
+
+    assert query_block(64, 4) == 256 and query_block(32, 4) == Q_BLOCK and query_block(1, 1) == Q_BLOCK
+    for heads_per_kv in (1, 2, 4, 5, 8):
+        for rows in range(1, 200):
+            tile = max(16, 1 << (rows * heads_per_kv - 1).bit_length())
+            block = query_block(rows, heads_per_kv)
+            assert block >= Q_BLOCK and block % tile == 0 and block & (block - 1) == 0, (rows, heads_per_kv)
+
+
+def test_flex_equals_sdpa_at_four_query_heads_per_kv_head_with_a_tall_step(tiny_model_dir):
+    """The 8B head ratio (4 query heads per KV head) and a 40-token step beside a decode row: the mask's
+    query block is then 256 rows (query_block), taller than the step; results are unchanged."""
+    base = read_config(tiny_model_dir)
+    cfg = dataclasses.replace(base, num_layers=1, num_heads=4 * base.num_kv_heads)
+    model = random_model(cfg, dtype=torch.float32, device="cpu", seed=3, std=0.2)
+    sessions = {name: RunnerSession(ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, block_size=4,
+                                                           num_blocks=40, attention=name)) for name in ("sdpa", "flex")}
+    _both(sessions, [segment("a", 0, list(range(5, 15))), segment("b", 0, [20, 21, 22])])
+    _both(sessions, [segment("a", 10, list(range(40, 80))), segment("b", 3, [23])])
