@@ -110,7 +110,7 @@ def part_gpu_tests(bench: Workbench) -> tuple[dict, list[Row]]:
         # is an inductor + Triton compile, and the 8B measurements after it hold the targets.
         limit = max(30, min(GPU_TESTS_MAX_S, bench.time_left()))
         if importlib.util.find_spec("pytest_timeout"):  # on the GPU image: one hung test fails alone
-            cmd.append(f"--timeout={max(30, int(limit) // 3)}")
+            cmd.append(f"--timeout={max(60, int(limit) * 2 // 3)}")
         try:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired as exc:  # -v: the tail names the tests that finished and the one running

@@ -213,6 +213,29 @@ def test_flex_attention_on_cuda_matches_transformers(tiny_model_dir, block_size)
     _assert_mixed_batch_matches_transformers(tiny_model_dir, runner)
 
 
+def test_compiled_flex_at_four_query_heads_per_kv_head_compiles_for_a_tall_step(tiny_model_dir):
+    """The 8B head ratio (4 query heads per KV head) with a 64-token step beside a decode row: compiled flex
+    runs its decoding kernel, whose tile (next_pow2(64 x 4) = 256 rows) must divide the mask's query block
+    (workers.attention_flex.query_block); with a fixed 128 no kernel config compiled. Float32 logits equal
+    the sdpa runner's on the same weights."""
+    import dataclasses
+
+    from workers.loader import read_config
+    from workers.model import random_model
+
+    base = read_config(tiny_model_dir)
+    cfg = dataclasses.replace(base, num_layers=2, num_heads=4 * base.num_kv_heads)
+    model = random_model(cfg, dtype=torch.float32, device="cuda", seed=3, std=0.2)
+    got = {}
+    for name in ("sdpa", "flex"):
+        session = RunnerSession(ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, block_size=16,
+                                                       num_blocks=32, attention=name))
+        session.execute([segment("a", 0, list(range(5, 25))), segment("b", 0, [20, 21, 22])])
+        got[name] = session.execute([segment("a", 20, list(range(40, 104))), segment("b", 3, [23])])
+    for a, b in zip(got["sdpa"], got["flex"]):
+        assert (result_logits(a) - result_logits(b)).abs().max() < 1e-3
+
+
 def test_flex_long_prefill_no_sync_and_graphs(tiny_model_dir):
     """attention="flex" at block_size 16: a 200-token prefill (the main flex kernel, not the decoding
     one) matches transformers; its steps never wait for the host; and with cuda_graphs the decode steps
