@@ -41,9 +41,10 @@ def check_runner_options(options: dict) -> None:
         value = options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"runner.{name}: expected a positive integer, got {value!r}")
-    least = min_kv_blocks(options.get("block_size") or 16)
+    block_size = options.get("block_size") or 16  # ModelRunner's default
+    least = min_kv_blocks(block_size)
     if options.get("num_blocks") is not None and options["num_blocks"] < least:
-        raise ValueError(f"runner.num_blocks: the KV cache needs at least {least} blocks of {options.get('block_size') or 16} "
+        raise ValueError(f"runner.num_blocks: the KV cache needs at least {least} blocks of {block_size} "
                          f"tokens (the start-up warm-up requests), got {options['num_blocks']}; size it for the requests you serve")
     for name, kinds in (("device", (str,)), ("attention", (str,)), ("compile_layers", (bool,)),
                         ("cuda_graphs", (bool, dict))):
