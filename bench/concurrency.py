@@ -13,6 +13,7 @@ AUTO within 5% of the better fixed mode at every level.
 
     OMP_NUM_THREADS=1 python bench/concurrency.py --model models/refusion-tiny-code
     ... --random-model                        # no trained model yet: random tiny Qwen3 (development)
+    ... --prompts long --gen-length 128       # long outputs, where ReFusion pays (router A/B)
     ... --append docs/benchmarks.md           # also append the table
 """
 
@@ -49,17 +50,22 @@ PROMPTS = [
     "def merge_sorted(a, b):\n    result = []\n",
     "for line in open(path):\n    if line.startswith(",
 ]
+# Prompts on which the shipped model writes to gen_length 128 in both modes (no early EOS), ReFusion at
+# 1.2-2.6 tokens per forward: the long-output case where ReFusion's parallel slots pay and the router's
+# choice matters most (--prompts long).
+LONG_PROMPTS = ["        self.", "        with open(", "class _"]
 MODES = (Mode.REFUSION, Mode.AR, Mode.AUTO)
 
 
-async def run_level(engine: Engine, tokenizer, mode: Mode, concurrency: int, total: int, params: dict, tag: str) -> dict:
+async def run_level(engine: Engine, tokenizer, mode: Mode, concurrency: int, total: int, params: dict, tag: str,
+                    prompts: list[str] = PROMPTS) -> dict:
     """`concurrency` closed-loop clients until `total` requests finished: per-request records + wall time."""
     counter = iter(range(total))
     records = []
 
     async def client():
         for i in counter:
-            prompt = tokenizer.encode(PROMPTS[i % len(PROMPTS)])
+            prompt = tokenizer.encode(prompts[i % len(prompts)])
             spec = GenerationRequest(f"{tag}-{mode.value}-{concurrency}-{i}", prompt, dict(params), mode=mode)
             start, first, tokens, final = time.perf_counter(), None, 0, None
             async for delta in engine.submit(spec):
@@ -107,21 +113,22 @@ def round_ratios(runs: dict) -> dict:
 async def run(args, runner) -> list[tuple[int, Mode, dict]]:
     tokenizer = runner.tokenizer
     budget = args.token_budget
-    routing = RoutingConfig(calibrate=True, calibration_tokens=(1, 8, 32, 128, budget))
+    routing = RoutingConfig(calibrate=True, calibration_tokens=RoutingConfig().calibration_tokens + (budget,))
     engines = {m: Engine(runner, tokenizer, EngineConfig(max_running=64, token_budget=budget, routing=routing)) for m in MODES}
     for engine in engines.values():
         await engine.start()
     params = {"gen_length": args.gen_length} if args.gen_length else {}
+    prompts = LONG_PROMPTS if args.prompts == "long" else PROMPTS
     for mode, engine in engines.items():  # warm-up: first-call costs; AUTO learns live TPF of both modes
         for warm_mode in ((Mode.REFUSION, Mode.AR) if mode is Mode.AUTO else (mode,)):
-            await run_level(engine, tokenizer, warm_mode, 2, 4, params, "warm")
+            await run_level(engine, tokenizer, warm_mode, 2, 4, params, "warm", prompts)
         engine.clear_prefix_cache()
     rows = []
     for c in args.levels:
         runs = {m: [] for m in MODES}
         for k in range(args.rounds):  # modes interleaved, order rotated: machine noise hits all alike
             for mode in MODES[k % 3:] + MODES[: k % 3]:
-                runs[mode].append(await run_level(engines[mode], tokenizer, mode, c, max(c, args.requests), params, f"b{k}"))
+                runs[mode].append(await run_level(engines[mode], tokenizer, mode, c, max(c, args.requests), params, f"b{k}", prompts))
                 # The three engines take turns on one runner, each owning the KV blocks while it runs
                 # (scheduler/kv.py): cached prefixes must not outlive a turn, another engine reuses the blocks.
                 engines[mode].clear_prefix_cache()
@@ -142,9 +149,9 @@ async def run(args, runner) -> list[tuple[int, Mode, dict]]:
 
 def table(rows, args, machine: str, model: str) -> str:
     lines = [
-        f"Machine: {machine}. Model: {model}. gen_length {args.gen_length or 'model default'}, token budget "
+        f"Machine: {machine}. Model: {model}. Prompts: {args.prompts}. gen_length {args.gen_length or 'model default'}, token budget "
         f"{args.token_budget}, {args.rounds} interleaved rounds of max(c, {args.requests}) requests per level, closed-loop clients.",
-        f"Calibrated forward latency (packed tokens: ms): "
+        "Calibrated forward latency (packed tokens: ms): "
         + ", ".join(f"{n}: {s * 1e3:.1f}" for n, s in args.curve) + ".",
         "",
         "| c | mode | tok/s | tok/CPU-s | TTFT p50 ms | ITL p50 ms | e2e p50 ms | TPF | served by ReFusion | auto / best, median of rounds (wall, CPU) |",
@@ -194,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-length", type=int, default=0,
                         help="tokens per request, a multiple of the model's slot_size x serial_num_blocks; 0 (the "
                              "default) = the model's own gen_length")
+    parser.add_argument("--prompts", choices=("short", "long"), default="short",
+                        help="short: code openings the shipped model ends soon (the default); long: openings it writes "
+                             "to gen_length in both modes (use with --gen-length 128)")
     parser.add_argument("--token-budget", type=positive_int, default=512)
     parser.add_argument("--num-blocks", type=positive_int, default=2048)
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
