@@ -49,9 +49,12 @@ class RoutingConfig:
     cost_points: a fixed latency curve [(packed tokens, seconds), ...] used when calibrate is False.
     refusion_tpf_prior / refusion_step_tokens_prior: what a ReFusion request is assumed to produce per
         forward and to cost in packed tokens per step until live measurements exist.
-    ar_margin: AR is chosen only if its estimated throughput beats ReFusion's by this fraction.
+    ar_margin: a mode is chosen for its estimated throughput gain only when that beats the other
+        mode's by this fraction; within it the compute-bound rule breaks the tie.
     compute_bound_share: the batch counts as compute-bound when the per-token part of the forward
-        latency (slope * tokens) exceeds this share of the whole latency.
+        latency (slope * tokens) exceeds this share of the whole latency; a near tie then goes to AR.
+    switch_margin: a running AUTO request re-routed at a block boundary switches mode only when the
+        other mode's estimated gain beats its current mode's by this fraction (hysteresis).
     explore_every: about one in this many light-load AUTO admissions takes the mode the router did
         not pick, so a mode's live estimates follow the traffic; 0 = never. Which ones is decided by a
         digest of the request (Request.route_key), so a repeated seeded or greedy request is treated
@@ -63,22 +66,26 @@ class RoutingConfig:
     allow_switch: AUTO requests may switch mode at block boundaries.
     switch_interval_tokens: re-evaluate a running AUTO request at most every this many tokens.
     ema: per-observation decay (1 - ema) of the live per-class sums; ~1/ema decode steps of memory.
+        A request's tokens per forward depends on its text, so the memory spans several requests
+        (0.002: ~500 decode steps, ~4 ReFusion requests of 128 tokens); at 0.01 the estimate followed
+        the last request's text at concurrency 1.
     """
 
     calibrate: bool = True
-    calibration_tokens: tuple[int, ...] = (1, 8, 32, 128, 512)
+    calibration_tokens: tuple[int, ...] = (1, 8, 32, 64, 128, 256, 512)
     calibration_repeats: int = 3
     cost_points: list[tuple[int, float]] | None = None
     refusion_tpf_prior: float = 2.0
     refusion_step_tokens_prior: float = 24.0
     ar_margin: float = 0.05
     compute_bound_share: float = 0.8
+    switch_margin: float = 0.2
     explore_every: int = 50
     explore_below_running: int = 4
     explore_max_stretch: float = 10.0
     allow_switch: bool = True
     switch_interval_tokens: int = 32
-    ema: float = 0.01
+    ema: float = 0.002
 
     def __post_init__(self) -> None:
         _check_scalar_types(self, "routing.")
@@ -97,6 +104,7 @@ class RoutingConfig:
         _check(self.refusion_tpf_prior > 0, "routing.refusion_tpf_prior", "must be > 0")
         _check(self.refusion_step_tokens_prior >= 1, "routing.refusion_step_tokens_prior", "must be >= 1")
         _check(self.ar_margin >= 0, "routing.ar_margin", "must be >= 0")
+        _check(self.switch_margin >= 0, "routing.switch_margin", "must be >= 0")
         _check(0 < self.compute_bound_share <= 1, "routing.compute_bound_share", "must be in (0, 1]")
         _check(self.explore_every >= 0, "routing.explore_every", "must be >= 0 (0 = never explore)")
         _check(self.explore_max_stretch >= 1, "routing.explore_max_stretch", "must be >= 1")

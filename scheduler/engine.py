@@ -170,6 +170,7 @@ class Engine:
             "prefix_cache_hit_rate": self.prefix_cache.hit_rate if self.prefix_cache else 0.0,
             "cost_curve": list(curve.points),
             "class_stats": self.router.class_stats(),
+            "host_s_per_request": {m.value: s for m, s in self.router.host.per_request().items()},
             "runner": self.runner.stats() if hasattr(self.runner, "stats") else {},
         }
 
@@ -203,6 +204,7 @@ class Engine:
 
     async def step(self) -> None:
         """One engine step: schedule -> execute -> postprocess."""
+        start = time.perf_counter()
         self._expire_deadlines(time.monotonic())
         plan = self.scheduler.schedule()
         for req, error in plan.failed:
@@ -217,7 +219,10 @@ class Engine:
             self._plan_items = plan.items  # (the loop frees what a failure here would strand)
             results = await self._execute(plan)
             if results is not None:
-                self._postprocess(plan, results)
+                decodes = self._postprocess(plan, results)
+                if decodes is not None:  # a step of routed decode steps only: its host cost per decoder
+                    self.router.observe_step(decodes[Mode.REFUSION], decodes[Mode.AR],
+                                             sum(len(seg.token_ids) for _, seg in plan.items), time.perf_counter() - start)
         else:
             await asyncio.sleep(0.002)  # everyone is waiting on KV: don't spin
         s = self.scheduler
@@ -249,42 +254,61 @@ class Engine:
             self.forwards += 1
             self.metrics.forward_time.observe(time.perf_counter() - start)
 
-    def _postprocess(self, plan: StepPlan, results: list) -> None:
+    def _postprocess(self, plan: StepPlan, results: list) -> dict[Mode, int] | None:
+        """Absorb every result. Returns {mode: requests} when each item was a routed decode step (what
+        the router's host-cost fit uses), else None (a prefill chunk, a grammar or internal request, a
+        failed or cancelled item)."""
         now = time.monotonic()
+        decodes: dict[Mode, int] | None = {Mode.REFUSION: 0, Mode.AR: 0}
         for (req, segment), result in zip(plan.items, results):
             if result is None:  # its own forward failed: already finished with the error
+                decodes = None
                 continue
             req.in_flight = False
             if req.finished:  # cancelled while its segment ran: free now
                 self.kv.free(req)
+                decodes = None
                 continue
+            mode = req.mode
             try:
-                self._absorb(req, segment, result, now)
+                routed = self._absorb(req, segment, result, now)
             except DecodeParamError as exc:  # the request's own input at fault (e.g. its grammar)
                 self._fail(req, exc)
+                routed = False
             except Exception as exc:
                 log.exception("absorb_failed", request_id=req.id)
                 self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+                routed = False
+            if decodes is not None and routed and mode in decodes:
+                decodes[mode] += 1
+            else:
+                decodes = None
+        return decodes
 
-    def _absorb(self, req: Request, segment, result, now: float) -> None:
+    def _absorb(self, req: Request, segment, result, now: float) -> bool:
+        """Fold a result into its request; True when it was a decode step the router observed."""
         before, forwards = req.generated_tokens(), req.decoder.stats.forwards
         req.decoder.absorb(result)
         if req.scores_prompt and req.prompt_logprobs is None:
             req.prompt_logprobs = req.decoder.prompt_scores()  # None until the whole prompt is scored
-        # A decode step (a prefill chunk counts no forward; those scoring the prompt have reads) of a
-        # request the router chose a mode for: grammar requests run AR by necessity and jump-forward
-        # lifts their tokens per forward, which would misstate what AR gives the requests it chooses for
+        # A decode step (a prefill chunk, scoring the prompt or not, counts no forward) of a request the
+        # router chose a mode for: grammar requests run AR by necessity and jump-forward lifts their
+        # tokens per forward, which would misstate what AR gives the requests it chooses for. A decode
+        # forward without reads counts too: a ReFusion slot's last branch verify reads nothing and
+        # commits the slot (gating on reads hid ~40% of ReFusion's tokens from the router).
         decoded = req.decoder.stats.forwards > forwards
-        if decoded and segment.reads and req.grammar is None and not req.spec.internal:
+        routed = decoded and req.grammar is None and not req.spec.internal
+        if routed:
             self.router.observe(req.mode, req.priority, req.generated_tokens() - before, 1, len(segment.token_ids))
         self.kv.share_prompt_blocks(req)
         self._stream(req, now)
         if req.finished:
-            return
+            return routed
         if req.decoder.finished:
             self._finish(req, self._natural_reason(req))
         else:
             maybe_switch(self.scheduler, req)
+        return routed
 
     # ---- output ------------------------------------------------------------------------------------
     def _stream(self, req: Request, now: float) -> None:

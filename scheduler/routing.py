@@ -9,14 +9,25 @@ AR's cheap steps give more tokens per second.
 The router estimates, for the batch that would run with this request added in each mode,
 
     throughput(mode) = (sum of running requests' tokens per forward + tpf[mode])
-                       / latency(running packed tokens + step_tokens[mode])
+                       / (latency(running packed tokens + step_tokens[mode])
+                          + running requests' host seconds + host[mode])
     gain(mode)       = throughput(mode) - throughput of the running batch alone
 
-with latency() from the start-up calibration (`CostCurve`) and tpf / step_tokens tracked live per
-request class (mode, priority) as ratios of exponentially decayed sums (priors until measured). It picks AR
-when the batch would be compute-bound or AR's gain beats ReFusion's by more than `ar_margin` of it.
-Gains, not totals, are compared: with many requests running, one more changes the total by little,
-and a margin on the total would never trigger.
+with latency() from the start-up calibration (`CostCurve`), host[] the per-request host seconds per step
+beyond that forward fitted live per decoder (`HostCost`), and tpf / step_tokens tracked live per request
+class (mode, priority) as ratios of exponentially decayed sums (priors until measured). It picks
+the mode whose gain beats the other's by more than `ar_margin` of it; within that margin (a near tie) it
+picks AR when the batch would be compute-bound, ReFusion otherwise. Compute-boundness only breaks ties:
+the curve already prices every packed token, and an override made the router pick AR against a
+ReFusion gain twice AR's (router audit, long outputs). Gains, not totals, are compared: with many
+requests running, one more changes the total by little, and a margin on the total would never trigger.
+AUTO requests starting in the same step (a burst) are weighed together, all in one mode or all in the
+other: each alone would be decided on a batch without the others, and on a cost curve whose marginal
+cost falls with size (a CPU's, at small counts) one at a time never leaves AR where all together in
+ReFusion are faster.
+A running request re-routed at a block boundary switches only when the other mode's gain beats its
+own by `switch_margin` (hysteresis both ways: otherwise requests that decide on each other's load
+switch together and flap).
 """
 
 from __future__ import annotations
@@ -105,13 +116,61 @@ class ClassStats:
         self.samples += 1
 
 
+class HostCost:
+    """Seconds an engine step costs beyond the calibrated forward, per request in it, by decoder.
+
+    The start-up calibration times the runner's forward alone. An engine step also plans, builds block
+    tables, absorbs results and streams text, per request, and a ReFusion decoder's host work per step
+    (slots, drafts, branches) is larger than AR's. Modelled as
+
+        step seconds - latency(packed tokens) = n_refusion * cost[REFUSION] + n_ar * cost[AR]
+
+    and fitted by least squares over exponentially decayed sums of decode-only steps (`DECAY` per step:
+    ~50 steps of memory, so the fit follows the current load). While the two counts move together (one
+    decoder seen, or always the same mix) the pair cannot be told apart: both get the pooled per-request
+    cost. On the shipped model on 2 CPU cores at concurrency 1 it measured ~1.6 ms per AR request on a
+    3.6 ms one-token forward, and more for ReFusion: enough to turn the router's choice either way."""
+
+    DECAY = 0.98
+
+    def __init__(self) -> None:
+        self._rr = self._ra = self._aa = self._br = self._ba = 0.0
+
+    def add(self, refusion: int, ar: int, residual_s: float) -> None:
+        """One decode step: how many ReFusion and AR requests it ran, its seconds beyond the curve."""
+        d = self.DECAY
+        self._rr = self._rr * d + refusion * refusion
+        self._ra = self._ra * d + refusion * ar
+        self._aa = self._aa * d + ar * ar
+        self._br = self._br * d + refusion * residual_s
+        self._ba = self._ba * d + ar * residual_s
+
+    def per_request(self) -> dict[Mode, float]:
+        """{mode: seconds per step per request of that decoder}, each >= 0; 0 before any step."""
+        n2 = self._rr + 2 * self._ra + self._aa
+        if n2 <= 0:
+            return {Mode.REFUSION: 0.0, Mode.AR: 0.0}
+        pooled = max(0.0, (self._br + self._ba) / n2)
+        det = self._rr * self._aa - self._ra * self._ra
+        if det <= 0.01 * self._rr * self._aa or self._rr * self._aa == 0:  # the counts move together
+            return {Mode.REFUSION: pooled, Mode.AR: pooled}
+        ref = (self._aa * self._br - self._ra * self._ba) / det
+        ar = (self._rr * self._ba - self._ra * self._br) / det
+        return {Mode.REFUSION: max(0.0, ref), Mode.AR: max(0.0, ar)}
+
+
 @dataclass
 class LoadSnapshot:
-    """What the running batch costs and yields per step (the request being routed excluded)."""
+    """What the running batch costs and yields per step (the request being routed excluded).
+    host_s: the running requests' host seconds per step beyond the forward (HostCost).
+    arriving_auto: AUTO requests starting in the same step as the routed one (not in the other
+    fields): each option counts them in the mode it weighs."""
 
     packed_tokens: float = 0.0
     tokens_per_forward: float = 0.0
     running: int = 0
+    host_s: float = 0.0
+    arriving_auto: int = 0
 
 
 @dataclass
@@ -130,6 +189,13 @@ class Router:
         self.config = config
         self.curve = curve
         self._stats: dict[tuple[Mode, Priority], ClassStats] = {}
+        self.host = HostCost()
+
+    def observe_step(self, refusion: int, ar: int, packed_tokens: int, seconds: float) -> None:
+        """Fold one decode step (its ReFusion and AR requests, packed query tokens, wall seconds) into
+        the host cost per request (`HostCost`)."""
+        if refusion + ar > 0 and packed_tokens > 0:
+            self.host.add(refusion, ar, seconds - self.curve.latency(packed_tokens))
 
     def stats_for(self, mode: Mode, priority: Priority) -> ClassStats:
         key = (mode, Priority(priority))
@@ -160,36 +226,48 @@ class Router:
         if requested is not Mode.AUTO:
             return RouteDecision(requested, "forced")
         ref, ar = self.stats_for(Mode.REFUSION, priority), self.stats_for(Mode.AR, priority)
-        curve = self.curve
-        base = load.tokens_per_forward / curve.latency(load.packed_tokens) if load.running else 0.0
-        lat_ref = curve.latency(load.packed_tokens + ref.step_tokens)
-        lat_ar = curve.latency(load.packed_tokens + ar.step_tokens)
-        gain_ref = (load.tokens_per_forward + ref.tpf) / lat_ref - base
-        gain_ar = (load.tokens_per_forward + ar.tpf) / lat_ar - base
-        share = curve.compute_bound_share(load.packed_tokens + ref.step_tokens)
+        curve, host = self.curve, self.host.per_request()
+        base = load.tokens_per_forward / (curve.latency(load.packed_tokens) + load.host_s) if load.running else 0.0
+        n = 1 + load.arriving_auto  # this request and the AUTO ones starting with it, all in the mode weighed
+        lat_ref = curve.latency(load.packed_tokens + n * ref.step_tokens) + load.host_s + n * host[Mode.REFUSION]
+        lat_ar = curve.latency(load.packed_tokens + n * ar.step_tokens) + load.host_s + n * host[Mode.AR]
+        gain_ref = (load.tokens_per_forward + n * ref.tpf) / lat_ref - base
+        gain_ar = (load.tokens_per_forward + n * ar.tpf) / lat_ar - base
+        share = curve.compute_bound_share(load.packed_tokens + n * ref.step_tokens)
         inputs = {
             "running": load.running,
+            "arriving_auto": load.arriving_auto,
             "packed_tokens": round(load.packed_tokens, 2),
             "running_tpf_sum": round(load.tokens_per_forward, 3),
             "refusion_tpf": round(ref.tpf, 3),
             "refusion_step_tokens": round(ref.step_tokens, 2),
             "latency_refusion_s": lat_ref,
             "latency_ar_s": lat_ar,
+            "host_s": round(load.host_s, 6),
+            "host_refusion_s": round(host[Mode.REFUSION], 6),
+            "host_ar_s": round(host[Mode.AR], 6),
             "throughput_now": round(base, 2),
             "gain_refusion": round(gain_ref, 2),
             "gain_ar": round(gain_ar, 2),
             "compute_bound_share": round(share, 3),
         }
         margin = self.config.ar_margin
-        if share > self.config.compute_bound_share:
-            mode, reason = Mode.AR, "compute_bound"
-        elif gain_ar > gain_ref + margin * abs(gain_ref):
+        if gain_ar > gain_ref + margin * abs(gain_ref):
             mode, reason = Mode.AR, "ar_faster"
+        elif gain_ref > gain_ar + margin * abs(gain_ar):
+            mode, reason = Mode.REFUSION, "refusion_faster"
+        elif share > self.config.compute_bound_share:
+            mode, reason = Mode.AR, "compute_bound"  # a near tie: AR leaves the compute to the others
         else:
             mode, reason = Mode.REFUSION, "refusion_faster"
-        if current is Mode.AR and mode is Mode.REFUSION and gain_ref <= gain_ar + margin * abs(gain_ar):
-            mode, reason = Mode.AR, "keep"  # hysteresis: leave AR only for a clear gain
-        if current is None and request_key is not None and load.running < self.config.explore_below_running:
+        if current is not None and mode is not current:
+            # Hysteresis: a running request leaves its mode only for a clear gain. Every running request
+            # re-decides on the load the others make, so without it they switch together and flap.
+            kept, other = (gain_ar, gain_ref) if current is Mode.AR else (gain_ref, gain_ar)
+            if other <= kept + self.config.switch_margin * abs(kept):
+                mode, reason = current, "keep"
+        if (current is None and request_key is not None
+                and load.running + load.arriving_auto < self.config.explore_below_running):
             # The further behind the other mode is estimated, the rarer (and so cheaper) its exploration.
             gains = sorted((gain_ref, gain_ar)) if reason in ("ar_faster", "refusion_faster") else (1.0, 1.0)
             stretch = min(gains[1] / gains[0], self.config.explore_max_stretch) if gains[0] > 0 else 1.0

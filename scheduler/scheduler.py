@@ -301,15 +301,28 @@ class Scheduler:
             short = self.kv.shortfall(req, segment)
         return self.kv.grow(req, segment)
 
-    def load_snapshot(self, exclude: Request | None = None) -> LoadSnapshot:
-        """Packed tokens and tokens per forward the running batch produces per step (class averages)."""
-        load = LoadSnapshot()
-        for req in self.running:
-            if req is exclude or req.mode is None:
-                continue
-            stats = self.router.stats_for(req.mode, req.priority)
+    def load_snapshot(self, exclude: Request | None = None, arriving: list[Request] = ()) -> LoadSnapshot:
+        """Packed tokens and tokens per forward the running batch produces per step (class averages).
+
+        `arriving`: waiting requests about to start with the one being routed (a burst admitted in one
+        step). One in a forced mode counts in that mode's class; AUTO ones are counted apart
+        (`arriving_auto`): the router weighs them in the mode it weighs for this request, as it
+        will decide them alike. Without them a burst's first requests were routed on an idle engine's
+        costs (on long outputs six of 16 went to ReFusion and slowed the batch until they switched);
+        counting them as AR instead left a burst of four in AR where four in ReFusion are faster."""
+        load, host = LoadSnapshot(), self.router.host.per_request()
+        members = [(r.mode, r) for r in self.running if r is not exclude and r.mode is not None]
+        for r in arriving:
+            mode = r.pinned_mode or r.spec.mode
+            if mode is Mode.AUTO:
+                load.arriving_auto += 1
+            else:
+                members.append((mode, r))
+        for mode, req in members:
+            stats = self.router.stats_for(mode, req.priority)
             load.packed_tokens += stats.step_tokens
             load.tokens_per_forward += stats.tpf
+            load.host_s += host[mode]
             load.running += 1
         return load
 
@@ -349,8 +362,10 @@ class Scheduler:
                 return
             req.prefix_wait = None
             slot_free = len(self.running) + held_slots < self.config.max_running
+            # the requests behind it that may start in this step too: the router counts their load
+            arriving = self.waiting[i + 1:i + self.config.max_running - len(self.running) - held_slots]
             try:
-                started = slot_free and self._try_start(req, held_blocks)
+                started = slot_free and self._try_start(req, held_blocks, arriving)
             except Exception as exc:  # a decoder that cannot be built for this request: fail it alone
                 log.exception("start_failed", request_id=req.id)
                 self.waiting.pop(i)
@@ -430,13 +445,14 @@ class Scheduler:
         self.waiting.append(victim)
         log.info("preempted", request_id=victim.id, reason=reason, mode=victim.pinned_mode.value)
 
-    def _try_start(self, req: Request, held_blocks: int = 0) -> bool:
+    def _try_start(self, req: Request, held_blocks: int = 0, arriving: list[Request] = ()) -> bool:
         """Start `req` if a route, KV (beyond `held_blocks`, kept by prefix waiters ahead of it) and its
         prompt allow; False with `req.kv_wait` (short of KV) or `req.prefix_wait` (its prompt is being
-        prefilled by a running request) set."""
+        prefilled by a running request) set. `arriving`: waiting requests that may start in the same
+        step, counted in the load the route is decided on."""
         requested = req.pinned_mode or req.spec.mode
         route_key = req.route_key if requested is Mode.AUTO else None  # only AUTO requests can explore
-        decision = self.router.decide(requested, req.priority, self.load_snapshot(), request_key=route_key)
+        decision = self.router.decide(requested, req.priority, self.load_snapshot(arriving=arriving), request_key=route_key)
         key = "ar" if decision.mode is Mode.AR and "ar" in self.runners else "main"
         cache = self.prefix_cache if key == "main" else None
         # A request scoring its prompt computes every prompt row: it neither starts on cached blocks nor

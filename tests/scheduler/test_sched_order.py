@@ -395,11 +395,11 @@ async def test_a_preemption_during_the_admission_walk_keeps_its_order(wait_until
         a.aged_after, a.passed_over = 1, 1  # aged: ranked with INTERACTIVE requests, sorted as BATCH
         try_start = sched._try_start
 
-        def a_waits_for_a_prefix(r, held_blocks=0):
+        def a_waits_for_a_prefix(r, held_blocks=0, arriving=()):
             if r is a:
                 r.prefix_wait = "v1"  # as if v1 were prefilling a's prompt
                 return False
-            return try_start(r, held_blocks)
+            return try_start(r, held_blocks, arriving)
 
         sched._try_start = a_waits_for_a_prefix
         sched._start_waiting(StepPlan())

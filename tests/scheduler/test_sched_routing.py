@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import structlog
 from sched_fakes import FakeRunner, collect, ids_of, make_engine
@@ -45,7 +47,34 @@ def test_idle_engine_routes_auto_to_refusion():
 
 def test_compute_bound_batch_routes_to_ar():
     decision = router(STEEP).decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(packed_tokens=100, tokens_per_forward=10, running=10))
-    assert decision.mode is Mode.AR and decision.reason == "compute_bound"
+    # 24 more packed tokens cost 24% more latency for 2 tokens on top of 10: AR's 1 token costs 1%
+    assert decision.mode is Mode.AR and decision.reason == "ar_faster"
+    assert decision.inputs["compute_bound_share"] > 0.95
+
+
+def near_tie(points, load: LoadSnapshot) -> float:
+    """The ReFusion tpf at which both modes' gains are equal under `load` (AR: 1 token, 1 packed token)."""
+    curve = CostCurve(points)
+    base = load.tokens_per_forward / curve.latency(load.packed_tokens) if load.running else 0.0
+    gain_ar = (load.tokens_per_forward + 1) / curve.latency(load.packed_tokens + 1) - base
+    return (gain_ar + base) * curve.latency(load.packed_tokens + 24) - load.tokens_per_forward
+
+
+def test_compute_bound_breaks_a_near_tie_toward_ar_and_nothing_more():
+    load = LoadSnapshot(packed_tokens=100, tokens_per_forward=10, running=10)
+    tie = near_tie(STEEP, load)
+    tied = router(STEEP, refusion_tpf_prior=tie * 1.01).decide(Mode.AUTO, Priority.BATCH, load)
+    assert tied.inputs["compute_bound_share"] > 0.8
+    assert tied.mode is Mode.AR and tied.reason == "compute_bound"
+    # The router audit's case: the batch is compute-bound, but ReFusion's estimated gain is twice AR's.
+    # The curve already charges every packed token, so the gain decides (it was AR, "compute_bound").
+    clear = router(STEEP, refusion_tpf_prior=tie * 2).decide(Mode.AUTO, Priority.BATCH, load)
+    assert clear.inputs["compute_bound_share"] > 0.8 and clear.inputs["gain_refusion"] > 1.5 * clear.inputs["gain_ar"]
+    assert clear.mode is Mode.REFUSION and clear.reason == "refusion_faster"
+    # The same near tie on a batch that is not compute-bound goes to ReFusion.
+    flat_tie = near_tie(FLAT, load)
+    flat = router(FLAT, refusion_tpf_prior=flat_tie * 1.01).decide(Mode.AUTO, Priority.BATCH, load)
+    assert flat.inputs["compute_bound_share"] < 0.8 and flat.mode is Mode.REFUSION
 
 
 def test_heavy_load_past_the_knee_routes_to_ar_on_throughput():
@@ -85,15 +114,16 @@ def test_one_in_explore_every_light_load_auto_requests_explores_the_other_mode()
     light = LoadSnapshot(packed_tokens=100, tokens_per_forward=2, running=2)
     keys = spread_keys(8)
     decisions = [r.decide(Mode.AUTO, Priority.BATCH, light, request_key=k) for k in keys]
-    assert [d.reason for d in decisions] == ["explore"] * 2 + ["compute_bound"] * 6
-    assert [d.mode for d in decisions] == [Mode.REFUSION] * 2 + [Mode.AR] * 6
+    # ReFusion's gain is estimated ~1.26x AR's: the period is stretched to ~5, so 2 of 8 spread keys explore
+    assert [d.reason for d in decisions] == ["explore"] * 2 + ["refusion_faster"] * 6
+    assert [d.mode for d in decisions] == [Mode.AR] * 2 + [Mode.REFUSION] * 6
     # The same requests again are decided alike (a counter made every Nth repeat differ).
     assert [r.decide(Mode.AUTO, Priority.BATCH, light, request_key=k).mode for k in keys] == [d.mode for d in decisions]
-    assert r.decide(Mode.AUTO, Priority.BATCH, light).reason == "compute_bound"  # no key: never explores
-    assert r.decide(Mode.AUTO, Priority.BATCH, light, current=Mode.AR, request_key=0).reason != "explore"  # re-routing
+    assert r.decide(Mode.AUTO, Priority.BATCH, light).reason == "refusion_faster"  # no key: never explores
+    assert r.decide(Mode.AUTO, Priority.BATCH, light, current=Mode.REFUSION, request_key=0).reason != "explore"  # re-routing
     heavy = LoadSnapshot(packed_tokens=300, tokens_per_forward=20, running=20)
-    assert all(r.decide(Mode.AUTO, Priority.BATCH, heavy, request_key=k).reason == "compute_bound" for k in keys)
-    assert router(STEEP, explore_every=0).decide(Mode.AUTO, Priority.BATCH, light, request_key=0).reason == "compute_bound"
+    assert all(r.decide(Mode.AUTO, Priority.BATCH, heavy, request_key=k).reason == "ar_faster" for k in keys)
+    assert router(STEEP, explore_every=0).decide(Mode.AUTO, Priority.BATCH, light, request_key=0).reason == "refusion_faster"
 
 
 def test_a_clearly_slower_mode_is_explored_less_often():
@@ -154,6 +184,26 @@ def test_a_running_ar_request_leaves_ar_only_for_a_clear_gain():
     assert r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot()).mode is Mode.REFUSION
     kept = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), current=Mode.AR)
     assert kept.mode is Mode.AR and kept.reason == "keep"
+    # Beyond ar_margin but within switch_margin (0.2): a new request takes ReFusion, a running one stays
+    r = router(FLAT, refusion_tpf_prior=1.15)
+    assert r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot()).reason == "refusion_faster"
+    assert r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), current=Mode.AR).reason == "keep"
+    switched = router(FLAT, refusion_tpf_prior=1.3).decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), current=Mode.AR)
+    assert switched.mode is Mode.REFUSION and switched.reason == "refusion_faster"
+
+
+def test_a_running_refusion_request_leaves_refusion_only_for_a_clear_gain():
+    # The router audit saw running requests flap refusion, ar, refusion, ar: only AR -> ReFusion had
+    # hysteresis. Now AR must beat ReFusion's gain by switch_margin for a running ReFusion request too.
+    r = router(FLAT, refusion_tpf_prior=0.9)  # AR's gain ~1.11x ReFusion's: past ar_margin, within switch_margin
+    assert r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot()).reason == "ar_faster"
+    kept = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), current=Mode.REFUSION)
+    assert kept.mode is Mode.REFUSION and kept.reason == "keep"
+    switched = router(FLAT, refusion_tpf_prior=0.7).decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), current=Mode.REFUSION)
+    assert switched.mode is Mode.AR and switched.reason == "ar_faster"
+    # switch_margin 0 leaves only ar_margin, as for new requests
+    assert router(FLAT, refusion_tpf_prior=0.9, switch_margin=0.0).decide(
+        Mode.AUTO, Priority.BATCH, LoadSnapshot(), current=Mode.REFUSION).mode is Mode.AR
 
 
 async def test_engine_records_every_decision_in_metrics_and_logs():
@@ -200,3 +250,71 @@ def test_calibration_times_each_count_and_uses_no_kv():
     assert len(runner.calls) == 1 + 4 * 2  # warm-up + repeats
     assert all(seg.num_kept == 0 and seg.seq_id == CALIBRATION_SEQ for call in runner.calls for seg in call)
     assert all(tables == [[]] for tables in runner.tables)  # a scratch step needs no blocks
+
+
+async def test_a_burst_is_routed_on_the_load_it_makes_together():
+    # 10 ms a step plus 0.2 ms per packed token: one ReFusion request alone (tpf 2 for 24 packed tokens)
+    # beats AR, but not beside seven AR requests. A burst of eight admitted in one step used to send its
+    # first requests to ReFusion on an idle engine's costs; the requests behind them now count as load.
+    slope = [(1, 0.010), (512, 0.010 + 0.0002 * 511)]
+    routing = RoutingConfig(calibrate=False, cost_points=slope, explore_every=0, allow_switch=False)
+    engine, _ = make_engine(routing=routing, prefix_cache=False, max_running=8)
+    await engine.start()
+    solo = await collect(engine, GenerationRequest("solo", [5, 6], {"gen_length": 8}))
+    assert solo[-1].mode is Mode.REFUSION
+    with structlog.testing.capture_logs() as logs:
+        burst = await asyncio.gather(*[collect(engine, GenerationRequest(f"b{i}", [5, 6 + i], {"gen_length": 8}))
+                                       for i in range(8)])
+    assert [d[-1].mode for d in burst] == [Mode.AR] * 8
+    routes = [e for e in logs if e["event"] == "route"]
+    assert len(routes) == 8 and routes[0]["arriving_auto"] == 7  # the first one weighed the seven behind it
+    await engine.stop()
+
+
+def test_a_burst_is_weighed_all_in_one_mode_against_all_in_the_other():
+    # A curve whose marginal cost falls with size (a CPU's at small counts): 3 ms for the first 23
+    # tokens, 1 ms for the next 72. One ReFusion request beside three AR ones loses to AR, but four in
+    # ReFusion (8 tokens a step at 9 ms) beat four in AR (4 tokens at 5.4 ms). Routed one at a time on
+    # the load of those before it, a burst of four never left AR.
+    concave = [(1, 0.005), (24, 0.008), (96, 0.009)]
+    r = router(concave, explore_every=0)
+    one_beside_ar = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(packed_tokens=3, tokens_per_forward=3, running=3))
+    assert one_beside_ar.mode is Mode.AR
+    together = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(arriving_auto=3))
+    assert together.mode is Mode.REFUSION and together.reason == "refusion_faster"
+    assert together.inputs["gain_refusion"] == pytest.approx(8 / 0.009, rel=1e-3)
+    assert together.inputs["gain_ar"] == pytest.approx(4 / CostCurve(concave).latency(4), rel=1e-3)
+
+
+def test_host_cost_per_request_is_fitted_per_decoder_from_mixed_steps():
+    from scheduler.routing import HostCost
+
+    host = HostCost()
+    assert host.per_request() == {Mode.REFUSION: 0.0, Mode.AR: 0.0}
+    for ar in (1, 2, 4, 8):  # AR steps alone: one decoder seen, both get its pooled cost
+        host.add(0, ar, ar * 0.001)
+    assert host.per_request()[Mode.REFUSION] == pytest.approx(0.001) == host.per_request()[Mode.AR]
+    for refusion, ar in [(1, 3), (2, 2), (3, 1), (4, 0)] * 50:  # 3 ms per ReFusion request, 1 ms per AR one
+        host.add(refusion, ar, refusion * 0.003 + ar * 0.001)
+    fitted = host.per_request()
+    assert fitted[Mode.REFUSION] == pytest.approx(0.003, rel=1e-6) and fitted[Mode.AR] == pytest.approx(0.001, rel=1e-6)
+    for _ in range(400):  # steps faster than the curve: never a negative cost
+        host.add(1, 1, -0.010)
+    assert min(host.per_request().values()) == 0.0
+
+
+async def test_the_engine_fits_host_cost_on_decode_steps_and_routes_on_it():
+    # A forward that sleeps 20 ms on a flat 1 ms curve: every request of either decoder costs ~20 ms
+    # of host time per step alone. The engine reports it, and the router adds it to each option.
+    routing = RoutingConfig(calibrate=False, cost_points=[(1, 0.001), (512, 0.001)], explore_every=0)
+    engine, _ = make_engine(routing=routing, prefix_cache=False, runner=FakeRunner(delay_s=0.02))
+    await engine.start()
+    await collect(engine, GenerationRequest("r", [5, 6], {"gen_length": 8}, mode=Mode.REFUSION))
+    host = engine.stats()["host_s_per_request"]
+    assert host["refusion"] == host["ar"] and host["refusion"] >= 0.015  # one decoder seen: pooled
+    with structlog.testing.capture_logs() as logs:
+        await collect(engine, GenerationRequest("a", [5, 7], {"gen_length": 8}))
+    route = next(e for e in logs if e["event"] == "route")
+    assert route["host_refusion_s"] == pytest.approx(host["refusion"], abs=1e-3)
+    assert route["latency_ar_s"] == pytest.approx(0.001 + route["host_ar_s"], abs=1e-6)
+    await engine.stop()

@@ -58,3 +58,36 @@ async def test_concurrent_requests_on_the_shipped_model_equal_their_solo_runs():
 
 async def _collect(engine, spec):
     return [d async for d in engine.submit(spec)]
+
+
+async def test_the_router_is_told_every_token_and_forward_of_a_refusion_request():
+    # A ReFusion slot's last branch verify reads nothing (every drafted token's predecessor is already
+    # verified) and commits the slot. The engine reported only steps with reads, so the router never saw
+    # those tokens: its ReFusion estimate was ~0.86 tokens per forward against a measured 1.45, and
+    # mode "auto" chose AR where ReFusion is faster.
+    from scheduler.engine import Engine
+    from workers.runner import ModelRunner
+
+    runner = ModelRunner(SHIPPED, num_blocks=512)
+    readless = []
+    execute = runner.execute
+
+    def recording(segments, tables):
+        readless.extend(s.seq_id for s in segments if not s.reads and s.seq_id == "long")
+        return execute(segments, tables)
+
+    runner.execute = recording
+    engine = Engine(runner, runner.tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
+    seen = []
+    observe = engine.router.observe
+    engine.router.observe = lambda *args, **kw: (seen.append(args), observe(*args, **kw))[-1]
+    await engine.start()
+    # An opening the shipped model writes on to gen_length with ReFusion (bench/concurrency.py --prompts long)
+    deltas = await _collect(engine, GenerationRequest("long", runner.tokenizer.encode("class _"), {"gen_length": 128},
+                                                      mode=Mode.REFUSION))
+    await engine.stop()
+    stats = deltas[-1].stats
+    assert readless, "no read-less decode forward: the case this test is about did not occur"
+    assert sum(tokens for _mode, _priority, tokens, _forwards, _packed in seen) == stats["generated_tokens"]
+    assert len(seen) == stats["forwards"]
+    assert all(mode is Mode.REFUSION for mode, *_ in seen)
