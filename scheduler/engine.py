@@ -171,6 +171,7 @@ class Engine:
             "cost_curve": list(curve.points),
             "class_stats": self.router.class_stats(),
             "host_s_per_request": {m.value: s for m, s in self.router.host.per_request().items()},
+            "host_s_per_step": self.router.host.fixed_s,
             "runner": self.runner.stats() if hasattr(self.runner, "stats") else {},
         }
 
@@ -181,6 +182,7 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------------
     async def _run(self) -> None:
+        failed_steps = 0  # in a row
         while True:
             if not self.scheduler.has_work():
                 if self._stopping:
@@ -190,9 +192,14 @@ class Engine:
                 continue
             try:
                 await self.step()
+                failed_steps = 0
             except Exception:  # keep serving: a bug in one step must not kill every stream
                 log.exception("step_failed")
-                for req in list(self.scheduler.running):
+                failed_steps += 1
+                # The running requests end; the waiting ones too when the step failed again (a fault
+                # before anything runs, e.g. in scheduling, would otherwise spin this loop forever)
+                ended = list(self.scheduler.running) + (list(self.scheduler.waiting) if failed_steps > 1 else [])
+                for req in ended:
                     req.in_flight = False
                     self._finish(req, FinishReason.ERROR, error="internal error in engine step")
                 for req, _ in self._plan_items:  # cancelled while its segment ran: its KV waited for the forward
@@ -204,9 +211,10 @@ class Engine:
 
     async def step(self) -> None:
         """One engine step: schedule -> execute -> postprocess."""
-        start = time.perf_counter()
+        host_start = time.thread_time()  # this thread's CPU seconds: the step's host work (routing.HostCost)
         self._expire_deadlines(time.monotonic())
         plan = self.scheduler.schedule()
+        host_s = time.thread_time() - host_start
         for req, error in plan.failed:
             if isinstance(error, Exception):
                 self._fail(req, error)
@@ -219,10 +227,10 @@ class Engine:
             self._plan_items = plan.items  # (the loop frees what a failure here would strand)
             results = await self._execute(plan)
             if results is not None:
+                host_start = time.thread_time()
                 decodes = self._postprocess(plan, results)
                 if decodes is not None:  # a step of routed decode steps only: its host cost per decoder
-                    self.router.observe_step(decodes[Mode.REFUSION], decodes[Mode.AR],
-                                             sum(len(seg.token_ids) for _, seg in plan.items), time.perf_counter() - start)
+                    self.router.observe_step(decodes, host_s + time.thread_time() - host_start)
         else:
             await asyncio.sleep(0.002)  # everyone is waiting on KV: don't spin
         s = self.scheduler
@@ -254,13 +262,14 @@ class Engine:
             self.forwards += 1
             self.metrics.forward_time.observe(time.perf_counter() - start)
 
-    def _postprocess(self, plan: StepPlan, results: list) -> dict[Mode, int] | None:
-        """Absorb every result. Returns {mode: requests} when each item was a routed decode step (what
-        the router's host-cost fit uses), else None (a prefill chunk, a grammar or internal request, a
-        failed or cancelled item)."""
+    def _postprocess(self, plan: StepPlan, results: list) -> list[tuple[Mode, float]] | None:
+        """Absorb every result. Returns (decoder, host CPU seconds) per request when each item was a
+        routed decode step (what the router's HostCost uses), else None (a prefill chunk, a grammar or
+        internal request, a failed or cancelled item)."""
         now = time.monotonic()
-        decodes: dict[Mode, int] | None = {Mode.REFUSION: 0, Mode.AR: 0}
+        decodes: list[tuple[Mode, float]] | None = []
         for (req, segment), result in zip(plan.items, results):
+            host_start, host_s, req.host_s = time.thread_time(), req.host_s, 0.0
             if result is None:  # its own forward failed: already finished with the error
                 decodes = None
                 continue
@@ -279,8 +288,8 @@ class Engine:
                 log.exception("absorb_failed", request_id=req.id)
                 self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
                 routed = False
-            if decodes is not None and routed and mode in decodes:
-                decodes[mode] += 1
+            if decodes is not None and routed:
+                decodes.append((mode, host_s + time.thread_time() - host_start))
             else:
                 decodes = None
         return decodes

@@ -63,6 +63,7 @@ class Request:
     prompt_blocks_shared: int = 0  # full prompt blocks offered to the prefix cache so far
     mode_history: list[str] = field(default_factory=list)
     tokens_at_last_route: int = 0
+    host_s: float = 0.0  # engine-thread CPU seconds spent on it in the current step (routing.HostCost)
     pinned_mode: Mode | None = None  # set when preempted: the rerun keeps the mode it had
     tokens_before_requeue: int = 0  # generated ids when last preempted (its rerun makes them again)
     overtook: bool = False

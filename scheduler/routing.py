@@ -13,8 +13,8 @@ The router estimates, for the batch that would run with this request added in ea
                           + running requests' host seconds + host[mode])
     gain(mode)       = throughput(mode) - throughput of the running batch alone
 
-with latency() from the start-up calibration (`CostCurve`), host[] the per-request host seconds per step
-beyond that forward fitted live per decoder (`HostCost`), and tpf / step_tokens tracked live per request
+with latency() from the start-up calibration (`CostCurve`), host[] the per-request host CPU seconds per
+step beyond that forward measured live per decoder (`HostCost`, plus its fixed part per step), and tpf / step_tokens tracked live per request
 class (mode, priority) as ratios of exponentially decayed sums (priors until measured). It picks
 the mode whose gain beats the other's by more than `ar_margin` of it; within that margin (a near tie) it
 picks AR when the batch would be compute-bound, ReFusion otherwise. Compute-boundness only breaks ties:
@@ -117,52 +117,56 @@ class ClassStats:
 
 
 class HostCost:
-    """Seconds an engine step costs beyond the calibrated forward, per request in it, by decoder.
+    """What an engine step costs on the host beyond the calibrated forward: CPU seconds of the engine's
+    own thread per request in the step, by decoder (building its segment and KV, absorbing its result,
+    streaming its text; a ReFusion decoder's slots, drafts and branches cost more than AR's one token),
+    plus a fixed part per step apart from any request (ordering, planning, metrics).
 
-    The start-up calibration times the runner's forward alone. An engine step also plans, builds block
-    tables, absorbs results and streams text, per request, and a ReFusion decoder's host work per step
-    (slots, drafts, branches) is larger than AR's. Modelled as
-
-        step seconds - latency(packed tokens) = n_refusion * cost[REFUSION] + n_ar * cost[AR]
-
-    and fitted by least squares over exponentially decayed sums of decode-only steps (`DECAY` per step:
-    ~50 steps of memory, so the fit follows the current load). While the two counts move together (one
-    decoder seen, or always the same mix) the pair cannot be told apart: both get the pooled per-request
-    cost. On the shipped model on 2 CPU cores at concurrency 1 it measured ~1.6 ms per AR request on a
-    3.6 ms one-token forward, and more for ReFusion: enough to turn the router's choice either way."""
+    The start-up calibration times the runner's forward alone. Measured with thread CPU time
+    (time.thread_time) around that work, so another process's load on the machine does not enter it:
+    a wall-clock fit of step time minus the curve swung from 0.1 to 70 ms per request on a contended
+    machine and turned the router's choices at random. Ratios of exponentially decayed sums over routed
+    decode steps (`DECAY` per step, ~50 steps). A decoder not yet seen takes the other's cost."""
 
     DECAY = 0.98
 
     def __init__(self) -> None:
-        self._rr = self._ra = self._aa = self._br = self._ba = 0.0
+        self._sum = {Mode.REFUSION: 0.0, Mode.AR: 0.0}
+        self._count = {Mode.REFUSION: 0.0, Mode.AR: 0.0}
+        self._fixed_sum = 0.0
+        self._steps = 0.0
 
-    def add(self, refusion: int, ar: int, residual_s: float) -> None:
-        """One decode step: how many ReFusion and AR requests it ran, its seconds beyond the curve."""
+    def add_step(self, per_request: list[tuple[Mode, float]], step_s: float) -> None:
+        """One decode step: (decoder, CPU seconds) of each request in it, and the CPU seconds of the
+        whole step's host work (>= their sum; the rest is the fixed part)."""
         d = self.DECAY
-        self._rr = self._rr * d + refusion * refusion
-        self._ra = self._ra * d + refusion * ar
-        self._aa = self._aa * d + ar * ar
-        self._br = self._br * d + refusion * residual_s
-        self._ba = self._ba * d + ar * residual_s
+        for mode in self._sum:
+            self._sum[mode] *= d
+            self._count[mode] *= d
+        for mode, seconds in per_request:
+            if mode in self._sum:
+                self._sum[mode] += seconds
+                self._count[mode] += 1.0
+        self._fixed_sum = self._fixed_sum * d + max(0.0, step_s - sum(seconds for _, seconds in per_request))
+        self._steps = self._steps * d + 1.0
 
     def per_request(self) -> dict[Mode, float]:
-        """{mode: seconds per step per request of that decoder}, each >= 0; 0 before any step."""
-        n2 = self._rr + 2 * self._ra + self._aa
-        if n2 <= 0:
+        """{mode: host seconds per step per request of that decoder}; 0 before any step."""
+        seen = {m: self._sum[m] / self._count[m] for m in self._sum if self._count[m] > 1e-6}
+        if not seen:
             return {Mode.REFUSION: 0.0, Mode.AR: 0.0}
-        pooled = max(0.0, (self._br + self._ba) / n2)
-        det = self._rr * self._aa - self._ra * self._ra
-        if det <= 0.01 * self._rr * self._aa or self._rr * self._aa == 0:  # the counts move together
-            return {Mode.REFUSION: pooled, Mode.AR: pooled}
-        ref = (self._aa * self._br - self._ra * self._ba) / det
-        ar = (self._rr * self._ba - self._ra * self._br) / det
-        return {Mode.REFUSION: max(0.0, ref), Mode.AR: max(0.0, ar)}
+        return {m: seen.get(m, next(iter(seen.values()))) for m in self._sum}
+
+    @property
+    def fixed_s(self) -> float:
+        """Host seconds per step apart from its requests; 0 before any step."""
+        return self._fixed_sum / self._steps if self._steps else 0.0
 
 
 @dataclass
 class LoadSnapshot:
     """What the running batch costs and yields per step (the request being routed excluded).
-    host_s: the running requests' host seconds per step beyond the forward (HostCost).
+    host_s: the running requests' host seconds per step beyond the forward (HostCost.per_request).
     arriving_auto: AUTO requests starting in the same step as the routed one (not in the other
     fields): each option counts them in the mode it weighs."""
 
@@ -191,11 +195,11 @@ class Router:
         self._stats: dict[tuple[Mode, Priority], ClassStats] = {}
         self.host = HostCost()
 
-    def observe_step(self, refusion: int, ar: int, packed_tokens: int, seconds: float) -> None:
-        """Fold one decode step (its ReFusion and AR requests, packed query tokens, wall seconds) into
-        the host cost per request (`HostCost`)."""
-        if refusion + ar > 0 and packed_tokens > 0:
-            self.host.add(refusion, ar, seconds - self.curve.latency(packed_tokens))
+    def observe_step(self, per_request: list[tuple[Mode, float]], step_s: float) -> None:
+        """Fold one decode step's host CPU seconds (per request by decoder, and the whole step's) into
+        `HostCost`."""
+        if per_request:
+            self.host.add_step(per_request, step_s)
 
     def stats_for(self, mode: Mode, priority: Priority) -> ClassStats:
         key = (mode, Priority(priority))
@@ -227,10 +231,11 @@ class Router:
             return RouteDecision(requested, "forced")
         ref, ar = self.stats_for(Mode.REFUSION, priority), self.stats_for(Mode.AR, priority)
         curve, host = self.curve, self.host.per_request()
-        base = load.tokens_per_forward / (curve.latency(load.packed_tokens) + load.host_s) if load.running else 0.0
+        fixed = self.host.fixed_s + load.host_s  # host seconds of a step without the routed request(s)
+        base = load.tokens_per_forward / (curve.latency(load.packed_tokens) + fixed) if load.running else 0.0
         n = 1 + load.arriving_auto  # this request and the AUTO ones starting with it, all in the mode weighed
-        lat_ref = curve.latency(load.packed_tokens + n * ref.step_tokens) + load.host_s + n * host[Mode.REFUSION]
-        lat_ar = curve.latency(load.packed_tokens + n * ar.step_tokens) + load.host_s + n * host[Mode.AR]
+        lat_ref = curve.latency(load.packed_tokens + n * ref.step_tokens) + fixed + n * host[Mode.REFUSION]
+        lat_ar = curve.latency(load.packed_tokens + n * ar.step_tokens) + fixed + n * host[Mode.AR]
         gain_ref = (load.tokens_per_forward + n * ref.tpf) / lat_ref - base
         gain_ar = (load.tokens_per_forward + n * ar.tpf) / lat_ar - base
         share = curve.compute_bound_share(load.packed_tokens + n * ref.step_tokens)
@@ -244,6 +249,7 @@ class Router:
             "latency_refusion_s": lat_ref,
             "latency_ar_s": lat_ar,
             "host_s": round(load.host_s, 6),
+            "host_fixed_s": round(self.host.fixed_s, 6),
             "host_refusion_s": round(host[Mode.REFUSION], 6),
             "host_ar_s": round(host[Mode.AR], 6),
             "throughput_now": round(base, 2),

@@ -253,11 +253,14 @@ class Scheduler:
             if budget <= 0:
                 req.skipped += 1
                 continue
+            host_start = time.thread_time()
             try:
                 segment = req.pending_segment or req.decoder.next_segment(budget)
             except Exception as exc:  # the decoder's own failure (a grammar dead end) ends its request only
                 plan.failed.append((req, exc))
                 continue
+            finally:
+                req.host_s = time.thread_time() - host_start  # this step's (routing.HostCost; KV preparation not included)
             if segment is None:
                 plan.done.append(req)
                 continue
@@ -301,7 +304,8 @@ class Scheduler:
             short = self.kv.shortfall(req, segment)
         return self.kv.grow(req, segment)
 
-    def load_snapshot(self, exclude: Request | None = None, arriving: list[Request] = ()) -> LoadSnapshot:
+    def load_snapshot(self, exclude: Request | None = None, arriving: list[Request] = (),
+                      together: list[Request] = ()) -> LoadSnapshot:
         """Packed tokens and tokens per forward the running batch produces per step (class averages).
 
         `arriving`: waiting requests about to start with the one being routed (a burst admitted in one
@@ -309,9 +313,12 @@ class Scheduler:
         (`arriving_auto`): the router weighs them in the mode it weighs for this request, as it
         will decide them alike. Without them a burst's first requests were routed on an idle engine's
         costs (on long outputs six of 16 went to ReFusion and slowed the batch until they switched);
-        counting them as AR instead left a burst of four in AR where four in ReFusion are faster."""
-        load, host = LoadSnapshot(), self.router.host.per_request()
-        members = [(r.mode, r) for r in self.running if r is not exclude and r.mode is not None]
+        counting them as AR instead left a burst of four in AR where four in ReFusion are faster.
+        `together`: running AUTO requests weighed with the one re-routed (mode_switch), counted in
+        `arriving_auto` instead of their class."""
+        load, host = LoadSnapshot(arriving_auto=len(together)), self.router.host.per_request()
+        apart = {id(r) for r in together} | {id(exclude)}
+        members = [(r.mode, r) for r in self.running if id(r) not in apart and r.mode is not None]
         for r in arriving:
             mode = r.pinned_mode or r.spec.mode
             if mode is Mode.AUTO:
@@ -362,8 +369,7 @@ class Scheduler:
                 return
             req.prefix_wait = None
             slot_free = len(self.running) + held_slots < self.config.max_running
-            # the requests behind it that may start in this step too: the router counts their load
-            arriving = self.waiting[i + 1:i + self.config.max_running - len(self.running) - held_slots]
+            arriving = self._arriving_with(i, held_slots, held_blocks)
             try:
                 started = slot_free and self._try_start(req, held_blocks, arriving)
             except Exception as exc:  # a decoder that cannot be built for this request: fail it alone
@@ -389,6 +395,20 @@ class Scheduler:
             else:
                 head = head or req
                 i += 1
+
+    def _arriving_with(self, i: int, held_slots: int, held_blocks: int) -> list[Request]:
+        """The waiting requests behind waiting[i] that may start in the same step (the router weighs
+        their load with its): as many as the free running slots and the KV left after waiting[i]
+        allow, in rank order (an estimate: a prefix hit or a prefix wait can change who starts)."""
+        slots = self.config.max_running - len(self.running) - held_slots - 1
+        room = self.kv_available("main") - held_blocks - self.waiting[i].kv_blocks
+        arriving = []
+        for req in self.waiting[i + 1:]:
+            if len(arriving) >= slots or req.kv_blocks > room:
+                break
+            arriving.append(req)
+            room -= req.kv_blocks
+        return arriving
 
     def _may_overtake(self, head: Request) -> bool:
         """Whether a later request may still start around `head`: only while `head` waits for blocks held

@@ -41,6 +41,9 @@ class SkewedClock:
     def perf_counter(self) -> float:
         return time.perf_counter()
 
+    def thread_time(self) -> float:
+        return time.thread_time()
+
     def advance(self, seconds: float) -> None:
         self.skew_s += seconds
 

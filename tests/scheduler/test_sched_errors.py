@@ -168,3 +168,25 @@ async def test_a_request_done_without_a_step_is_never_a_kv_victim():
     assert other[-1].finish_reason is FinishReason.LENGTH and len(ids_of(other)) == 4
     assert_idle(engine)
     await engine.stop()
+
+
+async def test_a_step_that_fails_before_anything_runs_ends_the_waiting_requests_instead_of_spinning():
+    # A fault in scheduling itself (here: every schedule() raises) left the waiting requests waiting and
+    # the loop retrying at full CPU forever. The second failure in a row ends them with the error.
+    engine, _ = make_engine(prefix_cache=False)
+    await engine.start()
+    schedule, calls = engine.scheduler.schedule, [0]
+
+    def broken():
+        calls[0] += 1
+        raise RuntimeError("scheduler bug")
+
+    engine.scheduler.schedule = broken
+    deltas = await asyncio.wait_for(collect(engine, req("a")), timeout=30)
+    assert deltas[-1].finish_reason is FinishReason.ERROR and "internal error" in deltas[-1].error
+    assert calls[0] == 2
+    engine.scheduler.schedule = schedule
+    after = await collect(engine, req("b"))
+    assert after[-1].finish_reason is FinishReason.LENGTH
+    assert_idle(engine)
+    await engine.stop()
