@@ -10,12 +10,13 @@ The router estimates, for the batch that would run with this request added in ea
 
     throughput(mode) = (sum of running requests' tokens per forward + tpf[mode])
                        / (latency(running packed tokens + step_tokens[mode])
-                          + running requests' host seconds + host[mode])
+                          + host per step + running requests' host seconds + host[mode])
     gain(mode)       = throughput(mode) - throughput of the running batch alone
 
-with latency() from the start-up calibration (`CostCurve`), host[] the per-request host CPU seconds per
-step beyond that forward measured live per decoder (`HostCost`, plus its fixed part per step), and tpf / step_tokens tracked live per request
-class (mode, priority) as ratios of exponentially decayed sums (priors until measured). It picks
+with latency() from the start-up calibration (`CostCurve`), the host terms (the engine thread's CPU
+seconds per step and per request of each decoder beyond that forward) measured live (`HostCost`), and
+tpf / step_tokens tracked live per request class (mode, priority) as ratios of exponentially decayed
+sums (priors until measured). It picks
 the mode whose gain beats the other's by more than `ar_margin` of it; within that margin (a near tie) it
 picks AR when the batch would be compute-bound, ReFusion otherwise. Compute-boundness only breaks ties:
 the curve already prices every packed token, and an override made the router pick AR against a
@@ -25,9 +26,9 @@ AUTO requests starting in the same step (a burst) are weighed together, all in o
 other: each alone would be decided on a batch without the others, and on a cost curve whose marginal
 cost falls with size (a CPU's, at small counts) one at a time never leaves AR where all together in
 ReFusion are faster.
-A running request re-routed at a block boundary switches only when the other mode's gain beats its
-own by `switch_margin` (hysteresis both ways: otherwise requests that decide on each other's load
-switch together and flap).
+A running request re-routed at a block boundary (scheduler/mode_switch.py) is weighed the same way with
+the running AUTO requests of its decoder, and switches only when the other mode's gain beats its own by
+`switch_margin` (hysteresis both ways).
 """
 
 from __future__ import annotations

@@ -260,7 +260,7 @@ class Scheduler:
                 plan.failed.append((req, exc))
                 continue
             finally:
-                req.host_s = time.thread_time() - host_start  # this step's (routing.HostCost; KV preparation not included)
+                req.host_s = time.thread_time() - host_start  # this step's, for routing.HostCost
             if segment is None:
                 plan.done.append(req)
                 continue
@@ -369,7 +369,7 @@ class Scheduler:
                 return
             req.prefix_wait = None
             slot_free = len(self.running) + held_slots < self.config.max_running
-            arriving = self._arriving_with(i, held_slots, held_blocks)
+            arriving = self._arriving_with(i, held_slots, held_blocks) if slot_free else []
             try:
                 started = slot_free and self._try_start(req, held_blocks, arriving)
             except Exception as exc:  # a decoder that cannot be built for this request: fail it alone
@@ -472,7 +472,8 @@ class Scheduler:
         step, counted in the load the route is decided on."""
         requested = req.pinned_mode or req.spec.mode
         route_key = req.route_key if requested is Mode.AUTO else None  # only AUTO requests can explore
-        decision = self.router.decide(requested, req.priority, self.load_snapshot(arriving=arriving), request_key=route_key)
+        load = self.load_snapshot(arriving=arriving)
+        decision = self.router.decide(requested, req.priority, load, request_key=route_key)
         key = "ar" if decision.mode is Mode.AR and "ar" in self.runners else "main"
         cache = self.prefix_cache if key == "main" else None
         # A request scoring its prompt computes every prompt row: it neither starts on cached blocks nor
