@@ -54,7 +54,8 @@ class RoutingConfig:
     compute_bound_share: the batch counts as compute-bound when the per-token part of the forward
         latency (slope * tokens) exceeds this share of the whole latency; a near tie then goes to AR.
     switch_margin: a running AUTO request re-routed at a block boundary switches mode only when the
-        other mode's estimated gain beats its current mode's by this fraction (hysteresis).
+        other mode's estimated gain beats its current mode's by this fraction (hysteresis); a repeated
+        request (same route key) leaves the decoder its last run had only so.
     explore_every: about one in this many light-load AUTO admissions takes the mode the router did
         not pick, so a mode's live estimates follow the traffic; 0 = never. Which ones is decided by a
         digest of the request (Request.route_key), so a repeated seeded or greedy request is treated

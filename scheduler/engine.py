@@ -214,7 +214,7 @@ class Engine:
         host_start = time.thread_time()  # this thread's CPU seconds: the step's host work (routing.HostCost)
         self._expire_deadlines(time.monotonic())
         plan = self.scheduler.schedule()
-        host_s = time.thread_time() - host_start
+        host_s = time.thread_time() - host_start - self.scheduler.admission_host_s
         for req, error in plan.failed:
             if isinstance(error, Exception):
                 self._fail(req, error)

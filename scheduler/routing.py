@@ -33,6 +33,7 @@ the running AUTO requests of its decoder, and switches only when the other mode'
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from scheduler.api import Mode, Priority
@@ -127,7 +128,8 @@ class HostCost:
     (time.thread_time) around that work, so another process's load on the machine does not enter it:
     a wall-clock fit of step time minus the curve swung from 0.1 to 70 ms per request on a contended
     machine and turned the router's choices at random. Ratios of exponentially decayed sums over routed
-    decode steps (`DECAY` per step, ~50 steps). A decoder not yet seen takes the other's cost."""
+    decode steps (`DECAY` per step with that decoder in it, ~50 steps). A decoder not yet seen takes
+    the other's cost."""
 
     DECAY = 0.98
 
@@ -141,11 +143,12 @@ class HostCost:
         """One decode step: (decoder, CPU seconds) of each request in it, and the CPU seconds of the
         whole step's host work (>= their sum; the rest is the fixed part)."""
         d = self.DECAY
-        for mode in self._sum:
+        present = {mode for mode, _ in per_request if mode in self._sum}
+        for mode in present:  # a decoder absent from the step keeps its estimate (no request, no news)
             self._sum[mode] *= d
             self._count[mode] *= d
         for mode, seconds in per_request:
-            if mode in self._sum:
+            if mode in present:
                 self._sum[mode] += seconds
                 self._count[mode] += 1.0
         self._fixed_sum = self._fixed_sum * d + max(0.0, step_s - sum(seconds for _, seconds in per_request))
@@ -183,18 +186,22 @@ class RouteDecision:
     """A routing outcome with every input, for logs and metrics."""
 
     mode: Mode
-    reason: str  # forced | refusion_faster | ar_faster | compute_bound | keep | explore
+    reason: str  # forced | refusion_faster | ar_faster | compute_bound | near_tie | keep | repeat | explore
     inputs: dict = field(default_factory=dict)
 
 
 class Router:
     """Chooses REFUSION or AR for AUTO requests (see module docstring)."""
 
+    REPEAT_MEMORY = 4096  # route keys whose last decoder is remembered (a repeated request keeps it)
+
     def __init__(self, config: RoutingConfig, curve: CostCurve):
         self.config = config
         self.curve = curve
         self._stats: dict[tuple[Mode, Priority], ClassStats] = {}
         self.host = HostCost()
+        # request key -> (mode, explored) of its last admission, the most recent REPEAT_MEMORY keys
+        self._routed: OrderedDict[int, tuple[Mode, bool]] = OrderedDict()
 
     def observe_step(self, per_request: list[tuple[Mode, float]], step_s: float) -> None:
         """Fold one decode step's host CPU seconds (per request by decoder, and the whole step's) into
@@ -266,22 +273,39 @@ class Router:
         elif share > self.config.compute_bound_share:
             mode, reason = Mode.AR, "compute_bound"  # a near tie: AR leaves the compute to the others
         else:
-            mode, reason = Mode.REFUSION, "refusion_faster"
-        if current is not None and mode is not current:
-            # Hysteresis: a running request leaves its mode only for a clear gain. Every running request
-            # re-decides on the load the others make, so without it they switch together and flap.
-            kept, other = (gain_ar, gain_ref) if current is Mode.AR else (gain_ref, gain_ar)
+            mode, reason = Mode.REFUSION, "near_tie"  # (fewer steps per token: lower latency for the request)
+        previous = self._routed.get(request_key) if current is None and request_key is not None else None
+        light = load.running + load.arriving_auto < self.config.explore_below_running
+        if previous is not None and previous[1] and light:  # an explored request repeated explores alike
+            return self._remember(request_key, RouteDecision(previous[0], "repeat", inputs))
+        anchor = current or (previous[0] if previous is not None else None)
+        if anchor is not None and mode is not anchor:
+            # Hysteresis: a running request leaves its mode only for a clear gain (every running request
+            # re-decides on the load the others make: without it they switch together and flap), and a
+            # request repeated (same route key: same prompt and parameters) keeps the decoder its last
+            # run had, so its text stays the same while the estimates drift by a few percent.
+            kept, other = (gain_ar, gain_ref) if anchor is Mode.AR else (gain_ref, gain_ar)
             if other <= kept + self.config.switch_margin * abs(kept):
-                mode, reason = current, "keep"
-        if (current is None and request_key is not None
-                and load.running + load.arriving_auto < self.config.explore_below_running):
+                mode, reason = anchor, ("keep" if current is not None else "repeat")
+        if current is None and request_key is not None and light:
             # The further behind the other mode is estimated, the rarer (and so cheaper) its exploration.
             gains = sorted((gain_ref, gain_ar)) if reason in ("ar_faster", "refusion_faster") else (1.0, 1.0)
             stretch = min(gains[1] / gains[0], self.config.explore_max_stretch) if gains[0] > 0 else 1.0
             inputs["explore_period"] = round(self.config.explore_every * max(stretch, 1.0), 1)
-            if self._explores(request_key, inputs["explore_period"]):
+            if previous is None and self._explores(request_key, inputs["explore_period"]):
                 mode, reason = (Mode.AR if mode is Mode.REFUSION else Mode.REFUSION), "explore"
-        return RouteDecision(mode, reason, inputs)
+        decision = RouteDecision(mode, reason, inputs)
+        return self._remember(request_key, decision) if current is None and request_key is not None else decision
+
+    def _remember(self, request_key: int, decision: RouteDecision) -> RouteDecision:
+        """Record the decoder an admitted AUTO request got, and whether by exploration, for its repeats."""
+        was_explored = self._routed.get(request_key, (None, False))[1]
+        explored = decision.reason == "explore" or (decision.reason == "repeat" and was_explored)
+        self._routed[request_key] = (decision.mode, explored)
+        self._routed.move_to_end(request_key)
+        while len(self._routed) > self.REPEAT_MEMORY:
+            self._routed.popitem(last=False)
+        return decision
 
     def _explores(self, request_key: int, period: float) -> bool:
         """Whether a light-load AUTO request takes the other mode: 1 in `period` of requests, chosen by

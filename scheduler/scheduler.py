@@ -120,6 +120,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._arrivals = 0
+        self.admission_host_s = 0.0  # engine-thread CPU seconds the last schedule() spent starting requests
 
     # ---- submit-time checks -------------------------------------------------------------------
     def add(self, spec, params, stream) -> Request:
@@ -244,7 +245,10 @@ class Scheduler:
         """Start waiting requests that fit, then ask running ones for their next segment under the
         budget and allocate its KV (see the module docstring)."""
         plan = StepPlan()
+        start = time.thread_time()
         self._start_waiting(plan)
+        # (admission is not a cost of the decode steps the router prices: routing.HostCost leaves it out)
+        self.admission_host_s = time.thread_time() - start
         budget = self.config.token_budget
         stuck = None  # the first request refused KV before anything else was planned, long enough
         for req in sorted(self.running, key=Request.rank_key):

@@ -75,7 +75,7 @@ def test_compute_bound_breaks_a_near_tie_toward_ar_and_nothing_more():
     # The same near tie on a batch that is not compute-bound goes to ReFusion.
     flat_tie = near_tie(FLAT, load)
     flat = router(FLAT, refusion_tpf_prior=flat_tie * 1.01).decide(Mode.AUTO, Priority.BATCH, load)
-    assert flat.inputs["compute_bound_share"] < 0.8 and flat.mode is Mode.REFUSION
+    assert flat.inputs["compute_bound_share"] < 0.8 and flat.mode is Mode.REFUSION and flat.reason == "near_tie"
 
 
 def test_heavy_load_past_the_knee_routes_to_ar_on_throughput():
@@ -381,3 +381,40 @@ async def test_a_burst_counts_only_the_requests_the_kv_cache_lets_start_with_it(
     first = next(e for e in logs if e["event"] == "route")
     assert first["arriving_auto"] == started - 1
     await engine.stop()
+
+
+def test_a_decoder_absent_from_the_steps_keeps_its_host_cost():
+    from scheduler.routing import HostCost
+
+    host = HostCost()
+    for _ in range(50):
+        host.add_step([(Mode.REFUSION, 0.003), (Mode.AR, 0.001)], 0.004)
+    for _ in range(2000):  # a long AR-only stretch says nothing about ReFusion's cost
+        host.add_step([(Mode.AR, 0.001)], 0.001)
+    assert host.per_request() == pytest.approx({Mode.REFUSION: 0.003, Mode.AR: 0.001})
+
+
+def test_a_repeated_request_keeps_its_decoder_while_the_estimates_drift_a_little():
+    # A re-test sent one greedy prompt 100 times to an idle server: 4 came back in ReFusion with another
+    # text, as AR's gain drifted by a few microseconds of host time across the 5% margin. A repeat (same
+    # route key) now keeps its last decoder unless the other's gain beats it by switch_margin (20%).
+    r = router(FLAT, explore_every=0, refusion_tpf_prior=0.9)  # AR's gain ~11% above ReFusion's
+    first = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), request_key=7)
+    assert first.mode is Mode.AR and first.reason == "ar_faster"
+    r.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 1.1  # now ReFusion's is ~10% above AR's
+    assert r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), request_key=8).mode is Mode.REFUSION  # a new one
+    again = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), request_key=7)
+    assert again.mode is Mode.AR and again.reason == "repeat"
+    r.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 1.5  # a clear change: the repeat follows it
+    moved = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), request_key=7)
+    assert moved.mode is Mode.REFUSION and moved.reason == "refusion_faster"
+
+
+def test_an_explored_request_repeated_on_a_light_load_explores_alike():
+    r = router(FLAT, explore_every=1)  # every light-load request explores: ReFusion is picked, AR taken
+    light, heavy = LoadSnapshot(), LoadSnapshot(packed_tokens=20, tokens_per_forward=20, running=20)
+    assert r.decide(Mode.AUTO, Priority.BATCH, light, request_key=3).reason == "explore"
+    r.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 4.0  # AR now far behind
+    repeat = r.decide(Mode.AUTO, Priority.BATCH, light, request_key=3)
+    assert repeat.mode is Mode.AR and repeat.reason == "repeat"
+    assert r.decide(Mode.AUTO, Priority.BATCH, heavy, request_key=3).mode is Mode.REFUSION  # not under load
