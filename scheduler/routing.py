@@ -232,9 +232,12 @@ class Router:
     def decide(self, requested: Mode, priority: Priority, load: LoadSnapshot, current: Mode | None = None,
                request_key: int | None = None) -> RouteDecision:
         """The mode for a request given the load of everything else; `current` is set when re-routing
-        a running request (it then switches only if the other mode is better by ar_margin).
+        a running request (it then switches only if the other mode's gain is larger by switch_margin).
         `request_key` (Request.route_key, a uniform 64-bit digest of what decides the request's
-        text) picks the requests that explore; without one a request never explores."""
+        text) picks the requests that explore and remembers the admission's decoder for repeats of the
+        same key (kept unless the other's gain is larger by switch_margin); without one a request never
+        explores. Reasons: forced, ar_faster, refusion_faster, compute_bound, near_tie, keep, repeat,
+        explore."""
         if requested is not Mode.AUTO:
             return RouteDecision(requested, "forced")
         ref, ar = self.stats_for(Mode.REFUSION, priority), self.stats_for(Mode.AR, priority)
