@@ -16,6 +16,8 @@ and the next one runs):
                  engine levels (what a step costs besides the model, on this machine's CPU and device)
     features     AR at the largest engine level with log probabilities, a frequency penalty, min_p
                  sampling, against plain: what those per-request options cost on the device
+    profile      torch.profiler over eager 1-token forwards, default and compiled layers: device kernels
+                 per forward, their summed time (what a graph replay cannot beat), the costliest kernels
 forward/engine/baselines share one random-weight model built on the device (workers.model.random_model;
 8B shape in bf16 on CUDA) and the shipped model's tokenizer (bench/gpu_check_parts.py says how ids of
 the larger random vocabulary are decoded). Targets of issue "CUDA fast path" stand beside the numbers:
@@ -67,10 +69,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
 from gpu_check_parts import (CONFIGS, FORWARD_VARIANTS, Row, Workbench, part_engine, part_features,  # noqa: E402
-                             part_forward, part_host)
+                             part_forward, part_host, part_profile)
 
 GPU_TESTS_MAX_S = 150
-PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency", "host", "features")
+PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency", "host", "features", "profile")
 # Per device type: defaults of the options left unset (the CPU ones make the dry run).
 DEFAULTS = {
     "cuda": {"config": "8b", "forward_tokens": [1, 8, 32, 128], "context": 256, "repeats": 10, "levels": [1, 8, 32],
@@ -106,7 +108,8 @@ def part_gpu_tests(bench: Workbench) -> tuple[dict, list[Row]]:
         raise PartSkipped("no CUDA")
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/gpu", f"--junitxml={report}"]
+        cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--show-capture=no", "--tb=short",
+               "tests/gpu", f"--junitxml={report}"]
         # At most a third of the default budget: on a fresh machine every compiled shape (flex, layer kernels)
         # is an inductor + Triton compile, and the 8B measurements after it hold the issue's targets.
         limit = max(30, min(GPU_TESTS_MAX_S, bench.time_left()))
@@ -121,17 +124,22 @@ def part_gpu_tests(bench: Workbench) -> tuple[dict, list[Row]]:
                                                          False)], f"timed out after {limit:.0f} s") from None
         if not report.is_file():
             raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
-        suites = ET.parse(report).getroot().iter("testsuite")
+        root = ET.parse(report).getroot()
         counts = {k: 0 for k in ("tests", "failures", "errors", "skipped")}
-        for suite in suites:
+        for suite in root.iter("testsuite"):
             for key in counts:
                 counts[key] += int(suite.get(key, 0))
+        failed = [{"test": f"{case.get('classname')}::{case.get('name')}", "message": (bad.get("message") or "")[:400],
+                   "text": (bad.text or "")[-2500:]}
+                  for case in root.iter("testcase") for bad in case if bad.tag in ("failure", "error")]
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    results = {**counts, "exit_code": proc.returncode, "output_tail": proc.stdout[-3000:]}
+    results = {**counts, "exit_code": proc.returncode, "failed": failed, "output_tail": proc.stdout[-3000:]}
     bad = counts["failures"] + counts["errors"]
     value = f"{counts['passed']} passed, {bad} failed, {counts['skipped']} skipped"
     if bad:
         rows = [Row("pytest tests/gpu", value, "all pass", False)]
+        rows += [Row(f"FAILED {f['test'].split('.')[-1]}", f["message"][:200].replace("|", "/").replace("\n", " "))
+                 for f in failed]
         raise PartFailed(results, rows, f"{bad} of {counts['tests']} failed")
     return results, [Row("pytest tests/gpu", value, "all pass", counts["skipped"] == 0)]
 
@@ -162,7 +170,7 @@ def part_concurrency(bench: Workbench) -> tuple[dict, list[Row]]:
 
 
 PARTS = {"gpu_tests": part_gpu_tests, "forward": part_forward, "engine": part_engine, "baselines": part_baselines,
-         "concurrency": part_concurrency, "host": part_host, "features": part_features}
+         "concurrency": part_concurrency, "host": part_host, "features": part_features, "profile": part_profile}
 
 
 def run_part(bench: Workbench, name: str) -> dict:

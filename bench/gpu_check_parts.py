@@ -3,6 +3,8 @@
     forward    bench/forward_latency.py's measurement: ms per batch-1 forward vs the weight-read floor
     engine     scheduler.engine.Engine, AR and ReFusion, at each concurrency level (bench/concurrency.py's
                run_level): tokens/s, tokens per forward, median ITL, ms per engine step
+    profile    torch.profiler over eager forwards: device kernels per forward and their summed time
+    features, host   (below)
 
 Each part returns (results for the JSON, table rows). The model is built once, on the device, by
 workers.model.random_model (bench/gpu_check_baselines.py gives transformers the same tensors). Prompts
@@ -338,3 +340,50 @@ def part_host(bench: Workbench) -> tuple[dict, list[Row]]:
         Row(f"engine host time, {r['mode']}, {r['requests']} request(s)",
             f"{r['ms_per_step']:.2f} ms/step ({r['runner_ms']:.2f} in runner.execute, {r['outside_ms']:.2f} outside)")
         for r in rows]
+
+
+# ---- part: profile ---------------------------------------------------------------------------------
+PROFILE_VARIANTS = ("default", "compiled")  # eager: a graph replays the same kernels, one launch
+
+
+def part_profile(bench: Workbench) -> tuple[dict, list[Row]]:
+    """torch.profiler over `repeats` eager forwards of 1 query token after `context` cached tokens, per
+    variant in PROFILE_VARIANTS (compiled: the fused layer kernels): device kernels per forward, their
+    summed device time per forward (busy ms: what a CUDA graph replay of that step cannot beat; the gap
+    between it and a replay's time is the launch gaps a graph leaves) and the kernels taking most time.
+    On the CPU (dry run) the leaf operators stand in for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from workers.batch import Segment
+    from workers.session import RunnerSession
+
+    args, model = bench.args, bench.model()
+    cuda = bench.device.type == "cuda"
+    results, rows, repeats = {}, [], 3
+    for variant in PROFILE_VARIANTS:
+        if bench.time_left() <= 0:
+            rows.append(Row(f"profile [{variant}]", "skipped: --budget-s spent"))
+            continue
+        runner = ModelRunner.from_model(model, mask_token_id=bench.cfg.mask_token_id,
+                                        num_blocks=args.context // 16 + 4, **FORWARD_VARIANTS[variant])
+        session = RunnerSession(runner)
+        session.execute([Segment("bench", 0, [5] * args.context, list(range(args.context)), args.context)])
+        forward_latency.time_forward(session, args.context, 1, 1)  # compiles, warms; the profile below is warm
+        activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
+            forward_latency.time_forward(session, args.context, 1, repeats)
+        kernels = [e for e in prof.events() if (e.device_type.name == "CUDA") == cuda and (cuda or not e.cpu_children)]
+        total_us: dict[str, float] = {}
+        for e in kernels:
+            total_us[e.name] = total_us.get(e.name, 0.0) + e.time_range.elapsed_us()
+        runs = repeats + 2  # time_forward's two warm-ups run inside the profile too
+        busy_ms = sum(total_us.values()) / runs / 1e3
+        top = sorted(total_us.items(), key=lambda kv: -kv[1])[:12]
+        results[variant] = {"kernels_per_forward": len(kernels) / runs, "busy_ms_per_forward": busy_ms,
+                            "top": [{"name": n[:120], "ms_per_forward": us / runs / 1e3} for n, us in top]}
+        rows.append(Row(f"profile [{variant}], 1 query token, eager",
+                        f"{len(kernels) / runs:.0f} {'kernels' if cuda else 'leaf ops'} per forward, busy "
+                        f"{busy_ms:.2f} ms per forward; top: " + ", ".join(f"{n[:40]} {us / runs / 1e3:.2f} ms"
+                                                                          for n, us in top[:4])))
+        del runner, session
+    return results, rows

@@ -11,8 +11,17 @@ launch instead of a few thousand kernel launches, which is what bounds a small-b
 (nano-vllm and vLLM capture per batch-size bucket the same way).
 
 Replaying writes the same K/V the eager step would (the graph reads the KV tensors the runner owns; they
-never move), and returns the graph's own output tensors, overwritten by the next replay: the runner
-copies them to the host before it packs the next step.
+never move), and returns the graph's own `values` tensor, overwritten by the next replay: the runner
+copies it to the host before it packs the next step. A graph keeps no logits: its [R, V] float32 rows
+(155 MB for 256 rows of a 151,936-token vocabulary) are freed when its capture ends, so the graphs of
+one StepGraphs, which share one memory pool and replay one at a time, reuse that memory. A step that
+reads logits rows (tests and debugging) runs eagerly (`eager`). Measured on an H200 with the 8B shape
+(docs/benchmarks.md): with the logits kept, 60 start-up graphs took 4.6 GB and the memory budget left
+the other layouts eager.
+
+Each StepGraphs owns its memory pool (`CudaCapture`). One pool shared by every runner of a process was
+wrong: once a dropped runner's graphs had released it, the next capture into it failed PyTorch's
+allocator assertion `use_count > 0` (seen on an H200, torch 2.11, when a second runner was built).
 
 Admission (`GraphPolicy`): layouts with at most `max_tokens` tokens (small steps are launch-bound; large
 ones are compute-bound, where a graph gains nothing), at most `max_graphs` graphs, and captures stop
@@ -98,12 +107,11 @@ def startup_steps(policy: GraphPolicy, block_size: int, max_context: int) -> lis
 
 @dataclass
 class CapturedStep:
-    """A captured step: feed `input` (static buffer), `replay()`, read `values` / `logits`."""
+    """A captured step: feed `input` (static buffer), `replay()`, read `values`."""
 
     input: torch.Tensor
     replay: Callable[[], None]
     values: torch.Tensor
-    logits: torch.Tensor
 
 
 Capture = Callable[[StepFn, tuple, torch.Tensor, StepLayout], tuple[CapturedStep, tuple[torch.Tensor, torch.Tensor]]]
@@ -115,7 +123,7 @@ class StepGraphs:
     def __init__(self, step_fn: StepFn, policy: GraphPolicy | None = None, capture: Capture | None = None):
         self.step_fn = step_fn
         self.policy = policy or GraphPolicy()
-        self._capture = capture or cuda_capture
+        self._capture = capture or CudaCapture()
         self.graphs: dict[StepLayout, CapturedStep] = {}
         self.capture_s = 0.0
         self.bytes_used = 0
@@ -123,22 +131,29 @@ class StepGraphs:
         self.eager_steps = 0
         self.startup: dict | None = None  # {"graphs", "seconds", "bytes"} once start-up capture ran
 
-    def __call__(self, model, kv, buffer: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, model, kv, buffer: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(values, logits) as step_forward's; logits is None when the step replayed a graph (graphs keep
+        none: use `eager` for a step that reads logits rows)."""
         graph = self.graphs.get(layout)
         if graph is not None:
             graph.input.copy_(buffer)
             graph.replay()
             self.replays += 1
-            return graph.values, graph.logits
+            return graph.values, None
         if not self.policy.admits(layout, len(self.graphs), self.bytes_used):
-            self.eager_steps += 1
-            return self.step_fn(model, kv, buffer, layout)
+            return self.eager(model, kv, buffer, layout)
         start, before = time.perf_counter(), _reserved(buffer.device)
         graph, outputs = self._capture(self.step_fn, (model, kv), buffer, layout)
         self.bytes_used += max(0, _reserved(buffer.device) - before)
         self.capture_s += time.perf_counter() - start
         self.graphs[layout] = graph
         return outputs
+
+    def eager(self, model, kv, buffer: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step run eagerly, graphs aside (counted in `eager_steps`): for a layout not admitted, and for
+        a step that reads logits rows."""
+        self.eager_steps += 1
+        return self.step_fn(model, kv, buffer, layout)
 
     def stats(self) -> dict:
         """For /v1/engine: graphs held, capture seconds and bytes (all captures), replayed and eager steps,
@@ -152,25 +167,31 @@ def _reserved(device: torch.device) -> int:
     return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
 
 
-_POOLS: dict[int, object] = {}  # one graph memory pool per device: graphs replay one at a time
+class CudaCapture:
+    """The real capture (torch.cuda.CUDAGraph) into one memory pool of its own, made at the first capture
+    and shared by every graph this instance captures (they replay one at a time)."""
 
+    def __init__(self):
+        self.pool = None
 
-def cuda_capture(step_fn: StepFn, state: tuple, buffer: torch.Tensor,
+    def __call__(self, step_fn: StepFn, state: tuple, buffer: torch.Tensor,
                  layout: StepLayout) -> tuple[CapturedStep, tuple[torch.Tensor, torch.Tensor]]:
-    """Run the step once eagerly on a side stream (its real execution; cuBLAS and friends set up their
-    workspaces there, as CUDA graph capture requires), then capture it reading a static copy of `buffer`.
-    Returns the captured step and the eager run's outputs."""
-    model, kv = state
-    pool = _POOLS.setdefault(buffer.device.index or 0, torch.cuda.graph_pool_handle())
-    static = buffer.clone()
-    side = torch.cuda.Stream(device=buffer.device)
-    side.wait_stream(torch.cuda.current_stream(buffer.device))
-    with torch.cuda.stream(side):
-        outputs = step_fn(model, kv, static, layout)
-    # The eager outputs were made on the side stream and are read on the current one, which waits for it
-    # here; the runner copies them to the host before anything can reuse their memory.
-    torch.cuda.current_stream(buffer.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        values, logits = step_fn(model, kv, static, layout)
-    return CapturedStep(static, graph.replay, values, logits), outputs
+        """Run the step once eagerly on a side stream (its real execution; cuBLAS and friends set up their
+        workspaces there, as CUDA graph capture requires), then capture it reading a static copy of
+        `buffer`, keeping its values only (its logits' memory returns to the pool). Returns the captured
+        step and the eager run's outputs (values, logits)."""
+        model, kv = state
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        static = buffer.clone()
+        side = torch.cuda.Stream(device=buffer.device)
+        side.wait_stream(torch.cuda.current_stream(buffer.device))
+        with torch.cuda.stream(side):
+            outputs = step_fn(model, kv, static, layout)
+        # The eager outputs were made on the side stream and are read on the current one, which waits for
+        # it here; the runner copies them to the host before anything can reuse their memory.
+        torch.cuda.current_stream(buffer.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            values, _ = step_fn(model, kv, static, layout)
+        return CapturedStep(static, graph.replay, values), outputs

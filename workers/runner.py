@@ -202,8 +202,11 @@ class ModelRunner:
         """Upload, run and read back a packed step: values [2, R] ([4 + 2K, R] with log probabilities) and
         logits rows (when asked for)."""
         buffer = self._uploader.upload(step.buffer)
+        step_fn = self.step_fn
+        if step.wants_logits and isinstance(step_fn, StepGraphs):
+            step_fn = step_fn.eager  # graphs keep no logits rows (workers.graphs)
         with torch.inference_mode():
-            values, logits = self.step_fn(self.model, self.kv, buffer, step.layout)
+            values, logits = step_fn(self.model, self.kv, buffer, step.layout)
             host = values.cpu().numpy()  # the one device -> host transfer (logits: tests only)
             host_logits = logits.cpu().numpy() if step.wants_logits else None
         return host, host_logits

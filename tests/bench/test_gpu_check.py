@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_check  # noqa: E402
 
-PARTS = ["gpu_tests", "forward", "engine", "baselines", "concurrency", "host", "features"]
+PARTS = ["gpu_tests", "forward", "engine", "baselines", "concurrency", "host", "features", "profile"]
 
 
 def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
@@ -53,6 +53,9 @@ def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
     features = parts["features"]["results"]  # AR with per-request options against plain
     assert set(features) == {"plain", "logprobs 5", "frequency_penalty 1", "min_p 0.05, T 0.8"}
     assert all(r["tok_s"] > 0 and r["requests"] == 2 for r in features.values())
+    profiled = parts["profile"]["results"]  # eager forwards under torch.profiler (leaf operators on the CPU)
+    assert set(profiled) == {"default", "compiled"}
+    assert all(p["kernels_per_forward"] > 10 and p["busy_ms_per_forward"] > 0 and p["top"] for p in profiled.values())
 
     # Float32 on the CPU, same tensors: the engine's ReFusion equals the spec oracle on transformers token
     # for token and forward for forward (as tests/decoding/test_refusion_oracle.py holds). AR is not

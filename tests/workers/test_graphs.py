@@ -24,19 +24,17 @@ from workers.step import step_forward  # noqa: E402
 
 
 def recording_capture(step_fn, state, buffer, layout):
-    """Like workers.graphs.cuda_capture: one real eager run, then a 'graph' whose replay recomputes from
-    its static input into fixed output tensors."""
+    """Like workers.graphs.CudaCapture: one real eager run, then a 'graph' whose replay recomputes from
+    its static input into a fixed values tensor (no logits, as a real graph keeps none)."""
     model, kv = state
     static = buffer.clone()
     outputs = step_fn(model, kv, static, layout)
-    values, logits = torch.empty_like(outputs[0]), torch.empty_like(outputs[1])
+    values = torch.empty_like(outputs[0])
 
     def replay():
-        v, lg = step_fn(model, kv, static, layout)
-        values.copy_(v)
-        logits.copy_(lg)
+        values.copy_(step_fn(model, kv, static, layout)[0])
 
-    return CapturedStep(static, replay, values, logits), outputs
+    return CapturedStep(static, replay, values), outputs
 
 
 @pytest.fixture()
@@ -84,12 +82,24 @@ def test_admission_bounds(runners):
     session = RunnerSession(graphed)
     session.execute([segment("long", 0, list(range(3, 40)), reads=Reads())])  # 37 tokens: T bucket 64 > 16
     assert graphs.eager_steps == 1 and not graphs.graphs
-    session.execute([segment("long", 37, [41])])
-    session.execute([segment("x", 0, [3, 4]), segment("y", 0, [5, 6]), segment("z", 0, [7, 8]),
-                     segment("w", 0, [9, 10]), segment("v", 0, [11, 12])])  # a second layout: over max_graphs
-    assert len(graphs.graphs) == 1 and graphs.eager_steps == 2
+    argmax = Reads(argmax=(0,))
+    session.execute([segment("long", 37, [41], reads=argmax)])
+    session.execute([segment(s, 0, [t, t + 1], reads=argmax) for s, t in zip("xyzwv", range(3, 13, 2))])
+    assert len(graphs.graphs) == 1 and graphs.eager_steps == 2  # the second layout: over max_graphs
     graphs.policy = GraphPolicy(memory_budget_bytes=0)
     assert not graphs.policy.admits(next(iter(graphs.graphs)), 0, 0)
+
+
+def test_a_step_reading_logits_runs_eagerly(runners):
+    """Graphs keep no logits rows (their memory returns to the pool): a step that reads them runs eagerly,
+    with the eager runner's logits, and captures nothing."""
+    eager, graphed = runners
+    seg = segment("a", 0, [5, 6, 7])  # logits reads on every row
+    [got] = RunnerSession(graphed).execute([seg])
+    [want] = RunnerSession(eager).execute([seg])
+    assert graphed.step_fn.eager_steps == 1 and not graphed.step_fn.graphs
+    assert len(got.logits) == 3
+    torch.testing.assert_close(torch.tensor(got.logits), torch.tensor(want.logits))
 
 
 def test_cuda_graphs_option_needs_cuda(tiny_model_dir):
