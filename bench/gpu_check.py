@@ -4,7 +4,7 @@ Parts (`--parts`: default all, in this order; given, in the order given; each on
 and the next one runs):
     gpu_tests    `pytest tests/gpu` in a subprocess: pass / fail / skip counts (on CPU: skipped, no CUDA)
     forward      bench/forward_latency.py's measurement at 1/8/32/128 query tokens vs the weight-read floor,
-                 per runner variant (--forward-variants): default (sdpa attention), flex (the paged cache
+                 per runner variant (--forward-variants): eager (sdpa attention), flex (the paged cache
                  read in place, workers/attention_flex.py), graphs (cuda_graphs, workers/graphs.py),
                  compiled (compile_layers: fused kernels around attention, workers.model), and combinations
     engine       the engine, AR and ReFusion, at 1/8/32 concurrent requests: tok/s, tok/forward, ITL p50;
@@ -16,7 +16,7 @@ and the next one runs):
                  engine levels (what a step costs besides the model, on this machine's CPU and device)
     features     AR at the largest engine level with log probabilities, a frequency penalty, min_p
                  sampling, against plain: what those per-request options cost on the device
-    profile      torch.profiler over eager 1-token forwards, default and compiled layers: device kernels
+    profile      torch.profiler over eager 1-token forwards, plain and compiled layers: device kernels
                  per forward, their summed time (what a graph replay cannot beat), the costliest kernels
 forward/engine/baselines share one random-weight model built on the device (workers.model.random_model;
 8B shape in bf16 on CUDA) and the shipped model's tokenizer (bench/gpu_check_parts.py says how ids of
@@ -76,11 +76,11 @@ PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency", "hos
 # Per device type: defaults of the options left unset (the CPU ones make the dry run).
 DEFAULTS = {
     "cuda": {"config": "8b", "forward_tokens": [1, 8, 32, 128], "context": 256, "repeats": 10, "levels": [1, 8, 32],
-             "forward_variants": ["default", "flex", "graphs", "flex+graphs", "compiled", "compiled+graphs",
-                                  "flex+compiled+graphs"],
+             # flex+graphs variants are left out: flex compiles once per layout, so start-up capture takes minutes
+             "forward_variants": ["eager", "flex", "graphs", "compiled+graphs"],
              "gen_length": 128, "concurrency_args": "--levels 1,8,32 --rounds 1 --requests 8 --gen-length 64"},
     "cpu": {"config": "tiny", "forward_tokens": [1, 8], "context": 32, "repeats": 3, "levels": [1, 2],
-            "forward_variants": ["default", "flex"],
+            "forward_variants": ["eager", "flex"],
             "gen_length": 32, "concurrency_args": "--levels 1,2 --rounds 1 --requests 2 --gen-length 64 "
                                                   "--token-budget 64 --num-blocks 256"},
 }
@@ -247,9 +247,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--forward-tokens", type=_ints, help="query tokens per forward (default 1,8,32,128)")
     parser.add_argument("--context", type=int, help="cached tokens before the timed forwards (default 256)")
     parser.add_argument("--forward-variants", type=lambda s: s.split(","),
-                        help="runner variants of the forward part: default, flex (attention), graphs (cuda_graphs), "
+                        help="runner variants of the forward part: eager, flex (attention), graphs (cuda_graphs), "
                              "compiled (compile_layers) and the combinations in gpu_check_parts.FORWARD_VARIANTS "
-                             "(default on CUDA: all; on CPU: default,flex)")
+                             "(default on CUDA: eager,flex,graphs,compiled+graphs; on CPU: eager,flex)")
     parser.add_argument("--repeats", type=int, help="timed forwards per token count (default 10)")
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
     parser.add_argument("--levels", type=_ints, help="engine concurrency levels (default 1,8,32)")

@@ -103,14 +103,14 @@ class Workbench:
 
     def engine_variant(self) -> str:
         """The forward variant the engine and baselines parts run: --engine-variant, or with "fastest" the
-        variant whose forward part medians summed over the token counts are lowest ("default" when the
+        variant whose forward part medians summed over the token counts are lowest ("eager" when the
         forward part did not run or no variant measured). Fixed at the first call."""
         def choose() -> str:
             if self.args.engine_variant != "fastest":
                 return self.args.engine_variant
             sums = {name: sum(t["median_ms"] for t in found["tokens"].values())
                     for name, found in self.forward_results.items() if found.get("tokens")}
-            return min(sums, key=sums.get) if sums else "default"
+            return min(sums, key=sums.get) if sums else "eager"
         return self.shared("engine_variant", choose)
 
     def engine_runner(self) -> ModelRunner:
@@ -131,9 +131,12 @@ class Workbench:
 
 
 # ---- part: forward ---------------------------------------------------------------------------------
-FORWARD_VARIANTS = {"default": {}, "flex": {"attention": "flex"}, "graphs": {"cuda_graphs": True},
-                    "flex+graphs": {"attention": "flex", "cuda_graphs": True},
-                    "compiled": {"compile_layers": True}, "compiled+graphs": {"compile_layers": True, "cuda_graphs": True},
+# Every option named: the runner's defaults on CUDA are compile_layers and cuda_graphs on (workers.runner).
+_EAGER = {"attention": "sdpa", "cuda_graphs": False, "compile_layers": False}
+FORWARD_VARIANTS = {"eager": _EAGER, "flex": {**_EAGER, "attention": "flex"}, "graphs": {**_EAGER, "cuda_graphs": True},
+                    "flex+graphs": {**_EAGER, "attention": "flex", "cuda_graphs": True},
+                    "compiled": {**_EAGER, "compile_layers": True},
+                    "compiled+graphs": {**_EAGER, "compile_layers": True, "cuda_graphs": True},
                     "flex+compiled+graphs": {"attention": "flex", "compile_layers": True, "cuda_graphs": True}}
 
 
@@ -343,7 +346,7 @@ def part_host(bench: Workbench) -> tuple[dict, list[Row]]:
 
 
 # ---- part: profile ---------------------------------------------------------------------------------
-PROFILE_VARIANTS = ("default", "compiled")  # eager: a graph replays the same kernels, one launch
+PROFILE_VARIANTS = ("eager", "compiled")  # eager: a graph replays the same kernels, one launch
 
 
 def part_profile(bench: Workbench) -> tuple[dict, list[Row]]:

@@ -75,7 +75,7 @@ class ModelRunner:
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | None = None,
                  block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
-                 cuda_graphs: bool | dict = False, attention: str = "sdpa", compile_layers: bool = False):
+                 cuda_graphs: bool | dict | None = None, attention: str = "sdpa", compile_layers: bool | None = None):
         """Load a Qwen3 HF directory (workers.loader; errors are ModelDirError).
 
         dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA. device: default cuda when
@@ -83,12 +83,15 @@ class ModelRunner:
         holds, or a device default (workers.kv_cache); one scratch block comes on top. cuda_graphs: True
         or workers.graphs.GraphPolicy fields (max_tokens, max_graphs, memory_budget_bytes, startup_*) to
         replay steps from CUDA graphs per layout, the common ones captured here (capture_startup_graphs);
-        off by default until measured on a GPU. Raises ValueError for cuda_graphs on a device that is not
-        CUDA or a GraphPolicy field out of range. attention: "sdpa" (workers.attention: gathers each
-        sequence's context; portable, the default) or "flex" (workers.attention_flex: reads the paged
-        cache in place; for CUDA, unmeasured so far); ValueError for another name. compile_layers: run
-        the work around attention (norms, residual adds, RoPE, SwiGLU) through torch.compile
-        (workers.model.compiled_kernels: fused kernels); off by default until measured on a GPU.
+        False runs every step eagerly. Raises ValueError for cuda_graphs on a device that is not CUDA or
+        a GraphPolicy field out of range. attention: "sdpa" (workers.attention: gathers each sequence's
+        context; the default, faster than flex on an H200) or "flex" (workers.attention_flex: reads the
+        paged cache in place); ValueError for another name. compile_layers: run the work around attention
+        (norms, residual adds, RoPE, SwiGLU) through torch.compile (workers.model.compiled_kernels: fused
+        Triton kernels, which need Triton's C compiler at the first step); False keeps them eager.
+        cuda_graphs and compile_layers left None are on for CUDA and off elsewhere, as vLLM compiles and
+        captures unless told --enforce-eager: on an H200 with the 8B shape they took a batch-1 forward
+        from 35 ms to 7.5 ms (docs/benchmarks.md), for about 25 s of compile and capture at start-up.
         """
         device, dtype = _device_and_dtype(device, dtype)
         model_dir = Path(model_dir)
@@ -106,14 +109,17 @@ class ModelRunner:
     @classmethod
     def from_model(cls, model: Qwen3, *, mask_token_id: int, tokenizer=None, block_size: int = 16,
                    num_blocks: int | None = None, kv_memory_bytes: int | None = None,
-                   cuda_graphs: bool | dict = False, attention: str = "sdpa", fuse_projections: bool = True,
-                   compile_layers: bool = False) -> ModelRunner:
+                   cuda_graphs: bool | dict | None = None, attention: str = "sdpa", fuse_projections: bool = True,
+                   compile_layers: bool | None = None) -> ModelRunner:
         """A runner over an already built model (benchmarks: `workers.model.random_model`); no directory.
         fuse_projections: merge q/k/v and gate/up weights (Qwen3.fuse_projections), as loading does;
-        False keeps the model's tensors shared with whoever else holds them (a baseline on the same weights);
-        ValueError with compile_layers (the compiled functions take the merged weights)."""
+        False keeps the model's tensors shared with whoever else holds them (a baseline on the same weights)
+        and leaves compile_layers off by default; ValueError with compile_layers=True (the compiled
+        functions take the merged weights). Other options as the constructor's."""
         if fuse_projections:
             model.fuse_projections()
+        elif compile_layers is None:
+            compile_layers = False
         elif compile_layers:
             raise ValueError("compile_layers: the compiled layer functions take merged projections; "
                              "keep fuse_projections=True or drop compile_layers")
@@ -123,11 +129,14 @@ class ModelRunner:
         return runner
 
     def _setup(self, model: Qwen3, tokenizer, mask_id: int, block_size: int, num_blocks: int | None,
-               kv_memory_bytes: int | None, cuda_graphs: bool | dict = False, attention: str = "sdpa",
-               compile_layers: bool = False) -> None:
+               kv_memory_bytes: int | None, cuda_graphs: bool | dict | None = None, attention: str = "sdpa",
+               compile_layers: bool | None = None) -> None:
         config, weight = model.cfg, model.lm_head.weight
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype = weight.device, weight.dtype
+        on_cuda = self.device.type == "cuda"  # the defaults (constructor docstring)
+        cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        compile_layers = on_cuda if compile_layers is None else compile_layers
         n = blocks_for_budget(config, block_size, self.dtype, self.device, num_blocks, kv_memory_bytes)
         self.kv = PagedKVCache(config, n + 1, block_size, self.dtype, self.device)  # + the scratch block
         self.scratch_block = n

@@ -30,7 +30,7 @@ def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
         assert parts[name]["status"] == "passed", (name, parts[name].get("error"))
 
     forward = parts["forward"]["results"]
-    assert forward["floor_ms"] > 0 and set(forward["variants"]) == {"default", "flex"}  # the CPU variants
+    assert forward["floor_ms"] > 0 and set(forward["variants"]) == {"eager", "flex"}  # the CPU variants
     for variant in forward["variants"].values():
         assert set(variant["tokens"]) == {"1", "8"}
         assert all(t["median_ms"] > 0 and t["over_floor"] > 0 for t in variant["tokens"].values())
@@ -54,7 +54,7 @@ def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
     assert set(features) == {"plain", "logprobs 5", "frequency_penalty 1", "min_p 0.05, T 0.8"}
     assert all(r["tok_s"] > 0 and r["requests"] == 2 for r in features.values())
     profiled = parts["profile"]["results"]  # eager forwards under torch.profiler (leaf operators on the CPU)
-    assert set(profiled) == {"default", "compiled"}
+    assert set(profiled) == {"eager", "compiled"}
     assert all(p["kernels_per_forward"] > 10 and p["busy_ms_per_forward"] > 0 and p["top"] for p in profiled.values())
 
     # Float32 on the CPU, same tensors: the engine's ReFusion equals the spec oracle on transformers token
@@ -125,10 +125,10 @@ def test_forward_variants_past_the_budget_are_skipped(tmp_path, monkeypatch):
     left = iter([100.0])  # main's check before the part; every later look finds the budget spent
     monkeypatch.setattr(gpu_check.Workbench, "time_left", lambda self: next(left, 0.0))
     out = tmp_path / "report.json"
-    assert gpu_check.main(["--device", "cpu", "--parts", "forward", "--forward-variants", "default,flex",
+    assert gpu_check.main(["--device", "cpu", "--parts", "forward", "--forward-variants", "eager,flex",
                            "--json", str(out)]) == 0
     forward = json.loads(out.read_text())["parts"]["forward"]
-    assert forward["results"]["variants"] == {"default": {"skipped": "time budget spent"},
+    assert forward["results"]["variants"] == {"eager": {"skipped": "time budget spent"},
                                               "flex": {"skipped": "time budget spent"}}
     assert [r["value"] for r in forward["rows"][1:]] == ["skipped: --budget-s spent"] * 2
 
@@ -144,7 +144,7 @@ def test_unknown_engine_variant_is_refused(capsys):
 
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--device", "cpu", "--engine-variant", "turbo"])
-    assert "--engine-variant turbo: choose fastest or one of default,flex" in capsys.readouterr().err
+    assert "--engine-variant turbo: choose fastest or one of eager,flex" in capsys.readouterr().err
 
 
 def test_gpu_tests_past_their_time_limit_fail_with_the_output_tail(monkeypatch):

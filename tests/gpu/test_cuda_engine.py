@@ -32,11 +32,11 @@ PARAMS = {  # ReFusion: blocks of 16 tokens, 4 slots of 4: parallel plans, verif
     Mode.REFUSION: {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 2, "temperature": 0.0,
                     "slot_threshold": 0.05, "token_threshold": 0.01},
 }
-VARIANTS = {
-    "eager": {},
-    "graphs": {"cuda_graphs": True},
+VARIANTS = {  # every option named: on CUDA the runner's defaults are compiled layers and graphs
+    "eager": {"cuda_graphs": False, "compile_layers": False},
+    "graphs": {"cuda_graphs": True, "compile_layers": False},
     "compiled+graphs": {"cuda_graphs": True, "compile_layers": True},
-    "flex+graphs": {"attention": "flex", "cuda_graphs": True},
+    "flex+graphs": {"attention": "flex", "cuda_graphs": True, "compile_layers": False},
 }
 
 

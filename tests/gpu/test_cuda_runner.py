@@ -22,6 +22,10 @@ from workers.runner import ModelRunner  # noqa: E402
 from workers.session import RunnerSession  # noqa: E402
 from workers.step import step_forward  # noqa: E402
 
+# Runners here are eager unless a test names graphs or compiled layers (the CUDA defaults turn both on:
+# test_defaults_pick_cuda_bf16_graphs_and_compiled_layers)
+EAGER = {"cuda_graphs": False, "compile_layers": False}
+
 
 def _mixed_batch(session, mask_id: int):
     """Prefill two sequences, then one step with a decode step, a dropped plan and branches."""
@@ -34,14 +38,19 @@ def _mixed_batch(session, mask_id: int):
     ])
 
 
-def test_defaults_pick_cuda_bf16(tiny_model_dir):
+def test_defaults_pick_cuda_bf16_graphs_and_compiled_layers(tiny_model_dir):
     runner = ModelRunner(tiny_model_dir, num_blocks=32)
     assert runner.device.type == "cuda" and runner.dtype == torch.bfloat16
     assert runner.kv.k[0].is_cuda and runner.kv.k[0].shape[0] == 33  # + the scratch block
+    stats = runner.stats()
+    assert stats["compile_layers"] and stats["cuda_graphs"]["startup"]["graphs"] > 0, stats
+    seqs = {"a": list(range(5, 35)), "b": [7]}  # float32: the defaults' tokens equal the eager runner's
+    assert _greedy_decode_tokens(tiny_model_dir, seqs, cuda_graphs=None, compile_layers=None) == \
+        _greedy_decode_tokens(tiny_model_dir, seqs)
 
 
 def test_float32_cuda_matches_transformers(tiny_model_dir):
-    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=32)
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=32, **EAGER)
     session = RunnerSession(runner)
     ra, rb, rc = _mixed_batch(session, runner.info.mask_token_id)
     mask = runner.info.mask_token_id
@@ -56,7 +65,7 @@ def test_float32_cuda_matches_transformers(tiny_model_dir):
 def test_bf16_is_close_to_float32(tiny_model_dir):
     outputs = {}
     for dtype in (torch.float32, torch.bfloat16):
-        runner = ModelRunner(tiny_model_dir, device="cuda", dtype=dtype, block_size=4, num_blocks=32)
+        runner = ModelRunner(tiny_model_dir, device="cuda", dtype=dtype, block_size=4, num_blocks=32, **EAGER)
         results = _mixed_batch(RunnerSession(runner), runner.info.mask_token_id)
         outputs[dtype] = torch.cat([result_logits(r) for r in results])
     assert (outputs[torch.float32] - outputs[torch.bfloat16]).abs().max() < 0.5
@@ -70,7 +79,7 @@ def test_uniforms_are_identical_on_cpu_and_cuda():
 
 
 def test_gumbel_draws_do_not_depend_on_the_batch_on_cuda(tiny_model_dir):
-    session = RunnerSession(ModelRunner(tiny_model_dir, device="cuda", num_blocks=32))
+    session = RunnerSession(ModelRunner(tiny_model_dir, device="cuda", num_blocks=32, **EAGER))
     sampling = Sampling(temperature=1.0, seed=5, gumbel=True, step=2)
     reads = Reads(argmax=(0, 1, 2, 3))
     seg = lambda sid: segment(sid, 0, [40, 41, 42, 43], keep=False, reads=reads, sampling=sampling)  # noqa: E731
@@ -111,7 +120,7 @@ def _assert_step_never_syncs(runner, tokens: list[int], table: list[int]) -> Non
 def _greedy_decode_tokens(tiny_model_dir, prompts: dict[str, list[int]], steps: int = 5, **options) -> dict:
     """Prefill `prompts`, then `steps` greedy AR decode steps of all of them; the ids per sequence. With
     cuda_graphs in `options` the decode steps must have replayed."""
-    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, num_blocks=64, **options)
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, num_blocks=64, **{**EAGER, **options})
     session = RunnerSession(runner)
     seqs = {s: list(p) for s, p in prompts.items()}
     session.execute([segment(s, 0, p, reads=Reads()) for s, p in seqs.items()])
@@ -126,7 +135,7 @@ def _greedy_decode_tokens(tiny_model_dir, prompts: dict[str, list[int]], steps: 
 
 
 def _packed(tiny_model_dir):
-    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=32)
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=32, **EAGER)
     session = RunnerSession(runner)
     session.execute([segment("a", 0, list(range(5, 14)), reads=Reads())])
     segs = [segment("a", 9, [14, 1, 1], keep=1, reads=Reads(argmax=(1, 2), sample=(0,)),
@@ -175,8 +184,8 @@ def test_runner_with_cuda_graphs_equals_eager(tiny_model_dir):
     """cuda_graphs=True (workers.graphs): a prefill, six greedy decode steps of three sequences and a
     mixed ReFusion-shaped step give the same tokens and KV as the eager runner (start-up capture left
     the KV cache alone); decode steps replay graphs captured at start-up."""
-    eager = ModelRunner(tiny_model_dir, device="cuda", dtype="float32", num_blocks=64)
-    graphed = ModelRunner(tiny_model_dir, device="cuda", dtype="float32", num_blocks=64, cuda_graphs=True)
+    eager = ModelRunner(tiny_model_dir, device="cuda", dtype="float32", num_blocks=64, **EAGER)
+    graphed = ModelRunner(tiny_model_dir, device="cuda", dtype="float32", num_blocks=64, **{**EAGER, "cuda_graphs": True})
     outputs = {}
     for runner in (eager, graphed):
         session = RunnerSession(runner)
@@ -209,7 +218,7 @@ def test_flex_attention_on_cuda_matches_transformers(tiny_model_dir, block_size)
     """attention="flex" (workers.attention_flex: the paged cache read in place by compiled flex_attention)
     against the dense transformers oracle, as the sdpa path is above."""
     runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=block_size, num_blocks=32,
-                         attention="flex")
+                         attention="flex", **EAGER)
     _assert_mixed_batch_matches_transformers(tiny_model_dir, runner)
 
 
@@ -229,7 +238,7 @@ def test_compiled_flex_at_four_query_heads_per_kv_head_compiles_for_a_tall_step(
     got = {}
     for name in ("sdpa", "flex"):
         session = RunnerSession(ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, block_size=16,
-                                                       num_blocks=32, attention=name))
+                                                       num_blocks=32, attention=name, **EAGER))
         session.execute([segment("a", 0, list(range(5, 25))), segment("b", 0, [20, 21, 22])])
         got[name] = session.execute([segment("a", 20, list(range(40, 104))), segment("b", 3, [23])])
     for a, b in zip(got["sdpa"], got["flex"]):
@@ -242,7 +251,7 @@ def test_flex_long_prefill_no_sync_and_graphs(tiny_model_dir):
     replay and give what the sdpa runner gives."""
     prompt = [5 + (i * 7) % 300 for i in range(200)]
     flex = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=64,
-                       attention="flex")
+                       attention="flex", **EAGER)
     got = RunnerSession(flex).execute([segment("p", 0, prompt)])
     expected = dense_logits(tiny_model_dir, prompt)
     assert (result_logits(got[0]) - expected).abs().max() < 1e-3
@@ -256,7 +265,8 @@ def test_compiled_layers_on_cuda_match_transformers_and_replay(tiny_model_dir):
     """compile_layers=True (workers.model.compiled_kernels: inductor's Triton kernels around attention)
     against the dense transformers oracle; no host sync inside a compiled step; and with cuda_graphs
     the decode steps replay and give what the eager runner gives."""
-    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, num_blocks=32, compile_layers=True)
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, num_blocks=32,
+                         **{**EAGER, "compile_layers": True})
     _assert_mixed_batch_matches_transformers(tiny_model_dir, runner)
     _assert_step_never_syncs(runner, list(range(5, 45)), [20, 21, 22])
     seqs = {"a": list(range(5, 35)), "b": list(range(60, 75)), "c": [7]}
@@ -270,7 +280,7 @@ def test_compiled_layers_in_bf16_are_close_to_eager(tiny_model_dir):
     outputs = {}
     for compiled in (False, True):
         runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.bfloat16, block_size=4, num_blocks=32,
-                             compile_layers=compiled)
+                             **{**EAGER, "compile_layers": compiled})
         results = _mixed_batch(RunnerSession(runner), runner.info.mask_token_id)
         outputs[compiled] = torch.cat([result_logits(r) for r in results])
     assert (outputs[True] - outputs[False]).abs().max() < 0.5
