@@ -18,6 +18,7 @@ path": AR at 32 requests >= 4,000 tok/s needs a whole step under 8 ms, device ti
 
     OMP_NUM_THREADS=1 python bench/engine_overhead.py
     ... --profile 32          # also cProfile one AR level of 32 requests: the top functions by own time
+    ... --profile 32 --profile-mode refusion   # the same for ReFusion
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: i
             await run_level(engine, tokenizer, mode, c, c, params, f"warm{c}")  # untimed: allocator, caches
             engine.clear_prefix_cache()
             forwards, inside = engine.forwards, timed.seconds
-            profiler = cProfile.Profile() if profile_level == c and mode is Mode.AR else None
+            profiler = cProfile.Profile() if profile_level == c and mode.value == args.profile_mode else None
             if profiler:
                 profiler.enable()
             run = await run_level(engine, tokenizer, mode, c, total, params, f"c{c}")
@@ -149,9 +150,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default="ar,refusion", help="ar and/or refusion, comma-separated")
     parser.add_argument("--confidence", default="confident,uncertain",
                         help="stand-in model(s), comma-separated: confident, uncertain; ReFusion runs each, AR the first")
-    parser.add_argument("--profile", type=int, help="cProfile the AR level with this many requests (that row is "
+    parser.add_argument("--profile", type=int, help="cProfile the level with this many requests of --profile-mode (that row is "
                                                     "marked: the profiler slows it; runner.execute runs in a worker "
                                                     "thread the profile does not see)")
+    parser.add_argument("--profile-mode", default="ar", choices=["ar", "refusion"], help="the mode --profile profiles")
     parser.add_argument("--profile-rows", type=int, default=25, help="functions listed in the profile")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
