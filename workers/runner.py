@@ -91,7 +91,7 @@ class ModelRunner:
         Triton kernels, which need Triton's C compiler at the first step); False keeps them eager.
         cuda_graphs and compile_layers left None are on for CUDA and off elsewhere, as vLLM compiles and
         captures unless told --enforce-eager: on an H200 with the 8B shape they took a batch-1 forward
-        from 35 ms to 7.5 ms (docs/benchmarks.md), for about 25 s of compile and capture at start-up.
+        from 35 ms to 7.5 ms (docs/benchmarks.md), for 15-25 s of compile and capture at start-up.
         """
         device, dtype = _device_and_dtype(device, dtype)
         model_dir = Path(model_dir)
