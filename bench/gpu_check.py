@@ -44,6 +44,12 @@ then call the device tool's `run` with carry [".whl"], timeout_s 590 and this co
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 \
         python3 bench/gpu_check.py --json $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 The table is printed last (the reply's output tail); the JSON and the whole log come back from $OUT.
+
+Seen on an H200 (2026-12-04, bench/results/h200-2026-12-04): a machine starts in about 40 s of device
+time; the parts took gpu_tests 75-109 s, forward 32-47 s (two to four variants; compiled+graphs builds
+in 17 s), engine 33-58 s (gen_length 64), baselines 25-32 s, features 11-28 s, concurrency 27 s,
+host 3 s, profile 3 s. A default run (gen_length 128) should end in about 6 minutes, so `timeout_s`
+420-480 leaves a 15-minute lease room for one rerun; pass `--parts` in priority order for a shorter one.
 """
 
 from __future__ import annotations
