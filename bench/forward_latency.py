@@ -111,7 +111,9 @@ def run(args) -> str:
     lines = [
         f"Machine: {machine(device)}. Model: {args.config or ('8b' if device.type == 'cuda' else 'small')} "
         f"({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, {str(dtype)[6:]}), "
-        f"context {args.context} cached tokens, argmax read on every row, step v2 (one SDPA per layer).",
+        f"context {args.context} cached tokens, argmax read on every row, runner {runner.stats()['attention']}"
+        f"{', compiled layers' if runner.compile_layers else ''}"
+        f"{', CUDA graphs' if runner.stats()['cuda_graphs'] else ''} (the runner's defaults on this device).",
         f"Weight bytes read per forward: {weight_bytes / 1e9:.3f} GB; bandwidth "
         f"{'given' if args.bandwidth_gbs else 'measured (device copy)'}: {bandwidth / 1e9:.1f} GB/s; "
         f"floor {floor_ms:.2f} ms.",

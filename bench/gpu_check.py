@@ -209,6 +209,7 @@ def machine(bench: Workbench) -> dict:
             "device": str(bench.device), "dtype": str(bench.dtype).removeprefix("torch."), "config": bench.args.config,
             "runner_options": bench.args.runner_options,
             "engine_variant": bench.engine_variant() if "runner" in bench._built else None,
+            "engine_variant_from": bench._built.get("engine_variant_from"),
             "engine_variant_rule": bench.args.engine_variant,
             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if bench.device.type == "cuda":
@@ -220,7 +221,8 @@ def machine(bench: Workbench) -> dict:
 def table(info: dict, records: dict) -> str:
     cfg, engine = CONFIGS[info["config"]], ""
     if info.get("engine_variant"):
-        chosen = " (the fastest forward)" if info["engine_variant_rule"] == "fastest" else ""
+        source = info.get("engine_variant_from") or ""
+        chosen = f" ({'the fastest forward' if source == 'fastest forward' else source})" if source != "given" else ""
         engine = f"; engine and baselines on the forward variant `{info['engine_variant']}`{chosen}"
     lines = [f"Machine: {info.get('gpu', platform.machine() + ' CPU')}, torch {info['torch']}, transformers "
              f"{info['transformers']}. Model: {info['config']} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "

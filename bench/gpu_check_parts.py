@@ -103,14 +103,21 @@ class Workbench:
 
     def engine_variant(self) -> str:
         """The forward variant the engine and baselines parts run: --engine-variant, or with "fastest" the
-        variant whose forward part medians summed over the token counts are lowest ("eager" when the
-        forward part did not run or no variant measured). Fixed at the first call."""
+        variant whose forward part medians summed over the token counts are lowest; when the forward part
+        has not run (or measured nothing) before the first call, the runner's defaults on this device
+        (compiled+graphs on CUDA, eager elsewhere), recorded as such (`engine_variant_from`). Fixed at
+        the first call."""
         def choose() -> str:
             if self.args.engine_variant != "fastest":
+                self._built["engine_variant_from"] = "given"
                 return self.args.engine_variant
             sums = {name: sum(t["median_ms"] for t in found["tokens"].values())
                     for name, found in self.forward_results.items() if found.get("tokens")}
-            return min(sums, key=sums.get) if sums else "eager"
+            if sums:
+                self._built["engine_variant_from"] = "fastest forward"
+                return min(sums, key=sums.get)
+            self._built["engine_variant_from"] = "runner defaults (no forward measured before it)"
+            return "compiled+graphs" if self.device.type == "cuda" else "eager"
         return self.shared("engine_variant", choose)
 
     def engine_runner(self) -> ModelRunner:
@@ -322,8 +329,10 @@ async def _feature_runs(bench: Workbench) -> dict:
             run = await run_level(engine, tokenizer, Mode.AR, c, c, params, f"f-{len(out)}")
             if errors := requests_ended_by_error(engine):
                 raise RuntimeError(f"{errors} request(s) ended with an error ({name})")
+            graphs = bench.engine_runner().stats().get("cuda_graphs") or {}
             out[name] = {"requests": c, "tok_s": summarize([run])["tok_s"],
-                         "ms_per_step": run["wall"] / max(engine.forwards - steps, 1) * 1e3}
+                         "ms_per_step": run["wall"] / max(engine.forwards - steps, 1) * 1e3,
+                         "graphs_after": graphs.get("graphs"), "eager_steps_after": graphs.get("eager_steps")}
     finally:
         await engine.stop(drain_timeout_s=0)
     return out

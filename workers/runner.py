@@ -82,10 +82,10 @@ class ModelRunner:
         available. KV cache: `num_blocks` blocks of `block_size` tokens, or as many as `kv_memory_bytes`
         holds, or a device default (workers.kv_cache); one scratch block comes on top. cuda_graphs: True
         or workers.graphs.GraphPolicy fields (max_tokens, max_graphs, memory_budget_bytes, startup_*) to
-        replay steps from CUDA graphs per layout, the common ones captured here (capture_startup_graphs);
-        False runs every step eagerly. Raises ValueError for cuda_graphs on a device that is not CUDA or
+        replay steps from CUDA graphs per layout, the common ones captured here (capture_startup_graphs;
+        {} is the default policy); False runs every step eagerly. Raises ValueError for cuda_graphs on a device that is not CUDA or
         a GraphPolicy field out of range. attention: "sdpa" (workers.attention: gathers each sequence's
-        context; the default, faster than flex on an H200) or "flex" (workers.attention_flex: reads the
+        context; the default, faster than flex eagerly on an H200) or "flex" (workers.attention_flex: reads the
         paged cache in place); ValueError for another name. compile_layers: run the work around attention
         (norms, residual adds, RoPE, SwiGLU) through torch.compile (workers.model.compiled_kernels: fused
         Triton kernels, which need Triton's C compiler at the first step); False keeps them eager.
@@ -234,7 +234,7 @@ def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: st
         raise ValueError(f"compile_layers: {compile_layers!r} is not true or false")
     step = functools.partial(step_forward, attention_cls=ATTENTION[attention],
                              kernels=compiled_kernels() if compile_layers else None)
-    if not cuda_graphs:
+    if cuda_graphs is False:  # a mapping, even {}, is a GraphPolicy: graphs on
         return step
     if device.type != "cuda":
         raise ValueError(f"cuda_graphs: needs a CUDA device, the runner is on {device}; remove cuda_graphs")

@@ -91,6 +91,16 @@ def test_a_failing_part_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch)
     assert "| engine ar, 32 request(s) | 1 tok/s | >= 4,000 tok/s | NOT met |" in report["table"]
 
 
+def test_engine_before_forward_runs_on_the_runner_defaults_and_says_so(tmp_path):
+    out = tmp_path / "report.json"
+    assert gpu_check.main(["--device", "cpu", "--parts", "engine,forward", "--levels", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["parts"]) == ["engine", "forward"]
+    assert report["machine"]["engine_variant"] == "eager"  # the CPU's defaults: no forward measured before it
+    assert "runner defaults" in report["machine"]["engine_variant_from"]
+    assert "fastest forward" not in report["table"] and "runner defaults" in report["table"]
+
+
 def test_parts_past_the_time_budget_are_skipped(tmp_path):
     out = tmp_path / "report.json"
     assert gpu_check.main(["--device", "cpu", "--parts", "forward,baselines", "--budget-s", "0", "--json", str(out)]) == 0

@@ -102,9 +102,16 @@ def test_a_step_reading_logits_runs_eagerly(runners):
     torch.testing.assert_close(torch.tensor(got.logits), torch.tensor(want.logits))
 
 
-def test_cuda_graphs_option_needs_cuda(tiny_model_dir):
+@pytest.mark.parametrize("option", [True, {}, {"max_graphs": 8}])  # {} is the default policy, not "off"
+def test_cuda_graphs_option_needs_cuda(tiny_model_dir, option):
     with pytest.raises(ValueError, match="cuda_graphs: needs a CUDA device"):
-        ModelRunner(tiny_model_dir, device="cpu", num_blocks=16, cuda_graphs=True)
+        ModelRunner(tiny_model_dir, device="cpu", num_blocks=16, cuda_graphs=option)
+
+
+def test_the_cpu_defaults_stay_eager(tiny_model_dir):
+    """cuda_graphs and compile_layers left None are on for CUDA only (workers.runner)."""
+    stats = ModelRunner(tiny_model_dir, device="cpu", num_blocks=16).stats()
+    assert stats["cuda_graphs"] is None and stats["compile_layers"] is False
 
 
 def test_capture_runs_the_step_once_and_writes_its_kv(runners):
