@@ -63,7 +63,7 @@ class GraphPolicy:
     come from serve config: `runner.cuda_graphs`)."""
 
     max_tokens: int = 256
-    max_graphs: int = 256  # 96 left the per-request options' layouts eager on an H200 (0.25x plain; docs/benchmarks.md)
+    max_graphs: int = 256  # room for the per-request options' layouts beside the engine's (~90 on an H200)
     memory_budget_bytes: int = 4 << 30
     startup_query_lens: tuple[int, ...] = (1, 8)  # AR decode; ReFusion slot of 8 (the shipped model's)
     startup_max_seqs: int = 32
