@@ -74,6 +74,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def prefilled_session(runner: ModelRunner, context: int) -> RunnerSession:
+    """A session whose sequence "bench" holds `context` cached tokens (what time_forward continues)."""
+    session = RunnerSession(runner)
+    if context:
+        session.execute([Segment("bench", 0, [5] * context, list(range(context)), context)])
+    return session
+
+
 def time_forward(session: RunnerSession, context: int, n: int, repeats: int) -> list[float]:
     """Seconds per execute() of an n-token dropped segment after `context` cached tokens."""
     seg = Segment("bench", context, [7] * n, list(range(context, context + n)), 0, Reads(argmax=tuple(range(n))))
@@ -102,9 +110,7 @@ def run(args) -> str:
     max_tokens = max(args.tokens)
     runner = ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id,
                                     num_blocks=(args.context + max_tokens) // 16 + 2)
-    session = RunnerSession(runner)
-    if args.context:
-        session.execute([Segment("bench", 0, [5] * args.context, list(range(args.context)), args.context)])
+    session = prefilled_session(runner, args.context)
     weight_bytes = weight_read_bytes(model)
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_bandwidth(device)
     floor_ms = weight_bytes / bandwidth * 1e3

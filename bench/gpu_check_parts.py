@@ -179,18 +179,13 @@ def part_forward(bench: Workbench) -> tuple[dict, list[Row]]:
 
 
 def _forward_variant(bench: Workbench, options: dict, floor_ms: float) -> tuple[dict, list[Row]]:
-    from workers.batch import Segment
-    from workers.session import RunnerSession
-
     args, model = bench.args, bench.model()
     context, tokens = args.context, args.forward_tokens
     start = time.perf_counter()
     runner = ModelRunner.from_model(model, mask_token_id=bench.cfg.mask_token_id,
                                     num_blocks=(context + max(tokens)) // 16 + 2, **options)
     results, rows = {"options": options, "tokens": {}, "build_s": time.perf_counter() - start}, []
-    session = RunnerSession(runner)
-    if context:
-        session.execute([Segment("bench", 0, [5] * context, list(range(context)), context)])
+    session = forward_latency.prefilled_session(runner, context)
     for n in tokens:
         if bench.time_left() <= 0:  # a compiling variant (flex: one compile per shape) must not eat the lease
             results["tokens_skipped"] = [m for m in tokens if m not in results["tokens"]]
@@ -366,9 +361,6 @@ def part_profile(bench: Workbench) -> tuple[dict, list[Row]]:
     On the CPU (dry run) the leaf operators stand in for kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from workers.batch import Segment
-    from workers.session import RunnerSession
-
     args, model = bench.args, bench.model()
     cuda = bench.device.type == "cuda"
     results, rows, repeats = {}, [], 3
@@ -378,8 +370,7 @@ def part_profile(bench: Workbench) -> tuple[dict, list[Row]]:
             continue
         runner = ModelRunner.from_model(model, mask_token_id=bench.cfg.mask_token_id,
                                         num_blocks=args.context // 16 + 4, **FORWARD_VARIANTS[variant])
-        session = RunnerSession(runner)
-        session.execute([Segment("bench", 0, [5] * args.context, list(range(args.context)), args.context)])
+        session = forward_latency.prefilled_session(runner, args.context)
         forward_latency.time_forward(session, args.context, 1, 1)  # compiles, warms; the profile below is warm
         activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
         with profile(activities=[activity]) as prof:
