@@ -1,9 +1,10 @@
 """Host time per engine step: the whole engine (scheduler, decoders, KV ownership, detokenizing,
 streaming) on a model whose forward costs nothing, at 1/8/32/64 concurrent requests, AR and ReFusion.
 
-On a GPU an engine step costs its device time plus whatever the host does between forwards, because
-the engine loop is serial (schedule -> execute -> postprocess, scheduler/engine.py). This measures the
-second part on any machine: `ModelRunner` runs bench/step_overhead.py's zero-cost stand-in (no layer;
+On a GPU an engine step costs its device time plus whatever the host does between forwards that it
+cannot do during them: planning a step needs the last step's tokens (schedule -> execute -> absorb,
+scheduler/engine.py); only the streaming of a step's text (detokenizing, stop strings, sending) runs
+during the next forward (EngineConfig.overlap_streaming). This measures the host part on any machine: `ModelRunner` runs bench/step_overhead.py's zero-cost stand-in (no layer;
 the LM head an outer product), made to predict one token with a chosen confidence so requests run to
 `--gen-length` and ReFusion takes the path a real model would:
 
@@ -19,6 +20,9 @@ path": AR at 32 requests >= 4,000 tok/s needs a whole step under 8 ms, device ti
     OMP_NUM_THREADS=1 python bench/engine_overhead.py
     ... --profile 32          # also cProfile one AR level of 32 requests: the top functions by own time
     ... --profile 32 --profile-mode refusion   # the same for ReFusion
+    ... --device-ms 8 --modes ar                # as if each forward took 8 ms on a device (a sleep in
+                                                # runner.execute, GIL released): what overlapping hides
+    ... --no-overlap-streaming                  # the same with serial streaming, for an A/B
 """
 
 from __future__ import annotations
@@ -64,16 +68,21 @@ def runner_predicting(token: int, logit: float, vocab: int, num_blocks: int, dev
 
 
 class TimedRunner:
-    """Wraps a runner's execute to add up the time spent inside it (the engine calls it in a thread)."""
+    """Wraps a runner's execute to add up the time spent inside it (the engine calls it in a thread).
+    `device_s`: seconds each execute then sleeps with the GIL released, as a GPU forward of that length
+    would keep the thread waiting on the device while the event loop runs on (0: none)."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, device_s: float = 0.0):
         self.runner, self.seconds, self.calls = runner, 0.0, 0
         inner = runner.execute
 
         def execute(segments, block_tables):
             start = time.perf_counter()
             try:
-                return inner(segments, block_tables)
+                results = inner(segments, block_tables)
+                if device_s:
+                    time.sleep(device_s)
+                return results
             finally:
                 self.seconds += time.perf_counter() - start
                 self.calls += 1
@@ -84,9 +93,9 @@ class TimedRunner:
 async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: int | None) -> list[dict]:
     token = tokenizer.encode(" x")[0]
     runner = runner_predicting(token, CONFIDENCE[confidence], len(tokenizer), args.num_blocks, args.device)
-    timed = TimedRunner(runner)
+    timed = TimedRunner(runner, args.device_ms / 1e3)
     config = EngineConfig(max_running=max(64, max(args.levels)), token_budget=args.token_budget,
-                          routing=RoutingConfig(calibrate=False))
+                          overlap_streaming=args.overlap_streaming, routing=RoutingConfig(calibrate=False))
     engine = Engine(runner, tokenizer, config)
     params = {"gen_length": args.gen_length, "slot_size": 8, "serial_num_blocks": 4}
     await engine.start()
@@ -128,7 +137,9 @@ def table(rows: list[dict], args) -> str:
     lines = [f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch "
              f"{torch.__version__}, device {args.device}. Zero-cost stand-in model (vocab of the shipped tokenizer), "
              f"gen_length {args.gen_length}, slot size 8, token budget {args.token_budget}; requests = closed-loop "
-             f"clients, 2 x requests (at least 4) finished per level after an untimed round.", "",
+             f"clients, 2 x requests (at least 4) finished per level after an untimed round; overlap_streaming "
+             f"{str(args.overlap_streaming).lower()}; a simulated device wait of {args.device_ms:g} ms per forward "
+             f"(in runner.execute).", "",
              "| mode | stand-in model | requests | steps | ms / step | in runner.execute ms | outside ms | "
              "tokens / forward | host ceiling tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -155,8 +166,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                     "thread the profile does not see)")
     parser.add_argument("--profile-mode", default="ar", choices=["ar", "refusion"], help="the mode --profile profiles")
     parser.add_argument("--profile-rows", type=int, default=25, help="functions listed in the profile")
+    parser.add_argument("--device-ms", type=float, default=0.0,
+                        help="each forward also waits this long with the GIL released, as on a GPU (default 0)")
+    parser.add_argument("--no-overlap-streaming", dest="overlap_streaming", action="store_false",
+                        help="stream each step's text before planning the next (EngineConfig.overlap_streaming false)")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
+    if not 0 <= args.device_ms < 1e4:
+        parser.error(f"--device-ms {args.device_ms}: use a number of milliseconds in [0, 10000)")
     if args.gen_length < 32 or args.gen_length % 32:
         parser.error(f"--gen-length {args.gen_length}: use a multiple of 32 (4 blocks of whole 8-token slots)")
     if bad := [m for m in args.modes.split(",") if m not in ("ar", "refusion")]:

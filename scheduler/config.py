@@ -146,6 +146,10 @@ class EngineConfig:
         priority scheduling). bench/editor_latency.py --no-aging measures the trade.
     model_dir: directory whose `refusion.json` gives the default decoding parameters; None = the
         runner's own directory (scheduler.decoders.find_model_dir).
+    overlap_streaming: detokenize, check stop strings and send a step's text while the next step's
+        forward runs, not between the two (scheduler.engine.Engine._defer_stream). The output is the
+        same; a request ended by a stop string spends one more segment of the forward it was planned
+        into. False: stream each step before planning the next (for A/B measurements).
     """
 
     max_running: int = 64
@@ -160,6 +164,7 @@ class EngineConfig:
     max_preemptions: int = 2
     aging_after: int = 8
     model_dir: str | None = None
+    overlap_streaming: bool = True
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:

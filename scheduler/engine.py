@@ -8,14 +8,17 @@
 
 Each step: schedule (start waiting requests that fit, collect every running request's next segment
 under the token budget) -> execute (ONE packed forward per runner, in a worker thread so the event
-loop keeps serving) -> postprocess (decoders absorb, new final text is streamed, finished requests
-free their KV). Plain Python; torch lives behind the runner.
+loop keeps serving) -> postprocess (decoders absorb, finished requests free their KV). The text a
+step made final is detokenized, checked for stop strings and sent while the NEXT step's forward runs
+(EngineConfig.overlap_streaming; see `_defer_stream`). Plain Python; torch lives behind the runner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import functools
 import time
 from typing import AsyncIterator
 
@@ -77,6 +80,8 @@ class Engine:
         self._stopping = False
         self.forwards = 0
         self._plan_items: list = []  # the step's (request, segment) pairs while its forward and postprocess run
+        # request id -> (request, its decoder then): absorbed a step whose text is not streamed yet
+        self._unstreamed: dict[str, tuple[Request, object]] = {}
 
     # ---- public API --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -185,6 +190,7 @@ class Engine:
         failed_steps = 0  # in a row
         while True:
             if not self.scheduler.has_work():
+                self._flush_streams()
                 if self._stopping:
                     return
                 self._wake.clear()
@@ -232,12 +238,14 @@ class Engine:
                 if decodes is not None:  # a step of routed decode steps only: its host cost per decoder
                     self.router.observe_step(decodes, host_s + time.thread_time() - host_start)
         else:
+            self._flush_streams()
             await asyncio.sleep(0.002)  # everyone is waiting on KV: don't spin
         s = self.scheduler
         self.metrics.update_gauges(len(s.running), len(s.waiting), self.kv.pool(), self.prefix_cache)
 
     async def _execute(self, plan: StepPlan):
         """One forward per runner, off the event loop. Returns results aligned with plan.items, or None.
+        While it runs, the text the previous step made final is streamed (`_flush_streams`).
 
         A failed forward is re-run item by item (scheduler.execute_isolated): requests whose own
         forward fails end with the error, the others continue with their results, so no request sees
@@ -246,7 +254,12 @@ class Engine:
             req.in_flight = True
         start = time.perf_counter()
         try:
-            return await asyncio.to_thread(execute_plan, self.scheduler.runners, plan)
+            # Submitted before the last step's text is streamed, so the two overlap: the forward runs
+            # in the worker thread (on a GPU it waits on the device with the GIL released)
+            forward = asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(contextvars.copy_context().run, execute_plan, self.scheduler.runners, plan))
+            self._flush_streams()
+            return await forward
         except Exception as exc:
             log.warning("forward_failed", error=f"{type(exc).__name__}: {exc}", requests=[r.id for r, _ in plan.items])
             results = [exc] if len(plan.items) == 1 else await asyncio.to_thread(execute_isolated, self.scheduler.runners, plan)
@@ -310,6 +323,10 @@ class Engine:
         if routed:
             self.router.observe(req.mode, req.priority, req.generated_tokens() - before, 1, len(segment.token_ids))
         self.kv.share_prompt_blocks(req)
+        if self._defer_stream(req, now):
+            maybe_switch(self.scheduler, req)
+            self._unstreamed[req.id] = (req, req.decoder)
+            return routed
         self._stream(req, now)
         if req.finished:
             return routed
@@ -320,6 +337,44 @@ class Engine:
         return routed
 
     # ---- output ------------------------------------------------------------------------------------
+    def _defer_stream(self, req: Request, now: float) -> bool:
+        """Whether the text `req` just absorbed is streamed while the next forward runs rather than now.
+
+        Detokenizing, the stop-string check and sending cost the host about a third of its time between
+        forwards (bench/engine_overhead.py --profile), and nothing the next step plans depends on them
+        except a stop string. So a request that ends without one (its decoder finished, max_tokens
+        reached by count, its deadline past) is streamed and ended now; any other is planned for the
+        next step and its text checked during that step's forward. One found there ends the request
+        while its segment runs: the result is dropped and its KV freed after the forward, as for a
+        cancel, so the text, ids and usage are those of serial streaming, at the price of one segment
+        of work for the request that stops (vLLM's async scheduling makes the same trade)."""
+        if not self.config.overlap_streaming or req.decoder.finished:
+            return False
+        cap, deadline = req.spec.max_tokens, req.deadline_s
+        if cap is not None and len(req.stream_ids()) >= cap:
+            return False
+        return deadline is None or now < deadline
+
+    def _flush_streams(self) -> None:
+        """Stream the text of every request whose last absorbed step is not streamed yet."""
+        if not self._unstreamed:
+            return
+        pending, self._unstreamed = self._unstreamed, {}
+        now = time.monotonic()
+        for req, decoder in pending.values():
+            self._stream_absorbed(req, decoder, now)
+
+    def _stream_absorbed(self, req: Request, decoder, now: float) -> None:
+        """`_stream` for a deferred request, unless it ended meanwhile or was sent back to the queue (its
+        decoder is gone: the rerun makes the same ids and streams them). A fault here ends only `req`."""
+        if req.finished or req.decoder is not decoder:
+            return
+        try:
+            self._stream(req, now)
+        except Exception as exc:
+            log.exception("stream_failed", request_id=req.id)
+            self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+
     def _stream(self, req: Request, now: float) -> None:
         """Send newly final text; end the request on a stop string, a passed deadline or max_tokens."""
         deadline = req.deadline_s
@@ -365,9 +420,16 @@ class Engine:
 
     def _finish(self, req: Request, reason: FinishReason, error: str | None = None,
                 error_field: str | None = None) -> None:
-        """Close a request: final delta (held-back text flushed), KV freed, metrics."""
+        """Close a request: final delta (held-back text flushed), KV freed, metrics. Text it absorbed but
+        has not streamed yet (`_defer_stream`) goes first; when that text holds a stop string, the
+        request ends there, with STOP."""
         if req.finished:
             return
+        deferred = self._unstreamed.pop(req.id, None)
+        if deferred is not None:
+            self._stream_absorbed(req, deferred[1], time.monotonic())
+            if req.finished:
+                return
         now = time.monotonic()
         past = req.deadline_s is not None and now >= req.deadline_s
         update = req.stream.finish(newline_cut=past and reason is not FinishReason.CANCELLED)

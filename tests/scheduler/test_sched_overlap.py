@@ -1,0 +1,122 @@
+"""Streaming overlapped with the next forward (EngineConfig.overlap_streaming, Engine._defer_stream), on
+the shipped model: the same text, ids and finish reasons as serial streaming; a stop string found
+while the next step's forward runs ends the request there, costing that one segment; and text a request
+absorbed but had not streamed yet is sent before any other end (here: a step that fails)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from scheduler.api import FinishReason, GenerationRequest, Mode
+from scheduler.config import EngineConfig, RoutingConfig
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="models/refusion-tiny-code not present"),
+]
+PROMPT = "def read_lines(path):\n    \"\"\"Return the lines of the file at path.\"\"\"\n"
+PROMPTS = [PROMPT, "class Stack:\n    def __init__(self):\n", "import sys\n\n\ndef main():\n",
+           "for i in range(10):\n"]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from workers.runner import ModelRunner
+
+    return ModelRunner(SHIPPED, num_blocks=512)
+
+
+async def _run(runner, specs, overlap: bool):
+    """Every request's deltas, and the engine's forward count, on a fresh engine."""
+    from scheduler.engine import Engine
+
+    engine = Engine(runner, runner.tokenizer, EngineConfig(overlap_streaming=overlap,
+                                                           routing=RoutingConfig(calibrate=False)))
+    await engine.start()
+    try:
+        results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
+    finally:
+        await engine.stop()
+    assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+    return results, engine.forwards
+
+
+async def _collect(engine, spec):
+    return [d async for d in engine.submit(spec)]
+
+
+def _text(deltas) -> str:
+    return "".join(d.text for d in deltas)
+
+
+def _ids(deltas) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+def _request(runner, rid, prompt=PROMPT, mode=Mode.AR, params=(), **fields) -> GenerationRequest:
+    return GenerationRequest(rid, runner.tokenizer.encode(prompt), {"gen_length": 64, "seed": 0, **dict(params)}, mode=mode,
+                             **fields)
+
+
+async def test_a_stop_string_found_during_the_next_forward_ends_the_request_there(runner):
+    [plain], _ = await _run(runner, [_request(runner, "plain")], overlap=False)
+    text = _text(plain)
+    stop = text[12:15]
+    assert len(text) > 20 and stop.strip(), text  # the shipped model writes on past the stop string
+    cut = text.find(stop)
+
+    [serial], serial_forwards = await _run(runner, [_request(runner, "s", stop=[stop])], overlap=False)
+    [overlapped], overlapped_forwards = await _run(runner, [_request(runner, "o", stop=[stop])], overlap=True)
+    for deltas in (serial, overlapped):
+        assert _text(deltas) == text[:cut]
+        assert deltas[-1].finish_reason is FinishReason.STOP and deltas[-1].stats["stop_word"] == stop
+    assert _ids(overlapped) == _ids(serial)
+    assert overlapped[-1].stats["generated_tokens"] == serial[-1].stats["generated_tokens"]
+    # Found while the next step's forward ran: that one segment was computed and dropped
+    assert overlapped_forwards == serial_forwards + 1
+
+
+async def test_concurrent_requests_stream_the_same_with_and_without_overlap(runner):
+    # AR and ReFusion, stop strings, a token cap, logprobs: one batch, every output as serial streaming's
+    specs = []
+    for i in range(8):
+        fields = {"stop": ["\n\n", "return"]} if i % 3 == 0 else {"max_tokens": 5 + i} if i % 3 == 1 else {}
+        params = {"logprobs": 2} if i == 4 else {}
+        specs.append(_request(runner, f"r{i}", PROMPTS[i % 4], (Mode.AR, Mode.REFUSION)[i % 2], params, **fields))
+    serial, _ = await _run(runner, specs, overlap=False)
+    overlapped, _ = await _run(runner, specs, overlap=True)
+    for spec, a, b in zip(specs, serial, overlapped):
+        assert _text(b) == _text(a) and _ids(b) == _ids(a), spec.request_id
+        assert b[-1].finish_reason is a[-1].finish_reason, spec.request_id
+        assert [d.logprobs for d in b if d.token_ids] == [d.logprobs for d in a if d.token_ids], spec.request_id
+    assert any(d[-1].finish_reason is FinishReason.STOP and d[-1].stats["stop_word"] for d in overlapped)
+
+
+async def test_text_absorbed_but_not_yet_streamed_is_sent_before_a_failed_step_ends_the_request(runner):
+    # The step after the request's 6th fails in scheduling; the engine ends its running requests with
+    # an error. The text of the 6th step, absorbed but waiting for the next forward to be streamed,
+    # must reach the client first: no token the decoder made is lost.
+    from scheduler.engine import Engine
+
+    engine = Engine(runner, runner.tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
+    schedule, steps, absorbed = engine.scheduler.schedule, [], []
+
+    def failing_schedule():
+        steps.append(1)
+        if len(steps) == 7:
+            absorbed.extend(next(iter(engine._requests.values())).stream_ids())
+            raise RuntimeError("scheduling fault")
+        return schedule()
+
+    engine.scheduler.schedule = failing_schedule
+    await engine.start()
+    deltas = await _collect(engine, _request(runner, "a"))
+    await engine.stop()
+    assert deltas[-1].finish_reason is FinishReason.ERROR
+    assert len(absorbed) >= 5 and _ids(deltas) == absorbed
+    assert _text(deltas) == runner.tokenizer.decode(absorbed)
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
