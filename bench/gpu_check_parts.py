@@ -285,14 +285,20 @@ async def _engine_levels(bench: Workbench, mode) -> dict:
 
 
 # ---- part: features ----------------------------------------------------------------------------------
-FEATURES = {"plain": {}, "logprobs 5": {"logprobs": 5}, "frequency_penalty 1": {"frequency_penalty": 1.0},
+FEATURES = {"plain": {}, "plain, serial streaming": {}, "logprobs 5": {"logprobs": 5},
+            "frequency_penalty 1": {"frequency_penalty": 1.0},
             "min_p 0.05, T 0.8": {"temperature": 0.8, "min_p": 0.05, "seed": 1}}
+# engine settings a feature run changes (restored after it): serial streaming is the A/B of
+# EngineConfig.overlap_streaming, the text of each step streamed before the next is planned
+FEATURE_CONFIG = {"plain, serial streaming": {"overlap_streaming": False}}
 
 
 def part_features(bench: Workbench) -> tuple[dict, list[Row]]:
     """What the per-request options cost on the device: AR at the largest engine level, plain against log
     probabilities (the reads' top-k stage), a frequency penalty (the logit-bias scatter) and min_p
-    sampling (the filter stage), each run once untimed first. tok/s and its ratio to plain."""
+    sampling (the filter stage), each run once untimed first. tok/s and its ratio to plain. Also plain
+    with serial streaming (EngineConfig.overlap_streaming false): what overlapping the streaming of a
+    step's text with the next forward gains on this host and device."""
     results = asyncio.run(_feature_runs(bench))
     plain = results.get("plain", {}).get("tok_s")
     rows = [Row(f"engine ar, {r['requests']} request(s), {name}", f"{r['tok_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms/step"
@@ -317,11 +323,19 @@ async def _feature_runs(bench: Workbench) -> dict:
                 out[name] = {"skipped": "time budget spent"}
                 continue
             params = {**bench.decode_params(), **extra}
-            engine.clear_prefix_cache()
-            await run_level(engine, tokenizer, Mode.AR, c, c, params, f"fw-{len(out)}")  # untimed: graphs, kernels
-            engine.clear_prefix_cache()
-            steps = engine.forwards
-            run = await run_level(engine, tokenizer, Mode.AR, c, c, params, f"f-{len(out)}")
+            settings = FEATURE_CONFIG.get(name, {})
+            saved = {key: getattr(engine.config, key) for key in settings}
+            for key, value in settings.items():
+                setattr(engine.config, key, value)
+            try:
+                engine.clear_prefix_cache()
+                await run_level(engine, tokenizer, Mode.AR, c, c, params, f"fw-{len(out)}")  # untimed: graphs, kernels
+                engine.clear_prefix_cache()
+                steps = engine.forwards
+                run = await run_level(engine, tokenizer, Mode.AR, c, c, params, f"f-{len(out)}")
+            finally:
+                for key, value in saved.items():
+                    setattr(engine.config, key, value)
             if errors := requests_ended_by_error(engine):
                 raise RuntimeError(f"{errors} request(s) ended with an error ({name})")
             graphs = bench.engine_runner().stats().get("cuda_graphs") or {}

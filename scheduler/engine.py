@@ -39,10 +39,28 @@ from scheduler.request_ids import InFlightIds, in_flight_message
 from scheduler.routing import CostCurve, Router
 from scheduler.scheduler import Scheduler, StepPlan, execute_isolated, execute_plan
 from scheduler.validation import parse_params, validate_request, with_seed
+from workers.batch import STEP_LAUNCHED
 
 log = structlog.get_logger("engine")
 # decoding params that make a request AR (its decoder composes them into each step's logit bias)
 AR_ONLY_PARAMS = ("presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens")
+
+
+def _forward(runners: dict, plan: StepPlan, on_launch) -> list:
+    """execute_plan in the worker thread, telling `on_launch` once the step's device work is queued, or
+    when it ended (a runner that never says, or a step that failed first)."""
+    STEP_LAUNCHED.set(on_launch)
+    try:
+        return execute_plan(runners, plan)
+    finally:
+        if STEP_LAUNCHED.get() is not None:
+            STEP_LAUNCHED.set(None)
+            on_launch()
+
+
+def _set_once(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class EngineNotRunningError(OverloadedError):
@@ -254,11 +272,21 @@ class Engine:
             req.in_flight = True
         start = time.perf_counter()
         try:
-            # Submitted before the last step's text is streamed, so the two overlap: the forward runs
-            # in the worker thread (on a GPU it waits on the device with the GIL released)
-            forward = asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(contextvars.copy_context().run, execute_plan, self.scheduler.runners, plan))
-            self._flush_streams()
+            # The last step's text is streamed once this step's device work is queued (the runner's
+            # workers.batch.notify_launched), while the worker thread waits for the results with the
+            # GIL released; streamed before the thread had packed and launched the step, it would
+            # delay the launch instead (the thread needs the GIL for that)
+            loop = asyncio.get_running_loop()
+            launched = loop.create_future()
+
+            def on_launch() -> None:
+                loop.call_soon_threadsafe(_set_once, launched)
+
+            forward = loop.run_in_executor(None, functools.partial(contextvars.copy_context().run, _forward,
+                                                                   self.scheduler.runners, plan, on_launch))
+            if self._unstreamed:
+                await asyncio.wait([launched, forward], return_when=asyncio.FIRST_COMPLETED)
+                self._flush_streams()
             return await forward
         except Exception as exc:
             log.warning("forward_failed", error=f"{type(exc).__name__}: {exc}", requests=[r.id for r, _ in plan.items])

@@ -55,7 +55,9 @@ batch nor on how its prompt was chunked, and a request restarted from scratch dr
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Callable
 
 SEED_MAX = 2**63 - 1
 """Seeds are signed 64-bit on the device; the API rejects larger ones (a 400 naming `seed`)."""
@@ -186,3 +188,19 @@ class SegmentResult:
     probs: list[float]
     logits: list[list[float]] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+
+
+STEP_LAUNCHED: ContextVar[Callable[[], None] | None] = ContextVar("step_launched", default=None)
+"""Set by the caller of a runner's `execute` (scheduler.engine, in the worker thread running the
+forward) to learn when the step's device work is queued: the engine streams the previous step's text
+while the host then waits for this one's results. None: nobody asks."""
+
+
+def notify_launched() -> None:
+    """A runner calls this once a step's device work is queued, before it waits for the results (on a
+    GPU that wait releases the GIL; on the CPU the work is done by then). Calls STEP_LAUNCHED's hook
+    once per forward; a runner that never calls it is waited for to the end instead."""
+    hook = STEP_LAUNCHED.get()
+    if hook is not None:
+        STEP_LAUNCHED.set(None)
+        hook()

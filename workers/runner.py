@@ -25,7 +25,7 @@ import torch
 from workers import loader
 from workers.attention import StepAttention
 from workers.attention_flex import FlexStepAttention
-from workers.batch import LOGPROB_FLOOR, Reads, Segment, SegmentResult, TokenLogprob
+from workers.batch import LOGPROB_FLOOR, Reads, Segment, SegmentResult, TokenLogprob, notify_launched
 from workers.graphs import GraphPolicy, StepGraphs, startup_steps
 from workers.kv_cache import PagedKVCache, blocks_for_budget
 from workers.model import Qwen3, build_model, compiled_kernels
@@ -216,6 +216,7 @@ class ModelRunner:
             step_fn = step_fn.eager  # graphs keep no logits rows (workers.graphs)
         with torch.inference_mode():
             values, logits = step_fn(self.model, self.kv, buffer, step.layout)
+            notify_launched()  # queued on the device: the engine streams the last step's text meanwhile
             host = values.cpu().numpy()  # the one device -> host transfer (logits: tests only)
             host_logits = logits.cpu().numpy() if step.wants_logits else None
         return host, host_logits

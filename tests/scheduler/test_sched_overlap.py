@@ -57,6 +57,10 @@ def _ids(deltas) -> list[int]:
     return [t for d in deltas for t in d.token_ids]
 
 
+def _logprobs(deltas) -> list:
+    return [entry for d in deltas for entry in d.logprobs or ()]
+
+
 def _request(runner, rid, prompt=PROMPT, mode=Mode.AR, params=(), **fields) -> GenerationRequest:
     return GenerationRequest(rid, runner.tokenizer.encode(prompt), {"gen_length": 64, "seed": 0, **dict(params)}, mode=mode,
                              **fields)
@@ -92,7 +96,7 @@ async def test_concurrent_requests_stream_the_same_with_and_without_overlap(runn
     for spec, a, b in zip(specs, serial, overlapped):
         assert _text(b) == _text(a) and _ids(b) == _ids(a), spec.request_id
         assert b[-1].finish_reason is a[-1].finish_reason, spec.request_id
-        assert [d.logprobs for d in b if d.token_ids] == [d.logprobs for d in a if d.token_ids], spec.request_id
+        assert _logprobs(b) == _logprobs(a), spec.request_id
     assert any(d[-1].finish_reason is FinishReason.STOP and d[-1].stats["stop_word"] for d in overlapped)
 
 
@@ -120,3 +124,51 @@ async def test_text_absorbed_but_not_yet_streamed_is_sent_before_a_failed_step_e
     assert len(absorbed) >= 5 and _ids(deltas) == absorbed
     assert _text(deltas) == runner.tokenizer.decode(absorbed)
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+async def test_the_last_steps_text_is_sent_while_the_forward_is_inside_the_runner(runner):
+    # Each forward, inside runner.execute once its device work is queued (notify_launched), waits for
+    # the engine to send text: with overlap the loop streams the previous step's text right then. Serial
+    # streaming sent it before the forward began, and so did streaming before the runner had launched
+    # the step (which kept the thread from launching: it needs the GIL); either way nothing new comes.
+    import threading
+    import time
+
+    from scheduler.engine import Engine
+
+    engine = Engine(runner, runner.tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
+    sent, lock = [0], threading.Lock()
+    send, execute = engine._send, runner.execute
+    during, gave_up = [], threading.Event()
+
+    def counting_send(req, update, now, finished=False):
+        with lock:
+            sent[0] += len(update.token_ids)
+        send(req, update, now, finished)
+
+    def waiting_execute(segments, tables):
+        with lock:
+            before = sent[0]
+        results = execute(segments, tables)  # the launch hook fired in there
+        deadline = time.monotonic() + 5
+        while during and not gave_up.is_set():  # (the first forward, the prefill, has no text before it)
+            with lock:
+                if sent[0] > before:
+                    break
+            if time.monotonic() > deadline:
+                gave_up.set()  # do not wait 5 s on every later forward
+            time.sleep(0.001)
+        with lock:
+            during.append(sent[0] - before)
+        return results
+
+    engine._send, runner.execute = counting_send, waiting_execute
+    try:
+        await engine.start()
+        deltas = await _collect(engine, _request(runner, "a", params={"gen_length": 64}))
+        await engine.stop()
+    finally:
+        del runner.execute
+    assert len(_ids(deltas)) >= 8 and len(during) >= len(_ids(deltas))
+    # the first forward (prefill) has no earlier text; each later one saw the last step's text go out
+    assert all(n >= 1 for n in during[1:]), during
