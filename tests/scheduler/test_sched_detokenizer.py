@@ -86,6 +86,33 @@ def bpe_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
 
+def test_the_backend_decoder_gives_what_the_tokenizer_decode_gives(bpe_tokenizer):
+    # TextStream calls the tokenizers library directly (transformers' wrapper cost 8x the decode); the
+    # text must be the same, special tokens and byte pieces cut inside a character included
+    import random
+
+    from scheduler.detokenizer import fast_decoder
+
+    decode = fast_decoder(bpe_tokenizer)
+    assert decode is not None and bpe_tokenizer.clean_up_tokenization_spaces is False
+    rng = random.Random(0)
+    specials = bpe_tokenizer.all_special_ids
+    for _ in range(3000):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(bpe_tokenizer))
+               for _ in range(rng.randrange(12))]
+        assert decode(ids, skip_special_tokens=True) == bpe_tokenizer.decode(ids, skip_special_tokens=True), ids
+    ids = bpe_tokenizer.encode("naïve → ✓ done")
+    assert all(decode(ids[:k], skip_special_tokens=True) == bpe_tokenizer.decode(ids[:k], skip_special_tokens=True)
+               for k in range(len(ids) + 1))
+    # a tokenizer that cleans up tokenization spaces keeps transformers' decode
+    bpe_tokenizer.clean_up_tokenization_spaces = True
+    try:
+        assert fast_decoder(bpe_tokenizer) is None
+    finally:
+        bpe_tokenizer.clean_up_tokenization_spaces = False
+    assert fast_decoder(FakeTokenizer()) is None
+
+
 def test_multibyte_characters_are_never_split(bpe_tokenizer):
     text = "naïve → ✓ done"
     ids = bpe_tokenizer.encode(text)
