@@ -86,6 +86,8 @@ async def run_level(engine: Engine, tokenizer, mode: Mode, concurrency: int, tot
     return {"records": records, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu_start}
 
 
+OVERLAP = {"auto": None, "on": True, "off": False}  # --overlap-streaming -> EngineConfig.overlap_streaming
+
 def summarize(runs: list[dict]) -> dict:
     """One level and mode over its rounds: throughput = all tokens / all wall time; latency medians."""
     records = [r for run in runs for r in run["records"]]
@@ -114,7 +116,8 @@ async def run(args, runner) -> list[tuple[int, Mode, dict]]:
     tokenizer = runner.tokenizer
     budget = args.token_budget
     routing = RoutingConfig(calibrate=True, calibration_tokens=RoutingConfig().calibration_tokens + (budget,))
-    engines = {m: Engine(runner, tokenizer, EngineConfig(max_running=64, token_budget=budget, routing=routing)) for m in MODES}
+    config = EngineConfig(max_running=64, token_budget=budget, overlap_streaming=OVERLAP[args.overlap_streaming], routing=routing)
+    engines = {m: Engine(runner, tokenizer, config) for m in MODES}
     for engine in engines.values():
         await engine.start()
     params = {"gen_length": args.gen_length} if args.gen_length else {}
@@ -150,7 +153,8 @@ async def run(args, runner) -> list[tuple[int, Mode, dict]]:
 def table(rows, args, machine: str, model: str) -> str:
     lines = [
         f"Machine: {machine}. Model: {model}. Prompts: {args.prompts}. gen_length {args.gen_length or 'model default'}, token budget "
-        f"{args.token_budget}, {args.rounds} interleaved rounds of max(c, {args.requests}) requests per level, closed-loop clients.",
+        f"{args.token_budget}, {args.rounds} interleaved rounds of max(c, {args.requests}) requests per level, closed-loop clients; "
+        f"overlap_streaming {args.overlap_streaming}.",
         "Calibrated forward latency (packed tokens: ms): "
         + ", ".join(f"{n}: {s * 1e3:.1f}" for n, s in args.curve) + ".",
         "",
@@ -206,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                              "to gen_length in both modes (use with --gen-length 128)")
     parser.add_argument("--token-budget", type=positive_int, default=512)
     parser.add_argument("--num-blocks", type=positive_int, default=2048)
+    parser.add_argument("--overlap-streaming", choices=("auto", "on", "off"), default="auto",
+                        help="EngineConfig.overlap_streaming: auto (the default: on for CUDA runners, off on the CPU), "
+                             "on, off (each step's text streamed before the next is planned)")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

@@ -4,9 +4,10 @@ streaming) on a model whose forward costs nothing, at 1/8/32/64 concurrent reque
 On a GPU an engine step costs its device time plus whatever the host does between forwards that it
 cannot do during them: planning a step needs the last step's tokens (schedule -> execute -> absorb,
 scheduler/engine.py); only the streaming of a step's text (detokenizing, stop strings, sending) runs
-during the next forward (EngineConfig.overlap_streaming). This measures the host part on any machine: `ModelRunner` runs bench/step_overhead.py's zero-cost stand-in (no layer;
-the LM head an outer product), made to predict one token with a chosen confidence so requests run to
-`--gen-length` and ReFusion takes the path a real model would:
+during the next forward (EngineConfig.overlap_streaming, on by default for CUDA runners). This
+measures the host part on any machine: `ModelRunner` runs bench/step_overhead.py's zero-cost stand-in
+(no layer; the LM head an outer product), made to predict one token with a chosen confidence so
+requests run to `--gen-length` and ReFusion takes the path a real model would:
 
     confident    the token's probability ~1: ReFusion's drafts verify, slots are accepted in parallel
     uncertain    a small margin (argmax stable, probability ~1/V): ReFusion's single-slot fallback
@@ -20,9 +21,9 @@ path": AR at 32 requests >= 4,000 tok/s needs a whole step under 8 ms, device ti
     OMP_NUM_THREADS=1 python bench/engine_overhead.py
     ... --profile 32          # also cProfile one AR level of 32 requests: the top functions by own time
     ... --profile 32 --profile-mode refusion   # the same for ReFusion
-    ... --device-ms 8 --modes ar                # as if each forward took 8 ms on a device (a sleep in
-                                                # runner.execute, GIL released): what overlapping hides
-    ... --no-overlap-streaming                  # the same with serial streaming, for an A/B
+    ... --device-ms 8 --modes ar --overlap-streaming on    # as if each forward took 8 ms on a device
+            # (a sleep in runner.execute, GIL released): what overlapping the streaming hides; the A/B
+            # is the same with --overlap-streaming off (the default, auto, is off for this CPU stand-in)
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ from workers.loader import load_tokenizer  # noqa: E402
 SHIPPED = ROOT / "models" / "refusion-tiny-code"
 CONFIDENCE = {"confident": 40.0, "uncertain": 0.5}  # logit of the predicted token; every other logit is 0
 
+
+OVERLAP = {"auto": None, "on": True, "off": False}  # --overlap-streaming -> EngineConfig.overlap_streaming
 
 def runner_predicting(token: int, logit: float, vocab: int, num_blocks: int, device: str):
     """The zero-cost runner whose every row's logits are `logit` at `token` and 0 elsewhere."""
@@ -95,7 +98,7 @@ async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: i
     runner = runner_predicting(token, CONFIDENCE[confidence], len(tokenizer), args.num_blocks, args.device)
     timed = TimedRunner(runner, args.device_ms / 1e3)
     config = EngineConfig(max_running=max(64, max(args.levels)), token_budget=args.token_budget,
-                          overlap_streaming=args.overlap_streaming, routing=RoutingConfig(calibrate=False))
+                          overlap_streaming=OVERLAP[args.overlap_streaming], routing=RoutingConfig(calibrate=False))
     engine = Engine(runner, tokenizer, config)
     params = {"gen_length": args.gen_length, "slot_size": 8, "serial_num_blocks": 4}
     await engine.start()
@@ -138,7 +141,7 @@ def table(rows: list[dict], args) -> str:
              f"{torch.__version__}, device {args.device}. Zero-cost stand-in model (vocab of the shipped tokenizer), "
              f"gen_length {args.gen_length}, slot size 8, token budget {args.token_budget}; requests = closed-loop "
              f"clients, 2 x requests (at least 4) finished per level after an untimed round; overlap_streaming "
-             f"{str(args.overlap_streaming).lower()}; a simulated device wait of {args.device_ms:g} ms per forward "
+             f"{args.overlap_streaming}; a simulated device wait of {args.device_ms:g} ms per forward "
              f"(in runner.execute).", "",
              "| mode | stand-in model | requests | steps | ms / step | in runner.execute ms | outside ms | "
              "tokens / forward | host ceiling tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -168,8 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-rows", type=int, default=25, help="functions listed in the profile")
     parser.add_argument("--device-ms", type=float, default=0.0,
                         help="each forward also waits this long with the GIL released, as on a GPU (default 0)")
-    parser.add_argument("--no-overlap-streaming", dest="overlap_streaming", action="store_false",
-                        help="stream each step's text before planning the next (EngineConfig.overlap_streaming false)")
+    parser.add_argument("--overlap-streaming", choices=("auto", "on", "off"), default="auto",
+                        help="EngineConfig.overlap_streaming: auto (the default: on for CUDA runners, off on the CPU), "
+                             "on, off (each step's text streamed before the next is planned)")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     if not 0 <= args.device_ms < 1e4:

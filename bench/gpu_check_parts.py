@@ -288,9 +288,9 @@ async def _engine_levels(bench: Workbench, mode) -> dict:
 FEATURES = {"plain": {}, "plain, serial streaming": {}, "logprobs 5": {"logprobs": 5},
             "frequency_penalty 1": {"frequency_penalty": 1.0},
             "min_p 0.05, T 0.8": {"temperature": 0.8, "min_p": 0.05, "seed": 1}}
-# engine settings a feature run changes (restored after it): serial streaming is the A/B of
-# EngineConfig.overlap_streaming, the text of each step streamed before the next is planned
-FEATURE_CONFIG = {"plain, serial streaming": {"overlap_streaming": False}}
+# engine attributes a feature run changes (restored after it): serial streaming is the A/B of
+# EngineConfig.overlap_streaming (on by default for CUDA), each step's text streamed before the next
+FEATURE_ENGINE = {"plain, serial streaming": {"overlap_streaming": False}}
 
 
 def part_features(bench: Workbench) -> tuple[dict, list[Row]]:
@@ -323,10 +323,10 @@ async def _feature_runs(bench: Workbench) -> dict:
                 out[name] = {"skipped": "time budget spent"}
                 continue
             params = {**bench.decode_params(), **extra}
-            settings = FEATURE_CONFIG.get(name, {})
-            saved = {key: getattr(engine.config, key) for key in settings}
+            settings = FEATURE_ENGINE.get(name, {})
+            saved = {key: getattr(engine, key) for key in settings}
             for key, value in settings.items():
-                setattr(engine.config, key, value)
+                setattr(engine, key, value)
             try:
                 engine.clear_prefix_cache()
                 await run_level(engine, tokenizer, Mode.AR, c, c, params, f"fw-{len(out)}")  # untimed: graphs, kernels
@@ -335,7 +335,7 @@ async def _feature_runs(bench: Workbench) -> dict:
                 run = await run_level(engine, tokenizer, Mode.AR, c, c, params, f"f-{len(out)}")
             finally:
                 for key, value in saved.items():
-                    setattr(engine.config, key, value)
+                    setattr(engine, key, value)
             if errors := requests_ended_by_error(engine):
                 raise RuntimeError(f"{errors} request(s) ended with an error ({name})")
             graphs = bench.engine_runner().stats().get("cuda_graphs") or {}

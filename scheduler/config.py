@@ -147,9 +147,13 @@ class EngineConfig:
     model_dir: directory whose `refusion.json` gives the default decoding parameters; None = the
         runner's own directory (scheduler.decoders.find_model_dir).
     overlap_streaming: detokenize, check stop strings and send a step's text while the next step's
-        forward runs, not between the two (scheduler.engine.Engine._defer_stream). The output is the
-        same; a request ended by a stop string spends one more segment of the forward it was planned
-        into. False: stream each step before planning the next (for A/B measurements).
+        forward runs on the device, not between the two (scheduler.engine.Engine._defer_stream). The
+        output is the same; a request ended by a stop string spends one more segment of the forward it
+        was planned into, and text reaches the client once the next step is launched (a request's first
+        text is never held back). None (default): on when every runner queues its device work and waits
+        for it (ModelRunner.asynchronous: CUDA), off on the CPU, where the forward is done before the
+        text could go out, so it would only reach the client a forward later (a stop string's end too)
+        for no measured gain (docs/benchmarks.md). True / False: always / never (A/B measurements).
     """
 
     max_running: int = 64
@@ -164,7 +168,7 @@ class EngineConfig:
     max_preemptions: int = 2
     aging_after: int = 8
     model_dir: str | None = None
-    overlap_streaming: bool = True
+    overlap_streaming: bool | None = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
@@ -181,4 +185,6 @@ class EngineConfig:
                "must be an integer >= 0 (0: no request is preempted)")
         _check(isinstance(self.aging_after, int) and self.aging_after >= 0, "aging_after",
                "must be an integer >= 0 (0: strict priority classes, no aging)")
+        _check(self.overlap_streaming is None or isinstance(self.overlap_streaming, bool), "overlap_streaming",
+               "must be true, false or null (null: on for CUDA runners, off on the CPU)")
         _check(isinstance(self.routing, RoutingConfig), "routing", "must be a scheduler.config.RoutingConfig")

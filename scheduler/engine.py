@@ -98,8 +98,14 @@ class Engine:
         self._stopping = False
         self.forwards = 0
         self._plan_items: list = []  # the step's (request, segment) pairs while its forward and postprocess run
-        # request id -> (request, its decoder then): absorbed a step whose text is not streamed yet
-        self._unstreamed: dict[str, tuple[Request, object]] = {}
+        # request id -> (request, its decoder then, the time then): absorbed a step whose text is not
+        # streamed yet (_defer_stream)
+        self._unstreamed: dict[str, tuple[Request, object, float]] = {}
+        self.scheduler.before_requeue = self._stream_deferred
+        overlap = self.config.overlap_streaming
+        # (None: where the forward runs on a device the host waits for; scheduler.config.EngineConfig)
+        self.overlap_streaming = (all(getattr(r, "asynchronous", False) for r in runners.values())
+                                  if overlap is None else overlap)
 
     # ---- public API --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -195,6 +201,7 @@ class Engine:
             "class_stats": self.router.class_stats(),
             "host_s_per_request": {m.value: s for m, s in self.router.host.per_request().items()},
             "host_s_per_step": self.router.host.fixed_s,
+            "overlap_streaming": self.overlap_streaming,
             "runner": self.runner.stats() if hasattr(self.runner, "stats") else {},
         }
 
@@ -353,7 +360,7 @@ class Engine:
         self.kv.share_prompt_blocks(req)
         if self._defer_stream(req, now):
             maybe_switch(self.scheduler, req)
-            self._unstreamed[req.id] = (req, req.decoder)
+            self._unstreamed[req.id] = (req, req.decoder, now)
             return routed
         self._stream(req, now)
         if req.finished:
@@ -371,13 +378,14 @@ class Engine:
         Detokenizing, the stop-string check and sending cost the host about a third of its time between
         forwards (bench/engine_overhead.py --profile), and nothing the next step plans depends on them
         except a stop string. So a request that ends without one (its decoder finished, max_tokens
-        reached by count, its deadline past) is streamed and ended now; any other is planned for the
+        reached by count, its deadline past) is streamed and ended now, as is one that has sent nothing
+        yet (its time to first token stays that of serial streaming); any other is planned for the
         next step and its text checked during that step's forward. One found there ends the request
         while its segment runs: the result is dropped and its KV freed after the forward, as for a
         cancel, so the text, ids and usage are those of serial streaming, at the price of one segment
         of work for the request that stops (vLLM's async scheduling makes the same trade)."""
-        if not self.config.overlap_streaming or req.decoder.finished:
-            return False
+        if not self.overlap_streaming or req.decoder.finished or not req.first_token_s:
+            return False  # (nothing sent yet: its first text goes out at once, for the time to first token)
         cap, deadline = req.spec.max_tokens, req.deadline_s
         if cap is not None and len(req.stream_ids()) >= cap:
             return False
@@ -388,17 +396,24 @@ class Engine:
         if not self._unstreamed:
             return
         pending, self._unstreamed = self._unstreamed, {}
-        now = time.monotonic()
-        for req, decoder in pending.values():
-            self._stream_absorbed(req, decoder, now)
+        for req, decoder, absorbed_s in pending.values():
+            self._stream_absorbed(req, decoder, absorbed_s)
 
-    def _stream_absorbed(self, req: Request, decoder, now: float) -> None:
-        """`_stream` for a deferred request, unless it ended meanwhile or was sent back to the queue (its
-        decoder is gone: the rerun makes the same ids and streams them). A fault here ends only `req`."""
+    def _stream_deferred(self, req: Request) -> None:
+        """Stream `req`'s deferred text now, if it has any: before it ends otherwise (`_finish`) or is sent
+        back to the queue (Scheduler.before_requeue: its decoder, which holds that text, goes then)."""
+        deferred = self._unstreamed.pop(req.id, None)
+        if deferred is not None:
+            self._stream_absorbed(*deferred)
+
+    def _stream_absorbed(self, req: Request, decoder, absorbed_s: float) -> None:
+        """`_stream` for a deferred request, as of when its step was absorbed (`absorbed_s`: a deadline
+        that passed since then does not cut that text at a newline, as it would not have in serial
+        streaming), unless it ended meanwhile or its decoder was replaced. A fault here ends only `req`."""
         if req.finished or req.decoder is not decoder:
             return
         try:
-            self._stream(req, now)
+            self._stream(req, absorbed_s)
         except Exception as exc:
             log.exception("stream_failed", request_id=req.id)
             self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
@@ -453,9 +468,8 @@ class Engine:
         request ends there, with STOP."""
         if req.finished:
             return
-        deferred = self._unstreamed.pop(req.id, None)
-        if deferred is not None:
-            self._stream_absorbed(req, deferred[1], time.monotonic())
+        if req.id in self._unstreamed:
+            self._stream_deferred(req)
             if req.finished:
                 return
         now = time.monotonic()

@@ -121,6 +121,10 @@ class Scheduler:
         self.running: list[Request] = []
         self._arrivals = 0
         self.admission_host_s = 0.0  # engine-thread CPU seconds the last schedule() spent starting requests
+        # Called with a running request about to be sent back to the queue, while it still has its
+        # decoder: the engine streams the text it absorbed but has not sent (scheduler.engine), which
+        # may end it (a stop string); then it is not requeued
+        self.before_requeue = None
 
     # ---- submit-time checks -------------------------------------------------------------------
     def add(self, spec, params, stream) -> Request:
@@ -456,6 +460,10 @@ class Scheduler:
         in the same mode. Outputs are batch-independent and seeded per request, so the rerun yields the
         same tokens and its stream resumes where it stopped (nothing is sent twice). Only requests that
         never switched mode are requeued."""
+        if self.before_requeue is not None:
+            self.before_requeue(victim)
+            if victim.finished:  # ended by the text it had absorbed: removed and its KV freed already
+                return
         self.running.remove(victim)
         self.kv.free(victim)
         victim.tokens_before_requeue = max(victim.tokens_before_requeue, victim.generated_tokens())

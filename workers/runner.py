@@ -182,6 +182,14 @@ class ModelRunner:
                 "cuda_graphs": self.step_fn.stats() if isinstance(self.step_fn, StepGraphs) else None}
 
     @property
+    def asynchronous(self) -> bool:
+        """Whether `execute` queues the step's device work and then waits for it (CUDA), so that the
+        caller can do other host work meanwhile (workers.batch.notify_launched fires before the work is
+        done); on the CPU the work is done by the time it fires. scheduler.engine overlaps streaming
+        with the forward by default only then (EngineConfig.overlap_streaming)."""
+        return self.device.type == "cuda"
+
+    @property
     def pad_steps(self) -> bool:
         """Whether steps are packed at bucketed shapes: what CUDA graphs and compiled layers key on (and
         what costs a GPU little). An eager CPU step computes every padding row (a 1-token step ran 16

@@ -6,6 +6,7 @@ absorbed but had not streamed yet is sent before any other end (here: a step tha
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,7 @@ async def test_text_absorbed_but_not_yet_streamed_is_sent_before_a_failed_step_e
     # must reach the client first: no token the decoder made is lost.
     from scheduler.engine import Engine
 
-    engine = Engine(runner, runner.tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
+    engine = Engine(runner, runner.tokenizer, EngineConfig(overlap_streaming=True, routing=RoutingConfig(calibrate=False)))
     schedule, steps, absorbed = engine.scheduler.schedule, [], []
 
     def failing_schedule():
@@ -127,8 +128,9 @@ async def test_text_absorbed_but_not_yet_streamed_is_sent_before_a_failed_step_e
 
 
 async def test_the_last_steps_text_is_sent_while_the_forward_is_inside_the_runner(runner):
-    # Each forward, inside runner.execute once its device work is queued (notify_launched), waits for
-    # the engine to send text: with overlap the loop streams the previous step's text right then. Serial
+    # From the third on, each forward, inside runner.execute once its device work is queued
+    # (notify_launched), waits for the engine to send text: with overlap the loop streams the previous
+    # step's text right then (the first token's text goes out at once, for the time to first token). Serial
     # streaming sent it before the forward began, and so did streaming before the runner had launched
     # the step (which kept the thread from launching: it needs the GIL); either way nothing new comes.
     import threading
@@ -136,7 +138,7 @@ async def test_the_last_steps_text_is_sent_while_the_forward_is_inside_the_runne
 
     from scheduler.engine import Engine
 
-    engine = Engine(runner, runner.tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
+    engine = Engine(runner, runner.tokenizer, EngineConfig(overlap_streaming=True, routing=RoutingConfig(calibrate=False)))
     sent, lock = [0], threading.Lock()
     send, execute = engine._send, runner.execute
     during, gave_up = [], threading.Event()
@@ -151,7 +153,9 @@ async def test_the_last_steps_text_is_sent_while_the_forward_is_inside_the_runne
             before = sent[0]
         results = execute(segments, tables)  # the launch hook fired in there
         deadline = time.monotonic() + 5
-        while during and not gave_up.is_set():  # (the first forward, the prefill, has no text before it)
+        # (the first forward, the prefill, has no text before it; the first token's text went out before
+        # the second forward began, for the time to first token)
+        while len(during) >= 2 and not gave_up.is_set():
             with lock:
                 if sent[0] > before:
                     break
@@ -170,5 +174,111 @@ async def test_the_last_steps_text_is_sent_while_the_forward_is_inside_the_runne
     finally:
         del runner.execute
     assert len(_ids(deltas)) >= 8 and len(during) >= len(_ids(deltas))
-    # the first forward (prefill) has no earlier text; each later one saw the last step's text go out
-    assert all(n >= 1 for n in during[1:]), during
+    # the first forward (prefill) has no earlier text and the first token's text went out before the
+    # second; each later forward saw the last step's text go out while it was inside the runner
+    assert during[:2] == [0, 0] and all(n >= 1 for n in during[2:]), during
+
+
+async def test_overlap_is_on_by_default_only_for_runners_that_wait_on_a_device(runner, monkeypatch):
+    # On the CPU the forward is done when the runner says it is launched, so holding text back for it
+    # only delays the text by one forward (docs/benchmarks.md); a CUDA runner queues its work and
+    # waits (ModelRunner.asynchronous)
+    from scheduler.engine import Engine
+    from workers.runner import ModelRunner
+
+    routing = RoutingConfig(calibrate=False)
+    assert runner.asynchronous is False
+    assert Engine(runner, runner.tokenizer, EngineConfig(routing=routing)).overlap_streaming is False
+    monkeypatch.setattr(ModelRunner, "asynchronous", property(lambda self: True))
+    engine = Engine(runner, runner.tokenizer, EngineConfig(routing=routing))
+    assert engine.overlap_streaming is True and engine.stats()["overlap_streaming"] is True
+    assert Engine(runner, runner.tokenizer, EngineConfig(overlap_streaming=False, routing=routing)).overlap_streaming is False
+
+
+def _hook_forward(runner, k: int, action):
+    """Wrap runner.execute: call `action()` (in the worker thread) at the start of the k-th forward."""
+    execute, count = runner.execute, [0]
+
+    def hooked(segments, tables):
+        count[0] += 1
+        if count[0] == k:
+            action()
+        return execute(segments, tables)
+
+    runner.execute = hooked
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+async def test_a_deadline_passing_after_a_step_does_not_cut_that_steps_text(runner, overlap):
+    # Found by a break-test: the deferred text was streamed "as of now", after the deadline, so the
+    # newline cut after a deadline applied to text that was final before it; the request ended one step
+    # early (serial: the text through the step after the deadline). The deadline is made to pass at the
+    # start of the forward after the one whose token holds the first newline.
+    from scheduler.engine import Engine
+
+    prompt = "x = ["
+    [plain], _ = await _run(runner, [_request(runner, "plain", prompt)], overlap=False)
+    pieces = [runner.tokenizer.decode([t]) for t in _ids(plain)]
+    j = next(i for i, piece in enumerate(pieces) if "\n" in piece) + 1  # forward j made the newline token
+    assert j < len(pieces) - 2, pieces
+
+    engine = Engine(runner, runner.tokenizer, EngineConfig(overlap_streaming=overlap, deadline_grace_ms=10_000,
+                                                           routing=RoutingConfig(calibrate=False)))
+    spec = _request(runner, "d", prompt, max_time_ms=600_000)
+    # (deadline_s = arrival_s + max_time_ms: the arrival moved back so that the deadline is now)
+    _hook_forward(runner, j + 1, lambda: setattr(engine._requests["d"], "arrival_s", time.monotonic() - 600.0))
+    try:
+        await engine.start()
+        deltas = await _collect(engine, spec)
+        await engine.stop()
+    finally:
+        del runner.execute
+    assert deltas[-1].finish_reason is FinishReason.DEADLINE
+    # the newline token's text was final before the deadline; the cut comes at the next newline after it
+    text = _text(deltas)
+    assert text.startswith("".join(pieces[:j])) and len(_ids(deltas)) > j, (text, pieces)
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+async def test_text_a_preempted_request_absorbed_is_sent_before_its_decoder_goes(runner):
+    # Found by a break-test: a request sent back to the queue lost the text of its last step (its
+    # decoder, which held it, was dropped; the rerun would have streamed it again, but the request
+    # ended while queued). Here a batch request is preempted by an interactive one after its 5th
+    # forward, then the engine stops while it waits: every token it generated has been sent.
+    from scheduler.api import Priority
+    from scheduler.engine import Engine
+
+    engine = Engine(runner, runner.tokenizer, EngineConfig(overlap_streaming=True, max_running=1,
+                                                           routing=RoutingConfig(calibrate=False)))
+    batch = _request(runner, "batch")
+    urgent = _request(runner, "urgent", PROMPTS[1], params={"ignore_eos": True}, priority=Priority.INTERACTIVE)
+    loop = asyncio.get_running_loop()
+    urgent_deltas = []
+
+    async def submit_urgent():
+        async for delta in engine.submit(urgent):
+            urgent_deltas.append(delta)
+
+    def arrive():  # in the worker thread, inside the batch request's 5th forward: admitted before it ends
+        loop.call_soon_threadsafe(lambda: tasks.append(asyncio.ensure_future(submit_urgent())))
+        deadline = time.monotonic() + 10
+        while "urgent" not in engine._requests and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    tasks = []
+    _hook_forward(runner, 5, arrive)
+    try:
+        await engine.start()
+        batch_task = asyncio.ensure_future(_collect(engine, batch))
+        while not urgent_deltas:
+            await asyncio.sleep(0.005)
+        await engine.stop(drain_timeout_s=0)
+        deltas = await batch_task
+        await asyncio.gather(*tasks)
+    finally:
+        del runner.execute
+    [solo], _ = await _run(runner, [_request(runner, "solo")], overlap=False)
+    generated = deltas[-1].stats["generated_tokens"]
+    assert deltas[-1].finish_reason is FinishReason.CANCELLED and deltas[-1].stats["preemptions"] == 1
+    assert generated >= 4 and _ids(deltas) == _ids(solo)[:generated]
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
