@@ -33,7 +33,7 @@ from scheduler.config import EngineConfig
 from scheduler.decoders import DecoderFactory, ModelDecoderFactory
 from scheduler.detokenizer import TextStream, TextUpdate
 from scheduler.metrics import EngineMetrics
-from scheduler.mode_switch import maybe_switch
+from scheduler.mode_switch import maybe_switch, switch_due
 from scheduler.request import Request, RequestStatus
 from scheduler.request_ids import InFlightIds, in_flight_message
 from scheduler.routing import CostCurve, Router
@@ -101,7 +101,7 @@ class Engine:
         # request id -> (request, its decoder then, the time then): absorbed a step whose text is not
         # streamed yet (_defer_stream)
         self._unstreamed: dict[str, tuple[Request, object, float]] = {}
-        self.scheduler.before_requeue = self._stream_deferred
+        self.scheduler.before_requeue, self.scheduler.settle = self._stream_deferred, self._settle_streams
         overlap = self.config.overlap_streaming
         # (None: where the forward runs on a device the host waits for; scheduler.config.EngineConfig)
         self.overlap_streaming = (all(getattr(r, "asynchronous", False) for r in runners.values())
@@ -379,13 +379,16 @@ class Engine:
         forwards (bench/engine_overhead.py --profile), and nothing the next step plans depends on them
         except a stop string. So a request that ends without one (its decoder finished, max_tokens
         reached by count, its deadline past) is streamed and ended now, as is one that has sent nothing
-        yet (its time to first token stays that of serial streaming); any other is planned for the
+        yet (its time to first token stays that of serial streaming) and an AUTO one due for re-routing
+        (mode_switch.switch_due: a stop string must end it before it switches); any other is planned for the
         next step and its text checked during that step's forward. One found there ends the request
         while its segment runs: the result is dropped and its KV freed after the forward, as for a
         cancel, so the text, ids and usage are those of serial streaming, at the price of one segment
         of work for the request that stops (vLLM's async scheduling makes the same trade)."""
         if not self.overlap_streaming or req.decoder.finished or not req.first_token_s:
             return False  # (nothing sent yet: its first text goes out at once, for the time to first token)
+        if switch_due(self.scheduler, req):
+            return False  # a stop string in its text must end it before the router may switch its mode
         cap, deadline = req.spec.max_tokens, req.deadline_s
         if cap is not None and len(req.stream_ids()) >= cap:
             return False
@@ -398,6 +401,16 @@ class Engine:
         pending, self._unstreamed = self._unstreamed, {}
         for req, decoder, absorbed_s in pending.values():
             self._stream_absorbed(req, decoder, absorbed_s)
+
+    def _settle_streams(self, exclude: set) -> bool:
+        """Stream the deferred text of every request but those whose ids are in `exclude`; True when that
+        ended one (a stop string). Scheduler.settle: called before a preemption, which a request ending
+        so may make needless (its slot and blocks are free then)."""
+        ended = False
+        for req, _, _ in [entry for rid, entry in self._unstreamed.items() if rid not in exclude]:
+            self._stream_deferred(req)
+            ended = ended or req.finished
+        return ended
 
     def _stream_deferred(self, req: Request) -> None:
         """Stream `req`'s deferred text now, if it has any: before it ends otherwise (`_finish`) or is sent

@@ -13,17 +13,24 @@ from scheduler.api import Mode
 from scheduler.request import Request
 
 
-def maybe_switch(scheduler, req: Request) -> bool:
-    """Re-route `req` if it is AUTO, at a block boundary, and the router now prefers the other mode.
-    Returns True when the request changed mode."""
+def switch_due(scheduler, req: Request) -> bool:
+    """Whether `req` is re-routed now (maybe_switch asks the router): AUTO, switching allowed, not a
+    preempted rerun, at a block boundary at least switch_interval_tokens after its last routing."""
     cfg = scheduler.config.routing
     if req.spec.mode is not Mode.AUTO or not cfg.allow_switch or req.finished or req.decoder.finished:
         return False
     if req.pinned_mode is not None:  # a preempted rerun must retrace its first run's tokens exactly
         return False
     generated = req.generated_tokens()
-    if generated - req.tokens_at_last_route < cfg.switch_interval_tokens or not req.decoder.at_block_boundary():
+    return generated - req.tokens_at_last_route >= cfg.switch_interval_tokens and req.decoder.at_block_boundary()
+
+
+def maybe_switch(scheduler, req: Request) -> bool:
+    """Re-route `req` if it is AUTO, at a block boundary, and the router now prefers the other mode.
+    Returns True when the request changed mode."""
+    if not switch_due(scheduler, req):
         return False
+    generated = req.generated_tokens()
     req.tokens_at_last_route = generated
     # Weighed with the other AUTO requests of its decoder and class: they decide alike at their own block
     # boundaries. Weighed alone against them staying put, each one moved and the whole batch with it:

@@ -121,10 +121,15 @@ class Scheduler:
         self.running: list[Request] = []
         self._arrivals = 0
         self.admission_host_s = 0.0  # engine-thread CPU seconds the last schedule() spent starting requests
-        # Called with a running request about to be sent back to the queue, while it still has its
-        # decoder: the engine streams the text it absorbed but has not sent (scheduler.engine), which
-        # may end it (a stop string); then it is not requeued
+        # Hooks of the engine's deferred streaming (scheduler.engine, EngineConfig.overlap_streaming): text
+        # a running request absorbed but has not sent may hold a stop string that ends it.
+        # before_requeue(req): called with a request about to be sent back to the queue, while it still
+        #   has its decoder (which holds that text); a request it ends is not requeued.
+        # settle(exclude) -> bool: stream every such text now but that of the requests in `exclude`
+        #   (ids planned into this step already); True when that ended a request. Called before any
+        #   preemption, so that no request is preempted for room a stopped request was about to free.
         self.before_requeue = None
+        self.settle = None
 
     # ---- submit-time checks -------------------------------------------------------------------
     def add(self, spec, params, stream) -> Request:
@@ -302,13 +307,15 @@ class Scheduler:
             short = self.kv.shortfall(req, segment)
         # victims: none already in this step (planned, done without a step, or failed); built only when short
         in_plan = short and {r.id for r, _ in plan.items} | {r.id for r in plan.done} | {r.id for r, _ in plan.failed}
+        if short and self.settle is not None and self.settle(in_plan | {req.id}):
+            short = self.kv.shortfall(req, segment)  # a request that stopped freed its blocks
         while short:
             victims = [r for r in self.running if r is not req and r.id not in in_plan and r.runner_key == req.runner_key
                        and len(r.mode_history) == 1 and r.sort_key() > req.sort_key()]
             if not victims:
                 return None
-            self.metrics.preemptions.labels(cause="kv").inc()
-            self.requeue(max(victims, key=Request.sort_key), reason=f"kv cache full (for {req.id})")
+            if self.requeue(max(victims, key=Request.sort_key), reason=f"kv cache full (for {req.id})"):
+                self.metrics.preemptions.labels(cause="kv").inc()
             short = self.kv.shortfall(req, segment)
         return self.kv.grow(req, segment)
 
@@ -437,8 +444,10 @@ class Scheduler:
                    and kv_key in (None, r.runner_key)]
         if not victims or not self._room_if_preempted(req, victims, [kv_key] if kv_key else list(self.runners)):
             return False
-        self.metrics.preemptions.labels(cause="interactive").inc()
-        self.requeue(max(victims, key=lambda r: r.order), reason=f"for {req.id}")
+        if self.settle is not None and self.settle(set()):
+            return True  # a running request stopped and freed its slot and blocks: try `req` again
+        if self.requeue(max(victims, key=lambda r: r.order), reason=f"for {req.id}"):
+            self.metrics.preemptions.labels(cause="interactive").inc()
         return True
 
     def _room_if_preempted(self, req: Request, victims: list[Request], keys: list[str]) -> bool:
@@ -455,15 +464,16 @@ class Scheduler:
                 return True
         return False
 
-    def requeue(self, victim: Request, reason: str) -> None:
+    def requeue(self, victim: Request, reason: str) -> bool:
         """Send a running request back to the queue: its KV is freed and it restarts from scratch later,
         in the same mode. Outputs are batch-independent and seeded per request, so the rerun yields the
         same tokens and its stream resumes where it stopped (nothing is sent twice). Only requests that
-        never switched mode are requeued."""
+        never switched mode are requeued. Returns False when the text it had absorbed but not sent ended
+        it instead (`before_requeue`: a stop string; removed and its KV freed then), else True."""
         if self.before_requeue is not None:
             self.before_requeue(victim)
-            if victim.finished:  # ended by the text it had absorbed: removed and its KV freed already
-                return
+            if victim.finished:
+                return False
         self.running.remove(victim)
         self.kv.free(victim)
         victim.tokens_before_requeue = max(victim.tokens_before_requeue, victim.generated_tokens())
@@ -476,6 +486,7 @@ class Scheduler:
         # step sorts anew) when it preempts, so the victim is looked at last in this walk
         self.waiting.append(victim)
         log.info("preempted", request_id=victim.id, reason=reason, mode=victim.pinned_mode.value)
+        return True
 
     def _try_start(self, req: Request, held_blocks: int = 0, arriving: list[Request] = ()) -> bool:
         """Start `req` if a route, KV (beyond `held_blocks`, kept by prefix waiters ahead of it) and its

@@ -282,3 +282,88 @@ async def test_text_a_preempted_request_absorbed_is_sent_before_its_decoder_goes
     assert deltas[-1].finish_reason is FinishReason.CANCELLED and deltas[-1].stats["preemptions"] == 1
     assert generated >= 4 and _ids(deltas) == _ids(solo)[:generated]
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+def _preemptions(engine) -> float:
+    registry = engine.metrics.registry
+    return sum(registry.get_sample_value("refusion_preemptions_total", {"cause": c}) or 0 for c in ("kv", "interactive"))
+
+
+@pytest.mark.parametrize("stopper", ["older", "younger"])
+async def test_a_request_stopping_in_deferred_text_frees_its_slot_without_a_preemption(runner, stopper):
+    # Found by a second break-test: a running request whose stop string sat in deferred text still held
+    # its running slot at the next schedule, so an arriving interactive request preempted another batch
+    # request (the younger; or the stopping one itself, counted as a preemption though it then ended).
+    # Two batch requests fill max_running 2; an interactive one arrives in the forward after which the
+    # `stopper`'s text holds its stop string. Serial streaming preempts nobody; neither may overlap.
+    from scheduler.api import Priority
+    from scheduler.engine import Engine
+
+    prompts = {"older": PROMPTS[0], "younger": PROMPTS[1]}
+    [plain], _ = await _run(runner, [_request(runner, "p", prompts[stopper], params={"ignore_eos": True})], overlap=False)
+    pieces = [runner.tokenizer.decode([t]) for t in _ids(plain)]
+    text = "".join(pieces)
+    stop = text[20:23]
+    end = text.find(stop) + len(stop)
+    j = next(k for k in range(1, len(pieces) + 1) if len("".join(pieces[:k])) >= end)  # forward j completes it
+    outputs = {}
+    for overlap in (False, True):
+        engine = Engine(runner, runner.tokenizer, EngineConfig(overlap_streaming=overlap, max_running=2,
+                                                               routing=RoutingConfig(calibrate=False)))
+        specs = [_request(runner, name, prompts[name], params={"ignore_eos": True},
+                          stop=[stop] if name == stopper else []) for name in ("older", "younger")]
+        urgent = _request(runner, "urgent", PROMPTS[2], priority=Priority.INTERACTIVE)
+        loop, tasks = asyncio.get_running_loop(), []
+
+        def arrive():  # inside forward j: admitted before the schedule that follows it
+            loop.call_soon_threadsafe(lambda: tasks.append(asyncio.ensure_future(_collect(engine, urgent))))
+            deadline = time.monotonic() + 10
+            while "urgent" not in engine._requests and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+        _hook_forward(runner, j, arrive)
+        try:
+            await engine.start()
+            results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
+            await asyncio.gather(*tasks)
+            await engine.stop()
+        finally:
+            del runner.execute
+        assert engine.kv.pool().num_free == engine.kv.pool().num_total
+        outputs[overlap] = [(_ids(d), d[-1].finish_reason, d[-1].stats["preemptions"]) for d in results]
+        assert _preemptions(engine) == 0, overlap
+        assert [p for _, _, p in outputs[overlap]] == [0, 0], overlap
+    assert outputs[True] == outputs[False]
+    stopped = outputs[True][("older", "younger").index(stopper)]
+    assert stopped[1] is FinishReason.STOP
+
+
+async def test_an_auto_request_ended_by_deferred_text_does_not_switch_mode_first(runner):
+    # Found by a second break-test: the router re-routed an AUTO request at a block boundary before its
+    # deferred text was checked, so one ended there by a stop string switched mode first (a mode switch
+    # serial streaming never made, and with a separate AR model a prefill for nothing). The router is
+    # made to alternate the mode at every re-route; the stop string ends the text at a boundary.
+    import dataclasses
+
+    from scheduler.engine import Engine
+
+    histories = {}
+    for overlap in (False, True):
+        engine = Engine(runner, runner.tokenizer, EngineConfig(
+            overlap_streaming=overlap, routing=RoutingConfig(calibrate=False, switch_interval_tokens=1)))
+        decide = engine.router.decide
+
+        def alternate(requested, priority, load, current=None, request_key=None, decide=decide):
+            decision = decide(requested, priority, load, current=current, request_key=request_key)
+            mode = Mode.REFUSION if current is None else {Mode.AR: Mode.REFUSION, Mode.REFUSION: Mode.AR}[current]
+            return dataclasses.replace(decision, mode=mode)
+
+        engine.router.decide = alternate
+        await engine.start()
+        specs = [_request(runner, f"s{n}", "x = [", Mode.AUTO, stop=["s, " * n]) for n in range(4, 17)]
+        results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
+        await engine.stop()
+        assert engine.kv.pool().num_free == engine.kv.pool().num_total
+        histories[overlap] = [(_ids(d), d[-1].finish_reason, d[-1].stats["modes"]) for d in results]
+    assert histories[True] == histories[False]
+    assert any(reason is FinishReason.STOP and len(modes) > 1 for _, reason, modes in histories[True])
