@@ -87,6 +87,9 @@ async def run_level(engine: Engine, tokenizer, mode: Mode, concurrency: int, tot
 
 
 OVERLAP = {"auto": None, "on": True, "off": False}  # --overlap-streaming -> EngineConfig.overlap_streaming
+OVERLAP_HELP = ("EngineConfig.overlap_streaming: auto (the default: on for CUDA runners, off on the CPU), on, off "
+                "(each step's text streamed before the next is planned)")
+
 
 def summarize(runs: list[dict]) -> dict:
     """One level and mode over its rounds: throughput = all tokens / all wall time; latency medians."""
@@ -210,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                              "to gen_length in both modes (use with --gen-length 128)")
     parser.add_argument("--token-budget", type=positive_int, default=512)
     parser.add_argument("--num-blocks", type=positive_int, default=2048)
-    parser.add_argument("--overlap-streaming", choices=("auto", "on", "off"), default="auto",
-                        help="EngineConfig.overlap_streaming: auto (the default: on for CUDA runners, off on the CPU), "
-                             "on, off (each step's text streamed before the next is planned)")
+    parser.add_argument("--overlap-streaming", choices=tuple(OVERLAP), default="auto", help=OVERLAP_HELP)
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

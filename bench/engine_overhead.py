@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import structlog  # noqa: E402
 import torch  # noqa: E402
 
-from concurrency import run_level, summarize  # noqa: E402
+from concurrency import OVERLAP, OVERLAP_HELP, run_level, summarize  # noqa: E402
 from scheduler.api import Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
@@ -57,8 +57,6 @@ from workers.loader import load_tokenizer  # noqa: E402
 SHIPPED = ROOT / "models" / "refusion-tiny-code"
 CONFIDENCE = {"confident": 40.0, "uncertain": 0.5}  # logit of the predicted token; every other logit is 0
 
-
-OVERLAP = {"auto": None, "on": True, "off": False}  # --overlap-streaming -> EngineConfig.overlap_streaming
 
 def runner_predicting(token: int, logit: float, vocab: int, num_blocks: int, device: str):
     """The zero-cost runner whose every row's logits are `logit` at `token` and 0 elsewhere."""
@@ -171,9 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-rows", type=int, default=25, help="functions listed in the profile")
     parser.add_argument("--device-ms", type=float, default=0.0,
                         help="each forward also waits this long with the GIL released, as on a GPU (default 0)")
-    parser.add_argument("--overlap-streaming", choices=("auto", "on", "off"), default="auto",
-                        help="EngineConfig.overlap_streaming: auto (the default: on for CUDA runners, off on the CPU), "
-                             "on, off (each step's text streamed before the next is planned)")
+    parser.add_argument("--overlap-streaming", choices=tuple(OVERLAP), default="auto", help=OVERLAP_HELP)
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     if not 0 <= args.device_ms < 1e4:

@@ -358,8 +358,7 @@ class Engine:
         if routed:
             self.router.observe(req.mode, req.priority, req.generated_tokens() - before, 1, len(segment.token_ids))
         self.kv.share_prompt_blocks(req)
-        if self._defer_stream(req, now):
-            maybe_switch(self.scheduler, req)
+        if self._defer_stream(req, now):  # (not when a mode switch is due: maybe_switch would do nothing)
             self._unstreamed[req.id] = (req, req.decoder, now)
             return routed
         self._stream(req, now)
@@ -396,13 +395,10 @@ class Engine:
 
     def _flush_streams(self) -> None:
         """Stream the text of every request whose last absorbed step is not streamed yet."""
-        if not self._unstreamed:
-            return
-        pending, self._unstreamed = self._unstreamed, {}
-        for req, decoder, absorbed_s in pending.values():
-            self._stream_absorbed(req, decoder, absorbed_s)
+        if self._unstreamed:
+            self._settle_streams(())
 
-    def _settle_streams(self, exclude: set) -> bool:
+    def _settle_streams(self, exclude) -> bool:
         """Stream the deferred text of every request but those whose ids are in `exclude`; True when that
         ended one (a stop string). Scheduler.settle: called before a preemption, which a request ending
         so may make needless (its slot and blocks are free then)."""
