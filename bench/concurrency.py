@@ -89,6 +89,8 @@ async def run_level(engine: Engine, tokenizer, mode: Mode, concurrency: int, tot
 OVERLAP = {"auto": None, "on": True, "off": False}  # --overlap-streaming -> EngineConfig.overlap_streaming
 OVERLAP_HELP = ("EngineConfig.overlap_streaming: auto (the default: on for CUDA runners, off on the CPU), on, off "
                 "(each step's text streamed before the next is planned)")
+ASYNC_HELP = ("EngineConfig.async_scheduling: auto (the default: on for CUDA runners, off on the CPU), on, off "
+              "(each step planned after the last one's results are back); same choices as --overlap-streaming")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -119,7 +121,8 @@ async def run(args, runner) -> list[tuple[int, Mode, dict]]:
     tokenizer = runner.tokenizer
     budget = args.token_budget
     routing = RoutingConfig(calibrate=True, calibration_tokens=RoutingConfig().calibration_tokens + (budget,))
-    config = EngineConfig(max_running=64, token_budget=budget, overlap_streaming=OVERLAP[args.overlap_streaming], routing=routing)
+    config = EngineConfig(max_running=64, token_budget=budget, overlap_streaming=OVERLAP[args.overlap_streaming],
+                          async_scheduling=OVERLAP[args.async_scheduling], routing=routing)
     engines = {m: Engine(runner, tokenizer, config) for m in MODES}
     for engine in engines.values():
         await engine.start()
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-budget", type=positive_int, default=512)
     parser.add_argument("--num-blocks", type=positive_int, default=2048)
     parser.add_argument("--overlap-streaming", choices=tuple(OVERLAP), default="auto", help=OVERLAP_HELP)
+    parser.add_argument("--async-scheduling", choices=tuple(OVERLAP), default="auto", help=ASYNC_HELP)
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

@@ -2,28 +2,32 @@
 streaming) on a model whose forward costs nothing, at 1/8/32/64 concurrent requests, AR and ReFusion.
 
 On a GPU an engine step costs its device time plus whatever the host does between forwards that it
-cannot do during them: planning a step needs the last step's tokens (schedule -> execute -> absorb,
-scheduler/engine.py); only the streaming of a step's text (detokenizing, stop strings, sending) runs
-during the next forward (EngineConfig.overlap_streaming, on by default for CUDA runners). This
-measures the host part on any machine: `ModelRunner` runs bench/step_overhead.py's zero-cost stand-in
-(no layer; the LM head an outer product), made to predict one token with a chosen confidence so
-requests run to `--gen-length` and ReFusion takes the path a real model would:
+cannot do during them. Serially, planning a step needs the last step's tokens (schedule -> execute ->
+absorb, scheduler/engine.py) and only the streaming of a step's text runs during the next forward
+(EngineConfig.overlap_streaming); under asynchronous scheduling (EngineConfig.async_scheduling; plain
+AR only) the next step is planned and launched before the last one's results are back, so the host's
+whole step overlaps the device. Both are on by default for CUDA runners. This measures the host part
+on any machine: `ModelRunner` runs bench/step_overhead.py's zero-cost stand-in (no layer; the LM head
+an outer product), made to predict one token with a chosen confidence so requests run to
+`--gen-length` and ReFusion takes the path a real model would:
 
     confident    the token's probability ~1: ReFusion's drafts verify, slots are accepted in parallel
     uncertain    a small margin (argmax stable, probability ~1/V): ReFusion's single-slot fallback
 
-Reported per level: ms per engine step (wall / forwards), of which inside `ModelRunner.execute`
-(packing, validation, copies, the step's reads and unpacking: bench/step_overhead.py's column) and
-outside it (scheduler, decoders, KV bookkeeping, detokenizer, asyncio, streaming); tokens per
-forward; and the host ceiling: tokens per second if the device took no time at all. Issue "CUDA fast
-path": AR at 32 requests >= 4,000 tok/s needs a whole step under 8 ms, device time included.
+Reported per level: ms per engine step (wall / forwards), of which inside the runner's launch and
+collect (packing, validation, copies, the step's reads, unpacking, and the simulated device wait:
+bench/step_overhead.py's column) and outside them (scheduler, decoders, KV bookkeeping, detokenizer,
+asyncio, streaming); tokens per forward; and the host ceiling: tokens per second if the device took
+no time at all. Issue "CUDA fast path": AR at 32 requests >= 4,000 tok/s needs a whole step under
+8 ms, device time included.
 
     OMP_NUM_THREADS=1 python bench/engine_overhead.py
     ... --profile 32          # also cProfile one AR level of 32 requests: the top functions by own time
     ... --profile 32 --profile-mode refusion   # the same for ReFusion
-    ... --device-ms 8 --modes ar --overlap-streaming on    # as if each forward took 8 ms on a device
-            # (a sleep in runner.execute, GIL released): what overlapping the streaming hides; the A/B
-            # is the same with --overlap-streaming off (the default, auto, is off for this CPU stand-in)
+    ... --device-ms 8 --modes ar --overlap-streaming on --async-scheduling on
+            # as if each forward took 8 ms on a device with a queue (TimedRunner: collect sleeps, GIL
+            # released, until the simulated device is done): what the overlaps hide; the A/B is the
+            # same with "off" (the defaults, auto, are off for this CPU stand-in)
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import structlog  # noqa: E402
 import torch  # noqa: E402
 
-from concurrency import OVERLAP, OVERLAP_HELP, run_level, summarize  # noqa: E402
+from concurrency import ASYNC_HELP, OVERLAP, OVERLAP_HELP, run_level, summarize  # noqa: E402
 from scheduler.api import Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
@@ -69,26 +73,40 @@ def runner_predicting(token: int, logit: float, vocab: int, num_blocks: int, dev
 
 
 class TimedRunner:
-    """Wraps a runner's execute to add up the time spent inside it (the engine calls it in a thread).
-    `device_s`: seconds each execute then sleeps with the GIL released, as a GPU forward of that length
-    would keep the thread waiting on the device while the event loop runs on (0: none)."""
+    """Wraps a runner's launch and collect (the engine calls them in a thread; execute is the two) to add
+    up the time spent inside them. `device_s`: a simulated device of that many seconds per forward with
+    a queue, as a GPU's stream: a launched step is done `device_s` after it was launched or after the
+    step launched before it is done, whichever is later, and collect sleeps (GIL released) until then
+    (0: none). So a step launched ahead (EngineConfig.async_scheduling) overlaps the host's work as it
+    would on a GPU."""
 
     def __init__(self, runner, device_s: float = 0.0):
         self.runner, self.seconds, self.calls = runner, 0.0, 0
-        inner = runner.execute
+        inner_launch, inner_collect = runner.launch, runner.collect
+        done_at = [0.0]  # when the simulated device is done with every step launched so far
 
-        def execute(segments, block_tables):
+        def launch(segments, block_tables):
             start = time.perf_counter()
             try:
-                results = inner(segments, block_tables)
-                if device_s:
-                    time.sleep(device_s)
-                return results
+                launched = inner_launch(segments, block_tables)
+                done_at[0] = max(time.perf_counter(), done_at[0]) + device_s
+                launched.simulated_done_s = done_at[0]
+                return launched
             finally:
                 self.seconds += time.perf_counter() - start
                 self.calls += 1
 
-        runner.execute = execute
+        def collect(launched):
+            start = time.perf_counter()
+            try:
+                wait = launched.simulated_done_s - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                return inner_collect(launched)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        runner.launch, runner.collect = launch, collect
 
 
 async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: int | None) -> list[dict]:
@@ -96,7 +114,8 @@ async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: i
     runner = runner_predicting(token, CONFIDENCE[confidence], len(tokenizer), args.num_blocks, args.device)
     timed = TimedRunner(runner, args.device_ms / 1e3)
     config = EngineConfig(max_running=max(64, max(args.levels)), token_budget=args.token_budget,
-                          overlap_streaming=OVERLAP[args.overlap_streaming], routing=RoutingConfig(calibrate=False))
+                          overlap_streaming=OVERLAP[args.overlap_streaming],
+                          async_scheduling=OVERLAP[args.async_scheduling], routing=RoutingConfig(calibrate=False))
     engine = Engine(runner, tokenizer, config)
     params = {"gen_length": args.gen_length, "slot_size": 8, "serial_num_blocks": 4}
     await engine.start()
@@ -139,9 +158,9 @@ def table(rows: list[dict], args) -> str:
              f"{torch.__version__}, device {args.device}. Zero-cost stand-in model (vocab of the shipped tokenizer), "
              f"gen_length {args.gen_length}, slot size 8, token budget {args.token_budget}; requests = closed-loop "
              f"clients, 2 x requests (at least 4) finished per level after an untimed round; overlap_streaming "
-             f"{args.overlap_streaming}; a simulated device wait of {args.device_ms:g} ms per forward "
-             f"(in runner.execute).", "",
-             "| mode | stand-in model | requests | steps | ms / step | in runner.execute ms | outside ms | "
+             f"{args.overlap_streaming}, async_scheduling {args.async_scheduling}; a simulated device of "
+             f"{args.device_ms:g} ms per forward (a queue; collect waits for it).", "",
+             "| mode | stand-in model | requests | steps | ms / step | in the runner ms | outside ms | "
              "tokens / forward | host ceiling tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         requests = f"{r['requests']} (profiled)" if r["profile"] else r["requests"]
@@ -163,13 +182,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--confidence", default="confident,uncertain",
                         help="stand-in model(s), comma-separated: confident, uncertain; ReFusion runs each, AR the first")
     parser.add_argument("--profile", type=int, help="cProfile the level with this many requests of --profile-mode (that row is "
-                                                    "marked: the profiler slows it; runner.execute runs in a worker "
+                                                    "marked: the profiler slows it; the runner runs in a worker "
                                                     "thread the profile does not see)")
     parser.add_argument("--profile-mode", default="ar", choices=["ar", "refusion"], help="the mode --profile profiles")
     parser.add_argument("--profile-rows", type=int, default=25, help="functions listed in the profile")
     parser.add_argument("--device-ms", type=float, default=0.0,
                         help="each forward also waits this long with the GIL released, as on a GPU (default 0)")
     parser.add_argument("--overlap-streaming", choices=tuple(OVERLAP), default="auto", help=OVERLAP_HELP)
+    parser.add_argument("--async-scheduling", choices=tuple(OVERLAP), default="auto", help=ASYNC_HELP)
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     if not 0 <= args.device_ms < 1e4:

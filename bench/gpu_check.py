@@ -16,7 +16,8 @@ and the next one runs):
                  engine levels (what a step costs besides the model, on this machine's CPU and device)
     features     AR at the largest engine level with log probabilities, a frequency penalty, min_p
                  sampling, against plain: what those per-request options cost on the device; and plain
-                 with serial streaming (EngineConfig.overlap_streaming false): what the overlap gains
+                 with synchronous scheduling (EngineConfig.async_scheduling false), then serial streaming
+                 too (overlap_streaming false): what each overlap of host work with the device gains
     profile      torch.profiler over eager 1-token forwards, plain and compiled layers: device kernels
                  per forward, their summed time (what a graph replay cannot beat), the costliest kernels
 forward/engine/baselines share one random-weight model built on the device (workers.model.random_model;

@@ -285,20 +285,24 @@ async def _engine_levels(bench: Workbench, mode) -> dict:
 
 
 # ---- part: features ----------------------------------------------------------------------------------
-FEATURES = {"plain": {}, "plain, serial streaming": {}, "logprobs 5": {"logprobs": 5},
-            "frequency_penalty 1": {"frequency_penalty": 1.0},
+FEATURES = {"plain": {}, "plain, synchronous scheduling": {}, "plain, synchronous, serial streaming": {},
+            "logprobs 5": {"logprobs": 5}, "frequency_penalty 1": {"frequency_penalty": 1.0},
             "min_p 0.05, T 0.8": {"temperature": 0.8, "min_p": 0.05, "seed": 1}}
-# engine attributes a feature run changes (restored after it): serial streaming is the A/B of
-# EngineConfig.overlap_streaming (on by default for CUDA), each step's text streamed before the next
-FEATURE_ENGINE = {"plain, serial streaming": {"overlap_streaming": False}}
+# engine attributes a feature run changes (restored after it): the A/B ladder of the overlaps, both on by
+# default for CUDA. Synchronous scheduling: EngineConfig.async_scheduling off, each step planned after the
+# last one's results are back (its text still streamed during the next forward); serial streaming:
+# EngineConfig.overlap_streaming off too, the text streamed before the next step is planned
+FEATURE_ENGINE = {"plain, synchronous scheduling": {"async_scheduling": False},
+                  "plain, synchronous, serial streaming": {"async_scheduling": False, "overlap_streaming": False}}
 
 
 def part_features(bench: Workbench) -> tuple[dict, list[Row]]:
     """What the per-request options cost on the device: AR at the largest engine level, plain against log
     probabilities (the reads' top-k stage), a frequency penalty (the logit-bias scatter) and min_p
     sampling (the filter stage), each run once untimed first. tok/s and its ratio to plain. Also plain
-    with serial streaming (EngineConfig.overlap_streaming false): what overlapping the streaming of a
-    step's text with the next forward gains on this host and device."""
+    with synchronous scheduling (EngineConfig.async_scheduling false) and then serial streaming too
+    (EngineConfig.overlap_streaming false): what planning the next step while the device runs, and
+    streaming a step's text during the next forward, gain on this host and device."""
     results = asyncio.run(_feature_runs(bench))
     plain = results.get("plain", {}).get("tok_s")
     rows = [Row(f"engine ar, {r['requests']} request(s), {name}", f"{r['tok_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms/step"

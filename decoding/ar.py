@@ -23,6 +23,7 @@ more than the scheduler's budget: a longer run is fed in kept chunks without rea
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from enum import Enum
@@ -72,6 +73,7 @@ class ARDecoder:
         self._counted = 0
         self.phase = ARPhase.PREFILL if self.span > 0 else ARPhase.FINISHED
         self._in_flight: Segment | None = None
+        self._ahead: Segment | None = None  # planned while _in_flight runs (plan_ahead); in flight after it
         self._first_step = False
         self._context_in_flight = 0
         self._catch_up = 0  # generated tokens fed by the decode step in flight without a read (jump-forward)
@@ -150,8 +152,46 @@ class ARDecoder:
                                   sampling=self._sampling())
         return self._in_flight
 
+    def plan_ahead(self) -> Segment | None:
+        """The decode step after the one in flight, stated before that one's result is back (asynchronous
+        scheduling, scheduler.engine; vLLM's async scheduling): its one token, at the next position, is
+        the token the step in flight reads, which the runner takes from that step's read on the device
+        (Segment.feedback); its draws are keyed by the step counter that step will have (`_sampling`).
+        None when the next step depends on that token on the host: outside plain decoding (prefill, the
+        first generation step, a grammar's mask or forced tokens, penalties, a logit bias, an EOS ban),
+        when the step in flight may be the last (it reads the span's last token), or when a step is
+        planned ahead already. The next `absorb` takes the result of the step in flight; the one after
+        takes this step's. If the step in flight ends the request (EOS), this step is wasted: the caller
+        drops its result and frees its KV, as for a cancel."""
+        seg, p = self._in_flight, self.params
+        if (seg is None or self._ahead is not None or self.phase is not ARPhase.DECODE or self.constraint is not None
+                or self._catch_up or len(seg.token_ids) != 1 or len(self.generated) + 1 >= self.span):
+            return None
+        if p.presence_penalty or p.frequency_penalty or p.logit_bias or p.ignore_eos or p.min_tokens:
+            return None
+        position = self.gen_start + len(self.generated)  # the token the step in flight reads goes here
+        reads = Reads(argmax=(0,)) if p.temperature == 0 else Reads(sample=(0,))
+        sampling = Sampling(p.temperature, p.top_k, p.top_p, p.min_p, p.seed,
+                            step=self.stats.forwards + 1 - self._catch_up_forwards)
+        self._ahead = Segment(self.seq_id, seg.context_len + 1, [0], [position], 1, reads, sampling=sampling,
+                              logprobs=p.logprobs, feedback=True)
+        return self._ahead
+
+    def drop_ahead(self, segment: Segment) -> None:
+        """Forget `segment`, a step `plan_ahead` stated that will not run (its launch failed); the next
+        step is planned by next_segment from the state the absorbed results left."""
+        if self._ahead is segment:
+            self._ahead = None
+        elif self._in_flight is segment:
+            self._in_flight = None
+
+    def host_segment(self, segment: Segment) -> Segment:
+        """A step `plan_ahead` stated, with its fed-back token given from the host: the last generated
+        token, once the step before it is absorbed (the engine re-runs a failed step so)."""
+        return dataclasses.replace(segment, token_ids=[self.generated[-1]], feedback=False)
+
     def absorb(self, result: SegmentResult) -> None:
-        segment, self._in_flight = self._in_flight, None
+        segment, self._in_flight, self._ahead = self._in_flight, self._ahead, None
         if segment is None:
             raise RuntimeError(f"{self.seq_id}: absorb() without a segment in flight")
         if result.seq_id != self.seq_id or len(result.tokens) != len(segment.reads):

@@ -175,4 +175,9 @@ class Runner(Protocol):
 
     def execute(self, segments: Sequence[Segment], block_tables: Sequence[list[int]]) -> list[SegmentResult]:
         """Run every segment in one forward; results in segment order. Raises ValueError (a
-        workers.runner.SegmentError naming seq_id and field) for a segment it cannot run."""
+        workers.runner.SegmentError naming seq_id and field) for a segment it cannot run.
+
+        A runner may also offer `launch(segments, block_tables) -> handle` (queue the step; feedback
+        segments, Segment.feedback, take their token from the previous launched step's reads) and
+        `collect(handle) -> list[SegmentResult]` (wait for it), with execute = collect(launch(...)):
+        EngineConfig.async_scheduling needs them (workers.runner.ModelRunner has them)."""

@@ -154,6 +154,16 @@ class EngineConfig:
         for it (ModelRunner.asynchronous: CUDA), off on the CPU, where the forward is done before the
         text could go out, so it would only reach the client a forward later (a stop string's end too)
         for no measured gain (docs/benchmarks.md). True / False: always / never (A/B measurements).
+    async_scheduling: plan and launch the next step before the current one's results reach the host,
+        its tokens fed back from the current step's reads on the device (scheduler.engine.Engine._execute;
+        vLLM's async scheduling, SGLang's overlap scheduler), so the host's work between forwards
+        (absorbing, streaming, planning) runs while the device computes. Only while every running
+        request is pinned to AR with plain decoding (no grammar, penalties, logit bias or EOS ban) and no
+        waiting request could start; otherwise steps run one after the other. The output is the same; a
+        request that ends (EOS, a stop string, a cancel) spends one more segment of a forward. None
+        (default): on when every runner queues its device work (ModelRunner.asynchronous: CUDA) and
+        can launch and collect apart, off on the CPU, where a step's work is done when it is launched.
+        True / False: always (ValueError for a runner without launch/collect) / never.
     """
 
     max_running: int = 64
@@ -169,6 +179,7 @@ class EngineConfig:
     aging_after: int = 8
     model_dir: str | None = None
     overlap_streaming: bool | None = None
+    async_scheduling: bool | None = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
@@ -186,5 +197,7 @@ class EngineConfig:
         _check(isinstance(self.aging_after, int) and self.aging_after >= 0, "aging_after",
                "must be an integer >= 0 (0: strict priority classes, no aging)")
         _check(self.overlap_streaming is None or isinstance(self.overlap_streaming, bool), "overlap_streaming",
+               "must be true, false or null (null: on for CUDA runners, off on the CPU)")
+        _check(self.async_scheduling is None or isinstance(self.async_scheduling, bool), "async_scheduling",
                "must be true, false or null (null: on for CUDA runners, off on the CPU)")
         _check(isinstance(self.routing, RoutingConfig), "routing", "must be a scheduler.config.RoutingConfig")

@@ -10,7 +10,10 @@ Each step: schedule (start waiting requests that fit, collect every running requ
 under the token budget) -> execute (ONE packed forward per runner, in a worker thread so the event
 loop keeps serving) -> postprocess (decoders absorb, finished requests free their KV). The text a
 step made final is detokenized, checked for stop strings and sent while the NEXT step's forward runs
-(EngineConfig.overlap_streaming; see `_defer_stream`). Plain Python; torch lives behind the runner.
+(EngineConfig.overlap_streaming; see `_defer_stream`); for plain AR decoding the next step is planned
+and launched before this one's results are back, its tokens fed back on the device, so the whole host
+step overlaps the device (EngineConfig.async_scheduling; see `_execute`). Plain Python; torch lives
+behind the runner.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from scheduler.mode_switch import maybe_switch, switch_due
 from scheduler.request import Request, RequestStatus
 from scheduler.request_ids import InFlightIds, in_flight_message
 from scheduler.routing import CostCurve, Router
-from scheduler.scheduler import Scheduler, StepPlan, execute_isolated, execute_plan
+from scheduler.scheduler import Scheduler, StepPlan, collect_plan, execute_isolated, execute_plan, launch_plan
 from scheduler.validation import parse_params, validate_request, with_seed
 from workers.batch import STEP_LAUNCHED
 
@@ -46,12 +49,37 @@ log = structlog.get_logger("engine")
 AR_ONLY_PARAMS = ("presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens")
 
 
-def _forward(runners: dict, plan: StepPlan, on_launch) -> list:
-    """execute_plan in the worker thread, telling `on_launch` once the step's device work is queued, or
-    when it ended (a runner that never says, or a step that failed first)."""
+def _forward(runners: dict, plan: StepPlan, on_launch, launched=None, ahead: StepPlan | None = None):
+    """The step's forward in the worker thread: (results aligned with plan.items, the launched `ahead`
+    step or None). Tells `on_launch` once the step's device work is queued, or when it ended (a runner
+    that never says, or a step that failed first).
+
+    Without `launched` and `ahead`: execute_plan. Otherwise (asynchronous scheduling) `plan` is launched
+    unless `launched` says it was, then `ahead` (the next step, its tokens fed back on the device from
+    `plan`'s reads), then `plan`'s results are collected: the device has `ahead` queued while the host
+    absorbs them. A failed launch of `ahead` only leaves it out (None; logged); when `plan` fails, a
+    launched `ahead`, fed by it, is waited for and left out too, and the error raised."""
     STEP_LAUNCHED.set(on_launch)
     try:
-        return execute_plan(runners, plan)
+        if launched is None and ahead is None:
+            return execute_plan(runners, plan), None
+        if launched is None:
+            launched = launch_plan(runners, plan)
+        ahead_launched = None
+        if ahead is not None:
+            try:
+                ahead_launched = launch_plan(runners, ahead)
+            except Exception:  # noqa: BLE001 - the step is planned again from the host's view
+                log.exception("ahead_launch_failed")
+        try:
+            return collect_plan(runners, plan, launched), ahead_launched
+        except Exception:
+            if ahead_launched is not None:
+                try:
+                    collect_plan(runners, ahead, ahead_launched)
+                except Exception:  # noqa: BLE001 - the device fault `plan` raises below
+                    pass
+            raise
     finally:
         if STEP_LAUNCHED.get() is not None:
             STEP_LAUNCHED.set(None)
@@ -102,10 +130,17 @@ class Engine:
         # streamed yet (_defer_stream)
         self._unstreamed: dict[str, tuple[Request, object, float]] = {}
         self.scheduler.before_requeue, self.scheduler.settle = self._stream_deferred, self._settle_streams
-        overlap = self.config.overlap_streaming
+        overlap, pipelined = self.config.overlap_streaming, self.config.async_scheduling
         # (None: where the forward runs on a device the host waits for; scheduler.config.EngineConfig)
-        self.overlap_streaming = (all(getattr(r, "asynchronous", False) for r in runners.values())
-                                  if overlap is None else overlap)
+        on_device = all(getattr(r, "asynchronous", False) for r in runners.values())
+        self.overlap_streaming = on_device if overlap is None else overlap
+        splits = [key for key, r in runners.items() if not (hasattr(r, "launch") and hasattr(r, "collect"))]
+        if pipelined and splits:
+            raise ValueError(f"async_scheduling: runner {splits[0]!r} has no launch/collect "
+                             "(workers.runner.ModelRunner has); set async_scheduling to false or null")
+        self.async_scheduling = (on_device and not splits) if pipelined is None else pipelined
+        self._ahead: tuple[StepPlan, object] | None = None  # the next step, launched ahead, with its handles
+        self.ahead_steps = 0  # steps launched before the previous one's results were collected
 
     # ---- public API --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -202,6 +237,8 @@ class Engine:
             "host_s_per_request": {m.value: s for m, s in self.router.host.per_request().items()},
             "host_s_per_step": self.router.host.fixed_s,
             "overlap_streaming": self.overlap_streaming,
+            "async_scheduling": self.async_scheduling,
+            "ahead_steps": self.ahead_steps,
             "runner": self.runner.stats() if hasattr(self.runner, "stats") else {},
         }
 
@@ -214,7 +251,7 @@ class Engine:
     async def _run(self) -> None:
         failed_steps = 0  # in a row
         while True:
-            if not self.scheduler.has_work():
+            if not self.scheduler.has_work() and self._ahead is None:
                 self._flush_streams()
                 if self._stopping:
                     return
@@ -227,25 +264,32 @@ class Engine:
             except Exception:  # keep serving: a bug in one step must not kill every stream
                 log.exception("step_failed")
                 failed_steps += 1
+                await self._abandon_ahead()
                 # The running requests end; the waiting ones too when the step failed again (a fault
                 # before anything runs, e.g. in scheduling, would otherwise spin this loop forever)
                 ended = list(self.scheduler.running) + (list(self.scheduler.waiting) if failed_steps > 1 else [])
                 for req in ended:
-                    req.in_flight = False
+                    req.in_flight = 0
                     self._finish(req, FinishReason.ERROR, error="internal error in engine step")
                 for req, _ in self._plan_items:  # cancelled while its segment ran: its KV waited for the forward
                     if req.in_flight and req.finished:
-                        req.in_flight = False
+                        req.in_flight = 0
                         self.kv.free(req)
             finally:
                 self._plan_items = []
 
     async def step(self) -> None:
-        """One engine step: schedule -> execute -> postprocess."""
+        """One engine step: schedule -> execute -> postprocess. Under asynchronous scheduling the step the
+        last one launched ahead is this step's plan (no scheduling), and `_execute` may launch the next."""
         host_start = time.thread_time()  # this thread's CPU seconds: the step's host work (routing.HostCost)
         self._expire_deadlines(time.monotonic())
-        plan = self.scheduler.schedule()
-        host_s = time.thread_time() - host_start - self.scheduler.admission_host_s
+        launched = None
+        if self._ahead is not None:
+            (plan, launched), self._ahead = self._ahead, None
+            host_s = time.thread_time() - host_start
+        else:
+            plan = self.scheduler.schedule()
+            host_s = time.thread_time() - host_start - self.scheduler.admission_host_s
         for req, error in plan.failed:
             if isinstance(error, Exception):
                 self._fail(req, error)
@@ -256,7 +300,7 @@ class Engine:
             self._finish(req, self._natural_reason(req))
         if plan.items:
             self._plan_items = plan.items  # (the loop frees what a failure here would strand)
-            results = await self._execute(plan)
+            results = await self._execute(plan, launched)
             if results is not None:
                 host_start = time.thread_time()
                 decodes = self._postprocess(plan, results)
@@ -268,15 +312,28 @@ class Engine:
         s = self.scheduler
         self.metrics.update_gauges(len(s.running), len(s.waiting), self.kv.pool(), self.prefix_cache)
 
-    async def _execute(self, plan: StepPlan):
+    async def _execute(self, plan: StepPlan, launched=None):
         """One forward per runner, off the event loop. Returns results aligned with plan.items, or None.
         While it runs, the text the previous step made final is streamed (`_flush_streams`).
+        `launched`: the plan was launched ahead by the last step (asynchronous scheduling, below).
+
+        Asynchronous scheduling (EngineConfig.async_scheduling): the step after this one is planned now,
+        before this one's results reach the host (Scheduler.plan_ahead: plain AR decoding only, its
+        tokens fed back from this step's reads on the device), launched behind this one, and kept in
+        `_ahead` as the next step's plan; the host absorbs this step's results while the device runs it
+        (vLLM's async scheduling, SGLang's overlap scheduler). A request this step ends (EOS, a stop
+        string, a cancel) wastes its segment of that step: the result is dropped and its KV freed
+        after it, as for a cancel.
 
         A failed forward is re-run item by item (scheduler.execute_isolated): requests whose own
         forward fails end with the error, the others continue with their results, so no request sees
         an error it did not cause."""
-        for req, _ in plan.items:
-            req.in_flight = True
+        ahead = self.scheduler.plan_ahead(plan) if self.async_scheduling else None
+        for req, _ in plan.items if launched is None else ():
+            req.in_flight += 1
+        for req, _ in ahead.items if ahead is not None else ():
+            req.in_flight += 1
+        ahead_launched = None
         start = time.perf_counter()
         try:
             # The last step's text is streamed once this step's device work is queued (the runner's
@@ -284,31 +341,64 @@ class Engine:
             # GIL released; streamed before the thread had packed and launched the step, it would
             # delay the launch instead (the thread needs the GIL for that)
             loop = asyncio.get_running_loop()
-            launched = loop.create_future()
+            launch_done = loop.create_future()
 
             def on_launch() -> None:
-                loop.call_soon_threadsafe(_set_once, launched)
+                loop.call_soon_threadsafe(_set_once, launch_done)
 
             forward = loop.run_in_executor(None, functools.partial(contextvars.copy_context().run, _forward,
-                                                                   self.scheduler.runners, plan, on_launch))
+                                                                   self.scheduler.runners, plan, on_launch,
+                                                                   launched, ahead))
             if self._unstreamed:
-                await asyncio.wait([launched, forward], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([launch_done, forward], return_when=asyncio.FIRST_COMPLETED)
                 self._flush_streams()
-            return await forward
+            results, ahead_launched = await forward
+            return results
         except Exception as exc:
             log.warning("forward_failed", error=f"{type(exc).__name__}: {exc}", requests=[r.id for r, _ in plan.items])
+            if ahead is not None:  # (not launched, or waited for and left out: it was fed by this step)
+                self._drop_ahead(ahead)
+                ahead = None
+            if launched is not None:  # a step launched ahead: its fed-back tokens are on the host by now
+                plan = StepPlan([(req, req.decoder.host_segment(seg) if seg.feedback and not req.finished else seg)
+                                 for req, seg in plan.items], plan.tables)
             results = [exc] if len(plan.items) == 1 else await asyncio.to_thread(execute_isolated, self.scheduler.runners, plan)
             for i, ((req, _), result) in enumerate(zip(plan.items, results)):
                 if isinstance(result, Exception):
-                    req.in_flight = False
-                    if req.finished:  # cancelled meanwhile: its KV waited for the forward
+                    req.in_flight -= 1
+                    if req.finished and not req.in_flight:  # cancelled meanwhile: its KV waited for the forward
                         self.kv.free(req)
                     self._finish(req, FinishReason.ERROR, error=f"forward failed: {type(result).__name__}: {result}")
                     results[i] = None
             return results
         finally:
+            if ahead is not None and ahead_launched is None:
+                self._drop_ahead(ahead)  # its launch failed
+            elif ahead is not None:
+                self._ahead = (ahead, ahead_launched)
+                self.ahead_steps += 1
             self.forwards += 1
             self.metrics.forward_time.observe(time.perf_counter() - start)
+
+    def _drop_ahead(self, ahead: StepPlan) -> None:
+        """A step planned ahead that will not run (or ran and is abandoned): its decoders forget it, its KV
+        shrinks back, and a request that ended meanwhile frees its KV once nothing of it is in flight."""
+        self.scheduler.drop_ahead(ahead)
+        for req, _ in ahead.items:
+            req.in_flight -= 1
+            if req.finished and not req.in_flight:
+                self.kv.free(req)
+
+    async def _abandon_ahead(self) -> None:
+        """After a failed step: wait for the step launched ahead, if any, and drop it (`_drop_ahead`)."""
+        if self._ahead is None:
+            return
+        (ahead, launched), self._ahead = self._ahead, None
+        try:
+            await asyncio.to_thread(collect_plan, self.scheduler.runners, ahead, launched)
+        except Exception:  # noqa: BLE001 - the step is abandoned either way
+            log.exception("ahead_collect_failed")
+        self._drop_ahead(ahead)
 
     def _postprocess(self, plan: StepPlan, results: list) -> list[tuple[Mode, float]] | None:
         """Absorb every result. Returns (decoder, host CPU seconds) per request when each item was a
@@ -321,9 +411,10 @@ class Engine:
             if result is None:  # its own forward failed: already finished with the error
                 decodes = None
                 continue
-            req.in_flight = False
-            if req.finished:  # cancelled while its segment ran: free now
-                self.kv.free(req)
+            req.in_flight -= 1
+            if req.finished:  # cancelled (or ended by its last step) while this segment ran: free now
+                if not req.in_flight:
+                    self.kv.free(req)
                 decodes = None
                 continue
             mode = req.mode
@@ -384,8 +475,10 @@ class Engine:
         while its segment runs: the result is dropped and its KV freed after the forward, as for a
         cancel, so the text, ids and usage are those of serial streaming, at the price of one segment
         of work for the request that stops (vLLM's async scheduling makes the same trade)."""
-        if not self.overlap_streaming or req.decoder.finished or not req.first_token_s:
-            return False  # (nothing sent yet: its first text goes out at once, for the time to first token)
+        if not self.overlap_streaming or req.decoder.finished or not req.first_token_s or req.in_flight:
+            # (nothing sent yet: its first text goes out at once, for the time to first token; a step of it
+            # launched ahead is running: streaming now overlaps that step already)
+            return False
         if switch_due(self.scheduler, req):
             return False  # a stop string in its text must end it before the router may switch its mode
         cap, deadline = req.spec.max_tokens, req.deadline_s

@@ -30,7 +30,8 @@ class Request:
     kv_blocks: most KV blocks this request can hold at once (admission estimate).
     mode: the mode serving it now (REFUSION or AR), set when it starts running.
     runner_key: which runner holds its KV ("main", or "ar" for a separate AR model).
-    in_flight: its segment is inside the forward running now (its KV must not be freed until it returns).
+    in_flight: launched steps holding a segment of it whose results are not collected yet (0, 1, or 2 under
+        asynchronous scheduling); its KV must not be freed before they are.
     skipped: steps in a row it was passed over (budget spent, or its unsplittable step did not fit);
         the most-skipped go first within their priority class, so no running request starves.
     passed_over: later requests that started while it waited; with `skipped`, what ages it into the
@@ -48,7 +49,7 @@ class Request:
     mode: Mode | None = None
     runner_key: str = "main"
     decoder: Any = None
-    in_flight: bool = False
+    in_flight: int = 0
     skipped: int = 0
     passed_over: int = 0
     aged_after: int = 0  # EngineConfig.aging_after (0: never aged)

@@ -92,6 +92,25 @@ def execute_plan(runners: dict, plan: StepPlan, only: list[int] | None = None) -
     return out
 
 
+def launch_plan(runners: dict, plan: StepPlan) -> list[tuple[str, list[int], object]]:
+    """Launch the plan without waiting for it: one `launch` per runner (workers.runner.ModelRunner.launch).
+    Returns what collect_plan needs. Called in a worker thread; touches nothing but the runners."""
+    groups: dict[str, list[int]] = {}
+    for i, (req, _) in enumerate(plan.items):
+        groups.setdefault(req.runner_key, []).append(i)
+    return [(key, idxs, runners[key].launch([plan.items[i][1] for i in idxs], [plan.tables[i] for i in idxs]))
+            for key, idxs in groups.items()]
+
+
+def collect_plan(runners: dict, plan: StepPlan, launched: list[tuple[str, list[int], object]]) -> list:
+    """The results of a launched plan (launch_plan), aligned with plan.items; waits for the device."""
+    out: list = [None] * len(plan.items)
+    for key, idxs, step in launched:
+        for i, result in zip(idxs, runners[key].collect(step)):
+            out[i] = result
+    return out
+
+
 def execute_isolated(runners: dict, plan: StepPlan) -> list:
     """After a failed step: run every item alone, so a fault one request causes ends only that request.
     Returns, aligned with plan.items, each item's result or the exception its own forward raised.
@@ -297,6 +316,48 @@ class Scheduler:
             plan.failed.append((stuck, "KV cache full: its step does not fit beside the running requests, "
                                        "and none of them can run to free blocks"))
         return plan
+
+    def plan_ahead(self, plan: StepPlan) -> StepPlan | None:
+        """The step after `plan`, planned while `plan` runs and before its results reach the host
+        (asynchronous scheduling, scheduler.engine): each request of `plan` that has not finished states
+        its next decode step with its token fed back on the device (decoding.ar.ARDecoder.plan_ahead),
+        and its KV grows by that token. None, with nothing planned or allocated, when the host's view of
+        `plan`'s results must come first: a waiting request could start or preempt (a free running slot,
+        or an INTERACTIVE request and a preemptible one running), a running request is not in `plan`
+        (passed over for the budget), a request is not pinned to AR (an AUTO one may switch mode at a
+        block boundary), a decoder cannot plan ahead (anything but plain AR decoding), or the KV for the
+        new tokens is not free."""
+        items = [(req, seg) for req, seg in plan.items if not req.finished]
+        if not items or {req.id for req, _ in items} != {req.id for req in self.running} or self._may_start_waiting():
+            return None
+        ahead = StepPlan()
+        for req, _ in items:
+            planner = getattr(req.decoder, "plan_ahead", None) if req.spec.mode is Mode.AR else None
+            segment = planner() if planner is not None and req.pending_segment is None else None
+            if segment is None or self.kv.shortfall(req, segment):
+                if segment is not None:
+                    req.decoder.drop_ahead(segment)
+                self.drop_ahead(ahead)
+                return None
+            ahead.items.append((req, segment))
+            ahead.tables.append(self.kv.grow(req, segment))
+        return ahead
+
+    def drop_ahead(self, plan: StepPlan) -> None:
+        """Undo `plan_ahead` for a plan that will not run: its decoders forget the steps, its KV shrinks back."""
+        for req, segment in plan.items:
+            req.decoder.drop_ahead(segment)
+            self.kv.shortfall(req, segment)  # (rolls the sequence back to the step's context_len)
+
+    def _may_start_waiting(self) -> bool:
+        """Whether scheduling now could start a waiting request (a running slot is free) or preempt a running
+        one for it (an INTERACTIVE request waits while a request of a lower class runs)."""
+        if not self.waiting:
+            return False
+        if len(self.running) < self.config.max_running:
+            return True
+        return self.config.preempt_for_interactive and any(w.priority is Priority.INTERACTIVE for w in self.waiting) \
+            and any(r.rank_class > Priority.INTERACTIVE for r in self.running)
 
     def _prepare_kv(self, req: Request, segment: Segment, plan: StepPlan) -> list[int] | None:
         """Allocate the segment's kept tokens; evict prefix-cache blocks, then preempt, when short.

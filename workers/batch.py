@@ -130,6 +130,11 @@ class Segment:
     # With `logprobs`: each read token's rank too (1 + the tokens more likely; vLLM's `prompt_logprobs`
     # report it). One more pass over the vocabulary per read row of the step, so only prompt scoring asks.
     ranks: bool = False
+    # Device-side token feedback (asynchronous scheduling, scheduler.engine): token_ids[0] is a stand-in
+    # (any id in the vocab) for the token this sequence's first read returned in the runner's previous
+    # step, which the runner substitutes on the device, so this step can be launched before that one's
+    # results reach the host (ModelRunner.launch; vLLM's async scheduling, SGLang's overlap scheduler).
+    feedback: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)

@@ -4,6 +4,10 @@ One `execute` call = one engine step:
     pack (workers.packing, numpy) -> validate (workers.validation) -> one host->device copy
     -> step_forward (workers.step: forward of every token, K/V writes, reads of every read row)
     -> one device->host copy of [2, R] float64 -> SegmentResults.
+`execute` = `collect(launch(...))`: `launch` queues the step's device work and its results' copy to the
+host and returns; `collect` waits for them. A segment with `feedback` takes its first token from the
+previous launched step's read on the device, so step N + 1 can be launched before step N's results
+reach the host (the engine's asynchronous scheduling, EngineConfig.async_scheduling).
 The runner owns tensors and the device, never KV blocks (style rule 13): whoever schedules the
 sequences prepares each segment's block table (workers.kv_blocks.BlockTables.prepare) and the runner
 writes only where it is told. It never allocates and never refuses for lack of KV. The KV tensors
@@ -34,7 +38,7 @@ from workers.step import step_forward
 from workers.transfer import StepUploader
 from workers.validation import SegmentError, validate_step
 
-__all__ = ["DTYPES", "ModelInfo", "ModelRunner", "SegmentError"]
+__all__ = ["DTYPES", "LaunchedStep", "ModelInfo", "ModelRunner", "SegmentError"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ class ModelRunner:
         self.step_fn = _step_function(cuda_graphs, self.device, attention, compile_layers)
         self.attention, self.compile_layers = attention, compile_layers
         self._uploader = StepUploader(self.device)
+        # (the last launched step's device values [rows, R], {seq_id: its first read row}): launch's feedback
+        self._feedback_from: tuple[torch.Tensor, dict[str, int]] | None = None
         self.info = ModelInfo(
             vocab_size=config.vocab_size, eos_token_id=config.eos_token_id, mask_token_id=mask_id,
             num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_heads,
@@ -170,7 +176,8 @@ class ModelRunner:
             step = pack_step(segments, [[self.scratch_block] * (context // bs)] * n, bs, self.scratch_block)
             if step.layout not in layouts and step.layout.num_tokens <= graphs.policy.max_tokens:
                 layouts.add(step.layout)
-                self._run(step)
+                self.collect(self._launch_packed(step, [s.seq_id for s in segments], [None] * n, [False] * n))
+        self._feedback_from = None  # (no serving step may take its tokens from a synthetic one)
         graphs.startup = {"graphs": len(graphs.graphs) - before, "seconds": round(graphs.capture_s - seconds, 3),
                           "bytes": graphs.bytes_used - used}
         return graphs.startup
@@ -207,27 +214,97 @@ class ModelRunner:
 
         block_tables[i] is segment i's block table covering context_len + num_kept tokens. Raises
         SegmentError (a ValueError naming seq_id and field) before any device work for a segment that
-        cannot run; nothing is written then."""
+        cannot run; nothing is written then. Equals `collect(launch(...))`."""
         if not segments:
             return []
-        step = self.pack(segments, block_tables)
-        host, host_logits = self._run(step)
-        return unpack_results(step, [s.seq_id for s in segments], host, host_logits, [s.logprobs for s in segments],
-                              [s.ranks for s in segments])
+        return self.collect(self.launch(segments, block_tables))
 
-    def _run(self, step: PackedStep) -> tuple[np.ndarray, np.ndarray | None]:
-        """Upload, run and read back a packed step: values [2, R] ([4 + 2K, R] with log probabilities) and
-        logits rows (when asked for)."""
+    def launch(self, segments: Sequence[Segment], block_tables: Sequence[list[int]]) -> LaunchedStep:
+        """Pack, validate and queue a step's device work, its results' device -> host copy included, and
+        return without waiting for it (on the CPU the work is done on return). `collect` returns the
+        results; steps are collected in launch order. A segment with `feedback` set gets, on the device,
+        the token its sequence's first read returned in the previous launched step, so a caller may launch
+        step N + 1 before it collects step N (scheduler.engine's asynchronous scheduling). Raises
+        SegmentError before any device work, as `execute`, also for a feedback segment whose sequence
+        read nothing in the previous launched step (field "feedback")."""
+        segments = list(segments)
+        step = self.pack(segments, block_tables)
+        feedback = any(s.feedback for s in segments)
+        if feedback:
+            self._mark_feedback(step, segments)
+        return self._launch_packed(step, [s.seq_id for s in segments], [s.logprobs for s in segments],
+                                   [s.ranks for s in segments], feedback)
+
+    def _launch_packed(self, step: PackedStep, seq_ids: list[str], logprobs: list[int | None], ranks: list[bool],
+                       feedback: bool = False) -> LaunchedStep:
+        """Upload a packed step, queue its device work and its values' copy to the host (module docstring)."""
         buffer = self._uploader.upload(step.buffer)
         step_fn = self.step_fn
         if step.wants_logits and isinstance(step_fn, StepGraphs):
             step_fn = step_fn.eager  # graphs keep no logits rows (workers.graphs)
         with torch.inference_mode():
+            if feedback:
+                self._resolve_feedback(buffer, step)
             values, logits = step_fn(self.model, self.kv, buffer, step.layout)
+            done = None
+            if self.device.type == "cuda":  # the one device -> host transfer, queued (logits: tests only)
+                host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                host.copy_(values, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                host = values.cpu()  # (the values themselves)
             notify_launched()  # queued on the device: the engine streams the last step's text meanwhile
-            host = values.cpu().numpy()  # the one device -> host transfer (logits: tests only)
             host_logits = logits.cpu().numpy() if step.wants_logits else None
-        return host, host_logits
+        # What a feedback segment of the next step reads: this step's values (a graph's own output buffer is
+        # overwritten only by a later replay, which the device runs after that step's feedback is resolved)
+        starts, counts = step.read_starts.tolist(), step.num_token_reads.tolist()
+        self._feedback_from = (values, {sid: starts[i] for i, sid in enumerate(seq_ids) if counts[i]})
+        return LaunchedStep(step, seq_ids, logprobs, ranks, host, done, host_logits)
+
+    def collect(self, launched: LaunchedStep) -> list[SegmentResult]:
+        """Wait for a launched step's results (the GIL is released while the device works) and unpack
+        them: one SegmentResult per segment, in segment order."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        return unpack_results(launched.step, launched.seq_ids, launched.host.numpy(), launched.logits,
+                              launched.logprobs, launched.ranks)
+
+    def _mark_feedback(self, step: PackedStep, segments: list[Segment]) -> None:
+        """Write each feedback segment's first token as -(1 + the previous step's read row to take it from)
+        in the packed host buffer (validated already, with the stand-in ids in range)."""
+        reads = self._feedback_from[1] if self._feedback_from is not None else {}
+        rows = step.view("query_start")
+        tokens = step.view("token_ids")
+        for i, seg in enumerate(segments):
+            if seg.feedback:
+                if seg.seq_id not in reads:
+                    raise SegmentError(seg.seq_id, "feedback", "the runner's previous step read no token for this "
+                                       "sequence; give the token itself (feedback=False)")
+                tokens[rows[i]] = -1 - reads[seg.seq_id]
+
+    def _resolve_feedback(self, buffer: torch.Tensor, step: PackedStep) -> None:
+        """On the device, replace each token id -(1 + r) of the uploaded buffer by the token the previous
+        step's read row r returned (its values row 0): a few small kernels, no host sync."""
+        start, end = step.offsets["token_ids"]
+        tokens = buffer[start:end]
+        previous = self._feedback_from[0][0]
+        rows = (-1 - tokens).clamp_(min=0, max=previous.numel() - 1)
+        tokens.copy_(torch.where(tokens < 0, previous[rows].to(torch.int64), tokens))
+
+@dataclass
+class LaunchedStep:
+    """A step `ModelRunner.launch` queued: what `collect` needs to return its results. host: the values
+    [2, R] ([4 + 2K, R] with log probabilities) float64, in pinned host memory on CUDA that the device
+    fills once `done` (a CUDA event) has passed; on the CPU the values themselves, done at launch."""
+
+    step: PackedStep
+    seq_ids: list[str]
+    logprobs: list[int | None]
+    ranks: list[bool]
+    host: torch.Tensor
+    done: object | None
+    logits: np.ndarray | None
 
 
 ATTENTION = {"sdpa": StepAttention, "flex": FlexStepAttention}

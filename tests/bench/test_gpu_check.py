@@ -51,7 +51,8 @@ def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
     assert {(r["concurrency"], r["mode"]) for r in concurrency} == expected
     assert all(r["tok_s"] > 0 for r in concurrency)
     features = parts["features"]["results"]  # AR with per-request options against plain
-    assert set(features) == {"plain", "plain, serial streaming", "logprobs 5", "frequency_penalty 1", "min_p 0.05, T 0.8"}
+    assert set(features) == {"plain", "plain, synchronous scheduling", "plain, synchronous, serial streaming",
+                             "logprobs 5", "frequency_penalty 1", "min_p 0.05, T 0.8"}
     assert all(r["tok_s"] > 0 and r["requests"] == 2 for r in features.values())
     profiled = parts["profile"]["results"]  # eager forwards under torch.profiler (leaf operators on the CPU)
     assert set(profiled) == {"eager", "compiled"}

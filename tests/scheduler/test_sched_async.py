@@ -1,0 +1,232 @@
+"""Asynchronous scheduling (EngineConfig.async_scheduling, Engine._execute, Scheduler.plan_ahead): the next
+step is planned and launched before the current one's results reach the host, its tokens fed back on
+the device. On the shipped model, forced on (the CPU default is off): the same text, ids, log
+probabilities and finish reasons as one step after the other, for every way a request can end while a
+step of it is launched ahead, with every KV block back at the end."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
+from scheduler.config import EngineConfig, RoutingConfig
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="models/refusion-tiny-code not present"),
+]
+PROMPTS = ["data = {\n", "def read_lines(path):\n    \"\"\"Return the lines of the file at path.\"\"\"\n",
+           "import os\nimport sys\nimport re\n", "class A:\n    pass\n\n\nclass B:\n", "x = ["]
+ROUTING = RoutingConfig(calibrate=False)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from workers.runner import ModelRunner
+
+    return ModelRunner(SHIPPED, num_blocks=512)
+
+
+def _request(runner, rid, i=0, params=(), mode=Mode.AR, **fields) -> GenerationRequest:
+    return GenerationRequest(rid, runner.tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
+                             {"gen_length": 64, "seed": i, **dict(params)}, mode=mode, **fields)
+
+
+def _mixed(runner, n=8) -> list[GenerationRequest]:
+    """Greedy and sampled AR requests; stop strings, token caps and log probabilities."""
+    specs = []
+    for i in range(n):
+        params = {"temperature": 0.8, "top_k": 20, "top_p": 0.9} if i % 2 else {}
+        if i == 3:
+            params["logprobs"] = 2
+        fields = {"stop": ["\n\n", "return", "(self"]} if i % 3 == 0 else {"max_tokens": 4 + 3 * i} if i % 3 == 1 else {}
+        specs.append(_request(runner, f"r{i}", i, params, **fields))
+    return specs
+
+
+async def _run(runner, specs, pipelined: bool, config=(), hook=None):
+    """Every request's deltas and the engine, on a fresh engine; `hook(engine)` before the start."""
+    from scheduler.engine import Engine
+
+    engine = Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=pipelined, routing=ROUTING, **dict(config)))
+    if hook is not None:
+        hook(engine)
+    await engine.start()
+    try:
+        results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
+    finally:
+        await engine.stop()
+    assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+    assert all(req.in_flight == 0 for req in engine.scheduler.running + engine.scheduler.waiting)
+    return results, engine
+
+
+async def _collect(engine, spec):
+    return [d async for d in engine.submit(spec)]
+
+
+def _outcome(deltas) -> tuple:
+    """What a client sees: text, ids, log probabilities (tokens exact, values to 1e-4: a step's float
+    sums depend on which rows share it, and a request's segment in a step launched ahead that its end
+    wastes is such a row), finish reason, generated token count."""
+    logprobs = [(e.token, round(e.logprob, 4), tuple((t, round(v, 4)) for t, v in e.top))
+                for d in deltas for e in d.logprobs or ()]
+    return ("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], logprobs,
+            deltas[-1].finish_reason, deltas[-1].stats["generated_tokens"])
+
+
+def _assert_same(specs, serial, pipelined) -> None:
+    for spec, a, b in zip(specs, serial, pipelined):
+        assert _outcome(b) == _outcome(a), spec.request_id
+
+
+async def test_concurrent_ar_requests_stream_the_same_as_one_step_after_the_other(runner):
+    specs = _mixed(runner)
+    serial, plain = await _run(runner, specs, pipelined=False)
+    pipelined, engine = await _run(runner, specs, pipelined=True)
+    _assert_same(specs, serial, pipelined)
+    assert plain.ahead_steps == 0 and engine.ahead_steps >= engine.forwards // 2, (engine.ahead_steps, engine.forwards)
+    assert engine.stats()["async_scheduling"] is True and engine.stats()["ahead_steps"] == engine.ahead_steps
+    reasons = {d[-1].finish_reason for d in pipelined}
+    assert {FinishReason.STOP, FinishReason.LENGTH} <= reasons
+    assert any(d[-1].stats["stop_word"] for d in pipelined)  # a stop string ended one with a step ahead
+
+
+async def test_requests_that_cannot_plan_ahead_run_beside_it_unchanged(runner):
+    # ReFusion, a frequency penalty and a grammar stop the pipeline while they run; it resumes after
+    from llguidance import LLMatcher
+
+    from decoding.grammar import GrammarSpec
+
+    specs = _mixed(runner, 6) + [
+        _request(runner, "refusion", 1, mode=Mode.REFUSION),
+        _request(runner, "penalty", 2, {"frequency_penalty": 0.5}, max_tokens=12),
+        _request(runner, "json", 3, max_tokens=20, grammar=GrammarSpec(LLMatcher.grammar_from_regex(r"[a-z]{3,9}[0-9]{2}"))),
+    ]
+    serial, _ = await _run(runner, specs, pipelined=False)
+    pipelined, engine = await _run(runner, specs, pipelined=True)
+    _assert_same(specs, serial, pipelined)
+    assert engine.ahead_steps > 0
+
+
+async def test_a_full_engine_keeps_the_pipeline_and_admits_when_a_slot_frees(runner):
+    # 3 running slots for 7 requests: while all are taken, the waiting ones cannot start and the steps
+    # stay pipelined; a request's end drains the pipeline so that the next one starts
+    specs = _mixed(runner, 7)
+    serial, plain = await _run(runner, specs, pipelined=False, config={"max_running": 3})
+    pipelined, engine = await _run(runner, specs, pipelined=True, config={"max_running": 3})
+    _assert_same(specs, serial, pipelined)
+    # (a request starts at most one step later than it would have: the step after a slot freed was
+    # launched already; none waits for the whole batch to end)
+    assert engine.forwards <= plain.forwards + len(specs), (engine.forwards, plain.forwards)
+    assert engine.ahead_steps >= engine.forwards // 2, (engine.ahead_steps, engine.forwards)
+
+
+async def test_an_interactive_arrival_preempts_a_pipelined_batch_request(runner):
+    # Submitted at the 6th forward while 2 BATCH requests fill both slots and pipeline: the pipeline
+    # drains, the youngest is sent back to the queue, and every output is still the serial one
+    batch = [_request(runner, f"b{i}", 2 * i, {}, priority=Priority.BATCH) for i in range(2)]
+    urgent = _request(runner, "urgent", 2, max_tokens=16, priority=Priority.INTERACTIVE)
+    outcomes = {}
+    for pipelined in (False, True):
+        from scheduler.engine import Engine
+
+        engine = Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=pipelined, max_running=2,
+                                                               routing=ROUTING))
+        await engine.start()
+        tasks = [asyncio.create_task(_collect(engine, spec)) for spec in batch]
+        while engine.forwards < 6:
+            await asyncio.sleep(0.001)
+        assert len(engine.scheduler.running) == 2 and (engine.ahead_steps > 0) == pipelined
+        results = await asyncio.gather(_collect(engine, urgent), *tasks)
+        await engine.stop()
+        assert engine.kv.pool().num_free == engine.kv.pool().num_total
+        assert engine.metrics.preemptions.labels(cause="interactive")._value.get() >= 1
+        outcomes[pipelined] = [_outcome(d) for d in results]
+    assert outcomes[True] == outcomes[False]
+
+
+async def test_a_request_cancelled_with_two_steps_in_flight_frees_its_kv_after_both(runner):
+    # The cancel comes right after the 8th step's next step was planned ahead: the request has both
+    # steps launched. Its blocks stay held until both are collected, then all come back
+    from scheduler.engine import Engine
+
+    specs = [_request(runner, f"c{i}", i) for i in range(3)]
+    engine = Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=True, routing=ROUTING))
+    plan_ahead, seen = engine.scheduler.plan_ahead, []
+
+    def cancelling_plan_ahead(plan):
+        ahead = plan_ahead(plan)
+        if ahead is not None and len(seen) < 1 and engine.forwards >= 8:
+            req = next(r for r, _ in ahead.items if r.id == "c1")
+            seen.append((req.in_flight, len(engine.kv.tables["main"].table("c1"))))
+            engine.cancel("c1")
+            seen.append(engine.kv.tables["main"].table("c1") != [])
+        return ahead
+
+    engine.scheduler.plan_ahead = cancelling_plan_ahead
+    await engine.start()
+    results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
+    await engine.stop()
+    assert seen and seen[0][0] == 1 and seen[1] is True  # held while its steps are launched
+    assert results[1][-1].finish_reason is FinishReason.CANCELLED
+    assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+    serial, _ = await _run(runner, [specs[0], specs[2]], pipelined=False)
+    _assert_same([specs[0], specs[2]], serial, [results[0], results[2]])
+
+
+@pytest.mark.parametrize("fault", ["launch", "collect"])
+async def test_a_failed_step_ahead_is_planned_again_from_the_host(runner, fault):
+    # The 6th launch of a step with fed-back tokens fails (fault "launch": the step after is planned
+    # from the host's view instead), or the 6th such step fails on the device after its launch (fault
+    # "collect": it is re-run item by item with the fed-back tokens given from the host). No request
+    # sees an error and every output is the serial one.
+    specs = _mixed(runner, 4)
+    serial, _ = await _run(runner, specs, pipelined=False)
+    launch, collect, count = runner.launch, runner.collect, [0]
+
+    def failing_launch(segments, tables):
+        if any(s.feedback for s in segments):
+            count[0] += 1
+            if count[0] == 6 and fault == "launch":
+                raise RuntimeError("launch fault")
+        return launch(segments, tables)
+
+    def failing_collect(step):
+        results = collect(step)
+        if fault == "collect" and count[0] == 6 and not getattr(failing_collect, "done", False):
+            failing_collect.done = True
+            raise RuntimeError("device fault")
+        return results
+
+    runner.launch, runner.collect = failing_launch, failing_collect
+    try:
+        pipelined, engine = await _run(runner, specs, pipelined=True)
+    finally:
+        del runner.launch, runner.collect
+    assert count[0] >= 6
+    _assert_same(specs, serial, pipelined)
+    assert all(d[-1].finish_reason is not FinishReason.ERROR for d in pipelined)
+
+
+async def test_async_scheduling_is_on_by_default_only_for_runners_that_wait_on_a_device(runner, monkeypatch):
+    from scheduler.engine import Engine
+    from workers.runner import ModelRunner
+
+    assert Engine(runner, runner.tokenizer, EngineConfig(routing=ROUTING)).async_scheduling is False
+    monkeypatch.setattr(ModelRunner, "asynchronous", property(lambda self: True))
+    assert Engine(runner, runner.tokenizer, EngineConfig(routing=ROUTING)).async_scheduling is True
+    assert Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=False, routing=ROUTING)).async_scheduling is False
+
+    class ExecuteOnly:  # a runner with execute only (tests' fakes, wrappers)
+        def __init__(self, inner):
+            self.info, self.execute, self.asynchronous = inner.info, inner.execute, True
+
+    only = ExecuteOnly(runner)
+    assert Engine(only, runner.tokenizer, EngineConfig(routing=ROUTING)).async_scheduling is False
+    with pytest.raises(ValueError, match="async_scheduling"):
+        Engine(only, runner.tokenizer, EngineConfig(async_scheduling=True, routing=ROUTING))

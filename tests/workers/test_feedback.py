@@ -1,0 +1,92 @@
+"""ModelRunner.launch / collect and device-side token feedback (Segment.feedback): a step launched before
+the previous one is collected, its first tokens taken on the device from that step's reads, gives the
+tokens, probabilities and K/V of the same steps run one by one with the tokens given on the host."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hf_oracle import segment  # noqa: E402
+from workers.batch import Reads, Sampling  # noqa: E402
+from workers.runner import ModelRunner, SegmentError  # noqa: E402
+from workers.session import RunnerSession  # noqa: E402
+
+PROMPTS = {"a": [5, 9, 14, 3, 77], "b": [8, 8, 120, 41], "c": [200, 17, 6, 91, 33, 2]}
+SAMPLING = {"a": Sampling(), "b": Sampling(temperature=0.9, top_k=40, seed=7), "c": Sampling(temperature=1.3, seed=3)}
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir):
+    return ModelRunner(tiny_model_dir, device="cpu", block_size=4, num_blocks=64)
+
+
+def _decode(seq: str, context: int, token: int, step: int, feedback: bool = False):
+    sampling = SAMPLING[seq]
+    reads = Reads(argmax=(0,)) if sampling.temperature == 0 else Reads(sample=(0,))
+    return segment(seq, context, [0 if feedback else token], reads=reads, feedback=feedback,
+                   sampling=Sampling(sampling.temperature, sampling.top_k, seed=sampling.seed, step=step))
+
+
+def _first_step(session: RunnerSession) -> dict[str, int]:
+    """Prefill every prompt and read its next token: {seq: token}."""
+    segs = [segment(s, 0, p, reads=Reads(argmax=(len(p) - 1,)) if SAMPLING[s].temperature == 0
+                    else Reads(sample=(len(p) - 1,)), sampling=SAMPLING[s]) for s, p in PROMPTS.items()]
+    return {r.seq_id: r.tokens[0] for r in session.execute(segs)}
+
+
+def _kv(session: RunnerSession, seq: str) -> torch.Tensor:
+    runner, bs, table = session.runner, session.info.block_size, session.block_table(seq)
+    slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(session.cached_len(seq))])
+    return torch.stack([runner.kv.flat_k(i)[slots] for i in range(runner.info.num_layers)])
+
+
+def test_pipelined_feedback_steps_equal_serial_steps(runner):
+    assert_pipelined_equals_serial(runner)
+
+
+def assert_pipelined_equals_serial(runner, steps: int = 6) -> None:
+    """(tests/gpu runs this on CUDA with graphs: feedback read from a graph's own values buffer)"""
+    serial = RunnerSession(runner)
+    last = _first_step(serial)
+    want = []
+    for k in range(steps):
+        segs = [_decode(s, len(p) + k, last[s], k + 1) for s, p in PROMPTS.items()]
+        results = serial.execute(segs)
+        want.append([(r.tokens, r.probs) for r in results])
+        last = {r.seq_id: r.tokens[0] for r in results}
+    want_kv = {s: _kv(serial, s) for s in PROMPTS}
+    serial.free_all()
+
+    piped = RunnerSession(runner)
+    known = _first_step(piped)
+    got, pending = [], None
+    for k in range(steps):
+        # Odd steps are launched before the previous one is collected: every token comes from its reads on
+        # the device. Even steps collect first, then feed "a" from the host and the others by feedback.
+        if k % 2 == 0 and pending is not None:
+            results = runner.collect(pending)
+            got.append([(r.tokens, r.probs) for r in results])
+            known, pending = {r.seq_id: r.tokens[0] for r in results}, None
+        segs = [_decode(s, len(p) + k, known.get(s, 0), k + 1, feedback=s not in known or (s != "a" and k > 0))
+                for s, p in PROMPTS.items()]
+        launched = runner.launch(segs, piped.tables.prepare(segs))
+        if pending is not None:
+            got.append([(r.tokens, r.probs) for r in runner.collect(pending)])
+        pending, known = launched, {}
+    got.append([(r.tokens, r.probs) for r in runner.collect(pending)])
+    assert got == want
+    assert all(torch.equal(_kv(piped, s), want_kv[s]) for s in PROMPTS)
+    piped.free_all()
+
+
+def test_feedback_without_a_read_in_the_previous_step_is_refused(runner):
+    session = RunnerSession(runner)
+    _first_step(session)
+    session.execute([segment("x", 0, [4, 5], reads=Reads())])  # the last step read nothing for "a"
+    segs = [_decode("a", len(PROMPTS["a"]), 0, 1, feedback=True)]
+    with pytest.raises(SegmentError) as err:
+        runner.launch(segs, session.tables.prepare(segs))
+    assert (err.value.seq_id, err.value.field) == ("a", "feedback")
+    session.free_all()
