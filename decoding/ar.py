@@ -260,6 +260,12 @@ class ARDecoder:
         remaining = self.span - len(self.generated)
         return self._in_flight is None and not self.finished and remaining % self.params.block_length == 0
 
+    def boundary_after_step(self) -> bool:
+        """Whether absorbing the decode step in flight (one generated token) leaves the decoder at a block
+        boundary (at_block_boundary then; scheduler.mode_switch.switch_may_follow asks before a step is
+        planned ahead)."""
+        return (self.span - len(self.generated) - 1) % self.params.block_length == 0
+
     def handoff(self) -> Handoff:
         if self.constraint is not None:
             raise RuntimeError(f"{self.seq_id}: a grammar-constrained request stays on the AR path")

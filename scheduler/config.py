@@ -158,8 +158,9 @@ class EngineConfig:
         its tokens fed back from the current step's reads on the device (scheduler.engine.Engine._execute;
         vLLM's async scheduling, SGLang's overlap scheduler), so the host's work between forwards
         (absorbing, streaming, planning) runs while the device computes. Only while every running
-        request is pinned to AR with plain decoding (no grammar, penalties, logit bias or EOS ban) and no
-        waiting request could start; otherwise steps run one after the other. The output is the same; a
+        request decodes plain AR (no grammar, penalties, logit bias or EOS ban; an AUTO one not about to
+        reach a block boundary where it may switch mode) and no waiting request could start; otherwise
+        steps run one after the other. The output is the same; a
         request that ends (EOS, a stop string, a cancel) spends one more segment of a forward. None
         (default): on when every runner queues its device work (ModelRunner.asynchronous: CUDA) and
         can launch and collect apart, off on the CPU, where a step's work is done when it is launched.

@@ -25,6 +25,21 @@ def switch_due(scheduler, req: Request) -> bool:
     return generated - req.tokens_at_last_route >= cfg.switch_interval_tokens and req.decoder.at_block_boundary()
 
 
+def switch_may_follow(scheduler, req: Request) -> bool:
+    """Whether `req` may be due for re-routing (switch_due) right after its step in flight is absorbed:
+    AUTO, switching allowed, not a preempted rerun, at least switch_interval_tokens past its last routing
+    with that step's token, and that token brings it to a block boundary (the decoder's
+    `boundary_after_step`; a decoder without it: always may). Scheduler.plan_ahead plans no step ahead
+    for such a request: a step in flight keeps a decoder off its boundary, so the switch would never come."""
+    cfg = scheduler.config.routing
+    if req.spec.mode is not Mode.AUTO or not cfg.allow_switch or req.pinned_mode is not None:
+        return False
+    if req.generated_tokens() + 1 - req.tokens_at_last_route < cfg.switch_interval_tokens:
+        return False
+    boundary = getattr(req.decoder, "boundary_after_step", None)
+    return boundary is None or boundary()
+
+
 def maybe_switch(scheduler, req: Request) -> bool:
     """Re-route `req` if it is AUTO, at a block boundary, and the router now prefers the other mode.
     Returns True when the request changed mode."""

@@ -53,6 +53,7 @@ import structlog
 from scheduler.api import InvalidRequestError, Mode, OverloadedError, Priority
 from scheduler.config import EngineConfig
 from scheduler.kv import KVOwner
+from scheduler.mode_switch import switch_may_follow
 from scheduler.prefix_cache import PrefixHit
 from scheduler.request import Request, RequestStatus
 from scheduler.routing import LoadSnapshot, RouteDecision, Router
@@ -324,16 +325,18 @@ class Scheduler:
         and its KV grows by that token. None, with nothing planned or allocated, when the host's view of
         `plan`'s results must come first: a waiting request could start or preempt (a free running slot,
         or an INTERACTIVE request and a preemptible one running), a running request is not in `plan`
-        (passed over for the budget), a request is not pinned to AR (an AUTO one may switch mode at a
-        block boundary), a decoder cannot plan ahead (anything but plain AR decoding), or the KV for the
-        new tokens is not free."""
+        (passed over for the budget), a decoder cannot plan ahead (anything but plain AR decoding), an
+        AUTO request may switch mode once the step in flight is absorbed (mode_switch.switch_may_follow),
+        or the KV for the new tokens is not free."""
         items = [(req, seg) for req, seg in plan.items if not req.finished]
         if not items or {req.id for req, _ in items} != {req.id for req in self.running} or self._may_start_waiting():
             return None
         ahead = StepPlan()
         for req, _ in items:
-            planner = getattr(req.decoder, "plan_ahead", None) if req.spec.mode is Mode.AR else None
-            segment = planner() if planner is not None and req.pending_segment is None else None
+            planner = getattr(req.decoder, "plan_ahead", None)
+            if planner is not None and (req.pending_segment is not None or switch_may_follow(self, req)):
+                planner = None
+            segment = planner() if planner is not None else None
             if segment is None or self.kv.shortfall(req, segment):
                 if segment is not None:
                     req.decoder.drop_ahead(segment)

@@ -230,3 +230,36 @@ async def test_async_scheduling_is_on_by_default_only_for_runners_that_wait_on_a
     assert Engine(only, runner.tokenizer, EngineConfig(routing=ROUTING)).async_scheduling is False
     with pytest.raises(ValueError, match="async_scheduling"):
         Engine(only, runner.tokenizer, EngineConfig(async_scheduling=True, routing=ROUTING))
+
+
+async def test_auto_requests_pipeline_between_block_boundaries_and_switch_mode_as_serially(runner):
+    # The router is made to start each AUTO request in AR and to flip its mode at every re-route (every
+    # block boundary, switch_interval_tokens 8 = the block length): a step is planned ahead only where
+    # absorbing the step in flight cannot bring a switch (mode_switch.switch_may_follow), so every
+    # request switches at the same tokens as serially, with the same text
+    import dataclasses
+
+    from scheduler.engine import Engine
+
+    specs = [_request(runner, f"a{i}", i, mode=Mode.AUTO) for i in range(5)]
+    outcomes = {}
+    for pipelined in (False, True):
+        engine = Engine(runner, runner.tokenizer, EngineConfig(
+            async_scheduling=pipelined, routing=RoutingConfig(calibrate=False, switch_interval_tokens=8)))
+        decide = engine.router.decide
+
+        def flip(requested, priority, load, current=None, request_key=None, decide=decide):
+            decision = decide(requested, priority, load, current=current, request_key=request_key)
+            mode = Mode.AR if current is None else {Mode.AR: Mode.REFUSION, Mode.REFUSION: Mode.AR}[current]
+            return dataclasses.replace(decision, mode=mode)
+
+        engine.router.decide = flip
+        await engine.start()
+        results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
+        await engine.stop()
+        assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+        outcomes[pipelined] = [(_outcome(d), d[-1].stats["modes"]) for d in results]
+        if pipelined:
+            assert engine.ahead_steps > 0
+    assert outcomes[True] == outcomes[False]
+    assert any(len(modes) > 2 for _, modes in outcomes[True]), outcomes[True]  # AR -> ReFusion -> AR
