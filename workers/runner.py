@@ -292,6 +292,7 @@ class ModelRunner:
         rows = (-1 - tokens).clamp_(min=0, max=previous.numel() - 1)
         tokens.copy_(torch.where(tokens < 0, previous[rows].to(torch.int64), tokens))
 
+
 @dataclass
 class LaunchedStep:
     """A step `ModelRunner.launch` queued: what `collect` needs to return its results. host: the values
