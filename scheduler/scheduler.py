@@ -150,6 +150,9 @@ class Scheduler:
         #   preemption, so that no request is preempted for room a stopped request was about to free.
         self.before_requeue = None
         self.settle = None
+        # A request arrived, ended or was sent back to the queue since schedule() last looked at the queue:
+        # until then, whoever it left waiting would be left waiting again (_may_start_waiting)
+        self._queue_changed = False
 
     # ---- submit-time checks -------------------------------------------------------------------
     def add(self, spec, params, stream) -> Request:
@@ -195,6 +198,7 @@ class Scheduler:
         req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
                       aged_after=self.config.aging_after)
         self.waiting.append(req)
+        self._queue_changed = True
         return req
 
     def _check_queue_room(self, priority: Priority) -> None:
@@ -263,6 +267,7 @@ class Scheduler:
             self.waiting.remove(req)
         if req in self.running:
             self.running.remove(req)
+        self._queue_changed = True
         if not req.in_flight and req.decoder is not None:
             self.kv.free(req)
 
@@ -275,6 +280,7 @@ class Scheduler:
         budget and allocate its KV (see the module docstring)."""
         plan = StepPlan()
         start = time.thread_time()
+        self._queue_changed = False
         self._start_waiting(plan)
         # (admission is not a cost of the decode steps the router prices: routing.HostCost leaves it out)
         self.admission_host_s = time.thread_time() - start
@@ -353,14 +359,12 @@ class Scheduler:
             self.kv.shortfall(req, segment)  # (rolls the sequence back to the step's context_len)
 
     def _may_start_waiting(self) -> bool:
-        """Whether scheduling now could start a waiting request (a running slot is free) or preempt a running
-        one for it (an INTERACTIVE request waits while a request of a lower class runs)."""
-        if not self.waiting:
-            return False
-        if len(self.running) < self.config.max_running:
-            return True
-        return self.config.preempt_for_interactive and any(w.priority is Priority.INTERACTIVE for w in self.waiting) \
-            and any(r.rank_class > Priority.INTERACTIVE for r in self.running)
+        """Whether scheduling now could start a waiting request, or preempt a running one for it: some
+        request waits and one arrived, ended or was sent back to the queue since schedule() last looked
+        at the queue. Without such a change, what it left waiting (no running slot, no KV, no room by
+        preemption) would be left waiting again (the running requests' blocks only grow meanwhile), but
+        for one waiting on another's prompt prefill (Request.prefix_wait), which may be done now."""
+        return bool(self.waiting) and (self._queue_changed or any(w.prefix_wait is not None for w in self.waiting))
 
     def _prepare_kv(self, req: Request, segment: Segment, plan: StepPlan) -> list[int] | None:
         """Allocate the segment's kept tokens; evict prefix-cache blocks, then preempt, when short.
@@ -549,6 +553,7 @@ class Scheduler:
         # Appended, not sorted in: _start_in_order may be walking `waiting` (in rank order, which each
         # step sorts anew) when it preempts, so the victim is looked at last in this walk
         self.waiting.append(victim)
+        self._queue_changed = True
         log.info("preempted", request_id=victim.id, reason=reason, mode=victim.pinned_mode.value)
         return True
 

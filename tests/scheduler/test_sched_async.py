@@ -263,3 +263,20 @@ async def test_auto_requests_pipeline_between_block_boundaries_and_switch_mode_a
             assert engine.ahead_steps > 0
     assert outcomes[True] == outcomes[False]
     assert any(len(modes) > 2 for _, modes in outcomes[True]), outcomes[True]  # AR -> ReFusion -> AR
+
+
+async def test_requests_waiting_for_kv_keep_the_pipeline_until_a_request_ends():
+    from workers.runner import ModelRunner
+
+    runner = ModelRunner(SHIPPED, num_blocks=14)
+    # A KV cache that holds about 3 of the 7 requests at once, slots for all of them: the waiting ones
+    # cannot start until a running one ends, so the steps between ends stay pipelined (with a free slot
+    # it would otherwise drain at every step), and each end lets the next one start
+    specs = _mixed(runner, 7)
+    config = {"max_running": 64, "kv_reserve_fraction": 0.0}
+    serial, plain = await _run(runner, specs, pipelined=False, config=config)
+    pipelined, engine = await _run(runner, specs, pipelined=True, config=config)
+    _assert_same(specs, serial, pipelined)
+    assert sum(d[-1].stats["queue_time_s"] > 0.05 for d in pipelined) >= 3  # they waited for KV
+    assert engine.ahead_steps >= engine.forwards // 3, (engine.ahead_steps, engine.forwards)
+    assert engine.forwards <= plain.forwards + len(specs), (engine.forwards, plain.forwards)
