@@ -4,10 +4,12 @@ The fake runner checks the block tables the scheduler hands it (the engine owns 
 `engine.kv`) and answers reads with a deterministic function of the query row's token and position,
 so a request's output never depends on its batch. `ForwardGate` holds any runner's forward, so a test
 can act (cancel, queue, submit) while the engine's state is known instead of racing the clock.
+`flip_modes` makes a router switch every AUTO request's mode at each re-route.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from types import SimpleNamespace
@@ -234,3 +236,31 @@ async def collect(engine, request):
 
 def ids_of(deltas) -> list[int]:
     return [t for d in deltas for t in d.token_ids]
+
+
+def flip_modes(engine, first: Mode) -> None:
+    """Make `engine`'s router start every AUTO request in `first` and switch it to the other mode at
+    each re-route (a block boundary, every routing.switch_interval_tokens); the decision's other fields
+    stay the router's own."""
+    decide = engine.router.decide
+
+    def flip(requested, priority, load, current=None, request_key=None):
+        decision = decide(requested, priority, load, current=current, request_key=request_key)
+        mode = first if current is None else {Mode.AR: Mode.REFUSION, Mode.REFUSION: Mode.AR}[current]
+        return dataclasses.replace(decision, mode=mode)
+
+    engine.router.decide = flip
+
+
+async def serve_all(engine, specs) -> list:
+    """Start `engine`, stream every request of `specs` at once to its end, stop it, and check that every
+    KV block came back; each request's deltas, in `specs` order."""
+    import asyncio
+
+    await engine.start()
+    try:
+        results = await asyncio.gather(*[collect(engine, spec) for spec in specs])
+    finally:
+        await engine.stop()
+    assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+    return results

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sched_fakes import collect, serve_all
 from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
 from scheduler.config import EngineConfig, RoutingConfig
 
@@ -48,25 +49,14 @@ def _mixed(runner, n=8) -> list[GenerationRequest]:
     return specs
 
 
-async def _run(runner, specs, pipelined: bool, config=(), hook=None):
-    """Every request's deltas and the engine, on a fresh engine; `hook(engine)` before the start."""
+async def _run(runner, specs, pipelined: bool, config=()):
+    """Every request's deltas and the engine, on a fresh engine (sched_fakes.serve_all)."""
     from scheduler.engine import Engine
 
     engine = Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=pipelined, routing=ROUTING, **dict(config)))
-    if hook is not None:
-        hook(engine)
-    await engine.start()
-    try:
-        results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
-    finally:
-        await engine.stop()
-    assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+    results = await serve_all(engine, specs)
     assert all(req.in_flight == 0 for req in engine.scheduler.running + engine.scheduler.waiting)
     return results, engine
-
-
-async def _collect(engine, spec):
-    return [d async for d in engine.submit(spec)]
 
 
 def _outcome(deltas) -> tuple:
@@ -138,11 +128,11 @@ async def test_an_interactive_arrival_preempts_a_pipelined_batch_request(runner)
         engine = Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=pipelined, max_running=2,
                                                                routing=ROUTING))
         await engine.start()
-        tasks = [asyncio.create_task(_collect(engine, spec)) for spec in batch]
+        tasks = [asyncio.create_task(collect(engine, spec)) for spec in batch]
         while engine.forwards < 6:
             await asyncio.sleep(0.001)
         assert len(engine.scheduler.running) == 2 and (engine.ahead_steps > 0) == pipelined
-        results = await asyncio.gather(_collect(engine, urgent), *tasks)
+        results = await asyncio.gather(collect(engine, urgent), *tasks)
         await engine.stop()
         assert engine.kv.pool().num_free == engine.kv.pool().num_total
         assert engine.metrics.preemptions.labels(cause="interactive")._value.get() >= 1
@@ -170,7 +160,7 @@ async def test_a_request_cancelled_with_two_steps_in_flight_frees_its_kv_after_b
 
     engine.scheduler.plan_ahead = cancelling_plan_ahead
     await engine.start()
-    results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
+    results = await asyncio.gather(*[collect(engine, spec) for spec in specs])
     await engine.stop()
     assert seen and seen[0][0] == 1 and seen[1] is True  # held while its steps are launched
     assert results[1][-1].finish_reason is FinishReason.CANCELLED
@@ -237,7 +227,7 @@ async def test_auto_requests_pipeline_between_block_boundaries_and_switch_mode_a
     # block boundary, switch_interval_tokens 8 = the block length): a step is planned ahead only where
     # absorbing the step in flight cannot bring a switch (mode_switch.switch_may_follow), so every
     # request switches at the same tokens as serially, with the same text
-    import dataclasses
+    from sched_fakes import flip_modes
 
     from scheduler.engine import Engine
 
@@ -246,18 +236,8 @@ async def test_auto_requests_pipeline_between_block_boundaries_and_switch_mode_a
     for pipelined in (False, True):
         engine = Engine(runner, runner.tokenizer, EngineConfig(
             async_scheduling=pipelined, routing=RoutingConfig(calibrate=False, switch_interval_tokens=8)))
-        decide = engine.router.decide
-
-        def flip(requested, priority, load, current=None, request_key=None, decide=decide):
-            decision = decide(requested, priority, load, current=current, request_key=request_key)
-            mode = Mode.AR if current is None else {Mode.AR: Mode.REFUSION, Mode.REFUSION: Mode.AR}[current]
-            return dataclasses.replace(decision, mode=mode)
-
-        engine.router.decide = flip
-        await engine.start()
-        results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
-        await engine.stop()
-        assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+        flip_modes(engine, Mode.AR)
+        results = await serve_all(engine, specs)
         outcomes[pipelined] = [(_outcome(d), d[-1].stats["modes"]) for d in results]
         if pipelined:
             assert engine.ahead_steps > 0

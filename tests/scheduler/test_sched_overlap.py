@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sched_fakes import collect, serve_all
 from scheduler.api import FinishReason, GenerationRequest, Mode
 from scheduler.config import EngineConfig, RoutingConfig
 
@@ -32,22 +33,12 @@ def runner():
 
 
 async def _run(runner, specs, overlap: bool):
-    """Every request's deltas, and the engine's forward count, on a fresh engine."""
+    """Every request's deltas, and the engine's forward count, on a fresh engine (sched_fakes.serve_all)."""
     from scheduler.engine import Engine
 
     engine = Engine(runner, runner.tokenizer, EngineConfig(overlap_streaming=overlap,
                                                            routing=RoutingConfig(calibrate=False)))
-    await engine.start()
-    try:
-        results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
-    finally:
-        await engine.stop()
-    assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
-    return results, engine.forwards
-
-
-async def _collect(engine, spec):
-    return [d async for d in engine.submit(spec)]
+    return await serve_all(engine, specs), engine.forwards
 
 
 def _text(deltas) -> str:
@@ -119,7 +110,7 @@ async def test_text_absorbed_but_not_yet_streamed_is_sent_before_a_failed_step_e
 
     engine.scheduler.schedule = failing_schedule
     await engine.start()
-    deltas = await _collect(engine, _request(runner, "a"))
+    deltas = await collect(engine, _request(runner, "a"))
     await engine.stop()
     assert deltas[-1].finish_reason is FinishReason.ERROR
     assert len(absorbed) >= 5 and _ids(deltas) == absorbed
@@ -169,7 +160,7 @@ async def test_the_last_steps_text_is_sent_while_the_forward_is_inside_the_runne
     engine._send, runner.execute = counting_send, waiting_execute
     try:
         await engine.start()
-        deltas = await _collect(engine, _request(runner, "a", params={"gen_length": 64}))
+        deltas = await collect(engine, _request(runner, "a", params={"gen_length": 64}))
         await engine.stop()
     finally:
         del runner.execute
@@ -229,7 +220,7 @@ async def test_a_deadline_passing_after_a_step_does_not_cut_that_steps_text(runn
     _hook_forward(runner, j + 1, lambda: setattr(engine._requests["d"], "arrival_s", time.monotonic() - 600.0))
     try:
         await engine.start()
-        deltas = await _collect(engine, spec)
+        deltas = await collect(engine, spec)
         await engine.stop()
     finally:
         del runner.execute
@@ -269,7 +260,7 @@ async def test_text_a_preempted_request_absorbed_is_sent_before_its_decoder_goes
     _hook_forward(runner, 5, arrive)
     try:
         await engine.start()
-        batch_task = asyncio.ensure_future(_collect(engine, batch))
+        batch_task = asyncio.ensure_future(collect(engine, batch))
         while not urgent_deltas:
             await asyncio.sleep(0.005)
         await engine.stop(drain_timeout_s=0)
@@ -316,7 +307,7 @@ async def test_a_request_stopping_in_deferred_text_frees_its_slot_without_a_pree
         loop, tasks = asyncio.get_running_loop(), []
 
         def arrive():  # inside forward j: admitted before the schedule that follows it
-            loop.call_soon_threadsafe(lambda: tasks.append(asyncio.ensure_future(_collect(engine, urgent))))
+            loop.call_soon_threadsafe(lambda: tasks.append(asyncio.ensure_future(collect(engine, urgent))))
             deadline = time.monotonic() + 10
             while "urgent" not in engine._requests and time.monotonic() < deadline:
                 time.sleep(0.001)
@@ -324,7 +315,7 @@ async def test_a_request_stopping_in_deferred_text_frees_its_slot_without_a_pree
         _hook_forward(runner, j, arrive)
         try:
             await engine.start()
-            results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
+            results = await asyncio.gather(*[collect(engine, spec) for spec in specs])
             await asyncio.gather(*tasks)
             await engine.stop()
         finally:
@@ -343,7 +334,7 @@ async def test_an_auto_request_ended_by_deferred_text_does_not_switch_mode_first
     # deferred text was checked, so one ended there by a stop string switched mode first (a mode switch
     # serial streaming never made, and with a separate AR model a prefill for nothing). The router is
     # made to alternate the mode at every re-route; the stop string ends the text at a boundary.
-    import dataclasses
+    from sched_fakes import flip_modes
 
     from scheduler.engine import Engine
 
@@ -351,19 +342,9 @@ async def test_an_auto_request_ended_by_deferred_text_does_not_switch_mode_first
     for overlap in (False, True):
         engine = Engine(runner, runner.tokenizer, EngineConfig(
             overlap_streaming=overlap, routing=RoutingConfig(calibrate=False, switch_interval_tokens=1)))
-        decide = engine.router.decide
-
-        def alternate(requested, priority, load, current=None, request_key=None, decide=decide):
-            decision = decide(requested, priority, load, current=current, request_key=request_key)
-            mode = Mode.REFUSION if current is None else {Mode.AR: Mode.REFUSION, Mode.REFUSION: Mode.AR}[current]
-            return dataclasses.replace(decision, mode=mode)
-
-        engine.router.decide = alternate
-        await engine.start()
+        flip_modes(engine, Mode.REFUSION)
         specs = [_request(runner, f"s{n}", "x = [", Mode.AUTO, stop=["s, " * n]) for n in range(4, 17)]
-        results = await asyncio.gather(*[_collect(engine, spec) for spec in specs])
-        await engine.stop()
-        assert engine.kv.pool().num_free == engine.kv.pool().num_total
+        results = await serve_all(engine, specs)
         histories[overlap] = [(_ids(d), d[-1].finish_reason, d[-1].stats["modes"]) for d in results]
     assert histories[True] == histories[False]
     assert any(reason is FinishReason.STOP and len(modes) > 1 for _, reason, modes in histories[True])
