@@ -1,4 +1,9 @@
-"""Fixtures shared by the scheduler tests that run the engine on a real ModelRunner."""
+"""Fixtures shared by the scheduler tests that run the engine on a real ModelRunner.
+
+Their runners are built with device="cpu", also on a machine with a GPU: the tests compare exact
+float32 outputs and several wrap `runner.execute`, which the CUDA defaults would bypass (asynchronous
+scheduling calls the runner's launch and collect; a test waiting on such a hook hung there). The CUDA
+engine is tests/gpu's."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ ROUTING = RoutingConfig(calibrate=False)
 def runner():
     from workers.runner import ModelRunner
 
-    return ModelRunner(SHIPPED, num_blocks=512)
+    return ModelRunner(SHIPPED, device="cpu", num_blocks=512)
 
 
 def _request(runner, rid, i=0, params=(), mode=Mode.AR, **fields) -> GenerationRequest:
@@ -248,7 +248,7 @@ async def test_auto_requests_pipeline_between_block_boundaries_and_switch_mode_a
 async def test_requests_waiting_for_kv_keep_the_pipeline_until_a_request_ends():
     from workers.runner import ModelRunner
 
-    runner = ModelRunner(SHIPPED, num_blocks=14)
+    runner = ModelRunner(SHIPPED, device="cpu", num_blocks=14)
     # A KV cache that holds about 3 of the 7 requests at once, slots for all of them: the waiting ones
     # cannot start until a running one ends, so the steps between ends stay pipelined (with a free slot
     # it would otherwise drain at every step), and each end lets the next one start

@@ -34,7 +34,7 @@ PROMPTS = ["def parse(self, text):\n    return", "class Wrapper:\n    def __init
 def runner(tiny_model_dir):
     from workers.runner import ModelRunner
 
-    return ModelRunner(tiny_model_dir, num_blocks=256, block_size=16)
+    return ModelRunner(tiny_model_dir, device="cpu", num_blocks=256, block_size=16)
 
 
 async def _run(engine, spec) -> tuple[str, list[int], object]:

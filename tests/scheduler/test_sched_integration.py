@@ -37,7 +37,7 @@ def runner(tiny_model_dir):
     """A fresh runner per test (milliseconds): a test that fails midway leaves nothing to the next."""
     from workers.runner import ModelRunner
 
-    return ModelRunner(tiny_model_dir, num_blocks=512, block_size=16)
+    return ModelRunner(tiny_model_dir, device="cpu", num_blocks=512, block_size=16)
 
 
 def _requests(tokenizer) -> list[GenerationRequest]:

@@ -22,7 +22,7 @@ PROMPTS = ["def parse(self, text):\n    return", "class Wrapper:\n    def __init
 def runner():
     from workers.runner import ModelRunner
 
-    return ModelRunner(SHIPPED_MODEL, num_blocks=256)
+    return ModelRunner(SHIPPED_MODEL, device="cpu", num_blocks=256)
 
 
 async def _run(engine, spec):

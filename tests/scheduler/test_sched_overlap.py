@@ -29,7 +29,7 @@ PROMPTS = [PROMPT, "class Stack:\n    def __init__(self):\n", "import sys\n\n\nd
 def runner():
     from workers.runner import ModelRunner
 
-    return ModelRunner(SHIPPED, num_blocks=512)
+    return ModelRunner(SHIPPED, device="cpu", num_blocks=512)
 
 
 async def _run(runner, specs, overlap: bool):

@@ -20,7 +20,7 @@ PROMPT = "class Wrapper:\n    def __init__(self"
 def runner():
     from workers.runner import ModelRunner
 
-    return ModelRunner(SHIPPED_MODEL, num_blocks=256)
+    return ModelRunner(SHIPPED_MODEL, device="cpu", num_blocks=256)
 
 
 async def _run(engine, spec):

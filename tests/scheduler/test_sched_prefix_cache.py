@@ -182,7 +182,7 @@ async def test_a_preempted_request_offers_its_prompt_blocks_again(monkeypatch, w
     from pathlib import Path
 
     shipped = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"  # a compact tokenizer
-    runner = ModelRunner(shipped, num_blocks=40, block_size=4)
+    runner = ModelRunner(shipped, device="cpu", num_blocks=40, block_size=4)
     engine = Engine(runner, runner.tokenizer, EngineConfig(max_running=1, kv_reserve_fraction=0.0,
                                                            routing=RoutingConfig(calibrate=False)))
     await engine.start()

@@ -36,7 +36,7 @@ async def test_concurrent_requests_on_the_shipped_model_equal_their_solo_runs():
     from workers.runner import ModelRunner
     from workers.session import RunnerSession
 
-    runner = ModelRunner(SHIPPED, num_blocks=512)
+    runner = ModelRunner(SHIPPED, device="cpu", num_blocks=512)
     tokenizer, factory = runner.tokenizer, ModelDecoderFactory(runner)
     specs = [GenerationRequest(f"s{i}", tokenizer.encode(PROMPTS[i % 4]), dict(PARAMS), mode=(Mode.REFUSION, Mode.AR)[i // 4 % 2])
              for i in range(8)]
@@ -68,7 +68,7 @@ async def test_the_router_is_told_every_token_and_forward_of_a_refusion_request(
     from scheduler.engine import Engine
     from workers.runner import ModelRunner
 
-    runner = ModelRunner(SHIPPED, num_blocks=512)
+    runner = ModelRunner(SHIPPED, device="cpu", num_blocks=512)
     readless = []
     execute = runner.execute
 
