@@ -178,7 +178,7 @@ class ARDecoder:
         return self._ahead
 
     def drop_ahead(self, segment: Segment) -> None:
-        """Forget `segment`, a step `plan_ahead` stated that will not run (its launch failed); the next
+        """Forget `segment`, a step `plan_ahead` stated that will not run (not launched, or abandoned); the next
         step is planned by next_segment from the state the absorbed results left."""
         if self._ahead is segment:
             self._ahead = None

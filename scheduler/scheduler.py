@@ -329,8 +329,8 @@ class Scheduler:
         (asynchronous scheduling, scheduler.engine): each request of `plan` that has not finished states
         its next decode step with its token fed back on the device (decoding.ar.ARDecoder.plan_ahead),
         and its KV grows by that token. None, with nothing planned or allocated, when the host's view of
-        `plan`'s results must come first: a waiting request could start or preempt (a free running slot,
-        or an INTERACTIVE request and a preemptible one running), a running request is not in `plan`
+        `plan`'s results must come first: a waiting request could start or preempt (`_may_start_waiting`:
+        the queue changed since the last schedule), a running request is not in `plan`
         (passed over for the budget), a decoder cannot plan ahead (anything but plain AR decoding), an
         AUTO request may switch mode once the step in flight is absorbed (mode_switch.switch_may_follow),
         or the KV for the new tokens is not free."""
