@@ -365,9 +365,7 @@ class Engine:
             results = [exc] if len(plan.items) == 1 else await asyncio.to_thread(execute_isolated, self.scheduler.runners, plan)
             for i, ((req, _), result) in enumerate(zip(plan.items, results)):
                 if isinstance(result, Exception):
-                    req.in_flight -= 1
-                    if req.finished and not req.in_flight:  # cancelled meanwhile: its KV waited for the forward
-                        self.kv.free(req)
+                    self._segment_back(req)  # (cancelled meanwhile: its KV waited for the forward)
                     self._finish(req, FinishReason.ERROR, error=f"forward failed: {type(result).__name__}: {result}")
                     results[i] = None
             return results
@@ -385,9 +383,16 @@ class Engine:
         shrinks back, and a request that ended meanwhile frees its KV once nothing of it is in flight."""
         self.scheduler.drop_ahead(ahead)
         for req, _ in ahead.items:
-            req.in_flight -= 1
-            if req.finished and not req.in_flight:
-                self.kv.free(req)
+            self._segment_back(req)
+
+    def _segment_back(self, req: Request) -> bool:
+        """One launched step holding a segment of `req` is collected or dropped. True when `req` has
+        finished meanwhile (a cancel, or its end in an earlier step); its KV is freed once no launched
+        step holds it any more (Request.in_flight)."""
+        req.in_flight -= 1
+        if req.finished and not req.in_flight:
+            self.kv.free(req)
+        return req.finished
 
     async def _abandon_ahead(self) -> None:
         """After a failed step: wait for the step launched ahead, if any, and drop it (`_drop_ahead`)."""
@@ -411,10 +416,7 @@ class Engine:
             if result is None:  # its own forward failed: already finished with the error
                 decodes = None
                 continue
-            req.in_flight -= 1
-            if req.finished:  # cancelled (or ended by its last step) while this segment ran: free now
-                if not req.in_flight:
-                    self.kv.free(req)
+            if self._segment_back(req):  # cancelled (or ended by its last step) while this segment ran
                 decodes = None
                 continue
             mode = req.mode
