@@ -24,6 +24,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # imports torch; Ray's workers and the CLI subprocesses inherit it.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402  (after OMP_NUM_THREADS; importing torch does not import Triton)
+
+if not torch.cuda.is_available():
+    # Triton decides at its first import whether `triton.jit` compiles or interprets: without CUDA its
+    # interpreter runs workers.paged_kernel on CPU tensors (tests/workers/test_attention_paged.py).
+    # Nothing else here runs Triton kernels on the CPU (inductor's CPU backend generates C++).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = REPO / "models" / "refusion-tiny-code"
 # Bound on every wait for state. Generous on purpose: a loaded 2-core machine must never fail a test

@@ -29,6 +29,7 @@ import torch
 from workers import loader
 from workers.attention import StepAttention
 from workers.attention_flex import FlexStepAttention
+from workers.attention_paged import PagedStepAttention, unavailable_reason
 from workers.batch import LOGPROB_FLOOR, Reads, Segment, SegmentResult, TokenLogprob, notify_launched
 from workers.graphs import GraphPolicy, StepGraphs, startup_steps
 from workers.kv_cache import PagedKVCache, blocks_for_budget
@@ -89,8 +90,10 @@ class ModelRunner:
         replay steps from CUDA graphs per layout, the common ones captured here (capture_startup_graphs;
         {} is the default policy); False runs every step eagerly. Raises ValueError for cuda_graphs on a device that is not CUDA or
         a GraphPolicy field out of range. attention: "sdpa" (workers.attention: gathers each sequence's
-        context; the default, faster than flex eagerly on an H200) or "flex" (workers.attention_flex: reads the
-        paged cache in place); ValueError for another name. compile_layers: run the work around attention
+        context; the default, faster than flex eagerly on an H200), "flex" (workers.attention_flex: reads the
+        paged cache in place) or "paged" (workers.attention_paged: one Triton kernel per layer reads the paged
+        cache in place and writes the step's K/V; CUDA, or the CPU under Triton's interpreter); ValueError for
+        another name, or for "paged" where it cannot run (the message says why). compile_layers: run the work around attention
         (norms, residual adds, RoPE, SwiGLU) through torch.compile (workers.model.compiled_kernels: fused
         Triton kernels, which need Triton's C compiler at the first step); False keeps them eager.
         cuda_graphs and compile_layers left None are on for CUDA and off elsewhere, as vLLM compiles and
@@ -308,7 +311,7 @@ class LaunchedStep:
     logits: np.ndarray | None
 
 
-ATTENTION = {"sdpa": StepAttention, "flex": FlexStepAttention}
+ATTENTION = {"sdpa": StepAttention, "flex": FlexStepAttention, "paged": PagedStepAttention}
 
 
 def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: str = "sdpa",
@@ -317,6 +320,8 @@ def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: st
     (True or GraphPolicy fields)."""
     if attention not in ATTENTION:
         raise ValueError(f"attention: {attention!r} is not one of {sorted(ATTENTION)}")
+    if attention == "paged" and unavailable_reason(device):
+        raise ValueError(f"attention: 'paged' {unavailable_reason(device)}")
     if not isinstance(compile_layers, bool):
         raise ValueError(f"compile_layers: {compile_layers!r} is not true or false")
     step = functools.partial(step_forward, attention_cls=ATTENTION[attention],

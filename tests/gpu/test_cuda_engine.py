@@ -37,6 +37,7 @@ VARIANTS = {  # every option named: on CUDA the runner's defaults are compiled l
     "graphs": {"cuda_graphs": True, "compile_layers": False},
     "compiled+graphs": {"cuda_graphs": True, "compile_layers": True},
     "flex+graphs": {"attention": "flex", "cuda_graphs": True, "compile_layers": False},
+    "paged+compiled+graphs": {"attention": "paged", "cuda_graphs": True, "compile_layers": True},
 }
 
 

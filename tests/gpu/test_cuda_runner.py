@@ -295,3 +295,68 @@ def test_steps_launched_ahead_with_fed_back_tokens_equal_serial_steps(tiny_model
     runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=64,
                          cuda_graphs=cuda_graphs, compile_layers=False)
     assert_pipelined_equals_serial(runner, steps=8)
+
+
+@pytest.mark.parametrize("block_size", [4, 16, 64])
+def test_paged_attention_on_cuda_matches_transformers(tiny_model_dir, block_size):
+    """attention="paged" (workers.attention_paged: one Triton kernel per layer reads the paged cache in
+    place and writes the step's K/V; float32 runs its IEEE dot) against the dense transformers oracle,
+    as the sdpa path is above; its steps never wait for the host."""
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=block_size, num_blocks=32,
+                         attention="paged", **EAGER)
+    _assert_mixed_batch_matches_transformers(tiny_model_dir, runner)
+    _assert_step_never_syncs(runner, list(range(5, 45)), list(range(20, 20 - (-40 // block_size))))
+
+
+def test_paged_attention_at_the_8b_head_ratio_with_long_steps_equals_sdpa(tiny_model_dir):
+    """The 8B head ratio (4 query heads per KV head, 16 folded rows per decode program), a 200-token
+    prefill (13 query tiles, 7 key tiles), a 64-token step over that context beside a decode row, and
+    bf16 (the CUDA default: bf16 dots, float32 softmax) close to the sdpa runner's bf16 (the bound of
+    test_bf16_is_close_to_float32)."""
+    import dataclasses
+
+    from workers.loader import read_config
+    from workers.model import random_model
+
+    base = read_config(tiny_model_dir)
+    cfg = dataclasses.replace(base, num_layers=2, num_heads=4 * base.num_kv_heads)
+    prompt = [5 + (i * 7) % 300 for i in range(200)]
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 0.5)):
+        model = random_model(cfg, dtype=dtype, device="cuda", seed=3, std=0.2)
+        got = {}
+        for name in ("sdpa", "paged"):
+            session = RunnerSession(ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, block_size=16,
+                                                           num_blocks=40, attention=name, **EAGER))
+            first = session.execute([segment("a", 0, prompt), segment("b", 0, [20, 21, 22])])
+            got[name] = first + session.execute([segment("a", 200, list(range(40, 104))), segment("b", 3, [23])])
+        for a, b in zip(got["sdpa"], got["paged"]):
+            assert (result_logits(a).float() - result_logits(b).float()).abs().max() < tol, dtype
+
+
+def test_paged_attention_replays_from_graphs_and_compiles_with_the_layers(tiny_model_dir):
+    """attention="paged" under cuda_graphs and compile_layers (the CUDA defaults): greedy decode of three
+    sequences replays graphs captured at start-up and gives the eager sdpa runner's tokens."""
+    seqs = {"a": list(range(5, 35)), "b": list(range(60, 75)), "c": [7]}
+    assert (_greedy_decode_tokens(tiny_model_dir, seqs, attention="paged", compile_layers=True, cuda_graphs=True)
+            == _greedy_decode_tokens(tiny_model_dir, seqs))
+
+
+def test_paged_attention_splits_a_long_context_on_cuda(tiny_model_dir, monkeypatch):
+    """A 1,000-token context at batch 1 leaves most SMs idle, so the kernel splits the context
+    (workers.attention_paged.context_splits, flash-decoding) and merges the parts: decode and a short
+    verify-shaped step equal the sdpa runner's in float32."""
+    from workers import attention_paged
+
+    seen = []
+    real = attention_paged.context_splits
+    monkeypatch.setattr(attention_paged, "context_splits", lambda *a: seen.append(real(*a)) or seen[-1])
+    prompt = [5 + (i * 11) % 300 for i in range(1000)]
+    got = {}
+    for name in ("sdpa", "paged"):
+        session = RunnerSession(ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=16,
+                                            num_blocks=80, attention=name, **EAGER))
+        session.execute([segment("a", 0, prompt, reads=Reads())])
+        got[name] = session.execute([segment("a", 1000, [7])]) + session.execute([segment("a", 1001, [8, 9, 10, 11])])
+    for a, b in zip(got["sdpa"], got["paged"]):
+        assert (result_logits(a) - result_logits(b)).abs().max() < 1e-3
+    assert max(n for n, _ in seen) >= 3, seen  # 1,008-1,024 keys of context capacity: 3-4 splits of 256+

@@ -66,8 +66,8 @@ def test_flex_equals_sdpa_with_shared_prefix_blocks(sessions):
 
 
 def test_unknown_attention_is_refused(tiny_model_dir):
-    with pytest.raises(ValueError, match="attention: 'paged' is not one of"):
-        ModelRunner(tiny_model_dir, device="cpu", num_blocks=8, attention="paged")
+    with pytest.raises(ValueError, match="attention: .flash. is not one of"):
+        ModelRunner(tiny_model_dir, device="cpu", num_blocks=8, attention="flash")
 
 
 def test_the_query_tile_divides_for_every_step_length_and_head_ratio():

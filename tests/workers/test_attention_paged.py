@@ -1,0 +1,188 @@
+"""PagedStepAttention (one Triton kernel per layer that reads the paged cache in place and writes the
+step's K/V) equals the portable StepAttention on the CPU in float32, run by Triton's interpreter: logits
+of every row and every layer's cache, for a prefill with partial blocks, decode steps beside a new
+sequence, a ReFusion plan (kept context + dropped masks), a verify, branches, a sequence with no context,
+prefix blocks shared by two sequences, the 8B head ratio with a step taller than one query tile, and a
+context longer than one key tile. The compiled CUDA kernel is checked in tests/gpu. Skips where Triton
+is not installed (it ships with CUDA builds of torch; the test extra installs it here)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import asyncio  # noqa: E402
+
+from hf_oracle import result_logits, segment  # noqa: E402
+from scheduler.api import GenerationRequest, Mode  # noqa: E402
+from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
+from scheduler.engine import Engine  # noqa: E402
+from workers import attention_paged  # noqa: E402
+from workers.loader import load_tokenizer, read_config  # noqa: E402
+from workers.model import random_model  # noqa: E402
+from workers.runner import ModelRunner  # noqa: E402
+from workers.session import RunnerSession  # noqa: E402
+
+
+def _sessions(tiny_model_dir, heads_per_kv=None, num_layers=2, num_blocks=24, seed=2, dtype=torch.float32):
+    base = read_config(tiny_model_dir)
+    cfg = dataclasses.replace(base, num_layers=num_layers)
+    if heads_per_kv:
+        cfg = dataclasses.replace(cfg, num_heads=heads_per_kv * base.num_kv_heads)
+    model = random_model(cfg, dtype=dtype, device="cpu", seed=seed, std=0.2)
+    made = {name: RunnerSession(ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, block_size=4,
+                                                       num_blocks=num_blocks, attention=name))
+            for name in ("sdpa", "paged")}
+    return made, cfg.mask_token_id
+
+
+def _both(sessions, segments, atol=1e-5):
+    """Run the same step in both sessions; compare every logits row and every layer's cache."""
+    out = {name: s.execute(segments) for name, s in sessions.items()}
+    for a, b in zip(out["sdpa"], out["paged"]):
+        torch.testing.assert_close(result_logits(b), result_logits(a), rtol=1e-5, atol=atol)
+    ka, kb = sessions["sdpa"].runner.kv, sessions["paged"].runner.kv
+    for layer in range(len(ka.k)):
+        torch.testing.assert_close(kb.k[layer][:-1], ka.k[layer][:-1], rtol=1e-3, atol=atol)  # scratch aside
+        torch.testing.assert_close(kb.v[layer][:-1], ka.v[layer][:-1], rtol=1e-3, atol=atol)
+    return out["sdpa"]
+
+
+def test_paged_equals_sdpa_over_decoding_shapes(tiny_model_dir):
+    sessions, mask = _sessions(tiny_model_dir)
+    _both(sessions, [segment("a", 0, [5, 6, 7, 8, 9, 10]), segment("b", 0, [20, 21, 22])])  # prefill: partial blocks
+    _both(sessions, [segment("a", 6, [11]), segment("b", 3, [23]), segment("c", 0, [30])])  # decode + a new sequence
+    # plan: two kept context tokens, four masks dropped
+    _both(sessions, [segment("a", 7, [12, 13, mask, mask, mask, mask], keep=2), segment("c", 1, [31])])
+    # verify: clean drafts, all kept; branches: two runs of two after nothing kept
+    _both(sessions, [segment("a", 9, [40, 41, 42, 43]), segment("b", 4, [50, 51, 52, 53], keep=False, branch_lens=[2, 2])])
+    _both(sessions, [segment("b", 4, [54, 55, 56, 57], keep=False, branch_lens=[1, 3]), segment("d", 0, [60, 61, 62, 63, 64])])
+
+
+def test_paged_equals_sdpa_with_shared_prefix_blocks(tiny_model_dir):
+    sessions, _ = _sessions(tiny_model_dir)
+    prompt = list(range(100, 110))  # 10 tokens: two full blocks of 4 and a partial one
+    _both(sessions, [segment("p", 0, prompt)])
+    for s in sessions.values():
+        s.adopt_prefix("q", s.block_table("p")[:2], 8)  # the second sequence starts on p's full blocks
+    _both(sessions, [segment("q", 8, [200, 201, 202]), segment("p", 10, [111])])
+    assert sessions["paged"].block_table("q")[:2] == sessions["paged"].block_table("p")[:2]
+
+
+def test_paged_equals_sdpa_at_four_query_heads_per_kv_head_over_several_tiles(tiny_model_dir):
+    """The 8B head ratio (4 query heads per KV head): a 40-token step spans three query tiles of 16, and a
+    later context of 50 tokens spans two key tiles of 32 (BLOCK_N), beside a one-token decode."""
+    sessions, mask = _sessions(tiny_model_dir, heads_per_kv=4, num_layers=1, num_blocks=40, seed=3)
+    assert attention_paged.tile_shape(40, 4, 64) == (16, 4, 64)
+    _both(sessions, [segment("a", 0, list(range(5, 15))), segment("b", 0, [20, 21, 22])])
+    _both(sessions, [segment("a", 10, list(range(40, 80))), segment("b", 3, [23])])
+    _both(sessions, [segment("a", 50, [90, 91, mask, mask], keep=1), segment("b", 4, [24])])
+
+
+def test_paged_in_half_precision_runs_the_low_precision_dots(tiny_model_dir):
+    """Below float32 the kernel feeds tl.dot the cache's dtype (probabilities cast to it, float32
+    accumulation), as bf16 does on a GPU; the interpreter's numpy has no bfloat16 (its bf16 dot is wrong,
+    so bf16 is checked in tests/gpu), float16 takes the same code. Logits within float16 rounding of the
+    sdpa runner's, and so is the cache (layers past the first get K/V from outputs that differ by rounding)."""
+    sessions, mask = _sessions(tiny_model_dir, dtype=torch.float16)
+    _both(sessions, [segment("a", 0, list(range(5, 45))), segment("b", 0, [20, 21, 22])], atol=0.05)
+    _both(sessions, [segment("a", 40, [11, mask, mask], keep=1), segment("b", 3, [23])], atol=0.05)
+
+
+ENGINE_PARAMS = {  # ReFusion: blocks of 16 tokens, 4 slots of 4: plans, verification, branches, remasks
+    Mode.AR: {"gen_length": 12, "slot_size": 1, "serial_num_blocks": 1, "temperature": 0.0},
+    Mode.REFUSION: {"gen_length": 16, "slot_size": 4, "serial_num_blocks": 1, "temperature": 0.0,
+                    "slot_threshold": 0.05, "token_threshold": 0.01},
+}
+
+
+async def _engine_tokens(runner) -> dict:
+    engine = Engine(runner, runner.tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
+    await engine.start()
+
+    async def one(mode: Mode, i: int, prompt: str) -> list[int]:
+        spec = GenerationRequest(f"{mode.value}-{i}", runner.tokenizer.encode(prompt), ENGINE_PARAMS[mode], mode=mode)
+        return [t async for delta in engine.submit(spec) for t in delta.token_ids]
+
+    prompts = ["def add(a, b):\n    return", "import os\n\nclass Config:\n"]
+    try:
+        jobs = {(mode, i): one(mode, i, p) for mode in ENGINE_PARAMS for i, p in enumerate(prompts)}
+        done = await asyncio.gather(*jobs.values())
+    finally:
+        await engine.stop()
+    assert engine.kv.pool("main").num_free == engine.kv.pool("main").num_total  # no leaked KV block
+    return dict(zip(jobs, done))
+
+
+def test_the_engine_on_the_paged_kernel_gives_the_sdpa_engines_tokens(tiny_model_dir):
+    """The decoders' real steps (chunked prefill, decode, ReFusion plans, verification, branches,
+    remasking) in mixed batches of two AR and two ReFusion requests: greedy tokens equal on both
+    backends (float32, a random model with varied output)."""
+    cfg = read_config(tiny_model_dir)
+    model = random_model(cfg, dtype=torch.float32, device="cpu", seed=1, std=0.2)
+    got = {name: asyncio.run(_engine_tokens(ModelRunner.from_model(
+        model, mask_token_id=cfg.mask_token_id, tokenizer=load_tokenizer(tiny_model_dir), block_size=16,
+        num_blocks=64, attention=name))) for name in ("sdpa", "paged")}
+    assert got["paged"] == got["sdpa"]
+    assert all(got["sdpa"].values()) and len(set(map(tuple, got["sdpa"].values()))) > 1
+
+
+def test_tile_shape_keeps_tl_dot_legal_for_every_head_ratio():
+    """tl.dot needs at least 16 rows and a key dimension of at least 16; a decode step of a model with one
+    query head per KV head still gets 16 folded rows, and no tile exceeds ROWS_PER_TILE unless one
+    query's heads alone do."""
+    for g in (1, 2, 3, 4, 5, 8, 16, 128):
+        for q in (1, 2, 3, 16, 17, 64, 256):
+            block_q, group, block_d = attention_paged.tile_shape(q, g, 8)
+            assert group >= g and group & (group - 1) == 0 and block_q & (block_q - 1) == 0
+            assert block_q * group >= 16 and block_d == 16
+            assert block_q * group <= max(attention_paged.ROWS_PER_TILE, group), (q, g)
+
+
+def test_paged_is_refused_on_the_cpu_without_the_interpreter(tiny_model_dir, monkeypatch):
+    """Triton compiles for GPUs only; without its interpreter (tests/conftest.py sets it here) a CPU runner
+    refuses the backend at construction, naming the way out."""
+    monkeypatch.setattr(attention_paged, "_interpreted", lambda: False)
+    with pytest.raises(ValueError, match="attention: 'paged' runs on CUDA; on cpu only under Triton's interpreter"):
+        ModelRunner(tiny_model_dir, device="cpu", num_blocks=8, attention="paged")
+
+
+def test_context_splits_cover_the_context_in_key_tiles():
+    """flash-decoding's split: only when the grid is smaller than the device (the 8B shape's 8 KV heads
+    at batch 1 on an H200's 132 SMs), never below MIN_SPLIT_KEYS keys a split, and the splits cover
+    the layout's whole context capacity in whole key tiles."""
+    split = attention_paged.context_splits
+    assert split(8, 256, 132) == (1, 256)  # gpu_check's forward: 256 cached tokens, one split
+    assert split(8, 4096, 132) == (16, 256)  # a long file at batch 1: 16 splits of 256 keys
+    assert split(32 * 8, 4096, 132) == (1, 4096)  # 32 sequences fill the device already
+    for programs in (1, 3, 8, 40):
+        for capacity in (16, 64, 300, 1000, 5000, 70000):
+            n, per = split(programs, capacity, 132)
+            assert 1 <= n <= attention_paged.MAX_SPLITS and per % attention_paged.BLOCK_N == 0
+            assert n * per >= capacity and (n == 1 or per >= attention_paged.MIN_SPLIT_KEYS)
+
+
+def test_paged_with_context_splits_equals_sdpa(tiny_model_dir, monkeypatch):
+    """Splits forced on the CPU (the interpreter's default is none): each sequence's context in parts of
+    32 keys, run by programs of their own and merged through their log-sum-exps; splits past a short
+    sequence's context are empty. Steps of every kind as above, at two head ratios."""
+    monkeypatch.setattr(attention_paged, "CPU_TARGET_PROGRAMS", 64)
+    monkeypatch.setattr(attention_paged, "MIN_SPLIT_KEYS", 32)
+    seen = []
+    real = attention_paged.context_splits
+    monkeypatch.setattr(attention_paged, "context_splits", lambda *a: seen.append(real(*a)) or seen[-1])
+    for heads_per_kv in (None, 4):
+        sessions, mask = _sessions(tiny_model_dir, heads_per_kv=heads_per_kv, num_layers=1, num_blocks=80)
+        _both(sessions, [segment("a", 0, list(range(5, 145))), segment("b", 0, [20, 21, 22])])
+        _both(sessions, [segment("a", 140, [11]), segment("b", 3, [23]), segment("c", 0, [30])])
+        _both(sessions, [segment("a", 141, [12, 13, mask, mask], keep=2), segment("b", 4, [50, 51, 52, 53],
+                                                                                 keep=False, branch_lens=[2, 2])])
+        for s in sessions.values():
+            s.adopt_prefix("d", s.block_table("a")[:32], 128)
+        _both(sessions, [segment("d", 128, [60, 61]), segment("a", 143, [14])])
+    # CPU steps are not padded: the prefill (no context) has one split, the others 4 (144 keys / 32)
+    assert [n for n, _ in seen] == [1, 4, 4, 4] * 2, seen
