@@ -3,9 +3,11 @@
 Parts (`--parts`: default all, in this order; given, in the order given; each one's failure is recorded
 and the next one runs):
     gpu_tests    `pytest tests/gpu` in a subprocess: pass / fail / skip counts (on CPU: skipped, no CUDA)
-    forward      bench/forward_latency.py's measurement at 1/8/32/128 query tokens vs the weight-read floor,
-                 per runner variant (--forward-variants): eager (sdpa attention), flex (the paged cache
-                 read in place, workers/attention_flex.py), graphs (cuda_graphs, workers/graphs.py),
+    forward      bench/forward_latency.py's measurement at 1/8/32/128 query tokens vs the weight-read floor
+                 (and one token after --long-context cached tokens),
+                 per runner variant (--forward-variants): eager (sdpa attention), paged (the Triton kernel
+                 that reads the paged cache in place, workers/attention_paged.py), flex (flex_attention
+                 over the paged cache, workers/attention_flex.py), graphs (cuda_graphs, workers/graphs.py),
                  compiled (compile_layers: fused kernels around attention, workers.model), and combinations
     engine       the engine, AR and ReFusion, at 1/8/32 concurrent requests: tok/s, tok/forward, ITL p50;
                  on the forward part's fastest runner variant (--engine-variant), as are the baselines
@@ -18,7 +20,8 @@ and the next one runs):
                  sampling, against plain: what those per-request options cost on the device; and plain
                  with synchronous scheduling (EngineConfig.async_scheduling false), then serial streaming
                  too (overlap_streaming false): what each overlap of host work with the device gains
-    profile      torch.profiler over eager 1-token forwards, plain and compiled layers: device kernels
+    profile      torch.profiler over eager 1-token forwards, plain, compiled layers, and compiled layers
+                 with the paged kernel (skipped where it cannot run): device kernels
                  per forward, their summed time (what a graph replay cannot beat), the costliest kernels
 forward/engine/baselines share one random-weight model built on the device (workers.model.random_model;
 8B shape in bf16 on CUDA) and the shipped model's tokenizer (bench/gpu_check_parts.py says how ids of
@@ -83,11 +86,14 @@ GPU_TESTS_MAX_S = 150
 PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency", "host", "features", "profile")
 # Per device type: defaults of the options left unset (the CPU ones make the dry run).
 DEFAULTS = {
-    "cuda": {"config": "8b", "forward_tokens": [1, 8, 32, 128], "context": 256, "repeats": 10, "levels": [1, 8, 32],
-             # flex+graphs variants are left out: flex compiles once per layout, so start-up capture takes minutes
-             "forward_variants": ["eager", "flex", "graphs", "compiled+graphs"],
+    "cuda": {"config": "8b", "forward_tokens": [1, 8, 32, 128], "context": 256, "long_context": 4096, "repeats": 10,
+             "levels": [1, 8, 32],
+             # flex and graphs alone were measured on 2026-12-04 (docs/benchmarks.md); flex+graphs variants are
+             # left out: flex compiles once per layout, so start-up capture takes minutes
+             "forward_variants": ["eager", "paged", "compiled+graphs", "paged+compiled+graphs"],
              "gen_length": 128, "concurrency_args": "--levels 1,8,32 --rounds 1 --requests 8 --gen-length 64"},
-    "cpu": {"config": "tiny", "forward_tokens": [1, 8], "context": 32, "repeats": 3, "levels": [1, 2],
+    "cpu": {"config": "tiny", "forward_tokens": [1, 8], "context": 32, "long_context": 64, "repeats": 3,
+            "levels": [1, 2],
             "forward_variants": ["eager", "flex"],
             "gen_length": 32, "concurrency_args": "--levels 1,2 --rounds 1 --requests 2 --gen-length 64 "
                                                   "--token-budget 64 --num-blocks 256"},
@@ -256,10 +262,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--append", type=Path, help="also append the table to this markdown file")
     parser.add_argument("--forward-tokens", type=_ints, help="query tokens per forward (default 1,8,32,128)")
     parser.add_argument("--context", type=int, help="cached tokens before the timed forwards (default 256)")
+    parser.add_argument("--long-context", type=int,
+                        help="cached tokens before one more 1-token forward per variant, an editor's long file "
+                             "(default 4096 on CUDA, 64 on CPU; 0 leaves it out)")
     parser.add_argument("--forward-variants", type=lambda s: s.split(","),
                         help="runner variants of the forward part: eager, flex (attention), graphs (cuda_graphs), "
                              "compiled (compile_layers) and the combinations in gpu_check_parts.FORWARD_VARIANTS "
-                             "(default on CUDA: eager,flex,graphs,compiled+graphs; on CPU: eager,flex)")
+                             "(default on CUDA: eager,paged,compiled+graphs,paged+compiled+graphs; on CPU: eager,flex)")
     parser.add_argument("--repeats", type=int, help="timed forwards per token count (default 10)")
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
     parser.add_argument("--levels", type=_ints, help="engine concurrency levels (default 1,8,32)")

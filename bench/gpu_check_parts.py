@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 import forward_latency  # noqa: E402
+from workers.attention_paged import unavailable_reason  # noqa: E402
 from workers.loader import ModelConfig, load_tokenizer  # noqa: E402
 from workers.model import Qwen3, random_model  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
@@ -144,7 +145,10 @@ FORWARD_VARIANTS = {"eager": _EAGER, "flex": {**_EAGER, "attention": "flex"}, "g
                     "flex+graphs": {**_EAGER, "attention": "flex", "cuda_graphs": True},
                     "compiled": {**_EAGER, "compile_layers": True},
                     "compiled+graphs": {**_EAGER, "compile_layers": True, "cuda_graphs": True},
-                    "flex+compiled+graphs": {"attention": "flex", "compile_layers": True, "cuda_graphs": True}}
+                    "flex+compiled+graphs": {"attention": "flex", "compile_layers": True, "cuda_graphs": True},
+                    "paged": {**_EAGER, "attention": "paged"},
+                    "paged+compiled": {**_EAGER, "attention": "paged", "compile_layers": True},
+                    "paged+compiled+graphs": {"attention": "paged", "compile_layers": True, "cuda_graphs": True}}
 
 
 def part_forward(bench: Workbench) -> tuple[dict, list[Row]]:
@@ -180,10 +184,10 @@ def part_forward(bench: Workbench) -> tuple[dict, list[Row]]:
 
 def _forward_variant(bench: Workbench, options: dict, floor_ms: float) -> tuple[dict, list[Row]]:
     args, model = bench.args, bench.model()
-    context, tokens = args.context, args.forward_tokens
+    context, tokens, long_context = args.context, args.forward_tokens, args.long_context
     start = time.perf_counter()
     runner = ModelRunner.from_model(model, mask_token_id=bench.cfg.mask_token_id,
-                                    num_blocks=(context + max(tokens)) // 16 + 2, **options)
+                                    num_blocks=(max(context, long_context) + max(tokens)) // 16 + 2, **options)
     results, rows = {"options": options, "tokens": {}, "build_s": time.perf_counter() - start}, []
     session = forward_latency.prefilled_session(runner, context)
     for n in tokens:
@@ -200,6 +204,14 @@ def _forward_variant(bench: Workbench, options: dict, floor_ms: float) -> tuple[
         target = FORWARD_TARGETS.get(n)
         rows.append(Row(f"forward batch 1, {n} query tokens", f"{med:.2f} ms = {ratio:.2f}x floor",
                         f"<= {target}x floor" if target else "-", ratio <= target if target else None))
+    if long_context and bench.time_left() > 0:  # one decode row at an editor's long file (context splits)
+        session.free("bench")
+        times = forward_latency.time_forward(forward_latency.prefilled_session(runner, long_context), long_context,
+                                             1, args.repeats)
+        med = statistics.median(times) * 1e3
+        results["long_context"] = {"context": long_context, "median_ms": med, "over_floor": med / floor_ms}
+        rows.append(Row(f"forward batch 1, 1 query token after {long_context} cached tokens",
+                        f"{med:.2f} ms = {med / floor_ms:.2f}x floor"))
     rows.append(Row("runner build (start-up graph capture) / warm-ups (compiles)",
                     f"{results['build_s']:.1f} s / {sum(results.get('warmup_s', {}).values()):.1f} s"))
     graphs = runner.stats().get("cuda_graphs")
@@ -368,7 +380,7 @@ def part_host(bench: Workbench) -> tuple[dict, list[Row]]:
 
 
 # ---- part: profile ---------------------------------------------------------------------------------
-PROFILE_VARIANTS = ("eager", "compiled")  # eager: a graph replays the same kernels, one launch
+PROFILE_VARIANTS = ("eager", "compiled", "paged+compiled")  # eager: a graph replays the same kernels, one launch
 
 
 def part_profile(bench: Workbench) -> tuple[dict, list[Row]]:
@@ -385,6 +397,9 @@ def part_profile(bench: Workbench) -> tuple[dict, list[Row]]:
     for variant in PROFILE_VARIANTS:
         if bench.time_left() <= 0:
             rows.append(Row(f"profile [{variant}]", "skipped: --budget-s spent"))
+            continue
+        if FORWARD_VARIANTS[variant]["attention"] == "paged" and unavailable_reason(bench.device):
+            rows.append(Row(f"profile [{variant}]", f"skipped: {unavailable_reason(bench.device)}"))
             continue
         runner = ModelRunner.from_model(model, mask_token_id=bench.cfg.mask_token_id,
                                         num_blocks=args.context // 16 + 4, **FORWARD_VARIANTS[variant])
