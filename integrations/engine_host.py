@@ -26,17 +26,23 @@ RUNNER_OPTIONS = ("dtype", "device", "block_size", "num_blocks", "kv_memory_byte
 
 
 RUNNER_DTYPES = ("float32", "bfloat16", "float16")  # workers.runner.DTYPES's names (no torch import here)
+RUNNER_ATTENTION = ("sdpa", "flex", "paged")  # workers.runner.ATTENTION's names (the same test pins both)
 
 
 def check_runner_options(options: dict) -> None:
-    """Raises ValueError naming the first key of `options` that ModelRunner does not take, or a `dtype`
-    it does not know (checked here so that a bad config fails before any replica starts)."""
+    """Raises ValueError naming the first key of `options` that ModelRunner does not take, or a `dtype` or
+    `attention` it does not know (checked here so that a bad config fails before any replica starts;
+    whether a known backend can run on the replicas' device is the runner's check: this machine may
+    have no GPU)."""
     unknown = sorted(set(options) - set(RUNNER_OPTIONS))
     if unknown:
         raise ValueError(f"runner.{unknown[0]}: unknown setting; known: {', '.join(RUNNER_OPTIONS)}")
     dtype = options.get("dtype")
     if dtype is not None and (not isinstance(dtype, str) or dtype.removeprefix("torch.") not in RUNNER_DTYPES):
         raise ValueError(f"runner.dtype: {dtype!r} is not supported; use one of {', '.join(RUNNER_DTYPES)}")
+    attention = options.get("attention")
+    if isinstance(attention, str) and attention not in RUNNER_ATTENTION:
+        raise ValueError(f"runner.attention: {attention!r} is not a backend; use one of {', '.join(RUNNER_ATTENTION)}")
     for name in ("block_size", "num_blocks", "kv_memory_bytes"):  # a string here failed each replica after a minute
         value = options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

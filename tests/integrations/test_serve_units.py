@@ -299,10 +299,13 @@ def test_vllm_flags_merge_into_the_config_file(tiny_model_dir, tmp_path):
             cli_serve.merged_config(parser.parse_args(["--config", str(file), flag, "3" if flag != "--dtype" else "float16"]))
     with pytest.raises(ValueError, match="runner.dtype: 'int8' is not supported"):  # before any replica starts
         ServeConfig(model=str(tiny_model_dir), runner={"dtype": "int8"})
-    from integrations.engine_host import RUNNER_DTYPES
-    from workers.runner import DTYPES
+    from integrations.engine_host import RUNNER_ATTENTION, RUNNER_DTYPES
+    from workers.runner import ATTENTION, DTYPES
 
     assert set(RUNNER_DTYPES) == set(DTYPES)  # the flags' and the config check's list is the runner's
+    assert set(RUNNER_ATTENTION) == set(ATTENTION)
+    with pytest.raises(ValueError, match="runner.attention: 'pagde' is not a backend; use one of sdpa, flex, paged"):
+        ServeConfig(model=str(tiny_model_dir), runner={"attention": "pagde"})
 
 
 def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
