@@ -79,8 +79,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
-from gpu_check_parts import (CONFIGS, FORWARD_VARIANTS, Row, Workbench, part_engine, part_features,  # noqa: E402
-                             part_forward, part_host, part_profile)
+from gpu_check_parts import (CONFIGS, FORWARD_VARIANTS, PartFailed, PartSkipped, Row, Workbench,  # noqa: E402
+                             part_engine, part_features, part_forward, part_host, part_profile)
 
 GPU_TESTS_MAX_S = 180
 GPU_TEST_FILES = ["tests/gpu/test_cuda_runner.py"] + sorted(
@@ -100,18 +100,6 @@ DEFAULTS = {
             "gen_length": 32, "concurrency_args": "--levels 1,2 --rounds 1 --requests 2 --gen-length 64 "
                                                   "--token-budget 64 --num-blocks 256"},
 }
-
-
-class PartSkipped(Exception):
-    """A part that cannot run here (no CUDA, a missing optional package): recorded as skipped, not failed."""
-
-
-class PartFailed(Exception):
-    """A part that ran and measured, but failed: its results and rows are kept."""
-
-    def __init__(self, results: dict, rows: list[Row], message: str):
-        super().__init__(message)
-        self.results, self.rows = results, rows
 
 
 def _ints(text: str) -> list[int]:

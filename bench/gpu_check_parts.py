@@ -138,6 +138,18 @@ class Workbench:
                 **{k: SERVING_DEFAULTS[k] for k in names}}
 
 
+class PartSkipped(Exception):
+    """A part that cannot run here (no CUDA, a missing optional package): recorded as skipped, not failed."""
+
+
+class PartFailed(Exception):
+    """A part that ran and measured, but failed: its results and rows are kept."""
+
+    def __init__(self, results: dict, rows: list[Row], message: str):
+        super().__init__(message)
+        self.results, self.rows = results, rows
+
+
 # ---- part: forward ---------------------------------------------------------------------------------
 # Every option named: the runner's defaults on CUDA are compile_layers and cuda_graphs on (workers.runner).
 _EAGER = {"attention": "sdpa", "cuda_graphs": False, "compile_layers": False}
@@ -179,6 +191,9 @@ def part_forward(bench: Workbench) -> tuple[dict, list[Row]]:
             continue
         results["variants"][variant] = bench.forward_results[variant] = found
         rows += [dataclasses.replace(row, measurement=f"{row.measurement} [{variant}]") for row in variant_rows]
+    failed = [name for name, found in results["variants"].items() if "error" in found]
+    if failed:  # the others' numbers stand (and the engine part runs on the fastest of them)
+        raise PartFailed(results, rows, f"forward variants failed: {', '.join(failed)}")
     return results, rows
 
 

@@ -150,6 +150,22 @@ def test_forward_variants_past_the_budget_are_skipped(tmp_path, monkeypatch):
     assert [r["value"] for r in forward["rows"][1:]] == ["skipped: --budget-s spent"] * 2
 
 
+def test_a_failing_forward_variant_fails_the_part_and_keeps_the_others(tmp_path, monkeypatch):
+    """A variant that cannot build (here the paged kernel, refused as off the interpreter) was a FAILED row
+    inside a part reported passed, and the summary said "failed parts: none" (a break-test): the part
+    now fails, exit 1, and the other variant's numbers stay in the report."""
+    from workers import attention_paged
+
+    monkeypatch.setattr(attention_paged, "_interpreted", lambda: False)
+    out = tmp_path / "report.json"
+    assert gpu_check.main(["--device", "cpu", "--parts", "forward", "--forward-variants", "eager,paged",
+                           "--long-context", "0", "--repeats", "1", "--json", str(out)]) == 1
+    forward = json.loads(out.read_text())["parts"]["forward"]
+    assert forward["status"] == "failed" and forward["error"] == "forward variants failed: paged"
+    assert "runs on CUDA" in forward["results"]["variants"]["paged"]["error"]
+    assert forward["results"]["variants"]["eager"]["tokens"]["1"]["median_ms"] > 0
+
+
 def test_engine_variant_given_by_name_builds_that_runner():
     args = gpu_check.parse_args(["--device", "cpu", "--engine-variant", "flex", "--runner-options", '{"block_size": 8}'])
     runner = gpu_check.Workbench(args).engine_runner()
