@@ -9,6 +9,8 @@ and the next one runs):
                  that reads the paged cache in place, workers/attention_paged.py), flex (flex_attention
                  over the paged cache, workers/attention_flex.py), graphs (cuda_graphs, workers/graphs.py),
                  compiled (compile_layers: fused kernels around attention, workers.model), and combinations
+    attention    one layer's attention alone (bench/gpu_check_attention.py): sdpa vs the paged kernel at
+                 each of its tile settings, at AR decode, long-context and ReFusion step shapes
     engine       the engine, AR and ReFusion, at 1/8/32 concurrent requests: tok/s, tok/forward, ITL p50;
                  on the forward part's fastest runner variant (--engine-variant), as are the baselines
     baselines    one request at batch 1, engine vs transformers on the same weight tensors and tokens:
@@ -53,8 +55,13 @@ The table is printed last (the reply's output tail); the JSON and the whole log 
 Seen on an H200 (2026-12-04, bench/results/h200-2026-12-04): a machine starts in about 40 s of device
 time; the parts took gpu_tests 75-109 s, forward 32-47 s (two to four variants; compiled+graphs builds
 in 17 s), engine 33-58 s (gen_length 64), baselines 25-32 s, features 11-28 s, concurrency 27 s,
-host 3 s, profile 3 s. A default run (gen_length 128) should end in about 6 minutes, so `timeout_s`
-420-480 leaves a 15-minute lease room for one rerun; pass `--parts` in priority order for a shorter one.
+host 3 s, profile 3 s. A default run (gen_length 128) then ended in about 6 minutes. Since then (not
+yet run on a GPU) tests/gpu checks the paged kernel too (up to 180 s now), the forward part runs the two
+paged variants and a long-context row, and the attention part (an estimated 30-60 s: Triton compiles
+its tile settings) runs after it, so expect about 7-8 minutes within `timeout_s` 590; the default
+`--budget-s` 450 stops starting parts after 7.5 minutes (the later ones recorded as skipped), and the
+JSON is rewritten after every part. A 15-minute lease then has no room for a whole rerun: rerun only
+what failed, with `--parts` in priority order.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from gpu_check_attention import part_attention  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
 from gpu_check_parts import (CONFIGS, FORWARD_VARIANTS, PartFailed, PartSkipped, Row, Workbench,  # noqa: E402
                              part_engine, part_features, part_forward, part_host, part_profile)
@@ -85,7 +93,7 @@ from gpu_check_parts import (CONFIGS, FORWARD_VARIANTS, PartFailed, PartSkipped,
 GPU_TESTS_MAX_S = 180
 GPU_TEST_FILES = ["tests/gpu/test_cuda_runner.py"] + sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "gpu").glob("test_*.py") if p.name != "test_cuda_runner.py")
-PART_NAMES = ("gpu_tests", "forward", "engine", "baselines", "concurrency", "host", "features", "profile")
+PART_NAMES = ("gpu_tests", "forward", "attention", "engine", "baselines", "concurrency", "host", "features", "profile")
 # Per device type: defaults of the options left unset (the CPU ones make the dry run).
 DEFAULTS = {
     "cuda": {"config": "8b", "forward_tokens": [1, 8, 32, 128], "context": 256, "long_context": 4096, "repeats": 10,
@@ -176,7 +184,7 @@ def part_concurrency(bench: Workbench) -> tuple[dict, list[Row]]:
 
 
 PARTS = {"gpu_tests": part_gpu_tests, "forward": part_forward, "engine": part_engine, "baselines": part_baselines,
-         "concurrency": part_concurrency, "host": part_host, "features": part_features, "profile": part_profile}
+         "concurrency": part_concurrency, "host": part_host, "features": part_features, "profile": part_profile, "attention": part_attention}
 
 
 def run_part(bench: Workbench, name: str) -> dict:

@@ -49,6 +49,7 @@ from workers.kv_cache import PagedKVCache
 
 
 BLOCK_N = 32  # keys per tile
+NUM_WARPS = 4  # per program (Triton's default); bench/gpu_check_attention.py sweeps both on a GPU
 ROWS_PER_TILE = 64  # most folded (query x head) rows per program; tl.dot needs at least 16
 MIN_SPLIT_KEYS = 256  # fewest context keys per split (context_splits)
 MAX_SPLITS = 16
@@ -145,7 +146,7 @@ class PagedStepAttention:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             kc.stride(0), kc.stride(1), out.stride(0), out.stride(1), t * hq * d, t * hq, hq,
             HEADS_PER_KV=self.g, GROUP=group, BLOCK_Q=block_q, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-            PAGE=self.page, SPLITS=splits, IEEE=q.dtype == torch.float32)
+            PAGE=self.page, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS)
         if splits == 1:
             return out
         total = torch.logsumexp(lse, dim=0)  # [T, Hq]; rows of no sequence: -inf, their NaN never read

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from workers.attention_paged import unavailable_reason  # noqa: E402
 
-PARTS = ["gpu_tests", "forward", "engine", "baselines", "concurrency", "host", "features", "profile"]
+PARTS = ["gpu_tests", "forward", "attention", "engine", "baselines", "concurrency", "host", "features", "profile"]
 
 
 def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
@@ -58,10 +58,15 @@ def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
     assert set(features) == {"plain", "plain, synchronous scheduling", "plain, synchronous, serial streaming",
                              "logprobs 5", "frequency_penalty 1", "min_p 0.05, T 0.8"}
     assert all(r["tok_s"] > 0 and r["requests"] == 2 for r in features.values())
+    # the paged kernel's rows where it can run: here under Triton's interpreter (tests/conftest.py)
+    paged_runs = unavailable_reason(torch.device("cpu")) is None
+    cases = parts["attention"]["results"]["cases"]  # one layer's attention per backend
+    assert [(c["sequences"], c["query_tokens"], c["context"]) for c in cases] == [(1, 1, 64), (2, 8, 32)]
+    assert all(c["us"]["sdpa"] > 0 for c in cases)
+    if paged_runs:
+        assert all(c["us"]["paged 32/4"] > 0 and c["max_abs_diff"] < 1e-5 for c in cases)  # float32 on the CPU
     profiled = parts["profile"]["results"]  # eager forwards under torch.profiler (leaf operators on the CPU)
-    # the paged kernel's variant where it can run: here under Triton's interpreter (tests/conftest.py)
-    paged = set() if unavailable_reason(torch.device("cpu")) else {"paged+compiled"}
-    assert set(profiled) == {"eager", "compiled"} | paged
+    assert set(profiled) == {"eager", "compiled"} | ({"paged+compiled"} if paged_runs else set())
     assert all(p["kernels_per_forward"] > 10 and p["busy_ms_per_forward"] > 0 and p["top"] for p in profiled.values())
 
     # Float32 on the CPU, same tensors: the engine's ReFusion equals the spec oracle on transformers token
