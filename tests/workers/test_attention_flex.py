@@ -13,7 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hf_oracle import result_logits, segment  # noqa: E402
+from attention_cases import compare, decoding_shapes, shared_prefix  # noqa: E402
+from hf_oracle import segment  # noqa: E402
 from workers.loader import read_config  # noqa: E402
 from workers.model import random_model  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
@@ -33,36 +34,16 @@ def sessions(tiny_model_dir):
 
 
 def _both(sessions, segments):
-    """Run the same step in both sessions; compare every logits row and every layer's cache."""
-    out = {name: s.execute(segments) for name, s in sessions.items()}
-    for a, b in zip(out["sdpa"], out["flex"]):
-        torch.testing.assert_close(result_logits(b), result_logits(a), rtol=1e-5, atol=1e-5)
-    ka, kb = sessions["sdpa"].runner.kv, sessions["flex"].runner.kv
-    for layer in range(len(ka.k)):
-        torch.testing.assert_close(kb.k[layer][:-1], ka.k[layer][:-1])  # the scratch block aside
-        torch.testing.assert_close(kb.v[layer][:-1], ka.v[layer][:-1])
-    return out["sdpa"]
+    return compare(sessions, segments, "flex")
 
 
 def test_flex_equals_sdpa_over_decoding_shapes(sessions):
     sessions, mask = sessions
-    _both(sessions, [segment("a", 0, [5, 6, 7, 8, 9, 10]), segment("b", 0, [20, 21, 22])])  # prefill: partial blocks
-    _both(sessions, [segment("a", 6, [11]), segment("b", 3, [23]), segment("c", 0, [30])])  # decode + a new sequence
-    # plan: two kept context tokens, four masks dropped
-    _both(sessions, [segment("a", 7, [12, 13, mask, mask, mask, mask], keep=2), segment("c", 1, [31])])
-    # verify: clean drafts, all kept; branches: two runs of two after nothing kept
-    _both(sessions, [segment("a", 9, [40, 41, 42, 43]), segment("b", 4, [50, 51, 52, 53], keep=False, branch_lens=[2, 2])])
-    _both(sessions, [segment("b", 4, [54, 55, 56, 57], keep=False, branch_lens=[1, 3]), segment("d", 0, [60, 61, 62, 63, 64])])
+    decoding_shapes(sessions, "flex", mask)
 
 
 def test_flex_equals_sdpa_with_shared_prefix_blocks(sessions):
-    sessions, _ = sessions
-    prompt = list(range(100, 110))  # 10 tokens: two full blocks of 4 and a partial one
-    _both(sessions, [segment("p", 0, prompt)])
-    for s in sessions.values():
-        s.adopt_prefix("q", s.block_table("p")[:2], 8)  # the second sequence starts on p's full blocks
-    _both(sessions, [segment("q", 8, [200, 201, 202]), segment("p", 10, [111])])
-    assert sessions["flex"].block_table("q")[:2] == sessions["flex"].block_table("p")[:2]
+    shared_prefix(sessions[0], "flex")
 
 
 def test_unknown_attention_is_refused(tiny_model_dir):
