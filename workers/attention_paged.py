@@ -78,14 +78,18 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def tile_shape(max_query: int, heads_per_kv: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_Q, GROUP, BLOCK_D) for a step layout: GROUP = g rounded up to a power of two, BLOCK_Q queries
-    per program (a power of two, GROUP * BLOCK_Q between 16 and ROWS_PER_TILE rows unless one query's
-    heads alone exceed that), BLOCK_D = head_dim rounded up to a power of two, at least 16."""
-    group = _pow2(heads_per_kv)
-    block_q = min(_pow2(max_query), max(1, ROWS_PER_TILE // group))
+def tile_shape(max_query: int, heads_per_kv: int, head_dim: int, elem_bytes: int = 2) -> tuple[int, int, int]:
+    """(BLOCK_Q, GROUP, BLOCK_D) for a step layout: GROUP = g rounded up to a power of two, BLOCK_D =
+    head_dim rounded up to a power of two (at least 16), BLOCK_Q queries per program: a power of two,
+    GROUP * BLOCK_Q folded rows, at least 16 (tl.dot) and at most what keeps the query tile within
+    ROWS_PER_TILE rows of 128 bf16 values (fewer for float32 or a wider head: the kernel's shared memory
+    grows with rows x BLOCK_D x element size, and float32 at 64 rows of 256 needed more than an A100
+    has), unless one query's heads alone exceed that."""
+    group, block_d = _pow2(heads_per_kv), max(16, _pow2(head_dim))
+    rows = max(16, ROWS_PER_TILE * 128 * 2 // (block_d * elem_bytes))
+    block_q = min(_pow2(max_query), max(1, rows // group))
     block_q = max(block_q, -(-16 // group))
-    return block_q, group, max(16, _pow2(head_dim))
+    return block_q, group, block_d
 
 
 def context_splits(programs: int, context_capacity: int, target_programs: int) -> tuple[int, int]:
@@ -95,11 +99,11 @@ def context_splits(programs: int, context_capacity: int, target_programs: int) -
     own and merged through their log-sum-exps. Static per step layout (the capacity is the layout's
     max_blocks x block_size), so each layout keeps one kernel shape under its CUDA graph; a sequence
     shorter than the capacity leaves its last splits empty (log-sum-exp -inf, weight 0)."""
-    if programs >= target_programs:
+    if programs >= target_programs or context_capacity < 2 * max(1, MIN_SPLIT_KEYS):
         return 1, context_capacity
-    splits = max(1, min(-(-target_programs // programs), context_capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
-    per_split = -(-context_capacity // splits)
-    return splits, -(-per_split // BLOCK_N) * BLOCK_N
+    splits = max(1, min(-(-target_programs // max(1, programs)), context_capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
+    per_split = -(-(-(-context_capacity // splits)) // BLOCK_N) * BLOCK_N  # whole key tiles
+    return -(-context_capacity // per_split), per_split  # rounding up may leave fewer splits: none is always empty
 
 
 @functools.cache
@@ -120,7 +124,7 @@ class PagedStepAttention:
         self.kernel, self.kv, self.a, self.g = paged_attention, kv, arrays, heads_per_kv
         self.b, self.q, self.page, self.nb = layout.num_seqs, layout.max_query, layout.block_size, layout.max_blocks
         self.hkv = kv.k[0].shape[2]
-        self.tiles = tile_shape(self.q, heads_per_kv, kv.k[0].shape[3])
+        self.tiles = tile_shape(self.q, heads_per_kv, kv.k[0].shape[3], kv.k[0].element_size())
         programs = self.b * self.hkv * -(-self.q // self.tiles[0])
         dev = arrays.token_ids.device
         target = _sm_count(dev) if dev.type == "cuda" else CPU_TARGET_PROGRAMS

@@ -1,8 +1,8 @@
 """Compile workers/paged_kernel.py for NVIDIA GPUs without one: Triton lowers the kernel to PTX and
 assembles it with the ptxas it bundles, which is everything a GPU's first step does except loading the
 binary. Run as a script in a process without TRITON_INTERPRET (test_attention_paged.py does); prints
-one line per compiled configuration, "ok <arch> <config> shared=<bytes>", and exits non-zero on the
-first failure."""
+one line per compiled configuration, "ok <arch> <config> shared=<bytes>" ("over" when the kernel needs
+more shared memory than that GPU gives a block), and exits non-zero on the first compile failure."""
 
 from __future__ import annotations
 
@@ -28,11 +28,15 @@ INDEX_ARRAYS = ("slot_ptr", "query_start_ptr", "query_len_ptr", "context_len_ptr
 # head_dim; a head_dim that is no power of two; float32 (the IEEE dots) with small KV blocks
 CONFIGS = [("bf16", 1, 4, 128, 16, 1), ("bf16", 1, 4, 128, 16, 16), ("bf16", 32, 4, 128, 16, 1),
            ("bf16", 128, 4, 128, 16, 4), ("fp16", 16, 2, 64, 16, 1), ("bf16", 8, 8, 80, 64, 2),
-           ("fp32", 8, 2, 64, 4, 1)]
+           ("fp32", 8, 2, 64, 4, 1), ("fp32", 64, 4, 128, 16, 1), ("fp32", 64, 1, 256, 16, 2),
+           ("bf16", 64, 4, 256, 16, 1)]
+# Shared memory a block may use (the opt-in maximum): an A100's and an H100/H200's. A kernel that compiles
+# but needs more fails at launch; float32 at 64 rows of 256 did (205 KB) before tile_shape bounded it.
+SHARED_LIMIT = {80: 166912, 90: 232448}
 
 
 def compile_config(arch: int, dtype: str, max_query: int, heads_per_kv: int, head_dim: int, page: int, splits: int):
-    block_q, group, block_d = tile_shape(max_query, heads_per_kv, head_dim)
+    block_q, group, block_d = tile_shape(max_query, heads_per_kv, head_dim, 4 if dtype == "fp32" else 2)
     constants = {"HEADS_PER_KV": heads_per_kv, "GROUP": group, "BLOCK_Q": block_q, "HEAD_DIM": head_dim,
                  "BLOCK_D": block_d, "BLOCK_N": BLOCK_N, "PAGE": page, "SPLITS": splits, "IEEE": dtype == "fp32"}
     signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "out_ptr")}
@@ -51,5 +55,5 @@ if __name__ == "__main__":
         for config in CONFIGS:
             if arch < 90 and config[0] == "bf16" and config[5] > 1:
                 continue  # (the split path is the same code at every dtype; fewer compiles)
-            kernel = compile_config(arch, *config)
-            print(f"ok sm_{arch} {config} shared={kernel.metadata.shared}", flush=True)
+            shared = compile_config(arch, *config).metadata.shared
+            print(f"{'ok' if shared <= SHARED_LIMIT[arch] else 'over'} sm_{arch} {config} shared={shared}", flush=True)

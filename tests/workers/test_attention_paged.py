@@ -58,7 +58,7 @@ def test_paged_equals_sdpa_at_four_query_heads_per_kv_head_over_several_tiles(ti
     """The 8B head ratio (4 query heads per KV head): a 40-token step spans three query tiles of 16, and a
     later context of 50 tokens spans two key tiles of 32 (BLOCK_N), beside a one-token decode."""
     sessions, mask = _sessions(tiny_model_dir, heads_per_kv=4, num_layers=1, num_blocks=40, seed=3)
-    assert attention_paged.tile_shape(40, 4, 64) == (16, 4, 64)
+    assert attention_paged.tile_shape(40, 4, 64, 4) == (16, 4, 64)  # float32
     _both(sessions, [segment("a", 0, list(range(5, 15))), segment("b", 0, [20, 21, 22])])
     _both(sessions, [segment("a", 10, list(range(40, 80))), segment("b", 3, [23])])
     _both(sessions, [segment("a", 50, [90, 91, mask, mask], keep=1), segment("b", 4, [24])])
@@ -112,16 +112,21 @@ def test_the_engine_on_the_paged_kernel_gives_the_sdpa_engines_tokens(tiny_model
     assert all(got["sdpa"].values()) and len(set(map(tuple, got["sdpa"].values()))) > 1
 
 
-def test_tile_shape_keeps_tl_dot_legal_for_every_head_ratio():
-    """tl.dot needs at least 16 rows and a key dimension of at least 16; a decode step of a model with one
-    query head per KV head still gets 16 folded rows, and no tile exceeds ROWS_PER_TILE unless one
-    query's heads alone do."""
-    for g in (1, 2, 3, 4, 5, 8, 16, 128):
-        for q in (1, 2, 3, 16, 17, 64, 256):
-            block_q, group, block_d = attention_paged.tile_shape(q, g, 8)
-            assert group >= g and group & (group - 1) == 0 and block_q & (block_q - 1) == 0
-            assert block_q * group >= 16 and block_d == 16
-            assert block_q * group <= max(attention_paged.ROWS_PER_TILE, group), (q, g)
+def test_tile_shape_keeps_tl_dot_legal_and_the_query_tile_bounded():
+    """tl.dot needs at least 16 rows and a key dimension of at least 16: a decode step of a model with one
+    query head per KV head still gets 16 folded rows. The query tile (rows x BLOCK_D x element size)
+    stays within ROWS_PER_TILE rows of 128 bf16 values unless 16 rows or one query's heads alone exceed
+    that (shared memory: paged_aot.py checks the compiled kernels against the GPUs' limits)."""
+    bound = attention_paged.ROWS_PER_TILE * 128 * 2
+    for elem in (2, 4):
+        for d in (8, 64, 80, 128, 256):
+            for g in (1, 2, 3, 4, 5, 8, 16, 128):
+                for q in (1, 2, 3, 16, 17, 64, 256):
+                    block_q, group, block_d = attention_paged.tile_shape(q, g, d, elem)
+                    assert group >= g and group & (group - 1) == 0 and block_q & (block_q - 1) == 0
+                    assert block_q * group >= 16 and block_d >= max(16, d) and block_d & (block_d - 1) == 0
+                    assert block_q * group * block_d * elem <= max(bound, 16 * block_d * elem, group * block_d * elem)
+                    assert block_q == 1 or block_q * group * block_d * elem <= max(bound, 16 * block_d * elem)
 
 
 def test_paged_is_refused_on_the_cpu_without_the_interpreter(tiny_model_dir, monkeypatch):
@@ -140,11 +145,15 @@ def test_context_splits_cover_the_context_in_key_tiles():
     assert split(8, 256, 132) == (1, 256)  # gpu_check's forward: 256 cached tokens, one split
     assert split(8, 4096, 132) == (16, 256)  # a long file at batch 1: 16 splits of 256 keys
     assert split(32 * 8, 4096, 132) == (1, 4096)  # 32 sequences fill the device already
+    assert split(8, 7200, 132) == (15, 480)  # 16 splits rounded up to whole tiles cover it in 15
+    assert split(0, 256, 132) == (1, 256)  # (no step has no program; no division by zero either)
     for programs in (1, 3, 8, 40):
-        for capacity in (16, 64, 300, 1000, 5000, 70000):
+        for capacity in (0, 16, 64, 300, 1000, 5000, 7200, 70000):
             n, per = split(programs, capacity, 132)
-            assert 1 <= n <= attention_paged.MAX_SPLITS and per % attention_paged.BLOCK_N == 0
-            assert n * per >= capacity and (n == 1 or per >= attention_paged.MIN_SPLIT_KEYS)
+            assert 1 <= n <= attention_paged.MAX_SPLITS and n * per >= capacity
+            # whole key tiles, none below MIN_SPLIT_KEYS, and no split that always starts past the context
+            assert n == 1 or (per % attention_paged.BLOCK_N == 0 and per >= attention_paged.MIN_SPLIT_KEYS
+                              and (n - 1) * per < capacity)
 
 
 def test_paged_with_context_splits_equals_sdpa(tiny_model_dir, monkeypatch):
@@ -165,8 +174,9 @@ def test_paged_with_context_splits_equals_sdpa(tiny_model_dir, monkeypatch):
         for s in sessions.values():
             s.adopt_prefix("d", s.block_table("a")[:32], 128)
         _both(sessions, [segment("d", 128, [60, 61]), segment("a", 143, [14])])
-    # CPU steps are not padded: the prefill (no context) has one split, the others 4 (144 keys / 32)
-    assert [n for n, _ in seen] == [1, 4, 4, 4] * 2, seen
+    # CPU steps are not padded: the prefill (no context) has one split; the others' 144 keys of capacity
+    # make 4 splits of 36, rounded up to whole tiles of 32 (64 keys), which 3 splits cover
+    assert [n for n, _ in seen] == [1, 3, 3, 3] * 2, seen
 
 
 def test_the_kernel_compiles_for_h100_h200_and_a100(tmp_path):
@@ -174,7 +184,8 @@ def test_the_kernel_compiles_for_h100_h200_and_a100(tmp_path):
     dtype rules, loop-carried types, the constexpr branches). tests/workers/paged_aot.py compiles it to
     PTX and assembles it with Triton's bundled ptxas for sm_90 and sm_80 in the step shapes the runner
     produces (8B decode with and without context splits, a ReFusion block, a prefill chunk, the shipped
-    model's heads, head_dim 80, float32). Needs no GPU; a process of its own because this one
+    model's heads, head_dim 80 and 256, float32), each within the shared memory the GPU gives a block
+    (an "over" line fails). Needs no GPU; a process of its own because this one
     interprets Triton (tests/conftest.py)."""
     import os
     import subprocess
@@ -187,4 +198,4 @@ def test_the_kernel_compiles_for_h100_h200_and_a100(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     compiled = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
-    assert len(compiled) == 11 and {line.split()[1] for line in compiled} == {"sm_90", "sm_80"}, proc.stdout
+    assert len(compiled) == 17 and {line.split()[1] for line in compiled} == {"sm_90", "sm_80"}, proc.stdout
