@@ -13,10 +13,11 @@ query i of sequence b sees (workers.batch, the spec's visibility rule):
     (2) the step's own new tokens j of b with branch_start[i] <= j <= i, read from the packed k/v rows
         query_start[b] + j (not from the cache: dropped rows write the scratch slot).
 
-Grid: (sequences B, KV heads Hkv, query tiles ceil(Q / BLOCK_Q) x context splits S). One program holds BLOCK_Q queries of
-its sequence for all g = Hq / Hkv query heads of its KV head (GQA folded into the tile's rows, so each
-K/V tile is loaded once for the g heads), streams (1) and then (2) in tiles of BLOCK_N keys with an
-online softmax in float32 (FlashAttention-2's recurrence), and writes the output rows of its queries.
+Grid: (sequences B, KV heads Hkv, query tiles ceil(Q / BLOCK_Q) x context splits S). One program holds
+BLOCK_Q queries of its sequence for all g = Hq / Hkv query heads of its KV head (GQA folded into the
+tile's rows, so each K/V tile is loaded once for the g heads), streams (1) and then (2) in tiles of
+BLOCK_N keys with an online softmax in float32 (FlashAttention-2's recurrence), and writes the output
+rows of its queries.
 It also writes the K/V of its query rows for its KV head to their slots (slot_mapping), which replaces
 the two index_copy_ calls: every real row lies in exactly one query tile, and packing padding rows (past
 every sequence's query length) write only the scratch slot, so skipping them changes nothing that is
@@ -153,5 +154,5 @@ class PagedStepAttention:
             PAGE=self.page, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS)
         if splits == 1:
             return out
-        total = torch.logsumexp(lse, dim=0)  # [T, Hq]; rows of no sequence: -inf, their NaN never read
+        total = torch.logsumexp(lse, dim=0)  # [T, Hq]; rows of no sequence hold garbage, never read
         return (parts * torch.exp(lse - total)[..., None]).sum(dim=0).to(q.dtype)
