@@ -1,10 +1,12 @@
 """PagedStepAttention (one Triton kernel per layer that reads the paged cache in place and writes the
-step's K/V) equals the portable StepAttention on the CPU in float32, run by Triton's interpreter: logits
-of every row and every layer's cache, for a prefill with partial blocks, decode steps beside a new
-sequence, a ReFusion plan (kept context + dropped masks), a verify, branches, a sequence with no context,
-prefix blocks shared by two sequences, the 8B head ratio with a step taller than one query tile, and a
-context longer than one key tile. The compiled CUDA kernel is checked in tests/gpu. Skips where Triton
-is not installed (it ships with CUDA builds of torch; the test extra installs it here)."""
+step's K/V) equals the portable StepAttention on the CPU, run by Triton's interpreter (tests/conftest.py
+switches it on without CUDA): logits of every row and every layer's cache, in float32 and float16, for
+a prefill with partial blocks, decode beside a new sequence, a ReFusion plan (kept context + dropped
+masks), a verify, branches, a sequence with no context, shared prefix blocks, the 8B head ratio over
+several query and key tiles, forced context splits, and whole engine runs. What the interpreter cannot
+check, that the kernel compiles for a GPU within its shared memory, paged_aot.py checks without one;
+the kernel on a GPU is tests/gpu's. Skips where Triton is not installed (it ships with CUDA builds of
+torch; the test extra installs it here)."""
 
 from __future__ import annotations
 
