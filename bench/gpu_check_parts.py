@@ -413,8 +413,9 @@ def part_profile(bench: Workbench) -> tuple[dict, list[Row]]:
         if bench.time_left() <= 0:
             rows.append(Row(f"profile [{variant}]", "skipped: --budget-s spent"))
             continue
-        if FORWARD_VARIANTS[variant]["attention"] == "paged" and unavailable_reason(bench.device):
-            rows.append(Row(f"profile [{variant}]", f"skipped: {unavailable_reason(bench.device)}"))
+        reason = unavailable_reason(bench.device) if FORWARD_VARIANTS[variant]["attention"] == "paged" else None
+        if reason:
+            rows.append(Row(f"profile [{variant}]", f"skipped: {reason}"))
             continue
         runner = ModelRunner.from_model(model, mask_token_id=bench.cfg.mask_token_id,
                                         num_blocks=args.context // 16 + 4, **FORWARD_VARIANTS[variant])
