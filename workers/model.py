@@ -77,9 +77,9 @@ class SelfAttention(nn.Module):
         self.qkv_proj: nn.Linear | None = None  # q/k/v merged by Qwen3.fuse_projections (serving)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
-        """Separate projections (training); merged ones run as `attention_inputs` (DecoderLayer.forward)."""
+        """Separate projections (training); merged ones run as `attention_inputs` (DecoderLayer.merged_forward)."""
         if self.qkv_proj is not None:
-            raise RuntimeError("projections are merged (Qwen3.fuse_projections): DecoderLayer.forward runs them")
+            raise RuntimeError("projections are merged (Qwen3.fuse_projections): DecoderLayer.merged_forward runs them")
         t, d, hq, hkv = x.shape[0], self.cfg.head_dim, self.cfg.num_heads, self.cfg.num_kv_heads
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.q_norm(q.view(t, hq, d))  # [T, Hq, D]
@@ -102,7 +102,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Separate projections (training); merged ones run in `attention_output_mlp`."""
         if self.gate_up_proj is not None:
-            raise RuntimeError("projections are merged (Qwen3.fuse_projections): DecoderLayer.forward runs them")
+            raise RuntimeError("projections are merged (Qwen3.fuse_projections): DecoderLayer.merged_forward runs them")
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -114,50 +114,66 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attend: AttentionFn, kernels: LayerKernels | None = None) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]. With merged projections (Qwen3.fuse_projections: serving) the
-        work around attention runs as two `kernels` calls (EAGER_KERNELS unless given compiled ones);
-        unmerged (training, checkpoint tests) it runs module by module."""
-        attn, mlp = self.self_attn, self.mlp
-        if attn.qkv_proj is None or mlp.gate_up_proj is None:
-            x = x + attn(self.input_layernorm(x), cos, sin, attend)
-            return x + mlp(self.post_attention_layernorm(x))
-        kernels, cfg = kernels or EAGER_KERNELS, attn.cfg
-        q, k, v = kernels.attention_inputs(x, self.input_layernorm.weight, attn.qkv_proj.weight, attn.q_norm.weight,
-                                           attn.k_norm.weight, cos, sin, cfg.rms_norm_eps, cfg.num_heads,
-                                           cfg.num_kv_heads)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden], module by module (separate projections: training, checkpoint tests);
+        merged ones run through `merged_forward`."""
+        if self.self_attn.qkv_proj is not None:
+            raise RuntimeError("projections are merged (Qwen3.fuse_projections): DecoderLayer.merged_forward runs them")
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def merged_forward(self, x: torch.Tensor, delta: torch.Tensor | None, cos, sin, attend: AttentionFn,
+                       kernels: LayerKernels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged projections (Qwen3.fuse_projections: serving), the work around attention as two `kernels`
+        calls (EAGER_KERNELS unless given compiled ones). The residual stream crosses the layer boundary
+        unadded, as vLLM's fused add + RMSNorm does: x [T, hidden] is the residual stream and delta
+        [T, hidden] (None before the first layer) the previous layer's MLP output, added here in the same
+        kernel as the input RMSNorm. Returns this layer's (residual stream, MLP output); their sum is the
+        layer's output, which `forward` returns."""
+        attn, mlp, cfg = self.self_attn, self.mlp, self.self_attn.cfg
+        kernels = kernels or EAGER_KERNELS
+        q, k, v, x = kernels.attention_inputs(x, delta, self.input_layernorm.weight, attn.qkv_proj.weight,
+                                              attn.q_norm.weight, attn.k_norm.weight, cos, sin, cfg.rms_norm_eps,
+                                              cfg.num_heads, cfg.num_kv_heads)
         out = attend(attn.layer, q, k, v)  # [T, Hq, D]
         return kernels.attention_output_mlp(x, out.reshape(x.shape[0], -1), attn.o_proj.weight,
                                             self.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
                                             mlp.down_proj.weight, cfg.rms_norm_eps)
 
 
-def attention_inputs(x: torch.Tensor, norm_weight: torch.Tensor, qkv_weight: torch.Tensor, q_norm_weight: torch.Tensor,
-                     k_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, num_heads: int,
-                     num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Everything of a layer before attention, merged projections: input RMSNorm, one QKV GEMM
-    (qkv_weight [(Hq + 2 Hkv) * D, hidden]), per-head q/k RMSNorm, RoPE (cos/sin [T, D]).
-    x [T, hidden] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D] (HF Qwen3Attention's order of operations)."""
+def attention_inputs(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, qkv_weight: torch.Tensor,
+                     q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     eps: float, num_heads: int, num_kv_heads: int):
+    """Everything of a layer before attention, merged projections: the residual add of the previous layer's
+    MLP output (delta, None at the first layer), input RMSNorm, one QKV GEMM (qkv_weight
+    [(Hq + 2 Hkv) * D, hidden]), per-head q/k RMSNorm, RoPE (cos/sin [T, D]).
+    x, delta [T, hidden] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D] and the residual stream x + delta
+    [T, hidden] (HF Qwen3DecoderLayer's and Qwen3Attention's order of operations)."""
+    if delta is not None:
+        x = x + delta
     t, d = x.shape[0], q_norm_weight.shape[0]
     q, k, v = F.linear(rms_norm(x, norm_weight, eps), qkv_weight).split(
         (num_heads * d, num_kv_heads * d, num_kv_heads * d), dim=-1)
     q = apply_rope(rms_norm(q.view(t, num_heads, d), q_norm_weight, eps), cos, sin)
     k = apply_rope(rms_norm(k.view(t, num_kv_heads, d), k_norm_weight, eps), cos, sin)
-    return q, k, v.view(t, num_kv_heads, d)
+    return q, k, v.view(t, num_kv_heads, d), x
 
 
 def attention_output_mlp(x: torch.Tensor, attn_out: torch.Tensor, o_weight: torch.Tensor, norm_weight: torch.Tensor,
-                         gate_up_weight: torch.Tensor, down_weight: torch.Tensor, eps: float) -> torch.Tensor:
+                         gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Everything of a layer after attention: o_proj and the residual add, post-attention RMSNorm, SwiGLU
-    on one gate/up GEMM (gate_up_weight [2 * intermediate, hidden]), down_proj and the residual add.
-    x [T, hidden], attn_out [T, Hq * D] -> the layer's output [T, hidden]."""
+    on one gate/up GEMM (gate_up_weight [2 * intermediate, hidden]) and down_proj, whose residual add is
+    left to the next layer's attention_inputs (or Qwen3.hidden after the last layer), so it shares that
+    layer's RMSNorm kernel. x [T, hidden], attn_out [T, Hq * D] -> (residual stream, MLP output), both
+    [T, hidden]; the layer's output is their sum."""
     x = x + F.linear(attn_out, o_weight)
     gate, up = F.linear(rms_norm(x, norm_weight, eps), gate_up_weight).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_weight)
+    return x, F.linear(F.silu(gate) * up, down_weight)
 
 
 class LayerKernels(NamedTuple):
-    """The two per-layer functions around attention (DecoderLayer.forward), eager or compiled."""
+    """The two per-layer functions around attention (DecoderLayer.merged_forward), eager or compiled."""
 
     attention_inputs: Callable
     attention_output_mlp: Callable
@@ -238,12 +254,19 @@ class Qwen3(nn.Module):
     def hidden(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn,
                kernels: LayerKernels | None = None) -> torch.Tensor:
         """token_ids, positions [T] -> last hidden states [T, hidden] before the final norm. kernels: the
-        per-layer functions around attention (DecoderLayer.forward); default EAGER_KERNELS."""
+        per-layer functions around attention (DecoderLayer.merged_forward); default EAGER_KERNELS. Merged
+        projections carry each layer's MLP output into the next layer's first kernel; the last one is
+        added here."""
         x = self.model.embed_tokens(token_ids)  # [T, H]
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if self.model.layers[0].self_attn.qkv_proj is None:  # unmerged (training, checkpoint tests)
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, attend)
+            return x
+        delta = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attend, kernels)
-        return x
+            x, delta = layer.merged_forward(x, delta, cos, sin, attend, kernels)
+        return x + delta
 
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """hidden rows [R, H] -> float32 logits [R, vocab] (final norm + LM head on those rows only)."""
