@@ -34,7 +34,7 @@ ModelRunner(attention="paged") (issue "CUDA fast path").
 Context splits (flash-decoding, `context_splits`): when the grid has fewer programs than the GPU has
 SMs (a few sequences with long contexts: an editor's completion in a large file), each sequence's
 context is cut into S parts run by programs of their own; each writes its normalised output and
-log-sum-exp in float32, and the caller merges them exactly:
+log-sum-exp in float32, and a second kernel (merge_splits) merges them exactly:
     lse = logsumexp_s(lse_s),  out = sum_s exp(lse_s - lse) * out_s
 The first split also takes the step's own tokens and writes the K/V.
 """
@@ -54,6 +54,7 @@ NUM_WARPS = 4  # per program (Triton's default); bench/gpu_check_attention.py sw
 ROWS_PER_TILE = 64  # most folded (query x head) rows per program; tl.dot needs at least 16
 MIN_SPLIT_KEYS = 256  # fewest context keys per split (context_splits)
 MAX_SPLITS = 16
+MERGE_ROWS = 16  # (token, query head) rows per program of the splits' merge
 CPU_TARGET_PROGRAMS = 1  # the interpreter runs programs one by one: no split unless a test asks for one
 
 
@@ -120,9 +121,9 @@ class PagedStepAttention:
         """arrays: workers.step.StepArrays (device views of the packed buffer); layout: StepLayout. Where
         the kernel cannot run (unavailable_reason) the runner refuses the backend when it is built
         (workers.runner), so nothing is checked here, per step."""
-        from workers.paged_kernel import paged_attention
+        from workers.paged_kernel import merge_splits, paged_attention
 
-        self.kernel, self.kv, self.a, self.g = paged_attention, kv, arrays, heads_per_kv
+        self.kernel, self.merge, self.kv, self.a, self.g = paged_attention, merge_splits, kv, arrays, heads_per_kv
         self.b, self.q, self.page, self.nb = layout.num_seqs, layout.max_query, layout.block_size, layout.max_blocks
         self.hkv = kv.k[0].shape[2]
         self.tiles = tile_shape(self.q, heads_per_kv, kv.k[0].shape[3], kv.k[0].element_size())
@@ -134,7 +135,9 @@ class PagedStepAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (RoPE applied) -> attention output [T, Hq, D] in q's dtype; writes
         the K/V of every sequence's query rows to their slots. With context splits the kernel writes float32
-        partial outputs [S, T, Hq, D] and log-sum-exps [S, T, Hq], merged here in four small ops."""
+        partial outputs [S, T, Hq, D] and log-sum-exps [S, T, Hq], which a second kernel merges into the
+        output (workers.paged_kernel.merge_splits): two launches per layer, where the same merge in torch
+        was six ops (logsumexp, sub, exp, mul, sum, cast; logsumexp alone is several kernels on CUDA)."""
         a, d, splits = self.a, k.shape[2], self.splits
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -152,7 +155,8 @@ class PagedStepAttention:
             kc.stride(0), kc.stride(1), out.stride(0), out.stride(1), t * hq * d, t * hq, hq,
             HEADS_PER_KV=self.g, GROUP=group, BLOCK_Q=block_q, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
             PAGE=self.page, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS)
-        if splits == 1:
-            return out
-        total = torch.logsumexp(lse, dim=0)  # [T, Hq]; rows of no sequence hold garbage, never read
-        return (parts * torch.exp(lse - total)[..., None]).sum(dim=0).to(q.dtype)
+        if splits > 1:  # rows of no sequence hold garbage, never read
+            rows = t * hq
+            self.merge[(-(-rows // MERGE_ROWS),)](parts, lse, out, rows, parts.stride(0), lse.stride(0), SPLITS=splits,
+                                                  HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=MERGE_ROWS, num_warps=NUM_WARPS)
+        return out

@@ -107,3 +107,32 @@ def paged_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, part_ptr, lse_
                      + offs_d[None, :], out, mask=o_mask)
             lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
             tl.store(lse_ptr + split * stride_ls + rows * stride_lt + heads, lse, mask=row_ok)
+
+
+@triton.jit
+def merge_splits(part_ptr, lse_ptr, out_ptr, rows, stride_ps, stride_ls,
+                 SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The context splits' partial outputs into one (flash-decoding's reduction), one launch per layer:
+    part [SPLITS, rows, HEAD_DIM] float32 (each split's normalised output), lse [SPLITS, rows] float32
+    (its log-sum-exp; -inf for a split that saw no key) -> out [rows, HEAD_DIM] in out's dtype, with
+    rows = T x Hq, all three contiguous in their last dimensions:
+        out = sum_s w_s * part_s / sum_s w_s,  w_s = exp(lse_s - max_s lse_s)
+    which is sum_s exp(lse_s - logsumexp_s lse_s) * part_s. A row no split saw keeps weight 0 and
+    gets 0."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = r_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        m = tl.maximum(m, tl.load(lse_ptr + s * stride_ls + r, mask=r_ok, other=float("-inf")))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.full((BLOCK_R, BLOCK_D), 0.0, dtype=tl.float32)
+    total = tl.full((BLOCK_R,), 0.0, dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        w = tl.exp(tl.load(lse_ptr + s * stride_ls + r, mask=r_ok, other=float("-inf")) - m)
+        part = tl.load(part_ptr + s * stride_ps + r[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+        acc += w[:, None] * part
+        total += w
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + r[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)

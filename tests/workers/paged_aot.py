@@ -17,8 +17,8 @@ from triton import compile as triton_compile  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from workers.attention_paged import BLOCK_N, tile_shape  # noqa: E402
-from workers.paged_kernel import paged_attention  # noqa: E402
+from workers.attention_paged import BLOCK_N, MERGE_ROWS, NUM_WARPS, tile_shape  # noqa: E402
+from workers.paged_kernel import merge_splits, paged_attention  # noqa: E402
 
 STRIDES = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ct", "stride_ch",
            "stride_ot", "stride_oh", "stride_ps", "stride_ls", "stride_lt")
@@ -49,6 +49,22 @@ def compile_config(arch: int, dtype: str, max_query: int, heads_per_kv: int, hea
                        constexprs={(names.index(k),): v for k, v in constants.items()})
     return triton_compile(source, target=GPUTarget("cuda", arch, 32))
 
+# merge_splits (dtype of the output, splits, head_dim): the 8B decode's 16 splits, a head_dim that is no
+# power of two, float32 at 256
+MERGE_CONFIGS = [("bf16", 16, 128), ("fp16", 3, 80), ("fp32", 2, 256)]
+
+
+def compile_merge(arch: int, dtype: str, splits: int, head_dim: int):
+    constants = {"SPLITS": splits, "HEAD_DIM": head_dim, "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
+                 "BLOCK_R": MERGE_ROWS}
+    signature = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "rows": "i32", "stride_ps": "i32",
+                 "stride_ls": "i32", **{name: "constexpr" for name in constants}}
+    names = merge_splits.arg_names
+    assert sorted(names) == sorted(signature), set(names) ^ set(signature)
+    source = ASTSource(fn=merge_splits, signature={n: signature[n] for n in names},
+                       constexprs={(names.index(k),): v for k, v in constants.items()})
+    return triton_compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+
 
 if __name__ == "__main__":
     for arch in (90, 80):  # H100/H200, A100
@@ -57,3 +73,7 @@ if __name__ == "__main__":
                 continue  # (the split path is the same code at every dtype; fewer compiles)
             shared = compile_config(arch, *config).metadata.shared
             print(f"{'ok' if shared <= SHARED_LIMIT[arch] else 'over'} sm_{arch} {config} shared={shared}", flush=True)
+        for config in MERGE_CONFIGS:
+            shared = compile_merge(arch, *config).metadata.shared
+            print(f"{'ok' if shared <= SHARED_LIMIT[arch] else 'over'} sm_{arch} merge {config} shared={shared}",
+                  flush=True)

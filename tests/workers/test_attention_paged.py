@@ -3,7 +3,7 @@ step's K/V) equals the portable StepAttention on the CPU, run by Triton's interp
 switches it on without CUDA): logits of every row and every layer's cache, in float32 and float16, for
 a prefill with partial blocks, decode beside a new sequence, a ReFusion plan (kept context + dropped
 masks), a verify, branches, a sequence with no context, shared prefix blocks, the 8B head ratio over
-several query and key tiles, forced context splits, and whole engine runs. What the interpreter cannot
+several query and key tiles, forced context splits and their merge kernel, and whole engine runs. What the interpreter cannot
 check, that the kernel compiles for a GPU within its shared memory, paged_aot.py checks without one;
 the kernel on a GPU is tests/gpu's. Skips where Triton is not installed (it ships with CUDA builds of
 torch; the test extra installs it here)."""
@@ -181,13 +181,41 @@ def test_paged_with_context_splits_equals_sdpa(tiny_model_dir, monkeypatch):
     assert [n for n, _ in seen] == [1, 3, 3, 3] * 2, seen
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_splits_is_the_log_sum_exp_weighted_mean(dtype):
+    """workers.paged_kernel.merge_splits against the merge written out in torch: 3 and 5 splits, a row
+    count that is no multiple of MERGE_ROWS, a head_dim that is no power of two, splits that saw no key
+    (lse -inf: weight 0; the paged kernel writes them for splits past a short context), a row no split
+    saw (0, not NaN) and log-sum-exps whose exp overflows float32."""
+    from workers.paged_kernel import merge_splits
+
+    gen = torch.Generator().manual_seed(5)
+    for splits, rows, head_dim in ((3, 37, 80), (5, 16, 64)):
+        parts = torch.randn(splits, rows, head_dim, generator=gen)
+        lse = torch.randn(splits, rows, generator=gen) * 4
+        lse[1:, :5] = float("-inf")  # rows 0-4: only the first split saw keys
+        lse[:, 7] = float("-inf")  # row 7: no split did
+        lse[:, 9] += 200.0  # exp(lse) alone would overflow float32: the kernel subtracts the row's max
+        out = torch.full((rows, head_dim), float("nan"), dtype=dtype)
+        block_d = max(16, 1 << (head_dim - 1).bit_length())
+        merge_splits[(-(-rows // attention_paged.MERGE_ROWS),)](
+            parts, lse, out, rows, parts.stride(0), lse.stride(0), SPLITS=splits, HEAD_DIM=head_dim,
+            BLOCK_D=block_d, BLOCK_R=attention_paged.MERGE_ROWS)
+        weights = torch.exp(lse - torch.logsumexp(lse, dim=0)).nan_to_num(0.0)  # row 7: -inf - -inf
+        want = (parts * weights[..., None]).sum(dim=0)
+        assert torch.equal(out[:5], parts[0, :5].to(dtype))
+        assert torch.equal(out[7], torch.zeros(head_dim, dtype=dtype))
+        torch.testing.assert_close(out.float(), want, rtol=1e-5 if dtype == torch.float32 else 1e-3,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-3)
+
+
 def test_the_kernel_compiles_for_h100_h200_and_a100(tmp_path):
     """What the interpreter cannot check: that Triton lowers the kernel for a GPU (tl.dot's shape and
     dtype rules, loop-carried types, the constexpr branches). tests/workers/paged_aot.py compiles it to
     PTX and assembles it with Triton's bundled ptxas for sm_90 and sm_80 in the step shapes the runner
     produces (8B decode with and without context splits, a ReFusion block, a prefill chunk, the shipped
-    model's heads, head_dim 80 and 256, float32), each within the shared memory the GPU gives a block
-    (an "over" line fails). Needs no GPU; a process of its own because this one
+    model's heads, head_dim 80 and 256, float32), and the splits' merge kernel, each within the shared
+    memory the GPU gives a block (an "over" line fails). Needs no GPU; a process of its own because this one
     interprets Triton (tests/conftest.py)."""
     import os
     import subprocess
@@ -200,4 +228,5 @@ def test_the_kernel_compiles_for_h100_h200_and_a100(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     compiled = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
-    assert len(compiled) == 17 and {line.split()[1] for line in compiled} == {"sm_90", "sm_80"}, proc.stdout
+    assert len(compiled) == 17 + 6 and {line.split()[1] for line in compiled} == {"sm_90", "sm_80"}, proc.stdout
+    assert sum(" merge " in line for line in compiled) == 6, proc.stdout  # merge_splits, 3 shapes per GPU
