@@ -160,14 +160,23 @@ def attention_inputs(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: t
 
 
 def attention_output_mlp(x: torch.Tensor, attn_out: torch.Tensor, o_weight: torch.Tensor, norm_weight: torch.Tensor,
-                         gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         gate_up_weight: torch.Tensor, down_weight: torch.Tensor, eps: float,
+                         float32_add: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Everything of a layer after attention: o_proj and the residual add, post-attention RMSNorm, SwiGLU
     on one gate/up GEMM (gate_up_weight [2 * intermediate, hidden]) and down_proj, whose residual add is
     left to the next layer's attention_inputs (or Qwen3.hidden after the last layer), so it shares that
     layer's RMSNorm kernel. x [T, hidden], attn_out [T, Hq * D] -> (residual stream, MLP output), both
-    [T, hidden]; the layer's output is their sum."""
-    x = x + F.linear(attn_out, o_weight)
+    [T, hidden]; the layer's output is their sum.
+
+    float32_add (the compiled kernels): the o_proj residual add written in float32 and rounded back, the
+    same values as the half-precision add (PyTorch adds bf16/fp16 in float32 and rounds once) but not
+    inductor's `x + mm` pattern. On CUDA inductor turns that pattern into an addmm whose full [T, hidden]
+    input cuBLAS needs copied into the output first (the "Memcpy DtoD" and beta-1 GEMMs of the H200
+    profile, docs/benchmarks.md); written so, the add joins the RMSNorm kernel (tests/workers/
+    test_layer_compile.py checks the post-grad graph on fake CUDA tensors). Eager, it would be three
+    more ops per layer, so EAGER_KERNELS keep the plain add."""
+    o = F.linear(attn_out, o_weight)
+    x = (o.float() + x.float()).to(x.dtype) if float32_add else x + o
     gate, up = F.linear(rms_norm(x, norm_weight, eps), gate_up_weight).chunk(2, dim=-1)
     return x, F.linear(F.silu(gate) * up, down_weight)
 
@@ -180,11 +189,13 @@ class LayerKernels(NamedTuple):
 
 
 EAGER_KERNELS = LayerKernels(attention_inputs, attention_output_mlp)
+KERNELS_TO_COMPILE = LayerKernels(attention_inputs, functools.partial(attention_output_mlp, float32_add=True))
 
 
 @functools.cache
 def compiled_kernels() -> LayerKernels:
-    """EAGER_KERNELS under torch.compile (fullgraph, dynamic token count): inductor fuses each RMSNorm
+    """KERNELS_TO_COMPILE (EAGER_KERNELS' functions, the o_proj residual add written for fusion) under
+    torch.compile (fullgraph, dynamic token count): inductor fuses each RMSNorm
     with the residual add before it, the q/k norms with RoPE and SiLU with the gate/up product, leaving
     the GEMMs to the BLAS library: per layer a handful of kernels instead of ~40 small ones (the issue's
     "fused work per layer"; vLLM and SGLang fuse the same ops with custom kernels). One compile per
@@ -194,7 +205,7 @@ def compiled_kernels() -> LayerKernels:
     dimension (hidden size, head dim) dynamo treats the two as one fixed size and compiles once more,
     symbolically, at the next count. Compiled functions capture in CUDA graphs (workers.graphs)."""
     compile = functools.partial(torch.compile, fullgraph=True, dynamic=True)
-    return LayerKernels(compile(attention_inputs), compile(attention_output_mlp))
+    return LayerKernels(*map(compile, KERNELS_TO_COMPILE))
 
 
 class Backbone(nn.Module):

@@ -2,7 +2,8 @@
 (workers.model.compiled_kernels, inductor on the CPU here) and gives the eager runner's results on the
 same weights, step after step: prefills of different lengths, AR decode, a ReFusion plan (masks dropped)
 and a verify, with K/V written by one step read by the next. Token counts vary from step to step, and
-one dynamic-shape compile per function serves them all.
+one dynamic-shape compile per function serves them all. And what only a GPU's compile would show, on
+inductor's post-grad graph over fake CUDA tensors: no residual add becomes an addmm (a copy per GEMM).
 
 Inductor compiles in-process (compile_threads=1) and emits scalar C++ (simdlen 0: much faster gcc); the
 model is the tiny test model's shape with two layers (the compiled functions are shared by every layer)."""
@@ -107,3 +108,47 @@ def test_compile_layers_needs_merged_projections(tiny_model_dir):
     with pytest.raises(ValueError, match="compile_layers"):
         ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, num_blocks=8, fuse_projections=False,
                                compile_layers=True)
+
+
+def _post_grad_gemms(fn, shapes: list[tuple[int, ...]], *scalars, device: str = "cuda") -> list[str]:
+    """The GEMM ops of `fn` after inductor's decompositions and post-grad passes (where it turns `x + mm`
+    into an addmm) on fake bfloat16 tensors of `device`: the graph a GPU's compile lowers, built here
+    without one (FakeTensorMode makes CUDA tensors without CUDA)."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.fx_passes.post_grad import post_grad_passes
+    from torch._inductor.virtualized import V
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fake = FakeTensorMode()
+    with fake:
+        tensors = [torch.empty(shape, dtype=torch.bfloat16, device=device) for shape in shapes]
+        graph = make_fx(lambda *t: fn(*t, *scalars), decomposition_table=select_decomp_table())(*tensors)
+    with V.set_fake_mode(fake), fake:
+        post_grad_passes(graph, True)
+    return [str(n.target) for n in graph.graph.nodes if n.op == "call_function" and "mm" in str(n.target)]
+
+
+def test_compiled_layer_functions_make_no_addmm_on_cuda():
+    """Every residual add of a compiled layer joins an RMSNorm kernel rather than a GEMM: on CUDA, inductor
+    makes `x + mm` an addmm, whose [T, hidden] input cuBLAS needs copied into its output first (the H200
+    profile's "Memcpy DtoD", two per layer before the change). The down_proj's add moved to the next
+    layer's attention_inputs (whose one GEMM, QKV, has no add to absorb); the o_proj's is written in
+    float32 (attention_output_mlp's float32_add). Checked on inductor's post-grad graph over fake CUDA
+    tensors (workers.model.KERNELS_TO_COMPILE, the functions compiled_kernels compiles), with the eager
+    function as the control that shows the check sees an addmm where there is one. (attention_inputs
+    cannot be traced so: slicing a fake CUDA tensor needs a CUDA build of torch.)"""
+    from workers.model import EAGER_KERNELS, KERNELS_TO_COMPILE
+
+    t, hidden, heads, head_dim, inter = 16, 256, 4, 64, 512
+    output_mlp = [(t, hidden), (t, heads * head_dim), (hidden, heads * head_dim), (hidden,), (2 * inter, hidden),
+                  (hidden, inter)]
+    assert _post_grad_gemms(KERNELS_TO_COMPILE.attention_output_mlp, output_mlp, 1e-6) == ["aten.mm.default"] * 3
+    # the float32 add rounds to the same bf16 values as the plain one (PyTorch adds bf16 in float32)
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(shape, generator=gen).to(torch.bfloat16) for shape in output_mlp]
+    assert all(torch.equal(a, b) for a, b in zip(KERNELS_TO_COMPILE.attention_output_mlp(*args, 1e-6),
+                                                 EAGER_KERNELS.attention_output_mlp(*args, 1e-6)))
+    # the control: the plain add is an addmm on CUDA
+    assert _post_grad_gemms(EAGER_KERNELS.attention_output_mlp, output_mlp, 1e-6) == [
+        "aten.addmm.default", "aten.mm.default", "aten.mm.default"]
