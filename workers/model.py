@@ -56,9 +56,9 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) ->
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, D] rotated by cos/sin [T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    first, second = x.chunk(2, dim=-1)  # (split and unsqueeze, not indexing: a test traces this on fake
+    rotated = torch.cat((-second, first), dim=-1)  # CUDA tensors, where indexing needs a CUDA build)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
 class SelfAttention(nn.Module):
@@ -148,14 +148,18 @@ def attention_inputs(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: t
     MLP output (delta, None at the first layer), input RMSNorm, one QKV GEMM (qkv_weight
     [(Hq + 2 Hkv) * D, hidden]), per-head q/k RMSNorm, RoPE (cos/sin [T, D]).
     x, delta [T, hidden] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D] and the residual stream x + delta
-    [T, hidden] (HF Qwen3DecoderLayer's and Qwen3Attention's order of operations)."""
+    [T, hidden] (HF Qwen3DecoderLayer's and Qwen3Attention's order of operations). q and k are normed and
+    rotated as one [T, Hq + Hkv, D] tensor, each head with its weight (q_norm's or k_norm's), so inductor
+    makes one kernel of both (two when apart, on CUDA); they come back as views of it (row stride
+    (Hq + Hkv) * D), v as a view of the GEMM's output."""
     if delta is not None:
         x = x + delta
     t, d = x.shape[0], q_norm_weight.shape[0]
-    q, k, v = F.linear(rms_norm(x, norm_weight, eps), qkv_weight).split(
-        (num_heads * d, num_kv_heads * d, num_kv_heads * d), dim=-1)
-    q = apply_rope(rms_norm(q.view(t, num_heads, d), q_norm_weight, eps), cos, sin)
-    k = apply_rope(rms_norm(k.view(t, num_kv_heads, d), k_norm_weight, eps), cos, sin)
+    qk, v = F.linear(rms_norm(x, norm_weight, eps), qkv_weight).split(
+        ((num_heads + num_kv_heads) * d, num_kv_heads * d), dim=-1)
+    head_weights = torch.cat((q_norm_weight.expand(num_heads, d), k_norm_weight.expand(num_kv_heads, d)))
+    qk = apply_rope(rms_norm(qk.view(t, num_heads + num_kv_heads, d), head_weights, eps), cos, sin)
+    q, k = qk.split((num_heads, num_kv_heads), dim=1)
     return q, k, v.view(t, num_kv_heads, d), x
 
 
