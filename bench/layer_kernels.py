@@ -92,14 +92,11 @@ def layer_functions(cfg, tokens: int) -> dict[str, tuple]:
     t, h, d, hq, hkv, inter = (tokens, cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
                                cfg.intermediate_size)
     inputs = [(h,), ((hq + 2 * hkv) * d, h), (d,), (d,), (t, d), (t, d)]
-    first = KERNELS_TO_COMPILE.attention_inputs
-
-    def first_layer(x, *rest):
-        return first(x, None, *rest)
-
     return {
-        "attention_inputs (first layer)": (first_layer, [(t, h)] + inputs, (cfg.rms_norm_eps, hq, hkv)),
-        "attention_inputs": (first, [(t, h), (t, h)] + inputs, (cfg.rms_norm_eps, hq, hkv)),
+        "first_attention_inputs": (KERNELS_TO_COMPILE.first_attention_inputs, [(t, h)] + inputs,
+                                   (cfg.rms_norm_eps, hq, hkv)),
+        "attention_inputs": (KERNELS_TO_COMPILE.attention_inputs, [(t, h), (t, h)] + inputs,
+                             (cfg.rms_norm_eps, hq, hkv)),
         "attention_output_mlp": (KERNELS_TO_COMPILE.attention_output_mlp,
                                  [(t, h), (t, hq * d), (h, hq * d), (h,), (2 * inter, h), (h, inter)],
                                  (cfg.rms_norm_eps,)),

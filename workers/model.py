@@ -132,9 +132,12 @@ class DecoderLayer(nn.Module):
         layer's output, which `forward` returns."""
         attn, mlp, cfg = self.self_attn, self.mlp, self.self_attn.cfg
         kernels = kernels or EAGER_KERNELS
-        q, k, v, x = kernels.attention_inputs(x, delta, self.input_layernorm.weight, attn.qkv_proj.weight,
-                                              attn.q_norm.weight, attn.k_norm.weight, cos, sin, cfg.rms_norm_eps,
-                                              cfg.num_heads, cfg.num_kv_heads)
+        weights = (self.input_layernorm.weight, attn.qkv_proj.weight, attn.q_norm.weight, attn.k_norm.weight)
+        rest = (cos, sin, cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads)
+        if delta is None:
+            q, k, v, x = kernels.first_attention_inputs(x, *weights, *rest)
+        else:
+            q, k, v, x = kernels.attention_inputs(x, delta, *weights, *rest)
         out = attend(attn.layer, q, k, v)  # [T, Hq, D]
         return kernels.attention_output_mlp(x, out.reshape(x.shape[0], -1), attn.o_proj.weight,
                                             self.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
@@ -163,6 +166,17 @@ def attention_inputs(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: t
     return q, k, v.view(t, num_kv_heads, d), x
 
 
+def first_attention_inputs(x: torch.Tensor, norm_weight: torch.Tensor, qkv_weight: torch.Tensor,
+                           q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, eps: float, num_heads: int, num_kv_heads: int):
+    """attention_inputs of the first layer, which has no previous MLP output to add. A function of its own
+    so that its compile keeps its own dynamo cache: dynamo counts recompiles per function, and a
+    `delta is None` guard would spend two of attention_inputs' entries per dtype, where fullgraph=True
+    makes passing torch._dynamo's recompile_limit (8) an error, not a fallback."""
+    return attention_inputs(x, None, norm_weight, qkv_weight, q_norm_weight, k_norm_weight, cos, sin, eps,
+                            num_heads, num_kv_heads)
+
+
 def attention_output_mlp(x: torch.Tensor, attn_out: torch.Tensor, o_weight: torch.Tensor, norm_weight: torch.Tensor,
                          gate_up_weight: torch.Tensor, down_weight: torch.Tensor, eps: float,
                          float32_add: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,14 +200,16 @@ def attention_output_mlp(x: torch.Tensor, attn_out: torch.Tensor, o_weight: torc
 
 
 class LayerKernels(NamedTuple):
-    """The two per-layer functions around attention (DecoderLayer.merged_forward), eager or compiled."""
+    """The per-layer functions around attention (DecoderLayer.merged_forward), eager or compiled."""
 
+    first_attention_inputs: Callable
     attention_inputs: Callable
     attention_output_mlp: Callable
 
 
-EAGER_KERNELS = LayerKernels(attention_inputs, attention_output_mlp)
-KERNELS_TO_COMPILE = LayerKernels(attention_inputs, functools.partial(attention_output_mlp, float32_add=True))
+EAGER_KERNELS = LayerKernels(first_attention_inputs, attention_inputs, attention_output_mlp)
+KERNELS_TO_COMPILE = LayerKernels(first_attention_inputs, attention_inputs,
+                                  functools.partial(attention_output_mlp, float32_add=True))
 
 
 @functools.cache
