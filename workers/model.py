@@ -190,9 +190,9 @@ def attention_output_mlp(x: torch.Tensor, attn_out: torch.Tensor, o_weight: torc
     same values as the half-precision add (PyTorch adds bf16/fp16 in float32 and rounds once) but not
     inductor's `x + mm` pattern. On CUDA inductor turns that pattern into an addmm whose full [T, hidden]
     input cuBLAS needs copied into the output first (the "Memcpy DtoD" and beta-1 GEMMs of the H200
-    profile, docs/benchmarks.md); written so, the add joins the RMSNorm kernel (tests/workers/
-    test_layer_compile.py checks the post-grad graph on fake CUDA tensors). Eager, it would be three
-    more ops per layer, so EAGER_KERNELS keep the plain add."""
+    profile, docs/benchmarks.md); written so, the add joins the RMSNorm kernel (bench/layer_kernels.py
+    lists the launches; tests/workers/test_layer_compile.py runs it). Eager, it would be three more ops
+    per layer, so EAGER_KERNELS keep the plain add."""
     o = F.linear(attn_out, o_weight)
     x = (o.float() + x.float()).to(x.dtype) if float32_add else x + o
     gate, up = F.linear(rms_norm(x, norm_weight, eps), gate_up_weight).chunk(2, dim=-1)
