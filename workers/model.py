@@ -199,6 +199,15 @@ def attention_output_mlp(x: torch.Tensor, attn_out: torch.Tensor, o_weight: torc
     return x, F.linear(F.silu(gate) * up, down_weight)
 
 
+def compiled_attention_output_mlp(x: torch.Tensor, attn_out: torch.Tensor, o_weight: torch.Tensor,
+                                  norm_weight: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
+                                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_output_mlp with float32_add, the form compiled_kernels compiles; a function of its own, not
+    a functools.partial, because dynamo keeps a compiled partial's cache entries on a wrapper that every
+    compiled partial shares."""
+    return attention_output_mlp(x, attn_out, o_weight, norm_weight, gate_up_weight, down_weight, eps, float32_add=True)
+
+
 class LayerKernels(NamedTuple):
     """The per-layer functions around attention (DecoderLayer.merged_forward), eager or compiled."""
 
@@ -208,8 +217,7 @@ class LayerKernels(NamedTuple):
 
 
 EAGER_KERNELS = LayerKernels(first_attention_inputs, attention_inputs, attention_output_mlp)
-KERNELS_TO_COMPILE = LayerKernels(first_attention_inputs, attention_inputs,
-                                  functools.partial(attention_output_mlp, float32_add=True))
+KERNELS_TO_COMPILE = LayerKernels(first_attention_inputs, attention_inputs, compiled_attention_output_mlp)
 
 
 @functools.cache

@@ -98,7 +98,7 @@ def test_compiled_layers_match_eager_step_by_step(sessions):
     assert graphs == 3, graphs
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from workers.model import KERNELS_TO_COMPILE
-    for fn in (KERNELS_TO_COMPILE.first_attention_inputs, KERNELS_TO_COMPILE.attention_inputs):
+    for fn in KERNELS_TO_COMPILE:
         assert len(_debug_get_cache_entry_list(fn.__code__)) == 1, fn
 
 
