@@ -220,6 +220,9 @@ EAGER_KERNELS = LayerKernels(first_attention_inputs, attention_inputs, attention
 KERNELS_TO_COMPILE = LayerKernels(first_attention_inputs, attention_inputs, compiled_attention_output_mlp)
 
 
+RECOMPILE_LIMIT = 64  # compiled entries per function: (model shape, dtype) pairs in one process
+
+
 @functools.cache
 def compiled_kernels() -> LayerKernels:
     """KERNELS_TO_COMPILE (EAGER_KERNELS' functions, the o_proj residual add written for fusion) under
@@ -231,7 +234,16 @@ def compiled_kernels() -> LayerKernels:
     pay the compile (seconds on a GPU machine). Packed steps have at least 16 tokens (workers.packing),
     so dynamo's specialisation of sizes 0 and 1 never applies; if the first token count equals a model
     dimension (hidden size, head dim) dynamo treats the two as one fixed size and compiles once more,
-    symbolically, at the next count. Compiled functions capture in CUDA graphs (workers.graphs)."""
+    symbolically, at the next count. Compiled functions capture in CUDA graphs (workers.graphs).
+
+    Weights are parameters, whose shapes dynamo keeps static, so each model shape and dtype a process
+    runs is one more compiled entry of each function; past torch._dynamo's recompile_limit (8) a
+    fullgraph compile fails hard, which a process that builds runners for several models (tests/gpu, a
+    benchmark) reached. The limit is raised to RECOMPILE_LIMIT (SGLang raises the same limits for its
+    compiled model)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
     compile = functools.partial(torch.compile, fullgraph=True, dynamic=True)
     return LayerKernels(*map(compile, KERNELS_TO_COMPILE))
 

@@ -102,6 +102,30 @@ def test_compiled_layers_match_eager_step_by_step(sessions):
         assert len(_debug_get_cache_entry_list(fn.__code__)) == 1, fn
 
 
+def test_one_process_compiles_more_model_shapes_than_dynamos_default_limit():
+    """Weights are parameters, whose shapes dynamo keeps static: every model shape a process compiles for
+    is one more cache entry of each compiled function, and with fullgraph=True the 9th (past dynamo's
+    default recompile_limit of 8) failed hard, as tests/gpu or a benchmark building runners for several
+    shapes would (a break-test helper's finding). compiled_kernels raises the limit."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from workers.model import KERNELS_TO_COMPILE, RECOMPILE_LIMIT
+
+    first = compiled_kernels().first_attention_inputs
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
+    torch._dynamo.reset()
+
+    def weight(*shape):
+        return torch.nn.Parameter(torch.randn(*shape), requires_grad=False)
+
+    t, d, heads, kv_heads = 5, 8, 2, 1
+    with torch._inductor.config.patch(INDUCTOR_CPU):
+        for hidden in (24, 40, 48, 56, 72, 88, 96, 104, 112):  # nine model shapes
+            q, k, v, x = first(torch.randn(t, hidden), weight(hidden), weight((heads + 2 * kv_heads) * d, hidden),
+                               weight(d), weight(d), torch.randn(t, d), torch.randn(t, d), 1e-6, heads, kv_heads)
+            assert q.shape == (t, heads, d) and x.shape == (t, hidden)
+    assert len(_debug_get_cache_entry_list(KERNELS_TO_COMPILE.first_attention_inputs.__code__)) == 9
+
+
 def test_compile_layers_must_be_a_bool(tiny_model_dir):
     with pytest.raises(ValueError, match="compile_layers"):
         ModelRunner(tiny_model_dir, compile_layers="yes", num_blocks=8)
