@@ -190,13 +190,14 @@ def _train(args, interrupt: _Interrupt) -> int:
         print(f"refusion train: loading {args.init}", flush=True)
         model, tokenizer = _init_model_and_tokenizer(args)
     print(f"refusion train: reading the corpus ({' '.join(args.corpus)})", flush=True)
-    train_units, heldout_units = load_units(args.corpus, args.heldout_fraction)
+    workers = args.prep_workers or min(os.cpu_count() or 1, 32)
+    train_units, heldout_units = load_units(args.corpus, args.heldout_fraction, workers)
     if args.init is None:
         print(f"refusion train: {len(train_units)} training units; building a {args.vocab_size}-token BPE tokenizer",
               flush=True)
         model, tokenizer = _fresh_model_and_tokenizer(args, train_units)
     train_pairs = tokenize_units(tokenizer, train_units, args.seq_len)
-    chat = tokenize_units(tokenizer, chat_pairs(train_units), args.seq_len) if args.chat_fraction else []
+    chat = tokenize_units(tokenizer, chat_pairs(train_units, workers), args.seq_len) if args.chat_fraction else []
     limit = int(len(train_pairs) * args.chat_fraction / (1.0 - args.chat_fraction))
     chat = chat[:: max(1, -(-len(chat) // max(limit, 1)))][:limit]  # evenly spread over the corpus' packages
     train_pairs += chat

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--compile", action="store_true", help="torch.compile the decoder stack (CUDA; one static batch shape)")
     a("--data-workers", type=int, default=None,
       help="processes arranging batches ahead of the step (default: 2 on CUDA, 0 on CPU)")
+    a("--prep-workers", type=int, default=None,
+      help="processes cutting the corpus and making chat pairs (default: every CPU core, at most 32; 1: none)")
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=25)
     a("--heldout-fraction", type=float, default=0.03, help="fraction of files held out (by path hash)")
@@ -91,6 +93,8 @@ def check_flags(args) -> None:
             raise TrainArgumentError("--" + name.replace("_", "-"), f"got {getattr(args, name)}; use 0 or more")
     if args.threads is not None and args.threads < 1:
         raise TrainArgumentError("--threads", f"got {args.threads}; use a positive number of CPU threads")
+    if args.prep_workers is not None and args.prep_workers < 1:
+        raise TrainArgumentError("--prep-workers", f"got {args.prep_workers}; use 1 (none) or more processes")
     if args.head_dim % 2:
         raise TrainArgumentError("--head-dim", f"got {args.head_dim}; rotary embeddings need an even head size")
     if args.heads % args.kv_heads:

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from training.corpus import CodeUnit
+from training.corpus import PARALLEL_MIN_ITEMS, CodeUnit, parallel_map
 
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names (FunctionSpec.name)
 
@@ -164,15 +164,28 @@ def tool_call_pair(unit: CodeUnit, others: Sequence[CodeUnit]) -> ChatPair | Non
     return ChatPair("tool_call", node.name, request, prompt, f"{TOOL_OPEN}{call}{TOOL_CLOSE}", tuple(schemas))
 
 
-def chat_pairs(units: Sequence[CodeUnit]) -> list[ChatPair]:
+CHUNK_UNITS = 512  # units per task when chat_pairs runs in worker processes
+
+
+def chat_pairs(units: Sequence[CodeUnit], workers: int = 1) -> list[ChatPair]:
     """Every instruction pair and tool-call turn the units yield, in unit order. Distractor tools come
-    from the units that follow in the list (the same split), so held-out pairs use held-out code only."""
+    from the units that follow in the list (the same split), so held-out pairs use held-out code only.
+    In `workers` processes (training.corpus.parallel_map) for a large corpus, the same pairs in any number:
+    each task is CHUNK_UNITS units and the two after them (their distractors)."""
+    units = list(units)
+    chunks = [units[i : i + CHUNK_UNITS + 2] for i in range(0, len(units), CHUNK_UNITS)]
+    workers = workers if len(units) >= PARALLEL_MIN_ITEMS else 1
+    return [pair for pairs in parallel_map(_chunk_pairs, chunks, workers, chunksize=1, min_items=2) for pair in pairs]
+
+
+def _chunk_pairs(chunk: Sequence[CodeUnit]) -> list[ChatPair]:
+    """The pairs of a chunk's first CHUNK_UNITS units (the rest serve as distractors only)."""
     out: list[ChatPair] = []
-    for i, unit in enumerate(units):
+    for i, unit in enumerate(chunk[:CHUNK_UNITS]):
         pair = instruction_pair(unit)
         if pair is not None:
             out.append(pair)
-        turn = tool_call_pair(unit, units[i + 1 : i + 3])
+        turn = tool_call_pair(unit, chunk[i + 1 : i + 3])
         if turn is not None:
             out.append(turn)
     return out

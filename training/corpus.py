@@ -19,13 +19,19 @@ equals a held-out unit is dropped, so held-out scores never measure memorised co
 from __future__ import annotations
 
 import ast
+import concurrent.futures
+import functools
 import hashlib
+import multiprocessing
 import sysconfig
 import textwrap
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "idle_test", "__pycache__",
                  "lib2to3", "turtledemo", "ensurepip", "venv"}
@@ -128,19 +134,48 @@ def extract_units(text: str, rel_path: str) -> list[CodeUnit]:
     return [u for u in (_unit(lines, n, rel_path) for n in _candidate_nodes(tree)) if u is not None]
 
 
-def load_units(corpus: Sequence[str], heldout_fraction: float = 0.03) -> tuple[list[CodeUnit], list[CodeUnit]]:
-    """(train units, held-out units) of the corpus."""
+# Fewest files (or units) for which the corpus is built in worker processes: below it their start-up
+# costs more than they save
+PARALLEL_MIN_ITEMS = 256
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, chunksize: int = 16,
+                 min_items: int = PARALLEL_MIN_ITEMS) -> list[R]:
+    """[fn(item) for item in items], in order, in `workers` processes when there are at least `min_items`
+    items (the corpus is built where the training runs: a GPU machine's installed
+    packages are minutes of single-core Python, the device time a session has). `fn` must be picklable
+    (a module-level function, or a functools.partial of one). Workers start from a fork server (Python's
+    forkserver method: a clean process, so a parent with threads, a Ray worker or a CUDA context, is safe
+    to start them from)."""
+    if workers <= 1 or len(items) < max(2, min_items):
+        return [fn(item) for item in items]
+    context = multiprocessing.get_context("forkserver")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(fn, items, chunksize=chunksize))
+
+
+def _file_units(file: tuple[Path, Path], heldout_fraction: float) -> tuple[bool, list[CodeUnit]]:
+    """(held out, units) of one corpus file (root, path); an unreadable file gives none."""
+    root, path = file
+    rel = path.relative_to(root).as_posix()
+    try:
+        text = _read_source(path)
+    except (UnicodeDecodeError, SyntaxError, LookupError, OSError):  # undecodable, or a bad coding cookie
+        return False, []
+    return is_heldout(rel, heldout_fraction), extract_units(text, rel)
+
+
+def load_units(corpus: Sequence[str], heldout_fraction: float = 0.03,
+               workers: int = 1) -> tuple[list[CodeUnit], list[CodeUnit]]:
+    """(train units, held-out units) of the corpus; files are cut in `workers` processes (parallel_map),
+    with the same result in any number."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise CorpusError("heldout_fraction", f"got {heldout_fraction}; use a fraction in [0, 1), e.g. 0.03")
     train: list[CodeUnit] = []
     heldout: list[CodeUnit] = []
-    for root, path in source_files(corpus):
-        rel = path.relative_to(root).as_posix()
-        try:
-            text = _read_source(path)
-        except (UnicodeDecodeError, SyntaxError, LookupError, OSError):  # undecodable, or a bad coding cookie
-            continue
-        (heldout if is_heldout(rel, heldout_fraction) else train).extend(extract_units(text, rel))
+    files = source_files(corpus)
+    for held, units in parallel_map(functools.partial(_file_units, heldout_fraction=heldout_fraction), files, workers):
+        (heldout if held else train).extend(units)
     if not train and heldout:
         raise CorpusError("heldout_fraction", f"{heldout_fraction} holds out every file with units ({len(heldout)} "
                                               "units); use a smaller fraction, e.g. 0.03")

@@ -178,3 +178,37 @@ def test_tokenize_units_in_chunks_equals_one_call_and_skips_long_units(monkeypat
     monkeypatch.setattr(corpus, "TOKENIZE_CHUNK", 3)  # 9 units: chunks of 3, 3 and 3
     assert corpus.tokenize_units(tok, units, seq_len=128) == whole
     assert corpus.tokenize_units(tok, [], seq_len=128) == []
+
+
+def test_the_corpus_and_its_chat_pairs_are_the_same_built_in_worker_processes(monkeypatch):
+    """`refusion train --prep-workers N` (default: every core): load_units cuts files, and chat_pairs
+    makes pairs in chunks, in worker processes (training.corpus.parallel_map), because the GPU recipe
+    builds its corpus where it trains and single-core Python took minutes of device time. Over 419 files
+    of the standard library (above PARALLEL_MIN_ITEMS, so the pool really runs): the same train and
+    held-out units and the same pairs, in the same order, as in one process and as the one-loop definition
+    of chat_pairs (each unit's distractors are the two units after it, across chunk boundaries)."""
+    import concurrent.futures
+    import sysconfig
+    from pathlib import Path
+
+    from training import corpus as corpus_module
+    from training.chat_data import CHUNK_UNITS, chat_pairs, instruction_pair, tool_call_pair
+
+    pools = []
+    real_pool = concurrent.futures.ProcessPoolExecutor
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", lambda *a, **k: pools.append(1) or real_pool(*a, **k))
+    root = Path(sysconfig.get_paths()["stdlib"])
+    dirs = [str(root / d) for d in ("asyncio", "email", "json", "http", "xml", "logging", "importlib", "concurrent",
+                                    "unittest", "multiprocessing", "urllib", "collections", "encodings", "ctypes",
+                                    "sqlite3", "wsgiref", "dbm", "curses", "html", "zoneinfo", "tomllib", "re")]
+    assert len(corpus_module.source_files(dirs)) >= corpus_module.PARALLEL_MIN_ITEMS
+    one = corpus_module.load_units(dirs, 0.03, workers=1)
+    assert not pools
+    two = corpus_module.load_units(dirs, 0.03, workers=2)
+    assert len(pools) == 1 and two == one and len(one[0]) > 2 * CHUNK_UNITS and one[1]
+    units = one[0]
+    looped = []
+    for i, unit in enumerate(units):  # chat_pairs' definition, one loop
+        looped += [p for p in (instruction_pair(unit), tool_call_pair(unit, units[i + 1 : i + 3])) if p is not None]
+    assert chat_pairs(units, workers=1) == looped
+    assert chat_pairs(units, workers=2) == looped and len(pools) == 2
