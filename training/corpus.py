@@ -146,7 +146,8 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, chunksi
     packages are minutes of single-core Python, the device time a session has). `fn` must be picklable
     (a module-level function, or a functools.partial of one). Workers start from a fork server (Python's
     forkserver method: a clean process, so a parent with threads, a Ray worker or a CUDA context, is safe
-    to start them from)."""
+    to start them from), which imports the caller's main module as spawn does: a script that asks for
+    workers needs Python's `if __name__ == "__main__":` guard (the CLI and bench scripts have it)."""
     if workers <= 1 or len(items) < max(2, min_items):
         return [fn(item) for item in items]
     context = multiprocessing.get_context("forkserver")
