@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from integrations.cli_train_flags import (RUN_RECORDS, TrainArgumentError, add_arguments, check_flags, fresh_model,
-                                          remove_model_files)
+from integrations.cli_train_flags import (RUN_RECORDS, SAVE_MARGIN_MINUTES, TrainArgumentError, add_arguments,
+                                          check_flags, fresh_model, remove_model_files)
 
 __all__ = ["add_arguments", "run", "save_model_dir"]  # add_arguments and run: integrations/cli.py's contract
 
@@ -217,10 +217,12 @@ def _train(args, interrupt: _Interrupt) -> int:
     except OSError as exc:
         raise TrainArgumentError("--out", f"{out} cannot be created ({exc.strerror}); give a path you can write") from None
     n_params = sum(p.numel() for p in model.parameters())
+    train_minutes = _training_minutes(args, time.monotonic() - t0)
     stats = {"train_units": len(train_pairs), "chat_pairs": len(chat), "heldout_units": len(heldout_pairs),
              "parameters": n_params, "vocab_size": len(tokenizer),  # what BPE reached (--vocab-size is a bound)
              "train_tokens_per_epoch": sum(len(p) + len(r) + 1 for p, r in train_pairs),
-             "prep_s": round(time.monotonic() - t0, 1), "device": device, "torch_threads": torch.get_num_threads(),
+             "prep_s": round(time.monotonic() - t0, 1), "train_minutes": train_minutes, "device": device,
+             "torch_threads": torch.get_num_threads(),
              "python": sys.version.split()[0], **_package_set(args.corpus)}
     (out / "train_args.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **stats}, indent=2))
     print(f"refusion train: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, {len(train_pairs)} train "
@@ -253,7 +255,8 @@ def _train(args, interrupt: _Interrupt) -> int:
     eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     interrupt.training = True
     try:
-        records = _run_training(args, model, train_pairs, heldout_pairs, mask_id, eos_id, on_log, on_step, interrupt)
+        records = _run_training(args, train_minutes, model, train_pairs, heldout_pairs, mask_id, eos_id, on_log,
+                                on_step, interrupt)
     except TrainingError as err:  # diverged: a checkpoint taken on the way may hold the diverged weights
         if saved_step[0] is None:
             raise
@@ -270,13 +273,26 @@ def _train(args, interrupt: _Interrupt) -> int:
     print(f"refusion train: saved {out} in {time.monotonic() - t0:.0f}s", flush=True)
     return 0
 
-def _run_training(args, model, train_pairs, heldout_pairs, mask_id: int, eos_id: int, on_log, on_step,
-                  interrupt: _Interrupt) -> list[dict]:
-    """training.trainer.train_model with the flags' settings; its log records."""
+def _training_minutes(args, prep_s: float) -> float | None:
+    """The training loop's wall-time budget: --minutes, or with --total-minutes what is left of it after
+    `prep_s` seconds of preparation and SAVE_MARGIN_MINUTES for the save (the smaller of the two when both
+    are given; a budget already spent still runs the first step)."""
+    if args.total_minutes is None:
+        return args.minutes
+    left = max(args.total_minutes - prep_s / 60.0 - SAVE_MARGIN_MINUTES, 1e-6)
+    print(f"refusion train: {left:.2f} of --total-minutes {args.total_minutes:g} left for training after "
+          f"{prep_s:.0f}s of preparation", flush=True)
+    return left if args.minutes is None else min(left, args.minutes)
+
+
+def _run_training(args, minutes: float | None, model, train_pairs, heldout_pairs, mask_id: int, eos_id: int,
+                  on_log, on_step, interrupt: _Interrupt) -> list[dict]:
+    """training.trainer.train_model with the flags' settings (and the loop's budget in minutes); its log
+    records."""
     from training.trainer import train_model
 
     workers = args.data_workers if args.data_workers is not None else (2 if next(model.parameters()).is_cuda else 0)
-    return train_model(model, train_pairs, steps=args.steps, minutes=args.minutes, batch_tokens=args.batch_tokens,
+    return train_model(model, train_pairs, steps=args.steps, minutes=minutes, batch_tokens=args.batch_tokens,
                        row_len=args.seq_len, lr=args.lr, compile_model=args.compile, data_workers=workers,
                        mask_token_id=mask_id, eos_token_id=eos_id, seed=args.seed, log_every=args.log_every,
                        on_log=on_log, on_step=on_step, heldout=heldout_pairs or None,

@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--steps", type=int, default=None, help="optimizer steps (default: until --minutes runs out)")
     a("--minutes", type=float, default=None,
       help="wall-time budget of the training loop in minutes (the first step always runs)")
+    a("--total-minutes", type=float, default=None,
+      help="wall-time budget of the whole run, corpus preparation included: the training loop gets what is "
+           f"left after preparation, less {SAVE_MARGIN_MINUTES} min for the final save (with --minutes, the "
+           "smaller); for a machine lent for a fixed time")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--batch-tokens", type=int, default=8192,
@@ -57,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         shape.add_argument("--" + name.replace("_", "-"), type=int, default=default)
 
 
+# Of --total-minutes, what is kept for the final held-out loss and save after the training loop
+SAVE_MARGIN_MINUTES = 0.5
+
 # The shape flags of a fresh model and their defaults (args attribute -> value)
 SHAPE_DEFAULTS = {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "head_dim": 64, "intermediate": 768,
                   "vocab_size": 4096}
@@ -69,8 +76,11 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def check_flags(args) -> None:
     """Every flag that can be checked before the corpus is built (minutes on stdlib). Raises
     TrainArgumentError naming the flag."""
-    if args.steps is None and args.minutes is None:
-        raise TrainArgumentError("--steps", "give --steps N or --minutes M to bound training")
+    if args.steps is None and args.minutes is None and args.total_minutes is None:
+        raise TrainArgumentError("--steps", "give --steps N, --minutes M or --total-minutes M to bound training")
+    if args.total_minutes is not None and not 0 < args.total_minutes < math.inf:
+        raise TrainArgumentError("--total-minutes", f"got {args.total_minutes}; use a positive, finite number of "
+                                                    "minutes")
     if args.steps is not None and args.steps < 1:
         raise TrainArgumentError("--steps", f"got {args.steps}; use at least 1 optimizer step")
     if args.minutes is not None and not 0 < args.minutes < math.inf:

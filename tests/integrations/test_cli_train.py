@@ -131,6 +131,9 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path, capsys):
         (["--out", "OUT", "--steps", "1", "--head-dim", "15"], "--head-dim: got 15"),
         (["--out", "OUT", "--steps", "1", "--vocab-size", "100"], "--vocab-size: got 100"),
         (["--out", "OUT", "--minutes", "inf"], "--minutes: got inf"),
+        (["--out", "OUT", "--total-minutes", "0"], "--total-minutes: got 0"),
+        (["--out", "OUT", "--total-minutes", "nan"], "--total-minutes: got nan"),
+        (["--out", "OUT", "--steps", "1", "--prep-workers", "0"], "--prep-workers: got 0"),
         (["--out", "OUT", "--steps", "1", "--corpus", ""], "--corpus: an empty name"),
         (["--out", "/dev/null", "--steps", "1"], "--out: /dev/null is a file"),
         (["--out", "OUT", "--steps", "1", "--init", "CORPUS"], "has no config.json"),
@@ -244,6 +247,29 @@ def test_checkpoints_follow_the_clock_at_any_step_and_a_tiny_budget_still_trains
                  "--batch-tokens", "256", "--vocab-size", "300"]) == 0
     records = [json.loads(line) for line in (out2 / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1]
+
+
+def test_total_minutes_leaves_the_training_loop_what_preparation_did_not_use(corpus_dir, tmp_path):
+    """--total-minutes (a machine lent for a fixed time): the loop's budget is the total less the
+    preparation (corpus, tokenizer, model) and SAVE_MARGIN_MINUTES, recorded in train_args.json; with
+    --minutes too, the smaller; a total already spent still trains the first step and saves."""
+    from integrations.cli_train_flags import SAVE_MARGIN_MINUTES
+
+    def run(out, *flags):
+        assert main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--batch-tokens", "256",
+                     "--vocab-size", "300", "--log-every", "1", *flags]) == 0
+        args = json.loads((out / "train_args.json").read_text())
+        steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+        return args, steps
+
+    args, steps = run(tmp_path / "a", "--total-minutes", "0.52")
+    want = 0.52 - args["prep_s"] / 60 - SAVE_MARGIN_MINUTES
+    assert 0 < args["train_minutes"] < 0.02 and abs(args["train_minutes"] - want) < 0.1 / 60 + 1e-3, args
+    assert steps and steps[0] == 1
+    args, steps = run(tmp_path / "b", "--total-minutes", "60", "--minutes", "1e-9")
+    assert args["train_minutes"] == 1e-9 and steps == [1]  # --minutes is the smaller
+    args, steps = run(tmp_path / "c", "--total-minutes", "0.01")  # spent before the loop starts
+    assert args["train_minutes"] == 1e-6 and steps == [1] and (tmp_path / "c" / "model.safetensors").exists()
 
 
 def test_interrupted_before_the_first_step_saves_nothing(corpus_dir, tmp_path, monkeypatch, capsys):
