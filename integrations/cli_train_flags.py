@@ -103,8 +103,10 @@ def check_flags(args) -> None:
             raise TrainArgumentError("--" + name.replace("_", "-"), f"got {getattr(args, name)}; use 0 or more")
     if args.threads is not None and args.threads < 1:
         raise TrainArgumentError("--threads", f"got {args.threads}; use a positive number of CPU threads")
-    if args.prep_workers is not None and args.prep_workers < 1:
-        raise TrainArgumentError("--prep-workers", f"got {args.prep_workers}; use 1 (none) or more processes")
+    most_workers = max(32, 2 * (os.cpu_count() or 1))  # each is a Python process holding part of the corpus
+    if args.prep_workers is not None and not 1 <= args.prep_workers <= most_workers:
+        raise TrainArgumentError("--prep-workers", f"got {args.prep_workers}; use 1 (none) to {most_workers} processes "
+                                                   f"(this machine has {os.cpu_count()} cores)")
     if args.head_dim % 2:
         raise TrainArgumentError("--head-dim", f"got {args.head_dim}; rotary embeddings need an even head size")
     if args.heads % args.kv_heads:

@@ -134,6 +134,7 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path, capsys):
         (["--out", "OUT", "--total-minutes", "0"], "--total-minutes: got 0"),
         (["--out", "OUT", "--total-minutes", "nan"], "--total-minutes: got nan"),
         (["--out", "OUT", "--steps", "1", "--prep-workers", "0"], "--prep-workers: got 0"),
+        (["--out", "OUT", "--steps", "1", "--prep-workers", "100000"], "--prep-workers: got 100000; use 1 (none) to"),
         (["--out", "OUT", "--steps", "1", "--corpus", ""], "--corpus: an empty name"),
         (["--out", "/dev/null", "--steps", "1"], "--out: /dev/null is a file"),
         (["--out", "OUT", "--steps", "1", "--init", "CORPUS"], "has no config.json"),
