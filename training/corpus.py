@@ -150,7 +150,8 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, chunksi
     workers needs Python's `if __name__ == "__main__":` guard (the CLI and bench scripts have it)."""
     if workers <= 1 or len(items) < max(2, min_items):
         return [fn(item) for item in items]
-    context = multiprocessing.get_context("forkserver")
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")  # (Windows: spawn)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         return list(pool.map(fn, items, chunksize=chunksize))
 
