@@ -142,8 +142,8 @@ PARALLEL_MIN_ITEMS = 256
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, chunksize: int = 16,
                  min_items: int = PARALLEL_MIN_ITEMS) -> list[R]:
     """[fn(item) for item in items], in order, in `workers` processes when there are at least `min_items`
-    items (the corpus is built where the training runs: a GPU machine's installed
-    packages are minutes of single-core Python, the device time a session has). `fn` must be picklable
+    items (the corpus is built where the training runs: a GPU machine's installed packages are minutes
+    of single-core Python, the device time a session has). `fn` must be picklable
     (a module-level function, or a functools.partial of one). Workers start from a fork server (Python's
     forkserver method: a clean process, so a parent with threads, a Ray worker or a CUDA context, is safe
     to start them from), which imports the caller's main module as spawn does: a script that asks for
