@@ -55,7 +55,7 @@ MERGE_CONFIGS = [("bf16", 16, 128), ("fp16", 3, 80), ("fp32", 2, 256)]
 
 
 def compile_merge(arch: int, dtype: str, splits: int, head_dim: int):
-    constants = {"SPLITS": splits, "HEAD_DIM": head_dim, "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
+    constants = {"SPLITS": splits, "HEAD_DIM": head_dim, "BLOCK_D": tile_shape(1, 1, head_dim)[2],
                  "BLOCK_R": MERGE_ROWS}
     signature = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "rows": "i32", "stride_ps": "i32",
                  "stride_ls": "i32", **{name: "constexpr" for name in constants}}

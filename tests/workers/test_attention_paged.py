@@ -3,9 +3,9 @@ step's K/V) equals the portable StepAttention on the CPU, run by Triton's interp
 switches it on without CUDA): logits of every row and every layer's cache, in float32 and float16, for
 a prefill with partial blocks, decode beside a new sequence, a ReFusion plan (kept context + dropped
 masks), a verify, branches, a sequence with no context, shared prefix blocks, the 8B head ratio over
-several query and key tiles, forced context splits and their merge kernel, and whole engine runs. What the interpreter cannot
-check, that the kernel compiles for a GPU within its shared memory, paged_aot.py checks without one;
-the kernel on a GPU is tests/gpu's. Skips where Triton is not installed (it ships with CUDA builds of
+several query and key tiles, forced context splits and their merge kernel, and whole engine runs. What
+the interpreter cannot check, that the kernels compile for a GPU within its shared memory, paged_aot.py
+checks without one; the kernels on a GPU are tests/gpu's. Skips where Triton is not installed (it ships with CUDA builds of
 torch; the test extra installs it here)."""
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def test_merge_splits_is_the_log_sum_exp_weighted_mean(dtype):
         lse[:, 7] = float("-inf")  # row 7: no split did
         lse[:, 9] += 200.0  # exp(lse) alone would overflow float32: the kernel subtracts the row's max
         out = torch.full((rows, head_dim), float("nan"), dtype=dtype)
-        block_d = max(16, 1 << (head_dim - 1).bit_length())
+        block_d = attention_paged.tile_shape(1, 1, head_dim)[2]  # the launcher's BLOCK_D
         merge_splits[(-(-rows // attention_paged.MERGE_ROWS),)](
             parts, lse, out, rows, parts.stride(0), lse.stride(0), SPLITS=splits, HEAD_DIM=head_dim,
             BLOCK_D=block_d, BLOCK_R=attention_paged.MERGE_ROWS)
