@@ -15,7 +15,8 @@ end to end into `batch_tokens // row_len` rows of `row_len` tokens (training/bat
 defaults to the longest example + EOS). The loss is the objective's: sum(w * CE) over the batch divided
 by its number of examples. On CUDA the forward runs under bf16 autocast (weights and optimizer state
 stay float32) and AdamW is the fused kernel; `compile_model=True` wraps the decoder stack in
-torch.compile (one static [R, L] shape per run). `data_workers` > 0 arranges and packs batches in that
+torch.compile (one static [R, L] shape per run; should compiling fail at the first step, a
+RuntimeWarning says why and the run goes on eagerly, the records' `compiled` false). `data_workers` > 0 arranges and packs batches in that
 many worker processes ahead of the step (torch DataLoader), so the Python objective builder does not
 stall a GPU.
 
@@ -26,7 +27,8 @@ rate warms up linearly, then follows a cosine to 10% of `lr` over that budget. A
 Every `log_every` steps (and after the last step) one record is appended to the returned list and passed
 to `on_log`:
     {"step", "elapsed_s", "lr", "train_loss", "train_ar_loss", "train_mdm_loss", "train_tokens",
-     "total_tokens", "tokens_per_s", "fill", "heldout_ar_loss", "heldout_mdm_loss"}   # heldout_* with `heldout`
+     "total_tokens", "tokens_per_s", "fill", "heldout_ar_loss", "heldout_mdm_loss", "compiled"}
+    # heldout_* with `heldout`; compiled with `compile_model` (false: it fell back to eager)
 train_* are means over the steps since the previous record (loss = ar + mdm, spec weighting);
 train_tokens / total_tokens count example tokens (no padding); tokens_per_s is train_tokens over the
 wall time since the previous record, held-out scoring excluded; fill is the share of batch tokens that
@@ -40,6 +42,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Callable, Iterator, Sequence
 
@@ -258,13 +261,22 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
             if should_stop is not None and should_stop():
                 break
             raise
-        loss, ar, mdm = objective_loss(model, batch, decoder)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            losses = _loss_and_grads(model, batch, decoder, opt, acc)
+        except Exception as exc:  # noqa: BLE001 - only the first compiled step falls back; anything else raises
+            if decoder is None or step:
+                raise
+            # torch.compile compiles at the first call. Its failure there (an inductor or backend error on
+            # this torch and device) costs the run nothing it cannot do eagerly: one step on a GPU that a
+            # session gets for minutes must not throw away the corpus preparation before it
+            warnings.warn(f"torch.compile failed at the first step ({type(exc).__name__}: {str(exc)[:500]}); "
+                          "training continues without it (eager)", RuntimeWarning, stacklevel=2)
+            decoder, acc["compiled"] = None, False
+            losses = _loss_and_grads(model, batch, decoder, opt, acc)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         step += 1
-        _accumulate(acc, batch, loss, ar, mdm)
+        _accumulate(acc, batch, *losses)
         if step % log_every == 0:
             records.append(_log(model, acc, step, start, cur_lr, heldout, on_log, mask_token_id, eos_token_id))
         if on_step is not None:
@@ -273,6 +285,17 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
         records.append(_log(model, acc, step, start, cur_lr, heldout, on_log, mask_token_id, eos_token_id))
     model.eval()
     return records
+
+
+def _loss_and_grads(model, batch: PackedBatch, decoder, opt, acc: dict) -> tuple:
+    """The step's forward and backward: (loss, ar, mdm) tensors, gradients set (optimizer not stepped).
+    `acc["compiled"]`: whether the compiled decoder ran (set here on its first success)."""
+    loss, ar, mdm = objective_loss(model, batch, decoder)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if decoder is not None:
+        acc["compiled"] = True
+    return loss, ar, mdm
 
 
 def _accumulate(acc: dict, batch: PackedBatch, loss, ar, mdm) -> None:
@@ -292,6 +315,8 @@ def _log(model, acc: dict, step: int, start: float, lr: float, heldout, on_log, 
               "train_tokens": acc["tokens"], "total_tokens": acc["total_tokens"],
               "tokens_per_s": round(acc["tokens"] / max(now - acc["since"], 1e-9), 1),
               "fill": round(acc["tokens"] / max(acc["slots"], 1), 4)}
+    if "compiled" in acc:  # (compile_model: whether the compiled decoder runs, or fell back at the first step)
+        record["compiled"] = acc["compiled"]
     if not math.isfinite(record["train_loss"]):
         raise TrainingError("lr", f"the training loss is {record['train_loss']} at step {step}: training diverged; "
                                   f"lower the learning rate (got {lr:.3g} at this step)")

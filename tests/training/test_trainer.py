@@ -69,6 +69,40 @@ def test_a_compiled_decoder_trains_like_the_eager_one():
     eager = train_model(_tiny_qwen3(5), train, **common)
     compiled = train_model(_tiny_qwen3(5), train, compile_model=True, **common)
     assert [r["train_loss"] for r in compiled] == pytest.approx([r["train_loss"] for r in eager], rel=1e-4)
+    assert [r.get("compiled") for r in compiled] == [True] * 3 and "compiled" not in eager[0]
+
+
+class _BrokenCompile(torch.nn.Module):
+    """What torch.compile returns where its backend fails: the first call raises (after `works` calls)."""
+
+    def __init__(self, module, works=0):
+        super().__init__()
+        self.module, self.works = module, works
+
+    def forward(self, *args, **kwargs):
+        if self.works == 0:
+            raise RuntimeError("backend compiler failed: no working C++ compiler")
+        self.works -= 1
+        return self.module(*args, **kwargs)
+
+
+def test_a_compile_that_fails_at_the_first_step_falls_back_to_eager_and_says_so(monkeypatch):
+    train = _counting_pairs(32, 0)
+    common = dict(steps=3, batch_tokens=4 * 13, lr=1e-2, mask_token_id=MASK, eos_token_id=EOS, seed=3, log_every=1)
+    eager = train_model(_tiny_qwen3(5), train, **common)
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: _BrokenCompile(module))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed at the first step .*no working C.. compiler"):
+        fallen_back = train_model(_tiny_qwen3(5), train, compile_model=True, **common)
+    assert [r["train_loss"] for r in fallen_back] == pytest.approx([r["train_loss"] for r in eager], rel=1e-6)
+    assert [r["compiled"] for r in fallen_back] == [False] * 3
+
+
+def test_a_compiled_step_that_fails_after_the_first_raises(monkeypatch):
+    train = _counting_pairs(32, 0)
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: _BrokenCompile(module, works=1))
+    with pytest.raises(RuntimeError, match="backend compiler failed"):
+        train_model(_tiny_qwen3(5), train, steps=3, batch_tokens=4 * 13, lr=1e-2, mask_token_id=MASK,
+                    eos_token_id=EOS, seed=3, log_every=1, compile_model=True)
 
 
 def _padded_loss(model, examples):
