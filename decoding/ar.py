@@ -157,24 +157,26 @@ class ARDecoder:
         scheduling, scheduler.engine; vLLM's async scheduling): its one token, at the next position, is
         the token the step in flight reads, which the runner takes from that step's read on the device
         (Segment.feedback); its draws are keyed by the step counter that step will have (`_sampling`).
+        A logit bias and an EOS ban (ignore_eos, min_tokens) carry over: they depend on how many tokens
+        are generated, not on which (so benchmark clients that send vLLM's ignore_eos keep the pipeline).
         None when the next step depends on that token on the host: outside plain decoding (prefill, the
-        first generation step, a grammar's mask or forced tokens, penalties, a logit bias, an EOS ban),
-        when the step in flight may be the last (it reads the span's last token), or when a step is
-        planned ahead already. The next `absorb` takes the result of the step in flight; the one after
+        first generation step, a grammar's mask or forced tokens, presence and frequency penalties, which
+        count it), when the step in flight may be the last (it reads the span's last token), or when a
+        step is planned ahead already. The next `absorb` takes the result of the step in flight; the one after
         takes this step's. If the step in flight ends the request (EOS), this step is wasted: the caller
         drops its result and frees its KV, as for a cancel."""
         seg, p = self._in_flight, self.params
         if (seg is None or self._ahead is not None or self.phase is not ARPhase.DECODE or self.constraint is not None
                 or self._catch_up or len(seg.token_ids) != 1 or len(self.generated) + 1 >= self.span):
             return None
-        if p.presence_penalty or p.frequency_penalty or p.logit_bias or p.ignore_eos or p.min_tokens:
+        if p.presence_penalty or p.frequency_penalty:
             return None
         position = self.gen_start + len(self.generated)  # the token the step in flight reads goes here
         reads = Reads(argmax=(0,)) if p.temperature == 0 else Reads(sample=(0,))
         sampling = Sampling(p.temperature, p.top_k, p.top_p, p.min_p, p.seed,
                             step=self.stats.forwards + 1 - self._catch_up_forwards)
         self._ahead = Segment(self.seq_id, seg.context_len + 1, [0], [position], 1, reads, sampling=sampling,
-                              logprobs=p.logprobs, feedback=True)
+                              logprobs=p.logprobs, logit_bias=self._logit_bias(in_flight=1), feedback=True)
         return self._ahead
 
     def drop_ahead(self, segment: Segment) -> None:
@@ -296,16 +298,20 @@ class ARDecoder:
         return Segment(self.seq_id, context_len, tokens, positions, num_kept, reads, sampling=self._sampling(),
                        token_bitmask=mask, logprobs=self.params.logprobs, logit_bias=self._logit_bias())
 
-    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+    def _logit_bias(self, in_flight: int = 0) -> tuple[tuple[int, float], ...]:
         """OpenAI's logit_bias plus the presence and frequency penalties of the text so far (handed-off
         text included): each generated token's logit loses presence + frequency x its count; EOS is
-        banned (EOS_BAN) under vLLM's ignore_eos, or while fewer than min_tokens are generated."""
+        banned (EOS_BAN) under vLLM's ignore_eos, or while fewer than min_tokens are generated.
+        `in_flight`: generated tokens not yet on the host (plan_ahead's one), counted for min_tokens;
+        penalties, which need their values, are refused then (RuntimeError)."""
         p = self.params
-        ban_eos = p.ignore_eos or len(self.generated) < p.min_tokens
+        ban_eos = p.ignore_eos or len(self.generated) + in_flight < p.min_tokens
         if not (p.presence_penalty or p.frequency_penalty or p.logit_bias or ban_eos):
             return ()
         bias = dict(p.logit_bias or {})
         if p.presence_penalty or p.frequency_penalty:
+            if in_flight:
+                raise RuntimeError(f"{self.seq_id}: penalties count the tokens in flight, which the host does not have")
             # Counted as tokens arrive, not recounted each step (a long generation would cost O(n^2))
             if self._counts is None:
                 self._counts, self._counted = Counter(self.prior_ids), 0

@@ -169,6 +169,38 @@ async def test_a_request_cancelled_with_two_steps_in_flight_frees_its_kv_after_b
     _assert_same([specs[0], specs[2]], serial, [results[0], results[2]])
 
 
+async def test_logit_bias_ignore_eos_and_min_tokens_keep_the_pipeline(runner):
+    # They depend on how many tokens are generated, not on which, so the step after the one in flight
+    # carries them as well (benchmark clients send vLLM's ignore_eos with every request). Each changes
+    # the output here: the bias'd token appears more or never, ignore_eos runs to the cap past the EOS
+    # the model reads, min_tokens holds that EOS back until its count; and a min_tokens equal to the
+    # plain length lets the EOS come exactly where it did (the step ahead counts the token in flight)
+    newline = runner.tokenizer.encode("\n")[0]
+    plain = [_request(runner, "plain0", 0, max_tokens=24), _request(runner, "plain4", 4, max_tokens=40),
+             _request(runner, "plain1", 1, max_tokens=24)]
+    baseline, _ = await _run(runner, plain, pipelined=False)
+    natural = _outcome(baseline[1])[4]
+    assert natural < 30 and baseline[1][-1].finish_reason is FinishReason.STOP
+    specs = [
+        _request(runner, "bias", 0, {"logit_bias": {newline: 6.0}}, max_tokens=24),
+        _request(runner, "ban", 1, {"logit_bias": {newline: -100.0}}, max_tokens=24),
+        _request(runner, "bias_sampled", 1, {"logit_bias": {newline: -100.0}, "temperature": 0.8}, max_tokens=24),
+        _request(runner, "ignore_eos", 4, {"ignore_eos": True}, max_tokens=40),
+        _request(runner, "min_tokens", 4, {"min_tokens": 30}, max_tokens=40),
+        _request(runner, "min_tokens_at_eos", 4, {"min_tokens": natural}, max_tokens=40),
+    ]
+    serial, _ = await _run(runner, specs, pipelined=False)
+    pipelined, engine = await _run(runner, specs, pipelined=True)
+    _assert_same(specs, serial, pipelined)
+    assert engine.ahead_steps >= engine.forwards // 2, (engine.ahead_steps, engine.forwards)
+    ids, plain_ids = [_outcome(d)[1] for d in pipelined], [_outcome(d)[1] for d in baseline]
+    assert ids[0].count(newline) > plain_ids[0].count(newline)
+    assert newline in plain_ids[2] and newline not in ids[1] and newline not in ids[2]
+    assert _outcome(pipelined[3])[4] == 40  # EOS ignored
+    assert _outcome(pipelined[4])[4] >= 30  # EOS held back until min_tokens
+    assert _outcome(pipelined[5]) == _outcome(baseline[1])
+
+
 @pytest.mark.parametrize("fault", ["launch", "collect"])
 async def test_a_failed_step_ahead_is_planned_again_from_the_host(runner, fault):
     # The 6th launch of a step with fed-back tokens fails (fault "launch": the step after is planned
