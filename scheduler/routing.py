@@ -234,10 +234,11 @@ class Router:
         """The mode for a request given the load of everything else; `current` is set when re-routing
         a running request (it then switches only if the other mode's gain is larger by switch_margin).
         `request_key` (Request.route_key, a uniform 64-bit digest of what decides the request's
-        text) picks the requests that explore and remembers the admission's decoder for repeats of the
-        same key (kept unless the other's gain is larger by switch_margin); without one a request never
-        explores. Reasons: forced, ar_faster, refusion_faster, compute_bound, near_tie, keep, repeat,
-        explore."""
+        text) picks the requests that explore, and a repeat of a key whose decoder was recorded by
+        `admitted` keeps that decoder (unless the other's gain is larger by switch_margin); without one a
+        request never explores. Deciding records nothing: a request that then waits for KV asks again,
+        and only the decision it starts with counts for its repeats. Reasons: forced, ar_faster,
+        refusion_faster, compute_bound, near_tie, keep, repeat, explore."""
         if requested is not Mode.AUTO:
             return RouteDecision(requested, "forced")
         ref, ar = self.stats_for(Mode.REFUSION, priority), self.stats_for(Mode.AR, priority)
@@ -280,7 +281,7 @@ class Router:
         previous = self._routed.get(request_key) if current is None and request_key is not None else None
         light = load.running + load.arriving_auto < self.config.explore_below_running
         if previous is not None and previous[1] and light:  # an explored request repeated explores alike
-            return self._remember(request_key, RouteDecision(previous[0], "repeat", inputs))
+            return RouteDecision(previous[0], "repeat", inputs)
         anchor = current or (previous[0] if previous is not None else None)
         if anchor is not None and mode is not anchor:
             # Hysteresis: a running request leaves its mode only for a clear gain (every running request
@@ -297,18 +298,19 @@ class Router:
             inputs["explore_period"] = round(self.config.explore_every * max(stretch, 1.0), 1)
             if previous is None and self._explores(request_key, inputs["explore_period"]):
                 mode, reason = (Mode.AR if mode is Mode.REFUSION else Mode.REFUSION), "explore"
-        decision = RouteDecision(mode, reason, inputs)
-        return self._remember(request_key, decision) if current is None and request_key is not None else decision
+        return RouteDecision(mode, reason, inputs)
 
-    def _remember(self, request_key: int, decision: RouteDecision) -> RouteDecision:
-        """Record the decoder an admitted AUTO request got, and whether by exploration, for its repeats."""
+    def admitted(self, request_key: int, decision: RouteDecision) -> None:
+        """Record the decoder an AUTO request started with (`decide`'s decision for its `request_key`),
+        and whether by exploration, for its repeats. Called when the request starts (Scheduler._try_start),
+        not when it is decided: the attempts of a request waiting for KV, each on the load of its moment,
+        would otherwise overwrite what its own admission or an earlier run recorded."""
         was_explored = self._routed.get(request_key, (None, False))[1]
         explored = decision.reason == "explore" or (decision.reason == "repeat" and was_explored)
         self._routed[request_key] = (decision.mode, explored)
         self._routed.move_to_end(request_key)
         while len(self._routed) > self.REPEAT_MEMORY:
             self._routed.popitem(last=False)
-        return decision
 
     def _explores(self, request_key: int, period: float) -> bool:
         """Whether a light-load AUTO request takes the other mode: 1 in `period` of requests, chosen by

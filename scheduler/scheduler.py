@@ -603,6 +603,8 @@ class Scheduler:
         req.started_s = time.monotonic()
         req.mode_history.append(decision.mode.value)
         self.running.append(req)
+        if route_key is not None:
+            self.router.admitted(route_key, decision)  # (for its repeats: decided now, started now)
         if not req.spec.internal:
             self.metrics.queue_time.observe(req.started_s - req.arrival_s)
         self.record_decision(req, decision, "route")

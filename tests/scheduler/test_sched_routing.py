@@ -401,6 +401,7 @@ def test_a_repeated_request_keeps_its_decoder_while_the_estimates_drift_a_little
     r = router(FLAT, explore_every=0, refusion_tpf_prior=0.9)  # AR's gain ~11% above ReFusion's
     first = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), request_key=7)
     assert first.mode is Mode.AR and first.reason == "ar_faster"
+    r.admitted(7, first)
     r.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 1.1  # now ReFusion's is ~10% above AR's
     assert r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), request_key=8).mode is Mode.REFUSION  # a new one
     again = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), request_key=7)
@@ -410,11 +411,63 @@ def test_a_repeated_request_keeps_its_decoder_while_the_estimates_drift_a_little
     assert moved.mode is Mode.REFUSION and moved.reason == "refusion_faster"
 
 
+def test_only_the_decision_a_request_starts_with_is_kept_for_its_repeats():
+    # A request waiting for KV is decided again at each start attempt, on the load of that moment; those
+    # attempts are not admissions. They overwrote the memory, so a repeat (or the request's own start)
+    # was held to the mode of an attempt that never ran: a break-test saw a seeded AUTO request's text
+    # differ with asynchronous scheduling on, which shifts the attempts by a step
+    r = router(FLAT, explore_every=0, refusion_tpf_prior=0.9)  # AR's gain ~11% above ReFusion's
+    attempt = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), request_key=7)
+    assert attempt.mode is Mode.AR  # ... and the request waits for KV: not admitted
+    r.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 1.1  # now ReFusion's is ~10% above AR's
+    start = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), request_key=7)
+    assert start.mode is Mode.REFUSION and start.reason == "refusion_faster"
+    r.admitted(7, start)
+    r.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 0.95  # drifts back a little: the repeat keeps its decoder
+    again = r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(), request_key=7)
+    assert again.mode is Mode.REFUSION and again.reason == "repeat"
+
+
+async def test_a_request_that_waits_for_kv_is_remembered_with_the_mode_it_started_in():
+    # Engine level: a 2-block request waits behind one that holds the KV; its start attempts meanwhile
+    # are decided while the holder runs, its admission once the engine is idle. Its repeat is routed as
+    # its admission was
+    routing = RoutingConfig(calibrate=False, cost_points=FLAT, explore_every=0, allow_switch=False)
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=20, block_size=4), routing=routing, prefix_cache=False,
+                            kv_reserve_fraction=0.0)
+    admitted, decide = [], engine.scheduler.router.admitted
+
+    def recording(key, decision):
+        admitted.append((key, decision.mode))
+        decide(key, decision)
+
+    engine.scheduler.router.admitted = recording
+    decisions, inner = [], engine.scheduler.router.decide
+
+    def counting(*args, **kwargs):
+        decisions.append(inner(*args, **kwargs))
+        return decisions[-1]
+
+    engine.scheduler.router.decide = counting
+    await engine.start()
+    holder = GenerationRequest("holder", [5, 6], {"gen_length": 24}, mode=Mode.AR)
+    waiter = GenerationRequest("waiter", [7, 8], {"gen_length": 24, "seed": 3})
+    await asyncio.gather(collect(engine, holder), collect(engine, waiter))
+    await engine.stop()
+    keyed = [d for d in decisions if d.reason != "forced"]
+    assert len(keyed) > 1  # it was decided more than once: it waited
+    assert len(admitted) == 1 and admitted[0][1] is keyed[-1].mode  # remembered once, as it started
+
+
 def test_an_explored_request_repeated_on_a_light_load_explores_alike():
     r = router(FLAT, explore_every=1)  # every light-load request explores: ReFusion is picked, AR taken
     light, heavy = LoadSnapshot(), LoadSnapshot(packed_tokens=20, tokens_per_forward=20, running=20)
-    assert r.decide(Mode.AUTO, Priority.BATCH, light, request_key=3).reason == "explore"
+    explored = r.decide(Mode.AUTO, Priority.BATCH, light, request_key=3)
+    assert explored.reason == "explore"
+    r.admitted(3, explored)
     r.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 4.0  # AR now far behind
     repeat = r.decide(Mode.AUTO, Priority.BATCH, light, request_key=3)
     assert repeat.mode is Mode.AR and repeat.reason == "repeat"
+    r.admitted(3, repeat)  # (a repeat of an explored one stays marked explored)
+    assert r.decide(Mode.AUTO, Priority.BATCH, light, request_key=3).reason == "repeat"
     assert r.decide(Mode.AUTO, Priority.BATCH, heavy, request_key=3).mode is Mode.REFUSION  # not under load
