@@ -58,12 +58,16 @@ MODES = (Mode.REFUSION, Mode.AR, Mode.AUTO)
 
 
 async def run_level(engine: Engine, tokenizer, mode: Mode, concurrency: int, total: int, params: dict, tag: str,
-                    prompts: list[str] = PROMPTS) -> dict:
-    """`concurrency` closed-loop clients until `total` requests finished: per-request records + wall time."""
+                    prompts: list[str] = PROMPTS, stagger_s: float = 0.0) -> dict:
+    """`concurrency` closed-loop clients until `total` requests finished: per-request records + wall time.
+    `stagger_s`: client k sends its first request k x stagger_s seconds after the first one's (arrivals
+    spread as in real traffic, rather than a batch that starts, and so reaches block boundaries, together)."""
     counter = iter(range(total))
     records = []
 
-    async def client():
+    async def client(k: int):
+        if stagger_s:
+            await asyncio.sleep(k * stagger_s)
         for i in counter:
             prompt = tokenizer.encode(prompts[i % len(prompts)])
             spec = GenerationRequest(f"{tag}-{mode.value}-{concurrency}-{i}", prompt, dict(params), mode=mode)
@@ -82,7 +86,7 @@ async def run_level(engine: Engine, tokenizer, mode: Mode, concurrency: int, tot
             })
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    await asyncio.gather(*[client() for _ in range(concurrency)])
+    await asyncio.gather(*[client(k) for k in range(concurrency)])
     return {"records": records, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu_start}
 
 

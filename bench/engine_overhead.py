@@ -17,8 +17,9 @@ an outer product), made to predict one token with a chosen confidence so request
 Reported per level: ms per engine step (wall / forwards), of which inside the runner's launch and
 collect (packing, validation, copies, the step's reads, unpacking, and the simulated device wait:
 bench/step_overhead.py's column) and outside them (scheduler, decoders, KV bookkeeping, detokenizer,
-asyncio, streaming); tokens per forward; and the host ceiling: tokens per second if the device took
-no time at all. Issue "CUDA fast path": AR at 32 requests >= 4,000 tok/s needs a whole step under
+asyncio, streaming); tokens per forward; the host ceiling: tokens per second if the device took
+no time at all; and the share of steps launched ahead (asynchronous scheduling; the rest drained the
+pipeline: an arrival, an end, a request that cannot plan ahead). Issue "CUDA fast path": AR at 32 requests >= 4,000 tok/s needs a whole step under
 8 ms, device time included.
 
     OMP_NUM_THREADS=1 python bench/engine_overhead.py
@@ -28,6 +29,9 @@ no time at all. Issue "CUDA fast path": AR at 32 requests >= 4,000 tok/s needs a
             # as if each forward took 8 ms on a device with a queue (TimedRunner: collect sleeps, GIL
             # released, until the simulated device is done): what the overlaps hide; the A/B is the
             # same with "off" (the defaults, auto, are off for this CPU stand-in)
+    ... --device-ms 8 --modes auto,ar --confidence uncertain --async-scheduling on --stagger-ms 8.8
+            # AUTO requests (the API's default mode) arriving a step apart, against pinned AR: what
+            # drains the pipeline besides arrivals and ends (the last column: steps launched ahead)
 """
 
 from __future__ import annotations
@@ -125,20 +129,20 @@ async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: i
             total = max(2 * c, 4)
             await run_level(engine, tokenizer, mode, c, c, params, f"warm{c}")  # untimed: allocator, caches
             engine.clear_prefix_cache()
-            forwards, inside = engine.forwards, timed.seconds
+            forwards, inside, ahead = engine.forwards, timed.seconds, engine.ahead_steps
             profiler = cProfile.Profile() if profile_level == c and mode.value == args.profile_mode else None
             if profiler:
                 profiler.enable()
-            run = await run_level(engine, tokenizer, mode, c, total, params, f"c{c}")
+            run = await run_level(engine, tokenizer, mode, c, total, params, f"c{c}", stagger_s=args.stagger_ms / 1e3)
             if profiler:
                 profiler.disable()
-            steps, inside = engine.forwards - forwards, timed.seconds - inside
+            steps, inside, ahead = engine.forwards - forwards, timed.seconds - inside, engine.ahead_steps - ahead
             summary = summarize([run])
             tokens = sum(r["tokens"] for r in run["records"])
             rows.append({"mode": mode.value, "confidence": confidence, "requests": c, "steps": steps,
                          "tokens": tokens, "ms_per_step": run["wall"] / steps * 1e3,
                          "runner_ms": inside / steps * 1e3, "outside_ms": (run["wall"] - inside) / steps * 1e3,
-                         "tpf": summary["tpf"], "ceiling_tok_s": tokens / run["wall"],
+                         "tpf": summary["tpf"], "ceiling_tok_s": tokens / run["wall"], "ahead": ahead / steps,
                          "profile": _top(profiler, args.profile_rows) if profiler else None})
             print(f"[engine_overhead] {mode.value} {confidence} c={c}: {rows[-1]['ms_per_step']:.2f} ms/step",
                   flush=True)
@@ -159,13 +163,16 @@ def table(rows: list[dict], args) -> str:
              f"gen_length {args.gen_length}, slot size 8, token budget {args.token_budget}; requests = closed-loop "
              f"clients, 2 x requests (at least 4) finished per level after an untimed round; overlap_streaming "
              f"{args.overlap_streaming}, async_scheduling {args.async_scheduling}; a simulated device of "
-             f"{args.device_ms:g} ms per forward (a queue; collect waits for it).", "",
+             f"{args.device_ms:g} ms per forward (a queue; collect waits for it)"
+             + (f"; clients start {args.stagger_ms:g} ms apart" if args.stagger_ms else "") + ".", "",
              "| mode | stand-in model | requests | steps | ms / step | in the runner ms | outside ms | "
-             "tokens / forward | host ceiling tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "tokens / forward | host ceiling tok/s | steps launched ahead |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         requests = f"{r['requests']} (profiled)" if r["profile"] else r["requests"]
         lines.append(f"| {r['mode']} | {r['confidence']} | {requests} | {r['steps']} | {r['ms_per_step']:.2f} | "
-                     f"{r['runner_ms']:.2f} | {r['outside_ms']:.2f} | {r['tpf']:.2f} | {r['ceiling_tok_s']:,.0f} |")
+                     f"{r['runner_ms']:.2f} | {r['outside_ms']:.2f} | {r['tpf']:.2f} | {r['ceiling_tok_s']:,.0f} | "
+                     f"{r['ahead']:.0%} |")
     return "\n".join(lines)
 
 
@@ -178,7 +185,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                      "4 blocks)")
     parser.add_argument("--token-budget", type=int, default=2048, help="engine query tokens per forward")
     parser.add_argument("--num-blocks", type=int, default=2048, help="KV blocks of 16 tokens")
-    parser.add_argument("--modes", default="ar,refusion", help="ar and/or refusion, comma-separated")
+    parser.add_argument("--modes", default="ar,refusion",
+                        help="ar, refusion and/or auto (the router decides; with the uncertain stand-in it picks AR), "
+                             "comma-separated")
     parser.add_argument("--confidence", default="confident,uncertain",
                         help="stand-in model(s), comma-separated: confident, uncertain; ReFusion runs each, AR the first")
     parser.add_argument("--profile", type=int, help="cProfile the level with this many requests of --profile-mode (that row is "
@@ -190,14 +199,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="each forward also waits this long with the GIL released, as on a GPU (default 0)")
     parser.add_argument("--overlap-streaming", choices=tuple(OVERLAP), default="auto", help=OVERLAP_HELP)
     parser.add_argument("--async-scheduling", choices=tuple(OVERLAP), default="auto", help=ASYNC_HELP)
+    parser.add_argument("--stagger-ms", type=float, default=0.0,
+                        help="client k of a level starts k x this many ms after the first (default 0: all at once, "
+                             "so their block boundaries fall on the same steps; about --device-ms spreads them)")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     if not 0 <= args.device_ms < 1e4:
         parser.error(f"--device-ms {args.device_ms}: use a number of milliseconds in [0, 10000)")
     if args.gen_length < 32 or args.gen_length % 32:
         parser.error(f"--gen-length {args.gen_length}: use a multiple of 32 (4 blocks of whole 8-token slots)")
-    if bad := [m for m in args.modes.split(",") if m not in ("ar", "refusion")]:
-        parser.error(f"--modes: {bad[0]!r} is not ar or refusion")
+    if bad := [m for m in args.modes.split(",") if m not in ("ar", "refusion", "auto")]:
+        parser.error(f"--modes: {bad[0]!r} is not ar, refusion or auto")
+    if not 0 <= args.stagger_ms < 1e4:
+        parser.error(f"--stagger-ms {args.stagger_ms}: use a number of milliseconds in [0, 10000)")
     if bad := [c for c in args.confidence.split(",") if c not in CONFIDENCE]:
         parser.error(f"--confidence: {bad[0]!r} is not one of {', '.join(CONFIDENCE)}")
     if args.num_blocks < 64:

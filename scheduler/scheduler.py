@@ -328,29 +328,73 @@ class Scheduler:
         """The step after `plan`, planned while `plan` runs and before its results reach the host
         (asynchronous scheduling, scheduler.engine): each request of `plan` that has not finished states
         its next decode step with its token fed back on the device (decoding.ar.ARDecoder.plan_ahead),
-        and its KV grows by that token. None, with nothing planned or allocated, when the host's view of
-        `plan`'s results must come first: a waiting request could start or preempt (`_may_start_waiting`:
-        the queue changed since the last schedule), a running request is not in `plan`
-        (passed over for the budget), a decoder cannot plan ahead (anything but plain AR decoding), an
-        AUTO request may switch mode once the step in flight is absorbed (mode_switch.switch_may_follow),
-        or the KV for the new tokens is not free."""
+        and its KV grows by that token.
+
+        An AUTO request that may switch mode once its step in flight is absorbed
+        (mode_switch.switch_may_follow: its next token brings a block boundary) sits this step out: a
+        step in flight would keep its decoder off the boundary, so the switch would never come. It is
+        absorbed (and maybe switched) meanwhile, and the plan after this one takes its next step from the
+        host (`_host_planned`), so the others keep the pipeline (it drained at every such boundary: with
+        requests arriving at random times, at most steps of a batch of AUTO requests).
+
+        None, with nothing planned or allocated, when the host's view of `plan`'s results must come
+        first: a waiting request could start or preempt (`_may_start_waiting`: the queue changed since
+        the last schedule), a running request is neither in `plan` nor able to plan from the host (passed
+        over for the budget, its KV short, a decoder other than AR), a decoder cannot plan ahead (anything
+        but plain AR decoding), every request sits out, or the KV for the new tokens is not free."""
         items = [(req, seg) for req, seg in plan.items if not req.finished]
-        if not items or {req.id for req, _ in items} != {req.id for req in self.running} or self._may_start_waiting():
+        if not items or self._may_start_waiting():
             return None
+        in_plan = {req.id for req, _ in items}
+        apart = [req for req in self.running if req.id not in in_plan]
+        if len(in_plan) + len(apart) != len(self.running) or any(not self._host_plannable(req) for req in apart):
+            return None  # (one of `plan` left the running set, or one apart needs the scheduler)
         ahead = StepPlan()
         for req, _ in items:
             planner = getattr(req.decoder, "plan_ahead", None)
-            if planner is not None and (req.pending_segment is not None or switch_may_follow(self, req)):
+            if planner is not None and req.pending_segment is None and switch_may_follow(self, req):
+                continue  # sits out: absorbed and re-routed first, planned from the host next time
+            if planner is not None and req.pending_segment is not None:
                 planner = None
             segment = planner() if planner is not None else None
-            if segment is None or self.kv.shortfall(req, segment):
-                if segment is not None:
-                    req.decoder.drop_ahead(segment)
+            if segment is None:
                 self.drop_ahead(ahead)
                 return None
-            ahead.items.append((req, segment))
-            ahead.tables.append(self.kv.grow(req, segment))
+            if not self._grow_ahead(ahead, req, segment):
+                return None
+        budget = self.config.token_budget - sum(len(seg.token_ids) for _, seg in ahead.items)
+        for req in sorted(apart, key=Request.rank_key):
+            segment = req.decoder.next_segment(budget) if budget > 0 else None
+            if segment is None:  # (finished without a step: the scheduler ends it)
+                self.drop_ahead(ahead)
+                return None
+            if not self._grow_ahead(ahead, req, segment):
+                return None
+            budget -= len(segment.token_ids)
+        if not ahead.items:
+            return None
         return ahead
+
+    def _host_plannable(self, req: Request) -> bool:
+        """Whether `req`, running but not in the step in flight, can join the step planned ahead with a
+        step stated from the host: its results are all absorbed (nothing of it in flight), it holds no
+        step back for KV, and it decodes AR (a request that sat out a step for a possible mode switch and
+        stayed in AR). Anything else (ReFusion, a request passed over for the budget) is scheduled by
+        `schedule` once the pipeline drains."""
+        return (req.status is RequestStatus.RUNNING and not req.finished and not req.in_flight
+                and req.pending_segment is None and req.skipped == 0
+                and getattr(req.decoder, "plan_ahead", None) is not None and not req.decoder.finished)
+
+    def _grow_ahead(self, ahead: StepPlan, req: Request, segment: Segment) -> bool:
+        """Add `segment` of `req` to `ahead` with its KV grown; False, with `ahead` dropped and the segment
+        forgotten, when the KV is not free (no eviction or preemption ahead of the host's view)."""
+        if self.kv.shortfall(req, segment):
+            req.decoder.drop_ahead(segment)
+            self.drop_ahead(ahead)
+            return False
+        ahead.items.append((req, segment))
+        ahead.tables.append(self.kv.grow(req, segment))
+        return True
 
     def drop_ahead(self, plan: StepPlan) -> None:
         """Undo `plan_ahead` for a plan that will not run: its decoders forget the steps, its KV shrinks back."""

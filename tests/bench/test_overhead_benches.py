@@ -45,6 +45,18 @@ def test_engine_overhead_on_the_zero_cost_model(capsys, tmp_path):
             assert tpf < 1.0  # single-slot fallback: a draft and a verify per token
 
 
+def test_engine_overhead_counts_the_steps_launched_ahead_of_staggered_auto_requests(capsys):
+    assert engine_overhead.main(["--levels", "3", "--gen-length", "64", "--modes", "auto,ar", "--confidence",
+                                 "uncertain", "--async-scheduling", "on", "--device-ms", "2", "--stagger-ms",
+                                 "2.2"]) == 0
+    rows = {line.split("|")[1].strip(): line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| auto", "| ar"))}
+    assert set(rows) == {"auto", "ar"}
+    for mode, r in rows.items():
+        assert float(r[7]) == 1.0, mode  # the router put the uncertain stand-in's AUTO requests in AR
+        assert 0.4 < int(r[9].strip(" %")) / 100 <= 1.0, mode  # pipelined but for arrivals and ends
+
+
 def test_prefix_cache_bench_measures_a_full_cache(capsys):
     import prefix_cache
 
