@@ -159,15 +159,18 @@ class ARDecoder:
         (Segment.feedback); its draws are keyed by the step counter that step will have (`_sampling`).
         A logit bias and an EOS ban (ignore_eos, min_tokens) carry over: they depend on how many tokens
         are generated, not on which (so benchmark clients that send vLLM's ignore_eos keep the pipeline).
-        None when the next step depends on that token on the host: outside plain decoding (prefill, the
-        first generation step, a grammar's mask or forced tokens, presence and frequency penalties, which
-        count it), when the step in flight may be the last (it reads the span's last token), or when a
-        step is planned ahead already. The next `absorb` takes the result of the step in flight; the one after
+        The step in flight may be a decode step or the first generation step (its context and the mask
+        that reads the first token). None when the next step depends on that token on the host: outside
+        plain decoding (a prefill chunk, a grammar's mask or forced tokens, presence and frequency
+        penalties, which count it), when the step in flight may be the last (it reads the span's last
+        token), or when a step is planned ahead already. The next `absorb` takes the result of the step in flight; the one after
         takes this step's. If the step in flight ends the request (EOS), this step is wasted: the caller
         drops its result and frees its KV, as for a cancel."""
         seg, p = self._in_flight, self.params
-        if (seg is None or self._ahead is not None or self.phase is not ARPhase.DECODE or self.constraint is not None
-                or self._catch_up or len(seg.token_ids) != 1 or len(self.generated) + 1 >= self.span):
+        first = self.phase is ARPhase.PREFILL and self._first_step  # the first generation step is in flight
+        decoding = self.phase is ARPhase.DECODE and seg is not None and len(seg.token_ids) == 1
+        if (seg is None or self._ahead is not None or not (first or decoding) or self.constraint is not None
+                or self._catch_up or len(self.generated) + 1 >= self.span):
             return None
         if p.presence_penalty or p.frequency_penalty:
             return None
@@ -175,9 +178,17 @@ class ARDecoder:
         reads = Reads(argmax=(0,)) if p.temperature == 0 else Reads(sample=(0,))
         sampling = Sampling(p.temperature, p.top_k, p.top_p, p.min_p, p.seed,
                             step=self.stats.forwards + 1 - self._catch_up_forwards)
-        self._ahead = Segment(self.seq_id, seg.context_len + 1, [0], [position], 1, reads, sampling=sampling,
-                              logprobs=p.logprobs, logit_bias=self._logit_bias(in_flight=1), feedback=True)
+        # (the step in flight keeps its num_kept tokens: the last generated one, or the first step's context)
+        self._ahead = Segment(self.seq_id, seg.context_len + seg.num_kept, [0], [position], 1, reads,
+                              sampling=sampling, logprobs=p.logprobs, logit_bias=self._logit_bias(in_flight=1),
+                              feedback=True)
         return self._ahead
+
+    def ends_with_step_in_flight(self) -> bool:
+        """Whether the step in flight reads the span's last token: nothing follows it (plan_ahead returns
+        None; the scheduler then plans nothing for this request rather than drain the pipeline)."""
+        return self._in_flight is not None and self.phase is not ARPhase.FINISHED and self._catch_up == 0 and (
+            self.phase is ARPhase.DECODE or self._first_step) and len(self.generated) + 1 >= self.span
 
     def drop_ahead(self, segment: Segment) -> None:
         """Forget `segment`, a step `plan_ahead` stated that will not run (not launched, or abandoned); the next

@@ -290,14 +290,7 @@ class Engine:
         else:
             plan = self.scheduler.schedule()
             host_s = time.thread_time() - host_start - self.scheduler.admission_host_s
-        for req, error in plan.failed:
-            if isinstance(error, Exception):
-                self._fail(req, error)
-            else:
-                self._finish(req, FinishReason.ERROR, error=error)
-        for req in plan.done:
-            self._stream(req, time.monotonic())  # a decoder done without a step (a grammar's forced text)
-            self._finish(req, self._natural_reason(req))
+        self._end_unplanned(plan)
         if plan.items:
             self._plan_items = plan.items  # (the loop frees what a failure here would strand)
             results = await self._execute(plan, launched)
@@ -378,12 +371,27 @@ class Engine:
             self.forwards += 1
             self.metrics.forward_time.observe(time.perf_counter() - start)
 
+    def _end_unplanned(self, plan: StepPlan) -> None:
+        """End the requests `plan` holds without a step: those that failed to start (their decoder could
+        not be built) and those whose decoder is done without one (a grammar's forced text)."""
+        for req, error in plan.failed:
+            if isinstance(error, Exception):
+                self._fail(req, error)
+            else:
+                self._finish(req, FinishReason.ERROR, error=error)
+        for req in plan.done:
+            self._stream(req, time.monotonic())  # a decoder done without a step (a grammar's forced text)
+            self._finish(req, self._natural_reason(req))
+
     def _drop_ahead(self, ahead: StepPlan) -> None:
         """A step planned ahead that will not run (or ran and is abandoned): its decoders forget it, its KV
-        shrinks back, and a request that ended meanwhile frees its KV once nothing of it is in flight."""
+        shrinks back, and a request that ended meanwhile frees its KV once nothing of it is in flight.
+        Requests it admitted stay running (their steps are held for `schedule`); those it ends without a
+        step are ended now."""
         self.scheduler.drop_ahead(ahead)
         for req, _ in ahead.items:
             self._segment_back(req)
+        self._end_unplanned(ahead)
 
     def _segment_back(self, req: Request) -> bool:
         """One launched step holding a segment of `req` is collected or dropped. True when `req` has

@@ -334,16 +334,24 @@ class Scheduler:
         (mode_switch.switch_may_follow: its next token brings a block boundary) sits this step out: a
         step in flight would keep its decoder off the boundary, so the switch would never come. It is
         absorbed (and maybe switched) meanwhile, and the plan after this one takes its next step from the
-        host (`_host_planned`), so the others keep the pipeline (it drained at every such boundary: with
-        requests arriving at random times, at most steps of a batch of AUTO requests).
+        host (`_host_plannable`), so the others keep the pipeline (it drained at every such boundary: with
+        requests arriving at random times, most steps of a batch of AUTO requests).
+
+        Waiting requests that could start now (`_may_start_waiting`: the queue changed since it was last
+        looked at) are admitted here as `schedule` would (`_start_waiting`: rank order, backfilling, prefix
+        waits), and their first steps, stated from the host, join this one: an arrival no longer drains
+        the pipeline. Not while an INTERACTIVE request waits and may preempt: a victim may be in `plan`.
+        Admission comes last, after the running requests' steps, and once it ran the plan is returned
+        (its `failed` carries requests whose decoder could not be built).
 
         None, with nothing planned or allocated, when the host's view of `plan`'s results must come
-        first: a waiting request could start or preempt (`_may_start_waiting`: the queue changed since
-        the last schedule), a running request is neither in `plan` nor able to plan from the host (passed
-        over for the budget, its KV short, a decoder other than AR), a decoder cannot plan ahead (anything
-        but plain AR decoding), every request sits out, or the KV for the new tokens is not free."""
+        first: an INTERACTIVE request waits, a running request is neither in `plan` nor able to plan from
+        the host (passed over for the budget, its KV short, a decoder other than AR), a decoder cannot
+        plan ahead (a prefill chunk, a grammar, penalties, ReFusion), every request sits out, or the KV for
+        the new tokens is not free."""
         items = [(req, seg) for req, seg in plan.items if not req.finished]
-        if not items or self._may_start_waiting():
+        admit = self._may_start_waiting()
+        if not items or (admit and self._may_preempt_waiting()):
             return None
         in_plan = {req.id for req, _ in items}
         apart = [req for req in self.running if req.id not in in_plan]
@@ -352,6 +360,8 @@ class Scheduler:
         ahead = StepPlan()
         for req, _ in items:
             planner = getattr(req.decoder, "plan_ahead", None)
+            if planner is not None and req.pending_segment is None and req.decoder.ends_with_step_in_flight():
+                continue  # its step in flight is its last
             if planner is not None and req.pending_segment is None and switch_may_follow(self, req):
                 continue  # sits out: absorbed and re-routed first, planned from the host next time
             if planner is not None and req.pending_segment is not None:
@@ -373,23 +383,52 @@ class Scheduler:
             budget -= len(segment.token_ids)
         if not ahead.items:
             return None
+        if admit:
+            self._admit_ahead(ahead, budget)
         return ahead
+
+    def _may_preempt_waiting(self) -> bool:
+        """Whether admitting the waiting requests could preempt a running one (`_preempt_for`: an
+        INTERACTIVE request waits): then only `schedule`, with nothing in flight, admits them."""
+        return self.config.preempt_for_interactive and any(w.priority is Priority.INTERACTIVE for w in self.waiting)
+
+    def _admit_ahead(self, ahead: StepPlan, budget: int) -> None:
+        """Start the waiting requests that can start (`_start_waiting`, into `ahead`) and add the first
+        step of each, stated from the host, to `ahead` while the budget lasts. One whose step does not get
+        its KV holds it (`pending_segment`) for `schedule`; one left without budget is planned from the
+        host next time (`_host_plannable`)."""
+        self._queue_changed = False  # (the queue is looked at now, as by schedule)
+        before = len(self.running)
+        self._start_waiting(ahead)
+        for req in self.running[before:]:
+            if budget <= 0:
+                return
+            segment = req.decoder.next_segment(budget)
+            if segment is None:
+                ahead.done.append(req)  # (nothing to generate: the engine ends it)
+                continue
+            if self.kv.shortfall(req, segment):  # (its blocks were promised when it started: not expected)
+                req.pending_segment = segment
+                continue
+            ahead.items.append((req, segment))
+            ahead.tables.append(self.kv.grow(req, segment))
+            budget -= len(segment.token_ids)
 
     def _host_plannable(self, req: Request) -> bool:
         """Whether `req`, running but not in the step in flight, can join the step planned ahead with a
         step stated from the host: its results are all absorbed (nothing of it in flight), it holds no
         step back for KV, and it decodes AR (a request that sat out a step for a possible mode switch and
-        stayed in AR). Anything else (ReFusion, a request passed over for the budget) is scheduled by
-        `schedule` once the pipeline drains."""
+        stayed in AR, or one admitted ahead without budget left). Anything else (ReFusion, a request
+        passed over for the budget) is scheduled by `schedule` once the pipeline drains."""
         return (req.status is RequestStatus.RUNNING and not req.finished and not req.in_flight
                 and req.pending_segment is None and req.skipped == 0
                 and getattr(req.decoder, "plan_ahead", None) is not None and not req.decoder.finished)
 
     def _grow_ahead(self, ahead: StepPlan, req: Request, segment: Segment) -> bool:
-        """Add `segment` of `req` to `ahead` with its KV grown; False, with `ahead` dropped and the segment
-        forgotten, when the KV is not free (no eviction or preemption ahead of the host's view)."""
+        """Add `segment` of `req` to `ahead` with its KV grown; False, with `ahead` and the segment dropped
+        (`drop_ahead`), when the KV is not free (no eviction or preemption ahead of the host's view)."""
         if self.kv.shortfall(req, segment):
-            req.decoder.drop_ahead(segment)
+            self.drop_ahead(StepPlan([(req, segment)], []))
             self.drop_ahead(ahead)
             return False
         ahead.items.append((req, segment))
@@ -397,9 +436,14 @@ class Scheduler:
         return True
 
     def drop_ahead(self, plan: StepPlan) -> None:
-        """Undo `plan_ahead` for a plan that will not run: its decoders forget the steps, its KV shrinks back."""
+        """Undo `plan_ahead` for a plan that will not run: its decoders forget the steps fed back on the
+        device; a step stated from the host is held for `schedule` (`pending_segment`, as one short of
+        KV); the KV shrinks back."""
         for req, segment in plan.items:
-            req.decoder.drop_ahead(segment)
+            if segment.feedback:
+                req.decoder.drop_ahead(segment)
+            else:
+                req.pending_segment = segment
             self.kv.shortfall(req, segment)  # (rolls the sequence back to the step's context_len)
 
     def _may_start_waiting(self) -> bool:

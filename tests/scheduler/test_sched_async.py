@@ -338,6 +338,89 @@ async def test_an_auto_request_at_its_block_boundary_sits_out_a_step_while_the_o
     assert drains_auto <= drains_ar + 2, (runs["auto"][1:], runs["ar"][1:])
 
 
+async def test_arrivals_and_ends_keep_the_pipeline(runner):
+    # A request arriving while steps are pipelined is admitted into the step planned ahead (its first
+    # step stated from the host), its next step is fed back from that first one, and a request whose
+    # step in flight is its last plans nothing: only the very first step runs without one ahead of it.
+    # Before, each arrival drained the pipeline twice and each end once
+    from scheduler.engine import Engine
+
+    specs = [GenerationRequest(f"j{i}", runner.tokenizer.encode(RUN_ON_PROMPTS[i % 3]), {"gen_length": 64, "seed": i,
+                                                                                        "temperature": 0.7 * (i % 2)},
+                               mode=Mode.AR, max_tokens=24 + 4 * i if i % 2 else None) for i in range(5)]
+    # (the uncapped ones run to gen_length: their last step reads the span's last token)
+    runs = {}
+    for pipelined in (False, True):
+        engine = Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=pipelined, routing=ROUTING))
+        results = await _staggered(engine, specs)
+        runs[pipelined] = ([_outcome(d) for d in results], engine)
+    assert runs[True][0] == runs[False][0]
+    assert [outcome[4] for outcome in runs[True][0]][::2] == [64] * 3  # the greedy, uncapped ones ran to the end
+    engine = runs[True][1]
+    assert engine.forwards - engine.ahead_steps == 1, (engine.forwards, engine.ahead_steps)
+
+
+async def test_a_request_admitted_ahead_whose_decoder_cannot_be_built_fails_alone(runner):
+    # Admission while a step is in flight (Scheduler.plan_ahead) meets a decoder that cannot be built for
+    # the third request: it ends with its error once the step planned ahead comes up, the others stream
+    # as serially, and every block comes back
+    from scheduler.engine import Engine
+
+    specs = [GenerationRequest(f"b{i}", runner.tokenizer.encode(RUN_ON_PROMPTS[i]), {"gen_length": 64},
+                               mode=Mode.AR) for i in range(3)]
+    serial, _ = await _run(runner, [specs[0], specs[1]], pipelined=False)
+    engine = Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=True, routing=ROUTING))
+    factory, seen = engine.scheduler.factories["main"], []
+    create, plan_ahead = factory.create, engine.scheduler.plan_ahead
+
+    def failing_create(mode, request_id, *args, **kwargs):
+        if request_id == "b2":
+            seen.append(engine.scheduler._planning_ahead)
+            raise RuntimeError("no decoder for this one")
+        return create(mode, request_id, *args, **kwargs)
+
+    def marked_plan_ahead(plan):
+        engine.scheduler._planning_ahead = True
+        try:
+            return plan_ahead(plan)
+        finally:
+            engine.scheduler._planning_ahead = False
+
+    engine.scheduler._planning_ahead = False
+    factory.create, engine.scheduler.plan_ahead = failing_create, marked_plan_ahead
+    results = await _staggered(engine, specs)
+    assert seen == [True]  # it was admitted ahead, while a step ran
+    assert results[2][-1].finish_reason is FinishReason.ERROR and "no decoder for this one" in results[2][-1].error
+    _assert_same(specs[:2], serial, results[:2])
+
+
+async def test_a_failed_launch_of_a_step_holding_an_admitted_request_plans_it_again_from_the_host(runner):
+    # The first launch of a step planned ahead that holds both fed-back steps and an arrival's first
+    # step (stated from the host) fails: the fed-back steps are forgotten, the arrival's step is held for
+    # the scheduler (pending_segment), and every output is the serial one
+    from scheduler.engine import Engine
+
+    specs = [GenerationRequest(f"h{i}", runner.tokenizer.encode(RUN_ON_PROMPTS[i]), {"gen_length": 64},
+                               mode=Mode.REFUSION if i == 1 else Mode.AR) for i in range(3)]  # (a ReFusion
+    serial, _ = await _run(runner, specs, pipelined=False)                 # decoder has no drop_ahead)
+    launch, failed = runner.launch, []
+
+    def failing_launch(segments, tables):
+        if not failed and any(s.feedback for s in segments) and any(not s.feedback for s in segments):
+            failed.append([s.seq_id for s in segments if not s.feedback])
+            raise RuntimeError("launch fault")
+        return launch(segments, tables)
+
+    runner.launch = failing_launch
+    try:
+        engine = Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=True, routing=ROUTING))
+        results = await _staggered(engine, specs)
+    finally:
+        del runner.launch
+    assert failed and failed[0] == ["h1"]
+    _assert_same(specs, serial, results)
+
+
 async def test_requests_waiting_for_kv_keep_the_pipeline_until_a_request_ends():
     from workers.runner import ModelRunner
 
