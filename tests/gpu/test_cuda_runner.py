@@ -297,6 +297,16 @@ def test_steps_launched_ahead_with_fed_back_tokens_equal_serial_steps(tiny_model
     assert_pipelined_equals_serial(runner, steps=8)
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_the_first_generation_steps_read_feeds_the_step_launched_behind_it_on_cuda(tiny_model_dir, cuda_graphs):
+    # (asynchronous scheduling after a request's first step: a multi-row step whose last row is read)
+    from test_feedback import assert_first_step_feedback_equals_serial
+
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=64,
+                         cuda_graphs=cuda_graphs, compile_layers=False)
+    assert_first_step_feedback_equals_serial(runner)
+
+
 @pytest.mark.parametrize("block_size", [4, 16, 64])
 def test_paged_attention_on_cuda_matches_transformers(tiny_model_dir, block_size):
     """attention="paged" (workers.attention_paged: one Triton kernel per layer reads the paged cache in

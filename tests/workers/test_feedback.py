@@ -81,6 +81,32 @@ def assert_pipelined_equals_serial(runner, steps: int = 6) -> None:
     piped.free_all()
 
 
+def assert_first_step_feedback_equals_serial(runner) -> None:
+    """The decode step after the first generation step (prompt rows, the last one read), launched
+    before that step is collected, its token fed back on the device from the first step's read
+    (ARDecoder.plan_ahead after a request's first step; tests/gpu runs this on CUDA with graphs)."""
+    serial = RunnerSession(runner)
+    last = _first_step(serial)
+    want = [(r.tokens, r.probs) for r in serial.execute([_decode(s, len(p), last[s], 1) for s, p in PROMPTS.items()])]
+    want_kv = {s: _kv(serial, s) for s in PROMPTS}
+    serial.free_all()
+
+    piped = RunnerSession(runner)
+    first = [segment(s, 0, p, reads=Reads(argmax=(len(p) - 1,)) if SAMPLING[s].temperature == 0
+                     else Reads(sample=(len(p) - 1,)), sampling=SAMPLING[s]) for s, p in PROMPTS.items()]
+    launched = runner.launch(first, piped.tables.prepare(first))
+    segs = [_decode(s, len(p), 0, 1, feedback=True) for s, p in PROMPTS.items()]
+    ahead = runner.launch(segs, piped.tables.prepare(segs))
+    assert {r.seq_id: r.tokens[0] for r in runner.collect(launched)} == last
+    assert [(r.tokens, r.probs) for r in runner.collect(ahead)] == want
+    assert all(torch.equal(_kv(piped, s), want_kv[s]) for s in PROMPTS)
+    piped.free_all()
+
+
+def test_the_first_generation_steps_read_feeds_the_step_launched_behind_it(runner):
+    assert_first_step_feedback_equals_serial(runner)
+
+
 def test_feedback_without_a_read_in_the_previous_step_is_refused(runner):
     session = RunnerSession(runner)
     _first_step(session)
