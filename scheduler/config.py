@@ -157,10 +157,12 @@ class EngineConfig:
     async_scheduling: plan and launch the next step before the current one's results reach the host,
         its tokens fed back from the current step's reads on the device (scheduler.engine.Engine._execute;
         vLLM's async scheduling, SGLang's overlap scheduler), so the host's work between forwards
-        (absorbing, streaming, planning) runs while the device computes. Only while every running
-        request decodes plain AR (no grammar, penalties, logit bias or EOS ban; an AUTO one not about to
-        reach a block boundary where it may switch mode) and no waiting request could start; otherwise
-        steps run one after the other. The output is the same; a
+        (absorbing, streaming, planning, admitting arrivals) runs while the device computes. Only while
+        every running request decodes plain AR (no grammar or presence/frequency penalty, its prompt
+        chunks done; an AUTO one about to reach a block boundary where it may switch mode sits a step
+        out) and no INTERACTIVE request waits to start (it may preempt); otherwise that step runs after
+        the last one's results are in (docs/architecture.md, "Asynchronous scheduling"). The output is
+        the same; a
         request that ends (EOS, a stop string, a cancel) spends one more segment of a forward. None
         (default): on when every runner queues its device work (ModelRunner.asynchronous: CUDA) and
         can launch and collect apart, off on the CPU, where a step's work is done when it is launched.
