@@ -74,6 +74,7 @@ class ARDecoder:
         self.phase = ARPhase.PREFILL if self.span > 0 else ARPhase.FINISHED
         self._in_flight: Segment | None = None
         self._ahead: Segment | None = None  # planned while _in_flight runs (plan_ahead); in flight after it
+        self._ahead_prefill: tuple[int, bool] | None = None  # _ahead's (_context_in_flight, _first_step)
         self._first_step = False
         self._context_in_flight = 0
         self._catch_up = 0  # generated tokens fed by the decode step in flight without a read (jump-forward)
@@ -152,27 +153,35 @@ class ARDecoder:
                                   sampling=self._sampling())
         return self._in_flight
 
-    def plan_ahead(self) -> Segment | None:
-        """The decode step after the one in flight, stated before that one's result is back (asynchronous
-        scheduling, scheduler.engine; vLLM's async scheduling): its one token, at the next position, is
-        the token the step in flight reads, which the runner takes from that step's read on the device
-        (Segment.feedback); its draws are keyed by the step counter that step will have (`_sampling`).
-        A logit bias and an EOS ban (ignore_eos, min_tokens) carry over: they depend on how many tokens
-        are generated, not on which (so benchmark clients that send vLLM's ignore_eos keep the pipeline).
-        The step in flight may be a decode step or the first generation step (its context and the mask
-        that reads the first token). None when the next step depends on that token on the host: outside
-        plain decoding (a prefill chunk, a grammar's mask or forced tokens, presence and frequency
-        penalties, which count it), when the step in flight may be the last (it reads the span's last
-        token), or when a step is planned ahead already. The next `absorb` takes the result of the step in flight; the one after
-        takes this step's. If the step in flight ends the request (EOS), this step is wasted: the caller
-        drops its result and frees its KV, as for a cancel."""
+    def plan_ahead(self, budget: int = 1) -> Segment | None:
+        """The step after the one in flight, stated before that one's result is back (asynchronous
+        scheduling, scheduler.engine; vLLM's async scheduling).
+
+        After a decode step or the first generation step (its context and the mask that reads the first
+        token): one token, at the next position, the token the step in flight reads, which the runner
+        takes from that step's read on the device (Segment.feedback); its draws are keyed by the step
+        counter that step will have (`_sampling`). A logit bias and an EOS ban (ignore_eos, min_tokens)
+        carry over: they depend on how many tokens are generated, not on which (so benchmark clients that
+        send vLLM's ignore_eos keep the pipeline).
+        After a prompt chunk (a prompt longer than the step budget): the next chunk, or the first
+        generation step, exactly as `next_segment(budget)` will state it once the chunk is absorbed (the
+        prompt is on the host; `budget`: the step's tokens left).
+        None when the next step depends on the step in flight's token on the host: a grammar's mask or
+        forced tokens, presence and frequency penalties (they count it), prompt scoring (its chunks read
+        the prompt); when the step in flight may be the last (it reads the span's last token); or when a
+        step is planned ahead already. The next `absorb` takes the result of the step in flight; the one
+        after takes this step's. If the step in flight ends the request (EOS), this step is wasted: the
+        caller drops its result and frees its KV, as for a cancel."""
         seg, p = self._in_flight, self.params
-        first = self.phase is ARPhase.PREFILL and self._first_step  # the first generation step is in flight
-        decoding = self.phase is ARPhase.DECODE and seg is not None and len(seg.token_ids) == 1
-        if (seg is None or self._ahead is not None or not (first or decoding) or self.constraint is not None
-                or self._catch_up or len(self.generated) + 1 >= self.span):
+        if seg is None or self._ahead is not None or self.constraint is not None or self._catch_up:
             return None
         if p.presence_penalty or p.frequency_penalty:
+            return None
+        if self.phase is ARPhase.PREFILL and not self._first_step:
+            return self._prefill_ahead(seg, budget)
+        first = self.phase is ARPhase.PREFILL and self._first_step  # the first generation step is in flight
+        decoding = self.phase is ARPhase.DECODE and len(seg.token_ids) == 1
+        if not (first or decoding) or len(self.generated) + 1 >= self.span:
             return None
         position = self.gen_start + len(self.generated)  # the token the step in flight reads goes here
         reads = Reads(argmax=(0,)) if p.temperature == 0 else Reads(sample=(0,))
@@ -184,6 +193,31 @@ class ARDecoder:
                               feedback=True)
         return self._ahead
 
+    def _prefill_ahead(self, chunk: Segment, budget: int) -> Segment | None:
+        """The step after the prompt chunk in flight (`plan_ahead`): next_segment's prefill branch on the
+        context left once that chunk is consumed."""
+        if self.feed.scoring or self.span <= 0:
+            return None
+        budget = max(1, budget)
+        tokens, positions = self.feed.peek(self.feed.pending)
+        tokens, positions = tokens[self._context_in_flight:], positions[self._context_in_flight:]
+        context_len = chunk.context_len + chunk.num_kept
+        if tokens and len(tokens) + 1 > budget:  # another chunk: kept, no reads
+            n = min(budget, len(tokens))
+            self._ahead = Segment(self.seq_id, context_len, tokens[:n], positions[:n], n, Reads(),
+                                  sampling=self._sampling())
+            self._ahead_prefill = (n, False)
+        else:  # the first generation step: the context left and a MASK at the first position to read
+            self._ahead = self._segment(tokens + [self.params.mask_token_id], positions + [self.next_position],
+                                        len(tokens), context_len)
+            self._ahead_prefill = (len(tokens), True)
+        return self._ahead
+
+    @property
+    def chunk_in_flight(self) -> bool:
+        """Whether the step in flight is a prompt chunk (before the first generation step)."""
+        return self._in_flight is not None and self.phase is ARPhase.PREFILL and not self._first_step
+
     def ends_with_step_in_flight(self) -> bool:
         """Whether the step in flight reads the span's last token: nothing follows it (plan_ahead returns
         None; the scheduler then plans nothing for this request rather than drain the pipeline)."""
@@ -194,7 +228,7 @@ class ARDecoder:
         """Forget `segment`, a step `plan_ahead` stated that will not run (not launched, or abandoned); the next
         step is planned by next_segment from the state the absorbed results left."""
         if self._ahead is segment:
-            self._ahead = None
+            self._ahead, self._ahead_prefill = None, None
         elif self._in_flight is segment:
             self._in_flight = None
 
@@ -207,6 +241,9 @@ class ARDecoder:
         segment, self._in_flight, self._ahead = self._in_flight, self._ahead, None
         if segment is None:
             raise RuntimeError(f"{self.seq_id}: absorb() without a segment in flight")
+        context, first = self._context_in_flight, self._first_step  # (this segment's)
+        if self._ahead_prefill is not None:  # the step now in flight is a prompt chunk or first step planned ahead
+            (self._context_in_flight, self._first_step), self._ahead_prefill = self._ahead_prefill, None
         if result.seq_id != self.seq_id or len(result.tokens) != len(segment.reads):
             raise ValueError(f"{self.seq_id}: result has {len(result.tokens)} values for {len(segment.reads)} reads")
         if self._catch_up:  # a chunk of forced tokens: a generation forward without a read
@@ -216,8 +253,8 @@ class ARDecoder:
             self._catch_up_forwards += 1
             return
         if self.phase is ARPhase.PREFILL:
-            self.feed.consume(self._context_in_flight, None if self._first_step else result.logprobs)
-            if not self._first_step:
+            self.feed.consume(context, None if first else result.logprobs)
+            if not first:
                 self.stats.prefill_forwards += 1
                 return
         self.gen_cached = len(self.generated)  # every generated token so far was fed (the new one is not)

@@ -275,6 +275,7 @@ class Engine:
                     if req.in_flight and req.finished:
                         req.in_flight = 0
                         self.kv.free(req)
+                        self.scheduler.blocks_freed()
             finally:
                 self._plan_items = []
 
@@ -400,6 +401,7 @@ class Engine:
         req.in_flight -= 1
         if req.finished and not req.in_flight:
             self.kv.free(req)
+            self.scheduler.blocks_freed()
         return req.finished
 
     async def _abandon_ahead(self) -> None:

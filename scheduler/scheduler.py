@@ -153,6 +153,7 @@ class Scheduler:
         # A request arrived, ended or was sent back to the queue since schedule() last looked at the queue:
         # until then, whoever it left waiting would be left waiting again (_may_start_waiting)
         self._queue_changed = False
+        self._carried_failed: list[tuple[Request, Exception]] = []  # (plan_ahead's, for the next schedule)
 
     # ---- submit-time checks -------------------------------------------------------------------
     def add(self, spec, params, stream) -> Request:
@@ -278,7 +279,8 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Start waiting requests that fit, then ask running ones for their next segment under the
         budget and allocate its KV (see the module docstring)."""
-        plan = StepPlan()
+        plan = StepPlan(failed=self._carried_failed)
+        self._carried_failed = []
         start = time.thread_time()
         self._queue_changed = False
         self._start_waiting(plan)
@@ -347,8 +349,9 @@ class Scheduler:
         None, with nothing planned or allocated, when the host's view of `plan`'s results must come
         first: an INTERACTIVE request waits, a running request is neither in `plan` nor able to plan from
         the host (passed over for the budget, its KV short, a decoder other than AR), a decoder cannot
-        plan ahead (a prefill chunk, a grammar, penalties, ReFusion), every request sits out, or the KV for
-        the new tokens is not free."""
+        plan ahead (a grammar, penalties, prompt scoring, ReFusion), the budget runs out, every request
+        sits out, or the KV for the new tokens is not free. Prompt chunks plan ahead: the prompt is on the
+        host (ARDecoder.plan_ahead)."""
         items = [(req, seg) for req, seg in plan.items if not req.finished]
         admit = self._may_start_waiting()
         if not items or (admit and self._may_preempt_waiting()):
@@ -357,8 +360,12 @@ class Scheduler:
         apart = [req for req in self.running if req.id not in in_plan]
         if len(in_plan) + len(apart) != len(self.running) or any(not self._host_plannable(req) for req in apart):
             return None  # (one of `plan` left the running set, or one apart needs the scheduler)
-        ahead = StepPlan()
-        for req, _ in items:
+        ahead, budget = StepPlan(), self.config.token_budget
+        # Decode steps first, prompt chunks with the budget they leave (vLLM's chunked prefill); a request
+        # whose chunk finds none left sits out and is planned from the host next time
+        for req, _ in sorted(items, key=lambda item: bool(getattr(item[0].decoder, "chunk_in_flight", False))):
+            if budget <= 0 and getattr(req.decoder, "chunk_in_flight", False) and req.pending_segment is None:
+                continue
             planner = getattr(req.decoder, "plan_ahead", None)
             if planner is not None and req.pending_segment is None and req.decoder.ends_with_step_in_flight():
                 continue  # its step in flight is its last
@@ -366,26 +373,45 @@ class Scheduler:
                 continue  # sits out: absorbed and re-routed first, planned from the host next time
             if planner is not None and req.pending_segment is not None:
                 planner = None
-            segment = planner() if planner is not None else None
+            try:
+                segment = planner(budget) if planner is not None and budget > 0 else None
+            except Exception:  # noqa: BLE001 - the host's view first: schedule() asks the decoder again
+                log.exception("plan_ahead_failed", request_id=req.id)
+                segment = None
             if segment is None:
-                self.drop_ahead(ahead)
-                return None
+                return self._abandon(ahead)
             if not self._grow_ahead(ahead, req, segment):
-                return None
-        budget = self.config.token_budget - sum(len(seg.token_ids) for _, seg in ahead.items)
+                return self._abandon(ahead)
+            budget -= len(segment.token_ids)
         for req in sorted(apart, key=Request.rank_key):
-            segment = req.decoder.next_segment(budget) if budget > 0 else None
+            try:
+                segment = req.decoder.next_segment(budget) if budget > 0 else None
+            except Exception as exc:  # the decoder's own failure ends its request only, as in schedule()
+                ahead.failed.append((req, exc))
+                continue
             if segment is None:  # (finished without a step: the scheduler ends it)
-                self.drop_ahead(ahead)
-                return None
+                return self._abandon(ahead)
             if not self._grow_ahead(ahead, req, segment):
-                return None
+                return self._abandon(ahead)
             budget -= len(segment.token_ids)
         if not ahead.items:
-            return None
+            return self._abandon(ahead)
         if admit:
             self._admit_ahead(ahead, budget)
         return ahead
+
+    def _abandon(self, ahead: StepPlan) -> None:
+        """`plan_ahead` gives up: what it planned is dropped (`drop_ahead`), and the requests whose decoder
+        failed meanwhile are carried to the next `schedule`, which ends them (None, for the caller)."""
+        self.drop_ahead(ahead)
+        self._carried_failed += ahead.failed
+        return None
+
+    def blocks_freed(self) -> None:
+        """An ended request's KV came back after its last step in flight was collected (Engine._segment_back):
+        a waiting request short of blocks may start now, as after an arrival or an end (`_may_start_waiting`;
+        admission ahead of the host's view had looked at the queue while those blocks were still held)."""
+        self._queue_changed = True
 
     def _may_preempt_waiting(self) -> bool:
         """Whether admitting the waiting requests could preempt a running one (`_preempt_for`: an
@@ -403,7 +429,11 @@ class Scheduler:
         for req in self.running[before:]:
             if budget <= 0:
                 return
-            segment = req.decoder.next_segment(budget)
+            try:
+                segment = req.decoder.next_segment(budget)
+            except Exception as exc:  # the decoder's own failure ends its request only, as in schedule()
+                ahead.failed.append((req, exc))
+                continue
             if segment is None:
                 ahead.done.append(req)  # (nothing to generate: the engine ends it)
                 continue

@@ -299,9 +299,9 @@ async def _staggered(engine, specs, after_tokens=3) -> list:
         results[i] = deltas
 
     try:
-        await asyncio.gather(*[run(i) for i in range(len(specs))])
+        await asyncio.wait_for(asyncio.gather(*[run(i) for i in range(len(specs))]), 120)  # (a hang fails)
     finally:
-        await engine.stop()
+        await engine.stop(drain_timeout_s=0)
     assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
     return results
 
@@ -358,6 +358,28 @@ async def test_arrivals_and_ends_keep_the_pipeline(runner):
     assert [outcome[4] for outcome in runs[True][0]][::2] == [64] * 3  # the greedy, uncapped ones ran to the end
     engine = runs[True][1]
     assert engine.forwards - engine.ahead_steps == 1, (engine.forwards, engine.ahead_steps)
+
+
+async def test_a_prompt_longer_than_the_budget_is_fed_in_chunks_planned_ahead(runner):
+    # With a 24-token step budget, a 120-token prompt arriving while two requests decode is fed in
+    # chunks; each next chunk (and then the first generation step) is stated ahead from the host with the
+    # budget the decode steps leave (vLLM's chunked prefill), so no chunk drains the pipeline
+    from scheduler.engine import Engine
+
+    tok = runner.tokenizer
+    long_prompt = (tok.encode("def f(x):\n    return x + 1\n\n") * 12)[:110] + tok.encode("class _")
+    specs = [GenerationRequest(f"c{i}", tok.encode(RUN_ON_PROMPTS[i]), {"gen_length": 64}, mode=Mode.AR)
+             for i in range(2)] + [GenerationRequest("long", long_prompt, {"gen_length": 64, "seed": 1,
+                                                                            "temperature": 0.8}, mode=Mode.AR)]
+    runs = {}
+    for pipelined in (False, True):
+        engine = Engine(runner, tok, EngineConfig(async_scheduling=pipelined, routing=ROUTING, token_budget=24))
+        results = await _staggered(engine, specs)
+        runs[pipelined] = ([_outcome(d) for d in results], engine)
+    assert runs[True][0] == runs[False][0]
+    engine = runs[True][1]
+    assert engine.forwards - engine.ahead_steps == 1, (engine.forwards, engine.ahead_steps)
+    assert runs[True][0][2][4] > 0
 
 
 async def test_a_request_admitted_ahead_whose_decoder_cannot_be_built_fails_alone(runner):
@@ -419,6 +441,81 @@ async def test_a_failed_launch_of_a_step_holding_an_admitted_request_plans_it_ag
         del runner.launch
     assert failed and failed[0] == ["h1"]
     _assert_same(specs, serial, results)
+
+
+async def test_a_request_waiting_for_blocks_an_ending_request_frees_after_its_step_ahead_starts_then():
+    # X ends by max_tokens with its next step launched ahead, so its blocks come back only once that step
+    # is collected, after admission ahead (Scheduler._admit_ahead) looked at the queue and found W short.
+    # That free counts as a change of the queue (Scheduler.blocks_freed): W starts a step or two after
+    # X ends, as serially, not once the long Y ends (a break-test saw it wait ~250 steps)
+    from workers.runner import ModelRunner
+
+    from scheduler.engine import Engine
+
+    runner = ModelRunner(SHIPPED, device="cpu", num_blocks=29)  # Y 18 blocks, X 11 (7 of them prompt), W 6
+    tok = runner.tokenizer
+    long_y = GenerationRequest("Y", tok.encode("        self."), {"gen_length": 256, "ignore_eos": True}, mode=Mode.AR)
+    x = GenerationRequest("X", (tok.encode("class _") * 40)[:100], {"gen_length": 64, "ignore_eos": True},
+                          mode=Mode.AR, max_tokens=8)
+    w = GenerationRequest("W", tok.encode("        with open("), {"gen_length": 64}, mode=Mode.AR)
+    starts = {}
+    for pipelined in (False, True):
+        engine = Engine(runner, tok, EngineConfig(async_scheduling=pipelined, routing=ROUTING, kv_reserve_fraction=0.0,
+                                                  max_running=8))
+        await engine.start()
+        marks = {}
+
+        async def run(spec, when_two=None):
+            async for delta in engine.submit(spec):
+                if delta.token_ids and spec.request_id not in marks:
+                    marks[spec.request_id] = engine.forwards
+                if when_two is not None and delta.token_ids:
+                    when_two.set()
+            marks[spec.request_id + " end"] = engine.forwards
+
+        x_started = asyncio.Event()
+        tasks = [asyncio.create_task(run(long_y))]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(run(x, x_started)))
+        await x_started.wait()
+        tasks.append(asyncio.create_task(run(w)))
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        await engine.stop()
+        assert engine.kv.pool().num_free == engine.kv.pool().num_total
+        starts[pipelined] = marks
+    for marks in starts.values():
+        assert marks["X end"] < marks["W"] < marks["Y end"] - 100, starts  # W waited for X's blocks, not Y's
+    assert starts[True]["W"] - starts[True]["X end"] <= 4, starts
+
+
+async def test_a_decoder_failing_when_planned_ahead_from_the_host_fails_its_request_alone(runner, monkeypatch):
+    # next_segment raises for "victim" (admitted ahead while two requests pipeline): it ends with its own
+    # error, as serially, and the others are not failed with it (they were: "internal error in engine step")
+    from decoding.api import DecodeParamError
+    from decoding.ar import ARDecoder
+
+    next_segment = ARDecoder.next_segment
+
+    def failing(self, budget):
+        if self.seq_id == "victim":
+            raise DecodeParamError("grammar", "no text can continue (injected)")
+        return next_segment(self, budget)
+
+    monkeypatch.setattr(ARDecoder, "next_segment", failing)
+    specs = [GenerationRequest(f"b{i}", runner.tokenizer.encode(RUN_ON_PROMPTS[i]), {"gen_length": 64},
+                               mode=Mode.AR) for i in range(2)]
+    specs.append(GenerationRequest("victim", runner.tokenizer.encode(RUN_ON_PROMPTS[2]), {"gen_length": 64},
+                                   mode=Mode.AR))
+    from scheduler.engine import Engine
+
+    outcomes = {}
+    for pipelined in (False, True):
+        engine = Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=pipelined, routing=ROUTING))
+        results = await _staggered(engine, specs)
+        outcomes[pipelined] = [(d[-1].finish_reason, d[-1].error) for d in results]
+    assert outcomes[True] == outcomes[False]
+    assert outcomes[True][:2] == [(FinishReason.LENGTH, None)] * 2
+    assert outcomes[True][2][0] is FinishReason.ERROR and "no text can continue" in outcomes[True][2][1]
 
 
 async def test_requests_waiting_for_kv_keep_the_pipeline_until_a_request_ends():
