@@ -91,13 +91,17 @@ class KVOwner:
         return self.tables[req.runner_key].length(req.id)
 
     def share_prompt_blocks(self, req: Request) -> None:
-        """Offer the prompt's newly computed full blocks to the prefix cache (while prefill advances)."""
+        """Offer the prompt's newly computed full blocks to the prefix cache (while prefill advances).
+        Computed: absorbed by the decoder (its `cache_len`), not only allocated. Under asynchronous
+        scheduling the table already holds the blocks of the chunk planned ahead, which a failed step may
+        never compute; offered, a later request with the same prompt would read them."""
         cache = self.prefix_cache
         if cache is None or req.runner_key != "main":
             return
         tables = self.tables["main"]
         full_blocks = len(req.spec.prompt_ids) // cache.block_size
-        cached_len = tables.length(req.id)
+        computed = getattr(req.decoder, "cache_len", None)  # (both decoders have it; a test fake may not)
+        cached_len = tables.length(req.id) if computed is None else min(tables.length(req.id), computed)
         if req.prompt_blocks_shared < full_blocks and cached_len // cache.block_size > req.prompt_blocks_shared:
             req.prompt_blocks_shared = cache.insert(req.spec.prompt_ids, tables.table(req.id), cached_len)
 

@@ -382,6 +382,51 @@ async def test_a_prompt_longer_than_the_budget_is_fed_in_chunks_planned_ahead(ru
     assert runs[True][0][2][4] > 0
 
 
+async def test_a_prompt_chunk_planned_ahead_is_offered_to_the_prefix_cache_only_once_computed(runner):
+    # A's prompt is fed in 16-token chunks; the step holding its chunk at 32..47 fails on the device (and
+    # again when re-run alone), so A ends with the error and that chunk is never computed. Its blocks
+    # were in A's table already (grown when the chunk was planned ahead), and absorbing chunk 16..31
+    # offered them to the prefix cache: B, with the same prompt, started on 48 cached tokens and read
+    # 16 it should not have (found by a break-test). B starts on the 32 computed ones, as serially
+    from scheduler.engine import Engine
+
+    prompt = runner.tokenizer.encode("def add(a, b):\n    return a + b\n" * 20)[:100]
+    specs = [GenerationRequest(name, prompt, {"gen_length": 64, "logprobs": 1}, mode=Mode.AR, max_tokens=12)
+             for name in ("A", "B")]
+
+    class Faulted:  # a launched step whose device work failed
+        pass
+
+    launch, collect_step = runner.launch, runner.collect
+
+    def faulty_launch(segments, tables):
+        if any(seg.seq_id == "A" and seg.context_len == 32 for seg in segments):
+            return Faulted()
+        return launch(segments, tables)
+
+    def faulty_collect(launched):
+        if isinstance(launched, Faulted):
+            raise RuntimeError("device fault on A's chunk at 32")
+        return collect_step(launched)
+
+    outcomes = {}
+    runner.launch, runner.collect = faulty_launch, faulty_collect
+    try:
+        for pipelined in (False, True):
+            engine = Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=pipelined, routing=ROUTING,
+                                                                   token_budget=16))
+            await engine.start()
+            a = await asyncio.wait_for(collect(engine, specs[0]), 60)
+            b = await asyncio.wait_for(collect(engine, specs[1]), 60)
+            await engine.stop()
+            assert engine.kv.pool().num_free == engine.kv.pool().num_total
+            outcomes[pipelined] = (a[-1].finish_reason, b[-1].stats["cached_prompt_tokens"], _outcome(b))
+    finally:
+        del runner.launch, runner.collect
+    assert outcomes[True] == outcomes[False]
+    assert outcomes[True][:2] == (FinishReason.ERROR, 32)
+
+
 async def test_a_request_admitted_ahead_whose_decoder_cannot_be_built_fails_alone(runner):
     # Admission while a step is in flight (Scheduler.plan_ahead) meets a decoder that cannot be built for
     # the third request: it ends with its error once the step planned ahead comes up, the others stream
