@@ -84,6 +84,11 @@ class Decoder(Protocol):
     @property
     def finished(self) -> bool: ...
 
+    @property
+    def cache_len(self) -> int:
+        """Tokens whose KV is computed and absorbed (context fed so far plus accepted generated tokens);
+        a step launched ahead is not counted until absorbed (scheduler.kv.share_prompt_blocks)."""
+
     def next_segment(self, budget: int) -> Segment | None:
         """The query tokens this request needs run next, or None once finished."""
 

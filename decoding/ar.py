@@ -129,22 +129,32 @@ class ARDecoder:
             self._in_flight = self._segment(forced, forced_positions, len(forced), self.cache_len)
             return self._in_flight
         tokens, positions = self.feed.peek(self.feed.pending)
-        if tokens and (len(tokens) + len(forced) + 1 > budget or self.feed.scoring):
-            # prefill chunk: kept; no reads, but those scoring the prompt (params.prompt_logprobs)
-            chunk = min(budget, len(tokens))
-            self._first_step, self._context_in_flight = False, chunk
-            self._in_flight = Segment(self.seq_id, self.cache_len, tokens[:chunk], positions[:chunk], chunk,
-                                      self.feed.prompt_reads(chunk), sampling=self._sampling(),
-                                      logprobs=self.feed.score_top, ranks=self.feed.score_top is not None)
-            return self._in_flight
-        if len(forced) + 1 > budget:
+        step = self._context_step(tokens, positions, forced, forced_positions, self.cache_len, budget)
+        if step is None:
             return self._catch_up_segment(forced, forced_positions, budget)
-        # First generation step: [context tail + forced tokens, keep] + [MASK at the first position to read, drop].
-        self._first_step, self._context_in_flight = True, len(tokens)
-        tokens = tokens + forced + [self.params.mask_token_id]
-        positions = positions + forced_positions + [self.next_position]
-        self._in_flight = self._segment(tokens, positions, len(tokens) - 1, self.cache_len)
+        self._in_flight, (self._context_in_flight, self._first_step) = step
         return self._in_flight
+
+    def _context_step(self, tokens: list[int], positions: list[int], forced: list[int], forced_positions: list[int],
+                      context_len: int, budget: int) -> tuple[Segment, tuple[int, bool]] | None:
+        """The step that feeds context `tokens` (not yet cached, at `positions`) after `context_len` cached
+        tokens: a prompt chunk (kept; no reads but those scoring the prompt, params.prompt_logprobs) when
+        the context, the forced tokens and the read do not fit `budget`, else the first generation step
+        ([context + forced tokens, kept] + [MASK at the first position to read, dropped]). With the
+        context tokens it feeds and whether it is the first step; None when the forced tokens alone
+        exceed the budget (a catch-up chunk comes first)."""
+        if tokens and (len(tokens) + len(forced) + 1 > budget or self.feed.scoring):
+            n = min(budget, len(tokens))
+            chunk = Segment(self.seq_id, context_len, tokens[:n], positions[:n], n, self.feed.prompt_reads(n),
+                            sampling=self._sampling(), logprobs=self.feed.score_top,
+                            ranks=self.feed.score_top is not None)
+            return chunk, (n, False)
+        if len(forced) + 1 > budget:
+            return None
+        first = self._segment(tokens + forced + [self.params.mask_token_id],
+                              positions + forced_positions + [self.next_position], len(tokens) + len(forced),
+                              context_len)
+        return first, (len(tokens), True)
 
     def _catch_up_segment(self, forced: list[int], positions: list[int], budget: int) -> Segment:
         """A run of forced tokens longer than the budget: its first `budget` tokens, kept, no reads."""
@@ -196,21 +206,13 @@ class ARDecoder:
     def _prefill_ahead(self, chunk: Segment, budget: int) -> Segment | None:
         """The step after the prompt chunk in flight (`plan_ahead`): next_segment's prefill branch on the
         context left once that chunk is consumed."""
-        if self.feed.scoring or self.span <= 0:
+        if self.feed.scoring or self.span <= 0:  # (scored chunks read the prompt from the feed's cursor)
             return None
-        budget = max(1, budget)
         tokens, positions = self.feed.peek(self.feed.pending)
         tokens, positions = tokens[self._context_in_flight:], positions[self._context_in_flight:]
-        context_len = chunk.context_len + chunk.num_kept
-        if tokens and len(tokens) + 1 > budget:  # another chunk: kept, no reads
-            n = min(budget, len(tokens))
-            self._ahead = Segment(self.seq_id, context_len, tokens[:n], positions[:n], n, Reads(),
-                                  sampling=self._sampling())
-            self._ahead_prefill = (n, False)
-        else:  # the first generation step: the context left and a MASK at the first position to read
-            self._ahead = self._segment(tokens + [self.params.mask_token_id], positions + [self.next_position],
-                                        len(tokens), context_len)
-            self._ahead_prefill = (len(tokens), True)
+        # (no forced tokens: a grammar plans nothing ahead)
+        self._ahead, self._ahead_prefill = self._context_step(tokens, positions, [], [],
+                                                              chunk.context_len + chunk.num_kept, max(1, budget))
         return self._ahead
 
     @property

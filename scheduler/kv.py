@@ -100,8 +100,7 @@ class KVOwner:
             return
         tables = self.tables["main"]
         full_blocks = len(req.spec.prompt_ids) // cache.block_size
-        computed = getattr(req.decoder, "cache_len", None)  # (both decoders have it; a test fake may not)
-        cached_len = tables.length(req.id) if computed is None else min(tables.length(req.id), computed)
+        cached_len = min(tables.length(req.id), req.decoder.cache_len)
         if req.prompt_blocks_shared < full_blocks and cached_len // cache.block_size > req.prompt_blocks_shared:
             req.prompt_blocks_shared = cache.insert(req.spec.prompt_ids, tables.table(req.id), cached_len)
 

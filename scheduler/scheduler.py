@@ -363,16 +363,12 @@ class Scheduler:
         ahead, budget = StepPlan(), self.config.token_budget
         # Decode steps first, prompt chunks with the budget they leave (vLLM's chunked prefill); a request
         # whose chunk finds none left sits out and is planned from the host next time
-        for req, _ in sorted(items, key=lambda item: bool(getattr(item[0].decoder, "chunk_in_flight", False))):
-            if budget <= 0 and getattr(req.decoder, "chunk_in_flight", False) and req.pending_segment is None:
-                continue
-            planner = getattr(req.decoder, "plan_ahead", None)
-            if planner is not None and req.pending_segment is None and req.decoder.ends_with_step_in_flight():
-                continue  # its step in flight is its last
-            if planner is not None and req.pending_segment is None and switch_may_follow(self, req):
-                continue  # sits out: absorbed and re-routed first, planned from the host next time
-            if planner is not None and req.pending_segment is not None:
-                planner = None
+        chunks = [(getattr(req.decoder, "chunk_in_flight", False), req) for req, _ in items]
+        for chunk, req in sorted(chunks, key=lambda entry: entry[0]):
+            planner = getattr(req.decoder, "plan_ahead", None) if req.pending_segment is None else None
+            if planner is not None and (chunk and budget <= 0 or req.decoder.ends_with_step_in_flight()
+                                        or switch_may_follow(self, req)):
+                continue  # sits out (no budget, or re-routed first), or its step in flight is its last
             try:
                 segment = planner(budget) if planner is not None and budget > 0 else None
             except Exception:  # noqa: BLE001 - the host's view first: schedule() asks the decoder again

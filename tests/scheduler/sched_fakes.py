@@ -123,6 +123,10 @@ class FakeDecoder:
     def finished(self) -> bool:
         return self.hit_eos or len(self.out) >= self.gen_length
 
+    @property
+    def cache_len(self) -> int:
+        return self.cached
+
     def next_segment(self, budget: int):
         self.budgets.append(budget)
         if self.finished:
