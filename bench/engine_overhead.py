@@ -32,6 +32,8 @@ pipeline: an arrival, an end, a request that cannot plan ahead). Issue "CUDA fas
     ... --device-ms 8 --modes auto,ar --confidence uncertain --async-scheduling on --stagger-ms 8.8
             # AUTO requests (the API's default mode) arriving a step apart, against pinned AR: what
             # drains the pipeline besides arrivals and ends (the last column: steps launched ahead)
+    ... --device-ms 8 --modes ar --async-scheduling on --params '{"frequency_penalty": 0.5, "ignore_eos": true}'
+            # every request with a penalty (or any other decoding parameter)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import json
 import logging
 import os
 import platform
@@ -121,7 +124,7 @@ async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: i
                           overlap_streaming=OVERLAP[args.overlap_streaming],
                           async_scheduling=OVERLAP[args.async_scheduling], routing=RoutingConfig(calibrate=False))
     engine = Engine(runner, tokenizer, config)
-    params = {"gen_length": args.gen_length, "slot_size": 8, "serial_num_blocks": 4}
+    params = {"gen_length": args.gen_length, "slot_size": 8, "serial_num_blocks": 4, **args.params}
     await engine.start()
     rows = []
     try:
@@ -164,7 +167,8 @@ def table(rows: list[dict], args) -> str:
              f"clients, 2 x requests (at least 4) finished per level after an untimed round; overlap_streaming "
              f"{args.overlap_streaming}, async_scheduling {args.async_scheduling}; a simulated device of "
              f"{args.device_ms:g} ms per forward (a queue; collect waits for it)"
-             + (f"; clients start {args.stagger_ms:g} ms apart" if args.stagger_ms else "") + ".", "",
+             + (f"; clients start {args.stagger_ms:g} ms apart" if args.stagger_ms else "")
+             + (f"; every request with {json.dumps(args.params)}" if args.params else "") + ".", "",
              "| mode | stand-in model | requests | steps | ms / step | in the runner ms | outside ms | "
              "tokens / forward | host ceiling tok/s | steps launched ahead |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -202,6 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stagger-ms", type=float, default=0.0,
                         help="client k of a level starts k x this many ms after the first (default 0: all at once, "
                              "so their block boundaries fall on the same steps; about --device-ms spreads them)")
+    parser.add_argument("--params", type=json.loads, default={},
+                        help='extra decoding parameters of every request, as JSON (e.g. \'{"frequency_penalty": 0.5}\')')
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     if not 0 <= args.device_ms < 1e4:

@@ -349,7 +349,7 @@ class Scheduler:
         None, with nothing planned or allocated, when the host's view of `plan`'s results must come
         first: an INTERACTIVE request waits, a running request is neither in `plan` nor able to plan from
         the host (passed over for the budget, its KV short, a decoder other than AR), a decoder cannot
-        plan ahead (a grammar, penalties, prompt scoring, ReFusion), the budget runs out, every request
+        plan ahead (a grammar, prompt scoring, ReFusion), the budget runs out, every request
         sits out, or the KV for the new tokens is not free. Prompt chunks plan ahead: the prompt is on the
         host (ARDecoder.plan_ahead)."""
         items = [(req, seg) for req, seg in plan.items if not req.finished]

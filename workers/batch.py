@@ -104,6 +104,21 @@ class Reads:
 NO_READS = Reads()
 
 
+@dataclass(frozen=True)
+class FeedbackPenalty:
+    """OpenAI's presence and frequency penalties of a fed-back token (Segment.feedback_penalty), which the
+    host does not have when it states the step: the runner subtracts `frequency` from that token's logit,
+    and `presence` too unless the token was generated before, on the device before the reads: the logits
+    the host would have biased with that token counted (decoding.ar.ARDecoder._logit_bias).
+    Segment.logit_bias holds the penalties of the tokens generated before it, after `unseen` pairs of
+    tokens not generated yet (a logit_bias entry, a banned EOS): the pairs after those `unseen` name the
+    tokens generated before."""
+
+    presence: float
+    frequency: float
+    unseen: int = 0
+
+
 @dataclass
 class Segment:
     """The next step of one sequence: query tokens to run after its committed cache."""
@@ -135,6 +150,10 @@ class Segment:
     # step, which the runner substitutes on the device, so this step can be launched before that one's
     # results reach the host (ModelRunner.launch; vLLM's async scheduling, SGLang's overlap scheduler).
     feedback: bool = False
+    # With `feedback`: the presence and frequency penalties of the fed-back token, applied on the device on
+    # top of `logit_bias` (which holds those of the tokens before it), so that a request with penalties
+    # plans ahead too. None: none.
+    feedback_penalty: FeedbackPenalty | None = None
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -155,6 +174,9 @@ class Segment:
         for row in r.rows() + r.logits:
             if not 0 <= row < n:
                 raise ValueError(f"{name}: read row {row} outside 0..{n - 1}")
+        if self.feedback_penalty is not None and not self.feedback:
+            raise ValueError(f"{name}: feedback_penalty is the penalty of a fed-back token; set feedback=True "
+                             "or put the penalties in logit_bias")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"{name}: logprobs must lie in 0..{MAX_TOP_LOGPROBS} or be None, got {self.logprobs}")
 

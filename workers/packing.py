@@ -23,6 +23,14 @@ Fields (one row per entry; "row" = packed token index):
     token_bitmask    [R, W] only in steps with a grammar-constrained segment (W = layout.mask_words > 0):
                      each read row's allowed tokens as W little-endian int64 words of bits
                      (Segment.token_bitmask); unconstrained and prob rows: all bits set
+    bias_ids, bias_values, bias_kind [R, L], bias_penalty [R, 2]
+                     only in steps with a logit bias (L = layout.bias_width > 0): each argmax and sample
+                     row's (token, bias) pairs (Segment.logit_bias, f64 bits); in steps with a
+                     Segment.feedback_penalty (else zeros) each pair's kind (0 padding, 1 a bias, 2 the
+                     penalty of a generated token) and the row's (presence, frequency) penalties of its
+                     fed-back token (f64 bits; 0 without). Such a row's pair after its own is where the
+                     runner puts that token's penalty (ModelRunner.launch); the step function reads ids
+                     and values only
 Padding tokens are token 0 at position 0 of sequence 0 writing the scratch slot; padding read rows read
 row 0 greedily. Their outputs are never returned.
 """
@@ -47,7 +55,7 @@ TOKEN_FIELDS = ("token_ids", "positions", "slot_mapping", "seq_index", "query_in
 SEQ_FIELDS = ("query_start", "query_len", "context_len")
 READ_FIELDS = ("read_rows", "temperature", "top_k", "top_p", "min_p", "gumbel", "sample", "given", "seed", "step",
                "read_position")
-FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p", "bias_values"})
+FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p", "bias_values", "bias_penalty"})
 MIN_BIAS = 8  # bias pairs per row: buckets of powers of two from 8 (a few graph layouts, whatever the count)
 
 
@@ -78,7 +86,8 @@ class StepLayout:
         return ([(f, t) for f in TOKEN_FIELDS] + [(f, b) for f in SEQ_FIELDS]
                 + [("block_tables", b * self.max_blocks)] + [(f, r) for f in READ_FIELDS]
                 + [("token_bitmask", r * self.mask_words)]
-                + [("bias_ids", r * self.bias_width), ("bias_values", r * self.bias_width)])
+                + [("bias_ids", r * self.bias_width), ("bias_values", r * self.bias_width),
+                   ("bias_kind", r * self.bias_width), ("bias_penalty", r * 2 * (self.bias_width > 0))])
 
     def offsets(self) -> dict[str, tuple[int, int]]:
         """Field -> (start, end) in the buffer."""
@@ -110,6 +119,7 @@ class PackedStep:
     read_owner: np.ndarray  # [num_reads] segment index of each read row
     offsets: dict[str, tuple[int, int]] = field(default_factory=dict)  # layout.offsets(), computed once
     token_bitmasks: list = field(default_factory=list)  # [n_seg] Segment.token_bitmask (validation)
+    feedback_penalty: bool = False  # some segment has Segment.feedback_penalty (the runner resolves it)
 
     def __post_init__(self) -> None:
         self.offsets = self.layout.offsets()
@@ -189,7 +199,8 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     if len(kinds) and any(g.logprobs is not None and len(g.reads) for g in segments):
         layout = dataclasses.replace(layout, logprobs=True,
                                      ranks=any(g.ranks and g.logprobs is not None and len(g.reads) for g in segments))
-    widest_bias = max((len(g.logit_bias) for g in segments if g.reads.argmax or g.reads.sample), default=0)
+    widest_bias = max((len(g.logit_bias) + (g.feedback_penalty is not None) for g in segments
+                       if g.reads.argmax or g.reads.sample), default=0)
     if len(kinds) and widest_bias:
         layout = dataclasses.replace(layout, bias_width=bucket(widest_bias, MIN_BIAS))
     step = PackedStep(layout, np.zeros(layout.size, dtype=np.int64), t, len(rows),
@@ -202,7 +213,7 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
         step.token_bitmasks = masks
         _fill_bitmask(step, masks, kinds, read_owner)
     if layout.bias_width:
-        _fill_bias(step, [g.logit_bias for g in segments], kinds, read_owner, ids)
+        _fill_bias(step, segments, kinds, read_owner, ids)
     return step
 
 
@@ -279,22 +290,41 @@ def _fill_reads(step: PackedStep, q_start, rows, kinds, owner, prob_tokens) -> N
         step.view("top_p")[r:] = 1.0
 
 
-def _fill_bias(step: PackedStep, biases: list, kinds: np.ndarray, owner: np.ndarray, ids: list[str]) -> None:
+def _fill_bias(step: PackedStep, segments: list[Segment], kinds: np.ndarray, owner: np.ndarray,
+               ids: list[str]) -> None:
     """Each argmax and sample row's (token, bias) pairs: its segment's, padded with (0, 0.0) (adds
-    nothing); prob and logits-only rows get none."""
+    nothing); prob and logits-only rows get none. In steps with a Segment.feedback_penalty also each
+    pair's kind (1, or 2 for the pairs after that penalty's `unseen` first ones; padding 0) and each
+    row's fed-back token's (presence, frequency) penalties."""
     w, r = step.layout.bias_width, step.num_reads
-    tokens = np.zeros((len(biases), w), dtype=np.int64)
-    values = np.zeros((len(biases), w), dtype=np.float64)
-    for i, pairs in enumerate(biases):
+    tokens = np.zeros((len(segments), w), dtype=np.int64)
+    values = np.zeros((len(segments), w), dtype=np.float64)
+    pair_kinds = penalties = None
+    for i, g in enumerate(segments):
+        pairs, penalty = g.logit_bias, g.feedback_penalty
         if pairs:
             try:
                 tokens[i, :len(pairs)] = [t for t, _ in pairs]
                 values[i, :len(pairs)] = [v for _, v in pairs]
             except (OverflowError, TypeError, ValueError):
                 raise SegmentError(ids[i], "logit_bias", "must be (token id, finite number) pairs") from None
+        if penalty is not None:
+            if pair_kinds is None:
+                pair_kinds, penalties = np.zeros((len(segments), w), dtype=np.int64), np.zeros((len(segments), 2))
+            unseen = min(max(int(penalty.unseen), 0), len(pairs))
+            pair_kinds[i, :unseen], pair_kinds[i, unseen:len(pairs)] = 1, 2
+            try:
+                penalties[i] = (penalty.presence, penalty.frequency)
+            except (TypeError, ValueError):
+                raise SegmentError(ids[i], "feedback_penalty", "presence and frequency must be numbers") from None
     chosen = (kinds == 0) | (kinds == 2)
-    step.view("bias_ids").reshape(step.layout.num_reads, w)[:r] = np.where(chosen[:, None], tokens[owner], 0)
-    step.view("bias_values").reshape(step.layout.num_reads, w)[:r] = np.where(chosen[:, None], values[owner], 0.0)
+    tables = [("bias_ids", tokens, 0), ("bias_values", values, 0.0)]
+    if pair_kinds is not None:
+        step.feedback_penalty = True
+        tables += [("bias_kind", pair_kinds, 0)]
+        step.view("bias_penalty").reshape(step.layout.num_reads, 2)[:r] = np.where(chosen[:, None], penalties[owner], 0.0)
+    for name, table, pad in tables:
+        step.view(name).reshape(step.layout.num_reads, w)[:r] = np.where(chosen[:, None], table[owner], pad)
 
 
 def _fill_bitmask(step: PackedStep, masks: list[bytes | None], kinds: np.ndarray, owner: np.ndarray) -> None:

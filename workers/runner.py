@@ -285,6 +285,12 @@ class ModelRunner:
                     raise SegmentError(seg.seq_id, "feedback", "the runner's previous step read no token for this "
                                        "sequence; give the token itself (feedback=False)")
                 tokens[rows[i]] = -1 - reads[seg.seq_id]
+                if seg.feedback_penalty is not None and step.feedback_penalty:  # (a segment that chooses a token)
+                    # its penalty goes in the pair after the segment's own, in each row choosing a token
+                    bias = step.view("bias_ids").reshape(step.layout.num_reads, step.layout.bias_width)
+                    start, end = step.read_starts[i], step.read_starts[i] + step.num_token_reads[i]
+                    kinds = step.read_kinds[start:end]
+                    bias[start + np.flatnonzero((kinds == 0) | (kinds == 2)), len(seg.logit_bias)] = -1 - reads[seg.seq_id]
 
     def _resolve_feedback(self, buffer: torch.Tensor, step: PackedStep) -> None:
         """On the device, replace each token id -(1 + r) of the uploaded buffer by the token the previous
@@ -294,6 +300,31 @@ class ModelRunner:
         previous = self._feedback_from[0][0]
         rows = (-1 - tokens).clamp_(min=0, max=previous.numel() - 1)
         tokens.copy_(torch.where(tokens < 0, previous[rows].to(torch.int64), tokens))
+        if step.feedback_penalty:
+            _resolve_feedback_penalty(buffer, step, previous)
+
+
+def _resolve_feedback_penalty(buffer: torch.Tensor, step: PackedStep, previous: torch.Tensor) -> None:
+    """On the device, the presence and frequency penalties of each fed-back token t (Segment.feedback_penalty):
+    in each read row whose pair after its own holds -(1 + r), t = the token previous step's read row r
+    returned; the row's pairs (workers.packing: bias_ids, bias_values, bias_kind, bias_penalty) gain
+    -frequency, and -presence unless a pair of kind 2 names t (generated before), on t's own pair when
+    the row has one (in float64, as the host sums them), else on that marker pair, which becomes (t, it).
+    A few small [R, L] kernels, no host sync; only in steps with such a segment."""
+    r, w = step.layout.num_reads, step.layout.bias_width
+    (i0, i1), (v0, v1), (k0, k1), (p0, p1) = (step.offsets[f] for f in ("bias_ids", "bias_values", "bias_kind",
+                                                                         "bias_penalty"))
+    ids, kind = buffer[i0:i1].view(r, w), buffer[k0:k1].view(r, w)
+    values, penalty = buffer[v0:v1].view(torch.float64).view(r, w), buffer[p0:p1].view(torch.float64).view(r, 2)
+    marker = ids < 0  # [R, L]: at most one per row
+    source = (-1 - ids).clamp_(min=0, max=previous.numel() - 1)
+    token = torch.where(marker, previous[source].to(torch.int64), 0).sum(dim=1)  # [R] (0 in rows without one)
+    match = (ids == token[:, None]) & (kind > 0) & marker.any(dim=1, keepdim=True)  # t's own pair, if any
+    seen = (match & (kind == 2)).any(dim=1)
+    delta = -penalty[:, 1] - torch.where(seen, 0.0, penalty[:, 0])  # [R] float64
+    values.add_(torch.where(match, delta[:, None], 0.0))
+    values.copy_(torch.where(marker & ~match.any(dim=1, keepdim=True), delta[:, None], values))
+    ids.copy_(torch.where(marker, token[:, None], ids))
 
 
 @dataclass

@@ -49,6 +49,7 @@ def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
     for name, (start, end) in layout.offsets().items():
         view = buffer[start:end]
         views[name] = view.view(torch.float64) if name in FLOAT_FIELDS else view
+    del views["bias_kind"], views["bias_penalty"]  # (the runner's, for fed-back tokens: ModelRunner.launch)
     views["block_tables"] = views["block_tables"].view(layout.num_seqs, layout.max_blocks)
     views["token_bitmask"] = views["token_bitmask"].view(layout.num_reads, layout.mask_words)
     for name in ("bias_ids", "bias_values"):

@@ -73,6 +73,10 @@ def validate_step(step, seq_ids: list[str], vocab_size: int, num_kv_blocks: int)
         if bad.any():
             raise SegmentError(seq_ids[_first(bad, step.read_owner)], "logit_bias",
                                f"token ids must lie in 0..{vocab_size - 1} and biases be finite numbers")
+        bad = ~np.isfinite(step.view("bias_penalty").reshape(step.layout.num_reads, 2)[:r]).all(axis=1)
+        if bad.any():
+            raise SegmentError(seq_ids[_first(bad, step.read_owner)], "feedback_penalty",
+                               "presence and frequency must be finite numbers")
 
 
 def _check_bitmask(seq_id: str, mask: bytes, vocab_size: int) -> None:

@@ -15,6 +15,7 @@ from decoding.api import DecodeParamError
 from decoding.ar import ARDecoder
 from decoding.loop import decode_batch
 from decoding.params import DecodeParams
+from workers.batch import FeedbackPenalty, SegmentResult
 
 
 def _params(runner, **kw) -> DecodeParams:
@@ -73,3 +74,26 @@ def test_penalty_and_bias_values_are_checked(untied_runner, field, value):
     with pytest.raises(DecodeParamError) as err:
         _params(untied_runner, **{field: value})
     assert err.value.field == field
+
+
+def test_a_step_planned_ahead_carries_the_penalties_and_a_host_rerun_counts_the_fed_back_token():
+    # Asynchronous scheduling: the step after the one in flight holds the penalties of the tokens on the
+    # host in its logit bias and the fed-back token's own as Segment.feedback_penalty (the runner adds
+    # it: tests/workers/test_feedback.py); re-run from the host (ARDecoder.host_segment, after a failed
+    # step) its bias is the one a serial step states, with that token counted
+    params = DecodeParams(eos_token_id=2, mask_token_id=3, gen_length=24, slot_size=1, serial_num_blocks=1,
+                          presence_penalty=0.5, frequency_penalty=1.0, logit_bias={9: 2.0, 11: -1.0})
+    piped, serial = ARDecoder("s", [5, 6, 7], params), ARDecoder("s", [5, 6, 7], params)
+    for decoder in (piped, serial):
+        decoder.next_segment(64)  # the first generation step
+        decoder.absorb(SegmentResult("s", [9], [0.5]))
+        decoder.next_segment(64)  # feeds 9, reads the next token
+    ahead = piped.plan_ahead()
+    # (11 not generated yet: its pair comes first, FeedbackPenalty.unseen)
+    assert ahead.feedback and ahead.feedback_penalty == FeedbackPenalty(0.5, 1.0, unseen=1)
+    assert ahead.logit_bias == ((11, -1.0), (9, 2.0 - 0.5 - 1.0))
+    for decoder in (piped, serial):
+        decoder.absorb(SegmentResult("s", [11], [0.5]))  # the step in flight read 11
+    rerun = piped.host_segment(ahead)
+    assert (rerun.token_ids, rerun.feedback, rerun.feedback_penalty) == ([11], False, None)
+    assert rerun.logit_bias == serial.next_segment(64).logit_bias == ((9, 0.5), (11, -2.5))

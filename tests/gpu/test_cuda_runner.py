@@ -307,6 +307,18 @@ def test_the_first_generation_steps_read_feeds_the_step_launched_behind_it_on_cu
     assert_first_step_feedback_equals_serial(runner)
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_a_fed_back_tokens_penalties_are_added_on_the_device_on_cuda(tiny_model_dir, cuda_graphs):
+    # (asynchronous scheduling of a request with presence and frequency penalties: Segment.feedback_penalty
+    # resolved on the device before the graph's input copy)
+    from test_feedback import assert_feedback_penalties_equal_serial
+
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=64,
+                         cuda_graphs=cuda_graphs, compile_layers=False)
+    for rotation in range(3):
+        assert_feedback_penalties_equal_serial(runner, rotation)
+
+
 @pytest.mark.parametrize("block_size", [4, 16, 64])
 def test_paged_attention_on_cuda_matches_transformers(tiny_model_dir, block_size):
     """attention="paged" (workers.attention_paged: one Triton kernel per layer reads the paged cache in

@@ -89,7 +89,7 @@ async def test_concurrent_ar_requests_stream_the_same_as_one_step_after_the_othe
 
 
 async def test_requests_that_cannot_plan_ahead_run_beside_it_unchanged(runner):
-    # ReFusion, a frequency penalty and a grammar stop the pipeline while they run; it resumes after
+    # ReFusion and a grammar stop the pipeline while they run; it resumes after (a penalty does not)
     from llguidance import LLMatcher
 
     from decoding.grammar import GrammarSpec
@@ -203,13 +203,39 @@ async def test_logit_bias_ignore_eos_and_min_tokens_keep_the_pipeline(runner):
     assert _outcome(pipelined[5]) == _outcome(baseline[1])
 
 
+async def test_presence_and_frequency_penalties_keep_the_pipeline(runner):
+    # The step ahead holds the penalties of the tokens on the host in its logit bias, and the runner adds
+    # the fed-back token's own on the device (Segment.feedback_penalty): the same text as serial steps,
+    # greedy and sampled, with a logit bias and min_tokens beside them, and the penalties change it
+    plain = [_request(runner, "plain0", 0, max_tokens=40), _request(runner, "plain2", 2, max_tokens=40)]
+    baseline, _ = await _run(runner, plain, pipelined=False)
+    newline = runner.tokenizer.encode("\n")[0]
+    specs = [
+        _request(runner, "frequency", 0, {"frequency_penalty": 1.5}, max_tokens=40),
+        _request(runner, "presence", 2, {"presence_penalty": 2.0}, max_tokens=40),
+        _request(runner, "both_sampled", 1, {"presence_penalty": 0.7, "frequency_penalty": 0.4, "temperature": 0.8},
+                 max_tokens=40),
+        _request(runner, "with_bias", 3, {"frequency_penalty": 1.0, "logit_bias": {newline: 3.0}, "min_tokens": 20},
+                 max_tokens=40),
+        _request(runner, "negative", 4, {"frequency_penalty": -1.0}, max_tokens=40),
+    ]
+    serial, _ = await _run(runner, specs, pipelined=False)
+    pipelined, engine = await _run(runner, specs, pipelined=True)
+    _assert_same(specs, serial, pipelined)
+    assert engine.ahead_steps >= engine.forwards // 2, (engine.ahead_steps, engine.forwards)
+    for penalized, unpenalized in zip(pipelined[:2], baseline):
+        ids, plain_ids = _outcome(penalized)[1], _outcome(unpenalized)[1]
+        assert ids != plain_ids and len(set(ids)) / len(ids) > len(set(plain_ids)) / len(plain_ids)
+
+
 @pytest.mark.parametrize("fault", ["launch", "collect"])
 async def test_a_failed_step_ahead_is_planned_again_from_the_host(runner, fault):
     # The 6th launch of a step with fed-back tokens fails (fault "launch": the step after is planned
     # from the host's view instead), or the 6th such step fails on the device after its launch (fault
     # "collect": it is re-run item by item with the fed-back tokens given from the host). No request
-    # sees an error and every output is the serial one.
-    specs = _mixed(runner, 4)
+    # sees an error and every output is the serial one (a penalized request among them; its re-run step's
+    # bias is checked exactly in tests/decoding/test_penalties.py).
+    specs = _mixed(runner, 4) + [_request(runner, "penalty", 0, {"frequency_penalty": 2.0}, max_tokens=30)]
     serial, _ = await _run(runner, specs, pipelined=False)
     launch, collect, count = runner.launch, runner.collect, [0]
 

@@ -4,12 +4,14 @@ tokens, probabilities and K/V of the same steps run one by one with the tokens g
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from hf_oracle import segment  # noqa: E402
-from workers.batch import Reads, Sampling  # noqa: E402
+from workers.batch import FeedbackPenalty, Reads, Sampling  # noqa: E402
 from workers.runner import ModelRunner, SegmentError  # noqa: E402
 from workers.session import RunnerSession  # noqa: E402
 
@@ -105,6 +107,66 @@ def assert_first_step_feedback_equals_serial(runner) -> None:
 
 def test_the_first_generation_steps_read_feeds_the_step_launched_behind_it(runner):
     assert_first_step_feedback_equals_serial(runner)
+
+
+def assert_feedback_penalties_equal_serial(runner, rotation: int = 0) -> None:
+    """The presence and frequency penalties of a fed-back token t, added on the device
+    (Segment.feedback_penalty), give the tokens and probabilities of a serial step whose logit bias
+    counts t. Three cases, one per sequence, rotated so that greedy and sampled rows meet each: t has no
+    pair (the runner adds one), t has a user bias but was not generated (presence and frequency), t was
+    generated before (frequency only). Each case's pairs without t's penalty give other results, so
+    the penalty is what the comparison sees. (tests/gpu runs this on CUDA with graphs.)"""
+    presence, frequency = 1.5, 2.0
+    session = RunnerSession(runner)
+    last = _first_step(session)  # what each first step reads: the tokens fed back below
+    session.free_all()
+    host, serial = {}, {}  # per sequence: the pairs the host states ahead; those a serial step has
+    for k, s in enumerate(PROMPTS):
+        t, other = last[s], (last[s] + 1) % runner.info.vocab_size
+        case = (k + rotation) % 3
+        if case == 0:  # t has no pair: the runner adds (t, -presence - frequency)
+            host[s], unseen = ((other, -presence - frequency),), 0  # (other was generated before)
+            serial[s] = tuple(sorted({other: -presence - frequency, t: -presence - frequency}.items()))
+        elif case == 1:  # a user bias on t, which was not generated before
+            host[s], unseen = ((t, 4.0),), 1
+            serial[s] = ((t, 4.0 - presence - frequency),)
+        else:  # t was generated once before
+            host[s], unseen = ((t, 4.0 - presence - frequency),), 0
+            serial[s] = ((t, 4.0 - presence - 2 * frequency),)
+        host[s] = (host[s], FeedbackPenalty(presence, frequency, unseen))
+
+    def serial_step(biases):
+        session = RunnerSession(runner)
+        _first_step(session)
+        segs = [dataclasses.replace(_decode(s, len(p), last[s], 1), logit_bias=biases[s]) for s, p in PROMPTS.items()]
+        out = [(r.tokens, r.probs) for r in session.execute(segs)]
+        session.free_all()
+        return out
+
+    want = serial_step(serial)
+    without = serial_step({s: host[s][0] for s in PROMPTS})  # t's own penalty left out
+    assert all(w != o for w, o in zip(want, without))
+
+    piped = RunnerSession(runner)
+    first = [segment(s, 0, p, reads=Reads(argmax=(len(p) - 1,)) if SAMPLING[s].temperature == 0
+                     else Reads(sample=(len(p) - 1,)), sampling=SAMPLING[s]) for s, p in PROMPTS.items()]
+    launched = runner.launch(first, piped.tables.prepare(first))
+    segs = [dataclasses.replace(_decode(s, len(p), 0, 1, feedback=True), logit_bias=host[s][0],
+                                feedback_penalty=host[s][1]) for s, p in PROMPTS.items()]
+    ahead = runner.launch(segs, piped.tables.prepare(segs))
+    assert {r.seq_id: r.tokens[0] for r in runner.collect(launched)} == last
+    assert [(r.tokens, r.probs) for r in runner.collect(ahead)] == want
+    piped.free_all()
+
+
+@pytest.mark.parametrize("rotation", [0, 1, 2])
+def test_a_fed_back_tokens_penalties_are_added_on_the_device_as_the_host_would(runner, rotation):
+    assert_feedback_penalties_equal_serial(runner, rotation)
+
+
+def test_a_feedback_penalty_needs_a_fed_back_token():
+    with pytest.raises(ValueError, match="feedback_penalty"):
+        segment("a", 3, [7], reads=Reads(argmax=(0,)), feedback_penalty=FeedbackPenalty(0.5, 0.5))
 
 
 def test_feedback_without_a_read_in_the_previous_step_is_refused(runner):
