@@ -18,7 +18,7 @@ from integrations.openai_body import OpenAIBody, ResponseFormat, StreamOptions, 
 from integrations.openai_choices import MAX_CHOICES
 from integrations.request_limits import MAX_SEED, MIN_TOP_P, InputError, sampling_temperature
 from integrations.structured_output import response_format_grammar
-from scheduler.api import Mode, Priority
+from scheduler.api import MAX_TIME_MS, Mode, Priority
 from workers.batch import MAX_TOP_LOGPROBS
 
 
@@ -93,7 +93,7 @@ class SamplingFields(OpenAIBody):
     token_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K, description="0 or -1 = off (vLLM's meaning; the engine's 0)")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="vLLM's: 0 = off; AR sampling only")
-    max_time_ms: int | None = Field(default=None, ge=1)
+    max_time_ms: int | None = Field(default=None, ge=1, le=MAX_TIME_MS)
     # default: interactive with `suffix` (FIM), else batch; vLLM's integer priority 0 (its default) is unset
     priority: Literal["interactive", "batch"] | int | None = None
     # Structured outputs (integrations/structured_output.py): OpenAI's response_format (vLLM accepts it

@@ -68,6 +68,11 @@ class InvalidRequestError(EngineError):
         self.field, self.asked, self.most, self.prompt_tokens = field_name, asked, most, prompt_tokens
 
 
+# max_time_ms's largest value, 2^31 - 1 ms (about 24.8 days, JavaScript's setTimeout limit): longer is no
+# limit in practice, and a value of hundreds of digits overflowed the deadline's float in the engine loop
+MAX_TIME_MS = 2**31 - 1
+
+
 @dataclass
 class GenerationRequest:
     """One completion request. `params` holds decoding parameters by name (gen_length, slot_size,
@@ -81,7 +86,7 @@ class GenerationRequest:
     mode: Mode = Mode.AUTO
     priority: Priority = Priority.BATCH
     stop: list[str] = field(default_factory=list)
-    max_time_ms: int | None = None
+    max_time_ms: int | None = None  # 1..MAX_TIME_MS; None: no limit
     # Infill: the suffix placed after the gap as already-generated text (editor protocol).
     suffix_ids: list[int] | None = None
     # Most generated tokens returned (OpenAI max_tokens). ReFusion decodes whole slots, so gen_length may

@@ -270,7 +270,7 @@ class Engine:
                 ended = list(self.scheduler.running) + (list(self.scheduler.waiting) if failed_steps > 1 else [])
                 for req in ended:
                     req.in_flight = 0
-                    self._finish(req, FinishReason.ERROR, error="internal error in engine step")
+                    self._finish_or_abort(req, "internal error in engine step")
                 for req, _ in self._plan_items:  # cancelled while its segment ran: its KV waited for the forward
                     if req.in_flight and req.finished:
                         req.in_flight = 0
@@ -604,6 +604,31 @@ class Engine:
             log.info("finished", request_id=req.id, reason=reason.value, error=error, modes=req.mode_history,
                      tokens=req.generated_tokens(), forwards=req.forwards())
 
+    def _finish_or_abort(self, req: Request, error: str) -> None:
+        """End `req` with ERROR; should closing it raise (the fault that failed the step may be in the
+        request itself, e.g. a value that cannot become a deadline), take it out anyway: out of the
+        scheduler (its KV freed), its stream ended with the error, no metrics. The engine loop's
+        recovery calls this, so that it never dies on the request it is recovering from (then every
+        stream of the replica hung)."""
+        try:
+            self._finish(req, FinishReason.ERROR, error=error)
+            return
+        except Exception:  # noqa: BLE001 - the last resort: log it and take the request out
+            log.exception("finish_failed", request_id=req.id)
+        if req.finished:
+            return
+        req.finish_reason, req.error, req.finished_s = FinishReason.ERROR, error, time.monotonic()
+        try:
+            self.scheduler.remove(req)
+        except Exception:  # noqa: BLE001
+            log.exception("remove_failed", request_id=req.id)
+        req.status = RequestStatus.FINISHED
+        self._requests.pop(req.id, None)
+        self._ids.discard(req.id)
+        self._unstreamed.pop(req.id, None)
+        req.outbox.put_nowait(Delta(req.id, "", [], finished=True, finish_reason=FinishReason.ERROR, mode=req.mode,
+                                    error=error))
+
     @staticmethod
     def _eos_entry(req: Request):
         """The TokenLogprob of the EOS the text ended on, when it ended so (not on a stop string, a grammar's
@@ -629,7 +654,13 @@ class Engine:
     def _expire_deadlines(self, now: float) -> None:
         grace = self.config.deadline_grace_ms / 1000
         for req in self.scheduler.waiting + self.scheduler.running:
-            if req.deadline_s is not None and now >= req.deadline_s + grace:
+            try:
+                expired = req.deadline_s is not None and now >= req.deadline_s + grace
+            except Exception:  # noqa: BLE001 - its own fault fails it alone (not the step, which ends every request)
+                log.exception("deadline_failed", request_id=req.id)
+                self._finish_or_abort(req, "internal error: its deadline (max_time_ms) could not be computed")
+                continue
+            if expired:
                 self._finish(req, FinishReason.DEADLINE)
 
     # ---- admission ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 
 from decoding.api import DecodeParamError
-from scheduler.api import GenerationRequest, InvalidRequestError, Mode, Priority
+from scheduler.api import MAX_TIME_MS, GenerationRequest, InvalidRequestError, Mode, Priority
 
 
 def _token_list(value, field_name: str, vocab_size: int | None, *, allow_empty: bool) -> None:
@@ -51,8 +51,11 @@ def validate_request(spec: GenerationRequest, vocab_size: int | None, max_stop_s
         if outside:
             raise InvalidRequestError("logit_bias", f"token id {outside[0]} is outside the vocabulary 0..{vocab_size - 1}")
     max_time = spec.max_time_ms
-    if max_time is not None and (not isinstance(max_time, int) or isinstance(max_time, bool) or max_time <= 0):
-        raise InvalidRequestError("max_time_ms", f"must be a positive integer number of milliseconds or None, got {max_time!r}")
+    if max_time is not None and (not isinstance(max_time, int) or isinstance(max_time, bool)
+                                 or not 0 < max_time <= MAX_TIME_MS):
+        shown = max_time if not isinstance(max_time, int) or abs(max_time) < 10**30 else f"an integer of {len(str(abs(max_time)))} digits"
+        raise InvalidRequestError("max_time_ms", f"must be a positive integer number of milliseconds up to {MAX_TIME_MS} "
+                                  f"(about 24.8 days), or None for no limit, got {shown!r}")
 
 
 def parse_params(factory, params: dict):

@@ -83,6 +83,8 @@ HTTP_CASES = [
     _c("completions-nan", b'{"prompt": "x", "temperature": NaN}', field="NaN"),
     _c("completions-1e999", b'{"prompt": "x", "temperature": 1e999}', field="finite"),
     _c("completions-5000-digit-int", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", field="number"),
+    # (a 400-digit max_time_ms overflowed its deadline's float at every engine step, failing every request)
+    _c("completions-400-digit-max-time-ms", b'{"prompt": "x", "max_time_ms": 1' + b"0" * 400 + b"}", field="max_time_ms"),
     _c("completions-over-body-limit", b'{"prompt": "' + b"a" * (MAX_BODY_BYTES + 16) + b'"}', 413, "max_body_bytes"),
     _c("completions-deep-stop", {"prompt": "x", "stop": nested(70)}, field="stop"),
     _c("completions-huge-model-name", {"prompt": "x", "model": "m" * 100_000}, 404, "model"),

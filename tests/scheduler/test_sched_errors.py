@@ -190,3 +190,43 @@ async def test_a_step_that_fails_before_anything_runs_ends_the_waiting_requests_
     assert after[-1].finish_reason is FinishReason.LENGTH
     assert_idle(engine)
     await engine.stop()
+
+
+async def test_a_request_whose_deadline_cannot_be_computed_fails_alone_and_the_engine_keeps_serving(monkeypatch):
+    # A max_time_ms of 400 digits (refused at submit since; scheduler.validation) overflowed the deadline's
+    # float at the top of every step: the step failed, ending every running request, and the recovery,
+    # closing that request, raised again, which killed the engine loop (every stream of the replica hung
+    # until Ray Serve replaced it). Its own fault now ends it alone, and the recovery survives a request
+    # it cannot close (Engine._finish_or_abort).
+    from scheduler.request import Request
+
+    deadline = Request.deadline_s
+
+    def broken_for_bad(self):
+        if self.id == "bad":
+            raise OverflowError("int too large to convert to float")
+        return deadline.fget(self)
+
+    engine, _ = make_engine(prefix_cache=False)
+    await engine.start()
+    monkeypatch.setattr(Request, "deadline_s", property(broken_for_bad))
+    good, bad = await asyncio.wait_for(asyncio.gather(collect(engine, req("good", gen=12)), collect(engine, req("bad"))), 30)
+    assert bad[-1].finish_reason is FinishReason.ERROR and "max_time_ms" in bad[-1].error
+    assert good[-1].finish_reason is FinishReason.LENGTH and len(ids_of(good)) == 12
+    # The step's own recovery: a step fails (schedule raises once) while "bad", which cannot be closed
+    # normally, waits; the second failure in a row ends the waiting requests, "bad" taken out anyway
+    schedule, calls = engine.scheduler.schedule, [0]
+
+    def failing_schedule():
+        calls[0] += 1
+        raise RuntimeError("scheduler bug")
+
+    monkeypatch.setattr(engine, "_expire_deadlines", lambda now: None)  # (so that only the recovery meets it)
+    engine.scheduler.schedule = failing_schedule
+    bad = await asyncio.wait_for(collect(engine, req("bad")), 30)
+    assert bad[-1].finish_reason is FinishReason.ERROR and "internal error" in bad[-1].error and calls[0] == 2
+    engine.scheduler.schedule = schedule
+    after = await asyncio.wait_for(collect(engine, req("after")), 30)  # the loop is alive
+    assert after[-1].finish_reason is FinishReason.LENGTH
+    assert_idle(engine)
+    await engine.stop()
