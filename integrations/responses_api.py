@@ -96,7 +96,9 @@ class ResponseShell:
         cut = self.cut(last)
         observer = self.run.observer
         usage = {"input_tokens": observer.prompt_tokens,
-                 "input_tokens_details": {"cached_tokens": int((last.stats or {}).get("cached_prompt_tokens") or 0)},
+                 # (cache_write_tokens: 0, as /v1/messages' cache_creation_input_tokens: no client-managed cache)
+                 "input_tokens_details": {"cached_tokens": int((last.stats or {}).get("cached_prompt_tokens") or 0),
+                                          "cache_write_tokens": 0},
                  "output_tokens": observer.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": observer.prompt_tokens + observer.completion_tokens}
         out = self.object("incomplete" if cut else "completed", output, usage, "max_output_tokens" if cut else None)

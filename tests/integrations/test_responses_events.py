@@ -151,3 +151,28 @@ def test_text_parts_are_joined_by_newlines_as_on_chat():
     parts = [{"type": "input_text", "text": "def f():"}, {"type": "input_text", "text": "    return 1"}]
     [message] = ResponsesRequest(input=[{"role": "user", "content": parts}]).chat_request().messages
     assert message.content == "def f():\n    return 1"
+
+
+async def test_every_event_validates_against_the_openai_sdks_own_types():
+    # The SDK builds its objects without validating them, so a missing required field only shows to a
+    # strictly typed client: validate every event as the SDK's own class for its `type` (openai's usage
+    # has `input_tokens_details.cache_write_tokens`, required in the SDK's 3.x types), log probabilities
+    # from the real formatter on the shipped tokenizer
+    import typing
+    from pathlib import Path
+
+    from openai.types.responses import ResponseStreamEvent
+
+    from integrations.openai_logprobs import LogprobFormatter
+    from workers.loader import load_tokenizer
+
+    members = typing.get_args(typing.get_args(ResponseStreamEvent)[0])
+    classes = {typing.get_args(cls.model_fields["type"].annotation)[0]: cls for cls in members}
+    tokenizer = load_tokenizer(Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code")
+    body = ResponsesRequest(input="x", tools=[{"type": "function", "name": "ping"}], top_logprobs=2)
+    for pieces in (["Let me check. ", CALL, " Then I explain."], ["All done."]):
+        events = [e async for e in response_events(ResponseShell(body, _run()), _deltas(pieces),
+                                                   LogprobFormatter(tokenizer, 2), itertools.count())]
+        for event in events:
+            classes[event["type"]].model_validate(event)
+        assert events[-1]["response"]["usage"]["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
