@@ -102,9 +102,12 @@ def decode_frame(data: bytes | str | None, limits: Limits) -> Request:
     except Exception as exc:  # msgpack raises several unrelated types
         raise RpcError(PARSE_ERROR, f"frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(msg, (list, tuple)) or len(msg) != 4 or msg[0] != REQUEST:
-        raise RpcError(INVALID_REQUEST, "a request frame is the array [0, id, method, params]")
+        err = RpcError(INVALID_REQUEST, "a request frame is the array [0, id, method, params]")
+        if isinstance(msg, (list, tuple)) and len(msg) >= 2 and msg[0] == REQUEST and _is_id(msg[1]):
+            raise _with_id(err, msg[1])  # (a short or long request whose id is readable: answered with it)
+        raise err
     _, msg_id, method, params = msg
-    if not isinstance(msg_id, (int, str)) or isinstance(msg_id, bool):
+    if not _is_id(msg_id):
         raise RpcError(INVALID_REQUEST, "request id must be an integer or a string")
     if not isinstance(method, str):
         raise _with_id(RpcError(INVALID_REQUEST, "method must be a string"), msg_id)
@@ -113,6 +116,10 @@ def decode_frame(data: bytes | str | None, limits: Limits) -> Request:
     if not isinstance(params, dict):
         raise _with_id(RpcError(INVALID_REQUEST, "params must be a map (or nil)"), msg_id)
     return Request(msg_id, method, params)
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
 def _with_id(err: RpcError, msg_id) -> RpcError:

@@ -333,6 +333,19 @@ def test_seed_bounds_on_the_editor_protocol():
     assert err.value.data == {"field": "seed"}
 
 
+@pytest.mark.parametrize("value, request_id", [([0, 26], 26), ([0, "a", "complete"], "a"), ([0, 3, "x", {}, 5], 3),
+                                               ([0, True], None), ([0, 1.5], None), ([1, 4, None, None], None), ({0: 7}, None)])
+def test_a_malformed_request_frame_is_answered_with_its_id_when_one_can_be_read(value, request_id):
+    # (docs/editor-protocol.md: the error's id is nil only when the id could not be read)
+    import msgpack
+
+    from integrations.editor import protocol as rpc
+
+    with pytest.raises(rpc.RpcError) as err:
+        rpc.decode_frame(msgpack.packb(value), rpc.Limits())
+    assert err.value.code == rpc.INVALID_REQUEST and getattr(err.value, "request_id", None) == request_id
+
+
 
 
 # --- a request cancelled by the server ---------------------------------------------------------------
