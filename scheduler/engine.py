@@ -264,20 +264,30 @@ class Engine:
             except Exception:  # keep serving: a bug in one step must not kill every stream
                 log.exception("step_failed")
                 failed_steps += 1
-                await self._abandon_ahead()
-                # The running requests end; the waiting ones too when the step failed again (a fault
-                # before anything runs, e.g. in scheduling, would otherwise spin this loop forever)
-                ended = list(self.scheduler.running) + (list(self.scheduler.waiting) if failed_steps > 1 else [])
-                for req in ended:
-                    req.in_flight = 0
-                    self._finish_or_abort(req, "internal error in engine step")
-                for req, _ in self._plan_items:  # cancelled while its segment ran: its KV waited for the forward
-                    if req.in_flight and req.finished:
+                try:
+                    await self._recover(failed_steps)
+                except Exception:  # noqa: BLE001 - the recovery's own fault must not end the loop either
+                    log.exception("recovery_failed")
+                    for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                         req.in_flight = 0
-                        self.kv.free(req)
-                        self.scheduler.blocks_freed()
+                        self._finish_or_abort(req, "internal error in engine step")
             finally:
                 self._plan_items = []
+
+    async def _recover(self, failed_steps: int) -> None:
+        """After a failed step: the step launched ahead is dropped and the running requests end with an
+        error; the waiting ones too when the step failed again (a fault before anything runs, e.g. in
+        scheduling, would otherwise spin the loop forever)."""
+        await self._abandon_ahead()
+        ended = list(self.scheduler.running) + (list(self.scheduler.waiting) if failed_steps > 1 else [])
+        for req in ended:
+            req.in_flight = 0
+            self._finish_or_abort(req, "internal error in engine step")
+        for req, _ in self._plan_items:  # cancelled while its segment ran: its KV waited for the forward
+            if req.in_flight and req.finished:
+                req.in_flight = 0
+                self.kv.free(req)
+                self.scheduler.blocks_freed()
 
     async def step(self) -> None:
         """One engine step: schedule -> execute -> postprocess. Under asynchronous scheduling the step the

@@ -230,3 +230,28 @@ async def test_a_request_whose_deadline_cannot_be_computed_fails_alone_and_the_e
     assert after[-1].finish_reason is FinishReason.LENGTH
     assert_idle(engine)
     await engine.stop()
+
+
+async def test_a_fault_in_the_recovery_from_a_failed_step_ends_the_requests_and_the_loop_keeps_serving(monkeypatch):
+    # A step fails (here: scheduling raises) and the recovery itself raises (here: dropping the step
+    # launched ahead): the loop ended then, and every stream of the engine hung. Now every request ends
+    # with the error and the loop goes on.
+    engine, _ = make_engine(prefix_cache=False)
+    await engine.start()
+    schedule = engine.scheduler.schedule
+
+    def broken():
+        raise RuntimeError("scheduler bug")
+
+    async def broken_abandon():
+        raise RuntimeError("recovery bug")
+
+    engine.scheduler.schedule = broken
+    monkeypatch.setattr(engine, "_abandon_ahead", broken_abandon)
+    failed = await asyncio.wait_for(asyncio.gather(collect(engine, req("a")), collect(engine, req("b"))), 30)
+    assert all(d[-1].finish_reason is FinishReason.ERROR and "internal error" in d[-1].error for d in failed)
+    engine.scheduler.schedule = schedule
+    after = await asyncio.wait_for(collect(engine, req("c")), 30)
+    assert after[-1].finish_reason is FinishReason.LENGTH
+    assert_idle(engine)
+    await engine.stop()
