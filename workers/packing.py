@@ -311,12 +311,13 @@ def _fill_bias(step: PackedStep, segments: list[Segment], kinds: np.ndarray, own
         if penalty is not None:
             if pair_kinds is None:
                 pair_kinds, penalties = np.zeros((len(segments), w), dtype=np.int64), np.zeros((len(segments), 2))
-            unseen = min(max(int(penalty.unseen), 0), len(pairs))
-            pair_kinds[i, :unseen], pair_kinds[i, unseen:len(pairs)] = 1, 2
             try:
+                unseen = min(max(int(penalty.unseen), 0), len(pairs))
                 penalties[i] = (penalty.presence, penalty.frequency)
             except (TypeError, ValueError):
-                raise SegmentError(ids[i], "feedback_penalty", "presence and frequency must be numbers") from None
+                raise SegmentError(ids[i], "feedback_penalty", "presence and frequency must be numbers and unseen "
+                                   "an integer") from None
+            pair_kinds[i, :unseen], pair_kinds[i, unseen:len(pairs)] = 1, 2
     chosen = (kinds == 0) | (kinds == 2)
     tables = [("bias_ids", tokens, 0), ("bias_values", values, 0.0)]
     if pair_kinds is not None:

@@ -309,7 +309,8 @@ def _resolve_feedback_penalty(buffer: torch.Tensor, step: PackedStep, previous: 
     in each read row whose pair after its own holds -(1 + r), t = the token previous step's read row r
     returned; the row's pairs (workers.packing: bias_ids, bias_values, bias_kind, bias_penalty) gain
     -frequency, and -presence unless a pair of kind 2 names t (generated before), on t's own pair when
-    the row has one (in float64, as the host sums them), else on that marker pair, which becomes (t, it).
+    the row has one (its first, should a caller name t twice; in float64, which the host's own sum matches
+    to float64 rounding, below the float32 the reads add), else on that marker pair, which becomes (t, it).
     A few small [R, L] kernels, no host sync; only in steps with such a segment."""
     r, w = step.layout.num_reads, step.layout.bias_width
     (i0, i1), (v0, v1), (k0, k1), (p0, p1) = (step.offsets[f] for f in ("bias_ids", "bias_values", "bias_kind",
@@ -319,8 +320,9 @@ def _resolve_feedback_penalty(buffer: torch.Tensor, step: PackedStep, previous: 
     marker = ids < 0  # [R, L]: at most one per row
     source = (-1 - ids).clamp_(min=0, max=previous.numel() - 1)
     token = torch.where(marker, previous[source].to(torch.int64), 0).sum(dim=1)  # [R] (0 in rows without one)
-    match = (ids == token[:, None]) & (kind > 0) & marker.any(dim=1, keepdim=True)  # t's own pair, if any
+    match = (ids == token[:, None]) & (kind > 0) & marker.any(dim=1, keepdim=True)  # t's own pairs, if any
     seen = (match & (kind == 2)).any(dim=1)
+    match &= match.cumsum(dim=1) == 1  # (the first: a decoder's pairs name each token once)
     delta = -penalty[:, 1] - torch.where(seen, 0.0, penalty[:, 0])  # [R] float64
     values.add_(torch.where(match, delta[:, None], 0.0))
     values.copy_(torch.where(marker & ~match.any(dim=1, keepdim=True), delta[:, None], values))

@@ -164,9 +164,36 @@ def test_a_fed_back_tokens_penalties_are_added_on_the_device_as_the_host_would(r
     assert_feedback_penalties_equal_serial(runner, rotation)
 
 
-def test_a_feedback_penalty_needs_a_fed_back_token():
+def test_a_fed_back_tokens_penalty_is_added_once_when_a_caller_names_it_twice(runner):
+    # (a decoder's pairs name each token once; a caller's duplicate pairs add up, and the penalty is
+    # added to the first of them only, as a host step with the same pairs and one penalty)
+    session = RunnerSession(runner)
+    t = _first_step(session)["a"]
+    session.free_all()
+
+    def run(pairs, piped):
+        session = RunnerSession(runner)
+        first = [segment("a", 0, PROMPTS["a"], reads=Reads(argmax=(len(PROMPTS["a"]) - 1,)))]
+        launched = runner.launch(first, session.tables.prepare(first))
+        seg = dataclasses.replace(_decode("a", len(PROMPTS["a"]), 0 if piped else t, 1, feedback=piped), logit_bias=pairs,
+                                  feedback_penalty=FeedbackPenalty(1.0, 1.0, unseen=len(pairs)) if piped else None)
+        ahead = runner.launch([seg], session.tables.prepare([seg]))
+        runner.collect(launched)
+        out = [(r.tokens, r.probs) for r in runner.collect(ahead)]
+        session.free_all()
+        return out
+
+    assert run(((t, 4.0), (t, 1.0)), piped=True) == run(((t, 4.0 - 2.0), (t, 1.0)), piped=False)
+
+
+def test_a_feedback_penalty_needs_a_fed_back_token_and_numbers(runner):
     with pytest.raises(ValueError, match="feedback_penalty"):
         segment("a", 3, [7], reads=Reads(argmax=(0,)), feedback_penalty=FeedbackPenalty(0.5, 0.5))
+    for bad in (FeedbackPenalty("x", 0.5), FeedbackPenalty(0.5, 0.5, unseen=None), FeedbackPenalty(float("nan"), 0.5)):
+        seg = segment("a", 0, [7], reads=Reads(argmax=(0,)), logit_bias=((3, 1.0),), feedback=True, feedback_penalty=bad)
+        with pytest.raises(SegmentError) as err:
+            runner.pack([seg], [[0]])
+        assert (err.value.seq_id, err.value.field) == ("a", "feedback_penalty")
 
 
 def test_feedback_without_a_read_in_the_previous_step_is_refused(runner):
