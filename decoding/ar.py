@@ -182,10 +182,11 @@ class ARDecoder:
         generation step, exactly as `next_segment(budget)` will state it once the chunk is absorbed (the
         prompt is on the host; `budget`: the step's tokens left).
         None when the next step depends on the step in flight's token on the host: a grammar's mask or
-        forced tokens, prompt scoring (its chunks read the prompt); when the step in flight may be the last (it reads the span's last token); or when a
-        step is planned ahead already. The next `absorb` takes the result of the step in flight; the one
-        after takes this step's. If the step in flight ends the request (EOS), this step is wasted: the
-        caller drops its result and frees its KV, as for a cancel."""
+        forced tokens, prompt scoring (its chunks read the prompt); when the step in flight may be the
+        last (it reads the span's last token); or when a step is planned ahead already. The next
+        `absorb` takes the result of the step in flight; the one after takes this step's. If the step in
+        flight ends the request (EOS), this step is wasted: the caller drops its result and frees its
+        KV, as for a cancel."""
         seg, p = self._in_flight, self.params
         if seg is None or self._ahead is not None or self.constraint is not None or self._catch_up:
             return None

@@ -53,7 +53,9 @@ def validate_request(spec: GenerationRequest, vocab_size: int | None, max_stop_s
     max_time = spec.max_time_ms
     if max_time is not None and (not isinstance(max_time, int) or isinstance(max_time, bool)
                                  or not 0 < max_time <= MAX_TIME_MS):
-        shown = max_time if not isinstance(max_time, int) or abs(max_time) < 10**30 else f"an integer of {len(str(abs(max_time)))} digits"
+        shown = max_time
+        if isinstance(max_time, int) and abs(max_time) >= 10**30:  # (not quoted whole: it may have thousands of digits)
+            shown = f"an integer of {len(str(abs(max_time)))} digits"
         raise InvalidRequestError("max_time_ms", f"must be a positive integer number of milliseconds up to {MAX_TIME_MS} "
                                   f"(about 24.8 days), or None for no limit, got {shown!r}")
 
