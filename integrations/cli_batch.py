@@ -57,6 +57,21 @@ class BatchArgumentError(ValueError):
         self.flag = flag
 
 
+class BatchOutputError(Exception):
+    """The results could not be written (a full disk, a lost mount): the run stops there."""
+
+
+def _written(action, path: str) -> None:
+    """Run a write, flush or close of the output; an OSError (but a reader that stopped reading `-o -`,
+    BrokenPipeError, which `run` handles) becomes BatchOutputError naming the file and the reason."""
+    try:
+        action()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise BatchOutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `refusion run-batch` (vLLM's names where it has them)."""
     a = parser.add_argument
@@ -89,6 +104,9 @@ def run(args) -> int:
         return 130
     except BrokenPipeError:  # -o - into a reader that stopped reading (`| head`): nothing more to say there
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # keep the exit-time flush quiet
+        return 1
+    except BatchOutputError as exc:  # (the lines counted were handed to the file, not all of them stored)
+        print(f"refusion run-batch: error: --output-file: {exc}; stopped: {progress.summary()}", file=sys.stderr)
         return 1
     print(f"refusion run-batch: {progress.summary()}", file=sys.stderr)
     return 0
@@ -164,15 +182,21 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     output = _open_output(args.output_file)  # only now: a refused run leaves an existing file as it was
     await engine.start()
     progress.started = time.monotonic()
+    answered = False
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://refusion-batch", timeout=None) as http:
-            await BatchRun(http, args.concurrency, output, progress).answer_all(requests)
+            await BatchRun(http, args.concurrency, output, progress, args.output_file).answer_all(requests)
         progress.finished = time.monotonic()
+        answered = True
     finally:
         await engine.stop(drain_timeout_s=0)
         if output is not sys.stdout:
-            output.close()
+            try:
+                _written(output.close, args.output_file)
+            except BatchOutputError:
+                if answered:  # (else the run is ending on an error already: a failed write, an interrupt)
+                    raise
     return progress
 
 
@@ -283,8 +307,8 @@ class BatchRun:
     written in input order as soon as every earlier one is done (a long batch's output grows as it
     runs); a request refused as full waits for another to finish (`finished`) and is retried."""
 
-    def __init__(self, http, concurrency: int, output, progress: Progress):
-        self.http, self.output, self.progress = http, output, progress
+    def __init__(self, http, concurrency: int, output, progress: Progress, path: str = "-"):
+        self.http, self.output, self.progress, self.path = http, output, progress, path
         self.gate = asyncio.Semaphore(concurrency)
         self.posting = 0  # requests being answered by the app right now (holding engine room, or asking)
         self.done = 0  # requests answered for good so far
@@ -304,10 +328,11 @@ class BatchRun:
                 async with self.gate:
                     results[k] = await self._post(request)
             while written < len(results) and results[written] is not None:
-                self.output.write(json.dumps(results[written], ensure_ascii=False) + "\n")
+                line = json.dumps(results[written], ensure_ascii=False) + "\n"
+                _written(lambda: self.output.write(line), self.path)
                 self.progress.add(results[written])
                 written += 1
-            self.output.flush()
+            _written(self.output.flush, self.path)
 
         await asyncio.gather(*(answer(k) for k in range(len(requests))))
 

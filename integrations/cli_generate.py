@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-file", help="file holding the prompt text (UTF-8); - for standard input")
     a("--mode", choices=["refusion", "ar"], default="refusion")
-    a("--gen-length", type=int, help="tokens to generate (rounded up to a multiple of --slot-size)")
+    a("--gen-length", type=int, help="tokens to generate (ReFusion, or AR with --slot-size: rounded up to a "
+      "multiple of --slot-size)")
     a("--slot-size", type=int, help="ReFusion slot size S")
     a("--blocks", type=int, help="ReFusion serial blocks (gen-length / blocks must be a multiple of S)")
     a("--slot-threshold", type=float, help="ReFusion plan: choose slots whose confidence exceeds this")
@@ -140,6 +141,10 @@ def _params(model_dir: Path, args, runner):
         value = getattr(args, flag[2:].replace("-", "_"))  # "--gen-length" -> args.gen_length
         if value is not None:
             values[name] = value
+    if args.mode == "ar" and args.slot_size is None:
+        # AR decodes token by token: --gen-length is decoded exactly, not rounded up to the model's slot
+        # (a length that fits the context was refused, quoting the rounded one)
+        values["slot_size"] = 1
     if args.blocks is None:
         # As the API does (openai_sampling.fitting_block_count): without --blocks, the model's block count
         # shrinks to one that splits --gen-length into whole slots instead of failing (the API may also

@@ -220,3 +220,16 @@ def test_bad_files_are_one_line_on_stderr_and_leave_the_output_alone(tmp_path, t
                                   str(target), "--model", str(tiny_model_dir)], cwd=REPO,
                                  capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2 and why in refused.stderr, refused.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device whose writes fail with ENOSPC)")
+def test_an_output_that_cannot_be_written_is_one_line_on_stderr(tmp_path, tiny_model_dir):
+    # /dev/full stands for a disk that fills up mid-run: two chained tracebacks before
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(_line(f"r{i}", "/v1/completions", {
+        "model": tiny_model_dir.name, "prompt": f"x = {i}", "max_tokens": 4, **SAMPLED})) + "\n" for i in range(3)))
+    proc = subprocess.run([sys.executable, "-m", "integrations.cli", "run-batch", "-i", str(source), "-o", "/dev/full",
+                           "--model", str(tiny_model_dir)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--output-file: cannot write /dev/full: No space left on device; stopped:" in proc.stderr

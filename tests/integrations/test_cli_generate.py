@@ -94,6 +94,31 @@ def test_plain_output_is_the_completion_text_and_ar_mode_works(tiny_model_dir, t
     assert code == 0 and out == result["text"] + "\n"
 
 
+def test_ar_mode_decodes_the_gen_length_asked_and_takes_one_that_fits_the_context_exactly(tiny_model_dir, tmp_path, capsys):
+    # --mode ar rounded --gen-length up to the model's slot (8) and refused a length that fits, quoting
+    # the rounded one ("4096 tokens after a 4-token prompt exceed ... use at most 4092" for 4092)
+    from workers.runner import ModelRunner
+
+    code, out, err = _run(capsys, "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "ar", "--gen-length", "7",
+                          "--json")
+    assert code == 0 and err == "" and json.loads(out)["params"]["gen_length"] == 7
+    tokenizer = ModelRunner(tiny_model_dir).tokenizer
+    text = "x = 1\n" * 1000
+    while len(tokenizer(text)["input_ids"]) > 4089:
+        text = text[: -len("x = 1\n")]
+    room = 4096 - len(tokenizer(text)["input_ids"])
+    if room % 8 == 0:  # (a length the slot would not round)
+        text = text[: -len("x = 1\n")]
+        room = 4096 - len(tokenizer(text)["input_ids"])
+    assert room % 8
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(text)
+    code, out, err = _run(capsys, "--model", str(tiny_model_dir), "--prompt-file", str(prompt), "--mode", "ar",
+                          "--gen-length", str(room), "--temperature", "0", "--json")
+    assert code == 0 and err == "", err
+    assert json.loads(out)["params"]["gen_length"] == room
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
