@@ -154,6 +154,12 @@ class Segment:
     # top of `logit_bias` (which holds those of the tokens before it), so that a request with penalties
     # plans ahead too. None: none.
     feedback_penalty: FeedbackPenalty | None = None
+    # Grammar-constrained decoding under asynchronous scheduling: the bitmask of the segment's argmax and
+    # sample rows is given after the step is launched (ModelRunner.finish_reads), once the host knows the
+    # token in flight that the grammar's next state depends on; the runner keeps those rows' logits and
+    # makes their reads then (vLLM applies its grammar bitmask after the forward the same way). Needs
+    # token_bitmask None and no logits reads.
+    deferred_mask: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -177,6 +183,9 @@ class Segment:
         if self.feedback_penalty is not None and not self.feedback:
             raise ValueError(f"{name}: feedback_penalty is the penalty of a fed-back token; set feedback=True "
                              "or put the penalties in logit_bias")
+        if self.deferred_mask and (self.token_bitmask is not None or r.logits or not (r.argmax or r.sample)):
+            raise ValueError(f"{name}: deferred_mask needs argmax or sample reads, no logits reads and "
+                             "token_bitmask None (the bitmask comes with ModelRunner.finish_reads)")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"{name}: logprobs must lie in 0..{MAX_TOP_LOGPROBS} or be None, got {self.logprobs}")
 

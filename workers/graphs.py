@@ -52,7 +52,7 @@ import torch
 
 from workers.packing import MIN_BLOCKS, StepLayout
 
-StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (model, kv, buffer, layout) -> (values, logits)
+StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (model, kv, buffer, layout) -> (values, logits, kept)
 
 
 @dataclass(frozen=True)
@@ -107,14 +107,16 @@ def startup_steps(policy: GraphPolicy, block_size: int, max_context: int) -> lis
 
 @dataclass
 class CapturedStep:
-    """A captured step: feed `input` (static buffer), `replay()`, read `values`."""
+    """A captured step: feed `input` (static buffer), `replay()`, read `values` (and `kept`, the deferred
+    read rows' logits [D, V]; [0, V] for a layout without deferred reads)."""
 
     input: torch.Tensor
     replay: Callable[[], None]
     values: torch.Tensor
+    kept: torch.Tensor
 
 
-Capture = Callable[[StepFn, tuple, torch.Tensor, StepLayout], tuple[CapturedStep, tuple[torch.Tensor, torch.Tensor]]]
+Capture = Callable[[StepFn, tuple, torch.Tensor, StepLayout], tuple[CapturedStep, tuple[torch.Tensor, ...]]]
 
 
 class StepGraphs:
@@ -131,15 +133,16 @@ class StepGraphs:
         self.eager_steps = 0
         self.startup: dict | None = None  # {"graphs", "seconds", "bytes"} once start-up capture ran
 
-    def __call__(self, model, kv, buffer: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(values, logits) as step_forward's; logits is None when the step replayed a graph (graphs keep
-        none: use `eager` for a step that reads logits rows)."""
+    def __call__(self, model, kv, buffer: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                                       torch.Tensor]:
+        """(values, logits, kept) as step_forward's; logits is None when the step replayed a graph (graphs
+        keep none: use `eager` for a step that reads logits rows; they keep the deferred rows' [D, V])."""
         graph = self.graphs.get(layout)
         if graph is not None:
             graph.input.copy_(buffer)
             graph.replay()
             self.replays += 1
-            return graph.values, None
+            return graph.values, None, graph.kept
         if not self.policy.admits(layout, len(self.graphs), self.bytes_used):
             return self.eager(model, kv, buffer, layout)
         start, before = time.perf_counter(), _reserved(buffer.device)
@@ -149,7 +152,7 @@ class StepGraphs:
         self.graphs[layout] = graph
         return outputs
 
-    def eager(self, model, kv, buffer: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    def eager(self, model, kv, buffer: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, ...]:
         """The step run eagerly, graphs aside (counted in `eager_steps`): for a layout not admitted, and for
         a step that reads logits rows."""
         self.eager_steps += 1
@@ -175,11 +178,11 @@ class CudaCapture:
         self.pool = None
 
     def __call__(self, step_fn: StepFn, state: tuple, buffer: torch.Tensor,
-                 layout: StepLayout) -> tuple[CapturedStep, tuple[torch.Tensor, torch.Tensor]]:
+                 layout: StepLayout) -> tuple[CapturedStep, tuple[torch.Tensor, ...]]:
         """Run the step once eagerly on a side stream (its real execution; cuBLAS and friends set up their
         workspaces there, as CUDA graph capture requires), then capture it reading a static copy of
-        `buffer`, keeping its values only (its logits' memory returns to the pool). Returns the captured
-        step and the eager run's outputs (values, logits)."""
+        `buffer`, keeping its values and the deferred rows' logits only (the [R, V] logits' memory returns
+        to the pool). Returns the captured step and the eager run's outputs (values, logits, kept)."""
         model, kv = state
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
@@ -193,5 +196,5 @@ class CudaCapture:
         torch.cuda.current_stream(buffer.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            values, _ = step_fn(model, kv, static, layout)
-        return CapturedStep(static, graph.replay, values), outputs
+            values, _, kept = step_fn(model, kv, static, layout)
+        return CapturedStep(static, graph.replay, values, kept), outputs

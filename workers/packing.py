@@ -31,6 +31,10 @@ Fields (one row per entry; "row" = packed token index):
                      fed-back token (f64 bits; 0 without). Such a row's pair after its own is where the
                      runner puts that token's penalty (ModelRunner.launch); the step function reads ids
                      and values only
+    deferred_rows    [D] only in steps with a Segment.deferred_mask (D = layout.deferred_reads > 0): the
+                     read rows (indices into R) of those segments' argmax and sample rows, whose logits
+                     the step keeps for the reads ModelRunner.finish_reads makes once their bitmasks are
+                     known; padding: row 0
 Padding tokens are token 0 at position 0 of sequence 0 writing the scratch slot; padding read rows read
 row 0 greedily. Their outputs are never returned.
 """
@@ -80,6 +84,7 @@ class StepLayout:
     logprobs: bool = False  # some segment asks for log probabilities: reads add MAX_TOP_LOGPROBS alternatives
     ranks: bool = False  # some segment with logprobs asks for ranks (Segment.ranks): reads fill the rank row
     bias_width: int = 0  # (token, bias) pairs per read row (0: no segment has Segment.logit_bias)
+    deferred_reads: int = 0  # D: read rows whose logits the step keeps for reads made later (Segment.deferred_mask)
 
     def sizes(self) -> list[tuple[str, int]]:
         t, b, r = self.num_tokens, self.num_seqs, self.num_reads
@@ -87,7 +92,8 @@ class StepLayout:
                 + [("block_tables", b * self.max_blocks)] + [(f, r) for f in READ_FIELDS]
                 + [("token_bitmask", r * self.mask_words)]
                 + [("bias_ids", r * self.bias_width), ("bias_values", r * self.bias_width),
-                   ("bias_kind", r * self.bias_width), ("bias_penalty", r * 2 * (self.bias_width > 0))])
+                   ("bias_kind", r * self.bias_width), ("bias_penalty", r * 2 * (self.bias_width > 0)),
+                   ("deferred_rows", self.deferred_reads)])
 
     def offsets(self) -> dict[str, tuple[int, int]]:
         """Field -> (start, end) in the buffer."""
@@ -120,6 +126,7 @@ class PackedStep:
     offsets: dict[str, tuple[int, int]] = field(default_factory=dict)  # layout.offsets(), computed once
     token_bitmasks: list = field(default_factory=list)  # [n_seg] Segment.token_bitmask (validation)
     feedback_penalty: bool = False  # some segment has Segment.feedback_penalty (the runner resolves it)
+    deferred: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [d] read rows, deferred
 
     def __post_init__(self) -> None:
         self.offsets = self.layout.offsets()
@@ -203,9 +210,16 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
                        if g.reads.argmax or g.reads.sample), default=0)
     if len(kinds) and widest_bias:
         layout = dataclasses.replace(layout, bias_width=bucket(widest_bias, MIN_BIAS))
+    deferred = [i for i, g in enumerate(segments) if g.deferred_mask]
+    if deferred and len(kinds):
+        chosen = np.flatnonzero(np.isin(read_owner, deferred) & ((kinds == 0) | (kinds == 2)))
+        layout = dataclasses.replace(layout, deferred_reads=bucket(len(chosen), 1) if pad else len(chosen))
     step = PackedStep(layout, np.zeros(layout.size, dtype=np.int64), t, len(rows),
                       np.concatenate(([0], np.cumsum(n_reads))), counts[:, :3].sum(1), counts[:, 3], seg,
                       np.append(flat_tables, scratch_block), kinds, read_owner)
+    if layout.deferred_reads:
+        step.deferred = chosen
+        step.view("deferred_rows")[:len(chosen)] = chosen  # (padding: row 0, whose kept logits go unread)
     q_start = _fill_tokens(step, tokens, positions, run_lens, scratch_block)
     _fill_sequences(step, q_start, scratch_block)
     _fill_reads(step, q_start, rows, kinds, read_owner, prob_tokens)

@@ -5,7 +5,9 @@ One `execute` call = one engine step:
     -> step_forward (workers.step: forward of every token, K/V writes, reads of every read row)
     -> one device->host copy of [2, R] float64 -> SegmentResults.
 `execute` = `collect(launch(...))`: `launch` queues the step's device work and its results' copy to the
-host and returns; `collect` waits for them. A segment with `feedback` takes its first token from the
+host and returns; `collect` waits for them. A step with grammar-constrained segments whose bitmasks are
+not known at launch (Segment.deferred_mask) keeps those rows' logits; `finish_reads(launched, bitmasks)`
+makes their reads and queues the copy to the host. A segment with `feedback` takes its first token from the
 previous launched step's read on the device, so step N + 1 can be launched before step N's results
 reach the host (the engine's asynchronous scheduling, EngineConfig.async_scheduling).
 The runner owns tensors and the device, never KV blocks (style rule 13): whoever schedules the
@@ -35,9 +37,10 @@ from workers.graphs import GraphPolicy, StepGraphs, startup_steps
 from workers.kv_cache import PagedKVCache, blocks_for_budget
 from workers.model import Qwen3, build_model, compiled_kernels
 from workers.packing import PackedStep, pack_step
-from workers.step import step_forward
+from workers.reads import ReadParams, apply_token_bitmask, compute_reads
+from workers.step import step_arrays, step_forward
 from workers.transfer import StepUploader
-from workers.validation import SegmentError, validate_step
+from workers.validation import SegmentError, check_bitmask, validate_step
 
 __all__ = ["DTYPES", "LaunchedStep", "ModelInfo", "ModelRunner", "SegmentError"]
 
@@ -152,6 +155,7 @@ class ModelRunner:
         self._uploader = StepUploader(self.device)
         # (the last launched step's device values [rows, R], {seq_id: its first read row}): launch's feedback
         self._feedback_from: tuple[torch.Tensor, dict[str, int]] | None = None
+        self._unfinished: LaunchedStep | None = None  # the last launched step, while its deferred reads wait
         self.info = ModelInfo(
             vocab_size=config.vocab_size, eos_token_id=config.eos_token_id, mask_token_id=mask_id,
             num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_heads,
@@ -217,9 +221,14 @@ class ModelRunner:
 
         block_tables[i] is segment i's block table covering context_len + num_kept tokens. Raises
         SegmentError (a ValueError naming seq_id and field) before any device work for a segment that
-        cannot run; nothing is written then. Equals `collect(launch(...))`."""
+        cannot run (also for Segment.deferred_mask: its bitmask comes after launch, `finish_reads`); nothing
+        is written then. Equals `collect(launch(...))`."""
         if not segments:
             return []
+        deferred = next((s for s in segments if s.deferred_mask), None)
+        if deferred is not None:
+            raise SegmentError(deferred.seq_id, "deferred_mask", "execute makes every read at once; give "
+                               "token_bitmask, or use launch and finish_reads")
         return self.collect(self.launch(segments, block_tables))
 
     def launch(self, segments: Sequence[Segment], block_tables: Sequence[list[int]]) -> LaunchedStep:
@@ -229,18 +238,30 @@ class ModelRunner:
         the token its sequence's first read returned in the previous launched step, so a caller may launch
         step N + 1 before it collects step N (scheduler.engine's asynchronous scheduling). Raises
         SegmentError before any device work, as `execute`, also for a feedback segment whose sequence
-        read nothing in the previous launched step (field "feedback")."""
+        read nothing in the previous launched step (field "feedback").
+        A step with Segment.deferred_mask segments is queued without those rows' reads and its results'
+        copy: `finish_reads` gives their bitmasks and queues them. RuntimeError for a feedback step
+        launched before the previous step's deferred reads are finished (its tokens would be read before
+        they are chosen); a step without feedback finishes them unconstrained first (the caller
+        abandoned that step: its results are not used)."""
         segments = list(segments)
         step = self.pack(segments, block_tables)
         feedback = any(s.feedback for s in segments)
+        if self._unfinished is not None:
+            if feedback:
+                raise RuntimeError("launch: the previous step's deferred reads are not finished; call "
+                                   "finish_reads(step, bitmasks) before launching a step that feeds back from it")
+            self.finish_reads(self._unfinished, [None] * len(self._unfinished.seq_ids))
         if feedback:
             self._mark_feedback(step, segments)
         return self._launch_packed(step, [s.seq_id for s in segments], [s.logprobs for s in segments],
-                                   [s.ranks for s in segments], feedback)
+                                   [s.ranks for s in segments], feedback,
+                                   [s.deferred_mask for s in segments] if step.layout.deferred_reads else None)
 
     def _launch_packed(self, step: PackedStep, seq_ids: list[str], logprobs: list[int | None], ranks: list[bool],
-                       feedback: bool = False) -> LaunchedStep:
-        """Upload a packed step, queue its device work and its values' copy to the host (module docstring)."""
+                       feedback: bool = False, deferred: list[bool] | None = None) -> LaunchedStep:
+        """Upload a packed step, queue its device work and its values' copy to the host (module docstring;
+        with `deferred`, each segment's deferred_mask, the copy waits for finish_reads)."""
         buffer = self._uploader.upload(step.buffer)
         step_fn = self.step_fn
         if step.wants_logits and isinstance(step_fn, StepGraphs):
@@ -248,26 +269,88 @@ class ModelRunner:
         with torch.inference_mode():
             if feedback:
                 self._resolve_feedback(buffer, step)
-            values, logits = step_fn(self.model, self.kv, buffer, step.layout)
-            done = None
-            if self.device.type == "cuda":  # the one device -> host transfer, queued (logits: tests only)
-                host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-                host.copy_(values, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()
-            else:
-                host = values.cpu()  # (the values themselves)
+            values, logits, kept = step_fn(self.model, self.kv, buffer, step.layout)
+            launched = LaunchedStep(step, seq_ids, logprobs, ranks, None, None, None)
+            if deferred is None:
+                self._copy_to_host(launched, values)
+            else:  # (the reads and the copy wait for finish_reads)
+                launched.deferred = (buffer, values, kept, deferred)
+                self._unfinished = launched
             notify_launched()  # queued on the device: the engine streams the last step's text meanwhile
-            host_logits = logits.cpu().numpy() if step.wants_logits else None
+            launched.logits = logits.cpu().numpy() if step.wants_logits else None
         # What a feedback segment of the next step reads: this step's values (a graph's own output buffer is
         # overwritten only by a later replay, which the device runs after that step's feedback is resolved)
         starts, counts = step.read_starts.tolist(), step.num_token_reads.tolist()
         self._feedback_from = (values, {sid: starts[i] for i, sid in enumerate(seq_ids) if counts[i]})
-        return LaunchedStep(step, seq_ids, logprobs, ranks, host, done, host_logits)
+        return launched
+
+    def _copy_to_host(self, launched: LaunchedStep, values: torch.Tensor) -> None:
+        """Queue the step's one device -> host transfer (its values) and the event `collect` waits for."""
+        if self.device.type == "cuda":
+            launched.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            launched.host.copy_(values, non_blocking=True)
+            launched.done = torch.cuda.Event()
+            launched.done.record()
+        else:
+            launched.host = values.cpu()  # (the values themselves)
+
+    def finish_reads(self, launched: LaunchedStep, bitmasks: Sequence[bytes | None]) -> None:
+        """Make the reads of a launched step's Segment.deferred_mask segments under their grammar bitmasks
+        and queue the step's results' copy to the host; nothing waits for the device (vLLM's structured
+        output: the bitmask applied to the kept logits after the forward).
+
+        bitmasks: one entry per segment of the step, in segment order: a deferred segment's bitmask
+        (Segment.token_bitmask's layout) or None for every token; None for the other segments. The reads
+        are those the step would have made with `token_bitmask` set at launch, the same draws included
+        (workers.reads keys them by seed, step and position, not by batch). Call it once, before
+        launching a step that feeds back from this one, and before `collect` (which finishes a step left
+        unfinished with no bitmask: an abandoned step). Raises SegmentError naming the segment for a
+        bitmask that cannot be used (field "token_bitmask", as at launch) or that is given for a segment
+        without deferred_mask (field "deferred_mask"), before any device work; RuntimeError for a step
+        with nothing deferred left to finish."""
+        if launched.deferred is None:
+            raise RuntimeError("finish_reads: the step has no deferred reads left to finish")
+        buffer, values, kept, deferred = launched.deferred
+        step, n = launched.step, len(launched.seq_ids)
+        if len(bitmasks) != n:
+            raise ValueError(f"finish_reads: {len(bitmasks)} bitmasks for a step of {n} segments; give one per segment")
+        words = -(-self.info.vocab_size // 64)
+        table = np.full((n, words), -1, dtype=np.int64)
+        for i, (seq_id, mask) in enumerate(zip(launched.seq_ids, bitmasks)):
+            if mask is None:
+                continue
+            if not deferred[i]:
+                raise SegmentError(seq_id, "deferred_mask", "is not set, so its reads were made at launch; give None")
+            check_bitmask(seq_id, mask, self.info.vocab_size)
+            table[i] = np.frombuffer(bytes(mask[:words * 8]).ljust(words * 8, b"\0"), dtype="<i8")
+        d, layout = len(step.deferred), step.layout
+        rows_host = table[step.read_owner[step.deferred]]  # [d, words]
+        launched.deferred = None
+        if self._unfinished is launched:
+            self._unfinished = None
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                staged = torch.from_numpy(rows_host).pin_memory()
+                launched.staged = staged  # (kept alive until the copy is done: collect)
+                masks = staged.to(self.device, non_blocking=True)
+            else:
+                masks = torch.from_numpy(rows_host)
+            a = step_arrays(buffer, layout)
+            rows = a.deferred_rows[:d]
+            reads = ReadParams(*(field.index_select(0, rows) for field in a.reads))
+            bias = (a.bias_ids.index_select(0, rows), a.bias_values.index_select(0, rows)) if layout.bias_width else None
+            out = compute_reads(apply_token_bitmask(kept[:d], masks), reads, layout.needs_noise, layout.needs_sort,
+                                layout.logprobs, bias, layout.ranks)
+            values.index_copy_(1, rows, out)
+            self._copy_to_host(launched, values)
 
     def collect(self, launched: LaunchedStep) -> list[SegmentResult]:
         """Wait for a launched step's results (the GIL is released while the device works) and unpack
-        them: one SegmentResult per segment, in segment order."""
+        them: one SegmentResult per segment, in segment order. A step whose deferred reads were not
+        finished (finish_reads) is finished with no bitmask first: a caller collects such a step only
+        to abandon it."""
+        if launched.deferred is not None:
+            self.finish_reads(launched, [None] * len(launched.seq_ids))
         if launched.done is not None:
             launched.done.synchronize()
         return unpack_results(launched.step, launched.seq_ids, launched.host.numpy(), launched.logits,
@@ -333,15 +416,19 @@ def _resolve_feedback_penalty(buffer: torch.Tensor, step: PackedStep, previous: 
 class LaunchedStep:
     """A step `ModelRunner.launch` queued: what `collect` needs to return its results. host: the values
     [2, R] ([4 + 2K, R] with log probabilities) float64, in pinned host memory on CUDA that the device
-    fills once `done` (a CUDA event) has passed; on the CPU the values themselves, done at launch."""
+    fills once `done` (a CUDA event) has passed; on the CPU the values themselves, done at launch.
+    deferred: while the step's deferred reads wait for ModelRunner.finish_reads, (the uploaded buffer, the
+    device values, the kept logits [D, V], each segment's deferred_mask); host is None until then."""
 
     step: PackedStep
     seq_ids: list[str]
     logprobs: list[int | None]
     ranks: list[bool]
-    host: torch.Tensor
+    host: torch.Tensor | None
     done: object | None
     logits: np.ndarray | None
+    deferred: tuple | None = None
+    staged: torch.Tensor | None = None
 
 
 ATTENTION = {"sdpa": StepAttention, "flex": FlexStepAttention, "paged": PagedStepAttention}

@@ -2,8 +2,9 @@
 
     buffer  [layout.size] int64 on the device: the packed step (workers.packing), one upload
     layout  workers.packing.StepLayout: every shape and flag, static per bucket
-    returns values [2, R] float64 (token ids, probabilities; [4 + 2K, R] with layout.logprobs: workers.reads)
-            and logits [R, V] float32
+    returns values [2, R] float64 (token ids, probabilities; [4 + 2K, R] with layout.logprobs: workers.reads),
+            logits [R, V] float32, and the kept logits [D, V] float32 of the deferred read rows
+            (layout.deferred_reads: their reads are made later, by ModelRunner.finish_reads)
 
 Between the input copy and the output copy nothing waits for the host (style rule 12): the arrays are
 views of the buffer, attention is workers.attention.StepAttention, the reads workers.reads. The
@@ -41,6 +42,7 @@ class StepArrays(NamedTuple):
     token_bitmask: torch.Tensor  # [R, W] int64 (W = layout.mask_words; [R, 0] when no row is constrained)
     bias_ids: torch.Tensor  # [R, L] int64 (L = layout.bias_width; [R, 0] when no segment has a logit bias)
     bias_values: torch.Tensor  # [R, L] float64
+    deferred_rows: torch.Tensor  # [D] read rows whose logits are kept (D = layout.deferred_reads, may be 0)
 
 
 def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
@@ -60,23 +62,26 @@ def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:
 
 
 def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayout,
-                 attention_cls=StepAttention, kernels=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 attention_cls=StepAttention, kernels=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One packed step on the device: forward of every token, K/V written to their slots, reads of
     every read row. model: workers.model.Qwen3 (or anything with cfg, hidden(), logits()).
     attention_cls: StepAttention (gathers context; portable) or workers.attention_flex.FlexStepAttention
     (reads the paged cache in place). kernels: workers.model.LayerKernels for the work around attention
     (None: eager; workers.model.compiled_kernels(): fused by torch.compile). Returns (values [2, R]
-    float64, or [4 + 2K, R] with layout.logprobs; logits [R, V] float32); R == 0 skips the LM head."""
+    float64, or [4 + 2K, R] with layout.logprobs; logits [R, V] float32; kept logits [D, V] float32: the
+    deferred rows' logits before any bitmask, whose values rows hold unconstrained reads until
+    ModelRunner.finish_reads replaces them); R == 0 skips the LM head."""
     a = step_arrays(buffer, layout)
     cfg = model.cfg
     attention = attention_cls(kv, a, layout, cfg.num_heads // cfg.num_kv_heads)
     hidden = model.hidden(a.token_ids, a.positions, attention, kernels)  # [T, hidden]
     if layout.num_reads == 0:
-        return (torch.empty((2, 0), dtype=torch.float64, device=buffer.device),
-                torch.empty((0, cfg.vocab_size), dtype=torch.float32, device=buffer.device))
+        empty = torch.empty((0, cfg.vocab_size), dtype=torch.float32, device=buffer.device)
+        return torch.empty((2, 0), dtype=torch.float64, device=buffer.device), empty, empty
     logits = model.logits(hidden.index_select(0, a.read_rows))  # [R, V] float32
+    kept = logits.index_select(0, a.deferred_rows)  # [D, V] (D = 0: empty)
     if layout.mask_words:  # grammar-constrained rows (Segment.token_bitmask)
         logits = apply_token_bitmask(logits, a.token_bitmask)
     bias = (a.bias_ids, a.bias_values) if layout.bias_width else None
     return compute_reads(logits, a.reads, layout.needs_noise, layout.needs_sort, layout.logprobs, bias,
-                         layout.ranks), logits
+                         layout.ranks), logits, kept

@@ -64,7 +64,7 @@ def validate_step(step, seq_ids: list[str], vocab_size: int, num_kv_blocks: int)
     _check_sampling(step.seg, seq_ids)
     for seq_id, mask in zip(seq_ids, step.token_bitmasks):
         if mask is not None:
-            _check_bitmask(seq_id, mask, vocab_size)
+            check_bitmask(seq_id, mask, vocab_size)
     if step.layout.bias_width:
         w = step.layout.bias_width
         ids = step.view("bias_ids").reshape(step.layout.num_reads, w)[:r]
@@ -79,7 +79,7 @@ def validate_step(step, seq_ids: list[str], vocab_size: int, num_kv_blocks: int)
                                "presence and frequency must be finite numbers")
 
 
-def _check_bitmask(seq_id: str, mask: bytes, vocab_size: int) -> None:
+def check_bitmask(seq_id: str, mask: bytes, vocab_size: int) -> None:
     """A token bitmask has a bit for every token id and allows some id below vocab_size (else a read
     has nothing to choose)."""
     if len(mask) * 8 < vocab_size:

@@ -29,12 +29,14 @@ def recording_capture(step_fn, state, buffer, layout):
     model, kv = state
     static = buffer.clone()
     outputs = step_fn(model, kv, static, layout)
-    values = torch.empty_like(outputs[0])
+    values, kept = torch.empty_like(outputs[0]), torch.empty_like(outputs[2])
 
     def replay():
-        values.copy_(step_fn(model, kv, static, layout)[0])
+        out = step_fn(model, kv, static, layout)
+        values.copy_(out[0])
+        kept.copy_(out[2])
 
-    return CapturedStep(static, replay, values), outputs
+    return CapturedStep(static, replay, values, kept), outputs
 
 
 @pytest.fixture()

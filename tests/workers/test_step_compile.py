@@ -93,11 +93,13 @@ def _run_both(session, segs):
 def _masked(segs: list) -> list:
     """Grammar-constrained decode rows (Segment.token_bitmask) on every other sequence: tokens 3..130;
     log probabilities asked for on sequences 1 and 2 (one constrained, one not): the step's reads then
-    add the top-K stage (StepLayout.logprobs), compiled in the same graph; sequence 4 has a logit bias."""
+    add the top-K stage (StepLayout.logprobs), compiled in the same graph; sequence 4 has a logit bias;
+    sequence 6's bitmask comes after launch (Segment.deferred_mask: the step keeps its logits row)."""
     mask = bytes([0b11111000] + [0xFF] * 15 + [0b111]) + bytes(31)  # 48 bytes: 384 tokens
     segs = [dataclasses.replace(g, token_bitmask=mask) if i % 2 else g for i, g in enumerate(segs)]
     segs = [dataclasses.replace(g, logit_bias=((10, 50.0), (77, -5.0))) if i == 4 else g for i, g in enumerate(segs)]
     segs = [dataclasses.replace(g, logprobs=5) if i in (1, 2) else g for i, g in enumerate(segs)]
+    segs = [dataclasses.replace(g, deferred_mask=True) if i == 6 else g for i, g in enumerate(segs)]
     return [dataclasses.replace(g, ranks=True) if i == 1 else g for i, g in enumerate(segs)]
 
 
@@ -106,7 +108,7 @@ def test_step_compiles_fullgraph_and_matches_eager(session, shape):
     torch._dynamo.reset()
     segs = _plan_step(session, session.info.mask_token_id) if shape == "plan" else _decode_step(session)
     segs = _masked(segs) if shape == "decode_masked" else segs
-    step, (values, logits), (values_c, logits_c), kv_eager, kv_compiled = _run_both(session, segs)
+    step, (values, logits, kept), (values_c, logits_c, kept_c), kv_eager, kv_compiled = _run_both(session, segs)
     lay = step.layout
     assert (lay.num_tokens, lay.num_seqs, lay.max_query, lay.num_reads) == (
         (64, 8, 16, 32) if shape == "plan" else (16, 8, 1, 8))
@@ -131,5 +133,9 @@ def test_step_compiles_fullgraph_and_matches_eager(session, shape):
         assert torch.equal(values_c[43, :r], values[43, :r])  # ranks (computed: segment 1 asks)
         assert (values[43, :r] >= 1).all()
     torch.testing.assert_close(logits_c, logits, rtol=1e-4, atol=1e-4)
+    assert lay.deferred_reads == kept.shape[0] == (1 if shape == "decode_masked" else 0)
+    torch.testing.assert_close(kept_c, kept, rtol=1e-4, atol=1e-4)
+    if shape == "decode_masked":  # sequence 6's read row's logits, kept as they were before any mask
+        assert torch.equal(kept[0], logits[int(step.deferred[0])])
     for a, b in zip(kv_compiled.k + kv_compiled.v, kv_eager.k + kv_eager.v):  # same K/V written, same slots
         torch.testing.assert_close(a[:-1], b[:-1], rtol=1e-4, atol=1e-5)
