@@ -19,6 +19,11 @@ forces (a JSON schema's next key, a tool call's fixed text) are appended without
 own ("jump-forward", as SGLang): the next step feeds every generated token without KV yet (kept) and
 reads after the last, so one forward yields the forced run plus the next token. A step never feeds
 more than the scheduler's budget: a longer run is fed in kept chunks without reads first.
+Under asynchronous scheduling a grammar request plans its decode steps ahead too: the step's mask is
+given after launch (Segment.deferred_mask; `deferred_bitmask`), once the token in flight is absorbed.
+Should that token bring forced tokens, the step planned ahead has fed it at the wrong moment for a
+read: its read is discarded (a forward without a read, as a forced-token chunk's), and the next step,
+from the host, feeds the forced run and reads after it, as a serial step would.
 """
 
 from __future__ import annotations
@@ -82,6 +87,9 @@ class ARDecoder:
         self._context_in_flight = 0
         self._catch_up = 0  # generated tokens fed by the decode step in flight without a read (jump-forward)
         self._catch_up_forwards = 0  # such forwards so far: their number depends on the step budgets
+        # the step in flight was planned ahead with a deferred mask before the token it feeds brought
+        # forced tokens: its read is discarded (deferred_bitmask gives None; absorb keeps only its KV)
+        self._moot = False
         self.ended_on_eos = False  # EOS read, or the grammar complete: a natural end even at gen_length
         if constraint is not None and self.phase is not ARPhase.FINISHED:  # a grammar may force its start
             self.generated = constraint.initial_forced[: self.span]  # consumed by the matcher already
@@ -181,14 +189,18 @@ class ARDecoder:
         After a prompt chunk (a prompt longer than the step budget): the next chunk, or the first
         generation step, exactly as `next_segment(budget)` will state it once the chunk is absorbed (the
         prompt is on the host; `budget`: the step's tokens left).
-        None when the next step depends on the step in flight's token on the host: a grammar's mask or
-        forced tokens, prompt scoring (its chunks read the prompt); when the step in flight may be the
-        last (it reads the span's last token); or when a step is planned ahead already. The next
+        With a grammar, the step's bitmask is given after launch (Segment.deferred_mask), from
+        `deferred_bitmask` once the step in flight is absorbed; a grammar request sits the step out
+        (`sits_out_ahead`) when the step in flight is a prompt chunk, a forced-token chunk or a discarded
+        read.
+        None when the next step depends on the step in flight's token on the host: prompt scoring (its
+        chunks read the prompt), a grammar's forced tokens (`sits_out_ahead`); when the step in flight may
+        be the last (it reads the span's last token); or when a step is planned ahead already. The next
         `absorb` takes the result of the step in flight; the one after takes this step's. If the step in
         flight ends the request (EOS), this step is wasted: the caller drops its result and frees its
         KV, as for a cancel."""
         seg, p = self._in_flight, self.params
-        if seg is None or self._ahead is not None or self.constraint is not None or self._catch_up:
+        if seg is None or self._ahead is not None or self._catch_up or self.sits_out_ahead():
             return None
         if self.phase is ARPhase.PREFILL and not self._first_step:
             return self._prefill_ahead(seg, budget)
@@ -207,8 +219,28 @@ class ARDecoder:
         # (the step in flight keeps its num_kept tokens: the last generated one, or the first step's context)
         self._ahead = Segment(self.seq_id, seg.context_len + seg.num_kept, [0], [position], 1, reads,
                               sampling=sampling, logprobs=p.logprobs, logit_bias=bias, feedback=True,
-                              feedback_penalty=penalty)
+                              feedback_penalty=penalty, deferred_mask=self.constraint is not None)
         return self._ahead
+
+    def sits_out_ahead(self) -> bool:
+        """Whether a grammar request plans no step ahead now but can be planned from the host once its
+        step in flight is absorbed (scheduler.Scheduler.plan_ahead leaves it out of the step planned
+        ahead, and the others keep the pipeline): the step in flight is a prompt chunk, a chunk of forced
+        tokens, or a decode step whose read is discarded (the token it feeds brought forced tokens)."""
+        return self.constraint is not None and self._in_flight is not None and (
+            self._moot or bool(self._catch_up) or self.chunk_in_flight)
+
+    def deferred_bitmask(self, segment: Segment) -> bytes | None:
+        """The token bitmask of `segment`, the step in flight that plan_ahead stated with deferred_mask,
+        once the step before it is absorbed: the grammar's state after the token it feeds
+        (workers.runner.ModelRunner.finish_reads). None (every token) when its read is discarded or the
+        request finished. Raises RuntimeError for another segment; DecodeParamError when the grammar
+        allows no token (decoding.grammar.TokenConstraint.bitmask)."""
+        if segment is not self._in_flight or not segment.deferred_mask:
+            raise RuntimeError(f"{self.seq_id}: deferred_bitmask asks for the step in flight with deferred_mask")
+        if self._moot or self.finished:
+            return None
+        return self.constraint.bitmask()
 
     def _prefill_ahead(self, chunk: Segment, budget: int) -> Segment | None:
         """The step after the prompt chunk in flight (`plan_ahead`): next_segment's prefill branch on the
@@ -239,14 +271,16 @@ class ARDecoder:
         if self._ahead is segment:
             self._ahead, self._ahead_prefill = None, None
         elif self._in_flight is segment:
-            self._in_flight = None
+            self._in_flight, self._moot = None, False  # (the token it fed is fed again, with the forced run)
 
     def host_segment(self, segment: Segment) -> Segment:
-        """A step `plan_ahead` stated, with its fed-back token given from the host: the last generated
-        token, once the step before it is absorbed (the engine re-runs a failed step so), and its logit
-        bias counting it."""
-        return dataclasses.replace(segment, token_ids=[self.generated[-1]], feedback=False, feedback_penalty=None,
-                                   logit_bias=self._logit_bias())
+        """A step `plan_ahead` stated, with its fed-back token given from the host: the first generated
+        token without KV, once the step before it is absorbed (the engine re-runs a failed step so), its
+        logit bias counting it, and a deferred mask given (`deferred_bitmask`)."""
+        mask = self.deferred_bitmask(segment) if segment.deferred_mask else None
+        return dataclasses.replace(segment, token_ids=[self.generated[self.gen_cached]], feedback=False,
+                                   feedback_penalty=None, logit_bias=self._logit_bias(), token_bitmask=mask,
+                                   deferred_mask=False)
 
     def absorb(self, result: SegmentResult) -> None:
         segment, self._in_flight, self._ahead = self._in_flight, self._ahead, None
@@ -257,9 +291,9 @@ class ARDecoder:
             (self._context_in_flight, self._first_step), self._ahead_prefill = self._ahead_prefill, None
         if result.seq_id != self.seq_id or len(result.tokens) != len(segment.reads):
             raise ValueError(f"{self.seq_id}: result has {len(result.tokens)} values for {len(segment.reads)} reads")
-        if self._catch_up:  # a chunk of forced tokens: a generation forward without a read
-            self.gen_cached += self._catch_up
-            self._catch_up = 0
+        if self._catch_up or self._moot:  # forced tokens, or a discarded read: a generation forward without a read
+            self.gen_cached += self._catch_up or 1
+            self._catch_up, self._moot = 0, False
             self.stats.forwards += 1
             self._catch_up_forwards += 1
             return
@@ -281,6 +315,8 @@ class ARDecoder:
             self.generated += forced
             self._record_forced(forced)
             eos = self.constraint.stopped  # the grammar is complete: it allows only EOS now
+            # a step planned ahead feeds this token alone: its read would skip the forced run
+            self._moot = bool(forced) and self._in_flight is not None
         self.ended_on_eos = eos
         if eos or len(self.generated) >= self.span:
             self._finish()

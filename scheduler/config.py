@@ -158,8 +158,9 @@ class EngineConfig:
         its tokens fed back from the current step's reads on the device (scheduler.engine.Engine._execute;
         vLLM's async scheduling, SGLang's overlap scheduler), so the host's work between forwards
         (absorbing, streaming, planning, admitting arrivals) runs while the device computes. Only while
-        every running request decodes plain AR (no grammar or prompt scoring; an AUTO one about to reach
-        a block boundary where it may switch mode sits a step out) and no INTERACTIVE request waits to
+        every running request decodes AR (no prompt scoring; an AUTO one about to reach a block boundary
+        where it may switch mode, and a grammar request whose next step needs its forced tokens on the
+        host, sit a step out) and no INTERACTIVE request waits to
         start (it may preempt); otherwise that step runs after the last one's results are in
         (docs/architecture.md, "Asynchronous scheduling"). The output is the same; a request that ends
         (EOS, a stop string, a cancel) spends one more segment of a forward. None

@@ -10,7 +10,7 @@ Each step: schedule (start waiting requests that fit, collect every running requ
 under the token budget) -> execute (ONE packed forward per runner, in a worker thread so the event
 loop keeps serving) -> postprocess (decoders absorb, finished requests free their KV). The text a
 step made final is detokenized, checked for stop strings and sent while the NEXT step's forward runs
-(EngineConfig.overlap_streaming; see `_defer_stream`); for plain AR decoding the next step is planned
+(EngineConfig.overlap_streaming; see `_defer_stream`); for AR decoding the next step is planned
 and launched before this one's results are back, its tokens fed back on the device, so the whole host
 step overlaps the device (EngineConfig.async_scheduling; see `_execute`). Plain Python; torch lives
 behind the runner.
@@ -40,7 +40,8 @@ from scheduler.mode_switch import maybe_switch, switch_due
 from scheduler.request import Request, RequestStatus
 from scheduler.request_ids import InFlightIds, in_flight_message
 from scheduler.routing import CostCurve, Router
-from scheduler.scheduler import Scheduler, StepPlan, collect_plan, execute_isolated, execute_plan, launch_plan
+from scheduler.scheduler import (Scheduler, StepPlan, collect_plan, execute_isolated, execute_plan, finish_plan,
+                                 launch_plan)
 from scheduler.validation import parse_params, validate_request, with_seed
 from workers.batch import STEP_LAUNCHED
 
@@ -49,7 +50,8 @@ log = structlog.get_logger("engine")
 AR_ONLY_PARAMS = ("presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens")
 
 
-def _forward(runners: dict, plan: StepPlan, on_launch, launched=None, ahead: StepPlan | None = None):
+def _forward(runners: dict, plan: StepPlan, on_launch, launched=None, ahead: StepPlan | None = None,
+             bitmasks: list | None = None):
     """The step's forward in the worker thread: (results aligned with plan.items, the launched `ahead`
     step or None). Tells `on_launch` once the step's device work is queued, or when it ended (a runner
     that never says, or a step that failed first).
@@ -58,13 +60,17 @@ def _forward(runners: dict, plan: StepPlan, on_launch, launched=None, ahead: Ste
     unless `launched` says it was, then `ahead` (the next step, its tokens fed back on the device from
     `plan`'s reads), then `plan`'s results are collected: the device has `ahead` queued while the host
     absorbs them. A failed launch of `ahead` only leaves it out (None; logged); when `plan` fails, a
-    launched `ahead`, fed by it, is waited for and left out too, and the error raised."""
+    launched `ahead`, fed by it, is waited for and left out too, and the error raised. `bitmasks`
+    (aligned with plan.items): the grammar bitmasks of `plan`'s deferred reads, which are finished
+    (scheduler.finish_plan) before `ahead`, fed by them, is launched."""
     STEP_LAUNCHED.set(on_launch)
     try:
         if launched is None and ahead is None:
             return execute_plan(runners, plan), None
         if launched is None:
             launched = launch_plan(runners, plan)
+        if bitmasks is not None:
+            finish_plan(runners, plan, launched, bitmasks)
         ahead_launched = None
         if ahead is not None:
             try:
@@ -322,16 +328,20 @@ class Engine:
         `launched`: the plan was launched ahead by the last step (asynchronous scheduling, below).
 
         Asynchronous scheduling (EngineConfig.async_scheduling): the step after this one is planned now,
-        before this one's results reach the host (Scheduler.plan_ahead: plain AR decoding only, its
+        before this one's results reach the host (Scheduler.plan_ahead: AR decoding only, its
         tokens fed back from this step's reads on the device), launched behind this one, and kept in
         `_ahead` as the next step's plan; the host absorbs this step's results while the device runs it
         (vLLM's async scheduling, SGLang's overlap scheduler). A request this step ends (EOS, a stop
         string, a cancel) wastes its segment of that step: the result is dropped and its KV freed
-        after it, as for a cancel.
+        after it, as for a cancel. A grammar request's step planned ahead gets its bitmask once the step
+        before is absorbed, here, before the step after it is planned (`_deferred_bitmasks`); the device
+        runs that step's forward meanwhile and makes its reads when the bitmask arrives (vLLM's
+        structured outputs under async scheduling).
 
         A failed forward is re-run item by item (scheduler.execute_isolated): requests whose own
         forward fails end with the error, the others continue with their results, so no request sees
         an error it did not cause."""
+        bitmasks = self._deferred_bitmasks(plan) if launched is not None else None
         ahead = self.scheduler.plan_ahead(plan) if self.async_scheduling else None
         for req, _ in plan.items if launched is None else ():
             req.in_flight += 1
@@ -352,7 +362,7 @@ class Engine:
 
             forward = loop.run_in_executor(None, functools.partial(contextvars.copy_context().run, _forward,
                                                                    self.scheduler.runners, plan, on_launch,
-                                                                   launched, ahead))
+                                                                   launched, ahead, bitmasks))
             if self._unstreamed:
                 await asyncio.wait([launch_done, forward], return_when=asyncio.FIRST_COMPLETED)
                 self._flush_streams()
@@ -381,6 +391,24 @@ class Engine:
                 self.ahead_steps += 1
             self.forwards += 1
             self.metrics.forward_time.observe(time.perf_counter() - start)
+
+    def _deferred_bitmasks(self, plan: StepPlan) -> list | None:
+        """The bitmasks of a launched plan's grammar-constrained steps planned ahead (Segment.deferred_mask;
+        decoding.ar.ARDecoder.deferred_bitmask), aligned with plan.items; None when it has none. A grammar
+        that allows no token ends its own request (as in `_postprocess`), whose read is then unconstrained
+        and dropped."""
+        if not any(seg.deferred_mask for _, seg in plan.items):
+            return None
+        bitmasks: list = []
+        for req, seg in plan.items:
+            mask = None
+            if seg.deferred_mask and not req.finished:
+                try:
+                    mask = req.decoder.deferred_bitmask(seg)
+                except Exception as exc:  # the request's own grammar (DecodeParamError) or decoder
+                    self._fail(req, exc)
+            bitmasks.append(mask)
+        return bitmasks
 
     def _end_unplanned(self, plan: StepPlan) -> None:
         """End the requests `plan` holds without a step: those that failed to start (their decoder could

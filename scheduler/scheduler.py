@@ -112,6 +112,17 @@ def collect_plan(runners: dict, plan: StepPlan, launched: list[tuple[str, list[i
     return out
 
 
+def finish_plan(runners: dict, plan: StepPlan, launched: list[tuple[str, list[int], object]],
+                bitmasks: list) -> None:
+    """Finish a launched plan's deferred reads (workers.runner.ModelRunner.finish_reads): `bitmasks`
+    aligned with plan.items (a Segment.deferred_mask segment's grammar bitmask, or None). Runners whose
+    part of the plan deferred nothing are skipped. Called in a worker thread; touches nothing but the
+    runners."""
+    for key, idxs, step in launched:
+        if any(plan.items[i][1].deferred_mask for i in idxs):
+            runners[key].finish_reads(step, [bitmasks[i] for i in idxs])
+
+
 def execute_isolated(runners: dict, plan: StepPlan) -> list:
     """After a failed step: run every item alone, so a fault one request causes ends only that request.
     Returns, aligned with plan.items, each item's result or the exception its own forward raised.
@@ -349,7 +360,7 @@ class Scheduler:
         None, with nothing planned or allocated, when the host's view of `plan`'s results must come
         first: an INTERACTIVE request waits, a running request is neither in `plan` nor able to plan from
         the host (passed over for the budget, its KV short, a decoder other than AR), a decoder cannot
-        plan ahead (a grammar, prompt scoring, ReFusion), the budget runs out, every request
+        plan ahead (prompt scoring, ReFusion), the budget runs out, every request
         sits out, or the KV for the new tokens is not free. Prompt chunks plan ahead: the prompt is on the
         host (ARDecoder.plan_ahead)."""
         items = [(req, seg) for req, seg in plan.items if not req.finished]
@@ -367,8 +378,9 @@ class Scheduler:
         for chunk, req in sorted(chunks, key=lambda entry: entry[0]):
             planner = getattr(req.decoder, "plan_ahead", None) if req.pending_segment is None else None
             if planner is not None and (chunk and budget <= 0 or req.decoder.ends_with_step_in_flight()
-                                        or switch_may_follow(self, req)):
-                continue  # sits out (no budget, or re-routed first), or its step in flight is its last
+                                        or req.decoder.sits_out_ahead() or switch_may_follow(self, req)):
+                continue  # sits out (no budget, its grammar's host view first, or re-routed first), or its
+                # step in flight is its last
             try:
                 segment = planner(budget) if planner is not None and budget > 0 else None
             except Exception:  # noqa: BLE001 - the host's view first: schedule() asks the decoder again

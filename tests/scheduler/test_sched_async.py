@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -61,11 +62,21 @@ async def _run(runner, specs, pipelined: bool, config=()):
     return results, engine
 
 
+class _Near(float):
+    """A log probability that equals another within 1e-4. (Rounding both to 4 places, as before, failed
+    where two values 1e-5 apart straddle a rounding boundary: -3.31055 and -3.31054.)"""
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, float) and (float.__eq__(self, other) or abs(self - other) <= 1e-4)
+
+    __hash__ = float.__hash__
+
+
 def _outcome(deltas) -> tuple:
-    """What a client sees: text, ids, log probabilities (tokens exact, values to 1e-4: a step's float
+    """What a client sees: text, ids, log probabilities (tokens exact, values within 1e-4: a step's float
     sums depend on which rows share it, and a request's segment in a step launched ahead that its end
     wastes is such a row), finish reason, generated token count."""
-    logprobs = [(e.token, round(e.logprob, 4), tuple((t, round(v, 4)) for t, v in e.top))
+    logprobs = [(e.token, _Near(e.logprob), tuple((t, _Near(v)) for t, v in e.top))
                 for d in deltas for e in d.logprobs or ()]
     return ("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], logprobs,
             deltas[-1].finish_reason, deltas[-1].stats["generated_tokens"])
@@ -228,14 +239,98 @@ async def test_presence_and_frequency_penalties_keep_the_pipeline(runner):
         assert ids != plain_ids and len(set(ids)) / len(ids) > len(set(plain_ids)) / len(plain_ids)
 
 
+def _json_grammar():
+    """A JSON object of three keys with bounded values (no free whitespace, as the API compiles schemas):
+    it completes within the token cap whatever the model prefers, and each key after the first is forced
+    text after a value (jump-forward)."""
+    from llguidance import LLMatcher
+
+    from decoding.grammar import GrammarSpec
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "size", "ok"],
+              "properties": {"name": {"type": "string", "maxLength": 4},
+                             "size": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}}}
+    return GrammarSpec(LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_flexible": False}))
+
+
+def _regex_grammar():
+    """Words and a forced "id-" after each dash: forced runs all along, for 30-odd tokens."""
+    from llguidance import LLMatcher
+
+    from decoding.grammar import GrammarSpec
+
+    return GrammarSpec(LLMatcher.grammar_from_regex(r"([a-z]{2,5}-id-){6}"))
+
+
+async def test_grammar_requests_keep_the_pipeline_with_their_bitmasks_given_after_launch(runner, monkeypatch):
+    # A grammar request's step planned ahead gets its bitmask once the token in flight is absorbed
+    # (Segment.deferred_mask, ModelRunner.finish_reads); when that token brings forced tokens (a JSON
+    # key), that step's read is discarded and the forced run is fed from the host. Greedy, sampled, with
+    # log probabilities and with a penalty, beside plain requests: the serial outputs, most steps ahead
+    import json
+
+    from decoding.ar import ARDecoder
+
+    grammar = _json_grammar()
+    specs = _mixed(runner, 3) + [
+        _request(runner, "json", 1, grammar=grammar),
+        _request(runner, "json_sampled", 2, {"temperature": 0.9, "top_p": 0.95}, grammar=grammar),
+        _request(runner, "json_logprobs", 3, {"logprobs": 2}, grammar=grammar),
+        _request(runner, "json_penalty", 4, {"frequency_penalty": 1.0}, grammar=grammar),
+        _request(runner, "regex", 0, grammar=_regex_grammar()),
+    ]
+    serial, _ = await _run(runner, specs, pipelined=False)
+    asked, deferred_bitmask = [], ARDecoder.deferred_bitmask
+
+    def recording(decoder, segment):
+        mask = deferred_bitmask(decoder, segment)
+        asked.append((decoder.seq_id, mask is None))
+        return mask
+
+    monkeypatch.setattr(ARDecoder, "deferred_bitmask", recording)
+    pipelined, engine = await _run(runner, specs, pipelined=True)
+    _assert_same(specs, serial, pipelined)
+    assert {seq for seq, discarded in asked if not discarded} == {"json", "json_sampled", "json_logprobs", "json_penalty",
+                                                                   "regex"}
+    assert any(discarded for _, discarded in asked)  # a forced key: a read planned ahead discarded
+    assert engine.ahead_steps >= engine.forwards // 2, (engine.ahead_steps, engine.forwards)
+    for deltas in pipelined[3:7]:
+        assert set(json.loads(_outcome(deltas)[0])) == {"name", "size", "ok"}
+    assert re.fullmatch(r"([a-z]{2,5}-id-){6}", _outcome(pipelined[7])[0]) and _outcome(pipelined[7])[4] > 20
+
+
+async def test_a_grammar_that_dead_ends_when_its_bitmask_is_due_after_launch_fails_its_request_alone(runner, monkeypatch):
+    from decoding.api import DecodeParamError
+    from decoding.ar import ARDecoder
+
+    specs = _mixed(runner, 3) + [_request(runner, "json", 1, grammar=_json_grammar())]
+    serial, _ = await _run(runner, specs, pipelined=False)
+    calls, deferred_bitmask = [0], ARDecoder.deferred_bitmask
+
+    def dead_end(decoder, segment):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise DecodeParamError("response_format", "no text can continue what the grammar has matched so far")
+        return deferred_bitmask(decoder, segment)
+
+    monkeypatch.setattr(ARDecoder, "deferred_bitmask", dead_end)
+    pipelined, engine = await _run(runner, specs, pipelined=True)
+    assert calls[0] >= 1
+    _assert_same(specs[:3], serial[:3], pipelined[:3])
+    last = pipelined[3][-1]
+    assert last.finish_reason is FinishReason.ERROR and last.error_field == "response_format"
+    assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
 @pytest.mark.parametrize("fault", ["launch", "collect"])
 async def test_a_failed_step_ahead_is_planned_again_from_the_host(runner, fault):
     # The 6th launch of a step with fed-back tokens fails (fault "launch": the step after is planned
     # from the host's view instead), or the 6th such step fails on the device after its launch (fault
     # "collect": it is re-run item by item with the fed-back tokens given from the host). No request
-    # sees an error and every output is the serial one (a penalized request among them; its re-run step's
-    # bias is checked exactly in tests/decoding/test_penalties.py).
-    specs = _mixed(runner, 4) + [_request(runner, "penalty", 0, {"frequency_penalty": 2.0}, max_tokens=30)]
+    # sees an error and every output is the serial one (a penalized request and a grammar request among
+    # them; the penalized re-run step's bias is checked exactly in tests/decoding/test_penalties.py).
+    specs = _mixed(runner, 4) + [_request(runner, "penalty", 0, {"frequency_penalty": 2.0}, max_tokens=30),
+                                 _request(runner, "regex", 1, grammar=_regex_grammar())]
     serial, _ = await _run(runner, specs, pipelined=False)
     launch, collect, count = runner.launch, runner.collect, [0]
 
@@ -250,6 +345,7 @@ async def test_a_failed_step_ahead_is_planned_again_from_the_host(runner, fault)
         results = collect(step)
         if fault == "collect" and count[0] == 6 and not getattr(failing_collect, "done", False):
             failing_collect.done = True
+            assert step.step.layout.deferred_reads  # the grammar request's step in it is re-run from the host
             raise RuntimeError("device fault")
         return results
 

@@ -248,3 +248,47 @@ async def test_a_parser_limit_in_the_forced_start_is_refused_at_submit(engine_fa
     text, _, last = await _run(engine, GenerationRequest("after", _ids(runner, PROMPTS[0]), {"gen_length": 32},
                                                          grammar=JSON_GRAMMAR))
     assert _matches_schema(text) and last.finish_reason is FinishReason.STOP  # the engine serves on
+
+
+def test_a_grammar_step_planned_ahead_takes_its_bitmask_after_the_token_in_flight(runner):
+    # Asynchronous scheduling (decoding.ar.ARDecoder.plan_ahead with a grammar): the step after the one in
+    # flight is stated before that one's token is known, so its bitmask is given later
+    # (Segment.deferred_mask, deferred_bitmask) from the grammar's state after that token. When the token
+    # brings forced text, the step ahead fed it alone: its read is discarded, it sits the next step out,
+    # and the forced run is fed from the host with the next read, as a serial step would.
+    from decoding.ar import ARDecoder
+    from scheduler.decoders import ModelDecoderFactory
+    from workers.batch import SegmentResult
+
+    tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
+    lark = GrammarSpec(LLMatcher.grammar_from_lark('start: /[a-z]{1,3}/ "-id=" /[a-z]{1,3}/ ";"'))
+    prompt = _ids(runner, "x")
+    params = ModelDecoderFactory(runner).parse_params({"gen_length": 32})
+    decoder = ARDecoder("g", prompt, params, constraint=Grammar(tokenizer, lark, prompt).constraint())
+    [a], [dash] = _ids(runner, "a"), _ids(runner, "-")
+    first = decoder.next_segment(64)  # the first generation step: its bitmask from the host
+    assert first.token_bitmask is not None and not first.deferred_mask and not decoder.sits_out_ahead()
+    ahead = decoder.plan_ahead(64)
+    assert ahead.feedback and ahead.deferred_mask and ahead.token_bitmask is None
+    with pytest.raises(RuntimeError):
+        decoder.deferred_bitmask(first)
+    decoder.absorb(SegmentResult("g", [a], [1.0]))
+    after_a = decoder.constraint.bitmask()  # letters or "-"
+    assert decoder.deferred_bitmask(ahead) == after_a != first.token_bitmask
+    rerun = decoder.host_segment(ahead)  # (a failed step re-run from the host)
+    assert (rerun.token_ids, rerun.token_bitmask, rerun.deferred_mask, rerun.feedback) == ([a], after_a, False, False)
+
+    moot = decoder.plan_ahead(64)
+    assert moot.deferred_mask and moot.positions == [ahead.positions[0] + 1]
+    decoder.absorb(SegmentResult("g", [dash], [1.0]))  # "-": the grammar forces "id="
+    forced = decoder.generated[2:]
+    assert runner.tokenizer.decode(forced) == "id=" and decoder.generated[:2] == [a, dash]
+    assert decoder.deferred_bitmask(moot) is None and decoder.sits_out_ahead() and decoder.plan_ahead(64) is None
+    assert decoder.host_segment(moot).token_ids == [dash]  # the token it feeds, not the last forced one
+    forwards = decoder.stats.forwards
+    decoder.absorb(SegmentResult("g", [a], [0.5]))  # its read ("a") is discarded: "-" is cached, nothing added
+    assert decoder.generated == [a, dash] + forced and decoder.gen_cached == 2
+    assert decoder.stats.forwards == forwards + 1
+    step = decoder.next_segment(64)  # the forced run, read after its last token under the host's bitmask
+    assert step.token_ids == forced and step.reads.argmax == (len(forced) - 1,) and not step.deferred_mask
+    assert step.token_bitmask == decoder.constraint.bitmask() and step.positions[0] == moot.positions[0] + 1
