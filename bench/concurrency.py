@@ -58,10 +58,11 @@ MODES = (Mode.REFUSION, Mode.AR, Mode.AUTO)
 
 
 async def run_level(engine: Engine, tokenizer, mode: Mode, concurrency: int, total: int, params: dict, tag: str,
-                    prompts: list[str] = PROMPTS, stagger_s: float = 0.0) -> dict:
+                    prompts: list[str] = PROMPTS, stagger_s: float = 0.0, grammar=None, grammar_every: int = 1) -> dict:
     """`concurrency` closed-loop clients until `total` requests finished: per-request records + wall time.
     `stagger_s`: client k sends its first request k x stagger_s seconds after the first one's (arrivals
-    spread as in real traffic, rather than a batch that starts, and so reaches block boundaries, together)."""
+    spread as in real traffic, rather than a batch that starts, and so reaches block boundaries, together).
+    `grammar` (decoding.grammar.GrammarSpec): structured output for every `grammar_every`-th request."""
     counter = iter(range(total))
     records = []
 
@@ -70,7 +71,8 @@ async def run_level(engine: Engine, tokenizer, mode: Mode, concurrency: int, tot
             await asyncio.sleep(k * stagger_s)
         for i in counter:
             prompt = tokenizer.encode(prompts[i % len(prompts)])
-            spec = GenerationRequest(f"{tag}-{mode.value}-{concurrency}-{i}", prompt, dict(params), mode=mode)
+            spec = GenerationRequest(f"{tag}-{mode.value}-{concurrency}-{i}", prompt, dict(params), mode=mode,
+                                     grammar=grammar if i % grammar_every == 0 else None)
             start, first, tokens, final = time.perf_counter(), None, 0, None
             async for delta in engine.submit(spec):
                 if delta.token_ids and first is None:

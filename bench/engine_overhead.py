@@ -4,8 +4,8 @@ streaming) on a model whose forward costs nothing, at 1/8/32/64 concurrent reque
 On a GPU an engine step costs its device time plus whatever the host does between forwards that it
 cannot do during them. Serially, planning a step needs the last step's tokens (schedule -> execute ->
 absorb, scheduler/engine.py) and only the streaming of a step's text runs during the next forward
-(EngineConfig.overlap_streaming); under asynchronous scheduling (EngineConfig.async_scheduling; plain
-AR only) the next step is planned and launched before the last one's results are back, so the host's
+(EngineConfig.overlap_streaming); under asynchronous scheduling (EngineConfig.async_scheduling; AR
+only) the next step is planned and launched before the last one's results are back, so the host's
 whole step overlaps the device. Both are on by default for CUDA runners. This measures the host part
 on any machine: `ModelRunner` runs bench/step_overhead.py's zero-cost stand-in (no layer; the LM head
 an outer product), made to predict one token with a chosen confidence so requests run to
@@ -34,6 +34,8 @@ pipeline: an arrival, an end, a request that cannot plan ahead). Issue "CUDA fas
             # drains the pipeline besides arrivals and ends (the last column: steps launched ahead)
     ... --device-ms 8 --modes ar --async-scheduling on --params '{"frequency_penalty": 0.5, "ignore_eos": true}'
             # every request with a penalty (or any other decoding parameter)
+    ... --device-ms 8 --modes ar --async-scheduling on --regex '[a-z ]+' --grammar-every 4
+            # every 4th request with structured output (a grammar's bitmask per step)
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class TimedRunner:
     def __init__(self, runner, device_s: float = 0.0):
         self.runner, self.seconds, self.calls = runner, 0.0, 0
         inner_launch, inner_collect = runner.launch, runner.collect
+        inner_finish = getattr(runner, "finish_reads", None)
         done_at = [0.0]  # when the simulated device is done with every step launched so far
 
         def launch(segments, block_tables):
@@ -103,6 +106,14 @@ class TimedRunner:
                 self.seconds += time.perf_counter() - start
                 self.calls += 1
 
+        def finish_reads(launched, bitmasks):  # (the step's reads are queued behind its forward)
+            start = time.perf_counter()
+            try:
+                inner_finish(launched, bitmasks)
+                launched.simulated_done_s = max(launched.simulated_done_s, time.perf_counter())
+            finally:
+                self.seconds += time.perf_counter() - start
+
         def collect(launched):
             start = time.perf_counter()
             try:
@@ -114,6 +125,8 @@ class TimedRunner:
                 self.seconds += time.perf_counter() - start
 
         runner.launch, runner.collect = launch, collect
+        if inner_finish is not None:
+            runner.finish_reads = finish_reads
 
 
 async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: int | None) -> list[dict]:
@@ -125,18 +138,27 @@ async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: i
                           async_scheduling=OVERLAP[args.async_scheduling], routing=RoutingConfig(calibrate=False))
     engine = Engine(runner, tokenizer, config)
     params = {"gen_length": args.gen_length, "slot_size": 8, "serial_num_blocks": 4, **args.params}
+    grammar = None
+    if args.regex is not None:
+        from llguidance import LLMatcher
+
+        from decoding.grammar import GrammarSpec
+
+        grammar = GrammarSpec(LLMatcher.grammar_from_regex(args.regex))
     await engine.start()
     rows = []
     try:
         for c in args.levels:
             total = max(2 * c, 4)
-            await run_level(engine, tokenizer, mode, c, c, params, f"warm{c}")  # untimed: allocator, caches
+            await run_level(engine, tokenizer, mode, c, c, params, f"warm{c}", grammar=grammar,
+                            grammar_every=args.grammar_every)  # untimed: allocator, caches
             engine.clear_prefix_cache()
             forwards, inside, ahead = engine.forwards, timed.seconds, engine.ahead_steps
             profiler = cProfile.Profile() if profile_level == c and mode.value == args.profile_mode else None
             if profiler:
                 profiler.enable()
-            run = await run_level(engine, tokenizer, mode, c, total, params, f"c{c}", stagger_s=args.stagger_ms / 1e3)
+            run = await run_level(engine, tokenizer, mode, c, total, params, f"c{c}", stagger_s=args.stagger_ms / 1e3,
+                                  grammar=grammar, grammar_every=args.grammar_every)
             if profiler:
                 profiler.disable()
             steps, inside, ahead = engine.forwards - forwards, timed.seconds - inside, engine.ahead_steps - ahead
@@ -168,7 +190,9 @@ def table(rows: list[dict], args) -> str:
              f"{args.overlap_streaming}, async_scheduling {args.async_scheduling}; a simulated device of "
              f"{args.device_ms:g} ms per forward (a queue; collect waits for it)"
              + (f"; clients start {args.stagger_ms:g} ms apart" if args.stagger_ms else "")
-             + (f"; every request with {json.dumps(args.params)}" if args.params else "") + ".", "",
+             + (f"; every request with {json.dumps(args.params)}" if args.params else "")
+             + (f"; {'every' if args.grammar_every == 1 else f'every {args.grammar_every}th'} request constrained to "
+                f"the regex {args.regex!r}" if args.regex is not None else "") + ".", "",
              "| mode | stand-in model | requests | steps | ms / step | in the runner ms | outside ms | "
              "tokens / forward | host ceiling tok/s | steps launched ahead |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -208,8 +232,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "so their block boundaries fall on the same steps; about --device-ms spreads them)")
     parser.add_argument("--params", type=json.loads, default={},
                         help='extra decoding parameters of every request, as JSON (e.g. \'{"frequency_penalty": 0.5}\')')
+    parser.add_argument("--regex", help="structured output: requests constrained to this regular expression "
+                                         "(llguidance; AR only), every --grammar-every-th request")
+    parser.add_argument("--grammar-every", type=int, default=1, help="with --regex: every k-th request (default 1: all)")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
+    if args.grammar_every < 1:
+        parser.error(f"--grammar-every {args.grammar_every}: use an integer >= 1")
     if not 0 <= args.device_ms < 1e4:
         parser.error(f"--device-ms {args.device_ms}: use a number of milliseconds in [0, 10000)")
     if args.gen_length < 32 or args.gen_length % 32:

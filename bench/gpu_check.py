@@ -19,7 +19,8 @@ and the next one runs):
     host         bench/engine_overhead.py: the engine's host time per step on a zero-cost model at the
                  engine levels (what a step costs besides the model, on this machine's CPU and device)
     features     AR at the largest engine level with log probabilities, a frequency penalty, min_p
-                 sampling, against plain: what those per-request options cost on the device; and plain
+                 sampling, a regex on every request (with and without asynchronous scheduling; needs
+                 llguidance), against plain: what those per-request options cost on the device; and plain
                  with synchronous scheduling (EngineConfig.async_scheduling false), then serial streaming
                  too (overlap_streaming false): what each overlap of host work with the device gains
     profile      torch.profiler over eager 1-token forwards, plain, compiled layers, and compiled layers

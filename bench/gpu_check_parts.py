@@ -9,7 +9,7 @@
 Each part returns (results for the JSON, table rows). The model is built once, on the device, by
 workers.model.random_model (bench/gpu_check_baselines.py gives transformers the same tensors). Prompts
 are the shipped model's tokenizer's encodings of bench/concurrency.py's PROMPTS. That tokenizer knows
-4096 ids, the 8B shape's random model emits up to 151,936: `ClippedTokenizer.decode` drops the ids it
+4096 ids, the 8B shape's random model emits up to 151,936: `clipped_tokenizer`'s decode drops the ids it
 does not know. (tokenizers 0.23.3 skips them silently too, so the engine would not crash without it;
 the wrapper makes that independent of the version. Only the streamed text, which no part measures,
 loses them; token counts come from the ids.)
@@ -18,6 +18,7 @@ loses them; token counts come from the ids.)
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import statistics
 import sys
@@ -60,18 +61,17 @@ class Row:
     met: bool | None = None
 
 
-class ClippedTokenizer:
-    """The shipped tokenizer for a model with a larger vocabulary: `decode` drops ids >= its size."""
+def clipped_tokenizer(tokenizer):
+    """The shipped tokenizer for a model with a larger vocabulary: a shallow copy whose `decode` drops ids
+    >= its size. Still the transformers fast tokenizer it was, so grammars (llguidance) build on it."""
+    known, decode = len(tokenizer), tokenizer.decode
+    clipped = copy.copy(tokenizer)
 
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-        self.vocab_size = len(tokenizer)
+    def clipped_decode(ids, *args, **kwargs) -> str:
+        return decode([i for i in ids if i < known], *args, **kwargs)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tokenizer.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=skip_special_tokens)
+    clipped.decode = clipped_decode
+    return clipped
 
 
 class Workbench:
@@ -99,8 +99,8 @@ class Workbench:
     def model(self) -> Qwen3:
         return self.shared("model", lambda: random_model(self.cfg, dtype=self.dtype, device=self.device))
 
-    def tokenizer(self) -> ClippedTokenizer:
-        return self.shared("tokenizer", lambda: ClippedTokenizer(load_tokenizer(SHIPPED_MODEL)))
+    def tokenizer(self):
+        return self.shared("tokenizer", lambda: clipped_tokenizer(load_tokenizer(SHIPPED_MODEL)))
 
     def engine_variant(self) -> str:
         """The forward variant the engine and baselines parts run: --engine-variant, or with "fastest" the
@@ -320,20 +320,28 @@ FEATURES = {"plain": {}, "plain, synchronous scheduling": {}, "plain, synchronou
 # last one's results are back (its text still streamed during the next forward); serial streaming:
 # EngineConfig.overlap_streaming off too, the text streamed before the next step is planned
 FEATURE_ENGINE = {"plain, synchronous scheduling": {"async_scheduling": False},
-                  "plain, synchronous, serial streaming": {"async_scheduling": False, "overlap_streaming": False}}
+                  "plain, synchronous, serial streaming": {"async_scheduling": False, "overlap_streaming": False},
+                  "regex, synchronous scheduling": {"async_scheduling": False}}
+# structured output on every request (llguidance; a run that cannot build or run the grammar is recorded as
+# skipped): a bitmask per step, given after launch under asynchronous scheduling (Segment.deferred_mask);
+# the synchronous run is how every grammar request ran before that
+FEATURE_GRAMMAR = {"regex": "[a-z ]+", "regex, synchronous scheduling": "[a-z ]+"}
+FEATURES.update({name: {} for name in FEATURE_GRAMMAR})
 
 
 def part_features(bench: Workbench) -> tuple[dict, list[Row]]:
     """What the per-request options cost on the device: AR at the largest engine level, plain against log
     probabilities (the reads' top-k stage), a frequency penalty (the logit-bias scatter) and min_p
-    sampling (the filter stage), each run once untimed first. tok/s and its ratio to plain. Also plain
+    sampling (the filter stage), and structured output (a regex on every request, with and without
+    asynchronous scheduling), each run once untimed first. tok/s and its ratio to plain. Also plain
     with synchronous scheduling (EngineConfig.async_scheduling false) and then serial streaming too
     (EngineConfig.overlap_streaming false): what planning the next step while the device runs, and
     streaming a step's text during the next forward, gain on this host and device."""
     results = asyncio.run(_feature_runs(bench))
     plain = results.get("plain", {}).get("tok_s")
     rows = [Row(f"engine ar, {r['requests']} request(s), {name}", f"{r['tok_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms/step"
-                + (f" ({r['tok_s'] / plain:.2f}x plain)" if plain and name != "plain" else ""))
+                + (f" ({r['tok_s'] / plain:.2f}x plain)" if plain and name != "plain" else "")
+                + f", {r['ahead']:.0%} of steps launched ahead")
             for name, r in results.items() if "tok_s" in r]
     rows += [Row(f"engine ar, {name}", f"skipped: {r['skipped']}") for name, r in results.items() if "skipped" in r]
     return results, rows
@@ -354,24 +362,45 @@ async def _feature_runs(bench: Workbench) -> dict:
                 out[name] = {"skipped": "time budget spent"}
                 continue
             params = {**bench.decode_params(), **extra}
+            grammar = None
+            if name in FEATURE_GRAMMAR:
+                try:
+                    from llguidance import LLMatcher
+
+                    from decoding.grammar import GrammarSpec
+
+                    grammar = GrammarSpec(LLMatcher.grammar_from_regex(FEATURE_GRAMMAR[name]))
+                except Exception as exc:  # noqa: BLE001 - recorded; the other rows stand
+                    out[name] = {"skipped": f"{type(exc).__name__}: {exc}"}
+                    continue
             settings = FEATURE_ENGINE.get(name, {})
             saved = {key: getattr(engine, key) for key in settings}
             for key, value in settings.items():
                 setattr(engine, key, value)
             try:
                 engine.clear_prefix_cache()
-                await run_level(engine, tokenizer, Mode.AR, c, c, params, f"fw-{len(out)}")  # untimed: graphs, kernels
+                await run_level(engine, tokenizer, Mode.AR, c, c, params, f"fw-{len(out)}",
+                                grammar=grammar)  # untimed: graphs, kernels
                 engine.clear_prefix_cache()
-                steps = engine.forwards
-                run = await run_level(engine, tokenizer, Mode.AR, c, c, params, f"f-{len(out)}")
+                steps, ahead, failed = engine.forwards, engine.ahead_steps, requests_ended_by_error(engine)
+                run = await run_level(engine, tokenizer, Mode.AR, c, c, params, f"f-{len(out)}", grammar=grammar)
+            except Exception as exc:  # (InvalidRequestError: the grammar refused at submit)
+                if grammar is None:
+                    raise
+                out[name] = {"skipped": f"{type(exc).__name__}: {exc}"}
+                continue
             finally:
                 for key, value in saved.items():
                     setattr(engine, key, value)
-            if errors := requests_ended_by_error(engine):
+            if errors := requests_ended_by_error(engine) - failed:
+                if grammar is not None:
+                    out[name] = {"skipped": f"{errors} request(s) ended with an error"}
+                    continue
                 raise RuntimeError(f"{errors} request(s) ended with an error ({name})")
             graphs = bench.engine_runner().stats().get("cuda_graphs") or {}
             out[name] = {"requests": c, "tok_s": summarize([run])["tok_s"],
                          "ms_per_step": run["wall"] / max(engine.forwards - steps, 1) * 1e3,
+                         "ahead": (engine.ahead_steps - ahead) / max(engine.forwards - steps, 1),
                          "graphs_after": graphs.get("graphs"), "eager_steps_after": graphs.get("eager_steps")}
     finally:
         await engine.stop(drain_timeout_s=0)

@@ -56,8 +56,10 @@ def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
     assert all(r["tok_s"] > 0 for r in concurrency)
     features = parts["features"]["results"]  # AR with per-request options against plain
     assert set(features) == {"plain", "plain, synchronous scheduling", "plain, synchronous, serial streaming",
-                             "logprobs 5", "frequency_penalty 1", "min_p 0.05, T 0.8"}
-    assert all(r["tok_s"] > 0 and r["requests"] == 2 for r in features.values())
+                             "logprobs 5", "frequency_penalty 1", "min_p 0.05, T 0.8", "regex",
+                             "regex, synchronous scheduling"}
+    assert all(r["tok_s"] > 0 and r["requests"] == 2 and 0 <= r["ahead"] <= 1 for r in features.values())
+    assert features["plain, synchronous scheduling"]["ahead"] == features["regex, synchronous scheduling"]["ahead"] == 0
     # the paged kernel's rows where it can run: here under Triton's interpreter (tests/conftest.py)
     paged_runs = unavailable_reason(torch.device("cpu")) is None
     cases = parts["attention"]["results"]["cases"]  # one layer's attention per backend
