@@ -61,6 +61,7 @@ def json_grammar(schema: Any, field: str, options: dict = JSON_OPTIONS) -> str:
         schema = {}
     if not isinstance(schema, dict):
         raise InputError(400, field, f"must be a JSON Schema object, got {type(schema).__name__}")
+    _check_integers(schema, field)
     try:
         grammar = LLMatcher.grammar_from_json_schema(_without_string_key_rules(schema), overrides=options)
     except (ValueError, TypeError) as exc:
@@ -68,11 +69,69 @@ def json_grammar(schema: Any, field: str, options: dict = JSON_OPTIONS) -> str:
     return _checked(grammar, field, "the JSON Schema")
 
 
+# The integers a schema may hold. llguidance 1.9.1 reads integers as int64 or uint64 (a larger one was "Value
+# is not JSON serializable"), and an integer within 512 of the int64 minimum (one that rounds to it as a
+# float64) crashed the process (SIGSEGV in LLMatcher.validate_grammar: a `const`, an `enum` member or an
+# integer range there took a whole engine replica down); 1,024 of margin
+INT_LOW, INT_HIGH = -(1 << 63) + 1024, (1 << 64) - 1
+
+
+def _wide_integer(schema: Any) -> tuple[str, int] | None:
+    """The first integer in `schema` (a value, a bound, an enum member) outside INT_LOW..INT_HIGH, with
+    its path ("properties.a.maximum"); None when every one fits."""
+    stack: list[tuple[str, Any]] = [("the schema's top", schema)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, int) and not isinstance(value, bool) and not INT_LOW <= value <= INT_HIGH:
+            return path, value
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        top = path == "the schema's top"
+        stack += [(str(k) if top else f"{path}.{k}", v) for k, v in items]
+    return None
+
+
+def _check_integers(schema: Any, field: str, where: str = "") -> None:
+    """InputError naming `field` for a schema holding an integer outside INT_LOW..INT_HIGH."""
+    wide = _wide_integer(schema)
+    if wide is not None:
+        raise InputError(400, field, f"holds the integer {_short_int(wide[1])} at {where}{wide[0]}, outside the range "
+                         f"the grammar engine reads ({INT_LOW}..{INT_HIGH}): use a value within it")
+
+
+_EMBEDDED_JSON = re.compile(r"%json\s*")
+
+
+def _check_embedded_schemas(lark: str, field: str) -> None:
+    """The JSON schemas a Lark grammar embeds (`%json {...}`) hold integers the grammar engine reads
+    (`_check_integers`); one whose integer is too long for Python's JSON reader (4,300 digits) is refused
+    too. Text after `%json` that is not JSON is left to the grammar engine's own error."""
+    decoder = json.JSONDecoder()
+    for match in _EMBEDDED_JSON.finditer(lark):
+        try:
+            schema, _ = decoder.raw_decode(lark, match.end())
+        except ValueError as exc:
+            if "digits" in str(exc):  # (Python's limit on an integer's digits)
+                raise InputError(400, field, f"embeds a JSON schema (%json) with an integer of more digits than "
+                                 "the grammar engine reads: use a value within "
+                                 f"{INT_LOW}..{INT_HIGH}") from None
+            continue
+        _check_integers(schema, field, "a %json schema's ")
+
+
+def _short_int(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:10]}...{text[-4:]} ({len(text)} digits)"
+
+
 def _plain(error) -> str:
     """llguidance's message in this API's words: its advice to set `coerce_one_of`, an option a client
     cannot set, becomes what the client can do."""
-    return re.sub(r"oneOf constraints are not supported\. Enable 'coerce_one_of' option to approximate oneOf with anyOf",
+    text = re.sub(r"oneOf constraints are not supported\. Enable 'coerce_one_of' option to approximate oneOf with anyOf",
                   "oneOf is not supported: use anyOf (an output then matches at least one of the schemas)", str(error))
+    if "Failed to generate regex for integer range" in text:  # a float bound past int64 on an integer
+        text = (f"an integer's bounds reach outside the 64-bit range the grammar engine reads ({INT_LOW}.."
+                f"{INT_HIGH}): use bounds within it ({text})")
+    return text
 
 
 def response_format_schema(response_format) -> tuple[Any, str] | None:
@@ -315,6 +374,7 @@ def lark_grammar(grammar: str, field: str) -> str:
         lark = grammar if _LARK_START.search(grammar) else gbnf_to_lark(_for_converter(grammar))
     except Exception as exc:  # the converter raises plain Exceptions (and AssertionErrors) on bad GBNF
         raise InputError(400, field, f"is neither a Lark grammar (start: ...) nor valid GBNF (root ::= ...): {exc}") from None
+    _check_embedded_schemas(lark, field)
     return _checked(LLMatcher.grammar_from_lark(lark), field, "the grammar")
 
 

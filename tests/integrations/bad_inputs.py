@@ -245,6 +245,20 @@ HTTP_CASES = [
           field="response_format.json_schema.schema"),
     _chat("chat-response-format-schema-not-object", {"messages": USER, "response_format": {"type": "json_schema",
           "json_schema": {"name": "x", "schema": [1]}}}, field="response_format.json_schema.schema"),
+    # integers at the int64 minimum crashed the grammar engine (SIGSEGV: the replica died with every stream
+    # on it), and past uint64 were "not JSON serializable"
+    _chat("chat-response-format-int64-min-const", {"messages": USER, "response_format": {"type": "json_schema",
+          "json_schema": {"name": "x", "schema": {"const": -9223372036854775808}}}},
+          field="response_format.json_schema.schema"),
+    _chat("chat-tool-int64-min-range", {"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {
+            "type": "integer", "minimum": -9223372036854775808, "maximum": -9223372036854775800}}}}}]},
+          field="tools.0.function.parameters"),
+    _chat("chat-tool-integer-past-uint64", {"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {
+            "type": "integer", "maximum": 123456789012345678901234567890}}}}}]}, field="tools.0.function.parameters"),
+    _chat("chat-lark-json-int64-min-enum", {"messages": USER, "structured_outputs": {
+        "grammar": 'start: %json {"enum": [1, -9223372036854775800]}'}}, field="structured_outputs.grammar"),
     _chat("chat-response-format-refusion-mode", {"messages": USER, "mode": "refusion",
                                                  "response_format": {"type": "json_object"}}, field="mode"),
     _chat("chat-structured-outputs-unknown-key", {"messages": USER, "structured_outputs": {"jsonn": {}}},

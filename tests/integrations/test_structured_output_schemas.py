@@ -190,3 +190,38 @@ def test_a_malformed_schema_anywhere_is_a_400_on_every_path_that_compiles_one():
                 except Exception as exc:  # noqa: BLE001 - what the test looks for
                     escaped.append((key, value, i, f"{type(exc).__name__}: {exc}"))
     assert not escaped, escaped[:5]
+
+
+INT64_MIN = -(1 << 63)
+
+
+@pytest.mark.parametrize("schema, where", [
+    ({"const": INT64_MIN}, "const"),
+    ({"enum": [1, INT64_MIN + 512]}, "enum.1"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MIN + 8}}},
+     "properties.a."),
+    ({"type": "integer", "maximum": 123456789012345678901234567890}, "maximum"),
+])
+def test_integers_the_grammar_engine_cannot_read_are_a_400_before_it_sees_them(schema, where):
+    # llguidance 1.9.1 crashed the process (SIGSEGV in validate_grammar) on an integer within 512 of the
+    # int64 minimum, in a schema or in a Lark grammar's %json: a whole replica died for one request
+    # (found probing a break-test's finding). Each path names the field and where the integer is.
+    with pytest.raises(InputError) as err:
+        json_grammar(schema, "response_format.json_schema.schema")
+    assert err.value.field == "response_format.json_schema.schema" and f"at {where}" in err.value.message
+    with pytest.raises(InputError) as err:
+        lark_grammar(f"start: %json {json.dumps(schema)}", "structured_outputs.grammar")
+    assert err.value.field == "structured_outputs.grammar" and "%json schema's " + where in err.value.message
+    with pytest.raises(InputError) as err:
+        tool_grammar(_tools({"type": "object", "properties": {"x": schema}}), "", 0)
+    assert err.value.field == "tools.0.function.parameters" and "properties.x." + where in err.value.message
+    with pytest.raises(InputError, match="more digits"):  # past Python's JSON reader (4,300 digits)
+        lark_grammar('start: %json {"const": -' + "9" * 5000 + "}", "structured_outputs.grammar")
+
+
+def test_integers_at_the_ends_of_the_readable_range_compile(accepts):
+    low, high = INT64_MIN + 1024, (1 << 64) - 1
+    grammar = json_grammar({"type": "object", "properties": {"a": {"type": "integer", "minimum": low},
+                                                             "b": {"type": "integer", "maximum": high}}},
+                           "response_format.json_schema.schema")
+    assert accepts(grammar, json.dumps({"a": 5, "b": 7}, separators=(", ", ": ")))
