@@ -69,20 +69,22 @@ def json_grammar(schema: Any, field: str, options: dict = JSON_OPTIONS) -> str:
     return _checked(grammar, field, "the JSON Schema")
 
 
-# The integers a schema may hold. llguidance 1.9.1 reads integers as int64 or uint64 (a larger one was "Value
-# is not JSON serializable"), and an integer within 512 of the int64 minimum (one that rounds to it as a
-# float64) crashed the process (SIGSEGV in LLMatcher.validate_grammar: a `const`, an `enum` member or an
-# integer range there took a whole engine replica down); 1,024 of margin
+# The numbers a schema may hold. llguidance 1.9.1 reads integers as int64 or uint64 (a larger one was "Value
+# is not JSON serializable"), and a number at or below the int64 minimum where it reads an integer (an
+# integer within 512 of it, which rounds to it as a float64, or a float such as -1e19 as an integer's
+# `const`) crashed the process (SIGSEGV in LLMatcher.validate_grammar: a `const`, an `enum` member or an
+# integer range there took a whole engine replica down); 1,024 of margin, and no number below it at all
 INT_LOW, INT_HIGH = -(1 << 63) + 1024, (1 << 64) - 1
 
 
-def _wide_integer(schema: Any) -> tuple[str, int] | None:
-    """The first integer in `schema` (a value, a bound, an enum member) outside INT_LOW..INT_HIGH, with
-    its path ("properties.a.maximum"); None when every one fits."""
+def _wide_integer(schema: Any) -> tuple[str, int | float] | None:
+    """The first number in `schema` (a value, a bound, an enum member) below INT_LOW, or integer above
+    INT_HIGH, with its path ("properties.a.maximum"); None when every one fits."""
     stack: list[tuple[str, Any]] = [("the schema's top", schema)]
     while stack:
         path, value = stack.pop()
-        if isinstance(value, int) and not isinstance(value, bool) and not INT_LOW <= value <= INT_HIGH:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                value < INT_LOW or isinstance(value, int) and value > INT_HIGH):
             return path, value
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         top = path == "the schema's top"
@@ -94,7 +96,7 @@ def _check_integers(schema: Any, field: str, where: str = "") -> None:
     """InputError naming `field` for a schema holding an integer outside INT_LOW..INT_HIGH."""
     wide = _wide_integer(schema)
     if wide is not None:
-        raise InputError(400, field, f"holds the integer {_short_int(wide[1])} at {where}{wide[0]}, outside the range "
+        raise InputError(400, field, f"holds the number {_short_int(wide[1])} at {where}{wide[0]}, outside the range "
                          f"the grammar engine reads ({INT_LOW}..{INT_HIGH}): use a value within it")
 
 
@@ -118,7 +120,7 @@ def _check_embedded_schemas(lark: str, field: str) -> None:
         _check_integers(schema, field, "a %json schema's ")
 
 
-def _short_int(value: int) -> str:
+def _short_int(value: int | float) -> str:
     text = str(value)
     return text if len(text) <= 24 else f"{text[:10]}...{text[-4:]} ({len(text)} digits)"
 

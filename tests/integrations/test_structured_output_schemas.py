@@ -201,6 +201,7 @@ INT64_MIN = -(1 << 63)
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MIN + 8}}},
      "properties.a."),
     ({"type": "integer", "maximum": 123456789012345678901234567890}, "maximum"),
+    ({"type": "integer", "const": -1e19}, "const"),  # a float where an integer is read: crashed too
 ])
 def test_integers_the_grammar_engine_cannot_read_are_a_400_before_it_sees_them(schema, where):
     # llguidance 1.9.1 crashed the process (SIGSEGV in validate_grammar) on an integer within 512 of the
