@@ -101,7 +101,7 @@ class StructuredOutputs(OpenAIBody):
 
     model_config = ConfigDict(extra="forbid")
 
-    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")  # (true: any JSON, as JSON Schema's)
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
@@ -120,7 +120,7 @@ class StructuredOutputs(OpenAIBody):
         """InputError naming structured_outputs.<field> when it does not compile."""
         field = "structured_outputs."
         if self.json_ is not None:
-            schema = self.json_
+            schema = self.json_  # (a dict, true or false: json_grammar's to judge)
             if isinstance(schema, str):
                 try:
                     schema = json.loads(schema)

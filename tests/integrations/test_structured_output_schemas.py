@@ -226,3 +226,15 @@ def test_integers_at_the_ends_of_the_readable_range_compile(accepts):
                                                              "b": {"type": "integer", "maximum": high}}},
                            "response_format.json_schema.schema")
     assert accepts(grammar, json.dumps({"a": 5, "b": 7}, separators=(", ", ": ")))
+
+
+def test_structured_outputs_json_takes_the_schemas_true_and_false_as_response_format_does(accepts):
+    # JSON Schema's boolean schemas (a break-test found `true` refused here while response_format took it)
+    def body(schema):
+        return ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], structured_outputs={"json": schema})
+
+    grammar = body(True).output_grammar()
+    assert accepts(grammar.grammar, "[1, 2]") and accepts(grammar.grammar, '"text"')
+    with pytest.raises(InputError) as err:
+        body(False).output_grammar()
+    assert err.value.field == "structured_outputs.json" and "matches nothing" in err.value.message
