@@ -106,6 +106,13 @@ class StructuredOutputs(OpenAIBody):
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    # the field each given one came as, when a client sent vLLM's older guided_json / guided_regex /
+    # guided_choice / guided_grammar (openai_sampling): errors name what the client sent
+    _sent_as: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def field_name(self, kind: str) -> str:
+        """The request field `kind` ("json", "regex", "choice", "grammar", "json_object") came in."""
+        return self._sent_as.get(kind, f"structured_outputs.{kind}")
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -117,20 +124,24 @@ class StructuredOutputs(OpenAIBody):
         return self
 
     def grammar_spec(self) -> GrammarSpec:
-        """InputError naming structured_outputs.<field> when it does not compile."""
-        field = "structured_outputs."
+        """InputError naming structured_outputs.<field> (or the guided_* field it came as) when it does
+        not compile."""
         if self.json_ is not None:
-            schema = self.json_  # (a dict, true or false: json_grammar's to judge)
+            schema, field = self.json_, self.field_name("json")  # (a dict, true or false: json_grammar's to judge)
             if isinstance(schema, str):
                 try:
                     schema = json.loads(schema)
                 except ValueError as exc:
-                    raise InputError(400, field + "json", f"is not valid JSON: {exc}") from None
-            return GrammarSpec(json_grammar(schema, field + "json"), source=field + "json")
+                    raise InputError(400, field, f"is not valid JSON: {exc}") from None
+            return GrammarSpec(json_grammar(schema, field), source=field)
         if self.regex is not None:
-            return GrammarSpec(regex_grammar(self.regex, field + "regex"), source=field + "regex")
+            field = self.field_name("regex")
+            return GrammarSpec(regex_grammar(self.regex, field), source=field)
         if self.choice is not None:
-            return GrammarSpec(choice_grammar(self.choice, field + "choice"), source=field + "choice")
+            field = self.field_name("choice")
+            return GrammarSpec(choice_grammar(self.choice, field), source=field)
         if self.grammar is not None:
-            return GrammarSpec(lark_grammar(self.grammar, field + "grammar"), source=field + "grammar")
-        return GrammarSpec(json_grammar(ANY_OBJECT, field + "json_object"), source=field + "json_object")
+            field = self.field_name("grammar")
+            return GrammarSpec(lark_grammar(self.grammar, field), source=field)
+        field = self.field_name("json_object")
+        return GrammarSpec(json_grammar(ANY_OBJECT, field), source=field)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from decoding.grammar import GrammarSpec
 from decoding.params import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_PENALTY, MAX_TOP_K, SERVING_DEFAULTS
@@ -131,10 +131,21 @@ class SamplingFields(OpenAIBody):
         given = {k: data.pop(k) for k in [k for k in data if k in _GUIDED]}
         guided = {_GUIDED[k]: value for k, value in given.items() if value is not None}
         if guided:
+            names = [k for k in given if given[k] is not None]
             if data.get("structured_outputs") is not None:
                 raise InputError(400, "structured_outputs", "give structured_outputs or vLLM's older guided_* "
-                                 f"fields ({', '.join(k for k in given if given[k] is not None)}), not both")
-            data["structured_outputs"] = guided
+                                 f"fields ({', '.join(names)}), not both")
+            try:
+                outputs = StructuredOutputs.model_validate(guided)
+            except ValidationError as exc:  # named as sent: the client never wrote structured_outputs
+                error = exc.errors()[0]
+                where = {v: k for k, v in _GUIDED.items()}.get(str(error["loc"][0]) if error["loc"] else "", names[0])
+                message = error["msg"].removeprefix("Value error, ")
+                if message.startswith("give exactly one of"):
+                    message = f"give exactly one of guided_json, guided_regex, guided_choice or guided_grammar (got {', '.join(names)})"
+                raise InputError(400, where, message) from None
+            outputs._sent_as = {kind: name for name, kind in _GUIDED.items() if name in names}
+            data["structured_outputs"] = outputs
         return data
 
     @field_validator("prompt_logprobs")
@@ -179,6 +190,9 @@ class SamplingFields(OpenAIBody):
     def _one_format(cls, value, info):
         response_format = info.data.get("response_format")  # validated first: declared before
         if value is not None and response_format is not None and response_format.type != "text":
+            sent = sorted(value._sent_as.values())
+            if sent:  # (vLLM's older guided_* fields: named as sent)
+                raise InputError(400, sent[0], f"give response_format or {sent[0]}, not both")
             raise ValueError("give response_format or structured_outputs, not both")
         return value
 

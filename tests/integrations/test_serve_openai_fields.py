@@ -401,6 +401,10 @@ def test_vllm_fields_older_clients_send(http):
     both = http.post("/v1/completions", json={**base, "guided_choice": ["a"], "structured_outputs": {"choice": ["b"]}})
     assert both.status_code == 400 and both.json()["error"]["param"] == "structured_outputs"
     assert "guided_choice" in both.json()["error"]["message"]
+    for extra, param in (({"guided_json": "not json"}, "guided_json"),  # named as sent (they named structured_outputs)
+                         ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice")):
+        refused = http.post("/v1/chat/completions", json={"messages": USER, **extra})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text[:300]
     legacy = http.post("/v1/chat/completions", json={"messages": USER, "function_call": "auto", "functions": [
         {"name": "f", "parameters": {"type": "object", "properties": {}}}]})
     error = legacy.json()["error"]

@@ -238,3 +238,22 @@ def test_structured_outputs_json_takes_the_schemas_true_and_false_as_response_fo
     with pytest.raises(InputError) as err:
         body(False).output_grammar()
     assert err.value.field == "structured_outputs.json" and "matches nothing" in err.value.message
+
+
+@pytest.mark.parametrize("extra, field, words", [
+    ({"guided_json": "not json at all"}, "guided_json", "is not valid JSON"),
+    ({"guided_json": {"type": "strng"}}, "guided_json", "does not compile"),
+    ({"guided_regex": "[a-"}, "guided_regex", "does not compile"),
+    ({"guided_choice": []}, "guided_choice", "at least one"),
+    ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_choice", "got guided_choice, guided_regex"),
+    ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice",
+     "give response_format or guided_choice, not both"),
+    ({"guided_choice": ["a"], "structured_outputs": {"regex": "a"}}, "structured_outputs", "(guided_choice), not both"),
+])
+def test_vllms_older_guided_fields_are_named_as_sent(extra, field, words):
+    # (a break-test: these named structured_outputs.json or structured_outputs, which the client never sent)
+    with pytest.raises(InputError) as err:
+        ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], **extra).output_grammar()
+    assert err.value.field == field and words in err.value.message, err.value.message
+    grammar = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], guided_regex="[0-9]+").output_grammar()
+    assert grammar.source == "guided_regex"  # (decoding errors name it too)
