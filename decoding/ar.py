@@ -190,22 +190,30 @@ class ARDecoder:
         generation step, exactly as `next_segment(budget)` will state it once the chunk is absorbed (the
         prompt is on the host; `budget`: the step's tokens left).
         With a grammar, the step's bitmask is given after launch (Segment.deferred_mask), from
-        `deferred_bitmask` once the step in flight is absorbed; a grammar request sits the step out
-        (`sits_out_ahead`) when the step in flight is a prompt chunk, a forced-token chunk or a discarded
-        read.
+        `deferred_bitmask` once the step in flight is absorbed. When the step in flight feeds a token
+        that brought forced tokens (its read is discarded), the step after it is known on the host: the
+        forced run, kept, and a read after it under the grammar's bitmask, as `next_segment` will state
+        it (no feedback). A grammar request sits the step out (`sits_out_ahead`) when the step in flight
+        is a prompt chunk or a forced-token chunk, or when such a forced run does not fit `budget`.
         None when the next step depends on the step in flight's token on the host: prompt scoring (its
-        chunks read the prompt), a grammar's forced tokens (`sits_out_ahead`); when the step in flight may
-        be the last (it reads the span's last token); or when a step is planned ahead already. The next
+        chunks read the prompt); when the step in flight may be the last (it reads the span's last
+        token); or when a step is planned ahead already. The next
         `absorb` takes the result of the step in flight; the one after takes this step's. If the step in
         flight ends the request (EOS), this step is wasted: the caller drops its result and frees its
         KV, as for a cancel."""
         seg, p = self._in_flight, self.params
-        if seg is None or self._ahead is not None or self._catch_up or self.sits_out_ahead():
+        if seg is None or self._ahead is not None or self._catch_up or self.sits_out_ahead(budget):
             return None
+        if self._moot:  # the forced run after the token the step in flight feeds, then a read
+            forced = self.generated[self.gen_cached + 1:]
+            start = self.gen_start + self.gen_cached + 1
+            self._ahead = self._segment(forced, list(range(start, start + len(forced))), len(forced),
+                                        seg.context_len + seg.num_kept)
+            return self._ahead
         if self.phase is ARPhase.PREFILL and not self._first_step:
             return self._prefill_ahead(seg, budget)
         first = self.phase is ARPhase.PREFILL and self._first_step  # the first generation step is in flight
-        decoding = self.phase is ARPhase.DECODE and len(seg.token_ids) == 1
+        decoding = self.phase is ARPhase.DECODE and bool(seg.reads)  # (a grammar's forced run fed before its read too)
         if not (first or decoding) or len(self.generated) + 1 >= self.span:
             return None
         position = self.gen_start + len(self.generated)  # the token the step in flight reads goes here
@@ -222,13 +230,16 @@ class ARDecoder:
                               feedback_penalty=penalty, deferred_mask=self.constraint is not None)
         return self._ahead
 
-    def sits_out_ahead(self) -> bool:
+    def sits_out_ahead(self, budget: int = 1) -> bool:
         """Whether a grammar request plans no step ahead now but can be planned from the host once its
         step in flight is absorbed (scheduler.Scheduler.plan_ahead leaves it out of the step planned
-        ahead, and the others keep the pipeline): the step in flight is a prompt chunk, a chunk of forced
-        tokens, or a decode step whose read is discarded (the token it feeds brought forced tokens)."""
-        return self.constraint is not None and self._in_flight is not None and (
-            self._moot or bool(self._catch_up) or self.chunk_in_flight)
+        ahead, and the others keep the pipeline): the step in flight is a prompt chunk or a chunk of
+        forced tokens, or its read is discarded (the token it feeds brought forced tokens) and that
+        forced run and a read do not fit `budget` (a catch-up chunk comes first)."""
+        if self.constraint is None or self._in_flight is None:
+            return False
+        forced = len(self.generated) - self.gen_cached - 1  # (with _moot: the run after the fed token)
+        return bool(self._catch_up) or self.chunk_in_flight or (self._moot and forced + 1 > budget)
 
     def deferred_bitmask(self, segment: Segment) -> bytes | None:
         """The token bitmask of `segment`, the step in flight that plan_ahead stated with deferred_mask,

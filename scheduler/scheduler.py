@@ -378,7 +378,7 @@ class Scheduler:
         for chunk, req in sorted(chunks, key=lambda entry: entry[0]):
             planner = getattr(req.decoder, "plan_ahead", None) if req.pending_segment is None else None
             if planner is not None and (chunk and budget <= 0 or req.decoder.ends_with_step_in_flight()
-                                        or req.decoder.sits_out_ahead() or switch_may_follow(self, req)):
+                                        or req.decoder.sits_out_ahead(budget) or switch_may_follow(self, req)):
                 continue  # sits out (no budget, its grammar's host view first, or re-routed first), or its
                 # step in flight is its last
             try:

@@ -299,6 +299,25 @@ async def test_grammar_requests_keep_the_pipeline_with_their_bitmasks_given_afte
     assert re.fullmatch(r"([a-z]{2,5}-id-){6}", _outcome(pipelined[7])[0]) and _outcome(pipelined[7])[4] > 20
 
 
+async def test_grammar_forced_runs_longer_than_the_step_budget_plan_ahead_as_serially(runner):
+    # A small token budget: the prompts are fed in chunks and each forced run ("-a-long-fixed-name-",
+    # ~10 tokens) is longer than what a step has left, so the grammar request sits steps out and feeds
+    # catch-up chunks; outputs equal the serial ones
+    from llguidance import LLMatcher
+
+    from decoding.grammar import GrammarSpec
+
+    long_runs = GrammarSpec(LLMatcher.grammar_from_regex(r"([a-z]{1,4}-a-long-fixed-name-){4}"))
+    specs = _mixed(runner, 3) + [_request(runner, "runs", 1, grammar=long_runs),
+                                 _request(runner, "runs_sampled", 2, {"temperature": 0.9}, grammar=long_runs)]
+    config = {"token_budget": 8}
+    serial, _ = await _run(runner, specs, pipelined=False, config=config)
+    pipelined, engine = await _run(runner, specs, pipelined=True, config=config)
+    _assert_same(specs, serial, pipelined)
+    assert all(re.fullmatch(r"([a-z]{1,4}-a-long-fixed-name-){4}", _outcome(d)[0]) for d in pipelined[3:])
+    assert engine.ahead_steps >= engine.forwards // 2, (engine.ahead_steps, engine.forwards)
+
+
 async def test_a_grammar_that_dead_ends_when_its_bitmask_is_due_after_launch_fails_its_request_alone(runner, monkeypatch):
     from decoding.api import DecodeParamError
     from decoding.ar import ARDecoder

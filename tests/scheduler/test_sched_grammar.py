@@ -254,8 +254,9 @@ def test_a_grammar_step_planned_ahead_takes_its_bitmask_after_the_token_in_fligh
     # Asynchronous scheduling (decoding.ar.ARDecoder.plan_ahead with a grammar): the step after the one in
     # flight is stated before that one's token is known, so its bitmask is given later
     # (Segment.deferred_mask, deferred_bitmask) from the grammar's state after that token. When the token
-    # brings forced text, the step ahead fed it alone: its read is discarded, it sits the next step out,
-    # and the forced run is fed from the host with the next read, as a serial step would.
+    # brings forced text, the step ahead fed it alone: its read is discarded, and the step after it, known
+    # on the host, feeds the forced run with the next read, as a serial step would (or the request sits
+    # that step out when the run does not fit the budget).
     from decoding.ar import ARDecoder
     from scheduler.decoders import ModelDecoderFactory
     from workers.batch import SegmentResult
@@ -283,12 +284,16 @@ def test_a_grammar_step_planned_ahead_takes_its_bitmask_after_the_token_in_fligh
     decoder.absorb(SegmentResult("g", [dash], [1.0]))  # "-": the grammar forces "id="
     forced = decoder.generated[2:]
     assert runner.tokenizer.decode(forced) == "id=" and decoder.generated[:2] == [a, dash]
-    assert decoder.deferred_bitmask(moot) is None and decoder.sits_out_ahead() and decoder.plan_ahead(64) is None
+    assert decoder.deferred_bitmask(moot) is None
     assert decoder.host_segment(moot).token_ids == [dash]  # the token it feeds, not the last forced one
+    assert decoder.sits_out_ahead(len(forced)) and not decoder.sits_out_ahead(len(forced) + 1)  # (run + read)
+    step = decoder.plan_ahead(64)  # the forced run, read after its last token under the host's bitmask
+    assert step.token_ids == forced and step.reads.argmax == (len(forced) - 1,) and step.num_kept == len(forced)
+    assert not (step.deferred_mask or step.feedback) and step.token_bitmask == decoder.constraint.bitmask()
+    assert step.positions[0] == moot.positions[0] + 1 and step.context_len == moot.context_len + 1
     forwards = decoder.stats.forwards
     decoder.absorb(SegmentResult("g", [a], [0.5]))  # its read ("a") is discarded: "-" is cached, nothing added
     assert decoder.generated == [a, dash] + forced and decoder.gen_cached == 2
     assert decoder.stats.forwards == forwards + 1
-    step = decoder.next_segment(64)  # the forced run, read after its last token under the host's bitmask
-    assert step.token_ids == forced and step.reads.argmax == (len(forced) - 1,) and not step.deferred_mask
-    assert step.token_bitmask == decoder.constraint.bitmask() and step.positions[0] == moot.positions[0] + 1
+    decoder.absorb(SegmentResult("g", [a], [0.5]))  # the forced run's step: "a" follows "id="
+    assert decoder.generated == [a, dash] + forced + [a] and decoder.gen_cached == 2 + len(forced)
