@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from urllib.parse import unquote
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams
+from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams, JsonRpcRequestCancelled
 from pygls.lsp.server import LanguageServer
 from pygls.workspace import TextDocument, Workspace
 
@@ -286,11 +286,14 @@ def build_server(config: BridgeConfig) -> LanguageServer:
             prefix, suffix = fit_to_limits(prefix, suffix, await backend.limits())  # a line can be very long
             request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
             result = await backend.complete(request)
-        except BackendError as exc:
-            if exc.code == -32800:  # superseded by a newer request for this document: nothing to show
-                return types.InlineCompletionList(items=[])
-            raise JsonRpcInternalError(f"refusion backend: {exc}") from None
-        except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+        except (BackendError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            if server.protocol.shutdown_received:  # `shutdown` closed the backend under it: cancelled (LSP
+                # 3.17 RequestCancelled, which clients drop quietly; it was -32603 "unreachable")
+                raise JsonRpcRequestCancelled("the server is shutting down (shutdown received)") from None
+            if isinstance(exc, BackendError):
+                if exc.code == -32800:  # superseded by a newer request for this document: nothing to show
+                    return types.InlineCompletionList(items=[])
+                raise JsonRpcInternalError(f"refusion backend: {exc}") from None
             # An error, not an empty answer: the editor's LSP log then says what is wrong.
             raise JsonRpcInternalError(f"refusion backend unreachable at {config.url}: {exc}") from None
         text = result.get("text", "")

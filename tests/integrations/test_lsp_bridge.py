@@ -712,3 +712,33 @@ def test_no_traceback_in_error_data():
         protocol._send_response(7, error=JsonRpcInternalError.of(sys.exc_info()).to_response_error())
     body = json.loads(written[0].split(b"\r\n\r\n", 1)[1])
     assert body == {"jsonrpc": "2.0", "id": 7, "error": {"code": -32603, "message": "KeyError: 'missing'"}}
+
+
+async def test_a_completion_in_flight_at_shutdown_is_answered_as_cancelled(scripted_backend, tmp_path, wait_until):
+    """`shutdown` closes the backend connection under a completion still in flight: its answer is LSP
+    3.17's RequestCancelled (-32800), which clients drop quietly; it was -32603 "backend unreachable",
+    an error in the editor's log at every quit with a completion pending (a break-test's finding)."""
+    url, fake = scripted_backend
+    n_before = len(fake.requests)
+    lsp = await RawLsp.start(url, tmp_path)
+    fake.hold = threading.Event()  # the completion stays in flight until shutdown ends it
+    try:
+        assert "capabilities" in (await lsp.request(1, "initialize", {"capabilities": {}}))["result"]
+        lsp.notify("initialized", {})
+        lsp.notify("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "python", "version": 1,
+                                                             "text": DOC}})
+        lsp.send({"jsonrpc": "2.0", "id": 2, "method": "textDocument/inlineCompletion", "params": raw_inline_params()})
+        await wait_until(lambda: len(fake.requests) > n_before, "the completion to reach the backend")
+        lsp.send({"jsonrpc": "2.0", "id": 3, "method": "shutdown"})
+        answers = {}
+        while len(answers) < 2:
+            answer = await lsp.receive()
+            answers[answer["id"]] = answer
+        assert answers[3] == {"jsonrpc": "2.0", "id": 3, "result": None}
+        assert answers[2]["error"]["code"] == -32800 and "shutting down" in answers[2]["error"]["message"], answers[2]
+        lsp.notify("exit")
+        assert await lsp.exit_code() == 0
+    finally:
+        fake.hold.set()  # the fixture is shared: leave no request held
+        fake.hold = None
+        await lsp.close()
