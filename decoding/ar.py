@@ -22,8 +22,8 @@ more than the scheduler's budget: a longer run is fed in kept chunks without rea
 Under asynchronous scheduling a grammar request plans its decode steps ahead too: the step's mask is
 given after launch (Segment.deferred_mask; `deferred_bitmask`), once the token in flight is absorbed.
 Should that token bring forced tokens, the step planned ahead has fed it at the wrong moment for a
-read: its read is discarded (a forward without a read, as a forced-token chunk's), and the next step,
-from the host, feeds the forced run and reads after it, as a serial step would.
+read: its read is discarded (a forward without a read, as a forced-token chunk's), and the step after
+it, planned ahead from the host, feeds the forced run and reads after it, as a serial step would.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ class ARDecoder:
             return None
         tokens, positions = self.feed.peek(self.feed.pending)
         tokens, positions = tokens[self._context_in_flight:], positions[self._context_in_flight:]
-        # (no forced tokens: a grammar plans nothing ahead)
+        # (no forced tokens: a grammar request sits prompt chunks out, sits_out_ahead)
         self._ahead, self._ahead_prefill = self._context_step(tokens, positions, [], [],
                                                               chunk.context_len + chunk.num_kept, max(1, budget))
         return self._ahead
