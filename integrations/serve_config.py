@@ -255,7 +255,8 @@ class ServeConfig(_Strict):
     def _resolve(self):
         model_dir = Path(self.model).expanduser().resolve()
         if not (model_dir / "config.json").is_file():
-            what = "is not a directory" if model_dir.exists() and not model_dir.is_dir() else "has no config.json"
+            what = ("does not exist" if not model_dir.exists() else "is not a directory" if not model_dir.is_dir()
+                    else "has no config.json")
             raise ValueError(f"model: {model_dir} {what}; pass a model directory (default {DEFAULT_MODEL})")
         self.model = str(model_dir)
         self.model_name = self.model_name or model_dir.name

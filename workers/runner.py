@@ -190,9 +190,10 @@ class ModelRunner:
         return graphs.startup
 
     def stats(self) -> dict:
-        """For /v1/engine: the attention backend, whether layer kernels are compiled, and the CUDA graphs
-        held and what capturing them cost (workers.graphs; None when off)."""
-        return {"attention": self.attention, "compile_layers": self.compile_layers,
+        """For /v1/engine: the device and weights' dtype, the attention backend, whether layer kernels are
+        compiled, and the CUDA graphs held and what capturing them cost (workers.graphs; None when off)."""
+        return {"device": self.info.device, "dtype": self.info.dtype, "attention": self.attention,
+                "compile_layers": self.compile_layers,
                 "cuda_graphs": self.step_fn.stats() if isinstance(self.step_fn, StepGraphs) else None}
 
     @property

@@ -48,6 +48,23 @@ from pygls.protocol import LanguageServerProtocol
 
 logger = logging.getLogger(__name__)
 
+
+class _AnswersWithoutTracebacks(logging.Filter):
+    """pygls logs every JSON-RPC error a handler answers with its traceback (stderr, which an editor shows
+    as the server's log): for the bridge's own answers (JsonRpcException: a backend that is down,
+    params to fix) one line says what was answered; other exceptions (bugs) keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, JsonRpcException):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "answered %s (%s): %s", (type(error).__name__, error.code, error.message), None, None)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("pygls.protocol.json_rpc").addFilter(_AnswersWithoutTracebacks())
+
 MAX_MESSAGE_BYTES = 64 << 20  # far above any editor's message (didOpen of a big file): larger is a broken header
 SIGINT_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
 

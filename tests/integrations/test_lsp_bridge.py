@@ -469,6 +469,26 @@ async def test_unreachable_backend_is_an_lsp_error_not_an_empty_answer():
         await lsp_round_trip(f"ws://127.0.0.1:{free_port()}/v1/editor")
 
 
+async def test_an_answered_error_is_one_line_in_the_log_not_a_traceback(tmp_path):
+    """The server's stderr is the editor's LSP log: pygls wrote a full traceback there for each error the
+    bridge answers on purpose (a backend that is down; a break-test's finding)."""
+    lsp = await RawLsp.start(f"ws://127.0.0.1:{free_port()}/v1/editor", tmp_path)
+    try:
+        assert "capabilities" in (await lsp.request(1, "initialize", {"capabilities": {}}))["result"]
+        lsp.notify("initialized", {})
+        lsp.notify("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "python", "version": 1,
+                                                             "text": DOC}})
+        answer = await lsp.request(2, "textDocument/inlineCompletion", raw_inline_params())
+        assert answer["error"]["code"] == -32603 and "unreachable" in answer["error"]["message"]
+        assert await lsp.request(3, "shutdown") == {"jsonrpc": "2.0", "id": 3, "result": None}
+        lsp.notify("exit")
+        assert await lsp.exit_code() == 0
+    finally:
+        await lsp.close()
+    log = lsp.stderr()
+    assert "Traceback" not in log and "answered JsonRpcInternalError (-32603): refusion backend unreachable" in log, log
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--url", "http://127.0.0.1:8000/v1/editor"], "--url must be a WebSocket URL"),
     (["--max-tokens", "0"], "--max-tokens must be an integer in 1..256"),

@@ -442,8 +442,10 @@ def test_a_broken_model_directory_is_one_line_before_ray_starts(tiny_model_dir, 
     weights.write_bytes(weights.read_bytes()[:1000])
     settings = Path(shutil.copytree(tiny_model_dir, tmp_path / "settings"))
     (settings / "refusion.json").write_text('{"slot_threshold": 7}')  # failed each replica after Ray started
+    missing = tmp_path / "refusion-tiny"  # (a mistyped path said "has no config.json")
     for target, said in ((model, f"--model: {weights}: not a readable safetensors file"),
                          (weights, f"config: model: {weights} is not a directory"),
+                         (missing, f"config: model: {missing} does not exist"),
                          (settings, f"--model: {settings / 'refusion.json'}: slot_threshold")):
         proc = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", "--model", str(target), "--port", "1"],
                               cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -72,6 +72,7 @@ def test_compiled_layers_match_eager_step_by_step(sessions):
     eager, compiled = sessions
     assert compiled.runner.step_fn.keywords["kernels"] is compiled_kernels()
     assert eager.runner.stats()["compile_layers"] is False and compiled.runner.stats()["compile_layers"] is True
+    assert eager.runner.stats()["dtype"] == "float32" and eager.runner.stats()["device"] == "cpu"  # (/v1/engine)
     torch._dynamo.reset()
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch._inductor.config.patch(INDUCTOR_CPU):
