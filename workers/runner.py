@@ -308,13 +308,17 @@ class ModelRunner:
         unfinished with no bitmask: an abandoned step). Raises SegmentError naming the segment for a
         bitmask that cannot be used (field "token_bitmask", as at launch) or that is given for a segment
         without deferred_mask (field "deferred_mask"), before any device work; RuntimeError for a step
-        with nothing deferred left to finish."""
+        with nothing deferred left to finish, or one another runner launched. Should the reads fail, the
+        step stays unfinished (a feedback launch is refused; `collect` tries again without bitmasks)."""
         if launched.deferred is None:
             raise RuntimeError("finish_reads: the step has no deferred reads left to finish")
+        if launched is not self._unfinished:  # (this runner's unfinished step is always the last it launched)
+            raise RuntimeError("finish_reads: the step was launched by another runner; call that runner's")
         buffer, values, kept, deferred = launched.deferred
         step, n = launched.step, len(launched.seq_ids)
-        if len(bitmasks) != n:
-            raise ValueError(f"finish_reads: {len(bitmasks)} bitmasks for a step of {n} segments; give one per segment")
+        if not isinstance(bitmasks, (list, tuple)) or len(bitmasks) != n:
+            given = f"{len(bitmasks)} bitmasks" if isinstance(bitmasks, (list, tuple)) else type(bitmasks).__name__
+            raise ValueError(f"finish_reads: {given} for a step of {n} segments; give a list of one per segment")
         words = -(-self.info.vocab_size // 64)
         table = np.full((n, words), -1, dtype=np.int64)
         for i, (seq_id, mask) in enumerate(zip(launched.seq_ids, bitmasks)):
@@ -322,13 +326,14 @@ class ModelRunner:
                 continue
             if not deferred[i]:
                 raise SegmentError(seq_id, "deferred_mask", "is not set, so its reads were made at launch; give None")
+            if not isinstance(mask, (bytes, bytearray, memoryview)):
+                raise SegmentError(seq_id, "token_bitmask", f"must be bytes, one bit per token id (byte t // 8, bit "
+                                   f"t % 8; llguidance's layout), got {type(mask).__name__}")
+            mask = bytes(mask)
             check_bitmask(seq_id, mask, self.info.vocab_size)
-            table[i] = np.frombuffer(bytes(mask[:words * 8]).ljust(words * 8, b"\0"), dtype="<i8")
+            table[i] = np.frombuffer(mask[:words * 8].ljust(words * 8, b"\0"), dtype="<i8")
         d, layout = len(step.deferred), step.layout
         rows_host = table[step.read_owner[step.deferred]]  # [d, words]
-        launched.deferred = None
-        if self._unfinished is launched:
-            self._unfinished = None
         with torch.inference_mode():
             if self.device.type == "cuda":
                 staged = torch.from_numpy(rows_host).pin_memory()
@@ -344,6 +349,7 @@ class ModelRunner:
                                 layout.logprobs, bias, layout.ranks)
             values.index_copy_(1, rows, out)
             self._copy_to_host(launched, values)
+        launched.deferred, self._unfinished = None, None
 
     def collect(self, launched: LaunchedStep) -> list[SegmentResult]:
         """Wait for a launched step's results (the GIL is released while the device works) and unpack

@@ -156,6 +156,50 @@ def test_bad_deferred_masks_and_calls_out_of_order_are_refused_before_device_wor
     session.free_all()
 
 
+def test_a_failed_finish_leaves_the_step_unfinished_and_a_foreign_or_odd_call_is_named(runner, tiny_model_dir,
+                                                                                        monkeypatch):
+    # (a break-test: a failure inside the reads left the step neither finished nor finishable, collect then
+    # raised AttributeError; another runner's finish_reads wedged the owner; odd bitmask types raised
+    # AttributeError / TypeError naming nothing)
+    import numpy as np
+
+    import workers.runner as runner_module
+
+    session = RunnerSession(runner)
+    _prefill(session)
+    segs = [_step(s, 7, 1, deferred=s in DEFERRED) for s in PROMPTS]
+    launched = runner.launch(segs, session.tables.prepare(segs))
+    good = _without(runner.info.vocab_size, set())
+    other = ModelRunner(tiny_model_dir, device="cpu", block_size=4, num_blocks=8)
+    with pytest.raises(RuntimeError, match="launched by another runner"):
+        other.finish_reads(launched, _by(a=good))
+    for bitmasks, kind, message in [
+        (_by(a=np.frombuffer(good, dtype=np.uint8)), SegmentError, "a.*token_bitmask.*must be bytes.*ndarray"),
+        (_by(b="xyz"), SegmentError, "b.*token_bitmask.*must be bytes.*str"),
+        (None, ValueError, "NoneType for a step of 4 segments"),
+    ]:
+        with pytest.raises(kind, match=message):
+            runner.finish_reads(launched, bitmasks)
+    compute_reads, calls = runner_module.compute_reads, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device fault")
+        return compute_reads(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "compute_reads", failing)
+    with pytest.raises(RuntimeError, match="device fault"):
+        runner.finish_reads(launched, _by(a=bytearray(good), b=memoryview(good)))
+    follow = [_step(s, 0, 2, feedback=True) for s in PROMPTS]
+    with pytest.raises(RuntimeError, match="finish_reads"):  # still unfinished: its tokens are not chosen
+        runner.launch(follow, session.tables.prepare(follow))
+    runner.finish_reads(launched, _by(a=bytearray(good), b=memoryview(good)))  # (bytes-like bitmasks)
+    assert len(runner.collect(launched)) == 4 and len(calls) == 2
+    assert len(runner.collect(runner.launch(follow, session.tables.prepare(follow)))) == 4
+    session.free_all()
+
+
 def test_a_deferred_mask_needs_reads_it_can_mask():
     from workers.batch import Segment
 
