@@ -156,7 +156,12 @@ class Request:
         return self.decoder.stream_ids() if self.decoder is not None else []
 
     def generated_tokens(self) -> int:
-        return len(self.decoder.output_ids()) if self.decoder is not None else 0
+        """Tokens generated so far, at most max_tokens: what the stream returns (a grammar's forced run,
+        appended without a forward, or a ReFusion slot may run past the cap, which the stream cuts;
+        counted whole, stats and metrics said 12 tokens for a request of max_tokens 4)."""
+        made = len(self.decoder.output_ids()) if self.decoder is not None else 0
+        cap = self.spec.max_tokens
+        return made if cap is None else min(made, cap)
 
     def forwards(self) -> int:
         """Decode forwards (prefill chunks excluded, as in DecodeStats); the stats travel with a handoff."""

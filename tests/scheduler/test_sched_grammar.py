@@ -297,3 +297,19 @@ def test_a_grammar_step_planned_ahead_takes_its_bitmask_after_the_token_in_fligh
     assert decoder.stats.forwards == forwards + 1
     decoder.absorb(SegmentResult("g", [a], [0.5]))  # the forced run's step: "a" follows "id="
     assert decoder.generated == [a, dash] + forced + [a] and decoder.gen_cached == 2 + len(forced)
+
+
+async def test_a_token_cap_inside_a_forced_run_counts_the_tokens_returned(engine_factory, runner):
+    # max_tokens cuts the stream inside a run the grammar forced (appended whole, without a forward): the
+    # stats (usage of the infill route, tokens per forward, the metrics) counted the whole run (12 tokens
+    # for max_tokens 4, from a break-test), now the 4 returned
+    engine = await engine_factory()
+    fixed = '{"a_long_key_the_grammar_forces_whole": '
+    lark = GrammarSpec(LLMatcher.grammar_from_lark(f'start: {json.dumps(fixed)} /[0-9]{{1,3}}/ "}}"'))
+    for cap in (2, 5):
+        spec = GenerationRequest(f"cap{cap}", _ids(runner, PROMPTS[0]), {"gen_length": GEN}, mode=Mode.AR,
+                                 grammar=lark, max_tokens=cap)
+        text, ids, last = await _run(engine, spec)
+        assert len(_ids(runner, fixed)) > cap  # (the cap falls inside the forced start)
+        assert len(ids) == cap == last.stats["generated_tokens"] and last.finish_reason is FinishReason.LENGTH
+        assert fixed.startswith(text)
