@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -103,8 +104,21 @@ class Replay:
 
 
 async def observed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> AsyncIterator[Delta]:
+    """`checked` deltas. An error that ends a request after its first delta (a grammar that fails
+    mid-request) comes as a final delta that may carry the text decoded since the last one: that text
+    goes out first, as a delta of its own, then the error (it went down with the error, so what a failed
+    stream showed depended on how the engine had split its text). An error on the first delta stays an
+    HTTP error before any output (`primed`)."""
+    started = False
     async with contextlib.aclosing(deltas):
         async for delta in deltas:
+            if started and delta.error and (delta.text or delta.token_ids) and (
+                    delta.finish_reason is not FinishReason.CANCELLED):
+                yield checked(dataclasses.replace(delta, finished=False, finish_reason=None, stats={}, error=None,
+                                                  error_field=None, eos_logprob=None), observer)
+                delta = dataclasses.replace(delta, text="", token_ids=[], prompt_logprobs=None,
+                                            logprobs=[] if delta.logprobs is not None else None)
+            started = True
             yield checked(delta, observer)
 
 

@@ -123,3 +123,33 @@ async def test_a_refused_choice_fails_the_request_at_once_and_cancels_the_others
     with pytest.raises(APIError) as err:
         await asyncio.wait_for(start_all(start, reqs), 5)
     assert err.value.status == 503 and closed == ["r.0"] and cancelled == ["r.2"]
+
+
+async def test_the_text_of_a_final_delta_that_carries_an_error_goes_out_before_the_error():
+    # A grammar that fails mid-request ends with a final delta carrying an error and the text decoded since
+    # the last delta: a stream lost that text (a break-test saw one more chunk with async scheduling on,
+    # where the engine had split the same text differently). An error on the first delta stays an error
+    # before any output (the route answers with its status).
+    from integrations.http_metrics import APIMetrics, RequestObserver
+    from integrations.openai_calls import observed
+    from scheduler.api import Delta, FinishReason
+
+    async def deltas(items):
+        for item in items:
+            yield item
+
+    failed = Delta("r", "88;", [7, 7, 9], finished=True, finish_reason=FinishReason.ERROR, error="parser error",
+                   error_field="grammar", stats={"generated_tokens": 5})
+    observer = RequestObserver(APIMetrics(), "completions", "r", 2)
+    seen = []
+    with pytest.raises(APIError) as err:
+        async for delta in observed(deltas([Delta("r", "15", [1, 5]), failed]), observer):
+            seen.append(delta)
+    assert err.value.status == 400 and "parser error" in str(err.value)
+    assert [(d.text, d.token_ids, d.finished, d.error) for d in seen] == [("15", [1, 5], False, None),
+                                                                         ("88;", [7, 7, 9], False, None)]
+    assert observer.completion_tokens == 5  # each id counted once
+    first = RequestObserver(APIMetrics(), "completions", "r", 2)
+    with pytest.raises(APIError):  # nothing went out: the text is not sent ahead of the error
+        async for delta in observed(deltas([failed]), first):
+            raise AssertionError(f"a delta went out: {delta}")
