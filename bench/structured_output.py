@@ -8,6 +8,11 @@ thread at submit), the host time of each token's bitmask (llguidance, p50/p95 in
 engine's median step time (start of one forward to the start of the next: host work, masks and
 device-side masking, workers.reads.apply_token_bitmask, included) and the masks' share of the run.
 
+A second table: N free requests beside one request whose grammar is ambiguous (its matching time per
+token grows with its text), with the engine's grammar_token_ms budget at its default and off (0): the
+free requests' wall time and step times, and how the ambiguous request ended (cancelled once the free
+ones are done when nothing stops it).
+
     python -m bench.structured_output [--model DIR] [--requests 8] [--tokens 64]
 """
 
@@ -118,6 +123,68 @@ async def run(model_dir: Path, requests: int, tokens: int) -> list[dict]:
     return rows
 
 
+AMBIGUOUS = 'start: s\ns: s s | s s s | C\nC: /[a-z ]/'  # one character per lexeme, ambiguous
+
+
+async def beside_ambiguous(model_dir: Path, requests: int, tokens: int) -> list[dict]:
+    """Rows of the second table (module doc), one per grammar_token_ms setting."""
+    from llguidance import LLMatcher
+
+    from decoding.grammar import GrammarSpec
+    from integrations.engine_host import build_engine
+    from scheduler.api import GenerationRequest, Mode
+    from scheduler.config import EngineConfig
+
+    rows = []
+    for budget_ms in (EngineConfig().grammar_token_ms, 0.0):
+        engine, tokenizer = build_engine(model_dir, engine_options={"grammar_token_ms": budget_ms})
+        await engine.start()
+        starts: list[float] = []
+        execute = engine.runner.execute
+
+        def timed_execute(segments, tables, execute=execute):
+            starts.append(time.perf_counter())
+            return execute(segments, tables)
+
+        engine.runner.execute = timed_execute
+        try:
+            free = [GenerationRequest(f"free-{i}", tokenizer.encode(PROMPTS[i % len(PROMPTS)]), {"gen_length": tokens},
+                                      mode=Mode.AR) for i in range(requests)]
+            await asyncio.gather(*(_collect(engine, s) for s in free))  # warm-up
+            starts.clear()
+            heavy = GenerationRequest("ambiguous", tokenizer.encode(PROMPTS[0]), {"gen_length": 2048, "ignore_eos": True},
+                                      mode=Mode.AR, grammar=GrammarSpec(LLMatcher.grammar_from_lark(AMBIGUOUS)))
+            outcome: dict = {}
+
+            async def ambiguous():
+                n = 0
+                try:
+                    async for delta in engine.submit(heavy):
+                        n += len(delta.token_ids)
+                        if delta.finish_reason is not None:
+                            outcome.update(tokens=n, ended=f"{delta.finish_reason.value}: {delta.error_field or ''}")
+                finally:
+                    outcome.setdefault("tokens", n)
+                    outcome.setdefault("ended", "cancelled after the free requests")
+
+            task = asyncio.create_task(ambiguous())
+            start = time.perf_counter()
+            free = [GenerationRequest(f"free-{i}-b", s.prompt_ids, s.params, mode=Mode.AR) for i, s in enumerate(free)]
+            await asyncio.gather(*(_collect(engine, s) for s in free))
+            wall = time.perf_counter() - start
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            gaps = sorted(b - a for a, b in zip(starts, starts[1:]))
+            rows.append({"grammar_token_ms": budget_ms, "free_requests": requests, "free_wall_s": round(wall, 2),
+                         "step_ms_p50": round(1000 * statistics.median(gaps), 1),
+                         "step_ms_max": round(1000 * gaps[-1], 1),
+                         "ambiguous_tokens": outcome["tokens"], "ambiguous_ended": outcome["ended"]})
+        finally:
+            engine.runner.execute = execute
+            await engine.stop(drain_timeout_s=1)
+    return rows
+
+
 async def _collect(engine, spec) -> tuple[int, str, int]:
     """(tokens, text, decode forwards) of one request."""
     n, text, forwards = 0, "", 0
@@ -146,14 +213,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # as bench/model_card.py: steadier step times on a shared 2-core machine
     rows = asyncio.run(run(Path(args.model), args.requests, args.tokens))
+    beside = asyncio.run(beside_ambiguous(Path(args.model), args.requests, args.tokens))
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({"grammars": rows, "beside_ambiguous": beside}))
         return 0
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+    for table in (rows, beside):
+        keys = list(table[0])
+        print("| " + " | ".join(keys) + " |")
+        print("|" + "---|" * len(keys))
+        for row in table:
+            print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+        print()
     return 0
 
 

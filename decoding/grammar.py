@@ -22,7 +22,14 @@ Guards around llguidance (found by a break-test):
     ordinary tokens that spell it;
   - a grammar that matches no text, or a parser limit met mid-request, ends the request with a
     DecodeParamError naming the grammar's source field (the API answers 400), never an EOS that would
-    pass an incomplete text off as complete.
+    pass an incomplete text off as complete;
+  - llguidance's own limits are counted in work units (Earley items and lexer fuel per mask), and an
+    ambiguous grammar can stay under them while its cost grows with the text: `s: s s | s s s | /[a-z]+/`
+    spent 250 ms per token after 300 tokens (quadratic growth), and every request in the batch waited
+    for it at each step. So a request's grammar has a CPU-time budget per generated token (matching the
+    token, the forced tokens after it and the next bitmask: `TokenConstraint(token_ms=...)`, the engine
+    setting grammar_token_ms); past it the request ends with a DecodeParamError naming the grammar's
+    source field, and the others go on.
 
 Plain Python over llguidance's host-side matcher: no torch.
 """
@@ -30,6 +37,7 @@ Plain Python over llguidance's host-side matcher: no torch.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,12 +143,14 @@ class Grammar:
     """A compiled grammar for one request. Build it off the engine loop (compiling a large JSON schema
     can take 100 ms and more; it runs on a large-stack thread, module doc). Raises DecodeParamError
     naming spec.source for a grammar llguidance refuses, one that matches no text, or one whose prefill
-    tokens it does not accept."""
+    tokens it does not accept. `token_ms` and `clock`: each constraint's CPU-time budget per token
+    (TokenConstraint); the compile and the forced start are not counted."""
 
-    def __init__(self, tokenizer: GrammarTokenizer, spec: GrammarSpec, prompt_ids: list[int]):
+    def __init__(self, tokenizer: GrammarTokenizer, spec: GrammarSpec, prompt_ids: list[int], token_ms: float = 0.0,
+                 clock=time.thread_time):
         from llguidance import LLMatcher
 
-        self.source, self.tokenizer = spec.source, tokenizer
+        self.source, self.tokenizer, self.token_ms, self._clock = spec.source, tokenizer, token_ms, clock
         if len(spec.grammar) > MAX_GRAMMAR_CHARS:
             raise DecodeParamError(spec.source, f"the compiled grammar has {len(spec.grammar):,} characters; "
                                    f"at most {MAX_GRAMMAR_CHARS:,} are served: simplify it")
@@ -167,17 +177,35 @@ class Grammar:
 
     def constraint(self) -> "TokenConstraint":
         """A matcher after the grammar's forced start (`initial_forced`, the decoder's first generated
-        tokens), for a decoder's first run or a preempted request's rerun."""
-        return TokenConstraint(self._start.deep_copy(), self.tokenizer, self.source, self.initial_forced)
+        tokens), for a decoder's first run or a preempted request's rerun, with this grammar's CPU-time
+        budget per token (`token_ms`, TokenConstraint)."""
+        return TokenConstraint(self._start.deep_copy(), self.tokenizer, self.source, self.initial_forced,
+                               token_ms=self.token_ms, clock=self._clock)
 
 
 class TokenConstraint:
     """One decoder's position in its grammar. Every method raises DecodeParamError naming the grammar's
-    source field when the grammar fails mid-request (a parser limit, or no way to go on)."""
+    source field when the grammar fails mid-request (a parser limit, or no way to go on), or when
+    matching one generated token took more than `token_ms` milliseconds of CPU time (module doc): the
+    llguidance calls from one bitmask to the next (`consume`, `fast_forward`, `bitmask`), timed with
+    `clock` (seconds of the calling thread's CPU time: the engine loop's; other threads' load does not
+    count). 0 = no budget."""
 
-    def __init__(self, matcher, tokenizer: GrammarTokenizer, source: str, initial_forced: list[int] = ()):
+    def __init__(self, matcher, tokenizer: GrammarTokenizer, source: str, initial_forced: list[int] = (),
+                 token_ms: float = 0.0, clock=time.thread_time):
         self._matcher, self._tokenizer, self._source = matcher, tokenizer, source
         self.initial_forced = list(initial_forced)  # forced at the start, already consumed (Grammar)
+        self._token_ms, self._clock = token_ms, clock
+        self._spent = 0.0  # CPU seconds since the last bitmask (this token's matching so far)
+
+    def _charge(self, started: float) -> None:
+        """Count the CPU time since `started` against this token's budget."""
+        self._spent += self._clock() - started
+        if self._token_ms and self._spent * 1000 > self._token_ms:
+            raise DecodeParamError(self._source, f"matching the grammar took {self._spent * 1000:.1f} ms of CPU time "
+                                   f"for one token, more than the {self._token_ms:g} ms the engine allows "
+                                   "(engine setting grammar_token_ms): the grammar is too ambiguous to match "
+                                   "quickly (rules such as `s: s s`, or overlapping terminals): simplify it")
 
     def _failed(self, what: str) -> DecodeParamError:
         return DecodeParamError(self._source, f"{what}: {_short(self._matcher.get_error())}; simplify the grammar")
@@ -185,7 +213,10 @@ class TokenConstraint:
     def bitmask(self) -> bytes:
         """The tokens allowed next: one bit per token id (byte t // 8, bit t % 8), sized to the vocab
         (Segment.token_bitmask). Special tokens never; EOS only where the grammar may end."""
+        started = self._clock()
         raw = self._matcher.compute_bitmask()
+        self._charge(started)
+        self._spent = 0.0  # the next token's budget starts
         dead_end = DecodeParamError(self._source, "no text can continue what the grammar has matched so far "
                                     "(it matches no text, or dead-ends): check the grammar")
         if self._matcher.is_error():
@@ -207,7 +238,10 @@ class TokenConstraint:
 
     def consume(self, token: int) -> None:
         """Advance past `token` (one the last bitmask allowed)."""
-        if not self._matcher.consume_token(token):
+        started = self._clock()
+        consumed = self._matcher.consume_token(token)
+        self._charge(started)
+        if not consumed:
             raise self._failed(f"token {token} was refused")
 
     def fast_forward(self, limit: int) -> list[int]:
@@ -215,6 +249,7 @@ class TokenConstraint:
         the bytes no choice can change, without a last token that could still merge with what follows;
         a special token among them respelled with ordinary tokens), at most `limit`, consumed. [] when
         the next token is a real choice."""
+        started = self._clock()
         forced = self._matcher.compute_ff_tokens()[: max(0, limit)]
         if self._matcher.is_error():  # llguidance then answers [] and reports itself stopped
             raise self._failed("the grammar failed while decoding")
@@ -227,6 +262,7 @@ class TokenConstraint:
             forced = forced[: max(0, limit)]
         if forced and not self._matcher.consume_tokens(forced):
             raise self._failed(f"{len(forced)} forced tokens were refused")
+        self._charge(started)
         return forced
 
     @property

@@ -167,6 +167,14 @@ class EngineConfig:
         (default): on when every runner queues its device work (ModelRunner.asynchronous: CUDA) and
         can launch and collect apart, off on the CPU, where a step's work is done when it is launched.
         True / False: always (ValueError for a runner without launch/collect) / never.
+    grammar_token_ms: CPU time a grammar request's matcher may spend on one generated token (matching
+        it, its forced tokens and the next bitmask: decoding.grammar.TokenConstraint), in milliseconds;
+        past it that request ends with an error naming its grammar's field (the API answers 400) and the
+        batch goes on. The engine loop computes every grammar's bitmask before each step, so a grammar
+        whose matching cost grows with its text (an ambiguous one) would hold every request back at
+        every step. Well-behaved grammars (JSON schemas, regexes, tool calls) take well under 1 ms per
+        token (bench/structured_output.py); llguidance's own per-mask work limits stop at ~20-35 ms on
+        a fast CPU. 0: no budget.
     """
 
     max_running: int = 64
@@ -183,6 +191,7 @@ class EngineConfig:
     model_dir: str | None = None
     overlap_streaming: bool | None = None
     async_scheduling: bool | None = None
+    grammar_token_ms: float = 50.0
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
@@ -203,4 +212,5 @@ class EngineConfig:
                "must be true, false or null (null: on for CUDA runners, off on the CPU)")
         _check(self.async_scheduling is None or isinstance(self.async_scheduling, bool), "async_scheduling",
                "must be true, false or null (null: on for CUDA runners, off on the CPU)")
+        _check(self.grammar_token_ms >= 0, "grammar_token_ms", "must be >= 0 milliseconds (0: no budget)")
         _check(isinstance(self.routing, RoutingConfig), "routing", "must be a scheduler.config.RoutingConfig")

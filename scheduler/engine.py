@@ -725,7 +725,8 @@ class Engine:
             raise InvalidRequestError("mode", "structured output (a grammar) is decoded autoregressively: "
                                       "use mode 'ar' or 'auto', or drop the grammar")
         try:
-            grammar = await asyncio.to_thread(Grammar, self._grammar_tokenizer, spec.grammar, spec.prompt_ids)
+            grammar = await asyncio.to_thread(Grammar, self._grammar_tokenizer, spec.grammar, spec.prompt_ids,
+                                              self.config.grammar_token_ms)
         except DecodeParamError as exc:
             raise InvalidRequestError(exc.field, exc.message) from None
         return dataclasses.replace(spec, mode=Mode.AR), grammar

@@ -259,6 +259,11 @@ HTTP_CASES = [
             "type": "integer", "maximum": 123456789012345678901234567890}}}}}]}, field="tools.0.function.parameters"),
     _chat("chat-lark-json-int64-min-enum", {"messages": USER, "structured_outputs": {
         "grammar": 'start: %json {"enum": [1, -9223372036854775800]}'}}, field="structured_outputs.grammar"),
+    # an ambiguous grammar whose matching time per token grows with its text, past the engine's
+    # grammar_token_ms budget (50 ms) within a few hundred characters: the request's own error
+    _chat("chat-grammar-over-its-cpu-budget-per-token", {"messages": USER, "max_tokens": 2048, "ignore_eos": True,
+          "structured_outputs": {"grammar": "start: s\ns: s s | s s s | C\nC: /[a-z ]/"}},
+          field="grammar_token_ms", param="structured_outputs.grammar"),
     _chat("chat-response-format-refusion-mode", {"messages": USER, "mode": "refusion",
                                                  "response_format": {"type": "json_object"}}, field="mode"),
     _chat("chat-structured-outputs-unknown-key", {"messages": USER, "structured_outputs": {"jsonn": {}}},

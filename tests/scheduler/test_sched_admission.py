@@ -230,7 +230,8 @@ async def test_duplicate_request_id_in_flight_is_invalid(wait_until):
     "kwargs, field",
     [({"max_running": 0}, "max_running"), ({"token_budget": 0}, "token_budget"), ({"kv_reserve_fraction": 1.5}, "kv_reserve_fraction"),
      # types named, not compared (a YAML string was a TypeError from the first range check)
-     ({"max_running": "lots"}, "max_running"), ({"max_queue": 2.5}, "max_queue"), ({"prefix_cache": 1}, "prefix_cache")],
+     ({"max_running": "lots"}, "max_running"), ({"max_queue": 2.5}, "max_queue"), ({"prefix_cache": 1}, "prefix_cache"),
+     ({"grammar_token_ms": -1}, "grammar_token_ms"), ({"grammar_token_ms": "50ms"}, "grammar_token_ms")],
 )
 def test_engine_config_is_validated(kwargs, field):
     with pytest.raises(EngineConfigError) as err:

@@ -313,3 +313,62 @@ async def test_a_token_cap_inside_a_forced_run_counts_the_tokens_returned(engine
         assert len(_ids(runner, fixed)) > cap  # (the cap falls inside the forced start)
         assert len(ids) == cap == last.stats["generated_tokens"] and last.finish_reason is FinishReason.LENGTH
         assert fixed.startswith(text)
+
+
+class _TickClock:
+    """A CPU clock for TokenConstraint that moves on `tick` seconds at each reading: each llguidance
+    call (read before it and after it) costs exactly `tick`."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_a_tokens_matching_time_counts_consume_forced_tokens_and_bitmask_against_the_budget(runner):
+    tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
+    spec = GrammarSpec(LLMatcher.grammar_from_lark('start: /[a-z]+/ "(x)" /[a-z]+/'), source="structured_outputs.grammar")
+    prompt, letters = _ids(runner, "x"), _ids(runner, "ab")
+    clock = _TickClock(0.001)  # each call (consume, fast_forward, bitmask) costs 1 ms
+    constraint = Grammar(tokenizer, spec, prompt, token_ms=3.5, clock=clock).constraint()
+    constraint.bitmask()
+    for _ in range(10):  # 3 ms per token, under 3.5: the budget is per token, not summed over tokens
+        constraint.consume(letters[0])
+        assert constraint.fast_forward(8) == []
+        constraint.bitmask()
+    constraint.consume(letters[1])
+    clock.tick = 0.002  # now 2 ms per call
+    assert constraint.fast_forward(8) == []  # 1 + 2 ms so far for this token: under 3.5
+    with pytest.raises(DecodeParamError) as err:  # + 2 ms
+        constraint.bitmask()
+    assert err.value.field == "structured_outputs.grammar"
+    assert "5.0 ms of CPU time for one token" in err.value.message and "grammar_token_ms" in err.value.message
+    unbounded = Grammar(tokenizer, spec, prompt, token_ms=0, clock=_TickClock(1.0)).constraint()
+    for token in letters:
+        unbounded.consume(token)
+        unbounded.bitmask()  # 0: no budget, whatever the calls cost
+
+
+async def test_a_grammar_whose_matching_outgrows_its_cpu_budget_fails_alone(engine_factory, runner):
+    # One character per lexeme and an ambiguous rule: llguidance's per-mask work stays under its own limits
+    # while the time per token grows with the text (2 s per token after ~400 characters on the CI CPU), and
+    # the engine computes every bitmask before each step, so every request in the batch waited for it. With
+    # a budget of 2 ms per token it fails alone, with a 400 naming its field, wherever the machine's speed
+    # puts that token (the time grows without bound; 2 ms was reached within ~60 characters here).
+    ambiguous = GrammarSpec(LLMatcher.grammar_from_lark('start: s\ns: s s | s s s | C\nC: /[a-z ]/'),
+                            source="response_format.grammar")
+    engine = await engine_factory(grammar_token_ms=2.0)
+    free = [GenerationRequest(f"f{i}", _ids(runner, p), {"gen_length": 32}, mode=Mode.AR) for i, p in enumerate(PROMPTS)]
+    alone = [await _run(engine, f) for f in free]
+    free = [GenerationRequest(f"g{i}", f.prompt_ids, f.params, mode=Mode.AR) for i, f in enumerate(free)]
+    heavy = GenerationRequest("heavy", _ids(runner, PROMPTS[0]), {"gen_length": 2048, "ignore_eos": True},
+                              grammar=ambiguous)
+    *together, (text, ids, last) = await asyncio.gather(*(_run(engine, s) for s in free + [heavy]))
+    assert [ids for _, ids, _ in together] == [ids for _, ids, _ in alone]
+    assert last.finish_reason is FinishReason.ERROR and last.error_field == "response_format.grammar"
+    assert "grammar_token_ms" in last.error and 0 < len(ids) < 2048 and re.fullmatch("[a-z ]*", text)
+    text, _, last = await _run(engine, GenerationRequest("after", _ids(runner, PROMPTS[0]), {"gen_length": GEN},
+                                                         grammar=JSON_GRAMMAR))
+    assert _matches_schema(text) and last.finish_reason is FinishReason.STOP  # the engine serves on
