@@ -1,7 +1,9 @@
 """Who may call: optional Bearer API keys, and browser origins.
 
 API keys (APIKeyMiddleware) guard every route except /health, HTTP and WebSocket alike. Keys come from
-the serve config (`api_keys`) and from env REFUSION_API_KEYS (comma-separated); with no keys configured
+the serve config (`api_keys`), from env REFUSION_API_KEYS (comma-separated) and from env
+REFUSION_API_KEY (one key: the variable the clients here read, `refusion lsp`, as vLLM's server reads
+VLLM_API_KEY; a user who set it for the server was left with an open server); with no keys configured
 every request passes. Anthropic clients may send the key as `x-api-key: <key>`. WebSocket clients send the same `Authorization: Bearer` header (or `?api_key=` in
 the URL, for browsers that cannot set headers); a rejected handshake is closed with code 1008 (policy
 violation) before it is accepted, which clients see as HTTP 403.
@@ -28,7 +30,10 @@ _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#\s]+$")
 
 
 def keys_from_env(environ=os.environ) -> list[str]:
-    return [k.strip() for k in environ.get("REFUSION_API_KEYS", "").split(",") if k.strip()]
+    """The keys of env REFUSION_API_KEYS (comma-separated) and REFUSION_API_KEY (one key), blanks
+    dropped, in that order (module doc)."""
+    keys = environ.get("REFUSION_API_KEYS", "").split(",") + [environ.get("REFUSION_API_KEY", "")]
+    return list(dict.fromkeys(k.strip() for k in keys if k.strip()))
 
 
 def _presented_keys(scope) -> list[str]:

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model id(s) clients use, as vLLM's: answers carry the first, requests may name "
                              "any (default: the model directory's name)")
     parser.add_argument("--api-key", action="append", metavar="KEY",
-                        help="a Bearer key clients must send (vLLM's flag; repeat for more; REFUSION_API_KEYS and the "
+                        help="a Bearer key clients must send (vLLM's flag; repeat for more; REFUSION_API_KEYS, REFUSION_API_KEY and the "
                              "config's api_keys add more)")
     parser.add_argument("--max-num-seqs", type=int, metavar="N",
                         help="requests each engine replica decodes at once (vLLM's name; engine max_running)")

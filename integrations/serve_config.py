@@ -185,7 +185,7 @@ class ServeConfig(_Strict):
     model_name: str | list[str] | None = Field(
         default=None, description="served model id, or ids as vLLM's --served-model-name: answers carry the "
         "first, requests may name any, /v1/models lists all; default: the directory name")
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; REFUSION_API_KEYS adds more")
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; REFUSION_API_KEYS and REFUSION_API_KEY add more")
     default_max_tokens: int = Field(default=256, ge=1, description="chat max_tokens when the request sets none")
     allowed_origins: list[str] = Field(default_factory=list, description="browser origins that may call; [] = none")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="HTTP request body limit (413)")

@@ -269,6 +269,15 @@ def test_served_model_names_from_the_flag_and_the_config(tiny_model_dir):
             cli_serve.merged_config(parser.parse_args(["--served-model-name", *names]))
 
 
+def test_api_keys_come_from_both_env_variables():
+    from integrations.auth import keys_from_env
+
+    # REFUSION_API_KEY is what the clients here read (refusion lsp): set for the server, it left it open
+    assert keys_from_env({"REFUSION_API_KEY": " solo "}) == ["solo"]
+    assert keys_from_env({"REFUSION_API_KEYS": "a, b,,a", "REFUSION_API_KEY": "b"}) == ["a", "b"]
+    assert keys_from_env({"REFUSION_API_KEYS": " , ", "REFUSION_API_KEY": ""}) == []
+
+
 def test_vllm_flags_merge_into_the_config_file(tiny_model_dir, tmp_path):
     """--api-key adds to the file's api_keys, --max-num-seqs and --dtype set one key of the file's engine
     and runner sections and keep the rest; a count below 1 is refused naming the flag."""
