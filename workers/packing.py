@@ -342,6 +342,12 @@ def _fill_bias(step: PackedStep, segments: list[Segment], kinds: np.ndarray, own
         step.view(name).reshape(step.layout.num_reads, w)[:r] = np.where(chosen[:, None], table[owner], pad)
 
 
+def bitmask_words(mask: bytes, words: int) -> np.ndarray:
+    """A token bitmask (Segment.token_bitmask: byte t // 8, bit t % 8) as `words` little-endian int64
+    words [words], cut or zero-padded to that width (the step's token_bitmask rows)."""
+    return np.frombuffer(mask[: words * 8].ljust(words * 8, b"\0"), dtype="<i8")
+
+
 def _fill_bitmask(step: PackedStep, masks: list[bytes | None], kinds: np.ndarray, owner: np.ndarray) -> None:
     """Each read row's token bitmask: its segment's (argmax and sample rows of constrained segments,
     zero-padded to W words), else all bits set."""
@@ -349,7 +355,7 @@ def _fill_bitmask(step: PackedStep, masks: list[bytes | None], kinds: np.ndarray
     table = np.full((len(masks), w), -1, dtype=np.int64)  # one row per segment
     for i, mask in enumerate(masks):
         if mask is not None:
-            table[i] = np.frombuffer(mask.ljust(w * 8, b"\0"), dtype="<i8")
+            table[i] = bitmask_words(mask, w)
     rows = table[owner]  # [num_reads, W]
     rows[(kinds == 1) | (kinds == 3)] = -1  # prob rows read a given token; logits-only rows are raw
     step.view("token_bitmask").reshape(step.layout.num_reads, w)[: step.num_reads] = rows

@@ -36,7 +36,7 @@ from workers.batch import LOGPROB_FLOOR, Reads, Segment, SegmentResult, TokenLog
 from workers.graphs import GraphPolicy, StepGraphs, startup_steps
 from workers.kv_cache import PagedKVCache, blocks_for_budget
 from workers.model import Qwen3, build_model, compiled_kernels
-from workers.packing import PackedStep, pack_step
+from workers.packing import PackedStep, bitmask_words, pack_step
 from workers.reads import ReadParams, apply_token_bitmask, compute_reads
 from workers.step import step_arrays, step_forward
 from workers.transfer import StepUploader
@@ -331,7 +331,7 @@ class ModelRunner:
                                    f"t % 8; llguidance's layout), got {type(mask).__name__}")
             mask = bytes(mask)
             check_bitmask(seq_id, mask, self.info.vocab_size)
-            table[i] = np.frombuffer(mask[:words * 8].ljust(words * 8, b"\0"), dtype="<i8")
+            table[i] = bitmask_words(mask, words)
         d, layout = len(step.deferred), step.layout
         rows_host = table[step.read_owner[step.deferred]]  # [d, words]
         with torch.inference_mode():
