@@ -98,6 +98,11 @@ class CompletionRequest(SamplingFields):
 
 
 class FunctionSpec(OpenAIBody):
+    """A chat tool's function. Other keys are a 400, as at the top level and on the Responses API's
+    function tools: a typo such as `paramters` left the tool without a schema, its calls unconstrained."""
+
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$",
                       description="OpenAI's rule: letters, digits, underscores and dashes, at most 64")
     description: str | None = None
@@ -106,6 +111,8 @@ class FunctionSpec(OpenAIBody):
 
 
 class ToolSpec(OpenAIBody):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["function"] = "function"
     function: FunctionSpec
 

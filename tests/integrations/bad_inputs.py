@@ -139,6 +139,12 @@ HTTP_CASES = [
        field="stream_options"),
     _chat("chat-tool-name-with-space", {"messages": USER, "tools": [
         {"type": "function", "function": {"name": "get weather"}}]}, field="tools.0.function.name"),
+    # a misspelt key left the tool without its schema (its calls unconstrained): refused, as on Responses
+    _chat("chat-tool-function-unknown-key", {"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f", "paramters": {"type": "object"}}}]}, field="tools.0.function.paramters",
+          param="tools.0.function.paramters"),
+    _chat("chat-tool-unknown-key", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"},
+                                                                 "strict": True}]}, field="tools.0.strict"),
     _chat("chat-tool-names-repeated", {"messages": USER, "tools": [
         {"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]}, field="tools"),
     _c("completions-max-tokens-numeric-string", {"prompt": "x", "max_tokens": "5"}, field="max_tokens"),
