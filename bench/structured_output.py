@@ -3,8 +3,8 @@
 Runs the engine on a model directory (default: the shipped model) with N concurrent greedy AR requests,
 once free and once per grammar (a JSON schema, a forced tool call, text with tool calls, a regex), and
 reports per grammar: tokens per decode forward (grammar-forced tokens are fed without forwards of their
-own, decoding/ar.py), the time to compile it for a request (decoding.grammar.Grammar, in a worker
-thread at submit), the host time of each token's bitmask (llguidance, p50/p95 in microseconds), the
+own, decoding/ar.py), the time to compile it (decoding.grammar.Grammar, on a compile thread at submit;
+the case's requests share one compile, scheduler.grammars), the host time of each token's bitmask (llguidance, p50/p95 in microseconds), the
 engine's median step time (start of one forward to the start of the next: host work, masks and
 device-side masking, workers.reads.apply_token_bitmask, included) and the masks' share of the run.
 
@@ -73,10 +73,10 @@ async def run(model_dir: Path, requests: int, tokens: int) -> list[dict]:
     compiles: list[float] = []
     original_init = grammar_module.Grammar.__init__
 
-    def timed_init(self, *args):
+    def timed_init(self, *args, **kwargs):
         start = time.perf_counter()
         try:
-            original_init(self, *args)
+            original_init(self, *args, **kwargs)
         finally:
             compiles.append(time.perf_counter() - start)
 
@@ -95,6 +95,7 @@ async def run(model_dir: Path, requests: int, tokens: int) -> list[dict]:
         # every case once as a warm-up (first steps of each shape, llguidance's lazy tables), then measured
         for measured, (name, grammar) in [(m, case) for m in (False, True) for case in grammars().items()]:
             timings.clear(), compiles.clear(), starts.clear()
+            engine.grammars.close()  # each case compiles its grammar (once: its requests share it)
             specs = [GenerationRequest(f"{name}-{i}-{measured}", tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
                                        {"gen_length": tokens}, mode=Mode.AR, grammar=grammar) for i in range(requests)]
             forwards_before, start = engine.forwards, time.perf_counter()

@@ -144,10 +144,13 @@ class Grammar:
     can take 100 ms and more; it runs on a large-stack thread, module doc). Raises DecodeParamError
     naming spec.source for a grammar llguidance refuses, one that matches no text, or one whose prefill
     tokens it does not accept. `token_ms` and `clock`: each constraint's CPU-time budget per token
-    (TokenConstraint); the compile and the forced start are not counted."""
+    (TokenConstraint); the compile and the forced start are not counted. `max_forced`: the most tokens
+    of the forced start consumed here, the request's gen_length (llguidance matches forced tokens
+    holding the GIL, the engine loop's too: a schema of 16,000 required constants forces ~350,000 tokens,
+    seconds of a stalled loop, for a request that could return 16 of them)."""
 
     def __init__(self, tokenizer: GrammarTokenizer, spec: GrammarSpec, prompt_ids: list[int], token_ms: float = 0.0,
-                 clock=time.thread_time):
+                 clock=time.thread_time, max_forced: int = MAX_GRAMMAR_CHARS):
         from llguidance import LLMatcher
 
         self.source, self.tokenizer, self.token_ms, self._clock = spec.source, tokenizer, token_ms, clock
@@ -170,7 +173,7 @@ class Grammar:
         # first mask after it: parser and lexer limits met there, and grammars matching nothing, are
         # refused at submit
         first = TokenConstraint(matcher, tokenizer, spec.source)
-        self.initial_forced = first.fast_forward(MAX_GRAMMAR_CHARS)
+        self.initial_forced = first.fast_forward(max_forced)
         if not first.stopped:
             first.bitmask()
         self._start = matcher

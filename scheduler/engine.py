@@ -35,6 +35,7 @@ from scheduler.calibration import calibrate
 from scheduler.config import EngineConfig
 from scheduler.decoders import DecoderFactory, ModelDecoderFactory
 from scheduler.detokenizer import TextStream, TextUpdate
+from scheduler.grammars import GrammarCompiler
 from scheduler.metrics import EngineMetrics
 from scheduler.mode_switch import maybe_switch, switch_due
 from scheduler.request import Request, RequestStatus
@@ -113,7 +114,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.runner = runner
         self.tokenizer = tokenizer
-        self._grammar_tokenizer = GrammarTokenizer(tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
+        self.grammars = GrammarCompiler(GrammarTokenizer(tokenizer, runner.info.vocab_size, runner.info.eos_token_id),
+                                         self.config.grammar_token_ms)
         self.metrics = EngineMetrics()
         factory = decoder_factory or ModelDecoderFactory(runner, self.config.model_dir)
         runners, factories = {"main": runner}, {"main": factory}
@@ -214,6 +216,7 @@ class Engine:
         self._wake.set()
         await self._task
         self._task = None
+        self.grammars.close()
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
@@ -717,16 +720,16 @@ class Engine:
 
     async def _compile_grammar(self, spec: GenerationRequest) -> tuple[GenerationRequest, Grammar]:
         """A structured-output request runs on the AR path (decoding.grammar): AUTO becomes AR and
-        REFUSION is refused. The grammar compiles in a worker thread, off the engine loop. Raises
-        InvalidRequestError naming "mode" or "grammar"."""
+        REFUSION is refused. The grammar compiles off the engine loop, or comes from the compile cache
+        (scheduler.grammars). Raises InvalidRequestError naming "mode" or "grammar"."""
         if not isinstance(spec.grammar, GrammarSpec):
             raise InvalidRequestError("grammar", f"must be a decoding.grammar.GrammarSpec, got {type(spec.grammar).__name__}")
         if spec.mode is Mode.REFUSION:
             raise InvalidRequestError("mode", "structured output (a grammar) is decoded autoregressively: "
                                       "use mode 'ar' or 'auto', or drop the grammar")
+        gen_length = parse_params(self.scheduler.factories["main"], spec.params).gen_length
         try:
-            grammar = await asyncio.to_thread(Grammar, self._grammar_tokenizer, spec.grammar, spec.prompt_ids,
-                                              self.config.grammar_token_ms)
+            grammar = await self.grammars.compile(spec.grammar, spec.prompt_ids, max_forced=gen_length)
         except DecodeParamError as exc:
             raise InvalidRequestError(exc.field, exc.message) from None
         return dataclasses.replace(spec, mode=Mode.AR), grammar

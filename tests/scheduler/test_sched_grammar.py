@@ -372,3 +372,54 @@ async def test_a_grammar_whose_matching_outgrows_its_cpu_budget_fails_alone(engi
     text, _, last = await _run(engine, GenerationRequest("after", _ids(runner, PROMPTS[0]), {"gen_length": GEN},
                                                          grammar=JSON_GRAMMAR))
     assert _matches_schema(text) and last.finish_reason is FinishReason.STOP  # the engine serves on
+
+
+def test_the_forced_start_consumed_at_compile_is_bounded_by_max_forced(runner):
+    # llguidance matches forced tokens holding the GIL: a grammar forcing thousands of tokens stalled the
+    # engine loop for seconds while it compiled, for a request that could return a few of them
+    tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
+    fixed = "".join(f"item_{i}, " for i in range(300))
+    spec = GrammarSpec(LLMatcher.grammar_from_lark(f'start: {json.dumps(fixed)} /[a-z]+/'))
+    full = Grammar(tokenizer, spec, _ids(runner, "x"))
+    cut = Grammar(tokenizer, spec, _ids(runner, "x"), max_forced=8)
+    assert len(full.initial_forced) > 300 and cut.initial_forced == full.initial_forced[:8]
+    constraint = cut.constraint()
+    assert not constraint.stopped and constraint.fast_forward(4) == full.initial_forced[8:12]  # it goes on from there
+
+
+async def test_a_forced_start_longer_than_gen_length_ends_on_length_with_its_first_tokens(engine_factory, runner):
+    engine = await engine_factory()
+    fixed = "".join(f"item_{i}, " for i in range(300))
+    spec = GenerationRequest("long", _ids(runner, PROMPTS[0]), {"gen_length": 16, "serial_num_blocks": 1},
+                             grammar=GrammarSpec(LLMatcher.grammar_from_lark(f'start: {json.dumps(fixed)} /[a-z]+/')))
+    text, ids, last = await _run(engine, spec)
+    assert len(ids) == 16 and fixed.startswith(text) and last.finish_reason is FinishReason.LENGTH
+
+
+async def test_requests_with_the_same_grammar_share_one_compile_on_the_compile_threads(engine_factory, runner, monkeypatch):
+    import threading
+
+    import decoding.grammar as grammar_module
+
+    threads, init = [], grammar_module.Grammar.__init__
+
+    def recorded(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(grammar_module.Grammar, "__init__", recorded)
+    engine = await engine_factory()
+    specs = [GenerationRequest(f"s{i}", _ids(runner, p), {"gen_length": GEN, "temperature": 1.0, "seed": i},
+                               grammar=JSON_GRAMMAR) for i, p in enumerate(PROMPTS * 2)]
+    outputs = await asyncio.gather(*(_run(engine, s) for s in specs))  # (n choices of one request, say)
+    assert all(_matches_schema(text) for text, _, _ in outputs)
+    assert engine.grammars.compiles == 1 and len(threads) == 1 and threads[0].startswith("grammar-compile")
+    other = GrammarSpec(JSON_GRAMMAR.grammar, source="response_format.json_schema.schema")  # named apart in errors
+    text, _, _ = await _run(engine, GenerationRequest("o", _ids(runner, PROMPTS[0]), {"gen_length": GEN}, grammar=other))
+    assert _matches_schema(text) and engine.grammars.compiles == 2
+    refused = GrammarSpec(LLMatcher.grammar_from_lark("start: nothing"), source="structured_outputs.grammar")
+    for i in range(2):  # a refused grammar is refused again from the cache
+        with pytest.raises(InvalidRequestError) as err:
+            await _run(engine, GenerationRequest(f"r{i}", _ids(runner, PROMPTS[0]), {}, grammar=refused))
+        assert err.value.field == "structured_outputs.grammar"
+    assert engine.grammars.compiles == 3
