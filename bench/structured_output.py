@@ -11,7 +11,8 @@ device-side masking, workers.reads.apply_token_bitmask, included) and the masks'
 A second table: N free requests beside one request whose grammar is ambiguous (its matching time per
 token grows with its text), with the engine's grammar_token_ms budget at its default and off (0): the
 free requests' wall time and step times, and how the ambiguous request ended (cancelled once the free
-ones are done when nothing stops it).
+ones are done when nothing stops it). A third: rounds of 4 free requests while 1, 4 or 16 requests with
+a ~780,000-character JSON schema compile and run (`large_schema`): the worst round against a round alone.
 
     python -m bench.structured_output [--model DIR] [--requests 8] [--tokens 64]
 """
@@ -186,6 +187,53 @@ async def beside_ambiguous(model_dir: Path, requests: int, tokens: int) -> list[
     return rows
 
 
+def large_schema(objects: int = 4, properties: int = 4000) -> dict:
+    """A JSON schema of `objects` objects of `properties` required constants each: ~780,000 characters
+    of grammar that forces ~350,000 tokens (a break-test's, helper-122)."""
+    return {"type": "object", "required": [f"o{j}" for j in range(objects)], "properties": {
+        f"o{j}": {"type": "object", "properties": {f"k{i}": {"const": "v" * 20} for i in range(properties)},
+                  "required": [f"k{i}" for i in range(properties)]} for j in range(objects)}}
+
+
+async def beside_large_schema(model_dir: Path, choices: tuple[int, ...] = (1, 4, 16)) -> list[dict]:
+    """Rows of the third table: rounds of 4 free 32-token requests while `n` requests with the large
+    schema (max 16 tokens, as `n` choices of one request) compile and run; the worst round's wall."""
+    from decoding.grammar import GrammarSpec
+    from integrations.engine_host import build_engine
+    from integrations.structured_output import json_grammar
+    from scheduler.api import GenerationRequest, Mode
+
+    grammar = GrammarSpec(json_grammar(large_schema(), "response_format.json_schema.schema"))
+    rows = []
+    for n in choices:
+        engine, tokenizer = build_engine(model_dir)
+        await engine.start()
+        prompt = tokenizer.encode(PROMPTS[5])
+        free = {"gen_length": 32, "ignore_eos": True, "serial_num_blocks": 1}
+
+        async def free_round(tag: str) -> float:
+            start = time.perf_counter()
+            await asyncio.gather(*(_collect(engine, GenerationRequest(f"{tag}-{i}", prompt, free, mode=Mode.AR))
+                                   for i in range(4)))
+            return time.perf_counter() - start
+
+        try:
+            baseline = [await free_round(f"base-{i}") for i in range(3)]
+            heavy = asyncio.gather(*(_collect(engine, GenerationRequest(
+                f"schema-{i}", prompt, {"gen_length": 16, "serial_num_blocks": 1}, grammar=grammar)) for i in range(n)))
+            start, rounds = time.perf_counter(), []
+            while not heavy.done():
+                rounds.append(await free_round(f"during-{len(rounds)}"))
+            await heavy
+            rows.append({"schema_requests": n, "grammar_chars": len(grammar.grammar),
+                         "schema_requests_done_s": round(time.perf_counter() - start, 2),
+                         "free_round_s_alone": round(max(baseline), 2), "free_round_s_worst": round(max(rounds), 2),
+                         "compiles": getattr(getattr(engine, "grammars", None), "compiles", None)})  # (None: older code)
+        finally:
+            await engine.stop(drain_timeout_s=1)
+    return rows
+
+
 async def _collect(engine, spec) -> tuple[int, str, int]:
     """(tokens, text, decode forwards) of one request."""
     n, text, forwards = 0, "", 0
@@ -215,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # as bench/model_card.py: steadier step times on a shared 2-core machine
     rows = asyncio.run(run(Path(args.model), args.requests, args.tokens))
     beside = asyncio.run(beside_ambiguous(Path(args.model), args.requests, args.tokens))
+    large = asyncio.run(beside_large_schema(Path(args.model)))
     if args.json:
-        print(json.dumps({"grammars": rows, "beside_ambiguous": beside}))
+        print(json.dumps({"grammars": rows, "beside_ambiguous": beside, "beside_large_schema": large}))
         return 0
-    for table in (rows, beside):
+    for table in (rows, beside, large):
         keys = list(table[0])
         print("| " + " | ".join(keys) + " |")
         print("|" + "---|" * len(keys))
