@@ -205,10 +205,11 @@ class TokenConstraint:
         """Count the CPU time since `started` against this token's budget."""
         self._spent += self._clock() - started
         if self._token_ms and self._spent * 1000 > self._token_ms:
-            raise DecodeParamError(self._source, f"matching the grammar took {self._spent * 1000:.1f} ms of CPU time "
+            raise DecodeParamError(self._source, f"matching the grammar took {self._spent * 1000:.2f} ms of CPU time "
                                    f"for one token, more than the {self._token_ms:g} ms the engine allows "
-                                   "(engine setting grammar_token_ms): the grammar is too ambiguous to match "
-                                   "quickly (rules such as `s: s s`, or overlapping terminals): simplify it")
+                                   "(engine setting grammar_token_ms): simplify the grammar; what makes one slow "
+                                   "to match is ambiguity (rules such as `s: s s`, overlapping short terminals) "
+                                   "or size (thousands of properties or alternatives in one object or rule)")
 
     def _failed(self, what: str) -> DecodeParamError:
         return DecodeParamError(self._source, f"{what}: {_short(self._matcher.get_error())}; simplify the grammar")

@@ -344,7 +344,7 @@ def test_a_tokens_matching_time_counts_consume_forced_tokens_and_bitmask_against
     with pytest.raises(DecodeParamError) as err:  # + 2 ms
         constraint.bitmask()
     assert err.value.field == "structured_outputs.grammar"
-    assert "5.0 ms of CPU time for one token" in err.value.message and "grammar_token_ms" in err.value.message
+    assert "5.00 ms of CPU time for one token" in err.value.message and "grammar_token_ms" in err.value.message
     unbounded = Grammar(tokenizer, spec, prompt, token_ms=0, clock=_TickClock(1.0)).constraint()
     for token in letters:
         unbounded.consume(token)
