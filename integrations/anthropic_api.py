@@ -48,6 +48,10 @@ async def create_message(request: Request):
     """Anthropic's Messages API (module docstring); faults are 4xx before the response starts, naming the
     Messages field. Streamed or not, the message is built by the same events (MessageTurn.events)."""
     body = await read_body(request, MessagesRequest)
+    if body.thread is not None:
+        raise APIError(400, "thread: message threads (the server keeping the conversation) are not offered here; "
+                       "send the whole conversation in `messages` without `thread`", param="thread",
+                       details={"error_code": "thread_unsupported_request"})
     chat = body.chat_request()
     with _renamed_fields():
         run = await start_chat(request, chat, "msg", "messages")
@@ -176,7 +180,7 @@ class MessageTurn:
 
 def error_event(error: APIError) -> dict:
     """The `error` event that ends a stream that failed after it started (Anthropic's form)."""
-    return anthropic_error_body(error.status, error.type, error.message)
+    return anthropic_error_body(error.status, error.type, error.message, error.details)
 
 
 def _tool_use_events(call: ToolCall, index: int, content: list[dict]) -> list[dict]:

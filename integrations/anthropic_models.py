@@ -18,7 +18,11 @@ false` (every tool is in the prompt; true is a 400),
 `thinking` (the model has no thinking mode: no thinking blocks are returned), `context_management`
 (nothing is kept between requests), `service_tier`, `output_config.effort`. Refused with a 400 naming
 the field: images, documents and other non-text blocks, server tools (`web_search_...`, `bash_...`,
-...), `container`, `mcp_servers`, unknown fields.
+...), `container`, `mcp_servers`, unknown fields. `thread` (Anthropic's message threads beta: the server
+keeps the conversation and a turn sends only what is new) is refused with the error Anthropic gives a
+request it cannot thread (details.error_code "thread_unsupported_request"), on which the `anthropic`
+SDK's tool runner and threads send the whole conversation without `thread` (its tool runner sends
+`thread: {"type": "create"}` by default).
 """
 
 from __future__ import annotations
@@ -159,6 +163,7 @@ class MessagesRequest(MessagesBody, ExtensionsBody):
     top_k: int | None = Field(default=None, ge=0)
     metadata: dict[str, Any] | None = None
     service_tier: Literal["auto", "standard_only"] | None = None  # accepted, ignored: one tier here
+    thread: Any = None  # refused (module doc, create_message), with the error the SDK acts on
     EXTENSION_NAMES = EXTENSIONS  # ReFusion / vLLM extensions sent at the top level (ExtensionsBody)
 
     def chat_request(self) -> ChatCompletionRequest:

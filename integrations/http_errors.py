@@ -60,14 +60,17 @@ class APIError(Exception):
     """An error with its HTTP status and OpenAI error fields."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+                 code: str | None = None, headers: dict | None = None, details: dict | None = None):
         message, param = clipped(message), clipped(param, 200) if param else param  # values quoted from a request
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
+        self.headers, self.details = headers or {}, details
 
     def body(self) -> dict:
-        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        """OpenAI's error object; `details` (machine-readable, for an SDK to act on, as Anthropic's
+        error.details) only when set."""
+        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return body | {"details": self.details} if self.details else body
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": self.body()}, status_code=self.status, headers=self.headers)
@@ -215,17 +218,20 @@ ANTHROPIC_PATHS = "/v1/messages"
 LLAMA_PATHS = ("/infill", "/completion", "/apply-template", "/props")
 
 
-def anthropic_error_body(status: int, kind: str, message: str) -> dict:
-    """An error in Anthropic's shape: {"type": "error", "error": {"type", "message"}}; `kind` is ours
-    (the OpenAI-shape type), mapped to Anthropic's (server_error -> api_error, a 401 -> authentication_error,
-    a 413 -> request_too_large, every 503 -> overloaded_error: a lost engine replica too, as a drain and a
-    full queue say, where Anthropic's api_error is its 500)."""
-    by_status = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 503: "overloaded_error"}
+def anthropic_error_body(status: int, kind: str, message: str, details: dict | None = None) -> dict:
+    """An error in Anthropic's shape: {"type": "error", "error": {"type", "message"}} (plus "details" when
+    given: Anthropic's machine-readable error details, {"error_code": ...}); `kind` is ours (the
+    OpenAI-shape type), mapped to Anthropic's (server_error -> api_error, a 401 -> authentication_error,
+    a 408 -> timeout_error, a 413 -> request_too_large, every 503 -> overloaded_error: a lost engine
+    replica too, as a drain and a full queue say, where Anthropic's api_error is its 500)."""
+    by_status = {401: "authentication_error", 404: "not_found_error", 408: "timeout_error", 413: "request_too_large",
+                 503: "overloaded_error"}
     anthropic = by_status.get(status) or _ANTHROPIC_TYPES.get(kind, "invalid_request_error")
-    return {"type": "error", "error": {"type": anthropic, "message": message}}
+    error = {"type": anthropic, "message": message}
+    return {"type": "error", "error": error | {"details": details} if details else error}
 
 
-def llama_error_body(status: int, kind: str, message: str) -> dict:
+def llama_error_body(status: int, kind: str, message: str, details: dict | None = None) -> dict:
     """An error in llama.cpp server's shape: {"error": {"code": status, "message", "type"}}; `kind` is
     ours, with llama.cpp's names where they differ (401 authentication_error, 404 not_found_error)."""
     by_status = {401: "authentication_error", 404: "not_found_error"}
@@ -255,7 +261,8 @@ def shaped_response(scope, error: APIError) -> JSONResponse:
     shape = _route_shape(_api_path(scope), scope.get("headers") or ())
     if shape is None:
         return error.response()
-    return JSONResponse(shape(error.status, error.type, error.message), status_code=error.status, headers=error.headers)
+    return JSONResponse(shape(error.status, error.type, error.message, error.details), status_code=error.status,
+                        headers=error.headers)
 
 
 class RouteErrorShape:
@@ -289,7 +296,8 @@ class RouteErrorShape:
             body = b"".join(chunks)
             try:
                 error = json.loads(body)["error"]
-                body = json.dumps(shape(start["status"], error.get("type", ""), error.get("message", ""))).encode()
+                body = json.dumps(shape(start["status"], error.get("type", ""), error.get("message", ""),
+                                        error.get("details"))).encode()
             except (ValueError, KeyError, TypeError, AttributeError):
                 pass  # not an error object of ours: leave it as it is
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]

@@ -86,6 +86,33 @@ def test_a_conversation_with_tool_results_answers_as_the_chat_route(claude, clie
     assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
 
 
+def test_the_sdks_tool_runner_falls_back_from_a_thread_to_the_whole_conversation(serve_base_url, http, model):
+    # The anthropic SDK's tool runner sends `thread: {"type": "create"}` (Anthropic's message threads beta)
+    # unless told thread=False; a 400 "Extra inputs are not permitted" stopped it (helper-123). The error
+    # Anthropic gives a request it cannot thread makes the SDK send the whole conversation without it.
+    sent = []
+    hooks = {"request": [lambda request: sent.append(json.loads(request.read() or b"{}").get("thread"))]}
+    claude = anthropic.Anthropic(base_url=serve_base_url, api_key="unused", max_retries=0, timeout=60,
+                                 http_client=anthropic.DefaultHttpxClient(event_hooks=hooks))
+
+    @anthropic.beta_tool
+    def add(a: int, b: int) -> str:
+        """Add two integers."""
+        return str(a + b)
+
+    runner = claude.beta.messages.tool_runner(model=model, max_tokens=8, max_iterations=2, tools=[add],
+                                              messages=[{"role": "user", "content": "What is 2 + 3?"}])
+    final = runner.until_done()
+    assert final.type == "message" and final.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    assert sent[0] == {"type": "create"} and sent[1:] and all(thread is None for thread in sent[1:])
+    refused = http.post("/v1/messages", json={"model": model, "max_tokens": 8, "thread": {"type": "create"},
+                                              "messages": [{"role": "user", "content": "hi"}]})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["details"] == {"error_code": "thread_unsupported_request"}
+    assert "thread" in error["message"]
+
+
 def test_stop_sequences_end_the_text_and_are_reported(claude, model):
     kwargs = dict(model=model, max_tokens=24, messages=[{"role": "user", "content": "def add(a, b):"}],
                   extra_body=SAMPLED_AR)

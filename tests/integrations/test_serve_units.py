@@ -914,3 +914,15 @@ async def test_a_max_tokens_of_prime_slots_is_not_refused_where_a_larger_one_fit
             assert 0 < reply.json()["usage"]["completion_tokens"] <= 321
     finally:
         await engine.stop()
+
+
+def test_anthropic_error_types_follow_the_status_and_keep_details():
+    from integrations.http_errors import anthropic_error_body
+
+    kinds = {status: anthropic_error_body(status, "invalid_request_error", "m")["error"]["type"]
+             for status in (400, 401, 404, 408, 413, 503)}
+    assert kinds == {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                     408: "timeout_error", 413: "request_too_large", 503: "overloaded_error"}
+    body = anthropic_error_body(400, "invalid_request_error", "m", {"error_code": "thread_unsupported_request"})
+    assert body == {"type": "error", "error": {"type": "invalid_request_error", "message": "m",
+                                               "details": {"error_code": "thread_unsupported_request"}}}
