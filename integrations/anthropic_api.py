@@ -178,6 +178,18 @@ class MessageTurn:
                 "cache_read_input_tokens": cached, "output_tokens": observer.completion_tokens}
 
 
+def _partial_input(partial_json: str) -> dict:
+    """The object the start of a JSON object holds (strings cut inside kept as far as they go; jiter's
+    partial mode, the parser the anthropic SDK reads streamed partial_json with), {} when it holds none."""
+    import jiter
+
+    try:
+        value = jiter.from_json(partial_json.encode(), partial_mode="trailing-strings") if partial_json.strip() else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def error_event(error: APIError) -> dict:
     """The `error` event that ends a stream that failed after it started (Anthropic's form)."""
     return anthropic_error_body(error.status, error.type, error.message, error.details)
@@ -185,9 +197,10 @@ def error_event(error: APIError) -> dict:
 
 def _tool_use_events(call: ToolCall, index: int, content: list[dict]) -> list[dict]:
     """A tool call as a tool_use block (its input sent whole in one input_json_delta, once the call has
-    closed); the block joins `content`."""
+    closed); the block joins `content`. A call cut short (max_tokens inside it: tool_calls.py) has the
+    input its partial JSON holds so far, as the SDK's stream accumulator reads partial_json."""
     block = {"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name,
-             "input": json.loads(call.arguments)}
+             "input": json.loads(call.arguments) if call.complete else _partial_input(call.arguments)}
     content.append(block)
     return [{"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}},
             {"type": "content_block_delta", "index": index,

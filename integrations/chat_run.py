@@ -26,7 +26,7 @@ from integrations.openai_requests import generation_request, request_id
 from integrations.openai_responses import ResponseHeader
 from integrations.request_limits import InputError, PromptCharsError, RequestLimits, off_loop
 from integrations.structured_output import response_format_schema, tool_grammar, tools_or_format_grammar
-from integrations.tool_calls import ToolCallStreamParser, forced_call
+from integrations.tool_calls import ToolCallStreamParser, cut_short, forced_call
 from scheduler.api import Delta
 
 
@@ -131,7 +131,7 @@ async def turn_pieces(run: ChatRun, deltas: AsyncIterator[Delta]) -> AsyncIterat
         text, pending = pending + delta.text, ""
         pieces = [text] if parser is None else parser.feed(text)
         if delta.finished and parser is not None:
-            pieces += parser.finish()
+            pieces += parser.finish(cut_short(delta.finish_reason, (delta.stats or {}).get("stop_word")))
         yield delta, pieces
 
 

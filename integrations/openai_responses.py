@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Collection
 
-from integrations.tool_calls import ToolCall, split_tool_calls
+from integrations.tool_calls import ToolCall, cut_short, split_tool_calls
 from scheduler.api import Delta, FinishReason
 
 _FINISH = {
@@ -33,8 +33,8 @@ def chat_finish_reason(last: Delta, num_calls: int, client_stops: Collection[str
     """OpenAI's chat finish_reason: "tool_calls" only when the turn ended by itself after calling tools;
     a turn cut by max_tokens (or any other limit) reports that cut ("length"), calls or not, as
     OpenAI does, and one cut by one of the client's `stop` strings (`client_stops`; not the chat
-    template's own turn end) is "stop" (a call it cut stays in the content as text; the Messages route
-    says `stop_sequence`), so a client never takes a truncated turn for a finished one."""
+    template's own turn end) is "stop" (a call it cut is an incomplete call, tool_calls.py; the Messages
+    route says `stop_sequence`), so a client never takes a truncated turn for a finished one."""
     reason = openai_finish_reason(last)
     by_client_stop = (last.stats or {}).get("stop_word") in client_stops
     return "tool_calls" if num_calls and reason == "stop" and not by_client_stop else reason
@@ -109,7 +109,8 @@ def chat_body(
     (chat_finish_reason). `refusion` as in completion_body."""
     out = []
     for i, (text, last, logprobs) in enumerate(choices):
-        content, calls = (split_tool_calls(text, allowed_tools) if allowed_tools is not None else (text, []))
+        content, calls = (split_tool_calls(text, allowed_tools, cut_short(last.finish_reason, (last.stats or {}).get("stop_word")))
+                           if allowed_tools is not None else (text, []))
         calls = calls[:max_calls] if max_calls is not None else calls
         message: dict = {"role": "assistant", "content": content}
         if calls:

@@ -22,7 +22,7 @@ from integrations.editor.document import DocumentStyle, DocumentTextStream
 from integrations.http_errors import APIError, from_engine_error
 from integrations.http_metrics import RequestObserver
 from integrations.openai_logprobs import LogprobFormatter
-from integrations.tool_calls import ToolCallStreamParser
+from integrations.tool_calls import ToolCallStreamParser, cut_short
 from scheduler.api import Delta, EngineError
 from workers.batch import TokenLogprob
 
@@ -118,7 +118,7 @@ async def chat_events(header, deltas, allowed_tools: set[str] | None, prefix: st
             entries += delta.logprobs or []
             pieces = [text] if parser is None else parser.feed(text)
             if delta.finished and parser is not None:
-                pieces += parser.finish()
+                pieces += parser.finish(cut_short(delta.finish_reason, (delta.stats or {}).get("stop_word")))
             chunks, last_is_text = [], False
             for piece in pieces:
                 content = logprobs.chat(entries) if logprobs is not None and entries else None

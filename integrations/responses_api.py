@@ -170,7 +170,7 @@ async def _turn_events(shell: ResponseShell, deltas: AsyncIterator[Delta], forma
                 num_calls, entries = num_calls + 1, []  # a call's tokens: no logprobs field to carry them
                 for call_event in _call_events(piece, len(items), event):
                     yield call_event
-                items.append(_call_item(piece, "completed"))
+                items.append(_call_item(piece, "completed" if piece.complete else "incomplete"))
     if not items and message is None:  # no text and no call: one empty message, as the whole response has
         message = _message_item(_new_id("msg"), "", "in_progress", [])
         for opened in open_message(message):
@@ -188,7 +188,7 @@ async def _turn_events(shell: ResponseShell, deltas: AsyncIterator[Delta], forma
 
 def _call_events(call: ToolCall, index: int, event) -> list[dict]:
     added = _call_item(call, "in_progress", arguments="")
-    done = _call_item(call, "completed")
+    done = _call_item(call, "completed" if call.complete else "incomplete")  # (cut inside it: tool_calls.py)
     return [event("response.output_item.added", output_index=index, item=added),
             event("response.function_call_arguments.delta", item_id=added["id"], output_index=index,
                   delta=call.arguments),

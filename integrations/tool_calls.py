@@ -8,11 +8,18 @@ message content as the model wrote it: a malformed call is text, never an error.
 
 A block ends at the first `</tool_call>` outside a JSON string, so an argument whose text contains
 `</tool_call>` (code, documentation) stays inside its call.
+
+A block the output was cut inside (max_tokens, a deadline, a stop string: `cut_short`) is a call
+whose arguments are the text so far, marked incomplete (`ToolCall.complete` False), as OpenAI returns a
+call max_tokens cut (its `arguments` "may not be valid JSON") and Anthropic an incomplete tool_use:
+once its name is whole and one of the request's tools; before that it is dropped. Its markup (the
+forced call's opening is the server's, not the model's) never reaches the content.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -25,8 +32,9 @@ TOOL_CLOSE = "</tool_call>"
 @dataclass
 class ToolCall:
     name: str
-    arguments: str  # a JSON object, serialized (OpenAI sends arguments as a string)
+    arguments: str  # a JSON object, serialized (OpenAI sends arguments as a string); cut short: the text so far
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    complete: bool = True  # False: the output was cut inside the call (module doc)
 
     def to_openai(self) -> dict:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
@@ -39,9 +47,8 @@ def forced_call(forced: str | None, tool_names: list[str]) -> tuple[str, str] | 
     named, or required with a single tool -> (`<tool_call>{"name": "<name>", "arguments": `, `{}}</tool_call>`). The opening is prefilled
     after the prompt (chat.forced_prefix_ids cuts it at a token boundary of the whole call, so the
     model sees the tokens it was trained on) and put back in front of the model's text before parsing:
-    a call the model completes comes back as `tool_calls`; one it does not complete stays text, like
-    any malformed call (there is no constrained decoding). Raises ValueError when the request offers
-    no tools or not the named one."""
+    a call the model completes comes back as `tool_calls`; one the output is cut inside comes back
+    incomplete (module doc). Raises ValueError when the request offers no tools or not the named one."""
     if forced is None:
         return None
     if not tool_names:
@@ -82,11 +89,52 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
 
-def split_tool_calls(text: str, allowed_names: set[str] | None = None) -> tuple[str | None, list[ToolCall]]:
+# The start of a block body up to its arguments: {"name": "<JSON string>", "arguments":
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*(?:,\s*"arguments"\s*:\s*)?')
+
+
+def partial_tool_call(body: str, allowed_names: set[str] | None = None) -> ToolCall | None:
+    """The ToolCall of a block body the output was cut inside (module doc): its name once whole (and
+    allowed), its arguments the text after `"arguments":` so far ('' before it), incomplete; complete
+    when those arguments are a whole object already (the cut fell in the call's closing text). None
+    before the name is whole or for a body that is not a call's start."""
+    head = _CALL_HEAD.match(body)
+    if head is None:
+        return None
+    try:
+        name = json.loads(head.group(1))
+    except ValueError:
+        return None
+    if not isinstance(name, str) or not name or (allowed_names and name not in allowed_names):
+        return None
+    arguments = body[head.end():] if head.group(0).rstrip().endswith(":") else ""
+    try:  # the arguments may be whole, the cut past them (in the call's closing `}` or `</tool_call>`)
+        value, end = json.JSONDecoder(parse_constant=_not_json).raw_decode(arguments)
+    except ValueError:
+        return ToolCall(name, arguments.rstrip(), complete=False)
+    if isinstance(value, str):  # a JSON string of an object, as parse_tool_block takes
+        try:
+            value = json.loads(value, parse_constant=_not_json)
+        except ValueError:
+            return ToolCall(name, arguments[:end], complete=False)
+    if not isinstance(value, dict):
+        return ToolCall(name, arguments[:end], complete=False)
+    return ToolCall(name, json.dumps(value, ensure_ascii=False))
+
+
+def cut_short(finish_reason, stop_word: str | None) -> bool:
+    """Whether output that ended so (a scheduler.api.FinishReason and the stop string matched, if any) was
+    cut rather than ended by the model: the token cap, a deadline, or a stop string."""
+    return getattr(finish_reason, "value", finish_reason) in ("length", "deadline") or stop_word is not None
+
+
+def split_tool_calls(text: str, allowed_names: set[str] | None = None,
+                     cut: bool = False) -> tuple[str | None, list[ToolCall]]:
     """Split finished output into (content, tool_calls), exactly as ToolCallStreamParser streams it (so a
-    streamed and a whole answer agree). Content is None when only calls remain."""
+    streamed and a whole answer agree). Content is None when only calls remain. `cut`: the output was
+    cut (`cut_short`; ToolCallStreamParser.finish)."""
     parser = ToolCallStreamParser(allowed_names)
-    events = parser.feed(text) + parser.finish()
+    events = parser.feed(text) + parser.finish(cut)
     calls = [e for e in events if isinstance(e, ToolCall)]
     content = "".join(e for e in events if isinstance(e, str))
     return (content or None) if calls else content, calls
@@ -158,9 +206,18 @@ class ToolCallStreamParser:
             self._pending = self._pending[cut:]
             return events
 
-    def finish(self) -> list:
-        """Flush at the end of output: an unclosed block or a held partial marker is plain text."""
+    def finish(self, cut: bool = False) -> list:
+        """Flush at the end of output: a held partial marker is plain text; so is an unclosed block, unless
+        the output was `cut` inside it (`cut_short`): then it is an incomplete call, or nothing before its
+        name is whole (module doc)."""
         events: list = []
+        if self._inside and cut:
+            call = partial_tool_call(self._pending, self.allowed_names)
+            self._pending, self._inside = "", False
+            if call is not None:
+                self._space = ""
+                self.num_calls += 1
+                events.append(call)
         rest = (TOOL_OPEN if self._inside else "") + self._pending
         self._pending, self._inside = "", False
         self._text(events, rest)

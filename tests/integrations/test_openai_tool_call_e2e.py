@@ -149,6 +149,32 @@ def test_turn_cut_by_max_tokens_after_a_call_reports_length(sdk, tool_model_dir)
     assert finishes == ["length"]
 
 
+def test_a_call_cut_by_max_tokens_is_an_incomplete_call_not_text(sdk, tool_model_dir):
+    # The cap falls inside the arguments: the call comes back with the arguments so far (OpenAI's
+    # behaviour; not valid JSON) and finish_reason "length"; its markup was the content before (helper-123).
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
+    ids = tokenizer.encode(_call("Paris"), add_special_tokens=False)
+    # the last cap inside the city's string, and the last inside the closing `</tool_call>`
+    in_arguments = max(k for k in range(len(ids)) if 'Paris"' not in tokenizer.decode(ids[:k]))
+    in_close = max(k for k in range(len(ids)) if "</tool_call>" not in tokenizer.decode(ids[:k]))
+    for cap in (in_arguments, in_close):
+        kwargs = dict(model=_model(sdk), messages=_question("Paris"), tools=TOOLS, max_tokens=cap, extra_body=AR)
+        out = sdk.chat.completions.create(**kwargs)
+        message = out.choices[0].message
+        [call] = message.tool_calls
+        assert out.choices[0].finish_reason == "length" and not message.content and call.function.name == "get_weather"
+        arguments = call.function.arguments
+        if cap == in_arguments:  # the arguments so far: not JSON yet
+            assert '{"city": "Paris"}'.startswith(arguments) and len(arguments) < len('{"city": "Paris"}'), arguments
+        else:  # whole arguments, the cut in the call's closing text
+            assert json.loads(arguments) == {"city": "Paris"}
+        streamed = [d.tool_calls[0] for c in sdk.chat.completions.create(stream=True, **kwargs) if c.choices
+                    for d in [c.choices[0].delta] if d.tool_calls]
+        assert [(c.function.name, c.function.arguments) for c in streamed] == [("get_weather", arguments)]
+
+
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
                          ids=["required", "named"])
 def test_forced_tool_choice_is_prefilled_and_parsed(sdk, choice):

@@ -59,6 +59,34 @@ def test_split_keeps_malformed_and_unclosed_blocks_as_text():
     assert content == bad and len(calls) == 1
 
 
+def test_a_block_the_output_was_cut_inside_is_an_incomplete_call_or_nothing():
+    # cut = max_tokens, a deadline or a stop string ended the output inside the block (tool_calls.cut_short)
+    def outcome(text):
+        content, calls = split_tool_calls(text, {"get_weather"}, cut=True)
+        return content, [(c.name, c.arguments, c.complete) for c in calls]
+
+    assert outcome('ok <tool_call>{"name": "get_wea') == ("ok ", [])  # the name not whole: dropped, no markup
+    assert outcome('ok <tool_call>{"name": "unknown", "arguments": {') == ("ok ", [])
+    assert outcome('<tool_call>{"name": "get_weather"') == (None, [("get_weather", "", False)])
+    assert outcome('<tool_call>{"name": "get_weather", "arguments": {"city": "Pa') == (
+        None, [("get_weather", '{"city": "Pa', False)])
+    assert outcome(CALL[:-5]) == (None, [("get_weather", '{"city": "Paris"}', True)])  # cut in its closing tag
+    assert outcome('<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": 1}"}') == (
+        None, [("get_weather", '{"city": 1}', True)])  # arguments as a JSON string of an object
+    assert outcome(CALL + ' <tool_call>{"name": "get_weather", "arguments": {"ci') == (
+        None, [("get_weather", '{"city": "Paris"}', True), ("get_weather", '{"ci', False)])
+    assert outcome("no call <tool_") == ("no call <tool_", [])  # a held partial marker is still text
+    # not cut (the model ended there): an unclosed block is text, as before
+    assert split_tool_calls('<tool_call>{"name": "get_weather", "arguments": {', {"get_weather"}) == (
+        '<tool_call>{"name": "get_weather", "arguments": {', [])
+    text = 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Li'
+    for split in range(len(text) + 1):  # streamed, split anywhere: the same
+        parser = ToolCallStreamParser({"get_weather"})
+        events = parser.feed(text[:split]) + parser.feed(text[split:]) + parser.finish(cut=True)
+        assert "".join(e for e in events if isinstance(e, str)) == "Sure."
+        assert [(e.name, e.arguments) for e in events if not isinstance(e, str)] == [("get_weather", '{"city": "Li')]
+
+
 @pytest.mark.parametrize("cut", range(0, len(CALL) + 8, 3))
 def test_stream_parser_any_split_point(cut):
     text = "ok " + CALL + " done"

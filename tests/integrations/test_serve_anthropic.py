@@ -160,6 +160,21 @@ def test_forced_tool_calls_are_tool_use_blocks_whose_input_follows_the_schema(cl
     assert json.loads("".join(partial)) == call.input  # same seed: the same call
 
 
+def test_a_forced_call_cut_by_max_tokens_is_an_incomplete_tool_use_block(claude, model):
+    # Not the template's text as a text block (helper-123): a tool_use block whose input is what its partial
+    # JSON holds, stop_reason max_tokens; the stream's accumulated message says the same
+    kwargs = dict(model=model, max_tokens=3, messages=[{"role": "user", "content": "Add 2 and 3."}], tools=[TOOL],
+                  tool_choice={"type": "any"})
+    whole = claude.messages.create(**kwargs)
+    with claude.messages.stream(**kwargs) as stream:
+        streamed = stream.get_final_message()
+    for out in (whole, streamed):
+        [block] = out.content
+        assert block.type == "tool_use" and block.name == "add" and isinstance(block.input, dict)
+        assert out.stop_reason == "max_tokens" and set(block.input) <= {"a", "b"}
+    assert streamed.content[0].input == whole.content[0].input
+
+
 def test_tools_with_an_output_format_answer_with_calls_or_the_format(claude, model):
     """output_config.format with tools and tool_choice auto: each turn is tool_use blocks or a text answer
     in the format's JSON (the chat route's grammar), whichever the sampled model takes."""

@@ -76,6 +76,20 @@ def test_required_tool_choice_gives_function_call_items(client, model):
         assert final.tool_choice == "required" and final.tools[0].name == "add"
 
 
+def test_a_forced_call_cut_by_max_output_tokens_is_an_incomplete_function_call(client, model):
+    # Not the template's text (`<tool_call>{"name": "add", "arguments": {...`) as a message (helper-123)
+    kwargs = dict(model=model, input="Add 2 and 3.", tools=[TOOL], tool_choice="required", max_output_tokens=3,
+                  extra_body=AR)
+    whole = client.responses.create(**kwargs)
+    events = list(client.responses.create(stream=True, **kwargs))
+    for final in (whole, events[-1].response):
+        assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
+        [call] = final.output  # no message item
+        assert call.type == "function_call" and call.name == "add" and call.status == "incomplete"
+        assert call.arguments == whole.output[0].arguments and "<tool_call>" not in call.arguments
+    assert [e.item.status for e in events if e.type == "response.output_item.done"] == ["incomplete"]
+
+
 @pytest.mark.parametrize("body,field", [
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
