@@ -87,7 +87,8 @@ def _renamed_fields():
         yield
     except ContextLengthError as exc:
         if exc.max_tokens is None:
-            message = f"prompt is too long: {exc.prompt_tokens} tokens > {exc.context_length} maximum"
+            # (the largest prompt that leaves room for one token: "4096 tokens > 4096 maximum" read as false)
+            message = f"prompt is too long: {exc.prompt_tokens} tokens > {exc.context_length - 1} maximum"
         else:
             message = anthropic_overflow_message(exc.prompt_tokens, exc.max_tokens, exc.context_length)
         raise APIError(400, message, param=messages_field(exc.field)) from None

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from integrations.http_errors import validation_field, validation_message
 from integrations.openai_body import ExtensionsBody, OpenAIBody
@@ -74,6 +74,14 @@ class MessagesBody(OpenAIBody):
     model: str  # required, as Anthropic's API and vLLM's Messages route require it (a missing model is a 400)
     messages: list[dict[str, Any]] = Field(min_length=1)
     system: str | list[Any] | None = None
+
+    @field_validator("system", mode="before")
+    @classmethod
+    def _system_shape(cls, value):
+        """Named as a whole (pydantic's first union member's message read "Input should be a valid string")."""
+        if value is None or isinstance(value, (str, list)):
+            return value
+        raise ValueError("must be a string or a list of text blocks ({\"type\": \"text\", \"text\": ...})")
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None  # accepted, ignored (module docstring)
@@ -270,6 +278,9 @@ def _blocks(role: str, blocks: list, k: int, seen: set[str], open_uses: dict[str
         elif kind in ("tool_use", "tool_result"):
             raise InputError(400, f"{field}.type", f"{kind} blocks belong in "
                              f"{'assistant' if kind == 'tool_use' else 'user'} messages")
+        elif kind is None:
+            raise InputError(400, f"{field}.type", "is missing: each content block needs a type (text, tool_use, "
+                             "tool_result)")
         else:
             raise InputError(400, f"{field}.type", f"{kind!r} blocks are not supported here; send text, tool_use "
                              "and tool_result blocks")

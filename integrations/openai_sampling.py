@@ -216,8 +216,9 @@ class SamplingFields(OpenAIBody):
         else:
             spec = response_format_grammar(self.response_format)
         if spec is not None and self.mode == "refusion":
-            raise InputError(400, "mode", "structured output (response_format or structured_outputs) is decoded "
-                             "autoregressively: use mode \"auto\" or \"ar\", or drop the format")
+            # (worded for every route that sends a format: chat's response_format, Responses' text.format, ...)
+            raise InputError(400, "mode", "structured output (an output format) is decoded autoregressively: use "
+                             "mode \"auto\" or \"ar\", or drop the format")
         return spec
 
     @field_validator("stop")

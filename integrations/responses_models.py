@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from integrations.http_errors import validation_field, validation_message
 from integrations.openai_body import ExtensionsBody, Metadata
@@ -65,6 +65,16 @@ class ResponsesRequest(ExtensionsBody):
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value):
+        """Named as a whole: pydantic's first union member's message ("Input should be a valid string")
+        read as if a list were refused."""
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, dict) for item in value)):
+            return value
+        raise ValueError("must be a string or a list of input items (objects: messages {\"role\", \"content\"}, "
+                         "function_call, function_call_output)")
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

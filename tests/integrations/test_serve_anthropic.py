@@ -217,6 +217,8 @@ def test_a_final_assistant_message_is_continued(claude, client, model, http):
      "messages.0.content.0.type"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "5"}]}]},
      "messages.0.content.0.tool_use_id"),
+    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages.0.content.0.type"),
+    ({"system": 5}, "system"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
     ({"tools": [{"name": "add", "input_schema": {"type": "object", "properties": 5}}]}, "tools.0.input_schema"),
     # not schemas, past the step that closes objects and the forced-call builder (500s, in OpenAI's shape)
@@ -312,7 +314,7 @@ def test_context_overflows_are_worded_as_anthropic_words_them(http, claude, mode
     long_prompt = [{"role": "user", "content": "x = 1\n" * 3000}]
     response = http.post("/v1/messages", json={"model": model, "max_tokens": 8, "messages": long_prompt})
     assert response.status_code == 400
-    assert re.match(r"prompt is too long: \d+ tokens > 4096 maximum$", response.json()["error"]["message"])
+    assert re.match(r"prompt is too long: \d+ tokens > 4095 maximum$", response.json()["error"]["message"])  # C - 1
     huge = [{"role": "user", "content": "x" * 40_000}]  # over max_prompt_chars (8 x context): refused before tokenizing
     in_history = [{"role": "user", "content": "hi"},  # the same, the characters in a tool call of the history
                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "add",

@@ -102,6 +102,7 @@ def test_a_forced_call_cut_by_max_output_tokens_is_an_incomplete_function_call(c
     ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
     ({"input": "x", "tool_choice": {"type": "function", "name": "missing"}, "tools": [TOOL]}, "tool_choice"),
     ({"input": "x", "bogus": 1}, "bogus"),
+    ({"input": ["hi", "there"]}, "input"),  # (named as a whole: it read "Input should be a valid string")
     ({"input": "x", "tool_choice": "sometimes", "tools": [TOOL]}, "tool_choice"),
     ({"input": "x", "tools": [{"type": "custom", "name": "f"}]}, "tools.0.type"),
     ({"input": "x", "include": ["file_search_call.results"]}, "include"),
@@ -122,6 +123,7 @@ def test_bad_requests_name_the_responses_field(http, body, field):
         error = response.json()["error"]
         assert error["param"] == field or field in error["message"], error
         assert '"function": {"name"' not in error["message"], error  # the Responses form, not chat's nested one
+        assert "valid string" not in error["message"], error  # (a list of strings: the union's first member spoke)
         if body.get("tools", [{}])[0].get("type") == "custom":
             assert "custom tools (free-form input) are not offered" in error["message"], error  # not "hosted"
 
