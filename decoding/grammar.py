@@ -24,9 +24,9 @@ Guards around llguidance (found by a break-test):
     DecodeParamError naming the grammar's source field (the API answers 400), never an EOS that would
     pass an incomplete text off as complete;
   - llguidance's own limits are counted in work units (Earley items and lexer fuel per mask), and an
-    ambiguous grammar can stay under them while its cost grows with the text: `s: s s | s s s | /[a-z]+/`
-    spent 250 ms per token after 300 tokens (quadratic growth), and every request in the batch waited
-    for it at each step. So a request's grammar has a CPU-time budget per generated token (matching the
+    ambiguous grammar can stay under them while its cost grows with the text: `s: s s | s s s | C` over
+    one-character terminals spent 2 s per token after ~400 characters, and every request in the batch
+    waited for it at each step. So a request's grammar has a CPU-time budget per generated token (matching the
     token, the forced tokens after it and the next bitmask: `TokenConstraint(token_ms=...)`, the engine
     setting grammar_token_ms); past it the request ends with a DecodeParamError naming the grammar's
     source field, and the others go on.

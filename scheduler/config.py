@@ -173,8 +173,9 @@ class EngineConfig:
         batch goes on. The engine loop computes every grammar's bitmask before each step, so a grammar
         whose matching cost grows with its text (an ambiguous one) would hold every request back at
         every step. Well-behaved grammars (JSON schemas, regexes, tool calls) take well under 1 ms per
-        token (bench/structured_output.py); llguidance's own per-mask work limits stop at ~20-35 ms on
-        a fast CPU. 0: no budget.
+        token (bench/structured_output.py); llguidance documents its own per-mask work limits
+        (step_max_items, step_lexer_fuel) as a few to ~15 ms, but they count work units and an
+        ambiguous grammar stays under them (decoding/grammar.py). 0: no budget.
     """
 
     max_running: int = 64

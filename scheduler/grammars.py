@@ -6,7 +6,7 @@ loop's default executor, the one the forwards run on, so a few slow compiles que
 behind them; and `n` choices of one request (each its own engine request) or a client repeating its
 schema compiled the same grammar again each time (a break-test sent 16 choices of a 900 KB schema:
 44 s of a stalled engine). Here at most COMPILE_THREADS compile at once, on threads of their own, and
-a grammar compiled for the same (grammar, forced opening, budget, forced-start limit) is shared: a
+a grammar compiled for the same (grammar, forced opening, source field, forced-start limit) is shared: a
 compile in progress is awaited, not started again (single flight), and the last CACHE_SIZE results
 are kept (a refused grammar's DecodeParamError too: the same request is refused the same way). A
 Grammar is immutable once built (each run takes `constraint()`, a fresh copy of its matcher), so
