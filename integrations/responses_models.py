@@ -166,6 +166,9 @@ class ResponsesRequest(ExtensionsBody):
                 if call_id not in calls:  # OpenAI: "No tool call found for function call output with call_id"
                     raise InputError(400, f"input.{k}.call_id", f"no function_call item with call_id {call_id!r} comes "
                                      "before this output: send the call's item too (nothing is stored here)")
+                if call_id in answered:  # (the Messages route refuses the same: each tool_use answered once)
+                    raise InputError(400, f"input.{k}.call_id", f"function_call {call_id!r} is answered by an earlier "
+                                     "function_call_output already: send one output per call")
                 answered.add(call_id)
                 messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
             elif kind == "reasoning":

@@ -102,7 +102,10 @@ def test_a_forced_call_cut_by_max_output_tokens_is_an_incomplete_function_call(c
     ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
     ({"input": "x", "tool_choice": {"type": "function", "name": "missing"}, "tools": [TOOL]}, "tool_choice"),
     ({"input": "x", "bogus": 1}, "bogus"),
-    ({"input": ["hi", "there"]}, "input"),  # (named as a whole: it read "Input should be a valid string")
+    ({"input": ["hi", "there"]}, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "add", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "5"},
+                {"type": "function_call_output", "call_id": "c1", "output": "6"}], "tools": [TOOL]}, "input.2.call_id"),  # (named as a whole: it read "Input should be a valid string")
     ({"input": "x", "tool_choice": "sometimes", "tools": [TOOL]}, "tool_choice"),
     ({"input": "x", "tools": [{"type": "custom", "name": "f"}]}, "tools.0.type"),
     ({"input": "x", "include": ["file_search_call.results"]}, "include"),
