@@ -13,6 +13,8 @@ token grows with its text), with the engine's grammar_token_ms budget at its def
 free requests' wall time and step times, and how the ambiguous request ended (cancelled once the free
 ones are done when nothing stops it). A third: rounds of 4 free requests while 1, 4 or 16 requests with
 a ~780,000-character JSON schema compile and run (`large_schema`): the worst round against a round alone.
+A fourth: rounds of 4 free requests beside 16 requests whose grammar costs tens of milliseconds per
+token, under grammar_token_ms (`plateau_grammar`), with grammar_step_ms at its default and off.
 
     python -m bench.structured_output [--model DIR] [--requests 8] [--tokens 64]
 """
@@ -234,6 +236,57 @@ async def beside_large_schema(model_dir: Path, choices: tuple[int, ...] = (1, 4,
     return rows
 
 
+def plateau_grammar(k: int) -> str:
+    """Blocks of k one-character terminals parsed every possible way, then a forced ".": its matching cost
+    per token levels off (below grammar_token_ms for k up to ~28 here) instead of growing (helper-122)."""
+    rules = ["start: blk+", f'blk: t{k} "."', "t1: C"]
+    rules += [f"t{j}: " + " | ".join(f"t{i} t{j - i}" for i in range(1, j)) for j in range(2, k + 1)]
+    return "\n".join(rules + ["C: /[a-z ]/"]) + "\n"
+
+
+async def beside_slow_grammars(model_dir: Path, n: int = 16, k: int = 24) -> list[dict]:
+    """Rows of the fourth table: rounds of 4 free 32-token requests while `n` requests of
+    plateau_grammar(k) (each under the per-token budget) run, with grammar_step_ms at its default and
+    off: the worst and median free round, and how long the slow requests took."""
+    from llguidance import LLMatcher
+
+    from decoding.grammar import GrammarSpec
+    from integrations.engine_host import build_engine
+    from scheduler.api import GenerationRequest, Mode
+    from scheduler.config import EngineConfig
+
+    grammar = GrammarSpec(LLMatcher.grammar_from_lark(plateau_grammar(k)))
+    rows = []
+    for step_ms in (EngineConfig().grammar_step_ms, 0.0):
+        engine, tokenizer = build_engine(model_dir, engine_options={"grammar_step_ms": step_ms})
+        await engine.start()
+        prompt = tokenizer.encode(PROMPTS[5])
+        free = {"gen_length": 32, "ignore_eos": True, "serial_num_blocks": 1}
+
+        async def free_round(tag: str) -> float:
+            start = time.perf_counter()
+            await asyncio.gather(*(_collect(engine, GenerationRequest(f"{tag}-{i}", prompt, free, mode=Mode.AR))
+                                   for i in range(4)))
+            return time.perf_counter() - start
+
+        try:
+            alone = statistics.median([await free_round(f"alone-{i}") for i in range(3)])
+            slow = asyncio.gather(*(_collect(engine, GenerationRequest(
+                f"slow-{i}", prompt, {"gen_length": 32, "serial_num_blocks": 1, "temperature": 0.8, "seed": i, "ignore_eos": True},
+                grammar=grammar)) for i in range(n)), return_exceptions=True)
+            start, rounds = time.perf_counter(), []
+            while not slow.done():
+                rounds.append(await free_round(f"during-{len(rounds)}"))
+            outcomes = await slow
+            rows.append({"grammar_step_ms": step_ms, "slow_requests": n, "slow_done_s": round(time.perf_counter() - start, 1),
+                         "slow_failed": sum(isinstance(o, Exception) for o in outcomes),
+                         "free_round_s_alone": round(alone, 2), "free_round_s_median": round(statistics.median(rounds), 2),
+                         "free_round_s_worst": round(max(rounds), 2)})
+        finally:
+            await engine.stop(drain_timeout_s=1)
+    return rows
+
+
 async def _collect(engine, spec) -> tuple[int, str, int]:
     """(tokens, text, decode forwards) of one request."""
     n, text, forwards = 0, "", 0
@@ -264,10 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = asyncio.run(run(Path(args.model), args.requests, args.tokens))
     beside = asyncio.run(beside_ambiguous(Path(args.model), args.requests, args.tokens))
     large = asyncio.run(beside_large_schema(Path(args.model)))
+    slow = asyncio.run(beside_slow_grammars(Path(args.model)))
     if args.json:
-        print(json.dumps({"grammars": rows, "beside_ambiguous": beside, "beside_large_schema": large}))
+        print(json.dumps({"grammars": rows, "beside_ambiguous": beside, "beside_large_schema": large,
+                          "beside_slow_grammars": slow}))
         return 0
-    for table in (rows, beside, large):
+    for table in (rows, beside, large, slow):
         keys = list(table[0])
         print("| " + " | ".join(keys) + " |")
         print("|" + "---|" * len(keys))

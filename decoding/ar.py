@@ -107,6 +107,13 @@ class ARDecoder:
         return cls(seq_id, handoff.prompt_ids, params, _handoff=handoff)
 
     @property
+    def grammar_ms(self) -> float:
+        """CPU milliseconds its grammar took to match the last token (decoding.grammar.TokenConstraint:
+        consume, forced tokens, next bitmask): what its next step is expected to cost the engine loop
+        (scheduler.Scheduler takes turns among the slow ones); 0 without a grammar."""
+        return self.constraint.last_token_ms if self.constraint is not None else 0.0
+
+    @property
     def finished(self) -> bool:
         return self.phase is ARPhase.FINISHED
 

@@ -200,6 +200,7 @@ class TokenConstraint:
         self.initial_forced = list(initial_forced)  # forced at the start, already consumed (Grammar)
         self._token_ms, self._clock = token_ms, clock
         self._spent = 0.0  # CPU seconds since the last bitmask (this token's matching so far)
+        self.last_token_ms = 0.0  # the CPU milliseconds the last token's matching took (0 before one)
 
     def _charge(self, started: float) -> None:
         """Count the CPU time since `started` against this token's budget."""
@@ -220,7 +221,7 @@ class TokenConstraint:
         started = self._clock()
         raw = self._matcher.compute_bitmask()
         self._charge(started)
-        self._spent = 0.0  # the next token's budget starts
+        self.last_token_ms, self._spent = self._spent * 1000, 0.0  # the next token's budget starts
         dead_end = DecodeParamError(self._source, "no text can continue what the grammar has matched so far "
                                     "(it matches no text, or dead-ends): check the grammar")
         if self._matcher.is_error():

@@ -176,6 +176,12 @@ class EngineConfig:
         token (bench/structured_output.py); llguidance documents its own per-mask work limits
         (step_max_items, step_lexer_fuel) as a few to ~15 ms, but they count work units and an
         ambiguous grammar stays under them (decoding/grammar.py). 0: no budget.
+    grammar_step_ms: CPU time the slow grammar requests (over SLOW_GRAMMAR_MS per token) may take in one
+        step together, in milliseconds, as their last tokens' matching predicts it; past it the others
+        sit the step out and take their turn first next time (scheduler.Scheduler._grammar_turns), so
+        many requests each under grammar_token_ms do not add up to a slow step for everyone (16 at 45
+        ms each made every step 0.7 s). One always runs. Fast grammars (well under a millisecond per
+        token) never wait. 0: no step budget.
     """
 
     max_running: int = 64
@@ -193,6 +199,7 @@ class EngineConfig:
     overlap_streaming: bool | None = None
     async_scheduling: bool | None = None
     grammar_token_ms: float = 50.0
+    grammar_step_ms: float = 20.0
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
@@ -214,4 +221,5 @@ class EngineConfig:
         _check(self.async_scheduling is None or isinstance(self.async_scheduling, bool), "async_scheduling",
                "must be true, false or null (null: on for CUDA runners, off on the CPU)")
         _check(self.grammar_token_ms >= 0, "grammar_token_ms", "must be >= 0 milliseconds (0: no budget)")
+        _check(self.grammar_step_ms >= 0, "grammar_step_ms", "must be >= 0 milliseconds (0: no step budget)")
         _check(isinstance(self.routing, RoutingConfig), "routing", "must be a scheduler.config.RoutingConfig")

@@ -16,6 +16,7 @@ sharing one is safe. vLLM and SGLang cache compiled grammars by their key the sa
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,10 +30,11 @@ CACHE_SIZE = 16
 class GrammarCompiler:
     """`await compiler.compile(spec, prompt_ids, max_forced)` -> a Grammar (decoding.grammar), built on
     this compiler's threads or taken from its cache. Raises DecodeParamError naming spec.source for a
-    grammar llguidance refuses (as Grammar). `token_ms`: every grammar's CPU-time budget per token."""
+    grammar llguidance refuses (as Grammar). `token_ms` and `clock`: every grammar's CPU-time budget per
+    token and the clock that times it (decoding.grammar.TokenConstraint)."""
 
-    def __init__(self, tokenizer: GrammarTokenizer, token_ms: float):
-        self._tokenizer, self._token_ms = tokenizer, token_ms
+    def __init__(self, tokenizer: GrammarTokenizer, token_ms: float, clock=time.thread_time):
+        self._tokenizer, self._token_ms, self._clock = tokenizer, token_ms, clock
         self._pool: ThreadPoolExecutor | None = None
         self._cache: OrderedDict[tuple, asyncio.Future] = OrderedDict()
         self.compiles = 0  # grammars built (not taken from the cache)
@@ -46,7 +48,7 @@ class GrammarCompiler:
                 self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar-compile")
             self.compiles += 1
             future = asyncio.get_running_loop().run_in_executor(
-                self._pool, lambda: Grammar(self._tokenizer, spec, prompt_ids, self._token_ms, max_forced=max_forced))
+                self._pool, lambda: Grammar(self._tokenizer, spec, prompt_ids, self._token_ms, self._clock, max_forced))
             future.add_done_callback(lambda done: self._forget_unless_kept(key, done))
             self._cache[key] = future
             while len(self._cache) > CACHE_SIZE:

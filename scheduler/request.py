@@ -51,6 +51,7 @@ class Request:
     decoder: Any = None
     in_flight: int = 0
     skipped: int = 0
+    grammar_waits: int = 0  # steps in a row it sat out for the step's grammar time (Scheduler._grammar_turns)
     passed_over: int = 0
     aged_after: int = 0  # EngineConfig.aging_after (0: never aged)
     finish_reason: FinishReason | None = None

@@ -60,6 +60,7 @@ from scheduler.routing import LoadSnapshot, RouteDecision, Router
 from workers.batch import Segment
 
 log = structlog.get_logger("scheduler")
+SLOW_GRAMMAR_MS = 1.0  # a grammar request whose last token's matching took longer takes turns (_grammar_turns)
 BACKFILL_SCAN = 16  # later requests looked at per step around a head waiting for KV (each costs a route decision and a prefix lookup)
 
 
@@ -299,9 +300,10 @@ class Scheduler:
         self.admission_host_s = time.thread_time() - start
         budget = self.config.token_budget
         stuck = None  # the first request refused KV before anything else was planned, long enough
+        sits_out = self._grammar_turns(self.running)
         for req in sorted(self.running, key=Request.rank_key):
-            if req.status is not RequestStatus.RUNNING:
-                continue  # sent back to the queue for KV earlier in this loop
+            if req.status is not RequestStatus.RUNNING or req in sits_out:
+                continue  # sent back to the queue for KV earlier in this loop, or not its grammar turn
             if budget <= 0:
                 req.skipped += 1
                 continue
@@ -372,15 +374,17 @@ class Scheduler:
         if len(in_plan) + len(apart) != len(self.running) or any(not self._host_plannable(req) for req in apart):
             return None  # (one of `plan` left the running set, or one apart needs the scheduler)
         ahead, budget = StepPlan(), self.config.token_budget
+        sits_out = self._grammar_turns(self.running)
         # Decode steps first, prompt chunks with the budget they leave (vLLM's chunked prefill); a request
         # whose chunk finds none left sits out and is planned from the host next time
         chunks = [(getattr(req.decoder, "chunk_in_flight", False), req) for req, _ in items]
         for chunk, req in sorted(chunks, key=lambda entry: entry[0]):
             planner = getattr(req.decoder, "plan_ahead", None) if req.pending_segment is None else None
             if planner is not None and (chunk and budget <= 0 or req.decoder.ends_with_step_in_flight()
-                                        or req.decoder.sits_out_ahead(budget) or switch_may_follow(self, req)):
-                continue  # sits out (no budget, its grammar's host view first, or re-routed first), or its
-                # step in flight is its last
+                                        or req.decoder.sits_out_ahead(budget) or switch_may_follow(self, req)
+                                        or req in sits_out):
+                continue  # sits out (no budget, its grammar's host view first, re-routed first, or not its
+                # grammar turn), or its step in flight is its last
             try:
                 segment = planner(budget) if planner is not None and budget > 0 else None
             except Exception:  # noqa: BLE001 - the host's view first: schedule() asks the decoder again
@@ -392,6 +396,8 @@ class Scheduler:
                 return self._abandon(ahead)
             budget -= len(segment.token_ids)
         for req in sorted(apart, key=Request.rank_key):
+            if req in sits_out:
+                continue  # (not its grammar turn: planned from the host when it is)
             try:
                 segment = req.decoder.next_segment(budget) if budget > 0 else None
             except Exception as exc:  # the decoder's own failure ends its request only, as in schedule()
@@ -407,6 +413,28 @@ class Scheduler:
         if admit:
             self._admit_ahead(ahead, budget)
         return ahead
+
+    def _grammar_turns(self, running: list[Request]) -> set[Request]:
+        """The requests that sit this step out to keep its grammar time within grammar_step_ms
+        (EngineConfig): among the running requests whose grammar took over SLOW_GRAMMAR_MS for its last
+        token (ARDecoder.grammar_ms, the cost its next step is expected to add to the engine loop), those
+        that waited longest go first, then rank order, while their predicted costs fit; the first always
+        goes (no starvation: one that waits goes first next time). Fast grammars never wait. Each request
+        left out counts a wait; each let in, none."""
+        if not self.config.grammar_step_ms:
+            return set()
+        slow = [req for req in running if req.status is RequestStatus.RUNNING and req.decoder is not None
+                and getattr(req.decoder, "grammar_ms", 0.0) > SLOW_GRAMMAR_MS and not req.finished]
+        spent, out = 0.0, set()
+        for req in sorted(slow, key=lambda r: (-r.grammar_waits, r.rank_key())):
+            cost = req.decoder.grammar_ms
+            if spent and spent + cost > self.config.grammar_step_ms:
+                out.add(req)
+                req.grammar_waits += 1
+            else:
+                spent += cost
+                req.grammar_waits = 0
+        return out
 
     def _abandon(self, ahead: StepPlan) -> None:
         """`plan_ahead` gives up: what it planned is dropped (`drop_ahead`), and the requests whose decoder

@@ -719,3 +719,35 @@ async def test_requests_waiting_for_kv_keep_the_pipeline_until_a_request_ends():
     assert sum(d[-1].stats["queue_time_s"] > 0.05 for d in pipelined) >= 3  # they waited for KV
     assert engine.ahead_steps >= engine.forwards // 3, (engine.ahead_steps, engine.forwards)
     assert engine.forwards <= plain.forwards + len(specs), (engine.forwards, plain.forwards)
+
+
+async def test_slow_grammars_take_turns_with_steps_planned_ahead(runner, monkeypatch):
+    # scheduler.Scheduler._grammar_turns under asynchronous scheduling: three grammar requests whose
+    # matching costs 30 ms of (ticking) CPU per token, a step budget of 40 ms: steps planned ahead take
+    # one of them at a time too (a request that sits out is planned from the host on its turn), and every
+    # output is the serial one.
+    import scheduler.engine as engine_module
+    from scheduler.grammars import GrammarCompiler
+
+    class Tick:
+        def __init__(self):
+            self.now = 0.0
+
+        def __call__(self):
+            self.now += 0.010
+            return self.now
+
+    monkeypatch.setattr(engine_module, "GrammarCompiler", lambda tokenizer, token_ms: GrammarCompiler(tokenizer, token_ms, clock=Tick()))
+    specs = _mixed(runner, 4) + [_request(runner, f"slow{i}", i, grammar=_regex_grammar()) for i in range(3)]
+    config = {"grammar_token_ms": 0, "grammar_step_ms": 40}
+    serial, _ = await _run(runner, specs, pipelined=False, config=config)
+    slow_rows, launch = [], runner.launch
+
+    def counted(segments, tables):
+        slow_rows.append(sum(s.token_bitmask is not None or s.deferred_mask for s in segments))
+        return launch(segments, tables)
+
+    monkeypatch.setattr(runner, "launch", counted)
+    pipelined, engine = await _run(runner, specs, pipelined=True, config=config)
+    _assert_same(specs, serial, pipelined)
+    assert engine.ahead_steps > 0 and sum(rows > 1 for rows in slow_rows) <= 2, slow_rows

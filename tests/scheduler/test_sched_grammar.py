@@ -423,3 +423,38 @@ async def test_requests_with_the_same_grammar_share_one_compile_on_the_compile_t
             await _run(engine, GenerationRequest(f"r{i}", _ids(runner, PROMPTS[0]), {}, grammar=refused))
         assert err.value.field == "structured_outputs.grammar"
     assert engine.grammars.compiles == 3
+
+
+async def test_slow_grammars_take_turns_within_the_step_budget(engine_factory, runner):
+    # Three grammar requests whose matching costs 30 ms of (ticking) CPU per token (consume, forced tokens,
+    # mask: 10 ms per llguidance call), under the per-token budget but 90 ms together: with a step budget
+    # of 40 ms one of them runs per step, by turns, beside the free requests; the outputs are those of
+    # the same requests without a step budget (16 such requests made every step 0.7 s: helper-122).
+    from scheduler.grammars import GrammarCompiler
+
+    tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
+    regex = GrammarSpec(LLMatcher.grammar_from_regex("[a-z]{12}"))
+    outputs, crowded, execute = {}, {}, runner.execute
+    for step_ms in (0.0, 40.0):
+        engine = await engine_factory(grammar_token_ms=0, grammar_step_ms=step_ms)
+        engine.grammars = GrammarCompiler(tokenizer, 0, clock=_TickClock(0.010))
+        grammar_rows = []
+
+        def counted(segments, tables, grammar_rows=grammar_rows):
+            grammar_rows.append(sum(s.token_bitmask is not None for s in segments))
+            return execute(segments, tables)
+
+        runner.execute = counted
+        try:
+            specs = [GenerationRequest(f"slow{i}", _ids(runner, p), {"gen_length": 32}, grammar=regex)
+                     for i, p in enumerate(PROMPTS)]
+            specs += [GenerationRequest(f"free{i}", _ids(runner, p), {"gen_length": 32}, mode=Mode.AR)
+                      for i, p in enumerate(PROMPTS)]
+            outputs[step_ms] = await asyncio.gather(*(_run(engine, s) for s in specs))
+        finally:
+            runner.execute = execute
+        assert all(re.fullmatch("[a-z]{12}", text) for text, _, _ in outputs[step_ms][:3])
+        assert all(last.finish_reason is not FinishReason.ERROR for _, _, last in outputs[step_ms])
+        crowded[step_ms] = sum(rows > 1 for rows in grammar_rows)  # steps with more than one slow request
+    assert crowded[0.0] >= 6 and crowded[40.0] <= 2, crowded  # (the first steps: no cost measured yet)
+    assert [ids for _, ids, _ in outputs[40.0]] == [ids for _, ids, _ in outputs[0.0]]  # batched differently
