@@ -63,7 +63,7 @@ class DecodeParams:
     temperature: float = SERVING_DEFAULTS["temperature"]
     top_k: int = SERVING_DEFAULTS["top_k"]
     top_p: float = SERVING_DEFAULTS["top_p"]
-    min_p: float = SERVING_DEFAULTS["min_p"]  # AR sampling: drop tokens below min_p x the top one's probability
+    min_p: float = SERVING_DEFAULTS["min_p"]  # draws (AR samples, ReFusion drafts): drop tokens below min_p x the top one's
     seed: int = SERVING_DEFAULTS["seed"]
     # Return each generated token's log probability with this many alternatives (OpenAI logprobs /
     # top_logprobs, 0 .. MAX_TOP_LOGPROBS); None: none. Does not change what is decoded.

@@ -34,8 +34,9 @@ Reads (what comes back; computed on the device for all rows of all segments at o
 host in one transfer). `SegmentResult.tokens[k]` / `.probs[k]` answer the segment's reads in the order
 argmax rows, then prob rows, then sample rows:
   - argmax: (token, softmax(logits)[token]). With Sampling.gumbel and temperature T > 0 the token is
-    argmax(logits - T * log(-log u)) in float64 (ReFusion drafting, spec "Parameters"); the
-    probability is still the plain softmax of the chosen token.
+    argmax(logits - T * log(-log u)) in float64 (ReFusion drafting, spec "Parameters"), over the
+    logits top-k, top-p and min-p leave when Sampling sets them (the defaults leave all: the spec's
+    draft); the probability is still the plain softmax of the chosen token.
   - prob: (the given token, softmax(logits)[token]) (verification), via logsumexp.
   - sample: temperature, top-k, top-p and min-p from Sampling, drawn as the Gumbel-max argmax of the
     filtered logits; (token, its probability under the filtered, tempered distribution). T == 0 is

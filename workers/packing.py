@@ -79,7 +79,7 @@ class StepLayout:
     num_reads: int  # R (0 when no segment reads anything: the LM head is skipped)
     block_size: int
     needs_noise: bool  # some row draws Gumbel noise (gumbel argmax or sample with temperature > 0)
-    needs_sort: bool  # some sample row uses top-k or top-p
+    needs_sort: bool  # some drawing row (sample, or a Gumbel-max draft) uses top-k, top-p or min-p
     mask_words: int = 0  # int64 words of token bitmask per read row (0: no segment is constrained)
     logprobs: bool = False  # some segment asks for log probabilities: reads add MAX_TOP_LOGPROBS alternatives
     ranks: bool = False  # some segment with logprobs asks for ranks (Segment.ranks): reads fill the rank row
@@ -237,7 +237,8 @@ def _layout(seg: dict, kinds: np.ndarray, read_owner: np.ndarray, block_size: in
     size = bucket if pad else (lambda count, minimum: max(count, 1))
     sample = (kinds == 2) & (seg["temperature"][read_owner] > 0)
     gumbel = (kinds == 0) & seg["gumbel"][read_owner] & (seg["temperature"][read_owner] > 0)
-    sort = sample & ((seg["top_k"][read_owner] > 0) | (seg["top_p"][read_owner] < 1) | (seg["min_p"][read_owner] > 0))
+    sort = (sample | gumbel) & ((seg["top_k"][read_owner] > 0) | (seg["top_p"][read_owner] < 1)
+                                | (seg["min_p"][read_owner] > 0))
     max_ctx_blocks = int(-(-ctx.max() // block_size)) if len(ctx) else 0
     return StepLayout(
         num_tokens=size(int(n.sum()), MIN_TOKENS), num_seqs=size(len(n), MIN_SEQS),
@@ -287,13 +288,15 @@ def _fill_reads(step: PackedStep, q_start, rows, kinds, owner, prob_tokens) -> N
     seg, r = step.seg, step.num_reads
     temperature = seg["temperature"][owner]
     sample = (kinds == 2) & (temperature > 0)
+    gumbel = (kinds == 0) & seg["gumbel"][owner] & (temperature > 0)
+    drawn = sample | gumbel  # (rows that draw: top-k / top-p / min-p restrict what they may draw)
     given = np.full(r, -1, dtype=np.int64)
     given[kinds == 1] = prob_tokens
     values = {
         "read_rows": q_start[owner] + rows, "temperature": temperature,
-        "top_k": np.where(sample, seg["top_k"][owner], 0), "top_p": np.where(sample, seg["top_p"][owner], 1.0),
-        "min_p": np.where(sample, seg["min_p"][owner], 0.0),
-        "gumbel": (kinds == 0) & seg["gumbel"][owner] & (temperature > 0), "sample": sample, "given": given,
+        "top_k": np.where(drawn, seg["top_k"][owner], 0), "top_p": np.where(drawn, seg["top_p"][owner], 1.0),
+        "min_p": np.where(drawn, seg["min_p"][owner], 0.0),
+        "gumbel": gumbel, "sample": sample, "given": given,
         "seed": seg["seed"][owner], "step": seg["step"][owner],
     }
     for name, value in values.items():

@@ -10,7 +10,10 @@ K most likely token ids, rows 3+K .. 3+2K their log probabilities, and row 3+2K 
 
   - probabilities via logsumexp: p = exp(logit[token] - logsumexp(logits)), no softmax over rows;
   - argmax rows: argmax(logits); with the gumbel flag (temperature T > 0) ReFusion's Gumbel-max draft
-    argmax(logits - T * log(-log u)) in float64; probability: the plain softmax of the chosen token;
+    argmax(logits - T * log(-log u)) in float64, over the top-k/top-p/min-p filtered logits when the
+    request sets them (as a sample row; the spec's draft is unfiltered, the defaults leave it so);
+    probability: the plain softmax of the chosen token (unfiltered: the confidence the spec's
+    thresholds compare);
   - prob rows: the given token and its softmax probability;
   - sample rows (T > 0; a sample read at T == 0 is packed as greedy): the Gumbel-max argmax of the
     top-k/top-p filtered logits at temperature T, argmax(x - T * log(-log u)) = argmax(x / T + Gumbel),
@@ -43,9 +46,9 @@ class ReadParams(NamedTuple):
 
     given: torch.Tensor  # prob rows: the token; else -1
     temperature: torch.Tensor  # float64
-    top_k: torch.Tensor  # 0 = off (non-sample rows: 0)
-    top_p: torch.Tensor  # float64 (non-sample rows: 1.0)
-    min_p: torch.Tensor  # float64 (non-sample rows: 0.0)
+    top_k: torch.Tensor  # 0 = off (rows that draw nothing: 0)
+    top_p: torch.Tensor  # float64 (rows that draw nothing: 1.0)
+    min_p: torch.Tensor  # float64 (rows that draw nothing: 0.0)
     gumbel: torch.Tensor  # 1: Gumbel-max argmax row (T > 0)
     sample: torch.Tensor  # 1: sample row with T > 0
     seed: torch.Tensor
@@ -155,7 +158,7 @@ def _token_and_prob(logits: torch.Tensor, params: ReadParams, needs_noise: bool,
         return torch.stack((token.double(), _chosen_logprob(logits, token).double().exp()))
     raw = logits
     sample = params.sample != 0
-    if needs_sort:  # only sample rows carry top-k / top-p; other rows pass unchanged
+    if needs_sort:  # only drawing rows (sample, Gumbel draft) carry top-k / top-p; others pass unchanged
         logits = filter_top_k_top_p(logits, params.top_k, params.top_p, params.temperature, params.min_p)
     x = logits.double()  # [R, V]
     z = x
@@ -171,4 +174,6 @@ def _token_and_prob(logits: torch.Tensor, params: ReadParams, needs_noise: bool,
     # shares its step (the spec's batch invariance)
     plain = ~sample & (params.gumbel == 0)
     logprob = torch.where(plain, _chosen_logprob(raw, token).double(), logprob)
+    if needs_sort:  # a filtered Gumbel draft's probability is still the unfiltered softmax's (its confidence)
+        logprob = torch.where(params.gumbel != 0, _chosen_logprob(raw.double(), token), logprob)
     return torch.stack((token.double(), logprob.exp()))

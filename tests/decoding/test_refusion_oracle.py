@@ -170,3 +170,24 @@ def test_logprobs_are_the_accepting_reads_of_the_oracle(untied_runner, untied_hf
         assert entry.logprob == pytest.approx(logprob, abs=1e-4), (case, pos)
         assert [t for t, _ in entry.top] == [t for t, _ in top], (case, pos)
         assert [v for _, v in entry.top] == pytest.approx([v for _, v in top], abs=1e-4)
+
+
+def test_top_k_one_makes_a_sampled_refusion_request_greedy(untied_runner, frequent_tokens):
+    # top_k / top_p / min_p restrict the Gumbel-max drafts (workers/reads.py); they had no effect in
+    # ReFusion mode (helper-124). top_k 1 leaves the argmax alone: the greedy text at any temperature,
+    # with the same forwards (the confidences, unfiltered, are the greedy run's)
+    changed = 0
+    for prompt in PROMPTS[:3]:
+        prompt_ids = untied_runner.tokenizer(prompt)["input_ids"]
+        params = _params(untied_runner, frequent_tokens, *PARAM_SETS[4])
+        greedy = RefusionDecoder("greedy", prompt_ids, params)
+        decode_batch(untied_runner, [greedy])
+        params.temperature, params.seed = 1.5, 2
+        sampled = RefusionDecoder("sampled", prompt_ids, params)
+        decode_batch(untied_runner, [sampled])
+        params.top_k = 1
+        truncated = RefusionDecoder("top1", prompt_ids, params)
+        decode_batch(untied_runner, [truncated])
+        assert truncated.output_ids() == greedy.output_ids() and truncated.stats.forwards == greedy.stats.forwards
+        changed += sampled.output_ids() != greedy.output_ids()
+    assert changed > 0  # (the temperature does change the text without top_k)

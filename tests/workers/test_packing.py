@@ -53,7 +53,7 @@ def test_read_rows_in_result_order_with_their_parameters():
     assert step.view("given").tolist() == [-1, 11, -1, -1] + [-1] * 4
     assert step.view("gumbel")[:r].tolist() == [1, 0, 0, 0] and step.view("sample")[:r].tolist() == [0, 0, 1, 0]
     assert step.view("temperature")[:r].tolist() == [0.5, 0.5, 1.0, 1.0]  # float64 bit-cast in the buffer
-    assert step.view("top_k")[:r].tolist() == [0, 0, 0, 0]  # top-k/top-p only on sample rows
+    assert step.view("top_k")[:r].tolist() == [3, 0, 0, 0]  # top-k/top-p on drawing rows: the Gumbel draft, samples
     assert step.view("top_p").tolist() == [1.0, 1.0, 0.5, 1.0] + [1.0] * 4
     assert step.view("seed")[:r].tolist() == [7, 7, 8, 8]
     assert step.layout.needs_noise and step.layout.needs_sort

@@ -76,6 +76,30 @@ def test_gumbel_argmax_is_refusion_drafting_keyed_by_position(session):
         assert math.isclose(res.probs[k], float(probs[k, res.tokens[k]]), rel_tol=1e-6)
 
 
+def test_top_k_top_p_and_min_p_restrict_the_gumbel_draft_not_its_confidence(session):
+    # A ReFusion request's top_k / top_p / min_p had no effect (helper-124): the draft draws from what they
+    # leave, with the same noise, and its probability stays the plain softmax (the thresholds' confidence)
+    ids = _ids(6, 3)
+    for filters in ({"top_k": 5}, {"top_p": 0.3}, {"min_p": 0.2}, {"top_k": 1}):
+        sampling = Sampling(temperature=2.5, seed=7, gumbel=True, step=1, **filters)
+        [res] = session.execute([_dropped("f", ids, Reads(argmax=(0, 1, 2, 3, 4, 5)), sampling)])
+        logits = result_logits(res).double()
+        k, p = filters.get("top_k", 0), filters.get("top_p", 1.0)
+        params = (torch.full((6,), k), torch.full((6,), p, dtype=torch.float64), torch.full((6,), 2.5, dtype=torch.float64),
+                  torch.full((6,), filters.get("min_p", 0.0), dtype=torch.float64))
+        kept = filter_top_k_top_p(logits, *params)
+        u = uniform(torch.full((6,), 7), torch.full((6,), 1), torch.arange(6), logits.shape[-1])
+        assert res.tokens == (kept - 2.5 * torch.log(-torch.log(u))).argmax(-1).tolist(), filters
+        if filters == {"top_k": 1}:
+            assert res.tokens == logits.argmax(-1).tolist()  # the greedy draft, whatever the noise
+        probs = logits.softmax(-1)
+        for row in range(6):
+            assert math.isclose(res.probs[row], float(probs[row, res.tokens[row]]), rel_tol=1e-6)
+    unfiltered = Sampling(temperature=2.5, seed=7, gumbel=True, step=1)
+    [res] = session.execute([_dropped("u", ids, Reads(argmax=(0, 1, 2, 3, 4, 5)), unfiltered)])
+    assert res.tokens != result_logits(res).argmax(-1).tolist()  # (the noise does move drafts at this temperature)
+
+
 def test_draws_independent_of_the_batch_repeatable_and_keyed_by_step(session):
     ids = _ids(4, 2)
     reads = Reads(argmax=(0, 1, 2, 3))
