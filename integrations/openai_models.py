@@ -202,6 +202,19 @@ def _apply_chat_template_arguments() -> frozenset[str]:
     return frozenset(p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
 
 
+def check_generation_prompt(add: bool | None, continue_final: bool | None) -> bool | None:
+    """vLLM's rule for add_generation_prompt beside continue_final_message: not both true; and since the
+    chat route always opens the assistant's turn otherwise, false only with continue_final_message.
+    ValueError (the 400 names add_generation_prompt, the field to change)."""
+    if continue_final and add:
+        raise ValueError("add_generation_prompt and continue_final_message cannot both be true (vLLM's rule): "
+                         "drop add_generation_prompt")
+    if not continue_final and add is False:
+        raise ValueError("add_generation_prompt false is only offered with continue_final_message true (the "
+                         "chat route always opens the assistant's turn)")
+    return add
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -215,6 +228,9 @@ class ChatCompletionRequest(SamplingFields):
                                      description=f"0..{MAX_TOP_LOGPROBS} alternatives per token; needs logprobs: true")
     # vLLM's extension: the last message is an assistant message the model continues (a prefill)
     continue_final_message: bool = False
+    # vLLM's: true (its default) opens the assistant's turn, false goes with continue_final_message (vLLM
+    # refuses the two true together, so its clients send this pair); after continue_final_message (read)
+    add_generation_prompt: bool | None = None
     # An OpenAI field whose default is accepted (SDK wrappers send it) and whose other value is not supported
     store: bool | None = None
     # OpenAI chat fields accepted and without effect here (agent frameworks pass them through from their
@@ -251,6 +267,11 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("needs the last message to be an assistant message with text content (and no "
                              "tool_calls) for the model to continue; add one, or drop continue_final_message")
         return value
+
+    @field_validator("add_generation_prompt")
+    @classmethod
+    def _generation_prompt(cls, add, info):
+        return check_generation_prompt(add, info.data.get("continue_final_message"))
 
     @field_validator("store")
     @classmethod

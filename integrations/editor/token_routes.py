@@ -23,7 +23,7 @@ from integrations.editor.llama_compat import compact_json
 from integrations.editor.route_errors import app_limits, error_body, read_body
 from integrations.http_errors import validation_field, validation_message
 from integrations.openai_calls import check_model
-from integrations.openai_models import ChatCompletionRequest, ChatMessage, ToolSpec
+from integrations.openai_models import ChatCompletionRequest, ChatMessage, ToolSpec, check_generation_prompt
 from integrations.request_limits import InputError, encode, off_loop
 from integrations.token_bytes import token_bytes
 
@@ -54,17 +54,8 @@ class TokenizeBody(BaseModel):
     @field_validator("add_generation_prompt")
     @classmethod
     def _generation_prompt(cls, add, info):
-        """vLLM's rule: the two cannot both be true; the chat route always opens the assistant's turn
-        otherwise, so add_generation_prompt false alone is refused. Either way the 400 names
-        add_generation_prompt, the field to change."""
-        value = info.data.get("continue_final_message")
-        if value and add:
-            raise ValueError("add_generation_prompt and continue_final_message cannot both be true (vLLM's rule): "
-                             "drop add_generation_prompt")
-        if not value and add is False:
-            raise ValueError("add_generation_prompt false is only offered with continue_final_message true (the "
-                             "chat route always opens the assistant's turn)")
-        return add
+        """As on chat (openai_models.check_generation_prompt)."""
+        return check_generation_prompt(add, info.data.get("continue_final_message"))
 
     @model_validator(mode="after")
     def _one_input(self):

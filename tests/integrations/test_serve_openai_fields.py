@@ -248,6 +248,17 @@ def test_continue_final_message_continues_the_assistant_text(client, model, http
         refused = http.post("/tokenize", json={"messages": messages, "continue_final_message": True} | fields)
         assert refused.status_code == 400 and "continue_final_message" in refused.json()["error"]["message"], refused.text
     assert http.post("/tokenize", json={"messages": messages[:1], "continue_final_message": None}).status_code == 200
+    # vLLM's clients send continue_final_message with add_generation_prompt false (vLLM refuses both true)
+    paired = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=1.0, seed=5,
+                                            extra_body=sampled | {"add_generation_prompt": False})
+    assert paired.choices[0].message.content == chat.choices[0].message.content
+    opened = client.chat.completions.create(model=model, messages=messages[:1], max_tokens=2,
+                                            extra_body={"mode": "ar", "add_generation_prompt": True})
+    assert opened.usage.prompt_tokens == http.post("/tokenize", json={"messages": messages[:1]}).json()["count"]
+    for fields in ({"add_generation_prompt": True}, {"continue_final_message": False, "add_generation_prompt": False}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=model, messages=messages, max_tokens=2, extra_body=sampled | fields)
+        assert err.value.body["param"] == "add_generation_prompt"
 
 
 def test_min_p_one_samples_only_the_most_likely_token(client, model):
