@@ -81,9 +81,15 @@ class LlamaCompletionBody(LlamaBody):
     prompt: str | list[int]
     n_predict: int = Field(-1, ge=-1)
     temperature: float = Field(0.8, ge=0, le=2)
-    top_k: int = Field(40, ge=0)
+    top_k: int = 40  # <= 0: off, as llama.cpp (its README's -1 included)
     top_p: float = Field(0.95, ge=1e-6, le=1)
     min_p: float = Field(0.05, ge=0, le=1)
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off(cls, value: int) -> int:
+        return max(0, value)  # (a negative top_k was a 400 here, while /v1/completions and llama.cpp take -1)
+
     # -1 (llama.cpp's default): a random seed, drawn when the body is read so that generation_settings
     # reports the seed used and a sample can be repeated (as /infill's does)
     seed: int = Field(-1, ge=-1, validate_default=True)

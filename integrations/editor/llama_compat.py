@@ -57,7 +57,7 @@ class InfillBody(LlamaBody):
     temperature: float = Field(0.8, ge=0, le=2)
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 (llama.cpp's default): a random seed")
     n_cmpl: int = Field(1, ge=1, le=4)
-    top_k: int = Field(40, ge=0, le=MAX_TOP_K)  # 0: off, as llama.cpp
+    top_k: int = Field(40, le=MAX_TOP_K)  # <= 0: off, as llama.cpp (its README's -1 included)
     top_p: float = Field(0.95, ge=1e-6, le=1)
     min_p: float = Field(0.05, ge=0, le=1)  # 0: off
     return_tokens: bool = False  # `tokens` holds the generated ids (always when streaming)
@@ -73,6 +73,11 @@ class InfillBody(LlamaBody):
     lora: list = Field(default_factory=list)
     ignore_eos: bool = False
     logit_bias: Any = None
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off(cls, value: int) -> int:
+        return max(0, value)  # (a negative top_k was a 400 here, while /v1/completions and llama.cpp take -1)
 
     @field_validator("stop")
     @classmethod

@@ -52,6 +52,17 @@ def test_a_random_seed_is_reported_and_repeats_the_sample(http):
     assert 0 <= other < 2**53 and other != seed  # 53 random bits each: exact as a JavaScript number
 
 
+def test_a_negative_top_k_is_off_as_in_llama_cpp(http):
+    # llama.cpp takes top_k <= 0 as off (its README's -1 too); /completion and /infill answered 400 (helper-125)
+    body = {"prompt": "def add(a, b):\n", "n_predict": 8, "mode": "ar", "temperature": 1.5, "seed": 4, "min_p": 0}
+    texts = {k: http.post("/completion", json={**body, "top_k": k}).json()["content"] for k in (-1, 0)}
+    assert texts[-1] == texts[0]
+    infill = {"input_prefix": "def add(a, b):\n", "input_suffix": "", "n_predict": 8, "mode": "ar", "temperature": 1.5,
+              "seed": 4, "min_p": 0}
+    filled = {k: http.post("/infill", json={**infill, "top_k": k}) for k in (-1, 0)}
+    assert filled[-1].status_code == 200 and filled[-1].json()["content"] == filled[0].json()["content"]
+
+
 def test_timings_are_llama_cpps_eight_and_count_only_the_prompt_tokens_processed(http):
     """llama.cpp's timings: prompt_n is the prompt tokens processed, so tokens the prefix cache served are
     not in it (they were; and /completion lacked the three per-token / per-second fields /infill has)."""
