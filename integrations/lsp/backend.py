@@ -31,9 +31,14 @@ class BackendError(Exception):
 
 
 class EditorBackend:
-    def __init__(self, url: str, api_key: str | None = None, connect_timeout_s: float = 10.0):
+    def __init__(self, url: str, api_key: str | None = None, connect_timeout_s: float = 10.0,
+                 answer_timeout_s: float | None = None):
+        """answer_timeout_s: the longest any call waits for its answer (None: no bound); past it the call
+        raises TimeoutError, a completion is cancelled at the server, and a connection whose `initialize`
+        went unanswered is dropped (the next call connects again). A server that keeps the connection
+        open and never answers held an LSP request for as long as the socket lived (50 s, helper-125)."""
         self.url = url
-        self.connect_timeout_s = connect_timeout_s
+        self.connect_timeout_s, self.answer_timeout_s = connect_timeout_s, answer_timeout_s
         self.extra_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.server_info: dict | None = None
         self._ws = None
@@ -63,7 +68,12 @@ class EditorBackend:
                             "server shutting down" if status in (401, 403) else "")
                     raise ConnectionRefusedError(f"{self.url} refused the WebSocket with HTTP {status}{hint}") from None
                 self._reader = asyncio.ensure_future(self._read(self._ws))
-                self.server_info = await self._call_on(self._ws, "initialize", {"client": {"name": "refusion-lsp"}})
+                try:
+                    self.server_info = await self._call_on(self._ws, "initialize", {"client": {"name": "refusion-lsp"}})
+                except BaseException:  # unanswered (or the caller left): this connection is not used
+                    ws, self._ws = self._ws, None
+                    await asyncio.shield(ws.close())
+                    raise
             return self._ws
 
     async def _read(self, ws) -> None:
@@ -126,7 +136,11 @@ class EditorBackend:
                 await ws.send(frame)
             except ConnectionClosed:  # the server closed it (a drain's 1001 or 1013) or it dropped
                 raise self._closed_error(ws) from None
-            _, _, error, result = await future
+            try:
+                _, _, error, result = await asyncio.wait_for(future, self.answer_timeout_s)
+            except asyncio.TimeoutError:
+                raise asyncio.TimeoutError(f"no answer to {method} from {self.url} within {self.answer_timeout_s:g} s: "
+                                           "the server is stalled or overloaded") from None
         finally:  # answered, or the send failed or the caller was cancelled: nothing waits on it any more
             self._pending.pop(msg_id, None)
             self._frame_bytes.pop(msg_id, None)
@@ -165,7 +179,7 @@ class EditorBackend:
             self._partials[msg_id] = on_partial
         try:
             return await self._call_on(ws, "complete", params, msg_id)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, asyncio.TimeoutError):  # the caller left, or no answer in time
             if self._ws is ws:
                 await asyncio.shield(self._send_cancel(ws, msg_id))
             raise

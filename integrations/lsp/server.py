@@ -252,9 +252,16 @@ def _utf8(text: str) -> bytes:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def answer_timeout_s(config: BridgeConfig) -> float:
+    """How long a completion may wait for the backend's answer: its max_time_ms (the engine ends it then,
+    at the latest after its deadline grace), or 60 s without one, plus 10 s for queueing and the network;
+    later, the backend is taken as stalled and the request fails with -32603 saying so."""
+    return (config.max_time_ms or 60_000) / 1000 + 10
+
+
 def build_server(config: BridgeConfig) -> LanguageServer:
     server = BridgeServer("refusion-lsp", "0.1.0")
-    backend = EditorBackend(config.url, config.api_key)
+    backend = EditorBackend(config.url, config.api_key, answer_timeout_s=answer_timeout_s(config))
 
     @server.feature(types.INITIALIZE)
     def on_initialize(params: types.InitializeParams) -> None:
@@ -269,7 +276,7 @@ def build_server(config: BridgeConfig) -> LanguageServer:
             config.update(options)
         except BridgeConfigError as exc:
             raise JsonRpcInvalidParams(f"initializationOptions.{exc.field} {exc.message}") from None
-        backend.url = config.url
+        backend.url, backend.answer_timeout_s = config.url, answer_timeout_s(config)
         backend.extra_headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         server.protocol.initialized = True  # from now on requests are served (base_protocol.py)
 

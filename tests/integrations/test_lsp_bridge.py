@@ -535,6 +535,48 @@ async def test_backend_forgets_a_request_whose_send_failed_or_whose_caller_left(
     assert backend._pending == {}
 
 
+async def test_a_backend_that_never_answers_times_out_and_the_completion_is_cancelled():
+    """A server that keeps the connection open and never answers held an LSP request for as long as the
+    socket lived (50 s, helper-125). With answer_timeout_s a completion fails with TimeoutError and is
+    cancelled at the server; an unanswered `initialize` drops the connection, so the next call connects
+    again."""
+    import msgpack
+    import websockets
+
+    from integrations.lsp.backend import EditorBackend
+
+    received, answer_initialize = [], [True]
+
+    async def silent(ws):  # answers `initialize` (while told to), never a completion
+        async for frame in ws:
+            _, msg_id, method, params = msgpack.unpackb(frame)
+            received.append((method, params))
+            if method == "initialize" and answer_initialize[0]:
+                await ws.send(msgpack.packb([1, msg_id, None, {"limits": {"max_inflight": 8}}]))
+
+    async with websockets.serve(silent, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/editor"
+        backend = EditorBackend(url, answer_timeout_s=0.3)
+        with pytest.raises(asyncio.TimeoutError, match="no answer to complete"):
+            await asyncio.wait_for(backend.complete({"uri": "u", "prefix": "x", "suffix": ""}), WAIT_S)
+        completion_id = next(i for i, (method, _) in enumerate(received) if method == "complete")
+        for _ in range(int(WAIT_S / 0.01)):  # the cancel is sent (shielded) as the call fails: it arrives next
+            if any(method == "cancel" for method, _ in received):
+                break
+            await asyncio.sleep(0.01)
+        assert [method for method, _ in received] == ["initialize", "complete", "cancel"]
+        assert backend._pending == {} and received[completion_id][1]["uri"] == "u"
+        await backend.close()
+        answer_initialize[0] = False
+        mute = EditorBackend(url, answer_timeout_s=0.3)
+        with pytest.raises(asyncio.TimeoutError, match="no answer to initialize"):
+            await asyncio.wait_for(mute.limits(), WAIT_S)
+        assert mute._ws is None  # dropped: the next call connects again
+        answer_initialize[0] = True
+        assert (await asyncio.wait_for(mute.limits(), WAIT_S)).max_inflight == 8
+        await mute.close()
+
+
 async def test_an_unreadable_frame_error_fails_only_the_oversized_request():
     """The server answers a frame over its max_frame_bytes with an error of id nil. Every waiting request
     failed with it, so one document's oversized request also failed another document's completion; now
