@@ -180,8 +180,9 @@ class EngineConfig:
         step together, in milliseconds, as their last tokens' matching predicts it; past it the others
         sit the step out and take their turn first next time (scheduler.Scheduler._grammar_turns), so
         many requests each under grammar_token_ms do not add up to a slow step for everyone (16 at 45
-        ms each made every step 0.7 s). One always runs. Fast grammars (well under a millisecond per
-        token) never wait. 0: no step budget.
+        ms each made every step 0.7 s). One always runs, and nobody waits when every running request is
+        slow (no one to protect). Fast grammars (well under a millisecond per token) never wait. 0: no
+        step budget.
     """
 
     max_running: int = 64

@@ -420,11 +420,15 @@ class Scheduler:
         token (ARDecoder.grammar_ms, the cost its next step is expected to add to the engine loop), those
         that waited longest go first, then rank order, while their predicted costs fit; the first always
         goes (no starvation: one that waits goes first next time). Fast grammars never wait. Each request
-        left out counts a wait; each let in, none."""
+        left out counts a wait; each let in, none. When every running request is slow nobody sits out:
+        turns would protect no one and only add steps (fewer slow requests per forward)."""
         if not self.config.grammar_step_ms:
             return set()
-        slow = [req for req in running if req.status is RequestStatus.RUNNING and req.decoder is not None
-                and getattr(req.decoder, "grammar_ms", 0.0) > SLOW_GRAMMAR_MS and not req.finished]
+        active = [req for req in running if req.status is RequestStatus.RUNNING and req.decoder is not None
+                  and not req.finished]
+        slow = [req for req in active if getattr(req.decoder, "grammar_ms", 0.0) > SLOW_GRAMMAR_MS]
+        if len(slow) == len(active):
+            return set()
         spent, out = 0.0, set()
         for req in sorted(slow, key=lambda r: (-r.grammar_waits, r.rank_key())):
             cost = req.decoder.grammar_ms

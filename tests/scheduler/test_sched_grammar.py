@@ -458,3 +458,16 @@ async def test_slow_grammars_take_turns_within_the_step_budget(engine_factory, r
         crowded[step_ms] = sum(rows > 1 for rows in grammar_rows)  # steps with more than one slow request
     assert crowded[0.0] >= 6 and crowded[40.0] <= 2, crowded  # (the first steps: no cost measured yet)
     assert [ids for _, ids, _ in outputs[40.0]] == [ids for _, ids, _ in outputs[0.0]]  # batched differently
+    # Only slow requests running: turns would protect no one, so all three go in every step
+    engine = await engine_factory(grammar_token_ms=0, grammar_step_ms=40.0)
+    engine.grammars = GrammarCompiler(tokenizer, 0, clock=_TickClock(0.010))
+    grammar_rows = []
+    runner.execute = lambda segments, tables: (grammar_rows.append(sum(s.token_bitmask is not None for s in segments)),
+                                               execute(segments, tables))[1]
+    try:
+        alone = await asyncio.gather(*(_run(engine, GenerationRequest(f"only{i}", _ids(runner, p), {"gen_length": 32},
+                                                                       grammar=regex)) for i, p in enumerate(PROMPTS)))
+    finally:
+        runner.execute = execute
+    assert [ids for _, ids, _ in alone] == [ids for _, ids, _ in outputs[0.0][:3]]
+    assert sum(rows == 3 for rows in grammar_rows) >= 6, grammar_rows
