@@ -92,11 +92,13 @@ def decode_frame(data: bytes | str | None, limits: Limits) -> Request:
     if data is None or isinstance(data, str):
         raise RpcError(PARSE_ERROR, "frames must be binary WebSocket messages holding msgpack, not text")
     if len(data) > limits.max_frame_bytes:
-        raise RpcError(
+        err = RpcError(
             MESSAGE_TOO_LARGE,
             f"frame is {len(data)} bytes; the limit is {limits.max_frame_bytes}: send less context",
             {"limit": limits.max_frame_bytes},
         )
+        msg_id = _peek_id(data)  # (answered with its id: a client tracking its requests by id stops waiting)
+        raise err if msg_id is None else _with_id(err, msg_id)
     try:
         msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
@@ -116,6 +118,20 @@ def decode_frame(data: bytes | str | None, limits: Limits) -> Request:
     if not isinstance(params, dict):
         raise _with_id(RpcError(INVALID_REQUEST, "params must be a map (or nil)"), msg_id)
     return Request(msg_id, method, params)
+
+
+def _peek_id(data: bytes, head_bytes: int = 4096):
+    """The id of a request frame read from its first `head_bytes` without unpacking the rest (a frame
+    refused for its size: [0, id, ...] comes first); None when it is not readable there."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(data[:head_bytes])
+    try:
+        if unpacker.read_array_header() != 4 or unpacker.unpack() != REQUEST:
+            return None
+        msg_id = unpacker.unpack()
+    except Exception:  # noqa: BLE001 - msgpack raises several unrelated types; cut short: not readable
+        return None
+    return msg_id if _is_id(msg_id) else None
 
 
 def _is_id(value) -> bool:

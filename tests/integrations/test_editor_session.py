@@ -137,8 +137,10 @@ async def test_new_complete_for_same_uri_supersedes_at_once(session, fake_client
 async def test_bad_frames_get_error_responses_and_the_session_lives_on(session, frame, code):
     s, wire = session
     await s.handle_frame(frame)
-    [[kind, _, err, result]] = wire.responses()
+    [[kind, msg_id, err, result]] = wire.responses()
     assert kind == rpc.RESPONSE and result is None and err["code"] == code and err["message"]
+    if code == rpc.MESSAGE_TOO_LARGE:  # answered with its id (it was nil: "exactly one per request", helper-125)
+        assert msg_id == 11
     await s.handle_frame(rpc.encode_request(99, "initialize", {}))
     assert wire.responses(99)[0][2] is None
 
