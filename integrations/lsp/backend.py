@@ -67,11 +67,13 @@ class EditorBackend:
                     hint = (": a missing or wrong API key (--api-key), a path other than /v1/editor, or a "
                             "server shutting down" if status in (401, 403) else "")
                     raise ConnectionRefusedError(f"{self.url} refused the WebSocket with HTTP {status}{hint}") from None
-                self._reader = asyncio.ensure_future(self._read(self._ws))
+                ws = self._ws
+                self._reader = asyncio.ensure_future(self._read(ws))
                 try:
-                    self.server_info = await self._call_on(self._ws, "initialize", {"client": {"name": "refusion-lsp"}})
-                except BaseException:  # unanswered (or the caller left): this connection is not used
-                    ws, self._ws = self._ws, None
+                    self.server_info = await self._call_on(ws, "initialize", {"client": {"name": "refusion-lsp"}})
+                except BaseException:  # unanswered, closed (the reader let it go), or the caller left: not used
+                    if self._ws is ws:
+                        self._ws = None
                     await asyncio.shield(ws.close())
                     raise
             return self._ws
