@@ -189,6 +189,18 @@ async def beside_ambiguous(model_dir: Path, requests: int, tokens: int) -> list[
     return rows
 
 
+async def _free_round(engine, prompt: list[int], tag: str) -> float:
+    """Seconds for 4 free greedy AR requests of 32 tokens (EOS ignored) run together: one round of the
+    third and fourth tables."""
+    from scheduler.api import GenerationRequest, Mode
+
+    free = {"gen_length": 32, "ignore_eos": True, "serial_num_blocks": 1}
+    start = time.perf_counter()
+    await asyncio.gather(*(_collect(engine, GenerationRequest(f"{tag}-{i}", prompt, free, mode=Mode.AR))
+                           for i in range(4)))
+    return time.perf_counter() - start
+
+
 def large_schema(objects: int = 4, properties: int = 4000) -> dict:
     """A JSON schema of `objects` objects of `properties` required constants each: ~780,000 characters
     of grammar that forces ~350,000 tokens (a break-test's, helper-122)."""
@@ -203,7 +215,7 @@ async def beside_large_schema(model_dir: Path, choices: tuple[int, ...] = (1, 4,
     from decoding.grammar import GrammarSpec
     from integrations.engine_host import build_engine
     from integrations.structured_output import json_grammar
-    from scheduler.api import GenerationRequest, Mode
+    from scheduler.api import GenerationRequest
 
     grammar = GrammarSpec(json_grammar(large_schema(), "response_format.json_schema.schema"))
     rows = []
@@ -211,21 +223,14 @@ async def beside_large_schema(model_dir: Path, choices: tuple[int, ...] = (1, 4,
         engine, tokenizer = build_engine(model_dir)
         await engine.start()
         prompt = tokenizer.encode(PROMPTS[5])
-        free = {"gen_length": 32, "ignore_eos": True, "serial_num_blocks": 1}
-
-        async def free_round(tag: str) -> float:
-            start = time.perf_counter()
-            await asyncio.gather(*(_collect(engine, GenerationRequest(f"{tag}-{i}", prompt, free, mode=Mode.AR))
-                                   for i in range(4)))
-            return time.perf_counter() - start
 
         try:
-            baseline = [await free_round(f"base-{i}") for i in range(3)]
+            baseline = [await _free_round(engine, prompt, f"base-{i}") for i in range(3)]
             heavy = asyncio.gather(*(_collect(engine, GenerationRequest(
                 f"schema-{i}", prompt, {"gen_length": 16, "serial_num_blocks": 1}, grammar=grammar)) for i in range(n)))
             start, rounds = time.perf_counter(), []
             while not heavy.done():
-                rounds.append(await free_round(f"during-{len(rounds)}"))
+                rounds.append(await _free_round(engine, prompt, f"during-{len(rounds)}"))
             await heavy
             rows.append({"schema_requests": n, "grammar_chars": len(grammar.grammar),
                          "schema_requests_done_s": round(time.perf_counter() - start, 2),
@@ -252,7 +257,7 @@ async def beside_slow_grammars(model_dir: Path, n: int = 16, k: int = 24) -> lis
 
     from decoding.grammar import GrammarSpec
     from integrations.engine_host import build_engine
-    from scheduler.api import GenerationRequest, Mode
+    from scheduler.api import GenerationRequest
     from scheduler.config import EngineConfig
 
     grammar = GrammarSpec(LLMatcher.grammar_from_lark(plateau_grammar(k)))
@@ -261,22 +266,15 @@ async def beside_slow_grammars(model_dir: Path, n: int = 16, k: int = 24) -> lis
         engine, tokenizer = build_engine(model_dir, engine_options={"grammar_step_ms": step_ms})
         await engine.start()
         prompt = tokenizer.encode(PROMPTS[5])
-        free = {"gen_length": 32, "ignore_eos": True, "serial_num_blocks": 1}
-
-        async def free_round(tag: str) -> float:
-            start = time.perf_counter()
-            await asyncio.gather(*(_collect(engine, GenerationRequest(f"{tag}-{i}", prompt, free, mode=Mode.AR))
-                                   for i in range(4)))
-            return time.perf_counter() - start
 
         try:
-            alone = statistics.median([await free_round(f"alone-{i}") for i in range(3)])
+            alone = statistics.median([await _free_round(engine, prompt, f"alone-{i}") for i in range(3)])
             slow = asyncio.gather(*(_collect(engine, GenerationRequest(
                 f"slow-{i}", prompt, {"gen_length": 32, "serial_num_blocks": 1, "temperature": 0.8, "seed": i, "ignore_eos": True},
                 grammar=grammar)) for i in range(n)), return_exceptions=True)
             start, rounds = time.perf_counter(), []
             while not slow.done():
-                rounds.append(await free_round(f"during-{len(rounds)}"))
+                rounds.append(await _free_round(engine, prompt, f"during-{len(rounds)}"))
             outcomes = await slow
             rows.append({"grammar_step_ms": step_ms, "slow_requests": n, "slow_done_s": round(time.perf_counter() - start, 1),
                          "slow_failed": sum(isinstance(o, Exception) for o in outcomes),
