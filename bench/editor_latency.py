@@ -10,12 +10,18 @@ compared with the removed line (exact match), a rough quality signal for trained
     OMP_NUM_THREADS=1 python bench/editor_latency.py                       # shipped model, in-process server
     python bench/editor_latency.py --url ws://127.0.0.1:8000/v1/editor     # a running `refusion serve`
     ... --batch-load 4 [--no-aging]    # in-process: 4 BATCH requests kept running beside the editor
+    ... --heavy 8 [--heavy-inflight 8]  # 8 other editor connections keep 8 multiline completions each in flight
     ... --append docs/benchmarks.md
 
 With --batch-load N, N BATCH requests (AR, 256 sampled tokens each, resubmitted as each ends) share the
 engine with the editor's INTERACTIVE ones; the table adds the batch tokens generated per second, the
 progress scheduler aging (EngineConfig.aging_after) keeps for them; --no-aging sets it to 0 (strict
 classes) for an A/B.
+
+With --heavy N, N other editor connections (each its own client) keep --heavy-inflight multiline
+completions in flight each (max_tokens 256; the default gap candidates, resubmitted as each ends): the
+measured editor's one-line completions then compete with them for the engine's running slots
+(scheduler fair share: EngineConfig.fair_share; --no-fair-share for an A/B).
 
 In-process mode serves the editor router with uvicorn on a local port over a LocalEngineClient (no Ray):
 it measures the protocol and engine, not Ray Serve's proxy hop.
@@ -132,9 +138,43 @@ async def batch_load(engine, n: int, done: asyncio.Event) -> int:
     return tokens
 
 
-async def with_local_server(model_dir: Path, run, batch: int = 0, engine_options: dict | None = None):
+async def heavy_editors(url: str, n: int, inflight: int, done: asyncio.Event) -> int:
+    """Keep `n` editor connections with `inflight` multiline completions in flight each until `done`; the
+    completions they finished."""
+    finished = 0
+
+    async def one_connection(k: int) -> None:
+        nonlocal finished
+        backend = EditorBackend(url)
+
+        async def one_uri(j: int) -> None:
+            nonlocal finished
+            round_ = 0
+            while not done.is_set():
+                params = {"uri": f"file:///heavy{k}/f{j}.py", "prefix": f"def heavy_{k}_{j}_{round_}(items):\n    ",
+                          "suffix": "", "language": "python", "multiline": True, "max_tokens": 256,
+                          "temperature": 1.0, "seed": round_}
+                try:
+                    await backend.complete(params)
+                    finished += 1
+                except Exception:  # noqa: BLE001 - an overloaded or cancelled one is resubmitted
+                    await asyncio.sleep(0.05)
+                round_ += 1
+
+        try:
+            await asyncio.gather(*(one_uri(j) for j in range(inflight)))
+        finally:
+            await backend.close()
+
+    await asyncio.gather(*(one_connection(k) for k in range(n)))
+    return finished
+
+
+async def with_local_server(model_dir: Path, run, batch: int = 0, engine_options: dict | None = None,
+                            heavy: tuple[int, int] = (0, 0)):
     """Serve the editor router over an in-process engine on a free port; call run(url), with `batch`
-    BATCH requests running beside it (batch_load); returns (run's result, batch tokens per second)."""
+    BATCH requests running beside it (batch_load) and heavy[0] editor connections with heavy[1]
+    completions in flight each (heavy_editors); returns (run's result, batch tokens per second)."""
     import uvicorn
     from fastapi import FastAPI
 
@@ -156,15 +196,24 @@ async def with_local_server(model_dir: Path, run, batch: int = 0, engine_options
     while not server.started:
         await asyncio.sleep(0.05)
     done = asyncio.Event()
+    url = f"ws://127.0.0.1:{port}/v1/editor"
     load = asyncio.ensure_future(batch_load(engine, batch, done))
+    editors = asyncio.ensure_future(heavy_editors(url, heavy[0], heavy[1], done))
+    if heavy[0]:  # the other editors' completions fill the engine first (as far as they do within 60 s)
+        deadline = time.monotonic() + 60
+        while (len(engine.scheduler.running) < min(engine.config.max_running, heavy[0] * heavy[1])
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
     start = time.perf_counter()
     try:
-        result = await run(f"ws://127.0.0.1:{port}/v1/editor")
+        result = await run(url)
         done.set()
         return result, await load / (time.perf_counter() - start)
     finally:
         done.set()
         load.cancel()
+        editors.cancel()
+        await asyncio.gather(editors, return_exceptions=True)
         server.should_exit = True
         await serve_task
         await engine.stop(drain_timeout_s=2)
@@ -197,10 +246,14 @@ def report(stats: dict, args, where: str) -> str:
         lines.append(f"Beside it: {args.batch_load} BATCH requests (AR, 256 sampled tokens each, resubmitted), "
                      f"{stats['batch_tok_s']:.1f} batch tokens/s; scheduler aging "
                      f"{'off (--no-aging)' if args.no_aging else 'on'}.")
+    if args.heavy:
+        lines.append(f"Beside it: {args.heavy} other editor connections with {args.heavy_inflight} multiline completions "
+                     f"(max_tokens 256, temperature 1) in flight each, resubmitted as each ends; scheduler fair share "
+                     f"{'off (--no-fair-share)' if args.no_fair_share else 'on'}.")
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
     parser.add_argument("--url", default=None, help="measure a running server instead of an in-process one")
@@ -215,9 +268,13 @@ def main() -> int:
     parser.add_argument("--batch-load", type=int, default=0, help="in-process: BATCH requests kept running beside")
     parser.add_argument("--no-aging", action="store_true", help="in-process: scheduler aging off (A/B)")
     parser.add_argument("--max-running", type=int, default=None, help="in-process: the engine's max_running")
-    args = parser.parse_args()
-    if args.url and (args.batch_load or args.no_aging or args.max_running):
-        raise SystemExit("--batch-load, --no-aging and --max-running need the in-process server: drop --url")
+    parser.add_argument("--heavy", type=int, default=0, help="in-process: other editor connections kept busy beside")
+    parser.add_argument("--heavy-inflight", type=int, default=8, help="completions in flight per --heavy connection")
+    parser.add_argument("--no-fair-share", action="store_true", help="in-process: scheduler fair share off (A/B)")
+    args = parser.parse_args(argv)
+    if args.url and (args.batch_load or args.no_aging or args.max_running or args.heavy or args.no_fair_share):
+        raise SystemExit("--batch-load, --no-aging, --max-running, --heavy and --no-fair-share need the in-process "
+                         "server: drop --url")
     cases = held_out_cases(args.cases, args.seed, heldout_fraction_of(Path(args.model)))
 
     async def run(url: str) -> dict:
@@ -240,8 +297,10 @@ def main() -> int:
         if not (model_dir / "config.json").exists():
             raise SystemExit(f"--model {model_dir}: no config.json there; pass a model directory")
         options = {**({"max_running": args.max_running} if args.max_running else {}),
-                   **({"aging_after": 0} if args.no_aging else {})}
-        stats, batch_tok_s = asyncio.run(with_local_server(model_dir, run, args.batch_load, options))
+                   **({"aging_after": 0} if args.no_aging else {}),
+                   **({"fair_share": False} if args.no_fair_share else {})}
+        stats, batch_tok_s = asyncio.run(with_local_server(model_dir, run, args.batch_load, options,
+                                                           (args.heavy, args.heavy_inflight)))
         stats["batch_tok_s"], where = batch_tok_s, "in-process engine + uvicorn"
     text = report(stats, args, where)
     print(text)

@@ -24,7 +24,7 @@ from integrations.http_errors import APIError
 from integrations.openai_sampling import SamplingFields
 from integrations.openai_responses import new_id
 from integrations.openai_stream import in_document_style
-from integrations.request_limits import InputError, encode, off_loop
+from integrations.request_limits import InputError, client_key, encode, off_loop
 from scheduler.api import Delta, GenerationRequest
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -159,5 +159,6 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
                                   room=(settings.limits.context_length - len(prompt)) if settings.limits.context_length else None),
         mode=body.engine_mode, priority=body.engine_priority, stop=list(stop), max_time_ms=body.max_time_ms,
         max_tokens=0 if echo_only else fit.gen_length, affinity_key=affinity_key, grammar=grammar,
+        client=client_key(getattr(body, "safety_identifier", None) or body.user),
         fit_to_kv=body.max_tokens is None and not echo_only,  # the default shrinks to the KV cache too
     )

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 from decoding import params
+from scheduler.api import MAX_CLIENT_CHARS
 from workers.batch import SEED_MAX
 
 MiB = 1 << 20
@@ -137,6 +139,20 @@ class RequestLimits:
 def sampling_temperature(value: float | None) -> float | None:
     """The temperature the decoder gets: below GREEDY_BELOW_TEMPERATURE means greedy (0)."""
     return 0.0 if value is not None and value < GREEDY_BELOW_TEMPERATURE else value
+
+
+def client_key(user: str | None) -> str | None:
+    """The engine's fair-share key (scheduler.api.GenerationRequest.client) of a request naming its
+    end user: OpenAI's `safety_identifier` (or the older `user` it replaces: "a unique identifier
+    representing your end-user"), Anthropic's `metadata.user_id`. None (no id, or an empty one): the
+    anonymous client, which every request without an id shares. Ids longer than fit are digested
+    (the key only needs to tell users apart)."""
+    if not user:
+        return None
+    key = f"user:{user}"
+    if len(key) > MAX_CLIENT_CHARS:
+        key = "user#" + hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return key
 
 
 # --------------------------------------------------------------------------------------------------

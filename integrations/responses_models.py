@@ -124,7 +124,7 @@ class ResponsesRequest(ExtensionsBody):
             body["logprobs"], body["top_logprobs"] = True, self.top_logprobs
         for name, chat_name in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
                                 ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
-                                ("user", "user"), ("model", "model"), ("prompt_cache_key", "prompt_cache_key")):
+                                ("user", "user"), ("safety_identifier", "safety_identifier"), ("model", "model"), ("prompt_cache_key", "prompt_cache_key")):
             if getattr(self, name) is not None:
                 body[chat_name] = getattr(self, name)
         body.update(self.extensions)

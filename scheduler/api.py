@@ -71,6 +71,7 @@ class InvalidRequestError(EngineError):
 # max_time_ms's largest value, 2^31 - 1 ms (about 24.8 days, JavaScript's setTimeout limit): longer is no
 # limit in practice, and a value of hundreds of digits overflowed the deadline's float in the engine loop
 MAX_TIME_MS = 2**31 - 1
+MAX_CLIENT_CHARS = 256  # GenerationRequest.client (integrations.request_limits.client_key digests longer ids)
 
 
 @dataclass
@@ -98,6 +99,13 @@ class GenerationRequest:
     # document URI, chat the conversation's first turn; None: the router keys on the prompt's first
     # tokens. The engine itself ignores it.
     affinity_key: str | None = None
+    # Who sent it, for the scheduler's fair share (EngineConfig.fair_share): waiting requests of one
+    # priority class start client by client, the client holding the fewest running slots first, so one
+    # client's many requests do not queue everyone else's behind them. The editor protocol sets one per
+    # connection; the HTTP APIs the end-user id the client sends (OpenAI `safety_identifier` or `user`,
+    # Anthropic `metadata.user_id`). None: the anonymous client (every request without one counts as one
+    # client's). At most MAX_CLIENT_CHARS characters.
+    client: str | None = None
     # Structured output: the output must match this grammar (decoding.grammar; JSON schema, regex, Lark).
     # Decoded autoregressively: AUTO runs as AR, REFUSION is refused (field "mode").
     grammar: GrammarSpec | None = None

@@ -144,6 +144,13 @@ class EngineConfig:
         KV or budget, a BATCH request then still progresses; an aged one is not preempted. 0: strict
         classes (a BATCH request waits for as long as INTERACTIVE requests keep coming, as vLLM's
         priority scheduling). bench/editor_latency.py --no-aging measures the trade.
+    fair_share: waiting requests of one priority class start client by client (GenerationRequest.client):
+        the client holding the fewest running slots first, FCFS among equals and within a client, so a
+        client with many requests in flight does not queue another's behind them all (max-min fair
+        share of the running slots at admission; the slot-counting variant of the fair queueing of
+        Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024). Nobody is preempted for
+        it: a client over its share keeps its running requests and waits for its next start. False:
+        FCFS within a class (bench/editor_latency.py --heavy --no-fair-share measures the trade).
     model_dir: directory whose `refusion.json` gives the default decoding parameters; None = the
         runner's own directory (scheduler.decoders.find_model_dir).
     overlap_streaming: detokenize, check stop strings and send a step's text while the next step's
@@ -196,6 +203,7 @@ class EngineConfig:
     preempt_for_interactive: bool = True
     max_preemptions: int = 2
     aging_after: int = 8
+    fair_share: bool = True
     model_dir: str | None = None
     overlap_streaming: bool | None = None
     async_scheduling: bool | None = None

@@ -6,7 +6,9 @@ KV admission: a request may hold at most `kv_blocks` blocks (prompt + suffix + g
 ReFusion pool of tentative tokens, in blocks). A waiting request starts only when the runner's free
 blocks, minus what running requests may still allocate up to their own estimates, minus a reserve,
 cover its estimate (less the blocks it shares from the prefix cache). Prefix-cache blocks are evicted
-(LRU) when that frees enough. Priority order: INTERACTIVE before BATCH, FCFS within a class; running
+(LRU) when that frees enough. Priority order: INTERACTIVE before BATCH, FCFS within a class, but
+client by client under the fair share (EngineConfig.fair_share; GenerationRequest.client): within a
+class, the waiting requests of the client holding the fewest running slots start first; running
 requests skipped for lack of budget go first in their class next step. Aging: a request passed over
 `aging_after` times (steps in a row without budget, or later requests that started while it waited)
 is ranked with the first class (Request.rank_class), so no one starves, a BATCH request under a
@@ -45,7 +47,10 @@ runner never allocates and never refuses for lack of KV.
 from __future__ import annotations
 
 import copy
+import heapq
+import itertools
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -166,6 +171,10 @@ class Scheduler:
         # until then, whoever it left waiting would be left waiting again (_may_start_waiting)
         self._queue_changed = False
         self._carried_failed: list[tuple[Request, Exception]] = []  # (plan_ahead's, for the next schedule)
+        # Fair share (_fair_order): the start number of each client's latest start, for the clients with
+        # requests waiting or running (a client that had none starts fresh, first among its equals)
+        self._starts = 0
+        self._client_turns: dict[str | None, int] = {}
 
     # ---- submit-time checks -------------------------------------------------------------------
     def add(self, spec, params, stream) -> Request:
@@ -589,14 +598,61 @@ class Scheduler:
 
     # ---- internals -----------------------------------------------------------------------------
     def _start_waiting(self, plan: StepPlan) -> None:
-        """Start waiting requests in rank order; around a head waiting for KV, backfill (module
-        docstring). Each request left waiting counts the later ones that started before it (aging)."""
+        """Start waiting requests in rank order, client by client within a class under the fair share
+        (`_fair_order`); around a head waiting for KV, backfill (module docstring). Each request left
+        waiting counts the later ones that started before it (aging), but for those of its class the
+        fair share put ahead of it: the order among clients is the policy, not a pass-over (aging is
+        what keeps a class's requests from starving behind the first class)."""
         self.waiting.sort(key=Request.rank_key)
+        if self.config.fair_share:
+            self._fair_order()
+        position = {req.id: i for i, req in enumerate(self.waiting)}
         started: list[Request] = []
         self._start_in_order(plan, started)
+        if started and self.config.fair_share:
+            for req in started:
+                self._starts += 1
+                self._client_turns[req.spec.client] = self._starts
+            if len(self._client_turns) > 2 * (len(self.waiting) + len(self.running)) + 16:
+                present = {req.spec.client for req in self.waiting} | {req.spec.client for req in self.running}
+                self._client_turns = {c: turn for c, turn in self._client_turns.items() if c in present}
         if started:  # (most steps start nobody: no walk over the queue then)
+            last = len(position)  # (a request preempted meanwhile was not in the order: as if last)
             for req in self.waiting:
-                req.passed_over += sum(1 for r in started if r.order > req.order)
+                mine = position.get(req.id, last)
+                req.passed_over += sum(1 for r in started if r.order > req.order and not (
+                    r.rank_class is req.rank_class and position.get(r.id, last) < mine))
+
+    def _fair_order(self) -> None:
+        """Reorder the (rank-ordered) waiting queue client by client within each rank class
+        (EngineConfig.fair_share): repeatedly the next request of the client holding the fewest running
+        slots, counting those it would take by starting ahead of the rest; among equals the client whose
+        latest start is oldest (round robin; a client not seen lately counts as never started), then
+        rank order; FCFS within a client. A client with nothing running goes
+        first, however many requests other clients have queued; clients queuing many requests take
+        turns. One client (or only anonymous requests) keeps the rank order."""
+        if len({req.spec.client for req in self.waiting}) < 2:
+            return
+        held = Counter(req.spec.client for req in self.running)
+        last_start = dict(self._client_turns)
+        starts = self._starts
+        order: list[Request] = []
+        for _, group in itertools.groupby(self.waiting, key=lambda req: req.rank_class):
+            queues: dict[str | None, deque[tuple[int, Request]]] = {}
+            for i, req in enumerate(group):
+                queues.setdefault(req.spec.client, deque()).append((i, req))
+            # (slots held, its latest start, rank of its next request, client): ranks are unique
+            turns = [(held[client], last_start.get(client, 0), queue[0][0], client) for client, queue in queues.items()]
+            heapq.heapify(turns)
+            while turns:
+                slots, _, _, client = heapq.heappop(turns)
+                queue = queues[client]
+                order.append(queue.popleft()[1])
+                starts += 1
+                held[client], last_start[client] = slots + 1, starts
+                if queue:
+                    heapq.heappush(turns, (slots + 1, starts, queue[0][0], client))
+        self.waiting[:] = order
 
     def _start_in_order(self, plan: StepPlan, started_now: list[Request]) -> None:
         """The waiting requests (in rank order) that can start now, moved to running and to `started_now`."""

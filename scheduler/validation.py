@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 
 from decoding.api import DecodeParamError
-from scheduler.api import MAX_TIME_MS, GenerationRequest, InvalidRequestError, Mode, Priority
+from scheduler.api import MAX_CLIENT_CHARS, MAX_TIME_MS, GenerationRequest, InvalidRequestError, Mode, Priority
 
 
 def _token_list(value, field_name: str, vocab_size: int | None, *, allow_empty: bool) -> None:
@@ -37,6 +37,9 @@ def validate_request(spec: GenerationRequest, vocab_size: int | None, max_stop_s
         raise InvalidRequestError("stop", "must be a list of non-empty strings")
     if len(stop) > max_stop_strings:
         raise InvalidRequestError("stop", f"has {len(stop)} strings; give at most {max_stop_strings}")
+    if spec.client is not None and (not isinstance(spec.client, str) or len(spec.client) > MAX_CLIENT_CHARS):
+        raise InvalidRequestError("client", f"must be a string of at most {MAX_CLIENT_CHARS} characters or None "
+                                  f"(who sent the request, for the fair share), got {spec.client!r:.80}")
     if not isinstance(spec.healed, str) or spec.healed.strip(" \t"):
         raise InvalidRequestError("healed", f"must be spaces and tabs only (the prompt's trailing blanks), got {spec.healed!r}")
     cap = spec.max_tokens

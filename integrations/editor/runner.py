@@ -43,6 +43,9 @@ class CompletionJob:
     # Requests with the same key go to the same engine replica (integrations/serve_router.py): the
     # editor protocol sets the document URI, so every keystroke of a file finds its prefix cached.
     affinity_key: str | None = None
+    # The engine's fair-share key (scheduler.api.GenerationRequest.client): the editor protocol sets its
+    # connection's, so one editor's many completions do not queue another editor's behind them.
+    client: str | None = None
     # The client set no length (max_tokens, n_predict, gaps): a candidate whose gap the engine's KV cache
     # cannot hold is shrunk to what it holds, as an unset max_tokens is (scheduler.api.GenerationRequest);
     # a length the client set is refused instead, naming it.
@@ -78,6 +81,7 @@ class CompletionJob:
                 suffix_ids=list(self.prompt.suffix_ids) if self.prompt.suffix_ids else None,
                 max_tokens=self.max_tokens,
                 affinity_key=self.affinity_key,
+                client=self.client,
                 healed=self.prompt.healed,
                 fit_to_kv=self.fit_to_kv,
             )

@@ -171,6 +171,7 @@ class EditorSession:
             fit_to_kv=params.max_tokens is None and not params.gaps,
             sampling=sampling,
             affinity_key=f"editor:{params.uri}",
+            client=f"editor:{self.conn_id}",  # each connection its own share of the engine (fair share)
         )
 
     async def _run(self, msg_id, params: rpc.CompleteParams) -> None:

@@ -345,3 +345,22 @@ async def test_an_unset_length_lets_the_engine_shrink_a_gap_to_its_kv_cache(sess
     [[_, _, err, _]] = wire.responses(3)
     assert err is None
     assert fake_client.requests and all(r.fit_to_kv is shrinks for r in fake_client.requests)
+
+
+async def test_each_connection_is_its_own_client_of_the_engine(fake_client):  # noqa: F811
+    """The engine's fair share (scheduler.api.GenerationRequest.client) sees each editor connection as
+    one client: both candidates of a completion and every completion of a connection carry its key,
+    another connection another key."""
+    fake_client.script = {32: "total = a + b\n", 64: "total = a + b\n"}
+    one, other = EditorSession(fake_client, Wire().send), EditorSession(fake_client, Wire().send)
+    await one.handle_frame(rpc.encode_request(1, "complete", complete_params()))
+    await one.handle_frame(rpc.encode_request(2, "complete", complete_params(uri="file:///b.py")))
+    await other.handle_frame(rpc.encode_request(1, "complete", complete_params()))
+    await one.drain()
+    await other.drain()
+    by_client: dict = {}
+    for r in fake_client.requests:  # engine ids ed-<connection>-<n>-g<gap>
+        by_client.setdefault(r.client, set()).add(r.request_id.split("-")[1])
+    assert by_client == {f"editor:{one.conn_id}": {one.conn_id}, f"editor:{other.conn_id}": {other.conn_id}}
+    assert sorted(sum(r.client == f"editor:{s.conn_id}" for r in fake_client.requests) for s in (one, other)) == [2, 4]
+

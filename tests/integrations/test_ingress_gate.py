@@ -18,7 +18,7 @@ from test_editor_fakes import bpe_tokenizer  # noqa: F401 - fixture
 from integrations import openai_api
 from integrations.engine_client import EngineUnavailableError
 from integrations.openai_api import APISettings, create_app
-from scheduler.api import Delta, FinishReason, Mode, OverloadedError
+from scheduler.api import MAX_CLIENT_CHARS, Delta, FinishReason, Mode, OverloadedError
 
 
 class ScriptedClient:
@@ -355,6 +355,37 @@ async def test_prompt_cache_key_is_the_requests_affinity_key(bpe_tokenizer):  # 
             assert (await http.post("/v1/chat/completions", json=body | {"max_tokens": 4})).status_code == 200
         assert (await http.post("/v1/responses", json={"input": "hi", "prompt_cache_key": "conv-8"})).status_code == 200
     assert keys[0] == "conv-7" and keys[1] not in (None, "conv-7") and keys[2] == "conv-8"
+
+
+async def test_the_end_user_id_is_the_requests_fair_share_client(bpe_tokenizer):  # noqa: F811
+    """OpenAI's safety_identifier (or the older user), on chat, completions and the Responses API, and
+    Anthropic's metadata.user_id become the engine request's client (the scheduler's fair share,
+    scheduler.api.GenerationRequest.client); none is the anonymous client; a long id is digested to
+    fit the engine's bound, one id always to one key."""
+    client = ScriptedClient(bpe_tokenizer)
+    keys, stream = [], client.stream
+
+    def recording(req):
+        keys.append(req.client)
+        return stream(req)
+
+    client.stream = recording
+    app = _app(client)
+    messages = [{"role": "user", "content": "hi"}]
+    long_id = "u" * 300
+    async with _http(app) as http:
+        for route, body in (("chat/completions", {"messages": messages, "user": "ann"}),
+                            ("chat/completions", {"messages": messages, "safety_identifier": "bob", "user": "x"}),
+                            ("completions", {"prompt": "x", "user": "cy"}),
+                            ("completions", {"prompt": "x"}),
+                            ("responses", {"input": "hi", "safety_identifier": "dee", "max_output_tokens": 16}),
+                            ("messages", {"messages": messages, "metadata": {"user_id": "eve"}, "model": "scripted"}),
+                            ("completions", {"prompt": "x", "user": long_id}),
+                            ("completions", {"prompt": "x", "user": long_id})):
+            response = await http.post(f"/v1/{route}", json=({"max_tokens": 4} if route != "responses" else {}) | body)
+            assert response.status_code == 200, response.text
+    assert keys[:6] == ["user:ann", "user:bob", "user:cy", None, "user:dee", "user:eve"], keys
+    assert keys[6] == keys[7] and keys[6].startswith("user#") and len(keys[6]) <= MAX_CLIENT_CHARS
 
 
 async def test_latencies_count_from_arrival_reading_the_body_included(bpe_tokenizer):  # noqa: F811
