@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.websockets import WebSocketDisconnected
 
 from integrations.editor.llama_compat import InfillBody, compact_json, infill, infill_events, select_fields
 from integrations.editor.session import EditorSession
@@ -40,6 +41,9 @@ from scheduler.request_ids import in_flight_message
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+# What sending on a socket whose client has left raises (uvicorn's disconnect as starlette reports it;
+# a send after the close frame; the transport's own)
+CLIENT_GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)
 router.include_router(token_router)  # /tokenize, /detokenize, /apply-template, /props, /tokenizer_info
 # /completion's settings when the router runs without the OpenAI app (tests): its defaults
 _STANDALONE = SimpleNamespace(limits=RequestLimits(), default_max_tokens=256, completion_default_max_tokens=16,
@@ -59,7 +63,7 @@ async def editor_socket(websocket: WebSocket) -> None:
     gate = getattr(state, "gate", None)
     refusing = (lambda: gate.retry_after_s if gate.draining else None) if gate is not None else None
     session = EditorSession(state.engine_client, websocket.send_bytes, metrics=getattr(state, "metrics", None),
-                            refusing=refusing)
+                            refusing=refusing, gone=CLIENT_GONE)
     tasks = {asyncio.ensure_future(_read_frames(websocket, session))}
     if gate is not None:
         tasks.add(asyncio.ensure_future(_close_when_draining(websocket, session, gate)))

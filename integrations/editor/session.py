@@ -45,12 +45,15 @@ class EditorSession:
     """State of one WebSocket connection (see module docstring)."""
 
     def __init__(self, client, send: Send, limits: rpc.Limits | None = None, metrics=None,
-                 refusing: Callable[[], float | None] | None = None):
+                 refusing: Callable[[], float | None] | None = None, gone: tuple[type[BaseException], ...] = ()):
         """metrics: the ingress's APIMetrics (integrations/http_metrics.py), which counts accept/reject
         telemetry for the whole service; None (unit tests) counts only in `feedback`. refusing: while it
         returns a number (the ingress draining: its Retry-After in seconds), a new `complete` is answered
-        OVERLOADED at once, before it could supersede the completion in flight for its uri."""
+        OVERLOADED at once, before it could supersede the completion in flight for its uri. gone: the
+        exceptions `send` raises once the client has left (the transport's); the session then sends
+        nothing more (the transport's reader sees the disconnect and calls `close`)."""
         self.client = client
+        self._gone = gone
         self._refusing = refusing
         self.limits = limits or rpc.Limits()
         self.metrics = metrics
@@ -67,10 +70,18 @@ class EditorSession:
         self._background: set[asyncio.Task] = set()  # cancellation answers being sent
 
     async def send(self, frame: bytes) -> None:
+        """Send one frame, nothing once the connection is closed or the client has left (`gone`: the
+        answers of completions a client cancelled just before leaving were failed sends, each logged as
+        a task exception never retrieved)."""
         if self._closed:
             return
         async with self._send_lock:
-            await self._send(frame)
+            if self._closed:
+                return
+            try:
+                await self._send(frame)
+            except self._gone:
+                self._closed = True
 
     async def handle_frame(self, data: bytes | str | None) -> None:
         """Answer one frame; protocol errors become error responses, never exceptions."""

@@ -364,3 +364,34 @@ async def test_each_connection_is_its_own_client_of_the_engine(fake_client):  # 
     assert by_client == {f"editor:{one.conn_id}": {one.conn_id}, f"editor:{other.conn_id}": {other.conn_id}}
     assert sorted(sum(r.client == f"editor:{s.conn_id}" for r in fake_client.requests) for s in (one, other)) == [2, 4]
 
+
+async def test_a_client_that_left_is_sent_nothing_more(fake_client, wait_until):  # noqa: F811
+    """A client cancels two completions and leaves before their cancellation answers go out: the first
+    failed send (the transport's `gone` error) closes the session's sending, the other answer is not
+    attempted, and no send task fails (each was logged as a task exception never retrieved)."""
+    import asyncio
+
+    class Gone(Exception):
+        pass
+
+    fake_client.hold = threading.Event()  # both completions wait in the engine
+    attempts, left = [], False
+
+    async def send(frame: bytes) -> None:
+        if left:
+            attempts.append(frame)
+            raise Gone
+    s = EditorSession(fake_client, send, gone=(Gone,))
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params()))
+    await s.handle_frame(rpc.encode_request(2, "complete", complete_params(uri="file:///b.py")))
+    await wait_until(lambda: len(fake_client.requests) == 4, "both completions in the engine")
+    await s.handle_frame(rpc.encode_request(3, "cancel", {"id": 1}))
+    await s.handle_frame(rpc.encode_request(4, "cancel", {"id": 2}))
+    left = True
+    senders = list(s._background) + [e.task for e in s.inflight.values()]
+    await s.drain()
+    await asyncio.gather(*senders, return_exceptions=True)
+    assert len(attempts) == 1 and s._closed
+    assert all(t.cancelled() or t.exception() is None for t in senders)
+    await s.close()
+    fake_client.hold.set()
