@@ -17,6 +17,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected at least 0, got {value}")
+    return value
+
+
 def positive_ints(text: str) -> list[int]:
     """A comma-separated list of integers >= 1 ("1,8,32")."""
     return [positive_int(part) for part in text.split(",")]

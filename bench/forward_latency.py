@@ -9,6 +9,11 @@ read every weight once: weight bytes / memory bandwidth (measured with a large d
     OMP_NUM_THREADS=1 python bench/forward_latency.py --device cpu          # small float32 config
     python bench/forward_latency.py --device cuda                          # 8B-shaped bf16, random weights
     ... --append docs/benchmarks.md                                         # also append the table
+    ... --tokens 434 --context 1500 --beside 63 --beside-context 150       # a prompt chunk beside decode steps
+
+With --beside N the timed segment shares its step with N one-token decode steps of sequences holding
+--beside-context cached tokens (a chunked prefill beside running requests), and the table adds the same
+step attended whole (ModelRunner.group_attention off; workers.packing.attention_groups).
 
 Weights are random and built directly on the device (workers.model.random_model): the 8B shape is never
 allocated on the host.
@@ -28,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.bench_args import at_most, positive_int, positive_ints, torch_device  # noqa: E402
+from bench.bench_args import at_most, count, positive_int, positive_ints, torch_device  # noqa: E402
 
 from workers.batch import Reads, Segment  # noqa: E402
 from workers.loader import ModelConfig  # noqa: E402
@@ -82,17 +87,26 @@ def prefilled_session(runner: ModelRunner, context: int) -> RunnerSession:
     return session
 
 
-def time_forward(session: RunnerSession, context: int, n: int, repeats: int) -> list[float]:
-    """Seconds per execute() of an n-token dropped segment after `context` cached tokens."""
+def time_forward(session: RunnerSession, context: int, n: int, repeats: int, beside: list[Segment] = ()) -> list[float]:
+    """Seconds per execute() of an n-token dropped segment after `context` cached tokens (in one step
+    with the dropped segments `beside`)."""
     seg = Segment("bench", context, [7] * n, list(range(context, context + n)), 0, Reads(argmax=tuple(range(n))))
+    step = [seg, *beside]
     for _ in range(2):
-        session.execute([seg])  # warm-up
+        session.execute(step)  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        session.execute([seg])  # returns host values: already synchronised
+        session.execute(step)  # returns host values: already synchronised
         times.append(time.perf_counter() - start)
     return times
+
+
+def decodes_beside(session: RunnerSession, count: int, context: int) -> list[Segment]:
+    """`count` sequences holding `context` cached tokens each, and a dropped one-token decode step of each."""
+    for i in range(count):
+        session.execute([Segment(f"beside{i}", 0, [5] * context, list(range(context)), context)])
+    return [Segment(f"beside{i}", context, [7], [context], 0, Reads(argmax=(0,))) for i in range(count)]
 
 
 def machine(device: torch.device) -> str:
@@ -109,8 +123,10 @@ def run(args) -> str:
     model = random_model(cfg, dtype=dtype, device=device)
     max_tokens = max(args.tokens)
     runner = ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id,
-                                    num_blocks=(args.context + max_tokens) // 16 + 2)
+                                    num_blocks=(args.context + max_tokens) // 16 + 2
+                                    + args.beside * (args.beside_context // 16 + 2))
     session = prefilled_session(runner, args.context)
+    beside = decodes_beside(session, args.beside, args.beside_context)
     weight_bytes = weight_read_bytes(model)
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_bandwidth(device)
     floor_ms = weight_bytes / bandwidth * 1e3
@@ -127,11 +143,20 @@ def run(args) -> str:
         "| query tokens | median ms | min ms | floor ms | median / floor | query tokens / s |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
+    if beside:
+        lines[0] += (f" Beside the timed segment in each step: {args.beside} one-token decode steps at "
+                     f"{args.beside_context} cached tokens each.")
+        lines[-2] += " whole step median ms (no attention groups) |"
+        lines[-1] += "---:|"
     for n in args.tokens:
-        times = time_forward(session, args.context, n, args.repeats)
+        times = time_forward(session, args.context, n, args.repeats, beside)
         med = statistics.median(times) * 1e3
-        lines.append(f"| {n} | {med:.2f} | {min(times) * 1e3:.2f} | {floor_ms:.2f} | {med / floor_ms:.1f}x "
-                     f"| {n / med * 1e3:.0f} |")
+        row = f"| {n} | {med:.2f} | {min(times) * 1e3:.2f} | {floor_ms:.2f} | {med / floor_ms:.1f}x | {n / med * 1e3:.0f} |"
+        if beside:
+            runner.group_attention = False
+            row += f" {statistics.median(time_forward(session, args.context, n, args.repeats, beside)) * 1e3:.2f} |"
+            runner.group_attention = runner.attention == "sdpa"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -144,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="query tokens per timed forward, comma-separated (each 1-4096)")
     parser.add_argument("--context", type=at_most(32768), default=256, help="cached tokens (1-32768)")
     parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--beside", type=at_most(256, count), default=0,
+                        help="one-token decode steps sharing each timed step (0-256)")
+    parser.add_argument("--beside-context", type=at_most(32768), default=256, help="their cached tokens (1-32768)")
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)

@@ -35,6 +35,9 @@ Fields (one row per entry; "row" = packed token index):
                      read rows (indices into R) of those segments' argmax and sample rows, whose logits
                      the step keeps for the reads ModelRunner.finish_reads makes once their bitmasks are
                      known; padding: row 0
+    group_seqs       [B] only in steps split into attention groups (layout.attention_groups non-empty:
+                     `attention_groups`): the sequence indices, group after group (padding sequences
+                     in the last)
 Padding tokens are token 0 at position 0 of sequence 0 writing the scratch slot; padding read rows read
 row 0 greedily. Their outputs are never returned.
 """
@@ -85,6 +88,10 @@ class StepLayout:
     ranks: bool = False  # some segment with logprobs asks for ranks (Segment.ranks): reads fill the rank row
     bias_width: int = 0  # (token, bias) pairs per read row (0: no segment has Segment.logit_bias)
     deferred_reads: int = 0  # D: read rows whose logits the step keeps for reads made later (Segment.deferred_mask)
+    # Attention groups ((count, Qg, NBg), ...): the step's sequences in groups of similar query length,
+    # each attended at its own shapes (workers.attention.StepAttention), in the order of the group_seqs
+    # field; () = one group of every sequence at [B, Q, NB] (`attention_groups`)
+    attention_groups: tuple[tuple[int, int, int], ...] = ()
 
     def sizes(self) -> list[tuple[str, int]]:
         t, b, r = self.num_tokens, self.num_seqs, self.num_reads
@@ -93,7 +100,7 @@ class StepLayout:
                 + [("token_bitmask", r * self.mask_words)]
                 + [("bias_ids", r * self.bias_width), ("bias_values", r * self.bias_width),
                    ("bias_kind", r * self.bias_width), ("bias_penalty", r * 2 * (self.bias_width > 0)),
-                   ("deferred_rows", self.deferred_reads)])
+                   ("deferred_rows", self.deferred_reads), ("group_seqs", b * bool(self.attention_groups))])
 
     def offsets(self) -> dict[str, tuple[int, int]]:
         """Field -> (start, end) in the buffer."""
@@ -176,11 +183,14 @@ def _flat(lists: list, count: int, field: str, ids: list[str], owner: np.ndarray
 
 
 def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int, scratch_block: int,
-              pad: bool = True) -> PackedStep:
+              pad: bool = True, group_attention: bool = False) -> PackedStep:
     """Pack a step. Raises SegmentError for a value that does not fit int64 or a repeated seq_id; range
     checks against the model are `workers.validation.validate_step`'s. pad: shapes padded to buckets
     (what CUDA graphs and compiled layers key on); False: exact shapes (at least 1), for an eager step
-    on the CPU, where every padding row is computed (a 1-token step ran 16 rows through each layer)."""
+    on the CPU, where every padding row is computed (a 1-token step ran 16 rows through each layer).
+    group_attention: split a step whose query lengths differ widely into attention groups
+    (`attention_groups`; for workers.attention.StepAttention, which pads every sequence to the step's
+    longest query and context)."""
     if len(tables) != len(segments):
         raise ValueError(f"{len(segments)} segments but {len(tables)} block tables; give one table per segment")
     ids = [g.seq_id for g in segments]
@@ -210,6 +220,10 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
                        if g.reads.argmax or g.reads.sample), default=0)
     if len(kinds) and widest_bias:
         layout = dataclasses.replace(layout, bias_width=bucket(widest_bias, MIN_BIAS))
+    groups, group_order = attention_groups(seg["n"], -(-seg["ctx"] // block_size), layout, pad) if group_attention \
+        else ((), None)
+    if groups:
+        layout = dataclasses.replace(layout, attention_groups=groups)
     deferred = [i for i, g in enumerate(segments) if g.deferred_mask]
     if deferred and len(kinds):
         chosen = np.flatnonzero(np.isin(read_owner, deferred) & ((kinds == 0) | (kinds == 2)))
@@ -220,6 +234,8 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     if layout.deferred_reads:
         step.deferred = chosen
         step.view("deferred_rows")[:len(chosen)] = chosen  # (padding: row 0, whose kept logits go unread)
+    if groups:
+        step.view("group_seqs")[:] = group_order
     q_start = _fill_tokens(step, tokens, positions, run_lens, scratch_block)
     _fill_sequences(step, q_start, scratch_block)
     _fill_reads(step, q_start, rows, kinds, read_owner, prob_tokens)
@@ -229,6 +245,53 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     if layout.bias_width:
         _fill_bias(step, segments, kinds, read_owner, ids)
     return step
+
+
+MAX_GROUPS = 3  # attention groups per step (each is one more attention call per layer)
+GROUP_SPLIT = 4  # a sequence starts a new group when its query is this many times shorter than the group's
+GROUP_GAIN = 2  # groups are used only when they cut the attention's padded work at least this many times
+GROUP_MIN_PAIRS = 1 << 16  # and only in steps whose padded work is this many query-key pairs or more (in a
+# smaller step each group's few more kernels per layer would cost a GPU more than the work they save)
+
+
+def attention_groups(n: np.ndarray, ctx_blocks: np.ndarray, layout: StepLayout,
+                     pad: bool) -> tuple[tuple[tuple[int, int, int], ...], np.ndarray | None]:
+    """The step's attention groups and the sequence order they take (see StepLayout.attention_groups).
+
+    n, ctx_blocks [n_seg]: each sequence's query length and context blocks. The portable attention pads
+    every sequence to the step's longest query Q and context C = NB * block_size, so one 434-token
+    prompt chunk beside 63 one-token decode steps did 64 x 434 query rows of work over the longest
+    context instead of 434 + 63 (6.0 s for that step on the CPU instead of 0.14 s: docs/benchmarks.md).
+    Sequences sorted by query length, longest first, join the current group unless their query is
+    GROUP_SPLIT times shorter than its (then they open the next, at most MAX_GROUPS); each group is
+    padded to its own longest query and context (bucketed as the layout is when `pad`); padding
+    sequences join the last. Returns ((), None), one group of all, unless the step's padded work
+    (B x Q x (NB * block_size + Q) query-key pairs per head) is at least GROUP_MIN_PAIRS and the
+    groups' (count x Qg x (NBg * block_size + Qg) summed) GROUP_GAIN times smaller."""
+    bs = layout.block_size
+    whole = layout.num_seqs * layout.max_query * (layout.max_blocks * bs + layout.max_query)
+    if whole < GROUP_MIN_PAIRS:
+        return (), None
+    size = bucket if pad else (lambda count, minimum: max(count, 1))
+    if size(int(n.min()), MIN_QUERY) * GROUP_SPLIT > size(int(n.max()), MIN_QUERY):
+        return (), None  # (no query is GROUP_SPLIT times shorter than another: every decode step of a batch)
+    order = np.argsort(-n, kind="stable")
+    groups: list[list[int]] = []  # [count, Qg, NBg]
+    for seq in order:
+        q = size(int(n[seq]), MIN_QUERY)
+        if not groups or (len(groups) < MAX_GROUPS and q * GROUP_SPLIT <= groups[-1][1]):
+            groups.append([0, q, 0])
+        group = groups[-1]
+        group[0] += 1
+        group[2] = max(group[2], size(int(ctx_blocks[seq]), MIN_BLOCKS))
+    if len(groups) < 2:
+        return (), None
+    padding = layout.num_seqs - len(n)
+    groups[-1][0] += padding
+    grouped = sum(count * q * (nb * bs + q) for count, q, nb in groups)
+    if grouped * GROUP_GAIN > whole:
+        return (), None
+    return tuple(tuple(g) for g in groups), np.concatenate((order, np.arange(len(n), len(n) + padding)))
 
 
 def _layout(seg: dict, kinds: np.ndarray, read_owner: np.ndarray, block_size: int, mask_words: int,

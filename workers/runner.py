@@ -152,6 +152,10 @@ class ModelRunner:
         self.scratch_block = n
         self.step_fn = _step_function(cuda_graphs, self.device, attention, compile_layers)
         self.attention, self.compile_layers = attention, compile_layers
+        # Steps mixing widely different query lengths are split into attention groups for the portable
+        # attention, which pads every sequence to the step's longest query (workers.packing.attention_groups);
+        # the paged backends read the cache in place and need none
+        self.group_attention = attention == "sdpa"
         self._uploader = StepUploader(self.device)
         # (the last launched step's device values [rows, R], {seq_id: its first read row}): launch's feedback
         self._feedback_from: tuple[torch.Tensor, dict[str, int]] | None = None
@@ -213,7 +217,8 @@ class ModelRunner:
 
     def pack(self, segments: Sequence[Segment], block_tables: Sequence[list[int]]) -> PackedStep:
         """Pack and validate a step (host only). Raises SegmentError naming the culprit segment."""
-        step = pack_step(list(segments), list(block_tables), self.info.block_size, self.scratch_block, self.pad_steps)
+        step = pack_step(list(segments), list(block_tables), self.info.block_size, self.scratch_block, self.pad_steps,
+                         group_attention=self.group_attention)
         validate_step(step, [s.seq_id for s in segments], self.info.vocab_size, self.info.num_kv_blocks)
         return step
 

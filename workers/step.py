@@ -43,6 +43,7 @@ class StepArrays(NamedTuple):
     bias_ids: torch.Tensor  # [R, L] int64 (L = layout.bias_width; [R, 0] when no segment has a logit bias)
     bias_values: torch.Tensor  # [R, L] float64
     deferred_rows: torch.Tensor  # [D] read rows whose logits are kept (D = layout.deferred_reads, may be 0)
+    group_seqs: torch.Tensor  # [B] sequences in attention-group order ([0] without layout.attention_groups)
 
 
 def step_arrays(buffer: torch.Tensor, layout: StepLayout) -> StepArrays:

@@ -73,3 +73,13 @@ def test_forward_latency_refuses_sizes_past_what_a_run_holds(capsys):
         assert code.value.code == 2
         err = capsys.readouterr().err
         assert flag in err and "at most" in err, err
+
+
+def test_forward_latency_beside_decode_steps_reports_the_whole_step_too(capsys):
+    """--beside: the timed segment shares its step with decode steps, timed grouped and whole."""
+    assert forward_latency.main(["--device", "cpu", "--tokens", "64", "--context", "256", "--beside", "8",
+                                 "--beside-context", "32", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "8 one-token decode steps at 32 cached tokens each" in out and "no attention groups" in out
+    [row] = [line for line in out.splitlines() if line.startswith("| 64 |")]
+    assert len(row.split("|")) == 9 and all(float(x.strip(" x")) > 0 for x in row.split("|")[2:-1])

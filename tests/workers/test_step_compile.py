@@ -74,11 +74,12 @@ def _plan_step(session, mask_id: int) -> list:
     return segs
 
 
-def _run_both(session, segs):
+def _run_both(session, segs, group_attention: bool = False):
     runner = session.runner
     tables = session.tables.prepare(segs)
     # the bucketed shapes compiled steps and CUDA graphs run at (an eager CPU runner packs exact shapes)
-    step = pack_step(segs, tables, runner.info.block_size, runner.scratch_block, pad=True)
+    step = pack_step(segs, tables, runner.info.block_size, runner.scratch_block, pad=True,
+                     group_attention=group_attention)
     buffer = torch.from_numpy(step.buffer)
     kv_eager, kv_compiled = copy.deepcopy(runner.kv), copy.deepcopy(runner.kv)
     compiled = torch.compile(step_forward, fullgraph=True, dynamic=False)
@@ -103,13 +104,22 @@ def _masked(segs: list) -> list:
     return [dataclasses.replace(g, ranks=True) if i == 1 else g for i, g in enumerate(segs)]
 
 
-@pytest.mark.parametrize("shape", ["decode", "decode_masked", "plan"])
-def test_step_compiles_fullgraph_and_matches_eager(session, shape):
+@pytest.mark.parametrize("shape", ["decode", "decode_masked", "plan", "plan_grouped"])
+def test_step_compiles_fullgraph_and_matches_eager(session, shape, monkeypatch):
+    """plan_grouped: the plan step split into attention groups (workers.packing.attention_groups; its
+    thresholds lifted for a step this small): one graph too, no host sync."""
     torch._dynamo.reset()
-    segs = _plan_step(session, session.info.mask_token_id) if shape == "plan" else _decode_step(session)
+    grouped = shape == "plan_grouped"
+    monkeypatch.setattr("workers.packing.GROUP_MIN_PAIRS", 0)
+    monkeypatch.setattr("workers.packing.GROUP_GAIN", 1)
+    segs = _plan_step(session, session.info.mask_token_id) if shape.startswith("plan") else _decode_step(session)
     segs = _masked(segs) if shape == "decode_masked" else segs
-    step, (values, logits, kept), (values_c, logits_c, kept_c), kv_eager, kv_compiled = _run_both(session, segs)
+    step, (values, logits, kept), (values_c, logits_c, kept_c), kv_eager, kv_compiled = _run_both(session, segs,
+                                                                                                    grouped)
     lay = step.layout
+    assert lay.attention_groups == (((4, 16, 4), (4, 4, 4)) if grouped else ())
+    if grouped:
+        shape = "plan"
     assert (lay.num_tokens, lay.num_seqs, lay.max_query, lay.num_reads) == (
         (64, 8, 16, 32) if shape == "plan" else (16, 8, 1, 8))
     assert lay.needs_noise and lay.needs_sort == (shape != "plan")
