@@ -4,7 +4,8 @@ Parts (`--parts`: default all, in this order; given, in the order given; each on
 and the next one runs):
     gpu_tests    `pytest tests/gpu` in a subprocess: pass / fail / skip counts (on CPU: skipped, no CUDA)
     forward      bench/forward_latency.py's measurement at 1/8/32/128 query tokens vs the weight-read floor
-                 (and one token after --long-context cached tokens),
+                 (and one token after --long-context cached tokens; for sdpa variants, one step of a
+                 prompt chunk beside decode steps, --mixed-step, with attention groups and whole),
                  per runner variant (--forward-variants): eager (sdpa attention), paged (the Triton kernel
                  that reads the paged cache in place, workers/attention_paged.py), flex (flex_attention
                  over the paged cache, workers/attention_flex.py), graphs (cuda_graphs, workers/graphs.py),
@@ -98,12 +99,14 @@ PART_NAMES = ("gpu_tests", "forward", "attention", "engine", "baselines", "concu
 # Per device type: defaults of the options left unset (the CPU ones make the dry run).
 DEFAULTS = {
     "cuda": {"config": "8b", "forward_tokens": [1, 8, 32, 128], "context": 256, "long_context": 4096, "repeats": 10,
+             "mixed_step": [434, 1500, 63, 150],
              "levels": [1, 8, 32],
              # flex and graphs alone were measured on 2026-12-04 (docs/benchmarks.md); flex+graphs variants are
              # left out: flex compiles once per layout, so start-up capture takes minutes
              "forward_variants": ["eager", "paged", "compiled+graphs", "paged+compiled+graphs"],
              "gen_length": 128, "concurrency_args": "--levels 1,8,32 --rounds 1 --requests 8 --gen-length 64"},
     "cpu": {"config": "tiny", "forward_tokens": [1, 8], "context": 32, "long_context": 64, "repeats": 3,
+            "mixed_step": [64, 256, 15, 16],
             "levels": [1, 2],
             "forward_variants": ["eager", "flex"],
             "gen_length": 32, "concurrency_args": "--levels 1,2 --rounds 1 --requests 2 --gen-length 64 "
@@ -266,6 +269,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--long-context", type=int,
                         help="cached tokens before one more 1-token forward per variant, an editor's long file "
                              "(default 4096 on CUDA, 64 on CPU; 0 leaves it out)")
+    parser.add_argument("--mixed-step", type=_ints,
+                        help="CHUNK,CONTEXT,DECODES,DECODE_CONTEXT: one more forward per sdpa variant, a CHUNK-token "
+                             "prompt chunk after CONTEXT cached tokens beside DECODES one-token decode steps at "
+                             "DECODE_CONTEXT, with attention groups and whole (default 434,1500,63,150 on CUDA, "
+                             "64,256,15,16 on CPU; 0 leaves it out)")
     parser.add_argument("--forward-variants", type=lambda s: s.split(","),
                         help="runner variants of the forward part: eager, flex (attention), graphs (cuda_graphs), "
                              "compiled (compile_layers) and the combinations in gpu_check_parts.FORWARD_VARIANTS "
@@ -293,6 +301,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--engine-variant {args.engine_variant}: choose fastest or one of {','.join(FORWARD_VARIANTS)}")
     if unknown := set(args.forward_variants) - set(FORWARD_VARIANTS):
         parser.error(f"unknown forward variants {sorted(unknown)}; choose from {','.join(FORWARD_VARIANTS)}")
+    if args.mixed_step != [0] and (len(args.mixed_step) != 4 or min(args.mixed_step) < 1):
+        parser.error(f"--mixed-step {','.join(map(str, args.mixed_step))}: give four positive numbers "
+                     "CHUNK,CONTEXT,DECODES,DECODE_CONTEXT, or 0")
     if args.gen_length % 32:
         parser.error(f"--gen-length {args.gen_length}: use a multiple of 32 (slot size 8, 4 serial blocks)")
     if args.device == "cpu" and args.config == "8b":

@@ -197,12 +197,36 @@ def part_forward(bench: Workbench) -> tuple[dict, list[Row]]:
     return results, rows
 
 
+def _mixed_step(runner: ModelRunner, mixed: list[int], repeats: int) -> tuple[dict, Row]:
+    """One step of a `chunk`-token prompt chunk after `context` cached tokens beside `count` one-token
+    decode steps at `decode_context` (chunked prefill beside running requests), timed with attention
+    groups (workers.packing.attention_groups) and whole: median ms each."""
+    chunk, context, count, decode_context = mixed
+    session = forward_latency.prefilled_session(runner, context)
+    beside = forward_latency.decodes_beside(session, count, decode_context)
+    try:
+        grouped = statistics.median(forward_latency.time_forward(session, context, chunk, repeats, beside)) * 1e3
+        runner.group_attention = False
+        whole = statistics.median(forward_latency.time_forward(session, context, chunk, repeats, beside)) * 1e3
+    finally:
+        runner.group_attention = True
+        for seq in ["bench"] + [seg.seq_id for seg in beside]:
+            session.free(seq)
+    return ({"chunk": chunk, "context": context, "decodes": count, "decode_context": decode_context,
+             "grouped_ms": grouped, "whole_ms": whole},
+            Row(f"forward, a {chunk}-token prompt chunk beside {count} decode steps",
+                f"{grouped:.2f} ms with attention groups, {whole:.2f} ms whole"))
+
+
 def _forward_variant(bench: Workbench, options: dict, floor_ms: float) -> tuple[dict, list[Row]]:
     args, model = bench.args, bench.model()
     context, tokens, long_context = args.context, args.forward_tokens, args.long_context
     start = time.perf_counter()
+    mixed = args.mixed_step if args.mixed_step != [0] else None
+    mixed_blocks = (mixed[0] + mixed[1]) // 16 + 2 + mixed[2] * (mixed[3] // 16 + 2) if mixed else 0
     runner = ModelRunner.from_model(model, mask_token_id=bench.cfg.mask_token_id,
-                                    num_blocks=(max(context, long_context) + max(tokens)) // 16 + 2, **options)
+                                    num_blocks=(max(context, long_context) + max(tokens)) // 16 + 2 + mixed_blocks,
+                                    **options)
     results, rows = {"options": options, "tokens": {}, "build_s": time.perf_counter() - start}, []
     session = forward_latency.prefilled_session(runner, context)
     for n in tokens:
@@ -221,12 +245,16 @@ def _forward_variant(bench: Workbench, options: dict, floor_ms: float) -> tuple[
                         f"<= {target}x floor" if target else "-", ratio <= target if target else None))
     if long_context and bench.time_left() > 0:  # one decode row at an editor's long file (context splits)
         session.free("bench")
-        times = forward_latency.time_forward(forward_latency.prefilled_session(runner, long_context), long_context,
-                                             1, args.repeats)
+        session = forward_latency.prefilled_session(runner, long_context)
+        times = forward_latency.time_forward(session, long_context, 1, args.repeats)
         med = statistics.median(times) * 1e3
         results["long_context"] = {"context": long_context, "median_ms": med, "over_floor": med / floor_ms}
         rows.append(Row(f"forward batch 1, 1 query token after {long_context} cached tokens",
                         f"{med:.2f} ms = {med / floor_ms:.2f}x floor"))
+    session.free("bench")
+    if mixed and runner.group_attention and bench.time_left() > 0:
+        results["mixed_step"], row = _mixed_step(runner, mixed, args.repeats)
+        rows.append(row)
     rows.append(Row("runner build (start-up graph capture) / warm-ups (compiles)",
                     f"{results['build_s']:.1f} s / {sum(results.get('warmup_s', {}).values()):.1f} s"))
     graphs = runner.stats().get("cuda_graphs")

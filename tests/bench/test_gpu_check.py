@@ -38,6 +38,9 @@ def test_cpu_dry_run_reports_every_part_with_numbers(tmp_path):
         assert set(variant["tokens"]) == {"1", "8"}
         assert all(t["median_ms"] > 0 and t["over_floor"] > 0 for t in variant["tokens"].values())
         assert variant["long_context"]["context"] == 64 and variant["long_context"]["median_ms"] > 0
+    mixed = forward["variants"]["eager"]["mixed_step"]  # (sdpa only: flex reads the cache in place)
+    assert mixed["chunk"] == 64 and mixed["decodes"] == 15 and mixed["grouped_ms"] > 0 and mixed["whole_ms"] > 0
+    assert "mixed_step" not in forward["variants"]["flex"]
     # engine and baselines run on the forward variant with the lowest summed medians of this run
     sums = {name: sum(t["median_ms"] for t in v["tokens"].values()) for name, v in forward["variants"].items()}
     assert report["machine"]["engine_variant"] == min(sums, key=sums.get)
