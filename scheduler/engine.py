@@ -236,6 +236,8 @@ class Engine:
             "max_running": self.config.max_running,
             "max_queue": self.config.max_queue,
             "token_budget": self.config.token_budget,
+            "fair_share": self.config.fair_share,
+            "clients": self.scheduler.client_load(),
             "forwards": self.forwards,
             "kv_blocks_total": blocks.num_total,
             "kv_blocks_free": blocks.num_free,

@@ -293,6 +293,13 @@ class Scheduler:
         if not req.in_flight and req.decoder is not None:
             self.kv.free(req)
 
+    def client_load(self) -> dict:
+        """For /v1/engine: distinct clients (GenerationRequest.client; the anonymous one counts once) with
+        requests running and waiting, and the most running slots one client holds."""
+        held = Counter(req.spec.client for req in self.running)
+        return {"running": len(held), "waiting": len({req.spec.client for req in self.waiting}),
+                "most_slots": max(held.values(), default=0)}
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -45,6 +45,7 @@ async def test_a_client_with_nothing_running_starts_before_another_clients_queue
         await wait_until(gate.entered.is_set, "A's first forward")  # a0 and a1 run; a2..a5 wait
         tasks.append(asyncio.create_task(collect(engine, req("b0", "B"))))
         await wait_until(lambda: len(engine.scheduler.waiting) == 5, "b0 queued behind a2..a5")
+        assert engine.stats()["clients"] == {"running": 1, "waiting": 2, "most_slots": 2}
     finally:
         gate.release()
     results = await asyncio.gather(*tasks)
