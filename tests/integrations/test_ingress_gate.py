@@ -336,19 +336,24 @@ async def test_a_streamed_completion_ends_with_the_refusion_block(bpe_tokenizer)
     assert not any("refusion" in c for c in chunks[:-1])
 
 
+def _recording_app(tokenizer, field: str):
+    """The app over a ScriptedClient, and the list its engine requests' `field` values are recorded in."""
+    client = ScriptedClient(tokenizer)
+    values, stream = [], client.stream
+
+    def recording(req):
+        values.append(getattr(req, field))
+        return stream(req)
+
+    client.stream = recording
+    return _app(client), values
+
+
 async def test_prompt_cache_key_is_the_requests_affinity_key(bpe_tokenizer):  # noqa: F811
     """OpenAI's prompt_cache_key (chat, and the Responses API's) becomes the engine request's affinity key,
     which the serve router sends to one replica (integrations/serve_router.py); without it, the
     conversation's key."""
-    client = ScriptedClient(bpe_tokenizer)
-    keys, stream = [], client.stream
-
-    def recording(req):
-        keys.append(req.affinity_key)
-        return stream(req)
-
-    client.stream = recording
-    app = _app(client)
+    app, keys = _recording_app(bpe_tokenizer, "affinity_key")
     messages = [{"role": "user", "content": "hi"}]
     async with _http(app) as http:
         for body in ({"messages": messages, "prompt_cache_key": "conv-7"}, {"messages": messages}):
@@ -362,15 +367,7 @@ async def test_the_end_user_id_is_the_requests_fair_share_client(bpe_tokenizer):
     Anthropic's metadata.user_id become the engine request's client (the scheduler's fair share,
     scheduler.api.GenerationRequest.client); none is the anonymous client; a long id is digested to
     fit the engine's bound, one id always to one key."""
-    client = ScriptedClient(bpe_tokenizer)
-    keys, stream = [], client.stream
-
-    def recording(req):
-        keys.append(req.client)
-        return stream(req)
-
-    client.stream = recording
-    app = _app(client)
+    app, keys = _recording_app(bpe_tokenizer, "client")
     messages = [{"role": "user", "content": "hi"}]
     long_id = "u" * 300
     async with _http(app) as http:
