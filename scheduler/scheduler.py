@@ -613,7 +613,7 @@ class Scheduler:
         self.waiting.sort(key=Request.rank_key)
         if self.config.fair_share:
             self._fair_order()
-        position = {req.id: i for i, req in enumerate(self.waiting)}
+        ranked = list(self.waiting)  # (the order walked, for the pass-over counts below)
         started: list[Request] = []
         self._start_in_order(plan, started)
         if started and self.config.fair_share:
@@ -624,6 +624,7 @@ class Scheduler:
                 present = {req.spec.client for req in self.waiting} | {req.spec.client for req in self.running}
                 self._client_turns = {c: turn for c, turn in self._client_turns.items() if c in present}
         if started:  # (most steps start nobody: no walk over the queue then)
+            position = {req.id: i for i, req in enumerate(ranked)}
             last = len(position)  # (a request preempted meanwhile was not in the order: as if last)
             for req in self.waiting:
                 mine = position.get(req.id, last)
@@ -635,9 +636,9 @@ class Scheduler:
         (EngineConfig.fair_share): repeatedly the next request of the client holding the fewest running
         slots, counting those it would take by starting ahead of the rest; among equals the client whose
         latest start is oldest (round robin; a client not seen lately counts as never started), then
-        rank order; FCFS within a client. A client with nothing running goes
-        first, however many requests other clients have queued; clients queuing many requests take
-        turns. One client (or only anonymous requests) keeps the rank order."""
+        rank order; FCFS within a client. A client with nothing running goes first, however many
+        requests other clients have queued; clients queuing many requests take turns. One client (or
+        only anonymous requests) keeps the rank order."""
         if len({req.spec.client for req in self.waiting}) < 2:
             return
         held = Counter(req.spec.client for req in self.running)
