@@ -393,3 +393,56 @@ def test_paged_attention_splits_a_long_context_on_cuda(tiny_model_dir, monkeypat
     for a, b in zip(got["sdpa"], got["paged"]):
         assert (result_logits(a) - result_logits(b)).abs().max() < 1e-3
     assert max(n for n, _ in seen) >= 3, seen  # 1,008-1,024 keys of context capacity: 3-4 splits of 256+
+
+
+def _grouped_step(tiny_model_dir, monkeypatch):
+    """A 40-token prompt chunk after 40 cached tokens beside three one-token decode steps, packed in
+    attention groups (workers.packing.attention_groups; the size threshold lifted for this small step)."""
+    from workers import packing
+
+    monkeypatch.setattr(packing, "GROUP_MIN_PAIRS", 0)
+    runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=64, **EAGER)
+    session = RunnerSession(runner)
+    session.execute([segment("long", 0, list(range(5, 45)), reads=Reads())]
+                    + [segment(s, 0, [20 + i, 21 + i, 22 + i], reads=Reads()) for i, s in enumerate("abc")])
+    segs = [segment("a", 3, [50], reads=Reads(argmax=(0,))), segment("long", 40, list(range(60, 100))),
+            segment("b", 3, [51], reads=Reads(argmax=(0,))), segment("c", 3, [52], reads=Reads(argmax=(0,)))]
+    tables = session.tables.prepare(segs)
+    grouped = runner.pack(segs, tables)
+    assert len(grouped.layout.attention_groups) == 2, grouped.layout
+    runner.group_attention = False
+    whole = runner.pack(segs, tables)
+    assert not whole.layout.attention_groups
+    return runner, grouped, whole
+
+
+def test_attention_groups_on_cuda_equal_the_whole_step_without_a_sync_and_replay(tiny_model_dir, monkeypatch):
+    """The grouped step equals the same step attended whole (logits, K/V), syncs nothing with the host,
+    and replays from a CUDA graph with the eager results."""
+    runner, grouped, whole = _grouped_step(tiny_model_dir, monkeypatch)
+    kv_whole, kv_grouped, kv_graph = (copy.deepcopy(runner.kv) for _ in range(3))
+    g_buffer, w_buffer = torch.from_numpy(grouped.buffer).cuda(), torch.from_numpy(whole.buffer).cuda()
+    with torch.inference_mode():
+        _, logits_whole, _ = step_forward(runner.model, kv_whole, w_buffer, whole.layout)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            values, logits, _ = step_forward(runner.model, kv_grouped, g_buffer, grouped.layout)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step_forward(runner.model, copy.deepcopy(runner.kv), g_buffer, grouped.layout)  # warm-up
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured, _, _ = step_forward(runner.model, kv_graph, g_buffer, grouped.layout)
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(logits, logits_whole, rtol=1e-3, atol=1e-3)
+    r = grouped.num_reads
+    assert torch.equal(captured[0, :r], values[0, :r])
+    for a, b, c in zip(kv_grouped.k + kv_grouped.v, kv_whole.k + kv_whole.v, kv_graph.k + kv_graph.v):
+        torch.testing.assert_close(a[:-1], b[:-1], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(c[:-1], a[:-1])
