@@ -216,6 +216,8 @@ class Scheduler:
             raise InvalidRequestError("gen_length", f"{need}; lower gen_length (at most {fitted.gen_length} fits with "
                                       f"slot_size {fitted.slot_size} and serial_num_blocks {fitted.serial_num_blocks})")
         self._check_queue_room(spec.priority)
+        if self.config.fair_share:
+            self._check_client_share(spec)
         self._arrivals += 1
         req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
                       aged_after=self.config.aging_after)
@@ -246,6 +248,22 @@ class Scheduler:
                 f"slots{past}); retry later",
                 retry_after_s=self.retry_after_s(),
             )
+
+    def _check_client_share(self, spec) -> None:
+        """Raise OverloadedError when the request's client (GenerationRequest.client) already has half
+        the queue's room (max_queue + free running slots) waiting in the request's priority class while
+        another client has requests in the engine: one client's flood leaves the other half of the queue
+        to the others, whose requests would otherwise be refused while the flood waits (the fair share
+        orders the queue; this bounds a client's part of it). A client alone may fill the queue."""
+        bound = self.config.max_queue + max(0, self.config.max_running - len(self.running))
+        mine = sum(1 for r in self.waiting if r.spec.client == spec.client and r.priority is spec.priority)
+        if 2 * mine < bound or all(r.spec.client == spec.client for r in itertools.chain(self.waiting, self.running)):
+            return
+        who = "requests without a user id (one client)" if spec.client is None else "this client"
+        raise OverloadedError(
+            f"engine overloaded for this client: {who} already has {mine} requests waiting, half the queue's "
+            f"room ({bound}: max_queue {self.config.max_queue} + free running slots), while other clients' "
+            f"requests wait or run; retry later", retry_after_s=self.retry_after_s())
 
     def _fit_to_kv(self, spec, params, capacity: int, one_block: bool = False):
         """A copy of `params` with the largest gen_length whose KV fits `capacity` blocks, at least

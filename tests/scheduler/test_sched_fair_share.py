@@ -103,3 +103,60 @@ async def test_a_bad_client_key_is_refused_naming_it(client):
         assert err.value.field == "client" and "256 characters" in str(err.value)
     finally:
         await engine.stop()
+
+
+@pytest.mark.parametrize("fair_share", [True, False])
+async def test_one_clients_flood_leaves_half_the_queue_to_the_others(wait_until, fair_share):
+    """max_queue 4, one running slot (held): A's flood may take half the queue's room (2 waiting) while
+    B has a request in the engine; A's next is refused (OverloadedError naming why), B's and C's still
+    queue. Alone, a client may fill the whole queue. Without the fair share A filled the queue and B's
+    and C's requests were refused."""
+    from scheduler.api import OverloadedError
+
+    runner = FakeRunner()
+    engine, _ = make_engine(runner=runner, prefix_cache=False, max_running=1, max_queue=4, fair_share=fair_share)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    sched = engine.scheduler
+
+    async def submit(r):
+        return await engine.submit(r).__anext__()  # admission errors raise here
+
+    tasks = [asyncio.create_task(collect(engine, req("b0", "B")))]
+    try:
+        await wait_until(gate.entered.is_set, "b0 runs")
+        for k in range(2):
+            tasks.append(asyncio.create_task(collect(engine, req(f"a{k}", "A"))))
+        await wait_until(lambda: len(sched.waiting) == 2, "a0, a1 waiting")
+        if fair_share:
+            with pytest.raises(OverloadedError, match="half the queue's room"):
+                await submit(req("a2", "A"))
+            tasks += [asyncio.create_task(collect(engine, req(r, r[0].upper()))) for r in ("b1", "c0")]
+            await wait_until(lambda: len(sched.waiting) == 4, "b1 and c0 queued")
+        else:
+            tasks += [asyncio.create_task(collect(engine, req(f"a{k}", "A"))) for k in (2, 3)]
+            await wait_until(lambda: len(sched.waiting) == 4, "a2, a3 queued")
+            with pytest.raises(OverloadedError, match="engine overloaded"):
+                await submit(req("c0", "C"))
+    finally:
+        gate.release()
+    results = await asyncio.gather(*tasks)
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
+    await engine.stop()
+
+
+async def test_a_client_alone_may_fill_the_queue(wait_until):
+    runner = FakeRunner()
+    engine, _ = make_engine(runner=runner, prefix_cache=False, max_running=1, max_queue=4)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    tasks = [asyncio.create_task(collect(engine, req(f"a{k}", "A"))) for k in range(5)]
+    try:
+        await wait_until(lambda: len(engine.scheduler.waiting) == 4, "a1..a4 queued")
+    finally:
+        gate.release()
+    results = await asyncio.gather(*tasks)
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
+    await engine.stop()
