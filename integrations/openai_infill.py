@@ -18,7 +18,7 @@ from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion
 from integrations.editor.protocol import Limits
 from integrations.http_errors import APIError, from_engine_error
-from integrations.request_limits import InputError, off_loop
+from integrations.request_limits import InputError, client_key, off_loop
 from scheduler.api import Delta, EngineError, FinishReason, Mode
 
 _TEXT_LIMIT = Limits().max_text_chars  # characters of prompt and of suffix, as in the editor protocol
@@ -68,6 +68,7 @@ async def infill_job(client, request_id: str, body, decode_params: dict) -> Comp
         max_tokens=body.max_tokens,
         fit_to_kv=body.max_tokens is None,
         sampling={k: v for k, v in decode_params.items() if k not in _SPAN_PARAMS},
+        client=client_key(body.user),  # (the fair share's client, as a completion without suffix)
     )
 
 

@@ -363,7 +363,8 @@ async def test_prompt_cache_key_is_the_requests_affinity_key(bpe_tokenizer):  # 
 
 
 async def test_the_end_user_id_is_the_requests_fair_share_client(bpe_tokenizer):  # noqa: F811
-    """OpenAI's safety_identifier (or the older user), on chat, completions and the Responses API, and
+    """OpenAI's safety_identifier (or the older user), on chat, completions (with a suffix too) and the
+    Responses API, and
     Anthropic's metadata.user_id become the engine request's client (the scheduler's fair share,
     scheduler.api.GenerationRequest.client); none is the anonymous client; a long id is digested to
     fit the engine's bound, one id always to one key."""
@@ -375,12 +376,16 @@ async def test_the_end_user_id_is_the_requests_fair_share_client(bpe_tokenizer):
                             ("chat/completions", {"messages": messages, "safety_identifier": "bob", "user": "x"}),
                             ("completions", {"prompt": "x", "user": "cy"}),
                             ("completions", {"prompt": "x"}),
+                            ("completions", {"prompt": "def f(", "suffix": "\n", "user": "fim"}),
                             ("responses", {"input": "hi", "safety_identifier": "dee", "max_output_tokens": 16}),
                             ("messages", {"messages": messages, "metadata": {"user_id": "eve"}, "model": "scripted"}),
                             ("completions", {"prompt": "x", "user": long_id}),
                             ("completions", {"prompt": "x", "user": long_id})):
             response = await http.post(f"/v1/{route}", json=({"max_tokens": 4} if route != "responses" else {}) | body)
             assert response.status_code == 200, response.text
+    fim = keys[4:-4]  # (a completion with suffix: its gap candidates, each one engine request)
+    assert fim and set(fim) == {"user:fim"}, keys
+    keys = keys[:4] + keys[-4:]
     assert keys[:6] == ["user:ann", "user:bob", "user:cy", None, "user:dee", "user:eve"], keys
     assert keys[6] == keys[7] and keys[6].startswith("user#") and len(keys[6]) <= MAX_CLIENT_CHARS
 
