@@ -145,8 +145,9 @@ class EngineConfig:
         classes (a BATCH request waits for as long as INTERACTIVE requests keep coming, as vLLM's
         priority scheduling). bench/editor_latency.py --no-aging measures the trade.
     fair_share: waiting requests of one priority class start client by client (GenerationRequest.client):
-        the client holding the fewest running slots first, FCFS among equals and within a client, so a
-        client with many requests in flight does not queue another's behind them all (max-min fair
+        the client holding the fewest running slots first, then by turns (Scheduler._fair_order), FCFS
+        within a client, so a client with many requests in flight does not queue another's behind them
+        all (max-min fair
         share of the running slots at admission; the slot-counting variant of the fair queueing of
         Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024). Nobody is preempted for
         it: a client over its share keeps its running requests and waits for its next start. And while

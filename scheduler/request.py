@@ -52,6 +52,7 @@ class Request:
     in_flight: int = 0
     skipped: int = 0
     grammar_waits: int = 0  # steps in a row it sat out for the step's grammar time (Scheduler._grammar_turns)
+    queued_turn: int = 0  # requests started before it was queued (the fair share's clock: Scheduler._fair_order)
     passed_over: int = 0
     aged_after: int = 0  # EngineConfig.aging_after (0: never aged)
     finish_reason: FinishReason | None = None

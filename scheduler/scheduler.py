@@ -171,8 +171,8 @@ class Scheduler:
         # until then, whoever it left waiting would be left waiting again (_may_start_waiting)
         self._queue_changed = False
         self._carried_failed: list[tuple[Request, Exception]] = []  # (plan_ahead's, for the next schedule)
-        # Fair share (_fair_order): the start number of each client's latest start, for the clients with
-        # requests waiting or running (a client that had none starts fresh, first among its equals)
+        # Fair share (_fair_order): starts so far (the clock of turns), and the start number of each
+        # client's latest start (kept for the clients with requests waiting or running, and some more)
         self._starts = 0
         self._client_turns: dict[str | None, int] = {}
 
@@ -220,7 +220,7 @@ class Scheduler:
             self._check_client_share(spec)
         self._arrivals += 1
         req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
-                      aged_after=self.config.aging_after)
+                      aged_after=self.config.aging_after, queued_turn=self._starts)
         self.waiting.append(req)
         self._queue_changed = True
         return req
@@ -652,11 +652,15 @@ class Scheduler:
     def _fair_order(self) -> None:
         """Reorder the (rank-ordered) waiting queue client by client within each rank class
         (EngineConfig.fair_share): repeatedly the next request of the client holding the fewest running
-        slots, counting those it would take by starting ahead of the rest; among equals the client whose
-        latest start is oldest (round robin; a client not seen lately counts as never started), then
-        rank order; FCFS within a client. A client with nothing running goes first, however many
-        requests other clients have queued; clients queuing many requests take turns. One client (or
-        only anonymous requests) keeps the rank order."""
+        slots, counting those it would take by starting ahead of the rest; among equals the client
+        whose turn is oldest, then rank order; FCFS within a client. A client's turn is its latest start
+        or, when later, its next request's arrival (both counted in starts, Request.queued_turn): clients
+        take turns, and a client new to the queue, or back after a while, queues behind those already
+        waiting among its equals instead of jumping ahead of them (a request from a client id never
+        seen before went first among equals, so fresh ids, free on HTTP, could hold back another
+        client's request for as long as they kept coming; helper-126). A client with nothing running
+        goes first, however many requests other clients have queued. One client (or only anonymous
+        requests) keeps the rank order."""
         if len({req.spec.client for req in self.waiting}) < 2:
             return
         held = Counter(req.spec.client for req in self.running)
@@ -667,17 +671,19 @@ class Scheduler:
             queues: dict[str | None, deque[tuple[int, Request]]] = {}
             for i, req in enumerate(group):
                 queues.setdefault(req.spec.client, deque()).append((i, req))
-            # (slots held, its latest start, rank of its next request, client): ranks are unique
-            turns = [(held[client], last_start.get(client, 0), queue[0][0], client) for client, queue in queues.items()]
+            def turn(client, slots: int) -> tuple:  # (slots held, its turn, rank of its next request, client)
+                rank, head = queues[client][0]
+                return slots, max(last_start.get(client, 0), head.queued_turn), rank, client  # (ranks are unique)
+
+            turns = [turn(client, held[client]) for client in queues]
             heapq.heapify(turns)
             while turns:
                 slots, _, _, client = heapq.heappop(turns)
-                queue = queues[client]
-                order.append(queue.popleft()[1])
+                order.append(queues[client].popleft()[1])
                 starts += 1
                 held[client], last_start[client] = slots + 1, starts
-                if queue:
-                    heapq.heappush(turns, (slots + 1, starts, queue[0][0], client))
+                if queues[client]:
+                    heapq.heappush(turns, turn(client, slots + 1))
         self.waiting[:] = order
 
     def _start_in_order(self, plan: StepPlan, started_now: list[Request]) -> None:
@@ -790,6 +796,7 @@ class Scheduler:
         victim.skipped, victim.tokens_at_last_route, victim.overtook = 0, 0, False
         victim.prompt_blocks_shared = 0  # the rerun offers its prompt blocks again (some may have been evicted)
         victim.preemptions += 1
+        victim.queued_turn = self._starts
         # Appended, not sorted in: _start_in_order may be walking `waiting` (in rank order, which each
         # step sorts anew) when it preempts, so the victim is looked at last in this walk
         self.waiting.append(victim)

@@ -33,14 +33,15 @@ async def _start_order(requests, **config) -> list[str]:
 @pytest.mark.parametrize("fair_share", [True, False])
 async def test_a_client_with_nothing_running_starts_before_another_clients_queue(wait_until, fair_share):
     """Client A fills both running slots and queues four more; B's one request, arriving after them,
-    takes the next free slot (B holds none, A two). FCFS made it wait for all of A's."""
+    takes the next free slot (B holds none, A one: a1 runs longer than a0). FCFS made it wait for all
+    of A's."""
     factory = FakeFactory()
     runner = FakeRunner()
     engine, _ = make_engine(runner=runner, factory=factory, prefix_cache=False, max_running=2, fair_share=fair_share)
     gate = ForwardGate(runner.execute)
     runner.execute = gate
     await engine.start()
-    tasks = [asyncio.create_task(collect(engine, req(f"a{k}", "A"))) for k in range(6)]
+    tasks = [asyncio.create_task(collect(engine, req(f"a{k}", "A", gen=12 if k == 1 else 4))) for k in range(6)]
     try:
         await wait_until(gate.entered.is_set, "A's first forward")  # a0 and a1 run; a2..a5 wait
         tasks.append(asyncio.create_task(collect(engine, req("b0", "B"))))
@@ -65,6 +66,33 @@ async def test_clients_queuing_many_requests_take_turns(fair_share):
     order = await _start_order(requests, max_running=1, fair_share=fair_share)
     expected = ["a0", "b0", "c0", "a1", "b1", "c1", "a2", "b2", "c2"] if fair_share else [r.request_id for r in requests]
     assert order == expected
+
+
+@pytest.mark.parametrize("priority", [Priority.INTERACTIVE, Priority.BATCH])
+async def test_fresh_client_ids_do_not_overtake_a_waiting_clients_request(wait_until, priority):
+    """B's b1 waits behind its running b0; eight requests with client ids never seen before arrive
+    after it. Once b0 ends B holds no slot either, and b1, queued first, starts first: a fresh id
+    counts its turn from its arrival (helper-126: it counted as never started and went first, so ids
+    made up per request held b1 back for as long as they kept coming)."""
+    factory = FakeFactory()
+    runner = FakeRunner()
+    engine, _ = make_engine(runner=runner, factory=factory, prefix_cache=False, max_running=1, aging_after=2)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    tasks = [asyncio.create_task(collect(engine, req("b0", "B", priority)))]
+    try:
+        await wait_until(gate.entered.is_set, "b0 runs")
+        tasks.append(asyncio.create_task(collect(engine, req("b1", "B", priority))))
+        await wait_until(lambda: len(engine.scheduler.waiting) == 1, "b1 queued")
+        tasks += [asyncio.create_task(collect(engine, req(f"s{k}", f"fresh-{k}", priority))) for k in range(8)]
+        await wait_until(lambda: len(engine.scheduler.waiting) == 9, "the fresh ids queued")
+    finally:
+        gate.release()
+    results = await asyncio.gather(*tasks)
+    await engine.stop()
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
+    assert [seq_id for seq_id, _ in factory.created] == ["b0", "b1"] + [f"s{k}" for k in range(8)]
 
 
 async def test_the_fair_order_ages_nobody():
