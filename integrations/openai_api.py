@@ -16,7 +16,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from integrations import openai_responses as shape
@@ -112,12 +112,24 @@ async def health(request: Request):
 
 
 @router.get("/v1/models")
-async def list_models(request: Request):
+async def list_models(request: Request, after_id: str | None = None, before_id: str | None = None,
+                      limit: int = Query(default=20, ge=1, le=1000)):
+    """OpenAI's list (no pagination: every served id), with the pagination of Anthropic's (the anthropic
+    SDK's `models.list`): `after_id` / `before_id` a served id, the page after / before it; `limit`
+    1-1000 ids per page (default 20); `has_more`, `first_id` and `last_id` (null on an empty page) of
+    the page. A cursor that is no served id: 400 naming it."""
     settings = request.app.state.settings
     names = [settings.model_name, *settings.model_aliases]  # one model under each served id, as vLLM lists them
-    # OpenAI's list, plus the pagination fields of Anthropic's (all on one page)
-    return {"object": "list", "data": [_model_card(name, settings.limits.context_length) for name in names],
-            "has_more": False, "first_id": names[0], "last_id": names[-1]}
+    for cursor, value in (("after_id", after_id), ("before_id", before_id)):
+        if value is not None and value not in names:
+            raise InputError(400, cursor, f"{value!r} is not a served model id; served: {', '.join(names)}")
+    start = names.index(after_id) + 1 if after_id is not None else 0
+    end = names.index(before_id) if before_id is not None else len(names)
+    page = names[start:end][-limit:] if before_id is not None and after_id is None else names[start:end][:limit]
+    more = (names.index(page[0]) > start if before_id is not None and after_id is None
+            else names.index(page[-1]) + 1 < end) if page else False
+    return {"object": "list", "data": [_model_card(name, settings.limits.context_length) for name in page],
+            "has_more": more, "first_id": page[0] if page else None, "last_id": page[-1] if page else None}
 
 
 @router.get("/v1/models/{model_id:path}")  # a served id may hold a slash ("org/model", as on the hub)

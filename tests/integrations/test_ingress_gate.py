@@ -406,3 +406,30 @@ async def test_latencies_count_from_arrival_reading_the_body_included(bpe_tokeni
     assert reply.status_code == 200, reply.text
     assert _metric(app, "refusion_api_e2e_latency_seconds_sum", endpoint="completions") >= stall_s
     assert _metric(app, "refusion_api_time_to_first_token_seconds_sum", endpoint="completions") >= stall_s
+
+
+async def test_the_model_list_pages_as_anthropics(bpe_tokenizer):  # noqa: F811
+    """GET /v1/models takes the anthropic SDK's pagination (after_id, before_id, limit): the page after
+    the last id is empty (it returned the model again, helper-123), a limit pages with has_more, a
+    cursor that is no served id is a 400 naming it. Without parameters: every id (OpenAI's list)."""
+    client = ScriptedClient(bpe_tokenizer)
+    app = create_app(APISettings(model_name="m", model_aliases=("a1", "a2")), client)
+
+    async def page(**params):
+        response = await http.get("/v1/models", params=params)
+        body = response.json()
+        if response.status_code != 200:
+            return response.status_code, body["error"]["param"]
+        return [card["id"] for card in body["data"]], body["has_more"], body["first_id"], body["last_id"]
+
+    async with _http(app) as http:
+        assert await page() == (["m", "a1", "a2"], False, "m", "a2")
+        assert await page(after_id="m") == (["a1", "a2"], False, "a1", "a2")
+        assert await page(after_id="a2") == ([], False, None, None)
+        assert await page(before_id="a2") == (["m", "a1"], False, "m", "a1")
+        assert await page(limit=1) == (["m"], True, "m", "m")
+        assert await page(after_id="m", limit=1) == (["a1"], True, "a1", "a1")
+        assert await page(before_id="a2", limit=1) == (["a1"], True, "a1", "a1")
+        assert await page(after_id="m", before_id="a2") == (["a1"], False, "a1", "a1")
+        assert await page(after_id="nope") == (400, "after_id")
+        assert await page(limit=0) == (400, "limit")
