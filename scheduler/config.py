@@ -171,8 +171,8 @@ class EngineConfig:
         (absorbing, streaming, planning, admitting arrivals) runs while the device computes. Only while
         every running request decodes AR (no prompt scoring; an AUTO one about to reach a block boundary
         where it may switch mode, and a grammar request whose next step needs its forced tokens on the
-        host, sit a step out) and no INTERACTIVE request waits to
-        start (it may preempt); otherwise that step runs after the last one's results are in
+        host, sit a step out) and no INTERACTIVE request that could preempt a running BATCH one waits
+        to start; otherwise that step runs after the last one's results are in
         (docs/architecture.md, "Asynchronous scheduling"). The output is the same; a request that ends
         (EOS, a stop string, a cancel) spends one more segment of a forward. None
         (default): on when every runner queues its device work (ModelRunner.asynchronous: CUDA) and

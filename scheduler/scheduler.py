@@ -389,12 +389,13 @@ class Scheduler:
         Waiting requests that could start now (`_may_start_waiting`: the queue changed since it was last
         looked at) are admitted here as `schedule` would (`_start_waiting`: rank order, backfilling, prefix
         waits), and their first steps, stated from the host, join this one: an arrival no longer drains
-        the pipeline. Not while an INTERACTIVE request waits and may preempt: a victim may be in `plan`.
+        the pipeline. Not while an INTERACTIVE request waits and may preempt (a BATCH request runs that
+        could be its victim, `_may_preempt_waiting`): a victim may be in `plan`.
         Admission comes last, after the running requests' steps, and once it ran the plan is returned
         (its `failed` carries requests whose decoder could not be built).
 
         None, with nothing planned or allocated, when the host's view of `plan`'s results must come
-        first: an INTERACTIVE request waits, a running request is neither in `plan` nor able to plan from
+        first: an INTERACTIVE request waits that may preempt, a running request is neither in `plan` nor able to plan from
         the host (passed over for the budget, its KV short, a decoder other than AR), a decoder cannot
         plan ahead (prompt scoring, ReFusion), the budget runs out, every request
         sits out, or the KV for the new tokens is not free. Prompt chunks plan ahead: the prompt is on the
@@ -489,8 +490,19 @@ class Scheduler:
 
     def _may_preempt_waiting(self) -> bool:
         """Whether admitting the waiting requests could preempt a running one (`_preempt_for`: an
-        INTERACTIVE request waits): then only `schedule`, with nothing in flight, admits them."""
-        return self.config.preempt_for_interactive and any(w.priority is Priority.INTERACTIVE for w in self.waiting)
+        INTERACTIVE request waits and a running request could be its victim): then only `schedule`,
+        with nothing in flight, admits them. With no possible victim (every running request
+        INTERACTIVE, aged, switched or preempted its most: an editor-only load) the steps stay
+        pipelined while INTERACTIVE requests wait (they drained at every step then)."""
+        return (self.config.preempt_for_interactive and any(w.priority is Priority.INTERACTIVE for w in self.waiting)
+                and any(self._preemptible(r, Priority.INTERACTIVE) for r in self.running))
+
+    def _preemptible(self, running: Request, priority: Priority) -> bool:
+        """Whether `running` may be preempted for a waiting request of `priority` (`_preempt_for`): of a
+        lower class as ranked (an aged request is not), never switched mode, preempted fewer than
+        max_preemptions times."""
+        return (running.rank_class > priority and len(running.mode_history) == 1
+                and running.preemptions < self.config.max_preemptions)
 
     def _admit_ahead(self, ahead: StepPlan, budget: int) -> None:
         """Start the waiting requests that can start (`_start_waiting`, into `ahead`) and add the first
@@ -753,9 +765,7 @@ class Scheduler:
         if not self.config.preempt_for_interactive or req.priority is not Priority.INTERACTIVE:
             return False
         kv_key = req.kv_wait[0] if slot_free and req.kv_wait is not None else None
-        victims = [r for r in self.running if r.rank_class > req.priority and len(r.mode_history) == 1
-                   and r.preemptions < self.config.max_preemptions  # an aged request is not preempted
-                   and kv_key in (None, r.runner_key)]
+        victims = [r for r in self.running if self._preemptible(r, req.priority) and kv_key in (None, r.runner_key)]
         if not victims or not self._room_if_preempted(req, victims, [kv_key] if kv_key else list(self.runners)):
             return False
         if self.settle is not None and self.settle(set()):

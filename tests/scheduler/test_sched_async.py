@@ -129,6 +129,18 @@ async def test_a_full_engine_keeps_the_pipeline_and_admits_when_a_slot_frees(run
     assert engine.ahead_steps >= engine.forwards // 2, (engine.ahead_steps, engine.forwards)
 
 
+async def test_interactive_requests_waiting_with_no_one_to_preempt_keep_the_pipeline(runner):
+    """An editor-only load: every request INTERACTIVE, 3 running slots for 7. A waiting INTERACTIVE
+    request may preempt only a BATCH one; with none running the steps stay pipelined while it waits, as
+    for waiting BATCH requests: each end admits the next request into the step planned ahead (it
+    drained the pipeline at each end: 28 of 33 forwards ahead, 32 now)."""
+    specs = [dataclasses.replace(s, priority=Priority.INTERACTIVE) for s in _mixed(runner, 7)]
+    serial, _ = await _run(runner, specs, pipelined=False, config={"max_running": 3})
+    pipelined, engine = await _run(runner, specs, pipelined=True, config={"max_running": 3})
+    _assert_same(specs, serial, pipelined)
+    assert engine.ahead_steps >= engine.forwards - 2, (engine.ahead_steps, engine.forwards)
+
+
 async def test_an_interactive_arrival_preempts_a_pipelined_batch_request(runner):
     # Submitted at the 6th forward while 2 BATCH requests fill both slots and pipeline: the pipeline
     # drains, the youngest is sent back to the queue, and every output is still the serial one
