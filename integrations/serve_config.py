@@ -75,8 +75,9 @@ class RouterOptions(_Strict):
 
 class EngineDeploymentOptions(_Strict):
     """The engine replicas. num_gpus: 1 on GPU clusters, 0 on CPU. max_ongoing_requests bounds the
-    concurrent calls per replica; keep it >= the engine's 2 x max_running + max_queue (interactive
-    requests may queue max_running past a queue full of batch work) so the engine, not Ray, decides
+    concurrent calls per replica; keep it >= the engine's 3 x max_running + max_queue (interactive
+    requests may queue max_running past a queue full of batch work, and under the fair share a client
+    with fewer requests waiting than another max_running more) so the engine, not Ray, decides
     admission (and answers OverloadedError with a retry hint)."""
 
     num_replicas: int = Field(default=1, ge=1)

@@ -150,11 +150,11 @@ class EngineConfig:
         all (max-min fair
         share of the running slots at admission; the slot-counting variant of the fair queueing of
         Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024). Nobody is preempted for
-        it: a client over its share keeps its running requests and waits for its next start. And while
-        other clients have requests in the engine, one client's waiting requests of a class may fill
-        at most half the queue's room (OverloadedError past it), so a flood does not get everyone else
-        refused. False: FCFS within a class, one queue bound for all (bench/editor_latency.py --heavy
-        --no-fair-share measures the trade).
+        it: a client over its share keeps its running requests and waits for its next start. And when the
+        queue is full, a request whose client has fewer requests waiting than another client may still
+        queue, max_running places past the bound, so one client's flood does not get everyone else
+        refused (Scheduler._check_queue_room). False: FCFS within a class, one queue bound for all
+        (bench/editor_latency.py --heavy --no-fair-share measures the trade).
     model_dir: directory whose `refusion.json` gives the default decoding parameters; None = the
         runner's own directory (scheduler.decoders.find_model_dir).
     overlap_streaming: detokenize, check stop strings and send a step's text while the next step's

@@ -215,9 +215,7 @@ class Scheduler:
                                           prompt_tokens=len(spec.prompt_ids) + suffix_len)
             raise InvalidRequestError("gen_length", f"{need}; lower gen_length (at most {fitted.gen_length} fits with "
                                       f"slot_size {fitted.slot_size} and serial_num_blocks {fitted.serial_num_blocks})")
-        self._check_queue_room(spec.priority)
-        if self.config.fair_share:
-            self._check_client_share(spec)
+        self._check_queue_room(spec)
         self._arrivals += 1
         req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
                       aged_after=self.config.aging_after, queued_turn=self._starts)
@@ -225,45 +223,38 @@ class Scheduler:
         self._queue_changed = True
         return req
 
-    def _check_queue_room(self, priority: Priority) -> None:
+    def _check_queue_room(self, spec) -> None:
         """Raise OverloadedError (with a retry-after hint) when the bounded queue has no room for a request
-        of `priority`. The queue holds max_queue requests (plus those about to take a free running slot).
+        of `spec.priority`. The queue holds max_queue requests (plus those about to take a free running slot).
         An INTERACTIVE request counts only the waiting INTERACTIVE requests, so BATCH work filling the
         queue (aged or not: aged BATCH requests rank with INTERACTIVE ones, and counting them refused every
         editor completion once the queued batch work had aged) does not refuse an editor's completion; it
-        may take max_running places beyond the bound for that (config/serve.yaml sizes the engine
-        replica's Ray max_ongoing_requests to hold them)."""
-        free_slots = max(0, self.config.max_running - len(self.running))
+        may take max_running places beyond the bound for that. Under the fair share, a request whose
+        client (GenerationRequest.client) has fewer requests of its class waiting than another client
+        has may take max_running places more: one client's flood, filling the queue before anyone else
+        came, does not get every other client refused (the flood is refused at the bound; the others
+        start first, `_fair_order`). config/serve.yaml sizes the engine replica's Ray
+        max_ongoing_requests to hold them all (3 x max_running + max_queue)."""
+        priority, free_slots = spec.priority, max(0, self.config.max_running - len(self.running))
         bound, waiting = self.config.max_queue + free_slots, len(self.waiting)
         if priority is Priority.INTERACTIVE:
             interactive = sum(1 for r in self.waiting if r.priority is Priority.INTERACTIVE)
-            full = interactive >= bound or waiting >= bound + self.config.max_running
+            most = bound + self.config.max_running  # (past waiting batch work)
+            full = interactive >= bound or waiting >= most
             past = f"; an interactive request {self.config.max_running} more past waiting batch ones"
         else:
-            full, past = waiting >= bound, ""
+            most, full, past = bound, waiting >= bound, ""
+        if full and self.config.fair_share and waiting < most + self.config.max_running:
+            queued = Counter(r.spec.client for r in self.waiting if r.priority is priority)
+            full = queued[spec.client] >= max(queued.values(), default=0)  # (not fewer than every other's)
         if full:
+            fair = "; a client with fewer requests waiting than another's may queue past it" if self.config.fair_share else ""
             raise OverloadedError(  # waiting counts requests about to take a free running slot too
                 f"engine overloaded: {len(self.running)} of {self.config.max_running} running and {waiting} "
                 f"waiting, the most it queues (max_queue {self.config.max_queue} + {free_slots} free running "
-                f"slots{past}); retry later",
+                f"slots{past}){fair}; retry later",
                 retry_after_s=self.retry_after_s(),
             )
-
-    def _check_client_share(self, spec) -> None:
-        """Raise OverloadedError when the request's client (GenerationRequest.client) already has half
-        the queue's room (max_queue + free running slots) waiting in the request's priority class while
-        another client has requests in the engine: one client's flood leaves the other half of the queue
-        to the others, whose requests would otherwise be refused while the flood waits (the fair share
-        orders the queue; this bounds a client's part of it). A client alone may fill the queue."""
-        bound = self.config.max_queue + max(0, self.config.max_running - len(self.running))
-        mine = sum(1 for r in self.waiting if r.spec.client == spec.client and r.priority is spec.priority)
-        if 2 * mine < bound or all(r.spec.client == spec.client for r in itertools.chain(self.waiting, self.running)):
-            return
-        who = "requests without a user id (one client)" if spec.client is None else "this client"
-        raise OverloadedError(
-            f"engine overloaded for this client: {who} already has {mine} requests waiting, half the queue's "
-            f"room ({bound}: max_queue {self.config.max_queue} + free running slots), while other clients' "
-            f"requests wait or run; retry later", retry_after_s=self.retry_after_s())
 
     def _fit_to_kv(self, spec, params, capacity: int, one_block: bool = False):
         """A copy of `params` with the largest gen_length whose KV fits `capacity` blocks, at least
@@ -313,10 +304,11 @@ class Scheduler:
 
     def client_load(self) -> dict:
         """For /v1/engine: distinct clients (GenerationRequest.client; the anonymous one counts once) with
-        requests running and waiting, and the most running slots one client holds."""
-        held = Counter(req.spec.client for req in self.running)
-        return {"running": len(held), "waiting": len({req.spec.client for req in self.waiting}),
-                "most_slots": max(held.values(), default=0)}
+        requests running and waiting, and the most running slots one client holds; the server's own
+        requests (health probes, warm-up: GenerationRequest.internal) left out."""
+        held = Counter(req.spec.client for req in self.running if not req.spec.internal)
+        waiting = {req.spec.client for req in self.waiting if not req.spec.internal}
+        return {"running": len(held), "waiting": len(waiting), "most_slots": max(held.values(), default=0)}
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -47,12 +47,17 @@ async def test_a_client_with_nothing_running_starts_before_another_clients_queue
         tasks.append(asyncio.create_task(collect(engine, req("b0", "B"))))
         await wait_until(lambda: len(engine.scheduler.waiting) == 5, "b0 queued behind a2..a5")
         assert engine.stats()["clients"] == {"running": 1, "waiting": 2, "most_slots": 2}
+        probe = GenerationRequest("probe", [5], {"gen_length": 1}, mode=Mode.AR, internal=True)
+        tasks.append(asyncio.create_task(collect(engine, probe)))  # (the server's own: not a client)
+        await wait_until(lambda: len(engine.scheduler.waiting) == 6, "the probe queued")
+        assert engine.stats()["clients"] == {"running": 1, "waiting": 2, "most_slots": 2}
     finally:
         gate.release()
     results = await asyncio.gather(*tasks)
     await engine.stop()
     assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
     order = [seq_id for seq_id, _ in factory.created]
+    order.remove("probe")  # (anonymous, it starts by the same rules: where is not this test's point)
     assert order == (["a0", "a1", "b0", "a2", "a3", "a4", "a5"] if fair_share else
                      ["a0", "a1", "a2", "a3", "a4", "a5", "b0"]), order
 
@@ -134,15 +139,18 @@ async def test_a_bad_client_key_is_refused_naming_it(client):
 
 
 @pytest.mark.parametrize("fair_share", [True, False])
-async def test_one_clients_flood_leaves_half_the_queue_to_the_others(wait_until, fair_share):
-    """max_queue 4, one running slot (held): A's flood may take half the queue's room (2 waiting) while
-    B has a request in the engine; A's next is refused (OverloadedError naming why), B's and C's still
-    queue. Alone, a client may fill the whole queue. Without the fair share A filled the queue and B's
-    and C's requests were refused."""
+async def test_a_flood_that_filled_the_queue_first_does_not_lock_others_out(wait_until, fair_share):
+    """max_queue 4, one running slot (held): A's flood fills the queue before anyone else comes. B's
+    request (fewer waiting than A's) still queues, up to max_running places past the bound (one here:
+    C's is refused then), and takes its turn among A's; A's next is refused at the bound. Without the fair share B was refused while the flood
+    waited (helper-127: 24 of 24 tries over 24 s). A cap of half the queue per client, tried first,
+    left this case open: it applied only once another client had a request in."""
     from scheduler.api import OverloadedError
 
+    factory = FakeFactory()
     runner = FakeRunner()
-    engine, _ = make_engine(runner=runner, prefix_cache=False, max_running=1, max_queue=4, fair_share=fair_share)
+    engine, _ = make_engine(runner=runner, factory=factory, prefix_cache=False, max_running=1, max_queue=4,
+                            fair_share=fair_share)
     gate = ForwardGate(runner.execute)
     runner.execute = gate
     await engine.start()
@@ -151,27 +159,27 @@ async def test_one_clients_flood_leaves_half_the_queue_to_the_others(wait_until,
     async def submit(r):
         return await engine.submit(r).__anext__()  # admission errors raise here
 
-    tasks = [asyncio.create_task(collect(engine, req("b0", "B")))]
+    tasks = [asyncio.create_task(collect(engine, req(f"a{k}", "A"))) for k in range(5)]
     try:
-        await wait_until(gate.entered.is_set, "b0 runs")
-        for k in range(2):
-            tasks.append(asyncio.create_task(collect(engine, req(f"a{k}", "A"))))
-        await wait_until(lambda: len(sched.waiting) == 2, "a0, a1 waiting")
+        await wait_until(lambda: gate.entered.is_set() and len(sched.waiting) == 4, "a0 runs, a1..a4 wait")
         if fair_share:
-            with pytest.raises(OverloadedError, match="half the queue's room"):
-                await submit(req("a2", "A"))
-            tasks += [asyncio.create_task(collect(engine, req(r, r[0].upper()))) for r in ("b1", "c0")]
-            await wait_until(lambda: len(sched.waiting) == 4, "b1 and c0 queued")
-        else:
-            tasks += [asyncio.create_task(collect(engine, req(f"a{k}", "A"))) for k in (2, 3)]
-            await wait_until(lambda: len(sched.waiting) == 4, "a2, a3 queued")
-            with pytest.raises(OverloadedError, match="engine overloaded"):
+            tasks.append(asyncio.create_task(collect(engine, req("b0", "B"))))
+            await wait_until(lambda: len(sched.waiting) == 5, "b0 queued past the bound")
+            with pytest.raises(OverloadedError, match="fewer requests waiting than another's may queue past it"):
+                await submit(req("a5", "A"))
+            with pytest.raises(OverloadedError):  # (max_running: 1 place past the bound, b0's)
                 await submit(req("c0", "C"))
+        else:
+            with pytest.raises(OverloadedError, match="engine overloaded"):
+                await submit(req("b0", "B"))
     finally:
         gate.release()
     results = await asyncio.gather(*tasks)
-    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
     await engine.stop()
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
+    order = [seq_id for seq_id, _ in factory.created]
+    # (b0 arrived after A's latest start: their turns tie and a1, queued first, goes first, then b0)
+    assert order == (["a0", "a1", "b0", "a2", "a3", "a4"] if fair_share else [f"a{k}" for k in range(5)])
 
 
 async def test_a_client_alone_may_fill_the_queue(wait_until):
