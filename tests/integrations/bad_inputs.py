@@ -312,7 +312,9 @@ HTTP_CASES = [
     HTTPCase("models-unknown-id", "GET", "/v1/models/nope", status=404, field="model"),
     HTTPCase("models-undecodable-id", "GET", "/v1/models/%ff%fe", status=404, field="model"),
     HTTPCase("models-post", "POST", "/v1/models", {"x": 1}, status=405),
-    HTTPCase("models-junk-query", "GET", "/v1/models?limit=%ff%00&order=[[[", status=200),
+    HTTPCase("models-junk-query", "GET", "/v1/models?order=[[[&%ff=%00", status=200),  # (unknown parameters: ignored)
+    HTTPCase("models-junk-limit", "GET", "/v1/models?limit=%ff%00&order=[[[", status=400, field="limit"),
+    HTTPCase("models-unknown-cursor", "GET", "/v1/models?after_id=%ff%fe", status=400, field="after_id"),
     HTTPCase("health-junk-query", "GET", "/health?%ff=%00", status=200),
     HTTPCase("health-post", "POST", "/health", {"x": 1}, status=405),
     HTTPCase("health-body-over-limit", "GET", "/health", b"a" * (MAX_BODY_BYTES + 1), status=413, field="max_body_bytes"),
