@@ -138,17 +138,14 @@ async def batch_load(engine, n: int, done: asyncio.Event) -> int:
     return tokens
 
 
-async def heavy_editors(url: str, n: int, inflight: int, done: asyncio.Event) -> int:
-    """Keep `n` editor connections with `inflight` multiline completions in flight each until `done`; the
-    completions they finished."""
-    finished = 0
+async def heavy_editors(url: str, n: int, inflight: int, done: asyncio.Event) -> None:
+    """Keep `n` editor connections with `inflight` multiline completions in flight each until `done` (or
+    until cancelled)."""
 
     async def one_connection(k: int) -> None:
-        nonlocal finished
         backend = EditorBackend(url)
 
         async def one_uri(j: int) -> None:
-            nonlocal finished
             round_ = 0
             while not done.is_set():
                 params = {"uri": f"file:///heavy{k}/f{j}.py", "prefix": f"def heavy_{k}_{j}_{round_}(items):\n    ",
@@ -156,7 +153,6 @@ async def heavy_editors(url: str, n: int, inflight: int, done: asyncio.Event) ->
                           "temperature": 1.0, "seed": round_}
                 try:
                     await backend.complete(params)
-                    finished += 1
                 except Exception:  # noqa: BLE001 - an overloaded or cancelled one is resubmitted
                     await asyncio.sleep(0.05)
                 round_ += 1
@@ -167,7 +163,6 @@ async def heavy_editors(url: str, n: int, inflight: int, done: asyncio.Event) ->
             await backend.close()
 
     await asyncio.gather(*(one_connection(k) for k in range(n)))
-    return finished
 
 
 async def with_local_server(model_dir: Path, run, batch: int = 0, engine_options: dict | None = None,

@@ -485,7 +485,7 @@ class Scheduler:
         INTERACTIVE request waits and a running request could be its victim): then only `schedule`,
         with nothing in flight, admits them. With no possible victim (every running request
         INTERACTIVE, aged, switched or preempted its most: an editor-only load) the steps stay
-        pipelined while INTERACTIVE requests wait (they drained at every step then)."""
+        pipelined while INTERACTIVE requests wait (each arrival and end drained them before)."""
         return (self.config.preempt_for_interactive and any(w.priority is Priority.INTERACTIVE for w in self.waiting)
                 and any(self._preemptible(r, Priority.INTERACTIVE) for r in self.running))
 
