@@ -157,21 +157,28 @@ def test_step_forward_never_syncs_with_the_host(tiny_model_dir):
     assert values.shape == (2, step.layout.num_reads)
 
 
+def _captured(runner, kv, buffer, layout):
+    """step_forward captured as a CUDA graph writing `kv` (after a warm-up on a copy of the runner's
+    cache, on a side stream) and replayed once: its values tensor."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step_forward(runner.model, copy.deepcopy(runner.kv), buffer, layout)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, _, _ = step_forward(runner.model, kv, buffer, layout)
+    graph.replay()
+    return captured
+
+
 def test_step_forward_captures_as_a_cuda_graph(tiny_model_dir):
     """The step replays from a CUDA graph with the same results as eager (the later per-bucket capture)."""
     runner, step, buffer = _packed(tiny_model_dir)
     kv_eager, kv_graph = copy.deepcopy(runner.kv), copy.deepcopy(runner.kv)
     with torch.inference_mode():
         expected, _, _ = step_forward(runner.model, kv_eager, buffer, step.layout)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step_forward(runner.model, copy.deepcopy(runner.kv), buffer, step.layout)  # warm-up
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured, _, _ = step_forward(runner.model, kv_graph, buffer, step.layout)
-        graph.replay()
+        captured = _captured(runner, kv_graph, buffer, step.layout)
     torch.cuda.synchronize()
     r = step.num_reads
     assert torch.equal(captured[0, :r], expected[0, :r])
@@ -430,15 +437,7 @@ def test_attention_groups_on_cuda_equal_the_whole_step_without_a_sync_and_replay
             values, logits, _ = step_forward(runner.model, kv_grouped, g_buffer, grouped.layout)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step_forward(runner.model, copy.deepcopy(runner.kv), g_buffer, grouped.layout)  # warm-up
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured, _, _ = step_forward(runner.model, kv_graph, g_buffer, grouped.layout)
-        graph.replay()
+        captured = _captured(runner, kv_graph, g_buffer, grouped.layout)
     torch.cuda.synchronize()
     torch.testing.assert_close(logits, logits_whole, rtol=1e-3, atol=1e-3)
     r = grouped.num_reads

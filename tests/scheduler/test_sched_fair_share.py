@@ -30,6 +30,14 @@ async def _start_order(requests, **config) -> list[str]:
     return [seq_id for seq_id, _ in factory.created]
 
 
+async def _start_order_of(engine, factory, tasks) -> list[str]:
+    """Wait for `tasks` (collects) to end, stop the engine; the order the requests started in."""
+    results = await asyncio.gather(*tasks)
+    await engine.stop()
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
+    return [seq_id for seq_id, _ in factory.created]
+
+
 @pytest.mark.parametrize("fair_share", [True, False])
 async def test_a_client_with_nothing_running_starts_before_another_clients_queue(wait_until, fair_share):
     """Client A fills both running slots and queues four more; B's one request, arriving after them,
@@ -53,10 +61,7 @@ async def test_a_client_with_nothing_running_starts_before_another_clients_queue
         assert engine.stats()["clients"] == {"running": 1, "waiting": 2, "most_slots": 2}
     finally:
         gate.release()
-    results = await asyncio.gather(*tasks)
-    await engine.stop()
-    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
-    order = [seq_id for seq_id, _ in factory.created]
+    order = await _start_order_of(engine, factory, tasks)
     order.remove("probe")  # (anonymous, it starts by the same rules: where is not this test's point)
     assert order == (["a0", "a1", "b0", "a2", "a3", "a4", "a5"] if fair_share else
                      ["a0", "a1", "a2", "a3", "a4", "a5", "b0"]), order
@@ -94,10 +99,7 @@ async def test_fresh_client_ids_do_not_overtake_a_waiting_clients_request(wait_u
         await wait_until(lambda: len(engine.scheduler.waiting) == 9, "the fresh ids queued")
     finally:
         gate.release()
-    results = await asyncio.gather(*tasks)
-    await engine.stop()
-    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
-    assert [seq_id for seq_id, _ in factory.created] == ["b0", "b1"] + [f"s{k}" for k in range(8)]
+    assert await _start_order_of(engine, factory, tasks) == ["b0", "b1"] + [f"s{k}" for k in range(8)]
 
 
 async def test_the_fair_order_ages_nobody():
@@ -174,10 +176,7 @@ async def test_a_flood_that_filled_the_queue_first_does_not_lock_others_out(wait
                 await submit(req("b0", "B"))
     finally:
         gate.release()
-    results = await asyncio.gather(*tasks)
-    await engine.stop()
-    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
-    order = [seq_id for seq_id, _ in factory.created]
+    order = await _start_order_of(engine, factory, tasks)
     # (b0 arrived after A's latest start: their turns tie and a1, queued first, goes first, then b0)
     assert order == (["a0", "a1", "b0", "a2", "a3", "a4"] if fair_share else [f"a{k}" for k in range(5)])
 
