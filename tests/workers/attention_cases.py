@@ -8,6 +8,23 @@ import torch
 from hf_oracle import result_logits, segment
 
 
+def runner_sessions(tiny_model_dir, options: dict[str, dict], seed: int, num_blocks: int):
+    """One RunnerSession per name in `options` (its ModelRunner keyword arguments, block_size 4) over
+    one float32 random model of the tiny test model's shape with 2 layers; and the mask token id."""
+    import dataclasses
+
+    from workers.loader import read_config
+    from workers.model import random_model
+    from workers.runner import ModelRunner
+    from workers.session import RunnerSession
+
+    cfg = dataclasses.replace(read_config(tiny_model_dir), num_layers=2)
+    model = random_model(cfg, dtype=torch.float32, device="cpu", seed=seed, std=0.2)
+    return {name: RunnerSession(ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, block_size=4,
+                                                       num_blocks=num_blocks, **kw))
+            for name, kw in options.items()}, cfg.mask_token_id
+
+
 def compare(sessions: dict, segments, other: str, atol: float = 1e-5):
     """Run the same step in sessions["sdpa"] and sessions[other] (RunnerSessions on the same weights);
     every logits row and every layer's cache (the scratch block aside) must agree. Returns sdpa's results."""

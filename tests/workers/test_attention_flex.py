@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from attention_cases import compare, decoding_shapes, shared_prefix  # noqa: E402
+from attention_cases import compare, decoding_shapes, runner_sessions, shared_prefix  # noqa: E402
 from hf_oracle import segment  # noqa: E402
 from workers.loader import read_config  # noqa: E402
 from workers.model import random_model  # noqa: E402
@@ -23,14 +23,8 @@ from workers.session import RunnerSession  # noqa: E402
 
 @pytest.fixture()
 def sessions(tiny_model_dir):
-    cfg = dataclasses.replace(read_config(tiny_model_dir), num_layers=2)
-    model = random_model(cfg, dtype=torch.float32, device="cpu", seed=2, std=0.2)
-    made = {}
-    for name in ("sdpa", "flex"):
-        runner = ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, block_size=4, num_blocks=24,
-                                        attention=name)
-        made[name] = RunnerSession(runner)
-    return made, cfg.mask_token_id
+    return runner_sessions(tiny_model_dir, {name: {"attention": name} for name in ("sdpa", "flex")}, seed=2,
+                           num_blocks=24)
 
 
 def _both(sessions, segments):

@@ -6,33 +6,23 @@ sequences, and a shared-prefix sequence."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from attention_cases import compare  # noqa: E402
+from attention_cases import compare, runner_sessions  # noqa: E402
 from hf_oracle import segment  # noqa: E402
-from workers.loader import read_config  # noqa: E402
-from workers.model import random_model  # noqa: E402
 from workers import packing  # noqa: E402
 from workers.packing import pack_step  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
-from workers.session import RunnerSession  # noqa: E402
 
 
 @pytest.fixture()
 def sessions(tiny_model_dir):
-    cfg = dataclasses.replace(read_config(tiny_model_dir), num_layers=2)
-    model = random_model(cfg, dtype=torch.float32, device="cpu", seed=3, std=0.2)
-    made = {}
-    for name in ("sdpa", "whole"):
-        runner = ModelRunner.from_model(model, mask_token_id=cfg.mask_token_id, block_size=4, num_blocks=96)
-        runner.group_attention = name == "sdpa"
-        made[name] = RunnerSession(runner)
-    return made, cfg.mask_token_id
+    made, mask = runner_sessions(tiny_model_dir, {"sdpa": {}, "whole": {}}, seed=3, num_blocks=96)
+    made["whole"].runner.group_attention = False
+    return made, mask
 
 
 def _groups_of(session, segments):
