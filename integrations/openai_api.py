@@ -33,7 +33,8 @@ from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_requests import completion_requests, id_headers, request_id
-from integrations.openai_stream import chat_events, completion_events, echoed, eos_listed, prompt_scores_kept
+from integrations.openai_stream import (chat_events, completion_events, echoed, eos_listed, prompt_scores_kept,
+                                        stop_included)
 from integrations.request_body import BodyLimitMiddleware
 from integrations.request_limits import InputError, RequestLimits, off_loop
 from integrations.responses_api import router as responses_router
@@ -184,6 +185,9 @@ async def completions(request: Request):
     if body.suffix is not None and body.prompt_logprobs is not None:
         raise InputError(400, "prompt_logprobs", "prompt log probabilities are not returned for infill (`suffix`): "
                          "drop one of them")
+    if body.suffix is not None and body.include_stop_str_in_output:
+        raise InputError(400, "include_stop_str_in_output", "an infill (`suffix`) ends where its line and suffix "
+                         "rules cut it, without the stop string: drop include_stop_str_in_output or suffix")
     if body.suffix is not None and grammar is not None:
         raise InputError(400, "response_format" if body.structured_outputs is None else "structured_outputs",
                          "structured output is not supported with `suffix` (infill): drop one of them")
@@ -214,6 +218,8 @@ async def completions(request: Request):
             if scores is not None and (scored_each or i % body.n == 0):
                 streams[i] = prompt_scores_kept(streams[i], scores[i])
             streams[i] = p.client_deltas(streams[i])  # healed whitespace dropped; a CRLF or tab-indented prompt's style
+            if body.include_stop_str_in_output:  # vLLM's: the stop string, in the client's form, ends the text
+                streams[i] = stop_included(streams[i], body.stop)
             if body.logprobs is not None:  # an EOS ending is listed last (OpenAI's legacy completions, vLLM)
                 streams[i] = eos_listed(streams[i])
             if body.echo:  # the client's own text, or its token ids as text (special tokens shown)
@@ -243,6 +249,8 @@ async def chat_completions(request: Request):
     run = await start_chat(request, body, "chatcmpl", "chat")
     header, observer = run.header, run.observer
     formatter = logprob_formatter(run.client, body)
+    if body.include_stop_str_in_output:  # vLLM's: the client's stop string ends the text (not the template's turn end)
+        run.streams = [stop_included(d, body.stop) for d in run.streams]
     scores = [] if body.returns_prompt_logprobs else None
     if scores is not None:  # vLLM's prompt_logprobs: one list for the response (every choice shares the prompt)
         run.streams[0] = prompt_scores_kept(run.streams[0], scores)

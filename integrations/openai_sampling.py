@@ -85,6 +85,7 @@ class SamplingFields(OpenAIBody):
     repetition_penalty: float | None = None
     skip_special_tokens: bool | None = None  # only true (vLLM's default): special tokens never reach the text here
     stop_token_ids: list[int] | None = None  # only EOS's id (a no-op): EOS is the one stop token here
+    include_stop_str_in_output: bool = False  # vLLM's: the `stop` string that ended the text is returned with it
     # ReFusion extensions
     mode: Literal["auto", "refusion", "ar"] = "auto"
     slot_size: int | None = Field(default=None, ge=1)

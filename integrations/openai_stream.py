@@ -181,6 +181,20 @@ async def eos_listed(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
             yield delta
 
 
+async def stop_included(deltas: AsyncIterator[Delta], stops: Collection[str]) -> AsyncIterator[Delta]:
+    """vLLM's `include_stop_str_in_output`: the deltas with the client's `stop` string that ended the text
+    (stats["stop_word"], in the client's form: after in_document_style) appended to the last delta's text,
+    so the text runs through the stop string's end. Only the client's own `stops` are returned: the chat
+    template's turn end, an engine stop, is not. Token ids, log probabilities and usage are unchanged:
+    the stop string's tokens are already in them (they were generated). Closing this closes `deltas`."""
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            word = (delta.stats or {}).get("stop_word") if delta.finished else None
+            if word is not None and word in stops:
+                delta = dataclasses.replace(delta, text=delta.text + word)
+            yield delta
+
+
 async def in_document_style(deltas: AsyncIterator[Delta], style: DocumentStyle, at_indent: bool,
                             stops: list[str] = ()) -> AsyncIterator[Delta]:
     """The deltas with their text (model text: LF, spaces) in the prompt's style: CRLF line breaks

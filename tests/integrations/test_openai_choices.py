@@ -153,3 +153,28 @@ async def test_the_text_of_a_final_delta_that_carries_an_error_goes_out_before_t
     with pytest.raises(APIError):  # nothing went out: the text is not sent ahead of the error
         async for delta in observed(deltas([failed]), first):
             raise AssertionError(f"a delta went out: {delta}")
+
+
+def test_stop_included_returns_only_the_clients_stop_strings():
+    """vLLM's include_stop_str_in_output (openai_stream.stop_included): the client's stop string that ended
+    the text is appended to the last delta; the chat template's turn end (an engine stop the client did
+    not send) and a text ended otherwise are left as they are; ids and stats are untouched."""
+    from integrations.chat import PLAIN_STOP
+    from integrations.openai_stream import stop_included
+
+    def run(stats: dict, stops: list[str]) -> list[Delta]:
+        deltas = [Delta("c", "def f", [1, 2]),
+                  Delta("c", "(x)", [3], finished=True, finish_reason=FinishReason.STOP, stats=stats)]
+
+        async def source():
+            for delta in deltas:
+                yield delta
+
+        async def collect():
+            return [d async for d in stop_included(source(), stops)]
+        return asyncio.run(collect())
+
+    kept = run({"stop_word": ":\n"}, [":\n", "#"])
+    assert [d.text for d in kept] == ["def f", "(x):\n"] and kept[-1].token_ids == [3]
+    assert [d.text for d in run({"stop_word": PLAIN_STOP}, ["#"])] == ["def f", "(x)"]  # the template's turn end
+    assert [d.text for d in run({}, [":\n"])] == ["def f", "(x)"]  # EOS or max_tokens

@@ -420,3 +420,40 @@ def test_vllm_fields_older_clients_send(http):
         {"name": "f", "parameters": {"type": "object", "properties": {}}}]})
     error = legacy.json()["error"]
     assert legacy.status_code == 400 and error["param"] == "function_call" and "tools / tool_choice" in error["message"]
+
+
+def _first_unique_pair(text: str) -> int:
+    """The first index p >= 2 whose two characters first occur there (a stop string that cuts at p)."""
+    return next(p for p in range(2, len(text) - 1) if text.find(text[p:p + 2]) == p)
+
+
+def test_include_stop_str_in_output_returns_the_stop_string(client, model, http):
+    """vLLM's include_stop_str_in_output: the text runs through the end of the client's stop string that
+    ended it (streamed too), usage unchanged (the stop's tokens were generated either way); the chat
+    template's own turn end is never returned; with suffix (infill) it is a 400 naming it."""
+    seeded = {"temperature": 1.0, "seed": 7, "extra_body": {"mode": "ar", "ignore_eos": True}}  # seeded: repeatable
+    full = client.completions.create(model=model, prompt="def f(x):\n", max_tokens=24, **seeded).choices[0].text
+    p = _first_unique_pair(full)
+    stop = full[p:p + 2]
+    cut = client.completions.create(model=model, prompt="def f(x):\n", max_tokens=24, stop=[stop, "\x00"], **seeded)
+    kept_body = {**seeded["extra_body"], "include_stop_str_in_output": True}
+    kept = client.completions.create(model=model, prompt="def f(x):\n", max_tokens=24, stop=[stop, "\x00"],
+                                     temperature=1.0, seed=7, extra_body=kept_body)
+    assert cut.choices[0].text == full[:p] and cut.choices[0].finish_reason == "stop"
+    assert kept.choices[0].text == full[:p + 2] and kept.choices[0].finish_reason == "stop"
+    assert kept.usage.completion_tokens == cut.usage.completion_tokens
+    chunks = client.completions.create(model=model, prompt="def f(x):\n", max_tokens=24, stop=stop, stream=True,
+                                       temperature=1.0, seed=7, extra_body=kept_body)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full[:p + 2]
+
+    messages = [{"role": "user", "content": "Write add."}]
+    answer = client.chat.completions.create(model=model, messages=messages, max_tokens=24, **seeded)
+    content = answer.choices[0].message.content
+    q = _first_unique_pair(content)
+    chat_kept = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=1.0,
+                                               seed=7, stop=[content[q:q + 2]], extra_body=kept_body)
+    assert chat_kept.choices[0].message.content == content[:q + 2]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="def f(x):\n", suffix="\n", max_tokens=8, stop=["\n"],
+                                  extra_body={"include_stop_str_in_output": True})
+    assert err.value.body["param"] == "include_stop_str_in_output"
