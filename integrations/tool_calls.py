@@ -12,8 +12,9 @@ A block ends at the first `</tool_call>` outside a JSON string, so an argument w
 A block the output was cut inside (max_tokens, a deadline, a stop string: `cut_short`) is a call
 whose arguments are the text so far, marked incomplete (`ToolCall.complete` False), as OpenAI returns a
 call max_tokens cut (its `arguments` "may not be valid JSON") and Anthropic an incomplete tool_use:
-once its name is whole and one of the request's tools; before that it is dropped. Its markup (the
-forced call's opening is the server's, not the model's) never reaches the content.
+once its name is whole and one of the request's tools; before that it is dropped, and so is text cut
+while it may still open a call (a held `<`, `<tool_call` prefix). Its markup (the forced call's opening
+is the server's, not the model's) never reaches the content.
 """
 
 from __future__ import annotations
@@ -209,8 +210,12 @@ class ToolCallStreamParser:
     def finish(self, cut: bool = False) -> list:
         """Flush at the end of output: a held partial marker is plain text; so is an unclosed block, unless
         the output was `cut` inside it (`cut_short`): then it is an incomplete call, or nothing before its
-        name is whole (module doc)."""
+        name is whole (module doc). A partial marker the output was `cut` inside (`<tool` at max_tokens) is
+        the opening of a call cut before its name: dropped as such a call is (a forced turn cut between
+        two calls came back with `\n<tool` as content); the whitespace before it is kept as there."""
         events: list = []
+        if cut and not self._inside and self._pending:
+            self._pending = ""
         if self._inside and cut:
             call = partial_tool_call(self._pending, self.allowed_names)
             self._pending, self._inside = "", False

@@ -75,7 +75,12 @@ def test_a_block_the_output_was_cut_inside_is_an_incomplete_call_or_nothing():
         None, [("get_weather", '{"city": 1}', True)])  # arguments as a JSON string of an object
     assert outcome(CALL + ' <tool_call>{"name": "get_weather", "arguments": {"ci') == (
         None, [("get_weather", '{"city": "Paris"}', True), ("get_weather", '{"ci', False)])
-    assert outcome("no call <tool_") == ("no call <tool_", [])  # a held partial marker is still text
+    # cut inside what may open a call: dropped as a call cut before its name (a forced turn cut between two
+    # calls returned "\n<tool" as content); not cut, it is text (below)
+    assert outcome("no call <tool_") == ("no call ", [])
+    for tail in ("\n<", "\n<tool", "\n<tool_call"):
+        assert outcome(CALL + tail) == (None, [("get_weather", '{"city": "Paris"}', True)])
+    assert split_tool_calls("no call <tool_", {"get_weather"}) == ("no call <tool_", [])
     # not cut (the model ended there): an unclosed block is text, as before
     assert split_tool_calls('<tool_call>{"name": "get_weather", "arguments": {', {"get_weather"}) == (
         '<tool_call>{"name": "get_weather", "arguments": {', [])
