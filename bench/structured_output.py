@@ -15,8 +15,11 @@ ones are done when nothing stops it). A third: rounds of 4 free requests while 1
 a ~780,000-character JSON schema compile and run (`large_schema`): the worst round against a round alone.
 A fourth: rounds of 4 free requests beside 16 requests whose grammar costs tens of milliseconds per
 token, under grammar_token_ms (`plateau_grammar`), with grammar_step_ms at its default and off.
+A fifth, through the HTTP app (in-process, ASGI): the first-token time of plain streamed chats while
+12 requests carry a 5,000-property schema that the app checks for seconds and refuses (llguidance's
+item limit; integrations.request_limits.grammar_off_loop), against the same chats alone.
 
-    python -m bench.structured_output [--model DIR] [--requests 8] [--tokens 64]
+    python -m bench.structured_output [--model DIR] [--requests 8] [--tokens 64] [--only refused-schemas]
 """
 
 from __future__ import annotations
@@ -285,6 +288,53 @@ async def beside_slow_grammars(model_dir: Path, n: int = 16, k: int = 24) -> lis
     return rows
 
 
+async def beside_refused_schemas(model_dir: Path, schemas: int = 12, properties: int = 5000) -> list[dict]:
+    """Plain streamed chats' first-token times alone, then while `schemas` requests whose schema the app
+    takes seconds to check (and refuses) are in flight: the fifth table."""
+    import httpx
+
+    from integrations.engine_client import LocalEngineClient, read_model_card
+    from integrations.engine_host import build_engine
+    from integrations.openai_api import APISettings, create_app
+    from integrations.request_limits import RequestLimits
+
+    engine, tokenizer = build_engine(model_dir)
+    card = read_model_card(model_dir)
+    settings = APISettings(model_name=card["model"], decode_defaults=card["defaults"],
+                           limits=RequestLimits(context_length=card["limits"]["context_length"]))
+    app = create_app(settings, LocalEngineClient(engine, tokenizer, card["model"]))
+    field = {"type": "string", "description": "a field of the record, as the API returns it"}
+    big = {"type": "json_schema", "json_schema": {"name": "record", "schema": {
+        "type": "object", "properties": {f"p{i}": field for i in range(properties)}}}}
+    await engine.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=None) as http:
+            async def first_token() -> float:
+                start = time.perf_counter()
+                async with http.stream("POST", "/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 8, "stream": True,
+                        "mode": "ar"}) as response:
+                    async for line in response.aiter_lines():
+                        if '"content"' in line:
+                            break
+                return time.perf_counter() - start
+
+            alone = [await first_token() for _ in range(4)]
+            started = time.perf_counter()
+            refused = [asyncio.ensure_future(http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 4, "response_format": big}))
+                for _ in range(schemas)]
+            await asyncio.sleep(0.3)  # the checks have started
+            beside = [await first_token() for _ in range(4)]
+            codes = sorted({(await r).status_code for r in refused})
+            checked_s = time.perf_counter() - started
+    finally:
+        await engine.stop(drain_timeout_s=0)
+    return [{"case": case, "first token s (4 chats)": " / ".join(f"{t:.3f}" for t in times),
+             "max s": round(max(times), 3), "schema requests": f"{schemas}: {codes}, all answered in {checked_s:.1f} s"
+             if case != "alone" else "-"} for case, times in (("alone", alone), ("beside the schemas", beside))]
+
+
 async def _collect(engine, spec) -> tuple[int, str, int]:
     """(tokens, text, decode forwards) of one request."""
     n, text, forwards = 0, "", 0
@@ -308,26 +358,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", choices=["refused-schemas"], help="run only this part")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)  # as bench/model_card.py: steadier step times on a shared 2-core machine
+    refused = asyncio.run(beside_refused_schemas(Path(args.model)))
+    if args.only:
+        tables = {"beside_refused_schemas": refused}
+        print(json.dumps(tables) if args.json else _markdown(refused))
+        return 0
     rows = asyncio.run(run(Path(args.model), args.requests, args.tokens))
     beside = asyncio.run(beside_ambiguous(Path(args.model), args.requests, args.tokens))
     large = asyncio.run(beside_large_schema(Path(args.model)))
     slow = asyncio.run(beside_slow_grammars(Path(args.model)))
     if args.json:
         print(json.dumps({"grammars": rows, "beside_ambiguous": beside, "beside_large_schema": large,
-                          "beside_slow_grammars": slow}))
+                          "beside_slow_grammars": slow, "beside_refused_schemas": refused}))
         return 0
-    for table in (rows, beside, large, slow):
-        keys = list(table[0])
-        print("| " + " | ".join(keys) + " |")
-        print("|" + "---|" * len(keys))
-        for row in table:
-            print("| " + " | ".join(str(row[k]) for k in keys) + " |")
-        print()
+    for table in (rows, beside, large, slow, refused):
+        print(_markdown(table))
     return 0
+
+
+def _markdown(table: list[dict]) -> str:
+    keys = list(table[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in table]) + "\n"
 
 
 if __name__ == "__main__":

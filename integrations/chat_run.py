@@ -24,7 +24,7 @@ from integrations.openai_choices import choice_requests, scored_once, start_all
 from integrations.openai_models import ChatCompletionRequest
 from integrations.openai_requests import generation_request, request_id
 from integrations.openai_responses import ResponseHeader
-from integrations.request_limits import InputError, PromptCharsError, RequestLimits, off_loop
+from integrations.request_limits import InputError, PromptCharsError, RequestLimits, grammar_off_loop, off_loop
 from integrations.structured_output import response_format_schema, tool_grammar, tools_or_format_grammar
 from integrations.tool_calls import ToolCallStreamParser, cut_short, forced_call
 from scheduler.api import Delta
@@ -100,7 +100,7 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     prompt = await chat_prompt(client.tokenizer, settings.limits, body, prompt_field)
     grammar = None
     if body.tools_enabled or body.response_format is not None or body.structured_outputs is not None:
-        grammar = await off_loop(chat_grammar, body, prompt.forced_tokens)  # compiling can take a while
+        grammar = await grammar_off_loop(chat_grammar, body, prompt.forced_tokens)  # compiling can take a while
     header = ResponseHeader(id_prefix, client.model_name, request_id(request, id_prefix))
     # The template's turn-end stops (plain template: "\n### ") would cut text the grammar allows; with a
     # grammar that says what the whole output is, the grammar ends the turn (the client's own `stop`

@@ -36,7 +36,7 @@ from integrations.openai_requests import completion_requests, id_headers, reques
 from integrations.openai_stream import (chat_events, completion_events, echoed, eos_listed, prompt_scores_kept,
                                         stop_included)
 from integrations.request_body import BodyLimitMiddleware
-from integrations.request_limits import InputError, RequestLimits, off_loop
+from integrations.request_limits import InputError, RequestLimits, grammar_off_loop
 from integrations.responses_api import router as responses_router
 
 
@@ -169,7 +169,7 @@ async def completions(request: Request):
     header = shape.ResponseHeader("cmpl", client.model_name, request_id(request, "cmpl"))
     grammar = None
     if body.response_format is not None or body.structured_outputs is not None:  # compiling can take a while
-        grammar = await off_loop(body.output_grammar)
+        grammar = await grammar_off_loop(body.output_grammar)
     if body.suffix is not None and len(body.prompts) > 1:
         raise InputError(400, "prompt", "an infill (`suffix`) takes one prompt: send one per request")
     if body.suffix is not None and body.n > 1:

@@ -35,7 +35,7 @@ from integrations.llama_completion import (LlamaCompletionBody, llama_events, ll
                                            llama_result)
 from integrations.openai_calls import collect, logprob_formatter, start
 from integrations.openai_requests import completion_requests, id_headers, request_id
-from integrations.request_limits import InputError, RequestLimits, off_loop
+from integrations.request_limits import InputError, RequestLimits, grammar_off_loop
 from scheduler.api import EngineError, InvalidRequestError
 from scheduler.request_ids import in_flight_message
 
@@ -153,7 +153,7 @@ async def completion_route(request: Request) -> Response:
         rid = _request_id(request, "cmpl")
         body = await read_body(request, LlamaCompletionBody)
         openai = body.openai_body()
-        grammar = await off_loop(openai.output_grammar) if openai.response_format or openai.structured_outputs else None
+        grammar = await grammar_off_loop(openai.output_grammar) if openai.response_format or openai.structured_outputs else None
         [prepared] = await completion_requests(client.tokenizer, rid, openai, settings, grammar, settings.default_max_tokens)
         prompt_ids = prepared.request.prompt_ids
         observer = RequestObserver.for_request(request, "completion", rid, len(prompt_ids))

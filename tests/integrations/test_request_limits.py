@@ -218,6 +218,39 @@ async def test_tokenizing_runs_off_the_event_loop(bpe_tokenizer, wait_until):  #
         assert (await long_request).status_code == 200
 
 
+async def test_slow_grammar_checks_never_hold_other_requests_tokenizing(bpe_tokenizer, wait_until, monkeypatch):  # noqa: F811
+    """Requests whose schemas take seconds to check (llguidance, a 5,000-property schema) wait for each
+    other in the grammar pool; another request's tokenizing goes on meanwhile. They shared the tokenizer
+    pool: GRAMMAR_THREADS blocked checks held /tokenize (and every prompt) until they ended."""
+    from integrations import structured_output
+    from integrations.request_limits import GRAMMAR_THREADS
+
+    entered, release = threading.Semaphore(0), threading.Event()
+    real = structured_output.json_grammar
+
+    def slow_json_grammar(*args, **kwargs):
+        entered.release()
+        assert release.wait(60), "never released"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(structured_output, "json_grammar", slow_json_grammar)
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    async with _app(FakeEngineClient(bpe_tokenizer)) as http:
+        slow = [asyncio.ensure_future(http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "response_format": schema}))
+            for _ in range(GRAMMAR_THREADS + 1)]
+        for _ in range(GRAMMAR_THREADS):  # every grammar thread is taken
+            await wait_until(lambda: entered.acquire(blocking=False), "a grammar check to start")
+        try:
+            counted = await asyncio.wait_for(http.post("/tokenize", json={"content": "x = 1"}), 30)
+            assert counted.status_code == 200 and counted.json()["count"] > 0
+            assert not any(task.done() for task in slow)  # the checks are still held
+        finally:
+            release.set()
+        answers = [await task for task in slow]
+        assert [a.status_code for a in answers] == [200] * len(slow), answers[0].text
+
+
 async def test_over_long_prompt_is_refused_before_tokenizing(bpe_tokenizer):  # noqa: F811
     tokenizer = _BlockingTokenizer(bpe_tokenizer, block_over=10**9)
     async with _app(FakeEngineClient(tokenizer)) as http:
