@@ -175,8 +175,13 @@ async def _turn_events(shell: ResponseShell, deltas: AsyncIterator[Delta], forma
         message = _message_item(_new_id("msg"), "", "in_progress", [])
         for opened in open_message(message):
             yield opened
-    if message is not None and entries and formatter is not None:  # text the end released without a piece
-        message["content"][0]["logprobs"] += formatter.chat(entries)
+    if message is not None and entries and formatter is not None:  # tokens the end released without text
+        # (a stop string's, an EOS's): their own delta with no text, so the deltas' log probabilities add
+        # up to the message's, as the chat route's last chunk carries them (they were left out)
+        sent = formatter.chat(entries)
+        message["content"][0]["logprobs"] += sent
+        yield event("response.output_text.delta", item_id=message["id"], output_index=len(items), content_index=0,
+                    delta="", logprobs=sent)
     if last is None:
         raise APIError(500, "engine stream ended without a final delta", "server_error")
     # The message the cap (or max_time_ms) cut is "incomplete", as OpenAI marks it; finished calls stay "completed"

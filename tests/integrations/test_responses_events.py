@@ -63,6 +63,17 @@ async def test_items_keep_the_order_written():
     assert json.loads(final["output"][1]["arguments"]) == {"host": "a"}
 
 
+@pytest.mark.parametrize("pieces", [["def add", "(a, b):", ""], ["", ""], ["x", "", ""]])
+async def test_the_deltas_log_probabilities_add_up_to_the_messages(pieces):
+    """Tokens that release no text (a stop string's, the last step's) still reach a delta: the streamed
+    log probabilities are the final message's, entry for entry (they were only in the final events)."""
+    events = await _events(pieces)
+    streamed = [entry for e in events if e["type"] == "response.output_text.delta" for entry in e["logprobs"]]
+    final = events[-1]["response"]["output"][0]["content"][0]
+    assert streamed == final["logprobs"] and len(streamed) == len(pieces)
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == final["text"]
+
+
 async def test_the_message_the_cap_cut_is_incomplete():
     """As OpenAI: in an incomplete response the message being written when the cap cut it has status
     "incomplete" (it was "completed"); a call finished before it stays "completed"."""
