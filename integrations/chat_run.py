@@ -17,14 +17,15 @@ from typing import AsyncIterator
 from fastapi import Request
 
 from decoding.grammar import GrammarSpec
-from integrations.chat import chat_prompt_ids, conversation_key, forced_prefix_ids
+from integrations.chat import chat_prompt_ids, conversation_key, forced_prefix_ids, render_chat
+from integrations.context_fit import ContextLengthError
 from integrations.http_metrics import RequestObserver
 from integrations.openai_calls import check_model, start
 from integrations.openai_choices import choice_requests, scored_once, start_all
 from integrations.openai_models import ChatCompletionRequest
 from integrations.openai_requests import generation_request, request_id
 from integrations.openai_responses import ResponseHeader
-from integrations.request_limits import InputError, PromptCharsError, RequestLimits, grammar_off_loop, off_loop
+from integrations.request_limits import InputError, PromptCharsError, RequestLimits, encode, grammar_off_loop, off_loop
 from integrations.structured_output import response_format_schema, tool_grammar, tools_or_format_grammar
 from integrations.tool_calls import ToolCallStreamParser, cut_short, forced_call
 from scheduler.api import Delta
@@ -73,6 +74,10 @@ async def chat_prompt(tokenizer, limits: RequestLimits, body: ChatCompletionRequ
                                                 body.continue_final_message, body.chat_template_kwargs,
                                                 chars=sum(len(m.content or "") for m in body.messages))
     except PromptCharsError as exc:  # the rendered prompt (tools included) over max_prompt_chars
+        if tools and len(await _text_without_tools(tokenizer, body)) <= limits.prompt_chars:
+            raise PromptCharsError("tools", exc.chars, exc.limit, "the tools' definitions (names, descriptions and "
+                                   "parameter schemas as the chat template writes them) make the chat prompt",
+                                   TOOLS_FIX) from None
         raise PromptCharsError(prompt_field, exc.chars, exc.limit, "make a chat prompt (the messages as the chat "
                                "template writes them, tools included) of") from None
     except InputError as exc:
@@ -87,6 +92,29 @@ async def chat_prompt(tokenizer, limits: RequestLimits, body: ChatCompletionRequ
     if call is not None:  # the assistant's turn starts with the forced call's opening (tool_calls.forced_call)
         forced_ids, forced = forced_prefix_ids(tokenizer, *call)
     return ChatPrompt(prompt_ids + forced_ids, extra_stop, forced, len(forced_ids))
+
+
+TOOLS_FIX = "offer fewer tools, or shorter descriptions and schemas"
+
+
+async def _text_without_tools(tokenizer, body: ChatCompletionRequest) -> str:
+    """The chat prompt's text with no tools offered: what the conversation alone takes (for a 400 that
+    names `tools` when their definitions are what makes the prompt too long)."""
+    text, _ = await off_loop(render_chat, tokenizer, body.messages, None, body.continue_final_message,
+                             body.chat_template_kwargs)
+    return text
+
+
+async def _tools_overflow(tokenizer, body: ChatCompletionRequest, exc: ContextLengthError) -> ContextLengthError:
+    """A prompt that leaves no room to generate (`exc`) named `tools` when the conversation alone leaves
+    room: the tools' definitions are what to cut (a 100-tool request was a 400 on `messages`)."""
+    bare = len(await off_loop(encode, tokenizer, await _text_without_tools(tokenizer, body)))
+    if bare >= exc.context_length:
+        return exc
+    return ContextLengthError("tools", f"the tools' definitions take {exc.prompt_tokens - bare:,} of the prompt's "
+                              f"{exc.prompt_tokens:,} tokens; the model's maximum context length is "
+                              f"{exc.context_length:,} tokens, leaving no room to generate: {TOOLS_FIX}",
+                              exc.prompt_tokens, None, exc.context_length)
 
 
 async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: str, endpoint: str,
@@ -109,8 +137,13 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     turn_end = grammar is None or grammar.open_ended
     stops = body.stop + (prompt.extra_stop if turn_end and not body.ignore_eos else [])
     affinity = body.prompt_cache_key or conversation_key(body.messages)  # the serve router's replica key
-    req = generation_request(header.id, body, prompt.ids, stops, settings.default_max_tokens,
-                             settings, prompt_field, affinity_key=affinity, grammar=grammar)
+    try:
+        req = generation_request(header.id, body, prompt.ids, stops, settings.default_max_tokens,
+                                 settings, prompt_field, affinity_key=affinity, grammar=grammar)
+    except ContextLengthError as exc:
+        if exc.field != prompt_field or exc.max_tokens is not None or not body.tools_enabled:
+            raise
+        raise await _tools_overflow(client.tokenizer, body, exc) from None
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
     observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt.ids))

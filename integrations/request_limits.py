@@ -75,9 +75,8 @@ class InputError(Exception):
 class PromptCharsError(InputError):
     """A prompt over max_prompt_chars (400), with the numbers, for routes that word it their own way."""
 
-    def __init__(self, field: str, chars: int, limit: int, what: str = "is"):
-        super().__init__(400, field, f"{what} {chars:,} characters; the limit is {limit:,} (max_prompt_chars): "
-                         "send less text")
+    def __init__(self, field: str, chars: int, limit: int, what: str = "is", fix: str = "send less text"):
+        super().__init__(400, field, f"{what} {chars:,} characters; the limit is {limit:,} (max_prompt_chars): {fix}")
         self.chars, self.limit = chars, limit
 
 

@@ -442,3 +442,29 @@ def test_a_clipped_message_fits_its_limit_and_clipping_again_changes_nothing():
     once = clipped("m" * 1_000_000)
     assert len(once) <= 2000 and once.endswith(f"... ({1_000_000 - once.index('...'):,} more characters)")
     assert clipped(once) == once and clipped("short") == "short"
+
+
+async def test_a_prompt_too_long_for_its_tools_names_tools(bpe_tokenizer):  # noqa: F811
+    """A chat prompt over the character limit or the context because of the tools' definitions is a 400
+    naming `tools` (on the Responses route too; the Messages route keeps Anthropic's wording); one whose conversation alone is too long still names
+    `messages` (both named `messages`: a client cut its conversation and kept failing)."""
+    user = [{"role": "user", "content": "hi"}]
+
+    def tool(i: int, description: str) -> dict:
+        return {"type": "function", "function": {"name": f"f{i}", "description": description,
+                                                 "parameters": {"type": "object", "properties": {}}}}
+
+    long_description = [tool(0, "a" * 40_000)]  # over 8 x 4,096 characters
+    many = [tool(i, " ".join(f"step{i}x{k}" for k in range(40))) for i in range(60)]  # under it; over 4,096 tokens
+    async with _app(FakeEngineClient(bpe_tokenizer)) as http:
+        for tools, words in ((long_description, "max_prompt_chars"), (many, "maximum context length")):
+            refused = await http.post("/v1/chat/completions", json={"messages": user, "tools": tools, "max_tokens": 4})
+            error = refused.json()["error"]
+            assert refused.status_code == 400 and error["param"] == "tools", refused.text[:300]
+            assert words in error["message"] and "offer fewer tools" in error["message"]
+            responses = await http.post("/v1/responses", json={"input": "hi", "max_output_tokens": 16, "tools": [
+                {"type": "function", **t["function"]} for t in tools]})
+            assert responses.status_code == 400 and responses.json()["error"]["param"] == "tools", responses.text[:300]
+        chatty = [{"role": "user", "content": " ".join(f"w{k}" for k in range(5000))}]  # the conversation alone
+        refused = await http.post("/v1/chat/completions", json={"messages": chatty, "tools": many[:1], "max_tokens": 4})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages", refused.text[:300]
