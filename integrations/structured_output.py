@@ -323,7 +323,7 @@ def _check_tools(tools: list) -> None:
         parameters, field = tool.function.parameters, f"tools.{i}.function.parameters"
         if parameters and parameters.get("type") != "object":
             raise InputError(400, field, 'must be an object schema, {"type": "object", '
-                             f'"properties": ...}} (OpenAI\'s rule: arguments are named), got type '
+                             f'"properties": ...}} (a tool\'s arguments are named, as OpenAI and Anthropic define them), got type '
                              f"{parameters.get('type')!r}")
         for key in ("$defs", "definitions"):
             if key in (parameters or {}) and not isinstance(parameters[key], dict):
