@@ -100,7 +100,10 @@ def decode_frame(data: bytes | str | None, limits: Limits) -> Request:
         msg_id = _peek_id(data)  # (answered with its id: a client tracking its requests by id stops waiting)
         raise err if msg_id is None else _with_id(err, msg_id)
     try:
-        msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        # A string that is not UTF-8 (a lone UTF-16 surrogate, which JavaScript msgpack encoders write as
+        # 3 bytes) is read with U+FFFD for each bad byte: the request is answered, by its id (the whole
+        # frame was refused with id nil, so a client waiting on that id waited forever)
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=False, unicode_errors="replace")
     except Exception as exc:  # msgpack raises several unrelated types
         raise RpcError(PARSE_ERROR, f"frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(msg, (list, tuple)) or len(msg) != 4 or msg[0] != REQUEST:
@@ -123,7 +126,7 @@ def decode_frame(data: bytes | str | None, limits: Limits) -> Request:
 def _peek_id(data: bytes, head_bytes: int = 4096):
     """The id of a request frame read from its first `head_bytes` without unpacking the rest (a frame
     refused for its size: [0, id, ...] comes first); None when it is not readable there."""
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, unicode_errors="replace")
     unpacker.feed(data[:head_bytes])
     try:
         if unpacker.read_array_header() != 4 or unpacker.unpack() != REQUEST:

@@ -72,6 +72,20 @@ async def test_complete_streams_partials_then_final_result(session, fake_client)
     assert any(rid.endswith("-g64") for rid in fake_client.cancelled)
 
 
+async def test_a_lone_surrogate_as_javascript_encodes_it_is_served_by_its_id(session, fake_client):  # noqa: F811
+    """JavaScript msgpack encoders write a lone UTF-16 surrogate (a half-typed emoji) as 3 bytes that are
+    not UTF-8: the frame was refused with id nil, so the client's request 77 was never answered. It is
+    read with U+FFFD per bad byte and served."""
+    s, wire = session
+    fake_client.script = {32: "total = a + b\n    return total\n"}
+    frame = rpc.encode_request(77, "complete", complete_params(prefix="s = 'XYZ'\ndef add(a, b):\n    "))
+    await s.handle_frame(frame.replace(b"XYZ", b"\xed\xa0\x80"))  # U+D800 as WTF-8, same length
+    await s.drain()
+    [[_, msg_id, err, result]] = wire.responses()
+    assert (msg_id, err) == (77, None) and result["text"] == "total = a + b"
+    assert fake_client.tokenizer.decode(fake_client.requests[0].prompt_ids).startswith("s = '\ufffd\ufffd\ufffd'")
+
+
 async def test_single_line_completion_stops_the_engine_at_the_newline(session, fake_client):  # noqa: F811
     s, wire = session
     fake_client.script = {16: "total = a + b\n    more = 1\n    and_more = 2\n"}
