@@ -211,6 +211,19 @@ def clamp_position(doc, position: types.Position) -> types.Position:
     return types.Position(position.line, min(position.character, doc.position_codec.client_num_units(text)))
 
 
+def with_selected_item(doc, selected: types.SelectedCompletionInfo, offset: int) -> tuple[str, int, types.Range]:
+    """(source, cursor offset, range to answer over) when the editor's suggest popup has an item selected
+    (InlineCompletionContext.selectedCompletionInfo): the document as if the item's text replaced its
+    range, the cursor after it, and that range. LSP 3.18: "If set, provided inline completions must
+    extend the text of the selected item and use the same range, otherwise they are not shown as
+    preview" (they were completed at the cursor, so VS Code dropped every one made with the popup open)."""
+    ends = sorted(doc.offset_at_position(clamp_position(doc, p)) for p in (selected.range.start, selected.range.end))
+    start, end = min(ends[0], offset), max(ends[1], offset)
+    source = "".join((doc.source[:start], selected.text, doc.source[end:]))
+    return source, start + len(selected.text), types.Range(start=position_at_offset(doc, start),
+                                                           end=position_at_offset(doc, end))
+
+
 def wants_multiline(mode: str, suffix: str) -> bool:
     if mode in ("always", "never"):
         return mode == "always"
@@ -225,7 +238,9 @@ def complete_params(config: BridgeConfig, uri: str, version: int | None, languag
     if config.max_time_ms:
         params["max_time_ms"] = config.max_time_ms
     params.update(config.params)
-    params.update(uri=uri, prefix=prefix, suffix=suffix, language=language or "")
+    # (a lone surrogate in the URI or language, which JSON can carry and UTF-8 cannot, as in the text)
+    params.update(uri=_SURROGATE.sub("\ufffd", uri), prefix=prefix, suffix=suffix,
+                  language=_SURROGATE.sub("\ufffd", language or ""))
     if version is not None:
         params["version"] = version
     return params
@@ -244,9 +259,12 @@ def fit_to_limits(prefix: str, suffix: str, limits: Limits) -> tuple[str, str]:
 
 def _utf8(text: str) -> bytes:
     """UTF-8 of document text, a lone surrogate (JSON can carry "\\ud800"; UTF-8 cannot) as U+FFFD, as the
-    WHATWG Encoding Standard's UTF-8 encoder (an editor's TextEncoder) writes it. One UTF-16 unit either
-    way, so the text keeps its length; it failed the completion with -32603 before."""
-    return _SURROGATE.sub("\ufffd", text).encode()
+    WHATWG Encoding Standard's UTF-8 encoder (an editor's TextEncoder) writes it; it failed the completion
+    with -32603 before. A surrogate pair that came in two edits (an emoji typed as two UTF-16 units) is
+    two code points in the document: joined into its character (it was sent as two U+FFFD)."""
+    if _SURROGATE.search(text):
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text.encode()
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -288,7 +306,11 @@ def build_server(config: BridgeConfig) -> LanguageServer:
         doc = server.workspace.get_text_document(uri)
         offset = doc.offset_at_position(clamp_position(doc, params.position))
         position = position_at_offset(doc, offset)  # where the prefix ends: a mid-character position normalized
-        prefix, suffix = cursor_context(doc.source, offset, config.prefix_lines, config.suffix_lines)
+        here = types.Range(start=position, end=position)  # where it completes (a clamped cursor included)
+        source, selected = doc.source, params.context.selected_completion_info if params.context else None
+        if selected is not None:  # the editor's suggest popup is open on an item: extend that item
+            source, offset, here = with_selected_item(doc, selected, offset)
+        prefix, suffix = cursor_context(source, offset, config.prefix_lines, config.suffix_lines)
         try:
             prefix, suffix = fit_to_limits(prefix, suffix, await backend.limits())  # a line can be very long
             request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
@@ -306,7 +328,8 @@ def build_server(config: BridgeConfig) -> LanguageServer:
         text = result.get("text", "")
         if not text.strip():
             return types.InlineCompletionList(items=[])
-        here = types.Range(start=position, end=position)  # where it completed (a clamped cursor included)
+        if selected is not None:
+            text = selected.text + text  # it extends the selected item, over the item's range (LSP 3.18)
         return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=text, range=here)])
 
     @server.feature(types.SHUTDOWN)

@@ -804,3 +804,57 @@ async def test_a_completion_in_flight_at_shutdown_is_answered_as_cancelled(scrip
         fake.hold.set()  # the fixture is shared: leave no request held
         fake.hold = None
         await lsp.close()
+
+
+async def test_a_selected_suggestion_is_extended_over_its_range(scripted_backend):
+    """LSP 3.18: with the suggest popup open (selectedCompletionInfo), an inline completion must extend the
+    selected item's text and use its range, or the editor does not show it. The bridge completed at the
+    cursor, so VS Code dropped every suggestion made while the popup was open."""
+    url, fake = scripted_backend
+    client = await start_lsp(url)
+    try:
+        doc = "def area(r):\n    res\n    return result\n"
+        uri = "file:///tmp/selected.py"
+        open_document(client, uri, doc)
+        selected = types.SelectedCompletionInfo(range=types.Range(start=types.Position(1, 4), end=types.Position(1, 7)),
+                                                text="result")
+        params = types.InlineCompletionParams(
+            context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic,
+                                                  selected_completion_info=selected),
+            text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(1, 7))
+        n = len(fake.requests)
+        result = await asyncio.wait_for(client.text_document_inline_completion_async(params), WAIT_S)
+        [item] = result.items
+        assert item.range == selected.range  # the item's range, not the cursor's
+        assert item.insert_text.startswith("result") and len(item.insert_text) > len("result")
+        prompts = [fake.tokenizer.decode(r.prompt_ids) for r in fake.requests[n:]]
+        assert prompts and all(p.endswith("def area(r):\n    result") for p in prompts), prompts
+    finally:
+        await stop_lsp(client)
+
+
+async def test_lone_surrogates_in_the_uri_and_language_and_an_emoji_typed_in_two_edits(scripted_backend, tmp_path):
+    """A lone surrogate in a document's URI or languageId failed its completions with a -32603 that showed
+    Python's UnicodeEncodeError; an emoji whose two UTF-16 halves came in two edits reached the model as
+    two U+FFFD. Now: served, and the emoji is sent whole."""
+    url, fake = scripted_backend
+    lsp = await RawLsp.start(url, tmp_path)
+    try:
+        assert "capabilities" in (await lsp.request(1, "initialize", {"capabilities": {}}))["result"]
+        lsp.notify("initialized", {})
+        uri = "file:///tmp/a\ud800.py"
+        lsp.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "py\udc00", "version": 1,
+                                                             "text": "s = '\ud83d" + DOC}})
+        lsp.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": 2}, "contentChanges": [
+            {"range": {"start": {"line": 0, "character": 6}, "end": {"line": 0, "character": 6}}, "text": "\ude00'\n"}]})
+        n = len(fake.requests)
+        params = raw_inline_params(uri) | {"position": {"line": 2, "character": 4}}
+        answer = await lsp.request(2, "textDocument/inlineCompletion", params)
+        assert answer["result"]["items"][0]["insertText"].startswith("result = 3.14 * r * r"), answer
+        prompts = [fake.tokenizer.decode(r.prompt_ids) for r in fake.requests[n:]]
+        assert prompts and all(p.startswith("s = '\U0001F600'\ndef area(r):\n") for p in prompts), prompts
+        assert await lsp.request(3, "shutdown") == {"jsonrpc": "2.0", "id": 3, "result": None}
+        lsp.notify("exit")
+        assert await lsp.exit_code() == 0
+    finally:
+        await lsp.close()
