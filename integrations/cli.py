@@ -24,7 +24,12 @@ def _interrupt(*_):
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; returns its exit status (130 when Ctrl-C, or SIGTERM before the subcommand
     handles signals itself, stops it: a line, not a traceback)."""
-    if argv is None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # the `refusion` process itself
+    if argv is None:  # the `refusion` process itself
+        from integrations import serve_supervisor
+
+        if serve_supervisor.wanted(sys.argv[1:]):  # `serve` on a local Ray: supervisor + server in its own session
+            return serve_supervisor.supervise(sys.argv[1:])
+    if argv is None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         # SIGTERM as Ctrl-C until the subcommand sets its own handlers: importing it (torch, Ray) takes
         # seconds, in which SIGTERM killed the process with no word (status 143)
         signal.signal(signal.SIGTERM, _interrupt)

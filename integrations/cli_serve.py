@@ -16,7 +16,9 @@ Retry-After, running ones get drain_timeout_s to finish and the rest end with a 
 drain_timeout_s plus a margin). Once it has exited, connections are refused (exit status 0). A second Ctrl-C
 stops at once, dropping open streams, and exits with 130.
 While the application is still starting, Ctrl-C or SIGTERM removes it and exits with 130; a deploy Ray
-reports as failed exits with 1 (integrations/serve_start.py).
+reports as failed exits with 1 (integrations/serve_start.py). On Linux with a local Ray this runs under a
+supervisor process that forwards the signals (integrations/serve_supervisor.py), so a signal to the
+process group drains as well.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from integrations.ingress_gate import IngressGate
 from integrations.openai_api import APISettings, create_app
 from integrations.request_limits import RequestLimits
 from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
-from integrations.serve_drain import (DRAIN_RETRY_AFTER_S, report_final, report_open_work, signal_drain,
+from integrations.serve_drain import (DRAIN_RETRY_AFTER_S, die_on_sigterm, report_final, report_open_work, signal_drain,
                                       start_drain_watch, wait_for_drain_signal)
 from scheduler.api import Delta, EngineError, GenerationRequest
 
@@ -79,6 +79,7 @@ class EngineDeployment:
     """Hosts one scheduler Engine. Methods are called through deployment handles by the ingress."""
 
     async def __init__(self, config: dict):
+        die_on_sigterm()  # `kill <pid>` ends this replica as `kill -9` does, not in a ~95 s freeze
         self.config = ServeConfig.model_validate(config)
         threads = self.config.engine_deployment.torch_threads
         if threads:
@@ -196,6 +197,7 @@ class IngressDeployment:
     async def __init__(self, engine: DeploymentHandle, config: dict):
         from workers.loader import load_tokenizer
 
+        die_on_sigterm()  # as the engine replica's
         self.config = ServeConfig.model_validate(config)
         tokenizer = load_tokenizer(self.config.model)
         context = serve.get_replica_context()

@@ -22,7 +22,9 @@ Ray Serve's own shutdown kills the HTTP proxy at once, severing every open strea
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -180,3 +182,22 @@ async def report_open_work(signal, member: str, open_work: Callable[[], int]) ->
         except ray.exceptions.RayError:
             return  # the drain is over: the signal was removed (or Ray is shutting down)
         await asyncio.sleep(DRAIN_REPORT_S)
+
+
+def die_on_sigterm() -> bool:
+    """Make SIGTERM end this replica process at once, as SIGKILL does (the kernel's default action), so
+    Ray Serve sees it die and replaces it: its streams end with a typed retryable error (`engine_unavailable`,
+    README "Readiness, failures and shutdown") and new requests wait for the replacement. Ray's worker
+    handler instead raises SystemExit in the main thread, where the task loop runs in C++: a break-test's
+    `kill <engine pid>` (what `kill`, systemd and Kubernetes send) froze the only engine replica for ~95 s,
+    every stream stalled and /health 503, until Ray's health check gave up on it three times. A drain is
+    the `refusion serve` process's job (its SIGTERM); a replica's own SIGTERM means it is being killed.
+    Set through libc: replica constructors do not run on the main thread, where Python's `signal.signal`
+    must be called. Returns False where libc has no `signal` (not Linux or macOS)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    except (OSError, AttributeError):
+        return False
+    return libc.signal(int(signal.SIGTERM), ctypes.c_void_p(0)) != ctypes.c_void_p(-1).value  # SIG_DFL is 0

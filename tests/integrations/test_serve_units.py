@@ -926,3 +926,50 @@ def test_anthropic_error_types_follow_the_status_and_keep_details():
     body = anthropic_error_body(400, "invalid_request_error", "m", {"error_code": "thread_unsupported_request"})
     assert body == {"type": "error", "error": {"type": "invalid_request_error", "message": "m",
                                                "details": {"error_code": "thread_unsupported_request"}}}
+
+
+def test_die_on_sigterm_from_a_thread_ends_the_process_as_sigkill_does():
+    """serve_drain.die_on_sigterm, called off the main thread (where replica constructors run), makes
+    SIGTERM end the process at once even though a Python handler was installed for it (Ray's worker
+    handler only raised SystemExit in a main thread busy in C++). Through the real Ray app:
+    test_serve_process.py, the SIGTERM case."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import signal, sys, threading, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: print('handled', flush=True))\n"
+            "from integrations.serve_drain import die_on_sigterm\n"
+            "done = []\n"
+            "thread = threading.Thread(target=lambda: done.append(die_on_sigterm()))\n"
+            "thread.start(); thread.join()\n"
+            "print(done, flush=True)\n"
+            "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout.readline().strip() == "[True]"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == -signal.SIGTERM  # killed by the signal, not handled
+        assert proc.stdout.read() == ""
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_supervisor_runs_only_for_serve_on_a_local_ray(monkeypatch):
+    """serve_supervisor.wanted: `refusion serve` on a local Ray runs as supervisor + server (a group
+    SIGTERM drains: test_serve_process.py, test_sigterm_drains_running_streams); not with --address (the
+    cluster's processes are not ours), not for help, not in the server itself, not for other commands."""
+    from integrations import serve_supervisor
+
+    monkeypatch.delenv(serve_supervisor.CHILD_ENV, raising=False)
+    monkeypatch.setattr(serve_supervisor.sys, "platform", "linux")
+    assert serve_supervisor.wanted(["serve"]) and serve_supervisor.wanted(["serve", "--port", "8001"])
+    for argv in (["serve", "--address", "auto"], ["serve", "--address=auto"], ["serve", "-h"], ["generate"], []):
+        assert not serve_supervisor.wanted(argv), argv
+    monkeypatch.setattr(serve_supervisor.sys, "platform", "darwin")  # no PR_SET_PDEATHSIG: one process
+    assert not serve_supervisor.wanted(["serve"])
+    monkeypatch.setattr(serve_supervisor.sys, "platform", "linux")
+    monkeypatch.setenv(serve_supervisor.CHILD_ENV, "1")
+    assert not serve_supervisor.wanted(["serve"])

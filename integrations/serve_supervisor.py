@@ -1,0 +1,73 @@
+"""`refusion serve` as two processes, so that a signal to its process group drains the service.
+
+A local Ray's GCS server and raylet are children of the `refusion serve` process, in its process group.
+A SIGTERM sent to the group (`kill -- -PGID`, a shell's `kill %1`, GNU `timeout`) reached them too: they
+exited at once, the drain could not reach the replicas, which went on answering (/health 200) until
+Ray's 60 s GCS timeout ended them and cut every open stream without an error line, and the command
+exited with 1 (a break-test). So the `refusion serve` process a user or a service manager sees is a
+small supervisor: it starts the real server (the same command, `REFUSION_SERVE_CHILD=1`) in a session of
+its own, with Ray under it, and forwards SIGINT, SIGTERM and SIGHUP (as SIGTERM) to it, so a signal to
+the group reaches the server once, through the supervisor: the first drains, a second stops at once, as
+before. The server gets SIGTERM if the supervisor dies (Linux `PR_SET_PDEATHSIG`), so it drains then
+too. Its exit status is the server's (128 + N when signal N ended it). systemd's default
+`KillMode=control-group` signals every process of the service's cgroup, sessions regardless: there,
+`KillMode=mixed` (README, "Readiness, failures and shutdown").
+
+Only on Linux, only for a local Ray (`--address` joins a cluster whose processes are not ours), and
+only for the `refusion` process itself (`integrations.cli.main()` without arguments).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+
+CHILD_ENV = "REFUSION_SERVE_CHILD"
+PR_SET_PDEATHSIG = 1
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def wanted(argv: list[str]) -> bool:
+    """Whether `refusion <argv>` should run as supervisor + server: `serve` with a local Ray, on Linux,
+    not already the server, and not just asking for help."""
+    return (sys.platform.startswith("linux") and bool(argv) and argv[0] == "serve" and CHILD_ENV not in os.environ
+            and not any(a in ("-h", "--help") or a == "--address" or a.startswith("--address=") for a in argv[1:]))
+
+
+def _die_with_parent() -> None:
+    """In the server, before it runs: SIGTERM when the supervisor dies (even by SIGKILL), so it drains."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def supervise(argv: list[str]) -> int:
+    """Run `python -m integrations.cli <argv>` as the server in a session of its own and forward signals to
+    it until it exits; returns its exit status."""
+    pending: list[int] = []  # signals that came before the server started
+    server: subprocess.Popen | None = None
+
+    def forward(signum, _frame) -> None:
+        sent = signal.SIGTERM if signum == signal.SIGHUP else signum  # the terminal went away: drain
+        if server is None:
+            pending.append(sent)
+        elif server.poll() is None:
+            server.send_signal(sent)
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    server = subprocess.Popen([sys.executable, "-m", "integrations.cli", *argv], env={**os.environ, CHILD_ENV: "1"},
+                              start_new_session=True, preexec_fn=_die_with_parent)
+    for sent in pending:
+        server.send_signal(sent)
+    while True:
+        try:
+            code = server.wait()
+            break
+        except KeyboardInterrupt:  # (SIGINT is forwarded by the handler; this is only a safety net)
+            continue
+    return code if code >= 0 else 128 - code
