@@ -42,8 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("refusion-serve")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "(not installed)"
+
+
 def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="refusion", description="refusion-serve: ReFusion serving backend.")
+    parser.add_argument("--version", action="version", version=f"refusion-serve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if argv and argv[0] in SUBCOMMANDS:
         # Import only the chosen subcommand's module; others may pull heavy dependencies.

@@ -141,7 +141,7 @@ def start_ray(ray, address: str | None) -> bool:
             ray.init(address="local", include_dashboard=False)
             return True
         ray.init(address=address)
-    except (ConnectionError, RuntimeError) as exc:
+    except (ConnectionError, RuntimeError, ValueError) as exc:  # (ValueError: "Invalid address format")
         print(f"refusion serve: --address: cannot join the Ray cluster at {address}: {exc}".splitlines()[0],
               file=sys.stderr)
         print("refusion serve: check the address; a cluster with token authentication also needs "
@@ -151,6 +151,21 @@ def start_ray(ray, address: str | None) -> bool:
         if set_handler is not None:
             ray_utils.set_sigterm_handler = set_handler
     return True
+
+
+def _setting(args: argparse.Namespace, file, error: dict) -> tuple[str, str]:
+    """(where, message) of a ServeConfig validation error: the flag that set the value (`--model`), else
+    the config file and the key's place in it (`--config FILE: applications[0].args.bogus_key`); a
+    setting's own prefix ("model: ...") is moved into `where`."""
+    key = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix
+    if not key and ": " in message:  # a model validator naming its setting, "model: ... does not exist"
+        key, message = message.split(": ", 1)
+    if key == "model" and args.model:
+        return "--model", message
+    if args.config and key:
+        return f"--config {args.config}: {file.args_path}{key}", message
+    return key or "config", message
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     from integrations.serve_start import DeployError, deploy, serve_status
     from workers.loader import ModelDirError, check_model_dir
 
+    file = None
     try:
         file = merged_config(args)
         config, http = file.args, file.http
@@ -175,9 +191,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except ValidationError as exc:
         for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"]) or "config"
-            print(f"refusion serve: {where}: {error['msg'].removeprefix('Value error, ')}",  # pydantic's prefix
-                  file=sys.stderr)
+            where, message = _setting(args, file, error)
+            print(f"refusion serve: {where}: {message}", file=sys.stderr)
         return 2
     except (TypeError, ValueError, ImportError) as exc:  # what Deployment.options() refuses, from `deployments:`
         # (ImportError: an autoscaling policy_function that does not import)

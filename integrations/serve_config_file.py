@@ -27,6 +27,7 @@ class ConfigFile:
     http: dict = field(default_factory=dict)  # http_options
     proxy_location: str | None = None  # EveryNode / HeadOnly / Disabled (Ray's default when None)
     deployments: dict[str, dict] = field(default_factory=dict)  # applications[0].deployments, by name
+    args_path: str = ""  # where `args` sit in the file, for errors: "applications[0].args." or "" (a bare mapping)
 
 
 def load_config_file(path: Path) -> ConfigFile:
@@ -38,7 +39,7 @@ def load_config_file(path: Path) -> ConfigFile:
     if not path.is_file():
         raise CLIError(f"--config: {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except PermissionError:
         raise CLIError(f"--config: {path}: permission denied; make it readable") from None
     except UnicodeDecodeError as exc:
@@ -48,6 +49,9 @@ def load_config_file(path: Path) -> ConfigFile:
         at = f" at line {place.line + 1}, column {place.column + 1}" if place else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise CLIError(f"--config: {path} is not valid YAML{at}: {problem}") from None
+    if data is None:  # (it started the server on the defaults without a word)
+        raise CLIError(f"--config: {path} is empty; give a Serve config (config/serve.yaml) or a mapping of "
+                       "settings, or drop --config for the defaults")
     if not isinstance(data, dict):
         raise CLIError(f"--config: {path} must hold a mapping")
     if "applications" not in data:
@@ -98,7 +102,7 @@ def load_config_file(path: Path) -> ConfigFile:
                            f"and Ray Serve's own, its health check among them, need room)")
         deployments[name] = {k: v for k, v in entry.items() if k != "name"}
     return ConfigFile(_section(apps[0], "args"), _section(data, "http_options"),
-                      data.get("proxy_location"), deployments)
+                      data.get("proxy_location"), deployments, "applications[0].args.")
 
 
 def _check_keys(mapping: dict, schema, where: str) -> None:

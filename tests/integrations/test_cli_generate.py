@@ -305,6 +305,10 @@ def test_sigterm_while_the_command_loads_is_an_interrupt_not_a_silent_kill(comma
               "from integrations.cli import main\n"
               f"sys.argv = ['refusion', {command!r}, '--model', {str(tiny_model_dir)!r}]\n"
               "sys.exit(main())\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    # (as the server `refusion serve` runs under its supervisor, integrations/serve_supervisor.py, which
+    # loads nothing: it forwards the signal to this process)
+    env = {**os.environ, "REFUSION_SERVE_CHILD": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=env)
     assert done.returncode == 130, (done.returncode, done.stderr[-2000:])
     assert done.stderr.strip().splitlines()[-1] == f"refusion {command}: interrupted", done.stderr[-2000:]

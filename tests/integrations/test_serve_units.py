@@ -354,6 +354,10 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(cli_serve.CLIError, match=message):
             serve_config_file.load_config_file(path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")  # started the server on the defaults without a word
+    with pytest.raises(cli_serve.CLIError, match="empty.yaml is empty; give a Serve config"):
+        serve_config_file.load_config_file(empty)
     with pytest.raises(cli_serve.CLIError, match="is a directory; give the YAML file"):
         serve_config_file.load_config_file(tmp_path)
     with pytest.raises(cli_serve.CLIError, match="does not exist"):
@@ -453,14 +457,35 @@ def test_a_broken_model_directory_is_one_line_before_ray_starts(tiny_model_dir, 
     (settings / "refusion.json").write_text('{"slot_threshold": 7}')  # failed each replica after Ray started
     missing = tmp_path / "refusion-tiny"  # (a mistyped path said "has no config.json")
     for target, said in ((model, f"--model: {weights}: not a readable safetensors file"),
-                         (weights, f"config: model: {weights} is not a directory"),
-                         (missing, f"config: model: {missing} does not exist"),
+                         (weights, f"--model: {weights} is not a directory"),  # (it said "config: model:")
+                         (missing, f"--model: {missing} does not exist"),
                          (settings, f"--model: {settings / 'refusion.json'}: slot_threshold")):
         proc = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", "--model", str(target), "--port", "1"],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert proc.stderr.startswith(f"refusion serve: {said}") and not proc.stdout, proc.stdout + proc.stderr
         assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_a_bad_setting_names_the_file_and_its_place_and_a_bad_address_is_one_line(tmp_path):
+    """A ServeConfig key the config file got wrong is named with the file and its place in it (it said
+    only "bogus_key: Extra inputs are not permitted"); --address that Ray cannot parse is one line, not
+    a traceback."""
+    import subprocess
+    import sys
+
+    served = tmp_path / "serve.yaml"
+    served.write_text("applications:\n- name: x\n  import_path: integrations.serve_app:build_app\n  args:\n    bogus_key: 1\n")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("drain_timeout_s: -1\n")
+    for argv, said in ((["--config", str(served)], f"--config {served}: applications[0].args.bogus_key: Extra inputs"),
+                       (["--config", str(bare)], f"--config {bare}: drain_timeout_s: "),
+                       (["--address", "garbage"], "--address: cannot join the Ray cluster at garbage: Invalid address")):
+        proc = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", *argv, "--port", "1"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"refusion serve: {said}"), proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(tiny_model_dir):
@@ -973,3 +998,14 @@ def test_the_supervisor_runs_only_for_serve_on_a_local_ray(monkeypatch):
     monkeypatch.setattr(serve_supervisor.sys, "platform", "linux")
     monkeypatch.setenv(serve_supervisor.CHILD_ENV, "1")
     assert not serve_supervisor.wanted(["serve"])
+
+
+def test_refusion_version(capsys):
+    """`refusion --version` prints the installed version (it failed: "the following arguments are required")."""
+    from importlib.metadata import version
+
+    from integrations import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"refusion-serve {version('refusion-serve')}"
