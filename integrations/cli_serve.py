@@ -11,8 +11,8 @@ ServeConfig fields; flags override the file (integrations/serve_config_file.py).
 for one GPU when the cluster has GPUs and the config does not say otherwise.
 
 Ctrl-C or SIGTERM drains, then shuts down (integrations/serve_drain.py): new requests get 503 +
-Retry-After, running ones get drain_timeout_s to finish and the rest end with a clean error (an SSE
-`error` event, an editor error answer); Ray Serve is shut down only when nothing is left open (or after
+Retry-After, running ones get drain_timeout_s to finish and the rest end with a clean error (a last SSE
+`data:` line holding the error, an editor error answer); Ray Serve is shut down only when nothing is left open (or after
 drain_timeout_s plus a margin). Once it has exited, connections are refused (exit status 0). A second Ctrl-C
 stops at once, dropping open streams, and exits with 130.
 While the application is still starting, Ctrl-C or SIGTERM removes it and exits with 130; a deploy Ray

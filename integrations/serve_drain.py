@@ -11,8 +11,8 @@ Ray Serve's own shutdown kills the HTTP proxy at once, severing every open strea
    long-poll call (`wait_for_drain_signal`; replicas started without it look again every DRAIN_POLL_S).
 2. `drain_app` starts the drain: at once, an ingress replica refuses new requests (503 + Retry-After,
    integrations/ingress_gate.py) and an engine replica stops admitting, lets running requests finish for
-   drain_timeout_s and ends the rest with a clean error (`scheduler.engine.Engine.stop`): an SSE `error`
-   event, an editor error.
+   drain_timeout_s and ends the rest with a clean error (`scheduler.engine.Engine.stop`): a last SSE
+   `data:` line holding the error, an editor error.
 3. Each replica then reports the work it still holds to the signal (`report_open_work`): an ingress its
    HTTP requests not yet fully answered, an engine 1 until its engine has stopped.
 4. `drain_app` returns once every running replica has reported and none holds work (True), or when the
