@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM as Ctrl-C until the subcommand sets its own handlers: importing it (torch, Ray) takes
         # seconds, in which SIGTERM killed the process with no word (status 143)
         signal.signal(signal.SIGTERM, _interrupt)
+    supervised = argv is None
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if supervised:  # the server under the supervisor: signals held until now, taken here as an interrupt
+            serve_supervisor.unblock_signals()
         return _run(argv)
     except KeyboardInterrupt:
         name = f"refusion {argv[0]}" if argv and argv[0] in SUBCOMMANDS else "refusion"

@@ -217,9 +217,10 @@ async def completions(request: Request):
         for i, p in enumerate(p for p in prepared for _ in range(body.n)):
             if scores is not None and (scored_each or i % body.n == 0):
                 streams[i] = prompt_scores_kept(streams[i], scores[i])
+            if body.include_stop_str_in_output:  # vLLM's: the stop string ends the text (the model's form, so
+                # that a CRLF or tab-indented prompt's style applies to it as to the text: "\n" comes back "\r\n")
+                streams[i] = stop_included(streams[i], p.request.stop)
             streams[i] = p.client_deltas(streams[i])  # healed whitespace dropped; a CRLF or tab-indented prompt's style
-            if body.include_stop_str_in_output:  # vLLM's: the stop string, in the client's form, ends the text
-                streams[i] = stop_included(streams[i], body.stop)
             if body.logprobs is not None:  # an EOS ending is listed last (OpenAI's legacy completions, vLLM)
                 streams[i] = eos_listed(streams[i])
             if body.echo:  # the client's own text, or its token ids as text (special tokens shown)

@@ -182,9 +182,10 @@ async def eos_listed(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
 
 
 async def stop_included(deltas: AsyncIterator[Delta], stops: Collection[str]) -> AsyncIterator[Delta]:
-    """vLLM's `include_stop_str_in_output`: the deltas with the client's `stop` string that ended the text
-    (stats["stop_word"], in the client's form: after in_document_style) appended to the last delta's text,
-    so the text runs through the stop string's end. Only the client's own `stops` are returned: the chat
+    """vLLM's `include_stop_str_in_output`: the deltas with the `stop` string that ended the text
+    (stats["stop_word"]) appended to the last delta's text, so the text runs through the stop string's end
+    (on completions before in_document_style, in the model's form, so a CRLF prompt's "\n" stop comes
+    back as the "\r\n" its text has there). Only the client's own `stops` are returned: the chat
     template's turn end, an engine stop, is not. Token ids, log probabilities and usage are unchanged:
     the stop string's tokens are already in them (they were generated). Closing this closes `deltas`."""
     async with contextlib.aclosing(deltas):

@@ -36,7 +36,7 @@ def load_config_file(path: Path) -> ConfigFile:
 
     if path.is_dir():
         raise CLIError(f"--config: {path} is a directory; give the YAML file (e.g. config/serve.yaml)")
-    if not path.is_file():
+    if not path.exists():  # (a pipe, `--config <(...)`, is read as a file is)
         raise CLIError(f"--config: {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -37,12 +37,22 @@ def wanted(argv: list[str]) -> bool:
             and not any(a in ("-h", "--help") or a == "--address" or a.startswith("--address=") for a in argv[1:]))
 
 
-def _die_with_parent() -> None:
-    """In the server, before it runs: SIGTERM when the supervisor dies (even by SIGKILL), so it drains."""
+def _server_preexec() -> None:
+    """In the server, before it runs: SIGTERM when the supervisor dies (even by SIGKILL), so it drains; and
+    SIGINT and SIGTERM blocked until `integrations.cli.main` has its handlers (`unblock_signals`): one
+    forwarded during the server's Python start-up killed it with status 143 and no word."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def unblock_signals() -> None:
+    """In the server, once its SIGINT and SIGTERM handlers are set: take the signals the supervisor
+    forwarded meanwhile (they were held pending, `_server_preexec`)."""
+    if os.environ.get(CHILD_ENV):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def supervise(argv: list[str]) -> int:
@@ -60,8 +70,9 @@ def supervise(argv: list[str]) -> int:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
+    # (close_fds off: the server gets what the command was given, as when it was one process)
     server = subprocess.Popen([sys.executable, "-m", "integrations.cli", *argv], env={**os.environ, CHILD_ENV: "1"},
-                              start_new_session=True, preexec_fn=_die_with_parent)
+                              start_new_session=True, preexec_fn=_server_preexec, close_fds=False)
     for sent in pending:
         server.send_signal(sent)
     while True:
@@ -70,4 +81,6 @@ def supervise(argv: list[str]) -> int:
             break
         except KeyboardInterrupt:  # (SIGINT is forwarded by the handler; this is only a safety net)
             continue
+    if code < 0:  # (the server drains on SIGTERM and SIGINT and exits itself: this is a kill -9, an OOM kill)
+        print(f"refusion serve: the server process was killed by signal {-code}", file=sys.stderr, flush=True)
     return code if code >= 0 else 128 - code

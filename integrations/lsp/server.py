@@ -211,14 +211,18 @@ def clamp_position(doc, position: types.Position) -> types.Position:
     return types.Position(position.line, min(position.character, doc.position_codec.client_num_units(text)))
 
 
-def with_selected_item(doc, selected: types.SelectedCompletionInfo, offset: int) -> tuple[str, int, types.Range]:
+def with_selected_item(doc, selected: types.SelectedCompletionInfo,
+                       offset: int) -> tuple[str, int, types.Range] | None:
     """(source, cursor offset, range to answer over) when the editor's suggest popup has an item selected
     (InlineCompletionContext.selectedCompletionInfo): the document as if the item's text replaced its
     range, the cursor after it, and that range. LSP 3.18: "If set, provided inline completions must
     extend the text of the selected item and use the same range, otherwise they are not shown as
-    preview" (they were completed at the cursor, so VS Code dropped every one made with the popup open)."""
-    ends = sorted(doc.offset_at_position(clamp_position(doc, p)) for p in (selected.range.start, selected.range.end))
-    start, end = min(ends[0], offset), max(ends[1], offset)
+    preview" (they were completed at the cursor, so VS Code dropped every one made with the popup open).
+    None when the cursor is outside the range: no answer over that range continues the text at the
+    cursor (one widened to take the cursor in deleted the text between them)."""
+    start, end = sorted(doc.offset_at_position(clamp_position(doc, p)) for p in (selected.range.start, selected.range.end))
+    if not start <= offset <= end:
+        return None
     source = "".join((doc.source[:start], selected.text, doc.source[end:]))
     return source, start + len(selected.text), types.Range(start=position_at_offset(doc, start),
                                                            end=position_at_offset(doc, end))
@@ -309,7 +313,10 @@ def build_server(config: BridgeConfig) -> LanguageServer:
         here = types.Range(start=position, end=position)  # where it completes (a clamped cursor included)
         source, selected = doc.source, params.context.selected_completion_info if params.context else None
         if selected is not None:  # the editor's suggest popup is open on an item: extend that item
-            source, offset, here = with_selected_item(doc, selected, offset)
+            extended = with_selected_item(doc, selected, offset)
+            if extended is None:
+                return types.InlineCompletionList(items=[])
+            source, offset, here = extended
         prefix, suffix = cursor_context(source, offset, config.prefix_lines, config.suffix_lines)
         try:
             prefix, suffix = fit_to_limits(prefix, suffix, await backend.limits())  # a line can be very long

@@ -829,6 +829,12 @@ async def test_a_selected_suggestion_is_extended_over_its_range(scripted_backend
         assert item.insert_text.startswith("result") and len(item.insert_text) > len("result")
         prompts = [fake.tokenizer.decode(r.prompt_ids) for r in fake.requests[n:]]
         assert prompts and all(p.endswith("def area(r):\n    result") for p in prompts), prompts
+        # the cursor outside the selected range: no answer (one widened to the cursor deleted user text)
+        n = len(fake.requests)
+        outside = types.InlineCompletionParams(context=params.context, text_document=params.text_document,
+                                               position=types.Position(1, 2))
+        result = await asyncio.wait_for(client.text_document_inline_completion_async(outside), WAIT_S)
+        assert not result.items and len(fake.requests) == n
     finally:
         await stop_lsp(client)
 

@@ -178,3 +178,22 @@ def test_stop_included_returns_only_the_clients_stop_strings():
     assert [d.text for d in kept] == ["def f", "(x):\n"] and kept[-1].token_ids == [3]
     assert [d.text for d in run({"stop_word": PLAIN_STOP}, ["#"])] == ["def f", "(x)"]  # the template's turn end
     assert [d.text for d in run({}, [":\n"])] == ["def f", "(x)"]  # EOS or max_tokens
+
+
+def test_an_included_stop_comes_back_in_the_prompts_style():
+    """On /v1/completions the stop string is appended in the model's form, before the CRLF prompt's style
+    applies, so a "\n" stop that ended a line of a CRLF document comes back as "\r\n" (it came back as
+    a bare "\n", the "\r" lost: helper-132)."""
+    from integrations.editor.document import DocumentStyle
+    from integrations.openai_stream import in_document_style, stop_included
+
+    async def source():
+        yield Delta("c", "    return x", [1])
+        yield Delta("c", "", [2], finished=True, finish_reason=FinishReason.STOP, stats={"stop_word": "\n"})
+
+    async def collect():
+        styled = in_document_style(stop_included(source(), ["\n"]), DocumentStyle("\r\n"), False, ["\n"])
+        return "".join([d.text async for d in styled])
+
+    assert asyncio.run(collect()) == "    return x\r\n"
+

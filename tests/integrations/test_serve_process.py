@@ -221,7 +221,7 @@ def test_sigterm_drains_running_streams(server):
 async def _drain_under_sigterm(server: Server) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=DRAIN_TIMEOUT_S + 30) as http:
         started = [asyncio.Event() for _ in range(8)]
-        bodies = [{**LONG, "max_tokens": 300, "prompt": f"def g{i}(x):\n"} for i in range(8)]
+        bodies = [{**LONG, "max_tokens": 500, "prompt": f"def g{i}(x):\n"} for i in range(8)]
         streams = [asyncio.create_task(_read_stream(http, body, event)) for body, event in zip(bodies, started)]
         await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), WAIT_S)
 
@@ -229,7 +229,9 @@ async def _drain_under_sigterm(server: Server) -> None:
             return (await _engine(http))["running"] >= 8 or any(s.done() for s in streams)
 
         await _until(eight_running, "the 8 streams to run", pause_s=0)
-        assert not any(s.done() for s in streams), "a stream ended before the signal: make them longer"
+        # (the last stream to start has just sent its first token of 500; on a loaded machine an early one
+        # may already have ended, as CI once saw with 300: it ended normally, which is checked below too)
+        assert not all(s.done() for s in streams), "every stream ended before the signal: make them longer"
         # To the process group, as `kill %1`, `kill -- -PGID` and GNU timeout send it: it also reached the
         # local Ray's GCS and raylet, which exited at once, so the drain never reached the replicas (they
         # answered on until Ray's 60 s GCS timeout cut every stream); serve_supervisor keeps Ray apart
