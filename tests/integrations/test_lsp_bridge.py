@@ -710,17 +710,24 @@ async def test_a_lone_surrogate_in_the_document_is_sent_as_a_replacement_charact
         text = "s = '\ud800'\n" + DOC  # json.dumps writes the lone surrogate as an escape
         lsp.notify("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "python", "version": 1,
                                                              "text": text}})
-        n = len(fake.requests)
-        params = raw_inline_params() | {"position": {"line": 2, "character": 4}}
-        answer = await lsp.request(2, "textDocument/inlineCompletion", params)
-        assert answer["result"]["items"][0]["insertText"].startswith("result = 3.14 * r * r"), answer
-        prompts = [fake.tokenizer.decode(r.prompt_ids) for r in fake.requests[n:]]
+        prompts = await _complete_then_exit(lsp, fake, URI)
         assert prompts and all(p.startswith("s = '\ufffd'\ndef area(r):\n") for p in prompts), prompts
-        assert await lsp.request(3, "shutdown") == {"jsonrpc": "2.0", "id": 3, "result": None}
-        lsp.notify("exit")
-        assert await lsp.exit_code() == 0
     finally:
         await lsp.close()
+
+
+async def _complete_then_exit(lsp: RawLsp, fake, uri: str) -> list[str]:
+    """Complete line 2, column 4 of `uri` (DOC's indented line after one more line above it), check the
+    answer, shut the bridge down; the prompts the backend was sent."""
+    n = len(fake.requests)
+    params = raw_inline_params(uri) | {"position": {"line": 2, "character": 4}}
+    answer = await lsp.request(2, "textDocument/inlineCompletion", params)
+    assert answer["result"]["items"][0]["insertText"].startswith("result = 3.14 * r * r"), answer
+    prompts = [fake.tokenizer.decode(r.prompt_ids) for r in fake.requests[n:]]
+    assert await lsp.request(3, "shutdown") == {"jsonrpc": "2.0", "id": 3, "result": None}
+    lsp.notify("exit")
+    assert await lsp.exit_code() == 0
+    return prompts
 
 
 async def test_exit_without_shutdown_ends_with_1_and_ctrl_c_with_130(tmp_path):
@@ -853,14 +860,7 @@ async def test_lone_surrogates_in_the_uri_and_language_and_an_emoji_typed_in_two
                                                              "text": "s = '\ud83d" + DOC}})
         lsp.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": 2}, "contentChanges": [
             {"range": {"start": {"line": 0, "character": 6}, "end": {"line": 0, "character": 6}}, "text": "\ude00'\n"}]})
-        n = len(fake.requests)
-        params = raw_inline_params(uri) | {"position": {"line": 2, "character": 4}}
-        answer = await lsp.request(2, "textDocument/inlineCompletion", params)
-        assert answer["result"]["items"][0]["insertText"].startswith("result = 3.14 * r * r"), answer
-        prompts = [fake.tokenizer.decode(r.prompt_ids) for r in fake.requests[n:]]
+        prompts = await _complete_then_exit(lsp, fake, uri)
         assert prompts and all(p.startswith("s = '\U0001F600'\ndef area(r):\n") for p in prompts), prompts
-        assert await lsp.request(3, "shutdown") == {"jsonrpc": "2.0", "id": 3, "result": None}
-        lsp.notify("exit")
-        assert await lsp.exit_code() == 0
     finally:
         await lsp.close()
