@@ -164,7 +164,7 @@ def _setting(args: argparse.Namespace, file, error: dict) -> tuple[str, str]:
     if key == "model" and args.model:
         return "--model", message
     if args.config and key:
-        return f"--config {args.config}: {file.args_path}{key}", message
+        return f"--config {args.config}: {getattr(file, 'args_path', '')}{key}", message
     return key or "config", message
 
 

@@ -75,12 +75,7 @@ def supervise(argv: list[str]) -> int:
                               start_new_session=True, preexec_fn=_server_preexec, close_fds=False)
     for sent in pending:
         server.send_signal(sent)
-    while True:
-        try:
-            code = server.wait()
-            break
-        except KeyboardInterrupt:  # (SIGINT is forwarded by the handler; this is only a safety net)
-            continue
+    code = server.wait()  # (the handlers above forward every signal that would end this process early)
     if code < 0:  # (the server drains on SIGTERM and SIGINT and exits itself: this is a kill -9, an OOM kill)
         print(f"refusion serve: the server process was killed by signal {-code}", file=sys.stderr, flush=True)
     return code if code >= 0 else 128 - code
