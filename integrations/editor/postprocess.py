@@ -2,7 +2,8 @@
 
 Applied in this order to the text generated so far (cumulative, so it also runs on partials):
   1. single-line: when `multiline` is off, stop at the first newline after visible text
-     (a completion that starts with a newline keeps that one newline and its next line);
+     (a completion that starts with a newline keeps that one newline and its next line, unless the
+     cursor is mid-line: text follows it on its line, which a line break would split);
   2. indentation (llama.cpp `n_indent`): stop before the first new line whose indentation is
      smaller than `indent` (only lines with visible text count; a line is judged once it has some);
   3. suffix repeat: stop where the completion starts repeating the text after the cursor;
@@ -45,9 +46,11 @@ class Processed:
     cut: str | None = None  # CUT_* when a rule ended the completion
 
 
-def single_line(text: str) -> tuple[str, bool]:
-    """Keep up to the first newline that follows visible text."""
-    seen_visible = False
+def single_line(text: str, mid_line: bool = False) -> tuple[str, bool]:
+    """Keep up to the first newline that follows visible text; with `mid_line` (the cursor has text
+    after it on its line), up to the first newline at all: a single-line completion never splits the
+    cursor's line."""
+    seen_visible = mid_line
     for i, ch in enumerate(text):
         if ch == "\n" and seen_visible:
             return text[:i], True
@@ -202,7 +205,7 @@ def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
     """Apply single-line, indentation and suffix-repeat rules in that order (module docstring)."""
     text, cut = raw, None
     if not rules.multiline:
-        text, did = single_line(text)
+        text, did = single_line(text, mid_line=bool(rules.suffix.split("\n", 1)[0].strip()))
         cut = CUT_NEWLINE if did else cut
     text, did = min_indent(text, rules.indent)
     cut = CUT_INDENT if did else cut

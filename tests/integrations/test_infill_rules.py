@@ -30,6 +30,17 @@ def test_single_line_keeps_a_leading_newline_and_the_next_line():
     assert single_line("\n    total = 0\n    x") == ("\n    total = 0", True)
 
 
+def test_single_line_mid_line_never_splits_the_cursor_line():
+    # Cursor in `print(|)`: a completion that starts a new line would break `)` onto the next line.
+    assert single_line("\n    total = 0", mid_line=True) == ("", True)
+    assert single_line("x, y\nz", mid_line=True) == ("x, y", True)
+    out = postprocess("\n    total = 0\n", Rules(suffix=")\n", multiline=False), final=True)
+    assert (out.text, out.cut) == ("", "newline")
+    # Only spaces after the cursor: not mid-line, the leading line break stays.
+    out = postprocess("\n    total = 0\n", Rules(suffix="  \nx", multiline=False))
+    assert (out.text, out.cut) == ("\n    total = 0", "newline")
+
+
 # ---- indentation (llama.cpp n_indent) ------------------------------------------------------------
 
 
