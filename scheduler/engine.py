@@ -29,6 +29,7 @@ import structlog
 
 from decoding.api import DecodeParamError
 from decoding.grammar import Grammar, GrammarSpec, GrammarTokenizer
+from decoding.params import AR_ONLY_PARAMS
 from scheduler.api import (ENGINE_STOPPED, Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode,
                            OverloadedError, merge_deltas)
 from scheduler.calibration import calibrate
@@ -47,10 +48,6 @@ from scheduler.validation import parse_params, validate_request, with_seed
 from workers.batch import STEP_LAUNCHED
 
 log = structlog.get_logger("engine")
-# decoding params that make a request AR (its decoder composes them into each step's logit bias)
-AR_ONLY_PARAMS = ("presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens")
-
-
 def _forward(runners: dict, plan: StepPlan, on_launch, launched=None, ahead: StepPlan | None = None,
              bitmasks: list | None = None):
     """The step's forward in the worker thread: (results aligned with plan.items, the launched `ahead`

@@ -71,12 +71,19 @@ def test_model_defaults_from_config_and_refusion_json(tmp_path):
     assert (p.gen_length, p.slot_size, p.serial_num_blocks, p.eos_token_id) == (512, 32, 4, 7)
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"gen_lenght": 3}'])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"gen_lenght": 3}',
+                                     # AR-only settings: ReFusion requests silently dropped them, AR ones applied them
+                                     '{"ignore_eos": true}', '{"presence_penalty": 1.5}', '{"logit_bias": {"3": -100}}'])
 def test_bad_refusion_json_names_the_file(tmp_path, content):
     (tmp_path / "refusion.json").write_text(content)
     with pytest.raises(DecodeParamError) as info:
         load_model_defaults(tmp_path)
     assert info.value.field == "refusion.json"
+
+
+def test_refusion_json_may_state_ar_only_settings_at_their_off_value(tmp_path):
+    (tmp_path / "refusion.json").write_text(json.dumps({"ignore_eos": False, "presence_penalty": 0.0}))
+    assert load_model_defaults(tmp_path)["presence_penalty"] == 0.0
 
 
 @pytest.mark.parametrize("field, value", [("seed", 2**63), ("seed", 18446744073709551616), ("seed", -1),
