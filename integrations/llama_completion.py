@@ -75,6 +75,13 @@ def llama_timings(prompt_n: int, cached: int, prompt_ms: float, predicted_n: int
     }
 
 
+def completion_defaults() -> dict:
+    """The sampling values POST /completion applies to a field it is not sent (llama.cpp's), as GET /props
+    reports them: temperature, top_k, top_p, min_p, penalties, n_probs, seed (-1: a random one)."""
+    names = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty", "n_probs", "seed")
+    return {name: LlamaCompletionBody.model_fields[name].default for name in names}
+
+
 class LlamaCompletionBody(LlamaBody):
     """POST /completion (module docstring)."""
 
@@ -167,6 +174,8 @@ def llama_result(client, body: LlamaCompletionBody, prompt_ids: list[int], text:
     stats = last.stats or {}
     word = stats.get("stop_word") or ""
     stop_type = ("word" if word else "eos") if last.finish_reason is FinishReason.STOP else "limit"
+    if body.n_predict == 0:  # the token decoded to fill the cache is not shown: the limit ended it (as llama.cpp)
+        stop_type, word = "limit", ""
     total_ms = (time.perf_counter() - started) * 1000.0
     prompt_ms = ((first_token_s or time.perf_counter()) - started) * 1000.0
     predicted_ms = max(total_ms - prompt_ms, 0.0)

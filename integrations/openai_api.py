@@ -13,6 +13,7 @@ Streams are server-sent events, one JSON chunk per `data:` line, ending with `da
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -33,8 +34,8 @@ from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_requests import completion_requests, id_headers, request_id
-from integrations.openai_stream import (chat_events, completion_events, echoed, eos_listed, prompt_scores_kept,
-                                        stop_included)
+from integrations.openai_stream import (ChoiceUsage, chat_events, choice_chunks, completion_events, echoed, eos_listed,
+                                        prompt_scores_kept, stop_included)
 from integrations.request_body import BodyLimitMiddleware
 from integrations.request_limits import InputError, RequestLimits, grammar_off_loop
 from integrations.responses_api import router as responses_router
@@ -201,6 +202,7 @@ async def completions(request: Request):
                                                usage_from_engine=True)  # the text is post-processed (CRLF, cuts)
         streams = [await primed(observed(infill_deltas(client, job, header.id, body.stream), observer), observer)]
         echo_counts, scores, healed = [0], None, [""]
+        choice_prompts = [len(prompt_ids)]
     else:
         prepared = await completion_requests(client.tokenizer, header.id, body, settings, grammar)
         observer = RequestObserver.for_request(request, "completions", header.id,
@@ -228,11 +230,14 @@ async def completions(request: Request):
                 streams[i] = echoed(streams[i], text, p.request.prompt_ids[0], body.logprobs is not None)
         echo_counts = [len(p.request.prompt_ids) if body.echo else 0 for p in prepared for _ in range(body.n)]
         healed = [p.request.healed for p in prepared for _ in range(body.n)]
+        choice_prompts = [len(p.request.prompt_ids) for p in prepared for _ in range(body.n)]
     # one each: text offsets are per choice
     formatters = [logprob_formatter(client, body, k, h) for k, h in zip(echo_counts, healed)]
     if body.stream:
-        events = merged([indexed(completion_events(header, d, f), i) for i, (d, f) in enumerate(zip(streams, formatters))])
-        return sse(request, header, observer, events, "text_completion", body.include_usage, body.continuous_usage)
+        usages = [ChoiceUsage(k, observer.usage_from_engine) if body.continuous_usage else None for k in choice_prompts]
+        events = merged([indexed(choice_chunks(d, functools.partial(completion_events, header, logprobs=f), u), i)
+                         for i, (d, f, u) in enumerate(zip(streams, formatters, usages))])
+        return sse(request, header, observer, events, "text_completion", body.include_usage)
     collected = await collect_all(streams, observer)
     choices = [(text, last, f.completion(entries) if f else None) for (text, last, entries), f in zip(collected, formatters)]
     body_json = shape.completion_body(header, choices, observer.prompt_tokens, observer.completion_tokens)
@@ -256,10 +261,11 @@ async def chat_completions(request: Request):
     if scores is not None:  # vLLM's prompt_logprobs: one list for the response (every choice shares the prompt)
         run.streams[0] = prompt_scores_kept(run.streams[0], scores)
     if body.stream:
-        events = merged([indexed(chat_events(header, d, run.allowed, prefix=run.forced, max_calls=run.max_calls,
-                                             logprobs=formatter, client_stops=body.stop), i)
-                         for i, d in enumerate(run.streams)])
-        return sse(request, header, observer, events, "chat.completion.chunk", body.include_usage, body.continuous_usage)
+        build = functools.partial(chat_events, header, allowed_tools=run.allowed, prefix=run.forced,
+                                  max_calls=run.max_calls, logprobs=formatter, client_stops=body.stop)
+        events = merged([indexed(choice_chunks(d, build, ChoiceUsage(observer.prompt_tokens) if body.continuous_usage
+                                               else None), i) for i, d in enumerate(run.streams)])
+        return sse(request, header, observer, events, "chat.completion.chunk", body.include_usage)
     collected = await collect_all(run.streams, observer)
     choices = [(run.forced + text, last, formatter.chat(entries) if formatter else None) for text, last, entries in collected]
     completion = shape.chat_body(header, choices, observer.prompt_tokens, observer.completion_tokens, run.allowed,

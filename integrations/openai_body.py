@@ -63,6 +63,7 @@ class StreamOptions(OpenAIBody):
 
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
+    include_obfuscation: bool = True  # OpenAI's: accepted either way; this server sends no obfuscation padding
 
 
 class JSONSchemaFormat(OpenAIBody):

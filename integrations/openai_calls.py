@@ -136,14 +136,12 @@ def checked(delta: Delta, observer: RequestObserver) -> Delta:
     return delta
 
 
-def sse(request: Request, header, observer: RequestObserver, events, obj: str, include_usage: bool,
-        continuous_usage: bool = False):
-    """The SSE response of a stream's chunk events; with include_usage, "usage": null on every chunk (the
-    usage so far with continuous_usage: vLLM's continuous_usage_stats) and one final usage chunk for the
-    whole request."""
-    if include_usage or continuous_usage:
-        events = null_usage_until_final(usage_at_end(events, header, obj, observer),
-                                        observer if continuous_usage else None)
+def sse(request: Request, header, observer: RequestObserver, events, obj: str, include_usage: bool):
+    """The SSE response of a stream's chunk events; with include_usage, "usage": null on every chunk
+    (unless a chunk carries its own: openai_stream.ChoiceUsage) and one final usage chunk for the whole
+    request."""
+    if include_usage:
+        events = null_usage_until_final(usage_at_end(events, header, obj, observer))
     return sse_response(events, observer, header.id, id_headers(request, header.id))
 
 

@@ -63,21 +63,46 @@ def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
 
 
-async def null_usage_until_final(events: AsyncIterator[dict], observer: RequestObserver | None = None) -> AsyncIterator[dict]:
+async def null_usage_until_final(events: AsyncIterator[dict]) -> AsyncIterator[dict]:
     """stream_options.include_usage: every chunk carries "usage": null until the final usage chunk, as
     OpenAI documents for its chunk objects ("When present, it contains a null value except for the last
-    chunk which contains the token usage statistics for the entire request"). With `observer`
-    (vLLM's continuous_usage_stats) each chunk carries the usage so far instead of null."""
+    chunk which contains the token usage statistics for the entire request"). A chunk that already
+    carries its usage (ChoiceUsage, vLLM's continuous_usage_stats) keeps it."""
     try:
         async for event in events:
-            if "usage" in event:
-                yield event
-            elif observer is None:
-                yield {**event, "usage": None}
-            else:
-                yield {**event, "usage": shape.usage(observer.prompt_tokens, observer.completion_tokens)}
+            yield event if "usage" in event else {**event, "usage": None}
     finally:
         await events.aclose()
+
+
+class ChoiceUsage:
+    """vLLM's stream_options.continuous_usage_stats for one choice: each of its chunks carries the usage
+    of its own prompt and of the tokens this choice has generated up to that chunk (0 on a chat's role
+    chunk), as vLLM's serving code reports it per choice; the final usage chunk sums the whole request.
+    Wrap the choice's deltas with `counted`, and the chunks built from them with `stamped`."""
+
+    def __init__(self, prompt_tokens: int, from_engine: bool = False):
+        """from_engine: the final count is the engine's (RequestObserver's usage_from_engine: an infill)."""
+        self.prompt_tokens, self.tokens, self.from_engine = prompt_tokens, 0, from_engine
+
+    async def counted(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                self.tokens += len(delta.token_ids)
+                if delta.finished and self.from_engine and "generated_tokens" in delta.stats:
+                    self.tokens = int(delta.stats["generated_tokens"])
+                yield delta
+
+    async def stamped(self, events: AsyncIterator[dict]) -> AsyncIterator[dict]:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield {**event, "usage": shape.usage(self.prompt_tokens, self.tokens)}
+
+
+def choice_chunks(deltas: AsyncIterator[Delta], build: Callable[[AsyncIterator[Delta]], AsyncIterator[dict]],
+                  usage: ChoiceUsage | None) -> AsyncIterator[dict]:
+    """One choice's chunks, `build(deltas)`; with `usage` (continuous_usage_stats), each carries it."""
+    return build(deltas) if usage is None else usage.stamped(build(usage.counted(deltas)))
 
 
 async def completion_events(header, deltas, logprobs: LogprobFormatter | None = None) -> AsyncIterator[dict]:

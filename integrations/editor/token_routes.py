@@ -22,6 +22,7 @@ from integrations.chat_run import chat_prompt
 from integrations.editor.llama_compat import compact_json
 from integrations.editor.route_errors import app_limits, error_body, read_body
 from integrations.http_errors import validation_field, validation_message
+from integrations.llama_completion import completion_defaults
 from integrations.openai_calls import check_model
 from integrations.openai_models import ChatCompletionRequest, ChatMessage, ToolSpec, check_generation_prompt
 from integrations.request_limits import InputError, encode, off_loop
@@ -172,7 +173,8 @@ async def apply_template_route(request: Request) -> Response:
 @router.get("/props")
 async def props_route(request: Request) -> Response:
     """llama.cpp's GET /props, what its clients read to configure themselves: the context
-    (`default_generation_settings.n_ctx`) and decode defaults (`params`), the model's name
+    (`default_generation_settings.n_ctx`) and the defaults `/completion` applies (`params`: the model's
+    decode defaults, under llama.cpp's sampling defaults; `n_predict` the server's), the model's name
     (`model_alias`, `model_path`), `chat_template` (the tokenizer's; "" with the plain template,
     integrations/chat.py), `chat_template_caps`, `modalities` (text only), `bos_token`, `eos_token`,
     `build_info`. Setting props (llama.cpp's POST /props) is not offered."""
@@ -180,7 +182,9 @@ async def props_route(request: Request) -> Response:
     settings = getattr(request.app.state, "settings", None)
     defaults = dict(settings.decode_defaults) if settings is not None else {}
     name = settings.model_name if settings is not None else request.app.state.engine_client.model_name
-    params = {"n_predict": settings.default_max_tokens if settings is not None else None, **defaults}
+    # what /completion uses for a field it is not sent: llama.cpp's sampling defaults over the model's
+    params = {**defaults, **completion_defaults(),
+              "n_predict": settings.default_max_tokens if settings is not None else None}
     payload = {
         "default_generation_settings": {"n_ctx": app_limits(request).context_length, "params": params},
         "total_slots": None,  # the engine's running requests are not slots; /v1/engine has its limits

@@ -39,6 +39,15 @@ def test_completion_is_the_openai_completion_in_llama_cpps_shape(http):
     assert streamed[-1]["timings"]["predicted_n"] == out["tokens_predicted"]
 
 
+def test_n_predict_0_is_ended_by_its_limit_whatever_the_token_it_decoded(http):
+    """n_predict 0 evaluates the prompt only: the token decoded to do so is not shown, and its kind (an EOS
+    here, forced by logit_bias) must not leak into stop_type (it read "eos")."""
+    eos = http.get("/v1/engine").json()["defaults"]["eos_token_id"]
+    out = http.post("/completion", json={"prompt": "x = 1\n", "n_predict": 0, "mode": "ar",
+                                         "logit_bias": [[eos, 100]]}).json()
+    assert (out["content"], out["tokens_predicted"], out["stop_type"]) == ("", 0, "limit")
+
+
 def test_a_random_seed_is_reported_and_repeats_the_sample(http):
     """seed -1 (the default) is drawn when the body is read and reported in generation_settings, as /infill
     reports its own; it was reported as -1, so a sample could not be repeated."""

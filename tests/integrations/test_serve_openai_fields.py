@@ -4,6 +4,8 @@ but the final usage chunk, JSON null meaning "not set", and the context counted 
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import httpx
@@ -194,7 +196,14 @@ def test_llama_cpp_props_and_apply_template(client, model, http):
     props = http.get("/props").json()
     assert props["default_generation_settings"]["n_ctx"] == CONTEXT and props["model_alias"] == model
     engine = http.get("/v1/engine").json()
-    assert {k: props["default_generation_settings"]["params"][k] for k in engine["defaults"]} == engine["defaults"]
+    params = props["default_generation_settings"]["params"]
+    sampling = ("temperature", "top_k", "top_p", "min_p")
+    assert {k: params[k] for k in engine["defaults"] if k not in sampling} == \
+        {k: v for k, v in engine["defaults"].items() if k not in sampling}
+    # what /completion applies to the fields it is not sent (it reported the model's temperature 0, top_k 0)
+    applied = http.post("/completion", json={"prompt": "x", "n_predict": 1}).json()["generation_settings"]
+    assert {k: params[k] for k in sampling} == {k: applied[k] for k in sampling} == \
+        {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
     assert props["modalities"] == {"vision": False, "audio": False} and props["eos_token"]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
@@ -273,6 +282,33 @@ def test_min_p_one_samples_only_the_most_likely_token(client, model):
     free = {client.completions.create(model=model, prompt="def f(x):\n", max_tokens=8, temperature=1.8, seed=seed,
                                       extra_body={"mode": "ar", "min_p": 0.0}).choices[0].text for seed in range(4)}
     assert free != {greedy}
+
+
+def test_continuous_usage_stats_count_each_choice_and_its_own_prompt(http):
+    """As vLLM's serving code: with n and several prompts, a chunk's usage is its choice's tokens so far and
+    its own prompt's tokens (a chat's role chunk: 0); the final usage chunk sums the request."""
+    prompts = ["def f(x):\n", "import os\nimport sys\nclass A:\n"]
+    sizes = [len(http.post("/tokenize", json={"content": p}).json()["tokens"]) for p in prompts]
+    body = {"prompt": prompts, "n": 2, "max_tokens": 6, "stream": True, "mode": "ar", "temperature": 1.0, "seed": 3,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    lines = http.post("/v1/completions", json=body).text.splitlines()
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    final = chunks[-1]["usage"]
+    seen: dict[int, list] = {}
+    for chunk in chunks[:-1]:
+        [choice] = chunk["choices"]
+        seen.setdefault(choice["index"], []).append(chunk["usage"])
+        assert chunk["usage"]["prompt_tokens"] == sizes[choice["index"] // 2]
+    counts = {i: [u["completion_tokens"] for u in usages] for i, usages in seen.items()}
+    assert sorted(counts) == [0, 1, 2, 3] and all(c == sorted(c) for c in counts.values())
+    assert sum(c[-1] for c in counts.values()) == final["completion_tokens"]
+    assert final["prompt_tokens"] == sum(sizes)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 4, "stream": True, "mode": "ar",
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True, "include_obfuscation": False}}
+    chunks = [json.loads(line[6:]) for line in http.post("/v1/chat/completions", json=chat).text.splitlines()
+              if line.startswith("data: {")]
+    roles = [c["usage"]["completion_tokens"] for c in chunks if c["choices"] and "role" in c["choices"][0]["delta"]]
+    assert roles == [0, 0]  # each choice's role chunk: nothing generated yet (it counted the other choice's)
 
 
 def test_continuous_usage_stats_give_the_usage_so_far_on_every_chunk(http):
