@@ -4,7 +4,8 @@ Supported, with OpenAI's semantics: `input` (a string, or items: messages with t
 `function_call` items and `function_call_output` results, as agents send a conversation back),
 `instructions` (a system message before the input), function `tools` and `tool_choice`,
 `parallel_tool_calls`, `text.format` (text, json_object, json_schema: structured outputs),
-`max_output_tokens`, `temperature`, `top_p`, `top_logprobs` (0-20: `output_text.logprobs`), `stream`,
+`max_output_tokens`, `temperature`, `top_p`, `top_logprobs` (0-20: `output_text.logprobs`; `include:
+["message.output_text.logprobs"]` asks for them too, with 0 alternatives unless `top_logprobs` is set), `stream`,
 `metadata` and `user` (echoed), and the ReFusion extensions of the chat route (`mode`, `slot_size`, ...).
 Accepted and ignored: `stream_options`, `store` (nothing is stored: the response says `"store": false`), `reasoning`
 (the model has no reasoning mode), `truncation` ("disabled", and "auto", which the OpenAI Agents SDK
@@ -120,8 +121,9 @@ class ResponsesRequest(ExtensionsBody):
             body["tool_choice"] = _tool_choice(self.tool_choice)
         if self.text is not None and self.text.get("format") is not None:
             body["response_format"] = _text_format(self.text["format"])
-        if self.top_logprobs is not None:
-            body["logprobs"], body["top_logprobs"] = True, self.top_logprobs
+        if self.top_logprobs is not None or "message.output_text.logprobs" in (self.include or ()):
+            # OpenAI's include entry asks for them (vLLM's too, top_logprobs defaulting to 0); top_logprobs alone does as well
+            body["logprobs"], body["top_logprobs"] = True, self.top_logprobs or 0
         for name, chat_name in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
                                 ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
                                 ("user", "user"), ("safety_identifier", "safety_identifier"), ("model", "model"), ("prompt_cache_key", "prompt_cache_key")):

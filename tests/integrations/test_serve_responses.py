@@ -49,6 +49,16 @@ def test_text_response_and_its_stream_agree(client, model):
     assert item_ids == {events[2].item.id}  # every text event names the one message item
 
 
+def test_include_output_text_logprobs_returns_them(client, model):
+    """OpenAI's (and vLLM's) way to ask for them: the include entry, without top_logprobs (they came back
+    empty: only top_logprobs turned them on)."""
+    kwargs = dict(model=model, input="def add(a, b):", max_output_tokens=6, temperature=0, extra_body=AR)
+    out = client.responses.create(**kwargs, include=["message.output_text.logprobs"])
+    entries = out.output[0].content[0].logprobs
+    assert len(entries) == out.usage.output_tokens > 0 and all(e.top_logprobs == [] for e in entries)
+    assert entries == client.responses.create(**kwargs, top_logprobs=0).output[0].content[0].logprobs
+
+
 def test_cut_by_max_output_tokens_is_incomplete(client, model):
     out = client.responses.create(model=model, input="Write a long story.", max_output_tokens=3,
                                   extra_body={"mode": "ar", "temperature": 1.0, "seed": 1})
