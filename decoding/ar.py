@@ -36,7 +36,7 @@ from enum import Enum
 from decoding.api import DecodeStats, Handoff
 from decoding.context import start_context
 from decoding.grammar import TokenConstraint
-from decoding.params import DecodeParams
+from decoding.params import DecodeParams, first_end
 from workers.batch import FeedbackPenalty, Reads, Sampling, Segment, SegmentResult, TokenLogprob
 
 EOS_BAN = -1e9  # the logit bias that keeps EOS from being chosen (ignore_eos, min_tokens): finite, below any logit
@@ -326,7 +326,7 @@ class ARDecoder:
         self.generated.append(token)
         if self.params.logprobs is not None:
             self.logprobs.append(result.logprobs[0])
-        eos = token == self.params.eos_token_id
+        eos = token in self.params.ends
         if self.constraint is not None and not eos:
             self.constraint.consume(token)
             forced = self.constraint.fast_forward(self.span - len(self.generated))
@@ -347,9 +347,10 @@ class ARDecoder:
     def output_ids(self) -> list[int]:
         # Called a few times per step per request (streaming, token counts): list operations in C, not
         # a Python loop over every generated token (that was O(n) interpreted work per token).
-        generated, eos = self.generated, self.params.eos_token_id
-        if eos in generated:
-            generated = generated[: generated.index(eos)]
+        generated = self.generated
+        end = first_end(generated, self.params.ends)
+        if end is not None:
+            generated = generated[:end]
         return self.prior_ids + generated
 
     def stream_logprobs(self, start: int, end: int) -> list[TokenLogprob]:
@@ -360,7 +361,7 @@ class ARDecoder:
             return None
         n = len(self.output_ids())  # self.logprobs covers prior_ids + generated, the EOS included
         entry = self.logprobs[n] if n < len(self.logprobs) else None
-        return entry if entry is not None and entry.token == self.params.eos_token_id else None
+        return entry if entry is not None and entry.token in self.params.ends else None
 
     def prompt_scores(self) -> list[TokenLogprob] | None:
         return self.feed.scores()
@@ -424,7 +425,7 @@ class ARDecoder:
             return ()
         user = p.logit_bias or {}
         if not (p.presence_penalty or p.frequency_penalty):
-            return tuple({**user, p.eos_token_id: EOS_BAN}.items()) if ban_eos else tuple(user.items())
+            return tuple({**user, **dict.fromkeys(p.ends, EOS_BAN)}.items()) if ban_eos else tuple(user.items())
         # Counted as tokens arrive, and only their entries updated: recomputing every entry each step cost
         # O(distinct tokens) interpreted work per request per step (63 us at 128 tokens)
         if self._counts is None:
@@ -440,10 +441,11 @@ class ARDecoder:
             self._penalized[token] = user.get(token, 0.0) - p.presence_penalty - p.frequency_penalty * count
         uncounted, penalized = self._uncounted, self._penalized
         if ban_eos:  # (the ban replaces the token's bias, wherever it is)
-            if p.eos_token_id in penalized:
-                penalized = {**penalized, p.eos_token_id: EOS_BAN}
-            else:
-                uncounted = {**uncounted, p.eos_token_id: EOS_BAN}
+            for end in p.ends:
+                if end in penalized:
+                    penalized = {**penalized, end: EOS_BAN}
+                else:
+                    uncounted = {**uncounted, end: EOS_BAN}
         # The tokens not counted first, then the counted ones (FeedbackPenalty.unseen relies on the order)
         return tuple(uncounted.items()) + tuple(penalized.items())
 

@@ -18,6 +18,7 @@ is exactly the commit of spec step 4.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 from workers.batch import Reads, Sampling, Segment, TokenLogprob
 
@@ -37,12 +38,12 @@ class Branch:
     def complete(self) -> bool:
         return all(self.verified)
 
-    def first_verified(self, token_id: int) -> int | None:
-        """Index of the first verified occurrence of token_id in this slot, or None."""
+    def first_verified(self, token_ids: Collection[int]) -> int | None:
+        """Index of the first verified token of this slot that is one of token_ids, or None."""
         for j, (tok, ok) in enumerate(zip(self.tokens, self.verified)):
             if not ok:
                 return None
-            if tok == token_id:
+            if tok in token_ids:
                 return j
         return None
 
@@ -120,11 +121,12 @@ def absorb_verification(
             br.verified[j] = ok
 
 
-def stop_after_eos(branches: list[Branch], eos_id: int) -> int | None:
-    """Spec: if a verified token is EOS, keep branches up to the first one holding it (that branch
-    counts as complete) and stop the others. Returns that branch's index, or None (no EOS)."""
+def stop_after_eos(branches: list[Branch], ends: Collection[int]) -> int | None:
+    """Spec: if a verified token is EOS (any of `ends`: DecodeParams.ends), keep branches up to the first
+    one holding it (that branch counts as complete) and stop the others. Returns that branch's index, or
+    None (no EOS)."""
     for b, br in enumerate(branches):
-        if br.first_verified(eos_id) is not None:
+        if br.first_verified(ends) is not None:
             del branches[b + 1 :]
             br.verified = [True] * len(br.verified)
             return b

@@ -88,6 +88,11 @@ class DecodeParams:
     # scheduler.detokenizer). AR decoding only, as the penalties.
     ignore_eos: bool = False
     min_tokens: int = 0
+    # The model's other end tokens (workers.loader.end_token_ids: generation_config.json's eos_token_id
+    # list, the tokenizer's eos_token): each ends the text exactly as eos_token_id does, in every
+    # spec step that names EOS (ReFusion's verify and slot completion, AR), and is banned with it
+    # (ignore_eos, min_tokens). `ends` holds all of them, eos_token_id included.
+    end_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -155,6 +160,14 @@ class DecodeParams:
         for name in ("eos_token_id", "mask_token_id"):
             if getattr(self, name) < 0:
                 raise DecodeParamError(name, f"must be a token id >= 0, got {getattr(self, name)}")
+        if not isinstance(self.end_token_ids, (list, tuple)):
+            raise DecodeParamError("end_token_ids", f"must be a list of token ids, got {self.end_token_ids!r}")
+        for token in self.end_token_ids:
+            _check_int("end_token_ids", token)
+            if token < 0 or token == self.mask_token_id:
+                raise DecodeParamError("end_token_ids", f"{token} is not a token id that can end a text")
+        self.end_token_ids = tuple(self.end_token_ids)
+        self.ends = frozenset((self.eos_token_id, *self.end_token_ids))
 
     @property
     def block_length(self) -> int:
@@ -178,6 +191,12 @@ class DecodeParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def first_end(tokens: list[int], ends: frozenset[int]) -> int | None:
+    """Index of the first of `tokens` that is an end token (DecodeParams.ends), or None. list.index per
+    end id (one to three of them): C loops, as texts are cut at EOS several times per step."""
+    return min((tokens.index(end) for end in ends if end in tokens), default=None)
 
 
 def _check_int(name: str, value) -> None:

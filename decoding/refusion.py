@@ -29,7 +29,7 @@ from enum import Enum
 from decoding.api import DecodeParamError, DecodeStats, Handoff
 from decoding.branches import Branch, absorb_drafts, absorb_verification, draft_segment, stop_after_eos, verify_segment
 from decoding.context import start_context
-from decoding.params import DecodeParams
+from decoding.params import DecodeParams, first_end
 from decoding.refusion_plan import Draft, SlotPool, choose_slots, split_blocks, verify_prefix
 from workers.batch import Reads, Sampling, Segment, SegmentResult, TokenLogprob
 
@@ -152,9 +152,9 @@ class RefusionDecoder:
     def stream_ids(self) -> list[int]:
         # The contiguous run from gen_start only grows (accepted tokens are never taken back), so it is
         # extended from where the previous call stopped: per step O(new tokens), not O(generated).
-        run, accepted, eos = self._stream_run, self.accepted, self.params.eos_token_id
+        run, accepted, ends = self._stream_run, self.accepted, self.params.ends
         pos = self.gen_start + len(run)
-        while pos in accepted and accepted[pos] != eos:
+        while pos in accepted and accepted[pos] not in ends:
             run.append(accepted[pos])
             pos += 1
         return self.prior_ids + run
@@ -163,9 +163,10 @@ class RefusionDecoder:
         # Asked several times per step (token counts, streaming, mode switches); `accepted` changes only
         # in _commit, which drops the cached list.
         if self._output is None:
-            accepted, eos = self.accepted, self.params.eos_token_id
+            accepted = self.accepted
             tokens = [accepted[pos] for pos in sorted(accepted)]
-            self._output = tokens[: tokens.index(eos)] if eos in tokens else tokens
+            end = first_end(tokens, self.params.ends)
+            self._output = tokens[:end] if end is not None else tokens
         return self.prior_ids + self._output
 
     def stream_logprobs(self, start: int, end: int) -> list[TokenLogprob]:
@@ -176,8 +177,8 @@ class RefusionDecoder:
     def eos_logprob(self) -> TokenLogprob | None:
         if self.params.logprobs is None:
             return None
-        eos = self.params.eos_token_id
-        first = min((pos for pos, token in self.accepted.items() if token == eos), default=None)
+        ends = self.params.ends
+        first = min((pos for pos, token in self.accepted.items() if token in ends), default=None)
         return self.accepted_logprobs.get(first) if first is not None else None
 
     def prompt_scores(self) -> list[TokenLogprob] | None:
@@ -272,7 +273,7 @@ class RefusionDecoder:
             scored = iter(logprobs or ())
             entries = [d.entries[0] if j == 0 else next(scored) for d in self.chosen for j in range(len(d.tokens))]
         verdict = verify_prefix(self.chosen, [prob for _, prob in values], p.slot_size, p.token_threshold)
-        eos_at = next((k for k in range(verdict.prefix) if tokens[k] == p.eos_token_id), None)
+        eos_at = next((k for k in range(verdict.prefix) if tokens[k] in p.ends), None)
         if eos_at is not None:
             last = eos_at // p.slot_size  # chosen slot holding the first EOS
             self._commit(tokens[: eos_at + 1], self.chosen[: last + 1], entries)
@@ -300,14 +301,14 @@ class RefusionDecoder:
     def _absorb_branch_verify(self, values: list[tuple[int, float]], logprobs: list[TokenLogprob] | None) -> None:
         p = self.params
         absorb_verification(self.branches, self._layout, values, p.token_threshold, logprobs)
-        eos_branch = stop_after_eos(self.branches, p.eos_token_id)
+        eos_branch = stop_after_eos(self.branches, p.ends)
         if not all(br.complete for br in self.branches):
             self.phase = Phase.BRANCH_DRAFT
             return
         # Spec step 4: the last verify forward left every slot in the cache, in slot order.
         tokens = [t for br in self.branches for t in br.tokens]
         if eos_branch is not None:
-            tokens = tokens[: tokens.index(p.eos_token_id) + 1]
+            tokens = tokens[: first_end(tokens, p.ends) + 1]
         entries = [e for br in self.branches for e in br.entries] if p.logprobs is not None else None
         self._commit(tokens, self.branches, entries)
         for d in self.chosen:

@@ -173,6 +173,7 @@ class RunnerInfo(Protocol):
 
     vocab_size: int
     eos_token_id: int
+    end_token_ids: tuple[int, ...]  # the model's other end tokens (optional: () when absent)
     mask_token_id: int
     block_size: int  # tokens per KV block
     num_kv_blocks: int  # blocks the scheduler may hand out (the runner keeps a scratch block apart)

@@ -52,6 +52,7 @@ class ModelDecoderFactory:
         model_dir = model_dir or find_model_dir(runner)
         defaults = load_model_defaults(model_dir) if model_dir else dict(SERVING_DEFAULTS)
         defaults["eos_token_id"] = runner.info.eos_token_id
+        defaults["end_token_ids"] = tuple(getattr(runner.info, "end_token_ids", ()))  # (the tests' fake runners have none)
         defaults["mask_token_id"] = runner.info.mask_token_id
         self.defaults = defaults
 

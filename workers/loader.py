@@ -16,6 +16,7 @@ from pathlib import Path
 MASK_TOKEN = "<|mask|>"
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 
 
 class ModelDirError(ValueError):
@@ -204,14 +205,14 @@ def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict
 
 def check_model_dir(model_dir: Path | str) -> None:
     """Every check loading the directory makes (config.json, the weight files' headers: names and shapes
-    against the config, the tokenizer, the mask token) without reading a tensor: seconds, so a server can
+    against the config, the tokenizer, the mask and end tokens) without reading a tensor: seconds, so a server can
     refuse a broken directory before it starts anything. Raises ModelDirError naming the file."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     _checked_tensors(model_dir, config, "cpu", None)
     tokenizer = load_tokenizer(model_dir)
     check_tokenizer(config, tokenizer, model_dir)
-    resolve_mask_token_id(config, tokenizer, model_dir)
+    end_token_ids(config, tokenizer, model_dir, resolve_mask_token_id(config, tokenizer, model_dir))
 
 
 def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) -> dict:
@@ -303,6 +304,42 @@ def check_tokenizer(config: ModelConfig, tokenizer, model_dir: Path) -> None:
         raise ModelDirError(Path(model_dir) / "tokenizer.json",
                             f"holds token id {largest} but config.json's vocab_size is {config.vocab_size} (the "
                             "embedding's rows): use the checkpoint's own tokenizer, or resize the embedding")
+
+
+def end_token_ids(config: ModelConfig, tokenizer, model_dir: Path, mask_id: int) -> tuple[int, ...]:
+    """The token ids besides `config.eos_token_id` that end a response: the rest of config.json's
+    `eos_token_id` list, generation_config.json's `eos_token_id` (an id or a list: what transformers'
+    `generate` stops on) and the tokenizer's `eos_token` (vLLM stops on it and generation_config's ids),
+    in that order, each once. A Qwen3 chat checkpoint ends its turns with <|im_end|> while its config may
+    name <|endoftext|>: generation ran past the end. Raises ModelDirError naming the file for an id that
+    is not a token id, lies outside the vocabulary or is the mask token."""
+    model_dir = Path(model_dir)
+    found: list[tuple[Path, object]] = []
+    for name in ("config.json", GENERATION_CONFIG):
+        path = model_dir / name
+        if name == GENERATION_CONFIG and not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelDirError(path, f"cannot be read as JSON ({exc})") from exc
+        value = raw.get("eos_token_id") if isinstance(raw, dict) else None
+        found += [(path, v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+    eos_token = getattr(tokenizer, "eos_token", None)
+    if eos_token:
+        token_id = tokenizer.convert_tokens_to_ids(eos_token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            found.append((model_dir / "tokenizer_config.json", token_id))
+    ends: list[int] = []
+    for path, token_id in found:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < config.vocab_size:
+            raise ModelDirError(path, f"eos_token_id {token_id!r} is not a token id of the vocabulary "
+                                      f"(0..{config.vocab_size - 1})")
+        if token_id == mask_id:
+            raise ModelDirError(path, f"eos_token_id {token_id} is the mask token; the mask token never ends a text")
+        if token_id != config.eos_token_id and token_id not in ends:
+            ends.append(token_id)
+    return tuple(ends)
 
 
 def resolve_mask_token_id(config: ModelConfig, tokenizer, model_dir: Path) -> int:

@@ -51,6 +51,7 @@ class ModelInfo:
 
     vocab_size: int
     eos_token_id: int
+    end_token_ids: tuple[int, ...]  # the other ids that end a text as EOS does (workers.loader.end_token_ids)
     mask_token_id: int
     num_layers: int
     hidden_size: int
@@ -109,12 +110,13 @@ class ModelRunner:
         tokenizer = loader.load_tokenizer(model_dir)
         loader.check_tokenizer(config, tokenizer, model_dir)
         mask_id = loader.resolve_mask_token_id(config, tokenizer, model_dir)
+        ends = loader.end_token_ids(config, tokenizer, model_dir, mask_id)
         weights = loader.read_weights(model_dir, config, dtype=dtype, device=device)
         model = build_model(config, weights, dtype=dtype, device=device)
         del weights  # the model holds the tensors now: fusing below then frees the unfused ones
         model.fuse_projections()
         self._setup(model, tokenizer, mask_id, block_size, num_blocks, kv_memory_bytes, cuda_graphs, attention,
-                    compile_layers)
+                    compile_layers, end_token_ids=ends)
 
     @classmethod
     def from_model(cls, model: Qwen3, *, mask_token_id: int, tokenizer=None, block_size: int = 16,
@@ -140,7 +142,7 @@ class ModelRunner:
 
     def _setup(self, model: Qwen3, tokenizer, mask_id: int, block_size: int, num_blocks: int | None,
                kv_memory_bytes: int | None, cuda_graphs: bool | dict | None = None, attention: str = "sdpa",
-               compile_layers: bool | None = None) -> None:
+               compile_layers: bool | None = None, end_token_ids: tuple[int, ...] = ()) -> None:
         config, weight = model.cfg, model.lm_head.weight
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype = weight.device, weight.dtype
@@ -161,7 +163,8 @@ class ModelRunner:
         self._feedback_from: tuple[torch.Tensor, dict[str, int]] | None = None
         self._unfinished: LaunchedStep | None = None  # the last launched step, while its deferred reads wait
         self.info = ModelInfo(
-            vocab_size=config.vocab_size, eos_token_id=config.eos_token_id, mask_token_id=mask_id,
+            vocab_size=config.vocab_size, eos_token_id=config.eos_token_id, end_token_ids=tuple(end_token_ids),
+            mask_token_id=mask_id,
             num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_heads,
             num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, block_size=block_size,
             num_kv_blocks=n, dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),

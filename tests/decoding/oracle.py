@@ -55,7 +55,8 @@ def refusion_oracle(model, prompt_ids, *, gen_length, slot_size, serial_num_bloc
 
     temperature > 0: the plan's argmax is taken over exp(logits) / (-log u)**T in float64 (the reference's
     Gumbel-max), u keyed by (seed, forwards so far, logical position) as workers/batch.py documents, so
-    the engine can match token for token.
+    the engine can match token for token. eos_id: the EOS id, or a set of ids each of which is EOS
+    wherever the spec names it (a model's several end tokens: DecodeParams.ends).
     """
     return _Oracle(model, prompt_ids, gen_length, slot_size, serial_num_blocks, slot_threshold, token_threshold,
                    eos_id, mask_id, suffix_ids, temperature, seed).run()
@@ -67,8 +68,8 @@ class _Oracle:
         self.model, self.S, self.blocks = model, S, blocks
         self.temperature, self.seed = temperature, seed
         self.gen_length = -(-gen_length // S) * S
-        self.slot_threshold, self.token_threshold, self.eos_id, self.mask_id = (
-            slot_threshold, token_threshold, eos_id, mask_id)
+        self.slot_threshold, self.token_threshold, self.mask_id = slot_threshold, token_threshold, mask_id
+        self.ends = {eos_id} if isinstance(eos_id, int) else set(eos_id)
         self.P = len(prompt_ids)
         # context the first plan carries: prompt, then the infill suffix after the generation span
         self.ctx = list(prompt_ids) + list(suffix_ids)
@@ -100,7 +101,7 @@ class _Oracle:
             if self.finish:
                 break
         for pos in sorted(self.accepted):
-            if self.accepted[pos] == self.eos_id:
+            if self.accepted[pos] in self.ends:
                 break
             self.res.output_ids.append(self.accepted[pos])
         return self.res
@@ -139,7 +140,7 @@ class _Oracle:
         self.res.forwards += 1
         passes = [k % S == 0 or probs[k - 1, flat[k]].item() > self.token_threshold for k in range(len(flat))]
         prefix = next((k for k, ok in enumerate(passes) if not ok), len(passes))
-        eos_at = next((k for k in range(prefix) if flat[k] == self.eos_id), None)
+        eos_at = next((k for k in range(prefix) if flat[k] in self.ends), None)
         if eos_at is not None:
             ev["eos_in_verify_prefix"] += 1
             last = eos_at // S
@@ -168,11 +169,11 @@ class _Oracle:
         branches = list(chosen)
         caches = [copy.deepcopy(self.cache) for _ in branches]
         rounds, eos_branch = _complete(self.model, caches, slots, branches, tags, base, S, self.token_threshold,
-                                       self.eos_id, self.mask_id, ev, slot_rows)
+                                       self.ends, self.mask_id, ev, slot_rows)
         self.res.forwards += 2 * rounds
         kept = [t for slot in slots for t in slot]
         if eos_branch is not None:
-            kept = kept[: kept.index(self.eos_id) + 1]
+            kept = kept[: next(i for i, t in enumerate(kept) if t in self.ends) + 1]
         for i, br_cache in enumerate(caches):
             n = min(S, len(kept) - i * S)
             if n <= 0:
@@ -188,7 +189,7 @@ class _Oracle:
         return pool
 
 
-def _complete(model, caches, slots, branches, tags, base, S, token_threshold, eos_id, mask_id, ev, slot_rows):
+def _complete(model, caches, slots, branches, tags, base, S, token_threshold, ends, mask_id, ev, slot_rows):
     """Spec step 3 rounds; mutates slots/branches/caches/tags/slot_rows (each token's latest read row).
     Returns (rounds, EOS branch index or None)."""
     apl = 0  # common verified prefix committed to every branch's cache rows
@@ -221,7 +222,7 @@ def _complete(model, caches, slots, branches, tags, base, S, token_threshold, eo
                 tags[b][j] = ok
         for b in range(len(slots)):
             verified = [t for t, ok in zip(slots[b], tags[b]) if ok]
-            if eos_id in verified:
+            if ends & set(verified):
                 ev["eos_in_completion"] += 1 if eos_branch is None else 0
                 eos_branch = b
                 del slots[b + 1:], branches[b + 1:], caches[b + 1:], tags[b + 1:], slot_rows[b + 1:]

@@ -29,11 +29,11 @@ PARAM_SETS = [
 ]
 
 
-def _run_both(runner, hf, prompt_ids, params: DecodeParams, *, suffix=(), budget=8192):
+def _run_both(runner, hf, prompt_ids, params: DecodeParams, *, suffix=(), budget=8192, ends=None):
     oracle = refusion_oracle(
         hf, prompt_ids, gen_length=params.gen_length, slot_size=params.slot_size,
         serial_num_blocks=params.serial_num_blocks, slot_threshold=params.slot_threshold,
-        token_threshold=params.token_threshold, eos_id=params.eos_token_id, mask_id=params.mask_token_id,
+        token_threshold=params.token_threshold, eos_id=ends or params.eos_token_id, mask_id=params.mask_token_id,
         suffix_ids=suffix,
     )
     decoder = RefusionDecoder("req", prompt_ids, params, suffix_ids=list(suffix))
@@ -90,6 +90,29 @@ def test_eos_from_the_models_own_text_drops_later_pool_slots(untied_runner, unti
                 events += oracle.events
     assert events["pool_slots_dropped_after_completion_eos"] >= 2, events
     assert events["pool_slots_dropped_after_verify_eos"] >= 2, events
+
+
+def test_any_of_the_models_end_tokens_ends_the_text_as_eos_does(untied_runner, untied_hf):
+    """A model with several end tokens (generation_config.json's eos_token_id list: DecodeParams
+    end_token_ids): each is EOS wherever the spec names it. The end tokens are tokens the model writes in
+    its own text, the model's EOS id (never drafted by these weights) first; engine and oracle agree."""
+    import dataclasses
+
+    events, ended_early = Counter(), 0
+    for prompt in PROMPTS[:3]:
+        prompt_ids = untied_runner.tokenizer(prompt)["input_ids"]
+        for S, st, tt in [(4, 1.0, 0.9), (8, 0.3, 0.5), (4, 0.0, 0.0)]:
+            params = _params(untied_runner, [], S, 1, 32, st, tt, None)
+            free_run, _ = _run_both(untied_runner, untied_hf, prompt_ids, params)
+            written = list(dict.fromkeys(free_run.output_ids()))
+            params = dataclasses.replace(params, end_token_ids=tuple(written[1:3]))
+            decoder, oracle = _run_both(untied_runner, untied_hf, prompt_ids, params, ends=params.ends)
+            assert decoder.output_ids() == oracle.output_ids, (prompt, S, st, tt)
+            assert decoder.stats.forwards == oracle.forwards, (prompt, S, st, tt)
+            assert not set(decoder.output_ids()) & set(params.end_token_ids)
+            ended_early += len(decoder.output_ids()) < 32
+            events += oracle.events
+    assert ended_early >= 6 and events["eos_in_verify_prefix"] + events["eos_in_completion"] >= 6, events
 
 
 def test_engine_counts_accepted_slots_like_the_oracle(untied_runner, untied_hf, frequent_tokens):

@@ -4,6 +4,7 @@ almost never do), so packed batching is checked on the accept-and-keep-KV paths 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,50 @@ async def test_the_router_is_told_every_token_and_forward_of_a_refusion_request(
     assert sum(tokens for _mode, _priority, tokens, _forwards, _packed in seen) == stats["generated_tokens"]
     assert len(seen) == stats["forwards"]
     assert all(mode is Mode.REFUSION for mode, *_ in seen)
+
+
+async def test_a_second_end_token_in_generation_config_ends_the_text(tmp_path):
+    """generation_config.json's eos_token_id list (a Qwen3 chat checkpoint lists <|im_end|> and
+    <|endoftext|>; config.json names one): every id in it ends the text as EOS does, through the real
+    engine, AR and ReFusion, and ignore_eos bans each. The second end token here is a token the model
+    writes in its own greedy text, so the text must stop right before it (it ran on past it)."""
+    import shutil
+
+    from workers.runner import ModelRunner
+
+    prompt, params = "def fib(n):\n", {"gen_length": 32, "serial_num_blocks": 2, "temperature": 0}
+    runner = ModelRunner(SHIPPED, device="cpu", num_blocks=256)
+    free = await _run_engine(runner, prompt, params)
+    model = Path(shutil.copytree(SHIPPED, tmp_path / "model"))
+    text = free[Mode.AR].token_ids
+    end = next(t for i, t in enumerate(text) if i >= 3 and t not in text[:i])  # first written at index >= 3
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [runner.info.eos_token_id, end]}))
+    runner = ModelRunner(model, device="cpu", num_blocks=256)
+    assert runner.info.end_token_ids == (end,)
+    ended = await _run_engine(runner, prompt, params)
+    assert ended[Mode.AR].token_ids == text[: text.index(end)]
+    assert ended[Mode.AR].forwards == text.index(end) + 1  # it stopped at the end token (not just cut the text)
+    assert ended[Mode.AR].finish_reason is FinishReason.STOP
+    if end in free[Mode.REFUSION].token_ids:  # ReFusion wrote it too: now the text ends there
+        assert end not in ended[Mode.REFUSION].token_ids and ended[Mode.REFUSION].finish_reason is FinishReason.STOP
+    banned = await _run_engine(runner, prompt, {**params, "ignore_eos": True}, modes=(Mode.AR,))
+    assert end not in banned[Mode.AR].token_ids and len(banned[Mode.AR].token_ids) == 32
+
+
+async def _run_engine(runner, prompt: str, params: dict, modes=(Mode.AR, Mode.REFUSION)) -> dict:
+    """{mode: the request's generated token ids, finish reason and forwards} from a fresh engine on `runner`."""
+    from types import SimpleNamespace
+
+    from scheduler.engine import Engine
+
+    engine = Engine(runner, runner.tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
+    await engine.start()
+    out = {}
+    for mode in modes:
+        deltas = await _collect(engine, GenerationRequest(f"r-{mode.value}", runner.tokenizer.encode(prompt),
+                                                          dict(params), mode=mode))
+        out[mode] = SimpleNamespace(token_ids=[t for d in deltas for t in d.token_ids], finish_reason=deltas[-1].finish_reason,
+                                    forwards=deltas[-1].stats["forwards"])
+    await engine.stop()
+    return out

@@ -209,3 +209,24 @@ def test_kv_budget_and_dtype(tiny_model_dir):
 def test_default_cpu_kv_budget_is_16k_tokens(tiny_model_dir):
     runner = ModelRunner(tiny_model_dir, device="cpu")
     assert runner.info.num_kv_blocks * runner.info.block_size == 16384
+
+
+def test_end_tokens_come_from_config_generation_config_and_the_tokenizer(tiny_model_dir, tmp_path):
+    """Every id that ends a response (config.json's eos_token_id list, generation_config.json's, the
+    tokenizer's eos_token: transformers' generate and vLLM stop on them) reaches the engine; one that is
+    no token id of the vocabulary, or is the mask token, is refused naming its file by both checks."""
+    from workers.loader import check_model_dir
+
+    model = _copy(tiny_model_dir, tmp_path)
+    eos = read_config(model).eos_token_id
+    _edit_json(model / "config.json", lambda c: c.update(eos_token_id=[eos, 5]))
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, eos, 5]}))
+    assert ModelRunner(model, device="cpu", num_blocks=8).info.end_token_ids == (5, 7)
+    mask = json.loads((model / "config.json").read_text())["mask_token_id"]
+    for bad in (10**6, mask, "7"):
+        (model / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(ModelDirError) as checked:
+            check_model_dir(model)
+        with pytest.raises(ModelDirError) as loaded:
+            ModelRunner(model, device="cpu", num_blocks=8)
+        assert checked.value.path == loaded.value.path and checked.value.path.endswith("generation_config.json")
