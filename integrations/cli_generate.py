@@ -136,7 +136,8 @@ def _params(model_dir: Path, args, runner):
     from decoding.params import DecodeParams, load_model_defaults
 
     values = load_model_defaults(model_dir)
-    values |= {"eos_token_id": runner.info.eos_token_id, "mask_token_id": runner.info.mask_token_id}
+    values |= {"eos_token_id": runner.info.eos_token_id, "end_token_ids": runner.info.end_token_ids,
+               "mask_token_id": runner.info.mask_token_id}
     for name, flag in FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))  # "--gen-length" -> args.gen_length
         if value is not None:

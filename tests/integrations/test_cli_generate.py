@@ -94,6 +94,22 @@ def test_plain_output_is_the_completion_text_and_ar_mode_works(tiny_model_dir, t
     assert code == 0 and out == result["text"] + "\n"
 
 
+def test_generation_config_end_tokens_end_the_text(tmp_path, capsys):
+    """A second end token (generation_config.json's eos_token_id list) ends `generate`'s text as the
+    engine's: the greedy text stops right before the first token of it that is made an end token."""
+    import shutil
+
+    args = ("--prompt", "def fib(n):\n", "--mode", "ar", "--gen-length", "8", "--slot-size", "4", "--blocks", "1", "--json")
+    shipped = REPO / "models" / "refusion-tiny-code"
+    code, out, _ = _run(capsys, "--model", str(shipped), *args)
+    free = json.loads(out)["token_ids"]
+    model = Path(shutil.copytree(shipped, tmp_path / "model"))
+    end = free[2]
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [end]}))
+    code, out, _ = _run(capsys, "--model", str(model), *args)
+    assert code == 0 and json.loads(out)["token_ids"] == free[: free.index(end)]
+
+
 def test_ar_mode_decodes_the_gen_length_asked_and_takes_one_that_fits_the_context_exactly(tiny_model_dir, tmp_path, capsys):
     # --mode ar rounded --gen-length up to the model's slot (8) and refused a length that fits, quoting
     # the rounded one ("4096 tokens after a 4-token prompt exceed ... use at most 4092" for 4092)
