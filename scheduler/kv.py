@@ -57,14 +57,15 @@ class KVOwner:
         promised = sum(max(0, r.kv_blocks - len(tables.table(r.id))) for r in running if r.runner_key == key)
         return tables.pool.num_free - promised - self.reserve(key)
 
-    def start(self, req: Request, key: str, hit: PrefixHit) -> None:
-        """A request starts on `key`: a prefix-cache hit becomes the first blocks of its table."""
+    def start(self, req: Request, key: str, hit: PrefixHit, count: bool = True) -> None:
+        """A request starts on `key`: a prefix-cache hit becomes the first blocks of its table. count:
+        the lookup counts in the hit rate (not a preempted request's rerun: scheduler._try_start)."""
         if hit.block_ids:
             self.tables[key].adopt_prefix(req.id, hit.block_ids, hit.num_tokens)
         if key == "main" and self.prefix_cache is not None and not req.scores_prompt:
             # The server's own requests use a hit but are not counted in the hit rate (an idle server's
             # health probes would drag it towards 0); touching the blocks keeps them warm as for any use.
-            self.prefix_cache.record(req.spec.prompt_ids, hit, count=not req.spec.internal)
+            self.prefix_cache.record(req.spec.prompt_ids, hit, count=count and not req.spec.internal)
 
     def shortfall(self, req: Request, segment: Segment) -> int:
         """Roll the sequence back to the segment's context_len; return the blocks its kept tokens still

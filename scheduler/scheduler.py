@@ -616,12 +616,14 @@ class Scheduler:
         """Free blocks not yet promised to running requests, less the reserve."""
         return self.kv.available(self.running, key)
 
-    def record_decision(self, req: Request, decision: RouteDecision, event: str, **context) -> None:
-        """Every routing decision and its inputs go to the metrics and the log (not those of the
-        server's own requests: a health probe every few seconds)."""
+    def record_decision(self, req: Request, decision: RouteDecision, event: str, count: bool = True, **context) -> None:
+        """Every routing decision and its inputs go to the log, and to the metrics unless `count` is False
+        (a preempted request's rerun: its request was counted at its first start); not those of the
+        server's own requests (a health probe every few seconds)."""
         if req.spec.internal:
             return
-        self.metrics.mode_decisions.labels(mode=decision.mode.value, reason=decision.reason).inc()
+        if count:
+            self.metrics.mode_decisions.labels(mode=decision.mode.value, reason=decision.reason).inc()
         log.info(event, request_id=req.id, mode=decision.mode.value, reason=decision.reason,
                  requested=req.spec.mode.value, priority=req.priority.name, **context, **decision.inputs)
 
@@ -844,19 +846,25 @@ class Scheduler:
         grammar = {"constraint": req.grammar.constraint()} if req.grammar is not None else {}  # fakes take none
         req.decoder = self.factories[key].create(decision.mode, req.id, spec.prompt_ids, req.params, spec.suffix_ids,
                                                  **grammar)
-        self.kv.start(req, key, hit)
+        # A preempted request starting again is not a new request to the metrics (its queue time, mode
+        # decision and prefix-cache lookup were counted at its first start; its rerun hitting its own
+        # prompt's blocks read as a cache hit rate where no two requests shared a prefix), and its usage
+        # keeps the cached prompt tokens of its first start (the ones a client was told of)
+        rerun = req.preemptions > 0
+        self.kv.start(req, key, hit, count=not rerun)
         if hit.block_ids:
             req.decoder.skip_cached_prompt(hit.num_tokens)
-        req.cached_prompt_tokens = hit.num_tokens
+        if not rerun:
+            req.cached_prompt_tokens = hit.num_tokens
         req.mode, req.runner_key, req.status = decision.mode, key, RequestStatus.RUNNING
         req.started_s = time.monotonic()
         req.mode_history.append(decision.mode.value)
         self.running.append(req)
         if route_key is not None:
             self.router.admitted(route_key, decision)  # (for its repeats: decided now, started now)
-        if not req.spec.internal:
+        if not req.spec.internal and not rerun:
             self.metrics.queue_time.observe(req.started_s - req.arrival_s)
-        self.record_decision(req, decision, "route")
+        self.record_decision(req, decision, "route", count=not rerun, rerun=rerun)
         return True
 
     def _typical_latency_s(self) -> float:

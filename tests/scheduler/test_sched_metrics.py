@@ -82,3 +82,26 @@ async def test_the_servers_own_requests_are_not_counted():
     await collect(engine, GenerationRequest("real", [5, 6, 7], {"gen_length": 6}, mode=Mode.AR))
     assert samples(engine)[("refusion_prompt_tokens_total", ())] == before.get(("refusion_prompt_tokens_total", ()), 0) + 3
     await engine.stop()
+
+
+async def test_a_preempted_request_counts_once_in_the_request_metrics():
+    """A preempted request starting again is not a new request: queue time, mode decisions and the prefix
+    cache's lookups count it once (its rerun hitting its own prompt's blocks read as a 43% hit rate where
+    no two requests shared a prefix), and its usage keeps the cached tokens of its first start."""
+    from scheduler.api import Priority
+
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=256, delay_s=0.002), max_running=1)
+    await engine.start()
+    batch = engine.submit(GenerationRequest("batch", [5 + i % 30 for i in range(40)], {"gen_length": 24}, mode=Mode.AR))
+    first = [await batch.__anext__()]  # running, its prompt's full blocks in the prefix cache
+    inter = await collect(engine, GenerationRequest("inter", [7, 8, 9], {"gen_length": 4}, mode=Mode.AR,
+                                                    priority=Priority.INTERACTIVE))
+    deltas = first + [d async for d in batch]
+    await engine.stop()
+    assert deltas[-1].stats["preemptions"] == 1 and inter[-1].stats["preemptions"] == 0
+    assert deltas[-1].stats["cached_prompt_tokens"] == 0  # its first start found nothing cached
+    m = samples(engine)
+    assert m[("refusion_queue_time_seconds_count", ())] == 2
+    assert sum(v for (name, _), v in m.items() if name == "refusion_mode_decisions_total") == 2
+    assert m[("refusion_prefix_cache_lookup_tokens_total", ())] == 40 + 3
+    assert m[("refusion_prefix_cache_hit_tokens_total", ())] == 0
