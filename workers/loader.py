@@ -28,6 +28,17 @@ class ModelDirError(ValueError):
         self.problem = problem
 
 
+def _is_file(path: Path) -> bool:
+    """path.is_file(), where a folder on the way that this user may not search (chmod 000, another user's
+    0700 directory) raises ModelDirError naming the folder; Path.is_file raised a PermissionError traceback."""
+    try:
+        return path.is_file()
+    except PermissionError:
+        raise ModelDirError(path.parent, "cannot be read: permission denied; give the user running refusion read "
+                                         "and search permission on it (chmod a+rx) and read permission on its "
+                                         "files") from None
+
+
 # config.json's integer sizes (num_key_value_heads and head_dim may be absent: derived)
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "head_dim")
@@ -89,7 +100,7 @@ def _rope_theta(raw: dict, path: Path) -> float:
 def read_config(model_dir: Path) -> ModelConfig:
     """Parse and check config.json of a Qwen3 model directory."""
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    if not _is_file(path):
         raise ModelDirError(path, "missing; a model directory needs config.json")
     try:
         raw = json.loads(path.read_text())
@@ -161,7 +172,7 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     """Map tensor name -> safetensors file, from the shard index or the single file."""
     model_dir = Path(model_dir)
     index = model_dir / SHARD_INDEX
-    if index.is_file():
+    if _is_file(index):
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:  # TypeError: not an object
@@ -172,12 +183,12 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
                                        '({"model.norm.weight": "model-00001-of-00002.safetensors", ...})')
         files = {name: model_dir / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
-            if not shard.is_file():
+            if not _is_file(shard):
                 raise ModelDirError(shard, f"shard listed in {SHARD_INDEX} is missing" +
                                     (" (not a file)" if shard.exists() else ""))
         return files
     single = model_dir / SINGLE_FILE
-    if not single.is_file():
+    if not _is_file(single):
         raise ModelDirError(single, f"missing; expected {SINGLE_FILE} or {SHARD_INDEX}")
     with _opened(single) as handle:
         return {name: single for name in handle.keys()}
@@ -185,9 +196,17 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
 
 @contextlib.contextmanager
 def _opened(path: Path, device: str = "cpu"):
-    """safe_open of a safetensors file; a truncated, empty or foreign file is a ModelDirError naming it."""
+    """safe_open of a safetensors file; a truncated, empty, foreign or unreadable file is a ModelDirError
+    naming it."""
     from safetensors import SafetensorError, safe_open
 
+    try:
+        open(path, "rb").close()  # safetensors reports a file this user may not read as missing
+    except PermissionError:
+        raise ModelDirError(path, "cannot be read: permission denied; give the user running refusion read "
+                                  "permission on it (chmod a+r)") from None
+    except OSError as exc:
+        raise ModelDirError(path, f"cannot be read ({exc.strerror})") from None
     try:
         handle = safe_open(str(path), framework="pt", device=device)
     except (SafetensorError, OSError) as exc:
@@ -224,7 +243,7 @@ def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) ->
     for name in expected:
         if name not in files:
             index = Path(model_dir) / SHARD_INDEX
-            where = index if index.is_file() else Path(model_dir) / SINGLE_FILE
+            where = index if _is_file(index) else Path(model_dir) / SINGLE_FILE
             raise ModelDirError(where, f"tensor {name!r} is missing from the checkpoint")
         by_file.setdefault(files[name], []).append(name)
     weights = {}
@@ -249,7 +268,7 @@ def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) ->
 def load_tokenizer(model_dir: Path):
     """The transformers tokenizer of the directory (tokenizer.json / tokenizer_config.json)."""
     model_dir = Path(model_dir)
-    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
+    if not _is_file(model_dir / "tokenizer.json") and not _is_file(model_dir / "tokenizer_config.json"):
         raise ModelDirError(model_dir / "tokenizer.json", "missing; the directory needs tokenizer files")
     from transformers import AutoTokenizer
 

@@ -230,3 +230,21 @@ def test_end_tokens_come_from_config_generation_config_and_the_tokenizer(tiny_mo
         with pytest.raises(ModelDirError) as loaded:
             ModelRunner(model, device="cpu", num_blocks=8)
         assert checked.value.path == loaded.value.path and checked.value.path.endswith("generation_config.json")
+
+
+@pytest.mark.parametrize("victim, problem", [
+    ("", "cannot be read: permission denied; give the user running refusion read and search permission"),
+    ("model.safetensors", "cannot be read: permission denied; give the user running refusion read permission"),
+])
+def test_unreadable_files_are_named_with_the_reason(tiny_model_dir, tmp_path, victim, problem):
+    """A directory without read permission was a PermissionError traceback; weights without it were
+    reported 'No such file or directory'."""
+    from model_factory import unreadable
+    from workers.loader import check_model_dir
+
+    model = _copy(tiny_model_dir, tmp_path)
+    with unreadable(model / victim):  # (model / "" is the directory)
+        for load in (check_model_dir, lambda m: ModelRunner(m, device="cpu", num_blocks=8)):
+            with pytest.raises(ModelDirError) as err:
+                load(model)
+            assert err.value.path == str(model / victim) and problem in err.value.problem
