@@ -147,6 +147,8 @@ def read_config(model_dir: Path) -> ModelConfig:
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
             mask_token_id=raw.get("mask_token_id"),
         )
+    except ModelDirError:  # _rope_theta's own, already naming the file and the fix
+        raise
     except (TypeError, ValueError, AttributeError) as exc:  # "abc" for rms_norm_eps, a list for rope_parameters
         raise ModelDirError(path, f"a value has the wrong type or form ({exc}); sizes and ids are integers") from exc
     if config.hidden_size % heads and "head_dim" not in raw:

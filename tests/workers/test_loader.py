@@ -248,3 +248,13 @@ def test_unreadable_files_are_named_with_the_reason(tiny_model_dir, tmp_path, vi
             with pytest.raises(ModelDirError) as err:
                 load(model)
             assert err.value.path == str(model / victim) and problem in err.value.problem
+
+
+def test_an_unsupported_rope_type_is_said_once(tiny_model_dir, tmp_path):
+    """A yarn rope_scaling was 'a value has the wrong type or form (PATH: rope type ...)', the path twice."""
+    model = _copy(tiny_model_dir, tmp_path)
+    _edit_json(model / "config.json", lambda c: (c.pop("rope_parameters", None), c.update(
+        rope_theta=10000.0, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024})))
+    with pytest.raises(ModelDirError) as err:
+        read_config(model)
+    assert str(err.value) == f"{model / 'config.json'}: rope type 'yarn' is not supported; only default RoPE is"
