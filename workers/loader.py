@@ -364,16 +364,22 @@ def end_token_ids(config: ModelConfig, tokenizer, model_dir: Path, mask_id: int)
 
 
 def resolve_mask_token_id(config: ModelConfig, tokenizer, model_dir: Path) -> int:
-    """`mask_token_id` from config.json, else the tokenizer's `<|mask|>` token."""
-    if config.mask_token_id is not None:
-        mask_id = config.mask_token_id
-    else:
-        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
-        if mask_id is None or mask_id == tokenizer.unk_token_id or mask_id < 0:
-            raise ModelDirError(
-                Path(model_dir) / "config.json",
-                f"no mask_token_id and the tokenizer has no {MASK_TOKEN} token; add mask_token_id to config.json",
-            )
+    """`mask_token_id` from config.json, else the tokenizer's `<|mask|>` token. Raises ModelDirError naming
+    config.json when neither gives one, when config.json's id is not the tokenizer's `<|mask|>` (decoding
+    masked with config.json's without a word, whichever of the two the model learned to fill), when the id
+    is outside the vocabulary, or when it is the EOS id."""
+    tokenizer_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if tokenizer_id is None or tokenizer_id == tokenizer.unk_token_id or tokenizer_id < 0:
+        tokenizer_id = None  # the tokenizer has no <|mask|>
+    mask_id = tokenizer_id if config.mask_token_id is None else config.mask_token_id
+    if mask_id is None:
+        raise ModelDirError(Path(model_dir) / "config.json",
+                            f"no mask_token_id and the tokenizer has no {MASK_TOKEN} token; add mask_token_id to "
+                            "config.json")
+    if tokenizer_id is not None and mask_id != tokenizer_id:
+        raise ModelDirError(Path(model_dir) / "config.json",
+                            f"mask_token_id is {mask_id} but the tokenizer's {MASK_TOKEN} is id {tokenizer_id}: set "
+                            f"mask_token_id to {tokenizer_id} (or remove it to take the tokenizer's)")
     if not 0 <= mask_id < config.vocab_size:
         raise ModelDirError(Path(model_dir) / "config.json", f"mask_token_id {mask_id} outside the vocabulary")
     if mask_id == config.eos_token_id:

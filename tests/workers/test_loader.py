@@ -258,3 +258,17 @@ def test_an_unsupported_rope_type_is_said_once(tiny_model_dir, tmp_path):
     with pytest.raises(ModelDirError) as err:
         read_config(model)
     assert str(err.value) == f"{model / 'config.json'}: rope type 'yarn' is not supported; only default RoPE is"
+
+
+def test_a_config_mask_id_that_is_not_the_tokenizers_mask_is_refused(tiny_model_dir, tmp_path):
+    """mask_token_id 5 beside a tokenizer whose <|mask|> is 2 decoded with token 5 as the mask, no word."""
+    from workers.loader import check_model_dir
+
+    model = _copy(tiny_model_dir, tmp_path)
+    _edit_json(model / "config.json", lambda c: c.update(mask_token_id=5))
+    for load in (check_model_dir, lambda m: ModelRunner(m, device="cpu", num_blocks=8)):
+        with pytest.raises(ModelDirError) as err:
+            load(model)
+        assert err.value.path == str(model / "config.json")
+        assert err.value.problem == ("mask_token_id is 5 but the tokenizer's <|mask|> is id 2: set mask_token_id to 2 "
+                                     "(or remove it to take the tokenizer's)")
