@@ -219,26 +219,39 @@ def _opened(path: Path, device: str = "cpu"):
 
 def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict:
     """Load every tensor the model needs, checked against the config's shapes, as `dtype` on `device`.
-    Raises ModelDirError naming the file for a missing, misshapen or unreadable tensor, or one holding a
-    NaN or an infinity (damaged bytes loaded silently and decoded empty text)."""
+    Raises ModelDirError naming the file for a missing, misshapen or unreadable tensor, one holding a
+    NaN or an infinity (damaged bytes loaded silently and decoded empty text), or one the model has no
+    place for, and for a tied model's lm_head.weight that differs from its embedding
+    (workers.checkpoint_checks)."""
     return _checked_tensors(model_dir, config, str(device), lambda handle, name: handle.get_tensor(name).to(dtype))
 
 
 def check_model_dir(model_dir: Path | str) -> None:
-    """Every check loading the directory makes (config.json, the weight files' headers: names and shapes
-    against the config, the tokenizer, the mask and end tokens) without reading a tensor: seconds, so a server can
-    refuse a broken directory before it starts anything. Raises ModelDirError naming the file."""
+    """Every check loading the directory makes (config.json, the weights as check_weights does, the
+    tokenizer, the mask and end tokens): seconds, so a server can refuse a broken directory before it
+    starts anything. Raises ModelDirError naming the file."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    _checked_tensors(model_dir, config, "cpu", None)
+    check_weights(model_dir, config)
     tokenizer = load_tokenizer(model_dir)
     check_tokenizer(config, tokenizer, model_dir)
     end_token_ids(config, tokenizer, model_dir, resolve_mask_token_id(config, tokenizer, model_dir))
 
 
+def check_weights(model_dir: Path | str, config: ModelConfig) -> None:
+    """The checks read_weights makes of the safetensors weights (every tensor the config needs is there with
+    its shape, none the model has no place for, a tied model's lm_head.weight equal to its embedding) from
+    the files' headers: no tensor is read but, where a tied checkpoint holds lm_head.weight too, the two
+    compared. Raises ModelDirError naming the file."""
+    _checked_tensors(Path(model_dir), config, "cpu", None)
+
+
 def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) -> dict:
     """{name: load(handle, name)} for every tensor the model needs, each checked first (present, listed in
-    its shard, the config's shape); `load` None checks only (headers) and returns {}."""
+    its shard, the config's shape), and the checkpoint's other tensors (workers.checkpoint_checks); `load`
+    None checks only (headers, and a tied model's lm_head.weight) and returns {}."""
+    from workers.checkpoint_checks import TIED_HEAD, check_tied_head, check_unexpected
+
     files = checkpoint_files(model_dir)
     expected = config.expected_shapes()
     by_file: dict[Path, list[str]] = {}
@@ -248,6 +261,7 @@ def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) ->
             where = index if _is_file(index) else Path(model_dir) / SINGLE_FILE
             raise ModelDirError(where, f"tensor {name!r} is missing from the checkpoint")
         by_file.setdefault(files[name], []).append(name)
+    check_unexpected(files, expected, config.num_layers, config.tie_word_embeddings)
     weights = {}
     for path, names in by_file.items():
         with _opened(path, device) as handle:
@@ -264,6 +278,9 @@ def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) ->
                         raise ModelDirError(path, f"tensor {name!r} holds NaN or infinite values as {tensor.dtype} "
                                                   "(damaged bytes, or values past what --dtype holds); re-download "
                                                   "or re-save it")
+    if config.tie_word_embeddings and TIED_HEAD in files:
+        with _opened(files[TIED_HEAD]) as head, _opened(files["model.embed_tokens.weight"]) as embedding:
+            check_tied_head(head, embedding, files[TIED_HEAD])
     return weights
 
 
