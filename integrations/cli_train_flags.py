@@ -11,6 +11,8 @@ import math
 import os
 from pathlib import Path
 
+from workers.batch import SEED_MAX
+
 
 class TrainArgumentError(ValueError):
     """A `refusion train` flag is unusable. `field` names the flag; the message says what to change."""
@@ -101,6 +103,8 @@ def check_flags(args) -> None:
     for name in ("heldout_max", "data_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise TrainArgumentError("--" + name.replace("_", "-"), f"got {getattr(args, name)}; use 0 or more")
+    if not 0 <= args.seed <= SEED_MAX:  # generate's --seed range (2**70 was an OverflowError once the corpus was built)
+        raise TrainArgumentError("--seed", f"got {args.seed}; use an integer in 0..{SEED_MAX} (a signed 64-bit integer)")
     if args.threads is not None and args.threads < 1:
         raise TrainArgumentError("--threads", f"got {args.threads}; use a positive number of CPU threads")
     most_workers = max(32, 2 * (os.cpu_count() or 1))  # each is a Python process holding part of the corpus

@@ -123,6 +123,10 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path, capsys):
         # Checked before the corpus is built, named as flags (they were tracebacks or Python field names)
         (["--out", "OUT", "--steps", "1", "--log-every", "0"], "--log-every: got 0"),
         (["--out", "OUT", "--steps", "1", "--threads", "-1"], "--threads: got -1"),
+        # torch.manual_seed's range (an OverflowError traceback after the corpus was built, or a negative seed)
+        (["--out", "OUT", "--steps", "1", "--seed", str(2**70)], "--seed: got 1180591620717411303424; use an integer "
+                                                                "in 0..9223372036854775807"),
+        (["--out", "OUT", "--steps", "1", "--seed", "-1"], "--seed: got -1"),
         (["--out", "OUT", "--steps", "1", "--device", "tpu"], "--device: got 'tpu'"),
         (["--out", "OUT", "--steps", "1", "--lr", "inf"], "--lr: got inf"),
         (["--out", "OUT", "--steps", "1", "--lr", "-1"], "--lr: got -1"),
