@@ -24,6 +24,9 @@ from workers.batch import MAX_TOP_LOGPROBS, SEED_MAX
 # Settings that shape AR decoding only (decoding/ar.py): a request carrying one runs AR
 # (scheduler.engine), so a model's refusion.json may not make them defaults.
 AR_ONLY_PARAMS = ("presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens")
+# The model's own token ids (config.json, the tokenizer): a refusion.json may not set them, the engine
+# decodes with the model's whatever the file says
+MODEL_TOKEN_IDS = ("eos_token_id", "mask_token_id")
 
 SERVING_DEFAULTS: dict = {
     "gen_length": 128,
@@ -233,7 +236,8 @@ def load_model_defaults(model_dir: str | Path) -> dict:
 
     SERVING_DEFAULTS, overridden by `refusion.json` when present, plus eos_token_id and mask_token_id
     from `config.json` when it names them. Raises DecodeParamError("refusion.json", ...) for an
-    unreadable or ill-formed file, an unknown key, or a non-zero AR-only setting (AR_ONLY_PARAMS);
+    unreadable or ill-formed file, an unknown key, a model token id (MODEL_TOKEN_IDS), or a non-zero
+    AR-only setting (AR_ONLY_PARAMS);
     values themselves are checked when DecodeParams is built.
     """
     model_dir = Path(model_dir)
@@ -255,6 +259,10 @@ def load_model_defaults(model_dir: str | Path) -> dict:
         for key in overrides:
             if key not in known:
                 raise DecodeParamError("refusion.json", f"unknown key {key!r} in {path}; use one of {sorted(known)}")
+            if key in MODEL_TOKEN_IDS:  # (accepted, and without effect)
+                source = "config.json" + (" or its tokenizer's <|mask|>" if key == "mask_token_id" else "")
+                raise DecodeParamError("refusion.json", f"{key!r} in {path} is not a decode setting: the model's "
+                                       f"{key} comes from its {source}; remove it")
             if key in AR_ONLY_PARAMS and overrides[key]:  # ReFusion would drop it, AR apply it: not a default
                 raise DecodeParamError("refusion.json", f"{key!r} in {path} shapes autoregressive decoding only, so it "
                                        "cannot be a model default: remove it and send it with the requests that want it")

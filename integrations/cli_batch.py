@@ -157,6 +157,11 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     if not model_dir.is_dir():
         raise BatchArgumentError("--model", f"{model_dir} is not a model directory")
+    if args.device == "cuda":  # (the load's error was blamed on --model)
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BatchArgumentError("--device", "cuda requested but no CUDA device is available; use --device cpu")
     _check_output(args.output_file, args.input_file)
     engine_options = {k: v for k, v in (("max_running", args.max_num_seqs), ("max_queue", args.max_queue)) if v is not None}
     try:

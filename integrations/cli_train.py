@@ -40,7 +40,8 @@ def _fresh_model_and_tokenizer(args, train_units):
 def _init_model_and_tokenizer(args):
     """(model, tokenizer) of the --init checkpoint, <|mask|> ensured; loaded before the corpus is built, so
     a checkpoint that cannot load fails in seconds. Raises TrainArgumentError("--init") for any load
-    failure (truncated weights, a bad config or tokenizer file): the directory is the user's input;
+    failure (truncated weights, a bad config or tokenizer file, a tensor transformers would fill with
+    random values): the directory is the user's input;
     TrainArgumentError("--seq-len") for rows longer than its context. The embedding grows to every id the
     tokenizer holds."""
     import torch
@@ -53,12 +54,17 @@ def _init_model_and_tokenizer(args):
     torch.manual_seed(args.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.init)
-        model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
+        model, loading = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32, output_loading_info=True)
     except (*TRANSFORMERS_LOAD_ERRORS, RuntimeError, SafetensorError, ZeroDivisionError) as exc:  # a broken dir
         reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         reason = reason if len(reason) <= 300 else reason[:297] + "..."
         raise TrainArgumentError("--init", f"{args.init} cannot be loaded ({type(exc).__name__}: {reason}); give an "
                                            "HF model directory whose weights, config and tokenizer load") from None
+    missing = sorted(loading["missing_keys"])  # (pytorch_model.bin weights: check_flags read no header)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise TrainArgumentError("--init", f"{args.init}: tensor {missing[0]!r}{more} missing from the checkpoint "
+                                           "(transformers would fill it with random values); give a complete one")
     ensure_mask_token(tokenizer)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and args.seq_len > context:  # positions past what the model is made for

@@ -11,6 +11,8 @@ import math
 import os
 from pathlib import Path
 
+from workers.batch import SEED_MAX
+
 
 class TrainArgumentError(ValueError):
     """A `refusion train` flag is unusable. `field` names the flag; the message says what to change."""
@@ -101,6 +103,8 @@ def check_flags(args) -> None:
     for name in ("heldout_max", "data_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise TrainArgumentError("--" + name.replace("_", "-"), f"got {getattr(args, name)}; use 0 or more")
+    if not 0 <= args.seed <= SEED_MAX:  # generate's --seed range (2**70 was an OverflowError once the corpus was built)
+        raise TrainArgumentError("--seed", f"got {args.seed}; use an integer in 0..{SEED_MAX} (a signed 64-bit integer)")
     if args.threads is not None and args.threads < 1:
         raise TrainArgumentError("--threads", f"got {args.threads}; use a positive number of CPU threads")
     most_workers = max(32, 2 * (os.cpu_count() or 1))  # each is a Python process holding part of the corpus
@@ -193,7 +197,12 @@ def _free_bytes(device) -> int | None:
 
 
 def _check_init(init: Path) -> None:
-    """An --init directory transformers can load: config.json (a JSON object) and weights."""
+    """An --init directory transformers can load (config.json, a JSON object, and weights) whose trained
+    model the engine would serve: config.json and the safetensors weights' headers pass the serving
+    loader's checks (workers.loader.read_config and check_weights: a Qwen3 with default RoPE, every tensor
+    there with the config's shape, none the model has no place for). transformers filled a missing tensor
+    with random values and trained on. The tokenizer is not checked: training adds <|mask|> and grows the
+    embedding to the tokenizer. Raises TrainArgumentError("--init") naming the file."""
     if not init.is_dir():
         raise TrainArgumentError("--init", f"{init} is not a directory; give an HF model directory")
     try:
@@ -206,6 +215,14 @@ def _check_init(init: Path) -> None:
         raise TrainArgumentError("--init", f"{init}/config.json must hold a JSON object")
     if not any((init / name).is_file() for name in WEIGHT_FILES):
         raise TrainArgumentError("--init", f"{init} has no weights ({', '.join(WEIGHT_FILES[::2])})")
+    from workers.loader import ModelDirError, check_weights, read_config
+
+    try:
+        config = read_config(init)
+        if any((init / name).is_file() for name in WEIGHT_FILES[:2]):  # (pytorch_model.bin: checked once loaded)
+            check_weights(init, config)
+    except ModelDirError as exc:
+        raise TrainArgumentError("--init", str(exc)) from None
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -255,7 +255,12 @@ class ServeConfig(_Strict):
     @model_validator(mode="after")
     def _resolve(self):
         model_dir = Path(self.model).expanduser().resolve()
-        if not (model_dir / "config.json").is_file():
+        try:
+            found = (model_dir / "config.json").is_file()
+        except PermissionError:  # a directory this user may not search (chmod 000): was a traceback
+            raise ValueError(f"model: {model_dir} cannot be read: permission denied; give the user running refusion "
+                             "read and search permission on it (chmod a+rx)") from None
+        if not found:
             what = ("does not exist" if not model_dir.exists() else "is not a directory" if not model_dir.is_dir()
                     else "has no config.json")
             raise ValueError(f"model: {model_dir} {what}; pass a model directory (default {DEFAULT_MODEL})")

@@ -7,8 +7,10 @@ not for output quality. The shipped trained model lives in models/.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import os
 from pathlib import Path
 
 EOS = "<|endoftext|>"
@@ -84,3 +86,20 @@ def make_tiny_model(
     cfg["mask_token_id"] = tok.convert_tokens_to_ids(MASK)
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return out_dir
+
+
+@contextlib.contextmanager
+def unreadable(path: Path):
+    """`path` (a model directory or one of its files) chmod 000 for the block, its mode restored after; the
+    test is skipped where permissions do not bind (root reads anything, unless its capabilities are dropped:
+    `setpriv --bounding-set=-dac_override,-dac_read_search` runs such a test as root)."""
+    import pytest
+
+    old = path.stat().st_mode & 0o777
+    path.chmod(0)
+    try:
+        if os.geteuid() == 0 and os.access(path, os.R_OK):
+            pytest.skip("running as root: file permissions do not apply")
+        yield path
+    finally:
+        path.chmod(old)

@@ -28,6 +28,17 @@ class ModelDirError(ValueError):
         self.problem = problem
 
 
+def _is_file(path: Path) -> bool:
+    """path.is_file(), where a folder on the way that this user may not search (chmod 000, another user's
+    0700 directory) raises ModelDirError naming the folder; Path.is_file raised a PermissionError traceback."""
+    try:
+        return path.is_file()
+    except PermissionError:
+        raise ModelDirError(path.parent, "cannot be read: permission denied; give the user running refusion read "
+                                         "and search permission on it (chmod a+rx) and read permission on its "
+                                         "files") from None
+
+
 # config.json's integer sizes (num_key_value_heads and head_dim may be absent: derived)
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "head_dim")
@@ -89,7 +100,7 @@ def _rope_theta(raw: dict, path: Path) -> float:
 def read_config(model_dir: Path) -> ModelConfig:
     """Parse and check config.json of a Qwen3 model directory."""
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    if not _is_file(path):
         raise ModelDirError(path, "missing; a model directory needs config.json")
     try:
         raw = json.loads(path.read_text())
@@ -136,6 +147,8 @@ def read_config(model_dir: Path) -> ModelConfig:
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
             mask_token_id=raw.get("mask_token_id"),
         )
+    except ModelDirError:  # _rope_theta's own, already naming the file and the fix
+        raise
     except (TypeError, ValueError, AttributeError) as exc:  # "abc" for rms_norm_eps, a list for rope_parameters
         raise ModelDirError(path, f"a value has the wrong type or form ({exc}); sizes and ids are integers") from exc
     if config.hidden_size % heads and "head_dim" not in raw:
@@ -161,7 +174,7 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     """Map tensor name -> safetensors file, from the shard index or the single file."""
     model_dir = Path(model_dir)
     index = model_dir / SHARD_INDEX
-    if index.is_file():
+    if _is_file(index):
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:  # TypeError: not an object
@@ -172,12 +185,12 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
                                        '({"model.norm.weight": "model-00001-of-00002.safetensors", ...})')
         files = {name: model_dir / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
-            if not shard.is_file():
+            if not _is_file(shard):
                 raise ModelDirError(shard, f"shard listed in {SHARD_INDEX} is missing" +
                                     (" (not a file)" if shard.exists() else ""))
         return files
     single = model_dir / SINGLE_FILE
-    if not single.is_file():
+    if not _is_file(single):
         raise ModelDirError(single, f"missing; expected {SINGLE_FILE} or {SHARD_INDEX}")
     with _opened(single) as handle:
         return {name: single for name in handle.keys()}
@@ -185,9 +198,17 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
 
 @contextlib.contextmanager
 def _opened(path: Path, device: str = "cpu"):
-    """safe_open of a safetensors file; a truncated, empty or foreign file is a ModelDirError naming it."""
+    """safe_open of a safetensors file; a truncated, empty, foreign or unreadable file is a ModelDirError
+    naming it."""
     from safetensors import SafetensorError, safe_open
 
+    try:
+        open(path, "rb").close()  # safetensors reports a file this user may not read as missing
+    except PermissionError:
+        raise ModelDirError(path, "cannot be read: permission denied; give the user running refusion read "
+                                  "permission on it (chmod a+r)") from None
+    except OSError as exc:
+        raise ModelDirError(path, f"cannot be read ({exc.strerror})") from None
     try:
         handle = safe_open(str(path), framework="pt", device=device)
     except (SafetensorError, OSError) as exc:
@@ -198,35 +219,49 @@ def _opened(path: Path, device: str = "cpu"):
 
 def read_weights(model_dir: Path, config: ModelConfig, *, dtype, device) -> dict:
     """Load every tensor the model needs, checked against the config's shapes, as `dtype` on `device`.
-    Raises ModelDirError naming the file for a missing, misshapen or unreadable tensor, or one holding a
-    NaN or an infinity (damaged bytes loaded silently and decoded empty text)."""
+    Raises ModelDirError naming the file for a missing, misshapen or unreadable tensor, one holding a
+    NaN or an infinity (damaged bytes loaded silently and decoded empty text), or one the model has no
+    place for, and for a tied model's lm_head.weight that differs from its embedding
+    (workers.checkpoint_checks)."""
     return _checked_tensors(model_dir, config, str(device), lambda handle, name: handle.get_tensor(name).to(dtype))
 
 
 def check_model_dir(model_dir: Path | str) -> None:
-    """Every check loading the directory makes (config.json, the weight files' headers: names and shapes
-    against the config, the tokenizer, the mask and end tokens) without reading a tensor: seconds, so a server can
-    refuse a broken directory before it starts anything. Raises ModelDirError naming the file."""
+    """Every check loading the directory makes (config.json, the weights as check_weights does, the
+    tokenizer, the mask and end tokens): seconds, so a server can refuse a broken directory before it
+    starts anything. Raises ModelDirError naming the file."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    _checked_tensors(model_dir, config, "cpu", None)
+    check_weights(model_dir, config)
     tokenizer = load_tokenizer(model_dir)
     check_tokenizer(config, tokenizer, model_dir)
     end_token_ids(config, tokenizer, model_dir, resolve_mask_token_id(config, tokenizer, model_dir))
 
 
+def check_weights(model_dir: Path | str, config: ModelConfig) -> None:
+    """The checks read_weights makes of the safetensors weights (every tensor the config needs is there with
+    its shape, none the model has no place for, a tied model's lm_head.weight equal to its embedding) from
+    the files' headers: no tensor is read but, where a tied checkpoint holds lm_head.weight too, the two
+    compared. Raises ModelDirError naming the file."""
+    _checked_tensors(Path(model_dir), config, "cpu", None)
+
+
 def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) -> dict:
     """{name: load(handle, name)} for every tensor the model needs, each checked first (present, listed in
-    its shard, the config's shape); `load` None checks only (headers) and returns {}."""
+    its shard, the config's shape), and the checkpoint's other tensors (workers.checkpoint_checks); `load`
+    None checks only (headers, and a tied model's lm_head.weight) and returns {}."""
+    from workers.checkpoint_checks import TIED_HEAD, check_tied_head, check_unexpected
+
     files = checkpoint_files(model_dir)
     expected = config.expected_shapes()
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         if name not in files:
             index = Path(model_dir) / SHARD_INDEX
-            where = index if index.is_file() else Path(model_dir) / SINGLE_FILE
+            where = index if _is_file(index) else Path(model_dir) / SINGLE_FILE
             raise ModelDirError(where, f"tensor {name!r} is missing from the checkpoint")
         by_file.setdefault(files[name], []).append(name)
+    check_unexpected(files, expected, config.num_layers, config.tie_word_embeddings)
     weights = {}
     for path, names in by_file.items():
         with _opened(path, device) as handle:
@@ -243,13 +278,16 @@ def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) ->
                         raise ModelDirError(path, f"tensor {name!r} holds NaN or infinite values as {tensor.dtype} "
                                                   "(damaged bytes, or values past what --dtype holds); re-download "
                                                   "or re-save it")
+    if config.tie_word_embeddings and TIED_HEAD in files:
+        with _opened(files[TIED_HEAD]) as head, _opened(files["model.embed_tokens.weight"]) as embedding:
+            check_tied_head(head, embedding, files[TIED_HEAD])
     return weights
 
 
 def load_tokenizer(model_dir: Path):
     """The transformers tokenizer of the directory (tokenizer.json / tokenizer_config.json)."""
     model_dir = Path(model_dir)
-    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
+    if not _is_file(model_dir / "tokenizer.json") and not _is_file(model_dir / "tokenizer_config.json"):
         raise ModelDirError(model_dir / "tokenizer.json", "missing; the directory needs tokenizer files")
     from transformers import AutoTokenizer
 
@@ -343,16 +381,22 @@ def end_token_ids(config: ModelConfig, tokenizer, model_dir: Path, mask_id: int)
 
 
 def resolve_mask_token_id(config: ModelConfig, tokenizer, model_dir: Path) -> int:
-    """`mask_token_id` from config.json, else the tokenizer's `<|mask|>` token."""
-    if config.mask_token_id is not None:
-        mask_id = config.mask_token_id
-    else:
-        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
-        if mask_id is None or mask_id == tokenizer.unk_token_id or mask_id < 0:
-            raise ModelDirError(
-                Path(model_dir) / "config.json",
-                f"no mask_token_id and the tokenizer has no {MASK_TOKEN} token; add mask_token_id to config.json",
-            )
+    """`mask_token_id` from config.json, else the tokenizer's `<|mask|>` token. Raises ModelDirError naming
+    config.json when neither gives one, when config.json's id is not the tokenizer's `<|mask|>` (decoding
+    masked with config.json's without a word, whichever of the two the model learned to fill), when the id
+    is outside the vocabulary, or when it is the EOS id."""
+    tokenizer_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if tokenizer_id is None or tokenizer_id == tokenizer.unk_token_id or tokenizer_id < 0:
+        tokenizer_id = None  # the tokenizer has no <|mask|>
+    mask_id = tokenizer_id if config.mask_token_id is None else config.mask_token_id
+    if mask_id is None:
+        raise ModelDirError(Path(model_dir) / "config.json",
+                            f"no mask_token_id and the tokenizer has no {MASK_TOKEN} token; add mask_token_id to "
+                            "config.json")
+    if tokenizer_id is not None and mask_id != tokenizer_id:
+        raise ModelDirError(Path(model_dir) / "config.json",
+                            f"mask_token_id is {mask_id} but the tokenizer's {MASK_TOKEN} is id {tokenizer_id}: set "
+                            f"mask_token_id to {tokenizer_id} (or remove it to take the tokenizer's)")
     if not 0 <= mask_id < config.vocab_size:
         raise ModelDirError(Path(model_dir) / "config.json", f"mask_token_id {mask_id} outside the vocabulary")
     if mask_id == config.eos_token_id:

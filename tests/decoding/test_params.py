@@ -81,6 +81,18 @@ def test_bad_refusion_json_names_the_file(tmp_path, content):
     assert info.value.field == "refusion.json"
 
 
+@pytest.mark.parametrize("key, source", [("eos_token_id", "config.json"),
+                                         ("mask_token_id", "config.json or its tokenizer's <|mask|>")])
+def test_refusion_json_may_not_set_the_models_token_ids(tmp_path, key, source):
+    """They were accepted and had no effect: the engine decodes with the model's (config.json, the tokenizer)."""
+    (tmp_path / "refusion.json").write_text(json.dumps({key: 7}))
+    with pytest.raises(DecodeParamError) as info:
+        load_model_defaults(tmp_path)
+    assert info.value.field == "refusion.json" and str(info.value).endswith(
+        f"'{key}' in {tmp_path / 'refusion.json'} is not a decode setting: the model's {key} comes from its "
+        f"{source}; remove it")
+
+
 def test_refusion_json_may_state_ar_only_settings_at_their_off_value(tmp_path):
     (tmp_path / "refusion.json").write_text(json.dumps({"ignore_eos": False, "presence_penalty": 0.0}))
     assert load_model_defaults(tmp_path)["presence_penalty"] == 0.0

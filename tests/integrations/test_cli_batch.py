@@ -17,6 +17,12 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLED = {"mode": "ar", "temperature": 1.0, "seed": 11}
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _run_batch(tmp_path: Path, model_dir: Path, lines: list, *flags: str) -> tuple[int, list[dict], str]:
     source = tmp_path / "in.jsonl"
     source.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() if isinstance(line, str)
@@ -188,6 +194,9 @@ def test_an_interrupted_run_leaves_whole_lines_and_says_how_far_it_got(tmp_path,
     (["--model", "/tmp"], "--model: /tmp cannot be loaded"),
     (["--served-model-name", "a", " "], "--served-model-name: give one or more non-empty names"),
     (["--served-model-name", "a", "a"], "--served-model-name: names repeat"),
+    # it said "--model: ... cannot be loaded"
+    pytest.param(["--device", "cuda"], "--device: cuda requested but no CUDA device is available; use --device cpu",
+                 marks=pytest.mark.skipif(_has_cuda(), reason="CUDA is available here")),
 ])
 def test_bad_flags_are_one_line_on_stderr(tmp_path, tiny_model_dir, flags, message):
     source = tmp_path / "in.jsonl"

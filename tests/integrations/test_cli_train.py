@@ -123,6 +123,10 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path, capsys):
         # Checked before the corpus is built, named as flags (they were tracebacks or Python field names)
         (["--out", "OUT", "--steps", "1", "--log-every", "0"], "--log-every: got 0"),
         (["--out", "OUT", "--steps", "1", "--threads", "-1"], "--threads: got -1"),
+        # torch.manual_seed's range (an OverflowError traceback after the corpus was built, or a negative seed)
+        (["--out", "OUT", "--steps", "1", "--seed", str(2**70)], "--seed: got 1180591620717411303424; use an integer "
+                                                                "in 0..9223372036854775807"),
+        (["--out", "OUT", "--steps", "1", "--seed", "-1"], "--seed: got -1"),
         (["--out", "OUT", "--steps", "1", "--device", "tpu"], "--device: got 'tpu'"),
         (["--out", "OUT", "--steps", "1", "--lr", "inf"], "--lr: got inf"),
         (["--out", "OUT", "--steps", "1", "--lr", "-1"], "--lr: got -1"),
@@ -313,7 +317,7 @@ def test_a_broken_init_checkpoint_fails_naming_init_before_the_corpus_is_read(co
     assert main(["train", "--corpus", str(corpus_dir), "--out", str(tmp_path / "m"), "--init", str(broken),
                  "--steps", "1", "--threads", "1"]) == 2
     out, err = capsys.readouterr()
-    assert err.startswith(f"refusion train: --init: {broken} cannot be loaded (") and "Traceback" not in err
+    assert err.startswith(f"refusion train: --init: {weights}: not a readable safetensors file (") and "Traceback" not in err
     assert "reading the corpus" not in out  # failed before the corpus was built
     assert AutoModelForCausalLM.from_pretrained(str(good)) and AutoTokenizer.from_pretrained(str(good))
 
@@ -405,3 +409,66 @@ def test_init_rows_past_the_context_are_refused_and_every_token_gets_an_embeddin
     assert f"the embedding grows from {rows} to" in capsys.readouterr().out
     info = ModelRunner(str(out), device="cpu").info  # the serving loader's check: every id has its row
     assert info.vocab_size > rows
+
+
+def _without(name: str):
+    def drop(init: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(init / "model.safetensors")
+        del weights[name]
+        save_file(weights, init / "model.safetensors", metadata={"format": "pt"})
+    return drop
+
+
+def _config_with(**changes):
+    def edit(init: Path) -> None:
+        path = init / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+@pytest.mark.parametrize("break_it, said", [
+    (_without("model.layers.1.mlp.up_proj.weight"),
+     "model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' is missing from the checkpoint"),
+    (_config_with(model_type="llama"), "config.json: model_type is 'llama'; only 'qwen3' is supported"),
+    (_config_with(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
+     "config.json: rope type 'yarn' is not supported"),
+    (_config_with(num_hidden_layers=1, layer_types=["full_attention"]), "model.safetensors: holds tensors of layer 1"),
+], ids=["missing-tensor", "llama", "yarn", "extra-layer"])
+def test_an_init_checkpoint_the_engine_would_refuse_is_refused_before_the_corpus_is_read(
+        corpus_dir, tiny_model_dir, tmp_path, capsys, break_it, said):
+    """transformers filled a missing tensor with random values, loaded a Llama, a yarn RoPE, and trained on:
+    the saved model was one the engine refuses (or, a tensor missing, served random weights). --init now
+    passes the serving loader's checks first (workers.loader.read_config, check_weights)."""
+    import shutil
+
+    init = Path(shutil.copytree(tiny_model_dir, tmp_path / "init"))
+    break_it(init)
+    out = tmp_path / "m"
+    assert main(["train", "--corpus", str(corpus_dir), "--out", str(out), "--init", str(init), "--steps", "1",
+                 "--threads", "1"]) == 2
+    printed, err = capsys.readouterr()
+    assert err.startswith(f"refusion train: --init: {init}/{said}") and err.count("\n") == 1, err
+    assert "loading" not in printed and not out.exists()  # refused with the flags, before the checkpoint loads
+
+
+def test_an_init_checkpoint_of_pickled_weights_missing_a_tensor_is_refused_once_loaded(corpus_dir, tiny_model_dir,
+                                                                                        tmp_path, capsys):
+    """pytorch_model.bin has no header to check with the flags: what transformers reports missing is refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    init = Path(shutil.copytree(tiny_model_dir, tmp_path / "init"))
+    weights = load_file(init / "model.safetensors")
+    del weights["model.layers.0.self_attn.q_norm.weight"]
+    torch.save(weights, init / "pytorch_model.bin")
+    (init / "model.safetensors").unlink()
+    assert main(["train", "--corpus", str(corpus_dir), "--out", str(tmp_path / "m"), "--init", str(init),
+                 "--steps", "1", "--threads", "1"]) == 2
+    printed, err = capsys.readouterr()
+    said = (f"refusion train: --init: {init}: tensor 'model.layers.0.self_attn.q_norm.weight' missing from the "
+            "checkpoint (transformers would fill it with random values); give a complete one\n")
+    assert err.endswith(said)  # (after transformers' progress bar)
+    assert "reading the corpus" not in printed

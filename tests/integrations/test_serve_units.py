@@ -467,6 +467,23 @@ def test_a_broken_model_directory_is_one_line_before_ray_starts(tiny_model_dir, 
         assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
 
 
+
+def test_an_unreadable_model_directory_is_one_line_before_ray_starts(tiny_model_dir, tmp_path):
+    """A directory the user may not read (chmod 000) was a PermissionError traceback from the config check."""
+    import shutil
+    import subprocess
+    import sys
+
+    from model_factory import unreadable
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    with unreadable(model):
+        proc = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", "--model", str(model), "--port", "1"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and not proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr == (f"refusion serve: --model: {model} cannot be read: permission denied; give the user "
+                           "running refusion read and search permission on it (chmod a+rx)\n")
+
 def test_a_bad_setting_names_the_file_and_its_place_and_a_bad_address_is_one_line(tmp_path):
     """A ServeConfig key the config file got wrong is named with the file and its place in it (it said
     only "bogus_key: Extra inputs are not permitted"); --address that Ray cannot parse is one line, not

@@ -230,3 +230,45 @@ def test_end_tokens_come_from_config_generation_config_and_the_tokenizer(tiny_mo
         with pytest.raises(ModelDirError) as loaded:
             ModelRunner(model, device="cpu", num_blocks=8)
         assert checked.value.path == loaded.value.path and checked.value.path.endswith("generation_config.json")
+
+
+@pytest.mark.parametrize("victim, problem", [
+    ("", "cannot be read: permission denied; give the user running refusion read and search permission"),
+    ("model.safetensors", "cannot be read: permission denied; give the user running refusion read permission"),
+])
+def test_unreadable_files_are_named_with_the_reason(tiny_model_dir, tmp_path, victim, problem):
+    """A directory without read permission was a PermissionError traceback; weights without it were
+    reported 'No such file or directory'."""
+    from model_factory import unreadable
+    from workers.loader import check_model_dir
+
+    model = _copy(tiny_model_dir, tmp_path)
+    with unreadable(model / victim):  # (model / "" is the directory)
+        for load in (check_model_dir, lambda m: ModelRunner(m, device="cpu", num_blocks=8)):
+            with pytest.raises(ModelDirError) as err:
+                load(model)
+            assert err.value.path == str(model / victim) and problem in err.value.problem
+
+
+def test_an_unsupported_rope_type_is_said_once(tiny_model_dir, tmp_path):
+    """A yarn rope_scaling was 'a value has the wrong type or form (PATH: rope type ...)', the path twice."""
+    model = _copy(tiny_model_dir, tmp_path)
+    _edit_json(model / "config.json", lambda c: (c.pop("rope_parameters", None), c.update(
+        rope_theta=10000.0, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024})))
+    with pytest.raises(ModelDirError) as err:
+        read_config(model)
+    assert str(err.value) == f"{model / 'config.json'}: rope type 'yarn' is not supported; only default RoPE is"
+
+
+def test_a_config_mask_id_that_is_not_the_tokenizers_mask_is_refused(tiny_model_dir, tmp_path):
+    """mask_token_id 5 beside a tokenizer whose <|mask|> is 2 decoded with token 5 as the mask, no word."""
+    from workers.loader import check_model_dir
+
+    model = _copy(tiny_model_dir, tmp_path)
+    _edit_json(model / "config.json", lambda c: c.update(mask_token_id=5))
+    for load in (check_model_dir, lambda m: ModelRunner(m, device="cpu", num_blocks=8)):
+        with pytest.raises(ModelDirError) as err:
+            load(model)
+        assert err.value.path == str(model / "config.json")
+        assert err.value.problem == ("mask_token_id is 5 but the tokenizer's <|mask|> is id 2: set mask_token_id to 2 "
+                                     "(or remove it to take the tokenizer's)")
