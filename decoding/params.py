@@ -26,7 +26,7 @@ from workers.batch import MAX_TOP_LOGPROBS, SEED_MAX
 AR_ONLY_PARAMS = ("presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens")
 # The model's own token ids (config.json, the tokenizer): a refusion.json may not set them, the engine
 # decodes with the model's whatever the file says
-MODEL_TOKEN_IDS = ("eos_token_id", "mask_token_id")
+MODEL_TOKEN_IDS = ("eos_token_id", "mask_token_id", "end_token_ids")
 
 SERVING_DEFAULTS: dict = {
     "gen_length": 128,
@@ -260,7 +260,9 @@ def load_model_defaults(model_dir: str | Path) -> dict:
             if key not in known:
                 raise DecodeParamError("refusion.json", f"unknown key {key!r} in {path}; use one of {sorted(known)}")
             if key in MODEL_TOKEN_IDS:  # (accepted, and without effect)
-                source = "config.json" + (" or its tokenizer's <|mask|>" if key == "mask_token_id" else "")
+                source = {"mask_token_id": "config.json or its tokenizer's <|mask|>",
+                          "end_token_ids": "config.json's and generation_config.json's eos_token_id and the "
+                                           "tokenizer's eos_token"}.get(key, "config.json")
                 raise DecodeParamError("refusion.json", f"{key!r} in {path} is not a decode setting: the model's "
                                        f"{key} comes from its {source}; remove it")
             if key in AR_ONLY_PARAMS and overrides[key]:  # ReFusion would drop it, AR apply it: not a default

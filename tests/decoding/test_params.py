@@ -82,7 +82,9 @@ def test_bad_refusion_json_names_the_file(tmp_path, content):
 
 
 @pytest.mark.parametrize("key, source", [("eos_token_id", "config.json"),
-                                         ("mask_token_id", "config.json or its tokenizer's <|mask|>")])
+                                         ("mask_token_id", "config.json or its tokenizer's <|mask|>"),
+                                         ("end_token_ids", "config.json's and generation_config.json's eos_token_id "
+                                                           "and the tokenizer's eos_token")])
 def test_refusion_json_may_not_set_the_models_token_ids(tmp_path, key, source):
     """They were accepted and had no effect: the engine decodes with the model's (config.json, the tokenizer)."""
     (tmp_path / "refusion.json").write_text(json.dumps({key: 7}))
