@@ -175,7 +175,7 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     options = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
     try:
         engine, tokenizer = build_engine(model_dir, runner_options=options, engine_options=engine_options)
-        card = read_model_card(model_dir)
+        card = read_model_card(model_dir, tokenizer)
     except (ModelDirError, OSError, ValueError) as exc:
         raise BatchArgumentError("--model", f"{model_dir} cannot be loaded: {exc}") from None
     name, *aliases = args.served_model_name or [card["model"]]

@@ -125,14 +125,22 @@ class EngineFailure:
 # ---------------------------------------------------------------------------------------------------
 
 
-def read_model_card(model_dir: str | Path) -> dict:
-    """What the model directory says about limits and decoding defaults (config.json, refusion.json)."""
+def read_model_card(model_dir: str | Path, tokenizer=None) -> dict:
+    """What the model directory says about limits and decoding defaults (config.json, refusion.json);
+    with the model's `tokenizer`, the defaults list the model's other end tokens too (`end_token_ids`:
+    workers.loader.end_token_ids, what the engine stops on). Raises ModelDirError as loading does."""
     from decoding.params import load_model_defaults
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     defaults = load_model_defaults(model_dir)
     defaults.pop("seed", None)  # no default seed here: a request without one samples with a fresh seed
+    if tokenizer is not None:
+        from workers import loader
+
+        model = loader.read_config(model_dir)
+        mask = loader.resolve_mask_token_id(model, tokenizer, model_dir)
+        defaults["end_token_ids"] = list(loader.end_token_ids(model, tokenizer, model_dir, mask))
     return {
         "model": model_dir.name,
         "limits": {"context_length": int(config.get("max_position_embeddings", 0))},

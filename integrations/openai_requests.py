@@ -124,16 +124,20 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
     return prepared
 
 
-def _check_stop_token_ids(body: SamplingFields, eos: int | None) -> None:
-    """vLLM's stop_token_ids: here EOS is the one stop token, so a list naming only EOS (what clients that
-    spell out the model's stop tokens send) is taken as is; another id, or EOS with ignore_eos, is a 400."""
+def _check_stop_token_ids(body: SamplingFields, ends: list[int]) -> None:
+    """vLLM's stop_token_ids: here the model's end tokens (`ends`: EOS and the others the model names,
+    workers.loader.end_token_ids) are the stop tokens, so a list naming only them (what clients that spell
+    out the model's stop tokens send: a Qwen3 chat model's two) is taken as is; another id, or an end token
+    with ignore_eos, is a 400."""
     ids = getattr(body, "stop_token_ids", None) or []
-    other = [t for t in ids if t != eos]
+    other = [t for t in ids if t not in ends]
+    named = ", ".join(str(t) for t in ends)
     if other:
-        raise InputError(400, "stop_token_ids", f"token {other[0]} cannot stop the text here: only EOS "
-                         f"({eos}) does; use `stop` strings, or drop stop_token_ids")
+        raise InputError(400, "stop_token_ids", f"token {other[0]} cannot stop the text here: only the model's end "
+                         f"tokens ({named}) do; use `stop` strings, or drop stop_token_ids")
     if ids and body.ignore_eos:
-        raise InputError(400, "stop_token_ids", f"names EOS ({eos}), which ignore_eos: true ignores; drop one of them")
+        raise InputError(400, "stop_token_ids", f"names the model's end token {ids[0]}, which ignore_eos: true "
+                         "ignores; drop one of them")
 
 
 def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: list[str], default_max_tokens: int,
@@ -142,7 +146,8 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
     """The engine request, its generation fitted to the context counting the rounding to whole slots
     (context_fit.fit_generation; InputError names prompt_field, the body's max_tokens field or
     slot_size). `settings`: openai_api.APISettings; the engine stops at max_tokens = the fitted gen_length."""
-    _check_stop_token_ids(body, settings.decode_defaults.get("eos_token_id"))
+    defaults = settings.decode_defaults
+    _check_stop_token_ids(body, [defaults.get("eos_token_id"), *defaults.get("end_token_ids", ())])
     echo_only = getattr(body, "echo_only", False)  # the engine scores the prompt and stops: room for 1 token kept
     wanted = 1 if echo_only else body.max_tokens or default_max_tokens
     fit = fit_generation(settings.limits.context_length, len(prompt), wanted,

@@ -89,7 +89,8 @@ class EngineDeployment:
         engine, tokenizer = build_engine(self.config.model, self.config.runner, self.config.engine)
         await engine.start()
         self.engine = engine
-        self.client = LocalEngineClient(engine, tokenizer, self.config.served_model_names[0], read_model_card(self.config.model))
+        self.client = LocalEngineClient(engine, tokenizer, self.config.served_model_names[0],
+                                        read_model_card(self.config.model, tokenizer))
         # Before the replica takes traffic: Ray Serve routes to it (and /health passes) only after this.
         self.warmup = await warm_up(self.client)
         context = serve.get_replica_context()
@@ -203,7 +204,7 @@ class IngressDeployment:
         context = serve.get_replica_context()
         # Its Ray actor name travels with each call: an engine replica cancels a dead ingress's requests.
         self.client = ServeEngineClient(engine, tokenizer, self.config.served_model_names[0], caller=context.replica_id.to_full_id_str())
-        self.model_card = read_model_card(self.config.model)
+        self.model_card = read_model_card(self.config.model, tokenizer)
         self.gate = IngressGate()
         replica = self.replica = context.replica_id.unique_id
         self._drain_signal = None

@@ -442,7 +442,7 @@ def test_vllm_fields_older_clients_send(http):
     for field, value in (("skip_special_tokens", False), ("stop_token_ids", [eos, eos + 1])):
         refused = http.post("/v1/completions", json={**base, field: value})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text[:300]
-    assert f"token {eos + 1} cannot stop the text here: only EOS ({eos}) does" in refused.json()["error"]["message"]
+    assert f"token {eos + 1} cannot stop the text here: only the model's end tokens ({eos}) do" in refused.json()["error"]["message"]
     both = http.post("/v1/chat/completions", json={"messages": USER, "stop_token_ids": [eos], "ignore_eos": True})
     assert both.status_code == 400 and both.json()["error"]["param"] == "stop_token_ids", both.text[:300]
     both = http.post("/v1/completions", json={**base, "guided_choice": ["a"], "structured_outputs": {"choice": ["b"]}})

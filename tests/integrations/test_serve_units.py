@@ -651,6 +651,32 @@ async def test_infill_usage_counts_generated_tokens_not_the_returned_texts(wait_
     assert crlf_out["usage"]["completion_tokens"] == lf_out["usage"]["completion_tokens"] <= 24
 
 
+async def test_stop_token_ids_may_name_every_end_token_of_the_model(tmp_path):
+    """vLLM clients spell out the model's stop tokens (generation_config.json's eos_token_id list: a Qwen3
+    chat model's two); each ends the text here, so each is accepted; another id is a 400 naming them all
+    (it named EOS alone, and refused the model's other end token)."""
+    import json
+    import shutil
+
+    model = Path(shutil.copytree(REPO / "models" / "refusion-tiny-code", tmp_path / "model"))
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 16]}))
+    engine, tok = build_engine(model, {"num_blocks": 64}, {"routing": {"calibrate": False}})
+    await engine.start()
+    card = read_model_card(model, tok)
+    assert card["defaults"]["end_token_ids"] == [16]
+    app = create_app(APISettings(model_name="m", decode_defaults=card["defaults"]), LocalEngineClient(engine, tok, "m", card))
+    body = {"prompt": "def f(x):\n", "max_tokens": 4, "mode": "ar"}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
+            ok = await http.post("/v1/completions", json={**body, "stop_token_ids": [0, 16]})
+            refused = await http.post("/v1/completions", json={**body, "stop_token_ids": [16, 17]})
+    finally:
+        await engine.stop(drain_timeout_s=0)
+    assert ok.status_code == 200, ok.text
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stop_token_ids"
+    assert "token 17 cannot stop the text here: only the model's end tokens (0, 16) do" in refused.json()["error"]["message"]
+
+
 def test_chat_template_errors_are_400(tiny_model_dir):
     from transformers import AutoTokenizer
 
