@@ -83,3 +83,28 @@ def test_a_tied_model_with_an_equal_head_loads(tiny_model_dir, tmp_path):
     ids = list(range(5, 15))
     [res] = RunnerSession(ModelRunner(model, device="cpu", num_blocks=8)).execute([segment("t", 0, ids)])
     assert (result_logits(res) - dense_logits(tiny_model_dir, ids)).abs().max() < 1e-4
+
+
+def test_a_tied_sharded_checkpoint_whose_index_lists_a_head_no_shard_holds_loads(tiny_model_dir, tmp_path):
+    """An index that lists lm_head.weight in a shard without it (a tied model's exporter): transformers
+    loads it, and so did this loader, until the tied-head check opened the tensor (SafetensorError
+    traceback from refusion serve)."""
+    model = _copy_with(tiny_model_dir, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(model / "model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {**{n: "model.safetensors" for n in names}, "lm_head.weight": "model.safetensors"}}))
+    check_model_dir(model)
+    ModelRunner(model, device="cpu", num_blocks=8)
+
+
+def test_a_tied_head_stored_in_another_dtype_with_equal_values_loads(tiny_model_dir, tmp_path):
+    """A bfloat16 lm_head.weight beside a float32 embedding holding the same (bfloat16-exact) values was
+    refused as differing."""
+    def exact(weights):
+        weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"].bfloat16().float()
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].bfloat16()
+
+    check_model_dir(_copy_with(tiny_model_dir, tmp_path, exact))
