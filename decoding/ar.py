@@ -36,7 +36,7 @@ from enum import Enum
 from decoding.api import DecodeStats, Handoff
 from decoding.context import start_context
 from decoding.grammar import TokenConstraint
-from decoding.params import DecodeParams, first_end
+from decoding.params import DecodeParams
 from workers.batch import FeedbackPenalty, Reads, Sampling, Segment, SegmentResult, TokenLogprob
 
 EOS_BAN = -1e9  # the logit bias that keeps EOS from being chosen (ignore_eos, min_tokens): finite, below any logit
@@ -62,6 +62,10 @@ class ARDecoder:
         _handoff: Handoff | None = None,
     ):
         self.seq_id = seq_id
+        if constraint is not None and params.end_token_ids:
+            # The grammar decides where its text ends (it allows EOS once complete and masks the model's other
+            # special end tokens); an end id that is a plain token ("." in a generation_config) is its text
+            params = dataclasses.replace(params, end_token_ids=())
         self.params = params
         self.constraint = constraint
         h = _handoff
@@ -71,6 +75,7 @@ class ARDecoder:
         self.gen_start = len(self.prompt_ids) + len(self.prior_ids)
         self.stats = h.stats if h else DecodeStats()
         self.generated: list[int] = []
+        self._end_at: int | None = None  # index in `generated` of the end token that ended the text
         # params.logprobs set: TokenLogprob of prior_ids + generated (the handed-off ones first)
         self.logprobs: list[TokenLogprob] = list(h.generated_logprobs) if h else []
         self.gen_cached = 0  # generated tokens whose KV is in the cache
@@ -327,6 +332,8 @@ class ARDecoder:
         if self.params.logprobs is not None:
             self.logprobs.append(result.logprobs[0])
         eos = token in self.params.ends
+        if eos and self._end_at is None:
+            self._end_at = len(self.generated) - 1
         if self.constraint is not None and not eos:
             self.constraint.consume(token)
             forced = self.constraint.fast_forward(self.span - len(self.generated))
@@ -345,12 +352,9 @@ class ARDecoder:
         return self.output_ids()
 
     def output_ids(self) -> list[int]:
-        # Called a few times per step per request (streaming, token counts): list operations in C, not
-        # a Python loop over every generated token (that was O(n) interpreted work per token).
-        generated = self.generated
-        end = first_end(generated, self.params.ends)
-        if end is not None:
-            generated = generated[:end]
+        # Called a few times per step per request (streaming, token counts): no scan of the generated
+        # tokens (an O(n) search per end id per call); the end token is known from when it was read.
+        generated = self.generated if self._end_at is None else self.generated[: self._end_at]
         return self.prior_ids + generated
 
     def stream_logprobs(self, start: int, end: int) -> list[TokenLogprob]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,37 @@ async def test_a_second_end_token_in_generation_config_ends_the_text(tmp_path):
         assert end not in ended[Mode.REFUSION].token_ids and ended[Mode.REFUSION].finish_reason is FinishReason.STOP
     banned = await _run_engine(runner, prompt, {**params, "ignore_eos": True}, modes=(Mode.AR,))
     assert end not in banned[Mode.AR].token_ids and len(banned[Mode.AR].token_ids) == 32
+
+
+async def test_a_plain_end_token_is_grammar_text_in_a_structured_request(tmp_path):
+    """An end id that is a plain token ("." here) listed in generation_config.json: a grammar request's text
+    follows its grammar and ends where the grammar does (the model's "lib.get..." came back "lib", finish stop,
+    not matching; a "." the grammar forced was cut likewise)."""
+    import shutil
+
+    from decoding.grammar import GrammarSpec
+    from scheduler.engine import Engine
+    from workers.runner import ModelRunner
+
+    llguidance = pytest.importorskip("llguidance")
+    model = Path(shutil.copytree(SHIPPED, tmp_path / "model"))
+    dot = ModelRunner(SHIPPED, device="cpu", num_blocks=16).tokenizer.convert_tokens_to_ids(".")
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, dot]}))
+    runner = ModelRunner(model, device="cpu", num_blocks=256)
+    assert runner.info.end_token_ids == (dot,)
+    engine = Engine(runner, runner.tokenizer, EngineConfig(routing=RoutingConfig(calibrate=False)))
+    await engine.start()
+    texts = {}
+    # "." forced by the grammar; then chosen by the model among letters (it writes "lib.get...")
+    for prompt, regex in (("x = ", r"3\.14"), ("import os\nx = ", r"[a-z]+\.[a-z]+")):
+        grammar = GrammarSpec(llguidance.LLMatcher.grammar_from_regex(regex))
+        deltas = await _collect(engine, GenerationRequest(prompt, runner.tokenizer.encode(prompt),
+                                                          {"gen_length": 16, "serial_num_blocks": 2}, mode=Mode.AR,
+                                                          grammar=grammar))
+        texts[regex] = "".join(d.text for d in deltas)
+        assert re.fullmatch(regex, texts[regex]), texts
+    await engine.stop()
+    assert texts[r"3\.14"] == "3.14" and deltas[-1].finish_reason is FinishReason.LENGTH  # not ended by the "."
 
 
 async def _run_engine(runner, prompt: str, params: dict, modes=(Mode.AR, Mode.REFUSION)) -> dict:
