@@ -18,6 +18,7 @@ once generation has ended (tail repeat of the suffix).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Stop reasons a rule reports (also the wire values of the final result's `stop_reason`).
@@ -110,7 +111,7 @@ def trim_suffix_repeat(text: str, suffix: str, final: bool = False) -> tuple[str
     for line in lines[:-1]:
         offsets.append(offsets[-1] + len(line) + 1)
     complete = len(lines) if final else len(lines) - 1  # the last line may still grow
-    rest_of_line = suffix.split("\n", 1)[0].strip()
+    rest_of_line = _rest_of_cursor_line(suffix)
     # With the cursor mid-line, the first generated line continues that line: never a whole repeat.
     for k in range(1 if rest_of_line else 0, complete):
         if _anchor_matches(lines[k:complete], anchor, allow_partial=final):
@@ -153,7 +154,7 @@ def shown_partial(text: str, suffix: str) -> str:
     if cut >= 0 and not text[cut + 1 :].strip():
         return shown_partial(text[:cut], suffix)  # a new line with no visible text yet: wait
     anchor = _suffix_anchor(suffix)
-    rest_of_line = suffix.split("\n", 1)[0].strip()
+    rest_of_line = _rest_of_cursor_line(suffix)
     lines = text.split("\n")
     start = 0
     for k, line in enumerate(lines):  # the earliest line from which the text may still be a repeat
@@ -175,6 +176,12 @@ def shown_partial(text: str, suffix: str) -> str:
         if head.startswith(text[i:].lstrip()) and (i == 0 or text[i - 1].isspace() or not text[i].isalnum()):
             return text[:i].rstrip()
     return text
+
+
+def _rest_of_cursor_line(suffix: str) -> str:
+    """The visible text after the cursor on its line: the suffix up to its first line break (LF, CRLF or a
+    lone CR: the suffix is in the document's own style), stripped."""
+    return re.split(r"\r\n|\r|\n", suffix, maxsplit=1)[0].strip()
 
 
 def _may_become_anchor(lines: list[str], anchor: list[str]) -> bool:
@@ -205,7 +212,7 @@ def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
     """Apply single-line, indentation and suffix-repeat rules in that order (module docstring)."""
     text, cut = raw, None
     if not rules.multiline:
-        text, did = single_line(text, mid_line=bool(rules.suffix.split("\n", 1)[0].strip()))
+        text, did = single_line(text, mid_line=bool(_rest_of_cursor_line(rules.suffix)))
         cut = CUT_NEWLINE if did else cut
     text, did = min_indent(text, rules.indent)
     cut = CUT_INDENT if did else cut

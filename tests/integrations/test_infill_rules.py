@@ -36,6 +36,10 @@ def test_single_line_mid_line_never_splits_the_cursor_line():
     assert single_line("x, y\nz", mid_line=True) == ("x, y", True)
     out = postprocess("\n    total = 0\n", Rules(suffix=")\n", multiline=False), final=True)
     assert (out.text, out.cut) == ("", "newline")
+    # At the end of a line of a CR-only or CRLF document: not mid-line (the suffix keeps the document's breaks)
+    for suffix in ("\rfoo()\r", "\r\nfoo()\r\n"):
+        out = postprocess("\n    x = 1\n", Rules(suffix=suffix, multiline=False))
+        assert (out.text, out.cut) == ("\n    x = 1", "newline"), suffix
     # Only spaces after the cursor: not mid-line, the leading line break stays.
     out = postprocess("\n    total = 0\n", Rules(suffix="  \nx", multiline=False))
     assert (out.text, out.cut) == ("\n    total = 0", "newline")
