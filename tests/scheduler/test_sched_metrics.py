@@ -92,7 +92,7 @@ async def test_a_preempted_request_counts_once_in_the_request_metrics():
 
     engine, _ = make_engine(runner=FakeRunner(num_blocks=256, delay_s=0.002), max_running=1)
     await engine.start()
-    batch = engine.submit(GenerationRequest("batch", [5 + i % 30 for i in range(40)], {"gen_length": 24}, mode=Mode.AR))
+    batch = engine.submit(GenerationRequest("batch", [5 + i % 30 for i in range(40)], {"gen_length": 64}, mode=Mode.AR))
     first = [await batch.__anext__()]  # running, its prompt's full blocks in the prefix cache
     inter = await collect(engine, GenerationRequest("inter", [7, 8, 9], {"gen_length": 4}, mode=Mode.AR,
                                                     priority=Priority.INTERACTIVE))
