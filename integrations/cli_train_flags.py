@@ -25,7 +25,7 @@ class TrainArgumentError(ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `refusion train`."""
     a = parser.add_argument
-    a("--corpus", nargs="+", default=["stdlib"], help="'stdlib' and/or directories of Python source")
+    a("--corpus", nargs="+", default=["stdlib"], help="'stdlib', 'site-packages' (the running interpreter's installed packages) and/or directories of Python source")
     a("--out", required=True, help="output model directory (created)")
     a("--init", default=None, help="start from this HF model directory instead of a fresh config")
     a("--steps", type=int, default=None, help="optimizer steps (default: until --minutes runs out)")
