@@ -87,6 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from bench_args import torch_device  # noqa: E402
 from gpu_check_attention import part_attention  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
 from gpu_check_parts import (CONFIGS, FORWARD_VARIANTS, PartFailed, PartSkipped, Row, Workbench,  # noqa: E402
@@ -257,7 +258,8 @@ def table(info: dict, records: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=torch_device,
+                        help="cuda (the default where this machine has it) or cpu (a dry run of every part)")
     parser.add_argument("--config", choices=sorted(CONFIGS), help="default: 8b on cuda, tiny on cpu")
     parser.add_argument("--parts", type=lambda s: s.split(","), default=list(PART_NAMES),
                         help=f"parts to run, in this order (default {','.join(PART_NAMES)})")

@@ -83,3 +83,17 @@ def test_forward_latency_beside_decode_steps_reports_the_whole_step_too(capsys):
     assert "8 one-token decode steps at 32 cached tokens each" in out and "no attention groups" in out
     [row] = [line for line in out.splitlines() if line.startswith("| 64 |")]
     assert len(row.split("|")) == 9 and all(float(x.strip(" x")) > 0 for x in row.split("|")[2:-1])
+
+
+@pytest.mark.parametrize("module", [step_overhead, engine_overhead])
+def test_cuda_asked_on_a_machine_without_it_is_one_line(module, capsys):
+    """`--device cuda` where torch has no CUDA: argparse's usage error naming the flag (exit 2), as
+    forward_latency's; it was an AssertionError traceback from inside torch."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--device", "cuda"])
+    assert exited.value.code == 2
+    assert "argument --device: cuda: this machine has no CUDA device; use cpu" in capsys.readouterr().err
