@@ -4,6 +4,7 @@ naming the flag, not a traceback from deep inside the run."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _whole_number(text: str, least: int) -> int:
@@ -57,3 +58,12 @@ def torch_device(text: str) -> str:
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text}: the bench scripts run on cpu or cuda")
     return text
+
+
+def engine_log_to_stderr() -> None:
+    """Send structlog's lines (the engine's log) to stderr for the rest of the process, so that a bench
+    script's stdout holds its table or JSON alone (the engine logged a line per request there). For a
+    script's `__main__` block; tests calling its main() keep their own logging."""
+    import structlog
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))

@@ -128,4 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.bench_args import engine_log_to_stderr
+
+    engine_log_to_stderr()  # stdout: the one JSON object alone
     raise SystemExit(main())

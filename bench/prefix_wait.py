@@ -94,4 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
+    from bench.bench_args import engine_log_to_stderr
+
+    engine_log_to_stderr()
     sys.exit(main())

@@ -388,4 +388,8 @@ def _markdown(table: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    from bench.bench_args import engine_log_to_stderr
+
+    engine_log_to_stderr()
     sys.exit(main())
