@@ -274,7 +274,7 @@ def report(rows: list[dict], workload: dict, args, argv: list[str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
-    parser.add_argument("--documents", type=int, default=24)
+    parser.add_argument("--documents", type=positive_int, default=24)
     parser.add_argument("--keystrokes", type=int, default=9, help="requests per document")
     parser.add_argument("--burst", type=int, default=3, help="requests in one file before the user switches files")
     parser.add_argument("--editors", type=int, default=6, help="users (one editor connection each)")

@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_args import positive_int  # noqa: E402
 from integrations.lsp.backend import EditorBackend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
     parser.add_argument("--url", default=None, help="measure a running server instead of an in-process one")
     parser.add_argument("--api-key", default=os.environ.get("REFUSION_API_KEY"), help="for a server that needs one")
-    parser.add_argument("--cases", type=int, default=12)
+    parser.add_argument("--cases", type=positive_int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-time-ms", type=int, default=5000)
     parser.add_argument("--mode", choices=("auto", "refusion", "ar"), default="auto")

@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 from concurrency import ASYNC_HELP, OVERLAP, OVERLAP_HELP, run_level, summarize  # noqa: E402
 
-from bench.bench_args import torch_device  # noqa: E402
+from bench.bench_args import positive_ints, torch_device  # noqa: E402
 from scheduler.api import Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
@@ -209,7 +209,7 @@ def table(rows: list[dict], args) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Host time per engine step on a zero-cost model (module docstring).")
     parser.add_argument("--device", default="cpu", type=torch_device, help="cpu, or cuda where this machine has it")
-    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64],
+    parser.add_argument("--levels", type=positive_ints, default=[1, 8, 32, 64],
                         help="concurrent requests per level, comma-separated (default 1,8,32,64)")
     parser.add_argument("--gen-length", type=int, default=128, help="tokens per request, a multiple of 32 (slot size 8, "
                                                                      "4 blocks)")

@@ -87,7 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from bench_args import torch_device  # noqa: E402
+from bench_args import positive_int, positive_ints, torch_device  # noqa: E402
 from gpu_check_attention import part_attention  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
 from gpu_check_parts import (CONFIGS, FORWARD_VARIANTS, PartFailed, PartSkipped, Row, Workbench,  # noqa: E402
@@ -113,10 +113,6 @@ DEFAULTS = {
             "gen_length": 32, "concurrency_args": "--levels 1,2 --rounds 1 --requests 2 --gen-length 64 "
                                                   "--token-budget 64 --num-blocks 256"},
 }
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
 
 
 def part_gpu_tests(bench: Workbench) -> tuple[dict, list[Row]]:
@@ -266,12 +262,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=450.0, help="start no part after this many seconds")
     parser.add_argument("--json", type=Path, default=Path("gpu_check.json"), help="where to write the results")
     parser.add_argument("--append", type=Path, help="also append the table to this markdown file")
-    parser.add_argument("--forward-tokens", type=_ints, help="query tokens per forward (default 1,8,32,128)")
+    parser.add_argument("--forward-tokens", type=positive_ints, help="query tokens per forward (default 1,8,32,128)")
     parser.add_argument("--context", type=int, help="cached tokens before the timed forwards (default 256)")
     parser.add_argument("--long-context", type=int,
                         help="cached tokens before one more 1-token forward per variant, an editor's long file "
                              "(default 4096 on CUDA, 64 on CPU; 0 leaves it out)")
-    parser.add_argument("--mixed-step", type=_ints,
+    parser.add_argument("--mixed-step", type=positive_ints,
                         help="CHUNK,CONTEXT,DECODES,DECODE_CONTEXT: one more forward per sdpa variant, a CHUNK-token "
                              "prompt chunk after CONTEXT cached tokens beside DECODES one-token decode steps at "
                              "DECODE_CONTEXT, with attention groups and whole (default 434,1500,63,150 on CUDA, "
@@ -280,9 +276,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="runner variants of the forward part: eager, flex (attention), graphs (cuda_graphs), "
                              "compiled (compile_layers) and the combinations in gpu_check_parts.FORWARD_VARIANTS "
                              "(default on CUDA: eager,paged,compiled+graphs,paged+compiled+graphs; on CPU: eager,flex)")
-    parser.add_argument("--repeats", type=int, help="timed forwards per token count (default 10)")
+    parser.add_argument("--repeats", type=positive_int, help="timed forwards per token count (default 10)")
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
-    parser.add_argument("--levels", type=_ints, help="engine concurrency levels (default 1,8,32)")
+    parser.add_argument("--levels", type=positive_ints, help="engine concurrency levels (default 1,8,32)")
     parser.add_argument("--gen-length", type=int, help="tokens per request, a multiple of 32 (default 128)")
     parser.add_argument("--token-budget", type=int, default=512, help="engine query tokens per forward")
     parser.add_argument("--concurrency-args", help="arguments of bench/concurrency.py")

@@ -68,9 +68,11 @@ async def one_round(model_dir: Path, copies: int, prompt_tokens: int, tokens: in
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.bench_args import positive_ints
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--copies", default="2,4")
+    parser.add_argument("--copies", type=positive_ints, default=[2, 4])
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.tokens} generated each, median of {args.rounds}")
     print("| copies | prefix_wait_blocks | prompt tokens computed | TTFT first s | TTFT last s | all done s |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for copies in (int(c) for c in args.copies.split(",")):
+    for copies in args.copies:
         runs: dict[int, list[dict]] = {0: [], 2: []}
         for _ in range(args.rounds):
             for wait in (0, 2):  # alternating: drift of the machine hits both alike

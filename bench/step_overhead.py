@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from bench.bench_args import torch_device  # noqa: E402
+from bench.bench_args import positive_int, positive_ints, torch_device  # noqa: E402
 from workers.batch import Reads, Sampling, Segment  # noqa: E402
 from workers.loader import ModelConfig  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
@@ -167,10 +167,10 @@ def machine(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", type=torch_device, help="cpu, or cuda where this machine has it")
-    parser.add_argument("--requests", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32, 64])
+    parser.add_argument("--requests", type=positive_ints, default=[1, 8, 32, 64])
     parser.add_argument("--shapes", type=lambda v: v.split(","), default=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--vocab", type=positive_int, default=512)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--slot-size", type=int, default=4)
     parser.add_argument("--slots", type=int, default=4)

@@ -353,9 +353,11 @@ def _is_json(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.bench_args import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--requests", type=positive_int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only", choices=["refused-schemas"], help="run only this part")

@@ -20,8 +20,19 @@ _TPF_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 
 disable_created_metrics()  # as scheduler/metrics.py: no `<name>_created` series
 
+class _CurrentStderr:
+    """sys.stderr as it is at each write: the stream current at import (a test's capture, since closed; a
+    stream a CLI replaced) raised "I/O operation on closed file" on every request logged after it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 request_log = structlog.wrap_logger(
-    structlog.PrintLogger(sys.stderr),
+    structlog.PrintLogger(_CurrentStderr()),
     processors=[structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.JSONRenderer()],
 )
 

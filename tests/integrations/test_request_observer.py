@@ -4,6 +4,8 @@ and for requests the engine refused."""
 
 from __future__ import annotations
 
+import sys
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from integrations.http_metrics import APIMetrics, RequestObserver
@@ -66,3 +68,20 @@ def test_a_refused_request_adds_no_prompt_tokens():
     m = samples(metrics)
     assert m[("refusion_api_prompt_tokens_total", ())] == 70
     assert m[("refusion_api_requests_total", (("endpoint", "completions"), ("status", "503")))] == 1
+
+
+def test_the_request_log_writes_to_the_stderr_of_the_moment(monkeypatch):
+    """The request log bound the sys.stderr current when the module was imported: once that stream was
+    closed (a test's capture), every request logged after it raised "I/O operation on closed file" (a
+    serial run of tests/bench failed so, at any commit)."""
+    import io
+
+    from integrations.http_metrics import request_log
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    request_log.info("request", n=1)
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    request_log.info("request", n=2)
+    assert '"n": 2' in second.getvalue()
