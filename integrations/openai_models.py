@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from integrations.openai_body import Metadata, OpenAIBody
 from integrations.openai_sampling import SamplingFields
+from integrations.request_limits import InputError
 from workers.batch import MAX_TOP_LOGPROBS
 
 
@@ -67,7 +68,9 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"{batch} prompts x n {n} = {batch * n} sequences; at most {MAX_PROMPTS} per request: "
                              "send the rest in another request")
         if isinstance(value, list) and isinstance(value[0], list) and not all(value):
-            raise ValueError("every prompt of a batch of token ids needs at least one token")
+            empty = next(k for k, prompt in enumerate(value) if not prompt)  # named as a batch's text prompt is
+            raise InputError(400, f"prompt.{empty}", "is empty: every prompt of a batch of token ids needs at least "
+                                                     "one token")
         return value
 
     @property

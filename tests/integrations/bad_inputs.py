@@ -99,7 +99,7 @@ HTTP_CASES = [
     _c("completions-prompt-number", {"prompt": 5}, field="prompt"),
     _c("completions-prompt-nested-ids", {"prompt": [[[1, 2]]]}, field="prompt"),
     _c("completions-prompt-batch-id-outside-vocab", {"prompt": [[1, 2], [10**9]]}, field="prompt.1"),
-    _c("completions-prompt-batch-empty-ids", {"prompt": [[1, 2], []]}, field="prompt"),
+    _c("completions-prompt-batch-empty-ids", {"prompt": [[1, 2], []]}, field="prompt.1"),
     _c("completions-prompt-batch-mixed", {"prompt": ["x", [1, 2]]}, field="prompt"),
     _c("completions-prompt-batch-too-many", {"prompt": ["x"] * 33, "n": 2}, field="prompt"),
     _c("completions-prompt-batch-with-suffix", {"prompt": ["x", "y"], "suffix": "z"}, field="prompt", param="prompt"),
