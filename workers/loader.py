@@ -60,6 +60,8 @@ class ModelConfig:
     tie_word_embeddings: bool
     eos_token_id: int
     mask_token_id: int | None  # None: not in config.json; resolved from the tokenizer later
+    # config.json's eos_token_id after the first when it is a list (checked by end_token_ids)
+    more_eos_token_ids: tuple = ()
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every checkpoint tensor the model needs, by HF name, with its shape."""
@@ -146,6 +148,7 @@ def read_config(model_dir: Path) -> ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
             mask_token_id=raw.get("mask_token_id"),
+            more_eos_token_ids=tuple(eos[1:]) if isinstance(eos, list) else (),
         )
     except ModelDirError:  # _rope_theta's own, already naming the file and the fix
         raise
@@ -352,11 +355,9 @@ def end_token_ids(config: ModelConfig, tokenizer, model_dir: Path, mask_id: int)
     name <|endoftext|>: generation ran past the end. Raises ModelDirError naming the file for an id that
     is not a token id, lies outside the vocabulary or is the mask token."""
     model_dir = Path(model_dir)
-    found: list[tuple[Path, object]] = []
-    for name in ("config.json", GENERATION_CONFIG):
-        path = model_dir / name
-        if name == GENERATION_CONFIG and not path.is_file():
-            continue
+    found: list[tuple[Path, object]] = [(model_dir / "config.json", v) for v in config.more_eos_token_ids]
+    path = model_dir / GENERATION_CONFIG
+    if _is_file(path):
         try:
             raw = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
