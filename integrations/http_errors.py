@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -153,6 +154,18 @@ REPLACED_FIELDS = {
 }
 
 
+def _most_specific(errors: list[dict]) -> dict:
+    """The error to report: the first one, or, when pydantic tried each member of a union (`stop` is a
+    string or a list of strings), the one naming an item of the field (`stop: [null]` names `stop.0`, the
+    item to change, not `stop`); only an item one level down, not some union member's nested field."""
+    first = errors[0]
+    field = validation_field(tuple(first.get("loc", ())))
+    if field is None:
+        return first
+    item = re.compile(re.escape(field) + r"\.\d+")
+    return next((e for e in errors if item.fullmatch(validation_field(tuple(e.get("loc", ()))) or "")), first)
+
+
 def validation_message(error: dict) -> str:
     """A pydantic error's message without pydantic's "Value error, " prefix (our validators' own text)."""
     return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -171,7 +184,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
+        first = _most_specific(errors) if errors else {"loc": (), "msg": "invalid request body"}
         param = validation_field(tuple(first.get("loc", ())))
         message = f"{param}: {validation_message(first)}" if param else validation_message(first)
         if first.get("type") == "extra_forbidden":  # every unknown field at once, not one per round trip

@@ -127,6 +127,8 @@ HTTP_CASES = [
     _c("completions-seed-negative", {"prompt": "x", "seed": -5}, field="seed"),
     _c("completions-stop-empty", {"prompt": "x", "stop": [""]}, field="stop"),
     _c("completions-stop-five", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, field="stop"),
+    _c("completions-stop-null-item", {"prompt": "x", "stop": ["a", None]}, field="stop.1", param="stop.1"),
+    _chat("chat-stop-number-item", {"messages": USER, "stop": [3]}, field="stop.0", param="stop.0"),
     _c("completions-n-17", {"prompt": "x", "n": 17}, field="n"),
     _c("completions-n-zero", {"prompt": "x", "n": 0}, field="n"),
     _c("completions-n-with-suffix", {"prompt": "x", "suffix": "y", "n": 2}, field="n", param="n"),
