@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _whole_number(text: str, least: int) -> int:
@@ -30,6 +31,41 @@ def count(text: str) -> int:
 def positive_ints(text: str) -> list[int]:
     """A comma-separated list of integers >= 1 ("1,8,32")."""
     return [positive_int(part) for part in text.split(",")]
+
+
+def positive_floats(text: str) -> list[float]:
+    """A comma-separated list of finite numbers > 0 ("0.1,1,30")."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers, got {part!r}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected numbers above 0, got {part}")
+        values.append(value)
+    return values
+
+
+def model_dir(text: str) -> Path:
+    """A model directory: one holding a config.json (the loader's own checks run later)."""
+    path = Path(text)
+    if not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no config.json there; pass a model directory "
+                                         "(the shipped one is models/refusion-tiny-code)")
+    return path
+
+
+def regex(text: str) -> str:
+    """A regular expression llguidance compiles (the structured-output engine's syntax)."""
+    from llguidance import LLMatcher
+
+    from decoding.grammar import grammar_error
+
+    problem = grammar_error(LLMatcher.grammar_from_regex(text))
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} does not compile: {problem}")
+    return text
 
 
 def at_most(limit: int, parse=positive_int):

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402
 
-from bench.bench_args import positive_int, positive_ints  # noqa: E402
+from bench.bench_args import model_dir, positive_int, positive_ints  # noqa: E402
 from scheduler.api import GenerationRequest, InvalidRequestError, Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
@@ -208,7 +208,7 @@ def load_runner(args):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "refusion-tiny-code")
+    parser.add_argument("--model", type=model_dir, default=ROOT / "models" / "refusion-tiny-code")
     parser.add_argument("--random-model", action="store_true", help="use a random tiny model (development)")
     parser.add_argument("--levels", type=positive_ints, default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--requests", type=positive_int, default=6,

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=None, help="measure a running server instead of an in-process one")
     parser.add_argument("--api-key", default=os.environ.get("REFUSION_API_KEY"), help="for a server that needs one")
     parser.add_argument("--cases", type=positive_int, default=12)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--max-time-ms", type=int, default=5000)
     parser.add_argument("--mode", choices=("auto", "refusion", "ar"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -287,7 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         return merged
 
     if args.url:
-        stats, where = asyncio.run(run(args.url)), f"server at {args.url}"
+        from websockets.exceptions import InvalidHandshake, InvalidURI
+
+        try:
+            stats, where = asyncio.run(run(args.url)), f"server at {args.url}"
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            raise SystemExit(f"--url {args.url}: no editor endpoint answered ({exc}); start the server, "
+                             "give its ws://host:port/v1/editor, or drop --url for an in-process one") from None
     else:
         model_dir = Path(args.model)
         if not (model_dir / "config.json").exists():

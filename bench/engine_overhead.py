@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 from concurrency import ASYNC_HELP, OVERLAP, OVERLAP_HELP, run_level, summarize  # noqa: E402
 
-from bench.bench_args import positive_ints, torch_device  # noqa: E402
+from bench.bench_args import positive_ints, regex, torch_device  # noqa: E402
 from scheduler.api import Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
@@ -234,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "so their block boundaries fall on the same steps; about --device-ms spreads them)")
     parser.add_argument("--params", type=json.loads, default={},
                         help='extra decoding parameters of every request, as JSON (e.g. \'{"frequency_penalty": 0.5}\')')
-    parser.add_argument("--regex", help="structured output: requests constrained to this regular expression "
+    parser.add_argument("--regex", type=regex, help="structured output: requests constrained to this regular expression "
                                          "(llguidance; AR only), every --grammar-every-th request")
     parser.add_argument("--grammar-every", type=int, default=1, help="with --regex: every k-th request (default 1: all)")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")

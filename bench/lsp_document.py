@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lsprotocol import types  # noqa: E402
 from pygls.workspace import PositionCodec  # noqa: E402
 
+from bench.bench_args import positive_floats, positive_int  # noqa: E402
 from integrations.lsp.server import (BridgeConfig, LspTextDocument, clamp_position, cursor_context,  # noqa: E402
                                     position_at_offset)
 
@@ -55,13 +56,13 @@ def measure(megabytes: float, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mb", default="0.1,1,10,30", help="document sizes in MB, comma-separated")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mb", type=positive_floats, default=[0.1, 1, 10, 30], help="document sizes in MB, comma-separated")
+    parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args(argv)
     print(f"{platform.machine()} CPU, Python {platform.python_version()}; medians of {args.repeats}\n")
     print("| document MB | lines | edit ms | completion context ms |")
     print("|---:|---:|---:|---:|")
-    for megabytes in (float(m) for m in args.mb.split(",")):
+    for megabytes in args.mb:
         row = measure(megabytes, args.repeats)
         print(f"| {row['mb']:g} | {row['lines']:,} | {row['edit_ms']:.2f} | {row['context_ms']:.2f} |")
     return 0

@@ -97,3 +97,33 @@ def test_cuda_asked_on_a_machine_without_it_is_one_line(module, capsys):
         module.main(["--device", "cuda"])
     assert exited.value.code == 2
     assert "argument --device: cuda: this machine has no CUDA device; use cpu" in capsys.readouterr().err
+
+
+def test_bad_bench_arguments_are_one_usage_line(capsys):
+    """A missing model directory, a regex that does not compile, a zero document size: argparse's usage
+    error naming the flag (exit 2); each was a traceback (from the loader, the engine's grammar compile
+    after the model loaded, or a row for a 0 MB document)."""
+    import concurrency
+    import lsp_document
+
+    for module, argv, said in (
+            (concurrency, ["--model", "/nonexistent"], "argument --model: /nonexistent: no config.json"),
+            (engine_overhead, ["--regex", "["], "argument --regex: '[' does not compile"),
+            (lsp_document, ["--mb", "1,0"], "argument --mb: expected numbers above 0, got 0")):
+        with pytest.raises(SystemExit) as exited:
+            module.main(argv)
+        assert exited.value.code == 2 and said in capsys.readouterr().err, module.__name__
+
+
+def test_editor_latency_against_no_server_says_so(capsys):
+    """--url where nothing listens: one line naming --url (it was a ConnectionRefusedError traceback)."""
+    import socket
+
+    import editor_latency
+
+    with socket.socket() as probe:  # a port nothing listens on: bound, never listening
+        probe.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{probe.getsockname()[1]}/v1/editor"
+        with pytest.raises(SystemExit) as exited:
+            editor_latency.main(["--url", url, "--cases", "1", "--repeats", "1"])
+    assert str(exited.value).startswith(f"--url {url}: no editor endpoint answered")
