@@ -26,12 +26,12 @@ import json
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
 from integrations.chat_run import ChatRun, chat_prompt, start_chat, turn_pieces
 from integrations.context_fit import ContextLengthError
 from integrations.http_errors import APIError, anthropic_error_body, anthropic_overflow_message
+from integrations.json_response import UTF8JSONResponse
 from integrations.openai_calls import check_model, last_event, read_body
 from integrations.openai_requests import id_headers
 from integrations.openai_responses import refusion_detail
@@ -60,7 +60,7 @@ async def create_message(request: Request):
         return sse_response(turn.events(), run.observer, run.header.id, id_headers(request, run.header.id),
                             named=True, error_event=error_event)
     await last_event(turn.events(), run.observer)
-    return JSONResponse(turn.message, headers=id_headers(request, run.header.id))
+    return UTF8JSONResponse(turn.message, headers=id_headers(request, run.header.id))
 
 
 @router.post("/v1/messages/count_tokens")

@@ -28,6 +28,7 @@ from integrations.anthropic_api import router as anthropic_router
 from integrations.http_errors import RouteErrorShape, install_error_handlers
 from integrations.http_metrics import APIMetrics, RequestObserver
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
+from integrations.json_response import UTF8JSONResponse
 from integrations.openai_calls import check_model, collect_all, logprob_formatter, primed, observed, read_body, sse, start
 from integrations.openai_choices import choice_requests, indexed, merged, scored_once, start_all
 from integrations.openai_infill import infill_deltas, infill_job
@@ -245,7 +246,7 @@ async def completions(request: Request):
         prompt_formatter = LogprobFormatter(client.tokenizer, body.prompt_logprobs)
         for i, choice in enumerate(body_json["choices"]):
             choice["prompt_logprobs"] = prompt_formatter.prompt_logprobs(scores[i if scored_each else i - i % body.n])
-    return JSONResponse(body_json, headers=id_headers(request, header.id))
+    return UTF8JSONResponse(body_json, headers=id_headers(request, header.id))
 
 
 @router.post("/v1/chat/completions")
@@ -272,7 +273,7 @@ async def chat_completions(request: Request):
                                  run.max_calls, body.stop)
     if scores is not None:
         completion["prompt_logprobs"] = LogprobFormatter(run.client.tokenizer, body.prompt_logprobs).prompt_logprobs(scores)
-    return JSONResponse(completion, headers=id_headers(request, header.id))
+    return UTF8JSONResponse(completion, headers=id_headers(request, header.id))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 from typing import AsyncIterator, Callable, Collection
 
@@ -21,6 +20,7 @@ from integrations import openai_responses as shape
 from integrations.editor.document import DocumentStyle, DocumentTextStream
 from integrations.http_errors import APIError, from_engine_error
 from integrations.http_metrics import RequestObserver
+from integrations.json_response import utf8_json
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.tool_calls import ToolCallStreamParser, cut_short
 from scheduler.api import Delta, EngineError
@@ -39,7 +39,7 @@ def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request
 
     def line(event: dict) -> bytes:
         name = f"event: {event['type']}\n" if named else ""
-        return f"{name}data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+        return f"{name}data: ".encode() + utf8_json(event) + b"\n\n"
 
     async def body() -> AsyncIterator[bytes]:
         try:

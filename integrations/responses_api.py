@@ -22,10 +22,10 @@ import uuid
 from typing import AsyncIterator, Iterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from integrations.chat_run import ChatRun, start_chat, turn_pieces
 from integrations.http_errors import APIError
+from integrations.json_response import UTF8JSONResponse
 from integrations.openai_calls import last_event, logprob_formatter, read_body
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_requests import id_headers
@@ -62,7 +62,7 @@ async def create_response(request: Request):
         return sse_response(events, run.observer, run.header.id, id_headers(request, run.header.id), named=True,
                             error_event=lambda error: _error_event(error, next(numbers)))
     final = await last_event(events, run.observer)
-    return JSONResponse(final["response"], headers=id_headers(request, run.header.id))
+    return UTF8JSONResponse(final["response"], headers=id_headers(request, run.header.id))
 
 
 class ResponseShell:

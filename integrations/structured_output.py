@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from urllib.parse import urldefrag, urljoin
 
 from decoding.grammar import GrammarSpec, grammar_error
 from integrations.request_limits import InputError
@@ -186,13 +187,21 @@ def _rewritten(schema, rewrite):
 def closed_objects(schema):
     """`schema` with additionalProperties false on every object schema that lists `properties` and does
     not say otherwise: a call's arguments are the function's parameters, never invented extra keys (as
-    OpenAI's strict function calling requires). A schema that merges objects (`allOf`, or a `$ref` beside
-    `properties`, OpenAPI's and pydantic's inheritance) is left as written: closing each part would forbid
-    the other parts' keys, and no object could match. Returns a new schema; the input is unchanged."""
-    if _merges_objects(schema):
+    OpenAI's strict function calling requires). The object schemas that a merge joins stay as written:
+    a schema with `allOf` or with a `$ref` beside `properties` (OpenAPI's and pydantic's inheritance),
+    each `allOf` part, and each root $defs entry such a merge refers to (closing a part would forbid the
+    other parts' keys, and no object could match); every other object is closed, nested ones inside a
+    merged part too. A merge referring elsewhere than the root $defs leaves the whole schema as written.
+    Returns a new schema; the input is unchanged."""
+    merged_defs = _merged_defs(schema)
+    if merged_defs is None:
         return schema
 
     def close(node: dict, out: dict) -> dict:
+        if isinstance(node.get("allOf"), list):  # its parts' own keys reopened: closed only inside them
+            out["allOf"] = [_reopened(part, done) for part, done in zip(node["allOf"], out["allOf"])]
+        if _merges(node):
+            return out
         properties, required = node.get("properties"), node.get("required", [])
         if not (isinstance(required, list) and all(isinstance(name, str) for name in required)):
             return out  # not a list of names: an invalid schema, which its compile names (a 400)
@@ -200,20 +209,47 @@ def closed_objects(schema):
             out["additionalProperties"] = False  # (a required key not listed stays allowed: closing would forbid it)
         return out
 
-    return _rewritten(schema, close)
+    closed = _rewritten(schema, close)
+    for key, name in merged_defs:
+        closed[key] = {**closed[key], name: _reopened(schema[key][name], closed[key][name])}
+    return closed
 
 
-def _merges_objects(schema) -> bool:
-    """Whether some (sub)schema merges object schemas: `allOf`, or `$ref` beside `properties`/`required`."""
-    found = []
+def _merges(node: dict) -> bool:
+    """Whether `node` merges object schemas: `allOf`, or `$ref` beside `properties`/`required`."""
+    return "allOf" in node or ("$ref" in node and ("properties" in node or "required" in node))
+
+
+def _reopened(part, done):
+    """`done` (the rewrite of `part`) without the additionalProperties false closing added at its top."""
+    if isinstance(part, dict) and isinstance(done, dict) and "additionalProperties" not in part:
+        return {k: v for k, v in done.items() if k != "additionalProperties"}
+    return done
+
+
+_ROOT_DEF = re.compile(r"#/(\$defs|definitions)/([^/]+)")
+
+
+def _merged_defs(schema) -> set[tuple[str, str]] | None:
+    """The root ($defs or definitions, name) entries that merges refer to (an `allOf` part's `$ref`, or
+    a `$ref` beside `properties`); None when a merge refers to anything else (another pointer, a URI)."""
+    refs: list = []
 
     def look(node: dict, out: dict) -> dict:
-        if "allOf" in node or ("$ref" in node and ("properties" in node or "required" in node)):
-            found.append(node)
+        if _merges(node):
+            refs.extend([node.get("$ref")] if "$ref" in node else [])
+            parts = node.get("allOf") if isinstance(node.get("allOf"), list) else []
+            refs.extend(part["$ref"] for part in parts if isinstance(part, dict) and "$ref" in part)
         return out
 
     _rewritten(schema, look)
-    return bool(found)
+    found = set()
+    for ref in refs:
+        match = _ROOT_DEF.fullmatch(ref) if isinstance(ref, str) else None
+        if match is None or not isinstance(schema.get(match[1]), dict) or match[2] not in schema[match[1]]:
+            return None
+        found.add((match[1], match[2]))
+    return found
 
 
 _ANNOTATIONS = frozenset({"description", "title", "$comment", "examples"})  # keywords that constrain nothing
@@ -239,18 +275,27 @@ def _without_string_key_rules(schema):
     return _rewritten(schema, drop)
 
 
-def _rebased_refs(schema, prefix: str):
+def _rebased_refs(schema, prefix: str, base: str | None = None):
     """`schema` (a tool's parameters, or one of its root $defs) moved under #/$defs/<prefix> of another
     root: its local JSON-pointer $refs rewritten ("#" -> "#/$defs/<prefix>", "#/$defs/X" and
     "#/definitions/X" -> "#/$defs/<prefix>_X", "#/properties/..." -> "#/$defs/<prefix>/properties/...").
-    Only schema keywords are followed, so a property named `definitions` or `default` is a property; a
-    root `$id` or `$schema` is dropped (the moved schema must resolve in its new root); `$anchor` refs
-    ("#name") stay as they are."""
+    `base`: the parameters' root `$id`; a $ref that resolves against it to that same document
+    ("https://example.com/w.json#/$defs/X", or "w.json#/$defs/X" beside `$id` ".../w.json") is local too
+    (JSON Schema 2020-12 section 8.2.1). Only schema keywords are followed, so a property named
+    `definitions` or `default` is a property; a root `$id` or `$schema` is dropped (the moved schema must
+    resolve in its new root); `$anchor` refs ("#name") stay as they are."""
+    document = urldefrag(base).url if isinstance(base, str) and base else None
+
     def rebase(node: dict, out: dict) -> dict:
         ref = node.get("$ref")
+        if document and isinstance(ref, str) and not ref.startswith("#"):
+            resolved = urldefrag(urljoin(base, ref))
+            ref = "#" + resolved.fragment if resolved.url == document else ref
         if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
             local = next((p for p in ("#/$defs/", "#/definitions/") if ref.startswith(p)), None)
             out["$ref"] = f"#/$defs/{prefix}_" + ref[len(local):] if local else f"#/$defs/{prefix}" + ref[1:]
+        elif isinstance(ref, str) and ref != node["$ref"]:
+            out["$ref"] = ref  # an $anchor ref in the same document
         return out
 
     rebased = _rewritten(schema, rebase)
@@ -264,12 +309,13 @@ NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": Fals
 
 
 def _arguments_schema(function) -> dict:
-    """The schema of a call's arguments: the function's `parameters` with its objects closed; no
-    arguments (`{}`) when it has none; any object for `parameters: {}` (a schema that constrains nothing,
-    but arguments are an object)."""
+    """The schema of a call's arguments: the function's `parameters` with its objects closed and without
+    the `propertyNames` every key meets (`_without_string_key_rules`: a strict tool's z.record() compiles);
+    no arguments (`{}`) when it has none; any object for `parameters: {}` (a schema that constrains
+    nothing, but arguments are an object)."""
     if function.parameters is None:
         return NO_ARGUMENTS
-    return closed_objects(function.parameters) if function.parameters else ANY_OBJECT
+    return _without_string_key_rules(closed_objects(function.parameters)) if function.parameters else ANY_OBJECT
 
 
 def _call_schemas(tools: list) -> dict:
@@ -280,11 +326,11 @@ def _call_schemas(tools: list) -> dict:
     defs, calls = {}, []
     for i, tool in enumerate(tools):
         parameters = _arguments_schema(tool.function)
-        prefix = f"t{i}"
+        prefix, base = f"t{i}", parameters.get("$id")
         for key in ("$defs", "definitions"):  # objects: _check_tools
             for name, sub in (parameters.get(key) or {}).items():
-                defs[f"{prefix}_{name}"] = _rebased_refs(sub, prefix)
-        moved = _rebased_refs(parameters, prefix)
+                defs[f"{prefix}_{name}"] = _rebased_refs(sub, prefix, base)
+        moved = _rebased_refs(parameters, prefix, base)
         defs[prefix] = {k: v for k, v in moved.items() if k not in ("$defs", "definitions")}  # hoisted above
         calls.append({"type": "object", "properties": {"name": {"const": tool.function.name},
                                                        "arguments": {"$ref": f"#/$defs/{prefix}"}},

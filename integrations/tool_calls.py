@@ -20,6 +20,7 @@ is the server's, not the model's) never reaches the content.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -66,9 +67,11 @@ def forced_call(forced: str | None, tool_names: list[str]) -> tuple[str, str] | 
 
 def parse_tool_block(body: str, allowed_names: set[str] | None = None) -> ToolCall | None:
     """The ToolCall a block body encodes, or None when the body is not a well-formed call. NaN and
-    Infinity are not JSON (Python's json reads them): a call holding one is not well-formed."""
+    Infinity are not JSON (Python's json reads them), nor is a number past float64's range (1e999 would
+    come back as Infinity): a call holding one is not well-formed. The arguments are JSON text (RFC 8259)
+    in UTF-8, a lone surrogate escape ("\\ud800", which UTF-8 cannot carry) kept escaped."""
     try:
-        obj = json.loads(body, parse_constant=_not_json)
+        obj = json.loads(body, parse_constant=_not_json, parse_float=_finite)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
@@ -78,16 +81,34 @@ def parse_tool_block(body: str, allowed_names: set[str] | None = None) -> ToolCa
     arguments = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments, parse_constant=_not_json)
+            arguments = json.loads(arguments, parse_constant=_not_json, parse_float=_finite)
         except ValueError:
             return None
     if not isinstance(arguments, dict):
         return None
-    return ToolCall(name=obj["name"], arguments=json.dumps(arguments, ensure_ascii=False))
+    return ToolCall(name=obj["name"], arguments=_json_text(arguments))
+
+
+def _json_text(arguments: dict) -> str:
+    """`arguments` as compact JSON in UTF-8 (json.dumps's form); a string holding a lone surrogate (read
+    from a "\\ud800" escape; UTF-8 cannot carry it, and the response failed to encode) stays escaped."""
+    text = json.dumps(arguments, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(arguments)
+    return text
 
 
 def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(number: str) -> float:
+    value = float(number)
+    if math.isinf(value):
+        raise ValueError(f"{number} is past float64's range")
+    return value
 
 
 # The start of a block body up to its arguments: {"name": "<JSON string>", "arguments":
@@ -110,17 +131,17 @@ def partial_tool_call(body: str, allowed_names: set[str] | None = None) -> ToolC
         return None
     arguments = body[head.end():] if head.group(0).rstrip().endswith(":") else ""
     try:  # the arguments may be whole, the cut past them (in the call's closing `}` or `</tool_call>`)
-        value, end = json.JSONDecoder(parse_constant=_not_json).raw_decode(arguments)
+        value, end = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite).raw_decode(arguments)
     except ValueError:
         return ToolCall(name, arguments.rstrip(), complete=False)
     if isinstance(value, str):  # a JSON string of an object, as parse_tool_block takes
         try:
-            value = json.loads(value, parse_constant=_not_json)
+            value = json.loads(value, parse_constant=_not_json, parse_float=_finite)
         except ValueError:
             return ToolCall(name, arguments[:end], complete=False)
     if not isinstance(value, dict):
         return ToolCall(name, arguments[:end], complete=False)
-    return ToolCall(name, json.dumps(value, ensure_ascii=False))
+    return ToolCall(name, _json_text(value))
 
 
 def cut_short(finish_reason, stop_word: str | None) -> bool:

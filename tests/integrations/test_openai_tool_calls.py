@@ -38,7 +38,8 @@ def test_parse_block_accepts_object_and_string_arguments():
 
 
 @pytest.mark.parametrize("body", ['{"name": "f", "arguments": {', '["f"]', '{"arguments": {}}', '{"name": "f", "arguments": 3}', '{"name": "g"}',
-                                  '{"name": "f", "arguments": {"x": NaN}}', '{"name": "f", "arguments": "{\\"x\\": -Infinity}"}'])
+                                  '{"name": "f", "arguments": {"x": NaN}}', '{"name": "f", "arguments": "{\\"x\\": -Infinity}"}',
+                                  '{"name": "f", "arguments": {"x": 1e999}}'])  # (it came back as {"x": Infinity}: not JSON)
 def test_parse_block_rejects_malformed(body):
     assert parse_tool_block(body, {"f"}) is None
 
@@ -333,3 +334,33 @@ async def test_the_chat_route_tells_a_clients_stop_string_from_the_templates_tur
         assert finish == [expected], finish
     else:
         assert response.json()["choices"][0]["finish_reason"] == expected, response.json()
+
+
+SURROGATE_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "\\ud800 Paris"}}</tool_call>'
+
+
+@pytest.mark.parametrize("route, stream", [("/v1/chat/completions", False), ("/v1/chat/completions", True),
+                                           ("/v1/messages", False), ("/v1/messages", True), ("/v1/responses", False)])
+async def test_a_call_whose_arguments_escape_a_lone_surrogate_is_answered(fake_client, route, stream):  # noqa: F811
+    """"\\ud800" is valid JSON text but reads back as a string UTF-8 cannot carry: the non-streamed
+    answer was a 500 (UnicodeEncodeError in the response's render) and the stream was cut. The call comes
+    back with the escape, the same string to a JSON reader."""
+    fake_client.default_text = SURROGATE_CALL
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = {"model": fake_client.model_name, "stream": stream}
+    if route == "/v1/messages":
+        body |= {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 64,
+                 "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
+    elif route == "/v1/responses":
+        body |= {"input": "weather?", "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}
+    else:
+        body |= {"messages": [{"role": "user", "content": "weather?"}], "tools": tools}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post(route, json=body)
+    assert response.status_code == 200, response.text
+    response.content.decode("utf-8")  # the body is UTF-8
+    assert "\\ud800 Paris" in response.text, response.text  # the escape, in the arguments or the input
+    if not stream and route == "/v1/chat/completions":
+        [call] = response.json()["choices"][0]["message"]["tool_calls"]
+        assert json.loads(call["function"]["arguments"]) == {"city": "\ud800 Paris"}

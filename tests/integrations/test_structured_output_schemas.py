@@ -78,10 +78,39 @@ def test_merged_objects_are_not_closed_part_by_part(schema, accepts):
     # an $anchor ref ("#q" was rewritten to "#/$defs/t0q")
     ({"type": "object", "$defs": {"Q": {"$anchor": "q", "type": "integer"}}, "properties": {"q": {"$ref": "#q"}},
       "required": ["q"]}, {"q": 3}),
-], ids=["property-named-definitions", "property-named-default", "root-id", "anchor"])
+    # refs through a root $id, absolute or relative to it ("... is not present in a registry" for a forced call)
+    ({"$id": "https://example.com/w.json", "type": "object", "$defs": {"U": {"enum": ["c", "f"]}},
+      "properties": {"u": {"$ref": "https://example.com/w.json#/$defs/U"}, "v": {"$ref": "w.json#/$defs/U"}},
+      "required": ["u", "v"]}, {"u": "c", "v": "f"}),
+    # a zod 4 z.record() (a strict tool's auto call: "Unimplemented keys: [propertyNames]")
+    ({"type": "object", "properties": {"m": {"type": "object", "propertyNames": {"type": "string"},
+                                             "additionalProperties": {"type": "integer"}}}, "required": ["m"]},
+     {"m": {"a": 1}}),
+], ids=["property-named-definitions", "property-named-default", "root-id", "anchor", "ref-via-root-id", "record"])
 def test_a_forced_call_takes_every_schema_an_auto_call_takes(schema, arguments, accepts):
-    for forced in (None, "", "t"):
-        assert accepts(tool_grammar(_tools(schema), forced, 0).grammar, _call(arguments)), forced
+    for strict in (None, True):
+        for forced in (None, "", "t"):
+            assert accepts(tool_grammar(_tools(schema, strict), forced, 0).grammar, _call(arguments)), (strict, forced)
+
+
+def test_a_merge_leaves_only_its_own_parts_open(accepts):
+    """One allOf anywhere left the whole schema open: a strict call could invent top-level keys."""
+    schema = {"type": "object", "$defs": {"Base": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                                          "Other": {"type": "object", "properties": {"o": {"type": "integer"}}}},
+              "properties": {"city": {"type": "string"}, "other": {"$ref": "#/$defs/Other"},
+                             "meta": {"allOf": [{"$ref": "#/$defs/Base"}, {"type": "object", "properties": {
+                                 "b": {"type": "object", "properties": {"z": {"type": "integer"}}}}}]}},
+              "required": ["city"]}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False and closed["$defs"]["Other"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["$defs"]["Base"]  # a merged part, by its $ref
+    assert [("additionalProperties" in part) for part in closed["properties"]["meta"]["allOf"]] == [False, False]
+    assert closed["properties"]["meta"]["allOf"][1]["properties"]["b"]["additionalProperties"] is False
+    grammar = tool_grammar(_tools(schema, strict=True), "t", 0).grammar
+    assert accepts(grammar, _call({"city": "x", "other": {"o": 1}, "meta": {"a": 1, "b": {"z": 2}}}))  # (in order)
+    for invented in ({"city": "x", "extra": 1}, {"city": "x", "other": {"p": 1}},
+                     {"city": "x", "meta": {"b": {"z": 2, "y": 3}}}):
+        assert not accepts(grammar, _call(invented)), invented
 
 
 def test_a_strict_tool_refuses_keywords_it_cannot_enforce():
