@@ -184,13 +184,14 @@ def chat_grammar(body: ChatCompletionRequest, prefill_tokens: int) -> GrammarSpe
             raise InputError(400, "mode", 'a forced tool call (tool_choice "required" or a named function) is '
                              'decoded under its grammar, which runs autoregressively: use mode "auto" or "ar"')
         if body.structured_outputs is not None:  # it was dropped silently: the output is the call
-            raise InputError(400, "structured_outputs", 'does not apply to a forced tool call (tool_choice '
+            raise InputError(400, body.structured_outputs.sent_field, 'does not apply to a forced tool call (tool_choice '
                              '"required" or a named function: the output is the call): drop one of them')
         return tool_grammar(body.tools, forced, prefill_tokens, parallel=parallel)
     if grammar is not None and body.tools_enabled:
         found = response_format_schema(body.response_format) if body.structured_outputs is None else None
         if found is None:  # vLLM's regex, choice or Lark formats do not combine with calls here
-            raise InputError(400, "structured_outputs", 'structured_outputs with tools and tool_choice "auto" is not '
+            sent = body.structured_outputs.sent_field
+            raise InputError(400, sent, f'{sent} with tools and tool_choice "auto" is not '
                              'supported: use response_format (a JSON schema) to get a call or an answer in it, '
                              'set tool_choice "none" to answer in the format without calls, or drop the format')
         return tools_or_format_grammar(body.tools, *found, parallel=parallel)

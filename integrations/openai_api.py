@@ -191,7 +191,7 @@ async def completions(request: Request):
         raise InputError(400, "include_stop_str_in_output", "an infill (`suffix`) ends where its line and suffix "
                          "rules cut it, without the stop string: drop include_stop_str_in_output or suffix")
     if body.suffix is not None and grammar is not None:
-        raise InputError(400, "response_format" if body.structured_outputs is None else "structured_outputs",
+        raise InputError(400, "response_format" if body.structured_outputs is None else body.structured_outputs.sent_field,
                          "structured output is not supported with `suffix` (infill): drop one of them")
     if body.suffix is not None:  # infill, suffix "" (end of a file) too: the editor path (integrations/openai_infill.py)
         params = body.decode_params(body.max_tokens or settings.completion_default_max_tokens, settings.decode_defaults)

@@ -115,6 +115,11 @@ class StructuredOutputs(OpenAIBody):
         """The request field `kind` ("json", "regex", "choice", "grammar", "json_object") came in."""
         return self._sent_as.get(kind, f"structured_outputs.{kind}")
 
+    @property
+    def sent_field(self) -> str:
+        """The request field the format came in as a whole: `structured_outputs`, or the guided_* field."""
+        return next(iter(self._sent_as.values()), "structured_outputs")
+
     @model_validator(mode="after")
     def _exactly_one(self):
         given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]

@@ -160,6 +160,18 @@ def test_what_a_forced_call_cannot_be_combined_with_is_named():
     assert chat_grammar(_chat(tool_choice="auto", mode="refusion"), 0) is None  # auto: parsed from the text
 
 
+@pytest.mark.parametrize("fields, named", [
+    ({"tool_choice": "required", "guided_regex": "[a-z]+"}, "guided_regex"),
+    ({"tool_choice": "auto", "guided_json": {"type": "object"}}, "guided_json"),
+    ({"tool_choice": "auto", "structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
+])
+def test_a_format_that_does_not_combine_with_tools_is_named_as_sent(fields, named):
+    """vLLM's older guided_* fields were named `structured_outputs`, a field the client never sent."""
+    with pytest.raises(InputError) as err:
+        chat_grammar(_chat(**fields), 0)
+    assert err.value.field == named
+
+
 @pytest.mark.parametrize("response_format, key", [
     ({"type": "json_object", "schema": {"type": "object"}}, "schema"),  # Together's form: the schema went unenforced
     ({"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}, "foo": 1}}, "foo"),
