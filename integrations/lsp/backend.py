@@ -30,6 +30,11 @@ class BackendError(Exception):
         self.data = error.get("data") or {}
 
 
+# How long closing waits for the server's closing handshake (websockets' default is 10 s): a stalled
+# server held the LSP `shutdown` answer that long, past the ~2 s editors give it before killing the bridge
+CLOSE_TIMEOUT_S = 1.0
+
+
 class EditorBackend:
     def __init__(self, url: str, api_key: str | None = None, connect_timeout_s: float = 10.0,
                  answer_timeout_s: float | None = None):
@@ -58,7 +63,8 @@ class EditorBackend:
 
                 try:
                     self._ws = await asyncio.wait_for(
-                        websockets.connect(self.url, max_size=None, additional_headers=self.extra_headers or None),
+                        websockets.connect(self.url, max_size=None, additional_headers=self.extra_headers or None,
+                                           close_timeout=CLOSE_TIMEOUT_S),
                         self.connect_timeout_s,
                     )
                 except InvalidStatus as exc:

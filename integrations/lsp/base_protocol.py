@@ -17,6 +17,7 @@ popup, with nothing, or with a traceback:
     a request before a successful         -32002 ServerNotInitialized; a notification is dropped
     `initialize`                          (LSP 3.17, "Initialize Request")
     `initialize` after a successful one   -32600 InvalidRequest ("may only be sent once")
+    a notification's method with an id   -32600 InvalidRequest (pygls dropped the id: no answer came)
     a response with an id that is not     logged and ignored: no request of ours carries it
     an integer or a string
     `$/cancelRequest` whose id is not     logged and ignored, as any notification whose params do not
@@ -96,6 +97,9 @@ class BridgeProtocol(LanguageServerProtocol):
         if method is None and not _is_id(data["id"]):
             logger.warning("ignored a response with id %.80r: not an integer or a string", data["id"])
             return
+        if is_request and _is_notification(method):  # pygls read it as the notification and dropped the id
+            return self._send_error(data["id"], JsonRpcInvalidRequest(
+                f"Invalid Request: {method} is a notification: send it without an id (it has no answer)"))
         if method == types.CANCEL_REQUEST and not is_request and not _is_id(_params_id(data)):
             logger.warning("ignored a $/cancelRequest: params.id must be an integer or a string")
             return
@@ -151,6 +155,12 @@ class BridgeServer(LanguageServer):
 
 def _is_id(value) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)  # LSP 3.17: id is integer | string
+
+
+def _is_notification(method: str) -> bool:
+    """Whether LSP 3.17 defines `method` as a notification (didOpen, $/cancelRequest, exit, ...)."""
+    kinds = types.METHOD_TO_TYPES.get(method)
+    return kinds is not None and kinds[0].__name__.endswith("Notification")
 
 
 def _params_id(data: dict):

@@ -275,10 +275,12 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def answer_timeout_s(config: BridgeConfig) -> float:
-    """How long a completion may wait for the backend's answer: its max_time_ms (the engine ends it then,
-    at the latest after its deadline grace), or 60 s without one, plus 10 s for queueing and the network;
-    later, the backend is taken as stalled and the request fails with -32603 saying so."""
-    return (config.max_time_ms or 60_000) / 1000 + 10
+    """How long a completion may wait for the backend's answer: the max_time_ms it is sent with (the
+    engine ends it then, at the latest after its deadline grace; `params.max_time_ms` where given, as
+    complete_params sends it), or 60 s without one, plus 10 s for queueing and the network; later, the
+    backend is taken as stalled and the request fails with -32603 saying so."""
+    sent = config.params["max_time_ms"] if "max_time_ms" in config.params else config.max_time_ms
+    return (sent or 60_000) / 1000 + 10
 
 
 def build_server(config: BridgeConfig) -> LanguageServer:

@@ -20,8 +20,8 @@ from pygls.lsp.client import LanguageClient
 from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fixture
 
 from integrations.editor.document import LINE_BREAK
-from integrations.lsp.server import (_LSP_LINE, BridgeConfig, BridgeConfigError, LspTextDocument, cursor_context,
-                                    position_at_offset, wants_multiline)
+from integrations.lsp.server import (_LSP_LINE, BridgeConfig, BridgeConfigError, LspTextDocument, answer_timeout_s,
+                                    complete_params, cursor_context, position_at_offset, wants_multiline)
 from ports import free_port
 
 DOC = "def area(r):\n    \n    return result\n"
@@ -303,6 +303,17 @@ def test_initialization_options_are_checked_and_a_bad_one_changes_nothing(option
     assert config.max_tokens == 8 and config.prefix_lines == 256
 
 
+@pytest.mark.parametrize("options", [{}, {"max_time_ms": 5000}, {"params": {"max_time_ms": 30000}},
+                                     {"max_time_ms": 5000, "params": {"max_time_ms": 30000}}])
+def test_the_stall_timeout_follows_the_max_time_ms_a_completion_is_sent_with(options):
+    """params.max_time_ms overrides max_time_ms in the request, but the stall timer read max_time_ms
+    alone: a 30 s budget was cut as "stalled" after 12 s (helper-142)."""
+    config = BridgeConfig()
+    config.update(options)
+    sent = complete_params(config, "file:///a.py", None, "python", "x", "")["max_time_ms"]
+    assert answer_timeout_s(config) == sent / 1000 + 10
+
+
 async def test_bad_initialization_options_fail_initialize_naming_the_option(scripted_backend):
     url, _ = scripted_backend
     with pytest.raises(Exception, match="initializationOptions.prefix_lines must be an integer >= 0"):
@@ -577,6 +588,27 @@ async def test_a_backend_that_never_answers_times_out_and_the_completion_is_canc
         await mute.close()
 
 
+async def test_closing_a_connection_to_a_stalled_server_is_quick():
+    """The LSP `shutdown` handler closes the backend: a server that no longer reads (stalled, stopped)
+    never answers the closing handshake, and websockets' default 10 s close timeout held the `shutdown`
+    answer that long (helper-142), past the ~2 s editors wait before killing a language server."""
+    import msgpack
+    import websockets
+
+    from integrations.lsp.backend import CLOSE_TIMEOUT_S, EditorBackend
+
+    async def stalls(ws):  # answers `initialize`, then reads nothing more: the close frame goes unread
+        _, msg_id, _, _ = msgpack.unpackb(await ws.recv())
+        await ws.send(msgpack.packb([1, msg_id, None, {"limits": {"max_inflight": 8}}]))
+        ws.transport.pause_reading()
+        await ws.wait_closed()  # (the client gives up on the handshake and drops the connection)
+
+    async with websockets.serve(stalls, "127.0.0.1", 0, close_timeout=0.1) as server:
+        backend = EditorBackend(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/editor")
+        assert (await asyncio.wait_for(backend.limits(), WAIT_S)).max_inflight == 8
+        await asyncio.wait_for(backend.close(), CLOSE_TIMEOUT_S + 7)  # (it took 10 s, websockets' default)
+
+
 async def test_an_unreadable_frame_error_fails_only_the_oversized_request():
     """The server answers a frame over its max_frame_bytes with an error of id nil. Every waiting request
     failed with it, so one document's oversized request also failed another document's completion; now
@@ -682,6 +714,10 @@ async def test_malformed_messages_and_the_lifecycle_get_the_answers_the_specs_gi
         lsp.notify("$/cancelRequest", {"id": {"a": 1}})
         lsp.send({"jsonrpc": "2.0", "id": [1], "result": None})  # a response to no request of ours
         lsp.send({"jsonrpc": "2.0", "id": {"a": 1}, "error": {"code": -1, "message": "x"}})
+        for msg_id, method in ((20, "$/cancelRequest"), (21, "textDocument/didClose"), (22, "initialized")):
+            answer = await lsp.request(msg_id, method, {"id": 1} if method == "$/cancelRequest" else {})
+            assert answer["id"] == msg_id and answer["error"]["code"] == -32600, answer  # (no answer came)
+            assert "is a notification: send it without an id" in answer["error"]["message"]
         again = await lsp.request(7, "initialize", {"capabilities": {}})
         assert again["error"]["code"] == -32600 and "only be sent once" in again["error"]["message"]
         no_context = {key: value for key, value in raw_inline_params().items() if key != "context"}
