@@ -88,15 +88,20 @@ def _package_set(corpus) -> dict:
 
 
 STAGING = ".saving"  # the folder of `out` a save is written into before its files move into place
+# The folder of `out` this run's records (RUN_RECORDS) are written in while --overwrite has an old model
+# there: they join the model at its first save, so a run that saves nothing leaves the old model's own
+PENDING_RECORDS = ".run"
 
 
-def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32", replace_old: bool = False) -> None:
+def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32", replace_old: bool = False,
+                   records: Path | None = None) -> None:
     """Write an HF model directory whose config.json carries mask_token_id. The files are written into
     out/.saving, then moved into `out` (os.replace, one rename each): a save cut short (a second Ctrl-C)
     leaves the last complete save in place, not config.json and weights without a tokenizer. replace_old:
     the old model's files (cli_train_flags.remove_model_files, this run's records kept) are removed just
-    before the new ones move in (--overwrite: the old model stays whole until a new one is written). The
-    files get the umask's usual mode (0644 under 022; the weights were 0600, unreadable by a service
+    before the new ones move in (--overwrite: the old model stays whole until a new one is written);
+    `records`: a folder whose RUN_RECORDS (this run's, kept aside while the old model stood) move in with
+    them, the folder then removed. The files get the umask's usual mode (0644 under 022; the weights were 0600, unreadable by a service
     account serving the model)."""
     import torch
 
@@ -116,6 +121,11 @@ def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32", rep
         for path in sorted(staging.iterdir()):
             path.chmod(mode)
             os.replace(path, out / path.name)
+        if records is not None and records != out:
+            for name in RUN_RECORDS:
+                if (records / name).exists():
+                    os.replace(records / name, out / name)
+            shutil.rmtree(records, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -230,25 +240,33 @@ def _train(args, interrupt: _Interrupt) -> int:
              "prep_s": round(time.monotonic() - t0, 1), "train_minutes": train_minutes, "device": device,
              "torch_threads": torch.get_num_threads(),
              "python": sys.version.split()[0], **_package_set(args.corpus)}
-    (out / "train_args.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **stats}, indent=2))
+    records_at = [out]  # where this run's records are written: aside while an old model's own stand (--overwrite)
+    shutil.rmtree(out / PENDING_RECORDS, ignore_errors=True)  # a run before that saved nothing
+    if args.overwrite and any((out / name).exists() for name in ("config.json", *RUN_RECORDS)):
+        records_at[0] = out / PENDING_RECORDS
+        records_at[0].mkdir()
+    (records_at[0] / "train_args.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **stats}, indent=2))
     print(f"refusion train: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, {len(train_pairs)} train "
           f"({len(chat)} chat) / {len(heldout_pairs)} held-out units, {stats['train_tokens_per_epoch']} tokens per epoch, "
           f"device {device}", flush=True)
-    log_path = out / "train_log.jsonl"
-    log_path.write_text("")
+    (records_at[0] / "train_log.jsonl").write_text("")
 
     last_save, saved_step = [time.monotonic()], [None]
 
     def on_step(step: int) -> None:
         if time.monotonic() - last_save[0] > 60 * args.checkpoint_minutes:  # float32 checkpoint, same layout
-            # --overwrite: the old model's files go at the first save
-            save_model_dir(model, tokenizer, out, "float32", replace_old=args.overwrite and saved_step[0] is None)
+            save(model, "float32")
             model.train()
             last_save[0], saved_step[0] = time.monotonic(), step
             interrupt.checkpoint = f"the checkpoint of step {step} is in {out}"
 
+    def save(model, dtype: str) -> None:  # --overwrite: the old model's files go at the first save
+        save_model_dir(model, tokenizer, out, dtype, replace_old=args.overwrite and saved_step[0] is None,
+                       records=records_at[0])
+        records_at[0] = out
+
     def on_log(record: dict) -> None:
-        with log_path.open("a") as f:
+        with (records_at[0] / "train_log.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         held = ""
         if "heldout_ar_loss" in record:
@@ -271,7 +289,7 @@ def _train(args, interrupt: _Interrupt) -> int:
     if not records:  # interrupted before the first step: an untrained model is not worth a directory
         print("refusion train: interrupted before the first step; nothing saved", file=sys.stderr, flush=True)
         return 130
-    save_model_dir(model.cpu(), tokenizer, out, args.save_dtype, replace_old=args.overwrite and saved_step[0] is None)
+    save(model.cpu(), args.save_dtype)
     if interrupt.requested:
         print(f"refusion train: interrupted at step {records[-1]['step']}; saved {out} in "
               f"{time.monotonic() - t0:.0f}s", flush=True)

@@ -213,12 +213,17 @@ TOKENIZE_CHUNK = 2048
 
 def tokenize_units(tokenizer, units: Sequence, seq_len: int) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, response_ids) pairs of anything with `.prompt` and `.response` text (CodeUnit,
-    training.chat_data.ChatPair); units longer than seq_len - 1 tokens (EOS included) are skipped."""
+    training.chat_data.ChatPair); units longer than seq_len - 1 tokens (EOS included) are skipped. The
+    text is text: a special token's spelling in it ("<|endoftext|>" in a tokenizer's source, "<|mask|>")
+    is encoded as plain characters (split_special_tokens), never as that token's id, which would teach EOS
+    in the middle of code and feed the mask id as a clean token (spec, "Training objective": one EOS ends the
+    target; the mask token is only a masked slot's input)."""
     out = []
+    options = {"add_special_tokens": False, "return_attention_mask": False, "split_special_tokens": True}
     for start in range(0, len(units), TOKENIZE_CHUNK):  # chunks bound the tokenizer's transient memory
         chunk = units[start : start + TOKENIZE_CHUNK]
-        prompts = tokenizer([u.prompt for u in chunk], add_special_tokens=False, return_attention_mask=False)
-        responses = tokenizer([u.response for u in chunk], add_special_tokens=False, return_attention_mask=False)
+        prompts = tokenizer([u.prompt for u in chunk], **options)
+        responses = tokenizer([u.response for u in chunk], **options)
         out += [(list(p), list(r)) for p, r in zip(prompts["input_ids"], responses["input_ids"])
                 if len(p) + len(r) + 1 <= seq_len and r]
     return out

@@ -362,7 +362,8 @@ def test_a_save_cut_short_leaves_the_last_complete_model(corpus_dir, tmp_path, m
 
     out = tmp_path / "m"
     out.mkdir()
-    old = {"config.json": "{}", "refusion.json": '{"slot_threshold": 0.6}', "model.safetensors": "old weights"}
+    old = {"config.json": "{}", "refusion.json": '{"slot_threshold": 0.6}', "model.safetensors": "old weights",
+           "train_log.jsonl": '{"step": 9}\n'}  # the old model's records: they were overwritten at the start
     for name, text in old.items():
         (out / name).write_text(text)
     monkeypatch.setattr(Qwen3ForCausalLM, "save_pretrained", cut_on(1))
@@ -371,14 +372,18 @@ def test_a_save_cut_short_leaves_the_last_complete_model(corpus_dir, tmp_path, m
     assert main([*argv, "--steps", "1"]) == 130
     assert "interrupted while training; nothing saved" in capsys.readouterr().err
     assert {p.name: p.read_text() for p in out.iterdir() if p.name in old} == old  # the old model, whole
-    assert set(p.name for p in out.iterdir()) == set(old) | {"train_args.json", "train_log.jsonl"}  # no .saving
+    assert set(p.name for p in out.iterdir()) == set(old) | {".run"}  # no .saving; this run's records aside
+    assert {p.name for p in (out / ".run").iterdir()} == {"train_args.json", "train_log.jsonl"}
 
     # checkpoints at every step, the final save cut: the last checkpoint is named, and it loads
     calls.clear()
     monkeypatch.setattr(Qwen3ForCausalLM, "save_pretrained", cut_on(3))
-    assert main([*argv, "--steps", "3", "--checkpoint-minutes", "1e-9"]) == 130
+    assert main([*argv, "--steps", "3", "--checkpoint-minutes", "1e-9", "--log-every", "1"]) == 130
     assert f"interrupted while training; the checkpoint of step 2 is in {out}" in capsys.readouterr().err
-    assert not {"refusion.json"} & {p.name for p in out.iterdir()}  # the old model's files went at the first save
+    names = {p.name for p in out.iterdir()}
+    assert not {"refusion.json", ".run"} & names  # the old model's files went at the first save
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps and 9 not in steps  # this run's log, moved in at the first save, written on after it
     assert ModelRunner(str(out), device="cpu").info.num_layers == 1
     umask = os.umask(0)
     os.umask(umask)

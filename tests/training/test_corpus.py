@@ -212,3 +212,20 @@ def test_the_corpus_and_its_chat_pairs_are_the_same_built_in_worker_processes(mo
         looped += [p for p in (instruction_pair(unit), tool_call_pair(unit, units[i + 1 : i + 3])) if p is not None]
     assert chat_pairs(units, workers=1) == looped
     assert chat_pairs(units, workers=2) == looped and len(pools) == 2
+
+
+def test_a_special_tokens_spelling_in_the_corpus_is_trained_as_text():
+    """Source that spells "<|endoftext|>" or "<|mask|>" (a tokenizer's own code, 19 files of site-packages)
+    was encoded as the EOS and mask ids inside the response (helper-146)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from training import corpus
+    from workers.loader import load_tokenizer
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code")
+    unit = SimpleNamespace(prompt='END = "<|endoftext|>"\ndef f():\n', response='    return "<|mask|>" + END\n')
+    [(prompt, response)] = corpus.tokenize_units(tok, [unit], seq_len=128)
+    specials = set(tok.all_special_ids)
+    assert specials and not specials & set(prompt + response)
+    assert tok.decode(prompt) + tok.decode(response) == unit.prompt + unit.response
