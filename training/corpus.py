@@ -67,7 +67,8 @@ def source_files(corpus: Sequence[str]) -> list[tuple[Path, Path]]:
                 what = "is not a directory" if root.exists() else "does not exist"
                 raise CorpusError("corpus", f"{item!r} {what}; give 'stdlib', 'site-packages' or a directory of .py files")
             excluded = EXCLUDED_DIRS if item == "stdlib" else {"__pycache__"}  # others: all but caches
-            files = sorted(p for p in root.rglob("*.py") if not excluded & set(p.relative_to(root).parts[:-1]))
+            files = sorted(p for p in root.rglob("*.py")  # (a FIFO or socket named *.py: never read, it may block)
+                           if not excluded & set(p.relative_to(root).parts[:-1]) and p.is_file())
             for f in files:
                 if f.resolve() not in seen:
                     seen.add(f.resolve())
@@ -156,14 +157,15 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, chunksi
         return list(pool.map(fn, items, chunksize=chunksize))
 
 
-def _file_units(file: tuple[Path, Path], heldout_fraction: float) -> tuple[bool, list[CodeUnit]]:
-    """(held out, units) of one corpus file (root, path); an unreadable file gives none."""
+def _file_units(file: tuple[Path, Path], heldout_fraction: float) -> tuple[bool, list[CodeUnit] | None]:
+    """(held out, units) of one corpus file (root, path); units None for a file that cannot be read as
+    Python source."""
     root, path = file
     rel = path.relative_to(root).as_posix()
     try:
         text = _read_source(path)
     except (UnicodeDecodeError, SyntaxError, LookupError, OSError):  # undecodable, or a bad coding cookie
-        return False, []
+        return False, None
     return is_heldout(rel, heldout_fraction), extract_units(text, rel)
 
 
@@ -175,12 +177,17 @@ def load_units(corpus: Sequence[str], heldout_fraction: float = 0.03,
         raise CorpusError("heldout_fraction", f"got {heldout_fraction}; use a fraction in [0, 1), e.g. 0.03")
     train: list[CodeUnit] = []
     heldout: list[CodeUnit] = []
-    files = source_files(corpus)
+    files, unread = source_files(corpus), 0
     for held, units in parallel_map(functools.partial(_file_units, heldout_fraction=heldout_fraction), files, workers):
-        (heldout if held else train).extend(units)
+        unread += units is None
+        (heldout if held else train).extend(units or [])
     if not train and heldout:
         raise CorpusError("heldout_fraction", f"{heldout_fraction} holds out every file with units ({len(heldout)} "
                                               "units); use a smaller fraction, e.g. 0.03")
+    if not train and unread:
+        raise CorpusError("corpus", f"{list(corpus)}: {unread} of its {len(files)} .py files could not be read as "
+                                    "Python source (not UTF-8 nor a coding cookie's encoding, or binary) and the "
+                                    "rest hold no function or class with a body; convert them to UTF-8")
     if not train:
         raise CorpusError("corpus", f"{list(corpus)} holds no function or class with a body; point it at Python source")
     heldout = _unique(heldout, set())

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -179,8 +180,15 @@ def _batch_stream(stream: PackedStream, data_workers: int) -> Iterator[PackedBat
             return iter(stream)
 
     loader = torch.utils.data.DataLoader(_Dataset(), batch_size=None, num_workers=data_workers, prefetch_factor=4,
-                                         collate_fn=_as_is)
+                                         collate_fn=_as_is, worker_init_fn=_leave_interrupts_to_the_trainer)
     return iter(loader)
+
+
+def _leave_interrupts_to_the_trainer(_worker_id: int) -> None:
+    """A data worker ignores SIGINT: Ctrl-C reaches the terminal's whole process group, and a worker ran
+    the training process's handler too (its "stopping after this step" line printed once per worker);
+    the training process stops the loop, and the DataLoader its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _as_is(batch: PackedBatch) -> PackedBatch:

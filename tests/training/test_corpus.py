@@ -105,6 +105,23 @@ def test_declared_encodings_are_read_and_corpus_errors_say_what_is_wrong(tmp_pat
     assert err.value.field == "heldout_fraction"
 
 
+def test_unreadable_files_are_named_and_a_fifo_is_never_opened(tmp_path):
+    """A corpus whose files are all undecodable said it "holds no function or class with a body"; a FIFO
+    named *.py blocked the corpus load forever in open() (helper-146)."""
+    import os
+
+    from training.corpus import CorpusError, load_units
+
+    (tmp_path / "latin.py").write_bytes("def caf\u00e9():\n    return '\u00e9t\u00e9'\n".encode("latin-1"))  # no cookie
+    (tmp_path / "blob.py").write_bytes(b"\x00\xff" * 50)
+    with pytest.raises(CorpusError, match="2 of its 2 .py files could not be read as Python source"):
+        load_units([str(tmp_path)])
+    os.mkfifo(tmp_path / "pipe.py")  # opening it for reading would wait for a writer
+    (tmp_path / "ok.py").write_text("def g(a):\n    b = a\n    return b\n")
+    train, _ = load_units([str(tmp_path)], heldout_fraction=0.0)
+    assert [u.name for u in train] == ["g"]
+
+
 def test_a_file_too_deep_for_the_parser_is_skipped_not_fatal(tmp_path):
     """An expression of 100,000 terms makes ast.parse raise RecursionError: that file gives no unit and
     the rest of the corpus loads (it ended the whole `refusion train` run; a break-test)."""

@@ -233,3 +233,21 @@ def test_a_non_finite_held_out_loss_stops_training_as_diverged(monkeypatch):
         train_model(_tiny_qwen3(), _counting_pairs(8, 0), steps=3, batch_tokens=64, lr=1e-3, mask_token_id=MASK,
                     eos_token_id=EOS, seed=0, log_every=1, heldout=_counting_pairs(2, 1), on_log=records.append)
     assert err.value.field == "lr" and records == []
+
+
+def test_data_workers_leave_ctrl_c_to_the_training_process():
+    """Ctrl-C reaches the whole process group: each DataLoader worker ran the trainer's SIGINT handler and
+    printed its "stopping after this step" line again (helper-146). A worker ignores SIGINT."""
+    import signal
+
+    from training.trainer import _batch_stream
+
+    class Probe:  # a stream whose batches say how SIGINT is handled where they are made
+        def __iter__(self):
+            yield signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # the trainer's handler, inherited by a fork
+    try:
+        assert list(_batch_stream(Probe(), data_workers=1)) == [True]
+    finally:
+        signal.signal(signal.SIGINT, previous)
