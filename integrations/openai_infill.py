@@ -82,7 +82,7 @@ async def infill_deltas(client, job: CompletionJob, request_id: str, stream: boo
     async def on_partial(text: str) -> None:
         await pieces.put(text)
 
-    task = asyncio.ensure_future(run_completion(client, job, on_partial if stream else None))
+    task = asyncio.ensure_future(run_completion(client, job, on_partial if stream else None, whole=True))
     try:
         while True:
             getter = asyncio.ensure_future(pieces.get())

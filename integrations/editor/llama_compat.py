@@ -227,7 +227,7 @@ async def infill(client, body: InfillBody, n_ctx: int, request_id: str, observer
         warmed = await warm_prefix(client, request_id, job.prompt)
         return select_fields(_result(client, job, body, "", "length", 0, None, n_ctx=n_ctx, warmed=warmed),
                              body.response_fields)
-    outcome = await run_completion(client, job)
+    outcome = await run_completion(client, job, whole=True)
     if observer is not None:
         observer.on_delta(final_delta(request_id, outcome.text, piece_ids(client, outcome.text), outcome))
     results = [_result(client, job, body, outcome.text, outcome.stop_reason, outcome.tokens, outcome, n_ctx=n_ctx)]
@@ -267,7 +267,7 @@ async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, o
 
     async def produce() -> CompletionOutcome:
         try:
-            return await run_completion(client, job, on_partial)
+            return await run_completion(client, job, on_partial, whole=True)
         finally:
             await queue.put(None)
 

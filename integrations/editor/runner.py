@@ -183,12 +183,16 @@ def _partial(text: str, rules: Rules, job: CompletionJob) -> str:
     return job.prompt.to_document(partial) if partial.strip(" \t") else ""
 
 
-async def run_completion(client, job: CompletionJob, on_partial: PartialCallback | None = None) -> CompletionOutcome:
+async def run_completion(client, job: CompletionJob, on_partial: PartialCallback | None = None,
+                         whole: bool = False) -> CompletionOutcome:
     """Decode every candidate gap in parallel; partials come from the first (shortest) gap.
 
     Cancelling the awaiting task cancels every candidate in the engine. Candidates the engine refuses
-    as overloaded are dropped when another was admitted; otherwise the first engine error
-    (InvalidRequestError, OverloadedError) propagates.
+    as overloaded are dropped when another was admitted (the editor protocol's latency-first rule,
+    docs/editor-protocol.md "Infill strategy"); otherwise the first engine error (InvalidRequestError,
+    OverloadedError) propagates. `whole` (the HTTP routes: /infill, completions with `suffix`): every
+    candidate or none, so a greedy request's text does not depend on the load (an admitted candidate is
+    cancelled at the first refusal, and the OverloadedError becomes the route's 503 with Retry-After).
     """
     start = time.perf_counter()
     first_partial: list[float] = []
@@ -204,8 +208,16 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
         for i, (req, gap) in enumerate(zip(job.engine_requests(), job.gaps))
     ]
     try:
+        if whole:  # the first error ends every candidate: no text from part of them
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+            if failed:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise failed[0]
         results = await asyncio.gather(*tasks, return_exceptions=True)
-    except BaseException:  # cancelled (superseded, client gone): cancel every candidate in the engine
+    except BaseException:  # cancelled (superseded, client gone), or `whole` failed: cancel every candidate
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

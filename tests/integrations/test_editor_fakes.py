@@ -32,6 +32,7 @@ class FakeEngineClient:
     cancelled: list = field(default_factory=list)
     completed: list = field(default_factory=list)
     fail_with: Exception | None = None
+    refuse_gen_lengths: frozenset = frozenset()  # requests of these gen_lengths are refused as overloaded
     final_stats: dict = field(default_factory=dict)  # added to the last delta's stats (e.g. a stop_word)
     # While set to an unset Event, each request waits (recorded, before its first delta) until it is set.
     # A threading.Event: the fake may run on another thread's event loop (a uvicorn server in a thread).
@@ -42,6 +43,8 @@ class FakeEngineClient:
         self.requests.append(req)
         if self.fail_with is not None:
             raise self.fail_with
+        if req.params.get("gen_length") in self.refuse_gen_lengths:
+            raise OverloadedError("queue full", 1.2)
         self.running.add(req.request_id)
         try:
             async for delta in self._deltas(req):

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import re
+import threading
 
 import httpx
 import pytest
@@ -157,6 +158,23 @@ async def test_engine_overload_is_503_with_retry_after(http, fake_client):  # no
     fake_client.fail_with = OverloadedError("queue full", 1.2)
     resp = await http.post("/infill", json=llama_vim_request())
     assert resp.status_code == 503 and resp.headers["retry-after"] == "2"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_one_candidate_refused_under_load_is_a_503_not_another_text(http, fake_client, stream):  # noqa: F811
+    """/infill answered with the candidates the engine admitted: under load a greedy request came back
+    with the 32-token gap's text (gaps still said [32, 64]), or one result for n_cmpl 2 (helper-145).
+    Every candidate or none: the admitted one is cancelled, the request is a 503 with Retry-After."""
+    fake_client.hold = threading.Event()  # the admitted candidate waits: the refusal comes first
+    fake_client.refuse_gen_lengths = frozenset({64})
+    try:  # (answering with the admitted candidate alone waited for it: a timeout)
+        resp = await asyncio.wait_for(http.post("/infill", json=llama_vim_request(stream=stream)), 30)
+    finally:
+        fake_client.hold.set()
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "2", resp.text
+    gaps = sorted(r.params["gen_length"] for r in fake_client.requests)
+    assert gaps == [32, 64] and [r.request_id for r in fake_client.requests if r.params["gen_length"] == 32][0] \
+        in fake_client.cancelled and not fake_client.completed
 
 
 def test_select_fields_flattens_paths_and_skips_unknown():

@@ -4,7 +4,9 @@ exact text; the real Ray Serve app in test_openai_infill_e2e below."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 
 import httpx
 import openai
@@ -72,6 +74,22 @@ async def test_suffix_completion_errors_are_http_errors(http, fake_client):  # n
     fake_client.fail_with = OverloadedError("queue full", retry_after_s=2.0)
     resp = await http.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX})
     assert resp.status_code in (429, 503) and "Retry-After" in resp.headers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_suffix_completion_is_every_candidate_or_a_503(http, fake_client, stream):  # noqa: F811
+    """Under load a candidate gap the engine refused was dropped and the text came from the others: a
+    greedy request's text depended on the load (helper-145). Now the admitted ones are cancelled."""
+    fake_client.hold = threading.Event()  # the admitted candidate waits: the refusal comes first
+    fake_client.refuse_gen_lengths = frozenset({64})
+    body = {"prompt": PREFIX, "suffix": SUFFIX, "stream": stream}
+    try:  # (answering with the admitted candidate alone waited for it: a timeout)
+        resp = await asyncio.wait_for(http.post("/v1/completions", json=body), 30)
+    finally:
+        fake_client.hold.set()
+    assert resp.status_code == 503 and "Retry-After" in resp.headers, resp.text
+    assert sorted(r.params["gen_length"] for r in fake_client.requests) == [32, 64]
+    assert not fake_client.completed and len(fake_client.cancelled) >= 1
 
 
 def test_min_tokens_with_a_suffix_is_checked_against_max_tokens_not_a_gap(serve_base_url):
