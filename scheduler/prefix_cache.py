@@ -55,7 +55,18 @@ class PrefixCache:
     @property
     def evictable_blocks(self) -> int:
         """Cached blocks no running request holds: what `evict` could free now."""
-        return sum(1 for block_id in self._entries.values() if self._blocks.refcount(block_id) == 1)
+        return self.evictable()
+
+    def evictable(self, protect: set[int] | frozenset = frozenset(), at_most: int | None = None) -> int:
+        """Cached blocks `evict` could free now, leaving `protect` (a waiting request's own hit): no
+        running request holds them. Counted in eviction order up to `at_most` (None: all), so asking
+        whether a few blocks can be had does not scan a cache of tens of thousands."""
+        found = 0
+        for block_id in self._entries.values():
+            if at_most is not None and found >= at_most:
+                break
+            found += block_id not in protect and self._blocks.refcount(block_id) == 1
+        return found
 
     @property
     def hit_rate(self) -> float:

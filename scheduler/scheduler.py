@@ -776,9 +776,12 @@ class Scheduler:
         for key in keys:
             cache = self.prefix_cache if key == "main" else None
             hit = cache.lookup(req.spec.prompt_ids) if cache is not None and not req.scores_prompt else PrefixHit()
-            room = (self.kv_available(key) + (cache.evictable_blocks if cache is not None else 0)
-                    + sum(v.kv_blocks for v in victims if v.runner_key == key))
-            if room >= req.kv_blocks - len(hit.block_ids):
+            need = req.kv_blocks - len(hit.block_ids)
+            room = self.kv_available(key) + sum(v.kv_blocks for v in victims if v.runner_key == key)
+            # (its own hit's idle blocks are not room: they were counted there and taken off `need`)
+            if cache is not None and room < need:
+                room += cache.evictable(set(hit.block_ids), need - room)
+            if room >= need:
                 return True
         return False
 
@@ -835,7 +838,10 @@ class Scheduler:
         need = req.kv_blocks - len(hit.block_ids)
         held = held_blocks if key == "main" else 0
         available = self.kv_available(key) - held
-        if available < need and cache is not None:
+        # Evict only when that lets it start: evicting for a request that still cannot start emptied the
+        # cache at every step it waited, and the requests backfilled meanwhile lost their hits
+        if 0 < need - available and cache is not None and cache.evictable(set(hit.block_ids), need - available) \
+                >= need - available:
             cache.evict(need - available, protect=set(hit.block_ids))
             available = self.kv_available(key) - held
         if available < need:

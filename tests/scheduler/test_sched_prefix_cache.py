@@ -111,6 +111,18 @@ def test_eviction_skips_entries_a_running_request_holds_and_frees_the_next_lru()
     assert pool.refcount(idle[1]) == 0 and [pool.refcount(b) for b in held] == [2, 2] and len(cache) == 3
 
 
+def test_evictable_counts_idle_unprotected_blocks_up_to_what_is_asked():
+    pool = BlockPool(8, 2)
+    cache = PrefixCache(pool)
+    held, idle = [pool.allocate(1)[0] for _ in range(2)], [pool.allocate(1)[0] for _ in range(3)]
+    cache.insert([1, 2, 3, 4, 5], held, 4)
+    cache.insert([7, 8, 9, 10, 11, 12, 13], idle, 6)
+    pool.release(idle)
+    assert cache.evictable() == cache.evictable_blocks == 3  # the held chain frees nothing
+    assert cache.evictable(protect={idle[0]}) == 2 and cache.evictable(at_most=2) == 2
+    assert len(cache) == 5  # counting evicts nothing
+
+
 async def test_engine_reuses_prompt_blocks_and_output_is_unchanged():
     runner = FakeRunner(num_blocks=64, block_size=4)
     engine, _ = make_engine(runner=runner)
@@ -384,4 +396,66 @@ async def test_an_interactive_request_never_waits_on_a_starved_batch_prefill(wai
     assert w[-1].stats["prefix_waits"] == 0
     for task in busy + [o]:
         await task
+    await engine.stop()
+
+
+async def _hold_running(engine, runner, wait_until, requests, hold_from=0):
+    """Start `requests` (tasks) with the forward number `hold_from` held until the returned gate's release."""
+    from sched_fakes import ForwardGate
+
+    gate = ForwardGate(runner.execute, hold_from=hold_from)
+    runner.execute = gate
+    tasks = [asyncio.create_task(collect(engine, r)) for r in requests]
+    await wait_until(gate.entered.is_set, "a held forward")
+    return gate, tasks
+
+
+async def test_a_request_that_cannot_start_does_not_empty_the_cache(wait_until):
+    """A request short of KV evicted the prefix cache at every step it waited, even when that could not
+    let it start: the requests started meanwhile lost their hits (helper-147: [0, 0, 0, 0, 0] cached
+    tokens where [0, 48, 48, 48, 48] without it). Eviction happens only when it lets a request start."""
+    engine, runner = make_engine(runner=FakeRunner(num_blocks=40, block_size=4), kv_reserve_fraction=0.0)
+    await engine.start()
+    prompt = list(range(10, 23))  # 13 tokens: 3 cached blocks
+    await collect(engine, GenerationRequest("warm", prompt, {"gen_length": 4}, mode=Mode.AR))
+    assert len(engine.prefix_cache) == 3
+    # L holds 30 of the 37 free blocks; B needs 20: 7 free + 3 evictable cannot make room
+    gate, [long] = await _hold_running(engine, runner, wait_until,
+                                       [GenerationRequest("L", [4, 5, 6, 7], {"gen_length": 112}, mode=Mode.AR)])
+    big = asyncio.create_task(collect(engine, GenerationRequest("B", [5, 6, 7, 8], {"gen_length": 72}, mode=Mode.AR)))
+    again = asyncio.create_task(collect(engine, GenerationRequest("Q", prompt, {"gen_length": 4}, mode=Mode.AR)))
+    await wait_until(lambda: {r.id for r in engine.scheduler.waiting} == {"B", "Q"}, "B and Q to queue")
+    gate.release()
+    _, _, q = await asyncio.gather(long, big, again)
+    assert q[-1].stats["cached_prompt_tokens"] == 12
+    await engine.stop()
+    engine.clear_prefix_cache()
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+async def test_no_preemption_counting_a_waiting_requests_own_cached_blocks_as_room(wait_until):
+    """_room_if_preempted counted the idle blocks of the waiting request's own prefix hit as room and also
+    took them off what it needs: a BATCH request was preempted though the room was still short, and lost
+    its progress for nothing (helper-147)."""
+    from scheduler.api import Priority
+
+    engine, runner = make_engine(runner=FakeRunner(num_blocks=40, block_size=4), kv_reserve_fraction=0.0,
+                                 max_running=3)
+    await engine.start()
+    prompt = list(range(10, 19))  # 9 tokens: 2 cached blocks, both usable on a hit
+    await collect(engine, GenerationRequest("warm", prompt, {"gen_length": 4}, mode=Mode.AR))
+    assert len(engine.prefix_cache) == 2
+    gate, [w, v] = await _hold_running(engine, runner, wait_until, [
+        GenerationRequest("W", [4, 5, 6, 7], {"gen_length": 24}, mode=Mode.AR, priority=Priority.INTERACTIVE),  # 8
+        GenerationRequest("V", [5, 6, 7, 8], {"gen_length": 8}, mode=Mode.AR, priority=Priority.BATCH),  # 4 blocks
+    ], hold_from=1)
+    assert {r.id for r in engine.scheduler.running} == {"W", "V"}
+    # X needs 33 - 2 (its hit) = 31 blocks; room with V sent back: 26 free + V's 4 = 30 (its hit is not room)
+    x = asyncio.create_task(collect(engine, GenerationRequest("X", prompt, {"gen_length": 119}, mode=Mode.AR,
+                                                              priority=Priority.INTERACTIVE)))
+    await wait_until(lambda: [r.id for r in engine.scheduler.waiting] == ["X"], "X to queue")
+    gate.release()
+    _, v_deltas, x_deltas = await asyncio.gather(w, v, x)
+    assert v_deltas[-1].stats["preemptions"] == 0
+    assert x_deltas[-1].stats["cached_prompt_tokens"] == 8 and len(ids_of(x_deltas)) == 119
     await engine.stop()
