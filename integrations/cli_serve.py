@@ -127,6 +127,19 @@ def check_reachable(address: str) -> None:
                    f"prints the address to use) or give its address, or omit --address for a local Ray")
 
 
+def check_serve_http(http: dict) -> None:
+    """CLIError when Serve's proxies listen elsewhere than `http` asks: on a cluster where Serve already
+    runs, Ray keeps the HTTP options it started with and ignores new ones with a warning in its log, and
+    the application would be served where "ready at" did not say (helper-144)."""
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client().http_config
+    if (running.host, running.port) != (http["host"], http["port"]):
+        raise CLIError(f"--host/--port: Serve already runs on this cluster, its proxies on {running.host}:"
+                       f"{running.port} (Ray fixes them when Serve starts); pass --host {running.host} --port "
+                       f"{running.port}, or stop Serve there first (`serve shutdown`)")
+
+
 def start_ray(ray, address: str | None) -> bool:
     """Join the cluster at `address`, or start a local Ray (no dashboard); False, after saying why, when
     the cluster cannot be joined. The caller's SIGTERM handler stays in force meanwhile: ray.init sets one
@@ -239,6 +252,12 @@ def run(args: argparse.Namespace) -> int:
             config["engine_deployment"]["num_gpus"] = 1
         serving = True  # from here on Serve runs on the cluster
         serve.start(http_options=http, **({"proxy_location": file.proxy_location} if file.proxy_location else {}))
+        try:
+            check_serve_http(http)
+        except CLIError as exc:  # Serve was running before: leave it and its applications as they are
+            serving = False
+            print(f"refusion serve: {exc}", file=sys.stderr)
+            return 2
         drain = drain_signal("refusion")  # before the replicas: draining then costs one call, no actor start
         app = application(config, file.deployments)
         try:

@@ -219,6 +219,13 @@ def kill_drain_signal(cluster) -> None:
 
 def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(cluster):
     config = cluster.write_config(cluster.app_config(num_replicas=2), "cli.yaml")
+    # Serve runs there already (the tests above): another --port would be ignored by Ray, and "ready at"
+    # named a port nothing listened on (helper-144); refused, and Serve there is left running
+    other = subprocess.run([str(BIN / "refusion"), "serve", "--address", cluster.gcs_address, "--config", str(config),
+                            "--port", str(cluster.http_port + 1)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "Serve already runs on this cluster, its proxies on" in other.stderr, \
+        other.stderr[-2000:]
+    assert f":{cluster.http_port} " in other.stderr and cluster.serve_proxies(), other.stderr[-2000:]
     proc = subprocess.Popen([str(BIN / "refusion"), "serve", "--address", cluster.gcs_address, "--config", str(config),
                              "--port", str(cluster.http_port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
