@@ -162,8 +162,12 @@ def _template_message(message: ChatMessage) -> dict:
 
 def _parsed_arguments(arguments: str):
     """A call's arguments as an object where the JSON string parses (templates and the plain format write
-    objects), else the string as sent."""
+    objects), else the string as sent; the string too where the object would hold a lone surrogate (an
+    escape such as "\\ud800", valid JSON that the tokenizer cannot encode once read: a 500; a call this
+    server returned is sent back so)."""
     try:
-        return json.loads(arguments)
-    except ValueError:
+        parsed = json.loads(arguments)
+        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):  # (UnicodeEncodeError is a ValueError: named for the reader)
         return arguments
+    return parsed

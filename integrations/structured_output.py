@@ -187,21 +187,19 @@ def _rewritten(schema, rewrite):
 def closed_objects(schema):
     """`schema` with additionalProperties false on every object schema that lists `properties` and does
     not say otherwise: a call's arguments are the function's parameters, never invented extra keys (as
-    OpenAI's strict function calling requires). The object schemas that a merge joins stay as written:
-    a schema with `allOf` or with a `$ref` beside `properties` (OpenAPI's and pydantic's inheritance),
-    each `allOf` part, and each root $defs entry such a merge refers to (closing a part would forbid the
-    other parts' keys, and no object could match); every other object is closed, nested ones inside a
-    merged part too. A merge referring elsewhere than the root $defs leaves the whole schema as written.
-    Returns a new schema; the input is unchanged."""
+    OpenAI's strict function calling requires). What a merge joins stays as written, whole: a schema with
+    `allOf` or with a `$ref` beside `properties` (OpenAPI's and pydantic's inheritance) and everything
+    under it, and each root $defs entry such a merge reaches through `$ref`s (transitively): closing a
+    part, or an anyOf branch inside one, would forbid the other parts' keys, and no object could match.
+    Every other object is closed. A merge reaching anything but a root $defs entry leaves the whole
+    schema as written. Returns a new schema; the input is unchanged."""
     merged_defs = _merged_defs(schema)
     if merged_defs is None:
         return schema
 
     def close(node: dict, out: dict) -> dict:
-        if isinstance(node.get("allOf"), list):  # its parts' own keys reopened: closed only inside them
-            out["allOf"] = [_reopened(part, done) for part, done in zip(node["allOf"], out["allOf"])]
         if _merges(node):
-            return out
+            return dict(node)  # the merge and all under it, as written
         properties, required = node.get("properties"), node.get("required", [])
         if not (isinstance(required, list) and all(isinstance(name, str) for name in required)):
             return out  # not a list of names: an invalid schema, which its compile names (a 400)
@@ -211,7 +209,7 @@ def closed_objects(schema):
 
     closed = _rewritten(schema, close)
     for key, name in merged_defs:
-        closed[key] = {**closed[key], name: _reopened(schema[key][name], closed[key][name])}
+        closed[key] = {**closed[key], name: schema[key][name]}
     return closed
 
 
@@ -220,35 +218,31 @@ def _merges(node: dict) -> bool:
     return "allOf" in node or ("$ref" in node and ("properties" in node or "required" in node))
 
 
-def _reopened(part, done):
-    """`done` (the rewrite of `part`) without the additionalProperties false closing added at its top."""
-    if isinstance(part, dict) and isinstance(done, dict) and "additionalProperties" not in part:
-        return {k: v for k, v in done.items() if k != "additionalProperties"}
-    return done
+def _refs_under(schema) -> list:
+    """Every `$ref` value in `schema` and its subschemas."""
+    refs: list = []
+    _rewritten(schema, lambda node, out: (refs.extend([node["$ref"]] if "$ref" in node else []), out)[1])
+    return refs
 
 
 _ROOT_DEF = re.compile(r"#/(\$defs|definitions)/([^/]+)")
 
 
 def _merged_defs(schema) -> set[tuple[str, str]] | None:
-    """The root ($defs or definitions, name) entries that merges refer to (an `allOf` part's `$ref`, or
-    a `$ref` beside `properties`); None when a merge refers to anything else (another pointer, a URI)."""
-    refs: list = []
-
-    def look(node: dict, out: dict) -> dict:
-        if _merges(node):
-            refs.extend([node.get("$ref")] if "$ref" in node else [])
-            parts = node.get("allOf") if isinstance(node.get("allOf"), list) else []
-            refs.extend(part["$ref"] for part in parts if isinstance(part, dict) and "$ref" in part)
-        return out
-
-    _rewritten(schema, look)
-    found = set()
-    for ref in refs:
+    """The root ($defs or definitions, name) entries a merge reaches: the `$ref`s in and under a merging
+    schema, then those in and under each entry reached; None when one refers to anything else (another
+    pointer, a URI)."""
+    pending: list = []
+    _rewritten(schema, lambda node, out: (pending.extend(_refs_under(node) if _merges(node) else []), out)[1])
+    found: set[tuple[str, str]] = set()
+    while pending:
+        ref = pending.pop()
         match = _ROOT_DEF.fullmatch(ref) if isinstance(ref, str) else None
         if match is None or not isinstance(schema.get(match[1]), dict) or match[2] not in schema[match[1]]:
             return None
-        found.add((match[1], match[2]))
+        if (match[1], match[2]) not in found:
+            found.add((match[1], match[2]))
+            pending.extend(_refs_under(schema[match[1]][match[2]]))
     return found
 
 

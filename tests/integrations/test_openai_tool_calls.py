@@ -364,3 +364,25 @@ async def test_a_call_whose_arguments_escape_a_lone_surrogate_is_answered(fake_c
     if not stream and route == "/v1/chat/completions":
         [call] = response.json()["choices"][0]["message"]["tool_calls"]
         assert json.loads(call["function"]["arguments"]) == {"city": "\ud800 Paris"}
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses"])
+async def test_such_a_call_sent_back_in_the_conversation_is_taken(fake_client, route):  # noqa: F811
+    """The next turn carries the call back: its arguments, read, held the lone surrogate, which the
+    tokenizer cannot encode (TypeError: a 500; helper-148). They go into the prompt as sent."""
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    arguments = '{"city": "\\ud800 Paris"}'
+    if route == "/v1/responses":
+        body = {"input": [{"type": "message", "role": "user", "content": "weather?"},
+                          {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": arguments},
+                          {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]}
+    else:
+        body = {"messages": [{"role": "user", "content": "weather?"},
+                             {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                                 "name": "get_weather", "arguments": arguments}}]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post(route, json={"model": fake_client.model_name, **body})
+    assert response.status_code == 200, response.text
+    prompt = fake_client.tokenizer.decode(fake_client.requests[-1].prompt_ids)
+    assert "\\\\ud800 Paris" in prompt, prompt  # the escape, as sent

@@ -103,14 +103,34 @@ def test_a_merge_leaves_only_its_own_parts_open(accepts):
               "required": ["city"]}
     closed = closed_objects(schema)
     assert closed["additionalProperties"] is False and closed["$defs"]["Other"]["additionalProperties"] is False
-    assert "additionalProperties" not in closed["$defs"]["Base"]  # a merged part, by its $ref
-    assert [("additionalProperties" in part) for part in closed["properties"]["meta"]["allOf"]] == [False, False]
-    assert closed["properties"]["meta"]["allOf"][1]["properties"]["b"]["additionalProperties"] is False
+    assert closed["$defs"]["Base"] == schema["$defs"]["Base"]  # a merged part, by its $ref
+    assert closed["properties"]["meta"] == schema["properties"]["meta"]  # the merge, whole
     grammar = tool_grammar(_tools(schema, strict=True), "t", 0).grammar
     assert accepts(grammar, _call({"city": "x", "other": {"o": 1}, "meta": {"a": 1, "b": {"z": 2}}}))  # (in order)
-    for invented in ({"city": "x", "extra": 1}, {"city": "x", "other": {"p": 1}},
-                     {"city": "x", "meta": {"b": {"z": 2, "y": 3}}}):
+    for invented in ({"city": "x", "extra": 1}, {"city": "x", "other": {"p": 1}}):
         assert not accepts(grammar, _call(invented)), invented
+
+
+_OBJ_A = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+_OBJ_B = {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}
+
+
+@pytest.mark.parametrize("schema", [
+    # an anyOf inside an allOf part: its branches were closed, and no object had both parts' keys
+    {"type": "object", "properties": {"s": {"allOf": [_OBJ_A, {"anyOf": [_OBJ_B]}]}}, "required": ["s"]},
+    # a $ref chain from a part: the def at its end was closed
+    {"type": "object", "$defs": {"A": {"$ref": "#/$defs/B"}, "B": _OBJ_A},
+     "properties": {"s": {"allOf": [{"$ref": "#/$defs/A"}, _OBJ_B]}}, "required": ["s"]},
+    # a def that is a union of refs
+    {"type": "object", "$defs": {"A": {"anyOf": [{"$ref": "#/$defs/B"}]}, "B": _OBJ_A},
+     "properties": {"s": {"allOf": [{"$ref": "#/$defs/A"}, _OBJ_B]}}, "required": ["s"]},
+], ids=["anyOf-in-a-part", "ref-chain", "union-def"])
+def test_what_a_merge_reaches_stays_open_however_deep(schema, accepts):
+    """helper-148: closing only a merge's top level made these unsatisfiable (a 400 for every call)."""
+    for strict in (None, True):
+        for forced in (None, "t"):
+            grammar = tool_grammar(_tools(schema, strict), forced, 0).grammar
+            assert accepts(grammar, _call({"s": {"a": 1, "b": 2}})), (strict, forced)
 
 
 def test_a_strict_tool_refuses_keywords_it_cannot_enforce():
