@@ -34,6 +34,7 @@ from scheduler.api import (ENGINE_STOPPED, Delta, FinishReason, GenerationReques
                            OverloadedError, merge_deltas)
 from scheduler.calibration import calibrate
 from scheduler.config import EngineConfig
+from scheduler.log_format import plain_tracebacks
 from scheduler.decoders import DecoderFactory, ModelDecoderFactory
 from scheduler.detokenizer import TextStream, TextUpdate
 from scheduler.grammars import GrammarCompiler
@@ -48,6 +49,7 @@ from scheduler.validation import parse_params, validate_request, with_seed
 from workers.batch import STEP_LAUNCHED
 
 log = structlog.get_logger("engine")
+plain_tracebacks()  # every process that runs an engine (a Ray replica, a test, a CLI)
 def _forward(runners: dict, plan: StepPlan, on_launch, launched=None, ahead: StepPlan | None = None,
              bitmasks: list | None = None):
     """The step's forward in the worker thread: (results aligned with plan.items, the launched `ahead`

@@ -140,7 +140,7 @@ async def test_a_body_that_stops_arriving_is_a_408_and_the_app_never_runs():
     parts = [{"type": "http.request", "body": b"ab", "more_body": True}] * 5 + [{"type": "http.request", "body": b"c"}]
 
     async def slow():
-        await asyncio.sleep(0.1)  # each pause shorter than the timeout; 0.6 s in all
+        await asyncio.sleep(0.01)  # each pause far inside the timeout (a loaded CI machine stalls ~0.1 s)
         return parts.pop(0)
 
     sent = []
@@ -149,18 +149,19 @@ async def test_a_body_that_stops_arriving_is_a_408_and_the_app_never_runs():
         sent.append(message)
 
     scope = {"type": "http", "path": "/v1/completions", "headers": []}
-    await BodyLimitMiddleware(inner, max_body_bytes=10_000, body_timeout_s=0.2)(scope, slow, keep)
+    await BodyLimitMiddleware(inner, max_body_bytes=10_000, body_timeout_s=1.0)(scope, slow, keep)
     assert sent[0]["status"] == 200 and ran == [{"type": "http.request", "body": b"ababababab" + b"c", "more_body": False}]
-    # a body trickled just inside each pause ends at the whole body's deadline, 6 pauses (1.2 s here)
+    # a body trickled inside each pause ends at the whole body's deadline, 6 pauses (6 s here). (Pauses
+    # of 0.1 s against a 0.2 s timeout failed 2 runs in 30 on a loaded machine: helper-141.)
     ran.clear(), sent.clear()
 
     async def trickle():
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.01)
         return {"type": "http.request", "body": b"a", "more_body": True}  # never the last part
 
-    await asyncio.wait_for(BodyLimitMiddleware(inner, max_body_bytes=10_000, body_timeout_s=0.2)(scope, trickle, keep), 10)
+    await asyncio.wait_for(BodyLimitMiddleware(inner, max_body_bytes=10_000, body_timeout_s=1.0)(scope, trickle, keep), 30)
     assert sent[0]["status"] == 408 and not ran
-    assert "took longer than 1.2 s in all" in json.loads(sent[1]["body"])["error"]["message"]
+    assert "took longer than 6 s in all" in json.loads(sent[1]["body"])["error"]["message"]
 
 
 # --- prompt and context limits ----------------------------------------------------------------------
