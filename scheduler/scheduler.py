@@ -777,8 +777,12 @@ class Scheduler:
             cache = self.prefix_cache if key == "main" else None
             hit = cache.lookup(req.spec.prompt_ids) if cache is not None and not req.scores_prompt else PrefixHit()
             need = req.kv_blocks - len(hit.block_ids)
-            room = self.kv_available(key) + sum(v.kv_blocks for v in victims if v.runner_key == key)
-            # (its own hit's idle blocks are not room: they were counted there and taken off `need`)
+            # A victim's blocks that are also this request's hit stay (the hit holds them): not room, as
+            # they are taken off `need` already; nor are the hit's idle blocks in the cache
+            shared = set(hit.block_ids)
+            tables = self.kv.tables[key]
+            room = self.kv_available(key) + sum(v.kv_blocks - len(shared.intersection(tables.table(v.id)))
+                                                for v in victims if v.runner_key == key)
             if cache is not None and room < need:
                 room += cache.evictable(set(hit.block_ids), need - room)
             if room >= need:

@@ -192,7 +192,8 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
     docs/editor-protocol.md "Infill strategy"); otherwise the first engine error (InvalidRequestError,
     OverloadedError) propagates. `whole` (the HTTP routes: /infill, completions with `suffix`): every
     candidate or none, so a greedy request's text does not depend on the load (an admitted candidate is
-    cancelled at the first refusal, and the OverloadedError becomes the route's 503 with Retry-After).
+    cancelled at the first refusal, and the OverloadedError becomes the route's 503 with Retry-After);
+    a candidate that ended in an error (a failed forward) is the outcome then, as a lone one would be.
     """
     start = time.perf_counter()
     first_partial: list[float] = []
@@ -227,7 +228,8 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
     # Under load some candidates may be refused (OverloadedError): answer with the admitted ones.
     if errors and (not candidates or not all(isinstance(e, OverloadedError) for e in errors)):
         raise errors[0]
-    chosen = choose_candidate(candidates)
+    failed = [c for c in candidates if c.stop_reason == "error"] if whole else []
+    chosen = failed[0] if failed else choose_candidate(candidates)  # whole: one that failed fails the request
     return CompletionOutcome(
         text=chosen.text,
         stop_reason=chosen.stop_reason,

@@ -33,6 +33,7 @@ class FakeEngineClient:
     completed: list = field(default_factory=list)
     fail_with: Exception | None = None
     refuse_gen_lengths: frozenset = frozenset()  # requests of these gen_lengths are refused as overloaded
+    fail_gen_lengths: frozenset = frozenset()  # requests of these gen_lengths end with an error delta
     final_stats: dict = field(default_factory=dict)  # added to the last delta's stats (e.g. a stop_word)
     # While set to an unset Event, each request waits (recorded, before its first delta) until it is set.
     # A threading.Event: the fake may run on another thread's event loop (a uvicorn server in a thread).
@@ -58,6 +59,9 @@ class FakeEngineClient:
     async def _deltas(self, req):
         if req.params.get("gen_length", 0) < 1:
             raise InvalidRequestError("gen_length", "must be at least 1")
+        if req.params.get("gen_length") in self.fail_gen_lengths:  # (a forward that failed: the engine's way)
+            yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.ERROR, error="forward failed")
+            return
         text = self.script.get(req.params.get("gen_length"), self.default_text)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         healer = Healer(req.healed)  # the engine's contract: the healed blanks are dropped from the text

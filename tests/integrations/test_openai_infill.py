@@ -92,6 +92,14 @@ async def test_a_suffix_completion_is_every_candidate_or_a_503(http, fake_client
     assert not fake_client.completed and len(fake_client.cancelled) >= 1
 
 
+async def test_a_suffix_completion_with_a_failed_candidate_is_that_failure(http, fake_client):  # noqa: F811
+    """whole: a candidate that ended in an error (a failed forward) was dropped like any other, and the
+    answer came from the remaining gap (helper-148); it is the outcome, as a lone failed candidate is."""
+    fake_client.fail_gen_lengths = frozenset({32})
+    resp = await http.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX})
+    assert resp.json()["refusion"]["finish_detail"] == "error" and resp.json()["choices"][0]["text"] == "", resp.text
+
+
 def test_min_tokens_with_a_suffix_is_checked_against_max_tokens_not_a_gap(serve_base_url):
     """The infill's shortest candidate gap (32 tokens) refused min_tokens 40 with max_tokens 64 ("must
     lie in 0..gen_length (32)", a length the client never set); no gap is now shorter than min_tokens."""

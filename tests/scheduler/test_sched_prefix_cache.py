@@ -459,3 +459,28 @@ async def test_no_preemption_counting_a_waiting_requests_own_cached_blocks_as_ro
     assert v_deltas[-1].stats["preemptions"] == 0
     assert x_deltas[-1].stats["cached_prompt_tokens"] == 8 and len(ids_of(x_deltas)) == 119
     await engine.stop()
+
+
+async def test_no_preemption_counting_a_victims_share_of_the_waiting_requests_hit_as_room(wait_until):
+    """The victim runs on the same cached prompt: freeing it frees none of those blocks (the hit holds
+    them), yet they were counted as room as well as taken off the need (helper-148)."""
+    from scheduler.api import Priority
+
+    engine, runner = make_engine(runner=FakeRunner(num_blocks=40, block_size=4), kv_reserve_fraction=0.0,
+                                 max_running=3)
+    await engine.start()
+    prompt = list(range(10, 19))  # 9 tokens: 2 cached blocks
+    await collect(engine, GenerationRequest("warm", prompt, {"gen_length": 4}, mode=Mode.AR))
+    gate, [w, v] = await _hold_running(engine, runner, wait_until, [
+        GenerationRequest("W", [4, 5, 6, 7], {"gen_length": 24}, mode=Mode.AR, priority=Priority.INTERACTIVE),  # 8
+        GenerationRequest("V", prompt, {"gen_length": 7}, mode=Mode.AR, priority=Priority.BATCH),  # 5, 2 shared
+    ], hold_from=1)
+    assert {r.id for r in engine.scheduler.running} == {"W", "V"}
+    # X needs 34 - 2 = 32; room with V sent back: 27 + V's 3 blocks of its own = 30
+    x = asyncio.create_task(collect(engine, GenerationRequest("X", prompt, {"gen_length": 120}, mode=Mode.AR,
+                                                              priority=Priority.INTERACTIVE)))
+    await wait_until(lambda: [r.id for r in engine.scheduler.waiting] == ["X"], "X to queue")
+    gate.release()
+    _, v_deltas, x_deltas = await asyncio.gather(w, v, x)
+    assert v_deltas[-1].stats["preemptions"] == 0 and len(ids_of(x_deltas)) == 120
+    await engine.stop()
