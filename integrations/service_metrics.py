@@ -85,6 +85,7 @@ def combine(replicas: list[ReplicaMetrics], unreachable: int = 0, decisions: dic
     for name, samples in totals.items():
         for (sample_name, labels), value in samples.items():
             summed[name].add_sample(SERVICE_PREFIX + sample_name[len(ENGINE_PREFIX):], dict(labels), value)
+    summed = {name: part for family in summed.values() for name, part in _untyped_by_sample(family).items()}
     ratios = []
     for ratio_name, (numerator, denominator, doc) in RATIOS.items():
         top, bottom = _total(totals, numerator), _total(totals, denominator)
@@ -100,6 +101,22 @@ def combine(replicas: list[ReplicaMetrics], unreachable: int = 0, decisions: dic
     registry = CollectorRegistry()
     registry.register(_Families([*per_replica.values(), *summed.values(), *ratios, count, routed]))
     return generate_latest(registry)
+
+
+def _untyped_by_sample(family: Metric) -> dict[str, Metric]:
+    """An untyped family (a summed counter or histogram) as one family per sample name: untyped, a
+    family's samples carry its own name, so `refusion_service_x` holding `refusion_service_x_total` (or
+    `_bucket`, `_sum`, `_count`) lost its HELP and TYPE to Prometheus's parser (helper-144: 94 families
+    without metadata). A gauge family is returned as it is."""
+    if family.type != "unknown":
+        return {family.name: family}
+    parts: dict[str, Metric] = {}
+    for sample in family.samples:
+        part = parts.get(sample.name)
+        if part is None:
+            part = parts[sample.name] = Metric(sample.name, family.documentation, "unknown")
+        part.add_sample(sample.name, sample.labels, sample.value)
+    return parts
 
 
 def _total(totals: dict[str, dict[tuple, float]], where: tuple[str, str]) -> float:

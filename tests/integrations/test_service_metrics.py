@@ -49,3 +49,20 @@ def test_no_replica_answering_still_renders():
     out = _samples(combine([], unreachable=2))
     assert out[("refusion_service_replicas", (("state", "unreachable"),))] == 2
     assert out[("refusion_service_prefix_cache_hit_rate", ())] == 0.0
+
+
+def test_every_sample_belongs_to_a_family_with_its_help_and_type():
+    """Summed counters and histograms are untyped, and an untyped family's samples carry its own name:
+    `# TYPE refusion_service_requests_finished untyped` above `refusion_service_requests_finished_total`
+    left that sample (and every _bucket, _sum, _count) without HELP and TYPE (helper-144)."""
+    a = ReplicaMetrics("rep-a", "head", _engine(3, 1, 10, 100, 400, 300, ["stop"]))
+    text = combine([a]).decode()
+    suffixes = {"counter": ("_total", ""), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",), "unknown": ("",)}
+    typed = {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE ")}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{")[0].split(" ")[0]
+            kinds = {"untyped": "unknown"}
+            assert any(name == family + suffix for family, kind in typed.items()
+                       for suffix in suffixes[kinds.get(kind, kind)]), name
+    assert typed["refusion_service_requests_finished_total"] == "untyped"
