@@ -273,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             return 1
         ready = True
-        print(f"refusion serve: ready at http://{http['host']}:{http['port']} (Ctrl-C to stop)", flush=True)
+        host = f"[{http['host']}]" if ":" in http["host"] else http["host"]  # an IPv6 address, as a URL writes it
+        print(f"refusion serve: ready at http://{host}:{http['port']} (Ctrl-C to stop)", flush=True)
         stop.wait()
         drain_s = ServeConfig.model_validate(config).drain_timeout_s
         print(f"refusion serve: draining: running requests get up to {drain_s:g} s (Ctrl-C again: stop now)", flush=True)
