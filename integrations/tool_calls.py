@@ -25,6 +25,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from integrations.json_response import utf8_json
 from scheduler.detokenizer import held_prefix_len
 
 TOOL_OPEN = "<tool_call>"
@@ -90,14 +91,9 @@ def parse_tool_block(body: str, allowed_names: set[str] | None = None) -> ToolCa
 
 
 def _json_text(arguments: dict) -> str:
-    """`arguments` as compact JSON in UTF-8 (json.dumps's form); a string holding a lone surrogate (read
-    from a "\\ud800" escape; UTF-8 cannot carry it, and the response failed to encode) stays escaped."""
-    text = json.dumps(arguments, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(arguments)
-    return text
+    """`arguments` as JSON text in json.dumps's form; a string holding a lone surrogate (read from a
+    "\\ud800" escape; UTF-8 cannot carry it, and the response failed to encode) stays escaped."""
+    return utf8_json(arguments).decode("utf-8")
 
 
 def _not_json(constant: str):
