@@ -101,8 +101,8 @@ def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32", rep
     the old model's files (cli_train_flags.remove_model_files, this run's records kept) are removed just
     before the new ones move in (--overwrite: the old model stays whole until a new one is written);
     `records`: a folder whose RUN_RECORDS (this run's, kept aside while the old model stood) move in with
-    them, the folder then removed. The files get the umask's usual mode (0644 under 022; the weights were 0600, unreadable by a service
-    account serving the model)."""
+    them, the folder then removed. The files get the umask's usual mode (0644 under 022; the weights were
+    0600, unreadable by a service account serving the model)."""
     import torch
 
     staging = out / STAGING

@@ -844,9 +844,9 @@ class Scheduler:
         available = self.kv_available(key) - held
         # Evict only when that lets it start: evicting for a request that still cannot start emptied the
         # cache at every step it waited, and the requests backfilled meanwhile lost their hits
-        if 0 < need - available and cache is not None and cache.evictable(set(hit.block_ids), need - available) \
-                >= need - available:
-            cache.evict(need - available, protect=set(hit.block_ids))
+        short, protect = need - available, set(hit.block_ids)
+        if short > 0 and cache is not None and cache.evictable(protect, short) >= short:
+            cache.evict(short, protect=protect)
             available = self.kv_available(key) - held
         if available < need:
             req.kv_wait = (key, need - available)
