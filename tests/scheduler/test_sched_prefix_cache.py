@@ -433,54 +433,45 @@ async def test_a_request_that_cannot_start_does_not_empty_the_cache(wait_until):
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
 
 
-async def test_no_preemption_counting_a_waiting_requests_own_cached_blocks_as_room(wait_until):
-    """_room_if_preempted counted the idle blocks of the waiting request's own prefix hit as room and also
-    took them off what it needs: a BATCH request was preempted though the room was still short, and lost
-    its progress for nothing (helper-147)."""
+async def _interactive_waits_beside_a_batch_victim(wait_until, v_prompt, v_gen: int, x_gen: int):
+    """A 40-block engine (blocks of 4, no reserve) with a 9-token prompt P cached (2 blocks); W (INTERACTIVE,
+    8 blocks) and V (BATCH, `v_prompt`) running, then X (INTERACTIVE, on P, `x_gen` tokens) waiting for
+    KV. Returns (V's deltas, X's deltas) once all finished."""
     from scheduler.api import Priority
 
     engine, runner = make_engine(runner=FakeRunner(num_blocks=40, block_size=4), kv_reserve_fraction=0.0,
                                  max_running=3)
     await engine.start()
-    prompt = list(range(10, 19))  # 9 tokens: 2 cached blocks, both usable on a hit
+    prompt = list(range(10, 19))
     await collect(engine, GenerationRequest("warm", prompt, {"gen_length": 4}, mode=Mode.AR))
     assert len(engine.prefix_cache) == 2
     gate, [w, v] = await _hold_running(engine, runner, wait_until, [
-        GenerationRequest("W", [4, 5, 6, 7], {"gen_length": 24}, mode=Mode.AR, priority=Priority.INTERACTIVE),  # 8
-        GenerationRequest("V", [5, 6, 7, 8], {"gen_length": 8}, mode=Mode.AR, priority=Priority.BATCH),  # 4 blocks
+        GenerationRequest("W", [4, 5, 6, 7], {"gen_length": 24}, mode=Mode.AR, priority=Priority.INTERACTIVE),
+        GenerationRequest("V", v_prompt or prompt, {"gen_length": v_gen}, mode=Mode.AR, priority=Priority.BATCH),
     ], hold_from=1)
     assert {r.id for r in engine.scheduler.running} == {"W", "V"}
-    # X needs 33 - 2 (its hit) = 31 blocks; room with V sent back: 26 free + V's 4 = 30 (its hit is not room)
-    x = asyncio.create_task(collect(engine, GenerationRequest("X", prompt, {"gen_length": 119}, mode=Mode.AR,
+    x = asyncio.create_task(collect(engine, GenerationRequest("X", prompt, {"gen_length": x_gen}, mode=Mode.AR,
                                                               priority=Priority.INTERACTIVE)))
     await wait_until(lambda: [r.id for r in engine.scheduler.waiting] == ["X"], "X to queue")
     gate.release()
     _, v_deltas, x_deltas = await asyncio.gather(w, v, x)
-    assert v_deltas[-1].stats["preemptions"] == 0
-    assert x_deltas[-1].stats["cached_prompt_tokens"] == 8 and len(ids_of(x_deltas)) == 119
     await engine.stop()
+    return v_deltas, x_deltas
+
+
+async def test_no_preemption_counting_a_waiting_requests_own_cached_blocks_as_room(wait_until):
+    """_room_if_preempted counted the idle blocks of the waiting request's own prefix hit as room and also
+    took them off what it needs: a BATCH request was preempted though the room was still short, and lost
+    its progress for nothing (helper-147). X needs 33 - 2 (its hit) = 31 blocks; room with V (4 blocks)
+    sent back: 26 free + 4 = 30."""
+    v, x = await _interactive_waits_beside_a_batch_victim(wait_until, [5, 6, 7, 8], v_gen=8, x_gen=119)
+    assert v[-1].stats["preemptions"] == 0
+    assert x[-1].stats["cached_prompt_tokens"] == 8 and len(ids_of(x)) == 119
 
 
 async def test_no_preemption_counting_a_victims_share_of_the_waiting_requests_hit_as_room(wait_until):
     """The victim runs on the same cached prompt: freeing it frees none of those blocks (the hit holds
-    them), yet they were counted as room as well as taken off the need (helper-148)."""
-    from scheduler.api import Priority
-
-    engine, runner = make_engine(runner=FakeRunner(num_blocks=40, block_size=4), kv_reserve_fraction=0.0,
-                                 max_running=3)
-    await engine.start()
-    prompt = list(range(10, 19))  # 9 tokens: 2 cached blocks
-    await collect(engine, GenerationRequest("warm", prompt, {"gen_length": 4}, mode=Mode.AR))
-    gate, [w, v] = await _hold_running(engine, runner, wait_until, [
-        GenerationRequest("W", [4, 5, 6, 7], {"gen_length": 24}, mode=Mode.AR, priority=Priority.INTERACTIVE),  # 8
-        GenerationRequest("V", prompt, {"gen_length": 7}, mode=Mode.AR, priority=Priority.BATCH),  # 5, 2 shared
-    ], hold_from=1)
-    assert {r.id for r in engine.scheduler.running} == {"W", "V"}
-    # X needs 34 - 2 = 32; room with V sent back: 27 + V's 3 blocks of its own = 30
-    x = asyncio.create_task(collect(engine, GenerationRequest("X", prompt, {"gen_length": 120}, mode=Mode.AR,
-                                                              priority=Priority.INTERACTIVE)))
-    await wait_until(lambda: [r.id for r in engine.scheduler.waiting] == ["X"], "X to queue")
-    gate.release()
-    _, v_deltas, x_deltas = await asyncio.gather(w, v, x)
-    assert v_deltas[-1].stats["preemptions"] == 0 and len(ids_of(x_deltas)) == 120
-    await engine.stop()
+    them), yet they were counted as room as well as taken off the need (helper-148). X needs 34 - 2 = 32;
+    room with V (5 blocks, 2 of them the hit's) sent back: 27 + 3 = 30."""
+    v, x = await _interactive_waits_beside_a_batch_victim(wait_until, None, v_gen=7, x_gen=120)
+    assert v[-1].stats["preemptions"] == 0 and len(ids_of(x)) == 120
