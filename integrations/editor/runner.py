@@ -17,7 +17,7 @@ from integrations.editor.document import MODEL_TAB_WIDTH
 from integrations.editor.infill import (MAX_CHARS_PER_TOKEN, MAX_SUFFIX_TOKENS, Candidate, InfillPrompt,
                                         choose_candidate, gap_params, heal_text)
 from integrations.editor.postprocess import Rules, postprocess, shown_partial
-from scheduler.api import GenerationRequest, Mode, OverloadedError, Priority
+from scheduler.api import EngineError, GenerationRequest, Mode, OverloadedError, Priority
 from scheduler.validation import with_seed
 
 PartialCallback = Callable[[str], Awaitable[None]]
@@ -148,6 +148,8 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
             if delta.finished:
                 if not capped:
                     reason = "error" if delta.error else (delta.finish_reason.value if delta.finish_reason else "stop")
+                    if delta.error:
+                        stats["error"] = delta.error
                 break
             if capped and gap > job.max_tokens:
                 break  # the engine would generate past the cap: stop it now
@@ -193,7 +195,8 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
     OverloadedError) propagates. `whole` (the HTTP routes: /infill, completions with `suffix`): every
     candidate or none, so a greedy request's text does not depend on the load (an admitted candidate is
     cancelled at the first refusal, and the OverloadedError becomes the route's 503 with Retry-After);
-    a candidate that ended in an error (a failed forward) is the outcome then, as a lone one would be.
+    a candidate that ended in an error (a failed forward) raises EngineError with its message then, the
+    route's 500 as for a plain completion (it answered 200 with empty text).
     """
     start = time.perf_counter()
     first_partial: list[float] = []
@@ -229,7 +232,9 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
     if errors and (not candidates or not all(isinstance(e, OverloadedError) for e in errors)):
         raise errors[0]
     failed = [c for c in candidates if c.stop_reason == "error"] if whole else []
-    chosen = failed[0] if failed else choose_candidate(candidates)  # whole: one that failed fails the request
+    if failed:  # whole: one that failed fails the request, as an engine error does a plain completion
+        raise EngineError(failed[0].stats.get("error") or "an infill candidate failed")
+    chosen = choose_candidate(candidates)
     return CompletionOutcome(
         text=chosen.text,
         stop_reason=chosen.stop_reason,

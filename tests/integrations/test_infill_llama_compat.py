@@ -177,6 +177,14 @@ async def test_one_candidate_refused_under_load_is_a_503_not_another_text(http, 
         in fake_client.cancelled and not fake_client.completed
 
 
+async def test_a_failed_candidate_fails_the_infill(http, fake_client):  # noqa: F811
+    """A candidate that ended in an error (a failed forward) was dropped for the other gap's text
+    (helper-148): the engine error is the answer."""
+    fake_client.fail_gen_lengths = frozenset({32})
+    resp = await http.post("/infill", json=llama_vim_request())
+    assert resp.status_code == 500 and "forward failed" in resp.text, resp.text
+
+
 def test_select_fields_flattens_paths_and_skips_unknown():
     result = {"content": "x", "timings": {"prompt_n": 3}}
     assert select_fields(result, ["content", "timings/prompt_n", "nope", ""]) == {"content": "x", "timings/prompt_n": 3}

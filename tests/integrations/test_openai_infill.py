@@ -93,11 +93,12 @@ async def test_a_suffix_completion_is_every_candidate_or_a_503(http, fake_client
 
 
 async def test_a_suffix_completion_with_a_failed_candidate_is_that_failure(http, fake_client):  # noqa: F811
-    """whole: a candidate that ended in an error (a failed forward) was dropped like any other, and the
-    answer came from the remaining gap (helper-148); it is the outcome, as a lone failed candidate is."""
+    """A candidate that ended in an error (a failed forward) was dropped, and the answer came from the
+    other gap (helper-148); alone, it answered 200 with empty text. It is the engine error a plain
+    completion's failed forward is: a 500 naming it."""
     fake_client.fail_gen_lengths = frozenset({32})
     resp = await http.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX})
-    assert resp.json()["refusion"]["finish_detail"] == "error" and resp.json()["choices"][0]["text"] == "", resp.text
+    assert resp.status_code == 500 and resp.json()["error"]["message"] == "engine error: forward failed", resp.text
 
 
 def test_min_tokens_with_a_suffix_is_checked_against_max_tokens_not_a_gap(serve_base_url):
