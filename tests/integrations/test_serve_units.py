@@ -88,6 +88,12 @@ def test_validation_param_drops_union_members():
     assert validation_field(("body", "messages", 0, "role")) == "messages.0.role"
 
 
+def test_the_ready_url_brackets_an_ipv6_host():
+    """`--host ::1` printed "ready at http://::1:8000", not a URL (helper-144)."""
+    assert cli_serve.http_url("::1", 8000) == "http://[::1]:8000"
+    assert cli_serve.http_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+
+
 class _StuckClient:
     tokenizer = type("T", (), {"encode": staticmethod(lambda text: [5]), "eos_token_id": 0})()
 
