@@ -179,7 +179,8 @@ def parse_json_object(raw: bytes, max_array_items: int | None = None) -> dict:
                                     f"levels: flatten it") from None
     except ValueError as exc:  # NaN/Infinity, or an integer of more than 4,300 digits
         why = "an integer of more than 4,300 digits" if "digits" in str(exc) else str(exc)
-        raise InputError(400, None, f"request body has a number JSON cannot carry: {why}") from None
+        raise InputError(400, _bad_number_field(text),
+                         f"request body has a number JSON cannot carry: {why}") from None
     if not isinstance(data, dict):
         raise InputError(400, None, f"request body must be a JSON object ({{...}}), got {_json_kind(data)}")
     check_json_tree(data, max_array_items)
@@ -195,6 +196,37 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text} is out of range for a float; send a finite number")
     return value
+
+
+_BAD_NUMBER = object()
+
+
+def _bad_number_field(text: str) -> str | None:
+    """The dotted path of the first number parse_json_object refuses (NaN, Infinity, one past float64's
+    range, an integer of more than 4,300 digits), so the 400 names the field; None if none is found.
+    Parsed again with such numbers kept as a marker: the error path only."""
+    def number(kind):
+        def read(token: str):
+            try:
+                value = kind(token)
+            except ValueError:
+                return _BAD_NUMBER
+            return value if kind is int or math.isfinite(value) else _BAD_NUMBER
+        return read
+
+    try:
+        data = json.loads(text, parse_constant=lambda _: _BAD_NUMBER, parse_float=number(float),
+                          parse_int=number(int))
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        node, path = stack.pop()
+        if node is _BAD_NUMBER:
+            return _dotted(path)
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack.extend((value, path + (key,)) for key, value in reversed(list(items)))
+    return None
 
 
 def _json_kind(value) -> str:

@@ -29,10 +29,10 @@ from scheduler.api import Delta, FinishReason, InvalidRequestError, Mode
     (b'{"a": "\xff"}', None, "not UTF-8"),
     (b"[1, 2]", None, "got an array"),
     (b"null", None, "got null"),
-    (b'{"t": NaN}', None, "NaN"),
-    (b'{"t": -Infinity}', None, "Infinity"),
-    (b'{"t": 1e400}', None, "finite"),
-    (b'{"n": ' + b"7" * 5000 + b"}", None, "number"),
+    (b'{"t": NaN}', "t", "NaN"),  # (the field was not named: helper-143)
+    (b'{"a": [1, {"t": -Infinity}]}', "a.1.t", "Infinity"),
+    (b'{"t": 1e400}', "t", "finite"),
+    (b'{"n": ' + b"7" * 5000 + b"}", "n", "number"),
     (json.dumps({"messages": [{"content": "ok\ud800"}]}).encode(), "messages.0.content", "lone UTF-16 surrogate"),
     (json.dumps({"tools": {"\udc00key": 1}}).encode(), "tools.\\udc00key", "lone UTF-16 surrogate"),
 ])
