@@ -7,6 +7,9 @@ step (scheduler/prefix_cache.py). A full cache of `--blocks` 16-token blocks is 
 
     evict(1) / evict(16) / evict(64)   ms to free that many blocks (median of --repeats, cache refilled)
     lookup+record                      ms for one prompt that hits its whole cached chain
+    evictable(64) / evictable(all)     ms to count what eviction could free: up to 64 blocks (the
+                                       scheduler's check before it evicts or preempts for a waiting
+                                       request) and the whole cache (what that preemption check cost)
 
     OMP_NUM_THREADS=1 python bench/prefix_cache.py                       # 1,000 / 10,000 / 50,000 blocks
     ... --sizes 1000 --append docs/benchmarks.md
@@ -69,6 +72,13 @@ def measure(num_blocks: int, prompt_blocks: int, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
         assert len(hit.block_ids) == prompt_blocks
     row["lookup"] = statistics.median(times) * 1e3
+    for key, at_most in (("evictable64", 64), ("evictable_all", None)):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            cache.evictable(at_most=at_most)
+            times.append(time.perf_counter() - start)
+        row[key] = statistics.median(times) * 1e3
     return row
 
 
@@ -76,10 +86,12 @@ def table(rows: list[dict], args) -> str:
     lines = [f"{platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}; "
              f"{BLOCK}-token blocks, prompts of {args.prompt_blocks} blocks, every block cached and idle; "
              f"median of {args.repeats}.", "",
-             "| cached blocks | evict(1) ms | evict(16) ms | evict(64) ms | lookup+record ms |",
-             "|---:|---:|---:|---:|---:|"]
+             "| cached blocks | evict(1) ms | evict(16) ms | evict(64) ms | lookup+record ms | evictable(64) ms "
+             "| evictable(all) ms |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['blocks']:,} | {r['evict1']:.3f} | {r['evict16']:.3f} | {r['evict64']:.3f} | {r['lookup']:.3f} |")
+        lines.append(f"| {r['blocks']:,} | {r['evict1']:.3f} | {r['evict16']:.3f} | {r['evict64']:.3f} | "
+                     f"{r['lookup']:.3f} | {r['evictable64']:.3f} | {r['evictable_all']:.3f} |")
     return "\n".join(lines)
 
 
