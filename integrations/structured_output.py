@@ -218,11 +218,21 @@ def _merges(node: dict) -> bool:
     return "allOf" in node or ("$ref" in node and ("properties" in node or "required" in node))
 
 
+def _nodes(schema) -> list[dict]:
+    """`schema` and its subschemas (the ones _rewritten follows), innermost first."""
+    nodes: list[dict] = []
+
+    def collect(node: dict, out: dict) -> dict:
+        nodes.append(node)
+        return out
+
+    _rewritten(schema, collect)
+    return nodes
+
+
 def _refs_under(schema) -> list:
     """Every `$ref` value in `schema` and its subschemas."""
-    refs: list = []
-    _rewritten(schema, lambda node, out: (refs.extend([node["$ref"]] if "$ref" in node else []), out)[1])
-    return refs
+    return [node["$ref"] for node in _nodes(schema) if "$ref" in node]
 
 
 _ROOT_DEF = re.compile(r"#/(\$defs|definitions)/([^/]+)")
@@ -232,8 +242,7 @@ def _merged_defs(schema) -> set[tuple[str, str]] | None:
     """The root ($defs or definitions, name) entries a merge reaches: the `$ref`s in and under a merging
     schema, then those in and under each entry reached; None when one refers to anything else (another
     pointer, a URI)."""
-    pending: list = []
-    _rewritten(schema, lambda node, out: (pending.extend(_refs_under(node) if _merges(node) else []), out)[1])
+    pending = [ref for node in _nodes(schema) if _merges(node) for ref in _refs_under(node)]
     found: set[tuple[str, str]] = set()
     while pending:
         ref = pending.pop()
