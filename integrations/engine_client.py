@@ -28,6 +28,7 @@ import contextvars
 import inspect
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,9 @@ REPLICA_RETRY_AFTER_S = 2.0
 # /metrics: how long an engine replica may take to send its metrics before it counts as unreachable
 # (below the ingress's own ENGINE_METRICS_TIMEOUT_S for the whole fan-out).
 REPLICA_METRICS_TIMEOUT_S = 1.5
+# Times one request may be moved by queue rebalancing: once (an engine replica never releases a request
+# moved to it; this bounds a replica that would).
+MAX_MOVES = 1
 
 
 class EngineUnavailableError(OverloadedError):
@@ -91,13 +95,14 @@ class EngineClient(Protocol):
 class EngineFailure:
     """A typed engine error as plain data: the first (and only) item a replica streams on failure."""
 
-    kind: str  # "invalid" | "overloaded" | "shutting_down" | "engine"
+    kind: str  # "invalid" | "overloaded" | "shutting_down" | "engine" | "moved" (to `replica`: serve_rebalance)
     message: str
     field: str | None = None
     retry_after_s: float | None = None
     asked: int | None = None  # InvalidRequestError's
     most: int | None = None
     prompt_tokens: int | None = None
+    replica: str | None = None  # "moved": the engine replica to send the request to
 
     @classmethod
     def from_exception(cls, exc: EngineError) -> "EngineFailure":
@@ -280,17 +285,26 @@ def call_alone(make_call):
 
 
 class ServeEngineClient:
-    """Client over a Ray Serve handle to `EngineDeployment` (methods generate/info/metrics/check_health).
-    Every Ray failure is translated by `replica_call_error`."""
+    """Client over a Ray Serve handle to `EngineDeployment` (methods generate/info/metrics/check_health,
+    load/release_waiting). Every Ray failure is translated by `replica_call_error`. A request an engine
+    replica releases to another (queue rebalancing, integrations/serve_rebalance.py) is sent there
+    again, invisibly to the caller of `stream`."""
 
-    def __init__(self, handle, tokenizer, model_name: str, caller: str | None = None):
+    def __init__(self, handle, tokenizer, model_name: str, caller: str | None = None,
+                 rebalance_after_s: float = 0.0):
         """caller: the Ray actor name of the ingress replica this client runs in, sent with each
-        generate call (EngineDeployment cancels the requests of a caller that died)."""
+        generate call (EngineDeployment cancels the requests of a caller that died).
+        rebalance_after_s: run queue rebalancing while a stream of this client has waited this long for
+        its first answer (0: never; ServeConfig.rebalance_after_s)."""
         self._handle = handle
         self._caller = caller
         self._streaming = handle.options(stream=True)
         self._inflight: dict[str, Any] = {}  # request_id -> DeploymentResponseGenerator
         self._inflight_ids = InFlightIds()  # its keys, with their dotted prefixes
+        self._unanswered: dict[str, float] = {}  # request_id -> when it was sent (time.monotonic()), until its first answer
+        self.rebalance_after_s = rebalance_after_s
+        self.rebalancer = None  # serve_rebalance.Rebalancer, started with the first stream
+        self._rebalancing: asyncio.Task | None = None
         self.tokenizer = tokenizer
         self.model_name = model_name
 
@@ -301,19 +315,38 @@ class ServeEngineClient:
         # the engine refuses this too, but only on the same replica
         if (running := self._inflight_ids.overlap(req.request_id)) is not None:
             raise InvalidRequestError("request_id", in_flight_message(req.request_id, running))
+        self._start_rebalancing()
         responses = call_alone(lambda: self._streaming.generate.remote(req, caller=self._caller))
         self._inflight[req.request_id] = responses
         self._inflight_ids.add(req.request_id)
-        finished = False
+        sent_s = self._unanswered[req.request_id] = time.monotonic()
+        finished, moves = False, 0
         try:
-            async for item in responses:
-                if isinstance(item, EngineFailure):
-                    finished = True  # nothing runs in the engine for this request
-                    raise item.to_exception()
-                finished = finished or item.finished
-                yield item
-                if finished:
+            while True:
+                async for item in responses:
+                    self._unanswered.pop(req.request_id, None)
+                    if isinstance(item, EngineFailure):
+                        finished = True  # nothing runs in the engine for this request
+                        if item.kind == "moved" and moves < MAX_MOVES:
+                            break
+                        raise item.to_exception()
+                    finished = finished or item.finished
+                    yield item
+                    if finished:
+                        return
+                else:  # the call ended without a last delta: nothing more comes
                     return
+                # released by its replica before it started: send it to the replica named (serve_router's prefer),
+                # with what is left of its max_time_ms (the engine counts it from its arrival there)
+                moves += 1
+                finished = False
+                if req.max_time_ms is not None:
+                    left_ms = req.max_time_ms - int((time.monotonic() - sent_s) * 1000)
+                    req = replace(req, max_time_ms=max(1, left_ms))
+                responses = call_alone(lambda: self._streaming.generate.remote(req, caller=self._caller,
+                                                                               prefer=item.replica))
+                self._inflight[req.request_id] = responses
+                self._unanswered[req.request_id] = time.monotonic()
         except RequestCancelledError:  # cancel(request_id): end like the engine's own cancel
             finished = True
             yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.CANCELLED)
@@ -323,9 +356,25 @@ class ServeEngineClient:
         finally:
             self._inflight.pop(req.request_id, None)
             self._inflight_ids.discard(req.request_id)
+            self._unanswered.pop(req.request_id, None)
             if not finished:
                 # Ray Serve cancels the replica-side generator, whose `finally` cancels in the engine.
                 responses.cancel()
+
+    def _oldest_unanswered_s(self) -> float:
+        """Seconds the oldest stream of this client has waited for its first answer (0: none waits)."""
+        return time.monotonic() - min(self._unanswered.values()) if self._unanswered else 0.0
+
+    def _start_rebalancing(self) -> None:
+        if self.rebalance_after_s <= 0 or self._rebalancing is not None:
+            return
+        from integrations.routing_state import live_replicas
+        from integrations.serve_rebalance import Rebalancer
+
+        where = (self._handle.app_name, self._handle.deployment_name)
+        self.rebalancer = Rebalancer(self.rebalance_after_s, self._oldest_unanswered_s, lambda: live_replicas(*where),
+                                     lambda method, replica, **kwargs: self._call(method, replica=replica, **kwargs))
+        self._rebalancing = asyncio.get_running_loop().create_task(self.rebalancer.run(), name="queue-rebalancing")
 
     def in_flight(self, request_id: str) -> str | None:
         return self._inflight_ids.overlap(request_id)  # this ingress replica's ids: the check is per replica

@@ -23,5 +23,6 @@ def live_replicas(app_name: str, deployment_name: str) -> tuple[str, ...]:
 
 
 def routing_decisions(app_name: str, deployment_name: str) -> dict[str, int]:
-    """Counts of routing decisions in this process: affinity, fallback_imbalanced, power_of_two, targeted."""
+    """Counts of routing decisions in this process: affinity, fallback_imbalanced, power_of_two, targeted,
+    moved (a request sent again by queue rebalancing, to the replica it was released to)."""
     return dict(DECISIONS.get((app_name, deployment_name), {}))

@@ -99,6 +99,8 @@ class EngineDeployment:
         self.cancelled = 0
         self.orphaned = 0  # requests cancelled because the ingress replica streaming them died
         self._callers = CallerRequests()  # ingress replica (Ray actor name) -> its request ids here
+        self._moved_in: set[str] = set()  # ids of requests moved here by queue rebalancing: they stay
+        self._moving: dict[str, str] = {}  # request id -> the replica it was released to (serve_rebalance)
         self.draining, self._stopped, self._drain_signal = False, False, None
         self._drain_watch = start_drain_watch(self._drain_when_signalled(context.app_name), f"engine {self.replica}")
         self._caller_watch = asyncio.create_task(self._cancel_orphans())
@@ -137,10 +139,14 @@ class EngineDeployment:
         self._stopped = True
         await reporter
 
-    async def generate(self, req: GenerationRequest, caller: str | None = None) -> AsyncIterator[Delta | EngineFailure]:
+    async def generate(self, req: GenerationRequest, caller: str | None = None,
+                       prefer: str | None = None) -> AsyncIterator[Delta | EngineFailure]:
         """Stream the request's deltas (merged when several are ready at once). Cancelling this call
         (client gone) cancels the request in the engine, and so does the death of `caller` (the calling
-        ingress replica's Ray actor name; `_cancel_orphans`)."""
+        ingress replica's Ray actor name; `_cancel_orphans`). `prefer`: set (to this replica's id) on a
+        request moved here by queue rebalancing, which is then not moved again. A request released to
+        another replica (`release_waiting`) ends with EngineFailure("moved", replica=that one) and
+        nothing before it."""
         if self.draining:
             yield EngineFailure("shutting_down", f"the server is shutting down: retry in {DRAIN_RETRY_AFTER_S:g} s",
                                 retry_after_s=DRAIN_RETRY_AFTER_S)
@@ -148,9 +154,15 @@ class EngineDeployment:
         finished = False
         if caller:
             self._callers.add(caller, req.request_id)
+        if prefer is not None:
+            self._moved_in.add(req.request_id)
         try:
             async for delta in coalesce_deltas(self.client.stream(req)):
                 finished = finished or delta.finished
+                target = self._moving.pop(req.request_id, None) if delta.finished else None
+                if target is not None and not delta.text and not delta.token_ids:
+                    yield EngineFailure("moved", f"moved to engine replica {target}", replica=target)
+                    return
                 yield delta
         except EngineError as exc:
             finished = True
@@ -160,6 +172,28 @@ class EngineDeployment:
                 self.cancelled += 1
             if caller:
                 self._callers.discard(caller, req.request_id)
+            self._moved_in.discard(req.request_id)
+            self._moving.pop(req.request_id, None)
+
+    async def load(self, replica: str | None = None) -> dict:
+        """Queue rebalancing's view of this replica (integrations/serve_rebalance.ReplicaLoad): free
+        running slots (max_running - running - waiting; 0 while draining) and the waiting requests it
+        may release. `replica`: the id the router delivered the call by."""
+        engine = self.engine
+        busy = len(engine.scheduler.running) + len(engine.scheduler.waiting)
+        room = 0 if self.draining or engine.stopping else max(0, engine.config.max_running - busy)
+        return {"replica": self.replica, "room": room, "movable": len(engine.movable(keep=self._moved_in))}
+
+    async def release_waiting(self, limit: int, to: str, replica: str | None = None) -> int:
+        """End up to `limit` waiting requests that never started (scheduler.engine.Engine.release_waiting)
+        for replica `to` to run: their calls end with EngineFailure("moved", replica=to), which the
+        ingress streaming each one sends there. Returns how many."""
+        if self.draining or to == self.replica:
+            return 0
+        released = self.engine.release_waiting(limit, keep=self._moved_in)
+        for request_id in released:  # before the generator reads the final delta (no await in between)
+            self._moving[request_id] = to
+        return len(released)
 
     async def info(self) -> dict:
         info = await self.client.info()
@@ -203,7 +237,8 @@ class IngressDeployment:
         tokenizer = load_tokenizer(self.config.model)
         context = serve.get_replica_context()
         # Its Ray actor name travels with each call: an engine replica cancels a dead ingress's requests.
-        self.client = ServeEngineClient(engine, tokenizer, self.config.served_model_names[0], caller=context.replica_id.to_full_id_str())
+        self.client = ServeEngineClient(engine, tokenizer, self.config.served_model_names[0], caller=context.replica_id.to_full_id_str(),
+                                        rebalance_after_s=self.config.rebalance_after_s)
         self.model_card = read_model_card(self.config.model, tokenizer)
         self.gate = IngressGate()
         replica = self.replica = context.replica_id.unique_id

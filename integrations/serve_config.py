@@ -201,6 +201,10 @@ class ServeConfig(_Strict):
     health_probe_timeout_s: float = Field(default=20.0, gt=0, description="one-token probe limit")
     caller_check_s: float = Field(default=2.0, gt=0, description="how often an engine replica checks that the "
                                   "ingress replicas it streams to are alive (a dead one's requests are cancelled)")
+    rebalance_after_s: float = Field(default=1.0, ge=0, description="queue rebalancing: once a request has waited "
+                                     "this long for its first token, waiting requests that never started move from "
+                                     "replicas with a queue to replicas with free slots "
+                                     "(integrations/serve_rebalance.py); 0 turns it off")
 
     @field_validator("model_name")
     @classmethod

@@ -26,7 +26,9 @@ was sent, is forgotten then).
 Rendezvous hashing needs no shared state: every process holding a handle (each ingress replica, the
 proxy) maps a key to the same engine replica without a lookup actor, and adding or removing a replica
 moves only the keys that replica wins or held. Calls with a `replica=` keyword (the service-wide
-/metrics fan-out, integrations/service_metrics.py) go to exactly that replica.
+/metrics fan-out, integrations/service_metrics.py; queue rebalancing's load and release calls) go to
+exactly that replica; a call with `prefer=` (a request moved by queue rebalancing,
+integrations/serve_rebalance.py) goes to that replica first, and past it (gone, or full) to the others.
 
 policy "power_of_two" is Ray Serve's default behaviour (with bursts counted as above), kept so the two
 can be compared in one run (bench/cluster_editor.py). docs/cluster.md says why this is not ray.serve.llm.PrefixCacheAffinityRouter.
@@ -132,7 +134,14 @@ class EngineRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             # Ray Serve retries a refused choice at once unless told to back off (its locality step sets
             # this too); without it a full or vanished target would be retried in a busy loop.
             pending_request.routing_context.should_backoff = True
-        target = pending_request.kwargs.get("replica") if pending_request is not None else None
+        kwargs = pending_request.kwargs if pending_request is not None else {}
+        target, preferred = kwargs.get("replica"), kwargs.get("prefer")
+        if preferred is not None:  # moved by queue rebalancing (serve_rebalance.py): there first, else as usual
+            first = [r for r in candidate_replicas if r.replica_id.unique_id == preferred]
+            if first:
+                self._decisions["moved"] += 1
+                self._note_chosen(first[0])
+                return [first, [r for r in candidate_replicas if r is not first[0]]]
         if target is not None:
             self._decisions["targeted"] += 1
             chosen = [r for r in candidate_replicas if r.replica_id.unique_id == target]

@@ -23,7 +23,7 @@ import contextvars
 import dataclasses
 import functools
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Collection
 
 import structlog
 
@@ -200,6 +200,27 @@ class Engine:
         req = self._requests.get(request_id)
         if req is not None:
             self._finish(req, FinishReason.CANCELLED)
+
+    def movable(self, keep: Collection[str] = ()) -> list[Request]:
+        """The waiting requests another replica could run instead of this engine, in the order they would
+        start here (Request.rank_key): never started (no output, no KV, not preempted), not the server's
+        own (GenerationRequest.internal), not in `keep` (ids moved here once already)."""
+        return sorted((req for req in self.scheduler.waiting
+                       if req.status is RequestStatus.WAITING and req.preemptions == 0 and req.decoder is None
+                       and not req.in_flight and not req.spec.internal and req.id not in keep),
+                      key=Request.rank_key)
+
+    def release_waiting(self, limit: int, keep: Collection[str] = ()) -> list[str]:
+        """Take up to `limit` of `movable(keep)` out of the queue, first to start first, for another
+        replica to run now (queue rebalancing, integrations/serve_rebalance.py). Each one's stream ends at
+        once with finish_reason CANCELLED and no text; it is counted in refusion_requests_moved_total, not
+        as finished or cancelled, and its prompt tokens count where it starts. Returns their ids."""
+        moved = self.movable(keep)[:max(0, limit)]
+        for req in moved:
+            self._finish(req, FinishReason.CANCELLED, counted=False)
+            self.metrics.moved.inc()
+            log.info("moved", request_id=req.id, waited_s=round(time.monotonic() - req.arrival_s, 3))
+        return [req.id for req in moved]
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new requests, let running ones finish for up to drain_timeout_s, cancel the rest,
@@ -618,10 +639,11 @@ class Engine:
             self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def _finish(self, req: Request, reason: FinishReason, error: str | None = None,
-                error_field: str | None = None) -> None:
-        """Close a request: final delta (held-back text flushed), KV freed, metrics. Text it absorbed but
-        has not streamed yet (`_defer_stream`) goes first; when that text holds a stop string, the
-        request ends there, with STOP."""
+                error_field: str | None = None, counted: bool = True) -> None:
+        """Close a request: final delta (held-back text flushed), KV freed, metrics (unless not
+        `counted`: a request moved to another replica). Text it absorbed but has not streamed yet
+        (`_defer_stream`) goes first; when that text holds a stop string, the request ends there, with
+        STOP."""
         if req.finished:
             return
         if req.id in self._unstreamed:
@@ -641,7 +663,7 @@ class Engine:
         self._requests.pop(req.id, None)
         self._ids.discard(req.id)
         self._send(req, update, now, finished=True)
-        if not req.spec.internal:
+        if counted and not req.spec.internal:
             self.metrics.observe_finish(req, now)
             log.info("finished", request_id=req.id, reason=reason.value, error=error, modes=req.mode_history,
                      tokens=req.generated_tokens(), forwards=req.forwards())
@@ -755,7 +777,5 @@ class Engine:
         req.grammar = grammar
         self._requests[req.id] = req
         self._ids.add(req.id)
-        if not spec.internal:  # an infill's suffix is prompt too: the engine prefills it after the gap
-            self.metrics.prompt_tokens.inc(len(spec.prompt_ids) + len(spec.suffix_ids or ()))
         self._wake.set()
         return req

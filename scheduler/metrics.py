@@ -53,7 +53,10 @@ class EngineMetrics:
         self._prefix_counted = (0, 0)
         self.tpf = Histogram(f"{p}_tokens_per_forward", "Generated tokens / forwards of finished requests.", ["mode"], buckets=_TPF_BUCKETS, registry=r)
         self.mode_decisions = Counter(f"{p}_mode_decisions", "Routing decisions by mode and reason.", ["mode", "reason"], registry=r)
-        self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens admitted.", registry=r)
+        self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens of requests started (counted at a "
+                                     "request's first start).", registry=r)
+        self.moved = Counter(f"{p}_requests_moved", "Waiting requests released to start on another replica "
+                             "(queue rebalancing); counted neither as finished nor as cancelled.", registry=r)
         self.generation_tokens = Counter(f"{p}_generation_tokens", "Generated tokens streamed.", registry=r)
         self.finished = Counter(f"{p}_requests_finished", "Finished requests by reason.", ["reason"], registry=r)
         self.rejected = Counter(f"{p}_requests_rejected", "Requests refused at submit by reason.", ["reason"], registry=r)

@@ -874,6 +874,8 @@ class Scheduler:
             self.router.admitted(route_key, decision)  # (for its repeats: decided now, started now)
         if not req.spec.internal and not rerun:
             self.metrics.queue_time.observe(req.started_s - req.arrival_s)
+            # an infill's suffix is prompt too: the engine prefills it after the gap
+            self.metrics.prompt_tokens.inc(len(spec.prompt_ids) + len(spec.suffix_ids or ()))
         self.record_decision(req, decision, "route", count=not rerun, rerun=rerun)
         return True
 

@@ -98,11 +98,13 @@ class Cluster:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def app_config(self, deployments: list[dict] | None = None, **engine_deployment) -> dict:
+    def app_config(self, deployments: list[dict] | None = None, engine: dict | None = None, args: dict | None = None,
+                   **engine_deployment) -> dict:
         """A Serve config file (the shape of config/serve.yaml) for this cluster: the proxy on the head
         only (both nodes share one host and one port), the ingress pinned to the head node, one CPU per
         engine replica. `deployments`: Ray's per-deployment overrides (replica counts, as
-        config/serve.yaml sets them)."""
+        config/serve.yaml sets them); `engine`: EngineConfig settings over the ones below; `args`: other
+        ServeConfig settings."""
         # Health probes are real one-token requests: rare here, so per-replica request counts move only
         # with the tests' own traffic (node loss is noticed from the actor's death, not from probes).
         deployment = {"num_cpus": 1, "torch_threads": 1, "health_check_period_s": 600, "health_check_timeout_s": 30,
@@ -115,11 +117,13 @@ class Cluster:
                 "args": {
                     "model": str(self.model_dir),
                     "runner": {"num_blocks": 1024},
-                    "engine": {"max_running": 16, "max_queue": 64, "token_budget": 256, "routing": {"calibrate": False}},
+                    "engine": {"max_running": 16, "max_queue": 64, "token_budget": 256, "routing": {"calibrate": False},
+                               **(engine or {})},
                     "engine_deployment": deployment,
                     "ingress": {"resources": {"refusion_head": 0.01}},
                     "drain_timeout_s": 50,
                     "health_probe_timeout_s": 20,
+                    **(args or {}),
                 },
                 **({"deployments": deployments} if deployments else {}),
             }],

@@ -190,6 +190,42 @@ async def test_autoscaling_scales_up_under_a_ramp_and_drains_on_scale_down(clust
         assert result["finish_reason"] == "length", result  # none cut: each ran to max_tokens
 
 
+async def test_a_queue_moves_to_a_replica_with_free_slots(cluster):
+    """Queue rebalancing (integrations/serve_rebalance.py). One running slot per replica and strict
+    affinity: a long stream holds replica A's slot and three short requests of the same conversation
+    queue behind it there, while B idles (before rebalancing they waited out the long stream: a
+    replica added by the autoscaler served nothing for 190 s while 28 requests waited in the first,
+    helper-144). They move to B and finish there while the long stream still runs on A."""
+    placed = deploy(cluster, 2, num_replicas=2, router={"imbalanced_threshold": 1000}, engine={"max_running": 1},
+                    args={"rebalance_after_s": 0.2})
+    live = sorted(placed)
+    source, target = live[0], live[1]
+    messages = conversations_on(source, live, 1)[0]
+    finished_before = per_replica(cluster.url, "refusion_requests_finished_total")
+    moved_before = per_replica(cluster.url, "refusion_requests_moved_total")
+    decisions_before = metrics(cluster.url).get(("refusion_router_decisions_total", (("decision", "moved"),)), 0)
+    started = asyncio.Event()
+    # (the context's whole length: 25 s here, the three moves 0.8 s)
+    long_stream = asyncio.create_task(stream_completion(cluster.url, 4000, messages=messages, started=started))
+    try:
+        await asyncio.wait_for(started.wait(), 120)
+        shorts = await asyncio.wait_for(asyncio.gather(*(stream_completion(cluster.url, 8, messages=messages)
+                                                         for _ in range(3))), 240)
+        assert not long_stream.done(), long_stream.result()  # they did not wait for it
+        for result in shorts:
+            assert result["status"] == 200 and result["error"] is None and result["finish_reason"] == "length", result
+        finished = per_replica(cluster.url, "refusion_requests_finished_total")
+        assert finished.get(target, 0) - finished_before.get(target, 0) == 3, (finished_before, finished)
+        assert finished.get(source, 0) - finished_before.get(source, 0) == 0  # (the long stream still runs)
+        moved = per_replica(cluster.url, "refusion_requests_moved_total")
+        assert (moved[source] - moved_before.get(source, 0), moved[target] - moved_before.get(target, 0)) == (3, 0)
+        decisions = metrics(cluster.url)[("refusion_router_decisions_total", (("decision", "moved"),))]
+        assert decisions - decisions_before == 3  # each sent again once, to B
+    finally:
+        long_stream.cancel()
+        await asyncio.gather(long_stream, return_exceptions=True)
+
+
 async def test_a_replica_count_change_rescales_in_place(cluster):
     """config/serve.yaml keeps the replica count in Ray's `deployments:` section: `serve deploy` with a new
     count rescales the running application (a change under `args` would be a new version, replacing

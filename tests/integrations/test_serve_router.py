@@ -147,3 +147,22 @@ async def test_a_choice_never_sent_stops_counting_after_the_ttl():
     assert preferred not in await first_choice()  # 3 unsent above the other's 0: the guard trips
     now[0] += UNSENT_TTL_S + 0.5
     assert await first_choice() == [preferred]  # forgotten: affinity again
+
+
+async def test_a_moved_request_goes_to_the_replica_it_was_released_to_first():
+    """Queue rebalancing (integrations/serve_rebalance.py) sends a released request again with
+    `prefer=`: that replica first, whatever its key prefers; the others after it (Ray tries them when
+    it refuses); a preferred replica that is gone leaves the usual choice."""
+    router, _ = _router({"x": 0, "y": 0})
+    req = _req([1, 2, 3], key="editor:file:///a.py")
+
+    async def groups(**kwargs) -> list[list[str]]:
+        chosen = await router.choose_replicas(router._replicas_list, PendingRequest(
+            args=[req], kwargs=kwargs, metadata=RequestMetadata(request_id="r", internal_request_id="i")))
+        return [[r.replica_id.unique_id for r in group] for group in chosen]
+
+    usual = (await groups())[0][0]
+    other = "y" if usual == "x" else "x"
+    assert await groups(prefer=other) == [[other], [usual]]
+    assert (await groups(prefer="gone"))[0] == [usual]
+    assert router._decisions["moved"] == 1

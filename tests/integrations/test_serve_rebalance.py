@@ -1,0 +1,74 @@
+"""Queue rebalancing's plan and round (integrations/serve_rebalance.py) over stand-in replicas: which
+replica releases how many to which. tests/cluster moves real requests between real engine replicas."""
+
+from __future__ import annotations
+
+import asyncio
+
+from integrations.serve_rebalance import Move, Rebalancer, ReplicaLoad, plan_moves
+
+
+def test_free_slots_take_from_the_longest_movable_queue_first():
+    loads = [ReplicaLoad("busy", 0, 5), ReplicaLoad("idle", 3, 0), ReplicaLoad("some", 0, 1), ReplicaLoad("half", 2, 0)]
+    assert plan_moves(loads) == [Move("busy", "idle", 3), Move("busy", "half", 2)]
+    assert plan_moves([ReplicaLoad("a", 0, 1), ReplicaLoad("b", 0, 1), ReplicaLoad("c", 4, 0)]) == \
+        [Move("a", "c", 1), Move("b", "c", 1)]
+
+
+def test_nothing_moves_without_both_a_queue_and_free_slots():
+    assert plan_moves([ReplicaLoad("a", 0, 3), ReplicaLoad("b", 0, 2)]) == []  # everyone busy
+    assert plan_moves([ReplicaLoad("a", 2, 0), ReplicaLoad("b", 1, 0)]) == []  # no queue
+    assert plan_moves([ReplicaLoad("a", 1, 1)]) == []  # a replica never gives to itself
+    assert plan_moves([]) == []
+
+
+class Replicas:
+    """Stand-in replicas answering load() and release_waiting() as EngineDeployment does."""
+
+    def __init__(self, loads: dict[str, tuple[int, int]], unreachable=()):
+        self.loads, self.unreachable, self.calls = dict(loads), set(unreachable), []
+
+    async def call(self, method: str, replica: str, **kwargs):
+        self.calls.append((method, replica, kwargs))
+        if replica in self.unreachable:
+            raise ConnectionError(replica)
+        room, movable = self.loads[replica]
+        if method == "load":
+            return {"replica": replica, "room": room, "movable": movable}
+        released = min(kwargs["limit"], movable)
+        self.loads[replica] = (room, movable - released)
+        target = self.loads[kwargs["to"]]  # the moved requests take the receiver's slots
+        self.loads[kwargs["to"]] = (target[0] - released, target[1])
+        return released
+
+
+async def test_a_round_asks_every_replica_and_releases_on_the_givers():
+    replicas = Replicas({"a": (0, 4), "b": (2, 0), "c": (1, 0)}, unreachable={"d"})
+    rebalancer = Rebalancer(1.0, lambda: 5.0, lambda: ("a", "b", "c", "d"), replicas.call)
+    assert await rebalancer.round() == [Move("a", "b", 2), Move("a", "c", 1)]
+    assert replicas.loads == {"a": (0, 1), "b": (0, 0), "c": (0, 0)} and rebalancer.moved == 3
+    assert sorted(r for m, r, _ in replicas.calls if m == "load") == ["a", "b", "c", "d"]
+    assert [(r, k) for m, r, k in replicas.calls if m == "release_waiting"] == \
+        [("a", {"limit": 2, "to": "b"}), ("a", {"limit": 1, "to": "c"})]
+    assert await rebalancer.round() == []  # no free slot left anywhere
+
+
+async def test_the_loop_runs_rounds_only_while_a_stream_waits_and_there_are_two_replicas():
+    replicas = Replicas({"a": (0, 4), "b": (2, 0)})
+    waiting, live = [0.0], [("a", "b")]
+    rebalancer = Rebalancer(1.0, lambda: waiting[0], lambda: live[0], replicas.call, interval_s=0.01)
+    task = asyncio.create_task(rebalancer.run())
+    try:
+        for _ in range(5):
+            await asyncio.sleep(0.02)
+        assert replicas.calls == []  # nobody waited a second
+        live[0], waiting[0] = ("a",), 3.0
+        for _ in range(5):
+            await asyncio.sleep(0.02)
+        assert replicas.calls == []  # one replica: nowhere to move to
+        live[0] = ("a", "b")
+        while rebalancer.moved < 2:
+            await asyncio.sleep(0.01)
+        assert replicas.loads == {"a": (0, 2), "b": (0, 0)}
+    finally:
+        task.cancel()
