@@ -201,9 +201,16 @@ class TextStream:
         return index
 
     def _ids_covering(self, num_chars: int) -> int:
-        """The fewest ids whose text reaches num_chars characters of the text (used once, when a stop cuts
-        it; the healer is done by then: there is text)."""
+        """The fewest ids whose text holds the text's first num_chars characters (used once, when a stop
+        cuts it; the healer is done by then: there is text). A character split over byte tokens decodes
+        as U+FFFD until its last byte: the ids run through that byte (a stop string ending in "本", three
+        byte tokens, counted one). Should no prefix decode to the text itself (a tokenizer whose decode of
+        a prefix is no prefix of the text), the fewest ids whose text is as long."""
+        want, long_enough = self._text[:num_chars], None
         for k in range(self._sent_ids, len(self._ids) + 1):
-            if len(self._decode(self._ids[:k])) - self._healer.dropped >= num_chars:
-                return k
-        return len(self._ids)
+            text = self._decode(self._ids[:k])[self._healer.dropped:]
+            if len(text) >= num_chars:
+                if text[:num_chars] == want:
+                    return k
+                long_enough = k if long_enough is None else long_enough
+        return long_enough if long_enough is not None else len(self._ids)

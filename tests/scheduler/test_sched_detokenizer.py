@@ -124,6 +124,19 @@ def test_multibyte_characters_are_never_split(bpe_tokenizer):
     assert "".join(pieces) == text
 
 
+def test_a_stop_string_ending_in_a_multibyte_character_counts_all_its_byte_tokens(bpe_tokenizer):
+    """The ids run through the stop string's last byte (helper-150: "本" is three byte tokens, and the
+    first one decodes as U+FFFD, a character long: usage said 4 tokens for 6 generated)."""
+    ids = bpe_tokenizer.encode("日本語")
+    upto = next(k for k in range(1, len(ids) + 1) if bpe_tokenizer.decode(ids[:k]) == "日本")
+    assert len(bpe_tokenizer.decode(ids[:upto - 1])) == 2  # "日" and a U+FFFD: as long as "日本"
+    for steps in ([ids], [[i] for i in ids]):  # one step (ReFusion) or one id per step (AR)
+        stream = TextStream(bpe_tokenizer, stop=["本"])
+        updates = feed(stream, steps)
+        assert "".join(u.text for u in updates) == "日"
+        assert [t for u in updates for t in u.token_ids] == ids[:upto]
+
+
 # ---- token healing (GenerationRequest.healed) ----------------------------------------------------------
 
 class PieceTokenizer:
