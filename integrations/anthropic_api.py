@@ -180,12 +180,13 @@ class MessageTurn:
 
 
 def _partial_input(partial_json: str) -> dict:
-    """The object the start of a JSON object holds (strings cut inside kept as far as they go; jiter's
-    partial mode, the parser the anthropic SDK reads streamed partial_json with), {} when it holds none."""
+    """The object the start of a JSON object holds, as the anthropic SDK's stream accumulator reads the
+    streamed partial_json (jiter, partial_mode=True: a string cut inside is left out, with its key), so a
+    call cut short has the same input streamed or not; {} when it holds none."""
     import jiter
 
     try:
-        value = jiter.from_json(partial_json.encode(), partial_mode="trailing-strings") if partial_json.strip() else {}
+        value = jiter.from_json(partial_json.encode(), partial_mode=True) if partial_json.strip() else {}
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}

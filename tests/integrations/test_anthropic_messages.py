@@ -10,7 +10,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from integrations.anthropic_api import MessageTurn, error_event
+from integrations.anthropic_api import MessageTurn, _partial_input, error_event
 from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
 from integrations.chat_run import ChatRun
 from integrations.http_errors import APIError
@@ -304,3 +304,13 @@ def test_a_system_message_in_the_conversation_joins_its_blocks_as_the_top_level_
     chat = _request(system=blocks, messages=[{"role": "user", "content": "a"}, {"role": "system", "content": blocks},
                                              {"role": "user", "content": "b"}]).chat_request()
     assert chat.messages[0].content == chat.messages[2].content == "Be brief.\nUse Python."
+
+
+def test_a_call_cut_inside_a_string_has_the_input_the_sdk_stream_reads():
+    """The anthropic SDK's stream accumulator leaves out a string cut inside (jiter partial_mode=True):
+    the whole answer gave {"city": "al"} where the stream's final message had {} (helper-150)."""
+    assert _partial_input('{"city": "al') == {}
+    assert _partial_input('{"days": 3, "city": "Par') == {"days": 3}
+    assert _partial_input('{"days": 3, "city": "Paris"') == {"days": 3, "city": "Paris"}
+    assert _partial_input('{"tags": ["a", "b') == {"tags": ["a"]}
+    assert _partial_input("") == {} and _partial_input("[1") == {}
