@@ -546,11 +546,14 @@ async def test_backend_forgets_a_request_whose_send_failed_or_whose_caller_left(
     assert backend._pending == {}
 
 
-async def test_a_backend_that_never_answers_times_out_and_the_completion_is_cancelled():
+async def test_a_backend_that_never_answers_times_out_and_the_completion_is_cancelled(wait_until):
     """A server that keeps the connection open and never answers held an LSP request for as long as the
     socket lived (50 s, helper-125). With answer_timeout_s a completion fails with TimeoutError and is
     cancelled at the server; an unanswered `initialize` drops the connection, so the next call connects
-    again."""
+    again.
+
+    The short timeout bounds only the call the server never answers: each answered `initialize` is made
+    under a generous one, so a slow start on a loaded machine cannot fail the wrong call."""
     import msgpack
     import websockets
 
@@ -567,23 +570,23 @@ async def test_a_backend_that_never_answers_times_out_and_the_completion_is_canc
 
     async with websockets.serve(silent, "127.0.0.1", 0) as server:
         url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/editor"
-        backend = EditorBackend(url, answer_timeout_s=0.3)
+        backend = EditorBackend(url, connect_timeout_s=WAIT_S, answer_timeout_s=WAIT_S)
+        assert (await backend.limits()).max_inflight == 8  # connected and initialized
+        backend.answer_timeout_s = 0.3  # the completion is never answered: it times out however slow the machine
         with pytest.raises(asyncio.TimeoutError, match="no answer to complete"):
             await asyncio.wait_for(backend.complete({"uri": "u", "prefix": "x", "suffix": ""}), WAIT_S)
-        completion_id = next(i for i, (method, _) in enumerate(received) if method == "complete")
-        for _ in range(int(WAIT_S / 0.01)):  # the cancel is sent (shielded) as the call fails: it arrives next
-            if any(method == "cancel" for method, _ in received):
-                break
-            await asyncio.sleep(0.01)
+        # the cancel is sent (shielded) as the call fails; it follows the completion on the connection
+        await wait_until(lambda: any(method == "cancel" for method, _ in received), "the cancel to arrive")
         assert [method for method, _ in received] == ["initialize", "complete", "cancel"]
-        assert backend._pending == {} and received[completion_id][1]["uri"] == "u"
+        assert backend._pending == {} and received[1][1]["uri"] == "u"
         await backend.close()
         answer_initialize[0] = False
-        mute = EditorBackend(url, answer_timeout_s=0.3)
+        mute = EditorBackend(url, connect_timeout_s=WAIT_S, answer_timeout_s=0.3)  # `initialize` never answered
         with pytest.raises(asyncio.TimeoutError, match="no answer to initialize"):
             await asyncio.wait_for(mute.limits(), WAIT_S)
         assert mute._ws is None  # dropped: the next call connects again
         answer_initialize[0] = True
+        mute.answer_timeout_s = WAIT_S  # this `initialize` is answered: only a stall may fail it
         assert (await asyncio.wait_for(mute.limits(), WAIT_S)).max_inflight == 8
         await mute.close()
 
