@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sched_fakes import collect, serve_all
+from sched_fakes import ForwardGate, collect, serve_all
 from scheduler.api import FinishReason, GenerationRequest, Mode
 from scheduler.config import EngineConfig, RoutingConfig
 
@@ -118,42 +118,38 @@ async def test_text_absorbed_but_not_yet_streamed_is_sent_before_a_failed_step_e
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
 
 
-async def test_the_last_steps_text_is_sent_while_the_forward_is_inside_the_runner(runner):
+async def test_the_last_steps_text_is_sent_while_the_forward_is_inside_the_runner(runner, wait_until):
     # From the third on, each forward, inside runner.execute once its device work is queued
     # (notify_launched), waits for the engine to send text: with overlap the loop streams the previous
     # step's text right then (the first token's text goes out at once, for the time to first token). Serial
     # streaming sent it before the forward began, and so did streaming before the runner had launched
     # the step (which kept the thread from launching: it needs the GIL); either way nothing new comes.
     import threading
-    import time
 
     from scheduler.engine import Engine
 
     engine = Engine(runner, runner.tokenizer, EngineConfig(overlap_streaming=True, routing=RoutingConfig(calibrate=False)))
-    sent, lock = [0], threading.Lock()
+    sent, changed = [0], threading.Condition()  # tokens sent so far; notified at each send
     send, execute = engine._send, runner.execute
     during, gave_up = [], threading.Event()
 
     def counting_send(req, update, now, finished=False):
-        with lock:
+        with changed:
             sent[0] += len(update.token_ids)
+            changed.notify_all()
         send(req, update, now, finished)
 
     def waiting_execute(segments, tables):
-        with lock:
+        with changed:
             before = sent[0]
         results = execute(segments, tables)  # the launch hook fired in there
-        deadline = time.monotonic() + 5
-        # (the first forward, the prefill, has no text before it; the first token's text went out before
-        # the second forward began, for the time to first token)
-        while len(during) >= 2 and not gave_up.is_set():
-            with lock:
-                if sent[0] > before:
-                    break
-            if time.monotonic() > deadline:
-                gave_up.set()  # do not wait 5 s on every later forward
-            time.sleep(0.001)
-        with lock:
+        with changed:
+            # (the first forward, the prefill, has no text before it; the first token's text went out before
+            # the second forward began, for the time to first token). However slow the loop is to send, the
+            # forward waits for it: only a send that never comes fails, once (not on every later forward).
+            if len(during) >= 2 and not gave_up.is_set():
+                if not changed.wait_for(lambda: sent[0] > before, wait_until.timeout_s):
+                    gave_up.set()
             during.append(sent[0] - before)
         return results
 
@@ -231,7 +227,7 @@ async def test_a_deadline_passing_after_a_step_does_not_cut_that_steps_text(runn
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
 
 
-async def test_text_a_preempted_request_absorbed_is_sent_before_its_decoder_goes(runner):
+async def test_text_a_preempted_request_absorbed_is_sent_before_its_decoder_goes(runner, wait_until):
     # Found by a break-test: a request sent back to the queue lost the text of its last step (its
     # decoder, which held it, was dropped; the rerun would have streamed it again, but the request
     # ended while queued). Here a batch request is preempted by an interactive one after its 5th
@@ -243,30 +239,27 @@ async def test_text_a_preempted_request_absorbed_is_sent_before_its_decoder_goes
                                                            routing=RoutingConfig(calibrate=False)))
     batch = _request(runner, "batch")
     urgent = _request(runner, "urgent", PROMPTS[1], params={"ignore_eos": True}, priority=Priority.INTERACTIVE)
-    loop = asyncio.get_running_loop()
     urgent_deltas = []
 
     async def submit_urgent():
         async for delta in engine.submit(urgent):
             urgent_deltas.append(delta)
 
-    def arrive():  # in the worker thread, inside the batch request's 5th forward: admitted before it ends
-        loop.call_soon_threadsafe(lambda: tasks.append(asyncio.ensure_future(submit_urgent())))
-        deadline = time.monotonic() + 10
-        while "urgent" not in engine._requests and time.monotonic() < deadline:
-            time.sleep(0.001)
-
-    tasks = []
-    _hook_forward(runner, 5, arrive)
+    gate = ForwardGate(runner.execute, hold_from=4)  # the batch request's 5th forward waits for the urgent one
+    runner.execute = gate
     try:
         await engine.start()
         batch_task = asyncio.ensure_future(collect(engine, batch))
-        while not urgent_deltas:
-            await asyncio.sleep(0.005)
+        await wait_until(gate.entered.is_set, "the batch request's 5th forward")
+        urgent_task = asyncio.ensure_future(submit_urgent())
+        await wait_until(lambda: "urgent" in engine._requests, "the urgent request to be admitted")
+        gate.release()
+        await wait_until(lambda: urgent_deltas, "the urgent request's first text")
         await engine.stop(drain_timeout_s=0)
         deltas = await batch_task
-        await asyncio.gather(*tasks)
+        await urgent_task
     finally:
+        gate.release()
         del runner.execute
     [solo], _ = await _run(runner, [_request(runner, "solo")], overlap=False)
     generated = deltas[-1].stats["generated_tokens"]
@@ -281,7 +274,7 @@ def _preemptions(engine) -> float:
 
 
 @pytest.mark.parametrize("stopper", ["older", "younger"])
-async def test_a_request_stopping_in_deferred_text_frees_its_slot_without_a_preemption(runner, stopper):
+async def test_a_request_stopping_in_deferred_text_frees_its_slot_without_a_preemption(runner, stopper, wait_until):
     # Found by a second break-test: a running request whose stop string sat in deferred text still held
     # its running slot at the next schedule, so an arriving interactive request preempted another batch
     # request (the younger; or the stopping one itself, counted as a preemption though it then ended).
@@ -304,21 +297,19 @@ async def test_a_request_stopping_in_deferred_text_frees_its_slot_without_a_pree
         specs = [_request(runner, name, prompts[name], params={"ignore_eos": True},
                           stop=[stop] if name == stopper else []) for name in ("older", "younger")]
         urgent = _request(runner, "urgent", PROMPTS[2], priority=Priority.INTERACTIVE)
-        loop, tasks = asyncio.get_running_loop(), []
-
-        def arrive():  # inside forward j: admitted before the schedule that follows it
-            loop.call_soon_threadsafe(lambda: tasks.append(asyncio.ensure_future(collect(engine, urgent))))
-            deadline = time.monotonic() + 10
-            while "urgent" not in engine._requests and time.monotonic() < deadline:
-                time.sleep(0.001)
-
-        _hook_forward(runner, j, arrive)
+        gate = ForwardGate(runner.execute, hold_from=j - 1)  # forward j waits: admitted before the schedule after it
+        runner.execute = gate
         try:
             await engine.start()
-            results = await asyncio.gather(*[collect(engine, spec) for spec in specs])
-            await asyncio.gather(*tasks)
+            tasks = [asyncio.ensure_future(collect(engine, spec)) for spec in specs]
+            await wait_until(gate.entered.is_set, f"forward {j}")
+            tasks.append(asyncio.ensure_future(collect(engine, urgent)))
+            await wait_until(lambda: "urgent" in engine._requests, "the urgent request to be admitted")
+            gate.release()
+            *results, _ = await asyncio.gather(*tasks)
             await engine.stop()
         finally:
+            gate.release()
             del runner.execute
         assert engine.kv.pool().num_free == engine.kv.pool().num_total
         outputs[overlap] = [(_ids(d), d[-1].finish_reason, d[-1].stats["preemptions"]) for d in results]
