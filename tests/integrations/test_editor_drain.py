@@ -19,7 +19,7 @@ from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fi
 from integrations.editor import protocol as rpc
 from integrations.lsp.backend import EditorBackend
 from integrations.openai_api import APISettings, create_app
-from ports import free_port
+from ports import server_socket
 
 WAIT_S = 30.0
 
@@ -41,9 +41,10 @@ async def test_draining_closes_editor_sockets_with_1001_after_their_completions_
     fake = FakeEngineClient(bpe_tokenizer, default_text="total = a + b\n", hold=threading.Event())
     app = create_app(APISettings(model_name=fake.model_name), fake)
     gate = app.state.gate
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve())
+    sock = server_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:
             await asyncio.sleep(0.01)
@@ -93,3 +94,4 @@ async def test_draining_closes_editor_sockets_with_1001_after_their_completions_
     finally:
         server.should_exit = True
         await serving
+        sock.close()

@@ -22,7 +22,7 @@ from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fi
 from integrations.editor.document import LINE_BREAK
 from integrations.lsp.server import (_LSP_LINE, BridgeConfig, BridgeConfigError, LspTextDocument, answer_timeout_s,
                                     complete_params, cursor_context, position_at_offset, wants_multiline)
-from ports import free_port
+from ports import free_port, refused_port, server_socket
 
 DOC = "def area(r):\n    \n    return result\n"
 URI = "file:///tmp/area.py"
@@ -41,15 +41,16 @@ def scripted_backend(bpe_tokenizer, wait_until):  # noqa: F811
     app = FastAPI()
     app.state.engine_client = fake
     app.include_router(router)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = server_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_until.blocking(lambda: server.started, "uvicorn to start")
     yield f"ws://127.0.0.1:{port}/v1/editor", fake
     server.should_exit = True
     thread.join(10)
+    sock.close()
 
 
 async def spawn_bridge(url: str) -> LanguageClient:
@@ -476,26 +477,27 @@ async def test_unopened_document_and_cursor_past_the_line_end(scripted_backend):
 
 
 async def test_unreachable_backend_is_an_lsp_error_not_an_empty_answer():
-    with pytest.raises(Exception, match="unreachable"):
-        await lsp_round_trip(f"ws://127.0.0.1:{free_port()}/v1/editor")
+    with refused_port() as port, pytest.raises(Exception, match="unreachable"):
+        await lsp_round_trip(f"ws://127.0.0.1:{port}/v1/editor")
 
 
 async def test_an_answered_error_is_one_line_in_the_log_not_a_traceback(tmp_path):
     """The server's stderr is the editor's LSP log: pygls wrote a full traceback there for each error the
     bridge answers on purpose (a backend that is down; a break-test's finding)."""
-    lsp = await RawLsp.start(f"ws://127.0.0.1:{free_port()}/v1/editor", tmp_path)
-    try:
-        assert "capabilities" in (await lsp.request(1, "initialize", {"capabilities": {}}))["result"]
-        lsp.notify("initialized", {})
-        lsp.notify("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "python", "version": 1,
-                                                             "text": DOC}})
-        answer = await lsp.request(2, "textDocument/inlineCompletion", raw_inline_params())
-        assert answer["error"]["code"] == -32603 and "unreachable" in answer["error"]["message"]
-        assert await lsp.request(3, "shutdown") == {"jsonrpc": "2.0", "id": 3, "result": None}
-        lsp.notify("exit")
-        assert await lsp.exit_code() == 0
-    finally:
-        await lsp.close()
+    with refused_port() as port:
+        lsp = await RawLsp.start(f"ws://127.0.0.1:{port}/v1/editor", tmp_path)
+        try:
+            assert "capabilities" in (await lsp.request(1, "initialize", {"capabilities": {}}))["result"]
+            lsp.notify("initialized", {})
+            lsp.notify("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "python", "version": 1,
+                                                                 "text": DOC}})
+            answer = await lsp.request(2, "textDocument/inlineCompletion", raw_inline_params())
+            assert answer["error"]["code"] == -32603 and "unreachable" in answer["error"]["message"]
+            assert await lsp.request(3, "shutdown") == {"jsonrpc": "2.0", "id": 3, "result": None}
+            lsp.notify("exit")
+            assert await lsp.exit_code() == 0
+        finally:
+            await lsp.close()
     log = lsp.stderr()
     assert "Traceback" not in log and "answered JsonRpcInternalError (-32603): refusion backend unreachable" in log, log
 
