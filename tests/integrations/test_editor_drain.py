@@ -33,7 +33,7 @@ async def _frames_until_closed(ws) -> tuple[list, int]:
     return frames, closed.value.rcvd.code if closed.value.rcvd else None
 
 
-async def test_draining_closes_editor_sockets_with_1001_after_their_completions_answer(bpe_tokenizer):  # noqa: F811
+async def test_draining_closes_editor_sockets_with_1001_after_their_completions_answer(bpe_tokenizer, wait_until):  # noqa: F811
     import threading
 
     import uvicorn
@@ -46,14 +46,12 @@ async def test_draining_closes_editor_sockets_with_1001_after_their_completions_
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        while not server.started:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: server.started, "uvicorn to start")
         url = f"ws://127.0.0.1:{port}/v1/editor"
         async with websockets.connect(url) as idle, websockets.connect(url) as busy:
             await busy.send(rpc.encode_request(1, "complete", {"uri": "file:///a.py", "prefix": "def add(a, b):\n    ",
                                                                "multiline": False}))
-            while not fake.requests:  # the completion reached the engine and is held there
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: fake.requests, "the completion to reach the engine")  # held there
             assert gate.open_work == 2
             gate.start_draining()
             idle_frames, idle_code = await _frames_until_closed(idle)
@@ -86,11 +84,7 @@ async def test_draining_closes_editor_sockets_with_1001_after_their_completions_
         assert results[0][3]["text"].startswith("total = a + b")
         # every engine request ended (a single-line completion stops its engine request at the newline)
         assert sorted(fake.completed + fake.cancelled) == sorted(r.request_id for r in fake.requests)
-        for _ in range(200):  # the routes return just after their close frames
-            if gate.open_work == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert gate.open_work == 0
+        await wait_until(lambda: gate.open_work == 0, "the routes to return")  # just after their close frames
     finally:
         server.should_exit = True
         await serving
