@@ -117,11 +117,14 @@ class Progress:
 
     def __init__(self):
         self.requests = self.written = self.failed = self.completion_tokens = 0
-        self.started = time.monotonic()  # reset when answering starts (the model loaded)
+        self.started: float | None = None  # set when answering starts (the model loaded)
         self.finished: float | None = None
 
     def seconds(self) -> float:
-        """Answering time so far (or in all, once finished), model loading excluded."""
+        """Answering time so far (or in all, once finished), model loading excluded: 0 before answering
+        starts (a run stopped while the model loads)."""
+        if self.started is None:
+            return 0.0
         return (self.finished or time.monotonic()) - self.started
 
     def add(self, result: dict) -> None:

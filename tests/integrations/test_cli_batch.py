@@ -255,3 +255,18 @@ def test_an_output_that_cannot_be_written_is_one_line_on_stderr(tmp_path, tiny_m
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "--output-file: cannot write /dev/full: No space left on device; stopped:" in proc.stderr
+
+
+def test_the_summary_counts_answering_time_only(monkeypatch):
+    """A run stopped while the model loads answered for 0 s (it said "0 tokens generated in 5.3 s",
+    the load's time, though the summary excludes it; helper-149)."""
+    import integrations.cli_batch as cli_batch
+
+    from types import SimpleNamespace
+
+    clock = iter(range(0, 1000, 5))
+    monkeypatch.setattr(cli_batch, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+    progress = cli_batch.Progress()  # (the model loads now)
+    assert progress.seconds() == 0.0 and progress.summary().endswith("in 0.0 s")
+    progress.started = cli_batch.time.monotonic()
+    assert progress.seconds() == 5.0

@@ -1,0 +1,187 @@
+"""Queue rebalancing on and off: a burst that queues on one of two CPU engine replicas, in one run.
+
+A burst of `--requests` streamed greedy AR completions (`--max-tokens` each) shares one prompt head, so
+the prefix-affinity router prefers one engine replica for all of them. With `--threshold` 1000 (strict
+affinity: the hot-key case, and the shape of a burst that arrived before the autoscaler's second
+replica was up) every request goes to that replica, which runs `--max-running` at once and queues the
+rest while the other replica idles; with the default 2 the router's load guard already spreads the
+burst at arrival. For each (threshold, rebalance_after_s) pair the app is deployed afresh (2 engine
+replicas x 1 torch thread on local Ray, num_cpus 2) and deleted afterwards. Measured at the client:
+burst makespan, per-request time to first token and end-to-end latency; from /metrics: engine requests
+finished per replica and requests moved (integrations/serve_rebalance.py).
+
+    OMP_NUM_THREADS=1 python bench/rebalance.py                  # 4 deployments, a few minutes on 2 cores
+    OMP_NUM_THREADS=1 python bench/rebalance.py --append docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bench_args import model_dir, positive_floats, positive_int  # noqa: E402
+from bench.cluster_editor import RAY_SERVE_ENV  # noqa: E402
+from bench.editor_latency import pct  # noqa: E402
+
+PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "  # one prompt head: one affinity key
+
+
+async def one_request(http, url: str, max_tokens: int, start: float) -> dict:
+    """One streamed completion; {"ttft_s", "e2e_s", "status", "finish_reason"} from `start`."""
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0, "mode": "ar",
+            "stream": True}
+    out = {"ttft_s": None, "e2e_s": None, "status": None, "finish_reason": None}
+    async with http.stream("POST", url + "/v1/completions", json=body) as response:
+        out["status"] = response.status_code
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if out["ttft_s"] is None and chunk.get("choices"):
+                out["ttft_s"] = time.perf_counter() - start
+            for choice in chunk.get("choices", []):
+                out["finish_reason"] = choice.get("finish_reason") or out["finish_reason"]
+    out["e2e_s"] = time.perf_counter() - start
+    return out
+
+
+async def burst(url: str, args) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=args.timeout_s) as http:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_request(http, url, args.max_tokens, start) for _ in range(args.requests)),
+                                       return_exceptions=True)
+    good = [r for r in results if isinstance(r, dict) and r["status"] == 200 and r["finish_reason"] == "length"]
+    return {"makespan_s": max((r["e2e_s"] for r in good), default=float("nan")), "ttft": [r["ttft_s"] for r in good if r["ttft_s"]],
+            "e2e": [r["e2e_s"] for r in good], "failures": len(results) - len(good)}
+
+
+def scrape(url: str) -> dict:
+    """Per-replica finished and moved request counts from the service's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    out = {"finished": {}, "moved": 0.0}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "refusion_requests_finished_total" and "replica" in s.labels:
+                out["finished"][s.labels["replica"]] = out["finished"].get(s.labels["replica"], 0.0) + s.value
+            elif s.name == "refusion_requests_moved_total" and "replica" in s.labels:
+                out["moved"] += s.value
+    return out
+
+
+def measure(url: str, threshold: float, rebalance_after_s: float, args) -> dict:
+    """Deploy a fresh app with these settings, run the burst, delete the app; one table row."""
+    from ray import serve
+
+    from integrations.serve_app import build_app
+
+    config = {"model": str(args.model), "runner": {"num_blocks": args.num_blocks}, "drain_timeout_s": 2.0,
+              "engine": {"max_running": args.max_running, "max_queue": args.requests, "routing": {"calibrate": False}},
+              "rebalance_after_s": rebalance_after_s,
+              "engine_deployment": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1, "health_check_period_s": 30,
+                                    "graceful_shutdown_timeout_s": 5, "router": {"imbalanced_threshold": threshold}}}
+    serve.run(build_app(config), name="refusion", route_prefix="/")  # returns once every replica is up
+    try:
+        before = scrape(url)
+        row = asyncio.run(burst(url, args))
+        after = scrape(url)
+    finally:
+        serve.delete("refusion")
+    split = sorted((after["finished"].get(r, 0) - before["finished"].get(r, 0) for r in after["finished"]), reverse=True)
+    row.update(threshold=threshold, rebalance_after_s=rebalance_after_s, split=[int(n) for n in split],
+               moved=int(after["moved"] - before["moved"]))
+    print(f"threshold {threshold:g}, rebalance_after_s {rebalance_after_s:g}: makespan {row['makespan_s']:.2f} s, "
+          f"split {row['split']}, moved {row['moved']}", flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| imbalanced_threshold | rebalance_after_s | burst makespan s | TTFT p50 / p95 s | e2e p50 / p95 s | "
+             "requests per replica | moved | failures |", "|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['threshold']:g} | {r['rebalance_after_s']:g}{' (off)' if not r['rebalance_after_s'] else ''} | "
+                     f"{r['makespan_s']:.2f} | {pct(r['ttft'], 50):.2f} / {pct(r['ttft'], 95):.2f} | "
+                     f"{pct(r['e2e'], 50):.2f} / {pct(r['e2e'], 95):.2f} | {' / '.join(map(str, r['split']))} | "
+                     f"{r['moved']} | {r['failures']} |")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], args, argv: list[str]) -> str:
+    import torch
+
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    return "\n".join([
+        f"### Queue rebalancing: a burst on one replica's key ({datetime.date.today().isoformat()})",
+        "",
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
+        f"{torch.__version__}, no GPU; local Ray (num_cpus 2), 2 engine replicas x 1 torch thread, max_running "
+        f"{args.max_running} each. Model `{Path(args.model).name}`.",
+        f"Command: `{threads}{shlex.join(['python', 'bench/rebalance.py', *argv])}`",
+        "",
+        f"Workload: {args.requests} streamed greedy AR completions of exactly {args.max_tokens} tokens sent at once, "
+        "one prompt head (one affinity key). Latencies at the client from the burst's start.",
+        "",
+        table(rows),
+    ])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=model_dir, default=REPO / "models" / "refusion-tiny-code")
+    parser.add_argument("--requests", type=positive_int, default=24)
+    parser.add_argument("--max-tokens", type=positive_int, default=96)
+    parser.add_argument("--max-running", type=positive_int, default=4, help="engine max_running per replica")
+    parser.add_argument("--thresholds", type=positive_floats, default=[1000.0, 2.0],
+                        help="router imbalanced_threshold values (comma-separated)")
+    parser.add_argument("--rebalance-after-s", type=float, default=1.0, help="the setting measured against 0 (off)")
+    parser.add_argument("--num-blocks", type=positive_int, default=512, help="KV blocks per replica (16 tokens each)")
+    parser.add_argument("--timeout-s", type=float, default=300.0)
+    parser.add_argument("--append", default=None, help="append the dated section to this markdown file")
+    args = parser.parse_args()
+    if not 0 < args.rebalance_after_s < float("inf"):
+        parser.error("--rebalance-after-s: give a positive number of seconds (it is compared with 0, off)")
+    os.environ.update(RAY_SERVE_ENV)
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=100 * 1024 * 1024, configure_logging=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        rows = [measure(url, threshold, after, args) for threshold in args.thresholds
+                for after in (0.0, args.rebalance_after_s)]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    text = report(rows, args, sys.argv[1:])
+    print(text)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write("\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
