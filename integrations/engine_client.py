@@ -319,7 +319,7 @@ class ServeEngineClient:
         responses = call_alone(lambda: self._streaming.generate.remote(req, caller=self._caller))
         self._inflight[req.request_id] = responses
         self._inflight_ids.add(req.request_id)
-        sent_s = self._unanswered[req.request_id] = time.monotonic()
+        sent_s = self._unanswered[req.request_id] = time.monotonic()  # (when this call was made)
         finished, moves = False, 0
         try:
             while True:
@@ -327,8 +327,11 @@ class ServeEngineClient:
                     self._unanswered.pop(req.request_id, None)
                     if isinstance(item, EngineFailure):
                         finished = True  # nothing runs in the engine for this request
-                        if item.kind == "moved" and moves < MAX_MOVES:
-                            break
+                        if item.kind == "moved":
+                            if moves < MAX_MOVES:
+                                break
+                            raise OverloadedError("the engine replicas kept passing this request on: retry "
+                                                  f"in {REPLICA_RETRY_AFTER_S:g} s", REPLICA_RETRY_AFTER_S)
                         raise item.to_exception()
                     finished = finished or item.finished
                     yield item
@@ -336,13 +339,12 @@ class ServeEngineClient:
                         return
                 else:  # the call ended without a last delta: nothing more comes
                     return
-                # released by its replica before it started: send it to the replica named (serve_router's prefer),
-                # with what is left of its max_time_ms (the engine counts it from its arrival there)
+                # released by its replica before it started: send it to the replica named (serve_router's
+                # prefer), with the time it waited (its arrival, max_time_ms and TTFT count from the first)
                 moves += 1
                 finished = False
-                if req.max_time_ms is not None:
-                    left_ms = req.max_time_ms - int((time.monotonic() - sent_s) * 1000)
-                    req = replace(req, max_time_ms=max(1, left_ms))
+                req = replace(req, waited_s=req.waited_s + time.monotonic() - sent_s)
+                sent_s = time.monotonic()
                 responses = call_alone(lambda: self._streaming.generate.remote(req, caller=self._caller,
                                                                                prefer=item.replica))
                 self._inflight[req.request_id] = responses

@@ -143,10 +143,10 @@ class EngineDeployment:
                        prefer: str | None = None) -> AsyncIterator[Delta | EngineFailure]:
         """Stream the request's deltas (merged when several are ready at once). Cancelling this call
         (client gone) cancels the request in the engine, and so does the death of `caller` (the calling
-        ingress replica's Ray actor name; `_cancel_orphans`). `prefer`: set (to this replica's id) on a
-        request moved here by queue rebalancing, which is then not moved again. A request released to
-        another replica (`release_waiting`) ends with EngineFailure("moved", replica=that one) and
-        nothing before it."""
+        ingress replica's Ray actor name; `_cancel_orphans`). `prefer`: set on a request moved by queue
+        rebalancing (the replica it was released to; the router sends it elsewhere only when that one is
+        gone or full), which is then not moved again. A request released to another replica
+        (`release_waiting`) ends with EngineFailure("moved", replica=that one) and nothing before it."""
         if self.draining:
             yield EngineFailure("shutting_down", f"the server is shutting down: retry in {DRAIN_RETRY_AFTER_S:g} s",
                                 retry_after_s=DRAIN_RETRY_AFTER_S)
@@ -154,7 +154,8 @@ class EngineDeployment:
         finished = False
         if caller:
             self._callers.add(caller, req.request_id)
-        if prefer is not None:
+        moved_in = prefer is not None and req.request_id not in self._moved_in
+        if moved_in:
             self._moved_in.add(req.request_id)
         try:
             async for delta in coalesce_deltas(self.client.stream(req)):
@@ -172,23 +173,27 @@ class EngineDeployment:
                 self.cancelled += 1
             if caller:
                 self._callers.discard(caller, req.request_id)
-            self._moved_in.discard(req.request_id)
-            self._moving.pop(req.request_id, None)
+            if moved_in:  # (what this call added only: a refused call with a running request's id leaves its entries)
+                self._moved_in.discard(req.request_id)
+            if not finished:  # released, but the caller went before it read the end
+                self._moving.pop(req.request_id, None)
 
     async def load(self, replica: str | None = None) -> dict:
         """Queue rebalancing's view of this replica (integrations/serve_rebalance.ReplicaLoad): free
-        running slots (max_running - running - waiting; 0 while draining) and the waiting requests it
-        may release. `replica`: the id the router delivered the call by."""
-        engine = self.engine
-        busy = len(engine.scheduler.running) + len(engine.scheduler.waiting)
-        room = 0 if self.draining or engine.stopping else max(0, engine.config.max_running - busy)
-        return {"replica": self.replica, "room": room, "movable": len(engine.movable(keep=self._moved_in))}
+        running slots (max_running - running - waiting) and the waiting requests it may release
+        (Engine.movable: never started, past the ones its own free slots start; so a replica is never
+        both); neither while draining. `replica`: the id the router delivered the call by."""
+        if self.draining or self.engine.stopping:
+            return {"replica": self.replica, "room": 0, "movable": 0}
+        busy = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
+        return {"replica": self.replica, "room": max(0, self.engine.config.max_running - busy),
+                "movable": len(self.engine.movable(keep=self._moved_in))}
 
     async def release_waiting(self, limit: int, to: str, replica: str | None = None) -> int:
         """End up to `limit` waiting requests that never started (scheduler.engine.Engine.release_waiting)
         for replica `to` to run: their calls end with EngineFailure("moved", replica=to), which the
         ingress streaming each one sends there. Returns how many."""
-        if self.draining or to == self.replica:
+        if self.draining or self.engine.stopping or to == self.replica:
             return 0
         released = self.engine.release_waiting(limit, keep=self._moved_in)
         for request_id in released:  # before the generator reads the final delta (no await in between)

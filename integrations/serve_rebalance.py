@@ -32,13 +32,15 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-LOAD_TIMEOUT_S = 2.0  # a replica that does not answer its load() in this long is left out of the round
+CALL_TIMEOUT_S = 2.0  # a replica that does not answer load() or release_waiting() in this long is left out
 
 
 @dataclass(frozen=True)
 class ReplicaLoad:
     """One engine replica's answer to `load()`: `room` free running slots (max_running - running -
-    waiting, at least 0; 0 while draining), `movable` waiting requests it may release."""
+    waiting, at least 0), `movable` waiting requests it may release (never started, and only those past
+    its running slots: running + waiting - max_running at most); both 0 while it drains. So a replica
+    with free slots has nothing movable."""
 
     replica: str
     room: int
@@ -56,8 +58,8 @@ class Move:
 
 def plan_moves(loads: list[ReplicaLoad]) -> list[Move]:
     """Pair replicas with free slots with replicas holding movable requests: the most free slots take
-    from the most movable requests first, each move as large as both allow. A replica is never both
-    (free slots mean its queue is empty). Deterministic: ties go by replica id."""
+    from the most movable requests first, each move as large as both allow (a replica is never both:
+    ReplicaLoad). Deterministic: ties go by replica id."""
     takers = sorted(((l.room, l.replica) for l in loads if l.room > 0 and l.movable == 0), key=lambda t: (-t[0], t[1]))
     givers = sorted(([l.movable, l.replica] for l in loads if l.movable > 0), key=lambda t: (-t[0], t[1]))
     moves = []
@@ -86,10 +88,12 @@ class Rebalancer:
         self.interval_s = interval_s if interval_s is not None else max(0.05, min(1.0, after_s / 2))
         self._waiting_s, self._replicas, self._call = waiting_s, replicas, call
         self.moved = 0  # requests released on this ingress's asking
+        self.ticks = 0  # times the loop has looked whether to run a round
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
+            self.ticks += 1
             try:
                 if self._waiting_s() >= self.after_s and len(self._replicas()) > 1:
                     await self.round()
@@ -102,7 +106,7 @@ class Rebalancer:
         """Ask every live replica for its load, then have the givers release. Returns the moves made."""
         async def ask(replica: str) -> ReplicaLoad | None:
             try:
-                return ReplicaLoad(**await asyncio.wait_for(self._call("load", replica), LOAD_TIMEOUT_S))
+                return ReplicaLoad(**await asyncio.wait_for(self._call("load", replica), CALL_TIMEOUT_S))
             except Exception:  # noqa: BLE001 - unreachable or going away: not part of this round
                 return None
 
@@ -111,11 +115,15 @@ class Rebalancer:
         if not moves:
             return []
         started = time.monotonic()
-        released = await asyncio.gather(*(self._call("release_waiting", m.source, limit=m.count, to=m.target)
+        released = await asyncio.gather(*(asyncio.wait_for(self._call("release_waiting", m.source, limit=m.count,
+                                                                      to=m.target), CALL_TIMEOUT_S)
                                           for m in moves), return_exceptions=True)
         made = []
         for move, count in zip(moves, released):
-            if isinstance(count, int) and count > 0:
+            if isinstance(count, BaseException):
+                log.warning("queue rebalancing: replica %s did not release: %s", move.source,
+                            type(count).__name__ if isinstance(count, asyncio.TimeoutError) else count)
+            elif count > 0:
                 made.append(Move(move.source, move.target, count))
                 self.moved += count
                 log.info("queue rebalancing: %d waiting request(s) moved from replica %s to %s (%.3f s)",

@@ -123,6 +123,11 @@ class GenerationRequest:
     # request metrics, the prefix-cache hit rate, the router's estimates or the log (a probe every 10 s
     # would swamp an idle server's numbers).
     internal: bool = False
+    # Seconds it already waited in another engine replica's queue before that replica released it to this
+    # one (queue rebalancing, integrations/serve_rebalance.py): its arrival, and so its deadline
+    # (max_time_ms), time to first token and queue time, count from when it first arrived. Set by the
+    # serving layer, never by a client; >= 0.
+    waited_s: float = 0.0
 
 
 @dataclass

@@ -204,11 +204,16 @@ class Engine:
     def movable(self, keep: Collection[str] = ()) -> list[Request]:
         """The waiting requests another replica could run instead of this engine, in the order they would
         start here (Request.rank_key): never started (no output, no KV, not preempted), not the server's
-        own (GenerationRequest.internal), not in `keep` (ids moved here once already)."""
-        return sorted((req for req in self.scheduler.waiting
+        own (GenerationRequest.internal), not in `keep` (ids moved here once already), and no more than
+        wait past the running slots (running + waiting - max_running: the rest start here next)."""
+        scheduler = self.scheduler
+        surplus = len(scheduler.running) + len(scheduler.waiting) - self.config.max_running
+        if surplus <= 0:
+            return []
+        return sorted((req for req in scheduler.waiting
                        if req.status is RequestStatus.WAITING and req.preemptions == 0 and req.decoder is None
                        and not req.in_flight and not req.spec.internal and req.id not in keep),
-                      key=Request.rank_key)
+                      key=Request.rank_key)[:surplus]
 
     def release_waiting(self, limit: int, keep: Collection[str] = ()) -> list[str]:
         """Take up to `limit` of `movable(keep)` out of the queue, first to start first, for another

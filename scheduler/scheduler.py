@@ -218,7 +218,8 @@ class Scheduler:
         self._check_queue_room(spec)
         self._arrivals += 1
         req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
-                      aged_after=self.config.aging_after, queued_turn=self._starts)
+                      aged_after=self.config.aging_after, queued_turn=self._starts,
+                      arrival_s=time.monotonic() - max(0.0, spec.waited_s))  # (a moved request: when it first arrived)
         self.waiting.append(req)
         self._queue_changed = True
         return req

