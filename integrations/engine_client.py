@@ -414,7 +414,14 @@ class ServeEngineClient:
         from ray.exceptions import RayError
         from ray.serve.exceptions import RayServeException
 
+        response = call_alone(lambda: getattr(self._handle, method).remote(**kwargs))
         try:
-            return await call_alone(lambda: getattr(self._handle, method).remote(**kwargs))
+            return await response
         except (RayError, RayServeException) as exc:
             raise replica_call_error(exc, method) from None
+        except asyncio.CancelledError:
+            # A timeout or a cancelled caller: end the call in Ray too. Awaiting it does not, and a call
+            # routed to a replica that has gone (replica=) would be retried by Ray's router without end
+            # (helper-151).
+            response.cancel()
+            raise

@@ -71,3 +71,49 @@ async def test_the_loop_runs_rounds_only_while_a_stream_waits_and_there_are_two_
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class NeverRouted:
+    """A deployment handle's response to a call Ray cannot route (its target replica has gone): never
+    answered, until cancelled."""
+
+    def __init__(self):
+        self.cancelled = False
+        self._never = asyncio.get_running_loop().create_future()
+
+    def __await__(self):
+        return self._never.__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+async def test_a_call_that_times_out_is_cancelled_in_ray_too(monkeypatch):
+    """A release aimed at a replica that left between load() and release_waiting() was retried by Ray's
+    router without end, and the round never returned (helper-151): the round's timeout cancels the
+    call, and the next round runs."""
+    from types import SimpleNamespace
+
+    import integrations.serve_rebalance as serve_rebalance
+    from integrations.engine_client import ServeEngineClient
+
+    responses = []
+
+    def remote(**kwargs):
+        responses.append(NeverRouted())
+        return responses[-1]
+
+    handle = SimpleNamespace(options=lambda **_: None, app_name="refusion", deployment_name="RefusionEngine",
+                             release_waiting=SimpleNamespace(remote=remote))
+    client = ServeEngineClient(handle, tokenizer=None, model_name="m")
+
+    async def call(method, replica, **kwargs):
+        if method == "load":
+            return {"replica": replica, "room": 1 if replica == "b" else 0, "movable": 2 if replica == "a" else 0}
+        return await client._call(method, replica=replica, **kwargs)
+
+    rebalancer = Rebalancer(1.0, lambda: 5.0, lambda: ("a", "b"), call)
+    monkeypatch.setattr(serve_rebalance, "CALL_TIMEOUT_S", 0.05)
+    assert await asyncio.wait_for(rebalancer.round(), 5) == []
+    assert await asyncio.wait_for(rebalancer.round(), 5) == []  # the next round runs
+    assert len(responses) == 2 and all(r.cancelled for r in responses)
