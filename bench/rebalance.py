@@ -7,8 +7,9 @@ replica was up) every request goes to that replica, which runs `--max-running` a
 rest while the other replica idles; with the default 2 the router's load guard already spreads the
 burst at arrival. For each (threshold, rebalance_after_s) pair the app is deployed afresh (2 engine
 replicas x 1 torch thread on local Ray, num_cpus 2) and deleted afterwards. Measured at the client:
-burst makespan, per-request time to first token and end-to-end latency; from /metrics: engine requests
-finished per replica and requests moved (integrations/serve_rebalance.py).
+burst makespan (the median of `--repeats` bursts), per-request time to first token and end-to-end
+latency; from /metrics: engine requests finished per replica and requests moved
+(integrations/serve_rebalance.py).
 
     OMP_NUM_THREADS=1 python bench/rebalance.py                  # 4 deployments, a few minutes on 2 cores
     OMP_NUM_THREADS=1 python bench/rebalance.py --append docs/benchmarks.md
@@ -24,6 +25,7 @@ import os
 import platform
 import shlex
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -101,10 +103,12 @@ def measure(url: str, threshold: float, rebalance_after_s: float, args) -> dict:
     serve.run(build_app(config), name="refusion", route_prefix="/")  # returns once every replica is up
     try:
         before = scrape(url)
-        row = asyncio.run(burst(url, args))
+        bursts = [asyncio.run(burst(url, args)) for _ in range(args.repeats)]  # one after another
         after = scrape(url)
     finally:
         serve.delete("refusion")
+    row = {"makespan_s": statistics.median(b["makespan_s"] for b in bursts), "ttft": [t for b in bursts for t in b["ttft"]],
+           "e2e": [t for b in bursts for t in b["e2e"]], "failures": sum(b["failures"] for b in bursts)}
     split = sorted((after["finished"].get(r, 0) - before["finished"].get(r, 0) for r in after["finished"]), reverse=True)
     row.update(threshold=threshold, rebalance_after_s=rebalance_after_s, split=[int(n) for n in split],
                moved=int(after["moved"] - before["moved"]))
@@ -114,7 +118,7 @@ def measure(url: str, threshold: float, rebalance_after_s: float, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| imbalanced_threshold | rebalance_after_s | burst makespan s | TTFT p50 / p95 s | e2e p50 / p95 s | "
+    lines = ["| imbalanced_threshold | rebalance_after_s | burst makespan s (median) | TTFT p50 / p95 s | e2e p50 / p95 s | "
              "requests per replica | moved | failures |", "|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['threshold']:g} | {r['rebalance_after_s']:g}{' (off)' if not r['rebalance_after_s'] else ''} | "
@@ -137,7 +141,8 @@ def report(rows: list[dict], args, argv: list[str]) -> str:
         f"Command: `{threads}{shlex.join(['python', 'bench/rebalance.py', *argv])}`",
         "",
         f"Workload: {args.requests} streamed greedy AR completions of exactly {args.max_tokens} tokens sent at once, "
-        "one prompt head (one affinity key). Latencies at the client from the burst's start.",
+        f"one prompt head (one affinity key), {args.repeats} bursts in a row per deployment. Latencies at the client "
+        "from the burst's start, pooled over the bursts; requests per replica and moved: all bursts.",
         "",
         table(rows),
     ])
@@ -152,6 +157,7 @@ def main() -> int:
     parser.add_argument("--thresholds", type=positive_floats, default=[1000.0, 2.0],
                         help="router imbalanced_threshold values (comma-separated)")
     parser.add_argument("--rebalance-after-s", type=float, default=1.0, help="the setting measured against 0 (off)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="bursts per deployment, one after another")
     parser.add_argument("--num-blocks", type=positive_int, default=512, help="KV blocks per replica (16 tokens each)")
     parser.add_argument("--timeout-s", type=float, default=300.0)
     parser.add_argument("--append", default=None, help="append the dated section to this markdown file")
