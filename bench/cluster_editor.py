@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import math
 import os
@@ -200,6 +201,27 @@ def scrape(base_url: str, replicas: int = 2, tries: int = 30) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def local_serve():
+    """A local Ray (num_cpus 2) with Serve's HTTP proxy on a free port; yields its base URL, and shuts both
+    down afterwards."""
+    os.environ.update(RAY_SERVE_ENV)
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=100 * 1024 * 1024, configure_logging=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def measure_policy(policy: str, base_url: str, workload: dict, args) -> dict:
     """Deploy a fresh app with `policy`, run the workload, delete the app; one table row."""
     from ray import serve
@@ -298,21 +320,8 @@ def main() -> int:
     workload = build_workload(args)
     print(f"working set: {workload['blocks']} blocks of {BLOCK_SIZE} tokens; KV cache {args.num_blocks} blocks "
           f"per replica", flush=True)
-    os.environ.update(RAY_SERVE_ENV)
-    import ray
-    from ray import serve
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=100 * 1024 * 1024, configure_logging=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        rows = [measure_policy(policy, f"http://127.0.0.1:{port}", workload, args) for policy in POLICIES]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve() as base_url:
+        rows = [measure_policy(policy, base_url, workload, args) for policy in POLICIES]
     text = report(rows, workload, args, sys.argv[1:])
     print(text)
     if args.append:

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_args import model_dir, positive_floats, positive_int  # noqa: E402
-from bench.cluster_editor import RAY_SERVE_ENV  # noqa: E402
+from bench.cluster_editor import local_serve  # noqa: E402
 from bench.editor_latency import pct  # noqa: E402
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "  # one prompt head: one affinity key
@@ -164,23 +163,9 @@ def main() -> int:
     args = parser.parse_args()
     if not 0 < args.rebalance_after_s < float("inf"):
         parser.error("--rebalance-after-s: give a positive number of seconds (it is compared with 0, off)")
-    os.environ.update(RAY_SERVE_ENV)
-    import ray
-    from ray import serve
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=100 * 1024 * 1024, configure_logging=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve() as url:
         rows = [measure(url, threshold, after, args) for threshold in args.thresholds
                 for after in (0.0, args.rebalance_after_s)]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     text = report(rows, args, sys.argv[1:])
     print(text)
     if args.append:
