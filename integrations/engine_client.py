@@ -46,9 +46,9 @@ REPLICA_RETRY_AFTER_S = 2.0
 # /metrics: how long an engine replica may take to send its metrics before it counts as unreachable
 # (below the ingress's own ENGINE_METRICS_TIMEOUT_S for the whole fan-out).
 REPLICA_METRICS_TIMEOUT_S = 1.5
-# Times one request may be moved by queue rebalancing: once (an engine replica never releases a request
-# moved to it; this bounds a replica that would).
-MAX_MOVES = 1
+# Times one request may be moved: by queue rebalancing once (an engine replica never releases a request
+# moved to it), and once more by a replica that Ray Serve removes (it hands its whole queue back).
+MAX_MOVES = 2
 
 
 class EngineUnavailableError(OverloadedError):
@@ -340,13 +340,14 @@ class ServeEngineClient:
                 else:  # the call ended without a last delta: nothing more comes
                     return
                 # released by its replica before it started: send it to the replica named (serve_router's
-                # prefer), with the time it waited (its arrival, max_time_ms and TTFT count from the first)
+                # prefer; none: routed anew), with the time it waited (its arrival, max_time_ms and TTFT
+                # count from the first)
                 moves += 1
                 finished = False
                 req = replace(req, waited_s=req.waited_s + time.monotonic() - sent_s)
                 sent_s = time.monotonic()
                 responses = call_alone(lambda: self._streaming.generate.remote(req, caller=self._caller,
-                                                                               prefer=item.replica))
+                                                                               prefer=item.replica, moved=True))
                 self._inflight[req.request_id] = responses
                 self._unanswered[req.request_id] = time.monotonic()
         except RequestCancelledError:  # cancel(request_id): end like the engine's own cancel

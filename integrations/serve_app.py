@@ -41,6 +41,9 @@ from scheduler.api import Delta, EngineError, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
+# How often an engine replica looks whether Ray Serve is removing it (EngineDeployment._hand_back_when_removed).
+REMOVAL_CHECK_S = 0.5
+
 __all__ = ["EngineDeployment", "IngressDeployment", "application", "build_app", "node_name", "signal_drain"]
 
 
@@ -104,6 +107,7 @@ class EngineDeployment:
         self.draining, self._stopped, self._drain_signal = False, False, None
         self._drain_watch = start_drain_watch(self._drain_when_signalled(context.app_name), f"engine {self.replica}")
         self._caller_watch = asyncio.create_task(self._cancel_orphans())
+        self._removal_watch = asyncio.create_task(self._hand_back_when_removed(context.app_name))
 
     async def _cancel_orphans(self) -> None:
         """An ingress replica that dies (killed, OOM) does not cancel its calls here: Ray neither ends the
@@ -127,6 +131,27 @@ class EngineDeployment:
                     self.orphaned += 1
                     await self.client.cancel(request_id)
 
+    async def _hand_back_when_removed(self, app_name: str) -> None:
+        """Ray Serve removes a replica (scale-down, a new version) by routing nothing more to it, waiting
+        for its calls up to graceful_shutdown_timeout_s and then killing it, and it tells the replica's
+        code nothing until then: the requests queued here would wait behind the running ones and be cut
+        (helper-153: 6 of 10 lost on a 2 -> 1 scale while the other replica idled). A handle to this
+        deployment here gets Ray's replica list like any router's (integrations/routing_state.py); once
+        this replica has left it while others remain, every waiting request that never started is
+        released at once, and again for any that still arrive (a router's stale choice), to be routed
+        anew by its ingress (EngineFailure("moved") naming no replica)."""
+        from integrations.routing_state import live_replicas
+
+        serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name).options()  # (initialized: its router follows Ray's list)
+        listed = False
+        while True:
+            await asyncio.sleep(REMOVAL_CHECK_S)
+            live = live_replicas(app_name, ENGINE_DEPLOYMENT)
+            if self.replica in live:
+                listed = True
+            elif listed and live and not self.draining:
+                self._release(len(self.engine.scheduler.waiting), to="", every=True)
+
     async def _drain_when_signalled(self, app_name: str) -> None:
         """Ray Serve waits for in-flight calls before shutting a replica down, and force-kills it after
         graceful_shutdown_timeout_s: a long generation would be severed. When the drain signal appears
@@ -139,14 +164,15 @@ class EngineDeployment:
         self._stopped = True
         await reporter
 
-    async def generate(self, req: GenerationRequest, caller: str | None = None,
-                       prefer: str | None = None) -> AsyncIterator[Delta | EngineFailure]:
+    async def generate(self, req: GenerationRequest, caller: str | None = None, prefer: str | None = None,
+                       moved: bool = False) -> AsyncIterator[Delta | EngineFailure]:
         """Stream the request's deltas (merged when several are ready at once). Cancelling this call
         (client gone) cancels the request in the engine, and so does the death of `caller` (the calling
-        ingress replica's Ray actor name; `_cancel_orphans`). `prefer`: set on a request moved by queue
-        rebalancing (the replica it was released to; the router sends it elsewhere only when that one is
-        gone or full), which is then not moved again. A request released to another replica
-        (`release_waiting`) ends with EngineFailure("moved", replica=that one) and nothing before it."""
+        ingress replica's Ray actor name; `_cancel_orphans`). `moved`: a request moved here by queue
+        rebalancing, which is not moved again (unless this replica is removed); `prefer` is for the
+        router (the replica it was released to, if one was named). A request released to another replica
+        (`release_waiting`, `_hand_back_when_removed`) ends with EngineFailure("moved", replica=that one
+        or None) and nothing before it."""
         if self.draining:
             yield EngineFailure("shutting_down", f"the server is shutting down: retry in {DRAIN_RETRY_AFTER_S:g} s",
                                 retry_after_s=DRAIN_RETRY_AFTER_S)
@@ -154,7 +180,7 @@ class EngineDeployment:
         finished = False
         if caller:
             self._callers.add(caller, req.request_id)
-        moved_in = prefer is not None and req.request_id not in self._moved_in
+        moved_in = moved and req.request_id not in self._moved_in
         if moved_in:
             self._moved_in.add(req.request_id)
         try:
@@ -162,7 +188,8 @@ class EngineDeployment:
                 finished = finished or delta.finished
                 target = self._moving.pop(req.request_id, None) if delta.finished else None
                 if target is not None and not delta.text and not delta.token_ids:
-                    yield EngineFailure("moved", f"moved to engine replica {target}", replica=target)
+                    yield EngineFailure("moved", f"moved to engine replica {target or '(any other)'}",
+                                        replica=target or None)
                     return
                 yield delta
         except EngineError as exc:
@@ -195,9 +222,17 @@ class EngineDeployment:
         ingress streaming each one sends there. Returns how many."""
         if self.draining or self.engine.stopping or to == self.replica:
             return 0
-        released = self.engine.release_waiting(limit, keep=self._moved_in)
-        for request_id in released:  # before the generator reads the final delta (no await in between)
+        return self._release(limit, to)
+
+    def _release(self, limit: int, to: str, every: bool = False) -> int:
+        """Engine.release_waiting, and each released call told where to go (`to`; "" for anywhere but
+        here) before its generator reads the end (no await in between)."""
+        released = self.engine.release_waiting(limit, keep=() if every else self._moved_in, every=every)
+        for request_id in released:
             self._moving[request_id] = to
+        if released and every:
+            logger.info("engine %s: being removed; %d waiting request(s) handed back to be routed anew",
+                        self.replica, len(released))
         return len(released)
 
     async def info(self) -> dict:
@@ -220,7 +255,8 @@ class EngineDeployment:
         # whatever is left within the timeout and ends the rest with a clean error delta.
         engine = getattr(self, "engine", None)  # absent when __init__ failed before it
         if engine is not None:
-            for watch in (getattr(self, "_drain_watch", None), getattr(self, "_caller_watch", None)):
+            for watch in (getattr(self, "_drain_watch", None), getattr(self, "_caller_watch", None),
+                          getattr(self, "_removal_watch", None)):
                 if watch is not None:  # absent when __init__ failed after the engine started (warm-up)
                     watch.cancel()
             await engine.stop(drain_timeout_s=self.config.drain_timeout_s)

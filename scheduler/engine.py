@@ -201,13 +201,16 @@ class Engine:
         if req is not None:
             self._finish(req, FinishReason.CANCELLED)
 
-    def movable(self, keep: Collection[str] = ()) -> list[Request]:
+    def movable(self, keep: Collection[str] = (), every: bool = False) -> list[Request]:
         """The waiting requests another replica could run instead of this engine, in the order they would
         start here (Request.rank_key): never started (no output, no KV, not preempted), not the server's
         own (GenerationRequest.internal), not in `keep` (ids moved here once already), and no more than
-        wait past the running slots (running + waiting - max_running: the rest start here next)."""
+        wait past the running slots (running + waiting - max_running: the rest start here next), unless
+        `every` (this replica is being removed: none of them should start here)."""
         scheduler = self.scheduler
         surplus = len(scheduler.running) + len(scheduler.waiting) - self.config.max_running
+        if every:
+            surplus = len(scheduler.waiting)
         if surplus <= 0:
             return []
         return sorted((req for req in scheduler.waiting
@@ -215,12 +218,12 @@ class Engine:
                        and not req.in_flight and not req.spec.internal and req.id not in keep),
                       key=Request.rank_key)[:surplus]
 
-    def release_waiting(self, limit: int, keep: Collection[str] = ()) -> list[str]:
-        """Take up to `limit` of `movable(keep)` out of the queue, first to start first, for another
-        replica to run now (queue rebalancing, integrations/serve_rebalance.py). Each one's stream ends at
-        once with finish_reason CANCELLED and no text; it is counted in refusion_requests_moved_total, not
-        as finished or cancelled, and its prompt tokens count where it starts. Returns their ids."""
-        moved = self.movable(keep)[:max(0, limit)]
+    def release_waiting(self, limit: int, keep: Collection[str] = (), every: bool = False) -> list[str]:
+        """Take up to `limit` of `movable(keep, every)` out of the queue, first to start first, for
+        another replica to run (queue rebalancing, integrations/serve_rebalance.py). Each one's stream ends
+        at once with finish_reason CANCELLED and no text; it is counted in refusion_requests_moved_total,
+        not as finished or cancelled, and its prompt tokens count where it starts. Returns their ids."""
+        moved = self.movable(keep, every)[:max(0, limit)]
         for req in moved:
             self._finish(req, FinishReason.CANCELLED, counted=False)
             self.metrics.moved.inc()

@@ -226,6 +226,40 @@ async def test_a_queue_moves_to_a_replica_with_free_slots(cluster):
         await asyncio.gather(long_stream, return_exceptions=True)
 
 
+async def test_a_replica_removed_by_a_scale_down_hands_its_queue_back(cluster):
+    """Ray Serve removes a replica by routing nothing more to it and killing it after
+    graceful_shutdown_timeout_s; requests queued there behind a long stream were cut then, while the other
+    replica idled (helper-153). The removed replica hands every waiting request back, and they finish on
+    the one kept. Rebalancing is off here, so only the hand-back can move them."""
+    settings = dict(engine={"max_running": 1}, args={"rebalance_after_s": 0, "drain_timeout_s": 3},
+                    router={"imbalanced_threshold": 1000}, graceful_shutdown_timeout_s=10)
+    before = deploy(cluster, 2, deployments=[{"name": "RefusionEngine", "num_replicas": 2}], **settings)
+    live = sorted(before)
+    keys = {r: conversations_on(r, live, 1)[0] for r in live}
+    longs, started = {}, {}
+    for replica, messages in keys.items():
+        started[replica] = asyncio.Event()
+        longs[replica] = asyncio.create_task(stream_completion(cluster.url, 4000, messages=messages, started=started[replica]))
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 120)
+    shorts = [asyncio.create_task(stream_completion(cluster.url, 8, messages=m)) for m in keys.values() for _ in range(2)]
+    await asyncio.to_thread(wait_for, lambda: per_replica(cluster.url, "refusion_requests_waiting") == {r: 2.0 for r in live},
+                            120, "two requests queued on each replica")
+    try:
+        await asyncio.to_thread(cluster.serve_deploy, cluster.app_config(
+            deployments=[{"name": "RefusionEngine", "num_replicas": 1}], **settings))
+        kept = await asyncio.to_thread(settled, cluster, 1)
+        [replica] = kept
+        assert set(kept) < set(before)  # rescaled in place: one removed, one kept
+        longs[replica].cancel()  # the kept replica's slot is free for the four now
+        results = await asyncio.wait_for(asyncio.gather(*shorts), 240)
+    finally:
+        for task in [*longs.values(), *shorts]:
+            task.cancel()
+        await asyncio.gather(*longs.values(), *shorts, return_exceptions=True)
+    for result in results:
+        assert result["status"] == 200 and result["error"] is None and result["finish_reason"] == "length", result
+
+
 async def test_a_replica_count_change_rescales_in_place(cluster):
     """config/serve.yaml keeps the replica count in Ray's `deployments:` section: `serve deploy` with a new
     count rescales the running application (a change under `args` would be a new version, replacing

@@ -104,6 +104,8 @@ async def test_only_requests_past_the_running_slots_may_move(wait_until):
         await wait_until(lambda: len(engine.scheduler.waiting) == 4, "four waiting")
         # 1 running + 4 waiting on 3 slots: b and c start next step; d and e would wait for a slot
         assert [r.id for r in engine.movable()] == ["b", "c"]  # first to start first, as many as wait past
+        # a replica being removed hands back every waiting request, its free slots' share too
+        assert [r.id for r in engine.movable(every=True)] == ["b", "c", "d", "e"]
         engine.cancel("e")
         assert [r.id for r in engine.movable()] == ["b"]
         assert engine.release_waiting(5) == ["b"] and engine.movable() == []
