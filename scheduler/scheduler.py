@@ -181,7 +181,8 @@ class Scheduler:
         """Queue a validated request. Raises InvalidRequestError when it could never fit in the KV
         cache, OverloadedError (with a retry-after hint) when the bounded queue is full."""
         suffix_len = len(spec.suffix_ids or [])
-        kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR)
+        kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR,
+                                          max_tokens=spec.max_tokens)
         capacity = self.kv.capacity()
         if kv_blocks > capacity and spec.fit_to_kv:
             fitted = self._fit_to_kv(spec, params, capacity)
@@ -194,7 +195,8 @@ class Scheduler:
                     f"kv_memory_bytes); shorten the prompt" + (f" or lower min_tokens ({least})" if least > 1 else ""))
             params = fitted
             spec = replace(spec, max_tokens=min(spec.max_tokens or params.gen_length, params.gen_length))
-            kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR)
+            kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR,
+                                          max_tokens=spec.max_tokens)
         if kv_blocks > capacity:
             asked = params.gen_length if spec.max_tokens in (None, params.gen_length) else \
                 f"{spec.max_tokens}, {params.gen_length} in whole slots" if params.gen_length > spec.max_tokens else \
@@ -277,7 +279,7 @@ class Scheduler:
 
             def fits(steps: int) -> bool:
                 return self.kv.blocks_needed(len(spec.prompt_ids), len(spec.suffix_ids or []), trial(steps),
-                                             ar_only=spec.mode is Mode.AR) <= capacity
+                                             ar_only=spec.mode is Mode.AR, max_tokens=spec.max_tokens) <= capacity
 
             low, high = max(1, -(-least // step)), params.gen_length // step
             if high < low or not fits(low):

@@ -111,6 +111,27 @@ async def test_a_default_gen_length_shrinks_to_the_kv_cache_a_requested_one_is_r
     await engine.stop()
 
 
+async def test_an_ar_request_needs_kv_for_its_max_tokens_not_its_rounded_gen_length():
+    """The ingress rounds gen_length up to whole semi-AR blocks (openai_sampling.fitting_blocks: 496 ->
+    512); AR stops at max_tokens, so its KV need is max_tokens' (helper-154: a KV refusal said "ask for at
+    most 496" and then refused 496, counted as 512)."""
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=16, block_size=4), prefix_cache=False)
+    capacity = engine.kv.capacity()
+    params = engine.scheduler.factories["main"]
+    prompt = 4 * (capacity - 1) - 24  # prompt + 24 tokens: exactly the cache; + 32: two blocks too many
+    shaped = {"gen_length": 32, "slot_size": 8, "serial_num_blocks": 4}
+    assert engine.kv.blocks_needed(prompt, 0, params.parse_params(shaped), ar_only=True) == capacity + 2
+    await engine.start()
+    deltas = await collect(engine, GenerationRequest("capped", [5] * prompt, dict(shaped), mode=Mode.AR, max_tokens=24))
+    assert len(ids_of(deltas)) == 24 and deltas[-1].finish_reason is FinishReason.LENGTH
+    with pytest.raises(InvalidRequestError, match="ask for at most 24$"):  # the hint is what fits, and it does
+        await collect(engine, GenerationRequest("asked", [5] * prompt, dict(shaped), mode=Mode.AR, max_tokens=32))
+    with pytest.raises(InvalidRequestError):  # ReFusion decodes whole slots past max_tokens: its own need
+        await collect(engine, GenerationRequest("refusion", [5] * prompt, dict(shaped), mode=Mode.REFUSION, max_tokens=24))
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
+    await engine.stop()
+
+
 async def _a_running_b_queued(wait_until, **config):
     """An engine of one running slot and one queue place (`config` beside), batch a running with its first
     forward held, batch b waiting: the queue is full. Returns (engine, runner, gate, a's task, b's task)."""
