@@ -47,8 +47,9 @@ REPLICA_RETRY_AFTER_S = 2.0
 # (below the ingress's own ENGINE_METRICS_TIMEOUT_S for the whole fan-out).
 REPLICA_METRICS_TIMEOUT_S = 1.5
 # Times one request may be moved: by queue rebalancing once (an engine replica never releases a request
-# moved to it), and once more by a replica that Ray Serve removes (it hands its whole queue back).
-MAX_MOVES = 2
+# moved to it), and handed back by replicas that Ray Serve removes a few times (a rolling update of several
+# replicas, a router's stale choice of one being removed).
+MAX_MOVES, MAX_HAND_BACKS = 1, 4
 
 
 class EngineUnavailableError(OverloadedError):
@@ -320,7 +321,7 @@ class ServeEngineClient:
         self._inflight[req.request_id] = responses
         self._inflight_ids.add(req.request_id)
         sent_s = self._unanswered[req.request_id] = time.monotonic()  # (when this call was made)
-        finished, moves = False, 0
+        finished, moves, hand_backs = False, 0, 0
         try:
             while True:
                 async for item in responses:
@@ -328,7 +329,11 @@ class ServeEngineClient:
                     if isinstance(item, EngineFailure):
                         finished = True  # nothing runs in the engine for this request
                         if item.kind == "moved":
-                            if moves < MAX_MOVES:
+                            if item.replica is None and hand_backs < MAX_HAND_BACKS:
+                                hand_backs += 1
+                                break
+                            if item.replica is not None and moves < MAX_MOVES:
+                                moves += 1
                                 break
                             raise OverloadedError("the engine replicas kept passing this request on: retry "
                                                   f"in {REPLICA_RETRY_AFTER_S:g} s", REPLICA_RETRY_AFTER_S)
@@ -342,7 +347,6 @@ class ServeEngineClient:
                 # released by its replica before it started: send it to the replica named (serve_router's
                 # prefer; none: routed anew), with the time it waited (its arrival, max_time_ms and TTFT
                 # count from the first)
-                moves += 1
                 finished = False
                 req = replace(req, waited_s=req.waited_s + time.monotonic() - sent_s)
                 sent_s = time.monotonic()

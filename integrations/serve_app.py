@@ -41,8 +41,11 @@ from scheduler.api import Delta, EngineError, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
-# How often an engine replica looks whether Ray Serve is removing it (EngineDeployment._hand_back_when_removed).
+# How often an engine replica looks whether Ray Serve is removing it (EngineDeployment._hand_back_when_removed),
+# and how many looks in a row it must be missing from Ray's list: a replica being reconfigured in place
+# (a new max_ongoing_requests or autoscaling_config) leaves the list for a moment too (UPDATING).
 REMOVAL_CHECK_S = 0.5
+REMOVAL_LOOKS = 4
 
 __all__ = ["EngineDeployment", "IngressDeployment", "application", "build_app", "node_name", "signal_drain"]
 
@@ -104,6 +107,7 @@ class EngineDeployment:
         self._callers = CallerRequests()  # ingress replica (Ray actor name) -> its request ids here
         self._moved_in: set[str] = set()  # ids of requests moved here by queue rebalancing: they stay
         self._moving: dict[str, str] = {}  # request id -> the replica it was released to (serve_rebalance)
+        self.removed = False  # Ray Serve is removing this replica (_hand_back_when_removed)
         self.draining, self._stopped, self._drain_signal = False, False, None
         self._drain_watch = start_drain_watch(self._drain_when_signalled(context.app_name), f"engine {self.replica}")
         self._caller_watch = asyncio.create_task(self._cancel_orphans())
@@ -137,19 +141,28 @@ class EngineDeployment:
         code nothing until then: the requests queued here would wait behind the running ones and be cut
         (helper-153: 6 of 10 lost on a 2 -> 1 scale while the other replica idled). A handle to this
         deployment here gets Ray's replica list like any router's (integrations/routing_state.py); once
-        this replica has left it while others remain, every waiting request that never started is
-        released at once, and again for any that still arrive (a router's stale choice), to be routed
-        anew by its ingress (EngineFailure("moved") naming no replica)."""
+        this replica has been missing from it for REMOVAL_LOOKS looks in a row (2 s) while others remain,
+        every waiting request that never started is released at once, and any that still arrive (a
+        router's stale choice) are sent back at once, to be routed anew by their ingress
+        (EngineFailure("moved") naming no replica)."""
         from integrations.routing_state import live_replicas
 
-        serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name).options()  # (initialized: its router follows Ray's list)
-        listed = False
+        try:
+            serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name).options()  # (initialized: its router follows Ray's list)
+        except Exception:  # noqa: BLE001 - then this replica cannot tell; everything else works as before
+            logger.warning("engine %s: no handle to its own deployment; a scale-down may cut its queue", self.replica,
+                           exc_info=True)
+            return
+        listed, missing = False, 0
         while True:
             await asyncio.sleep(REMOVAL_CHECK_S)
             live = live_replicas(app_name, ENGINE_DEPLOYMENT)
             if self.replica in live:
-                listed = True
-            elif listed and live and not self.draining:
+                listed, missing, self.removed = True, 0, False
+                continue
+            missing += 1
+            if listed and live and missing >= REMOVAL_LOOKS and not self.draining:
+                self.removed = True
                 self._release(len(self.engine.scheduler.waiting), to="", every=True)
 
     async def _drain_when_signalled(self, app_name: str) -> None:
@@ -176,6 +189,9 @@ class EngineDeployment:
         if self.draining:
             yield EngineFailure("shutting_down", f"the server is shutting down: retry in {DRAIN_RETRY_AFTER_S:g} s",
                                 retry_after_s=DRAIN_RETRY_AFTER_S)
+            return
+        if self.removed:  # a router's stale choice: straight back, to be routed anew
+            yield EngineFailure("moved", "this engine replica is being removed", replica=None)
             return
         finished = False
         if caller:
