@@ -759,8 +759,11 @@ class Engine:
             raise InvalidRequestError("mode", "structured output (a grammar) is decoded autoregressively: "
                                       "use mode 'ar' or 'auto', or drop the grammar")
         gen_length = parse_params(self.scheduler.factories["main"], spec.params).gen_length
+        # The forced start is fed in the first step, before the token cap is checked: no longer than the
+        # cap, so an AR request's KV stays within its estimate (KVOwner.blocks_needed counts max_tokens)
+        most = min(gen_length, spec.max_tokens) if spec.max_tokens else gen_length
         try:
-            grammar = await self.grammars.compile(spec.grammar, spec.prompt_ids, max_forced=gen_length)
+            grammar = await self.grammars.compile(spec.grammar, spec.prompt_ids, max_forced=most)
         except DecodeParamError as exc:
             raise InvalidRequestError(exc.field, exc.message) from None
         return dataclasses.replace(spec, mode=Mode.AR), grammar

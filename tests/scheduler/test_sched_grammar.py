@@ -306,6 +306,15 @@ async def test_a_token_cap_inside_a_forced_run_counts_the_tokens_returned(engine
     engine = await engine_factory()
     fixed = '{"a_long_key_the_grammar_forces_whole": '
     lark = GrammarSpec(LLMatcher.grammar_from_lark(f'start: {json.dumps(fixed)} /[0-9]{{1,3}}/ "}}"'))
+    compile_grammar, forced = engine.grammars.compile, []
+
+    async def compile_noting(spec, prompt_ids, max_forced):
+        forced.append(max_forced)
+        return await compile_grammar(spec, prompt_ids, max_forced)
+
+    # The forced start is fed before the cap is checked: compiled no longer than the cap, so an AR
+    # request's KV stays inside its estimate, which counts max_tokens (helper-155)
+    engine.grammars.compile = compile_noting
     for cap in (2, 5):
         spec = GenerationRequest(f"cap{cap}", _ids(runner, PROMPTS[0]), {"gen_length": GEN}, mode=Mode.AR,
                                  grammar=lark, max_tokens=cap)
@@ -313,6 +322,7 @@ async def test_a_token_cap_inside_a_forced_run_counts_the_tokens_returned(engine
         assert len(_ids(runner, fixed)) > cap  # (the cap falls inside the forced start)
         assert len(ids) == cap == last.stats["generated_tokens"] and last.finish_reason is FinishReason.LENGTH
         assert fixed.startswith(text)
+    assert forced == [2, 5]
 
 
 class _TickClock:
