@@ -348,12 +348,12 @@ class ServeEngineClient:
                 # prefer; none: routed anew), with the time it waited (its arrival, max_time_ms and TTFT
                 # count from the first)
                 finished = False
-                req = replace(req, waited_s=req.waited_s + time.monotonic() - sent_s)
-                sent_s = time.monotonic()
+                now = time.monotonic()
+                req = replace(req, waited_s=req.waited_s + now - sent_s)
                 responses = call_alone(lambda: self._streaming.generate.remote(req, caller=self._caller,
                                                                                prefer=item.replica, moved=True))
                 self._inflight[req.request_id] = responses
-                self._unanswered[req.request_id] = time.monotonic()
+                sent_s = self._unanswered[req.request_id] = now
         except RequestCancelledError:  # cancel(request_id): end like the engine's own cancel
             finished = True
             yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.CANCELLED)
