@@ -202,15 +202,24 @@ class TextStream:
 
     def _ids_covering(self, num_chars: int) -> int:
         """The fewest ids whose text holds the text's first num_chars characters (used once, when a stop
-        cuts it; the healer is done by then: there is text). A character split over byte tokens decodes
-        as U+FFFD until its last byte: the ids run through that byte (a stop string ending in "本", three
-        byte tokens, counted one). Should no prefix decode to the text itself (a tokenizer whose decode of
-        a prefix is no prefix of the text), the fewest ids whose text is as long."""
-        want, long_enough = self._text[:num_chars], None
-        for k in range(self._sent_ids, len(self._ids) + 1):
-            text = self._decode(self._ids[:k])[self._healer.dropped:]
-            if len(text) >= num_chars:
-                if text[:num_chars] == want:
-                    return k
-                long_enough = k if long_enough is None else long_enough
-        return long_enough if long_enough is not None else len(self._ids)
+        cuts it; the healer is done by then: there is text)."""
+        return ids_covering(self._decode, self._ids, self._text, num_chars, dropped=self._healer.dropped,
+                            start=self._sent_ids)
+
+
+def ids_covering(decode, ids: list[int], text: str, num_chars: int, *, dropped: int = 0, start: int = 0) -> int:
+    """The fewest of `ids` (at least `start`) whose text holds `text`'s first num_chars characters, where
+    the text of ids[:k] is decode(ids[:k]) less its first `dropped` characters (what token healing dropped:
+    Healer.dropped) and `text` is the text of all of `ids` or a prefix of it. A character split over byte
+    tokens decodes as U+FFFD until its last byte: the ids run through that byte (a stop string ending in
+    "本", three byte tokens, counted one). Should no prefix decode to the text itself (a tokenizer whose
+    decode of a prefix is no prefix of the text), the fewest ids whose text is as long. Used by a stop
+    string's cut here and by the editor's post-processing cuts (integrations/editor/runner.py)."""
+    want, long_enough = text[:num_chars], None
+    for k in range(start, len(ids) + 1):
+        decoded = decode(ids[:k])[dropped:]
+        if len(decoded) >= num_chars:
+            if decoded[:num_chars] == want:
+                return k
+            long_enough = k if long_enough is None else long_enough
+    return long_enough if long_enough is not None else len(ids)
