@@ -39,7 +39,8 @@ from decoding.grammar import TokenConstraint
 from decoding.params import DecodeParams
 from workers.batch import FeedbackPenalty, Reads, Sampling, Segment, SegmentResult, TokenLogprob
 
-EOS_BAN = -1e9  # the logit bias that keeps EOS from being chosen (ignore_eos, min_tokens): finite, below any logit
+TOKEN_BAN = -1e9  # the logit bias that keeps a token from being chosen (the mask token always; EOS under
+# ignore_eos or min_tokens): finite, below any logit
 
 
 class ARPhase(Enum):
@@ -418,18 +419,20 @@ class ARDecoder:
 
     def _logit_bias(self, in_flight: int = 0) -> tuple[tuple[int, float], ...]:
         """OpenAI's logit_bias plus the presence and frequency penalties of the text so far (handed-off
-        text included): each generated token's logit loses presence + frequency x its count; EOS is
-        banned (EOS_BAN) under vLLM's ignore_eos, or while fewer than min_tokens are generated.
+        text included), and bans (TOKEN_BAN, replacing the token's bias): each generated token's logit
+        loses presence + frequency x its count; the mask token is banned always (it is an input marker,
+        never text: the shipped model sampled it at temperature 0.7; its raw logprob still shows among
+        top_logprobs, as a banned token's does under vLLM's raw_logprobs), and EOS under vLLM's
+        ignore_eos or while fewer than min_tokens are generated.
         `in_flight`: generated tokens not yet on the host (plan_ahead's one), counted for min_tokens;
         the penalties are of the tokens on the host (the runner adds the one in flight's:
         Segment.feedback_penalty). With penalties, the pairs of tokens not generated come first."""
         p = self.params
         ban_eos = p.ignore_eos or len(self.generated) + in_flight < p.min_tokens
-        if not (p.presence_penalty or p.frequency_penalty or p.logit_bias or ban_eos):
-            return ()
+        banned = (p.mask_token_id, *p.ends) if ban_eos else (p.mask_token_id,)
         user = p.logit_bias or {}
         if not (p.presence_penalty or p.frequency_penalty):
-            return tuple({**user, **dict.fromkeys(p.ends, EOS_BAN)}.items()) if ban_eos else tuple(user.items())
+            return tuple({**user, **dict.fromkeys(banned, TOKEN_BAN)}.items())
         # Counted as tokens arrive, and only their entries updated: recomputing every entry each step cost
         # O(distinct tokens) interpreted work per request per step (63 us at 128 tokens)
         if self._counts is None:
@@ -444,12 +447,11 @@ class ARDecoder:
             self._uncounted.pop(token, None)
             self._penalized[token] = user.get(token, 0.0) - p.presence_penalty - p.frequency_penalty * count
         uncounted, penalized = self._uncounted, self._penalized
-        if ban_eos:  # (the ban replaces the token's bias, wherever it is)
-            for end in p.ends:
-                if end in penalized:
-                    penalized = {**penalized, end: EOS_BAN}
-                else:
-                    uncounted = {**uncounted, end: EOS_BAN}
+        for token in banned:  # (the ban replaces the token's bias, wherever it is)
+            if token in penalized:
+                penalized = {**penalized, token: TOKEN_BAN}
+            else:
+                uncounted = {**uncounted, token: TOKEN_BAN}
         # The tokens not counted first, then the counted ones (FeedbackPenalty.unseen relies on the order)
         return tuple(uncounted.items()) + tuple(penalized.items())
 

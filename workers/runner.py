@@ -174,7 +174,7 @@ class ModelRunner:
     def capture_startup_graphs(self) -> dict | None:
         """Capture the CUDA graphs of the common step layouts now (workers.graphs.startup_steps), so
         serving does not pay for them on its first steps. Each is a synthetic step (token 0, argmax reads
-        of every row, every block table and every write on the scratch block: no KV block of the owner is
+        of every row, the AR decode steps' mask ban, every block table and every write on the scratch block: no KV block of the owner is
         read or written) run through the graph wrapper, which captures layouts its policy admits, within
         max_graphs and memory_budget_bytes. Returns and records in stats() {"graphs" (captured by this
         call), "seconds", "bytes"}; None when cuda_graphs is off. Called by the constructor."""
@@ -185,8 +185,11 @@ class ModelRunner:
         bs = self.info.block_size
         layouts = set()
         for n, q, context in startup_steps(graphs.policy, bs, self.info.num_kv_blocks * bs):
+            # An AR decode step (q = 1) always carries one logit bias pair, the mask token's ban
+            # (decoding.ar.ARDecoder._logit_bias): its layout has a bias table
+            ban = ((self.info.mask_token_id, -1e9),) if q == 1 else ()
             segments = [Segment(f"startup-{i}", context, [0] * q, list(range(context, context + q)), 0,
-                                Reads(argmax=tuple(range(q)))) for i in range(n)]
+                                Reads(argmax=tuple(range(q))), logit_bias=ban) for i in range(n)]
             step = pack_step(segments, [[self.scratch_block] * (context // bs)] * n, bs, self.scratch_block)
             if step.layout not in layouts and step.layout.num_tokens <= graphs.policy.max_tokens:
                 layouts.add(step.layout)

@@ -12,7 +12,7 @@ from refusion_cases import PROMPTS
 from transformers import DynamicCache
 
 from decoding.api import DecodeParamError
-from decoding.ar import ARDecoder
+from decoding.ar import TOKEN_BAN, ARDecoder
 from decoding.loop import decode_batch
 from decoding.params import DecodeParams
 from workers.batch import FeedbackPenalty, SegmentResult
@@ -89,11 +89,11 @@ def test_a_step_planned_ahead_carries_the_penalties_and_a_host_rerun_counts_the_
         decoder.absorb(SegmentResult("s", [9], [0.5]))
         decoder.next_segment(64)  # feeds 9, reads the next token
     ahead = piped.plan_ahead()
-    # (11 not generated yet: its pair comes first, FeedbackPenalty.unseen)
-    assert ahead.feedback and ahead.feedback_penalty == FeedbackPenalty(0.5, 1.0, unseen=1)
-    assert ahead.logit_bias == ((11, -1.0), (9, 2.0 - 0.5 - 1.0))
+    # (11 not generated yet, and the mask token's ban: their pairs come first, FeedbackPenalty.unseen)
+    assert ahead.feedback and ahead.feedback_penalty == FeedbackPenalty(0.5, 1.0, unseen=2)
+    assert ahead.logit_bias == ((11, -1.0), (3, TOKEN_BAN), (9, 2.0 - 0.5 - 1.0))
     for decoder in (piped, serial):
         decoder.absorb(SegmentResult("s", [11], [0.5]))  # the step in flight read 11
     rerun = piped.host_segment(ahead)
     assert (rerun.token_ids, rerun.feedback, rerun.feedback_penalty) == ([11], False, None)
-    assert rerun.logit_bias == serial.next_segment(64).logit_bias == ((9, 0.5), (11, -2.5))
+    assert rerun.logit_bias == serial.next_segment(64).logit_bias == ((3, TOKEN_BAN), (9, 0.5), (11, -2.5))

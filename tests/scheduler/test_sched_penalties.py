@@ -81,3 +81,18 @@ async def test_ignore_eos_and_min_tokens_hold_eos_and_stop_strings_back(engine_f
                                                                stop=[stop]))]
     later = text.find(stop, before - len(stop) + 1)
     assert later > text.index(stop) and "".join(d.text for d in passed) == text[:later]
+
+
+@pytest.mark.parametrize("extra", [{}, {"presence_penalty": 0.5}, {"ignore_eos": True}, {"temperature": 0.8, "seed": 7}],
+                         ids=["greedy", "penalties", "ignore_eos", "sampled"])
+async def test_ar_never_chooses_the_mask_token(engine_factory, runner, extra):
+    """The mask token is an input marker, never text: AR bans it (decoding.ar.TOKEN_BAN) on every read,
+    over a logit_bias that pushes it (the shipped model sampled it unbiased at temperature 0.7), and the
+    other tokens' logits are untouched: the text is the request's without the push."""
+    engine = await engine_factory()
+    prompt = runner.tokenizer.encode(PROMPT, add_special_tokens=False)
+    mask = runner.info.mask_token_id
+    base = {"gen_length": 64, "temperature": 0.0} | extra
+    pushed, _ = await _run(engine, GenerationRequest("pushed", prompt, base | {"logit_bias": {mask: 100.0}}, mode=Mode.AR))
+    plain, _ = await _run(engine, GenerationRequest("plain", prompt, dict(base), mode=Mode.AR))
+    assert pushed and mask not in pushed and pushed == plain

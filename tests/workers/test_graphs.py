@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from decoding.ar import TOKEN_BAN  # noqa: E402
 from hf_oracle import segment  # noqa: E402
 from workers.batch import Reads  # noqa: E402
 from workers.graphs import CapturedStep, GraphPolicy, StepGraphs, startup_steps  # noqa: E402
@@ -147,7 +148,7 @@ def test_startup_capture_covers_decode_and_slot_steps_and_touches_no_kv(tiny_mod
         assert torch.equal(before, after[:-1])
     captured = len(graphs.graphs)
 
-    outputs = {}
+    outputs, ar_ban = {}, ((cfg.mask_token_id, TOKEN_BAN),)  # what every AR decode step carries
     for runner in (eager, graphed):
         session, got = RunnerSession(runner), []
         prompts = {f"s{i}": list(range(10 + i, 10 + i + 3 + 6 * i)) for i in range(6)}  # contexts 3..33 tokens
@@ -155,7 +156,7 @@ def test_startup_capture_covers_decode_and_slot_steps_and_touches_no_kv(tiny_mod
         for n in range(1, 7):  # AR decode of n sequences, then one 4-token slot each
             seqs = list(prompts)[:n]
             got.append([r.tokens for r in session.execute(
-                [segment(s, session.cached_len(s), [7], reads=Reads(argmax=(0,))) for s in seqs])])
+                [segment(s, session.cached_len(s), [7], reads=Reads(argmax=(0,)), logit_bias=ar_ban) for s in seqs])])
             got.append([r.tokens for r in session.execute(
                 [segment(s, session.cached_len(s), [3, 4, 5, 6], reads=Reads(argmax=(0, 1, 2, 3))) for s in seqs])])
         outputs[runner is graphed] = got
