@@ -105,7 +105,8 @@ class Engine:
     """Serves GenerationRequests on a runner (contract: scheduler/api.py, docs/architecture.md).
 
     ar_runner / ar_decoder_factory: optional separate AR model (a second Qwen-family checkpoint with
-    the same tokenizer); requests routed to AR then run there. By default AR uses the same weights.
+    the same tokenizer); requests routed to AR then run there, those its KV pool can hold (longer ones
+    run AR on the main model: KVOwner.runner_for). By default AR uses the same weights.
     """
 
     def __init__(self, runner, tokenizer, config: EngineConfig | None = None, decoder_factory: DecoderFactory | None = None,

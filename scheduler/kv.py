@@ -58,6 +58,19 @@ class KVOwner:
         pool = 0 if ar_only else math.ceil(gen / max(1, int(getattr(params, "serial_num_blocks", 1) or 1)))
         return math.ceil((prompt_len + suffix_len + gen + pool) / self.pool("main").block_size) + 1
 
+    def runner_for(self, req: Request, ar: bool) -> str:
+        """The runner a request runs on once routed: "ar" (the separate AR model, when there is one) for
+        an AR route that fits that model's KV pool, else "main" (whose weights run AR too). A request
+        too long for the AR pool waited for it forever (nothing ever frees enough blocks there); it now
+        runs AR on the main model, whose pool admission sized it for (Scheduler.add)."""
+        if not ar or "ar" not in self.tables:
+            return "main"
+        pool = self.pool("ar")
+        spec = req.spec
+        gen = min(int(req.params.gen_length), spec.max_tokens or int(req.params.gen_length))
+        need = math.ceil((len(spec.prompt_ids) + len(spec.suffix_ids or []) + gen) / pool.block_size) + 1
+        return "ar" if need <= self.capacity("ar") else "main"
+
     def available(self, running: list[Request], key: str = "main") -> int:
         """Free blocks not yet promised to running requests, less the reserve."""
         tables = self.tables[key]

@@ -56,7 +56,7 @@ def maybe_switch(scheduler, req: Request) -> bool:
     decision = scheduler.router.decide(Mode.AUTO, req.priority, load, current=req.mode)
     if decision.mode is req.mode:
         return False
-    new_key = "ar" if decision.mode is Mode.AR and "ar" in scheduler.runners else "main"
+    new_key = scheduler.kv.runner_for(req, decision.mode is Mode.AR)
     handoff = req.decoder.handoff()
     if new_key != req.runner_key:
         scheduler.kv.free(req)  # the other model has none of this KV

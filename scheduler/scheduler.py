@@ -827,7 +827,7 @@ class Scheduler:
         route_key = req.route_key if requested is Mode.AUTO else None  # only AUTO requests can explore
         load = self.load_snapshot(arriving=arriving)
         decision = self.router.decide(requested, req.priority, load, request_key=route_key)
-        key = "ar" if decision.mode is Mode.AR and "ar" in self.runners else "main"
+        key = self.kv.runner_for(req, decision.mode is Mode.AR)
         cache = self.prefix_cache if key == "main" else None
         # A request scoring its prompt computes every prompt row: it neither starts on cached blocks nor
         # waits for another's prefill, but may evict the cache for room like any request

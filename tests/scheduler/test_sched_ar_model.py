@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from sched_fakes import FakeFactory, FakeRunner, FakeTokenizer, collect, ids_of
 
 from scheduler.api import GenerationRequest, Mode, Priority
@@ -51,3 +53,21 @@ async def test_switch_to_the_ar_model_moves_the_request_and_frees_the_main_runne
     assert engine.kv.pool("main").num_free == engine.kv.pool("main").num_total
     await engine.stop()
     assert engine.kv.pool("ar").num_free == engine.kv.pool("ar").num_total
+
+
+async def test_a_request_too_long_for_the_ar_pool_runs_ar_on_the_main_model():
+    """The AR model's KV pool holds 8 blocks of 4 tokens: an AR request of 40 prompt + 6 generated
+    tokens can never fit there (it waited forever), so it runs AR on the main model, whose pool admitted
+    it; a short one still runs on the AR model, and both pools end empty."""
+    main, ar = FakeRunner(num_blocks=128), FakeRunner(num_blocks=8)
+    config = EngineConfig(routing=RoutingConfig(calibrate=False, cost_points=FLAT))
+    engine = Engine(main, FakeTokenizer(), config, FakeFactory(), ar_runner=ar, ar_decoder_factory=FakeFactory())
+    await engine.start()
+    long = await asyncio.wait_for(
+        collect(engine, GenerationRequest("long", [5, 6, 7, 8] * 10, {"gen_length": 6}, mode=Mode.AR)), 60)
+    short = await collect(engine, GenerationRequest("short", [5, 6, 7], {"gen_length": 6}, mode=Mode.AR))
+    assert len(ids_of(long)) == 6 and long[-1].stats["modes"] == ["ar"] and len(ids_of(short)) == 6
+    assert _seqs(main) == {"long"} and _seqs(ar) == {"short"}
+    await engine.stop()
+    for key in ("main", "ar"):
+        assert engine.kv.pool(key).num_free == engine.kv.pool(key).num_total
