@@ -93,7 +93,8 @@ class RequestObserver:
                  usage_from_engine: bool = False):
         """usage_from_engine: a choice's completion tokens are its final delta's stats["generated_tokens"]
         (the tokens the model generated), not the ids its deltas carry: for text that was post-processed
-        after decoding (the infill path), whose ids are a re-tokenization of the text.
+        after decoding (the infill path), whose ids are only those of the text kept (a rule's cut drops
+        the rest).
 
         A request of several choices (n > 1, a list of prompts) feeds every choice's deltas here, told
         apart by Delta.request_id: inter-token latency is timed within a choice, and each choice's

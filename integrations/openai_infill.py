@@ -74,13 +74,15 @@ async def infill_job(client, request_id: str, body, decode_params: dict) -> Comp
 
 async def infill_deltas(client, job: CompletionJob, request_id: str, stream: bool) -> AsyncIterator[Delta]:
     """Run the infill job; yield text pieces as Deltas (partials only when streaming), then a final
-    Delta carrying finish reason, mode and stats. Engine errors become APIErrors; closing the
-    iterator cancels every candidate in the engine."""
+    Delta carrying finish reason, mode and stats. Each Delta's token_ids are the generated ids of its
+    text (runner.text_id_count: what /infill returns as `tokens`; the time-to-first-token and inter-token
+    metrics count them). Engine errors become APIErrors; closing the iterator cancels every candidate
+    in the engine."""
     pieces: asyncio.Queue = asyncio.Queue()
-    sent = ""
+    sent, sent_ids = "", []
 
-    async def on_partial(text: str) -> None:
-        await pieces.put(text)
+    async def on_partial(text: str, token_ids: list[int]) -> None:
+        await pieces.put((text, token_ids))
 
     task = asyncio.ensure_future(run_completion(client, job, on_partial if stream else None, whole=True))
     try:
@@ -90,13 +92,12 @@ async def infill_deltas(client, job: CompletionJob, request_id: str, stream: boo
             if getter not in done:
                 getter.cancel()
                 break
-            text = getter.result()
+            text, token_ids = getter.result()
             if text.startswith(sent) and len(text) > len(sent):
-                yield Delta(request_id, text[len(sent):], piece_ids(client, text[len(sent):]))
-                sent = text
+                yield Delta(request_id, text[len(sent):], token_ids[len(sent_ids):])
+                sent, sent_ids = text, token_ids
         outcome = _outcome(task)
-        rest = outcome.text[len(sent):] if outcome.text.startswith(sent) else ""
-        yield final_delta(request_id, rest, piece_ids(client, rest), outcome)
+        yield final_delta(request_id, *outcome.after(sent, sent_ids), outcome)
     finally:
         if not task.done():
             task.cancel()
@@ -113,14 +114,6 @@ def _outcome(task: asyncio.Future) -> CompletionOutcome:
     if isinstance(exc, EngineError) or type(exc).__name__ in ("BackPressureError",):
         raise from_engine_error(exc) from exc
     raise exc
-
-
-def piece_ids(client, text: str) -> list[int]:
-    """Token ids of a post-processed piece (the text the client receives; /infill's `tokens`, and the
-    time-to-first-token and inter-token metrics). Usage counts the
-    generated tokens instead (the final Delta's stats, RequestObserver usage_from_engine): re-tokenized
-    text differs from them (CRLF restored, other splits)."""
-    return client.tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
 def final_delta(request_id: str, text: str, token_ids: list[int], outcome: CompletionOutcome) -> Delta:

@@ -212,8 +212,11 @@ class Candidate:
     text: str
     stop_reason: str  # stop | length | deadline | newline | indent | suffix | cancelled | error
     raw: str = ""
-    tokens: int = 0
+    tokens: int = 0  # ids generated (read from the engine), what usage counts
     stats: dict = field(default_factory=dict)
+    # The generated ids of `text` (runner.text_id_count): those of the model's text it shows, fewer than
+    # `tokens` where a rule cut the text
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def closed(self) -> bool:
@@ -230,7 +233,8 @@ def choose_candidate(candidates: Sequence[Candidate]) -> Candidate:
     and does not close. The shortest closed gap is the least padded complete answer. Partials stream
     from the shortest gap, and a stream cannot take text back (llama.cpp's /infill and OpenAI's
     streams send only new text), so a longer gap may replace it only when it extends what the
-    shortest one wrote: then the streamed and the non-streamed answers are the same text.
+    shortest one wrote, text and token ids alike: then the streamed and the non-streamed answers are the
+    same text with the same `tokens`.
     """
     if not candidates:
         raise ValueError("choose_candidate needs at least one candidate")
@@ -239,7 +243,8 @@ def choose_candidate(candidates: Sequence[Candidate]) -> Candidate:
     if streamed.text.strip():
         if streamed.closed:
             return streamed
-        ordered = [c for c in ordered if c.text.startswith(streamed.text)]
+        ordered = [c for c in ordered if c.text.startswith(streamed.text)
+                   and c.token_ids[: len(streamed.token_ids)] == streamed.token_ids]
     with_text = [c for c in ordered if c.text.strip()] or ordered
     for cand in with_text:
         if cand.closed:

@@ -29,7 +29,7 @@ from integrations.editor.runner import CompletionJob, CompletionOutcome, run_com
 from decoding.params import MAX_TOP_K
 from integrations.request_limits import MAX_SEED, off_loop, sampling_temperature
 from integrations.llama_completion import LlamaBody, llama_timings
-from integrations.openai_infill import final_delta, piece_ids
+from integrations.openai_infill import final_delta
 from scheduler.api import Delta, Mode, Priority
 
 LIMITS = Limits()
@@ -60,7 +60,7 @@ class InfillBody(LlamaBody):
     top_k: int = Field(40, le=MAX_TOP_K)  # <= 0: off, as llama.cpp (its README's -1 included)
     top_p: float = Field(0.95, ge=1e-6, le=1)
     min_p: float = Field(0.05, ge=0, le=1)  # 0: off
-    return_tokens: bool = False  # `tokens` holds the generated ids (always when streaming)
+    return_tokens: bool = False  # `tokens` holds the generated ids of `content` (always when streaming; _result)
     response_fields: list[str] | None = None
     cache_prompt: bool = True  # always on: the engine's prefix cache serves every request
     # ReFusion extension (llama.cpp has none): pin the decoder for reproducible output; its JSON string
@@ -146,11 +146,20 @@ def _stop_fields(stop_reason: str, candidate: Candidate | None, job: CompletionJ
     return {"stop_type": _STOP_TYPE.get(stop_reason, "none"), "stopping_word": ""}
 
 
-def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_reason: str, tokens: int,
-            outcome: CompletionOutcome | None, candidate: Candidate | None = None, n_ctx: int = 0,
+def _result(client, job: CompletionJob, body: InfillBody, content: str, ids: list[int], stop_reason: str,
+            tokens: int, outcome: CompletionOutcome | None, candidate: Candidate | None = None, n_ctx: int = 0,
             warmed: dict | None = None) -> dict:
     """One llama.cpp /completion result; `candidate` is the one reported (default: the chosen one);
-    `warmed`: warm_prefix's answer for an n_predict 0 request (no outcome)."""
+    `warmed`: warm_prefix's answer for an n_predict 0 request (no outcome).
+
+    `tokens` (with return_tokens, and in every stream event) are `ids`: the ids the model generated for
+    `content`, as llama.cpp's server returns them, never a re-tokenization of it (runner.text_id_count).
+    Where a rule cut the text (suffix repeat, n_indent, trailing line breaks) they are the fewest
+    generated ids whose text holds the content, so a token the cut splits is kept; a stop string's ids
+    are kept, as the engine generated them; the ids stay the model's where the text is restyled (its
+    LF and space indentation, which a CRLF or tab-indented document gets back as CRLF and tabs), and
+    their text starts with the blanks token healing left out of the prompt, which the model wrote and
+    `content` leaves out. A stream's events add up to the non-streamed result's `tokens`."""
     prompt_n = len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or [])
     chosen = next((c for c in outcome.candidates if c.gap == outcome.gap), None) if outcome else None
     candidate = candidate or chosen
@@ -169,7 +178,7 @@ def _result(client, job: CompletionJob, body: InfillBody, content: str, stop_rea
         "model": client.model_name,
         "tokens_predicted": tokens,
         "tokens_evaluated": prompt_n,
-        "tokens": piece_ids(client, content) if body.return_tokens or body.stream else [],
+        "tokens": list(ids) if body.return_tokens or body.stream else [],
         "generation_settings": _settings(client, job, body, n_ctx),
         "prompt": client.tokenizer.decode(job.prompt.prompt_ids),  # the processed prompt, as llama.cpp
         "has_new_line": "\n" in content,
@@ -225,12 +234,13 @@ async def infill(client, body: InfillBody, n_ctx: int, request_id: str, observer
     _observe_prompt(observer, job)
     if body.n_predict == 0:
         warmed = await warm_prefix(client, request_id, job.prompt)
-        return select_fields(_result(client, job, body, "", "length", 0, None, n_ctx=n_ctx, warmed=warmed),
+        return select_fields(_result(client, job, body, "", [], "length", 0, None, n_ctx=n_ctx, warmed=warmed),
                              body.response_fields)
     outcome = await run_completion(client, job, whole=True)
     if observer is not None:
-        observer.on_delta(final_delta(request_id, outcome.text, piece_ids(client, outcome.text), outcome))
-    results = [_result(client, job, body, outcome.text, outcome.stop_reason, outcome.tokens, outcome, n_ctx=n_ctx)]
+        observer.on_delta(final_delta(request_id, outcome.text, outcome.token_ids, outcome))
+    results = [_result(client, job, body, outcome.text, outcome.token_ids, outcome.stop_reason, outcome.tokens,
+                       outcome, n_ctx=n_ctx)]
     if body.n_cmpl == 1:
         return select_fields(results[0], body.response_fields)
     results += _other_results(client, job, body, outcome, n_ctx)
@@ -240,13 +250,15 @@ async def infill(client, body: InfillBody, n_ctx: int, request_id: str, observer
 def _other_results(client, job: CompletionJob, body: InfillBody, outcome: CompletionOutcome, n_ctx: int) -> list[dict]:
     """The results of index 1 to n_cmpl - 1: the candidates other than the chosen one, in gap order."""
     others = [c for c in outcome.candidates if c.gap != outcome.gap]
-    return [{**_result(client, job, body, cand.text, cand.stop_reason, cand.tokens, outcome, cand, n_ctx), "index": index}
+    return [{**_result(client, job, body, cand.text, cand.token_ids, cand.stop_reason, cand.tokens, outcome, cand,
+                       n_ctx), "index": index}
             for index, cand in enumerate(others[: body.n_cmpl - 1], start=1)]
 
 
 async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, observer=None) -> AsyncIterator[bytes]:
     """stream=true: server-sent events like llama.cpp, one `data: {json}` per text piece (content is the
-    new text only, stop=false), then one final event with stop=true and the full result fields. With
+    new text only, tokens its generated ids (_result), stop=false), then one final event with stop=true
+    and the full result fields (the rest of the text and its ids). With
     n_cmpl > 1 the chosen candidate (index 0) streams, and each other one follows as one final event of
     its own index with its whole text: per index, the contents add up to the non-streamed result's.
     Errors (InputError, engine errors) are raised; the route turns one raised before the first event
@@ -256,14 +268,14 @@ async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, o
     _observe_prompt(observer, job)
     if body.n_predict == 0:
         warmed = await warm_prefix(client, request_id, job.prompt)
-        yield b"data: " + compact_json(_result(client, job, body, "", "length", 0, None, n_ctx=n_ctx,
+        yield b"data: " + compact_json(_result(client, job, body, "", [], "length", 0, None, n_ctx=n_ctx,
                                                warmed=warmed)) + b"\n\n"
         return
     queue: asyncio.Queue = asyncio.Queue()
-    sent = ""
+    sent, sent_ids = "", []
 
-    async def on_partial(text: str) -> None:
-        await queue.put(text)
+    async def on_partial(text: str, token_ids: list[int]) -> None:
+        await queue.put((text, token_ids))
 
     async def produce() -> CompletionOutcome:
         try:
@@ -273,22 +285,22 @@ async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, o
 
     task = asyncio.ensure_future(produce())
     try:
-        while (text := await queue.get()) is not None:
+        while (shown := await queue.get()) is not None:
+            text, token_ids = shown
             if text.startswith(sent) and len(text) > len(sent):
-                piece = {"index": 0, "content": text[len(sent):], "tokens": piece_ids(client, text[len(sent):]),
-                         "stop": False}
+                piece = {"index": 0, "content": text[len(sent):], "tokens": token_ids[len(sent_ids):], "stop": False}
                 if observer is not None:
                     observer.on_delta(Delta(request_id, piece["content"], piece["tokens"]))
-                sent = text
+                sent, sent_ids = text, token_ids
                 yield b"data: " + compact_json(piece) + b"\n\n"
         outcome = await task
     finally:
         if not task.done():
             task.cancel()  # client went away: cancels every candidate in the engine
-    tail = outcome.text[len(sent):] if outcome.text.startswith(sent) else ""
+    tail, tail_ids = outcome.after(sent, sent_ids)
     if observer is not None:
-        observer.on_delta(final_delta(request_id, tail, piece_ids(client, tail), outcome))
-    final = _result(client, job, body, tail, outcome.stop_reason, outcome.tokens, outcome, n_ctx=n_ctx)
+        observer.on_delta(final_delta(request_id, tail, tail_ids, outcome))
+    final = _result(client, job, body, tail, tail_ids, outcome.stop_reason, outcome.tokens, outcome, n_ctx=n_ctx)
     yield b"data: " + compact_json(final) + b"\n\n"
     for other in _other_results(client, job, body, outcome, n_ctx):  # whole: only the chosen one streams
         yield b"data: " + compact_json(other) + b"\n\n"

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Awaitable, Callable
 
 from integrations.editor.document import MODEL_TAB_WIDTH
@@ -18,9 +19,12 @@ from integrations.editor.infill import (MAX_CHARS_PER_TOKEN, MAX_SUFFIX_TOKENS, 
                                         choose_candidate, gap_params, heal_text)
 from integrations.editor.postprocess import Rules, postprocess, shown_partial
 from scheduler.api import EngineError, GenerationRequest, Mode, OverloadedError, Priority
+from scheduler.detokenizer import Healer, ids_covering
 from scheduler.validation import with_seed
 
-PartialCallback = Callable[[str], Awaitable[None]]
+# on_partial(text, token_ids): the text shown so far (document's style) and the generated ids of it
+# (text_id_count), both cumulative; each call's are a prefix of the next's and of the chosen result's
+PartialCallback = Callable[[str, list[int]], Awaitable[None]]
 
 
 @dataclass
@@ -91,7 +95,8 @@ class CompletionJob:
 
 @dataclass
 class CompletionOutcome:
-    """The chosen completion and what it cost."""
+    """The chosen completion and what it cost; `tokens` counts the ids the chosen candidate generated,
+    `token_ids` are the generated ids of `text` (Candidate.token_ids)."""
 
     text: str
     stop_reason: str
@@ -102,9 +107,17 @@ class CompletionOutcome:
     tokens_per_forward: float | None
     first_partial_ms: float | None
     total_ms: float
+    token_ids: list[int] = field(default_factory=list)
 
     def timings(self) -> dict:
         return {"first_partial_ms": self.first_partial_ms, "total_ms": round(self.total_ms, 2)}
+
+    def after(self, sent: str, sent_ids: list[int]) -> tuple[str, list[int]]:
+        """The text and ids a stream still owes once it has sent the partials `sent` and `sent_ids`
+        (on_partial's last); nothing where the result does not extend them, which choose_candidate
+        rules out."""
+        extends = self.text.startswith(sent) and self.token_ids[: len(sent_ids)] == sent_ids
+        return (self.text[len(sent):], self.token_ids[len(sent_ids):]) if extends else ("", [])
 
 
 def tokens_per_forward(stats: dict) -> float | None:
@@ -122,6 +135,7 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
     Rules run on the model's text; partials and the result are in the document's style (document.py)."""
     raw, ids, reason, stats, mode = "", [], "length", {}, None
     text, shown, capped = "", "", False  # text: raw (as seen from the cursor) with the rules applied
+    shown_ids = 0  # how many ids the shown partial's text takes (text_id_count)
     first_token_s: float | None = None
     rules = job.model_rules()
     async with contextlib.aclosing(client.stream(req)) as deltas:
@@ -142,9 +156,10 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
                 if processed.cut:
                     reason = processed.cut
                     break
-                if on_text is not None and (partial := _partial(text, rules, job)) != shown:
-                    shown = partial
-                    await on_text(shown)
+                if on_text is not None and (now_shown := _partial(text, rules, job))[0] != shown:
+                    shown, model_shown = now_shown
+                    shown_ids = text_id_count(client.tokenizer, ids, job, model_shown, shown_ids)
+                    await on_text(shown, ids[:shown_ids])
             if delta.finished:
                 if not capped:
                     reason = "error" if delta.error else (delta.finish_reason.value if delta.finish_reason else "stop")
@@ -159,8 +174,10 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
     final = postprocess(text, rules, final=True)
     if final.cut:
         reason = final.cut
+    # All the ids when the rules kept all of raw (a stop string's ids included, as the engine counts them)
+    kept = len(ids) if final.text == raw else text_id_count(client.tokenizer, ids, job, final.text, shown_ids)
     cand = Candidate(gap=gap, text=job.prompt.to_document(final.text), stop_reason=reason, raw=raw, tokens=len(ids),
-                     stats=stats)
+                     stats=stats, token_ids=ids[:kept])
     cand.stats["mode"] = mode.value if mode is not None else None
     return cand
 
@@ -178,11 +195,25 @@ def _now() -> float:
     return time.monotonic()
 
 
-def _partial(text: str, rules: Rules, job: CompletionJob) -> str:
-    """What a partial shows, in the document's style. Whitespace alone is not shown: its indentation
-    (tabs or spaces) is known only once the line has text, and a partial must stay a prefix of the result."""
-    partial = shown_partial(text, rules.suffix)
-    return job.prompt.to_document(partial) if partial.strip(" \t") else ""
+def _partial(text: str, rules: Rules, job: CompletionJob) -> tuple[str, str]:
+    """What a partial shows, in the document's style and in the model's. Whitespace alone is not shown:
+    its indentation (tabs or spaces) is known only once the line has text, and a partial must stay a
+    prefix of the result."""
+    model_text = shown_partial(text, rules.suffix)
+    return (job.prompt.to_document(model_text), model_text) if model_text.strip(" \t") else ("", "")
+
+
+def text_id_count(tokenizer, ids: list[int], job: CompletionJob, text: str, start: int = 0) -> int:
+    """How many of the generated `ids` are the ids of `text`, a prefix of their text in the model's style
+    (less the blanks token healing dropped, job.prompt.healed): the fewest whose text holds it
+    (scheduler.detokenizer.ids_covering; `start`: a count known not to exceed it). A token a
+    rule's cut splits is kept: its text starts inside `text`. The ids stay the generated ones whatever
+    the document's style makes of their text (CRLF line breaks, tab indentation)."""
+    decode = partial(tokenizer.decode, skip_special_tokens=True)
+    healer = Healer(job.prompt.healed)
+    if not healer.done:  # (a prompt that ended in blanks)
+        healer.feed(decode(ids))
+    return ids_covering(decode, ids, text, len(text), dropped=healer.dropped, start=start)
 
 
 async def run_completion(client, job: CompletionJob, on_partial: PartialCallback | None = None,
@@ -201,11 +232,11 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
     start = time.perf_counter()
     first_partial: list[float] = []
 
-    async def forward_partial(text: str) -> None:
+    async def forward_partial(text: str, token_ids: list[int]) -> None:
         if not first_partial:
             first_partial.append((time.perf_counter() - start) * 1000.0)
         if on_partial is not None:
-            await on_partial(text)
+            await on_partial(text, token_ids)
 
     tasks = [
         asyncio.ensure_future(decode_candidate(client, req, gap, job, forward_partial if i == 0 else None))
@@ -245,6 +276,7 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
         tokens_per_forward=tokens_per_forward(chosen.stats),
         first_partial_ms=round(first_partial[0], 2) if first_partial else None,
         total_ms=(time.perf_counter() - start) * 1000.0,
+        token_ids=chosen.token_ids,
     )
 
 

@@ -186,7 +186,7 @@ class EditorSession:
         )
 
     async def _run(self, msg_id, params: rpc.CompleteParams) -> None:
-        async def partial(text: str) -> None:
+        async def partial(text: str, _token_ids: list[int]) -> None:  # the protocol sends text only
             await self.send(rpc.encode_notification("completion/partial", {"id": msg_id, "text": text}))
 
         try:

@@ -60,7 +60,7 @@ def test_prompt_of_a_crlf_or_tab_document_equals_its_lf_space_twin(bpe_tokenizer
 async def _complete(client, prefix: str, suffix: str, partials: list[str]) -> str:
     job = CompletionJob("t", build_infill_prompt(client.tokenizer, prefix, suffix), (32,), Rules(suffix=suffix))
 
-    async def on_partial(text: str) -> None:
+    async def on_partial(text: str, _token_ids: list[int]) -> None:
         partials.append(text)
 
     return (await run_completion(client, job, on_partial)).text
