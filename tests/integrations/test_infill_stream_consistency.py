@@ -80,6 +80,17 @@ def test_choice_keeps_the_streamed_gap_unless_a_longer_one_extends_it():
     assert choose_candidate([blank, other]) is other
 
 
+def test_a_longer_gap_replaces_the_streamed_one_only_when_its_ids_extend_the_streamed_ids_too():
+    # Streamed events carry the shortest gap's ids (/infill's `tokens`): a longer gap whose text extends
+    # it but whose model split that text into other tokens would make the stream's ids differ from the
+    # non-streamed result's
+    short_open = Candidate(32, "x = ss", "length", token_ids=[1, 2, 2])
+    same_ids = Candidate(64, "x = ss + 1", "stop", token_ids=[1, 2, 2, 3])
+    other_ids = Candidate(64, "x = ss + 1", "stop", token_ids=[1, 4, 3])
+    assert choose_candidate([short_open, same_ids]) is same_ids
+    assert choose_candidate([short_open, other_ids]) is short_open
+
+
 # ---- the real app -----------------------------------------------------------------------------------
 
 def _events(body: str) -> list[dict]:
@@ -91,7 +102,7 @@ def _events(body: str) -> list[dict]:
 @pytest.mark.parametrize("doc", range(len(DOCUMENTS)))
 async def test_infill_streamed_equals_not_streamed(serve_base_url, doc, mode):
     # `mode` pinned: with "auto" the engine's router may pick another decoder for the second request.
-    body = dict(DOCUMENTS[doc], mode=mode)
+    body = dict(DOCUMENTS[doc], mode=mode, return_tokens=True)
     async with httpx.AsyncClient(base_url=serve_base_url, timeout=120) as http:
         whole = (await http.post("/infill", json=body)).json()
         streamed = await http.post("/infill", json={**body, "stream": True})
@@ -99,6 +110,7 @@ async def test_infill_streamed_equals_not_streamed(serve_base_url, doc, mode):
     assert [e["stop"] for e in events] == [False] * (len(events) - 1) + [True]
     # llama.cpp: in streaming mode each event's `content` is the next text; joined, the completion.
     assert "".join(e["content"] for e in events) == whole["content"]
+    assert [t for e in events for t in e["tokens"]] == whole["tokens"]  # the generated ids, likewise
     final = events[-1]
     assert final["stop_type"] == whole["stop_type"] and final["tokens_predicted"] == whole["tokens_predicted"]
 
