@@ -136,8 +136,9 @@ class Request:
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
     def sort_key(self) -> tuple:
-        """Scheduling order: priority class, then the most-skipped, then FCFS."""
-        return (int(self.priority), -self.skipped, self.order)
+        """Scheduling order: priority class, then the most-skipped, then FCFS (by `arrival_s`, which a
+        request moved from another replica backdates to its first arrival; then arrival order)."""
+        return (int(self.priority), -self.skipped, self.arrival_s, self.order)
 
     @property
     def rank_class(self) -> Priority:
@@ -150,8 +151,8 @@ class Request:
         return Priority.INTERACTIVE if aged else self.priority
 
     def rank_key(self) -> tuple:
-        """Admission and step-planning order: rank_class, then the most-skipped, then FCFS."""
-        return (int(self.rank_class), -self.skipped, self.order)
+        """Admission and step-planning order: rank_class, then the most-skipped, then FCFS (as sort_key)."""
+        return (int(self.rank_class), -self.skipped, self.arrival_s, self.order)
 
     def stream_ids(self) -> list[int]:
         """Final generated ids so far (a decoder built from a handoff includes the handed-off text)."""

@@ -125,3 +125,26 @@ async def test_a_moved_request_keeps_its_first_arrival():
     assert late[-1].finish_reason is FinishReason.DEADLINE and sum(len(d.token_ids) for d in late) < 64
     assert late[-1].stats["queue_time_s"] >= 3600.0
     await engine.stop()
+
+
+async def test_a_moved_request_keeps_its_place_in_line(wait_until):
+    """FCFS goes by first arrival: a request moved here after waiting 5 s on another replica starts
+    before one that came here (first) a moment ago, in the same class."""
+    runner = FakeRunner(num_blocks=64)
+    engine, _ = make_engine(runner=runner, max_running=1, prefix_cache=False)
+    gate = ForwardGate(runner.execute)  # "a" holds the only slot while the two queue
+    runner.execute = gate
+    await engine.start()
+    tasks = [asyncio.create_task(collect(engine, req("a")))]
+    try:
+        await wait_until(gate.entered.is_set, "the first forward")
+        tasks.append(asyncio.create_task(collect(engine, req("fresh"))))
+        await wait_until(lambda: len(engine.scheduler.waiting) == 1, "fresh waiting")
+        tasks.append(asyncio.create_task(collect(engine, req("moved", waited_s=5.0))))
+        await wait_until(lambda: len(engine.scheduler.waiting) == 2, "both waiting")
+    finally:
+        gate.release()
+    await asyncio.gather(*tasks)
+    first_seen = list(dict.fromkeys(s.seq_id for call in runner.calls for s in call))
+    assert first_seen == ["a", "moved", "fresh"]
+    await engine.stop()
