@@ -17,7 +17,7 @@ from typing import Sequence
 
 from integrations.context_fit import whole_slots
 from integrations.editor.document import DocumentStyle, cursor_at_indent
-from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX
+from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, REPLACEMENT
 from scheduler.detokenizer import Healer
 
 # Token budgets of the prompt parts: the prefix is kept from its end, the suffix from its start.
@@ -50,6 +50,9 @@ class InfillPrompt:
     healed: str = ""  # trailing spaces/tabs left out of the prompt; the model writes them (see heal_text)
     style: DocumentStyle = DocumentStyle()  # the document's line endings and indentation (document.py)
     at_indent: bool = True  # only tabs (or nothing) stand before the cursor on its line
+    # The prompt's text (context, prefix or suffix) holds U+FFFD itself, so the model may copy it: the
+    # invalid-bytes rule stays off (postprocess.Rules.cut_invalid)
+    holds_replacement: bool = False
 
     def to_document(self, text: str) -> str:
         """A completion (model text, seen from the cursor) in the document's line endings and indent."""
@@ -139,7 +142,9 @@ def build_infill_prompt(
     if not prompt_ids:
         # A completion at the very start of an empty file: give the model something to attend to.
         prompt_ids = _encode(tokenizer, "\n") or [tokenizer.eos_token_id]
-    return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids), healed, style, at_indent)
+    holds = REPLACEMENT in prefix or REPLACEMENT in suffix or any(REPLACEMENT in "".join(_chunk_parts(c, language))
+                                                                  for c in context)
+    return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids), healed, style, at_indent, holds)
 
 
 def _header_and_tail(tokenizer, header: str, text: str, budget: int) -> list[int]:
@@ -210,7 +215,7 @@ class Candidate:
 
     gap: int
     text: str
-    stop_reason: str  # stop | length | deadline | newline | indent | suffix | cancelled | error
+    stop_reason: str  # stop | length | deadline | newline | indent | suffix | invalid | cancelled | error
     raw: str = ""
     tokens: int = 0  # ids generated (read from the engine), what usage counts
     stats: dict = field(default_factory=dict)

@@ -1,6 +1,10 @@
 """Editor post-processing of a raw infill: the rules editors expect, as plain functions.
 
 Applied in this order to the text generated so far (cumulative, so it also runs on partials):
+  0. invalid bytes (the editor protocol only, `Rules.cut_invalid`): stop before the first U+FFFD,
+     which the engine's text holds only where the model wrote bytes that are no UTF-8 (its detokenizer
+     holds back a character still incomplete), so an editor never inserts one; off when the document
+     holds U+FFFD itself (the model may copy it);
   1. single-line: when `multiline` is off, stop at the first newline after visible text
      (a completion that starts with a newline keeps that one newline and its next line, unless the
      cursor is mid-line: text follows it on its line, which a line break would split);
@@ -25,6 +29,9 @@ from dataclasses import dataclass
 CUT_NEWLINE = "newline"
 CUT_INDENT = "indent"
 CUT_SUFFIX = "suffix"
+CUT_INVALID = "invalid"
+
+REPLACEMENT = "\ufffd"  # what decoding puts where bytes are no UTF-8
 
 # A suffix line this short ("}", ")", "end") is too common to prove a repeat on its own.
 _SHORT_LINE = 4
@@ -39,6 +46,10 @@ class Rules:
     suffix: str = ""
     multiline: bool = True
     indent: int = 0
+    # rule 0: on for the editor protocol (text goes straight into a document), off for /infill and
+    # /v1/completions' suffix (llama.cpp and vLLM return the model's text, U+FFFD included), and off
+    # whenever the document holds U+FFFD itself (InfillPrompt.holds_replacement)
+    cut_invalid: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,8 +220,11 @@ def _held_from(line: str, rest_of_line: str) -> int:
 
 
 def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
-    """Apply single-line, indentation and suffix-repeat rules in that order (module docstring)."""
+    """Apply the invalid-bytes, single-line, indentation and suffix-repeat rules in that order (module
+    docstring)."""
     text, cut = raw, None
+    if rules.cut_invalid and REPLACEMENT in text:
+        text, cut = text[: text.index(REPLACEMENT)], CUT_INVALID
     if not rules.multiline:
         text, did = single_line(text, mid_line=bool(_rest_of_cursor_line(rules.suffix)))
         cut = CUT_NEWLINE if did else cut

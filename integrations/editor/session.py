@@ -173,7 +173,7 @@ class EditorSession:
             request_id=f"ed-{self.conn_id}-{next(self._engine_ids)}",
             prompt=prompt,
             gaps=capped_gaps(params.gaps, params.max_tokens) or plan_gaps(params.max_tokens, params.multiline),
-            rules=Rules(suffix=params.suffix, multiline=params.multiline, indent=params.indent),
+            rules=Rules(suffix=params.suffix, multiline=params.multiline, indent=params.indent, cut_invalid=True),
             mode=_MODES[params.mode],
             priority=Priority.INTERACTIVE,
             stop=params.stop,

@@ -74,18 +74,21 @@ async def test_initialize_and_streaming_complete(serve_base_url):
         _, _, err, result = await conn.response(2)
         assert err is None, err
         assert set(result) >= {"text", "stop_reason", "timings", "tokens_per_forward", "mode", "gap"}
-        assert result["stop_reason"] in ("stop", "length", "deadline", "newline", "indent", "suffix")
+        assert result["stop_reason"] in ("stop", "length", "deadline", "newline", "indent", "suffix", "invalid")
         assert result["tokens"] > 0 and result["timings"]["total_ms"] > 0
-        # A random model greedily emits only whitespace (no partial is shown for that); sampled AR text
-        # is visible, so this one must stream: partials, each a prefix of the next, then the result.
-        await conn.request(3, "complete", complete(uri="file:///sampled.py", mode="ar", temperature=1.0, seed=3))
+        # A random model greedily emits whitespace or bytes that are no UTF-8 (no partial is shown for
+        # those: the invalid-bytes rule ends the completion before them); this seed's sampled AR text
+        # has visible text first, so it must stream: partials, each a prefix of the next, then the result.
+        await conn.request(3, "complete", complete(uri="file:///sampled.py", mode="ar", temperature=1.0, seed=19))
         _, _, err, sampled = await conn.response(3)
         partials = conn.partials(3)
         # >= 1, not 2: deltas that pile up while Ray is busy are merged (coalesce_deltas) on a slow machine
         assert err is None and sampled["text"].strip() and len(partials) >= 1
         assert all(b.startswith(a) for a, b in zip(partials, partials[1:]))
         assert sampled["text"].startswith(partials[-1]) or partials[-1].startswith(sampled["text"])
-        assert sampled["tokens_per_forward"] is not None and sampled["mode"] == "ar"
+        # (tokens_per_forward is nil for a completion a rule stopped before the engine's final stats)
+        assert sampled["mode"] == "ar" and (sampled["tokens_per_forward"] is None) == (
+            sampled["stop_reason"] in ("newline", "indent", "suffix", "invalid"))
         # held-out body, checked structurally: the known suffix is never repeated in the middle
         suffix_lines = [line.strip() for line in HELD_OUT_SUFFIX.split("\n") if line.strip()]
         text_lines = [line.strip() for line in result["text"].split("\n")]

@@ -13,7 +13,16 @@ from integrations.editor.infill import (
     gap_params,
     plan_gaps,
 )
-from integrations.editor.postprocess import Rules, min_indent, postprocess, single_line, trim_suffix_repeat
+from integrations.editor.postprocess import (
+    CUT_INVALID,
+    CUT_NEWLINE,
+    Processed,
+    Rules,
+    min_indent,
+    postprocess,
+    single_line,
+    trim_suffix_repeat,
+)
 
 SUFFIX = "\n    return total\n\n\ndef main():\n    pass\n"
 
@@ -242,3 +251,11 @@ def test_trailing_line_breaks_before_a_line_break_are_dropped(raw, suffix, final
 
     assert postprocess(raw, Rules(suffix=suffix), final=True).text == final
     assert final.startswith(shown_partial(raw, suffix))  # what a stream showed stays a prefix
+
+
+def test_invalid_bytes_end_the_completion_unless_the_document_holds_them():
+    raw = "name = 'caf\ufffd\ufffd'\nnext line"
+    assert postprocess(raw, Rules(cut_invalid=True)) == Processed("name = 'caf", CUT_INVALID)
+    assert postprocess(raw, Rules()) == Processed(raw, None)  # off unless asked (/infill keeps the model's text)
+    # an earlier cut by a later rule names that rule
+    assert postprocess("x = 1\n\ufffd", Rules(multiline=False, cut_invalid=True)) == Processed("x = 1", CUT_NEWLINE)

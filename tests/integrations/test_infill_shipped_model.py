@@ -83,6 +83,6 @@ def check(cases: list[dict], results: list[dict], multiline: bool) -> None:
         # no line of the completion repeats the first line after the gap (the trimming rule held)
         if suffix_lines and len(suffix_lines[0]) >= 4:
             assert suffix_lines[0] not in _visible_lines(text), (text, suffix_lines[0])
-        assert result["stop_reason"] in ("stop", "length", "deadline", "newline", "indent", "suffix")
+        assert result["stop_reason"] in ("stop", "length", "deadline", "newline", "indent", "suffix", "invalid")
         matches += text.strip() == case["expected"]
     print(f"exact line matches ({'multi' if multiline else 'single'}-line): {matches}/{len(cases)}")
