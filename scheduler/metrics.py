@@ -12,7 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 # replicas of creation times means nothing (vLLM turns them off alike)
 disable_created_metrics()
 
-from scheduler.api import FinishReason
+from scheduler.api import ENGINE_STOPPED, FinishReason
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -20,6 +20,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _TPF_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 PREEMPTION_CAUSES = ("kv", "interactive")  # the `cause` label of refusion_preemptions_total
 REJECT_REASONS = ("not_running", "queue_full")  # the `reason` label of refusion_requests_rejected_total
+# The `reason` label of refusion_requests_finished_total: each FinishReason's value, and `shutdown` for
+# the requests a stopping engine cut at its drain timeout (FinishReason.CANCELLED with ENGINE_STOPPED),
+# which `cancelled` (their client or ingress left) would hide among disconnects
+FINISH_REASONS = (*(reason.value for reason in FinishReason), "shutdown")
 
 
 class EngineMetrics:
@@ -67,8 +71,8 @@ class EngineMetrics:
         # reads 0 on a replica that has not preempted or finished that way yet, not "no data"
         for cause in PREEMPTION_CAUSES:
             self.preemptions.labels(cause=cause)
-        for reason in FinishReason:
-            self.finished.labels(reason=reason.value)
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason=reason)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)
 
@@ -82,7 +86,8 @@ class EngineMetrics:
 
     def observe_finish(self, req, now: float) -> None:
         """Finish reason, end-to-end latency and (when it decoded) the request's tokens per forward."""
-        self.finished.labels(reason=req.finish_reason.value).inc()
+        cut_by_stop = req.finish_reason is FinishReason.CANCELLED and req.error == ENGINE_STOPPED
+        self.finished.labels(reason="shutdown" if cut_by_stop else req.finish_reason.value).inc()
         self.e2e.observe(now - req.arrival_s)
         if req.decoder is not None and req.forwards():
             self.tpf.labels(mode=req.mode.value).observe(req.generated_tokens() / req.forwards())

@@ -7,7 +7,7 @@ import asyncio
 from prometheus_client.parser import text_string_to_metric_families
 from sched_fakes import FakeRunner, collect, make_engine
 
-from scheduler.api import GenerationRequest, Mode
+from scheduler.api import ENGINE_STOPPED, GenerationRequest, Mode
 
 
 def samples(engine) -> dict:
@@ -27,7 +27,7 @@ def test_kv_capacity_is_exported_before_any_request():
     # The closed label sets are series at 0 from the start (a dashboard read "no data" before the first)
     assert [m[("refusion_preemptions_total", (("cause", c),))] for c in ("kv", "interactive")] == [0, 0]
     assert all(m[("refusion_requests_finished_total", (("reason", r),))] == 0
-               for r in ("stop", "length", "deadline", "cancelled", "error"))
+               for r in ("stop", "length", "deadline", "cancelled", "error", "shutdown"))
     assert [m[("refusion_requests_rejected_total", (("reason", r),))] for r in ("not_running", "queue_full")] == [0, 0]
     assert not any(name.endswith("_created") for name, _ in m)  # no creation-time series (as vLLM)
     stats = engine.stats()  # /v1/engine's engine block: the scheduling limits in force
@@ -61,6 +61,25 @@ async def test_metrics_after_traffic():
     await collect(engine, GenerationRequest("c", [5, 6], {"gen_length": 4}, mode=Mode.AR, suffix_ids=[7, 8, 9]))
     assert samples(engine)[("refusion_prompt_tokens_total", ())] == 5 + 5
     await engine.stop()
+
+
+async def test_a_request_the_stopping_engine_cuts_finishes_by_shutdown():
+    """A request still running at the drain timeout finishes CANCELLED (its stream says "engine
+    stopped"), counted under reason `shutdown`, not with the requests whose client left (`cancelled`)."""
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=128, delay_s=0.01))
+    await engine.start()
+    left, cut = (asyncio.ensure_future(collect(engine, GenerationRequest(rid, [5, 6], {"gen_length": 200}, mode=Mode.AR)))
+                 for rid in ("left", "cut"))
+    while engine.stats()["running"] < 2:
+        assert not cut.done() and not left.done()
+        await asyncio.sleep(0.01)
+    left.cancel()  # its client went away
+    await asyncio.gather(left, return_exceptions=True)
+    await engine.stop(drain_timeout_s=0)
+    assert (await cut)[-1].error == ENGINE_STOPPED
+    m = samples(engine)
+    assert m[("refusion_requests_finished_total", (("reason", "shutdown"),))] == 1
+    assert m[("refusion_requests_finished_total", (("reason", "cancelled"),))] == 1
 
 
 async def test_the_servers_own_requests_are_not_counted():
