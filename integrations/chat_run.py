@@ -146,7 +146,7 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
         raise await _tools_overflow(client.tokenizer, body, exc) from None
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
-    observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt.ids))
+    observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt.ids), choices=body.n)
     if endpoint == "chat":  # an engine 400 names the cap as the client sent it
         observer.cap_field = body.max_tokens_field
     reqs = scored_once(choice_requests(req, body.n), body.n)  # vLLM's prompt_logprobs: one list per response

@@ -80,27 +80,29 @@ class RequestObserver:
 
     @classmethod
     def for_request(cls, request, endpoint: str, request_id: str, prompt_tokens: int,
-                    usage_from_engine: bool = False) -> "RequestObserver":
+                    usage_from_engine: bool = False, choices: int = 1) -> "RequestObserver":
         """An observer for this HTTP request, registered so the ingress gate finishes it if the route does not.
         Its clock (TTFT, e2e) starts when the gate saw the request arrive, so reading the body and
         tokenizing count (vLLM's latencies likewise start at arrival), else now."""
-        observer = cls(request.app.state.metrics, endpoint, request_id, prompt_tokens, usage_from_engine)
+        observer = cls(request.app.state.metrics, endpoint, request_id, prompt_tokens, usage_from_engine, choices)
         observer.started = getattr(request.state, "arrived_at", observer.started)
         request.state.observer = observer
         return observer
 
-    def __init__(self, metrics: APIMetrics, endpoint: str, request_id: str, prompt_tokens: int,
-                 usage_from_engine: bool = False):
+    def __init__(self, metrics: APIMetrics, endpoint: str, request_id: str | None, prompt_tokens: int,
+                 usage_from_engine: bool = False, choices: int = 1):
         """usage_from_engine: a choice's completion tokens are its final delta's stats["generated_tokens"]
         (the tokens the model generated), not the ids its deltas carry: for text that was post-processed
         after decoding (the infill path), whose ids are only those of the text kept (a rule's cut drops
         the rest).
 
         A request of several choices (n > 1, a list of prompts) feeds every choice's deltas here, told
-        apart by Delta.request_id: inter-token latency is timed within a choice, and each choice's
-        final delta adds one tokens-per-forward, mode and queue-time observation."""
+        apart by Delta.request_id (`<request_id>.<i>`): inter-token latency is timed within a choice, and
+        each choice's final delta adds one tokens-per-forward, mode and queue-time observation.
+        `choices`: how many the request asked for (prompts x n), the log line's `choices` whatever
+        became of them."""
         self.metrics, self.endpoint, self.request_id = metrics, endpoint, request_id
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens, self.choices = prompt_tokens, choices
         self.usage_from_engine = usage_from_engine
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -134,15 +136,19 @@ class RequestObserver:
         self.last = delta
 
     def finish(self, status: int, error: str | None = None) -> None:
-        """Record the outcome once (later calls are ignored). Prompt tokens count only for a request the
-        engine took: one refused (a 4xx, a 503 overload) or failed before any output adds none (vLLM's
-        prompt-token counter likewise counts the prompts it processed)."""
+        """Record the outcome once (later calls are ignored): `status` is the one that went out (200 for
+        a stream that failed after its start; `error` says why it ended). Prompt tokens count only for a
+        request the engine took: one refused (a 4xx, a 503 overload) or failed before any output adds
+        none (vLLM's prompt-token counter likewise counts the prompts it processed). End-to-end latency
+        is observed only for a request that was served (a status below 400: vLLM times the requests its
+        engine finished), so refusals answered in milliseconds do not pull its quantiles down."""
         if self._done:
             return
         self._done = True
         m, elapsed = self.metrics, time.perf_counter() - self.started
         m.requests.labels(self.endpoint, str(status)).inc()
-        m.e2e.labels(self.endpoint).observe(elapsed)
+        if status < 400:
+            m.e2e.labels(self.endpoint).observe(elapsed)
         if self.last is not None or status < 400 or status == 499:  # 499: the client left a running request
             m.prompt_tokens.inc(self.prompt_tokens)
         m.completion_tokens.inc(self.completion_tokens)
@@ -162,10 +168,19 @@ class RequestObserver:
             "request", request_id=self.request_id, endpoint=self.endpoint, status=status,
             mode=last.mode.value if last is not None and last.mode is not None else None,
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-            # several choices: their mean tokens per forward and longest queue time, the last one's finish reason
-            tpf=round(sum(tpfs) / len(tpfs), 4) if tpfs else None, choices=max(1, len(self._finals)),
-            finish_reason=last.finish_reason.value if last is not None and last.finish_reason else None,
+            # several choices: their mean tokens per forward and longest queue time, each one's finish reason
+            tpf=round(sum(tpfs) / len(tpfs), 4) if tpfs else None, choices=self.choices,
+            finish_reason=[f.finish_reason.value if f.finish_reason else None for f in self._in_choice_order()],
             ttft_ms=round((self.first_token_at - self.started) * 1000, 2) if self.first_token_at else None,
             e2e_ms=round(elapsed * 1000, 2), queue_ms=round(max(queue_times) * 1000, 2) if queue_times else None,
             error=error,
         )
+
+    def _in_choice_order(self) -> list[Delta]:
+        """The final deltas by choice index (`<request_id>.<i>`; a request of one choice has one), not by
+        the order the choices happened to end in."""
+        def index(final: Delta) -> int:
+            tail = final.request_id.rsplit(".", 1)[-1] if final.request_id != self.request_id else ""
+            return int(tail) if tail.isdigit() else -1
+
+        return sorted(self._finals, key=index)

@@ -12,8 +12,8 @@ It owns what must hold on every path, whatever a route does or fails to do:
   leave it raised. A route's RequestObserver (http_metrics.RequestObserver.for_request) that is still
   open then is finished with the status that went out: a 400 raised mid-route is counted as a 400.
   A request answered before its route made an observer (an invalid body, an unknown model, a prompt
-  over the context) gets one here, finished with that status: counted in `refusion_api_requests_total`
-  and written to the request log like any other (a refusal while draining is counted only).
+  over the context, a refusal while draining) gets one here, finished with that status: counted in
+  `refusion_api_requests_total` and written to the request log like any other.
 - Draining: after `start_draining()`, new requests get 503 + Retry-After in OpenAI's error shape (/health
   answers {"status": "draining"}; /metrics keeps answering) and new WebSockets are accepted and at once
   closed with code 1013 ("try again later": closing before the accept would reach the client as an HTTP
@@ -142,11 +142,16 @@ class IngressGateMiddleware:
                 gauge.dec()
             observer = scope["state"].get("observer")
             if observer is None and endpoint is not None:  # answered before the route made one
-                request_id = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1") or None
-                observer = RequestObserver(self.metrics, endpoint, request_id, 0)
-                observer.started = arrived
+                observer = self._observer(scope, endpoint, arrived)
             if observer is not None:
                 observer.finish(status, error="client disconnected" if status == CLIENT_GONE else error)
+
+    def _observer(self, scope, endpoint: str, arrived: float) -> RequestObserver:
+        """The observer of a request answered without its route's (the client's X-Request-Id as its id)."""
+        request_id = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1") or None
+        observer = RequestObserver(self.metrics, endpoint, request_id, 0)
+        observer.started = arrived
+        return observer
 
     async def _refuse(self, scope, receive, send, path: str) -> None:
         if scope["type"] == "websocket":
@@ -154,13 +159,13 @@ class IngressGateMiddleware:
                 await send({"type": "websocket.accept"})
                 await send({"type": "websocket.close", "code": 1013, "reason": "server is shutting down"})
             return
-        if path in GAUGED_ENDPOINTS:
-            self.metrics.requests.labels(GAUGED_ENDPOINTS[path], "503").inc()
+        message = f"the server is shutting down: retry in {self.gate.retry_after_s} s"
+        if path in GAUGED_ENDPOINTS:  # counted and logged as every refusal is
+            self._observer(scope, GAUGED_ENDPOINTS[path], time.perf_counter()).finish(503, error=message)
         if path == "/health":
             body = {"status": "draining"}
         else:
-            body = {"error": {"message": f"the server is shutting down: retry in {self.gate.retry_after_s} s",
-                              "type": "overloaded_error", "param": None, "code": "shutting_down"}}
+            body = {"error": {"message": message, "type": "overloaded_error", "param": None, "code": "shutting_down"}}
         payload = json.dumps(body).encode() if scope.get("method") != "HEAD" else b""
         headers = [(b"content-type", b"application/json"), (b"retry-after", str(self.gate.retry_after_s).encode()),
                    (b"content-length", str(len(payload)).encode())]

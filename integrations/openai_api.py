@@ -34,7 +34,7 @@ from integrations.openai_choices import choice_requests, indexed, merged, scored
 from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
-from integrations.openai_requests import completion_requests, id_headers, request_id
+from integrations.openai_requests import candidates_id, completion_requests, id_headers, request_id
 from integrations.openai_stream import (ChoiceUsage, chat_events, choice_chunks, completion_events, echoed, eos_listed,
                                         prompt_scores_kept, stop_included)
 from integrations.request_body import BodyLimitMiddleware
@@ -195,7 +195,7 @@ async def completions(request: Request):
                          "structured output is not supported with `suffix` (infill): drop one of them")
     if body.suffix is not None:  # infill, suffix "" (end of a file) too: the editor path (integrations/openai_infill.py)
         params = body.decode_params(body.max_tokens or settings.completion_default_max_tokens, settings.decode_defaults)
-        job = await infill_job(client, header.id, body, params)
+        job = await infill_job(client, candidates_id(client, header.id), body, params)
         prompt_ids = job.prompt.prompt_ids + (job.prompt.suffix_ids or [])
         fit_generation(settings.limits.context_length, len(prompt_ids), body.max_tokens or 1,
                        requested=body.max_tokens is not None)
@@ -207,7 +207,8 @@ async def completions(request: Request):
     else:
         prepared = await completion_requests(client.tokenizer, header.id, body, settings, grammar)
         observer = RequestObserver.for_request(request, "completions", header.id,
-                                               sum(len(p.request.prompt_ids) for p in prepared))
+                                               sum(len(p.request.prompt_ids) for p in prepared),
+                                               choices=len(prepared) * body.n)
         total = len(prepared) * body.n  # choice k * n + j: prompt k's choice j (OpenAI's order)
         reqs = [r for k, p in enumerate(prepared) for r in choice_requests(p.request, body.n, k * body.n, total)]
         # vLLM's prompt_logprobs: each prompt scored once, its choices share the list; but with echo and

@@ -72,7 +72,8 @@ async def primed(deltas: AsyncIterator[Delta], observer: RequestObserver) -> Asy
         await deltas.aclose()
         error = (exc if isinstance(exc, APIError) else from_engine_error(exc, observer.endpoint, observer.cap_field)
                  if isinstance(exc, Exception) else None)
-        observer.finish(error.status if error else 499, error=str(exc) if error else "client disconnected")
+        # the error as the client reads it (an engine field in the route's words: X-Request-Id, not request_id)
+        observer.finish(error.status if error else 499, error=error.message if error else "client disconnected")
         if error is None:
             raise
         raise error from exc

@@ -12,6 +12,7 @@ carries exactly one.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
@@ -25,7 +26,8 @@ from integrations.openai_sampling import SamplingFields
 from integrations.openai_responses import new_id
 from integrations.openai_stream import in_document_style
 from integrations.request_limits import InputError, client_key, encode, off_loop
-from scheduler.api import Delta, GenerationRequest
+from scheduler.api import Delta, GenerationRequest, InvalidRequestError
+from scheduler.request_ids import in_flight_message
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -42,6 +44,18 @@ def request_id(request: Request, prefix: str) -> str:
         raise APIError(400, "X-Request-Id header: must be 1-128 letters, digits, '.', '_', ':' or '-'",
                        param="X-Request-Id")
     return given
+
+
+def candidates_id(client, rid: str) -> str:
+    """The prefix of an infill's candidate engine ids (`<rid>.<6 random hex>`, each candidate adding
+    `-g<gap>`), for /infill and completions with `suffix`. The random part keeps them apart from every
+    id a client may send: `<rid>-g64` would be refused as in flight while `rid` runs, and a client that
+    reuses its id at once never meets its last request's candidates still being cancelled. `rid` itself
+    must not overlap an id in flight (the candidates' ids cannot show it): InvalidRequestError on
+    `request_id`, which the routes name X-Request-Id."""
+    if (running := client.in_flight(rid)) is not None:
+        raise InvalidRequestError("request_id", in_flight_message(rid, running))
+    return f"{rid}.{uuid.uuid4().hex[:6]}"
 
 
 def id_headers(request: Request, rid: str) -> dict:

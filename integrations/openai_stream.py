@@ -53,7 +53,7 @@ def sse_response(events: AsyncIterator[dict], observer: RequestObserver, request
             if not isinstance(exc, (APIError, EngineError)):
                 log.exception("stream %s failed", request_id)
             error = exc if isinstance(exc, APIError) else from_engine_error(exc, observer.endpoint, observer.cap_field)
-            observer.finish(error.status, error=error.message)
+            observer.finish(200, error=error.message)  # the status that went out; the error says how it ended
             yield line(error_event(error) if error_event is not None else {"error": error.body()})
         finally:
             await events.aclose()

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from types import SimpleNamespace
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
@@ -34,10 +33,9 @@ from integrations.http_metrics import RequestObserver
 from integrations.llama_completion import (LlamaCompletionBody, llama_events, llama_field, llama_probabilities,
                                            llama_result)
 from integrations.openai_calls import collect, logprob_formatter, start
-from integrations.openai_requests import completion_requests, id_headers, request_id
+from integrations.openai_requests import candidates_id, completion_requests, id_headers, request_id
 from integrations.request_limits import InputError, RequestLimits, grammar_off_loop
-from scheduler.api import EngineError, InvalidRequestError
-from scheduler.request_ids import in_flight_message
+from scheduler.api import EngineError
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -124,12 +122,7 @@ async def infill_route(request: Request) -> Response:
         # none when this router is mounted alone, without the app's metrics (tests)
         observer = (RequestObserver.for_request(request, "infill", rid, 0, usage_from_engine=True)
                     if hasattr(request.app.state, "metrics") else None)
-        # Engine ids <X-Request-Id>.<random>-g<gap>: a client that reuses its id at once never meets
-        # the candidates of its previous request still being cancelled in the engine. Two requests of
-        # one id never meet there either, so the id itself is checked against this client's ids in flight.
-        if (running := client.in_flight(rid)) is not None:
-            raise InvalidRequestError("request_id", in_flight_message(rid, running))
-        engine_rid = f"{rid}.{uuid.uuid4().hex[:6]}"
+        engine_rid = candidates_id(client, rid)  # <X-Request-Id>.<random>-g<gap>
         if not body.stream:
             return Response(compact_json(await infill(client, body, n_ctx, engine_rid, observer)),
                             media_type="application/json", headers=id_headers(request, rid))
@@ -210,8 +203,9 @@ def _request_id(request: Request, prefix: str = "infill") -> str:
 
 async def _events_after(first: bytes, events, observer: RequestObserver | None):
     """The stream from its first event on; a later failure becomes a final `data: {"error": ...}` event
-    (the 200 header has gone out), as llama.cpp's server does. The observer records the outcome: 200,
-    the error's status, or 499 for a client that went away (the engine requests are cancelled)."""
+    (the 200 header has gone out), as llama.cpp's server does. The observer records the outcome: 200
+    (with the error, for a stream that failed), or 499 for a client that went away (the engine requests
+    are cancelled)."""
     try:
         yield first
         async for event in events:
@@ -223,9 +217,9 @@ async def _events_after(first: bytes, events, observer: RequestObserver | None):
             observer.finish(499, error="client disconnected")
         raise
     except Exception as exc:  # noqa: BLE001 - the client must see why its stream ended
-        status, payload, _ = error_body(exc)
+        _, payload, _ = error_body(exc)
         if observer is not None:
-            observer.finish(status, error=payload["error"]["message"])
+            observer.finish(200, error=payload["error"]["message"])  # the status that went out
         yield b"data: " + compact_json(payload) + b"\n\n"
     finally:
         await events.aclose()

@@ -73,3 +73,62 @@ def long_stream_admitted(http: httpx.Client, path: str, headers: dict, wait_s: f
             assert response.status_code == 503, response.read()
         time.sleep(0.25)
     raise AssertionError(f"the strict engine stayed busy for {wait_s} s")
+
+
+class LocalApp:
+    """The refusion app (openai_api.create_app, no Ray) over an engine in this process, served by uvicorn
+    in a thread whose event loop also runs the engine: `url`, `app`, `engine`, `client`, and `call` to
+    run a coroutine on that loop (engine.stop, the gate's drain) and return its result."""
+
+    def __init__(self, url: str, app, engine, client, loop):
+        self.url, self.app, self.engine, self.client, self._loop = url, app, engine, client, loop
+
+    def call(self, coroutine, timeout_s: float = 60.0):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
+
+
+@contextlib.contextmanager
+def local_app(model_dir, client_type=None, engine_options: dict | None = None, timeout_s: float = 300.0):
+    """A LocalApp on `model_dir` (the shipped model, in tests that need its text) with `client_type`
+    (default integrations.engine_client.LocalEngineClient: a subclass may record or pace the engine's
+    deltas); routing calibration off, as in the Serve apps. Torn down at exit (the engine stopped)."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from integrations.engine_client import LocalEngineClient, read_model_card
+    from integrations.engine_host import build_engine
+    from integrations.openai_api import APISettings, create_app
+    from ports import server_socket
+
+    engine, tokenizer = build_engine(model_dir, {}, {"routing": {"calibrate": False}, **(engine_options or {})})
+    card = read_model_card(model_dir)
+    client = (client_type or LocalEngineClient)(engine, tokenizer, model_dir.name, card)
+    app = create_app(APISettings(model_name=model_dir.name, decode_defaults=card["defaults"]), client)
+    sock = server_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
+    loops = []
+
+    async def run() -> None:
+        loops.append(asyncio.get_running_loop())
+        await engine.start()
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            await engine.stop(drain_timeout_s=1)
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the local app did not start"
+        time.sleep(0.05)
+    try:
+        yield LocalApp(f"http://127.0.0.1:{sock.getsockname()[1]}", app, engine, client, loops[0])
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -1,0 +1,206 @@
+"""The request log and the request metrics of a real server: the app on the shipped model in this process,
+served by uvicorn (serve_testbed.local_app), its request-log lines captured as they are written.
+
+What each line and figure says for the outcomes that are easy to get wrong: several choices (each one's
+finish reason, the number asked for whatever became of them), a stream that fails after its 200 went out
+(counted and logged as the 200 it was, the failure in `error`), a refusal while draining, a drain that
+cuts a stream (its own engine finish reason), which requests the end-to-end latency times (only those
+served), and the engine ids a suffix completion's candidates take (never one a client may send).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from serve_testbed import local_app
+
+from integrations import http_metrics
+from integrations.engine_client import EngineUnavailableError, LocalEngineClient
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
+LOST = "lost-"  # requests whose ids start so lose their engine replica after their first delta
+WAIT_S = 120.0
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").exists(), reason="shipped model not present"),
+]
+
+
+class RecordingClient(LocalEngineClient):
+    """The engine's client, recording the ids of the engine requests that have streamed a delta
+    (`started`); a request whose id starts with LOST fails after its first delta as a request does
+    whose engine replica died (EngineUnavailableError, what ServeEngineClient raises then)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started: set[str] = set()
+
+    async def stream(self, req):
+        async for delta in super().stream(req):
+            self.started.add(req.request_id)
+            yield delta
+            if req.request_id.startswith(LOST):
+                raise EngineUnavailableError("the engine replica serving this request stopped; retry", 2.0)
+
+
+@pytest.fixture(scope="module")
+def log_lines():
+    """Every request-log line written while the module runs, as the dict of its fields."""
+    lines: list[dict] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(http_metrics, "request_log", _Capture(lines))
+        yield lines
+
+
+class _Capture:
+    def __init__(self, lines: list[dict]):
+        self.lines, self._lock = lines, threading.Lock()
+
+    def info(self, event: str, **fields) -> None:
+        with self._lock:
+            self.lines.append({"event": event, **fields})
+
+
+@pytest.fixture(scope="module")
+def served(log_lines):
+    with local_app(SHIPPED_MODEL, RecordingClient) as app:
+        yield app
+
+
+def line_of(lines: list[dict], request_id: str, wait_s: float = WAIT_S, **match) -> dict:
+    """The one log line of `request_id` (with the fields in `match`), waiting for it to be written."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = [line for line in list(lines) if line.get("request_id") == request_id
+                 and all(line.get(k) == v for k, v in match.items())]
+        if found:
+            assert len(found) == 1, found
+            return found[0]
+        assert time.monotonic() < deadline, f"no log line for {request_id} {match}: {lines[-5:]}"
+        time.sleep(0.05)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    text = httpx.get(url + "/metrics", timeout=60).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def wait_for(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+LONG = {"prompt": "def f(x):\n", "max_tokens": 3000, "ignore_eos": True, "mode": "ar", "temperature": 0}
+
+
+def test_suffix_candidates_never_take_an_id_a_client_may_send(served, log_lines):
+    """A completion with `suffix` ran its candidates as `<X-Request-Id>-g<gap>`, so a client's unrelated
+    `fim-1-g2000` was refused as in flight while `fim-1` ran; they are `<id>.<random>-g<gap>` now, as
+    /infill's, and `fim-1` itself is still refused while its candidates run, the log naming the header
+    the client sent (it said `request_id`)."""
+    body = {"prompt": "def f(x):\n", "suffix": "\n# zq\n", "max_tokens": 2000, "min_tokens": 2000,
+            "ignore_eos": True, "mode": "ar", "temperature": 0, "stream": True}
+    with httpx.Client(base_url=served.url, timeout=WAIT_S) as http:
+        with http.stream("POST", "/v1/completions", json=body, headers={"X-Request-Id": "fim-1"}) as running:
+            wait_for(lambda: any(i.startswith("fim-1") for i in served.client.started), "fim-1's candidate")
+            unrelated = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                  headers={"X-Request-Id": "fim-1-g2000"})
+            assert unrelated.status_code == 200, unrelated.text
+            for again in ({"prompt": "x", "max_tokens": 2}, {"prompt": "x", "suffix": "\n", "max_tokens": 2}):
+                refused = http.post("/v1/completions", json=again, headers={"X-Request-Id": "fim-1"})
+                assert refused.status_code == 400 and refused.json()["error"]["param"] == "X-Request-Id", refused.text
+            assert running.status_code == 200
+    errors = [line["error"] for line in log_lines if line["request_id"] == "fim-1" and line["status"] == 400]
+    assert len(errors) == 2 and all(e.startswith("X-Request-Id: 'fim-1'") for e in errors), errors
+
+
+def test_several_choices_log_how_many_were_asked_and_each_finish_reason(served, log_lines):
+    """n=3: the line's `choices` is 3 and `finish_reason` every choice's, in choice order (it was the
+    last one's alone); a request of 3 choices whose client left is logged with its 3 choices too."""
+    body = {"prompt": "def add(a, b):\n", "n": 3, "max_tokens": 6, "temperature": 1.0, "seed": 5, "stop": ["\n"],
+            "mode": "ar"}
+    answer = httpx.post(served.url + "/v1/completions", json=body, headers={"X-Request-Id": "n3-ok"}, timeout=WAIT_S)
+    assert answer.status_code == 200, answer.text
+    reasons = [choice["finish_reason"] for choice in sorted(answer.json()["choices"], key=lambda c: c["index"])]
+    line = line_of(log_lines, "n3-ok")
+    assert (line["status"], line["choices"], line["finish_reason"]) == (200, 3, reasons)
+    with pytest.raises(httpx.ReadTimeout):  # the client leaves while its 3 choices run
+        httpx.post(served.url + "/v1/completions", json={**LONG, "n": 3}, headers={"X-Request-Id": "n3-left"},
+                   timeout=httpx.Timeout(WAIT_S, read=1.0))
+    line = line_of(log_lines, "n3-left")
+    assert (line["status"], line["choices"], line["error"]) == (499, 3, "client disconnected")
+
+
+def test_end_to_end_latency_times_only_the_requests_served(served):
+    """vLLM times the requests its engine served: a 400 or 404 answered in milliseconds adds no
+    end-to-end sample (they were half the samples of an overload test); a 200 adds one."""
+    def samples() -> float:
+        return metric(served.url, "refusion_api_e2e_latency_seconds_count", endpoint="completions")
+
+    before = samples()
+    with httpx.Client(base_url=served.url, timeout=WAIT_S) as http:
+        assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": -1}).status_code == 400
+        assert http.post("/v1/completions", json={"prompt": "x", "model": "nope"}).status_code == 404
+        assert samples() == before
+        assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert samples() == before + 1
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "def f(x):\n", "max_tokens": 16, "stream": True}),
+    ("/completion", {"prompt": "def f(x):\n", "n_predict": 16, "stream": True}),
+])
+def test_a_stream_that_fails_after_its_start_is_the_200_that_went_out(served, log_lines, path, body):
+    """A stream whose engine replica dies after the 200 went out: counted under 200 (the status that went
+    out, as docs/api.md says) and logged as a 200 whose `error` says how it ended (it was a 503)."""
+    rid = LOST + path.strip("/").replace("/", "-")
+    endpoint = {"/v1/completions": "completions", "/completion": "completion"}[path]
+    before = {status: metric(served.url, "refusion_api_requests_total", endpoint=endpoint, status=status)
+              for status in ("200", "503")}
+    response = httpx.post(served.url + path, json={**body, "mode": "ar", "temperature": 0},
+                          headers={"X-Request-Id": rid}, timeout=WAIT_S)
+    events = [part.removeprefix("data: ") for part in response.text.split("\n\n") if part.startswith("data: ")]
+    assert response.status_code == 200 and any('"error"' in event for event in events), response.text
+    line = line_of(log_lines, rid)
+    assert line["status"] == 200 and "engine replica" in line["error"], line
+    after = {status: metric(served.url, "refusion_api_requests_total", endpoint=endpoint, status=status)
+             for status in ("200", "503")}
+    assert after == {"200": before["200"] + 1, "503": before["503"]}
+
+
+def test_a_drain_logs_its_refusals_and_cuts_streams_with_a_reason_of_their_own(log_lines):
+    """While the server drains, a new request's 503 is logged like any refusal (it had no line) and adds no
+    end-to-end sample; a stream still running at the drain timeout ends with its error event, logged as
+    the 200 it was, and the engine counts it as finished by `shutdown`, not as `cancelled` (a client that
+    left)."""
+    with local_app(SHIPPED_MODEL) as app, httpx.Client(base_url=app.url, timeout=WAIT_S) as http:
+        with http.stream("POST", "/v1/completions", json={**LONG, "stream": True},
+                         headers={"X-Request-Id": "drain-cut"}) as running:
+            lines = running.iter_lines()
+            assert running.status_code == 200 and next(lines).startswith("data: ")
+            e2e_before = metric(app.url, "refusion_api_e2e_latency_seconds_count", endpoint="completions")
+            app.app.state.gate.start_draining(retry_after_s=3)
+            refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                headers={"X-Request-Id": "drain-refused"})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            line = line_of(log_lines, "drain-refused")
+            assert (line["status"], line["endpoint"]) == (503, "completions") and "shutting down" in line["error"]
+            assert metric(app.url, "refusion_api_e2e_latency_seconds_count", endpoint="completions") == e2e_before
+            app.call(app.engine.stop(drain_timeout_s=0))  # the drain timeout has passed
+            rest = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["code"] == "shutting_down"
+        line = line_of(log_lines, "drain-cut")
+        assert line["status"] == 200 and "engine stopped" in line["error"], line
+        assert metric(app.url, "refusion_requests_finished_total", reason="shutdown") == 1
+        assert metric(app.url, "refusion_requests_finished_total", reason="cancelled") == 0
+        assert metric(app.url, "refusion_api_requests_total", endpoint="completions", status="503") == 1
