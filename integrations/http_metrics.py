@@ -184,3 +184,10 @@ class RequestObserver:
             return int(tail) if tail.isdigit() else -1
 
         return sorted(self._finals, key=index)
+
+
+def log_editor_request(**fields) -> None:
+    """The request-log line of an editor WebSocket frame's answer (integrations/editor/session.py): a
+    completion's outcome, or another frame's error; the HTTP lines' field names where they apply
+    (docs/editor-protocol.md, "Request log")."""
+    request_log.info("request", endpoint="editor", **fields)

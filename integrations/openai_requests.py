@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from decoding.grammar import GrammarSpec
 from integrations.context_fit import fit_generation
@@ -33,10 +34,10 @@ REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def request_id(request: Request, prefix: str) -> str:
-    """The request's id: its x-request-id header (Ray Serve's proxy always sets one), else a new
-    `{prefix}-<hex>`. Raises APIError(400, param "X-Request-Id") for a header that is not 1-128
-    letters, digits, '.', '_', ':' or '-' (it goes into logs and the engine)."""
+def request_id(request: HTTPConnection, prefix: str) -> str:
+    """The request's (or WebSocket handshake's) id: its x-request-id header (Ray Serve's proxy always
+    sets one), else a new `{prefix}-<hex>`. Raises APIError(400, param "X-Request-Id") for a header
+    that is not 1-128 letters, digits, '.', '_', ':' or '-' (it goes into logs and the engine)."""
     given = request.headers.get(REQUEST_ID_HEADER)
     if given is None:
         return new_id(prefix)

@@ -55,13 +55,24 @@ async def editor_socket(websocket: WebSocket) -> None:
     serve` stopping; integrations/ingress_gate.py) the socket closes with 1001 ("going away", RFC 6455
     7.4.1) once its completions in flight have answered, so an editor sees the server leave instead of
     a dropped connection; frames keep being read until then (a cancel still cancels; a new `complete`
-    is answered OVERLOADED and supersedes nothing)."""
-    await websocket.accept()
+    is answered OVERLOADED and supersedes nothing).
+
+    The handshake's X-Request-Id (Ray Serve's proxy sets one: the client's, else a UUID) comes back on
+    the 101 response, as every HTTP response carries it, and in each request-log line of the session; a
+    malformed one closes the socket with 1008 naming the header (a close before the accept would reach
+    the client as a 403, the answer to a bad key)."""
+    try:
+        rid = request_id(websocket, "ws")
+    except APIError as exc:
+        await websocket.accept()
+        await websocket.close(1008, exc.message)
+        return
+    await websocket.accept(headers=[(b"x-request-id", rid.encode())])
     state = websocket.app.state
     gate = getattr(state, "gate", None)
     refusing = (lambda: gate.retry_after_s if gate.draining else None) if gate is not None else None
     session = EditorSession(state.engine_client, websocket.send_bytes, metrics=getattr(state, "metrics", None),
-                            refusing=refusing, gone=CLIENT_GONE)
+                            refusing=refusing, gone=CLIENT_GONE, connection=rid)
     tasks = {asyncio.ensure_future(_read_frames(websocket, session))}
     if gate is not None:
         tasks.add(asyncio.ensure_future(_close_when_draining(websocket, session, gate)))

@@ -7,6 +7,9 @@ Supersession: each uri has at most one completion in flight. A new `complete` fo
 cancels the previous one at once (its engine requests are cancelled; it answers REQUEST_CANCELLED
 with reason "superseded"). Completions for different uris run side by side, up to
 Limits.max_inflight.
+
+Every `complete` writes one request-log line once it is answered, as every HTTP request does; so does
+any other frame answered with an error (integrations/editor/request_log.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from typing import Awaitable, Callable
 from integrations.editor import protocol as rpc
 from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, capped_gaps, plan_gaps
 from integrations.editor.postprocess import Rules
+from integrations.editor.request_log import CompletionRecord, log_answer
 from integrations.editor.runner import CompletionJob, run_completion
 from integrations.request_limits import off_loop, sampling_temperature
 from integrations.engine_client import EngineUnavailableError
@@ -36,8 +41,9 @@ _KEEP_FINISHED = 64  # finished completions remembered for accept/reject telemet
 
 @dataclass
 class _Inflight:
-    task: asyncio.Task
     uri: str
+    record: CompletionRecord  # its request-log line's (its id: its candidates' engine ids' prefix)
+    task: asyncio.Task | None = None
     cancel_data: dict | None = None  # set once cancelled: {"reason": ..., "superseded_by"?: ...}
 
 
@@ -45,19 +51,22 @@ class EditorSession:
     """State of one WebSocket connection (see module docstring)."""
 
     def __init__(self, client, send: Send, limits: rpc.Limits | None = None, metrics=None,
-                 refusing: Callable[[], float | None] | None = None, gone: tuple[type[BaseException], ...] = ()):
+                 refusing: Callable[[], float | None] | None = None, gone: tuple[type[BaseException], ...] = (),
+                 connection: str | None = None):
         """metrics: the ingress's APIMetrics (integrations/http_metrics.py), which counts accept/reject
         telemetry for the whole service; None (unit tests) counts only in `feedback`. refusing: while it
         returns a number (the ingress draining: its Retry-After in seconds), a new `complete` is answered
         OVERLOADED at once, before it could supersede the completion in flight for its uri. gone: the
         exceptions `send` raises once the client has left (the transport's); the session then sends
-        nothing more (the transport's reader sees the disconnect and calls `close`)."""
+        nothing more (the transport's reader sees the disconnect and calls `close`). connection: the
+        handshake's X-Request-Id, in each request-log line. `session_id` (random, announced by
+        `initialize`) names the session in the engine's ids and the log."""
         self.client = client
         self._gone = gone
         self._refusing = refusing
         self.limits = limits or rpc.Limits()
         self.metrics = metrics
-        self.conn_id = uuid.uuid4().hex[:10]
+        self.session_id, self.connection = uuid.uuid4().hex[:10], connection
         self._engine_ids = itertools.count(1)  # engine request ids: client ids 1 and "1" are different ids
         self.inflight: dict = {}  # request id -> _Inflight
         self.by_uri: dict[str, object] = {}  # uri -> request id in flight
@@ -85,17 +94,20 @@ class EditorSession:
 
     async def handle_frame(self, data: bytes | str | None) -> None:
         """Answer one frame; protocol errors become error responses, never exceptions."""
-        msg_id = None
+        msg_id, method, started = None, None, time.perf_counter()
         try:
             req = rpc.decode_frame(data, self.limits)
-            msg_id = req.id
+            msg_id, method = req.id, req.method
             result = await self._dispatch(req)
         except rpc.RpcError as err:
-            await self.send(rpc.encode_response(getattr(err, "request_id", msg_id), err.to_wire()))
+            msg_id = getattr(err, "request_id", msg_id)
+            log_answer(self, msg_id, method, "error", started=started, err=err)
+            await self.send(rpc.encode_response(msg_id, err.to_wire()))
             return
         except Exception as exc:  # noqa: BLE001 - a bug answers this frame; the connection stays usable
             log.exception("editor frame failed")
             err = rpc.RpcError(rpc.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+            log_answer(self, msg_id, method, "error", started=started, err=err)
             await self.send(rpc.encode_response(msg_id, err.to_wire()))
             return
         if result is not None:
@@ -121,6 +133,7 @@ class EditorSession:
             "protocol_version": rpc.PROTOCOL_VERSION,
             "server": "refusion-serve",
             "model": self.client.model_name,
+            "session_id": self.session_id,
             "limits": self.limits.as_dict(),
             "capabilities": {
                 "methods": ["initialize", "complete", "cancel", "accept", "reject"],
@@ -152,13 +165,14 @@ class EditorSession:
                 f"{running} completions in flight on this connection (limit "
                 f"{self.limits.max_inflight}); cancel one or wait",
             )
-        task = asyncio.ensure_future(self._run(req.id, params))
-        self.inflight[req.id] = _Inflight(task, params.uri)
+        entry = _Inflight(params.uri, CompletionRecord(f"ed-{self.session_id}-{next(self._engine_ids)}"))
+        entry.task = task = asyncio.ensure_future(self._run(req.id, entry, params))
+        self.inflight[req.id] = entry
         task.add_done_callback(lambda t, msg_id=req.id: self._on_done(msg_id, t))
         self.by_uri[params.uri] = req.id
         return None  # the task sends the response
 
-    async def _job(self, msg_id, params: rpc.CompleteParams) -> CompletionJob:
+    async def _job(self, request_id: str, params: rpc.CompleteParams) -> CompletionJob:
         """The completion job; its prompt is tokenized off the event loop (other frames and connections
         keep being served meanwhile)."""
         chars = len(params.prefix) + len(params.suffix) + sum(len(c.text) for c in params.context)
@@ -170,7 +184,7 @@ class EditorSession:
         if params.seed is not None:
             sampling["seed"] = params.seed
         return CompletionJob(
-            request_id=f"ed-{self.conn_id}-{next(self._engine_ids)}",
+            request_id=request_id,
             prompt=prompt,
             gaps=capped_gaps(params.gaps, params.max_tokens) or plan_gaps(params.max_tokens, params.multiline),
             rules=Rules(suffix=params.suffix, multiline=params.multiline, indent=params.indent, cut_invalid=True),
@@ -182,18 +196,21 @@ class EditorSession:
             fit_to_kv=params.max_tokens is None and not params.gaps,
             sampling=sampling,
             affinity_key=f"editor:{params.uri}",
-            client=f"editor:{self.conn_id}",  # each connection its own share of the engine (fair share)
+            client=f"editor:{self.session_id}",  # each connection its own share of the engine (fair share)
         )
 
-    async def _run(self, msg_id, params: rpc.CompleteParams) -> None:
+    async def _run(self, msg_id, entry: _Inflight, params: rpc.CompleteParams) -> None:
         async def partial(text: str, _token_ids: list[int]) -> None:  # the protocol sends text only
             await self.send(rpc.encode_notification("completion/partial", {"id": msg_id, "text": text}))
 
         try:
-            job = await self._job(msg_id, params)
+            job = await self._job(entry.record.request_id, params)
+            entry.record.prompt_tokens = len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or [])
             outcome = await run_completion(self.client, job, partial)
         except Exception as exc:  # noqa: BLE001 - every failure must answer the request
-            await self.send(rpc.encode_response(msg_id, _engine_error(exc).to_wire()))
+            err = _engine_error(exc)
+            log_answer(self, msg_id, "complete", "error", entry.record, err=err)
+            await self.send(rpc.encode_response(msg_id, err.to_wire()))
             return
         self._remember(msg_id, len(outcome.text))
         result = {
@@ -205,9 +222,11 @@ class EditorSession:
             "mode": outcome.mode,
             "gap": outcome.gap,
             "truncated": job.prompt.truncated,
+            "request_id": entry.record.request_id,
         }
         if params.version is not None:
             result["version"] = params.version  # echoed: which document version the text completes
+        log_answer(self, msg_id, "complete", "completed", entry.record, result=outcome)
         await self.send(rpc.encode_response(msg_id, None, result))
 
     def _on_done(self, msg_id, task: asyncio.Task) -> None:
@@ -215,9 +234,15 @@ class EditorSession:
         (a task cancelled before it started never runs its own code)."""
         entry = self.inflight.get(msg_id)
         self._forget(msg_id)
-        if task.cancelled() and not self._closed:
-            data = (entry.cancel_data if entry is not None else None) or {"reason": "cancelled"}
-            err = rpc.RpcError(rpc.REQUEST_CANCELLED, f"completion {data['reason']}", data)
+        if not task.cancelled():
+            return
+        data = (entry.cancel_data if entry is not None else None) or {"reason": "cancelled"}
+        err = rpc.RpcError(rpc.REQUEST_CANCELLED, f"completion {data['reason']}", data)
+        if entry is not None:
+            by = f" by {data['superseded_by']!r}" if "superseded_by" in data else ""
+            log_answer(self, msg_id, "complete", data["reason"], entry.record, err=err,
+                       error="client disconnected" if self._closed else err.message + by)
+        if not self._closed:
             sender = asyncio.ensure_future(self.send(rpc.encode_response(msg_id, err.to_wire())))
             self._background.add(sender)
             sender.add_done_callback(self._background.discard)

@@ -193,6 +193,22 @@ async def test_bad_frames_and_unknown_methods_keep_the_connection(serve_base_url
         assert err is None and "\n" not in result["text"].strip("\n")
 
 
+async def test_the_handshakes_request_id_comes_back_on_the_101(serve_base_url):
+    """Behind Ray Serve's proxy too: the client's X-Request-Id, else the proxy's, is on the 101 response
+    (the proxy puts it on HTTP responses only), and the session id `initialize` gives is the one in the
+    engine's ids of its completions, which each result names."""
+    async with websockets.connect(ws_url(serve_base_url), additional_headers={"X-Request-Id": "ws-serve-7"}) as ws:
+        assert ws.response.headers.get_all("x-request-id") == ["ws-serve-7"]
+        conn = Conn(ws)
+        await conn.request(1, "initialize")
+        session = (await conn.response(1))[3]["session_id"]
+        await conn.request(2, "complete", complete(max_tokens=8))
+        _, _, err, result = await conn.response(2)
+        assert err is None and result["request_id"] == f"ed-{session}-1"
+    async with websockets.connect(ws_url(serve_base_url)) as ws:
+        assert len(ws.response.headers.get_all("x-request-id")) == 1
+
+
 async def test_a_plain_get_of_the_websocket_route_says_to_upgrade(serve_base_url):
     """curl http://HOST:PORT/v1/editor answered 404 Not Found, as if the route did not exist."""
     async with httpx.AsyncClient(base_url=serve_base_url, timeout=30) as http:

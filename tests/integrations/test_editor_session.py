@@ -375,8 +375,8 @@ async def test_each_connection_is_its_own_client_of_the_engine(fake_client):  # 
     by_client: dict = {}
     for r in fake_client.requests:  # engine ids ed-<connection>-<n>-g<gap>
         by_client.setdefault(r.client, set()).add(r.request_id.split("-")[1])
-    assert by_client == {f"editor:{one.conn_id}": {one.conn_id}, f"editor:{other.conn_id}": {other.conn_id}}
-    assert sorted(sum(r.client == f"editor:{s.conn_id}" for r in fake_client.requests) for s in (one, other)) == [2, 4]
+    assert by_client == {f"editor:{one.session_id}": {one.session_id}, f"editor:{other.session_id}": {other.session_id}}
+    assert sorted(sum(r.client == f"editor:{s.session_id}" for r in fake_client.requests) for s in (one, other)) == [2, 4]
 
 
 async def test_a_client_that_left_is_sent_nothing_more(fake_client, wait_until):  # noqa: F811

@@ -1,7 +1,8 @@
 """The request log and the request metrics of a real server: the app on the shipped model in this process,
 served by uvicorn (serve_testbed.local_app), its request-log lines captured as they are written.
 
-What each line and figure says for the outcomes that are easy to get wrong: several choices (each one's
+What each line and figure says for the outcomes that are easy to get wrong: editor WebSocket completions
+(one line each, whatever their outcome, under the id the client was given), several choices (each one's
 finish reason, the number asked for whatever became of them), a stream that fails after its 200 went out
 (counted and logged as the 200 it was, the failure in `error`), a refusal while draining, a drain that
 cuts a stream (its own engine finish reason), which requests the end-to-end latency times (only those
@@ -10,17 +11,21 @@ served), and the engine ids a suffix completion's candidates take (never one a c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import msgpack
 import pytest
+import websockets
 from prometheus_client.parser import text_string_to_metric_families
 from serve_testbed import local_app
 
 from integrations import http_metrics
+from integrations.editor import protocol as rpc
 from integrations.engine_client import EngineUnavailableError, LocalEngineClient
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
@@ -36,11 +41,14 @@ pytestmark = [
 class RecordingClient(LocalEngineClient):
     """The engine's client, recording the ids of the engine requests that have streamed a delta
     (`started`); a request whose id starts with LOST fails after its first delta as a request does
-    whose engine replica died (EngineUnavailableError, what ServeEngineClient raises then)."""
+    whose engine replica died (EngineUnavailableError, what ServeEngineClient raises then), and one whose
+    id starts with a prefix in `held` is held after each delta until the test takes the prefix out (an
+    editor completion then stays in flight however short its text)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.started: set[str] = set()
+        self.held: set[str] = set()
 
     async def stream(self, req):
         async for delta in super().stream(req):
@@ -48,6 +56,8 @@ class RecordingClient(LocalEngineClient):
             yield delta
             if req.request_id.startswith(LOST):
                 raise EngineUnavailableError("the engine replica serving this request stopped; retry", 2.0)
+            while any(req.request_id.startswith(prefix) for prefix in list(self.held)):
+                await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +111,60 @@ def wait_for(predicate, what: str) -> None:
 
 
 LONG = {"prompt": "def f(x):\n", "max_tokens": 3000, "ignore_eos": True, "mode": "ar", "temperature": 0}
+
+
+async def _answer(ws, msg_id):
+    """Read frames until the response to msg_id: (error, result)."""
+    while True:
+        frame = msgpack.unpackb(await asyncio.wait_for(ws.recv(), WAIT_S), raw=False)
+        if frame[0] == rpc.RESPONSE and frame[1] == msg_id:
+            return frame[2], frame[3]
+
+
+async def _started(client: RecordingClient, prefix: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not any(i.startswith(prefix) for i in client.started):
+        assert time.monotonic() < deadline, f"no engine request {prefix}* started"
+        await asyncio.sleep(0.02)
+
+
+async def test_each_editor_completion_has_a_log_line_under_the_id_the_client_was_given(served, log_lines):
+    """A completed, a superseded, a cancelled and an invalid `complete` each write one request-log line
+    (none did) with its outcome and JSON-RPC code; the session id in the engine's ids is the one
+    `initialize` announces, each result names its completion's id, and the handshake's X-Request-Id comes
+    back on the 101 and is in every line of the session."""
+    client = served.client
+    url = served.url.replace("http://", "ws://") + "/v1/editor"
+    async with websockets.connect(url, additional_headers={"X-Request-Id": "ws-1"}) as ws:
+        assert ws.response.headers["x-request-id"] == "ws-1"
+        await ws.send(rpc.encode_request(1, "initialize", {}))
+        session = (await _answer(ws, 1))[1]["session_id"]
+        params = {"prefix": "def add(a, b):\n    ", "suffix": "\n", "mode": "ar", "temperature": 0, "max_tokens": 8}
+        await ws.send(rpc.encode_request(2, "complete", {"uri": "file:///a.py", **params}))
+        err, result = await _answer(ws, 2)
+        assert err is None and result["request_id"] == f"ed-{session}-1"
+        assert any(i.startswith(f"ed-{session}-1-g") for i in client.started)  # the engine's ids
+        client.held.update({f"ed-{session}-2-", f"ed-{session}-3-"})
+        try:
+            await ws.send(rpc.encode_request(3, "complete", {"uri": "file:///b.py", **params}))
+            await _started(client, f"ed-{session}-2-")
+            await ws.send(rpc.encode_request(4, "complete", {"uri": "file:///b.py", **params}))  # supersedes 3
+            assert (await _answer(ws, 3))[0]["code"] == rpc.REQUEST_CANCELLED
+            await _started(client, f"ed-{session}-3-")
+            await ws.send(rpc.encode_request(5, "cancel", {"id": 4}))
+            assert (await _answer(ws, 4))[0]["code"] == rpc.REQUEST_CANCELLED
+        finally:
+            client.held.clear()
+        await ws.send(rpc.encode_request(6, "complete", {"uri": 5, "prefix": "x"}))
+        assert (await _answer(ws, 6))[0]["code"] == rpc.INVALID_PARAMS
+    lines = {line["id"]: line for line in log_lines if line.get("session") == session}
+    assert {i: (line["outcome"], line["code"], line["request_id"]) for i, line in lines.items()} == {
+        2: ("completed", None, f"ed-{session}-1"), 3: ("superseded", rpc.REQUEST_CANCELLED, f"ed-{session}-2"),
+        4: ("cancelled", rpc.REQUEST_CANCELLED, f"ed-{session}-3"), 6: ("error", rpc.INVALID_PARAMS, None)}
+    assert lines[2]["completion_tokens"] == result["tokens"] and lines[2]["finish_reason"] == [result["stop_reason"]]
+    assert lines[3]["error"] == "completion superseded by 4" and "uri" in lines[6]["error"]
+    assert all(line["endpoint"] == "editor" and line["connection"] == "ws-1" and line["e2e_ms"] > 0
+               for line in lines.values())
 
 
 def test_suffix_candidates_never_take_an_id_a_client_may_send(served, log_lines):
