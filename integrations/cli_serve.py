@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import socket
 import sys
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 from integrations.engine_host import RUNNER_DTYPES
+from integrations.request_id_guard import PROXY_CALLBACK
 from integrations.serve_config import DEFAULT_MODEL
 from integrations.serve_config_file import CLIError, merged_config
 
@@ -156,6 +158,9 @@ def start_ray(ray, address: str | None) -> bool:
         ray_utils.set_sigterm_handler = lambda handler: None
     try:
         if not address:
+            # Ray's processes inherit this environment: its HTTP proxy keeps malformed X-Request-Ids out
+            # of its access log and responses (integrations/request_id_guard.py), unless one is set already
+            os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
             ray.init(address="local", include_dashboard=False)
             return True
         ray.init(address=address)

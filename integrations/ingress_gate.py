@@ -26,6 +26,9 @@ It owns what must hold on every path, whatever a route does or fails to do:
   engine requests and frees their KV (recorded as 499). Ray Serve's proxy cancels the route itself;
   a plain ASGI server (uvicorn) reports the disconnect only to a route that reads `receive()`, which a
   route collecting a non-streamed answer never does, so without the watch it ran to its end.
+- Request ids: an HTTP request whose X-Request-Id is malformed (or marked so by the proxy's guard,
+  integrations/request_id_guard.py) is answered 400 naming the header before anything else, on every
+  route, and logged (under the id the proxy gave it instead, if any).
 - Transport errors: Ray Serve's ASGI bridge raises from `receive()` (TaskCancelledError when the proxy drops a
   client, ActorDiedError when the proxy itself is gone) where ASGI servers deliver a disconnect message.
   The gate delivers that message instead, so a client going away stays the normal event it is (one
@@ -40,6 +43,7 @@ import logging
 import time
 
 from integrations.http_metrics import RequestObserver
+from integrations.request_id_guard import REFUSAL, REQUEST_ID_HEADER, refused_request_id, valid_request_id
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,9 @@ class IngressGateMiddleware:
         if self.gate.draining and path not in OPEN_WHILE_DRAINING:
             await self._refuse(scope, receive, send, path)
             return
+        if scope["type"] == "http" and refused_request_id(scope.get("headers") or []):
+            await self._refuse_request_id(scope, send, path)
+            return
         receive = _disconnect_on_transport_error(receive, scope["type"])
         if scope["type"] == "websocket":
             self.gate.open_sockets += 1
@@ -147,8 +154,9 @@ class IngressGateMiddleware:
                 observer.finish(status, error="client disconnected" if status == CLIENT_GONE else error)
 
     def _observer(self, scope, endpoint: str, arrived: float) -> RequestObserver:
-        """The observer of a request answered without its route's (the client's X-Request-Id as its id)."""
-        request_id = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1") or None
+        """The observer of a request answered without its route's (its X-Request-Id as its id, if valid)."""
+        request_id = dict(scope.get("headers") or ()).get(REQUEST_ID_HEADER, b"").decode("latin-1")
+        request_id = request_id if valid_request_id(request_id) else None
         observer = RequestObserver(self.metrics, endpoint, request_id, 0)
         observer.started = arrived
         return observer
@@ -166,11 +174,20 @@ class IngressGateMiddleware:
             body = {"status": "draining"}
         else:
             body = {"error": {"message": message, "type": "overloaded_error", "param": None, "code": "shutting_down"}}
-        payload = json.dumps(body).encode() if scope.get("method") != "HEAD" else b""
-        headers = [(b"content-type", b"application/json"), (b"retry-after", str(self.gate.retry_after_s).encode()),
-                   (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _answer_json(scope, send, 503, body, [(b"retry-after", str(self.gate.retry_after_s).encode())])
+
+    async def _refuse_request_id(self, scope, send, path: str) -> None:
+        if path in GAUGED_ENDPOINTS:
+            self._observer(scope, GAUGED_ENDPOINTS[path], time.perf_counter()).finish(400, error=REFUSAL)
+        body = {"error": {"message": REFUSAL, "type": "invalid_request_error", "param": "X-Request-Id", "code": None}}
+        await _answer_json(scope, send, 400, body)
+
+
+async def _answer_json(scope, send, status: int, body: dict, headers: list | None = None) -> None:
+    payload = json.dumps(body).encode() if scope.get("method") != "HEAD" else b""
+    headers = [(b"content-type", b"application/json"), *(headers or []), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 async def _cancelled_when_client_leaves(app, scope, receive, send, started) -> None:

@@ -34,6 +34,7 @@ from integrations.llama_completion import (LlamaCompletionBody, llama_events, ll
                                            llama_result)
 from integrations.openai_calls import collect, logprob_formatter, start
 from integrations.openai_requests import candidates_id, completion_requests, id_headers, request_id
+from integrations.request_id_guard import CLOSE_REASON
 from integrations.request_limits import InputError, RequestLimits, grammar_off_loop
 from scheduler.api import EngineError
 
@@ -63,9 +64,9 @@ async def editor_socket(websocket: WebSocket) -> None:
     the client as a 403, the answer to a bad key)."""
     try:
         rid = request_id(websocket, "ws")
-    except APIError as exc:
+    except APIError:
         await websocket.accept()
-        await websocket.close(1008, exc.message)
+        await websocket.close(1008, CLOSE_REASON)
         return
     await websocket.accept(headers=[(b"x-request-id", rid.encode())])
     state = websocket.app.state

@@ -20,8 +20,10 @@ ENGINE_DEPLOYMENT = {"num_cpus": 0.5, "torch_threads": 1, "health_check_period_s
 # Ray Serve's controller gives a starting HTTP proxy actor 5 s to report ready (and a running one 10 s
 # per health check), then kills it; on a loaded 2-core machine the proxy's process can take longer to
 # start, and serve.start() fails with ActorDiedError ("killed by ray.kill"). Ray's processes inherit
-# the environment of the process that starts Ray, so these are set before ray.init().
-RAY_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+# the environment of the process that starts Ray, so these are set before ray.init(); so is the proxy's
+# X-Request-Id guard, which `refusion serve` installs likewise (integrations/request_id_guard.py).
+RAY_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+                 "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "integrations.request_id_guard:proxy_middlewares"}
 STRICT_ALIAS = "gpt-4o-mini"  # the strict app's second served model id
 
 

@@ -184,7 +184,7 @@ def test_suffix_candidates_never_take_an_id_a_client_may_send(served, log_lines)
                 refused = http.post("/v1/completions", json=again, headers={"X-Request-Id": "fim-1"})
                 assert refused.status_code == 400 and refused.json()["error"]["param"] == "X-Request-Id", refused.text
             assert running.status_code == 200
-    errors = [line["error"] for line in log_lines if line["request_id"] == "fim-1" and line["status"] == 400]
+    errors = [line["error"] for line in log_lines if line["request_id"] == "fim-1" and line.get("status") == 400]
     assert len(errors) == 2 and all(e.startswith("X-Request-Id: 'fim-1'") for e in errors), errors
 
 
@@ -268,3 +268,35 @@ def test_a_drain_logs_its_refusals_and_cuts_streams_with_a_reason_of_their_own(l
         assert metric(app.url, "refusion_requests_finished_total", reason="shutdown") == 1
         assert metric(app.url, "refusion_requests_finished_total", reason="cancelled") == 0
         assert metric(app.url, "refusion_api_requests_total", endpoint="completions", status="503") == 1
+
+
+@pytest.mark.parametrize("bad", ["a b", "x" * 3000, "caf\u00e9", "a\tb", "<script>"])
+def test_a_malformed_request_id_is_a_400_naming_the_header_on_every_route(served, log_lines, bad):
+    """An X-Request-Id with spaces, tabs, non-ASCII or 3,000 characters went on into the access log and the
+    response header (and was refused only on the generating routes): now every route answers 400 naming
+    the header and what it may hold, in its own error shape, before anything repeats it, and a generating
+    route logs the refusal (under no id: the client's is not written anywhere). Ids clients send pass."""
+    headers = {"X-Request-Id": bad.encode("latin-1")}
+    with httpx.Client(base_url=served.url, timeout=WAIT_S) as http:
+        before = len([line for line in log_lines if line.get("status") == 400 and line["endpoint"] == "completions"])
+        for method, path, body in (("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}),
+                                   ("POST", "/infill", {"input_prefix": "x", "input_suffix": ""}),
+                                   ("GET", "/v1/models", None), ("POST", "/tokenize", {"content": "x"})):
+            refused = http.request(method, path, json=body, headers=headers)
+            assert refused.status_code == 400, (path, refused.text)
+            message = refused.json()["error"]["message"]
+            assert "X-Request-Id" in message and "1-128 letters, digits" in message, (path, message)
+            assert bad not in refused.headers.get("x-request-id", "") and bad not in message
+        lines = [line for line in log_lines if line.get("status") == 400 and line["endpoint"] == "completions"]
+        assert len(lines) == before + 1 and lines[-1]["request_id"] is None and "X-Request-Id" in lines[-1]["error"]
+        for good in ("3f2a9c1e-7b4d-4e8a-9f10-2b6c8d0e1a57", "0123abcdef", "editor.session_7:req-12"):
+            ok = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers={"X-Request-Id": good})
+            assert ok.status_code == 200 and ok.json()["id"] == good, ok.text
+
+
+async def test_a_malformed_request_id_closes_the_editor_socket_naming_it(served):
+    url = served.url.replace("http://", "ws://") + "/v1/editor"
+    async with websockets.connect(url, additional_headers={"X-Request-Id": "a b"}) as ws:
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), WAIT_S)
+    assert closed.value.rcvd.code == 1008 and "X-Request-Id" in closed.value.rcvd.reason

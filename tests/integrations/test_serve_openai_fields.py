@@ -51,6 +51,19 @@ def test_one_request_id_in_header_body_and_log(http, wait_until, path, body):
     wait_until.blocking(lambda: f'"request_id": "{ids[0]}"' in _request_log(), f"the request log line of {ids[0]}")
 
 
+def test_a_malformed_request_id_is_refused_and_never_echoed(http):
+    """Ray Serve's proxy echoed any X-Request-Id into the response header and its access log (3,000
+    characters, spaces: a forged-looking access line) before the app refused it on some routes. With the
+    proxy's guard (integrations/request_id_guard.py, installed as `refusion serve` does) the proxy gives
+    such a request a fresh id, and every route answers 400 naming the header."""
+    for bad in ("a b", "x" * 3000, "id\tforged"):
+        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models")):
+            refused = http.request(method, path, json={"prompt": "x", "max_tokens": 2}, headers={"X-Request-Id": bad})
+            assert refused.status_code == 400 and "X-Request-Id" in refused.json()["error"]["message"], refused.text
+            [echoed] = refused.headers.get_list("x-request-id")
+            assert echoed != bad and len(echoed) <= 128, echoed
+
+
 def test_a_client_request_id_is_the_one_id(http):
     response = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, **SAMPLED},
                          headers={"X-Request-Id": "editor-42.a"})
