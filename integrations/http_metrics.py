@@ -135,6 +135,14 @@ class RequestObserver:
             self._finals.append(delta)
         self.last = delta
 
+    def on_first_token(self, at: float) -> None:
+        """The first token came at `at` (time.perf_counter), before any delta fed here had tokens: a
+        non-streamed infill, whose candidates run to their end before the route feeds its one final
+        delta, is timed to its engine's first token as a plain completion is, not to its answer."""
+        if self.first_token_at is None:
+            self.first_token_at = at
+            self.metrics.ttft.labels(self.endpoint).observe(at - self.started)
+
     def finish(self, status: int, error: str | None = None) -> None:
         """Record the outcome once (later calls are ignored): `status` is the one that went out (200 for
         a stream that failed after its start; `error` says why it ended). Prompt tokens count only for a

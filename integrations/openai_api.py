@@ -201,7 +201,8 @@ async def completions(request: Request):
                        requested=body.max_tokens is not None)
         observer = RequestObserver.for_request(request, "completions", header.id, len(prompt_ids),
                                                usage_from_engine=True)  # the text is post-processed (CRLF, cuts)
-        streams = [await primed(observed(infill_deltas(client, job, header.id, body.stream), observer), observer)]
+        deltas = infill_deltas(client, job, header.id, body.stream, observer.on_first_token)
+        streams = [await primed(observed(deltas, observer), observer)]
         echo_counts, scores, healed = [0], None, [""]
         choice_prompts = [len(prompt_ids)]
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from integrations.editor.infill import build_infill_prompt, plan_gaps
 from integrations.editor.postprocess import Rules
@@ -72,12 +72,14 @@ async def infill_job(client, request_id: str, body, decode_params: dict) -> Comp
     )
 
 
-async def infill_deltas(client, job: CompletionJob, request_id: str, stream: bool) -> AsyncIterator[Delta]:
+async def infill_deltas(client, job: CompletionJob, request_id: str, stream: bool,
+                        on_first_token: Callable[[float], None] | None = None) -> AsyncIterator[Delta]:
     """Run the infill job; yield text pieces as Deltas (partials only when streaming), then a final
     Delta carrying finish reason, mode and stats. Each Delta's token_ids are the generated ids of its
     text (runner.text_id_count: what /infill returns as `tokens`; the time-to-first-token and inter-token
-    metrics count them). Engine errors become APIErrors; closing the iterator cancels every candidate
-    in the engine."""
+    metrics count them). Not streaming, on_first_token (RequestObserver.on_first_token) is given when
+    the engine's first token came, before the final Delta. Engine errors become APIErrors; closing the
+    iterator cancels every candidate in the engine."""
     pieces: asyncio.Queue = asyncio.Queue()
     sent, sent_ids = "", []
 
@@ -97,6 +99,8 @@ async def infill_deltas(client, job: CompletionJob, request_id: str, stream: boo
                 yield Delta(request_id, text[len(sent):], token_ids[len(sent_ids):])
                 sent, sent_ids = text, token_ids
         outcome = _outcome(task)
+        if not stream and on_first_token is not None and outcome.first_token_at is not None:
+            on_first_token(outcome.first_token_at)
         yield final_delta(request_id, *outcome.after(sent, sent_ids), outcome)
     finally:
         if not task.done():

@@ -238,6 +238,8 @@ async def infill(client, body: InfillBody, n_ctx: int, request_id: str, observer
                              body.response_fields)
     outcome = await run_completion(client, job, whole=True)
     if observer is not None:
+        if outcome.first_token_at is not None:  # the engine's first token, as a plain completion's
+            observer.on_first_token(outcome.first_token_at)
         observer.on_delta(final_delta(request_id, outcome.text, outcome.token_ids, outcome))
     results = [_result(client, job, body, outcome.text, outcome.token_ids, outcome.stop_reason, outcome.tokens,
                        outcome, n_ctx=n_ctx)]

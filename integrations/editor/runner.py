@@ -97,7 +97,9 @@ class CompletionJob:
 @dataclass
 class CompletionOutcome:
     """The chosen completion and what it cost; `tokens` counts the ids the chosen candidate generated,
-    `token_ids` are the generated ids of `text` (Candidate.token_ids)."""
+    `token_ids` are the generated ids of `text` (Candidate.token_ids); `first_token_at`: when the first
+    token of any candidate came from the engine (time.perf_counter; None when none came), the request's
+    time to first token as a plain completion's, whatever the rules then held back."""
 
     text: str
     stop_reason: str
@@ -109,6 +111,7 @@ class CompletionOutcome:
     first_partial_ms: float | None
     total_ms: float
     token_ids: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
 
     def timings(self) -> dict:
         return {"first_partial_ms": self.first_partial_ms, "total_ms": round(self.total_ms, 2)}
@@ -130,10 +133,12 @@ def tokens_per_forward(stats: dict) -> float | None:
 
 
 async def decode_candidate(client, req: GenerationRequest, gap: int, job: CompletionJob,
-                           on_text: PartialCallback | None = None) -> Candidate:
+                           on_text: PartialCallback | None = None,
+                           on_first_token: Callable[[], None] | None = None) -> Candidate:
     """Stream one candidate; stop early (closing the stream cancels it in the engine) on a rule cut,
     or on the token cap when the engine would go past it. The text has the final-only rules applied.
-    Rules run on the model's text; partials and the result are in the document's style (document.py)."""
+    Rules run on the model's text; partials and the result are in the document's style (document.py).
+    on_first_token is called when its first token comes."""
     raw, ids, reason, stats, mode = "", [], "length", {}, None
     text, shown, capped = "", "", False  # text: raw (as seen from the cursor) with the rules applied
     shown_ids = 0  # how many ids the shown partial's text takes (text_id_count)
@@ -145,6 +150,8 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
             stats.update(delta.stats)  # cached_prompt_tokens comes early: kept when a rule stops reading
             if first_token_s is None and delta.token_ids:
                 first_token_s = _now()
+                if on_first_token is not None:
+                    on_first_token()
             if not capped:
                 raw, ids = raw + delta.text, ids + list(delta.token_ids)
                 if job.max_tokens is not None and len(ids) >= job.max_tokens:
@@ -239,8 +246,14 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
         if on_partial is not None:
             await on_partial(text, token_ids)
 
+    first_token: list[float] = []
+
+    def token_came() -> None:
+        if not first_token:
+            first_token.append(time.perf_counter())
+
     tasks = [
-        asyncio.ensure_future(decode_candidate(client, req, gap, job, forward_partial if i == 0 else None))
+        asyncio.ensure_future(decode_candidate(client, req, gap, job, forward_partial if i == 0 else None, token_came))
         for i, (req, gap) in enumerate(zip(job.engine_requests(), job.gaps))
     ]
     try:
@@ -278,6 +291,7 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
         first_partial_ms=round(first_partial[0], 2) if first_partial else None,
         total_ms=(time.perf_counter() - start) * 1000.0,
         token_ids=chosen.token_ids,
+        first_token_at=first_token[0] if first_token else None,
     )
 
 

@@ -300,3 +300,31 @@ async def test_a_malformed_request_id_closes_the_editor_socket_naming_it(served)
         with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), WAIT_S)
     assert closed.value.rcvd.code == 1008 and "X-Request-Id" in closed.value.rcvd.reason
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/infill", {"input_prefix": "def add(a, b):\n", "prompt": "    ", "input_suffix": "\n", "n_predict": 16}),
+    ("/v1/completions", {"prompt": "def add(a, b):\n    ", "suffix": "\n", "max_tokens": 16}),
+])
+def test_a_whole_infill_is_timed_to_its_engines_first_token(served, log_lines, path, body):
+    """A non-streamed infill (/infill, completions with `suffix`) recorded its time to first token when it
+    answered (385 ms of a 386 ms request), as its candidates run to their end before the route has its
+    one result; now it is the engine's first token, as a non-streamed plain completion records it. Its
+    candidates are held for a second after their first token, so the two times must be that far apart."""
+    rid = "ttft" + path.replace("/", "-")
+    answers: list[httpx.Response] = []
+    served.client.held.add(rid + ".")
+    try:
+        asking = threading.Thread(target=lambda: answers.append(httpx.post(
+            served.url + path, json={**body, "temperature": 0, "mode": "ar"}, headers={"X-Request-Id": rid},
+            timeout=WAIT_S)))
+        asking.start()
+        wait_for(lambda: any(i.startswith(rid + ".") for i in served.client.started), "the first token")
+        time.sleep(1.0)
+    finally:
+        served.client.held.clear()
+    asking.join(WAIT_S)
+    [answer] = answers
+    assert answer.status_code == 200, answer.text
+    line = line_of(log_lines, rid)
+    assert line["ttft_ms"] is not None and line["ttft_ms"] <= line["e2e_ms"] - 500, line
