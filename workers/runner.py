@@ -372,7 +372,7 @@ class ModelRunner:
         if launched.done is not None:
             launched.done.synchronize()
         return unpack_results(launched.step, launched.seq_ids, launched.host.numpy(), launched.logits,
-                              launched.logprobs, launched.ranks)
+                              launched.logprobs, launched.ranks, hidden=self.info.mask_token_id)
 
     def _mark_feedback(self, step: PackedStep, segments: list[Segment]) -> None:
         """Write each feedback segment's first token as -(1 + the previous step's read row to take it from)
@@ -479,10 +479,11 @@ def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: st
 
 def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,
                    logits: np.ndarray | None, top_wanted: list[int | None] | None = None,
-                   ranks: list[bool] | None = None) -> list[SegmentResult]:
+                   ranks: list[bool] | None = None, hidden: int | None = None) -> list[SegmentResult]:
     """values [2, R] float64 (tokens, probs; [4 + 2K, R] with log probabilities) and optional logits
     [R, V] -> one SegmentResult per segment. top_wanted[i]: segment i's `logprobs` (None: none);
-    ranks[i]: segment i's `ranks` (others get rank None even when the step computed the row)."""
+    ranks[i]: segment i's `ranks` (others get rank None even when the step computed the row);
+    hidden: a token id never listed among the alternatives (token_logprobs)."""
     tokens = values[0, :step.num_reads].astype(np.int64).tolist()
     probs = values[1, :step.num_reads].tolist()
     starts, n_tok, n_log = step.read_starts.tolist(), step.num_token_reads.tolist(), step.num_logit_reads.tolist()
@@ -493,20 +494,27 @@ def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,
         result = SegmentResult(seq_id, tokens[a:b], probs[a:b], rows)
         if top_wanted is not None and top_wanted[i] is not None:  # no reads in the step: no values rows
             with_ranks = bool(ranks and ranks[i])
-            result.logprobs = token_logprobs(values[:, a:b], top_wanted[i], with_ranks) if step.layout.logprobs else []
+            result.logprobs = (token_logprobs(values[:, a:b], top_wanted[i], with_ranks, hidden)
+                               if step.layout.logprobs else [])
         results.append(result)
     return results
 
 
-def token_logprobs(values: np.ndarray, num_top: int, with_ranks: bool = False) -> list[TokenLogprob]:
+def token_logprobs(values: np.ndarray, num_top: int, with_ranks: bool = False,
+                   hidden: int | None = None) -> list[TokenLogprob]:
     """values [4 + 2K, n] of one segment's reads -> n TokenLogprob with num_top alternatives each
     (-inf as LOGPROB_FLOOR; alternatives of probability 0, which a grammar mask removed, left out) and,
-    with_ranks, their rank (else None)."""
+    with_ranks, their rank (else None). `hidden` (the mask token: an input marker that AR never chooses
+    and that is never text) is left out of the alternatives, and the next one takes its place (at
+    num_top = K, one fewer then); the log probabilities stay those of the model's logits, and a rank
+    still counts it."""
     k = (values.shape[0] - 4) // 2
+    wanted = min(num_top + (hidden is not None), k)
     chosen = np.maximum(values[2], LOGPROB_FLOOR).tolist()
-    top_ids = values[3:3 + min(num_top, k)].T.astype(np.int64).tolist()
-    top_lps = values[3 + k:3 + k + min(num_top, k)].T.tolist()
+    top_ids = values[3:3 + wanted].T.astype(np.int64).tolist()
+    top_lps = values[3 + k:3 + k + wanted].T.tolist()
     token_ids = values[0].astype(np.int64).tolist()
     ranks = values[3 + 2 * k].astype(np.int64).tolist() if with_ranks else [None] * len(token_ids)
-    return [TokenLogprob(token, lp, tuple((t, v) for t, v in zip(ids, lps) if v != -np.inf), rank)
+    return [TokenLogprob(token, lp, tuple((t, v) for t, v in zip(ids, lps) if v != -np.inf and t != hidden)[:num_top],
+                         rank)
             for token, lp, ids, lps, rank in zip(token_ids, chosen, top_ids, top_lps, ranks)]

@@ -8,6 +8,8 @@ top-p (vLLM's raw_logprobs), best alternatives first; asking for them never chan
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from refusion_cases import PROMPTS
@@ -41,10 +43,11 @@ def _hf_rows(hf, context: list[int], mask_id: int, generated: list[int]) -> list
     return rows
 
 
-def _assert_entries_match(entries, tokens, rows, num_top):
+def _assert_entries_match(entries, tokens, rows, num_top, mask: int):
+    """The model's log probabilities; the alternatives its top num_top but the mask token (never listed)."""
     assert [e.token for e in entries] == tokens
     for entry, token, row in zip(entries, tokens, rows):
-        top = row.topk(num_top)
+        top = row.index_fill(0, torch.tensor([mask]), -math.inf).topk(num_top)
         assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
         assert [t for t, _ in entry.top] == top.indices.tolist()
         assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
@@ -63,7 +66,7 @@ def test_ar_logprobs_are_the_models_raw_distribution(untied_runner, untied_hf, s
         assert out == plain.output_ids() and len(out) == 16
         assert plain.stream_logprobs(0, 16) == []
         rows = _hf_rows(untied_hf, prompt_ids, untied_runner.info.mask_token_id, out)
-        _assert_entries_match(decoder.stream_logprobs(0, 16), out, rows, 4)
+        _assert_entries_match(decoder.stream_logprobs(0, 16), out, rows, 4, untied_runner.info.mask_token_id)
         if sampling.get("temperature"):  # a sampled token's tempered probability is not what is reported
             tempered = [(r / sampling["temperature"]).log_softmax(-1)[t].item() for r, t in zip(rows, out)]
             assert any(abs(e.logprob - t) > 1e-2 for e, t in zip(decoder.stream_logprobs(0, 16), tempered))
@@ -86,7 +89,7 @@ def test_logprobs_travel_across_a_refusion_to_ar_handoff(untied_runner, untied_h
     entries = second.stream_logprobs(0, 16)
     assert entries[:len(block)] == handed
     rows = _hf_rows(untied_hf, prompt_ids + block, params.mask_token_id, out[len(block):])
-    _assert_entries_match(entries[len(block):], out[len(block):], rows, 2)
+    _assert_entries_match(entries[len(block):], out[len(block):], rows, 2, untied_runner.info.mask_token_id)
     back = RefusionDecoder.from_handoff("h2", ARDecoder("a", prompt_ids, params).handoff(), params)
     assert back.stream_logprobs(0, 0) == []  # nothing generated yet: nothing handed over
 

@@ -8,9 +8,11 @@ the model drafts often, used as EOS, puts EOS into verify prefixes and into slot
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
+import torch
 from oracle import refusion_oracle
 from refusion_cases import PROMPTS
 
@@ -170,8 +172,9 @@ def test_chunked_prompt_prefill_matches_oracle(untied_runner, untied_hf, frequen
     assert decoder.stats.prefill_forwards == -(-len(prompt_ids) // budget)
 
 
-def _expected_entry(row, token: int, num_top: int):
-    top = row.topk(num_top)
+def _expected_entry(row, token: int, num_top: int, mask: int):
+    """The oracle row's log probability of `token` and its top num_top but the mask token (never listed)."""
+    top = row.index_fill(0, torch.tensor([mask]), -math.inf).topk(num_top)
     return row[token].item(), list(zip(top.indices.tolist(), top.values.tolist()))
 
 
@@ -189,7 +192,7 @@ def test_logprobs_are_the_accepting_reads_of_the_oracle(untied_runner, untied_hf
     entries = decoder.stream_logprobs(0, len(out))
     assert [e.token for e in entries] == out
     for pos, (token, entry) in enumerate(zip(out, entries), start=len(prompt_ids)):
-        logprob, top = _expected_entry(oracle.logprob_rows[pos], token, 3)
+        logprob, top = _expected_entry(oracle.logprob_rows[pos], token, 3, untied_runner.info.mask_token_id)
         assert entry.logprob == pytest.approx(logprob, abs=1e-4), (case, pos)
         assert [t for t, _ in entry.top] == [t for t, _ in top], (case, pos)
         assert [v for _, v in entry.top] == pytest.approx([v for _, v in top], abs=1e-4)

@@ -16,7 +16,8 @@ USER = [{"role": "user", "content": "def add(a, b):"}]
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     """Greedy AR as the engine decodes it (the first token read from a MASK at the first generation
-    position, dropped; then each from the previous token's row), with each row's log_softmax."""
+    position, dropped; then each from the previous token's row; the mask token never chosen), with each
+    row's log_softmax (the mask's included: log probabilities are of the logits as the model gave them)."""
     import torch
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
@@ -31,7 +32,7 @@ def reference(tiny_model_dir):
             context = prompt_ids + ids
             inputs = context + [mask] if i == 0 else context
             row = hf(input_ids=torch.tensor([inputs])).logits[0, -1].float().log_softmax(-1)
-            ids.append(int(row.argmax()))
+            ids.append(int(row.index_fill(0, torch.tensor([mask]), -math.inf).argmax()))
             rows.append(row)
             if ids[-1] == hf.config.eos_token_id:
                 break
@@ -44,8 +45,12 @@ def _text(tok, token: int) -> str:
     return tok.decode([token], skip_special_tokens=False)
 
 
-def test_completion_logprobs_are_the_models(client, model, reference):
+def test_completion_logprobs_are_the_models(client, model, reference, tiny_model_dir):
+    import torch
+    from transformers import AutoConfig
+
     tok, decode = reference
+    mask = AutoConfig.from_pretrained(tiny_model_dir).mask_token_id
     prompt = "def add(a, b):\n    return"
     out = client.completions.create(model=model, prompt=prompt, max_tokens=8, logprobs=3, extra_body=AR)
     ids, rows = decode(tok(prompt)["input_ids"], 8)
@@ -54,7 +59,7 @@ def test_completion_logprobs_are_the_models(client, model, reference):
     assert lp.tokens == [_text(tok, t) for t in ids] and ids
     assert lp.token_logprobs == pytest.approx([r[t].item() for r, t in zip(rows, ids)], abs=1e-4)
     for top, row, token in zip(lp.top_logprobs, rows, ids):
-        best = row.topk(3)
+        best = row.index_fill(0, torch.tensor([mask]), -math.inf).topk(3)  # the mask token is never listed
         want = {_text(tok, t): v for t, v in zip(best.indices.tolist(), best.values.tolist())}
         want[_text(tok, token)] = row[token].item()  # OpenAI: the chosen token is always in, up to N + 1
         assert top.keys() == want.keys() and list(top.values()) == pytest.approx(list(want.values()), abs=1e-4)

@@ -336,3 +336,20 @@ def test_ranks_are_computed_only_for_segments_that_ask(session):
     assert [e.rank for e in alone.logprobs] == [None] and alone.tokens == res_other.tokens
     ask_without_logprobs = session.execute([dataclasses.replace(scored, seq_id="nolp", logprobs=None)])[0]
     assert ask_without_logprobs.logprobs is None
+
+
+def test_the_mask_token_is_never_listed_among_the_alternatives(session, runner):
+    """The mask token (an input marker, never text) is left out of each read's top alternatives and the
+    next one takes its place; the log probabilities are the model's (here under a grammar mask allowing
+    the mask token and two others, so it is surely among the top)."""
+    import dataclasses
+
+    mask = runner.info.mask_token_id
+    allowed = [mask, 77, 300]
+    seg = dataclasses.replace(_dropped("m", _ids(4, 13), Reads(argmax=(3,)), Sampling()), token_bitmask=_bitmask(allowed))
+    one, three = (session.execute([dataclasses.replace(seg, seq_id=f"m{n}", logprobs=n)])[0].logprobs[0] for n in (1, 3))
+    sub = dict(zip(allowed, result_logits(session.execute([dataclasses.replace(seg, seq_id="raw")])[0])[0, allowed]
+                   .log_softmax(-1).tolist()))
+    best = sorted((77, 300), key=lambda t: -sub[t])
+    assert [t for t, _ in three.top] == best and [t for t, _ in one.top] == best[:1]
+    assert [v for _, v in three.top] == pytest.approx([sub[t] for t in best], abs=1e-5)
