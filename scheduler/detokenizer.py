@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 REPLACEMENT_CHAR = "\ufffd"
+MAX_HELD_IDS = 3  # the most ids held back for a character not yet complete (4 bytes at most: 3 before the last)
 # Spaces per indent level in the model's text (a tab's columns), as Python code (PEP 8) and the
 # training corpus indent; the editor's document conversion (integrations/editor/document.py) uses it.
 MODEL_TAB_WIDTH = 4
@@ -147,11 +148,29 @@ class TextStream:
         if self._read_offset >= len(self._ids):
             return
         known = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self._ids[self._prefix_offset :])
+        full, end = self._decode(self._ids[self._prefix_offset :]), len(self._ids)
         if full.endswith(REPLACEMENT_CHAR) and not final:
-            return  # the last token ends inside a character: wait for the rest of its bytes
+            # The last token may end inside a character: wait for the rest of its bytes, but hold back
+            # only the ids that may (a character spans at most 4 bytes, so at most MAX_HELD_IDS tokens)
+            settled = self._settled(full, known)
+            if settled is None:
+                return
+            full, end = settled
         self._text += self._healer.feed(full[len(known) :])
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self._prefix_offset, self._read_offset = self._read_offset, end
+
+    def _settled(self, full: str, known: str) -> tuple[str, int] | None:
+        """(text, end): the text of ids[prefix_offset:end] for the largest end that leaves 1 to
+        MAX_HELD_IDS ids held and splits no character (their texts, decoded apart, join to `full`), so
+        that more bytes cannot change it: bytes that are no UTF-8 (U+FFFD already) stream on with the
+        next token. vLLM holds the whole text back while it ends with U+FFFD: a model writing such bytes
+        streamed nothing until it ended (3,000 tokens of the random test model's). None: keep waiting."""
+        ids, start = self._ids, self._prefix_offset
+        for end in range(len(ids) - 1, max(self._read_offset, len(ids) - MAX_HELD_IDS - 1), -1):
+            head = self._decode(ids[start:end])
+            if head.startswith(known) and head + self._decode(ids[end:]) == full:
+                return head, end
+        return None
 
     def _release(self, *, newline_cut: bool, final: bool) -> TextUpdate:
         start = self._sent_chars

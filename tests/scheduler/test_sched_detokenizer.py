@@ -194,3 +194,22 @@ def test_min_tokens_counts_the_healed_text_from_the_client_s_start():
     updates = healed_stream(["    ", "ab", "cb"], "    ", stop=["b"], min_tokens=3)
     assert "".join(u.text for u in updates) == "abc"
     assert any(u.stopped == "stop" for u in updates)
+
+
+def test_bytes_that_are_no_utf8_stream_on_and_an_incomplete_character_waits(bpe_tokenizer):
+    """A run of lone UTF-8 continuation bytes (each its own token: no character, ever) streams with a
+    lag of one token instead of being held until the request ends (vLLM's rule, while the text ends
+    with U+FFFD), and a character whose bytes are still arriving waits, however they interleave."""
+    from integrations.token_bytes import BYTE_DECODER
+
+    byte_id = {b: bpe_tokenizer.convert_tokens_to_ids(c) for c, b in BYTE_DECODER.items()}
+    lone = [byte_id[0xAF]] * 6
+    stream = TextStream(bpe_tokenizer)
+    pieces = [stream.update(lone[:k]).text for k in range(1, len(lone) + 1)]
+    assert pieces == [""] + ["\ufffd"] * 5 and stream.finish().text == "\ufffd"
+    # "本" (E6 9C AC) one byte per step after two lone bytes: the bytes stream, the character waits whole
+    mixed = [byte_id[0xAF], byte_id[0xAF], byte_id[0xE6], byte_id[0x9C], byte_id[0xAC], byte_id[ord("!")]]
+    stream = TextStream(bpe_tokenizer)
+    pieces = [stream.update(mixed[:k]).text for k in range(1, len(mixed) + 1)]
+    assert "".join(pieces) + stream.finish().text == "\ufffd\ufffd本!" == bpe_tokenizer.decode(mixed)
+    assert all(p in ("", "\ufffd", "本", "本!", "!") for p in pieces) and "本" in "".join(pieces[:5])
