@@ -50,6 +50,15 @@ REMOVAL_LOOKS = 4
 __all__ = ["EngineDeployment", "IngressDeployment", "application", "build_app", "node_name", "signal_drain"]
 
 
+def set_log_level(level: str) -> None:
+    """The replica's structlog lines at `level` and above (ServeConfig.log_level; the scheduler logs each
+    routing decision at debug). Set in each replica's process only: tests that capture logs in their own
+    process keep every level."""
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())))
+
+
 class CallerRequests:
     """The engine requests each calling ingress replica (its Ray actor name) has running here, for
     EngineDeployment._cancel_orphans. Calls are counted per request id: a second call with an id already
@@ -87,6 +96,7 @@ class EngineDeployment:
     async def __init__(self, config: dict):
         die_on_sigterm()  # `kill <pid>` ends this replica as `kill -9` does, not in a ~95 s freeze
         self.config = ServeConfig.model_validate(config)
+        set_log_level(self.config.log_level)
         threads = self.config.engine_deployment.torch_threads
         if threads:
             import torch
@@ -291,6 +301,7 @@ class IngressDeployment:
 
         die_on_sigterm()  # as the engine replica's
         self.config = ServeConfig.model_validate(config)
+        set_log_level(self.config.log_level)
         tokenizer = load_tokenizer(self.config.model)
         context = serve.get_replica_context()
         # Its Ray actor name travels with each call: an engine replica cancels a dead ingress's requests.

@@ -205,6 +205,9 @@ class ServeConfig(_Strict):
                                      "this long for its first token, waiting requests that never started move from "
                                      "replicas with a queue to replicas with free slots "
                                      "(integrations/serve_rebalance.py); 0 turns it off")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="the replicas' own log (structlog lines): info logs each request's outcome "
+        "and events; debug adds each routing decision with its inputs (~600 bytes a request)")
 
     @field_validator("model_name")
     @classmethod

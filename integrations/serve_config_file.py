@@ -154,6 +154,8 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
         config["engine"] = {**_section(config, "engine"), "max_running": args.max_num_seqs}
     if args.dtype:
         config["runner"] = {**_section(config, "runner"), "dtype": args.dtype}
+    if getattr(args, "log_level", None):
+        config["log_level"] = args.log_level
     deployment = _section(config, "engine_deployment")
     engine_override = file.deployments.get(ENGINE_DEPLOYMENT, {})
     if args.replicas is not None:

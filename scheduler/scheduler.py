@@ -622,13 +622,15 @@ class Scheduler:
     def record_decision(self, req: Request, decision: RouteDecision, event: str, count: bool = True, **context) -> None:
         """Every routing decision and its inputs go to the log, and to the metrics unless `count` is False
         (a preempted request's rerun: its request was counted at its first start); not those of the
-        server's own requests (a health probe every few seconds)."""
+        server's own requests (a health probe every few seconds). A request's first route is logged at
+        debug (~600 bytes a request: ServeConfig.log_level), a later decision (a mode switch) at info."""
         if req.spec.internal:
             return
         if count:
             self.metrics.mode_decisions.labels(mode=decision.mode.value, reason=decision.reason).inc()
-        log.info(event, request_id=req.id, mode=decision.mode.value, reason=decision.reason,
-                 requested=req.spec.mode.value, priority=req.priority.name, **context, **decision.inputs)
+        write = log.debug if event == "route" else log.info
+        write(event, request_id=req.id, mode=decision.mode.value, reason=decision.reason,
+              requested=req.spec.mode.value, priority=req.priority.name, **context, **decision.inputs)
 
     # ---- internals -----------------------------------------------------------------------------
     def _start_waiting(self, plan: StepPlan) -> None:

@@ -168,6 +168,38 @@ def test_plain_chat_template_with_tools(tiny_model_dir):
                     '</tool_call>\n### Tool result (c1)\nR\n### Assistant\n')
 
 
+def test_log_level_from_the_config_or_the_flag_filters_the_replicas_lines(tiny_model_dir):
+    """ServeConfig.log_level (config/serve.yaml says info; --log-level wins): at info a request's routing
+    decision (debug, ~600 bytes) is not written, its outcome is; a level not offered is refused naming it."""
+    import pydantic
+    import structlog
+
+    from integrations.serve_app import set_log_level
+
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    shipped = cli_serve.merged_config(parser.parse_args(["--config", str(REPO / "config" / "serve.yaml")])).args
+    assert ServeConfig.model_validate(shipped).log_level == "info"
+    flagged = cli_serve.merged_config(parser.parse_args(["--config", str(REPO / "config" / "serve.yaml"),
+                                                         "--log-level", "debug"])).args
+    assert ServeConfig.model_validate(flagged).log_level == "debug"
+    with pytest.raises(pydantic.ValidationError, match="log_level"):
+        ServeConfig.model_validate({"log_level": "verbose"})
+    lines = []
+    try:
+        set_log_level("info")
+        structlog.configure(processors=[lambda _, method, event: lines.append((method, event["event"])) or ""],
+                            logger_factory=structlog.ReturnLoggerFactory())
+        log = structlog.get_logger("t")
+        log.debug("route")
+        log.info("finished")
+        set_log_level("debug")
+        log.debug("route")
+    finally:
+        structlog.reset_defaults()  # (other tests capture every level in this process)
+    assert lines == [("info", "finished"), ("debug", "route")]
+
+
 def test_config_file_and_flags(tiny_model_dir, tmp_path):
     parser = argparse.ArgumentParser()
     cli_serve.add_arguments(parser)
