@@ -37,10 +37,8 @@ from decoding.api import DecodeStats, Handoff
 from decoding.context import start_context
 from decoding.grammar import TokenConstraint
 from decoding.params import DecodeParams
-from workers.batch import FeedbackPenalty, Reads, Sampling, Segment, SegmentResult, TokenLogprob
+from workers.batch import TOKEN_BAN, FeedbackPenalty, Reads, Sampling, Segment, SegmentResult, TokenLogprob
 
-TOKEN_BAN = -1e9  # the logit bias that keeps a token from being chosen (the mask token always; EOS under
-# ignore_eos or min_tokens): finite, below any logit
 
 
 class ARPhase(Enum):
@@ -421,9 +419,9 @@ class ARDecoder:
         """OpenAI's logit_bias plus the presence and frequency penalties of the text so far (handed-off
         text included), and bans (TOKEN_BAN, replacing the token's bias): each generated token's logit
         loses presence + frequency x its count; the mask token is banned always (it is an input marker,
-        never text: the shipped model sampled it at temperature 0.7; its raw logprob still shows among
-        top_logprobs, as a banned token's does under vLLM's raw_logprobs), and EOS under vLLM's
-        ignore_eos or while fewer than min_tokens are generated.
+        never text: the shipped model sampled it at temperature 0.7; the runner leaves it out of the top
+        alternatives too, workers.runner.token_logprobs), and EOS under vLLM's ignore_eos or while fewer
+        than min_tokens are generated.
         `in_flight`: generated tokens not yet on the host (plan_ahead's one), counted for min_tokens;
         the penalties are of the tokens on the host (the runner adds the one in flight's:
         Segment.feedback_penalty). With penalties, the pairs of tokens not generated come first."""

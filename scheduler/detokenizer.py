@@ -161,14 +161,18 @@ class TextStream:
 
     def _settled(self, full: str, known: str) -> tuple[str, int] | None:
         """(text, end): the text of ids[prefix_offset:end] for the largest end that leaves 1 to
-        MAX_HELD_IDS ids held and splits no character (their texts, decoded apart, join to `full`), so
-        that more bytes cannot change it: bytes that are no UTF-8 (U+FFFD already) stream on with the
-        next token. vLLM holds the whole text back while it ends with U+FFFD: a model writing such bytes
-        streamed nothing until it ended (3,000 tokens of the random test model's). None: keep waiting."""
+        MAX_HELD_IDS ids held and splits no character (their texts, decoded apart, join to `full`, and
+        the held ids have text of their own: a special token decodes to "" while the byte-level decoder
+        still joins the bytes around it), so that more bytes cannot change it: bytes that are no UTF-8
+        (U+FFFD already) stream on with the next token. vLLM holds the whole text back while it ends with
+        U+FFFD: a model writing such bytes streamed nothing until it ended (3,000 tokens of the random
+        test model's). Relies on the decoder writing one U+FFFD per maximal invalid run (byte-level BPE,
+        Python's errors="replace"); a byte-fallback tokenizer (one U+FFFD per byte) would stream U+FFFD
+        for a character still arriving. None: keep waiting."""
         ids, start = self._ids, self._prefix_offset
         for end in range(len(ids) - 1, max(self._read_offset, len(ids) - MAX_HELD_IDS - 1), -1):
-            head = self._decode(ids[start:end])
-            if head.startswith(known) and head + self._decode(ids[end:]) == full:
+            head, tail = self._decode(ids[start:end]), self._decode(ids[end:])
+            if tail and head.startswith(known) and head + tail == full:
                 return head, end
         return None
 

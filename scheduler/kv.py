@@ -60,16 +60,11 @@ class KVOwner:
 
     def runner_for(self, req: Request, ar: bool) -> str:
         """The runner a request runs on once routed: "ar" (the separate AR model, when there is one) for
-        an AR route that fits that model's KV pool, else "main" (whose weights run AR too). A request
-        too long for the AR pool waited for it forever (nothing ever frees enough blocks there); it now
-        runs AR on the main model, whose pool admission sized it for (Scheduler.add)."""
-        if not ar or "ar" not in self.tables:
-            return "main"
-        pool = self.pool("ar")
-        spec = req.spec
-        gen = min(int(req.params.gen_length), spec.max_tokens or int(req.params.gen_length))
-        need = math.ceil((len(spec.prompt_ids) + len(spec.suffix_ids or []) + gen) / pool.block_size) + 1
-        return "ar" if need <= self.capacity("ar") else "main"
+        an AR route whose KV estimate (`Request.kv_blocks`, what starting it waits for in either pool)
+        fits that model's pool, else "main" (whose weights run AR too). A request too long for the AR
+        pool waited for it forever (nothing ever frees enough blocks there); it now runs AR on the
+        main model, whose pool admission sized it for (Scheduler.add)."""
+        return "ar" if ar and "ar" in self.tables and req.kv_blocks <= self.capacity("ar") else "main"
 
     def available(self, running: list[Request], key: str = "main") -> int:
         """Free blocks not yet promised to running requests, less the reserve."""

@@ -64,6 +64,8 @@ SEED_MAX = 2**63 - 1
 """Seeds are signed 64-bit on the device; the API rejects larger ones (a 400 naming `seed`)."""
 
 MAX_TOP_LOGPROBS = 20
+TOKEN_BAN = -1e9  # the logit bias that keeps a token from being chosen (decoding.ar: the mask token always;
+# EOS under ignore_eos or min_tokens): finite, below any logit
 """Most alternatives a read returns per token (vLLM's default max_logprobs, OpenAI's top_logprobs bound);
 a step with any log-probability segment computes this many for every read row."""
 

@@ -3,7 +3,7 @@
 Input: logits of the read rows only, [R, V] float32, and per-row parameters (`ReadParams`, views of the
 packed step). Output: [2, R] float64, row 0 the token ids, row 1 the probabilities, so all results
 come back to the host in one transfer. With `logprobs` (a segment of the step asks for them) the output
-is [4 + 2K, R] (K = MAX_TOP_LOGPROBS): then row 2 the chosen token's log probability, rows 3 .. 3+K the
+is [4 + 2K, R] (K = READ_TOP_LOGPROBS): then row 2 the chosen token's log probability, rows 3 .. 3+K the
 K most likely token ids, rows 3+K .. 3+2K their log probabilities, and row 3+2K the chosen token's rank
 (1 + the number of tokens more likely; vLLM's `prompt_logprobs` report it; 0 = not computed: only with
 `ranks`, one more pass over the vocabulary per row), all under log_softmax of the logits as given (grammar mask applied; before temperature, top-k, top-p: vLLM's raw_logprobs).
@@ -34,6 +34,10 @@ from typing import NamedTuple
 import torch
 
 from workers.batch import MAX_TOP_LOGPROBS
+
+# Alternatives each log-probability read computes: one more than a request may ask for, so that leaving
+# the mask token out (workers.runner.token_logprobs) still gives MAX_TOP_LOGPROBS
+READ_TOP_LOGPROBS = MAX_TOP_LOGPROBS + 1
 
 # splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 wraps the same way).
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64
@@ -140,7 +144,7 @@ def compute_reads(logits: torch.Tensor, params: ReadParams, needs_noise: bool, n
     if not logprobs:
         return values
     log_probs = logits.log_softmax(dim=-1)  # [R, V] float32
-    top = log_probs.topk(min(MAX_TOP_LOGPROBS, logits.shape[-1]), dim=-1)  # [R, K] each
+    top = log_probs.topk(min(READ_TOP_LOGPROBS, logits.shape[-1]), dim=-1)  # [R, K] each
     chosen = log_probs.gather(1, values[0].long()[:, None])[:, 0]  # [R]
     if ranks:  # an int32 count: summing the bool mask as int64 takes twice as long on the CPU
         rank = (log_probs > chosen[:, None]).sum(dim=-1, dtype=torch.int32) + 1  # [R]

@@ -32,7 +32,7 @@ from workers import loader
 from workers.attention import StepAttention
 from workers.attention_flex import FlexStepAttention
 from workers.attention_paged import PagedStepAttention, unavailable_reason
-from workers.batch import LOGPROB_FLOOR, Reads, Segment, SegmentResult, TokenLogprob, notify_launched
+from workers.batch import LOGPROB_FLOOR, TOKEN_BAN, Reads, Segment, SegmentResult, TokenLogprob, notify_launched
 from workers.graphs import GraphPolicy, StepGraphs, startup_steps
 from workers.kv_cache import PagedKVCache, blocks_for_budget
 from workers.model import Qwen3, build_model, compiled_kernels
@@ -187,7 +187,7 @@ class ModelRunner:
         for n, q, context in startup_steps(graphs.policy, bs, self.info.num_kv_blocks * bs):
             # An AR decode step (q = 1) always carries one logit bias pair, the mask token's ban
             # (decoding.ar.ARDecoder._logit_bias): its layout has a bias table
-            ban = ((self.info.mask_token_id, -1e9),) if q == 1 else ()
+            ban = ((self.info.mask_token_id, TOKEN_BAN),) if q == 1 else ()
             segments = [Segment(f"startup-{i}", context, [0] * q, list(range(context, context + q)), 0,
                                 Reads(argmax=tuple(range(q))), logit_bias=ban) for i in range(n)]
             step = pack_step(segments, [[self.scratch_block] * (context // bs)] * n, bs, self.scratch_block)
@@ -505,9 +505,9 @@ def token_logprobs(values: np.ndarray, num_top: int, with_ranks: bool = False,
     """values [4 + 2K, n] of one segment's reads -> n TokenLogprob with num_top alternatives each
     (-inf as LOGPROB_FLOOR; alternatives of probability 0, which a grammar mask removed, left out) and,
     with_ranks, their rank (else None). `hidden` (the mask token: an input marker that AR never chooses
-    and that is never text) is left out of the alternatives, and the next one takes its place (at
-    num_top = K, one fewer then); the log probabilities stay those of the model's logits, and a rank
-    still counts it."""
+    and that is never text) is left out of the alternatives, and the next one takes its place (the
+    reads compute one more than a request may ask for: workers.reads.READ_TOP_LOGPROBS); the log
+    probabilities stay those of the model's logits, and a rank still counts it."""
     k = (values.shape[0] - 4) // 2
     wanted = min(num_top + (hidden is not None), k)
     chosen = np.maximum(values[2], LOGPROB_FLOOR).tolist()

@@ -3,8 +3,10 @@
 Applied in this order to the text generated so far (cumulative, so it also runs on partials):
   0. invalid bytes (the editor protocol only, `Rules.cut_invalid`): stop before the first U+FFFD,
      which the engine's text holds only where the model wrote bytes that are no UTF-8 (its detokenizer
-     holds back a character still incomplete), so an editor never inserts one; off when the document
-     holds U+FFFD itself (the model may copy it);
+     holds back a character still incomplete) or, at the end, where the text ended inside a character,
+     so an editor never inserts one; at the end a trailing U+FFFD run is dropped without a cut (the
+     text keeps the reason it ended for); off when the document holds U+FFFD itself (the model may copy
+     it);
   1. single-line: when `multiline` is off, stop at the first newline after visible text
      (a completion that starts with a newline keeps that one newline and its next line, unless the
      cursor is mid-line: text follows it on its line, which a line break would split);
@@ -224,7 +226,11 @@ def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
     docstring)."""
     text, cut = raw, None
     if rules.cut_invalid and REPLACEMENT in text:
-        text, cut = text[: text.index(REPLACEMENT)], CUT_INVALID
+        # Cut before the first. At the end (`final`) a trailing run may be a character the end or a token
+        # cap cut short: dropped, and the reason the text ended for (`length`) stands
+        at = text.index(REPLACEMENT)
+        trailing = not text[at:].strip(REPLACEMENT)
+        text, cut = text[:at], None if final and trailing else CUT_INVALID
     if not rules.multiline:
         text, did = single_line(text, mid_line=bool(_rest_of_cursor_line(rules.suffix)))
         cut = CUT_NEWLINE if did else cut

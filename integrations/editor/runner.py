@@ -159,7 +159,9 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
                     if len(ids) > job.max_tokens:
                         ids = ids[: job.max_tokens]
                         raw = heal_text(client.tokenizer.decode(ids, skip_special_tokens=True), job.prompt.healed)
-                processed = postprocess(raw, rules)  # raw: the engine dropped the healed blanks (request.healed)
+                # raw: the engine dropped the healed blanks (request.healed); at its end (or the cap) a
+                # character may be cut short: the final rules
+                processed = postprocess(raw, rules, final=capped or delta.finished)
                 text = processed.text
                 if processed.cut:
                     reason = processed.cut

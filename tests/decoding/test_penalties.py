@@ -12,10 +12,10 @@ from refusion_cases import PROMPTS
 from transformers import DynamicCache
 
 from decoding.api import DecodeParamError
-from decoding.ar import TOKEN_BAN, ARDecoder
+from decoding.ar import ARDecoder
 from decoding.loop import decode_batch
 from decoding.params import DecodeParams
-from workers.batch import FeedbackPenalty, SegmentResult
+from workers.batch import TOKEN_BAN, FeedbackPenalty, SegmentResult
 
 
 def _params(runner, **kw) -> DecodeParams:

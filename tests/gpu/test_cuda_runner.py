@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workers"))
 
 from hf_oracle import dense_logits, result_logits, segment  # noqa: E402
-from workers.batch import Reads, Sampling  # noqa: E402
+from workers.batch import TOKEN_BAN, Reads, Sampling  # noqa: E402
 from workers.reads import uniform  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
 from workers.session import RunnerSession  # noqa: E402
@@ -200,7 +200,9 @@ def test_runner_with_cuda_graphs_equals_eager(tiny_model_dir):
         session.execute([segment(s, 0, p, reads=Reads()) for s, p in seqs.items()])
         steps = []
         for _ in range(6):
-            results = session.execute([segment(s, session.cached_len(s), [t[-1]], reads=Reads(argmax=(0,)))
+            # (as an AR decode step: its one bias pair, the mask token's ban, decoding.ar)
+            results = session.execute([segment(s, session.cached_len(s), [t[-1]], reads=Reads(argmax=(0,)),
+                                               logit_bias=((runner.info.mask_token_id, TOKEN_BAN),))
                                        for s, t in seqs.items()])
             for r in results:
                 seqs[r.seq_id].append(r.tokens[0])

@@ -258,4 +258,8 @@ def test_invalid_bytes_end_the_completion_unless_the_document_holds_them():
     assert postprocess(raw, Rules(cut_invalid=True)) == Processed("name = 'caf", CUT_INVALID)
     assert postprocess(raw, Rules()) == Processed(raw, None)  # off unless asked (/infill keeps the model's text)
     # an earlier cut by a later rule names that rule
-    assert postprocess("x = 1\n\ufffd", Rules(multiline=False, cut_invalid=True)) == Processed("x = 1", CUT_NEWLINE)
+    assert postprocess("x = 1\n\ufffd!", Rules(multiline=False, cut_invalid=True)) == Processed("x = 1", CUT_NEWLINE)
+    # at the end a trailing run (a character a token cap cut short) is dropped with no cut reported: the
+    # text keeps the reason it ended for (`length` at a cap); while streaming, it is bytes that are no UTF-8
+    assert postprocess("caf\ufffd", Rules(cut_invalid=True), final=True) == Processed("caf", None)
+    assert postprocess("caf\ufffd", Rules(cut_invalid=True)) == Processed("caf", CUT_INVALID)

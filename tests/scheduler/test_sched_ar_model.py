@@ -71,3 +71,18 @@ async def test_a_request_too_long_for_the_ar_pool_runs_ar_on_the_main_model():
     await engine.stop()
     for key in ("main", "ar"):
         assert engine.kv.pool(key).num_free == engine.kv.pool(key).num_total
+
+
+async def test_an_auto_request_routed_to_ar_goes_where_its_kv_estimate_fits():
+    """An AUTO request's KV estimate counts a ReFusion pool (Request.kv_blocks: what starting it waits
+    for): routed to AR, it must fit the AR pool by that estimate, else it waited there forever (helper-160:
+    9 blocks against a pool of 8). It runs AR on the main model instead."""
+    main, ar = FakeRunner(num_blocks=128), FakeRunner(num_blocks=8)
+    config = EngineConfig(routing=RoutingConfig(calibrate=False, cost_points=FLAT, explore_every=0))
+    engine = Engine(main, FakeTokenizer(), config, FakeFactory(), ar_runner=ar, ar_decoder_factory=FakeFactory())
+    engine.router.observe = lambda *args: None
+    engine.router.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 0.2  # AR wins the route
+    await engine.start()
+    auto = await asyncio.wait_for(collect(engine, GenerationRequest("auto", [5, 6, 7, 8] * 5, {"gen_length": 6})), 60)
+    assert len(ids_of(auto)) == 6 and auto[-1].stats["modes"] == ["ar"] and _seqs(main) == {"auto"} and not ar.calls
+    await engine.stop()

@@ -213,3 +213,18 @@ def test_bytes_that_are_no_utf8_stream_on_and_an_incomplete_character_waits(bpe_
     pieces = [stream.update(mixed[:k]).text for k in range(1, len(mixed) + 1)]
     assert "".join(pieces) + stream.finish().text == "\ufffd\ufffd本!" == bpe_tokenizer.decode(mixed)
     assert all(p in ("", "\ufffd", "本", "本!", "!") for p in pieces) and "本" in "".join(pieces[:5])
+
+
+def test_a_character_split_by_a_skipped_special_token_is_not_released_early(bpe_tokenizer):
+    """A special token (decoded as "" under skip_special_tokens) between a character's bytes: the
+    byte-level decoder still joins them, so the held ids must have text of their own before the text
+    before them is released (helper-160: "a\\ufffdb" streamed where the whole decode is "a😀b")."""
+    from integrations.token_bytes import BYTE_DECODER
+
+    byte_id = {b: bpe_tokenizer.convert_tokens_to_ids(c) for c, b in BYTE_DECODER.items()}
+    special = bpe_tokenizer.all_special_ids[0]
+    ids = [byte_id[ord("a")], byte_id[0xF0], byte_id[0x9F], byte_id[0x98], special, byte_id[0x80], byte_id[ord("b")]]
+    stream = TextStream(bpe_tokenizer)
+    pieces = [stream.update(ids[:k]).text for k in range(1, len(ids) + 1)]
+    assert "".join(pieces) + stream.finish().text == bpe_tokenizer.decode(ids, skip_special_tokens=True) == "a😀b"
+    assert all("\ufffd" not in p for p in pieces)

@@ -86,7 +86,7 @@ async def test_ignore_eos_and_min_tokens_hold_eos_and_stop_strings_back(engine_f
 @pytest.mark.parametrize("extra", [{}, {"presence_penalty": 0.5}, {"ignore_eos": True}, {"temperature": 0.8, "seed": 7}],
                          ids=["greedy", "penalties", "ignore_eos", "sampled"])
 async def test_ar_never_chooses_the_mask_token(engine_factory, runner, extra):
-    """The mask token is an input marker, never text: AR bans it (decoding.ar.TOKEN_BAN) on every read,
+    """The mask token is an input marker, never text: AR bans it (workers.batch.TOKEN_BAN) on every read,
     over a logit_bias that pushes it (the shipped model sampled it unbiased at temperature 0.7), and the
     other tokens' logits are untouched: the text is the request's without the push."""
     engine = await engine_factory()

@@ -13,9 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from decoding.ar import TOKEN_BAN  # noqa: E402
 from hf_oracle import segment  # noqa: E402
-from workers.batch import Reads  # noqa: E402
+from workers.batch import TOKEN_BAN, Reads  # noqa: E402
 from workers.graphs import CapturedStep, GraphPolicy, StepGraphs, startup_steps  # noqa: E402
 from workers.loader import read_config  # noqa: E402
 from workers.model import random_model  # noqa: E402

@@ -353,3 +353,20 @@ def test_the_mask_token_is_never_listed_among_the_alternatives(session, runner):
     best = sorted((77, 300), key=lambda t: -sub[t])
     assert [t for t, _ in three.top] == best and [t for t, _ in one.top] == best[:1]
     assert [v for _, v in three.top] == pytest.approx([sub[t] for t in best], abs=1e-5)
+
+
+def test_twenty_alternatives_without_the_mask_token(session, runner):
+    """top_logprobs 20 (the most a request may ask) lists 20 even when the mask token is among the 20
+    most likely: the reads compute one more (workers.reads.READ_TOP_LOGPROBS). A grammar mask allows the
+    mask token and 20 others, so the 20 listed must be exactly those others, best first."""
+    import dataclasses
+
+    mask = runner.info.mask_token_id
+    allowed = [mask, *range(50, 70)]
+    seg = dataclasses.replace(_dropped("t", _ids(4, 14), Reads(argmax=(3,)), Sampling()), token_bitmask=_bitmask(allowed),
+                              logprobs=20)
+    [entry] = session.execute([seg])[0].logprobs
+    raw = result_logits(session.execute([dataclasses.replace(seg, seq_id="raw", logprobs=None)])[0])[0]
+    assert raw[allowed].argsort(descending=True).tolist().index(0) < 20  # the mask is among the allowed top 20
+    others = sorted(allowed[1:], key=lambda t: -raw[t].item())
+    assert [t for t, _ in entry.top] == others

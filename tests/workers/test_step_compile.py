@@ -23,6 +23,7 @@ from workers.batch import Reads, Sampling  # noqa: E402
 from workers.loader import read_config  # noqa: E402
 from workers.model import random_model  # noqa: E402
 from workers.packing import pack_step  # noqa: E402
+from workers.reads import READ_TOP_LOGPROBS  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
 from workers.session import RunnerSession  # noqa: E402
 from workers.step import step_forward  # noqa: E402
@@ -127,7 +128,8 @@ def test_step_compiles_fullgraph_and_matches_eager(session, shape, monkeypatch):
     assert lay.logprobs == lay.ranks == (shape == "decode_masked") and lay.bias_width == (8 if shape == "decode_masked" else 0)
     if shape == "decode_masked":  # the +50 bias wins the greedy read of sequence 4
         assert values[0, 4].item() == 10
-    assert values.shape[0] == (4 + 2 * 20 if lay.logprobs else 2)
+    k = READ_TOP_LOGPROBS
+    assert values.shape[0] == (4 + 2 * k if lay.logprobs else 2)
     if shape == "decode_masked":  # the constrained rows chose among tokens 3..130
         tokens = values[0, : step.num_reads].tolist()
         assert all(3 <= tokens[i] <= 130 for i in range(1, 8, 2)), tokens
@@ -136,12 +138,13 @@ def test_step_compiles_fullgraph_and_matches_eager(session, shape, monkeypatch):
     torch.testing.assert_close(values_c[1, :r], values[1, :r], rtol=1e-4, atol=1e-6)  # probabilities
     if lay.logprobs:  # chosen log probability, top-K ids (exact) and log probabilities
         torch.testing.assert_close(values_c[2, :r], values[2, :r], rtol=1e-4, atol=1e-5)
-        assert torch.equal(values_c[3:23, :r], values[3:23, :r])
-        finite = values[23:43, :r].isfinite()
-        assert torch.equal(values_c[23:43, :r].isfinite(), finite)
-        torch.testing.assert_close(values_c[23:43, :r][finite], values[23:43, :r][finite], rtol=1e-4, atol=1e-5)
-        assert torch.equal(values_c[43, :r], values[43, :r])  # ranks (computed: segment 1 asks)
-        assert (values[43, :r] >= 1).all()
+        assert torch.equal(values_c[3:3 + k, :r], values[3:3 + k, :r])
+        finite = values[3 + k:3 + 2 * k, :r].isfinite()
+        assert torch.equal(values_c[3 + k:3 + 2 * k, :r].isfinite(), finite)
+        torch.testing.assert_close(values_c[3 + k:3 + 2 * k, :r][finite], values[3 + k:3 + 2 * k, :r][finite],
+                                   rtol=1e-4, atol=1e-5)
+        assert torch.equal(values_c[3 + 2 * k, :r], values[3 + 2 * k, :r])  # ranks (computed: segment 1 asks)
+        assert (values[3 + 2 * k, :r] >= 1).all()
     torch.testing.assert_close(logits_c, logits, rtol=1e-4, atol=1e-4)
     assert lay.deferred_reads == kept.shape[0] == (1 if shape == "decode_masked" else 0)
     torch.testing.assert_close(kept_c, kept, rtol=1e-4, atol=1e-4)
