@@ -370,3 +370,24 @@ def test_twenty_alternatives_without_the_mask_token(session, runner):
     assert raw[allowed].argsort(descending=True).tolist().index(0) < 20  # the mask is among the allowed top 20
     others = sorted(allowed[1:], key=lambda t: -raw[t].item())
     assert [t for t, _ in entry.top] == others
+
+
+def test_a_bias_is_applied_in_place_and_taken_out_again():
+    """compute_reads adds a logit bias to the logits in place (no [R, V] copy) and puts the saved entries
+    back: the tokens follow the bias, the caller's logits and the log probabilities are the raw ones."""
+    import torch
+
+    logits = torch.randn(3, 50)
+    logits[:, 7] = 30.0  # the greedy token everywhere, until banned
+    raw = logits.clone()
+    z = torch.zeros(3, dtype=torch.float64)
+    params = ReadParams(given=torch.full((3,), -1), temperature=z, top_k=torch.zeros(3, dtype=torch.int64),
+                        top_p=torch.ones(3, dtype=torch.float64), min_p=z, gumbel=torch.zeros(3, dtype=torch.bool),
+                        sample=torch.zeros(3, dtype=torch.bool), seed=torch.zeros(3, dtype=torch.int64),
+                        step=torch.zeros(3, dtype=torch.int64), position=torch.zeros(3, dtype=torch.int64))
+    ids = torch.tensor([[7, 0], [7, 7], [0, 0]])  # row 1 names the token twice; row 2 is padding only
+    values = torch.tensor([[-1e9, 0.0], [-5e8, -5e8], [0.0, 0.0]], dtype=torch.float64)
+    out = compute_reads(logits, params, False, False, logprobs=True, bias=(ids, values))
+    assert out[0].tolist()[:2] == [float(t) for t in raw[:2].index_fill(1, torch.tensor([7]), -1e9).argmax(-1)]
+    assert out[0, 2].item() == 7 and torch.equal(logits, raw)
+    assert out[2].tolist() == pytest.approx(raw.log_softmax(-1).gather(1, out[0].long()[:, None])[:, 0].tolist(), abs=1e-5)
