@@ -9,17 +9,14 @@ restyles it (a CRLF document gets back CRLF line breaks from the model's LF text
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
 from integrations.editor.infill import heal_text
-from integrations.engine_client import LocalEngineClient, read_model_card
-from ports import server_socket
+from integrations.engine_client import LocalEngineClient
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
 
@@ -56,35 +53,13 @@ class RecordingClient(LocalEngineClient):
 
 
 @pytest.fixture(scope="module")
-def served(wait_until):
+def served():
     """(base url, RecordingClient) of the app on the shipped model, served by uvicorn in a thread whose
-    event loop also runs the engine."""
-    import uvicorn
+    event loop also runs the engine (serve_testbed.local_app)."""
+    from serve_testbed import local_app
 
-    from integrations.engine_host import build_engine
-    from integrations.openai_api import APISettings, create_app
-
-    engine, tokenizer = build_engine(SHIPPED_MODEL, {}, {"routing": {"calibrate": False}})
-    card = read_model_card(SHIPPED_MODEL)
-    client = RecordingClient(engine, tokenizer, SHIPPED_MODEL.name, card)
-    app = create_app(APISettings(model_name=SHIPPED_MODEL.name, decode_defaults=card["defaults"]), client)
-    sock = server_socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
-
-    async def run() -> None:
-        await engine.start()
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            await engine.stop(drain_timeout_s=1)
-
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    wait_until.blocking(lambda: server.started, "uvicorn to start")
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", client
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    with local_app(SHIPPED_MODEL, RecordingClient) as app:
+        yield app.url, app.client
 
 
 def _crlf(doc: dict) -> dict:
