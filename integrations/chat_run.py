@@ -23,7 +23,7 @@ from integrations.http_metrics import RequestObserver
 from integrations.openai_calls import check_model, start
 from integrations.openai_choices import choice_requests, scored_once, start_all
 from integrations.openai_models import ChatCompletionRequest
-from integrations.openai_requests import generation_request, request_id
+from integrations.openai_requests import check_id_free, generation_request, request_id
 from integrations.openai_responses import ResponseHeader
 from integrations.request_limits import InputError, PromptCharsError, RequestLimits, encode, grammar_off_loop, off_loop
 from integrations.structured_output import response_format_schema, tool_grammar, tools_or_format_grammar
@@ -149,6 +149,8 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt.ids), choices=body.n)
     if endpoint == "chat":  # an engine 400 names the cap as the client sent it
         observer.cap_field = body.max_tokens_field
+    if body.n > 1:  # (choices run as <id>.<i>: siblings of a running infill's candidates)
+        check_id_free(client, header.id)
     reqs = scored_once(choice_requests(req, body.n), body.n)  # vLLM's prompt_logprobs: one list per response
     streams = await start_all(lambda r: start(client, r, observer), reqs)
     return ChatRun(client, header, observer, streams, prompt.forced, allowed, max_calls)

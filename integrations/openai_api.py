@@ -34,7 +34,7 @@ from integrations.openai_choices import choice_requests, indexed, merged, scored
 from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
-from integrations.openai_requests import candidates_id, completion_requests, id_headers, request_id
+from integrations.openai_requests import candidates_id, check_id_free, completion_requests, id_headers, request_id
 from integrations.openai_stream import (ChoiceUsage, chat_events, choice_chunks, completion_events, echoed, eos_listed,
                                         prompt_scores_kept, stop_included)
 from integrations.request_body import BodyLimitMiddleware
@@ -211,6 +211,8 @@ async def completions(request: Request):
                                                sum(len(p.request.prompt_ids) for p in prepared),
                                                choices=len(prepared) * body.n)
         total = len(prepared) * body.n  # choice k * n + j: prompt k's choice j (OpenAI's order)
+        if total > 1:  # (choices run as <id>.<i>: siblings of a running infill's candidates)
+            check_id_free(client, header.id)
         reqs = [r for k, p in enumerate(prepared) for r in choice_requests(p.request, body.n, k * body.n, total)]
         # vLLM's prompt_logprobs: each prompt scored once, its choices share the list; but with echo and
         # logprobs every choice's stream opens with its prompt's scores, so each scores it

@@ -50,9 +50,17 @@ def candidates_id(client, rid: str) -> str:
     reuses its id at once never meets its last request's candidates still being cancelled. `rid` itself
     must not overlap an id in flight (the candidates' ids cannot show it): InvalidRequestError on
     `request_id`, which the routes name X-Request-Id."""
+    check_id_free(client, rid)
+    return f"{rid}.{uuid.uuid4().hex[:6]}"
+
+
+def check_id_free(client, rid: str) -> None:
+    """InvalidRequestError on `request_id` (the routes name X-Request-Id) when the client id `rid` overlaps
+    an id in flight. For routes whose engine ids are derived from it (an infill's candidates
+    `<rid>.<hex>-g<gap>`, a request's choices `<rid>.<i>`): those are siblings of another request's
+    derived ids, which never overlap (scheduler/request_ids.py), so the engine cannot see the clash."""
     if (running := client.in_flight(rid)) is not None:
         raise InvalidRequestError("request_id", in_flight_message(rid, running))
-    return f"{rid}.{uuid.uuid4().hex[:6]}"
 
 
 def id_headers(request: Request, rid: str) -> dict:
