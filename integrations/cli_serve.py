@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "config's api_keys add more)")
     parser.add_argument("--max-num-seqs", type=int, metavar="N",
                         help="requests each engine replica decodes at once (vLLM's name; engine max_running)")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+    parser.add_argument("--log-level", type=str.lower, choices=("debug", "info", "warning", "error"),
                         help="the replicas' own log lines (default info; debug adds each routing decision)")
     parser.add_argument("--dtype", choices=RUNNER_DTYPES,
                         help="weights dtype (default: float32 on CPU, bfloat16 on CUDA; runner dtype)")

@@ -52,6 +52,9 @@ GAUGED_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "c
                     "/v1/messages": "messages", "/infill": "infill", "/completion": "completion"}
 # Routes that keep answering while the ingress drains (Prometheus should see the drain happen).
 OPEN_WHILE_DRAINING = frozenset({"/metrics"})
+# Probes and scrapes answer whatever X-Request-Id they carry (they repeat it nowhere): a load balancer
+# adding ids this server refuses must not mark it unhealthy (helper-161)
+ANY_REQUEST_ID = frozenset({"/health", "/metrics"})
 CLIENT_GONE = 499  # nginx's "client closed request": the status recorded when no response went out
 
 
@@ -101,7 +104,7 @@ class IngressGateMiddleware:
         if self.gate.draining and path not in OPEN_WHILE_DRAINING:
             await self._refuse(scope, receive, send, path)
             return
-        if scope["type"] == "http" and refused_request_id(scope.get("headers") or []):
+        if scope["type"] == "http" and path not in ANY_REQUEST_ID and refused_request_id(scope.get("headers") or []):
             await self._refuse_request_id(scope, send, path)
             return
         receive = _disconnect_on_transport_error(receive, scope["type"])

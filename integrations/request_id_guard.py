@@ -1,8 +1,8 @@
 """What a client's X-Request-Id may be, checked before anything repeats it.
 
 A request id goes into the response's `X-Request-Id` header, the request log, the engine's ids and Ray
-Serve's access log, so it must be short and plain: 1-128 letters, digits, `.`, `_`, `:` or `-` (UUIDs,
-hex ids and dotted or underscored names pass). A malformed one is answered 400 naming the header and
+Serve's access log, so it must be short and plain: 1-200 letters, digits, `.`, `_`, `:`, `-`, `+`, `/`
+or `=` (UUIDs, hex ids, dotted or underscored names and base64 ids, as Heroku's router makes, pass). A malformed one is answered 400 naming the header and
 what it may hold, on every route (integrations/ingress_gate.py; the editor WebSocket closes with 1008),
 rather than replaced without a word: a client sends an id to find its request by it later.
 
@@ -22,10 +22,10 @@ import re
 REQUEST_ID_HEADER = b"x-request-id"
 REFUSED_HEADER = b"x-refusion-refused-request-id"  # set by the proxy guard in place of a malformed id
 PROXY_CALLBACK = "integrations.request_id_guard:proxy_middlewares"
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,200}")
 # The editor WebSocket's close reason (at most 123 bytes), and the 400's message (param X-Request-Id)
-CLOSE_REASON = "X-Request-Id header: must be 1-128 letters, digits, '.', '_', ':' or '-'"
-REFUSAL = (f"{CLOSE_REASON} (a UUID, a hex id or a dotted or underscored name); send another, or none for the "
+CLOSE_REASON = "X-Request-Id header: must be 1-200 letters, digits, '.', '_', ':', '-', '+', '/' or '='"
+REFUSAL = (f"{CLOSE_REASON} (a UUID, a hex id, a dotted or underscored name, base64); send another, or none for the "
            "server to make one")
 
 

@@ -209,6 +209,11 @@ class ServeConfig(_Strict):
         default="info", description="the replicas' own log (structlog lines): info logs each request's outcome "
         "and events; debug adds each routing decision with its inputs (~600 bytes a request)")
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value):
+        return value.lower() if isinstance(value, str) else value  # WARNING as Python's logging takes it
+
     @field_validator("model_name")
     @classmethod
     def _model_names(cls, value: str | list[str] | None) -> str | list[str] | None:

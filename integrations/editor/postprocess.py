@@ -4,9 +4,9 @@ Applied in this order to the text generated so far (cumulative, so it also runs 
   0. invalid bytes (the editor protocol only, `Rules.cut_invalid`): stop before the first U+FFFD,
      which the engine's text holds only where the model wrote bytes that are no UTF-8 (its detokenizer
      holds back a character still incomplete) or, at the end, where the text ended inside a character,
-     so an editor never inserts one; at the end a trailing U+FFFD run is dropped without a cut (the
-     text keeps the reason it ended for); off when the document holds U+FFFD itself (the model may copy
-     it);
+     so an editor never inserts one; a lone U+FFFD last is dropped without a cut (the completion goes
+     on, or keeps the reason it ended for); off when the document holds U+FFFD itself (the model may
+     copy it);
   1. single-line: when `multiline` is off, stop at the first newline after visible text
      (a completion that starts with a newline keeps that one newline and its next line, unless the
      cursor is mid-line: text follows it on its line, which a line break would split);
@@ -226,11 +226,12 @@ def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
     docstring)."""
     text, cut = raw, None
     if rules.cut_invalid and REPLACEMENT in text:
-        # Cut before the first. At the end (`final`) a trailing run may be a character the end or a token
-        # cap cut short: dropped, and the reason the text ended for (`length`) stands
+        # Cut before the first. A lone U+FFFD at the very end may be a character the end or a token cap
+        # cut short: dropped without a cut (the completion goes on, or keeps the reason it ended for,
+        # `length`); a second one, or text after it, is bytes that are no UTF-8. So the label is a
+        # function of the text, not of how its deltas arrived (helper-161)
         at = text.index(REPLACEMENT)
-        trailing = not text[at:].strip(REPLACEMENT)
-        text, cut = text[:at], None if final and trailing else CUT_INVALID
+        text, cut = text[:at], CUT_INVALID if len(text) - at > 1 else None
     if not rules.multiline:
         text, did = single_line(text, mid_line=bool(_rest_of_cursor_line(rules.suffix)))
         cut = CUT_NEWLINE if did else cut

@@ -259,7 +259,9 @@ def test_invalid_bytes_end_the_completion_unless_the_document_holds_them():
     assert postprocess(raw, Rules()) == Processed(raw, None)  # off unless asked (/infill keeps the model's text)
     # an earlier cut by a later rule names that rule
     assert postprocess("x = 1\n\ufffd!", Rules(multiline=False, cut_invalid=True)) == Processed("x = 1", CUT_NEWLINE)
-    # at the end a trailing run (a character a token cap cut short) is dropped with no cut reported: the
-    # text keeps the reason it ended for (`length` at a cap); while streaming, it is bytes that are no UTF-8
-    assert postprocess("caf\ufffd", Rules(cut_invalid=True), final=True) == Processed("caf", None)
-    assert postprocess("caf\ufffd", Rules(cut_invalid=True)) == Processed("caf", CUT_INVALID)
+    # a lone U+FFFD last (a character a token cap cut short) is dropped with no cut reported: the text
+    # keeps the reason it ended for (`length` at a cap); two, or text after it: bytes that are no UTF-8.
+    # The same whether the text is final or not (helper-161: the label followed how deltas arrived)
+    for final in (False, True):
+        assert postprocess("caf\ufffd", Rules(cut_invalid=True), final=final) == Processed("caf", None)
+        assert postprocess("caf\ufffd\ufffd", Rules(cut_invalid=True), final=final) == Processed("caf", CUT_INVALID)

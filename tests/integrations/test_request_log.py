@@ -285,11 +285,13 @@ def test_a_malformed_request_id_is_a_400_naming_the_header_on_every_route(served
             refused = http.request(method, path, json=body, headers=headers)
             assert refused.status_code == 400, (path, refused.text)
             message = refused.json()["error"]["message"]
-            assert "X-Request-Id" in message and "1-128 letters, digits" in message, (path, message)
+            assert "X-Request-Id" in message and "1-200 letters, digits" in message, (path, message)
             assert bad not in refused.headers.get("x-request-id", "") and bad not in message
         lines = [line for line in log_lines if line.get("status") == 400 and line["endpoint"] == "completions"]
         assert len(lines) == before + 1 and lines[-1]["request_id"] is None and "X-Request-Id" in lines[-1]["error"]
-        for good in ("3f2a9c1e-7b4d-4e8a-9f10-2b6c8d0e1a57", "0123abcdef", "editor.session_7:req-12"):
+        # probes and scrapes answer whatever id a load balancer adds (helper-161: /health said 400)
+        assert [http.get(path, headers=headers).status_code for path in ("/health", "/metrics")] == [200, 200]
+        for good in ("3f2a9c1e-7b4d-4e8a-9f10-2b6c8d0e1a57", "0123abcdef", "editor.session_7:req-12", "aGVsbG8+/w=="):
             ok = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers={"X-Request-Id": good})
             assert ok.status_code == 200 and ok.json()["id"] == good, ok.text
 

@@ -183,6 +183,8 @@ def test_log_level_from_the_config_or_the_flag_filters_the_replicas_lines(tiny_m
     flagged = cli_serve.merged_config(parser.parse_args(["--config", str(REPO / "config" / "serve.yaml"),
                                                          "--log-level", "debug"])).args
     assert ServeConfig.model_validate(flagged).log_level == "debug"
+    upper = cli_serve.merged_config(parser.parse_args(["--log-level", "WARNING"])).args  # as Python's logging takes it
+    assert ServeConfig.model_validate(upper).log_level == ServeConfig.model_validate({"log_level": "WARNING"}).log_level == "warning"
     with pytest.raises(pydantic.ValidationError, match="log_level"):
         ServeConfig.model_validate({"log_level": "verbose"})
     lines = []
@@ -1123,3 +1125,42 @@ def test_a_group_signal_while_the_server_starts_is_an_interrupt(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+async def test_choices_refuse_the_id_of_a_running_infill(tiny_model_dir, wait_until):
+    """A request with n > 1 runs as <id>.0, <id>.1: siblings of a running infill's candidates
+    (<id>.<hex>-g<gap>), which the engine never counts as overlapping, so the client's id reused while
+    its infill ran was served twice (helper-159). The routes check the client id first. A held forward
+    keeps the infill's candidate in flight while the choices are refused."""
+    import threading
+
+    engine, tok = build_engine(tiny_model_dir, {"num_blocks": 512}, {"routing": {"calibrate": False}})
+    release, execute = threading.Event(), engine.runner.execute
+
+    def held(*args):
+        if not release.wait(60):
+            raise TimeoutError("the test did not release the forward")
+        return execute(*args)
+
+    engine.runner.execute = held
+    await engine.start()
+    card = read_model_card(tiny_model_dir)
+    client = LocalEngineClient(engine, tok, "tiny", card)
+    app = create_app(APISettings(model_name="tiny", decode_defaults=card["defaults"]), client)
+    params = {"gen_length": 24, "slot_size": 1, "serial_num_blocks": 1, "temperature": 0.0}
+    running = client.stream(GenerationRequest("same.1a2b3c-g32", tok.encode("x = "), params, mode=Mode.AR))
+    first = asyncio.ensure_future(running.__anext__())
+    try:
+        await wait_until(lambda: engine.in_flight("same.1a2b3c-g32") is not None, "the candidate in flight")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
+            for path, body in (("/v1/completions", {"prompt": "y", "n": 2}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "y"}], "n": 2})):
+                refused = await http.post(path, json={"model": "tiny", "max_tokens": 8, "mode": "ar", **body},
+                                          headers={"X-Request-Id": "same"})
+                assert refused.status_code == 400 and refused.json()["error"]["param"] == "X-Request-Id", refused.text
+                assert "overlaps 'same.1a2b3c-g32'" in refused.json()["error"]["message"]
+    finally:
+        release.set()
+    assert not (await first).finished
+    await running.aclose()
+    await engine.stop(drain_timeout_s=0)
