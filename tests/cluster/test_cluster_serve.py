@@ -50,7 +50,17 @@ def deploy(cluster, expected_replicas: int, **engine_deployment) -> dict[str, st
     """Deploy and wait until the application has settled on this config with `expected_replicas` engine
     replicas, and exactly those answer /metrics (a test that redeploys would otherwise catch a replica of
     the previous config on its way out)."""
+    old = cluster.engine_replicas_settled()
     cluster.serve_deploy(cluster.app_config(**engine_deployment))
+    # Serve may still read RUNNING with the old replicas for a moment after `serve deploy` returns (its
+    # control loop has not taken the config up yet), and `settled` would return replicas about to be
+    # replaced (the likeliest cause of a hand-back test that found nothing queued: its streams went to
+    # the new ones). Wait until the application leaves that state or its replicas change; a config that
+    # changes neither (in place, same replicas) is waited for 30 s at most
+    try:
+        wait_for(lambda: cluster.engine_replicas_settled() != old, 30, "Serve to take the new config up")
+    except AssertionError:
+        pass
     return settled(cluster, expected_replicas)
 
 
