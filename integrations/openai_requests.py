@@ -25,7 +25,7 @@ from integrations.http_errors import APIError
 from integrations.openai_sampling import SamplingFields
 from integrations.openai_responses import new_id
 from integrations.openai_stream import in_document_style
-from integrations.request_id_guard import REFUSAL, refused_request_id
+from integrations.request_id_guard import REFUSAL, given_request_id, refused_request_id
 from integrations.request_limits import InputError, client_key, encode, off_loop
 from scheduler.api import Delta, GenerationRequest, InvalidRequestError
 from scheduler.request_ids import in_flight_message
@@ -35,12 +35,13 @@ REQUEST_ID_HEADER = "x-request-id"
 
 def request_id(request: HTTPConnection, prefix: str) -> str:
     """The request's (or WebSocket handshake's) id: its x-request-id header (Ray Serve's proxy always
-    sets one), else a new `{prefix}-<hex>`. Raises APIError(400, param "X-Request-Id") for a header
-    that is malformed (integrations/request_id_guard.py: it goes into logs and the engine)."""
-    if refused_request_id(request.scope.get("headers") or []):
+    sets one), else (none, or an empty one) a new `{prefix}-<hex>`. Raises APIError(400, param
+    "X-Request-Id") for a header that is malformed (integrations/request_id_guard.py: it goes into logs
+    and the engine)."""
+    headers = request.scope.get("headers") or []
+    if refused_request_id(headers):
         raise APIError(400, REFUSAL, param="X-Request-Id")
-    given = request.headers.get(REQUEST_ID_HEADER)
-    return new_id(prefix) if given is None else given
+    return given_request_id(headers) or new_id(prefix)
 
 
 def candidates_id(client, rid: str) -> str:
@@ -65,7 +66,7 @@ def check_id_free(client, rid: str) -> None:
 
 def id_headers(request: Request, rid: str) -> dict:
     """Response headers that carry the id: none when the request came with one (the proxy returns it)."""
-    return {} if REQUEST_ID_HEADER in request.headers else {"X-Request-Id": rid}
+    return {} if request.headers.get(REQUEST_ID_HEADER) else {"X-Request-Id": rid}
 
 
 async def prompt_ids(tokenizer, prompt: str | list[int], field: str = "prompt") -> list[int]:

@@ -4,7 +4,9 @@ A request id goes into the response's `X-Request-Id` header, the request log, th
 Serve's access log, so it must be short and plain: 1-200 letters, digits, `.`, `_`, `:`, `-`, `+`, `/`
 or `=` (UUIDs, hex ids, dotted or underscored names and base64 ids, as Heroku's router makes, pass). A malformed one is answered 400 naming the header and
 what it may hold, on every route (integrations/ingress_gate.py; the editor WebSocket closes with 1008),
-rather than replaced without a word: a client sends an id to find its request by it later.
+rather than replaced without a word: a client sends an id to find its request by it later. An empty one
+is no id: the request gets a fresh one, as without the header (nginx's `proxy_set_header X-Request-Id
+$http_x_request_id` sends it empty for every client that sent none; Ray's proxy would echo it empty).
 
 Ray Serve's HTTP proxy echoes the header onto the response and into its access log before the
 application sees the request. `refusion serve` therefore installs ProxyRequestIdGuard in the proxy
@@ -35,23 +37,34 @@ def valid_request_id(value: str) -> bool:
 
 def refused_request_id(headers) -> bool:
     """Whether a request's raw ASGI `headers` carry a malformed X-Request-Id, or the proxy guard's mark
-    of one it took out."""
-    return any(name == REFUSED_HEADER or (name == REQUEST_ID_HEADER and not valid_request_id(value.decode("latin-1")))
+    of one it took out. An empty one is not malformed: it is no id (see the module docstring)."""
+    return any(name == REFUSED_HEADER or (name == REQUEST_ID_HEADER and value
+                                          and not valid_request_id(value.decode("latin-1")))
                for name, value in headers)
+
+
+def given_request_id(headers) -> str | None:
+    """The client's X-Request-Id from raw ASGI `headers`, or None when it sent none or an empty one."""
+    value = dict(headers).get(REQUEST_ID_HEADER, b"").decode("latin-1")
+    return value or None
 
 
 class ProxyRequestIdGuard:
     """Pure ASGI middleware for Ray Serve's HTTP proxy (see the module docstring): a request (or WebSocket
-    handshake) whose X-Request-Id is malformed goes on without it, marked with REFUSED_HEADER."""
+    handshake) whose X-Request-Id is malformed goes on without it, marked with REFUSED_HEADER; an empty
+    one is dropped, so Ray's proxy makes the request a fresh id."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
         headers = scope.get("headers") or []
-        if scope["type"] in ("http", "websocket") and refused_request_id(headers):
-            kept = [(name, value) for name, value in headers if name not in (REQUEST_ID_HEADER, REFUSED_HEADER)]
-            scope = {**scope, "headers": [*kept, (REFUSED_HEADER, b"1")]}
+        if scope["type"] in ("http", "websocket"):
+            if refused_request_id(headers):
+                kept = [(name, value) for name, value in headers if name not in (REQUEST_ID_HEADER, REFUSED_HEADER)]
+                scope = {**scope, "headers": [*kept, (REFUSED_HEADER, b"1")]}
+            elif any(name == REQUEST_ID_HEADER and not value for name, value in headers):
+                scope = {**scope, "headers": [(n, v) for n, v in headers if n != REQUEST_ID_HEADER or v]}
         await self.app(scope, receive, send)
 
 

@@ -296,6 +296,22 @@ def test_a_malformed_request_id_is_a_400_naming_the_header_on_every_route(served
             assert ok.status_code == 200 and ok.json()["id"] == good, ok.text
 
 
+def test_an_empty_request_id_is_no_id(served):
+    """nginx's `proxy_set_header X-Request-Id $http_x_request_id` sends the header empty for every client
+    that sent none: that was a 400 on every generating route. Now the request gets a fresh id, as without
+    the header, and the response carries it."""
+    with httpx.Client(base_url=served.url, timeout=WAIT_S) as http:
+        for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 2}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})):
+            answered = http.post(path, json=body, headers={"X-Request-Id": ""})
+            assert answered.status_code == 200, (path, answered.text)
+            ids = [i for i in answered.headers.get_list("x-request-id") if i]
+            assert ids == [answered.json()["id"]], (path, answered.headers.get_list("x-request-id"))
+        infill = http.post("/infill", json={"input_prefix": "x", "input_suffix": "", "n_predict": 2},
+                           headers={"X-Request-Id": ""})
+        assert infill.status_code == 200 and [i for i in infill.headers.get_list("x-request-id") if i], infill.text
+
+
 async def test_a_malformed_request_id_closes_the_editor_socket_naming_it(served):
     url = served.url.replace("http://", "ws://") + "/v1/editor"
     async with websockets.connect(url, additional_headers={"X-Request-Id": "a b"}) as ws:

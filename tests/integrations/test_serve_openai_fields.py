@@ -64,6 +64,15 @@ def test_a_malformed_request_id_is_refused_and_never_echoed(http):
             assert echoed != bad and len(echoed) <= 128, echoed
 
 
+def test_an_empty_request_id_gets_a_fresh_one(http):
+    """An empty X-Request-Id (nginx passing on a header the client never sent) is no id: the proxy's guard
+    drops it, Ray's proxy makes one, and that one id is in the header and the body (it was a 400)."""
+    response = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, **SAMPLED}, headers={"X-Request-Id": ""})
+    assert response.status_code == 200, response.text
+    [rid] = response.headers.get_list("x-request-id")
+    assert rid and response.json()["id"] == rid
+
+
 def test_a_client_request_id_is_the_one_id(http):
     response = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, **SAMPLED},
                          headers={"X-Request-Id": "editor-42.a"})
