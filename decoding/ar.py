@@ -420,7 +420,7 @@ class ARDecoder:
         text included), and bans (TOKEN_BAN, replacing the token's bias): each generated token's logit
         loses presence + frequency x its count; the mask token is banned always (it is an input marker,
         never text: the shipped model sampled it at temperature 0.7; the runner leaves it out of the top
-        alternatives too, workers.runner.token_logprobs), and EOS under vLLM's ignore_eos or while fewer
+        alternatives too, workers.results.token_logprobs), and EOS under vLLM's ignore_eos or while fewer
         than min_tokens are generated.
         `in_flight`: generated tokens not yet on the host (plan_ahead's one), counted for min_tokens;
         the penalties are of the tokens on the host (the runner adds the one in flight's:

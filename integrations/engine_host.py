@@ -25,8 +25,8 @@ RUNNER_OPTIONS = ("dtype", "device", "block_size", "num_blocks", "kv_memory_byte
                   "compile_layers")
 
 
-RUNNER_DTYPES = ("float32", "bfloat16", "float16")  # workers.runner.DTYPES's names (no torch import here)
-RUNNER_ATTENTION = ("sdpa", "flex", "paged")  # workers.runner.ATTENTION's names (the same test pins both)
+RUNNER_DTYPES = ("float32", "bfloat16", "float16")  # workers.runner_options.DTYPES's names (no torch import here)
+RUNNER_ATTENTION = ("sdpa", "flex", "paged")  # workers.runner_options.ATTENTION's names (the same test pins both)
 
 
 def check_runner_options(options: dict) -> None:

@@ -6,6 +6,11 @@ the scheduler can use them anywhere.
 
     runner.py      ModelRunner.execute(segments, block_tables): pack -> validate -> one upload ->
                    step_forward -> one download; SegmentError
+    runner_options.py  the runner's options resolved: device and dtype, the step function (attention,
+                   compiled layers, CUDA graphs)
+    feedback.py    feedback tokens: a segment's first token from the previous step's read, on the device
+    deferred.py    deferred reads: grammar bitmasks given after launch (ModelRunner.finish_reads)
+    results.py     LaunchedStep, the one device -> host copy, values -> SegmentResults / TokenLogprobs
     session.py     RunnerSession: a runner plus its own block tables (CLI, tests, benchmarks)
     batch.py       Segment / Reads / Sampling / SegmentResult: the contract (plain Python)
     kv_blocks.py   BlockPool (refcounted blocks) and per-sequence block tables, prepare (plain Python)

@@ -36,7 +36,7 @@ import torch
 from workers.batch import MAX_TOP_LOGPROBS
 
 # Alternatives each log-probability read computes: one more than a request may ask for, so that leaving
-# the mask token out (workers.runner.token_logprobs) still gives MAX_TOP_LOGPROBS
+# the mask token out (workers.results.token_logprobs) still gives MAX_TOP_LOGPROBS
 READ_TOP_LOGPROBS = MAX_TOP_LOGPROBS + 1
 
 # splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 wraps the same way).

@@ -1,15 +1,18 @@
 """ModelRunner: the model, its KV tensors and `execute(segments, block_tables)` (scheduler.api.Runner).
 
-One `execute` call = one engine step:
+This module owns loading and setting up a runner and the step's launch-and-collect path. One `execute`
+call = one engine step:
     pack (workers.packing, numpy) -> validate (workers.validation) -> one host->device copy
     -> step_forward (workers.step: forward of every token, K/V writes, reads of every read row)
-    -> one device->host copy of [2, R] float64 -> SegmentResults.
+    -> one device->host copy of [2, R] float64 -> SegmentResults (workers.results).
 `execute` = `collect(launch(...))`: `launch` queues the step's device work and its results' copy to the
 host and returns; `collect` waits for them. A step with grammar-constrained segments whose bitmasks are
 not known at launch (Segment.deferred_mask) keeps those rows' logits; `finish_reads(launched, bitmasks)`
-makes their reads and queues the copy to the host. A segment with `feedback` takes its first token from the
-previous launched step's read on the device, so step N + 1 can be launched before step N's results
-reach the host (the engine's asynchronous scheduling, EngineConfig.async_scheduling).
+makes their reads (workers.deferred) and queues the copy to the host. A segment with `feedback` takes its
+first token from the previous launched step's read on the device (workers.feedback), so step N + 1 can
+be launched before step N's results reach the host (the engine's asynchronous scheduling,
+EngineConfig.async_scheduling). The device, dtype and step function come from the constructor's options
+through workers.runner_options.
 The runner owns tensors and the device, never KV blocks (style rule 13): whoever schedules the
 sequences prepares each segment's block table (workers.kv_blocks.BlockTables.prepare) and the runner
 writes only where it is told. It never allocates and never refuses for lack of KV. The KV tensors
@@ -19,30 +22,26 @@ query tokens and padding write into, so the K/V write is one fixed-shape index_c
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from workers import loader
-from workers.attention import StepAttention
-from workers.attention_flex import FlexStepAttention
-from workers.attention_paged import PagedStepAttention, unavailable_reason
-from workers.batch import LOGPROB_FLOOR, TOKEN_BAN, Reads, Segment, SegmentResult, TokenLogprob, notify_launched
-from workers.graphs import GraphPolicy, StepGraphs, startup_steps
+from workers.batch import TOKEN_BAN, Reads, Segment, SegmentResult, notify_launched
+from workers.deferred import bitmask_rows, deferred_reads
+from workers.feedback import mark_feedback, resolve_feedback
+from workers.graphs import StepGraphs, startup_steps
 from workers.kv_cache import PagedKVCache, blocks_for_budget
-from workers.model import Qwen3, build_model, compiled_kernels
-from workers.packing import PackedStep, bitmask_words, pack_step
-from workers.reads import ReadParams, apply_token_bitmask, compute_reads
-from workers.step import step_arrays, step_forward
+from workers.model import Qwen3, build_model
+from workers.packing import PackedStep, pack_step
+from workers.results import LaunchedStep, copy_to_host, unpack_results
+from workers.runner_options import device_and_dtype, step_function
 from workers.transfer import StepUploader
-from workers.validation import SegmentError, check_bitmask, validate_step
+from workers.validation import SegmentError, validate_step
 
-__all__ = ["DTYPES", "LaunchedStep", "ModelInfo", "ModelRunner", "SegmentError"]
+__all__ = ["LaunchedStep", "ModelInfo", "ModelRunner", "SegmentError"]
 
 
 @dataclass(frozen=True)
@@ -62,21 +61,6 @@ class ModelInfo:
     num_kv_blocks: int  # blocks the owner may hand out (block ids 0 .. num_kv_blocks - 1)
     dtype: str
     device: str
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _device_and_dtype(device: str | None, dtype: torch.dtype | str | None) -> tuple[torch.device, torch.dtype]:
-    """Defaults: cuda when available, else cpu; bfloat16 on cuda, float32 on cpu. dtype may be a name."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use device='cpu'")
-    if isinstance(dtype, str):
-        if dtype.removeprefix("torch.") not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype.removeprefix("torch.")]
-    return dev, dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 
 class ModelRunner:
@@ -104,7 +88,7 @@ class ModelRunner:
         captures unless told --enforce-eager: on an H200 with the 8B shape they took a batch-1 forward
         from 35 ms to 7.5 ms (docs/benchmarks.md), for 15-25 s of compile and capture at start-up.
         """
-        device, dtype = _device_and_dtype(device, dtype)
+        device, dtype = device_and_dtype(device, dtype)
         model_dir = Path(model_dir)
         config = loader.read_config(model_dir)
         tokenizer = loader.load_tokenizer(model_dir)
@@ -152,7 +136,7 @@ class ModelRunner:
         n = blocks_for_budget(config, block_size, self.dtype, self.device, num_blocks, kv_memory_bytes)
         self.kv = PagedKVCache(config, n + 1, block_size, self.dtype, self.device)  # + the scratch block
         self.scratch_block = n
-        self.step_fn = _step_function(cuda_graphs, self.device, attention, compile_layers)
+        self.step_fn = step_function(cuda_graphs, self.device, attention, compile_layers)
         self.attention, self.compile_layers = attention, compile_layers
         # Steps mixing widely different query lengths are split into attention groups for the portable
         # attention, which pads every sequence to the step's longest query (workers.packing.attention_groups);
@@ -265,7 +249,7 @@ class ModelRunner:
                                    "finish_reads(step, bitmasks) before launching a step that feeds back from it")
             self.finish_reads(self._unfinished, [None] * len(self._unfinished.seq_ids))
         if feedback:
-            self._mark_feedback(step, segments)
+            mark_feedback(step, segments, self._feedback_from[1] if self._feedback_from is not None else {})
         return self._launch_packed(step, [s.seq_id for s in segments], [s.logprobs for s in segments],
                                    [s.ranks for s in segments], feedback,
                                    [s.deferred_mask for s in segments] if step.layout.deferred_reads else None)
@@ -280,11 +264,11 @@ class ModelRunner:
             step_fn = step_fn.eager  # graphs keep no logits rows (workers.graphs)
         with torch.inference_mode():
             if feedback:
-                self._resolve_feedback(buffer, step)
+                resolve_feedback(buffer, step, self._feedback_from[0][0])
             values, logits, kept = step_fn(self.model, self.kv, buffer, step.layout)
             launched = LaunchedStep(step, seq_ids, logprobs, ranks, None, None, None)
             if deferred is None:
-                self._copy_to_host(launched, values)
+                copy_to_host(launched, values, self.device)
             else:  # (the reads and the copy wait for finish_reads)
                 launched.deferred = (buffer, values, kept, deferred)
                 self._unfinished = launched
@@ -295,16 +279,6 @@ class ModelRunner:
         starts, counts = step.read_starts.tolist(), step.num_token_reads.tolist()
         self._feedback_from = (values, {sid: starts[i] for i, sid in enumerate(seq_ids) if counts[i]})
         return launched
-
-    def _copy_to_host(self, launched: LaunchedStep, values: torch.Tensor) -> None:
-        """Queue the step's one device -> host transfer (its values) and the event `collect` waits for."""
-        if self.device.type == "cuda":
-            launched.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            launched.host.copy_(values, non_blocking=True)
-            launched.done = torch.cuda.Event()
-            launched.done.record()
-        else:
-            launched.host = values.cpu()  # (the values themselves)
 
     def finish_reads(self, launched: LaunchedStep, bitmasks: Sequence[bytes | None]) -> None:
         """Make the reads of a launched step's Segment.deferred_mask segments under their grammar bitmasks
@@ -326,25 +300,7 @@ class ModelRunner:
         if launched is not self._unfinished:  # (this runner's unfinished step is always the last it launched)
             raise RuntimeError("finish_reads: the step was launched by another runner; call that runner's")
         buffer, values, kept, deferred = launched.deferred
-        step, n = launched.step, len(launched.seq_ids)
-        if not isinstance(bitmasks, (list, tuple)) or len(bitmasks) != n:
-            given = f"{len(bitmasks)} bitmasks" if isinstance(bitmasks, (list, tuple)) else type(bitmasks).__name__
-            raise ValueError(f"finish_reads: {given} for a step of {n} segments; give a list of one per segment")
-        words = -(-self.info.vocab_size // 64)
-        table = np.full((n, words), -1, dtype=np.int64)
-        for i, (seq_id, mask) in enumerate(zip(launched.seq_ids, bitmasks)):
-            if mask is None:
-                continue
-            if not deferred[i]:
-                raise SegmentError(seq_id, "deferred_mask", "is not set, so its reads were made at launch; give None")
-            if not isinstance(mask, (bytes, bytearray, memoryview)):
-                raise SegmentError(seq_id, "token_bitmask", f"must be bytes, one bit per token id (byte t // 8, bit "
-                                   f"t % 8; llguidance's layout), got {type(mask).__name__}")
-            mask = bytes(mask)
-            check_bitmask(seq_id, mask, self.info.vocab_size)
-            table[i] = bitmask_words(mask, words)
-        d, layout = len(step.deferred), step.layout
-        rows_host = table[step.read_owner[step.deferred]]  # [d, words]
+        rows_host = bitmask_rows(launched.step, launched.seq_ids, bitmasks, deferred, self.info.vocab_size)
         with torch.inference_mode():
             if self.device.type == "cuda":
                 staged = torch.from_numpy(rows_host).pin_memory()
@@ -352,14 +308,9 @@ class ModelRunner:
                 masks = staged.to(self.device, non_blocking=True)
             else:
                 masks = torch.from_numpy(rows_host)
-            a = step_arrays(buffer, layout)
-            rows = a.deferred_rows[:d]
-            reads = ReadParams(*(field.index_select(0, rows) for field in a.reads))
-            bias = (a.bias_ids.index_select(0, rows), a.bias_values.index_select(0, rows)) if layout.bias_width else None
-            out = compute_reads(apply_token_bitmask(kept[:d], masks), reads, layout.needs_noise, layout.needs_sort,
-                                layout.logprobs, bias, layout.ranks)
+            rows, out = deferred_reads(buffer, launched.step.layout, kept, masks)
             values.index_copy_(1, rows, out)
-            self._copy_to_host(launched, values)
+            copy_to_host(launched, values, self.device)
         launched.deferred, self._unfinished = None, None
 
     def collect(self, launched: LaunchedStep) -> list[SegmentResult]:
@@ -373,148 +324,3 @@ class ModelRunner:
             launched.done.synchronize()
         return unpack_results(launched.step, launched.seq_ids, launched.host.numpy(), launched.logits,
                               launched.logprobs, launched.ranks, hidden=self.info.mask_token_id)
-
-    def _mark_feedback(self, step: PackedStep, segments: list[Segment]) -> None:
-        """Write each feedback segment's first token as -(1 + the previous step's read row to take it from)
-        in the packed host buffer (validated already, with the stand-in ids in range)."""
-        reads = self._feedback_from[1] if self._feedback_from is not None else {}
-        rows = step.view("query_start")
-        tokens = step.view("token_ids")
-        for i, seg in enumerate(segments):
-            if seg.feedback:
-                if seg.seq_id not in reads:
-                    raise SegmentError(seg.seq_id, "feedback", "the runner's previous step read no token for this "
-                                       "sequence; give the token itself (feedback=False)")
-                tokens[rows[i]] = -1 - reads[seg.seq_id]
-                if seg.feedback_penalty is not None and step.feedback_penalty:  # (a segment that chooses a token)
-                    # its penalty goes in the pair after the segment's own, in each row choosing a token
-                    bias = step.view("bias_ids").reshape(step.layout.num_reads, step.layout.bias_width)
-                    start, end = step.read_starts[i], step.read_starts[i] + step.num_token_reads[i]
-                    kinds = step.read_kinds[start:end]
-                    bias[start + np.flatnonzero((kinds == 0) | (kinds == 2)), len(seg.logit_bias)] = -1 - reads[seg.seq_id]
-
-    def _resolve_feedback(self, buffer: torch.Tensor, step: PackedStep) -> None:
-        """On the device, replace each token id -(1 + r) of the uploaded buffer by the token the previous
-        step's read row r returned (its values row 0): a few small kernels, no host sync."""
-        start, end = step.offsets["token_ids"]
-        tokens = buffer[start:end]
-        previous = self._feedback_from[0][0]
-        rows = (-1 - tokens).clamp_(min=0, max=previous.numel() - 1)
-        tokens.copy_(torch.where(tokens < 0, previous[rows].to(torch.int64), tokens))
-        if step.feedback_penalty:
-            _resolve_feedback_penalty(buffer, step, previous)
-
-
-def _resolve_feedback_penalty(buffer: torch.Tensor, step: PackedStep, previous: torch.Tensor) -> None:
-    """On the device, the presence and frequency penalties of each fed-back token t (Segment.feedback_penalty):
-    in each read row whose pair after its own holds -(1 + r), t = the token previous step's read row r
-    returned; the row's pairs (workers.packing: bias_ids, bias_values, bias_kind, bias_penalty) gain
-    -frequency, and -presence unless a pair of kind 2 names t (generated before), on t's own pair when
-    the row has one (its first, should a caller name t twice; in float64, which the host's own sum matches
-    to float64 rounding, below the float32 the reads add), else on that marker pair, which becomes (t, it).
-    A few small [R, L] kernels, no host sync; only in steps with such a segment."""
-    r, w = step.layout.num_reads, step.layout.bias_width
-    (i0, i1), (v0, v1), (k0, k1), (p0, p1) = (step.offsets[f] for f in ("bias_ids", "bias_values", "bias_kind",
-                                                                         "bias_penalty"))
-    ids, kind = buffer[i0:i1].view(r, w), buffer[k0:k1].view(r, w)
-    values, penalty = buffer[v0:v1].view(torch.float64).view(r, w), buffer[p0:p1].view(torch.float64).view(r, 2)
-    marker = ids < 0  # [R, L]: at most one per row
-    source = (-1 - ids).clamp_(min=0, max=previous.numel() - 1)
-    token = torch.where(marker, previous[source].to(torch.int64), 0).sum(dim=1)  # [R] (0 in rows without one)
-    match = (ids == token[:, None]) & (kind > 0) & marker.any(dim=1, keepdim=True)  # t's own pairs, if any
-    seen = (match & (kind == 2)).any(dim=1)
-    match &= match.cumsum(dim=1) == 1  # (the first: a decoder's pairs name each token once)
-    delta = -penalty[:, 1] - torch.where(seen, 0.0, penalty[:, 0])  # [R] float64
-    values.add_(torch.where(match, delta[:, None], 0.0))
-    values.copy_(torch.where(marker & ~match.any(dim=1, keepdim=True), delta[:, None], values))
-    ids.copy_(torch.where(marker, token[:, None], ids))
-
-
-@dataclass
-class LaunchedStep:
-    """A step `ModelRunner.launch` queued: what `collect` needs to return its results. host: the values
-    [2, R] ([4 + 2K, R] with log probabilities) float64, in pinned host memory on CUDA that the device
-    fills once `done` (a CUDA event) has passed; on the CPU the values themselves, done at launch.
-    deferred: while the step's deferred reads wait for ModelRunner.finish_reads, (the uploaded buffer, the
-    device values, the kept logits [D, V], each segment's deferred_mask); host is None until then."""
-
-    step: PackedStep
-    seq_ids: list[str]
-    logprobs: list[int | None]
-    ranks: list[bool]
-    host: torch.Tensor | None
-    done: object | None
-    logits: np.ndarray | None
-    deferred: tuple | None = None
-    staged: torch.Tensor | None = None
-
-
-ATTENTION = {"sdpa": StepAttention, "flex": FlexStepAttention, "paged": PagedStepAttention}
-
-
-def _step_function(cuda_graphs: bool | dict, device: torch.device, attention: str = "sdpa",
-                   compile_layers: bool = False):
-    """step_forward with the chosen attention and layer kernels, under StepGraphs when cuda_graphs is set
-    (True or GraphPolicy fields)."""
-    if attention not in ATTENTION:
-        raise ValueError(f"attention: {attention!r} is not one of {sorted(ATTENTION)}")
-    if attention == "paged" and unavailable_reason(device):
-        raise ValueError(f"attention: 'paged' {unavailable_reason(device)}")
-    if not isinstance(compile_layers, bool):
-        raise ValueError(f"compile_layers: {compile_layers!r} is not true or false")
-    step = functools.partial(step_forward, attention_cls=ATTENTION[attention],
-                             kernels=compiled_kernels() if compile_layers else None)
-    if cuda_graphs is False:  # a mapping, even {}, is a GraphPolicy: graphs on
-        return step
-    if device.type != "cuda":
-        raise ValueError(f"cuda_graphs: needs a CUDA device, the runner is on {device}; remove cuda_graphs")
-    fields = cuda_graphs if isinstance(cuda_graphs, dict) else {}
-    known = [f.name for f in dataclasses.fields(GraphPolicy)]
-    unknown = sorted(set(fields) - set(known))
-    if unknown:
-        raise ValueError(f"cuda_graphs.{unknown[0]}: unknown setting; known: {', '.join(known)}")
-    policy = GraphPolicy(**fields)
-    return StepGraphs(step, policy)
-
-
-def unpack_results(step: PackedStep, seq_ids: list[str], values: np.ndarray,
-                   logits: np.ndarray | None, top_wanted: list[int | None] | None = None,
-                   ranks: list[bool] | None = None, hidden: int | None = None) -> list[SegmentResult]:
-    """values [2, R] float64 (tokens, probs; [4 + 2K, R] with log probabilities) and optional logits
-    [R, V] -> one SegmentResult per segment. top_wanted[i]: segment i's `logprobs` (None: none);
-    ranks[i]: segment i's `ranks` (others get rank None even when the step computed the row);
-    hidden: a token id never listed among the alternatives (token_logprobs)."""
-    tokens = values[0, :step.num_reads].astype(np.int64).tolist()
-    probs = values[1, :step.num_reads].tolist()
-    starts, n_tok, n_log = step.read_starts.tolist(), step.num_token_reads.tolist(), step.num_logit_reads.tolist()
-    results = []
-    for i, seq_id in enumerate(seq_ids):
-        a, b = starts[i], starts[i] + n_tok[i]
-        rows = logits[b:b + n_log[i]].tolist() if n_log[i] else []
-        result = SegmentResult(seq_id, tokens[a:b], probs[a:b], rows)
-        if top_wanted is not None and top_wanted[i] is not None:  # no reads in the step: no values rows
-            with_ranks = bool(ranks and ranks[i])
-            result.logprobs = (token_logprobs(values[:, a:b], top_wanted[i], with_ranks, hidden)
-                               if step.layout.logprobs else [])
-        results.append(result)
-    return results
-
-
-def token_logprobs(values: np.ndarray, num_top: int, with_ranks: bool = False,
-                   hidden: int | None = None) -> list[TokenLogprob]:
-    """values [4 + 2K, n] of one segment's reads -> n TokenLogprob with num_top alternatives each
-    (-inf as LOGPROB_FLOOR; alternatives of probability 0, which a grammar mask removed, left out) and,
-    with_ranks, their rank (else None). `hidden` (the mask token: an input marker that AR never chooses
-    and that is never text) is left out of the alternatives, and the next one takes its place (the
-    reads compute one more than a request may ask for: workers.reads.READ_TOP_LOGPROBS); the log
-    probabilities stay those of the model's logits, and a rank still counts it."""
-    k = (values.shape[0] - 4) // 2
-    wanted = min(num_top + (hidden is not None), k)
-    chosen = np.maximum(values[2], LOGPROB_FLOOR).tolist()
-    top_ids = values[3:3 + wanted].T.astype(np.int64).tolist()
-    top_lps = values[3 + k:3 + k + wanted].T.tolist()
-    token_ids = values[0].astype(np.int64).tolist()
-    ranks = values[3 + 2 * k].astype(np.int64).tolist() if with_ranks else [None] * len(token_ids)
-    return [TokenLogprob(token, lp, tuple((t, v) for t, v in zip(ids, lps) if v != -np.inf and t != hidden)[:num_top],
-                         rank)
-            for token, lp, ids, lps, rank in zip(token_ids, chosen, top_ids, top_lps, ranks)]

@@ -349,7 +349,7 @@ def test_vllm_flags_merge_into_the_config_file(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="runner.dtype: 'int8' is not supported"):  # before any replica starts
         ServeConfig(model=str(tiny_model_dir), runner={"dtype": "int8"})
     from integrations.engine_host import RUNNER_ATTENTION, RUNNER_DTYPES
-    from workers.runner import ATTENTION, DTYPES
+    from workers.runner_options import ATTENTION, DTYPES
 
     assert set(RUNNER_DTYPES) == set(DTYPES)  # the flags' and the config check's list is the runner's
     assert set(RUNNER_ATTENTION) == set(ATTENTION)

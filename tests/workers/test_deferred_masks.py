@@ -163,7 +163,7 @@ def test_a_failed_finish_leaves_the_step_unfinished_and_a_foreign_or_odd_call_is
     # AttributeError / TypeError naming nothing)
     import numpy as np
 
-    import workers.runner as runner_module
+    import workers.deferred as deferred_module
 
     session = RunnerSession(runner)
     _prefill(session)
@@ -180,7 +180,7 @@ def test_a_failed_finish_leaves_the_step_unfinished_and_a_foreign_or_odd_call_is
     ]:
         with pytest.raises(kind, match=message):
             runner.finish_reads(launched, bitmasks)
-    compute_reads, calls = runner_module.compute_reads, []
+    compute_reads, calls = deferred_module.compute_reads, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -188,7 +188,7 @@ def test_a_failed_finish_leaves_the_step_unfinished_and_a_foreign_or_odd_call_is
             raise RuntimeError("device fault")
         return compute_reads(*args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "compute_reads", failing)
+    monkeypatch.setattr(deferred_module, "compute_reads", failing)
     with pytest.raises(RuntimeError, match="device fault"):
         runner.finish_reads(launched, _by(a=bytearray(good), b=memoryview(good)))
     follow = [_step(s, 0, 2, feedback=True) for s in PROMPTS]
