@@ -134,3 +134,27 @@ def local_app(model_dir, client_type=None, engine_options: dict | None = None, t
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@contextlib.asynccontextmanager
+async def local_editor_session(model_dir):
+    """An EditorSession over an engine in this process on `model_dir` (LocalEngineClient; routing
+    calibration off, as in the Serve apps), and the list its frames are sent to (msgpack-decoded).
+    The engine is started here and stopped at exit."""
+    import msgpack
+
+    from integrations.editor.session import EditorSession
+    from integrations.engine_client import LocalEngineClient
+    from integrations.engine_host import build_engine
+
+    engine, tokenizer = build_engine(model_dir, {}, {"routing": {"calibrate": False}})
+    await engine.start()
+    frames: list = []
+
+    async def send(data: bytes) -> None:
+        frames.append(msgpack.unpackb(data, raw=False))
+
+    try:
+        yield EditorSession(LocalEngineClient(engine, tokenizer, model_dir.name), send), frames
+    finally:
+        await engine.stop(drain_timeout_s=1)

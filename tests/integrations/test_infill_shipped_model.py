@@ -13,11 +13,10 @@ import asyncio
 import sys
 from pathlib import Path
 
-import msgpack
 import pytest
+from serve_testbed import local_editor_session
 
 from integrations.editor import protocol as rpc
-from integrations.editor.session import EditorSession
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_MODEL = REPO / "models" / "refusion-tiny-code"
@@ -37,26 +36,13 @@ def held_out_cases(n: int) -> list[dict]:
 
 async def complete_all(cases: list[dict], multilines: tuple[bool, ...]) -> dict[bool, list[dict]]:
     """Complete every case once per multiline setting, on one engine."""
-    from integrations.engine_client import LocalEngineClient
-    from integrations.engine_host import build_engine
-
-    engine, tokenizer = build_engine(SHIPPED_MODEL, {}, {"routing": {"calibrate": False}})
-    await engine.start()
-    frames: list = []
-
-    async def send(data: bytes) -> None:
-        frames.append(msgpack.unpackb(data, raw=False))
-
-    session = EditorSession(LocalEngineClient(engine, tokenizer, SHIPPED_MODEL.name), send)
-    try:
+    async with local_editor_session(SHIPPED_MODEL) as (session, frames):
         for multiline in multilines:
             for i, case in enumerate(cases):
                 params = {"uri": f"{case['uri']}:{multiline}", "prefix": case["prefix"], "suffix": case["suffix"],
                           "language": "python", "multiline": multiline, "max_time_ms": 20_000}
                 await session.handle_frame(rpc.encode_request(f"{multiline}-{i}", "complete", params))
         await asyncio.wait_for(session.drain(), 300)
-    finally:
-        await engine.stop(drain_timeout_s=1)
     responses = {f[1]: f for f in frames if f[0] == rpc.RESPONSE}
     errors = [f[2] for f in responses.values() if f[2] is not None]
     assert not errors, errors
