@@ -40,11 +40,11 @@ from scheduler.detokenizer import TextStream, TextUpdate
 from scheduler.grammars import GrammarCompiler
 from scheduler.metrics import EngineMetrics
 from scheduler.mode_switch import maybe_switch, switch_due
+from scheduler.plan import StepPlan, collect_plan, execute_isolated, execute_plan, finish_plan, launch_plan
 from scheduler.request import Request, RequestStatus
 from scheduler.request_ids import InFlightIds, in_flight_message
 from scheduler.routing import CostCurve, Router
-from scheduler.scheduler import (Scheduler, StepPlan, collect_plan, execute_isolated, execute_plan, finish_plan,
-                                 launch_plan)
+from scheduler.scheduler import Scheduler
 from scheduler.validation import parse_params, validate_request, with_seed
 from workers.batch import STEP_LAUNCHED
 

@@ -10,7 +10,7 @@ from sched_fakes import FakeRunner, ForwardGate, collect, ids_of, make_engine
 from scheduler.api import FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError, Priority
 from scheduler.config import EngineConfig, EngineConfigError, RoutingConfig
 from scheduler.engine import EngineNotRunningError
-from scheduler.scheduler import StepPlan
+from scheduler.plan import StepPlan
 
 
 def req(rid, prompt=(5, 6, 7), gen=6, **kw):

@@ -10,7 +10,7 @@ from sched_fakes import FakeFactory, FakeRunner, FakeTokenizer, ForwardGate, col
 from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
 from scheduler.config import EngineConfig, RoutingConfig
 from scheduler.engine import Engine
-from scheduler.scheduler import StepPlan
+from scheduler.plan import StepPlan
 
 
 def req(rid, prompt=(5, 6, 7), gen=4, **kw):

@@ -1,0 +1,133 @@
+"""Submit-time checks: a request that could never fit the KV cache is refused (or, with no length
+asked for, fitted to it) and a full queue answers overloaded, before the request is queued.
+
+`Submission` is a part of `scheduler.scheduler.Scheduler` (its state: `kv`, `config`, `waiting`,
+`running`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+from dataclasses import replace
+
+from scheduler.api import InvalidRequestError, Mode, OverloadedError, Priority
+from scheduler.request import Request
+
+
+class Submission:
+    """`add`: the checks every request passes before it waits."""
+
+    def add(self, spec, params, stream) -> Request:
+        """Queue a validated request. Raises InvalidRequestError when it could never fit in the KV
+        cache, OverloadedError (with a retry-after hint) when the bounded queue is full."""
+        suffix_len = len(spec.suffix_ids or [])
+        kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR,
+                                          max_tokens=spec.max_tokens)
+        capacity = self.kv.capacity()
+        if kv_blocks > capacity and spec.fit_to_kv:
+            fitted = self._fit_to_kv(spec, params, capacity)
+            if fitted is None:  # the client set no generation length: the prompt (or min_tokens) does not fit
+                least = int(getattr(params, "min_tokens", 0) or 0)
+                raise InvalidRequestError(
+                    "prompt_ids", f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) leaves no room to "
+                    f"generate{f' min_tokens ({least}) tokens' if least > 1 else ''} in the engine's KV cache "
+                    f"({capacity} blocks of {self.kv.pool().block_size} tokens; the runner's num_blocks or "
+                    f"kv_memory_bytes); shorten the prompt" + (f" or lower min_tokens ({least})" if least > 1 else ""))
+            params = fitted
+            spec = replace(spec, max_tokens=min(spec.max_tokens or params.gen_length, params.gen_length))
+            kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR,
+                                          max_tokens=spec.max_tokens)
+        if kv_blocks > capacity:
+            asked = params.gen_length if spec.max_tokens in (None, params.gen_length) else \
+                f"{spec.max_tokens}, {params.gen_length} in whole slots" if params.gen_length > spec.max_tokens else \
+                f"{spec.max_tokens}; this request decodes {params.gen_length}"  # an infill candidate's gap
+            need = (f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({asked}) "
+                    f"need {kv_blocks} KV blocks but the engine's KV cache has {capacity} (the runner's num_blocks or "
+                    f"kv_memory_bytes)")
+            # AR: whole slots (the ingress rounds max_tokens so), in one block (AR needs no semi-AR blocks)
+            fitted = self._fit_to_kv(spec, params, capacity, one_block=spec.mode is Mode.AR)
+            if fitted is None:  # not even the shortest generation fits: the prompt is what to change
+                least = int(getattr(params, "min_tokens", 0) or 0)  # what _fit_to_kv tried at the shortest
+                raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt"
+                                          + (f" or lower min_tokens ({least})" if least > 1 else ""))
+            shape = ("slot_size", "serial_num_blocks")
+            if spec.mode is Mode.AR or all(getattr(fitted, k, None) == getattr(params, k, None) for k in shape):
+                raise InvalidRequestError("gen_length", f"{need}; ask for at most {fitted.gen_length}",
+                                          asked=spec.max_tokens or params.gen_length, most=fitted.gen_length,
+                                          prompt_tokens=len(spec.prompt_ids) + suffix_len)
+            raise InvalidRequestError("gen_length", f"{need}; lower gen_length (at most {fitted.gen_length} fits with "
+                                      f"slot_size {fitted.slot_size} and serial_num_blocks {fitted.serial_num_blocks})")
+        self._check_queue_room(spec)
+        self._arrivals += 1
+        req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
+                      aged_after=self.config.aging_after, queued_turn=self._starts,
+                      arrival_s=time.monotonic() - max(0.0, spec.waited_s))  # (a moved request: when it first arrived)
+        self.waiting.append(req)
+        self._queue_changed = True
+        return req
+
+    def _check_queue_room(self, spec) -> None:
+        """Raise OverloadedError (with a retry-after hint) when the bounded queue has no room for a request
+        of `spec.priority`. The queue holds max_queue requests (plus those about to take a free running slot).
+        An INTERACTIVE request counts only the waiting INTERACTIVE requests, so BATCH work filling the
+        queue (aged or not: aged BATCH requests rank with INTERACTIVE ones, and counting them refused every
+        editor completion once the queued batch work had aged) does not refuse an editor's completion; it
+        may take max_running places beyond the bound for that. Under the fair share, a request whose
+        client (GenerationRequest.client) has fewer requests of its class waiting than another client
+        has may take max_running places more: one client's flood, filling the queue before anyone else
+        came, does not get every other client refused (the flood is refused at the bound; the others
+        start first, `_fair_order`). config/serve.yaml sizes the engine replica's Ray
+        max_ongoing_requests to hold them all (3 x max_running + max_queue)."""
+        priority, free_slots = spec.priority, max(0, self.config.max_running - len(self.running))
+        bound, waiting = self.config.max_queue + free_slots, len(self.waiting)
+        if priority is Priority.INTERACTIVE:
+            interactive = sum(1 for r in self.waiting if r.priority is Priority.INTERACTIVE)
+            most = bound + self.config.max_running  # (past waiting batch work)
+            full = interactive >= bound or waiting >= most
+            past = f"; an interactive request {self.config.max_running} more past waiting batch ones"
+        else:
+            most, full, past = bound, waiting >= bound, ""
+        if full and self.config.fair_share and waiting < most + self.config.max_running:
+            queued = Counter(r.spec.client for r in self.waiting if r.priority is priority)
+            full = queued[spec.client] >= max(queued.values(), default=0)  # (not fewer than every other's)
+        if full:
+            fair = "; a client with fewer requests waiting than another's may queue past it" if self.config.fair_share else ""
+            raise OverloadedError(  # waiting counts requests about to take a free running slot too
+                f"engine overloaded: {len(self.running)} of {self.config.max_running} running and {waiting} "
+                f"waiting, the most it queues (max_queue {self.config.max_queue} + {free_slots} free running "
+                f"slots{past}){fair}; retry later",
+                retry_after_s=self.retry_after_s(),
+            )
+
+    def _fit_to_kv(self, spec, params, capacity: int, one_block: bool = False):
+        """A copy of `params` with the largest gen_length whose KV fits `capacity` blocks, at least
+        min_tokens; None when none fits. gen_length is a whole number of blocks of whole slots (slot_size
+        x serial_num_blocks); when not one such step fits, one block (serial_num_blocks 1), then slot_size
+        1, are tried, so a short answer still fits where a 64-token step would not. one_block: the request's
+        slot_size in one block only. Binary search per shape: blocks_needed grows with gen_length."""
+        slot = int(getattr(params, "slot_size", 1) or 1)
+        blocks = int(getattr(params, "serial_num_blocks", 1) or 1)
+        least = int(getattr(params, "min_tokens", 0) or 0)
+        shapes = ((slot, 1),) if one_block else dict.fromkeys(((slot, blocks), (slot, 1), (1, 1)))
+        for slot_size, num_blocks in shapes:
+            step = slot_size * num_blocks
+
+            def trial(steps: int, slot_size=slot_size, num_blocks=num_blocks, step=step):
+                shaped = copy.copy(params)
+                shaped.gen_length, shaped.slot_size, shaped.serial_num_blocks = steps * step, slot_size, num_blocks
+                return shaped
+
+            def fits(steps: int) -> bool:
+                return self.kv.blocks_needed(len(spec.prompt_ids), len(spec.suffix_ids or []), trial(steps),
+                                             ar_only=spec.mode is Mode.AR, max_tokens=spec.max_tokens) <= capacity
+
+            low, high = max(1, -(-least // step)), params.gen_length // step
+            if high < low or not fits(low):
+                continue
+            while low < high:  # invariant: fits(low)
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if fits(mid) else (low, mid - 1)
+            return trial(low)
+        return None
