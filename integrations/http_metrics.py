@@ -75,7 +75,9 @@ class RequestObserver:
 
     The in-flight gauge is not its business: the ingress gate (integrations/ingress_gate.py) raises and
     lowers it around the whole request, and finishes an observer registered with `for_request` that the
-    route left open (with the status that went out), so every request is counted once on every path.
+    route left open (with the status that went out), so every request is counted once on every path. An
+    editor WebSocket completion's observer is its CompletionRecord's (integrations/editor/request_log.py),
+    which does both for it.
     """
 
     @classmethod
@@ -111,6 +113,7 @@ class RequestObserver:
         self._finals: list[Delta] = []  # every choice's final delta, in the order they came
         self.last: Delta | None = None
         self.cap_field: str | None = None  # the token cap's name where the client chose it (chat's max_completion_tokens)
+        self.e2e_ms: float | None = None  # arrival to finish(), once finished
         self._done = False
 
     @property
@@ -143,9 +146,16 @@ class RequestObserver:
             self.first_token_at = at
             self.metrics.ttft.labels(self.endpoint).observe(at - self.started)
 
-    def finish(self, status: int, error: str | None = None) -> None:
+    @property
+    def ttft_ms(self) -> float | None:
+        """Arrival to the first token, as the TTFT histogram observed it (None: no token came)."""
+        return round((self.first_token_at - self.started) * 1000, 2) if self.first_token_at is not None else None
+
+    def finish(self, status: int, error: str | None = None, write_line: bool = True) -> None:
         """Record the outcome once (later calls are ignored): `status` is the one that went out (200 for
-        a stream that failed after its start; `error` says why it ended). Prompt tokens count only for a
+        a stream that failed after its start; `error` says why it ended). `write_line` False: the caller
+        writes the request-log line itself (an editor completion's, integrations/editor/request_log.py),
+        from `ttft_ms`, `e2e_ms` and `completion_tokens`. Prompt tokens count only for a
         request the engine took: one refused (a 4xx, a 503 overload) or failed before any output adds
         none (vLLM's prompt-token counter likewise counts the prompts it processed). End-to-end latency
         is observed only for a request that was served (a status below 400: vLLM times the requests its
@@ -154,6 +164,7 @@ class RequestObserver:
             return
         self._done = True
         m, elapsed = self.metrics, time.perf_counter() - self.started
+        self.e2e_ms = round(elapsed * 1000, 2)
         m.requests.labels(self.endpoint, str(status)).inc()
         if status < 400:
             m.e2e.labels(self.endpoint).observe(elapsed)
@@ -171,6 +182,8 @@ class RequestObserver:
             if (queue_s := _seconds(stats, "queue_time")) is not None:
                 m.queue.observe(queue_s)
                 queue_times.append(queue_s)
+        if not write_line:
+            return
         last = self._finals[-1] if self._finals else self.last
         request_log.info(
             "request", request_id=self.request_id, endpoint=self.endpoint, status=status,
@@ -179,8 +192,7 @@ class RequestObserver:
             # several choices: their mean tokens per forward and longest queue time, each one's finish reason
             tpf=round(sum(tpfs) / len(tpfs), 4) if tpfs else None, choices=self.choices,
             finish_reason=[f.finish_reason.value if f.finish_reason else None for f in self._in_choice_order()],
-            ttft_ms=round((self.first_token_at - self.started) * 1000, 2) if self.first_token_at else None,
-            e2e_ms=round(elapsed * 1000, 2), queue_ms=round(max(queue_times) * 1000, 2) if queue_times else None,
+            ttft_ms=self.ttft_ms, e2e_ms=self.e2e_ms, queue_ms=round(max(queue_times) * 1000, 2) if queue_times else None,
             error=error,
         )
 

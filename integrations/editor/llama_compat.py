@@ -219,10 +219,13 @@ def compact_json(payload) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _observe_prompt(observer, job: CompletionJob) -> None:
-    """The request log's prompt tokens, known once the job's prompt is built (prompt and suffix)."""
+def _observe_job(observer, job: CompletionJob, body: InfillBody) -> None:
+    """What the request log learns once the job is built: its prompt tokens (prompt and suffix), and its
+    `choices`, how many results it answers with: n_cmpl, or fewer where it has fewer gaps (_other_results;
+    every candidate runs or none), one for a warm-up (n_predict 0)."""
     if observer is not None:
         observer.prompt_tokens = len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or [])
+        observer.choices = min(body.n_cmpl, len(job.gaps)) if body.n_predict != 0 else 1
 
 
 async def infill(client, body: InfillBody, n_ctx: int, request_id: str, observer=None) -> dict | list:
@@ -231,7 +234,7 @@ async def infill(client, body: InfillBody, n_ctx: int, request_id: str, observer
     http_metrics.RequestObserver (usage_from_engine), fed the outcome. Engine errors propagate (the
     route maps them to HTTP)."""
     job = await make_job(client, body, request_id)
-    _observe_prompt(observer, job)
+    _observe_job(observer, job, body)
     if body.n_predict == 0:
         warmed = await warm_prefix(client, request_id, job.prompt)
         return select_fields(_result(client, job, body, "", [], "length", 0, None, n_ctx=n_ctx, warmed=warmed),
@@ -267,7 +270,7 @@ async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, o
     into an HTTP error and a later one into a final `data: {"error": ...}` event. Arguments as infill()
     (the observer also sees each piece: time to first token, inter-token latency)."""
     job = await make_job(client, body, request_id)
-    _observe_prompt(observer, job)
+    _observe_job(observer, job, body)
     if body.n_predict == 0:
         warmed = await warm_prefix(client, request_id, job.prompt)
         yield b"data: " + compact_json(_result(client, job, body, "", [], "length", 0, None, n_ctx=n_ctx,

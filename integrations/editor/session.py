@@ -8,8 +8,9 @@ cancels the previous one at once (its engine requests are cancelled; it answers 
 with reason "superseded"). Completions for different uris run side by side, up to
 Limits.max_inflight.
 
-Every `complete` writes one request-log line once it is answered, as every HTTP request does; so does
-any other frame answered with an error (integrations/editor/request_log.py).
+Every `complete` writes one request-log line once it is answered, as every HTTP request does, and counts
+in the ingress's refusion_api_* metrics (endpoint "editor"); any other frame answered with an error writes
+a line too (integrations/editor/request_log.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS, build_i
 from integrations.editor.postprocess import Rules
 from integrations.editor.request_log import CompletionRecord, log_answer
 from integrations.editor.runner import CompletionJob, run_completion
+from integrations.http_metrics import APIMetrics
 from integrations.request_limits import off_loop, sampling_temperature
 from integrations.engine_client import EngineUnavailableError
 from scheduler.api import EngineError, InvalidRequestError, Mode, OverloadedError, Priority
@@ -53,19 +55,20 @@ class EditorSession:
     def __init__(self, client, send: Send, limits: rpc.Limits | None = None, metrics=None,
                  refusing: Callable[[], float | None] | None = None, gone: tuple[type[BaseException], ...] = (),
                  connection: str | None = None):
-        """metrics: the ingress's APIMetrics (integrations/http_metrics.py), which counts accept/reject
-        telemetry for the whole service; None (unit tests) counts only in `feedback`. refusing: while it
-        returns a number (the ingress draining: its Retry-After in seconds), a new `complete` is answered
-        OVERLOADED at once, before it could supersede the completion in flight for its uri. gone: the
-        exceptions `send` raises once the client has left (the transport's); the session then sends
-        nothing more (the transport's reader sees the disconnect and calls `close`). connection: the
-        handshake's X-Request-Id, in each request-log line. `session_id` (random, announced by
+        """metrics: the ingress's APIMetrics (integrations/http_metrics.py), which counts this session's
+        completions (endpoint "editor") and accept/reject telemetry for the whole service; None (unit
+        tests, the router mounted alone): a registry of the session's own, which no /metrics serves.
+        refusing: while it returns a number (the ingress draining: its Retry-After in seconds), a new
+        `complete` is answered OVERLOADED at once, before it could supersede the completion in flight for
+        its uri. gone: the exceptions `send` raises once the client has left (the transport's); the
+        session then sends nothing more (the transport's reader sees the disconnect and calls `close`).
+        connection: the handshake's X-Request-Id, in each request-log line. `session_id` (random, announced by
         `initialize`) names the session in the engine's ids and the log."""
         self.client = client
         self._gone = gone
         self._refusing = refusing
         self.limits = limits or rpc.Limits()
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else APIMetrics()
         self.session_id, self.connection = uuid.uuid4().hex[:10], connection
         self._engine_ids = itertools.count(1)  # engine request ids: client ids 1 and "1" are different ids
         self.inflight: dict = {}  # request id -> _Inflight
@@ -165,7 +168,8 @@ class EditorSession:
                 f"{running} completions in flight on this connection (limit "
                 f"{self.limits.max_inflight}); cancel one or wait",
             )
-        entry = _Inflight(params.uri, CompletionRecord(f"ed-{self.session_id}-{next(self._engine_ids)}"))
+        record = CompletionRecord.start(self.metrics, f"ed-{self.session_id}-{next(self._engine_ids)}")  # gauge up
+        entry = _Inflight(params.uri, record)
         entry.task = task = asyncio.ensure_future(self._run(req.id, entry, params))
         self.inflight[req.id] = entry
         task.add_done_callback(lambda t, msg_id=req.id: self._on_done(msg_id, t))
@@ -200,7 +204,8 @@ class EditorSession:
         )
 
     async def _run(self, msg_id, entry: _Inflight, params: rpc.CompleteParams) -> None:
-        async def partial(text: str, _token_ids: list[int]) -> None:  # the protocol sends text only
+        async def partial(text: str, token_ids: list[int]) -> None:  # the protocol sends text only
+            entry.record.on_partial(text, token_ids)  # the metrics time the ids
             await self.send(rpc.encode_notification("completion/partial", {"id": msg_id, "text": text}))
 
         try:
@@ -292,10 +297,9 @@ class EditorSession:
             self._feedback_counted[target] = (counted or 0) + kept
         self.feedback[req.method] += first
         self.feedback["accepted_chars"] += kept
-        if self.metrics is not None:
-            if first:
-                self.metrics.editor_feedback.labels(event=req.method, known=str(known).lower()).inc()
-            self.metrics.editor_accepted_chars.inc(kept)
+        if first:
+            self.metrics.editor_feedback.labels(event=req.method, known=str(known).lower()).inc()
+        self.metrics.editor_accepted_chars.inc(kept)
         return {"ok": True, "known": known}
 
     async def close(self) -> None:

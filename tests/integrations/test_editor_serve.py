@@ -326,13 +326,15 @@ async def test_infill_tokens_cached_counts_prompt_tokens_reused_from_the_cache(s
 def _feedback_counts(metrics_text: str) -> dict:
     counts = {}
     for line in metrics_text.splitlines():
-        if line.startswith(("refusion_api_editor_feedback_total", "refusion_api_editor_accepted_chars_total")):
+        if line.startswith(("refusion_api_editor_feedback_total", "refusion_api_editor_accepted_chars_total",
+                            'refusion_api_requests_total{endpoint="editor"')):
             name, value = line.rsplit(" ", 1)
             counts[name] = float(value)
     return counts
 
 
 async def test_accept_and_reject_are_counted_in_metrics(serve_base_url):
+    """Behind Ray Serve too: the feedback events, and the completion itself under endpoint="editor"."""
     async with httpx.AsyncClient(base_url=serve_base_url, timeout=60) as http:
         before = _feedback_counts((await http.get("/metrics")).text)
         async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws:
@@ -349,3 +351,4 @@ async def test_accept_and_reject_are_counted_in_metrics(serve_base_url):
     assert delta['refusion_api_editor_feedback_total{event="accept",known="true"}'] == 1
     assert delta['refusion_api_editor_feedback_total{event="reject",known="false"}'] == 1
     assert delta["refusion_api_editor_accepted_chars_total"] == len(result["text"])
+    assert delta['refusion_api_requests_total{endpoint="editor",status="200"}'] == 1
