@@ -158,7 +158,7 @@ class EngineConfig:
     model_dir: directory whose `refusion.json` gives the default decoding parameters; None = the
         runner's own directory (scheduler.decoders.find_model_dir).
     overlap_streaming: detokenize, check stop strings and send a step's text while the next step's
-        forward runs on the device, not between the two (scheduler.engine.Engine._defer_stream). The
+        forward runs on the device, not between the two (scheduler.engine_output.EngineOutput._defer_stream). The
         output is the same; a request ended by a stop string spends one more segment of the forward it
         was planned into, and text reaches the client once the next step is launched (a request's first
         text is never held back). None (default): on when every runner queues its device work and waits

@@ -14,6 +14,7 @@ import pytest
 from sched_fakes import NEWLINE, FakeRunner, ForwardGate, collect, ids_of, make_engine
 
 import scheduler.engine as engine_module
+import scheduler.engine_output as engine_output_module
 from scheduler.api import FinishReason, GenerationRequest, Mode
 
 # A deadline, grace or drain timeout that never passes by itself during a test; SkewedClock passes it.
@@ -51,7 +52,8 @@ class SkewedClock:
 @pytest.fixture
 def clock(monkeypatch) -> SkewedClock:
     clock = SkewedClock()
-    monkeypatch.setattr(engine_module, "time", clock)
+    for module in (engine_module, engine_output_module):  # (the loop's clock, and the finish times')
+        monkeypatch.setattr(module, "time", clock)
     return clock
 
 
