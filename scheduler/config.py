@@ -166,7 +166,7 @@ class EngineConfig:
         text could go out, so it would only reach the client a forward later (a stop string's end too)
         for no measured gain (docs/benchmarks.md). True / False: always / never (A/B measurements).
     async_scheduling: plan and launch the next step before the current one's results reach the host,
-        its tokens fed back from the current step's reads on the device (scheduler.engine.Engine._execute;
+        its tokens fed back from the current step's reads on the device (scheduler.engine_loop.EngineLoop._execute;
         vLLM's async scheduling, SGLang's overlap scheduler), so the host's work between forwards
         (absorbing, streaming, planning, admitting arrivals) runs while the device computes. Only while
         every running request decodes AR (no prompt scoring; an AUTO one about to reach a block boundary

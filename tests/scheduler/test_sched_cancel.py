@@ -14,6 +14,7 @@ import pytest
 from sched_fakes import NEWLINE, FakeRunner, ForwardGate, collect, ids_of, make_engine
 
 import scheduler.engine as engine_module
+import scheduler.engine_loop as engine_loop_module
 import scheduler.engine_output as engine_output_module
 from scheduler.api import FinishReason, GenerationRequest, Mode
 
@@ -52,7 +53,7 @@ class SkewedClock:
 @pytest.fixture
 def clock(monkeypatch) -> SkewedClock:
     clock = SkewedClock()
-    for module in (engine_module, engine_output_module):  # (the loop's clock, and the finish times')
+    for module in (engine_module, engine_loop_module, engine_output_module):  # (every clock the engine reads)
         monkeypatch.setattr(module, "time", clock)
     return clock
 
