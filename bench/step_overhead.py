@@ -7,6 +7,8 @@ and mask, reads) + the device->host copy + unpacking. Shapes per running request
 
     ar        AR decode: 1 token after the cache, argmax read
     ar-sample AR decode with temperature 0.8, top-k 50, top-p 0.95 (Gumbel noise + sort stages)
+              (both AR shapes carry the mask token's ban, one logit bias pair, as every AR step the
+              engine runs does: decoding.ar.ARDecoder._logit_bias; --no-ar-bias leaves it out)
     plan      ReFusion plan: S * slots mask tokens at their positions, dropped, argmax reads
     verify    ReFusion verify: 2 chosen slots (2 * S clean tokens), kept, shifted prob reads
     branches  ReFusion slot completion draft: 2 branches of S tokens (branch_lens), mask rows read
@@ -17,6 +19,7 @@ Gumbel noise and the top-k/top-p sort when sampling); "device ops" counts the no
 step outside the layers, i.e. roughly the kernel launches a GPU step adds to its model's.
 
     OMP_NUM_THREADS=1 python bench/step_overhead.py               # CPU, prints a markdown table
+    OMP_NUM_THREADS=1 python bench/step_overhead.py --shapes ar,ar-sample --vocab 151936   # Qwen's vocab
     python bench/step_overhead.py --device cuda
 """
 
@@ -37,7 +40,7 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench.bench_args import positive_int, positive_ints, torch_device  # noqa: E402
-from workers.batch import Reads, Sampling, Segment  # noqa: E402
+from workers.batch import TOKEN_BAN, Reads, Sampling, Segment  # noqa: E402
 from workers.loader import ModelConfig  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
 
@@ -70,15 +73,18 @@ def stand_in_runner(device: str, vocab: int, num_blocks: int) -> ModelRunner:
                                   cuda_graphs=False)  # eager on CUDA too: what the host does around a step
 
 
-def segments_for(shape: str, n: int, context: int, s: int, slots: int, mask: int) -> list[Segment]:
-    """n segments of one shape; request i has `context + i` cached tokens."""
+def segments_for(shape: str, n: int, context: int, s: int, slots: int, mask: int,
+                 ar_bias: bool = True) -> list[Segment]:
+    """n segments of one shape; request i has `context + i` cached tokens. ar_bias: AR segments carry the
+    mask token's ban (TOKEN_BAN), the one logit bias pair the engine's AR decoder always sends."""
     segs = []
+    ban = ((mask, TOKEN_BAN),) if ar_bias else ()
     for i in range(n):
         ctx, sid = context + i, f"r{i}"
         if shape in ("ar", "ar-sample"):
             sampling = Sampling(0.8, 50, 0.95, seed=i, step=3) if shape == "ar-sample" else Sampling()
             reads = Reads(sample=(0,)) if shape == "ar-sample" else Reads(argmax=(0,))
-            segs.append(Segment(sid, ctx, [7], [ctx], 1, reads, sampling=sampling))
+            segs.append(Segment(sid, ctx, [7], [ctx], 1, reads, sampling=sampling, logit_bias=ban))
         elif shape == "plan":
             k = s * slots
             segs.append(Segment(sid, ctx, [mask] * k, list(range(ctx, ctx + k)), 0, Reads(argmax=tuple(range(k)))))
@@ -139,14 +145,17 @@ def run(args) -> str:
     runner = stand_in_runner(args.device, args.vocab, num_blocks=64 * (args.context + 64 + 3 * 16) // 16 + 64)
     lines = [
         f"Machine: {machine(runner.device)}. Zero-cost stand-in model (vocab {args.vocab}), context "
-        f"{args.context}+i cached tokens, S={args.slot_size}, {args.slots} slots; median of {args.repeats}.",
+        f"{args.context}+i cached tokens, S={args.slot_size}, {args.slots} slots; AR steps "
+        f"{'with the mask-token ban (one logit bias pair)' if args.ar_bias else 'without a logit bias'}; "
+        f"median of {args.repeats}.",
         "",
         "| shape | requests | T | R | pack + validate ms | execute ms | device ops |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for shape in args.shapes:
         for n in args.requests:
-            segs = segments_for(shape, n, args.context, args.slot_size, args.slots, runner.info.mask_token_id)
+            segs = segments_for(shape, n, args.context, args.slot_size, args.slots, runner.info.mask_token_id,
+                                args.ar_bias)
             tables = tables_for(segs, runner.info.block_size)
             layout = runner.pack(segs, tables).layout
             pack = time_ms(lambda: runner.pack(segs, tables), args.repeats)
@@ -174,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--slot-size", type=int, default=4)
     parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--ar-bias", action=argparse.BooleanOptionalAction, default=True,
+                        help="AR steps carry the mask-token ban as the engine's do (default); --no-ar-bias: none")
     args = parser.parse_args(argv)
     unknown = set(args.shapes) - set(SHAPES)
     if unknown:
