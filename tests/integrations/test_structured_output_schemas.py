@@ -12,9 +12,10 @@ from pydantic import ValidationError
 
 from decoding.grammar import GrammarTokenizer, with_compile_stack
 from integrations.chat_run import chat_grammar
+from integrations.json_schemas import closed_objects
 from integrations.openai_models import ChatCompletionRequest
 from integrations.request_limits import InputError
-from integrations.structured_output import closed_objects, json_grammar, lark_grammar, tool_grammar
+from integrations.structured_output import json_grammar, lark_grammar, tool_grammar
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
 
