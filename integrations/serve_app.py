@@ -27,9 +27,7 @@ from typing import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from integrations.engine_client import (
-    EngineFailure, LocalEngineClient, ServeEngineClient, coalesce_deltas, read_model_card,
-)
+from integrations.engine_client import EngineFailure, LocalEngineClient, coalesce_deltas, read_model_card
 from integrations.engine_host import build_engine, engine_config, engine_metrics_text, one_token_probe, warm_up
 from integrations.ingress_gate import IngressGate
 from integrations.openai_api import APISettings, create_app
@@ -37,6 +35,7 @@ from integrations.request_limits import RequestLimits
 from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
 from integrations.serve_drain import (DRAIN_RETRY_AFTER_S, die_on_sigterm, report_final, report_open_work, signal_drain,
                                       start_drain_watch, wait_for_drain_signal)
+from integrations.serve_engine_client import ServeEngineClient
 from scheduler.api import Delta, EngineError, GenerationRequest
 
 logger = logging.getLogger(__name__)

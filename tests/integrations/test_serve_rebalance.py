@@ -95,7 +95,7 @@ async def test_a_call_that_times_out_is_cancelled_in_ray_too(monkeypatch):
     from types import SimpleNamespace
 
     import integrations.serve_rebalance as serve_rebalance
-    from integrations.engine_client import ServeEngineClient
+    from integrations.serve_engine_client import ServeEngineClient
 
     responses = []
 
