@@ -217,9 +217,12 @@ class EditorSession:
             log_answer(self, msg_id, "complete", "error", entry.record, err=err)
             await self.send(rpc.encode_response(msg_id, err.to_wire()))
             return
-        self._remember(msg_id, len(outcome.text))
+        # Whitespace alone is nothing to insert (its indentation is the editor's, as for partials): "   "
+        # after "import os\n" reached the editor as a completion of three spaces
+        text = outcome.text if outcome.text.strip() else ""
+        self._remember(msg_id, len(text))
         result = {
-            "text": outcome.text,
+            "text": text,
             "stop_reason": outcome.stop_reason,
             "timings": outcome.timings(),
             "tokens": outcome.tokens,

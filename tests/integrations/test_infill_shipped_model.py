@@ -72,3 +72,22 @@ def check(cases: list[dict], results: list[dict], multiline: bool) -> None:
         assert result["stop_reason"] in ("stop", "length", "deadline", "newline", "indent", "suffix", "invalid")
         matches += text.strip() == case["expected"]
     print(f"exact line matches ({'multi' if multiline else 'single'}-line): {matches}/{len(cases)}")
+
+
+async def test_a_completion_of_whitespace_alone_comes_back_empty():
+    """The shipped model answers "import os\n" (single line, greedy) with three spaces and its end of
+    text: that reached the editor as a completion to insert (helper-164). Whitespace alone is nothing to
+    insert (its indentation is the editor's, as for partials, which never show it): the text is empty,
+    the rest of the answer as it was. A completion with text keeps its leading indentation."""
+    async with local_editor_session(SHIPPED_MODEL) as (session, frames):
+        for name, prefix in (("blank", "import os\n"), ("body", "def f(x):\n")):
+            params = {"uri": name, "prefix": prefix, "suffix": "", "multiline": False, "temperature": 0}
+            await session.handle_frame(rpc.encode_request(name, "complete", params))
+        await asyncio.wait_for(session.drain(), 300)
+    responses = {f[1]: f for f in frames if f[0] == rpc.RESPONSE}
+    assert responses["blank"][2] is None and responses["body"][2] is None, responses
+    blank, body = responses["blank"][3], responses["body"][3]
+    assert blank["text"] == "" and blank["stop_reason"] == "stop" and blank["tokens"] >= 1, blank
+    assert body["text"].startswith("    ") and body["text"].strip(), body
+    assert not [f for f in frames if f[0] == rpc.NOTIFICATION and f[1] == "completion/partial"
+                and f[2]["id"] == "blank"]  # (no partial showed the spaces either)
