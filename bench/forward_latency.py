@@ -13,7 +13,7 @@ read every weight once: weight bytes / memory bandwidth (measured with a large d
 
 With --beside N the timed segment shares its step with N one-token decode steps of sequences holding
 --beside-context cached tokens (a chunked prefill beside running requests), and the table adds the same
-step attended whole (ModelRunner.group_attention off; workers.packing.attention_groups).
+step attended whole (ModelRunner.group_attention off; workers.attention_groups).
 
 Weights are random and built directly on the device (workers.model.random_model): the 8B shape is never
 allocated on the host.

@@ -200,7 +200,7 @@ def part_forward(bench: Workbench) -> tuple[dict, list[Row]]:
 def _mixed_step(runner: ModelRunner, mixed: list[int], repeats: int) -> tuple[dict, Row]:
     """One step of a `chunk`-token prompt chunk after `context` cached tokens beside `count` one-token
     decode steps at `decode_context` (chunked prefill beside running requests), timed with attention
-    groups (workers.packing.attention_groups) and whole: median ms each."""
+    groups (workers.attention_groups) and whole: median ms each."""
     chunk, context, count, decode_context = mixed
     session = forward_latency.prefilled_session(runner, context)
     beside = forward_latency.decodes_beside(session, count, decode_context)

@@ -1,8 +1,8 @@
 """Model runner side: the Qwen3 model, weight loading, the KV tensors and the packed step.
 
 This package owns every tensor and the device. `workers.batch` (the step contract), `workers.kv_blocks`
-(block accounting), `workers.session`, `workers.packing` and `workers.validation` import no torch, so
-the scheduler can use them anywhere.
+(block accounting), `workers.session`, `workers.packing` (with `workers.step_layout` and `workers.attention_groups`) and
+`workers.validation` import no torch, so the scheduler can use them anywhere.
 
     runner.py      ModelRunner.execute(segments, block_tables): pack -> validate -> one upload ->
                    step_forward -> one download; SegmentError
@@ -15,6 +15,8 @@ the scheduler can use them anywhere.
     batch.py       Segment / Reads / Sampling / SegmentResult: the contract (plain Python)
     kv_blocks.py   BlockPool (refcounted blocks) and per-sequence block tables, prepare (plain Python)
     packing.py     segments + block tables -> one int64 buffer, shapes padded to buckets (numpy)
+    step_layout.py StepLayout (bucketed shapes, the graph key), the buffer's fields, PackedStep (numpy)
+    attention_groups.py  a step's sequences grouped by query length for attention (numpy)
     validation.py  vectorized range checks of a packed step; SegmentError (numpy)
     transfer.py    the one host -> device copy (pinned, non_blocking on CUDA)
     step.py        step_forward(model, kv, buffer, layout): the device half of a step (compilable)

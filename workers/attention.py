@@ -1,7 +1,7 @@
 """Attention of one packed step over the paged KV cache: one SDPA per layer, no host sync.
 
 Per step (once, shared by every layer) `StepAttention` derives from the packed arrays
-(workers.packing) everything as device tensors of static shape:
+(workers.step_layout) everything as device tensors of static shape:
   - cell_rows [B*Q]: the packed row of query i of sequence b (cells past the sequence's query length,
     and padding sequences, point at row 0; their outputs are never used);
   - out_cells [T]: the cell b*Q + i of each packed row (padding rows: cell 0), to gather outputs back;
@@ -22,7 +22,7 @@ bf16 that is 4 KiB per context token, so 64 sequences x 2048 tokens = 512 MiB), 
 step's own K/V are concatenated to it (~1 GiB transient per layer, freed before the next layer); the
 mask is B * g*Q * (C+Q) bytes, and every sequence is padded to the step's longest query, so a step
 mixing one long prefill with many decodes would do B*Q cells of work over the longest context: such a
-step is packed in attention groups (workers.packing.attention_groups), each attended at its own
+step is packed in attention groups (workers.attention_groups), each attended at its own
 shapes (a 434-token prompt chunk beside 63 decode steps: 6.0 s -> 0.14 s on a 2-core CPU with the
 shipped model; docs/benchmarks.md, "Attention groups"). This is the portable path (CPU,
 tests, CUDA fallback); the CUDA fast path replaces this class in place with paged attention over the
@@ -81,7 +81,7 @@ def _group(cell_rows, ctx_slots, context_len, new_visible, heads_per_kv: int) ->
 class StepAttention:
     """Per-step indices and mask (see module docstring); `__call__(layer, q, k, v)` per layer.
 
-    A step packed with attention groups (workers.packing.attention_groups: sequences of widely
+    A step packed with attention groups (workers.attention_groups: sequences of widely
     different query lengths, such as a prompt chunk beside decode steps) runs one SDPA per group, each
     at its group's longest query and context instead of the step's (static slices of the step's
     arrays in the order of its group_seqs field: no host sync); the outputs are concatenated group

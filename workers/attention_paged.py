@@ -24,7 +24,7 @@ every sequence's query length) write only the scratch slot, so skipping them cha
 read. No host sync and static shapes per step layout: the kernel is captured in the step's CUDA graph.
 
 Output rows that belong to no sequence (packing padding) are left as torch.empty left them; every later
-op of the layer is row-local and their outputs are never read (workers.packing).
+op of the layer is row-local and their outputs are never read (workers.step_layout).
 
 Needs Triton (it ships with CUDA builds of torch); on the CPU it runs only under Triton's interpreter
 (TRITON_INTERPRET=1 before Triton is first imported: tests/conftest.py), which

@@ -11,9 +11,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from workers.packing import PackedStep, StepLayout, bitmask_words
+from workers.packing import bitmask_words
 from workers.reads import ReadParams, apply_token_bitmask, compute_reads
 from workers.step import step_arrays
+from workers.step_layout import PackedStep, StepLayout
 from workers.validation import SegmentError, check_bitmask
 
 

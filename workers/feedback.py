@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from workers.batch import Segment
-from workers.packing import PackedStep
+from workers.step_layout import PackedStep
 from workers.validation import SegmentError
 
 
@@ -52,7 +52,7 @@ def resolve_feedback(buffer: torch.Tensor, step: PackedStep, previous: torch.Ten
 def _resolve_feedback_penalty(buffer: torch.Tensor, step: PackedStep, previous: torch.Tensor) -> None:
     """On the device, the presence and frequency penalties of each fed-back token t (Segment.feedback_penalty):
     in each read row whose pair after its own holds -(1 + r), t = the token previous step's read row r
-    returned; the row's pairs (workers.packing: bias_ids, bias_values, bias_kind, bias_penalty) gain
+    returned; the row's pairs (workers.step_layout: bias_ids, bias_values, bias_kind, bias_penalty) gain
     -frequency, and -presence unless a pair of kind 2 names t (generated before), on t's own pair when
     the row has one (its first, should a caller name t twice; in float64, which the host's own sum matches
     to float64 rounding, below the float32 the reads add), else on that marker pair, which becomes (t, it).

@@ -1,4 +1,4 @@
-"""CUDA graphs of the device step, one per step layout (workers.packing.StepLayout): the common layouts
+"""CUDA graphs of the device step, one per step layout (workers.step_layout.StepLayout): the common layouts
 captured at start-up, the others the first time they occur.
 
 A packed step's shapes are bucketed (powers of two for tokens T, sequences B, query length Q, context
@@ -50,7 +50,7 @@ from typing import Callable
 
 import torch
 
-from workers.packing import MIN_BLOCKS, StepLayout
+from workers.step_layout import MIN_BLOCKS, StepLayout
 
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (model, kv, buffer, layout) -> (values, logits, kept)
 
@@ -93,7 +93,7 @@ def startup_steps(policy: GraphPolicy, block_size: int, max_context: int) -> lis
     """The uniform steps to capture at start-up, as (sequences n, query tokens q per sequence, context
     tokens per sequence), in capture order: q as listed (AR decode first), then context buckets from the
     shortest, then n. `max_context` (tokens the KV cache holds) caps `policy.startup_max_context`. The
-    context lengths are the context-block buckets (workers.packing.bucket, at least MIN_BLOCKS blocks)
+    context lengths are the context-block buckets (workers.step_layout.bucket, at least MIN_BLOCKS blocks)
     times `block_size`; several n share a layout, and steps over `max_tokens` tokens are left out (the
     runner packs each and keeps one step per distinct layout)."""
     limit = min(policy.startup_max_context, max_context)

@@ -231,7 +231,7 @@ def compiled_kernels() -> LayerKernels:
     the GEMMs to the BLAS library: per layer a handful of kernels instead of ~40 small ones (the issue's
     "fused work per layer"; vLLM and SGLang fuse the same ops with custom kernels). One compile per
     process serves every layer and every runner (weights are arguments, not captured); the first steps
-    pay the compile (seconds on a GPU machine). Packed steps have at least 16 tokens (workers.packing),
+    pay the compile (seconds on a GPU machine). Packed steps have at least 16 tokens (workers.step_layout),
     so dynamo's specialisation of sizes 0 and 1 never applies; if the first token count equals a model
     dimension (hidden size, head dim) dynamo treats the two as one fixed size and compiles once more,
     symbolically, at the next count. Compiled functions capture in CUDA graphs (workers.graphs).

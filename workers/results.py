@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from workers.batch import LOGPROB_FLOOR, SegmentResult, TokenLogprob
-from workers.packing import PackedStep
+from workers.step_layout import PackedStep
 
 
 @dataclass

@@ -35,9 +35,10 @@ from workers.feedback import mark_feedback, resolve_feedback
 from workers.graphs import StepGraphs, startup_steps
 from workers.kv_cache import PagedKVCache, blocks_for_budget
 from workers.model import Qwen3, build_model
-from workers.packing import PackedStep, pack_step
+from workers.packing import pack_step
 from workers.results import LaunchedStep, copy_to_host, unpack_results
 from workers.runner_options import device_and_dtype, step_function
+from workers.step_layout import PackedStep
 from workers.transfer import StepUploader
 from workers.validation import SegmentError, validate_step
 
@@ -139,7 +140,7 @@ class ModelRunner:
         self.step_fn = step_function(cuda_graphs, self.device, attention, compile_layers)
         self.attention, self.compile_layers = attention, compile_layers
         # Steps mixing widely different query lengths are split into attention groups for the portable
-        # attention, which pads every sequence to the step's longest query (workers.packing.attention_groups);
+        # attention, which pads every sequence to the step's longest query (workers.attention_groups);
         # the paged backends read the cache in place and need none
         self.group_attention = attention == "sdpa"
         self._uploader = StepUploader(self.device)

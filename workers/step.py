@@ -1,7 +1,7 @@
 """The device half of an engine step, as one function: `step_forward(model, kv, buffer, layout)`.
 
     buffer  [layout.size] int64 on the device: the packed step (workers.packing), one upload
-    layout  workers.packing.StepLayout: every shape and flag, static per bucket
+    layout  workers.step_layout.StepLayout: every shape and flag, static per bucket
     returns values [2, R] float64 (token ids, probabilities; [4 + 2K, R] with layout.logprobs: workers.reads),
             logits [R, V] float32, and the kept logits [D, V] float32 of the deferred read rows
             (layout.deferred_reads: their reads are made later, by ModelRunner.finish_reads)
@@ -20,12 +20,12 @@ import torch
 
 from workers.attention import StepAttention
 from workers.kv_cache import PagedKVCache
-from workers.packing import FLOAT_FIELDS, READ_FIELDS, StepLayout
 from workers.reads import ReadParams, apply_token_bitmask, compute_reads
+from workers.step_layout import FLOAT_FIELDS, READ_FIELDS, StepLayout
 
 
 class StepArrays(NamedTuple):
-    """Device views of the packed buffer (field meanings: workers.packing)."""
+    """Device views of the packed buffer (field meanings: workers.step_layout)."""
 
     token_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]

@@ -45,7 +45,7 @@ def _first(bad: np.ndarray, owner: np.ndarray | None = None) -> int:
 
 
 def validate_step(step, seq_ids: list[str], vocab_size: int, num_kv_blocks: int) -> None:
-    """Raise SegmentError for the first segment of a packed step (workers.packing.PackedStep) that the
+    """Raise SegmentError for the first segment of a packed step (workers.step_layout.PackedStep) that the
     runner cannot run against a vocab of `vocab_size` and `num_kv_blocks` KV blocks."""
     t, r = step.num_tokens, step.num_reads
     tok_owner = step.view("seq_index")[:t]

@@ -406,10 +406,10 @@ def test_paged_attention_splits_a_long_context_on_cuda(tiny_model_dir, monkeypat
 
 def _grouped_step(tiny_model_dir, monkeypatch):
     """A 40-token prompt chunk after 40 cached tokens beside three one-token decode steps, packed in
-    attention groups (workers.packing.attention_groups; the size threshold lifted for this small step)."""
-    from workers import packing
+    attention groups (workers.attention_groups; the size threshold lifted for this small step)."""
+    from workers import attention_groups
 
-    monkeypatch.setattr(packing, "GROUP_MIN_PAIRS", 0)
+    monkeypatch.setattr(attention_groups, "GROUP_MIN_PAIRS", 0)
     runner = ModelRunner(tiny_model_dir, device="cuda", dtype=torch.float32, block_size=4, num_blocks=64, **EAGER)
     session = RunnerSession(runner)
     session.execute([segment("long", 0, list(range(5, 45)), reads=Reads())]

@@ -1,4 +1,4 @@
-"""Attention groups (workers.packing.attention_groups, run by workers.attention.StepAttention): a step
+"""Attention groups (workers.attention_groups, run by workers.attention.StepAttention): a step
 whose query lengths differ widely is attended group by group at each group's own shapes, and gives the
 same logits and K/V as the same step attended whole (float32, CPU): a prompt chunk beside decode steps,
 three groups with a ReFusion plan and branches among them, padded (bucketed) shapes with padding
@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from attention_cases import compare, runner_sessions  # noqa: E402
 from hf_oracle import segment  # noqa: E402
-from workers import packing  # noqa: E402
+from workers import attention_groups  # noqa: E402
 from workers.packing import pack_step  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
 
@@ -45,7 +45,7 @@ def test_groups_equal_the_whole_step(sessions, monkeypatch, pad):
     arithmetic.)"""
     sessions, mask = sessions
     monkeypatch.setattr(ModelRunner, "pad_steps", property(lambda self: pad))
-    monkeypatch.setattr(packing, "GROUP_MIN_PAIRS", 0)
+    monkeypatch.setattr(attention_groups, "GROUP_MIN_PAIRS", 0)
     # a 40-token prompt beside three short ones: 40 | 5, 3 | 1 (bucketed: 64 | 8, 4 | 1)
     _step(sessions, [segment("long", 0, list(range(10, 50))), segment("a", 0, [5, 6, 7]), segment("b", 0, [8]),
                      segment("c", 0, [9, 10, 11, 12, 13])],
@@ -65,7 +65,7 @@ def test_groups_equal_the_whole_step(sessions, monkeypatch, pad):
 
 def test_groups_with_a_shared_prefix(sessions, monkeypatch):
     sessions, _ = sessions
-    monkeypatch.setattr(packing, "GROUP_MIN_PAIRS", 0)
+    monkeypatch.setattr(attention_groups, "GROUP_MIN_PAIRS", 0)
     compare(sessions, [segment("p", 0, list(range(100, 140)))], "whole")
     for s in sessions.values():
         s.adopt_prefix("q", s.block_table("p")[:8], 32)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from workers.batch import Reads, Sampling, Segment
-from workers.packing import bucket, pack_step
+from workers.packing import pack_step
+from workers.step_layout import bucket
 from workers.validation import SegmentError
 
 BS, SCRATCH = 4, 99

@@ -107,12 +107,12 @@ def _masked(segs: list) -> list:
 
 @pytest.mark.parametrize("shape", ["decode", "decode_masked", "plan", "plan_grouped"])
 def test_step_compiles_fullgraph_and_matches_eager(session, shape, monkeypatch):
-    """plan_grouped: the plan step split into attention groups (workers.packing.attention_groups; its
+    """plan_grouped: the plan step split into attention groups (workers.attention_groups; its
     thresholds lifted for a step this small): one graph too, no host sync."""
     torch._dynamo.reset()
     grouped = shape == "plan_grouped"
-    monkeypatch.setattr("workers.packing.GROUP_MIN_PAIRS", 0)
-    monkeypatch.setattr("workers.packing.GROUP_GAIN", 1)
+    monkeypatch.setattr("workers.attention_groups.GROUP_MIN_PAIRS", 0)
+    monkeypatch.setattr("workers.attention_groups.GROUP_GAIN", 1)
     segs = _plan_step(session, session.info.mask_token_id) if shape.startswith("plan") else _decode_step(session)
     segs = _masked(segs) if shape == "decode_masked" else segs
     step, (values, logits, kept), (values_c, logits_c, kept_c), kv_eager, kv_compiled = _run_both(session, segs,
