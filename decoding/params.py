@@ -91,7 +91,7 @@ class DecodeParams:
     # scheduler.detokenizer). AR decoding only, as the penalties.
     ignore_eos: bool = False
     min_tokens: int = 0
-    # The model's other end tokens (workers.loader.end_token_ids: generation_config.json's eos_token_id
+    # The model's other end tokens (workers.tokenizer.end_token_ids: generation_config.json's eos_token_id
     # list, the tokenizer's eos_token): each ends the text exactly as eos_token_id does, in every
     # spec step that names EOS (ReFusion's verify and slot completion, AR), and is banned with it
     # (ignore_eos, min_tokens). `ends` holds all of them, eos_token_id included.

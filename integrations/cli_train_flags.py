@@ -199,10 +199,11 @@ def _free_bytes(device) -> int | None:
 def _check_init(init: Path) -> None:
     """An --init directory transformers can load (config.json, a JSON object, and weights) whose trained
     model the engine would serve: config.json and the safetensors weights' headers pass the serving
-    loader's checks (workers.loader.read_config and check_weights: a Qwen3 with default RoPE, every tensor
-    there with the config's shape, none the model has no place for). transformers filled a missing tensor
-    with random values and trained on. The tokenizer is not checked: training adds <|mask|> and grows the
-    embedding to the tokenizer. Raises TrainArgumentError("--init") naming the file."""
+    loader's checks (workers.model_config.read_config and workers.checkpoint.check_weights: a Qwen3 with
+    default RoPE, every tensor there with the config's shape, none the model has no place for).
+    transformers filled a missing tensor with random values and trained on. The tokenizer is not checked:
+    training adds <|mask|> and grows the embedding to the tokenizer. Raises TrainArgumentError("--init")
+    naming the file."""
     if not init.is_dir():
         raise TrainArgumentError("--init", f"{init} is not a directory; give an HF model directory")
     try:

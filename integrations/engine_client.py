@@ -118,7 +118,7 @@ class EngineFailure:
 def read_model_card(model_dir: str | Path, tokenizer=None) -> dict:
     """What the model directory says about limits and decoding defaults (config.json, refusion.json);
     with the model's `tokenizer`, the defaults list the model's other end tokens too (`end_token_ids`:
-    workers.loader.end_token_ids, what the engine stops on). Raises ModelDirError as loading does."""
+    workers.tokenizer.end_token_ids, what the engine stops on). Raises ModelDirError as loading does."""
     from decoding.params import load_model_defaults
 
     model_dir = Path(model_dir)

@@ -146,7 +146,7 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
 
 def _check_stop_token_ids(body: SamplingFields, ends: list[int]) -> None:
     """vLLM's stop_token_ids: here the model's end tokens (`ends`: EOS and the others the model names,
-    workers.loader.end_token_ids) are the stop tokens, so a list naming only them (what clients that spell
+    workers.tokenizer.end_token_ids) are the stop tokens, so a list naming only them (what clients that spell
     out the model's stop tokens send: a Qwen3 chat model's two) is taken as is; another id, or an end token
     with ignore_eos, is a 400."""
     ids = getattr(body, "stop_token_ids", None) or []

@@ -24,5 +24,8 @@ This package owns every tensor and the device. `workers.batch` (the step contrac
     reads.py       argmax / prob / Gumbel-max / top-k-top-p sampling in one pass; counter-based draws
     model.py       the Qwen3 model over packed rows; random_model for benchmarks
     kv_cache.py    the K/V tensors per layer (+ the scratch block) and sizing from a memory budget
-    loader.py      config.json / safetensors (single or sharded) / tokenizer / mask id; ModelDirError
+    loader.py      config.json / safetensors (single or sharded) / tokenizer / mask id; ModelDirError:
+                   check_model_dir, and the names of model_dir.py (file names, ModelDirError),
+                   model_config.py (config.json), checkpoint.py (weights), tokenizer.py (tokenizer, mask and
+                   end token ids)
 """

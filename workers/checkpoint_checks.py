@@ -1,4 +1,4 @@
-"""Checks of a checkpoint's tensors beyond the ones the model needs (workers.loader checks those are present
+"""Checks of a checkpoint's tensors beyond the ones the model needs (workers.checkpoint checks those are present
 and of the config's shape): tensors the config's Qwen3 has no place for, and an output head that
 tie_word_embeddings would drop.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from workers.loader import ModelDirError
+from workers.model_dir import ModelDirError
 
 # Buffers old exports saved beside the weights; the engine computes them (RoPE frequencies from rope_theta)
 HARMLESS_SUFFIXES = (".rotary_emb.inv_freq",)

@@ -51,7 +51,7 @@ class ModelInfo:
 
     vocab_size: int
     eos_token_id: int
-    end_token_ids: tuple[int, ...]  # the other ids that end a text as EOS does (workers.loader.end_token_ids)
+    end_token_ids: tuple[int, ...]  # the other ids that end a text as EOS does (workers.tokenizer.end_token_ids)
     mask_token_id: int
     num_layers: int
     hidden_size: int

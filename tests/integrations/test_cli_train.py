@@ -445,7 +445,7 @@ def test_an_init_checkpoint_the_engine_would_refuse_is_refused_before_the_corpus
         corpus_dir, tiny_model_dir, tmp_path, capsys, break_it, said):
     """transformers filled a missing tensor with random values, loaded a Llama, a yarn RoPE, and trained on:
     the saved model was one the engine refuses (or, a tensor missing, served random weights). --init now
-    passes the serving loader's checks first (workers.loader.read_config, check_weights)."""
+    passes the serving loader's checks first (workers.model_config.read_config, workers.checkpoint.check_weights)."""
     import shutil
 
     init = Path(shutil.copytree(tiny_model_dir, tmp_path / "init"))

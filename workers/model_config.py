@@ -1,0 +1,145 @@
+"""config.json of a Qwen3 model directory: `read_config` parses and checks it into `ModelConfig`, the
+shape and constants the engine needs (and the checkpoint shapes they imply).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.model_dir import MASK_TOKEN, ModelDirError, _is_file
+
+
+# config.json's integer sizes (num_key_value_heads and head_dim may be absent: derived)
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Qwen3 shape and constants the engine needs, read from config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    eos_token_id: int
+    mask_token_id: int | None  # None: not in config.json; resolved from the tokenizer later
+    # config.json's eos_token_id after the first when it is a list (checked by end_token_ids)
+    more_eos_token_ids: tuple = ()
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint tensor the model needs, by HF name, with its shape."""
+        h, d = self.hidden_size, self.head_dim
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, h), "model.norm.weight": (h,)}
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, h)
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (self.num_heads * d, h),
+                p + "self_attn.k_proj.weight": (self.num_kv_heads * d, h),
+                p + "self_attn.v_proj.weight": (self.num_kv_heads * d, h),
+                p + "self_attn.o_proj.weight": (h, self.num_heads * d),
+                p + "self_attn.q_norm.weight": (d,),
+                p + "self_attn.k_norm.weight": (d,),
+                p + "mlp.gate_proj.weight": (self.intermediate_size, h),
+                p + "mlp.up_proj.weight": (self.intermediate_size, h),
+                p + "mlp.down_proj.weight": (h, self.intermediate_size),
+            })
+        return shapes
+
+
+def _rope_theta(raw: dict, path: Path) -> float:
+    """rope_theta from the top level (transformers 4.x) or from rope_parameters (5.x); default RoPE only."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ModelDirError(path, f"rope type {rope_type!r} is not supported; only default RoPE is")
+    theta = params.get("rope_theta", raw.get("rope_theta"))
+    if theta is None:
+        raise ModelDirError(path, "no rope_theta (top level or in rope_parameters)")
+    return float(theta)
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    """Parse and check config.json of a Qwen3 model directory."""
+    path = Path(model_dir) / "config.json"
+    if not _is_file(path):
+        raise ModelDirError(path, "missing; a model directory needs config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(path, f"not valid JSON ({exc})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelDirError(path, f"cannot be read ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelDirError(path, f"must hold a JSON object, got {type(raw).__name__}")
+    if raw.get("model_type") not in (None, "qwen3"):
+        raise ModelDirError(path, f"model_type is {raw.get('model_type')!r}; only 'qwen3' is supported")
+    if raw.get("attention_bias") or raw.get("use_sliding_window"):
+        raise ModelDirError(path, "attention_bias and use_sliding_window must be false for Qwen3")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ModelDirError(path, f"hidden_act is {raw['hidden_act']!r}; only 'silu' is supported")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in raw:
+            raise ModelDirError(path, f"missing required key {key!r}")
+    for key in (*_SIZES, "eos_token_id", "mask_token_id"):  # ints, as transformers' config classes demand
+        value = raw.get(key)
+        if key == "eos_token_id" and isinstance(value, list):  # several end tokens: the first ends a response
+            value = value[0] if value else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ModelDirError(path, f"{key} is {value!r}; it must be an integer")
+        if value is not None and value < (0 if key.endswith("token_id") else 1):
+            raise ModelDirError(path, f"{key} is {value}; it must be a " +
+                                ("token id (>= 0)" if key.endswith("token_id") else "positive integer"))
+    heads, eos = raw["num_attention_heads"], raw.get("eos_token_id")
+    if eos is None or eos == []:
+        raise ModelDirError(path, "no eos_token_id: add the id of the token that ends a response (the "
+                                  "tokenizer's eos_token)")
+    try:
+        config = ModelConfig(
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rope_theta=_rope_theta(raw, path),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            mask_token_id=raw.get("mask_token_id"),
+            more_eos_token_ids=tuple(eos[1:]) if isinstance(eos, list) else (),
+        )
+    except ModelDirError:  # _rope_theta's own, already naming the file and the fix
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:  # "abc" for rms_norm_eps, a list for rope_parameters
+        raise ModelDirError(path, f"a value has the wrong type or form ({exc}); sizes and ids are integers") from exc
+    if config.hidden_size % heads and "head_dim" not in raw:
+        raise ModelDirError(path, f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {heads}; "
+                                  "set head_dim")
+    for name, token in (("eos_token_id", config.eos_token_id), ("mask_token_id", config.mask_token_id)):
+        if token is not None and token >= config.vocab_size:
+            raise ModelDirError(path, f"{name} {token} is outside the vocabulary (vocab_size {config.vocab_size})")
+    if config.mask_token_id == config.eos_token_id:
+        raise ModelDirError(path, f"mask_token_id and eos_token_id are both {config.eos_token_id}; the mask token "
+                                  f"({MASK_TOKEN}) is a token of its own")
+    if not (config.rms_norm_eps > 0 and config.rope_theta > 0):
+        raise ModelDirError(path, "rms_norm_eps and rope_theta must be positive numbers")
+    context = raw.get("max_position_embeddings")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ModelDirError(path, f"max_position_embeddings is {context!r}; it must be a positive integer (the context)")
+    if config.num_heads % config.num_kv_heads:
+        raise ModelDirError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads")
+    return config
