@@ -59,11 +59,18 @@ class ChatPrompt:
 
 
 async def chat_prompt(tokenizer, limits: RequestLimits, body: ChatCompletionRequest,
-                      prompt_field: str = "messages") -> ChatPrompt:
+                      prompt_field: str = "messages", lead_field: str | None = None) -> ChatPrompt:
     """The prompt `body` runs as (template, tools, forced tool-call opening), off the event loop (the
     model name is the caller's to check). Raises InputError (400 naming the field, `prompt_field` for
-    the conversation)."""
-    limits.check_chars(prompt_field, "".join(m.content or "" for m in body.messages))
+    the conversation; `lead_field` for its first, system message when that is what is too long: the
+    Responses API's `instructions`)."""
+    try:
+        limits.check_chars(prompt_field, "".join(m.content or "" for m in body.messages))
+    except PromptCharsError as exc:
+        rest = _after_lead(body, lead_field)
+        if rest is not None and sum(len(m.content or "") for m in rest) <= limits.prompt_chars:
+            raise PromptCharsError(lead_field, exc.chars, exc.limit, "with it the conversation is", LEAD_FIX) from None
+        raise
     tools = body.tools if body.tools_enabled else None
     try:
         call = forced_call(body.forced_tool, [t.function.name for t in body.tools or []])
@@ -78,6 +85,9 @@ async def chat_prompt(tokenizer, limits: RequestLimits, body: ChatCompletionRequ
             raise PromptCharsError("tools", exc.chars, exc.limit, "the tools' definitions (names, descriptions and "
                                    "parameter schemas as the chat template writes them) make the chat prompt",
                                    TOOLS_FIX) from None
+        rest = _after_lead(body, lead_field)
+        if rest is not None and len(await _text_of(tokenizer, body, rest, tools)) <= limits.prompt_chars:
+            raise PromptCharsError(lead_field, exc.chars, exc.limit, "with it the chat prompt is", LEAD_FIX) from None
         raise PromptCharsError(prompt_field, exc.chars, exc.limit, "make a chat prompt (the messages as the chat "
                                "template writes them, tools included) of") from None
     except InputError as exc:
@@ -97,12 +107,44 @@ async def chat_prompt(tokenizer, limits: RequestLimits, body: ChatCompletionRequ
 TOOLS_FIX = "offer fewer tools, or shorter descriptions and schemas"
 
 
+LEAD_FIX = "shorten the instructions"
+
+
 async def _text_without_tools(tokenizer, body: ChatCompletionRequest) -> str:
     """The chat prompt's text with no tools offered: what the conversation alone takes (for a 400 that
     names `tools` when their definitions are what makes the prompt too long)."""
-    text, _ = await off_loop(render_chat, tokenizer, body.messages, None, body.continue_final_message,
+    return await _text_of(tokenizer, body, body.messages, None)
+
+
+async def _text_of(tokenizer, body: ChatCompletionRequest, messages: list, tools) -> str:
+    """The chat prompt's text of `messages` (some of body's) with `tools`, off the event loop."""
+    text, _ = await off_loop(render_chat, tokenizer, messages, tools, body.continue_final_message,
                              body.chat_template_kwargs)
     return text
+
+
+def _after_lead(body: ChatCompletionRequest, lead_field: str | None) -> list | None:
+    """The messages after the first, when `lead_field` names that first message (a system message the
+    route made of a field of its own, as the Responses API's `instructions`) and some follow; else None."""
+    if lead_field is None or len(body.messages) < 2 or body.messages[0].role != "system":
+        return None
+    return body.messages[1:]
+
+
+async def _lead_overflow(tokenizer, body: ChatCompletionRequest, exc: ContextLengthError,
+                         lead_field: str | None) -> ContextLengthError:
+    """A prompt that leaves no room to generate (`exc`) named `lead_field` when the conversation without
+    its first message leaves room: that message (the Responses API's `instructions`) is what to cut."""
+    rest = _after_lead(body, lead_field)
+    if rest is None:
+        return exc
+    tools = body.tools if body.tools_enabled else None
+    bare = len(await off_loop(encode, tokenizer, await _text_of(tokenizer, body, rest, tools)))
+    if bare >= exc.context_length:
+        return exc
+    return ContextLengthError(lead_field, f"takes {exc.prompt_tokens - bare:,} of the prompt's {exc.prompt_tokens:,} "
+                              f"tokens; the model's maximum context length is {exc.context_length:,} tokens, "
+                              f"leaving no room to generate: {LEAD_FIX}", exc.prompt_tokens, None, exc.context_length)
 
 
 async def _tools_overflow(tokenizer, body: ChatCompletionRequest, exc: ContextLengthError) -> ContextLengthError:
@@ -118,14 +160,15 @@ async def _tools_overflow(tokenizer, body: ChatCompletionRequest, exc: ContextLe
 
 
 async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: str, endpoint: str,
-                     prompt_field: str = "messages") -> ChatRun:
+                     prompt_field: str = "messages", lead_field: str | None = None) -> ChatRun:
     """Build the prompt and grammar of `body`, fit the context, start its `n` engine requests. Raises
-    InputError / APIError (4xx naming the field, `prompt_field` for the conversation; 503 when the engine
-    is full) before any response."""
+    InputError / APIError (4xx naming the field, `prompt_field` for the conversation, `lead_field` for
+    its first message where that is what is too long (chat_prompt); 503 when the engine is full)
+    before any response."""
     client, settings = request.app.state.engine_client, request.app.state.settings
     check_model(request, body.model)
     settings.limits.check_sequences(1, body.n)
-    prompt = await chat_prompt(client.tokenizer, settings.limits, body, prompt_field)
+    prompt = await chat_prompt(client.tokenizer, settings.limits, body, prompt_field, lead_field)
     grammar = None
     if body.tools_enabled or body.response_format is not None or body.structured_outputs is not None:
         grammar = await grammar_off_loop(chat_grammar, body, prompt.forced_tokens)  # compiling can take a while
@@ -141,9 +184,10 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
         req = generation_request(header.id, body, prompt.ids, stops, settings.default_max_tokens,
                                  settings, prompt_field, affinity_key=affinity, grammar=grammar)
     except ContextLengthError as exc:
-        if exc.field != prompt_field or exc.max_tokens is not None or not body.tools_enabled:
+        if exc.field != prompt_field or exc.max_tokens is not None:
             raise
-        raise await _tools_overflow(client.tokenizer, body, exc) from None
+        blamed = await _tools_overflow(client.tokenizer, body, exc) if body.tools_enabled else exc
+        raise (await _lead_overflow(client.tokenizer, body, exc, lead_field) if blamed is exc else blamed) from None
     allowed = {t.function.name for t in body.tools} if body.tools_enabled else None
     max_calls = 1 if body.parallel_tool_calls is False else None  # OpenAI: at most one call
     observer = RequestObserver.for_request(request, endpoint, header.id, len(prompt.ids), choices=body.n)

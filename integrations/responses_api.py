@@ -47,7 +47,8 @@ async def create_response(request: Request):
     body = await read_body(request, ResponsesRequest)
     chat = body.chat_request()
     try:
-        run = await start_chat(request, chat, "resp", "responses", prompt_field="input")
+        run = await start_chat(request, chat, "resp", "responses", prompt_field="input",
+                               lead_field="instructions" if body.instructions is not None else None)
     except InputError as exc:
         raise InputError(exc.status, responses_field(exc.field), exc.message) from None
     except APIError as exc:

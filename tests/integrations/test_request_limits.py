@@ -445,6 +445,27 @@ def test_a_clipped_message_fits_its_limit_and_clipping_again_changes_nothing():
     assert clipped(once) == once and clipped("short") == "short"
 
 
+async def test_responses_instructions_too_long_name_instructions(bpe_tokenizer):  # noqa: F811
+    """Responses `instructions` (a system message before the input) that make the prompt too long, over
+    the character limit or the context, are a 400 naming `instructions`: it named `input`, so a client
+    cut its input and kept failing. A long input with short instructions still names `input`."""
+    long_chars = "a" * 40_000  # over 8 x 4,096 characters
+    many_tokens = " ".join(f"q{k}z" for k in range(3000))  # under that; over 4,096 tokens
+    async with _app(FakeEngineClient(bpe_tokenizer)) as http:
+        for instructions, words in ((long_chars, "max_prompt_chars"), (many_tokens, "maximum context length")):
+            refused = await http.post("/v1/responses", json={"input": "hi", "instructions": instructions,
+                                                             "max_output_tokens": 16})
+            error = refused.json()["error"]
+            assert refused.status_code == 400 and error["param"] == "instructions", refused.text[:300]
+            assert words in error["message"] and "shorten the instructions" in error["message"], error["message"]
+        chatty = " ".join(f"w{k}" for k in range(5000))
+        refused = await http.post("/v1/responses", json={"input": chatty, "instructions": "Be brief.",
+                                                         "max_output_tokens": 16})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "input", refused.text[:300]
+        refused = await http.post("/v1/responses", json={"input": "a" * 40_000, "instructions": "Be brief."})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "input", refused.text[:300]
+
+
 async def test_a_prompt_too_long_for_its_tools_names_tools(bpe_tokenizer):  # noqa: F811
     """A chat prompt over the character limit or the context because of the tools' definitions is a 400
     naming `tools` (on the Responses route too; the Messages route keeps Anthropic's wording); one whose conversation alone is too long still names
