@@ -70,6 +70,11 @@ class EngineClient(Protocol):
     async def check_health(self) -> None:
         """Raise when the engine cannot serve a one-token request within its health timeout."""
 
+    async def scaled_to_zero(self) -> bool:
+        """Whether no engine replica is up because the engine autoscales down to zero: then /health does
+        not probe it (a probe that waits for a replica to start would fail the load balancer's check,
+        which then never sends the request that starts one)."""
+
 
 # ---------------------------------------------------------------------------------------------------
 # Engine errors across a process boundary. scheduler.api's errors take extra constructor arguments,
@@ -224,3 +229,6 @@ class LocalEngineClient:
         from integrations.engine_host import one_token_probe
 
         await one_token_probe(self, forwards=lambda: getattr(self.engine, "forwards", 0))
+
+    async def scaled_to_zero(self) -> bool:
+        return False  # one engine in this process, always there

@@ -104,10 +104,16 @@ def _editor_router():
 async def health(request: Request):
     """200 when a request would be served at full speed now: an engine replica answers (replicas warm up
     before they take traffic, engine_host.warm_up). 503 + Retry-After while none does (starting, being
-    replaced); while the ingress drains, the gate answers 503 {"status": "draining"} before this runs."""
+    replaced); while the ingress drains, the gate answers 503 {"status": "draining"} before this runs.
+    An engine autoscaled down to zero replicas is not probed: 200 with `"engine": "scaled_to_zero"` (a
+    probe waited for a replica to start, timed out with 503, and a load balancer then never sent the
+    request that starts one); that request waits for a replica to start (Ray Serve's cold start)."""
     model = request.app.state.settings.model_name
+    client = request.app.state.engine_client
+    if await client.scaled_to_zero():
+        return {"status": "ok", "model": model, "engine": "scaled_to_zero"}
     try:
-        await asyncio.wait_for(request.app.state.engine_client.info(), READY_TIMEOUT_S)
+        await asyncio.wait_for(client.info(), READY_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - not ready, whatever the reason; the reason is logged
         log.info("health: engine not ready (%s)", type(exc).__name__)
         return JSONResponse({"status": "unavailable", "model": model}, 503, headers={"Retry-After": "2"})

@@ -32,6 +32,9 @@ REPLICA_METRICS_TIMEOUT_S = 1.5
 # moved to it), and handed back by replicas that Ray Serve removes a few times (a rolling update of several
 # replicas, a router's stale choice of one being removed).
 MAX_MOVES, MAX_HAND_BACKS = 1, 4
+# How long the engine deployment's autoscaling bounds, as Serve's controller holds them, are taken as known
+# (`scaled_to_zero`: /health asks on every probe; a `serve deploy` may change them in place)
+SCALING_CONFIG_TTL_S = 10.0
 
 
 def replica_call_error(exc: Exception, what: str) -> Exception:
@@ -51,6 +54,17 @@ def replica_call_error(exc: Exception, what: str) -> Exception:
         log.error("engine replica failed during %s: %s", what, type(exc.cause).__name__ if exc.cause else exc)
         return EngineError("internal error in the engine replica")
     return exc
+
+
+def engine_min_replicas(app_name: str, deployment_name: str) -> int | None:
+    """The deployment's autoscaling min_replicas as Ray Serve's controller holds it (None: a fixed
+    replica count). Blocking (a controller call); raises KeyError when Serve has no such deployment."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    config = details["applications"][app_name]["deployments"][deployment_name]["deployment_config"]
+    scaling = config.get("autoscaling_config")
+    return scaling.get("min_replicas") if isinstance(scaling, dict) else None
 
 
 def call_alone(make_call):
@@ -100,6 +114,7 @@ class ServeEngineClient:
         self._rebalancing: asyncio.Task | None = None
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self._scaling_read: tuple[float, bool] | None = None  # (when, whether min_replicas is 0)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Delta]:
         from ray.exceptions import RayError
@@ -206,6 +221,26 @@ class ServeEngineClient:
 
     async def check_health(self) -> None:
         await self._call("check_health")
+
+    async def scaled_to_zero(self) -> bool:
+        """Whether no engine replica is up because the deployment autoscales down to zero (min_replicas
+        0, as Ray Serve's controller holds its config now: args or a `serve deploy` file's
+        `deployments:` entry; read at most every SCALING_CONFIG_TTL_S). False while a replica is up,
+        and when the config cannot be read."""
+        from integrations.routing_state import live_replicas
+
+        where = (self._handle.app_name, self._handle.deployment_name)
+        if live_replicas(*where):
+            return False
+        now = time.monotonic()
+        if self._scaling_read is None or now - self._scaling_read[0] > SCALING_CONFIG_TTL_S:
+            try:
+                low = await asyncio.to_thread(engine_min_replicas, *where)
+            except Exception as exc:  # noqa: BLE001 - an unreadable config: probe the engine, as for a fixed count
+                log.warning("scaled_to_zero: the engine deployment's config could not be read: %s", exc)
+                low = None
+            self._scaling_read = (now, low == 0)
+        return self._scaling_read[1]
 
     async def _call(self, method: str, **kwargs):
         from ray.exceptions import RayError

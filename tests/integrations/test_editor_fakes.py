@@ -93,6 +93,9 @@ class FakeEngineClient:
     async def info(self):
         return {"model": self.model_name}
 
+    async def scaled_to_zero(self) -> bool:
+        return False
+
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer(tmp_path_factory):

@@ -55,6 +55,9 @@ class ScriptedClient:
             await asyncio.Event().wait()  # an engine replica that never answers
         return {"model": self.model_name}
 
+    async def scaled_to_zero(self) -> bool:
+        return False
+
     async def metrics(self) -> bytes:
         return b""
 
