@@ -204,12 +204,15 @@ class ServeEngineClient:
     async def metrics(self) -> bytes:
         """Every live engine replica's metrics and their sums (integrations/service_metrics.py). The
         replicas are asked at once (each call routed to its replica by serve_router.EngineRouter); one
-        not heard from within REPLICA_METRICS_TIMEOUT_S is counted unreachable."""
+        not heard from within REPLICA_METRICS_TIMEOUT_S is counted unreachable. No replica is asked while
+        the engine is scaled to zero (`scaled_to_zero`)."""
         from integrations.routing_state import live_replicas, routing_decisions
         from integrations.service_metrics import ReplicaMetrics, combine
 
         where = (self._handle.app_name, self._handle.deployment_name)
-        targets = live_replicas(*where) or (None,)  # None: before the first routed call, any one replica
+        # None: before the first routed call, any one replica; none at all while the engine is scaled to
+        # zero (a scrape would wait for a replica to start, or start one)
+        targets = live_replicas(*where) or (() if await self.scaled_to_zero() else (None,))
 
         async def ask(replica: str | None) -> ReplicaMetrics:
             kwargs = {"replica": replica} if replica else {}
