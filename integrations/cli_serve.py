@@ -131,9 +131,11 @@ def check_reachable(address: str) -> None:
                    f"prints the address to use) or give its address, or omit --address for a local Ray")
 
 
-def http_url(host: str, port: int) -> str:
-    """The service's URL: an IPv6 host in brackets (RFC 3986 section 3.2.2: http://[::1]:8000)."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def http_url(host: str, port: int, tls: bool = False) -> str:
+    """The service's URL: an IPv6 host in brackets (RFC 3986 section 3.2.2: http://[::1]:8000); https
+    when `tls` (http_options.ssl_certfile)."""
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def check_serve_http(http: dict) -> None:
@@ -285,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             return 1
         ready = True
-        print(f"refusion serve: ready at {http_url(http['host'], http['port'])} (Ctrl-C to stop)", flush=True)
+        print(f"refusion serve: ready at {http_url(http['host'], http['port'], bool(http.get('ssl_certfile')))} (Ctrl-C to stop)", flush=True)
         stop.wait()
         drain_s = ServeConfig.model_validate(config).drain_timeout_s
         print(f"refusion serve: draining: running requests get up to {drain_s:g} s (Ctrl-C again: stop now)", flush=True)

@@ -2,8 +2,9 @@
 
 `load_config_file` reads a Ray Serve config file (config/serve.yaml: `applications[0].args` and
 `.deployments`, `http_options`, `proxy_location`) as `serve deploy` reads it, or a bare mapping of
-ServeConfig fields, and names every key Ray Serve would drop or fail on; `merged_config` applies the
-flags (flags win). Every problem is a CLIError naming the flag or key and what to change.
+ServeConfig fields, and names every key Ray Serve would drop or fail on, and every key it knows that
+this command does not apply; `merged_config` applies the flags (flags win). Every problem is a CLIError
+naming the flag or key and what to change.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def load_config_file(path: Path) -> ConfigFile:
     from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
     _check_keys(data, ServeDeploySchema, "")
+    _check_applied(data, "", _TOP_APPLIED, {})
     locations = [location.value for location in ProxyLocation]
     if data.get("proxy_location") is not None and data["proxy_location"] not in locations:
         raise CLIError(f"--config: proxy_location: expected one of {', '.join(locations)}, got {data['proxy_location']!r}")
@@ -70,6 +72,7 @@ def load_config_file(path: Path) -> ConfigFile:
         found = f"{len(apps)} entries" if isinstance(apps, list) else repr(apps)
         raise CLIError(f"--config: applications: must be a list of exactly one application mapping, found {found}")
     _check_keys(apps[0], ServeApplicationSchema, "applications[0].")
+    _check_applied(apps[0], "applications[0].", _APP_APPLIED, _APP_FIXED)
     entries = apps[0].get("deployments") or []
     if not isinstance(entries, list):
         raise CLIError(f"--config: applications[0].deployments: must be a list of mappings with a name, got {entries!r}")
@@ -105,9 +108,36 @@ def load_config_file(path: Path) -> ConfigFile:
                       data.get("proxy_location"), deployments, "applications[0].args.")
 
 
+# What `refusion serve` applies of a Serve config file; the application's name, route prefix and import
+# path are its own (the values config/serve.yaml holds, which `serve deploy` reads too)
+_TOP_APPLIED = {"applications", "http_options", "proxy_location"}
+_APP_APPLIED = {"args", "deployments"}
+_APP_FIXED = {"name": "refusion", "route_prefix": "/", "import_path": "integrations.serve_app:build_app"}
+_INSTEAD = {  # what to do instead of a key `refusion serve` does not apply
+    "runtime_env": "set environment variables in the shell that runs refusion serve (its local Ray's processes "
+                   "inherit them; on a cluster, the application needs them where it is built: use `serve deploy`)",
+    "logging_config": "use --log-level (args.log_level)",
+    "host": "use http_options.host", "port": "use http_options.port",
+}
+
+
+def _check_applied(mapping: dict, where: str, applied: set[str], fixed: dict) -> None:
+    """Raise CLIError for a key Ray Serve knows that `refusion serve` would not apply (it ignored them
+    without a word: a route_prefix of /api still served at /): set to another value than `fixed` holds
+    for it, or set at all when it is neither applied nor fixed."""
+    for key, value in mapping.items():
+        if key in applied or value is None or (key in fixed and value == fixed[key]):
+            continue
+        if key in fixed:
+            raise CLIError(f"--config: {where}{key}: refusion serve deploys {fixed[key]!r}, got {value!r}; drop the "
+                           "key, or deploy this file with `serve deploy` (Ray's CLI), which applies it")
+        instead = _INSTEAD.get(key, "deploy this file with `serve deploy` (Ray's CLI), which applies it")
+        raise CLIError(f"--config: {where}{key}: not applied by refusion serve; drop the key and {instead}")
+
+
 def _check_keys(mapping: dict, schema, where: str) -> None:
     """Raise CLIError for a key Ray Serve's config schema does not have (a typo such as proxy_locaton was
-    silently ignored); keys Serve knows and this command does not apply are left to Serve's own CLI."""
+    silently ignored); keys Serve knows and this command does not apply are refused by `_check_applied`."""
     known = set(getattr(schema, "model_fields", None) or schema.__fields__)
     unknown = sorted(str(k) for k in mapping if k not in known)
     if unknown:
@@ -187,5 +217,5 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
         raise CLIError(f"{where}: expected a host name or address such as 127.0.0.1 or 0.0.0.0, got {host!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise CLIError(f"--config: http_options.port: expected a port number 1-65535, got {port!r}")
-    file.http = {"host": host, "port": port}
+    file.http = {**file.http, "host": host, "port": port}  # (TLS, root_path and timeouts as the file has them)
     return file

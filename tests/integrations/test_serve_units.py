@@ -258,6 +258,55 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     assert router.request_router_kwargs == {"policy": "prefix_affinity", "prefix_tokens": 256, "imbalanced_threshold": 2.0}
 
 
+@pytest.mark.parametrize("key, value, words", [
+    ("route_prefix", "/api", "refusion serve deploys '/'"),
+    ("name", "coder", "refusion serve deploys 'refusion'"),
+    ("import_path", "my_app:build", "refusion serve deploys 'integrations.serve_app:build_app'"),
+    ("runtime_env", {"env_vars": {"A": "1"}}, "set environment variables in the shell"),
+    ("logging_config", {"log_level": "DEBUG"}, "use --log-level"),
+    ("external_scaler_enabled", True, "deploy this file with `serve deploy`"),
+])
+def test_config_keys_refusion_serve_does_not_apply_are_named(tmp_path, key, value, words):
+    """Keys Ray Serve knows but `refusion serve` does not apply were ignored without a word (a route_prefix
+    of /api still served at /, a runtime_env's variables never set): each is a CLIError naming it and
+    what to do instead; the values config/serve.yaml holds (name, route_prefix, import_path) pass."""
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "config" / "serve.yaml").read_text())
+    serve_config_file.load_config_file(REPO / "config" / "serve.yaml")  # (its own values: accepted)
+    shipped["applications"][0][key] = value
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(shipped))
+    with pytest.raises(cli_serve.CLIError, match=f"applications\\[0\\]\\.{key}: ") as err:
+        serve_config_file.load_config_file(path)
+    assert words in str(err.value), str(err.value)
+
+
+def test_config_http_options_reach_serve_whole(tiny_model_dir, tmp_path):
+    """http_options beyond host and port (TLS files, root_path, timeouts) were dropped without a word, so a
+    service configured for TLS served plain HTTP; they now go to serve.start as Ray's HTTPOptions takes
+    them, the flags still setting host and port; top-level keys not applied are refused by name."""
+    import yaml
+    from ray.serve.config import HTTPOptions
+
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    shipped = yaml.safe_load((REPO / "config" / "serve.yaml").read_text())
+    shipped["http_options"].update({"ssl_certfile": "/etc/tls/cert.pem", "ssl_keyfile": "/etc/tls/key.pem",
+                                    "request_timeout_s": 30, "keep_alive_timeout_s": 5})
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(shipped))
+    file = cli_serve.merged_config(parser.parse_args(["--config", str(path), "--model", str(tiny_model_dir), "--port", "9002"]))
+    assert file.http == {"host": "127.0.0.1", "port": 9002, "ssl_certfile": "/etc/tls/cert.pem",
+                         "ssl_keyfile": "/etc/tls/key.pem", "request_timeout_s": 30, "keep_alive_timeout_s": 5}
+    assert HTTPOptions(**file.http).ssl_certfile == "/etc/tls/cert.pem"  # what serve.start builds of them
+    assert cli_serve.http_url("127.0.0.1", 9002, tls=True) == "https://127.0.0.1:9002"
+    shipped["target_capacity"] = 50
+    path.write_text(yaml.safe_dump(shipped))
+    with pytest.raises(cli_serve.CLIError, match="--config: target_capacity: not applied by refusion serve"):
+        serve_config_file.load_config_file(path)
+
+
 def test_config_runner_and_engine_keys_are_checked_when_read(tiny_model_dir):
     """A typo under runner: or engine: is a config error naming the key, not a replica that fails to start."""
     import inspect
