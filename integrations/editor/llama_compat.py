@@ -248,16 +248,25 @@ async def infill(client, body: InfillBody, n_ctx: int, request_id: str, observer
                        outcome, n_ctx=n_ctx)]
     if body.n_cmpl == 1:
         return select_fields(results[0], body.response_fields)
-    results += _other_results(client, job, body, outcome, n_ctx)
+    results += _other_results(client, job, body, outcome, n_ctx, observer, request_id)
     return [select_fields(r, body.response_fields) for r in results]
 
 
-def _other_results(client, job: CompletionJob, body: InfillBody, outcome: CompletionOutcome, n_ctx: int) -> list[dict]:
-    """The results of index 1 to n_cmpl - 1: the candidates other than the chosen one, in gap order."""
-    others = [c for c in outcome.candidates if c.gap != outcome.gap]
+def _other_results(client, job: CompletionJob, body: InfillBody, outcome: CompletionOutcome, n_ctx: int,
+                   observer=None, request_id: str = "") -> list[dict]:
+    """The results of index 1 to n_cmpl - 1: the candidates other than the chosen one, in gap order. The
+    observer counts each as a choice of its own (`<request_id>.<index>`: its generated tokens in usage and
+    the token counter, its mode and tokens per forward), as OpenAI's usage sums n choices."""
+    others = [c for c in outcome.candidates if c.gap != outcome.gap][: body.n_cmpl - 1]
+    if observer is not None:
+        for index, cand in enumerate(others, start=1):
+            stats = {**cand.stats, "generated_tokens": cand.tokens}
+            mode = stats.pop("mode", None)
+            observer.on_delta(Delta(f"{request_id}.{index}", "", [], finished=True, mode=Mode(mode) if mode else None,
+                                    stats=stats))
     return [{**_result(client, job, body, cand.text, cand.token_ids, cand.stop_reason, cand.tokens, outcome, cand,
                        n_ctx), "index": index}
-            for index, cand in enumerate(others[: body.n_cmpl - 1], start=1)]
+            for index, cand in enumerate(others, start=1)]
 
 
 async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, observer=None) -> AsyncIterator[bytes]:
@@ -307,5 +316,5 @@ async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, o
         observer.on_delta(final_delta(request_id, tail, tail_ids, outcome))
     final = _result(client, job, body, tail, tail_ids, outcome.stop_reason, outcome.tokens, outcome, n_ctx=n_ctx)
     yield b"data: " + compact_json(final) + b"\n\n"
-    for other in _other_results(client, job, body, outcome, n_ctx):  # whole: only the chosen one streams
+    for other in _other_results(client, job, body, outcome, n_ctx, observer, request_id):  # whole: only the chosen one streams
         yield b"data: " + compact_json(other) + b"\n\n"

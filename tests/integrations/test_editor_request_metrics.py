@@ -192,8 +192,11 @@ def test_an_infill_logs_the_candidates_it_served(served, log_lines, stream, n_pr
     assert answer.status_code == 200, answer.text
     if stream:
         events = [json.loads(part.removeprefix("data: ")) for part in answer.text.split("\n\n") if part]
-        results = {event["index"] for event in events}
+        results = {event["index"]: event for event in events if event["stop"]}
     else:
-        results = {result["index"] for result in answer.json()}
+        results = {result["index"]: result for result in answer.json()}
     assert len(results) == served_n
-    assert line_of(log_lines, rid)["choices"] == served_n
+    line = line_of(log_lines, rid)
+    assert line["choices"] == served_n
+    # usage sums the results served (it counted the chosen one alone), as OpenAI's sums n choices
+    assert line["completion_tokens"] == sum(r["tokens_predicted"] for r in results.values()), (line, results)
