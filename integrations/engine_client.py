@@ -18,7 +18,7 @@ transport failures never reach front ends raw (Ray's messages name actors, pids 
 Implementations:
   - `LocalEngineClient`: in-process, over a scheduler Engine (tests, tools, single-process serving).
   - `ServeEngineClient` (integrations/serve_engine_client.py): over a Ray Serve deployment handle to
-    `serve_app.EngineDeployment` replicas, streaming with `handle.options(stream=True)`.
+    `serve_engine.EngineDeployment` replicas, streaming with `handle.options(stream=True)`.
 """
 
 from __future__ import annotations

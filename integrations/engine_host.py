@@ -1,5 +1,5 @@
 """Building, warming up and probing one scheduler Engine: shared by the Ray Serve engine replica
-(`serve_app.EngineDeployment`) and in-process hosts (`LocalEngineClient`, tests).
+(`serve_engine.EngineDeployment`) and in-process hosts (`LocalEngineClient`, tests).
 
 Heavy imports (torch through workers.runner) happen inside the functions, so importing this module is cheap.
 """

@@ -1,4 +1,4 @@
-"""The engine client over Ray Serve: calls to `serve_app.EngineDeployment` replicas through a deployment
+"""The engine client over Ray Serve: calls to `serve_engine.EngineDeployment` replicas through a deployment
 handle, streamed with `handle.options(stream=True)` (the interface: integrations/engine_client.py).
 
 Ray's failures become the typed errors front ends know (`replica_call_error`); a request a replica

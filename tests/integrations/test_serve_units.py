@@ -174,7 +174,7 @@ def test_log_level_from_the_config_or_the_flag_filters_the_replicas_lines(tiny_m
     import pydantic
     import structlog
 
-    from integrations.serve_app import set_log_level
+    from integrations.serve_engine import set_log_level
 
     parser = argparse.ArgumentParser()
     cli_serve.add_arguments(parser)
@@ -214,7 +214,7 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     options = ServeConfig.model_validate(config).engine_deployment.ray_options()
     assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
     assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
-    from integrations.serve_app import EngineDeployment  # Ray accepts the options (validated, not deployed)
+    from integrations.serve_engine import EngineDeployment  # Ray accepts the options (validated, not deployed)
 
     deployment = EngineDeployment.options(**options)._deployment_config
     assert (deployment.autoscaling_config.min_replicas, deployment.autoscaling_config.max_replicas) == (1, 3)
@@ -581,7 +581,7 @@ def test_a_bad_setting_names_the_file_and_its_place_and_a_bad_address_is_one_lin
     import sys
 
     served = tmp_path / "serve.yaml"
-    served.write_text("applications:\n- name: x\n  import_path: integrations.serve_app:build_app\n  args:\n    bogus_key: 1\n")
+    served.write_text("applications:\n- name: refusion\n  import_path: integrations.serve_app:build_app\n  args:\n    bogus_key: 1\n")
     bare = tmp_path / "bare.yaml"
     bare.write_text("drain_timeout_s: -1\n")
     for argv, said in ((["--config", str(served)], f"--config {served}: applications[0].args.bogus_key: Extra inputs"),
@@ -834,7 +834,7 @@ def test_caller_requests_keep_a_running_id_when_a_duplicate_call_ends():
     """EngineDeployment's record of each ingress replica's requests (cancelled when that replica dies):
     a second call with an id already running, which the engine refuses, must not drop the running
     request's entry when it ends (a set dropped it; a soak's review)."""
-    from integrations.serve_app import CallerRequests
+    from integrations.serve_engine import CallerRequests
 
     calls = CallerRequests()
     calls.add("ingress-a", "r1")
@@ -954,7 +954,7 @@ async def test_the_smallest_kv_cache_a_config_allows_warms_up_and_a_smaller_budg
 async def test_a_replica_whose_warm_up_failed_shuts_down_cleanly():
     """__init__ can fail after the engine started (the warm-up), before the drain and caller watches
     exist: __del__ must still stop the engine (it raised AttributeError on _drain_watch instead)."""
-    from integrations.serve_app import EngineDeployment
+    from integrations.serve_engine import EngineDeployment
 
     stopped = []
 
@@ -972,7 +972,8 @@ async def test_a_replica_shut_down_during_a_drain_reports_its_end_to_the_drain_s
     """Ray may stop a replica while a drain runs (a scale-down, a replaced version). Its periodic report
     said it still held work; unless it reports again before it goes, the drain waits for a replica that no
     longer exists until its timeout ("drain incomplete"). Both deployments send a last report from __del__."""
-    from integrations.serve_app import EngineDeployment, IngressDeployment
+    from integrations.serve_app import IngressDeployment
+    from integrations.serve_engine import EngineDeployment
 
     reports = []
 
