@@ -18,6 +18,8 @@ and an `error` naming the file line and the field (OpenAI's line validation). Ev
 once; the summary goes to stderr. Interrupted (Ctrl-C, SIGTERM), the lines written so far are whole
 and the summary says how many.
 
+The batch file itself (reading, line checks, the output file) is integrations/batch_file.py.
+
 Each request runs through the same app as `refusion serve` (integrations/openai_api.create_app: every
 field, default and check alike) in this process, on a local engine, with no HTTP server and no Ray:
 httpx's ASGI transport calls the app directly, with the body as JSON text (so NaN, Infinity or a lone
@@ -41,21 +43,9 @@ import time
 import uuid
 from pathlib import Path
 
+from integrations.batch_file import BatchArgumentError, batch_error, check_output, open_output, parse_all, read_lines
 from integrations.cli_generate import DEFAULT_MODEL
 from integrations.engine_host import RUNNER_DTYPES
-from integrations.request_body import check_json_tree
-from integrations.request_limits import MAX_JSON_DEPTH, InputError
-
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
-
-
-class BatchArgumentError(ValueError):
-    """A `refusion run-batch` argument is unusable: `flag` names it."""
-
-    def __init__(self, flag: str, message: str):
-        super().__init__(f"{flag}: {message}")
-        self.flag = flag
-
 
 class BatchOutputError(Exception):
     """The results could not be written (a full disk, a lost mount): the run stops there."""
@@ -165,15 +155,15 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
 
         if not torch.cuda.is_available():
             raise BatchArgumentError("--device", "cuda requested but no CUDA device is available; use --device cpu")
-    _check_output(args.output_file, args.input_file)
+    check_output(args.output_file, args.input_file)
     engine_options = {k: v for k, v in (("max_running", args.max_num_seqs), ("max_queue", args.max_queue)) if v is not None}
     try:
         engine_config(engine_options)  # checked before the model loads
     except EngineConfigError as exc:
         flag = {"max_running": "--max-num-seqs", "max_queue": "--max-queue"}.get(exc.field, exc.field)
         raise BatchArgumentError(flag, str(exc).split(": ", 1)[-1]) from None
-    lines = _read_lines(args.input_file)
-    requests = _parse_all(lines)
+    lines = read_lines(args.input_file)
+    requests = parse_all(lines)
     progress.requests = len(requests)
     options = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
     try:
@@ -187,7 +177,7 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     settings = APISettings(model_name=name, model_aliases=tuple(aliases), decode_defaults=card["defaults"], limits=limits)
     app = create_app(settings, LocalEngineClient(engine, tokenizer, name))
     await asyncio.sleep(0)  # a signal that came while the model loaded stops the run here, output untouched
-    output = _open_output(args.output_file)  # only now: a refused run leaves an existing file as it was
+    output = open_output(args.output_file)  # only now: a refused run leaves an existing file as it was
     await engine.start()
     progress.started = time.monotonic()
     answered = False
@@ -206,108 +196,6 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
                 if answered:  # (else the run is ending on an error already: a failed write, an interrupt)
                     raise
     return progress
-
-
-def _read_lines(path: str) -> list[tuple[int, bytes]]:
-    """(file line number, bytes) of every non-blank line; lines end at b"\\n" only (U+2028 and the like
-    are text inside a JSON string), a leading UTF-8 BOM is dropped."""
-    try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise BatchArgumentError("--input-file", f"cannot read {path}: {exc.strerror or exc}") from None
-    data = data.removeprefix(b"\xef\xbb\xbf")
-    return [(k, line.rstrip(b"\r")) for k, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
-
-
-def _check_output(path: str, input_path: str) -> None:
-    """Refuse an output the run could not write, before the model loads (the file is not touched)."""
-    if path == "-":
-        return
-    target = Path(path)
-    if input_path != "-" and _same_file(target, Path(input_path)):
-        raise BatchArgumentError("--output-file", "is the input file: write the results elsewhere")
-    if target.is_dir():
-        raise BatchArgumentError("--output-file", f"{path} is a directory: name a file")
-    folder = target.parent
-    if not folder.is_dir():
-        raise BatchArgumentError("--output-file", f"{folder} does not exist: create it or write elsewhere")
-    if not os.access(target if target.exists() else folder, os.W_OK):
-        raise BatchArgumentError("--output-file", f"cannot write {path}: permission denied")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two existing paths are one file: the same path, a symlink or a hard link (which comparing
-    resolved paths cannot see)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return False
-
-
-def _open_output(path: str):
-    if path == "-":
-        return sys.stdout
-    try:
-        return open(path, "w", encoding="utf-8")
-    except OSError as exc:
-        raise BatchArgumentError("--output-file", f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _parse_all(lines: list[tuple[int, bytes]]) -> list[dict]:
-    seen: set[str] = set()
-    return [_parse(number, line, seen) for number, line in lines]
-
-
-def _parse(number: int, raw: bytes, seen: set[str]) -> dict:
-    """The request of file line `number`, or {"custom_id"?, "error"} naming what is wrong with it."""
-    try:
-        request = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return {"error": _error("invalid_json", f"line {number}: not UTF-8 (byte {exc.start + 1} of the line)")}
-    except ValueError as exc:
-        return {"error": _error("invalid_json", f"line {number}: not JSON ({exc})")}
-    except RecursionError:  # Python's decoder recurses per level: ~1,000 levels exhaust it
-        return {"error": _error("invalid_json", f"line {number}: nests arrays/objects deeper than "
-                                                f"{MAX_JSON_DEPTH} levels: flatten it")}
-    if not isinstance(request, dict):
-        return {"error": _error("invalid_request", f"line {number}: must be a JSON object")}
-    custom_id = request.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        return {"error": _error("invalid_request", f"line {number}: custom_id must be a non-empty string")}
-    if not _is_text(custom_id):
-        return {"error": _error("invalid_request", f"line {number}: custom_id is not valid Unicode text "
-                                                    "(a lone surrogate)")}
-    problem = None
-    if custom_id in seen:
-        problem = f"custom_id {custom_id!r} is used by an earlier line: give each request its own"
-    elif request.get("method") != "POST":
-        problem = f"method must be \"POST\", got {request.get('method')!r}"
-    elif request.get("url") not in URLS:
-        problem = f"url must be one of {', '.join(URLS)}, got {request.get('url')!r}"
-    elif not isinstance(request.get("body"), dict):
-        problem = "body must be a JSON object (the request body of `url`)"
-    elif request["body"].get("stream"):
-        problem = "body.stream: a batch does not stream; drop it or set it to false"
-    else:
-        unknown = sorted(set(request) - {"custom_id", "method", "url", "body"})
-        problem = f"{unknown[0]}: unknown field of a batch line (custom_id, method, url, body)" if unknown else None
-        try:
-            check_json_tree(request["body"])  # as the HTTP API checks a body; json.dumps then cannot recurse too deep
-        except InputError as exc:
-            where = "body" if exc.field == "body" else f"body.{exc.field}"
-            problem = problem or f"{where}: {exc.message}"
-    seen.add(custom_id)
-    if problem:
-        return {"custom_id": custom_id, "error": _error("invalid_request", f"line {number}: {problem}")}
-    return request
-
-
-def _is_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class BatchRun:
@@ -374,7 +262,7 @@ class BatchRun:
         detail = detail if isinstance(detail, dict) else {}
         error = None
         if response.status_code >= 400:
-            error = _error(detail.get("code") or detail.get("type") or str(response.status_code),
+            error = batch_error(detail.get("code") or detail.get("type") or str(response.status_code),
                            detail.get("message") or response.text)
         data = {"status_code": response.status_code, "request_id": response.request.headers["x-request-id"],
                 "body": _json(response)}
@@ -408,10 +296,6 @@ def _json(response) -> dict:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
-
-
-def _error(code: str, message: str) -> dict:
-    return {"code": code, "message": message}
 
 
 def _result(custom_id: str | None, response: dict | None, error: dict | None) -> dict:
