@@ -36,7 +36,7 @@ from pathlib import Path
 from integrations.engine_host import RUNNER_DTYPES
 from integrations.request_id_guard import PROXY_CALLBACK
 from integrations.serve_config import DEFAULT_MODEL
-from integrations.serve_config_file import CLIError, merged_config
+from integrations.serve_config_file import CLIError, ConfigFile, merged_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,55 +195,69 @@ def _setting(args: argparse.Namespace, file, error: dict) -> tuple[str, str]:
     return key or "config", message
 
 
-def run(args: argparse.Namespace) -> int:
-    import ray
+def checked_setup(args: argparse.Namespace) -> ConfigFile | None:
+    """The flags and config file merged and checked before anything starts: the settings, the
+    deployments' options, the model directory and its decode defaults, and the cluster address or the
+    local port. None, after one line per problem on stderr naming the flag or key, when one is wrong."""
     from pydantic import ValidationError
-    from ray import serve
-    from ray.serve import api as serve_api
 
     from decoding.params import DecodeParamError, DecodeParams, load_model_defaults
     from integrations.serve_app import application
     from integrations.serve_config import ServeConfig
-    from integrations.serve_drain import drain_app, drain_signal
-    from integrations.serve_start import DeployError, deploy, serve_status
     from workers.loader import ModelDirError, check_model_dir
 
     file = None
     try:
         file = merged_config(args)
-        config, http = file.args, file.http
-        application(config, file.deployments)  # validate before starting Ray
+        application(file.args, file.deployments)  # validate before starting Ray
     except CLIError as exc:
         print(f"refusion serve: {exc}", file=sys.stderr)
-        return 2
+        return None
     except ValidationError as exc:
         for error in exc.errors():
             where, message = _setting(args, file, error)
             print(f"refusion serve: {where}: {message}", file=sys.stderr)
-        return 2
+        return None
     except (TypeError, ValueError, ImportError) as exc:  # what Deployment.options() refuses, from `deployments:`
         # (ImportError: an autoscaling policy_function that does not import)
         print(f"refusion serve: --config: applications[0].deployments: {exc}".splitlines()[0], file=sys.stderr)
-        return 2
+        return None
     try:  # seconds here, where a broken directory failed each replica after a minute of tracebacks
-        model_dir = ServeConfig.model_validate(config).model
+        model_dir = ServeConfig.model_validate(file.args).model
         check_model_dir(model_dir)
         DecodeParams.from_dict(load_model_defaults(model_dir))  # the decode defaults every request starts from
     except ModelDirError as exc:
         print(f"refusion serve: --model: {exc}", file=sys.stderr)
-        return 2
+        return None
     except DecodeParamError as exc:
         print(f"refusion serve: --model: {Path(model_dir) / 'refusion.json'}: {str(exc).removeprefix('refusion.json: ')}",
               file=sys.stderr)
-        return 2
+        return None
     try:
         if args.address:
             check_reachable(args.address)
         else:  # a local Ray: its proxy will listen here (on a cluster, on the cluster's nodes)
-            check_bindable(http["host"], http["port"])
+            check_bindable(file.http["host"], file.http["port"])
     except CLIError as exc:
         print(f"refusion serve: {exc}", file=sys.stderr)
+        return None
+    return file
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+    from ray.serve import api as serve_api
+
+    from integrations.serve_app import application
+    from integrations.serve_config import ServeConfig
+    from integrations.serve_drain import drain_app, drain_signal
+    from integrations.serve_start import DeployError, deploy, serve_status
+
+    file = checked_setup(args)
+    if file is None:
         return 2
+    config, http = file.args, file.http
     stop, stop_now = threading.Event(), threading.Event()
 
     def on_signal(*_):  # the first signal drains; a second one stops without waiting
