@@ -75,12 +75,26 @@ def row_cross_entropy(model, t: dict, rows, decoder=None):
     # use_cache=False: no KV cache object in training. The 4D mask is required: without it transformers
     # reads position jumps as packed-sequence boundaries and cuts attention inside an example.
     inputs = {k: t[k] for k in ("input_ids", "position_ids", "attention_mask")} | {"use_cache": False}
+    inputs["attention_mask"] = _mask_for(model, t["attention_mask"])
     if hasattr(model, "model") and hasattr(model, "lm_head"):
         hidden = (model.model if decoder is None else decoder)(**inputs).last_hidden_state  # [R, L, H]
         logits = model.lm_head(hidden.flatten(0, 1).index_select(0, rows))  # [n_rows, V]
     else:
         logits = model(**inputs).logits.flatten(0, 1).index_select(0, rows)  # [n_rows, V]
     return F.cross_entropy(logits.float(), t["labels"].flatten().index_select(0, rows), reduction="none")
+
+
+def _mask_for(model, mask):
+    """The 4D boolean mask [R, 1, L, L] (True: attend) as the model's attention takes it: SDPA and flex take
+    it as it is; transformers' eager attention adds a 4D mask to the scores, so it gets the additive
+    form (0 where attended, the dtype's minimum elsewhere), else True/False were added as 1/0 and
+    nothing was masked (examples packed in a row saw each other)."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "eager":
+        return mask
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def objective_loss(model, batch: PackedBatch, decoder=None):

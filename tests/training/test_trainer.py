@@ -179,6 +179,23 @@ def test_examples_packed_in_one_row_do_not_see_each_other():
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
 
 
+def test_eager_attention_masks_as_sdpa_does():
+    """transformers' eager attention adds a 4D mask to the scores: the trainer's boolean mask was added as
+    1/0, masking nothing (a packed row's examples saw each other; losses differed from SDPA's by ~0.1).
+    The same weights and batch give the same losses under both."""
+    model = _tiny_qwen3(4)
+    first = build_example([1, 2, 3], [4, 5, 6], random.Random(6), mask_token_id=MASK, eos_token_id=EOS)
+    later = build_example([7, 8], list(range(10, 22)), random.Random(5), mask_token_id=MASK, eos_token_id=EOS)
+    t = pack_one_batch([first, later], row_len=32).tensors("cpu")
+    rows = torch.nonzero((t["weights"] > 0).flatten())[:, 0]
+    losses = {}
+    for implementation in ("sdpa", "eager"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            losses[implementation] = row_cross_entropy(model, t, rows)
+    assert torch.allclose(losses["sdpa"], losses["eager"], atol=1e-5), (losses["sdpa"] - losses["eager"]).abs().max()
+
+
 def test_position_jumps_do_not_cut_attention():
     # Without an explicit attention mask transformers reads a position jump as a new packed sequence;
     # the last row must still see the first token when clean slots sit out of order.
