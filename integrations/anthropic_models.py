@@ -27,11 +27,12 @@ SDK's tool runner and threads send the whole conversation without `thread` (its 
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
+from integrations.anthropic_content import (block_texts, chat_response_format, chat_tool, chat_tool_choice, message_blocks,
+                                            system_text, unanswered)
 from integrations.http_errors import validation_field, validation_message
 from integrations.openai_body import ExtensionsBody, OpenAIBody
 from integrations.openai_models import ChatCompletionRequest
@@ -101,10 +102,10 @@ class MessagesBody(OpenAIBody):
         messages, continue_final = self._messages()
         body: dict[str, Any] = {"messages": messages, "continue_final_message": continue_final}
         if self.tools:
-            body["tools"] = [_tool(t, k) for k, t in enumerate(self.tools)]
+            body["tools"] = [chat_tool(t, k) for k, t in enumerate(self.tools)]
         if self.tool_choice is not None:
             names = [t.get("name") for t in self.tools or []]
-            body["tool_choice"], parallel = _tool_choice(self.tool_choice, names)
+            body["tool_choice"], parallel = chat_tool_choice(self.tool_choice, names)
             if parallel is False:
                 body["parallel_tool_calls"] = False
         config = self.output_config or {}
@@ -114,7 +115,7 @@ class MessagesBody(OpenAIBody):
         if config.get("effort") is not None and config["effort"] not in EFFORTS:
             raise InputError(400, "output_config.effort", f"must be one of {', '.join(EFFORTS)} (ignored here)")
         if config.get("format") is not None:
-            body["response_format"] = _output_format(config["format"])
+            body["response_format"] = chat_response_format(config["format"])
         body["model"] = self.model
         return body
 
@@ -123,7 +124,7 @@ class MessagesBody(OpenAIBody):
         for tool use: ids are unique, and every tool_use of an assistant message is answered by a
         tool_result in the next user message (system messages between them aside), which answers
         nothing else."""
-        out = [{"role": "system", "content": _system_text(self.system)}] if self.system else []
+        out = [{"role": "system", "content": system_text(self.system)}] if self.system else []
         seen: set[str] = set()  # every tool_use id so far
         open_uses: dict[str, int] = {}  # tool_use id -> index of its assistant message, not answered yet
         for k, message in enumerate(self.messages):
@@ -139,18 +140,18 @@ class MessagesBody(OpenAIBody):
                 raise InputError(400, f"messages.{k}.content", "must not be empty (Anthropic's rule): send text or "
                                  "blocks, or drop the message")
             if role == "system":  # a system message within the conversation (Claude Code sends them)
-                out.append({"role": "system", "content": _texts(content, f"messages.{k}.content")})
+                out.append({"role": "system", "content": block_texts(content, f"messages.{k}.content")})
                 continue
             if role == "assistant" and open_uses:
-                _unanswered(open_uses)
+                unanswered(open_uses)
             if isinstance(content, str):
                 out.append({"role": role, "content": content})
             elif isinstance(content, list):
-                out += _blocks(role, content, k, seen, open_uses)
+                out += message_blocks(role, content, k, seen, open_uses)
             else:
                 raise InputError(400, f"messages.{k}.content", "must be a string or a list of content blocks")
             if role == "user" and open_uses:
-                _unanswered(open_uses)
+                unanswered(open_uses)
         if open_uses:
             raise InputError(400, f"messages.{max(open_uses.values())}.content", "ends with a tool_use: send its "
                              "tool_result in a user message after it")
@@ -204,177 +205,3 @@ def _validated(body: dict, max_stops: int = 4) -> ChatCompletionRequest:
         error = exc.errors(include_url=False, include_input=False)[0]
         field = messages_field(validation_field(tuple(error["loc"]))) or "body"
         raise InputError(400, field, validation_message(error)) from None
-
-
-def _system_text(system) -> str:
-    """The top-level system prompt: a string, or text blocks joined by newlines."""
-    if isinstance(system, str):
-        return system
-    return "\n".join(_text_of(block, f"system.{i}") for i, block in enumerate(system))
-
-
-def _texts(content, field: str) -> str:
-    """A string, or the text of a list of text blocks joined by newlines (a system message within the
-    conversation, as the top-level system's blocks)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InputError(400, field, "must be a string or a list of text blocks")
-    return "\n".join(_text_of(block, f"{field}.{i}") for i, block in enumerate(content))
-
-
-def _text_of(block, field: str, nonempty: bool = True) -> str:
-    """A text block's text. Raises InputError naming what is wrong with it: Anthropic's API refuses an
-    empty text block ("text content blocks must be non-empty"), except here within a tool_result
-    (`nonempty` False: a tool may print nothing)."""
-    if not isinstance(block, dict):
-        raise InputError(400, field, f"must be a text block ({{'type': 'text', 'text': ...}}), got a {type(block).__name__}")
-    if block.get("type") != "text":
-        raise InputError(400, f"{field}.type", f"only text blocks are supported here, got {block.get('type')!r}")
-    if not isinstance(block.get("text"), str):
-        raise InputError(400, f"{field}.text", "must be a string")
-    if nonempty and not block["text"]:
-        raise InputError(400, f"{field}.text", "must not be empty (Anthropic's rule: text content blocks must be "
-                         "non-empty): drop the block")
-    return block["text"]  # other fields of a block (cache_control, citations, newer ones an SDK echoes) are ignored
-
-
-def _unanswered(open_uses: dict[str, int]) -> None:
-    """Raise the 400 of tool_use blocks whose tool_result the next user message does not carry."""
-    ids = ", ".join(repr(i) for i in open_uses)
-    raise InputError(400, f"messages.{min(open_uses.values())}.content", f"tool_use ids {ids} have no tool_result in "
-                     "the next user message: answer every tool_use there (Anthropic's rule)")
-
-
-def _blocks(role: str, blocks: list, k: int, seen: set[str], open_uses: dict[str, int]) -> list[dict]:
-    """One message's content blocks as chat messages: text (and, from the assistant, its tool calls) in
-    one message; each tool_result a tool message, in the order written."""
-    out: list[dict] = []
-    text: list[str] = []
-    calls: list[dict] = []
-
-    def flush():
-        if text or calls:
-            message = {"role": role, "content": "".join(text) if text else None}
-            if calls:
-                message["tool_calls"] = list(calls)
-            out.append(message)
-            text.clear()
-            calls.clear()
-
-    for i, block in enumerate(blocks):
-        field = f"messages.{k}.content.{i}"
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" or not isinstance(block, dict):
-            text.append(_text_of(block, field))
-        elif kind == "tool_use" and role == "assistant":
-            calls.append(_tool_use(block, field, seen))
-            open_uses[block["id"]] = k
-        elif kind == "tool_result" and role == "user":
-            flush()
-            out.append(_tool_result(block, field, open_uses))
-        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
-            continue  # an earlier turn's thinking, sent back by an agent: nothing to render
-        elif kind in ("tool_use", "tool_result"):
-            raise InputError(400, f"{field}.type", f"{kind} blocks belong in "
-                             f"{'assistant' if kind == 'tool_use' else 'user'} messages")
-        elif kind is None:
-            raise InputError(400, f"{field}.type", "is missing: each content block needs a type (text, tool_use, "
-                             "tool_result)")
-        else:
-            raise InputError(400, f"{field}.type", f"{kind!r} blocks are not supported here; send text, tool_use "
-                             "and tool_result blocks")
-    flush()
-    return out
-
-
-def _tool_use(block: dict, field: str, seen: set[str]) -> dict:
-    for name in ("id", "name"):
-        if not isinstance(block.get(name), str) or not block[name]:
-            raise InputError(400, f"{field}.{name}", "must be a non-empty string")
-    if not isinstance(block.get("input"), dict):
-        raise InputError(400, f"{field}.input", "must be an object (the tool's arguments)")
-    if block["id"] in seen:
-        raise InputError(400, f"{field}.id", f"tool_use id {block['id']!r} is used twice: give each tool_use its own id")
-    seen.add(block["id"])
-    return {"id": block["id"], "type": "function",
-            "function": {"name": block["name"], "arguments": json.dumps(block["input"], ensure_ascii=False)}}
-
-
-def _tool_result(block: dict, field: str, open_uses: dict[str, int]) -> dict:
-    call_id = block.get("tool_use_id")
-    if not isinstance(call_id, str) or call_id not in open_uses:
-        raise InputError(400, f"{field}.tool_use_id", f"{call_id!r} is not a tool_use of the assistant message "
-                         "before this one still to be answered: send that message (nothing is stored here), and "
-                         "answer each tool_use once")
-    del open_uses[call_id]
-    if block.get("is_error") is not None and not isinstance(block["is_error"], bool):
-        raise InputError(400, f"{field}.is_error", "must be a boolean")
-    content = block.get("content", "")
-    if isinstance(content, list):
-        content = "".join(_text_of(part, f"{field}.content.{j}", nonempty=False) for j, part in enumerate(content))
-    elif not isinstance(content, str):
-        raise InputError(400, f"{field}.content", "must be a string or a list of text blocks")
-    return {"role": "tool", "tool_call_id": call_id, "content": content}
-
-
-# A custom tool's fields; cache_control is accepted and ignored, defer_loading (Anthropic's tool search,
-# not offered) only false: every tool is in the prompt. input_examples would change what the model sees
-# and is not rendered, so it is refused as an unknown field.
-_TOOL_FIELDS = ("type", "name", "description", "input_schema", "strict", "cache_control", "defer_loading")
-
-
-def _tool(tool: dict, k: int) -> dict:
-    if tool.get("type") not in (None, "custom"):
-        raise InputError(400, f"tools.{k}.type", f"{tool.get('type')!r} tools are Anthropic's server or built-in "
-                         "tools and are not offered here; define custom tools ({'name': ..., 'input_schema': {...}})")
-    unknown = sorted(set(tool) - set(_TOOL_FIELDS))
-    if unknown:
-        raise InputError(400, f"tools.{k}.{unknown[0]}", f"unknown field of a tool ({', '.join(_TOOL_FIELDS)})")
-    if tool.get("defer_loading") not in (None, False):
-        raise InputError(400, f"tools.{k}.defer_loading", "only false: there is no tool search here, so every tool is "
-                         "loaded into the prompt")
-    if not isinstance(tool.get("input_schema"), dict):
-        raise InputError(400, f"tools.{k}.input_schema", "is required: the JSON schema (an object) of the tool's input")
-    function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
-    for key in ("description", "strict"):
-        if tool.get(key) is not None:
-            function[key] = tool[key]
-    return {"type": "function", "function": function}
-
-
-def _tool_choice(choice: dict, tool_names: list) -> tuple[str | dict, bool | None]:
-    """(the chat tool_choice, parallel_tool_calls: False when disable_parallel_tool_use, else None)."""
-    kind = choice.get("type")
-    unknown = sorted(set(choice) - {"type", "name", "disable_parallel_tool_use"})
-    if unknown:
-        raise InputError(400, f"tool_choice.{unknown[0]}", "unknown field of tool_choice")
-    disable = choice.get("disable_parallel_tool_use")
-    if disable is not None and not isinstance(disable, bool):
-        raise InputError(400, "tool_choice.disable_parallel_tool_use", "must be a boolean")
-    parallel = False if disable else None
-    if kind not in ("auto", "any", "tool", "none"):
-        raise InputError(400, "tool_choice.type", f'must be "auto", "any", "tool" or "none", got {kind!r}')
-    if kind in ("any", "tool") and not tool_names:
-        raise InputError(400, "tool_choice", f'"{kind}" needs `tools`: list the tools, or leave tool_choice out')
-    if kind == "auto":
-        return "auto", parallel
-    if kind == "any":
-        return "required", parallel
-    if kind == "none":
-        return "none", None
-    if not isinstance(choice.get("name"), str) or not choice["name"]:
-        raise InputError(400, "tool_choice.name", 'a "tool" choice names the tool: {"type": "tool", "name": ...}')
-    if choice["name"] not in tool_names:
-        raise InputError(400, "tool_choice.name", f"{choice['name']!r} is not in `tools` ({', '.join(map(str, tool_names))}): "
-                         "name one of them")
-    return {"type": "function", "function": {"name": choice["name"]}}, parallel
-
-
-def _output_format(fmt) -> dict:
-    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
-        raise InputError(400, "output_config.format", 'use {"type": "json_schema", "schema": {...}}')
-    unknown = sorted(set(fmt) - {"type", "schema"})
-    if unknown:
-        raise InputError(400, f"output_config.format.{unknown[0]}", "unknown field of a format (type, schema)")
-    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
