@@ -24,30 +24,27 @@ given after launch (Segment.deferred_mask; `deferred_bitmask`), once the token i
 Should that token bring forced tokens, the step planned ahead has fed it at the wrong moment for a
 read: its read is discarded (a forward without a read, as a forced-token chunk's), and the step after
 it, planned ahead from the host, feeds the forced run and reads after it, as a serial step would.
+
+Parts: the states (decoding/ar_phase.py), steps planned ahead under asynchronous scheduling
+(decoding/ar_ahead.py), the logit bias with penalties and bans (decoding/logit_bias.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections import Counter
-from enum import Enum
 
 from decoding.api import DecodeStats, Handoff
+from decoding.ar_ahead import ARPlanAhead
+from decoding.ar_phase import ARPhase
 from decoding.context import start_context
 from decoding.grammar import TokenConstraint
+from decoding.logit_bias import LogitBias
 from decoding.params import DecodeParams
-from workers.batch import TOKEN_BAN, FeedbackPenalty, Reads, Sampling, Segment, SegmentResult, TokenLogprob
+from workers.batch import Reads, Sampling, Segment, SegmentResult, TokenLogprob
 
 
-
-class ARPhase(Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-    FINISHED = "finished"
-
-
-class ARDecoder:
+class ARDecoder(ARPlanAhead):
     """Autoregressive state machine for one request (implements decoding.api.Decoder)."""
 
     def __init__(
@@ -78,11 +75,7 @@ class ARDecoder:
         # params.logprobs set: TokenLogprob of prior_ids + generated (the handed-off ones first)
         self.logprobs: list[TokenLogprob] = list(h.generated_logprobs) if h else []
         self.gen_cached = 0  # generated tokens whose KV is in the cache
-        self._counts: Counter | None = None  # penalties: counts of prior_ids + generated[:_counted]
-        self._counted = 0
-        # penalties: the logit_bias entries of tokens not counted yet, and each counted token's bias
-        self._uncounted: dict[int, float] = {}
-        self._penalized: dict[int, float] = {}
+        self._bias = LogitBias(params)  # the client's logit_bias, the penalties, the bans (_logit_bias)
         self.phase = ARPhase.PREFILL if self.span > 0 else ARPhase.FINISHED
         self._in_flight: Segment | None = None
         self._ahead: Segment | None = None  # planned while _in_flight runs (plan_ahead); in flight after it
@@ -184,125 +177,6 @@ class ARDecoder:
         self._in_flight = Segment(self.seq_id, self.cache_len, forced[:budget], positions[:budget], budget,
                                   sampling=self._sampling())
         return self._in_flight
-
-    def plan_ahead(self, budget: int = 1) -> Segment | None:
-        """The step after the one in flight, stated before that one's result is back (asynchronous
-        scheduling, scheduler.engine; vLLM's async scheduling).
-
-        After a decode step or the first generation step (its context and the mask that reads the first
-        token): one token, at the next position, the token the step in flight reads, which the runner
-        takes from that step's read on the device (Segment.feedback); its draws are keyed by the step
-        counter that step will have (`_sampling`). A logit bias and an EOS ban (ignore_eos, min_tokens)
-        carry over: they depend on how many tokens are generated, not on which (so benchmark clients that
-        send vLLM's ignore_eos keep the pipeline). Presence and frequency penalties carry over too: those
-        of the tokens on the host in the bias, the fed-back token's own added on the device
-        (Segment.feedback_penalty).
-        After a prompt chunk (a prompt longer than the step budget): the next chunk, or the first
-        generation step, exactly as `next_segment(budget)` will state it once the chunk is absorbed (the
-        prompt is on the host; `budget`: the step's tokens left).
-        With a grammar, the step's bitmask is given after launch (Segment.deferred_mask), from
-        `deferred_bitmask` once the step in flight is absorbed. When the step in flight feeds a token
-        that brought forced tokens (its read is discarded), the step after it is known on the host: the
-        forced run, kept, and a read after it under the grammar's bitmask, as `next_segment` will state
-        it (no feedback). A grammar request sits the step out (`sits_out_ahead`) when the step in flight
-        is a prompt chunk or a forced-token chunk, or when such a forced run does not fit `budget`.
-        None when the next step depends on the step in flight's token on the host: prompt scoring (its
-        chunks read the prompt); when the step in flight may be the last (it reads the span's last
-        token); or when a step is planned ahead already. The next
-        `absorb` takes the result of the step in flight; the one after takes this step's. If the step in
-        flight ends the request (EOS), this step is wasted: the caller drops its result and frees its
-        KV, as for a cancel."""
-        seg, p = self._in_flight, self.params
-        if seg is None or self._ahead is not None or self._catch_up or self.sits_out_ahead(budget):
-            return None
-        if self._moot:  # the forced run after the token the step in flight feeds, then a read
-            forced = self.generated[self.gen_cached + 1:]
-            start = self.gen_start + self.gen_cached + 1
-            self._ahead = self._segment(forced, list(range(start, start + len(forced))), len(forced),
-                                        seg.context_len + seg.num_kept)
-            return self._ahead
-        if self.phase is ARPhase.PREFILL and not self._first_step:
-            return self._prefill_ahead(seg, budget)
-        first = self.phase is ARPhase.PREFILL and self._first_step  # the first generation step is in flight
-        decoding = self.phase is ARPhase.DECODE and bool(seg.reads)  # (a grammar's forced run fed before its read too)
-        if not (first or decoding) or len(self.generated) + 1 >= self.span:
-            return None
-        position = self.gen_start + len(self.generated)  # the token the step in flight reads goes here
-        reads = Reads(argmax=(0,)) if p.temperature == 0 else Reads(sample=(0,))
-        sampling = Sampling(p.temperature, p.top_k, p.top_p, p.min_p, p.seed,
-                            step=self.stats.forwards + 1 - self._catch_up_forwards)
-        bias = self._logit_bias(in_flight=1)
-        penalty = None
-        if p.presence_penalty or p.frequency_penalty:  # (_logit_bias counted the tokens on the host)
-            penalty = FeedbackPenalty(p.presence_penalty, p.frequency_penalty, len(bias) - len(self._penalized))
-        # (the step in flight keeps its num_kept tokens: the last generated one, or the first step's context)
-        self._ahead = Segment(self.seq_id, seg.context_len + seg.num_kept, [0], [position], 1, reads,
-                              sampling=sampling, logprobs=p.logprobs, logit_bias=bias, feedback=True,
-                              feedback_penalty=penalty, deferred_mask=self.constraint is not None)
-        return self._ahead
-
-    def sits_out_ahead(self, budget: int = 1) -> bool:
-        """Whether a grammar request plans no step ahead now but can be planned from the host once its
-        step in flight is absorbed (scheduler.Scheduler.plan_ahead leaves it out of the step planned
-        ahead, and the others keep the pipeline): the step in flight is a prompt chunk or a chunk of
-        forced tokens, or its read is discarded (the token it feeds brought forced tokens) and that
-        forced run and a read do not fit `budget` (a catch-up chunk comes first)."""
-        if self.constraint is None or self._in_flight is None:
-            return False
-        forced = len(self.generated) - self.gen_cached - 1  # (with _moot: the run after the fed token)
-        return bool(self._catch_up) or self.chunk_in_flight or (self._moot and forced + 1 > budget)
-
-    def deferred_bitmask(self, segment: Segment) -> bytes | None:
-        """The token bitmask of `segment`, the step in flight that plan_ahead stated with deferred_mask,
-        once the step before it is absorbed: the grammar's state after the token it feeds
-        (workers.runner.ModelRunner.finish_reads). None (every token) when its read is discarded or the
-        request finished. Raises RuntimeError for another segment; DecodeParamError when the grammar
-        allows no token (decoding.grammar.TokenConstraint.bitmask)."""
-        if segment is not self._in_flight or not segment.deferred_mask:
-            raise RuntimeError(f"{self.seq_id}: deferred_bitmask asks for the step in flight with deferred_mask")
-        if self._moot or self.finished:
-            return None
-        return self.constraint.bitmask()
-
-    def _prefill_ahead(self, chunk: Segment, budget: int) -> Segment | None:
-        """The step after the prompt chunk in flight (`plan_ahead`): next_segment's prefill branch on the
-        context left once that chunk is consumed."""
-        if self.feed.scoring or self.span <= 0:  # (scored chunks read the prompt from the feed's cursor)
-            return None
-        tokens, positions = self.feed.peek(self.feed.pending)
-        tokens, positions = tokens[self._context_in_flight:], positions[self._context_in_flight:]
-        # (no forced tokens: a grammar request sits prompt chunks out, sits_out_ahead)
-        self._ahead, self._ahead_prefill = self._context_step(tokens, positions, [], [],
-                                                              chunk.context_len + chunk.num_kept, max(1, budget))
-        return self._ahead
-
-    @property
-    def chunk_in_flight(self) -> bool:
-        """Whether the step in flight is a prompt chunk (before the first generation step)."""
-        return self._in_flight is not None and self.phase is ARPhase.PREFILL and not self._first_step
-
-    def ends_with_step_in_flight(self) -> bool:
-        """Whether the step in flight reads the span's last token: nothing follows it (plan_ahead returns
-        None; the scheduler then plans nothing for this request rather than drain the pipeline)."""
-        return self._in_flight is not None and self.phase is not ARPhase.FINISHED and self._catch_up == 0 and (
-            self.phase is ARPhase.DECODE or self._first_step) and len(self.generated) + 1 >= self.span
-
-    def drop_ahead(self, segment: Segment) -> None:
-        """Forget `segment`, a step `plan_ahead` stated that will not run (not launched, or abandoned); the next
-        step is planned by next_segment from the state the absorbed results left."""
-        if self._ahead is segment:
-            self._ahead, self._ahead_prefill = None, None
-        elif self._in_flight is segment:
-            self._in_flight, self._moot = None, False  # (the token it fed is fed again, with the forced run)
-
-    def host_segment(self, segment: Segment) -> Segment:
-        """A step `plan_ahead` stated, with its fed-back token given from the host: the first generated
-        token without KV, once the step before it is absorbed (the engine re-runs a failed step so), its
-        logit bias counting it, and a deferred mask given (`deferred_bitmask`)."""
-        mask = self.deferred_bitmask(segment) if segment.deferred_mask else None
-        return dataclasses.replace(segment, token_ids=[self.generated[self.gen_cached]], feedback=False,
-                                   feedback_penalty=None, logit_bias=self._logit_bias(), token_bitmask=mask,
-                                   deferred_mask=False)
 
     def absorb(self, result: SegmentResult) -> None:
         segment, self._in_flight, self._ahead = self._in_flight, self._ahead, None
@@ -416,42 +290,10 @@ class ARDecoder:
                        token_bitmask=mask, logprobs=self.params.logprobs, logit_bias=self._logit_bias())
 
     def _logit_bias(self, in_flight: int = 0) -> tuple[tuple[int, float], ...]:
-        """OpenAI's logit_bias plus the presence and frequency penalties of the text so far (handed-off
-        text included), and bans (TOKEN_BAN, replacing the token's bias): each generated token's logit
-        loses presence + frequency x its count; the mask token is banned always (it is an input marker,
-        never text: the shipped model sampled it at temperature 0.7; the runner leaves it out of the top
-        alternatives too, workers.results.token_logprobs), and EOS under vLLM's ignore_eos or while fewer
-        than min_tokens are generated.
-        `in_flight`: generated tokens not yet on the host (plan_ahead's one), counted for min_tokens;
-        the penalties are of the tokens on the host (the runner adds the one in flight's:
-        Segment.feedback_penalty). With penalties, the pairs of tokens not generated come first."""
-        p = self.params
-        ban_eos = p.ignore_eos or len(self.generated) + in_flight < p.min_tokens
-        banned = (p.mask_token_id, *p.ends) if ban_eos else (p.mask_token_id,)
-        user = p.logit_bias or {}
-        if not (p.presence_penalty or p.frequency_penalty):
-            return tuple({**user, **dict.fromkeys(banned, TOKEN_BAN)}.items())
-        # Counted as tokens arrive, and only their entries updated: recomputing every entry each step cost
-        # O(distinct tokens) interpreted work per request per step (63 us at 128 tokens)
-        if self._counts is None:
-            self._counts, self._counted, self._uncounted = Counter(), 0, dict(user)
-            new = self.prior_ids + self.generated
-        else:
-            new = self.generated[self._counted:]
-        self._counted = len(self.generated)
-        for token in new:
-            count = self._counts[token] + 1
-            self._counts[token] = count
-            self._uncounted.pop(token, None)
-            self._penalized[token] = user.get(token, 0.0) - p.presence_penalty - p.frequency_penalty * count
-        uncounted, penalized = self._uncounted, self._penalized
-        for token in banned:  # (the ban replaces the token's bias, wherever it is)
-            if token in penalized:
-                penalized = {**penalized, token: TOKEN_BAN}
-            else:
-                uncounted = {**uncounted, token: TOKEN_BAN}
-        # The tokens not counted first, then the counted ones (FeedbackPenalty.unseen relies on the order)
-        return tuple(uncounted.items()) + tuple(penalized.items())
+        """The step's (token, bias) pairs (decoding.logit_bias.LogitBias): the client's logit_bias, the
+        presence and frequency penalties of the text so far, and the bans. `in_flight`: generated tokens
+        not yet on the host (plan_ahead's one), counted for min_tokens."""
+        return self._bias.pairs(self.prior_ids, self.generated, in_flight)
 
     def _finish(self) -> None:
         self.phase = ARPhase.FINISHED
