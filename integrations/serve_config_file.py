@@ -10,6 +10,7 @@ naming the flag or key and what to change.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def load_config_file(path: Path) -> ConfigFile:
     from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
     _check_keys(data, ServeDeploySchema, "")
-    _check_applied(data, "", _TOP_APPLIED, {})
+    _check_applied(data, "", ServeDeploySchema, _TOP_APPLIED, {})
     locations = [location.value for location in ProxyLocation]
     if data.get("proxy_location") is not None and data["proxy_location"] not in locations:
         raise CLIError(f"--config: proxy_location: expected one of {', '.join(locations)}, got {data['proxy_location']!r}")
@@ -72,7 +73,7 @@ def load_config_file(path: Path) -> ConfigFile:
         found = f"{len(apps)} entries" if isinstance(apps, list) else repr(apps)
         raise CLIError(f"--config: applications: must be a list of exactly one application mapping, found {found}")
     _check_keys(apps[0], ServeApplicationSchema, "applications[0].")
-    _check_applied(apps[0], "applications[0].", _APP_APPLIED, _APP_FIXED)
+    _check_applied(apps[0], "applications[0].", ServeApplicationSchema, _APP_APPLIED, _APP_FIXED)
     entries = apps[0].get("deployments") or []
     if not isinstance(entries, list):
         raise CLIError(f"--config: applications[0].deployments: must be a list of mappings with a name, got {entries!r}")
@@ -121,18 +122,67 @@ _INSTEAD = {  # what to do instead of a key `refusion serve` does not apply
 }
 
 
-def _check_applied(mapping: dict, where: str, applied: set[str], fixed: dict) -> None:
+def _check_applied(mapping: dict, where: str, schema, applied: set[str], fixed: dict) -> None:
     """Raise CLIError for a key Ray Serve knows that `refusion serve` would not apply (it ignored them
     without a word: a route_prefix of /api still served at /): set to another value than `fixed` holds
-    for it, or set at all when it is neither applied nor fixed."""
+    for it, or, when it is neither applied nor fixed, to anything but Ray's default (`schema`'s: a file
+    `serve build` writes spells the defaults out)."""
     for key, value in mapping.items():
         if key in applied or value is None or (key in fixed and value == fixed[key]):
+            continue
+        if key not in fixed and _is_default(schema, key, value):
             continue
         if key in fixed:
             raise CLIError(f"--config: {where}{key}: refusion serve deploys {fixed[key]!r}, got {value!r}; drop the "
                            "key, or deploy this file with `serve deploy` (Ray's CLI), which applies it")
         instead = _INSTEAD.get(key, "deploy this file with `serve deploy` (Ray's CLI), which applies it")
         raise CLIError(f"--config: {where}{key}: not applied by refusion serve; drop the key and {instead}")
+
+
+def _is_default(schema, key: str, value) -> bool:
+    """Whether `value` is what Ray's config `schema` gives `key` when it is left out."""
+    default = schema.model_fields[key].default
+    if hasattr(default, "model_validate"):  # a nested options model (grpc_options)
+        try:
+            return type(default).model_validate(value) == default
+        except Exception:  # noqa: BLE001 - not even valid: not the default
+            return False
+    return value == default
+
+
+def check_http_options(http: dict) -> None:
+    """CLIError naming the `http_options` key Ray's HTTPOptions refuses (which failed serve.start with a
+    traceback after Ray had started), or a TLS file that cannot be loaded (Ray's proxy then served
+    nothing while "ready at" said https)."""
+    import ssl
+
+    from pydantic import ValidationError
+    from ray.serve.config import HTTPOptions
+
+    try:
+        HTTPOptions(**http)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(["http_options", *(str(part) for part in error["loc"])])
+        raise CLIError(f"--config: {where}: {error['msg']}") from None
+    for key in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):  # (Ray checks that the first two come together)
+        path = http.get(key)
+        if path and not (Path(path).is_file() and os.access(path, os.R_OK)):
+            why = "cannot be read by this user" if Path(path).is_file() else "is no file"
+            raise CLIError(f"--config: http_options.{key}: {path} {why}; give a PEM file the user running "
+                           "refusion serve can read")
+    if http.get("ssl_certfile"):
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(http["ssl_certfile"], http["ssl_keyfile"],
+                                                                    http.get("ssl_keyfile_password"))
+        except (OSError, ValueError) as exc:  # ssl.SSLError: not PEM, or a key that is not the certificate's
+            raise CLIError(f"--config: http_options.ssl_certfile: the certificate and ssl_keyfile do not load as "
+                           f"a pair ({exc}); give a PEM certificate and its private key") from None
+    if http.get("ssl_ca_certs"):
+        try:
+            ssl.create_default_context(cafile=http["ssl_ca_certs"])
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"--config: http_options.ssl_ca_certs: does not load ({exc}); give a PEM CA bundle") from None
 
 
 def _check_keys(mapping: dict, schema, where: str) -> None:
@@ -217,5 +267,7 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
         raise CLIError(f"{where}: expected a host name or address such as 127.0.0.1 or 0.0.0.0, got {host!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise CLIError(f"--config: http_options.port: expected a port number 1-65535, got {port!r}")
-    file.http = {**file.http, "host": host, "port": port}  # (TLS, root_path and timeouts as the file has them)
+    # TLS, root_path and timeouts as the file has them; null is Ray's default, as when left out
+    file.http = {**{k: v for k, v in file.http.items() if v is not None}, "host": host, "port": port}
+    check_http_options(file.http)
     return file

@@ -3,7 +3,7 @@
 /health probed an engine replica on every call. With none up (min_replicas 0) the probe waited for a
 replica to start, timed out after 5 s with 503, and a load balancer checking /health then never sent the
 request that would start one: `--autoscale 0:N` never left zero. Now /health does not probe while the
-deployment is at zero by its autoscaling config (nor does /metrics ask a replica), and the first request
+deployment is at zero by its autoscaling config (nor do /metrics and /v1/engine ask a replica), and the first request
 starts a replica (Ray Serve's cold start from zero) and is served.
 """
 
@@ -48,6 +48,9 @@ def test_health_answers_at_zero_replicas_and_the_first_request_starts_one(zero_u
             health = http.get("/health")
             assert health.status_code == 200, health.text
             assert health.json()["engine"] == "scaled_to_zero", health.json()
+        engine = http.get("/v1/engine")  # a dashboard's poll: the ingress's part, and no replica started
+        assert engine.status_code == 200 and engine.json()["engine"] == "scaled_to_zero", engine.text
+        assert engine.json()["request_limits"]["context_length"] > 0
         scraped = http.get("/metrics")  # a Prometheus scrape: answered, and it starts no replica either
         assert scraped.status_code == 200 and 'refusion_service_replicas{state="answering"} 0.0' in scraped.text
         assert 'refusion_service_replicas{state="unreachable"} 0.0' in scraped.text

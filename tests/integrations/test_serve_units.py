@@ -282,24 +282,90 @@ def test_config_keys_refusion_serve_does_not_apply_are_named(tmp_path, key, valu
     assert words in str(err.value), str(err.value)
 
 
+def test_config_keys_at_rays_defaults_pass(tmp_path):
+    """A file `serve build` writes spells Ray's defaults out (runtime_env {}, external_scaler_enabled
+    false, grpc_options on 9000): they change nothing, so they pass (they were refused as not applied)."""
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "config" / "serve.yaml").read_text())
+    shipped["applications"][0].update({"runtime_env": {}, "external_scaler_enabled": False})
+    shipped["grpc_options"] = {"port": 9000, "grpc_servicer_functions": []}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(shipped))
+    assert serve_config_file.load_config_file(path).args["model"] == shipped["applications"][0]["args"]["model"]
+    shipped["grpc_options"]["port"] = 9001
+    path.write_text(yaml.safe_dump(shipped))
+    with pytest.raises(cli_serve.CLIError, match="--config: grpc_options: not applied by refusion serve"):
+        serve_config_file.load_config_file(path)
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"root_path": None, "keep_alive_timeout_s": None}, None),  # null: Ray's default, as when left out
+    ({"keep_alive_timeout_s": "soon"}, "http_options.keep_alive_timeout_s: "),
+    ({"ssl_certfile": "CERT"}, "http_options.ssl_certfile: "),  # without its key: Ray's refusal, named first
+    ({"ssl_certfile": "/nonexistent/cert.pem", "ssl_keyfile": "KEY"}, "http_options.ssl_certfile: /nonexistent/cert.pem is no file"),
+    ({"ssl_certfile": "CERT", "ssl_keyfile": "/nonexistent/key.pem"}, "http_options.ssl_keyfile: /nonexistent/key.pem is no file"),
+    ({"ssl_certfile": "KEY", "ssl_keyfile": "CERT"}, "http_options.ssl_certfile: the certificate and ssl_keyfile do not load"),
+    ({"ssl_certfile": "CERT", "ssl_keyfile": "KEY", "ssl_ca_certs": "KEY"}, "http_options.ssl_ca_certs: does not load"),
+    ({"ssl_certfile": "CERT", "ssl_keyfile": "KEY"}, None),
+])
+def test_config_http_options_are_checked_before_ray_starts(tiny_model_dir, tmp_path, options, named):
+    """http_options Ray's HTTPOptions refuses failed serve.start with a traceback after Ray had started
+    (null root_path, a certificate without its key), and a TLS file that does not load left Ray's proxy
+    serving nothing while "ready at" said https (helper-166): each is a CLIError naming the key before
+    anything starts; a null is Ray's default; a self-signed pair passes."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
+    shipped = yaml.safe_load((REPO / "config" / "serve.yaml").read_text())
+    shipped["http_options"].update({k: {"CERT": str(cert), "KEY": str(key)}.get(v, v) for k, v in options.items()})
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(shipped))
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    args = parser.parse_args(["--config", str(path), "--model", str(tiny_model_dir)])
+    if named is None:
+        http = cli_serve.merged_config(args).http
+        assert None not in http.values() and http["port"] == 8000
+        return
+    with pytest.raises(cli_serve.CLIError) as err:
+        cli_serve.merged_config(args)
+    assert str(err.value).startswith(f"--config: {named}"), str(err.value)
+
+
 def test_config_http_options_reach_serve_whole(tiny_model_dir, tmp_path):
     """http_options beyond host and port (TLS files, root_path, timeouts) were dropped without a word, so a
     service configured for TLS served plain HTTP; they now go to serve.start as Ray's HTTPOptions takes
     them, the flags still setting host and port; top-level keys not applied are refused by name."""
+    import shutil
+    import subprocess
+
     import yaml
     from ray.serve.config import HTTPOptions
 
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
     parser = argparse.ArgumentParser()
     cli_serve.add_arguments(parser)
     shipped = yaml.safe_load((REPO / "config" / "serve.yaml").read_text())
-    shipped["http_options"].update({"ssl_certfile": "/etc/tls/cert.pem", "ssl_keyfile": "/etc/tls/key.pem",
-                                    "request_timeout_s": 30, "keep_alive_timeout_s": 5})
+    shipped["http_options"].update({"ssl_certfile": cert, "ssl_keyfile": key, "request_timeout_s": 30,
+                                    "keep_alive_timeout_s": 5})
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(shipped))
     file = cli_serve.merged_config(parser.parse_args(["--config", str(path), "--model", str(tiny_model_dir), "--port", "9002"]))
-    assert file.http == {"host": "127.0.0.1", "port": 9002, "ssl_certfile": "/etc/tls/cert.pem",
-                         "ssl_keyfile": "/etc/tls/key.pem", "request_timeout_s": 30, "keep_alive_timeout_s": 5}
-    assert HTTPOptions(**file.http).ssl_certfile == "/etc/tls/cert.pem"  # what serve.start builds of them
+    assert file.http == {"host": "127.0.0.1", "port": 9002, "ssl_certfile": cert, "ssl_keyfile": key,
+                         "request_timeout_s": 30, "keep_alive_timeout_s": 5}
+    assert HTTPOptions(**file.http).ssl_certfile == cert  # what serve.start builds of them
     assert cli_serve.http_url("127.0.0.1", 9002, tls=True) == "https://127.0.0.1:9002"
     shipped["target_capacity"] = 50
     path.write_text(yaml.safe_dump(shipped))
