@@ -151,13 +151,13 @@ async def get_model(model_id: str, request: Request):
 async def engine_info(request: Request):
     """The engine replica's info (limits, defaults, load, the replica that answered) and the ingress's
     served names and request limits. With the engine autoscaled down to zero replicas, the ingress's
-    part only, with `"engine": "scaled_to_zero"`: asking a replica would start one (a dashboard polling
-    this kept an `--autoscale 0:N` engine up)."""
+    part only, with `"scaled_to_zero": true` (and no `engine` section): asking a replica would start one
+    (a dashboard polling this kept an `--autoscale 0:N` engine up)."""
     client, settings = request.app.state.engine_client, request.app.state.settings
     ingress = {"served_model_names": [settings.model_name, *settings.model_aliases],
                "request_limits": settings.limits.as_dict()}
     if await client.scaled_to_zero():
-        return {"model": settings.model_name, "engine": "scaled_to_zero", **ingress}
+        return {"model": settings.model_name, "scaled_to_zero": True, **ingress}
     return {**await client.info(), **ingress}
 
 
