@@ -301,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             return 1
         ready = True
-        print(f"refusion serve: ready at {http_url(http['host'], http['port'], bool(http.get('ssl_certfile')))} (Ctrl-C to stop)", flush=True)
+        url = http_url(http["host"], http["port"], tls=bool(http.get("ssl_certfile")))
+        print(f"refusion serve: ready at {url} (Ctrl-C to stop)", flush=True)
         stop.wait()
         drain_s = ServeConfig.model_validate(config).drain_timeout_s
         print(f"refusion serve: draining: running requests get up to {drain_s:g} s (Ctrl-C again: stop now)", flush=True)
@@ -315,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         # A local Ray goes with ray.shutdown; Serve's own shutdown there waits 30 s on replicas never placed,
         # and after a cut drain (a second signal: stop now) it took ~9 s more for streams already dropped.
-        if (ready and not (cut and not args.address)) or (serving and args.address):
+        if serving if args.address else ready and not cut:
             serve.shutdown()
         ray.shutdown()
     # A second signal cut the drain (open streams were dropped): not a clean stop, as Ctrl-C's 130 says.
