@@ -9,7 +9,9 @@ still runs a forward that reads its prompt's last row.
 
 Only prompt blocks are shareable: ReFusion commits generated slots out of text order, so generated
 KV depends on the request's own decoding path. Eviction is LRU; on ties the deeper block goes first,
-so a chain is evicted from its tail and a cached block always has its parent cached. The entries are
+so a chain is evicted from its tail, and an entry evicted takes the entries below it along (which a
+running request may still hold, so LRU order alone could leave them), so a cached block always has
+its parent cached. The entries are
 kept in eviction order (an OrderedDict; a touch moves a chain to the end, deepest block first), so an
 eviction looks only at the entries it drops or skips, not at the whole cache (a GPU's pool holds tens
 of thousands of blocks and evictions run on the engine loop).
@@ -40,6 +42,8 @@ class PrefixCache:
         self._blocks = blocks  # workers.kv_blocks.BlockPool: block_size, num_free, retain, release
         self.block_size: int = blocks.block_size
         self._entries: OrderedDict[bytes, int] = OrderedDict()  # block name -> block id, LRU first
+        self._children: dict[bytes, set[bytes]] = {}  # block name -> the cached names one block deeper
+        self._parent: dict[bytes, bytes] = {}  # block name -> the name one block shallower (not for depth 0)
         self._names: OrderedDict[bytes, list[bytes]] = OrderedDict()  # hash of the prompt -> its block names (LRU)
         self.lookup_tokens = 0
         self.hit_tokens = 0
@@ -121,6 +125,9 @@ class PrefixCache:
             if names[depth] not in self._entries:
                 self._blocks.retain([block_table[depth]])
                 self._entries[names[depth]] = block_table[depth]
+                if depth:
+                    self._children.setdefault(names[depth - 1], set()).add(names[depth])
+                    self._parent[names[depth]] = names[depth - 1]
         self._touch(names[:ready])
         return ready
 
@@ -136,13 +143,35 @@ class PrefixCache:
             if block_id not in protect and self._blocks.refcount(block_id) == 1:
                 victims.append(name)
         free_before = self._blocks.num_free
-        self._blocks.release([self._entries.pop(name) for name in victims])  # each frees its block
+        self._blocks.release([self._entries.pop(name) for name in self._with_descendants(victims)])
         return self._blocks.num_free - free_before
+
+    def _with_descendants(self, names: list[bytes]) -> list[bytes]:
+        """`names` and every cached entry below them, unlinked from their parents. An entry whose parent
+        is gone can never be hit (a lookup stops at the first missing block) and only held its block:
+        that happened when two requests computed the same first block at once (the second's deeper
+        blocks sat on the first's), and a running request held the deeper ones while the first's went.
+        Such an entry goes with its parent; a block a running request holds is freed when it ends."""
+        out, seen, pending = [], set(), list(names)
+        while pending:
+            name = pending.pop()
+            if name in self._entries and name not in seen:
+                seen.add(name)
+                out.append(name)
+                pending.extend(self._children.get(name, ()))
+        for name in out:
+            self._children.pop(name, None)
+            parent = self._parent.pop(name, None)
+            if parent is not None and parent in self._children:
+                self._children[parent].discard(name)
+        return out
 
     def clear(self) -> None:
         """Release every cached block (e.g. at shutdown or before counting leaks)."""
         self._blocks.release(list(self._entries.values()))
         self._entries.clear()
+        self._children.clear()
+        self._parent.clear()
 
     def _touch(self, names: list[bytes]) -> None:
         """Mark a chain (prompt order) as just used: it moves to the end of the eviction order, its

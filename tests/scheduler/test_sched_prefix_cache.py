@@ -111,6 +111,28 @@ def test_eviction_skips_entries_a_running_request_holds_and_frees_the_next_lru()
     assert pool.refcount(idle[1]) == 0 and [pool.refcount(b) for b in held] == [2, 2] and len(cache) == 3
 
 
+def test_an_evicted_entry_takes_the_entries_below_it_along():
+    """Two requests compute the same first block at once: the first caches it, the second (its own copy
+    of that block uncached) caches its second block on top of it. When the first has ended and the second
+    still runs, eviction frees the first's block (the second's is held), which left the second's entry
+    with no parent: never hit again, and its block held by the cache after the second ended, until LRU
+    came to it. Now it goes with its parent, and the block is free once the second request ends."""
+    pool = BlockPool(8, 2)
+    cache = PrefixCache(pool)
+    prompt = [1, 2, 3, 4, 5]
+    first, second = [pool.allocate(1)[0]], [pool.allocate(1)[0] for _ in range(2)]
+    assert cache.insert(prompt, first, 2) == 1  # the first request's prefill reached one block
+    assert cache.insert(prompt, second, 4) == 2  # block 0 is named already: only the second block is the second's
+    assert len(cache) == 2 and pool.refcount(second[1]) == 2
+    pool.release(first)  # the first request ended
+    assert cache.evict(1) == 1 and pool.refcount(first[0]) == 0
+    assert len(cache) == 0 and cache.lookup(prompt).block_ids == []  # its child went with it
+    pool.release(second)  # the second request ends: every block is free again
+    assert pool.num_free == 8
+    cache.insert(prompt, [pool.allocate(1)[0] for _ in range(2)], 4)  # the chain can be cached anew
+    assert len(cache.lookup(prompt).block_ids) == 2
+
+
 def test_evictable_counts_idle_unprotected_blocks_up_to_what_is_asked():
     pool = BlockPool(8, 2)
     cache = PrefixCache(pool)
