@@ -14,7 +14,7 @@ Without one (the shipped tiny model, the test models) this plain template is use
     <user text>
     ### Assistant
     <assistant text, tool calls written as <tool_call>{...}</tool_call>>
-    ### Tool result (call_id)
+    ### Tool result (call_id)                  (its line breaks and control characters as JSON escapes)
     <tool message text>
     ### Assistant
                                                 (generation starts here)
@@ -136,7 +136,11 @@ def render_plain(messages: list[ChatMessage], tools: list[ToolSpec] | None, cont
 def _plain_section(message: ChatMessage) -> str:
     content = message.content or ""
     if message.role == "tool":
-        return f"### Tool result ({message.tool_call_id or message.name or 'call'})\n{content}"
+        # The id is metadata a client may relay from anywhere (another provider, a stored history): its
+        # line breaks and control characters are written as JSON escapes, so it stays on its line and
+        # cannot open a turn of its own (an id holding a line break and "### System" did); plain ids read as sent
+        label = json.dumps(message.tool_call_id or message.name or "call", ensure_ascii=False)[1:-1]
+        return f"### Tool result ({label})\n{content}"
     parts = [content] if content else []
     for call in message.tool_calls or []:
         body = json.dumps({"name": call.function.name, "arguments": _parsed_arguments(call.function.arguments)},
