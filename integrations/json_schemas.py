@@ -110,6 +110,21 @@ def _merged_defs(schema) -> set[tuple[str, str]] | None:
     return found
 
 
+def inlined_root_ref(schema):
+    """`schema` with a root that is only a `$ref` to one of its own root `$defs` / `definitions` entries
+    (pydantic's model_json_schema() of a self-referencing model: {"$defs": {"Node": {...}}, "$ref":
+    "#/$defs/Node"}) given that entry's keywords at the root, the definitions kept (the refs inside still
+    resolve); any other schema as it is (a new dict where changed, the input unchanged)."""
+    if not isinstance(schema, dict) or "type" in schema or not isinstance(schema.get("$ref"), str):
+        return schema
+    match = _ROOT_DEF.fullmatch(schema["$ref"])
+    target = match and isinstance(schema.get(match[1]), dict) and schema[match[1]].get(match[2])
+    if not isinstance(target, dict):
+        return schema
+    rest = {k: v for k, v in schema.items() if k != "$ref"}
+    return {**rest, **{k: v for k, v in target.items() if k not in ("$defs", "definitions")}}
+
+
 _ANNOTATIONS = frozenset({"description", "title", "$comment", "examples"})  # keywords that constrain nothing
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from integrations.json_schemas import inlined_root_ref
 from integrations.openai_body import Metadata, OpenAIBody
 from integrations.openai_sampling import SamplingFields
 from integrations.request_limits import InputError
@@ -111,6 +112,14 @@ class FunctionSpec(OpenAIBody):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_at_the_root(cls, value):
+        """A root that only refers to one of the schema's own definitions (pydantic's model_json_schema()
+        of a self-referencing model, which instructor-style code passes as it is) has that definition
+        at the root: the tool's arguments are then the object schema it names (json_schemas)."""
+        return inlined_root_ref(value)
 
 
 class ToolSpec(OpenAIBody):

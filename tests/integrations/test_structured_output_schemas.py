@@ -94,6 +94,30 @@ def test_a_forced_call_takes_every_schema_an_auto_call_takes(schema, arguments, 
             assert accepts(tool_grammar(_tools(schema, strict), forced, 0).grammar, _call(arguments)), (strict, forced)
 
 
+def test_a_root_ref_to_its_own_definition_is_that_object(accepts):
+    """pydantic's model_json_schema() of a self-referencing model has a root that only refers to its own
+    definition; as a tool's parameters it was a 400 ("must be an object schema ... got type None") while
+    the same schema was taken as response_format (helper-167). The definition is the root now: calls
+    match it, nested ones included, and the recursion still resolves; a root $ref elsewhere stays a 400."""
+    from pydantic import BaseModel
+
+    class Node(BaseModel):
+        name: str
+        children: list["Node"] = []
+
+    schema = Node.model_json_schema()
+    assert schema["$ref"] == "#/$defs/Node" and "type" not in schema
+    tools = _tools(schema)
+    assert tools[0].function.parameters["type"] == "object"
+    tree = {"name": "a", "children": [{"name": "b", "children": []}]}
+    for forced in (None, "", "t"):
+        grammar = tool_grammar(tools, forced, 0).grammar
+        assert accepts(grammar, _call(tree)), forced
+        assert not accepts(grammar, _call({"name": "a", "children": [{"children": []}]})), forced  # b's name is required
+    with pytest.raises(InputError, match="must be an object schema"):
+        tool_grammar(_tools({"$ref": "https://example.com/node.json"}), "", 0)
+
+
 def test_a_merge_leaves_only_its_own_parts_open(accepts):
     """One allOf anywhere left the whole schema open: a strict call could invent top-level keys."""
     schema = {"type": "object", "$defs": {"Base": {"type": "object", "properties": {"a": {"type": "integer"}}},
