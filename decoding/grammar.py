@@ -213,7 +213,12 @@ class TokenConstraint:
                                    "or size (thousands of properties or alternatives in one object or rule)")
 
     def _failed(self, what: str) -> DecodeParamError:
-        return DecodeParamError(self._source, f"{what}: {_short(self._matcher.get_error())}; simplify the grammar")
+        error = self._matcher.get_error()
+        if "Too many items" in error:  # the parser's item limit: what it had to keep track of grew without end
+            return DecodeParamError(self._source, "the grammar grows without end here (a JSON schema that only "
+                                    "infinitely nested JSON satisfies, such as an object whose required property "
+                                    "is the object again, `{\"$ref\": \"#\"}`): make the recursion optional")
+        return DecodeParamError(self._source, f"{what}: {_short(error)}; simplify the grammar")
 
     def bitmask(self) -> bytes:
         """The tokens allowed next: one bit per token id (byte t // 8, bit t % 8), sized to the vocab

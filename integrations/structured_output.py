@@ -214,7 +214,11 @@ def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel:
         calls = "call" if forced or not parallel else 'call ("\\n"? call)*'
         lark = f"start: {calls}\ncall: {json.dumps(TOOL_OPEN)} %json {json.dumps(schema)} {json.dumps(TOOL_CLOSE)}\n"
     grammar = _checked(LLMatcher.grammar_from_lark(lark), "tools", "the tools' call grammar")
-    return GrammarSpec(grammar, prefill_tokens, source="tools", open_ended=forced is None)
+    # What only decoding finds (a schema no finite JSON satisfies) names the one tool's parameters where
+    # one tool is involved; with several, `tools`
+    involved = tools if forced is None else chosen
+    source = f"tools.{tools.index(involved[0])}.function.parameters" if len(involved) == 1 else "tools"
+    return GrammarSpec(grammar, prefill_tokens, source=source, open_ended=forced is None)
 
 
 def _check_tools(tools: list) -> None:

@@ -234,6 +234,20 @@ def test_many_choices_and_text_the_chat_template_would_stop_at(client, model):
     assert out.choices[0].message.content == "intro\n### Details"
 
 
+def test_a_tool_schema_only_infinite_json_satisfies_is_named_in_plain_words(client, model):
+    """An object whose required property is the object again (`{"$ref": "#"}`) admits no finite JSON: the
+    forced call failed in decoding with a 400 naming `tools` and the parser's internals ("Too many items
+    (limit 50000; ff_tokens)"; helper-167). It names the tool's parameters and says what to change."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]}}}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=20, tools=tools, tool_choice="required")
+    assert err.value.body["param"] == "tools.0.function.parameters", err.value.body
+    message = err.value.body["message"]
+    assert "grows without end" in message and "make the recursion optional" in message and "ff_tokens" not in message
+    assert client.models.list().data  # still serving
+
+
 def test_tool_argument_schemas_keep_their_data_and_must_be_objects(client, model):
     const = {"properties": {"a": 1}}  # data that looks like a schema: never rewritten
     tools = [{"type": "function", "function": {"name": "k", "parameters": {
