@@ -6,6 +6,8 @@ from enum import Enum
 
 
 class ARPhase(Enum):
+    """PREFILL: prompt chunks are fed; DECODE: one token per forward; FINISHED: nothing more to run."""
+
     PREFILL = "prefill"
     DECODE = "decode"
     FINISHED = "finished"

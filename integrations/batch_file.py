@@ -62,6 +62,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def open_output(path: str):
+    """The output file for writing (UTF-8; `-`: stdout). Raises BatchArgumentError naming --output-file."""
     if path == "-":
         return sys.stdout
     try:
@@ -71,6 +72,8 @@ def open_output(path: str):
 
 
 def parse_all(lines: list[tuple[int, bytes]]) -> list[dict]:
+    """Each (file line number, bytes) as its request, or {"custom_id"?, "error"} naming the line and what
+    is wrong with it (a custom_id used by an earlier line included)."""
     seen: set[str] = set()
     return [_parse(number, line, seen) for number, line in lines]
 
