@@ -151,10 +151,13 @@ def check_serve_http(http: dict) -> None:
                        f"{running.port}, or stop Serve there first (`serve shutdown`)")
 
 
-def start_ray(ray, address: str | None) -> bool:
+def start_ray(ray, address: str | None, runtime_env: dict | None = None) -> bool:
     """Join the cluster at `address`, or start a local Ray (no dashboard); False, after saying why, when
     the cluster cannot be joined. The caller's SIGTERM handler stays in force meanwhile: ray.init sets one
-    that exits at once (sys.exit inside ray.init), which left the agents it had started running."""
+    that exits at once (sys.exit inside ray.init), which left the agents it had started running.
+    `runtime_env` (the config file's application `runtime_env`) is this job's: Serve gives it to the
+    application's replicas as their default (serve.run's default_runtime_env), as `serve deploy` gives
+    the application the one its file names."""
     from ray._private import utils as ray_utils
 
     set_handler = getattr(ray_utils, "set_sigterm_handler", None)
@@ -165,9 +168,9 @@ def start_ray(ray, address: str | None) -> bool:
             # Ray's processes inherit this environment: its HTTP proxy keeps malformed X-Request-Ids out
             # of its access log and responses (integrations/request_id_guard.py), unless one is set already
             os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
-            ray.init(address="local", include_dashboard=False)
+            ray.init(address="local", include_dashboard=False, runtime_env=runtime_env or None)
             return True
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env or None)
     except (ConnectionError, RuntimeError, ValueError) as exc:  # (ValueError: "Invalid address format")
         print(f"refusion serve: --address: cannot join the Ray cluster at {address}: {exc}".splitlines()[0],
               file=sys.stderr)
@@ -270,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     handle_signals()  # before Ray starts: a signal inside ray.init left its half-started agents running
     serving = ready = cut = False
     try:
-        if not start_ray(ray, args.address):
+        if not start_ray(ray, args.address, file.runtime_env):
             return 2
         handle_signals()  # again: Ray's core worker installs a SIGTERM handler of its own as it connects
         if stop.is_set():

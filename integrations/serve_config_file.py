@@ -30,6 +30,7 @@ class ConfigFile:
     proxy_location: str | None = None  # EveryNode / HeadOnly / Disabled (Ray's default when None)
     deployments: dict[str, dict] = field(default_factory=dict)  # applications[0].deployments, by name
     args_path: str = ""  # where `args` sit in the file, for errors: "applications[0].args." or "" (a bare mapping)
+    runtime_env: dict = field(default_factory=dict)  # applications[0].runtime_env: the replicas' (start_ray)
 
 
 def load_config_file(path: Path) -> ConfigFile:
@@ -105,18 +106,16 @@ def load_config_file(path: Path) -> ConfigFile:
                            f"from 1 to {MAX_ONGOING_REQUESTS}, got {ongoing!r} (a replica takes 1000 concurrent calls, "
                            f"and Ray Serve's own, its health check among them, need room)")
         deployments[name] = {k: v for k, v in entry.items() if k != "name"}
-    return ConfigFile(_section(apps[0], "args"), _section(data, "http_options"),
-                      data.get("proxy_location"), deployments, "applications[0].args.")
+    return ConfigFile(_section(apps[0], "args"), _section(data, "http_options"), data.get("proxy_location"),
+                      deployments, "applications[0].args.", _section(apps[0], "runtime_env"))
 
 
 # What `refusion serve` applies of a Serve config file; the application's name, route prefix and import
 # path are its own (the values config/serve.yaml holds, which `serve deploy` reads too)
 _TOP_APPLIED = {"applications", "http_options", "proxy_location"}
-_APP_APPLIED = {"args", "deployments"}
+_APP_APPLIED = {"args", "deployments", "runtime_env"}
 _APP_FIXED = {"name": "refusion", "route_prefix": "/", "import_path": "integrations.serve_app:build_app"}
 _INSTEAD = {  # what to do instead of a key `refusion serve` does not apply
-    "runtime_env": "set environment variables in the shell that runs refusion serve (its local Ray's processes "
-                   "inherit them; on a cluster, the application needs them where it is built: use `serve deploy`)",
     "logging_config": "use --log-level (args.log_level)",
     "host": "use http_options.host", "port": "use http_options.port",
 }

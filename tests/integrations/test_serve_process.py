@@ -280,6 +280,34 @@ def test_a_signal_while_a_replica_waits_for_room_removes_the_app_at_once(tiny_mo
             proc.wait()
 
 
+def test_the_config_files_runtime_env_reaches_the_replicas(tiny_model_dir, tmp_path):
+    """An application's `runtime_env` in the config file was ignored by `refusion serve` without a word
+    (keys for `serve deploy` in the same file never reached the replicas); it is this job's runtime_env
+    now, which Serve gives the application's replicas: REFUSION_API_KEYS set there guards the API."""
+    config = {"applications": [{"name": "refusion", "route_prefix": "/", "import_path": "integrations.serve_app:build_app",
+                                "runtime_env": {"env_vars": {"REFUSION_API_KEYS": "k-from-runtime-env"}},
+                                "args": {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": 1,
+                                         "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": 5}}}]}
+    proc, port, log = start_serve(tiny_model_dir, config, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # Ready as refusion serve counts it (its deploy check, which can come after /health answers): a
+        # SIGTERM before that removes the application and exits 130, another outcome
+        deadline = time.monotonic() + WAIT_S
+        while "refusion serve: ready at" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        assert httpx.get(url + "/v1/models", timeout=WAIT_S).status_code == 401
+        keyed = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k-from-runtime-env"}, timeout=WAIT_S)
+        assert keyed.status_code == 200, keyed.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT_S) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_second_signal_cuts_the_drain_and_exits_130(tiny_model_dir, tmp_path):
     """The second Ctrl-C stops at once, dropping open streams: it exited 0 like a full drain, which told a
     script or service manager nothing was lost."""

@@ -279,7 +279,6 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     ("route_prefix", "/api", "refusion serve deploys '/'"),
     ("name", "coder", "refusion serve deploys 'refusion'"),
     ("import_path", "my_app:build", "refusion serve deploys 'integrations.serve_app:build_app'"),
-    ("runtime_env", {"env_vars": {"A": "1"}}, "set environment variables in the shell"),
     ("logging_config", {"log_level": "DEBUG"}, "use --log-level"),
     ("external_scaler_enabled", True, "deploy this file with `serve deploy`"),
 ])
