@@ -54,6 +54,20 @@ class Server:
         return len(self.log.read_text(errors="replace"))
 
 
+def wait_for_line(proc: subprocess.Popen, log: Path, text: str) -> None:
+    """Until `refusion serve`'s output holds `text` (fails if it exits or WAIT_S passes first)."""
+    deadline = time.monotonic() + WAIT_S
+    while text not in log.read_text(errors="replace"):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.2)
+
+
+def wait_ready(proc: subprocess.Popen, log: Path) -> None:
+    """Until `refusion serve` says it is ready (its deploy check, which can come after /health answers:
+    a signal before it removes the application and exits 130, another outcome than a drain's)."""
+    wait_for_line(proc, log, "refusion serve: ready at")
+
+
 def start_serve(model_dir: Path, config: dict, workdir: Path, *flags: str) -> tuple[subprocess.Popen, int, Path]:
     """`refusion serve` on a free port with `config` as its --config file, output in workdir/serve.log
     (its own local Ray: RAY_ADDRESS unset). Returns (process, port, log)."""
@@ -79,6 +93,7 @@ def server(tiny_model_dir, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url)
+        wait_ready(proc, log)
         yield Server(proc, url, log)
     finally:
         if proc.poll() is None:
@@ -291,12 +306,7 @@ def test_the_config_files_runtime_env_reaches_the_replicas(tiny_model_dir, tmp_p
     proc, port, log = start_serve(tiny_model_dir, config, tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        # Ready as refusion serve counts it (its deploy check, which can come after /health answers): a
-        # SIGTERM before that removes the application and exits 130, another outcome
-        deadline = time.monotonic() + WAIT_S
-        while "refusion serve: ready at" not in log.read_text(errors="replace"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.2)
+        wait_ready(proc, log)
         assert httpx.get(url + "/v1/models", timeout=WAIT_S).status_code == 401
         keyed = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k-from-runtime-env"}, timeout=WAIT_S)
         assert keyed.status_code == 200, keyed.text
@@ -314,20 +324,13 @@ def test_a_second_signal_cuts_the_drain_and_exits_130(tiny_model_dir, tmp_path):
     config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": DRAIN_TIMEOUT_S,
               "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S + 5}}
     proc, port, log = start_serve(tiny_model_dir, config, tmp_path)
-
-    def wait_for_line(text: str) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while text not in log.read_text(errors="replace"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.2)
-
     try:
-        wait_for_line("refusion serve: ready at")  # /health answers up to a status poll before this
+        wait_ready(proc, log)  # /health answers up to a status poll before this
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as http:
             stream = http.send(http.build_request("POST", "/v1/completions", json=LONG), stream=True)
             assert next(line for line in stream.iter_lines() if line.startswith("data: ")) != "data: [DONE]"
             proc.send_signal(signal.SIGTERM)
-            wait_for_line("refusion serve: draining")
+            wait_for_line(proc, log, "refusion serve: draining")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(WAIT_S) == 130
             try:
