@@ -28,6 +28,7 @@ MAX_CONTEXT_TOKENS = 1024
 # the document (an editor may send 200,000 characters of prefix for 1,536 tokens). BPE tokens of code
 # average 3-4 characters; runs of indentation are the longest common ones.
 MAX_CHARS_PER_TOKEN = 16
+MAX_CURSOR_LINE = 4096  # characters of the cursor's line before it that the rules read (postprocess.Rules.line_prefix)
 
 # Candidate gap lengths (tokens). A single line is rarely over 16 tokens; a multi-line completion
 # decodes a short and a long gap side by side. All are multiples of SLOT_SIZE.
@@ -53,6 +54,7 @@ class InfillPrompt:
     # The prompt's text (context, prefix or suffix) holds U+FFFD itself, so the model may copy it: the
     # invalid-bytes rule stays off (postprocess.Rules.cut_invalid)
     holds_replacement: bool = False
+    cursor_line: str = ""  # the prefix's text on the cursor's line, in the model's style (postprocess.Rules)
 
     def to_document(self, text: str) -> str:
         """A completion (model text, seen from the cursor) in the document's line endings and indent."""
@@ -144,7 +146,8 @@ def build_infill_prompt(
         prompt_ids = _encode(tokenizer, "\n") or [tokenizer.eos_token_id]
     holds = REPLACEMENT in prefix or REPLACEMENT in suffix or any(REPLACEMENT in "".join(_chunk_parts(c, language))
                                                                   for c in context)
-    return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids), healed, style, at_indent, holds)
+    return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids), healed, style, at_indent, holds,
+                        prefix[prefix.rfind("\n") + 1:][-MAX_CURSOR_LINE:])
 
 
 def _header_and_tail(tokenizer, header: str, text: str, budget: int) -> list[int]:

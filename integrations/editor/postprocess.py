@@ -48,6 +48,7 @@ class Rules:
     suffix: str = ""
     multiline: bool = True
     indent: int = 0
+    line_prefix: str = ""  # the cursor's line before the cursor (its brackets decide closing overlaps)
     # rule 0: on for the editor protocol (text goes straight into a document), off for /infill and
     # /v1/completions' suffix (llama.cpp and vLLM return the model's text, U+FFFD included), and off
     # whenever the document holds U+FFFD itself (InfillPrompt.holds_replacement)
@@ -104,7 +105,7 @@ def _suffix_anchor(suffix: str) -> list[str]:
     return anchor
 
 
-def trim_suffix_repeat(text: str, suffix: str, final: bool = False) -> tuple[str, bool]:
+def trim_suffix_repeat(text: str, suffix: str, final: bool = False, line_prefix: str = "") -> tuple[str, bool]:
     """Cut `text` where it starts repeating `suffix`.
 
     Line rule (safe while streaming): a completion line (after the first) that equals the first
@@ -112,7 +113,12 @@ def trim_suffix_repeat(text: str, suffix: str, final: bool = False) -> tuple[str
     newline before it. While streaming, the anchor must be complete; at the end, a match that runs
     into the end of the text counts too.
     Rest-of-line rule (final): when the cursor is mid-line, a first line ending with the rest of the
-    cursor line repeats it: drop that part and everything after.
+    cursor line repeats it: drop that part and everything after, unless the line's brackets (from
+    `line_prefix`) need it (`_needs_its_closers`).
+    Closing-overlap rule (final): a one-line completion ending with closing brackets and quotes that
+    start the rest of the cursor line (an editor auto-closed them: `print(d['` + `a']` before `'])`)
+    drops them when the line's brackets, from `line_prefix` through the rest of the line, then close
+    everything they open and no more (`f(g(x` + `)` before `)` keeps its bracket).
     Tail rule (final): text ending with the start of the suffix (>= _TAIL_MIN visible chars) was cut
     by the gap's end in the middle of a repeat: drop that tail.
     """
@@ -132,9 +138,52 @@ def trim_suffix_repeat(text: str, suffix: str, final: bool = False) -> tuple[str
     if not final:
         return text, False
     first = lines[0].rstrip()
-    if rest_of_line and first.endswith(rest_of_line):
+    if rest_of_line and first.endswith(rest_of_line) and not _needs_its_closers(line_prefix, first, rest_of_line):
         return first[: len(first) - len(rest_of_line)].rstrip(" \t"), True
+    if rest_of_line and not any(line.strip() for line in lines[1:]):
+        overlap = _closing_overlap(line_prefix, first, rest_of_line)
+        if overlap:
+            return first[: len(first) - overlap].rstrip(" \t"), True
     return _trim_tail(text, suffix)
+
+
+_CLOSERS = frozenset(")]}'\"`")
+_PAIRS = {")": "(", "]": "[", "}": "{"}
+
+
+def _closing_overlap(line_prefix: str, first: str, rest_of_line: str) -> int:
+    """How many closing characters at the end of `first` to drop: the longest run of closing brackets and
+    quotes ending it that starts `rest_of_line` and whose dropping leaves the cursor line's brackets
+    balanced where keeping it would leave a closer with no opener; 0 when none does."""
+    for size in range(min(len(first), len(rest_of_line)), 0, -1):
+        tail = first[-size:]
+        if not set(tail) <= _CLOSERS or not rest_of_line.startswith(tail):
+            continue
+        kept = _brackets_balanced(line_prefix + first + rest_of_line)
+        dropped = _brackets_balanced(line_prefix + first[:-size] + rest_of_line)
+        if dropped and not kept:
+            return size
+    return 0
+
+
+def _needs_its_closers(line_prefix: str, first: str, rest_of_line: str) -> bool:
+    """Whether a first line ending with the rest of the cursor line closes brackets of its own there:
+    the line's brackets balance with it kept and not with that end dropped (`f(g(x` + `)` before `)`)."""
+    return (_brackets_balanced(line_prefix + first + rest_of_line)
+            and not _brackets_balanced(line_prefix + first[: len(first) - len(rest_of_line)] + rest_of_line))
+
+
+def _brackets_balanced(line: str) -> bool:
+    """Whether every closing bracket of `line` closes the bracket opened last and every one opened is
+    closed (quotes are not read: a bracket inside a string literal counts)."""
+    stack: list[str] = []
+    for ch in line:
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in _PAIRS:
+            if not stack or stack.pop() != _PAIRS[ch]:
+                return False
+    return not stack
 
 
 def _anchor_matches(lines: list[str], anchor: list[str], allow_partial: bool) -> bool:
@@ -237,7 +286,7 @@ def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
         cut = CUT_NEWLINE if did else cut
     text, did = min_indent(text, rules.indent)
     cut = CUT_INDENT if did else cut
-    text, did = trim_suffix_repeat(text, rules.suffix, final=final)
+    text, did = trim_suffix_repeat(text, rules.suffix, final=final, line_prefix=rules.line_prefix)
     cut = CUT_SUFFIX if did else cut
     if final and rules.suffix.startswith("\n"):
         body = text.rstrip()

@@ -70,7 +70,7 @@ class CompletionJob:
         style = self.prompt.style
         indent = self.rules.indent * MODEL_TAB_WIDTH if style.tabs else self.rules.indent
         suffix = self.rules.suffix[: MAX_SUFFIX_TOKENS * MAX_CHARS_PER_TOKEN]
-        return replace(self.rules, suffix=style.to_model(suffix), indent=indent,
+        return replace(self.rules, suffix=style.to_model(suffix), indent=indent, line_prefix=self.prompt.cursor_line,
                        cut_invalid=self.rules.cut_invalid and not self.prompt.holds_replacement)
 
     def engine_requests(self) -> list[GenerationRequest]:

@@ -20,6 +20,7 @@ from integrations.editor.postprocess import (
     Rules,
     min_indent,
     postprocess,
+    shown_partial,
     single_line,
     trim_suffix_repeat,
 )
@@ -96,6 +97,30 @@ def test_short_suffix_line_needs_the_following_line_too():
 
 def test_rest_of_line_repeat_is_dropped_at_the_end():
     assert trim_suffix_repeat("a, b)", ")\n    x = 1\n", final=True) == ("a, b", True)
+
+
+@pytest.mark.parametrize("line_prefix, text, suffix, expected", [
+    # closers an editor auto-inserted, which the completion wrote again in part: dropped (helper-168:
+    # `print(d['a']'])` went into the buffer)
+    ("print(d['", "a']", "'])\n", ("a", True)),
+    ("call(f(", "x)", "))\n", ("x", True)),
+    # the line's brackets need the completion's own closer: kept (the rest-of-line rule dropped it too)
+    ("f(g(x", ")", ")\n", (")", False)),
+    ("f(g(x", "[0])", ")\n", ("[0])", False)),
+    # as before: a repeat of the whole rest of the line, brackets or not, and no prefix to tell
+    ("x = [1, 2", "]", "]\n", ("", True)),
+    ("foo(", "x)", ")\n", ("x", True)),
+    ("y = ", "x = 1", "= 1\n", ("x", True)),
+    ("", "a)", ")\n", ("a", True)),
+    # more than one line, or closers that do not start the rest of the line: untouched
+    ("print(d['", "a']\nz", "'])\n", ("a']\nz", False)),
+    ("print(d['", "a'] + 1", "'])\n", ("a'] + 1", False)),
+])
+def test_closers_the_rest_of_the_line_holds_are_not_written_twice(line_prefix, text, suffix, expected):
+    assert trim_suffix_repeat(text, suffix, final=True, line_prefix=line_prefix) == expected
+    # partials never show what the end drops
+    shown = shown_partial(text, suffix)
+    assert expected[0].startswith(shown), (shown, expected)
 
 
 def test_text_without_repeat_is_untouched():

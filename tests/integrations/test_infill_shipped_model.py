@@ -91,3 +91,20 @@ async def test_a_completion_of_whitespace_alone_comes_back_empty():
     assert body["text"].startswith("    ") and body["text"].strip(), body
     assert not [f for f in frames if f[0] == rpc.NOTIFICATION and f[1] == "completion/partial"
                 and f[2]["id"] == "blank"]  # (no partial showed the spaces either)
+
+
+async def test_closers_an_editor_inserted_are_not_written_twice():
+    """`print(d['` with `'])` after the cursor (an editor's auto-closed brackets): the shipped model writes
+    `a']`, which went into the buffer as `print(d['a']'])` (helper-168). The closers the rest of the line
+    holds are dropped where the line's brackets then balance: `a`."""
+    async with local_editor_session(SHIPPED_MODEL) as (session, frames):
+        for mode in ("ar", "refusion"):
+            params = {"uri": mode, "prefix": "d = {'a': 1}\nprint(d['", "suffix": "'])\n", "multiline": False,
+                      "temperature": 0, "mode": mode}
+            await session.handle_frame(rpc.encode_request(mode, "complete", params))
+        await asyncio.wait_for(session.drain(), 300)
+    responses = {f[1]: f for f in frames if f[0] == rpc.RESPONSE}
+    for mode in ("ar", "refusion"):
+        assert responses[mode][2] is None, responses[mode]
+        text = responses[mode][3]["text"]
+        assert "']" not in text and text.strip(), (mode, text)
