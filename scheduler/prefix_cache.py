@@ -152,18 +152,15 @@ class PrefixCache:
         that happened when two requests computed the same first block at once (the second's deeper
         blocks sat on the first's), and a running request held the deeper ones while the first's went.
         Such an entry goes with its parent; a block a running request holds is freed when it ends."""
-        out, seen, pending = [], set(), list(names)
-        while pending:
-            name = pending.pop()
-            if name in self._entries and name not in seen:
-                seen.add(name)
-                out.append(name)
-                pending.extend(self._children.get(name, ()))
-        for name in out:
-            self._children.pop(name, None)
+        out, seen = list(names), set(names)
+        for name in out:  # (grows while walked: each entry's children join the end)
+            for child in self._children.pop(name, ()):
+                if child not in seen and child in self._entries:
+                    seen.add(child)
+                    out.append(child)
             parent = self._parent.pop(name, None)
-            if parent is not None and parent in self._children:
-                self._children[parent].discard(name)
+            if parent is not None and (siblings := self._children.get(parent)) is not None:
+                siblings.discard(name)
         return out
 
     def clear(self) -> None:
