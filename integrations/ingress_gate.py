@@ -43,7 +43,7 @@ import logging
 import time
 
 from integrations.http_metrics import RequestObserver
-from integrations.request_id_guard import REFUSAL, REQUEST_ID_HEADER, refused_request_id, valid_request_id
+from integrations.request_id_guard import REFUSAL, given_request_id, refused_request_id, valid_request_id
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,8 @@ class IngressGateMiddleware:
 
     def _observer(self, scope, endpoint: str, arrived: float) -> RequestObserver:
         """The observer of a request answered without its route's (its X-Request-Id as its id, if valid)."""
-        request_id = dict(scope.get("headers") or ()).get(REQUEST_ID_HEADER, b"").decode("latin-1")
-        request_id = request_id if valid_request_id(request_id) else None
+        request_id = given_request_id(scope.get("headers") or ())
+        request_id = request_id if request_id and valid_request_id(request_id) else None
         observer = RequestObserver(self.metrics, endpoint, request_id, 0)
         observer.started = arrived
         return observer
