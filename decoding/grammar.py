@@ -215,9 +215,10 @@ class TokenConstraint:
     def _failed(self, what: str) -> DecodeParamError:
         error = self._matcher.get_error()
         if "Too many items" in error:  # the parser's item limit: what it had to keep track of grew without end
-            return DecodeParamError(self._source, "the grammar grows without end here (a JSON schema that only "
-                                    "infinitely nested JSON satisfies, such as an object whose required property "
-                                    "is the object again, `{\"$ref\": \"#\"}`): make the recursion optional")
+            return DecodeParamError(self._source, "the grammar grows without end here (a rule that only recurses, "
+                                    "as a JSON schema only infinitely nested JSON satisfies: an object whose "
+                                    "required property is the object again, `{\"$ref\": \"#\"}`): make the "
+                                    "recursion optional")
         return DecodeParamError(self._source, f"{what}: {_short(error)}; simplify the grammar")
 
     def bitmask(self) -> bytes:
