@@ -155,13 +155,12 @@ def _closing_overlap(line_prefix: str, first: str, rest_of_line: str) -> int:
     """How many closing characters at the end of `first` to drop: the longest run of closing brackets and
     quotes ending it that starts `rest_of_line` and whose dropping leaves the cursor line's brackets
     balanced where keeping it would leave a closer with no opener; 0 when none does."""
+    if _brackets_balanced(line_prefix + first + rest_of_line):
+        return 0  # kept, the line balances: nothing written twice
     for size in range(min(len(first), len(rest_of_line)), 0, -1):
         tail = first[-size:]
-        if not set(tail) <= _CLOSERS or not rest_of_line.startswith(tail):
-            continue
-        kept = _brackets_balanced(line_prefix + first + rest_of_line)
-        dropped = _brackets_balanced(line_prefix + first[:-size] + rest_of_line)
-        if dropped and not kept:
+        if set(tail) <= _CLOSERS and rest_of_line.startswith(tail) and _brackets_balanced(
+                line_prefix + first[:-size] + rest_of_line):
             return size
     return 0
 
