@@ -4,14 +4,15 @@ A tool's `parameters` are the client's schema, written for hosted models; before
 call's grammar (integrations/structured_output.py) it is rewritten here, never mutated: every object
 that lists its properties is closed (`closed_objects`, as OpenAI's strict function calling), the
 `propertyNames` every JSON object meets is dropped (`without_string_key_rules`: zod 4's z.record()), and
-its local `$ref`s are rebased under the combined schema of all tools (`rebased_refs`). Only
+it is embedded in the combined schema of all tools' calls as a resource of its own (`tool_resources`),
+where its `$ref`s resolve as in its own document. Only
 schema-valued keywords are followed: a const, enum, default or example is data.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import urldefrag, urljoin
+from urllib.parse import urldefrag, urljoin, urlsplit
 
 
 # JSON Schema keywords whose value is a schema, a list of schemas or a map of name -> schema: the only
@@ -148,30 +149,53 @@ def without_string_key_rules(schema):
     return _rewritten(schema, drop)
 
 
-def rebased_refs(schema, prefix: str, base: str | None = None):
-    """`schema` (a tool's parameters, or one of its root $defs) moved under #/$defs/<prefix> of another
-    root: its local JSON-pointer $refs rewritten ("#" -> "#/$defs/<prefix>", "#/$defs/X" and
-    "#/definitions/X" -> "#/$defs/<prefix>_X", "#/properties/..." -> "#/$defs/<prefix>/properties/...").
-    `base`: the parameters' root `$id`; a $ref that resolves against it to that same document
-    ("https://example.com/w.json#/$defs/X", or "w.json#/$defs/X" beside `$id` ".../w.json") is local too
-    (JSON Schema 2020-12 section 8.2.1). Only schema keywords are followed, so a property named
-    `definitions` or `default` is a property; a root `$id` or `$schema` is dropped (the moved schema must
-    resolve in its new root); `$anchor` refs ("#name") stay as they are."""
-    document = urldefrag(base).url if isinstance(base, str) and base else None
+# The base URI of a tool's parameters inside the combined schema of all tools' calls when they name no
+# absolute `$id` of their own (or share theirs with another tool): under a reserved name (RFC 2606's
+# .invalid) that no client's $ref reaches by chance
+TOOL_BASE = "https://tools.refusion.invalid/{index}/parameters.json"
 
-    def rebase(node: dict, out: dict) -> dict:
+
+def tool_resources(schemas: list[dict]) -> list[tuple[dict, str]]:
+    """Each of `schemas` (the tools' parameters, in order) as a schema resource of its own, to embed in
+    the combined schema of all tools' calls (a compound schema document, JSON Schema 2020-12 section
+    9.2), and the URI a call's `arguments` refer to it by. Every `$ref` in it then resolves as it did in
+    its own document, none rewritten: "#/$defs/X", "#" (its root), "#name" ($anchor), a nested schema's
+    own `$id` and the refs under it, refs through its root `$id`. Its `$id` stays when it is absolute and
+    no other tool has it; a relative one is resolved against TOOL_BASE; with none, TOOL_BASE. One shared
+    with another tool becomes TOOL_BASE and its refs to the old document refer to TOOL_BASE instead
+    (resolved against the root's `$id` only). `$schema` is dropped (a resource's dialect would be the
+    root's)."""
+    def absolute(schema) -> str | None:
+        own = schema.get("$id")
+        return urldefrag(own).url if isinstance(own, str) and urlsplit(own).scheme else None
+
+    owns = [absolute(schema) for schema in schemas]
+    resources = []
+    for index, (schema, own) in enumerate(zip(schemas, owns)):
+        base, given = TOOL_BASE.format(index=index), schema.get("$id")
+        if own and owns.count(own) == 1:
+            uri = own
+        elif isinstance(given, str) and given and not own:
+            uri = urldefrag(urljoin(base, given)).url
+        else:
+            uri = base
+        if own and uri != own:
+            schema = _refs_moved(schema, given, uri)
+        resources.append(({**{k: v for k, v in schema.items() if k != "$schema"}, "$id": uri}, uri))
+    return resources
+
+
+def _refs_moved(schema, old: str, new: str):
+    """`schema` with each `$ref` that resolves (against `old`, its root's `$id`) to the document `old`
+    referring to the same place in `new`."""
+    document = urldefrag(old).url
+
+    def move(node: dict, out: dict) -> dict:
         ref = node.get("$ref")
-        if document and isinstance(ref, str) and not ref.startswith("#"):
-            resolved = urldefrag(urljoin(base, ref))
-            ref = "#" + resolved.fragment if resolved.url == document else ref
-        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
-            local = next((p for p in ("#/$defs/", "#/definitions/") if ref.startswith(p)), None)
-            out["$ref"] = f"#/$defs/{prefix}_" + ref[len(local):] if local else f"#/$defs/{prefix}" + ref[1:]
-        elif isinstance(ref, str) and ref != node["$ref"]:
-            out["$ref"] = ref  # an $anchor ref in the same document
+        if isinstance(ref, str) and not ref.startswith("#"):
+            resolved = urldefrag(urljoin(old, ref))
+            if resolved.url == document:
+                out["$ref"] = new + "#" + resolved.fragment
         return out
 
-    rebased = _rewritten(schema, rebase)
-    if isinstance(rebased, dict):
-        rebased = {k: v for k, v in rebased.items() if k not in ("$id", "$schema")}
-    return rebased
+    return _rewritten(schema, move)

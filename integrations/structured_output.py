@@ -30,7 +30,7 @@ import re
 from typing import Any
 
 from decoding.grammar import GrammarSpec, grammar_error
-from integrations.json_schemas import closed_objects, rebased_refs, without_string_key_rules
+from integrations.json_schemas import closed_objects, tool_resources, without_string_key_rules
 from integrations.request_limits import InputError
 from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
 
@@ -175,22 +175,14 @@ def _arguments_schema(function) -> dict:
 
 def _call_schemas(tools: list) -> dict:
     """The JSON of one call of any of `tools` (openai_models.ToolSpec): {"anyOf": [{"name": <const>,
-    "arguments": <parameters>}, ...]}, name first. Each tool's parameters move under #/$defs/t<i> with
-    their own $defs hoisted as t<i>_<name> (a pydantic model's nested types are $refs into #/$defs, which
-    must resolve from the combined schema's root)."""
-    defs, calls = {}, []
-    for i, tool in enumerate(tools):
-        parameters = _arguments_schema(tool.function)
-        prefix, base = f"t{i}", parameters.get("$id")
-        for key in ("$defs", "definitions"):  # objects: _check_tools
-            for name, sub in (parameters.get(key) or {}).items():
-                defs[f"{prefix}_{name}"] = rebased_refs(sub, prefix, base)
-        moved = rebased_refs(parameters, prefix, base)
-        defs[prefix] = {k: v for k, v in moved.items() if k not in ("$defs", "definitions")}  # hoisted above
-        calls.append({"type": "object", "properties": {"name": {"const": tool.function.name},
-                                                       "arguments": {"$ref": f"#/$defs/{prefix}"}},
-                      "required": ["name", "arguments"], "additionalProperties": False})
-    return {"anyOf": calls, "$defs": defs}
+    "arguments": {"$ref": <the tool's parameters>}}, ...]}, name first. Each tool's parameters are a
+    schema resource of their own under #/$defs/t<i> (json_schemas.tool_resources), so their refs (a
+    pydantic model's nested types, a nested `$id`'s) resolve as in their own document."""
+    resources = tool_resources([_arguments_schema(tool.function) for tool in tools])
+    calls = [{"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": {"$ref": uri}},
+              "required": ["name", "arguments"], "additionalProperties": False}
+             for tool, (_, uri) in zip(tools, resources)]
+    return {"anyOf": calls, "$defs": {f"t{i}": resource for i, (resource, _) in enumerate(resources)}}
 
 
 def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel: bool = True) -> GrammarSpec:

@@ -8,11 +8,15 @@
                        auth and overload tests; started only when a test asks for it.
     client, model      an `openai.OpenAI` SDK client on serve_base_url and the id it serves (modules may
                        define their own `client`)
+    accepts            accepts(grammar, text): whether a compiled grammar matches `text` whole, fed as the
+                       shipped tokenizer splits it (no Ray)
 
 Ray is kept small (2 CPUs, no dashboard); both apps and Ray are shut down at session end.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +83,25 @@ def client(serve_base_url):
 @pytest.fixture(scope="module")
 def model(client) -> str:
     return client.models.list().data[0].id
+
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
+
+
+@pytest.fixture(scope="module")
+def accepts():
+    """accepts(grammar, text): whether the grammar matches `text` whole (fed as the tokenizer splits it)."""
+    from llguidance import LLMatcher
+    from transformers import AutoTokenizer
+
+    from decoding.grammar import GrammarTokenizer, with_compile_stack
+
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED_MODEL))
+    view = GrammarTokenizer(tok, len(tok), tok.eos_token_id)
+
+    def check(grammar: str, text: str) -> bool:
+        matcher = with_compile_stack(lambda: LLMatcher(view.get(), grammar, log_level=0))
+        assert not matcher.is_error(), matcher.get_error()
+        return matcher.consume_tokens(tok.encode(text, add_special_tokens=False)) and matcher.is_accepting()
+
+    return check

@@ -5,36 +5,15 @@ grammar accepts the JSON it should, matched token by token with the shipped toke
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from decoding.grammar import GrammarTokenizer, with_compile_stack
 from integrations.chat_run import chat_grammar
 from integrations.json_schemas import closed_objects
 from integrations.openai_models import ChatCompletionRequest
 from integrations.request_limits import InputError
 from integrations.structured_output import json_grammar, lark_grammar, tool_grammar
-
-SHIPPED = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
-
-
-@pytest.fixture(scope="module")
-def accepts():
-    """accepts(grammar, text): whether the grammar matches `text` whole (fed as the tokenizer splits it)."""
-    from llguidance import LLMatcher
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
-    view = GrammarTokenizer(tok, len(tok), tok.eos_token_id)
-
-    def check(grammar: str, text: str) -> bool:
-        matcher = with_compile_stack(lambda: LLMatcher(view.get(), grammar, log_level=0))
-        assert not matcher.is_error(), matcher.get_error()
-        return matcher.consume_tokens(tok.encode(text, add_special_tokens=False)) and matcher.is_accepting()
-
-    return check
 
 
 def _tools(parameters: dict, strict: bool | None = None) -> list:
