@@ -207,7 +207,7 @@ async def completions(request: Request):
                          "structured output is not supported with `suffix` (infill): drop one of them")
     if body.suffix is not None:  # infill, suffix "" (end of a file) too: the editor path (integrations/openai_infill.py)
         params = body.decode_params(body.max_tokens or settings.completion_default_max_tokens, settings.decode_defaults)
-        job = await infill_job(client, candidates_id(client, header.id), body, params)
+        job = await infill_job(client, candidates_id(client, header.id), body, params, settings.limits.context_length)
         prompt_ids = job.prompt.prompt_ids + (job.prompt.suffix_ids or [])
         fit_generation(settings.limits.context_length, len(prompt_ids), body.max_tokens or 1,
                        requested=body.max_tokens is not None)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from functools import partial
 from typing import AsyncIterator, Callable
 
-from integrations.editor.infill import build_infill_prompt, plan_gaps
+from integrations.editor.infill import build_infill_prompt, infill_room, plan_gaps
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion
 from integrations.editor.protocol import Limits
@@ -29,12 +30,13 @@ _FINISH = {"length": FinishReason.LENGTH, "deadline": FinishReason.DEADLINE, "ca
            "error": FinishReason.ERROR}  # fmt: skip
 
 
-async def infill_job(client, request_id: str, body, decode_params: dict) -> CompletionJob:
+async def infill_job(client, request_id: str, body, decode_params: dict, context_length: int = 0) -> CompletionJob:
     """The editor CompletionJob for a completions request with `suffix` (multi-line, like /infill).
 
     As in the editor protocol, `prompt` (a string) and `suffix` may each be up to
-    protocol.Limits.max_text_chars characters and are cut to the infill token budgets (so the model
-    context is not the limit here); the prompt is tokenized off the event loop. Raises InputError
+    protocol.Limits.max_text_chars characters and are cut to the infill token budgets, shrunk to fit the
+    model's `context_length` (tokens, 0 unknown) with max_tokens or the longest gap (so the model context
+    is not the client's limit here); the prompt is tokenized off the event loop. Raises InputError
     naming the field."""
     [text_prompt] = body.prompts  # the route refuses a batch with a suffix
     if not isinstance(text_prompt, str):
@@ -44,8 +46,6 @@ async def infill_job(client, request_id: str, body, decode_params: dict) -> Comp
         if len(text) > _TEXT_LIMIT:
             raise InputError(400, name, f"is {len(text):,} characters; with suffix send at most {_TEXT_LIMIT:,} "
                                         f"(the infill keeps the end of the prompt and the start of the suffix)")
-    prompt = await off_loop(build_infill_prompt, client.tokenizer, text_prompt, suffix,
-                            chars=len(text_prompt) + len(suffix))
     # The same gaps streamed or not: the choice keeps every chunk a prefix of the final text
     # (infill.choose_candidate), so both return the same completion.
     # vLLM's rule, as without suffix: min_tokens <= the most this request generates, max_tokens or, unset,
@@ -56,6 +56,9 @@ async def infill_job(client, request_id: str, body, decode_params: dict) -> Comp
                else f"the {most} tokens an infill generates at most without max_tokens (set max_tokens too)")
         raise InputError(400, "min_tokens", f"is {body.min_tokens}, above {cap}: lower min_tokens")
     gaps = plan_gaps(body.max_tokens, multiline=True, min_tokens=body.min_tokens)
+    room = infill_room(context_length, (*gaps, body.max_tokens or 1))  # the route fits max_tokens to the context
+    prompt = await off_loop(partial(build_infill_prompt, room=room), client.tokenizer, text_prompt, suffix,
+                            chars=len(text_prompt) + len(suffix))
     return CompletionJob(
         request_id=request_id,
         prompt=prompt,

@@ -72,8 +72,10 @@ async def editor_socket(websocket: WebSocket) -> None:
     state = websocket.app.state
     gate = getattr(state, "gate", None)
     refusing = (lambda: gate.retry_after_s if gate.draining else None) if gate is not None else None
+    settings = getattr(state, "settings", None)
     session = EditorSession(state.engine_client, websocket.send_bytes, metrics=getattr(state, "metrics", None),
-                            refusing=refusing, gone=CLIENT_GONE, connection=rid)
+                            refusing=refusing, gone=CLIENT_GONE, connection=rid,
+                            context_length=settings.limits.context_length if settings is not None else 0)
     tasks = {asyncio.ensure_future(_read_frames(websocket, session))}
     if gate is not None:
         tasks.add(asyncio.ensure_future(_close_when_draining(websocket, session, gate)))

@@ -88,8 +88,12 @@ def build_infill_prompt(
     max_prefix_tokens: int = MAX_PREFIX_TOKENS,
     max_suffix_tokens: int = MAX_SUFFIX_TOKENS,
     max_context_tokens: int = MAX_CONTEXT_TOKENS,
+    room: int = 0,
 ) -> InfillPrompt:
     """prompt = context chunks (oldest dropped first) + prefix (its end); suffix = its start.
+
+    `room`: the most tokens prompt and suffix may hold together (the model's context less the longest
+    gap, `infill_room`); the budgets shrink to it (`fitted_budgets`); 0: the budgets as given.
 
     Context comes first so that it, not the moving prefix, is the stable part a prefix cache reuses.
     Parts are tokenized separately: a boundary inside a token costs nothing to correctness here.
@@ -106,6 +110,9 @@ def build_infill_prompt(
     Line endings and indentation: prefix, suffix and context are converted to the model's text (LF,
     spaces) first; `InfillPrompt.to_document` converts a completion back (document.py).
     """
+    if room:
+        max_prefix_tokens, max_suffix_tokens, max_context_tokens = fitted_budgets(
+            room, max_prefix_tokens, max_suffix_tokens, max_context_tokens)
     style = DocumentStyle.of(prefix, suffix)
     at_indent = cursor_at_indent(prefix)
     prefix, suffix = style.to_model(prefix), style.to_model(suffix)
@@ -148,6 +155,29 @@ def build_infill_prompt(
                                                                   for c in context)
     return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids), healed, style, at_indent, holds,
                         prefix[prefix.rfind("\n") + 1:][-MAX_CURSOR_LINE:])
+
+
+def infill_room(context_length: int, gaps: Sequence[int]) -> int:
+    """Tokens an infill's prompt and suffix may hold together: the model's context (`context_length`,
+    config.json max_position_embeddings; 0 unknown) less the longest candidate gap (the suffix sits
+    after the gap, so its positions count it); 0 when the context is unknown. At least 2 (one token
+    each of prefix and suffix), so a context shorter than a gap is the engine's or fit_generation's 400."""
+    if not context_length:
+        return 0
+    return max(2, context_length - max(gaps, default=0))
+
+
+def fitted_budgets(room: int, prefix: int, suffix: int, context: int) -> tuple[int, int, int]:
+    """The (prefix, suffix, context) token budgets shrunk to hold `room` tokens in all: context chunks
+    give way first, then the prefix and suffix in the proportion of their budgets (llama.cpp's /infill
+    fits input_extra into what n_ctx leaves after the prefix and suffix, and cuts those two 3:1 of
+    its batch). Budgets that fit are returned as given."""
+    if prefix + suffix + context <= room:
+        return prefix, suffix, context
+    if prefix + suffix <= room:
+        return prefix, suffix, room - prefix - suffix
+    kept_prefix = max(1, room * prefix // (prefix + suffix))
+    return kept_prefix, max(0, room - kept_prefix), 0
 
 
 def _header_and_tail(tokenizer, header: str, text: str, budget: int) -> list[int]:

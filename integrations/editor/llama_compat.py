@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from functools import partial
 from typing import Any, AsyncIterator
 
 from pydantic import Field, field_validator
 
-from integrations.editor.infill import Candidate, build_infill_prompt, gap_cap, plan_gaps
+from integrations.editor.infill import Candidate, build_infill_prompt, gap_cap, infill_room, plan_gaps
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
 from integrations.editor.protocol import MAX_INDENT, MAX_STOP_STRINGS, ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
@@ -105,17 +106,19 @@ _STOP_TYPE = {"stop": "eos", "length": "limit", "deadline": "limit", CUT_NEWLINE
               CUT_SUFFIX: "limit", "cancelled": "none", "error": "none"}  # fmt: skip
 
 
-async def make_job(client, body: InfillBody, request_id: str) -> CompletionJob:
-    """The completion job of an /infill body; the prompt is tokenized off the event loop."""
+async def make_job(client, body: InfillBody, request_id: str, n_ctx: int = 0) -> CompletionJob:
+    """The completion job of an /infill body; the prompt is tokenized off the event loop and fits the
+    model's context `n_ctx` (tokens, 0 unknown) with the longest gap (llama.cpp cuts its prompt to n_ctx)."""
     context = [ContextChunk(c.filename, c.text) for c in body.input_extra]
     prefix = body.input_prefix + body.prompt
     chars = len(prefix) + len(body.input_suffix) + sum(len(c.text) for c in context)
-    prompt = await off_loop(build_infill_prompt, client.tokenizer, prefix, body.input_suffix, context, chars=chars)
     max_tokens = min(body.n_predict, LIMITS.max_tokens) if body.n_predict > 0 else None
     gaps = plan_gaps(max_tokens, multiline=True)
     if body.n_cmpl > len(gaps):  # more completions asked than the strategy has gaps: add longer ones
         gaps = tuple(sorted(set(gaps) | {gaps[-1] * 2 ** k for k in range(1, body.n_cmpl - len(gaps) + 1)}))
         gaps = tuple(g for g in gaps if max_tokens is None or g <= gap_cap(max_tokens))
+    prompt = await off_loop(partial(build_infill_prompt, room=infill_room(n_ctx, gaps)), client.tokenizer, prefix,
+                            body.input_suffix, context, chars=chars)
     seed = None if body.seed == -1 else body.seed  # llama.cpp: -1 is a random seed; unset is too (engine)
     sampling = {"temperature": sampling_temperature(body.temperature), "top_k": body.top_k, "top_p": body.top_p,
                 "min_p": body.min_p}
@@ -233,7 +236,7 @@ async def infill(client, body: InfillBody, n_ctx: int, request_id: str, observer
     request_id: the prefix of its candidates' engine ids; observer: the request's
     http_metrics.RequestObserver (usage_from_engine), fed the outcome. Engine errors propagate (the
     route maps them to HTTP)."""
-    job = await make_job(client, body, request_id)
+    job = await make_job(client, body, request_id, n_ctx)
     _observe_job(observer, job, body)
     if body.n_predict == 0:
         warmed = await warm_prefix(client, request_id, job.prompt)
@@ -278,7 +281,7 @@ async def infill_events(client, body: InfillBody, n_ctx: int, request_id: str, o
     Errors (InputError, engine errors) are raised; the route turns one raised before the first event
     into an HTTP error and a later one into a final `data: {"error": ...}` event. Arguments as infill()
     (the observer also sees each piece: time to first token, inter-token latency)."""
-    job = await make_job(client, body, request_id)
+    job = await make_job(client, body, request_id, n_ctx)
     _observe_job(observer, job, body)
     if body.n_predict == 0:
         warmed = await warm_prefix(client, request_id, job.prompt)

@@ -22,10 +22,12 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Awaitable, Callable
 
 from integrations.editor import protocol as rpc
-from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, capped_gaps, plan_gaps
+from integrations.editor.infill import (MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, capped_gaps, infill_room,
+                                       plan_gaps)
 from integrations.editor.postprocess import Rules
 from integrations.editor.request_log import CompletionRecord, log_answer
 from integrations.editor.runner import CompletionJob, run_completion
@@ -54,7 +56,7 @@ class EditorSession:
 
     def __init__(self, client, send: Send, limits: rpc.Limits | None = None, metrics=None,
                  refusing: Callable[[], float | None] | None = None, gone: tuple[type[BaseException], ...] = (),
-                 connection: str | None = None):
+                 connection: str | None = None, context_length: int = 0):
         """metrics: the ingress's APIMetrics (integrations/http_metrics.py), which counts this session's
         completions (endpoint "editor") and accept/reject telemetry for the whole service; None (unit
         tests, the router mounted alone): a registry of the session's own, which no /metrics serves.
@@ -62,14 +64,15 @@ class EditorSession:
         `complete` is answered OVERLOADED at once, before it could supersede the completion in flight for
         its uri. gone: the exceptions `send` raises once the client has left (the transport's); the
         session then sends nothing more (the transport's reader sees the disconnect and calls `close`).
-        connection: the handshake's X-Request-Id, in each request-log line. `session_id` (random, announced by
+        connection: the handshake's X-Request-Id, in each request-log line. context_length: the model's
+        context (tokens; 0 unknown), which a completion's prompt, suffix and gap fit (infill.infill_room). `session_id` (random, announced by
         `initialize`) names the session in the engine's ids and the log."""
         self.client = client
         self._gone = gone
         self._refusing = refusing
         self.limits = limits or rpc.Limits()
         self.metrics = metrics if metrics is not None else APIMetrics()
-        self.session_id, self.connection = uuid.uuid4().hex[:10], connection
+        self.session_id, self.connection, self.context_length = uuid.uuid4().hex[:10], connection, context_length
         self._engine_ids = itertools.count(1)  # engine request ids: client ids 1 and "1" are different ids
         self.inflight: dict = {}  # request id -> _Inflight
         self.by_uri: dict[str, object] = {}  # uri -> request id in flight
@@ -180,8 +183,10 @@ class EditorSession:
         """The completion job; its prompt is tokenized off the event loop (other frames and connections
         keep being served meanwhile)."""
         chars = len(params.prefix) + len(params.suffix) + sum(len(c.text) for c in params.context)
-        prompt = await off_loop(build_infill_prompt, self.client.tokenizer, params.prefix, params.suffix,
-                                params.context, params.language, chars=chars)
+        gaps = capped_gaps(params.gaps, params.max_tokens) or plan_gaps(params.max_tokens, params.multiline)
+        prompt = await off_loop(partial(build_infill_prompt, room=infill_room(self.context_length, gaps)),
+                                self.client.tokenizer, params.prefix, params.suffix, params.context, params.language,
+                                chars=chars)
         sampling = {}
         if params.temperature is not None:
             sampling["temperature"] = sampling_temperature(params.temperature)
@@ -190,7 +195,7 @@ class EditorSession:
         return CompletionJob(
             request_id=request_id,
             prompt=prompt,
-            gaps=capped_gaps(params.gaps, params.max_tokens) or plan_gaps(params.max_tokens, params.multiline),
+            gaps=gaps,
             rules=Rules(suffix=params.suffix, multiline=params.multiline, indent=params.indent, cut_invalid=True),
             mode=_MODES[params.mode],
             priority=Priority.INTERACTIVE,

@@ -104,12 +104,14 @@ def local_app(model_dir, client_type=None, engine_options: dict | None = None, t
     from integrations.engine_client import LocalEngineClient, read_model_card
     from integrations.engine_host import build_engine
     from integrations.openai_api import APISettings, create_app
+    from integrations.request_limits import RequestLimits
     from ports import server_socket
 
     engine, tokenizer = build_engine(model_dir, {}, {"routing": {"calibrate": False}, **(engine_options or {})})
     card = read_model_card(model_dir)
     client = (client_type or LocalEngineClient)(engine, tokenizer, model_dir.name, card)
-    app = create_app(APISettings(model_name=model_dir.name, decode_defaults=card["defaults"]), client)
+    limits = RequestLimits(context_length=card["limits"]["context_length"])  # as the Serve app sets it
+    app = create_app(APISettings(model_name=model_dir.name, decode_defaults=card["defaults"], limits=limits), client)
     sock = server_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
     loops = []
