@@ -41,8 +41,9 @@ def switch_may_follow(scheduler, req: Request) -> bool:
 
 
 def maybe_switch(scheduler, req: Request) -> bool:
-    """Re-route `req` if it is AUTO, at a block boundary, and the router now prefers the other mode.
-    Returns True when the request changed mode."""
+    """Re-route `req` if it is AUTO, at a block boundary, and the router now prefers the other mode
+    (on a separate AR model, only when that model's pool has room for it: KVOwner.available). Returns
+    True when the request changed mode."""
     if not switch_due(scheduler, req):
         return False
     generated = req.generated_tokens()
@@ -57,6 +58,11 @@ def maybe_switch(scheduler, req: Request) -> bool:
     if decision.mode is req.mode:
         return False
     new_key = scheduler.kv.runner_for(req, decision.mode is Mode.AR)
+    if new_key != req.runner_key and scheduler.kv.available(scheduler.running, new_key) < req.kv_blocks:
+        # The other model's pool cannot hold it beside what its running requests were promised: moved
+        # anyway, it overcommitted that pool, and a request that switched mode is never preempted, so
+        # one of them failed with "KV cache full" (helper-170). It stays where its blocks are.
+        return False
     handoff = req.decoder.handoff()
     if new_key != req.runner_key:
         scheduler.kv.free(req)  # the other model has none of this KV

@@ -9,6 +9,7 @@ from sched_fakes import FakeFactory, FakeRunner, FakeTokenizer, collect, ids_of
 from scheduler.api import GenerationRequest, Mode, Priority
 from scheduler.config import EngineConfig, RoutingConfig
 from scheduler.engine import Engine
+from scheduler.routing import RouteDecision
 
 FLAT = [(1, 0.010), (512, 0.0101)]
 
@@ -86,3 +87,32 @@ async def test_an_auto_request_routed_to_ar_goes_where_its_kv_estimate_fits():
     auto = await asyncio.wait_for(collect(engine, GenerationRequest("auto", [5, 6, 7, 8] * 5, {"gen_length": 6})), 60)
     assert len(ids_of(auto)) == 6 and auto[-1].stats["modes"] == ["ar"] and _seqs(main) == {"auto"} and not ar.calls
     await engine.stop()
+
+
+async def test_requests_switch_to_the_ar_model_only_while_its_pool_has_room_for_them():
+    """Two AUTO requests start in ReFusion on the main model and both want AR at their first re-route.
+    The AR pool holds one of them: moved anyway, the second overcommitted it and, never preempted (it
+    switched mode), failed with "KV cache full" (helper-170). The second stays on the main model."""
+    main, ar = FakeRunner(num_blocks=128), FakeRunner(num_blocks=16)
+    config = EngineConfig(max_running=2, routing=RoutingConfig(calibrate=False, cost_points=FLAT,
+                                                               switch_interval_tokens=4))
+    engine = Engine(main, FakeTokenizer(), config, FakeFactory(), ar_runner=ar, ar_decoder_factory=FakeFactory())
+    need = engine.scheduler.kv.blocks_needed(3, 0, FakeFactory().parse_params({"gen_length": 16}))
+    assert need <= engine.kv.capacity("ar") < 2 * need
+    original = engine.router.decide
+
+    def decide(requested, priority, load, current=None, request_key=None):
+        if requested is not Mode.AUTO:
+            return original(requested, priority, load, current=current, request_key=request_key)
+        return RouteDecision(Mode.REFUSION if current is None else Mode.AR, "test")  # ReFusion, then AR
+
+    engine.router.decide = decide
+    await engine.start()
+    results = await asyncio.wait_for(asyncio.gather(
+        *[collect(engine, GenerationRequest(n, [5, 6, 7], {"gen_length": 16})) for n in ("x", "y")]), 60)
+    for deltas in results:
+        assert deltas[-1].error is None and len(ids_of(deltas)) == 16, deltas[-1]
+    assert sorted(tuple(d[-1].stats["modes"]) for d in results) == [("refusion",), ("refusion", "ar")]
+    await engine.stop()
+    for key in ("main", "ar"):
+        assert engine.kv.pool(key).num_free == engine.kv.pool(key).num_total
