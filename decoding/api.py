@@ -73,6 +73,10 @@ class Handoff:
     suffix_cached_len: int = 0
     # TokenLogprob of each generated id, when the request asks for log probabilities (else empty).
     generated_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Tokens of the current semi-AR block generated before the handoff: ReFusion's next block boundary
+    # stays where it was (0 at a boundary: a mode switch; a preempted rerun retracing its sent text
+    # may hand off inside a block, scheduler/replay.py)
+    block_done: int = 0
 
 
 class Decoder(Protocol):

@@ -103,6 +103,26 @@ class ARDecoder(ARPlanAhead):
         """Continue a request another decoder started (ReFusion -> AR at a block boundary)."""
         return cls(seq_id, handoff.prompt_ids, params, _handoff=handoff)
 
+    @classmethod
+    def resume(cls, seq_id: str, handoff: Handoff, params: DecodeParams,
+               constraint: TokenConstraint | None = None) -> "ARDecoder":
+        """Continue ids this request's own run made, its context (prompt and infill suffix) in the cache and
+        those ids not (a preempted rerun retracing what it streamed: scheduler/replay.py): the first step
+        feeds them (kept) and reads the next token after the last one, as that run read each token, not
+        from a mask row as after a mode switch (module doc); the next read's step (its random draws) is
+        the one that run would have used (exact without a grammar: forced tokens count no step).
+        `constraint`: a grammar request's matcher after those ids."""
+        if handoff.cached_len != len(handoff.prompt_ids) or handoff.suffix_cached_len != len(handoff.suffix_ids):
+            raise ValueError(f"{seq_id}: resume needs the whole context cached")
+        made = list(handoff.generated_ids)
+        dec = cls(seq_id, handoff.prompt_ids, params, suffix_ids=handoff.suffix_ids, constraint=constraint)
+        dec.feed.consume(dec.feed.pending)
+        dec.generated, dec.gen_cached, dec.ended_on_eos = made, 0, False
+        dec.logprobs, dec.stats = list(handoff.generated_logprobs), handoff.stats
+        dec._catch_up_forwards = dec.stats.forwards - len(made)  # the unpreempted run read token len(made) at that step
+        dec.phase = ARPhase.DECODE if len(made) < dec.span else ARPhase.FINISHED
+        return dec
+
     @property
     def grammar_ms(self) -> float:
         """CPU milliseconds its grammar took to match the last token (decoding.grammar.TokenConstraint:

@@ -66,7 +66,8 @@ class RefusionDecoder:
         if span % params.slot_size:
             raise DecodeParamError("remaining", f"{span} tokens left is not a multiple of slot_size {params.slot_size}")
         self.gen_start = len(self.prompt_ids) + len(self.prior_ids)
-        self.pool = SlotPool(self.gen_start, split_blocks(span, params.block_length), params.slot_size)
+        self.pool = SlotPool(self.gen_start, split_blocks(span, params.block_length, h.block_done if h else 0),
+                             params.slot_size)
         self.stats = h.stats if h else DecodeStats()
         self.phase = Phase.PREFILL if span else Phase.FINISHED
         self.accepted: dict[int, int] = {}  # logical position -> token, every committed generated token

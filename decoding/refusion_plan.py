@@ -39,11 +39,15 @@ class Verdict:
     slot_flags: list[list[bool]]
 
 
-def split_blocks(span: int, block_length: int) -> list[int]:
-    """Block lengths covering `span` generated tokens: whole blocks, then the remainder if any."""
-    blocks = [block_length] * (span // block_length)
-    if span % block_length:
-        blocks.append(span % block_length)
+def split_blocks(span: int, block_length: int, block_done: int = 0) -> list[int]:
+    """Block lengths covering `span` generated tokens: whole blocks, then the remainder if any. With
+    `block_done` tokens of a block generated already (a handoff inside a block), the first block is
+    that block's rest, so the boundaries after it stay where they were."""
+    first = min(span, block_length - block_done % block_length) if block_done % block_length else 0
+    rest = span - first
+    blocks = ([first] if first else []) + [block_length] * (rest // block_length)
+    if rest % block_length:
+        blocks.append(rest % block_length)
     return blocks
 
 

@@ -230,10 +230,12 @@ class Admission:
 
     def requeue(self, victim: Request, reason: str) -> bool:
         """Send a running request back to the queue: its KV is freed and it restarts from scratch later,
-        in the same mode. Outputs are batch-independent and seeded per request, so the rerun yields the
-        same tokens and its stream resumes where it stopped (nothing is sent twice). Only requests that
-        never switched mode are requeued. Returns False when the text it had absorbed but not sent ended
-        it instead (`before_requeue`: a stop string; removed and its KV freed then), else True."""
+        in the same mode. Its draws are seeded per request and position, so the rerun yields the same
+        tokens and its stream resumes where it stopped (nothing is sent twice); where the rerun's logits
+        tip a near-tie the other way, it continues the ids already taken instead (scheduler/replay.py,
+        `replay_ids`). Only requests that never switched mode are requeued. Returns False when the text
+        it had absorbed but not sent ended it instead (`before_requeue`: a stop string; removed and its
+        KV freed then), else True."""
         if self.before_requeue is not None:
             self.before_requeue(victim)
             if victim.finished:
@@ -241,6 +243,8 @@ class Admission:
         self.running.remove(victim)
         self.kv.free(victim)
         victim.tokens_before_requeue = max(victim.tokens_before_requeue, victim.generated_tokens())
+        if victim.stream is not None and len(victim.stream.ids) > len(victim.replay_ids):
+            victim.replay_ids = victim.stream.ids
         victim.pinned_mode, victim.mode_history = victim.mode, []
         victim.decoder, victim.pending_segment, victim.status = None, None, RequestStatus.WAITING
         victim.skipped, victim.tokens_at_last_route, victim.overtook = 0, 0, False

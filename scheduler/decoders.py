@@ -30,6 +30,13 @@ class DecoderFactory(Protocol):
         """A decoder continuing another one's text (mode switch at a block boundary); the handoff
         carries the infill suffix. Its stream_ids()/output_ids() include the handed-off text."""
 
+    def resume(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any,
+               *, constraint: TokenConstraint | None = None) -> Decoder:
+        """A decoder continuing the ids its request's own run made (a preempted rerun retracing what it
+        streamed, scheduler/replay.py); the handoff's context (prompt and suffix) is cached, its
+        generated ids are not. AR reads the next token after them (decoding.ar.ARDecoder.resume);
+        ReFusion continues as from a handoff."""
+
 
 REQUEST_PARAMS = (
     "gen_length", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold",
@@ -74,6 +81,14 @@ class ModelDecoderFactory:
         return _decoder_class(mode)(seq_id, prompt_ids, params, suffix_ids=suffix_ids, constraint=constraint)
 
     def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any) -> Decoder:
+        return _decoder_class(mode).from_handoff(seq_id, handoff, params)
+
+    def resume(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any,
+               *, constraint: TokenConstraint | None = None) -> Decoder:
+        if mode is Mode.AR:
+            from decoding.ar import ARDecoder
+
+            return ARDecoder.resume(seq_id, handoff, params, constraint=constraint)
         return _decoder_class(mode).from_handoff(seq_id, handoff, params)
 
 

@@ -124,6 +124,11 @@ class TextStream:
         """Everything sent so far."""
         return self._text[: self._sent_chars]
 
+    @property
+    def ids(self) -> list[int]:
+        """Every id taken so far (sent, or held back for a stop string or an incomplete character)."""
+        return list(self._ids)
+
     def update(self, ids: list[int], *, newline_cut: bool = False) -> TextUpdate:
         """Take the decoder's current stream_ids(); return what can be sent now."""
         if self.done:

@@ -243,7 +243,8 @@ class EngineLoop:
                 self._finish(req, FinishReason.ERROR, error=error)
         for req in plan.done:
             self._stream(req, time.monotonic())  # a decoder done without a step (a grammar's forced text)
-            self._finish(req, self._natural_reason(req))
+            if not req.finished and req.decoder.finished:  # (a rerun may have been given a new decoder: replay.py)
+                self._finish(req, self._natural_reason(req))
 
     def _drop_ahead(self, ahead: StepPlan) -> None:
         """A step planned ahead that will not run (or ran and is abandoned): its decoders forget it, its KV

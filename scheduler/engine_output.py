@@ -16,6 +16,7 @@ from decoding.api import DecodeParamError
 from scheduler.api import Delta, FinishReason
 from scheduler.detokenizer import TextUpdate
 from scheduler.mode_switch import switch_due
+from scheduler.replay import replay_diverged, retrace
 from scheduler.request import Request, RequestStatus
 
 log = structlog.get_logger("engine")
@@ -41,8 +42,10 @@ class EngineOutput:
             # (nothing sent yet: its first text goes out at once, for the time to first token; a step of it
             # launched ahead is running: streaming now overlaps that step already)
             return False
-        if switch_due(self.scheduler, req):
-            return False  # a stop string in its text must end it before the router may switch its mode
+        if switch_due(self.scheduler, req) or req.replay_ids:
+            # a stop string in its text must end it before the router may switch its mode; a rerun's ids
+            # are checked against those it streamed before its preemption as it makes them (replay.py)
+            return False
         cap, deadline = req.spec.max_tokens, req.deadline_s
         if cap is not None and len(req.stream_ids()) >= cap:
             return False
@@ -84,6 +87,8 @@ class EngineOutput:
 
     def _stream(self, req: Request, now: float) -> None:
         """Send newly final text; end the request on a stop string, a passed deadline or max_tokens."""
+        if req.replay_ids and replay_diverged(req):
+            retrace(self.scheduler, req)  # a rerun that parted from the ids it sent continues those instead
         deadline = req.deadline_s
         past = deadline is not None and now >= deadline
         ids, cap = req.stream_ids(), req.spec.max_tokens

@@ -69,7 +69,7 @@ class PlanAhead:
             planner = getattr(req.decoder, "plan_ahead", None) if req.pending_segment is None else None
             if planner is not None and (chunk and budget <= 0 or req.decoder.ends_with_step_in_flight()
                                         or req.decoder.sits_out_ahead(budget) or switch_may_follow(self, req)
-                                        or req in sits_out):
+                                        or req in sits_out or req.replay_ids):
                 continue  # sits out (no budget, its grammar's host view first, re-routed first, or not its
                 # grammar turn), or its step in flight is its last
             try:

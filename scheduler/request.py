@@ -69,6 +69,8 @@ class Request:
     host_s: float = 0.0  # engine-thread CPU seconds spent on it in the current step (routing.HostCost)
     pinned_mode: Mode | None = None  # set when preempted: the rerun keeps the mode it had
     tokens_before_requeue: int = 0  # generated ids when last preempted (its rerun makes them again)
+    # the ids its stream had taken when last preempted, until its rerun has made them all (scheduler/replay.py)
+    replay_ids: list[int] = field(default_factory=list)
     overtook: bool = False
     kv_wait: tuple[str, int] | None = None
     start_reported: bool = False  # a delta carried cached_prompt_tokens (see delta())

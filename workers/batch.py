@@ -52,6 +52,8 @@ Randomness is counter-based: u = uniform(hash(seed, step, position, vocab index)
 request's own decode-step counter (decoders count forwards with reads) and `position` the logical
 position of the read row. Both are intrinsic to the request: its draws depend on nothing else in the
 batch nor on how its prompt was chunked, and a request restarted from scratch draws the same numbers.
+(Its logits may still differ by float noise beside other sequences; a rerun that tips a near-tie the
+other way continues the ids it streamed before: scheduler/replay.py.)
 """
 
 from __future__ import annotations

@@ -1,0 +1,135 @@
+"""A preempted request's rerun that makes other ids than it already streamed continues the streamed ones
+(scheduler/replay.py), on a real ModelRunner and the real decoders (the shipped model on the CPU).
+
+The rerun's logits differ from the first run's by float noise beside other requests; at a near-tie
+that flips a token. Here the flip is forced: while the rerun retraces its streamed ids, every read of
+one of those positions answers another token (`FlipRetrace`). Before the fix the client got the first
+run's ids followed by the rerun's from that index on, text neither run wrote (helper-170); now it gets
+exactly the run never preempted. The preemption itself is forced: an INTERACTIVE request is submitted
+once the BATCH one has streamed `k` ids, with one running slot."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from sched_fakes import collect, ids_of
+
+from scheduler.api import GenerationRequest, Mode, Priority
+from scheduler.config import EngineConfig, RoutingConfig
+from scheduler.engine import Engine
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(),
+                                                   reason="models/refusion-tiny-code not present")]
+
+PROMPT = "from typing import"  # 27 varied tokens from the shipped model in ReFusion (greedy)
+
+
+@pytest.fixture
+def runner():
+    """The shipped model: its next token depends on the text before (a random tiny one repeats one token)."""
+    from workers.runner import ModelRunner
+
+    return ModelRunner(SHIPPED_MODEL, device="cpu", num_blocks=256, block_size=16)
+
+
+class FlipRetrace:
+    """runner.execute that, for request `rid` while it retraces ids it streamed before its preemption
+    (Request.replay_ids), answers every read of one of those positions with another token."""
+
+    def __init__(self, execute, engine, rid: str, vocab: int):
+        self.execute, self.engine, self.rid, self.vocab, self.flipped = execute, engine, rid, vocab, 0
+
+    def __call__(self, segments, block_tables):
+        results = self.execute(segments, block_tables)
+        req = next((r for r in self.engine.scheduler.running if r.id == self.rid), None)
+        if req is None or not req.replay_ids:
+            return results
+        end = len(req.spec.prompt_ids) + len(req.replay_ids) - 1  # (a read at a row predicts its next position)
+        for segment, result in zip(segments, results):
+            if segment.seq_id == self.rid:
+                rows = segment.reads.rows()
+                for i, row in enumerate(rows[: len(result.tokens)]):
+                    if segment.positions[row] < end:
+                        result.tokens[i] = (result.tokens[i] + 1) % self.vocab
+                        self.flipped += 1
+        return results
+
+
+async def _engine(runner) -> Engine:
+    engine = Engine(runner, runner.tokenizer, EngineConfig(max_running=1, routing=RoutingConfig(calibrate=False)))
+    await engine.start()
+    return engine
+
+
+async def _preempted(runner, spec: GenerationRequest, k: int, flip: bool) -> list:
+    """The deltas of `spec` preempted once it has streamed `k` ids, its rerun flipped if `flip`."""
+    engine = await _engine(runner)
+    flipper = FlipRetrace(runner.execute, engine, spec.request_id, runner.info.vocab_size)
+    if flip:
+        runner.execute = flipper
+    interactive = GenerationRequest("i", runner.tokenizer.encode("class A:\n"), {"gen_length": 8, "slot_size": 8, "serial_num_blocks": 1},
+                                    mode=Mode.AR, priority=Priority.INTERACTIVE)
+    deltas, other = [], None
+    try:
+        async for delta in engine.submit(spec):
+            deltas.append(delta)
+            if other is None and len(ids_of(deltas)) >= k and not delta.finished:
+                other = asyncio.ensure_future(collect(engine, interactive))
+        await asyncio.wait_for(other, 60)
+    finally:
+        runner.__dict__.pop("execute", None)
+        await engine.stop()
+    assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+    assert deltas[-1].stats["preemptions"] == 1, "the set-up must preempt it once"
+    assert not flip or flipper.flipped, "the rerun must have been flipped"
+    return deltas
+
+
+def _continued(runner, spec: GenerationRequest, mode: Mode, sent: list[int]) -> list[int]:
+    """What a decoder continuing `sent` alone gives (workers.session, no engine): the reference of a
+    ReFusion retrace, whose continuation prefills the sent ids clean (replay.py)."""
+    from decoding.api import Handoff
+    from decoding.loop import decode_batch
+    from scheduler.decoders import ModelDecoderFactory
+    from workers.session import RunnerSession
+
+    factory = ModelDecoderFactory(runner)
+    params = factory.parse_params(spec.params)
+    handoff = Handoff(list(spec.prompt_ids), list(sent), cached_len=0, remaining=params.gen_length - len(sent),
+                      block_done=len(sent) % params.block_length)
+    return decode_batch(RunnerSession(runner), [factory.from_handoff(mode, "reference", handoff, params)])[0]
+
+
+@pytest.mark.parametrize("mode, params, k", [
+    (Mode.AR, {"gen_length": 32, "slot_size": 8, "serial_num_blocks": 1, "ignore_eos": True}, 3),
+    # ReFusion streams its first block of 8, then a slot of 4 at a time: preempted with 12 ids sent, inside
+    # its second block (the retrace keeps that block's end); and with its first block of 16 sent
+    (Mode.REFUSION, {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 4}, 9),
+    (Mode.REFUSION, {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 2}, 16),
+])
+async def test_a_rerun_that_parts_from_its_streamed_ids_continues_them(runner, mode, params, k, monkeypatch):
+    """AR: the text is the run never preempted. ReFusion: the first run's streamed ids, then what a
+    decoder continuing them gives (its committed KV came from verify forwards beside other drafts; the
+    retrace prefills it clean), never the flipped rerun's."""
+    from scheduler.scheduler import Scheduler
+
+    spec = lambda: GenerationRequest("v", runner.tokenizer.encode(PROMPT), dict(params), mode=mode)  # noqa: E731
+    engine = await _engine(runner)
+    solo = await collect(engine, spec())
+    await engine.stop()
+    assert len(ids_of(solo)) > k + 4, "the solo run must go on past the preemption"
+    plain = await _preempted(runner, spec(), k, flip=False)
+    assert ids_of(plain) == ids_of(solo)  # a rerun that retraces its ids (the usual case)
+    preempted_with = []  # the ids it had streamed when preempted
+    requeue = Scheduler.requeue
+    monkeypatch.setattr(Scheduler, "requeue", lambda s, victim, reason: (
+        preempted_with.append(len(victim.stream_ids())), requeue(s, victim, reason))[1])
+    flipped = await _preempted(runner, spec(), k, flip=True)
+    [sent] = preempted_with
+    expected = ids_of(solo) if mode is Mode.AR else _continued(runner, spec(), mode, ids_of(solo)[:sent])
+    assert ids_of(flipped) == expected and ids_of(flipped)[:sent] == ids_of(solo)[:sent]
+    assert "".join(d.text for d in flipped) == runner.tokenizer.decode(expected, skip_special_tokens=True)
+    assert flipped[-1].stats["generated_tokens"] == len(expected)
