@@ -125,6 +125,12 @@ class TextStream:
         return self._text[: self._sent_chars]
 
     @property
+    def sent_ids(self) -> int:
+        """How many of the ids taken have gone out with the text (the ids covering a stop string's text
+        at most, once one ended it)."""
+        return self._sent_ids
+
+    @property
     def ids(self) -> list[int]:
         """Every id taken so far (sent, or held back for a stop string or an incomplete character)."""
         return list(self._ids)

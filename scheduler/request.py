@@ -165,6 +165,8 @@ class Request:
         appended without a forward, or a ReFusion slot may run past the cap, which the stream cuts;
         counted whole, stats and metrics said 12 tokens for a request of max_tokens 4)."""
         made = len(self.decoder.output_ids()) if self.decoder is not None else 0
+        if self.stream is not None and self.stream.stop_word is not None:
+            made = self.stream.sent_ids  # a stop string ended the text: a ReFusion slot's rest went unsent
         cap = self.spec.max_tokens
         return made if cap is None else min(made, cap)
 

@@ -79,3 +79,18 @@ def test_a_request_without_a_seed_gets_a_fresh_one_each_time():
 def test_a_given_seed_is_kept():
     assert with_seed({"temperature": 1.0, "seed": 0}) == {"temperature": 1.0, "seed": 0}
     assert with_seed({"seed": 2**63 - 1})["seed"] == 2**63 - 1
+
+
+@pytest.mark.parametrize("mode", [Mode.REFUSION, Mode.AR])
+async def test_a_stop_string_ends_the_count_of_generated_tokens_where_it_ends_the_ids(mode):
+    """ReFusion commits whole slots: a stop string in a slot's first token sent 1 id, while the final
+    stats (the infill route's usage, the request log's tokens) counted the whole slot (helper-170)."""
+    engine, _ = make_engine(prefix_cache=False)
+    await engine.start()
+    plain = await collect(engine, req("plain", mode=mode))
+    stop = text_of(plain)[2]
+    stopped = await collect(engine, req("stopped", stop=[stop], mode=mode))
+    await engine.stop()
+    kept = text_of(plain)[: text_of(plain).index(stop)]
+    assert text_of(stopped) == kept and stopped[-1].finish_reason is FinishReason.STOP
+    assert stopped[-1].stats["generated_tokens"] == len(ids_of(stopped)) < len(ids_of(plain))
