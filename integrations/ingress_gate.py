@@ -20,6 +20,9 @@ It owns what must hold on every path, whatever a route does or fails to do:
   403, the answer to a bad key), while requests already inside run to their end. A WebSocket already
   open counts as open work until it closes; the editor route (integrations/editor/http.py) closes it
   with 1001 ("going away") once its completions in flight have answered (`wait_draining`).
+- Open WebSockets: at most `max_sockets` (RequestLimits.max_editor_connections); one more is closed with
+  1013 as while draining. Each holds one of the replica's max_ongoing_requests call slots for its life,
+  so 900 idle ones left no slot for any HTTP request, /health included (helper-171).
 - Disconnects before the answer starts: on the generation routes (GAUGED_ENDPOINTS) the gate watches the
   connection once the body is read, and a client that leaves before the response starts (a non-streamed
   request, or a stream still waiting for its first token) has its route cancelled, which cancels its
@@ -66,6 +69,7 @@ class IngressGate:
         self.retry_after_s = 5
         self.open_requests = 0  # HTTP requests inside, not yet fully answered
         self.open_sockets = 0  # WebSockets inside, not yet closed
+        self.max_sockets = 0  # WebSockets let in at once (RequestLimits.max_editor_connections; 0: no bound)
         self._drain_started = asyncio.Event()
 
     @property
@@ -109,6 +113,10 @@ class IngressGateMiddleware:
             return
         receive = _disconnect_on_transport_error(receive, scope["type"])
         if scope["type"] == "websocket":
+            if self.gate.max_sockets and self.gate.open_sockets >= self.gate.max_sockets:
+                await _close_socket(receive, send, 1013, f"{self.gate.open_sockets} editor connections are open on "
+                                    "this server replica, its most: retry later")
+                return
             self.gate.open_sockets += 1
             try:
                 await self.app(scope, receive, send)
@@ -166,9 +174,7 @@ class IngressGateMiddleware:
 
     async def _refuse(self, scope, receive, send, path: str) -> None:
         if scope["type"] == "websocket":
-            if (await receive())["type"] == "websocket.connect":  # else the client already left
-                await send({"type": "websocket.accept"})
-                await send({"type": "websocket.close", "code": 1013, "reason": "server is shutting down"})
+            await _close_socket(receive, send, 1013, "server is shutting down")
             return
         message = f"the server is shutting down: retry in {self.gate.retry_after_s} s"
         if path in GAUGED_ENDPOINTS:  # counted and logged as every refusal is
@@ -184,6 +190,14 @@ class IngressGateMiddleware:
             self._observer(scope, GAUGED_ENDPOINTS[path], time.perf_counter()).finish(400, error=REFUSAL)
         body = {"error": {"message": REFUSAL, "type": "invalid_request_error", "param": "X-Request-Id", "code": None}}
         await _answer_json(scope, send, 400, body)
+
+
+async def _close_socket(receive, send, code: int, reason: str) -> None:
+    """Accept a WebSocket and close it at once with `code` and `reason` (a close before the accept would
+    reach the client as a 403, the answer to a bad key)."""
+    if (await receive())["type"] == "websocket.connect":  # else the client already left
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 async def _answer_json(scope, send, status: int, body: dict, headers: list | None = None) -> None:

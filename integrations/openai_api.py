@@ -72,6 +72,7 @@ def create_app(settings: APISettings, engine_client=None, gate: IngressGate | No
     app.state.engine_client = engine_client
     app.state.metrics = APIMetrics()
     app.state.gate = gate or IngressGate()
+    app.state.gate.max_sockets = settings.limits.max_editor_connections
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(responses_router)

@@ -94,6 +94,12 @@ class RequestLimits:
     max_sequences: engine requests one HTTP request may start (prompts x n): more than the engine's
         max_running + max_queue can never be admitted, so that is a 400, not a retryable 503.
         0 = unknown, not checked.
+    max_editor_connections: editor WebSockets open at once on this ingress replica; one more is closed
+        with 1013 ("try again later"). Each open socket holds one of the replica's max_ongoing_requests
+        call slots for its whole life, so with no bound idle sockets starved every HTTP route, /health
+        included (helper-171). 0 = no bound.
+    editor_idle_timeout_s: an editor WebSocket that sent no frame for this long, with no completion in
+        flight, is closed with 1001 ("going away"; clients reconnect, as after a drain). 0 = never.
     """
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -101,6 +107,8 @@ class RequestLimits:
     max_prompt_chars: int | None = None
     context_length: int = 0
     max_sequences: int = 0
+    max_editor_connections: int = 0
+    editor_idle_timeout_s: float = 0.0
 
     @property
     def max_array_items(self) -> int | None:

@@ -79,7 +79,9 @@ class IngressDeployment:
         limits = RequestLimits(max_body_bytes=self.config.max_body_bytes, body_timeout_s=self.config.body_timeout_s,
                                max_prompt_chars=self.config.max_prompt_chars,
                                context_length=self.model_card["limits"]["context_length"],
-                               max_sequences=engine.max_running + engine.max_queue)
+                               max_sequences=engine.max_running + engine.max_queue,
+                               max_editor_connections=self.config.editor_connections,
+                               editor_idle_timeout_s=self.config.editor_idle_timeout_s)
         settings = APISettings(
             model_name=self.config.served_model_names[0],
             model_aliases=tuple(self.config.served_model_names[1:]),

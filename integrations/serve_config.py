@@ -198,6 +198,13 @@ class ServeConfig(_Strict):
     engine_deployment: EngineDeploymentOptions = Field(default_factory=EngineDeploymentOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     drain_timeout_s: float = Field(default=20.0, ge=0, description="shutdown: in-flight requests get this long")
+    editor_max_connections: int | None = Field(
+        default=None, ge=1, description="editor WebSockets open at once per ingress replica (one more is closed "
+        "with 1013); each holds one of its max_ongoing_requests call slots while open; default: half of "
+        "ingress.max_ongoing_requests, so HTTP keeps the other half")
+    editor_idle_timeout_s: float = Field(default=600.0, ge=0, description="an editor WebSocket that sent no "
+                                         "frame for this long, with no completion in flight, is closed with 1001; "
+                                         "0 = never")
     health_probe_timeout_s: float = Field(default=20.0, gt=0, description="one-token probe limit")
     caller_check_s: float = Field(default=2.0, gt=0, description="how often an engine replica checks that the "
                                   "ingress replicas it streams to are alive (a dead one's requests are cancelled)")
@@ -229,6 +236,20 @@ class ServeConfig(_Strict):
         if any(not key.strip() for key in value):
             raise ValueError("an empty key would let in a request with an empty Bearer token; remove it")
         return value
+
+    @model_validator(mode="after")
+    def _editor_connections(self) -> "ServeConfig":
+        slots = self.ingress.max_ongoing_requests
+        if self.editor_max_connections is not None and self.editor_max_connections >= slots:
+            raise ValueError(f"editor_max_connections ({self.editor_max_connections}) must be below "
+                             f"ingress.max_ongoing_requests ({slots}): each open editor socket holds one of those "
+                             "call slots, and HTTP requests (/health among them) need the rest")
+        return self
+
+    @property
+    def editor_connections(self) -> int:
+        """editor_max_connections, or half the ingress replica's call slots."""
+        return self.editor_max_connections or max(1, self.ingress.max_ongoing_requests // 2)
 
     @property
     def served_model_names(self) -> list[str]:

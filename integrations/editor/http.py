@@ -79,6 +79,9 @@ async def editor_socket(websocket: WebSocket) -> None:
     tasks = {asyncio.ensure_future(_read_frames(websocket, session))}
     if gate is not None:
         tasks.add(asyncio.ensure_future(_close_when_draining(websocket, session, gate)))
+    idle_s = settings.limits.editor_idle_timeout_s if settings is not None else 0
+    if idle_s:
+        tasks.add(asyncio.ensure_future(_close_when_idle(websocket, session, idle_s)))
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -110,6 +113,19 @@ async def _read_frames(websocket: WebSocket, session: EditorSession) -> None:
                 return
             data = message.get("bytes")
             await session.handle_frame(data if data is not None else message.get("text"))
+
+
+async def _close_when_idle(websocket: WebSocket, session: EditorSession, idle_s: float) -> None:
+    """Close the socket with 1001 once the client has sent no frame for `idle_s` seconds and no completion
+    of it is in flight (RequestLimits.editor_idle_timeout_s): an open socket holds one of the ingress
+    replica's call slots, and an editor that went away without closing held it for good."""
+    while True:
+        quiet = time.monotonic() - session.last_frame_s
+        if quiet >= idle_s and not session.inflight:
+            with contextlib.suppress(*CLIENT_GONE, RuntimeError):  # (the client may have left meanwhile)
+                await websocket.close(1001, f"idle for {idle_s:g} s: reconnect to complete again")
+            return
+        await asyncio.sleep(max(idle_s - quiet, min(idle_s, 1.0)))
 
 
 async def _close_when_draining(websocket: WebSocket, session: EditorSession, gate) -> None:

@@ -22,6 +22,7 @@ from integrations.editor import protocol as rpc
 from integrations.editor.runner import CompletionOutcome
 from integrations.http_metrics import APIMetrics, RequestObserver, log_editor_request
 from integrations.openai_infill import final_delta
+from integrations.request_limits import clipped
 from scheduler.api import Delta
 
 ENDPOINT = "editor"  # the `endpoint` label of the refusion_api_* families and of the request-log lines
@@ -92,11 +93,20 @@ def log_answer(session, msg_id, method: str | None, outcome: str, record: Comple
         observer.finish(status, write_line=False)
     log_editor_request(
         request_id=record.request_id if record else None, session=session.session_id,
-        connection=session.connection, id=msg_id, method=method, outcome=outcome, code=err.code if err else None,
-        status=status if observer is not None else None,
-        error=error or (err.message if err else None), mode=result.mode if result else None,
+        connection=session.connection, id=_clipped(msg_id), method=_clipped(method), outcome=outcome,
+        code=err.code if err else None, status=status if observer is not None else None,
+        error=_clipped(error or (err.message if err else None)), mode=result.mode if result else None,
         finish_reason=[result.stop_reason] if result else [],
         prompt_tokens=record.prompt_tokens if record else None,
         completion_tokens=observer.completion_tokens if record else None,
         tpf=result.tokens_per_forward if result else None, ttft_ms=observer.ttft_ms if record else None,
         e2e_ms=observer.e2e_ms if observer is not None else round((time.perf_counter() - started) * 1000, 2))
+
+
+LOGGED_FIELD_CHARS = 256  # a client's frame id, method or an error quoting them, as logged (a 1 MB id was logged whole)
+
+
+def _clipped(value):
+    """A string `value` cut to LOGGED_FIELD_CHARS (request_limits.clipped: says how much was left out);
+    anything else as it is."""
+    return clipped(value, LOGGED_FIELD_CHARS) if isinstance(value, str) else value

@@ -73,6 +73,7 @@ class EditorSession:
         self.limits = limits or rpc.Limits()
         self.metrics = metrics if metrics is not None else APIMetrics()
         self.session_id, self.connection, self.context_length = uuid.uuid4().hex[:10], connection, context_length
+        self.last_frame_s = time.monotonic()  # when the client last sent a frame (the route's idle timeout)
         self._engine_ids = itertools.count(1)  # engine request ids: client ids 1 and "1" are different ids
         self.inflight: dict = {}  # request id -> _Inflight
         self.by_uri: dict[str, object] = {}  # uri -> request id in flight
@@ -101,6 +102,7 @@ class EditorSession:
     async def handle_frame(self, data: bytes | str | None) -> None:
         """Answer one frame; protocol errors become error responses, never exceptions."""
         msg_id, method, started = None, None, time.perf_counter()
+        self.last_frame_s = time.monotonic()
         try:
             req = rpc.decode_frame(data, self.limits)
             msg_id, method = req.id, req.method

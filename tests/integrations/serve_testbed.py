@@ -92,10 +92,12 @@ class LocalApp:
 
 
 @contextlib.contextmanager
-def local_app(model_dir, client_type=None, engine_options: dict | None = None, timeout_s: float = 300.0):
+def local_app(model_dir, client_type=None, engine_options: dict | None = None, timeout_s: float = 300.0,
+              limits: dict | None = None):
     """A LocalApp on `model_dir` (the shipped model, in tests that need its text) with `client_type`
     (default integrations.engine_client.LocalEngineClient: a subclass may record or pace the engine's
-    deltas); routing calibration off, as in the Serve apps. Torn down at exit (the engine stopped)."""
+    deltas); routing calibration off, as in the Serve apps; `limits`: RequestLimits fields beside the
+    model's context. Torn down at exit (the engine stopped)."""
     import asyncio
     import threading
 
@@ -110,8 +112,9 @@ def local_app(model_dir, client_type=None, engine_options: dict | None = None, t
     engine, tokenizer = build_engine(model_dir, {}, {"routing": {"calibrate": False}, **(engine_options or {})})
     card = read_model_card(model_dir)
     client = (client_type or LocalEngineClient)(engine, tokenizer, model_dir.name, card)
-    limits = RequestLimits(context_length=card["limits"]["context_length"])  # as the Serve app sets it
-    app = create_app(APISettings(model_name=model_dir.name, decode_defaults=card["defaults"], limits=limits), client)
+    request_limits = RequestLimits(context_length=card["limits"]["context_length"], **(limits or {}))  # as Serve's
+    app = create_app(APISettings(model_name=model_dir.name, decode_defaults=card["defaults"], limits=request_limits),
+                     client)
     sock = server_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
     loops = []
