@@ -58,15 +58,19 @@ class FlipRetrace:
         return results
 
 
-async def _engine(runner) -> Engine:
-    engine = Engine(runner, runner.tokenizer, EngineConfig(max_running=1, routing=RoutingConfig(calibrate=False)))
+async def _engine(runner, pipelined: bool = False) -> Engine:
+    """One running slot; `pipelined`: asynchronous scheduling and overlapped streaming (steps planned
+    ahead, text streamed while the next forward runs)."""
+    config = EngineConfig(max_running=1, routing=RoutingConfig(calibrate=False), async_scheduling=pipelined,
+                          overlap_streaming=pipelined)
+    engine = Engine(runner, runner.tokenizer, config)
     await engine.start()
     return engine
 
 
-async def _preempted(runner, spec: GenerationRequest, k: int, flip: bool) -> list:
+async def _preempted(runner, spec: GenerationRequest, k: int, flip: bool, pipelined: bool) -> list:
     """The deltas of `spec` preempted once it has streamed `k` ids, its rerun flipped if `flip`."""
-    engine = await _engine(runner)
+    engine = await _engine(runner, pipelined)
     flipper = FlipRetrace(runner.execute, engine, spec.request_id, runner.info.vocab_size)
     if flip:
         runner.execute = flipper
@@ -110,7 +114,8 @@ def _continued(runner, spec: GenerationRequest, mode: Mode, sent: list[int]) -> 
     (Mode.REFUSION, {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 4}, 9),
     (Mode.REFUSION, {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 2}, 16),
 ])
-async def test_a_rerun_that_parts_from_its_streamed_ids_continues_them(runner, mode, params, k, monkeypatch):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
+async def test_a_rerun_that_parts_from_its_streamed_ids_continues_them(runner, mode, params, k, pipelined, monkeypatch):
     """AR: the text is the run never preempted. ReFusion: the first run's streamed ids, then what a
     decoder continuing them gives (its committed KV came from verify forwards beside other drafts; the
     retrace prefills it clean), never the flipped rerun's."""
@@ -121,13 +126,13 @@ async def test_a_rerun_that_parts_from_its_streamed_ids_continues_them(runner, m
     solo = await collect(engine, spec())
     await engine.stop()
     assert len(ids_of(solo)) > k + 4, "the solo run must go on past the preemption"
-    plain = await _preempted(runner, spec(), k, flip=False)
+    plain = await _preempted(runner, spec(), k, flip=False, pipelined=pipelined)
     assert ids_of(plain) == ids_of(solo)  # a rerun that retraces its ids (the usual case)
     preempted_with = []  # the ids it had streamed when preempted
     requeue = Scheduler.requeue
     monkeypatch.setattr(Scheduler, "requeue", lambda s, victim, reason: (
         preempted_with.append(len(victim.stream_ids())), requeue(s, victim, reason))[1])
-    flipped = await _preempted(runner, spec(), k, flip=True)
+    flipped = await _preempted(runner, spec(), k, flip=True, pipelined=pipelined)
     [sent] = preempted_with
     expected = ids_of(solo) if mode is Mode.AR else _continued(runner, spec(), mode, ids_of(solo)[:sent])
     assert ids_of(flipped) == expected and ids_of(flipped)[:sent] == ids_of(solo)[:sent]
