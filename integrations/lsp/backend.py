@@ -126,11 +126,13 @@ class EditorBackend:
 
     def _closed_error(self, ws) -> ConnectionError:
         """Why the connection ended, from its close frame: 1001 ("going away") and 1013 ("try again
-        later") are the server draining (docs/editor-protocol.md), worth saying so."""
+        later") are the server draining, or refusing one more connection, or closing an idle one
+        (docs/editor-protocol.md), worth saying so."""
         code, reason = getattr(ws, "close_code", None), getattr(ws, "close_reason", None) or ""
         if code in (1001, 1013):
-            return ConnectionError(f"the refusion server at {self.url} is shutting down or restarting (close code "
-                                   f"{code}: {reason}); retry in a few seconds")
+            what = "is shutting down or restarting" if "shutting down" in reason else "closed the editor connection"
+            return ConnectionError(f"the refusion server at {self.url} {what} (close code {code}: {reason}); "
+                                   "retry in a few seconds")
         return ConnectionError(f"editor backend connection to {self.url} closed" + (f" (close code {code})" if code else ""))
 
     async def _call_on(self, ws, method: str, params: dict, msg_id=None):

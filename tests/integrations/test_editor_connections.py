@@ -92,6 +92,32 @@ def test_one_socket_past_the_bound_is_closed_with_1013_and_http_keeps_answering(
         asyncio.run(scenario(app.url))
 
 
+def test_the_lsp_bridge_names_a_refused_connection_and_gets_in_once_there_is_room():
+    from integrations.lsp.backend import EditorBackend
+    from serve_testbed import local_app
+
+    async def scenario(url: str):
+        held = await websockets.connect(_ws_url(url))
+        await held.send(rpc.encode_request(1, "initialize", {}))
+        assert (await _answer(held, 1))[2] is None
+        backend = EditorBackend(_ws_url(url))
+        with pytest.raises(ConnectionError, match="closed the editor connection .close code 1013: 1 editor connections"):
+            await backend.call("initialize", {})
+        await held.close()
+        for _ in range(100):  # the next call connects again once the server has let the held socket go
+            try:
+                assert "session_id" in await backend.call("initialize", {})
+                break
+            except ConnectionError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the bridge never got in")
+        await backend.close()
+
+    with local_app(SHIPPED_MODEL, limits={"max_editor_connections": 1}) as app:
+        asyncio.run(scenario(app.url))
+
+
 def test_an_idle_socket_is_closed_with_1001_but_not_while_its_completion_runs():
     from serve_testbed import local_app
 
