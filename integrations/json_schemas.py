@@ -149,9 +149,9 @@ def without_string_key_rules(schema):
     return _rewritten(schema, drop)
 
 
-# The base URI of a tool's parameters inside the combined schema of all tools' calls when they name no
-# absolute `$id` of their own (or share theirs with another tool): under a reserved name (RFC 2606's
-# .invalid) that no client's $ref reaches by chance
+# The base URI of a tool's parameters inside the combined schema of all tools' calls (their relative
+# `$id` resolves against it; with none, or one another tool's resolves to as well, a URI of this form is
+# theirs): under a reserved name (RFC 2606's .invalid) that no client's $ref reaches by chance
 TOOL_BASE = "https://tools.refusion.invalid/{index}/parameters.json"
 
 
@@ -160,29 +160,34 @@ def tool_resources(schemas: list[dict]) -> list[tuple[dict, str]]:
     the combined schema of all tools' calls (a compound schema document, JSON Schema 2020-12 section
     9.2), and the URI a call's `arguments` refer to it by. Every `$ref` in it then resolves as it did in
     its own document, none rewritten: "#/$defs/X", "#" (its root), "#name" ($anchor), a nested schema's
-    own `$id` and the refs under it, refs through its root `$id`. Its `$id` stays when it is absolute and
-    no other tool has it; a relative one is resolved against TOOL_BASE; with none, TOOL_BASE. One shared
-    with another tool becomes TOOL_BASE and its refs to the old document refer to TOOL_BASE instead
-    (resolved against the root's `$id` only). `$schema` is dropped (a resource's dialect would be the
-    root's)."""
-    def absolute(schema) -> str | None:
-        own = schema.get("$id")
-        return urldefrag(own).url if isinstance(own, str) and urlsplit(own).scheme else None
-
-    owns = [absolute(schema) for schema in schemas]
+    own `$id` and the refs under it, refs through its root `$id`. Its URI is its `$id` (a relative one
+    resolved against TOOL_BASE), with none TOOL_BASE; where two tools' URIs are the same (compared as RFC
+    3986 normalizes them: scheme and host in lower case), each gets a URI of its own under TOOL_BASE's
+    host and its refs to its old document refer to that instead (resolved against the root's `$id`
+    only). `$schema` is dropped (a resource's dialect would be the root's)."""
+    bases = [TOOL_BASE.format(index=index) for index in range(len(schemas))]
+    given = [schema.get("$id") if isinstance(schema.get("$id"), str) and schema.get("$id") else None
+             for schema in schemas]
+    wanted = [urldefrag(urljoin(base, own)).url if own else base for base, own in zip(bases, given)]
+    keys = [_normalized(uri) for uri in wanted]
+    used: set[str] = set()
     resources = []
-    for index, (schema, own) in enumerate(zip(schemas, owns)):
-        base, given = TOOL_BASE.format(index=index), schema.get("$id")
-        if own and owns.count(own) == 1:
-            uri = own
-        elif isinstance(given, str) and given and not own:
-            uri = urldefrag(urljoin(base, given)).url
-        else:
-            uri = base
-        if own and uri != own:
-            schema = _refs_moved(schema, given, uri)
+    for index, (schema, own, uri) in enumerate(zip(schemas, given, wanted)):
+        if keys.count(keys[index]) > 1 or keys[index] in used:
+            fallbacks = [bases[index]] + [TOOL_BASE.format(index=f"{index}-{n}") for n in range(1, len(schemas) + 2)]
+            uri = next(candidate for candidate in fallbacks
+                       if _normalized(candidate) not in used and _normalized(candidate) not in keys)
+            if own:
+                schema = _refs_moved(schema, wanted[index], uri)
+        used.add(_normalized(uri))
         resources.append(({**{k: v for k, v in schema.items() if k != "$schema"}, "$id": uri}, uri))
     return resources
+
+
+def _normalized(uri: str) -> str:
+    """`uri` with its scheme and host in lower case (RFC 3986 section 6.2.2.1), for comparing ids."""
+    parts = urlsplit(uri)
+    return parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower()).geturl()
 
 
 def _refs_moved(schema, old: str, new: str):

@@ -86,3 +86,22 @@ def test_a_unique_absolute_id_is_kept_and_a_relative_one_resolved_per_tool():
                                              TOOL_BASE.format(index=2)]
     assert "$schema" not in resources[0][0] and resources[2][0] == {"type": "object", "$id": TOOL_BASE.format(index=2)}
     assert with_id["$id"] == "https://example.com/w.json#" and "$schema" in with_id  # the input is unchanged
+
+
+@pytest.mark.parametrize("ids", [
+    ("/schemas/root.json", "/schemas/root.json"),  # relative ids resolving to one URI
+    ("https://Example.com/r.json", "https://example.com/r.json"),  # the same URI but for the host's case
+    ("../1/parameters.json", None),  # a relative id reaching the other tool's generated URI
+], ids=["same-relative", "host-case", "reaches-generated"])
+def test_tools_whose_ids_resolve_alike_keep_their_own_types(ids, accepts):
+    """Compared as written, these ids looked distinct and both tools became one resource: f0's arguments
+    were held to f1's types (helper-172)."""
+    def tool(kind: str, own) -> dict:
+        return {**({"$id": own} if own else {}), "type": "object", "properties": {"a": {"type": kind}},
+                "required": ["a"]}
+
+    tools = _tools(tool("integer", ids[0]), tool("string", ids[1]))
+    assert len({uri for _, uri in tool_resources([t.function.parameters for t in tools])}) == 2
+    grammar = tool_grammar(tools, "", 0).grammar
+    assert accepts(grammar, _call("f0", {"a": 1})) and not accepts(grammar, _call("f0", {"a": "x"}))
+    assert accepts(grammar, _call("f1", {"a": "x"})) and not accepts(grammar, _call("f1", {"a": 1}))
