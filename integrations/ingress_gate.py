@@ -20,7 +20,8 @@ It owns what must hold on every path, whatever a route does or fails to do:
   403, the answer to a bad key), while requests already inside run to their end. A WebSocket already
   open counts as open work until it closes; the editor route (integrations/editor/http.py) closes it
   with 1001 ("going away") once its completions in flight have answered (`wait_draining`).
-- Open WebSockets: at most `max_sockets` (RequestLimits.max_editor_connections); one more is closed with
+- Open WebSockets: at most `socket_limit()` (RequestLimits.max_editor_connections, or the Serve app's
+  rule from its call slots); one more is closed with
   1013 as while draining. Each holds one of the replica's max_ongoing_requests call slots for its life,
   so 900 idle ones left no slot for any HTTP request, /health included (helper-171).
 - Disconnects before the answer starts: on the generation routes (GAUGED_ENDPOINTS) the gate watches the
@@ -44,6 +45,7 @@ import asyncio
 import json
 import logging
 import time
+from typing import Callable
 
 from integrations.http_metrics import RequestObserver
 from integrations.request_id_guard import REFUSAL, given_request_id, refused_request_id, valid_request_id
@@ -64,13 +66,20 @@ CLIENT_GONE = 499  # nginx's "client closed request": the status recorded when n
 class IngressGate:
     """Drain switch and open-request count of one ingress replica (shared with the middleware)."""
 
-    def __init__(self):
+    def __init__(self, socket_limit: Callable[[], int] | None = None):
+        """socket_limit: the host's bound on open WebSockets, asked at each connection (serve_app: from
+        the replica's call slots as Ray applies them now); None: `max_sockets`."""
         self.draining = False
+        self._socket_limit = socket_limit
         self.retry_after_s = 5
         self.open_requests = 0  # HTTP requests inside, not yet fully answered
         self.open_sockets = 0  # WebSockets inside, not yet closed
         self.max_sockets = 0  # WebSockets let in at once (RequestLimits.max_editor_connections; 0: no bound)
         self._drain_started = asyncio.Event()
+
+    def socket_limit(self) -> int:
+        """WebSockets let in at once; 0: no bound."""
+        return self._socket_limit() if self._socket_limit is not None else self.max_sockets
 
     @property
     def open_work(self) -> int:
@@ -113,7 +122,8 @@ class IngressGateMiddleware:
             return
         receive = _disconnect_on_transport_error(receive, scope["type"])
         if scope["type"] == "websocket":
-            if self.gate.max_sockets and self.gate.open_sockets >= self.gate.max_sockets:
+            limit = self.gate.socket_limit()
+            if limit and self.gate.open_sockets >= limit:
                 await _close_socket(receive, send, 1013, f"{self.gate.open_sockets} editor connections are open on "
                                     "this server replica, its most: retry later")
                 return

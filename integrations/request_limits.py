@@ -127,7 +127,9 @@ class RequestLimits:
     def as_dict(self) -> dict:
         return {"max_body_bytes": self.max_body_bytes, "body_timeout_s": self.body_timeout_s,
                 "max_prompt_chars": self.prompt_chars, "context_length": self.context_length, "max_json_depth": MAX_JSON_DEPTH,
-                **({"max_sequences": self.max_sequences} if self.max_sequences else {})}
+                **({"max_sequences": self.max_sequences} if self.max_sequences else {}),
+                **({"max_editor_connections": self.max_editor_connections} if self.max_editor_connections else {}),
+                **({"editor_idle_timeout_s": self.editor_idle_timeout_s} if self.editor_idle_timeout_s else {})}
 
     def check_chars(self, field: str, text: str) -> None:
         """Raise PromptCharsError (an InputError, 400 naming `field`) when `text` is over the prompt

@@ -53,7 +53,7 @@ class IngressDeployment:
         self.client = ServeEngineClient(engine, tokenizer, self.config.served_model_names[0], caller=context.replica_id.to_full_id_str(),
                                         rebalance_after_s=self.config.rebalance_after_s)
         self.model_card = read_model_card(self.config.model, tokenizer)
-        self.gate = IngressGate()
+        self.gate = IngressGate(socket_limit=lambda: self.config.editor_connections(call_slots(self.config)))
         replica = self.replica = context.replica_id.unique_id
         self._drain_signal = None
         self._drain_watch = start_drain_watch(self._drain_when_signalled(context.app_name, replica), f"ingress {replica}")
@@ -80,7 +80,7 @@ class IngressDeployment:
                                max_prompt_chars=self.config.max_prompt_chars,
                                context_length=self.model_card["limits"]["context_length"],
                                max_sequences=engine.max_running + engine.max_queue,
-                               max_editor_connections=self.config.editor_connections,
+                               max_editor_connections=self.config.editor_connections(call_slots(self.config)),
                                editor_idle_timeout_s=self.config.editor_idle_timeout_s)
         settings = APISettings(
             model_name=self.config.served_model_names[0],
@@ -92,6 +92,16 @@ class IngressDeployment:
             limits=limits,
         )
         return create_app(settings, self.client, gate=self.gate)
+
+
+def call_slots(config: ServeConfig) -> int:
+    """This ingress replica's max_ongoing_requests as Ray Serve applies it now: a `deployments:` override
+    and an in-place `serve deploy` update included (the replica context follows a reconfiguration);
+    the config's `ingress.max_ongoing_requests` outside a replica."""
+    try:
+        return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
+    except Exception:  # noqa: BLE001 - not in a replica, or a Ray that keeps it elsewhere
+        return config.ingress.max_ongoing_requests
 
 
 def build_app(args: dict) -> serve.Application:

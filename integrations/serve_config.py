@@ -201,7 +201,8 @@ class ServeConfig(_Strict):
     editor_max_connections: int | None = Field(
         default=None, ge=1, description="editor WebSockets open at once per ingress replica (one more is closed "
         "with 1013); each holds one of its max_ongoing_requests call slots while open; default: half of "
-        "ingress.max_ongoing_requests, so HTTP keeps the other half")
+        "those slots as Ray applies them (a deployments: override included), so HTTP keeps the other half; "
+        "never more than they less one")
     editor_idle_timeout_s: float = Field(default=600.0, ge=0, description="an editor WebSocket that sent no "
                                          "frame for this long, with no completion in flight, is closed with 1001; "
                                          "0 = never")
@@ -246,10 +247,12 @@ class ServeConfig(_Strict):
                              "call slots, and HTTP requests (/health among them) need the rest")
         return self
 
-    @property
-    def editor_connections(self) -> int:
-        """editor_max_connections, or half the ingress replica's call slots."""
-        return self.editor_max_connections or max(1, self.ingress.max_ongoing_requests // 2)
+    def editor_connections(self, call_slots: int) -> int:
+        """Editor WebSockets an ingress replica with `call_slots` (its max_ongoing_requests as Ray applies
+        it: serve_app.call_slots) lets in: editor_max_connections, below call_slots; by default half."""
+        if self.editor_max_connections:
+            return max(1, min(self.editor_max_connections, call_slots - 1))
+        return max(1, call_slots // 2)
 
     @property
     def served_model_names(self) -> list[str]:

@@ -145,14 +145,21 @@ async def _release(client: HeldClient) -> None:
     client.release.set()
 
 
-def test_the_bound_defaults_to_half_the_ingress_call_slots_and_must_leave_some_for_http():
+def test_the_bound_is_half_the_call_slots_ray_applies_and_leaves_some_for_http():
+    """The slots are the replica's as Ray applies them: a `deployments:` override of max_ongoing_requests
+    (100) left the bound at 450 of the config's 900, and editor sockets could take every slot again
+    (helper-172)."""
     from pydantic import ValidationError
 
+    from integrations.serve_app import call_slots
     from integrations.serve_config import ServeConfig
 
-    assert ServeConfig().editor_connections == 450 and ServeConfig().editor_idle_timeout_s == 600
-    assert ServeConfig.model_validate({"ingress": {"max_ongoing_requests": 100}}).editor_connections == 50
-    assert ServeConfig.model_validate({"editor_max_connections": 899}).editor_connections == 899
+    config = ServeConfig()
+    assert call_slots(config) == 900 and config.editor_idle_timeout_s == 600  # (outside a replica: the config's)
+    assert config.editor_connections(900) == 450 and config.editor_connections(100) == 50
+    assert config.editor_connections(1) == 1
+    explicit = ServeConfig.model_validate({"editor_max_connections": 899})
+    assert explicit.editor_connections(900) == 899 and explicit.editor_connections(100) == 99
     with pytest.raises(ValidationError, match="editor_max_connections .900. must be below ingress.max_ongoing_requests"):
         ServeConfig.model_validate({"editor_max_connections": 900})
 
