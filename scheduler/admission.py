@@ -242,9 +242,11 @@ class Admission:
                 return False
         self.running.remove(victim)
         self.kv.free(victim)
-        victim.tokens_before_requeue = max(victim.tokens_before_requeue, victim.generated_tokens())
-        if victim.stream is not None and len(victim.stream.ids) > len(victim.replay_ids):
-            victim.replay_ids = victim.stream.ids
+        # what its stream took (a ReFusion decoder may hold committed slots past them, which its rerun redoes)
+        taken = victim.stream.ids if victim.stream is not None else victim.stream_ids()
+        victim.tokens_before_requeue = max(victim.tokens_before_requeue, len(taken))
+        if len(taken) > len(victim.replay_ids):
+            victim.replay_ids = taken
         victim.pinned_mode, victim.mode_history = victim.mode, []
         victim.decoder, victim.pending_segment, victim.status = None, None, RequestStatus.WAITING
         victim.skipped, victim.tokens_at_last_route, victim.overtook = 0, 0, False

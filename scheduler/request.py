@@ -184,7 +184,9 @@ class Request:
         modes = self.mode_history or ([self.pinned_mode.value] if self.preemptions and self.pinned_mode else [])
         return {
             "prompt_tokens": len(self.spec.prompt_ids),
-            "generated_tokens": max(made, self.tokens_before_requeue),
+            # (a stop string's end counts the ids sent, across a preemption too: the stream outlives the runs)
+            "generated_tokens": made if self.stream is not None and self.stream.stop_word is not None
+            else max(made, self.tokens_before_requeue),
             "forwards": forwards,
             "prefill_forwards": self.decoder.stats.prefill_forwards if self.decoder is not None else 0,
             "slots_accepted_at_verify": self.decoder.stats.slots_accepted_at_verify if self.decoder is not None else 0,

@@ -138,3 +138,46 @@ async def test_a_rerun_that_parts_from_its_streamed_ids_continues_them(runner, m
     assert ids_of(flipped) == expected and ids_of(flipped)[:sent] == ids_of(solo)[:sent]
     assert "".join(d.text for d in flipped) == runner.tokenizer.decode(expected, skip_special_tokens=True)
     assert flipped[-1].stats["generated_tokens"] == len(expected)
+
+
+async def test_a_stop_string_after_a_preemption_counts_the_ids_sent(runner, monkeypatch):
+    """A ReFusion request preempted while it holds committed slots past the ids it streamed, then ended
+    by a stop string: its usage counted those slots (the requeue stored output_ids' length and the final
+    count took the larger), 7 for 6 ids returned (helper-172). The preemption is forced once the
+    decoder has committed past its stream."""
+    import decoding.refusion as refusion
+
+    prompt = runner.tokenizer.encode("class Node:\n    def __init__(self")
+    params = {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 1}
+
+    async def run(stop: list[str]) -> tuple[list, list[int]]:
+        engine = await _engine(runner)
+        taken, others = [], []
+        absorb = refusion.RefusionDecoder.absorb
+
+        def absorb_then_preempt(decoder, result):
+            absorb(decoder, result)
+            if decoder.seq_id == "v" and not others and len(decoder.output_ids()) > len(decoder.stream_ids()) >= 1:
+                taken.append(len(decoder.stream_ids()))
+                interactive = GenerationRequest("i", runner.tokenizer.encode("class A:\n"), {
+                    "gen_length": 8, "slot_size": 8, "serial_num_blocks": 1}, mode=Mode.AR, priority=Priority.INTERACTIVE)
+                others.append(asyncio.ensure_future(collect(engine, interactive)))
+
+        monkeypatch.setattr(refusion.RefusionDecoder, "absorb", absorb_then_preempt)
+        try:
+            deltas = await collect(engine, GenerationRequest("v", prompt, dict(params), mode=Mode.REFUSION, stop=stop))
+            await asyncio.gather(*others)
+        finally:
+            monkeypatch.setattr(refusion.RefusionDecoder, "absorb", absorb)
+            await engine.stop()
+        assert deltas[-1].stats["preemptions"] == 1, "the set-up must preempt it once"
+        return deltas, taken
+
+    free, [taken] = await run([])
+    ids = ids_of(free)
+    before = runner.tokenizer.decode(ids[:taken])
+    stop = next(text for n in range(1, 8) if (text := runner.tokenizer.decode(ids[taken:taken + n])).strip()
+                and text not in before)
+    stopped, _ = await run([stop])
+    assert stopped[-1].stats["stop_word"] == stop
+    assert stopped[-1].stats["generated_tokens"] == len(ids_of(stopped)) < len(ids)
