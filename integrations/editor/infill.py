@@ -93,7 +93,8 @@ def build_infill_prompt(
     """prompt = context chunks (oldest dropped first) + prefix (its end); suffix = its start.
 
     `room`: the most tokens prompt and suffix may hold together (the model's context less the longest
-    gap, `infill_room`); the budgets shrink to it (`fitted_budgets`); 0: the budgets as given.
+    gap, `infill_room`); prefix and suffix are cut to it as they fill it (`split_room`), and context
+    chunks get what they leave, at most their budget; 0: the budgets alone.
 
     Context comes first so that it, not the moving prefix, is the stable part a prefix cache reuses.
     Parts are tokenized separately: a boundary inside a token costs nothing to correctness here.
@@ -110,31 +111,10 @@ def build_infill_prompt(
     Line endings and indentation: prefix, suffix and context are converted to the model's text (LF,
     spaces) first; `InfillPrompt.to_document` converts a completion back (document.py).
     """
-    if room:
-        max_prefix_tokens, max_suffix_tokens, max_context_tokens = fitted_budgets(
-            room, max_prefix_tokens, max_suffix_tokens, max_context_tokens)
     style = DocumentStyle.of(prefix, suffix)
     at_indent = cursor_at_indent(prefix)
     prefix, suffix = style.to_model(prefix), style.to_model(suffix)
     truncated = False
-    context_ids: list[int] = []
-    for chunk in reversed(list(context)):  # newest chunks (end of the list) are kept first
-        header, text = _chunk_parts(chunk, language)
-        chunk_style = DocumentStyle.of(text)
-        header, text = chunk_style.to_model(header), chunk_style.to_model(text + "\n")  # a blank line after
-        room = max_context_tokens - len(context_ids)
-        ids = _encode(tokenizer, header + text) if len(header + text) <= room * MAX_CHARS_PER_TOKEN else None
-        if ids is None or len(ids) > room:
-            # The chunk that crosses the budget keeps its path line and its last whole lines that fit
-            # (llama.cpp keeps the newest tokens of input_extra too); older chunks do not fit after it.
-            # One with no line that fits is left out, and older ones are tried.
-            truncated = True
-            kept = _header_and_tail(tokenizer, header, text, room)
-            context_ids = kept + context_ids
-            if kept:
-                break
-            continue
-        context_ids = ids + context_ids
     kept = prefix.rstrip(" \t")
     healed = prefix[len(kept):]
     if len(kept) > max_prefix_tokens * MAX_CHARS_PER_TOKEN:
@@ -147,6 +127,15 @@ def build_infill_prompt(
     suffix_ids = _encode(tokenizer, suffix)
     if len(suffix_ids) > max_suffix_tokens:
         suffix_ids, truncated = suffix_ids[:max_suffix_tokens], True
+    if room:
+        # A prompt of no token gets one (below), so the prefix's share is at least that
+        keep_prefix, keep_suffix = split_room(room, max(1, len(prefix_ids)), len(suffix_ids),
+                                              max_prefix_tokens, max_suffix_tokens)
+        if keep_prefix < len(prefix_ids) or keep_suffix < len(suffix_ids):
+            prefix_ids, suffix_ids, truncated = prefix_ids[len(prefix_ids) - keep_prefix:], suffix_ids[:keep_suffix], True
+        max_context_tokens = max(0, min(max_context_tokens, room - max(1, len(prefix_ids)) - len(suffix_ids)))
+    context_ids, context_cut = _context_ids(tokenizer, context, language, max_context_tokens)
+    truncated = truncated or context_cut
     prompt_ids = context_ids + prefix_ids
     if not prompt_ids:
         # A completion at the very start of an empty file: give the model something to attend to.
@@ -159,25 +148,59 @@ def build_infill_prompt(
 
 def infill_room(context_length: int, gaps: Sequence[int]) -> int:
     """Tokens an infill's prompt and suffix may hold together: the model's context (`context_length`,
-    config.json max_position_embeddings; 0 unknown) less the longest candidate gap (the suffix sits
-    after the gap, so its positions count it); 0 when the context is unknown. At least 2 (one token
-    each of prefix and suffix), so a context shorter than a gap is the engine's or fit_generation's 400."""
+    config.json max_position_embeddings; 0 unknown) less the positions the longest candidate gap
+    decodes (whole slots, `gap_cap`; the suffix sits after the gap, so its positions count it); 0 when
+    the context is unknown. Callers keep only the gaps that fit first (`fitting_gaps`)."""
     if not context_length:
         return 0
-    return max(2, context_length - max(gaps, default=0))
+    return max(2, context_length - max((gap_cap(g) for g in gaps), default=0))
 
 
-def fitted_budgets(room: int, prefix: int, suffix: int, context: int) -> tuple[int, int, int]:
-    """The (prefix, suffix, context) token budgets shrunk to hold `room` tokens in all: context chunks
-    give way first, then the prefix and suffix in the proportion of their budgets (llama.cpp's /infill
-    fits input_extra into what n_ctx leaves after the prefix and suffix, and cuts those two 3:1 of
-    its batch). Budgets that fit are returned as given."""
-    if prefix + suffix + context <= room:
-        return prefix, suffix, context
+def fitting_gaps(context_length: int, gaps: Sequence[int]) -> tuple[int, ...]:
+    """The candidate `gaps` whose decoded span (whole slots, `gap_cap`) leaves the model's context room
+    for a token of prefix and one of suffix; every gap when the context is unknown (0). Empty: no infill
+    fits the model (the caller's 400)."""
+    return tuple(g for g in gaps if not context_length or gap_cap(g) <= context_length - 2)
+
+
+def split_room(room: int, prefix: int, suffix: int, prefix_budget: int, suffix_budget: int) -> tuple[int, int]:
+    """How many of `prefix` and `suffix` tokens an infill of `room` tokens keeps: all when they fit, else
+    shares in the proportion of their budgets (4:1 by default, as llama.cpp's /infill cuts them 3:1 of
+    its batch), a share one of them does not fill going to the other. At least one prefix token when
+    there is one and room for it."""
     if prefix + suffix <= room:
-        return prefix, suffix, room - prefix - suffix
-    kept_prefix = max(1, room * prefix // (prefix + suffix))
-    return kept_prefix, max(0, room - kept_prefix), 0
+        return prefix, suffix
+    prefix_share = max(min(1, prefix), room * prefix_budget // (prefix_budget + suffix_budget))
+    suffix_share = room - prefix_share
+    if suffix < suffix_share:
+        return room - suffix, suffix
+    if prefix < prefix_share:
+        return prefix, room - prefix
+    return prefix_share, suffix_share
+
+
+def _context_ids(tokenizer, context: Sequence, language: str, budget: int) -> tuple[list[int], bool]:
+    """Ids of the context chunks within `budget` tokens (newest kept first, each with its path line), and
+    whether any was cut or left out."""
+    truncated, context_ids = False, []
+    for chunk in reversed(list(context)):  # newest chunks (end of the list) are kept first
+        header, text = _chunk_parts(chunk, language)
+        chunk_style = DocumentStyle.of(text)
+        header, text = chunk_style.to_model(header), chunk_style.to_model(text + "\n")  # a blank line after
+        room = budget - len(context_ids)
+        ids = _encode(tokenizer, header + text) if len(header + text) <= room * MAX_CHARS_PER_TOKEN else None
+        if ids is None or len(ids) > room:
+            # The chunk that crosses the budget keeps its path line and its last whole lines that fit
+            # (llama.cpp keeps the newest tokens of input_extra too); older chunks do not fit after it.
+            # One with no line that fits is left out, and older ones are tried.
+            truncated = True
+            kept = _header_and_tail(tokenizer, header, text, room)
+            context_ids = kept + context_ids
+            if kept:
+                break
+            continue
+        context_ids = ids + context_ids
+    return context_ids, truncated
 
 
 def _header_and_tail(tokenizer, header: str, text: str, budget: int) -> list[int]:

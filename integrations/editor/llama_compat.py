@@ -23,12 +23,12 @@ from typing import Any, AsyncIterator
 
 from pydantic import Field, field_validator
 
-from integrations.editor.infill import Candidate, build_infill_prompt, gap_cap, infill_room, plan_gaps
+from integrations.editor.infill import Candidate, build_infill_prompt, fitting_gaps, gap_cap, infill_room, plan_gaps
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
 from integrations.editor.protocol import MAX_INDENT, MAX_STOP_STRINGS, ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
 from decoding.params import MAX_TOP_K
-from integrations.request_limits import MAX_SEED, off_loop, sampling_temperature
+from integrations.request_limits import MAX_SEED, InputError, off_loop, sampling_temperature
 from integrations.llama_completion import LlamaBody, llama_timings
 from integrations.openai_infill import final_delta
 from scheduler.api import Delta, Mode, Priority
@@ -117,6 +117,10 @@ async def make_job(client, body: InfillBody, request_id: str, n_ctx: int = 0) ->
     if body.n_cmpl > len(gaps):  # more completions asked than the strategy has gaps: add longer ones
         gaps = tuple(sorted(set(gaps) | {gaps[-1] * 2 ** k for k in range(1, body.n_cmpl - len(gaps) + 1)}))
         gaps = tuple(g for g in gaps if max_tokens is None or g <= gap_cap(max_tokens))
+    gaps = fitting_gaps(n_ctx, gaps)  # (n_cmpl's longer gaps too: each would shrink every candidate's prompt)
+    if not gaps:
+        raise InputError(400, "n_predict", f"the model's context ({n_ctx} tokens) holds no completion beside its "
+                                           "prompt: ask for fewer tokens")
     prompt = await off_loop(partial(build_infill_prompt, room=infill_room(n_ctx, gaps)), client.tokenizer, prefix,
                             body.input_suffix, context, chars=chars)
     seed = None if body.seed == -1 else body.seed  # llama.cpp: -1 is a random seed; unset is too (engine)

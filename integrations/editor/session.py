@@ -26,8 +26,8 @@ from functools import partial
 from typing import Awaitable, Callable
 
 from integrations.editor import protocol as rpc
-from integrations.editor.infill import (MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, capped_gaps, infill_room,
-                                       plan_gaps)
+from integrations.editor.infill import (MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, capped_gaps, fitting_gaps,
+                                       infill_room, plan_gaps)
 from integrations.editor.postprocess import Rules
 from integrations.editor.request_log import CompletionRecord, log_answer
 from integrations.editor.runner import CompletionJob, run_completion
@@ -185,7 +185,11 @@ class EditorSession:
         """The completion job; its prompt is tokenized off the event loop (other frames and connections
         keep being served meanwhile)."""
         chars = len(params.prefix) + len(params.suffix) + sum(len(c.text) for c in params.context)
-        gaps = capped_gaps(params.gaps, params.max_tokens) or plan_gaps(params.max_tokens, params.multiline)
+        gaps = fitting_gaps(self.context_length,
+                            capped_gaps(params.gaps, params.max_tokens) or plan_gaps(params.max_tokens, params.multiline))
+        if not gaps:
+            raise InvalidRequestError("gen_length", f"the model's context ({self.context_length} tokens) holds no "
+                                      "completion beside its prompt: ask for fewer tokens")
         prompt = await off_loop(partial(build_infill_prompt, room=infill_room(self.context_length, gaps)),
                                 self.client.tokenizer, params.prefix, params.suffix, params.context, params.language,
                                 chars=chars)

@@ -19,8 +19,7 @@ import pytest
 import websockets
 
 from integrations.editor import protocol as rpc
-from integrations.editor.infill import (MAX_CONTEXT_TOKENS, MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, fitted_budgets,
-                                        infill_room)
+from integrations.editor.infill import MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, fitting_gaps, infill_room, split_room
 from integrations.engine_client import LocalEngineClient
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
@@ -31,13 +30,16 @@ PREFIX, SUFFIX = SOURCE[:20000], SOURCE[20000:30000]  # far more than any budget
 pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").exists(), reason="shipped model not present")
 
 
-def test_budgets_give_way_context_first_then_prefix_and_suffix_in_proportion():
-    full = (MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, MAX_CONTEXT_TOKENS)
-    assert fitted_budgets(4096 - 64, *full) == full  # the shipped model's context: as before
-    assert fitted_budgets(2000, *full) == (MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, 2000 - 1920)
-    assert fitted_budgets(960, *full) == (768, 192, 0)  # 4:1, as the budgets
-    assert sum(fitted_budgets(7, *full)) == 7 and fitted_budgets(2, *full) == (1, 1, 0)
-    assert infill_room(0, (32, 64)) == 0 and infill_room(1024, (32, 64)) == 960 and infill_room(16, (64,)) == 2
+def test_prefix_and_suffix_share_the_room_as_they_fill_it_and_context_gets_the_rest():
+    full = (MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS)
+    assert split_room(2000, 1536, 384, *full) == (1536, 384)  # they fit (context gets 80)
+    assert split_room(960, 1536, 384, *full) == (768, 192)  # both over: 4:1, as the budgets
+    assert split_room(960, 1536, 20, *full) == (940, 20)  # a short suffix leaves its share to the prefix
+    assert split_room(960, 3, 384, *full) == (3, 384)  # a short prefix keeps all: the suffix fits
+    assert split_room(100, 5, 384, *full) == (5, 95) and split_room(2, 1, 384, *full) == (1, 1)
+    # the span a gap decodes is whole slots (gap_params): 20 -> 24; gaps that leave no room are dropped
+    assert infill_room(0, (32, 64)) == 0 and infill_room(1024, (32, 64)) == 960 and infill_room(200, (20,)) == 176
+    assert fitting_gaps(64, (32, 64)) == (32,) and fitting_gaps(16, (16,)) == () and fitting_gaps(0, (64,)) == (64,)
 
 
 class RecordingClient(LocalEngineClient):
@@ -53,19 +55,33 @@ class RecordingClient(LocalEngineClient):
             yield delta
 
 
+def _model_with_context(tmp_path_factory, positions: int) -> Path:
+    """The shipped model's files under a config.json of `positions` positions."""
+    model = tmp_path_factory.mktemp(f"context{positions}") / "refusion-tiny-code"
+    model.mkdir()
+    for item in SHIPPED_MODEL.iterdir():
+        (model / item.name).symlink_to(item)
+    config = json.loads((SHIPPED_MODEL / "config.json").read_text()) | {"max_position_embeddings": positions}
+    (model / "config.json").unlink()
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The app on the shipped weights with a 1,024-token context."""
     from serve_testbed import local_app
 
-    model = tmp_path_factory.mktemp("context1024") / "refusion-tiny-code"
-    model.mkdir()
-    for item in SHIPPED_MODEL.iterdir():
-        (model / item.name).symlink_to(item)
-    config = json.loads((SHIPPED_MODEL / "config.json").read_text()) | {"max_position_embeddings": CONTEXT}
-    (model / "config.json").unlink()
-    (model / "config.json").write_text(json.dumps(config))
-    with local_app(model, RecordingClient) as app:
+    with local_app(_model_with_context(tmp_path_factory, CONTEXT), RecordingClient) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The app on the shipped weights with a 200-token context."""
+    from serve_testbed import local_app
+
+    with local_app(_model_with_context(tmp_path_factory, 200), RecordingClient) as app:
         yield app
 
 
@@ -119,3 +135,61 @@ def test_an_editor_completion_fits_the_context(served):
     assert error is None, error
     assert "text" in result
     _fits_exactly(_after(served.client, start), 64)  # the multi-line gaps: 32 and 64
+
+
+def test_context_chunks_fill_what_a_short_prefix_leaves(served):
+    """The budgets were shrunk by their fixed sizes: below 1,920 + gap tokens of room the context's share
+    was 0, so a chunk beside a 3-token prefix was dropped on a 1,024-position model (helper-172)."""
+    chunk = "def helper(values):\n    return sorted(set(values))\n"
+    start = len(served.client.requests)
+    resp = httpx.post(served.url + "/infill", json={"input_prefix": "x = ", "input_suffix": "", "n_predict": 16,
+                                                    "temperature": 0,
+                                                    "input_extra": [{"filename": "b.py", "text": chunk}]}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    tokenizer = served.client.tokenizer
+    for req in _after(served.client, start):
+        assert tokenizer.encode(chunk, add_special_tokens=False)[:8] == _find(req.prompt_ids, tokenizer, chunk)
+
+
+def _find(ids: list[int], tokenizer, text: str) -> list[int]:
+    """The first 8 ids of `text` where they stand in `ids` ([] when absent)."""
+    want = tokenizer.encode(text, add_special_tokens=False)[:8]
+    return next((ids[i:i + 8] for i in range(len(ids)) if ids[i:i + 8] == want), [])
+
+
+def _spans_fit(requests: list, positions: int) -> None:
+    """Prompt + suffix + the span each request decodes (whole slots) fit the model's positions."""
+    assert requests
+    for req in requests:
+        slot = req.params.get("slot_size", 1) or 1
+        decoded = -(-req.params["gen_length"] // slot) * slot
+        assert len(req.prompt_ids) + len(req.suffix_ids or []) + decoded <= positions, req.request_id
+
+
+def test_gaps_are_counted_in_whole_slots_and_those_past_the_context_are_dropped(small):
+    """On a 200-position model an editor gap of 20 decodes 24 positions (prompt + suffix + span was 204),
+    and /infill's n_cmpl gaps of up to 256 shrank every candidate's prompt to 2 tokens (helper-172)."""
+    start = len(small.client.requests)
+    error, result = asyncio.run(_complete(small.url, {"uri": "file:///a.py", "prefix": PREFIX, "suffix": SUFFIX,
+                                                      "gaps": [20], "temperature": 0}))
+    assert error is None, error
+    _spans_fit(_after(small.client, start), 200)
+    start = len(small.client.requests)
+    resp = httpx.post(small.url + "/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_cmpl": 4,
+                                                   "temperature": 0}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    requests = _after(small.client, start)
+    _spans_fit(requests, 200)
+    # gaps 32, 64, 128 (256 dropped: it would leave no prompt); the longest one sets the shared prompt's room
+    assert sorted(r.params["gen_length"] for r in requests) == [32, 64, 128]
+    assert {len(r.prompt_ids) + len(r.suffix_ids or []) for r in requests} == {200 - 128}
+
+
+def test_a_context_too_short_for_any_gap_is_a_400_naming_the_field(small):
+    resp = httpx.post(small.url + "/v1/completions", json={"model": "refusion-tiny-code", "prompt": "x = ",
+                                                           "suffix": "\n", "min_tokens": 199, "max_tokens": 199},
+                      timeout=120)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "min_tokens", resp.text
+    error, _ = asyncio.run(_complete(small.url, {"uri": "file:///a.py", "prefix": "x = ", "suffix": "",
+                                                 "gaps": [256], "max_tokens": 256}))
+    assert error is not None and error["data"]["field"] == "max_tokens" and "context (200 tokens)" in error["message"]
