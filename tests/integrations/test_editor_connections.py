@@ -63,10 +63,11 @@ async def _closed_with(ws) -> int:
     return closed.value.rcvd.code
 
 
-def test_one_socket_past_the_bound_is_closed_with_1013_and_http_keeps_answering():
+def test_one_socket_past_the_bound_is_closed_with_1013_and_http_keeps_answering(wait_until):
     from serve_testbed import local_app
 
-    async def scenario(url: str):
+    async def scenario(app):
+        url, gate = app.url, app.app.state.gate
         first, second = [await websockets.connect(_ws_url(url)) for _ in range(2)]
         for n, ws in enumerate((first, second)):
             await ws.send(rpc.encode_request(n, "initialize", {}))
@@ -75,28 +76,24 @@ def test_one_socket_past_the_bound_is_closed_with_1013_and_http_keeps_answering(
         assert await _closed_with(third) == 1013
         assert httpx.get(url + "/health", timeout=WAIT_S).status_code == 200
         await first.close()
-        for _ in range(100):  # the server sees the close and lets the socket go
-            again = await websockets.connect(_ws_url(url))
-            await again.send(rpc.encode_request(9, "initialize", {}))
-            try:
-                assert (await _answer(again, 9))[2] is None
-                break
-            except ConnectionClosed:
-                await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("a socket closed by its client still counts against the bound")
+        await wait_until(lambda: gate.open_sockets == 1, "the server to let the closed socket go")
+        again = await websockets.connect(_ws_url(url))
+        await again.send(rpc.encode_request(9, "initialize", {}))
+        assert (await _answer(again, 9))[2] is None
         await again.close()
         await second.close()
+        await wait_until(lambda: gate.open_sockets == 0, "every socket let go")
 
     with local_app(SHIPPED_MODEL, limits={"max_editor_connections": 2}) as app:
-        asyncio.run(scenario(app.url))
+        asyncio.run(scenario(app))
 
 
-def test_the_lsp_bridge_names_a_refused_connection_and_gets_in_once_there_is_room():
+def test_the_lsp_bridge_names_a_refused_connection_and_gets_in_once_there_is_room(wait_until):
     from integrations.lsp.backend import EditorBackend
     from serve_testbed import local_app
 
-    async def scenario(url: str):
+    async def scenario(app):
+        url, gate = app.url, app.app.state.gate
         held = await websockets.connect(_ws_url(url))
         await held.send(rpc.encode_request(1, "initialize", {}))
         assert (await _answer(held, 1))[2] is None
@@ -104,18 +101,12 @@ def test_the_lsp_bridge_names_a_refused_connection_and_gets_in_once_there_is_roo
         with pytest.raises(ConnectionError, match="closed the editor connection .close code 1013: 1 editor connections"):
             await backend.call("initialize", {})
         await held.close()
-        for _ in range(100):  # the next call connects again once the server has let the held socket go
-            try:
-                assert "session_id" in await backend.call("initialize", {})
-                break
-            except ConnectionError:
-                await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the bridge never got in")
+        await wait_until(lambda: gate.open_sockets == 0, "the server to let the held socket go")
+        assert "session_id" in await backend.call("initialize", {})  # the next call connects again
         await backend.close()
 
     with local_app(SHIPPED_MODEL, limits={"max_editor_connections": 1}) as app:
-        asyncio.run(scenario(app.url))
+        asyncio.run(scenario(app))
 
 
 def test_an_idle_socket_is_closed_with_1001_but_not_while_its_completion_runs():
