@@ -65,8 +65,8 @@ class EditorSession:
         its uri. gone: the exceptions `send` raises once the client has left (the transport's); the
         session then sends nothing more (the transport's reader sees the disconnect and calls `close`).
         connection: the handshake's X-Request-Id, in each request-log line. context_length: the model's
-        context (tokens; 0 unknown), which a completion's prompt, suffix and gap fit (infill.infill_room). `session_id` (random, announced by
-        `initialize`) names the session in the engine's ids and the log."""
+        context (tokens; 0 unknown), which a completion's prompt, suffix and gap fit (infill.infill_room).
+        `session_id` (random, announced by `initialize`) names the session in the engine's ids and the log."""
         self.client = client
         self._gone = gone
         self._refusing = refusing
