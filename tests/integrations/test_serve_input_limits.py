@@ -42,7 +42,8 @@ def test_limits_are_announced(http):
     limits = http.get("/v1/engine").json()["request_limits"]
     assert limits == {"max_body_bytes": MAX_BODY_BYTES, "body_timeout_s": 10.0, "max_prompt_chars": MAX_PROMPT_CHARS,
                       "context_length": CONTEXT, "max_json_depth": 64,
-                      "max_sequences": ENGINE_OPTIONS["max_running"] + ENGINE_OPTIONS["max_queue"]}
+                      "max_sequences": ENGINE_OPTIONS["max_running"] + ENGINE_OPTIONS["max_queue"],
+                      "max_editor_connections": 450, "editor_idle_timeout_s": 600.0}  # (half the ingress's 900 slots)
 
 
 def test_an_upload_that_stalls_is_a_408_after_body_timeout_s(http, serve_base_url):
