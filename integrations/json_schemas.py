@@ -3,16 +3,15 @@
 A tool's `parameters` are the client's schema, written for hosted models; before it is compiled into a
 call's grammar (integrations/structured_output.py) it is rewritten here, never mutated: every object
 that lists its properties is closed (`closed_objects`, as OpenAI's strict function calling), the
-`propertyNames` every JSON object meets is dropped (`without_string_key_rules`: zod 4's z.record()), and
-it is embedded in the combined schema of all tools' calls as a resource of its own (`tool_resources`),
-where its `$ref`s resolve as in its own document. Only
+`propertyNames` every JSON object meets is dropped (`without_string_key_rules`: zod 4's z.record()); it
+stays the root of its own schema in the call grammar (structured_output._call_rules), where its `$ref`s
+resolve as in the client's document. Only
 schema-valued keywords are followed: a const, enum, default or example is data.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import urldefrag, urljoin, urlsplit
 
 
 # JSON Schema keywords whose value is a schema, a list of schemas or a map of name -> schema: the only
@@ -147,60 +146,3 @@ def without_string_key_rules(schema):
         return out
 
     return _rewritten(schema, drop)
-
-
-# The base URI of a tool's parameters inside the combined schema of all tools' calls (their relative
-# `$id` resolves against it; with none, or one another tool's resolves to as well, a URI of this form is
-# theirs): under a reserved name (RFC 2606's .invalid) that no client's $ref reaches by chance
-TOOL_BASE = "https://tools.refusion.invalid/{index}/parameters.json"
-
-
-def tool_resources(schemas: list[dict]) -> list[tuple[dict, str]]:
-    """Each of `schemas` (the tools' parameters, in order) as a schema resource of its own, to embed in
-    the combined schema of all tools' calls (a compound schema document, JSON Schema 2020-12 section
-    9.2), and the URI a call's `arguments` refer to it by. Every `$ref` in it then resolves as it did in
-    its own document, none rewritten: "#/$defs/X", "#" (its root), "#name" ($anchor), a nested schema's
-    own `$id` and the refs under it, refs through its root `$id`. Its URI is its `$id` (a relative one
-    resolved against TOOL_BASE), with none TOOL_BASE; where two tools' URIs are the same (compared as RFC
-    3986 normalizes them: scheme and host in lower case), each gets a URI of its own under TOOL_BASE's
-    host and its refs to its old document refer to that instead (resolved against the root's `$id`
-    only). `$schema` is dropped (a resource's dialect would be the root's)."""
-    bases = [TOOL_BASE.format(index=index) for index in range(len(schemas))]
-    given = [schema.get("$id") if isinstance(schema.get("$id"), str) and schema.get("$id") else None
-             for schema in schemas]
-    wanted = [urldefrag(urljoin(base, own)).url if own else base for base, own in zip(bases, given)]
-    keys = [_normalized(uri) for uri in wanted]
-    used: set[str] = set()
-    resources = []
-    for index, (schema, own, uri) in enumerate(zip(schemas, given, wanted)):
-        if keys.count(keys[index]) > 1 or keys[index] in used:
-            fallbacks = [bases[index]] + [TOOL_BASE.format(index=f"{index}-{n}") for n in range(1, len(schemas) + 2)]
-            uri = next(candidate for candidate in fallbacks
-                       if _normalized(candidate) not in used and _normalized(candidate) not in keys)
-            if own:
-                schema = _refs_moved(schema, wanted[index], uri)
-        used.add(_normalized(uri))
-        resources.append(({**{k: v for k, v in schema.items() if k != "$schema"}, "$id": uri}, uri))
-    return resources
-
-
-def _normalized(uri: str) -> str:
-    """`uri` with its scheme and host in lower case (RFC 3986 section 6.2.2.1), for comparing ids."""
-    parts = urlsplit(uri)
-    return parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower()).geturl()
-
-
-def _refs_moved(schema, old: str, new: str):
-    """`schema` with each `$ref` that resolves (against `old`, its root's `$id`) to the document `old`
-    referring to the same place in `new`."""
-    document = urldefrag(old).url
-
-    def move(node: dict, out: dict) -> dict:
-        ref = node.get("$ref")
-        if isinstance(ref, str) and not ref.startswith("#"):
-            resolved = urldefrag(urljoin(old, ref))
-            if resolved.url == document:
-                out["$ref"] = new + "#" + resolved.fragment
-        return out
-
-    return _rewritten(schema, move)

@@ -30,7 +30,7 @@ import re
 from typing import Any
 
 from decoding.grammar import GrammarSpec, grammar_error
-from integrations.json_schemas import closed_objects, tool_resources, without_string_key_rules
+from integrations.json_schemas import closed_objects, without_string_key_rules
 from integrations.request_limits import InputError
 from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
 
@@ -173,16 +173,22 @@ def _arguments_schema(function) -> dict:
     return without_string_key_rules(closed_objects(function.parameters)) if function.parameters else ANY_OBJECT
 
 
-def _call_schemas(tools: list) -> dict:
-    """The JSON of one call of any of `tools` (openai_models.ToolSpec): {"anyOf": [{"name": <const>,
-    "arguments": {"$ref": <the tool's parameters>}}, ...]}, name first. Each tool's parameters are a
-    schema resource of their own under #/$defs/t<i> (json_schemas.tool_resources), so their refs (a
-    pydantic model's nested types, a nested `$id`'s) resolve as in their own document."""
-    resources = tool_resources([_arguments_schema(tool.function) for tool in tools])
-    calls = [{"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": {"$ref": uri}},
-              "required": ["name", "arguments"], "additionalProperties": False}
-             for tool, (_, uri) in zip(tools, resources)]
-    return {"anyOf": calls, "$defs": {f"t{i}": resource for i, (resource, _) in enumerate(resources)}}
+def _call_rules(tools: list) -> str:
+    """Lark rules of one call of any of `tools` (openai_models.ToolSpec): `call` is TOOL_OPEN and
+    `{"name": "`, then one tool's rule (its name, `", "arguments": ` and its parameters as a JSON document
+    of their own, %json), then `}` and TOOL_CLOSE: the text the call object takes with JSON_OPTIONS'
+    separators, name first. Each tool's parameters are the root of their own schema, so their refs (a
+    pydantic model's nested types, a nested `$id`'s) resolve as in the client's document, whatever the
+    other tools hold (one combined schema made tools sharing an `$id`, `$anchor` or nested resource one;
+    helper-172, helper-173), and each gets its own options (a strict tool's, `_tool_options`)."""
+    names = " | ".join(f"tool{i}" for i in range(len(tools)))
+    opening, closing = json.dumps(TOOL_OPEN + '{"name": "'), json.dumps("}" + TOOL_CLOSE)
+    rules = [f"call: {opening} ({names}) {closing}"]
+    for i, tool in enumerate(tools):
+        head = json.dumps(json.dumps(tool.function.name, ensure_ascii=False)[1:] + ', "arguments": ')
+        arguments = {**_arguments_schema(tool.function), "x-guidance": _tool_options(tool)}
+        rules.append(f"tool{i}: {head} %json {json.dumps(arguments)}")
+    return "\n".join(rules) + "\n"
 
 
 def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel: bool = True) -> GrammarSpec:
@@ -202,9 +208,8 @@ def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel:
         lark = StructTag.to_grammar(tags, assume_special=False)
     else:
         chosen = [t for t in tools if not forced or t.function.name == forced]
-        schema = {**_call_schemas(chosen), "x-guidance": TOOL_JSON_OPTIONS}
         calls = "call" if forced or not parallel else 'call ("\\n"? call)*'
-        lark = f"start: {calls}\ncall: {json.dumps(TOOL_OPEN)} %json {json.dumps(schema)} {json.dumps(TOOL_CLOSE)}\n"
+        lark = f"start: {calls}\n" + _call_rules(chosen)
     grammar = _checked(LLMatcher.grammar_from_lark(lark), "tools", "the tools' call grammar")
     # What only decoding finds (a schema no finite JSON satisfies) names the one tool's parameters where
     # one tool is involved; with several, `tools`
@@ -247,12 +252,9 @@ def tools_or_format_grammar(tools: list, schema: Any, field: str, parallel: bool
     from llguidance import LLMatcher
 
     _check_tools(tools)
-    calls = {**_call_schemas(tools), "x-guidance": TOOL_JSON_OPTIONS}
     answer = {**(without_string_key_rules(schema) if isinstance(schema, dict) else {}), "x-guidance": JSON_OPTIONS}
     repeat = 'call ("\\n"? call)*' if parallel else "call"
-    lark = (f"start: calls | answer\ncalls: {repeat}\n"
-            f"call: {json.dumps(TOOL_OPEN)} %json {json.dumps(calls)} {json.dumps(TOOL_CLOSE)}\n"
-            f"answer: %json {json.dumps(answer)}\n")
+    lark = f"start: calls | answer\ncalls: {repeat}\n" + _call_rules(tools) + f"answer: %json {json.dumps(answer)}\n"
     grammar = _checked(LLMatcher.grammar_from_lark(lark), field, "the tools' calls or the format's JSON")
     return GrammarSpec(grammar, source=field)
 

@@ -1,6 +1,9 @@
-"""Each tool's parameters are a schema resource of their own in a forced call's grammar
-(json_schemas.tool_resources): refs resolve as in the tool's own document, whatever the other tools hold.
-Matched token by token with the shipped tokenizer (`accepts`, tests/integrations/conftest.py); no Ray."""
+"""Each tool's parameters are the root of their own schema in a forced call's grammar
+(structured_output._call_rules: one %json document per tool): refs resolve as in the tool's own document,
+whatever the other tools hold. Hoisted into one combined schema, a nested `$id`'s refs broke, and tools
+whose ids, anchors or nested resources were alike (as written, or once resolved and normalized) became
+one resource, f0's arguments held to f1's types. Matched token by token with the shipped tokenizer
+(`accepts`, tests/integrations/conftest.py); no Ray."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import json
 
 import pytest
 
-from integrations.json_schemas import TOOL_BASE, tool_resources
 from integrations.openai_models import ChatCompletionRequest
 from integrations.structured_output import tool_grammar, tools_or_format_grammar
 
@@ -46,62 +48,53 @@ def test_a_nested_id_resolves_its_own_refs_in_a_forced_call(accepts):
         assert not accepts(grammar, _call("f0", {"loc": {"city": 3}, "name": 3}))
 
 
-def test_two_tools_with_the_same_id_anchor_and_defs_keep_their_own():
-    """Two tools sharing a root `$id` (a generator's default), an `$anchor` name and `$defs` names: each
-    call's arguments match its own tool's types only."""
-    def tool(kind: str) -> dict:
-        return {"$id": "http://example.com/root.json", "type": "object",
-                "$defs": {"V": {"$anchor": "v", "type": kind}},
-                "properties": {"a": {"$ref": "#v"}, "b": {"$ref": "http://example.com/root.json#/$defs/V"}},
-                "required": ["a", "b"]}
-
-    tools = _tools(tool("integer"), tool("string"))
-    resources = tool_resources([t.function.parameters for t in tools])
-    assert [uri for _, uri in resources] == [TOOL_BASE.format(index=0), TOOL_BASE.format(index=1)]
-    assert resources[1][0]["properties"]["b"]["$ref"] == TOOL_BASE.format(index=1) + "#/$defs/V"
+def _typed(kind: str, own: str | None = None, **extra) -> dict:
+    return {**({"$id": own} if own else {}), "type": "object", "properties": {"a": {"type": kind}}, "required": ["a"],
+            **extra}
 
 
-@pytest.mark.parametrize("forced", [None, "", "f1"])
-def test_tools_with_the_same_names_inside_match_their_own_types(forced, accepts):
-    def tool(kind: str) -> dict:
-        return {"$id": "http://example.com/root.json", "type": "object",
-                "$defs": {"V": {"$anchor": "v", "type": kind}},
-                "properties": {"a": {"$ref": "#v"}, "b": {"$ref": "root.json#/$defs/V"}}, "required": ["a", "b"]}
+@pytest.mark.parametrize("first, second", [
+    (_typed("integer", "http://example.com/root.json"), _typed("string", "http://example.com/root.json")),
+    (_typed("integer", "/schemas/root.json"), _typed("string", "/schemas/root.json")),  # alike once resolved
+    (_typed("integer", "https://Example.com/r.json"), _typed("string", "https://example.com/r.json")),  # host case
+    (_typed("integer", "../1/parameters.json"), _typed("string")),
+    (_typed("integer", "https://e.com/a/./r.json"), _typed("string", "https://e.com/a/r.json")),  # dot segment
+    (_typed("integer", "https://e.com/%72.json"), _typed("string", "https://e.com/r.json")),  # percent-encoding
+    # the same nested resource id in both
+    ({"type": "object", "properties": {"loc": {"$id": "https://example.com/loc.json", **_typed("integer")}},
+      "required": ["loc"]},
+     {"type": "object", "properties": {"loc": {"$id": "https://example.com/loc.json", **_typed("string")}},
+      "required": ["loc"]}),
+    # the same anchor and $defs names, refs through the shared root id
+    (_typed("integer", "http://example.com/root.json", **{"$defs": {"V": {"$anchor": "v", "type": "integer"}},
+                                                          "properties": {"a": {"$ref": "#v"}}}),
+     _typed("string", "http://example.com/root.json", **{"$defs": {"V": {"$anchor": "v", "type": "string"}},
+                                                         "properties": {"a": {"$ref": "root.json#/$defs/V"}}})),
+], ids=["same-id", "same-relative", "host-case", "reaches-generated", "dot-segment", "percent", "nested-id", "anchor"])
+def test_tools_whose_schemas_are_alike_keep_their_own_types(first, second, accepts):
+    """helper-172 and helper-173: each of these made two tools one resource of a combined schema."""
+    def arguments(kind: str) -> dict:
+        value = 1 if kind == "integer" else "x"
+        return {"loc": {"a": value}} if "loc" in first["properties"] else {"a": value}
 
-    grammar = tool_grammar(_tools(tool("integer"), tool("string")), forced, 0).grammar
-    assert accepts(grammar, _call("f1", {"a": "x", "b": "y"}))
-    assert not accepts(grammar, _call("f1", {"a": 1, "b": 2}))
-    if forced != "f1":
-        assert accepts(grammar, _call("f0", {"a": 1, "b": 2}))
-        assert not accepts(grammar, _call("f0", {"a": "x", "b": 2}))
+    tools = _tools(first, second)
+    for grammar in [tool_grammar(tools, forced, 0).grammar for forced in (None, "")] + [
+            tools_or_format_grammar(tools, {"type": "object"}, "response_format").grammar]:
+        assert accepts(grammar, _call("f0", arguments("integer"))) and not accepts(grammar, _call("f0", arguments("string")))
+        assert accepts(grammar, _call("f1", arguments("string"))) and not accepts(grammar, _call("f1", arguments("integer")))
 
 
-def test_a_unique_absolute_id_is_kept_and_a_relative_one_resolved_per_tool():
-    with_id = {"$id": "https://example.com/w.json#", "$schema": "https://json-schema.org/draft/2020-12/schema",
-               "type": "object", "properties": {}}
-    relative = {"$id": "w.json", "type": "object", "properties": {}}
-    resources = tool_resources([with_id, relative, {"type": "object"}])
-    assert [uri for _, uri in resources] == ["https://example.com/w.json",
-                                             TOOL_BASE.format(index=1).rsplit("/", 1)[0] + "/w.json",
-                                             TOOL_BASE.format(index=2)]
-    assert "$schema" not in resources[0][0] and resources[2][0] == {"type": "object", "$id": TOOL_BASE.format(index=2)}
-    assert with_id["$id"] == "https://example.com/w.json#" and "$schema" in with_id  # the input is unchanged
-
-
-@pytest.mark.parametrize("ids", [
-    ("/schemas/root.json", "/schemas/root.json"),  # relative ids resolving to one URI
-    ("https://Example.com/r.json", "https://example.com/r.json"),  # the same URI but for the host's case
-    ("../1/parameters.json", None),  # a relative id reaching the other tool's generated URI
-], ids=["same-relative", "host-case", "reaches-generated"])
-def test_tools_whose_ids_resolve_alike_keep_their_own_types(ids, accepts):
-    """Compared as written, these ids looked distinct and both tools became one resource: f0's arguments
-    were held to f1's types (helper-172)."""
-    def tool(kind: str, own) -> dict:
-        return {**({"$id": own} if own else {}), "type": "object", "properties": {"a": {"type": kind}},
-                "required": ["a"]}
-
-    tools = _tools(tool("integer", ids[0]), tool("string", ids[1]))
-    assert len({uri for _, uri in tool_resources([t.function.parameters for t in tools])}) == 2
+def test_names_that_begin_alike_are_called_by_their_own_schemas(accepts):
+    """A call names one tool whole: "f", "f0" and "f0-x" are different tools."""
+    functions = [{"type": "function", "function": {"name": name, "parameters": _typed(kind)}}
+                 for name, kind in (("f", "integer"), ("f0", "string"), ("f0-x", "boolean"))]
+    tools = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=functions).tools
     grammar = tool_grammar(tools, "", 0).grammar
-    assert accepts(grammar, _call("f0", {"a": 1})) and not accepts(grammar, _call("f0", {"a": "x"}))
-    assert accepts(grammar, _call("f1", {"a": "x"})) and not accepts(grammar, _call("f1", {"a": 1}))
+
+    def call(name: str, value) -> str:
+        return _call(name, {"a": value})
+
+    assert accepts(grammar, call("f", 1)) and not accepts(grammar, call("f", "x"))
+    assert accepts(grammar, call("f0", "x")) and not accepts(grammar, call("f0", 1))
+    assert accepts(grammar, call("f0-x", True)) and not accepts(grammar, call("g", 1))
+    assert accepts(grammar, call("f", 1) + "\n" + call("f0", "y"))  # parallel calls
