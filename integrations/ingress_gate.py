@@ -67,8 +67,8 @@ class IngressGate:
     """Drain switch and open-request count of one ingress replica (shared with the middleware)."""
 
     def __init__(self, socket_limit: Callable[[], int] | None = None):
-        """socket_limit: the host's bound on open WebSockets, asked at each connection (serve_app: from
-        the replica's call slots as Ray applies them now); None: `max_sockets`."""
+        """socket_limit: the host's bound on open WebSockets (0: none let in), asked at each connection
+        (serve_app: from the replica's call slots as Ray applies them now); None: `max_sockets`."""
         self.draining = False
         self._socket_limit = socket_limit
         self.retry_after_s = 5
@@ -77,9 +77,11 @@ class IngressGate:
         self.max_sockets = 0  # WebSockets let in at once (RequestLimits.max_editor_connections; 0: no bound)
         self._drain_started = asyncio.Event()
 
-    def socket_limit(self) -> int:
-        """WebSockets let in at once; 0: no bound."""
-        return self._socket_limit() if self._socket_limit is not None else self.max_sockets
+    def socket_limit(self) -> int | None:
+        """WebSockets let in at once; None: no bound (`max_sockets` 0 and no host rule)."""
+        if self._socket_limit is not None:
+            return self._socket_limit()
+        return self.max_sockets or None
 
     @property
     def open_work(self) -> int:
@@ -123,7 +125,7 @@ class IngressGateMiddleware:
         receive = _disconnect_on_transport_error(receive, scope["type"])
         if scope["type"] == "websocket":
             limit = self.gate.socket_limit()
-            if limit and self.gate.open_sockets >= limit:
+            if limit is not None and self.gate.open_sockets >= limit:
                 await _close_socket(receive, send, 1013, f"{self.gate.open_sockets} editor connections are open on "
                                     "this server replica, its most: retry later")
                 return

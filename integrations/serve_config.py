@@ -251,8 +251,8 @@ class ServeConfig(_Strict):
         """Editor WebSockets an ingress replica with `call_slots` (its max_ongoing_requests as Ray applies
         it: serve_app.call_slots) lets in: editor_max_connections, below call_slots; by default half."""
         if self.editor_max_connections:
-            return max(1, min(self.editor_max_connections, call_slots - 1))
-        return max(1, call_slots // 2)
+            return max(0, min(self.editor_max_connections, call_slots - 1))
+        return call_slots // 2  # (0 with one slot: a socket would take it from every HTTP request)
 
     @property
     def served_model_names(self) -> list[str]:

@@ -163,10 +163,13 @@ class Request:
     def generated_tokens(self) -> int:
         """Tokens generated so far, at most max_tokens: what the stream returns (a grammar's forced run,
         appended without a forward, or a ReFusion slot may run past the cap, which the stream cuts;
-        counted whole, stats and metrics said 12 tokens for a request of max_tokens 4)."""
+        counted whole, stats and metrics said 12 tokens for a request of max_tokens 4). Once it has
+        finished, the ids its stream sent: ReFusion's committed slots past a stop string, a deadline's
+        cut or its stream's gap went unsent, and a preempted run's unsent slots are redone by the rerun
+        (helper-170, -172, -173: usage 8 for 1 id, 7 for 6, 7 for 4)."""
+        if self.finished and self.stream is not None:
+            return self.stream.sent_ids
         made = len(self.decoder.output_ids()) if self.decoder is not None else 0
-        if self.stream is not None and self.stream.stop_word is not None:
-            made = self.stream.sent_ids  # a stop string ended the text: a ReFusion slot's rest went unsent
         cap = self.spec.max_tokens
         return made if cap is None else min(made, cap)
 
@@ -184,8 +187,8 @@ class Request:
         modes = self.mode_history or ([self.pinned_mode.value] if self.preemptions and self.pinned_mode else [])
         return {
             "prompt_tokens": len(self.spec.prompt_ids),
-            # (a stop string's end counts the ids sent, across a preemption too: the stream outlives the runs)
-            "generated_tokens": made if self.stream is not None and self.stream.stop_word is not None
+            # (once finished, the ids sent, across a preemption too: the stream outlives the runs)
+            "generated_tokens": made if self.finished and self.stream is not None
             else max(made, self.tokens_before_requeue),
             "forwards": forwards,
             "prefill_forwards": self.decoder.stats.prefill_forwards if self.decoder is not None else 0,

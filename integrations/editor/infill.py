@@ -128,12 +128,12 @@ def build_infill_prompt(
     if len(suffix_ids) > max_suffix_tokens:
         suffix_ids, truncated = suffix_ids[:max_suffix_tokens], True
     if room:
-        # A prompt of no token gets one (below), so the prefix's share is at least that
+        # A prompt of no token gets one (below): an empty prefix keeps that one from the suffix's share
         keep_prefix, keep_suffix = split_room(room, max(1, len(prefix_ids)), len(suffix_ids),
                                               max_prefix_tokens, max_suffix_tokens)
         if keep_prefix < len(prefix_ids) or keep_suffix < len(suffix_ids):
             prefix_ids, suffix_ids, truncated = prefix_ids[len(prefix_ids) - keep_prefix:], suffix_ids[:keep_suffix], True
-        max_context_tokens = max(0, min(max_context_tokens, room - max(1, len(prefix_ids)) - len(suffix_ids)))
+        max_context_tokens = max(0, min(max_context_tokens, room - len(prefix_ids) - len(suffix_ids)))
     context_ids, context_cut = _context_ids(tokenizer, context, language, max_context_tokens)
     truncated = truncated or context_cut
     prompt_ids = context_ids + prefix_ids

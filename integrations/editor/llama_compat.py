@@ -117,12 +117,14 @@ async def make_job(client, body: InfillBody, request_id: str, n_ctx: int = 0) ->
     if body.n_cmpl > len(gaps):  # more completions asked than the strategy has gaps: add longer ones
         gaps = tuple(sorted(set(gaps) | {gaps[-1] * 2 ** k for k in range(1, body.n_cmpl - len(gaps) + 1)}))
         gaps = tuple(g for g in gaps if max_tokens is None or g <= gap_cap(max_tokens))
-    gaps = fitting_gaps(n_ctx, gaps)  # (n_cmpl's longer gaps too: each would shrink every candidate's prompt)
-    if not gaps:
+    fitting = fitting_gaps(n_ctx, gaps)  # (n_cmpl's longer gaps too: each would shrink every candidate's prompt)
+    if not fitting and body.n_predict != 0:  # (a warm-up, n_predict 0, generates nothing: its prompt may fill the context)
         raise InputError(400, "n_predict", f"the model's context ({n_ctx} tokens) holds no completion beside its "
                                            "prompt: ask for fewer tokens")
-    prompt = await off_loop(partial(build_infill_prompt, room=infill_room(n_ctx, gaps)), client.tokenizer, prefix,
-                            body.input_suffix, context, chars=chars)
+    gaps = fitting or gaps
+    room = infill_room(n_ctx, gaps if body.n_predict != 0 else (1,))
+    prompt = await off_loop(partial(build_infill_prompt, room=room), client.tokenizer, prefix, body.input_suffix,
+                            context, chars=chars)
     seed = None if body.seed == -1 else body.seed  # llama.cpp: -1 is a random seed; unset is too (engine)
     sampling = {"temperature": sampling_temperature(body.temperature), "top_k": body.top_k, "top_p": body.top_p,
                 "min_p": body.min_p}

@@ -148,9 +148,10 @@ def test_the_bound_is_half_the_call_slots_ray_applies_and_leaves_some_for_http()
     config = ServeConfig()
     assert call_slots(config) == 900 and config.editor_idle_timeout_s == 600  # (outside a replica: the config's)
     assert config.editor_connections(900) == 450 and config.editor_connections(100) == 50
-    assert config.editor_connections(1) == 1
+    assert config.editor_connections(1) == 0  # one slot: a socket would take it from every HTTP request
     explicit = ServeConfig.model_validate({"editor_max_connections": 899})
     assert explicit.editor_connections(900) == 899 and explicit.editor_connections(100) == 99
+    assert explicit.editor_connections(1) == 0
     with pytest.raises(ValidationError, match="editor_max_connections .900. must be below ingress.max_ongoing_requests"):
         ServeConfig.model_validate({"editor_max_connections": 900})
 

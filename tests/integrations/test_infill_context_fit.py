@@ -21,6 +21,7 @@ import websockets
 from integrations.editor import protocol as rpc
 from integrations.editor.infill import MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, fitting_gaps, infill_room, split_room
 from integrations.engine_client import LocalEngineClient
+from integrations.request_limits import InputError
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
 CONTEXT = 1024
@@ -193,3 +194,31 @@ def test_a_context_too_short_for_any_gap_is_a_400_naming_the_field(small):
     error, _ = asyncio.run(_complete(small.url, {"uri": "file:///a.py", "prefix": "x = ", "suffix": "",
                                                  "gaps": [256], "max_tokens": 256}))
     assert error is not None and error["data"]["field"] == "max_tokens" and "context (200 tokens)" in error["message"]
+
+
+def test_an_empty_prefix_leaves_its_room_to_context_chunks(served):
+    """The token an empty prompt gets ("\\n") was held back from the context too, so a chunk that fitted
+    exactly was cut (helper-173)."""
+    from integrations.editor.infill import build_infill_prompt
+
+    tokenizer = served.client.tokenizer
+    chunk = {"path": "", "text": "def helper(values):\n    return sorted(set(values))"}
+    whole = build_infill_prompt(tokenizer, "", "x\n", [chunk])
+    assert whole.context_tokens and not whole.truncated
+    fitted = build_infill_prompt(tokenizer, "", "x\n", [chunk], room=len(whole.prompt_ids) + len(whole.suffix_ids))
+    assert fitted.prompt_ids == whole.prompt_ids and not fitted.truncated
+
+
+def test_a_warm_up_needs_no_room_for_a_gap():
+    """/infill with n_predict 0 only prefills its prompt: on a 20-position model it was a 400 "holds no
+    completion" (its gaps were planned as a completion's; helper-173)."""
+    from transformers import AutoTokenizer
+
+    from integrations.editor.llama_compat import InfillBody, make_job
+
+    client = type("Client", (), {"tokenizer": AutoTokenizer.from_pretrained(str(SHIPPED_MODEL))})()
+    body = InfillBody.model_validate({"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 0})
+    job = asyncio.run(make_job(client, body, "warm", n_ctx=20))
+    assert 0 < len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or []) <= 19
+    with pytest.raises(InputError, match="n_predict"):
+        asyncio.run(make_job(client, InfillBody.model_validate({**body.model_dump(), "n_predict": 32}), "x", n_ctx=20))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sched_fakes import collect, ids_of
 
-from scheduler.api import GenerationRequest, Mode, Priority
+from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
 from scheduler.config import EngineConfig, RoutingConfig
 from scheduler.engine import Engine
 
@@ -181,3 +181,42 @@ async def test_a_stop_string_after_a_preemption_counts_the_ids_sent(runner, monk
     stopped, _ = await run([stop])
     assert stopped[-1].stats["stop_word"] == stop
     assert stopped[-1].stats["generated_tokens"] == len(ids_of(stopped)) < len(ids)
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["alone", "preempted"])
+async def test_a_deadline_that_cuts_a_refusion_request_counts_the_ids_sent(runner, monkeypatch, preempt):
+    """The deadline passes (forced: the request's arrival moved back) while the decoder holds committed
+    slots past its stream: usage counted them, 7 for 4 ids returned (helper-173)."""
+    import time
+
+    import decoding.refusion as refusion
+
+    engine = await _engine(runner)
+    others, cut = [], []
+    absorb = refusion.RefusionDecoder.absorb
+
+    def absorb_then_act(decoder, result):
+        absorb(decoder, result)
+        req = engine._requests.get("v")
+        if decoder.seq_id != "v" or req is None or not len(decoder.output_ids()) > len(decoder.stream_ids()) >= 1:
+            return
+        if preempt and not others:
+            others.append(asyncio.ensure_future(collect(engine, GenerationRequest("i", runner.tokenizer.encode(
+                "class A:\n"), {"gen_length": 8, "slot_size": 8, "serial_num_blocks": 1}, mode=Mode.AR,
+                priority=Priority.INTERACTIVE))))
+        elif not cut and (req.preemptions or not preempt):
+            cut.append(len(decoder.stream_ids()))
+            req.arrival_s = time.monotonic() - 10**4  # its max_time_ms is past
+
+    monkeypatch.setattr(refusion.RefusionDecoder, "absorb", absorb_then_act)
+    try:
+        deltas = await collect(engine, GenerationRequest("v", runner.tokenizer.encode("class Node:\n    def __init__(self"),
+                                                         {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 1},
+                                                         mode=Mode.REFUSION, max_time_ms=10**6))
+        await asyncio.gather(*others)
+    finally:
+        monkeypatch.setattr(refusion.RefusionDecoder, "absorb", absorb)
+        await engine.stop()
+    assert cut and deltas[-1].stats["preemptions"] == int(preempt)
+    assert deltas[-1].finish_reason is FinishReason.DEADLINE
+    assert deltas[-1].stats["generated_tokens"] == len(ids_of(deltas))
