@@ -24,6 +24,10 @@ from workers.batch import MAX_TOP_LOGPROBS
 
 MAX_PROMPTS = 64
 """Most prompts in one /v1/completions batch (each runs as its own engine request, times `n`)."""
+MAX_TOOLS = 1024
+"""Most functions one chat request offers: a forced call's grammar holds one alternative per function, and
+the grammar engine's parser takes at most 2,000 items in a row (about 2,000 tools were refused with a
+message about the prompt's last tokens; helper-174). OpenAI takes 128."""
 
 
 class CompletionRequest(SamplingFields):
@@ -231,7 +235,7 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[ToolSpec] | None = None
+    tools: list[ToolSpec] | None = None  # at most MAX_TOOLS (_tool_count)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -262,6 +266,14 @@ class ChatCompletionRequest(SamplingFields):
     # prefix cache holds their shared prompt (the serve router's affinity key; default: the conversation's)
     prompt_cache_key: str | None = Field(default=None, max_length=1024)
     _cap_field: str = PrivateAttr("max_tokens")
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_count(cls, value: list | None) -> list | None:
+        if value is not None and len(value) > MAX_TOOLS:
+            raise ValueError(f"offers {len(value):,} functions; at most {MAX_TOOLS:,} are offered in one request "
+                             "(a forced call's grammar holds one alternative per function): offer fewer")
+        return value
 
     @field_validator("chat_template_kwargs")
     @classmethod

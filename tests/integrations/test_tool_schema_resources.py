@@ -98,3 +98,18 @@ def test_names_that_begin_alike_are_called_by_their_own_schemas(accepts):
     assert accepts(grammar, call("f0", "x")) and not accepts(grammar, call("f0", 1))
     assert accepts(grammar, call("f0-x", True)) and not accepts(grammar, call("g", 1))
     assert accepts(grammar, call("f", 1) + "\n" + call("f0", "y"))  # parallel calls
+
+
+def test_as_many_tools_as_are_offered_can_be_forced_and_one_more_is_refused(accepts):
+    """About 2,000 tools passed the grammar engine's row limit and were refused with a message about the
+    prompt's last tokens (helper-174): at most MAX_TOOLS are offered, and every one of them can be called."""
+    from pydantic import ValidationError
+
+    from integrations.openai_models import MAX_TOOLS
+
+    parameters = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    tools = _tools(*[parameters] * MAX_TOOLS)
+    grammar = tool_grammar(tools, "", 0).grammar
+    assert accepts(grammar, _call(f"f{MAX_TOOLS - 1}", {"a": 1})) and not accepts(grammar, _call(f"f{MAX_TOOLS}", {"a": 1}))
+    with pytest.raises(ValidationError, match=f"offers {MAX_TOOLS + 1:,} functions; at most {MAX_TOOLS:,}"):
+        _tools(*[parameters] * (MAX_TOOLS + 1))
