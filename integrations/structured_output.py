@@ -237,8 +237,8 @@ def _check_tools(tools: list) -> None:
 def _tool_options(tool) -> dict:
     """llguidance's JSON options of a tool's arguments: lenient (keywords it does not implement ignored),
     or, for a tool marked `strict: true`, strict as a response_format schema (such a keyword is a 400:
-    OpenAI's strict mode refuses what it cannot enforce). A strict tool's schema then holds only
-    enforced keywords, so the forced-call grammar, compiled leniently for all tools, enforces all of it."""
+    OpenAI's strict mode refuses what it cannot enforce), in auto and forced calls alike (each tool's
+    arguments are a JSON schema of their own there: _call_rules)."""
     return JSON_OPTIONS if tool.function.strict else TOOL_JSON_OPTIONS
 
 
