@@ -262,8 +262,11 @@ async def test_a_replica_removed_by_a_scale_down_hands_its_queue_back(cluster):
 
     try:
         await asyncio.to_thread(wait_for, queued, 120, "the four requests queued, some on each replica")
-    except AssertionError as exc:  # (once seen: 120 s with the exact 2 + 2 split expected; no figures kept)
-        raise AssertionError(f"{exc}; waiting per replica, last: {seen[-1:]}") from None
+    except AssertionError as exc:  # (seen: 120 s with the exact 2 + 2 split expected; and 0 + 0 waiting)
+        # whether the long streams had ended (a queue needs them running) and how the shorts ended
+        state = {"longs_done": [t.done() for t in longs.values()], "shorts_done": [t.done() for t in shorts],
+                 "shorts": [t.result() for t in shorts if t.done() and not t.cancelled() and not t.exception()]}
+        raise AssertionError(f"{exc}; waiting per replica, last: {seen[-1:]}; {state}") from None
     try:
         await asyncio.to_thread(cluster.serve_deploy, cluster.app_config(
             deployments=[{"name": "RefusionEngine", "num_replicas": 1}], **settings))
