@@ -241,8 +241,8 @@ async def test_a_queue_moves_to_a_replica_with_free_slots(cluster):
 
 
 @pytest.mark.skip(reason="its set-up races the two long streams' end: on a loaded CI machine they ran their 4,000 "
-                         "tokens out before the four short requests reached a replica (failed 4 of 9 fresh-clone runs "
-                         "since stop 57; 2026-12-06: longs done, shorts served at once, 0 + 0 waiting). To be made "
+                         "tokens out before the four short requests reached a replica (it failed 4 fresh-clone CI runs "
+                         "since stop 57, 2 on 2026-12-06: longs done, shorts served at once, 0 + 0 waiting). To be made "
                          "deterministic (hold the long streams) before it runs again; the stop-59 note says so")
 async def test_a_replica_removed_by_a_scale_down_hands_its_queue_back(cluster):
     """Ray Serve removes a replica by routing nothing more to it and killing it after
