@@ -75,6 +75,16 @@ class EngineClient(Protocol):
         not probe it (a probe that waits for a replica to start would fail the load balancer's check,
         which then never sends the request that starts one)."""
 
+    async def pause(self) -> dict[str, bool]:
+        """Pause every engine replica up now (scheduler.engine.Engine.pause); {replica id: paused} once
+        each has stopped running forwards. A replica that starts later is not paused."""
+
+    async def resume(self) -> dict[str, bool]:
+        """End the pause of every engine replica up now (Engine.resume); {replica id: paused}."""
+
+    async def is_paused(self) -> dict[str, bool]:
+        """{replica id: paused} of every engine replica up now."""
+
 
 # ---------------------------------------------------------------------------------------------------
 # Engine errors across a process boundary. scheduler.api's errors take extra constructor arguments,
@@ -228,7 +238,19 @@ class LocalEngineClient:
     async def check_health(self) -> None:
         from integrations.engine_host import one_token_probe
 
-        await one_token_probe(self, forwards=lambda: getattr(self.engine, "forwards", 0))
+        await one_token_probe(self, forwards=lambda: getattr(self.engine, "forwards", 0),
+                              paused=lambda: getattr(self.engine, "paused", False))
+
+    async def pause(self) -> dict[str, bool]:
+        await self.engine.pause()
+        return {"local": True}
+
+    async def resume(self) -> dict[str, bool]:
+        self.engine.resume()
+        return {"local": False}
+
+    async def is_paused(self) -> dict[str, bool]:
+        return {"local": self.engine.paused}
 
     async def scaled_to_zero(self) -> bool:
         return False  # one engine in this process, always there

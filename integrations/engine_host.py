@@ -155,13 +155,18 @@ async def warm_up(client, timeout_s: float = 120.0) -> dict:
     return {"requests": len(WARMUP_PARAMS), "forwards": forwards, "seconds": round(time.perf_counter() - start, 3)}
 
 
-async def one_token_probe(client, timeout_s: float = 30.0, forwards: Callable[[], int] | None = None) -> None:
+async def one_token_probe(client, timeout_s: float = 30.0, forwards: Callable[[], int] | None = None,
+                          paused: Callable[[], bool] | None = None) -> None:
     """Run one one-token request through `client.stream`; raise EngineUnhealthyError if the engine is
     wedged.
 
     Busy is not wedged: an OverloadedError answer (queue full) is healthy, and so is a probe still
-    queued at the timeout while `forwards()` (the engine's forward count) has advanced meanwhile.
+    queued at the timeout while `forwards()` (the engine's forward count) has advanced meanwhile. Held
+    is not wedged either: while `paused()` (Engine.pause) no probe runs, and one the pause caught
+    waiting is healthy.
     """
+    if paused is not None and paused():
+        return
     req = probe_request(client.tokenizer)
     forwards_before = forwards() if forwards else None
     try:
@@ -169,7 +174,7 @@ async def one_token_probe(client, timeout_s: float = 30.0, forwards: Callable[[]
     except OverloadedError:
         return
     except asyncio.TimeoutError as exc:
-        if forwards is not None and forwards() > forwards_before:
+        if (forwards is not None and forwards() > forwards_before) or (paused is not None and paused()):
             return
         raise EngineUnhealthyError(f"one-token health probe did not finish within {timeout_s:.0f} s "
                                    "and the engine ran no forward meanwhile") from exc

@@ -6,7 +6,8 @@ Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, 
 POST /v1/responses (integrations/responses_api.py), POST /v1/messages and /v1/messages/count_tokens
 (Anthropic's Messages API: integrations/anthropic_api.py),
 GET /metrics (Prometheus text), GET /v1/engine (engine info: limits, defaults, load), plus the editor
-protocol's router (integrations/editor/http.py) when that package is present.
+protocol's router (integrations/editor/http.py) when that package is present, and POST /pause, POST
+/resume and GET /is_paused when APISettings.pause_endpoints (integrations/pause_api.py).
 Streams are server-sent events, one JSON chunk per `data:` line, ending with `data: [DONE]`.
 """
 
@@ -35,6 +36,7 @@ from integrations.openai_infill import infill_deltas, infill_job
 from integrations.openai_logprobs import LogprobFormatter
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_requests import candidates_id, check_id_free, completion_requests, id_headers, request_id
+from integrations.pause_api import router as pause_router
 from integrations.openai_stream import (ChoiceUsage, chat_events, choice_chunks, completion_events, echoed, eos_listed,
                                         prompt_scores_kept, stop_included)
 from integrations.request_body import BodyLimitMiddleware
@@ -56,6 +58,7 @@ class APISettings:
     decode_defaults: dict = field(default_factory=dict)  # the model's (decoding.params.load_model_defaults)
     allowed_origins: list[str] = field(default_factory=list)
     limits: RequestLimits = field(default_factory=RequestLimits)
+    pause_endpoints: bool = False  # POST /pause, POST /resume, GET /is_paused (integrations/pause_api.py)
 
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,8 @@ def create_app(settings: APISettings, engine_client=None, gate: IngressGate | No
     app.include_router(router)
     app.include_router(responses_router)
     app.include_router(anthropic_router)
+    if settings.pause_endpoints:
+        app.include_router(pause_router)
     editor_router = _editor_router()
     if editor_router is not None:
         app.include_router(editor_router)

@@ -90,6 +90,7 @@ class IngressDeployment:
             decode_defaults=self.model_card["defaults"],
             allowed_origins=self.config.allowed_origins,
             limits=limits,
+            pause_endpoints=self.config.pause_endpoints,
         )
         return create_app(settings, self.client, gate=self.gate)
 

@@ -206,6 +206,9 @@ class ServeConfig(_Strict):
     editor_idle_timeout_s: float = Field(default=600.0, ge=0, description="an editor WebSocket that sent no "
                                          "frame for this long, with no completion in flight, is closed with 1001; "
                                          "0 = never")
+    pause_endpoints: bool = Field(default=False, description="POST /pause, POST /resume, GET /is_paused: hold "
+                                  "every engine replica's forwards (vLLM's dev-mode routes of the same names; "
+                                  "integrations/pause_api.py); off, they are 404s")
     health_probe_timeout_s: float = Field(default=20.0, gt=0, description="one-token probe limit")
     caller_check_s: float = Field(default=2.0, gt=0, description="how often an engine replica checks that the "
                                   "ingress replicas it streams to are alive (a dead one's requests are cancelled)")

@@ -228,8 +228,9 @@ class EngineDeployment:
         """Queue rebalancing's view of this replica (integrations/serve_rebalance.ReplicaLoad): free
         running slots (max_running - running - waiting) and the waiting requests it may release
         (Engine.movable: never started, past the ones its own free slots start; so a replica is never
-        both); neither while draining. `replica`: the id the router delivered the call by."""
-        if self.draining or self.engine.stopping:
+        both); neither while draining or paused (pause: a held replica takes no work and keeps its own).
+        `replica`: the id the router delivered the call by."""
+        if self.draining or self.engine.stopping or self.engine.paused:
             return {"replica": self.replica, "room": 0, "movable": 0}
         busy = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
         return {"replica": self.replica, "room": max(0, self.engine.config.max_running - busy),
@@ -239,7 +240,7 @@ class EngineDeployment:
         """End up to `limit` waiting requests that never started (scheduler.engine.Engine.release_waiting)
         for replica `to` to run: their calls end with EngineFailure("moved", replica=to), which the
         ingress streaming each one sends there. Returns how many."""
-        if self.draining or self.engine.stopping or to == self.replica:
+        if self.draining or self.engine.stopping or self.engine.paused or to == self.replica:
             return 0
         return self._release(limit, to)
 
@@ -265,9 +266,26 @@ class EngineDeployment:
         target id the ingress's router delivered the call by (integrations/serve_router.py)."""
         return {"replica": self.replica, "node": self.node, "text": engine_metrics_text(self.engine)}
 
+    async def pause(self, replica: str | None = None) -> dict:
+        """Run no forward until resume (scheduler.engine.Engine.pause: requests keep their slots and
+        queue; Ray Serve LLM's LLMServer.pause). {"replica", "paused"} once the step in progress is
+        absorbed. `replica`: the id the router delivered the call by (integrations/serve_router.py)."""
+        await self.engine.pause()
+        return {"replica": self.replica, "paused": self.engine.paused}
+
+    async def resume(self, replica: str | None = None) -> dict:
+        """End a pause (Engine.resume); {"replica", "paused"}."""
+        self.engine.resume()
+        return {"replica": self.replica, "paused": self.engine.paused}
+
+    async def is_paused(self, replica: str | None = None) -> dict:
+        return {"replica": self.replica, "paused": self.engine.paused}
+
     async def check_health(self) -> None:
-        """Ray Serve calls this periodically; raising marks the replica unhealthy (it is replaced)."""
-        await one_token_probe(self.client, self.config.health_probe_timeout_s, forwards=lambda: self.engine.forwards)
+        """Ray Serve calls this periodically; raising marks the replica unhealthy (it is replaced). A paused
+        replica (pause) is healthy."""
+        await one_token_probe(self.client, self.config.health_probe_timeout_s, forwards=lambda: self.engine.forwards,
+                              paused=lambda: self.engine.paused)
 
     async def __del__(self):
         # Ray Serve has already waited for in-flight calls (graceful_shutdown_wait_loop_s); stop() drains

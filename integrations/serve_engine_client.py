@@ -28,6 +28,9 @@ REPLICA_RETRY_AFTER_S = 2.0
 # /metrics: how long an engine replica may take to send its metrics before it counts as unreachable
 # (below the ingress's own ENGINE_METRICS_TIMEOUT_S for the whole fan-out).
 REPLICA_METRICS_TIMEOUT_S = 1.5
+# POST /pause, /resume, GET /is_paused: how long an engine replica may take to answer (a pause answers once
+# the step in progress is absorbed: a long prefill's step on a loaded CPU takes seconds)
+PAUSE_TIMEOUT_S = 30.0
 # Times one request may be moved: by queue rebalancing once (an engine replica never releases a request
 # moved to it), and handed back by replicas that Ray Serve removes a few times (a rolling update of several
 # replicas, a router's stale choice of one being removed).
@@ -224,6 +227,36 @@ class ServeEngineClient:
 
     async def check_health(self) -> None:
         await self._call("check_health")
+
+    async def pause(self) -> dict[str, bool]:
+        return await self._every_replica("pause")
+
+    async def resume(self) -> dict[str, bool]:
+        return await self._every_replica("resume")
+
+    async def is_paused(self) -> dict[str, bool]:
+        return await self._every_replica("is_paused")
+
+    async def _every_replica(self, method: str) -> dict[str, bool]:
+        """Call `method` (EngineDeployment.pause, resume or is_paused) on every engine replica Ray lists
+        now, each call routed to its replica (serve_router.EngineRouter); {replica id: paused}. Raises
+        EngineUnavailableError when none is up or one fails to answer within PAUSE_TIMEOUT_S (a
+        step of a long prefill may take that long; the call is safe to repeat)."""
+        from integrations.routing_state import live_replicas
+
+        targets = live_replicas(self._handle.app_name, self._handle.deployment_name)
+        if not targets:
+            raise EngineUnavailableError("no engine replica is up", retry_after_s=2.0)
+
+        async def ask(replica: str) -> dict:
+            return await asyncio.wait_for(self._call(method, replica=replica), PAUSE_TIMEOUT_S)
+
+        try:
+            answers = await asyncio.gather(*(ask(r) for r in targets))
+        except asyncio.TimeoutError:
+            raise EngineUnavailableError(f"an engine replica did not answer {method} within {PAUSE_TIMEOUT_S:g} s",
+                                         retry_after_s=2.0) from None
+        return {a["replica"]: a["paused"] for a in answers}
 
     async def scaled_to_zero(self) -> bool:
         """Whether no engine replica is up because the deployment autoscales down to zero (min_replicas

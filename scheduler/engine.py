@@ -86,6 +86,8 @@ class Engine(EngineLoop, EngineOutput):
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = False
+        self._paused = False  # pause() .. resume(): no forward runs (engine_loop._hold)
+        self._held: asyncio.Event | None = None  # set while a paused loop holds
         self.forwards = 0
         self._plan_items: list = []  # the step's (request, segment) pairs while its forward and postprocess run
         # request id -> (request, its decoder then, the time then): absorbed a step whose text is not
@@ -115,7 +117,7 @@ class Engine(EngineLoop, EngineOutput):
                 calibrate, self.runner, routing.calibration_tokens, routing.calibration_repeats, self.config.token_budget
             )
             log.info("calibrated", points=self.router.curve.points)
-        self._wake = asyncio.Event()
+        self._wake, self._held = asyncio.Event(), asyncio.Event()
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="engine-loop")
 
@@ -185,12 +187,47 @@ class Engine(EngineLoop, EngineOutput):
             log.info("moved", request_id=req.id, waited_s=round(time.monotonic() - req.arrival_s, 3))
         return [req.id for req in moved]
 
+    async def pause(self) -> None:
+        """Run no forward until resume(); returns once the step in progress (and one launched ahead of
+        it) has been absorbed, so `forwards` holds still from then on. Running requests keep their
+        slots, KV and output so far; new requests are admitted and wait; cancels, deadlines
+        (max_time_ms), the load gauges and release_waiting still act. A resumed request continues
+        exactly as if never paused. vLLM's pause_generation(mode="keep") and Ray Serve LLM's
+        LLMServer.pause (for a weight update, an inspection, a test that needs a replica held).
+        Idempotent; before start() it only marks the engine paused; during stop() it does nothing (the
+        drain runs to its end)."""
+        if self._stopping:
+            return
+        self._paused = True
+        if self._task is None or self._task.done():
+            return
+        self._wake.set()
+        held = asyncio.ensure_future(self._held.wait())
+        try:
+            await asyncio.wait([held, self._task], return_when=asyncio.FIRST_COMPLETED)  # (stop() ends a pause)
+        finally:
+            held.cancel()
+
+    def resume(self) -> None:
+        """End a pause (pause()): forwards run again. Idempotent."""
+        self._paused = False
+        if self._held is not None:
+            self._held.clear()
+            self._wake.set()
+
+    @property
+    def paused(self) -> bool:
+        """Between pause() and resume() (or stop())."""
+        return self._paused
+
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new requests, let running ones finish for up to drain_timeout_s, cancel the rest,
-        stop the loop and release every KV block the engine holds (prefix cache included)."""
+        stop the loop and release every KV block the engine holds (prefix cache included). It ends a
+        pause (pause()): the drain runs forwards."""
         if self._task is None:
             return
         self._stopping = True
+        self.resume()
         deadline = time.monotonic() + max(0.0, drain_timeout_s)
         while self.scheduler.has_work() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

@@ -4,7 +4,8 @@ Each step the scheduler (scheduler/scheduler.py) returns a plan; it runs as ONE 
 runner in a worker thread (scheduler/plan.py), so the event loop keeps serving, or, under asynchronous
 scheduling, is launched while the next step is planned (`_execute`); the decoders absorb the results
 and finished requests free their KV (`_postprocess`). A step that fails reruns each request alone, so
-a fault ends only the request that caused it (`_recover`). `EngineLoop` is a part of
+a fault ends only the request that caused it (`_recover`). A paused engine (Engine.pause) runs no
+step: the loop holds (`_hold`). `EngineLoop` is a part of
 `scheduler.engine.Engine`, on its state.
 """
 
@@ -25,6 +26,7 @@ from scheduler.request import Request
 from workers.batch import STEP_LAUNCHED
 
 log = structlog.get_logger("engine")
+PAUSED_POLL_S = 0.05  # a paused loop's look at deadlines and the load gauges, at least this often
 
 
 def _forward(runners: dict, plan: StepPlan, on_launch, launched=None, ahead: StepPlan | None = None,
@@ -80,6 +82,9 @@ class EngineLoop:
     async def _run(self) -> None:
         failed_steps = 0  # in a row
         while True:
+            if self._paused and self._ahead is None:
+                await self._hold()
+                continue
             if not self.scheduler.has_work() and self._ahead is None:
                 self._flush_streams()
                 if self._stopping:
@@ -102,6 +107,23 @@ class EngineLoop:
                         self._finish_or_abort(req, "internal error in engine step")
             finally:
                 self._plan_items = []
+
+    async def _hold(self) -> None:
+        """One look of a paused loop (Engine.pause), once the step in progress and any launched ahead of it
+        are absorbed: no forward runs, but the text already made is streamed, deadlines end their
+        requests (max_time_ms) and the load gauges follow the queue (requests still arrive, are
+        cancelled or handed to another replica). Returns when woken (a request, resume(), stop()) or
+        after PAUSED_POLL_S."""
+        self._flush_streams()
+        self._expire_deadlines(time.monotonic())
+        s = self.scheduler
+        self.metrics.update_gauges(len(s.running), len(s.waiting), self.kv.pool(), self.prefix_cache)
+        self._wake.clear()
+        self._held.set()
+        try:
+            await asyncio.wait_for(self._wake.wait(), PAUSED_POLL_S)
+        except asyncio.TimeoutError:
+            pass
 
     async def _recover(self, failed_steps: int) -> None:
         """After a failed step: the step launched ahead is dropped and the running requests end with an
@@ -165,7 +187,7 @@ class EngineLoop:
         forward fails end with the error, the others continue with their results, so no request sees
         an error it did not cause."""
         bitmasks = self._deferred_bitmasks(plan) if launched is not None else None
-        ahead = self.scheduler.plan_ahead(plan) if self.async_scheduling else None
+        ahead = self.scheduler.plan_ahead(plan) if self.async_scheduling and not self._paused else None
         for req, _ in plan.items if launched is None else ():
             req.in_flight += 1
         for req, _ in ahead.items if ahead is not None else ():

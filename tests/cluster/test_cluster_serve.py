@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import json
 import os
 import signal
@@ -240,17 +239,16 @@ async def test_a_queue_moves_to_a_replica_with_free_slots(cluster):
         await asyncio.gather(long_stream, return_exceptions=True)
 
 
-@pytest.mark.skip(reason="its set-up races the two long streams' end: on a loaded CI machine they ran their 4,000 "
-                         "tokens out before the four short requests reached a replica (it failed 4 fresh-clone CI runs "
-                         "since stop 57, 2 on 2026-12-06: longs done, shorts served at once, 0 + 0 waiting). To be made "
-                         "deterministic (hold the long streams) before it runs again; the stop-59 note says so")
 async def test_a_replica_removed_by_a_scale_down_hands_its_queue_back(cluster):
     """Ray Serve removes a replica by routing nothing more to it and killing it after
     graceful_shutdown_timeout_s; requests queued there behind a long stream were cut then, while the other
     replica idled (helper-153). The removed replica hands every waiting request back, and they finish on
-    the one kept. Rebalancing is off here, so only the hand-back can move them."""
-    settings = dict(engine={"max_running": 1}, args={"rebalance_after_s": 0, "drain_timeout_s": 3},
-                    router={"imbalanced_threshold": 1000}, graceful_shutdown_timeout_s=10)
+    the one kept. Rebalancing is off here, so only the hand-back can move them. Both replicas are paused
+    (POST /pause, integrations/pause_api.py) once their long streams run, so the streams hold their
+    slots however slowly the requests behind them arrive (a set-up that let them run out raced their
+    end on a loaded CI machine: 0 + 0 waiting, 4 fresh-clone failures); the kept one resumes at the end."""
+    settings = dict(engine={"max_running": 1}, router={"imbalanced_threshold": 1000}, graceful_shutdown_timeout_s=10,
+                    args={"rebalance_after_s": 0, "drain_timeout_s": 3, "pause_endpoints": True})
     before = deploy(cluster, 2, deployments=[{"name": "RefusionEngine", "num_replicas": 2}], **settings)
     live = sorted(before)
     keys = {r: conversations_on(r, live, 1)[0] for r in live}
@@ -258,28 +256,33 @@ async def test_a_replica_removed_by_a_scale_down_hands_its_queue_back(cluster):
     for replica, messages in keys.items():
         started[replica] = asyncio.Event()
         longs[replica] = asyncio.create_task(stream_completion(cluster.url, 4000, messages=messages, started=started[replica]))
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 120)
-    shorts = [asyncio.create_task(stream_completion(cluster.url, 8, messages=m)) for m in keys.values() for _ in range(2)]
-    seen: list[dict] = []  # (what the replicas said last: the failure message shows it)
-
-    def queued() -> bool:  # all four waiting, some on each replica: whichever Ray removes has some to hand back
-        seen.append(per_replica(cluster.url, "refusion_requests_waiting"))
-        return sum(seen[-1].values()) == 4 and all(seen[-1].get(r, 0) >= 1 for r in live)
-
+    shorts: list[asyncio.Task] = []
     try:
-        await asyncio.to_thread(wait_for, queued, 120, "the four requests queued, some on each replica")
-    except AssertionError as exc:  # (seen: 120 s with the exact 2 + 2 split expected; and 0 + 0 waiting)
-        # whether the long streams had ended (a queue needs them running) and how the shorts ended
-        state = {"longs_done": [t.done() for t in longs.values()], "shorts_done": [t.done() for t in shorts],
-                 "shorts": [t.result() for t in shorts if t.done() and not t.cancelled() and not t.exception()]}
-        raise AssertionError(f"{exc}; waiting per replica, last: {seen[-1:]}; {state}") from None
-    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 120)
+        paused = await asyncio.to_thread(httpx.post, cluster.url + "/pause", timeout=120)
+        assert paused.status_code == 200 and paused.json()["replicas"] == {r: True for r in live}, paused.text
+        assert not any(task.done() for task in longs.values())  # each holds its replica's one slot until cancelled
+        shorts = [asyncio.create_task(stream_completion(cluster.url, 8, messages=m)) for m in keys.values() for _ in range(2)]
+        seen: list[dict] = []  # (what the replicas said last: the failure message shows it)
+
+        def queued() -> bool:  # all four waiting, some on each replica: whichever Ray removes has some to hand back
+            seen.append(per_replica(cluster.url, "refusion_requests_waiting"))
+            return sum(seen[-1].values()) == 4 and all(seen[-1].get(r, 0) >= 1 for r in live)
+
+        try:
+            await asyncio.to_thread(wait_for, queued, 120, "the four requests queued, some on each replica")
+        except AssertionError as exc:
+            state = {"longs_done": [t.done() for t in longs.values()], "shorts_done": [t.done() for t in shorts]}
+            raise AssertionError(f"{exc}; waiting per replica, last: {seen[-1:]}; {state}") from None
         await asyncio.to_thread(cluster.serve_deploy, cluster.app_config(
             deployments=[{"name": "RefusionEngine", "num_replicas": 1}], **settings))
         kept = await asyncio.to_thread(settled, cluster, 1)
         [replica] = kept
         assert set(kept) < set(before)  # rescaled in place: one removed, one kept
+        assert not any(task.done() for task in shorts)  # the removed replica's two wait on the kept one, paused
         longs[replica].cancel()  # the kept replica's slot is free for the four now
+        resumed = await asyncio.to_thread(httpx.post, cluster.url + "/resume", timeout=120)
+        assert resumed.status_code == 200 and resumed.json()["replicas"] == {replica: False}, resumed.text
         results = await asyncio.wait_for(asyncio.gather(*shorts), 240)
     finally:
         for task in [*longs.values(), *shorts]:

@@ -93,11 +93,11 @@ class LocalApp:
 
 @contextlib.contextmanager
 def local_app(model_dir, client_type=None, engine_options: dict | None = None, timeout_s: float = 300.0,
-              limits: dict | None = None):
+              limits: dict | None = None, settings: dict | None = None):
     """A LocalApp on `model_dir` (the shipped model, in tests that need its text) with `client_type`
     (default integrations.engine_client.LocalEngineClient: a subclass may record or pace the engine's
     deltas); routing calibration off, as in the Serve apps; `limits`: RequestLimits fields beside the
-    model's context. Torn down at exit (the engine stopped)."""
+    model's context; `settings`: further APISettings fields. Torn down at exit (the engine stopped)."""
     import asyncio
     import threading
 
@@ -113,8 +113,8 @@ def local_app(model_dir, client_type=None, engine_options: dict | None = None, t
     card = read_model_card(model_dir)
     client = (client_type or LocalEngineClient)(engine, tokenizer, model_dir.name, card)
     request_limits = RequestLimits(context_length=card["limits"]["context_length"], **(limits or {}))  # as Serve's
-    app = create_app(APISettings(model_name=model_dir.name, decode_defaults=card["defaults"], limits=request_limits),
-                     client)
+    app = create_app(APISettings(model_name=model_dir.name, decode_defaults=card["defaults"], limits=request_limits,
+                                 **(settings or {})), client)
     sock = server_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
     loops = []
