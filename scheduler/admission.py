@@ -62,10 +62,10 @@ class Admission:
 
     def _preemptible(self, running: Request, priority: Priority) -> bool:
         """Whether `running` may be preempted for a waiting request of `priority` (`_preempt_for`): of a
-        lower class as ranked (an aged request is not), never switched mode, preempted fewer than
-        max_preemptions times."""
-        return (running.rank_class > priority and len(running.mode_history) == 1
-                and running.preemptions < self.config.max_preemptions)
+        lower class as ranked (an aged request is not), preempted fewer than max_preemptions times. One
+        that switched mode is too: its rerun, in the mode it had last, retraces the ids it sent
+        (scheduler/replay.py)."""
+        return running.rank_class > priority and running.preemptions < self.config.max_preemptions
 
     def _start_waiting(self, plan: StepPlan) -> None:
         """Start waiting requests in rank order, client by client within a class under the fair share
@@ -233,7 +233,10 @@ class Admission:
         in the same mode. Its draws are seeded per request and position, so the rerun yields the same
         tokens and its stream resumes where it stopped (nothing is sent twice); where the rerun's logits
         tip a near-tie the other way, it continues the ids already taken instead (scheduler/replay.py,
-        `replay_ids`). Only requests that never switched mode are requeued. Returns False when the text
+        `replay_ids`). A request that switched mode reruns in the mode it had last: its first run's
+        ids from the other mode are retraced the same way (its rerun parts from them at once, as a
+        rule). Its `mode_history` is kept (the rerun's start adds nothing when its mode is the last
+        one). Returns False when the text
         it had absorbed but not sent ended it instead (`before_requeue`: a stop string; removed and its
         KV freed then), else True."""
         if self.before_requeue is not None:
@@ -247,7 +250,7 @@ class Admission:
         victim.tokens_before_requeue = max(victim.tokens_before_requeue, len(taken))
         if len(taken) > len(victim.replay_ids):
             victim.replay_ids = taken
-        victim.pinned_mode, victim.mode_history = victim.mode, []
+        victim.pinned_mode = victim.mode
         victim.decoder, victim.pending_segment, victim.status = None, None, RequestStatus.WAITING
         victim.skipped, victim.tokens_at_last_route, victim.overtook = 0, 0, False
         victim.prompt_blocks_shared = 0  # the rerun offers its prompt blocks again (some may have been evicted)
@@ -313,7 +316,8 @@ class Admission:
             req.cached_prompt_tokens = hit.num_tokens
         req.mode, req.runner_key, req.status = decision.mode, key, RequestStatus.RUNNING
         req.started_s = time.monotonic()
-        req.mode_history.append(decision.mode.value)
+        if not req.mode_history or req.mode_history[-1] != decision.mode.value:  # (a rerun: in its last mode)
+            req.mode_history.append(decision.mode.value)
         self.running.append(req)
         if route_key is not None:
             self.router.admitted(route_key, decision)  # (for its repeats: decided now, started now)

@@ -60,8 +60,8 @@ def maybe_switch(scheduler, req: Request) -> bool:
     new_key = scheduler.kv.runner_for(req, decision.mode is Mode.AR)
     if new_key != req.runner_key and scheduler.kv.available(scheduler.running, new_key) < req.kv_blocks:
         # The other model's pool cannot hold it beside what its running requests were promised: moved
-        # anyway, it overcommitted that pool, and a request that switched mode is never preempted, so
-        # one of them failed with "KV cache full" (helper-170). It stays where its blocks are.
+        # anyway, it overcommitted that pool and one of them failed with "KV cache full" (helper-170;
+        # then a request that switched mode was never preempted). It stays where its blocks are.
         return False
     handoff = req.decoder.handoff()
     if new_key != req.runner_key:

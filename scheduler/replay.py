@@ -15,6 +15,8 @@ and suffix, the sent ids fed after them), so the text goes on from what the clie
 recompute preemption prefills prompt + output the same way. An AR continuation is then the run never
 preempted (it reads each token after the last as that run did); a ReFusion one may not be, as its
 committed tokens' KV was computed beside the drafts of their verify and is prefilled clean here.
+A request that switched mode (scheduler/mode_switch.py) reruns in its last mode, which as a rule parts
+from the ids its other mode made at once: it continues the sent ids in that mode.
 """
 
 from __future__ import annotations
@@ -67,5 +69,7 @@ def retrace(scheduler, req: Request) -> None:
             constraint.consume(token)
     factory = scheduler.factories[req.runner_key]
     req.decoder = factory.resume(mode, req.id, handoff, req.params, constraint=constraint)
+    if mode is not req.mode:
+        req.mode_history.append(mode.value)
     req.mode, req.replay_ids, req.pending_segment = mode, [], None  # (a segment the old decoder stated goes too)
     log.info("retraced", request_id=req.id, sent=len(replay), mode=mode.value)

@@ -187,7 +187,7 @@ class Scheduler(Submission, Admission, PlanAhead):
             short = self.kv.shortfall(req, segment)  # a request that stopped freed its blocks
         while short:
             victims = [r for r in self.running if r is not req and r.id not in in_plan and r.runner_key == req.runner_key
-                       and len(r.mode_history) == 1 and r.sort_key() > req.sort_key()]
+                       and r.sort_key() > req.sort_key()]
             if not victims:
                 return None
             if self.requeue(max(victims, key=Request.sort_key), reason=f"kv cache full (for {req.id})"):

@@ -245,11 +245,13 @@ def ids_of(deltas) -> list[int]:
 def flip_modes(engine, first: Mode) -> None:
     """Make `engine`'s router start every AUTO request in `first` and switch it to the other mode at
     each re-route (a block boundary, every routing.switch_interval_tokens); the decision's other fields
-    stay the router's own."""
+    stay the router's own, and so does a decision for a mode asked for (a preempted rerun's)."""
     decide = engine.router.decide
 
     def flip(requested, priority, load, current=None, request_key=None):
         decision = decide(requested, priority, load, current=current, request_key=request_key)
+        if requested is not Mode.AUTO:
+            return decision
         mode = first if current is None else {Mode.AR: Mode.REFUSION, Mode.REFUSION: Mode.AR}[current]
         return dataclasses.replace(decision, mode=mode)
 

@@ -345,20 +345,21 @@ async def test_an_aged_request_short_of_kv_waits_while_the_request_holding_it_ru
 
 
 async def test_requests_short_of_kv_that_none_can_free_fail_one_rather_than_wait_forever(wait_until):
-    """Two requests short of KV, neither a preemption victim (both switched mode: their history says so):
-    nothing can run, so after max_running such steps the first is failed; the other then finishes."""
+    """Two requests short of KV, neither a preemption victim (a victim ranks after the request short of
+    blocks; here their sort keys are made equal, as no two requests' are): nothing can run, so after
+    max_running such steps the first is failed; the other then finishes."""
     runner = FakeRunner(num_blocks=5, block_size=16)
     engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0, max_running=2)
     gate = ForwardGate(runner.execute, hold_from=0)
     runner.execute = gate
     b = GenerationRequest("b", list(range(5, 35)), {"gen_length": 32}, mode=Mode.AR)  # 4 blocks alone
-    i = GenerationRequest("i", [5], {"gen_length": 62}, mode=Mode.AR, priority=Priority.INTERACTIVE)  # 4 blocks
+    i = GenerationRequest("i", [5], {"gen_length": 62}, mode=Mode.AR)  # 4 blocks
     engine.kv.blocks_needed = lambda *args, **kwargs: 1
     await engine.start()
     tasks = [asyncio.create_task(collect(engine, r)) for r in (b, i)]
     await wait_until(lambda: len(engine.scheduler.running) == 2 and gate.entered.is_set(), "both running")
-    for req in engine.scheduler.running:
-        req.mode_history.append("refusion")  # as after a mode switch: never requeued
+    for req in engine.scheduler.running:  # neither ranks after the other (Scheduler._prepare_kv's victims do)
+        req.sort_key = lambda: (0,)
     gate.release()
     out_b, out_i = await asyncio.gather(*tasks)
     await engine.stop()

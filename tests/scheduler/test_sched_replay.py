@@ -107,6 +107,30 @@ def _continued(runner, spec: GenerationRequest, mode: Mode, sent: list[int]) -> 
     return decode_batch(RunnerSession(runner), [factory.from_handoff(mode, "reference", handoff, params)])[0]
 
 
+def _causal_after(runner, context: list[int], n: int) -> list[int]:
+    """Greedy decoding of the checkpoint as a plain causal LM (transformers, its own modeling code) after
+    `context`, each token read from the row before it, up to n ids or an end token: the reference of an
+    AR retrace, which reads after the last sent id as the first run read each token
+    (decoding.ar.ARDecoder.resume), on KV prefilled clean. (An AR request's first read is from a mask
+    row instead, decoding/ar.py, so an AR request on prompt + sent ids is no reference.)"""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32)
+    ends = {runner.info.eos_token_id, *getattr(runner.info, "end_token_ids", ())}
+    ids = list(context)
+    with torch.no_grad():
+        while len(ids) - len(context) < n:
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            top = torch.topk(logits, 2).values
+            assert top[0] - top[1] > 1e-3, "a near-tie: the reference cannot tell"
+            token = int(logits.argmax())
+            if token in ends:  # (the stream sends no end token)
+                break
+            ids.append(token)
+    return ids[len(context):]
+
+
 @pytest.mark.parametrize("mode, params, k", [
     (Mode.AR, {"gen_length": 32, "slot_size": 8, "serial_num_blocks": 1, "ignore_eos": True}, 3),
     # ReFusion streams its first block of 8, then a slot of 4 at a time: preempted with 12 ids sent, inside
@@ -138,6 +162,49 @@ async def test_a_rerun_that_parts_from_its_streamed_ids_continues_them(runner, m
     assert ids_of(flipped) == expected and ids_of(flipped)[:sent] == ids_of(solo)[:sent]
     assert "".join(d.text for d in flipped) == runner.tokenizer.decode(expected, skip_special_tokens=True)
     assert flipped[-1].stats["generated_tokens"] == len(expected)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
+async def test_a_request_that_switched_mode_is_preempted_and_continues_its_sent_ids(runner, pipelined, monkeypatch):
+    """An AUTO request that switched mode was never preempted: an INTERACTIVE request waited behind it
+    for its whole length. Now it is, like any BATCH request; its rerun runs in its last mode (AR),
+    which parts from the ids its ReFusion blocks made and continues the ids it sent (replay.py). Forced:
+    the router starts it in ReFusion and switches it to AR at its first re-route (every 8 tokens, at a
+    block boundary); the INTERACTIVE request arrives once it has switched and streamed past that."""
+    from sched_fakes import flip_modes
+
+    from scheduler.scheduler import Scheduler
+
+    params = {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 4}  # blocks of 8
+    spec = GenerationRequest("v", runner.tokenizer.encode(PROMPT), dict(params), mode=Mode.AUTO)
+    engine = await _engine(runner, pipelined)
+    engine.config.routing.switch_interval_tokens = 8
+    flip_modes(engine, Mode.REFUSION)
+    preempted_with = []  # the ids its stream had taken when preempted (the text deferred then included)
+    requeue = Scheduler.requeue
+    monkeypatch.setattr(Scheduler, "requeue", lambda s, victim, reason: (
+        requeue(s, victim, reason), preempted_with.append(list(victim.replay_ids)))[0])
+    interactive = GenerationRequest("i", runner.tokenizer.encode("class A:\n"), {"gen_length": 8, "slot_size": 8, "serial_num_blocks": 1},
+                                    mode=Mode.AR, priority=Priority.INTERACTIVE)
+    deltas, other = [], None
+    try:
+        async for delta in engine.submit(spec):
+            deltas.append(delta)
+            req = engine._requests.get("v")
+            if other is None and req is not None and req.mode_history == ["refusion", "ar"] and len(ids_of(deltas)) > 9:
+                other = asyncio.ensure_future(collect(engine, interactive))
+        assert other is not None, "the set-up must switch it to AR while it runs"
+        served = await asyncio.wait_for(other, 60)
+    finally:
+        await engine.stop()
+    assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+    [sent] = preempted_with
+    assert deltas[-1].stats["preemptions"] == 1 and deltas[-1].stats["modes"] == ["refusion", "ar"]
+    assert served[-1].finished and served[-1].error is None
+    expected = sent + _causal_after(runner, list(spec.prompt_ids) + sent, 32 - len(sent))
+    assert ids_of(deltas) == expected and len(expected) > len(sent)
+    assert "".join(d.text for d in deltas) == runner.tokenizer.decode(expected, skip_special_tokens=True)
+    assert deltas[-1].stats["generated_tokens"] == len(expected)
 
 
 async def test_a_stop_string_after_a_preemption_counts_the_ids_sent(runner, monkeypatch):
