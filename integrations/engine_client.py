@@ -77,7 +77,8 @@ class EngineClient(Protocol):
 
     async def pause(self) -> dict[str, bool]:
         """Pause every engine replica up now (scheduler.engine.Engine.pause); {replica id: paused} once
-        each has stopped running forwards. A replica that starts later is not paused."""
+        each holds (no forward in flight), or false where a resume or shutdown came first. A replica
+        that starts later is not paused."""
 
     async def resume(self) -> dict[str, bool]:
         """End the pause of every engine replica up now (Engine.resume); {replica id: paused}."""
@@ -242,12 +243,11 @@ class LocalEngineClient:
                               paused=lambda: getattr(self.engine, "paused", False))
 
     async def pause(self) -> dict[str, bool]:
-        await self.engine.pause()
-        return {"local": True}
+        return {"local": await self.engine.pause()}
 
     async def resume(self) -> dict[str, bool]:
         self.engine.resume()
-        return {"local": False}
+        return {"local": self.engine.paused}
 
     async def is_paused(self) -> dict[str, bool]:
         return {"local": self.engine.paused}

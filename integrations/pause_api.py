@@ -5,16 +5,18 @@ off by default, behind the API key when one is set) and Ray Serve LLM's LLMServe
 A paused replica (scheduler.engine.Engine.pause) runs no forward: running requests keep their slots,
 KV and output so far, new requests are admitted and wait, cancels and deadlines still act, and /health
 and Ray's health check pass. On resume each request continues as if never paused. Only vLLM's
-mode "keep" is offered ("abort" and "wait" are a 400 naming `mode`: cancel the requests, or wait for
-them, and then pause). Behind Ray Serve every engine replica up at the call is paused or resumed (each
-call routed to its replica); one started later (autoscaling, a replacement) runs unpaused.
+mode "keep" is offered, and it must be named: vLLM's default is "abort", so a bare POST /pause, "abort"
+or "wait" is a 400 naming `mode` (cancel the requests, or wait for them, then pause with mode=keep).
+Behind Ray Serve every engine replica up at the call is paused or resumed (each call routed to its
+replica); one started later (autoscaling, a replacement) runs unpaused.
 
-    POST /pause?mode=keep -> {"status": "paused", "replicas": {replica id: true, ...}}
+    POST /pause?mode=keep -> {"status": "paused", "replicas": {replica id: true, ...}} once each holds
     POST /resume          -> {"status": "resumed", "replicas": {replica id: false, ...}}
-    GET /is_paused        -> {"is_paused": every replica paused, "replicas": {...}}
+    GET /is_paused        -> {"is_paused": every replica holds, "replicas": {...}}
 
-A replica that does not answer within the client's timeout, or none up, is a 503 with Retry-After (the
-call is safe to repeat).
+A pause that a POST /resume (or a shutdown's drain) overtook on some replica before it held is a 409
+naming `mode`, with the replicas' state: the last call wins. A replica that does not answer within the
+client's timeout, or none up, is a 503 with Retry-After (the call is safe to repeat).
 """
 
 from __future__ import annotations
@@ -28,13 +30,20 @@ MODES = ("keep",)  # vLLM's pause modes offered here (vLLM: "abort", "wait", "ke
 
 
 @router.post("/pause")
-async def pause(request: Request, mode: str = "keep"):
+async def pause(request: Request, mode: str | None = None):
     """Pause every engine replica's forwards; answers once each has absorbed the step it was running.
-    Raises InputError (400, `mode`) for a mode other than "keep"."""
-    if mode not in MODES:
-        raise InputError(400, "mode", f"{mode!r} is not offered; only 'keep' is (requests keep their slots and "
-                         "continue on POST /resume): cancel the requests first for 'abort', wait for them for 'wait'")
+    Raises InputError: 400 (`mode` missing, repeated or not "keep"), 409 (a resume came first)."""
+    modes = request.query_params.getlist("mode")
+    if len(modes) != 1 or mode not in MODES:
+        given = "missing" if not modes else f"given {len(modes)} times" if len(modes) > 1 else f"{mode!r}"
+        raise InputError(400, "mode", f"{given}; send mode=keep once (requests keep their slots and continue on "
+                         "POST /resume). vLLM's 'abort' (its default) and 'wait' are not offered: cancel the "
+                         "requests, or wait for them, first")
     replicas = await request.app.state.engine_client.pause()
+    if not all(replicas.values()):
+        raise InputError(409, "mode", f"a POST /resume or a shutdown came before the pause held on "
+                         f"{', '.join(r for r, held in replicas.items() if not held)}: not paused there "
+                         f"(replicas: {replicas}); the last call wins, send POST /pause again to pause")
     return {"status": "paused", "replicas": replicas}
 
 
@@ -47,6 +56,7 @@ async def resume(request: Request):
 
 @router.get("/is_paused")
 async def is_paused(request: Request):
-    """{"is_paused": whether every engine replica is paused, "replicas": {replica id: paused}}."""
+    """{"is_paused": whether every engine replica holds, "replicas": {replica id: holds}} (Engine.paused: a
+    pause still waiting for the step in progress is not held yet)."""
     replicas = await request.app.state.engine_client.is_paused()
     return {"is_paused": bool(replicas) and all(replicas.values()), "replicas": replicas}

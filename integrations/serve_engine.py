@@ -269,9 +269,9 @@ class EngineDeployment:
     async def pause(self, replica: str | None = None) -> dict:
         """Run no forward until resume (scheduler.engine.Engine.pause: requests keep their slots and
         queue; Ray Serve LLM's LLMServer.pause). {"replica", "paused"} once the step in progress is
-        absorbed. `replica`: the id the router delivered the call by (integrations/serve_router.py)."""
-        await self.engine.pause()
-        return {"replica": self.replica, "paused": self.engine.paused}
+        absorbed ("paused" false when a resume or a drain came first). `replica`: the id the router
+        delivered the call by (integrations/serve_router.py)."""
+        return {"replica": self.replica, "paused": await self.engine.pause()}
 
     async def resume(self, replica: str | None = None) -> dict:
         """End a pause (Engine.resume); {"replica", "paused"}."""

@@ -88,6 +88,7 @@ class Engine(EngineLoop, EngineOutput):
         self._stopping = False
         self._paused = False  # pause() .. resume(): no forward runs (engine_loop._hold)
         self._held: asyncio.Event | None = None  # set while a paused loop holds
+        self._settled: asyncio.Event | None = None  # set once a pause holds or is overtaken by resume()
         self.forwards = 0
         self._plan_items: list = []  # the step's (request, segment) pairs while its forward and postprocess run
         # request id -> (request, its decoder then, the time then): absorbed a step whose text is not
@@ -117,7 +118,7 @@ class Engine(EngineLoop, EngineOutput):
                 calibrate, self.runner, routing.calibration_tokens, routing.calibration_repeats, self.config.token_budget
             )
             log.info("calibrated", points=self.router.curve.points)
-        self._wake, self._held = asyncio.Event(), asyncio.Event()
+        self._wake, self._held, self._settled = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="engine-loop")
 
@@ -187,38 +188,49 @@ class Engine(EngineLoop, EngineOutput):
             log.info("moved", request_id=req.id, waited_s=round(time.monotonic() - req.arrival_s, 3))
         return [req.id for req in moved]
 
-    async def pause(self) -> None:
-        """Run no forward until resume(); returns once the step in progress (and one launched ahead of
-        it) has been absorbed, so `forwards` holds still from then on. Running requests keep their
-        slots, KV and output so far; new requests are admitted and wait; cancels, deadlines
-        (max_time_ms), the load gauges and release_waiting still act. A resumed request continues
-        exactly as if never paused. vLLM's pause_generation(mode="keep") and Ray Serve LLM's
-        LLMServer.pause (for a weight update, an inspection, a test that needs a replica held).
-        Idempotent; before start() it only marks the engine paused; during stop() it does nothing (the
-        drain runs to its end)."""
+    async def pause(self) -> bool:
+        """Run no forward until resume(); returns True once the step in progress (and one launched ahead
+        of it) has been absorbed, so `forwards` holds still from then on (`paused`), or False when a
+        resume() or stop() came first (the last call wins). Running requests keep their slots, KV and
+        output so far; new requests are admitted and wait; cancels, deadlines (max_time_ms), the load
+        gauges and release_waiting still act. A resumed request continues exactly as if never paused.
+        vLLM's pause_generation(mode="keep") and Ray Serve LLM's LLMServer.pause (for a weight update,
+        an inspection, a test that needs a replica held). Idempotent. Before start() it marks the engine
+        to hold once started and returns False; during stop() it does nothing (the drain runs to its
+        end)."""
         if self._stopping:
-            return
-        self._paused = True
+            return False
+        if not self._paused:
+            self._paused = True
+            if self._settled is not None:
+                self._settled.clear()
         if self._task is None or self._task.done():
-            return
+            return False
+        if self.paused:
+            return True
         self._wake.set()
-        held = asyncio.ensure_future(self._held.wait())
+        settled = asyncio.ensure_future(self._settled.wait())  # (held by the loop, or resumed meanwhile)
         try:
-            await asyncio.wait([held, self._task], return_when=asyncio.FIRST_COMPLETED)  # (stop() ends a pause)
+            await asyncio.wait([settled, self._task], return_when=asyncio.FIRST_COMPLETED)  # (stop() ends the loop)
         finally:
-            held.cancel()
+            settled.cancel()
+        return self.paused
 
     def resume(self) -> None:
-        """End a pause (pause()): forwards run again. Idempotent."""
+        """End a pause (pause()): forwards run again, and a pause() still waiting returns False.
+        Idempotent."""
         self._paused = False
         if self._held is not None:
             self._held.clear()
+            self._settled.set()
             self._wake.set()
 
     @property
     def paused(self) -> bool:
-        """Between pause() and resume() (or stop())."""
-        return self._paused
+        """Held: pause() was called, no resume() or stop() since, and the loop has absorbed every step
+        in flight (no forward runs until resume()). False while a pause() still waits for the step in
+        progress."""
+        return self._paused and self._held is not None and self._held.is_set()
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new requests, let running ones finish for up to drain_timeout_s, cancel the rest,

@@ -120,6 +120,7 @@ class EngineLoop:
         self.metrics.update_gauges(len(s.running), len(s.waiting), self.kv.pool(), self.prefix_cache)
         self._wake.clear()
         self._held.set()
+        self._settled.set()
         try:
             await asyncio.wait_for(self._wake.wait(), PAUSED_POLL_S)
         except asyncio.TimeoutError:

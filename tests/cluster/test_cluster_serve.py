@@ -259,7 +259,7 @@ async def test_a_replica_removed_by_a_scale_down_hands_its_queue_back(cluster):
     shorts: list[asyncio.Task] = []
     try:
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 120)
-        paused = await asyncio.to_thread(httpx.post, cluster.url + "/pause", timeout=120)
+        paused = await asyncio.to_thread(httpx.post, cluster.url + "/pause", params={"mode": "keep"}, timeout=120)
         assert paused.status_code == 200 and paused.json()["replicas"] == {r: True for r in live}, paused.text
         assert not any(task.done() for task in longs.values())  # each holds its replica's one slot until cancelled
         shorts = [asyncio.create_task(stream_completion(cluster.url, 8, messages=m)) for m in keys.values() for _ in range(2)]

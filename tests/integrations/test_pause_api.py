@@ -6,6 +6,7 @@ finish on resume. Behind Ray Serve the same routes pause every engine replica
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import time
@@ -33,13 +34,39 @@ def test_the_routes_are_off_by_default():
         assert not app.engine.paused
 
 
-def test_only_the_keep_mode_is_offered_and_the_api_key_guards_the_routes():
+def test_only_the_keep_mode_named_once_is_offered_and_the_api_key_guards_the_routes():
     with local_app(SHIPPED_MODEL, settings={"pause_endpoints": True, "api_keys": ["k"]}) as app:
-        assert httpx.post(app.url + "/pause", timeout=T).status_code == 401
-        answer = httpx.post(app.url + "/pause", params={"mode": "abort"}, headers={"Authorization": "Bearer k"}, timeout=T)
-        assert answer.status_code == 400 and answer.json()["error"]["param"] == "mode", answer.text
-        assert "keep" in answer.json()["error"]["message"]
-        assert not app.engine.paused
+        key = {"Authorization": "Bearer k"}
+        assert httpx.post(app.url + "/pause", params={"mode": "keep"}, timeout=T).status_code == 401
+        for query, said in (("mode=abort", "'abort'"), ("", "missing"), ("mode=abort&mode=keep", "2 times"),
+                            ("mode=keep&mode=keep", "2 times"), ("mode=KEEP", "'KEEP'")):
+            answer = httpx.post(f"{app.url}/pause?{query}", headers=key, timeout=T)
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == "mode", (query, answer.text)
+            assert said in answer.json()["error"]["message"] and "mode=keep" in answer.json()["error"]["message"]
+        assert not app.engine.paused and not app.engine._paused  # (none of them asked the engine)
+        assert httpx.post(app.url + "/pause?mode=keep", headers=key, timeout=T).json()["status"] == "paused"
+        assert httpx.post(app.url + "/resume", headers=key, timeout=T).json()["status"] == "resumed"
+
+
+class ResumedFirst(LocalEngineClient):
+    """A POST /resume that comes while the pause waits for the step in progress (forced: resumed as the
+    pause is asked for, before the loop can hold)."""
+
+    async def pause(self):
+        waiting = asyncio.ensure_future(self.engine.pause())
+        await asyncio.sleep(0)
+        self.engine.resume()
+        return {"local": await waiting}
+
+
+def test_a_pause_that_a_resume_overtakes_answers_409_not_paused():
+    with local_app(SHIPPED_MODEL, ResumedFirst, settings={"pause_endpoints": True}) as app:
+        answer = httpx.post(app.url + "/pause?mode=keep", timeout=T)
+        assert answer.status_code == 409 and answer.json()["error"]["param"] == "mode", answer.text
+        assert "last call wins" in answer.json()["error"]["message"]
+        assert httpx.get(app.url + "/is_paused", timeout=T).json() == {"is_paused": False, "replicas": {"local": False}}
+        done = httpx.post(app.url + "/v1/completions", json={**BODY, "max_tokens": 4}, timeout=T)  # (not held)
+        assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] == "length"
 
 
 def _stream(url: str, chunks: list) -> dict:
@@ -80,7 +107,7 @@ def test_a_paused_service_holds_its_requests_and_finishes_them_on_resume():
             while not app.engine.paused:  # (its first token out: the request holds a slot)
                 assert time.monotonic() < deadline and not running.done(), "the stream did not start"
                 time.sleep(0.01)
-            paused = httpx.post(app.url + "/pause", timeout=T)  # (idempotent: the engine holds already)
+            paused = httpx.post(app.url + "/pause?mode=keep", timeout=T)  # (idempotent: the engine holds already)
             assert paused.status_code == 200 and paused.json() == {"status": "paused", "replicas": {"local": True}}
             assert httpx.get(app.url + "/is_paused", timeout=T).json() == {"is_paused": True, "replicas": {"local": True}}
             forwards = app.engine.forwards

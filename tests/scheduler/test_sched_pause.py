@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from sched_fakes import ids_of
+from sched_fakes import ForwardGate, ids_of
 
 from integrations.engine_client import LocalEngineClient
 from integrations.engine_host import one_token_probe
@@ -168,12 +168,42 @@ async def test_stop_ends_a_pause_and_drains_the_running_requests(runner):
     assert not engine.paused
 
 
+async def test_a_pause_holds_only_once_the_step_in_progress_is_absorbed_and_a_resume_overtakes_it(runner):
+    """`paused` (GET /is_paused) is true only once the loop holds; a resume() while a pause() waits for
+    that makes the pause return False at once (it waited for a later pause, or stop(), before: a POST
+    /pause overtaken by a POST /resume never answered, helper-175)."""
+    engine = await _engine(runner)
+    gate = ForwardGate(runner.execute, hold_from=10**9)
+    runner.execute = gate
+    try:
+        deltas = engine.submit(_spec(runner, "x", Mode.AR, max_tokens=400))
+        await deltas.__anext__()  # (x runs: the loop steps)
+        gate.hold_from = gate.calls  # x's next forward waits in its thread: the loop is inside that step
+        await _until(gate.entered.is_set, "the next forward")
+        waiting = asyncio.ensure_future(engine.pause())
+        await asyncio.sleep(HELD_S)
+        assert not engine.paused and not waiting.done()  # asked, not held: a forward is in flight
+        engine.resume()
+        assert await asyncio.wait_for(waiting, 10) is False and not engine.paused
+        gate.release()
+        more = await asyncio.wait_for(deltas.__anext__(), 30)  # not held: x goes on
+        assert more.token_ids
+        assert await asyncio.wait_for(engine.pause(), 30) is True and engine.paused  # and a pause now holds
+        engine.resume()
+        await deltas.aclose()
+    finally:
+        gate.release()
+        runner.__dict__.pop("execute", None)
+        await engine.stop()
+    assert await engine.pause() is False  # (after stop(): nothing to hold)
+
+
 async def test_pause_and_resume_are_idempotent(runner):
     engine = await _engine(runner)
     try:
         engine.resume()  # (not paused: nothing to do)
-        await engine.pause()
-        await asyncio.wait_for(engine.pause(), 5)  # (already held: at once)
+        assert await engine.pause() is True
+        assert await asyncio.wait_for(engine.pause(), 5) is True  # (already held: at once)
         engine.resume()
         engine.resume()
         last = await asyncio.wait_for(_last(engine.submit(_spec(runner, "x", Mode.AR, max_tokens=4))), 60)
