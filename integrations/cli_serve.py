@@ -1,7 +1,7 @@
 """`refusion serve`: start the Ray Serve application (OpenAI API, editor protocol, /metrics).
 
     refusion serve [--model DIR] [--served-model-name NAME ...] [--api-key KEY] [--max-num-seqs N]
-                   [--dtype D] [--host H] [--port P] [--replicas N | --autoscale MIN:MAX]
+                   [--max-model-len N] [--dtype D] [--host H] [--port P] [--replicas N | --autoscale MIN:MAX]
                    [--config FILE] [--address RAY_ADDRESS]
 
 Without --address a local Ray instance is started (no dashboard); with it the app is deployed on that
@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "config's api_keys add more)")
     parser.add_argument("--max-num-seqs", type=int, metavar="N",
                         help="requests each engine replica decodes at once (vLLM's name; engine max_running)")
+    parser.add_argument("--max-model-len", type=int, metavar="N",
+                        help="context served, in tokens (vLLM's flag): at most the model's; below what the KV cache holds")
     parser.add_argument("--log-level", type=str.lower, choices=("debug", "info", "warning", "error"),
                         help="the replicas' own log lines (default info; debug adds each routing decision)")
     parser.add_argument("--dtype", choices=RUNNER_DTYPES,

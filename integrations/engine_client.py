@@ -131,10 +131,12 @@ class EngineFailure:
 # ---------------------------------------------------------------------------------------------------
 
 
-def read_model_card(model_dir: str | Path, tokenizer=None) -> dict:
+def read_model_card(model_dir: str | Path, tokenizer=None, max_model_len: int | None = None) -> dict:
     """What the model directory says about limits and decoding defaults (config.json, refusion.json);
     with the model's `tokenizer`, the defaults list the model's other end tokens too (`end_token_ids`:
-    workers.tokenizer.end_token_ids, what the engine stops on). Raises ModelDirError as loading does."""
+    workers.tokenizer.end_token_ids, what the engine stops on). `max_model_len` (vLLM's --max-model-len,
+    ServeConfig.max_model_len): the context served, when below the model's. Raises ModelDirError as
+    loading does."""
     from decoding.params import load_model_defaults
 
     model_dir = Path(model_dir)
@@ -149,9 +151,17 @@ def read_model_card(model_dir: str | Path, tokenizer=None) -> dict:
         defaults["end_token_ids"] = list(loader.end_token_ids(model, tokenizer, model_dir, mask))
     return {
         "model": model_dir.name,
-        "limits": {"context_length": int(config.get("max_position_embeddings", 0))},
+        "limits": {"context_length": served_context(int(config.get("max_position_embeddings", 0)), max_model_len)},
         "defaults": defaults,
     }
+
+
+def served_context(model_context: int, max_model_len: int | None) -> int:
+    """The context served, in tokens: the model's (config.json max_position_embeddings; 0 = unknown), or
+    max_model_len below it."""
+    if not max_model_len:
+        return model_context
+    return min(model_context, max_model_len) if model_context else max_model_len
 
 
 async def coalesce_deltas(stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:

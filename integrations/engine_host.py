@@ -97,6 +97,24 @@ def engine_config(options: dict | None):
     return EngineConfig(**options, **({"routing": routing} if routing is not None else {}))
 
 
+def kv_short_of_context(engine, context_length: int) -> str | None:
+    """Why the engine's KV cache cannot hold one request of the whole context served (`context_length`
+    tokens, ServeConfig.max_model_len or the model's), or None when it can. The largest request it
+    holds is (capacity - 1) blocks of text and tentative tokens (scheduler.kv.KVOwner.blocks_needed);
+    past it a request is a 400 "shorten the prompt", which an editor's infill, whose prompt the server
+    builds to the context, cannot act on. vLLM refuses to start then; here it is said once, at start."""
+    kv = engine.kv
+    block_size = kv.pool().block_size
+    holds = (kv.capacity() - 1) * block_size
+    if not context_length or holds >= context_length:
+        return None
+    return (f"the KV cache holds {kv.capacity()} usable blocks of {block_size} tokens: a request of at most "
+            f"{holds} tokens with its ReFusion block's tentative ones (gen_length / serial_num_blocks), less than "
+            f"the context served ({context_length} tokens); longer ones are refused with a 400 (an editor's infill "
+            f"in a large file among them): set max_model_len to at most {holds} less that block, or raise the "
+            "runner's num_blocks or kv_memory_bytes")
+
+
 def engine_metrics_text(engine) -> bytes:
     """The engine's Prometheus exposition text (engine.metrics.render()), or b"" if it has none."""
     metrics = getattr(engine, "metrics", None)

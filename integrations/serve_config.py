@@ -6,6 +6,8 @@ Validated with pydantic at this YAML boundary: an unknown or bad key is an error
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Literal
 
@@ -206,6 +208,11 @@ class ServeConfig(_Strict):
     editor_idle_timeout_s: float = Field(default=600.0, ge=0, description="an editor WebSocket that sent no "
                                          "frame for this long, with no completion in flight, is closed with 1001; "
                                          "0 = never")
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="the context served, in tokens (vLLM's --max-model-len): at most the "
+        "model's (config.json max_position_embeddings); prompts the server builds (the editor's infill) and "
+        "the max_tokens it fills in fit it. Set it below what the engine's KV cache holds when that is less "
+        "than the model's context (an engine replica logs a warning at start)")
     pause_endpoints: bool = Field(default=False, description="POST /pause, POST /resume, GET /is_paused: hold "
                                   "every engine replica's forwards (vLLM's dev-mode routes of the same names; "
                                   "integrations/pause_api.py); off, they are 404s")
@@ -303,7 +310,20 @@ class ServeConfig(_Strict):
             what = ("does not exist" if not model_dir.exists() else "is not a directory" if not model_dir.is_dir()
                     else "has no config.json")
             raise ValueError(f"model: {model_dir} {what}; pass a model directory (default {DEFAULT_MODEL})")
+        if self.max_model_len is not None:
+            context = _model_context(model_dir)
+            if context and self.max_model_len > context:
+                raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's context ({context} "
+                                 f"tokens, config.json max_position_embeddings); give at most {context}")
         self.model = str(model_dir)
         self.model_name = self.model_name or model_dir.name
         self.api_keys = list(dict.fromkeys(self.api_keys + keys_from_env()))
         return self
+
+
+def _model_context(model_dir: Path) -> int:
+    """config.json's max_position_embeddings (0 when absent or unreadable: then nothing is checked here)."""
+    try:
+        return int(json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings", 0) or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0

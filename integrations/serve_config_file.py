@@ -233,6 +233,10 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
         config["engine"] = {**_section(config, "engine"), "max_running": args.max_num_seqs}
     if args.dtype:
         config["runner"] = {**_section(config, "runner"), "dtype": args.dtype}
+    if getattr(args, "max_model_len", None) is not None:
+        if args.max_model_len < 1:
+            raise CLIError(f"--max-model-len: must be >= 1, got {args.max_model_len}")
+        config["max_model_len"] = args.max_model_len
     if getattr(args, "log_level", None):
         config["log_level"] = args.log_level
     deployment = _section(config, "engine_deployment")

@@ -20,7 +20,7 @@ from typing import AsyncIterator
 from ray import serve
 
 from integrations.engine_client import EngineFailure, LocalEngineClient, coalesce_deltas, read_model_card
-from integrations.engine_host import build_engine, engine_metrics_text, one_token_probe, warm_up
+from integrations.engine_host import build_engine, engine_metrics_text, kv_short_of_context, one_token_probe, warm_up
 from integrations.serve_config import ENGINE_DEPLOYMENT, ServeConfig
 from integrations.serve_drain import DRAIN_RETRY_AFTER_S, die_on_sigterm, report_final, report_open_work, start_drain_watch, wait_for_drain_signal
 from scheduler.api import Delta, EngineError, GenerationRequest
@@ -98,8 +98,10 @@ class EngineDeployment:
         engine, tokenizer = build_engine(self.config.model, self.config.runner, self.config.engine)
         await engine.start()
         self.engine = engine
-        self.client = LocalEngineClient(engine, tokenizer, self.config.served_model_names[0],
-                                        read_model_card(self.config.model, tokenizer))
+        card = read_model_card(self.config.model, tokenizer, self.config.max_model_len)
+        self.client = LocalEngineClient(engine, tokenizer, self.config.served_model_names[0], card)
+        if short := kv_short_of_context(engine, card["limits"]["context_length"]):
+            logger.warning("engine replica: %s", short)
         # Before the replica takes traffic: Ray Serve routes to it (and /health passes) only after this.
         self.warmup = await warm_up(self.client)
         context = serve.get_replica_context()

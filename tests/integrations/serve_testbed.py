@@ -93,11 +93,14 @@ class LocalApp:
 
 @contextlib.contextmanager
 def local_app(model_dir, client_type=None, engine_options: dict | None = None, timeout_s: float = 300.0,
-              limits: dict | None = None, settings: dict | None = None):
+              limits: dict | None = None, settings: dict | None = None, runner_options: dict | None = None,
+              max_model_len: int | None = None):
     """A LocalApp on `model_dir` (the shipped model, in tests that need its text) with `client_type`
     (default integrations.engine_client.LocalEngineClient: a subclass may record or pace the engine's
     deltas); routing calibration off, as in the Serve apps; `limits`: RequestLimits fields beside the
-    model's context; `settings`: further APISettings fields. Torn down at exit (the engine stopped)."""
+    model's context; `settings`: further APISettings fields; `runner_options`: ModelRunner options;
+    `max_model_len`: the context served (ServeConfig.max_model_len). Torn down at exit (the engine
+    stopped)."""
     import asyncio
     import threading
 
@@ -109,8 +112,8 @@ def local_app(model_dir, client_type=None, engine_options: dict | None = None, t
     from integrations.request_limits import RequestLimits
     from ports import server_socket
 
-    engine, tokenizer = build_engine(model_dir, {}, {"routing": {"calibrate": False}, **(engine_options or {})})
-    card = read_model_card(model_dir)
+    engine, tokenizer = build_engine(model_dir, runner_options or {}, {"routing": {"calibrate": False}, **(engine_options or {})})
+    card = read_model_card(model_dir, max_model_len=max_model_len)
     client = (client_type or LocalEngineClient)(engine, tokenizer, model_dir.name, card)
     request_limits = RequestLimits(context_length=card["limits"]["context_length"], **(limits or {}))  # as Serve's
     app = create_app(APISettings(model_name=model_dir.name, decode_defaults=card["defaults"], limits=request_limits,
