@@ -15,11 +15,13 @@ from scheduler.request import Request
 
 def switch_due(scheduler, req: Request) -> bool:
     """Whether `req` is re-routed now (maybe_switch asks the router): AUTO, switching allowed, not a
-    preempted rerun, at a block boundary at least switch_interval_tokens after its last routing."""
+    preempted rerun still retracing the ids it sent (`replay_ids`: it runs in its first run's last
+    mode until it has made them; then it is re-routed as any other), at a block boundary at least
+    switch_interval_tokens after its last routing."""
     cfg = scheduler.config.routing
     if req.spec.mode is not Mode.AUTO or not cfg.allow_switch or req.finished or req.decoder.finished:
         return False
-    if req.pinned_mode is not None:  # a preempted rerun must retrace its first run's tokens exactly
+    if req.replay_ids:  # (scheduler/replay.py checks them against this mode's ids)
         return False
     generated = req.generated_tokens()
     return generated - req.tokens_at_last_route >= cfg.switch_interval_tokens and req.decoder.at_block_boundary()
@@ -27,12 +29,12 @@ def switch_due(scheduler, req: Request) -> bool:
 
 def switch_may_follow(scheduler, req: Request) -> bool:
     """Whether `req` may be due for re-routing (switch_due) right after its step in flight is absorbed:
-    AUTO, switching allowed, not a preempted rerun, at least switch_interval_tokens past its last routing
-    with that step's token, and that token brings it to a block boundary (the decoder's
+    AUTO, switching allowed, not a preempted rerun still retracing, at least switch_interval_tokens past
+    its last routing with that step's token, and that token brings it to a block boundary (the decoder's
     `boundary_after_step`; a decoder without it: always may). Scheduler.plan_ahead plans no step ahead
     for such a request: a step in flight keeps a decoder off its boundary, so the switch would never come."""
     cfg = scheduler.config.routing
-    if req.spec.mode is not Mode.AUTO or not cfg.allow_switch or req.pinned_mode is not None:
+    if req.spec.mode is not Mode.AUTO or not cfg.allow_switch or req.replay_ids:
         return False
     if req.generated_tokens() + 1 - req.tokens_at_last_route < cfg.switch_interval_tokens:
         return False
@@ -52,7 +54,7 @@ def maybe_switch(scheduler, req: Request) -> bool:
     # boundaries. Weighed alone against them staying put, each one moved and the whole batch with it:
     # 31 of 32 AR requests switched to ReFusion within a few steps, and back 32 tokens later.
     herd = [r for r in scheduler.running if r is not req and r.mode is req.mode and r.spec.mode is Mode.AUTO
-            and r.pinned_mode is None and r.priority is req.priority and not r.finished]
+            and not r.replay_ids and r.priority is req.priority and not r.finished]
     load = scheduler.load_snapshot(exclude=req, together=herd)
     decision = scheduler.router.decide(Mode.AUTO, req.priority, load, current=req.mode)
     if decision.mode is req.mode:

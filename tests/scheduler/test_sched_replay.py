@@ -192,6 +192,7 @@ async def test_a_request_that_switched_mode_is_preempted_and_continues_its_sent_
             deltas.append(delta)
             req = engine._requests.get("v")
             if other is None and req is not None and req.mode_history == ["refusion", "ar"] and len(ids_of(deltas)) > 9:
+                engine.config.routing.allow_switch = False  # (no further switch: its rerun continues in AR)
                 other = asyncio.ensure_future(collect(engine, interactive))
         assert other is not None, "the set-up must switch it to AR while it runs"
         served = await asyncio.wait_for(other, 60)
@@ -205,6 +206,45 @@ async def test_a_request_that_switched_mode_is_preempted_and_continues_its_sent_
     assert ids_of(deltas) == expected and len(expected) > len(sent)
     assert "".join(d.text for d in deltas) == runner.tokenizer.decode(expected, skip_special_tokens=True)
     assert deltas[-1].stats["generated_tokens"] == len(expected)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
+async def test_a_preempted_auto_request_is_rerouted_again_once_its_rerun_has_caught_up(runner, pipelined):
+    """A preempted AUTO request's rerun ran in its first mode to its end: it was never re-routed again.
+    Now only while it retraces the ids it sent: then it switches at block boundaries as any AUTO request.
+    Forced: the router starts AUTO requests in AR and switches them at each re-route (every 8 tokens, at a
+    block boundary); preempted with 3 ids sent, the rerun retraces them in AR and switches at 8 as the
+    run never preempted does, so its text is that run's."""
+    from sched_fakes import flip_modes
+
+    params = {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 4}  # blocks of 8
+    spec = lambda: GenerationRequest("v", runner.tokenizer.encode(PROMPT), dict(params), mode=Mode.AUTO)  # noqa: E731
+    interactive = GenerationRequest("i", runner.tokenizer.encode("class A:\n"), {"gen_length": 8, "slot_size": 8, "serial_num_blocks": 1},
+                                    mode=Mode.AR, priority=Priority.INTERACTIVE)
+
+    async def run(preempt: bool) -> list:
+        engine = await _engine(runner, pipelined)
+        engine.config.routing.switch_interval_tokens = 8
+        flip_modes(engine, Mode.AR)
+        deltas, other = [], None
+        try:
+            async for delta in engine.submit(spec()):
+                deltas.append(delta)
+                if preempt and other is None and 3 <= len(ids_of(deltas)) < 8:
+                    other = asyncio.ensure_future(collect(engine, interactive))
+            if preempt:
+                assert other is not None, "the set-up must preempt it before its first re-route"
+                await asyncio.wait_for(other, 60)
+        finally:
+            await engine.stop()
+        assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
+        return deltas
+
+    solo, preempted = await run(False), await run(True)
+    assert solo[-1].stats["modes"][:2] == ["ar", "refusion"]  # (the set-up: it switches at 8)
+    assert preempted[-1].stats["preemptions"] == 1 and preempted[-1].error is None
+    assert preempted[-1].stats["modes"] == solo[-1].stats["modes"]  # re-routed again after the retrace
+    assert ids_of(preempted) == ids_of(solo)
 
 
 async def test_a_stop_string_after_a_preemption_counts_the_ids_sent(runner, monkeypatch):
