@@ -22,7 +22,6 @@ Ray Serve, else `msg-<hex>`); tool_use ids are `toolu_<hex>`.
 from __future__ import annotations
 
 import contextlib
-import json
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -31,13 +30,13 @@ from integrations.anthropic_models import CountTokensRequest, MessagesRequest, m
 from integrations.chat_run import ChatRun, chat_prompt, start_chat, turn_pieces
 from integrations.context_fit import ContextLengthError
 from integrations.http_errors import APIError, anthropic_error_body, anthropic_overflow_message
-from integrations.json_response import UTF8JSONResponse
+from integrations.json_response import UTF8JSONResponse, read_number_float
 from integrations.openai_calls import check_model, last_event, read_body
 from integrations.openai_requests import id_headers
 from integrations.openai_responses import refusion_detail
 from integrations.openai_stream import sse_response
 from integrations.request_limits import InputError, PromptCharsError
-from integrations.tool_calls import ToolCall
+from integrations.tool_calls import ToolCall, read_json
 from scheduler.api import Delta, FinishReason
 
 router = APIRouter()
@@ -186,10 +185,25 @@ def _partial_input(partial_json: str) -> dict:
     import jiter
 
     try:
-        value = jiter.from_json(partial_json.encode(), partial_mode=True) if partial_json.strip() else {}
+        value = (jiter.from_json(partial_json.encode(), partial_mode=True, float_mode="lossless-float")
+                 if partial_json.strip() else {})
     except ValueError:
         return {}
-    return value if isinstance(value, dict) else {}
+    return _kept_numbers(value) if isinstance(value, dict) else {}
+
+
+def _kept_numbers(value):
+    """jiter's lossless floats as floats, or, past float64's range, as written (JSONNumber: the SDK reads
+    the same partial_json; an Infinity here was a 500, helper-176)."""
+    import jiter
+
+    if isinstance(value, jiter.LosslessFloat):
+        return read_number_float(bytes(value).decode())
+    if isinstance(value, dict):
+        return {k: _kept_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_kept_numbers(v) for v in value]
+    return value
 
 
 def error_event(error: APIError) -> dict:
@@ -202,7 +216,7 @@ def _tool_use_events(call: ToolCall, index: int, content: list[dict]) -> list[di
     closed); the block joins `content`. A call cut short (max_tokens inside it: tool_calls.py) has the
     input its partial JSON holds so far, as the SDK's stream accumulator reads partial_json."""
     block = {"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name,
-             "input": json.loads(call.arguments) if call.complete else _partial_input(call.arguments)}
+             "input": read_json(call.arguments) if call.complete else _partial_input(call.arguments)}
     content.append(block)
     return [{"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}},
             {"type": "content_block_delta", "index": index,

@@ -76,6 +76,9 @@ def message_blocks(role: str, blocks: list, k: int, seen: set[str], open_uses: d
             calls.append(_tool_use(block, field, seen))
             open_uses[block["id"]] = k
         elif kind == "tool_result" and role == "user":
+            if text:  # (Anthropic answers 400 there too)
+                raise InputError(400, field, "tool_result blocks come first in a user message, every text block "
+                                 "after them (Anthropic's rule): move the text after the tool_result blocks")
             flush()
             out.append(_tool_result(block, field, open_uses))
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":

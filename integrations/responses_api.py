@@ -9,7 +9,7 @@ Streamed (`stream: true`), the events OpenAI documents, each `event: <type>` + `
 response.output_item.added, (text) response.content_part.added, response.output_text.delta...,
 response.output_text.done, response.content_part.done, (call) response.function_call_arguments.delta
 and .done, response.output_item.done; finally response.completed, or response.incomplete when
-max_output_tokens (or max_time_ms) cut the turn. A failure after the stream started is one `error`
+max_output_tokens (or max_time_ms) cut the turn, or a stop string cut a function call. A failure after the stream started is one `error`
 event ({"type": "error", "code", "message", "param"}). No `[DONE]` line (OpenAI sends none here).
 """
 
@@ -94,7 +94,14 @@ class ResponseShell:
         return last.finish_reason in (FinishReason.LENGTH, FinishReason.DEADLINE)
 
     def final(self, output: list[dict], last: Delta) -> dict:
+        """The response object at the end. "incomplete" at the token cap or the time limit (reason
+        "max_output_tokens", as OpenAI), and when a client's stop string cut a function call (its item
+        "incomplete"; reason "stop"): an agent that reads only `status` ran a call whose arguments do not
+        parse (helper-176)."""
         cut = self.cut(last)
+        reason = "max_output_tokens" if cut else None
+        if not cut and any(item.get("type") == "function_call" and item.get("status") == "incomplete" for item in output):
+            cut, reason = True, "stop"
         observer = self.run.observer
         usage = {"input_tokens": observer.prompt_tokens,
                  # (cache_write_tokens: 0, as /v1/messages' cache_creation_input_tokens: no client-managed cache)
@@ -102,7 +109,7 @@ class ResponseShell:
                                           "cache_write_tokens": 0},
                  "output_tokens": observer.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": observer.prompt_tokens + observer.completion_tokens}
-        out = self.object("incomplete" if cut else "completed", output, usage, "max_output_tokens" if cut else None)
+        out = self.object("incomplete" if cut else "completed", output, usage, reason)
         out["refusion"] = refusion_detail(last)
         return out
 

@@ -249,5 +249,8 @@ def _text_format(fmt) -> dict:
                          "description, strict)")
     if fmt["type"] != "json_schema":
         return {"type": fmt["type"]}
+    if fmt.get("schema") is None:  # (OpenAI's Responses API requires it; without it the output was unconstrained)
+        raise InputError(400, "text.format.schema", 'a json_schema format needs its schema: {"type": "json_schema", '
+                         '"name": ..., "schema": {...}}, or use {"type": "json_object"}')
     schema = {key: fmt[key] for key in ("name", "schema", "description", "strict") if fmt.get(key) is not None}
     return {"type": "json_schema", "json_schema": schema}

@@ -20,12 +20,11 @@ is the server's, not the model's) never reaches the content.
 from __future__ import annotations
 
 import json
-import math
 import re
 import uuid
 from dataclasses import dataclass, field
 
-from integrations.json_response import utf8_json
+from integrations.json_response import read_number_float, read_number_int, utf8_json
 from scheduler.detokenizer import held_prefix_len
 
 TOOL_OPEN = "<tool_call>"
@@ -68,11 +67,13 @@ def forced_call(forced: str | None, tool_names: list[str]) -> tuple[str, str] | 
 
 def parse_tool_block(body: str, allowed_names: set[str] | None = None) -> ToolCall | None:
     """The ToolCall a block body encodes, or None when the body is not a well-formed call. NaN and
-    Infinity are not JSON (Python's json reads them), nor is a number past float64's range (1e999 would
-    come back as Infinity): a call holding one is not well-formed. The arguments are JSON text (RFC 8259)
-    in UTF-8, a lone surrogate escape ("\\ud800", which UTF-8 cannot carry) kept escaped."""
+    Infinity are not JSON (Python's json reads them): a call holding one is not well-formed. A number
+    past float64's range (1e999) or Python's int digit limit is JSON (RFC 8259 bounds no number, and the
+    tool grammar writes any): it is kept as written (json_response.JSONNumber; a forced call holding one
+    came back as text, helper-176). The arguments are JSON text (RFC 8259) in UTF-8, a lone surrogate
+    escape ("\\ud800", which UTF-8 cannot carry) kept escaped."""
     try:
-        obj = json.loads(body, parse_constant=_not_json, parse_float=_finite)
+        obj = read_json(body)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
@@ -82,7 +83,7 @@ def parse_tool_block(body: str, allowed_names: set[str] | None = None) -> ToolCa
     arguments = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments, parse_constant=_not_json, parse_float=_finite)
+            arguments = read_json(arguments)
         except ValueError:
             return None
     if not isinstance(arguments, dict):
@@ -100,11 +101,10 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
 
-def _finite(number: str) -> float:
-    value = float(number)
-    if math.isinf(value):
-        raise ValueError(f"{number} is past float64's range")
-    return value
+def read_json(text: str):
+    """json.loads for JSON the model wrote: NaN and Infinity refused (ValueError), numbers past float64
+    or int() kept as written (json_response.JSONNumber)."""
+    return json.loads(text, parse_constant=_not_json, parse_float=read_number_float, parse_int=read_number_int)
 
 
 # The start of a block body up to its arguments: {"name": "<JSON string>", "arguments":
@@ -127,12 +127,13 @@ def partial_tool_call(body: str, allowed_names: set[str] | None = None) -> ToolC
         return None
     arguments = body[head.end():] if head.group(0).rstrip().endswith(":") else ""
     try:  # the arguments may be whole, the cut past them (in the call's closing `}` or `</tool_call>`)
-        value, end = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite).raw_decode(arguments)
+        value, end = json.JSONDecoder(parse_constant=_not_json, parse_float=read_number_float,
+                                      parse_int=read_number_int).raw_decode(arguments)
     except ValueError:
         return ToolCall(name, arguments.rstrip(), complete=False)
     if isinstance(value, str):  # a JSON string of an object, as parse_tool_block takes
         try:
-            value = json.loads(value, parse_constant=_not_json, parse_float=_finite)
+            value = read_json(value)
         except ValueError:
             return ToolCall(name, arguments[:end], complete=False)
     if not isinstance(value, dict):

@@ -52,6 +52,21 @@ def test_blocks_become_chat_messages_in_the_order_written():
     assert chat.tools[0].function.parameters == TOOL["input_schema"]
 
 
+def test_tool_results_come_first_in_their_user_message():
+    """Anthropic's rule (a 400 there): in a user message every tool_result block comes before any text.
+    Text before one was taken (helper-176)."""
+    use = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 2}}]}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "5"}
+    for content, index in (([{"type": "text", "text": "Here:"}, result], 1),
+                           ([result, {"type": "text", "text": "and"}, {**result, "tool_use_id": "toolu_2"}], 2)):
+        second = {"type": "tool_use", "id": "toolu_2", "name": "add", "input": {"a": 3}}
+        messages = [{"role": "user", "content": "add"}, {**use, "content": use["content"] + [second]},
+                    {"role": "user", "content": content}]
+        with pytest.raises(InputError, match="tool_result blocks come first") as err:
+            _request(tools=[TOOL], messages=messages).chat_request()
+        assert err.value.field == f"messages.2.content.{index}"
+
+
 def test_system_messages_within_the_conversation_stay_in_place():
     """Claude Code sends `role: "system"` messages between turns (its mid-conversation-system beta), and
     `context_management`, `thinking: adaptive`, `output_config.effort`, which change nothing here."""

@@ -11,7 +11,7 @@ from test_editor_fakes import bpe_tokenizer, fake_client  # noqa: F401 - fixture
 from integrations import openai_responses as shape
 from integrations.openai_api import APISettings, create_app
 from integrations.openai_stream import chat_events, usage_at_end
-from integrations.tool_calls import ToolCallStreamParser, forced_call, parse_tool_block, split_tool_calls
+from integrations.tool_calls import ToolCallStreamParser, forced_call, parse_tool_block, partial_tool_call, split_tool_calls
 from scheduler.api import Delta, FinishReason, Mode
 
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
@@ -38,10 +38,22 @@ def test_parse_block_accepts_object_and_string_arguments():
 
 
 @pytest.mark.parametrize("body", ['{"name": "f", "arguments": {', '["f"]', '{"arguments": {}}', '{"name": "f", "arguments": 3}', '{"name": "g"}',
-                                  '{"name": "f", "arguments": {"x": NaN}}', '{"name": "f", "arguments": "{\\"x\\": -Infinity}"}',
-                                  '{"name": "f", "arguments": {"x": 1e999}}'])  # (it came back as {"x": Infinity}: not JSON)
+                                  '{"name": "f", "arguments": {"x": NaN}}', '{"name": "f", "arguments": "{\\"x\\": -Infinity}"}'])
 def test_parse_block_rejects_malformed(body):
     assert parse_tool_block(body, {"f"}) is None
+
+
+def test_parse_block_keeps_numbers_past_float64_and_int_as_written():
+    """RFC 8259 bounds no number, and the tool grammar writes any: 1e999 read as Infinity (then refused,
+    and a forced call came back as text; helper-176), and a 5,000-digit int past int()'s limit."""
+    big = "9" * 5000
+    call = parse_tool_block('{"name": "f", "arguments": {"x": 0.101413027E2483208, "y": 1.5, "z": -2e-99999, "w": ' + big + '}}',
+                            {"f"})
+    assert call is not None and call.arguments == '{"x": 0.101413027E2483208, "y": 1.5, "z": -0.0, "w": ' + big + '}'
+    string_form = parse_tool_block('{"name": "f", "arguments": "{\\"x\\": 1e999}"}', {"f"})
+    assert string_form.arguments == '{"x": 1e999}'
+    cut = partial_tool_call('{"name": "f", "arguments": {"x": 1e999}}')
+    assert cut.complete and cut.arguments == '{"x": 1e999}'
 
 
 def test_split_whole_text():
@@ -364,6 +376,79 @@ async def test_a_call_whose_arguments_escape_a_lone_surrogate_is_answered(fake_c
     if not stream and route == "/v1/chat/completions":
         [call] = response.json()["choices"][0]["message"]["tool_calls"]
         assert json.loads(call["function"]["arguments"]) == {"city": "\ud800 Paris"}
+
+
+BIG_NUMBER_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "x": 0.101413027E2483208}}</tool_call>'
+
+
+@pytest.mark.parametrize("route, stream", [("/v1/chat/completions", False), ("/v1/chat/completions", True),
+                                           ("/v1/messages", False), ("/v1/messages", True), ("/v1/responses", False),
+                                           ("/v1/responses", True)])
+async def test_a_call_holding_a_number_past_float64_is_a_call(fake_client, route, stream):  # noqa: F811
+    """A number past float64's range is JSON the tool grammar writes; the call came back as text with its
+    <tool_call> markup (the parser refused it; a forced call so broke tool_choice "required"), and a
+    Messages answer cut inside one was a 500 (Infinity in `input`; helper-176). It is a call, its number
+    as written."""
+    fake_client.default_text = BIG_NUMBER_CALL
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    body = {"model": fake_client.model_name, "stream": stream}
+    if route == "/v1/messages":
+        body |= {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 64,
+                 "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
+    elif route == "/v1/responses":
+        body |= {"input": "weather?", "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}
+    else:
+        body |= {"messages": [{"role": "user", "content": "weather?"}],
+                 "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post(route, json=body)
+    assert response.status_code == 200, response.text
+    assert "<tool_call>" not in response.text and "0.101413027E2483208" in response.text, response.text
+    if stream:
+        return
+    literal = dict(parse_float=str)  # (the number as written)
+    if route == "/v1/messages":
+        [block] = json.loads(response.text, **literal)["content"]
+        assert block["type"] == "tool_use" and block["input"] == {"city": "Paris", "x": "0.101413027E2483208"}
+    elif route == "/v1/responses":
+        [item] = response.json()["output"]
+        assert item["type"] == "function_call" and json.loads(item["arguments"], **literal)["x"] == "0.101413027E2483208"
+    else:
+        [call] = response.json()["choices"][0]["message"]["tool_calls"]
+        assert json.loads(call["function"]["arguments"], **literal) == {"city": "Paris", "x": "0.101413027E2483208"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_response_whose_call_a_stop_string_cut_is_incomplete(fake_client, stream):  # noqa: F811
+    """A client's stop string cut a function call: its item was "incomplete" but the response said
+    "completed", and an agent reading only `status` ran a call whose arguments do not parse (helper-176).
+    The response is "incomplete" with reason "stop"."""
+    fake_client.default_text, fake_client.final_stats = '<tool_call>{"name": "get_weather", "arguments": {"city": ', {"stop_word": '"'}
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    body = {"model": fake_client.model_name, "input": "weather?", "stream": stream, "stop": ['"'], "tool_choice": "required",
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    if stream:
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+        assert events[-1]["type"] == "response.incomplete", events[-1]
+        final = events[-1]["response"]
+    else:
+        final = response.json()
+    [item] = final["output"]
+    assert item["type"] == "function_call" and item["status"] == "incomplete"
+    assert final["status"] == "incomplete" and final["incomplete_details"] == {"reason": "stop"}
+
+
+def test_a_messages_input_cut_inside_a_number_past_float64_keeps_it():
+    """The input of a call cut short (max_tokens inside it), read as the SDK reads partial_json: a number
+    past float64 came back as Infinity, which the response could not write (a 500, helper-176)."""
+    from integrations.anthropic_api import _partial_input
+    from integrations.json_response import utf8_json
+
+    partial = _partial_input('{"x": 205500001005221e1024, "y": 2.5, "z": [1e400')
+    assert utf8_json(partial, allow_nan=False) == b'{"x": 205500001005221e1024, "y": 2.5, "z": [1e400]}'
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses"])

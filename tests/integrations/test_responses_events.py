@@ -114,6 +114,19 @@ def test_chat_turn_fields_are_named_as_the_responses_api_names_them():
     assert responses_field("temperature") == "temperature"
 
 
+def test_a_json_schema_format_needs_its_schema():
+    """OpenAI's Responses API requires text.format.schema for a json_schema format; without it the output
+    was unconstrained JSON, answered 200 (helper-176)."""
+    from integrations.request_limits import InputError
+
+    with pytest.raises(InputError, match="needs its schema") as err:
+        ResponsesRequest(input="x", text={"format": {"type": "json_schema", "name": "n"}}).chat_request()
+    assert err.value.field == "text.format.schema"
+    chat = ResponsesRequest(input="x", text={"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}}
+                            ).chat_request()
+    assert chat.response_format is not None
+
+
 def test_calls_join_the_assistant_turn_they_belong_to_and_outputs_need_their_call():
     from integrations.request_limits import InputError
 
