@@ -50,6 +50,7 @@ def serve_config(model_dir, **overrides) -> dict:
         "drain_timeout_s": 2.0,
         "health_probe_timeout_s": 10.0,
         "allowed_origins": [ALLOWED_ORIGIN],
+        "pause_endpoints": True,  # (tests hold a request in the engine with POST /pause instead of racing its end)
     }
     config.update(overrides)
     return config

@@ -9,6 +9,7 @@ protocol's guarantees, the post-processing (no suffix line repeated), and that r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import httpx
@@ -118,15 +119,39 @@ async def engine_idle(base: str, wait_until, headers: dict | None = None) -> dic
     return await wait_until(idle, "the engine to hold no request", interval_s=0.1)
 
 
-async def wait_decoding(base: str, wait_until, baseline: dict, headers: dict | None = None) -> None:
+async def wait_decoding(base: str, wait_until, baseline: dict, headers: dict | None = None, hold: bool = True) -> None:
     """Wait until the engine has decoded a completion sent after `baseline` (an engine_idle result):
-    from then on a cancel finds it running in the engine, not on its way there."""
+    from then on a cancel finds it running in the engine, not on its way there. `hold`: then pause the
+    engine (POST /pause; cancels still act), so the completion is still running when the test acts,
+    however slowly the cancel travels (a SLOW completion decodes in about a second; Ray delivered a
+    cancel in 2.4 s once under load, helper-177). The test ends with `released`."""
     steps = completion_steps(baseline)
 
     async def decoding():
         return completion_steps(await engine_info(base, headers)) > steps
 
     await wait_until(decoding, "the completion to decode in the engine", interval_s=0.05)
+    if hold:
+        async with httpx.AsyncClient(base_url=base, timeout=120, headers=headers or {}) as http:
+            paused = await http.post("/pause", params={"mode": "keep"})
+        assert paused.status_code == 200 and all(paused.json()["replicas"].values()), paused.text
+
+
+@contextlib.asynccontextmanager
+async def released(base: str, headers: dict | None = None):
+    """Resume the engine (POST /resume) when the block ends, however it ends: a test holding it must not
+    leave it paused for the next."""
+    try:
+        yield
+    finally:
+        async with httpx.AsyncClient(base_url=base, timeout=120, headers=headers or {}) as http:
+            resumed = await http.post("/resume")
+        assert resumed.status_code == 200, resumed.text
+
+
+async def resume(base: str, headers: dict | None = None) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=120, headers=headers or {}) as http:
+        assert (await http.post("/resume")).status_code == 200
 
 
 async def wait_cancellations(base: str, wait_until, at_least: int) -> None:
@@ -147,21 +172,23 @@ SLOW = {"gaps": [256], "max_tokens": 256, "suffix": "", "max_time_ms": 30_000, "
 async def test_cancel_and_supersession_on_the_real_engine(serve_base_url, wait_until):
     idle = await engine_idle(serve_base_url, wait_until)
     before = idle["cancelled_by_client"]
-    async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws:
+    async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws, released(serve_base_url):
         conn = Conn(ws)
         await conn.request(1, "complete", complete(**SLOW))
-        await wait_decoding(serve_base_url, wait_until, idle)
+        await wait_decoding(serve_base_url, wait_until, idle)  # (held from here)
         await conn.request(2, "cancel", {"id": 1})
         _, _, err, result = await conn.response(1)
         assert err is not None, (result, await conn.response(2))
         assert err["code"] == rpc.REQUEST_CANCELLED and err["data"]["reason"] == "cancelled"
         await wait_cancellations(serve_base_url, wait_until, before + 1)  # it ended in the engine
+        await resume(serve_base_url)
         idle = await engine_idle(serve_base_url, wait_until)
         await conn.request(3, "complete", complete(uri="file:///s.py", **SLOW))
-        await wait_decoding(serve_base_url, wait_until, idle)
+        await wait_decoding(serve_base_url, wait_until, idle)  # (held again)
         await conn.request(4, "complete", complete(uri="file:///s.py", max_tokens=8))
         _, _, err3, _ = await conn.response(3)
         assert err3["code"] == rpc.REQUEST_CANCELLED and err3["data"] == {"reason": "superseded", "superseded_by": 4}
+        await resume(serve_base_url)  # (4 runs now)
         _, _, err4, result4 = await conn.response(4)
         assert err4 is None and result4["tokens"] <= 8
         await wait_cancellations(serve_base_url, wait_until, before + 2)
@@ -169,10 +196,11 @@ async def test_cancel_and_supersession_on_the_real_engine(serve_base_url, wait_u
 
 async def test_disconnect_cancels_in_flight_completions(serve_base_url, wait_until):
     idle = await engine_idle(serve_base_url, wait_until)
-    async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws:
-        await Conn(ws).request(1, "complete", complete(**SLOW))
-        await wait_decoding(serve_base_url, wait_until, idle)
-    await wait_cancellations(serve_base_url, wait_until, idle["cancelled_by_client"] + 1)
+    async with released(serve_base_url):
+        async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws:
+            await Conn(ws).request(1, "complete", complete(**SLOW))
+            await wait_decoding(serve_base_url, wait_until, idle)  # (held from here)
+        await wait_cancellations(serve_base_url, wait_until, idle["cancelled_by_client"] + 1)
 
 
 async def test_bad_frames_and_unknown_methods_keep_the_connection(serve_base_url):
@@ -246,11 +274,12 @@ async def test_lsp_bridge_round_trip_and_cancel(serve_base_url, wait_until):
     idle = await engine_idle(serve_base_url, wait_until)
     before = idle["cancelled_by_client"]
     slow = {"params": {key: SLOW[key] for key in ("gaps", "max_tokens", "mode")}, "max_time_ms": 30_000}
-    error = await lsp_cancel(
-        ws_url(serve_base_url), init_options=slow,
-        in_flight=lambda: wait_decoding(serve_base_url, wait_until, idle),
-        ended=lambda: wait_cancellations(serve_base_url, wait_until, before + 1),  # $/cancelRequest reached the engine
-    )
+    async with released(serve_base_url):
+        error = await lsp_cancel(
+            ws_url(serve_base_url), init_options=slow,
+            in_flight=lambda: wait_decoding(serve_base_url, wait_until, idle),  # (held from then)
+            ended=lambda: wait_cancellations(serve_base_url, wait_until, before + 1),  # $/cancelRequest reached the engine
+        )
     assert error is not None and "cancel" in str(error).lower()
     assert (await engine_info(serve_base_url))["cancelled_by_client"] >= before + 1
 
@@ -296,6 +325,7 @@ async def test_api_key_and_overload_on_the_strict_app(strict_base_url, wait_unti
             return completion_steps(await engine_info(strict_base_url, STRICT_AUTH)) > completion_steps(idle)
 
         await wait_until(slot_taken, "the slow completion to hold the engine's only slot", interval_s=0.05)
+        await wait_decoding(strict_base_url, wait_until, idle, STRICT_AUTH)  # (seen already; held from here)
         with pytest.raises(BackendError) as refused:
             await backend.complete(complete(uri="file:///other.py", max_tokens=8))
         assert refused.value.code == rpc.OVERLOADED and refused.value.data["retry_after_s"] > 0
@@ -304,6 +334,7 @@ async def test_api_key_and_overload_on_the_strict_app(strict_base_url, wait_unti
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
         await backend.close()
+        await resume(strict_base_url, STRICT_AUTH)
 
 
 async def test_infill_tokens_cached_counts_prompt_tokens_reused_from_the_cache(serve_base_url):
