@@ -348,6 +348,26 @@ async def test_the_chat_route_tells_a_clients_stop_string_from_the_templates_tur
         assert response.json()["choices"][0]["finish_reason"] == expected, response.json()
 
 
+def _weather_turn(route: str, model: str, stream: bool) -> dict:
+    """A body asking for the weather with the get_weather tool, in `route`'s shape."""
+    body = {"model": model, "stream": stream}
+    if route == "/v1/messages":
+        return body | {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 64,
+                       "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
+    if route == "/v1/responses":
+        return body | {"input": "weather?", "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}
+    return body | {"messages": [{"role": "user", "content": "weather?"}],
+                   "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}
+
+
+async def _weather_answer(client, text: str, route: str, stream: bool) -> httpx.Response:
+    """The answer of `route` to `_weather_turn` when the model writes `text` (the fake client's)."""
+    client.default_text = text
+    app = create_app(APISettings(model_name=client.model_name), client)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        return await http.post(route, json=_weather_turn(route, client.model_name, stream))
+
+
 SURROGATE_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "\\ud800 Paris"}}</tool_call>'
 
 
@@ -357,19 +377,7 @@ async def test_a_call_whose_arguments_escape_a_lone_surrogate_is_answered(fake_c
     """"\\ud800" is valid JSON text but reads back as a string UTF-8 cannot carry: the non-streamed
     answer was a 500 (UnicodeEncodeError in the response's render) and the stream was cut. The call comes
     back with the escape, the same string to a JSON reader."""
-    fake_client.default_text = SURROGATE_CALL
-    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    body = {"model": fake_client.model_name, "stream": stream}
-    if route == "/v1/messages":
-        body |= {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 64,
-                 "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
-    elif route == "/v1/responses":
-        body |= {"input": "weather?", "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}
-    else:
-        body |= {"messages": [{"role": "user", "content": "weather?"}], "tools": tools}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
-        response = await http.post(route, json=body)
+    response = await _weather_answer(fake_client, SURROGATE_CALL, route, stream)
     assert response.status_code == 200, response.text
     response.content.decode("utf-8")  # the body is UTF-8
     assert "\\ud800 Paris" in response.text, response.text  # the escape, in the arguments or the input
@@ -389,19 +397,7 @@ async def test_a_call_holding_a_number_past_float64_is_a_call(fake_client, route
     <tool_call> markup (the parser refused it; a forced call so broke tool_choice "required"), and a
     Messages answer cut inside one was a 500 (Infinity in `input`; helper-176). It is a call, its number
     as written."""
-    fake_client.default_text = BIG_NUMBER_CALL
-    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
-    body = {"model": fake_client.model_name, "stream": stream}
-    if route == "/v1/messages":
-        body |= {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 64,
-                 "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
-    elif route == "/v1/responses":
-        body |= {"input": "weather?", "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}
-    else:
-        body |= {"messages": [{"role": "user", "content": "weather?"}],
-                 "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
-        response = await http.post(route, json=body)
+    response = await _weather_answer(fake_client, BIG_NUMBER_CALL, route, stream)
     assert response.status_code == 200, response.text
     assert "<tool_call>" not in response.text and "0.101413027E2483208" in response.text, response.text
     if stream:

@@ -68,14 +68,19 @@ async def _engine(runner, pipelined: bool = False) -> Engine:
     return engine
 
 
+def _interactive(runner) -> GenerationRequest:
+    """The INTERACTIVE request that preempts the one BATCH request on the one running slot."""
+    return GenerationRequest("i", runner.tokenizer.encode("class A:\n"), {"gen_length": 8, "slot_size": 8, "serial_num_blocks": 1},
+                             mode=Mode.AR, priority=Priority.INTERACTIVE)
+
+
 async def _preempted(runner, spec: GenerationRequest, k: int, flip: bool, pipelined: bool) -> list:
     """The deltas of `spec` preempted once it has streamed `k` ids, its rerun flipped if `flip`."""
     engine = await _engine(runner, pipelined)
     flipper = FlipRetrace(runner.execute, engine, spec.request_id, runner.info.vocab_size)
     if flip:
         runner.execute = flipper
-    interactive = GenerationRequest("i", runner.tokenizer.encode("class A:\n"), {"gen_length": 8, "slot_size": 8, "serial_num_blocks": 1},
-                                    mode=Mode.AR, priority=Priority.INTERACTIVE)
+    interactive = _interactive(runner)
     deltas, other = [], None
     try:
         async for delta in engine.submit(spec):
@@ -184,8 +189,7 @@ async def test_a_request_that_switched_mode_is_preempted_and_continues_its_sent_
     requeue = Scheduler.requeue
     monkeypatch.setattr(Scheduler, "requeue", lambda s, victim, reason: (
         requeue(s, victim, reason), preempted_with.append(list(victim.replay_ids)))[0])
-    interactive = GenerationRequest("i", runner.tokenizer.encode("class A:\n"), {"gen_length": 8, "slot_size": 8, "serial_num_blocks": 1},
-                                    mode=Mode.AR, priority=Priority.INTERACTIVE)
+    interactive = _interactive(runner)
     deltas, other = [], None
     try:
         async for delta in engine.submit(spec):
@@ -219,8 +223,7 @@ async def test_a_preempted_auto_request_is_rerouted_again_once_its_rerun_has_cau
 
     params = {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 4}  # blocks of 8
     spec = lambda: GenerationRequest("v", runner.tokenizer.encode(PROMPT), dict(params), mode=Mode.AUTO)  # noqa: E731
-    interactive = GenerationRequest("i", runner.tokenizer.encode("class A:\n"), {"gen_length": 8, "slot_size": 8, "serial_num_blocks": 1},
-                                    mode=Mode.AR, priority=Priority.INTERACTIVE)
+    interactive = _interactive(runner)
 
     async def run(preempt: bool) -> list:
         engine = await _engine(runner, pipelined)
