@@ -34,7 +34,7 @@ import json
 
 from integrations.openai_models import ChatMessage, ToolSpec
 from integrations.request_limits import InputError, RequestLimits, encode
-from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
+from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN, read_json
 
 PLAIN_STOP = "\n### "
 
@@ -168,10 +168,11 @@ def _parsed_arguments(arguments: str):
     """A call's arguments as an object where the JSON string parses (templates and the plain format write
     objects), else the string as sent; the string too where the object would hold a lone surrogate (an
     escape such as "\\ud800", valid JSON that the tokenizer cannot encode once read: a 500; a call this
-    server returned is sent back so)."""
+    server returned is sent back so), or a number past float64 or int() (1e999 read as Infinity went into
+    the prompt as `Infinity`, not JSON; helper-178)."""
     try:
-        parsed = json.loads(arguments)
-        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
-    except (ValueError, UnicodeEncodeError):  # (UnicodeEncodeError is a ValueError: named for the reader)
+        parsed = read_json(arguments)  # (NaN / Infinity refused; a number past float64 is a JSONNumber)
+        json.dumps(parsed, ensure_ascii=False).encode("utf-8")  # (a JSONNumber: TypeError)
+    except (ValueError, UnicodeEncodeError, TypeError):  # (UnicodeEncodeError is a ValueError: named for the reader)
         return arguments
     return parsed

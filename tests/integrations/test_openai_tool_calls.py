@@ -447,6 +447,22 @@ def test_a_messages_input_cut_inside_a_number_past_float64_keeps_it():
     assert utf8_json(partial, allow_nan=False) == b'{"x": 205500001005221e1024, "y": 2.5, "z": [1e400]}'
 
 
+async def test_a_call_with_a_number_past_float64_sent_back_goes_into_the_prompt_as_written(fake_client):  # noqa: F811
+    """Read back for the template, 1e999 became Infinity in the prompt (not JSON, and the parser refuses
+    it should the model copy it; helper-178): the arguments go in as sent."""
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    body = {"model": fake_client.model_name, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"x": 1e999}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    prompt = fake_client.tokenizer.decode(fake_client.requests[-1].prompt_ids)
+    assert "1e999" in prompt and "Infinity" not in prompt, prompt
+
+
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses"])
 async def test_such_a_call_sent_back_in_the_conversation_is_taken(fake_client, route):  # noqa: F811
     """The next turn carries the call back: its arguments, read, held the lone surrogate, which the
