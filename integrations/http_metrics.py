@@ -22,12 +22,25 @@ disable_created_metrics()  # as scheduler/metrics.py: no `<name>_created` series
 
 class _CurrentStderr:
     """sys.stderr as it is at each write: the stream current at import (a test's capture, since closed; a
-    stream a CLI replaced) raised "I/O operation on closed file" on every request logged after it."""
+    stream a CLI replaced) raised "I/O operation on closed file" on every request logged after it. Each
+    line goes out in one write: print() writes a message and its newline apart, and Ray Serve's own
+    access log (another thread, the same stderr) landed between them, so a request-log line ran into
+    the next line (`..."}INFO ... POST /completion 200`) and no longer parsed as JSON."""
+
+    def __init__(self):
+        self._pending = ""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        self._pending += text
+        if "\n" in self._pending:
+            whole, _, self._pending = self._pending.rpartition("\n")
+            sys.stderr.write(whole + "\n")
+        return len(text)
 
     def flush(self) -> None:
+        if self._pending:
+            text, self._pending = self._pending, ""
+            sys.stderr.write(text)
         sys.stderr.flush()
 
 

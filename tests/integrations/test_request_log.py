@@ -346,3 +346,33 @@ def test_a_whole_infill_is_timed_to_its_engines_first_token(served, log_lines, p
     assert answer.status_code == 200, answer.text
     line = line_of(log_lines, rid)
     assert line["ttft_ms"] is not None and line["ttft_ms"] <= line["e2e_ms"] - 500, line
+
+
+def test_a_request_log_line_goes_to_stderr_in_one_write(monkeypatch):
+    """print() writes a message and its newline apart; Ray Serve's access log (another thread, the same
+    stderr) landed between them in CI, and the line ran into the next (`..."}INFO ... POST /completion`).
+    Each line now goes out whole, in one write."""
+    import sys
+
+    from integrations import http_metrics
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    import structlog
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    # request_log's wiring (the module's own object may be a test's capture while this module's fixtures run)
+    log = structlog.wrap_logger(structlog.PrintLogger(http_metrics._CurrentStderr()),
+                                processors=[structlog.processors.JSONRenderer()])
+    log.info("request", request_id="one-write", status=200)
+    log.info("request", request_id="two-writes", status=499)
+    assert len(writes) == 2 and all(w.endswith("\n") and w.count("\n") == 1 for w in writes), writes
+    assert [json.loads(w)["request_id"] for w in writes] == ["one-write", "two-writes"]
