@@ -156,11 +156,35 @@ def infill_room(context_length: int, gaps: Sequence[int]) -> int:
     return max(2, context_length - max((gap_cap(g) for g in gaps), default=0))
 
 
-def fitting_gaps(context_length: int, gaps: Sequence[int]) -> tuple[int, ...]:
+def fitting_gaps(context_length: int, gaps: Sequence[int], shrink: bool = False, at_least: int = 0) -> tuple[int, ...]:
     """The candidate `gaps` whose decoded span (whole slots, `gap_cap`) leaves the model's context room
     for a token of prefix and one of suffix; every gap when the context is unknown (0). Empty: no infill
-    fits the model (the caller's 400)."""
-    return tuple(g for g in gaps if not context_length or gap_cap(g) <= context_length - 2)
+    fits the model (the caller's 400).
+
+    `shrink`: the gaps are the strategy's own (the client set no cap), so when none fits, the longest
+    gap that does, of at least `at_least` tokens (min_tokens), is used instead, as vLLM shrinks an unset
+    max_tokens to the room left (a model served with a small max_model_len)."""
+    fit = tuple(g for g in gaps if not context_length or gap_cap(g) <= context_length - 2)
+    if fit or not shrink or not context_length:
+        return fit
+    longest = longest_gap(context_length)
+    return (longest,) if longest >= max(1, at_least) else ()
+
+
+def longest_gap(context_length: int) -> int:
+    """The longest gap (tokens) that a model context of `context_length` tokens holds beside a token of
+    prefix and one of suffix (`fitting_gaps`); 0 when none does. What the 400s for a cap past it say."""
+    room = context_length - 2
+    return max(0, room if room < SLOT_SIZE else room // SLOT_SIZE * SLOT_SIZE)
+
+
+def no_room_message(context_length: int, field: str) -> str:
+    """The 400's message for a cap (`field`) that no infill of a `context_length`-token model holds."""
+    longest = longest_gap(context_length)
+    if not longest:
+        return f"the model's context ({context_length} tokens) holds no completion beside its prompt"
+    return (f"the model's context ({context_length} tokens) holds a completion of at most {longest} tokens "
+            f"beside its prompt: send {field} {longest} or less")
 
 
 def split_room(room: int, prefix: int, suffix: int, prefix_budget: int, suffix_budget: int) -> tuple[int, int]:

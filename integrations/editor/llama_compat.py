@@ -23,7 +23,8 @@ from typing import Any, AsyncIterator
 
 from pydantic import Field, field_validator
 
-from integrations.editor.infill import Candidate, build_infill_prompt, fitting_gaps, gap_cap, infill_room, plan_gaps
+from integrations.editor.infill import (Candidate, build_infill_prompt, fitting_gaps, gap_cap, infill_room, no_room_message,
+                                       plan_gaps)
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
 from integrations.editor.protocol import MAX_INDENT, MAX_STOP_STRINGS, ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
@@ -117,10 +118,11 @@ async def make_job(client, body: InfillBody, request_id: str, n_ctx: int = 0) ->
     if body.n_cmpl > len(gaps):  # more completions asked than the strategy has gaps: add longer ones
         gaps = tuple(sorted(set(gaps) | {gaps[-1] * 2 ** k for k in range(1, body.n_cmpl - len(gaps) + 1)}))
         gaps = tuple(g for g in gaps if max_tokens is None or g <= gap_cap(max_tokens))
-    fitting = fitting_gaps(n_ctx, gaps)  # (n_cmpl's longer gaps too: each would shrink every candidate's prompt)
+    # (n_cmpl's longer gaps too: each would shrink every candidate's prompt; an unset or -1 n_predict
+    # shrinks to the context, as llama.cpp generates until its context is full)
+    fitting = fitting_gaps(n_ctx, gaps, shrink=max_tokens is None)
     if not fitting and body.n_predict != 0:  # (a warm-up, n_predict 0, generates nothing: its prompt may fill the context)
-        raise InputError(400, "n_predict", f"the model's context ({n_ctx} tokens) holds no completion beside its "
-                                           "prompt: ask for fewer tokens")
+        raise InputError(400, "n_predict", no_room_message(n_ctx, "n_predict"))
     gaps = fitting or gaps
     room = infill_room(n_ctx, gaps if body.n_predict != 0 else (1,))
     prompt = await off_loop(partial(build_infill_prompt, room=room), client.tokenizer, prefix, body.input_suffix,

@@ -27,7 +27,7 @@ from typing import Awaitable, Callable
 
 from integrations.editor import protocol as rpc
 from integrations.editor.infill import (MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, capped_gaps, fitting_gaps,
-                                       infill_room, plan_gaps)
+                                       infill_room, no_room_message, plan_gaps)
 from integrations.editor.postprocess import Rules
 from integrations.editor.request_log import CompletionRecord, log_answer
 from integrations.editor.runner import CompletionJob, run_completion
@@ -186,10 +186,12 @@ class EditorSession:
         keep being served meanwhile)."""
         chars = len(params.prefix) + len(params.suffix) + sum(len(c.text) for c in params.context)
         gaps = fitting_gaps(self.context_length,
-                            capped_gaps(params.gaps, params.max_tokens) or plan_gaps(params.max_tokens, params.multiline))
+                            capped_gaps(params.gaps, params.max_tokens) or plan_gaps(params.max_tokens, params.multiline),
+                            shrink=params.gaps is None and params.max_tokens is None)
         if not gaps:
-            raise InvalidRequestError("gen_length", f"the model's context ({self.context_length} tokens) holds no "
-                                      "completion beside its prompt: ask for fewer tokens")
+            capped = params.max_tokens is not None and not fitting_gaps(self.context_length, (params.max_tokens,))
+            field = "gaps" if params.gaps and not capped else "max_tokens"
+            raise InvalidRequestError(field, no_room_message(self.context_length, field))
         prompt = await off_loop(partial(build_infill_prompt, room=infill_room(self.context_length, gaps)),
                                 self.client.tokenizer, params.prefix, params.suffix, params.context, params.language,
                                 chars=chars)

@@ -41,6 +41,10 @@ def test_prefix_and_suffix_share_the_room_as_they_fill_it_and_context_gets_the_r
     # the span a gap decodes is whole slots (gap_params): 20 -> 24; gaps that leave no room are dropped
     assert infill_room(0, (32, 64)) == 0 and infill_room(1024, (32, 64)) == 960 and infill_room(200, (20,)) == 176
     assert fitting_gaps(64, (32, 64)) == (32,) and fitting_gaps(16, (16,)) == () and fitting_gaps(0, (64,)) == (64,)
+    # the strategy's own gaps (no cap sent) shrink to the longest that fits: whole slots, or one short slot
+    assert fitting_gaps(24, (32, 64), shrink=True) == (16,) and fitting_gaps(9, (32, 64), shrink=True) == (7,)
+    assert fitting_gaps(64, (32, 64), shrink=True) == (32,) and fitting_gaps(2, (16,), shrink=True) == ()
+    assert fitting_gaps(24, (32,), shrink=True, at_least=17) == () and fitting_gaps(0, (64,), shrink=True) == (64,)
 
 
 class RecordingClient(LocalEngineClient):

@@ -65,3 +65,59 @@ def test_max_model_len_is_at_most_the_models_context_and_the_flag_sets_it():
     assert ServeConfig.model_validate(config).max_model_len == 1024
     with pytest.raises(cli_serve.CLIError, match="--max-model-len: must be >= 1"):
         cli_serve.merged_config(parser.parse_args(["--max-model-len", "0"]))
+
+
+def _editor_complete(url: str, **params) -> list:
+    import asyncio
+
+    import msgpack
+    import websockets
+
+    from integrations.editor import protocol as rpc
+
+    async def run() -> list:
+        async with websockets.connect(url.replace("http://", "ws://") + "/v1/editor", max_size=None) as ws:
+            await ws.send(rpc.encode_request(1, "complete", {"uri": "file:///a.py", "prefix": "def f(x):\n",
+                                                             "suffix": "\n", "multiline": True, **params}))
+            while True:
+                frame = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 60), raw=False)
+                if frame[0] == rpc.RESPONSE:
+                    return frame
+
+    return asyncio.run(run())
+
+
+def test_an_infill_without_a_cap_shrinks_its_gaps_to_a_small_context_and_a_cap_past_it_is_named():
+    """An infill's default gaps (32 and 64 tokens) do not fit a 24-token context: without a cap the infill
+    decodes the longest gap that does (16: whole slots of 8 beside a token of prefix and one of suffix),
+    as vLLM shrinks an unset max_tokens to the room left; a cap past it is a 400 naming the field the
+    client sent (the editor named `gen_length`, no protocol field) and the most that fits."""
+    with local_app(SHIPPED_MODEL, max_model_len=24) as app:
+        llama = httpx.post(app.url + "/infill", json={"input_prefix": "def f(x):\n", "input_suffix": "\n",
+                                                      "temperature": 0}, timeout=60)
+        assert llama.status_code == 200, llama.text
+        assert 0 < llama.json()["tokens_predicted"] <= 16 and llama.json()["tokens_evaluated"] + 16 <= 24
+        fim = httpx.post(app.url + "/v1/completions", json={"prompt": "def f(x):\n", "suffix": "\n"}, timeout=60)
+        assert fim.status_code == 200, fim.text
+        assert 0 < fim.json()["usage"]["completion_tokens"] <= 16
+        assert fim.json()["usage"]["prompt_tokens"] + 16 <= 24
+        [_, _, error, result] = _editor_complete(app.url)
+        assert error is None and result["text"], (error, result)
+
+        over = httpx.post(app.url + "/infill", json={"input_prefix": "def f(x):\n", "input_suffix": "\n",
+                                                     "n_predict": 17}, timeout=60)
+        assert over.status_code == 400 and "n_predict 16 or less" in over.json()["error"]["message"]
+        over = httpx.post(app.url + "/v1/completions", json={"prompt": "a", "suffix": "b", "max_tokens": 17},
+                          timeout=60)
+        assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"
+        assert "at most 16 tokens" in over.json()["error"]["message"]
+        too_long = httpx.post(app.url + "/v1/completions", json={"prompt": "a", "suffix": "b", "min_tokens": 17},
+                              timeout=60)
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "min_tokens"
+        [_, _, error, _] = _editor_complete(app.url, max_tokens=17)
+        assert error["data"]["field"] == "max_tokens" and "max_tokens 16 or less" in error["message"]
+        [_, _, error, _] = _editor_complete(app.url, gaps=[24])
+        assert error["data"]["field"] == "gaps"
+    with local_app(SHIPPED_MODEL, max_model_len=2) as app:  # no gap at all: a prompt token and a suffix token
+        none = httpx.post(app.url + "/infill", json={"input_prefix": "a", "input_suffix": "b"}, timeout=60)
+        assert none.status_code == 400 and "holds no completion" in none.json()["error"]["message"]
