@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--concurrency", type=int, default=32, help="requests in flight at once (default 32)")
     a("--max-num-seqs", type=int, default=None, help="engine: requests decoded at once (vLLM's name; engine max_running)")
     a("--max-queue", type=int, default=None, help="engine: requests waiting beyond those (engine max_queue)")
+    a("--max-model-len", type=int, default=None, metavar="N",
+      help="the context served, in tokens, below the model's (vLLM's name): prompts and max_tokens fit it")
     a("--dtype", choices=RUNNER_DTYPES, default=None,
       help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     a("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
@@ -133,10 +135,10 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     import httpx
 
     from integrations.engine_client import LocalEngineClient, read_model_card
-    from integrations.engine_host import build_engine, engine_config
+    from integrations.engine_host import build_engine, engine_config, kv_short_of_context
     from integrations.openai_api import APISettings, create_app
     from integrations.request_limits import RequestLimits
-    from integrations.serve_config import served_names_problem
+    from integrations.serve_config import model_context, served_names_problem
     from scheduler.config import EngineConfigError
     from workers.loader import ModelDirError
 
@@ -155,6 +157,11 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
 
         if not torch.cuda.is_available():
             raise BatchArgumentError("--device", "cuda requested but no CUDA device is available; use --device cpu")
+    if args.max_model_len is not None:  # (ServeConfig.max_model_len's rule)
+        context = model_context(model_dir)
+        if args.max_model_len < 1 or (context and args.max_model_len > context):
+            raise BatchArgumentError("--max-model-len", f"must be 1 to the model's context ({context} tokens, config.json "
+                                     f"max_position_embeddings), got {args.max_model_len}")
     check_output(args.output_file, args.input_file)
     engine_options = {k: v for k, v in (("max_running", args.max_num_seqs), ("max_queue", args.max_queue)) if v is not None}
     try:
@@ -168,7 +175,7 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     options = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
     try:
         engine, tokenizer = build_engine(model_dir, runner_options=options, engine_options=engine_options)
-        card = read_model_card(model_dir, tokenizer)
+        card = read_model_card(model_dir, tokenizer, args.max_model_len)
     except (ModelDirError, OSError, ValueError) as exc:
         raise BatchArgumentError("--model", f"{model_dir} cannot be loaded: {exc}") from None
     name, *aliases = args.served_model_name or [card["model"]]
@@ -176,6 +183,8 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
                            max_sequences=engine.config.max_running + engine.config.max_queue)
     settings = APISettings(model_name=name, model_aliases=tuple(aliases), decode_defaults=card["defaults"], limits=limits)
     app = create_app(settings, LocalEngineClient(engine, tokenizer, name))
+    if short := kv_short_of_context(engine, limits.context_length):
+        print(f"refusion run-batch: warning: {short}", file=sys.stderr)
     await asyncio.sleep(0)  # a signal that came while the model loaded stops the run here, output untouched
     output = open_output(args.output_file)  # only now: a refused run leaves an existing file as it was
     await engine.start()

@@ -311,7 +311,7 @@ class ServeConfig(_Strict):
                     else "has no config.json")
             raise ValueError(f"model: {model_dir} {what}; pass a model directory (default {DEFAULT_MODEL})")
         if self.max_model_len is not None:
-            context = _model_context(model_dir)
+            context = model_context(model_dir)
             if context and self.max_model_len > context:
                 raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's context ({context} "
                                  f"tokens, config.json max_position_embeddings); give at most {context}")
@@ -321,8 +321,9 @@ class ServeConfig(_Strict):
         return self
 
 
-def _model_context(model_dir: Path) -> int:
-    """config.json's max_position_embeddings (0 when absent or unreadable: then nothing is checked here)."""
+def model_context(model_dir: Path) -> int:
+    """config.json's max_position_embeddings (0 when absent or unreadable: then nothing is checked here,
+    and loading the model names the fault)."""
     try:
         return int(json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings", 0) or 0)
     except (OSError, ValueError, TypeError, AttributeError):

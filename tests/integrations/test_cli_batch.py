@@ -111,6 +111,27 @@ def test_a_full_engine_is_retried_and_a_request_that_can_never_fit_gets_a_400(tm
         assert "at most 1 at once" in never["error"]["message"]
 
 
+def test_max_model_len_is_the_context_the_batch_is_answered_in(tmp_path, tiny_model_dir):
+    """vLLM's run-batch --max-model-len: a prompt and max_tokens past it are the server's 400 naming
+    max_tokens with what fits; an unset max_tokens shrinks to the room left (the batch ignored the flag)."""
+    model = tiny_model_dir.name
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12]  # token ids: 8 of the 24 served
+    lines = [_line("over", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 20, **SAMPLED}),
+             _line("fits", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 16, **SAMPLED}),
+             _line("unset", "/v1/chat/completions", {"model": model, **SAMPLED,
+                                                     "messages": [{"role": "user", "content": "x"}]})]
+    code, results, stderr = _run_batch(tmp_path, tiny_model_dir, lines, "--max-model-len", "24")
+    assert code == 0, stderr
+    over, fits, unset = (r["response"] for r in results)
+    assert over["status_code"] == 400 and over["body"]["error"]["param"] == "max_tokens"
+    assert "maximum context length is 24 tokens" in over["body"]["error"]["message"]
+    assert "ask for at most 16" in over["body"]["error"]["message"]
+    assert fits["status_code"] == 200, fits
+    assert unset["status_code"] == 200, unset
+    usage = unset["body"]["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= 24
+
+
 def test_requests_that_fit_are_never_told_they_do_not(tmp_path, tiny_model_dir):
     """Two requests of two choices each on an engine of two slots: started together, each may get one
     slot and be refused (a grammar's compile delays one choice's admission); the one refused with
@@ -207,6 +228,8 @@ def _line_count(path: Path) -> int:
     (["--model", "/tmp"], "--model: /tmp cannot be loaded"),
     (["--served-model-name", "a", " "], "--served-model-name: give one or more non-empty names"),
     (["--served-model-name", "a", "a"], "--served-model-name: names repeat"),
+    (["--max-model-len", "0"], "--max-model-len: must be 1 to the model's context (4096 tokens"),
+    (["--max-model-len", "4097"], "--max-model-len: must be 1 to the model's context (4096 tokens"),
     # it said "--model: ... cannot be loaded"
     pytest.param(["--device", "cuda"], "--device: cuda requested but no CUDA device is available; use --device cpu",
                  marks=pytest.mark.skipif(_has_cuda(), reason="CUDA is available here")),
