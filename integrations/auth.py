@@ -12,7 +12,12 @@ Browser origins (OriginGuard): browsers do not apply the same-origin policy to W
 cross-site POSTs, so without a check any web page could drive a local server that has no API keys.
 A request carrying an `Origin` header (browsers send one; editors, SDKs and curl do not) is refused
 with 403 unless that origin is in `allowed_origins`; allowed origins also get CORS headers. The
-server's own origin is not implied: a DNS-rebinding page would pass that check.
+server's own origin is not implied: a DNS-rebinding page would pass that check. A browser sends no
+Origin with a same-origin GET, so a DNS-rebinding page (its own host name now resolving to 127.0.0.1)
+could read /metrics or /v1/models that way: a request a page made (Fetch Metadata's `Sec-Fetch-Site`
+other than `none`, which every current browser sends) without an Origin is judged by the origin it
+was sent to, scheme://Host, as Jupyter and the MCP SDKs check the Host header against DNS rebinding.
+A user's own navigation (`Sec-Fetch-Site: none`, the address bar) passes.
 """
 
 from __future__ import annotations
@@ -99,10 +104,19 @@ def normalize_origin(value: str) -> str:
 
 
 def _origin(scope) -> str | None:
+    """The browser origin a request comes from: its Origin header, else, for a request a page made
+    (Sec-Fetch-Site not `none`), scheme://Host (a same-origin GET carries no Origin; module docstring);
+    None for clients that are no browser page (editors, SDKs, curl, the address bar)."""
+    headers = {}
     for name, value in scope.get("headers", []):
-        if name == b"origin":
-            return value.decode("latin-1").strip().lower()
-    return None
+        if name in (b"origin", b"sec-fetch-site", b"host"):
+            headers.setdefault(name, value.decode("latin-1").strip().lower())
+    if b"origin" in headers:
+        return headers[b"origin"]
+    if headers.get(b"sec-fetch-site", "none") == "none" or b"host" not in headers:
+        return None
+    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+    return f"{scheme}://{headers[b'host']}"
 
 
 class OriginGuard:
@@ -131,6 +145,8 @@ class OriginGuard:
             await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed: see allowed_origins"})
             return
         reason = f"origin {_origin(scope)!r} is not allowed: add it to allowed_origins in the serve config"
+        if not any(name == b"origin" for name, _ in scope.get("headers", [])):
+            reason += " (a page's request without Origin is judged by its Host header, against DNS rebinding)"
         body = json.dumps({"error": {"message": reason, "type": "permission_error", "param": "Origin",
                                      "code": "origin_not_allowed"}}).encode()
         await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]})

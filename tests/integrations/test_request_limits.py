@@ -316,7 +316,7 @@ async def test_infill_stream_error_before_the_first_event_is_an_http_error(fake_
 # --- browser origins ---------------------------------------------------------------------------------
 
 
-async def _origin_call(app, scope_type: str, path: str, origin: bytes | None) -> list[dict]:
+async def _origin_call(app, scope_type: str, path: str, origin: bytes | None, headers=()) -> list[dict]:
     sent = []
 
     async def receive():
@@ -325,9 +325,9 @@ async def _origin_call(app, scope_type: str, path: str, origin: bytes | None) ->
     async def send(message):
         sent.append(message)
 
-    headers = [(b"origin", origin)] if origin else []
+    headers = ([(b"origin", origin)] if origin else []) + list(headers)
     await app({"type": scope_type, "path": path, "root_path": "", "headers": headers, "query_string": b"",
-               "method": "GET"}, receive, send)
+               "method": "GET", "scheme": "http"}, receive, send)
     return sent
 
 
@@ -345,6 +345,29 @@ async def test_origin_guard_refuses_unlisted_browser_origins():
     assert await _origin_call(guard, "http", "/health", b"https://evil.example") == [{"type": "ok"}]
     assert await _origin_call(OriginGuard(inner, []), "websocket", "/v1/editor", b"null") != [{"type": "ok"}]
     assert await _origin_call(OriginGuard(inner, ["*"]), "websocket", "/v1/editor", b"https://a.b") == [{"type": "ok"}]
+
+
+async def test_a_pages_same_origin_get_is_judged_by_its_host_against_dns_rebinding():
+    """A browser sends no Origin with a same-origin GET: a DNS-rebinding page (rebound.example now
+    resolving to 127.0.0.1) read /metrics and /v1/models of a server without API keys. Fetch Metadata
+    says a page sent it; its origin is then scheme://Host, refused unless allowed. The address bar
+    (Sec-Fetch-Site: none) and clients that are no browser pass."""
+    async def inner(scope, receive, send):
+        await send({"type": "ok"})
+
+    guard = OriginGuard(inner, ["http://localhost:5173"])
+    rebound = await _origin_call(guard, "http", "/metrics", None,
+                                 [(b"host", b"rebound.example:8000"), (b"sec-fetch-site", b"same-origin")])
+    assert rebound[0]["status"] == 403
+    assert "origin 'http://rebound.example:8000' is not allowed" in json.loads(rebound[1]["body"])["error"]["message"]
+    ok = [{"type": "ok"}]
+    assert await _origin_call(guard, "http", "/metrics", None,
+                              [(b"host", b"LocalHost:5173"), (b"sec-fetch-site", b"same-origin")]) == ok
+    assert await _origin_call(guard, "http", "/metrics", None,
+                              [(b"host", b"rebound.example:8000"), (b"sec-fetch-site", b"none")]) == ok
+    assert await _origin_call(guard, "http", "/metrics", None, [(b"host", b"rebound.example:8000")]) == ok  # curl
+    assert await _origin_call(guard, "http", "/health", None,
+                              [(b"host", b"rebound.example:8000"), (b"sec-fetch-site", b"cross-site")]) == ok
 
 
 def test_allowed_origins_are_validated_in_the_config(tiny_model_dir):

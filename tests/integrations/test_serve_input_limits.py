@@ -201,3 +201,7 @@ def test_http_refuses_foreign_origins_and_allows_configured_ones(http):
                                                          "Access-Control-Request-Headers": "authorization,content-type"})
     assert preflight.status_code == 200 and "authorization" in preflight.headers["access-control-allow-headers"].lower()
     assert http.get("/health", headers={"Origin": "https://evil.example"}).status_code == 200
+    # a DNS-rebinding page's same-origin GET (no Origin) is judged by its Host; the address bar's passes
+    rebound = http.get("/v1/models", headers={"Host": "rebound.example", "Sec-Fetch-Site": "same-origin"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "origin_not_allowed"
+    assert http.get("/v1/models", headers={"Host": "rebound.example", "Sec-Fetch-Site": "none"}).status_code == 200
