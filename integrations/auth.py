@@ -14,10 +14,12 @@ A request carrying an `Origin` header (browsers send one; editors, SDKs and curl
 with 403 unless that origin is in `allowed_origins`; allowed origins also get CORS headers. The
 server's own origin is not implied: a DNS-rebinding page would pass that check. A browser sends no
 Origin with a same-origin GET, so a DNS-rebinding page (its own host name now resolving to 127.0.0.1)
-could read /metrics or /v1/models that way: a request a page made (Fetch Metadata's `Sec-Fetch-Site`
-other than `none`, which every current browser sends) without an Origin is judged by the origin it
-was sent to, scheme://Host, as Jupyter and the MCP SDKs check the Host header against DNS rebinding.
-A user's own navigation (`Sec-Fetch-Site: none`, the address bar) passes.
+could read /metrics or /v1/models that way: a same-origin request a page made (Fetch Metadata's
+`Sec-Fetch-Site: same-origin` or `same-site`, which every current browser sends) without an Origin
+passes only when its Host header is the host[:port] of an allowed origin (any scheme: TLS may end at a
+proxy in front), as Jupyter and the MCP SDKs check Host against DNS rebinding. A user's own navigation
+(`Sec-Fetch-Site: none`, the address bar) and a cross-site page's no-cors load (which cannot read the
+answer; a cross-origin read sends Origin) pass.
 """
 
 from __future__ import annotations
@@ -103,31 +105,38 @@ def normalize_origin(value: str) -> str:
                      f"'http://localhost:3000' (no path), 'null' or '*'")
 
 
-def _origin(scope) -> str | None:
-    """The browser origin a request comes from: its Origin header, else, for a request a page made
-    (Sec-Fetch-Site not `none`), scheme://Host (a same-origin GET carries no Origin; module docstring);
-    None for clients that are no browser page (editors, SDKs, curl, the address bar)."""
+def _browser_headers(scope) -> dict[bytes, str]:
     headers = {}
     for name, value in scope.get("headers", []):
         if name in (b"origin", b"sec-fetch-site", b"host"):
             headers.setdefault(name, value.decode("latin-1").strip().lower())
-    if b"origin" in headers:
-        return headers[b"origin"]
-    if headers.get(b"sec-fetch-site", "none") == "none" or b"host" not in headers:
+    return headers
+
+
+def _origin(scope) -> str | None:
+    return _browser_headers(scope).get(b"origin")
+
+
+def _same_origin_host(scope) -> str | None:
+    """The Host header of a same-origin request a page made without an Origin header (a GET; module
+    docstring), else None."""
+    headers = _browser_headers(scope)
+    if b"origin" in headers or headers.get(b"sec-fetch-site") not in ("same-origin", "same-site"):
         return None
-    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
-    return f"{scheme}://{headers[b'host']}"
+    return headers.get(b"host", "")
 
 
 class OriginGuard:
     """Pure ASGI: refuses browser requests from origins not in `allowed` (see the module docstring).
     A refused WebSocket handshake is closed before it is accepted (HTTP 403); a refused HTTP request
-    gets 403 in OpenAI's error shape. Requests without an Origin header, and /health, pass."""
+    gets 403 in OpenAI's error shape. Requests without an Origin header (a same-origin page request: its Host,
+    see the module docstring), and /health, pass."""
 
     def __init__(self, app, allowed: list[str]):
         origins = [normalize_origin(o) for o in allowed]
         self.allow_all = "*" in origins
         self.allowed = frozenset(origins)
+        self.allowed_hosts = frozenset(o.split("://", 1)[1] for o in origins if "://" in o)
         self.app = CORSMiddleware(app, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]) if origins else app
 
     def _allowed(self, scope) -> bool:
@@ -135,7 +144,12 @@ class OriginGuard:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
-        return origin is None or self.allow_all or origin in self.allowed or path in OPEN_PATHS
+        if self.allow_all or path in OPEN_PATHS:
+            return True
+        if origin is None:
+            host = _same_origin_host(scope)
+            return host is None or host in self.allowed_hosts
+        return origin in self.allowed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket") or self._allowed(scope):
@@ -144,9 +158,11 @@ class OriginGuard:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed: see allowed_origins"})
             return
-        reason = f"origin {_origin(scope)!r} is not allowed: add it to allowed_origins in the serve config"
-        if not any(name == b"origin" for name, _ in scope.get("headers", [])):
-            reason += " (a page's request without Origin is judged by its Host header, against DNS rebinding)"
+        if (origin := _origin(scope)) is not None:
+            reason = f"origin {origin!r} is not allowed: add it to allowed_origins in the serve config"
+        else:
+            reason = (f"a page's request to host {_same_origin_host(scope)!r} is not allowed (against DNS rebinding): "
+                      "add its origin, scheme://host[:port], to allowed_origins in the serve config")
         body = json.dumps({"error": {"message": reason, "type": "permission_error", "param": "Origin",
                                      "code": "origin_not_allowed"}}).encode()
         await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]})

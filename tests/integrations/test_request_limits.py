@@ -350,24 +350,28 @@ async def test_origin_guard_refuses_unlisted_browser_origins():
 async def test_a_pages_same_origin_get_is_judged_by_its_host_against_dns_rebinding():
     """A browser sends no Origin with a same-origin GET: a DNS-rebinding page (rebound.example now
     resolving to 127.0.0.1) read /metrics and /v1/models of a server without API keys. Fetch Metadata
-    says a page sent it; its origin is then scheme://Host, refused unless allowed. The address bar
-    (Sec-Fetch-Site: none) and clients that are no browser pass."""
+    says a page sent it; it then passes only when its Host is an allowed origin's host[:port], whatever
+    the scheme (TLS may end at a proxy). The address bar (Sec-Fetch-Site: none), a cross-site no-cors
+    load (it cannot read the answer) and clients that are no browser pass."""
     async def inner(scope, receive, send):
         await send({"type": "ok"})
 
-    guard = OriginGuard(inner, ["http://localhost:5173"])
+    guard = OriginGuard(inner, ["https://localhost:5173"])
     rebound = await _origin_call(guard, "http", "/metrics", None,
                                  [(b"host", b"rebound.example:8000"), (b"sec-fetch-site", b"same-origin")])
     assert rebound[0]["status"] == 403
-    assert "origin 'http://rebound.example:8000' is not allowed" in json.loads(rebound[1]["body"])["error"]["message"]
+    message = json.loads(rebound[1]["body"])["error"]["message"]
+    assert "request to host 'rebound.example:8000' is not allowed (against DNS rebinding)" in message
     ok = [{"type": "ok"}]
-    assert await _origin_call(guard, "http", "/metrics", None,
-                              [(b"host", b"LocalHost:5173"), (b"sec-fetch-site", b"same-origin")]) == ok
-    assert await _origin_call(guard, "http", "/metrics", None,
-                              [(b"host", b"rebound.example:8000"), (b"sec-fetch-site", b"none")]) == ok
+    for host, site in ((b"LocalHost:5173", b"same-origin"), (b"rebound.example:8000", b"none"),
+                       (b"rebound.example:8000", b"cross-site")):
+        assert await _origin_call(guard, "http", "/metrics", None, [(b"host", host), (b"sec-fetch-site", site)]) == ok
     assert await _origin_call(guard, "http", "/metrics", None, [(b"host", b"rebound.example:8000")]) == ok  # curl
     assert await _origin_call(guard, "http", "/health", None,
-                              [(b"host", b"rebound.example:8000"), (b"sec-fetch-site", b"cross-site")]) == ok
+                              [(b"host", b"rebound.example:8000"), (b"sec-fetch-site", b"same-origin")]) == ok
+    unlisted = OriginGuard(inner, [])  # no origin allowed: no page of any host reads the server
+    assert (await _origin_call(unlisted, "http", "/v1/models", None,
+                               [(b"host", b"127.0.0.1:8000"), (b"sec-fetch-site", b"same-site")]))[0]["status"] == 403
 
 
 def test_allowed_origins_are_validated_in_the_config(tiny_model_dir):
