@@ -12,6 +12,8 @@ popup, with nothing, or with a traceback:
     body not JSON                         -32700 ParseError, id null          JSON-RPC 2.0, 5.1
     no request, notification or response  -32600 InvalidRequest, id null     JSON-RPC 2.0, 4 and 5.1
                                           (the id when one could be read)
+    a method the server does not know    -32601 MethodNotFound, with or      JSON-RPC 2.0, 4 and 5.1
+                                          without params (they are optional)
     params that do not fit the method     -32602 InvalidParams naming fields  JSON-RPC 2.0, 5.1
                                           (a notification: logged and ignored)
     a request before a successful         -32002 ServerNotInitialized; a notification is dropped
@@ -119,6 +121,8 @@ class BridgeProtocol(LanguageServerProtocol):
             logger.info("dropped the %s notification: it came before initialize or after shutdown", method)
             return
         self.shutdown_received |= is_request and method == types.SHUTDOWN
+        if method is not None and "params" not in data and method not in types.METHOD_TO_TYPES:
+            data = {**data, "params": None}  # (JSON-RPC's params are optional; pygls's generic type needs the key)
         try:
             message = self.structure_message(data)
         except JsonRpcException as exc:  # pygls could not build the method's LSP type (exc.__cause__ says why)

@@ -723,6 +723,11 @@ async def test_malformed_messages_and_the_lifecycle_get_the_answers_the_specs_gi
             answer = await lsp.request(msg_id, method, {"id": 1} if method == "$/cancelRequest" else {})
             assert answer["id"] == msg_id and answer["error"]["code"] == -32600, answer  # (no answer came)
             assert "is a notification: send it without an id" in answer["error"]["message"]
+        for params in ({}, None):  # JSON-RPC's params are optional: without them it was -32602 and a traceback
+            message = {"jsonrpc": "2.0", "id": 30, "method": "foo/bar", **({} if params is None else {"params": params})}
+            lsp.send(message)
+            unknown = await lsp.receive()
+            assert unknown["id"] == 30 and unknown["error"]["code"] == -32601, (message, unknown)  # MethodNotFound
         again = await lsp.request(7, "initialize", {"capabilities": {}})
         assert again["error"]["code"] == -32600 and "only be sent once" in again["error"]["message"]
         no_context = {key: value for key, value in raw_inline_params().items() if key != "context"}
