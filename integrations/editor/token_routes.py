@@ -52,6 +52,13 @@ class TokenizeBody(BaseModel):
     with_pieces: bool = False  # each token as {"id", "piece"}
     model: str | None = None  # vLLM's: one of the served ids (404 model_not_found otherwise)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        """A field sent as null is a field not sent, as on every llama.cpp route (add_special, with_pieces,
+        parse_special were refused as "not a valid boolean")."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     @field_validator("add_generation_prompt")
     @classmethod
     def _generation_prompt(cls, add, info):

@@ -235,6 +235,10 @@ async def test_tokenize_with_pieces_and_parse_special_as_llama_cpp_documents(htt
     parsed = (await http.post("/tokenize", json={"content": "x" + special})).json()["tokens"]
     plain = (await http.post("/tokenize", json={"content": "x" + special, "parse_special": False})).json()["tokens"]
     assert parsed[-1] == tok.eos_token_id and tok.eos_token_id not in plain and len(plain) > len(parsed)
+    # null is the field's default, as on every llama.cpp route (it was 400 "not a valid boolean")
+    nulls = await http.post("/tokenize", json={"content": "x" + special, "add_special": None, "with_pieces": None,
+                                               "parse_special": None})
+    assert nulls.status_code == 200 and nulls.json()["tokens"] == parsed, nulls.text
 
 
 async def test_infill_returns_llama_cpp_fields(http, fake_client):  # noqa: F811
