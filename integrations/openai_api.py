@@ -304,9 +304,11 @@ async def chat_completions(request: Request):
 def _model_card(model_id: str, context_length: int) -> dict:
     """OpenAI's model object plus vLLM's `max_model_len` (the context, tokens), which clients read to
     size their prompts, and the fields of Anthropic's model object (`type`, `display_name`,
-    `created_at`, `max_input_tokens`), so the anthropic SDK's `models.list()` reads it too."""
+    `created_at`, `max_input_tokens`: the longest prompt, which leaves the context room for one token, the
+    maximum the Messages route's "prompt is too long: P tokens > C maximum" names), so the anthropic SDK's
+    `models.list()` reads it too."""
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "refusion-serve", "root": model_id,
             "max_model_len": context_length, "type": "model", "display_name": model_id,
-            "created_at": "1970-01-01T00:00:00Z", "max_input_tokens": context_length}
+            "created_at": "1970-01-01T00:00:00Z", "max_input_tokens": max(0, context_length - 1)}
 
 

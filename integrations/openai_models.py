@@ -181,9 +181,12 @@ class ChatMessage(BaseModel):
             if not value:
                 raise ValueError("is an empty list: give a string or at least one text part")
             texts = []
-            for part in value:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+            for i, part in enumerate(value):
+                if part.get("type") != "text":
+                    raise ValueError(f"part {i} is of type {part.get('type')!r}: only text content parts "
+                                     "({'type': 'text', 'text': ...}) are supported")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"part {i}: a text part needs 'text', a string")
                 texts.append(part["text"])
             return "\n".join(texts)  # as vLLM joins a message's text parts (two code parts stay two lines)
         return value

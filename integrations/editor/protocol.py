@@ -231,7 +231,9 @@ def parse_context(raw, limits: Limits, name: str = "context") -> list[ContextChu
         if len(item["text"]) > limits.max_text_chars:
             raise invalid_params(f"{name}[{i}].text", f"send at most {limits.max_text_chars} chars")
         path = item.get("path", item.get("filename", ""))
-        chunks.append(ContextChunk(str(path or ""), item["text"]))
+        if path is not None and not isinstance(path, str):
+            raise invalid_params(f"{name}[{i}].path", f"must be a string (the file's path), got {type(path).__name__}")
+        chunks.append(ContextChunk(path or "", item["text"]))
     return chunks
 
 

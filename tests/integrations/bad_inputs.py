@@ -217,6 +217,9 @@ HTTP_CASES = [
     _chat("chat-role-unknown", {"messages": [{"role": "wizard", "content": "hi"}]}, field="messages.0.role"),
     _chat("chat-image-part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
           field="messages.0.content"),
+    # (it said "only text content parts are supported" of a text part)
+    _chat("chat-text-part-without-text", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+          field="a text part needs 'text'"),
     _chat("chat-content-lone-surrogate", {"messages": [{"role": "user", "content": "\ud83d"}]},
           field="messages.0.content"),
     _chat("chat-content-over-chars", {"messages": [{"role": "user", "content": "a" * (MAX_PROMPT_CHARS + 1)}]},
@@ -440,6 +443,8 @@ FRAME_CASES = [
     FrameCase("ws-complete-stop-17", _complete(stop=[f"s{i}" for i in range(17)]), rpc.INVALID_PARAMS, "stop"),
     FrameCase("ws-complete-context-string", _complete(context="x"), rpc.INVALID_PARAMS, "context"),
     FrameCase("ws-complete-context-text-number", _complete(context=[{"text": 5}]), rpc.INVALID_PARAMS, "context[0]"),
+    FrameCase("ws-complete-context-path-number", _complete(context=[{"text": "x", "path": 1}]), rpc.INVALID_PARAMS,
+              "context[0].path"),  # (it was taken as the path "1")
     FrameCase("ws-complete-context-33-chunks", _complete(context=[{"text": "x"}] * 33), rpc.INVALID_PARAMS, "context"),
     FrameCase("ws-complete-indent-negative", _complete(indent=-1), rpc.INVALID_PARAMS, "indent"),
     FrameCase("ws-complete-multiline-string", _complete(multiline="yes"), rpc.INVALID_PARAMS, "multiline"),
