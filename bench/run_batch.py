@@ -19,7 +19,6 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,12 +35,13 @@ def batch_lines(model_name: str, requests: int, tokens: int) -> list[str]:
 
 
 def one_run(model_dir: Path, source: Path, concurrency: int) -> tuple[dict, list[str]]:
-    from integrations.cli_batch import Progress, run_batch
+    from integrations.cli_batch import Progress, add_arguments, run_batch
 
     target = source.with_suffix(f".c{concurrency}.jsonl")
-    args = SimpleNamespace(input_file=str(source), output_file=str(target), model=str(model_dir),
-                           served_model_name=None, concurrency=concurrency, max_num_seqs=None, max_queue=None,
-                           dtype=None, device=None)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # the command's own flags and defaults (a flag added later needs no change here)
+    args = parser.parse_args(["-i", str(source), "-o", str(target), "--model", str(model_dir),
+                              "--concurrency", str(concurrency)])
     progress = Progress()
     asyncio.run(run_batch(args, progress))
     results = [json.loads(line) for line in target.read_text().splitlines()]
