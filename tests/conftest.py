@@ -72,11 +72,13 @@ _niced = False
 def pytest_runtest_setup(item):
     """In a parallel run, the worker that runs a test outside RAY_GROUP lowers its CPU priority (os.nice,
     for the rest of its life; its subprocesses inherit it), so the Ray unit, the run's critical path, gets
-    the cores when it needs them and the other tests take what it leaves."""
+    the cores when it needs them and the other tests take what it leaves. To 19, below Ray's own worker
+    processes (the Serve replicas doing the Ray unit's forwards), which Ray starts at nice 15 (its
+    `worker_niceness`): at 10 this worker had three times their CPU weight, the opposite of the intent."""
     global _niced
     group = item.get_closest_marker("xdist_group")
     if not _niced and group is not None and group.args[0] != RAY_GROUP:
-        os.nice(10)
+        os.nice(19 - os.nice(0))
         _niced = True
 
 
