@@ -58,7 +58,10 @@ async def infill_job(client, request_id: str, body, decode_params: dict, context
     gaps = fitting_gaps(context_length, plan_gaps(body.max_tokens, multiline=True, min_tokens=body.min_tokens),
                         shrink=body.max_tokens is None, at_least=body.min_tokens)
     if not gaps:
-        field = "min_tokens" if body.min_tokens and not fitting_gaps(context_length, (body.min_tokens,)) else "max_tokens"
+        # the cap first: a min_tokens that fits is refused still while max_tokens does not
+        capped = body.max_tokens is not None and not fitting_gaps(context_length, (body.max_tokens,))
+        field = "min_tokens" if body.min_tokens and not capped and not fitting_gaps(context_length, (body.min_tokens,)) \
+            else "max_tokens"
         raise InputError(400, field, no_room_message(context_length, field))
     room = infill_room(context_length, gaps)
     if room and body.max_tokens:  # the route fits max_tokens to the context too (fit_generation)

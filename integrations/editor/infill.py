@@ -161,21 +161,29 @@ def fitting_gaps(context_length: int, gaps: Sequence[int], shrink: bool = False,
     for a token of prefix and one of suffix; every gap when the context is unknown (0). Empty: no infill
     fits the model (the caller's 400).
 
-    `shrink`: the gaps are the strategy's own (the client set no cap), so when none fits, the longest
-    gap that does, of at least `at_least` tokens (min_tokens), is used instead, as vLLM shrinks an unset
-    max_tokens to the room left (a model served with a small max_model_len)."""
+    `shrink`: the gaps are the strategy's own (the client set no cap, or llama.cpp's n_predict, a most
+    that stops where the context is full), so when none fits (a model served with a small max_model_len),
+    one gap is used instead, as vLLM shrinks an unset max_tokens to the room left: the longest within
+    half the context (whole slots), so the prompt keeps the other half, and at least `at_least` tokens
+    (min_tokens) when that fits at all."""
     fit = tuple(g for g in gaps if not context_length or gap_cap(g) <= context_length - 2)
     if fit or not shrink or not context_length:
         return fit
     longest = longest_gap(context_length)
-    return (longest,) if longest >= max(1, at_least) else ()
+    half = _whole_slots_within(max(1, (context_length - 2) // 2)) if longest else 0
+    gap = min(longest, max(half, gap_cap(at_least) if at_least else 0))
+    return (gap,) if gap >= max(1, at_least) else ()
 
 
 def longest_gap(context_length: int) -> int:
     """The longest gap (tokens) that a model context of `context_length` tokens holds beside a token of
     prefix and one of suffix (`fitting_gaps`); 0 when none does. What the 400s for a cap past it say."""
-    room = context_length - 2
-    return max(0, room if room < SLOT_SIZE else room // SLOT_SIZE * SLOT_SIZE)
+    return max(0, _whole_slots_within(context_length - 2))
+
+
+def _whole_slots_within(tokens: int) -> int:
+    """The longest gap of at most `tokens` tokens: whole slots, or one slot shorter than SLOT_SIZE."""
+    return tokens if tokens < SLOT_SIZE else tokens // SLOT_SIZE * SLOT_SIZE
 
 
 def no_room_message(context_length: int, field: str) -> str:
@@ -183,7 +191,8 @@ def no_room_message(context_length: int, field: str) -> str:
     longest = longest_gap(context_length)
     if not longest:
         return f"the model's context ({context_length} tokens) holds no completion beside its prompt"
-    return (f"the model's context ({context_length} tokens) holds a completion of at most {longest} tokens "
+    tokens = "token" if longest == 1 else "tokens"
+    return (f"the model's context ({context_length} tokens) holds a completion of at most {longest} {tokens} "
             f"beside its prompt: send {field} {longest} or less")
 
 

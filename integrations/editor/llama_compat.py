@@ -118,9 +118,9 @@ async def make_job(client, body: InfillBody, request_id: str, n_ctx: int = 0) ->
     if body.n_cmpl > len(gaps):  # more completions asked than the strategy has gaps: add longer ones
         gaps = tuple(sorted(set(gaps) | {gaps[-1] * 2 ** k for k in range(1, body.n_cmpl - len(gaps) + 1)}))
         gaps = tuple(g for g in gaps if max_tokens is None or g <= gap_cap(max_tokens))
-    # (n_cmpl's longer gaps too: each would shrink every candidate's prompt; an unset or -1 n_predict
-    # shrinks to the context, as llama.cpp generates until its context is full)
-    fitting = fitting_gaps(n_ctx, gaps, shrink=max_tokens is None)
+    # (n_cmpl's longer gaps too: each would shrink every candidate's prompt; n_predict is a most, and
+    # llama.cpp stops where its context is full, so gaps that do not fit shrink to one that does)
+    fitting = fitting_gaps(n_ctx, gaps, shrink=True)
     if not fitting and body.n_predict != 0:  # (a warm-up, n_predict 0, generates nothing: its prompt may fill the context)
         raise InputError(400, "n_predict", no_room_message(n_ctx, "n_predict"))
     gaps = fitting or gaps

@@ -230,9 +230,10 @@ def parse_context(raw, limits: Limits, name: str = "context") -> list[ContextChu
             raise invalid_params(f"{name}[{i}]", "must be a map with a string 'text' (and 'path')")
         if len(item["text"]) > limits.max_text_chars:
             raise invalid_params(f"{name}[{i}].text", f"send at most {limits.max_text_chars} chars")
-        path = item.get("path", item.get("filename", ""))
+        key = "path" if "path" in item else "filename"
+        path = item.get(key, "")
         if path is not None and not isinstance(path, str):
-            raise invalid_params(f"{name}[{i}].path", f"must be a string (the file's path), got {type(path).__name__}")
+            raise invalid_params(f"{name}[{i}].{key}", f"must be a string (the file's path), got {type(path).__name__}")
         chunks.append(ContextChunk(path or "", item["text"]))
     return chunks
 

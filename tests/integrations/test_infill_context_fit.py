@@ -41,10 +41,13 @@ def test_prefix_and_suffix_share_the_room_as_they_fill_it_and_context_gets_the_r
     # the span a gap decodes is whole slots (gap_params): 20 -> 24; gaps that leave no room are dropped
     assert infill_room(0, (32, 64)) == 0 and infill_room(1024, (32, 64)) == 960 and infill_room(200, (20,)) == 176
     assert fitting_gaps(64, (32, 64)) == (32,) and fitting_gaps(16, (16,)) == () and fitting_gaps(0, (64,)) == (64,)
-    # the strategy's own gaps (no cap sent) shrink to the longest that fits: whole slots, or one short slot
-    assert fitting_gaps(24, (32, 64), shrink=True) == (16,) and fitting_gaps(9, (32, 64), shrink=True) == (7,)
+    # the strategy's own gaps (no cap sent) shrink to one gap within half the context (the prompt keeps the
+    # rest: a 16-token gap at 24 left the prompt 8), whole slots or one short slot; min_tokens' if it fits
+    assert fitting_gaps(24, (32, 64), shrink=True) == (8,) and fitting_gaps(9, (32, 64), shrink=True) == (3,)
     assert fitting_gaps(64, (32, 64), shrink=True) == (32,) and fitting_gaps(2, (16,), shrink=True) == ()
-    assert fitting_gaps(24, (32,), shrink=True, at_least=17) == () and fitting_gaps(0, (64,), shrink=True) == (64,)
+    assert fitting_gaps(3, (16,), shrink=True) == (1,) and fitting_gaps(0, (64,), shrink=True) == (64,)
+    assert fitting_gaps(24, (32,), shrink=True, at_least=9) == (16,)
+    assert fitting_gaps(24, (32,), shrink=True, at_least=17) == ()
 
 
 class RecordingClient(LocalEngineClient):
@@ -194,6 +197,9 @@ def test_a_context_too_short_for_any_gap_is_a_400_naming_the_field(small):
     resp = httpx.post(small.url + "/v1/completions", json={"model": "refusion-tiny-code", "prompt": "x = ",
                                                            "suffix": "\n", "min_tokens": 199, "max_tokens": 199},
                       timeout=120)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "max_tokens", resp.text  # the cap first
+    resp = httpx.post(small.url + "/v1/completions", json={"model": "refusion-tiny-code", "prompt": "x = ",
+                                                           "suffix": "\n", "min_tokens": 199}, timeout=120)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "min_tokens", resp.text
     error, _ = asyncio.run(_complete(small.url, {"uri": "file:///a.py", "prefix": "x = ", "suffix": "",
                                                  "gaps": [256], "max_tokens": 256}))
@@ -224,5 +230,8 @@ def test_a_warm_up_needs_no_room_for_a_gap():
     body = InfillBody.model_validate({"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 0})
     job = asyncio.run(make_job(client, body, "warm", n_ctx=20))
     assert 0 < len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or []) <= 19
-    with pytest.raises(InputError, match="n_predict"):
-        asyncio.run(make_job(client, InfillBody.model_validate({**body.model_dump(), "n_predict": 32}), "x", n_ctx=20))
+    # n_predict is a most (llama.cpp stops where its context is full): a gap that fits, within half of it
+    capped = asyncio.run(make_job(client, InfillBody.model_validate({**body.model_dump(), "n_predict": 32}), "x", n_ctx=20))
+    assert capped.gaps == (8,) and len(capped.prompt.prompt_ids) + len(capped.prompt.suffix_ids or []) <= 12
+    with pytest.raises(InputError, match="n_predict"):  # no gap at all beside a prefix and a suffix token
+        asyncio.run(make_job(client, InfillBody.model_validate({**body.model_dump(), "n_predict": 32}), "x", n_ctx=2))
