@@ -12,19 +12,25 @@ Browser origins (OriginGuard): browsers do not apply the same-origin policy to W
 cross-site POSTs, so without a check any web page could drive a local server that has no API keys.
 A request carrying an `Origin` header (browsers send one; editors, SDKs and curl do not) is refused
 with 403 unless that origin is in `allowed_origins`; allowed origins also get CORS headers. The
-server's own origin is not implied: a DNS-rebinding page would pass that check. A browser sends no
-Origin with a same-origin GET, so a DNS-rebinding page (its own host name now resolving to 127.0.0.1)
-could read /metrics or /v1/models that way: a same-origin request a page made (Fetch Metadata's
-`Sec-Fetch-Site: same-origin` or `same-site`, which every current browser sends) without an Origin
-passes only when its Host header is the host[:port] of an allowed origin (any scheme: TLS may end at a
-proxy in front), as Jupyter and the MCP SDKs check Host against DNS rebinding. A user's own navigation
-(`Sec-Fetch-Site: none`, the address bar) and a cross-site page's no-cors load (which cannot read the
-answer; a cross-origin read sends Origin) pass.
+server's own origin is not implied: a DNS-rebinding page would pass that check.
+
+Host names on loopback connections (HostGuard, against DNS rebinding): a page whose own host name the
+attacker then resolves to 127.0.0.1 is same-origin with the server, and a browser sends no Origin with
+a same-origin GET (Fetch Metadata's Sec-Fetch-* headers neither: they go only to trustworthy origins), so
+/metrics, /v1/models or /v1/engine of a server without API keys could be read. Such a request arrives on
+a loopback connection with the page's host name in its Host header: a connection whose local address
+is loopback is served only when its Host names no host, an IP address, `localhost` (or a name under
+`.localhost`), or a name in `allowed_hosts` ("*": any), as Ollama checks Host on a loopback listener
+(and Jupyter, Django's ALLOWED_HOSTS, the MCP SDKs' allowed_hosts). Connections from other addresses (a
+cluster's load balancer, a LAN client) are not checked. A reverse proxy on the same machine that passes
+the public name on (Caddy and Traefik do by default; nginx sends the upstream's address) needs that name
+in `allowed_hosts`.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -105,38 +111,22 @@ def normalize_origin(value: str) -> str:
                      f"'http://localhost:3000' (no path), 'null' or '*'")
 
 
-def _browser_headers(scope) -> dict[bytes, str]:
-    headers = {}
-    for name, value in scope.get("headers", []):
-        if name in (b"origin", b"sec-fetch-site", b"host"):
-            headers.setdefault(name, value.decode("latin-1").strip().lower())
-    return headers
-
-
 def _origin(scope) -> str | None:
-    return _browser_headers(scope).get(b"origin")
-
-
-def _same_origin_host(scope) -> str | None:
-    """The Host header of a same-origin request a page made without an Origin header (a GET; module
-    docstring), else None."""
-    headers = _browser_headers(scope)
-    if b"origin" in headers or headers.get(b"sec-fetch-site") not in ("same-origin", "same-site"):
-        return None
-    return headers.get(b"host", "")
+    for name, value in scope.get("headers", []):
+        if name == b"origin":
+            return value.decode("latin-1").strip().lower()
+    return None
 
 
 class OriginGuard:
     """Pure ASGI: refuses browser requests from origins not in `allowed` (see the module docstring).
     A refused WebSocket handshake is closed before it is accepted (HTTP 403); a refused HTTP request
-    gets 403 in OpenAI's error shape. Requests without an Origin header (a same-origin page request: its Host,
-    see the module docstring), and /health, pass."""
+    gets 403 in OpenAI's error shape. Requests without an Origin header, and /health, pass."""
 
     def __init__(self, app, allowed: list[str]):
         origins = [normalize_origin(o) for o in allowed]
         self.allow_all = "*" in origins
         self.allowed = frozenset(origins)
-        self.allowed_hosts = frozenset(o.split("://", 1)[1] for o in origins if "://" in o)
         self.app = CORSMiddleware(app, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]) if origins else app
 
     def _allowed(self, scope) -> bool:
@@ -144,12 +134,7 @@ class OriginGuard:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
-        if self.allow_all or path in OPEN_PATHS:
-            return True
-        if origin is None:
-            host = _same_origin_host(scope)
-            return host is None or host in self.allowed_hosts
-        return origin in self.allowed
+        return origin is None or self.allow_all or origin in self.allowed or path in OPEN_PATHS
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket") or self._allowed(scope):
@@ -158,12 +143,81 @@ class OriginGuard:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed: see allowed_origins"})
             return
-        if (origin := _origin(scope)) is not None:
-            reason = f"origin {origin!r} is not allowed: add it to allowed_origins in the serve config"
-        else:
-            reason = (f"a page's request to host {_same_origin_host(scope)!r} is not allowed (against DNS rebinding): "
-                      "add its origin, scheme://host[:port], to allowed_origins in the serve config")
+        reason = f"origin {_origin(scope)!r} is not allowed: add it to allowed_origins in the serve config"
         body = json.dumps({"error": {"message": reason, "type": "permission_error", "param": "Origin",
                                      "code": "origin_not_allowed"}}).encode()
+        await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _loopback(address) -> bool:
+    try:
+        return ipaddress.ip_address(str(address)).is_loopback
+    except ValueError:  # a Unix socket's path, a test client's name
+        return False
+
+
+def _host_name(scope) -> str | None:
+    """The host name of the request's Host header, lower case, without port, brackets or a trailing
+    dot (None: no Host header)."""
+    for name, value in scope.get("headers", []):
+        if name == b"host":
+            host = value.decode("latin-1").strip().lower()
+            if host.startswith("["):  # [::1]:8000
+                return host[1:host.find("]")] if "]" in host else host
+            return host.rsplit(":", 1)[0].rstrip(".") if host.count(":") <= 1 else host
+    return None
+
+
+def normalize_host(value: str) -> str:
+    """An `allowed_hosts` entry: a host name as a Host header names it, lower case, without port ("*":
+    any). Raises ValueError naming the entry."""
+    host = value.strip().lower().rstrip(".")
+    if host == "*" or re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", host):
+        return host
+    raise ValueError(f"allowed_hosts: {value!r} is not a host name; write it as in a URL without scheme or port, "
+                     f"e.g. 'llm.example.com', or '*'")
+
+
+class HostGuard:
+    """Pure ASGI: refuses a request that came over a loopback connection naming a host other than an IP
+    address, localhost or one of `allowed_hosts` (DNS rebinding; module docstring): 403 in OpenAI's
+    error shape, a WebSocket handshake closed before it is accepted (HTTP 403). /health passes."""
+
+    def __init__(self, app, allowed_hosts: list[str]):
+        self.app = app
+        hosts = [normalize_host(h) for h in allowed_hosts]
+        self.allow_all = "*" in hosts
+        self.allowed = frozenset(hosts)
+
+    def refused_host(self, scope) -> str | None:
+        """The host name that makes the request a refused one, else None."""
+        server = scope.get("server")
+        if self.allow_all or not server or not _loopback(server[0]):
+            return None
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        host = _host_name(scope)
+        if not host or path in OPEN_PATHS or host in self.allowed or host == "localhost" or host.endswith(".localhost"):
+            return None
+        try:
+            ipaddress.ip_address(host)
+            return None
+        except ValueError:
+            return host
+
+    async def __call__(self, scope, receive, send):
+        host = self.refused_host(scope) if scope["type"] in ("http", "websocket") else None
+        if host is None:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "host not allowed: see allowed_hosts"})
+            return
+        reason = (f"host {host!r} (the Host header) is not served on a loopback connection, against DNS rebinding: "
+                  "use localhost or 127.0.0.1, or add the name to allowed_hosts in the serve config")
+        body = json.dumps({"error": {"message": reason, "type": "permission_error", "param": "Host",
+                                     "code": "host_not_allowed"}}).encode()
         await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})

@@ -4,7 +4,8 @@
                                 (request_limits.InputError); param names the field
     401 invalid_request_error   code invalid_api_key, as OpenAI's: missing or wrong API key (when keys
                                 are configured)
-    403 permission_error        a browser origin not in allowed_origins (auth.OriginGuard)
+    403 permission_error        a browser origin not in allowed_origins (auth.OriginGuard), or a loopback
+                                connection's Host not allowed (auth.HostGuard, DNS rebinding)
     404 invalid_request_error   unknown route or model (code model_not_found), as OpenAI's
     408 invalid_request_error   code request_timeout: a body that stopped arriving for body_timeout_s
                                 (request_body.BodyLimitMiddleware)

@@ -22,7 +22,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from integrations import openai_responses as shape
-from integrations.auth import APIKeyMiddleware, OriginGuard
+from integrations.auth import APIKeyMiddleware, HostGuard, OriginGuard
 from integrations.chat_run import start_chat
 from integrations.context_fit import fit_generation
 from integrations.anthropic_api import router as anthropic_router
@@ -48,7 +48,8 @@ from integrations.responses_api import router as responses_router
 class APISettings:
     """Ingress behaviour. default_max_tokens applies to chat; completions default to 16, like OpenAI
     (either shrinks to the context left after the prompt). allowed_origins: browser origins that may
-    call (auth.OriginGuard); limits: body, prompt and context limits (request_limits.RequestLimits)."""
+    call (auth.OriginGuard); allowed_hosts: host names served on loopback connections besides IP
+    addresses and localhost (auth.HostGuard, against DNS rebinding); limits: body, prompt and context limits (request_limits.RequestLimits)."""
 
     model_name: str
     model_aliases: tuple[str, ...] = ()  # further ids requests may name (vLLM's --served-model-name after the first)
@@ -57,6 +58,7 @@ class APISettings:
     completion_default_max_tokens: int = 16
     decode_defaults: dict = field(default_factory=dict)  # the model's (decoding.params.load_model_defaults)
     allowed_origins: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
     limits: RequestLimits = field(default_factory=RequestLimits)
     pause_endpoints: bool = False  # POST /pause, POST /resume, GET /is_paused (integrations/pause_api.py)
 
@@ -85,11 +87,12 @@ def create_app(settings: APISettings, engine_client=None, gate: IngressGate | No
     editor_router = _editor_router()
     if editor_router is not None:
         app.include_router(editor_router)
-    # Outermost first: browser origin, then API key, then the body limit, then the routes.
+    # Outermost first: Host on loopback, browser origin, then API key, then the body limit, then the routes.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes,
                        body_timeout_s=settings.limits.body_timeout_s)
     app.add_middleware(APIKeyMiddleware, keys=list(settings.api_keys))
     app.add_middleware(OriginGuard, allowed=list(settings.allowed_origins))
+    app.add_middleware(HostGuard, allowed_hosts=list(settings.allowed_hosts))
     # Outside all of them: in-flight gauge and observers, draining, disconnects (every path passes here).
     app.add_middleware(IngressGateMiddleware, gate=app.state.gate, metrics=app.state.metrics)
     app.add_middleware(RouteErrorShape)  # Anthropic's and llama.cpp's routes: errors in their shape, whoever answered

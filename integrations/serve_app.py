@@ -89,6 +89,7 @@ class IngressDeployment:
             default_max_tokens=self.config.default_max_tokens,
             decode_defaults=self.model_card["defaults"],
             allowed_origins=self.config.allowed_origins,
+            allowed_hosts=self.config.allowed_hosts,
             limits=limits,
             pause_endpoints=self.config.pause_endpoints,
         )

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from integrations.auth import keys_from_env, normalize_origin
+from integrations.auth import keys_from_env, normalize_host, normalize_origin
 from integrations.request_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +191,9 @@ class ServeConfig(_Strict):
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; REFUSION_API_KEYS and REFUSION_API_KEY add more")
     default_max_tokens: int = Field(default=256, ge=1, description="chat max_tokens when the request sets none")
     allowed_origins: list[str] = Field(default_factory=list, description="browser origins that may call; [] = none")
+    allowed_hosts: list[str] = Field(default_factory=list, description="host names served on loopback connections "
+                                     "besides IP addresses and localhost (DNS rebinding; a reverse proxy on this machine "
+                                     "that passes its public name on needs it here); '*' = any")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="HTTP request body limit (413)")
     body_timeout_s: float = Field(default=DEFAULT_BODY_TIMEOUT_S, gt=0, description="seconds a request body may "
                                   "pause (and 6x this in all) before a 408 (a stalled upload holds an ingress call slot)")
@@ -289,6 +292,11 @@ class ServeConfig(_Strict):
     @classmethod
     def _origins(cls, value: list[str]) -> list[str]:
         return [normalize_origin(origin) for origin in value]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        return [normalize_host(host) for host in value]
 
     @model_validator(mode="after")
     def _drain_fits_shutdown(self):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from test_editor_fakes import FakeEngineClient, bpe_tokenizer, fake_client  # noqa: F401 - fixtures
 
-from integrations.auth import OriginGuard, normalize_origin
+from integrations.auth import HostGuard, OriginGuard, normalize_origin
 from integrations.editor.infill import MAX_CHARS_PER_TOKEN, MAX_CONTEXT_TOKENS, MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, build_infill_prompt
 from integrations.openai_api import APISettings, create_app
 from integrations.request_body import BodyLimitMiddleware, parse_json_object
@@ -347,34 +347,53 @@ async def test_origin_guard_refuses_unlisted_browser_origins():
     assert await _origin_call(OriginGuard(inner, ["*"]), "websocket", "/v1/editor", b"https://a.b") == [{"type": "ok"}]
 
 
-async def test_a_pages_same_origin_get_is_judged_by_its_host_against_dns_rebinding():
-    """A browser sends no Origin with a same-origin GET: a DNS-rebinding page (rebound.example now
-    resolving to 127.0.0.1) read /metrics and /v1/models of a server without API keys. Fetch Metadata
-    says a page sent it; it then passes only when its Host is an allowed origin's host[:port], whatever
-    the scheme (TLS may end at a proxy). The address bar (Sec-Fetch-Site: none), a cross-site no-cors
-    load (it cannot read the answer) and clients that are no browser pass."""
+async def _host_call(guard, host: bytes | None, server=("127.0.0.1", 8000), path="/metrics", kind="http") -> list[dict]:
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"host", host)] if host is not None else []
+    await guard({"type": kind, "path": path, "root_path": "", "headers": headers, "query_string": b"",
+                 "method": "GET", "server": server}, receive, send)
+    return sent
+
+
+async def test_a_loopback_connection_naming_a_foreign_host_is_refused_against_dns_rebinding():
+    """A DNS-rebinding page (rebound.example, its name now resolving to 127.0.0.1) is same-origin with
+    the server: its GET carries no Origin (nor Fetch Metadata, sent only to trustworthy origins), so it
+    read /metrics and /v1/models of a server without API keys. It arrives on a loopback connection
+    naming its own host: refused unless that host is an IP, localhost or in allowed_hosts (as Ollama)."""
     async def inner(scope, receive, send):
         await send({"type": "ok"})
 
-    guard = OriginGuard(inner, ["https://localhost:5173"])
-    rebound = await _origin_call(guard, "http", "/metrics", None,
-                                 [(b"host", b"rebound.example:8000"), (b"sec-fetch-site", b"same-origin")])
+    guard = HostGuard(inner, ["llm.example.com"])
+    rebound = await _host_call(guard, b"rebound.example:8000")
     assert rebound[0]["status"] == 403
-    message = json.loads(rebound[1]["body"])["error"]["message"]
-    assert "request to host 'rebound.example:8000' is not allowed (against DNS rebinding)" in message
+    error = json.loads(rebound[1]["body"])["error"]
+    assert (error["param"], error["code"]) == ("Host", "host_not_allowed") and "'rebound.example'" in error["message"]
+    closed = await _host_call(guard, b"rebound.example:8000", kind="websocket")
+    assert closed[0]["type"] == "websocket.close" and closed[0]["code"] == 1008
     ok = [{"type": "ok"}]
-    for host, site in ((b"LocalHost:5173", b"same-origin"), (b"rebound.example:8000", b"none"),
-                       (b"rebound.example:8000", b"cross-site")):
-        assert await _origin_call(guard, "http", "/metrics", None, [(b"host", host), (b"sec-fetch-site", site)]) == ok
-    assert await _origin_call(guard, "http", "/metrics", None, [(b"host", b"rebound.example:8000")]) == ok  # curl
-    assert await _origin_call(guard, "http", "/health", None,
-                              [(b"host", b"rebound.example:8000"), (b"sec-fetch-site", b"same-origin")]) == ok
-    unlisted = OriginGuard(inner, [])  # no origin allowed: no page of any host reads the server
-    assert (await _origin_call(unlisted, "http", "/v1/models", None,
-                               [(b"host", b"127.0.0.1:8000"), (b"sec-fetch-site", b"same-site")]))[0]["status"] == 403
+    for host in (b"127.0.0.1:8000", b"LOCALHOST:8000", b"[::1]:8000", b"app.localhost", b"LLM.example.com.:443",
+                 b"10.1.2.3", None):
+        assert await _host_call(guard, host) == ok, host
+    assert await _host_call(guard, b"rebound.example", server=("::1", 8000)) != ok  # IPv6 loopback too
+    assert await _host_call(guard, b"rebound.example", server=("10.0.0.7", 8000)) == ok  # not loopback: a LAN client
+    assert await _host_call(guard, b"rebound.example", server=None) == ok  # (no server address: a test transport)
+    assert await _host_call(guard, b"rebound.example", path="/health") == ok
+    assert await _host_call(HostGuard(inner, ["*"]), b"rebound.example") == ok
+    with pytest.raises(ValueError, match="allowed_hosts: 'http://x' is not a host name"):
+        HostGuard(inner, ["http://x"])
 
 
 def test_allowed_origins_are_validated_in_the_config(tiny_model_dir):
+    assert ServeConfig(model=str(tiny_model_dir), allowed_hosts=["LLM.Example.com."]).allowed_hosts == ["llm.example.com"]
+    with pytest.raises(ValueError, match="allowed_hosts"):
+        ServeConfig(model=str(tiny_model_dir), allowed_hosts=["llm.example.com:8000"])
     assert normalize_origin("HTTP://LocalHost:3000/") == "http://localhost:3000"
     config = ServeConfig(model=str(tiny_model_dir), allowed_origins=["vscode-webview://abc", "null", "*"])
     assert config.allowed_origins == ["vscode-webview://abc", "null", "*"]

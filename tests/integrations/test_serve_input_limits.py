@@ -201,7 +201,17 @@ def test_http_refuses_foreign_origins_and_allows_configured_ones(http):
                                                          "Access-Control-Request-Headers": "authorization,content-type"})
     assert preflight.status_code == 200 and "authorization" in preflight.headers["access-control-allow-headers"].lower()
     assert http.get("/health", headers={"Origin": "https://evil.example"}).status_code == 200
-    # a DNS-rebinding page's same-origin GET (no Origin) is judged by its Host; the address bar's passes
-    rebound = http.get("/v1/models", headers={"Host": "rebound.example", "Sec-Fetch-Site": "same-origin"})
-    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "origin_not_allowed"
-    assert http.get("/v1/models", headers={"Host": "rebound.example", "Sec-Fetch-Site": "none"}).status_code == 200
+
+
+async def test_a_loopback_request_naming_a_foreign_host_is_refused_through_ray_serve(http, serve_base_url):
+    """DNS rebinding through Ray Serve's proxy: a same-origin GET from a page on rebound.example (its name
+    now resolving to 127.0.0.1) carries no Origin; it names the page's host on a loopback connection."""
+    rebound = http.get("/v1/models", headers={"Host": "rebound.example:8000"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed", rebound.text
+    assert http.get("/v1/models", headers={"Host": "localhost:8000"}).status_code == 200
+    assert http.get("/health", headers={"Host": "rebound.example:8000"}).status_code == 200
+    port = int(serve_base_url.rsplit(":", 1)[1])
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:  # the URL's host names the Host header
+        async with websockets.connect(f"ws://rebound.example:{port}/v1/editor", host="127.0.0.1", port=port):
+            pass
+    assert refused.value.response.status_code == 403
