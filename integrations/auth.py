@@ -19,9 +19,10 @@ attacker then resolves to 127.0.0.1 is same-origin with the server, and a browse
 a same-origin GET (Fetch Metadata's Sec-Fetch-* headers neither: they go only to trustworthy origins), so
 /metrics, /v1/models or /v1/engine of a server without API keys could be read. Such a request arrives on
 a loopback connection with the page's host name in its Host header: a connection whose local address
-is loopback is served only when its Host names no host, an IP address, `localhost` (or a name under
-`.localhost`), or a name in `allowed_hosts` ("*": any), as Ollama checks Host on a loopback listener
-(and Jupyter, Django's ALLOWED_HOSTS, the MCP SDKs' allowed_hosts). Connections from other addresses (a
+is loopback is served only when its Host names no host, an IP address, `localhost`, this machine's own
+name, a name under `.localhost`, `.local` or `.internal` (which no public DNS answers), or a name in
+`allowed_hosts` ("*": any), as Ollama checks Host on a loopback listener (and Jupyter, Django's
+ALLOWED_HOSTS, the MCP SDKs' allowed_hosts). Connections from other addresses (a
 cluster's load balancer, a LAN client) are not checked. A reverse proxy on the same machine that passes
 the public name on (Caddy and Traefik do by default; nginx sends the upstream's address) needs that name
 in `allowed_hosts`.
@@ -29,11 +30,13 @@ in `allowed_hosts`.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import json
 import os
 import re
+import socket
 from urllib.parse import parse_qs
 
 from starlette.middleware.cors import CORSMiddleware
@@ -169,6 +172,16 @@ def _host_name(scope) -> str | None:
     return None
 
 
+LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+
+
+@functools.cache
+def _local_names() -> frozenset[str]:
+    """localhost and this machine's host name (a Debian /etc/hosts maps it to 127.0.1.1); not its fully
+    qualified name, which would take a DNS lookup."""
+    return frozenset(name.lower().rstrip(".") for name in ("localhost", socket.gethostname()) if name)
+
+
 def normalize_host(value: str) -> str:
     """An `allowed_hosts` entry: a host name as a Host header names it, lower case, without port ("*":
     any). Raises ValueError naming the entry."""
@@ -199,7 +212,9 @@ class HostGuard:
         if root and path.startswith(root):
             path = path[len(root):]
         host = _host_name(scope)
-        if not host or path in OPEN_PATHS or host in self.allowed or host == "localhost" or host.endswith(".localhost"):
+        if not host or path in OPEN_PATHS or host in self.allowed or host in _local_names():
+            return None
+        if host.endswith(LOCAL_SUFFIXES):  # names no public DNS answers, so no rebinding page has one
             return None
         try:
             ipaddress.ip_address(host)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 
 import httpx
@@ -379,7 +380,7 @@ async def test_a_loopback_connection_naming_a_foreign_host_is_refused_against_dn
     assert closed[0]["type"] == "websocket.close" and closed[0]["code"] == 1008
     ok = [{"type": "ok"}]
     for host in (b"127.0.0.1:8000", b"LOCALHOST:8000", b"[::1]:8000", b"app.localhost", b"LLM.example.com.:443",
-                 b"10.1.2.3", None):
+                 b"10.1.2.3", b"printer.local", b"gpu-box.internal", socket.gethostname().encode() + b":8000", None):
         assert await _host_call(guard, host) == ok, host
     assert await _host_call(guard, b"rebound.example", server=("::1", 8000)) != ok  # IPv6 loopback too
     assert await _host_call(guard, b"rebound.example", server=("10.0.0.7", 8000)) == ok  # not loopback: a LAN client
