@@ -154,10 +154,15 @@ class OriginGuard:
 
 
 def _loopback(address) -> bool:
+    """Whether a connection's local address is loopback: 127.0.0.0/8, ::1, or 127.x as an IPv4-mapped
+    IPv6 address (::ffff:127.0.0.1, a dual-stack socket's view of a connection to 127.0.0.1 when the
+    server listens on `::`; Python 3.11 calls it not loopback)."""
     try:
-        return ipaddress.ip_address(str(address)).is_loopback
+        ip = ipaddress.ip_address(str(address).split("%", 1)[0])
     except ValueError:  # a Unix socket's path, a test client's name
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 def _host_name(scope) -> str | None:

@@ -383,6 +383,8 @@ async def test_a_loopback_connection_naming_a_foreign_host_is_refused_against_dn
                  b"10.1.2.3", b"printer.local", b"gpu-box.internal", socket.gethostname().encode() + b":8000", None):
         assert await _host_call(guard, host) == ok, host
     assert await _host_call(guard, b"rebound.example", server=("::1", 8000)) != ok  # IPv6 loopback too
+    # a server listening on `::` sees a connection to 127.0.0.1 as ::ffff:127.0.0.1 (helper-182: it passed)
+    assert await _host_call(guard, b"rebound.example", server=("::ffff:127.0.0.1", 8000)) != ok
     assert await _host_call(guard, b"rebound.example", server=("10.0.0.7", 8000)) == ok  # not loopback: a LAN client
     assert await _host_call(guard, b"rebound.example", server=None) == ok  # (no server address: a test transport)
     assert await _host_call(guard, b"rebound.example", path="/health") == ok
