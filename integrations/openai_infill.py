@@ -14,7 +14,8 @@ import contextlib
 from functools import partial
 from typing import AsyncIterator, Callable
 
-from integrations.editor.infill import build_infill_prompt, fitting_gaps, infill_room, no_room_message, plan_gaps
+from integrations.editor.infill import (build_infill_prompt, fitting_gaps, infill_room, no_room_message, plan_gaps,
+                                       strategy_gaps)
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion
 from integrations.editor.protocol import Limits
@@ -55,13 +56,14 @@ async def infill_job(client, request_id: str, body, decode_params: dict, context
         cap = (f"max_tokens ({most})" if body.max_tokens is not None
                else f"the {most} tokens an infill generates at most without max_tokens (set max_tokens too)")
         raise InputError(400, "min_tokens", f"is {body.min_tokens}, above {cap}: lower min_tokens")
-    gaps = fitting_gaps(context_length, plan_gaps(body.max_tokens, multiline=True, min_tokens=body.min_tokens),
-                        shrink=body.max_tokens is None, at_least=body.min_tokens)
+    # A max_tokens past the context is the client's to lower (as without suffix); within it, it is a most
+    # that the strategy's gaps keep to (strategy_gaps); then min_tokens must fit.
+    if body.max_tokens is not None and not fitting_gaps(context_length, (body.max_tokens,)):
+        raise InputError(400, "max_tokens", no_room_message(context_length, "max_tokens"))
+    gaps = strategy_gaps(context_length, plan_gaps(body.max_tokens, multiline=True, min_tokens=body.min_tokens),
+                         at_least=body.min_tokens)
     if not gaps:
-        # the cap first: a min_tokens that fits is refused still while max_tokens does not
-        capped = body.max_tokens is not None and not fitting_gaps(context_length, (body.max_tokens,))
-        field = "min_tokens" if body.min_tokens and not capped and not fitting_gaps(context_length, (body.min_tokens,)) \
-            else "max_tokens"
+        field = "min_tokens" if body.min_tokens else "max_tokens"
         raise InputError(400, field, no_room_message(context_length, field))
     room = infill_room(context_length, gaps)
     if room and body.max_tokens:  # the route fits max_tokens to the context too (fit_generation)

@@ -156,23 +156,31 @@ def infill_room(context_length: int, gaps: Sequence[int]) -> int:
     return max(2, context_length - max((gap_cap(g) for g in gaps), default=0))
 
 
-def fitting_gaps(context_length: int, gaps: Sequence[int], shrink: bool = False, at_least: int = 0) -> tuple[int, ...]:
+def fitting_gaps(context_length: int, gaps: Sequence[int]) -> tuple[int, ...]:
     """The candidate `gaps` whose decoded span (whole slots, `gap_cap`) leaves the model's context room
     for a token of prefix and one of suffix; every gap when the context is unknown (0). Empty: no infill
-    fits the model (the caller's 400).
+    fits the model (the caller's 400). For gaps a client chose (the editor's `gaps`); the strategy's own
+    go through `strategy_gaps`."""
+    return tuple(g for g in gaps if not context_length or gap_cap(g) <= context_length - 2)
 
-    `shrink`: the gaps are the strategy's own (the client set no cap, or llama.cpp's n_predict, a most
-    that stops where the context is full), so when none fits (a model served with a small max_model_len),
-    one gap is used instead, as vLLM shrinks an unset max_tokens to the room left: the longest within
-    half the context (whole slots), so the prompt keeps the other half, and at least `at_least` tokens
-    (min_tokens) when that fits at all."""
-    fit = tuple(g for g in gaps if not context_length or gap_cap(g) <= context_length - 2)
-    if fit or not shrink or not context_length:
-        return fit
+
+def strategy_gaps(context_length: int, gaps: Sequence[int], at_least: int = 0) -> tuple[int, ...]:
+    """The strategy's candidate `gaps` (plan_gaps: capped by the client's max_tokens or n_predict, a
+    most) on a model context of `context_length` tokens (0 unknown: all): those within half the context,
+    so the prompt keeps at least the other half (a gap that only just fitted cut a 10-token prompt to a
+    token of prefix and one of suffix, and one more token of context gave a worse completion), or, none
+    being that short (a model served with a small max_model_len), one gap of that length, as vLLM shrinks
+    an unset max_tokens to the room left. `at_least` (min_tokens) may take a gap past the half, up to
+    what fits at all. Empty: no gap of `at_least` tokens fits (the caller's 400)."""
+    if not context_length:
+        return tuple(gaps)
     longest = longest_gap(context_length)
     half = _whole_slots_within(max(1, (context_length - 2) // 2)) if longest else 0
-    gap = min(longest, max(half, gap_cap(at_least) if at_least else 0))
-    return (gap,) if gap >= max(1, at_least) else ()
+    limit = min(longest, max(half, gap_cap(at_least) if at_least else 0))
+    kept = tuple(g for g in gaps if gap_cap(g) <= limit)
+    if kept:
+        return kept
+    return (limit,) if limit >= max(1, at_least) else ()
 
 
 def longest_gap(context_length: int) -> int:

@@ -23,8 +23,8 @@ from typing import Any, AsyncIterator
 
 from pydantic import Field, field_validator
 
-from integrations.editor.infill import (Candidate, build_infill_prompt, fitting_gaps, gap_cap, infill_room, no_room_message,
-                                       plan_gaps)
+from integrations.editor.infill import (Candidate, build_infill_prompt, gap_cap, infill_room, no_room_message, plan_gaps,
+                                       strategy_gaps)
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
 from integrations.editor.protocol import MAX_INDENT, MAX_STOP_STRINGS, ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
@@ -120,7 +120,7 @@ async def make_job(client, body: InfillBody, request_id: str, n_ctx: int = 0) ->
         gaps = tuple(g for g in gaps if max_tokens is None or g <= gap_cap(max_tokens))
     # (n_cmpl's longer gaps too: each would shrink every candidate's prompt; n_predict is a most, and
     # llama.cpp stops where its context is full, so gaps that do not fit shrink to one that does)
-    fitting = fitting_gaps(n_ctx, gaps, shrink=True)
+    fitting = strategy_gaps(n_ctx, gaps)
     if not fitting and body.n_predict != 0:  # (a warm-up, n_predict 0, generates nothing: its prompt may fill the context)
         raise InputError(400, "n_predict", no_room_message(n_ctx, "n_predict"))
     gaps = fitting or gaps

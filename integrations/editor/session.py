@@ -27,7 +27,7 @@ from typing import Awaitable, Callable
 
 from integrations.editor import protocol as rpc
 from integrations.editor.infill import (MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, capped_gaps, fitting_gaps,
-                                       infill_room, no_room_message, plan_gaps)
+                                       infill_room, no_room_message, plan_gaps, strategy_gaps)
 from integrations.editor.postprocess import Rules
 from integrations.editor.request_log import CompletionRecord, log_answer
 from integrations.editor.runner import CompletionJob, run_completion
@@ -185,12 +185,14 @@ class EditorSession:
         """The completion job; its prompt is tokenized off the event loop (other frames and connections
         keep being served meanwhile)."""
         chars = len(params.prefix) + len(params.suffix) + sum(len(c.text) for c in params.context)
-        gaps = fitting_gaps(self.context_length,
-                            capped_gaps(params.gaps, params.max_tokens) or plan_gaps(params.max_tokens, params.multiline),
-                            shrink=params.gaps is None and params.max_tokens is None)
+        if params.max_tokens is not None and not fitting_gaps(self.context_length, (params.max_tokens,)):
+            raise InvalidRequestError("max_tokens", no_room_message(self.context_length, "max_tokens"))
+        if params.gaps:  # the client's own gaps, as sent (capped by max_tokens) where they fit
+            gaps = fitting_gaps(self.context_length, capped_gaps(params.gaps, params.max_tokens))
+        else:
+            gaps = strategy_gaps(self.context_length, plan_gaps(params.max_tokens, params.multiline))
         if not gaps:
-            capped = params.max_tokens is not None and not fitting_gaps(self.context_length, (params.max_tokens,))
-            field = "gaps" if params.gaps and not capped else "max_tokens"
+            field = "gaps" if params.gaps else "max_tokens"
             raise InvalidRequestError(field, no_room_message(self.context_length, field))
         prompt = await off_loop(partial(build_infill_prompt, room=infill_room(self.context_length, gaps)),
                                 self.client.tokenizer, params.prefix, params.suffix, params.context, params.language,

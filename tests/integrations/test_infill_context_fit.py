@@ -19,7 +19,8 @@ import pytest
 import websockets
 
 from integrations.editor import protocol as rpc
-from integrations.editor.infill import MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, fitting_gaps, infill_room, split_room
+from integrations.editor.infill import (MAX_PREFIX_TOKENS, MAX_SUFFIX_TOKENS, fitting_gaps, infill_room, split_room,
+                                       strategy_gaps)
 from integrations.engine_client import LocalEngineClient
 from integrations.request_limits import InputError
 
@@ -41,13 +42,12 @@ def test_prefix_and_suffix_share_the_room_as_they_fill_it_and_context_gets_the_r
     # the span a gap decodes is whole slots (gap_params): 20 -> 24; gaps that leave no room are dropped
     assert infill_room(0, (32, 64)) == 0 and infill_room(1024, (32, 64)) == 960 and infill_room(200, (20,)) == 176
     assert fitting_gaps(64, (32, 64)) == (32,) and fitting_gaps(16, (16,)) == () and fitting_gaps(0, (64,)) == (64,)
-    # the strategy's own gaps (no cap sent) shrink to one gap within half the context (the prompt keeps the
-    # rest: a 16-token gap at 24 left the prompt 8), whole slots or one short slot; min_tokens' if it fits
-    assert fitting_gaps(24, (32, 64), shrink=True) == (8,) and fitting_gaps(9, (32, 64), shrink=True) == (3,)
-    assert fitting_gaps(64, (32, 64), shrink=True) == (32,) and fitting_gaps(2, (16,), shrink=True) == ()
-    assert fitting_gaps(3, (16,), shrink=True) == (1,) and fitting_gaps(0, (64,), shrink=True) == (64,)
-    assert fitting_gaps(24, (32,), shrink=True, at_least=9) == (16,)
-    assert fitting_gaps(24, (32,), shrink=True, at_least=17) == ()
+    # the strategy's gaps keep within half the context (the prompt keeps the rest: a 32-token gap at 34 cut a
+    # 10-token prompt to 2), else one gap of that length (whole slots or one short slot); min_tokens' past it
+    assert strategy_gaps(4096, (32, 64)) == (32, 64) and strategy_gaps(66, (32, 64)) == (32,)
+    assert strategy_gaps(64, (32, 64)) == (24,) and strategy_gaps(24, (32, 64)) == (8,) and strategy_gaps(9, (32,)) == (3,)
+    assert strategy_gaps(3, (16,)) == (1,) and strategy_gaps(2, (16,)) == () and strategy_gaps(0, (64,)) == (64,)
+    assert strategy_gaps(24, (32,), at_least=9) == (16,) and strategy_gaps(24, (32,), at_least=17) == ()
 
 
 class RecordingClient(LocalEngineClient):
@@ -188,9 +188,10 @@ def test_gaps_are_counted_in_whole_slots_and_those_past_the_context_are_dropped(
     assert resp.status_code == 200, resp.text
     requests = _after(small.client, start)
     _spans_fit(requests, 200)
-    # gaps 32, 64, 128 (256 dropped: it would leave no prompt); the longest one sets the shared prompt's room
-    assert sorted(r.params["gen_length"] for r in requests) == [32, 64, 128]
-    assert {len(r.prompt_ids) + len(r.suffix_ids or []) for r in requests} == {200 - 128}
+    # gaps 32, 64 (128 and 256 dropped: past half the context they leave the prompt less than the other
+    # half, 256 none at all); the longest one sets the shared prompt's room
+    assert sorted(r.params["gen_length"] for r in requests) == [32, 64]
+    assert {len(r.prompt_ids) + len(r.suffix_ids or []) for r in requests} == {200 - 64}
 
 
 def test_a_context_too_short_for_any_gap_is_a_400_naming_the_field(small):

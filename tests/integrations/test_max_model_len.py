@@ -122,3 +122,21 @@ def test_an_infill_without_a_cap_shrinks_its_gaps_to_a_small_context_and_a_cap_p
     with local_app(SHIPPED_MODEL, max_model_len=2) as app:  # no gap at all: a prompt token and a suffix token
         none = httpx.post(app.url + "/infill", json={"input_prefix": "a", "input_suffix": "b"}, timeout=60)
         assert none.status_code == 400 and "holds no completion" in none.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("context", [18, 34, 66])
+def test_one_more_token_of_context_never_cuts_a_short_prompt(context):
+    """A strategy gap that only just fitted was decoded, cutting a 10-token prompt to a token of prefix and
+    one of suffix: at 18 (n_predict 16), 34 and 66 (gaps 32 and 64) the completion was worse than at one
+    token less (helper-182). Gaps keep within half the context, so a prompt of up to the other half stays."""
+    prefix, suffix = "def add(a, b):\n    return", "\n"
+    with local_app(SHIPPED_MODEL, max_model_len=context) as app:
+        for body in ({}, {"n_predict": 16}):
+            llama = httpx.post(app.url + "/infill", json={"input_prefix": prefix, "input_suffix": suffix,
+                                                          "temperature": 0, **body}, timeout=60)
+            assert llama.status_code == 200 and not llama.json()["truncated"], (body, llama.text)
+            assert llama.json()["tokens_evaluated"] == 10
+        fim = httpx.post(app.url + "/v1/completions", json={"prompt": prefix, "suffix": suffix}, timeout=60)
+        assert fim.status_code == 200 and fim.json()["usage"]["prompt_tokens"] == 10, fim.text
+        [_, _, error, result] = _editor_complete(app.url, prefix=prefix, suffix=suffix)
+        assert error is None and not result["truncated"], (error, result)
