@@ -59,7 +59,7 @@ def test_an_upload_that_stalls_is_a_408_after_body_timeout_s(http, serve_base_ur
         # Taken before the bytes go: the server's pause starts once they arrive, so the time measured here
         # can only be longer than it, however long sendall (or this thread's next turn on the CPU) takes
         began = time.monotonic()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000\r\n\r\n{\"model\":")
         assert http.get("/health").status_code == 200
         reply = b""
