@@ -14,8 +14,8 @@ import contextlib
 from functools import partial
 from typing import AsyncIterator, Callable
 
-from integrations.editor.infill import (build_infill_prompt, fitting_gaps, infill_room, no_room_message, plan_gaps,
-                                       strategy_gaps)
+from integrations.editor.infill import (build_infill_prompt, fitting_gaps, infill_room, longest_gap, no_room_message,
+                                       plan_gaps, strategy_gaps)
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion
 from integrations.editor.protocol import Limits
@@ -59,7 +59,8 @@ async def infill_job(client, request_id: str, body, decode_params: dict, context
     # A max_tokens past the context is the client's to lower (as without suffix); within it, it is a most
     # that the strategy's gaps keep to (strategy_gaps); then min_tokens must fit.
     if body.max_tokens is not None and not fitting_gaps(context_length, (body.max_tokens,)):
-        raise InputError(400, "max_tokens", no_room_message(context_length, "max_tokens"))
+        also = ("min_tokens",) if body.min_tokens > longest_gap(context_length) else ()
+        raise InputError(400, "max_tokens", no_room_message(context_length, "max_tokens", *also))
     gaps = strategy_gaps(context_length, plan_gaps(body.max_tokens, multiline=True, min_tokens=body.min_tokens),
                          at_least=body.min_tokens)
     if not gaps:

@@ -194,14 +194,15 @@ def _whole_slots_within(tokens: int) -> int:
     return tokens if tokens < SLOT_SIZE else tokens // SLOT_SIZE * SLOT_SIZE
 
 
-def no_room_message(context_length: int, field: str) -> str:
-    """The 400's message for a cap (`field`) that no infill of a `context_length`-token model holds."""
+def no_room_message(context_length: int, field: str, *also: str) -> str:
+    """The 400's message for a cap (`field`) that no infill of a `context_length`-token model holds;
+    `also`: other fields sent past it (min_tokens), named in the same message so that one retry does."""
     longest = longest_gap(context_length)
     if not longest:
         return f"the model's context ({context_length} tokens) holds no completion beside its prompt"
     tokens = "token" if longest == 1 else "tokens"
     return (f"the model's context ({context_length} tokens) holds a completion of at most {longest} {tokens} "
-            f"beside its prompt: send {field} {longest} or less")
+            f"beside its prompt: send " + " and ".join(f"{name} {longest} or less" for name in (field, *also)))
 
 
 def split_room(room: int, prefix: int, suffix: int, prefix_budget: int, suffix_budget: int) -> tuple[int, int]:

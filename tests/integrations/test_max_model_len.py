@@ -115,6 +115,13 @@ def test_an_infill_without_a_cap_shrinks_its_gaps_to_a_small_context_and_a_cap_p
         too_long = httpx.post(app.url + "/v1/completions", json={"prompt": "a", "suffix": "b", "min_tokens": 17},
                               timeout=60)
         assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "min_tokens"
+        both = httpx.post(app.url + "/v1/completions", json={"prompt": "a", "suffix": "b", "max_tokens": 17,
+                                                             "min_tokens": 17}, timeout=60)
+        assert both.status_code == 400 and both.json()["error"]["param"] == "max_tokens"  # one retry does (helper-182)
+        assert "send max_tokens 16 or less and min_tokens 16 or less" in both.json()["error"]["message"]
+        retry = httpx.post(app.url + "/v1/completions", json={"prompt": "a", "suffix": "b", "max_tokens": 16,
+                                                              "min_tokens": 16}, timeout=60)
+        assert retry.status_code == 200, retry.text
         [_, _, error, _] = _editor_complete(app.url, max_tokens=17)
         assert error["data"]["field"] == "max_tokens" and "max_tokens 16 or less" in error["message"]
         [_, _, error, _] = _editor_complete(app.url, gaps=[24])
