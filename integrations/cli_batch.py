@@ -138,7 +138,7 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     from integrations.engine_host import build_engine, engine_config, kv_short_of_context
     from integrations.openai_api import APISettings, create_app
     from integrations.request_limits import RequestLimits
-    from integrations.serve_config import model_context, served_names_problem
+    from integrations.serve_config import max_model_len_problem, served_names_problem
     from scheduler.config import EngineConfigError
     from workers.loader import ModelDirError
 
@@ -157,11 +157,8 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
 
         if not torch.cuda.is_available():
             raise BatchArgumentError("--device", "cuda requested but no CUDA device is available; use --device cpu")
-    if args.max_model_len is not None:  # (ServeConfig.max_model_len's rule)
-        context = model_context(model_dir)
-        if args.max_model_len < 1 or (context and args.max_model_len > context):
-            raise BatchArgumentError("--max-model-len", f"must be 1 to the model's context ({context} tokens, config.json "
-                                     f"max_position_embeddings), got {args.max_model_len}")
+    if args.max_model_len is not None and (problem := max_model_len_problem(args.max_model_len, model_dir)):
+        raise BatchArgumentError("--max-model-len", problem)
     check_output(args.output_file, args.input_file)
     engine_options = {k: v for k, v in (("max_running", args.max_num_seqs), ("max_queue", args.max_queue)) if v is not None}
     try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,8 +138,9 @@ def read_model_card(model_dir: str | Path, tokenizer=None, max_model_len: int | 
     loading does."""
     from decoding.params import load_model_defaults
 
+    from integrations.serve_config import model_context
+
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
     defaults = load_model_defaults(model_dir)
     defaults.pop("seed", None)  # no default seed here: a request without one samples with a fresh seed
     if tokenizer is not None:
@@ -151,7 +151,7 @@ def read_model_card(model_dir: str | Path, tokenizer=None, max_model_len: int | 
         defaults["end_token_ids"] = list(loader.end_token_ids(model, tokenizer, model_dir, mask))
     return {
         "model": model_dir.name,
-        "limits": {"context_length": served_context(int(config.get("max_position_embeddings", 0)), max_model_len)},
+        "limits": {"context_length": served_context(model_context(model_dir), max_model_len)},
         "defaults": defaults,
     }
 

@@ -318,21 +318,33 @@ class ServeConfig(_Strict):
             what = ("does not exist" if not model_dir.exists() else "is not a directory" if not model_dir.is_dir()
                     else "has no config.json")
             raise ValueError(f"model: {model_dir} {what}; pass a model directory (default {DEFAULT_MODEL})")
-        if self.max_model_len is not None:
-            context = model_context(model_dir)
-            if context and self.max_model_len > context:
-                raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's context ({context} "
-                                 f"tokens, config.json max_position_embeddings); give at most {context}")
+        if self.max_model_len is not None and (problem := max_model_len_problem(self.max_model_len, model_dir)):
+            raise ValueError(f"max_model_len: {problem}")
         self.model = str(model_dir)
         self.model_name = self.model_name or model_dir.name
         self.api_keys = list(dict.fromkeys(self.api_keys + keys_from_env()))
         return self
 
 
-def model_context(model_dir: Path) -> int:
-    """config.json's max_position_embeddings (0 when absent or unreadable: then nothing is checked here,
-    and loading the model names the fault)."""
+def model_context(model_dir: str | Path | None) -> int:
+    """config.json's max_position_embeddings, in tokens (0 when absent or unreadable, or with no
+    `model_dir`: then nothing is checked against it here, and loading the model names the fault)."""
+    if model_dir is None:
+        return 0
     try:
-        return int(json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings", 0) or 0)
+        return int(json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 0) or 0)
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
+
+
+def max_model_len_problem(value: int, model_dir: str | Path | None) -> str | None:
+    """What is wrong with serving a context of `value` tokens from `model_dir` (vLLM's --max-model-len:
+    1 to the model's context), or None. One rule and one wording for ServeConfig.max_model_len, `refusion
+    serve --max-model-len` and `refusion run-batch --max-model-len`, which prefix the name the user gave."""
+    context = model_context(model_dir)
+    if value >= 1 and not (context and value > context):
+        return None
+    if context:
+        return (f"got {value}; give 1 to {context} (the model's context, config.json max_position_embeddings; "
+                "less serves a shorter context)")
+    return f"got {value}; give a positive number of tokens"

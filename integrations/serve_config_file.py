@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, MAX_ONGOING_REQUESTS, served_names_problem
+from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, MAX_ONGOING_REQUESTS, max_model_len_problem, served_names_problem
 
 
 class CLIError(ValueError):
@@ -234,8 +234,8 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
     if args.dtype:
         config["runner"] = {**_section(config, "runner"), "dtype": args.dtype}
     if getattr(args, "max_model_len", None) is not None:
-        if args.max_model_len < 1:
-            raise CLIError(f"--max-model-len: must be >= 1, got {args.max_model_len}")
+        if problem := max_model_len_problem(args.max_model_len, None):  # the model's bound: ServeConfig's check
+            raise CLIError(f"--max-model-len: {problem}")
         config["max_model_len"] = args.max_model_len
     if getattr(args, "log_level", None):
         config["log_level"] = args.log_level

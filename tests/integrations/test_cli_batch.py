@@ -228,8 +228,8 @@ def _line_count(path: Path) -> int:
     (["--model", "/tmp"], "--model: /tmp cannot be loaded"),
     (["--served-model-name", "a", " "], "--served-model-name: give one or more non-empty names"),
     (["--served-model-name", "a", "a"], "--served-model-name: names repeat"),
-    (["--max-model-len", "0"], "--max-model-len: must be 1 to the model's context (4096 tokens"),
-    (["--max-model-len", "4097"], "--max-model-len: must be 1 to the model's context (4096 tokens"),
+    (["--max-model-len", "0"], "--max-model-len: got 0; give 1 to 4096 (the model's context"),
+    (["--max-model-len", "4097"], "--max-model-len: got 4097; give 1 to 4096 (the model's context"),
     # it said "--model: ... cannot be loaded"
     pytest.param(["--device", "cuda"], "--device: cuda requested but no CUDA device is available; use --device cpu",
                  marks=pytest.mark.skipif(_has_cuda(), reason="CUDA is available here")),
