@@ -69,7 +69,8 @@ class SamplingFields(OpenAIBody):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="below 1e-5: greedy")
     top_p: float | None = Field(default=None, ge=MIN_TOP_P, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    # any signed 64-bit integer, as vLLM takes it; a negative one is read modulo 2^63 (the device's range)
+    seed: int | None = Field(default=None, ge=-(MAX_SEED + 1), le=MAX_SEED)
     stop: str | list[str] | None = Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -115,6 +116,11 @@ class SamplingFields(OpenAIBody):
                                  "integer priority is taken only as 0, its default)")
             return None
         return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_device_range(cls, value):
+        return None if value is None else value % (MAX_SEED + 1)
 
     @field_validator("top_k")
     @classmethod

@@ -124,7 +124,7 @@ HTTP_CASES = [
     _c("completions-seed-2^64", {"prompt": "x", "seed": 2**64, "mode": "ar", "temperature": 0.7}, field="seed"),
     _c("completions-seed-2^63", {"prompt": "x", "seed": 2**63}, field="seed"),
     _c("completions-top_k-2^63", {"prompt": "x", "top_k": 2**63, "temperature": 1}, field="top_k"),
-    _c("completions-seed-negative", {"prompt": "x", "seed": -5}, field="seed"),
+    _c("completions-seed-below-int64", {"prompt": "x", "seed": -2**63 - 1}, field="seed"),
     _c("completions-stop-empty", {"prompt": "x", "stop": [""]}, field="stop"),
     _c("completions-stop-five", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, field="stop"),
     _c("completions-stop-null-item", {"prompt": "x", "stop": ["a", None]}, field="stop.1", param="stop.1"),

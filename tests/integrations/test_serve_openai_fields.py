@@ -519,3 +519,19 @@ def test_include_stop_str_in_output_returns_the_stop_string(client, model, http)
         client.completions.create(model=model, prompt="def f(x):\n", suffix="\n", max_tokens=8, stop=["\n"],
                                   extra_body={"include_stop_str_in_output": True})
     assert err.value.body["param"] == "include_stop_str_in_output"
+
+
+def test_a_negative_seed_is_taken_as_vllm_takes_it(client):
+    """vLLM takes any signed 64-bit seed; here a negative one is read as itself + 2^63 (the engine's
+    0..2^63 - 1), so it repeats, and one below -2^63 is a 400 naming `seed`."""
+    model = client.models.list().data[0].id
+    texts = {}
+    for seed in (-5, 2**63 - 5, -5, 6):
+        out = client.completions.create(model=model, prompt="def f(x):\n", max_tokens=12, seed=seed,
+                                        extra_body={"mode": "ar", "temperature": 1.0})
+        texts.setdefault(seed, set()).add(out.choices[0].text)
+    assert texts[-5] == texts[2**63 - 5] and len(texts[-5]) == 1
+    assert texts[6] != texts[-5]  # the seed is read, not dropped (12 sampled tokens at temperature 1)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="x", max_tokens=1, seed=-2**63 - 1)
+    assert err.value.body["param"] == "seed"
