@@ -128,7 +128,8 @@ class EngineConfig:
         with the prompt a running request is still prefilling than the cache holds waits for that
         prefill, then reads them from the cache instead of computing them again in parallel (`n`
         choices, an editor's gap candidates; SGLang's in-batch prefix caching). 0: never wait.
-    deadline_grace_ms: after max_time_ms a request ends at the next newline, or after this grace.
+    deadline_grace_ms: after max_time_ms a request ends at the next newline, or after this grace (one still
+        queued with nothing sent ends at max_time_ms: it has no line to finish).
     max_stop_strings: most stop strings per request, the server's own included: the routes bound the
         client's (16 on Messages and the llama.cpp routes, 4 on OpenAI's) and a chat template may add
         its turn end, so this leaves room above the routes' limits.

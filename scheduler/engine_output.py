@@ -209,9 +209,13 @@ class EngineOutput:
 
     def _expire_deadlines(self, now: float) -> None:
         grace = self.config.deadline_grace_ms / 1000
-        for req in self.scheduler.waiting + self.scheduler.running:
+        queued = len(self.scheduler.waiting)
+        for i, req in enumerate(self.scheduler.waiting + self.scheduler.running):
+            # The grace lets a decoding request reach a line end; one still queued with nothing sent
+            # has no line to finish, so it ends at its deadline (it only waited the grace out, empty).
+            own_grace = 0.0 if i < queued and not req.first_token_s else grace
             try:
-                expired = req.deadline_s is not None and now >= req.deadline_s + grace
+                expired = req.deadline_s is not None and now >= req.deadline_s + own_grace
             except Exception:  # noqa: BLE001 - its own fault fails it alone (not the step, which ends every request)
                 log.exception("deadline_failed", request_id=req.id)
                 self._finish_or_abort(req, "internal error: its deadline (max_time_ms) could not be computed")

@@ -231,8 +231,10 @@ async def test_deadline_without_newline_ends_after_the_grace_period(clock):
 
 
 async def test_deadline_expires_a_request_still_waiting_in_the_queue(clock, wait_until):
+    # A queued request with nothing sent has no line end to reach: it ends at its deadline, not after the
+    # grace (here never), which only lets a decoding request finish its line (helper-183: 1.1 s for 0.5).
     runner = FakeRunner(num_blocks=64)
-    engine, _ = make_engine(runner=runner, max_running=1, prefix_cache=False, deadline_grace_ms=0)
+    engine, _ = make_engine(runner=runner, max_running=1, prefix_cache=False, deadline_grace_ms=NEVER_MS)
     gate = ForwardGate(runner.execute)  # "a" holds the only slot: "b" waits in the queue
     runner.execute = gate
     await engine.start()
