@@ -15,8 +15,10 @@ Retry-After, running ones get drain_timeout_s to finish and the rest end with a 
 `data:` line holding the error, an editor error answer); Ray Serve is shut down only when nothing is left open (or after
 drain_timeout_s plus a margin). Once it has exited, connections are refused (exit status 0). A second Ctrl-C
 stops at once, dropping open streams, and exits with 130.
-While the application is still starting, Ctrl-C or SIGTERM removes it and exits with 130; a deploy Ray
-reports as failed exits with 1 (integrations/serve_start.py). On Linux with a local Ray this runs under a
+With a local Ray, replicas it has no CPUs or GPUs for are refused before any starts (room_problem, exit
+2). While the application is still starting, Ctrl-C or SIGTERM removes it and exits with 130, unless
+its replicas up already answer requests (others waiting for room on a cluster): then they are drained
+as above; a deploy Ray reports as failed exits with 1 (integrations/serve_start.py). On Linux with a local Ray this runs under a
 supervisor process that forwards the signals (integrations/serve_supervisor.py), so a signal to the
 process group drains as well.
 """
@@ -153,6 +155,32 @@ def check_serve_http(http: dict) -> None:
                        f"{running.port}, or stop Serve there first (`serve shutdown`)")
 
 
+def room_problem(demand: dict[str, tuple[int, float, float]], available: dict[str, float], where: str) -> str | None:
+    """Why a local Ray (`available`: ray.cluster_resources(), which never grow there) cannot place the
+    application's starting replicas (`demand`: serve_app.starting_demand), or None. Ray Serve would wait
+    for room without end, serving with the replicas it placed, and `refusion serve` would never be ready
+    (helper-184: --replicas 3 of 1 CPU on 2 CPUs); vLLM likewise refuses to start what cannot run.
+    `where`: the flag or key that set the count, named in the message."""
+    from integrations.serve_config import ENGINE_DEPLOYMENT
+
+    for kind, i in (("CPU", 1), ("GPU", 2)):
+        need = sum(d[0] * d[i] for d in demand.values())
+        have = available.get(kind, 0.0)
+        if need <= have + 1e-9:
+            continue
+        parts = ", ".join(f"{d[0]} {'engine' if name == ENGINE_DEPLOYMENT else 'ingress'} x {d[i]:g}"
+                          for name, d in demand.items() if d[0] * d[i])
+        per = demand[ENGINE_DEPLOYMENT][i]
+        rest = need - demand[ENGINE_DEPLOYMENT][0] * per
+        fits = int((have - rest + 1e-9) // per) if per else 0
+        key = "num_cpus" if kind == "CPU" else "num_gpus"
+        return (f"{where}: the replicas at start need {need:g} {kind}s ({parts}) and this machine's Ray has "
+                f"{have:g}, so Ray Serve would wait for room forever; start at most {max(fits, 0)} engine "
+                f"replica{'' if fits == 1 else 's'}, or lower engine_deployment.{key} ({per:g} per replica), or join a larger cluster "
+                "with --address")
+    return None
+
+
 def start_ray(ray, address: str | None, runtime_env: dict | None = None) -> bool:
     """Join the cluster at `address`, or start a local Ray (no dashboard); False, after saying why, when
     the cluster cannot be joined. The caller's SIGTERM handler stays in force meanwhile: ray.init sets one
@@ -254,9 +282,9 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
     from ray.serve import api as serve_api
 
-    from integrations.serve_app import application
+    from integrations.serve_app import application, starting_demand
     from integrations.serve_config import ServeConfig
-    from integrations.serve_drain import drain_app, drain_signal
+    from integrations.serve_drain import answering, drain_app, drain_signal
     from integrations.serve_start import DeployError, deploy, serve_status
 
     file = checked_setup(args)
@@ -283,6 +311,12 @@ def run(args: argparse.Namespace) -> int:
             return INTERRUPTED_EXIT_CODE
         if "num_gpus" not in config["engine_deployment"] and ray.cluster_resources().get("GPU", 0) >= 1:
             config["engine_deployment"]["num_gpus"] = 1
+        if not args.address:  # a local Ray: what it cannot place now it never will
+            where = ("--replicas" if args.replicas is not None else "--autoscale" if args.autoscale else
+                     f"--config {args.config}: engine_deployment" if args.config else "engine_deployment.num_replicas")
+            if problem := room_problem(starting_demand(config, file.deployments), ray.cluster_resources(), where):
+                print(f"refusion serve: {problem}", file=sys.stderr, flush=True)
+                return 2
         serving = True  # from here on Serve runs on the cluster
         serve.start(http_options=http, **({"proxy_location": file.proxy_location} if file.proxy_location else {}))
         try:
@@ -296,19 +330,23 @@ def run(args: argparse.Namespace) -> int:
         try:
             # serve.run's own wait blocks signals; the submission without it is Ray's private _run
             submit = lambda: serve_api._run(app, _blocking=False, name="refusion", route_prefix="/")  # noqa: E731
-            if not deploy(submit, lambda: serve_status("refusion"), stop,
-                          notice=lambda text: print(f"refusion serve: {text}", flush=True)):
-                print("refusion serve: stopped before the application was ready; removing it"
-                      + (" (up to 30 s)" if args.address else ""), flush=True)
-                return INTERRUPTED_EXIT_CODE
+            ready = deploy(submit, lambda: serve_status("refusion"), stop,
+                           notice=lambda text: print(f"refusion serve: {text}", flush=True))
         except DeployError as exc:
             print(f"refusion serve: the application failed to deploy: {exc} (Ray's log above says why)",
                   file=sys.stderr, flush=True)
             return 1
-        ready = True
-        url = http_url(http["host"], http["port"], tls=bool(http.get("ssl_certfile")))
-        print(f"refusion serve: ready at {url} (Ctrl-C to stop)", flush=True)
-        stop.wait()
+        if not ready and not answering("refusion"):
+            print("refusion serve: stopped before the application was ready; removing it"
+                  + (" (up to 30 s)" if args.address else ""), flush=True)
+            return INTERRUPTED_EXIT_CODE
+        if ready:
+            url = http_url(http["host"], http["port"], tls=bool(http.get("ssl_certfile")))
+            print(f"refusion serve: ready at {url} (Ctrl-C to stop)", flush=True)
+            stop.wait()
+        else:  # replicas up already answer requests (others still wait for room): their streams are drained
+            print("refusion serve: stopped before every replica was up; the replicas running serve requests, "
+                  "so they are drained", flush=True)
         drain_s = ServeConfig.model_validate(config).drain_timeout_s
         print(f"refusion serve: draining: running requests get up to {drain_s:g} s (Ctrl-C again: stop now)", flush=True)
         began = time.monotonic()

@@ -129,6 +129,35 @@ def application(args: dict, deployment_overrides: dict[str, dict] | None = None)
     return IngressDeployment.options(**ingress_options).bind(engine, plain)
 
 
+def starting_demand(args: dict, deployment_overrides: dict[str, dict] | None = None) -> dict[str, tuple[int, float, float]]:
+    """{deployment name: (replicas at start, CPUs per replica, GPUs per replica)} of the application
+    `application(args, deployment_overrides)` builds: the replica count, or autoscaling's
+    initial_replicas (else min_replicas; Ray Serve's "auto" starts at 1), and ray_actor_options' num_cpus
+    and num_gpus (Ray Serve's default: 1 CPU) or the placement_group_bundles' sums. What a local Ray, whose resources never grow, must
+    hold for the application to finish deploying."""
+    config = ServeConfig.model_validate(args or {})
+    overrides = deployment_overrides or {}
+    options = {ENGINE_DEPLOYMENT: _with_overrides(config.engine_deployment.ray_options(), overrides.get(ENGINE_DEPLOYMENT)),
+               INGRESS_DEPLOYMENT: _with_overrides(config.ingress.ray_options(1.0), overrides.get(INGRESS_DEPLOYMENT))}
+    demand = {}
+    for name, option in options.items():
+        autoscaling = option.get("autoscaling_config")
+        if autoscaling is not None:
+            autoscaling = dict(autoscaling) if isinstance(autoscaling, dict) else autoscaling.model_dump()
+            replicas = autoscaling.get("initial_replicas")
+            replicas = autoscaling.get("min_replicas", 1) if replicas is None else replicas
+        else:
+            replicas = option.get("num_replicas", 1)
+            replicas = 1 if replicas == "auto" else replicas
+        actor = option.get("ray_actor_options") or {}
+        cpus, gpus = actor.get("num_cpus"), actor.get("num_gpus")
+        bundles = option.get("placement_group_bundles")
+        if bundles:  # a replica reserves its bundles (its actor runs in the first)
+            cpus, gpus = sum(b.get("CPU", 0) for b in bundles), sum(b.get("GPU", 0) for b in bundles)
+        demand[name] = (int(replicas), float(1 if cpus is None else cpus), float(gpus or 0))
+    return demand
+
+
 def _with_overrides(options: dict, override: dict | None) -> dict:
     """Deployment options with a `deployments:` entry on top; its replica count or autoscaling replaces
     the code's (Ray Serve's own precedence under `serve deploy`)."""

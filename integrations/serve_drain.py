@@ -132,6 +132,16 @@ def drain_app(app_name: str, signal, drain_timeout_s: float, give_up: threading.
         ray.kill(signal)
 
 
+def answering(app_name: str) -> bool:
+    """Whether `app_name` answers requests: a running replica of each of its deployments. It does so
+    before Ray Serve calls the application RUNNING, while more replicas still start or wait for room."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    return app is not None and bool(app.deployments) and all(
+        d.replica_states.get("RUNNING", 0) > 0 for d in app.deployments.values())
+
+
 def _running_replicas(app_name: str) -> int:
     from ray import serve
 

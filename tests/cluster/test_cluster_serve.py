@@ -355,6 +355,41 @@ def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(c
     assert any("refusion serve: drained" in line for line in lines), ("".join(said), "".join(lines)[-2000:])
 
 
+async def test_refusion_serve_drains_the_replicas_up_while_another_waits_for_room(cluster):
+    """Three engine replicas of one CPU on two one-CPU nodes: two run and serve, the third waits for room,
+    so the application never becomes RUNNING and `refusion serve` is never "ready". A SIGTERM then removed
+    the application at once, cutting the streams the two replicas were serving (helper-184, with --replicas
+    3 on a 2-CPU machine); now the replicas that answer are drained as after "ready at"."""
+    config = cluster.write_config(cluster.app_config(num_replicas=3), "partial.yaml")
+    proc = subprocess.Popen([str(BIN / "refusion"), "serve", "--address", cluster.gcs_address, "--config", str(config),
+                             "--port", str(cluster.http_port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        await asyncio.to_thread(wait_for, lambda: len(replicas(cluster.url)) == 2 or proc.poll() is not None, 300,
+                                "two engine replicas answering /metrics")
+        assert proc.poll() is None, "".join(lines)[-2000:]
+        started = [asyncio.Event() for _ in range(2)]
+        streams = [asyncio.create_task(stream_completion(cluster.url, 200, prompt=f"def busy_{i}(x):", started=e))
+                   for i, e in enumerate(started)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+        app = cluster.serve_application()
+        assert app["status"] == "DEPLOYING", app["status"]  # the third replica still has no room
+        proc.send_signal(signal.SIGTERM)
+        results = await asyncio.wait_for(asyncio.gather(*streams), 180)
+        for out in results:
+            assert out["error"] is None and out["finish_reason"] == "length" and out["chunks"] >= 1, out
+        assert await asyncio.to_thread(proc.wait, 180) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=30)
+    said = "".join(line for line in lines if "refusion serve:" in line)
+    assert "ready at" not in said and "the replicas running serve requests, so they are drained" in said, said
+    assert "refusion serve: drained" in said, said
+
+
 async def test_requests_of_a_dead_ingress_are_cancelled_in_the_engine(cluster):
     """Ray does not end an engine replica's streaming call when the ingress replica that made it dies, so
     its requests would decode to max_tokens for nobody. The engine replica looks its callers up (every

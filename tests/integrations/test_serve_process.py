@@ -312,6 +312,25 @@ def test_a_signal_while_a_replica_waits_for_room_removes_the_app_at_once(tiny_mo
             proc.wait()
 
 
+def test_replicas_a_local_ray_cannot_place_are_refused_before_serving(tiny_model_dir, tmp_path):
+    """More engine replicas than the local Ray's CPUs (helper-184: --replicas 3 of 1 CPU on 2 CPUs): Ray
+    Serve placed two and waited for the third forever, the service answered but `refusion serve` was never
+    ready, and a SIGTERM then removed it, cutting its streams. A local Ray never grows: refused at start,
+    naming the flag, what is needed and what fits, before any replica starts (exit 2, Ray shut down)."""
+    config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": 1,
+              "engine_deployment": {**ENGINE_DEPLOYMENT, "num_cpus": 1000, "graceful_shutdown_timeout_s": 5}}
+    proc, port, log = start_serve(tiny_model_dir, config, tmp_path, "--replicas", "2")
+    try:
+        assert proc.wait(WAIT_S) == 2, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    said = log.read_text(errors="replace")
+    assert "refusion serve: --replicas: the replicas at start need 2000 CPUs (2 engine x 1000)" in said, said[-3000:]
+    assert "start at most 0 engine replicas" in said and "Deploying" not in said and "ready at" not in said, said[-3000:]
+
+
 def test_the_config_files_runtime_env_reaches_the_replicas(tiny_model_dir, tmp_path):
     """An application's `runtime_env` in the config file was ignored by `refusion serve` without a word
     (keys for `serve deploy` in the same file never reached the replicas); it is this job's runtime_env

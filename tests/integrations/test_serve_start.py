@@ -74,3 +74,26 @@ def test_a_sigterm_while_ray_starts_reaches_the_callers_handler():
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert seen == ["stop"] and ray_utils.set_sigterm_handler is original
+
+
+def test_the_starting_replicas_a_local_ray_must_hold():
+    """serve_app.starting_demand and cli_serve.room_problem: what a local Ray must hold before any replica
+    starts (the real process: test_serve_process.py)."""
+    from integrations.cli_serve import room_problem
+    from integrations.serve_app import starting_demand
+    from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
+
+    scaled = starting_demand({"engine_deployment": {"autoscaling": {"min_replicas": 0, "max_replicas": 8}}})
+    assert scaled[ENGINE_DEPLOYMENT] == (0, 1.0, 0.0)  # scale to zero starts none: nothing to hold
+    initial = starting_demand({"engine_deployment": {"autoscaling": {"min_replicas": 1, "max_replicas": 8,
+                                                                     "initial_replicas": 3}}})
+    assert initial[ENGINE_DEPLOYMENT] == (3, 1.0, 0.0) and initial[INGRESS_DEPLOYMENT] == (1, 0.0, 0.0)
+    # a `deployments:` entry replaces the count and the actor options (Ray Serve's default: 1 CPU)
+    file = starting_demand({}, {ENGINE_DEPLOYMENT: {"num_replicas": 2, "ray_actor_options": {"num_gpus": 1}}})
+    assert file[ENGINE_DEPLOYMENT] == (2, 1.0, 1.0)
+    assert room_problem(file, {"CPU": 2.0, "GPU": 2.0}, "--replicas") is None
+    gpus = room_problem(file, {"CPU": 16.0, "GPU": 1.0}, "--replicas")
+    assert gpus.startswith("--replicas: the replicas at start need 2 GPUs (2 engine x 1)") and "at most 1 engine replica," in gpus
+    cpus = room_problem(starting_demand({"engine_deployment": {"num_replicas": 2}, "ingress": {"num_cpus": 0.5}}),
+                        {"CPU": 2.0}, "--replicas")
+    assert "need 2.5 CPUs (2 engine x 1, 1 ingress x 0.5)" in cpus and "at most 1 engine replica," in cpus
