@@ -4,8 +4,8 @@
                    [--max-model-len N] [--dtype D] [--host H] [--port P] [--replicas N | --autoscale MIN:MAX]
                    [--config FILE] [--address RAY_ADDRESS]
 
-Without --address a local Ray instance is started (no dashboard); with it the app is deployed on that
-cluster. --config reads a Ray Serve config file (config/serve.yaml: `applications[0].args` and
+Without --address (or RAY_ADDRESS, which Ray's own tools read too) a local Ray instance is started (no
+dashboard); with it the app is deployed on that cluster. --config reads a Ray Serve config file (config/serve.yaml: `applications[0].args` and
 `.deployments`, `http_options`, `proxy_location`), as `serve deploy` does, or a bare mapping of
 ServeConfig fields; flags override the file (integrations/serve_config_file.py). Engine replicas ask
 for one GPU when the cluster has GPUs and the config does not say otherwise.
@@ -115,12 +115,19 @@ def check_bindable(host: str, port: int, where: str = "--host/--port") -> None:
 ADDRESS_TIMEOUT_S = 5.0
 
 
-def check_reachable(address: str) -> None:
+def check_reachable(address: str, where: str = "--address") -> None:
     """--address HOST:PORT (a GCS) or ray://HOST:PORT (Ray Client) must accept a TCP connection within
     ADDRESS_TIMEOUT_S: ray.init retried a GCS address nobody listens on forever, with a warning every
-    40 s. "auto" (and a bare host, which Ray resolves itself) is left to Ray. Raises CLIError."""
+    40 s. "auto" (and a bare host, which Ray resolves itself) is left to Ray. An http(s):// URL (the
+    dashboard's, which `serve deploy` and `ray job` take) is named as such. `where`: the flag or variable
+    that gave the address. Raises CLIError."""
     import socket
 
+    scheme, sep, _ = address.partition("://")
+    if sep and scheme != "ray":
+        raise CLIError(f"{where}: {address} is a web URL (what `serve deploy` and `ray job` take: the dashboard's); "
+                       "give the cluster's GCS address HOST:PORT (`ray start --head` prints it; port 6379 "
+                       "by default), auto on a cluster node, or ray://HOST:10001 for Ray Client")
     target = address.removeprefix("ray://")
     host, sep, port = target.rpartition(":")
     if address == "auto" or not sep or not port.isdigit():
@@ -131,8 +138,9 @@ def check_reachable(address: str) -> None:
             return
     except OSError as exc:
         why = exc.strerror or type(exc).__name__
-    raise CLIError(f"--address: nothing answers at {target} ({why}); start the cluster there (`ray start --head` "
-                   f"prints the address to use) or give its address, or omit --address for a local Ray")
+    unset = "unset RAY_ADDRESS" if where == "RAY_ADDRESS" else "omit --address"
+    raise CLIError(f"{where}: nothing answers at {target} ({why}); start the cluster there (`ray start --head` "
+                   f"prints the address to use) or give its address, or {unset} for a local Ray")
 
 
 def http_url(host: str, port: int, tls: bool = False) -> str:
@@ -181,7 +189,18 @@ def room_problem(demand: dict[str, tuple[int, float, float]], available: dict[st
     return None
 
 
-def start_ray(ray, address: str | None, runtime_env: dict | None = None) -> bool:
+def address_from_env(args: argparse.Namespace) -> str | None:
+    """Without --address, the cluster RAY_ADDRESS names, as Ray's own tools (`serve run`, `ray job`, ray.init)
+    read it (set to "auto" in a Ray job's driver): it was ignored, and on a cluster node `refusion serve`
+    started a Ray of its own without a word (helper-184). Sets args.address and returns the name to
+    blame for it ("RAY_ADDRESS"), or None when the address is the flag's or there is none."""
+    if args.address or not os.environ.get("RAY_ADDRESS", "").strip():
+        return None
+    args.address = os.environ["RAY_ADDRESS"].strip()
+    return "RAY_ADDRESS"
+
+
+def start_ray(ray, address: str | None, runtime_env: dict | None = None, where: str = "--address") -> bool:
     """Join the cluster at `address`, or start a local Ray (no dashboard); False, after saying why, when
     the cluster cannot be joined. The caller's SIGTERM handler stays in force meanwhile: ray.init sets one
     that exits at once (sys.exit inside ray.init), which left the agents it had started running.
@@ -202,7 +221,7 @@ def start_ray(ray, address: str | None, runtime_env: dict | None = None) -> bool
             return True
         ray.init(address=address, runtime_env=runtime_env or None)
     except (ConnectionError, RuntimeError, ValueError) as exc:  # (ValueError: "Invalid address format")
-        print(f"refusion serve: --address: cannot join the Ray cluster at {address}: {exc}".splitlines()[0],
+        print(f"refusion serve: {where}: cannot join the Ray cluster at {address}: {exc}".splitlines()[0],
               file=sys.stderr)
         print("refusion serve: check the address; a cluster with token authentication also needs "
               "RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN in this shell (docs/cluster.md)", file=sys.stderr)
@@ -268,7 +287,7 @@ def checked_setup(args: argparse.Namespace) -> ConfigFile | None:
         return None
     try:
         if args.address:
-            check_reachable(args.address)
+            check_reachable(args.address, getattr(args, "address_from", None) or "--address")
         else:  # a local Ray: its proxy will listen here (on a cluster, on the cluster's nodes)
             check_bindable(file.http["host"], file.http["port"])
     except CLIError as exc:
@@ -287,6 +306,10 @@ def run(args: argparse.Namespace) -> int:
     from integrations.serve_drain import answering, drain_app, drain_signal
     from integrations.serve_start import DeployError, deploy, serve_status
 
+    args.address_from = address_from_env(args)
+    if args.address_from:
+        print(f"refusion serve: joining the Ray cluster at {args.address} (RAY_ADDRESS, as Ray's tools read it; "
+              "unset it for a local Ray)", flush=True)
     file = checked_setup(args)
     if file is None:
         return 2
@@ -303,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     handle_signals()  # before Ray starts: a signal inside ray.init left its half-started agents running
     serving = ready = cut = False
     try:
-        if not start_ray(ray, args.address, file.runtime_env):
+        if not start_ray(ray, args.address, file.runtime_env, args.address_from or "--address"):
             return 2
         handle_signals()  # again: Ray's core worker installs a SIGTERM handler of its own as it connects
         if stop.is_set():

@@ -31,10 +31,10 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def wanted(argv: list[str]) -> bool:
-    """Whether `refusion <argv>` should run as supervisor + server: `serve` with a local Ray, on Linux,
-    not already the server, and not just asking for help."""
+    """Whether `refusion <argv>` should run as supervisor + server: `serve` with a local Ray (no --address,
+    no RAY_ADDRESS), on Linux, not already the server, and not just asking for help."""
     return (sys.platform.startswith("linux") and bool(argv) and argv[0] == "serve" and CHILD_ENV not in os.environ
-            and not any(a in ("-h", "--help") or a == "--address" or a.startswith("--address=") for a in argv[1:]))
+            and not os.environ.get("RAY_ADDRESS", "").strip() and not any(a in ("-h", "--help") or a == "--address" or a.startswith("--address=") for a in argv[1:]))
 
 
 def _server_preexec() -> None:

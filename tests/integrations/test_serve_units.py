@@ -676,6 +676,39 @@ def test_a_bad_setting_names_the_file_and_its_place_and_a_bad_address_is_one_lin
         assert "Traceback" not in proc.stderr
 
 
+def test_ray_address_is_read_as_rays_tools_read_it_and_a_web_url_is_named(tmp_path):
+    """RAY_ADDRESS was ignored (a private local Ray started on a cluster node without a word, helper-184);
+    it is the cluster to join when --address is not given, as for `serve run` and ray.init, and named in
+    the errors it causes. A dashboard URL given as --address said "Name or service not known"."""
+    import os
+    import subprocess
+    import sys
+
+    from integrations import serve_supervisor
+    from ports import free_port
+
+    nobody = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "REFUSION_SERVE_CHILD"}
+    proc = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", "--port", "1"], cwd=REPO,
+                          env={**env, "RAY_ADDRESS": nobody}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"refusion serve: joining the Ray cluster at {nobody} (RAY_ADDRESS"), proc.stdout
+    assert proc.stderr.startswith(f"refusion serve: RAY_ADDRESS: nothing answers at {nobody}") and \
+        "unset RAY_ADDRESS for a local Ray" in proc.stderr, proc.stderr
+    web = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", "--port", "1", "--address",
+                          "http://127.0.0.1:8265"], cwd=REPO, env={**env, "RAY_ADDRESS": nobody},
+                         capture_output=True, text=True, timeout=120)
+    assert web.returncode == 2 and not web.stdout, web.stdout + web.stderr  # the flag wins over the variable
+    assert web.stderr.startswith("refusion serve: --address: http://127.0.0.1:8265 is a web URL") and \
+        "GCS address HOST:PORT" in web.stderr, web.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("REFUSION_SERVE_CHILD", raising=False)
+        patch.setenv("RAY_ADDRESS", nobody)
+        assert not serve_supervisor.wanted(["serve"])  # no local Ray to keep out of the signals
+        patch.setenv("RAY_ADDRESS", " ")
+        assert serve_supervisor.wanted(["serve"]) == sys.platform.startswith("linux")
+
+
 async def test_every_served_model_name_is_accepted_and_answers_carry_the_first(tiny_model_dir):
     """vLLM's --served-model-name semantics: /v1/models lists each id, a request naming any is served and
     its answer carries the first, an unknown one is OpenAI's 404 model_not_found naming the ids."""
