@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import signal
 import socket
@@ -161,6 +162,12 @@ def check_serve_http(http: dict) -> None:
         raise CLIError(f"--host/--port: Serve already runs on this cluster, its proxies on {running.host}:"
                        f"{running.port} (Ray fixes them when Serve starts); pass --host {running.host} --port "
                        f"{running.port}, or stop Serve there first (`serve shutdown`)")
+
+
+def _drop_applied_options_notice(record: logging.LogRecord) -> bool:
+    """A logging filter: False for Ray Serve's notice that new http_options "will not be applied", which
+    it logs on every submission to a running Serve (helper-184: read as --host/--port being dropped)."""
+    return "will not be applied" not in record.getMessage()
 
 
 def room_problem(demand: dict[str, tuple[int, float, float]], available: dict[str, float], where: str) -> str | None:
@@ -341,7 +348,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"refusion serve: {problem}", file=sys.stderr, flush=True)
                 return 2
         serving = True  # from here on Serve runs on the cluster
-        serve.start(http_options=http, **({"proxy_location": file.proxy_location} if file.proxy_location else {}))
+        # Serve's controller and proxies log as the replicas do (ServeConfig.ray_logging: --log-level warning
+        # drops their INFO lines too)
+        serve.start(http_options=http, **({"proxy_location": file.proxy_location} if file.proxy_location else {}),
+                    **ServeConfig.model_validate(config).ray_logging())
+        # serve.run's submission then says "New http_options ... will not be applied" whenever Serve runs,
+        # though serve.start applied them just now (check_serve_http checks where the proxies listen)
+        logging.getLogger("ray.serve").addFilter(_drop_applied_options_notice)
         try:
             check_serve_http(http)
         except CLIError as exc:  # Serve was running before: leave it and its applications as they are

@@ -122,10 +122,11 @@ def application(args: dict, deployment_overrides: dict[str, dict] | None = None)
     # autoscaling) would read as set there.
     plain = config.model_dump(exclude_defaults=True)
     overrides = deployment_overrides or {}
-    engine = EngineDeployment.options(**_with_overrides(config.engine_deployment.ray_options(),
+    logging = config.ray_logging()
+    engine = EngineDeployment.options(**_with_overrides({**config.engine_deployment.ray_options(), **logging},
                                                         overrides.get(ENGINE_DEPLOYMENT))).bind(plain)
     grace_s = config.engine_deployment.graceful_shutdown_timeout_s
-    ingress_options = _with_overrides(config.ingress.ray_options(grace_s), overrides.get(INGRESS_DEPLOYMENT))
+    ingress_options = _with_overrides({**config.ingress.ray_options(grace_s), **logging}, overrides.get(INGRESS_DEPLOYMENT))
     return IngressDeployment.options(**ingress_options).bind(engine, plain)
 
 

@@ -230,6 +230,15 @@ class ServeConfig(_Strict):
         default="info", description="the replicas' own log (structlog lines): info logs each request's outcome "
         "and events; debug adds each routing decision with its inputs (~600 bytes a request)")
 
+    def ray_logging(self) -> dict:
+        """Deployment options that make Ray Serve's own lines in the replicas follow log_level: at warning
+        and error its INFO lines go, the access log among them (a line per HTTP request and per handle
+        call, two per /metrics scrape), as uvicorn's access log follows vLLM's log level; {} at info and
+        debug (Ray's defaults: its DEBUG is Ray's internals, not this service's)."""
+        if self.log_level in ("debug", "info"):
+            return {}
+        return {"logging_config": {"log_level": self.log_level.upper(), "enable_access_log": False}}
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level(cls, value):

@@ -22,6 +22,7 @@ Ray Serve's own shutdown kills the HTTP proxy at once, severing every open strea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import signal
@@ -52,6 +53,7 @@ class DrainSignal:
     def __init__(self):
         self._draining = asyncio.Event()
         self._open_work: dict[str, int] = {}
+        self._over = False
 
     async def ready(self) -> bool:
         return True
@@ -62,8 +64,13 @@ class DrainSignal:
     async def wait(self) -> None:
         await self._draining.wait()
 
-    async def report(self, member: str, open_work: int) -> None:
+    async def report(self, member: str, open_work: int) -> bool:
+        """Record a replica's open work; False once the drain is over (stop reporting)."""
         self._open_work[member] = open_work
+        return not self._over
+
+    async def finish(self) -> None:
+        self._over = True
 
     async def open_work(self) -> dict[str, int]:
         return dict(self._open_work)
@@ -129,6 +136,11 @@ def drain_app(app_name: str, signal, drain_timeout_s: float, give_up: threading.
             time.sleep(DRAIN_REPORT_S)
         return DrainOutcome(False, members, open_work)
     finally:
+        # Reports still coming when the signal is killed failed in the replicas and were retried without
+        # end, each failure a raylet log line ("infinite retries remaining"): their loops stop first
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get(signal.finish.remote(), timeout=DRAIN_REPORT_S * 10)
+            time.sleep(DRAIN_REPORT_S * 3)
         ray.kill(signal)
 
 
@@ -178,17 +190,19 @@ async def report_final(signal, member: str, open_work: int, timeout_s: float = 2
     """A replica's last report as it shuts down during a drain (best effort: the drain may be over and its
     signal gone). Without it a replica Ray stops mid-drain leaves the report it made while it still held
     work, and the drain waits for a replica that no longer exists until its timeout."""
-    try:
-        await asyncio.wait_for(signal.report.remote(member, open_work), timeout_s)
+    try:  # (not retried: the signal may be gone, and its failure would be logged at each retry)
+        await asyncio.wait_for(signal.report.options(max_task_retries=0).remote(member, open_work), timeout_s)
     except (ray.exceptions.RayError, asyncio.TimeoutError):
         pass
 
 
 async def report_open_work(signal, member: str, open_work: Callable[[], int]) -> None:
-    """Report `open_work()` to the drain signal every DRAIN_REPORT_S until the signal is gone."""
+    """Report `open_work()` to the drain signal every DRAIN_REPORT_S until the drain is over (the signal
+    says so, or is gone)."""
     while True:
         try:
-            await signal.report.remote(member, open_work())
+            if not await signal.report.remote(member, open_work()):
+                return  # the drain is over (drain_app is about to remove the signal)
         except ray.exceptions.RayError:
             return  # the drain is over: the signal was removed (or Ray is shutting down)
         await asyncio.sleep(DRAIN_REPORT_S)

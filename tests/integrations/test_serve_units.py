@@ -248,6 +248,11 @@ def test_config_file_and_flags(tiny_model_dir, tmp_path):
     assert engine_config.autoscaling_config.max_replicas == 5
     ingress_config = app._bound_deployment._deployment_config
     assert ingress_config.graceful_shutdown_timeout_s == 30  # the engine's, not Ray's 20 s default
+    assert ingress_config.logging_config is None and engine_config.logging_config is None  # info: Ray's defaults
+    quiet = application({**file.args, "log_level": "warning"})  # Ray Serve's INFO lines and access log follow it
+    for deployment in (quiet._bound_deployment, quiet._bound_deployment.init_args[0]._bound_deployment):
+        logging_config = deployment._deployment_config.logging_config
+        assert (logging_config["log_level"], logging_config["enable_access_log"]) == ("WARNING", False)
     # A full ingress replica: the proxy answers 503 past a bounded queue (it queued without end, and a
     # flood hung every client), and its request slots leave Ray's own calls room among the actor's 1000
     assert (ingress_config.max_ongoing_requests, ingress_config.max_queued_requests) == (900, 1000)
@@ -1042,6 +1047,40 @@ async def test_an_incomplete_drain_says_who_held_it_and_a_failed_watch_is_logged
     assert "drain watch of engine r1 failed" in caplog.text and "lost the signal" in caplog.text
 
 
+async def test_a_replica_stops_reporting_once_the_drain_is_over():
+    """Reports still in flight when drain_app killed the signal failed in the replicas and were retried
+    without end, a raylet line each ("Task DrainSignal.report failed. There are infinite retries
+    remaining", helper-184): the signal now answers False once the drain is over and the loop ends
+    there, and a replica's last report is not retried."""
+    from integrations import serve_drain
+
+    calls = []
+
+    class Report:
+        def __init__(self, answers):
+            self.answers, self.options_seen = answers, []
+
+        def options(self, **options):
+            self.options_seen.append(options)
+            return self
+
+        def remote(self, member, open_work):
+            calls.append((member, open_work))
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_result(self.answers.pop(0) if self.answers else False)
+            return answer
+
+    class Signal:
+        def __init__(self, answers):
+            self.report = Report(answers)
+
+    await asyncio.wait_for(serve_drain.report_open_work(Signal([True, True, False, True]), "engine:a", lambda: 0), 10)
+    assert calls == [("engine:a", 0)] * 3  # ended at the first False, not when the signal was gone
+    last = Signal([True])
+    await serve_drain.report_final(last, "engine:a", 0)
+    assert last.report.options_seen == [{"max_task_retries": 0}]
+
+
 async def test_the_smallest_kv_cache_a_config_allows_warms_up_and_a_smaller_budget_is_refused(tiny_model_dir):
     """runner.num_blocks at min_kv_blocks passes the start-up warm-up (one fewer is refused when the config
     is read, above); a kv_memory_bytes holding fewer blocks is refused by name when the engine is built,
@@ -1094,6 +1133,10 @@ async def test_a_replica_shut_down_during_a_drain_reports_its_end_to_the_drain_s
 
     class Signal:
         class report:  # noqa: N801 - the shape of a Ray actor method
+            @staticmethod
+            def options(**_):  # (the last report is sent without retries)
+                return Signal.report
+
             @staticmethod
             async def remote(member, open_work):
                 reports.append((member, open_work))
