@@ -239,6 +239,13 @@ def start_ray(ray, address: str | None, runtime_env: dict | None = None, where: 
     return True
 
 
+# ServeConfig setting -> (the flag that sets it, its argparse dest): an error in a value a flag gave names
+# the flag (helper-184: --max-model-len 100000 was called max_model_len)
+SETTING_FLAGS = {"model": ("--model", "model"), "max_model_len": ("--max-model-len", "max_model_len"),
+                 "model_name": ("--served-model-name", "served_model_name"), "log_level": ("--log-level", "log_level"),
+                 "api_keys": ("--api-key", "api_key")}
+
+
 def _setting(args: argparse.Namespace, file, error: dict) -> tuple[str, str]:
     """(where, message) of a ServeConfig validation error: the flag that set the value (`--model`), else
     the config file and the key's place in it (`--config FILE: applications[0].args.bogus_key`); a
@@ -247,10 +254,12 @@ def _setting(args: argparse.Namespace, file, error: dict) -> tuple[str, str]:
     message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix
     if not key and ": " in message:  # a model validator naming its setting, "model: ... does not exist"
         key, message = message.split(": ", 1)
-    if key == "model" and args.model:
-        return "--model", message
-    if args.config and key:
-        return f"--config {args.config}: {getattr(file, 'args_path', '')}{key}", message
+    flag = next((flag for setting, (flag, dest) in SETTING_FLAGS.items()
+                 if (key == setting or key.startswith(setting + ".")) and getattr(args, dest, None) is not None), None)
+    if flag:
+        return flag, message
+    if args.config:  # (a check across settings names them in its message: the file is where they are)
+        return f"--config {args.config}" + (f": {getattr(file, 'args_path', '')}{key}" if key else ""), message
     return key or "config", message
 
 

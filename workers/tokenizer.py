@@ -17,6 +17,10 @@ def load_tokenizer(model_dir: Path):
     model_dir = Path(model_dir)
     if not _is_file(model_dir / "tokenizer.json") and not _is_file(model_dir / "tokenizer_config.json"):
         raise ModelDirError(model_dir / "tokenizer.json", "missing; the directory needs tokenizer files")
+    if not _is_file(model_dir / "tokenizer.json") and not any(_is_file(model_dir / name) for name in SLOW_VOCAB_FILES):
+        # (transformers then tries to build one and says to install sentencepiece or tiktoken: helper-184)
+        raise ModelDirError(model_dir / "tokenizer.json", "missing: tokenizer_config.json alone holds no vocabulary; "
+                            "copy the checkpoint's tokenizer.json (or its vocab.json and merges.txt) into the directory")
     from transformers import AutoTokenizer
 
     try:
@@ -37,6 +41,11 @@ def _strict_dataclass_errors() -> tuple:
         return ()
     return (StrictDataclassError,)
 
+
+# The vocabulary files of tokenizers transformers builds without a tokenizer.json (BPE, SentencePiece,
+# WordPiece, tiktoken)
+SLOW_VOCAB_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                    "vocab.txt", "tokenizer.tiktoken")
 
 # What transformers' from_pretrained raises for a directory of the wrong structure
 TRANSFORMERS_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, *_strict_dataclass_errors())

@@ -671,8 +671,13 @@ def test_a_bad_setting_names_the_file_and_its_place_and_a_bad_address_is_one_lin
     served.write_text("applications:\n- name: refusion\n  import_path: integrations.serve_app:build_app\n  args:\n    bogus_key: 1\n")
     bare = tmp_path / "bare.yaml"
     bare.write_text("drain_timeout_s: -1\n")
+    across = tmp_path / "across.yaml"  # a check across settings: it said "config: engine_deployment..." (helper-184)
+    across.write_text("engine_deployment:\n  graceful_shutdown_timeout_s: 5\n")
     for argv, said in ((["--config", str(served)], f"--config {served}: applications[0].args.bogus_key: Extra inputs"),
                        (["--config", str(bare)], f"--config {bare}: drain_timeout_s: "),
+                       (["--config", str(across)], f"--config {across}: engine_deployment.graceful_shutdown_timeout_s (5.0)"),
+                       # the flag's value, named as the flag (it said max_model_len; 0 said --max-model-len)
+                       (["--max-model-len", "100000"], "--max-model-len: got 100000; give 1 to 4096"),
                        (["--address", "garbage"], "--address: cannot join the Ray cluster at garbage: Invalid address")):
         proc = subprocess.run([sys.executable, "-m", "integrations.cli", "serve", *argv, "--port", "1"],
                               cwd=REPO, capture_output=True, text=True, timeout=120)

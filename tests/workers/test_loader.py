@@ -96,6 +96,8 @@ def test_mask_token_from_tokenizer_then_none_at_all(tiny_model_dir, tmp_path):
     ("config.json", "config.json"),
     ("model.safetensors", "model.safetensors"),
     ("tokenizer", "tokenizer.json"),
+    # tokenizer_config.json alone: transformers said to install sentencepiece or tiktoken (helper-184)
+    ("tokenizer.json", "tokenizer.json"),
 ])
 def test_missing_files_are_named(tiny_model_dir, tmp_path, victim, expected):
     model = _copy(tiny_model_dir, tmp_path)
