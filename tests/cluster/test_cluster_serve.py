@@ -321,8 +321,11 @@ def kill_drain_signal(cluster) -> None:
 
 def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(cluster):
     config = cluster.write_config(cluster.app_config(num_replicas=2), "cli.yaml")
-    # Serve runs there already (the tests above): another --port would be ignored by Ray, and "ready at"
-    # named a port nothing listened on (helper-144); refused, and Serve there is left running
+    if not cluster.serve_proxies():  # run alone: Serve is not up there yet (the tests above leave it up)
+        cluster.serve_deploy(cluster.app_config(num_replicas=1))
+        wait_for(lambda: cluster.serve_proxies(), 120, "Serve's proxy on the cluster")
+    # Serve runs there already: another --port would be ignored by Ray, and "ready at" named a port
+    # nothing listened on (helper-144); refused, and Serve there is left running
     other = subprocess.run([str(BIN / "refusion"), "serve", "--address", cluster.gcs_address, "--config", str(config),
                             "--port", str(cluster.http_port + 1)], env=ENV, capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "Serve already runs on this cluster, its proxies on" in other.stderr, \
