@@ -5,8 +5,8 @@
                    [--config FILE] [--address RAY_ADDRESS]
 
 Without --address (or RAY_ADDRESS, which Ray's own tools read too) a local Ray instance is started (no
-dashboard); with it the app is deployed on that cluster. --config reads a Ray Serve config file (config/serve.yaml: `applications[0].args` and
-`.deployments`, `http_options`, `proxy_location`), as `serve deploy` does, or a bare mapping of
+dashboard); with it the app is deployed on that cluster. --config reads a Ray Serve config file
+(config/serve.yaml: `applications[0].args` and `.deployments`, `http_options`, `proxy_location`), as `serve deploy` does, or a bare mapping of
 ServeConfig fields; flags override the file (integrations/serve_config_file.py). Engine replicas ask
 for one GPU when the cluster has GPUs and the config does not say otherwise.
 
@@ -18,8 +18,8 @@ stops at once, dropping open streams, and exits with 130.
 With a local Ray, replicas it has no CPUs or GPUs for are refused before any starts (room_problem, exit
 2). While the application is still starting, Ctrl-C or SIGTERM removes it and exits with 130, unless
 its replicas up already answer requests (others waiting for room on a cluster): then they are drained
-as above; a deploy Ray reports as failed exits with 1 (integrations/serve_start.py). On Linux with a local Ray this runs under a
-supervisor process that forwards the signals (integrations/serve_supervisor.py), so a signal to the
+as above; a deploy Ray reports as failed exits with 1 (integrations/serve_start.py). On Linux with a
+local Ray this runs under a supervisor process that forwards the signals (integrations/serve_supervisor.py), so a signal to the
 process group drains as well.
 """
 
@@ -191,8 +191,8 @@ def room_problem(demand: dict[str, tuple[int, float, float]], available: dict[st
         key = "num_cpus" if kind == "CPU" else "num_gpus"
         return (f"{where}: the replicas at start need {need:g} {kind}s ({parts}) and this machine's Ray has "
                 f"{have:g}, so Ray Serve would wait for room forever; start at most {max(fits, 0)} engine "
-                f"replica{'' if fits == 1 else 's'}, or lower engine_deployment.{key} ({per:g} per replica), or join a larger cluster "
-                "with --address")
+                f"replica{'' if fits == 1 else 's'}, or lower engine_deployment.{key} ({per:g} per replica), "
+                "or join a larger cluster with --address")
     return None
 
 

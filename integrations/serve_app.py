@@ -126,11 +126,13 @@ def application(args: dict, deployment_overrides: dict[str, dict] | None = None)
     engine = EngineDeployment.options(**_with_overrides({**config.engine_deployment.ray_options(), **logging},
                                                         overrides.get(ENGINE_DEPLOYMENT))).bind(plain)
     grace_s = config.engine_deployment.graceful_shutdown_timeout_s
-    ingress_options = _with_overrides({**config.ingress.ray_options(grace_s), **logging}, overrides.get(INGRESS_DEPLOYMENT))
+    ingress_options = _with_overrides({**config.ingress.ray_options(grace_s), **logging},
+                                      overrides.get(INGRESS_DEPLOYMENT))
     return IngressDeployment.options(**ingress_options).bind(engine, plain)
 
 
-def starting_demand(args: dict, deployment_overrides: dict[str, dict] | None = None) -> dict[str, tuple[int, float, float]]:
+def starting_demand(args: dict,
+                    deployment_overrides: dict[str, dict] | None = None) -> dict[str, tuple[int, float, float]]:
     """{deployment name: (replicas at start, CPUs per replica, GPUs per replica)} of the application
     `application(args, deployment_overrides)` builds: the replica count, or autoscaling's
     initial_replicas (else min_replicas; Ray Serve's "auto" starts at 1), and ray_actor_options' num_cpus
@@ -138,7 +140,8 @@ def starting_demand(args: dict, deployment_overrides: dict[str, dict] | None = N
     hold for the application to finish deploying."""
     config = ServeConfig.model_validate(args or {})
     overrides = deployment_overrides or {}
-    options = {ENGINE_DEPLOYMENT: _with_overrides(config.engine_deployment.ray_options(), overrides.get(ENGINE_DEPLOYMENT)),
+    options = {ENGINE_DEPLOYMENT: _with_overrides(config.engine_deployment.ray_options(),
+                                                  overrides.get(ENGINE_DEPLOYMENT)),
                INGRESS_DEPLOYMENT: _with_overrides(config.ingress.ray_options(1.0), overrides.get(INGRESS_DEPLOYMENT))}
     demand = {}
     for name, option in options.items():
