@@ -6,9 +6,10 @@
 
 Without --address (or RAY_ADDRESS, which Ray's own tools read too) a local Ray instance is started (no
 dashboard); with it the app is deployed on that cluster. --config reads a Ray Serve config file
-(config/serve.yaml: `applications[0].args` and `.deployments`, `http_options`, `proxy_location`), as `serve deploy` does, or a bare mapping of
-ServeConfig fields; flags override the file (integrations/serve_config_file.py). Engine replicas ask
-for one GPU when the cluster has GPUs and the config does not say otherwise.
+(config/serve.yaml: `applications[0].args` and `.deployments`, `http_options`, `proxy_location`), as
+`serve deploy` does, or a bare mapping of ServeConfig fields; flags override the file
+(integrations/serve_config_file.py). Engine replicas ask for one GPU when the cluster has GPUs and the
+config does not say otherwise.
 
 Ctrl-C or SIGTERM drains, then shuts down (integrations/serve_drain.py): new requests get 503 +
 Retry-After, running ones get drain_timeout_s to finish and the rest end with a clean error (a last SSE
@@ -19,8 +20,8 @@ With a local Ray, replicas it has no CPUs or GPUs for are refused before any sta
 2). While the application is still starting, Ctrl-C or SIGTERM removes it and exits with 130, unless
 its replicas up already answer requests (others waiting for room on a cluster): then they are drained
 as above; a deploy Ray reports as failed exits with 1 (integrations/serve_start.py). On Linux with a
-local Ray this runs under a supervisor process that forwards the signals (integrations/serve_supervisor.py), so a signal to the
-process group drains as well.
+local Ray this runs under a supervisor process that forwards the signals
+(integrations/serve_supervisor.py), so a signal to the process group drains as well.
 """
 
 from __future__ import annotations
