@@ -357,6 +357,12 @@ def run(args: argparse.Namespace) -> int:
             if problem := room_problem(starting_demand(config, file.deployments), ray.cluster_resources(), where):
                 print(f"refusion serve: {problem}", file=sys.stderr, flush=True)
                 return 2
+            device = str((config.get("runner") or {}).get("device") or "")
+            if device.startswith("cuda") and ray.cluster_resources().get("GPU", 0) < 1:  # (each replica failed)
+                print(f"refusion serve: {f'--config {args.config}: ' if args.config else ''}runner.device: {device}, "
+                      "but this machine has no GPU that Ray sees; set cpu, or leave it unset (CUDA when there is "
+                      "one)", file=sys.stderr, flush=True)
+                return 2
         serving = True  # from here on Serve runs on the cluster
         # Serve's controller and proxies log as the replicas do (ServeConfig.ray_logging: --log-level warning
         # drops their INFO lines too)

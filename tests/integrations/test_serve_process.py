@@ -334,6 +334,26 @@ def test_replicas_a_local_ray_cannot_place_are_refused_before_serving(tiny_model
     assert "start at most 0 engine replicas" in said and "Deploying" not in said and "ready at" not in said, said[-3000:]
 
 
+def test_a_cuda_runner_without_a_gpu_is_refused_before_serving(tiny_model_dir, tmp_path):
+    """runner.device cuda on a local Ray without a GPU: each engine replica failed in Ray's log (six
+    tracebacks, then "Failed to update the deployments"); refused at start, naming the setting."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the setting is valid here")
+    config = {"runner": {**RUNNER_OPTIONS, "device": "cuda"}, "engine": ENGINE, "drain_timeout_s": 1,
+              "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": 5}}
+    proc, port, log = start_serve(tiny_model_dir, config, tmp_path)
+    try:
+        assert proc.wait(WAIT_S) == 2, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    said = log.read_text(errors="replace")
+    assert "runner.device: cuda, but this machine has no GPU that Ray sees" in said and "Traceback" not in said, said[-3000:]
+
+
 def test_the_config_files_runtime_env_reaches_the_replicas(tiny_model_dir, tmp_path):
     """An application's `runtime_env` in the config file was ignored by `refusion serve` without a word
     (keys for `serve deploy` in the same file never reached the replicas); it is this job's runtime_env
