@@ -171,29 +171,38 @@ def _drop_applied_options_notice(record: logging.LogRecord) -> bool:
     return "will not be applied" not in record.getMessage()
 
 
-def room_problem(demand: dict[str, tuple[int, float, float]], available: dict[str, float], where: str) -> str | None:
+def room_problem(demand: dict[str, tuple[int, dict[str, float]]], available: dict[str, float], where: str) -> str | None:
     """Why a local Ray (`available`: ray.cluster_resources(), which never grow there) cannot place the
     application's starting replicas (`demand`: serve_app.starting_demand), or None. Ray Serve would wait
     for room without end, serving with the replicas it placed, and `refusion serve` would never be ready
     (helper-184: --replicas 3 of 1 CPU on 2 CPUs); vLLM likewise refuses to start what cannot run.
-    `where`: the flag or key that set the count, named in the message."""
+    `where`: the flag or file that set the counts, named in the message."""
     from integrations.serve_config import ENGINE_DEPLOYMENT
 
-    for kind, i in (("CPU", 1), ("GPU", 2)):
-        need = sum(d[0] * d[i] for d in demand.values())
-        have = available.get(kind, 0.0)
+    setting = {"CPU": "num_cpus", "GPU": "num_gpus"}
+    names = {ENGINE_DEPLOYMENT: "engine_deployment"}
+    for resource in sorted({r for _, per in demand.values() for r in per}, key=lambda r: (r not in setting, r)):
+        asks = {name: (count, per[resource]) for name, (count, per) in demand.items() if count and per.get(resource)}
+        need, have = sum(count * amount for count, amount in asks.values()), available.get(resource, 0.0)
         if need <= have + 1e-9:
             continue
-        parts = ", ".join(f"{d[0]} {'engine' if name == ENGINE_DEPLOYMENT else 'ingress'} x {d[i]:g}"
-                          for name, d in demand.items() if d[0] * d[i])
-        per = demand[ENGINE_DEPLOYMENT][i]
-        rest = need - demand[ENGINE_DEPLOYMENT][0] * per
-        fits = int((have - rest + 1e-9) // per) if per else 0
-        key = "num_cpus" if kind == "CPU" else "num_gpus"
-        return (f"{where}: the replicas at start need {need:g} {kind}s ({parts}) and this machine's Ray has "
-                f"{have:g}, so Ray Serve would wait for room forever; start at most {max(fits, 0)} engine "
-                f"replica{'' if fits == 1 else 's'}, or lower engine_deployment.{key} ({per:g} per replica), "
-                "or join a larger cluster with --address")
+        label = f"{resource}s" if resource in setting else f"of Ray resource {resource!r}"
+        parts = ", ".join(f"{count} {'engine' if name == ENGINE_DEPLOYMENT else 'ingress'} x {amount:g}"
+                          for name, (count, amount) in asks.items())
+        key = setting.get(resource, f"resources.{resource}")
+        keys = " or ".join(f"{names.get(name, 'ingress')}.{key}" for name in asks)
+        if not have and resource not in setting:
+            advice = f"no node here has it: remove it ({keys}), or join a cluster that has it with --address"
+        else:
+            advice = f"lower the replica counts or what each asks ({keys}, or ray_actor_options under deployments:)"
+            count, per = asks.get(ENGINE_DEPLOYMENT, (0, 0.0))
+            rest = need - count * per
+            if per and rest <= have + 1e-9:
+                fits = int((have - rest + 1e-9) // per)
+                advice = f"start at most {fits} engine replica{'' if fits == 1 else 's'}, or {advice}"
+            advice += ", or join a larger cluster with --address"
+        return (f"{where}: the replicas at start need {need:g} {label} ({parts}) and this machine's Ray has "
+                f"{have:g}, so Ray Serve would wait for room forever; {advice}")
     return None
 
 
@@ -201,10 +210,15 @@ def address_from_env(args: argparse.Namespace) -> str | None:
     """Without --address, the cluster RAY_ADDRESS names, as Ray's own tools (`serve run`, `ray job`, ray.init)
     read it (set to "auto" in a Ray job's driver): it was ignored, and on a cluster node `refusion serve`
     started a Ray of its own without a word (helper-184). Sets args.address and returns the name to
-    blame for it ("RAY_ADDRESS"), or None when the address is the flag's or there is none."""
-    if args.address or not os.environ.get("RAY_ADDRESS", "").strip():
+    blame for it ("RAY_ADDRESS"), or None when the address is the flag's or there is none. "local" (from
+    either) is ray.init's word for a new local Ray: no address, the local Ray's checks and set-up apply."""
+    if args.address == "local":
+        args.address = None
         return None
-    args.address = os.environ["RAY_ADDRESS"].strip()
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if args.address or not env or env == "local":
+        return None
+    args.address = env
     return "RAY_ADDRESS"
 
 
@@ -341,6 +355,10 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, on_signal)
 
     handle_signals()  # before Ray starts: a signal inside ray.init left its half-started agents running
+    quiet = ServeConfig.model_validate(config).ray_logging()
+    if quiet:  # this process's Ray and Serve lines follow --log-level as the replicas' do
+        for name in ("ray", "ray.serve"):
+            logging.getLogger(name).setLevel(quiet["logging_config"]["log_level"])
     serving = ready = cut = False
     try:
         if not start_ray(ray, args.address, file.runtime_env, args.address_from or "--address"):
@@ -353,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
             config["engine_deployment"]["num_gpus"] = 1
         if not args.address:  # a local Ray: what it cannot place now it never will
             where = ("--replicas" if args.replicas is not None else "--autoscale" if args.autoscale else
-                     f"--config {args.config}: engine_deployment" if args.config else "engine_deployment.num_replicas")
+                     f"--config {args.config}" if args.config else "the default settings")
             if problem := room_problem(starting_demand(config, file.deployments), ray.cluster_resources(), where):
                 print(f"refusion serve: {problem}", file=sys.stderr, flush=True)
                 return 2
@@ -367,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
         # Serve's controller and proxies log as the replicas do (ServeConfig.ray_logging: --log-level warning
         # drops their INFO lines too)
         serve.start(http_options=http, **({"proxy_location": file.proxy_location} if file.proxy_location else {}),
-                    **ServeConfig.model_validate(config).ray_logging())
+                    **quiet)
         # serve.run's submission then says "New http_options ... will not be applied" whenever Serve runs,
         # though serve.start applied them just now (check_serve_http checks where the proxies listen)
         logging.getLogger("ray.serve").addFilter(_drop_applied_options_notice)

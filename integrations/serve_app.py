@@ -132,11 +132,12 @@ def application(args: dict, deployment_overrides: dict[str, dict] | None = None)
 
 
 def starting_demand(args: dict,
-                    deployment_overrides: dict[str, dict] | None = None) -> dict[str, tuple[int, float, float]]:
-    """{deployment name: (replicas at start, CPUs per replica, GPUs per replica)} of the application
+                    deployment_overrides: dict[str, dict] | None = None) -> dict[str, tuple[int, dict[str, float]]]:
+    """{deployment name: (replicas at start, {Ray resource: amount per replica})} of the application
     `application(args, deployment_overrides)` builds: the replica count, or autoscaling's
     initial_replicas (else min_replicas; Ray Serve's "auto" starts at 1), and ray_actor_options' num_cpus
-    and num_gpus (Ray Serve's default: 1 CPU) or the placement_group_bundles' sums. What a local Ray, whose resources never grow, must
+    ("CPU"; Ray Serve's default 1), num_gpus ("GPU") and custom resources, or the placement_group_bundles'
+    sums; amounts of 0 are left out. What a local Ray, whose resources never grow, must
     hold for the application to finish deploying."""
     config = ServeConfig.model_validate(args or {})
     overrides = deployment_overrides or {}
@@ -154,11 +155,15 @@ def starting_demand(args: dict,
             replicas = option.get("num_replicas", 1)
             replicas = 1 if replicas == "auto" else replicas
         actor = option.get("ray_actor_options") or {}
-        cpus, gpus = actor.get("num_cpus"), actor.get("num_gpus")
+        cpus = actor.get("num_cpus")
+        per = {**(actor.get("resources") or {}), "CPU": 1 if cpus is None else cpus, "GPU": actor.get("num_gpus") or 0}
         bundles = option.get("placement_group_bundles")
         if bundles:  # a replica reserves its bundles (its actor runs in the first)
-            cpus, gpus = sum(b.get("CPU", 0) for b in bundles), sum(b.get("GPU", 0) for b in bundles)
-        demand[name] = (int(replicas), float(1 if cpus is None else cpus), float(gpus or 0))
+            per = {}
+            for bundle in bundles:
+                for resource, amount in bundle.items():
+                    per[resource] = per.get(resource, 0) + amount
+        demand[name] = (int(replicas), {k: float(v) for k, v in per.items() if v})
     return demand
 
 

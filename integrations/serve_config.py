@@ -212,7 +212,7 @@ class ServeConfig(_Strict):
                                          "frame for this long, with no completion in flight, is closed with 1001; "
                                          "0 = never")
     max_model_len: int | None = Field(
-        default=None, ge=1, description="the context served, in tokens (vLLM's --max-model-len): at most the "
+        default=None, description="the context served, in tokens (vLLM's --max-model-len): at most the "
         "model's (config.json max_position_embeddings); prompts the server builds (the editor's infill) and "
         "the max_tokens it fills in fit it. Set it below what the engine's KV cache holds when that is less "
         "than the model's context (an engine replica logs a warning at start)")
@@ -238,6 +238,13 @@ class ServeConfig(_Strict):
         if self.log_level in ("debug", "info"):
             return {}
         return {"logging_config": {"log_level": self.log_level.upper(), "enable_access_log": False}}
+
+    @field_validator("max_model_len", mode="before")
+    @classmethod
+    def _context_is_a_number(cls, value):
+        if isinstance(value, bool):  # (true was read as 1)
+            raise ValueError(f"got {value}; give a number of tokens (1 to the model's context)")
+        return value  # (its bound is checked with the model's context: max_model_len_problem)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, MAX_ONGOING_REQUESTS, max_model_len_problem, served_names_problem
+from integrations.serve_config import (DEFAULT_MODEL, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, MAX_ONGOING_REQUESTS,
+                                       max_model_len_problem, served_names_problem)
 
 
 class CLIError(ValueError):
@@ -234,7 +235,7 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
     if args.dtype:
         config["runner"] = {**_section(config, "runner"), "dtype": args.dtype}
     if getattr(args, "max_model_len", None) is not None:
-        if problem := max_model_len_problem(args.max_model_len, None):  # the model's bound: ServeConfig's check
+        if problem := max_model_len_problem(args.max_model_len, config.get("model") or DEFAULT_MODEL):
             raise CLIError(f"--max-model-len: {problem}")
         config["max_model_len"] = args.max_model_len
     if getattr(args, "log_level", None):

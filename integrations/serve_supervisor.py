@@ -31,10 +31,21 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def wanted(argv: list[str]) -> bool:
-    """Whether `refusion <argv>` should run as supervisor + server: `serve` with a local Ray (no --address,
-    no RAY_ADDRESS), on Linux, not already the server, and not just asking for help."""
-    return (sys.platform.startswith("linux") and bool(argv) and argv[0] == "serve" and CHILD_ENV not in os.environ
-            and not os.environ.get("RAY_ADDRESS", "").strip() and not any(a in ("-h", "--help") or a == "--address" or a.startswith("--address=") for a in argv[1:]))
+    """Whether `refusion <argv>` should run as supervisor + server: `serve` with a local Ray (no --address
+    and no RAY_ADDRESS, or "local", ray.init's word for one), on Linux, not already the server, and not
+    just asking for help."""
+    if not (sys.platform.startswith("linux") and argv and argv[0] == "serve" and CHILD_ENV not in os.environ):
+        return False
+    rest = argv[1:]
+    if any(a in ("-h", "--help") for a in rest):
+        return False
+    address = os.environ.get("RAY_ADDRESS", "").strip()  # the flag wins over it
+    for i, a in enumerate(rest):
+        if a == "--address":
+            address = rest[i + 1] if i + 1 < len(rest) else ""
+        elif a.startswith("--address="):
+            address = a.split("=", 1)[1]
+    return address in ("", "local")
 
 
 def _server_preexec() -> None:

@@ -63,7 +63,7 @@ def test_max_model_len_is_at_most_the_models_context_and_the_flag_sets_it():
     cli_serve.add_arguments(parser)
     config = cli_serve.merged_config(parser.parse_args(["--model", str(SHIPPED_MODEL), "--max-model-len", "1024"])).args
     assert ServeConfig.model_validate(config).max_model_len == 1024
-    with pytest.raises(cli_serve.CLIError, match="--max-model-len: got 0; give a positive number"):
+    with pytest.raises(cli_serve.CLIError, match="--max-model-len: got 0; give 1 to 4096"):
         cli_serve.merged_config(parser.parse_args(["--max-model-len", "0"]))
 
 

@@ -289,11 +289,16 @@ async def _drain_under_sigterm(server: Server) -> None:
 
 
 def test_a_signal_while_a_replica_waits_for_room_removes_the_app_at_once(tiny_model_dir, tmp_path):
-    """An engine replica the cluster can never place (here: a resource no node has; in a break-test, more
-    replicas than CPUs): serve.run waited forever and `refusion serve` ignored Ctrl-C and SIGTERM until
-    kill -9, leaving the application half-deployed. Now the first signal removes it and exits 130."""
-    config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": 1,
-              "engine_deployment": {**ENGINE_DEPLOYMENT, "resources": {"no_such_node": 1}}}
+    """An engine replica the cluster can never place (in a break-test, more replicas than CPUs, which a
+    local Ray now refuses at start, as a resource no node has; here placement bundles spread over two
+    nodes, which the start-up check leaves to Ray): serve.run waited forever and `refusion serve` ignored Ctrl-C
+    and SIGTERM until kill -9, leaving the application half-deployed. Now the first signal removes it
+    (no replica of it serves) and exits 130."""
+    config = {"applications": [{"name": "refusion", "route_prefix": "/", "import_path": "integrations.serve_app:build_app",
+                                "args": {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": 1,
+                                         "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": 5}},
+                                "deployments": [{"name": "RefusionEngine", "placement_group_strategy": "STRICT_SPREAD",
+                                                 "placement_group_bundles": [{"CPU": 0.5}, {"CPU": 0.1}]}]}]}
     proc, port, log = start_serve(tiny_model_dir, config, tmp_path)
     try:
         deadline = time.monotonic() + WAIT_S

@@ -84,16 +84,26 @@ def test_the_starting_replicas_a_local_ray_must_hold():
     from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
 
     scaled = starting_demand({"engine_deployment": {"autoscaling": {"min_replicas": 0, "max_replicas": 8}}})
-    assert scaled[ENGINE_DEPLOYMENT] == (0, 1.0, 0.0)  # scale to zero starts none: nothing to hold
+    assert scaled[ENGINE_DEPLOYMENT] == (0, {"CPU": 1.0})  # scale to zero starts none: nothing to hold
     initial = starting_demand({"engine_deployment": {"autoscaling": {"min_replicas": 1, "max_replicas": 8,
                                                                      "initial_replicas": 3}}})
-    assert initial[ENGINE_DEPLOYMENT] == (3, 1.0, 0.0) and initial[INGRESS_DEPLOYMENT] == (1, 0.0, 0.0)
+    assert initial[ENGINE_DEPLOYMENT] == (3, {"CPU": 1.0}) and initial[INGRESS_DEPLOYMENT] == (1, {})
     # a `deployments:` entry replaces the count and the actor options (Ray Serve's default: 1 CPU)
     file = starting_demand({}, {ENGINE_DEPLOYMENT: {"num_replicas": 2, "ray_actor_options": {"num_gpus": 1}}})
-    assert file[ENGINE_DEPLOYMENT] == (2, 1.0, 1.0)
+    assert file[ENGINE_DEPLOYMENT] == (2, {"CPU": 1.0, "GPU": 1.0})
     assert room_problem(file, {"CPU": 2.0, "GPU": 2.0}, "--replicas") is None
     gpus = room_problem(file, {"CPU": 16.0, "GPU": 1.0}, "--replicas")
     assert gpus.startswith("--replicas: the replicas at start need 2 GPUs (2 engine x 1)") and "at most 1 engine replica," in gpus
     cpus = room_problem(starting_demand({"engine_deployment": {"num_replicas": 2}, "ingress": {"num_cpus": 0.5}}),
                         {"CPU": 2.0}, "--replicas")
     assert "need 2.5 CPUs (2 engine x 1, 1 ingress x 0.5)" in cpus and "at most 1 engine replica," in cpus
+    assert "engine_deployment.num_cpus or ingress.num_cpus" in cpus
+    # the ingress alone past the machine (helper-185: the advice named only the engine): no engine count fits
+    wide = room_problem(starting_demand({"ingress": {"num_replicas": 3, "num_cpus": 1}}), {"CPU": 2.0}, "--config f")
+    assert wide.startswith("--config f: the replicas at start need 4 CPUs (1 engine x 1, 3 ingress x 1)")
+    assert "at most" not in wide and "ingress.num_cpus" in wide
+    # a custom resource no node of a local Ray has (helper-185: config/serve.yaml's accelerator_type example)
+    custom = room_problem(starting_demand({"engine_deployment": {"resources": {"accelerator_type:H200": 0.001}}}),
+                          {"CPU": 2.0}, "the default settings")
+    assert "of Ray resource 'accelerator_type:H200' (1 engine x 0.001)" in custom
+    assert "no node here has it: remove it (engine_deployment.resources.accelerator_type:H200)" in custom

@@ -1285,10 +1285,21 @@ def test_the_supervisor_runs_only_for_serve_on_a_local_ray(monkeypatch):
     from integrations import serve_supervisor
 
     monkeypatch.delenv(serve_supervisor.CHILD_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(serve_supervisor.sys, "platform", "linux")
     assert serve_supervisor.wanted(["serve"]) and serve_supervisor.wanted(["serve", "--port", "8001"])
     for argv in (["serve", "--address", "auto"], ["serve", "--address=auto"], ["serve", "-h"], ["generate"], []):
         assert not serve_supervisor.wanted(argv), argv
+    # "local" is ray.init's word for a new local Ray (helper-185: RAY_ADDRESS=local skipped the local checks)
+    assert serve_supervisor.wanted(["serve", "--address", "local"]) and serve_supervisor.wanted(["serve", "--address=local"])
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert serve_supervisor.wanted(["serve"]) and not serve_supervisor.wanted(["serve", "--address", "auto"])
+    args = argparse.Namespace(address=None)
+    assert cli_serve.address_from_env(args) is None and args.address is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    args = argparse.Namespace(address="local")  # the flag wins, and names a local Ray
+    assert cli_serve.address_from_env(args) is None and args.address is None
+    assert serve_supervisor.wanted(["serve", "--address", "local"]) and not serve_supervisor.wanted(["serve"])
     monkeypatch.setattr(serve_supervisor.sys, "platform", "darwin")  # no PR_SET_PDEATHSIG: one process
     assert not serve_supervisor.wanted(["serve"])
     monkeypatch.setattr(serve_supervisor.sys, "platform", "linux")
