@@ -63,7 +63,8 @@ class EngineMetrics:
                              "(queue rebalancing); counted neither as finished nor as cancelled.", registry=r)
         self.generation_tokens = Counter(f"{p}_generation_tokens", "Generated tokens streamed.", registry=r)
         self.finished = Counter(f"{p}_requests_finished", "Finished requests by reason.", ["reason"], registry=r)
-        self.rejected = Counter(f"{p}_requests_rejected", "Engine requests (each choice of n) refused at submit by reason.", ["reason"], registry=r)
+        self.rejected = Counter(f"{p}_requests_rejected", "Engine requests (each choice of n) refused at submit by "
+                                "reason.", ["reason"], registry=r)
         self.preemptions = Counter(f"{p}_preemptions", "Running requests sent back to the queue to restart later, by "
                                    "cause: kv (a step's KV did not fit), interactive (a waiting interactive request "
                                    "took the slot).", ["cause"], registry=r)
