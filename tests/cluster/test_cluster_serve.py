@@ -319,6 +319,17 @@ def kill_drain_signal(cluster) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def serve_on(cluster, config) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """`refusion serve --address` onto the cluster with `config` on its HTTP port: the process, the lines
+    of its output as they come (a reader thread fills them), and that thread."""
+    proc = subprocess.Popen([str(BIN / "refusion"), "serve", "--address", cluster.gcs_address, "--config", str(config),
+                             "--port", str(cluster.http_port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    return proc, lines, reader
+
+
 def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(cluster):
     config = cluster.write_config(cluster.app_config(num_replicas=2), "cli.yaml")
     if not cluster.serve_proxies():  # run alone: Serve is not up there yet (the tests above leave it up)
@@ -331,11 +342,7 @@ def test_refusion_serve_address_deploys_onto_the_cluster_and_drains_on_sigterm(c
     assert other.returncode == 2 and "Serve already runs on this cluster, its proxies on" in other.stderr, \
         other.stderr[-2000:]
     assert f":{cluster.http_port} " in other.stderr and cluster.serve_proxies(), other.stderr[-2000:]
-    proc = subprocess.Popen([str(BIN / "refusion"), "serve", "--address", cluster.gcs_address, "--config", str(config),
-                             "--port", str(cluster.http_port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    proc, lines, reader = serve_on(cluster, config)
     try:
         wait_for(lambda: any("ready at" in line for line in lines) or proc.poll() is not None, 300, "refusion serve ready")
         assert proc.poll() is None, "".join(lines)[-2000:]
@@ -364,11 +371,7 @@ async def test_refusion_serve_drains_the_replicas_up_while_another_waits_for_roo
     the application at once, cutting the streams the two replicas were serving (helper-184, with --replicas
     3 on a 2-CPU machine); now the replicas that answer are drained as after "ready at"."""
     config = cluster.write_config(cluster.app_config(num_replicas=3), "partial.yaml")
-    proc = subprocess.Popen([str(BIN / "refusion"), "serve", "--address", cluster.gcs_address, "--config", str(config),
-                             "--port", str(cluster.http_port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    proc, lines, reader = serve_on(cluster, config)
     try:
         await asyncio.to_thread(wait_for, lambda: len(replicas(cluster.url)) == 2 or proc.poll() is not None, 300,
                                 "two engine replicas answering /metrics")

@@ -320,6 +320,18 @@ def test_a_signal_while_a_replica_waits_for_room_removes_the_app_at_once(tiny_mo
             proc.wait()
 
 
+def refused_at_start(model_dir: Path, config: dict, workdir: Path, *flags: str) -> str:
+    """`refusion serve` that must exit 2 (a setting refused at start, before any replica): its output."""
+    proc, _, log = start_serve(model_dir, config, workdir, *flags)
+    try:
+        assert proc.wait(WAIT_S) == 2, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return log.read_text(errors="replace")
+
+
 def test_replicas_a_local_ray_cannot_place_are_refused_before_serving(tiny_model_dir, tmp_path):
     """More engine replicas than the local Ray's CPUs (helper-184: --replicas 3 of 1 CPU on 2 CPUs): Ray
     Serve placed two and waited for the third forever, the service answered but `refusion serve` was never
@@ -327,14 +339,7 @@ def test_replicas_a_local_ray_cannot_place_are_refused_before_serving(tiny_model
     naming the flag, what is needed and what fits, before any replica starts (exit 2, Ray shut down)."""
     config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": 1,
               "engine_deployment": {**ENGINE_DEPLOYMENT, "num_cpus": 1000, "graceful_shutdown_timeout_s": 5}}
-    proc, port, log = start_serve(tiny_model_dir, config, tmp_path, "--replicas", "2")
-    try:
-        assert proc.wait(WAIT_S) == 2, log.read_text(errors="replace")[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    said = log.read_text(errors="replace")
+    said = refused_at_start(tiny_model_dir, config, tmp_path, "--replicas", "2")
     assert "refusion serve: --replicas: the replicas at start need 2000 CPUs (2 engine x 1000)" in said, said[-3000:]
     assert "start at most 0 engine replicas" in said and "Deploying" not in said and "ready at" not in said, said[-3000:]
 
@@ -348,14 +353,7 @@ def test_a_cuda_runner_without_a_gpu_is_refused_before_serving(tiny_model_dir, t
         pytest.skip("this machine has a GPU: the setting is valid here")
     config = {"runner": {**RUNNER_OPTIONS, "device": "cuda"}, "engine": ENGINE, "drain_timeout_s": 1,
               "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": 5}}
-    proc, port, log = start_serve(tiny_model_dir, config, tmp_path)
-    try:
-        assert proc.wait(WAIT_S) == 2, log.read_text(errors="replace")[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    said = log.read_text(errors="replace")
+    said = refused_at_start(tiny_model_dir, config, tmp_path)
     assert "runner.device: cuda, but this machine has no GPU that Ray sees" in said and "Traceback" not in said, said[-3000:]
 
 
