@@ -80,9 +80,7 @@ class APIKeyMiddleware:
         self.keys = [k.encode() for k in keys]
 
     def _allowed(self, scope) -> bool:
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]  # behind a route prefix (Ray Serve), /prefix/health is /health
+        path = _route_path(scope)
         if not self.keys or path in OPEN_PATHS:
             return True
         return any(hmac.compare_digest(key.encode(), k) for key in _presented_keys(scope) for k in self.keys)
@@ -121,6 +119,19 @@ def _origin(scope) -> str | None:
     return None
 
 
+def _route_path(scope) -> str:
+    """The request's path below its route prefix: behind Ray Serve's route prefix /prefix/health is /health."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+async def _forbidden(send, reason: str, param: str, code: str) -> None:
+    """A 403 in OpenAI's error shape (type permission_error) naming the header at fault."""
+    body = json.dumps({"error": {"message": reason, "type": "permission_error", "param": param, "code": code}}).encode()
+    await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class OriginGuard:
     """Pure ASGI: refuses browser requests from origins not in `allowed` (see the module docstring).
     A refused WebSocket handshake is closed before it is accepted (HTTP 403); a refused HTTP request
@@ -134,9 +145,7 @@ class OriginGuard:
 
     def _allowed(self, scope) -> bool:
         origin = _origin(scope)
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
+        path = _route_path(scope)
         return origin is None or self.allow_all or origin in self.allowed or path in OPEN_PATHS
 
     async def __call__(self, scope, receive, send):
@@ -147,10 +156,7 @@ class OriginGuard:
             await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed: see allowed_origins"})
             return
         reason = f"origin {_origin(scope)!r} is not allowed: add it to allowed_origins in the serve config"
-        body = json.dumps({"error": {"message": reason, "type": "permission_error", "param": "Origin",
-                                     "code": "origin_not_allowed"}}).encode()
-        await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+        await _forbidden(send, reason, "Origin", "origin_not_allowed")
 
 
 def _loopback(address) -> bool:
@@ -213,9 +219,7 @@ class HostGuard:
         server = scope.get("server")
         if self.allow_all or not server or not _loopback(server[0]):
             return None
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
+        path = _route_path(scope)
         host = _host_name(scope)
         if not host or path in OPEN_PATHS or host in self.allowed or host in _local_names():
             return None
@@ -237,7 +241,4 @@ class HostGuard:
             return
         reason = (f"host {host!r} (the Host header) is not served on a loopback connection, against DNS rebinding: "
                   "use localhost or 127.0.0.1, or add the name to allowed_hosts in the serve config")
-        body = json.dumps({"error": {"message": reason, "type": "permission_error", "param": "Host",
-                                     "code": "host_not_allowed"}}).encode()
-        await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+        await _forbidden(send, reason, "Host", "host_not_allowed")
