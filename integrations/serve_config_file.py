@@ -43,7 +43,7 @@ def load_config_file(path: Path) -> ConfigFile:
     if not path.exists():  # (a pipe, `--config <(...)`, is read as a file is)
         raise CLIError(f"--config: {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except PermissionError:
         raise CLIError(f"--config: {path}: permission denied; make it readable") from None
     except UnicodeDecodeError as exc:
@@ -85,6 +85,9 @@ def load_config_file(path: Path) -> ConfigFile:
         if name not in (ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT):
             raise CLIError(f"--config: applications[0].deployments: unknown deployment {name!r}; the "
                            f"application has {ENGINE_DEPLOYMENT} and {INGRESS_DEPLOYMENT}")
+        if name in deployments:  # (the last entry won without a word)
+            raise CLIError(f"--config: applications[0].deployments: {name} is listed twice; merge its settings "
+                           "into one entry")
         _check_keys(entry, DeploymentSchema, f"applications[0].deployments {name} ")
         scaling = entry.get("autoscaling_config")
         if isinstance(scaling, dict):  # Ray drops its unknown keys without a word
@@ -109,6 +112,33 @@ def load_config_file(path: Path) -> ConfigFile:
         deployments[name] = {k: v for k, v in entry.items() if k != "name"}
     return ConfigFile(_section(apps[0], "args"), _section(data, "http_options"), data.get("proxy_location"),
                       deployments, "applications[0].args.", _section(apps[0], "runtime_env"))
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader refusing a key written twice in one mapping (PyYAML keeps the last value without a
+    word, so `max_running: 8` above `max_running: 64` served 64; YAML 1.2 requires unique keys). Keys a
+    merge (`<<: *base`) brings in may be overridden, as YAML's merge-key spec allows."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node.start_mark)
+                    except TypeError:  # an unhashable key: SafeLoader's own error names it
+                        continue
+                    if first is not key_node.start_mark:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} appears twice in one mapping (first at line {first.line + 1}); "
+                            "keep one", key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 # What `refusion serve` applies of a Serve config file; the application's name, route prefix and import

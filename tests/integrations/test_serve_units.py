@@ -522,6 +522,11 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
              # past 936 a replica's own health check found no room among its 1000 concurrent calls
              "ongoing.yaml": ("applications: [{deployments: [{name: RefusionIngress, max_ongoing_requests: 5000}]}]\n",
                               "RefusionIngress max_ongoing_requests: expected an integer from 1 to 936, got 5000"),
+             # PyYAML kept the last of a key written twice, and the last of two entries of one deployment
+             "dupkey.yaml": ("applications:\n  - args:\n      max_running: 8\n      max_running: 64\n",
+                             "at line 4, column 7: key 'max_running' appears twice in one mapping \\(first at line 3\\)"),
+             "dupdep.yaml": ("applications: [{deployments: [{name: RefusionEngine, num_replicas: 1}, "
+                             "{name: RefusionEngine, num_replicas: 2}]}]\n", "RefusionEngine is listed twice"),
              "policytypo.yaml": ("applications: [{deployments: [{name: RefusionEngine, autoscaling_config: "
                                  "{min_replicas: 1, max_replicas: 2, policy: {policy_functon: x}}}]}]\n",
                                  "autoscaling_config.policy.policy_functon: not a Ray Serve config key")}
@@ -530,6 +535,9 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(cli_serve.CLIError, match=message):
             serve_config_file.load_config_file(path)
+    merged = tmp_path / "merged.yaml"  # a merge key's values may be overridden (YAML's merge-key spec)
+    merged.write_text("applications:\n  - args:\n      <<: {max_running: 8, log_level: info}\n      max_running: 4\n")
+    assert serve_config_file.load_config_file(merged).args == {"max_running": 4, "log_level": "info"}
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")  # started the server on the defaults without a word
     with pytest.raises(cli_serve.CLIError, match="empty.yaml is empty; give a Serve config"):
