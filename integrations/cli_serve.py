@@ -222,13 +222,16 @@ def address_from_env(args: argparse.Namespace) -> str | None:
     return "RAY_ADDRESS"
 
 
-def start_ray(ray, address: str | None, runtime_env: dict | None = None, where: str = "--address") -> bool:
+def start_ray(ray, address: str | None, runtime_env: dict | None = None, where: str = "--address",
+              logging_level: int = logging.INFO) -> bool:
     """Join the cluster at `address`, or start a local Ray (no dashboard); False, after saying why, when
     the cluster cannot be joined. The caller's SIGTERM handler stays in force meanwhile: ray.init sets one
     that exits at once (sys.exit inside ray.init), which left the agents it had started running.
     `runtime_env` (the config file's application `runtime_env`) is this job's: Serve gives it to the
     application's replicas as their default (serve.run's default_runtime_env), as `serve deploy` gives
-    the application the one its file names."""
+    the application the one its file names. `logging_level` is ray.init's for this process's "ray"
+    logger, which ray.init sets up again (at INFO, "Started a local Ray instance." at --log-level warning
+    otherwise)."""
     from ray._private import utils as ray_utils
 
     set_handler = getattr(ray_utils, "set_sigterm_handler", None)
@@ -239,9 +242,10 @@ def start_ray(ray, address: str | None, runtime_env: dict | None = None, where: 
             # Ray's processes inherit this environment: its HTTP proxy keeps malformed X-Request-Ids out
             # of its access log and responses (integrations/request_id_guard.py), unless one is set already
             os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
-            ray.init(address="local", include_dashboard=False, runtime_env=runtime_env or None)
+            ray.init(address="local", include_dashboard=False, runtime_env=runtime_env or None,
+                     logging_level=logging_level)
             return True
-        ray.init(address=address, runtime_env=runtime_env or None)
+        ray.init(address=address, runtime_env=runtime_env or None, logging_level=logging_level)
     except (ConnectionError, RuntimeError, ValueError) as exc:  # (ValueError: "Invalid address format")
         print(f"refusion serve: {where}: cannot join the Ray cluster at {address}: {exc}".splitlines()[0],
               file=sys.stderr)
@@ -356,12 +360,13 @@ def run(args: argparse.Namespace) -> int:
 
     handle_signals()  # before Ray starts: a signal inside ray.init left its half-started agents running
     quiet = ServeConfig.model_validate(config).ray_logging()
+    ray_level = logging.getLevelName(quiet["logging_config"]["log_level"]) if quiet else logging.INFO
     if quiet:  # this process's Ray and Serve lines follow --log-level as the replicas' do
         for name in ("ray", "ray.serve"):
-            logging.getLogger(name).setLevel(quiet["logging_config"]["log_level"])
+            logging.getLogger(name).setLevel(ray_level)
     serving = ready = cut = False
     try:
-        if not start_ray(ray, args.address, file.runtime_env, args.address_from or "--address"):
+        if not start_ray(ray, args.address, file.runtime_env, args.address_from or "--address", ray_level):
             return 2
         handle_signals()  # again: Ray's core worker installs a SIGTERM handler of its own as it connects
         if stop.is_set():

@@ -336,12 +336,14 @@ def test_replicas_a_local_ray_cannot_place_are_refused_before_serving(tiny_model
     """More engine replicas than the local Ray's CPUs (helper-184: --replicas 3 of 1 CPU on 2 CPUs): Ray
     Serve placed two and waited for the third forever, the service answered but `refusion serve` was never
     ready, and a SIGTERM then removed it, cutting its streams. A local Ray never grows: refused at start,
-    naming the flag, what is needed and what fits, before any replica starts (exit 2, Ray shut down)."""
+    naming the flag, what is needed and what fits, before any replica starts (exit 2, Ray shut down).
+    At --log-level warning, Ray's own INFO lines in this process are left out too."""
     config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": 1,
               "engine_deployment": {**ENGINE_DEPLOYMENT, "num_cpus": 1000, "graceful_shutdown_timeout_s": 5}}
-    said = refused_at_start(tiny_model_dir, config, tmp_path, "--replicas", "2")
+    said = refused_at_start(tiny_model_dir, config, tmp_path, "--replicas", "2", "--log-level", "warning")
     assert "refusion serve: --replicas: the replicas at start need 2000 CPUs (2 engine x 1000)" in said, said[-3000:]
     assert "start at most 0 engine replicas" in said and "Deploying" not in said and "ready at" not in said, said[-3000:]
+    assert "Started a local Ray instance" not in said, said[-3000:]  # ray.init's INFO line follows --log-level
 
 
 def test_a_cuda_runner_without_a_gpu_is_refused_before_serving(tiny_model_dir, tmp_path):
