@@ -5,8 +5,8 @@ with httpx over ASGI; the same code a Ray Serve ingress runs).
 The requests are the synthetic ones of training/chat_data.py made from the held-out files of the
 model-card split (never trained on): `n` documented functions ("Write a Python function `sig`. <doc
 summary>") and `n` tool-call turns (the function and up to two distractors as `tools`, the user asks
-with argument values), spread evenly over the held-out files. Greedy (temperature 0), max_tokens 256,
-each decoding mode pinned, so two runs give the same numbers.
+with argument values), spread evenly over the held-out files. Greedy (temperature 0), max_tokens 256
+(the card's; `measure_chat`'s max_tokens), each decoding mode pinned, so two runs give the same numbers.
 
   - chat_nonempty: share of instruction answers with non-empty content;
   - chat_valid_python: share whose content parses with `ast` (an answer cut by max_tokens is judged on
@@ -39,9 +39,9 @@ def heldout_chat_pairs(corpus: list[str], heldout_fraction: float, n: int):
     return out[0], out[1]
 
 
-async def _ask(client, pair, mode: str, tool_choice: str | None = None) -> dict:
+async def _ask(client, pair, mode: str, max_tokens: int, tool_choice: str | None = None) -> dict:
     body = {"model": "m", "messages": [{"role": "user", "content": pair.request}], "temperature": 0,
-            "max_tokens": 256, "mode": mode}
+            "max_tokens": max_tokens, "mode": mode}
     if pair.tools:
         body["tools"] = [{"type": "function", "function": t} for t in pair.tools]
     if tool_choice:
@@ -60,7 +60,7 @@ def valid_answer(content: str, cut: bool) -> bool:
     return bool(judged(content, not cut).strip()) and parses("", content, ended=not cut)
 
 
-async def _score(model_dir: Path, instructions, tool_turns, modes) -> dict:
+async def _score(model_dir: Path, instructions, tool_turns, modes, max_tokens: int) -> dict:
     import httpx
 
     from decoding.params import load_model_defaults
@@ -78,13 +78,13 @@ async def _score(model_dir: Path, instructions, tool_turns, modes) -> dict:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://card") as client:
             for mode in modes:
                 # all at once: the engine batches them (greedy decoding is batch-invariant, tests/decoding)
-                answers = await asyncio.gather(*(_ask(client, p, mode) for p in instructions))
+                answers = await asyncio.gather(*(_ask(client, p, mode, max_tokens) for p in instructions))
                 contents = [(a["message"].get("content") or "", a["finish_reason"] == "length") for a in answers]
                 row[f"{mode}_chat_nonempty"] = round(sum(bool(c.strip()) for c, _ in contents) / len(answers), 4)
                 row[f"{mode}_chat_valid_python"] = round(sum(valid_answer(c, cut) for c, cut in contents) / len(answers), 4)
                 forced = (("forced_", "required"),) if mode != "refusion" else ()  # a 400 in ReFusion mode
                 for prefix, choice in (("", None), *forced):
-                    turns = await asyncio.gather(*(_ask(client, p, mode, choice) for p in tool_turns))
+                    turns = await asyncio.gather(*(_ask(client, p, mode, max_tokens, choice) for p in tool_turns))
                     calls = [t["message"].get("tool_calls") or [] for t in turns]
                     named = exact = 0
                     for pair, made in zip(tool_turns, calls):
@@ -102,10 +102,11 @@ async def _score(model_dir: Path, instructions, tool_turns, modes) -> dict:
 
 
 def measure_chat(model_dir: Path, corpus: list[str], heldout_fraction: float, n: int = 20,
-                 modes: tuple[str, ...] = ("ar", "refusion")) -> dict:
-    """The chat and tool-call rows for one model directory (module doc)."""
+                 modes: tuple[str, ...] = ("ar", "refusion"), max_tokens: int = 256) -> dict:
+    """The chat and tool-call rows for one model directory (module doc); `max_tokens` each answer's cap
+    (the card's 256; the tests ask for fewer)."""
     instructions, tool_turns = heldout_chat_pairs(corpus, heldout_fraction, n)
-    return asyncio.run(_score(model_dir, instructions, tool_turns, modes))
+    return asyncio.run(_score(model_dir, instructions, tool_turns, modes, max_tokens))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,13 +95,13 @@ def test_chat_rows_come_from_the_chat_endpoint_and_are_identical_on_two_runs():
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from chat_card import measure_chat
 
-    first = measure_chat(SHIPPED, ["stdlib"], 0.03, n=2, modes=("ar",))
+    first = measure_chat(SHIPPED, ["stdlib"], 0.03, n=2, modes=("ar",), max_tokens=96)  # (the card's 256: a minute more)
     assert first["chat_requests"] == first["tool_requests"] == 2
     assert all(0.0 <= first[f"ar_{k}"] <= 1.0 for k in ("chat_nonempty", "chat_valid_python", "tool_call_rate",
                                                        "forced_tool_call_rate", "forced_tool_call_exact"))
     assert first["ar_chat_example"]["request"].startswith("Write a Python function `")
-    assert measure_chat(SHIPPED, ["stdlib"], 0.03, n=2, modes=("ar",)) == first
+    assert measure_chat(SHIPPED, ["stdlib"], 0.03, n=2, modes=("ar",), max_tokens=96) == first
     # ReFusion mode: the forced rows are AR's alone (the API refuses a forced call in ReFusion mode: the
     # card's one command failed with a 400 there)
-    refusion = measure_chat(SHIPPED, ["stdlib"], 0.03, n=1, modes=("refusion",))
+    refusion = measure_chat(SHIPPED, ["stdlib"], 0.03, n=1, modes=("refusion",), max_tokens=96)
     assert 0.0 <= refusion["refusion_tool_call_rate"] <= 1.0 and "refusion_forced_tool_call_rate" not in refusion
