@@ -44,7 +44,7 @@ import uuid
 from pathlib import Path
 
 from integrations.batch_file import BatchArgumentError, batch_error, check_output, open_output, parse_all, read_lines
-from integrations.cli_generate import DEFAULT_MODEL
+from integrations.cli_generate import DEFAULT_MODEL, EMPTY_MODEL_FLAG
 from integrations.engine_host import RUNNER_DTYPES
 
 class BatchOutputError(Exception):
@@ -149,6 +149,8 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
         raise BatchArgumentError("--concurrency", f"must be at least 1, got {args.concurrency}")
     if args.served_model_name and (problem := served_names_problem(args.served_model_name)):
         raise BatchArgumentError("--served-model-name", problem)
+    if args.model is not None and not args.model.strip():  # (it answered with the shipped model)
+        raise BatchArgumentError("--model", EMPTY_MODEL_FLAG)
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     if not model_dir.is_dir():
         raise BatchArgumentError("--model", f"{model_dir} is not a model directory")

@@ -20,6 +20,9 @@ from pathlib import Path
 from integrations.engine_host import RUNNER_DTYPES
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "refusion-tiny-code"
+# --model "" (an unset variable in a script): it ran the shipped model without a word (helper-186); the
+# message of every command's --model
+EMPTY_MODEL_FLAG = "is empty; give a model directory, or leave --model out for the shipped model"
 
 # DecodeParams field -> the flag that sets it (so errors name what the user typed)
 FLAGS = {
@@ -113,6 +116,8 @@ def _read_prompt(args) -> str:
 
 
 def _model_dir(args) -> Path:
+    if args.model is not None and not args.model.strip():  # (it decoded with the shipped model)
+        raise GenerateArgumentError("--model", EMPTY_MODEL_FLAG)
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     if not model_dir.is_dir():
         hint = "pass --model DIR" if args.model else "the shipped model is not there; pass --model DIR"

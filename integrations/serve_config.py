@@ -343,12 +343,18 @@ class ServeConfig(_Strict):
 
 
 def model_context(model_dir: str | Path | None) -> int:
-    """config.json's max_position_embeddings, in tokens (0 when absent or unreadable, or with no
-    `model_dir`: then nothing is checked against it here, and loading the model names the fault)."""
+    """config.json's max_position_embeddings, in tokens; transformers' Qwen3 default (32768,
+    workers.model_config.DEFAULT_CONTEXT) when config.json leaves it out, as transformers and vLLM read
+    such a model (it was 0, no bound: a 200,000-token gen_length ran until memory ran out, helper-186).
+    0 when config.json is unreadable, or with no `model_dir`: then nothing is checked against it here,
+    and loading the model names the fault."""
+    from workers.model_config import DEFAULT_CONTEXT
+
     if model_dir is None:
         return 0
     try:
-        return int(json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 0) or 0)
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+        return int(raw.get("max_position_embeddings", DEFAULT_CONTEXT) or 0)
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from integrations.cli_generate import EMPTY_MODEL_FLAG
 from integrations.serve_config import (DEFAULT_MODEL, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, MAX_ONGOING_REQUESTS,
                                        max_model_len_problem, served_names_problem)
 
@@ -247,7 +248,9 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
     """The config file with the flags applied (flags win, also over the file's `deployments:` counts)."""
     file = load_config_file(args.config) if args.config else ConfigFile()
     config = file.args
-    if args.model:
+    if args.model is not None:
+        if not args.model.strip():  # (it served the shipped model)
+            raise CLIError(f"--model: {EMPTY_MODEL_FLAG}")
         config["model"] = args.model
     if args.served_model_name:
         if problem := served_names_problem(args.served_model_name):

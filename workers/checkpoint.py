@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 from workers.model_config import ModelConfig
 from workers.model_dir import SHARD_INDEX, SINGLE_FILE, ModelDirError, _is_file
+
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # transformers' older format, not read
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
@@ -28,6 +31,11 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
                                                        for shard in weight_map.values()):
             raise ModelDirError(index, "weight_map must map each tensor name to its shard's file name "
                                        '({"model.norm.weight": "model-00001-of-00002.safetensors", ...})')
+        outside = sorted(shard for shard in set(weight_map.values())
+                         if os.path.isabs(shard) or os.path.normpath(shard).split(os.sep)[0] == "..")
+        if outside:  # (it loaded another directory's file; transformers refuses it)
+            raise ModelDirError(index, f"weight_map names {outside[0]!r}, outside the model directory; shards are "
+                                       "file names in it")
         files = {name: model_dir / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not _is_file(shard):
@@ -36,7 +44,10 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
         return files
     single = model_dir / SINGLE_FILE
     if not _is_file(single):
-        raise ModelDirError(single, f"missing; expected {SINGLE_FILE} or {SHARD_INDEX}")
+        pickled = [name for name in PICKLED_WEIGHTS if (model_dir / name).exists()]
+        raise ModelDirError(single, f"missing; expected {SINGLE_FILE} or {SHARD_INDEX}" + (
+            f" ({pickled[0]} is here: the engine reads safetensors only; re-save the model with transformers' "
+            "save_pretrained(dir, safe_serialization=True))" if pickled else ""))
     with _opened(single) as handle:
         return {name: single for name in handle.keys()}
 
@@ -103,9 +114,13 @@ def _checked_tensors(model_dir: Path, config: ModelConfig, device: str, load) ->
                 missing = sorted(set(names) - set(handle.keys()))[0]
                 raise ModelDirError(path, f"tensor {missing!r} is listed in the index but not in this shard")
             for name in names:
-                shape = tuple(handle.get_slice(name).get_shape())
+                piece = handle.get_slice(name)
+                shape = tuple(piece.get_shape())
                 if shape != expected[name]:
                     raise ModelDirError(path, f"tensor {name!r} has shape {shape}, config.json implies {expected[name]}")
+                if not piece.get_dtype().startswith(("F", "BF")):  # I32, U8, BOOL: cast to floats without a word
+                    raise ModelDirError(path, f"tensor {name!r} holds {piece.get_dtype()} values; weights are floating "
+                                              "point (F32, BF16, F16, F8): re-save it")
                 if load is not None:
                     weights[name] = tensor = load(handle, name)
                     if tensor.is_floating_point() and not bool(tensor.isfinite().all()):  # one sync per tensor, at load

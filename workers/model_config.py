@@ -11,6 +11,10 @@ from pathlib import Path
 from workers.model_dir import MASK_TOKEN, ModelDirError, _is_file
 
 
+# The context of a config.json without max_position_embeddings: transformers' Qwen3Config default, which
+# transformers and vLLM (reading the config through it) serve such a model with
+DEFAULT_CONTEXT = 32768
+
 # config.json's integer sizes (num_key_value_heads and head_dim may be absent: derived)
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "head_dim")
@@ -69,6 +73,17 @@ def _rope_theta(raw: dict, path: Path) -> float:
     if theta is None:
         raise ModelDirError(path, "no rope_theta (top level or in rope_parameters)")
     return float(theta)
+
+
+def _check_dtype(value, key: str, path: Path) -> None:
+    """config.json's dtype (transformers 5.x) or torch_dtype (4.x): a torch dtype's name, as transformers
+    reads it ("bfloat16", "float32", ...); "auto" too. Raises ModelDirError naming the key."""
+    import torch
+
+    if value == "auto" or (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+        return
+    raise ModelDirError(path, f"{key} is {value!r}; give a torch dtype's name (bfloat16, float16 or float32) "
+                              "or leave it out")
 
 
 def read_config(model_dir: Path) -> ModelConfig:
@@ -137,6 +152,9 @@ def read_config(model_dir: Path) -> ModelConfig:
                                   f"({MASK_TOKEN}) is a token of its own")
     if not (config.rms_norm_eps > 0 and config.rope_theta > 0):
         raise ModelDirError(path, "rms_norm_eps and rope_theta must be positive numbers")
+    for key in ("dtype", "torch_dtype"):  # (transformers' tokenizer loading failed on it, blamed on tokenizer.json)
+        if raw.get(key) is not None:
+            _check_dtype(raw[key], key, path)
     context = raw.get("max_position_embeddings")
     if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
         raise ModelDirError(path, f"max_position_embeddings is {context!r}; it must be a positive integer (the context)")

@@ -197,6 +197,27 @@ def test_missing_model_directory_is_one_line(tmp_path, capsys):
     assert code == 2 and out == "" and err.count("\n") == 1 and "does not exist" in err and "--model" in err
 
 
+def test_an_empty_model_flag_is_refused_by_every_command(tmp_path, capsys):
+    """`--model ""` (an unset variable in a script) ran the shipped model without a word in generate,
+    run-batch and serve (helper-186): one line naming --model."""
+    import argparse
+
+    from integrations import cli_serve
+
+    for command, extra in (("generate", ["--prompt", "x"]),
+                           ("run-batch", ["-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")])):
+        (tmp_path / "in.jsonl").write_text("")
+        code = main([command, "--model", "", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, (command, err)
+        assert f"refusion {command}: error: --model: is empty; give a model directory" in err, (command, err)
+    assert not (tmp_path / "out.jsonl").exists()
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    with pytest.raises(cli_serve.CLIError, match="^--model: is empty; give a model directory"):
+        cli_serve.merged_config(parser.parse_args(["--model", " "]))
+
+
 def test_an_unknown_flag_is_reported_by_the_subcommand(tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--bogus"])
@@ -246,6 +267,9 @@ def _config_with(**changes):
     ("config.json", _config_with(num_hidden_layers=-2), "num_hidden_layers is -2; it must be a positive integer"),
     ("config.json", _config_with(max_position_embeddings=-1), "max_position_embeddings is -1"),
     ("config.json", _config_with(max_position_embeddings="big"), "max_position_embeddings is 'big'"),
+    # transformers' tokenizer loading failed on it: "tokenizer.json: cannot be loaded (AttributeError ...)"
+    ("config.json", _config_with(dtype="float7"), "config.json: dtype is 'float7'; give a torch dtype's name"),
+    ("config.json", _config_with(torch_dtype=16), "config.json: torch_dtype is 16; give a torch dtype's name"),
     ("tokenizer.json", '{"garbage": 1}', "tokenizer.json: cannot be loaded"),
     ("refusion.json", '{"slot_size": -4}', "refusion.json: slot_size: "),
 ])
@@ -328,3 +352,20 @@ def test_sigterm_while_the_command_loads_is_an_interrupt_not_a_silent_kill(comma
                           env=env)
     assert done.returncode == 130, (done.returncode, done.stderr[-2000:])
     assert done.stderr.strip().splitlines()[-1] == f"refusion {command}: interrupted", done.stderr[-2000:]
+
+
+def test_a_config_without_max_position_embeddings_has_transformers_default_context(tiny_model_dir, tmp_path, capsys):
+    """A config.json that leaves max_position_embeddings out had no context at all: a 200,000-token
+    --gen-length ran for 45 s and 7 GB, and serve and run-batch took any length (helper-186). It is
+    transformers' Qwen3Config default, 32768, as transformers and vLLM read such a model."""
+    from integrations.serve_config import model_context
+    from workers.model_config import DEFAULT_CONTEXT
+
+    def drop(path):
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                    if k != "max_position_embeddings"}))
+
+    model = _damaged_copy(tiny_model_dir, tmp_path, "config.json", drop)
+    assert model_context(model) == DEFAULT_CONTEXT == 32768
+    code, _, err = _run(capsys, "--model", model, "--prompt", "x", "--mode", "ar", "--gen-length", "200000")
+    assert code == 2 and "--gen-length: 200000 tokens after a 1-token prompt exceed the model's context of 32768" in err, err

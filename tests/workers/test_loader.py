@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -177,6 +178,49 @@ def test_the_quick_check_finds_what_loading_finds(tiny_model_dir, tmp_path, brea
     with pytest.raises(ModelDirError) as loaded:
         ModelRunner(model, device="cpu", num_blocks=8)
     assert checked.value.path == loaded.value.path and checked.value.path.endswith(file)
+
+
+def _int_norm(model: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.int32)
+    save_file(weights, model / "model.safetensors")
+
+
+def _index_outside(model: Path) -> None:
+    from safetensors import safe_open
+
+    other = model.parent / "other"
+    other.mkdir()
+    (model / "model.safetensors").rename(other / "model.safetensors")
+    with safe_open(str(other / "model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {name: "../other/model.safetensors" for name in names}}))
+
+
+@pytest.mark.parametrize("break_it, file, message", [
+    # helper-186: an int32 norm was cast to floats without a word (train --init then started at a higher loss)
+    (_int_norm, "model.safetensors", "tensor 'model.norm.weight' holds I32 values; weights are floating point"),
+    # it loaded another directory's file (transformers refuses it)
+    (_index_outside, "model.safetensors.index.json", "weight_map names '../other/model.safetensors', outside the "
+                                                     "model directory"),
+    # "model.safetensors: missing" said nothing of the .bin beside it
+    (lambda m: (m / "model.safetensors").rename(m / "pytorch_model.bin"), "model.safetensors",
+     "pytorch_model.bin is here: the engine reads safetensors only"),
+])
+def test_weights_it_cannot_serve_as_they_are_are_named(tiny_model_dir, tmp_path, break_it, file, message):
+    """Integer weights, a shard index pointing outside the directory, pickled weights alone: a ModelDirError
+    naming the file and what to do, from the quick check and from loading alike."""
+    from workers.loader import check_model_dir
+
+    model = _copy(tiny_model_dir, tmp_path)
+    break_it(model)
+    for attempt in (lambda: check_model_dir(model), lambda: ModelRunner(model, device="cpu", num_blocks=8)):
+        with pytest.raises(ModelDirError, match=re.escape(message)) as caught:
+            attempt()
+        assert caught.value.path.endswith(file)
 
 
 def test_weights_holding_nan_are_refused_naming_the_file(tiny_model_dir, tmp_path):
