@@ -37,6 +37,25 @@ def _fresh_model_and_tokenizer(args, train_units):
     return fresh_model(args, len(tokenizer), eos).float(), tokenizer
 
 
+def _check_init_memory(args, model) -> None:
+    """cli_train_flags.memory_problem for the --init model's shape (the flags' check is a fresh model's):
+    TrainArgumentError naming --seq-len (or --init, for the parameters) when it cannot train here."""
+    import torch
+
+    from integrations.cli_train_flags import _free_bytes, memory_problem
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    free = _free_bytes(torch.device(device))
+    config = model.config
+    problem = free is not None and memory_problem(
+        sum(p.numel() for p in model.parameters()), args.batch_tokens // args.seq_len, args.seq_len,
+        config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size, free, device)
+    if problem:
+        flag, message = problem
+        raise TrainArgumentError(flag if flag != "--hidden" else "--init", message.replace(
+            "use a smaller --hidden, --intermediate, --layers or --vocab-size", "train a smaller model or on a larger machine"))
+
+
 def _init_model_and_tokenizer(args):
     """(model, tokenizer) of the --init checkpoint, <|mask|> ensured; loaded before the corpus is built, so
     a checkpoint that cannot load fails in seconds. Raises TrainArgumentError("--init") for any load
@@ -70,6 +89,7 @@ def _init_model_and_tokenizer(args):
     if context is not None and args.seq_len > context:  # positions past what the model is made for
         raise TrainArgumentError("--seq-len", f"{args.seq_len} is longer than the --init model's context "
                                               f"(max_position_embeddings {context}); give at most {context}")
+    _check_init_memory(args, model)
     rows, needed = model.get_input_embeddings().num_embeddings, max(tokenizer.get_vocab().values()) + 1
     if needed > rows:  # every token id needs its embedding row (an added <|mask|>, a tokenizer larger than the model)
         print(f"refusion train: the embedding grows from {rows} to {needed} rows (the tokenizer's ids)", flush=True)

@@ -159,11 +159,50 @@ def _check_device(device: str | None) -> None:
 TRAIN_BYTES_PER_PARAM = 20
 
 
+def activation_bytes(rows: int, seq_len: int, layers: int, hidden: int, intermediate: int,
+                     vocab: int) -> tuple[int, int]:
+    """(bytes growing with seq_len squared, the rest): what one training step's activations take on the
+    CPU beyond the training state. The first: the packed rows' 4D attention mask and what each layer's
+    attention keeps for backward, rows x seq_len^2 x (1 + 9 x layers). The rest: each layer's other
+    activations (10 x hidden + 4 x intermediate floats a token), the logits with their log-softmax and
+    gradient (3 x vocab floats a token) and 0.5 GiB for the process. Fitted to /usr/bin/time's peak RSS
+    of `--steps 1` runs on this project's 2-core machine (2026-12-06: seq_len 1024-16384, 2-4 layers,
+    1-16 rows, hidden 64-512; within 10%); --seq-len 100000 had been killed by the kernel at 24 GB."""
+    tokens = rows * seq_len
+    return (rows * seq_len * seq_len * (1 + 9 * layers),
+            tokens * 4 * (layers * (10 * hidden + 4 * intermediate) + 3 * vocab) + 2**29)
+
+
+def memory_problem(n_params: int, rows: int, seq_len: int, layers: int, hidden: int, intermediate: int, vocab: int,
+                   free: int, device: str) -> tuple[str, str] | None:
+    """(flag, message) when training a model of `n_params` parameters (TRAIN_BYTES_PER_PARAM each) in
+    `rows` rows of `seq_len` tokens (activation_bytes) needs more than the `free` bytes of `device`; None
+    when it fits. The flag: --hidden when the parameters alone do not fit (the caller names its own for
+    an --init model), else --seq-len when the part growing with it squared is the larger part of the
+    activations, else --batch-tokens."""
+    state = n_params * TRAIN_BYTES_PER_PARAM
+    squared, rest = activation_bytes(rows, seq_len, layers, hidden, intermediate, vocab)
+    need = state + squared + rest
+    if need <= free:
+        return None
+    said = (f"needs about {need / 2**30:.1f} GiB to train, more than the {free / 2**30:.1f} GiB free on {device}: "
+            f"{state / 2**30:.1f} GiB for {n_params / 1e6:,.{1 if n_params < 1e7 else 0}f}M parameters ({TRAIN_BYTES_PER_PARAM} "
+            f"bytes each: float32 weights, gradients, AdamW's moments, room for saving) and {(squared + rest) / 2**30:.1f} GiB "
+            f"for a step's activations ({rows} row{'s' if rows != 1 else ''} of {seq_len} tokens; the attention masks grow "
+            "with --seq-len squared)")
+    if state > free:
+        return "--hidden", f"the model {said}; use a smaller --hidden, --intermediate, --layers or --vocab-size"
+    if squared >= rest:
+        return "--seq-len", f"rows of {seq_len} tokens: the run {said}; use a smaller --seq-len"
+    return "--batch-tokens", f"{rows * seq_len} tokens a step: the run {said}; use fewer --batch-tokens"
+
+
 def _check_memory(args) -> None:
     """A fresh model whose training state (TRAIN_BYTES_PER_PARAM per parameter, counted on the meta
-    device) exceeds the memory free on the training device is refused naming the shape flags. It was an
-    allocator traceback after the corpus was built, or a machine driven into swap. Raises
-    TrainArgumentError (field "--hidden")."""
+    device) and step activations (activation_bytes) exceed the memory free on the training device is
+    refused naming the flag to change. It was an allocator traceback after the corpus was built, a
+    machine driven into swap, or the kernel's OOM killer. Raises TrainArgumentError (field "--hidden" or
+    "--seq-len")."""
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,13 +211,10 @@ def _check_memory(args) -> None:
         return
     with torch.device("meta"):
         n_params = sum(p.numel() for p in fresh_model(args, vocab_size=args.vocab_size, eos=0).parameters())
-    need = n_params * TRAIN_BYTES_PER_PARAM
-    if need > free:
-        raise TrainArgumentError("--hidden", f"a model of {n_params / 1e6:,.0f}M parameters needs at least "
-                                 f"{need / 2**30:.1f} GiB to train ({TRAIN_BYTES_PER_PARAM} bytes per parameter: float32 "
-                                 f"weights, gradients, AdamW's moments, and room for activations and saving), more than "
-                                 f"the {free / 2**30:.1f} GiB free on "
-                                 f"{device}; use a smaller --hidden, --intermediate, --layers or --vocab-size")
+    problem = memory_problem(n_params, args.batch_tokens // args.seq_len, args.seq_len, args.layers, args.hidden,
+                             args.intermediate, args.vocab_size, free, device)
+    if problem:
+        raise TrainArgumentError(*problem)
 
 
 def _free_bytes(device) -> int | None:

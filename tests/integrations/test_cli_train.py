@@ -143,9 +143,14 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path, capsys):
         (["--out", "/dev/null", "--steps", "1"], "--out: /dev/null is a file"),
         (["--out", "OUT", "--steps", "1", "--init", "CORPUS"], "has no config.json"),
         # Counted on the meta device before the corpus is built; it was an allocator traceback
-        (["--out", "OUT", "--steps", "1", "--hidden", "10000000"], "--hidden: a model of 43,870M parameters needs at least 817.1 GiB"),
+        (["--out", "OUT", "--steps", "1", "--hidden", "10000000"], "--hidden: the model needs about "),
+        # helper-186: the attention masks grow with --seq-len squared; the kernel killed it at 24 GB, no message
+        (["--out", "OUT", "--steps", "1", "--seq-len", "100000", "--batch-tokens", "100000"],
+         "--seq-len: rows of 100000 tokens: the run needs about "),
         # Found once the corpus is tokenized: a batch bigger than the corpus would never fill
-        (["--out", "OUT", "--steps", "1", "--batch-tokens", "2000000"], "--batch-tokens: 2000000 tokens make 7812 rows"),
+        # (2,000,000 tokens a step are now refused first: ~100 GiB of activations)
+        (["--out", "OUT", "--steps", "1", "--batch-tokens", "256000", "--vocab-size", "300"],
+         "--batch-tokens: 256000 tokens make 1000 rows"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(corpus_dir, tmp_path, capsys, argv, message):
@@ -391,9 +396,9 @@ def test_a_save_cut_short_leaves_the_last_complete_model(corpus_dir, tmp_path, m
 
 
 def test_init_rows_past_the_context_are_refused_and_every_token_gets_an_embedding_row(corpus_dir, tiny_model_dir,
-                                                                                        tmp_path, capsys):
+                                                                                        tmp_path, capsys, monkeypatch):
     """--seq-len past the --init model's max_position_embeddings trained positions it is not made for, with
-    no word; a tokenizer holding ids past the embedding crashed mid-loop (IndexError)."""
+    no word, and rows whose step does not fit in memory (helper-186) are refused; a tokenizer holding ids past the embedding crashed mid-loop (IndexError)."""
     import shutil
 
     from workers.runner import ModelRunner
@@ -403,6 +408,16 @@ def test_init_rows_past_the_context_are_refused_and_every_token_gets_an_embeddin
                  "--batch-tokens", "8192"]) == 2
     assert "--seq-len: 8192 is longer than the --init model's context (max_position_embeddings 4096)" in \
         capsys.readouterr().err
+    # the --init model's step, with the memory free made small: refused before the corpus is built
+    monkeypatch.setattr("integrations.cli_train_flags._free_bytes", lambda device: 2**30)
+    assert main([*base, "--out", str(tmp_path / "big"), "--init", str(tiny_model_dir), "--seq-len", "4096",
+                 "--batch-tokens", "65536"]) == 2
+    err = capsys.readouterr().err
+    assert "--seq-len: rows of 4096 tokens: the run needs about " in err and "more than the 1.0 GiB free on cpu" in err, err
+    assert main([*base, "--out", str(tmp_path / "big"), "--init", str(tiny_model_dir), "--seq-len", "256",
+                 "--batch-tokens", "65536"]) == 2
+    assert "--batch-tokens: 65536 tokens a step: the run needs about " in capsys.readouterr().err
+    monkeypatch.undo()
     init = Path(shutil.copytree(tiny_model_dir, tmp_path / "init"))
     tokenizer = json.loads((init / "tokenizer.json").read_text())
     rows = json.loads((init / "config.json").read_text())["vocab_size"]
