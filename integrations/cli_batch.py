@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -78,13 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", choices=RUNNER_DTYPES, default=None,
       help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     a("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    a("--log-level", type=str.lower, choices=("debug", "info", "warning", "error"), default="info",
+      help="the engine's and the request log's lines on stderr, as `refusion serve`'s (default info: each request's "
+           "outcome; debug adds each routing decision, ~600 bytes)")
 
 
 def run(args) -> int:
     import structlog
 
-    # The engine's log goes to stderr with the request log: stdout may carry the results (-o -)
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    # The engine's log goes to stderr with the request log: stdout may carry the results (-o -); at
+    # --log-level, as a serve replica's (it wrote each request's ~600-byte routing decision, a debug line)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+                        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(args.log_level.upper())))
     progress = Progress()
     try:
         asyncio.run(run_batch(args, progress))

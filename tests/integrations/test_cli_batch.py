@@ -87,6 +87,8 @@ def test_every_line_is_answered_in_order_as_the_server_answers_it(tmp_path, tiny
     ids = [r["response"]["request_id"] for r in results if r["response"]]
     assert all(ids) and len(set(ids)) == len(ids)  # refused requests have one too (it was null)
     assert "11 of 11 lines answered, 4 succeeded, 7 failed" in stderr
+    # at the default --log-level info: each request's outcome, not its routing decision (~600 bytes, debug)
+    assert "] finished " in stderr and "] route " not in stderr and "[debug" not in stderr, stderr[-2000:]
 
 
 def test_a_full_engine_is_retried_and_a_request_that_can_never_fit_gets_a_400(tmp_path, tiny_model_dir):
@@ -120,8 +122,11 @@ def test_max_model_len_is_the_context_the_batch_is_answered_in(tmp_path, tiny_mo
              _line("fits", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 16, **SAMPLED}),
              _line("unset", "/v1/chat/completions", {"model": model, **SAMPLED,
                                                      "messages": [{"role": "user", "content": "x"}]})]
-    code, results, stderr = _run_batch(tmp_path, tiny_model_dir, lines, "--max-model-len", "24")
+    code, results, stderr = _run_batch(tmp_path, tiny_model_dir, lines, "--max-model-len", "24", "--log-level", "warning")
     assert code == 0, stderr
+    # --log-level warning, as serve's: no engine info line nor request log, the summary alone
+    assert stderr.strip().splitlines() == ["refusion run-batch: 3 of 3 lines answered, 2 succeeded, 1 failed, "
+                                           + stderr.split("1 failed, ")[1].strip()], stderr
     over, fits, unset = (r["response"] for r in results)
     assert over["status_code"] == 400 and over["body"]["error"]["param"] == "max_tokens"
     assert "maximum context length is 24 tokens" in over["body"]["error"]["message"]
