@@ -237,12 +237,14 @@ class BatchRun:
             else:
                 async with self.gate:
                     results[k] = await self._post(request)
+            flushed = written
             while written < len(results) and results[written] is not None:
                 line = json.dumps(results[written], ensure_ascii=False) + "\n"
                 _written(lambda: self.output.write(line), self.path)
-                self.progress.add(results[written])
                 written += 1
             _written(self.output.flush, self.path)
+            for result in results[flushed:written]:  # counted once on disk (-o /dev/full: "1 of 1 answered")
+                self.progress.add(result)
 
         await asyncio.gather(*(answer(k) for k in range(len(requests))))
 
