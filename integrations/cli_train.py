@@ -39,7 +39,8 @@ def _fresh_model_and_tokenizer(args, train_units):
 
 def _check_init_memory(args, model) -> None:
     """cli_train_flags.memory_problem for the --init model's shape (the flags' check is a fresh model's):
-    TrainArgumentError naming --seq-len (or --init, for the parameters) when it cannot train here."""
+    TrainArgumentError naming --seq-len, --batch-tokens or --init (the parameters alone) when it cannot
+    train here."""
     import torch
 
     from integrations.cli_train_flags import _free_bytes, memory_problem
@@ -49,11 +50,10 @@ def _check_init_memory(args, model) -> None:
     config = model.config
     problem = free is not None and memory_problem(
         sum(p.numel() for p in model.parameters()), args.batch_tokens // args.seq_len, args.seq_len,
-        config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size, free, device)
+        config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size, free, device,
+        ("--init", "train a smaller model, or on a machine with more memory"))
     if problem:
-        flag, message = problem
-        raise TrainArgumentError(flag if flag != "--hidden" else "--init", message.replace(
-            "use a smaller --hidden, --intermediate, --layers or --vocab-size", "train a smaller model or on a larger machine"))
+        raise TrainArgumentError(*problem)
 
 
 def _init_model_and_tokenizer(args):

@@ -173,13 +173,16 @@ def activation_bytes(rows: int, seq_len: int, layers: int, hidden: int, intermed
             tokens * 4 * (layers * (10 * hidden + 4 * intermediate) + 3 * vocab) + 2**29)
 
 
+FRESH_MODEL_FIX = ("--hidden", "use a smaller --hidden, --intermediate, --layers or --vocab-size")
+
+
 def memory_problem(n_params: int, rows: int, seq_len: int, layers: int, hidden: int, intermediate: int, vocab: int,
-                   free: int, device: str) -> tuple[str, str] | None:
+                   free: int, device: str, model_fix: tuple[str, str] = FRESH_MODEL_FIX) -> tuple[str, str] | None:
     """(flag, message) when training a model of `n_params` parameters (TRAIN_BYTES_PER_PARAM each) in
     `rows` rows of `seq_len` tokens (activation_bytes) needs more than the `free` bytes of `device`; None
-    when it fits. The flag: --hidden when the parameters alone do not fit (the caller names its own for
-    an --init model), else --seq-len when the part growing with it squared is the larger part of the
-    activations, else --batch-tokens."""
+    when it fits. The flag: model_fix's (flag, advice) when the parameters alone do not fit (a fresh
+    model's shape flags; an --init checkpoint's own), else --seq-len when the part growing with it
+    squared is the larger part of the activations, else --batch-tokens."""
     state = n_params * TRAIN_BYTES_PER_PARAM
     squared, rest = activation_bytes(rows, seq_len, layers, hidden, intermediate, vocab)
     need = state + squared + rest
@@ -191,7 +194,7 @@ def memory_problem(n_params: int, rows: int, seq_len: int, layers: int, hidden: 
             f"for a step's activations ({rows} row{'s' if rows != 1 else ''} of {seq_len} tokens; the attention masks grow "
             "with --seq-len squared)")
     if state > free:
-        return "--hidden", f"the model {said}; use a smaller --hidden, --intermediate, --layers or --vocab-size"
+        return model_fix[0], f"the model {said}; {model_fix[1]}"
     if squared >= rest:
         return "--seq-len", f"rows of {seq_len} tokens: the run {said}; use a smaller --seq-len"
     return "--batch-tokens", f"{rows * seq_len} tokens a step: the run {said}; use fewer --batch-tokens"
@@ -201,8 +204,8 @@ def _check_memory(args) -> None:
     """A fresh model whose training state (TRAIN_BYTES_PER_PARAM per parameter, counted on the meta
     device) and step activations (activation_bytes) exceed the memory free on the training device is
     refused naming the flag to change. It was an allocator traceback after the corpus was built, a
-    machine driven into swap, or the kernel's OOM killer. Raises TrainArgumentError (field "--hidden" or
-    "--seq-len")."""
+    machine driven into swap, or the kernel's OOM killer. Raises TrainArgumentError (field "--hidden",
+    "--seq-len" or "--batch-tokens")."""
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
