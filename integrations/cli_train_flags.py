@@ -163,13 +163,14 @@ def activation_bytes(rows: int, seq_len: int, layers: int, hidden: int, intermed
                      vocab: int) -> tuple[int, int]:
     """(bytes growing with seq_len squared, the rest): what one training step's activations take on the
     CPU beyond the training state. The first: the packed rows' 4D attention mask and what each layer's
-    attention keeps for backward, rows x seq_len^2 x (1 + 9 x layers). The rest: each layer's other
+    attention keeps for backward, rows x seq_len^2 x (1 + 4.5 x layers). The rest: each layer's other
     activations (10 x hidden + 4 x intermediate floats a token), the logits with their log-softmax and
-    gradient (3 x vocab floats a token) and 0.5 GiB for the process. Fitted to /usr/bin/time's peak RSS
-    of `--steps 1` runs on this project's 2-core machine (2026-12-06: seq_len 1024-16384, 2-4 layers,
-    1-16 rows, hidden 64-512; within 10%); --seq-len 100000 had been killed by the kernel at 24 GB."""
+    gradient (3 x vocab floats a token) and 0.5 GiB for the process. Fitted to the peak RSS of `--steps 1`
+    runs on this project's 2-core machine (bench/train_memory.py, docs/benchmarks.md 2026-12-06: seq_len
+    1024-16384, 1-16 rows, 2-4 layers, hidden 64-512: the sum with the parameters' state is 1.05-1.2x
+    the peak); --seq-len 100000 had been killed by the kernel at 24 GB."""
     tokens = rows * seq_len
-    return (rows * seq_len * seq_len * (1 + 9 * layers),
+    return (rows * seq_len * seq_len * (2 + 9 * layers) // 2,
             tokens * 4 * (layers * (10 * hidden + 4 * intermediate) + 3 * vocab) + 2**29)
 
 

@@ -398,7 +398,8 @@ def test_a_save_cut_short_leaves_the_last_complete_model(corpus_dir, tmp_path, m
 def test_init_rows_past_the_context_are_refused_and_every_token_gets_an_embedding_row(corpus_dir, tiny_model_dir,
                                                                                         tmp_path, capsys, monkeypatch):
     """--seq-len past the --init model's max_position_embeddings trained positions it is not made for, with
-    no word, and rows whose step does not fit in memory (helper-186) are refused; a tokenizer holding ids past the embedding crashed mid-loop (IndexError)."""
+    no word, and rows whose step does not fit in memory (helper-186) are refused; a tokenizer holding ids
+    past the embedding crashed mid-loop (IndexError)."""
     import shutil
 
     from workers.runner import ModelRunner
@@ -408,12 +409,16 @@ def test_init_rows_past_the_context_are_refused_and_every_token_gets_an_embeddin
                  "--batch-tokens", "8192"]) == 2
     assert "--seq-len: 8192 is longer than the --init model's context (max_position_embeddings 4096)" in \
         capsys.readouterr().err
-    # the --init model's step, with the memory free made small: refused before the corpus is built
+    # the --init model's step, with the memory free made small: refused before the corpus is built, naming
+    # --seq-len where the part growing with it squared is most of the step (a context of 16384), else --batch-tokens
     monkeypatch.setattr("integrations.cli_train_flags._free_bytes", lambda device: 2**30)
-    assert main([*base, "--out", str(tmp_path / "big"), "--init", str(tiny_model_dir), "--seq-len", "4096",
-                 "--batch-tokens", "65536"]) == 2
+    long_context = Path(shutil.copytree(tiny_model_dir, tmp_path / "long-context"))
+    config = json.loads((long_context / "config.json").read_text())
+    (long_context / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
+    assert main([*base, "--out", str(tmp_path / "big"), "--init", str(long_context), "--seq-len", "16384",
+                 "--batch-tokens", "16384"]) == 2
     err = capsys.readouterr().err
-    assert "--seq-len: rows of 4096 tokens: the run needs about " in err and "more than the 1.0 GiB free on cpu" in err, err
+    assert "--seq-len: rows of 16384 tokens: the run needs about " in err and "more than the 1.0 GiB free on cpu" in err, err
     assert main([*base, "--out", str(tmp_path / "big"), "--init", str(tiny_model_dir), "--seq-len", "256",
                  "--batch-tokens", "65536"]) == 2
     assert "--batch-tokens: 65536 tokens a step: the run needs about " in capsys.readouterr().err
