@@ -117,27 +117,43 @@ def load_config_file(path: Path) -> ConfigFile:
 
 def _unique_key_loader():
     """yaml.SafeLoader refusing a key written twice in one mapping (PyYAML keeps the last value without a
-    word, so `max_running: 8` above `max_running: 64` served 64; YAML 1.2 requires unique keys). Keys a
-    merge (`<<: *base`) brings in may be overridden, as YAML's merge-key spec allows."""
+    word, so `max_running: 8` above `max_running: 64` served 64; YAML 1.2 requires unique keys), an alias
+    of a key included. Checked on the composed node tree before anything is constructed: constructing a
+    merge (`<<: *base`) rewrites the merged mapping's node in place. Keys a merge brings in may be
+    overridden, as YAML's merge-key spec allows."""
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            if isinstance(node, yaml.MappingNode):
+        def construct_document(self, node):
+            self._check_unique_keys(node)
+            return super().construct_document(node)
+
+        def _check_unique_keys(self, root) -> None:
+            pending, visited = [root], set()
+            while pending:
+                node = pending.pop()
+                if id(node) in visited:  # (an alias is its anchor's node: walked once)
+                    continue
+                visited.add(id(node))
+                if isinstance(node, yaml.SequenceNode):
+                    pending.extend(node.value)
+                if not isinstance(node, yaml.MappingNode):
+                    continue
                 seen = {}
-                for key_node, _ in node.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
+                for key_node, value_node in node.value:
+                    pending.extend((key_node, value_node))
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
                         continue
-                    key = self.construct_object(key_node, deep=True)
+                    key = self.construct_object(key_node)
                     try:
-                        first = seen.setdefault(key, key_node.start_mark)
-                    except TypeError:  # an unhashable key: SafeLoader's own error names it
+                        first = seen.get(key)
+                    except TypeError:  # (not hashable: SafeLoader's own error names it)
                         continue
-                    if first is not key_node.start_mark:
+                    if first is not None:
                         raise yaml.constructor.ConstructorError(
-                            None, None, f"key {key!r} appears twice in one mapping (first at line {first.line + 1}); "
-                            "keep one", key_node.start_mark)
-            return super().construct_mapping(node, deep=deep)
+                            None, None, f"key {key_node.value!r} appears twice in one mapping (first at line "
+                            f"{first.line + 1}); keep one", key_node.start_mark)
+                    seen[key] = key_node.start_mark
 
     return UniqueKeyLoader
 

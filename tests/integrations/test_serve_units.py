@@ -525,6 +525,8 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
              # PyYAML kept the last of a key written twice, and the last of two entries of one deployment
              "dupkey.yaml": ("applications:\n  - args:\n      max_running: 8\n      max_running: 64\n",
                              "at line 4, column 7: key 'max_running' appears twice in one mapping \\(first at line 3\\)"),
+             "dupalias.yaml": ("applications:\n  - args:\n      &k max_running: 8\n      *k : 64\n",
+                               "key 'max_running' appears twice in one mapping"),  # (an alias is its anchor's node)
              "dupdep.yaml": ("applications: [{deployments: [{name: RefusionEngine, num_replicas: 1}, "
                              "{name: RefusionEngine, num_replicas: 2}]}]\n", "RefusionEngine is listed twice"),
              "policytypo.yaml": ("applications: [{deployments: [{name: RefusionEngine, autoscaling_config: "
@@ -538,6 +540,10 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
     merged = tmp_path / "merged.yaml"  # a merge key's values may be overridden (YAML's merge-key spec)
     merged.write_text("applications:\n  - args:\n      <<: {max_running: 8, log_level: info}\n      max_running: 4\n")
     assert serve_config_file.load_config_file(merged).args == {"max_running": 4, "log_level": "info"}
+    chain = tmp_path / "chain.yaml"  # a merged mapping that merges and overrides in turn (helper-187: refused)
+    chain.write_text("base: &b1 {max_running: 1}\nmid: &b2\n  <<: *b1\n  max_running: 2\nmax_queue: 3\n"
+                     "top:\n  <<: *b2\n")
+    assert serve_config_file.load_config_file(chain).args["mid"] == {"max_running": 2}
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")  # started the server on the defaults without a word
     with pytest.raises(cli_serve.CLIError, match="empty.yaml is empty; give a Serve config"):
