@@ -77,10 +77,11 @@ def _rope_theta(raw: dict, path: Path) -> float:
 
 def _check_dtype(value, key: str, path: Path) -> None:
     """config.json's dtype (transformers 5.x) or torch_dtype (4.x): a torch dtype's name, as transformers
-    reads it ("bfloat16", "float32", ...); "auto" too. Raises ModelDirError naming the key."""
+    reads it ("bfloat16", "float32", ...; "auto" is from_pretrained's argument, and transformers fails on
+    it in config.json, helper-187). Raises ModelDirError naming the key."""
     import torch
 
-    if value == "auto" or (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
         return
     raise ModelDirError(path, f"{key} is {value!r}; give a torch dtype's name (bfloat16, float16 or float32) "
                               "or leave it out")

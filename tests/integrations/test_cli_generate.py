@@ -270,6 +270,7 @@ def _config_with(**changes):
     # transformers' tokenizer loading failed on it: "tokenizer.json: cannot be loaded (AttributeError ...)"
     ("config.json", _config_with(dtype="float7"), "config.json: dtype is 'float7'; give a torch dtype's name"),
     ("config.json", _config_with(torch_dtype=16), "config.json: torch_dtype is 16; give a torch dtype's name"),
+    ("config.json", _config_with(dtype="auto"), "config.json: dtype is 'auto'; give a torch dtype's name"),
     ("tokenizer.json", '{"garbage": 1}', "tokenizer.json: cannot be loaded"),
     ("refusion.json", '{"slot_size": -4}', "refusion.json: slot_size: "),
 ])
