@@ -37,21 +37,30 @@ def _fresh_model_and_tokenizer(args, train_units):
     return fresh_model(args, len(tokenizer), eos).float(), tokenizer
 
 
-def _check_init_memory(args, model) -> None:
-    """cli_train_flags.memory_problem for the --init model's shape (the flags' check is a fresh model's):
-    TrainArgumentError naming --seq-len, --batch-tokens or --init (the parameters alone) when it cannot
-    train here."""
+def _check_init_shape(args, config) -> None:
+    """Checks of the --init checkpoint's config (transformers' PretrainedConfig) made before its weights
+    load: rows no longer than its context (TrainArgumentError "--seq-len"), and training state and one
+    step's activations within the memory free on the device (cli_train_flags.memory_problem, parameters
+    counted on the meta device: a checkpoint too large was loaded in float32 first, and an 8B one was
+    killed for memory before any word; helper-187), naming --seq-len, --batch-tokens or --init."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     from integrations.cli_train_flags import _free_bytes, memory_problem
 
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and args.seq_len > context:  # positions past what the model is made for
+        raise TrainArgumentError("--seq-len", f"{args.seq_len} is longer than the --init model's context "
+                                              f"(max_position_embeddings {context}); give at most {context}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     free = _free_bytes(torch.device(device))
-    config = model.config
-    problem = free is not None and memory_problem(
-        sum(p.numel() for p in model.parameters()), args.batch_tokens // args.seq_len, args.seq_len,
-        config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size, free, device,
-        ("--init", "train a smaller model, or on a machine with more memory"))
+    if free is None:
+        return
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    problem = memory_problem(n_params, args.batch_tokens // args.seq_len, args.seq_len, config.num_hidden_layers,
+                             config.hidden_size, config.intermediate_size, config.vocab_size, free, device,
+                             ("--init", "train a smaller model, or on a machine with more memory"))
     if problem:
         raise TrainArgumentError(*problem)
 
@@ -60,36 +69,36 @@ def _init_model_and_tokenizer(args):
     """(model, tokenizer) of the --init checkpoint, <|mask|> ensured; loaded before the corpus is built, so
     a checkpoint that cannot load fails in seconds. Raises TrainArgumentError("--init") for any load
     failure (truncated weights, a bad config or tokenizer file, a tensor transformers would fill with
-    random values): the directory is the user's input;
-    TrainArgumentError("--seq-len") for rows longer than its context. The embedding grows to every id the
-    tokenizer holds."""
+    random values): the directory is the user's input; before the weights load, `_check_init_shape`'s
+    TrainArgumentError for rows longer than its context or a run the memory cannot hold. The embedding
+    grows to every id the tokenizer holds."""
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from training.tokenizer_build import ensure_mask_token
     from workers.loader import TRANSFORMERS_LOAD_ERRORS
 
+    def loaded(load):
+        try:
+            return load()
+        except (*TRANSFORMERS_LOAD_ERRORS, RuntimeError, SafetensorError, ZeroDivisionError) as exc:  # a broken dir
+            reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            reason = reason if len(reason) <= 300 else reason[:297] + "..."
+            raise TrainArgumentError("--init", f"{args.init} cannot be loaded ({type(exc).__name__}: {reason}); give "
+                                               "an HF model directory whose weights, config and tokenizer load") from None
+
     torch.manual_seed(args.seed)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.init)
-        model, loading = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32, output_loading_info=True)
-    except (*TRANSFORMERS_LOAD_ERRORS, RuntimeError, SafetensorError, ZeroDivisionError) as exc:  # a broken dir
-        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        reason = reason if len(reason) <= 300 else reason[:297] + "..."
-        raise TrainArgumentError("--init", f"{args.init} cannot be loaded ({type(exc).__name__}: {reason}); give an "
-                                           "HF model directory whose weights, config and tokenizer load") from None
+    tokenizer, config = loaded(lambda: (AutoTokenizer.from_pretrained(args.init), AutoConfig.from_pretrained(args.init)))
+    _check_init_shape(args, config)
+    model, loading = loaded(lambda: AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32,
+                                                                         output_loading_info=True))
     missing = sorted(loading["missing_keys"])  # (pytorch_model.bin weights: check_flags read no header)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise TrainArgumentError("--init", f"{args.init}: tensor {missing[0]!r}{more} missing from the checkpoint "
                                            "(transformers would fill it with random values); give a complete one")
     ensure_mask_token(tokenizer)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and args.seq_len > context:  # positions past what the model is made for
-        raise TrainArgumentError("--seq-len", f"{args.seq_len} is longer than the --init model's context "
-                                              f"(max_position_embeddings {context}); give at most {context}")
-    _check_init_memory(args, model)
     rows, needed = model.get_input_embeddings().num_embeddings, max(tokenizer.get_vocab().values()) + 1
     if needed > rows:  # every token id needs its embedding row (an added <|mask|>, a tokenizer larger than the model)
         print(f"refusion train: the embedding grows from {rows} to {needed} rows (the tokenizer's ids)", flush=True)

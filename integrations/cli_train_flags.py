@@ -126,6 +126,9 @@ def check_flags(args) -> None:
             raise TrainArgumentError("--corpus", f"{item!r} {what}; give 'stdlib', 'site-packages' or a directory of "
                                                  ".py files")
     _check_device(args.device)
+    if args.init is not None and not args.init.strip():  # (". has no config.json", helper-187)
+        raise TrainArgumentError("--init", "is empty; give an HF model directory to start from, or leave --init out "
+                                           "for a fresh model")
     if args.init is not None:
         _check_init(Path(args.init))
         changed = [name for name, default in SHAPE_DEFAULTS.items() if getattr(args, name) != default]
@@ -182,8 +185,9 @@ def memory_problem(n_params: int, rows: int, seq_len: int, layers: int, hidden: 
     """(flag, message) when training a model of `n_params` parameters (TRAIN_BYTES_PER_PARAM each) in
     `rows` rows of `seq_len` tokens (activation_bytes) needs more than the `free` bytes of `device`; None
     when it fits. The flag: model_fix's (flag, advice) when the parameters alone do not fit (a fresh
-    model's shape flags; an --init checkpoint's own), else --seq-len when the part growing with it
-    squared is the larger part of the activations, else --batch-tokens."""
+    model's shape flags; an --init checkpoint's own), else --batch-tokens when the activations that grow
+    with the step's tokens do not fit beside them (a smaller --seq-len alone cannot help), else --seq-len
+    (the part growing with it squared is what does not fit)."""
     state = n_params * TRAIN_BYTES_PER_PARAM
     squared, rest = activation_bytes(rows, seq_len, layers, hidden, intermediate, vocab)
     need = state + squared + rest
@@ -196,9 +200,9 @@ def memory_problem(n_params: int, rows: int, seq_len: int, layers: int, hidden: 
             "with --seq-len squared)")
     if state > free:
         return model_fix[0], f"the model {said}; {model_fix[1]}"
-    if squared >= rest:
-        return "--seq-len", f"rows of {seq_len} tokens: the run {said}; use a smaller --seq-len"
-    return "--batch-tokens", f"{rows * seq_len} tokens a step: the run {said}; use fewer --batch-tokens"
+    if state + rest > free:  # a smaller --seq-len alone cannot make it fit (helper-187: it led from refusal to refusal)
+        return "--batch-tokens", f"{rows * seq_len} tokens a step: the run {said}; use fewer --batch-tokens"
+    return "--seq-len", f"rows of {seq_len} tokens: the run {said}; use a smaller --seq-len or fewer --batch-tokens"
 
 
 def _check_memory(args) -> None:

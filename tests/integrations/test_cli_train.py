@@ -142,6 +142,7 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path, capsys):
         (["--out", "OUT", "--steps", "1", "--corpus", ""], "--corpus: an empty name"),
         (["--out", "/dev/null", "--steps", "1"], "--out: /dev/null is a file"),
         (["--out", "OUT", "--steps", "1", "--init", "CORPUS"], "has no config.json"),
+        (["--out", "OUT", "--steps", "1", "--init", ""], "--init: is empty; give an HF model directory"),
         # Counted on the meta device before the corpus is built; it was an allocator traceback
         (["--out", "OUT", "--steps", "1", "--hidden", "10000000"], "--hidden: the model needs about "),
         # helper-186: the attention masks grow with --seq-len squared; the kernel killed it at 24 GB, no message
@@ -410,18 +411,24 @@ def test_init_rows_past_the_context_are_refused_and_every_token_gets_an_embeddin
     assert "--seq-len: 8192 is longer than the --init model's context (max_position_embeddings 4096)" in \
         capsys.readouterr().err
     # the --init model's step, with the memory free made small: refused before the corpus is built, naming
-    # --seq-len where the part growing with it squared is most of the step (a context of 16384), else --batch-tokens
-    monkeypatch.setattr("integrations.cli_train_flags._free_bytes", lambda device: 2**30)
+    # --seq-len where the part growing with it squared is what does not fit (a context of 16384), and
+    # --batch-tokens where the step's tokens do not fit whatever the row length (helper-187)
+    monkeypatch.setattr("integrations.cli_train_flags._free_bytes", lambda device: 2 * 2**30)
+
+    def weights_loaded(*args, **kwargs):  # the check is made before: a checkpoint too large was loaded first
+        raise AssertionError("the weights were loaded before the memory check")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", weights_loaded)
     long_context = Path(shutil.copytree(tiny_model_dir, tmp_path / "long-context"))
     config = json.loads((long_context / "config.json").read_text())
     (long_context / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
     assert main([*base, "--out", str(tmp_path / "big"), "--init", str(long_context), "--seq-len", "16384",
                  "--batch-tokens", "16384"]) == 2
     err = capsys.readouterr().err
-    assert "--seq-len: rows of 16384 tokens: the run needs about " in err and "more than the 1.0 GiB free on cpu" in err, err
+    assert "--seq-len: rows of 16384 tokens: the run needs about " in err and "more than the 2.0 GiB free on cpu" in err, err
     assert main([*base, "--out", str(tmp_path / "big"), "--init", str(tiny_model_dir), "--seq-len", "256",
-                 "--batch-tokens", "65536"]) == 2
-    assert "--batch-tokens: 65536 tokens a step: the run needs about " in capsys.readouterr().err
+                 "--batch-tokens", "524288"]) == 2
+    assert "--batch-tokens: 524288 tokens a step: the run needs about " in capsys.readouterr().err
     monkeypatch.undo()
     init = Path(shutil.copytree(tiny_model_dir, tmp_path / "init"))
     tokenizer = json.loads((init / "tokenizer.json").read_text())
