@@ -37,14 +37,13 @@ def _fresh_model_and_tokenizer(args, train_units):
     return fresh_model(args, len(tokenizer), eos).float(), tokenizer
 
 
-def _check_init_shape(args, config) -> None:
+def _check_init_shape(args, config, n_params: int) -> None:
     """Checks of the --init checkpoint's config (transformers' PretrainedConfig) made before its weights
     load: rows no longer than its context (TrainArgumentError "--seq-len"), and training state and one
-    step's activations within the memory free on the device (cli_train_flags.memory_problem, parameters
+    step's activations within the memory free on the device (cli_train_flags.memory_problem; `n_params`
     counted on the meta device: a checkpoint too large was loaded in float32 first, and an 8B one was
     killed for memory before any word; helper-187), naming --seq-len, --batch-tokens or --init."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from integrations.cli_train_flags import _free_bytes, memory_problem
 
@@ -56,8 +55,6 @@ def _check_init_shape(args, config) -> None:
     free = _free_bytes(torch.device(device))
     if free is None:
         return
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     problem = memory_problem(n_params, args.batch_tokens // args.seq_len, args.seq_len, config.num_hidden_layers,
                              config.hidden_size, config.intermediate_size, config.vocab_size, free, device,
                              ("--init", "train a smaller model, or on a machine with more memory"))
@@ -89,8 +86,12 @@ def _init_model_and_tokenizer(args):
                                                "an HF model directory whose weights, config and tokenizer load") from None
 
     torch.manual_seed(args.seed)
+    def counted(config) -> int:  # parameters, on the meta device: nothing allocated
+        with torch.device("meta"):
+            return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
     tokenizer, config = loaded(lambda: (AutoTokenizer.from_pretrained(args.init), AutoConfig.from_pretrained(args.init)))
-    _check_init_shape(args, config)
+    _check_init_shape(args, config, loaded(lambda: counted(config)))
     model, loading = loaded(lambda: AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32,
                                                                          output_loading_info=True))
     missing = sorted(loading["missing_keys"])  # (pytorch_model.bin weights: check_flags read no header)
