@@ -43,23 +43,14 @@ def _check_init_shape(args, config, n_params: int) -> None:
     step's activations within the memory free on the device (cli_train_flags.memory_problem; `n_params`
     counted on the meta device: a checkpoint too large was loaded in float32 first, and an 8B one was
     killed for memory before any word; helper-187), naming --seq-len, --batch-tokens or --init."""
-    import torch
-
-    from integrations.cli_train_flags import _free_bytes, memory_problem
+    from integrations.cli_train_flags import check_training_memory
 
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and args.seq_len > context:  # positions past what the model is made for
         raise TrainArgumentError("--seq-len", f"{args.seq_len} is longer than the --init model's context "
                                               f"(max_position_embeddings {context}); give at most {context}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    free = _free_bytes(torch.device(device))
-    if free is None:
-        return
-    problem = memory_problem(n_params, args.batch_tokens // args.seq_len, args.seq_len, config.num_hidden_layers,
-                             config.hidden_size, config.intermediate_size, config.vocab_size, free, device,
-                             ("--init", "train a smaller model, or on a machine with more memory"))
-    if problem:
-        raise TrainArgumentError(*problem)
+    check_training_memory(args, n_params, config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                          config.vocab_size, ("--init", "train a smaller model, or on a machine with more memory"))
 
 
 def _init_model_and_tokenizer(args):

@@ -213,14 +213,22 @@ def _check_memory(args) -> None:
     "--seq-len" or "--batch-tokens")."""
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    free = _free_bytes(torch.device(device))
-    if free is None:
-        return
     with torch.device("meta"):
         n_params = sum(p.numel() for p in fresh_model(args, vocab_size=args.vocab_size, eos=0).parameters())
-    problem = memory_problem(n_params, args.batch_tokens // args.seq_len, args.seq_len, args.layers, args.hidden,
-                             args.intermediate, args.vocab_size, free, device)
+    check_training_memory(args, n_params, args.layers, args.hidden, args.intermediate, args.vocab_size)
+
+
+def check_training_memory(args, n_params: int, layers: int, hidden: int, intermediate: int, vocab: int,
+                          model_fix: tuple[str, str] = FRESH_MODEL_FIX) -> None:
+    """memory_problem for a run of `args` (--batch-tokens, --seq-len, --device; cuda when available) on
+    a model of this shape, against the memory free on its device (nothing checked where that cannot be
+    read). Raises TrainArgumentError naming the flag (model_fix's for the parameters alone)."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    free = _free_bytes(torch.device(device))
+    problem = free is not None and memory_problem(n_params, args.batch_tokens // args.seq_len, args.seq_len, layers,
+                                                  hidden, intermediate, vocab, free, device, model_fix)
     if problem:
         raise TrainArgumentError(*problem)
 
