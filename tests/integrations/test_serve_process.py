@@ -10,6 +10,7 @@ one stops it. Each also runs alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -384,15 +385,21 @@ def test_the_config_files_runtime_env_reaches_the_replicas(tiny_model_dir, tmp_p
 
 def test_a_second_signal_cuts_the_drain_and_exits_130(tiny_model_dir, tmp_path):
     """The second Ctrl-C stops at once, dropping open streams: it exited 0 like a full drain, which told a
-    script or service manager nothing was lost."""
+    script or service manager nothing was lost. The engine replica is stopped (SIGSTOP) with the stream
+    open, so the drain cannot end before the second signal: a stream of 1,000 tokens could (a random-order
+    run of the suite, under load, exited 0 here)."""
     config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": DRAIN_TIMEOUT_S,
               "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S + 5}}
     proc, port, log = start_serve(tiny_model_dir, config, tmp_path)
+    replica = None
     try:
         wait_ready(proc, log)  # /health answers up to a status poll before this
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as http:
+            pid = http.get("/v1/engine").json()["pid"]
             stream = http.send(http.build_request("POST", "/v1/completions", json=LONG), stream=True)
             assert next(line for line in stream.iter_lines() if line.startswith("data: ")) != "data: [DONE]"
+            os.kill(pid, signal.SIGSTOP)
+            replica = pid
             proc.send_signal(signal.SIGTERM)
             wait_for_line(proc, log, "refusion serve: draining")
             proc.send_signal(signal.SIGTERM)
@@ -403,6 +410,9 @@ def test_a_second_signal_cuts_the_drain_and_exits_130(tiny_model_dir, tmp_path):
                 pass
         assert "refusion serve: drain cut short; shutting down" in log.read_text(errors="replace")
     finally:
+        if replica is not None:  # (stopped, it would outlive its Ray)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(replica, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
