@@ -186,4 +186,5 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
         max_tokens=0 if echo_only else fit.gen_length, affinity_key=affinity_key, grammar=grammar,
         client=client_key(getattr(body, "safety_identifier", None) or body.user),
         fit_to_kv=body.max_tokens is None and not echo_only,  # the default shrinks to the KV cache too
+        default_shape=body.slot_size is None and body.serial_num_blocks is None,
     )

@@ -119,6 +119,11 @@ class GenerationRequest:
     # the largest whole blocks of whole slots that fit, instead of a 400, as an unset max_tokens shrinks
     # to the room left in the context (vLLM; integrations/context_fit.py). A client's own value is refused.
     fit_to_kv: bool = False
+    # slot_size and serial_num_blocks are the server's (the client set neither): when a client's max_tokens
+    # in that shape needs more KV blocks than the engine's cache has, a smaller shape that holds max_tokens
+    # (one slot per semi-AR block, then one-token slots) is decoded instead of a 400, as the context check
+    # chooses a smaller slot (integrations/context_fit.py). A client's own shape is refused.
+    default_shape: bool = False
     # The server's own request (health probe, warm-up): decoded like any other, but not counted in the
     # request metrics, the prefix-cache hit rate, the router's estimates or the log (a probe every 10 s
     # would swamp an idle server's numbers).

@@ -45,16 +45,18 @@ class KVOwner:
     def blocks_needed(self, prompt_len: int, suffix_len: int, params, *, ar_only: bool = False,
                       max_tokens: int | None = None) -> int:
         """Most blocks a request can hold: its text plus one ReFusion pool of tentative tokens (none
-        for a request pinned to AR, whose only tentative token is the dropped first-step mask). A request
-        pinned to AR stops at `max_tokens` (GenerationRequest.max_tokens), so its text counts that many
-        (in whole slots), not gen_length: the ingress rounds gen_length up to split into blocks
-        (openai_sampling.fitting_blocks), and the max_tokens a KV refusal named was refused again for
-        the rounding (helper-154: "ask for at most 496", then 496 was refused as 512)."""
+        for a request pinned to AR, whose only tentative token is the dropped first-step mask). ReFusion
+        writes whole slots. A request pinned to AR writes one token a forward and stops at `max_tokens`
+        (GenerationRequest.max_tokens), so its text counts that many, not gen_length: the ingress rounds
+        gen_length up to split into blocks (openai_sampling.fitting_blocks), and the max_tokens a KV
+        refusal named was refused again for the rounding (helper-154: "ask for at most 496", then 496
+        was refused as 512); nor whole slots (helper-188: max_tokens 1 beside a 170-token prompt in a
+        176-token cache was refused as 8, and an unset max_tokens got 6 tokens)."""
         gen = int(params.gen_length)
         slot = int(getattr(params, "slot_size", 1) or 1)
+        gen = math.ceil(gen / slot) * slot
         if ar_only and max_tokens:
             gen = min(gen, max_tokens)
-        gen = math.ceil(gen / slot) * slot
         pool = 0 if ar_only else math.ceil(gen / max(1, int(getattr(params, "serial_num_blocks", 1) or 1)))
         return math.ceil((prompt_len + suffix_len + gen + pool) / self.pool("main").block_size) + 1
 

@@ -39,26 +39,13 @@ class Submission:
             spec = replace(spec, max_tokens=min(spec.max_tokens or params.gen_length, params.gen_length))
             kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR,
                                           max_tokens=spec.max_tokens)
+        if kv_blocks > capacity and spec.default_shape and spec.mode is not Mode.AR:
+            reshaped = next((p for p in self._smaller_shapes(spec, params, spec.max_tokens or params.gen_length)
+                             if self._kv_need(spec, p) <= capacity), None)
+            if reshaped is not None:  # (the model's shape would not fit; one that holds max_tokens does)
+                params, kv_blocks = reshaped, self._kv_need(spec, reshaped)
         if kv_blocks > capacity:
-            asked = params.gen_length if spec.max_tokens in (None, params.gen_length) else \
-                f"{spec.max_tokens}, {params.gen_length} in whole slots" if params.gen_length > spec.max_tokens else \
-                f"{spec.max_tokens}; this request decodes {params.gen_length}"  # an infill candidate's gap
-            need = (f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({asked}) "
-                    f"need {kv_blocks} KV blocks but the engine's KV cache has {capacity} (the runner's num_blocks or "
-                    f"kv_memory_bytes)")
-            # AR: whole slots (the ingress rounds max_tokens so), in one block (AR needs no semi-AR blocks)
-            fitted = self._fit_to_kv(spec, params, capacity, one_block=spec.mode is Mode.AR)
-            if fitted is None:  # not even the shortest generation fits: the prompt is what to change
-                least = int(getattr(params, "min_tokens", 0) or 0)  # what _fit_to_kv tried at the shortest
-                raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt"
-                                          + (f" or lower min_tokens ({least})" if least > 1 else ""))
-            shape = ("slot_size", "serial_num_blocks")
-            if spec.mode is Mode.AR or all(getattr(fitted, k, None) == getattr(params, k, None) for k in shape):
-                raise InvalidRequestError("gen_length", f"{need}; ask for at most {fitted.gen_length}",
-                                          asked=spec.max_tokens or params.gen_length, most=fitted.gen_length,
-                                          prompt_tokens=len(spec.prompt_ids) + suffix_len)
-            raise InvalidRequestError("gen_length", f"{need}; lower gen_length (at most {fitted.gen_length} fits with "
-                                      f"slot_size {fitted.slot_size} and serial_num_blocks {fitted.serial_num_blocks})")
+            self._refuse_kv(spec, params, kv_blocks, capacity)
         self._check_queue_room(spec)
         self._arrivals += 1
         req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
@@ -101,33 +88,93 @@ class Submission:
                 retry_after_s=self.retry_after_s(),
             )
 
-    def _fit_to_kv(self, spec, params, capacity: int, one_block: bool = False):
+    def _kv_need(self, spec, params, max_tokens: int | None = None) -> int:
+        """KV blocks the request needs decoded with `params` (and `max_tokens`, else its own)."""
+        return self.kv.blocks_needed(len(spec.prompt_ids), len(spec.suffix_ids or []), params,
+                                     ar_only=spec.mode is Mode.AR, max_tokens=max_tokens or spec.max_tokens)
+
+    @staticmethod
+    def _smaller_shapes(spec, params, tokens: int) -> list:
+        """Copies of `params` that decode `tokens` in shapes of less tentative KV than the model's (its
+        ReFusion pool is a semi-AR block, gen_length / serial_num_blocks): one slot per block, then one-token
+        slots, each block one token (the least: KVOwner.blocks_needed's pool of 1)."""
+        slot = int(getattr(params, "slot_size", 1) or 1)
+        shapes = []
+        for slot_size, blocks in dict.fromkeys(((slot, -(-tokens // slot)), (1, tokens))):
+            shaped = copy.copy(params)
+            shaped.gen_length, shaped.slot_size, shaped.serial_num_blocks = slot_size * blocks, slot_size, blocks
+            shapes.append(shaped)
+        return shapes
+
+    def _refuse_kv(self, spec, params, kv_blocks: int, capacity: int) -> None:
+        """Raise InvalidRequestError for a client's length the KV cache cannot hold: naming gen_length with
+        the largest max_tokens that is admitted (AR: max_tokens itself, not whole slots, KVOwner.blocks_needed;
+        the server's shape: in the smallest shape, `_smaller_shapes`), or naming the prompt when not even
+        the shortest answer fits (at least min_tokens)."""
+        suffix_len = len(spec.suffix_ids or [])
+        ar, least = spec.mode is Mode.AR, int(getattr(params, "min_tokens", 0) or 0)
+        asked = spec.max_tokens if (ar or spec.default_shape) and spec.max_tokens else \
+            params.gen_length if spec.max_tokens in (None, params.gen_length) else \
+            f"{spec.max_tokens}, {params.gen_length} in whole slots" if params.gen_length > spec.max_tokens else \
+            f"{spec.max_tokens}; this request decodes {params.gen_length}"  # an infill candidate's gap
+        need = (f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({asked}) "
+                f"need {kv_blocks} KV blocks but the engine's KV cache has {capacity} (the runner's num_blocks or "
+                f"kv_memory_bytes)")
+        fitted = None if ar or spec.default_shape else self._fit_to_kv(spec, params, capacity)
+        most = fitted.gen_length if fitted is not None else \
+            self._most_tokens(spec, params, capacity, reshape=not ar) if ar or spec.default_shape else None
+        if most is None:  # not even the shortest generation fits: the prompt is what to change
+            raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt"
+                                      + (f" or lower min_tokens ({least})" if least > 1 else ""))
+        shape = ("slot_size", "serial_num_blocks")
+        if fitted is None or all(getattr(fitted, k, None) == getattr(params, k, None) for k in shape):
+            raise InvalidRequestError("gen_length", f"{need}; ask for at most {most}",
+                                      asked=spec.max_tokens or params.gen_length, most=most,
+                                      prompt_tokens=len(spec.prompt_ids) + suffix_len)
+        raise InvalidRequestError("gen_length", f"{need}; lower gen_length (at most {most} fits with "
+                                  f"slot_size {fitted.slot_size} and serial_num_blocks {fitted.serial_num_blocks})")
+
+    def _most_tokens(self, spec, params, capacity: int, reshape: bool) -> int | None:
+        """The most tokens, from min_tokens (at least 1) to gen_length, whose KV fits `capacity` blocks:
+        as max_tokens with `params` (reshape False), or in the smallest of `_smaller_shapes`; None when not
+        even the fewest fit. Binary search: the need grows with the tokens."""
+        def fits(tokens: int) -> bool:
+            shapes = self._smaller_shapes(spec, params, tokens) if reshape else [params]
+            return min(self._kv_need(spec, p, tokens) for p in shapes) <= capacity
+
+        low, high = max(1, int(getattr(params, "min_tokens", 0) or 0)), params.gen_length
+        if high < low or not fits(low):
+            return None
+        while low < high:  # invariant: fits(low)
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        return low
+
+    def _fit_to_kv(self, spec, params, capacity: int):
         """A copy of `params` with the largest gen_length whose KV fits `capacity` blocks, at least
         min_tokens; None when none fits. gen_length is a whole number of blocks of whole slots (slot_size
-        x serial_num_blocks); when not one such step fits, one block (serial_num_blocks 1), then slot_size
-        1, are tried, so a short answer still fits where a 64-token step would not. one_block: the request's
-        slot_size in one block only. Binary search per shape: blocks_needed grows with gen_length."""
-        slot = int(getattr(params, "slot_size", 1) or 1)
-        blocks = int(getattr(params, "serial_num_blocks", 1) or 1)
+        x serial_num_blocks) in the request's shape; when not one such step fits, the most tokens that fit
+        in a smaller shape (`_smaller_shapes`: one slot a block, then one-token slots), so a short answer
+        still fits where a 64-token step would not. Binary search: blocks_needed grows with gen_length."""
+        step = int(getattr(params, "slot_size", 1) or 1) * int(getattr(params, "serial_num_blocks", 1) or 1)
         least = int(getattr(params, "min_tokens", 0) or 0)
-        shapes = ((slot, 1),) if one_block else dict.fromkeys(((slot, blocks), (slot, 1), (1, 1)))
-        for slot_size, num_blocks in shapes:
-            step = slot_size * num_blocks
 
-            def trial(steps: int, slot_size=slot_size, num_blocks=num_blocks, step=step):
-                shaped = copy.copy(params)
-                shaped.gen_length, shaped.slot_size, shaped.serial_num_blocks = steps * step, slot_size, num_blocks
-                return shaped
+        def trial(steps: int):
+            shaped = copy.copy(params)
+            shaped.gen_length = steps * step
+            return shaped
 
-            def fits(steps: int) -> bool:
-                return self.kv.blocks_needed(len(spec.prompt_ids), len(spec.suffix_ids or []), trial(steps),
-                                             ar_only=spec.mode is Mode.AR, max_tokens=spec.max_tokens) <= capacity
+        def fits(steps: int) -> bool:
+            return self._kv_need(spec, trial(steps)) <= capacity
 
-            low, high = max(1, -(-least // step)), params.gen_length // step
-            if high < low or not fits(low):
-                continue
+        low, high = max(1, -(-least // step)), params.gen_length // step
+        if high >= low and fits(low):
             while low < high:  # invariant: fits(low)
                 mid = (low + high + 1) // 2
                 low, high = (mid, high) if fits(mid) else (low, mid - 1)
             return trial(low)
-        return None
+        most = self._most_tokens(spec, params, capacity, reshape=True)
+        if most is None:
+            return None
+        # (with the request's own max_tokens: an AR one counts up to it, and one-token slots hold `most`)
+        return next(p for p in self._smaller_shapes(spec, params, most) if self._kv_need(spec, p) <= capacity)

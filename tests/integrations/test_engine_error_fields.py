@@ -91,6 +91,24 @@ async def test_only_a_default_max_tokens_may_shrink_to_the_kv_cache(fake_client,
     assert fake_client.requests[-1].fit_to_kv is fits
 
 
+@pytest.mark.parametrize("path, body, default", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 8}, True),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 8, "slot_size": 4}, False),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 8, "serial_num_blocks": 1}, False),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 8}, True),
+    ("/v1/messages", {"model": "m", "messages": USER, "max_tokens": 8}, True),
+    ("/completion", {"prompt": "x", "n_predict": 8}, True),
+])
+async def test_only_the_servers_slot_shape_may_shrink_to_the_kv_cache(fake_client, path, body, default):  # noqa: F811
+    """A client's max_tokens that the KV cache holds in a smaller shape than the model's is decoded in it
+    (scheduler.Submission, default_shape); a shape the client chose is kept (a 400 instead)."""
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post(path, json={**body, "model": fake_client.model_name} if "model" in body else body)
+    assert response.status_code == 200, response.text
+    assert fake_client.requests[-1].default_shape is default
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_messages_word_a_kv_refusal_of_max_tokens_as_anthropic_does(fake_client, stream):  # noqa: F811
     """Claude Code reads "input length and `max_tokens` exceed context limit: P + M > C" to lower

@@ -97,12 +97,15 @@ async def test_a_default_gen_length_shrinks_to_the_kv_cache_a_requested_one_is_r
     assert err.value.field == "gen_length"
     assert (err.value.asked, err.value.most, err.value.prompt_tokens) == (64, fits, 10)  # Messages' wording needs them
     assert len(ids_of(await collect(engine, req("at-most", prompt=[5] * 10, gen=fits, mode=Mode.AR)))) == fits
-    # AR: the most is in whole slots, whatever the request's semi-AR blocks (it was in steps of slot_size x
-    # serial_num_blocks); the client's own cap is quoted beside the whole-slot length it became
-    with pytest.raises(InvalidRequestError, match=rf"gen_length \(61, 64 in whole slots\).*; ask for at most {fits // 8 * 8}$") as err:
-        await collect(engine, GenerationRequest("slots8", [5] * 10, {"gen_length": 64, "slot_size": 8,
-                                                                     "serial_num_blocks": 4}, mode=Mode.AR, max_tokens=61))
-    assert (err.value.asked, err.value.most) == (61, fits // 8 * 8)  # the client's cap, not the whole slots
+    # AR: the most is the tokens that fit, whatever the request's slots and semi-AR blocks (it was in steps
+    # of slot_size x serial_num_blocks, then in whole slots: AR writes one token a forward, helper-188)
+    shaped = {"gen_length": 64, "slot_size": 8, "serial_num_blocks": 4}
+    with pytest.raises(InvalidRequestError, match=rf"gen_length \(61\).*; ask for at most {fits}$") as err:
+        await collect(engine, GenerationRequest("slots8", [5] * 10, dict(shaped), mode=Mode.AR, max_tokens=61))
+    assert (err.value.asked, err.value.most) == (61, fits)  # the client's cap
+    assert fits % 8  # (so whole slots would have been refused)
+    capped = await collect(engine, GenerationRequest("slots8-most", [5] * 10, dict(shaped), mode=Mode.AR, max_tokens=fits))
+    assert len(ids_of(capped)) == fits
     with pytest.raises(InvalidRequestError, match="leaves no room to generate .* shorten the prompt") as err:
         await collect(engine, req("no-room", prompt=[5] * 40, gen=64, mode=Mode.AR, fit_to_kv=True))
     assert "gen_length" not in str(err.value)  # the client set none: the prompt is named, not a max_tokens
@@ -128,6 +131,41 @@ async def test_an_ar_request_needs_kv_for_its_max_tokens_not_its_rounded_gen_len
         await collect(engine, GenerationRequest("asked", [5] * prompt, dict(shaped), mode=Mode.AR, max_tokens=32))
     with pytest.raises(InvalidRequestError):  # ReFusion decodes whole slots past max_tokens: its own need
         await collect(engine, GenerationRequest("refusion", [5] * prompt, dict(shaped), mode=Mode.REFUSION, max_tokens=24))
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
+    await engine.stop()
+
+
+async def test_the_servers_shape_shrinks_to_fit_a_clients_max_tokens_in_the_kv_cache():
+    """default_shape (the client set no slot_size or serial_num_blocks): a max_tokens whose whole slots
+    and ReFusion pool in the model's shape pass the KV cache is decoded in a smaller shape that holds it
+    (one slot per block, then one-token slots), as an unset max_tokens was; it was a 400 telling the client
+    to lower a max_tokens of 1 to "at most 3", or to shorten a prompt that an unset max_tokens answered
+    (helper-188). The refusal's "at most" is the largest max_tokens admitted (it was up to 2x below), and
+    a client's own shape is still refused."""
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=12, block_size=4), prefix_cache=False)
+    capacity = engine.kv.capacity()
+    shaped = {"gen_length": 64, "slot_size": 8, "serial_num_blocks": 4}
+    prompt = 4 * (capacity - 1) - 6  # room for 6 tokens of text and pool: not one slot of 8
+    await engine.start()
+
+    def request(rid, max_tokens, **kw):
+        return GenerationRequest(rid, [5] * prompt, dict(shaped), mode=Mode.REFUSION, max_tokens=max_tokens, **kw)
+
+    with pytest.raises(InvalidRequestError, match="slot_size 1"):  # the client's shape (as before)
+        await collect(engine, request("own", 1))
+    most = None
+    for max_tokens in range(1, 8):
+        try:
+            deltas = await collect(engine, request(f"m{max_tokens}", max_tokens, default_shape=True))
+        except InvalidRequestError as exc:
+            assert exc.field == "gen_length" and most is not None and (exc.asked, exc.most) == (max_tokens, most), exc
+            assert str(exc).endswith(f"; ask for at most {most}")
+            break
+        assert len(ids_of(deltas)) == max_tokens and deltas[-1].finish_reason is FinishReason.LENGTH
+        most = max_tokens
+    else:
+        pytest.fail("every max_tokens fitted: the cache is too large for the test")
+    assert most == 5  # the 6 tokens of room: 5 of text and a pool of 1 (one-token slots, one token a block)
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
     await engine.stop()
 
