@@ -153,27 +153,35 @@ class Submission:
     def _fit_to_kv(self, spec, params, capacity: int):
         """A copy of `params` with the largest gen_length whose KV fits `capacity` blocks, at least
         min_tokens; None when none fits. gen_length is a whole number of blocks of whole slots (slot_size
-        x serial_num_blocks) in the request's shape; when not one such step fits, the most tokens that fit
-        in a smaller shape (`_smaller_shapes`: one slot a block, then one-token slots), so a short answer
-        still fits where a 64-token step would not. Binary search: blocks_needed grows with gen_length."""
-        step = int(getattr(params, "slot_size", 1) or 1) * int(getattr(params, "serial_num_blocks", 1) or 1)
+        x serial_num_blocks); when not one such step fits, the most tokens that fit in a smaller shape:
+        the server's shape (default_shape) `_smaller_shapes` (one slot a block, then one-token slots);
+        another (a client's, an infill gap's) one block (serial_num_blocks 1), then slot_size 1, so a short
+        answer still fits where a 64-token step would not (the hint a refusal gives such a request, which
+        the route resends in that shape: an infill gap's is the server's own, gap_params). Binary search
+        per shape: blocks_needed grows with gen_length."""
+        slot = int(getattr(params, "slot_size", 1) or 1)
+        blocks = int(getattr(params, "serial_num_blocks", 1) or 1)
         least = int(getattr(params, "min_tokens", 0) or 0)
+        shapes = ((slot, blocks),) if spec.default_shape else dict.fromkeys(((slot, blocks), (slot, 1), (1, 1)))
+        for slot_size, num_blocks in shapes:
+            step = slot_size * num_blocks
 
-        def trial(steps: int):
-            shaped = copy.copy(params)
-            shaped.gen_length = steps * step
-            return shaped
+            def trial(steps: int, slot_size=slot_size, num_blocks=num_blocks, step=step):
+                shaped = copy.copy(params)
+                shaped.gen_length, shaped.slot_size, shaped.serial_num_blocks = steps * step, slot_size, num_blocks
+                return shaped
 
-        def fits(steps: int) -> bool:
-            return self._kv_need(spec, trial(steps)) <= capacity
+            def fits(steps: int) -> bool:
+                return self._kv_need(spec, trial(steps)) <= capacity
 
-        low, high = max(1, -(-least // step)), params.gen_length // step
-        if high >= low and fits(low):
+            low, high = max(1, -(-least // step)), params.gen_length // step
+            if high < low or not fits(low):
+                continue
             while low < high:  # invariant: fits(low)
                 mid = (low + high + 1) // 2
                 low, high = (mid, high) if fits(mid) else (low, mid - 1)
             return trial(low)
-        most = self._most_tokens(spec, params, capacity, reshape=True)
+        most = self._most_tokens(spec, params, capacity, reshape=True) if spec.default_shape else None
         if most is None:
             return None
         # (with the request's own max_tokens: an AR one counts up to it, and one-token slots hold `most`)

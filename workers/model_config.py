@@ -106,10 +106,12 @@ def read_config(model_dir: Path) -> ModelConfig:
         raise ModelDirError(path, "attention_bias and use_sliding_window must be false for Qwen3")
     if raw.get("hidden_act", "silu") != "silu":
         raise ModelDirError(path, f"hidden_act is {raw['hidden_act']!r}; only 'silu' is supported")
-    if raw.get("quantization_config") is not None:  # its weights would be read as plain values, without scales
-        method = raw["quantization_config"].get("quant_method") if isinstance(raw["quantization_config"], dict) else None
-        raise ModelDirError(path, f"quantization_config (quant_method {method!r}) is set: quantized checkpoints are "
-                                  "not supported; serve the model's unquantized (bfloat16) weights")
+    quantized = raw.get("quantization_config")
+    if quantized not in (None, {}):  # its weights would be read as plain values, without their scales
+        what = f"quant_method {quantized['quant_method']!r}" if isinstance(quantized, dict) and "quant_method" in quantized \
+            else repr(quantized)[:80]
+        raise ModelDirError(path, f"quantization_config ({what}) is set: quantized checkpoints are not supported; "
+                                  "serve the model's unquantized (bfloat16) weights")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in raw:
             raise ModelDirError(path, f"missing required key {key!r}")

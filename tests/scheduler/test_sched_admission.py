@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from sched_fakes import FakeRunner, ForwardGate, collect, ids_of, make_engine
@@ -166,6 +167,27 @@ async def test_the_servers_shape_shrinks_to_fit_a_clients_max_tokens_in_the_kv_c
     else:
         pytest.fail("every max_tokens fitted: the cache is too large for the test")
     assert most == 5  # the 6 tokens of room: 5 of text and a pool of 1 (one-token slots, one token a block)
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
+    await engine.stop()
+
+
+async def test_a_refusal_in_a_shape_the_server_keeps_names_one_the_resend_fits():
+    """A request whose shape is not the server's to change (an infill gap's, gap_params; a client's) is
+    refused with the most that fits in one block, then in one-token slots, and a resend of that shape and
+    length is admitted. The one-token-block shapes of the server's default (`_smaller_shapes`) gave such a
+    request "at most 9 fits with slot_size 1 and serial_num_blocks 9", which /infill cannot send: 9 was
+    refused again (helper-189)."""
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=12, block_size=4), prefix_cache=False)
+    capacity = engine.kv.capacity()
+    prompt = 4 * (capacity - 1) - 12  # room for 12 tokens of text, suffix and pool
+    await engine.start()
+    gap = {"gen_length": 32, "slot_size": 8, "serial_num_blocks": 4}
+    with pytest.raises(InvalidRequestError) as err:
+        await collect(engine, GenerationRequest("gap", [5] * prompt, dict(gap), mode=Mode.REFUSION, suffix_ids=[6, 7]))
+    most = int(re.search(r"at most (\d+) fits with slot_size 1 and serial_num_blocks 1\)$", str(err.value)).group(1))
+    resend = {"gen_length": most, "slot_size": 1, "serial_num_blocks": 1}
+    deltas = await collect(engine, GenerationRequest("resend", [5] * prompt, resend, mode=Mode.REFUSION, suffix_ids=[6, 7]))
+    assert deltas[-1].finish_reason is not None and 0 < len(ids_of(deltas)) <= most
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
     await engine.stop()
 

@@ -118,6 +118,7 @@ def test_missing_files_are_named(tiny_model_dir, tmp_path, victim, expected):
     # an FP8 checkpoint's config (as Qwen3-8B-FP8's): its weights without their scales would be wrong values
     (lambda c: c.update(quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}),
      "quantization_config \\(quant_method 'fp8'\\)"),
+    (lambda c: c.update(quantization_config={"bits": 4, "group_size": 128}), "quantization_config \\(\\{'bits': 4"),
 ])
 def test_bad_config_is_explained(tiny_model_dir, tmp_path, edit, message):
     model = _copy(tiny_model_dir, tmp_path)
