@@ -137,18 +137,12 @@ class Submission:
     def _most_tokens(self, spec, params, capacity: int, reshape: bool) -> int | None:
         """The most tokens, from min_tokens (at least 1) to gen_length, whose KV fits `capacity` blocks:
         as max_tokens with `params` (reshape False), or in the smallest of `_smaller_shapes`; None when not
-        even the fewest fit. Binary search: the need grows with the tokens."""
+        even the fewest fit."""
         def fits(tokens: int) -> bool:
             shapes = self._smaller_shapes(spec, params, tokens) if reshape else [params]
             return min(self._kv_need(spec, p, tokens) for p in shapes) <= capacity
 
-        low, high = max(1, int(getattr(params, "min_tokens", 0) or 0)), params.gen_length
-        if high < low or not fits(low):
-            return None
-        while low < high:  # invariant: fits(low)
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if fits(mid) else (low, mid - 1)
-        return low
+        return _largest(max(1, int(getattr(params, "min_tokens", 0) or 0)), params.gen_length, fits)
 
     def _fit_to_kv(self, spec, params, capacity: int):
         """A copy of `params` with the largest gen_length whose KV fits `capacity` blocks, at least
@@ -157,8 +151,7 @@ class Submission:
         the server's shape (default_shape) `_smaller_shapes` (one slot a block, then one-token slots);
         another (a client's, an infill gap's) one block (serial_num_blocks 1), then slot_size 1, so a short
         answer still fits where a 64-token step would not (the hint a refusal gives such a request, which
-        the route resends in that shape: an infill gap's is the server's own, gap_params). Binary search
-        per shape: blocks_needed grows with gen_length."""
+        the route resends in that shape: an infill gap's is the server's own, gap_params)."""
         slot = int(getattr(params, "slot_size", 1) or 1)
         blocks = int(getattr(params, "serial_num_blocks", 1) or 1)
         least = int(getattr(params, "min_tokens", 0) or 0)
@@ -174,15 +167,22 @@ class Submission:
             def fits(steps: int) -> bool:
                 return self._kv_need(spec, trial(steps)) <= capacity
 
-            low, high = max(1, -(-least // step)), params.gen_length // step
-            if high < low or not fits(low):
-                continue
-            while low < high:  # invariant: fits(low)
-                mid = (low + high + 1) // 2
-                low, high = (mid, high) if fits(mid) else (low, mid - 1)
-            return trial(low)
+            steps = _largest(max(1, -(-least // step)), params.gen_length // step, fits)
+            if steps is not None:
+                return trial(steps)
         most = self._most_tokens(spec, params, capacity, reshape=True) if spec.default_shape else None
         if most is None:
             return None
         # (with the request's own max_tokens: an AR one counts up to it, and one-token slots hold `most`)
         return next(p for p in self._smaller_shapes(spec, params, most) if self._kv_need(spec, p) <= capacity)
+
+
+def _largest(low: int, high: int, fits) -> int | None:
+    """The largest n in [low, high] with fits(n), for a `fits` true up to some n and false above (a KV
+    need grows with the tokens); None when fits(low) is false or the range is empty. Binary search."""
+    if high < low or not fits(low):
+        return None
+    while low < high:  # invariant: fits(low)
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
