@@ -131,8 +131,10 @@ class Submission:
             raise InvalidRequestError("gen_length", f"{need}; ask for at most {most}",
                                       asked=spec.max_tokens or params.gen_length, most=most,
                                       prompt_tokens=len(spec.prompt_ids) + suffix_len)
-        raise InvalidRequestError("gen_length", f"{need}; lower gen_length (at most {most} fits with "
-                                  f"slot_size {fitted.slot_size} and serial_num_blocks {fitted.serial_num_blocks})")
+        slot, blocks = (int(getattr(params, k, 1) or 1) for k in shape)
+        raise InvalidRequestError("gen_length", f"{need}; steps of slot_size {slot} x serial_num_blocks {blocks} "
+                                  f"tokens do not fit: send slot_size {fitted.slot_size} and serial_num_blocks "
+                                  f"{fitted.serial_num_blocks} with gen_length at most {most}")
 
     def _most_tokens(self, spec, params, capacity: int, reshape: bool) -> int | None:
         """The most tokens, from min_tokens (at least 1) to gen_length, whose KV fits `capacity` blocks:

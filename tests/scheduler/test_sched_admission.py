@@ -184,7 +184,9 @@ async def test_a_refusal_in_a_shape_the_server_keeps_names_one_the_resend_fits()
     gap = {"gen_length": 32, "slot_size": 8, "serial_num_blocks": 4}
     with pytest.raises(InvalidRequestError) as err:
         await collect(engine, GenerationRequest("gap", [5] * prompt, dict(gap), mode=Mode.REFUSION, suffix_ids=[6, 7]))
-    most = int(re.search(r"at most (\d+) fits with slot_size 1 and serial_num_blocks 1\)$", str(err.value)).group(1))
+    assert "steps of slot_size 8 x serial_num_blocks 4 tokens do not fit" in str(err.value)
+    most = int(re.search(r"send slot_size 1 and serial_num_blocks 1 with gen_length at most (\d+)$",
+                         str(err.value)).group(1))
     resend = {"gen_length": most, "slot_size": 1, "serial_num_blocks": 1}
     deltas = await collect(engine, GenerationRequest("resend", [5] * prompt, resend, mode=Mode.REFUSION, suffix_ids=[6, 7]))
     assert deltas[-1].finish_reason is not None and 0 < len(ids_of(deltas)) <= most
