@@ -18,7 +18,6 @@ import time
 
 import structlog
 
-from decoding.api import DecodeParamError
 from scheduler.api import FinishReason, Mode
 from scheduler.mode_switch import maybe_switch
 from scheduler.plan import StepPlan, collect_plan, execute_isolated, execute_plan, finish_plan, launch_plan
@@ -220,8 +219,7 @@ class EngineLoop:
                 self._drop_ahead(ahead)
                 ahead = None
             if launched is not None:  # a step launched ahead: its fed-back tokens are on the host by now
-                plan = StepPlan([(req, req.decoder.host_segment(seg) if seg.feedback and not req.finished else seg)
-                                 for req, seg in plan.items], plan.tables)
+                plan = StepPlan([(req, self._host_segment(req, seg)) for req, seg in plan.items], plan.tables)
             results = [exc] if len(plan.items) == 1 else await asyncio.to_thread(execute_isolated, self.scheduler.runners, plan)
             for i, ((req, _), result) in enumerate(zip(plan.items, results)):
                 if isinstance(result, Exception):
@@ -238,6 +236,18 @@ class EngineLoop:
             self.forwards += 1
             self.metrics.forward_time.observe(time.perf_counter() - start)
 
+    def _host_segment(self, req: Request, segment):
+        """`segment` of a failed step launched ahead, its fed-back token given from the host for the re-run
+        (decoding.ar_ahead host_segment); a request whose decoder fails at that ends alone (`_fault`),
+        and its segment is re-run and dropped as a cancelled request's is."""
+        if not segment.feedback or req.finished:
+            return segment
+        try:
+            return req.decoder.host_segment(segment)
+        except Exception as exc:  # (raised out of the step, it ended every running request)
+            self._fault(req, exc, "host_segment_failed")
+            return segment
+
     def _deferred_bitmasks(self, plan: StepPlan) -> list | None:
         """The bitmasks of a launched plan's grammar-constrained steps planned ahead (Segment.deferred_mask;
         decoding.ar.ARDecoder.deferred_bitmask), aligned with plan.items; None when it has none. A grammar
@@ -252,7 +262,7 @@ class EngineLoop:
                 try:
                     mask = req.decoder.deferred_bitmask(seg)
                 except Exception as exc:  # the request's own grammar (DecodeParamError) or decoder
-                    self._fail(req, exc)
+                    self._fault(req, exc, "bitmask_failed")
             bitmasks.append(mask)
         return bitmasks
 
@@ -264,10 +274,13 @@ class EngineLoop:
                 self._fail(req, error)
             else:
                 self._finish(req, FinishReason.ERROR, error=error)
-        for req in plan.done:
-            self._stream(req, time.monotonic())  # a decoder done without a step (a grammar's forced text)
-            if not req.finished and req.decoder.finished:  # (a rerun may have been given a new decoder: replay.py)
-                self._finish(req, self._natural_reason(req))
+        for req in plan.done:  # a decoder done without a step (a grammar's forced text)
+            try:
+                self._stream(req, time.monotonic())
+                if not req.finished and req.decoder.finished:  # (a rerun may have been given a new decoder: replay.py)
+                    self._finish(req, self._natural_reason(req))
+            except Exception as exc:  # (raised out of the step, it ended every running request)
+                self._fault(req, exc, "end_failed")
 
     def _drop_ahead(self, ahead: StepPlan) -> None:
         """A step planned ahead that will not run (or ran and is abandoned): its decoders forget it, its KV
@@ -317,12 +330,8 @@ class EngineLoop:
             mode = req.mode
             try:
                 routed = self._absorb(req, segment, result, now)
-            except DecodeParamError as exc:  # the request's own input at fault (e.g. its grammar)
-                self._fail(req, exc)
-                routed = False
             except Exception as exc:
-                log.exception("absorb_failed", request_id=req.id)
-                self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+                self._fault(req, exc, "absorb_failed")
                 routed = False
             if decodes is not None and routed:
                 decodes.append((mode, host_s + time.thread_time() - host_start))

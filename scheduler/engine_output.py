@@ -82,8 +82,7 @@ class EngineOutput:
         try:
             self._stream(req, absorbed_s)
         except Exception as exc:
-            log.exception("stream_failed", request_id=req.id)
-            self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+            self._fault(req, exc, "stream_failed")
 
     def _stream(self, req: Request, now: float) -> None:
         """Send newly final text; end the request on a stop string, a passed deadline or max_tokens."""
@@ -129,6 +128,18 @@ class EngineOutput:
         else:
             log.error("decoder_failed", request_id=req.id, error=f"{type(exc).__name__}: {exc}")
             self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+    def _fault(self, req: Request, exc: Exception, event: str) -> None:
+        """End `req` alone with `exc`, which handling it raised (absorbing its step, streaming its text,
+        ending it without a step), called from the `except` that caught it, so that no other request of
+        the step sees it: a DecodeParamError (its own input, e.g. a grammar) names the field (`_fail`);
+        anything else is a fault logged as `event` with its traceback, and the request is taken out even
+        should closing it raise too (`_finish_or_abort`)."""
+        if isinstance(exc, DecodeParamError):
+            self._fail(req, exc)
+        else:
+            log.exception(event, request_id=req.id)
+            self._finish_or_abort(req, f"{type(exc).__name__}: {exc}")
 
     def _finish(self, req: Request, reason: FinishReason, error: str | None = None,
                 error_field: str | None = None, counted: bool = True) -> None:

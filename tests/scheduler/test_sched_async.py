@@ -765,3 +765,51 @@ async def test_slow_grammars_take_turns_with_steps_planned_ahead(runner, monkeyp
     pipelined, engine = await _run(runner, specs, pipelined=True, config=config)
     _assert_same(specs, serial, pipelined)
     assert engine.ahead_steps > 0 and sum(rows > 1 for rows in slow_rows) <= 2, slow_rows
+
+
+async def test_a_decoder_failing_to_restate_a_failed_step_from_the_host_fails_its_request_alone(runner, monkeypatch):
+    # A step launched ahead fails on the device, so each request's fed-back step is stated again from the
+    # host (host_segment) and re-run alone; "victim"'s decoder raises there: it ends with its own error and
+    # the others stream as serially (host_segment ran outside any guard: the step failed and every
+    # running request ended with "internal error in engine step", helper-191)
+    from decoding.ar import ARDecoder
+    from scheduler.engine import Engine
+
+    host_segment = ARDecoder.host_segment
+
+    def failing(self, segment):
+        if self.seq_id == "victim":
+            raise RuntimeError("cannot restate this step (injected)")
+        return host_segment(self, segment)
+
+    monkeypatch.setattr(ARDecoder, "host_segment", failing)
+    specs = [GenerationRequest(f"b{i}", runner.tokenizer.encode(RUN_ON_PROMPTS[i]), {"gen_length": 64},
+                               mode=Mode.AR) for i in range(2)]
+    specs.append(GenerationRequest("victim", runner.tokenizer.encode(RUN_ON_PROMPTS[2]), {"gen_length": 64},
+                                   mode=Mode.AR))
+    serial, _ = await _run(runner, specs[:2], pipelined=False)
+    launch_step, collect_step, feeding, failed = runner.launch, runner.collect, set(), []
+
+    def recording_launch(segments, tables):
+        launched = launch_step(segments, tables)
+        if {"b0", "b1", "victim"} <= {s.seq_id for s in segments if s.feedback}:
+            feeding.add(id(launched))
+        return launched
+
+    def failing_collect(launched):  # once: a step that feeds all three back on the device
+        if not failed and id(launched) in feeding:
+            failed.append(True)
+            collect_step(launched)
+            raise RuntimeError("device fault (injected)")
+        return collect_step(launched)
+
+    runner.launch, runner.collect = recording_launch, failing_collect
+    try:
+        engine = Engine(runner, runner.tokenizer, EngineConfig(async_scheduling=True, routing=ROUTING))
+        results = await _staggered(engine, specs)
+    finally:
+        del runner.launch, runner.collect
+    assert failed
+    assert results[2][-1].finish_reason is FinishReason.ERROR and "cannot restate this step" in results[2][-1].error
+    _assert_same(specs[:2], serial, results[:2])
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total

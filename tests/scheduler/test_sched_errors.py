@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
-from sched_fakes import FakeFactory, FakeRunner, collect, ids_of, make_engine
+from sched_fakes import FakeDecoder, FakeFactory, FakeRunner, FakeTokenizer, ForwardGate, collect, ids_of, make_engine
 
 from scheduler.api import FinishReason, GenerationRequest, Mode
+
+
+BROKEN = 99  # a token BrokenTokenizer cannot decode
 
 
 def req(rid, gen=6):
@@ -253,5 +256,44 @@ async def test_a_fault_in_the_recovery_from_a_failed_step_ends_the_requests_and_
     engine.scheduler.schedule = schedule
     after = await asyncio.wait_for(collect(engine, req("c")), 30)
     assert after[-1].finish_reason is FinishReason.LENGTH
+    assert_idle(engine)
+    await engine.stop()
+
+
+async def test_a_request_that_ends_without_a_step_and_fails_to_stream_fails_alone():
+    """A request whose decoder is done without a step (a grammar's forced text: Scheduler.schedule's
+    plan.done) and whose text cannot be streamed (here: the tokenizer fails on its token) ends alone
+    with that error; a request running beside it goes on. It was streamed outside any guard, so the
+    step failed and the recovery ended every running request with "internal error in engine step"
+    (helper-191)."""
+    class BrokenTokenizer(FakeTokenizer):
+        def decode(self, ids, skip_special_tokens=True):
+            if BROKEN in ids:
+                raise ValueError("cannot decode this token")
+            return super().decode(ids, skip_special_tokens)
+
+    factory = FakeFactory()
+    runner = FakeRunner(num_blocks=64)
+    engine, _ = make_engine(runner=runner, factory=factory, tokenizer=BrokenTokenizer(), prefix_cache=False)
+    gate = ForwardGate(runner.execute, hold_from=2)
+    runner.execute = gate
+    original_create = factory.create
+
+    def create(mode, seq_id, prompt_ids, params, suffix_ids):
+        if seq_id == "done":  # its whole text is there before any step
+            return FakeDecoder(seq_id, prompt_ids, 1, generated=[BROKEN])
+        return original_create(mode, seq_id, prompt_ids, params, suffix_ids)
+
+    factory.create = create
+    await engine.start()
+    good = asyncio.create_task(collect(engine, req("good", gen=12)))
+    await asyncio.to_thread(gate.entered.wait, 30)  # good is decoding, its next forward held
+    done = asyncio.create_task(collect(engine, req("done")))
+    while not engine.scheduler.waiting:
+        await asyncio.sleep(0.001)
+    gate.release()
+    done, good = await asyncio.wait_for(asyncio.gather(done, good), 30)
+    assert done[-1].finish_reason is FinishReason.ERROR and "cannot decode this token" in done[-1].error
+    assert good[-1].finish_reason is FinishReason.LENGTH and good[-1].error is None and len(ids_of(good)) == 12
     assert_idle(engine)
     await engine.stop()
