@@ -54,6 +54,7 @@ async def create_message(request: Request):
     chat = body.chat_request()
     with _renamed_fields():
         run = await start_chat(request, chat, "msg", "messages")
+    run.observer.field_names = messages_field  # (a grammar failing after the first delta: `checked`)
     turn = MessageTurn(body, run)
     if body.stream:
         return sse_response(turn.events(), run.observer, run.header.id, id_headers(request, run.header.id),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Callable
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -126,6 +127,9 @@ class RequestObserver:
         self._finals: list[Delta] = []  # every choice's final delta, in the order they came
         self.last: Delta | None = None
         self.cap_field: str | None = None  # the token cap's name where the client chose it (chat's max_completion_tokens)
+        # the route's name of a chat request's field (Responses', Messages'), for a fault of the request's
+        # own input that ends it after its first delta (openai_calls.checked: a grammar failing mid-request)
+        self.field_names: Callable[[str], str] | None = None
         self.e2e_ms: float | None = None  # arrival to finish(), once finished
         self._done = False
 

@@ -131,7 +131,8 @@ def checked(delta: Delta, observer: RequestObserver) -> Delta:
             raise from_engine_error(ShuttingDownError(f"request ended early: {why}; retry", 1.0))
         raise overloaded(f"request ended early: {why}; retry", 1.0)
     if delta.error and delta.error_field:  # the request's own input failed mid-request (e.g. its grammar)
-        raise APIError(400, f"{delta.error_field}: {delta.error}", param=delta.error_field)
+        field = observer.field_names(delta.error_field) if observer.field_names else delta.error_field
+        raise APIError(400, f"{field}: {delta.error}", param=field)
     if delta.error:
         raise APIError(500, f"engine error: {delta.error}", "server_error")
     return delta

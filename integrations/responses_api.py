@@ -56,6 +56,7 @@ async def create_response(request: Request):
             raise
         raise APIError(exc.status, exc.message.replace(exc.param, responses_field(exc.param), 1), exc.type,
                        responses_field(exc.param), exc.code, exc.headers) from None
+    run.observer.field_names = responses_field  # (a grammar failing after the first delta: `checked`)
     formatter = logprob_formatter(run.client, chat)
     numbers = itertools.count()  # sequence_number of every event, an error event's too
     events = response_events(ResponseShell(body, run), run.streams[0], formatter, numbers)

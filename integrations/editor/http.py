@@ -198,16 +198,22 @@ async def completion_route(request: Request) -> Response:
             return Response(compact_json(select_fields(result, body.response_fields)),
                             media_type="application/json", headers=id_headers(request, rid))
     except (InputError, APIError, EngineError) as exc:
-        field, message = (exc.field, exc.message) if isinstance(exc, InputError) else (
-            (exc.param, exc.message.split(": ", 1)[-1]) if isinstance(exc, APIError) and exc.status == 400 and exc.param
-            else (None, None))
-        if field is not None:  # named as llama.cpp names it (n_predict, n_probs, json_schema, grammar)
-            exc = InputError(400 if not isinstance(exc, InputError) else exc.status, llama_field(field),
-                             message.replace(field, llama_field(field)))
-        status, payload, headers = error_body(exc, "completion")
+        status, payload, headers = error_body(_in_llama_fields(exc), "completion")
         return JSONResponse(payload, status, headers=headers)
     return StreamingResponse(_events_after(first, _sse_lines(events), observer), media_type="text/event-stream",
                              headers=id_headers(request, rid))
+
+
+def _in_llama_fields(exc: Exception) -> Exception:
+    """An input fault of a /completion request (a 400 naming its field) named as llama.cpp names the field
+    (n_predict, n_probs, json_schema, grammar), for error_body; anything else as it is."""
+    field, message = (exc.field, exc.message) if isinstance(exc, InputError) else (
+        (exc.param, exc.message.split(": ", 1)[-1]) if isinstance(exc, APIError) and exc.status == 400 and exc.param
+        else (None, None))
+    if field is None:
+        return exc
+    return InputError(exc.status if isinstance(exc, InputError) else 400, llama_field(field),
+                      message.replace(field, llama_field(field)))
 
 
 async def _recording(deltas, ids: list[int]):
@@ -247,7 +253,7 @@ async def _events_after(first: bytes, events, observer: RequestObserver | None):
             observer.finish(499, error="client disconnected")
         raise
     except Exception as exc:  # noqa: BLE001 - the client must see why its stream ended
-        _, payload, _ = error_body(exc)
+        _, payload, _ = error_body(_in_llama_fields(exc))  # (a grammar failing mid-request: its field)
         if observer is not None:
             observer.finish(200, error=payload["error"]["message"])  # the status that went out
         yield b"data: " + compact_json(payload) + b"\n\n"

@@ -35,6 +35,9 @@ class FakeEngineClient:
     refuse_gen_lengths: frozenset = frozenset()  # requests of these gen_lengths are refused as overloaded
     fail_gen_lengths: frozenset = frozenset()  # requests of these gen_lengths end with an error delta
     final_stats: dict = field(default_factory=dict)  # added to the last delta's stats (e.g. a stop_word)
+    # A request with a grammar ends with an error naming the grammar's source field after this many token
+    # deltas, as the engine ends one whose grammar fails mid-request (DecodeParamError; None: never)
+    grammar_fault_after: int | None = None
     # While set to an unset Event, each request waits (recorded, before its first delta) until it is set.
     # A threading.Event: the fake may run on another thread's event loop (a uvicorn server in a thread).
     hold: threading.Event | None = None
@@ -71,6 +74,10 @@ class FakeEngineClient:
                 await asyncio.sleep(0.005)  # polled: Event.wait() would block the whole event loop
             for i, tok in enumerate(ids):
                 await asyncio.sleep(self.delay_s)
+                if i == self.grammar_fault_after and req.grammar is not None:
+                    yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.ERROR,
+                                error="matching the grammar took too long (scripted)", error_field=req.grammar.source)
+                    break
                 last = i == len(ids) - 1
                 yield Delta(
                     req.request_id,

@@ -5,6 +5,8 @@ engine client that raises the engine's own error, as the engine raises it at adm
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from test_editor_fakes import bpe_tokenizer, fake_client  # noqa: F401 - fixtures
@@ -128,3 +130,44 @@ async def test_messages_word_a_kv_refusal_of_max_tokens_as_anthropic_does(fake_c
     assert message.startswith("input length and `max_tokens` exceed context limit: 2006 + 64 > 2022, decrease "
                               "input length or `max_tokens` and try again (prompt (2006 tokens)"), message
     assert message.endswith("ask for at most 16)") and "gen_length" not in message, message
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/chat/completions", {"messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}, "response_format.json_schema.schema"),
+    ("/v1/responses", {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": SCHEMA}}},
+     "text.format.schema"),
+    ("/v1/messages", {"messages": USER, "max_tokens": 64, "output_config": {"format": {
+        "type": "json_schema", "schema": SCHEMA}}}, "output_config.format.schema"),
+    ("/completion", {"prompt": "x", "n_predict": 8, "json_schema": SCHEMA}, "json_schema"),
+])
+async def test_a_grammar_failing_mid_request_names_the_routes_field(fake_client, path, body, field, stream):  # noqa: F811
+    """A grammar that fails after the first delta (DecodeParamError naming its source,
+    response_format.json_schema.schema) is named in the route's own field, as one failing on the first
+    delta is: Responses, Messages and a streamed /completion named the chat field (helper-192)."""
+    fake_client.grammar_fault_after = 2
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    body = body | {"stream": stream} | ({"model": fake_client.model_name} if path == "/v1/messages" else {})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post(path, json=body)
+    assert fake_client.requests[-1].grammar is not None
+    if not stream:
+        assert response.status_code == 400, response.text
+        message = response.json()["error"]["message"]
+    else:
+        assert response.status_code == 200, response.text
+        events = [json.loads(line[len("data: "):]) for line in response.text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        # (Responses: {"type": "error", "message"}; Messages: {"type": "error", "error": {...}}; else {"error": {...}})
+        errors = [e.get("message") or e["error"]["message"] for e in events
+                  if e.get("type") == "error" or isinstance(e.get("error"), dict)]
+        assert len(errors) == 1, response.text
+        message = errors[0]
+    named = f"Field '{field}': " if path == "/completion" else f"{field}: "
+    assert message.startswith(named) and "matching the grammar took too long" in message, message
+    if field != "response_format.json_schema.schema":
+        assert "response_format" not in message, message
