@@ -157,13 +157,22 @@ class LlamaCompletionBody(LlamaBody):
 
 def _openai_bias(bias) -> dict[str, float]:
     """llama.cpp's [[token id, bias], ...] (or {"id": bias}) -> OpenAI's {"id": bias}; a bias of false
-    (llama.cpp: never this token) is -100."""
-    out = {}
+    (llama.cpp: never this token) is -100. Each bias is in OpenAI's [-100, 100] (as on /v1/completions). A
+    token listed twice gets the sum of its biases, as llama.cpp adds every pair to the logit, held to
+    [-100, 100]; a false among them keeps it banned (the last pair won: [[5, false], [5, 1]] raised a
+    banned token, helper-192)."""
+    out: dict[str, float] = {}
+    banned = set()
     for token, value in (bias.items() if isinstance(bias, dict) else bias):
         if value is True:
             raise InputError(400, "logit_bias", f"token {token}: a bias is a number, or false to ban the token")
-        out[str(token)] = -100.0 if value is False else float(value)
-    return out
+        if value is not False and not -100 <= value <= 100:
+            raise InputError(400, "logit_bias", f"token {token}: bias {value} is outside [-100, 100]")
+        if value is False:
+            banned.add(str(token))
+        else:
+            out[str(token)] = out.get(str(token), 0.0) + float(value)
+    return {**{token: min(100.0, max(-100.0, value)) for token, value in out.items()}, **dict.fromkeys(banned, -100.0)}
 
 
 def llama_result(client, body: LlamaCompletionBody, prompt_ids: list[int], text: str, last: Delta, tokens: int,

@@ -96,6 +96,22 @@ def test_logit_bias_in_llama_cpps_form(http):
     only_ban = http.post("/completion", json={"prompt": "y", "n_predict": 4, "temperature": 0, "n_probs": 1,
                                               "logit_bias": [[x, False]]}).json()
     assert all(p["id"] != x for p in only_ban["completion_probabilities"])
+    # a token listed twice: the biases add up as llama.cpp adds them, and a false keeps it banned (the
+    # last pair won, so a later +100 forced the banned token)
+    ban_then_boost = http.post("/completion", json={"prompt": "y", "n_predict": 4, "temperature": 0, "n_probs": 1,
+                                                    "logit_bias": [[x, False], [x, 100]]}).json()
+    assert all(p["id"] != x for p in ban_then_boost["completion_probabilities"])
+
+
+def test_a_token_listed_twice_in_logit_bias_gets_the_sum_of_its_biases():
+    from integrations.llama_completion import LlamaCompletionBody
+    from integrations.request_limits import InputError
+
+    body = LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": [[5, False], [5, 1.0], [6, 30], [6, 30.5],
+                                                                             [7, 80], [7, 80], [8, -3]]})
+    assert body.openai_body().logit_bias == {"5": -100.0, "6": 60.5, "7": 100.0, "8": -3.0}
+    with pytest.raises(InputError, match="bias 101.0 is outside"):  # each one in [-100, 100], as /v1/completions
+        LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": [[5, 101]]}).openai_body()
 
 
 def test_grammars_and_json_schemas_are_enforced(http):
