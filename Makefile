@@ -1,17 +1,28 @@
-# Set-up and day-to-day commands. Each target installs what it needs into .venv first.
+# Set-up and day-to-day commands. Each target installs what it needs into .venv first: once, and again
+# when pyproject.toml changes (.venv/.installed), so a service already installed starts without a
+# package index. A .venv that cannot run the project (a Python older than 3.10, or no pip: a first run
+# that failed) is made again.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+USABLE := import sys, importlib.util; sys.exit(sys.version_info < (3, 10) or importlib.util.find_spec("pip") is None)
+NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 10) and "refusion-serve needs Python 3.10 or newer; " \
+	+ sys.executable + " is " + sys.version.split()[0] + ": run make with PY=<a python3.10 or newer>, e.g. make test PY=python3.11")
 
 .PHONY: install test serve
 
-$(BIN)/python:
-	$(PY) -m venv $(VENV)
-
 # torch==2.13.0 first and explicitly: a bare `torch` requirement would pull a multi-GB CUDA build.
-install: $(BIN)/python
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+install:
+	@if ! $(BIN)/python -c '$(USABLE)' 2>/dev/null; then \
+		$(PY) -c '$(NEW_ENOUGH)' || exit 1; \
+		echo "creating $(VENV) with $(PY)"; rm -rf $(VENV) && $(PY) -m venv $(VENV) || exit 1; \
+	fi
+	@if [ ! $(STAMP) -nt pyproject.toml ]; then \
+		echo "installing torch==2.13.0 and the project into $(VENV)"; \
+		$(BIN)/python -m pip install -q torch==2.13.0 && \
+		$(BIN)/python -m pip install -q -e '.[test]' && touch $(STAMP); \
+	fi
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
