@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from integrations.request_limits import InputError, clipped
 from integrations.engine_client import EngineUnavailableError, ShuttingDownError
@@ -205,8 +206,15 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":  # the router's: no such route
             # OpenAI's wording, "Invalid URL (POST /v1/embeddings)", and where the served routes are listed
-            message = (f"Invalid URL ({request.method} {request.url.path}): not a route of this server (embeddings, "
-                       "files, moderations and stored responses are not offered); GET /docs and docs/api.md list the routes")
+            path = request.url.path
+            message = f"Invalid URL ({request.method} {path}): not a route of this server"
+            probe = {**request.scope, "path": "/v1" + path}
+            if any(route.matches(probe)[0] is not Match.NONE for route in request.app.router.routes):
+                # (a client's base URL without its /v1: the OpenAI SDK's base_url ends in /v1)
+                message += f"; did you mean /v1{path}? An OpenAI client's base_url ends in /v1"
+            else:
+                message += (" (embeddings, files, moderations and stored responses are not offered); GET /docs and "
+                            "docs/api.md list the routes")
         elif exc.status_code == 405 and message == "Method Not Allowed" and (headers or {}).get("Allow"):
             message = f"{request.method} is not allowed on {request.url.path}: use {headers['Allow']}"
         return APIError(exc.status_code, message, kind, headers=headers).response()

@@ -148,6 +148,19 @@ def test_routes_that_are_not_served_say_so(client, model):
     assert err.value.status_code == 405 and err.value.body["message"] == f"DELETE is not allowed on /v1/models/{model}: use GET"
 
 
+def test_a_base_url_without_v1_is_told_to_add_it(serve_base_url, model):
+    """The OpenAI SDK with base_url missing its /v1 (a common slip; llama.cpp serves both forms) gets a 404
+    that says which route was meant, not the list of routes this server does not offer."""
+    bare = openai.OpenAI(base_url=serve_base_url, api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.NotFoundError) as err:
+        bare.completions.create(model=model, prompt="x", max_tokens=1)
+    assert err.value.body["message"] == ("Invalid URL (POST /completions): not a route of this server; did you mean "
+                                         "/v1/completions? An OpenAI client's base_url ends in /v1")
+    with pytest.raises(openai.NotFoundError) as err:  # not served under /v1 either: the routes are listed
+        bare.embeddings.create(model=model, input="x")
+    assert "GET /docs and docs/api.md list the routes" in err.value.body["message"]
+
+
 def _metric(url: str, name: str, **labels) -> float:
     text = httpx.get(url + "/metrics", timeout=30).text
     total = 0.0
