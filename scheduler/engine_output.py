@@ -134,12 +134,16 @@ class EngineOutput:
         ending it without a step), called from the `except` that caught it, so that no other request of
         the step sees it: a DecodeParamError (its own input, e.g. a grammar) names the field (`_fail`);
         anything else is a fault logged as `event` with its traceback, and the request is taken out even
-        should closing it raise too (`_finish_or_abort`)."""
+        should closing it raise too (`_finish_or_abort`; helper-193: a DecodeParamError's close was not)."""
         if isinstance(exc, DecodeParamError):
-            self._fail(req, exc)
+            try:
+                self._fail(req, exc)
+                return
+            except Exception:  # noqa: BLE001 - closing it failed too: it is taken out below
+                log.exception("finish_failed", request_id=req.id)
         else:
             log.exception(event, request_id=req.id)
-            self._finish_or_abort(req, f"{type(exc).__name__}: {exc}")
+        self._finish_or_abort(req, f"{type(exc).__name__}: {exc}")
 
     def _finish(self, req: Request, reason: FinishReason, error: str | None = None,
                 error_field: str | None = None, counted: bool = True) -> None:

@@ -7,6 +7,7 @@ import asyncio
 
 from sched_fakes import FakeDecoder, FakeFactory, FakeRunner, FakeTokenizer, ForwardGate, collect, ids_of, make_engine
 
+from decoding.api import DecodeParamError
 from scheduler.api import FinishReason, GenerationRequest, Mode
 
 
@@ -294,6 +295,35 @@ async def test_a_request_that_ends_without_a_step_and_fails_to_stream_fails_alon
     gate.release()
     done, good = await asyncio.wait_for(asyncio.gather(done, good), 30)
     assert done[-1].finish_reason is FinishReason.ERROR and "cannot decode this token" in done[-1].error
+    assert good[-1].finish_reason is FinishReason.LENGTH and good[-1].error is None and len(ids_of(good)) == 12
+    assert_idle(engine)
+    await engine.stop()
+
+
+async def test_a_request_whose_input_fault_cannot_even_be_closed_fails_alone():
+    """A decoder raising DecodeParamError (its grammar at a dead end) whose request then cannot be closed
+    (here: its stream fails to flush) is taken out with the error all the same, and a request beside it
+    goes on; the close was unguarded, so the step failed and every running request ended with "internal
+    error in engine step" (helper-193)."""
+    factory = FakeFactory()
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=64), factory=factory, prefix_cache=False)
+    original_create = factory.create
+
+    def create(mode, seq_id, *args):
+        decoder = original_create(mode, seq_id, *args)
+        if seq_id == "victim":
+            def absorb(result):
+                def finish(**kwargs):
+                    raise RuntimeError("cannot flush this stream")
+                engine._requests["victim"].stream.finish = finish
+                raise DecodeParamError("grammar", "no text can continue (injected)")
+            decoder.absorb = absorb
+        return decoder
+
+    factory.create = create
+    await engine.start()
+    victim, good = await asyncio.gather(collect(engine, req("victim")), collect(engine, req("good", gen=12)))
+    assert victim[-1].finish_reason is FinishReason.ERROR and "no text can continue" in victim[-1].error
     assert good[-1].finish_reason is FinishReason.LENGTH and good[-1].error is None and len(ids_of(good)) == 12
     assert_idle(engine)
     await engine.stop()
