@@ -208,10 +208,12 @@ def install_error_handlers(app: FastAPI) -> None:
             # OpenAI's wording, "Invalid URL (POST /v1/embeddings)", and where the served routes are listed
             path = request.url.path
             message = f"Invalid URL ({request.method} {path}): not a route of this server"
-            probe = {**request.scope, "path": "/v1" + path}
-            if any(route.matches(probe)[0] is not Match.NONE for route in request.app.router.routes):
-                # (a client's base URL without its /v1: the OpenAI SDK's base_url ends in /v1)
-                message += f"; did you mean /v1{path}? An OpenAI client's base_url ends in /v1"
+            meant = "/v1" + (path.rstrip("/") or "/")
+            probe = {**request.scope, "path": meant}
+            if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+                # (a client's base URL without its /v1: the OpenAI SDK's base_url ends in /v1; FULL: this
+                # method is served there too)
+                message += f"; did you mean {meant}? An OpenAI client's base_url ends in /v1"
             else:
                 message += (" (embeddings, files, moderations and stored responses are not offered); GET /docs and "
                             "docs/api.md list the routes")

@@ -159,6 +159,10 @@ def test_a_base_url_without_v1_is_told_to_add_it(serve_base_url, model):
     with pytest.raises(openai.NotFoundError) as err:  # not served under /v1 either: the routes are listed
         bare.embeddings.create(model=model, input="x")
     assert "GET /docs and docs/api.md list the routes" in err.value.body["message"]
+    with httpx.Client(base_url=serve_base_url, timeout=60) as http:
+        slash = http.post("/chat/completions/", json={}).json()["error"]["message"]
+        get = http.get("/completions").json()["error"]["message"]  # POST only there: no hint for a GET
+    assert "did you mean /v1/chat/completions?" in slash and "did you mean" not in get
 
 
 def _metric(url: str, name: str, **labels) -> float:
