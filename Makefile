@@ -10,6 +10,10 @@ USABLE := import sys, importlib.util; sys.exit(sys.version_info < (3, 10) or imp
 NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 10) and "refusion-serve needs Python 3.10 or newer; " \
 	+ sys.executable + " is " + sys.version.split()[0] + ": run make with PY=<a python3.10 or newer>, e.g. make test PY=python3.11")
 
+# torch stays 2.13.0 when the project's dependencies install (named again: pip may otherwise swap it for
+# another build); a CPU build gets the tests' Triton (pyproject's cpu-tests), a CUDA build keeps its own
+CPU_TORCH := import sys, torch; sys.exit(torch.version.cuda is not None)
+
 .PHONY: install test serve
 
 # torch==2.13.0 first and explicitly: a bare `torch` requirement would pull a multi-GB CUDA build.
@@ -20,8 +24,11 @@ install:
 	fi
 	@if [ ! $(STAMP) -nt pyproject.toml ]; then \
 		echo "installing torch==2.13.0 and the project into $(VENV)"; \
-		$(BIN)/python -m pip install -q torch==2.13.0 && \
-		$(BIN)/python -m pip install -q -e '.[test]' && touch $(STAMP); \
+		$(BIN)/python -m pip install -q torch==2.13.0 || exit 1; \
+		extras=test; \
+		if $(BIN)/python -W ignore -c '$(CPU_TORCH)' 2>/dev/null; then extras=test,cpu-tests; fi; \
+		$(BIN)/python -m pip install -q -e ".[$$extras]" torch==2.13.0 || exit 1; \
+		touch $(STAMP); \
 	fi
 
 test: install
