@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 USABLE := import sys, importlib.util; sys.exit(sys.version_info < (3, 10) or importlib.util.find_spec("pip") is None)
 NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 10) and "refusion-serve needs Python 3.10 or newer; " \
-	+ sys.executable + " is " + sys.version.split()[0] + ": run make with PY=<a python3.10 or newer>, e.g. make test PY=python3.11")
+	+ sys.executable + " is " + sys.version.split()[0] \
+	+ ": run make with PY=<a python3.10 or newer>, e.g. make test PY=python3.11")
 
 # torch stays 2.13.0 when the project's dependencies install (named again: pip may otherwise swap it for
 # another build); a CPU build gets the tests' Triton (pyproject's cpu-tests), a CUDA build keeps its own

@@ -686,25 +686,31 @@ async def test_a_request_waiting_for_blocks_an_ending_request_frees_after_its_st
     assert starts[True]["W"] - starts[True]["X end"] <= 4, starts
 
 
+def _victim_fails(runner, monkeypatch, method: str, exc: Exception) -> list[GenerationRequest]:
+    """ARDecoder.<method> raises `exc` for the request "victim"; returns the requests b0, b1 and victim (AR,
+    gen_length 64, on RUN_ON_PROMPTS)."""
+    from decoding.ar import ARDecoder
+
+    original = getattr(ARDecoder, method)
+
+    def failing(self, *args):
+        if self.seq_id == "victim":
+            raise exc
+        return original(self, *args)
+
+    monkeypatch.setattr(ARDecoder, method, failing)
+    return [GenerationRequest(rid, runner.tokenizer.encode(RUN_ON_PROMPTS[i]), {"gen_length": 64}, mode=Mode.AR)
+            for i, rid in enumerate(("b0", "b1", "victim"))]
+
+
 async def test_a_decoder_failing_when_planned_ahead_from_the_host_fails_its_request_alone(runner, monkeypatch):
     # next_segment raises for "victim" (admitted ahead while two requests pipeline): it ends with its own
     # error, as serially, and the others are not failed with it (they were: "internal error in engine step")
     from decoding.api import DecodeParamError
-    from decoding.ar import ARDecoder
-
-    next_segment = ARDecoder.next_segment
-
-    def failing(self, budget):
-        if self.seq_id == "victim":
-            raise DecodeParamError("grammar", "no text can continue (injected)")
-        return next_segment(self, budget)
-
-    monkeypatch.setattr(ARDecoder, "next_segment", failing)
-    specs = [GenerationRequest(f"b{i}", runner.tokenizer.encode(RUN_ON_PROMPTS[i]), {"gen_length": 64},
-                               mode=Mode.AR) for i in range(2)]
-    specs.append(GenerationRequest("victim", runner.tokenizer.encode(RUN_ON_PROMPTS[2]), {"gen_length": 64},
-                                   mode=Mode.AR))
     from scheduler.engine import Engine
+
+    specs = _victim_fails(runner, monkeypatch, "next_segment",
+                          DecodeParamError("grammar", "no text can continue (injected)"))
 
     outcomes = {}
     for pipelined in (False, True):
@@ -772,21 +778,9 @@ async def test_a_decoder_failing_to_restate_a_failed_step_from_the_host_fails_it
     # host (host_segment) and re-run alone; "victim"'s decoder raises there: it ends with its own error and
     # the others stream as serially (host_segment ran outside any guard: the step failed and every
     # running request ended with "internal error in engine step", helper-191)
-    from decoding.ar import ARDecoder
     from scheduler.engine import Engine
 
-    host_segment = ARDecoder.host_segment
-
-    def failing(self, segment):
-        if self.seq_id == "victim":
-            raise RuntimeError("cannot restate this step (injected)")
-        return host_segment(self, segment)
-
-    monkeypatch.setattr(ARDecoder, "host_segment", failing)
-    specs = [GenerationRequest(f"b{i}", runner.tokenizer.encode(RUN_ON_PROMPTS[i]), {"gen_length": 64},
-                               mode=Mode.AR) for i in range(2)]
-    specs.append(GenerationRequest("victim", runner.tokenizer.encode(RUN_ON_PROMPTS[2]), {"gen_length": 64},
-                                   mode=Mode.AR))
+    specs = _victim_fails(runner, monkeypatch, "host_segment", RuntimeError("cannot restate this step (injected)"))
     serial, _ = await _run(runner, specs[:2], pipelined=False)
     launch_step, collect_step, feeding, failed = runner.launch, runner.collect, set(), []
 

@@ -5,8 +5,9 @@ a prefill with partial blocks, decode beside a new sequence, a ReFusion plan (ke
 masks), a verify, branches, a sequence with no context, shared prefix blocks, the 8B head ratio over
 several query and key tiles, forced context splits and their merge kernel, and whole engine runs. What
 the interpreter cannot check, that the kernels compile for a GPU within its shared memory, paged_aot.py
-checks without one; the kernels on a GPU are tests/gpu's. Skips where Triton 3.9 or newer is not installed (CUDA builds of
-torch ship their own; the Makefile installs it for a CPU build, pyproject's cpu-tests extra)."""
+checks without one; the kernels on a GPU are tests/gpu's. Skips where Triton 3.9 or newer is not
+installed (CUDA builds of torch ship their own; the Makefile installs it for a CPU build, pyproject's
+cpu-tests extra)."""
 
 from __future__ import annotations
 
