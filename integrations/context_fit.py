@@ -6,7 +6,8 @@ Here the engine decodes gen_length rounded up to whole slots (decoding.params.De
 ReFusion alike), so the check is made on ceil(max_tokens / slot_size) * slot_size:
 
     a requested max_tokens over the room left           -> InputError(400, "max_tokens" or the chat alias)
-    an unset max_tokens                                  -> shrinks to the room left (as vLLM does); the
+    an unset max_tokens                                  -> shrinks to the room left (as vLLM does; in a
+                                                            shape the client set, whole steps of it); the
                                                             engine shrinks it to its KV cache too (fit_to_kv)
     a requested slot_size whose rounding overflows       -> InputError(400, "slot_size")
     the model's slot_size whose rounding overflows       -> a smaller slot_size is chosen (GenerationFit)
@@ -46,14 +47,17 @@ def whole_slots(tokens: int, slot_size: int) -> int:
 
 
 def fit_generation(context_length: int, prompt_tokens: int, max_tokens: int, *, requested: bool, slot_size: int = 1,
-                   slot_requested: bool = False, prompt_field: str = "prompt",
+                   slot_requested: bool = False, blocks: int | None = None, prompt_field: str = "prompt",
                    max_tokens_field: str = "max_tokens") -> GenerationFit:
     """Fit max_tokens (and its rounding to slot_size) into context_length - prompt_tokens.
 
     context_length 0 means unknown: nothing is checked. `requested` / `slot_requested`: whether the
-    client set max_tokens / slot_size (a default may shrink; a requested value is refused instead).
-    Raises InputError(400) naming prompt_field, max_tokens_field or "slot_size", with the largest value
-    that would fit (a fitting slot_size for a requested one)."""
+    client set max_tokens / slot_size (a default may shrink; a requested value is refused instead);
+    `blocks`: the client's serial_num_blocks, if it set one. Raises InputError(400) naming prompt_field,
+    max_tokens_field or "slot_size", with the largest value that would fit (a fitting slot_size for a
+    requested one): in a shape the client set, a whole number of its slot_size x serial_num_blocks
+    steps, which is what decoding.params takes (the room alone was followed by a 400 on slot_size, then
+    one on serial_num_blocks: helper-193)."""
     if not context_length:
         return GenerationFit(max_tokens)
     room = context_length - prompt_tokens
@@ -61,20 +65,34 @@ def fit_generation(context_length: int, prompt_tokens: int, max_tokens: int, *, 
         raise ContextLengthError(prompt_field, f"is {prompt_tokens:,} tokens; the model's maximum context length is "
                                  f"{context_length:,} tokens, leaving no room to generate: shorten it",
                                  prompt_tokens, None, context_length)
+    step = slot_size * (blocks or 1) if slot_requested or blocks else 1  # (a client's shape: whole steps of it)
     if max_tokens > room:
+        if room < step:
+            _refuse_shape(room, slot_size, blocks or 1, slot_requested)
         if requested:
             raise ContextLengthError(max_tokens_field, f"the model's maximum context length is {context_length:,} "
                                      f"tokens; the prompt ({prompt_tokens:,} tokens) + {max_tokens_field} "
-                                     f"({max_tokens:,}) is {prompt_tokens + max_tokens:,}: ask for at most {room:,} "
-                                     "or shorten the prompt", prompt_tokens, max_tokens, context_length)
-        max_tokens = room
+                                     f"({max_tokens:,}) is {prompt_tokens + max_tokens:,}: ask for at most "
+                                     f"{room // step * step:,} or shorten the prompt", prompt_tokens, max_tokens,
+                                     context_length)
+        max_tokens = room // step * step
     generated = whole_slots(max_tokens, slot_size)
     if generated <= room:
         return GenerationFit(max_tokens)
     fitting = next(s for s in range(min(slot_size, room), 0, -1) if whole_slots(max_tokens, s) <= room)
     if slot_requested:
+        fewer = f"at most {room // step * step:,}" if room >= step else "fewer"
         raise InputError(400, "slot_size", f"{slot_size:,} rounds {max_tokens_field} {max_tokens:,} up to {generated:,} "
                                            f"generated tokens (whole slots); with the prompt's {prompt_tokens:,} tokens "
                                            f"that exceeds the model's maximum context length of {context_length:,} "
-                                           f"tokens: choose a slot_size that fits, such as {fitting:,}, or ask for fewer tokens")
+                                           f"tokens: choose a slot_size that fits, such as {fitting:,}, or ask for "
+                                           f"{fewer} tokens")
     return GenerationFit(max_tokens, fitting)
+
+
+def _refuse_shape(room: int, slot_size: int, blocks: int, slot_requested: bool) -> None:
+    """InputError(400) for a client's shape of which not one step fits the `room` left after the prompt."""
+    raise InputError(400, "slot_size" if slot_requested else "serial_num_blocks",
+                     f"a step of slot_size {slot_size:,} x serial_num_blocks {blocks:,} is {slot_size * blocks:,} "
+                     f"tokens, more than the {room:,} the model's context leaves after the prompt: send a smaller "
+                     "slot_size or serial_num_blocks, or leave them unset")

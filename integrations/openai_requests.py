@@ -172,7 +172,8 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
     wanted = 1 if echo_only else body.max_tokens or default_max_tokens
     fit = fit_generation(settings.limits.context_length, len(prompt), wanted,
                          requested=body.max_tokens is not None, slot_size=body.slot_size_in_force(settings.decode_defaults),
-                         slot_requested=body.slot_size is not None, prompt_field=prompt_field,
+                         slot_requested=body.slot_size is not None, blocks=body.serial_num_blocks,
+                         prompt_field=prompt_field,
                          max_tokens_field=body.max_tokens_field)
     most = 0 if echo_only else fit.gen_length
     if body.min_tokens > most:  # vLLM's rule: min_tokens <= max_tokens

@@ -47,3 +47,25 @@ def test_rounding_to_whole_slots_counts_against_the_context():
     with pytest.raises(InputError, match="1,000,000") as err:  # the issue's slot_size example
         fit_generation(CONTEXT, 6, 16, requested=False, slot_size=1_000_000, slot_requested=True)
     assert err.value.field == "slot_size"
+
+
+def test_in_a_shape_the_client_set_the_hint_is_whole_steps_of_it():
+    """A client's slot_size x serial_num_blocks: decoding.params takes only lengths of whole steps of it, so
+    "ask for at most N" is such a length, a default shrinks to one, and a shape of which not one step fits
+    names the shape; the room alone ("at most 107" in 32 x 4) was followed by a 400 on slot_size, then
+    one on serial_num_blocks (helper-193)."""
+    with pytest.raises(InputError, match="ask for at most 96 ") as err:  # room 100, steps of 32
+        fit_generation(CONTEXT, 3996, 200, requested=True, slot_size=8, slot_requested=True, blocks=4)
+    assert err.value.field == "max_tokens"
+    assert fit_generation(CONTEXT, 3996, 96, requested=True, slot_size=8, slot_requested=True, blocks=4) == GenerationFit(96)
+    assert fit_generation(CONTEXT, 3996, 256, requested=False, slot_size=8, slot_requested=True, blocks=4) == GenerationFit(96)
+    with pytest.raises(InputError, match="ask for at most 96 "):  # the model's slot_size, the client's blocks
+        fit_generation(CONTEXT, 3996, 200, requested=True, slot_size=4, blocks=8)
+    with pytest.raises(InputError, match="ask for at most 96 "):  # the client's slot_size alone: whole slots
+        fit_generation(CONTEXT, 3996, 200, requested=True, slot_size=32, slot_requested=True)
+    with pytest.raises(InputError, match="a step of slot_size 32 x serial_num_blocks 4 is 128 tokens, more than "
+                                         "the 107 ") as err:
+        fit_generation(257, 150, 128, requested=True, slot_size=32, slot_requested=True, blocks=4)
+    assert err.value.field == "slot_size"
+    with pytest.raises(InputError, match="ask for at most 104 tokens"):  # the room holds it, its whole slots do not
+        fit_generation(CONTEXT, 3989, 106, requested=True, slot_size=8, slot_requested=True)
