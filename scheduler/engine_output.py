@@ -119,6 +119,7 @@ class EngineOutput:
             if req.top_logprobs is not None:
                 logprobs = req.logprobs[update.ids_start:update.ids_start + len(token_ids)]
             req.outbox.put_nowait(req.delta(text, token_ids, finished=finished, logprobs=logprobs))
+            req.final_sent = req.final_sent or finished
 
     def _fail(self, req: Request, exc: Exception) -> None:
         """End `req` with the error its own decoder raised; a DecodeParamError (a grammar that dead-ends
@@ -138,12 +139,11 @@ class EngineOutput:
         if isinstance(exc, DecodeParamError):
             try:
                 self._fail(req, exc)
-                return
             except Exception:  # noqa: BLE001 - closing it failed too: it is taken out below
                 log.exception("finish_failed", request_id=req.id)
         else:
             log.exception(event, request_id=req.id)
-        self._finish_or_abort(req, f"{type(exc).__name__}: {exc}")
+        self._finish_or_abort(req, f"{type(exc).__name__}: {exc}")  # (nothing more once its last delta is out)
 
     def _finish(self, req: Request, reason: FinishReason, error: str | None = None,
                 error_field: str | None = None, counted: bool = True) -> None:
@@ -183,22 +183,25 @@ class EngineOutput:
         stream of the replica hung)."""
         try:
             self._finish(req, FinishReason.ERROR, error=error)
-            return
         except Exception:  # noqa: BLE001 - the last resort: log it and take the request out
             log.exception("finish_failed", request_id=req.id)
-        if req.finished:
+        if req.final_sent:
             return
-        req.finish_reason, req.error, req.finished_s = FinishReason.ERROR, error, time.monotonic()
-        try:
-            self.scheduler.remove(req)
-        except Exception:  # noqa: BLE001
-            log.exception("remove_failed", request_id=req.id)
-        req.status = RequestStatus.FINISHED
+        # (not closed, or closed short of its last delta, whose building raised: helper-194 saw such a
+        # stream wait forever, its request finished)
+        if not req.finished:
+            req.finish_reason, req.error, req.finished_s = FinishReason.ERROR, error, time.monotonic()
+            try:
+                self.scheduler.remove(req)
+            except Exception:  # noqa: BLE001
+                log.exception("remove_failed", request_id=req.id)
+            req.status = RequestStatus.FINISHED
         self._requests.pop(req.id, None)
         self._ids.discard(req.id)
         self._unstreamed.pop(req.id, None)
         req.outbox.put_nowait(Delta(req.id, "", [], finished=True, finish_reason=FinishReason.ERROR, mode=req.mode,
                                     error=error))
+        req.final_sent = True
 
     @staticmethod
     def _eos_entry(req: Request):

@@ -57,6 +57,7 @@ class Request:
     aged_after: int = 0  # EngineConfig.aging_after (0: never aged)
     finish_reason: FinishReason | None = None
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    final_sent: bool = False  # its last delta (finished=True) is in the outbox
     arrival_s: float = field(default_factory=time.monotonic)
     started_s: float = 0.0
     first_token_s: float = 0.0

@@ -327,3 +327,35 @@ async def test_a_request_whose_input_fault_cannot_even_be_closed_fails_alone():
     assert good[-1].finish_reason is FinishReason.LENGTH and good[-1].error is None and len(ids_of(good)) == 12
     assert_idle(engine)
     await engine.stop()
+
+
+async def test_a_request_whose_last_delta_cannot_be_built_still_gets_one():
+    """Closing a request marks it finished before its last delta is built; when building that raises
+    (here: its stats), the request is taken out with one final ERROR delta all the same. It got none: the
+    fallback saw the request finished and returned, and its stream waited forever (helper-194)."""
+    class BrokenStats:
+        def __getattr__(self, name):
+            raise RuntimeError("stats broken")
+
+    factory = FakeFactory()
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=64), factory=factory, prefix_cache=False)
+    original_create = factory.create
+
+    def create(mode, seq_id, *args):
+        decoder = original_create(mode, seq_id, *args)
+        if seq_id == "victim":
+            def absorb(result):
+                decoder.stats = BrokenStats()
+                raise RuntimeError("boom")
+            decoder.absorb = absorb
+        return decoder
+
+    factory.create = create
+    await engine.start()
+    victim, good = await asyncio.wait_for(asyncio.gather(collect(engine, req("victim")),
+                                                         collect(engine, req("good", gen=12))), 30)
+    assert [d.finished for d in victim] == [True] and victim[-1].finish_reason is FinishReason.ERROR
+    assert "boom" in victim[-1].error
+    assert good[-1].finish_reason is FinishReason.LENGTH and len(ids_of(good)) == 12
+    assert_idle(engine)
+    await engine.stop()
