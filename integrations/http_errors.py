@@ -210,9 +210,10 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"Invalid URL ({request.method} {path}): not a route of this server"
             meant = "/v1" + (path.rstrip("/") or "/")
             probe = {**request.scope, "path": meant}
-            if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+            if not meant.startswith("/v1/models/") and any(
+                    route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
                 # (a client's base URL without its /v1: the OpenAI SDK's base_url ends in /v1; FULL: this
-                # method is served there too)
+                # method is served there too; not /v1/models/{id}, which may not hold that id)
                 message += f"; did you mean {meant}? An OpenAI client's base_url ends in /v1"
             else:
                 message += (" (embeddings, files, moderations and stored responses are not offered); GET /docs and "

@@ -162,7 +162,10 @@ def test_a_base_url_without_v1_is_told_to_add_it(serve_base_url, model):
     with httpx.Client(base_url=serve_base_url, timeout=60) as http:
         slash = http.post("/chat/completions/", json={}).json()["error"]["message"]
         get = http.get("/completions").json()["error"]["message"]  # POST only there: no hint for a GET
+        models = http.get("/models").json()["error"]["message"]
+        one = http.get("/models/nope").json()["error"]["message"]  # /v1/models/nope: a 404 too (no such model)
     assert "did you mean /v1/chat/completions?" in slash and "did you mean" not in get
+    assert "did you mean /v1/models?" in models and "did you mean" not in one
 
 
 def _metric(url: str, name: str, **labels) -> float:
