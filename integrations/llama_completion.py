@@ -104,8 +104,8 @@ class LlamaCompletionBody(LlamaBody):
     stream: bool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    # [[id, bias or false]] (a JSON pair is a list: a tuple only in lax mode), {"id": ...}
-    logit_bias: list[Annotated[tuple[int, bool | float], Strict(False)]] | dict[str, bool | float] | None = None
+    # [[id or text, bias or false]] (a JSON pair is a list: a tuple only in lax mode), {"id or text": ...}
+    logit_bias: list[Annotated[tuple[int | str, bool | float], Strict(False)]] | dict[str, bool | float] | None = None
     n_probs: int = Field(0, ge=0, le=20)
     grammar: str = ""
     json_schema: dict[str, Any] | None = None
@@ -119,8 +119,9 @@ class LlamaCompletionBody(LlamaBody):
     def _draw_seed(cls, seed: int) -> int:
         return with_seed({})["seed"] if seed == -1 else seed
 
-    def openai_body(self) -> CompletionRequest:
-        """The /v1/completions body this request is. Raises InputError naming llama.cpp's field."""
+    def openai_body(self, tokenizer=None) -> CompletionRequest:
+        """The /v1/completions body this request is; `tokenizer` reads logit_bias's text entries (without
+        one they are a 400). Raises InputError naming llama.cpp's field."""
         for name, off in _OFF.items():
             value = (self.model_extra or {}).get(name, off)
             if value is not None and value != off:
@@ -137,7 +138,7 @@ class LlamaCompletionBody(LlamaBody):
             if getattr(self, name):
                 body[name] = getattr(self, name)
         if self.logit_bias:
-            body["logit_bias"] = _openai_bias(self.logit_bias)
+            body["logit_bias"] = _openai_bias(self.logit_bias, tokenizer)
         if self.ignore_eos:
             body["ignore_eos"] = True
         if self.n_probs:
@@ -155,23 +156,34 @@ class LlamaCompletionBody(LlamaBody):
             raise InputError(400, llama_field(validation_field(tuple(error["loc"]))), validation_message(error)) from None
 
 
-def _openai_bias(bias) -> dict[str, float]:
-    """llama.cpp's [[token id, bias], ...] (or {"id": bias}) -> OpenAI's {"id": bias}; a bias of false
-    (llama.cpp: never this token) is -100. Each bias is in OpenAI's [-100, 100] (as on /v1/completions). A
-    token listed twice gets the sum of its biases, as llama.cpp adds every pair to the logit, held to
-    [-100, 100]; a false among them keeps it banned (the last pair won: [[5, false], [5, 1]] raised a
-    banned token, helper-192)."""
+def _openai_bias(bias, tokenizer=None) -> dict[str, float]:
+    """llama.cpp's [[token id or text, bias], ...] (or {"id or text": bias}) -> OpenAI's {"id": bias}; a
+    bias of false (llama.cpp: never this token) is -100. A text is every token it encodes to (llama.cpp's
+    "Hello, World!" example; an object key of digits is an id, as llama.cpp reads it). Each bias is in
+    OpenAI's [-100, 100] (as on /v1/completions). A token listed twice gets the sum of its biases, as
+    llama.cpp adds every pair to the logit, held to [-100, 100]; a false among them keeps it banned (the
+    last pair won: [[5, false], [5, 1]] raised a banned token, helper-192)."""
     out: dict[str, float] = {}
     banned = set()
+    pairs = []
     for token, value in (bias.items() if isinstance(bias, dict) else bias):
         if value is True:
-            raise InputError(400, "logit_bias", f"token {token}: a bias is a number, or false to ban the token")
+            raise InputError(400, "logit_bias", f"token {token!r}: a bias is a number, or false to ban the token")
         if value is not False and not -100 <= value <= 100:
-            raise InputError(400, "logit_bias", f"token {token}: bias {value} is outside [-100, 100]")
-        if value is False:
-            banned.add(str(token))
+            raise InputError(400, "logit_bias", f"token {token!r}: bias {value} is outside [-100, 100]")
+        if isinstance(token, int) or (token.isascii() and token.removeprefix("-").isdigit()):
+            if int(token) < 0:
+                raise InputError(400, "logit_bias", f"token {token}: ids are 0 or more (a text is any other string)")
+            pairs.append((str(int(token)), value))
+        elif tokenizer is None:
+            raise InputError(400, "logit_bias", f"token {token!r}: give token ids here")
         else:
-            out[str(token)] = out.get(str(token), 0.0) + float(value)
+            pairs.extend((str(t), value) for t in tokenizer.encode(token, add_special_tokens=False))
+    for token, value in pairs:
+        if value is False:
+            banned.add(token)
+        else:
+            out[token] = out.get(token, 0.0) + float(value)
     return {**{token: min(100.0, max(-100.0, value)) for token, value in out.items()}, **dict.fromkeys(banned, -100.0)}
 
 

@@ -175,7 +175,7 @@ async def completion_route(request: Request) -> Response:
     try:
         rid = _request_id(request, "cmpl")
         body = await read_body(request, LlamaCompletionBody)
-        openai = body.openai_body()
+        openai = body.openai_body(client.tokenizer)
         grammar = await grammar_off_loop(openai.output_grammar) if openai.response_format or openai.structured_outputs else None
         [prepared] = await completion_requests(client.tokenizer, rid, openai, settings, grammar, settings.default_max_tokens)
         prompt_ids = prepared.request.prompt_ids

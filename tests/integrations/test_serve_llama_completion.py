@@ -101,6 +101,11 @@ def test_logit_bias_in_llama_cpps_form(http):
     ban_then_boost = http.post("/completion", json={"prompt": "y", "n_predict": 4, "temperature": 0, "n_probs": 1,
                                                     "logit_bias": [[x, False], [x, 100]]}).json()
     assert all(p["id"] != x for p in ban_then_boost["completion_probabilities"])
+    # a text stands for the tokens it encodes to, in both forms (llama.cpp's [["Hello, World!", -0.5]])
+    for by_text in ([["x", False]], {"x": False}):
+        banned_text = http.post("/completion", json={"prompt": "y", "n_predict": 4, "temperature": 0, "n_probs": 1,
+                                                     "logit_bias": by_text}).json()
+        assert all(p["id"] != x for p in banned_text["completion_probabilities"]), by_text
 
 
 def test_a_token_listed_twice_in_logit_bias_gets_the_sum_of_its_biases():
@@ -112,6 +117,18 @@ def test_a_token_listed_twice_in_logit_bias_gets_the_sum_of_its_biases():
     assert body.openai_body().logit_bias == {"5": -100.0, "6": 60.5, "7": 100.0, "8": -3.0}
     with pytest.raises(InputError, match="bias 101.0 is outside"):  # each one in [-100, 100], as /v1/completions
         LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": [[5, 101]]}).openai_body()
+
+    class Letters:  # a tokenizer of one token per character
+        def encode(self, text, add_special_tokens=True):
+            return [ord(c) for c in text]
+
+    texts = LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": [["aba", -10], [98, 3], ["", 5]]})
+    assert texts.openai_body(Letters()).logit_bias == {"97": -20.0, "98": -7.0}  # each token of a text, summed
+    assert LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": {"a": False, "0042": 1}}).openai_body(
+        Letters()).logit_bias == {"97": -100.0, "42": 1.0}  # an object key of digits is an id (llama.cpp)
+    for negative in ([[-1, 5]], {"-1": 5}):
+        with pytest.raises(InputError, match="ids are 0 or more"):
+            LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": negative}).openai_body(Letters())
 
 
 def test_grammars_and_json_schemas_are_enforced(http):
@@ -168,6 +185,6 @@ def test_return_tokens_are_the_generated_ids_and_biases_ban_in_both_forms(http):
 
 
 def test_errors_name_the_field_without_pydantic_union_members(http):
-    for body, field in (({"prompt": {"x": 1}}, "prompt"), ({"prompt": "x", "logit_bias": [["a", False]]}, "logit_bias.0.0")):
+    for body, field in (({"prompt": {"x": 1}}, "prompt"), ({"prompt": "x", "logit_bias": [[1.5, False]]}, "logit_bias.0.0")):
         message = http.post("/completion", json=body).json()["error"]["message"]
         assert message.startswith(f"Field '{field}'"), message
