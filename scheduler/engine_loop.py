@@ -82,7 +82,11 @@ class EngineLoop:
         failed_steps = 0  # in a row
         while True:
             if self._paused and self._ahead is None:
-                await self._hold()
+                try:
+                    await self._hold()
+                except Exception:  # noqa: BLE001 - nor a fault while paused (it ended the loop: every stream hung)
+                    log.exception("hold_failed")
+                    await asyncio.sleep(PAUSED_POLL_S)
                 continue
             if not self.scheduler.has_work() and self._ahead is None:
                 self._flush_streams()
@@ -103,7 +107,7 @@ class EngineLoop:
                     log.exception("recovery_failed")
                     for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                         req.in_flight = 0
-                        self._finish_or_abort(req, "internal error in engine step")
+                        self._finish(req, FinishReason.ERROR, error="internal error in engine step")
             finally:
                 self._plan_items = []
 
@@ -133,7 +137,7 @@ class EngineLoop:
         ended = list(self.scheduler.running) + (list(self.scheduler.waiting) if failed_steps > 1 else [])
         for req in ended:
             req.in_flight = 0
-            self._finish_or_abort(req, "internal error in engine step")
+            self._finish(req, FinishReason.ERROR, error="internal error in engine step")
         for req, _ in self._plan_items:  # cancelled while its segment ran: its KV waited for the forward
             if req.in_flight and req.finished:
                 req.in_flight = 0

@@ -134,25 +134,36 @@ class EngineOutput:
         """End `req` alone with `exc`, which handling it raised (absorbing its step, streaming its text,
         ending it without a step), called from the `except` that caught it, so that no other request of
         the step sees it: a DecodeParamError (its own input, e.g. a grammar) names the field (`_fail`);
-        anything else is a fault logged as `event` with its traceback, and the request is taken out even
-        should closing it raise too (`_finish_or_abort`; helper-193: a DecodeParamError's close was not)."""
+        anything else is a fault logged as `event` with its traceback."""
         if isinstance(exc, DecodeParamError):
-            try:
-                self._fail(req, exc)
-            except Exception:  # noqa: BLE001 - closing it failed too: it is taken out below
-                log.exception("finish_failed", request_id=req.id)
+            self._fail(req, exc)
         else:
             log.exception(event, request_id=req.id)
-        self._finish_or_abort(req, f"{type(exc).__name__}: {exc}")  # (nothing more once its last delta is out)
+            self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def _finish(self, req: Request, reason: FinishReason, error: str | None = None,
                 error_field: str | None = None, counted: bool = True) -> None:
         """Close a request: final delta (held-back text flushed), KV freed, metrics (unless not
         `counted`: a request moved to another replica). Text it absorbed but has not streamed yet
         (`_defer_stream`) goes first; when that text holds a stop string, the request ends there, with
-        STOP."""
+        STOP. Never raises: should closing it fail (a fault in the request's own state, e.g. a deadline
+        that cannot be computed), it is taken out all the same (`_take_out`), so that its stream still
+        ends and the step goes on for every other request. Every path that ends a request comes here;
+        raised, such a fault failed the step (the recovery ended every running request), killed the loop
+        while paused, or, once the request was marked finished, left its stream waiting forever
+        (helper-194, -195)."""
         if req.finished:
             return
+        try:
+            self._close(req, reason, error, error_field, counted)
+        except Exception as exc:  # noqa: BLE001 - the last resort: log it and take the request out
+            log.exception("finish_failed", request_id=req.id)
+            self._take_out(req, error if reason is FinishReason.ERROR and error else
+                           f"internal error closing the request: {type(exc).__name__}: {exc}")
+
+    def _close(self, req: Request, reason: FinishReason, error: str | None, error_field: str | None,
+               counted: bool) -> None:
+        """`_finish`'s work."""
         if req.id in self._unstreamed:
             self._stream_deferred(req)
             if req.finished:
@@ -175,20 +186,11 @@ class EngineOutput:
             log.info("finished", request_id=req.id, reason=reason.value, error=error, modes=req.mode_history,
                      tokens=req.generated_tokens(), forwards=req.forwards())
 
-    def _finish_or_abort(self, req: Request, error: str) -> None:
-        """End `req` with ERROR; should closing it raise (the fault that failed the step may be in the
-        request itself, e.g. a value that cannot become a deadline), take it out anyway: out of the
-        scheduler (its KV freed), its stream ended with the error, no metrics. The engine loop's
-        recovery calls this, so that it never dies on the request it is recovering from (then every
-        stream of the replica hung)."""
-        try:
-            self._finish(req, FinishReason.ERROR, error=error)
-        except Exception:  # noqa: BLE001 - the last resort: log it and take the request out
-            log.exception("finish_failed", request_id=req.id)
+    def _take_out(self, req: Request, error: str) -> None:
+        """A request whose close failed: out of the scheduler (its KV freed) if it is not yet, and its
+        stream ended with one final ERROR delta if it has none (Request.final_sent); no metrics."""
         if req.final_sent:
             return
-        # (not closed, or closed short of its last delta, whose building raised: helper-194 saw such a
-        # stream wait forever, its request finished)
         if not req.finished:
             req.finish_reason, req.error, req.finished_s = FinishReason.ERROR, error, time.monotonic()
             try:
@@ -236,7 +238,7 @@ class EngineOutput:
                 expired = req.deadline_s is not None and now >= req.deadline_s + own_grace
             except Exception:  # noqa: BLE001 - its own fault fails it alone (not the step, which ends every request)
                 log.exception("deadline_failed", request_id=req.id)
-                self._finish_or_abort(req, "internal error: its deadline (max_time_ms) could not be computed")
+                self._finish(req, FinishReason.ERROR, error="internal error: its deadline (max_time_ms) could not be computed")
                 continue
             if expired:
                 self._finish(req, FinishReason.DEADLINE)

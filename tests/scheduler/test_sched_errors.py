@@ -201,7 +201,7 @@ async def test_a_request_whose_deadline_cannot_be_computed_fails_alone_and_the_e
     # float at the top of every step: the step failed, ending every running request, and the recovery,
     # closing that request, raised again, which killed the engine loop (every stream of the replica hung
     # until Ray Serve replaced it). Its own fault now ends it alone, and the recovery survives a request
-    # it cannot close (Engine._finish_or_abort).
+    # it cannot close (Engine._finish, which never raises).
     from scheduler.request import Request
 
     deadline = Request.deadline_s
@@ -357,5 +357,42 @@ async def test_a_request_whose_last_delta_cannot_be_built_still_gets_one():
     assert [d.finished for d in victim] == [True] and victim[-1].finish_reason is FinishReason.ERROR
     assert "boom" in victim[-1].error
     assert good[-1].finish_reason is FinishReason.LENGTH and len(ids_of(good)) == 12
+    assert_idle(engine)
+    await engine.stop()
+
+
+async def test_a_queued_request_whose_close_fails_at_its_deadline_ends_alone(monkeypatch):
+    """A queued request reaching its deadline (max_time_ms) is closed outside any request's guard
+    (_expire_deadlines; likewise a failed forward, a pause, stop(), a move to another replica): when
+    building its last delta raises, it still gets one final ERROR delta and the running request goes
+    on. The close raised out of the step: the queued request's stream waited forever and the recovery
+    ended the running one with "internal error in engine step" (helper-195)."""
+    from scheduler.request import Request
+
+    final_stats = Request.final_stats
+
+    def broken(self):
+        if self.id == "victim":
+            raise RuntimeError("stats broken")
+        return final_stats(self)
+
+    monkeypatch.setattr(Request, "final_stats", broken)
+    runner = FakeRunner(num_blocks=64)
+    engine, _ = make_engine(runner=runner, max_running=1, prefix_cache=False)
+    gate = ForwardGate(runner.execute, hold_from=1)
+    runner.execute = gate
+    await engine.start()
+    good = asyncio.create_task(collect(engine, req("good", gen=12)))
+    await asyncio.to_thread(gate.entered.wait, 30)  # good runs, its second forward held
+    victim = asyncio.create_task(collect(engine, GenerationRequest("victim", [5, 6, 7], {"gen_length": 6},
+                                                                   mode=Mode.AR, max_time_ms=1)))
+    while not engine.scheduler.waiting:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)  # past its deadline, still queued
+    gate.release()
+    victim, good = await asyncio.wait_for(asyncio.gather(victim, good), 30)
+    assert [d.finished for d in victim] == [True] and victim[-1].finish_reason is FinishReason.ERROR
+    assert "stats broken" in victim[-1].error
+    assert good[-1].finish_reason is FinishReason.LENGTH and good[-1].error is None and len(ids_of(good)) == 12
     assert_idle(engine)
     await engine.stop()
