@@ -55,9 +55,11 @@ def fit_generation(context_length: int, prompt_tokens: int, max_tokens: int, *, 
     client set max_tokens / slot_size (a default may shrink; a requested value is refused instead);
     `blocks`: the client's serial_num_blocks, if it set one. Raises InputError(400) naming prompt_field,
     max_tokens_field or "slot_size", with the largest value that would fit (a fitting slot_size for a
-    requested one): in a shape the client set, a whole number of its slot_size x serial_num_blocks
-    steps, which is what decoding.params takes (the room alone was followed by a 400 on slot_size, then
-    one on serial_num_blocks: helper-193)."""
+    requested one). In a shape the client set, the engine generates whole steps of it (slot_size x
+    serial_num_blocks tokens; openai_sampling.SamplingFields.decode_params rounds gen_length up so, and
+    the engine stops at max_tokens): those must fit, "at most N" is the most whose steps do, a default
+    shrinks to that, and a shape of which not one step fits names slot_size, or serial_num_blocks (the
+    room alone was followed by a 400 on slot_size, then one on serial_num_blocks: helper-193, -195)."""
     if not context_length:
         return GenerationFit(max_tokens)
     room = context_length - prompt_tokens
@@ -65,34 +67,41 @@ def fit_generation(context_length: int, prompt_tokens: int, max_tokens: int, *, 
         raise ContextLengthError(prompt_field, f"is {prompt_tokens:,} tokens; the model's maximum context length is "
                                  f"{context_length:,} tokens, leaving no room to generate: shorten it",
                                  prompt_tokens, None, context_length)
-    step = slot_size * (blocks or 1) if slot_requested or blocks else 1  # (a client's shape: whole steps of it)
+    shaped = slot_requested or blocks is not None
+    step = slot_size * (blocks or 1) if shaped else 1
+    if room < step:
+        _refuse_shape(room, slot_size, blocks or 1, slot_requested)
+    most = room // step * step  # the longest generation that fits, in whole steps of a client's shape
     if max_tokens > room:
-        if room < step:
-            _refuse_shape(room, slot_size, blocks or 1, slot_requested)
         if requested:
             raise ContextLengthError(max_tokens_field, f"the model's maximum context length is {context_length:,} "
                                      f"tokens; the prompt ({prompt_tokens:,} tokens) + {max_tokens_field} "
-                                     f"({max_tokens:,}) is {prompt_tokens + max_tokens:,}: ask for at most "
-                                     f"{room // step * step:,} or shorten the prompt", prompt_tokens, max_tokens,
-                                     context_length)
-        max_tokens = room // step * step
-    generated = whole_slots(max_tokens, slot_size)
+                                     f"({max_tokens:,}) is {prompt_tokens + max_tokens:,}: ask for at most {most:,} "
+                                     "or shorten the prompt", prompt_tokens, max_tokens, context_length)
+        max_tokens = most
+    generated = -(-max_tokens // step) * step if shaped else whole_slots(max_tokens, slot_size)
     if generated <= room:
         return GenerationFit(max_tokens)
+    if shaped and not requested:
+        return GenerationFit(most)
+    exceeds = (f"with the prompt's {prompt_tokens:,} tokens that exceeds the model's maximum context length of "
+               f"{context_length:,} tokens")
+    if blocks is not None:
+        raise InputError(400, max_tokens_field, f"{max_tokens:,} in whole steps of slot_size {slot_size:,} x "
+                                                f"serial_num_blocks {blocks:,} is {generated:,} generated tokens; "
+                                                f"{exceeds}: ask for at most {most:,}, or send a smaller slot_size "
+                                                "or serial_num_blocks")
     fitting = next(s for s in range(min(slot_size, room), 0, -1) if whole_slots(max_tokens, s) <= room)
     if slot_requested:
-        fewer = f"at most {room // step * step:,}" if room >= step else "fewer"
         raise InputError(400, "slot_size", f"{slot_size:,} rounds {max_tokens_field} {max_tokens:,} up to {generated:,} "
-                                           f"generated tokens (whole slots); with the prompt's {prompt_tokens:,} tokens "
-                                           f"that exceeds the model's maximum context length of {context_length:,} "
-                                           f"tokens: choose a slot_size that fits, such as {fitting:,}, or ask for "
-                                           f"{fewer} tokens")
+                                           f"generated tokens (whole slots); {exceeds}: choose a slot_size that "
+                                           f"fits, such as {fitting:,}, or ask for at most {most:,} tokens")
     return GenerationFit(max_tokens, fitting)
 
 
 def _refuse_shape(room: int, slot_size: int, blocks: int, slot_requested: bool) -> None:
     """InputError(400) for a client's shape of which not one step fits the `room` left after the prompt."""
-    raise InputError(400, "slot_size" if slot_requested else "serial_num_blocks",
+    raise InputError(400, "slot_size" if slot_requested and (blocks == 1 or slot_size > room) else "serial_num_blocks",
                      f"a step of slot_size {slot_size:,} x serial_num_blocks {blocks:,} is {slot_size * blocks:,} "
                      f"tokens, more than the {room:,} the model's context leaves after the prompt: send a smaller "
                      "slot_size or serial_num_blocks, or leave them unset")

@@ -270,7 +270,10 @@ class SamplingFields(OpenAIBody):
         whole slots. When the client leaves serial_num_blocks unset, the model default is kept where
         gen_length splits into it, or splits once rounded up by at most 10% within `room` (the context
         left; the engine still stops at max_tokens), else the largest block count that fits
-        (`fitting_blocks`), so any max_tokens works.
+        (`fitting_blocks`), so any max_tokens works. When the client sets serial_num_blocks, gen_length is
+        rounded up to whole steps of slot_size x serial_num_blocks (the engine still stops at max_tokens;
+        context_fit.fit_generation counted them against the context): max_tokens 33 in 8 x 8 was a 400
+        on serial_num_blocks (helper-193, -195).
         """
         params: dict[str, Any] = {"gen_length": gen_length}
         for name in ("temperature", "top_p", "seed", "top_k", "min_p", "slot_size", "serial_num_blocks",
@@ -299,6 +302,9 @@ class SamplingFields(OpenAIBody):
             slot = params.get("slot_size", defaults.get("slot_size"))
             params["gen_length"], params["serial_num_blocks"] = fitting_blocks(
                 params["gen_length"], slot, defaults.get("serial_num_blocks", 1), room)
+        elif self.serial_num_blocks is not None:  # the client's blocks: gen_length in whole steps of them
+            step = (params.get("slot_size") or self.slot_size_in_force(defaults)) * self.serial_num_blocks
+            params["gen_length"] = -(-params["gen_length"] // step) * step  # (context_fit counted them)
         return params
 
     def slot_size_in_force(self, model_defaults: dict) -> int:

@@ -66,6 +66,30 @@ def test_in_a_shape_the_client_set_the_hint_is_whole_steps_of_it():
     with pytest.raises(InputError, match="a step of slot_size 32 x serial_num_blocks 4 is 128 tokens, more than "
                                          "the 107 ") as err:
         fit_generation(257, 150, 128, requested=True, slot_size=32, slot_requested=True, blocks=4)
-    assert err.value.field == "slot_size"
+    assert err.value.field == "serial_num_blocks"  # (its slot_size alone fits; the blocks do not)
     with pytest.raises(InputError, match="ask for at most 104 tokens"):  # the room holds it, its whole slots do not
         fit_generation(CONTEXT, 3989, 106, requested=True, slot_size=8, slot_requested=True)
+
+
+def test_any_length_in_a_client_shape_is_generated_in_whole_steps_that_must_fit():
+    """decode_params rounds gen_length up to whole steps of the client's slot_size x serial_num_blocks
+    (the engine stops at max_tokens), so any max_tokens is taken whose steps fit the context: /v1/
+    completions' default 16 in 32 x 4 and max_tokens 50 in 8 x 4 were 400s on serial_num_blocks, and a
+    prompt leaving 57 tokens was told to try slot_size 28 in 32 x 4, then refused again (helper-195)."""
+    from integrations.openai_models import CompletionRequest
+
+    assert fit_generation(CONTEXT, 100, 16, requested=False, slot_size=32, slot_requested=True, blocks=4) == GenerationFit(16)
+    body = CompletionRequest.model_validate({"prompt": "x", "slot_size": 32, "serial_num_blocks": 4})
+    assert body.decode_params(16, {"slot_size": 4, "serial_num_blocks": 8})["gen_length"] == 128
+    assert fit_generation(CONTEXT, 3996, 50, requested=True, slot_size=8, slot_requested=True, blocks=4) == GenerationFit(50)
+    with pytest.raises(InputError, match="90 in whole steps of slot_size 8 x serial_num_blocks 4 is 96 generated "
+                                         "tokens; .*: ask for at most 64,") as err:  # room 95
+        fit_generation(CONTEXT, 4001, 90, requested=True, slot_size=8, slot_requested=True, blocks=4)
+    assert err.value.field == "max_tokens"
+    for requested in (True, False):  # room 57 < one 128-token step
+        with pytest.raises(InputError, match="a step of slot_size 32 x serial_num_blocks 4 is 128 tokens") as err:
+            fit_generation(257, 200, 50, requested=requested, slot_size=32, slot_requested=True, blocks=4)
+        assert err.value.field == "serial_num_blocks"
+    with pytest.raises(InputError, match="a step of slot_size 64 x serial_num_blocks 4") as err:
+        fit_generation(257, 200, 50, requested=True, slot_size=64, slot_requested=True, blocks=4)
+    assert err.value.field == "slot_size"  # (a slot of it alone does not fit)

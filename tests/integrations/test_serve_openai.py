@@ -121,8 +121,8 @@ def test_bad_fields_are_400_naming_the_field(client, model):
         ({"extra_body": {"slot_threshold": 1.5}}, "slot_threshold"),
         ({"extra_body": {"mode": "fast"}}, "mode"),
         ({"extra_body": {"bogus_field": 1}}, "bogus_field"),
-        # Passes the HTTP schema, rejected by the engine's DecodeParams (InvalidRequestError over Ray):
-        ({"max_tokens": 16, "extra_body": {"slot_size": 8, "serial_num_blocks": 5}}, "serial_num_blocks"),
+        # Passes the HTTP schema, rejected by the engine (InvalidRequestError over Ray): a penalty is AR's
+        ({"max_tokens": 4, "frequency_penalty": 1, "extra_body": {"mode": "refusion"}}, "mode"),
         ({"extra_body": {"priority": 3}}, "priority"),  # vLLM's integer priority: only 0, its default
     ]
     for kwargs, field in cases:

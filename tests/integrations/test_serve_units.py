@@ -140,7 +140,8 @@ def test_block_fitting_and_params():
     rounded = CompletionRequest(prompt="x", max_tokens=321).decode_params(321, {"slot_size": 8, "serial_num_blocks": 4},
                                                                           room=4000)
     assert (rounded["gen_length"], rounded["serial_num_blocks"]) == (352, 4)
-    assert explicit.decode_params(321, {"slot_size": 8, "serial_num_blocks": 4}, room=4000)["gen_length"] == 321
+    # the client's blocks: whole steps of slot_size x serial_num_blocks (8 x 5), the engine stopping at max_tokens
+    assert explicit.decode_params(321, {"slot_size": 8, "serial_num_blocks": 4}, room=4000)["gen_length"] == 360
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                                  max_completion_tokens=9)
     assert chat.max_tokens == 9 and chat.messages[0].content == "hi"
