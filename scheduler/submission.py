@@ -127,21 +127,11 @@ class Submission:
             raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt"
                                       + (f" or lower min_tokens ({least})" if least > 1 else ""))
         shape = ("slot_size", "serial_num_blocks")
-        slot, blocks = (int(getattr(params, k, 1) or 1) for k in shape)
-        if ar and not spec.default_shape and -(-most // slot) * slot % (slot * blocks):
-            # A client's own shape: the route sends max_tokens as gen_length, which must split into its
-            # blocks of whole slots (decoding.params), so the hint is a length that does (helper-193: "ask
-            # for at most 33" in slot_size 8 x serial_num_blocks 8 was then refused by the shape)
-            whole = most // (slot * blocks) * (slot * blocks)
-            if whole < max(1, least):
-                raise InvalidRequestError("gen_length", f"{need}; steps of slot_size {slot} x serial_num_blocks "
-                                          f"{blocks} tokens do not fit: send serial_num_blocks 1 with gen_length "
-                                          f"at most {most}")
-            most = whole
         if fitted is None or all(getattr(fitted, k, None) == getattr(params, k, None) for k in shape):
             raise InvalidRequestError("gen_length", f"{need}; ask for at most {most}",
                                       asked=spec.max_tokens or params.gen_length, most=most,
                                       prompt_tokens=len(spec.prompt_ids) + suffix_len)
+        slot, blocks = (int(getattr(params, k, 1) or 1) for k in shape)
         raise InvalidRequestError("gen_length", f"{need}; steps of slot_size {slot} x serial_num_blocks {blocks} "
                                   f"tokens do not fit: send slot_size {fitted.slot_size} and serial_num_blocks "
                                   f"{fitted.serial_num_blocks} with gen_length at most {most}")

@@ -99,25 +99,14 @@ async def test_a_default_gen_length_shrinks_to_the_kv_cache_a_requested_one_is_r
     assert (err.value.asked, err.value.most, err.value.prompt_tokens) == (64, fits, 10)  # Messages' wording needs them
     assert len(ids_of(await collect(engine, req("at-most", prompt=[5] * 10, gen=fits, mode=Mode.AR)))) == fits
     # AR: the most is the tokens that fit, whatever the request's slots and semi-AR blocks (it was in steps
-    # of slot_size x serial_num_blocks, then in whole slots: AR writes one token a forward, helper-188), in
-    # a length the client's shape splits into, as the route sends max_tokens as gen_length (decoding.params;
-    # "ask for at most N" was then refused by the shape, helper-193), else with serial_num_blocks 1
+    # of slot_size x serial_num_blocks, then in whole slots: AR writes one token a forward, helper-188)
     shaped = {"gen_length": 64, "slot_size": 8, "serial_num_blocks": 4}
-    assert fits < 32 and fits % 8  # (not one 32-token step, and whole slots would have been refused)
-    with pytest.raises(InvalidRequestError, match=rf"gen_length \(61\).*; steps of slot_size 8 x serial_num_blocks 4 "
-                       rf"tokens do not fit: send serial_num_blocks 1 with gen_length at most {fits}$"):
+    with pytest.raises(InvalidRequestError, match=rf"gen_length \(61\).*; ask for at most {fits}$") as err:
         await collect(engine, GenerationRequest("slots8", [5] * 10, dict(shaped), mode=Mode.AR, max_tokens=61))
-    resend = {"gen_length": fits, "slot_size": 8, "serial_num_blocks": 1}  # (the route's gen_length: max_tokens)
-    capped = await collect(engine, GenerationRequest("slots8-most", [5] * 10, resend, mode=Mode.AR, max_tokens=fits))
+    assert (err.value.asked, err.value.most) == (61, fits)  # the client's cap
+    assert fits % 8  # (so whole slots would have been refused)
+    capped = await collect(engine, GenerationRequest("slots8-most", [5] * 10, dict(shaped), mode=Mode.AR, max_tokens=fits))
     assert len(ids_of(capped)) == fits
-    steps = {"gen_length": 64, "slot_size": 4, "serial_num_blocks": 2}  # 8-token steps: fits // 8 * 8 of them fit
-    with pytest.raises(InvalidRequestError, match=rf"; ask for at most {fits // 8 * 8}$") as err:
-        await collect(engine, GenerationRequest("steps8", [5] * 10, dict(steps), mode=Mode.AR, max_tokens=61))
-    assert (err.value.asked, err.value.most) == (61, fits // 8 * 8)  # the client's cap
-    resend = dict(steps, gen_length=fits // 8 * 8)
-    capped = await collect(engine, GenerationRequest("steps8-most", [5] * 10, resend, mode=Mode.AR,
-                                                     max_tokens=fits // 8 * 8))
-    assert len(ids_of(capped)) == fits // 8 * 8
     with pytest.raises(InvalidRequestError, match="leaves no room to generate .* shorten the prompt") as err:
         await collect(engine, req("no-room", prompt=[5] * 40, gen=64, mode=Mode.AR, fit_to_kv=True))
     assert "gen_length" not in str(err.value)  # the client set none: the prompt is named, not a max_tokens
@@ -139,7 +128,7 @@ async def test_an_ar_request_needs_kv_for_its_max_tokens_not_its_rounded_gen_len
     await engine.start()
     deltas = await collect(engine, GenerationRequest("capped", [5] * prompt, dict(shaped), mode=Mode.AR, max_tokens=24))
     assert len(ids_of(deltas)) == 24 and deltas[-1].finish_reason is FinishReason.LENGTH
-    with pytest.raises(InvalidRequestError, match="send serial_num_blocks 1 with gen_length at most 24$"):  # it fits
+    with pytest.raises(InvalidRequestError, match="ask for at most 24$"):  # the hint is what fits, and it does
         await collect(engine, GenerationRequest("asked", [5] * prompt, dict(shaped), mode=Mode.AR, max_tokens=32))
     with pytest.raises(InvalidRequestError):  # ReFusion decodes whole slots past max_tokens: its own need
         await collect(engine, GenerationRequest("refusion", [5] * prompt, dict(shaped), mode=Mode.REFUSION, max_tokens=24))
