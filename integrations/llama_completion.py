@@ -15,11 +15,13 @@ llama.cpp's field.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
+from decoding.params import MAX_LOGIT_BIAS_TOKENS
 from integrations.http_errors import validation_field, validation_message
 from integrations.openai_models import CompletionRequest
 from integrations.request_limits import InputError
@@ -158,8 +160,9 @@ class LlamaCompletionBody(LlamaBody):
 
 def _openai_bias(bias, tokenizer=None) -> dict[str, float]:
     """llama.cpp's [[token id or text, bias], ...] (or {"id or text": bias}) -> OpenAI's {"id": bias}; a
-    bias of false (llama.cpp: never this token) is -100. A text is every token it encodes to (llama.cpp's
-    "Hello, World!" example; an object key of digits is an id, as llama.cpp reads it). Each bias is in
+    bias of false (llama.cpp: never this token) is -100. A text is every token it encodes to, as plain text
+    (llama.cpp's "Hello, World!" example); in an array a string is always a text, an object key of digits
+    an id (llama.cpp reads keys with strtol). At most MAX_LOGIT_BIAS_TOKENS tokens in all. Each bias is in
     OpenAI's [-100, 100] (as on /v1/completions). A token listed twice gets the sum of its biases, as
     llama.cpp adds every pair to the logit, held to [-100, 100]; a false among them keeps it banned (the
     last pair won: [[5, false], [5, 1]] raised a banned token, helper-192)."""
@@ -171,20 +174,29 @@ def _openai_bias(bias, tokenizer=None) -> dict[str, float]:
             raise InputError(400, "logit_bias", f"token {token!r}: a bias is a number, or false to ban the token")
         if value is not False and not -100 <= value <= 100:
             raise InputError(400, "logit_bias", f"token {token!r}: bias {value} is outside [-100, 100]")
-        if isinstance(token, int) or (token.isascii() and token.removeprefix("-").isdigit()):
+        if isinstance(token, int) or (isinstance(bias, dict) and _ID_KEY.fullmatch(token)):
             if int(token) < 0:
                 raise InputError(400, "logit_bias", f"token {token}: ids are 0 or more (a text is any other string)")
             pairs.append((str(int(token)), value))
         elif tokenizer is None:
             raise InputError(400, "logit_bias", f"token {token!r}: give token ids here")
-        else:
-            pairs.extend((str(t), value) for t in tokenizer.encode(token, add_special_tokens=False))
+        else:  # (as plain text, as llama.cpp's tokenize without parse_special: "<|endoftext|>" is not the EOS)
+            pairs.extend((str(t), value) for t in tokenizer.encode(token, add_special_tokens=False,
+                                                                  split_special_tokens=True))
     for token, value in pairs:
         if value is False:
             banned.add(token)
         else:
             out[token] = out.get(token, 0.0) + float(value)
-    return {**{token: min(100.0, max(-100.0, value)) for token, value in out.items()}, **dict.fromkeys(banned, -100.0)}
+    biased = {**{token: min(100.0, max(-100.0, value)) for token, value in out.items()}, **dict.fromkeys(banned, -100.0)}
+    if len(biased) > MAX_LOGIT_BIAS_TOKENS:
+        raise InputError(400, "logit_bias", f"biases {len(biased):,} tokens (each text counts the tokens it encodes "
+                                            f"to); at most {MAX_LOGIT_BIAS_TOKENS} tokens may be biased")
+    return biased
+
+
+# An object key llama.cpp reads as a token id (strtol to its end: blanks and a sign before the digits)
+_ID_KEY = re.compile(r"\s*[+-]?[0-9]+")
 
 
 def llama_result(client, body: LlamaCompletionBody, prompt_ids: list[int], text: str, last: Delta, tokens: int,

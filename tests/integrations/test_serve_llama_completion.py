@@ -5,6 +5,7 @@ schemas enforced, llama.cpp's defaults and error shape with llama.cpp's field na
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -119,13 +120,23 @@ def test_a_token_listed_twice_in_logit_bias_gets_the_sum_of_its_biases():
         LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": [[5, 101]]}).openai_body()
 
     class Letters:  # a tokenizer of one token per character
-        def encode(self, text, add_special_tokens=True):
+        def encode(self, text, add_special_tokens=True, split_special_tokens=False):
             return [ord(c) for c in text]
 
-    texts = LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": [["aba", -10], [98, 3], ["", 5]]})
-    assert texts.openai_body(Letters()).logit_bias == {"97": -20.0, "98": -7.0}  # each token of a text, summed
-    assert LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": {"a": False, "0042": 1}}).openai_body(
-        Letters()).logit_bias == {"97": -100.0, "42": 1.0}  # an object key of digits is an id (llama.cpp)
+    texts = LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": [["aba", -10], [98, 3], ["", 5], ["5", 1]]})
+    assert texts.openai_body(Letters()).logit_bias == {"97": -20.0, "98": -7.0, "53": 1.0}  # in an array "5" is text
+    assert LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": {"a": False, "0042": 1, " 7": 2}}).openai_body(
+        Letters()).logit_bias == {"97": -100.0, "42": 1.0, "7": 2.0}  # an object key of digits is an id (strtol)
+    with pytest.raises(InputError, match="biases 400 tokens .* at most 300"):  # one text of 400 tokens
+        LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": [["".join(map(chr, range(200, 600))), 1]]}
+                                           ).openai_body(Letters())
+    from workers.loader import load_tokenizer
+
+    shipped = load_tokenizer(Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code")
+    [eos] = shipped.encode("<|endoftext|>", add_special_tokens=False)
+    plain = LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": [["<|endoftext|>", False]]})
+    biased = plain.openai_body(shipped).logit_bias  # plain text, as llama.cpp tokenizes it (no parse_special)
+    assert str(eos) not in biased and len(biased) > 1  # (it banned the EOS)
     for negative in ([[-1, 5]], {"-1": 5}):
         with pytest.raises(InputError, match="ids are 0 or more"):
             LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": negative}).openai_body(Letters())
