@@ -246,8 +246,8 @@ def check_json_tree(data: dict, max_array_items: int | None = None) -> None:
             raise InputError(400, field, f"nests arrays/objects deeper than {MAX_JSON_DEPTH} levels: flatten it")
         if max_array_items is not None and isinstance(node, list) and len(node) > max_array_items:
             raise InputError(400, _dotted(path), f"holds {len(node):,} items; an array may hold at most "
-                                                 f"{max_array_items:,} (the context served, in tokens, or the most "
-                                                 "sequences a request may run, whichever is more)")
+                                                 f"{max_array_items:,} (the context served, in tokens, or the "
+                                                 "engine's max_running + max_queue, whichever is more)")
         if isinstance(node, list):  # (a list of a million ids: one pass in C over the item types)
             kinds = set(map(type, node))
             if str in kinds:
