@@ -31,6 +31,19 @@ def fail_execute_when(runner, failure):
     runner.execute = execute
 
 
+def faulty_absorb(factory, seq_id, fault) -> None:
+    """`factory`'s decoder for `seq_id` calls fault(decoder) in place of absorbing a result (fault raises)."""
+    original_create = factory.create
+
+    def create(mode, rid, *args):
+        decoder = original_create(mode, rid, *args)
+        if rid == seq_id:
+            decoder.absorb = lambda result: fault(decoder)
+        return decoder
+
+    factory.create = create
+
+
 def assert_idle(engine):
     assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
 
@@ -74,17 +87,11 @@ async def test_a_decoder_that_raises_errors_only_its_own_request():
     runner = FakeRunner(num_blocks=64)
     engine, _ = make_engine(runner=runner, factory=factory, prefix_cache=False)
     await engine.start()
-    original_create = factory.create
 
-    def create(mode, seq_id, *args):
-        decoder = original_create(mode, seq_id, *args)
-        if seq_id == "bad":
-            def absorb(result):
-                raise ValueError("corrupt result")
-            decoder.absorb = absorb
-        return decoder
+    def corrupt(decoder):
+        raise ValueError("corrupt result")
 
-    factory.create = create
+    faulty_absorb(factory, "bad", corrupt)
     bad, good = await asyncio.gather(collect(engine, req("bad")), collect(engine, req("good")))
     assert bad[-1].finish_reason is FinishReason.ERROR and "corrupt result" in bad[-1].error
     assert good[-1].finish_reason is FinishReason.LENGTH and len(ids_of(good)) == 6
@@ -307,20 +314,14 @@ async def test_a_request_whose_input_fault_cannot_even_be_closed_fails_alone():
     error in engine step" (helper-193)."""
     factory = FakeFactory()
     engine, _ = make_engine(runner=FakeRunner(num_blocks=64), factory=factory, prefix_cache=False)
-    original_create = factory.create
 
-    def create(mode, seq_id, *args):
-        decoder = original_create(mode, seq_id, *args)
-        if seq_id == "victim":
-            def absorb(result):
-                def finish(**kwargs):
-                    raise RuntimeError("cannot flush this stream")
-                engine._requests["victim"].stream.finish = finish
-                raise DecodeParamError("grammar", "no text can continue (injected)")
-            decoder.absorb = absorb
-        return decoder
+    def dead_end(decoder):
+        def finish(**kwargs):
+            raise RuntimeError("cannot flush this stream")
+        engine._requests["victim"].stream.finish = finish
+        raise DecodeParamError("grammar", "no text can continue (injected)")
 
-    factory.create = create
+    faulty_absorb(factory, "victim", dead_end)
     await engine.start()
     victim, good = await asyncio.gather(collect(engine, req("victim")), collect(engine, req("good", gen=12)))
     assert victim[-1].finish_reason is FinishReason.ERROR and "no text can continue" in victim[-1].error
@@ -339,18 +340,12 @@ async def test_a_request_whose_last_delta_cannot_be_built_still_gets_one():
 
     factory = FakeFactory()
     engine, _ = make_engine(runner=FakeRunner(num_blocks=64), factory=factory, prefix_cache=False)
-    original_create = factory.create
 
-    def create(mode, seq_id, *args):
-        decoder = original_create(mode, seq_id, *args)
-        if seq_id == "victim":
-            def absorb(result):
-                decoder.stats = BrokenStats()
-                raise RuntimeError("boom")
-            decoder.absorb = absorb
-        return decoder
+    def boom(decoder):
+        decoder.stats = BrokenStats()
+        raise RuntimeError("boom")
 
-    factory.create = create
+    faulty_absorb(factory, "victim", boom)
     await engine.start()
     victim, good = await asyncio.wait_for(asyncio.gather(collect(engine, req("victim")),
                                                          collect(engine, req("good", gen=12))), 30)
