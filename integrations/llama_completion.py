@@ -175,6 +175,8 @@ def _openai_bias(bias, tokenizer=None) -> dict[str, float]:
         if value is not False and not -100 <= value <= 100:
             raise InputError(400, "logit_bias", f"token {token!r}: bias {value} is outside [-100, 100]")
         if isinstance(token, int) or (isinstance(bias, dict) and _ID_KEY.fullmatch(token)):
+            if len(str(token).strip()) > 20:  # (int() of 4,300 digits raises; no vocabulary is that large)
+                raise InputError(400, "logit_bias", f"token {str(token).strip()[:24]}...: not a token id of this model")
             if int(token) < 0:
                 raise InputError(400, "logit_bias", f"token {token}: ids are 0 or more (a text is any other string)")
             pairs.append((str(int(token)), value))
