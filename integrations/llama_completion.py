@@ -175,8 +175,9 @@ def _openai_bias(bias, tokenizer=None) -> dict[str, float]:
         if value is not False and not -100 <= value <= 100:
             raise InputError(400, "logit_bias", f"token {token!r}: bias {value} is outside [-100, 100]")
         if isinstance(token, int) or (isinstance(bias, dict) and _ID_KEY.fullmatch(token)):
-            if len(str(token).strip()) > 20:  # (int() of 4,300 digits raises; no vocabulary is that large)
-                raise InputError(400, "logit_bias", f"token {str(token).strip()[:24]}...: not a token id of this model")
+            digits = str(token).strip(" \t\n\v\f\r+-").lstrip("0")
+            if len(digits) > 20:  # (int() of 4,300 digits raises; no vocabulary is that large)
+                raise InputError(400, "logit_bias", f"token {digits[:24]}...: not a token id of this model")
             if int(token) < 0:
                 raise InputError(400, "logit_bias", f"token {token}: ids are 0 or more (a text is any other string)")
             pairs.append((str(int(token)), value))
@@ -197,8 +198,9 @@ def _openai_bias(bias, tokenizer=None) -> dict[str, float]:
     return biased
 
 
-# An object key llama.cpp reads as a token id (strtol to its end: blanks and a sign before the digits)
-_ID_KEY = re.compile(r"\s*[+-]?[0-9]+")
+# An object key llama.cpp reads as a token id (strtol to its end: C's blanks and a sign before the digits;
+# not Python's \s, which int() does not all take: "\x1c7" was a 500, helper-196)
+_ID_KEY = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
 
 
 def llama_result(client, body: LlamaCompletionBody, prompt_ids: list[int], text: str, last: Delta, tokens: int,

@@ -127,6 +127,9 @@ def test_a_token_listed_twice_in_logit_bias_gets_the_sum_of_its_biases():
     assert texts.openai_body(Letters()).logit_bias == {"97": -20.0, "98": -7.0, "53": 1.0}  # in an array "5" is text
     assert LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": {"a": False, "0042": 1, " 7": 2}}).openai_body(
         Letters()).logit_bias == {"97": -100.0, "42": 1.0, "7": 2.0}  # an object key of digits is an id (strtol)
+    odd = {"\x1c7": 1, "\u20037": 2, "+000000000000000000000005": 3}  # only C's blanks before an id (\x1c7 was a 500)
+    assert LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": odd}).openai_body(Letters()).logit_bias == {
+        "28": 1.0, "55": 3.0, "8195": 2.0, "5": 3.0}
     with pytest.raises(InputError, match="biases 400 tokens .* at most 300"):  # one text of 400 tokens
         LlamaCompletionBody.model_validate({"prompt": "x", "logit_bias": [["".join(map(chr, range(200, 600))), 1]]}
                                            ).openai_body(Letters())
