@@ -40,8 +40,7 @@ class Submission:
             kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR,
                                           max_tokens=spec.max_tokens)
         if kv_blocks > capacity and spec.default_shape and spec.mode is not Mode.AR:
-            reshaped = next((p for p in self._smaller_shapes(spec, params, spec.max_tokens or params.gen_length)
-                             if self._kv_need(spec, p) <= capacity), None)
+            reshaped = self._smallest_fitting(spec, params, spec.max_tokens or params.gen_length, capacity)
             if reshaped is not None:  # (the model's shape would not fit; one that holds max_tokens does)
                 params, kv_blocks = reshaped, self._kv_need(spec, reshaped)
         if kv_blocks > capacity:
@@ -105,6 +104,10 @@ class Submission:
             shaped.gen_length, shaped.slot_size, shaped.serial_num_blocks = slot_size * blocks, slot_size, blocks
             shapes.append(shaped)
         return shapes
+
+    def _smallest_fitting(self, spec, params, tokens: int, capacity: int):
+        """The first of `_smaller_shapes(spec, params, tokens)` whose KV fits `capacity` blocks, or None."""
+        return next((p for p in self._smaller_shapes(spec, params, tokens) if self._kv_need(spec, p) <= capacity), None)
 
     def _refuse_kv(self, spec, params, kv_blocks: int, capacity: int) -> None:
         """Raise InvalidRequestError for a client's length the KV cache cannot hold: naming gen_length with
@@ -176,7 +179,7 @@ class Submission:
         if most is None:
             return None
         # (with the request's own max_tokens: an AR one counts up to it, and one-token slots hold `most`)
-        return next(p for p in self._smaller_shapes(spec, params, most) if self._kv_need(spec, p) <= capacity)
+        return self._smallest_fitting(spec, params, most, capacity)
 
 
 def _largest(low: int, high: int, fits) -> int | None:
