@@ -13,8 +13,8 @@ step made final is detokenized, checked for stop strings and sent while the NEXT
 (EngineConfig.overlap_streaming; see `_defer_stream`); for AR decoding the next step is planned
 and launched before this one's results are back, its tokens fed back on the device, so the whole host
 step overlaps the device (EngineConfig.async_scheduling; see `_execute`). Plain Python; torch lives
-behind the runner. The loop is scheduler/engine_loop.py; streaming and ending requests,
-scheduler/engine_output.py.
+behind the runner. The loop is scheduler/engine_loop.py (its steps launched ahead, engine_ahead.py);
+streaming and ending requests, scheduler/engine_output.py.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from scheduler.config import EngineConfig
 from scheduler.log_format import plain_tracebacks
 from scheduler.decoders import DecoderFactory, ModelDecoderFactory
 from scheduler.detokenizer import TextStream
+from scheduler.engine_ahead import EngineAhead
 from scheduler.engine_loop import EngineLoop
 from scheduler.engine_output import EngineOutput
 from scheduler.grammars import GrammarCompiler
@@ -55,7 +56,7 @@ class EngineNotRunningError(OverloadedError):
     """submit() before start() or after stop(): the service is not taking requests (HTTP 503)."""
 
 
-class Engine(EngineLoop, EngineOutput):
+class Engine(EngineLoop, EngineAhead, EngineOutput):
     """Serves GenerationRequests on a runner (contract: scheduler/api.py, docs/architecture.md).
 
     ar_runner / ar_decoder_factory: optional separate AR model (a second Qwen-family checkpoint with
