@@ -1,6 +1,6 @@
 """Trainer throughput: example tokens per second (and per CPU-second) of `training.trainer.train_model`.
 
-    OMP_NUM_THREADS=1 python bench/train_throughput.py [--model models/refusion-tiny-code] [--steps 20]
+    OMP_NUM_THREADS=1 python bench/train_throughput.py [--model models/refusion-tiny-code] [--steps 20] [--warmup 3]
         [--batch-tokens 8192] [--seq-len 256] [--threads 1] [--device cpu|cuda] [--compile] [--append]
 
 Trains --model (a copy in memory; nothing is saved) on --corpus (default: the interpreter's standard
@@ -24,13 +24,13 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> int:
-    from bench.bench_args import positive_int, torch_device
+    from bench.bench_args import count, positive_int, torch_device
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
     parser.add_argument("--corpus", nargs="+", default=["stdlib"])
     parser.add_argument("--steps", type=positive_int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=count, default=3, help="untimed steps first (0: none)")
     parser.add_argument("--batch-tokens", type=positive_int, default=8192)
     parser.add_argument("--seq-len", type=positive_int, default=256)
     parser.add_argument("--threads", type=positive_int, default=1)
@@ -54,7 +54,8 @@ def main() -> int:
     mask_id, eos_id = tokenizer.mask_token_id, tokenizer.eos_token_id
     common = dict(batch_tokens=args.batch_tokens, row_len=args.seq_len, lr=1e-4, mask_token_id=mask_id,
                   eos_token_id=eos_id, seed=0, compile_model=args.compile)
-    train_model(model, pairs, steps=args.warmup, log_every=10**9, **common)  # warm-up (and compilation)
+    if args.warmup:  # warm-up (and compilation)
+        train_model(model, pairs, steps=args.warmup, log_every=10**9, **common)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()

@@ -82,6 +82,10 @@ def _init_model_and_tokenizer(args):
             return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
 
     tokenizer, config = loaded(lambda: (AutoTokenizer.from_pretrained(args.init), AutoConfig.from_pretrained(args.init)))
+    if not tokenizer("def f(x):\n    return x\n")["input_ids"]:  # (no tokenizer files: an empty one loads)
+        raise TrainArgumentError("--init", f"{args.init}: its tokenizer encodes text to nothing (tokenizer.json or "
+                                           "the vocabulary files are missing?); give a model directory with its "
+                                           "tokenizer")
     _check_init_shape(args, config, loaded(lambda: counted(config)))
     model, loading = loaded(lambda: AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32,
                                                                          output_loading_info=True))
@@ -218,8 +222,11 @@ def _train(args, interrupt: _Interrupt) -> int:
 
     from training.chat_data import chat_pairs
     from training.corpus import load_units, tokenize_units
-    from training.trainer import TrainingError
+    from training.trainer import TrainingError, check_weights_finite
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # ("Loading weights", "Writing model shards" bars in the log)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.monotonic()
@@ -276,6 +283,7 @@ def _train(args, interrupt: _Interrupt) -> int:
 
     def on_step(step: int) -> None:
         if time.monotonic() - last_save[0] > 60 * args.checkpoint_minutes:  # float32 checkpoint, same layout
+            check_weights_finite(model, step, args.lr)  # (not a checkpoint of diverged weights)
             save(model, "float32")
             model.train()
             last_save[0], saved_step[0] = time.monotonic(), step
@@ -325,8 +333,13 @@ def _training_minutes(args, prep_s: float) -> float | None:
     if args.total_minutes is None:
         return args.minutes
     left = max(args.total_minutes - prep_s / 60.0 - SAVE_MARGIN_MINUTES, 1e-6)
-    print(f"refusion train: {left:.2f} of --total-minutes {args.total_minutes:g} left for training after "
-          f"{prep_s:.0f}s of preparation", flush=True)
+    if left < 0.005:  # (printed as "0.00 minutes left", then a step ran: helper-198)
+        print(f"refusion train: nothing of --total-minutes {args.total_minutes:g} is left for training after "
+              f"{prep_s:.0f}s of preparation and {SAVE_MARGIN_MINUTES:g} min kept for the save; training one step",
+              flush=True)
+    else:
+        print(f"refusion train: {left:.2f} of --total-minutes {args.total_minutes:g} left for training after "
+              f"{prep_s:.0f}s of preparation", flush=True)
     return left if args.minutes is None else min(left, args.minutes)
 
 

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `refusion train`."""
     a = parser.add_argument
     a("--corpus", nargs="+", default=["stdlib"], help="'stdlib', 'site-packages' (the running interpreter's installed packages) and/or directories of Python source")
-    a("--out", required=True, help="output model directory (created)")
+    a("--out", required=True, help="output model directory (created; a new or empty one, or see --overwrite)")
     a("--init", default=None, help="start from this HF model directory instead of a fresh config")
     a("--steps", type=int, default=None, help="optimizer steps (default: until --minutes runs out)")
     a("--minutes", type=float, default=None,
@@ -38,30 +38,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--batch-tokens", type=int, default=8192,
-      help="tokens per optimizer step: --batch-tokens // --seq-len rows of --seq-len tokens, examples packed")
-    a("--lr", type=float, default=2e-3)
-    a("--seq-len", type=int, default=256, help="row length: longest prompt + response + EOS, in tokens")
+      help="tokens per optimizer step: --batch-tokens // --seq-len rows of --seq-len tokens, examples packed "
+           "(default: %(default)s)")
+    a("--lr", type=float, default=None,
+      help=f"peak learning rate of AdamW (linear warm-up, then cosine down to a tenth of it; default: "
+           f"{FRESH_LR:g} for a fresh model, {INIT_LR:g} with --init, a fine-tune)")
+    a("--seq-len", type=int, default=256,
+      help="row length: longest prompt + response + EOS, in tokens (default: %(default)s)")
     a("--compile", action="store_true", help="torch.compile the decoder stack (CUDA; one static batch shape)")
     a("--data-workers", type=int, default=None,
       help="processes arranging batches ahead of the step (default: 2 on CUDA, 0 on CPU)")
     a("--prep-workers", type=int, default=None,
       help="processes cutting the corpus and making chat pairs (default: every CPU core, at most 32; 1: none)")
-    a("--seed", type=int, default=0)
-    a("--log-every", type=int, default=25)
-    a("--heldout-fraction", type=float, default=0.03, help="fraction of files held out (by path hash)")
-    a("--heldout-max", type=int, default=128, help="held-out units scored at each log step")
-    a("--save-dtype", choices=["float32", "bfloat16"], default="float32")
+    a("--seed", type=int, default=0, help="seed of the weights, batches and masks (default: %(default)s)")
+    a("--log-every", type=int, default=25, help="optimizer steps per log line and held-out score (default: %(default)s)")
+    a("--heldout-fraction", type=float, default=0.03, help="fraction of files held out (by path hash; default: %(default)s)")
+    a("--heldout-max", type=int, default=128, help="held-out units scored at each log step (default: %(default)s)")
+    a("--save-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the saved weights (default: %(default)s)")
     a("--chat-fraction", type=float, default=0.25,
-      help="share of training pairs that are synthetic chat instructions and tool calls (training/chat_data.py)")
-    a("--checkpoint-minutes", type=float, default=10.0, help="also save the model this often while training")
+      help="share of training pairs that are synthetic chat instructions and tool calls (training/chat_data.py; "
+           "default: %(default)s)")
+    a("--checkpoint-minutes", type=float, default=10.0, help="also save the model this often while training (default: %(default)s)")
     a("--overwrite", action="store_true",
       help="let --out be a directory that already holds a model or another run's files: a model's files there "
            "(weights, config, tokenizer, refusion.json, its README.md card) are replaced when the new model is "
            "first saved (an interrupted run leaves them whole); other files stay")
     shape = parser.add_argument_group("model shape (fresh model only; with --init the checkpoint's)")
     for name, default in SHAPE_DEFAULTS.items():
-        shape.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+        shape.add_argument("--" + name.replace("_", "-"), type=int, default=default, help="(default: %(default)s)")
 
+
+# --lr when not given: a fresh model's, and a fine-tune's (--init; the shipped model's stages 3-5 used 5e-4 to
+# 3e-4: 2e-3 on it took the MDM loss from 5.1 to 15.4 in 4 steps, helper-198)
+FRESH_LR, INIT_LR = 2e-3, 5e-4
 
 # Of --total-minutes, what is kept for the final held-out loss and save after the training loop
 SAVE_MARGIN_MINUTES = 0.5
@@ -87,8 +96,11 @@ def check_flags(args) -> None:
         raise TrainArgumentError("--steps", f"got {args.steps}; use at least 1 optimizer step")
     if args.minutes is not None and not 0 < args.minutes < math.inf:
         raise TrainArgumentError("--minutes", f"got {args.minutes}; use a positive, finite number of minutes")
+    if args.lr is None:  # (resolved here: train_args.json records the rate used)
+        args.lr = FRESH_LR if args.init is None else INIT_LR
     if not 0 < args.lr < math.inf:
-        raise TrainArgumentError("--lr", f"got {args.lr}; use a positive, finite learning rate such as 2e-3")
+        raise TrainArgumentError("--lr", f"got {args.lr}; use a positive, finite learning rate such as "
+                                         f"{FRESH_LR if args.init is None else INIT_LR:g}")
     if not 0 < args.checkpoint_minutes <= math.inf:  # inf: no checkpoint before the end
         raise TrainArgumentError("--checkpoint-minutes", f"got {args.checkpoint_minutes}; use a positive number")
     if not 0.0 <= args.chat_fraction < 1.0:
@@ -126,6 +138,8 @@ def check_flags(args) -> None:
             raise TrainArgumentError("--corpus", f"{item!r} {what}; give 'stdlib', 'site-packages' or a directory of "
                                                  ".py files")
     _check_device(args.device)
+    if not args.out.strip():  # ("--out: . already holds files", helper-198)
+        raise TrainArgumentError("--out", "is empty; give the path of a new directory for the model")
     if args.init is not None and not args.init.strip():  # (". has no config.json", helper-187)
         raise TrainArgumentError("--init", "is empty; give an HF model directory to start from, or leave --init out "
                                            "for a fresh model")

@@ -249,7 +249,8 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
     `should_stop` is asked before each step: True ends training there (the last record covers the steps
     done; no record when no step ran). `on_step(step)` runs after each optimizer step and its log record
     (a checkpoint hook: `refusion train --checkpoint-minutes`). Raises TrainingError for bad arguments, and (field "lr") when the training loss is not finite
-    at a log step: the run diverged, and the model is not worth saving."""
+    at a log step, or a weight is not after the last step (`check_weights_finite`): the run diverged, and
+    the model is not worth saving."""
     import torch
 
     _check_args(examples, steps, minutes, batch_tokens, row_len, lr, data_workers)
@@ -305,8 +306,23 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
             on_step(step)
     if acc["n"]:
         records.append(_log(model, acc, step, start, cur_lr, heldout, on_log, mask_token_id, eos_token_id))
+    if step:
+        check_weights_finite(model, step, cur_lr)
     model.eval()
     return records
+
+
+def check_weights_finite(model, step: int, lr: float) -> None:
+    """Raise TrainingError("lr") when a weight of `model` is NaN or infinite after `step` optimizer steps:
+    the losses are read before each update, so an update that diverged at the last step (or since the
+    last log step, before a checkpoint) would be saved unseen: `--lr 1e10 --steps 2` saved a model of
+    NaNs with exit 0, which the serving loader then refuses (helper-198). One device sync."""
+    import torch
+
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    if not bool(finite):
+        raise TrainingError("lr", f"the weights are not finite after step {step}: training diverged; lower the "
+                                  f"learning rate (got {lr:.3g} at this step)")
 
 
 def _loss_and_grads(model, batch: PackedBatch, decoder, opt, acc: dict) -> tuple:

@@ -141,6 +141,7 @@ def test_init_adds_the_mask_token_and_resizes(corpus_dir, tmp_path, capsys):
         (["--out", "OUT", "--steps", "1", "--prep-workers", "100000"], "--prep-workers: got 100000; use 1 (none) to"),
         (["--out", "OUT", "--steps", "1", "--corpus", ""], "--corpus: an empty name"),
         (["--out", "/dev/null", "--steps", "1"], "--out: /dev/null is a file"),
+        (["--out", "", "--steps", "1"], "--out: is empty; give the path of a new directory"),  # (it was ".")
         (["--out", "OUT", "--steps", "1", "--init", "CORPUS"], "has no config.json"),
         (["--out", "OUT", "--steps", "1", "--init", ""], "--init: is empty; give an HF model directory"),
         # Counted on the meta device before the corpus is built; it was an allocator traceback
@@ -195,7 +196,9 @@ def test_a_diverged_run_names_the_checkpoint_it_left(corpus_dir, tmp_path, capsy
     assert rc == 2
     err = capsys.readouterr().err
     assert "training diverged" in err and f"is left in {out} and may hold diverged weights" in err
-    assert re.search(r"refusion train: --lr: the (training|held-out) loss .* the checkpoint saved at step \d is", err)
+    # (seen at a log step, or in the weights before the next checkpoint: none is taken of NaN weights)
+    assert re.search(r"refusion train: --lr: the ((training|held-out) loss|weights) .* the checkpoint saved at step \d is",
+                     err)
 
 
 def test_a_diverged_run_fails_naming_lr_and_saves_nothing(corpus_dir, tmp_path, capsys):
@@ -205,6 +208,32 @@ def test_a_diverged_run_fails_naming_lr_and_saves_nothing(corpus_dir, tmp_path, 
     assert rc == 2
     assert "--lr: the training loss is nan at step" in capsys.readouterr().err  # it was saved as a NaN model, rc 0
     assert not (out / "model.safetensors").exists()
+
+
+def test_a_run_that_diverges_at_its_last_step_saves_nothing(corpus_dir, tmp_path, capsys):
+    """The losses are read before each update, so weights that became NaN at the last step (no held-out
+    units to score them after it) were saved with exit 0, and the serving loader then refused the model
+    (helper-198). Now the weights are checked before the save."""
+    out = tmp_path / "m"
+    rc = main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--steps", "2", "--log-every", "50",
+               "--heldout-max", "0", "--batch-tokens", "256", "--vocab-size", "300", "--lr", "1e10"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "refusion train: --lr: the weights are not finite after step 2: training diverged" in err
+    assert not (out / "model.safetensors").exists()
+
+
+def test_a_fine_tune_defaults_to_a_lower_learning_rate(corpus_dir, tmp_path):
+    """--lr unset: 2e-3 for a fresh model, 5e-4 with --init (2e-3 on the shipped model took its MDM loss
+    from 5.1 to 15.4 in 4 steps, helper-198); the rate used is recorded in train_args.json."""
+    fresh = tmp_path / "fresh"
+    assert main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(fresh), "--steps", "1",
+                 "--batch-tokens", "256", "--vocab-size", "300"]) == 0
+    assert json.loads((fresh / "train_args.json").read_text())["args"]["lr"] == 2e-3
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--threads", "1", "--corpus", str(corpus_dir), "--out", str(tuned), "--init", str(fresh),
+                 "--steps", "1", "--batch-tokens", "256"]) == 0
+    assert json.loads((tuned / "train_args.json").read_text())["args"]["lr"] == 5e-4
 
 
 def test_sigterm_while_training_saves_the_model_and_exits_130(corpus_dir, tmp_path):
@@ -260,15 +289,18 @@ def test_checkpoints_follow_the_clock_at_any_step_and_a_tiny_budget_still_trains
     assert [r["step"] for r in records] == [1]
 
 
-def test_total_minutes_leaves_the_training_loop_what_preparation_did_not_use(corpus_dir, tmp_path):
+def test_total_minutes_leaves_the_training_loop_what_preparation_did_not_use(corpus_dir, tmp_path, capsys):
     """--total-minutes (a machine lent for a fixed time): the loop's budget is the total less the
     preparation (corpus, tokenizer, model) and SAVE_MARGIN_MINUTES, recorded in train_args.json; with
     --minutes too, the smaller; a total already spent still trains the first step and saves."""
     from integrations.cli_train_flags import SAVE_MARGIN_MINUTES
 
+    said = [""]
+
     def run(out, *flags):
         assert main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--batch-tokens", "256",
                      "--vocab-size", "300", "--log-every", "1", *flags]) == 0
+        said[0] = capsys.readouterr().out
         args = json.loads((out / "train_args.json").read_text())
         steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
         return args, steps
@@ -281,6 +313,7 @@ def test_total_minutes_leaves_the_training_loop_what_preparation_did_not_use(cor
     assert args["train_minutes"] == 1e-9 and steps == [1]  # --minutes is the smaller
     args, steps = run(tmp_path / "c", "--total-minutes", "0.01")  # spent before the loop starts
     assert args["train_minutes"] == 1e-6 and steps == [1] and (tmp_path / "c" / "model.safetensors").exists()
+    assert "nothing of --total-minutes 0.01 is left for training" in said[0]  # (it said "0.00 ... left")
 
 
 def test_interrupted_before_the_first_step_saves_nothing(corpus_dir, tmp_path, monkeypatch, capsys):
@@ -326,6 +359,22 @@ def test_a_broken_init_checkpoint_fails_naming_init_before_the_corpus_is_read(co
     assert err.startswith(f"refusion train: --init: {weights}: not a readable safetensors file (") and "Traceback" not in err
     assert "reading the corpus" not in out  # failed before the corpus was built
     assert AutoModelForCausalLM.from_pretrained(str(good)) and AutoTokenizer.from_pretrained(str(good))
+
+
+def test_an_init_checkpoint_without_its_tokenizer_fails_naming_init(corpus_dir, tiny_model_dir, tmp_path, capsys):
+    """Without tokenizer files an empty tokenizer loads and encodes every unit to nothing, and the run
+    failed on "--seq-len: no unit fits; raise --seq-len" (helper-198); now it names --init."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, bare / name)
+    assert main(["train", "--corpus", str(corpus_dir), "--out", str(tmp_path / "m"), "--init", str(bare),
+                 "--steps", "1", "--threads", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"refusion train: --init: {bare}: its tokenizer encodes text to nothing"), err
+    assert "reading the corpus" not in out
 
 
 def test_overwrite_removes_the_old_models_files_and_keeps_the_rest(corpus_dir, tmp_path):
