@@ -217,3 +217,42 @@ def test_top_k_one_makes_a_sampled_refusion_request_greedy(untied_runner, freque
         assert truncated.output_ids() == greedy.output_ids() and truncated.stats.forwards == greedy.stats.forwards
         changed += sampled.output_ids() != greedy.output_ids()
     assert changed > 0  # (the temperature does change the text without top_k)
+
+
+def _favour_mask(head: torch.nn.Linear, mask_id: int) -> torch.nn.Linear:
+    """`head` with a bias that makes the mask token the argmax of every row (as a barely trained model's
+    head can: helper-198 saw `refusion generate --mode refusion` commit it as every token)."""
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[mask_id] = 1e3
+    return biased
+
+
+def test_drafts_never_take_the_mask_token(tiny_untied_model_dir, frequent_tokens):
+    """Plan and branch drafts ban the mask token (decoding.branches.mask_ban), as AR decoding does: it is
+    an input marker, never text. With a head that favours it on every row, the engine committed it as
+    each generated token and fed it back as context; now it drafts the next most likely token, as the
+    oracle does (the same ban), in the plan and in slot completion."""
+    from transformers import Qwen3ForCausalLM
+
+    from workers.runner import ModelRunner
+    from workers.session import RunnerSession
+
+    runner = ModelRunner(tiny_untied_model_dir, dtype=torch.float32, device="cpu")
+    mask = runner.info.mask_token_id
+    runner.model.lm_head = _favour_mask(runner.model.lm_head, mask)
+    hf = Qwen3ForCausalLM.from_pretrained(tiny_untied_model_dir, dtype=torch.float32).eval()
+    hf.lm_head = _favour_mask(hf.lm_head, mask)
+    session = RunnerSession(runner)
+    prompt_ids = runner.tokenizer(PROMPTS[0])["input_ids"]
+    events = Counter()
+    for S, blocks, gen, st, tt, eos_idx in PARAM_SETS[:3]:  # whole slots at verify; completion token by token
+        params = _params(runner, frequent_tokens, S, blocks, gen, st, tt, eos_idx)
+        decoder, oracle = _run_both(session, hf, prompt_ids, params)
+        output = decoder.output_ids()
+        assert output and mask not in output, (S, output)
+        assert output == oracle.output_ids, (S, output, oracle.output_ids)
+        events.update(oracle.events)
+    assert events["single_slot_fallback"] and events["slot_completion"], events
