@@ -102,6 +102,7 @@ async def infill_deltas(client, job: CompletionJob, request_id: str, stream: boo
         await pieces.put((text, token_ids))
 
     task = asyncio.ensure_future(run_completion(client, job, on_partial if stream else None, whole=True))
+    getter = None
     try:
         while True:
             getter = asyncio.ensure_future(pieces.get())
@@ -118,6 +119,8 @@ async def infill_deltas(client, job: CompletionJob, request_id: str, stream: boo
             on_first_token(outcome.first_token_at)
         yield final_delta(request_id, *outcome.after(sent, sent_ids), outcome)
     finally:
+        if getter is not None and not getter.done():  # (closed while waiting: "Task was destroyed but it is
+            getter.cancel()                           # pending!" at garbage collection, helper-197)
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

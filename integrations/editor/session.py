@@ -283,8 +283,8 @@ class EditorSession:
 
     def _cancel_inflight(self, msg_id, data: dict) -> bool:
         entry = self.inflight.get(msg_id)
-        if entry is None or entry.task.done():
-            return False
+        if entry is None or entry.task.done() or entry.cancel_data is not None:  # (a superseded one keeps its
+            return False                                                         # reason: helper-197)
         entry.cancel_data = data
         entry.task.cancel()
         if self.by_uri.get(entry.uri) == msg_id:

@@ -119,12 +119,15 @@ async def test_new_complete_for_same_uri_supersedes_at_once(session, fake_client
     await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False)))
     await wait_until(lambda: fake_client.requests, "the completion to reach the engine")
     await s.handle_frame(rpc.encode_request(2, "complete", complete_params(multiline=False, prefix="def add(a, b):\n    v")))
+    # a cancel of 1 before its superseded task ends: it was taken as the reason (helper-197)
+    await s.handle_frame(rpc.encode_request(9, "cancel", {"id": 1}))
     fake_client.hold.set()  # request 1's task was cancelled above: only 2 and 3 run on
     await s.handle_frame(rpc.encode_request(3, "complete", complete_params(multiline=False, uri="file:///other.py")))
     await s.drain()
     [[_, _, err1, _]] = wire.responses(1)
     assert err1["code"] == rpc.REQUEST_CANCELLED
     assert err1["data"] == {"reason": "superseded", "superseded_by": 2}
+    assert wire.responses(9)[0][3] == {"cancelled": False}  # already superseded
     assert wire.responses(2)[0][2] is None and wire.responses(3)[0][2] is None  # other uri untouched
     first_engine_id = fake_client.requests[0].request_id
     assert first_engine_id in fake_client.cancelled and first_engine_id not in fake_client.completed

@@ -144,3 +144,30 @@ async def test_an_infill_without_a_length_may_shrink_to_the_kv_cache(http, fake_
     resp = await http.post(path, json=body)
     assert resp.status_code == 200, resp.text
     assert fake_client.requests and all(r.fit_to_kv is shrinks for r in fake_client.requests)
+
+
+async def test_closing_the_deltas_while_they_wait_leaves_no_pending_task(fake_client):  # noqa: F811
+    """A client gone while infill_deltas waits for the next piece (the route's generator closed) left its
+    queue getter pending: "Task was destroyed but it is pending!" at garbage collection (helper-197)."""
+    from integrations.editor.infill import build_infill_prompt
+    from integrations.editor.postprocess import Rules
+    from integrations.editor.runner import CompletionJob
+    from integrations.openai_infill import infill_deltas
+
+    fake_client.hold = threading.Event()  # the engine answers nothing until the generator is closed
+    job = CompletionJob("t", build_infill_prompt(fake_client.tokenizer, PREFIX, SUFFIX), (32,), Rules(suffix=SUFFIX))
+    before = asyncio.all_tasks()
+    deltas = infill_deltas(fake_client, job, "cmpl-1", stream=True)
+    waiting = asyncio.ensure_future(deltas.__anext__())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not waiting.done() and fake_client.requests  # waiting on the piece queue, the request in flight
+    waiting.cancel()  # (as the route is when its client disconnects)
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await deltas.aclose()
+    fake_client.hold.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    left = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()]
+    assert left == [], left
