@@ -220,11 +220,11 @@ def run(args) -> int:
 def _train(args, interrupt: _Interrupt) -> int:
     import torch
 
+    from transformers.utils import logging as transformers_logging
+
     from training.chat_data import chat_pairs
     from training.corpus import load_units, tokenize_units
     from training.trainer import TrainingError, check_weights_finite
-
-    from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # ("Loading weights", "Writing model shards" bars in the log)
     if args.threads:

@@ -307,22 +307,22 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
     if acc["n"]:
         records.append(_log(model, acc, step, start, cur_lr, heldout, on_log, mask_token_id, eos_token_id))
     if step:
-        check_weights_finite(model, step, cur_lr)
+        check_weights_finite(model, step, lr)
     model.eval()
     return records
 
 
 def check_weights_finite(model, step: int, lr: float) -> None:
-    """Raise TrainingError("lr") when a weight of `model` is NaN or infinite after `step` optimizer steps:
-    the losses are read before each update, so an update that diverged at the last step (or since the
-    last log step, before a checkpoint) would be saved unseen: `--lr 1e10 --steps 2` saved a model of
+    """Raise TrainingError("lr") when a weight of `model` is NaN or infinite after `step` optimizer steps
+    (`lr`: the run's peak learning rate). The losses are read before each update, so an update that
+    diverged at the last step (or since the last log step, before a checkpoint) would be saved unseen: `--lr 1e10 --steps 2` saved a model of
     NaNs with exit 0, which the serving loader then refuses (helper-198). One device sync."""
     import torch
 
     finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
     if not bool(finite):
         raise TrainingError("lr", f"the weights are not finite after step {step}: training diverged; lower the "
-                                  f"learning rate (got {lr:.3g} at this step)")
+                                  f"learning rate (its peak was {lr:.3g})")
 
 
 def _loss_and_grads(model, batch: PackedBatch, decoder, opt, acc: dict) -> tuple:
