@@ -87,4 +87,11 @@ def ensure_mask_token(tokenizer) -> bool:
         raise TokenizerBuildError("init", "the tokenizer has no eos_token; ReFusion needs one to end responses")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    ids = tokenizer.get_vocab()
+    for added in (MASK, BOT):  # transformers adds at len(tokenizer): a vocabulary with a gap in its ids
+        shared = [t for t, i in ids.items() if i == ids[added] and t != added]  # gives an id already taken
+        if shared:
+            raise TokenizerBuildError("init", f"the tokenizer's ids have a gap, so {added} got id {ids[added]}, "
+                                              f"which {shared[0]!r} already has; give a tokenizer whose ids run "
+                                              f"0..N-1, or one that has {added}")
     return len(tokenizer) != before

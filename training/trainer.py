@@ -297,7 +297,13 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
             decoder, acc["compiled"] = None, False
             losses = _loss_and_grads(model, batch, decoder, opt, acc)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError as exc:  # AdamW's update past float32 ("cannot be converted ... without overflow")
+            if "overflow" not in str(exc):
+                raise
+            raise TrainingError("lr", f"the update at step {step + 1} overflows float32: lower the learning rate "
+                                      f"(its peak is {lr:.3g})") from None
         step += 1
         _accumulate(acc, batch, *losses)
         if step % log_every == 0:

@@ -377,6 +377,44 @@ def test_an_init_checkpoint_without_its_tokenizer_fails_naming_init(corpus_dir, 
     assert "reading the corpus" not in out
 
 
+def test_an_init_tokenizer_with_a_gap_in_its_ids_fails_naming_init(corpus_dir, tmp_path, capsys):
+    """<|mask|> removed from a tokenizer leaves id 2 unused; transformers added it back at len(tokenizer),
+    the id of a real BPE token, which was then encoded as the mask (exit 0, helper-199)."""
+    import shutil
+
+    good = tmp_path / "good"
+    assert main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(good), "--steps", "1",
+                 "--batch-tokens", "256", "--vocab-size", "300"]) == 0
+    gap = tmp_path / "gap"
+    shutil.copytree(good, gap)
+    data = json.loads((gap / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|mask|>"]
+    data["model"]["vocab"].pop("<|mask|>", None)
+    (gap / "tokenizer.json").write_text(json.dumps(data))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (gap / name).exists():
+            config = json.loads((gap / name).read_text())
+            config.pop("mask_token", None)
+            config.get("added_tokens_decoder", {}).pop("2", None)
+            (gap / name).write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["train", "--corpus", str(corpus_dir), "--out", str(tmp_path / "m"), "--init", str(gap),
+                 "--steps", "1", "--threads", "1", "--batch-tokens", "256"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refusion train: --init: the tokenizer's ids have a gap, so <|mask|> got id "), err
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_an_update_past_float32_fails_naming_lr(corpus_dir, tmp_path, capsys):
+    """--lr 1e38: AdamW's first update overflows float32, a RuntimeError traceback (helper-199)."""
+    out = tmp_path / "m"
+    rc = main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--steps", "1",
+               "--heldout-max", "0", "--batch-tokens", "256", "--vocab-size", "300", "--lr", "1e38"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "refusion train: --lr: the update at step 1 overflows float32" in err, err
+    assert not (out / "model.safetensors").exists()
+
+
 def test_overwrite_removes_the_old_models_files_and_keeps_the_rest(corpus_dir, tmp_path):
     """--overwrite over a model directory left the old refusion.json (its decode settings then applied to
     the new model) and its README.md card; a model's files go, other files and folders stay."""
