@@ -4,8 +4,7 @@ One segment holds every branch as a run of its own (tree attention: `Segment.bra
 sees the committed cache and itself, never a sibling). Each round is two forwards:
 
     draft:  branch tokens, verified ones as themselves, unverified ones as MASK; nothing kept;
-            argmax reads (plain, no Gumbel noise) on the masked rows: a mask at p predicts the token at p
-            (never the mask token itself: `mask_ban`).
+            argmax reads (plain, no Gumbel noise) on the masked rows: a mask at p predicts the token at p.
     verify: branch tokens with the drafts filled in, clean, all branches in slot order; all kept;
             prob reads shifted by one (row j-1 scores token j).
 
@@ -21,17 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Collection
 
-from workers.batch import TOKEN_BAN, Reads, Sampling, Segment, TokenLogprob
-
-
-def mask_ban(mask_id: int) -> tuple[tuple[int, float], ...]:
-    """The logit bias of a draft's argmax rows (the plan's, spec step 1, and a branch draft's, step 3):
-    the mask token is never drafted. The spec takes the plain argmax; a model trained on the objective
-    never predicts the mask (no label is one), but a barely trained one did, and the mask id was
-    committed as text and fed back as context (helper-198), where AR decoding bans it already
-    (decoding.logit_bias). The draft's probability (a slot's confidence) is then of the logits without
-    the mask token's (tests/decoding/oracle.py does the same)."""
-    return ((mask_id, TOKEN_BAN),)
+from workers.batch import Reads, Sampling, Segment, TokenLogprob
 
 
 @dataclass
@@ -77,7 +66,7 @@ def draft_segment(seq_id: str, context_len: int, branches: list[Branch], mask_id
         positions += range(br.start, br.start + len(br.tokens))
         lens.append(len(br.tokens))
     segment = Segment(seq_id, context_len, tokens, positions, 0, Reads(argmax=tuple(rows)), lens, sampling,
-                      logprobs=logprobs, logit_bias=mask_ban(mask_id))
+                      logprobs=logprobs)
     return segment, layout
 
 

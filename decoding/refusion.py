@@ -27,8 +27,7 @@ import time
 from enum import Enum
 
 from decoding.api import DecodeParamError, DecodeStats, Handoff
-from decoding.branches import (Branch, absorb_drafts, absorb_verification, draft_segment, mask_ban, stop_after_eos,
-                               verify_segment)
+from decoding.branches import Branch, absorb_drafts, absorb_verification, draft_segment, stop_after_eos, verify_segment
 from decoding.context import start_context
 from decoding.params import DecodeParams, first_end
 from decoding.refusion_plan import Draft, SlotPool, choose_slots, split_blocks, verify_prefix
@@ -221,8 +220,7 @@ class RefusionDecoder:
                        ranks=self.feed.score_top is not None)
 
     def _plan_segment(self) -> Segment:
-        """Spec step 1: [uncached context, keep] + [every pool slot as MASK tokens, drop]; the drafts are
-        never the mask token (branches.mask_ban)."""
+        """Spec step 1: [uncached context, keep] + [every pool slot as MASK tokens, drop]."""
         ctx_tokens, ctx_positions = self.feed.peek(self.feed.pending)
         self._context_in_flight = len(ctx_tokens)
         mask_positions = self.pool.mask_positions()
@@ -236,7 +234,6 @@ class RefusionDecoder:
             Reads(argmax=tuple(range(n_ctx, n_ctx + n_mask))),
             sampling=self._sampling(gumbel=True),
             logprobs=self.params.logprobs,
-            logit_bias=mask_ban(self.params.mask_token_id),
         )
 
     def _verify_segment(self) -> Segment:

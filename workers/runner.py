@@ -158,9 +158,8 @@ class ModelRunner:
 
     def capture_startup_graphs(self) -> dict | None:
         """Capture the CUDA graphs of the common step layouts now (workers.graphs.startup_steps), so
-        serving does not pay for them on its first steps. Each is a synthetic step (token 0; argmax reads
-        of every row with the mask ban, as AR decode and ReFusion plan steps read, and for q > 1 also
-        a slot's verify: prob reads of all rows but the last; every block table and every write on the scratch block: no KV block of the owner is
+        serving does not pay for them on its first steps. Each is a synthetic step (token 0, argmax reads
+        of every row, the AR decode steps' mask ban, every block table and every write on the scratch block: no KV block of the owner is
         read or written) run through the graph wrapper, which captures layouts its policy admits, within
         max_graphs and memory_budget_bytes. Returns and records in stats() {"graphs" (captured by this
         call), "seconds", "bytes"}; None when cuda_graphs is off. Called by the constructor."""
@@ -170,20 +169,16 @@ class ModelRunner:
         before, seconds, used = len(graphs.graphs), graphs.capture_s, graphs.bytes_used
         bs = self.info.block_size
         layouts = set()
-        ban = ((self.info.mask_token_id, TOKEN_BAN),)
         for n, q, context in startup_steps(graphs.policy, bs, self.info.num_kv_blocks * bs):
-            # An AR decode step (q = 1) reads its row with one logit bias pair, the mask token's ban
-            # (decoding.logit_bias), and so does a ReFusion plan of one slot (q = S) every row
-            # (decoding.branches.mask_ban): their layouts have a bias table. That slot's verify reads the
-            # probabilities of rows 0 .. S-2 (no bias; fewer read rows: another layout at some n)
-            verify = Reads(prob=tuple(range(q - 1)), prob_tokens=(0,) * (q - 1))
-            for reads, bias in ((Reads(argmax=tuple(range(q))), ban),) + (((verify, ()),) if q > 1 else ()):
-                segments = [Segment(f"startup-{i}", context, [0] * q, list(range(context, context + q)), 0,
-                                    reads, logit_bias=bias) for i in range(n)]
-                step = pack_step(segments, [[self.scratch_block] * (context // bs)] * n, bs, self.scratch_block)
-                if step.layout not in layouts and step.layout.num_tokens <= graphs.policy.max_tokens:
-                    layouts.add(step.layout)
-                    self.collect(self._launch_packed(step, [s.seq_id for s in segments], [None] * n, [False] * n))
+            # An AR decode step (q = 1) always carries one logit bias pair, the mask token's ban
+            # (decoding.ar.ARDecoder._logit_bias): its layout has a bias table
+            ban = ((self.info.mask_token_id, TOKEN_BAN),) if q == 1 else ()
+            segments = [Segment(f"startup-{i}", context, [0] * q, list(range(context, context + q)), 0,
+                                Reads(argmax=tuple(range(q))), logit_bias=ban) for i in range(n)]
+            step = pack_step(segments, [[self.scratch_block] * (context // bs)] * n, bs, self.scratch_block)
+            if step.layout not in layouts and step.layout.num_tokens <= graphs.policy.max_tokens:
+                layouts.add(step.layout)
+                self.collect(self._launch_packed(step, [s.seq_id for s in segments], [None] * n, [False] * n))
         self._feedback_from = None  # (no serving step may take its tokens from a synthetic one)
         graphs.startup = {"graphs": len(graphs.graphs) - before, "seconds": round(graphs.capture_s - seconds, 3),
                           "bytes": graphs.bytes_used - used}

@@ -2,8 +2,7 @@
 
 transformers' Qwen3ForCausalLM with a DynamicCache, batch 1, host-side control flow as in the spec,
 the cache copied once per branch in slot completion, completed slots' KV appended to the main cache
-as computed in their branches; the one rule added to the spec's: a draft (plan or branch) is never the
-mask token (decoding.branches.mask_ban). Greedy only (temperature 0). `events` counts which paths ran, so a test
+as computed in their branches. Greedy only (temperature 0). `events` counts which paths ran, so a test
 can assert that it covered what it claims. `logprob_rows` holds, per generated position, the
 log_softmax row of the read that accepted its token (a slot's first token: its plan read; others: the
 verify read, or in slot completion the token's last draft or verify read): what the engine's
@@ -18,8 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-
-from workers.batch import TOKEN_BAN
 
 
 @dataclass
@@ -43,14 +40,6 @@ def _forward(model, cache: DynamicCache, tokens: list[int], positions: list[int]
         input_ids=torch.tensor([tokens]), position_ids=torch.tensor([positions]), past_key_values=cache, use_cache=True
     )
     return out.logits[0].float()
-
-
-def _mask_banned(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """The logits a draft is taken from: the mask token's banned as the engine bans it (TOKEN_BAN added;
-    decoding.branches.mask_ban). Log probabilities are of the logits without it."""
-    banned = logits.clone()
-    banned[:, mask_id] += TOKEN_BAN
-    return banned
 
 
 def _append_kv(cache: DynamicCache, source: DynamicCache, start: int, length: int) -> None:
@@ -128,13 +117,12 @@ class _Oracle:
         self.res.forwards += 1
         self.ctx, self.ctx_pos = [], []
         _crop(self.cache, base)
-        drafting = _mask_banned(logits, self.mask_id)
-        x0 = drafting.argmax(-1)
+        x0 = logits.argmax(-1)
         if self.temperature > 0:  # Gumbel noise on the planning argmax only; confidence stays noise-free
             u = self._uniform(mask_pos, logits.shape[-1])
-            x0 = (drafting.double().exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
+            x0 = (logits.double().exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
             self.ev["gumbel_plans"] += 1
-        p0 = drafting.softmax(-1).gather(-1, x0[:, None])[:, 0]
+        p0 = logits.softmax(-1).gather(-1, x0[:, None])[:, 0]
         plan_rows = logits.log_softmax(-1)
         drafts = {s: (x0[i * S:(i + 1) * S].tolist(), p0[i * S:(i + 1) * S].tolist()) for i, s in enumerate(pool)}
         chosen = [s for s in pool if drafts[s][1][0] > self.slot_threshold]
@@ -213,7 +201,7 @@ def _complete(model, caches, slots, branches, tags, base, S, token_threshold, en
             inp = [t if ok else mask_id for t, ok in zip(slots[b][apl:], tags[b][apl:])]
             logits = _forward(model, caches[b], inp, [branches[b] + j for j in range(apl, S)])
             _crop(caches[b], base + apl)
-            x = _mask_banned(logits, mask_id).argmax(-1).tolist()
+            x = logits.argmax(-1).tolist()
             slots[b][apl:] = [t if ok else d for t, ok, d in zip(slots[b][apl:], tags[b][apl:], x)]
             draft_rows = logits.log_softmax(-1)
             for j in range(apl, S):
