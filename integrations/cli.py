@@ -71,8 +71,19 @@ def _run(argv: list[str]) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's own usage and name, not the top-level ones
         sub_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    _refuse_emptied_values(sub_parsers[args.command], args)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     return int(module.run(args) or 0)
+
+
+def _refuse_emptied_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 naming the flag when a one-value flag came back as [] (Python 3.11's argparse strips "--"
+    from `--flag=--` and hands the flag an empty list, which the subcommand's checks then failed on with a
+    TypeError traceback)."""
+    for action in parser._actions:  # argparse has no public list of a parser's actions
+        if action.nargs is None and action.option_strings and getattr(args, action.dest, None) == []:
+            parser.error(f"argument {action.option_strings[-1]}: expected one value, got none "
+                         f"('--' is not read as a value; write the value itself)")
 
 
 if __name__ == "__main__":

@@ -231,6 +231,17 @@ def test_an_unknown_flag_is_reported_by_the_subcommand(tiny_model_dir, capsys):
     assert exc.value.code == 2 and err == "refusion generate: error: unrecognized arguments: --bogus\n"
 
 
+@pytest.mark.parametrize("argv", [["generate", "--prompt=--"], ["train", "--out", "unused", "--lr=--"],
+                                  ["serve", "--port=--"]])
+def test_a_flag_written_with_double_dash_as_its_value_is_a_usage_error(argv, capsys):
+    # Python 3.11's argparse hands `--flag=--` an empty list; train's --lr check was a TypeError traceback
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    flag = argv[-1].split("=")[0]
+    assert exc.value.code == 2 and f"refusion {argv[0]}: error: argument {flag}: expected one value" in err, err
+
+
 def test_a_file_given_as_the_model_is_named_as_such(tmp_path, capsys):
     (tmp_path / "README.md").write_text("not a model")
     code, _, err = _run(capsys, "--model", str(tmp_path / "README.md"), "--prompt", "x")
