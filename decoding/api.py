@@ -32,7 +32,9 @@ class DecodeParamError(ValueError):
 
 @dataclass
 class DecodeStats:
-    """Per-request counters. tokens_per_forward = generated_tokens / forwards (spec definition)."""
+    """Per-request counters. tokens_per_forward = generated_tokens / forwards (the spec's TPF): `forwards`
+    counts the decoding loop's forwards (plan, verify, slot completion; AR steps), not pure prompt chunks,
+    which `prefill_forwards` counts, so TPF does not depend on the prefill token budget."""
 
     forwards: int = 0
     prefill_forwards: int = 0
