@@ -27,7 +27,8 @@ from integrations.engine_host import engine_config
 from integrations.ingress_gate import IngressGate
 from integrations.openai_api import APISettings, create_app
 from integrations.request_limits import RequestLimits
-from integrations.serve_config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
+from integrations.serve_config import ServeConfig
+from integrations.serve_deployments import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
 from integrations.serve_drain import (DRAIN_RETRY_AFTER_S, die_on_sigterm, report_final, report_open_work, signal_drain,
                                       start_drain_watch, wait_for_drain_signal)
 from integrations.serve_engine import EngineDeployment, set_log_level

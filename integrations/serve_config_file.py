@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from integrations.cli_generate import EMPTY_MODEL_FLAG
-from integrations.serve_config import (DEFAULT_MODEL, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, MAX_ONGOING_REQUESTS,
-                                       max_model_len_problem, served_names_problem)
+from integrations.serve_config import DEFAULT_MODEL, max_model_len_problem, served_names_problem
+from integrations.serve_deployments import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, MAX_ONGOING_REQUESTS
 
 
 class CLIError(ValueError):

@@ -21,7 +21,8 @@ from ray import serve
 
 from integrations.engine_client import EngineFailure, LocalEngineClient, coalesce_deltas, read_model_card
 from integrations.engine_host import build_engine, engine_metrics_text, kv_short_of_context, one_token_probe, warm_up
-from integrations.serve_config import ENGINE_DEPLOYMENT, ServeConfig
+from integrations.serve_config import ServeConfig
+from integrations.serve_deployments import ENGINE_DEPLOYMENT
 from integrations.serve_drain import DRAIN_RETRY_AFTER_S, die_on_sigterm, report_final, report_open_work, start_drain_watch, wait_for_drain_signal
 from scheduler.api import Delta, EngineError, GenerationRequest
 

@@ -94,7 +94,7 @@ def room_problem(demand: dict[str, tuple[int, dict[str, float]]], available: dic
     for room without end, serving with the replicas it placed, and `refusion serve` would never be ready
     (helper-184: --replicas 3 of 1 CPU on 2 CPUs); vLLM likewise refuses to start what cannot run.
     `where`: the flag or file that set the counts, named in the message."""
-    from integrations.serve_config import ENGINE_DEPLOYMENT
+    from integrations.serve_deployments import ENGINE_DEPLOYMENT
 
     setting = {"CPU": "num_cpus", "GPU": "num_gpus"}
     names = {ENGINE_DEPLOYMENT: "engine_deployment"}
