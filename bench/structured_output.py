@@ -49,7 +49,7 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 
 
 def grammars() -> dict:
-    from integrations.openai_models import ToolSpec
+    from integrations.openai_messages import ToolSpec
     from integrations.structured_output import json_grammar, regex_grammar, tool_grammar
     from decoding.grammar import GrammarSpec
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from integrations.openai_models import ChatMessage, ToolSpec
+from integrations.openai_messages import ChatMessage, ToolSpec
 from integrations.request_limits import InputError, RequestLimits, encode
 from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN, read_json
 

@@ -174,7 +174,7 @@ def _arguments_schema(function) -> dict:
 
 
 def _call_rules(tools: list) -> str:
-    """Lark rules of one call of any of `tools` (openai_models.ToolSpec): `call` is TOOL_OPEN and
+    """Lark rules of one call of any of `tools` (openai_messages.ToolSpec): `call` is TOOL_OPEN and
     `{"name": "`, then one tool's rule (its name, `", "arguments": ` and its parameters as a JSON document
     of their own, %json), then `}` and TOOL_CLOSE: the text the call object takes with JSON_OPTIONS'
     separators, name first. Each tool's parameters are the root of their own schema, so their refs (a
@@ -192,7 +192,7 @@ def _call_rules(tools: list) -> str:
 
 
 def tool_grammar(tools: list, forced: str | None, prefill_tokens: int, parallel: bool = True) -> GrammarSpec:
-    """The grammar of a chat turn with `tools` (openai_models.ToolSpec list). `forced`: None (auto: text
+    """The grammar of a chat turn with `tools` (openai_messages.ToolSpec list). `forced`: None (auto: text
     with valid calls), "" (required: one or more calls of offered tools; exactly one when `parallel` is
     False, OpenAI's parallel_tool_calls) or a tool name (exactly one call of that tool, as OpenAI's
     named tool_choice).

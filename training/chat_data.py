@@ -121,7 +121,7 @@ def _value(json_type: str, seed: int):
 def instruction_pair(unit: CodeUnit) -> ChatPair | None:
     """An instruction pair from a documented function, or None (no docstring, not a function)."""
     from integrations.chat import render_plain
-    from integrations.openai_models import ChatMessage
+    from integrations.openai_messages import ChatMessage
 
     node = _function(unit)
     summary = _summary(node) if node is not None else None
@@ -135,14 +135,14 @@ def instruction_pair(unit: CodeUnit) -> ChatPair | None:
 
 def _offerable(name: str) -> bool:
     """A public function whose name OpenAI's tools accept (^[a-zA-Z0-9_-]{1,64}$: the API refuses others,
-    integrations.openai_models.FunctionSpec); a 70-character test name or a non-ASCII one is never a tool."""
+    integrations.openai_messages.FunctionSpec); a 70-character test name or a non-ASCII one is never a tool."""
     return not name.startswith("_") and TOOL_NAME.fullmatch(name) is not None
 
 
 def tool_call_pair(unit: CodeUnit, others: Sequence[CodeUnit]) -> ChatPair | None:
     """A tool-call turn from a function with parameters; `others` supply up to two distractor tools."""
     from integrations.chat import render_plain
-    from integrations.openai_models import ChatMessage, ToolSpec
+    from integrations.openai_messages import ChatMessage, ToolSpec
     from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
 
     node = _function(unit)

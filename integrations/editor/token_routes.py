@@ -24,7 +24,8 @@ from integrations.editor.route_errors import app_limits, error_body, read_body
 from integrations.http_errors import validation_field, validation_message
 from integrations.llama_completion import completion_defaults
 from integrations.openai_calls import check_model
-from integrations.openai_models import ChatCompletionRequest, ChatMessage, ToolSpec, check_generation_prompt
+from integrations.openai_messages import ChatMessage, ToolSpec
+from integrations.openai_models import ChatCompletionRequest, check_generation_prompt
 from integrations.request_limits import InputError, encode, off_loop
 from integrations.token_bytes import token_bytes
 
