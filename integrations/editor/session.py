@@ -22,24 +22,18 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
 from typing import Awaitable, Callable
 
 from integrations.editor import protocol as rpc
-from integrations.editor.infill import (MULTILINE_GAPS, SINGLE_LINE_GAPS, build_infill_prompt, capped_gaps, fitting_gaps,
-                                       infill_room, no_room_message, plan_gaps, strategy_gaps)
-from integrations.editor.postprocess import Rules
+from integrations.editor.complete_request import completion_error, completion_job
+from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS
 from integrations.editor.request_log import CompletionRecord, log_answer
-from integrations.editor.runner import CompletionJob, run_completion
+from integrations.editor.runner import run_completion
 from integrations.http_metrics import APIMetrics
-from integrations.request_limits import off_loop, sampling_temperature
-from integrations.engine_client import EngineUnavailableError
-from scheduler.api import EngineError, InvalidRequestError, Mode, OverloadedError, Priority
 
 Send = Callable[[bytes], Awaitable[None]]
 log = logging.getLogger(__name__)
 
-_MODES = {"auto": Mode.AUTO, "refusion": Mode.REFUSION, "ar": Mode.AR}
 _KEEP_FINISHED = 64  # finished completions remembered for accept/reject telemetry
 
 
@@ -181,54 +175,18 @@ class EditorSession:
         self.by_uri[params.uri] = req.id
         return None  # the task sends the response
 
-    async def _job(self, request_id: str, params: rpc.CompleteParams) -> CompletionJob:
-        """The completion job; its prompt is tokenized off the event loop (other frames and connections
-        keep being served meanwhile)."""
-        chars = len(params.prefix) + len(params.suffix) + sum(len(c.text) for c in params.context)
-        if params.max_tokens is not None and not fitting_gaps(self.context_length, (params.max_tokens,)):
-            raise InvalidRequestError("max_tokens", no_room_message(self.context_length, "max_tokens"))
-        if params.gaps:  # the client's own gaps, as sent (capped by max_tokens) where they fit
-            gaps = fitting_gaps(self.context_length, capped_gaps(params.gaps, params.max_tokens))
-        else:
-            gaps = strategy_gaps(self.context_length, plan_gaps(params.max_tokens, params.multiline))
-        if not gaps:
-            field = "gaps" if params.gaps else "max_tokens"
-            raise InvalidRequestError(field, no_room_message(self.context_length, field))
-        prompt = await off_loop(partial(build_infill_prompt, room=infill_room(self.context_length, gaps)),
-                                self.client.tokenizer, params.prefix, params.suffix, params.context, params.language,
-                                chars=chars)
-        sampling = {}
-        if params.temperature is not None:
-            sampling["temperature"] = sampling_temperature(params.temperature)
-        if params.seed is not None:
-            sampling["seed"] = params.seed
-        return CompletionJob(
-            request_id=request_id,
-            prompt=prompt,
-            gaps=gaps,
-            rules=Rules(suffix=params.suffix, multiline=params.multiline, indent=params.indent, cut_invalid=True),
-            mode=_MODES[params.mode],
-            priority=Priority.INTERACTIVE,
-            stop=params.stop,
-            max_time_ms=params.max_time_ms,
-            max_tokens=params.max_tokens,
-            fit_to_kv=params.max_tokens is None and not params.gaps,
-            sampling=sampling,
-            affinity_key=f"editor:{params.uri}",
-            client=f"editor:{self.session_id}",  # each connection its own share of the engine (fair share)
-        )
-
     async def _run(self, msg_id, entry: _Inflight, params: rpc.CompleteParams) -> None:
         async def partial(text: str, token_ids: list[int]) -> None:  # the protocol sends text only
             entry.record.on_partial(text, token_ids)  # the metrics time the ids
             await self.send(rpc.encode_notification("completion/partial", {"id": msg_id, "text": text}))
 
         try:
-            job = await self._job(entry.record.request_id, params)
+            job = await completion_job(self.client, self.context_length, self.session_id, entry.record.request_id,
+                                       params)
             entry.record.prompt_tokens = len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or [])
             outcome = await run_completion(self.client, job, partial)
         except Exception as exc:  # noqa: BLE001 - every failure must answer the request
-            err = _engine_error(exc)
+            err = completion_error(exc)
             log_answer(self, msg_id, "complete", "error", entry.record, err=err)
             await self.send(rpc.encode_response(msg_id, err.to_wire()))
             return
@@ -341,29 +299,3 @@ class EditorSession:
         async with self._send_lock:
             self._closed = True
             await close_socket()
-
-
-# The engine's fields in this protocol's terms (a KV refusal names the prompt or the gap length)
-_ENGINE_FIELDS = {"prompt_ids": "prefix", "gen_length": "max_tokens"}
-
-
-def _engine_error(exc: Exception) -> rpc.RpcError:
-    """The error answer of a failed completion: typed engine errors by their code; anything else is a bug,
-    logged here and answered with INTERNAL_ERROR naming no internals. An engine field is named as this
-    protocol names it: the prompt the prefix (with the suffix and context chunks it holds: send less of
-    them), the gap length max_tokens."""
-    if isinstance(exc, InvalidRequestError):
-        message = str(exc).split(": ", 1)[-1].replace("gen_length", "max_tokens")
-        if exc.field == "prompt_ids":
-            message = message.replace("shorten the prompt", "send a shorter prefix, suffix or context")
-        return rpc.invalid_params(_ENGINE_FIELDS.get(exc.field, exc.field), message)
-    if isinstance(exc, EngineUnavailableError):
-        return rpc.RpcError(rpc.ENGINE_UNAVAILABLE, "the engine stopped while serving this completion; retry",
-                            {"retry_after_s": exc.retry_after_s})
-    if isinstance(exc, OverloadedError):
-        # its message already says what is full and to retry (scheduler, engine client, draining ingress)
-        return rpc.RpcError(rpc.OVERLOADED, str(exc), {"retry_after_s": exc.retry_after_s})
-    if isinstance(exc, EngineError):
-        return rpc.RpcError(rpc.INTERNAL_ERROR, f"engine error: {exc}")
-    log.error("completion failed", exc_info=exc)
-    return rpc.RpcError(rpc.INTERNAL_ERROR, f"internal error ({type(exc).__name__}); the server log has the details")
