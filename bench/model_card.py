@@ -5,7 +5,7 @@
 Prints a markdown table of:
   - parameters (from model.safetensors; tied head counted once);
   - held-out AR loss: next-token cross-entropy over response + EOS given the prompt, every held-out
-    unit that fits the training sequence length (transformers forward, training/trainer.heldout_losses);
+    unit that fits the training sequence length (transformers forward, training/losses.heldout_losses);
   - next-line exact match: AR greedy's first generated line == the true first line of the response
     (trailing whitespace ignored), on --prompts held-out units spread evenly over the held-out files;
   - valid Python: share of those prompts whose completion (cut at EOS; without EOS, after its last
@@ -53,7 +53,7 @@ def heldout_ar_loss(model_dir: Path, pairs, eos_id: int, mask_id: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from training.trainer import heldout_losses
+    from training.losses import heldout_losses
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     return heldout_losses(model, pairs, mask_token_id=mask_id, eos_token_id=eos_id)["heldout_ar_loss"]

@@ -23,6 +23,8 @@ from typing import Iterable, Iterator, Sequence
 from decoding.objective import IGNORE, KIND_NONE, ObjectiveExample
 
 PAD_SEGMENT = -1
+# A training example before the objective arranges it: (prompt_ids, response_ids), the response without EOS
+Pair = tuple[Sequence[int], Sequence[int]]
 
 
 class PackingError(ValueError):

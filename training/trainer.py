@@ -41,16 +41,18 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 import time
 import warnings
-from contextlib import nullcontext
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-from decoding.objective import IGNORE, KIND_AR, KIND_MDM, SLOT_SIZES, ObjectiveExample, build_example
-from training.batches import PackedBatch, pack_batches, pack_one_batch
+from decoding.objective import SLOT_SIZES
+from training.batch_stream import PackedStream, batch_stream
+from training.batches import PackedBatch, Pair
+from training.losses import heldout_losses, objective_loss, row_cross_entropy
 
-Pair = tuple[Sequence[int], Sequence[int]]
+# The losses are re-exported: tests and docs name them here (their home is training/losses.py)
+__all__ = ["TrainingError", "check_weights_finite", "heldout_losses", "objective_loss", "row_cross_entropy",
+           "train_model"]
 
 
 class TrainingError(ValueError):
@@ -59,154 +61,6 @@ class TrainingError(ValueError):
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
-
-
-def row_cross_entropy(model, t: dict, rows, decoder=None):
-    """Cross-entropy of the selected rows: `rows` [n_rows] int64 flat indices into the [R, L] positions
-    (PackedBatch.tensors' loss_rows); returns [n_rows] float32.
-
-    `t` holds input_ids, position_ids [R, L] and the 4D attention_mask [R, 1, L, L] (PackedBatch.tensors).
-    For HF models with `.model` and `.lm_head` the head runs only on the selected rows (prompt and
-    padding rows cost no vocab projection); `decoder` replaces `.model` (a compiled copy). Other models
-    fall back to full logits.
-    """
-    import torch.nn.functional as F
-
-    # use_cache=False: no KV cache object in training. The 4D mask is required: without it transformers
-    # reads position jumps as packed-sequence boundaries and cuts attention inside an example.
-    inputs = {k: t[k] for k in ("input_ids", "position_ids", "attention_mask")} | {"use_cache": False}
-    inputs["attention_mask"] = _mask_for(model, t["attention_mask"])
-    if hasattr(model, "model") and hasattr(model, "lm_head"):
-        hidden = (model.model if decoder is None else decoder)(**inputs).last_hidden_state  # [R, L, H]
-        logits = model.lm_head(hidden.flatten(0, 1).index_select(0, rows))  # [n_rows, V]
-    else:
-        logits = model(**inputs).logits.flatten(0, 1).index_select(0, rows)  # [n_rows, V]
-    return F.cross_entropy(logits.float(), t["labels"].flatten().index_select(0, rows), reduction="none")
-
-
-def _mask_for(model, mask):
-    """The 4D boolean mask [R, 1, L, L] (True: attend) as the model's attention takes it: SDPA and flex take
-    it as it is; transformers' eager attention adds a 4D mask to the scores, so it gets the additive
-    form (0 where attended, the dtype's minimum elsewhere), else True/False were added as 1/0 and
-    nothing was masked (examples packed in a row saw each other)."""
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "eager":
-        return mask
-    import torch
-
-    dtype = next(model.parameters()).dtype
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-
-def objective_loss(model, batch: PackedBatch, decoder=None):
-    """(loss, ar_loss, mdm_loss) tensors for one packed batch (spec, "Training objective";
-    decoding/objective.py): ar_loss the mean CE over every AR row of the batch (clean-slot labels,
-    pooled), mdm_loss sum(w * CE) over the MDM rows / num_examples."""
-    device = next(model.parameters()).device
-    t = batch.tensors(device)
-    rows = t["loss_rows"]  # [n_rows] flat indices of the weighted positions (no boolean index: no host sync)
-    with _autocast(device):
-        ce = row_cross_entropy(model, t, rows, decoder)  # [n_rows]
-    w, kinds = t["weights"].flatten().index_select(0, rows), t["kinds"].flatten().index_select(0, rows)
-    n = batch.num_examples
-    is_ar = kinds == KIND_AR
-    ar = (w * ce * is_ar).sum() / is_ar.sum().clamp(min=1)  # a tensor count: no host sync
-    mdm = (w * ce * (kinds == KIND_MDM)).sum() / n
-    return ar + mdm, ar, mdm
-
-
-def _autocast(device):
-    """bf16 autocast on CUDA (float32 master weights); nothing on CPU, where bf16 matmuls are slow."""
-    import torch
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def in_order_example(prompt: Sequence[int], response: Sequence[int], eos_token_id: int) -> ObjectiveExample:
-    """Plain AR scoring rows: prompt + response + EOS in order, next-token labels on the target."""
-    ids = list(prompt) + list(response) + [eos_token_id]
-    labels = [IGNORE if i < len(prompt) - 1 else lab for i, lab in enumerate(ids[1:] + [IGNORE])]
-    ones = [1.0 if lab != IGNORE else 0.0 for lab in labels]
-    return ObjectiveExample(ids, list(range(len(ids))), labels, ones, [KIND_AR] * len(ids), 0, 1.0)
-
-
-def heldout_losses(model, pairs: Sequence[Pair], *, mask_token_id: int, eos_token_id: int,
-                   batch_size: int = 16, seed: int = 1234) -> dict:
-    """{"heldout_ar_loss", "heldout_mdm_loss"} on held-out pairs, without gradients (see module doc)."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    rng = random.Random(seed)
-    row_len = max(len(p) + len(r) + 1 for p, r in pairs)
-    ar_sum = ar_n = mdm_sum = 0.0
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i : i + batch_size]
-            t = pack_one_batch([in_order_example(p, r, eos_token_id) for p, r in chunk], row_len=row_len).tensors(device)
-            with _autocast(device):
-                ce = row_cross_entropy(model, t, t["loss_rows"])
-            ar_sum, ar_n = ar_sum + float(ce.sum()), ar_n + ce.numel()
-            masked = [build_example(p, r, rng, mask_token_id=mask_token_id, eos_token_id=eos_token_id) for p, r in chunk]
-            mdm_sum += float(objective_loss(model, pack_one_batch(masked, row_len=row_len))[2]) * len(chunk)
-    model.train(was_training)
-    return {"heldout_ar_loss": ar_sum / max(ar_n, 1), "heldout_mdm_loss": mdm_sum / max(len(pairs), 1)}
-
-
-def _arranged(pairs: Sequence[Pair], rng: random.Random, mask_id: int, eos_id: int, slot_sizes) -> Iterator:
-    """Endless objective examples: every pair once per epoch, in a fresh random order each epoch."""
-    order = list(range(len(pairs)))
-    while True:
-        rng.shuffle(order)
-        for i in order:
-            yield build_example(*pairs[i], rng, mask_token_id=mask_id, eos_token_id=eos_id, slot_sizes=slot_sizes)
-
-
-class PackedStream:
-    """Endless packed batches (a torch IterableDataset when `data_workers` > 0). With N workers, worker k
-    arranges the pairs k, k + N, ... with its own seed (seed + k), so an epoch still shows each pair once
-    and the stream depends only on (seed, N)."""
-
-    def __init__(self, pairs: Sequence[Pair], *, seed: int, rows: int, row_len: int, mask_id: int, eos_id: int,
-                 slot_sizes: Sequence[int]):
-        self.pairs, self.seed, self.rows, self.row_len = pairs, seed, rows, row_len
-        self.mask_id, self.eos_id, self.slot_sizes = mask_id, eos_id, tuple(slot_sizes)
-
-    def __iter__(self) -> Iterator[PackedBatch]:
-        import torch.utils.data
-
-        info = torch.utils.data.get_worker_info()
-        k, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = random.Random(self.seed + k)
-        arranged = _arranged(self.pairs[k::n], rng, self.mask_id, self.eos_id, self.slot_sizes)
-        return pack_batches(arranged, rows=self.rows, row_len=self.row_len)
-
-
-def _batch_stream(stream: PackedStream, data_workers: int) -> Iterator[PackedBatch]:
-    """The stream itself, or batches arranged in `data_workers` processes ahead of the training step
-    (torch DataLoader; on CUDA the Python objective builder would otherwise stall the GPU)."""
-    if data_workers == 0:
-        return iter(stream)
-    import torch.utils.data
-
-    class _Dataset(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return iter(stream)
-
-    loader = torch.utils.data.DataLoader(_Dataset(), batch_size=None, num_workers=data_workers, prefetch_factor=4,
-                                         collate_fn=_as_is, worker_init_fn=_leave_interrupts_to_the_trainer)
-    return iter(loader)
-
-
-def _leave_interrupts_to_the_trainer(_worker_id: int) -> None:
-    """A data worker ignores SIGINT: Ctrl-C reaches the terminal's whole process group, and a worker ran
-    the training process's handler too (its "stopping after this step" line printed once per worker);
-    the training process stops the loop, and the DataLoader its workers."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _as_is(batch: PackedBatch) -> PackedBatch:
-    return batch  # a PackedBatch is already one step's batch; tensors are made in the training process
 
 
 def _lr_at(progress: float, step: int, lr: float, warmup_steps: int) -> float:
@@ -269,7 +123,7 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
     start, budget_s = time.monotonic(), (minutes * 60.0 if minutes is not None else None)
     stream = PackedStream(examples, seed=rng.randrange(2**31), rows=batch_tokens // row_len, row_len=row_len,
                           mask_id=mask_token_id, eos_id=eos_token_id, slot_sizes=slot_sizes)
-    batches, step = _batch_stream(stream, data_workers), 0
+    batches, step = batch_stream(stream, data_workers), 0
     while True:
         elapsed = time.monotonic() - start
         progress = max(step / steps if steps else 0.0, elapsed / budget_s if budget_s else 0.0)
@@ -284,26 +138,7 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
             if should_stop is not None and should_stop():
                 break
             raise
-        try:
-            losses = _loss_and_grads(model, batch, decoder, opt, acc)
-        except Exception as exc:  # noqa: BLE001 - only the first compiled step falls back; anything else raises
-            if decoder is None or step:
-                raise
-            # torch.compile compiles at the first call. Its failure there (an inductor or backend error on
-            # this torch and device) costs the run nothing it cannot do eagerly: one step on a GPU that a
-            # session gets for minutes must not throw away the corpus preparation before it
-            warnings.warn(f"torch.compile failed at the first step ({type(exc).__name__}: {str(exc)[:500]}); "
-                          "training continues without it (eager)", RuntimeWarning, stacklevel=2)
-            decoder, acc["compiled"] = None, False
-            losses = _loss_and_grads(model, batch, decoder, opt, acc)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        try:
-            opt.step()
-        except RuntimeError as exc:  # AdamW's update past float32 ("cannot be converted ... without overflow")
-            if "overflow" not in str(exc):
-                raise
-            raise TrainingError("lr", f"the update at step {step + 1} overflows float32: lower the learning rate "
-                                      f"(its peak is {lr:.3g})") from None
+        losses, decoder = _optimizer_step(model, batch, decoder, opt, acc, step, lr, grad_clip)
         step += 1
         _accumulate(acc, batch, *losses)
         if step % log_every == 0:
@@ -316,6 +151,36 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
         check_weights_finite(model, step, lr)
     model.eval()
     return records
+
+
+def _optimizer_step(model, batch: PackedBatch, decoder, opt, acc: dict, step: int, lr: float,
+                    grad_clip: float) -> tuple:
+    """Step `step` (0-based) of train_model on `batch`: forward, backward, gradient clipping, AdamW.
+    Returns ((loss, ar, mdm), decoder): decoder None once the first compiled step failed and the run
+    went on eagerly. `lr`: the run's peak, named when the update overflows."""
+    import torch
+
+    try:
+        losses = _loss_and_grads(model, batch, decoder, opt, acc)
+    except Exception as exc:  # noqa: BLE001 - only the first compiled step falls back; anything else raises
+        if decoder is None or step:
+            raise
+        # torch.compile compiles at the first call. Its failure there (an inductor or backend error on
+        # this torch and device) costs the run nothing it cannot do eagerly: one step on a GPU that a
+        # session gets for minutes must not throw away the corpus preparation before it
+        warnings.warn(f"torch.compile failed at the first step ({type(exc).__name__}: {str(exc)[:500]}); "
+                      "training continues without it (eager)", RuntimeWarning, stacklevel=3)
+        decoder, acc["compiled"] = None, False
+        losses = _loss_and_grads(model, batch, decoder, opt, acc)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    try:
+        opt.step()
+    except RuntimeError as exc:  # AdamW's update past float32 ("cannot be converted ... without overflow")
+        if "overflow" not in str(exc):
+            raise
+        raise TrainingError("lr", f"the update at step {step + 1} overflows float32: lower the learning rate "
+                                  f"(its peak is {lr:.3g})") from None
+    return losses, decoder
 
 
 def check_weights_finite(model, step: int, lr: float) -> None:

@@ -257,7 +257,7 @@ def test_data_workers_leave_ctrl_c_to_the_training_process():
     printed its "stopping after this step" line again (helper-146). A worker ignores SIGINT."""
     import signal
 
-    from training.trainer import _batch_stream
+    from training.batch_stream import batch_stream
 
     class Probe:  # a stream whose batches say how SIGINT is handled where they are made
         def __iter__(self):
@@ -265,6 +265,6 @@ def test_data_workers_leave_ctrl_c_to_the_training_process():
 
     previous = signal.signal(signal.SIGINT, lambda *_: None)  # the trainer's handler, inherited by a fork
     try:
-        assert list(_batch_stream(Probe(), data_workers=1)) == [True]
+        assert list(batch_stream(Probe(), data_workers=1)) == [True]
     finally:
         signal.signal(signal.SIGINT, previous)
