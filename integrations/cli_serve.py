@@ -17,7 +17,8 @@ Retry-After, running ones get drain_timeout_s to finish and the rest end with a 
 drain_timeout_s plus a margin). Once it has exited, connections are refused (exit status 0). A second Ctrl-C
 stops at once, dropping open streams, and exits with 130.
 With a local Ray, replicas it has no CPUs, GPUs or custom resources for are refused before any starts
-(serve_preflight.py: room_problem, exit 2). While the application is still starting, Ctrl-C or SIGTERM removes it and exits with 130, unless
+(integrations/serve_preflight.py: room_problem, exit 2). While the application is still starting, Ctrl-C
+or SIGTERM removes it and exits with 130, unless
 its replicas up already answer requests (others waiting for room on a cluster): then they are drained
 as above; a deploy Ray reports as failed exits with 1 (integrations/serve_start.py). On Linux with a
 local Ray this runs under a supervisor process that forwards the signals
