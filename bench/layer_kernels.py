@@ -1,5 +1,5 @@
 """What the compiled layer functions launch on a CUDA GPU, found without one: inductor lowers
-workers.model.KERNELS_TO_COMPILE (what `compile_layers` compiles) for an sm_90 GPU on fake CUDA tensors,
+workers.layer_kernels.KERNELS_TO_COMPILE (what `compile_layers` compiles) for an sm_90 GPU on fake CUDA tensors,
 and this prints the device work of each function's generated wrapper: Triton kernels, cuBLAS GEMMs, and
 addmm calls (a GEMM whose [T, hidden] input ATen first copies into the output: one more launch).
 
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from bench.bench_args import positive_ints  # noqa: E402
 from bench.forward_latency import CONFIGS  # noqa: E402
-from workers.model import KERNELS_TO_COMPILE  # noqa: E402
+from workers.layer_kernels import KERNELS_TO_COMPILE  # noqa: E402
 
 H200 = types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, warp_size=32,
                              total_memory=141 * 2**30, regs_per_multiprocessor=65536,

@@ -14,7 +14,7 @@ from workers.attention import StepAttention
 from workers.attention_flex import FlexStepAttention
 from workers.attention_paged import PagedStepAttention, unavailable_reason
 from workers.graphs import GraphPolicy, StepGraphs
-from workers.model import compiled_kernels
+from workers.layer_kernels import compiled_kernels
 from workers.step import step_forward
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

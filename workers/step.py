@@ -67,8 +67,8 @@ def step_forward(model, kv: PagedKVCache, buffer: torch.Tensor, layout: StepLayo
     """One packed step on the device: forward of every token, K/V written to their slots, reads of
     every read row. model: workers.model.Qwen3 (or anything with cfg, hidden(), logits()).
     attention_cls: StepAttention (gathers context; portable) or workers.attention_flex.FlexStepAttention
-    (reads the paged cache in place). kernels: workers.model.LayerKernels for the work around attention
-    (None: eager; workers.model.compiled_kernels(): fused by torch.compile). Returns (values [2, R]
+    (reads the paged cache in place). kernels: workers.layer_kernels.LayerKernels for the work around attention
+    (None: eager; workers.layer_kernels.compiled_kernels(): fused by torch.compile). Returns (values [2, R]
     float64, or [4 + 2K, R] with layout.logprobs; logits [R, V] float32; kept logits [D, V] float32: the
     deferred rows' logits before any bitmask, whose values rows hold unconstrained reads until
     ModelRunner.finish_reads replaces them); R == 0 skips the LM head."""
