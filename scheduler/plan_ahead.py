@@ -60,10 +60,22 @@ class PlanAhead:
         apart = [req for req in self.running if req.id not in in_plan]
         if len(in_plan) + len(apart) != len(self.running) or any(not self._host_plannable(req) for req in apart):
             return None  # (one of `plan` left the running set, or one apart needs the scheduler)
-        ahead, budget = StepPlan(), self.config.token_budget
-        sits_out = self._grammar_turns(self.running)
-        # Decode steps first, prompt chunks with the budget they leave (vLLM's chunked prefill); a request
-        # whose chunk finds none left sits out and is planned from the host next time
+        ahead, sits_out = StepPlan(), self._grammar_turns(self.running)
+        budget = self._steps_in_flight_ahead(ahead, items, sits_out, self.config.token_budget)
+        if budget is not None:
+            budget = self._steps_apart_ahead(ahead, apart, sits_out, budget)
+        if budget is None or not ahead.items:
+            return self._abandon(ahead)
+        if admit:
+            self._admit_ahead(ahead, budget)
+        return ahead
+
+    def _steps_in_flight_ahead(self, ahead: StepPlan, items: list[tuple[Request, Segment]], sits_out,
+                               budget: int) -> int | None:
+        """`plan_ahead`'s first part: the next step of each request with a step in `plan` (`items`),
+        planned from the device's view; decode steps first, prompt chunks with the budget they leave
+        (vLLM's chunked prefill): a request whose chunk finds none left sits out and is planned from the
+        host next time. Returns the budget left, or None when the plan must be abandoned."""
         chunks = [(getattr(req.decoder, "chunk_in_flight", False), req) for req, _ in items]
         for chunk, req in sorted(chunks, key=lambda entry: entry[0]):
             planner = getattr(req.decoder, "plan_ahead", None) if req.pending_segment is None else None
@@ -77,29 +89,29 @@ class PlanAhead:
             except Exception:  # noqa: BLE001 - the host's view first: schedule() asks the decoder again
                 log.exception("plan_ahead_failed", request_id=req.id)
                 segment = None
-            if segment is None:
-                return self._abandon(ahead)
-            if not self._grow_ahead(ahead, req, segment):
-                return self._abandon(ahead)
+            if segment is None or not self._grow_ahead(ahead, req, segment):
+                return None
             budget -= len(segment.token_ids)
+        return budget
+
+    def _steps_apart_ahead(self, ahead: StepPlan, apart: list[Request], sits_out, budget: int) -> int | None:
+        """`plan_ahead`'s second part: the running requests with no step in `plan`, planned from the host
+        in rank order (a decoder's own failure ends its request only, as in `schedule`: `ahead.failed`).
+        Returns the budget left, or None when the plan must be abandoned."""
         for req in sorted(apart, key=Request.rank_key):
             if req in sits_out:
                 continue  # (not its grammar turn: planned from the host when it is)
             try:
                 segment = req.decoder.next_segment(budget) if budget > 0 else None
-            except Exception as exc:  # the decoder's own failure ends its request only, as in schedule()
+            except Exception as exc:
                 ahead.failed.append((req, exc))
                 continue
             if segment is None:  # (finished without a step: the scheduler ends it)
-                return self._abandon(ahead)
+                return None
             if not self._grow_ahead(ahead, req, segment):
-                return self._abandon(ahead)
+                return None
             budget -= len(segment.token_ids)
-        if not ahead.items:
-            return self._abandon(ahead)
-        if admit:
-            self._admit_ahead(ahead, budget)
-        return ahead
+        return budget
 
     def _abandon(self, ahead: StepPlan) -> None:
         """`plan_ahead` gives up: what it planned is dropped (`drop_ahead`), and the requests whose decoder

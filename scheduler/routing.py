@@ -241,34 +241,7 @@ class Router:
         refusion_faster, compute_bound, near_tie, keep, repeat, explore."""
         if requested is not Mode.AUTO:
             return RouteDecision(requested, "forced")
-        ref, ar = self.stats_for(Mode.REFUSION, priority), self.stats_for(Mode.AR, priority)
-        curve, host = self.curve, self.host.per_request()
-        fixed = self.host.fixed_s + load.host_s  # host seconds of a step without the routed request(s)
-        base = load.tokens_per_forward / (curve.latency(load.packed_tokens) + fixed) if load.running else 0.0
-        n = 1 + load.arriving_auto  # this request and the AUTO ones starting with it, all in the mode weighed
-        lat_ref = curve.latency(load.packed_tokens + n * ref.step_tokens) + fixed + n * host[Mode.REFUSION]
-        lat_ar = curve.latency(load.packed_tokens + n * ar.step_tokens) + fixed + n * host[Mode.AR]
-        gain_ref = (load.tokens_per_forward + n * ref.tpf) / lat_ref - base
-        gain_ar = (load.tokens_per_forward + n * ar.tpf) / lat_ar - base
-        share = curve.compute_bound_share(load.packed_tokens + n * ref.step_tokens)
-        inputs = {
-            "running": load.running,
-            "arriving_auto": load.arriving_auto,
-            "packed_tokens": round(load.packed_tokens, 2),
-            "running_tpf_sum": round(load.tokens_per_forward, 3),
-            "refusion_tpf": round(ref.tpf, 3),
-            "refusion_step_tokens": round(ref.step_tokens, 2),
-            "latency_refusion_s": lat_ref,
-            "latency_ar_s": lat_ar,
-            "host_s": round(load.host_s, 6),
-            "host_fixed_s": round(self.host.fixed_s, 6),
-            "host_refusion_s": round(host[Mode.REFUSION], 6),
-            "host_ar_s": round(host[Mode.AR], 6),
-            "throughput_now": round(base, 2),
-            "gain_refusion": round(gain_ref, 2),
-            "gain_ar": round(gain_ar, 2),
-            "compute_bound_share": round(share, 3),
-        }
+        gain_ref, gain_ar, share, inputs = self._gains(priority, load)
         margin = self.config.ar_margin
         if gain_ar > gain_ref + margin * abs(gain_ref):
             mode, reason = Mode.AR, "ar_faster"
@@ -299,6 +272,40 @@ class Router:
             if previous is None and self._explores(request_key, inputs["explore_period"]):
                 mode, reason = (Mode.AR if mode is Mode.REFUSION else Mode.REFUSION), "explore"
         return RouteDecision(mode, reason, inputs)
+
+    def _gains(self, priority: Priority, load: LoadSnapshot) -> tuple[float, float, float, dict]:
+        """`decide`'s estimates: (gain_refusion, gain_ar) in tokens/s, what the engine's throughput gains
+        when this request (and the AUTO ones arriving with it) runs in that mode on `load`; the compute-bound
+        share of the step with it in ReFusion; and the inputs, logged with the decision."""
+        ref, ar = self.stats_for(Mode.REFUSION, priority), self.stats_for(Mode.AR, priority)
+        curve, host = self.curve, self.host.per_request()
+        fixed = self.host.fixed_s + load.host_s  # host seconds of a step without the routed request(s)
+        base = load.tokens_per_forward / (curve.latency(load.packed_tokens) + fixed) if load.running else 0.0
+        n = 1 + load.arriving_auto  # this request and the AUTO ones starting with it, all in the mode weighed
+        lat_ref = curve.latency(load.packed_tokens + n * ref.step_tokens) + fixed + n * host[Mode.REFUSION]
+        lat_ar = curve.latency(load.packed_tokens + n * ar.step_tokens) + fixed + n * host[Mode.AR]
+        gain_ref = (load.tokens_per_forward + n * ref.tpf) / lat_ref - base
+        gain_ar = (load.tokens_per_forward + n * ar.tpf) / lat_ar - base
+        share = curve.compute_bound_share(load.packed_tokens + n * ref.step_tokens)
+        inputs = {
+            "running": load.running,
+            "arriving_auto": load.arriving_auto,
+            "packed_tokens": round(load.packed_tokens, 2),
+            "running_tpf_sum": round(load.tokens_per_forward, 3),
+            "refusion_tpf": round(ref.tpf, 3),
+            "refusion_step_tokens": round(ref.step_tokens, 2),
+            "latency_refusion_s": lat_ref,
+            "latency_ar_s": lat_ar,
+            "host_s": round(load.host_s, 6),
+            "host_fixed_s": round(self.host.fixed_s, 6),
+            "host_refusion_s": round(host[Mode.REFUSION], 6),
+            "host_ar_s": round(host[Mode.AR], 6),
+            "throughput_now": round(base, 2),
+            "gain_refusion": round(gain_ref, 2),
+            "gain_ar": round(gain_ar, 2),
+            "compute_bound_share": round(share, 3),
+        }
+        return gain_ref, gain_ar, share, inputs
 
     def admitted(self, request_key: int, decision: RouteDecision) -> None:
         """Record the decoder an AUTO request started with (`decide`'s decision for its `request_key`),
