@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--min-p", type=float, help="sampling (AR samples and ReFusion's drafts at --temperature > 0): drop tokens below this share of the top one's probability (0 = off)")
     a("--presence-penalty", type=float, help="--mode ar: subtract from every generated token's logit (-2..2)")
     a("--frequency-penalty", type=float, help="--mode ar: subtract this x each generated token's count (-2..2)")
-    a("--seed", type=int, help="seed of the request's random stream (default: a fresh random one)")
+    a("--seed", type=int, help="seed of the request's random stream, a signed 64-bit integer as the API's (a "
+      "negative one is read as itself + 2^63; default: a fresh random one)")
     a("--dtype", choices=RUNNER_DTYPES, default=None,
       help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     a("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
@@ -139,6 +140,7 @@ def _load_runner(model_dir: Path, args):
 
 def _params(model_dir: Path, args, runner):
     from decoding.params import DecodeParams, load_model_defaults
+    from workers.batch import SEED_MAX
 
     values = load_model_defaults(model_dir)
     values |= {"eos_token_id": runner.info.eos_token_id, "end_token_ids": runner.info.end_token_ids,
@@ -167,6 +169,10 @@ def _params(model_dir: Path, args, runner):
         from scheduler.validation import with_seed
 
         values["seed"] = with_seed({})["seed"]
+    elif -(SEED_MAX + 1) <= args.seed < 0:
+        # As the OpenAI routes (openai_sampling: any signed 64-bit seed, a negative one + 2^63, as vLLM),
+        # so a request seeded negatively there repeats here
+        values["seed"] = args.seed % (SEED_MAX + 1)
     return DecodeParams.from_dict(values)
 
 
