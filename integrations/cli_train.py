@@ -218,18 +218,43 @@ def run(args) -> int:
 
 
 def _train(args, interrupt: _Interrupt) -> int:
+    """Prepare the model and its examples, start this run's records in --out, then train and save; run's
+    exit code (0, or 130 when interrupted)."""
     import torch
 
     from transformers.utils import logging as transformers_logging
-
-    from training.chat_data import chat_pairs
-    from training.corpus import load_units, tokenize_units
-    from training.trainer import TrainingError, check_weights_finite
 
     transformers_logging.disable_progress_bar()  # ("Loading weights", "Writing model shards" bars in the log)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.monotonic()
+    model, tokenizer, (train_pairs, chat, heldout_pairs) = _model_and_examples(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    out = _created_out_dir(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    train_minutes = _training_minutes(args, time.monotonic() - t0)
+    stats = {"train_units": len(train_pairs), "chat_pairs": len(chat), "heldout_units": len(heldout_pairs),
+             "parameters": n_params, "vocab_size": len(tokenizer),  # what BPE reached (--vocab-size is a bound)
+             "train_tokens_per_epoch": sum(len(p) + len(r) + 1 for p, r in train_pairs),
+             "prep_s": round(time.monotonic() - t0, 1), "train_minutes": train_minutes, "device": device,
+             "torch_threads": torch.get_num_threads(),
+             "python": sys.version.split()[0], **_package_set(args.corpus)}
+    records_dir = _start_run_records(args, out, stats)
+    print(f"refusion train: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, {len(train_pairs)} train "
+          f"({len(chat)} chat) / {len(heldout_pairs)} held-out units, {stats['train_tokens_per_epoch']} tokens per epoch, "
+          f"device {device}", flush=True)
+    (records_dir / "train_log.jsonl").write_text("")
+    return _train_and_save(args, model, tokenizer, train_pairs, heldout_pairs, train_minutes, out, records_dir,
+                           interrupt, t0)
+
+
+def _model_and_examples(args):
+    """(model, tokenizer, (train_pairs, chat, heldout_pairs)): the --init checkpoint loaded before the corpus
+    is read (a checkpoint that cannot load fails in seconds), or a fresh model and a BPE tokenizer built on
+    the corpus' training units; then the units tokenized."""
+    from training.corpus import load_units
+
     if args.init is not None:
         print(f"refusion train: loading {args.init}", flush=True)
         model, tokenizer = _init_model_and_tokenizer(args)
@@ -240,6 +265,17 @@ def _train(args, interrupt: _Interrupt) -> int:
         print(f"refusion train: {len(train_units)} training units; building a {args.vocab_size}-token BPE tokenizer",
               flush=True)
         model, tokenizer = _fresh_model_and_tokenizer(args, train_units)
+    return model, tokenizer, _tokenized_examples(args, tokenizer, train_units, heldout_units, workers)
+
+
+def _tokenized_examples(args, tokenizer, train_units, heldout_units, workers: int):
+    """(train_pairs, chat, heldout_pairs): the units as (prompt, response) token pairs of at most --seq-len,
+    --chat-fraction of the training pairs chat pairs (included in train_pairs), at most --heldout-max held
+    out. Raises TrainArgumentError when no unit fits (--seq-len) or one step's rows outnumber the training
+    examples (--batch-tokens)."""
+    from training.chat_data import chat_pairs
+    from training.corpus import tokenize_units
+
     train_pairs = tokenize_units(tokenizer, train_units, args.seq_len)
     chat = tokenize_units(tokenizer, chat_pairs(train_units, workers), args.seq_len) if args.chat_fraction else []
     limit = int(len(train_pairs) * args.chat_fraction / (1.0 - args.chat_fraction))
@@ -253,32 +289,40 @@ def _train(args, interrupt: _Interrupt) -> int:
         raise TrainArgumentError("--batch-tokens", f"{args.batch_tokens} tokens make {rows} rows of --seq-len "
                                  f"{args.seq_len}, more than the corpus' {len(train_pairs)} training examples; use "
                                  f"at most {len(train_pairs) * args.seq_len}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    return train_pairs, chat, heldout_pairs
+
+
+def _created_out_dir(args) -> Path:
+    """--out, created if missing; TrainArgumentError("--out") when it cannot be."""
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrainArgumentError("--out", f"{out} cannot be created ({exc.strerror}); give a path you can write") from None
-    n_params = sum(p.numel() for p in model.parameters())
-    train_minutes = _training_minutes(args, time.monotonic() - t0)
-    stats = {"train_units": len(train_pairs), "chat_pairs": len(chat), "heldout_units": len(heldout_pairs),
-             "parameters": n_params, "vocab_size": len(tokenizer),  # what BPE reached (--vocab-size is a bound)
-             "train_tokens_per_epoch": sum(len(p) + len(r) + 1 for p, r in train_pairs),
-             "prep_s": round(time.monotonic() - t0, 1), "train_minutes": train_minutes, "device": device,
-             "torch_threads": torch.get_num_threads(),
-             "python": sys.version.split()[0], **_package_set(args.corpus)}
-    records_at = [out]  # where this run's records are written: aside while an old model's own stand (--overwrite)
+    return out
+
+
+def _start_run_records(args, out: Path, stats: dict) -> Path:
+    """The folder this run's records are written in, train_args.json (the flags and `stats`) written there:
+    `out`, or out/PENDING_RECORDS while --overwrite has an old model's own records in `out` (they join the
+    model at its first save)."""
+    records_dir = out
     shutil.rmtree(out / PENDING_RECORDS, ignore_errors=True)  # a run before that saved nothing
     if args.overwrite and any((out / name).exists() for name in ("config.json", *RUN_RECORDS)):
-        records_at[0] = out / PENDING_RECORDS
-        records_at[0].mkdir()
-    (records_at[0] / "train_args.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **stats}, indent=2))
-    print(f"refusion train: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, {len(train_pairs)} train "
-          f"({len(chat)} chat) / {len(heldout_pairs)} held-out units, {stats['train_tokens_per_epoch']} tokens per epoch, "
-          f"device {device}", flush=True)
-    (records_at[0] / "train_log.jsonl").write_text("")
+        records_dir = out / PENDING_RECORDS
+        records_dir.mkdir()
+    (records_dir / "train_args.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **stats}, indent=2))
+    return records_dir
 
+
+def _train_and_save(args, model, tokenizer, train_pairs, heldout_pairs, train_minutes: float | None, out: Path,
+                    records_dir: Path, interrupt: _Interrupt, t0: float) -> int:
+    """Train, with a float32 checkpoint every --checkpoint-minutes and one line and train_log.jsonl record
+    per log step, then save the model in --save-dtype; 0, or 130 when interrupted (nothing saved before the
+    first step). A diverged run's TrainingError names the checkpoint it left."""
+    from training.trainer import TrainingError, check_weights_finite
+
+    records_at = [records_dir]  # where this run's records are written: aside while an old model's own stand (--overwrite)
     last_save, saved_step = [time.monotonic()], [None]
 
     def on_step(step: int) -> None:
@@ -297,12 +341,7 @@ def _train(args, interrupt: _Interrupt) -> int:
     def on_log(record: dict) -> None:
         with (records_at[0] / "train_log.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
-        held = ""
-        if "heldout_ar_loss" in record:
-            held = f" | held-out ar {record['heldout_ar_loss']:.3f} mdm {record['heldout_mdm_loss']:.3f}"
-        print(f"step {record['step']:6d} {record['elapsed_s']:8.1f}s lr {record['lr']:.2e} | train ar "
-              f"{record['train_ar_loss']:.3f} mdm {record['train_mdm_loss']:.3f}{held} | "
-              f"{record['tokens_per_s']:.0f} tok/s", flush=True)
+        _print_log_record(record)
 
     mask_id = tokenizer.convert_tokens_to_ids(tokenizer.mask_token)
     eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
@@ -325,6 +364,17 @@ def _train(args, interrupt: _Interrupt) -> int:
         return 130
     print(f"refusion train: saved {out} in {time.monotonic() - t0:.0f}s", flush=True)
     return 0
+
+
+def _print_log_record(record: dict) -> None:
+    """One progress line of a log step's record: train AR/MDM losses, held-out ones when measured, speed."""
+    held = ""
+    if "heldout_ar_loss" in record:
+        held = f" | held-out ar {record['heldout_ar_loss']:.3f} mdm {record['heldout_mdm_loss']:.3f}"
+    print(f"step {record['step']:6d} {record['elapsed_s']:8.1f}s lr {record['lr']:.2e} | train ar "
+          f"{record['train_ar_loss']:.3f} mdm {record['train_mdm_loss']:.3f}{held} | "
+          f"{record['tokens_per_s']:.0f} tok/s", flush=True)
+
 
 def _training_minutes(args, prep_s: float) -> float | None:
     """The training loop's wall-time budget: --minutes, or with --total-minutes what is left of it after
