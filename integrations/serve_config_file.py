@@ -37,6 +37,18 @@ class ConfigFile:
 
 def load_config_file(path: Path) -> ConfigFile:
     """A Serve config file (or a bare args mapping) as `refusion serve` uses it."""
+    data = _read_config_mapping(path)
+    if "applications" not in data:
+        return ConfigFile(args=data)
+    app = _checked_application(data)
+    deployments = _checked_deployments(app)
+    return ConfigFile(_section(app, "args"), _section(data, "http_options"), data.get("proxy_location"),
+                      deployments, "applications[0].args.", _section(app, "runtime_env"))
+
+
+def _read_config_mapping(path: Path) -> dict:
+    """The --config file's YAML mapping; CLIError for a path that is no readable file, text that is not
+    UTF-8 or not YAML (a key written twice included), an empty file or one that holds no mapping."""
     import yaml
 
     if path.is_dir():
@@ -59,10 +71,14 @@ def load_config_file(path: Path) -> ConfigFile:
                        "settings, or drop --config for the defaults")
     if not isinstance(data, dict):
         raise CLIError(f"--config: {path} must hold a mapping")
-    if "applications" not in data:
-        return ConfigFile(args=data)
-    from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, ProxyLocation
-    from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
+    return data
+
+
+def _checked_application(data: dict) -> dict:
+    """The one application of a Serve config file, its top-level keys, http_options and application keys
+    checked against Ray Serve's schemas and what `refusion serve` applies."""
+    from ray.serve.config import ProxyLocation
+    from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
     _check_keys(data, ServeDeploySchema, "")
     _check_applied(data, "", ServeDeploySchema, _TOP_APPLIED, {})
@@ -77,7 +93,13 @@ def load_config_file(path: Path) -> ConfigFile:
         raise CLIError(f"--config: applications: must be a list of exactly one application mapping, found {found}")
     _check_keys(apps[0], ServeApplicationSchema, "applications[0].")
     _check_applied(apps[0], "applications[0].", ServeApplicationSchema, _APP_APPLIED, _APP_FIXED)
-    entries = apps[0].get("deployments") or []
+    return apps[0]
+
+
+def _checked_deployments(app: dict) -> dict[str, dict]:
+    """The application's `deployments` entries by name (the name key dropped), each checked: one of this
+    application's two deployments, listed once (`_check_deployment_entry`)."""
+    entries = app.get("deployments") or []
     if not isinstance(entries, list):
         raise CLIError(f"--config: applications[0].deployments: must be a list of mappings with a name, got {entries!r}")
     deployments = {}
@@ -89,30 +111,38 @@ def load_config_file(path: Path) -> ConfigFile:
         if name in deployments:  # (the last entry won without a word)
             raise CLIError(f"--config: applications[0].deployments: {name} is listed twice; merge its settings "
                            "into one entry")
-        _check_keys(entry, DeploymentSchema, f"applications[0].deployments {name} ")
-        scaling = entry.get("autoscaling_config")
-        if isinstance(scaling, dict):  # Ray drops its unknown keys without a word
-            _check_keys(scaling, AutoscalingConfig, f"applications[0].deployments {name} autoscaling_config.")
-            if isinstance(scaling.get("policy"), dict):
-                _check_keys(scaling["policy"], AutoscalingPolicy,
-                            f"applications[0].deployments {name} autoscaling_config.policy.")
-        if entry.get("user_config") is not None:  # Ray fails every replica on it, in a loop
-            raise CLIError(f"--config: applications[0].deployments {name} user_config: not used by this application "
-                           "(its deployments have no reconfigure); set engine and runner settings under args")
-        replicas = entry.get("num_replicas")
-        if replicas is not None and replicas != "auto" and (isinstance(replicas, bool) or not isinstance(replicas, int)
-                                                             or replicas < 1):
-            raise CLIError(f"--config: applications[0].deployments: {name} num_replicas: expected an integer >= 1 "
-                           f"or \"auto\", got {replicas!r}")
-        ongoing = entry.get("max_ongoing_requests")
-        if ongoing is not None and (isinstance(ongoing, bool) or not isinstance(ongoing, int)
-                                    or not 1 <= ongoing <= MAX_ONGOING_REQUESTS):
-            raise CLIError(f"--config: applications[0].deployments: {name} max_ongoing_requests: expected an integer "
-                           f"from 1 to {MAX_ONGOING_REQUESTS}, got {ongoing!r} (a replica takes 1000 concurrent calls, "
-                           f"and Ray Serve's own, its health check among them, need room)")
+        _check_deployment_entry(name, entry)
         deployments[name] = {k: v for k, v in entry.items() if k != "name"}
-    return ConfigFile(_section(apps[0], "args"), _section(data, "http_options"), data.get("proxy_location"),
-                      deployments, "applications[0].args.", _section(apps[0], "runtime_env"))
+    return deployments
+
+
+def _check_deployment_entry(name: str, entry: dict) -> None:
+    """CLIError for a deployment entry's key Ray Serve does not know (its autoscaling_config's too), a
+    user_config, or a num_replicas or max_ongoing_requests out of range."""
+    from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
+    from ray.serve.schema import DeploymentSchema
+
+    _check_keys(entry, DeploymentSchema, f"applications[0].deployments {name} ")
+    scaling = entry.get("autoscaling_config")
+    if isinstance(scaling, dict):  # Ray drops its unknown keys without a word
+        _check_keys(scaling, AutoscalingConfig, f"applications[0].deployments {name} autoscaling_config.")
+        if isinstance(scaling.get("policy"), dict):
+            _check_keys(scaling["policy"], AutoscalingPolicy,
+                        f"applications[0].deployments {name} autoscaling_config.policy.")
+    if entry.get("user_config") is not None:  # Ray fails every replica on it, in a loop
+        raise CLIError(f"--config: applications[0].deployments {name} user_config: not used by this application "
+                       "(its deployments have no reconfigure); set engine and runner settings under args")
+    replicas = entry.get("num_replicas")
+    if replicas is not None and replicas != "auto" and (isinstance(replicas, bool) or not isinstance(replicas, int)
+                                                         or replicas < 1):
+        raise CLIError(f"--config: applications[0].deployments: {name} num_replicas: expected an integer >= 1 "
+                       f"or \"auto\", got {replicas!r}")
+    ongoing = entry.get("max_ongoing_requests")
+    if ongoing is not None and (isinstance(ongoing, bool) or not isinstance(ongoing, int)
+                                or not 1 <= ongoing <= MAX_ONGOING_REQUESTS):
+        raise CLIError(f"--config: applications[0].deployments: {name} max_ongoing_requests: expected an integer "
+                       f"from 1 to {MAX_ONGOING_REQUESTS}, got {ongoing!r} (a replica takes 1000 concurrent calls, "
+                       f"and Ray Serve's own, its health check among them, need room)")
 
 
 def _unique_key_loader():
@@ -264,6 +294,21 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
     """The config file with the flags applied (flags win, also over the file's `deployments:` counts)."""
     file = load_config_file(args.config) if args.config else ConfigFile()
     config = file.args
+    _apply_setting_flags(config, args)
+    engine_override = file.deployments.get(ENGINE_DEPLOYMENT, {})
+    config["engine_deployment"] = _apply_replica_flags(_section(config, "engine_deployment"), engine_override, args)
+    drain_s, grace_s = config.get("drain_timeout_s", 20.0), engine_override.get("graceful_shutdown_timeout_s")
+    if isinstance(grace_s, (int, float)) and isinstance(drain_s, (int, float)) and grace_s < drain_s + 2:
+        raise CLIError(f"--config: deployments {ENGINE_DEPLOYMENT} graceful_shutdown_timeout_s ({grace_s}) must "
+                       f"exceed drain_timeout_s ({drain_s}) by >= 2 s, or Ray kills replicas mid-drain")
+    _apply_address_flags(file, args)
+    return file
+
+
+def _apply_setting_flags(config: dict, args: argparse.Namespace) -> None:
+    """Set the ServeConfig fields the flags give in `config` (the file's args): --model,
+    --served-model-name, --api-key (added to the file's keys), --max-num-seqs, --dtype, --max-model-len,
+    --log-level; CLIError naming a flag whose value cannot be served."""
     if args.model is not None:
         if not args.model.strip():  # (it served the shipped model)
             raise CLIError(f"--model: {EMPTY_MODEL_FLAG}")
@@ -289,8 +334,11 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
         config["max_model_len"] = args.max_model_len
     if getattr(args, "log_level", None):
         config["log_level"] = args.log_level
-    deployment = _section(config, "engine_deployment")
-    engine_override = file.deployments.get(ENGINE_DEPLOYMENT, {})
+
+
+def _apply_replica_flags(deployment: dict, engine_override: dict, args: argparse.Namespace) -> dict:
+    """`deployment` (args.engine_deployment) with --replicas or --autoscale applied; the same flags take the
+    place of the counts in the file's engine deployment entry (`engine_override`, changed in place)."""
     if args.replicas is not None:
         if args.replicas < 1:
             raise CLIError(f"--replicas: must be >= 1, got {args.replicas}")
@@ -308,11 +356,12 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
         if isinstance(engine_override.get("autoscaling_config"), dict):
             engine_override["autoscaling_config"] = {**engine_override["autoscaling_config"],
                                                      "min_replicas": low, "max_replicas": high}
-    config["engine_deployment"] = deployment
-    drain_s, grace_s = config.get("drain_timeout_s", 20.0), engine_override.get("graceful_shutdown_timeout_s")
-    if isinstance(grace_s, (int, float)) and isinstance(drain_s, (int, float)) and grace_s < drain_s + 2:
-        raise CLIError(f"--config: deployments {ENGINE_DEPLOYMENT} graceful_shutdown_timeout_s ({grace_s}) must "
-                       f"exceed drain_timeout_s ({drain_s}) by >= 2 s, or Ray kills replicas mid-drain")
+    return deployment
+
+
+def _apply_address_flags(file: ConfigFile, args: argparse.Namespace) -> None:
+    """Set file.http's host and port (--host and --port over the file's http_options), both checked, and
+    check the http_options as Ray will take them (check_http_options)."""
     host = args.host if args.host is not None else file.http.get("host", "127.0.0.1")
     port = args.port if args.port is not None else file.http.get("port", 8000)
     if not isinstance(host, str) or not host.strip():
@@ -323,4 +372,3 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
     # TLS, root_path and timeouts as the file has them; null is Ray's default, as when left out
     file.http = {**{k: v for k, v in file.http.items() if v is not None}, "host": host, "port": port}
     check_http_options(file.http)
-    return file
