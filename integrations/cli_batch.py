@@ -138,19 +138,25 @@ class Progress:
 async def run_batch(args, progress: Progress | None = None) -> Progress:
     """Answer every line of args.input_file into args.output_file (module docstring). Raises
     BatchArgumentError for unusable arguments, before the output file is touched."""
-    import httpx
-
-    from integrations.engine_client import LocalEngineClient, read_model_card
-    from integrations.engine_host import build_engine, engine_config, kv_short_of_context
-    from integrations.openai_api import APISettings, create_app
-    from integrations.request_limits import RequestLimits
-    from integrations.serve_config import max_model_len_problem, served_names_problem
-    from scheduler.config import EngineConfigError
-    from workers.loader import ModelDirError
-
     progress = progress or Progress()
     task = asyncio.current_task()
     signal.signal(signal.SIGTERM, lambda *_: task.cancel())  # as Ctrl-C: lands at the next await, loading included
+    model_dir, engine_options = _checked_batch_flags(args)
+    requests = parse_all(read_lines(args.input_file))
+    progress.requests = len(requests)
+    engine, app = _batch_engine_and_app(args, model_dir, engine_options)
+    await asyncio.sleep(0)  # a signal that came while the model loaded stops the run here, output untouched
+    await _answer_into_output(args, engine, app, requests, progress)
+    return progress
+
+
+def _checked_batch_flags(args) -> tuple[Path, dict]:
+    """(model directory, engine options) of the flags, every flag checked before the model loads and the
+    output file checked (batch_file.check_output); BatchArgumentError naming the flag."""
+    from integrations.engine_host import engine_config
+    from integrations.serve_config import max_model_len_problem, served_names_problem
+    from scheduler.config import EngineConfigError
+
     if args.concurrency < 1:
         raise BatchArgumentError("--concurrency", f"must be at least 1, got {args.concurrency}")
     if args.served_model_name and (problem := served_names_problem(args.served_model_name)):
@@ -174,9 +180,19 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     except EngineConfigError as exc:
         flag = {"max_running": "--max-num-seqs", "max_queue": "--max-queue"}.get(exc.field, exc.field)
         raise BatchArgumentError(flag, str(exc).split(": ", 1)[-1]) from None
-    lines = read_lines(args.input_file)
-    requests = parse_all(lines)
-    progress.requests = len(requests)
+    return model_dir, engine_options
+
+
+def _batch_engine_and_app(args, model_dir: Path, engine_options: dict):
+    """(engine, app): the model loaded into a local engine (not started) and the serving app on it, with
+    the served names and request limits `refusion serve` would have; BatchArgumentError("--model") when
+    the model cannot be loaded. Warns when the KV cache cannot hold one full context."""
+    from integrations.engine_client import LocalEngineClient, read_model_card
+    from integrations.engine_host import build_engine, kv_short_of_context
+    from integrations.openai_api import APISettings, create_app
+    from integrations.request_limits import RequestLimits
+    from workers.loader import ModelDirError
+
     options = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
     try:
         engine, tokenizer = build_engine(model_dir, runner_options=options, engine_options=engine_options)
@@ -190,7 +206,15 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
     app = create_app(settings, LocalEngineClient(engine, tokenizer, name))
     if short := kv_short_of_context(engine, limits.context_length):
         print(f"refusion run-batch: warning: {short}", file=sys.stderr)
-    await asyncio.sleep(0)  # a signal that came while the model loaded stops the run here, output untouched
+    return engine, app
+
+
+async def _answer_into_output(args, engine, app, requests: list[dict], progress: Progress) -> None:
+    """Open the output file (only now: a refused run leaves an existing file as it was), start the engine
+    and answer every request through the app (BatchRun); the engine is stopped and the file closed
+    however that ends (a close that fails raises BatchOutputError only after every line was answered)."""
+    import httpx
+
     output = open_output(args.output_file)  # only now: a refused run leaves an existing file as it was
     await engine.start()
     progress.started = time.monotonic()
@@ -209,7 +233,6 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
             except BatchOutputError:
                 if answered:  # (else the run is ending on an error already: a failed write, an interrupt)
                     raise
-    return progress
 
 
 class BatchRun:
