@@ -126,78 +126,107 @@ async def response_events(shell: ResponseShell, deltas: AsyncIterator[Delta], fo
 
 async def _turn_events(shell: ResponseShell, deltas: AsyncIterator[Delta], formatter: LogprobFormatter | None,
                        numbers: Iterator[int]) -> AsyncIterator[dict]:
+    """response_events' events: created and in_progress, the items as turn_pieces releases text and
+    calls (calls past run.max_calls dropped), an empty message when the turn wrote nothing, then the
+    final response event."""
     run = shell.run
-    items: list[dict] = []  # output items done so far
-    message: dict | None = None  # the message item being streamed
-    entries: list = []  # log probabilities of text not yet sent
-
-    def event(kind: str, **fields) -> dict:
-        return {"type": kind, "sequence_number": next(numbers), **fields}
-
-    def close_message(status: str = "completed") -> list[dict]:
-        nonlocal message
-        if message is None:
-            return []
-        index, text = len(items), message["content"][0]["text"]
-        done = _message_item(message["id"], text, status, message["content"][0]["logprobs"])
-        items.append(done)
-        ref = {"item_id": message["id"], "output_index": index, "content_index": 0}
-        message = None
-        return [event("response.output_text.done", **ref, text=text, logprobs=done["content"][0]["logprobs"]),
-                event("response.content_part.done", **ref, part=done["content"][0]),
-                event("response.output_item.done", output_index=index, item=done)]
-
-    def open_message(item: dict) -> list[dict]:
-        return [event("response.output_item.added", output_index=len(items),
-                      item=_message_item(item["id"], "", "in_progress", [], parts=False)),
-                event("response.content_part.added", item_id=item["id"], output_index=len(items), content_index=0,
-                      part=_text_part("", []))]
-
-    yield event("response.created", response=shell.object("in_progress", []))
-    yield event("response.in_progress", response=shell.object("in_progress", []))
+    output = _TurnOutput(formatter, numbers)
+    yield output.event("response.created", response=shell.object("in_progress", []))
+    yield output.event("response.in_progress", response=shell.object("in_progress", []))
     num_calls, last = 0, None
     async for delta, pieces in turn_pieces(run, deltas):
         last = delta
-        entries += delta.logprobs or []
+        output.entries += delta.logprobs or []
         for piece in pieces:
             if isinstance(piece, str):
                 if not piece:
                     continue
-                if message is None:
-                    message = _message_item(_new_id("msg"), "", "in_progress", [])
-                    for opened in open_message(message):
-                        yield opened
-                sent = formatter.chat(entries) if formatter is not None else []
-                message["content"][0]["text"] += piece
-                message["content"][0]["logprobs"] += sent
-                entries = []
-                yield event("response.output_text.delta", item_id=message["id"], output_index=len(items),
-                            content_index=0, delta=piece, logprobs=sent)
+                for text_event in output.text(piece):
+                    yield text_event
             elif run.max_calls is None or num_calls < run.max_calls:
-                for done in close_message():
-                    yield done
-                num_calls, entries = num_calls + 1, []  # a call's tokens: no logprobs field to carry them
-                for call_event in _call_events(piece, len(items), event):
+                num_calls += 1
+                for call_event in output.call(piece):
                     yield call_event
-                items.append(_call_item(piece, "completed" if piece.complete else "incomplete"))
-    if not items and message is None:  # no text and no call: one empty message, as the whole response has
-        message = _message_item(_new_id("msg"), "", "in_progress", [])
-        for opened in open_message(message):
+    if not output.items and output.message is None:  # no text and no call: one empty message, as the whole response has
+        for opened in output.open_message():
             yield opened
-    if message is not None and entries and formatter is not None:  # tokens the end released without text
-        # (a stop string's, an EOS's): their own delta with no text, so the deltas' log probabilities add
-        # up to the message's, as the chat route's last chunk carries them (they were left out)
-        sent = formatter.chat(entries)
-        message["content"][0]["logprobs"] += sent
-        yield event("response.output_text.delta", item_id=message["id"], output_index=len(items), content_index=0,
-                    delta="", logprobs=sent)
+    for released in output.released_logprobs():
+        yield released
     if last is None:
         raise APIError(500, "engine stream ended without a final delta", "server_error")
     # The message the cap (or max_time_ms) cut is "incomplete", as OpenAI marks it; finished calls stay "completed"
-    for done in close_message("incomplete" if ResponseShell.cut(last) else "completed"):
+    for done in output.close_message("incomplete" if ResponseShell.cut(last) else "completed"):
         yield done
-    final = shell.final(items, last)
-    yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
+    final = shell.final(output.items, last)
+    yield output.event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
+
+
+class _TurnOutput:
+    """A turn's output items as its events build them: `items` done so far, the `message` item being
+    streamed (None between messages) and `entries`, the log probabilities of text not yet sent. Every
+    event is numbered from `numbers` when it is made."""
+
+    def __init__(self, formatter: LogprobFormatter | None, numbers: Iterator[int]):
+        self.formatter, self.numbers = formatter, numbers
+        self.items: list[dict] = []
+        self.message: dict | None = None
+        self.entries: list = []
+
+    def event(self, kind: str, **fields) -> dict:
+        return {"type": kind, "sequence_number": next(self.numbers), **fields}
+
+    def open_message(self) -> list[dict]:
+        """A new message item, streamed from here: its added and content_part.added events."""
+        self.message = item = _message_item(_new_id("msg"), "", "in_progress", [])
+        return [self.event("response.output_item.added", output_index=len(self.items),
+                           item=_message_item(item["id"], "", "in_progress", [], parts=False)),
+                self.event("response.content_part.added", item_id=item["id"], output_index=len(self.items),
+                           content_index=0, part=_text_part("", []))]
+
+    def text(self, piece: str) -> Iterator[dict]:
+        """A text piece's delta event (a message opened first when none is), with the log probabilities
+        of the tokens released so far."""
+        if self.message is None:
+            yield from self.open_message()
+        message = self.message
+        sent = self.formatter.chat(self.entries) if self.formatter is not None else []
+        message["content"][0]["text"] += piece
+        message["content"][0]["logprobs"] += sent
+        self.entries = []
+        yield self.event("response.output_text.delta", item_id=message["id"], output_index=len(self.items),
+                         content_index=0, delta=piece, logprobs=sent)
+
+    def call(self, call: ToolCall) -> Iterator[dict]:
+        """A tool call's item events, after the message in flight is closed."""
+        yield from self.close_message()
+        self.entries = []  # a call's tokens: no logprobs field to carry them
+        yield from _call_events(call, len(self.items), self.event)
+        self.items.append(_call_item(call, "completed" if call.complete else "incomplete"))
+
+    def released_logprobs(self) -> Iterator[dict]:
+        """Tokens the end released without text (a stop string's, an EOS's): their own delta with no text,
+        so the deltas' log probabilities add up to the message's, as the chat route's last chunk carries
+        them (they were left out)."""
+        message = self.message
+        if message is not None and self.entries and self.formatter is not None:
+            sent = self.formatter.chat(self.entries)
+            message["content"][0]["logprobs"] += sent
+            yield self.event("response.output_text.delta", item_id=message["id"], output_index=len(self.items),
+                             content_index=0, delta="", logprobs=sent)
+
+    def close_message(self, status: str = "completed") -> list[dict]:
+        """The done events of the message in flight (none when none is), the message moved to `items`."""
+        message = self.message
+        if message is None:
+            return []
+        index, text = len(self.items), message["content"][0]["text"]
+        done = _message_item(message["id"], text, status, message["content"][0]["logprobs"])
+        self.items.append(done)
+        ref = {"item_id": message["id"], "output_index": index, "content_index": 0}
+        self.message = None
+        return [self.event("response.output_text.done", **ref, text=text, logprobs=done["content"][0]["logprobs"]),
+                self.event("response.content_part.done", **ref, part=done["content"][0]),
+                self.event("response.output_item.done", output_index=index, item=done)]
 
 
 def _call_events(call: ToolCall, index: int, event) -> list[dict]:
