@@ -258,29 +258,7 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
         asyncio.ensure_future(decode_candidate(client, req, gap, job, forward_partial if i == 0 else None, token_came))
         for i, (req, gap) in enumerate(zip(job.engine_requests(), job.gaps))
     ]
-    try:
-        if whole:  # the first error ends every candidate: no text from part of them
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
-            if failed:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise failed[0]
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    except BaseException:  # cancelled (superseded, client gone), or `whole` failed: cancel every candidate
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    candidates = [r for r in results if isinstance(r, Candidate)]
-    errors = [r for r in results if isinstance(r, BaseException)]
-    # Under load some candidates may be refused (OverloadedError): answer with the admitted ones.
-    if errors and (not candidates or not all(isinstance(e, OverloadedError) for e in errors)):
-        raise errors[0]
-    failed = [c for c in candidates if c.stop_reason == "error"] if whole else []
-    if failed:  # whole: one that failed fails the request, as an engine error does a plain completion
-        raise EngineError(failed[0].stats.get("error") or "an infill candidate failed")
+    candidates = _answered_candidates(await _candidate_results(tasks, whole), whole)
     chosen = choose_candidate(candidates)
     return CompletionOutcome(
         text=chosen.text,
@@ -295,6 +273,41 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
         token_ids=chosen.token_ids,
         first_token_at=first_token[0] if first_token else None,
     )
+
+
+async def _candidate_results(tasks: list[asyncio.Future], whole: bool) -> list:
+    """Every candidate task's result or exception. Cancelled (superseded, client gone), every candidate
+    is cancelled; `whole`: the first exception cancels every candidate and is raised."""
+    try:
+        if whole:  # the first error ends every candidate: no text from part of them
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+            if failed:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise failed[0]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    except BaseException:  # cancelled (superseded, client gone), or `whole` failed: cancel every candidate
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _answered_candidates(results: list, whole: bool) -> list[Candidate]:
+    """The candidates that were answered. Candidates refused as overloaded are dropped when another was
+    admitted; any other error, or every candidate refused, raises the first error; `whole`: a candidate
+    that ended in an error raises EngineError with its message."""
+    candidates = [r for r in results if isinstance(r, Candidate)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    # Under load some candidates may be refused (OverloadedError): answer with the admitted ones.
+    if errors and (not candidates or not all(isinstance(e, OverloadedError) for e in errors)):
+        raise errors[0]
+    failed = [c for c in candidates if c.stop_reason == "error"] if whole else []
+    if failed:  # whole: one that failed fails the request, as an engine error does a plain completion
+        raise EngineError(failed[0].stats.get("error") or "an infill candidate failed")
+    return candidates
 
 
 async def warm_prefix(client, request_id: str, prompt: InfillPrompt) -> dict:
