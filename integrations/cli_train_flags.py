@@ -87,6 +87,19 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def check_flags(args) -> None:
     """Every flag that can be checked before the corpus is built (minutes on stdlib). Raises
     TrainArgumentError naming the flag."""
+    _check_budget_flags(args)
+    _check_size_flags(args)
+    _check_corpus_flag(args.corpus)
+    _check_device(args.device)
+    if not args.out.strip():  # ("--out: . already holds files", helper-198)
+        raise TrainArgumentError("--out", "is empty; give the path of a new directory for the model")
+    _check_model_source(args)
+    _check_out(Path(args.out), args.overwrite)
+
+
+def _check_budget_flags(args) -> None:
+    """The bounds of training (--steps, --minutes, --total-minutes: one at least), the learning rate
+    (--lr, its default resolved here for a fresh model or a fine-tune) and --checkpoint-minutes."""
     if args.steps is None and args.minutes is None and args.total_minutes is None:
         raise TrainArgumentError("--steps", "give --steps N, --minutes M or --total-minutes M to bound training")
     if args.total_minutes is not None and not 0 < args.total_minutes < math.inf:
@@ -103,6 +116,11 @@ def check_flags(args) -> None:
                                          f"{FRESH_LR if args.init is None else INIT_LR:g}")
     if not 0 < args.checkpoint_minutes <= math.inf:  # inf: no checkpoint before the end
         raise TrainArgumentError("--checkpoint-minutes", f"got {args.checkpoint_minutes}; use a positive number")
+
+
+def _check_size_flags(args) -> None:
+    """The fractions, counts and sizes: data split and batch, model shape, seed, threads and worker
+    processes, each in its range; the shape's head size even and --kv-heads dividing --heads."""
     if not 0.0 <= args.chat_fraction < 1.0:
         raise TrainArgumentError("--chat-fraction", f"got {args.chat_fraction}; use a fraction in [0, 1), e.g. 0.25")
     if not 0.0 <= args.heldout_fraction < 1.0:
@@ -130,16 +148,22 @@ def check_flags(args) -> None:
     if args.init is None and args.vocab_size < 300:
         raise TrainArgumentError("--vocab-size", f"got {args.vocab_size}; byte-level BPE needs at least 300 "
                                                  "(256 bytes + special tokens)")
-    if any(not item.strip() for item in args.corpus):
+
+
+def _check_corpus_flag(corpus: list[str]) -> None:
+    """Each --corpus item 'stdlib', 'site-packages' or a directory that exists."""
+    if any(not item.strip() for item in corpus):
         raise TrainArgumentError("--corpus", "an empty name; give 'stdlib', 'site-packages' or a directory")
-    for item in args.corpus:  # here, before an --init checkpoint is loaded
+    for item in corpus:  # here, before an --init checkpoint is loaded
         if item not in ("stdlib", "site-packages") and not Path(item).is_dir():
             what = "is not a directory" if Path(item).exists() else "does not exist"
             raise TrainArgumentError("--corpus", f"{item!r} {what}; give 'stdlib', 'site-packages' or a directory of "
                                                  ".py files")
-    _check_device(args.device)
-    if not args.out.strip():  # ("--out: . already holds files", helper-198)
-        raise TrainArgumentError("--out", "is empty; give the path of a new directory for the model")
+
+
+def _check_model_source(args) -> None:
+    """--init: a checkpoint directory that can be trained (_check_init), with no shape flag given (the
+    checkpoint has its own shape); a fresh model: its training fits in memory (_check_memory)."""
     if args.init is not None and not args.init.strip():  # (". has no config.json", helper-187)
         raise TrainArgumentError("--init", "is empty; give an HF model directory to start from, or leave --init out "
                                            "for a fresh model")
@@ -152,7 +176,6 @@ def check_flags(args) -> None:
                                            "flags apply to a fresh model only)")
     else:
         _check_memory(args)
-    _check_out(Path(args.out), args.overwrite)
 
 
 def _check_device(device: str | None) -> None:
