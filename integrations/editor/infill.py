@@ -114,19 +114,11 @@ def build_infill_prompt(
     style = DocumentStyle.of(prefix, suffix)
     at_indent = cursor_at_indent(prefix)
     prefix, suffix = style.to_model(prefix), style.to_model(suffix)
-    truncated = False
     kept = prefix.rstrip(" \t")
     healed = prefix[len(kept):]
-    if len(kept) > max_prefix_tokens * MAX_CHARS_PER_TOKEN:
-        kept, truncated = kept[-max_prefix_tokens * MAX_CHARS_PER_TOKEN:], True
-    prefix_ids = _encode(tokenizer, kept)
-    if len(prefix_ids) > max_prefix_tokens:
-        prefix_ids, truncated = prefix_ids[-max_prefix_tokens:], True
-    if len(suffix) > max_suffix_tokens * MAX_CHARS_PER_TOKEN:
-        suffix, truncated = suffix[:max_suffix_tokens * MAX_CHARS_PER_TOKEN], True
-    suffix_ids = _encode(tokenizer, suffix)
-    if len(suffix_ids) > max_suffix_tokens:
-        suffix_ids, truncated = suffix_ids[:max_suffix_tokens], True
+    prefix_ids, prefix_cut = _prefix_end_ids(tokenizer, kept, max_prefix_tokens)
+    suffix, suffix_ids, suffix_cut = _suffix_start(tokenizer, suffix, max_suffix_tokens)  # (the cut text: `holds`)
+    truncated = prefix_cut or suffix_cut
     if room:
         # A prompt of no token gets one (below): an empty prefix keeps that one from the suffix's share
         keep_prefix, keep_suffix = split_room(room, max(1, len(prefix_ids)), len(suffix_ids),
@@ -144,6 +136,30 @@ def build_infill_prompt(
                                                                   for c in context)
     return InfillPrompt(prompt_ids, suffix_ids or None, truncated, len(context_ids), healed, style, at_indent, holds,
                         prefix[prefix.rfind("\n") + 1:][-MAX_CURSOR_LINE:])
+
+
+def _prefix_end_ids(tokenizer, prefix: str, budget: int) -> tuple[list[int], bool]:
+    """Ids of the end of `prefix` within `budget` tokens (its text first cut to budget x
+    MAX_CHARS_PER_TOKEN characters, so tokenizing costs at most that), and whether any was cut."""
+    truncated = False
+    if len(prefix) > budget * MAX_CHARS_PER_TOKEN:
+        prefix, truncated = prefix[-budget * MAX_CHARS_PER_TOKEN:], True
+    prefix_ids = _encode(tokenizer, prefix)
+    if len(prefix_ids) > budget:
+        prefix_ids, truncated = prefix_ids[-budget:], True
+    return prefix_ids, truncated
+
+
+def _suffix_start(tokenizer, suffix: str, budget: int) -> tuple[str, list[int], bool]:
+    """(text, ids, cut): `suffix` cut to budget x MAX_CHARS_PER_TOKEN characters, the ids of its start
+    within `budget` tokens, and whether any was cut."""
+    truncated = False
+    if len(suffix) > budget * MAX_CHARS_PER_TOKEN:
+        suffix, truncated = suffix[:budget * MAX_CHARS_PER_TOKEN], True
+    suffix_ids = _encode(tokenizer, suffix)
+    if len(suffix_ids) > budget:
+        suffix_ids, truncated = suffix_ids[:budget], True
+    return suffix, suffix_ids, truncated
 
 
 def infill_room(context_length: int, gaps: Sequence[int]) -> int:
