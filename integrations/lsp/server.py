@@ -284,62 +284,18 @@ def answer_timeout_s(config: BridgeConfig) -> float:
 
 
 def build_server(config: BridgeConfig) -> LanguageServer:
+    """The bridge's language server on one backend: `initialize` applies initializationOptions to `config`
+    and the backend, textDocument/inlineCompletion asks the backend, `shutdown` closes it."""
     server = BridgeServer("refusion-lsp", "0.1.0")
     backend = EditorBackend(config.url, config.api_key, answer_timeout_s=answer_timeout_s(config))
 
     @server.feature(types.INITIALIZE)
     def on_initialize(params: types.InitializeParams) -> None:
-        # pygls made its workspace just before this handler runs, with no document yet: use LSP's lines.
-        ws = server.workspace
-        server.protocol._workspace = LspWorkspace(ws.root_uri, server._text_document_sync_kind,
-                                                  list(ws.folders.values()), ws.position_encoding)
-        options = params.initialization_options
-        if options is not None and not isinstance(options, dict):  # it was taken as no options at all
-            raise JsonRpcInvalidParams(f"initializationOptions must be an object of options, got {type(options).__name__}")
-        try:
-            config.update(options)
-        except BridgeConfigError as exc:
-            raise JsonRpcInvalidParams(f"initializationOptions.{exc.field} {exc.message}") from None
-        backend.url, backend.answer_timeout_s = config.url, answer_timeout_s(config)
-        backend.extra_headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        server.protocol.initialized = True  # from now on requests are served (base_protocol.py)
+        _initialize(server, config, backend, params)
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(params: types.InlineCompletionParams) -> types.InlineCompletionList:
-        uri = params.text_document.uri
-        if unquote(uri) not in server.workspace.text_documents:  # pygls keys by the unquoted URI; it would read the path from disk
-            raise JsonRpcInvalidParams(f"textDocument {uri} is not open: send textDocument/didOpen first")
-        doc = server.workspace.get_text_document(uri)
-        offset = doc.offset_at_position(clamp_position(doc, params.position))
-        position = position_at_offset(doc, offset)  # where the prefix ends: a mid-character position normalized
-        here = types.Range(start=position, end=position)  # where it completes (a clamped cursor included)
-        source, selected = doc.source, params.context.selected_completion_info if params.context else None
-        if selected is not None:  # the editor's suggest popup is open on an item: extend that item
-            extended = with_selected_item(doc, selected, offset)
-            if extended is None:
-                return types.InlineCompletionList(items=[])
-            source, offset, here = extended
-        prefix, suffix = cursor_context(source, offset, config.prefix_lines, config.suffix_lines)
-        try:
-            prefix, suffix = fit_to_limits(prefix, suffix, await backend.limits())  # a line can be very long
-            request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
-            result = await backend.complete(request)
-        except (BackendError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
-            if server.protocol.shutdown_received:  # `shutdown` closed the backend under it: cancelled (LSP
-                # 3.17 RequestCancelled, which clients drop quietly; it was -32603 "unreachable")
-                raise JsonRpcRequestCancelled("the server is shutting down (shutdown received)") from None
-            if isinstance(exc, BackendError):
-                if exc.code == -32800:  # superseded by a newer request for this document: nothing to show
-                    return types.InlineCompletionList(items=[])
-                raise JsonRpcInternalError(f"refusion backend: {exc}") from None
-            # An error, not an empty answer: the editor's LSP log then says what is wrong.
-            raise JsonRpcInternalError(f"refusion backend unreachable at {config.url}: {exc}") from None
-        text = result.get("text", "")
-        if not text.strip():
-            return types.InlineCompletionList(items=[])
-        if selected is not None:
-            text = selected.text + text  # it extends the selected item, over the item's range (LSP 3.18)
-        return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=text, range=here)])
+        return await _inline_completion(server, config, backend, params)
 
     @server.feature(types.SHUTDOWN)
     async def on_shutdown(_params) -> None:
@@ -347,3 +303,71 @@ def build_server(config: BridgeConfig) -> LanguageServer:
 
     server.backend = backend  # type: ignore[attr-defined] - for tests and embedding
     return server
+
+
+def _initialize(server: BridgeServer, config: BridgeConfig, backend: EditorBackend,
+                params: types.InitializeParams) -> None:
+    """`initialize`: the workspace made to use LSP's lines, initializationOptions applied to `config` and
+    the backend (JsonRpcInvalidParams naming a bad option), then requests are served."""
+    # pygls made its workspace just before this handler runs, with no document yet: use LSP's lines.
+    ws = server.workspace
+    server.protocol._workspace = LspWorkspace(ws.root_uri, server._text_document_sync_kind,
+                                              list(ws.folders.values()), ws.position_encoding)
+    options = params.initialization_options
+    if options is not None and not isinstance(options, dict):  # it was taken as no options at all
+        raise JsonRpcInvalidParams(f"initializationOptions must be an object of options, got {type(options).__name__}")
+    try:
+        config.update(options)
+    except BridgeConfigError as exc:
+        raise JsonRpcInvalidParams(f"initializationOptions.{exc.field} {exc.message}") from None
+    backend.url, backend.answer_timeout_s = config.url, answer_timeout_s(config)
+    backend.extra_headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    server.protocol.initialized = True  # from now on requests are served (base_protocol.py)
+
+
+async def _inline_completion(server: BridgeServer, config: BridgeConfig, backend: EditorBackend,
+                             params: types.InlineCompletionParams) -> types.InlineCompletionList:
+    """textDocument/inlineCompletion: the open document's text around the cursor (or the editor's
+    selected item extended) completed by the backend; one item, or none for blank text."""
+    uri = params.text_document.uri
+    if unquote(uri) not in server.workspace.text_documents:  # pygls keys by the unquoted URI; it would read the path from disk
+        raise JsonRpcInvalidParams(f"textDocument {uri} is not open: send textDocument/didOpen first")
+    doc = server.workspace.get_text_document(uri)
+    offset = doc.offset_at_position(clamp_position(doc, params.position))
+    position = position_at_offset(doc, offset)  # where the prefix ends: a mid-character position normalized
+    here = types.Range(start=position, end=position)  # where it completes (a clamped cursor included)
+    source, selected = doc.source, params.context.selected_completion_info if params.context else None
+    if selected is not None:  # the editor's suggest popup is open on an item: extend that item
+        extended = with_selected_item(doc, selected, offset)
+        if extended is None:
+            return types.InlineCompletionList(items=[])
+        source, offset, here = extended
+    prefix, suffix = cursor_context(source, offset, config.prefix_lines, config.suffix_lines)
+    text = await _backend_completion_text(server, config, backend, doc, prefix, suffix)
+    if not text.strip():
+        return types.InlineCompletionList(items=[])
+    if selected is not None:
+        text = selected.text + text  # it extends the selected item, over the item's range (LSP 3.18)
+    return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=text, range=here)])
+
+
+async def _backend_completion_text(server: BridgeServer, config: BridgeConfig, backend: EditorBackend, doc,
+                                   prefix: str, suffix: str) -> str:
+    """The backend's completion of the text around the cursor (cut to the backend's limits); "" when a
+    newer request for the document superseded it. A failure is a JSON-RPC error saying what is wrong
+    (cancelled once `shutdown` was received)."""
+    try:
+        prefix, suffix = fit_to_limits(prefix, suffix, await backend.limits())  # a line can be very long
+        request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
+        result = await backend.complete(request)
+    except (BackendError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+        if server.protocol.shutdown_received:  # `shutdown` closed the backend under it: cancelled (LSP
+            # 3.17 RequestCancelled, which clients drop quietly; it was -32603 "unreachable")
+            raise JsonRpcRequestCancelled("the server is shutting down (shutdown received)") from None
+        if isinstance(exc, BackendError):
+            if exc.code == -32800:  # superseded by a newer request for this document: nothing to show
+                return ""
+            raise JsonRpcInternalError(f"refusion backend: {exc}") from None
+        # An error, not an empty answer: the editor's LSP log then says what is wrong.
+        raise JsonRpcInternalError(f"refusion backend unreachable at {config.url}: {exc}") from None
+    return result.get("text", "")
