@@ -90,6 +90,16 @@ def _check_dtype(value, key: str, path: Path) -> None:
 def read_config(model_dir: Path) -> ModelConfig:
     """Parse and check config.json of a Qwen3 model directory."""
     path = Path(model_dir) / "config.json"
+    raw = _read_config_object(path)
+    _check_supported_architecture(raw, path)
+    _check_integer_keys(raw, path)
+    config = _model_config_of(raw, path)
+    _check_consistent(config, raw, path)
+    return config
+
+
+def _read_config_object(path: Path) -> dict:
+    """config.json's JSON object; ModelDirError when it is missing, unreadable, not JSON or no object."""
     if not _is_file(path):
         raise ModelDirError(path, "missing; a model directory needs config.json")
     try:
@@ -100,6 +110,12 @@ def read_config(model_dir: Path) -> ModelConfig:
         raise ModelDirError(path, f"cannot be read ({exc})") from exc
     if not isinstance(raw, dict):
         raise ModelDirError(path, f"must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _check_supported_architecture(raw: dict, path: Path) -> None:
+    """ModelDirError unless the config is a plain Qwen3: no attention bias or sliding window, SiLU, no
+    quantization."""
     if raw.get("model_type") not in (None, "qwen3"):
         raise ModelDirError(path, f"model_type is {raw.get('model_type')!r}; only 'qwen3' is supported")
     if raw.get("attention_bias") or raw.get("use_sliding_window"):
@@ -112,6 +128,11 @@ def read_config(model_dir: Path) -> ModelConfig:
             else repr(quantized)[:80]
         raise ModelDirError(path, f"quantization_config ({what}) is set: quantized checkpoints are not supported; "
                                   "serve the model's unquantized (bfloat16) weights")
+
+
+def _check_integer_keys(raw: dict, path: Path) -> None:
+    """ModelDirError for a required size missing, a size or token id that is no integer in its range,
+    or no eos_token_id."""
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in raw:
             raise ModelDirError(path, f"missing required key {key!r}")
@@ -124,12 +145,18 @@ def read_config(model_dir: Path) -> ModelConfig:
         if value is not None and value < (0 if key.endswith("token_id") else 1):
             raise ModelDirError(path, f"{key} is {value}; it must be a " +
                                 ("token id (>= 0)" if key.endswith("token_id") else "positive integer"))
-    heads, eos = raw["num_attention_heads"], raw.get("eos_token_id")
+    eos = raw.get("eos_token_id")
     if eos is None or eos == []:
         raise ModelDirError(path, "no eos_token_id: add the id of the token that ends a response (the "
                                   "tokenizer's eos_token)")
+
+
+def _model_config_of(raw: dict, path: Path) -> ModelConfig:
+    """The ModelConfig of checked config.json keys (defaults for the optional ones); ModelDirError for
+    a value of the wrong type or form."""
+    heads, eos = raw["num_attention_heads"], raw.get("eos_token_id")
     try:
-        config = ModelConfig(
+        return ModelConfig(
             vocab_size=raw["vocab_size"],
             hidden_size=raw["hidden_size"],
             intermediate_size=raw["intermediate_size"],
@@ -148,6 +175,13 @@ def read_config(model_dir: Path) -> ModelConfig:
         raise
     except (TypeError, ValueError, AttributeError) as exc:  # "abc" for rms_norm_eps, a list for rope_parameters
         raise ModelDirError(path, f"a value has the wrong type or form ({exc}); sizes and ids are integers") from exc
+
+
+def _check_consistent(config: ModelConfig, raw: dict, path: Path) -> None:
+    """ModelDirError where the values disagree: heads that do not divide the hidden size (no head_dim) or
+    the kv heads, token ids outside the vocabulary, the mask token the EOS token, a norm epsilon or rope
+    theta not positive, a dtype or context that is no valid value."""
+    heads = raw["num_attention_heads"]
     if config.hidden_size % heads and "head_dim" not in raw:
         raise ModelDirError(path, f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {heads}; "
                                   "set head_dim")
@@ -167,4 +201,3 @@ def read_config(model_dir: Path) -> ModelConfig:
         raise ModelDirError(path, f"max_position_embeddings is {context!r}; it must be a positive integer (the context)")
     if config.num_heads % config.num_kv_heads:
         raise ModelDirError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads")
-    return config
