@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, metavar="N",
                         help="requests each engine replica decodes at once (vLLM's name; engine max_running)")
     parser.add_argument("--max-model-len", type=int, metavar="N",
-                        help="context served, in tokens (vLLM's flag): at most the model's; below what the KV cache holds")
+                        help="context served, in tokens (vLLM's flag): at most the model's; set it to what the "
+                             "KV cache holds when that is less (a replica logs it at start)")
     parser.add_argument("--log-level", type=str.lower, choices=("debug", "info", "warning", "error"),
                         help="the replicas' own log lines (default info; debug adds each routing decision)")
     parser.add_argument("--dtype", choices=RUNNER_DTYPES,
