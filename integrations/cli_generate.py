@@ -169,7 +169,10 @@ def _params(model_dir: Path, args, runner):
         from scheduler.validation import with_seed
 
         values["seed"] = with_seed({})["seed"]
-    elif -(SEED_MAX + 1) <= args.seed < 0:
+    elif not -(SEED_MAX + 1) <= args.seed <= SEED_MAX:
+        raise GenerateArgumentError("--seed", f"got {args.seed}; use a signed 64-bit integer "
+                                              f"({-(SEED_MAX + 1)}..{SEED_MAX})")
+    elif args.seed < 0:
         # As the OpenAI routes (openai_sampling: any signed 64-bit seed, a negative one + 2^63, as vLLM),
         # so a request seeded negatively there repeats here
         values["seed"] = args.seed % (SEED_MAX + 1)

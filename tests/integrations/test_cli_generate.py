@@ -80,8 +80,9 @@ def test_a_negative_seed_is_read_as_the_api_reads_it(tiny_model_dir, capsys):
     negative = json.loads(_run(capsys, *argv, "--seed", "-5")[1])
     mapped = json.loads(_run(capsys, *argv, "--seed", str(2**63 - 5))[1])
     assert negative["params"]["seed"] == 2**63 - 5 and negative["token_ids"] == mapped["token_ids"]
-    code, _, err = _run(capsys, *argv, "--seed", str(-(2**63) - 1))
-    assert code == 2 and "seed" in err
+    for outside in (-(2**63) - 1, 2**63):
+        code, _, err = _run(capsys, *argv, "--seed", str(outside))
+        assert code == 2 and "--seed: got" in err and "use a signed 64-bit integer" in err, err
 
 
 def test_penalties_and_min_p_reach_the_decoder(tiny_model_dir, capsys):
