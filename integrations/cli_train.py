@@ -5,8 +5,9 @@
 
 Output directory: config.json (with mask_token_id), model.safetensors, tokenizer files,
 train_log.jsonl (one JSON record per log step: train AR/MDM losses and held-out AR/MDM losses, see
-training/trainer.py) and train_args.json (the flags and corpus statistics, for reproduction). The flags,
-and the checks made before the corpus is built, are in integrations/cli_train_flags.py.
+training/trainer.py) and train_args.json (the flags and corpus statistics, for reproduction). The flags
+are in integrations/cli_train_flags.py, the checks made before the corpus is built in
+integrations/cli_train_checks.py.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from integrations.cli_train_flags import (RUN_RECORDS, SAVE_MARGIN_MINUTES, TrainArgumentError, add_arguments,
-                                          check_flags, fresh_model, remove_model_files)
+from integrations.cli_train_checks import check_flags
+from integrations.cli_train_flags import SAVE_MARGIN_MINUTES, TrainArgumentError, add_arguments, fresh_model
+from integrations.cli_train_out import RUN_RECORDS, remove_model_files
 
 __all__ = ["add_arguments", "run", "save_model_dir"]  # add_arguments and run: integrations/cli.py's contract
 
@@ -123,7 +125,7 @@ def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32", rep
     """Write an HF model directory whose config.json carries mask_token_id. The files are written into
     out/.saving, then moved into `out` (os.replace, one rename each): a save cut short (a second Ctrl-C)
     leaves the last complete save in place, not config.json and weights without a tokenizer. replace_old:
-    the old model's files (cli_train_flags.remove_model_files, this run's records kept) are removed just
+    the old model's files (cli_train_out.remove_model_files, this run's records kept) are removed just
     before the new ones move in (--overwrite: the old model stays whole until a new one is written);
     `records`: a folder whose RUN_RECORDS (this run's, kept aside while the old model stood) move in with
     them, the folder then removed. The files get the umask's usual mode (0644 under 022; the weights were
