@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-from integrations.cli_train_checks import check_flags
-from integrations.cli_train_flags import SAVE_MARGIN_MINUTES, TrainArgumentError, add_arguments, fresh_model
-from integrations.cli_train_out import RUN_RECORDS, remove_model_files
+from integrations.cli_train_checks import check_flags, check_init_shape
+from integrations.cli_train_flags import TrainArgumentError, add_arguments, fresh_model, training_minutes
+from integrations.cli_train_out import created_out_dir, package_set, save_model_dir, start_run_records
 
-__all__ = ["add_arguments", "run", "save_model_dir"]  # add_arguments and run: integrations/cli.py's contract
+# add_arguments and run: integrations/cli.py's contract; save_model_dir: its home is cli_train_out
+__all__ = ["add_arguments", "run", "save_model_dir"]
 
 
 def _fresh_model_and_tokenizer(args, train_units):
@@ -39,27 +39,11 @@ def _fresh_model_and_tokenizer(args, train_units):
     return fresh_model(args, len(tokenizer), eos).float(), tokenizer
 
 
-def _check_init_shape(args, config, n_params: int) -> None:
-    """Checks of the --init checkpoint's config (transformers' PretrainedConfig) made before its weights
-    load: rows no longer than its context (TrainArgumentError "--seq-len"), and training state and one
-    step's activations within the memory free on the device (cli_train_flags.memory_problem; `n_params`
-    counted on the meta device: a checkpoint too large was loaded in float32 first, and an 8B one was
-    killed for memory before any word; helper-187), naming --seq-len, --batch-tokens or --init."""
-    from integrations.cli_train_flags import check_training_memory
-
-    context = getattr(config, "max_position_embeddings", None)
-    if context is not None and args.seq_len > context:  # positions past what the model is made for
-        raise TrainArgumentError("--seq-len", f"{args.seq_len} is longer than the --init model's context "
-                                              f"(max_position_embeddings {context}); give at most {context}")
-    check_training_memory(args, n_params, config.num_hidden_layers, config.hidden_size, config.intermediate_size,
-                          config.vocab_size, ("--init", "train a smaller model, or on a machine with more memory"))
-
-
 def _init_model_and_tokenizer(args):
     """(model, tokenizer) of the --init checkpoint, <|mask|> ensured; loaded before the corpus is built, so
     a checkpoint that cannot load fails in seconds. Raises TrainArgumentError("--init") for any load
     failure (truncated weights, a bad config or tokenizer file, a tensor transformers would fill with
-    random values): the directory is the user's input; before the weights load, `_check_init_shape`'s
+    random values): the directory is the user's input; before the weights load, `check_init_shape`'s
     TrainArgumentError for rows longer than its context or a run the memory cannot hold. The embedding
     grows to every id the tokenizer holds."""
     import torch
@@ -88,7 +72,7 @@ def _init_model_and_tokenizer(args):
         raise TrainArgumentError("--init", f"{args.init}: its tokenizer encodes text to nothing (tokenizer.json or "
                                            "the vocabulary files are missing?); give a model directory with its "
                                            "tokenizer")
-    _check_init_shape(args, config, loaded(lambda: counted(config)))
+    check_init_shape(args, config, loaded(lambda: counted(config)))
     model, loading = loaded(lambda: AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32,
                                                                          output_loading_info=True))
     missing = sorted(loading["missing_keys"])  # (pytorch_model.bin weights: check_flags read no header)
@@ -102,70 +86,6 @@ def _init_model_and_tokenizer(args):
         print(f"refusion train: the embedding grows from {rows} to {needed} rows (the tokenizer's ids)", flush=True)
         model.resize_token_embeddings(needed)
     return model, tokenizer
-
-
-def _package_set(corpus) -> dict:
-    """{"packages": ["name==version", ...]} of the installed distributions when the corpus reads them
-    (`site-packages`), for reproduction; {} otherwise."""
-    if "site-packages" not in corpus:
-        return {}
-    from importlib.metadata import distributions
-
-    return {"packages": sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]})}
-
-
-STAGING = ".saving"  # the folder of `out` a save is written into before its files move into place
-# The folder of `out` this run's records (RUN_RECORDS) are written in while --overwrite has an old model
-# there: they join the model at its first save, so a run that saves nothing leaves the old model's own
-PENDING_RECORDS = ".run"
-
-
-def save_model_dir(model, tokenizer, out: Path, save_dtype: str = "float32", replace_old: bool = False,
-                   records: Path | None = None) -> None:
-    """Write an HF model directory whose config.json carries mask_token_id. The files are written into
-    out/.saving, then moved into `out` (os.replace, one rename each): a save cut short (a second Ctrl-C)
-    leaves the last complete save in place, not config.json and weights without a tokenizer. replace_old:
-    the old model's files (cli_train_out.remove_model_files, this run's records kept) are removed just
-    before the new ones move in (--overwrite: the old model stays whole until a new one is written);
-    `records`: a folder whose RUN_RECORDS (this run's, kept aside while the old model stood) move in with
-    them, the folder then removed. The files get the umask's usual mode (0644 under 022; the weights were
-    0600, unreadable by a service account serving the model)."""
-    import torch
-
-    staging = out / STAGING
-    shutil.rmtree(staging, ignore_errors=True)  # a save cut short earlier
-    staging.mkdir(parents=True)
-    try:
-        model.to(getattr(torch, save_dtype)).save_pretrained(str(staging), safe_serialization=True)
-        tokenizer.save_pretrained(str(staging))
-        cfg_path = staging / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["mask_token_id"] = tokenizer.convert_tokens_to_ids(tokenizer.mask_token)
-        cfg_path.write_text(json.dumps(cfg, indent=2))
-        if replace_old:
-            remove_model_files(out, keep=RUN_RECORDS)
-        mode = _umask_mode(staging)
-        for path in sorted(staging.iterdir()):
-            path.chmod(mode)
-            os.replace(path, out / path.name)
-        if records is not None and records != out:
-            for name in RUN_RECORDS:
-                if (records / name).exists():
-                    os.replace(records / name, out / name)
-            shutil.rmtree(records, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask_mode(folder: Path) -> int:
-    """The mode a new file in `folder` gets (0o666 less the umask), read from a probe file: os.umask can
-    only be read by setting it, which for a moment would give every file another thread creates 0o666."""
-    probe = folder / ".mode-probe"
-    probe.touch()
-    try:
-        return probe.stat().st_mode & 0o777
-    finally:
-        probe.unlink()
 
 
 # The flag behind a field that training/ names in its errors (TrainingError, CorpusError, TokenizerBuildError)
@@ -233,16 +153,16 @@ def _train(args, interrupt: _Interrupt) -> int:
     model, tokenizer, (train_pairs, chat, heldout_pairs) = _model_and_examples(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    out = _created_out_dir(args)
+    out = created_out_dir(args)
     n_params = sum(p.numel() for p in model.parameters())
-    train_minutes = _training_minutes(args, time.monotonic() - t0)
+    train_minutes = training_minutes(args, time.monotonic() - t0)
     stats = {"train_units": len(train_pairs), "chat_pairs": len(chat), "heldout_units": len(heldout_pairs),
              "parameters": n_params, "vocab_size": len(tokenizer),  # what BPE reached (--vocab-size is a bound)
              "train_tokens_per_epoch": sum(len(p) + len(r) + 1 for p, r in train_pairs),
              "prep_s": round(time.monotonic() - t0, 1), "train_minutes": train_minutes, "device": device,
              "torch_threads": torch.get_num_threads(),
-             "python": sys.version.split()[0], **_package_set(args.corpus)}
-    records_dir = _start_run_records(args, out, stats)
+             "python": sys.version.split()[0], **package_set(args.corpus)}
+    records_dir = start_run_records(args, out, stats)
     print(f"refusion train: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, {len(train_pairs)} train "
           f"({len(chat)} chat) / {len(heldout_pairs)} held-out units, {stats['train_tokens_per_epoch']} tokens per epoch, "
           f"device {device}", flush=True)
@@ -292,29 +212,6 @@ def _tokenized_examples(args, tokenizer, train_units, heldout_units, workers: in
                                  f"{args.seq_len}, more than the corpus' {len(train_pairs)} training examples; use "
                                  f"at most {len(train_pairs) * args.seq_len}")
     return train_pairs, chat, heldout_pairs
-
-
-def _created_out_dir(args) -> Path:
-    """--out, created if missing; TrainArgumentError("--out") when it cannot be."""
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TrainArgumentError("--out", f"{out} cannot be created ({exc.strerror}); give a path you can write") from None
-    return out
-
-
-def _start_run_records(args, out: Path, stats: dict) -> Path:
-    """The folder this run's records are written in, train_args.json (the flags and `stats`) written there:
-    `out`, or out/PENDING_RECORDS while --overwrite has an old model's own records in `out` (they join the
-    model at its first save)."""
-    records_dir = out
-    shutil.rmtree(out / PENDING_RECORDS, ignore_errors=True)  # a run before that saved nothing
-    if args.overwrite and any((out / name).exists() for name in ("config.json", *RUN_RECORDS)):
-        records_dir = out / PENDING_RECORDS
-        records_dir.mkdir()
-    (records_dir / "train_args.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **stats}, indent=2))
-    return records_dir
 
 
 def _train_and_save(args, model, tokenizer, train_pairs, heldout_pairs, train_minutes: float | None, out: Path,
@@ -376,23 +273,6 @@ def _print_log_record(record: dict) -> None:
     print(f"step {record['step']:6d} {record['elapsed_s']:8.1f}s lr {record['lr']:.2e} | train ar "
           f"{record['train_ar_loss']:.3f} mdm {record['train_mdm_loss']:.3f}{held} | "
           f"{record['tokens_per_s']:.0f} tok/s", flush=True)
-
-
-def _training_minutes(args, prep_s: float) -> float | None:
-    """The training loop's wall-time budget: --minutes, or with --total-minutes what is left of it after
-    `prep_s` seconds of preparation and SAVE_MARGIN_MINUTES for the save (the smaller of the two when both
-    are given; a budget already spent still runs the first step)."""
-    if args.total_minutes is None:
-        return args.minutes
-    left = max(args.total_minutes - prep_s / 60.0 - SAVE_MARGIN_MINUTES, 1e-6)
-    if left < 0.005:  # (printed as "0.00 minutes left", then a step ran: helper-198)
-        print(f"refusion train: nothing of --total-minutes {args.total_minutes:g} is left for training after "
-              f"{prep_s:.0f}s of preparation and {SAVE_MARGIN_MINUTES:g} min kept for the save; training one step",
-              flush=True)
-    else:
-        print(f"refusion train: {left:.2f} of --total-minutes {args.total_minutes:g} left for training after "
-              f"{prep_s:.0f}s of preparation", flush=True)
-    return left if args.minutes is None else min(left, args.minutes)
 
 
 def _run_training(args, minutes: float | None, model, train_pairs, heldout_pairs, mask_id: int, eos_id: int,

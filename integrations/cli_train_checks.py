@@ -1,6 +1,7 @@
 """The checks of `refusion train`'s flags (integrations/cli_train_flags.py) made before the corpus is built:
 bounds, sizes, the corpus, the device, the model source (an --init checkpoint's files, or a fresh model's
-memory) and --out. Each failure is a TrainArgumentError naming the flag.
+memory) and --out; and an --init checkpoint's config before its weights load (check_init_shape). Each
+failure is a TrainArgumentError naming the flag.
 """
 
 from __future__ import annotations
@@ -190,3 +191,17 @@ def _check_out(out: Path, overwrite: bool) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise TrainArgumentError("--out", f"{out} cannot be created under {parent}; give a path you can write")
+
+
+def check_init_shape(args, config, n_params: int) -> None:
+    """Checks of the --init checkpoint's config (transformers' PretrainedConfig) made before its weights
+    load: rows no longer than its context (TrainArgumentError "--seq-len"), and training state and one
+    step's activations within the memory free on the device (cli_train_flags.memory_problem; `n_params`
+    counted on the meta device: a checkpoint too large was loaded in float32 first, and an 8B one was
+    killed for memory before any word; helper-187), naming --seq-len, --batch-tokens or --init."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and args.seq_len > context:  # positions past what the model is made for
+        raise TrainArgumentError("--seq-len", f"{args.seq_len} is longer than the --init model's context "
+                                              f"(max_position_embeddings {context}); give at most {context}")
+    check_training_memory(args, n_params, config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                          config.vocab_size, ("--init", "train a smaller model, or on a machine with more memory"))

@@ -1,7 +1,8 @@
 """The flags of `refusion train` (integrations/cli_train.py): their definitions, the memory a run of them
-needs (the estimate, and its check against the memory free on the device), and the fresh model the shape
-flags describe (a Qwen3 config; counted on the meta device by the memory check). The checks made before
-the corpus is built are in integrations/cli_train_checks.py.
+needs (the estimate, and its check against the memory free on the device), the fresh model the shape
+flags describe (a Qwen3 config; counted on the meta device by the memory check), and the training loop's
+time budget (--minutes, --total-minutes). The checks made before the corpus is built are in
+integrations/cli_train_checks.py.
 """
 
 from __future__ import annotations
@@ -166,3 +167,20 @@ def fresh_model(args, vocab_size: int, eos: int):
         rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=eos, pad_token_id=eos, bos_token_id=None,
     )
     return Qwen3ForCausalLM(config)
+
+
+def training_minutes(args, prep_s: float) -> float | None:
+    """The training loop's wall-time budget: --minutes, or with --total-minutes what is left of it after
+    `prep_s` seconds of preparation and SAVE_MARGIN_MINUTES for the save (the smaller of the two when both
+    are given; a budget already spent still runs the first step)."""
+    if args.total_minutes is None:
+        return args.minutes
+    left = max(args.total_minutes - prep_s / 60.0 - SAVE_MARGIN_MINUTES, 1e-6)
+    if left < 0.005:  # (printed as "0.00 minutes left", then a step ran: helper-198)
+        print(f"refusion train: nothing of --total-minutes {args.total_minutes:g} is left for training after "
+              f"{prep_s:.0f}s of preparation and {SAVE_MARGIN_MINUTES:g} min kept for the save; training one step",
+              flush=True)
+    else:
+        print(f"refusion train: {left:.2f} of --total-minutes {args.total_minutes:g} left for training after "
+              f"{prep_s:.0f}s of preparation", flush=True)
+    return left if args.minutes is None else min(left, args.minutes)

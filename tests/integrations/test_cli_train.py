@@ -65,7 +65,7 @@ def test_train_from_scratch_writes_a_loadable_model_and_log(corpus_dir, tmp_path
     assert stats["chat_pairs"] >= 1  # `add` has a docstring: an instruction pair and a tool-call turn
     import platform
 
-    from integrations.cli_train import _package_set
+    from integrations.cli_train_out import package_set as _package_set
 
     assert stats["python"] == platform.python_version() and "packages" not in stats  # a directory corpus
     assert stats["vocab_size"] == len(AutoTokenizer.from_pretrained(str(out)))  # reached, not asked (300)
