@@ -25,8 +25,9 @@ from lsprotocol import types  # noqa: E402
 from pygls.workspace import PositionCodec  # noqa: E402
 
 from bench.bench_args import positive_floats, positive_int  # noqa: E402
-from integrations.lsp.server import (BridgeConfig, LspTextDocument, clamp_position, cursor_context,  # noqa: E402
-                                    position_at_offset)
+from integrations.lsp.bridge_config import BridgeConfig  # noqa: E402
+from integrations.lsp.documents import (LspTextDocument, clamp_position, cursor_context,  # noqa: E402
+                                        position_at_offset)
 
 LINE = "    result = compute(alpha, beta) + other_value  # comment here\n"
 

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from integrations.lsp.base_protocol import FramingError, serve_stdio
-    from integrations.lsp.server import BridgeConfig, BridgeConfigError, build_server
+    from integrations.lsp.bridge_config import BridgeConfig, BridgeConfigError
+    from integrations.lsp.server import build_server
 
     config = BridgeConfig(url=args.url, api_key=args.api_key, prefix_lines=args.prefix_lines,
                           suffix_lines=args.suffix_lines, multiline=args.multiline, max_tokens=args.max_tokens,

@@ -22,7 +22,7 @@ from scheduler.detokenizer import MODEL_TAB_WIDTH  # spaces per indent level in 
 _LEADING_TABS = re.compile(r"^\t+", re.MULTILINE)
 _LEADING_SPACES = re.compile(r"^ +", re.MULTILINE)
 _INDENT_START = re.compile(r"^([ \t])", re.MULTILINE)
-LINE_BREAK = re.compile(r"\r\n|\r|\n")  # LSP's line breaks (integrations/lsp/server.py splits by them too)
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # LSP's line breaks (integrations/lsp/documents.py splits by them too)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from pygls.lsp.client import LanguageClient
 from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fixture
 
 from integrations.editor.document import LINE_BREAK
-from integrations.lsp.server import (_LSP_LINE, BridgeConfig, BridgeConfigError, LspTextDocument, answer_timeout_s,
-                                    complete_params, cursor_context, position_at_offset, wants_multiline)
+from integrations.lsp.documents import _LSP_LINE
+from integrations.lsp.server import (BridgeConfig, BridgeConfigError, LspTextDocument, answer_timeout_s, complete_params,
+                                    cursor_context, position_at_offset, wants_multiline)
 from ports import free_port, refused_port, server_socket
 
 DOC = "def area(r):\n    \n    return result\n"
