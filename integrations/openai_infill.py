@@ -14,8 +14,8 @@ import contextlib
 from functools import partial
 from typing import AsyncIterator, Callable
 
-from integrations.editor.infill import (build_infill_prompt, fitting_gaps, infill_room, longest_gap, no_room_message,
-                                       plan_gaps, strategy_gaps)
+from integrations.editor.gaps import fitting_gaps, infill_room, longest_gap, no_room_message, plan_gaps, strategy_gaps
+from integrations.editor.infill import build_infill_prompt
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion
 from integrations.editor.protocol import Limits
@@ -48,7 +48,7 @@ async def infill_job(client, request_id: str, body, decode_params: dict, context
             raise InputError(400, name, f"is {len(text):,} characters; with suffix send at most {_TEXT_LIMIT:,} "
                                         f"(the infill keeps the end of the prompt and the start of the suffix)")
     # The same gaps streamed or not: the choice keeps every chunk a prefix of the final text
-    # (infill.choose_candidate), so both return the same completion.
+    # (gaps.choose_candidate), so both return the same completion.
     # vLLM's rule, as without suffix: min_tokens <= the most this request generates, max_tokens or, unset,
     # the infill strategy's longest gap (so min_tokens never lengthens a generation past what was checked)
     most = body.max_tokens if body.max_tokens is not None else max(plan_gaps(None, multiline=True))

@@ -9,8 +9,8 @@ import logging
 from functools import partial
 
 from integrations.editor import protocol as rpc
-from integrations.editor.infill import (build_infill_prompt, capped_gaps, fitting_gaps, infill_room, no_room_message,
-                                       plan_gaps, strategy_gaps)
+from integrations.editor.gaps import capped_gaps, fitting_gaps, infill_room, no_room_message, plan_gaps, strategy_gaps
+from integrations.editor.infill import build_infill_prompt
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob
 from integrations.engine_client import EngineUnavailableError

@@ -23,8 +23,8 @@ from typing import Any, AsyncIterator
 
 from pydantic import Field, field_validator
 
-from integrations.editor.infill import (Candidate, build_infill_prompt, gap_cap, infill_room, no_room_message, plan_gaps,
-                                       strategy_gaps)
+from integrations.editor.gaps import Candidate, gap_cap, infill_room, no_room_message, plan_gaps, strategy_gaps
+from integrations.editor.infill import build_infill_prompt
 from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Rules
 from integrations.editor.protocol import MAX_INDENT, MAX_STOP_STRINGS, ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix

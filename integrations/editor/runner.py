@@ -15,8 +15,8 @@ from functools import partial
 from typing import Awaitable, Callable
 
 from integrations.editor.document import MODEL_TAB_WIDTH
-from integrations.editor.infill import (MAX_CHARS_PER_TOKEN, MAX_SUFFIX_TOKENS, Candidate, InfillPrompt,
-                                        choose_candidate, gap_params, heal_text)
+from integrations.editor.gaps import Candidate, choose_candidate, gap_params
+from integrations.editor.infill import MAX_CHARS_PER_TOKEN, MAX_SUFFIX_TOKENS, InfillPrompt, heal_text
 from integrations.editor.postprocess import Rules, postprocess, shown_partial
 from scheduler.api import EngineError, GenerationRequest, Mode, OverloadedError, Priority
 from scheduler.detokenizer import Healer, ids_covering

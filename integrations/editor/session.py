@@ -26,7 +26,7 @@ from typing import Awaitable, Callable
 
 from integrations.editor import protocol as rpc
 from integrations.editor.complete_request import completion_error, completion_job
-from integrations.editor.infill import MULTILINE_GAPS, SINGLE_LINE_GAPS
+from integrations.editor.gaps import MULTILINE_GAPS, SINGLE_LINE_GAPS
 from integrations.editor.request_log import CompletionRecord, log_answer
 from integrations.editor.runner import run_completion
 from integrations.http_metrics import APIMetrics
@@ -59,7 +59,7 @@ class EditorSession:
         its uri. gone: the exceptions `send` raises once the client has left (the transport's); the
         session then sends nothing more (the transport's reader sees the disconnect and calls `close`).
         connection: the handshake's X-Request-Id, in each request-log line. context_length: the model's
-        context (tokens; 0 unknown), which a completion's prompt, suffix and gap fit (infill.infill_room).
+        context (tokens; 0 unknown), which a completion's prompt, suffix and gap fit (gaps.infill_room).
         `session_id` (random, announced by `initialize`) names the session in the engine's ids and the log."""
         self.client = client
         self._gone = gone
