@@ -90,8 +90,9 @@ import torch  # noqa: E402
 from bench_args import positive_int, positive_ints, torch_device  # noqa: E402
 from gpu_check_attention import part_attention  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
-from gpu_check_parts import (CONFIGS, FORWARD_VARIANTS, PartFailed, PartSkipped, Row, Workbench,  # noqa: E402
-                             part_engine, part_features, part_forward, part_host, part_profile)
+from gpu_check_engine import part_engine, part_features, part_host  # noqa: E402
+from gpu_check_forward import part_forward, part_profile  # noqa: E402
+from gpu_check_parts import CONFIGS, FORWARD_VARIANTS, PartFailed, PartSkipped, Row, Workbench  # noqa: E402
 
 GPU_TESTS_MAX_S = 180
 GPU_TEST_FILES = ["tests/gpu/test_cuda_runner.py"] + sorted(
