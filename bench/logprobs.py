@@ -62,19 +62,13 @@ def bench_reads(device: str, vocabs: list[int], rows: list[int], repeats: int) -
 
 
 async def bench_engine(model_dir: Path, requests: int, tokens: int) -> list[dict]:
+    from bench.step_clock import clock_steps
     from integrations.engine_host import build_engine
     from scheduler.api import GenerationRequest, Mode
 
     engine, tokenizer = build_engine(model_dir)
     await engine.start()
-    starts: list[float] = []
-    execute = engine.runner.execute
-
-    def timed_execute(segments, tables):
-        starts.append(time.perf_counter())
-        return execute(segments, tables)
-
-    engine.runner.execute = timed_execute
+    starts = clock_steps(engine)
     rows = []
     try:
         for measured in (False, True):  # a warm-up round of every case first
@@ -95,7 +89,6 @@ async def bench_engine(model_dir: Path, requests: int, tokens: int) -> list[dict
                                      "step_ms_p50": round(1000 * statistics.median(gaps), 2) if gaps else 0.0,
                                      "tok_per_s": round(sum(counts) / wall, 1)})
     finally:
-        engine.runner.execute = execute
         await engine.stop(drain_timeout_s=1)
     return rows
 

@@ -10,6 +10,7 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.step_clock import clock_steps
 from bench.structured_output_cost import PROMPTS, collect
 
 AMBIGUOUS = 'start: s\ns: s s | s s s | C\nC: /[a-z ]/'  # one character per lexeme, ambiguous
@@ -28,14 +29,7 @@ async def beside_ambiguous(model_dir: Path, requests: int, tokens: int) -> list[
     for budget_ms in (EngineConfig().grammar_token_ms, 0.0):
         engine, tokenizer = build_engine(model_dir, engine_options={"grammar_token_ms": budget_ms})
         await engine.start()
-        starts: list[float] = []
-        execute = engine.runner.execute
-
-        def timed_execute(segments, tables, execute=execute):
-            starts.append(time.perf_counter())
-            return execute(segments, tables)
-
-        engine.runner.execute = timed_execute
+        starts = clock_steps(engine)
         try:
             free = [GenerationRequest(f"free-{i}", tokenizer.encode(PROMPTS[i % len(PROMPTS)]), {"gen_length": tokens},
                                       mode=Mode.AR) for i in range(requests)]
@@ -69,7 +63,6 @@ async def beside_ambiguous(model_dir: Path, requests: int, tokens: int) -> list[
                          "step_ms_max": round(1000 * gaps[-1], 1),
                          "ambiguous_tokens": outcome["tokens"], "ambiguous_ended": outcome["ended"]})
         finally:
-            engine.runner.execute = execute
             await engine.stop(drain_timeout_s=1)
     return rows
 

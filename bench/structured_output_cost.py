@@ -38,6 +38,7 @@ def grammars() -> dict:
 
 async def run(model_dir: Path, requests: int, tokens: int) -> list[dict]:
     import decoding.grammar as grammar_module
+    from bench.step_clock import clock_steps
     from integrations.engine_host import build_engine
     from scheduler.api import GenerationRequest, Mode
 
@@ -63,16 +64,9 @@ async def run(model_dir: Path, requests: int, tokens: int) -> list[dict]:
         finally:
             compiles.append(time.perf_counter() - start)
 
-    starts: list[float] = []
-    execute = engine.runner.execute
-
-    def timed_execute(segments, tables):
-        starts.append(time.perf_counter())
-        return execute(segments, tables)
-
     grammar_module.TokenConstraint.bitmask = timed
     grammar_module.Grammar.__init__ = timed_init
-    engine.runner.execute = timed_execute
+    starts = clock_steps(engine)
     rows = []
     try:
         # every case once as a warm-up (first steps of each shape, llguidance's lazy tables), then measured
@@ -102,7 +96,6 @@ async def run(model_dir: Path, requests: int, tokens: int) -> list[dict]:
     finally:
         grammar_module.TokenConstraint.bitmask = original
         grammar_module.Grammar.__init__ = original_init
-        engine.runner.execute = execute
         await engine.stop(drain_timeout_s=1)
     return rows
 
