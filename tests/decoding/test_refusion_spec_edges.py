@@ -5,29 +5,10 @@ it checks."""
 
 from __future__ import annotations
 
-from decoding.params import DecodeParams
+from test_state_machines import EOS, PROMPT, _answer, _params, _plan  # the same hand-made request and results
+
 from decoding.refusion import Phase, RefusionDecoder
-from workers.batch import Reads, SegmentResult
-
-EOS, MASK = 0, 2
-PROMPT = [10, 11, 12, 13, 14]  # positions 0..4; generation starts at 5
-
-
-def _params(**kw) -> DecodeParams:
-    base = dict(gen_length=16, slot_size=4, serial_num_blocks=2, slot_threshold=0.9, token_threshold=0.5)
-    return DecodeParams(eos_token_id=EOS, mask_token_id=MASK, **(base | kw))
-
-
-def _answer(d, seg, values):
-    d.absorb(SegmentResult(seg.seq_id, [t for t, _ in values], [p for _, p in values]))
-
-
-def _plan(d, drafts):
-    seg = d.next_segment(1000)
-    values = [(t, conf if j == 0 else 0.5) for tokens, conf in drafts for j, t in enumerate(tokens)]
-    assert len(values) == len(seg.reads)
-    _answer(d, seg, values)
-    return seg
+from workers.batch import Reads
 
 
 # ---- step 1: "Choose every slot whose confidence exceeds slot_threshold" (strict) ----------------
