@@ -88,18 +88,26 @@ def checked_deployments(app: dict) -> dict[str, dict]:
 
 
 def _check_deployment_entry(name: str, entry: dict) -> None:
-    """CLIError for a deployment entry's key Ray Serve does not know (its autoscaling_config's too), a
-    user_config, or a num_replicas or max_ongoing_requests out of range."""
+    """CLIError for a deployment entry's key Ray Serve does not know (its autoscaling_config's too, and a
+    value its AutoscalingConfig refuses), a user_config, or a num_replicas or max_ongoing_requests out of
+    range."""
+    from pydantic import ValidationError
     from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
     from ray.serve.schema import DeploymentSchema
 
     _check_keys(entry, DeploymentSchema, f"applications[0].deployments {name} ")
     scaling = entry.get("autoscaling_config")
     if isinstance(scaling, dict):  # Ray drops its unknown keys without a word
-        _check_keys(scaling, AutoscalingConfig, f"applications[0].deployments {name} autoscaling_config.")
+        where = f"applications[0].deployments {name} autoscaling_config"
+        _check_keys(scaling, AutoscalingConfig, where + ".")
         if isinstance(scaling.get("policy"), dict):
-            _check_keys(scaling["policy"], AutoscalingPolicy,
-                        f"applications[0].deployments {name} autoscaling_config.policy.")
+            _check_keys(scaling["policy"], AutoscalingPolicy, where + ".policy.")
+        try:  # its values here: they were checked later, as args' and named there (helper-207)
+            AutoscalingConfig(**{k: v for k, v in scaling.items() if k != "policy"})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = "".join(f".{part}" for part in error["loc"])
+            raise CLIError(f"--config: {where}{key}: {error['msg'].removeprefix('Value error, ')}") from None
     if entry.get("user_config") is not None:  # Ray fails every replica on it, in a loop
         raise CLIError(f"--config: applications[0].deployments {name} user_config: not used by this application "
                        "(its deployments have no reconfigure); set engine and runner settings under args")

@@ -532,7 +532,16 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
                              "{name: RefusionEngine, num_replicas: 2}]}]\n", "RefusionEngine is listed twice"),
              "policytypo.yaml": ("applications: [{deployments: [{name: RefusionEngine, autoscaling_config: "
                                  "{min_replicas: 1, max_replicas: 2, policy: {policy_functon: x}}}]}]\n",
-                                 "autoscaling_config.policy.policy_functon: not a Ray Serve config key")}
+                                 "autoscaling_config.policy.policy_functon: not a Ray Serve config key"),
+             # a bad value was checked later, with args', and named as applications[0].args.autoscaling_config
+             "scalevalue.yaml": ("applications: [{deployments: [{name: RefusionEngine, autoscaling_config: "
+                                 "{min_replicas: 1, max_replicas: many}}]}]\n",
+                                 "^--config: applications\\[0\\].deployments RefusionEngine autoscaling_config"
+                                 "\\.max_replicas: Input should be a valid integer"),
+             "scaleorder.yaml": ("applications: [{deployments: [{name: RefusionEngine, autoscaling_config: "
+                                 "{min_replicas: 5, max_replicas: 2}}]}]\n",
+                                 "^--config: applications\\[0\\].deployments RefusionEngine autoscaling_config: "
+                                 "max_replicas \\(2\\) must be greater than or equal to min_replicas \\(5\\)")}
     for name, (text, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
