@@ -96,15 +96,48 @@ _FLAGS = {"lr": "--lr", "steps": "--steps", "minutes": "--minutes", "batch_token
 
 class _Interrupt:
     """SIGINT/SIGTERM while training asks the loop to stop after the step in flight (then the model is
-    saved); before training starts, or a second time, it stops at once (KeyboardInterrupt)."""
+    saved); before training starts, or a second time, it stops at once (KeyboardInterrupt).
+
+    Python runs a handler between bytecodes, so two signals that arrive while one C call runs (a
+    backward() of seconds on the CPU) reach it as one call. Each delivery also writes a byte to the
+    wakeup pipe (signal.set_wakeup_fd), so the handler counts them there: a double Ctrl-C within one
+    step stops at once, as two apart do."""
 
     def __init__(self):
         self.training = False
         self.requested = False
         self.checkpoint: str | None = None  # where the last checkpoint is, once one is saved
+        self._wakeup: tuple[int, int] | None = None  # (read end, write end) while installed
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        """Handle SIGINT and SIGTERM (main thread only); `restore` undoes it."""
+        self._wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._previous["wakeup"] = signal.set_wakeup_fd(self._wakeup[1], warn_on_full_buffer=False)
+
+    def restore(self) -> None:
+        signal.set_wakeup_fd(self._previous.pop("wakeup"))
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        os.close(self._wakeup[0])
+        os.close(self._wakeup[1])
+        self._wakeup, self._previous = None, {}
+
+    def _deliveries(self) -> int:
+        """SIGINT/SIGTERM deliveries since the last handler call, read off the wakeup pipe (at least the
+        one being handled: the pipe is absent when the handler is called directly)."""
+        count = 0
+        while self._wakeup is not None:
+            try:
+                data = os.read(self._wakeup[0], 512)
+            except BlockingIOError:
+                break
+            count += sum(byte in (signal.SIGINT, signal.SIGTERM) for byte in data)
+        return max(count, 1)
 
     def __call__(self, signum, frame):
-        if self.training and not self.requested:
+        if self.training and not self.requested and self._deliveries() == 1:
             self.requested = True
             print(f"refusion train: {signal.Signals(signum).name}: stopping after this step and saving "
                   "(again: stop at once, unsaved)", file=sys.stderr, flush=True)
@@ -120,7 +153,7 @@ def run(args) -> int:
     from training.trainer import TrainingError
 
     interrupt = _Interrupt()
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interrupt.install()
     try:
         check_flags(args)
         return _train(args, interrupt)
@@ -135,8 +168,7 @@ def run(args) -> int:
               f"{interrupt.checkpoint or 'nothing saved'}", file=sys.stderr)
         return 130
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        interrupt.restore()
 
 
 def _train(args, interrupt: _Interrupt) -> int:

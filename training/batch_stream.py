@@ -60,8 +60,10 @@ def batch_stream(stream: PackedStream, data_workers: int) -> Iterator[PackedBatc
 def _leave_interrupts_to_the_trainer(_worker_id: int) -> None:
     """A data worker ignores SIGINT: Ctrl-C reaches the terminal's whole process group, and a worker ran
     the training process's handler too (its "stopping after this step" line printed once per worker);
-    the training process stops the loop, and the DataLoader its workers."""
+    the training process stops the loop, and the DataLoader its workers. A forked worker also drops the
+    trainer's wakeup pipe, where its own signals would count as the trainer's deliveries."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
 
 
 def _as_is(batch: PackedBatch) -> PackedBatch:

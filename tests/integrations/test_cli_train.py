@@ -316,6 +316,61 @@ def test_total_minutes_leaves_the_training_loop_what_preparation_did_not_use(cor
     assert "nothing of --total-minutes 0.01 is left for training" in said[0]  # (it said "0.00 ... left")
 
 
+_TWO_SIGNALS_IN_ONE_C_CALL = """
+import os, signal, sys
+from integrations import cli_train
+interrupt = cli_train._Interrupt()
+interrupt.install()
+interrupt.training = True
+# A signal still pending when the next one comes is merged by the kernel (a human's double Ctrl-C is
+# not): the shell sends the next one once /proc shows none pending, the first delivered to C's handler
+kill = "kill -TERM %d" % os.getpid()
+delivered = "while grep -q '^ShdPnd:.*[1-9a-f]' /proc/%d/status; do :; done" % os.getpid()
+try:
+    os.system(("; " + delivered + "; ").join([kill] * int(sys.argv[1])))  # all while system() waits in C
+    print("stop after this step" if interrupt.requested else "not asked")
+except KeyboardInterrupt:
+    print("stop at once")
+finally:
+    interrupt.restore()
+"""
+
+
+@pytest.mark.parametrize("signals,outcome", [(1, "stop after this step"), (2, "stop at once")])
+def test_two_signals_within_one_step_stop_at_once(signals, outcome):
+    """A double Ctrl-C (or SIGTERM) during one backward() stopped after the step and saved, as one does:
+    Python ran the handler once for both. The two signals are forced into one C call (a shell sending
+    them while os.system waits, each once the last is delivered), so Python's merging happens every run;
+    the handler counts the deliveries on its wakeup pipe."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _TWO_SIGNALS_IN_ONE_C_CALL, str(signals)], text=True,
+                          capture_output=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == outcome, done.stderr
+
+
+def test_a_data_worker_drops_the_trainers_wakeup_pipe():
+    """A forked DataLoader worker inherits the trainer's wakeup pipe, so a signal it took (a SIGTERM to the
+    process group) would count as the trainer's second delivery and stop the run unsaved."""
+    import signal
+
+    from integrations import cli_train
+    from training.batch_stream import _leave_interrupts_to_the_trainer
+
+    interrupt = cli_train._Interrupt()
+    interrupt.install()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the worker: what torch's DataLoader runs first in each worker process
+            _leave_interrupts_to_the_trainer(0)
+            os._exit(0 if signal.set_wakeup_fd(-1) == -1 else 1)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        interrupt.restore()
+    assert signal.set_wakeup_fd(-1) == -1  # restored: no pipe left behind in the test process
+
+
 def test_interrupted_before_the_first_step_saves_nothing(corpus_dir, tmp_path, monkeypatch, capsys):
     """A stop asked for before any step (the signal raced the loop's start) saved an untrained model as if
     it were a result; the request is forced here by an interrupt that is already set when training starts."""
