@@ -89,8 +89,9 @@ def _renamed_fields():
         if exc.max_tokens is None:
             # (the largest prompt that leaves room for one token: "4096 tokens > 4096 maximum" read as false)
             message = f"prompt is too long: {exc.prompt_tokens} tokens > {exc.context_length - 1} maximum"
-        else:
-            message = anthropic_overflow_message(exc.prompt_tokens, exc.max_tokens, exc.context_length)
+        else:  # (the limit is the KV cache's where it holds less beside this prompt: why, in parentheses)
+            message = anthropic_overflow_message(exc.prompt_tokens, exc.max_tokens, exc.limit)
+            message += f" ({exc.message})" if exc.limit < exc.context_length else ""
         raise APIError(400, message, param=messages_field(exc.field)) from None
     except PromptCharsError as exc:  # counted before tokenizing: characters, not tokens
         raise APIError(400, f"prompt is too long: {exc.chars} characters > {exc.limit} maximum (max_prompt_chars: the "

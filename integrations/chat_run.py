@@ -23,7 +23,7 @@ from integrations.http_metrics import RequestObserver
 from integrations.openai_calls import check_model, start
 from integrations.openai_choices import choice_requests, scored_once, start_all
 from integrations.openai_models import ChatCompletionRequest
-from integrations.openai_requests import check_id_free, generation_request, request_id
+from integrations.openai_requests import check_id_free, generation_request, kv_bounded_request, request_id
 from integrations.openai_responses import ResponseHeader
 from integrations.request_limits import InputError, PromptCharsError, RequestLimits, encode, grammar_off_loop, off_loop
 from integrations.structured_output import response_format_schema, tool_grammar, tools_or_format_grammar
@@ -181,8 +181,9 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     stops = body.stop + (prompt.extra_stop if turn_end and not body.ignore_eos else [])
     affinity = body.prompt_cache_key or conversation_key(body.messages)  # the serve router's replica key
     try:
-        req = generation_request(header.id, body, prompt.ids, stops, settings.default_max_tokens,
-                                 settings, prompt_field, affinity_key=affinity, grammar=grammar)
+        req = await kv_bounded_request(client, body, lambda fields: generation_request(
+            header.id, fields, prompt.ids, stops, settings.default_max_tokens, settings, prompt_field,
+            affinity_key=affinity, grammar=grammar))
     except ContextLengthError as exc:
         if exc.field != prompt_field or exc.max_tokens is not None:
             raise

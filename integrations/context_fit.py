@@ -5,7 +5,9 @@ OpenAI's rule is prompt tokens + max_tokens <= the model's context, else 400 nam
 Here the engine decodes gen_length rounded up to whole slots (decoding.params.DecodeParams, in AR and
 ReFusion alike), so the check is made on ceil(max_tokens / slot_size) * slot_size:
 
-    a requested max_tokens over the room left           -> InputError(400, "max_tokens" or the chat alias)
+    a requested max_tokens over the room left           -> InputError(400, "max_tokens" or the chat alias;
+                                                            "at most" the KV cache's number where it holds
+                                                            fewer: openai_requests.kv_bounded_request)
     an unset max_tokens                                  -> shrinks to the room left (as vLLM does; in a
                                                             shape the client set, whole steps of it); the
                                                             engine shrinks it to its KV cache too (fit_to_kv)
@@ -25,11 +27,35 @@ from integrations.request_limits import InputError
 
 class ContextLengthError(InputError):
     """Prompt + max_tokens over the context (400), with the numbers, for routes that word it their own
-    way (Anthropic's Messages API). max_tokens None: the prompt alone leaves no room."""
+    way (Anthropic's Messages API). max_tokens None: the prompt alone leaves no room. most: the largest
+    max_tokens admitted (max_tokens set), the context's or, where the engine's KV cache holds fewer beside
+    this prompt, the cache's (`kv_bounded`); `limit`: prompt + most, the total a retry may ask for."""
 
-    def __init__(self, field: str, message: str, prompt_tokens: int, max_tokens: int | None, context_length: int):
+    def __init__(self, field: str, message: str, prompt_tokens: int, max_tokens: int | None, context_length: int,
+                 most: int | None = None):
         super().__init__(400, field, message)
         self.prompt_tokens, self.max_tokens, self.context_length = prompt_tokens, max_tokens, context_length
+        self.most = most
+
+    @property
+    def limit(self) -> int:
+        return self.context_length if self.most is None else min(self.context_length, self.prompt_tokens + self.most)
+
+
+def over_context(field: str, context_length: int, prompt_tokens: int, max_tokens: int, most: int,
+                 kv_most: int | None = None) -> ContextLengthError:
+    """The 400 for a client's cap (`field`, `max_tokens`) over the room the context leaves after the
+    prompt: "ask for at most `most`" (whole steps of a client's shape), or `kv_most` where the engine's KV
+    cache holds fewer beside this prompt (the most its admission check takes: Scheduler.fitted), so that
+    the number given is one the engine takes (the context's number was refused again by the KV cache)."""
+    kv = "" if kv_most is None or kv_most >= most else \
+        (f", and the engine's KV cache holds at most {kv_most:,} generated tokens beside this prompt (the runner's "
+         "num_blocks or kv_memory_bytes)")
+    least = most if not kv else kv_most
+    return ContextLengthError(field, f"the model's maximum context length is {context_length:,} tokens; the prompt "
+                              f"({prompt_tokens:,} tokens) + {field} ({max_tokens:,}) is {prompt_tokens + max_tokens:,}"
+                              f"{kv}: ask for at most {least:,} or shorten the prompt", prompt_tokens, max_tokens,
+                              context_length, least)
 
 
 @dataclass(frozen=True)
@@ -74,10 +100,7 @@ def fit_generation(context_length: int, prompt_tokens: int, max_tokens: int, *, 
     most = room // step * step  # the longest generation that fits, in whole steps of a client's shape
     if max_tokens > room:
         if requested:
-            raise ContextLengthError(max_tokens_field, f"the model's maximum context length is {context_length:,} "
-                                     f"tokens; the prompt ({prompt_tokens:,} tokens) + {max_tokens_field} "
-                                     f"({max_tokens:,}) is {prompt_tokens + max_tokens:,}: ask for at most {most:,} "
-                                     "or shorten the prompt", prompt_tokens, max_tokens, context_length)
+            raise over_context(max_tokens_field, context_length, prompt_tokens, max_tokens, most)
         max_tokens = most
     generated = -(-max_tokens // step) * step if shaped else whole_slots(max_tokens, slot_size)
     if generated <= room:

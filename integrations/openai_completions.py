@@ -88,7 +88,7 @@ async def start_completions(request: Request, client, settings, header, body: Co
                              grammar) -> CompletionRun:
     """n choices of every prompt started, each stream shaped as the request asks (prompt scores kept,
     stop string included, the client's text style, EOS listed, prompt echoed)."""
-    prepared = await completion_requests(client.tokenizer, header.id, body, settings, grammar)
+    prepared = await completion_requests(client, header.id, body, settings, grammar)
     observer = RequestObserver.for_request(request, "completions", header.id,
                                            sum(len(p.request.prompt_ids) for p in prepared),
                                            choices=len(prepared) * body.n)

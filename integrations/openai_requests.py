@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, replace
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import Request
 from starlette.requests import HTTPConnection
 
 from decoding.grammar import GrammarSpec
-from integrations.context_fit import fit_generation
+from integrations.context_fit import ContextLengthError, fit_generation, over_context
 from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.http_errors import APIError
 from integrations.openai_sampling import SamplingFields
@@ -104,7 +104,7 @@ class PreparedPrompt:
         return deltas
 
 
-async def completion_requests(tokenizer, rid: str, body, settings, grammar: GrammarSpec | None,
+async def completion_requests(client, rid: str, body, settings, grammar: GrammarSpec | None,
                               default_max_tokens: int | None = None) -> list[PreparedPrompt]:
     """The engine request of each prompt of a /v1/completions body (openai_models.CompletionRequest;
     one, or a batch). A CRLF or tab-indented prompt is completed as its LF, space-indented twin and its
@@ -136,10 +136,14 @@ async def completion_requests(tokenizer, rid: str, body, settings, grammar: Gram
         if model_text is not None and grammar is None and not body.echo and body.prompt_logprobs is None:
             kept = model_text.rstrip(" \t")
             model_text, healed = (kept, model_text[len(kept):]) if kept else (model_text, "")
-        ids = await prompt_ids(tokenizer, model_text if model_text is not None else prompt, field)
-        req = generation_request(rid, body, ids, style.model_stops(body.stop),
-                                 default_max_tokens or settings.completion_default_max_tokens,
-                                 settings, field, grammar=grammar)
+        ids = await prompt_ids(client.tokenizer, model_text if model_text is not None else prompt, field)
+
+        def build(fields):
+            return generation_request(rid, fields, ids, style.model_stops(body.stop),
+                                      default_max_tokens or settings.completion_default_max_tokens, settings, field,
+                                      grammar=grammar)
+
+        req = await kv_bounded_request(client, body, build)
         prepared.append(PreparedPrompt(replace(req, healed=healed), style, text, list(body.stop)))
     return prepared
 
@@ -189,3 +193,33 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
         fit_to_kv=body.max_tokens is None and not echo_only,  # the default shrinks to the KV cache too
         default_shape=body.slot_size is None and body.serial_num_blocks is None,
     )
+
+
+async def kv_bounded_request(client, body: SamplingFields,
+                             build: Callable[[SamplingFields], GenerationRequest]) -> GenerationRequest:
+    """build(body): the engine request (generation_request). A client's cap over the context is refused
+    naming the most the engine takes: the request at the context's most is put to the engine's
+    admission check (GenerationRequest.admission_check, the KV count admission makes: Scheduler.fitted),
+    and where the KV cache holds fewer beside this prompt the 400 names that (the context's number
+    followed was refused again, by the KV cache). Any other answer of the check (admitted, the engine
+    busy or gone) leaves the context's 400 as it is: the check only sharpens the number."""
+    try:
+        return build(body)
+    except ContextLengthError as exc:
+        if exc.max_tokens is None or exc.most is None:
+            raise
+        over = exc
+    try:
+        check = build(body.model_copy(update={"max_tokens": over.most}))  # (the retry the context's 400 asks for)
+    except InputError:  # (min_tokens over it: the context's 400 names max_tokens first)
+        raise over from None
+    try:
+        async for _ in client.stream(replace(check, admission_check=True, internal=True)):
+            pass
+    except InvalidRequestError as refusal:
+        if refusal.field == "gen_length" and refusal.most is not None:
+            raise over_context(over.field, over.context_length, over.prompt_tokens, over.max_tokens, over.most,
+                               refusal.most) from None
+    except Exception:  # noqa: BLE001 - the engine busy, draining or gone: the context's 400 stands
+        pass
+    raise over

@@ -133,6 +133,11 @@ class GenerationRequest:
     # (max_time_ms), time to first token and queue time, count from when it first arrived. Set by the
     # serving layer, never by a client; >= 0.
     waited_s: float = 0.0
+    # Only the submit-time checks (Scheduler.fitted): the engine raises the 400 admission would (the KV
+    # cache cannot hold it, naming the most it holds) or ends the request at once, nothing queued or
+    # generated. The ingress asks so before it refuses a client's cap over the context, so that its 400
+    # names the most both the context and the KV cache admit (openai_requests.kv_bounded_request).
+    admission_check: bool = False
 
 
 @dataclass

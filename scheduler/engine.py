@@ -135,6 +135,9 @@ class Engine(EngineLoop, EngineAhead, EngineOutput):
         if request.grammar is not None:
             request, grammar = await self._compile_grammar(request)
         req = self._admit(request, grammar)
+        if req is None:  # an admission check that passed (GenerationRequest.admission_check)
+            yield Delta(request.request_id, "", [], finished=True, finish_reason=FinishReason.LENGTH)
+            return
         try:
             while True:
                 pending = [await req.outbox.get()]
@@ -324,8 +327,9 @@ class Engine(EngineLoop, EngineAhead, EngineOutput):
             raise InvalidRequestError(exc.field, exc.message) from None
         return dataclasses.replace(spec, mode=Mode.AR), grammar
 
-    def _admit(self, spec: GenerationRequest, grammar: Grammar | None = None) -> Request:
-        """Queue a request submit() validated (and whose grammar it compiled)."""
+    def _admit(self, spec: GenerationRequest, grammar: Grammar | None = None) -> Request | None:
+        """Queue a request submit() validated (and whose grammar it compiled); None for an admission
+        check that passed (it is not queued)."""
         if self._task is None or self._stopping:
             if not spec.internal:  # (health probes stay out of the request metrics)
                 self.metrics.rejected.labels(reason="not_running").inc()
@@ -334,6 +338,9 @@ class Engine(EngineLoop, EngineAhead, EngineOutput):
         if (running := self._ids.overlap(spec.request_id)) is not None:
             raise InvalidRequestError("request_id", in_flight_message(spec.request_id, running))
         params = parse_params(self.scheduler.factories["main"], with_seed(spec.params))
+        if spec.admission_check:
+            self.scheduler.fitted(spec, params)
+            return None
         try:
             stream = TextStream(self.tokenizer, spec.stop, min_tokens=getattr(params, "min_tokens", 0), healed=spec.healed)
             req = self.scheduler.add(spec, params, stream)

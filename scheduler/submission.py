@@ -17,11 +17,26 @@ from scheduler.request import Request
 
 
 class Submission:
-    """`add`: the checks every request passes before it waits."""
+    """`add`: the checks every request passes before it waits (`fitted`: those of the KV cache)."""
 
     def add(self, spec, params, stream) -> Request:
         """Queue a validated request. Raises InvalidRequestError when it could never fit in the KV
         cache, OverloadedError (with a retry-after hint) when the bounded queue is full."""
+        spec, params, kv_blocks = self.fitted(spec, params)
+        self._check_queue_room(spec)
+        self._arrivals += 1
+        req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
+                      aged_after=self.config.aging_after, queued_turn=self._starts,
+                      arrival_s=time.monotonic() - max(0.0, spec.waited_s))  # (a moved request: when it first arrived)
+        self.waiting.append(req)
+        self._queue_changed = True
+        return req
+
+    def fitted(self, spec, params) -> tuple:
+        """(spec, params, kv_blocks) as the request is admitted to the KV cache: an unset length shrunk to
+        it (fit_to_kv), the server's shape reshaped to hold max_tokens (default_shape). Raises
+        InvalidRequestError when it could never fit, naming the most that does (`_refuse_kv`). Nothing is
+        queued: an admission check (GenerationRequest.admission_check) stops here."""
         suffix_len = len(spec.suffix_ids or [])
         kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR,
                                           max_tokens=spec.max_tokens)
@@ -45,14 +60,7 @@ class Submission:
                 params, kv_blocks = reshaped, self._kv_need(spec, reshaped)
         if kv_blocks > capacity:
             self._refuse_kv(spec, params, kv_blocks, capacity)
-        self._check_queue_room(spec)
-        self._arrivals += 1
-        req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
-                      aged_after=self.config.aging_after, queued_turn=self._starts,
-                      arrival_s=time.monotonic() - max(0.0, spec.waited_s))  # (a moved request: when it first arrived)
-        self.waiting.append(req)
-        self._queue_changed = True
-        return req
+        return spec, params, kv_blocks
 
     def _check_queue_room(self, spec) -> None:
         """Raise OverloadedError (with a retry-after hint) when the bounded queue has no room for a request

@@ -177,7 +177,7 @@ async def completion_route(request: Request) -> Response:
         body = await read_body(request, LlamaCompletionBody)
         openai = body.openai_body(client.tokenizer)
         grammar = await grammar_off_loop(openai.output_grammar) if openai.response_format or openai.structured_outputs else None
-        [prepared] = await completion_requests(client.tokenizer, rid, openai, settings, grammar, settings.default_max_tokens)
+        [prepared] = await completion_requests(client, rid, openai, settings, grammar, settings.default_max_tokens)
         prompt_ids = prepared.request.prompt_ids
         observer = RequestObserver.for_request(request, "completion", rid, len(prompt_ids))
         ids: list[int] = []  # the generated ids (return_tokens: llama.cpp's raw ids, not a re-encoding)

@@ -147,3 +147,42 @@ def test_one_more_token_of_context_never_cuts_a_short_prompt(context):
         assert fim.status_code == 200 and fim.json()["usage"]["prompt_tokens"] == 10, fim.text
         [_, _, error, result] = _editor_complete(app.url, prefix=prefix, suffix=suffix)
         assert error is None and not result["truncated"], (error, result)
+
+
+KV_SHORT = {"num_blocks": 12}  # 11 blocks of 16 tokens for a request's text and tentative tokens: 176, not 4,096
+KV_CAPS = [("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "max_completion_tokens"),
+           ("/v1/responses", {"input": "hi"}, "max_output_tokens"),
+           ("/v1/completions", {"prompt": "hi"}, "max_tokens"),
+           ("/completion", {"prompt": "hi"}, "n_predict")]
+
+
+def test_a_cap_over_the_context_is_told_the_most_a_smaller_kv_cache_takes():
+    """A cap over the context was told "at most N" for the context (4,082), and N was refused again with
+    the KV cache's smaller number (161): the first 400 names that number, which is then served; the
+    Messages route's "P + M > C" (which Claude Code parses) is the KV cache's too. Where the KV cache
+    holds the context's number, that number stands and the check queues nothing."""
+    with local_app(SHIPPED_MODEL, runner_options=KV_SHORT) as app:
+        for path, body, cap in KV_CAPS:
+            over = httpx.post(app.url + path, json={**body, cap: 5000, "temperature": 0}, timeout=60)
+            assert over.status_code == 400, over.text
+            message = over.json()["error"]["message"]
+            assert over.json()["error"].get("param", cap) == cap and cap in message, message
+            assert "4,096" in message and "the engine's KV cache holds at most" in message, message
+            most = int(message.rsplit("ask for at most ", 1)[1].split()[0].replace(",", ""))
+            assert most < 176, message
+            again = httpx.post(app.url + path, json={**body, cap: most, "temperature": 0}, timeout=120)
+            assert again.status_code == 200, (path, cap, most, again.text)
+        messages = {"model": SHIPPED_MODEL.name, "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+        over = httpx.post(app.url + "/v1/messages", json={**messages, "max_tokens": 5000}, timeout=60)
+        assert over.status_code == 400 and "KV cache" in over.json()["error"]["message"], over.text
+        limit = int(over.json()["error"]["message"].split(" > ")[1].split(",")[0])
+        answer = httpx.post(app.url + "/v1/messages", json={**messages, "max_tokens": limit - 14}, timeout=120)
+        assert answer.status_code == 200, (limit, answer.text)  # (14: the prompt's tokens, "14 + 5000 > ...")
+        assert "14 + 5000" in over.json()["error"]["message"]
+    with local_app(SHIPPED_MODEL, max_model_len=64) as app:
+        over = httpx.post(app.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 100}, timeout=60)
+        assert over.status_code == 400 and "ask for at most 63 or" in over.json()["error"]["message"], over.text
+        assert "KV cache" not in over.json()["error"]["message"]
+        stats = httpx.get(app.url + "/v1/engine", timeout=30).json()["engine"]
+        assert stats["running"] == stats["waiting"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
