@@ -80,6 +80,27 @@ def in_order_example(prompt: Sequence[int], response: Sequence[int], eos_token_i
     return ObjectiveExample(ids, list(range(len(ids))), labels, ones, [KIND_AR] * len(ids), 0, 1.0)
 
 
+def ar_loss(model, pairs: Sequence[Pair], *, eos_token_id: int, batch_size: int = 16) -> float:
+    """Plain next-token cross-entropy per token over response + EOS given the prompt, in order (what AR
+    decoding sees), on `pairs`, without gradients: held-out scoring's AR part."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    row_len = max(len(p) + len(r) + 1 for p, r in pairs)
+    total = count = 0.0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            chunk = [in_order_example(p, r, eos_token_id) for p, r in pairs[i : i + batch_size]]
+            t = pack_one_batch(chunk, row_len=row_len).tensors(device)
+            with _autocast(device):
+                ce = row_cross_entropy(model, t, t["loss_rows"])
+            total, count = total + float(ce.sum()), count + ce.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 def heldout_losses(model, pairs: Sequence[Pair], *, mask_token_id: int, eos_token_id: int,
                    batch_size: int = 16, seed: int = 1234) -> dict:
     """{"heldout_ar_loss", "heldout_mdm_loss"} on held-out pairs, without gradients (see module doc)."""
@@ -89,16 +110,12 @@ def heldout_losses(model, pairs: Sequence[Pair], *, mask_token_id: int, eos_toke
     model.eval()
     rng = random.Random(seed)
     row_len = max(len(p) + len(r) + 1 for p, r in pairs)
-    ar_sum = ar_n = mdm_sum = 0.0
-    device = next(model.parameters()).device
+    mdm_sum = 0.0
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i : i + batch_size]
-            t = pack_one_batch([in_order_example(p, r, eos_token_id) for p, r in chunk], row_len=row_len).tensors(device)
-            with _autocast(device):
-                ce = row_cross_entropy(model, t, t["loss_rows"])
-            ar_sum, ar_n = ar_sum + float(ce.sum()), ar_n + ce.numel()
             masked = [build_example(p, r, rng, mask_token_id=mask_token_id, eos_token_id=eos_token_id) for p, r in chunk]
             mdm_sum += float(objective_loss(model, pack_one_batch(masked, row_len=row_len))[2]) * len(chunk)
     model.train(was_training)
-    return {"heldout_ar_loss": ar_sum / max(ar_n, 1), "heldout_mdm_loss": mdm_sum / max(len(pairs), 1)}
+    return {"heldout_ar_loss": ar_loss(model, pairs, eos_token_id=eos_token_id, batch_size=batch_size),
+            "heldout_mdm_loss": mdm_sum / max(len(pairs), 1)}

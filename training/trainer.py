@@ -48,11 +48,15 @@ from typing import Callable, Sequence
 from decoding.objective import SLOT_SIZES
 from training.batch_stream import PackedStream, batch_stream
 from training.batches import PackedBatch, Pair
-from training.losses import heldout_losses, objective_loss, row_cross_entropy
+from training.losses import ar_loss, heldout_losses, objective_loss, row_cross_entropy
 
 # The losses are re-exported: tests and docs name them here (their home is training/losses.py)
-__all__ = ["TrainingError", "check_weights_finite", "heldout_losses", "objective_loss", "row_cross_entropy",
-           "train_model"]
+__all__ = ["TrainingError", "check_better_than_uniform", "check_weights_finite", "heldout_losses", "objective_loss",
+           "row_cross_entropy", "train_model"]
+
+
+UNIFORM_ROUNDING = 1e-5  # nats: an AR loss this close to ln(V) is a uniform guess to float32 rounding (1e-6 seen)
+STAND_IN_EXAMPLES = 16  # training examples scored before and after training without a held-out set (one batch)
 
 
 class TrainingError(ValueError):
@@ -103,7 +107,9 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
     `should_stop` is asked before each step: True ends training there (the last record covers the steps
     done; no record when no step ran). `on_step(step)` runs after each optimizer step and its log record
     (a checkpoint hook: `refusion train --checkpoint-minutes`). Raises TrainingError for bad arguments, and (field "lr") when the training loss is not finite
-    at a log step, or a weight is not after the last step (`check_weights_finite`): the run diverged, and
+    at a log step, or a weight is not after the last step (`check_weights_finite`), or the trained weights'
+    AR loss is no better than a uniform guess over the vocabulary (`check_better_than_uniform`, on the
+    held-out examples, else on training ones, scored before the first step too): the run diverged, and
     the model is not worth saving."""
     import torch
 
@@ -116,6 +122,8 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                             fused=device.type == "cuda")
     decoder = torch.compile(model.model) if compile_model and hasattr(model, "model") else None
+    scored, what = _scored_examples(examples, heldout)
+    start_loss = ar_loss(model, scored, eos_token_id=eos_token_id)  # (where the run starts: check_better_than_uniform)
     model.train()
     records: list[dict] = []
     acc = {"loss": 0.0, "ar": 0.0, "mdm": 0.0, "tokens": 0, "slots": 0, "n": 0, "total_tokens": 0,
@@ -149,6 +157,8 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
         records.append(_log(model, acc, step, start, cur_lr, heldout, on_log, mask_token_id, eos_token_id))
     if step:
         check_weights_finite(model, step, lr)
+        final = records[-1]["heldout_ar_loss"] if heldout else ar_loss(model, scored, eos_token_id=eos_token_id)
+        check_better_than_uniform(model, final, start_loss, what, step, lr)  # (the last record's: after the last step)
     model.eval()
     return records
 
@@ -194,6 +204,35 @@ def check_weights_finite(model, step: int, lr: float) -> None:
     if not bool(finite):
         raise TrainingError("lr", f"the weights are not finite after step {step}: training diverged; lower the "
                                   f"learning rate (its peak was {lr:.3g})")
+
+
+def check_better_than_uniform(model, loss: float, start_loss: float, scored: str, step: int, lr: float) -> None:
+    """Raise TrainingError("lr") when `loss` (the AR loss: next-token cross-entropy per token of `model` after `step`
+    optimizer steps, on the `scored` examples; `lr`: the run's peak learning rate) says the run diverged:
+    above both ln(V), what a uniform guess over the model's V output tokens scores, and `start_loss`, the
+    same examples' loss before the first step (so: above ln(V) for a fine-tune, which starts below it); or
+    ln(V) itself to float32 rounding (UNIFORM_ROUNDING), the uniform distribution whatever the input: an
+    update past float32's range (`--lr 1e30 --steps 1`) left finite weights of 1e30 that scored ln(V) to
+    1e-6 and were saved. A fresh model starts above ln(V) (its random logits) and its first steps at a
+    small rate (inside the warm-up, a tiny --lr or --minutes budget) may leave it there, below its start:
+    that run did not diverge (ln(V) alone refused a fresh `--steps 1` run at the default rate, 5.706
+    against ln 300 = 5.704 on tests/integrations/test_cli_train.py's tiny model, from 5.734)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    uniform = math.log(vocab)
+    if loss > max(uniform, start_loss) or abs(loss - uniform) <= UNIFORM_ROUNDING or not math.isfinite(loss):
+        raise TrainingError("lr", f"the {scored} AR loss after step {step} is {loss:.4f} ({start_loss:.4f} "
+                                  f"before training), no better than ln({vocab}) = {uniform:.4f}, what a uniform guess "
+                                  "over the vocabulary scores: training diverged; lower the learning rate (its peak was "
+                                  f"{lr:.3g})")
+
+
+def _scored_examples(examples, heldout) -> tuple[Sequence[Pair], str]:
+    """The examples whose AR loss judges the run (check_better_than_uniform) and what they are: the held-out
+    ones, else up to STAND_IN_EXAMPLES training examples spread over them. Not the last training loss: it
+    is read before the last update, which `--lr 1e30 --steps 1` made unseen."""
+    if heldout:
+        return heldout, "held-out"
+    return list(examples[:: max(1, len(examples) // STAND_IN_EXAMPLES)])[:STAND_IN_EXAMPLES], "training-example"
 
 
 def _loss_and_grads(model, batch: PackedBatch, decoder, opt, acc: dict) -> tuple:

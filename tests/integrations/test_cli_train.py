@@ -223,6 +223,31 @@ def test_a_run_that_diverges_at_its_last_step_saves_nothing(corpus_dir, tmp_path
     assert not (out / "model.safetensors").exists()
 
 
+def test_a_run_whose_weights_are_no_better_than_a_uniform_guess_saves_nothing(corpus_dir, tmp_path, capsys):
+    """--lr 1e30 --steps 1 saved finite weights of 1e30 that predict the uniform distribution, with exit 0:
+    its training loss is read before the update and its weights are finite. The trained weights' AR loss
+    (here on training examples: this corpus holds out none) is ln(300), a uniform guess: refused as diverged,
+    nothing saved, or, past a checkpoint, the checkpoint named as the NaN guard names it."""
+    out = tmp_path / "m"
+    rc = main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(out), "--steps", "1",
+               "--batch-tokens", "256", "--vocab-size", "300", "--lr", "1e30"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert re.search(r"refusion train: --lr: the training-example AR loss after step 1 is 5\.7038 \(5\.\d{4} before "
+                     r"training\), no better than ln\(300\) = 5\.7038, what a uniform guess over the vocabulary "
+                     r"scores: training diverged; lower the learning rate \(its peak was 1e\+30\)$", err.strip()), err
+    assert not (out / "model.safetensors").exists()
+    checkpointed = tmp_path / "c"
+    rc = main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(checkpointed), "--steps", "1",
+               "--batch-tokens", "256", "--vocab-size", "300", "--lr", "1e30", "--checkpoint-minutes", "1e-9"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no better than ln(300)" in err, err
+    assert f"the checkpoint saved at step 1 is left in {checkpointed} and may hold diverged weights: delete it" in err
+    fresh = tmp_path / "fresh"  # the default rate's first step: 5.706 from 5.734, above ln(300) = 5.704 still
+    assert main(["train", *TINY, "--corpus", str(corpus_dir), "--out", str(fresh), "--steps", "1",
+                 "--batch-tokens", "256", "--vocab-size", "300"]) == 0
+
+
 def test_a_fine_tune_defaults_to_a_lower_learning_rate(corpus_dir, tmp_path):
     """--lr unset: 2e-3 for a fresh model, 5e-4 with --init (2e-3 on the shipped model took its MDM loss
     from 5.1 to 15.4 in 4 steps, helper-198); the rate used is recorded in train_args.json."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import pytest
 
@@ -250,6 +251,33 @@ def test_a_non_finite_held_out_loss_stops_training_as_diverged(monkeypatch):
         train_model(_tiny_qwen3(), _counting_pairs(8, 0), steps=3, batch_tokens=64, lr=1e-3, mask_token_id=MASK,
                     eos_token_id=EOS, seed=0, log_every=1, heldout=_counting_pairs(2, 1), on_log=records.append)
     assert err.value.field == "lr" and records == []
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_weights_no_better_than_a_uniform_guess_stop_training_as_diverged(held_out):
+    """lr 1e30 for one step left finite weights of 1e30 that predict the uniform distribution, saved with
+    exit 0 (the losses are read before the update, the weights are finite); lr 1 for one step took the
+    loss from 3.70 to 11.8. Both are refused naming lr: the AR loss of the trained weights (held-out, or
+    training examples without a held-out set) is not below ln(VOCAB), or above it and above the start."""
+    heldout = _counting_pairs(8, 1) if held_out else None
+    for lr, loss in ((1e30, r"3\.6889"), (1.0, r"1\d\.\d{4}")):
+        with pytest.raises(TrainingError, match=rf"AR loss after step 1 is {loss} \(3\.69\d\d before training\), no "
+                                                r"better than ln\(40\) = 3\.6889, .*training diverged; lower the "
+                                                rf"learning rate \(its peak was {re.escape(f'{lr:.3g}')}\)") as err:
+            train_model(_tiny_qwen3(), _counting_pairs(64, 0), steps=1, batch_tokens=16 * 13, lr=lr, mask_token_id=MASK,
+                        eos_token_id=EOS, seed=0, heldout=heldout)
+        assert err.value.field == "lr" and ("held-out" if held_out else "training-example") in str(err.value)
+
+
+def test_a_fresh_model_that_has_not_fallen_below_a_uniform_guess_yet_is_not_diverged():
+    """A fresh model starts above ln(VOCAB) = 3.689 (3.697 on these examples: its random logits). One step at
+    a rate like refusion train's default (2e-3) takes it below (3.611); at 1e-5, or inside a warm-up, it stays
+    above but below its start (3.6967): not a divergence, so not refused."""
+    heldout = _counting_pairs(8, 1)
+    for lr, steps in ((2e-3, 1), (2e-3, 5), (1e-5, 1), (1e-5, 5)):
+        [record] = train_model(_tiny_qwen3(), _counting_pairs(64, 0), steps=steps, batch_tokens=16 * 13, lr=lr,
+                               mask_token_id=MASK, eos_token_id=EOS, seed=0, log_every=100, heldout=heldout)
+        assert (record["heldout_ar_loss"] < math.log(VOCAB)) == (lr == 2e-3), (lr, steps, record)
 
 
 def test_data_workers_leave_ctrl_c_to_the_training_process():
