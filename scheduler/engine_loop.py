@@ -140,7 +140,7 @@ class EngineLoop:
         runs that step's forward meanwhile and makes its reads when the bitmask arrives (vLLM's
         structured outputs under async scheduling).
 
-        A failed forward is re-run item by item (scheduler.execute_isolated): requests whose own
+        A failed forward is re-run item by item (`_rerun_isolated`): requests whose own
         forward fails end with the error, the others continue with their results, so no request sees
         an error it did not cause."""
         bitmasks = self._deferred_bitmasks(plan) if launched is not None else None
@@ -152,38 +152,14 @@ class EngineLoop:
         ahead_launched = None
         start = time.perf_counter()
         try:
-            # The last step's text is streamed once this step's device work is queued (the runner's
-            # workers.batch.notify_launched), while the worker thread waits for the results with the
-            # GIL released; streamed before the thread had packed and launched the step, it would
-            # delay the launch instead (the thread needs the GIL for that)
-            loop = asyncio.get_running_loop()
-            launch_done = loop.create_future()
-
-            def on_launch() -> None:
-                loop.call_soon_threadsafe(set_once, launch_done)
-
-            forward = loop.run_in_executor(None, functools.partial(contextvars.copy_context().run, forward_step,
-                                                                   self.scheduler.runners, plan, on_launch,
-                                                                   launched, ahead, bitmasks))
-            if self._unstreamed:
-                await asyncio.wait([launch_done, forward], return_when=asyncio.FIRST_COMPLETED)
-                self._flush_streams()
-            results, ahead_launched = await forward
+            results, ahead_launched = await self._forward_off_loop(plan, launched, ahead, bitmasks)
             return results
         except Exception as exc:
             log.warning("forward_failed", error=f"{type(exc).__name__}: {exc}", requests=[r.id for r, _ in plan.items])
             if ahead is not None:  # (not launched, or waited for and left out: it was fed by this step)
                 self._drop_ahead(ahead)
                 ahead = None
-            if launched is not None:  # a step launched ahead: its fed-back tokens are on the host by now
-                plan = StepPlan([(req, self._host_segment(req, seg)) for req, seg in plan.items], plan.tables)
-            results = [exc] if len(plan.items) == 1 else await asyncio.to_thread(execute_isolated, self.scheduler.runners, plan)
-            for i, ((req, _), result) in enumerate(zip(plan.items, results)):
-                if isinstance(result, Exception):
-                    self._segment_back(req)  # (cancelled meanwhile: its KV waited for the forward)
-                    self._finish(req, FinishReason.ERROR, error=f"forward failed: {type(result).__name__}: {result}")
-                    results[i] = None
-            return results
+            return await self._rerun_isolated(plan, launched, exc)
         finally:
             if ahead is not None and ahead_launched is None:
                 self._drop_ahead(ahead)  # its launch failed
@@ -192,6 +168,42 @@ class EngineLoop:
                 self.ahead_steps += 1
             self.forwards += 1
             self.metrics.forward_time.observe(time.perf_counter() - start)
+
+    async def _forward_off_loop(self, plan: StepPlan, launched, ahead: StepPlan | None, bitmasks):
+        """Run `plan` (and launch `ahead` behind it) in a worker thread (engine_ahead.forward_step),
+        streaming the previous step's text once this step is launched. Returns (results, the launched
+        `ahead`, or None); raises what the forward raised."""
+        # The last step's text is streamed once this step's device work is queued (the runner's
+        # workers.batch.notify_launched), while the worker thread waits for the results with the
+        # GIL released; streamed before the thread had packed and launched the step, it would
+        # delay the launch instead (the thread needs the GIL for that)
+        loop = asyncio.get_running_loop()
+        launch_done = loop.create_future()
+
+        def on_launch() -> None:
+            loop.call_soon_threadsafe(set_once, launch_done)
+
+        forward = loop.run_in_executor(None, functools.partial(contextvars.copy_context().run, forward_step,
+                                                               self.scheduler.runners, plan, on_launch,
+                                                               launched, ahead, bitmasks))
+        if self._unstreamed:
+            await asyncio.wait([launch_done, forward], return_when=asyncio.FIRST_COMPLETED)
+            self._flush_streams()
+        return await forward
+
+    async def _rerun_isolated(self, plan: StepPlan, launched, exc: Exception) -> list:
+        """After the forward of `plan` raised `exc`: each item re-run alone (scheduler.execute_isolated; a
+        one-item plan's error is its own). Requests whose own forward fails end with the error (their
+        result None); the others keep their results."""
+        if launched is not None:  # a step launched ahead: its fed-back tokens are on the host by now
+            plan = StepPlan([(req, self._host_segment(req, seg)) for req, seg in plan.items], plan.tables)
+        results = [exc] if len(plan.items) == 1 else await asyncio.to_thread(execute_isolated, self.scheduler.runners, plan)
+        for i, ((req, _), result) in enumerate(zip(plan.items, results)):
+            if isinstance(result, Exception):
+                self._segment_back(req)  # (cancelled meanwhile: its KV waited for the forward)
+                self._finish(req, FinishReason.ERROR, error=f"forward failed: {type(result).__name__}: {result}")
+                results[i] = None
+        return results
 
     def _end_unplanned(self, plan: StepPlan) -> None:
         """End the requests `plan` holds without a step: those that failed to start (their decoder could
