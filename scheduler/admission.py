@@ -52,6 +52,7 @@ from scheduler.api import Mode, Priority
 from scheduler.plan import StepPlan
 from scheduler.prefix_cache import PrefixHit
 from scheduler.request import Request, RequestStatus
+from scheduler.routing import RouteDecision
 
 log = structlog.get_logger("scheduler")
 BACKFILL_SCAN = 16  # later requests looked at per step around a head waiting for KV (each costs a route decision and a prefix lookup)
@@ -281,14 +282,28 @@ class Admission:
         prefilling = (self.kv.prefill_in_flight(req, hit, self.running, self.config.prefix_wait_blocks)
                       if lookup else None)
         if prefilling is not None:  # its prompt is being computed right now: read it once cached
-            req.prefix_wait, req.kv_wait = prefilling.id, None
-            req.prefix_waits += 1
-            if req.prefix_waits == 1 and not req.spec.internal:
-                self.metrics.prefix_waits.inc()
-                log.info("waits_for_prefix", request_id=req.id, prefilling=prefilling.id)
+            self._wait_for_prefill(req, prefilling)
             return False
+        if not self._make_room(req, key, hit, held_blocks if key == "main" else 0):
+            return False
+        self._start_running(req, key, decision, hit, route_key)
+        return True
+
+    def _wait_for_prefill(self, req: Request, prefilling: Request) -> None:
+        """`req` waits for the prompt `prefilling` is computing (req.prefix_wait), counted and logged at
+        its first wait."""
+        req.prefix_wait, req.kv_wait = prefilling.id, None
+        req.prefix_waits += 1
+        if req.prefix_waits == 1 and not req.spec.internal:
+            self.metrics.prefix_waits.inc()
+            log.info("waits_for_prefix", request_id=req.id, prefilling=prefilling.id)
+
+    def _make_room(self, req: Request, key: str, hit: PrefixHit, held: int) -> bool:
+        """Whether runner `key` has KV for `req` (its estimate less the blocks of its prefix `hit`) beyond
+        `held` blocks, evicting prefix-cache blocks when that makes it fit; else False with
+        `req.kv_wait` = (key, blocks short)."""
+        cache = self.prefix_cache if key == "main" else None
         need = req.kv_blocks - len(hit.block_ids)
-        held = held_blocks if key == "main" else 0
         available = self.kv_available(key) - held
         # Evict only when that lets it start: evicting for a request that still cannot start emptied the
         # cache at every step it waited, and the requests backfilled meanwhile lost their hits
@@ -300,6 +315,12 @@ class Admission:
             req.kv_wait = (key, need - available)
             return False
         req.kv_wait = None
+        return True
+
+    def _start_running(self, req: Request, key: str, decision: RouteDecision, hit: PrefixHit,
+                       route_key: int | None) -> None:
+        """`req` starts on runner `key` in `decision.mode`: its decoder is built, its KV (on the blocks of
+        its prefix `hit`) taken, and it joins `running`; a first start is counted in the metrics."""
         spec = req.spec
         grammar = {"constraint": req.grammar.constraint()} if req.grammar is not None else {}  # fakes take none
         req.decoder = self.factories[key].create(decision.mode, req.id, spec.prompt_ids, req.params, spec.suffix_ids,
@@ -326,4 +347,3 @@ class Admission:
             # an infill's suffix is prompt too: the engine prefills it after the gap
             self.metrics.prompt_tokens.inc(len(spec.prompt_ids) + len(spec.suffix_ids or ()))
         self.record_decision(req, decision, "route", count=not rerun, rerun=rerun)
-        return True
