@@ -70,20 +70,63 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
     seg = _per_segment(segments, tables, ids)
     counts = np.stack([seg["n_argmax"], seg["n_prob"], seg["n_sample"], seg["n_logits"]], axis=1)  # [n_seg, 4]
     index = np.arange(len(segments))
+    tokens, positions, flat_tables, run_lens = _flat_tokens(segments, tables, ids, seg, index)
+    n_reads = counts.sum(1)
+    rows, kinds, read_owner, prob_tokens = _flat_reads(segments, ids, counts, n_reads, index)
+    masks = [g.token_bitmask for g in segments]
+    layout, group_order, chosen = _plan_layout(segments, seg, kinds, read_owner, masks, block_size, pad,
+                                               group_attention)
+    step = PackedStep(layout, np.zeros(layout.size, dtype=np.int64), len(tokens), len(rows),
+                      np.concatenate(([0], np.cumsum(n_reads))), counts[:, :3].sum(1), counts[:, 3], seg,
+                      np.append(flat_tables, scratch_block), kinds, read_owner)
+    if layout.deferred_reads:
+        step.deferred = chosen
+        step.view("deferred_rows")[:len(chosen)] = chosen  # (padding: row 0, whose kept logits go unread)
+    if layout.attention_groups:
+        step.view("group_seqs")[:] = group_order
+    q_start = _fill_tokens(step, tokens, positions, run_lens, scratch_block)
+    _fill_sequences(step, q_start, scratch_block)
+    _fill_reads(step, q_start, rows, kinds, read_owner, prob_tokens)
+    if layout.mask_words:
+        step.token_bitmasks = masks
+        _fill_bitmask(step, masks, kinds, read_owner)
+    if layout.bias_width:
+        _fill_bias(step, segments, kinds, read_owner, ids)
+    return step
+
+
+def _flat_tokens(segments: list[Segment], tables: list[list[int]], ids: list[str], seg: dict,
+                 index: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The step's tokens and positions [t], block tables [sum of table lengths] and branch run lengths
+    [runs] (a segment without branch_lens is one run), each concatenated over the segments."""
     tok_owner = np.repeat(index, seg["n"])
     t = len(tok_owner)
     tokens = _flat([g.token_ids for g in segments], t, "token_ids", ids, tok_owner)
     positions = _flat([g.positions for g in segments], t, "positions", ids, tok_owner)
     flat_tables = _flat(tables, int(seg["table_len"].sum()), "block_table", ids, np.repeat(index, seg["table_len"]))
     run_lens = np.fromiter(chain.from_iterable(g.branch_lens or (len(g.token_ids),) for g in segments), np.int64)
-    n_reads = counts.sum(1)
+    return tokens, positions, flat_tables, run_lens
+
+
+def _flat_reads(segments: list[Segment], ids: list[str], counts: np.ndarray, n_reads: np.ndarray,
+                index: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The step's reads [r], each segment's in KINDS order (argmax, prob, sample, logits-only rows): each
+    read's row within its segment's query, its kind and its segment; and the prob reads' given tokens."""
     read_owner = np.repeat(index, n_reads)
     rows = np.fromiter(chain.from_iterable(g.reads.argmax + g.reads.prob + g.reads.sample + g.reads.logits
                                            for g in segments), dtype=np.int64, count=len(read_owner))
     prob_tokens = _flat([g.reads.prob_tokens for g in segments], int(counts[:, 1].sum()), "prob_tokens", ids,
                         np.repeat(index, counts[:, 1]))
     kinds = np.repeat(np.tile(KINDS, len(segments)), counts.ravel())
-    masks = [g.token_bitmask for g in segments]
+    return rows, kinds, read_owner, prob_tokens
+
+
+def _plan_layout(segments: list[Segment], seg: dict, kinds: np.ndarray, read_owner: np.ndarray,
+                 masks: list[bytes | None], block_size: int, pad: bool,
+                 group_attention: bool) -> tuple[StepLayout, np.ndarray | None, np.ndarray | None]:
+    """The step's layout: the shapes (`_layout`) and what its segments ask for besides (token bitmasks,
+    logprobs and ranks, logit bias pairs, attention groups, reads whose bitmask is deferred). Returns
+    (layout, the sequences in attention-group order or None, the deferred read rows or None)."""
     mask_words = max(-(-len(m) // 8) for m in masks if m is not None) if any(m is not None for m in masks) else 0
     layout = _layout(seg, kinds, read_owner, block_size, mask_words if len(kinds) else 0, pad)
     if len(kinds) and any(g.logprobs is not None and len(g.reads) for g in segments):
@@ -97,27 +140,11 @@ def pack_step(segments: list[Segment], tables: list[list[int]], block_size: int,
         else ((), None)
     if groups:
         layout = dataclasses.replace(layout, attention_groups=groups)
-    deferred = [i for i, g in enumerate(segments) if g.deferred_mask]
+    deferred, chosen = [i for i, g in enumerate(segments) if g.deferred_mask], None
     if deferred and len(kinds):
         chosen = np.flatnonzero(np.isin(read_owner, deferred) & ((kinds == 0) | (kinds == 2)))
         layout = dataclasses.replace(layout, deferred_reads=bucket(len(chosen), 1) if pad else len(chosen))
-    step = PackedStep(layout, np.zeros(layout.size, dtype=np.int64), t, len(rows),
-                      np.concatenate(([0], np.cumsum(n_reads))), counts[:, :3].sum(1), counts[:, 3], seg,
-                      np.append(flat_tables, scratch_block), kinds, read_owner)
-    if layout.deferred_reads:
-        step.deferred = chosen
-        step.view("deferred_rows")[:len(chosen)] = chosen  # (padding: row 0, whose kept logits go unread)
-    if groups:
-        step.view("group_seqs")[:] = group_order
-    q_start = _fill_tokens(step, tokens, positions, run_lens, scratch_block)
-    _fill_sequences(step, q_start, scratch_block)
-    _fill_reads(step, q_start, rows, kinds, read_owner, prob_tokens)
-    if layout.mask_words:
-        step.token_bitmasks = masks
-        _fill_bitmask(step, masks, kinds, read_owner)
-    if layout.bias_width:
-        _fill_bias(step, segments, kinds, read_owner, ids)
-    return step
+    return layout, group_order, chosen
 
 
 def _layout(seg: dict, kinds: np.ndarray, read_owner: np.ndarray, block_size: int, mask_words: int,
