@@ -249,7 +249,7 @@ def report(stats: dict, args, where: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
     parser.add_argument("--url", default=None, help="measure a running server instead of an in-process one")
@@ -271,6 +271,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.url and (args.batch_load or args.no_aging or args.max_running or args.heavy or args.no_fair_share):
         raise SystemExit("--batch-load, --no-aging, --max-running, --heavy and --no-fair-share need the in-process "
                          "server: drop --url")
+    return args
+
+
+def merge_editors(runs: list[dict]) -> dict:
+    """The stats of several editors' runs (`measure`) as one: their latencies and tokens per forward
+    pooled, stop reasons summed; exact matches and the server are the first editor's."""
+    merged = {"first": [], "full": [], "tpf": [], "exact": runs[0]["exact"], "reasons": {}, "server": runs[0]["server"]}
+    for one in runs:
+        for key in ("first", "full", "tpf"):
+            merged[key] += one[key]
+        for reason, count in one["reasons"].items():
+            merged["reasons"][reason] = merged["reasons"].get(reason, 0) + count
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     cases = held_out_cases(args.cases, args.seed, heldout_fraction_of(Path(args.model)))
 
     async def run(url: str) -> dict:
@@ -278,13 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             return await measure(url, cases, args.repeats, args.max_time_ms, args.mode, args.api_key)
         runs = await asyncio.gather(*(measure(url, cases[k % len(cases):] + cases[:k % len(cases)], args.repeats,
                                               args.max_time_ms, args.mode, args.api_key) for k in range(args.editors)))
-        merged = {"first": [], "full": [], "tpf": [], "exact": runs[0]["exact"], "reasons": {}, "server": runs[0]["server"]}
-        for one in runs:
-            for key in ("first", "full", "tpf"):
-                merged[key] += one[key]
-            for reason, count in one["reasons"].items():
-                merged["reasons"][reason] = merged["reasons"].get(reason, 0) + count
-        return merged
+        return merge_editors(runs)
 
     if args.url:
         from websockets.exceptions import InvalidHandshake, InvalidURI
