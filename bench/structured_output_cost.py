@@ -6,6 +6,7 @@ run); and the prompts and the request collector every table uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import time
@@ -37,67 +38,82 @@ def grammars() -> dict:
 
 
 async def run(model_dir: Path, requests: int, tokens: int) -> list[dict]:
-    import decoding.grammar as grammar_module
+    """The table's rows: each grammar's N requests run once as a warm-up, then measured (`_row`)."""
     from bench.step_clock import clock_steps
     from integrations.engine_host import build_engine
     from scheduler.api import GenerationRequest, Mode
 
     engine, tokenizer = build_engine(model_dir)
     await engine.start()
-    timings: list[float] = []
-    original = grammar_module.TokenConstraint.bitmask
-
-    def timed(self):
-        start = time.perf_counter()
-        try:
-            return original(self)
-        finally:
-            timings.append(time.perf_counter() - start)
-
-    compiles: list[float] = []
-    original_init = grammar_module.Grammar.__init__
-
-    def timed_init(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            original_init(self, *args, **kwargs)
-        finally:
-            compiles.append(time.perf_counter() - start)
-
-    grammar_module.TokenConstraint.bitmask = timed
-    grammar_module.Grammar.__init__ = timed_init
-    starts = clock_steps(engine)
     rows = []
     try:
-        # every case once as a warm-up (first steps of each shape, llguidance's lazy tables), then measured
-        for measured, (name, grammar) in [(m, case) for m in (False, True) for case in grammars().items()]:
-            timings.clear(), compiles.clear(), starts.clear()
-            engine.grammars.close()  # each case compiles its grammar (once: its requests share it)
-            specs = [GenerationRequest(f"{name}-{i}-{measured}", tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
-                                       {"gen_length": tokens}, mode=Mode.AR, grammar=grammar) for i in range(requests)]
-            forwards_before, start = engine.forwards, time.perf_counter()
-            outputs = await asyncio.gather(*(collect(engine, s) for s in specs))
-            wall = time.perf_counter() - start
-            steps = engine.forwards - forwards_before
-            masks_us = sorted(t * 1e6 for t in timings)
-            gaps = [b - a for a, b in zip(starts, starts[1:])]
-            if not measured:
-                continue
-            rows.append({
-                "grammar": name, "requests": requests, "tokens": sum(o[0] for o in outputs), "steps": steps,
-                "tokens_per_forward": round(sum(o[0] for o in outputs) / max(1, sum(o[2] for o in outputs)), 2),
-                "compile_ms": round(1000 * statistics.mean(compiles), 1) if compiles else 0.0,
-                "step_ms_p50": round(1000 * statistics.median(gaps), 2) if gaps else 0.0,
-                "mask_p50_us": round(statistics.median(masks_us), 1) if masks_us else 0.0,
-                "mask_p95_us": round(masks_us[int(0.95 * (len(masks_us) - 1))], 1) if masks_us else 0.0,
-                "mask_share_of_wall": round(sum(timings) / wall, 3) if timings else 0.0,
-                "complete_json": (sum(_is_json(o[1]) for o in outputs) if name == "json_schema" else None),
-            })
+        with _grammar_clock() as (timings, compiles):
+            starts = clock_steps(engine)
+            # every case once as a warm-up (first steps of each shape, llguidance's lazy tables), then measured
+            for measured, (name, grammar) in [(m, case) for m in (False, True) for case in grammars().items()]:
+                timings.clear(), compiles.clear(), starts.clear()
+                engine.grammars.close()  # each case compiles its grammar (once: its requests share it)
+                specs = [GenerationRequest(f"{name}-{i}-{measured}", tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
+                                           {"gen_length": tokens}, mode=Mode.AR, grammar=grammar)
+                         for i in range(requests)]
+                forwards_before, start = engine.forwards, time.perf_counter()
+                outputs = await asyncio.gather(*(collect(engine, s) for s in specs))
+                wall = time.perf_counter() - start
+                if measured:
+                    rows.append(_row(name, requests, outputs, engine.forwards - forwards_before, wall,
+                                     timings, compiles, starts))
+    finally:
+        await engine.stop(drain_timeout_s=1)
+    return rows
+
+
+@contextlib.contextmanager
+def _grammar_clock():
+    """Time every grammar's compile (decoding.grammar.Grammar.__init__) and every token bitmask
+    (TokenConstraint.bitmask) while inside: yields the two lists of seconds (bitmasks, compiles)
+    they are appended to; the methods are restored on leaving."""
+    import decoding.grammar as grammar_module
+
+    timings: list[float] = []
+    compiles: list[float] = []
+    original, original_init = grammar_module.TokenConstraint.bitmask, grammar_module.Grammar.__init__
+    grammar_module.TokenConstraint.bitmask = _timed(original, timings)
+    grammar_module.Grammar.__init__ = _timed(original_init, compiles)
+    try:
+        yield timings, compiles
     finally:
         grammar_module.TokenConstraint.bitmask = original
         grammar_module.Grammar.__init__ = original_init
-        await engine.stop(drain_timeout_s=1)
-    return rows
+
+
+def _timed(method, seconds: list[float]):
+    """`method` wrapped to append each call's seconds to `seconds`."""
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    return timed
+
+
+def _row(name: str, requests: int, outputs: list[tuple], steps: int, wall: float, timings: list[float],
+         compiles: list[float], starts: list[float]) -> dict:
+    """One grammar's measured row, from its requests' `collect` outputs, the engine steps and seconds it
+    took, and the bitmask times, compile times and step starts recorded meanwhile."""
+    masks_us = sorted(t * 1e6 for t in timings)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    return {
+        "grammar": name, "requests": requests, "tokens": sum(o[0] for o in outputs), "steps": steps,
+        "tokens_per_forward": round(sum(o[0] for o in outputs) / max(1, sum(o[2] for o in outputs)), 2),
+        "compile_ms": round(1000 * statistics.mean(compiles), 1) if compiles else 0.0,
+        "step_ms_p50": round(1000 * statistics.median(gaps), 2) if gaps else 0.0,
+        "mask_p50_us": round(statistics.median(masks_us), 1) if masks_us else 0.0,
+        "mask_p95_us": round(masks_us[int(0.95 * (len(masks_us) - 1))], 1) if masks_us else 0.0,
+        "mask_share_of_wall": round(sum(timings) / wall, 3) if timings else 0.0,
+        "complete_json": (sum(_is_json(o[1]) for o in outputs) if name == "json_schema" else None),
+    }
 
 
 async def collect(engine, spec) -> tuple[int, str, int]:
