@@ -81,6 +81,26 @@ def at_most(limit: int, parse=positive_int):
     return bounded
 
 
+def check_gen_length(parser: argparse.ArgumentParser, flag: str, tokens: int, model: str | Path) -> None:
+    """Exit with argparse's usage error naming `flag` when the engine would refuse gen_length `tokens` for
+    the model directory `model`: it rounds the length up to whole slots and splits it into the model's
+    serial_num_blocks equal blocks of whole slots (decoding.params.DecodeParams, with the model's
+    refusion.json defaults), so only multiples of slot_size x serial_num_blocks work. Checked before
+    the run, not a traceback from the first request minutes in."""
+    from decoding.api import DecodeParamError
+    from decoding.params import DecodeParams, load_model_defaults
+
+    defaults = load_model_defaults(model)
+    slot, blocks = defaults["slot_size"], defaults["serial_num_blocks"]
+    try:
+        DecodeParams(eos_token_id=0, mask_token_id=0, gen_length=tokens, slot_size=slot, serial_num_blocks=blocks)
+    except DecodeParamError:
+        step = slot * blocks
+        parser.error(f"{flag} {tokens}: the engine decodes {Path(model).name}'s requests in {blocks} blocks of whole "
+                     f"{slot}-token slots (its serial_num_blocks and slot_size), which {tokens} tokens do not split "
+                     f"into; use a multiple of {step} ({step}, {2 * step}, ...)")
+
+
 def torch_device(text: str) -> str:
     """A torch device this machine has: cpu, or cuda[:N] where CUDA is available."""
     import torch

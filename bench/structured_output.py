@@ -21,6 +21,9 @@ item limit; integrations.request_limits.grammar_off_loop), against the same chat
 The first table is bench/structured_output_cost.py's, the others bench/structured_output_beside.py's.
 
     python -m bench.structured_output [--model DIR] [--requests 8] [--tokens 64] [--only refused-schemas]
+
+--tokens is each request's gen_length: a multiple of the model's slot_size x serial_num_blocks (64 for the
+shipped model); another is a usage error naming it (bench_args.check_gen_length).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ DEFAULT_MODEL = REPO / "models" / "refusion-tiny-code"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.bench_args import positive_int
+    from bench.bench_args import check_gen_length, positive_int
     from bench.structured_output_beside import (beside_ambiguous, beside_large_schema, beside_refused_schemas,
                                                 beside_slow_grammars)
     from bench.structured_output_cost import run
@@ -44,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--requests", type=positive_int, default=8)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=positive_int, default=64,
+                        help="tokens per request: a multiple of the model's slot_size x serial_num_blocks")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only", choices=["refused-schemas"], help="run only this part")
     args = parser.parse_args(argv)
+    check_gen_length(parser, "--tokens", args.tokens, args.model)
     import torch
 
     torch.set_num_threads(1)  # as bench/model_card.py: steadier step times on a shared 2-core machine
