@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402
 
-from bench.bench_args import model_dir, positive_int, positive_ints  # noqa: E402
+from bench.bench_args import check_gen_length, count, model_dir, positive_int, positive_ints  # noqa: E402
 from scheduler.api import GenerationRequest, InvalidRequestError, Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=positive_int, default=6,
                         help="requests per level and round (at least the concurrency)")
     parser.add_argument("--rounds", type=positive_int, default=5, help="interleaved repetitions of every level")
-    parser.add_argument("--gen-length", type=int, default=0,
+    parser.add_argument("--gen-length", type=count, default=0,
                         help="tokens per request, a multiple of the model's slot_size x serial_num_blocks; 0 (the "
                              "default) = the model's own gen_length")
     parser.add_argument("--prompts", choices=("short", "long"), default="short",
@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--async-scheduling", choices=tuple(OVERLAP), default="auto", help=ASYNC_HELP)
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
+    if args.gen_length and not args.random_model:  # (the random model's shape is known once it is built)
+        check_gen_length(parser, "--gen-length", args.gen_length, args.model)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     import torch
 

@@ -165,7 +165,7 @@ async def bench_scoring(model_dir: Path, requests: int, prompt_tokens: int) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.bench_args import positive_int, torch_device
+    from bench.bench_args import check_gen_length, positive_int, torch_device
     from decoding.params import DecodeParamError
     from scheduler.api import InvalidRequestError
 
@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = parts - {"reads", "engine", "format", "scoring"}
     if unknown:
         parser.error(f"--parts: unknown {sorted(unknown)}; choose among reads, engine, format, scoring")
+    if "engine" in parts:
+        check_gen_length(parser, "--tokens", args.tokens, model_dir)
     print(f"machine: {platform.processor() or platform.machine()}, device {args.device}, model {model_dir.name}")
     if "reads" in parts:
         reads = bench_reads(args.device, [int(v) for v in args.vocabs.split(",")],
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if "engine" in parts:
         try:
             engine = asyncio.run(bench_engine(model_dir, args.requests, args.tokens))
-        except (DecodeParamError, InvalidRequestError) as exc:  # the decode shape's check
+        except (DecodeParamError, InvalidRequestError) as exc:  # what the engine refuses past the shape (KV room)
             parser.error(f"--tokens {args.tokens}: {exc}")
         print("\n| engine: mode | logprobs | requests | tokens | step ms p50 | tok/s |\n|---|---|---|---|---|---|")
         for r in engine:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -32,3 +34,13 @@ def test_logprobs_bench_measures_only_the_parts_asked(capsys):
     assert logprobs.main(["--vocabs", "64", "--rows", "2", "--repeats", "1", "--parts", "reads"]) == 0
     out = capsys.readouterr().out
     assert "| 64 | 2 |" in out and "engine:" not in out and "scoring:" not in out and "us/token" not in out
+
+
+def test_tokens_the_engine_cannot_split_is_refused_before_any_part_runs(capsys):
+    """--tokens 8 on the shipped model (8 blocks of 8-token slots): the usage error names the multiples
+    that work, before the reads part or a model load (it came after them, in the engine's words)."""
+    with pytest.raises(SystemExit) as exited:
+        logprobs.main(["--parts", "engine", "--tokens", "8"])
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--tokens 8: " in err and "use a multiple of 64" in err, (out, err)

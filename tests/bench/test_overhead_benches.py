@@ -115,6 +115,18 @@ def test_bad_bench_arguments_are_one_usage_line(capsys):
         assert exited.value.code == 2 and said in capsys.readouterr().err, module.__name__
 
 
+def test_concurrency_gen_length_the_engine_cannot_split_is_refused_before_the_model_loads(capsys):
+    """--gen-length 8 on the shipped model (8 blocks of 8-token slots): the usage error names the multiples
+    that work, before the model loads and the router calibrates (it came after, in the engine's words)."""
+    import concurrency
+
+    with pytest.raises(SystemExit) as exited:
+        concurrency.main(["--gen-length", "8", "--levels", "1", "--rounds", "1", "--requests", "1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--gen-length 8: " in err and "use a multiple of 64" in err, err
+
+
 def test_editor_latency_against_no_server_says_so(capsys):
     """--url where nothing listens: one line naming --url (it was a ConnectionRefusedError traceback)."""
     import socket
