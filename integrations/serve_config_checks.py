@@ -64,6 +64,7 @@ def checked_application(data: dict) -> dict:
         raise CLIError(f"--config: applications: must be a list of exactly one application mapping, found {found}")
     _check_keys(apps[0], ServeApplicationSchema, "applications[0].")
     _check_applied(apps[0], "applications[0].", ServeApplicationSchema, _APP_APPLIED, _APP_FIXED)
+    _check_runtime_env(apps[0].get("runtime_env"), "applications[0].runtime_env.")
     return apps[0]
 
 
@@ -108,6 +109,9 @@ def _check_deployment_entry(name: str, entry: dict) -> None:
             error = exc.errors()[0]
             key = "".join(f".{part}" for part in error["loc"])
             raise CLIError(f"--config: {where}{key}: {error['msg'].removeprefix('Value error, ')}") from None
+    actor = entry.get("ray_actor_options")
+    if isinstance(actor, dict):  # the replicas' own runtime_env, over the application's
+        _check_runtime_env(actor.get("runtime_env"), f"applications[0].deployments {name} ray_actor_options.runtime_env.")
     if entry.get("user_config") is not None:  # Ray fails every replica on it, in a loop
         raise CLIError(f"--config: applications[0].deployments {name} user_config: not used by this application "
                        "(its deployments have no reconfigure); set engine and runner settings under args")
@@ -239,6 +243,38 @@ def check_http_options(http: dict) -> None:
             ssl.create_default_context(cafile=http["ssl_ca_certs"])
         except (OSError, ValueError) as exc:
             raise CLIError(f"--config: http_options.ssl_ca_certs: does not load ({exc}); give a PEM CA bundle") from None
+
+
+def _check_runtime_env(env, where: str) -> None:
+    """Raise CLIError for a runtime_env key the installed Ray does not know: RuntimeEnv takes any key as a
+    plugin's, and the runtime env agent drops one no plugin claims with a warning in its
+    runtime_env_setup log, so `{bogus: 1}` (or a typo such as env_var) was accepted and did nothing.
+    Known: RuntimeEnv's fields and keyword names (nsight for _nsight), and the plugins RAY_RUNTIME_ENV_PLUGINS
+    loads in this shell (a local Ray's agent inherits it). `config`'s keys are RuntimeEnvConfig's."""
+    import inspect
+
+    from ray._private.runtime_env.constants import RAY_RUNTIME_ENV_PLUGINS_ENV_VAR
+    from ray.runtime_env import RuntimeEnv, RuntimeEnvConfig
+
+    if not isinstance(env, dict):
+        return  # (not a mapping: named as Ray's schema check or _section names it)
+    keywords = inspect.signature(RuntimeEnv.__init__).parameters
+    known = set(RuntimeEnv.known_fields) | {k for k, p in keywords.items() if p.kind is p.KEYWORD_ONLY and k != "_validate"}
+    if set(env) - known and os.environ.get(RAY_RUNTIME_ENV_PLUGINS_ENV_VAR):
+        from ray._private.runtime_env.plugin import RuntimeEnvPluginManager
+
+        try:
+            known |= set(RuntimeEnvPluginManager().plugins)
+        except (ValueError, RuntimeError, ImportError, AttributeError) as exc:
+            raise CLIError(f"{RAY_RUNTIME_ENV_PLUGINS_ENV_VAR}: Ray cannot load its plugins ({exc})") from None
+    if unknown := sorted(str(k) for k in env if k not in known):
+        raise CLIError(f"--config: {where}{unknown[0]}: not a runtime_env field Ray knows (its runtime env agent "
+                       f"would ignore it); the fields are {', '.join(sorted(known))} (a runtime env plugin's field: "
+                       f"load the plugin with {RAY_RUNTIME_ENV_PLUGINS_ENV_VAR} in this shell too)")
+    if isinstance(env.get("config"), dict) and (unknown := sorted(str(k) for k in env["config"]
+                                                                  if k not in RuntimeEnvConfig.known_fields)):
+        raise CLIError(f"--config: {where}config.{unknown[0]}: not a runtime_env config field Ray knows (it ignores "
+                       f"it); the fields are {', '.join(sorted(RuntimeEnvConfig.known_fields))}")
 
 
 def _check_keys(mapping: dict, schema, where: str) -> None:

@@ -1,0 +1,85 @@
+"""integrations/serve_config_checks.py: the runtime_env of a `refusion serve --config` file, the
+application's and a deployment's (ray_actor_options), is checked against what the installed Ray takes;
+no Ray starts here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from integrations.serve_config_checks import CLIError
+from integrations.serve_config_file import load_config_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(tmp_path: Path, app: dict | None = None, engine_entry: dict | None = None) -> Path:
+    """config/serve.yaml with `app` merged into its application and `engine_entry` as its engine
+    deployment's entry, written to tmp_path."""
+    shipped = yaml.safe_load((REPO / "config" / "serve.yaml").read_text())
+    shipped["applications"][0].update(app or {})
+    if engine_entry is not None:
+        shipped["applications"][0]["deployments"] = [{"name": "RefusionEngine", **engine_entry}]
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(shipped))
+    return path
+
+
+def _ray_fields() -> set[str]:
+    """The runtime_env keys the installed Ray's RuntimeEnv names: its fields and keyword arguments."""
+    import inspect
+
+    from ray.runtime_env import RuntimeEnv
+
+    keywords = inspect.signature(RuntimeEnv.__init__).parameters
+    return set(RuntimeEnv.known_fields) | {k for k, p in keywords.items() if p.kind is p.KEYWORD_ONLY} - {"_validate"}
+
+
+@pytest.mark.parametrize("app, engine_entry, place", [
+    ({"runtime_env": {"env_vars": {"A": "1"}, "bogus": 1}}, None, "applications[0].runtime_env.bogus"),
+    ({"runtime_env": {"env_var": {"A": "1"}}}, None, "applications[0].runtime_env.env_var"),  # a typo of env_vars
+    (None, {"ray_actor_options": {"runtime_env": {"bogus": 1}}},
+     "applications[0].deployments RefusionEngine ray_actor_options.runtime_env.bogus"),
+    ({"runtime_env": {"config": {"setup_timeout_seconds": 60, "bogus": 1}}}, None,
+     "applications[0].runtime_env.config.bogus"),
+])
+def test_a_runtime_env_key_ray_does_not_know_is_named_with_the_ones_it_does(tmp_path, app, engine_entry, place):
+    """Ray's RuntimeEnv takes any key as a plugin's, and its runtime env agent drops one no plugin claims
+    with a warning in a session log file: `runtime_env: {bogus: 1}` was accepted and did nothing."""
+    with pytest.raises(CLIError) as err:
+        load_config_file(_config(tmp_path, app, engine_entry))
+    said = str(err.value)
+    assert said.startswith(f"--config: {place}: not a runtime_env "), said
+    if not place.endswith("config.bogus"):
+        assert "env_vars, " in said and "working_dir" in said and "RAY_RUNTIME_ENV_PLUGINS" in said, said
+    else:
+        assert "setup_timeout_seconds" in said, said
+
+
+def test_every_runtime_env_key_ray_knows_passes(tmp_path):
+    """Every field and keyword name of the installed Ray's RuntimeEnv (env_vars, pip, uv, conda,
+    container, image_uri, nsight and _nsight, ...) passes, at the application and in ray_actor_options."""
+    fields = _ray_fields()
+    assert {"env_vars", "pip", "uv", "conda", "working_dir", "py_modules", "nsight", "config"} <= fields
+    every = {key: None for key in fields}  # (the check here is of keys)
+    file = load_config_file(_config(tmp_path, {"runtime_env": every}, {"ray_actor_options": {"runtime_env": every}}))
+    assert file.runtime_env == every
+
+
+def test_a_plugin_that_ray_runtime_env_plugins_loads_passes(tmp_path, monkeypatch):
+    """A runtime env plugin's field passes when RAY_RUNTIME_ENV_PLUGINS in this shell loads the plugin
+    (as a local Ray's agent, which inherits the variable, does); an unloadable list is named."""
+    (tmp_path / "my_plugin.py").write_text(
+        "from ray._private.runtime_env.plugin import RuntimeEnvPlugin\n\n\n"
+        "class MyPlugin(RuntimeEnvPlugin):\n    name = 'my_plugin'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _config(tmp_path, {"runtime_env": {"my_plugin": {"level": 1}}})
+    with pytest.raises(CLIError, match="applications\\[0\\].runtime_env.my_plugin: not a runtime_env field"):
+        load_config_file(path)
+    monkeypatch.setenv("RAY_RUNTIME_ENV_PLUGINS", '[{"class": "my_plugin.MyPlugin"}]')
+    assert load_config_file(path).runtime_env == {"my_plugin": {"level": 1}}
+    monkeypatch.setenv("RAY_RUNTIME_ENV_PLUGINS", '[{"class": "no_such_module.Plugin"}]')
+    with pytest.raises(CLIError, match="^RAY_RUNTIME_ENV_PLUGINS: Ray cannot load its plugins"):
+        load_config_file(path)
