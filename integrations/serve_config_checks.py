@@ -250,7 +250,9 @@ def _check_runtime_env(env, where: str) -> None:
     plugin's, and the runtime env agent drops one no plugin claims with a warning in its
     runtime_env_setup log, so `{bogus: 1}` (or a typo such as env_var) was accepted and did nothing.
     Known: RuntimeEnv's fields and keyword names (nsight for _nsight), and the plugins RAY_RUNTIME_ENV_PLUGINS
-    loads in this shell (a local Ray's agent inherits it). `config`'s keys are RuntimeEnvConfig's."""
+    loads in this shell (a local Ray's agent inherits it). `config`'s keys are RuntimeEnvConfig's. Then a
+    value RuntimeEnv refuses (env_vars that are not strings, pip beside conda, a working_dir that is no
+    path) is named."""
     import inspect
 
     from ray._private.runtime_env.constants import RAY_RUNTIME_ENV_PLUGINS_ENV_VAR
@@ -275,6 +277,12 @@ def _check_runtime_env(env, where: str) -> None:
                                                                   if k not in RuntimeEnvConfig.known_fields)):
         raise CLIError(f"--config: {where}config.{unknown[0]}: not a runtime_env config field Ray knows (it ignores "
                        f"it); the fields are {', '.join(sorted(RuntimeEnvConfig.known_fields))}")
+    # Its values as ray.init checks them, which it did after starting a local Ray: a TypeError traceback, or a
+    # ValueError that start_ray reported as "cannot join the Ray cluster at None"
+    try:
+        RuntimeEnv(**env)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"--config: {where.removesuffix('.')}: {str(exc).splitlines()[0]}") from None
 
 
 def _check_keys(mapping: dict, schema, where: str) -> None:

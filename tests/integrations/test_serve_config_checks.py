@@ -83,3 +83,23 @@ def test_a_plugin_that_ray_runtime_env_plugins_loads_passes(tmp_path, monkeypatc
     monkeypatch.setenv("RAY_RUNTIME_ENV_PLUGINS", '[{"class": "no_such_module.Plugin"}]')
     with pytest.raises(CLIError, match="^RAY_RUNTIME_ENV_PLUGINS: Ray cannot load its plugins"):
         load_config_file(path)
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"env_vars": {"A": 1}}, "applications[0].runtime_env: runtime_env['env_vars'] must be of type Dict[str, str]"),
+    ({"pip": ["requests"], "conda": "base"}, "applications[0].runtime_env: The 'pip' field, 'uv' field, and 'conda' "
+                                             "field of runtime_env cannot be specified at the same time."),
+    ({"working_dir": "/nonexistent/dir"}, "applications[0].runtime_env: /nonexistent/dir is not a valid path"),
+])
+def test_a_runtime_env_value_ray_refuses_is_named_before_ray_starts(tmp_path, env, said):
+    """ray.init checks the job's runtime_env only after it has started a local Ray: env_vars that are not
+    strings were a TypeError traceback, pip beside conda a ValueError that start_ray reported as "cannot
+    join the Ray cluster at None"; each is named at the config check now (a deployment's too)."""
+    with pytest.raises(CLIError) as err:
+        load_config_file(_config(tmp_path, {"runtime_env": env}))
+    assert str(err.value).startswith(f"--config: {said}"), str(err.value)
+    with pytest.raises(CLIError, match="^--config: applications\\[0\\].deployments RefusionEngine "
+                                       "ray_actor_options.runtime_env: "):
+        load_config_file(_config(tmp_path, engine_entry={"ray_actor_options": {"runtime_env": env}}))
+    assert load_config_file(_config(tmp_path, {"runtime_env": {"env_vars": {"A": "1"}, "pip": ["requests"],
+                                                               "working_dir": str(tmp_path)}})).runtime_env
