@@ -89,12 +89,12 @@ def checked_deployments(app: dict) -> dict[str, dict]:
 
 
 def _check_deployment_entry(name: str, entry: dict) -> None:
-    """CLIError for a deployment entry's key Ray Serve does not know (its autoscaling_config's too, and a
-    value its AutoscalingConfig refuses), a user_config, or a num_replicas or max_ongoing_requests out of
-    range."""
+    """CLIError for a deployment entry's key Ray Serve does not know (its autoscaling_config's and
+    ray_actor_options' too, and a value its AutoscalingConfig refuses), a runtime_env Ray does not take
+    (`_check_runtime_env`), a user_config, or a num_replicas or max_ongoing_requests out of range."""
     from pydantic import ValidationError
     from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
-    from ray.serve.schema import DeploymentSchema
+    from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema
 
     _check_keys(entry, DeploymentSchema, f"applications[0].deployments {name} ")
     scaling = entry.get("autoscaling_config")
@@ -110,7 +110,8 @@ def _check_deployment_entry(name: str, entry: dict) -> None:
             key = "".join(f".{part}" for part in error["loc"])
             raise CLIError(f"--config: {where}{key}: {error['msg'].removeprefix('Value error, ')}") from None
     actor = entry.get("ray_actor_options")
-    if isinstance(actor, dict):  # the replicas' own runtime_env, over the application's
+    if isinstance(actor, dict):  # (an unknown key failed the deploy with a traceback after Ray had started)
+        _check_keys(actor, RayActorOptionsSchema, f"applications[0].deployments {name} ray_actor_options.")
         _check_runtime_env(actor.get("runtime_env"), f"applications[0].deployments {name} ray_actor_options.runtime_env.")
     if entry.get("user_config") is not None:  # Ray fails every replica on it, in a loop
         raise CLIError(f"--config: applications[0].deployments {name} user_config: not used by this application "

@@ -1,6 +1,6 @@
 """integrations/serve_config_checks.py: the runtime_env of a `refusion serve --config` file, the
-application's and a deployment's (ray_actor_options), is checked against what the installed Ray takes;
-no Ray starts here."""
+application's and a deployment's (ray_actor_options, whose keys are checked too), is checked against what
+the installed Ray takes; no Ray starts here."""
 
 from __future__ import annotations
 
@@ -103,3 +103,16 @@ def test_a_runtime_env_value_ray_refuses_is_named_before_ray_starts(tmp_path, en
         load_config_file(_config(tmp_path, engine_entry={"ray_actor_options": {"runtime_env": env}}))
     assert load_config_file(_config(tmp_path, {"runtime_env": {"env_vars": {"A": "1"}, "pip": ["requests"],
                                                                "working_dir": str(tmp_path)}})).runtime_env
+
+
+def test_a_ray_actor_options_key_ray_serve_does_not_know_is_named(tmp_path):
+    """An unknown ray_actor_options key passed the config check and failed the deploy with a ValueError
+    traceback after Ray had started (application() builds the deployment options)."""
+    with pytest.raises(CLIError) as err:
+        load_config_file(_config(tmp_path, engine_entry={"ray_actor_options": {"num_cpus": 1, "num_cpu": 2}}))
+    said = str(err.value)
+    assert said.startswith("--config: applications[0].deployments RefusionEngine ray_actor_options.num_cpu: not a "
+                           "Ray Serve config key; the keys here are "), said
+    assert "num_cpus" in said and "runtime_env" in said, said
+    entry = {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0, "memory": 10**9, "resources": {}, "runtime_env": {}}}
+    assert load_config_file(_config(tmp_path, engine_entry=entry)).deployments["RefusionEngine"] == entry
