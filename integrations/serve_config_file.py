@@ -133,15 +133,18 @@ def _apply_replica_flags(deployment: dict, engine_override: dict, args: argparse
 
 
 def _apply_address_flags(file: ConfigFile, args: argparse.Namespace) -> None:
-    """Set file.http's host and port (--host and --port over the file's http_options), both checked, and
-    check the http_options as Ray will take them (check_http_options)."""
-    host = args.host if args.host is not None else file.http.get("host", "127.0.0.1")
-    port = args.port if args.port is not None else file.http.get("port", 8000)
-    if not isinstance(host, str) or not host.strip():
-        where = "--host" if args.host is not None else "--config: http_options.host"
-        raise CLIError(f"{where}: expected a host name or address such as 127.0.0.1 or 0.0.0.0, got {host!r}")
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+    """Set file.http's host and port (--host and --port over the file's http_options), each checked, and
+    check the http_options as Ray will take them (check_http_options). The file's own host and port are
+    checked also when a flag overrides them, with the same message: a config file must be valid on its
+    own, as Ray Serve validates a whole file whatever overrides it (a port of 0 passed beside --port)."""
+    host, port = file.http.get("host", "127.0.0.1"), file.http.get("port", 8000)
+    for where, value in (("--config: http_options.host", host), ("--host", args.host)):
+        if (value is not None or where != "--host") and (not isinstance(value, str) or not value.strip()):
+            raise CLIError(f"{where}: expected a host name or address such as 127.0.0.1 or 0.0.0.0, got {value!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:  # (--port: port_number)
         raise CLIError(f"--config: http_options.port: expected a port number 1-65535, got {port!r}")
+    host = args.host if args.host is not None else host
+    port = args.port if args.port is not None else port
     # TLS, root_path and timeouts as the file has them; null is Ray's default, as when left out
     file.http = {**{k: v for k, v in file.http.items() if v is not None}, "host": host, "port": port}
     check_http_options(file.http)

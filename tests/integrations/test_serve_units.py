@@ -583,7 +583,8 @@ def test_an_address_nobody_listens_on_is_refused_before_ray_is_asked():
 
 def test_port_and_host_are_checked_before_ray_starts(tmp_path, capsys):
     """--port takes 1-65535 (0 no longer falls back to 8000), the config's http_options are checked the
-    same way, and a host this machine cannot listen on is named."""
+    same way (also where --port and --host override them), and a host this machine cannot listen on is
+    named."""
     parser = argparse.ArgumentParser()
     cli_serve.add_arguments(parser)
     for bad in ("0", "-5", "70000", "http"):
@@ -595,6 +596,15 @@ def test_port_and_host_are_checked_before_ray_starts(tmp_path, capsys):
     config.write_text("applications: [{args: {}}]\nhttp_options: {host: 0.0.0.0, port: 0}\n")
     with pytest.raises(cli_serve.CLIError, match="http_options.port: expected a port number 1-65535, got 0"):
         cli_serve.merged_config(parser.parse_args(["--config", str(config)]))
+    # The file's own port is checked when --port overrides it, with the same message: a config file is
+    # valid on its own (port 0 passed beside --port); so is its host beside --host
+    for flags in (["--port", "9"], ["--port", "9", "--host", "127.0.0.1"]):
+        with pytest.raises(cli_serve.CLIError, match="^--config: http_options.port: expected a port number 1-65535, got 0$"):
+            cli_serve.merged_config(parser.parse_args(["--config", str(config), *flags]))
+    config.write_text("applications: [{args: {}}]\nhttp_options: {host: ' ', port: 8080}\n")
+    with pytest.raises(cli_serve.CLIError, match="^--config: http_options.host: expected a host name"):
+        cli_serve.merged_config(parser.parse_args(["--config", str(config), "--host", "127.0.0.1"]))
+    config.write_text("applications: [{args: {}}]\nhttp_options: {host: 0.0.0.0, port: 8080}\n")
     assert cli_serve.merged_config(parser.parse_args(["--config", str(config), "--port", "9"])).http == {"host": "0.0.0.0", "port": 9}
     with pytest.raises(cli_serve.CLIError, match="--host: expected a host name"):
         cli_serve.merged_config(parser.parse_args(["--host", " "]))
