@@ -1,11 +1,13 @@
 # Set-up and day-to-day commands. Each target installs what it needs into .venv first: once, and again
 # when pyproject.toml changes (.venv/.installed), so a service already installed starts without a
 # package index. A .venv that cannot run the project (a Python older than 3.10, or no pip: a first run
-# that failed) is made again.
+# that failed) is made again. Two installs at once (make test beside make serve in a fresh clone) take
+# turns on LOCK (flock, util-linux; without flock they do not wait): the second finds .venv made.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := .install.lock
 USABLE := import sys, importlib.util; sys.exit(sys.version_info < (3, 10) or importlib.util.find_spec("pip") is None)
 NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 10) and "refusion-serve needs Python 3.10 or newer; " \
 	+ sys.executable + " is " + sys.version.split()[0] \
@@ -19,11 +21,15 @@ CPU_TORCH := import sys, torch; sys.exit(torch.version.cuda is not None)
 
 # torch==2.13.0 first and explicitly: a bare `torch` requirement would pull a multi-GB CUDA build.
 install:
-	@if ! $(BIN)/python -c '$(USABLE)' 2>/dev/null; then \
+	@exec 9>$(LOCK); \
+	if command -v flock >/dev/null 2>&1 && ! flock -n 9; then \
+		echo "waiting for another make install here to finish ($(LOCK))"; flock 9 || exit 1; \
+	fi; \
+	if ! $(BIN)/python -c '$(USABLE)' 2>/dev/null; then \
 		$(PY) -c '$(NEW_ENOUGH)' || exit 1; \
 		echo "creating $(VENV) with $(PY)"; rm -rf $(VENV) && $(PY) -m venv $(VENV) || exit 1; \
-	fi
-	@if [ ! $(STAMP) -nt pyproject.toml ]; then \
+	fi; \
+	if [ ! $(STAMP) -nt pyproject.toml ]; then \
 		echo "installing torch==2.13.0 and the project into $(VENV)"; \
 		$(BIN)/python -m pip install -q torch==2.13.0 || exit 1; \
 		extras=test; \
