@@ -5,7 +5,8 @@
                    [--config FILE] [--address RAY_ADDRESS]
 
 Without --address (or RAY_ADDRESS, which Ray's own tools read too) a local Ray instance is started (no
-dashboard); with it the app is deployed on that cluster. --config reads a Ray Serve config file
+dashboard, listening on 127.0.0.1: integrations/serve_ray.py); with it the app is deployed on that
+cluster. --config reads a Ray Serve config file
 (config/serve.yaml: `applications[0].args` and `.deployments`, `http_options`, `proxy_location`), as
 `serve deploy` does, or a bare mapping of ServeConfig fields; flags override the file
 (integrations/serve_config_file.py). Engine replicas ask for one GPU when the cluster has GPUs and the
@@ -40,7 +41,7 @@ from integrations.engine_host import RUNNER_DTYPES
 from integrations.serve_config import DEFAULT_MODEL
 from integrations.serve_config_file import CLIError, ConfigFile, merged_config
 from integrations.serve_preflight import check_bindable, check_reachable, checked_setup, port_number, room_problem
-from integrations.serve_ray import address_from_env, start_ray, start_serve
+from integrations.serve_ray import address_from_env, keep_local_ray_on_loopback, start_ray, start_serve
 
 # Names tests and other modules import from here (their homes: serve_preflight, serve_ray, serve_config_file)
 __all__ = ["CLIError", "add_arguments", "address_from_env", "check_bindable", "check_reachable", "http_url",
@@ -106,12 +107,14 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.address_from = address_from_env(args)
+    if not args.address:
+        keep_local_ray_on_loopback()  # before `ray` is imported: Ray reads it then
     import ray
     from ray import serve
 
     from integrations.serve_config import ServeConfig
 
-    args.address_from = address_from_env(args)
     if args.address_from:
         print(f"refusion serve: joining the Ray cluster at {args.address} (RAY_ADDRESS, as Ray's tools read it; "
               "unset it for a local Ray)", flush=True)

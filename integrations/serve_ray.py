@@ -11,6 +11,23 @@ import sys
 from integrations.request_id_guard import PROXY_CALLBACK
 from integrations.serve_config_file import CLIError
 
+# Ray's switch between a Ray that other machines may join and one that only this machine reaches ("0" is
+# its default on macOS and Windows). Ray reads it once, when `ray` is first imported. At "0" a local Ray's
+# node IP is 127.0.0.1, and its GCS, raylet, object manager, workers' gRPC servers, agents and metrics
+# servers bind 127.0.0.1 (they check for that IP); on Linux by default the node IP is the machine's
+# address and they bind every interface. `_node_ip_address="127.0.0.1"` does not do it: ray.init swaps a
+# loopback address for the machine's one. Serve replicas' own gRPC servers bind [::] regardless.
+LOOPBACK_ONLY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_local_ray_on_loopback() -> None:
+    """For a local Ray, before `ray` is imported: every port it opens listens on 127.0.0.1 only (as
+    `refusion serve`'s HTTP port does by default), not on the network (an exposed Ray runs code sent to
+    it). A value of LOOPBACK_ONLY_VARIABLE set already is kept ("1": Ray's Linux default). Once `ray` is
+    imported, setting it changes nothing, so it is left unset (start_ray then warns)."""
+    if "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ONLY_VARIABLE, "0")
+
 
 def address_from_env(args: argparse.Namespace) -> str | None:
     """Without --address, the cluster RAY_ADDRESS names, as Ray's own tools (`serve run`, `ray job`, ray.init)
@@ -37,7 +54,10 @@ def start_ray(ray, address: str | None, runtime_env: dict | None = None, where: 
     application's replicas as their default (serve.run's default_runtime_env), as `serve deploy` gives
     the application the one its file names. `logging_level` is ray.init's for this process's "ray"
     logger, which ray.init sets up again (at INFO, "Started a local Ray instance." at --log-level warning
-    otherwise)."""
+    otherwise). A local Ray listens on 127.0.0.1 only when keep_local_ray_on_loopback ran before `ray` was
+    imported (or Ray's platform default says so); otherwise, unless LOOPBACK_ONLY_VARIABLE=1 asked for it,
+    this warns that it listens on every interface."""
+    from ray._private import ray_constants
     from ray._private import utils as ray_utils
 
     set_handler = getattr(ray_utils, "set_sigterm_handler", None)
@@ -48,6 +68,9 @@ def start_ray(ray, address: str | None, runtime_env: dict | None = None, where: 
             # Ray's processes inherit this environment: its HTTP proxy keeps malformed X-Request-Ids out
             # of its access log and responses (integrations/request_id_guard.py), unless one is set already
             os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
+            if ray_constants.ENABLE_RAY_CLUSTER and os.environ.get(LOOPBACK_ONLY_VARIABLE) != "1":
+                print(f"refusion serve: warning: this local Ray listens on every interface (Ray was imported "
+                      f"before {LOOPBACK_ONLY_VARIABLE}=0 could be set)", file=sys.stderr)
             ray.init(address="local", include_dashboard=False, runtime_env=runtime_env or None,
                      logging_level=logging_level)
             return True

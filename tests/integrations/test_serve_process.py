@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -129,6 +130,43 @@ def test_vllm_flags_reach_the_service(server, tiny_model_dir):
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [tiny_model_dir.name, ALIAS]
         out = http.post("/v1/completions", json={"model": ALIAS, "prompt": "x", "max_tokens": 2, "mode": "ar"})
         assert out.status_code == 200 and out.json()["model"] == tiny_model_dir.name, out.text
+
+
+def _listening_sockets(root_pid: int) -> list[tuple[int, str, str, int]]:
+    """(pid, process name, address, port) of every TCP socket listening in root_pid's process tree (the
+    supervisor, the server and its local Ray: GCS, raylet, agents, workers)."""
+    import ray  # noqa: F401  (puts the psutil that Ray bundles on sys.path)
+    import psutil
+
+    root = psutil.Process(root_pid)
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            name = proc.name()
+            found += [(proc.pid, name, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def _loopback(ip: str) -> bool:
+    """127.0.0.1, ::1, or 127.0.0.1 as a dual-stack socket writes it (::ffff:127.0.0.1)."""
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def test_the_local_ray_listens_on_loopback_only(server):
+    """`refusion serve`'s local Ray bound every interface (Ray's Linux default: the node IP is the machine's
+    address): its GCS, raylet, object manager, agents, metrics and workers' gRPC ports were open to the
+    network, beside an HTTP port on 127.0.0.1. Now each binds 127.0.0.1 (integrations/serve_ray.py,
+    keep_local_ray_on_loopback). Ray Serve binds each replica's own gRPC server to [::] whatever the node IP
+    (ray/serve/_private/replica.py; token-authenticated): that one socket per replica process is left."""
+    found = _listening_sockets(server.proc.pid)
+    port = int(server.url.rsplit(":", 1)[1])
+    assert any(p == port and _loopback(ip) for _, _, ip, p in found), found  # the tree was found
+    exposed = [entry for entry in found if not _loopback(entry[2])]
+    replica_pids = [pid for pid, name, _, _ in exposed if name.startswith("ray::ServeReplica")]
+    others = [entry for entry in exposed if not entry[1].startswith("ray::ServeReplica")]
+    assert not others and len(replica_pids) == len(set(replica_pids)), exposed
 
 
 async def test_cancel_storm_logs_no_errors(server):
