@@ -41,7 +41,7 @@ from integrations.engine_host import RUNNER_DTYPES
 from integrations.serve_config import DEFAULT_MODEL
 from integrations.serve_config_file import CLIError, ConfigFile, merged_config
 from integrations.serve_preflight import check_bindable, check_reachable, checked_setup, port_number, room_problem
-from integrations.serve_ray import address_from_env, keep_local_ray_on_loopback, start_ray, start_serve
+from integrations.serve_ray import address_from_env, local_ray_on_loopback, start_ray, start_serve
 
 # Names tests and other modules import from here (their homes: serve_preflight, serve_ray, serve_config_file)
 __all__ = ["CLIError", "add_arguments", "address_from_env", "check_bindable", "check_reachable", "http_url",
@@ -108,8 +108,12 @@ class _Progress:
 
 def run(args: argparse.Namespace) -> int:
     args.address_from = address_from_env(args)
-    if not args.address:
-        keep_local_ray_on_loopback()  # before `ray` is imported: Ray reads it then
+    with local_ray_on_loopback(not args.address):  # before `ray` is imported: Ray reads it then
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """run's body, once the local Ray's listening address is set: check the setup, start, serve, drain."""
     import ray
     from ray import serve
 

@@ -4,9 +4,11 @@ the flags say (Ray keeps the options Serve first started with)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from typing import Iterator
 
 from integrations.request_id_guard import PROXY_CALLBACK
 from integrations.serve_config_file import CLIError
@@ -20,13 +22,24 @@ from integrations.serve_config_file import CLIError
 LOOPBACK_ONLY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def keep_local_ray_on_loopback() -> None:
-    """For a local Ray, before `ray` is imported: every port it opens listens on 127.0.0.1 only (as
-    `refusion serve`'s HTTP port does by default), not on the network (an exposed Ray runs code sent to
-    it). A value of LOOPBACK_ONLY_VARIABLE set already is kept ("1": Ray's Linux default). Once `ray` is
-    imported, setting it changes nothing, so it is left unset (start_ray then warns)."""
-    if "ray" not in sys.modules:
-        os.environ.setdefault(LOOPBACK_ONLY_VARIABLE, "0")
+@contextlib.contextmanager
+def local_ray_on_loopback(local: bool) -> Iterator[None]:
+    """For a local Ray (`local`), entered before `ray` is imported: every port it opens listens on
+    127.0.0.1 only (as `refusion serve`'s HTTP port does by default), not on the network (an exposed Ray
+    runs code sent to it). A value of LOOPBACK_ONLY_VARIABLE set already is kept ("1": Ray's Linux
+    default). Once `ray` is imported, setting it changes nothing, so it is left unset (start_ray then
+    warns). Ray's processes inherit it as they start; on exit it is taken out of this process's
+    environment again, so that a caller in the same process (a test) does not pass it to a `ray start
+    --address` of its own, which it would make refuse to join ("Multi-node Ray clusters are not
+    supported")."""
+    set_here = local and "ray" not in sys.modules and LOOPBACK_ONLY_VARIABLE not in os.environ
+    if set_here:
+        os.environ[LOOPBACK_ONLY_VARIABLE] = "0"
+    try:
+        yield
+    finally:
+        if set_here:
+            os.environ.pop(LOOPBACK_ONLY_VARIABLE, None)
 
 
 def address_from_env(args: argparse.Namespace) -> str | None:
@@ -54,7 +67,7 @@ def start_ray(ray, address: str | None, runtime_env: dict | None = None, where: 
     application's replicas as their default (serve.run's default_runtime_env), as `serve deploy` gives
     the application the one its file names. `logging_level` is ray.init's for this process's "ray"
     logger, which ray.init sets up again (at INFO, "Started a local Ray instance." at --log-level warning
-    otherwise). A local Ray listens on 127.0.0.1 only when keep_local_ray_on_loopback ran before `ray` was
+    otherwise). A local Ray listens on 127.0.0.1 only when local_ray_on_loopback was entered before `ray` was
     imported (or Ray's platform default says so); otherwise, unless LOOPBACK_ONLY_VARIABLE=1 asked for it,
     this warns that it listens on every interface."""
     from ray._private import ray_constants

@@ -158,7 +158,7 @@ def test_the_local_ray_listens_on_loopback_only(server):
     """`refusion serve`'s local Ray bound every interface (Ray's Linux default: the node IP is the machine's
     address): its GCS, raylet, object manager, agents, metrics and workers' gRPC ports were open to the
     network, beside an HTTP port on 127.0.0.1. Now each binds 127.0.0.1 (integrations/serve_ray.py,
-    keep_local_ray_on_loopback). Ray Serve binds each replica's own gRPC server to [::] whatever the node IP
+    local_ray_on_loopback). Ray Serve binds each replica's own gRPC server to [::] whatever the node IP
     (ray/serve/_private/replica.py; token-authenticated): that one socket per replica process is left."""
     found = _listening_sockets(server.proc.pid)
     port = int(server.url.rsplit(":", 1)[1])

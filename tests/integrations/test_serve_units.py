@@ -1422,3 +1422,33 @@ async def test_choices_refuse_the_id_of_a_running_infill(tiny_model_dir, wait_un
     assert not (await first).finished
     await running.aclose()
     await engine.stop(drain_timeout_s=0)
+
+
+_LOOPBACK_SWITCH = """
+import os, sys
+from integrations.serve_ray import LOOPBACK_ONLY_VARIABLE as V, local_ray_on_loopback
+seen = []
+for local, preset, import_ray in [(True, None, False), (False, None, False), (True, "1", False), (True, None, True)]:
+    if preset:
+        os.environ[V] = preset
+    if import_ray:
+        import ray
+    with local_ray_on_loopback(local):
+        seen.append(os.environ.get(V))
+    seen.append(os.environ.pop(V, None))
+print(seen)
+"""
+
+
+def test_the_loopback_switch_is_set_for_a_local_ray_only_and_taken_back():
+    """`refusion serve` keeps a local Ray on 127.0.0.1 with Ray's switch, which Ray reads as `ray` is first
+    imported: set for a local Ray only, a user's value kept, not set once `ray` is imported (too late), and
+    taken out of the environment again when serving ends, so that an in-process caller's later `ray start
+    --address` (a worker node: tests/cluster) is not refused as a multi-node cluster. A fresh process: in
+    this one `ray` is imported already."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _LOOPBACK_SWITCH], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == str(["0", None, None, None, "1", "1", None, None]), done.stderr
