@@ -56,6 +56,18 @@ def model_dir(text: str) -> Path:
     return path
 
 
+def writable_file(text: str) -> Path:
+    """A file the run can write at its end (--json, --append): its folder exists and takes a new file, or
+    the file exists and can be appended to; not a directory (integrations.batch_file.output_problem,
+    which `refusion run-batch --output-file` uses). Checked when the flags are parsed, so a bad path is
+    refused before the run, not after it (on a GPU: paid device time)."""
+    from integrations.batch_file import output_problem
+
+    if problem := output_problem(Path(text)):
+        raise argparse.ArgumentTypeError(problem)
+    return Path(text)
+
+
 def regex(text: str) -> str:
     """A regular expression llguidance compiles (the structured-output engine's syntax)."""
     from llguidance import LLMatcher

@@ -51,7 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_args import positive_int  # noqa: E402
+from bench.bench_args import positive_int, writable_file  # noqa: E402
 from bench.editor_latency import pct  # noqa: E402
 from integrations.lsp.backend import EditorBackend  # noqa: E402
 
@@ -293,7 +293,8 @@ def report(rows: list[dict], workload: dict, args, argv: list[str]) -> str:
     ])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
     parser.add_argument("--documents", type=positive_int, default=24)
@@ -313,8 +314,8 @@ def main() -> int:
     parser.add_argument("--timeout-s", type=float, default=60.0, help="a request slower than this is a failure")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 documents x 4, 1 agent x 2 turns")
-    parser.add_argument("--append", default=None, help="append the dated section to this markdown file")
-    args = parser.parse_args()
+    parser.add_argument("--append", type=writable_file, help="append the dated section to this markdown file")
+    args = parser.parse_args(argv)
     if args.quick:
         args.documents, args.keystrokes, args.burst, args.editors, args.agents, args.turns = 2, 4, 2, 1, 1, 2
     workload = build_workload(args)
@@ -322,7 +323,7 @@ def main() -> int:
           f"per replica", flush=True)
     with local_serve() as base_url:
         rows = [measure_policy(policy, base_url, workload, args) for policy in POLICIES]
-    text = report(rows, workload, args, sys.argv[1:])
+    text = report(rows, workload, args, argv)
     print(text)
     if args.append:
         with open(args.append, "a") as f:

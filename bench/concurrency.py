@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402
 
-from bench.bench_args import check_gen_length, count, model_dir, positive_int, positive_ints  # noqa: E402
+from bench.bench_args import check_gen_length, count, model_dir, positive_int, positive_ints, writable_file  # noqa: E402
 from scheduler.api import GenerationRequest, InvalidRequestError, Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-blocks", type=positive_int, default=2048)
     parser.add_argument("--overlap-streaming", choices=tuple(OVERLAP), default="auto", help=OVERLAP_HELP)
     parser.add_argument("--async-scheduling", choices=tuple(OVERLAP), default="auto", help=ASYNC_HELP)
-    parser.add_argument("--append", type=Path, help="append the table to this markdown file")
+    parser.add_argument("--append", type=writable_file, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     if args.gen_length and not args.random_model:  # (the random model's shape is known once it is built)
         check_gen_length(parser, "--gen-length", args.gen_length, args.model)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_args import positive_int  # noqa: E402
+from bench.bench_args import positive_int, writable_file  # noqa: E402
 from integrations.lsp.backend import EditorBackend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -259,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-time-ms", type=int, default=5000)
     parser.add_argument("--mode", choices=("auto", "refusion", "ar"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--append", default=None, help="append the table to this markdown file")
+    parser.add_argument("--append", type=writable_file, help="append the table to this markdown file")
     parser.add_argument("--editors", type=int, default=1, help="editors completing at once (each runs every case)")
     parser.add_argument("--batch-load", type=int, default=0, help="in-process: BATCH requests kept running beside")
     parser.add_argument("--no-aging", action="store_true", help="in-process: scheduler aging off (A/B)")

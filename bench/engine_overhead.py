@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 from concurrency import ASYNC_HELP, OVERLAP, OVERLAP_HELP, run_level, summarize  # noqa: E402
 
-from bench.bench_args import positive_ints, regex, torch_device  # noqa: E402
+from bench.bench_args import positive_ints, regex, torch_device, writable_file  # noqa: E402
 from scheduler.api import Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
@@ -237,7 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--regex", type=regex, help="structured output: requests constrained to this regular expression "
                                          "(llguidance; AR only), every --grammar-every-th request")
     parser.add_argument("--grammar-every", type=int, default=1, help="with --regex: every k-th request (default 1: all)")
-    parser.add_argument("--append", type=Path, help="append the table to this markdown file")
+    parser.add_argument("--append", type=writable_file, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     if args.grammar_every < 1:
         parser.error(f"--grammar-every {args.grammar_every}: use an integer >= 1")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.bench_args import at_most, count, positive_int, positive_ints, torch_device  # noqa: E402
+from bench.bench_args import at_most, count, positive_int, positive_ints, torch_device, writable_file  # noqa: E402
 
 from workers.batch import Reads, Segment  # noqa: E402
 from workers.loader import ModelConfig  # noqa: E402
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="one-token decode steps sharing each timed step (0-256)")
     parser.add_argument("--beside-context", type=at_most(32768), default=256, help="their cached tokens (1-32768)")
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
-    parser.add_argument("--append", type=Path, help="append the table to this markdown file")
+    parser.add_argument("--append", type=writable_file, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     if args.device == "cpu" and args.config == "8b":
         parser.error("the 8b config is for CUDA only (16 GB of bf16 weights); use --config small on CPU")

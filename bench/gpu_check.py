@@ -87,7 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from bench_args import positive_int, positive_ints, torch_device  # noqa: E402
+from bench_args import positive_int, positive_ints, torch_device, writable_file  # noqa: E402
 from gpu_check_attention import part_attention  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
 from gpu_check_engine import part_engine, part_features, part_host  # noqa: E402
@@ -261,8 +261,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", type=lambda s: s.split(","), default=list(PART_NAMES),
                         help=f"parts to run, in this order (default {','.join(PART_NAMES)})")
     parser.add_argument("--budget-s", type=float, default=450.0, help="start no part after this many seconds")
-    parser.add_argument("--json", type=Path, default=Path("gpu_check.json"), help="where to write the results")
-    parser.add_argument("--append", type=Path, help="also append the table to this markdown file")
+    parser.add_argument("--json", type=writable_file, default="gpu_check.json",
+                        help="where to write the results (checked before any part runs)")
+    parser.add_argument("--append", type=writable_file, help="also append the table to this markdown file")
     parser.add_argument("--forward-tokens", type=positive_ints, help="query tokens per forward (default 1,8,32,128)")
     parser.add_argument("--context", type=int, help="cached tokens before the timed forwards (default 256)")
     parser.add_argument("--long-context", type=int,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.bench_args import positive_ints  # noqa: E402
+from bench.bench_args import positive_ints, writable_file  # noqa: E402
 from bench.forward_latency import CONFIGS  # noqa: E402
 from workers.layer_kernels import KERNELS_TO_COMPILE  # noqa: E402
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="8b")
     parser.add_argument("--tokens", type=positive_ints, default=[1, 128], help="query tokens, comma-separated")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--json", type=writable_file, help="also write the rows here")
     args = parser.parse_args(argv)
     pretend_h200()
     rows = []
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"\n{r['function']}, {r['tokens']} tokens: " + ", ".join(r["calls"]))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_args import positive_int, positive_ints  # noqa: E402
+from bench.bench_args import positive_int, positive_ints, writable_file  # noqa: E402
 from scheduler.prefix_cache import PrefixCache  # noqa: E402
 from workers.kv_blocks import BlockPool  # noqa: E402
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=positive_ints, default=[1_000, 10_000, 50_000])
     parser.add_argument("--prompt-blocks", type=positive_int, default=100, help="blocks per cached prompt")
     parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--append", type=Path, help="append the table to this markdown file")
+    parser.add_argument("--append", type=writable_file, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     rows = [measure(n, args.prompt_blocks, args.repeats) for n in args.sizes]
     text = table(rows, args)

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_args import model_dir, positive_floats, positive_int  # noqa: E402
+from bench.bench_args import model_dir, positive_floats, positive_int, writable_file  # noqa: E402
 from bench.cluster_editor import local_serve  # noqa: E402
 from bench.editor_latency import pct  # noqa: E402
 
@@ -147,7 +147,8 @@ def report(rows: list[dict], args, argv: list[str]) -> str:
     ])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=model_dir, default=REPO / "models" / "refusion-tiny-code")
     parser.add_argument("--requests", type=positive_int, default=24)
@@ -159,14 +160,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=positive_int, default=3, help="bursts per deployment, one after another")
     parser.add_argument("--num-blocks", type=positive_int, default=512, help="KV blocks per replica (16 tokens each)")
     parser.add_argument("--timeout-s", type=float, default=300.0)
-    parser.add_argument("--append", default=None, help="append the dated section to this markdown file")
-    args = parser.parse_args()
+    parser.add_argument("--append", type=writable_file, help="append the dated section to this markdown file")
+    args = parser.parse_args(argv)
     if not 0 < args.rebalance_after_s < float("inf"):
         parser.error("--rebalance-after-s: give a positive number of seconds (it is compared with 0, off)")
     with local_serve() as url:
         rows = [measure(url, threshold, after, args) for threshold in args.thresholds
                 for after in (0.0, args.rebalance_after_s)]
-    text = report(rows, args, sys.argv[1:])
+    text = report(rows, args, argv)
     print(text)
     if args.append:
         with open(args.append, "a") as f:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from integrations.request_body import check_json_tree
@@ -43,13 +44,32 @@ def check_output(path: str, input_path: str) -> None:
     target = Path(path)
     if input_path != "-" and _same_file(target, Path(input_path)):
         raise BatchArgumentError("--output-file", "is the input file: write the results elsewhere")
-    if target.is_dir():
-        raise BatchArgumentError("--output-file", f"{path} is a directory: name a file")
-    folder = target.parent
-    if not folder.is_dir():
-        raise BatchArgumentError("--output-file", f"{folder} does not exist: create it or write elsewhere")
-    if not os.access(target if target.exists() else folder, os.W_OK):
-        raise BatchArgumentError("--output-file", f"cannot write {path}: permission denied")
+    if problem := output_problem(target):
+        raise BatchArgumentError("--output-file", problem)
+
+
+def output_problem(target: Path) -> str | None:
+    """What keeps a run from writing the file `target` at its end, or None: a directory, a folder that
+    does not exist, or a file or folder this process cannot write. Tried, not guessed: root passes
+    os.access for /proc and /sys, whose writes then fail; an existing regular file is opened for
+    appending and closed (nothing written), a new one is probed with a temporary file in its folder
+    (removed). Shared by `refusion run-batch --output-file` and the bench scripts' output flags
+    (bench/bench_args.writable_file)."""
+    try:
+        if target.is_dir():
+            return f"{target} is a directory: name a file"
+        folder = target.parent
+        if not folder.is_dir():
+            return f"{folder} {'is not a directory' if folder.exists() else 'does not exist'}: create it or write elsewhere"
+        if target.exists() and not target.is_file():  # a device or a pipe (opening a pipe could block)
+            return None if os.access(target, os.W_OK) else f"cannot write {target}: permission denied"
+        if target.exists():
+            open(target, "ab").close()
+        else:
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:  # (a folder on the way this user may not search: PermissionError from is_dir)
+        return f"cannot write {target}: {exc.strerror or exc}; write elsewhere"
+    return None
 
 
 def _same_file(a: Path, b: Path) -> bool:
