@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo))
+    from bench.bench_args import model_dir
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(repo / "models" / "refusion-tiny-code"))
+    parser.add_argument("--model", type=model_dir, default=str(repo / "models" / "refusion-tiny-code"))
     parser.add_argument("--requests", type=int, default=20, help="held-out chat and tool-call requests each")
     parser.add_argument("--heldout-fraction", type=float, default=0.03, help="the model's held-out split")
     args = parser.parse_args(argv)

@@ -51,7 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_args import positive_int, writable_file  # noqa: E402
+from bench.bench_args import model_dir, positive_int, writable_file  # noqa: E402
 from bench.editor_latency import pct  # noqa: E402
 from integrations.lsp.backend import EditorBackend  # noqa: E402
 
@@ -228,7 +228,7 @@ def measure_policy(policy: str, base_url: str, workload: dict, args) -> dict:
 
     from integrations.serve_app import build_app
 
-    config = {"model": args.model, "runner": {"num_blocks": args.num_blocks},
+    config = {"model": str(args.model), "runner": {"num_blocks": args.num_blocks},
               "engine": {"routing": {"calibrate": False}}, "drain_timeout_s": 2.0,
               "engine_deployment": {"num_replicas": args.replicas, "num_cpus": 1 / args.replicas, "torch_threads": 1, "health_check_period_s": 5,
                                     "graceful_shutdown_timeout_s": 5, "router": {"policy": policy, "imbalanced_threshold": args.imbalanced_threshold}}}
@@ -296,7 +296,7 @@ def report(rows: list[dict], workload: dict, args, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
+    parser.add_argument("--model", type=model_dir, default=str(REPO / "models" / "refusion-tiny-code"))
     parser.add_argument("--documents", type=positive_int, default=24)
     parser.add_argument("--keystrokes", type=int, default=9, help="requests per document")
     parser.add_argument("--burst", type=int, default=3, help="requests in one file before the user switches files")

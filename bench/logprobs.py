@@ -165,12 +165,12 @@ async def bench_scoring(model_dir: Path, requests: int, prompt_tokens: int) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.bench_args import check_gen_length, positive_int, torch_device
+    from bench.bench_args import check_gen_length, model_dir, positive_int, torch_device
     from decoding.params import DecodeParamError
     from scheduler.api import InvalidRequestError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--model", type=model_dir, default=str(DEFAULT_MODEL))
     parser.add_argument("--device", type=torch_device, default="cpu")
     parser.add_argument("--requests", type=positive_int, default=8)
     parser.add_argument("--tokens", type=positive_int, default=64,

@@ -68,10 +68,10 @@ async def one_round(model_dir: Path, copies: int, prompt_tokens: int, tokens: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.bench_args import positive_ints
+    from bench.bench_args import model_dir, positive_ints
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--model", type=model_dir, default=str(DEFAULT_MODEL))
     parser.add_argument("--copies", type=positive_ints, default=[2, 4])
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=32)

@@ -51,10 +51,10 @@ def one_run(model_dir: Path, source: Path, concurrency: int) -> tuple[dict, list
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.bench_args import positive_int, positive_ints
+    from bench.bench_args import model_dir, positive_int, positive_ints
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--model", type=model_dir, default=str(DEFAULT_MODEL))
     parser.add_argument("--requests", type=positive_int, default=128)
     parser.add_argument("--tokens", type=positive_int, default=32)
     parser.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32])

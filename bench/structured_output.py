@@ -39,13 +39,13 @@ DEFAULT_MODEL = REPO / "models" / "refusion-tiny-code"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.bench_args import check_gen_length, positive_int
+    from bench.bench_args import check_gen_length, model_dir, positive_int
     from bench.structured_output_beside import (beside_ambiguous, beside_large_schema, beside_refused_schemas,
                                                 beside_slow_grammars)
     from bench.structured_output_cost import run
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--model", type=model_dir, default=str(DEFAULT_MODEL))
     parser.add_argument("--requests", type=positive_int, default=8)
     parser.add_argument("--tokens", type=positive_int, default=64,
                         help="tokens per request: a multiple of the model's slot_size x serial_num_blocks")

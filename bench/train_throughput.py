@@ -23,11 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def main() -> int:
-    from bench.bench_args import count, positive_int, torch_device
+def main(argv: list[str] | None = None) -> int:
+    from bench.bench_args import count, model_dir, positive_int, torch_device
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(REPO / "models" / "refusion-tiny-code"))
+    parser.add_argument("--model", type=model_dir, default=str(REPO / "models" / "refusion-tiny-code"))
     parser.add_argument("--corpus", nargs="+", default=["stdlib"])
     parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--warmup", type=count, default=3, help="untimed steps first (0: none)")
@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="measured bf16 matmul peak (H200)")
     parser.add_argument("--append", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
