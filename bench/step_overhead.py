@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from bench.bench_args import positive_int, positive_ints, torch_device  # noqa: E402
+from bench.bench_args import at_most, count, positive_int, positive_ints, torch_device  # noqa: E402
 from workers.batch import TOKEN_BAN, Reads, Sampling, Segment  # noqa: E402
 from workers.loader import ModelConfig  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
@@ -178,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", type=torch_device, help="cpu, or cuda where this machine has it")
     parser.add_argument("--requests", type=positive_ints, default=[1, 8, 32, 64])
     parser.add_argument("--shapes", type=lambda v: v.split(","), default=list(SHAPES))
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--repeats", type=positive_int, default=200, help="timed runs per row (median)")
     parser.add_argument("--vocab", type=positive_int, default=512)
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--slot-size", type=int, default=4)
-    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--context", type=at_most(32768, count), default=128,
+                        help="cached tokens before request i's step: this + i (0-32768)")
+    parser.add_argument("--slot-size", type=positive_int, default=4, help="S: tokens per ReFusion slot")
+    parser.add_argument("--slots", type=positive_int, default=4, help="slots of a ReFusion plan step")
     parser.add_argument("--ar-bias", action=argparse.BooleanOptionalAction, default=True,
                         help="AR steps carry the mask-token ban as the engine's do (default); --no-ar-bias: none")
     args = parser.parse_args(argv)
