@@ -113,6 +113,27 @@ def check_gen_length(parser: argparse.ArgumentParser, flag: str, tokens: int, mo
                      f"into; use a multiple of {step} ({step}, {2 * step}, ...)")
 
 
+def context_problem(model: str | Path, tokens: int, flags: str) -> str | None:
+    """What is wrong with `tokens` tokens in one sequence of the model directory `model`, which `flags`
+    ask for ("--prompt-tokens 5000 + --tokens 32"), or None: more than the model's context (config.json
+    max_position_embeddings, integrations.serve_config.model_context; nothing is checked where it cannot
+    be read). Checked before the run: past it a run computed positions the model was never trained on,
+    or tried to allocate for them (terabytes)."""
+    from integrations.serve_config import model_context
+
+    context = model_context(model)
+    if context and tokens > context:
+        return (f"{flags}: {tokens:,} tokens in one sequence, past {Path(model).name}'s context of {context:,} "
+                f"tokens (config.json max_position_embeddings); ask for at most {context:,} in all")
+    return None
+
+
+def check_context(parser: argparse.ArgumentParser, model: str | Path, tokens: int, flags: str) -> None:
+    """Exit with argparse's usage error when `context_problem` finds one."""
+    if problem := context_problem(model, tokens, flags):
+        parser.error(problem)
+
+
 def torch_device(text: str) -> str:
     """A torch device this machine has: cpu, or cuda[:N] where CUDA is available."""
     import torch

@@ -68,15 +68,20 @@ async def one_round(model_dir: Path, copies: int, prompt_tokens: int, tokens: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.bench_args import model_dir, positive_ints
+    from bench.bench_args import check_context, model_dir, positive_int, positive_ints
+    from decoding.params import load_model_defaults
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=model_dir, default=str(DEFAULT_MODEL))
-    parser.add_argument("--copies", type=positive_ints, default=[2, 4])
-    parser.add_argument("--prompt-tokens", type=int, default=1024)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--copies", type=positive_ints, default=[2, 4], help="requests sharing the prompt, per row")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=1024,
+                        help="the shared prompt's tokens; with --tokens within the model's context")
+    parser.add_argument("--tokens", type=positive_int, default=32, help="tokens each request generates")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="runs of each setting (medians)")
     args = parser.parse_args(argv)
+    slot = load_model_defaults(args.model)["slot_size"]  # (gen_length is decoded in whole slots)
+    check_context(parser, args.model, args.prompt_tokens + -(-args.tokens // slot) * slot,
+                  f"--prompt-tokens {args.prompt_tokens} + --tokens {args.tokens}")
     model_dir = Path(args.model)
     print(f"machine: {platform.machine()}, model {model_dir.name}, prompt ~{args.prompt_tokens} tokens, "
           f"{args.tokens} generated each, median of {args.rounds}")

@@ -29,3 +29,28 @@ def refused(main, argv: list[str], said: str, capsys) -> str:
                                          ("--context", "-5"), ("--context", "abc")])
 def test_step_overhead_refuses_sizes_it_cannot_run(flag, value, capsys):
     refused(step_overhead.main, [flag, value], f"argument {flag}: ", capsys)
+
+
+@pytest.mark.parametrize("flag, value", [("--rounds", "0"), ("--tokens", "0"), ("--prompt-tokens", "0"),
+                                         ("--prompt-tokens", "-3")])
+def test_prefix_wait_refuses_counts_below_one(flag, value, capsys):
+    import prefix_wait
+
+    refused(prefix_wait.main, [flag, value], f"argument {flag}: expected at least 1", capsys)
+
+
+def test_prefix_wait_refuses_a_prompt_past_the_models_context(capsys):
+    """--prompt-tokens 5000 ran past the shipped model's 4,096-token context."""
+    import prefix_wait
+
+    refused(prefix_wait.main, ["--prompt-tokens", "5000"], "--prompt-tokens 5000 + --tokens 32: 5,032 tokens in one "
+            "sequence, past refusion-tiny-code's context of 4,096 tokens", capsys)
+    refused(prefix_wait.main, ["--prompt-tokens", "4090", "--tokens", "1"], "4,098 tokens", capsys)  # whole slots
+
+
+def test_context_problem_allows_the_whole_context():
+    from bench.bench_args import context_problem
+
+    shipped = REPO / "models" / "refusion-tiny-code"
+    assert context_problem(shipped, 4096, "--x") is None
+    assert context_problem(shipped, 4097, "--x 4097").startswith("--x 4097: 4,097 tokens in one sequence")
