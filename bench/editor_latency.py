@@ -43,10 +43,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_args import positive_int, writable_file  # noqa: E402
+from bench.bench_args import at_most, count, positive_int, writable_file  # noqa: E402
 from integrations.lsp.backend import EditorBackend  # noqa: E402
+from integrations.editor.protocol import Limits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+LIMITS = Limits()  # what the editor protocol takes per connection (a server announces them at initialize)
 
 
 def held_out_cases(n: int, seed: int = 0, heldout_fraction: float = 0.03) -> list[dict]:
@@ -256,16 +258,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=os.environ.get("REFUSION_API_KEY"), help="for a server that needs one")
     parser.add_argument("--cases", type=positive_int, default=12)
     parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--max-time-ms", type=int, default=5000)
+    parser.add_argument("--max-time-ms", type=at_most(LIMITS.max_time_ms), default=5000,
+                        help=f"each completion's time limit (1 to {LIMITS.max_time_ms}, the editor protocol's)")
     parser.add_argument("--mode", choices=("auto", "refusion", "ar"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--append", type=writable_file, help="append the table to this markdown file")
-    parser.add_argument("--editors", type=int, default=1, help="editors completing at once (each runs every case)")
-    parser.add_argument("--batch-load", type=int, default=0, help="in-process: BATCH requests kept running beside")
+    parser.add_argument("--editors", type=positive_int, default=1, help="editors completing at once (each runs every case)")
+    parser.add_argument("--batch-load", type=count, default=0, help="in-process: BATCH requests kept running beside")
     parser.add_argument("--no-aging", action="store_true", help="in-process: scheduler aging off (A/B)")
-    parser.add_argument("--max-running", type=int, default=None, help="in-process: the engine's max_running")
-    parser.add_argument("--heavy", type=int, default=0, help="in-process: other editor connections kept busy beside")
-    parser.add_argument("--heavy-inflight", type=int, default=8, help="completions in flight per --heavy connection")
+    parser.add_argument("--max-running", type=positive_int, default=None,
+                        help="in-process: the engine's max_running (default: the engine's own)")
+    parser.add_argument("--heavy", type=count, default=0, help="in-process: other editor connections kept busy beside")
+    parser.add_argument("--heavy-inflight", type=at_most(LIMITS.max_inflight), default=8,
+                        help=f"completions in flight per --heavy connection (1 to {LIMITS.max_inflight}, the protocol's)")
     parser.add_argument("--no-fair-share", action="store_true", help="in-process: scheduler fair share off (A/B)")
     args = parser.parse_args(argv)
     if args.url and (args.batch_load or args.no_aging or args.max_running or args.heavy or args.no_fair_share):

@@ -54,3 +54,15 @@ def test_context_problem_allows_the_whole_context():
     shipped = REPO / "models" / "refusion-tiny-code"
     assert context_problem(shipped, 4096, "--x") is None
     assert context_problem(shipped, 4097, "--x 4097").startswith("--x 4097: 4,097 tokens in one sequence")
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--editors", "0", "expected at least 1"), ("--max-time-ms", "0", "expected at least 1"),
+    ("--max-time-ms", "30001", "expected at most 30000"),
+    ("--max-running", "-1", "expected at least 1"), ("--max-running", "0", "expected at least 1"),  # (0 was ignored)
+    ("--batch-load", "-2", "expected at least 0"), ("--heavy", "-1", "expected at least 0"),
+    ("--heavy-inflight", "0", "expected at least 1"), ("--heavy-inflight", "9", "expected at most 8")])
+def test_editor_latency_refuses_counts_it_cannot_run(flag, value, said, capsys):
+    import editor_latency
+
+    refused(editor_latency.main, [flag, value], f"argument {flag}: {said}", capsys)
