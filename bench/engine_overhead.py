@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 from concurrency import ASYNC_HELP, OVERLAP, OVERLAP_HELP, run_level, summarize  # noqa: E402
 
-from bench.bench_args import positive_ints, regex, torch_device, writable_file  # noqa: E402
+from bench.bench_args import positive_int, positive_ints, regex, torch_device, writable_file  # noqa: E402
 from scheduler.api import Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
@@ -139,7 +139,7 @@ async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: i
                           overlap_streaming=OVERLAP[args.overlap_streaming],
                           async_scheduling=OVERLAP[args.async_scheduling], routing=RoutingConfig(calibrate=False))
     engine = Engine(runner, tokenizer, config)
-    params = {"gen_length": args.gen_length, "slot_size": 8, "serial_num_blocks": 4, **args.params}
+    params = request_params(args)
     grammar = None
     if args.regex is not None:
         from llguidance import LLMatcher
@@ -178,6 +178,28 @@ async def measure(args, mode: Mode, confidence: str, tokenizer, profile_level: i
     return rows
 
 
+def request_params(args) -> dict:
+    """Every request's decoding parameters: --gen-length in 4 blocks of 8-token slots, then --params."""
+    return {"gen_length": args.gen_length, "slot_size": 8, "serial_num_blocks": 4, **args.params}
+
+
+def check_params(parser: argparse.ArgumentParser, args) -> None:
+    """Usage error naming --params unless it is a JSON object the engine's own parsing takes
+    (scheduler.validation.parse_params through the stand-in runner's decoder factory, as each request's
+    params are parsed): a bad one was a traceback from the first request, after the tokenizer loaded."""
+    from scheduler.api import InvalidRequestError
+    from scheduler.decoders import ModelDecoderFactory
+    from scheduler.validation import parse_params
+
+    if not isinstance(args.params, dict):
+        parser.error(f"--params {json.dumps(args.params)}: give a JSON object of decoding parameters, "
+                     'e.g. \'{"frequency_penalty": 0.5}\'')
+    try:
+        parse_params(ModelDecoderFactory(stand_in_runner("cpu", 64, 64)), request_params(args))
+    except InvalidRequestError as exc:
+        parser.error(f"--params {json.dumps(args.params)}: {exc}")
+
+
 def _top(profiler: cProfile.Profile, n: int) -> str:
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("tottime").print_stats(n)
@@ -213,7 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="concurrent requests per level, comma-separated (default 1,8,32,64)")
     parser.add_argument("--gen-length", type=int, default=128, help="tokens per request, a multiple of 32 (slot size 8, "
                                                                      "4 blocks)")
-    parser.add_argument("--token-budget", type=int, default=2048, help="engine query tokens per forward")
+    parser.add_argument("--token-budget", type=positive_int, default=2048, help="engine query tokens per forward")
     parser.add_argument("--num-blocks", type=int, default=2048, help="KV blocks of 16 tokens")
     parser.add_argument("--modes", default="ar,refusion",
                         help="ar, refusion and/or auto (the router decides; with the uncertain stand-in it picks AR), "
@@ -253,6 +275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--confidence: {bad[0]!r} is not one of {', '.join(CONFIDENCE)}")
     if args.num_blocks < 64:
         parser.error(f"--num-blocks {args.num_blocks}: use at least 64 (every level's requests hold KV at once)")
+    check_params(parser, args)
     return args
 
 

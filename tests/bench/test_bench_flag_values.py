@@ -66,3 +66,18 @@ def test_editor_latency_refuses_counts_it_cannot_run(flag, value, said, capsys):
     import editor_latency
 
     refused(editor_latency.main, [flag, value], f"argument {flag}: {said}", capsys)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--token-budget", "0"], "argument --token-budget: expected at least 1"),
+    (["--token-budget", "-3"], "argument --token-budget: expected at least 1"),
+    (["--params", "[1]"], "--params [1]: give a JSON object of decoding parameters"),
+    (["--params", '{"temperature": -1}'], '--params {"temperature": -1}: temperature: must lie in [0, 100.0]'),
+    (["--params", '{"temprature": 1}'], "temprature: is not a request parameter")])
+def test_engine_overhead_refuses_a_budget_or_params_the_engine_would_not_take(argv, said, capsys):
+    """The engine's own parsing of request params runs on --params before the run (it was a TypeError or
+    InvalidRequestError traceback from the first request)."""
+    import engine_overhead
+
+    refused(engine_overhead.parse_args, argv, said, capsys)
+    assert engine_overhead.parse_args(["--params", '{"frequency_penalty": 0.5}']).params == {"frequency_penalty": 0.5}
