@@ -165,7 +165,7 @@ async def bench_scoring(model_dir: Path, requests: int, prompt_tokens: int) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.bench_args import check_gen_length, model_dir, positive_int, torch_device
+    from bench.bench_args import check_gen_length, model_dir, positive_int, positive_ints, torch_device
     from decoding.params import DecodeParamError
     from scheduler.api import InvalidRequestError
 
@@ -176,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=positive_int, default=64,
                         help="tokens per request: a multiple of the model's slot_size x serial_num_blocks")
     parser.add_argument("--repeats", type=positive_int, default=20)
-    parser.add_argument("--vocabs", default="8192,151936")
-    parser.add_argument("--rows", default="8,64")
+    parser.add_argument("--vocabs", type=positive_ints, default=[8192, 151936],
+                        help="vocabulary sizes of the reads part's logits, comma-separated")
+    parser.add_argument("--rows", type=positive_ints, default=[8, 64], help="read rows of the reads part, comma-separated")
     parser.add_argument("--score-prompt-tokens", type=positive_int, default=512)
     parser.add_argument("--parts", default="reads,engine,format,scoring", help="the tables to measure")
     args = parser.parse_args(argv)
@@ -190,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         check_gen_length(parser, "--tokens", args.tokens, model_dir)
     print(f"machine: {platform.processor() or platform.machine()}, device {args.device}, model {model_dir.name}")
     if "reads" in parts:
-        reads = bench_reads(args.device, [int(v) for v in args.vocabs.split(",")],
-                            [int(r) for r in args.rows.split(",")], args.repeats)
+        reads = bench_reads(args.device, args.vocabs, args.rows, args.repeats)
         print("| reads: vocab | rows | plain ms | with logprobs ms | with logprobs and ranks ms |\n|---|---|---|---|---|")
         for r in reads:
             print(f"| {r['vocab']} | {r['rows']} | {r['plain_ms']} | {r['logprobs_ms']} | {r['ranks_ms']} |")

@@ -81,3 +81,12 @@ def test_engine_overhead_refuses_a_budget_or_params_the_engine_would_not_take(ar
 
     refused(engine_overhead.parse_args, argv, said, capsys)
     assert engine_overhead.parse_args(["--params", '{"frequency_penalty": 0.5}']).params == {"frequency_penalty": 0.5}
+
+
+@pytest.mark.parametrize("flag, value, said", [("--vocabs", "abc", "expected a whole number, got 'abc'"),
+                                               ("--vocabs", "64,0", "expected at least 1, got 0"),
+                                               ("--rows", "-1", "expected at least 1, got -1")])
+def test_logprobs_refuses_sizes_of_the_reads_part_before_any_part_runs(flag, value, said, capsys):
+    import logprobs
+
+    refused(logprobs.main, [flag, value, "--parts", "reads"], f"argument {flag}: {said}", capsys)
