@@ -97,11 +97,18 @@ def table(rows: list[dict], args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=positive_ints, default=[1_000, 10_000, 50_000])
+    parser.add_argument("--sizes", type=positive_ints, default=[1_000, 10_000, 50_000],
+                        help=f"cached blocks per row, comma-separated (each holding at least {max(EVICTS)} blocks of "
+                             "whole prompts)")
     parser.add_argument("--prompt-blocks", type=positive_int, default=100, help="blocks per cached prompt")
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--append", type=writable_file, help="append the table to this markdown file")
     args = parser.parse_args(argv)
+    least = -(-max(EVICTS) // args.prompt_blocks) * args.prompt_blocks  # whole prompts, evict(64)'s blocks
+    if small := [n for n in args.sizes if n < least]:
+        parser.error(f"--sizes {small[0]} with --prompt-blocks {args.prompt_blocks}: the cache holds whole prompts "
+                     f"only, {small[0] // args.prompt_blocks * args.prompt_blocks} blocks, fewer than the "
+                     f"{max(EVICTS)} evict({max(EVICTS)}) frees; use sizes of at least {least} or fewer --prompt-blocks")
     rows = [measure(n, args.prompt_blocks, args.repeats) for n in args.sizes]
     text = table(rows, args)
     print(text)

@@ -90,3 +90,15 @@ def test_logprobs_refuses_sizes_of_the_reads_part_before_any_part_runs(flag, val
     import logprobs
 
     refused(logprobs.main, [flag, value, "--parts", "reads"], f"argument {flag}: {said}", capsys)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--sizes", "1000,50"], "--sizes 50 with --prompt-blocks 100: the cache holds whole prompts only, 0 blocks"),
+    (["--sizes", "63", "--prompt-blocks", "1"], "--sizes 63 with --prompt-blocks 1: the cache holds whole prompts only, "
+                                                "63 blocks, fewer than the 64 evict(64) frees; use sizes of at least 64"),
+    (["--sizes", "100", "--prompt-blocks", "60"], "use sizes of at least 120")])
+def test_prefix_cache_refuses_a_cache_smaller_than_what_it_evicts(argv, said, capsys):
+    """The full cache holds whole prompts: fewer than 64 cached blocks was an AssertionError from evict(64)."""
+    import prefix_cache
+
+    refused(prefix_cache.main, argv, said, capsys)
