@@ -122,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=model_dir, default=str(repo / "models" / "refusion-tiny-code"))
     parser.add_argument("--requests", type=int, default=20, help="held-out chat and tool-call requests each")
-    parser.add_argument("--heldout-fraction", type=float, default=0.03, help="the model's held-out split")
+    parser.add_argument("--heldout-fraction", type=float, default=0.03,
+                        help="the model's held-out split: the fraction of files held out, above 0 and below 1")
     args = parser.parse_args(argv)
     if args.requests < 1:
         parser.error("--requests must be at least 1")
+    if not 0 < args.heldout_fraction < 1:  # (0 holds out nothing to ask; training takes [0, 1))
+        parser.error(f"--heldout-fraction {args.heldout_fraction}: give the fraction the model held out, above 0 and "
+                     "below 1 (the shipped model's is 0.03, its train_args.json)")
     print(json.dumps(measure_chat(Path(args.model), ["stdlib"], args.heldout_fraction, args.requests)))
     return 0
 

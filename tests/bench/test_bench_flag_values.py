@@ -102,3 +102,11 @@ def test_prefix_cache_refuses_a_cache_smaller_than_what_it_evicts(argv, said, ca
     import prefix_cache
 
     refused(prefix_cache.main, argv, said, capsys)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "5", "1", "nan"])
+def test_chat_card_refuses_a_heldout_fraction_outside_0_to_1(value, capsys):
+    import chat_card
+
+    refused(chat_card.main, ["--heldout-fraction", value], f"--heldout-fraction {float(value)}: give the fraction",
+            capsys)
