@@ -23,6 +23,29 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def check_shape(parser: argparse.ArgumentParser, args) -> None:
+    """Usage errors before the corpus is read or the model loads: --batch-tokens below one row of --seq-len
+    (the trainer's TrainingError traceback), and what `refusion train --init` refuses of a checkpoint
+    (integrations.cli_train_checks.check_init_shape on its config, parameters counted on the meta
+    device): --seq-len past the model's context, or a step that needs more memory than the device has
+    free (--batch-tokens 200000 --seq-len 100000 was killed for memory at 23 GB)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from integrations.cli_train_checks import check_init_shape
+    from integrations.cli_train_flags import TrainArgumentError
+
+    if args.batch_tokens < args.seq_len:
+        parser.error(f"--batch-tokens {args.batch_tokens}: use at least --seq-len ({args.seq_len}), one row")
+    config = AutoConfig.from_pretrained(args.model)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    try:
+        check_init_shape(args, config, n_params, model_flag="--model")
+    except TrainArgumentError as exc:
+        parser.error(str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.bench_args import count, model_dir, positive_int, torch_device
 
@@ -39,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="measured bf16 matmul peak (H200)")
     parser.add_argument("--append", action="store_true")
     args = parser.parse_args(argv)
+    check_shape(parser, args)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -193,15 +193,16 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise TrainArgumentError("--out", f"{out} cannot be created under {parent}; give a path you can write")
 
 
-def check_init_shape(args, config, n_params: int) -> None:
+def check_init_shape(args, config, n_params: int, model_flag: str = "--init") -> None:
     """Checks of the --init checkpoint's config (transformers' PretrainedConfig) made before its weights
     load: rows no longer than its context (TrainArgumentError "--seq-len"), and training state and one
     step's activations within the memory free on the device (cli_train_flags.memory_problem; `n_params`
     counted on the meta device: a checkpoint too large was loaded in float32 first, and an 8B one was
-    killed for memory before any word; helper-187), naming --seq-len, --batch-tokens or --init."""
+    killed for memory before any word; helper-187), naming --seq-len, --batch-tokens or --init
+    (`model_flag`: the flag that named the checkpoint, bench/train_throughput.py's --model)."""
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and args.seq_len > context:  # positions past what the model is made for
-        raise TrainArgumentError("--seq-len", f"{args.seq_len} is longer than the --init model's context "
+        raise TrainArgumentError("--seq-len", f"{args.seq_len} is longer than the {model_flag} model's context "
                                               f"(max_position_embeddings {context}); give at most {context}")
     check_training_memory(args, n_params, config.num_hidden_layers, config.hidden_size, config.intermediate_size,
-                          config.vocab_size, ("--init", "train a smaller model, or on a machine with more memory"))
+                          config.vocab_size, (model_flag, "train a smaller model, or on a machine with more memory"))

@@ -110,3 +110,15 @@ def test_chat_card_refuses_a_heldout_fraction_outside_0_to_1(value, capsys):
 
     refused(chat_card.main, ["--heldout-fraction", value], f"--heldout-fraction {float(value)}: give the fraction",
             capsys)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--batch-tokens", "32", "--seq-len", "64"], "--batch-tokens 32: use at least --seq-len (64), one row"),
+    (["--batch-tokens", "200000", "--seq-len", "100000"],
+     "--seq-len: 100000 is longer than the --model model's context (max_position_embeddings 4096); give at most 4096")])
+def test_train_throughput_refuses_a_batch_shape_it_cannot_train_before_the_model_loads(argv, said, capsys):
+    """--batch-tokens below one row was the trainer's TrainingError traceback after the corpus was read;
+    rows of 100,000 tokens on the 4,096-token model were killed for memory at 23 GB."""
+    import train_throughput
+
+    refused(train_throughput.main, argv, said, capsys)
