@@ -33,18 +33,20 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",")]
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (not nan, not inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected numbers above 0, got {text}")
+    return value
+
+
 def positive_floats(text: str) -> list[float]:
     """A comma-separated list of finite numbers > 0 ("0.1,1,30")."""
-    values = []
-    for part in text.split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected numbers, got {part!r}") from None
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"expected numbers above 0, got {part}")
-        values.append(value)
-    return values
+    return [positive_float(part) for part in text.split(",")]
 
 
 def model_dir(text: str) -> Path:

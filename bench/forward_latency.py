@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.bench_args import at_most, count, positive_int, positive_ints, torch_device, writable_file  # noqa: E402
+from bench.bench_args import at_most, count, positive_float, positive_int, positive_ints, torch_device, writable_file  # noqa: E402
 
 from workers.batch import Reads, Segment  # noqa: E402
 from workers.loader import ModelConfig  # noqa: E402
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beside", type=at_most(256, count), default=0,
                         help="one-token decode steps sharing each timed step (0-256)")
     parser.add_argument("--beside-context", type=at_most(32768), default=256, help="their cached tokens (1-32768)")
-    parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
+    parser.add_argument("--bandwidth-gbs", type=positive_float,
+                        help="memory bandwidth in GB/s (above 0) for the floor, instead of measuring it (the default)")
     parser.add_argument("--append", type=writable_file, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     if args.device == "cpu" and args.config == "8b":

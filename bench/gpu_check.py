@@ -87,7 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from bench_args import positive_int, positive_ints, torch_device, writable_file  # noqa: E402
+from bench_args import positive_float, positive_int, positive_ints, torch_device, writable_file  # noqa: E402
 from gpu_check_attention import part_attention  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
 from gpu_check_engine import part_engine, part_features, part_host  # noqa: E402
@@ -279,7 +279,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "compiled (compile_layers) and the combinations in gpu_check_parts.FORWARD_VARIANTS "
                              "(default on CUDA: eager,paged,compiled+graphs,paged+compiled+graphs; on CPU: eager,flex)")
     parser.add_argument("--repeats", type=positive_int, help="timed forwards per token count (default 10)")
-    parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth to use instead of measuring")
+    parser.add_argument("--bandwidth-gbs", type=positive_float,
+                        help="memory bandwidth in GB/s (above 0) for the floor, instead of measuring it (the default)")
     parser.add_argument("--levels", type=positive_ints, help="engine concurrency levels (default 1,8,32)")
     parser.add_argument("--gen-length", type=int, help="tokens per request, a multiple of 32 (default 128)")
     parser.add_argument("--token-budget", type=int, default=512, help="engine query tokens per forward")

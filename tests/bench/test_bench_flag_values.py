@@ -122,3 +122,13 @@ def test_train_throughput_refuses_a_batch_shape_it_cannot_train_before_the_model
     import train_throughput
 
     refused(train_throughput.main, argv, said, capsys)
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "0", "inf", "abc"])
+def test_a_bandwidth_that_is_no_positive_number_is_refused(value, capsys):
+    """-5 or nan made a negative or nan floor and a silently wrong table; 0 silently measured instead."""
+    import forward_latency
+    import gpu_check
+
+    for main in (forward_latency.main, gpu_check.parse_args):
+        refused(main, ["--device", "cpu", "--bandwidth-gbs", value], "argument --bandwidth-gbs: expected numbers", capsys)
