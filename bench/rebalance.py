@@ -40,12 +40,15 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "  # one prompt head: 
 
 
 async def one_request(http, url: str, max_tokens: int, start: float) -> dict:
-    """One streamed completion; {"ttft_s", "e2e_s", "status", "finish_reason"} from `start`."""
+    """One streamed completion; {"ttft_s", "e2e_s", "status", "finish_reason", "error"} from `start` (error:
+    an error answer's body)."""
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0, "mode": "ar",
             "stream": True}
-    out = {"ttft_s": None, "e2e_s": None, "status": None, "finish_reason": None}
+    out = {"ttft_s": None, "e2e_s": None, "status": None, "finish_reason": None, "error": None}
     async with http.stream("POST", url + "/v1/completions", json=body) as response:
         out["status"] = response.status_code
+        if response.status_code != 200:
+            out["error"] = (await response.aread()).decode(errors="replace")[:500]
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -65,9 +68,23 @@ async def burst(url: str, args) -> dict:
         start = time.perf_counter()
         results = await asyncio.gather(*(one_request(http, url, args.max_tokens, start) for _ in range(args.requests)),
                                        return_exceptions=True)
-    good = [r for r in results if isinstance(r, dict) and r["status"] == 200 and r["finish_reason"] == "length"]
+
+    def answered(r) -> bool:
+        return isinstance(r, dict) and r["status"] == 200 and r["finish_reason"] == "length"
+
+    good, failed = [r for r in results if answered(r)], [r for r in results if not answered(r)]
     return {"makespan_s": max((r["e2e_s"] for r in good), default=float("nan")), "ttft": [r["ttft_s"] for r in good if r["ttft_s"]],
-            "e2e": [r["e2e_s"] for r in good], "failures": len(results) - len(good)}
+            "e2e": [r["e2e_s"] for r in good], "failures": len(failed),
+            "first_failure": failure_reason(failed[0]) if failed else None}
+
+
+def failure_reason(result) -> str:
+    """Why one request of a burst failed: its exception, its error answer, or how its stream ended."""
+    if isinstance(result, BaseException):
+        return f"{type(result).__name__}: {result}"
+    if result["status"] != 200:
+        return f"HTTP {result['status']}: {result['error']}"
+    return f"finish_reason {result['finish_reason']!r}, not 'length' (every request asks for exactly max_tokens)"
 
 
 def scrape(url: str) -> dict:
@@ -107,7 +124,9 @@ def measure(url: str, threshold: float, rebalance_after_s: float, args) -> dict:
     finally:
         serve.delete("refusion")
     row = {"makespan_s": statistics.median(b["makespan_s"] for b in bursts), "ttft": [t for b in bursts for t in b["ttft"]],
-           "e2e": [t for b in bursts for t in b["e2e"]], "failures": sum(b["failures"] for b in bursts)}
+           "e2e": [t for b in bursts for t in b["e2e"]], "failures": sum(b["failures"] for b in bursts),
+           "requests": args.requests * args.repeats,
+           "first_failure": next((b["first_failure"] for b in bursts if b["first_failure"]), None)}
     split = sorted((after["finished"].get(r, 0) - before["finished"].get(r, 0) for r in after["finished"]), reverse=True)
     row.update(threshold=threshold, rebalance_after_s=rebalance_after_s, split=[int(n) for n in split],
                moved=int(after["moved"] - before["moved"]))
@@ -172,7 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.append:
         with open(args.append, "a") as f:
             f.write("\n" + text + "\n")
-    return 0
+    return 1 if report_failed_rows(rows) else 0
+
+
+def report_failed_rows(rows: list[dict]) -> int:
+    """For each row whose every request failed (its numbers are nan), its first failure's reason on stderr;
+    how many such rows."""
+    failed = [r for r in rows if r["failures"] >= r["requests"]]
+    for r in failed:
+        print(f"rebalance: every request of the row threshold {r['threshold']:g}, rebalance_after_s "
+              f"{r['rebalance_after_s']:g} failed ({r['failures']}); the first: {r['first_failure']}", file=sys.stderr)
+    return len(failed)
 
 
 if __name__ == "__main__":
