@@ -70,6 +70,21 @@ def writable_file(text: str) -> Path:
     return Path(text)
 
 
+def serve_num_blocks(text: str) -> int:
+    """KV blocks per engine replica of a served app (runner.num_blocks): at least what the replicas'
+    start-up warm-up requests need (integrations.engine_host.check_runner_options, the serving config's
+    own check), so a script that deploys on local Ray refuses it before Ray starts, not in a config
+    traceback after."""
+    from integrations.engine_host import check_runner_options
+
+    value = positive_int(text)
+    try:
+        check_runner_options({"num_blocks": value})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def regex(text: str) -> str:
     """A regular expression llguidance compiles (the structured-output engine's syntax)."""
     from llguidance import LLMatcher

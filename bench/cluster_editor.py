@@ -51,8 +51,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_args import model_dir, positive_int, writable_file  # noqa: E402
+from bench.bench_args import (at_most, count, model_dir, positive_float, positive_int, serve_num_blocks,  # noqa: E402
+                              writable_file)
 from bench.editor_latency import pct  # noqa: E402
+from integrations.editor.protocol import Limits  # noqa: E402
 from integrations.lsp.backend import EditorBackend  # noqa: E402
 
 POLICIES = ("prefix_affinity", "power_of_two")
@@ -62,6 +64,8 @@ BLOCK_SIZE = 16  # workers.runner default; only used to size the printed working
 RAY_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 FOLLOW_UPS = ["Add type hints to it.", "Now handle the empty input case.", "Write a unit test for it.",
               "Rename the helper to something clearer.", "Make it a method of the class above.", "Add a docstring."]
+# --quick: a smoke run's sizes, as defaults (flags given beside it win)
+QUICK = {"documents": 2, "keystrokes": 4, "burst": 2, "editors": 1, "agents": 1, "turns": 2}
 
 
 def make_document(path: Path, rng: random.Random, tokenizer, keystrokes: int) -> dict:
@@ -293,31 +297,44 @@ def report(rows: list[dict], workload: dict, args, argv: list[str]) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The flags, each refused before any file is read or Ray starts when the run could not use it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=model_dir, default=str(REPO / "models" / "refusion-tiny-code"))
     parser.add_argument("--documents", type=positive_int, default=24)
-    parser.add_argument("--keystrokes", type=int, default=9, help="requests per document")
-    parser.add_argument("--burst", type=int, default=3, help="requests in one file before the user switches files")
-    parser.add_argument("--editors", type=int, default=6, help="users (one editor connection each)")
-    parser.add_argument("--agents", type=int, default=3)
-    parser.add_argument("--turns", type=int, default=4, help="chat turns per agent conversation")
-    parser.add_argument("--pace-ms", type=int, default=400, help="pause after a suggestion before the next edit")
-    parser.add_argument("--think-ms", type=int, default=500, help="agent pause between turns")
-    parser.add_argument("--editor-max-tokens", type=int, default=24)
-    parser.add_argument("--agent-max-tokens", type=int, default=48)
+    parser.add_argument("--keystrokes", type=positive_int, default=9, help="requests per document")
+    parser.add_argument("--burst", type=positive_int, default=3, help="requests in one file before the user switches files")
+    parser.add_argument("--editors", type=positive_int, default=6, help="users (one editor connection each)")
+    parser.add_argument("--agents", type=count, default=3)
+    parser.add_argument("--turns", type=at_most(len(FOLLOW_UPS) + 1), default=4,
+                        help=f"chat turns per agent conversation (1-{len(FOLLOW_UPS) + 1}: a request, then follow-ups)")
+    parser.add_argument("--pace-ms", type=count, default=400, help="pause after a suggestion before the next edit")
+    parser.add_argument("--think-ms", type=count, default=500, help="agent pause between turns")
+    parser.add_argument("--editor-max-tokens", type=at_most(Limits().max_tokens), default=24,
+                        help=f"max_tokens of each one-line completion (1-{Limits().max_tokens}, the editor protocol's)")
+    parser.add_argument("--agent-max-tokens", type=positive_int, default=48)
     parser.add_argument("--replicas", type=positive_int, default=2, help="engine replicas (they share the 2 CPUs Ray is given)")
-    parser.add_argument("--num-blocks", type=int, default=1000, help="KV blocks per replica (16 tokens each)")
+    parser.add_argument("--num-blocks", type=serve_num_blocks, default=1000, help="KV blocks per replica (16 tokens each)")
     parser.add_argument("--imbalanced-threshold", type=float, default=2.0,
-                        help="router setting: ongoing-request gap that overrides affinity (ServeConfig default 2)")
-    parser.add_argument("--timeout-s", type=float, default=60.0, help="a request slower than this is a failure")
+                        help="router setting: ongoing-request gap that overrides affinity (ServeConfig default 2; >= 0)")
+    parser.add_argument("--timeout-s", type=positive_float, default=60.0, help="a request slower than this is a failure")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 documents x 4, 1 agent x 2 turns")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 documents x 4, 1 agent x 2 turns (flags given beside it win)")
     parser.add_argument("--append", type=writable_file, help="append the dated section to this markdown file")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.documents, args.keystrokes, args.burst, args.editors, args.agents, args.turns = 2, 4, 2, 1, 1, 2
+    if args.quick:  # its sizes become the defaults, so that an explicit flag keeps its value
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    if not 0 <= args.imbalanced_threshold < float("inf"):
+        parser.error(f"--imbalanced-threshold {args.imbalanced_threshold}: give a number >= 0 (the router's "
+                     "ongoing-request gap)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     workload = build_workload(args)
     print(f"working set: {workload['blocks']} blocks of {BLOCK_SIZE} tokens; KV cache {args.num_blocks} blocks "
           f"per replica", flush=True)

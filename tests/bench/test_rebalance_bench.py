@@ -65,3 +65,13 @@ def test_a_row_whose_every_request_failed_is_named_on_stderr_and_the_run_exits_1
     assert "| 1000 | 0 (off) | nan |" in out
     assert err.count("rebalance: every request of the row threshold 1000, rebalance_after_s") == 2
     assert "failed (2); the first: HTTP 500: boom" in err and "threshold 2," not in err
+
+
+def test_a_kv_cache_too_small_for_a_replica_to_start_is_refused_before_ray_starts(capsys):
+    """It was the serving config's traceback from inside the deployment, after Ray had started."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exited:
+        rebalance.main(["--num-blocks", "3"])
+    assert exited.value.code == 2
+    assert "argument --num-blocks: runner.num_blocks: the KV cache needs at least 4 blocks" in capsys.readouterr().err
