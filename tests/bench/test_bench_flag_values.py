@@ -132,3 +132,18 @@ def test_a_bandwidth_that_is_no_positive_number_is_refused(value, capsys):
 
     for main in (forward_latency.main, gpu_check.parse_args):
         refused(main, ["--device", "cpu", "--bandwidth-gbs", value], "argument --bandwidth-gbs: expected numbers", capsys)
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--gen-length", "0", "argument --gen-length: expected at least 1"),
+    ("--gen-length", "-32", "argument --gen-length: expected at least 1"),  # (both passed the multiple-of-32 check)
+    ("--gen-length", "48", "--gen-length 48: use a multiple of 32"),
+    ("--budget-s", "-1", "argument --budget-s: expected numbers above 0"),  # (it skipped every part, exit 0)
+    ("--budget-s", "0", "argument --budget-s: expected numbers above 0"),
+    ("--context", "-5", "argument --context: expected at least 1, got -5"),
+    ("--long-context", "-1", "argument --long-context: expected at least 0"),
+    ("--token-budget", "0", "argument --token-budget: expected at least 1")])
+def test_gpu_check_refuses_lengths_and_budgets_it_cannot_run(flag, value, said, capsys):
+    import gpu_check
+
+    refused(gpu_check.parse_args, ["--device", "cpu", flag, value], said, capsys)

@@ -107,7 +107,7 @@ def test_a_failing_part_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch)
     forward, engine = report["parts"]["forward"], report["parts"]["engine"]
     assert forward["status"] == "failed" and "out of memory" in forward["error"]
     assert engine["status"] == "passed" and engine["results"] == {"tok_s": 1.0}
-    assert "| engine ar, 32 request(s) | 1 tok/s | >= 4,000 tok/s | NOT met |" in report["table"]
+    assert "| engine ar, 32 request(s) | 1 tok/s | >= 4,000 tok/s | n/a (cpu) |" in report["table"]  # a GPU's target
 
 
 def test_engine_before_forward_runs_on_the_runner_defaults_and_says_so(tmp_path):
@@ -122,7 +122,7 @@ def test_engine_before_forward_runs_on_the_runner_defaults_and_says_so(tmp_path)
 
 def test_parts_past_the_time_budget_are_skipped(tmp_path):
     out = tmp_path / "report.json"
-    assert gpu_check.main(["--device", "cpu", "--parts", "forward,baselines", "--budget-s", "0", "--json", str(out)]) == 0
+    assert gpu_check.main(["--device", "cpu", "--parts", "forward,baselines", "--budget-s", "1e-9", "--json", str(out)]) == 0
     parts = json.loads(out.read_text())["parts"]
     assert list(parts) == ["forward", "baselines"]
     assert all(p["status"] == "skipped" and "budget" in p["error"] for p in parts.values())
@@ -182,6 +182,20 @@ def test_engine_variant_given_by_name_builds_that_runner():
     args = gpu_check.parse_args(["--device", "cpu", "--engine-variant", "flex", "--runner-options", '{"block_size": 8}'])
     runner = gpu_check.Workbench(args).engine_runner()
     assert runner.stats()["attention"] == "flex" and runner.info.block_size == 8
+
+
+def test_verdicts_against_the_gpu_targets_are_given_on_cuda_only():
+    """A CPU dry run marked "engine ar, 1 request 620 tok/s" as met against the GPU's >= 200 tok/s."""
+    rows = [gpu_check.Row("engine ar, 1 request(s)", "620 tok/s", ">= 200 tok/s", True),
+            gpu_check.Row("engine ar, 32 request(s)", "1 tok/s", ">= 4,000 tok/s", False),
+            gpu_check.Row("weight-read floor", "1 ms")]
+    records = {"engine": {"status": "passed", "seconds": 1.0, "rows": rows}}
+    info = {"config": "tiny", "torch": "x", "transformers": "y", "dtype": "float32", "runner_options": {}}
+    cpu = gpu_check.table({**info, "device": "cpu"}, records)
+    assert "| 620 tok/s | >= 200 tok/s | n/a (cpu) |" in cpu and "| 1 tok/s | >= 4,000 tok/s | n/a (cpu) |" in cpu
+    assert "| 1 ms | - | - |" in cpu and "met" not in cpu.replace("n/a", "")
+    gpu = gpu_check.table({**info, "device": "cuda:0", "gpu": "NVIDIA H200"}, records)
+    assert "| 620 tok/s | >= 200 tok/s | met |" in gpu and "| 1 tok/s | >= 4,000 tok/s | NOT met |" in gpu
 
 
 def test_unknown_engine_variant_is_refused(capsys):
