@@ -194,6 +194,37 @@ def table(rows, args, machine: str, model: str) -> str:
     return "\n".join(lines)
 
 
+BLOCK_SIZE = 16  # tokens per KV block: workers.runner.ModelRunner's default, which load_runner keeps
+
+
+def check_kv_room(parser: argparse.ArgumentParser, args, tokenizer, defaults: dict, num_blocks: int,
+                  block_size: int = BLOCK_SIZE) -> None:
+    """Usage error naming --num-blocks when the engine's KV cache could not hold one request of the run:
+    the longest of its prompts + gen_length (--gen-length, else the model's) + one ReFusion block of
+    tentative tokens, by the engine's own admission rule (scheduler.kv.KVOwner.blocks_needed and
+    capacity, on a pool of `num_blocks` less EngineConfig's reserve). The engine refused each request
+    with "shorten the prompt", which the script reported as a fault of --gen-length."""
+    from types import SimpleNamespace
+
+    from scheduler.kv import KVOwner
+
+    def owner(blocks: int) -> KVOwner:
+        runner = SimpleNamespace(info=SimpleNamespace(num_kv_blocks=blocks, block_size=block_size))
+        return KVOwner({"main": runner}, prefix_cache=False, reserve_fraction=EngineConfig().kv_reserve_fraction)
+
+    gen_length = args.gen_length or defaults["gen_length"]
+    params = SimpleNamespace(gen_length=gen_length, slot_size=defaults["slot_size"],
+                             serial_num_blocks=defaults["serial_num_blocks"])
+    prompt = max(len(tokenizer.encode(p)) for p in (LONG_PROMPTS if args.prompts == "long" else PROMPTS))
+    need = owner(num_blocks).blocks_needed(prompt, 0, params)
+    if owner(num_blocks).capacity() >= need:
+        return
+    least = next(n for n in range(need, 2 * need + 100) if owner(n).capacity() >= need)
+    parser.error(f"--num-blocks {num_blocks}: the engine's KV cache ({num_blocks} blocks of {block_size} tokens) "
+                 f"cannot hold one request: the longest prompt ({prompt} tokens) + gen_length {gen_length} + one "
+                 f"ReFusion block of tentative tokens need {need} blocks; use --num-blocks {least} or more")
+
+
 def load_runner(args):
     from workers.runner import ModelRunner
 
@@ -221,17 +252,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="short: code openings the shipped model ends soon (the default); long: openings it writes "
                              "to gen_length in both modes (use with --gen-length 128)")
     parser.add_argument("--token-budget", type=positive_int, default=512)
-    parser.add_argument("--num-blocks", type=positive_int, default=2048)
+    parser.add_argument("--num-blocks", type=positive_int, default=2048,
+                        help="KV blocks of 16 tokens; at least one request's (prompt + gen_length + a ReFusion block)")
     parser.add_argument("--overlap-streaming", choices=tuple(OVERLAP), default="auto", help=OVERLAP_HELP)
     parser.add_argument("--async-scheduling", choices=tuple(OVERLAP), default="auto", help=ASYNC_HELP)
     parser.add_argument("--append", type=writable_file, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     if args.gen_length and not args.random_model:  # (the random model's shape is known once it is built)
         check_gen_length(parser, "--gen-length", args.gen_length, args.model)
+    if not args.random_model:
+        from decoding.params import load_model_defaults
+        from workers.loader import load_tokenizer
+
+        check_kv_room(parser, args, load_tokenizer(args.model), load_model_defaults(args.model), args.num_blocks)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     import torch
 
     runner, model = load_runner(args)
+    if args.random_model:
+        from scheduler.decoders import ModelDecoderFactory
+
+        check_kv_room(parser, args, runner.tokenizer, ModelDecoderFactory(runner).defaults, runner.info.num_kv_blocks,
+                      runner.info.block_size)
     machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
                f"torch {torch.__version__}, device {runner.info.device}")
     start = time.perf_counter()

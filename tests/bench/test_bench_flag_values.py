@@ -147,3 +147,16 @@ def test_gpu_check_refuses_lengths_and_budgets_it_cannot_run(flag, value, said, 
     import gpu_check
 
     refused(gpu_check.parse_args, ["--device", "cpu", flag, value], said, capsys)
+
+
+@pytest.mark.parametrize("blocks", ["1", "7"])
+def test_concurrency_names_num_blocks_when_the_kv_cache_cannot_hold_one_request(blocks, capsys):
+    """--gen-length 64 --num-blocks 1: the usage error blamed --gen-length and said "shorten the prompt" (the
+    engine's words), after the model loaded; the longest short prompt (26 tokens) + 64 + one 8-token
+    ReFusion block need 8 blocks of 16 by the engine's own admission rule."""
+    import concurrency
+
+    err = refused(concurrency.main, ["--gen-length", "64", "--num-blocks", blocks, "--levels", "1", "--rounds", "1"],
+                  f"--num-blocks {blocks}: the engine's KV cache ({blocks} blocks of 16 tokens) cannot hold one "
+                  "request: the longest prompt (26 tokens) + gen_length 64", capsys)
+    assert "use --num-blocks 8 or more" in err and "--gen-length 64:" not in err and "shorten" not in err
