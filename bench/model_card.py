@@ -141,8 +141,19 @@ def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = 
     from decoding.params import DecodeParams, load_model_defaults
     from workers.runner import ModelRunner
 
+    from bench.bench_args import context_problem
+
     args_path = model_dir / "train_args.json"
     train_args = json.loads(args_path.read_text()).get("args", {}) if args_path.exists() else {}
+    try:
+        params = DecodeParams.from_dict(load_model_defaults(model_dir) | overrides)
+    except DecodeParamError as exc:
+        raise CardError(f"--set: {exc}") from None
+    seq_len = int(train_args.get("seq_len", 256))  # (held-out units fit it, tokenize_units: so do their prompts)
+    given = f"--set gen_length={params.gen_length}" if "gen_length" in overrides else f"gen_length {params.gen_length}"
+    if problem := context_problem(model_dir, seq_len + params.gen_length,
+                                  f"{given} beside held-out prompts of up to seq_len {seq_len} tokens"):
+        raise CardError(problem)  # checked before the model loads: 100,000,000 tried to allocate 156 TB
     runner = ModelRunner(str(model_dir))
     tok, eos, mask = runner.tokenizer, runner.info.eos_token_id, runner.info.mask_token_id
     pairs = heldout_pairs(tok, train_args, ["stdlib"])
@@ -156,10 +167,6 @@ def measure(model_dir: Path, n_prompts: int, overrides: dict, skip_loss: bool = 
     subset = pairs[:: max(1, len(pairs) // n_prompts)][:n_prompts]  # evenly spread over held-out files
     prompts = [p for p, _ in subset]
     truth = [first_line(tok.decode(r)) for _, r in subset]
-    try:
-        params = DecodeParams.from_dict(load_model_defaults(model_dir) | overrides)
-    except DecodeParamError as exc:
-        raise CardError(f"--set: {exc}") from None
     row["decode"] = {k: getattr(params, k) for k in ("gen_length", "slot_size", "serial_num_blocks",
                                                       "slot_threshold", "token_threshold", "temperature")}
     t0 = time.monotonic()

@@ -42,6 +42,10 @@ def test_a_chat_answer_cut_before_its_first_line_ends_is_not_valid_python():
     (["--model", "/nonexistent/model"], "model_card: "),
     (["--set", "slot_size=abc"], "--set slot_size=abc: the value must be JSON"),
     (["--set", "=1"], "--set =1: use KEY=VALUE"),
+    # before the model loads: it tried to allocate 156 TB (a traceback)
+    (["--set", "gen_length=100000000"], "--set gen_length=100000000 beside held-out prompts of up to seq_len 256 "
+                                        "tokens: 100,000,256 tokens in one sequence, past refusion-tiny-code's context "
+                                        "of 4,096 tokens"),
 ])
 def test_bad_inputs_are_one_line_and_exit_2(argv, message, capsys):
     from model_card import main
