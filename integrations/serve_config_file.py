@@ -41,8 +41,9 @@ def load_config_file(path: Path) -> ConfigFile:
         return ConfigFile(args=data)
     app = checked_application(data)
     deployments = checked_deployments(app)
-    return ConfigFile(_section(app, "args"), _section(data, "http_options"), data.get("proxy_location"),
-                      deployments, "applications[0].args.", _section(app, "runtime_env"))
+    return ConfigFile(_section(app, "args", "applications[0]."), _section(data, "http_options"),
+                      data.get("proxy_location"), deployments, "applications[0].args.",
+                      _section(app, "runtime_env", "applications[0]."))
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -55,11 +56,12 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return low, high
 
 
-def _section(config: dict, name: str) -> dict:
-    """A copy of the config's mapping `name` ({} when absent), for a flag to set one key of."""
+def _section(config: dict, name: str, where: str = "") -> dict:
+    """A copy of the config's mapping `name` ({} when absent), for a flag to set one key of. `where`: the
+    place of `config` in the file, for the error ("applications[0]." or "applications[0].args.")."""
     value = config.get(name)
     if value is not None and not isinstance(value, dict):
-        raise CLIError(f"--config: {name}: must be a mapping of settings, got {value!r}")
+        raise CLIError(f"--config: {where}{name}: must be a mapping of settings, got {value!r}")
     return dict(value or {})
 
 
@@ -67,9 +69,9 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
     """The config file with the flags applied (flags win, also over the file's `deployments:` counts)."""
     file = load_config_file(args.config) if args.config else ConfigFile()
     config = file.args
-    _apply_setting_flags(config, args)
+    _apply_setting_flags(config, args, file.args_path)
     engine_override = file.deployments.get(ENGINE_DEPLOYMENT, {})
-    config["engine_deployment"] = _apply_replica_flags(_section(config, "engine_deployment"), engine_override, args)
+    config["engine_deployment"] = _apply_replica_flags(_section(config, "engine_deployment", file.args_path), engine_override, args)
     drain_s, grace_s = config.get("drain_timeout_s", 20.0), engine_override.get("graceful_shutdown_timeout_s")
     if isinstance(grace_s, (int, float)) and isinstance(drain_s, (int, float)) and grace_s < drain_s + 2:
         raise CLIError(f"--config: deployments {ENGINE_DEPLOYMENT} graceful_shutdown_timeout_s ({grace_s}) must "
@@ -78,7 +80,7 @@ def merged_config(args: argparse.Namespace) -> ConfigFile:
     return file
 
 
-def _apply_setting_flags(config: dict, args: argparse.Namespace) -> None:
+def _apply_setting_flags(config: dict, args: argparse.Namespace, where: str = "") -> None:
     """Set the ServeConfig fields the flags give in `config` (the file's args): --model,
     --served-model-name, --api-key (added to the file's keys), --max-num-seqs, --dtype, --max-model-len,
     --log-level; CLIError naming a flag whose value cannot be served."""
@@ -98,9 +100,9 @@ def _apply_setting_flags(config: dict, args: argparse.Namespace) -> None:
     if args.max_num_seqs is not None:
         if args.max_num_seqs < 1:
             raise CLIError(f"--max-num-seqs: must be >= 1, got {args.max_num_seqs}")
-        config["engine"] = {**_section(config, "engine"), "max_running": args.max_num_seqs}
+        config["engine"] = {**_section(config, "engine", where), "max_running": args.max_num_seqs}
     if args.dtype:
-        config["runner"] = {**_section(config, "runner"), "dtype": args.dtype}
+        config["runner"] = {**_section(config, "runner", where), "dtype": args.dtype}
     if getattr(args, "max_model_len", None) is not None:
         if problem := max_model_len_problem(args.max_model_len, config.get("model") or DEFAULT_MODEL):
             raise CLIError(f"--max-model-len: {problem}")

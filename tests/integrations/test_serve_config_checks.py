@@ -116,3 +116,23 @@ def test_a_ray_actor_options_key_ray_serve_does_not_know_is_named(tmp_path):
     assert "num_cpus" in said and "runtime_env" in said, said
     entry = {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0, "memory": 10**9, "resources": {}, "runtime_env": {}}}
     assert load_config_file(_config(tmp_path, engine_entry=entry)).deployments["RefusionEngine"] == entry
+
+
+@pytest.mark.parametrize("app, flags, place", [
+    ({"runtime_env": 5}, [], "applications[0].runtime_env"),
+    ({"args": 5}, [], "applications[0].args"),
+    ({"args": {"runner": 5}}, ["--dtype", "float32"], "applications[0].args.runner"),
+    ({"args": {"engine": [1]}}, ["--max-num-seqs", "2"], "applications[0].args.engine"),
+])
+def test_a_section_that_is_no_mapping_is_named_at_its_place(tmp_path, app, flags, place):
+    """A runtime_env, args, or args section a flag sets a key of, that is no mapping, was named by its key
+    alone (`runtime_env: must be a mapping`), not where it sits in the file."""
+    import argparse
+
+    from integrations import cli_serve
+
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    with pytest.raises(CLIError) as raised:
+        cli_serve.merged_config(parser.parse_args(["--config", str(_config(tmp_path, app)), *flags]))
+    assert str(raised.value).startswith(f"--config: {place}: must be a mapping of settings"), raised.value
