@@ -99,14 +99,20 @@ def make_conversation(path: Path, rng: random.Random, tokenizer, turns: int, max
     return {"users": users, "prompt_tokens": tokens}
 
 
+def stdlib_pool() -> list[Path]:
+    """The standard library's files a document or a conversation is drawn from: real code of 4-60 kB, not
+    the codec tables (286 files on this machine's Python 3.11)."""
+    from training.corpus import source_files
+
+    return [p for _, p in source_files(["stdlib"]) if "encodings" not in p.parts and 4e3 <= p.stat().st_size <= 6e4]
+
+
 def build_workload(args) -> dict:
     """Documents, each user's schedule of requests and the conversations; the same for every policy."""
-    from training.corpus import source_files
     from workers.loader import load_tokenizer
 
     rng, tokenizer = random.Random(args.seed), load_tokenizer(Path(args.model))
-    pool = [p for _, p in source_files(["stdlib"]) if "encodings" not in p.parts and 4e3 <= p.stat().st_size <= 6e4]
-    files = rng.sample(pool, args.documents + args.agents)  # real code of 4-60 kB, not the codec tables
+    files = rng.sample(stdlib_pool(), args.documents + args.agents)
     # each file draws from its own generator, so its cursor does not depend on the other files' keystrokes
     own = [random.Random(f"{args.seed}/{p.parent.name}/{p.name}") for p in files]
     docs = [make_document(p, r, tokenizer, args.keystrokes) for p, r in zip(files[: args.documents], own)]
@@ -326,6 +332,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:  # its sizes become the defaults, so that an explicit flag keeps its value
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
+    if args.documents + args.agents > (files := len(stdlib_pool())):  # each draws a file of its own
+        parser.error(f"--documents {args.documents} + --agents {args.agents}: each takes a standard library file "
+                     f"of its own, and {files} are there to draw from; ask for at most {files} in all")
     if not 0 <= args.imbalanced_threshold < float("inf"):
         parser.error(f"--imbalanced-threshold {args.imbalanced_threshold}: give a number >= 0 (the router's "
                      "ongoing-request gap)")

@@ -37,3 +37,13 @@ def test_sizes_the_run_cannot_use_are_refused_before_ray_starts(flag, value, sai
     with pytest.raises(SystemExit):
         cluster_editor.parse_args(["--imbalanced-threshold", "-1"])
     assert "--imbalanced-threshold -1.0: give a number >= 0" in capsys.readouterr().err
+
+
+def test_more_documents_and_agents_than_stdlib_files_is_refused(capsys):
+    """Each document and each agent conversation draws a standard library file of its own: asking for
+    more than there are was random.sample's ValueError traceback in the workload's building."""
+    files = len(cluster_editor.stdlib_pool())
+    with pytest.raises(SystemExit) as exited:
+        cluster_editor.parse_args(["--documents", str(files), "--agents", "1"])
+    assert exited.value.code == 2 and f"ask for at most {files} in all" in capsys.readouterr().err
+    assert cluster_editor.parse_args(["--documents", str(files - 1), "--agents", "1"]).documents == files - 1
