@@ -202,13 +202,17 @@ async def kv_bounded_request(client, body: SamplingFields,
     admission check (GenerationRequest.admission_check, the KV count admission makes: Scheduler.fitted),
     and where the KV cache holds fewer beside this prompt the 400 names that (the context's number
     followed was refused again, by the KV cache). Any other answer of the check (admitted, the engine
-    busy or gone) leaves the context's 400 as it is: the check only sharpens the number."""
+    busy or gone) leaves the context's 400 as it is: the check only sharpens the number. Nor is it asked
+    while the engine autoscales at zero replicas (client.scaled_to_zero): the check would start one, and
+    the 400 would wait for its cold start."""
     try:
         return build(body)
     except ContextLengthError as exc:
         if exc.max_tokens is None or exc.most is None:
             raise
         over = exc
+    if await client.scaled_to_zero():
+        raise over
     try:
         check = build(body.model_copy(update={"max_tokens": over.most}))  # (the retry the context's 400 asks for)
     except InputError:  # (min_tokens over it: the context's 400 names max_tokens first)

@@ -3,7 +3,8 @@
 /health probed an engine replica on every call. With none up (min_replicas 0) the probe waited for a
 replica to start, timed out after 5 s with 503, and a load balancer checking /health then never sent the
 request that would start one: `--autoscale 0:N` never left zero. Now /health does not probe while the
-deployment is at zero by its autoscaling config (nor do /metrics and /v1/engine ask a replica), and the first request
+deployment is at zero by its autoscaling config (nor do /metrics and /v1/engine ask a replica, nor does
+a request's 400 for a cap over the context), and the first request
 starts a replica (Ray Serve's cold start from zero) and is served.
 """
 
@@ -55,6 +56,11 @@ def test_health_answers_at_zero_replicas_and_the_first_request_starts_one(zero_u
         scraped = http.get("/metrics")  # a Prometheus scrape: answered, and it starts no replica either
         assert scraped.status_code == 200 and 'refusion_service_replicas{state="answering"} 0.0' in scraped.text
         assert 'refusion_service_replicas{state="unreachable"} 0.0' in scraped.text
+        assert sum(engine_replicas(APP).values()) == 0, engine_replicas(APP)
+        # A cap over the context is the context's 400 at once: the KV cache's admission check the ingress
+        # asks an engine replica for that number (openai_requests.kv_bounded_request) would start one
+        over = http.post("/v1/completions", json={"prompt": "def f(x):", "max_tokens": 100_000}, timeout=10)
+        assert over.status_code == 400 and "ask for at most" in over.json()["error"]["message"], over.text
         assert sum(engine_replicas(APP).values()) == 0, engine_replicas(APP)
         served = http.post("/v1/completions", json={"prompt": "def f(x):", "max_tokens": 4, "ignore_eos": True})
         assert served.status_code == 200, served.text
