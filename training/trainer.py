@@ -56,7 +56,7 @@ __all__ = ["TrainingError", "check_better_than_uniform", "check_weights_finite",
 
 
 UNIFORM_ROUNDING = 1e-5  # nats: an AR loss this close to ln(V) is a uniform guess to float32 rounding (1e-6 seen)
-STAND_IN_EXAMPLES = 16  # training examples scored before and after training without a held-out set (one batch)
+STAND_IN_EXAMPLES = 16  # training examples scored before and after training (one batch): check_better_than_uniform
 
 
 class TrainingError(ValueError):
@@ -108,8 +108,8 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
     done; no record when no step ran). `on_step(step)` runs after each optimizer step and its log record
     (a checkpoint hook: `refusion train --checkpoint-minutes`). Raises TrainingError for bad arguments, and (field "lr") when the training loss is not finite
     at a log step, or a weight is not after the last step (`check_weights_finite`), or the trained weights'
-    AR loss is no better than a uniform guess over the vocabulary (`check_better_than_uniform`, on the
-    held-out examples, else on training ones, scored before the first step too): the run diverged, and
+    AR loss is no better than a uniform guess over the vocabulary (`check_better_than_uniform`, on up
+    to 16 training examples, scored before the first step too): the run diverged, and
     the model is not worth saving."""
     import torch
 
@@ -122,7 +122,7 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                             fused=device.type == "cuda")
     decoder = torch.compile(model.model) if compile_model and hasattr(model, "model") else None
-    scored, what = _scored_examples(examples, heldout)
+    scored = _scored_examples(examples)
     start_loss = ar_loss(model, scored, eos_token_id=eos_token_id)  # (where the run starts: check_better_than_uniform)
     model.train()
     records: list[dict] = []
@@ -157,8 +157,8 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
         records.append(_log(model, acc, step, start, cur_lr, heldout, on_log, mask_token_id, eos_token_id))
     if step:
         check_weights_finite(model, step, lr)
-        final = records[-1]["heldout_ar_loss"] if heldout else ar_loss(model, scored, eos_token_id=eos_token_id)
-        check_better_than_uniform(model, final, start_loss, what, step, lr)  # (the last record's: after the last step)
+        final = ar_loss(model, scored, eos_token_id=eos_token_id)
+        check_better_than_uniform(model, final, start_loss, "training-example", step, lr)  # (the last record's: after the last step)
     model.eval()
     return records
 
@@ -226,13 +226,14 @@ def check_better_than_uniform(model, loss: float, start_loss: float, scored: str
                                   f"{lr:.3g})")
 
 
-def _scored_examples(examples, heldout) -> tuple[Sequence[Pair], str]:
-    """The examples whose AR loss judges the run (check_better_than_uniform) and what they are: the held-out
-    ones, else up to STAND_IN_EXAMPLES training examples spread over them. Not the last training loss: it
-    is read before the last update, which `--lr 1e30 --steps 1` made unseen."""
-    if heldout:
-        return heldout, "held-out"
-    return list(examples[:: max(1, len(examples) // STAND_IN_EXAMPLES)])[:STAND_IN_EXAMPLES], "training-example"
+def _scored_examples(examples) -> Sequence[Pair]:
+    """The examples whose AR loss judges the run (check_better_than_uniform): up to STAND_IN_EXAMPLES
+    training examples spread over them. Training ones, not held-out ones: a model that learned its
+    training data past what generalizes (a small corpus) can score above ln(V) on held-out files, and
+    that is overfitting, not a diverged optimizer (helper-214: 400 steps refused, training AR loss 0.02,
+    held-out 8.6). Not the last training loss: it is read before the last update, which `--lr 1e30
+    --steps 1` made unseen."""
+    return list(examples[:: max(1, len(examples) // STAND_IN_EXAMPLES)])[:STAND_IN_EXAMPLES]
 
 
 def _loss_and_grads(model, batch: PackedBatch, decoder, opt, acc: dict) -> tuple:
