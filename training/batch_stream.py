@@ -58,11 +58,15 @@ def batch_stream(stream: PackedStream, data_workers: int) -> Iterator[PackedBatc
 
 
 def _leave_interrupts_to_the_trainer(_worker_id: int) -> None:
-    """A data worker ignores SIGINT: Ctrl-C reaches the terminal's whole process group, and a worker ran
-    the training process's handler too (its "stopping after this step" line printed once per worker);
-    the training process stops the loop, and the DataLoader its workers. A forked worker also drops the
-    trainer's wakeup pipe, where its own signals would count as the trainer's deliveries."""
+    """A data worker ignores SIGINT and SIGTERM: Ctrl-C reaches the terminal's whole process group, and a
+    worker ran the training process's handler too (its "stopping after this step" line printed once per
+    worker); a SIGTERM to the group (systemd, Slurm's scancel, `kill -TERM -PGID`) killed the worker, and
+    the DataLoader then failed the run with a traceback, unsaved (helper-214). The training process stops
+    the loop, and the DataLoader its workers (a worker also leaves when the training process is gone:
+    torch's watchdog). A forked worker also drops the trainer's wakeup pipe, where its own signals would
+    count as the trainer's deliveries."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
 
 

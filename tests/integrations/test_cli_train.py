@@ -341,6 +341,33 @@ def test_total_minutes_leaves_the_training_loop_what_preparation_did_not_use(cor
     assert "nothing of --total-minutes 0.01 is left for training" in said[0]  # (it said "0.00 ... left")
 
 
+def test_sigterm_to_the_process_group_with_data_workers_saves_the_model(corpus_dir, tmp_path):
+    """systemd, Slurm's scancel or `kill -TERM -PGID` signal the whole group: the DataLoader worker died of
+    it and the run failed with the DataLoader's RuntimeError traceback, exit 1, unsaved (helper-214). The
+    worker ignores it; the trainer stops after the step and saves. Sent once training is under way."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "m"
+    proc = subprocess.Popen([sys.executable, "-m", "integrations.cli", "train", *TINY, "--corpus", str(corpus_dir),
+                             "--out", str(out), "--minutes", "10", "--log-every", "1", "--batch-tokens", "256",
+                             "--vocab-size", "300", "--data-workers", "1"], cwd=Path(__file__).resolve().parents[2],
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in proc.stdout:
+            if line.startswith("step "):
+                break
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.count("SIGTERM: stopping after this step and saving") == 1, stderr
+    assert f"saved {out}" in stdout and (out / "model.safetensors").exists()
+
+
 _TWO_SIGNALS_IN_ONE_C_CALL = """
 import os, signal, sys
 from integrations import cli_train
