@@ -272,7 +272,8 @@ def _check_runtime_env(env, where: str) -> None:
             raise CLIError(f"{RAY_RUNTIME_ENV_PLUGINS_ENV_VAR}: Ray cannot load its plugins ({exc})") from None
     if unknown := sorted(str(k) for k in env if k not in known):
         raise CLIError(f"--config: {where}{unknown[0]}: not a runtime_env field Ray knows (its runtime env agent "
-                       f"would ignore it); the fields are {', '.join(sorted(known))} (a runtime env plugin's field: "
+                       f"would ignore it); the fields are {', '.join(sorted(k for k in known if not k.startswith('_')))} "
+                       f"(Ray's own underscored ones left out; a runtime env plugin's field: "
                        f"load the plugin with {RAY_RUNTIME_ENV_PLUGINS_ENV_VAR} in this shell too)")
     if isinstance(env.get("config"), dict) and (unknown := sorted(str(k) for k in env["config"]
                                                                   if k not in RuntimeEnvConfig.known_fields)):
