@@ -4,8 +4,10 @@ a copy of the Makefile with a stand-in .venv/bin/python whose `pip install` logs
 
 from __future__ import annotations
 
+import select
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 STAND_IN_PYTHON = """#!/bin/sh
 case "$*" in
-  *"-m pip install"*) echo "start $$" >> pip.log; sleep 1; echo "end $$" >> pip.log ;;
+  *"-m pip install"*) echo "start $$" >> pip.log; while [ ! -e release ]; do sleep 0.05; done; echo "end $$" >> pip.log ;;
 esac
 exit 0
 """
@@ -28,14 +30,27 @@ def test_two_installs_at_once_take_turns(tmp_path):
     python.parent.mkdir(parents=True)
     python.write_text(STAND_IN_PYTHON)
     python.chmod(0o755)
-    runs = [subprocess.Popen(["make", "--no-print-directory", "install"], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    said = [run.communicate(timeout=60)[0] for run in runs]
+
+    def make() -> subprocess.Popen:
+        return subprocess.Popen(["make", "--no-print-directory", "install"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    # Forced, not timed: the first install holds the lock in its pip (which waits for `release`) when the
+    # second starts; `release` is made once the second has said that it waits
+    first, deadline = make(), time.monotonic() + 60
+    while not (tmp_path / "pip.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = make()
+    ready, _, _ = select.select([second.stdout], [], [], 60)
+    waiting = second.stdout.readline() if ready else ""
+    (tmp_path / "release").touch()
+    runs = [first, second]
+    said = [first.communicate(timeout=60)[0], waiting + second.communicate(timeout=60)[0]]
     assert [run.returncode for run in runs] == [0, 0], said
     log = (tmp_path / "pip.log").read_text().split()
     # one install: its two pip runs (torch, then the project), one after the other; the second make
     # waited and found the stamp newer than pyproject.toml (without the lock: four runs, interleaved)
     events = log[0::2]
     assert events == ["start", "end", "start", "end"], log
-    assert any("waiting for another make install" in text for text in said), said
+    assert "waiting for another make install" in waiting, said
     assert (tmp_path / ".venv" / ".installed").exists()
