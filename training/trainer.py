@@ -158,7 +158,7 @@ def train_model(model, examples: Sequence[Pair], *, steps: int | None = None, mi
     if step:
         check_weights_finite(model, step, lr)
         final = ar_loss(model, scored, eos_token_id=eos_token_id)
-        check_better_than_uniform(model, final, start_loss, "training-example", step, lr)  # (the last record's: after the last step)
+        check_better_than_uniform(model, final, start_loss, step, lr)
     model.eval()
     return records
 
@@ -206,9 +206,9 @@ def check_weights_finite(model, step: int, lr: float) -> None:
                                   f"learning rate (its peak was {lr:.3g})")
 
 
-def check_better_than_uniform(model, loss: float, start_loss: float, scored: str, step: int, lr: float) -> None:
+def check_better_than_uniform(model, loss: float, start_loss: float, step: int, lr: float) -> None:
     """Raise TrainingError("lr") when `loss` (the AR loss: next-token cross-entropy per token of `model` after `step`
-    optimizer steps, on the `scored` examples; `lr`: the run's peak learning rate) says the run diverged:
+    optimizer steps, on training examples, `_scored_examples`; `lr`: the run's peak learning rate) says the run diverged:
     above both ln(V), what a uniform guess over the model's V output tokens scores, and `start_loss`, the
     same examples' loss before the first step (so: above ln(V) for a fine-tune, which starts below it); or
     ln(V) itself to float32 rounding (UNIFORM_ROUNDING), the uniform distribution whatever the input: an
@@ -220,7 +220,7 @@ def check_better_than_uniform(model, loss: float, start_loss: float, scored: str
     vocab = model.get_output_embeddings().weight.shape[0]
     uniform = math.log(vocab)
     if loss > max(uniform, start_loss) or abs(loss - uniform) <= UNIFORM_ROUNDING or not math.isfinite(loss):
-        raise TrainingError("lr", f"the {scored} AR loss after step {step} is {loss:.4f} ({start_loss:.4f} "
+        raise TrainingError("lr", f"the training-example AR loss after step {step} is {loss:.4f} ({start_loss:.4f} "
                                   f"before training), no better than ln({vocab}) = {uniform:.4f}, what a uniform guess "
                                   "over the vocabulary scores: training diverged; lower the learning rate (its peak was "
                                   f"{lr:.3g})")
