@@ -183,7 +183,7 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
     try:
         req = await kv_bounded_request(client, body, lambda fields: generation_request(
             header.id, fields, prompt.ids, stops, settings.default_max_tokens, settings, prompt_field,
-            affinity_key=affinity, grammar=grammar))
+            affinity_key=affinity, grammar=grammar), prompt_field)
     except ContextLengthError as exc:
         if exc.field != prompt_field or exc.max_tokens is not None:
             raise

@@ -43,19 +43,21 @@ class ContextLengthError(InputError):
 
 
 def over_context(field: str, context_length: int, prompt_tokens: int, max_tokens: int, most: int,
-                 kv_most: int | None = None) -> ContextLengthError:
+                 kv_most: int | None = None, min_tokens: int = 0) -> ContextLengthError:
     """The 400 for a client's cap (`field`, `max_tokens`) over the room the context leaves after the
     prompt: "ask for at most `most`" (whole steps of a client's shape), or `kv_most` where the engine's KV
     cache holds fewer beside this prompt (the most its admission check takes: Scheduler.fitted), so that
-    the number given is one the engine takes (the context's number was refused again by the KV cache)."""
+    the number given is one the engine takes (the context's number was refused again by the KV cache).
+    A `min_tokens` over the number given is named too (it must be at most max_tokens: generation_request)."""
     kv = "" if kv_most is None or kv_most >= most else \
         (f", and the engine's KV cache holds at most {kv_most:,} generated tokens beside this prompt (the runner's "
          "num_blocks or kv_memory_bytes)")
     least = most if not kv else kv_most
+    lower = f", and lower min_tokens ({min_tokens:,}) to at most that" if min_tokens > least else ""
     return ContextLengthError(field, f"the model's maximum context length is {context_length:,} tokens; the prompt "
                               f"({prompt_tokens:,} tokens) + {field} ({max_tokens:,}) is {prompt_tokens + max_tokens:,}"
-                              f"{kv}: ask for at most {least:,} or shorten the prompt", prompt_tokens, max_tokens,
-                              context_length, least)
+                              f"{kv}: ask for at most {least:,} or shorten the prompt{lower}", prompt_tokens,
+                              max_tokens, context_length, least)
 
 
 @dataclass(frozen=True)

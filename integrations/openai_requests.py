@@ -21,13 +21,13 @@ from starlette.requests import HTTPConnection
 from decoding.grammar import GrammarSpec
 from integrations.context_fit import ContextLengthError, fit_generation, over_context
 from integrations.editor.document import DocumentStyle, cursor_at_indent
-from integrations.http_errors import APIError
+from integrations.http_errors import APIError, engine_message
 from integrations.openai_sampling import SamplingFields
 from integrations.openai_responses import new_id
 from integrations.openai_stream import in_document_style
 from integrations.request_id_guard import REFUSAL, given_request_id, refused_request_id
 from integrations.request_limits import InputError, client_key, encode, off_loop
-from scheduler.api import Delta, GenerationRequest, InvalidRequestError
+from scheduler.api import Delta, GenerationRequest, InvalidRequestError, Mode
 from scheduler.request_ids import in_flight_message
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -109,7 +109,9 @@ async def completion_requests(client, rid: str, body, settings, grammar: Grammar
     """The engine request of each prompt of a /v1/completions body (openai_models.CompletionRequest;
     one, or a batch). A CRLF or tab-indented prompt is completed as its LF, space-indented twin and its
     text comes back in the prompt's style (editor/document.py), as on the infill path; a grammar's
-    output is never restyled. Faults name the prompt (`prompt`, or `prompt.K` in a batch) or the field.
+    output is never restyled. Faults name the prompt (`prompt`, or `prompt.K` in a batch) or the field;
+    a batch's cap is fitted to its longest prompt first (kv_bounded_request, check_fit), so that one 400
+    names a number every prompt takes, and none of them starts before it.
     default_max_tokens: for an unset max_tokens (shrunk to the room left); default the settings' 16.
 
     Token healing, as on the infill path (editor/infill.py): byte-level BPE puts a word's leading space
@@ -122,9 +124,9 @@ async def completion_requests(client, rid: str, body, settings, grammar: Grammar
     ones the client asked for or scores. A prompt that is scored (`prompt_logprobs`, or `echo` with
     `logprobs`) is read as sent, neither restyled nor healed: its scores are those of the client's text,
     as vLLM's. `logprobs` alone changes neither (log probabilities report, they never change a token)."""
-    prepared = []
     batch = len(body.prompts) > 1
     scored = body.prompt_logprobs is not None or (body.echo and body.logprobs is not None)
+    tokenized = []
     for k, prompt in enumerate(body.prompts):
         field = f"prompt.{k}" if batch else "prompt"
         text = prompt if isinstance(prompt, str) else None
@@ -137,14 +139,22 @@ async def completion_requests(client, rid: str, body, settings, grammar: Grammar
             kept = model_text.rstrip(" \t")
             model_text, healed = (kept, model_text[len(kept):]) if kept else (model_text, "")
         ids = await prompt_ids(client.tokenizer, model_text if model_text is not None else prompt, field)
+        tokenized.append((field, text, style, healed, ids))
+    # the longest prompt first: the context and the KV cache leave it the least room, so the number a
+    # 400 gives is one every prompt of the batch takes (and it is checked before any prompt starts)
+    order = sorted(range(len(tokenized)), key=lambda k: -len(tokenized[k][4]))
+    prepared: list[PreparedPrompt | None] = [None] * len(tokenized)
+    for k in order:
+        field, text, style, healed, ids = tokenized[k]
 
-        def build(fields):
+        def build(fields, ids=ids, style=style, field=field):
             return generation_request(rid, fields, ids, style.model_stops(body.stop),
                                       default_max_tokens or settings.completion_default_max_tokens, settings, field,
                                       grammar=grammar)
 
-        req = await kv_bounded_request(client, body, build)
-        prepared.append(PreparedPrompt(replace(req, healed=healed), style, text, list(body.stop)))
+        check_fit = batch and k == order[0] and body.max_tokens is not None
+        req = await kv_bounded_request(client, body, build, field, check_fit)
+        prepared[k] = PreparedPrompt(replace(req, healed=healed), style, text, list(body.stop))
     return prepared
 
 
@@ -195,35 +205,60 @@ def generation_request(rid: str, body: SamplingFields, prompt: list[int], stop: 
     )
 
 
-async def kv_bounded_request(client, body: SamplingFields,
-                             build: Callable[[SamplingFields], GenerationRequest]) -> GenerationRequest:
+async def kv_bounded_request(client, body: SamplingFields, build: Callable[[SamplingFields], GenerationRequest],
+                             prompt_field: str = "prompt", check_fit: bool = False) -> GenerationRequest:
     """build(body): the engine request (generation_request). A client's cap over the context is refused
     naming the most the engine takes: the request at the context's most is put to the engine's
     admission check (GenerationRequest.admission_check, the KV count admission makes: Scheduler.fitted),
     and where the KV cache holds fewer beside this prompt the 400 names that (the context's number
-    followed was refused again, by the KV cache). Any other answer of the check (admitted, the engine
-    busy or gone) leaves the context's 400 as it is: the check only sharpens the number. Nor is it asked
-    while the engine autoscales at zero replicas (client.scaled_to_zero): the check would start one, and
-    the 400 would wait for its cold start."""
+    followed was refused again, by the KV cache). The check counts from one token, not min_tokens (a
+    min_tokens over that number is named in the same 400); where not even one token fits beside the
+    prompt, the 400 names `prompt_field` (shorten the prompt), not the cap. check_fit: put a request
+    within the context to the check too (a batch's longest prompt, completion_requests), so that its
+    refusal comes before any prompt of the batch starts. Any other answer of the check (admitted, the
+    engine busy or gone) leaves the context's 400 as it is: the check only sharpens the number. Nor is
+    it asked while the engine autoscales at zero replicas (client.scaled_to_zero): the check would start
+    one, and the 400 would wait for its cold start."""
+    over = None
     try:
-        return build(body)
+        req = build(body)
     except ContextLengthError as exc:
         if exc.max_tokens is None or exc.most is None:
             raise
         over = exc
+    if over is None and not check_fit:
+        return req
+    if over is not None and body.min_tokens > over.most:  # (named with the cap, not in a second 400)
+        over = over_context(over.field, over.context_length, over.prompt_tokens, over.max_tokens, over.most,
+                            min_tokens=body.min_tokens)
     if await client.scaled_to_zero():
-        raise over
-    try:
-        check = build(body.model_copy(update={"max_tokens": over.most}))  # (the retry the context's 400 asks for)
-    except InputError:  # (min_tokens over it: the context's 400 names max_tokens first)
+        if over is not None:
+            raise over
+        return req
+    try:  # (the retry the context's 400 asks for, counted from one token)
+        check = req if over is None else build(body.model_copy(update={"max_tokens": over.most, "min_tokens": 0}))
+    except InputError:
         raise over from None
+    if check.grammar is not None and check.mode is not Mode.REFUSION:  # (the engine runs it AR: no compile)
+        check = replace(check, grammar=None, mode=Mode.AR)
     try:
         async for _ in client.stream(replace(check, admission_check=True, internal=True)):
             pass
     except InvalidRequestError as refusal:
+        if over is None:  # (a batch's longest prompt within the context: the engine's 400, in the route's fields)
+            field = body.max_tokens_field if refusal.field == "gen_length" else \
+                prompt_field if refusal.field == "prompt_ids" else refusal.field
+            raise InputError(400, field, engine_message(refusal, cap_field=body.max_tokens_field)) from None
+        if refusal.field == "prompt_ids":
+            raise InputError(400, prompt_field, f"the prompt ({over.prompt_tokens:,} tokens) leaves no room to generate "
+                             "in the engine's KV cache, which holds less than the model's maximum context length of "
+                             f"{over.context_length:,} tokens (the runner's num_blocks or kv_memory_bytes): shorten "
+                             "the prompt") from None
         if refusal.field == "gen_length" and refusal.most is not None:
             raise over_context(over.field, over.context_length, over.prompt_tokens, over.max_tokens, over.most,
-                               refusal.most) from None
+                               refusal.most, body.min_tokens) from None
     except Exception:  # noqa: BLE001 - the engine busy, draining or gone: the context's 400 stands
         pass
-    raise over
+    if over is not None:
+        raise over
+    return req
