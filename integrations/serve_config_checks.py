@@ -113,6 +113,7 @@ def _check_deployment_entry(name: str, entry: dict) -> None:
     if isinstance(actor, dict):  # (an unknown key failed the deploy with a traceback after Ray had started)
         _check_keys(actor, RayActorOptionsSchema, f"applications[0].deployments {name} ray_actor_options.")
         _check_runtime_env(actor.get("runtime_env"), f"applications[0].deployments {name} ray_actor_options.runtime_env.")
+        _check_actor_values(actor, f"applications[0].deployments {name} ray_actor_options")
     if entry.get("user_config") is not None:  # Ray fails every replica on it, in a loop
         raise CLIError(f"--config: applications[0].deployments {name} user_config: not used by this application "
                        "(its deployments have no reconfigure); set engine and runner settings under args")
@@ -127,6 +128,39 @@ def _check_deployment_entry(name: str, entry: dict) -> None:
         raise CLIError(f"--config: applications[0].deployments: {name} max_ongoing_requests: expected an integer "
                        f"from 1 to {MAX_ONGOING_REQUESTS}, got {ongoing!r} (a replica takes 1000 concurrent calls, "
                        f"and Ray Serve's own, its health check among them, need room)")
+
+
+def _check_actor_values(actor: dict, where: str) -> None:
+    """CLIError naming the ray_actor_options key whose value Ray Serve refuses (`num_cpus: "one"`, a
+    negative memory, `resources: {CPU: 1}`): they failed the deploy after Ray had started, named only as
+    `applications[0].deployments`. Checked as Ray Serve checks them: its schema's types and bounds, then
+    the options of a deployment built with them (serve.deployment, which names the keyword). runtime_env
+    is left to `_check_runtime_env`."""
+    import copy
+
+    from pydantic import ValidationError
+    from ray import serve
+    from ray.serve.schema import RayActorOptionsSchema
+
+    values = {k: v for k, v in actor.items() if k != "runtime_env"}
+    try:
+        RayActorOptionsSchema(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = "".join(f".{part}" for part in error["loc"])
+        raise CLIError(f"--config: {where}{key}: {error['msg']}, got {actor.get(error['loc'][0])!r}") from None
+    for resource, amount in (values.get("resources") or {}).items():  # (Ray's own error: "'<' not supported")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise CLIError(f"--config: {where}.resources.{resource}: expected a number >= 0 (how much of that custom "
+                           f"resource each replica takes), got {amount!r}")
+    try:
+        serve.deployment(ray_actor_options=copy.deepcopy(values))(_Probe)  # (it adds its defaults to the dict)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--config: {where}: {exc}") from None
+
+
+class _Probe:
+    """The class a deployment is built around to have Ray Serve check ray_actor_options (`_check_actor_values`)."""
 
 
 def _unique_key_loader():

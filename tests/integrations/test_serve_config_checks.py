@@ -119,6 +119,23 @@ def test_a_ray_actor_options_key_ray_serve_does_not_know_is_named(tmp_path):
     assert load_config_file(_config(tmp_path, engine_entry=entry)).deployments["RefusionEngine"] == entry
 
 
+@pytest.mark.parametrize("options, place, said", [
+    ({"num_cpus": "one"}, "num_cpus", "valid number, unable to parse string as a number, got 'one'"),
+    ({"num_gpus": -1}, "num_gpus", "greater than or equal to 0, got -1"),
+    ({"memory": "1G"}, "memory", "got '1G'"),
+    ({"resources": {"accel": "two"}}, "resources.accel", "expected a number >= 0"),
+    ({"resources": {"CPU": 1}}, "", "Use the 'num_cpus' and 'num_gpus' keyword instead"),
+])
+def test_a_ray_actor_options_value_ray_serve_refuses_is_named_with_its_deployment_and_key(tmp_path, options, place,
+                                                                                         said):
+    """A ray_actor_options value Ray Serve refuses (`num_cpus: "one"`) passed the config check and failed
+    the deploy after Ray had started, named only as `applications[0].deployments`."""
+    with pytest.raises(CLIError) as err:
+        load_config_file(_config(tmp_path, engine_entry={"ray_actor_options": options}))
+    where = "--config: applications[0].deployments RefusionEngine ray_actor_options" + (f".{place}" if place else "")
+    assert str(err.value).startswith(where + ": ") and said in str(err.value), str(err.value)
+
+
 @pytest.mark.parametrize("app, flags, place", [
     ({"runtime_env": 5}, [], "applications[0].runtime_env"),
     ({"args": 5}, [], "applications[0].args"),
