@@ -15,9 +15,13 @@ from workers.model_dir import MASK_TOKEN, ModelDirError, _is_file
 # transformers and vLLM (reading the config through it) serve such a model with
 DEFAULT_CONTEXT = 32768
 
-# config.json's integer sizes (num_key_value_heads and head_dim may be absent: derived)
+# config.json's integer sizes (num_key_value_heads and head_dim may be absent: _ABSENT)
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "head_dim")
+# transformers' Qwen3Config values for a key config.json leaves out (vLLM reads the config through it),
+# not hidden_size / num_attention_heads: a checkpoint loads here as it loads there (num_key_value_heads
+# null is num_attention_heads, as there)
+_ABSENT = {"num_key_value_heads": 32, "head_dim": 128}
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,15 @@ class ModelConfig:
 
 
 def _rope_theta(raw: dict, path: Path) -> float:
-    """rope_theta from the top level (transformers 4.x) or from rope_parameters (5.x); default RoPE only."""
-    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    """rope_theta from the top level (transformers 4.x) or from rope_parameters (5.x); default RoPE only.
+    A rope_scaling beside rope_parameters wins, as in transformers 5 (convert_rope_params_to_dict): Qwen's
+    documented YaRN switch added to a 5.x config (which writes rope_parameters) is refused, not served
+    with default RoPE."""
+    params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise ModelDirError(path, f"rope type {rope_type!r} is not supported; only default RoPE is")
-    theta = params.get("rope_theta", raw.get("rope_theta"))
+    theta = next((d["rope_theta"] for d in (params, raw.get("rope_parameters") or {}, raw) if "rope_theta" in d), None)
     if theta is None:
         raise ModelDirError(path, "no rope_theta (top level or in rope_parameters)")
     return float(theta)
@@ -162,8 +169,8 @@ def _model_config_of(raw: dict, path: Path) -> ModelConfig:
             intermediate_size=raw["intermediate_size"],
             num_layers=raw["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            num_kv_heads=raw.get("num_key_value_heads", _ABSENT["num_key_value_heads"]) or heads,
+            head_dim=raw.get("head_dim", _ABSENT["head_dim"]),
             rope_theta=_rope_theta(raw, path),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -178,13 +185,13 @@ def _model_config_of(raw: dict, path: Path) -> ModelConfig:
 
 
 def _check_consistent(config: ModelConfig, raw: dict, path: Path) -> None:
-    """ModelDirError where the values disagree: heads that do not divide the hidden size (no head_dim) or
-    the kv heads, token ids outside the vocabulary, the mask token the EOS token, a norm epsilon or rope
+    """ModelDirError where the values disagree: a null head_dim, kv heads that do not divide the heads
+    (num_key_value_heads left out: transformers' 32), token ids outside the vocabulary, the mask token the EOS token, a norm epsilon or rope
     theta not positive, a dtype or context that is no valid value."""
     heads = raw["num_attention_heads"]
-    if config.hidden_size % heads and "head_dim" not in raw:
-        raise ModelDirError(path, f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {heads}; "
-                                  "set head_dim")
+    if config.head_dim is None:  # (transformers refuses a null head_dim too)
+        raise ModelDirError(path, "head_dim is null; give the size of one attention head (an integer), or leave the "
+                                  f"key out for transformers' {_ABSENT['head_dim']}")
     for name, token in (("eos_token_id", config.eos_token_id), ("mask_token_id", config.mask_token_id)):
         if token is not None and token >= config.vocab_size:
             raise ModelDirError(path, f"{name} {token} is outside the vocabulary (vocab_size {config.vocab_size})")
@@ -200,4 +207,6 @@ def _check_consistent(config: ModelConfig, raw: dict, path: Path) -> None:
     if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
         raise ModelDirError(path, f"max_position_embeddings is {context!r}; it must be a positive integer (the context)")
     if config.num_heads % config.num_kv_heads:
-        raise ModelDirError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads")
+        absent = "" if "num_key_value_heads" in raw else \
+            f" ({config.num_kv_heads}, transformers' Qwen3Config value for the key left out: set it)"
+        raise ModelDirError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads{absent}")

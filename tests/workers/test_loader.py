@@ -310,6 +310,41 @@ def test_an_unsupported_rope_type_is_said_once(tiny_model_dir, tmp_path):
     assert str(err.value) == f"{model / 'config.json'}: rope type 'yarn' is not supported; only default RoPE is"
 
 
+def test_a_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(tiny_model_dir, tmp_path):
+    """A transformers-5 config (rope_parameters: default) with Qwen's documented rope_scaling switch
+    added loaded with default RoPE, while transformers applies the scaling (its logits differed by up to
+    5.9, helper-215): rope_scaling wins, as in transformers' convert_rope_params_to_dict, so it is refused."""
+    from transformers import Qwen3Config
+
+    model = _copy(tiny_model_dir, tmp_path)
+    _edit_json(model / "config.json", lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                                         rope_scaling={"rope_type": "linear", "factor": 4.0}))
+    assert Qwen3Config.from_pretrained(model).rope_parameters["rope_type"] == "linear"  # (what transformers serves)
+    with pytest.raises(ModelDirError, match="rope type 'linear' is not supported"):
+        read_config(model)
+    _edit_json(model / "config.json", lambda c: c.update(rope_scaling={"rope_type": "default"}))
+    assert read_config(model).rope_theta == 1e4  # (its theta from rope_parameters)
+
+
+def test_head_dim_and_kv_heads_left_out_take_transformers_values(tiny_model_dir, tmp_path):
+    """A config.json without head_dim / num_key_value_heads took hidden_size / num_attention_heads and
+    num_attention_heads here, while transformers' Qwen3Config (which vLLM reads it through) takes 128 and
+    32: a directory loaded here that transformers refuses, or the other way round (helper-215)."""
+    from transformers import Qwen3Config
+
+    model = _copy(tiny_model_dir, tmp_path)
+    _edit_json(model / "config.json", lambda c: (c.pop("head_dim"), c.pop("num_key_value_heads"),
+                                                 c.update(num_attention_heads=64)))
+    theirs, ours = Qwen3Config.from_pretrained(model), read_config(model)
+    assert (ours.head_dim, ours.num_kv_heads) == (theirs.head_dim, theirs.num_key_value_heads) == (128, 32)
+    _edit_json(model / "config.json", lambda c: c.update(num_attention_heads=4))
+    with pytest.raises(ModelDirError, match=r"not a multiple of num_key_value_heads \(32, transformers'"):
+        read_config(model)
+    _edit_json(model / "config.json", lambda c: c.update(num_key_value_heads=None, head_dim=None))
+    with pytest.raises(ModelDirError, match="head_dim is null"):
+        read_config(model)
+
+
 def test_a_config_mask_id_that_is_not_the_tokenizers_mask_is_refused(tiny_model_dir, tmp_path):
     """mask_token_id 5 beside a tokenizer whose <|mask|> is 2 decoded with token 5 as the mask, no word."""
     from workers.loader import check_model_dir
