@@ -56,9 +56,9 @@ from bench.bench_args import (at_most, count, model_dir, positive_float, positiv
 from bench.editor_latency import pct  # noqa: E402
 from integrations.editor.protocol import Limits  # noqa: E402
 from integrations.lsp.backend import EditorBackend  # noqa: E402
+from workers.kv_blocks import DEFAULT_BLOCK_SIZE  # noqa: E402  (the runner's; sizes the printed working set)
 
 POLICIES = ("prefix_affinity", "power_of_two")
-BLOCK_SIZE = 16  # workers.runner default; only used to size the printed working set
 # Ray Serve gives a starting HTTP proxy 5 s to report ready; a loaded 2-core machine needs longer
 # (tests/integrations/conftest.py). Ray's processes inherit these, so they are set before ray.init().
 RAY_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
@@ -125,7 +125,7 @@ def build_workload(args) -> dict:
                         "pauses_s": [args.pace_ms / 1000 * rng.uniform(0.5, 1.5) for _ in schedule]})
     convs = [make_conversation(p, r, tokenizer, args.turns, args.agent_max_tokens)
              for p, r in zip(files[args.documents:], own[args.documents:])]
-    blocks = {kind: sum(math.ceil(x["prompt_tokens"] / BLOCK_SIZE) for x in items)
+    blocks = {kind: sum(math.ceil(x["prompt_tokens"] / DEFAULT_BLOCK_SIZE) for x in items)
               for kind, items in (("documents", docs), ("conversations", convs))}
     return {"docs": docs, "editors": editors, "convs": convs, "blocks": blocks}
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     workload = build_workload(args)
-    print(f"working set: {workload['blocks']} blocks of {BLOCK_SIZE} tokens; KV cache {args.num_blocks} blocks "
+    print(f"working set: {workload['blocks']} blocks of {DEFAULT_BLOCK_SIZE} tokens; KV cache {args.num_blocks} blocks "
           f"per replica", flush=True)
     with local_serve() as base_url:
         rows = [measure_policy(policy, base_url, workload, args) for policy in POLICIES]

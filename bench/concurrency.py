@@ -39,6 +39,7 @@ from bench.bench_args import check_gen_length, count, model_dir, positive_int, p
 from scheduler.api import GenerationRequest, InvalidRequestError, Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
+from workers.kv_blocks import DEFAULT_BLOCK_SIZE  # noqa: E402  (the runner's, which load_runner keeps)
 
 PROMPTS = [
     "def read_config(path):\n    \"\"\"Load a JSON config file.\"\"\"\n",
@@ -194,11 +195,8 @@ def table(rows, args, machine: str, model: str) -> str:
     return "\n".join(lines)
 
 
-BLOCK_SIZE = 16  # tokens per KV block: workers.runner.ModelRunner's default, which load_runner keeps
-
-
 def check_kv_room(parser: argparse.ArgumentParser, args, tokenizer, defaults: dict, num_blocks: int,
-                  block_size: int = BLOCK_SIZE) -> None:
+                  block_size: int = DEFAULT_BLOCK_SIZE) -> None:
     """Usage error naming --num-blocks when the engine's KV cache could not hold one request of the run:
     the longest of its prompts + gen_length (--gen-length, else the model's) + one ReFusion block of
     tentative tokens, by the engine's own admission rule (scheduler.kv.KVOwner.blocks_needed and

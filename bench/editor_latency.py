@@ -286,8 +286,8 @@ def merge_editors(runs: list[dict]) -> dict:
     for one in runs:
         for key in ("first", "full", "tpf"):
             merged[key] += one[key]
-        for reason, count in one["reasons"].items():
-            merged["reasons"][reason] = merged["reasons"].get(reason, 0) + count
+        for reason, times in one["reasons"].items():
+            merged["reasons"][reason] = merged["reasons"].get(reason, 0) + times
     return merged
 
 

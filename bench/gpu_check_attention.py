@@ -26,11 +26,11 @@ from workers import attention_paged
 from workers.attention import StepAttention
 from workers.attention_paged import PagedStepAttention, unavailable_reason
 from workers.batch import Reads, Segment
+from workers.kv_blocks import DEFAULT_BLOCK_SIZE
 from workers.kv_cache import PagedKVCache
 from workers.packing import pack_step
 from workers.step import step_arrays
 
-BLOCK_SIZE = 16  # the runner's default KV block
 # (sequences, query tokens each, cached tokens each): AR decode at 1/8/32 requests, one request in a long
 # file (context splits), a ReFusion block (32 query tokens) alone and beside 7 others
 CASES = {"cuda": [(1, 1, 256), (1, 1, 4096), (8, 1, 1024), (32, 1, 1024), (1, 32, 1024), (8, 32, 1024)],
@@ -44,7 +44,7 @@ def part_attention(bench: Workbench) -> tuple[dict, list[Row]]:
     cuda = device.type == "cuda"
     paged_reason = unavailable_reason(device)
     settings = PAGED_SETTINGS if cuda else [(attention_paged.BLOCK_N, attention_paged.NUM_WARPS)]
-    results, rows = {"block_size": BLOCK_SIZE, "cases": []}, []
+    results, rows = {"block_size": DEFAULT_BLOCK_SIZE, "cases": []}, []
     for n, q, context in CASES["cuda" if cuda else "cpu"]:
         if bench.time_left() <= 0:
             rows.append(Row(f"attention, {n} x {q} tokens after {context}", "skipped: --budget-s spent"))
@@ -87,15 +87,15 @@ def part_attention(bench: Workbench) -> tuple[dict, list[Row]]:
 def _step(cfg, device, dtype, n: int, q: int, context: int):
     """A one-layer paged cache of random K/V, a packed step of n sequences (each its own blocks, every
     query row kept and argmax-read) on the device, and random q/k/v for its packed rows."""
-    per_seq = -(-(context + q) // BLOCK_SIZE)
+    per_seq = -(-(context + q) // DEFAULT_BLOCK_SIZE)
     one_layer = dataclasses.replace(cfg, num_layers=1)
-    kv = PagedKVCache(one_layer, n * per_seq + 1, BLOCK_SIZE, dtype, device)  # + the scratch block
+    kv = PagedKVCache(one_layer, n * per_seq + 1, DEFAULT_BLOCK_SIZE, dtype, device)  # + the scratch block
     kv.k[0].normal_()
     kv.v[0].normal_()
     segments = [Segment(f"s{i}", context, [0] * q, list(range(context, context + q)), q, Reads(argmax=tuple(range(q))))
                 for i in range(n)]
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(n)]
-    step = pack_step(segments, tables, BLOCK_SIZE, n * per_seq)
+    step = pack_step(segments, tables, DEFAULT_BLOCK_SIZE, n * per_seq)
     arrays = step_arrays(torch.from_numpy(step.buffer).to(device), step.layout)
     t = step.layout.num_tokens
     qkv = (torch.randn(t, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device),

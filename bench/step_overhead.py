@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench.bench_args import at_most, count, positive_int, positive_ints, torch_device  # noqa: E402
 from workers.batch import TOKEN_BAN, Reads, Sampling, Segment  # noqa: E402
+from workers.kv_blocks import DEFAULT_BLOCK_SIZE  # noqa: E402
 from workers.loader import ModelConfig  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
 
@@ -69,7 +70,7 @@ def stand_in_runner(device: str, vocab: int, num_blocks: int) -> ModelRunner:
                       num_kv_heads=1, head_dim=8, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
                       eos_token_id=0, mask_token_id=1)
     model = ZeroCostModel(cfg).to(device).eval()
-    return ModelRunner.from_model(model, mask_token_id=1, block_size=16, num_blocks=num_blocks, fuse_projections=False,
+    return ModelRunner.from_model(model, mask_token_id=1, block_size=DEFAULT_BLOCK_SIZE, num_blocks=num_blocks, fuse_projections=False,
                                   cuda_graphs=False)  # eager on CUDA too: what the host does around a step
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from scheduler.api import Delta, GenerationRequest, Mode, OverloadedError, Priority
+from workers.kv_blocks import DEFAULT_BLOCK_SIZE
 
 
 class EngineUnhealthyError(RuntimeError):
@@ -47,7 +48,7 @@ def check_runner_options(options: dict) -> None:
         value = options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"runner.{name}: expected a positive integer, got {value!r}")
-    block_size = options.get("block_size") or 16  # ModelRunner's default
+    block_size = options.get("block_size") or DEFAULT_BLOCK_SIZE
     least = min_kv_blocks(block_size)
     if options.get("num_blocks") is not None and options["num_blocks"] < least:
         raise ValueError(f"runner.num_blocks: the KV cache needs at least {least} blocks of {block_size} "

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV block: the runner's default (ModelRunner's block_size)
+
 
 class KVCacheFullError(RuntimeError):
     """Not enough free KV blocks for the request; free sequences or give the runner more blocks."""

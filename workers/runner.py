@@ -33,6 +33,7 @@ from workers.batch import TOKEN_BAN, Reads, Segment, SegmentResult, notify_launc
 from workers.deferred import bitmask_rows, deferred_reads
 from workers.feedback import mark_feedback, resolve_feedback
 from workers.graphs import StepGraphs, startup_steps
+from workers.kv_blocks import DEFAULT_BLOCK_SIZE
 from workers.kv_cache import PagedKVCache, blocks_for_budget
 from workers.model import Qwen3, build_model
 from workers.packing import pack_step
@@ -68,7 +69,7 @@ class ModelRunner:
     """Owns the Qwen3 weights and the KV tensors; executes packed steps."""
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | None = None,
-                 block_size: int = 16, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
                  cuda_graphs: bool | dict | None = None, attention: str = "sdpa", compile_layers: bool | None = None):
         """Load a Qwen3 HF directory (workers.loader; errors are ModelDirError).
 
@@ -104,7 +105,7 @@ class ModelRunner:
                     compile_layers, end_token_ids=ends)
 
     @classmethod
-    def from_model(cls, model: Qwen3, *, mask_token_id: int, tokenizer=None, block_size: int = 16,
+    def from_model(cls, model: Qwen3, *, mask_token_id: int, tokenizer=None, block_size: int = DEFAULT_BLOCK_SIZE,
                    num_blocks: int | None = None, kv_memory_bytes: int | None = None,
                    cuda_graphs: bool | dict | None = None, attention: str = "sdpa", fuse_projections: bool = True,
                    compile_layers: bool | None = None) -> ModelRunner:
@@ -137,7 +138,7 @@ class ModelRunner:
         n = blocks_for_budget(config, block_size, self.dtype, self.device, num_blocks, kv_memory_bytes)
         self.kv = PagedKVCache(config, n + 1, block_size, self.dtype, self.device)  # + the scratch block
         self.scratch_block = n
-        self.step_fn = step_function(cuda_graphs, self.device, attention, compile_layers)
+        self.step_fn = step_function(cuda_graphs, self.device, attention, compile_layers, block_size)
         self.attention, self.compile_layers = attention, compile_layers
         # Steps mixing widely different query lengths are split into attention groups for the portable
         # attention, which pads every sequence to the step's longest query (workers.attention_groups);

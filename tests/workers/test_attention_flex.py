@@ -70,3 +70,20 @@ def test_flex_equals_sdpa_at_four_query_heads_per_kv_head_with_a_tall_step(tiny_
                                                            num_blocks=40, attention=name)) for name in ("sdpa", "flex")}
     _both(sessions, [segment("a", 0, list(range(5, 15))), segment("b", 0, [20, 21, 22])])
     _both(sessions, [segment("a", 10, list(range(40, 80))), segment("b", 3, [23])])
+
+
+@pytest.mark.parametrize("block_size", [8, 24, 96])
+def test_flex_on_cuda_refuses_a_block_size_its_kernel_cannot_tile(block_size):
+    """Compiled flex attention tiles the KV block (FlexStepAttention.kernel_options' BLOCK_N = the block
+    below 64, the default 64-token tile at and above it): a block of 8, 24 or 96 tokens is no legal
+    Triton tile or no multiple of the default one, which would fail the first step's compile on a GPU
+    (helper-215, read on this CPU). The runner's step function refuses it up front, naming block_size;
+    powers of two from 16 and every size on the CPU (eager flex) are taken."""
+    from workers.runner_options import step_function
+
+    with pytest.raises(ValueError, match=f"^block_size: {block_size} with attention 'flex' on CUDA"):
+        step_function(False, torch.device("cuda"), "flex", block_size=block_size)
+    for taken in (16, 32, 64, 128):
+        step_function(False, torch.device("cuda"), "flex", block_size=taken)
+    step_function(False, torch.device("cpu"), "flex", block_size=block_size)
+    step_function(False, torch.device("cuda"), "sdpa", block_size=block_size)
