@@ -245,9 +245,9 @@ async def kv_bounded_request(client, body: SamplingFields, build: Callable[[Samp
         async for _ in client.stream(replace(check, admission_check=True, internal=True)):
             pass
     except InvalidRequestError as refusal:
-        if over is None:  # (a batch's longest prompt within the context: the engine's 400, in the route's fields)
-            field = body.max_tokens_field if refusal.field == "gen_length" else \
-                prompt_field if refusal.field == "prompt_ids" else refusal.field
+        if over is None and refusal.field in ("gen_length", "prompt_ids"):  # (a batch's longest prompt within
+            # the context: the engine's KV refusal, in the route's fields; any other is the submission's to say)
+            field = body.max_tokens_field if refusal.field == "gen_length" else prompt_field
             raise InputError(400, field, engine_message(refusal, cap_field=body.max_tokens_field)) from None
         if refusal.field == "prompt_ids":
             raise InputError(400, prompt_field, f"the prompt ({over.prompt_tokens:,} tokens) leaves no room to generate "
