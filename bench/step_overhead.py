@@ -70,8 +70,8 @@ def stand_in_runner(device: str, vocab: int, num_blocks: int) -> ModelRunner:
                       num_kv_heads=1, head_dim=8, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
                       eos_token_id=0, mask_token_id=1)
     model = ZeroCostModel(cfg).to(device).eval()
-    return ModelRunner.from_model(model, mask_token_id=1, block_size=DEFAULT_BLOCK_SIZE, num_blocks=num_blocks, fuse_projections=False,
-                                  cuda_graphs=False)  # eager on CUDA too: what the host does around a step
+    return ModelRunner.from_model(model, mask_token_id=1, block_size=DEFAULT_BLOCK_SIZE, num_blocks=num_blocks,
+                                  fuse_projections=False, cuda_graphs=False)  # eager on CUDA too: what the host does around a step
 
 
 def segments_for(shape: str, n: int, context: int, s: int, slots: int, mask: int,

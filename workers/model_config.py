@@ -186,8 +186,8 @@ def _model_config_of(raw: dict, path: Path) -> ModelConfig:
 
 def _check_consistent(config: ModelConfig, raw: dict, path: Path) -> None:
     """ModelDirError where the values disagree: a null head_dim, kv heads that do not divide the heads
-    (num_key_value_heads left out: transformers' 32), token ids outside the vocabulary, the mask token the EOS token, a norm epsilon or rope
-    theta not positive, a dtype or context that is no valid value."""
+    (num_key_value_heads left out: transformers' 32), token ids outside the vocabulary, the mask token the
+    EOS token, a norm epsilon or rope theta not positive, a dtype or context that is no valid value."""
     heads = raw["num_attention_heads"]
     if config.head_dim is None:  # (transformers refuses a null head_dim too)
         raise ModelDirError(path, "head_dim is null; give the size of one attention head (an integer), or leave the "

@@ -69,8 +69,9 @@ class ModelRunner:
     """Owns the Qwen3 weights and the KV tensors; executes packed steps."""
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None, kv_memory_bytes: int | None = None,
-                 cuda_graphs: bool | dict | None = None, attention: str = "sdpa", compile_layers: bool | None = None):
+                 block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None,
+                 kv_memory_bytes: int | None = None, cuda_graphs: bool | dict | None = None, attention: str = "sdpa",
+                 compile_layers: bool | None = None):
         """Load a Qwen3 HF directory (workers.loader; errors are ModelDirError).
 
         dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA. device: default cuda when
