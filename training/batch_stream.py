@@ -13,7 +13,10 @@ from training.batches import PackedBatch, Pair, pack_batches
 
 
 def _arranged(pairs: Sequence[Pair], rng: random.Random, mask_id: int, eos_id: int, slot_sizes) -> Iterator:
-    """Endless objective examples: every pair once per epoch, in a fresh random order each epoch."""
+    """Endless objective examples: every pair once per epoch, in a fresh random order each epoch. Raises
+    ValueError for no pairs (the loop would spin without yielding)."""
+    if not pairs:
+        raise ValueError("no training pairs to arrange")
     order = list(range(len(pairs)))
     while True:
         rng.shuffle(order)
@@ -23,8 +26,8 @@ def _arranged(pairs: Sequence[Pair], rng: random.Random, mask_id: int, eos_id: i
 
 class PackedStream:
     """Endless packed batches (a torch IterableDataset when `data_workers` > 0). With N workers, worker k
-    arranges the pairs k, k + N, ... with its own seed (seed + k), so an epoch still shows each pair once
-    and the stream depends only on (seed, N)."""
+    arranges the pairs k, k + N, ... with its own seed (seed + k), so each worker's epoch shows its pairs
+    once (the DataLoader takes the workers' batches in turn) and the stream depends only on (seed, N)."""
 
     def __init__(self, pairs: Sequence[Pair], *, seed: int, rows: int, row_len: int, mask_id: int, eos_id: int,
                  slot_sizes: Sequence[int]):
@@ -43,7 +46,10 @@ class PackedStream:
 
 def batch_stream(stream: PackedStream, data_workers: int) -> Iterator[PackedBatch]:
     """The stream itself, or batches arranged in `data_workers` processes ahead of the training step
-    (torch DataLoader; on CUDA the Python objective builder would otherwise stall the GPU)."""
+    (torch DataLoader; on CUDA the Python objective builder would otherwise stall the GPU), at most one
+    per pair: a worker with no pair of its own spun forever and hung the run at its second step, and at
+    exit, ignoring SIGTERM, outlived it (helper-216)."""
+    data_workers = min(data_workers, len(stream.pairs))
     if data_workers == 0:
         return iter(stream)
     import torch.utils.data

@@ -12,7 +12,8 @@ attend; transformers hands a 4D mask to SDPA as is). Padding tokens form a segme
 every query row sees at least itself (a fully masked row would give NaN even at weight 0).
 
 The loss of a packed batch equals the loss of the same examples right-padded one per row (collate):
-the same rows, labels and weights, divided by the number of examples (tests/training/test_trainer.py).
+the same rows, labels and weights (training/losses.objective_loss: the AR labels' mean CE over the
+batch, the MDM part divided by the number of examples; tests/training/test_trainer.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class PackedBatch:
     input_ids: list[list[int]]  # [R, L]
     position_ids: list[list[int]]  # [R, L] logical positions of each example (restart per example)
     labels: list[list[int]]  # [R, L] IGNORE where no loss
-    weights: list[list[float]]  # [R, L] objective weight (before dividing by num_examples)
+    weights: list[list[float]]  # [R, L] objective weight (before objective_loss's AR mean and MDM / num_examples)
     kinds: list[list[int]]  # [R, L] KIND_NONE / KIND_AR / KIND_MDM
     segments: list[list[int]]  # [R, L] index of the example within the batch; PAD_SEGMENT on padding
     num_examples: int

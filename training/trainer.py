@@ -12,8 +12,9 @@ given WITHOUT EOS, the objective appends `eos_token_id`.
 
 Batches: examples are drawn in a fresh random order each epoch, arranged by the objective and packed
 end to end into `batch_tokens // row_len` rows of `row_len` tokens (training/batches.py; `row_len`
-defaults to the longest example + EOS). The loss is the objective's: sum(w * CE) over the batch divided
-by its number of examples. On CUDA the forward runs under bf16 autocast (weights and optimizer state
+defaults to the longest example + EOS). The loss is the objective's (training/losses.objective_loss): the
+mean CE over every clean-slot (AR) label of the batch, plus the masked slots' sum(w * CE) divided by the
+batch's number of examples. On CUDA the forward runs under bf16 autocast (weights and optimizer state
 stay float32) and AdamW is the fused kernel; `compile_model=True` wraps the decoder stack in
 torch.compile (one static [R, L] shape per run; should compiling fail at the first step, a
 RuntimeWarning says why and the run goes on eagerly, the records' `compiled` false). `data_workers` > 0 arranges and packs batches in that

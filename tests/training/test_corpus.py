@@ -46,6 +46,24 @@ def test_extract_units_splits_prompt_and_response_on_lines():
     assert grow.response.endswith("    return self.size\n")
 
 
+def test_units_are_cut_at_the_lines_ast_counts_past_a_form_feed():
+    """str.splitlines also breaks at a form feed (and \x0b, \x1c-\x1e, \x85, \u2028, \u2029), ast only at
+    newlines: after one, every unit of the file was cut at the wrong lines (a's response without its
+    return, b's prompt opening with a blank line; 132 of 136 units of Debian's stdlib files holding a form
+    feed, helper-216). Units come out as they do with the character replaced by a space."""
+    from training.corpus import extract_units
+
+    source = "def a():\n    x = 1  # page\x0cbreak\n    return x\n\n\ndef b(y):\n    z = y + 1\n    return z\n"
+    for odd in ("\x0c", "\x0b", "\x1c", "\x85", "\u2028"):
+        units = {u.name: u for u in extract_units(source.replace("\x0c", odd), "m.py")}
+        plain = {u.name: u for u in extract_units(source.replace("\x0c", " "), "m.py")}
+        assert set(units) == set(plain) == {"a", "b"}, odd
+        for name in units:
+            assert units[name].prompt == plain[name].prompt.replace("page break", f"page{odd}break"), (odd, name)
+            assert units[name].response == plain[name].response.replace("page break", f"page{odd}break"), (odd, name)
+        assert units["a"].response.endswith("    return x\n") and units["b"].prompt.startswith("def b(y):"), odd
+
+
 def test_heldout_split_is_by_path_and_deterministic():
     from training.corpus import is_heldout
 

@@ -63,6 +63,17 @@ def test_batches_arranged_in_a_worker_process_train_exactly_like_in_process():
     assert [r["total_tokens"] for r in in_worker] == [r["total_tokens"] for r in in_process]
 
 
+def test_more_data_workers_than_pairs_train_as_one_worker_per_pair():
+    """A worker with no pair of its own (pairs[k::N] empty) spun forever: two workers and one pair hung
+    the run at its second step, and the worker, ignoring SIGTERM, outlived it (helper-216)."""
+    one = _counting_pairs(1, 0)
+    common = dict(steps=3, batch_tokens=2 * 13, lr=1e-2, mask_token_id=MASK, eos_token_id=EOS, seed=3, log_every=1)
+    per_pair = train_model(_tiny_qwen3(5), one, data_workers=1, **common)
+    more = train_model(_tiny_qwen3(5), one, data_workers=2, **common)
+    assert [r["train_loss"] for r in more] == pytest.approx([r["train_loss"] for r in per_pair], rel=1e-6)
+    assert [r["step"] for r in more] == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_a_compiled_decoder_trains_like_the_eager_one():
     train = _counting_pairs(32, 0)
@@ -298,7 +309,9 @@ def test_data_workers_leave_ctrl_c_to_the_training_process():
 
     from training.batch_stream import batch_stream
 
-    class Probe:  # a stream whose batches say how SIGINT is handled where they are made
+    class Probe:  # a stream (of one pair) whose batches say how SIGINT is handled where they are made
+        pairs = [([1], [2])]
+
         def __iter__(self):
             yield signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
