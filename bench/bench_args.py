@@ -70,6 +70,14 @@ def writable_file(text: str) -> Path:
     return Path(text)
 
 
+def append_section(path: Path | None, text: str) -> None:
+    """Append `text` (a dated table or section) to the markdown file `path` (--append, checked by
+    writable_file before the run), with a blank line before and after; nothing when `path` is None."""
+    if path is not None:
+        with Path(path).open("a") as out:
+            out.write("\n" + text + "\n")
+
+
 def serve_num_blocks(text: str) -> int:
     """KV blocks per engine replica of a served app (runner.num_blocks): at least what the replicas'
     start-up warm-up requests need (integrations.engine_host.check_runner_options, the serving config's

@@ -51,7 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_args import (at_most, count, model_dir, positive_float, positive_int, serve_num_blocks,  # noqa: E402
+from bench.bench_args import (append_section, at_most, count, model_dir, positive_float, positive_int, serve_num_blocks,  # noqa: E402
                               writable_file)
 from bench.editor_latency import pct  # noqa: E402
 from integrations.editor.protocol import Limits  # noqa: E402
@@ -351,9 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [measure_policy(policy, base_url, workload, args) for policy in POLICIES]
     text = report(rows, workload, args, argv)
     print(text)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + text + "\n")
+    append_section(args.append, text)
     return 0
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402
 
-from bench.bench_args import check_gen_length, count, model_dir, positive_int, positive_ints, writable_file  # noqa: E402
+from bench.bench_args import append_section, check_gen_length, count, model_dir, positive_int, positive_ints, writable_file  # noqa: E402
 from scheduler.api import GenerationRequest, InvalidRequestError, Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
@@ -282,9 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, args, machine, model)
     print(text)
     print(f"bench wall time: {time.perf_counter() - start:.0f} s")
-    if args.append:
-        with args.append.open("a") as out:
-            out.write("\n" + text + "\n")
+    append_section(args.append, text)
     return 0
 
 

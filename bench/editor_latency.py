@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_args import at_most, count, positive_int, writable_file  # noqa: E402
+from bench.bench_args import append_section, at_most, count, positive_int, writable_file  # noqa: E402
 from integrations.lsp.backend import EditorBackend  # noqa: E402
 from integrations.editor.protocol import Limits  # noqa: E402
 
@@ -322,9 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         stats["batch_tok_s"], where = batch_tok_s, "in-process engine + uvicorn"
     text = report(stats, args, where)
     print(text)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + text + "\n")
+    append_section(args.append, text)
     return 0
 
 

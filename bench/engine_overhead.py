@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 from concurrency import ASYNC_HELP, OVERLAP, OVERLAP_HELP, run_level, summarize  # noqa: E402
 
-from bench.bench_args import positive_int, positive_ints, regex, torch_device, writable_file  # noqa: E402
+from bench.bench_args import append_section, positive_int, positive_ints, regex, torch_device, writable_file  # noqa: E402
 from scheduler.api import Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
@@ -298,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r["profile"]:
             print(f"\ncProfile, {r['mode']} {r['requests']} requests, by own time:\n{r['profile']}")
-    if args.append:
-        with args.append.open("a") as f:
-            f.write("\n" + text + "\n")
+    append_section(args.append, text)
     return 0
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.bench_args import at_most, count, positive_float, positive_int, positive_ints, torch_device, writable_file  # noqa: E402
+from bench.bench_args import append_section, at_most, count, positive_float, positive_int, positive_ints, torch_device, writable_file  # noqa: E402
 
 from workers.batch import Reads, Segment  # noqa: E402
 from workers.loader import ModelConfig  # noqa: E402
@@ -180,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the 8b config is for CUDA only (16 GB of bf16 weights); use --config small on CPU")
     table = run(args)
     print(table)
-    if args.append:
-        with args.append.open("a") as out:
-            out.write("\n" + table + "\n")
+    append_section(args.append, table)
     return 0
 
 

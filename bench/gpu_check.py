@@ -88,7 +88,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from bench_args import at_most, count, positive_float, positive_int, positive_ints, torch_device, writable_file  # noqa: E402
+from bench_args import append_section, at_most, count, positive_float, positive_int, positive_ints, torch_device, writable_file  # noqa: E402
 from gpu_check_attention import part_attention  # noqa: E402
 from gpu_check_baselines import part_baselines  # noqa: E402
 from gpu_check_engine import part_engine, part_features, part_host  # noqa: E402
@@ -338,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(bench, records)  # after every part: a run the device tool cuts short keeps what it measured
     text = write_report(bench, records)
     print(text)
-    if args.append:
-        with args.append.open("a") as out:
-            out.write("\n" + text + "\n")
+    append_section(args.append, text)
     failed = [name for name, rec in records.items() if rec["status"] == "failed"]
     print(f"results: {args.json}; failed parts: {', '.join(failed) or 'none'}")
     return 1 if failed else 0

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_args import positive_int, positive_ints, writable_file  # noqa: E402
+from bench.bench_args import append_section, positive_int, positive_ints, writable_file  # noqa: E402
 from scheduler.prefix_cache import PrefixCache  # noqa: E402
 from workers.kv_blocks import BlockPool  # noqa: E402
 
@@ -112,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(n, args.prompt_blocks, args.repeats) for n in args.sizes]
     text = table(rows, args)
     print(text)
-    if args.append:
-        with args.append.open("a") as f:
-            f.write("\n" + text + "\n")
+    append_section(args.append, text)
     return 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_args import model_dir, positive_floats, positive_int, serve_num_blocks, writable_file  # noqa: E402
+from bench.bench_args import append_section, model_dir, positive_floats, positive_int, serve_num_blocks, writable_file  # noqa: E402
 from bench.cluster_editor import local_serve  # noqa: E402
 from bench.editor_latency import pct  # noqa: E402
 
@@ -188,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 for after in (0.0, args.rebalance_after_s)]
     text = report(rows, args, argv)
     print(text)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + text + "\n")
+    append_section(args.append, text)
     return 1 if report_failed_rows(rows) else 0
 
 
