@@ -137,6 +137,7 @@ def _check_actor_values(actor: dict, where: str) -> None:
     the options of a deployment built with them (serve.deployment, which names the keyword). runtime_env
     is left to `_check_runtime_env`."""
     import copy
+    import math
 
     from pydantic import ValidationError
     from ray import serve
@@ -149,13 +150,18 @@ def _check_actor_values(actor: dict, where: str) -> None:
         error = exc.errors()[0]
         key = "".join(f".{part}" for part in error["loc"])
         raise CLIError(f"--config: {where}{key}: {error['msg']}, got {actor.get(error['loc'][0])!r}") from None
+    for key in ("num_cpus", "num_gpus", "memory"):  # (.inf: Ray's OverflowError traceback)
+        if isinstance(values.get(key), float) and not math.isfinite(values[key]):
+            raise CLIError(f"--config: {where}.{key}: expected a finite number >= 0, got {values[key]!r}")
     for resource, amount in (values.get("resources") or {}).items():  # (Ray's own error: "'<' not supported")
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
-            raise CLIError(f"--config: {where}.resources.{resource}: expected a number >= 0 (how much of that custom "
-                           f"resource each replica takes), got {amount!r}")
+        if not isinstance(resource, str):
+            raise CLIError(f"--config: {where}.resources: a resource's name is a string, got {resource!r}")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < math.inf:
+            raise CLIError(f"--config: {where}.resources.{resource}: expected a finite number >= 0 (how much of that "
+                           f"custom resource each replica takes), got {amount!r}")
     try:
         serve.deployment(ray_actor_options=copy.deepcopy(values))(_Probe)  # (it adds its defaults to the dict)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise CLIError(f"--config: {where}: {exc}") from None
 
 

@@ -123,8 +123,12 @@ def test_a_ray_actor_options_key_ray_serve_does_not_know_is_named(tmp_path):
     ({"num_cpus": "one"}, "num_cpus", "valid number, unable to parse string as a number, got 'one'"),
     ({"num_gpus": -1}, "num_gpus", "greater than or equal to 0, got -1"),
     ({"memory": "1G"}, "memory", "got '1G'"),
-    ({"resources": {"accel": "two"}}, "resources.accel", "expected a number >= 0"),
+    ({"resources": {"accel": "two"}}, "resources.accel", "expected a finite number >= 0"),
     ({"resources": {"CPU": 1}}, "", "Use the 'num_cpus' and 'num_gpus' keyword instead"),
+    ({"num_cpus": float("inf")}, "num_cpus", "expected a finite number >= 0, got inf"),  # (helper-217: a traceback)
+    ({"memory": float("inf")}, "memory", "expected a finite number >= 0, got inf"),
+    ({"resources": {"accel": float("nan")}}, "resources.accel", "expected a finite number >= 0"),
+    ({"resources": {5: 1}}, "resources", "a resource's name is a string, got 5"),
 ])
 def test_a_ray_actor_options_value_ray_serve_refuses_is_named_with_its_deployment_and_key(tmp_path, options, place,
                                                                                          said):
