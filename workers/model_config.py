@@ -22,6 +22,7 @@ _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
 # not hidden_size / num_attention_heads: a checkpoint loads here as it loads there (num_key_value_heads
 # null is num_attention_heads, as there)
 _ABSENT = {"num_key_value_heads": 32, "head_dim": 128}
+_DEFAULT_ROPE_THETA = 10000.0  # Qwen3Config's default_theta, for a config that gives none
 
 
 @dataclass(frozen=True)
@@ -68,17 +69,34 @@ class ModelConfig:
 
 
 def _rope_theta(raw: dict, path: Path) -> float:
-    """rope_theta from the top level (transformers 4.x) or from rope_parameters (5.x); default RoPE only.
-    A rope_scaling beside rope_parameters wins, as in transformers 5 (convert_rope_params_to_dict): Qwen's
-    documented YaRN switch added to a 5.x config (which writes rope_parameters) is refused, not served
-    with default RoPE."""
+    """The RoPE base transformers 5 serves config.json with (Qwen3Config: convert_rope_params_to_dict and
+    standardize_rope_params): rope_scaling, where set, replaces rope_parameters whole (Qwen's documented
+    YaRN switch added to a 5.x config was served here with default RoPE, helper-215); a rope_theta
+    missing there is the top level's, else Qwen3Config's 10,000; rope_parameters nested by layer type
+    (`full_attention`, or the config's layer_types) are read entry by entry. Default RoPE over whole
+    heads only: ModelDirError for another rope type (YaRN, linear, ...), a partial_rotary_factor other
+    than 1, or layer types at different bases."""
     params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ModelDirError(path, f"rope type {rope_type!r} is not supported; only default RoPE is")
-    theta = next((d["rope_theta"] for d in (params, raw.get("rope_parameters") or {}, raw) if "rope_theta" in d), None)
+    top = raw.get("rope_theta", _DEFAULT_ROPE_THETA)
+    labels = raw.get("layer_types") or ["full_attention"]  # (Qwen3Config's layer types without sliding windows)
+    nested = [key for key in params if key in labels]
+    entries = [params[key] for key in nested if params[key] is not None] if nested else [params]
+    thetas = set()
+    for entry in entries:
+        rope_type = entry.get("rope_type", entry.get("type", "default"))
+        if rope_type != "default":
+            raise ModelDirError(path, f"rope type {rope_type!r} is not supported; only default RoPE is")
+        partial = entry.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+        if partial is not None and partial != 1:
+            raise ModelDirError(path, f"partial_rotary_factor is {partial!r}: RoPE over part of each head is not "
+                                      "supported; only over the whole head (1.0)")
+        thetas.add(entry.get("rope_theta", top))
+    if len(thetas) > 1:
+        raise ModelDirError(path, f"rope_parameters give its layer types different rope_theta ({sorted(thetas)}); "
+                                  "one is supported")
+    theta = thetas.pop() if thetas else top
     if theta is None:
-        raise ModelDirError(path, "no rope_theta (top level or in rope_parameters)")
+        raise ModelDirError(path, "rope_theta is null; give the RoPE base (a number), or leave it out for 10000")
     return float(theta)
 
 

@@ -310,20 +310,49 @@ def test_an_unsupported_rope_type_is_said_once(tiny_model_dir, tmp_path):
     assert str(err.value) == f"{model / 'config.json'}: rope type 'yarn' is not supported; only default RoPE is"
 
 
-def test_a_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(tiny_model_dir, tmp_path):
-    """A transformers-5 config (rope_parameters: default) with Qwen's documented rope_scaling switch
-    added loaded with default RoPE, while transformers applies the scaling (its logits differed by up to
-    5.9, helper-215): rope_scaling wins, as in transformers' convert_rope_params_to_dict, so it is refused."""
+ROPE_CASES = {  # config.json's RoPE keys (the shipped model's removed first): what transformers 5 serves
+    "none": {},
+    "top level": {"rope_theta": 5e5},
+    "rope_parameters": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    "both, theta in rope_parameters": {"rope_theta": 2e5, "rope_parameters": {"rope_theta": 1e6}},
+    "rope_scaling linear beside rope_parameters": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+                                                   "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    "rope_scaling default beside rope_parameters": {"rope_parameters": {"rope_theta": 1e6},
+                                                    "rope_scaling": {"rope_type": "default"}},
+    "rope_scaling 'type' beside both": {"rope_theta": 3e5, "rope_parameters": {"rope_theta": 1e6},
+                                        "rope_scaling": {"type": "default"}},
+    "rope_scaling yarn, transformers 4": {"rope_theta": 1e4, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}},
+    "nested by layer type": {"rope_theta": 2e5, "rope_parameters": {"full_attention": {"rope_type": "default",
+                                                                                       "rope_theta": 1e6}}},
+    "nested without theta": {"rope_parameters": {"full_attention": {"rope_type": "default"}}},
+    "nested yarn": {"rope_theta": 2e5, "rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0,
+                                                                              "rope_theta": 1e6}}},
+    "partial rotary": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}},
+    "partial rotary, top level": {"rope_theta": 1e6, "partial_rotary_factor": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", ROPE_CASES)
+def test_rope_keys_are_read_as_transformers_reads_them(tiny_model_dir, tmp_path, name):
+    """config.json's RoPE as transformers 5 serves it (Qwen3Config): a rope_scaling beside rope_parameters
+    replaces it (a transformers-5 config with Qwen's YaRN switch added was served here with default RoPE,
+    its logits off by up to 5.9, helper-215), a theta it lacks is the top level's, else 10,000, nested
+    layer-type entries count (helper-217), and a partial rotary factor applies. The same theta where
+    transformers serves default RoPE over whole heads, else refused naming what is not supported."""
     from transformers import Qwen3Config
 
     model = _copy(tiny_model_dir, tmp_path)
-    _edit_json(model / "config.json", lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4},
-                                                         rope_scaling={"rope_type": "linear", "factor": 4.0}))
-    assert Qwen3Config.from_pretrained(model).rope_parameters["rope_type"] == "linear"  # (what transformers serves)
-    with pytest.raises(ModelDirError, match="rope type 'linear' is not supported"):
-        read_config(model)
-    _edit_json(model / "config.json", lambda c: c.update(rope_scaling={"rope_type": "default"}))
-    assert read_config(model).rope_theta == 1e4  # (its theta from rope_parameters)
+    _edit_json(model / "config.json", lambda c: ([c.pop(k, None) for k in ("rope_theta", "rope_parameters",
+                                                                            "rope_scaling")], c.update(ROPE_CASES[name])))
+    theirs = Qwen3Config.from_pretrained(model)
+    params = theirs.rope_parameters
+    entries = [params[k] for k in params if k in theirs.layer_types] or [params]
+    if all(e["rope_type"] == "default" and e.get("partial_rotary_factor", 1.0) == 1 for e in entries):
+        assert read_config(model).rope_theta == entries[0]["rope_theta"], params
+    else:
+        with pytest.raises(ModelDirError, match="rope type '(linear|yarn)' is not supported|partial_rotary_factor"):
+            read_config(model)
 
 
 def test_head_dim_and_kv_heads_left_out_take_transformers_values(tiny_model_dir, tmp_path):
