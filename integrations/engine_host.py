@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from scheduler.api import Delta, GenerationRequest, Mode, OverloadedError, Priority
-from workers.kv_blocks import DEFAULT_BLOCK_SIZE
+from workers.kv_blocks import DEFAULT_BLOCK_SIZE, FLEX_BLOCK_SIZES, flex_tileable
 
 
 class EngineUnhealthyError(RuntimeError):
@@ -49,6 +49,9 @@ def check_runner_options(options: dict) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"runner.{name}: expected a positive integer, got {value!r}")
     block_size = options.get("block_size") or DEFAULT_BLOCK_SIZE
+    if attention == "flex" and options.get("device") != "cpu" and not flex_tileable(block_size):  # (else in a replica)
+        raise ValueError(f"runner.block_size: {block_size} with attention 'flex' (compiled on CUDA, which tiles the "
+                         f"KV block) must be {FLEX_BLOCK_SIZES}: change it, or use attention 'sdpa' or 'paged'")
     least = min_kv_blocks(block_size)
     if options.get("num_blocks") is not None and options["num_blocks"] < least:
         raise ValueError(f"runner.num_blocks: the KV cache needs at least {least} blocks of {block_size} "

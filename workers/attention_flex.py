@@ -77,9 +77,11 @@ class FlexStepAttention:
         self.kv, self.b, self.q, self.g = kv, b, q, g
         self.slot_mapping = arrays.slot_mapping  # [T]
         self.cell_rows, self.out_cells, self.new_visible = step_cells(arrays, q)  # [B*Q], [T], [B, Q, Q]
-        # The main kernel's KV tile (BLOCK_N, 64 on an H200 in bf16) must divide the KV block; for smaller
-        # cache blocks the tile is set to the block (>= 16 tokens for tl.dot). Used on CUDA only.
-        self.kernel_options = {"BLOCK_N": bs} if bs < 64 else None
+        # The main kernel's KV tile (BLOCK_N) must divide the KV block: it is the block up to 64 tokens (>= 16
+        # for tl.dot, a power of two: runner_options.step_function), 64 above. torch's default is 64 on an
+        # H100/H200 in bf16 at head_dim 128 but 128 at head_dim 64 (inductor's h100_default_flex_config:
+        # a 64-token block failed to compile there, helper-217, read only). Used on CUDA only.
+        self.kernel_options = {"BLOCK_N": min(bs, 64)}
         self.block_mask = _context_block_mask(arrays.block_tables, arrays.context_len, kv.k[0].shape[0], bs, q,
                                               query_block(q, g))
 

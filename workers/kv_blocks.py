@@ -16,6 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block: the runner's default (ModelRunner's block_size)
+FLEX_BLOCK_SIZES = "a power of two of at least 16 (16, 32, 64, 128)"
+
+
+def flex_tileable(block_size: int) -> bool:
+    """Whether compiled flex attention (CUDA) can tile KV blocks of `block_size` tokens: its KV tile is
+    the block or divides it (workers.attention_flex, BLOCK_N), and Triton's tiles are powers of two of
+    at least 16 (tl.arange, tl.dot): FLEX_BLOCK_SIZES."""
+    return block_size >= 16 and not block_size & (block_size - 1)
 
 
 class KVCacheFullError(RuntimeError):

@@ -14,7 +14,7 @@ from workers.attention import StepAttention
 from workers.attention_flex import FlexStepAttention
 from workers.attention_paged import PagedStepAttention, unavailable_reason
 from workers.graphs import GraphPolicy, StepGraphs
-from workers.kv_blocks import DEFAULT_BLOCK_SIZE
+from workers.kv_blocks import DEFAULT_BLOCK_SIZE, FLEX_BLOCK_SIZES, flex_tileable
 from workers.layer_kernels import compiled_kernels
 from workers.step import step_forward
 
@@ -42,10 +42,10 @@ def step_function(cuda_graphs: bool | dict, device: torch.device, attention: str
     BLOCK_N), so its block_size must be a power of two of at least 16 (Triton's tl.arange and tl.dot)."""
     if attention not in ATTENTION:
         raise ValueError(f"attention: {attention!r} is not one of {sorted(ATTENTION)}")
-    if attention == "flex" and device.type == "cuda" and (block_size < 16 or block_size & (block_size - 1)):
+    if attention == "flex" and device.type == "cuda" and not flex_tileable(block_size):
         raise ValueError(f"block_size: {block_size} with attention 'flex' on CUDA; its kernel tiles the KV block, "
-                         "which must then be a power of two of at least 16 (16, 32, 64, 128): change block_size, "
-                         "or use attention 'sdpa' or 'paged'")
+                         f"which must then be {FLEX_BLOCK_SIZES}: change block_size, or use attention 'sdpa' or "
+                         "'paged'")
     if attention == "paged" and unavailable_reason(device):
         raise ValueError(f"attention: 'paged' {unavailable_reason(device)}")
     if not isinstance(compile_layers, bool):

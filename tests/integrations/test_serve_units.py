@@ -492,6 +492,11 @@ def test_vllm_flags_merge_into_the_config_file(tiny_model_dir, tmp_path):
     assert set(RUNNER_ATTENTION) == set(ATTENTION)
     with pytest.raises(ValueError, match="runner.attention: 'pagde' is not a backend; use one of sdpa, flex, paged"):
         ServeConfig(model=str(tiny_model_dir), runner={"attention": "pagde"})
+    # flex on a GPU cannot tile a 24-token block: named here, not in each replica after Ray started (helper-217)
+    with pytest.raises(ValueError, match=r"runner.block_size: 24 with attention 'flex' .* a power of two of at least 16"):
+        ServeConfig(model=str(tiny_model_dir), runner={"attention": "flex", "block_size": 24})
+    assert ServeConfig(model=str(tiny_model_dir), runner={"attention": "flex", "block_size": 24, "device": "cpu"})
+    assert ServeConfig(model=str(tiny_model_dir), runner={"attention": "flex", "block_size": 32})
 
 
 def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
