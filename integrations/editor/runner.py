@@ -181,7 +181,7 @@ async def decode_candidate(client, req: GenerationRequest, gap: int, job: Comple
             if _past_predict_limit(job, first_token_s, raw):
                 reason = "deadline"
                 break  # closing the stream cancels the candidate in the engine
-    final = postprocess(text, rules, final=True)
+    final = postprocess(raw, rules, final=True)  # (once, on the model's text: text may have had them already)
     if final.cut:
         reason = final.cut
     # All the ids when the rules kept all of raw (a stop string's ids included, as the engine counts them)

@@ -121,6 +121,23 @@ async def test_stream_sends_pieces_then_a_final_event(http, fake_client):  # noq
     assert "".join(e["content"] for e in events) == "result = 2 * r"
 
 
+@pytest.mark.parametrize("prompt, suffix, raw, expected", [
+    ("y = f(", ")\n", "x))\nz = 2\n", "x)"),  # the closing rule cut twice: "x" (the stream showed "x)")
+    ("    ", "\n    return x\n", "return\n", "return"),  # the tail and repeat rules twice: emptied
+])
+async def test_the_end_rules_run_once_so_the_stream_and_the_answer_agree(http, fake_client, prompt, suffix, raw,
+                                                                          expected):  # noqa: F811
+    """The final-only rules ran on the text the last step had already finished with them, a second
+    time: the non-streamed answer lost text a stream had sent ("x" against "x)"), or was emptied
+    (helper-218)."""
+    fake_client.default_text = raw
+    body = {"input_prefix": "", "prompt": prompt, "input_suffix": suffix, "temperature": 0, "n_predict": 16}
+    whole = (await http.post("/infill", json=body)).json()["content"]
+    resp = await http.post("/infill", json={**body, "stream": True})
+    events = [json.loads(line[len("data: "):]) for line in resp.text.split("\n\n") if line.startswith("data: ")]
+    assert whole == "".join(e["content"] for e in events) == expected
+
+
 async def test_stream_with_n_cmpl_sends_every_candidate_under_its_index(http, fake_client):  # noqa: F811
     fake_client.script = {32: "result = r\n    return result\n", 64: "result = r * r\n    return result\n"}
     whole = (await http.post("/infill", json=llama_vscode_request(n_cmpl=2))).json()
