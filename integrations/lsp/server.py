@@ -134,11 +134,14 @@ def _initialize(server: BridgeServer, config: BridgeConfig, backend: EditorBacke
 async def _inline_completion(server: BridgeServer, config: BridgeConfig, backend: EditorBackend,
                              params: types.InlineCompletionParams) -> types.InlineCompletionList:
     """textDocument/inlineCompletion: the open document's text around the cursor (or the editor's
-    selected item extended) completed by the backend; one item, or none for blank text."""
+    selected item extended) completed by the backend; one item, or none for blank text or for a
+    document that changed (or closed) while the backend answered: its range would point into text the
+    answer was not made for (an editor that keeps late answers inserted it there, helper-218)."""
     uri = params.text_document.uri
     if unquote(uri) not in server.workspace.text_documents:  # pygls keys by the unquoted URI; it would read the path from disk
         raise JsonRpcInvalidParams(f"textDocument {uri} is not open: send textDocument/didOpen first")
     doc = server.workspace.get_text_document(uri)
+    version = doc.version  # (what the prefix, suffix and range are read from)
     offset = doc.offset_at_position(clamp_position(doc, params.position))
     position = position_at_offset(doc, offset)  # where the prefix ends: a mid-character position normalized
     here = types.Range(start=position, end=position)  # where it completes (a clamped cursor included)
@@ -149,8 +152,9 @@ async def _inline_completion(server: BridgeServer, config: BridgeConfig, backend
             return types.InlineCompletionList(items=[])
         source, offset, here = extended
     prefix, suffix = cursor_context(source, offset, config.prefix_lines, config.suffix_lines)
-    text = await _backend_completion_text(server, config, backend, doc, prefix, suffix)
-    if not text.strip():
+    text = await _backend_completion_text(server, config, backend, doc, version, prefix, suffix)
+    now = server.workspace.text_documents.get(unquote(uri))
+    if not text.strip() or now is not doc or doc.version != version:
         return types.InlineCompletionList(items=[])
     if selected is not None:
         text = selected.text + text  # it extends the selected item, over the item's range (LSP 3.18)
@@ -158,13 +162,14 @@ async def _inline_completion(server: BridgeServer, config: BridgeConfig, backend
 
 
 async def _backend_completion_text(server: BridgeServer, config: BridgeConfig, backend: EditorBackend, doc,
-                                   prefix: str, suffix: str) -> str:
-    """The backend's completion of the text around the cursor (cut to the backend's limits); "" when a
-    newer request for the document superseded it. A failure is a JSON-RPC error saying what is wrong
+                                   version: int | None, prefix: str, suffix: str) -> str:
+    """The backend's completion of the text around the cursor (cut to the backend's limits), of `doc` at
+    `version` (the one prefix and suffix were read from); "" when a newer request for the document
+    superseded it. A failure is a JSON-RPC error saying what is wrong
     (cancelled once `shutdown` was received)."""
     try:
         prefix, suffix = fit_to_limits(prefix, suffix, await backend.limits())  # a line can be very long
-        request = complete_params(config, doc.uri, doc.version, doc.language_id or "", prefix, suffix)
+        request = complete_params(config, doc.uri, version, doc.language_id or "", prefix, suffix)
         result = await backend.complete(request)
     except (BackendError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
         if server.protocol.shutdown_received:  # `shutdown` closed the backend under it: cancelled (LSP
