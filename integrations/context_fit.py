@@ -54,10 +54,16 @@ def over_context(field: str, context_length: int, prompt_tokens: int, max_tokens
          "num_blocks or kv_memory_bytes)")
     least = most if not kv else kv_most
     lower = f", and lower min_tokens ({min_tokens:,}) to at most that" if min_tokens > least else ""
-    return ContextLengthError(field, f"the model's maximum context length is {context_length:,} tokens; the prompt "
-                              f"({prompt_tokens:,} tokens) + {field} ({max_tokens:,}) is {prompt_tokens + max_tokens:,}"
-                              f"{kv}: ask for at most {least:,} or shorten the prompt{lower}", prompt_tokens,
-                              max_tokens, context_length, least)
+    return ContextLengthError(field, f"{over_lead(field, context_length, prompt_tokens, max_tokens)}{kv}: ask for at "
+                              f"most {least:,} or shorten the prompt{lower}", prompt_tokens, max_tokens,
+                              context_length, least)
+
+
+def over_lead(field: str, context_length: int, prompt_tokens: int, max_tokens: int) -> str:
+    """How a cap goes over the context, the start of its 400 (OpenAI's words): "the model's maximum
+    context length is C tokens; the prompt (P tokens) + max_tokens (M) is P + M"."""
+    return (f"the model's maximum context length is {context_length:,} tokens; the prompt ({prompt_tokens:,} tokens) "
+            f"+ {field} ({max_tokens:,}) is {prompt_tokens + max_tokens:,}")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from fastapi import Request
 from starlette.requests import HTTPConnection
 
 from decoding.grammar import GrammarSpec
-from integrations.context_fit import ContextLengthError, fit_generation, over_context
+from integrations.context_fit import ContextLengthError, fit_generation, over_context, over_lead
 from integrations.editor.document import DocumentStyle, cursor_at_indent
 from integrations.http_errors import APIError, engine_message
 from integrations.openai_sampling import SamplingFields
@@ -152,8 +152,7 @@ async def completion_requests(client, rid: str, body, settings, grammar: Grammar
                                       default_max_tokens or settings.completion_default_max_tokens, settings, field,
                                       grammar=grammar)
 
-        check_fit = batch and k == order[0] and body.max_tokens is not None
-        req = await kv_bounded_request(client, body, build, field, check_fit)
+        req = await kv_bounded_request(client, body, build, field, check_fit=batch and k == order[0])
         prepared[k] = PreparedPrompt(replace(req, healed=healed), style, text, list(body.stop))
     return prepared
 
@@ -257,6 +256,10 @@ async def kv_bounded_request(client, body: SamplingFields, build: Callable[[Samp
         if refusal.field == "gen_length" and refusal.most is not None:
             raise over_context(over.field, over.context_length, over.prompt_tokens, over.max_tokens, over.most,
                                refusal.most, body.min_tokens) from None
+        if refusal.field == "gen_length":  # (a client's shape whose steps do not fit: the engine says which do)
+            lead = over_lead(over.field, over.context_length, over.prompt_tokens, over.max_tokens)
+            raise InputError(400, over.field, f"{lead}, and at the context's {over.most:,} the engine's KV cache "
+                             f"refuses it too: {engine_message(refusal, cap_field=over.field)}") from None
     except Exception:  # noqa: BLE001 - the engine busy, draining or gone: the context's 400 stands
         pass
     if over is not None:

@@ -44,6 +44,7 @@ class Submission:
         if kv_blocks > capacity and spec.fit_to_kv:
             fitted = self._fit_to_kv(spec, params, capacity)
             if fitted is None:  # the client set no generation length: the prompt (or min_tokens) does not fit
+                self._refuse_min_tokens(spec, params, capacity)
                 least = int(getattr(params, "min_tokens", 0) or 0)
                 raise InvalidRequestError(
                     "prompt_ids", f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) leaves no room to "
@@ -135,6 +136,7 @@ class Submission:
         most = fitted.gen_length if fitted is not None else \
             self._most_tokens(spec, params, capacity, reshape=not ar) if ar or spec.default_shape else None
         if most is None:  # not even the shortest generation fits: the prompt is what to change
+            self._refuse_min_tokens(spec, params, capacity)
             raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt"
                                       + (f" or lower min_tokens ({least})" if least > 1 else ""))
         shape = ("slot_size", "serial_num_blocks")
@@ -146,6 +148,21 @@ class Submission:
         raise InvalidRequestError("gen_length", f"{need}; steps of slot_size {slot} x serial_num_blocks {blocks} "
                                   f"tokens do not fit: send slot_size {fitted.slot_size} and serial_num_blocks "
                                   f"{fitted.serial_num_blocks} with gen_length at most {most}")
+
+    def _refuse_min_tokens(self, spec, params, capacity: int) -> None:
+        """Raise InvalidRequestError naming min_tokens when it, not the prompt, is what does not fit: at
+        least min_tokens (an AR request's) do not fit beside the prompt, but one token does. The client was
+        told to shorten a 33-token prompt where a smaller min_tokens fit (helper-217)."""
+        least = int(getattr(params, "min_tokens", 0) or 0)
+        if least <= 1 or spec.mode is not Mode.AR:  # (min_tokens runs AR: decoding.params.AR_ONLY_PARAMS)
+            return
+        most = _largest(1, least - 1, lambda tokens: self._kv_need(spec, params, tokens) <= capacity)
+        if most is not None:
+            raise InvalidRequestError("min_tokens", f"{least} tokens do not fit beside this prompt ({len(spec.prompt_ids)} "
+                                      f"tokens + suffix {len(spec.suffix_ids or [])}) in the engine's KV cache "
+                                      f"({capacity} blocks of {self.kv.pool().block_size} tokens; the runner's "
+                                      f"num_blocks or kv_memory_bytes), {most} do: lower min_tokens, and max_tokens, "
+                                      f"to at most {most}")
 
     def _most_tokens(self, spec, params, capacity: int, reshape: bool) -> int | None:
         """The most tokens, from min_tokens (at least 1) to gen_length, whose KV fits `capacity` blocks:

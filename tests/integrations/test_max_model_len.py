@@ -7,6 +7,7 @@ is served. The engine replica says so at start (engine_host.kv_short_of_context)
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import httpx
@@ -224,5 +225,23 @@ def test_a_batch_a_full_prompt_and_min_tokens_get_one_400_on_a_smaller_kv_cache(
         again = httpx.post(completions, json={"prompt": "hi", "max_tokens": _most(low), "min_tokens": _most(low)},
                            timeout=120)
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == _most(low), again.text
+        # within the context, a min_tokens the KV cache cannot hold beside a 33-token prompt was "shorten the
+        # prompt"; a client shape whose steps do not fit got the context's number, then the KV cache's shape
+        # (helper-217); a batch with no max_tokens started its short prompt before the long one was refused
+        low = httpx.post(completions, json={"prompt": ["hi", longer], "max_tokens": 150, "min_tokens": 150}, timeout=60)
+        assert low.status_code == 400 and low.json()["error"]["param"] == "min_tokens", low.text
+        most = int(low.json()["error"]["message"].rsplit("to at most ", 1)[1])
+        again = httpx.post(completions, json={"prompt": ["hi", longer], "max_tokens": most, "min_tokens": most},
+                           timeout=120)
+        assert again.status_code == 200, again.text
+        shaped = httpx.post(completions, json={"prompt": "hi", "max_tokens": 5000, "slot_size": 64}, timeout=60)
+        hint = re.search(r"send slot_size (\d+) and serial_num_blocks (\d+) with max_tokens at most (\d+)", shaped.text)
+        assert shaped.status_code == 400 and "4,096" in shaped.text and hint, shaped.text
+        again = httpx.post(completions, json={"prompt": "hi", "max_tokens": int(hint[3]), "slot_size": int(hint[1]),
+                                              "serial_num_blocks": int(hint[2])}, timeout=120)
+        assert again.status_code == 200, again.text
+        forwards = httpx.get(app.url + "/v1/engine", timeout=30).json()["engine"]["forwards"]
+        full = httpx.post(completions, json={"prompt": ["hi", fills]}, timeout=60)
+        assert full.status_code == 400 and full.json()["error"]["param"] == "prompt.1", full.text
         stats = httpx.get(app.url + "/v1/engine", timeout=30).json()["engine"]
-        assert stats["running"] == stats["waiting"] == 0
+        assert stats["running"] == stats["waiting"] == 0 and stats["forwards"] == forwards  # ("hi" never started)

@@ -1236,18 +1236,22 @@ async def test_an_infill_without_a_length_shrinks_to_a_small_kv_cache_and_a_set_
 
 
 async def test_a_min_tokens_the_kv_cache_cannot_hold_is_named_when_the_length_is_unset(tiny_model_dir):
-    """No max_tokens (fit_to_kv), a prompt that leaves room but not for min_tokens: the 400 says
-    min_tokens is what does not fit (it said only "shorten the prompt", and the same request without
-    min_tokens succeeds)."""
+    """No max_tokens (fit_to_kv), a prompt that leaves room but not for min_tokens: the 400 names
+    min_tokens and the most that fit (it said only "shorten the prompt", and the same request without
+    min_tokens succeeds; then "shorten the prompt or lower min_tokens", on the prompt)."""
     engine, tok = build_engine(tiny_model_dir, {"num_blocks": 8, "block_size": 16},
                                {"routing": {"calibrate": False}, "kv_reserve_fraction": 0.0})
     await engine.start()
     try:
         spec = GenerationRequest("least", [5] * 60, {"gen_length": 256, "min_tokens": 100}, mode=Mode.AR, fit_to_kv=True)
-        with pytest.raises(InvalidRequestError, match=r"leaves no room to generate min_tokens \(100\) tokens .*; "
-                                                      r"shorten the prompt or lower min_tokens \(100\)$"):
+        with pytest.raises(InvalidRequestError, match=r"^min_tokens: 100 tokens do not fit beside this prompt \(60 "
+                                                      r"tokens \+ suffix 0\) .*, (\d+) do: lower min_tokens, and "
+                                                      r"max_tokens, to at most \1$") as err:
             async for _ in engine.submit(spec):
                 pass
+        most = int(str(err.value).rsplit(" ", 1)[1])
+        spec = GenerationRequest("fits", [5] * 60, {"gen_length": 256, "min_tokens": most}, mode=Mode.AR, fit_to_kv=True)
+        assert sum(len(d.token_ids) for d in [d async for d in engine.submit(spec)]) >= most
         spec = GenerationRequest("any", [5] * 60, {"gen_length": 256}, mode=Mode.AR, fit_to_kv=True)
         assert [d async for d in engine.submit(spec)][-1].finish_reason is FinishReason.LENGTH
     finally:
