@@ -1250,7 +1250,8 @@ async def test_a_min_tokens_the_kv_cache_cannot_hold_is_named_when_the_length_is
             async for _ in engine.submit(spec):
                 pass
         most = int(str(err.value).rsplit(" ", 1)[1])
-        spec = GenerationRequest("fits", [5] * 60, {"gen_length": 256, "min_tokens": most}, mode=Mode.AR, fit_to_kv=True)
+        spec = GenerationRequest("fits", [5] * 60, {"gen_length": 256, "min_tokens": most}, mode=Mode.AR,
+                                 fit_to_kv=True)
         assert sum(len(d.token_ids) for d in [d async for d in engine.submit(spec)]) >= most
         spec = GenerationRequest("any", [5] * 60, {"gen_length": 256}, mode=Mode.AR, fit_to_kv=True)
         assert [d async for d in engine.submit(spec)][-1].finish_reason is FinishReason.LENGTH
