@@ -50,8 +50,8 @@ def over_context(field: str, context_length: int, prompt_tokens: int, max_tokens
     the number given is one the engine takes (the context's number was refused again by the KV cache).
     A `min_tokens` over the number given is named too (it must be at most max_tokens: generation_request)."""
     kv = "" if kv_most is None or kv_most >= most else \
-        (f", and the engine's KV cache holds at most {kv_most:,} generated tokens beside this prompt (the runner's "
-         "num_blocks or kv_memory_bytes)")
+        (f", and the engine's KV cache holds at most {kv_most:,} generated token{'s' if kv_most != 1 else ''} beside "
+         "this prompt (the runner's num_blocks or kv_memory_bytes)")
     least = most if not kv else kv_most
     lower = f", and lower min_tokens ({min_tokens:,}) to at most that" if min_tokens > least else ""
     return ContextLengthError(field, f"{over_lead(field, context_length, prompt_tokens, max_tokens)}{kv}: ask for at "

@@ -238,7 +238,9 @@ async def kv_bounded_request(client, body: SamplingFields, build: Callable[[Samp
         check = req if over is None else build(body.model_copy(update={"max_tokens": over.most, "min_tokens": 0}))
     except InputError:
         raise over from None
-    if check.grammar is not None and check.mode is not Mode.REFUSION:  # (the engine runs it AR: no compile)
+    # The engine runs a grammar's request, or one with min_tokens (an AR-only parameter, which the check
+    # leaves out), AR (Engine._ar_only): the check counts the KV cache as AR too, without compiling
+    if (check.grammar is not None or body.min_tokens) and check.mode is not Mode.REFUSION:
         check = replace(check, grammar=None, mode=Mode.AR)
     try:
         async for _ in client.stream(replace(check, admission_check=True, internal=True)):

@@ -34,23 +34,37 @@ class Submission:
 
     def fitted(self, spec, params) -> tuple:
         """(spec, params, kv_blocks) as the request is admitted to the KV cache: an unset length shrunk to
-        it (fit_to_kv), the server's shape reshaped to hold max_tokens (default_shape). Raises
-        InvalidRequestError when it could never fit, naming the most that does (`_refuse_kv`). Nothing is
-        queued: an admission check (GenerationRequest.admission_check) stops here."""
+        it (fit_to_kv), the server's shape reshaped to hold max_tokens (default_shape), an AUTO request
+        that fits only as AR (which holds no block of tentative tokens) made AR: a prompt near the cache's
+        size was told to shorten itself where `mode: ar` was served (helper-219). Raises
+        InvalidRequestError when it could never fit, naming the most that does (`_refuse_kv`; in ReFusion's
+        count for an AUTO request that fits in neither). Nothing is queued: an admission check
+        (GenerationRequest.admission_check) stops here."""
+        try:
+            return self._fitted(spec, params)
+        except InvalidRequestError:
+            if spec.mode is not Mode.AUTO:
+                raise
+            try:
+                return self._fitted(replace(spec, mode=Mode.AR), params)
+            except InvalidRequestError:
+                pass
+            raise
+
+    def _fitted(self, spec, params) -> tuple:
+        """fitted() in the request's own mode."""
         suffix_len = len(spec.suffix_ids or [])
         kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR,
                                           max_tokens=spec.max_tokens)
         capacity = self.kv.capacity()
         if kv_blocks > capacity and spec.fit_to_kv:
             fitted = self._fit_to_kv(spec, params, capacity)
-            if fitted is None:  # the client set no generation length: the prompt (or min_tokens) does not fit
+            if fitted is None:  # the client set no generation length: min_tokens, or the prompt, does not fit
                 self._refuse_min_tokens(spec, params, capacity)
-                least = int(getattr(params, "min_tokens", 0) or 0)
                 raise InvalidRequestError(
                     "prompt_ids", f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) leaves no room to "
-                    f"generate{f' min_tokens ({least}) tokens' if least > 1 else ''} in the engine's KV cache "
-                    f"({capacity} blocks of {self.kv.pool().block_size} tokens; the runner's num_blocks or "
-                    f"kv_memory_bytes); shorten the prompt" + (f" or lower min_tokens ({least})" if least > 1 else ""))
+                    f"generate in the engine's KV cache ({capacity} blocks of {self.kv.pool().block_size} tokens; the "
+                    "runner's num_blocks or kv_memory_bytes); shorten the prompt")
             params = fitted
             spec = replace(spec, max_tokens=min(spec.max_tokens or params.gen_length, params.gen_length))
             kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR,
@@ -121,10 +135,10 @@ class Submission:
     def _refuse_kv(self, spec, params, kv_blocks: int, capacity: int) -> None:
         """Raise InvalidRequestError for a client's length the KV cache cannot hold: naming gen_length with
         the largest max_tokens that is admitted (AR: max_tokens itself, not whole slots, KVOwner.blocks_needed;
-        the server's shape: in the smallest shape, `_smaller_shapes`), or naming the prompt when not even
-        the shortest answer fits (at least min_tokens)."""
+        the server's shape: in the smallest shape, `_smaller_shapes`), or naming min_tokens when it is what
+        does not fit (`_refuse_min_tokens`), or the prompt when not even one token does."""
         suffix_len = len(spec.suffix_ids or [])
-        ar, least = spec.mode is Mode.AR, int(getattr(params, "min_tokens", 0) or 0)
+        ar = spec.mode is Mode.AR
         asked = spec.max_tokens if (ar or spec.default_shape) and spec.max_tokens else \
             params.gen_length if spec.max_tokens in (None, params.gen_length) else \
             f"{spec.max_tokens}, {params.gen_length} in whole slots" if params.gen_length > spec.max_tokens else \
@@ -135,10 +149,9 @@ class Submission:
         fitted = None if ar or spec.default_shape else self._fit_to_kv(spec, params, capacity)
         most = fitted.gen_length if fitted is not None else \
             self._most_tokens(spec, params, capacity, reshape=not ar) if ar or spec.default_shape else None
-        if most is None:  # not even the shortest generation fits: the prompt is what to change
+        if most is None:  # not even the shortest generation fits: min_tokens, or the prompt, is what to change
             self._refuse_min_tokens(spec, params, capacity)
-            raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt"
-                                      + (f" or lower min_tokens ({least})" if least > 1 else ""))
+            raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt")
         shape = ("slot_size", "serial_num_blocks")
         if fitted is None or all(getattr(fitted, k, None) == getattr(params, k, None) for k in shape):
             raise InvalidRequestError("gen_length", f"{need}; ask for at most {most}",

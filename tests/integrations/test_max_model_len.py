@@ -245,3 +245,12 @@ def test_a_batch_a_full_prompt_and_min_tokens_get_one_400_on_a_smaller_kv_cache(
         assert full.status_code == 400 and full.json()["error"]["param"] == "prompt.1", full.text
         stats = httpx.get(app.url + "/v1/engine", timeout=30).json()["engine"]
         assert stats["running"] == stats["waiting"] == 0 and stats["forwards"] == forwards  # ("hi" never started)
+        # A prompt beside which only AR (no block of tentative tokens) fits: mode auto runs it AR (it was told
+        # to shorten the prompt); min_tokens (AR-only) keeps the check AR, so its number is AR's (helper-219)
+        near = {"prompt": [87] * 175}
+        auto = httpx.post(completions, json=near, timeout=120)
+        assert auto.status_code == 200 and auto.json()["refusion"]["mode"] == "ar", auto.text
+        refused = httpx.post(completions, json={**near, "mode": "refusion"}, timeout=60)
+        assert refused.status_code == 400 and "shorten the prompt" in refused.text, refused.text
+        low = httpx.post(completions, json={**near, "max_tokens": 5000, "min_tokens": 2}, timeout=60)
+        assert low.status_code == 400 and _most(low) == 1 and "lower min_tokens (2)" in low.text, low.text

@@ -495,7 +495,8 @@ def test_vllm_flags_merge_into_the_config_file(tiny_model_dir, tmp_path):
     # flex on a GPU cannot tile a 24-token block: named here, not in each replica after Ray started (helper-217)
     with pytest.raises(ValueError, match=r"runner.block_size: 24 with attention 'flex' .* a power of two of at least 16"):
         ServeConfig(model=str(tiny_model_dir), runner={"attention": "flex", "block_size": 24})
-    assert ServeConfig(model=str(tiny_model_dir), runner={"attention": "flex", "block_size": 24, "device": "cpu"})
+    for cpu in ("cpu", "cpu:0"):  # (eager flex on the CPU takes any block; "cpu:0" was refused, helper-219)
+        assert ServeConfig(model=str(tiny_model_dir), runner={"attention": "flex", "block_size": 24, "device": cpu})
     assert ServeConfig(model=str(tiny_model_dir), runner={"attention": "flex", "block_size": 32})
 
 
@@ -1205,7 +1206,9 @@ async def test_a_replica_shut_down_during_a_drain_reports_its_end_to_the_drain_s
 async def test_an_infill_without_a_length_shrinks_to_a_small_kv_cache_and_a_set_one_is_refused(tiny_model_dir):
     """A KV cache that holds the infill's 32-token candidate but not its 64-token one: with no max_tokens
     the longer candidate shrinks (200, as an unset max_tokens without suffix shrinks); max_tokens 64 set by
-    the client is refused, naming max_tokens. It was refused, naming a max_tokens (32) the client never sent."""
+    the client is refused in mode refusion, naming max_tokens (it was refused naming a max_tokens, 32, the
+    client never sent), and served AR in mode auto, where only AR, without a block of tentative tokens,
+    fits (Scheduler.fitted)."""
     from integrations.editor.infill import build_infill_prompt
     from workers.loader import load_tokenizer
 
@@ -1224,11 +1227,13 @@ async def test_an_infill_without_a_length_shrinks_to_a_small_kv_cache_and_a_set_
             assert unset.status_code == 200, unset.text
             llama = await http.post("/infill", json={"input_prefix": prefix, "input_suffix": suffix, "temperature": 0})
             assert llama.status_code == 200, llama.text
-            asked = await http.post("/v1/completions", json={**body, "max_tokens": 64})
+            asked = await http.post("/v1/completions", json={**body, "max_tokens": 64, "mode": "refusion"})
             assert asked.status_code == 400 and asked.json()["error"]["param"] == "max_tokens", asked.text
             assert "max_tokens (64)" in asked.json()["error"]["message"]
+            auto = await http.post("/v1/completions", json={**body, "max_tokens": 64})
+            assert auto.status_code == 200 and auto.json()["refusion"]["mode"] == "ar", auto.text
             # The longest candidate (64) is below the client's cap: it is not "whole slots" of it
-            more = await http.post("/v1/completions", json={**body, "max_tokens": 400})
+            more = await http.post("/v1/completions", json={**body, "max_tokens": 400, "mode": "refusion"})
             assert "max_tokens (400; this request decodes 64)" in more.json()["error"]["message"], more.text
     finally:
         await engine.stop()
