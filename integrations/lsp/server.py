@@ -135,13 +135,15 @@ async def _inline_completion(server: BridgeServer, config: BridgeConfig, backend
                              params: types.InlineCompletionParams) -> types.InlineCompletionList:
     """textDocument/inlineCompletion: the open document's text around the cursor (or the editor's
     selected item extended) completed by the backend; one item, or none for blank text or for a
-    document that changed (or closed) while the backend answered: its range would point into text the
-    answer was not made for (an editor that keeps late answers inserted it there, helper-218)."""
+    document whose text changed (or that closed) while the backend answered: its range would point into
+    text the answer was not made for (an editor that keeps late answers inserted it there, helper-218).
+    The text is compared, not the version: an edit that changes nothing keeps the answer, and a client
+    that sends an edit without a new version still loses it (helper-219)."""
     uri = params.text_document.uri
     if unquote(uri) not in server.workspace.text_documents:  # pygls keys by the unquoted URI; it would read the path from disk
         raise JsonRpcInvalidParams(f"textDocument {uri} is not open: send textDocument/didOpen first")
     doc = server.workspace.get_text_document(uri)
-    version = doc.version  # (what the prefix, suffix and range are read from)
+    version, text_then = doc.version, doc.source  # (what the prefix, suffix and range are read from)
     offset = doc.offset_at_position(clamp_position(doc, params.position))
     position = position_at_offset(doc, offset)  # where the prefix ends: a mid-character position normalized
     here = types.Range(start=position, end=position)  # where it completes (a clamped cursor included)
@@ -154,7 +156,7 @@ async def _inline_completion(server: BridgeServer, config: BridgeConfig, backend
     prefix, suffix = cursor_context(source, offset, config.prefix_lines, config.suffix_lines)
     text = await _backend_completion_text(server, config, backend, doc, version, prefix, suffix)
     now = server.workspace.text_documents.get(unquote(uri))
-    if not text.strip() or now is not doc or doc.version != version:
+    if not text.strip() or now is not doc or doc.source != text_then:
         return types.InlineCompletionList(items=[])
     if selected is not None:
         text = selected.text + text  # it extends the selected item, over the item's range (LSP 3.18)

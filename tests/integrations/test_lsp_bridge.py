@@ -423,31 +423,41 @@ async def test_cancel_request_cancels_the_backend_completion(scripted_backend, w
 async def test_an_answer_for_a_document_changed_meanwhile_is_not_given(scripted_backend, wait_until):
     """The document changed while the backend answered: the item's range, read before, pointed into
     text the answer was not made for (an editor that keeps late answers inserted it there,
-    helper-218). No item then; the next request, on the new text, gets one."""
+    helper-218). No item then; the next request, on the new text, gets one. An edit that changes no
+    text (a new version, an empty insert) keeps the answer (helper-219)."""
     url, fake = scripted_backend
-    n_before = len(fake.requests)
     client = await start_lsp(url)
-    fake.hold = threading.Event()  # the completion stays in flight until the edit is in
-    try:
-        future = asyncio.ensure_future(client.text_document_inline_completion_async(inline_params()))
+
+    async def answer_around(edit: str, version: int, line: int = 1) -> types.InlineCompletionList:
+        n_before = len(fake.requests)
+        fake.hold = threading.Event()  # the completion stays in flight until the edit is in
+        future = asyncio.ensure_future(client.text_document_inline_completion_async(inline_params(line=line)))
         await wait_until(lambda: len(fake.requests) > n_before, "the completion to reach the backend")
         client.text_document_did_change(types.DidChangeTextDocumentParams(
-            text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=2),
+            text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=version),
             content_changes=[types.TextDocumentContentChangePartial(
                 range=types.Range(start=types.Position(line=0, character=0), end=types.Position(line=0, character=0)),
-                text="import math\n")]))
+                text=edit)]))
         # the bridge reads its messages in order and applies an edit as it reads it: once a later request
         # is answered (an error: no such document), the edit is in, before the answer is let go
         with pytest.raises(Exception, match="is not open"):
             await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(
                 uri="file:///tmp/not-open.py")), WAIT_S)
         fake.hold.set()
-        stale = await asyncio.wait_for(future, WAIT_S)
+        return await asyncio.wait_for(future, WAIT_S)
+
+    try:
+        unchanged = await answer_around("", 2)
+        stale = await answer_around("import math\n", 3)
+        fake.hold = None
         fresh = await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(line=2)), WAIT_S)
     finally:
-        fake.hold.set()  # the fixture is shared: leave no request held
+        if fake.hold is not None:
+            fake.hold.set()  # the fixture is shared: leave no request held
         fake.hold = None
         await stop_lsp(client)
+    [kept] = unchanged.items
+    assert kept.insert_text == "result = 3.14 * r * r" and kept.range.start == types.Position(line=1, character=4)
     assert list(stale.items) == []
     [item] = fresh.items
     assert item.insert_text == "result = 3.14 * r * r" and item.range.start == types.Position(line=2, character=4)
