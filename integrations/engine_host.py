@@ -49,7 +49,9 @@ def check_runner_options(options: dict) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"runner.{name}: expected a positive integer, got {value!r}")
     block_size = options.get("block_size") or DEFAULT_BLOCK_SIZE
-    if attention == "flex" and options.get("device") != "cpu" and not flex_tileable(block_size):  # (else in a replica)
+    device = options.get("device")
+    on_cpu = isinstance(device, str) and device.split(":")[0] == "cpu"  # ("cpu:0" too, as torch.device reads it)
+    if attention == "flex" and not on_cpu and not flex_tileable(block_size):  # (else in each replica)
         raise ValueError(f"runner.block_size: {block_size} with attention 'flex' (compiled on CUDA, which tiles the "
                          f"KV block) must be {FLEX_BLOCK_SIZES}: change it, or use attention 'sdpa' or 'paged'")
     least = min_kv_blocks(block_size)

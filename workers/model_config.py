@@ -95,8 +95,9 @@ def _rope_theta(raw: dict, path: Path) -> float:
         raise ModelDirError(path, f"rope_parameters give its layer types different rope_theta ({sorted(thetas)}); "
                                   "one is supported")
     theta = thetas.pop() if thetas else top
-    if theta is None:
-        raise ModelDirError(path, "rope_theta is null; give the RoPE base (a number), or leave it out for 10000")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):  # (transformers fails on "1000000")
+        raise ModelDirError(path, f"rope_theta is {theta!r}; give the RoPE base as a number (e.g. 1000000.0), or "
+                                  "leave it out for 10000")
     return float(theta)
 
 

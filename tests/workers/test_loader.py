@@ -355,6 +355,14 @@ def test_rope_keys_are_read_as_transformers_reads_them(tiny_model_dir, tmp_path,
             read_config(model)
 
 
+def test_a_rope_theta_that_is_no_number_is_refused(tiny_model_dir, tmp_path):
+    """"1000000" (a string) was served as 1e6, where transformers fails on it (helper-219)."""
+    model = _copy(tiny_model_dir, tmp_path)
+    _edit_json(model / "config.json", lambda c: (c.pop("rope_parameters", None), c.update(rope_theta="1000000")))
+    with pytest.raises(ModelDirError, match="rope_theta is '1000000'; give the RoPE base as a number"):
+        read_config(model)
+
+
 def test_head_dim_and_kv_heads_left_out_take_transformers_values(tiny_model_dir, tmp_path):
     """A config.json without head_dim / num_key_value_heads took hidden_size / num_attention_heads and
     num_attention_heads here, while transformers' Qwen3Config (which vLLM reads it through) takes 128 and
