@@ -41,6 +41,7 @@ prefill that is itself held back, nor on a request that is gone: the check is re
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import time
@@ -273,6 +274,8 @@ class Admission:
         route_key = req.route_key if requested is Mode.AUTO else None  # only AUTO requests can explore
         load = self.load_snapshot(arriving=arriving)
         decision = self.router.decide(requested, req.priority, load, request_key=route_key)
+        if req.kv_fit_ar:  # (asked AUTO, held only as AR: not the client's choice)
+            decision = dataclasses.replace(decision, reason="kv_fit")
         key = self.kv.runner_for(req, decision.mode is Mode.AR)
         cache = self.prefix_cache if key == "main" else None
         # A request scoring its prompt computes every prompt row: it neither starts on cached blocks nor

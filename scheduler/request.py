@@ -69,6 +69,7 @@ class Request:
     tokens_at_last_route: int = 0
     host_s: float = 0.0  # engine-thread CPU seconds spent on it in the current step (routing.HostCost)
     pinned_mode: Mode | None = None  # set when preempted: the rerun keeps the mode it had
+    kv_fit_ar: bool = False  # an AUTO request the KV cache holds only as AR (Submission.fitted): spec.mode is AR
     tokens_before_requeue: int = 0  # generated ids when last preempted (its rerun makes them again)
     # the ids its stream had taken when last preempted, until its rerun has made them all (scheduler/replay.py)
     replay_ids: list[int] = field(default_factory=list)

@@ -187,6 +187,7 @@ class RouteDecision:
 
     mode: Mode
     reason: str  # forced | refusion_faster | ar_faster | compute_bound | near_tie | keep | repeat | explore
+    # | kv_fit (admission's: an AUTO request the KV cache holds only as AR)
     inputs: dict = field(default_factory=dict)
 
 

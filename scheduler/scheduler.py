@@ -239,7 +239,8 @@ class Scheduler(Submission, Admission, PlanAhead):
             self.metrics.mode_decisions.labels(mode=decision.mode.value, reason=decision.reason).inc()
         write = log.debug if event == "route" else log.info
         write(event, request_id=req.id, mode=decision.mode.value, reason=decision.reason,
-              requested=req.spec.mode.value, priority=req.priority.name, **context, **decision.inputs)
+              requested=Mode.AUTO.value if req.kv_fit_ar else req.spec.mode.value, priority=req.priority.name,
+              **context, **decision.inputs)
 
     def _typical_latency_s(self) -> float:
         hist = self.metrics.e2e

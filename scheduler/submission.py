@@ -22,10 +22,12 @@ class Submission:
     def add(self, spec, params, stream) -> Request:
         """Queue a validated request. Raises InvalidRequestError when it could never fit in the KV
         cache, OverloadedError (with a retry-after hint) when the bounded queue is full."""
+        asked = spec.mode
         spec, params, kv_blocks = self.fitted(spec, params)
         self._check_queue_room(spec)
         self._arrivals += 1
         req = Request(spec=spec, params=params, kv_blocks=kv_blocks, stream=stream, order=self._arrivals,
+                      kv_fit_ar=asked is Mode.AUTO and spec.mode is Mode.AR,
                       aged_after=self.config.aging_after, queued_turn=self._starts,
                       arrival_s=time.monotonic() - max(0.0, spec.waited_s))  # (a moved request: when it first arrived)
         self.waiting.append(req)
@@ -37,19 +39,15 @@ class Submission:
         it (fit_to_kv), the server's shape reshaped to hold max_tokens (default_shape), an AUTO request
         that fits only as AR (which holds no block of tentative tokens) made AR: a prompt near the cache's
         size was told to shorten itself where `mode: ar` was served (helper-219). Raises
-        InvalidRequestError when it could never fit, naming the most that does (`_refuse_kv`; in ReFusion's
-        count for an AUTO request that fits in neither). Nothing is queued: an admission check
-        (GenerationRequest.admission_check) stops here."""
+        InvalidRequestError when it could never fit, naming the most that does (`_refuse_kv`; an AUTO
+        request that fits in neither, AR's most, which is served: ReFusion's was smaller, or none, helper-220).
+        Nothing is queued: an admission check (GenerationRequest.admission_check) stops here."""
         try:
             return self._fitted(spec, params)
         except InvalidRequestError:
             if spec.mode is not Mode.AUTO:
                 raise
-            try:
-                return self._fitted(replace(spec, mode=Mode.AR), params)
-            except InvalidRequestError:
-                pass
-            raise
+        return self._fitted(replace(spec, mode=Mode.AR), params)
 
     def _fitted(self, spec, params) -> tuple:
         """fitted() in the request's own mode."""

@@ -234,12 +234,16 @@ def test_a_batch_a_full_prompt_and_min_tokens_get_one_400_on_a_smaller_kv_cache(
         again = httpx.post(completions, json={"prompt": ["hi", longer], "max_tokens": most, "min_tokens": most},
                            timeout=120)
         assert again.status_code == 200, again.text
-        shaped = httpx.post(completions, json={"prompt": "hi", "max_tokens": 5000, "slot_size": 64}, timeout=60)
+        shape = {"prompt": "hi", "max_tokens": 5000, "slot_size": 64, "mode": "refusion"}
+        shaped = httpx.post(completions, json=shape, timeout=60)
         hint = re.search(r"send slot_size (\d+) and serial_num_blocks (\d+) with max_tokens at most (\d+)", shaped.text)
         assert shaped.status_code == 400 and "4,096" in shaped.text and hint, shaped.text
-        again = httpx.post(completions, json={"prompt": "hi", "max_tokens": int(hint[3]), "slot_size": int(hint[1]),
+        again = httpx.post(completions, json={**shape, "max_tokens": int(hint[3]), "slot_size": int(hint[1]),
                                               "serial_num_blocks": int(hint[2])}, timeout=120)
         assert again.status_code == 200, again.text
+        auto = httpx.post(completions, json={**shape, "mode": "auto"}, timeout=60)  # (AR's number: served AR)
+        again = httpx.post(completions, json={**shape, "mode": "auto", "max_tokens": _most(auto)}, timeout=120)
+        assert again.status_code == 200 and again.json()["refusion"]["mode"] == "ar", again.text
         forwards = httpx.get(app.url + "/v1/engine", timeout=30).json()["engine"]["forwards"]
         full = httpx.post(completions, json={"prompt": ["hi", fills]}, timeout=60)
         assert full.status_code == 400 and full.json()["error"]["param"] == "prompt.1", full.text
@@ -254,3 +258,11 @@ def test_a_batch_a_full_prompt_and_min_tokens_get_one_400_on_a_smaller_kv_cache(
         assert refused.status_code == 400 and "shorten the prompt" in refused.text, refused.text
         low = httpx.post(completions, json={**near, "max_tokens": 5000, "min_tokens": 2}, timeout=60)
         assert low.status_code == 400 and _most(low) == 1 and "lower min_tokens (2)" in low.text, low.text
+        # one that fits neither way is told AR's most, which is served (ReFusion's had none left: "shorten the
+        # prompt", helper-220); the decision is counted as the KV cache's, not the client's
+        over = httpx.post(completions, json={**near, "max_tokens": 2}, timeout=60)
+        assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens", over.text
+        assert over.json()["error"]["message"].endswith("ask for at most 1"), over.text
+        metrics = httpx.get(app.url + "/metrics", timeout=30).text
+        counted = re.search(r'^refusion_mode_decisions_total\{mode="ar",reason="kv_fit"\} (\d+)\.0$', metrics, re.M)
+        assert counted and int(counted[1]) >= 2, metrics  # (the 175-token prompt, the slot_size 64 retry)
