@@ -254,12 +254,16 @@ async def test_replica_killed_mid_stream_ends_every_client_cleanly(server, kill)
         pid = (await http.get("/v1/engine")).json()["pid"]
         async with websockets.connect(ws_url(server.url), max_size=None) as ws:
             started = [asyncio.Event(), asyncio.Event()]
-            streams = [asyncio.create_task(_read_stream(http, LONG, event)) for event in started]
+            # Streams no EOS ends (min_tokens) that run until the kill: 1,000 tokens could end before the
+            # editor completion started under CI's load, and three never ran together (CI, 2026-12-07)
+            body = {**LONG, "max_tokens": 3000, "min_tokens": 3000, "max_time_ms": 600_000}
+            streams = [asyncio.create_task(_read_stream(http, body, event)) for event in started]
             await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), WAIT_S)
             editor = Conn(ws)
             await editor.request(1, "complete", complete(**SLOW))  # seconds, beside the two streams
 
             async def three_running():
+                assert not any(s.done() for s in streams), "a stream ended before the kill"
                 return (await _engine(http))["running"] >= 3
 
             await _until(three_running, "the two streams and the editor completion to run together", pause_s=0)
