@@ -320,7 +320,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"max_tokens of each one-line completion (1-{Limits().max_tokens}, the editor protocol's)")
     parser.add_argument("--agent-max-tokens", type=positive_int, default=48)
     parser.add_argument("--replicas", type=positive_int, default=2, help="engine replicas (they share the 2 CPUs Ray is given)")
-    parser.add_argument("--num-blocks", type=serve_num_blocks, default=1000, help="KV blocks per replica (16 tokens each)")
+    parser.add_argument("--num-blocks", type=serve_num_blocks, default=1000, help=f"KV blocks per replica ({DEFAULT_BLOCK_SIZE} tokens each)")
     parser.add_argument("--imbalanced-threshold", type=float, default=2.0,
                         help="router setting: ongoing-request gap that overrides affinity (ServeConfig default 2; >= 0)")
     parser.add_argument("--timeout-s", type=positive_float, default=60.0, help="a request slower than this is a failure")

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                              "to gen_length in both modes (use with --gen-length 128)")
     parser.add_argument("--token-budget", type=positive_int, default=512)
     parser.add_argument("--num-blocks", type=positive_int, default=2048,
-                        help="KV blocks of 16 tokens; at least one request's (prompt + gen_length + a ReFusion block)")
+                        help=f"KV blocks of {DEFAULT_BLOCK_SIZE} tokens; at least one request's (prompt + gen_length + a ReFusion block)")
     parser.add_argument("--overlap-streaming", choices=tuple(OVERLAP), default="auto", help=OVERLAP_HELP)
     parser.add_argument("--async-scheduling", choices=tuple(OVERLAP), default="auto", help=ASYNC_HELP)
     parser.add_argument("--append", type=writable_file, help="append the table to this markdown file")

@@ -67,6 +67,7 @@ from scheduler.api import Mode  # noqa: E402
 from scheduler.config import EngineConfig, RoutingConfig  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
 from step_overhead import stand_in_runner  # noqa: E402
+from workers.kv_blocks import DEFAULT_BLOCK_SIZE  # noqa: E402
 from workers.loader import load_tokenizer  # noqa: E402
 
 SHIPPED = ROOT / "models" / "refusion-tiny-code"
@@ -236,7 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gen-length", type=int, default=128, help="tokens per request, a multiple of 32 (slot size 8, "
                                                                      "4 blocks)")
     parser.add_argument("--token-budget", type=positive_int, default=2048, help="engine query tokens per forward")
-    parser.add_argument("--num-blocks", type=int, default=2048, help="KV blocks of 16 tokens")
+    parser.add_argument("--num-blocks", type=int, default=2048, help=f"KV blocks of {DEFAULT_BLOCK_SIZE} tokens")
     parser.add_argument("--modes", default="ar,refusion",
                         help="ar, refusion and/or auto (the router decides; with the uncertain stand-in it picks AR), "
                              "comma-separated")

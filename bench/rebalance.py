@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from bench.bench_args import append_section, model_dir, positive_floats, positive_int, serve_num_blocks, writable_file  # noqa: E402
 from bench.cluster_editor import local_serve  # noqa: E402
 from bench.editor_latency import pct  # noqa: E402
+from workers.kv_blocks import DEFAULT_BLOCK_SIZE  # noqa: E402
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "  # one prompt head: one affinity key
 
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="router imbalanced_threshold values (comma-separated)")
     parser.add_argument("--rebalance-after-s", type=float, default=1.0, help="the setting measured against 0 (off)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="bursts per deployment, one after another")
-    parser.add_argument("--num-blocks", type=serve_num_blocks, default=512, help="KV blocks per replica (16 tokens each)")
+    parser.add_argument("--num-blocks", type=serve_num_blocks, default=512, help=f"KV blocks per replica ({DEFAULT_BLOCK_SIZE} tokens each)")
     parser.add_argument("--timeout-s", type=float, default=300.0)
     parser.add_argument("--append", type=writable_file, help="append the dated section to this markdown file")
     args = parser.parse_args(argv)
