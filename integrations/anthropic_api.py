@@ -29,7 +29,8 @@ from fastapi import APIRouter, Request
 from integrations.anthropic_models import CountTokensRequest, MessagesRequest, messages_field
 from integrations.chat_run import ChatRun, chat_prompt, start_chat, turn_pieces
 from integrations.context_fit import ContextLengthError
-from integrations.http_errors import APIError, anthropic_error_body, anthropic_overflow_message
+from integrations.http_errors import (APIError, anthropic_error_body, anthropic_overflow_message,
+                                      anthropic_prompt_message)
 from integrations.json_response import UTF8JSONResponse, read_number_float
 from integrations.openai_calls import check_model, last_event, read_body
 from integrations.openai_requests import id_headers
@@ -86,9 +87,11 @@ def _renamed_fields():
     try:
         yield
     except ContextLengthError as exc:
-        if exc.max_tokens is None:
+        if exc.max_tokens is None and exc.longest_prompt is not None:  # (what the KV cache holds: why, after)
+            message = f"{anthropic_prompt_message(exc.prompt_tokens, exc.longest_prompt)} ({exc.message})"
+        elif exc.max_tokens is None:
             # (the largest prompt that leaves room for one token: "4096 tokens > 4096 maximum" read as false)
-            message = f"prompt is too long: {exc.prompt_tokens} tokens > {exc.context_length - 1} maximum"
+            message = anthropic_prompt_message(exc.prompt_tokens, exc.context_length - 1)
         else:  # (the limit is the KV cache's where it holds less beside this prompt: why, in parentheses)
             message = anthropic_overflow_message(exc.prompt_tokens, exc.max_tokens, exc.limit)
             message += f" ({exc.message})" if exc.limit < exc.context_length else ""

@@ -29,13 +29,15 @@ class ContextLengthError(InputError):
     """Prompt + max_tokens over the context (400), with the numbers, for routes that word it their own
     way (Anthropic's Messages API). max_tokens None: the prompt alone leaves no room. most: the largest
     max_tokens admitted (max_tokens set), the context's or, where the engine's KV cache holds fewer beside
-    this prompt, the cache's (`kv_bounded`); `limit`: prompt + most, the total a retry may ask for."""
+    this prompt, the cache's (`kv_bounded`); `limit`: prompt + most, the total a retry may ask for.
+    longest_prompt: the longest prompt that leaves room to generate, where it is the engine's KV cache's
+    (fewer than the context's less one; None: the context's)."""
 
     def __init__(self, field: str, message: str, prompt_tokens: int, max_tokens: int | None, context_length: int,
-                 most: int | None = None):
+                 most: int | None = None, longest_prompt: int | None = None):
         super().__init__(400, field, message)
         self.prompt_tokens, self.max_tokens, self.context_length = prompt_tokens, max_tokens, context_length
-        self.most = most
+        self.most, self.longest_prompt = most, longest_prompt
 
     @property
     def limit(self) -> int:

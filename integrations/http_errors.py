@@ -104,6 +104,13 @@ def anthropic_overflow_message(prompt_tokens: int, max_tokens: int, limit: int) 
             "decrease input length or `max_tokens` and try again")
 
 
+def anthropic_prompt_message(prompt_tokens: int, most: int) -> str:
+    """Anthropic's 400 for a prompt longer than the model takes, which Claude Code parses to compact the
+    conversation: `most` is the longest prompt that leaves room to generate (the context less one, or
+    what the engine's KV cache holds beside one token)."""
+    return f"prompt is too long: {prompt_tokens} tokens > {most} maximum"
+
+
 def from_engine_error(exc: Exception, endpoint: str | None = None, cap_field: str | None = None) -> APIError:
     """Map a typed engine error (or Ray Serve back-pressure) to its APIError; anything else is a bug.
     endpoint: the route's (RequestObserver.endpoint), so a 400 names the field that route's client sent
@@ -115,6 +122,10 @@ def from_engine_error(exc: Exception, endpoint: str | None = None, cap_field: st
                 and exc.asked > exc.most):
             # the KV cache is this request's context: worded as the context check words it
             message = anthropic_overflow_message(exc.prompt_tokens, exc.asked, exc.prompt_tokens + exc.most)
+            return APIError(400, f"{message} ({engine_message(exc, endpoint, cap_field)})", param=field)
+        if endpoint == "messages" and exc.field == "prompt_ids" and None not in (exc.most, exc.prompt_tokens):
+            # (a prompt the KV cache cannot hold: Claude Code compacts the conversation on this wording)
+            message = anthropic_prompt_message(exc.prompt_tokens, exc.most)
             return APIError(400, f"{message} ({engine_message(exc, endpoint, cap_field)})", param=field)
         return APIError(400, f"{field}: {engine_message(exc, endpoint, cap_field)}", param=field)
     if isinstance(exc, ShuttingDownError):  # as the draining ingress answers (ingress_gate)

@@ -251,10 +251,11 @@ async def kv_bounded_request(client, body: SamplingFields, build: Callable[[Samp
             field = body.max_tokens_field if refusal.field == "gen_length" else prompt_field
             raise InputError(400, field, engine_message(refusal, cap_field=body.max_tokens_field)) from None
         if refusal.field == "prompt_ids":
-            raise InputError(400, prompt_field, f"the prompt ({over.prompt_tokens:,} tokens) leaves no room to "
-                             "generate in the engine's KV cache, which holds less than the model's maximum context "
-                             f"length of {over.context_length:,} tokens (the runner's num_blocks or kv_memory_bytes): "
-                             "shorten the prompt") from None
+            raise ContextLengthError(prompt_field, f"the prompt ({over.prompt_tokens:,} tokens) leaves no room to "
+                                     "generate in the engine's KV cache, which holds less than the model's maximum "
+                                     f"context length of {over.context_length:,} tokens (the runner's num_blocks or "
+                                     "kv_memory_bytes): shorten the prompt", over.prompt_tokens, None,
+                                     over.context_length, longest_prompt=refusal.most) from None
         if refusal.field == "gen_length" and refusal.most is not None:
             raise over_context(over.field, over.context_length, over.prompt_tokens, over.max_tokens, over.most,
                                refusal.most, body.min_tokens) from None

@@ -58,9 +58,10 @@ class OverloadedError(EngineError):
 
 class InvalidRequestError(EngineError):
     """Bad request input: `field` names it; the message says what to change (HTTP 400). Where the engine
-    knows them (a KV refusal of gen_length, which the Messages route words as Anthropic does): `asked`
-    is the value the client sent, `most` the largest the engine would accept, `prompt_tokens` the
-    request's prompt + suffix tokens."""
+    knows them (a KV refusal, which the Messages route words as Anthropic does): `prompt_tokens` is the
+    request's prompt + suffix tokens; of gen_length, `asked` the value the client sent and `most` the
+    largest the engine would accept; of prompt_ids, `most` the most prompt + suffix tokens its KV cache
+    holds beside the fewest generated tokens."""
 
     def __init__(self, field_name: str, message: str, *, asked: int | None = None, most: int | None = None,
                  prompt_tokens: int | None = None):

@@ -149,7 +149,8 @@ class Submission:
             self._most_tokens(spec, params, capacity, reshape=not ar) if ar or spec.default_shape else None
         if most is None:  # not even the shortest generation fits: min_tokens, or the prompt, is what to change
             self._refuse_min_tokens(spec, params, capacity)
-            raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt")
+            raise InvalidRequestError("prompt_ids", f"{need}; shorten the prompt", prompt_tokens=len(spec.prompt_ids)
+                                      + suffix_len, most=self._longest_prompt(spec, params, capacity))
         shape = ("slot_size", "serial_num_blocks")
         if fitted is None or all(getattr(fitted, k, None) == getattr(params, k, None) for k in shape):
             raise InvalidRequestError("gen_length", f"{need}; ask for at most {most}",
@@ -175,6 +176,24 @@ class Submission:
                                       f"({capacity} blocks of {self.kv.pool().block_size} tokens; the runner's "
                                       f"num_blocks or kv_memory_bytes), {most} do: lower min_tokens, and max_tokens, "
                                       f"to at most {most}")
+
+    def _longest_prompt(self, spec, params, capacity: int) -> int | None:
+        """The most prompt + suffix tokens (this request's suffix kept) beside which its fewest tokens
+        (min_tokens, at least 1) fit `capacity` blocks, in the smallest of `_smaller_shapes` (AR: as
+        max_tokens); None when not even an empty prompt leaves room. The "N maximum" of the Messages
+        route's "prompt is too long" 400 (http_errors.from_engine_error), which Claude Code reads to
+        compact the conversation."""
+        suffix_len = len(spec.suffix_ids or [])
+        tokens = max(1, int(getattr(params, "min_tokens", 0) or 0))
+        shapes = self._smaller_shapes(spec, params, tokens)
+        ar = spec.mode is Mode.AR
+
+        def fits(prompt_len: int) -> bool:
+            return min(self.kv.blocks_needed(prompt_len, suffix_len, p, ar_only=ar, max_tokens=tokens)
+                       for p in shapes) <= capacity
+
+        longest = _largest(0, len(spec.prompt_ids), fits)
+        return None if longest is None else longest + suffix_len
 
     def _most_tokens(self, spec, params, capacity: int, reshape: bool) -> int | None:
         """The most tokens, from min_tokens (at least 1) to gen_length, whose KV fits `capacity` blocks:

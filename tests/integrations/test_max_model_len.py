@@ -266,3 +266,41 @@ def test_a_batch_a_full_prompt_and_min_tokens_get_one_400_on_a_smaller_kv_cache(
         metrics = httpx.get(app.url + "/metrics", timeout=30).text
         counted = re.search(r'^refusion_mode_decisions_total\{mode="ar",reason="kv_fit"\} (\d+)\.0$', metrics, re.M)
         assert counted and int(counted[1]) >= 2, metrics  # (the 175-token prompt, the slot_size 64 retry)
+
+
+def test_messages_prompt_over_the_kv_cache_is_too_long_with_the_longest_it_holds():
+    """A Messages prompt the KV cache cannot hold beside one token (though within the context) was told
+    "shorten the prompt" in words Claude Code does not read; it is now Anthropic's "prompt is too long: P
+    tokens > M maximum" (on which Claude Code compacts the conversation), M the longest prompt served, with
+    the engine's reason after it; with max_tokens over the context too. A prompt of M tokens is served."""
+    def body(content: str, max_tokens: int) -> dict:
+        return {"model": SHIPPED_MODEL.name, "max_tokens": max_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": content}]}
+
+    with local_app(SHIPPED_MODEL, runner_options=KV_SHORT) as app:
+        url = app.url
+        fills = "x = 1\n" * 44
+        found = []
+        for cap in (10, 5000):
+            over = httpx.post(url + "/v1/messages", json=body(fills, cap), timeout=60)
+            message = over.json()["error"]["message"]
+            match = re.match(r"prompt is too long: (\d+) tokens > (\d+) maximum \((.*KV cache.*)\)$", message)
+            assert over.status_code == 400 and match and int(match[2]) < int(match[1]), over.text
+            found.append(int(match[2]))
+        assert found[0] == found[1], found  # one number whatever the cap
+        longest = found[0]
+
+        def counted(content: str) -> int:
+            count = {"model": SHIPPED_MODEL.name, "messages": [{"role": "user", "content": content}]}
+            answer = httpx.post(url + "/v1/messages/count_tokens", json=count, timeout=60)
+            return answer.json()["input_tokens"]
+
+        lines = next(k for k in range(44) if counted("x = 1\n" * (k + 1)) > longest)
+        fitting = next(content for j in range(longest) if counted(content := "x = 1\n" * lines + " a" * j) >= longest)
+        assert counted(fitting) == longest, (longest, counted(fitting))
+        served = httpx.post(url + "/v1/messages", json=body(fitting, 1), timeout=120)
+        assert served.status_code == 200 and served.json()["usage"]["input_tokens"] == longest, served.text
+        refused = httpx.post(url + "/v1/messages", json=body(fitting + " a" * 3, 1), timeout=60)
+        assert refused.status_code == 400 and "prompt is too long" in refused.text, refused.text
+        stats = httpx.get(url + "/v1/engine", timeout=30).json()["engine"]
+        assert stats["running"] == stats["waiting"] == 0

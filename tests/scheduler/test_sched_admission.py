@@ -61,11 +61,23 @@ async def test_bad_input_raises_invalid_request_naming_the_field(kwargs, field):
 
 
 async def test_prompt_that_can_never_fit_is_invalid_not_overloaded():
-    engine, _ = make_engine(runner=FakeRunner(num_blocks=8, block_size=4))
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=8, block_size=4), prefix_cache=False)
     await engine.start()
     with pytest.raises(InvalidRequestError) as err:
         await collect(engine, req("big", prompt=[5] * 40, gen=8))
     assert err.value.field == "prompt_ids" and str(err.value).endswith("; shorten the prompt")  # no shorter gen fits
+    # The longest prompt that fits (the Messages route's "prompt is too long: P tokens > M maximum", on which
+    # Claude Code compacts): M tokens are served beside the fewest tokens, M + 1 are refused again
+    assert err.value.prompt_tokens == 40 and 0 < err.value.most < 40
+    for mode in (Mode.AUTO, Mode.REFUSION, Mode.AR):
+        with pytest.raises(InvalidRequestError) as err:
+            await collect(engine, req(f"big-{mode.value}", prompt=[5] * 40, gen=8, mode=mode))
+        longest = err.value.most
+        assert len(ids_of(await collect(engine, req(f"m-{mode.value}", prompt=[5] * longest, gen=1, mode=mode)))) == 1
+        with pytest.raises(InvalidRequestError) as again:
+            await collect(engine, req(f"m1-{mode.value}", prompt=[5] * (longest + 1), gen=1, mode=mode))
+        assert again.value.field == "prompt_ids" and again.value.most == longest
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
     await engine.stop()
 
 
