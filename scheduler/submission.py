@@ -60,9 +60,10 @@ class Submission:
             if fitted is None:  # the client set no generation length: min_tokens, or the prompt, does not fit
                 self._refuse_min_tokens(spec, params, capacity)
                 raise InvalidRequestError(
-                    "prompt_ids", f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) leaves no room to "
-                    f"generate in the engine's KV cache ({capacity} blocks of {self.kv.pool().block_size} tokens; the "
-                    "runner's num_blocks or kv_memory_bytes); shorten the prompt")
+                    "prompt_ids", f"{_text_words(spec)} leaves no room to generate in the engine's KV cache ({capacity} "
+                    f"blocks of {self.kv.pool().block_size} tokens; the runner's num_blocks or kv_memory_bytes); "
+                    "shorten the prompt", prompt_tokens=len(spec.prompt_ids) + suffix_len,
+                    most=self._longest_prompt(spec, params, capacity))
             params = fitted
             spec = replace(spec, max_tokens=min(spec.max_tokens or params.gen_length, params.gen_length))
             kv_blocks = self.kv.blocks_needed(len(spec.prompt_ids), suffix_len, params, ar_only=spec.mode is Mode.AR,
@@ -141,7 +142,7 @@ class Submission:
             params.gen_length if spec.max_tokens in (None, params.gen_length) else \
             f"{spec.max_tokens}, {params.gen_length} in whole slots" if params.gen_length > spec.max_tokens else \
             f"{spec.max_tokens}; this request decodes {params.gen_length}"  # an infill candidate's gap
-        need = (f"prompt ({len(spec.prompt_ids)} tokens) + suffix ({suffix_len}) + gen_length ({asked}) "
+        need = (f"{_text_words(spec)} + gen_length ({asked}) "
                 f"need {kv_blocks} KV blocks but the engine's KV cache has {capacity} (the runner's num_blocks or "
                 f"kv_memory_bytes)")
         fitted = None if ar or spec.default_shape else self._fit_to_kv(spec, params, capacity)
@@ -236,6 +237,12 @@ class Submission:
             return None
         # (with the request's own max_tokens: an AR one counts up to it, and one-token slots hold `most`)
         return self._smallest_fitting(spec, params, most, capacity)
+
+
+def _text_words(spec) -> str:
+    """A request's prompt (and suffix, when it has one) in a KV refusal's words."""
+    suffix = f" + suffix ({len(spec.suffix_ids)})" if spec.suffix_ids else ""
+    return f"prompt ({len(spec.prompt_ids)} tokens){suffix}"
 
 
 def _largest(low: int, high: int, fits) -> int | None:

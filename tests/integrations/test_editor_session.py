@@ -174,7 +174,7 @@ async def test_invalid_params_error_names_the_field(session):
                    "has 46 (the runner's num_blocks or kv_memory_bytes); shorten the prompt",
      "prefix", "+ max_tokens (64) need 131 KV blocks but the engine's KV cache has 46 (the runner's num_blocks or "
                "kv_memory_bytes); send a shorter prefix, suffix or context"),
-    ("gen_length", "prompt (20 tokens) + suffix (0) + gen_length (64) need 9 KV blocks but the engine's KV cache has 6 "
+    ("gen_length", "prompt (20 tokens) + gen_length (64) need 9 KV blocks but the engine's KV cache has 6 "
                    "(the runner's num_blocks or kv_memory_bytes); ask for at most 16",
      "max_tokens", "+ max_tokens (64) need 9 KV blocks"),
 ])

@@ -15,7 +15,7 @@ from integrations.openai_api import APISettings, create_app
 from integrations.engine_client import EngineFailure
 from scheduler.api import InvalidRequestError
 
-NEVER_FITS = ("prompt (2006 tokens) + suffix (0) + gen_length (64) need 131 KV blocks but the engine's KV cache has "
+NEVER_FITS = ("prompt (2006 tokens) + gen_length (64) need 131 KV blocks but the engine's KV cache has "
               "46 (the runner's num_blocks or kv_memory_bytes); shorten the prompt")
 USER = [{"role": "user", "content": "hi"}]
 

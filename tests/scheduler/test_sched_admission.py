@@ -77,6 +77,9 @@ async def test_prompt_that_can_never_fit_is_invalid_not_overloaded():
         with pytest.raises(InvalidRequestError) as again:
             await collect(engine, req(f"m1-{mode.value}", prompt=[5] * (longest + 1), gen=1, mode=mode))
         assert again.value.field == "prompt_ids" and again.value.most == longest
+        with pytest.raises(InvalidRequestError) as unset:  # (no max_tokens set: fitted to the KV cache first)
+            await collect(engine, req(f"fit-{mode.value}", prompt=[5] * 40, gen=8, mode=mode, fit_to_kv=True))
+        assert unset.value.field == "prompt_ids" and unset.value.most == longest, str(unset.value)
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
     await engine.stop()
 
