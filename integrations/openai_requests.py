@@ -153,7 +153,8 @@ async def completion_requests(client, rid: str, body, settings, grammar: Grammar
                                       grammar=grammar)
 
         req = await kv_bounded_request(client, body, build, field, check_fit=batch and k == order[0])
-        prepared[k] = PreparedPrompt(replace(req, healed=healed), style, text, list(body.stop))
+        tabs = style.engine_fields(at_indent=style.tabs and cursor_at_indent(text))
+        prepared[k] = PreparedPrompt(replace(req, healed=healed, **tabs), style, text, list(body.stop))
     return prepared
 
 

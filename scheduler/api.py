@@ -115,6 +115,13 @@ class GenerationRequest:
     # token). The engine drops as much leading blank text (scheduler.detokenizer.Healer) before the
     # text is sent and before stop strings are matched; token ids and usage keep the generated tokens.
     healed: str = ""
+    # The client's text indents with tabs, which the model's text writes as MODEL_TAB_WIDTH spaces
+    # (integrations/editor/document.py): `stop` strings are matched on the text as the client reads it,
+    # each line's leading spaces as tabs (scheduler.detokenizer.TabView; the first line's too with
+    # tab_indent_first_line: the client's cursor stood in its line's indentation), so that a "\t" stop
+    # ends the text at an indent, never at four spaces inside a line. The text itself stays the model's.
+    tab_indent: bool = False
+    tab_indent_first_line: bool = False
     # gen_length is the server's default, not the client's (OpenAI max_tokens unset): when prompt +
     # gen_length needs more KV blocks than the engine's cache has, gen_length (and max_tokens) shrink to
     # the largest whole blocks of whole slots that fit, instead of a 400, as an unset max_tokens shrinks

@@ -22,6 +22,8 @@ ids for the same text, whether the stop string's tokens came in one step or seve
 
 from __future__ import annotations
 
+import bisect
+import re
 from dataclasses import dataclass, field
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -29,6 +31,50 @@ MAX_HELD_IDS = 3  # the most ids held back for a character not yet complete (4 b
 # Spaces per indent level in the model's text (a tab's columns), as Python code (PEP 8) and the
 # training corpus indent; the editor's document conversion (integrations/editor/document.py) uses it.
 MODEL_TAB_WIDTH = 4
+_LEADING_SPACES = re.compile(r"^ +", re.MULTILINE)
+
+
+def tabs_for_spaces(text: str) -> str:
+    """Each line's leading spaces as tabs (MODEL_TAB_WIDTH a tab); a remainder stays spaces. How a
+    tab-indented document writes the model's text (integrations/editor/document.py)."""
+    def indent(match: re.Match) -> str:
+        levels, rest = divmod(len(match.group()), MODEL_TAB_WIDTH)
+        return "\t" * levels + " " * rest
+
+    return _LEADING_SPACES.sub(indent, text)
+
+
+class TabView:
+    """The model's text as a tab-indented client reads it (tabs_for_spaces; the first line's indent only
+    with `first_line`: the client's cursor stood in its line's indentation), so that stop strings are
+    matched where the client's text has them (GenerationRequest.tab_indent): "\t" at an indent level,
+    never at four spaces inside a line, and "\n    " never (a client's line never starts so)."""
+
+    def __init__(self, first_line: bool):
+        self.first_line = first_line
+
+    def view(self, text: str, start: int, final: bool) -> tuple[str, list[int]]:
+        """(view, at): the view of text[base:], base the start of the line holding text[start], and at[v]
+        the index in `text` where the view's v-th character starts (len(view) + 1 entries: the last is
+        where the view ends). Unless `final`, the view stops before an open last line's leading spaces
+        that do not make a whole tab yet (another space would turn them into one)."""
+        base = text.rfind("\n", 0, start) + 1
+        view, at, pos = [], [], base
+        lines = text[base:].split("\n")
+        for k, line in enumerate(lines):
+            spaces = len(line) - len(line.lstrip(" ")) if k or base or self.first_line else 0
+            tabs = spaces // MODEL_TAB_WIDTH
+            view.append("\t" * tabs)
+            at.extend(range(pos, pos + tabs * MODEL_TAB_WIDTH, MODEL_TAB_WIDTH))
+            if k == len(lines) - 1 and spaces == len(line) and not final:  # (spaces only so far)
+                at.append(pos + tabs * MODEL_TAB_WIDTH)
+                return "".join(view), at
+            rest = line[tabs * MODEL_TAB_WIDTH:] + ("\n" if k < len(lines) - 1 else "")  # (as it is)
+            view.append(rest)
+            at.extend(range(pos + tabs * MODEL_TAB_WIDTH, pos + tabs * MODEL_TAB_WIDTH + len(rest)))
+            pos += len(line) + 1
+        at.append(len(text))
+        return "".join(view), at
 
 
 @dataclass
@@ -103,8 +149,10 @@ class TextStream:
     """Turns a growing list of final ids into text deltas (see module docstring). `healed`: the blanks
     token healing left out of the prompt (only spaces and tabs; "" for none)."""
 
-    def __init__(self, tokenizer, stop: list[str] | None = None, min_tokens: int = 0, healed: str = ""):
+    def __init__(self, tokenizer, stop: list[str] | None = None, min_tokens: int = 0, healed: str = "",
+                 tab_view: TabView | None = None):
         self._tokenizer = tokenizer
+        self._tab_view = tab_view  # stop strings are matched on the text as a tab-indented client reads it
         self._backend_decode = fast_decoder(tokenizer)
         self._healer = Healer(healed)
         self._stop = [s for s in (stop or []) if s]
@@ -118,6 +166,7 @@ class TextStream:
         self._sent_ids = 0
         self.done = False
         self.stop_word: str | None = None  # the stop string that ended the text, if one did
+        self._stop_end = 0  # where in the text that stop string ends (its tokens are counted through there)
 
     @property
     def text(self) -> str:
@@ -189,7 +238,8 @@ class TextStream:
 
     def _release(self, *, newline_cut: bool, final: bool) -> TextUpdate:
         start = self._sent_chars
-        cut = self._find_stop(start)
+        view = self._tab_view.view(self._text, start, final) if self._tab_view is not None and self._stop else None
+        cut = self._find_stop(start) if view is None else self._find_stop_in_view(start, *view)
         stopped = "stop" if cut is not None else None
         if cut is None and newline_cut:
             newline = self._text.find("\n", start)
@@ -199,13 +249,16 @@ class TextStream:
             end = cut
         elif final:
             end = len(self._text)
+        elif view is not None:  # what may begin a stop string in the view, and what the view cannot say yet
+            shown, at = view
+            end = at[len(shown) - held_prefix_len(shown, self._stop, len(shown) - bisect.bisect_left(at, start))]
         else:
             end = len(self._text) - self._held_tail(start)
         update = TextUpdate(text=self._text[start:end], stopped=stopped)
         self._sent_chars = end
         # A stop string's own tokens were generated (and counted, as vLLM and OpenAI's usage count them):
         # the ids go through its end, whether a step brought them with the stop or before it
-        covered = end + len(self.stop_word) if stopped == "stop" else end
+        covered = self._stop_end if stopped == "stop" else end
         ids_end = self._ids_covering(covered) if stopped else self._read_offset if not final else len(self._ids)
         update.token_ids = self._ids[self._sent_ids : max(self._sent_ids, ids_end)]
         update.ids_start = self._sent_ids
@@ -222,17 +275,42 @@ class TextStream:
     def _find_stop(self, start: int) -> int | None:
         """Earliest stop-string start in the unsent text. One starting earlier would have been complete
         (and cut) already: sent text never ends with what may begin a stop string (_held_tail)."""
-        if self._stops_from is None:
-            if len(self._ids) < self._min_tokens:
-                return None  # vLLM checks no stop string before min_tokens tokens
-            # (a healer still dropping has dropped all of that text so far, and more only after it)
-            self._stops_from = max(0, len(self._decode(self._ids[: self._min_tokens - 1])) - self._healer.dropped)
+        if not self._stops_open():
+            return None
         hits = [(i, s) for i, s in ((self._text.find(s, max(start, self._stops_from - len(s) + 1)), s)
                                     for s in self._stop) if i >= 0]
         if not hits:
             return None
         index, self.stop_word = min(hits, key=lambda hit: hit[0])
+        self._stop_end = index + len(self.stop_word)
         return index
+
+    def _find_stop_in_view(self, start: int, view: str, at: list[int]) -> int | None:
+        """_find_stop on the tab view (TabView.view from `start`, `at` its indices in the text): the
+        earliest stop string whose view starts at or after `start` and ends past the min_tokens text."""
+        if not self._stops_open():
+            return None
+        first, hits = bisect.bisect_left(at, start), []
+        for stop in self._stop:
+            index = view.find(stop, first)
+            while index >= 0 and at[index + len(stop)] <= self._stops_from:
+                index = view.find(stop, index + 1)
+            if index >= 0:
+                hits.append((at[index], at[index + len(stop)], stop))
+        if not hits:
+            return None
+        cut, self._stop_end, self.stop_word = min(hits, key=lambda hit: hit[0])
+        return cut
+
+    def _stops_open(self) -> bool:
+        """Whether stop strings are matched yet: vLLM checks none before min_tokens tokens. Sets
+        _stops_from, the characters of the first min_tokens - 1 ids (a match must end past them)."""
+        if self._stops_from is None:
+            if len(self._ids) < self._min_tokens:
+                return False
+            # (a healer still dropping has dropped all of that text so far, and more only after it)
+            self._stops_from = max(0, len(self._decode(self._ids[: self._min_tokens - 1])) - self._healer.dropped)
+        return True
 
     def _ids_covering(self, num_chars: int) -> int:
         """The fewest ids whose text holds the text's first num_chars characters (used once, when a stop

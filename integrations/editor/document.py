@@ -16,11 +16,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from scheduler.detokenizer import MODEL_TAB_WIDTH  # spaces per indent level in the model's text
+from scheduler.detokenizer import MODEL_TAB_WIDTH, tabs_for_spaces  # (the width: spaces a tab in the model's text)
 
 
 _LEADING_TABS = re.compile(r"^\t+", re.MULTILINE)
-_LEADING_SPACES = re.compile(r"^ +", re.MULTILINE)
 _INDENT_START = re.compile(r"^([ \t])", re.MULTILINE)
 LINE_BREAK = re.compile(r"\r\n|\r|\n")  # LSP's line breaks (integrations/lsp/documents.py splits by them too)
 
@@ -57,17 +56,17 @@ class DocumentStyle:
         return text
 
     def model_stops(self, stops: list[str]) -> list[str]:
-        """Stop strings as the model's text reads them, each converted only as the document's own text
-        is: line breaks to "\n" when the document's are CRLF or CR, leading tabs to spaces when it
-        indents with tabs. An LF document's "\r\n" stop keeps its meaning (it never matches), tabs or not."""
-        out = []
-        for stop in stops:
-            if self.line_ending != "\n":
-                stop = LINE_BREAK.sub("\n", stop)
-            if self.tabs:
-                stop = _LEADING_TABS.sub(lambda m: " " * (MODEL_TAB_WIDTH * len(m.group())), stop)
-            out.append(stop)
-        return out
+        """Stop strings as the engine matches them: line breaks to "\n" when the document's are CRLF or CR
+        (an LF document's "\r\n" stop keeps its meaning: it never matches). Tabs stay: the engine
+        matches the stops of a tab-indented document on the text with its indentation as tabs
+        (GenerationRequest.tab_indent, which `engine_fields` sets), where the client's text has them."""
+        return [LINE_BREAK.sub("\n", stop) if self.line_ending != "\n" else stop for stop in stops]
+
+    def engine_fields(self, *, at_indent: bool) -> dict:
+        """The GenerationRequest fields that match stop strings on the text in this style (model_stops):
+        tab_indent when the document indents with tabs, tab_indent_first_line when the completion's first
+        line is indentation too (at_indent, as to_document's)."""
+        return {"tab_indent": self.tabs, "tab_indent_first_line": self.tabs and at_indent}
 
     def client_stop(self, stops: list[str], word: str) -> str:
         """The client's stop string (one of `stops`) whose model form (model_stops) is `word`, the string
@@ -81,8 +80,8 @@ class DocumentStyle:
         if self.tabs:
             head, newline, rest = text.partition("\n")
             if at_indent:
-                head = _tabs_for_spaces(head)
-            text = head + newline + _tabs_for_spaces(rest)
+                head = tabs_for_spaces(head)
+            text = head + newline + tabs_for_spaces(rest)
         if self.line_ending != "\n":
             text = text.replace("\n", self.line_ending)
         return text
@@ -92,15 +91,6 @@ def cursor_at_indent(prefix: str) -> bool:
     """Whether the cursor after `prefix` stands in its line's indentation at a tab stop (only tabs
     before it on the line): DocumentStyle.to_document's at_indent."""
     return not prefix[max(prefix.rfind("\n"), prefix.rfind("\r")) + 1:].strip("\t")
-
-
-def _tabs_for_spaces(text: str) -> str:
-    """Leading spaces of each line as tabs (MODEL_TAB_WIDTH a tab); a remainder stays spaces."""
-    def indent(match: re.Match) -> str:
-        levels, rest = divmod(len(match.group()), MODEL_TAB_WIDTH)
-        return "\t" * levels + " " * rest
-
-    return _LEADING_SPACES.sub(indent, text)
 
 
 class DocumentTextStream:

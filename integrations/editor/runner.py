@@ -88,6 +88,7 @@ class CompletionJob:
                 affinity_key=self.affinity_key,
                 client=self.client,
                 healed=self.prompt.healed,
+                **self.prompt.style.engine_fields(at_indent=self.prompt.at_indent),
                 fit_to_kv=self.fit_to_kv,
             )
             for gap in self.gaps

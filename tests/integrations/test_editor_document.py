@@ -108,16 +108,20 @@ def test_a_streamed_completion_converts_to_the_same_text_as_the_whole(style):
 
 def test_stop_strings_follow_the_document_and_keep_their_meaning_in_an_lf_one():
     assert DocumentStyle("\r\n", False).model_stops(["\r\n\r\n", "x"]) == ["\n\n", "x"]
-    assert DocumentStyle("\n", True).model_stops(["\n\tpass"]) == ["\n    pass"]
     assert DocumentStyle().model_stops(["\r\n"]) == ["\r\n"]  # an LF document: "\r\n" is not "\n"
-    # ... tab-indented too: only its tabs are converted (it cut at every "\n" before)
-    assert DocumentStyle("\n", True).model_stops(["\r\n", "\r\n\tx"]) == ["\r\n", "\r\n    x"]
-    assert DocumentStyle("\r\n", True).model_stops(["\r\n\tx"]) == ["\n    x"]
-    assert DocumentStyle("\r", False).model_stops(["\t\r"]) == ["\t\n"]  # tabs kept: the document has none
+    # ... tab-indented too (it cut at every "\n" once); tabs stay: the engine matches them on the text with
+    # its indentation as tabs (tab_indent), where converting them to spaces matched four spaces in a line
+    assert DocumentStyle("\n", True).model_stops(["\r\n", "\r\n\tx", "\n\tpass"]) == ["\r\n", "\r\n\tx", "\n\tpass"]
+    assert DocumentStyle("\r\n", True).model_stops(["\r\n\tx"]) == ["\n\tx"]
+    assert DocumentStyle("\r", False).model_stops(["\t\r"]) == ["\t\n"]
+    assert DocumentStyle("\n", True).engine_fields(at_indent=True) == {"tab_indent": True, "tab_indent_first_line": True}
+    assert DocumentStyle("\n", True).engine_fields(at_indent=False)["tab_indent_first_line"] is False
+    assert DocumentStyle("\r\n", False).engine_fields(at_indent=True) == {"tab_indent": False,
+                                                                          "tab_indent_first_line": False}
 
 
 def test_the_client_gets_its_own_stop_string_back():
     """llama.cpp's stopping_word is the request's string; the engine reports the model's form."""
     style = DocumentStyle("\r\n", True)
-    assert style.client_stop(["x", "\r\n\t"], "\n    ") == "\r\n\t"
+    assert style.client_stop(["x", "\r\n\t"], "\n\t") == "\r\n\t"
     assert style.client_stop(["x"], "y") == "y"  # none matches: the engine's word as it is

@@ -276,6 +276,26 @@ def test_completion_stops_keep_the_clients_meaning_and_come_back_as_sent(http):
     assert (stopped["text"], stopped["finish_reason"]) == (plain["text"], plain["finish_reason"])
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/infill"])
+def test_a_tab_indented_document_s_stop_strings_match_its_own_text(http, path):
+    """A tab-indented document's completion comes back indented with tabs, and its stop strings match that
+    text: "\n\t\t" and "\t" where it has them; "\n    " and "  ", which it never has, end nothing (the
+    stops were converted to spaces and matched on the model's text: "\n    " stopped at the first indented
+    line, "  " inside the first line's indentation, with nothing returned)."""
+    prefix = "class Point:\n\tdef __init__(self):\n\t\tx = 1\n"
+    if path == "/infill":
+        body = {"input_prefix": prefix, "input_suffix": "", "n_predict": 48, "temperature": 0, "mode": "ar"}
+        text = lambda answer: answer["content"]  # noqa: E731
+    else:
+        body = {"prompt": prefix, "max_tokens": 48, "temperature": 0, "mode": "ar"}
+        text = lambda answer: answer["choices"][0]["text"]  # noqa: E731
+    whole = text(post(http, path, body))
+    assert whole.startswith("\t") and "\n\t\t" in whole and " " * 2 not in whole, repr(whole)
+    for stop in ("\n\t\t", "\t", "\n    ", "  "):
+        expected = whole[:whole.index(stop)] if stop in whole else whole
+        assert text(post(http, path, {**body, "stop": [stop]})) == expected, (stop, whole)
+
+
 # ---- token healing on /v1/completions and /completion ------------------------------------------------
 # The shipped tokenizer writes an indented line as "\n   " + " return": a prompt ending in the
 # indentation ends on a token the model never saw before text, and it answered "" (greedy, both modes).

@@ -47,6 +47,8 @@ async def test_streams_and_finishes_with_length_and_frees_kv():
         ({"priority": 7}, "priority"),
         ({"suffix_ids": [-1]}, "suffix_ids"),
         ({"request_id": ""}, "request_id"),
+        ({"tab_indent": 1}, "tab_indent"),
+        ({"tab_indent_first_line": "yes"}, "tab_indent_first_line"),
     ],
 )
 async def test_bad_input_raises_invalid_request_naming_the_field(kwargs, field):

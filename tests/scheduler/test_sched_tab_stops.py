@@ -1,0 +1,106 @@
+"""Stop strings of a tab-indented client, matched on the text as it reads it (TextStream's TabView):
+the model writes indentation as spaces, the client's document has tabs (integrations/editor/document.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scheduler.detokenizer import TabView, TextStream, tabs_for_spaces
+
+
+class PieceTokenizer:
+    """Each id is one piece of text."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def client_text(text: str, first_line: bool) -> str:
+    """The model's text as the tab-indented client reads it (DocumentStyle.to_document's tabs)."""
+    if first_line:
+        return tabs_for_spaces(text)
+    head, newline, rest = text.partition("\n")
+    return head + newline + tabs_for_spaces(rest)
+
+
+def run(pieces, stop, first_line=False, per_step=1, min_tokens=0):
+    """Stream the pieces (each one token), `per_step` a step; (sent text, stopped, stop_word, ids sent)."""
+    stream = TextStream(PieceTokenizer(pieces), stop=stop, tab_view=TabView(first_line), min_tokens=min_tokens)
+    updates = [stream.update(list(range(min(k, len(pieces))))) for k in range(per_step, len(pieces) + per_step, per_step)]
+    updates.append(stream.finish())
+    stopped = [u.stopped for u in updates if u.stopped]
+    return ("".join(u.text for u in updates), stopped[0] if stopped else None, stream.stop_word,
+            [t for u in updates for t in u.token_ids])
+
+
+def test_a_tab_stop_ends_the_text_at_an_indent_not_at_four_spaces_inside_a_line():
+    """"\t" was matched as four spaces anywhere (model_stops converted it): the aligned comment's spaces
+    stopped the text. Now it stops where the client's text has a tab: the next line's indentation."""
+    pieces = ["x = 1", "    ", "# one", "\n", "    ", "y = 2"]
+    text, stopped, word, ids = run(pieces, ["\t"])
+    assert (text, stopped, word) == ("x = 1    # one\n", "stop", "\t")
+    assert ids == [0, 1, 2, 3, 4]  # through the stop string's tokens (the indent written as spaces)
+
+
+def test_a_space_indented_stop_never_matches_a_tab_client():
+    """"\n    " is no text a tab-indented client ever gets (four spaces are a tab there): it stopped at
+    every indented line."""
+    pieces = ["if x:", "\n", "    ", "    y", "\n", "  z"]
+    assert run(pieces, ["\n    "])[:2] == ("if x:\n        y\n  z", None)
+    assert run(pieces, ["\n\t\ty"])[:3] == ("if x:", "stop", "\n\t\ty")
+    assert run(pieces, ["\ty"])[:2] == ("if x:\n    ", "stop")  # the second tab: after the first's 4 spaces
+    assert run(pieces, ["\n  z"])[:2] == ("if x:\n        y", "stop")  # a remainder stays spaces
+
+
+def test_the_first_line_is_indentation_only_when_the_cursor_stood_in_it():
+    pieces = ["    ", "pass"]
+    assert run(pieces, ["\tpass"], first_line=True)[:2] == ("", "stop")
+    assert run(pieces, ["\tpass"], first_line=False)[:2] == ("    pass", None)
+    assert run(pieces, ["    pass"], first_line=False)[:2] == ("", "stop")
+
+
+def test_an_open_indent_waits_until_it_is_known():
+    """Three spaces may become a tab with the fourth: a "\n   " stop must not match them yet, and they are
+    not sent before the line says what they are."""
+    stream = TextStream(PieceTokenizer(["a", "\n", "   ", " ", "b"]), stop=["\n   "], tab_view=TabView(False))
+    assert stream.update([0, 1, 2]).text == "a"  # "\n" and the open indent held
+    update = stream.update([0, 1, 2, 3, 4])
+    assert update.stopped is None and update.text == "\n    b"  # a tab: "\n   " never matched
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_stream_stops_exactly_where_the_clients_text_has_a_stop(seed):
+    """Against the reference: the client's whole text, the earliest stop string in it (the first listed
+    on a tie); the text sent is the model's text whose client form is what precedes it, however the
+    tokens arrive."""
+    rng = random.Random(seed)
+    alphabet = [" ", "  ", "    ", "\n", "\t", "x", "ab", " # c"]
+    pieces = [rng.choice(alphabet) for _ in range(rng.randint(1, 30))]
+    stops = [rng.choice(["\t", "\n\t", "\tx", "\n  ", "  #", "x\n", "\t\t", "\n\n", " x", "\t "])
+             for _ in range(rng.randint(1, 3))]
+    first_line = rng.random() < 0.5
+    whole = client_text("".join(pieces), first_line)
+    hits = [(whole.find(s), k) for k, s in enumerate(stops) if s in whole]
+    for per_step in (1, 3):
+        text, stopped, word, ids = run(pieces, stops, first_line, per_step)
+        if not hits:
+            assert (client_text(text, first_line), stopped) == (whole, None), (pieces, stops)
+            continue
+        at, k = min(hits)
+        assert client_text(text, first_line) == whole[:at] and stopped == "stop", (pieces, stops, per_step)
+        assert word == stops[k]
+        # the ids run through the stop string's end: the fewest whose client text holds it
+        covered = client_text("".join(pieces[i] for i in ids), first_line)
+        assert covered.startswith(whole[:at + len(word)])
+        assert not client_text("".join(pieces[i] for i in ids[:-1]), first_line).startswith(whole[:at + len(word)])
+
+
+def test_min_tokens_passes_over_a_stop_that_ends_in_its_text():
+    pieces = ["a", "\n", "    ", "b", "\n", "    ", "c"]
+    assert run(pieces, ["\n\t"])[:2] == ("a", "stop")
+    assert run(pieces, ["\n\t"], min_tokens=4)[:2] == ("a\n    b", "stop")  # the first "\n\t" ends in 3 tokens
