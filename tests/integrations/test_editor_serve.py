@@ -103,15 +103,9 @@ async def engine_info(base: str, headers: dict | None = None) -> dict:
         return (await http.get("/v1/engine")).json()
 
 
-def completion_steps(info: dict) -> int:
-    """Decode steps the engine has run for INTERACTIVE ReFusion requests: editor completions. Ray Serve's
-    health probe and the warm-up requests are BATCH, so unlike `running` this counts only the test's own."""
-    return info["engine"]["class_stats"].get("refusion/INTERACTIVE", {}).get("samples", 0)
-
-
 async def engine_idle(base: str, wait_until, headers: dict | None = None) -> dict:
     """Wait until the engine holds no request (what earlier tests cancelled has ended and been counted);
-    return its info then, the baseline for `wait_decoding` and `wait_cancellations`."""
+    return its info then, the baseline for `wait_cancellations`."""
     async def idle():
         info = await engine_info(base, headers)
         return info if info["engine"]["running"] == 0 and info["engine"]["waiting"] == 0 else None
@@ -119,22 +113,26 @@ async def engine_idle(base: str, wait_until, headers: dict | None = None) -> dic
     return await wait_until(idle, "the engine to hold no request", interval_s=0.1)
 
 
-async def wait_decoding(base: str, wait_until, baseline: dict, headers: dict | None = None, hold: bool = True) -> None:
-    """Wait until the engine has decoded a completion sent after `baseline` (an engine_idle result):
-    from then on a cancel finds it running in the engine, not on its way there. `hold`: then pause the
-    engine (POST /pause; cancels still act), so the completion is still running when the test acts,
-    however slowly the cancel travels (a SLOW completion decodes in about a second; Ray delivered a
-    cancel in 2.4 s once under load, helper-177). The test ends with `released`."""
-    steps = completion_steps(baseline)
+async def hold(base: str, headers: dict | None = None) -> None:
+    """Pause the engine (POST /pause): no forward runs until `resume`, while new requests are admitted and
+    wait, and cancels still act. A test holds the engine before it sends the completion it cancels, so
+    the completion cannot end before the test acts, however slowly the cancel travels (Ray delivered one
+    in 2.4 s under load, helper-177); holding it only once the completion was seen decoding lost the
+    race when the pause came after the completion's second of decoding (helper-221). The test ends with
+    `released`."""
+    async with httpx.AsyncClient(base_url=base, timeout=120, headers=headers or {}) as http:
+        paused = await http.post("/pause", params={"mode": "keep"})
+    assert paused.status_code == 200 and all(paused.json()["replicas"].values()), paused.text
 
-    async def decoding():
-        return completion_steps(await engine_info(base, headers)) > steps
 
-    await wait_until(decoding, "the completion to decode in the engine", interval_s=0.05)
-    if hold:
-        async with httpx.AsyncClient(base_url=base, timeout=120, headers=headers or {}) as http:
-            paused = await http.post("/pause", params={"mode": "keep"})
-        assert paused.status_code == 200 and all(paused.json()["replicas"].values()), paused.text
+async def wait_held(base: str, wait_until, headers: dict | None = None) -> None:
+    """Wait until a completion waits in the held engine (`hold`): from then on a cancel finds it in the
+    engine, not on its way there. Counted by client (/v1/engine `clients`), which leaves out the server's
+    own requests (Ray Serve's health probe, the warm-up)."""
+    async def waiting():
+        return (await engine_info(base, headers))["engine"]["clients"]["waiting"] >= 1
+
+    await wait_until(waiting, "the completion to wait in the held engine", interval_s=0.05)
 
 
 @contextlib.asynccontextmanager
@@ -174,17 +172,19 @@ async def test_cancel_and_supersession_on_the_real_engine(serve_base_url, wait_u
     before = idle["cancelled_by_client"]
     async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws, released(serve_base_url):
         conn = Conn(ws)
+        await hold(serve_base_url)
         await conn.request(1, "complete", complete(**SLOW))
-        await wait_decoding(serve_base_url, wait_until, idle)  # (held from here)
+        await wait_held(serve_base_url, wait_until)
         await conn.request(2, "cancel", {"id": 1})
         _, _, err, result = await conn.response(1)
         assert err is not None, (result, await conn.response(2))
         assert err["code"] == rpc.REQUEST_CANCELLED and err["data"]["reason"] == "cancelled"
         await wait_cancellations(serve_base_url, wait_until, before + 1)  # it ended in the engine
         await resume(serve_base_url)
-        idle = await engine_idle(serve_base_url, wait_until)
+        await engine_idle(serve_base_url, wait_until)
+        await hold(serve_base_url)
         await conn.request(3, "complete", complete(uri="file:///s.py", **SLOW))
-        await wait_decoding(serve_base_url, wait_until, idle)  # (held again)
+        await wait_held(serve_base_url, wait_until)
         await conn.request(4, "complete", complete(uri="file:///s.py", max_tokens=8))
         _, _, err3, _ = await conn.response(3)
         assert err3["code"] == rpc.REQUEST_CANCELLED and err3["data"] == {"reason": "superseded", "superseded_by": 4}
@@ -197,9 +197,10 @@ async def test_cancel_and_supersession_on_the_real_engine(serve_base_url, wait_u
 async def test_disconnect_cancels_in_flight_completions(serve_base_url, wait_until):
     idle = await engine_idle(serve_base_url, wait_until)
     async with released(serve_base_url):
+        await hold(serve_base_url)
         async with websockets.connect(ws_url(serve_base_url), max_size=None) as ws:
             await Conn(ws).request(1, "complete", complete(**SLOW))
-            await wait_decoding(serve_base_url, wait_until, idle)  # (held from here)
+            await wait_held(serve_base_url, wait_until)
         await wait_cancellations(serve_base_url, wait_until, idle["cancelled_by_client"] + 1)
 
 
@@ -275,9 +276,10 @@ async def test_lsp_bridge_round_trip_and_cancel(serve_base_url, wait_until):
     before = idle["cancelled_by_client"]
     slow = {"params": {key: SLOW[key] for key in ("gaps", "max_tokens", "mode")}, "max_time_ms": 30_000}
     async with released(serve_base_url):
+        await hold(serve_base_url)
         error = await lsp_cancel(
             ws_url(serve_base_url), init_options=slow,
-            in_flight=lambda: wait_decoding(serve_base_url, wait_until, idle),  # (held from then)
+            in_flight=lambda: wait_held(serve_base_url, wait_until),
             ended=lambda: wait_cancellations(serve_base_url, wait_until, before + 1),  # $/cancelRequest reached the engine
         )
     assert error is not None and "cancel" in str(error).lower()
@@ -310,22 +312,23 @@ async def test_api_key_and_overload_on_the_strict_app(strict_base_url, wait_unti
         result = await wait_until(answered, "a completion the health probe does not crowd out", interval_s=0.25)
         assert result["gap"] in (8, 16)
 
-        # The slow completion takes the only slot: seen decoding in the engine (retried if the probe had it).
-        idle = await engine_idle(strict_base_url, wait_until, STRICT_AUTH)
-
+        # The slow completion takes the only slot, sent to a held engine (`hold`) so that it cannot end
+        # before the refusal is checked; retried if Ray Serve's health probe had the slot then.
         async def slot_taken():
             nonlocal running
             if running is not None and running.done():
                 exc = running.exception()
                 assert isinstance(exc, BackendError) and exc.code == rpc.OVERLOADED, exc or "it ended unseen"
                 running = None
+                await resume(strict_base_url, STRICT_AUTH)  # (the probe ends)
             if running is None:
+                await engine_idle(strict_base_url, wait_until, STRICT_AUTH)
+                await hold(strict_base_url, STRICT_AUTH)
                 running = asyncio.ensure_future(backend.complete(complete(uri="file:///busy.py", **SLOW)))
                 return False
-            return completion_steps(await engine_info(strict_base_url, STRICT_AUTH)) > completion_steps(idle)
+            return (await engine_info(strict_base_url, STRICT_AUTH))["engine"]["clients"]["waiting"] >= 1
 
         await wait_until(slot_taken, "the slow completion to hold the engine's only slot", interval_s=0.05)
-        await wait_decoding(strict_base_url, wait_until, idle, STRICT_AUTH)  # (seen already; held from here)
         with pytest.raises(BackendError) as refused:
             await backend.complete(complete(uri="file:///other.py", max_tokens=8))
         assert refused.value.code == rpc.OVERLOADED and refused.value.data["retry_after_s"] > 0
