@@ -158,6 +158,32 @@ async def completion_requests(client, rid: str, body, settings, grammar: Grammar
     return prepared
 
 
+async def _kv_longest(client, over: ContextLengthError) -> ContextLengthError:
+    """`over` (a prompt over the context) naming the longest prompt the engine's KV cache holds where that is
+    shorter than the context's (ContextLengthError.longest_prompt), so that the prompt the client shortens
+    to is served: the Messages route's "prompt is too long: P tokens > M maximum" gave the context's M,
+    which the KV cache then refused again with its own (helper-223). Asked of the engine's admission check
+    (a prompt of the context's longest, one token, no forward); `over` as it is when the check admits it,
+    or the engine is busy, gone or scaled to zero (the check would start a replica)."""
+    longest = over.context_length - 1
+    if longest < 1 or await client.scaled_to_zero():
+        return over
+    probe = GenerationRequest(f"kv-longest-{uuid.uuid4().hex}", [0] * longest, {}, max_tokens=1, default_shape=True,
+                              admission_check=True, internal=True)
+    try:
+        async for _ in client.stream(probe):
+            pass
+    except InvalidRequestError as refusal:
+        if refusal.field == "prompt_ids" and refusal.most is not None and refusal.most < longest:
+            return ContextLengthError(over.field, f"{over.message}; the engine's KV cache holds at most "
+                                      f"{refusal.most:,} prompt tokens beside one generated token (the runner's "
+                                      "num_blocks or kv_memory_bytes)", over.prompt_tokens, None,
+                                      over.context_length, longest_prompt=refusal.most)
+    except Exception:  # noqa: BLE001 - the engine busy, draining or gone: the context's 400 stands
+        pass
+    return over
+
+
 def _check_stop_token_ids(body: SamplingFields, ends: list[int]) -> None:
     """vLLM's stop_token_ids: here the model's end tokens (`ends`: EOS and the others the model names,
     workers.tokenizer.end_token_ids) are the stop tokens, so a list naming only them (what clients that spell
@@ -223,7 +249,9 @@ async def kv_bounded_request(client, body: SamplingFields, build: Callable[[Samp
     try:
         req = build(body)
     except ContextLengthError as exc:
-        if exc.max_tokens is None or exc.most is None:
+        if exc.max_tokens is None:  # the prompt alone is over the context: the KV cache may hold a shorter one
+            raise await _kv_longest(client, exc) from None
+        if exc.most is None:
             raise
         over = exc
     if over is None and not check_fit:

@@ -171,9 +171,8 @@ class Submission:
             return
         most = _largest(1, least - 1, lambda tokens: self._kv_need(spec, params, tokens) <= capacity)
         if most is not None:
-            prompt, suffix = len(spec.prompt_ids), len(spec.suffix_ids or [])
-            raise InvalidRequestError("min_tokens", f"{least} tokens do not fit beside this prompt ({prompt} tokens + "
-                                      f"suffix {suffix}) in the engine's KV cache "
+            raise InvalidRequestError("min_tokens", f"{least} tokens do not fit beside this {_text_words(spec)} "
+                                      "in the engine's KV cache "
                                       f"({capacity} blocks of {self.kv.pool().block_size} tokens; the runner's "
                                       f"num_blocks or kv_memory_bytes), {most} do: lower min_tokens, and max_tokens, "
                                       f"to at most {most}")

@@ -289,6 +289,14 @@ def test_messages_prompt_over_the_kv_cache_is_too_long_with_the_longest_it_holds
             found.append(int(match[2]))
         assert found[0] == found[1], found  # one number whatever the cap
         longest = found[0]
+        # A prompt over the context too gets the KV cache's number, not the context's 4,095, which the KV cache
+        # refused again (helper-223); /v1/completions names it beside the context's
+        over = httpx.post(url + "/v1/messages", json=body("x = 1\n" * 1000, 1), timeout=60)
+        assert over.status_code == 400 and re.match(rf"prompt is too long: \d+ tokens > {longest} maximum \(",
+                                                     over.json()["error"]["message"]), over.text
+        plain = httpx.post(url + "/v1/completions", json={"prompt": "x = 1\n" * 1100, "max_tokens": 1}, timeout=60)
+        assert plain.status_code == 400 and "maximum context length is 4,096" in plain.text, plain.text
+        assert f"KV cache holds at most {longest} prompt tokens" in plain.text, plain.text
 
         def counted(content: str) -> int:
             count = {"model": SHIPPED_MODEL.name, "messages": [{"role": "user", "content": content}]}

@@ -1250,7 +1250,7 @@ async def test_a_min_tokens_the_kv_cache_cannot_hold_is_named_when_the_length_is
     try:
         spec = GenerationRequest("least", [5] * 60, {"gen_length": 256, "min_tokens": 100}, mode=Mode.AR, fit_to_kv=True)
         with pytest.raises(InvalidRequestError, match=r"^min_tokens: 100 tokens do not fit beside this prompt \(60 "
-                                                      r"tokens \+ suffix 0\) .*, (\d+) do: lower min_tokens, and "
+                                                      r"tokens\) in .*, (\d+) do: lower min_tokens, and "
                                                       r"max_tokens, to at most \1$") as err:
             async for _ in engine.submit(spec):
                 pass
