@@ -260,6 +260,8 @@ class TextStream:
         # the ids go through its end, whether a step brought them with the stop or before it
         covered = self._stop_end if stopped == "stop" else end
         ids_end = self._ids_covering(covered) if stopped else self._read_offset if not final else len(self._ids)
+        if view is not None and not (stopped or final) and view[1][-1] < len(self._text):
+            ids_end = self._sent_ids  # (an open indent's ids wait with it: a stop string may still end inside it)
         update.token_ids = self._ids[self._sent_ids : max(self._sent_ids, ids_end)]
         update.ids_start = self._sent_ids
         self._sent_ids = max(self._sent_ids, ids_end)
