@@ -6,7 +6,7 @@ import asyncio
 import re
 
 import pytest
-from sched_fakes import FakeRunner, ForwardGate, collect, ids_of, make_engine
+from sched_fakes import VOCAB, FakeRunner, ForwardGate, collect, ids_of, make_engine
 
 from scheduler.api import FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError, Priority
 from scheduler.config import EngineConfig, EngineConfigError, RoutingConfig
@@ -48,6 +48,9 @@ async def test_streams_and_finishes_with_length_and_frees_kv():
         ({"suffix_ids": [-1]}, "suffix_ids"),
         ({"request_id": ""}, "request_id"),
         ({"tab_indent": 1}, "tab_indent"),
+        ({"prompt_ids": [5, VOCAB]}, "prompt_ids"),  # (the first id past the vocabulary: helper-222's boundary)
+        ({"suffix_ids": [VOCAB]}, "suffix_ids"),
+        ({"stop": ["x"] * 25}, "stop"),  # EngineConfig.max_stop_strings is 24
         ({"tab_indent_first_line": "yes"}, "tab_indent_first_line"),
     ],
 )

@@ -71,6 +71,18 @@ def test_stop_string_ids_do_not_depend_on_how_the_tokens_arrived():
     assert together.token_ids == [t for u in updates for t in u.token_ids] == [A, A, B, C]
 
 
+def test_min_tokens_keeps_a_stop_string_that_ends_inside_the_min_tokens_th_token():
+    """vLLM's rule: a stop string counts when it ends inside or after the min_tokens-th token's text, even
+    when it starts before it ("bc" across the 2nd and 3rd tokens with min_tokens 3); one that ends
+    before it is passed over."""
+    stream = TextStream(FakeTokenizer(), stop=["bc"], min_tokens=3)
+    update = stream.update([A, B, C, A])
+    assert (update.stopped, update.text, update.token_ids) == ("stop", "a", [A, B, C])
+    early = TextStream(FakeTokenizer(), stop=["ab"], min_tokens=3)
+    assert [u.stopped for u in feed(early, [[A, B], [C], [A, B]])] == [None, None, "stop"]
+    assert early.text == "abc"
+
+
 def test_newline_cut_ends_after_the_newline():
     stream = TextStream(FakeTokenizer())
     stream.update([A, B])
