@@ -402,3 +402,23 @@ async def test_short_requests_backfill_around_a_long_one_waiting_for_kv_but_neve
     assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results.values())
     assert engine.kv.pool().num_free == 20
     await engine.stop()
+
+
+async def test_the_kv_reserve_is_never_promised_at_admission(wait_until):
+    """kv_reserve_fraction's blocks are headroom for tentative KV: a request that fits beside a running one
+    only by taking them waits for it (helper-222: with the reserve ignored, no test failed). 16 blocks of
+    4 tokens, 4 reserved: a (AR, 14 + 6 tokens) is promised 6 blocks, b (18 + 6) needs 7 of the 6 left."""
+    engine, runner = make_engine(runner=FakeRunner(num_blocks=16, block_size=4), kv_reserve_fraction=0.25,
+                                 prefix_cache=False)
+    assert engine.kv.reserve() == 4 and engine.kv.capacity() == 12
+    await engine.pause()  # (held once started: both wait for the same first step)
+    await engine.start()
+    first = asyncio.ensure_future(collect(engine, req("a", prompt=[5] * 14, gen=6, mode=Mode.AR)))
+    second = asyncio.ensure_future(collect(engine, req("b", prompt=[5] * 18, gen=6, mode=Mode.AR)))
+    await wait_until(lambda: len(engine.scheduler.waiting) == 2, "both requests to wait")
+    engine.resume()
+    assert [len(ids_of(await task)) for task in (first, second)] == [6, 6]
+    together = [call for call in runner.calls if {s.seq_id for s in call} >= {"a", "b"}]
+    assert not together and any(s.seq_id == "b" for call in runner.calls for s in call)
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
+    await engine.stop()
