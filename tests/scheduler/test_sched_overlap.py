@@ -76,6 +76,18 @@ async def test_a_stop_string_found_during_the_next_forward_ends_the_request_ther
     assert overlapped_forwards == serial_forwards + 1
 
 
+async def test_a_request_at_its_token_cap_ends_without_a_forward_more(runner):
+    """At max_tokens the request's text is streamed at once, not deferred to the next forward: that forward
+    would run one segment of it that is dropped (helper-222: deferring at the cap failed no test)."""
+    [plain], _ = await _run(runner, [_request(runner, "plain")], overlap=False)
+    assert len(_ids(plain)) > 8  # (it writes past 8 tokens)
+    [serial], serial_forwards = await _run(runner, [_request(runner, "s", max_tokens=8)], overlap=False)
+    [overlapped], overlapped_forwards = await _run(runner, [_request(runner, "o", max_tokens=8)], overlap=True)
+    assert _ids(overlapped) == _ids(serial) == _ids(plain)[:8] and _text(overlapped) == _text(serial)
+    assert overlapped[-1].finish_reason is serial[-1].finish_reason is FinishReason.LENGTH
+    assert overlapped_forwards == serial_forwards
+
+
 async def test_concurrent_requests_stream_the_same_with_and_without_overlap(runner):
     # AR and ReFusion, stop strings, a token cap, logprobs: one batch, every output as serial streaming's
     specs = []
