@@ -71,6 +71,12 @@ async def test_ignore_eos_and_min_tokens_hold_eos_and_stop_strings_back(engine_f
     floor = len(plain) + 6
     held, _ = await _run(engine, GenerationRequest("min", prompt, base | {"min_tokens": floor}))
     assert len(held) >= floor and held[:len(plain)] == plain and held[:floor] == full[:floor]
+    # EOS is allowed from the min_tokens-th token on, not one later: at min_tokens len(plain) the text ends
+    # where the plain one did; one more holds EOS back past it (helper-222: "<=" failed no test here)
+    exact, _ = await _run(engine, GenerationRequest("exact", prompt, base | {"min_tokens": len(plain)}))
+    assert exact == plain
+    longer, _ = await _run(engine, GenerationRequest("longer", prompt, base | {"min_tokens": len(plain) + 1}))
+    assert len(longer) > len(plain) and longer[:len(plain)] == plain
     text = tok.decode(full)
     before = len(tok.decode(full[:19]))  # with min_tokens 20 a stop string must end inside or after token 20
     # two characters that occur both early (ending before that) and later in the text
