@@ -330,3 +330,22 @@ async def test_a_deadline_that_cuts_a_refusion_request_counts_the_ids_sent(runne
     assert cut and deltas[-1].stats["preemptions"] == int(preempt)
     assert deltas[-1].finish_reason is FinishReason.DEADLINE
     assert deltas[-1].stats["generated_tokens"] == len(ids_of(deltas))
+
+
+@pytest.mark.parametrize("streamed, finished, diverged, left", [
+    ([1, 2], False, False, [1, 2, 3]),  # on its way: nothing to say yet
+    ([1, 2], True, True, [1, 2, 3]),    # ended (EOS) before making the ids the client has: continue them
+    ([1, 9], False, True, [1, 2, 3]),   # parted from them
+    ([1, 2, 3, 4], True, False, []),    # made them all: nothing left to check
+])
+def test_a_rerun_that_ends_short_of_its_streamed_ids_has_diverged(streamed, finished, diverged, left):
+    """replay_diverged on its own: a rerun that ends before it has made every id it streamed before its
+    preemption must continue them (retrace), or the request ends short of the text the client has and
+    its usage no longer counts that text (helper-222: the "ended early" case failed no test)."""
+    from types import SimpleNamespace
+
+    from scheduler.replay import replay_diverged
+
+    req = SimpleNamespace(replay_ids=[1, 2, 3], stream_ids=lambda: list(streamed),
+                          decoder=SimpleNamespace(finished=finished))
+    assert replay_diverged(req) is diverged and req.replay_ids == left
