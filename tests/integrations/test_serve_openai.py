@@ -196,7 +196,8 @@ def test_disconnect_cancels_engine_request(serve_base_url, wait_until):
         # could run out before the request reached the engine on a loaded machine, and then there was
         # nothing for the engine to cancel (helper-221)
         before, tokens = cancelled(), _metric(serve_base_url, "refusion_generation_tokens_total")
-        body = json.dumps({"prompt": "x", "max_tokens": 3000, "mode": "ar"}).encode()
+        # (min_tokens: no end of text before the client leaves)
+        body = json.dumps({"prompt": "x", "max_tokens": 3000, "min_tokens": 3000, "mode": "ar"}).encode()
         host, port = serve_base_url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
