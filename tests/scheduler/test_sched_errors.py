@@ -8,7 +8,7 @@ import asyncio
 from sched_fakes import FakeDecoder, FakeFactory, FakeRunner, FakeTokenizer, ForwardGate, collect, ids_of, make_engine
 
 from decoding.api import DecodeParamError
-from scheduler.api import FinishReason, GenerationRequest, Mode
+from scheduler.api import FinishReason, GenerationRequest, Mode, Priority
 
 
 BROKEN = 99  # a token BrokenTokenizer cannot decode
@@ -134,6 +134,39 @@ async def test_a_step_short_of_kv_preempts_at_schedule_time_and_loses_nothing():
     await engine.stop()
 
 
+async def test_a_request_preempted_while_its_step_waits_for_kv_reruns_from_its_prompt():
+    # The scheduler holds a step the decoder stated but whose KV did not fit (`pending_segment`) and runs
+    # it first next time; a request preempted while holding one gets a fresh decoder, whose first step is
+    # its prompt's prefill, so the held step must go with the old decoder. Forced with 4-token KV blocks
+    # and a pool of 3 (admission's estimate cut to one block, so both start): BATCH "y" (an 8-token
+    # prompt) needs its third block a step before INTERACTIVE "x" (3 tokens) needs its second, finds none
+    # free and no one ranked below it, and holds its step; the next step "x" is planned first and
+    # preempts "y", step still held. Each output is the one it has alone.
+    runner = FakeRunner(num_blocks=3, block_size=4)
+    engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0)
+    engine.kv.blocks_needed = lambda *args, **kwargs: 1
+    x = GenerationRequest("x", [5, 6, 7], {"gen_length": 5}, mode=Mode.AR, priority=Priority.INTERACTIVE)
+    y = GenerationRequest("y", [5, 6, 7, 8, 9, 10, 11, 12], {"gen_length": 2}, mode=Mode.AR)
+    await engine.start()
+    alone = [await collect(engine, r) for r in (x, y)]
+    held_at_requeue = []
+    requeue = engine.scheduler.requeue
+
+    def spy(victim, reason):
+        held_at_requeue.append((victim.id, victim.pending_segment is not None))
+        return requeue(victim, reason)
+
+    engine.scheduler.requeue = spy
+    outs = await asyncio.wait_for(asyncio.gather(collect(engine, x), collect(engine, y)), 30)
+    assert held_at_requeue == [("y", True)]  # the situation this test is for
+    for deltas, solo in zip(outs, alone):
+        assert deltas[-1].finish_reason is FinishReason.LENGTH, deltas[-1]
+        assert ids_of(deltas) == ids_of(solo)
+    assert outs[1][-1].stats["preemptions"] == 1
+    assert_idle(engine)
+    await engine.stop()
+
+
 async def test_a_request_that_never_fits_fails_alone_instead_of_looping():
     runner = FakeRunner(num_blocks=2, block_size=4)
     engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0)
@@ -152,8 +185,6 @@ async def test_a_request_done_without_a_step_is_never_a_kv_victim():
     # in the step's `done` list while the scheduler looks for KV for a later one. Aged (ranked first) and
     # BATCH (a worse sort key than the INTERACTIVE one short of KV), it was requeued there: its decoder
     # dropped, and the engine then ended it with no text of its own and a preemption it never had.
-    from scheduler.api import Priority
-
     runner = FakeRunner(num_blocks=2, block_size=4)
     engine, _ = make_engine(runner=runner, factory=(factory := FakeFactory()), prefix_cache=False,
                             kv_reserve_fraction=0.0, preempt_for_interactive=False)
