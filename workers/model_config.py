@@ -75,12 +75,20 @@ def _rope_theta(raw: dict, path: Path) -> float:
     missing there is the top level's, else Qwen3Config's 10,000; rope_parameters nested by layer type
     (`full_attention`, or the config's layer_types) are read entry by entry. Default RoPE over whole
     heads only: ModelDirError for another rope type (YaRN, linear, ...), a partial_rotary_factor other
-    than 1, or layer types at different bases."""
-    params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    than 1, layer types at different bases, or layer-type entries beside rope_parameters' own keys
+    (`{"rope_theta": 1e6, "full_attention": null}` was served at 10,000)."""
+    key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    params = raw.get(key) or {}
     top = raw.get("rope_theta", _DEFAULT_ROPE_THETA)
     labels = raw.get("layer_types") or ["full_attention"]  # (Qwen3Config's layer types without sliding windows)
-    nested = [key for key in params if key in labels]
-    entries = [params[key] for key in nested if params[key] is not None] if nested else [params]
+    nested = [k for k in params if k in labels]
+    # its own keys beside layer-type entries: which applies is not said (transformers' Qwen3 builds neither)
+    mixed = [k for k in params if k not in nested and not isinstance(params[k], dict)] if nested else []
+    if mixed:
+        raise ModelDirError(path, f"{key} holds both layer-type entries ({', '.join(nested)}) and its own "
+                                  f"keys ({', '.join(mixed)}); give one form: the keys alone, or inside each "
+                                  "layer type's entry")
+    entries = [params[k] for k in nested if params[k] is not None] if nested else [params]
     thetas = set()
     for entry in entries:
         rope_type = entry.get("rope_type", entry.get("type", "default"))
