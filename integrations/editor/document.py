@@ -76,14 +76,15 @@ class DocumentStyle:
     def to_document(self, text: str, *, at_indent: bool) -> str:
         """A completion (model text) in the document's style. at_indent: the cursor stands in the line's
         indentation at a tab stop (only tabs before it), so the completion's own leading spaces are
-        indentation too; otherwise its first line is left as written."""
+        indentation too; otherwise its first line is left as written. In a CRLF or CR document a "\r\n"
+        the model wrote is one line break too (it became "\r\r\n"); a lone "\r" stays as written."""
         if self.tabs:
             head, newline, rest = text.partition("\n")
             if at_indent:
                 head = tabs_for_spaces(head)
             text = head + newline + tabs_for_spaces(rest)
-        if self.line_ending != "\n":
-            text = text.replace("\n", self.line_ending)
+        if self.line_ending != "\n":  # (a text cut after its "\r" converts to a prefix of the whole's)
+            text = text.replace("\r\n", "\n").replace("\n", self.line_ending)
         return text
 
 

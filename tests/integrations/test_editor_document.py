@@ -47,6 +47,14 @@ def test_to_document_round_trips_the_indentation():
     assert DocumentStyle().to_document("a\n    b", at_indent=True) == "a\n    b"
 
 
+def test_a_crlf_the_model_wrote_is_one_line_break_of_the_document():
+    # (to_document turned it into "\r\r\n": two line breaks for an editor)
+    assert DocumentStyle("\r\n", True).to_document("a\r\n    b\r\n", at_indent=False) == "a\r\n\tb\r\n"
+    assert DocumentStyle("\r", False).to_document("a\r\nb\nc", at_indent=False) == "a\rb\rc"
+    assert DocumentStyle("\r\n", False).to_document("a\rb", at_indent=False) == "a\rb"  # a lone CR: as written
+    assert DocumentStyle().to_document("a\r\nb", at_indent=False) == "a\r\nb"  # an LF document: as written
+
+
 def test_prompt_of_a_crlf_or_tab_document_equals_its_lf_space_twin(bpe_tokenizer):  # noqa: F811
     lf = build_infill_prompt(bpe_tokenizer, TAB_PREFIX.replace("\t", "    "), TAB_SUFFIX.replace("\t", "    "))
     for prefix, suffix in ((TAB_PREFIX, TAB_SUFFIX),
@@ -85,7 +93,8 @@ async def test_an_lf_space_document_is_left_as_the_model_wrote_it(bpe_tokenizer)
     assert text == "x = 1\n    y = 2"
 
 
-@pytest.mark.parametrize("style", [DocumentStyle("\r\n", True), DocumentStyle("\n", True), DocumentStyle("\r\n", False)])
+@pytest.mark.parametrize("style", [DocumentStyle("\r\n", True), DocumentStyle("\n", True), DocumentStyle("\r\n", False),
+                                   DocumentStyle("\r", False)])
 def test_a_streamed_completion_converts_to_the_same_text_as_the_whole(style):
     # /v1/completions without suffix streams model text piece by piece; cut anywhere (here: at random
     # points, fixed seed), the pieces joined must equal the whole text converted at once.
@@ -93,7 +102,7 @@ def test_a_streamed_completion_converts_to_the_same_text_as_the_whole(style):
 
     rng = random.Random(0)
     for _ in range(500):
-        text = "".join(rng.choice(["a", " ", "  ", "    ", "\n", "x = 1", "\t"]) for _ in range(rng.randint(0, 20)))
+        text = "".join(rng.choice(["a", " ", "  ", "    ", "\n", "x = 1", "\t", "\r"]) for _ in range(rng.randint(0, 20)))
         at_indent = rng.random() < 0.5
         stream, out, i = DocumentTextStream(style, at_indent=at_indent), "", 0
         while i < len(text):
