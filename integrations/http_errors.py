@@ -165,6 +165,14 @@ REPLACED_FIELDS = {
     "functions": "OpenAI's deprecated functions / function_call are offered as tools / tool_choice",
     "function_call": "OpenAI's deprecated functions / function_call are offered as tools / tool_choice",
 }
+# ... and those of one route only: the chat fields a Responses client sends (OpenAI's 400 says where
+# each "has moved": "In the Responses API, this parameter has moved to 'max_output_tokens'")
+_MOVED = "in the Responses API it is `{}`"
+ROUTE_REPLACED_FIELDS = {"/v1/responses": {
+    "max_tokens": _MOVED.format("max_output_tokens"), "max_completion_tokens": _MOVED.format("max_output_tokens"),
+    "messages": _MOVED.format("input") + " (a string, or a list of messages)",
+    "response_format": _MOVED.format("text.format"), "logprobs": _MOVED.format("top_logprobs"),
+}}
 
 
 def _most_specific(errors: list[dict]) -> dict:
@@ -200,14 +208,19 @@ def install_error_handlers(app: FastAPI) -> None:
         first = _most_specific(errors) if errors else {"loc": (), "msg": "invalid request body"}
         param = validation_field(tuple(first.get("loc", ())))
         message = f"{param}: {validation_message(first)}" if param else validation_message(first)
-        if first.get("type") == "extra_forbidden":  # every unknown field at once, not one per round trip
-            others = [validation_field(tuple(e.get("loc", ()))) for e in errors[1:]
-                      if e.get("type") == "extra_forbidden"]
-            if others:
-                message += f" (nor are: {', '.join(others)})"
-            hint = next((REPLACED_FIELDS[f] for f in [param, *others] if f in REPLACED_FIELDS), None)
-            if hint:
-                message += f"; {hint}"
+        # every unknown field at once, not one per round trip; beside another fault too (a misspelled
+        # `input` was only "input: Field required")
+        unknown = [validation_field(tuple(e.get("loc", ()))) for e in errors if e.get("type") == "extra_forbidden"]
+        if first.get("type") == "extra_forbidden" and len(unknown) > 1:
+            message += f" (nor are: {', '.join(f for f in unknown if f != param)})"
+        elif first.get("type") != "extra_forbidden" and unknown:
+            message += f" (unknown fields: {', '.join(unknown)})"
+        hints = {**REPLACED_FIELDS, **ROUTE_REPLACED_FIELDS.get(request.url.path, {})}
+        said: dict[str, str] = {}  # hint -> the first field it is for (one hint may serve two fields)
+        for f in unknown:
+            if f in hints:
+                said.setdefault(hints[f], f)
+        message += "".join(f"; {hint}" if f == param else f"; {f}: {hint}" for hint, f in said.items())
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -245,6 +245,14 @@ HTTP_CASES = [
                                                    "tools": [{"type": "function", "function": {
                                                        "name": "f", "parameters": {"type": "object", "$defs": "x"}}}]},
           field="tools.0.function.parameters.$defs"),
+    # a chat field sent to the Responses API is named with the field it moved to (OpenAI's 400 says so too);
+    # a misspelled field beside the fault it causes is named too (it was only "input: Field required")
+    HTTPCase("responses-max-tokens", "POST", "/v1/responses", {"input": "hi", "max_tokens": 8}, 400,
+             "in the Responses API it is `max_output_tokens`", param="max_tokens"),
+    HTTPCase("responses-messages", "POST", "/v1/responses", {"messages": [{"role": "user", "content": "hi"}]}, 400,
+             "messages: in the Responses API it is `input`", param="input"),
+    HTTPCase("responses-misspelled-input", "POST", "/v1/responses", {"inpt": "hi"}, 400,
+             "input: Field required (unknown fields: inpt)", param="input"),
     HTTPCase("responses-strict-format-required-objects", "POST", "/v1/responses", {
         "input": "hi", "max_output_tokens": 4, "text": {"format": {"type": "json_schema", "name": "n", "strict": True,
                                                                    "schema": {"type": "object", "required": [{}]}}}},
