@@ -41,5 +41,6 @@ install:
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
+# ARGS: refusion serve's flags (make serve ARGS="--port 8001 --model /path/to/model")
 serve: install
-	$(BIN)/refusion serve
+	$(BIN)/refusion serve $(ARGS)

@@ -54,3 +54,21 @@ def test_two_installs_at_once_take_turns(tmp_path):
     assert events == ["start", "end", "start", "end"], log
     assert "waiting for another make install" in waiting, said
     assert (tmp_path / ".venv" / ".installed").exists()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_serve_passes_args_to_refusion_serve(tmp_path):
+    """`make serve ARGS="--port 8013"` runs `refusion serve --port 8013` (make serve took no flags, so
+    another port or model meant leaving make; helper-224). Played with a stand-in .venv/bin/refusion that
+    prints its arguments, after an install the stamp says is done."""
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'stand-in'\n")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, body in (("python", "exit 0\n"), ("refusion", 'echo "refusion $*"\n')):
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / ".venv" / ".installed").touch()  # newer than pyproject.toml: nothing to install
+    run = subprocess.run(["make", "--no-print-directory", "-s", "serve", "ARGS=--port 8013 --model m"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.splitlines()[-1] == "refusion serve --port 8013 --model m", run
