@@ -75,18 +75,21 @@ def _rope_theta(raw: dict, path: Path) -> float:
     missing there is the top level's, else Qwen3Config's 10,000; rope_parameters nested by layer type
     (`full_attention`, or the config's layer_types) are read entry by entry. Default RoPE over whole
     heads only: ModelDirError for another rope type (YaRN, linear, ...), a partial_rotary_factor other
-    than 1, layer types at different bases, or layer-type entries beside rope_parameters' own keys
-    (`{"rope_theta": 1e6, "full_attention": null}` was served at 10,000)."""
+    than 1, or layer types at different bases. Layer-type entries beside rope_parameters' own keys: its
+    own rope_type and rope_theta, as transformers' Qwen3 reads them; without both, ModelDirError
+    (`{"rope_theta": 1e6, "full_attention": null}` was served at 10,000, where transformers fails)."""
     key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
     params = raw.get(key) or {}
     top = raw.get("rope_theta", _DEFAULT_ROPE_THETA)
     labels = raw.get("layer_types") or ["full_attention"]  # (Qwen3Config's layer types without sliding windows)
     nested = [k for k in params if k in labels]
-    # its own keys beside layer-type entries: which applies is not said (transformers' Qwen3 builds neither)
-    mixed = [k for k in params if k not in nested and not isinstance(params[k], dict)] if nested else []
-    if mixed:
+    own = [k for k in params if k not in nested and not isinstance(params[k], dict)] if nested else []
+    if own and "rope_type" in params and "rope_theta" in params:
+        nested = []  # transformers' Qwen3 reads these two alone and leaves the layer-type entries out
+    elif own:  # (transformers' Qwen3 fails on it: KeyError 'rope_type' or 'rope_theta')
         raise ModelDirError(path, f"{key} holds both layer-type entries ({', '.join(nested)}) and its own "
-                                  f"keys ({', '.join(mixed)}); give one form: the keys alone, or inside each "
+                                  f"keys ({', '.join(own)}) but not both rope_type and rope_theta, which "
+                                  "transformers reads alone then; give one form: the keys alone, or inside each "
                                   "layer type's entry")
     entries = [params[k] for k in nested if params[k] is not None] if nested else [params]
     thetas = set()

@@ -355,17 +355,26 @@ def test_rope_keys_are_read_as_transformers_reads_them(tiny_model_dir, tmp_path,
             read_config(model)
 
 
-@pytest.mark.parametrize("entry", [None, {"rope_type": "default"}])
-def test_rope_parameters_with_layer_type_entries_beside_its_own_keys_are_refused(tiny_model_dir, tmp_path, entry):
-    """{"rope_theta": 1e6, "full_attention": null} was served at 10,000 (its entry's, the top level's
-    default), the 1e6 beside it ignored; transformers' Qwen3 builds neither form (KeyError 'rope_type')."""
+@pytest.mark.parametrize("entry", [None, {"rope_type": "default", "rope_theta": 5e5}])
+def test_rope_parameters_with_layer_type_entries_beside_its_own_keys(tiny_model_dir, tmp_path, entry):
+    """Its own rope_type and rope_theta are what transformers' Qwen3 builds RoPE from (the layer-type entries
+    left out; transformers writes this form itself, helper-226); {"rope_theta": 1e6, "full_attention":
+    null} was served at 10,000 (the entry's: the top level's default), the 1e6 beside it ignored, where
+    transformers fails (KeyError 'rope_type')."""
     model = _copy(tiny_model_dir, tmp_path)
-    _edit_json(model / "config.json", lambda c: (c.pop("rope_theta", None), c.update(
-        rope_parameters={"rope_theta": 1e6, "full_attention": entry})))
-    with pytest.raises(ModelDirError) as err:
-        read_config(model)
-    assert err.value.problem == ("rope_parameters holds both layer-type entries (full_attention) and its own keys "
-                                 "(rope_theta); give one form: the keys alone, or inside each layer type's entry")
+    for own, theta in (({"rope_type": "default", "rope_theta": 1e6}, 1e6), ({"rope_theta": 1e6}, None),
+                       ({"rope_type": "default"}, None), ({"type": "default", "rope_theta": 1e6}, None)):
+        _edit_json(model / "config.json", lambda c: (c.pop("rope_theta", None), c.update(
+            rope_parameters={**own, "full_attention": entry})))
+        if theta is not None:
+            assert read_config(model).rope_theta == theta
+            continue
+        with pytest.raises(ModelDirError) as err:
+            read_config(model)
+        assert err.value.problem == (
+            f"rope_parameters holds both layer-type entries (full_attention) and its own keys ({', '.join(own)}) "
+            "but not both rope_type and rope_theta, which transformers reads alone then; give one form: the keys "
+            "alone, or inside each layer type's entry")
 
 def test_a_rope_theta_that_is_no_number_is_refused(tiny_model_dir, tmp_path):
     """"1000000" (a string) was served as 1e6, where transformers fails on it (helper-219)."""
