@@ -187,6 +187,20 @@ def _most_specific(errors: list[dict]) -> dict:
     return next((e for e in errors if item.fullmatch(validation_field(tuple(e.get("loc", ()))) or "")), first)
 
 
+def _short(field: str) -> str:
+    return field if len(field) <= 80 else field[:79] + "…"
+
+
+def _listed(fields: list[str], chars: int = 600) -> str:
+    """Field names joined, long names and a long list cut (a 400-field body's list left no room for the
+    hints after it in the message, which is cut at MAX_ERROR_MESSAGE_CHARS; helper-226)."""
+    names = [_short(f) for f in fields]
+    shown = 0
+    while shown < len(names) and sum(len(n) + 2 for n in names[:shown + 1]) <= chars:
+        shown += 1
+    return ", ".join(names[:shown]) + (f", … ({len(names)} in all)" if shown < len(names) else "")
+
+
 def validation_message(error: dict) -> str:
     """A pydantic error's message without pydantic's "Value error, " prefix (our validators' own text)."""
     return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -207,15 +221,15 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         first = _most_specific(errors) if errors else {"loc": (), "msg": "invalid request body"}
         param = validation_field(tuple(first.get("loc", ())))
-        message = f"{param}: {validation_message(first)}" if param else validation_message(first)
+        message = f"{_short(param)}: {validation_message(first)}" if param else validation_message(first)
         # every unknown field at once, not one per round trip; beside another fault too (a misspelled
         # `input` was only "input: Field required")
         unknown = [validation_field(tuple(e.get("loc", ()))) for e in errors if e.get("type") == "extra_forbidden"]
         if first.get("type") == "extra_forbidden" and len(unknown) > 1:
-            message += f" (nor are: {', '.join(f for f in unknown if f != param)})"
+            message += f" (nor are: {_listed([f for f in unknown if f != param])})"
         elif first.get("type") != "extra_forbidden" and unknown:
-            message += f" (unknown fields: {', '.join(unknown)})"
-        hints = {**REPLACED_FIELDS, **ROUTE_REPLACED_FIELDS.get(request.url.path, {})}
+            message += f" (unknown fields: {_listed(unknown)})"
+        hints = {**REPLACED_FIELDS, **ROUTE_REPLACED_FIELDS.get(_api_path(request.scope), {})}
         said: dict[str, str] = {}  # hint -> the first field it is for (one hint may serve two fields)
         for f in unknown:
             if f in hints:

@@ -1,7 +1,8 @@
 """An engine 400 (scheduler.api.InvalidRequestError) names the field the route's client sent: the KV-cache
 refusal of a request that can never fit said `prompt` and `gen_length` on every route ('prompt_ids' on
 /infill), which a chat, Responses, Messages or llama.cpp client never sends. The app over a scripted
-engine client that raises the engine's own error, as the engine raises it at admission."""
+engine client that raises the engine's own error, as the engine raises it at admission. Also the
+validation 400's hints, which are a route's own too (a chat field sent to /v1/responses)."""
 
 from __future__ import annotations
 
@@ -171,3 +172,29 @@ async def test_a_grammar_failing_mid_request_names_the_routes_field(fake_client,
     assert message.startswith(named) and "matching the grammar took too long" in message, message
     if field != "response_format.json_schema.schema":
         assert "response_format" not in message, message
+
+
+@pytest.mark.parametrize("root_path", ["", "/api"])
+async def test_a_chat_field_sent_to_responses_names_where_it_moved_under_a_root_path(fake_client, root_path):  # noqa: F811
+    """The hint is the route's (http_options.root_path puts its prefix into the path the app sees: the
+    hint was lost under one, helper-226)."""
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.post(root_path + "/v1/responses", json={"input": "hi", "max_tokens": 8})
+        chat = await http.post(root_path + "/v1/chat/completions", json={"messages": USER, "max_output_tokens": 8})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "max_tokens", error
+    assert error["message"] == ("max_tokens: Extra inputs are not permitted; in the Responses API it is "
+                                "`max_output_tokens`")
+    assert chat.status_code == 400 and chat.json()["error"]["message"] == (
+        "max_output_tokens: Extra inputs are not permitted")  # no hint where the route has none
+
+
+async def test_many_unknown_fields_leave_room_for_the_hint(fake_client):  # noqa: F811
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    body = {"input": "hi", "x" * 3000: 1, **{f"field_{i}": i for i in range(400)}, "max_tokens": 8}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        error = (await http.post("/v1/responses", json=body)).json()["error"]
+    assert error["message"].startswith("x" * 79 + "…: Extra inputs are not permitted (nor are: field_0, field_1"), error
+    assert error["message"].endswith("… (401 in all)); max_tokens: in the Responses API it is `max_output_tokens`"), error
