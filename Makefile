@@ -4,6 +4,9 @@
 # that failed) is made again. Two installs at once (make test beside make serve in a fresh clone) take
 # turns on LOCK (flock, util-linux; without flock they do not wait): the second finds .venv made.
 PY ?= python3
+# refusion serve's flags, from make's command line only (an ARGS in the environment is not taken):
+# make serve ARGS="--port 8001 --model /path/to/model"
+ARGS :=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -41,6 +44,5 @@ install:
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
-# ARGS: refusion serve's flags (make serve ARGS="--port 8001 --model /path/to/model")
 serve: install
 	$(BIN)/refusion serve $(ARGS)

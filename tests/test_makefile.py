@@ -4,6 +4,7 @@ a copy of the Makefile with a stand-in .venv/bin/python whose `pip install` logs
 
 from __future__ import annotations
 
+import os
 import select
 import shutil
 import subprocess
@@ -69,6 +70,8 @@ def test_make_serve_passes_args_to_refusion_serve(tmp_path):
         (bin_dir / name).write_text("#!/bin/sh\n" + body)
         (bin_dir / name).chmod(0o755)
     (tmp_path / ".venv" / ".installed").touch()  # newer than pyproject.toml: nothing to install
-    run = subprocess.run(["make", "--no-print-directory", "-s", "serve", "ARGS=--port 8013 --model m"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0 and run.stdout.splitlines()[-1] == "refusion serve --port 8013 --model m", run
+    env = {**os.environ, "ARGS": "--port 9"}  # an ARGS of the environment is not taken (helper-226)
+    for args, expected in ((["ARGS=--port 8013 --model m"], "refusion serve --port 8013 --model m"), ([], "refusion serve")):
+        run = subprocess.run(["make", "--no-print-directory", "-s", "serve", *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and run.stdout.splitlines()[-1] == expected, run
