@@ -18,7 +18,8 @@ from integrations.editor.document import MODEL_TAB_WIDTH
 from integrations.editor.gaps import Candidate, choose_candidate, gap_params
 from integrations.editor.infill import MAX_CHARS_PER_TOKEN, MAX_SUFFIX_TOKENS, InfillPrompt, heal_text
 from integrations.editor.postprocess import Rules, postprocess, shown_partial
-from scheduler.api import EngineError, GenerationRequest, Mode, OverloadedError, Priority
+from integrations.engine_client import ShuttingDownError
+from scheduler.api import ENGINE_STOPPED, EngineError, GenerationRequest, Mode, OverloadedError, Priority
 from scheduler.detokenizer import Healer, ids_covering
 from scheduler.validation import with_seed
 
@@ -238,7 +239,8 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
     candidate or none, so a greedy request's text does not depend on the load (an admitted candidate is
     cancelled at the first refusal, and the OverloadedError becomes the route's 503 with Retry-After);
     a candidate that ended in an error (a failed forward) raises EngineError with its message then, the
-    route's 500 as for a plain completion (it answered 200 with empty text).
+    route's 500 as for a plain completion (it answered 200 with empty text). A candidate a stopping engine
+    cut raises ShuttingDownError, `whole` or not (_answered_candidates).
     """
     start = time.perf_counter()
     first_partial: list[float] = []
@@ -298,13 +300,17 @@ async def _candidate_results(tasks: list[asyncio.Future], whole: bool) -> list:
 
 def _answered_candidates(results: list, whole: bool) -> list[Candidate]:
     """The candidates that were answered. Candidates refused as overloaded are dropped when another was
-    admitted; any other error, or every candidate refused, raises the first error; `whole`: a candidate
-    that ended in an error raises EngineError with its message."""
+    admitted; any other error, or every candidate refused, raises the first error. A candidate a stopping
+    engine cut (its drain timeout: ENGINE_STOPPED) raises ShuttingDownError, retry after 1 s (HTTP 503
+    `shutting_down`, editor OVERLOADED: as a plain completion cut so answers, openai_calls.checked).
+    `whole`: a candidate that ended in any other error raises EngineError with its message."""
     candidates = [r for r in results if isinstance(r, Candidate)]
     errors = [r for r in results if isinstance(r, BaseException)]
     # Under load some candidates may be refused (OverloadedError): answer with the admitted ones.
     if errors and (not candidates or not all(isinstance(e, OverloadedError) for e in errors)):
         raise errors[0]
+    if any(c.stats.get("error") == ENGINE_STOPPED for c in candidates):  # not the request's fault: retry
+        raise ShuttingDownError(f"request ended early: {ENGINE_STOPPED}; retry", 1.0)
     failed = [c for c in candidates if c.stop_reason == "error"] if whole else []
     if failed:  # whole: one that failed fails the request, as an engine error does a plain completion
         raise EngineError(failed[0].stats.get("error") or "an infill candidate failed")

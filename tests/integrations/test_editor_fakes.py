@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.api import Delta, FinishReason, InvalidRequestError, Mode, OverloadedError
+from scheduler.api import ENGINE_STOPPED, Delta, FinishReason, InvalidRequestError, Mode, OverloadedError
 from scheduler.detokenizer import Healer
 from scheduler.request_ids import InFlightIds
 
@@ -34,6 +34,7 @@ class FakeEngineClient:
     fail_with: Exception | None = None
     refuse_gen_lengths: frozenset = frozenset()  # requests of these gen_lengths are refused as overloaded
     fail_gen_lengths: frozenset = frozenset()  # requests of these gen_lengths end with an error delta
+    stopped_gen_lengths: frozenset = frozenset()  # ... end as a stopping engine cuts them (CANCELLED, error)
     final_stats: dict = field(default_factory=dict)  # added to the last delta's stats (e.g. a stop_word)
     # A request with a grammar ends with an error naming the grammar's source field after this many token
     # deltas, as the engine ends one whose grammar fails mid-request (DecodeParamError; None: never)
@@ -64,6 +65,9 @@ class FakeEngineClient:
             raise InvalidRequestError("gen_length", "must be at least 1")
         if req.params.get("gen_length") in self.fail_gen_lengths:  # (a forward that failed: the engine's way)
             yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.ERROR, error="forward failed")
+            return
+        if req.params.get("gen_length") in self.stopped_gen_lengths:
+            yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.CANCELLED, error=ENGINE_STOPPED)
             return
         text = self.script.get(req.params.get("gen_length"), self.default_text)
         ids = self.tokenizer.encode(text, add_special_tokens=False)

@@ -10,7 +10,7 @@ import pytest
 from test_editor_fakes import bpe_tokenizer, fake_client  # noqa: F401 - fixtures
 
 from integrations.editor import protocol as rpc
-from integrations.editor.session import EditorSession
+from integrations.editor.session import _KEEP_FINISHED, EditorSession
 from scheduler.api import InvalidRequestError, OverloadedError, Priority
 
 
@@ -214,6 +214,18 @@ async def test_engine_errors_map_to_error_codes(session, fake_client, exc, code)
         assert err["data"]["retry_after_s"] == 2.5
 
 
+async def test_a_completion_a_stopping_engine_cut_is_overloaded_to_retry(session, fake_client):  # noqa: F811
+    """A candidate the engine ended at its drain timeout answers OVERLOADED with retry_after_s (a
+    retry reaches a running replica), not the partial text as if the model had stopped there."""
+    s, wire = session
+    fake_client.stopped_gen_lengths = frozenset({16})
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False, gaps=[16, 32])))
+    await s.drain()
+    [[_, _, err, result]] = wire.responses(1)
+    assert result is None and err["code"] == rpc.OVERLOADED and err["data"] == {"retry_after_s": 1.0}
+    assert "engine stopped" in err["message"]
+
+
 async def test_inflight_limit_per_connection(fake_client):  # noqa: F811
     wire = Wire()
     fake_client.delay_s = 0.05
@@ -245,6 +257,20 @@ async def test_accept_and_reject_are_recorded_and_checked(session, fake_client):
     assert s.feedback == {"accept": 2, "reject": 1, "accepted_chars": len(text) + 5}
 
 
+async def test_feedback_knows_the_last_keep_finished_completions(session, fake_client):  # noqa: F811
+    """Exactly the last _KEEP_FINISHED finished completions are remembered for accept/reject: the one
+    before them is unknown."""
+    s, wire = session
+    fake_client.default_text = "x\n"
+    count = _KEEP_FINISHED + 1
+    for msg_id in range(1, count + 1):
+        await s.handle_frame(rpc.encode_request(msg_id, "complete", complete_params(uri=f"file:///{msg_id}.py")))
+        await s.drain()  # finished in id order
+    for msg_id in (1, 2, count):
+        await s.handle_frame(rpc.encode_request(f"r{msg_id}", "reject", {"id": msg_id}))
+    assert [wire.responses(f"r{m}")[0][3]["known"] for m in (1, 2, count)] == [False, True, True]
+
+
 async def test_close_cancels_everything_in_flight(fake_client, wait_until):  # noqa: F811
     wire = Wire()
     fake_client.hold = threading.Event()  # both candidates stay in the engine until the close
@@ -272,6 +298,25 @@ async def test_explicit_gaps_are_capped_by_max_tokens(session, fake_client):  # 
     await s.drain()
     assert sorted(r.params["gen_length"] for r in fake_client.requests) == [16, 40]
     assert all(r.max_tokens == 40 for r in fake_client.requests)
+
+
+async def test_a_superseded_completion_ending_leaves_its_successor_supersedable(session, fake_client, wait_until):  # noqa: F811
+    """1 ends (superseded by 2) while 2 runs: its bookkeeping must not forget that 2 is the uri's completion,
+    or a third completion on the uri runs beside 2 instead of superseding it."""
+    s, wire = session
+    fake_client.hold = threading.Event()  # every request stays in the engine until released
+    fake_client.default_text = "value = compute(a, b, c, d, e)\n"
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False)))
+    await wait_until(lambda: fake_client.requests, "the completion to reach the engine")
+    await s.handle_frame(rpc.encode_request(2, "complete", complete_params(multiline=False)))
+    await wait_until(lambda: wire.responses(1), "the superseded completion to answer")
+    await wait_until(lambda: len(fake_client.requests) == 2, "the second completion to reach the engine")
+    await s.handle_frame(rpc.encode_request(3, "complete", complete_params(multiline=False)))
+    fake_client.hold.set()
+    await s.drain()
+    [[_, _, err2, _]] = wire.responses(2)
+    assert err2 is not None and err2["data"] == {"reason": "superseded", "superseded_by": 3}
+    assert wire.responses(3)[0][2] is None and wire.responses(3)[0][3]["text"]
 
 
 async def test_supersession_frees_the_slot_under_the_inflight_limit(fake_client):  # noqa: F811
@@ -339,6 +384,30 @@ async def test_ids_1_and_string_1_are_different_requests(session, fake_client): 
     assert sorted(str(r[1]) for r in wire.responses()) == ["1", "1"]
     engine_ids = [req.request_id for req in fake_client.requests]
     assert len(engine_ids) == len(set(engine_ids)) >= 2
+
+
+async def test_a_whitespace_only_completion_inserts_nothing(session, fake_client):  # noqa: F811
+    """Blanks alone are nothing to insert: the editor owns the indentation (three spaces after a line
+    once reached the editor as a completion)."""
+    s, wire = session
+    fake_client.default_text = "   "
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(prefix="import os\n", suffix="")))
+    await s.drain()
+    result = wire.responses(1)[0][3]
+    assert result["text"] == "" and result["tokens"] > 0
+
+
+async def test_truncated_says_whether_the_prefix_was_cut_to_the_context(fake_client):  # noqa: F811
+    """`truncated` (llama.cpp's field) is true when the prompt was cut to fit the model's context."""
+    wire = Wire()
+    s = EditorSession(fake_client, wire.send, context_length=96)
+    long_prefix = "".join(f"value_{i} = compute({i}, {i + 1})\n" for i in range(200))
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(prefix=long_prefix, gaps=[8])))
+    await s.handle_frame(rpc.encode_request(2, "complete", complete_params(uri="file:///b.py", gaps=[8])))
+    await s.drain()
+    cut, whole = wire.responses(1)[0][3], wire.responses(2)[0][3]
+    assert cut["truncated"] is True and whole["truncated"] is False
+    assert len(fake_client.requests[0].prompt_ids) < 96
 
 
 async def test_result_echoes_the_document_version(session, fake_client):  # noqa: F811

@@ -202,6 +202,16 @@ async def test_a_failed_candidate_fails_the_infill(http, fake_client):  # noqa: 
     assert resp.status_code == 500 and "forward failed" in resp.text, resp.text
 
 
+async def test_a_candidate_a_stopping_engine_cut_is_a_503_to_retry(http, fake_client):  # noqa: F811
+    """A candidate the engine ended at its drain timeout (CANCELLED, "engine stopped") is no text: the
+    other gap's text is not served in its place, and the answer is the 503 `shutting_down` a plain
+    completion cut so gets (it was a 500 "engine error", which says the server is broken)."""
+    fake_client.stopped_gen_lengths = frozenset({32})
+    resp = await http.post("/infill", json=llama_vim_request())
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1", resp.text
+    assert "engine stopped" in resp.json()["error"]["message"]
+
+
 def test_select_fields_flattens_paths_and_skips_unknown():
     result = {"content": "x", "timings": {"prompt_n": 3}}
     assert select_fields(result, ["content", "timings/prompt_n", "nope", ""]) == {"content": "x", "timings/prompt_n": 3}

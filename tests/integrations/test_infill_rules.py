@@ -264,6 +264,21 @@ def test_rules_read_a_bounded_window_of_a_huge_suffix(bpe_tokenizer):  # noqa: F
     assert postprocess(raw, rules, final=True) == postprocess(raw, Rules(suffix=suffix), final=True)
 
 
+def test_n_indent_of_a_tab_document_is_counted_in_the_models_spaces(bpe_tokenizer):  # noqa: F811
+    """n_indent counts characters (llama.cpp): in a tab-indented document a tab is one, and the model
+    writes MODEL_TAB_WIDTH spaces for it, so the rules on the model's text read n_indent x that width."""
+    from integrations.editor.document import MODEL_TAB_WIDTH
+    from integrations.editor.postprocess import Rules
+    from integrations.editor.runner import CompletionJob
+
+    tabs = CompletionJob("t", build_infill_prompt(bpe_tokenizer, "def f():\n\tif x:\n\t\t", "\n\treturn x\n"),
+                         (32,), Rules(indent=2))
+    spaces = CompletionJob("t", build_infill_prompt(bpe_tokenizer, "def f():\n    if x:\n        ", "\n"),
+                           (32,), Rules(indent=2))
+    assert tabs.prompt.style.tabs and tabs.model_rules().indent == 2 * MODEL_TAB_WIDTH
+    assert spaces.model_rules().indent == 2
+
+
 @pytest.mark.parametrize("raw, suffix, final", [
     ("total = a + b\n", "\n    return total\n", "total = a + b"),  # would insert a blank line
     ("\n    helper()\n\n  \n", "\n", "\n    helper()"),
