@@ -201,6 +201,29 @@ def test_each_run_gets_a_fresh_matcher_and_prefill_tokens_are_consumed(runner):
     assert err.value.field == "grammar"
 
 
+def test_a_grammar_decides_where_its_text_ends_not_the_models_plain_end_ids(runner):
+    """An end id that is a plain token ("." in a generation_config's eos_token_id list) is text under a
+    grammar: the grammar decides where its text ends (ar.py drops the end ids), so "." chosen there
+    does not end ".x;" at its first token."""
+    import dataclasses
+
+    from decoding.ar import ARDecoder
+    from decoding.loop import decode_batch
+    from scheduler.decoders import ModelDecoderFactory
+    from workers.session import RunnerSession
+
+    tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
+    [dot] = _ids(runner, ".")
+    lark = GrammarSpec(LLMatcher.grammar_from_lark('start: ("." | ",") "x;"'))
+    prompt = _ids(runner, PROMPTS[0])
+    params = ModelDecoderFactory(runner).parse_params({"gen_length": 16, "slot_size": 1, "serial_num_blocks": 1,
+                                                       "logit_bias": {dot: 100}})
+    params = dataclasses.replace(params, end_token_ids=(*params.end_token_ids, dot))
+    decoder = ARDecoder("g", prompt, params, constraint=Grammar(tokenizer, lark, prompt).constraint())
+    [ids] = decode_batch(RunnerSession(runner), [decoder], budget=16)
+    assert runner.tokenizer.decode(ids) == ".x;" and decoder.ended_on_eos
+
+
 def test_forced_tokens_are_fed_without_forwards_of_their_own(runner):
     # Jump-forward: the grammar fixes most of the text; the decoder appends forced runs and feeds them with
     # the next read, so it needs far fewer forwards than tokens, whatever the step budget (a run longer
@@ -404,6 +427,34 @@ async def test_a_forced_start_longer_than_gen_length_ends_on_length_with_its_fir
                              grammar=GrammarSpec(LLMatcher.grammar_from_lark(f'start: {json.dumps(fixed)} /[a-z]+/')))
     text, ids, last = await _run(engine, spec)
     assert len(ids) == 16 and fixed.startswith(text) and last.finish_reason is FinishReason.LENGTH
+
+
+async def test_a_whole_forced_grammar_cut_by_gen_length_ends_on_length(engine_factory, runner):
+    """A grammar that forces all of its text (a constant) is complete once forced; cut by gen_length,
+    it is not: the finish reason is LENGTH, as for any text the cap cut (and STOP when it fits)."""
+    engine = await engine_factory()
+    fixed = "".join(f"item_{i}, " for i in range(12))
+    grammar = GrammarSpec(LLMatcher.grammar_from_lark(f"start: {json.dumps(fixed)}"))
+    cut = GenerationRequest("cut", _ids(runner, PROMPTS[0]), {"gen_length": 8, "serial_num_blocks": 1}, grammar=grammar)
+    text, ids, last = await _run(engine, cut)
+    assert len(ids) == 8 and fixed.startswith(text) and last.finish_reason is FinishReason.LENGTH
+    whole = GenerationRequest("whole", _ids(runner, PROMPTS[0]), {"gen_length": 128, "serial_num_blocks": 1},
+                              grammar=grammar)
+    text, ids, last = await _run(engine, whole)
+    assert text == fixed and last.finish_reason is FinishReason.STOP
+    # The engine forces at most the cap at compile; a decoder given a longer forced start cuts it too
+    from decoding.ar import ARDecoder
+    from scheduler.decoders import ModelDecoderFactory
+
+    tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
+    compiled = Grammar(tokenizer, grammar, _ids(runner, PROMPTS[0]))  # forced whole: complete at compile
+    assert compiled.constraint().stopped and len(compiled.initial_forced) > 8
+    factory = ModelDecoderFactory(runner)
+    for gen_length, complete in ((8, False), (len(compiled.initial_forced), True)):
+        params = factory.parse_params({"gen_length": gen_length, "slot_size": 1, "serial_num_blocks": 1})
+        decoder = ARDecoder("d", _ids(runner, PROMPTS[0]), params, constraint=compiled.constraint())
+        assert decoder.finished and decoder.ended_on_eos is complete
+        assert decoder.output_ids() == compiled.initial_forced[:gen_length]
 
 
 async def test_requests_with_the_same_grammar_share_one_compile_on_the_compile_threads(engine_factory, runner, monkeypatch):
