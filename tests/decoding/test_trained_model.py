@@ -124,3 +124,23 @@ def test_handoffs_both_ways_keep_the_answer(counting_runner):
         decode_batch(counting_runner, [third])
         assert third.output_ids() == _ids(counting_runner, " ".join(_answer(a)))
         assert third.stats is first.stats and third.stats.generated_tokens == LENGTH
+
+
+def test_handoffs_the_other_way_round_keep_the_answer_and_one_logprob_per_token(counting_runner):
+    """ReFusion writes block 1, AR block 2, ReFusion blocks 3-4: each handoff carries every token before
+    it (an AR decoder's own and those handed to it) and their log probabilities, one per token."""
+    params = _params(counting_runner, gen_length=16, serial_num_blocks=4, logprobs=0)
+    for a in (0, 7, 26):
+        prompt = _ids(counting_runner, f"count {a} :")
+        first = RefusionDecoder("h", prompt, params)
+        _step_until_boundary(counting_runner, first, 4)
+        second = ARDecoder.from_handoff("h", first.handoff(), params)
+        _step_until_boundary(counting_runner, second, 8)
+        third = RefusionDecoder.from_handoff("h", second.handoff(), params)
+        assert third.output_ids() == second.output_ids() and second.output_ids()[:4] == first.output_ids()[:4]
+        decode_batch(counting_runner, [third])
+        out = third.output_ids()
+        assert out == _ids(counting_runner, " ".join(_answer(a)))
+        entries = third.stream_logprobs(0, len(out))
+        assert [e.token for e in entries] == out
+        assert entries[:8] == second.stream_logprobs(0, 8) and entries[:4] == first.stream_logprobs(0, 4)

@@ -138,6 +138,9 @@ def _causal_after(runner, context: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("mode, params, k", [
     (Mode.AR, {"gen_length": 32, "slot_size": 8, "serial_num_blocks": 1, "ignore_eos": True}, 3),
+    # sampled: the continuation draws with the steps the unpreempted run used (ARDecoder.resume)
+    (Mode.AR, {"gen_length": 32, "slot_size": 8, "serial_num_blocks": 1, "ignore_eos": True, "temperature": 1.0,
+               "seed": 7}, 3),
     # ReFusion streams its first block of 8, then a slot of 4 at a time: preempted with 12 ids sent, inside
     # its second block (the retrace keeps that block's end); and with its first block of 16 sent
     (Mode.REFUSION, {"gen_length": 32, "slot_size": 4, "serial_num_blocks": 4}, 9),
