@@ -422,3 +422,64 @@ async def test_the_kv_reserve_is_never_promised_at_admission(wait_until):
     assert not together and any(s.seq_id == "b" for call in runner.calls for s in call)
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
     await engine.stop()
+
+
+async def test_a_batch_request_does_not_backfill_around_an_interactive_head_waiting_for_kv(wait_until):
+    """Backfilling stays within a rank class: INTERACTIVE `b` waits 4 blocks short for INTERACTIVE `a`
+    (no BATCH victim to preempt); BATCH `c` fits in the 8 blocks left, yet must not start ahead of `b`.
+    The same layout with `b` BATCH lets `c` start around it (the backfill test above); here only the
+    class differs. Forwards are held throughout, so the state is exact."""
+    runner = FakeRunner(num_blocks=20, block_size=4)
+    engine, _ = make_engine(runner=runner, kv_reserve_fraction=0.0, prefix_cache=False)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    sched = engine.scheduler
+    urgent = Priority.INTERACTIVE
+    tasks = {"a": asyncio.create_task(collect(engine, req("a", gen=40, mode=Mode.AR, priority=urgent)))}
+    try:
+        await wait_until(gate.entered.is_set, "a's first forward")
+        tasks["b"] = asyncio.create_task(collect(engine, req("b", gen=40, mode=Mode.AR, priority=urgent)))
+        tasks["c"] = asyncio.create_task(collect(engine, req("c", gen=6, mode=Mode.AR)))
+        await wait_until(lambda: len(sched.waiting) == 2, "b and c queued")
+        sched._start_waiting(StepPlan())  # what the next step does first (the forward is still held)
+        blocks = {r.id: r.kv_blocks for r in sched.running + sched.waiting}
+        assert blocks == {"a": 12, "b": 12, "c": 4}  # c fits in the 8 blocks b cannot use
+        assert [r.id for r in sched.running] == ["a"] and [r.id for r in sched.waiting] == ["b", "c"]
+        assert sched.waiting[0].kv_wait == ("main", 4)
+    finally:
+        gate.release()
+    results = {rid: await task for rid, task in tasks.items()}
+    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results.values())
+    assert engine.kv.pool().num_free == 20
+    await engine.stop()
+
+
+async def test_interactive_preempts_when_the_victims_blocks_make_exactly_the_room_it_needs(wait_until):
+    """One running slot, 16 blocks: BATCH `b` holds 5, INTERACTIVE `i` needs all 16, so the 11 free and
+    b's 5 are exactly its estimate. That is room (`_room_if_preempted`: room >= need): i preempts b at
+    once instead of waiting out b's whole generation; the inverse case, one block short of room, is
+    test_sched_order's test_interactive_does_not_preempt_a_batch_request_whose_blocks_could_not_make_room."""
+    runner = FakeRunner(num_blocks=16, block_size=4)
+    engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0, max_running=1)
+    parse = engine.scheduler.factories["main"].parse_params
+    gen = max(g for g in range(1, 100) if engine.kv.blocks_needed(3, 0, parse({"gen_length": g}), ar_only=True) <= 16)
+    assert engine.kv.blocks_needed(3, 0, parse({"gen_length": gen}), ar_only=True) == engine.kv.capacity() == 16
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    b = asyncio.create_task(collect(engine, req("b", gen=12, mode=Mode.AR)))  # 3 + 12 tokens and one: 5 blocks
+    await wait_until(lambda: gate.entered.is_set() and len(engine.scheduler.running) == 1, "b running, forward held")
+    assert engine.scheduler.running[0].kv_blocks == 5
+    i = asyncio.create_task(collect(engine, req("i", gen=gen, mode=Mode.AR, priority=Priority.INTERACTIVE)))
+    await wait_until(lambda: any(r.id == "i" for r in engine.scheduler.waiting), "i queued")
+    gate.release()
+    out_b, out_i = await asyncio.gather(b, i)
+    await engine.stop()
+    assert [d[-1].finish_reason for d in (out_b, out_i)] == [FinishReason.LENGTH] * 2
+    assert out_b[-1].stats["preemptions"] == 1 and len(ids_of(out_b)) == 12
+    assert b'refusion_preemptions_total{cause="interactive"} 1.0' in engine.metrics.render()
+    i_first = next(n for n, call in enumerate(runner.calls) if any(s.seq_id == "i" for s in call))
+    b_last = max(n for n, call in enumerate(runner.calls) if any(s.seq_id == "b" for s in call))
+    assert i_first < b_last  # b finished after i started: it did not run to its end first
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
