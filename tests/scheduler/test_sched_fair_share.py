@@ -9,6 +9,7 @@ import pytest
 from sched_fakes import FakeFactory, FakeRunner, ForwardGate, collect, make_engine
 
 from scheduler.api import FinishReason, GenerationRequest, InvalidRequestError, Mode, Priority
+from scheduler.plan import StepPlan
 
 
 def req(rid, client, priority=Priority.BATCH, gen=4):
@@ -126,6 +127,83 @@ async def test_anonymous_requests_share_one_client():
     requests = [req(f"anon{k}", None) for k in range(3)] + [req("c0", "C")]
     assert await _start_order(requests, max_running=1) == ["anon0", "c0", "anon1", "anon2"]
     assert await _start_order(requests[:3], max_running=1) == ["anon0", "anon1", "anon2"]
+
+
+async def _held_engine(wait_until, first, **config):
+    """An engine on fakes (`config` beside) whose first forward, `first`'s alone, is held: admission walks
+    are then the test's own (`_start_waiting`). Returns (engine, factory, gate, [first's task])."""
+    factory = FakeFactory()
+    runner = FakeRunner()
+    engine, _ = make_engine(runner=runner, factory=factory, prefix_cache=False, **config)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    tasks = [asyncio.create_task(collect(engine, first))]
+    await wait_until(gate.entered.is_set, f"{first.request_id} runs")
+    return engine, factory, gate, tasks
+
+
+async def test_the_fair_order_counts_the_slots_a_client_takes_by_starting_ahead(wait_until):
+    """Four running slots, B's b0 running; B's b1..b3, then A's a0..a2, waiting. A holds no slot and goes
+    first; starting a0 makes it hold one, as B does, and B's turn is the older: b1, then a1. With the slot
+    a0 takes left uncounted, A kept the fewest and took all three free slots (a0, a1, a2)."""
+    engine, factory, gate, tasks = await _held_engine(wait_until, req("b0", "B"), max_running=4)
+    sched = engine.scheduler
+    try:
+        tasks += [asyncio.create_task(collect(engine, req(f"{c}{k}", c.upper()))) for c, k in
+                  [("b", 1), ("b", 2), ("b", 3), ("a", 0), ("a", 1), ("a", 2)]]
+        await wait_until(lambda: len(sched.waiting) == 6, "b1..b3 and a0..a2 queued")
+        sched._start_waiting(StepPlan())  # one admission walk, the forward still held
+        assert [r.id for r in sched.running] == ["b0", "a0", "b1", "a1"]
+    finally:
+        gate.release()
+    assert (await _start_order_of(engine, factory, tasks))[:4] == ["b0", "a0", "b1", "a1"]
+
+
+async def test_a_slot_taken_in_the_first_class_counts_in_the_next_classs_fair_order(wait_until):
+    """Three running slots, B's b0 running; A's BATCH ab, B's BATCH bb and A's INTERACTIVE ai waiting.
+    ai starts first (its class), so A holds a slot, as B does, when the BATCH requests are ordered: B's
+    turn is the older and bb takes the last slot though ab came first. With ai's slot left out of A's
+    count there, A held none and ab took it."""
+    engine, factory, gate, tasks = await _held_engine(wait_until, req("b0", "B"), max_running=3)
+    sched = engine.scheduler
+    try:
+        tasks += [asyncio.create_task(collect(engine, r)) for r in
+                  (req("ab", "A"), req("bb", "B"), req("ai", "A", priority=Priority.INTERACTIVE))]
+        await wait_until(lambda: len(sched.waiting) == 3, "ab, bb and ai queued")
+        sched._start_waiting(StepPlan())
+        assert [r.id for r in sched.running] == ["b0", "ai", "bb"] and [r.id for r in sched.waiting] == ["ab"]
+    finally:
+        gate.release()
+    assert await _start_order_of(engine, factory, tasks) == ["b0", "ai", "bb", "ab"]
+
+
+async def test_a_preempted_request_takes_its_turn_from_its_requeue(wait_until):
+    """Four running slots: x0 runs, B's b0 starts, then A's a0 queues and INTERACTIVE i0 and j0 take the
+    last slots; k0 (INTERACTIVE) preempts b0. When a slot frees, a0 and the requeued b0 hold none, and b0
+    counts as queued at its requeue (Request.queued_turn), after a0's arrival: a0 starts first. With its
+    turn left at its first arrival, B's turn was b0's start, a0's arrival tied it, and b0, the older, went
+    first again."""
+    engine, factory, gate, tasks = await _held_engine(wait_until, req("x0", "X"), max_running=4)
+    sched = engine.scheduler
+    try:
+        tasks.append(asyncio.create_task(collect(engine, req("b0", "B"))))
+        await wait_until(lambda: len(sched.waiting) == 1, "b0 queued")
+        sched._start_waiting(StepPlan())  # b0 starts outside the held forward, so it can be preempted
+        tasks += [asyncio.create_task(collect(engine, r)) for r in
+                  (req("a0", "A"), req("i0", "I", Priority.INTERACTIVE), req("j0", "J", Priority.INTERACTIVE))]
+        await wait_until(lambda: len(sched.waiting) == 3, "a0, i0 and j0 queued")
+        sched._start_waiting(StepPlan())
+        assert [r.id for r in sched.running] == ["x0", "b0", "i0", "j0"] and [r.id for r in sched.waiting] == ["a0"]
+        tasks.append(asyncio.create_task(collect(engine, req("k0", "K", Priority.INTERACTIVE))))
+        await wait_until(lambda: len(sched.waiting) == 2, "k0 queued")
+        sched._start_waiting(StepPlan())
+        assert [r.id for r in sched.running] == ["x0", "i0", "j0", "k0"]
+        assert [r.id for r in sched.waiting] == ["a0", "b0"]  # b0 preempted, back in the queue
+    finally:
+        gate.release()
+    order = await _start_order_of(engine, factory, tasks)
+    assert order == ["x0", "b0", "i0", "j0", "k0", "a0", "b0"], order
 
 
 @pytest.mark.parametrize("client", [5, "x" * 257])
