@@ -79,6 +79,27 @@ def test_compute_bound_breaks_a_near_tie_toward_ar_and_nothing_more():
     assert flat.inputs["compute_bound_share"] < 0.8 and flat.mode is Mode.REFUSION and flat.reason == "near_tie"
 
 
+def test_ar_must_beat_refusion_by_ar_margin_of_refusions_gain():
+    """ar_margin 0.1 on an idle engine: AR's estimated gain 1.05x ReFusion's is a near tie (ReFusion on a
+    batch that is not compute-bound), 1.105x is past the margin (AR); with no margin 1.05x is AR's. The
+    margin is a share of ReFusion's gain, the side AR has to beat: taken of AR's own gain, 1.105x would
+    still read as a tie (AR needed 1.11x), and dropped, any AR lead won."""
+    curve = CostCurve(FLAT)
+
+    def decide(ratio: float, margin: float):
+        # idle: gain_ar = 1 / latency(1), gain_refusion = tpf / latency(24): this tpf puts AR at `ratio`x
+        tpf = curve.latency(RoutingConfig().refusion_step_tokens_prior) / (ratio * curve.latency(1))
+        return router(FLAT, ar_margin=margin, refusion_tpf_prior=tpf).decide(Mode.AUTO, Priority.BATCH, LoadSnapshot())
+
+    tied = decide(1.05, 0.1)
+    assert tied.inputs["gain_ar"] == pytest.approx(1.05 * tied.inputs["gain_refusion"], rel=1e-3)
+    assert tied.inputs["compute_bound_share"] < 0.8
+    assert tied.mode is Mode.REFUSION and tied.reason == "near_tie"
+    past = decide(1.105, 0.1)
+    assert past.mode is Mode.AR and past.reason == "ar_faster"
+    no_margin = decide(1.05, 0.0)
+    assert no_margin.mode is Mode.AR and no_margin.reason == "ar_faster"
+
 def test_heavy_load_past_the_knee_routes_to_ar_on_throughput():
     # 20 ReFusion requests running (24 packed tokens, tpf 2 each) = 480 packed tokens.
     r = router(KNEE, compute_bound_share=1.0)
@@ -127,6 +148,15 @@ def test_one_in_explore_every_light_load_auto_requests_explores_the_other_mode()
     assert all(r.decide(Mode.AUTO, Priority.BATCH, heavy, request_key=k).reason == "ar_faster" for k in keys)
     assert router(STEEP, explore_every=0).decide(Mode.AUTO, Priority.BATCH, light, request_key=0).reason == "refusion_faster"
 
+
+def test_auto_requests_arriving_together_count_toward_the_light_load_that_explores():
+    """explore_below_running 2, explore_every 1 (every light-load request with a key explores): nothing
+    runs, yet a request starting with two or three AUTO ones is a burst of three or four, no light load,
+    and takes the mode the gains pick; with one beside it (two in all) it still explores."""
+    r = router(FLAT, explore_every=1, explore_below_running=2)
+    reasons = [r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(arriving_auto=n), request_key=0).reason
+               for n in range(4)]
+    assert reasons == ["explore", "explore", "refusion_faster", "refusion_faster"]
 
 def test_a_clearly_slower_mode_is_explored_less_often():
     r = router(FLAT, explore_every=4)
@@ -388,6 +418,25 @@ async def test_a_burst_counts_only_the_requests_the_kv_cache_lets_start_with_it(
     await engine.stop()
 
 
+async def test_a_burst_counts_only_the_requests_the_free_slots_let_start_with_it(wait_until):
+    """Four running slots and six AUTO requests queued at once (plenty of KV): the first admission walk
+    starts four, and each is routed with those that can still start behind it in the slots left after
+    its own, 3, 2, 1 and 0 (Admission._arriving_with); the fifth and sixth wait for a slot."""
+    routing = RoutingConfig(calibrate=False, cost_points=FLAT, explore_every=0, allow_switch=False)
+    engine, _ = make_engine(routing=routing, prefix_cache=False, runner=FakeRunner(num_blocks=256), max_running=4)
+    await engine.pause()  # (held once started: all six wait for the same first step)
+    await engine.start()
+    with structlog.testing.capture_logs() as logs:
+        tasks = [asyncio.create_task(collect(engine, GenerationRequest(f"s{i}", [5, 6 + i], {"gen_length": 4})))
+                 for i in range(6)]
+        await wait_until(lambda: len(engine.scheduler.waiting) == 6, "all six queued")
+        engine.resume()
+        await asyncio.gather(*tasks)
+    await engine.stop()
+    routes = [e for e in logs if e["event"] == "route"]
+    assert [e["request_id"] for e in routes[:4]] == ["s0", "s1", "s2", "s3"]
+    assert [e["arriving_auto"] for e in routes[:4]] == [3, 2, 1, 0]
+
 def test_a_decoder_absent_from_the_steps_keeps_its_host_cost():
     from scheduler.routing import HostCost
 
@@ -398,6 +447,18 @@ def test_a_decoder_absent_from_the_steps_keeps_its_host_cost():
         host.add_step([(Mode.AR, 0.001)], 0.001)
     assert host.per_request() == pytest.approx({Mode.REFUSION: 0.003, Mode.AR: 0.001})
 
+
+def test_a_step_timed_below_its_requests_sum_adds_no_negative_fixed_cost():
+    """A step's fixed host part is what its whole CPU time leaves beyond its requests' (timers do not
+    always add up: each is read apart). A step timed under that sum counts 0, not a negative part that
+    would make every step look cheaper than its forward; it still counts as a step in the average."""
+    from scheduler.routing import HostCost
+
+    host = HostCost()
+    host.add_step([(Mode.AR, 0.002), (Mode.AR, 0.001)], 0.001)
+    assert host.fixed_s == 0.0 and host.per_request()[Mode.AR] == pytest.approx(0.0015)
+    host.add_step([(Mode.AR, 0.001)], 0.003)  # 2 ms fixed, over 1.98 decayed steps
+    assert host.fixed_s == pytest.approx(0.002 / (HostCost.DECAY + 1.0))
 
 def test_a_repeated_request_keeps_its_decoder_while_the_estimates_drift_a_little():
     # A re-test sent one greedy prompt 100 times to an idle server: 4 came back in ReFusion with another
