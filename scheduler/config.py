@@ -61,7 +61,8 @@ class RoutingConfig:
         digest of the request (Request.route_key), so a repeated seeded or greedy request is treated
         alike; the flip side: traffic of a few distinct greedy requests repeated may explore never
         (or always), and the rate holds only over many distinct requests.
-    explore_below_running: "light load" = fewer running requests than this.
+    explore_below_running: "light load" = fewer requests than this running, AUTO ones starting with it
+        counted (a burst arriving together is not light load).
     explore_max_stretch: when one mode's estimated throughput gain is k times the other's, the explore
         period is explore_every * min(k, explore_max_stretch) (a clearly slower mode is tried less often).
     allow_switch: AUTO requests may switch mode at block boundaries.
