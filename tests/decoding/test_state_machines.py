@@ -51,6 +51,17 @@ def test_plan_verify_accepts_a_whole_slot_and_replans_the_rest():
     assert seg.token_ids == [MASK] * 4 and seg.positions == [9, 10, 11, 12] and seg.context_len == 9
 
 
+def test_a_verified_eos_counts_every_slot_up_to_the_one_it_is_in():
+    """EOS inside the second verified slot: both slots are accepted at verify (stats), the text ends at
+    the EOS and the block is the last."""
+    d = RefusionDecoder("r", PROMPT, _params())
+    _plan(d, [([20, 21, 22, 23], 0.95), ([30, EOS, 32, 33], 0.97)])
+    verify = d.next_segment(1000)
+    _answer(d, verify, [(-1, 0.9)] * 6)
+    assert d.stats.slots_accepted_at_verify == 2 and d.stream_ids() == [20, 21, 22, 23, 30]
+    assert d.finish_after_block
+
+
 def test_no_whole_slot_goes_to_branches_with_tree_segments():
     d = RefusionDecoder("r", PROMPT, _params())
     _plan(d, [([20, 21, 22, 23], 0.95), ([30, 31, 32, 33], 0.97)])

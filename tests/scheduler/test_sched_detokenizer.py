@@ -178,6 +178,7 @@ def healed_stream(pieces, healed, **kw):
     (["\treturn"], "  ", "\treturn"),                # a tab past the healed 2 columns is the model's own
     (["\t", "x"], "\t", "x"),
     (["   ", " "], "    ", ""),                      # only blanks: nothing to send, every id released
+    (["     x"], " \t", " x"),                      # a tab reaches the next tab stop: " \t" is 4 columns
 ])
 def test_healed_blanks_are_dropped_however_the_tokens_split_them(pieces, healed, expected):
     from scheduler.detokenizer import Healer
@@ -240,3 +241,15 @@ def test_a_character_split_by_a_skipped_special_token_is_not_released_early(bpe_
     pieces = [stream.update(ids[:k]).text for k in range(1, len(ids) + 1)]
     assert "".join(pieces) + stream.finish().text == bpe_tokenizer.decode(ids, skip_special_tokens=True) == "a😀b"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_a_character_missing_its_last_byte_holds_back_its_three_ids_only(bpe_tokenizer):
+    """The text before a 4-byte character whose first 3 bytes came (3 ids: MAX_HELD_IDS) is released at
+    once; the character waits for its last byte."""
+    from integrations.token_bytes import BYTE_DECODER
+
+    byte_id = {b: bpe_tokenizer.convert_tokens_to_ids(c) for c, b in BYTE_DECODER.items()}
+    ids = [byte_id[ord("a")], byte_id[0xF0], byte_id[0x9F], byte_id[0x98]]
+    stream = TextStream(bpe_tokenizer)
+    assert stream.update(ids).text == "a"
+    assert stream.update(ids + [byte_id[0x80]]).text == "😀"
