@@ -413,3 +413,107 @@ async def test_tokens_cached_survives_a_completion_cut_before_the_engines_final_
         data = (await http.post("/infill", json=llama_vim_request(response_fields=None))).json()
     assert data["content"] == "result = math.pi * r * r" and data["tokens_cached"] == 9
     assert client.cancelled  # cut before its end: the final stats were never read
+
+
+# ---- fields and stop types as llama.cpp's server reports them -------------------------------------
+
+async def test_n_indent_stops_before_a_line_indented_less(http, fake_client):  # noqa: F811
+    """n_indent (llama.cpp: the minimum indentation of the generated lines) reaches the rules: the
+    completion ends before the first later line indented less, and that is a "limit" stop. Without it
+    the same text comes back whole, ended by the model ("eos")."""
+    fake_client.default_text = "    a\nb"
+    body = {"input_prefix": "def f():\n", "input_suffix": "", "n_predict": 16, "temperature": 0}
+    indented = (await http.post("/infill", json={**body, "n_indent": 4})).json()
+    assert (indented["content"], indented["stop_type"]) == ("    a", "limit")
+    assert indented["generation_settings"]["n_indent"] == 4
+    plain = (await http.post("/infill", json=body)).json()
+    assert (plain["content"], plain["stop_type"]) == ("    a\nb", "eos")
+
+
+async def test_a_completion_the_model_ended_reports_stop_type_eos(http, fake_client):  # noqa: F811
+    """A candidate the engine ended with its stop token, no rule and no stop string involved, is
+    llama.cpp's stop_type "eos" with no stopping_word."""
+    fake_client.default_text = "x = 1\n"
+    data = (await http.post("/infill", json={"input_prefix": "y = 0\n", "input_suffix": "", "n_predict": 16,
+                                             "temperature": 0})).json()
+    assert (data["content"], data["stop_type"], data["stopping_word"]) == ("x = 1\n", "eos", "")
+
+
+async def test_streamed_tokens_add_up_to_the_returned_tokens(http, fake_client):  # noqa: F811
+    """A stream's events carry their generated ids without return_tokens, the final event too (here
+    the line break the pieces held back): together they are the ids a non-streamed request returns
+    with return_tokens. Without return_tokens and without stream, `tokens` is empty."""
+    fake_client.default_text = "x = 1\n"
+    body = {"input_prefix": "def f(r):\n    ", "input_suffix": "", "n_predict": 16, "temperature": 0}
+    whole = (await http.post("/infill", json={**body, "return_tokens": True})).json()
+    assert whole["tokens"] == fake_client.tokenizer.encode("x = 1\n", add_special_tokens=False)
+    resp = await http.post("/infill", json={**body, "stream": True})
+    events = [json.loads(line[len("data: "):]) for line in resp.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1]["stop"] is True and events[-1]["content"] == "\n" and events[-1]["tokens"]
+    assert [t for e in events for t in e["tokens"]] == whole["tokens"]
+    assert (await http.post("/infill", json=body)).json()["tokens"] == []
+
+
+async def test_a_prompt_cut_to_fit_the_context_reports_truncated(fake_client):  # noqa: F811
+    """`truncated` is true when the prefix had to be cut to fit the model's context (n_ctx), false when
+    the whole prompt fits."""
+    from integrations.editor.llama_compat import InfillBody, infill
+
+    fake_client.default_text = "x = 1\n"
+    body = {"input_suffix": "", "n_predict": 16, "temperature": 0}
+    cut = await infill(fake_client, InfillBody(input_prefix="x = 1\n" * 200, **body), 64, "long")
+    assert cut["truncated"] is True and cut["tokens_evaluated"] < 64
+    whole = await infill(fake_client, InfillBody(input_prefix="x = 1\n" * 2, **body), 64, "short")
+    assert whole["truncated"] is False
+
+
+async def test_a_warm_up_on_a_context_too_small_for_any_gap_is_answered(fake_client):  # noqa: F811
+    """n_predict 0 only prefills its prompt: on a 2-token context, where no gap fits beside a prompt (a
+    completion there is a 400 naming n_predict), it is answered with the prompt cut to the context; on
+    a 20-token one its prompt keeps the room a completion leaves to its gap (all but one token)."""
+    from integrations.editor.llama_compat import InfillBody, infill
+    from integrations.request_limits import InputError
+
+    body = {"input_prefix": "x = 1\n" * 50, "input_suffix": "y = 2\n" * 50}
+    warmed = await infill(fake_client, InfillBody(**body, n_predict=0), 2, "warm")
+    assert warmed["content"] == "" and warmed["truncated"] is True and 0 < warmed["tokens_evaluated"] <= 2
+    assert [r.params["gen_length"] for r in fake_client.requests] == [1]
+    with pytest.raises(InputError) as err:
+        await infill(fake_client, InfillBody(**body, n_predict=16), 2, "complete")
+    assert err.value.status == 400 and err.value.field == "n_predict"
+    roomy = await infill(fake_client, InfillBody(**body, n_predict=0), 20, "warm-20")
+    completed = await infill(fake_client, InfillBody(**body, n_predict=16), 20, "complete-20")
+    assert roomy["tokens_evaluated"] == 19 and completed["tokens_evaluated"] <= 20 - 8  # (its gap: 8 tokens)
+
+
+async def test_a_stream_whose_client_leaves_cancels_its_candidates(bpe_tokenizer):  # noqa: F811
+    """The route's event generator closed after its first event (the client went away) cancels every
+    candidate in the engine at once: no candidate's stream is read on to its last token."""
+    from test_editor_fakes import FakeEngineClient
+
+    from integrations.editor.llama_compat import InfillBody, infill_events
+
+    read: dict[str, int] = {}  # request id -> the deltas its stream gave before it ended
+
+    class Counting(FakeEngineClient):
+        async def stream(self, req):
+            read[req.request_id] = 0
+            async for delta in super().stream(req):
+                read[req.request_id] += 1
+                yield delta
+
+    text = "total = " + " + ".join(f"v{i}" for i in range(40)) + "\n"
+    client = Counting(bpe_tokenizer, default_text=text)
+    body = InfillBody(input_prefix="x = 0\n", input_suffix="", n_predict=64, temperature=0, stream=True)
+    events = infill_events(client, body, 0, "gone")
+    first = json.loads((await anext(events))[len(b"data: "):])
+    assert first["stop"] is False and first["content"]
+    await events.aclose()
+    ids = {r.request_id for r in client.requests}
+    for _ in range(6000):  # each candidate's stream ends: cancelled (or, uncancelled, after its last token)
+        if set(client.cancelled) >= ids:
+            break
+        await asyncio.sleep(0.005)
+    tokens = len(bpe_tokenizer.encode(text, add_special_tokens=False))
+    assert len(ids) == 2 and set(client.cancelled) == ids
+    assert all(n < tokens for n in read.values()), (read, tokens)
