@@ -36,6 +36,7 @@ from scheduler.api import Delta, FinishReason, InvalidRequestError, Mode
     (b'{"n": ' + b"7" * 5000 + b"}", "n", "number"),
     (json.dumps({"messages": [{"content": "ok\ud800"}]}).encode(), "messages.0.content", "lone UTF-16 surrogate"),
     (json.dumps({"tools": {"\udc00key": 1}}).encode(), "tools.\\udc00key", "lone UTF-16 surrogate"),
+    (b'{"stop": ["ok", "x\\ud800"]}', "stop.1", "lone UTF-16 surrogate"),  # a string item of an array: its index
 ])
 def test_malformed_json_names_what_and_where(raw, field, words):
     with pytest.raises(InputError) as err:
@@ -106,6 +107,27 @@ async def test_body_limit_by_declared_length_and_by_count():
     sent, _ = await _run(app, chunks(1) + [{"type": "http.request", "body": b"678"}])
     assert sent[0]["status"] == 200
     assert seen == [{"type": "http.request", "body": b"12345678", "more_body": False}, {"type": "http.disconnect"}]
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "counted"])
+async def test_a_body_of_exactly_max_body_bytes_runs_the_app_and_one_byte_more_is_a_413(declared):
+    """max_body_bytes is the most a body may hold: a body of exactly that many bytes reaches the app
+    whole, whether its Content-Length says so or its bytes are counted as they arrive; one byte more
+    is a 413 and the app never runs."""
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    app = BodyLimitMiddleware(inner, max_body_bytes=10)
+    for body, status in ((b"1234567890", 200), (b"12345678901", 413)):
+        headers = [(b"content-length", str(len(body)).encode())] if declared else []
+        messages = [{"type": "http.request", "body": body[:5], "more_body": True},
+                    {"type": "http.request", "body": body[5:]}]
+        sent, _ = await _run(app, messages, headers)
+        assert sent[0]["status"] == status, (body, sent)
+    assert seen == [{"type": "http.request", "body": b"1234567890", "more_body": False}]
 
 
 async def test_a_body_that_stops_arriving_is_a_408_and_the_app_never_runs():
