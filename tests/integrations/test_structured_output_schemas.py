@@ -322,3 +322,28 @@ def test_vllms_older_guided_fields_are_named_as_sent(extra, field, words):
     assert err.value.field == field and words in err.value.message, err.value.message
     grammar = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], guided_regex="[0-9]+").output_grammar()
     assert grammar.source == "guided_regex"  # (decoding errors name it too)
+
+
+def test_response_format_text_is_no_format_beside_structured_outputs():
+    """response_format "text" asks for no format: structured_outputs beside it is taken, and its grammar
+    is the one applied; a real format beside structured_outputs is refused."""
+    from integrations.openai_models import CompletionRequest
+
+    both = CompletionRequest(prompt="x", response_format={"type": "text"}, structured_outputs={"regex": "a+"})
+    assert both.output_grammar().source == "structured_outputs.regex"
+    with pytest.raises(ValidationError, match="give response_format or structured_outputs, not both"):
+        CompletionRequest(prompt="x", response_format={"type": "json_object"}, structured_outputs={"regex": "a+"})
+
+
+@pytest.mark.parametrize("fields", [{"response_format": {"type": "json_object"}}, {"structured_outputs": {"regex": "a+"}}],
+                         ids=["response_format", "structured_outputs"])
+def test_mode_refusion_with_an_output_format_is_a_400_naming_mode(fields):
+    """Structured output decodes autoregressively: mode "refusion" with a format is refused naming `mode`;
+    "ar" takes the format, and "refusion" with response_format "text" (no format) is free text."""
+    from integrations.openai_models import CompletionRequest
+
+    with pytest.raises(InputError) as err:
+        CompletionRequest(prompt="x", mode="refusion", **fields).output_grammar()
+    assert err.value.status == 400 and err.value.field == "mode" and "autoregressively" in err.value.message
+    assert CompletionRequest(prompt="x", mode="ar", **fields).output_grammar() is not None
+    assert CompletionRequest(prompt="x", mode="refusion", response_format={"type": "text"}).output_grammar() is None
