@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import pickle
 from pathlib import Path
 
@@ -83,6 +84,41 @@ def test_engine_errors_cross_processes_typed():
     assert EngineFailure.from_exception(EngineNotRunningError("the engine is shutting down", 1.0)).kind == "shutting_down"
 
 
+def test_back_pressure_is_a_503_and_retry_after_is_at_least_one_second():
+    """Ray Serve's BackPressureError (the deployment's queue is full) is a 503 overloaded_error with
+    Retry-After, not a bug's 500; a retry hint under a second (0 included) is sent as 1, so a client
+    that honours Retry-After still waits before it retries."""
+    from integrations.engine_client import EngineUnavailableError
+
+    back_pressure = type("BackPressureError", (Exception,), {})("queue full")
+    err = from_engine_error(back_pressure)
+    assert (err.status, err.type, err.code, err.headers) == (503, "overloaded_error", "overloaded", {"Retry-After": "1"})
+    for busy in (OverloadedError("full", 0.0), ShuttingDownError("draining", 0.0), EngineUnavailableError("gone", 0.0)):
+        assert from_engine_error(busy).headers == {"Retry-After": "1"}, busy
+
+
+async def test_llama_routes_get_llama_cpp_error_types_and_keep_the_headers():
+    """llama.cpp's routes answer in its shape with its type names (404 not_found_error, 401
+    authentication_error; others as ours), and the reshaped error keeps its headers (Retry-After), whether
+    built there (shaped_response) or rewritten on its way out (RouteErrorShape)."""
+    from integrations.http_errors import RouteErrorShape, llama_error_body, overloaded, shaped_response
+
+    kinds = {status: llama_error_body(status, "invalid_request_error", "m")["error"]["type"] for status in (400, 401, 404)}
+    assert kinds == {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+    llama = {"error": {"code": 503, "message": "busy", "type": "overloaded_error"}}
+    shaped = shaped_response({"path": "/infill", "headers": []}, overloaded("busy", 2.5))
+    assert shaped.status_code == 503 and shaped.headers["retry-after"] == "3" and json.loads(shaped.body) == llama
+
+    async def busy(scope, receive, send):  # an OpenAI-shaped 503 from inside the app
+        await overloaded("busy", 2.5).response()(scope, receive, send)
+
+    sent = await _call(RouteErrorShape(busy), "http", "/infill")
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 503 and headers[b"retry-after"] == b"3" and json.loads(sent[1]["body"]) == llama
+    lengths = [v for k, v in sent[0]["headers"] if k == b"content-length"]
+    assert lengths == [str(len(sent[1]["body"])).encode()]  # the reshaped body's, once
+
+
 def test_validation_param_drops_union_members():
     assert validation_field(("body", "prompt", "list[int]", 0)) == "prompt.0"
     assert validation_field(("body", "messages", 0, "role")) == "messages.0.role"
@@ -151,6 +187,14 @@ def test_block_fitting_and_params():
     assert chat.max_tokens_field == "max_completion_tokens" and body.max_tokens_field == "max_tokens"
     both = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=2, max_completion_tokens=10)
     assert (both.max_tokens, both.max_tokens_field) == (10, "max_completion_tokens")  # vLLM's rule: the newer name
+
+
+def test_min_tokens_and_ignore_eos_reach_the_engine_params():
+    """vLLM's min_tokens and ignore_eos (decoded AR, as the penalties) are passed to the engine as sent;
+    left at their defaults they are not sent at all."""
+    params = CompletionRequest(prompt="x", max_tokens=16, min_tokens=5, ignore_eos=True).decode_params(16)
+    assert params["min_tokens"] == 5 and params["ignore_eos"] is True
+    assert not {"min_tokens", "ignore_eos"} & set(CompletionRequest(prompt="x").decode_params(16))
 
 
 def test_plain_chat_template_with_tools(tiny_model_dir):
