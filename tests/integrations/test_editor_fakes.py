@@ -1,8 +1,11 @@
 """A scripted stand-in for integrations.engine_client.EngineClient, for the editor's unit tests.
 
 It streams a scripted text per gap length (GenerationRequest.params["gen_length"]), one token per
-delta with a small delay, the request's healed blanks dropped from its front as the engine does, and records what it was asked to run and what got cancelled, so tests can
-check supersession and early stops against what really reached the "engine". `hold` keeps every
+delta with a small delay, at most gen_length tokens (LENGTH when that cut it), the request's healed
+blanks dropped from its front as the engine does, and records what it was asked to run, what it ended
+itself (`completed`: marked before its last delta, which a reader stops at) and what was cancelled or
+closed before its end (`cancelled`), so tests can check supersession and early stops against what
+really reached the "engine". `hold` keeps every
 request in flight until the test lets it go, so a cancel is sure to find it running. The real engine
 is exercised in test_editor_serve.py.
 """
@@ -71,6 +74,8 @@ class FakeEngineClient:
             return
         text = self.script.get(req.params.get("gen_length"), self.default_text)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
+        cut = len(ids) > req.params["gen_length"]  # the engine generates gen_length tokens at most
+        ids = ids[: req.params["gen_length"]]
         healer = Healer(req.healed)  # the engine's contract: the healed blanks are dropped from the text
         done = False
         try:
@@ -79,21 +84,27 @@ class FakeEngineClient:
             for i, tok in enumerate(ids):
                 await asyncio.sleep(self.delay_s)
                 if i == self.grammar_fault_after and req.grammar is not None:
+                    done = True  # ended by the engine: a reader stops at this delta and closes the stream
+                    self.completed.append(req.request_id)
                     yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.ERROR,
                                 error="matching the grammar took too long (scripted)", error_field=req.grammar.source)
-                    break
+                    return
                 last = i == len(ids) - 1
+                if last:  # (as above: marked before the reader gets it, or a closing reader reads as a cancel)
+                    done = True
+                    self.completed.append(req.request_id)
                 yield Delta(
                     req.request_id,
                     healer.feed(self.tokenizer.decode([tok])),
                     [tok],
                     finished=last,
-                    finish_reason=FinishReason.STOP if last else None,
+                    finish_reason=(FinishReason.LENGTH if cut else FinishReason.STOP) if last else None,
                     mode=Mode.REFUSION,
                     stats={"forwards": 4, "generated_tokens": len(ids), **self.final_stats} if last else {},
                 )
-            done = True
-            self.completed.append(req.request_id)
+            if not done:  # (no ids: no delta)
+                done = True
+                self.completed.append(req.request_id)
         finally:
             if not done:
                 self.cancelled.append(req.request_id)

@@ -55,7 +55,8 @@ async def test_initialize_announces_version_model_limits_capabilities(session):
 
 async def test_complete_streams_partials_then_final_result(session, fake_client):  # noqa: F811
     s, wire = session
-    fake_client.script = {32: "total = a + b\n    return total\n"}
+    repeat = "total = a + b\n    return total\n"  # the suffix written again: the rule cuts it
+    fake_client.script = {32: repeat, 64: repeat + "\n\ndef sub(a, b):\n    return a - b\n"}
     await s.handle_frame(rpc.encode_request(7, "complete", complete_params()))
     await s.drain()
     [[_, _, err, result]] = wire.responses(7)
@@ -331,15 +332,19 @@ async def test_supersession_frees_the_slot_under_the_inflight_limit(fake_client)
 
 
 async def test_max_tokens_caps_the_text_and_stops_a_longer_gap(session, fake_client):  # noqa: F811
+    """A gap rounded up to whole slots (max_tokens 10: 16) is stopped in the engine at the cap; a gap
+    equal to the cap ends on its own."""
     s, wire = session
-    fake_client.default_text = "value = compute(alpha, beta, gamma, delta)\n"
-    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(max_tokens=3, gaps=[16])))
+    fake_client.default_text = "value = compute(alpha, beta, gamma, delta, epsilon)\n"
+    await s.handle_frame(rpc.encode_request(1, "complete", complete_params(max_tokens=10, gaps=[16])))
     await s.handle_frame(rpc.encode_request(2, "complete", complete_params(uri="b", max_tokens=8)))
     await s.drain()
     r1, r2 = wire.responses(1)[0][3], wire.responses(2)[0][3]
     ids = fake_client.tokenizer.encode(fake_client.default_text, add_special_tokens=False)
-    assert r1["tokens"] == 3 and r1["text"] == fake_client.tokenizer.decode(ids[:3])
-    assert r1["stop_reason"] == "length" and fake_client.requests[0].request_id in fake_client.cancelled
+    assert len(ids) > 16 and r1["tokens"] == 10 and r1["text"] == fake_client.tokenizer.decode(ids[:10])
+    [capped] = [r for r in fake_client.requests if "-1-g" in r.request_id]  # (the first request)
+    assert capped.params["gen_length"] == 16 and r1["stop_reason"] == "length"
+    assert capped.request_id in fake_client.cancelled and capped.request_id not in fake_client.completed
     # gap == cap (8): the engine ends on its own, so its final stats still arrive
     assert r2["tokens"] == 8 and r2["tokens_per_forward"] is not None
 

@@ -352,7 +352,7 @@ def _weather_turn(route: str, model: str, stream: bool) -> dict:
     """A body asking for the weather with the get_weather tool, in `route`'s shape."""
     body = {"model": model, "stream": stream}
     if route == "/v1/messages":
-        return body | {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 64,
+        return body | {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 256,
                        "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
     if route == "/v1/responses":
         return body | {"input": "weather?", "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}
