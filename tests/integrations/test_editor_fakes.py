@@ -77,6 +77,7 @@ class FakeEngineClient:
         cut = len(ids) > req.params["gen_length"]  # the engine generates gen_length tokens at most
         ids = ids[: req.params["gen_length"]]
         healer = Healer(req.healed)  # the engine's contract: the healed blanks are dropped from the text
+        sent = ""
         done = False
         try:
             while self.hold is not None and not self.hold.is_set():
@@ -89,19 +90,27 @@ class FakeEngineClient:
                     yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.ERROR,
                                 error="matching the grammar took too long (scripted)", error_field=req.grammar.source)
                     return
-                last = i == len(ids) - 1
+                piece = healer.feed(self.tokenizer.decode([tok]))
+                stop_word = next((w for w in req.stop if w in sent + piece), None)  # the engine's stop strings
+                if stop_word is not None:  # the text ends before it; its ids are generated ids all the same
+                    piece = (sent + piece)[: (sent + piece).index(stop_word)][len(sent):]
+                sent += piece
+                last = i == len(ids) - 1 or stop_word is not None
                 if last:  # (as above: marked before the reader gets it, or a closing reader reads as a cancel)
                     done = True
                     self.completed.append(req.request_id)
+                stop_stats = {"stop_word": stop_word} if stop_word is not None else {}
                 yield Delta(
                     req.request_id,
-                    healer.feed(self.tokenizer.decode([tok])),
+                    piece,
                     [tok],
                     finished=last,
-                    finish_reason=(FinishReason.LENGTH if cut else FinishReason.STOP) if last else None,
+                    finish_reason=(FinishReason.LENGTH if cut and stop_word is None else FinishReason.STOP) if last else None,
                     mode=Mode.REFUSION,
-                    stats={"forwards": 4, "generated_tokens": len(ids), **self.final_stats} if last else {},
+                    stats={"forwards": 4, "generated_tokens": i + 1, **self.final_stats, **stop_stats} if last else {},
                 )
+                if last:
+                    return
             if not done:  # (no ids: no delta)
                 done = True
                 self.completed.append(req.request_id)

@@ -454,6 +454,19 @@ async def test_streamed_tokens_add_up_to_the_returned_tokens(http, fake_client):
     assert (await http.post("/infill", json=body)).json()["tokens"] == []
 
 
+async def test_a_stop_strings_ids_are_returned_as_the_engine_generated_them(http, fake_client):  # noqa: F811
+    """The engine ends the text before a stop string, but its ids are generated ids (counted in
+    tokens_predicted): return_tokens holds them, as llama.cpp's server returns them (docs/api.md)."""
+    fake_client.default_text = "x = 1 + 2\ny = 3\n"
+    ids = fake_client.tokenizer.encode(fake_client.default_text, add_special_tokens=False)
+    through_stop = next(k for k in range(1, len(ids) + 1) if "+" in fake_client.tokenizer.decode(ids[:k]))
+    body = {"input_prefix": "def f():\n    ", "input_suffix": "", "n_predict": 16, "temperature": 0, "stop": ["+"],
+            "return_tokens": True}
+    data = (await http.post("/infill", json=body)).json()
+    assert (data["content"], data["stop_type"], data["stopping_word"]) == ("x = 1 ", "word", "+")
+    assert data["tokens"] == ids[:through_stop] and data["tokens_predicted"] == through_stop
+
+
 async def test_a_prompt_cut_to_fit_the_context_reports_truncated(fake_client):  # noqa: F811
     """`truncated` is true when the prefix had to be cut to fit the model's context (n_ctx), false when
     the whole prompt fits."""
