@@ -33,7 +33,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from integrations.anthropic_content import (block_texts, chat_response_format, chat_tool, chat_tool_choice, message_blocks,
                                             system_text, unanswered)
-from integrations.http_errors import validation_field, validation_message
+from integrations.validation_errors import validation_field, validation_message
 from integrations.openai_body import ExtensionsBody, OpenAIBody
 from integrations.openai_models import ChatCompletionRequest
 from integrations.request_limits import InputError

@@ -1,7 +1,8 @@
 """HTTP error mapping in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
-    400 invalid_request_error   pydantic validation, engine InvalidRequestError, a malformed body
-                                (request_limits.InputError); param names the field
+    400 invalid_request_error   pydantic validation (its message: validation_errors.py), engine
+                                InvalidRequestError, a malformed body (request_limits.InputError);
+                                param names the field
     401 invalid_request_error   code invalid_api_key, as OpenAI's: missing or wrong API key (when keys
                                 are configured)
     403 permission_error        a browser origin not in allowed_origins (auth.OriginGuard), or a loopback
@@ -29,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from integrations.request_limits import InputError, clipped
+from integrations.validation_errors import validation_answer
 from integrations.engine_client import EngineUnavailableError, ShuttingDownError
 from scheduler.api import EngineError, InvalidRequestError, OverloadedError
 
@@ -151,61 +152,6 @@ def _observed(request: Request) -> tuple[str | None, str | None]:
     return getattr(observer, "endpoint", None), getattr(observer, "cap_field", None)
 
 
-def validation_field(loc: tuple) -> str | None:
-    """The request field a pydantic error location names (dotted), without the union-member names pydantic
-    inserts; None for the body as a whole."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    # pydantic adds union-member names (e.g. "str", "list[int]") to the location; drop them.
-    parts = [p for p in parts if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool")]
-    return ".".join(parts) or None
-
-
-# Unknown fields that clients send for an API this server offers under another name: the 400 says which
-REPLACED_FIELDS = {
-    "functions": "OpenAI's deprecated functions / function_call are offered as tools / tool_choice",
-    "function_call": "OpenAI's deprecated functions / function_call are offered as tools / tool_choice",
-}
-# ... and those of one route only: the chat fields a Responses client sends (OpenAI's 400 says where
-# each "has moved": "In the Responses API, this parameter has moved to 'max_output_tokens'")
-_MOVED = "in the Responses API it is `{}`"
-ROUTE_REPLACED_FIELDS = {"/v1/responses": {
-    "max_tokens": _MOVED.format("max_output_tokens"), "max_completion_tokens": _MOVED.format("max_output_tokens"),
-    "messages": _MOVED.format("input") + " (a string, or a list of messages)",
-    "response_format": _MOVED.format("text.format"), "logprobs": _MOVED.format("top_logprobs"),
-}}
-
-
-def _most_specific(errors: list[dict]) -> dict:
-    """The error to report: the first one, or, when pydantic tried each member of a union (`stop` is a
-    string or a list of strings), the one naming an item of the field (`stop: [null]` names `stop.0`, the
-    item to change, not `stop`); only an item one level down, not some union member's nested field."""
-    first = errors[0]
-    field = validation_field(tuple(first.get("loc", ())))
-    if field is None:
-        return first
-    item = re.compile(re.escape(field) + r"\.\d+")
-    return next((e for e in errors if item.fullmatch(validation_field(tuple(e.get("loc", ()))) or "")), first)
-
-
-def _short(field: str) -> str:
-    return field if len(field) <= 80 else field[:79] + "…"
-
-
-def _listed(fields: list[str], chars: int = 600) -> str:
-    """Field names joined, long names and a long list cut (a 400-field body's list left no room for the
-    hints after it in the message, which is cut at MAX_ERROR_MESSAGE_CHARS; helper-226)."""
-    names = [_short(f) for f in fields]
-    shown = 0
-    while shown < len(names) and sum(len(n) + 2 for n in names[:shown + 1]) <= chars:
-        shown += 1
-    return ", ".join(names[:shown]) + (f", … ({len(names)} in all)" if shown < len(names) else "")
-
-
-def validation_message(error: dict) -> str:
-    """A pydantic error's message without pydantic's "Value error, " prefix (our validators' own text)."""
-    return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -218,23 +164,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = _most_specific(errors) if errors else {"loc": (), "msg": "invalid request body"}
-        param = validation_field(tuple(first.get("loc", ())))
-        message = f"{_short(param)}: {validation_message(first)}" if param else validation_message(first)
-        # every unknown field at once, not one per round trip; beside another fault too (a misspelled
-        # `input` was only "input: Field required")
-        unknown = [validation_field(tuple(e.get("loc", ()))) for e in errors if e.get("type") == "extra_forbidden"]
-        if first.get("type") == "extra_forbidden" and len(unknown) > 1:
-            message += f" (nor are: {_listed([f for f in unknown if f != param])})"
-        elif first.get("type") != "extra_forbidden" and unknown:
-            message += f" (unknown fields: {_listed(unknown)})"
-        hints = {**REPLACED_FIELDS, **ROUTE_REPLACED_FIELDS.get(_api_path(request.scope), {})}
-        said: dict[str, str] = {}  # hint -> the first field it is for (one hint may serve two fields)
-        for f in unknown:
-            if f in hints:
-                said.setdefault(hints[f], f)
-        message += "".join(f"; {hint}" if f == param else f"; {f}: {hint}" for hint, f in said.items())
+        param, message = validation_answer(exc.errors(), _api_path(request.scope))
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

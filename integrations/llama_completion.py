@@ -22,7 +22,7 @@ from typing import Annotated, Any, AsyncIterator
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from decoding.params import MAX_LOGIT_BIAS_TOKENS
-from integrations.http_errors import validation_field, validation_message
+from integrations.validation_errors import validation_field, validation_message
 from integrations.openai_models import CompletionRequest
 from integrations.request_limits import InputError
 from scheduler.api import Delta, FinishReason

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
-from integrations.http_errors import validation_field, validation_message
+from integrations.validation_errors import validation_field, validation_message
 from integrations.openai_body import ExtensionsBody, Metadata
 from integrations.openai_models import ChatCompletionRequest
 from integrations.request_limits import InputError

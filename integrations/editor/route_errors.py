@@ -10,10 +10,10 @@ import logging
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from integrations.http_errors import (APIError, api_field, engine_message, from_engine_error, validation_field,
-                                      validation_message)
+from integrations.http_errors import APIError, api_field, engine_message, from_engine_error
 from integrations.request_body import read_json_object
 from integrations.request_limits import InputError, RequestLimits
+from integrations.validation_errors import validation_field, validation_message
 from scheduler.api import InvalidRequestError
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationError, f
 from integrations.chat_run import chat_prompt
 from integrations.editor.llama_compat import compact_json
 from integrations.editor.route_errors import app_limits, error_body, read_body
-from integrations.http_errors import validation_field, validation_message
+from integrations.validation_errors import validation_field, validation_message
 from integrations.llama_completion import completion_defaults
 from integrations.openai_calls import check_model
 from integrations.openai_messages import ChatMessage, ToolSpec

@@ -18,12 +18,13 @@ from integrations.auth import APIKeyMiddleware
 from integrations.chat import PLAIN_STOP, render_chat
 from integrations.engine_client import EngineFailure, LocalEngineClient, ShuttingDownError, read_model_card
 from integrations.engine_host import EngineUnhealthyError, build_engine, one_token_probe
-from integrations.http_errors import from_engine_error, validation_field
+from integrations.http_errors import from_engine_error
 from integrations.openai_api import APISettings, create_app
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_sampling import fitting_block_count, fitting_blocks
 from integrations.request_limits import RequestLimits
 from integrations.serve_config import ServeConfig
+from integrations.validation_errors import validation_field
 from scheduler.api import Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
 from scheduler.engine import EngineNotRunningError
 

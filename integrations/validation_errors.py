@@ -1,0 +1,88 @@
+"""The 400 a request body that fails validation gets (pydantic's errors, FastAPI's RequestValidationError):
+the field it names, dotted as the client wrote it (`stop.0`, `messages.2.content`), pydantic's message
+without its prefixes, every unknown field at once, and where a field this server offers under another
+name went (OpenAI's deprecated `functions`; the chat fields a Responses client sends, as OpenAI's 400
+says "In the Responses API, this parameter has moved to ..."). The route models (openai_models,
+responses_models, anthropic_models, the llama.cpp routes) name fields with the same helpers.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+def validation_field(loc: tuple) -> str | None:
+    """The request field a pydantic error location names (dotted), without the union-member names pydantic
+    inserts; None for the body as a whole."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # pydantic adds union-member names (e.g. "str", "list[int]") to the location; drop them.
+    parts = [p for p in parts if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool")]
+    return ".".join(parts) or None
+
+
+# Unknown fields that clients send for an API this server offers under another name: the 400 says which
+REPLACED_FIELDS = {
+    "functions": "OpenAI's deprecated functions / function_call are offered as tools / tool_choice",
+    "function_call": "OpenAI's deprecated functions / function_call are offered as tools / tool_choice",
+}
+# ... and those of one route only: the chat fields a Responses client sends (OpenAI's 400 says where
+# each "has moved": "In the Responses API, this parameter has moved to 'max_output_tokens'")
+_MOVED = "in the Responses API it is `{}`"
+ROUTE_REPLACED_FIELDS = {"/v1/responses": {
+    "max_tokens": _MOVED.format("max_output_tokens"), "max_completion_tokens": _MOVED.format("max_output_tokens"),
+    "messages": _MOVED.format("input") + " (a string, or a list of messages)",
+    "response_format": _MOVED.format("text.format"), "logprobs": _MOVED.format("top_logprobs"),
+}}
+
+
+def _most_specific(errors: list[dict]) -> dict:
+    """The error to report: the first one, or, when pydantic tried each member of a union (`stop` is a
+    string or a list of strings), the one naming an item of the field (`stop: [null]` names `stop.0`, the
+    item to change, not `stop`); only an item one level down, not some union member's nested field."""
+    first = errors[0]
+    field = validation_field(tuple(first.get("loc", ())))
+    if field is None:
+        return first
+    item = re.compile(re.escape(field) + r"\.\d+")
+    return next((e for e in errors if item.fullmatch(validation_field(tuple(e.get("loc", ()))) or "")), first)
+
+
+def _short(field: str) -> str:
+    return field if len(field) <= 80 else field[:79] + "…"
+
+
+def _listed(fields: list[str], chars: int = 600) -> str:
+    """Field names joined, long names and a long list cut (a 400-field body's list left no room for the
+    hints after it in the message, which is cut at MAX_ERROR_MESSAGE_CHARS; helper-226)."""
+    names = [_short(f) for f in fields]
+    shown = 0
+    while shown < len(names) and sum(len(n) + 2 for n in names[:shown + 1]) <= chars:
+        shown += 1
+    return ", ".join(names[:shown]) + (f", … ({len(names)} in all)" if shown < len(names) else "")
+
+
+def validation_message(error: dict) -> str:
+    """A pydantic error's message without pydantic's "Value error, " prefix (our validators' own text)."""
+    return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+
+
+def validation_answer(errors: list[dict], api_path: str) -> tuple[str | None, str]:
+    """(param, message) of the 400 for pydantic's `errors` on the route at `api_path` (its path without
+    a root_path: http_errors._api_path); param None when the body as a whole is wrong."""
+    first = _most_specific(errors) if errors else {"loc": (), "msg": "invalid request body"}
+    param = validation_field(tuple(first.get("loc", ())))
+    message = f"{_short(param)}: {validation_message(first)}" if param else validation_message(first)
+    # every unknown field at once, not one per round trip; beside another fault too (a misspelled
+    # `input` was only "input: Field required")
+    unknown = [validation_field(tuple(e.get("loc", ()))) for e in errors if e.get("type") == "extra_forbidden"]
+    if first.get("type") == "extra_forbidden" and len(unknown) > 1:
+        message += f" (nor are: {_listed([f for f in unknown if f != param])})"
+    elif first.get("type") != "extra_forbidden" and unknown:
+        message += f" (unknown fields: {_listed(unknown)})"
+    hints = {**REPLACED_FIELDS, **ROUTE_REPLACED_FIELDS.get(api_path, {})}
+    said: dict[str, str] = {}  # hint -> the first field it is for (one hint may serve two fields)
+    for f in unknown:
+        if f in hints:
+            said.setdefault(hints[f], f)
+    message += "".join(f"; {hint}" if f == param else f"; {f}: {hint}" for hint, f in said.items())
+    return param, message
