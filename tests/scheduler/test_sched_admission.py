@@ -374,34 +374,45 @@ async def test_stopping_engine_says_it_is_shutting_down():
     assert not engine.stopping
 
 
-async def test_short_requests_backfill_around_a_long_one_waiting_for_kv_but_never_starve_it(wait_until):
-    """20 blocks. `a` (long) runs and holds its reservation; `b` (long) cannot fit and waits; `c` (short)
-    fits in what is left and starts around `b`, since `b` waits for `a`'s blocks, not `c`'s. `d` (short)
-    also fits, but now `b` would start were it not for `c`: backfilling stops and `d` queues behind `b`.
-    Forwards are held throughout, so the state is exact."""
+async def _held_admission_walk(wait_until, behind: list[tuple[str, int, Priority]], check, head=Priority.BATCH) -> None:
+    """20 blocks of 4 tokens. `a` (AR, 40 tokens, priority `head`) runs with its forwards held; the
+    `behind` requests (id, tokens, priority; AR) are admitted behind it, the next step's admission walk
+    runs while the forward is still held, and `check(scheduler)` reads the exact state it left. Then
+    every request runs to its length and the KV comes back whole."""
     runner = FakeRunner(num_blocks=20, block_size=4)
     engine, _ = make_engine(runner=runner, kv_reserve_fraction=0.0, prefix_cache=False)
     gate = ForwardGate(runner.execute)
     runner.execute = gate
     await engine.start()
     sched = engine.scheduler
-    tasks = {"a": asyncio.create_task(collect(engine, req("a", gen=40, mode=Mode.AR)))}
+    tasks = {"a": asyncio.create_task(collect(engine, req("a", gen=40, mode=Mode.AR, priority=head)))}
     try:
         await wait_until(gate.entered.is_set, "a's first forward")
-        for rid, gen in (("b", 40), ("c", 6), ("d", 6)):
-            tasks[rid] = asyncio.create_task(collect(engine, req(rid, gen=gen, mode=Mode.AR)))
-        await wait_until(lambda: len(sched.running) + len(sched.waiting) == 4, "every request admitted")
+        for rid, gen, priority in behind:
+            tasks[rid] = asyncio.create_task(collect(engine, req(rid, gen=gen, mode=Mode.AR, priority=priority)))
+        await wait_until(lambda: len(sched.running) + len(sched.waiting) == 1 + len(behind), "every request admitted")
         sched._start_waiting(StepPlan())  # what the next step does first (the forward is still held)
-        blocks = {r.id: r.kv_blocks for r in sched.running + sched.waiting}
-        assert blocks == {"a": 12, "b": 12, "c": 4, "d": 4}  # b is 4 short while a runs; c holds those 4
-        assert [r.id for r in sched.running] == ["a", "c"] and [r.id for r in sched.waiting] == ["b", "d"]
-        assert sched.running[1].overtook and sched.waiting[0].kv_wait == ("main", 4)
+        check(sched)
     finally:
         gate.release()
     results = {rid: await task for rid, task in tasks.items()}
     assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results.values())
     assert engine.kv.pool().num_free == 20
     await engine.stop()
+
+
+async def test_short_requests_backfill_around_a_long_one_waiting_for_kv_but_never_starve_it(wait_until):
+    """`a` (long) runs and holds its reservation; `b` (long) cannot fit and waits; `c` (short) fits in
+    what is left and starts around `b`, since `b` waits for `a`'s blocks, not `c`'s. `d` (short) also
+    fits, but now `b` would start were it not for `c`: backfilling stops and `d` queues behind `b`."""
+    def check(sched):
+        blocks = {r.id: r.kv_blocks for r in sched.running + sched.waiting}
+        assert blocks == {"a": 12, "b": 12, "c": 4, "d": 4}  # b is 4 short while a runs; c holds those 4
+        assert [r.id for r in sched.running] == ["a", "c"] and [r.id for r in sched.waiting] == ["b", "d"]
+        assert sched.running[1].overtook and sched.waiting[0].kv_wait == ("main", 4)
+
+    batch = Priority.BATCH
+    await _held_admission_walk(wait_until, [("b", 40, batch), ("c", 6, batch), ("d", 6, batch)], check)
 
 
 async def test_the_kv_reserve_is_never_promised_at_admission(wait_until):
@@ -428,31 +439,15 @@ async def test_a_batch_request_does_not_backfill_around_an_interactive_head_wait
     """Backfilling stays within a rank class: INTERACTIVE `b` waits 4 blocks short for INTERACTIVE `a`
     (no BATCH victim to preempt); BATCH `c` fits in the 8 blocks left, yet must not start ahead of `b`.
     The same layout with `b` BATCH lets `c` start around it (the backfill test above); here only the
-    class differs. Forwards are held throughout, so the state is exact."""
-    runner = FakeRunner(num_blocks=20, block_size=4)
-    engine, _ = make_engine(runner=runner, kv_reserve_fraction=0.0, prefix_cache=False)
-    gate = ForwardGate(runner.execute)
-    runner.execute = gate
-    await engine.start()
-    sched = engine.scheduler
-    urgent = Priority.INTERACTIVE
-    tasks = {"a": asyncio.create_task(collect(engine, req("a", gen=40, mode=Mode.AR, priority=urgent)))}
-    try:
-        await wait_until(gate.entered.is_set, "a's first forward")
-        tasks["b"] = asyncio.create_task(collect(engine, req("b", gen=40, mode=Mode.AR, priority=urgent)))
-        tasks["c"] = asyncio.create_task(collect(engine, req("c", gen=6, mode=Mode.AR)))
-        await wait_until(lambda: len(sched.waiting) == 2, "b and c queued")
-        sched._start_waiting(StepPlan())  # what the next step does first (the forward is still held)
+    class differs."""
+    def check(sched):
         blocks = {r.id: r.kv_blocks for r in sched.running + sched.waiting}
         assert blocks == {"a": 12, "b": 12, "c": 4}  # c fits in the 8 blocks b cannot use
         assert [r.id for r in sched.running] == ["a"] and [r.id for r in sched.waiting] == ["b", "c"]
         assert sched.waiting[0].kv_wait == ("main", 4)
-    finally:
-        gate.release()
-    results = {rid: await task for rid, task in tasks.items()}
-    assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results.values())
-    assert engine.kv.pool().num_free == 20
-    await engine.stop()
+
+    urgent = Priority.INTERACTIVE
+    await _held_admission_walk(wait_until, [("b", 40, urgent), ("c", 6, Priority.BATCH)], check, head=urgent)
 
 
 async def test_interactive_preempts_when_the_victims_blocks_make_exactly_the_room_it_needs(wait_until):
