@@ -100,13 +100,13 @@ def test_back_pressure_is_a_503_and_retry_after_is_at_least_one_second():
 
 async def test_llama_routes_get_llama_cpp_error_types_and_keep_the_headers():
     """llama.cpp's routes answer in its shape with its type names (404 not_found_error, 401
-    authentication_error; others as ours), and the reshaped error keeps its headers (Retry-After), whether
+    authentication_error, 503 unavailable_error; others as ours), and the reshaped error keeps its headers (Retry-After), whether
     built there (shaped_response) or rewritten on its way out (RouteErrorShape)."""
     from integrations.http_errors import RouteErrorShape, llama_error_body, overloaded, shaped_response
 
     kinds = {status: llama_error_body(status, "invalid_request_error", "m")["error"]["type"] for status in (400, 401, 404)}
     assert kinds == {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
-    llama = {"error": {"code": 503, "message": "busy", "type": "overloaded_error"}}
+    llama = {"error": {"code": 503, "message": "busy", "type": "unavailable_error"}}
     shaped = shaped_response({"path": "/infill", "headers": []}, overloaded("busy", 2.5))
     assert shaped.status_code == 503 and shaped.headers["retry-after"] == "3" and json.loads(shaped.body) == llama
 
@@ -903,6 +903,27 @@ async def test_local_app_over_real_engine_and_drain(tiny_model_dir, wait_until):
         drained = await asyncio.wait_for(long, wait_until.timeout_s)
         assert drained.status_code == 503 and drained.headers["retry-after"] == "1"
         assert "engine stopped" in drained.json()["error"]["message"]
+
+
+async def test_an_infill_a_stopping_engine_cuts_is_a_503_to_retry(tiny_model_dir, wait_until):
+    """/infill's candidates still in the engine past its drain timeout: the 503 `shutting_down` with
+    Retry-After a plain completion cut so gets (it was a 500 "engine error": a client retrying only on
+    503 gave up). The engine is paused while they are admitted, so the stop surely finds them unfinished."""
+    engine, tok = build_engine(tiny_model_dir, {"num_blocks": 512}, {"routing": {"calibrate": False}})
+    await engine.start()
+    card = read_model_card(tiny_model_dir)
+    app = create_app(APISettings(model_name="tiny", decode_defaults=card["defaults"]),
+                     LocalEngineClient(engine, tok, "tiny", card))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
+        assert await engine.pause()
+        infill = asyncio.create_task(http.post("/infill", json={"input_prefix": "def f(x):\n    ", "input_suffix": "\n",
+                                                                "n_predict": 64}))
+        sched = engine.scheduler
+        await wait_until(lambda: len(sched.waiting) + len(sched.running) == 2 or infill.done(), "both candidates admitted")
+        await engine.stop(drain_timeout_s=0)
+        cut = await asyncio.wait_for(infill, wait_until.timeout_s)
+    assert cut.status_code == 503 and cut.headers["retry-after"] == "1", cut.text
+    assert cut.json()["error"]["type"] == "unavailable_error" and "engine stopped" in cut.json()["error"]["message"]
 
 
 async def test_a_repeated_request_id_is_refused_without_touching_the_request_in_flight(tiny_model_dir):
