@@ -227,7 +227,7 @@ def anthropic_error_body(status: int, kind: str, message: str, details: dict | N
 def llama_error_body(status: int, kind: str, message: str, details: dict | None = None) -> dict:
     """An error in llama.cpp server's shape: {"error": {"code": status, "message", "type"}}; `kind` is
     ours, with llama.cpp's names where they differ (its error_type names: 401 authentication_error, 404
-    not_found_error, 503 unavailable_error, which llama.cpp answers while loading and llama.vim reads)."""
+    not_found_error, 503 unavailable_error, which llama.cpp's server answers while it loads a model)."""
     by_status = {401: "authentication_error", 404: "not_found_error", 503: "unavailable_error"}
     return {"error": {"code": status, "message": message, "type": by_status.get(status) or kind}}
 

@@ -10,7 +10,7 @@ import logging
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from integrations.http_errors import APIError, api_field, engine_message, from_engine_error
+from integrations.http_errors import APIError, api_field, engine_message, from_engine_error, llama_error_body
 from integrations.request_body import read_json_object
 from integrations.request_limits import InputError, RequestLimits
 from integrations.validation_errors import validation_field, validation_message
@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def error_body(exc: Exception, endpoint: str | None = None) -> tuple[int, dict, dict]:
-    """(status, llama.cpp error body, headers) of a failure on a llama.cpp-shaped route. Input faults name
-    the field; engine and Ray errors map as in integrations/http_errors.py; anything else is a bug
+    """(status, llama.cpp error body, headers) of a failure on a llama.cpp-shaped route (its type names:
+    http_errors.llama_error_body). Input faults name the field; engine and Ray errors map as in integrations/http_errors.py; anything else is a bug
     (logged, 500)."""
     if isinstance(exc, InputError):
         status, message, kind, headers = exc.status, field_message(exc.field, exc.message), "invalid_request_error", {}
@@ -35,7 +35,8 @@ def error_body(exc: Exception, endpoint: str | None = None) -> tuple[int, dict, 
         if api.status >= 500 and api.type == "server_error":
             log.error("%s failed", "/" + endpoint if endpoint else "llama.cpp route", exc_info=exc)
         status, message, kind, headers = api.status, api.message, api.type, api.headers
-    return status, {"error": {"code": status, "message": message, "type": kind}}, headers
+    # llama.cpp's type names: a stream's last event says what the same fault's response says (RouteErrorShape)
+    return status, llama_error_body(status, kind, message), headers
 
 
 def field_message(field: str | None, message: str) -> str:

@@ -302,15 +302,18 @@ def _answered_candidates(results: list, whole: bool) -> list[Candidate]:
     """The candidates that were answered. Candidates refused as overloaded are dropped when another was
     admitted; any other error, or every candidate refused, raises the first error. A candidate a stopping
     engine cut (its drain timeout: ENGINE_STOPPED) raises ShuttingDownError, retry after 1 s (HTTP 503
-    `shutting_down`, editor OVERLOADED: as a plain completion cut so answers, openai_calls.checked).
-    `whole`: a candidate that ended in any other error raises EngineError with its message."""
+    `shutting_down`, editor OVERLOADED: as a plain completion cut so answers, openai_calls.checked), when
+    `whole` or when it is the shortest gap's (the one whose partials were shown); a longer one is dropped
+    (the latency-first rule). `whole`: a candidate that ended in any other error raises EngineError."""
     candidates = [r for r in results if isinstance(r, Candidate)]
     errors = [r for r in results if isinstance(r, BaseException)]
     # Under load some candidates may be refused (OverloadedError): answer with the admitted ones.
     if errors and (not candidates or not all(isinstance(e, OverloadedError) for e in errors)):
         raise errors[0]
-    if any(c.stats.get("error") == ENGINE_STOPPED for c in candidates):  # not the request's fault: retry
+    stopped = [c for c in candidates if c.stats.get("error") == ENGINE_STOPPED]  # not the request's fault
+    if stopped and (whole or min(candidates, key=lambda c: c.gap) in stopped):
         raise ShuttingDownError(f"request ended early: {ENGINE_STOPPED}; retry", 1.0)
+    candidates = [c for c in candidates if c not in stopped]
     failed = [c for c in candidates if c.stop_reason == "error"] if whole else []
     if failed:  # whole: one that failed fails the request, as an engine error does a plain completion
         raise EngineError(failed[0].stats.get("error") or "an infill candidate failed")

@@ -2,12 +2,13 @@
 
 It streams a scripted text per gap length (GenerationRequest.params["gen_length"]), one token per
 delta with a small delay, at most gen_length tokens (LENGTH when that cut it), the request's healed
-blanks dropped from its front as the engine does, and records what it was asked to run, what it ended
-itself (`completed`: marked before its last delta, which a reader stops at) and what was cancelled or
-closed before its end (`cancelled`), so tests can check supersession and early stops against what
-really reached the "engine". `hold` keeps every
-request in flight until the test lets it go, so a cancel is sure to find it running. The real engine
-is exercised in test_editor_serve.py.
+blanks dropped from its front as the engine does, ending at the request's first stop string (the text
+before it, the ids through it; unlike the engine it sends text that may begin a stop string at once, and
+a script with no ids sends no delta), and records what it was asked to run, what it ended itself
+(`completed`: marked before its last delta, which a reader stops at) and what was cancelled or closed
+before its end (`cancelled`), so tests can check supersession and early stops against what really
+reached the "engine". `hold` keeps every request in flight until the test lets it go, so a cancel is
+sure to find it running. The real engine is exercised in test_editor_serve.py.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class FakeEngineClient:
     fail_with: Exception | None = None
     refuse_gen_lengths: frozenset = frozenset()  # requests of these gen_lengths are refused as overloaded
     fail_gen_lengths: frozenset = frozenset()  # requests of these gen_lengths end with an error delta
-    stopped_gen_lengths: frozenset = frozenset()  # ... end as a stopping engine cuts them (CANCELLED, error)
+    # gen_length -> token deltas after which its requests end as a stopping engine cuts them at its drain
+    # timeout (CANCELLED, ENGINE_STOPPED); None: every request's
+    stopped_at: dict = field(default_factory=dict)
     final_stats: dict = field(default_factory=dict)  # added to the last delta's stats (e.g. a stop_word)
     # A request with a grammar ends with an error naming the grammar's source field after this many token
     # deltas, as the engine ends one whose grammar fails mid-request (DecodeParamError; None: never)
@@ -69,9 +72,6 @@ class FakeEngineClient:
         if req.params.get("gen_length") in self.fail_gen_lengths:  # (a forward that failed: the engine's way)
             yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.ERROR, error="forward failed")
             return
-        if req.params.get("gen_length") in self.stopped_gen_lengths:
-            yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.CANCELLED, error=ENGINE_STOPPED)
-            return
         text = self.script.get(req.params.get("gen_length"), self.default_text)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         cut = len(ids) > req.params["gen_length"]  # the engine generates gen_length tokens at most
@@ -84,6 +84,12 @@ class FakeEngineClient:
                 await asyncio.sleep(0.005)  # polled: Event.wait() would block the whole event loop
             for i, tok in enumerate(ids):
                 await asyncio.sleep(self.delay_s)
+                if i == self.stopped_at.get(req.params["gen_length"], self.stopped_at.get(None)):
+                    done = True  # (the engine ended it: see below)
+                    self.completed.append(req.request_id)
+                    yield Delta(req.request_id, "", [], finished=True, finish_reason=FinishReason.CANCELLED,
+                                error=ENGINE_STOPPED)
+                    return
                 if i == self.grammar_fault_after and req.grammar is not None:
                     done = True  # ended by the engine: a reader stops at this delta and closes the stream
                     self.completed.append(req.request_id)

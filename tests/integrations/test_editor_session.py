@@ -216,15 +216,25 @@ async def test_engine_errors_map_to_error_codes(session, fake_client, exc, code)
 
 
 async def test_a_completion_a_stopping_engine_cut_is_overloaded_to_retry(session, fake_client):  # noqa: F811
-    """A candidate the engine ended at its drain timeout answers OVERLOADED with retry_after_s (a
-    retry reaches a running replica), not the partial text as if the model had stopped there."""
+    """The shortest gap's candidate (its partials were shown) ended by a stopping engine at its drain
+    timeout: OVERLOADED with retry_after_s (a retry reaches a running replica), not the partial text as
+    if the model had stopped there. A longer gap's cut candidate is dropped, even where its text extends
+    the shortest's: the shortest's answers."""
     s, wire = session
-    fake_client.stopped_gen_lengths = frozenset({16})
+    fake_client.default_text = "value = compute(alpha, beta, gamma, delta, epsilon, zeta, eta, theta)"
+    fake_client.stopped_at = {16: 0}
     await s.handle_frame(rpc.encode_request(1, "complete", complete_params(multiline=False, gaps=[16, 32])))
     await s.drain()
     [[_, _, err, result]] = wire.responses(1)
     assert result is None and err["code"] == rpc.OVERLOADED and err["data"] == {"retry_after_s": 1.0}
     assert "engine stopped" in err["message"]
+    fake_client.stopped_at = {32: 24}  # cut past the shortest gap's end
+    await s.handle_frame(rpc.encode_request(2, "complete", complete_params(multiline=False, gaps=[16, 32])))
+    await s.drain()
+    [[_, _, err, result]] = wire.responses(2)
+    ids = fake_client.tokenizer.encode(fake_client.default_text, add_special_tokens=False)
+    assert len(ids) > 24 and err is None and (result["gap"], result["stop_reason"]) == (16, "length")
+    assert result["text"] == fake_client.tokenizer.decode(ids[:16])
 
 
 async def test_inflight_limit_per_connection(fake_client):  # noqa: F811
@@ -412,7 +422,8 @@ async def test_truncated_says_whether_the_prefix_was_cut_to_the_context(fake_cli
     await s.drain()
     cut, whole = wire.responses(1)[0][3], wire.responses(2)[0][3]
     assert cut["truncated"] is True and whole["truncated"] is False
-    assert len(fake_client.requests[0].prompt_ids) < 96
+    [long_request] = [r for r in fake_client.requests if "-1-g" in r.request_id]  # (tokenized off the loop: any order)
+    assert len(long_request.prompt_ids) < 96
 
 
 async def test_result_echoes_the_document_version(session, fake_client):  # noqa: F811

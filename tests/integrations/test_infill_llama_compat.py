@@ -206,10 +206,24 @@ async def test_a_candidate_a_stopping_engine_cut_is_a_503_to_retry(http, fake_cl
     """A candidate the engine ended at its drain timeout (CANCELLED, "engine stopped") is no text: the
     other gap's text is not served in its place, and the answer is the 503 `shutting_down` a plain
     completion cut so gets (it was a 500 "engine error", which says the server is broken)."""
-    fake_client.stopped_gen_lengths = frozenset({32})
+    fake_client.stopped_at = {32: 0}
     resp = await http.post("/infill", json=llama_vim_request())
     assert resp.status_code == 503 and resp.headers["retry-after"] == "1", resp.text
     assert "engine stopped" in resp.json()["error"]["message"]
+
+
+async def test_a_stream_a_stopping_engine_cuts_ends_with_llama_cpps_503_error_event(http, fake_client):  # noqa: F811
+    """Cut mid-stream by a stopping engine: the last event is the error the same fault's response is
+    (503, llama.cpp's type unavailable_error), not our own type name."""
+    fake_client.default_text = "total = alpha + beta + gamma + delta\n"
+    fake_client.stopped_at = {None: 6}
+    resp = await http.post("/infill", json=llama_vim_request(stream=True, n_indent=0))
+    events = [json.loads(line[len("data: "):]) for line in resp.text.split("\n\n") if line.startswith("data: ")]
+    assert resp.status_code == 200 and events[0]["content"], resp.text
+    assert events[-1]["error"]["code"] == 503 and events[-1]["error"]["type"] == "unavailable_error"
+    assert "engine stopped" in events[-1]["error"]["message"]
+    whole = await http.post("/infill", json=llama_vim_request(n_indent=0))
+    assert whole.status_code == 503 and whole.json()["error"]["type"] == "unavailable_error", whole.text
 
 
 def test_select_fields_flattens_paths_and_skips_unknown():
@@ -527,6 +541,6 @@ async def test_a_stream_whose_client_leaves_cancels_its_candidates(bpe_tokenizer
         if set(client.cancelled) >= ids:
             break
         await asyncio.sleep(0.005)
-    tokens = len(bpe_tokenizer.encode(text, add_special_tokens=False))
-    assert len(ids) == 2 and set(client.cancelled) == ids
-    assert all(n < tokens for n in read.values()), (read, tokens)
+    assert len(ids) == 2 and set(client.cancelled) == ids and not client.completed
+    gaps = {r.request_id: r.params["gen_length"] for r in client.requests}
+    assert all(read[rid] < gaps[rid] for rid in ids), (read, gaps)  # (the fake stops at gen_length)

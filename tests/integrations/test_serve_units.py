@@ -728,7 +728,6 @@ def test_a_broken_model_directory_is_one_line_before_ray_starts(tiny_model_dir, 
         assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
 
 
-
 def test_an_unreadable_model_directory_is_one_line_before_ray_starts(tiny_model_dir, tmp_path):
     """A directory the user may not read (chmod 000) was a PermissionError traceback from the config check."""
     import shutil
@@ -744,6 +743,7 @@ def test_an_unreadable_model_directory_is_one_line_before_ray_starts(tiny_model_
     assert proc.returncode == 2 and not proc.stdout, proc.stdout + proc.stderr
     assert proc.stderr == (f"refusion serve: --model: {model} cannot be read: permission denied; give the user "
                            "running refusion read and search permission on it (chmod a+rx)\n")
+
 
 def test_a_bad_setting_names_the_file_and_its_place_and_a_bad_address_is_one_line(tmp_path):
     """A ServeConfig key the config file got wrong is named with the file and its place in it (it said

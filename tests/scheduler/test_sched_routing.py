@@ -100,6 +100,7 @@ def test_ar_must_beat_refusion_by_ar_margin_of_refusions_gain():
     no_margin = decide(1.05, 0.0)
     assert no_margin.mode is Mode.AR and no_margin.reason == "ar_faster"
 
+
 def test_heavy_load_past_the_knee_routes_to_ar_on_throughput():
     # 20 ReFusion requests running (24 packed tokens, tpf 2 each) = 480 packed tokens.
     r = router(KNEE, compute_bound_share=1.0)
@@ -157,6 +158,7 @@ def test_auto_requests_arriving_together_count_toward_the_light_load_that_explor
     reasons = [r.decide(Mode.AUTO, Priority.BATCH, LoadSnapshot(arriving_auto=n), request_key=0).reason
                for n in range(4)]
     assert reasons == ["explore", "explore", "refusion_faster", "refusion_faster"]
+
 
 def test_a_clearly_slower_mode_is_explored_less_often():
     r = router(FLAT, explore_every=4)
@@ -437,6 +439,7 @@ async def test_a_burst_counts_only_the_requests_the_free_slots_let_start_with_it
     assert [e["request_id"] for e in routes[:4]] == ["s0", "s1", "s2", "s3"]
     assert [e["arriving_auto"] for e in routes[:4]] == [3, 2, 1, 0]
 
+
 def test_a_decoder_absent_from_the_steps_keeps_its_host_cost():
     from scheduler.routing import HostCost
 
@@ -459,6 +462,7 @@ def test_a_step_timed_below_its_requests_sum_adds_no_negative_fixed_cost():
     assert host.fixed_s == 0.0 and host.per_request()[Mode.AR] == pytest.approx(0.0015)
     host.add_step([(Mode.AR, 0.001)], 0.003)  # 2 ms fixed, over 1.98 decayed steps
     assert host.fixed_s == pytest.approx(0.002 / (HostCost.DECAY + 1.0))
+
 
 def test_a_repeated_request_keeps_its_decoder_while_the_estimates_drift_a_little():
     # A re-test sent one greedy prompt 100 times to an idle server: 4 came back in ReFusion with another
