@@ -271,6 +271,31 @@ async def test_batch_work_filling_the_queue_does_not_refuse_an_interactive_reque
     await engine.stop()
 
 
+async def test_interactive_requests_past_waiting_batch_work_stop_at_max_running_more(wait_until):
+    """The queue's second bound: INTERACTIVE requests pass waiting BATCH work only by max_running places
+    (config/serve.yaml sizes Ray's max_ongoing_requests for no more). One slot, two queue places, batch a
+    running, b and c waiting: interactive i is queued (one interactive waiting, under the bound of 2),
+    interactive j is refused though only one interactive request waits (3 waiting, the most)."""
+    engine, runner = make_engine(max_running=1, max_queue=2, preempt_for_interactive=False)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    tasks = [asyncio.create_task(collect(engine, req("a", gen=6)))]
+    try:
+        await wait_until(gate.entered.is_set, "a's first forward")
+        tasks += [asyncio.create_task(collect(engine, req(rid, gen=6))) for rid in ("b", "c")]
+        await wait_until(lambda: len(engine.scheduler.waiting) == 2, "b and c queued")
+        tasks.append(asyncio.create_task(collect(engine, req("i", gen=6, priority=Priority.INTERACTIVE))))
+        await wait_until(lambda: len(engine.scheduler.waiting) == 3, "i queued past b and c")
+        with pytest.raises(OverloadedError) as err:
+            await collect(engine, req("j", priority=Priority.INTERACTIVE))
+        assert "3 waiting" in str(err.value) and "an interactive request 1 more past waiting batch ones" in str(err.value)
+    finally:
+        gate.release()
+    assert [out[-1].finish_reason for out in await asyncio.gather(*tasks)] == [FinishReason.LENGTH] * 4
+    await engine.stop()
+
+
 async def test_kv_budget_holds_requests_until_blocks_free():
     # 10 blocks of 4 tokens; each request needs ceil((3 + 6 + 6) / 4) + 1 = 5 blocks: two fit at once.
     runner = FakeRunner(num_blocks=10, block_size=4)
