@@ -166,3 +166,36 @@ async def test_a_moved_request_goes_to_the_replica_it_was_released_to_first():
     assert await groups(prefer=other) == [[other], [usual]]
     assert (await groups(prefer="gone"))[0] == [usual]
     assert router._decisions["moved"] == 1
+
+
+async def test_every_choice_tells_ray_to_back_off_before_retrying():
+    """A chosen replica can refuse (full) or be gone by the time Ray sends; Ray then retries at once
+    unless the request's routing context says to back off, a busy loop. The affinity, `replica=` and
+    `prefer=` paths all set it (on the power-of-two path Ray's locality step decides it again)."""
+    router, _ = _router({"x": 0, "y": 0})
+    req = _req([1, 2, 3], key="editor:file:///a.py")
+    for kwargs in ({}, {"replica": "x"}, {"prefer": "y"}, {"replica": "gone"}):
+        pending = PendingRequest(args=[req], kwargs=kwargs,
+                                 metadata=RequestMetadata(request_id="r", internal_request_id="i"))
+        assert pending.routing_context.should_backoff is False
+        await router.choose_replicas(router._replicas_list, pending)
+        assert pending.routing_context.should_backoff is True, kwargs
+
+
+async def test_a_sent_choice_stops_counting_at_once_oldest_first():
+    """When the caller sends (on_send_request), Ray's cache counts the request, so the router's own count
+    of that replica's unsent choices drops by one at once, not after the TTL (counted twice otherwise),
+    and the one dropped is the oldest: the newer choice still counts after the older one's TTL ends."""
+    now = [1000.0]
+    router, replicas = _router({"x": 0}, clock=lambda: now[0])
+    replica = replicas["x"]
+    router._note_chosen(replica)
+    router.on_send_request(replica.replica_id)
+    assert router._unsent_count(replica.replica_id) == 0  # the clock has not moved: sent, not expired
+    router._note_chosen(replica)
+    now[0] += 0.8
+    router._note_chosen(replica)
+    router.on_send_request(replica.replica_id)
+    assert router._unsent_count(replica.replica_id) == 1
+    now[0] += 0.7  # past the first choice's TTL, within the second's
+    assert router._unsent_count(replica.replica_id) == 1
