@@ -22,7 +22,7 @@ from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fi
 from integrations.editor.document import LINE_BREAK
 from integrations.lsp.documents import _LSP_LINE
 from integrations.lsp.server import (BridgeConfig, BridgeConfigError, LspTextDocument, answer_timeout_s, complete_params,
-                                    cursor_context, position_at_offset, wants_multiline)
+                                    cursor_context, position_at_offset, wants_multiline, with_selected_item)
 from ports import free_port, refused_port, server_socket
 
 DOC = "def area(r):\n    \n    return result\n"
@@ -284,6 +284,22 @@ def test_position_at_offset_is_the_normalized_cursor():
     assert position_at_offset(doc, 6) == types.Position(1, 2)  # end of a document without a final newline
     assert position_at_offset(LspTextDocument("file:///t.py", "ab\n"), 3) == types.Position(1, 0)
     assert position_at_offset(LspTextDocument("file:///t.py", ""), 0) == types.Position(0, 0)
+
+
+def test_a_selected_item_is_applied_only_with_the_cursor_inside_its_range():
+    """with_selected_item answers over the selected item's range only when the cursor lies within it
+    (its ends included): a cursor before or after the range gets None, as no completion over that range
+    continues the text at the cursor."""
+    doc = LspTextDocument("file:///t.py", "abcdef")
+
+    def selected(start: int, end: int, text: str) -> types.SelectedCompletionInfo:
+        return types.SelectedCompletionInfo(range=types.Range(types.Position(0, start), types.Position(0, end)), text=text)
+
+    assert with_selected_item(doc, selected(0, 2, "ab"), 4) is None  # after the range
+    assert with_selected_item(doc, selected(2, 4, "cd"), 1) is None  # before it
+    for cursor in (0, 1, 2):
+        assert with_selected_item(doc, selected(0, 2, "abX"), cursor) == (
+            "abXcdef", 3, types.Range(types.Position(0, 0), types.Position(0, 2)))
 
 
 @pytest.mark.parametrize("options, field", [
@@ -694,6 +710,36 @@ async def test_an_unreadable_frame_error_fails_only_the_oversized_request():
     assert backend._pending == {} and backend._frame_bytes == {}
 
 
+async def test_a_frame_exactly_at_the_limit_is_not_taken_for_the_oversized_one():
+    """The server refuses only frames larger than its max_frame_bytes (protocol.decode_frame): an
+    unreadable-frame error fails the waiting request one byte over the limit, and leaves the one
+    exactly at it waiting for its own answer."""
+    from integrations.editor import protocol as rpc
+    from integrations.lsp.backend import BackendError, EditorBackend
+
+    class Socket:
+        def __init__(self):
+            self.sent = []
+
+        async def send(self, frame: bytes) -> None:
+            self.sent.append(frame)
+
+    backend, up = EditorBackend("ws://127.0.0.1:1/v1/editor"), Socket()
+    limit = len(rpc.encode_request(1, "complete", {"prefix": "x" * 500}))
+    backend.server_info = {"limits": {"max_frame_bytes": limit}}
+    at = asyncio.ensure_future(backend._call_on(up, "complete", {"prefix": "x" * 500}, msg_id=1))
+    over = asyncio.ensure_future(backend._call_on(up, "complete", {"prefix": "x" * 501}, msg_id=2))
+    while len(up.sent) < 2:
+        await asyncio.sleep(0)
+    assert [len(frame) for frame in up.sent] == [limit, limit + 1]
+    backend._answer_unreadable_frame([rpc.RESPONSE, None, {"code": -32600, "message": "frame too large"}, None])
+    with pytest.raises(BackendError, match="frame too large"):
+        await over
+    assert not at.done() and list(backend._pending) == [1]
+    backend._pending[1].set_result([rpc.RESPONSE, 1, None, {"text": "y"}])
+    assert await at == {"text": "y"}
+
+
 LONG = "a" * 300_000
 
 
@@ -931,6 +977,10 @@ async def test_a_selected_suggestion_is_extended_over_its_range(scripted_backend
         outside = types.InlineCompletionParams(context=params.context, text_document=params.text_document,
                                                position=types.Position(1, 2))
         result = await asyncio.wait_for(client.text_document_inline_completion_async(outside), WAIT_S)
+        assert not result.items and len(fake.requests) == n
+        after = types.InlineCompletionParams(context=params.context, text_document=params.text_document,
+                                             position=types.Position(2, 4))  # past the range's end
+        result = await asyncio.wait_for(client.text_document_inline_completion_async(after), WAIT_S)
         assert not result.items and len(fake.requests) == n
     finally:
         await stop_lsp(client)
