@@ -451,6 +451,21 @@ def test_a_malformed_request_frame_is_answered_with_its_id_when_one_can_be_read(
     assert err.value.code == rpc.INVALID_REQUEST and getattr(err.value, "request_id", None) == request_id
 
 
+def test_the_server_refuses_only_frames_larger_than_max_frame_bytes():
+    """decode_frame takes a frame exactly max_frame_bytes long and refuses one a byte longer with
+    MESSAGE_TOO_LARGE, answered by its id (docs/editor-protocol.md, "Errors and limits")."""
+    from integrations.editor import protocol as rpc
+
+    at = rpc.encode_request(5, "complete", {"uri": "u", "prefix": "x" * 500})
+    limits = rpc.Limits(max_frame_bytes=len(at))
+    assert rpc.decode_frame(at, limits).params["prefix"] == "x" * 500
+    over = rpc.encode_request(6, "complete", {"uri": "u", "prefix": "x" * 501})
+    assert len(over) == len(at) + 1
+    with pytest.raises(rpc.RpcError) as err:
+        rpc.decode_frame(over, limits)
+    assert err.value.code == rpc.MESSAGE_TOO_LARGE and err.value.request_id == 6
+
+
 
 
 # --- a request cancelled by the server ---------------------------------------------------------------
