@@ -74,6 +74,24 @@ async def test_a_request_too_long_for_the_ar_pool_runs_ar_on_the_main_model():
         assert engine.kv.pool(key).num_free == engine.kv.pool(key).num_total
 
 
+async def test_an_ar_request_whose_estimate_fills_the_ar_pool_exactly_runs_there():
+    """A KV estimate equal to the AR pool's capacity fits it (runner_for: kv_blocks <= capacity): the
+    request runs on the AR model, not the main one."""
+    main, ar = FakeRunner(num_blocks=128), FakeRunner(num_blocks=8)
+    config = EngineConfig(routing=RoutingConfig(calibrate=False, cost_points=FLAT))
+    engine = Engine(main, FakeTokenizer(), config, FakeFactory(), ar_runner=ar, ar_decoder_factory=FakeFactory())
+    await engine.start()
+    params = engine.scheduler.factories["main"].parse_params({"gen_length": 6})
+    capacity = engine.kv.capacity("ar")
+    [length] = [n for n in range(1, 64) if engine.kv.blocks_needed(n, 0, params, ar_only=True) == capacity][-1:]
+    exact = await asyncio.wait_for(
+        collect(engine, GenerationRequest("exact", [5] * length, {"gen_length": 6}, mode=Mode.AR)), 60)
+    assert len(ids_of(exact)) == 6 and _seqs(ar) == {"exact"} and not main.calls
+    await engine.stop()
+    for key in ("main", "ar"):
+        assert engine.kv.pool(key).num_free == engine.kv.pool(key).num_total
+
+
 async def test_an_auto_request_routed_to_ar_goes_where_its_kv_estimate_fits():
     """An AUTO request's KV estimate counts a ReFusion pool (Request.kv_blocks: what starting it waits
     for): routed to AR, it must fit the AR pool by that estimate, else it waited there forever (helper-160:

@@ -236,8 +236,8 @@ async def test_a_flood_that_filled_the_queue_first_does_not_lock_others_out(wait
     await engine.start()
     sched = engine.scheduler
 
-    async def submit(r):
-        return await engine.submit(r).__anext__()  # admission errors raise here
+    async def submit(r):  # admission errors raise at once; an admitted request would wait for the held forward
+        return await asyncio.wait_for(engine.submit(r).__anext__(), 30)  # (so a wrongly admitted one fails, not hangs)
 
     tasks = [asyncio.create_task(collect(engine, req(f"a{k}", "A"))) for k in range(5)]
     try:

@@ -227,6 +227,22 @@ async def test_an_eos_ending_carries_the_eos_logprob_on_the_final_delta(engine_f
         assert last[-1].eos_logprob is None, spec.request_id
 
 
+async def test_neither_a_scoring_request_nor_the_servers_own_counts_in_the_prefix_hit_rate(engine_factory, runner):
+    """The hit rate counts the lookups of client requests that can use a hit: a prompt-scoring request
+    reads no cached block (every prompt row is computed), and the server's own requests (health probes)
+    would drag an idle server's rate towards 0. A plain request after them counts again."""
+    engine = await engine_factory()
+    prompt = _ids(runner, PROMPTS[0] * 6)  # several full KV blocks
+    await _run(engine, GenerationRequest("warm", prompt, {"gen_length": 8, "serial_num_blocks": 1}, mode=Mode.AR))
+    cache = engine.prefix_cache
+    counted = (cache.lookup_tokens, cache.hit_tokens)
+    await _scored(engine, GenerationRequest("scored", prompt, {"gen_length": 8, "serial_num_blocks": 1, "prompt_logprobs": 1}, mode=Mode.AR))
+    await _run(engine, GenerationRequest("probe", prompt, {"gen_length": 8, "serial_num_blocks": 1}, mode=Mode.AR, internal=True))
+    assert (cache.lookup_tokens, cache.hit_tokens) == counted
+    await _run(engine, GenerationRequest("again", prompt, {"gen_length": 8, "serial_num_blocks": 1}, mode=Mode.AR))
+    assert cache.lookup_tokens == counted[0] + len(prompt) and cache.hit_tokens > counted[1]
+
+
 async def test_a_scoring_request_evicts_the_prefix_cache_for_room(engine_factory, runner):
     """The prefix cache holds most of the KV pool (earlier distinct prompts): a prompt-scoring request,
     which reads no cached block, still evicts cached blocks to start, as any request (it waited
