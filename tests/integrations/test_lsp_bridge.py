@@ -674,6 +674,16 @@ async def test_closing_a_connection_to_a_stalled_server_is_quick():
         await asyncio.wait_for(backend.close(), CLOSE_TIMEOUT_S + 7)  # (it took 10 s, websockets' default)
 
 
+class _SentFrames:
+    """A backend socket that keeps what is sent on it (the backend's frames) and answers nothing."""
+
+    def __init__(self):
+        self.sent = []
+
+    async def send(self, frame: bytes) -> None:
+        self.sent.append(frame)
+
+
 async def test_an_unreadable_frame_error_fails_only_the_oversized_request():
     """The server answers a frame over its max_frame_bytes with an error of id nil. Every waiting request
     failed with it, so one document's oversized request also failed another document's completion; now
@@ -681,14 +691,7 @@ async def test_an_unreadable_frame_error_fails_only_the_oversized_request():
     from integrations.editor import protocol as rpc
     from integrations.lsp.backend import BackendError, EditorBackend
 
-    class Socket:
-        def __init__(self):
-            self.sent = []
-
-        async def send(self, frame: bytes) -> None:
-            self.sent.append(frame)
-
-    backend, up = EditorBackend("ws://127.0.0.1:1/v1/editor"), Socket()
+    backend, up = EditorBackend("ws://127.0.0.1:1/v1/editor"), _SentFrames()
     backend.server_info = {"limits": {"max_frame_bytes": 1000}}
     small = asyncio.ensure_future(backend._call_on(up, "complete", {"prefix": "def f("}, msg_id=1))
     big = asyncio.ensure_future(backend._call_on(up, "complete", {"prefix": "x" * 2000}, msg_id=2))
@@ -717,14 +720,7 @@ async def test_a_frame_exactly_at_the_limit_is_not_taken_for_the_oversized_one()
     from integrations.editor import protocol as rpc
     from integrations.lsp.backend import BackendError, EditorBackend
 
-    class Socket:
-        def __init__(self):
-            self.sent = []
-
-        async def send(self, frame: bytes) -> None:
-            self.sent.append(frame)
-
-    backend, up = EditorBackend("ws://127.0.0.1:1/v1/editor"), Socket()
+    backend, up = EditorBackend("ws://127.0.0.1:1/v1/editor"), _SentFrames()
     limit = len(rpc.encode_request(1, "complete", {"prefix": "x" * 500}))
     backend.server_info = {"limits": {"max_frame_bytes": limit}}
     at = asyncio.ensure_future(backend._call_on(up, "complete", {"prefix": "x" * 500}, msg_id=1))
