@@ -466,8 +466,6 @@ def test_the_server_refuses_only_frames_larger_than_max_frame_bytes():
     assert err.value.code == rpc.MESSAGE_TOO_LARGE and err.value.request_id == 6
 
 
-
-
 # --- a request cancelled by the server ---------------------------------------------------------------
 
 

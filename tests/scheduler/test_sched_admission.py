@@ -287,8 +287,8 @@ async def test_interactive_requests_past_waiting_batch_work_stop_at_max_running_
         await wait_until(lambda: len(engine.scheduler.waiting) == 2, "b and c queued")
         tasks.append(asyncio.create_task(collect(engine, req("i", gen=6, priority=Priority.INTERACTIVE))))
         await wait_until(lambda: len(engine.scheduler.waiting) == 3, "i queued past b and c")
-        with pytest.raises(OverloadedError) as err:
-            await collect(engine, req("j", priority=Priority.INTERACTIVE))
+        with pytest.raises(OverloadedError) as err:  # (raised at once; a wrongly admitted j fails in 30 s)
+            await asyncio.wait_for(engine.submit(req("j", priority=Priority.INTERACTIVE)).__anext__(), 30)
         assert "3 waiting" in str(err.value) and "an interactive request 1 more past waiting batch ones" in str(err.value)
     finally:
         gate.release()
