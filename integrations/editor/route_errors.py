@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 def error_body(exc: Exception, endpoint: str | None = None) -> tuple[int, dict, dict]:
     """(status, llama.cpp error body, headers) of a failure on a llama.cpp-shaped route (its type names:
-    http_errors.llama_error_body). Input faults name the field; engine and Ray errors map as in integrations/http_errors.py; anything else is a bug
-    (logged, 500)."""
+    http_errors.llama_error_body). Input faults name the field; engine and Ray errors map as in
+    integrations/http_errors.py; anything else is a bug (logged, 500)."""
     if isinstance(exc, InputError):
         status, message, kind, headers = exc.status, field_message(exc.field, exc.message), "invalid_request_error", {}
     elif isinstance(exc, APIError):

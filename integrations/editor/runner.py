@@ -304,7 +304,8 @@ def _answered_candidates(results: list, whole: bool) -> list[Candidate]:
     engine cut (its drain timeout: ENGINE_STOPPED) raises ShuttingDownError, retry after 1 s (HTTP 503
     `shutting_down`, editor OVERLOADED: as a plain completion cut so answers, openai_calls.checked), when
     `whole` or when it is the shortest answered gap's (partials, where shown, are the shortest gap's); a
-    longer one is dropped (the latency-first rule). `whole`: a candidate that ended in any other error raises EngineError."""
+    longer one is dropped (the latency-first rule). `whole`: a candidate that ended in any other error
+    raises EngineError."""
     candidates = [r for r in results if isinstance(r, Candidate)]
     errors = [r for r in results if isinstance(r, BaseException)]
     # Under load some candidates may be refused (OverloadedError): answer with the admitted ones.
