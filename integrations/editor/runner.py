@@ -240,7 +240,8 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
     cancelled at the first refusal, and the OverloadedError becomes the route's 503 with Retry-After);
     a candidate that ended in an error (a failed forward) raises EngineError with its message then, the
     route's 500 as for a plain completion (it answered 200 with empty text). A candidate a stopping engine
-    cut raises ShuttingDownError, `whole` or not (_answered_candidates).
+    cut raises ShuttingDownError when `whole` or when it is the shortest answered one; a longer one is
+    dropped (_answered_candidates).
     """
     start = time.perf_counter()
     first_partial: list[float] = []
