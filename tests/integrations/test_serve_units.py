@@ -100,8 +100,9 @@ def test_back_pressure_is_a_503_and_retry_after_is_at_least_one_second():
 
 async def test_llama_routes_get_llama_cpp_error_types_and_keep_the_headers():
     """llama.cpp's routes answer in its shape with its type names (404 not_found_error, 401
-    authentication_error, 503 unavailable_error; others as ours), and the reshaped error keeps its headers (Retry-After), whether
-    built there (shaped_response) or rewritten on its way out (RouteErrorShape)."""
+    authentication_error, 503 unavailable_error; others as ours), and the reshaped error keeps its
+    headers (Retry-After), whether built there (shaped_response) or rewritten on its way out
+    (RouteErrorShape)."""
     from integrations.http_errors import RouteErrorShape, llama_error_body, overloaded, shaped_response
 
     kinds = {status: llama_error_body(status, "invalid_request_error", "m")["error"]["type"] for status in (400, 401, 404)}
