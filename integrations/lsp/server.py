@@ -12,13 +12,16 @@ protocol and lifecycle (framing, malformed messages, initialize/shutdown/exit) a
 from __future__ import annotations
 
 import asyncio
+import math
 import re
+import time
 from urllib.parse import unquote
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams, JsonRpcRequestCancelled
+from pygls.exceptions import JsonRpcException, JsonRpcInternalError, JsonRpcInvalidParams, JsonRpcRequestCancelled
 from pygls.lsp.server import LanguageServer
 
+from integrations.editor import protocol as rpc
 from integrations.editor.document import LINE_BREAK
 from integrations.editor.protocol import Limits
 from integrations.lsp.backend import BackendError, EditorBackend
@@ -108,6 +111,7 @@ def build_server(config: BridgeConfig) -> LanguageServer:
         await backend.close()
 
     server.backend = backend  # type: ignore[attr-defined] - for tests and embedding
+    server.backend_retry_at = 0.0  # type: ignore[attr-defined] - time.monotonic() before which none is asked (_busy)
     return server
 
 
@@ -167,8 +171,10 @@ async def _backend_completion_text(server: BridgeServer, config: BridgeConfig, b
                                    version: int | None, prefix: str, suffix: str) -> str:
     """The backend's completion of the text around the cursor (cut to the backend's limits), of `doc` at
     `version` (the one prefix and suffix were read from); "" when a newer request for the document
-    superseded it. A failure is a JSON-RPC error saying what is wrong
-    (cancelled once `shutdown` was received)."""
+    superseded it, or while the backend asked for a pause (`retry_after_s`, see _busy). A failure is a
+    JSON-RPC error saying what is wrong (cancelled once `shutdown` was received)."""
+    if time.monotonic() < server.backend_retry_at:  # type: ignore[attr-defined]
+        return ""
     try:
         prefix, suffix = fit_to_limits(prefix, suffix, await backend.limits())  # a line can be very long
         request = complete_params(config, doc.uri, version, doc.language_id or "", prefix, suffix)
@@ -180,7 +186,35 @@ async def _backend_completion_text(server: BridgeServer, config: BridgeConfig, b
         if isinstance(exc, BackendError):
             if exc.code == -32800:  # superseded by a newer request for this document: nothing to show
                 return ""
+            if exc.code in (rpc.OVERLOADED, rpc.ENGINE_UNAVAILABLE):
+                raise _busy(server, exc) from None
             raise JsonRpcInternalError(f"refusion backend: {exc}") from None
         # An error, not an empty answer: the editor's LSP log then says what is wrong.
         raise JsonRpcInternalError(f"refusion backend unreachable at {config.url}: {exc}") from None
     return result.get("text", "")
+
+
+class JsonRpcRequestFailed(JsonRpcException):
+    """LSP 3.17's RequestFailed: the request was valid and the server understood it, but it failed."""
+
+    CODE = int(types.LSPErrorCodes.RequestFailed)  # -32803
+    MESSAGE = "Request Failed"
+
+
+# The longest pause a backend's retry_after_s buys: a wrong or huge value must not silence the bridge for long
+MAX_RETRY_AFTER_S = 60.0
+
+
+def _busy(server: BridgeServer, exc: BackendError) -> JsonRpcException:
+    """An OVERLOADED or ENGINE_UNAVAILABLE backend (docs/editor-protocol.md, "Errors and limits"): LSP
+    3.17's RequestFailed (-32803: a valid request that failed; the message says why), its data carrying the
+    backend's `retry_after_s` and `code`, and the bridge honours the pause as an HTTP client honours
+    Retry-After: the completions asked for within it answer no item at once without reaching the backend
+    (they were answered -32603 and sent on, each adding to the load that refused them). retry_after_s is
+    1 s when absent or not a number >= 0, at most MAX_RETRY_AFTER_S."""
+    after = exc.data.get("retry_after_s") if isinstance(exc.data, dict) else None
+    valid = isinstance(after, (int, float)) and not isinstance(after, bool) and math.isfinite(after) and after >= 0
+    after = min(float(after), MAX_RETRY_AFTER_S) if valid else 1.0
+    server.backend_retry_at = time.monotonic() + after  # type: ignore[attr-defined]
+    return JsonRpcRequestFailed(f"refusion backend busy: {exc}; no completions asked for {after:g} s",
+                                data={"retry_after_s": after, "code": exc.code})

@@ -1,0 +1,96 @@
+"""The LSP bridge over a backend that answers OVERLOADED or ENGINE_UNAVAILABLE (docs/editor-protocol.md,
+"Errors and limits"): LSP's RequestFailed with the backend's retry_after_s, and no completion asked of the
+backend until that pause is over. The backend is a scripted WebSocket server, so each answer is chosen
+and every `complete` that reached it is counted; the bridge is the `refusion lsp` subprocess."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from test_lsp_bridge import DOC, URI, RawLsp, raw_inline_params
+
+from integrations.editor import protocol as rpc
+
+TEXT = "x = 1"
+
+
+class ScriptedBackend:
+    """Answers `initialize`, and each `complete` with the next scripted error (None: a completion)."""
+
+    def __init__(self):
+        self.errors: list[dict | None] = []
+        self.completes = 0
+
+    async def serve(self, ws) -> None:
+        async for frame in ws:
+            _, msg_id, method, _params = msgpack.unpackb(frame)
+            if method == "initialize":
+                await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, None, {"limits": {"max_inflight": 8}}]))
+            elif method == "complete":
+                self.completes += 1
+                error = self.errors.pop(0)
+                result = None if error else {"text": TEXT, "stop_reason": "stop"}
+                await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, error, result]))
+
+
+@pytest.fixture
+async def bridge(tmp_path):
+    """(the scripted backend, an initialized `refusion lsp` with DOC open on it, a request sender)."""
+    import websockets
+
+    backend = ScriptedBackend()
+    async with websockets.serve(backend.serve, "127.0.0.1", 0) as server:
+        lsp = await RawLsp.start(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/editor", tmp_path)
+        ids = iter(range(1, 1000))
+        try:
+            assert "capabilities" in (await lsp.request(next(ids), "initialize", {"capabilities": {}}))["result"]
+            lsp.notify("initialized", {})
+            lsp.notify("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "python", "version": 1,
+                                                                 "text": DOC}})
+
+            async def complete(backend_error: dict | None = None, *, reaches_backend: bool = True) -> dict:
+                before = backend.completes
+                if reaches_backend:
+                    backend.errors.append(backend_error)
+                answer = await lsp.request(next(ids), "textDocument/inlineCompletion", raw_inline_params())
+                assert backend.completes - before == int(reaches_backend), answer
+                return answer
+
+            yield backend, lsp, complete
+        finally:
+            await lsp.close()
+
+
+def busy(code: int, retry_after_s) -> dict:
+    return {"code": code, "message": "engine queue full", "data": {"retry_after_s": retry_after_s}}
+
+
+@pytest.mark.parametrize("code", [rpc.OVERLOADED, rpc.ENGINE_UNAVAILABLE])
+async def test_a_busy_backend_is_request_failed_and_its_retry_after_is_honoured(bridge, code):
+    """It was -32603 (InternalError) with retry_after_s dropped, and the next keystroke's completion went
+    straight back to the backend that had refused the last one."""
+    backend, lsp, complete = bridge
+    answer = await complete(busy(code, 0))  # no pause asked: the next completion is sent
+    assert answer["error"]["code"] == -32803 and "engine queue full" in answer["error"]["message"], answer
+    assert answer["error"]["data"] == {"retry_after_s": 0, "code": code}
+    assert (await complete())["result"]["items"][0]["insertText"] == TEXT
+    answer = await complete(busy(code, 600))  # a pause past this test: the capped one holds throughout
+    assert answer["error"]["code"] == -32803 and answer["error"]["data"] == {"retry_after_s": 60, "code": code}
+    assert "no completions asked for 60 s" in answer["error"]["message"]
+    for _ in range(2):  # answered at once, with nothing, without the backend
+        assert (await complete(reaches_backend=False))["result"] == {"items": []}
+    assert "answered JsonRpcRequestFailed (-32803): refusion backend busy" in lsp.stderr()
+
+
+@pytest.mark.parametrize("retry_after_s", ["soon", -1, None])
+async def test_a_retry_after_that_is_not_a_duration_pauses_one_second(bridge, retry_after_s):
+    _, _, complete = bridge
+    answer = await complete(busy(rpc.OVERLOADED, retry_after_s))
+    assert answer["error"]["data"] == {"retry_after_s": 1, "code": rpc.OVERLOADED}, answer
+
+
+async def test_other_backend_errors_pause_nothing(bridge):
+    _, _, complete = bridge
+    answer = await complete({"code": rpc.INVALID_PARAMS, "message": "max_tokens must be 1..256", "data": None})
+    assert answer["error"]["code"] == -32603 and "max_tokens must be 1..256" in answer["error"]["message"], answer
+    assert (await complete())["result"]["items"][0]["insertText"] == TEXT
