@@ -74,6 +74,10 @@ def test_conversation_key_is_stable_over_turns_and_tells_conversations_apart():
 # queue-length cache grows only when a routed caller resumes and sends (Router._route_and_send_request_
 # once: `_choose_replica_for_request`, then `on_send_request`). These tests drive that real loop with
 # Ray's in-memory replica stand-in and a caller that does exactly those two steps.
+# The router reads the time from a clock the test owns (`clock`, frozen unless a test moves it): its
+# unsent choices count for UNSENT_TTL_S of that clock, and on the wall clock a burst routed by a
+# nice-19 xdist worker on a loaded 2-core machine can take longer than that (one stall of just over
+# 1 s part-way through a burst sent most of it to one replica), so no test depends on the machine's speed.
 
 import asyncio  # noqa: E402
 
@@ -85,9 +89,11 @@ from integrations.serve_router import UNSENT_TTL_S, EngineRouter  # noqa: E402
 
 
 def _router(queue_lens: dict[str, int], policy: str = "prefix_affinity", clock=None) -> tuple[EngineRouter, dict]:
+    """A router on stand-in replicas reporting `queue_lens`; `clock` (seconds): the router's time and Ray's
+    cache's, frozen at 1000.0 unless given."""
     router = EngineRouter(deployment_id=DeploymentID(name="engine", app_name="refusion"),
                           handle_source=DeploymentHandleSource.REPLICA, use_replica_queue_len_cache=True,
-                          get_curr_time_s=clock)
+                          get_curr_time_s=clock or (lambda: 1000.0))
     router.initialize_state(policy=policy, prefix_tokens=256, imbalanced_threshold=2.0)
     replicas = {}
     for name, queue_len in queue_lens.items():
