@@ -29,13 +29,17 @@ Guards around llguidance (found by a break-test):
     waited for it at each step. So a request's grammar has a CPU-time budget per generated token (matching the
     token, the forced tokens after it and the next bitmask: `TokenConstraint(token_ms=...)`, the engine
     setting grammar_token_ms); past it the request ends with a DecodeParamError naming the grammar's
-    source field, and the others go on.
+    source field, and the others go on. The time is the engine thread's CPU time less its garbage
+    collections (`cpu_time_without_gc`): a full collection that starts inside a timed llguidance call
+    (150 ms in a process with torch and Ray loaded) is no cost of the grammar, and it failed a valid
+    request with a 400.
 
 Plain Python over llguidance's host-side matcher: no torch.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import dataclass
@@ -47,6 +51,34 @@ from decoding.api import DecodeParamError
 MAX_GRAMMAR_CHARS = 1_000_000
 COMPILE_STACK_BYTES = 512 << 20
 _STACK_LOCK = threading.Lock()  # threading.stack_size is process-wide (with_compile_stack)
+
+
+class _GcTime(threading.local):
+    """Per thread: CPU seconds its garbage collections took, and when the one under way started."""
+
+    seconds = 0.0
+    started: float | None = None
+
+
+_GC_TIME = _GcTime()
+
+
+def _count_gc(phase: str, _info: dict) -> None:
+    """A gc.callbacks hook: CPython calls it in the collecting thread as a collection starts and stops."""
+    if phase == "start":
+        _GC_TIME.started = time.thread_time()
+    elif _GC_TIME.started is not None:
+        _GC_TIME.seconds += time.thread_time() - _GC_TIME.started
+        _GC_TIME.started = None
+
+
+gc.callbacks.append(_count_gc)
+
+
+def cpu_time_without_gc() -> float:
+    """Seconds: this thread's CPU time (time.thread_time) less the time its garbage collections took
+    since this module was imported. The grammar budget's clock (module doc)."""
+    return time.thread_time() - _GC_TIME.seconds
 
 
 @dataclass(frozen=True)
@@ -150,7 +182,7 @@ class Grammar:
     seconds of a stalled loop, for a request that could return 16 of them)."""
 
     def __init__(self, tokenizer: GrammarTokenizer, spec: GrammarSpec, prompt_ids: list[int], token_ms: float = 0.0,
-                 clock=time.thread_time, max_forced: int = MAX_GRAMMAR_CHARS):
+                 clock=cpu_time_without_gc, max_forced: int = MAX_GRAMMAR_CHARS):
         from llguidance import LLMatcher
 
         self.source, self.tokenizer, self.token_ms, self._clock = spec.source, tokenizer, token_ms, clock
@@ -191,11 +223,11 @@ class TokenConstraint:
     source field when the grammar fails mid-request (a parser limit, or no way to go on), or when
     matching one generated token took more than `token_ms` milliseconds of CPU time (module doc): the
     llguidance calls from one bitmask to the next (`consume`, `fast_forward`, `bitmask`), timed with
-    `clock` (seconds of the calling thread's CPU time: the engine loop's; other threads' load does not
-    count). 0 = no budget."""
+    `clock` (seconds of the calling thread's CPU time less its garbage collections, cpu_time_without_gc:
+    the engine loop's; other threads' load does not count). 0 = no budget."""
 
     def __init__(self, matcher, tokenizer: GrammarTokenizer, source: str, initial_forced: list[int] = (),
-                 token_ms: float = 0.0, clock=time.thread_time):
+                 token_ms: float = 0.0, clock=cpu_time_without_gc):
         self._matcher, self._tokenizer, self._source = matcher, tokenizer, source
         self.initial_forced = list(initial_forced)  # forced at the start, already consumed (Grammar)
         self._token_ms, self._clock = token_ms, clock

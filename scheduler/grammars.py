@@ -16,12 +16,11 @@ sharing one is safe. vLLM and SGLang cache compiled grammars by their key the sa
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 from decoding.api import DecodeParamError
-from decoding.grammar import Grammar, GrammarSpec, GrammarTokenizer
+from decoding.grammar import Grammar, GrammarSpec, GrammarTokenizer, cpu_time_without_gc
 
 COMPILE_THREADS = 2
 CACHE_SIZE = 16
@@ -33,7 +32,7 @@ class GrammarCompiler:
     grammar llguidance refuses (as Grammar). `token_ms` and `clock`: every grammar's CPU-time budget per
     token and the clock that times it (decoding.grammar.TokenConstraint)."""
 
-    def __init__(self, tokenizer: GrammarTokenizer, token_ms: float, clock=time.thread_time):
+    def __init__(self, tokenizer: GrammarTokenizer, token_ms: float, clock=cpu_time_without_gc):
         self._tokenizer, self._token_ms, self._clock = tokenizer, token_ms, clock
         self._pool: ThreadPoolExecutor | None = None
         self._cache: OrderedDict[tuple, asyncio.Future] = OrderedDict()

@@ -384,6 +384,63 @@ def test_a_tokens_matching_time_counts_consume_forced_tokens_and_bitmask_against
         unbounded.bitmask()  # 0: no budget, whatever the calls cost
 
 
+class _SlowConsume:
+    """An llguidance matcher whose consume_token first runs `work`: the time a token's matching takes."""
+
+    def __init__(self, matcher, work):
+        self._matcher, self._work = matcher, work
+
+    def __getattr__(self, name: str):
+        return getattr(self._matcher, name)
+
+    def consume_token(self, token: int) -> bool:
+        self._work()
+        return self._matcher.consume_token(token)
+
+
+def test_a_garbage_collection_inside_a_timed_call_is_not_charged_to_the_grammar(runner, monkeypatch):
+    """The budget's default clock leaves garbage collections out (decoding.grammar.cpu_time_without_gc):
+    a full collection starting inside an llguidance call (150 ms of CPU with torch and Ray loaded,
+    helper-233) failed a valid request with a 400 blaming its grammar. Here the CPU clock is a fake
+    that a collection moves on by 100 ms (a gc callback run before the module's own), so the same 100 ms
+    is charged when it is the call's own work and not when a real gc.collect() took it."""
+    import gc
+    import types
+
+    import decoding.grammar as grammar_module
+
+    cpu = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(grammar_module, "time", types.SimpleNamespace(thread_time=lambda: cpu.now))
+
+    def collection_takes_100_ms(phase: str, _info: dict) -> None:
+        if phase == "stop":
+            cpu.now += 0.1
+
+    def own_work() -> None:
+        cpu.now += 0.1
+
+    tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
+    spec = GrammarSpec(LLMatcher.grammar_from_lark("start: /[a-z]+/"), source="structured_outputs.grammar")
+    grammar, letter = Grammar(tokenizer, spec, _ids(runner, "x"), token_ms=50), _ids(runner, "a")[0]
+    collected = grammar.constraint()
+    collected._matcher = _SlowConsume(collected._matcher, gc.collect)
+    gc.callbacks.insert(0, collection_takes_100_ms)  # (before the module's: the stop it reads is 100 ms on)
+    try:
+        collected.bitmask()
+        before = cpu.now
+        collected.consume(letter)
+        assert cpu.now - before >= 0.1  # the collection ran inside the timed call and took 100 ms
+        collected.bitmask()  # no error: under 50 ms
+        assert collected.last_token_ms < 50  # nor is it counted as a slow grammar's (grammar_step_ms)
+    finally:
+        gc.callbacks.remove(collection_takes_100_ms)
+    worked = grammar.constraint()
+    worked._matcher = _SlowConsume(worked._matcher, own_work)
+    worked.bitmask()
+    with pytest.raises(DecodeParamError, match="100.00 ms of CPU time for one token"):  # its own 100 ms counts
+        worked.consume(letter)
+
+
 async def test_a_grammar_whose_matching_outgrows_its_cpu_budget_fails_alone(engine_factory, runner):
     # One character per lexeme and an ambiguous rule: llguidance's per-mask work stays under its own limits
     # while the time per token grows with the text (2 s per token after ~400 characters on the CI CPU), and
