@@ -117,11 +117,17 @@ class GenerationRequest:
     healed: str = ""
     # The client's text indents with tabs, which the model's text writes as MODEL_TAB_WIDTH spaces
     # (integrations/editor/document.py): `stop` strings are matched on the text as the client reads it,
-    # each line's leading spaces as tabs (scheduler.detokenizer.TabView; the first line's too with
+    # each line's leading spaces as tabs (scheduler.client_view.TabView; the first line's too with
     # tab_indent_first_line: the client's cursor stood in its line's indentation), so that a "\t" stop
     # ends the text at an indent, never at four spaces inside a line. The text itself stays the model's.
     tab_indent: bool = False
     tab_indent_first_line: bool = False
+    # The client's text breaks lines with "\r\n" or "\r", which the model's text writes as "\n", and its
+    # `stop` strings come with their line breaks as "\n" (DocumentStyle.model_stops): a "\r\n" the model
+    # writes is one line break there too, so stop strings are matched on the text with each "\r\n" read
+    # as "\n" (scheduler.client_view.CrlfView): a "\n" stop ends the text before the "\r", and a "\r" the
+    # text ends in is sent only once the next character is known. The text itself stays the model's.
+    crlf: bool = False
     # gen_length is the server's default, not the client's (OpenAI max_tokens unset): when prompt +
     # gen_length needs more KV blocks than the engine's cache has, gen_length (and max_tokens) shrink to
     # the largest whole blocks of whole slots that fit, instead of a 400, as an unset max_tokens shrinks

@@ -8,6 +8,7 @@ text deltas:
     prefix of one) is held back, so a stop string that spans two steps is cut before any of it is sent;
     other text goes out at once (vLLM holds back len(longest stop) - 1 characters whatever they are);
   - a stop string ends the text just before it; after a deadline, the text may end after a newline;
+    a tab-indented or CRLF client's stop strings are matched on its view of the text (client_view.py);
   - with min_tokens (vLLM's), a stop string counts only if it ends inside or after the text of the
     min_tokens-th id: one complete before that is passed over (vLLM checks no stop string before then);
   - token healing (`healed`: the spaces/tabs a prompt ended in, left out of it so that the model writes
@@ -25,6 +26,10 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scheduler.client_view import CrlfView, TabView
 
 REPLACEMENT_CHAR = "\ufffd"
 MAX_HELD_IDS = 3  # the most ids held back for a character not yet complete (4 bytes at most: 3 before the last)
@@ -42,39 +47,6 @@ def tabs_for_spaces(text: str) -> str:
         return "\t" * levels + " " * rest
 
     return _LEADING_SPACES.sub(indent, text)
-
-
-class TabView:
-    """The model's text as a tab-indented client reads it (tabs_for_spaces; the first line's indent only
-    with `first_line`: the client's cursor stood in its line's indentation), so that stop strings are
-    matched where the client's text has them (GenerationRequest.tab_indent): "\t" at an indent level,
-    never at four spaces inside a line, and "\n    " never (a client's line never starts so)."""
-
-    def __init__(self, first_line: bool):
-        self.first_line = first_line
-
-    def view(self, text: str, start: int, final: bool) -> tuple[str, list[int]]:
-        """(view, at): the view of text[base:], base the start of the line holding text[start], and at[v]
-        the index in `text` where the view's v-th character starts (len(view) + 1 entries: the last is
-        where the view ends). Unless `final`, the view stops before an open last line's leading spaces
-        that do not make a whole tab yet (another space would turn them into one)."""
-        base = text.rfind("\n", 0, start) + 1
-        view, at, pos = [], [], base
-        lines = text[base:].split("\n")
-        for k, line in enumerate(lines):
-            spaces = len(line) - len(line.lstrip(" ")) if k or base or self.first_line else 0
-            tabs = spaces // MODEL_TAB_WIDTH
-            view.append("\t" * tabs)
-            at.extend(range(pos, pos + tabs * MODEL_TAB_WIDTH, MODEL_TAB_WIDTH))
-            if k == len(lines) - 1 and spaces == len(line) and not final:  # (spaces only so far)
-                at.append(pos + tabs * MODEL_TAB_WIDTH)
-                return "".join(view), at
-            rest = line[tabs * MODEL_TAB_WIDTH:] + ("\n" if k < len(lines) - 1 else "")  # (as it is)
-            view.append(rest)
-            at.extend(range(pos + tabs * MODEL_TAB_WIDTH, pos + tabs * MODEL_TAB_WIDTH + len(rest)))
-            pos += len(line) + 1
-        at.append(len(text))
-        return "".join(view), at
 
 
 @dataclass
@@ -150,9 +122,9 @@ class TextStream:
     token healing left out of the prompt (only spaces and tabs; "" for none)."""
 
     def __init__(self, tokenizer, stop: list[str] | None = None, min_tokens: int = 0, healed: str = "",
-                 tab_view: TabView | None = None):
+                 view: TabView | CrlfView | None = None):
         self._tokenizer = tokenizer
-        self._tab_view = tab_view  # stop strings are matched on the text as a tab-indented client reads it
+        self._view = view  # stop strings are matched on the text as the client reads it (client_view.py)
         self._backend_decode = fast_decoder(tokenizer)
         self._healer = Healer(healed)
         self._stop = [s for s in (stop or []) if s]
@@ -238,7 +210,7 @@ class TextStream:
 
     def _release(self, *, newline_cut: bool, final: bool) -> TextUpdate:
         start = self._sent_chars
-        view = self._tab_view.view(self._text, start, final) if self._tab_view is not None and self._stop else None
+        view = self._view.view(self._text, start, final) if self._view is not None and self._stop else None
         cut = self._find_stop(start) if view is None else self._find_stop_in_view(start, *view)
         stopped = "stop" if cut is not None else None
         if cut is None and newline_cut:
@@ -261,7 +233,7 @@ class TextStream:
         covered = self._stop_end if stopped == "stop" else end
         ids_end = self._ids_covering(covered) if stopped else self._read_offset if not final else len(self._ids)
         if view is not None and not (stopped or final) and view[1][-1] < len(self._text):
-            ids_end = self._sent_ids  # (an open indent's ids wait with it: a stop string may still end inside it)
+            ids_end = self._sent_ids  # (an open indent's or a last "\r"'s ids wait: a stop string may still end there)
         update.token_ids = self._ids[self._sent_ids : max(self._sent_ids, ids_end)]
         update.ids_start = self._sent_ids
         self._sent_ids = max(self._sent_ids, ids_end)
@@ -288,7 +260,7 @@ class TextStream:
         return index
 
     def _find_stop_in_view(self, start: int, view: str, at: list[int]) -> int | None:
-        """_find_stop on the tab view (TabView.view from `start`, `at` its indices in the text): the
+        """_find_stop on the client's view (TabView.view from `start`, `at` its indices in the text): the
         earliest stop string whose view starts at or after `start` and ends past the min_tokens text."""
         if not self._stops_open():
             return None

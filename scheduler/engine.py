@@ -35,7 +35,8 @@ from scheduler.calibration import calibrate
 from scheduler.config import EngineConfig
 from scheduler.log_format import plain_tracebacks
 from scheduler.decoders import DecoderFactory, ModelDecoderFactory
-from scheduler.detokenizer import TabView, TextStream
+from scheduler.client_view import client_view
+from scheduler.detokenizer import TextStream
 from scheduler.engine_ahead import EngineAhead
 from scheduler.engine_loop import EngineLoop
 from scheduler.engine_output import EngineOutput
@@ -342,9 +343,9 @@ class Engine(EngineLoop, EngineAhead, EngineOutput):
             self.scheduler.fitted(spec, params)
             return None
         try:
-            tabs = TabView(spec.tab_indent_first_line) if spec.tab_indent else None
+            view = client_view(spec.tab_indent, spec.tab_indent_first_line, spec.crlf)
             stream = TextStream(self.tokenizer, spec.stop, min_tokens=getattr(params, "min_tokens", 0), healed=spec.healed,
-                                tab_view=tabs)
+                                view=view)
             req = self.scheduler.add(spec, params, stream)
         except OverloadedError:
             if not spec.internal:

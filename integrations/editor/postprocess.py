@@ -16,6 +16,8 @@ Applied in this order to the text generated so far (cumulative, so it also runs 
   4. trailing line breaks (final): when the text after the cursor starts with a line break, the
      completion's trailing line breaks and blank lines are dropped (the document has that line break;
      kept, they would insert a blank line). Partials never show them (a line with no visible text waits).
+In a CRLF or CR document (`Rules.crlf`) a "\r\n" the model wrote is one line break: a cut before it takes
+its "\r", and a partial holds a "\r" last until the next character is known.
 
 Each rule returns the kept text and whether it cut; a cut is final (more tokens cannot undo it),
 so the caller may cancel generation at once. `final=True` enables the rules that only make sense
@@ -53,6 +55,10 @@ class Rules:
     # /v1/completions' suffix (llama.cpp and vLLM return the model's text, U+FFFD included), and off
     # whenever the document holds U+FFFD itself (InfillPrompt.holds_replacement)
     cut_invalid: bool = False
+    # The document breaks lines with "\r\n" or "\r" (DocumentStyle.line_ending), where a "\r\n" the model
+    # writes is one line break (DocumentStyle.to_document): a cut before a line break takes its "\r" too,
+    # and a partial holds a "\r" last. Off (an LF document): a "\r" stays as the model wrote it.
+    crlf: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,15 +211,21 @@ def _trim_tail(text: str, suffix: str) -> tuple[str, bool]:
     return text, False
 
 
-def shown_partial(text: str, suffix: str) -> str:
+def shown_partial(text: str, suffix: str, crlf: bool = False) -> str:
     """What a partial may show: only text that every way generation can go on keeps in the final result,
     so streamed text is always a prefix of the final one (a stream cannot take text back). Held back:
     a trailing line with no visible text yet; trailing lines that may still become a repeat of the
     suffix (line rule); an unfinished first line's end that may still become the rest of the cursor
-    line (rest-of-line rule); an end that may still become the start of the suffix (tail rule)."""
+    line (rest-of-line rule); an end that may still become the start of the suffix (tail rule); with
+    `crlf` (Rules.crlf), a "\r" last, which a "\n" next makes a line break that a cut takes whole."""
+    shown = _shown_partial(text, suffix)
+    return shown[:-1] if crlf and shown.endswith("\r") else shown
+
+
+def _shown_partial(text: str, suffix: str) -> str:
     cut = text.rfind("\n")
     if cut >= 0 and not text[cut + 1 :].strip():
-        return shown_partial(text[:cut], suffix)  # a new line with no visible text yet: wait
+        return _shown_partial(text[:cut], suffix)  # a new line with no visible text yet: wait
     anchor = _suffix_anchor(suffix)
     rest_of_line = _rest_of_cursor_line(suffix)
     lines = text.split("\n")
@@ -271,7 +283,7 @@ def _held_from(line: str, rest_of_line: str) -> int:
 
 def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
     """Apply the invalid-bytes, single-line, indentation and suffix-repeat rules in that order (module
-    docstring)."""
+    docstring); a cut at a "\r\n" the model wrote in a CRLF or CR document takes it whole (Rules.crlf)."""
     text, cut = raw, None
     if rules.cut_invalid and REPLACEMENT in text:
         # Cut before the first. A lone U+FFFD at the very end may be a character the end or a token cap
@@ -292,4 +304,6 @@ def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
         tail = text[len(body):]
         if "\n" in tail:  # spaces before the first dropped line break stay: a partial may have shown them
             text = body + tail[: tail.index("\n")]
+    if rules.crlf and text.endswith("\r") and raw.startswith("\n", len(text)):
+        text = text[:-1]  # every rule cuts before a "\n" (the text stays a prefix of raw): the "\r\n" goes whole
     return Processed(text, cut)

@@ -72,7 +72,8 @@ class CompletionJob:
         indent = self.rules.indent * MODEL_TAB_WIDTH if style.tabs else self.rules.indent
         suffix = self.rules.suffix[: MAX_SUFFIX_TOKENS * MAX_CHARS_PER_TOKEN]
         return replace(self.rules, suffix=style.to_model(suffix), indent=indent, line_prefix=self.prompt.cursor_line,
-                       cut_invalid=self.rules.cut_invalid and not self.prompt.holds_replacement)
+                       cut_invalid=self.rules.cut_invalid and not self.prompt.holds_replacement,
+                       crlf=style.line_ending != "\n")
 
     def engine_requests(self) -> list[GenerationRequest]:
         return [
@@ -211,7 +212,7 @@ def _partial(text: str, rules: Rules, job: CompletionJob) -> tuple[str, str]:
     """What a partial shows, in the document's style and in the model's. Whitespace alone is not shown:
     its indentation (tabs or spaces) is known only once the line has text, and a partial must stay a
     prefix of the result."""
-    model_text = shown_partial(text, rules.suffix)
+    model_text = shown_partial(text, rules.suffix, crlf=rules.crlf)
     return (job.prompt.to_document(model_text), model_text) if model_text.strip(" \t") else ("", "")
 
 

@@ -5,13 +5,15 @@ The real app on the shipped model: test_serve_client_text.py."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fixture
 
 from integrations.editor.document import DocumentStyle
 from integrations.editor.infill import build_infill_prompt
-from integrations.editor.postprocess import Rules
+from integrations.editor.postprocess import (CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Processed, Rules, postprocess,
+                                             shown_partial)
 from integrations.editor.runner import CompletionJob, run_completion
 
 TAB_PREFIX = "def parse_args(argv):\n\tparser = argparse.ArgumentParser()\n\t"  # issue 14, item 6
@@ -123,10 +125,14 @@ def test_stop_strings_follow_the_document_and_keep_their_meaning_in_an_lf_one():
     assert DocumentStyle("\n", True).model_stops(["\r\n", "\r\n\tx", "\n\tpass"]) == ["\r\n", "\r\n\tx", "\n\tpass"]
     assert DocumentStyle("\r\n", True).model_stops(["\r\n\tx"]) == ["\n\tx"]
     assert DocumentStyle("\r", False).model_stops(["\t\r"]) == ["\t\n"]
-    assert DocumentStyle("\n", True).engine_fields(at_indent=True) == {"tab_indent": True, "tab_indent_first_line": True}
+    assert DocumentStyle("\n", True).engine_fields(at_indent=True) == {"tab_indent": True,
+                                                                       "tab_indent_first_line": True, "crlf": False}
     assert DocumentStyle("\n", True).engine_fields(at_indent=False)["tab_indent_first_line"] is False
     assert DocumentStyle("\r\n", False).engine_fields(at_indent=True) == {"tab_indent": False,
-                                                                          "tab_indent_first_line": False}
+                                                                          "tab_indent_first_line": False, "crlf": True}
+    # the engine reads the model's "\r\n" as one line break of a CRLF or CR document (GenerationRequest.crlf)
+    assert DocumentStyle("\r", True).engine_fields(at_indent=False)["crlf"] is True
+    assert DocumentStyle("\n", True).engine_fields(at_indent=False)["crlf"] is False
 
 
 def test_the_client_gets_its_own_stop_string_back():
@@ -134,3 +140,47 @@ def test_the_client_gets_its_own_stop_string_back():
     style = DocumentStyle("\r\n", True)
     assert style.client_stop(["x", "\r\n\t"], "\n\t") == "\r\n\t"
     assert style.client_stop(["x"], "y") == "y"  # none matches: the engine's word as it is
+
+
+CRLF_PREFIX, CRLF_SUFFIX = "def f():\r\n    x = ", "\r\n    return x\r\n"
+
+
+@pytest.mark.parametrize("raw, rules, expected", [
+    ("1\r\ny = 2", Rules(multiline=False), Processed("1", CUT_NEWLINE)),  # single-line
+    ("1\r\n    y = 2\r\nz = 3", Rules(indent=4), Processed("1\r\n    y = 2", CUT_INDENT)),  # n_indent
+    ("1\r\nreturn x\r\n", Rules(suffix="\nreturn x\n"), Processed("1", CUT_SUFFIX)),  # a repeat of the suffix
+    ("1\r\n    y = 2\r\n", Rules(suffix="\n    return x\n"), Processed("1\r\n    y = 2")),  # trailing line breaks
+    ("1 \r\n\r\n", Rules(suffix="\nz"), Processed("1 ")),  # (spaces a partial may have shown stay)
+])  # fmt: skip
+def test_a_cut_at_a_crlf_the_model_wrote_takes_the_whole_line_break(raw, rules, expected):
+    """In a CRLF or CR document (Rules.crlf) the model's "\r\n" is one line break: a rule that ends the text
+    before a line break ended it between the two ("1\r", which the document reads as a line break of
+    its own; helper-234). In an LF document the "\r" stays, as the model wrote it."""
+    crlf = replace(rules, crlf=True)
+    assert postprocess(raw, crlf, final=True) == expected
+    assert postprocess(raw, rules, final=True).text == expected.text + "\r"  # an LF document: unchanged
+    for end in range(len(raw) + 1):  # what a stream shows stays a prefix of the result
+        assert expected.text.startswith(shown_partial(postprocess(raw[:end], crlf).text, crlf.suffix, crlf=True))
+
+
+def test_a_partial_holds_a_trailing_cr_in_a_crlf_document():
+    assert shown_partial("x = 1\r", "", crlf=True) == "x = 1"  # a "\n" next would make it a line break
+    assert shown_partial("x = 1\ry", "", crlf=True) == "x = 1\ry"  # a lone CR: as written
+    assert shown_partial("x = 1\r", "") == "x = 1\r"  # an LF document: as the model wrote it
+
+
+@pytest.mark.parametrize("multiline, expected", [(False, "1"), (True, "1\r\ny = 2")])
+async def test_a_crlf_document_gets_one_line_break_for_the_models_crlf(bpe_tokenizer, multiline,  # noqa: F811
+                                                                       expected):
+    """The infill path end to end (fake engine): single-line mode and the trailing line break rule cut the
+    model's "\r\n" whole (they left "1\r" and "...y = 2\r"), and every partial is a prefix of the result."""
+    client = FakeEngineClient(bpe_tokenizer, default_text="1\r\ny = 2\r\n", delay_s=0)
+    job = CompletionJob("t", build_infill_prompt(bpe_tokenizer, CRLF_PREFIX, CRLF_SUFFIX), (32,),
+                        Rules(suffix=CRLF_SUFFIX, multiline=multiline))
+    partials: list[str] = []
+
+    async def on_partial(text: str, _token_ids: list[int]) -> None:
+        partials.append(text)
+
+    assert (await run_completion(client, job, on_partial)).text == expected
+    assert all(expected.startswith(p) for p in partials), partials

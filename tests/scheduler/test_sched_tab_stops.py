@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from scheduler.detokenizer import TabView, TextStream, tabs_for_spaces
+from scheduler.client_view import TabView
+from scheduler.detokenizer import TextStream, tabs_for_spaces
 
 
 class PieceTokenizer:
@@ -30,7 +31,7 @@ def client_text(text: str, first_line: bool) -> str:
 
 def run(pieces, stop, first_line=False, per_step=1, min_tokens=0):
     """Stream the pieces (each one token), `per_step` a step; (sent text, stopped, stop_word, ids sent)."""
-    stream = TextStream(PieceTokenizer(pieces), stop=stop, tab_view=TabView(first_line), min_tokens=min_tokens)
+    stream = TextStream(PieceTokenizer(pieces), stop=stop, view=TabView(first_line), min_tokens=min_tokens)
     updates = [stream.update(list(range(min(k, len(pieces))))) for k in range(per_step, len(pieces) + per_step, per_step)]
     updates.append(stream.finish())
     stopped = [u.stopped for u in updates if u.stopped]
@@ -74,7 +75,7 @@ def test_a_stop_ending_inside_an_open_indent_counts_no_token_past_it():
 def test_an_open_indent_waits_until_it_is_known():
     """Three spaces may become a tab with the fourth: a "\n   " stop must not match them yet, and they are
     not sent before the line says what they are."""
-    stream = TextStream(PieceTokenizer(["a", "\n", "   ", " ", "b"]), stop=["\n   "], tab_view=TabView(False))
+    stream = TextStream(PieceTokenizer(["a", "\n", "   ", " ", "b"]), stop=["\n   "], view=TabView(False))
     assert stream.update([0, 1, 2]).text == "a"  # "\n" and the open indent held
     update = stream.update([0, 1, 2, 3, 4])
     assert update.stopped is None and update.text == "\n    b"  # a tab: "\n   " never matched

@@ -1,0 +1,100 @@
+"""Stop strings of a CRLF or CR client, matched on the text as it reads it (TextStream's CrlfView): a
+"\r\n" the model writes is one line break there (integrations/editor/document.py), which a stop string's
+line break ("\n" in the model's form: DocumentStyle.model_stops) matches whole."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from sched_fakes import NEWLINE, FakeRunner, FakeTokenizer, collect, make_engine
+from test_sched_tab_stops import PieceTokenizer, client_text
+
+from scheduler.api import GenerationRequest, Mode
+from scheduler.client_view import CrlfView, TabView
+from scheduler.detokenizer import TextStream
+
+
+def run(pieces, stop, tabs=None, per_step=1):
+    """Stream the pieces (each one token), `per_step` a step; (the texts sent, stopped, stop_word, stream)."""
+    stream = TextStream(PieceTokenizer(pieces), stop=stop, view=CrlfView(tabs))
+    steps = range(per_step, len(pieces) + per_step, per_step)
+    updates = [stream.update(list(range(min(k, len(pieces))))) for k in steps]
+    updates.append(stream.finish())
+    stopped = [u.stopped for u in updates if u.stopped]
+    return [u.text for u in updates], stopped[0] if stopped else None, stream.stop_word, stream
+
+
+def test_a_line_break_stop_cuts_before_the_models_crlf_whole():
+    """The "\n" stop matched the "\n" of the model's "\r\n": the text came back "x = 1\r" (helper-234)."""
+    for pieces in (["x = 1", "\r", "\n", "y"], ["x = 1\r\n", "y"], ["x = 1\r", "\ny"]):
+        sent, stopped, word, stream = run(pieces, ["\n"])
+        assert ("".join(sent), stopped, word) == ("x = 1", "stop", "\n"), pieces
+        assert stream.text == "x = 1"
+    assert run(["a", "\r\n", "\r\n", "b"], ["\n\n"])[:3][1:] == ("stop", "\n\n")  # a blank line of CRLFs
+    assert "".join(run(["a", "\r\n", "\r\n", "b"], ["\n\n"])[0]) == "a"
+
+
+def test_a_trailing_cr_waits_for_the_next_character():
+    """A "\r" last may become half of a "\r\n" that a stop matches: it is not sent before that is known,
+    so what was sent is always a prefix of the text (it went out, and the cut then fell before it)."""
+    stream = TextStream(PieceTokenizer(["x", "\r", "y", "\r"]), stop=["\n"], view=CrlfView(None))
+    assert stream.update([0, 1]).text == "x"
+    assert stream.update([0, 1, 2]).text == "\ry"  # a lone CR: as the model wrote it
+    assert stream.update([0, 1, 2, 3]).text == ""
+    assert stream.finish().text == "\r" and stream.text == "x\ry\r"  # the end: the lone CR goes out
+
+
+def test_under_tabs_the_crlf_is_one_line_break_too():
+    sent, stopped, _, _ = run(["if x:", "\r\n", "    ", "y"], ["\n\t"], tabs=TabView(False))
+    assert ("".join(sent), stopped) == ("if x:", "stop")
+
+
+def fold(text: str) -> str:
+    """The model's text as a CRLF client reads it, in the stop strings' form: "\r\n" as "\n"."""
+    return text.replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_the_stream_stops_exactly_where_the_clients_text_has_a_stop(seed):
+    """Against the reference: the client's whole text (CRLF read as "\n", tabs when tab-indented) cut before
+    the earliest stop string in it; the text sent is a prefix of the result at every step."""
+    rng = random.Random(seed)
+    pieces = [rng.choice(["\r", "\n", "\r\n", "x", "ab", " ", "    ", "x\r"]) for _ in range(rng.randint(1, 30))]
+    stops = [rng.choice(["\n", "\n\n", "x\n", "\nx", " \n", "\n\t", "\n    "]) for _ in range(rng.randint(1, 3))]
+    tabs = rng.choice([None, TabView(False), TabView(True)])
+    reader = (lambda t: fold(t)) if tabs is None else (lambda t: client_text(fold(t), tabs.first_line))
+    whole = reader("".join(pieces))
+    hits = [whole.find(s) for s in stops if s in whole]
+    for per_step in (1, 3):
+        sent, stopped, word, stream = run(pieces, stops, tabs, per_step)
+        assert "".join(sent) == stream.text, (pieces, stops, per_step)  # nothing sent that the text lacks
+        if not hits:
+            assert (stream.text, stopped) == ("".join(pieces), None), (pieces, stops)
+            continue
+        assert reader(stream.text) == whole[:min(hits)] and stopped == "stop", (pieces, stops, per_step)
+        assert not stream.text.endswith("\r") or not whole.startswith("\n", min(hits) - 1)
+
+
+class CrlfTokenizer(FakeTokenizer):
+    """FakeTokenizer whose newline token is the model writing "\r\n"."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return super().decode(ids, skip_special_tokens).replace("\n", "\r\n")
+
+
+async def test_the_engine_matches_a_crlf_requests_stops_on_its_line_breaks():
+    """GenerationRequest.crlf (DocumentStyle.engine_fields sets it for a CRLF or CR document): the engine's
+    stream ends before the model's "\r\n", and no delta sent its "\r" first."""
+    engine, _ = make_engine(FakeRunner(newline_every=6), tokenizer=CrlfTokenizer())
+    await engine.start()
+    try:
+        plain = await collect(engine, GenerationRequest("lf", [5, 6, 7], {"gen_length": 8}, mode=Mode.AR))
+        whole = "".join(d.text for d in plain)
+        assert "\r\n" in whole and NEWLINE in [t for d in plain for t in d.token_ids]
+        req = GenerationRequest("crlf", [5, 6, 7], {"gen_length": 8}, mode=Mode.AR, stop=["\n"], crlf=True)
+        deltas = await collect(engine, req)
+        assert "".join(d.text for d in deltas) == whole[:whole.index("\r\n")]
+        assert deltas[-1].stats.get("stop_word") == "\n"
+    finally:
+        await engine.stop()
