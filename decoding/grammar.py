@@ -39,46 +39,17 @@ Plain Python over llguidance's host-side matcher: no torch.
 
 from __future__ import annotations
 
-import gc
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from decoding.api import DecodeParamError
+from decoding.cpu_clock import cpu_time_without_gc
 
 MAX_GRAMMAR_CHARS = 1_000_000
 COMPILE_STACK_BYTES = 512 << 20
 _STACK_LOCK = threading.Lock()  # threading.stack_size is process-wide (with_compile_stack)
-
-
-class _GcTime(threading.local):
-    """Per thread: CPU seconds its garbage collections took, and when the one under way started."""
-
-    seconds = 0.0
-    started: float | None = None
-
-
-_GC_TIME = _GcTime()
-
-
-def _count_gc(phase: str, _info: dict) -> None:
-    """A gc.callbacks hook: CPython calls it in the collecting thread as a collection starts and stops."""
-    if phase == "start":
-        _GC_TIME.started = time.thread_time()
-    elif _GC_TIME.started is not None:
-        _GC_TIME.seconds += time.thread_time() - _GC_TIME.started
-        _GC_TIME.started = None
-
-
-gc.callbacks.append(_count_gc)
-
-
-def cpu_time_without_gc() -> float:
-    """Seconds: this thread's CPU time (time.thread_time) less the time its garbage collections took
-    since this module was imported. The grammar budget's clock (module doc)."""
-    return time.thread_time() - _GC_TIME.seconds
 
 
 @dataclass(frozen=True)

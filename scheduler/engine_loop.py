@@ -18,6 +18,7 @@ import time
 
 import structlog
 
+from decoding.cpu_clock import cpu_time_without_gc
 from scheduler.api import FinishReason, Mode
 from scheduler.engine_ahead import forward_step, set_once
 from scheduler.mode_switch import maybe_switch
@@ -100,24 +101,24 @@ class EngineLoop:
     async def step(self) -> None:
         """One engine step: schedule -> execute -> postprocess. Under asynchronous scheduling the step the
         last one launched ahead is this step's plan (no scheduling), and `_execute` may launch the next."""
-        host_start = time.thread_time()  # this thread's CPU seconds: the step's host work (routing.HostCost)
+        host_start = cpu_time_without_gc()  # this thread's CPU seconds: the step's host work (routing.HostCost)
         self._expire_deadlines(time.monotonic())
         launched = None
         if self._ahead is not None:
             (plan, launched), self._ahead = self._ahead, None
-            host_s = time.thread_time() - host_start
+            host_s = cpu_time_without_gc() - host_start
         else:
             plan = self.scheduler.schedule()
-            host_s = time.thread_time() - host_start - self.scheduler.admission_host_s
+            host_s = cpu_time_without_gc() - host_start - self.scheduler.admission_host_s
         self._end_unplanned(plan)
         if plan.items:
             self._plan_items = plan.items  # (the loop frees what a failure here would strand)
             results = await self._execute(plan, launched)
             if results is not None:
-                host_start = time.thread_time()
+                host_start = cpu_time_without_gc()
                 decodes = self._postprocess(plan, results)
                 if decodes is not None:  # a step of routed decode steps only: its host cost per decoder
-                    self.router.observe_step(decodes, host_s + time.thread_time() - host_start)
+                    self.router.observe_step(decodes, host_s + cpu_time_without_gc() - host_start)
         else:
             self._flush_streams()
             await asyncio.sleep(0.002)  # everyone is waiting on KV: don't spin
@@ -238,7 +239,7 @@ class EngineLoop:
         now = time.monotonic()
         decodes: list[tuple[Mode, float]] | None = []
         for (req, segment), result in zip(plan.items, results):
-            host_start, host_s, req.host_s = time.thread_time(), req.host_s, 0.0
+            host_start, host_s, req.host_s = cpu_time_without_gc(), req.host_s, 0.0
             if result is None:  # its own forward failed: already finished with the error
                 decodes = None
                 continue
@@ -252,7 +253,7 @@ class EngineLoop:
                 self._fault(req, exc, "absorb_failed")
                 routed = False
             if decodes is not None and routed:
-                decodes.append((mode, host_s + time.thread_time() - host_start))
+                decodes.append((mode, host_s + cpu_time_without_gc() - host_start))
             else:
                 decodes = None
         return decodes

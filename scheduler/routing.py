@@ -124,8 +124,9 @@ class HostCost:
     streaming its text; a ReFusion decoder's slots, drafts and branches cost more than AR's one token),
     plus a fixed part per step apart from any request (ordering, planning, metrics).
 
-    The start-up calibration times the runner's forward alone. Measured with thread CPU time
-    (time.thread_time) around that work, so another process's load on the machine does not enter it:
+    The start-up calibration times the runner's forward alone. Measured with thread CPU time less
+    garbage collections (decoding.cpu_clock: a collection is no decoder's cost) around that work, so
+    another process's load on the machine does not enter it:
     a wall-clock fit of step time minus the curve swung from 0.1 to 70 ms per request on a contended
     machine and turned the router's choices at random. Ratios of exponentially decayed sums over routed
     decode steps (`DECAY` per step with that decoder in it, ~50 steps). A decoder not yet seen takes

@@ -15,11 +15,11 @@ runner never allocates and never refuses for lack of KV.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import structlog
 
+from decoding.cpu_clock import cpu_time_without_gc
 from scheduler.admission import Admission
 from scheduler.api import Mode
 from scheduler.config import EngineConfig
@@ -102,11 +102,11 @@ class Scheduler(Submission, Admission, PlanAhead):
         budget and allocate its KV (see the module docstring)."""
         plan = StepPlan(failed=self._carried_failed)
         self._carried_failed = []
-        start = time.thread_time()
+        start = cpu_time_without_gc()
         self._queue_changed = False
         self._start_waiting(plan)
         # (admission is not a cost of the decode steps the router prices: routing.HostCost leaves it out)
-        self.admission_host_s = time.thread_time() - start
+        self.admission_host_s = cpu_time_without_gc() - start
         budget = self.config.token_budget
         stuck = None  # the first request refused KV before anything else was planned, long enough
         sits_out = self._grammar_turns(self.running)
@@ -116,14 +116,14 @@ class Scheduler(Submission, Admission, PlanAhead):
             if budget <= 0:
                 req.skipped += 1
                 continue
-            host_start = time.thread_time()
+            host_start = cpu_time_without_gc()
             try:
                 segment = req.pending_segment or req.decoder.next_segment(budget)
             except Exception as exc:  # the decoder's own failure (a grammar dead end) ends its request only
                 plan.failed.append((req, exc))
                 continue
             finally:
-                req.host_s = time.thread_time() - host_start  # this step's, for routing.HostCost
+                req.host_s = cpu_time_without_gc() - host_start  # this step's, for routing.HostCost
             if segment is None:
                 plan.done.append(req)
                 continue

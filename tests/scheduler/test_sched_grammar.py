@@ -399,18 +399,18 @@ class _SlowConsume:
 
 
 def test_a_garbage_collection_inside_a_timed_call_is_not_charged_to_the_grammar(runner, monkeypatch):
-    """The budget's default clock leaves garbage collections out (decoding.grammar.cpu_time_without_gc):
+    """The budget's default clock leaves garbage collections out (decoding.cpu_clock.cpu_time_without_gc):
     a full collection starting inside an llguidance call (150 ms of CPU with torch and Ray loaded,
     helper-233) failed a valid request with a 400 blaming its grammar. Here the CPU clock is a fake
-    that a collection moves on by 100 ms (a gc callback run before the module's own), so the same 100 ms
+    that a collection moves on by 100 ms (a gc callback run before the clock's own), so the same 100 ms
     is charged when it is the call's own work and not when a real gc.collect() took it."""
     import gc
     import types
 
-    import decoding.grammar as grammar_module
+    import decoding.cpu_clock as cpu_clock_module
 
     cpu = types.SimpleNamespace(now=0.0)
-    monkeypatch.setattr(grammar_module, "time", types.SimpleNamespace(thread_time=lambda: cpu.now))
+    monkeypatch.setattr(cpu_clock_module, "time", types.SimpleNamespace(thread_time=lambda: cpu.now))
 
     def collection_takes_100_ms(phase: str, _info: dict) -> None:
         if phase == "stop":

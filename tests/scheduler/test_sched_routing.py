@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+import types
 
 import pytest
 import structlog
@@ -364,12 +365,10 @@ async def test_the_engine_measures_host_cost_per_decoder_and_routes_on_it():
 
     engine._absorb = slow_refusion
     await engine.start()
-    gc.disable()  # (a full collection inside a counted AR step, ~34 ms with torch loaded, is charged to it: helper-177)
-    try:
-        await collect(engine, GenerationRequest("r", [5, 6], {"gen_length": 8}, mode=Mode.REFUSION))
-        await collect(engine, GenerationRequest("a", [5, 7], {"gen_length": 8}, mode=Mode.AR))
-    finally:
-        gc.enable()
+    # (a full collection inside a counted AR step, ~34 ms with torch loaded, was charged to it, helper-177:
+    # the clock leaves collections out now, the next test)
+    await collect(engine, GenerationRequest("r", [5, 6], {"gen_length": 8}, mode=Mode.REFUSION))
+    await collect(engine, GenerationRequest("a", [5, 7], {"gen_length": 8}, mode=Mode.AR))
     host = engine.stats()["host_s_per_request"]
     assert host["refusion"] >= 0.004 and host["ar"] < 0.002
     with structlog.testing.capture_logs() as logs:
@@ -378,6 +377,46 @@ async def test_the_engine_measures_host_cost_per_decoder_and_routes_on_it():
     assert route["latency_refusion_s"] >= 0.005 and route["gain_ar"] > route["gain_refusion"]
     assert auto[-1].mode is Mode.AR
     await engine.stop()
+
+
+async def test_a_garbage_collection_in_a_step_is_no_decoders_host_cost(monkeypatch):
+    """HostCost reads decoding.cpu_clock: a collection that starts while a decoder's result is absorbed
+    (a full one takes ~150 ms with torch and Ray loaded) was charged to that decoder and swayed the
+    router for ~50 steps. The engine thread's CPU clock is a fake here that moves only where the test
+    says: 4 ms of a ReFusion absorb's own work counts; 100 ms that a real gc.collect() takes in an AR
+    absorb (a gc callback run before the clock's own moves the fake on) does not."""
+    import decoding.cpu_clock as cpu_clock_module
+
+    cpu = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(cpu_clock_module, "time", types.SimpleNamespace(thread_time=lambda: cpu.now))
+
+    def collection_takes_100_ms(phase: str, _info: dict) -> None:
+        if phase == "stop":
+            cpu.now += 0.1
+
+    routing = RoutingConfig(calibrate=False, cost_points=[(1, 0.001), (512, 0.001)], explore_every=0)
+    engine, _ = make_engine(routing=routing, prefix_cache=False)
+    absorb = engine._absorb
+
+    def absorb_with_work(req, segment, result, now):
+        if req.mode is Mode.REFUSION:
+            cpu.now += 0.004
+        else:
+            gc.collect()
+        return absorb(req, segment, result, now)
+
+    engine._absorb = absorb_with_work
+    await engine.start()
+    gc.callbacks.insert(0, collection_takes_100_ms)  # (before the clock's own: the stop it reads is 100 ms on)
+    try:
+        await collect(engine, GenerationRequest("r", [5, 6], {"gen_length": 8}, mode=Mode.REFUSION))
+        await collect(engine, GenerationRequest("a", [5, 7], {"gen_length": 8}, mode=Mode.AR))
+    finally:
+        gc.callbacks.remove(collection_takes_100_ms)
+    await engine.stop()
+    assert cpu.now >= 0.1 * 8  # the collections ran inside the AR steps, 100 ms each
+    host = engine.stats()["host_s_per_request"]
+    assert host["refusion"] == pytest.approx(0.004) and host["ar"] == pytest.approx(0.0, abs=1e-9), host
 
 
 async def test_running_auto_requests_are_re_routed_with_their_herd():
