@@ -16,8 +16,8 @@ Applied in this order to the text generated so far (cumulative, so it also runs 
   4. trailing line breaks (final): when the text after the cursor starts with a line break, the
      completion's trailing line breaks and blank lines are dropped (the document has that line break;
      kept, they would insert a blank line). Partials never show them (a line with no visible text waits).
-In a CRLF or CR document (`Rules.crlf`) a "\r\n" the model wrote is one line break: a cut before it takes
-its "\r", and a partial holds a "\r" last until the next character is known.
+In a CRLF or CR document (`Rules.crlf`) the rules read each "\r\n" the model wrote as the one line break it
+is (a "\r" last as unread, until the next character is known): a cut before it takes its "\r".
 
 Each rule returns the kept text and whether it cut; a cut is final (more tokens cannot undo it),
 so the caller may cancel generation at once. `final=True` enables the rules that only make sense
@@ -27,7 +27,7 @@ once generation has ended (tail repeat of the suffix).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Stop reasons a rule reports (also the wire values of the final result's `stop_reason`).
 CUT_NEWLINE = "newline"
@@ -41,6 +41,7 @@ REPLACEMENT = "\ufffd"  # what decoding puts where bytes are no UTF-8
 _SHORT_LINE = 4
 # A partial repeat of the suffix at the end of the gap must be at least this many visible chars.
 _TAIL_MIN = 4
+_CRLF = re.compile("\r\n")
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,16 @@ def shown_partial(text: str, suffix: str, crlf: bool = False) -> str:
     suffix (line rule); an unfinished first line's end that may still become the rest of the cursor
     line (rest-of-line rule); an end that may still become the start of the suffix (tail rule); with
     `crlf` (Rules.crlf), a "\r" last, which a "\n" next makes a line break that a cut takes whole."""
-    shown = _shown_partial(text, suffix)
-    return shown[:-1] if crlf and shown.endswith("\r") else shown
+    if not crlf:
+        return _shown_partial(text, suffix)
+    body = text[:-1] if text.endswith("\r") else text  # (a "\n" next would make it a line break: not read yet)
+    return body[: _unfolded_length(body, len(_shown_partial(body.replace("\r\n", "\n"), suffix)))]
+
+
+def _unfolded_length(raw: str, kept: int) -> int:
+    """The length of the prefix of `raw` whose form with each "\r\n" as "\n" is `kept` characters long; a
+    cut before such a "\n" falls before its "\r" (the rules keep a prefix of the text they are given)."""
+    return kept + sum(1 for k, m in enumerate(_CRLF.finditer(raw)) if m.start() - k < kept)
 
 
 def _shown_partial(text: str, suffix: str) -> str:
@@ -284,6 +293,12 @@ def _held_from(line: str, rest_of_line: str) -> int:
 def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
     """Apply the invalid-bytes, single-line, indentation and suffix-repeat rules in that order (module
     docstring); a cut at a "\r\n" the model wrote in a CRLF or CR document takes it whole (Rules.crlf)."""
+    if rules.crlf:  # the rules read each "\r\n" as the one line break it is; the text kept is a prefix of raw
+        pending = not final and raw.endswith("\r")  # (a "\n" next would make it a line break: not read yet)
+        body = raw[:-1] if pending else raw
+        kept = postprocess(body.replace("\r\n", "\n"), replace(rules, crlf=False), final)
+        text = body[: _unfolded_length(body, len(kept.text))]
+        return Processed(raw if pending and text == body and not kept.cut else text, kept.cut)
     text, cut = raw, None
     if rules.cut_invalid and REPLACEMENT in text:
         # Cut before the first. A lone U+FFFD at the very end may be a character the end or a token cap
@@ -304,6 +319,4 @@ def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
         tail = text[len(body):]
         if "\n" in tail:  # spaces before the first dropped line break stay: a partial may have shown them
             text = body + tail[: tail.index("\n")]
-    if rules.crlf and text.endswith("\r") and raw.startswith("\n", len(text)):
-        text = text[:-1]  # every rule cuts before a "\n" (the text stays a prefix of raw): the "\r\n" goes whole
     return Processed(text, cut)

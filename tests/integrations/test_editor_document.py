@@ -163,6 +163,16 @@ def test_a_cut_at_a_crlf_the_model_wrote_takes_the_whole_line_break(raw, rules, 
         assert expected.text.startswith(shown_partial(postprocess(raw[:end], crlf).text, crlf.suffix, crlf=True))
 
 
+def test_a_blank_line_of_crlfs_is_blank_to_the_indent_rule():
+    """n_indent read the "\r" of a blank line the model wrote ("\r\n\r\n") as a line at indentation 0 and
+    cut the block there: "1\r\n    y = 2\r\n\r\n    z = 3" came back "1\r\n    y = 2" (helper-235)."""
+    raw = "1\r\n    y = 2\r\n\r\n    z = 3"
+    assert postprocess(raw, Rules(indent=4, crlf=True), final=True) == Processed(raw)  # as its LF form is kept
+    assert postprocess(raw.replace("\r\n", "\n"), Rules(indent=4), final=True).cut is None
+    assert postprocess(raw + "\r\nw", Rules(indent=4, crlf=True), final=True) == Processed(raw, CUT_INDENT)
+    assert postprocess("1\r\n  \r", Rules(indent=4, crlf=True)) == Processed("1\r\n  \r")  # (may become blank)
+
+
 def test_a_partial_holds_a_trailing_cr_in_a_crlf_document():
     assert shown_partial("x = 1\r", "", crlf=True) == "x = 1"  # a "\n" next would make it a line break
     assert shown_partial("x = 1\ry", "", crlf=True) == "x = 1\ry"  # a lone CR: as written
@@ -184,3 +194,39 @@ async def test_a_crlf_document_gets_one_line_break_for_the_models_crlf(bpe_token
 
     assert (await run_completion(client, job, on_partial)).text == expected
     assert all(expected.startswith(p) for p in partials), partials
+
+
+def _completion(pieces: list[str], rules: Rules) -> tuple[str, str | None, list[str]]:
+    """run_completion's rules over model text arriving in `pieces`, in a CRLF document: (the result, its cut,
+    the partials shown), in the document's style."""
+    style, raw, partials = DocumentStyle("\r\n", False), "", []
+    for piece in pieces:
+        raw += piece
+        processed = postprocess(raw, rules)
+        if processed.cut:
+            break
+        if (shown := shown_partial(processed.text, rules.suffix, crlf=rules.crlf)).strip(" \t"):
+            partials.append(style.to_document(shown, at_indent=False))
+    final = postprocess(raw, rules, final=True)
+    return style.to_document(final.text, at_indent=False), final.cut, partials
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_models_crlf_gives_the_document_what_its_lf_gives(seed):
+    """Against the reference, the same completion written with "\n": every rule reads the model's "\r\n" as
+    that one line break, a "\r" last included while its "\n" may follow. The suffix's tail rule missed a
+    repeat the model wrote with "\r\n" ("ab return x\r\n" before "\nreturn x" kept "return x"), and a blank
+    line of CRLFs cut an indented block (helper-235)."""
+    rng = random.Random(seed)
+    pieces = [rng.choice(["\n", "x", "ab", " ", "    ", "return x", "y = 2", "}", "\n\n", " \n", "\t"])
+              for _ in range(rng.randint(1, 15))]
+    rules = Rules(multiline=rng.random() < 0.7, indent=rng.choice([0, 0, 4]), crlf=True,
+                  suffix=rng.choice(["", "\n", "\n    return x\n", "\nreturn x\n", ")\n", " y = 2\nz", "\n}\n"]),
+                  line_prefix=rng.choice(["", "    x = "]))
+    crlf_pieces = []
+    for piece in (p.replace("\n", "\r\n") for p in pieces):  # some "\r\n" split over two pieces
+        split = piece.find("\r\n") + 1 if "\r\n" in piece and rng.random() < 0.5 else len(piece)
+        crlf_pieces += [p for p in (piece[:split], piece[split:]) if p]
+    text, cut, partials = _completion(crlf_pieces, rules)
+    assert (text, cut) == _completion(pieces, rules)[:2], crlf_pieces
+    assert all(text.startswith(p) for p in partials), partials
