@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import Any, Callable
 
 import msgpack
 from websockets.exceptions import ConnectionClosed
 
 from integrations.editor import protocol as rpc
+
+
+class BackendPaused(Exception):
+    """A completion not sent: the backend asked for a pause (`EditorBackend.pause`) that has not ended."""
 
 
 class BackendError(Exception):
@@ -54,6 +59,7 @@ class EditorBackend:
         self._ids = itertools.count(1)
         self._connect_lock = asyncio.Lock()
         self._turns: asyncio.Semaphore | None = None  # the server's max_inflight completions at once
+        self.retry_at = 0.0  # time.monotonic() before which no completion is sent (pause)
 
     async def _connection(self):
         async with self._connect_lock:
@@ -171,16 +177,28 @@ class EditorBackend:
     async def call(self, method: str, params: dict | None = None) -> Any:
         return await self._call_on(await self._connection(), method, params or {})
 
+    def pause(self, seconds: float) -> None:
+        """Send no completion for `seconds` (a backend's retry_after_s, honoured as an HTTP client honours
+        Retry-After); a pause that ends later already stays."""
+        self.retry_at = max(self.retry_at, time.monotonic() + seconds)
+
     async def complete(self, params: dict, on_partial: Callable[[str], Any] | None = None) -> dict:
         """Run one completion; cancelling the caller sends `cancel` to the backend. At most the server's
         `max_inflight` run at once (its per-connection limit, docs/editor-protocol.md); more wait here
-        for their turn, where the server would refuse them with -32003."""
+        for their turn, where the server would refuse them with -32003. Raises BackendPaused, sending
+        nothing, while a pause lasts (checked again when a waiting completion gets its turn)."""
+        self._raise_if_paused()
         if self._turns is None:
             limit = (await self.limits()).max_inflight  # connects first; later calls skip this
             if self._turns is None:  # checked again after the await: concurrent first calls share one
                 self._turns = asyncio.Semaphore(limit)
         async with self._turns:
+            self._raise_if_paused()
             return await self._complete(params, on_partial)
+
+    def _raise_if_paused(self) -> None:
+        if time.monotonic() < self.retry_at:
+            raise BackendPaused(f"paused for {self.retry_at - time.monotonic():.1f} s more")
 
     async def _complete(self, params: dict, on_partial: Callable[[str], Any] | None) -> dict:
         ws = await self._connection()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import time
 from urllib.parse import unquote
 
 from lsprotocol import types
@@ -24,7 +23,7 @@ from pygls.lsp.server import LanguageServer
 from integrations.editor import protocol as rpc
 from integrations.editor.document import LINE_BREAK
 from integrations.editor.protocol import Limits
-from integrations.lsp.backend import BackendError, EditorBackend
+from integrations.lsp.backend import BackendError, BackendPaused, EditorBackend
 from integrations.lsp.base_protocol import BridgeServer
 from integrations.lsp.bridge_config import BridgeConfig, BridgeConfigError
 from integrations.lsp.documents import (LspTextDocument, LspWorkspace, clamp_position, cursor_context,
@@ -111,7 +110,6 @@ def build_server(config: BridgeConfig) -> LanguageServer:
         await backend.close()
 
     server.backend = backend  # type: ignore[attr-defined] - for tests and embedding
-    server.backend_retry_at = 0.0  # type: ignore[attr-defined] - time.monotonic() before which none is asked (_busy)
     return server
 
 
@@ -173,12 +171,12 @@ async def _backend_completion_text(server: BridgeServer, config: BridgeConfig, b
     `version` (the one prefix and suffix were read from); "" when a newer request for the document
     superseded it, or while the backend asked for a pause (`retry_after_s`, see _busy). A failure is a
     JSON-RPC error saying what is wrong (cancelled once `shutdown` was received)."""
-    if time.monotonic() < server.backend_retry_at:  # type: ignore[attr-defined]
-        return ""
     try:
         prefix, suffix = fit_to_limits(prefix, suffix, await backend.limits())  # a line can be very long
         request = complete_params(config, doc.uri, version, doc.language_id or "", prefix, suffix)
         result = await backend.complete(request)
+    except BackendPaused:
+        return ""
     except (BackendError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
         if server.protocol.shutdown_received:  # `shutdown` closed the backend under it: cancelled (LSP
             # 3.17 RequestCancelled, which clients drop quietly; it was -32603 "unreachable")
@@ -187,7 +185,7 @@ async def _backend_completion_text(server: BridgeServer, config: BridgeConfig, b
             if exc.code == -32800:  # superseded by a newer request for this document: nothing to show
                 return ""
             if exc.code in (rpc.OVERLOADED, rpc.ENGINE_UNAVAILABLE):
-                raise _busy(server, exc) from None
+                raise _busy(backend, exc) from None
             raise JsonRpcInternalError(f"refusion backend: {exc}") from None
         # An error, not an empty answer: the editor's LSP log then says what is wrong.
         raise JsonRpcInternalError(f"refusion backend unreachable at {config.url}: {exc}") from None
@@ -205,16 +203,17 @@ class JsonRpcRequestFailed(JsonRpcException):
 MAX_RETRY_AFTER_S = 60.0
 
 
-def _busy(server: BridgeServer, exc: BackendError) -> JsonRpcException:
+def _busy(backend: EditorBackend, exc: BackendError) -> JsonRpcException:
     """An OVERLOADED or ENGINE_UNAVAILABLE backend (docs/editor-protocol.md, "Errors and limits"): LSP
     3.17's RequestFailed (-32803: a valid request that failed; the message says why), its data carrying the
     backend's `retry_after_s` and `code`, and the bridge honours the pause as an HTTP client honours
-    Retry-After: the completions asked for within it answer no item at once without reaching the backend
-    (they were answered -32603 and sent on, each adding to the load that refused them). retry_after_s is
-    1 s when absent or not a number >= 0, at most MAX_RETRY_AFTER_S."""
+    Retry-After (EditorBackend.pause): the completions asked for within it, and those waiting for a turn
+    when it starts, answer no item without reaching the backend (they were answered -32603 and sent on,
+    each adding to the load that refused them). retry_after_s is 1 s when absent or not a number >= 0, at
+    most MAX_RETRY_AFTER_S; a pause that ends later already stays."""
     after = exc.data.get("retry_after_s") if isinstance(exc.data, dict) else None
     valid = isinstance(after, (int, float)) and not isinstance(after, bool) and math.isfinite(after) and after >= 0
     after = min(float(after), MAX_RETRY_AFTER_S) if valid else 1.0
-    server.backend_retry_at = time.monotonic() + after  # type: ignore[attr-defined]
+    backend.pause(after)
     return JsonRpcRequestFailed(f"refusion backend busy: {exc}; no completions asked for {after:g} s",
                                 data={"retry_after_s": after, "code": exc.code})

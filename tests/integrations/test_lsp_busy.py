@@ -94,3 +94,43 @@ async def test_other_backend_errors_pause_nothing(bridge):
     answer = await complete({"code": rpc.INVALID_PARAMS, "message": "max_tokens must be 1..256", "data": None})
     assert answer["error"]["code"] == -32603 and "max_tokens must be 1..256" in answer["error"]["message"], answer
     assert (await complete())["result"]["items"][0]["insertText"] == TEXT
+
+
+async def test_a_pause_starting_while_completions_wait_for_a_turn_keeps_them_from_the_backend(wait_until):
+    """A completion waiting for one of the server's max_inflight turns when a pause starts was sent once its
+    turn came (helper-235); it is not now, and a shorter pause asked later does not end the longer one."""
+    import asyncio
+
+    import websockets
+
+    from integrations.lsp.backend import BackendPaused, EditorBackend
+
+    completes: list[dict] = []
+    answer_first = asyncio.Event()
+
+    async def one_turn(ws) -> None:  # max_inflight 1; the first completion is answered when the test says
+        async for frame in ws:
+            _, msg_id, method, params = msgpack.unpackb(frame)
+            if method == "initialize":
+                await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, None, {"limits": {"max_inflight": 1}}]))
+            elif method == "complete":
+                completes.append(params)
+                await answer_first.wait()
+                await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, None, {"text": TEXT, "stop_reason": "stop"}]))
+
+    async with websockets.serve(one_turn, "127.0.0.1", 0) as server:
+        backend = EditorBackend(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/editor")
+        first = asyncio.ensure_future(backend.complete({"uri": "a", "prefix": "x", "suffix": ""}))
+        await wait_until(lambda: len(completes) == 1, "the first completion to reach the backend")
+        waiting = asyncio.ensure_future(backend.complete({"uri": "b", "prefix": "y", "suffix": ""}))
+        await wait_until(lambda: len(backend._turns._waiters or ()) == 1, "the second to wait for the turn")
+        backend.pause(600)
+        backend.pause(0)  # (a shorter pause: the longer one stays)
+        answer_first.set()
+        assert (await asyncio.wait_for(first, 60))["text"] == TEXT  # in flight before the pause: answered
+        with pytest.raises(BackendPaused):
+            await asyncio.wait_for(waiting, 60)
+        with pytest.raises(BackendPaused):
+            await backend.complete({"uri": "c", "prefix": "z", "suffix": ""})
+        assert [c["uri"] for c in completes] == ["a"]
+        await backend.close()
