@@ -70,9 +70,14 @@ class IngressDeployment:
         # Ray Serve shuts this replica down only once its in-flight requests are answered: while a drain
         # runs, say so before the process goes, or the last periodic report (work still open 0.1 s ago)
         # would stand for a replica that is gone, and the drain would wait out its timeout.
+        # With no drain (serve run's Ctrl-C, serve shutdown, a scale-down) the watch still polls for the
+        # signal: stopped here too, as the engine's are, or a poll after the process's exit began fails
+        # and logs a traceback saying a drain will wait for this replica.
+        watch = getattr(self, "_drain_watch", None)
+        if watch is not None:
+            watch.cancel()
         signal = getattr(self, "_drain_signal", None)
         if signal is not None:
-            self._drain_watch.cancel()
             await report_final(signal, f"ingress:{self.replica}", self.gate.open_work)
 
     def __serve_build_asgi_app__(self):

@@ -1270,6 +1270,23 @@ async def test_a_replica_shut_down_during_a_drain_reports_its_end_to_the_drain_s
     assert reports == [("engine:e1", 0), ("ingress:i1", 0)]
 
 
+async def test_an_ingress_shut_down_with_no_drain_stops_its_drain_watch():
+    """Under `serve run` (Ctrl-C), `serve shutdown` or a scale-down no drain signal ever comes, so the
+    ingress's drain watch still polls Ray for it when Ray Serve shuts the replica down. __del__ must stop
+    it, as the engine's does: left running, its next poll came after the process's exit had shut down the
+    thread pool and logged "drain watch of ingress ... failed: the drain will wait for it until its
+    timeout" with a RuntimeError traceback, with no drain running at all."""
+    from integrations.serve_app import IngressDeployment
+
+    ingress = object.__new__(IngressDeployment.func_or_class)
+    ingress.replica, ingress._drain_signal = "i1", None
+    ingress._drain_watch = asyncio.ensure_future(asyncio.sleep(3600))  # waiting for a signal that never comes
+    ingress.gate = argparse.Namespace(open_work=0)
+    await IngressDeployment.func_or_class.__del__(ingress)
+    await asyncio.sleep(0)
+    assert ingress._drain_watch.cancelled()
+
+
 async def test_an_infill_without_a_length_shrinks_to_a_small_kv_cache_and_a_set_one_is_refused(tiny_model_dir):
     """A KV cache that holds the infill's 32-token candidate but not its 64-token one: with no max_tokens
     the longer candidate shrinks (200, as an unset max_tokens without suffix shrinks); max_tokens 64 set by
