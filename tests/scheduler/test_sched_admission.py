@@ -52,6 +52,7 @@ async def test_streams_and_finishes_with_length_and_frees_kv():
         ({"suffix_ids": [VOCAB]}, "suffix_ids"),
         ({"stop": ["x"] * 25}, "stop"),  # EngineConfig.max_stop_strings is 24
         ({"tab_indent_first_line": "yes"}, "tab_indent_first_line"),
+        ({"crlf": "yes"}, "crlf"),
     ],
 )
 async def test_bad_input_raises_invalid_request_naming_the_field(kwargs, field):

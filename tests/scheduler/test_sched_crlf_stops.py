@@ -11,7 +11,7 @@ from sched_fakes import NEWLINE, FakeRunner, FakeTokenizer, collect, make_engine
 from test_sched_tab_stops import PieceTokenizer, client_text
 
 from scheduler.api import GenerationRequest, Mode
-from scheduler.client_view import CrlfView, TabView
+from scheduler.client_view import CrlfView, TabView, client_view
 from scheduler.detokenizer import TextStream
 
 
@@ -48,6 +48,37 @@ def test_a_trailing_cr_waits_for_the_next_character():
 def test_under_tabs_the_crlf_is_one_line_break_too():
     sent, stopped, _, _ = run(["if x:", "\r\n", "    ", "y"], ["\n\t"], tabs=TabView(False))
     assert ("".join(sent), stopped) == ("if x:", "stop")
+
+
+def test_a_tab_indented_crlf_client_gets_both_views():
+    """client_view for tab_indent and crlf together: the tab view under the CRLF one, so that a "\n\t" stop
+    matches the model's "\r\n" and four spaces (without the tab view it never matched)."""
+    view = client_view(tab_indent=True, tab_indent_first_line=False, crlf=True)
+    stream = TextStream(PieceTokenizer(["if x:", "\r\n", "    ", "y"]), stop=["\n\t"], view=view)
+    sent = [stream.update(list(range(k))).text for k in range(1, 5)]
+    assert ("".join(sent), stream.done, stream.stop_word) == ("if x:", True, "\n\t")
+    assert isinstance(client_view(False, False, True), CrlfView) and client_view(False, False, True).tabs is None
+    assert isinstance(client_view(True, True, False), TabView) and client_view(False, False, False) is None
+
+
+def test_a_last_cr_waits_only_while_the_text_may_go_on():
+    """The view stops before a "\r" last unless `final`: at the end no "\n" can follow it, and it is a lone
+    "\r" that a stop string may match, as the model wrote it."""
+    assert CrlfView(None).view("x\r", 0, final=False) == ("x", [0, 1])
+    assert CrlfView(None).view("x\r", 0, final=True) == ("x\r", [0, 1, 2])
+    stream = TextStream(PieceTokenizer(["x", "\r"]), stop=["\r"], view=CrlfView(None))
+    assert stream.update([0, 1]).text == "x"
+    end = stream.finish()
+    assert (end.text, end.stopped, stream.text) == ("", "stop", "x")
+
+
+def test_without_stop_strings_the_view_holds_nothing_back():
+    """The view is read only to match stop strings: with none, a "\r" last (or an open indent under tabs)
+    goes out with its ids at once, as the model's text does."""
+    for view, pieces in ((CrlfView(None), ["x", "\r"]), (CrlfView(TabView(False)), ["x", "\r\n", "  "])):
+        stream = TextStream(PieceTokenizer(pieces), stop=[], view=view)
+        update = stream.update(list(range(len(pieces))))
+        assert (update.text, update.token_ids) == ("".join(pieces), list(range(len(pieces)))), pieces
 
 
 def fold(text: str) -> str:
