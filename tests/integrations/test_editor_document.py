@@ -12,8 +12,8 @@ from test_editor_fakes import FakeEngineClient, bpe_tokenizer  # noqa: F401 - fi
 
 from integrations.editor.document import DocumentStyle
 from integrations.editor.infill import build_infill_prompt
-from integrations.editor.postprocess import (CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX, Processed, Rules, postprocess,
-                                             shown_partial)
+from integrations.editor.postprocess import (CUT_INDENT, CUT_INVALID, CUT_NEWLINE, CUT_SUFFIX, Processed, Rules,
+                                             postprocess, shown_partial)
 from integrations.editor.runner import CompletionJob, run_completion
 
 TAB_PREFIX = "def parse_args(argv):\n\tparser = argparse.ArgumentParser()\n\t"  # issue 14, item 6
@@ -177,6 +177,41 @@ def test_a_partial_holds_a_trailing_cr_in_a_crlf_document():
     assert shown_partial("x = 1\r", "", crlf=True) == "x = 1"  # a "\n" next would make it a line break
     assert shown_partial("x = 1\ry", "", crlf=True) == "x = 1\ry"  # a lone CR: as written
     assert shown_partial("x = 1\r", "") == "x = 1\r"  # an LF document: as the model wrote it
+
+
+def test_a_lone_cr_is_one_character_and_a_last_one_is_read_at_the_end():
+    """Rules.crlf joins a "\r\n" only: a lone "\r" before a cut is one character of the kept text (counted as
+    a pair's, the cut's "\n" came back in the result), and at the end a "\r" last is read as an LF document's
+    rules read it (no "\n" can follow it any more)."""
+    assert postprocess("a\rb\nc", Rules(multiline=False, crlf=True), final=True) == Processed("a\rb", CUT_NEWLINE)
+    assert shown_partial("\rx\n", "", crlf=True) == "\rx"
+    assert postprocess("    a\n\r", Rules(indent=4, crlf=True)) == Processed("    a\n\r")  # (a "\n" may follow)
+    assert postprocess("    a\n\r", Rules(indent=4, crlf=True), final=True) == Processed("    a", CUT_INDENT)
+    assert postprocess("    a\n\r", Rules(indent=4), final=True) == Processed("    a", CUT_INDENT)
+
+
+def test_no_replacement_character_shows_while_a_cr_after_it_waits():
+    """cut_invalid drops a U+FFFD last without a cut (the rest of its character may come); one before a "\r"
+    that waits for its "\n" is dropped too, never shown, and cut once the text is final."""
+    assert postprocess("x\ufffd\r", Rules(cut_invalid=True, crlf=True)).text == "x"
+    assert postprocess("x\ufffd\r", Rules(cut_invalid=True, crlf=True), final=True) == Processed("x", CUT_INVALID)
+
+
+@pytest.mark.parametrize("line_ending", ["\r\n", "\r"])
+async def test_at_the_end_of_a_crlf_or_cr_file_a_partial_waits_for_a_last_cr(bpe_tokenizer, line_ending):  # noqa: F811
+    """No suffix holds a trailing "\r" back there: the runner's partials read it as Rules.crlf says (a partial
+    "1\r" before the single-line cut took the "\r" away is no prefix of the result), and a CR-only document
+    is crlf too (its cut left "1\r", a line break of that document)."""
+    client = FakeEngineClient(bpe_tokenizer, default_text="1\r\ny = 2\r\n", delay_s=0)
+    job = CompletionJob("t", build_infill_prompt(bpe_tokenizer, f"def f():{line_ending}    x = ", ""), (32,),
+                        Rules(multiline=False))
+    partials: list[str] = []
+
+    async def on_partial(text: str, _token_ids: list[int]) -> None:
+        partials.append(text)
+
+    assert (await run_completion(client, job, on_partial)).text == "1"
+    assert partials and all("1".startswith(p) for p in partials), partials
 
 
 @pytest.mark.parametrize("multiline, expected", [(False, "1"), (True, "1\r\ny = 2")])
