@@ -398,12 +398,14 @@ class _SlowConsume:
         return self._matcher.consume_token(token)
 
 
-def test_a_garbage_collection_inside_a_timed_call_is_not_charged_to_the_grammar(runner, monkeypatch):
+@pytest.mark.parametrize("built_by", ["Grammar", "GrammarCompiler"])
+def test_a_garbage_collection_inside_a_timed_call_is_not_charged_to_the_grammar(runner, monkeypatch, built_by):
     """The budget's default clock leaves garbage collections out (decoding.cpu_clock.cpu_time_without_gc):
     a full collection starting inside an llguidance call (150 ms of CPU with torch and Ray loaded,
     helper-233) failed a valid request with a 400 blaming its grammar. Here the CPU clock is a fake
     that a collection moves on by 100 ms (a gc callback run before the clock's own), so the same 100 ms
-    is charged when it is the call's own work and not when a real gc.collect() took it."""
+    is charged when it is the call's own work and not when a real gc.collect() took it. The engine builds
+    its grammars with GrammarCompiler's default clock: that default is this one too."""
     import gc
     import types
 
@@ -421,7 +423,11 @@ def test_a_garbage_collection_inside_a_timed_call_is_not_charged_to_the_grammar(
 
     tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
     spec = GrammarSpec(LLMatcher.grammar_from_lark("start: /[a-z]+/"), source="structured_outputs.grammar")
-    grammar, letter = Grammar(tokenizer, spec, _ids(runner, "x"), token_ms=50), _ids(runner, "a")[0]
+    if built_by == "Grammar":
+        grammar = Grammar(tokenizer, spec, _ids(runner, "x"), token_ms=50)
+    else:
+        grammar = _compiled_as_the_engine_does(tokenizer, spec, _ids(runner, "x"), token_ms=50)
+    letter = _ids(runner, "a")[0]
     collected = grammar.constraint()
     collected._matcher = _SlowConsume(collected._matcher, gc.collect)
     gc.callbacks.insert(0, collection_takes_100_ms)  # (before the module's: the stop it reads is 100 ms on)
@@ -439,6 +445,57 @@ def test_a_garbage_collection_inside_a_timed_call_is_not_charged_to_the_grammar(
     worked.bitmask()
     with pytest.raises(DecodeParamError, match="100.00 ms of CPU time for one token"):  # its own 100 ms counts
         worked.consume(letter)
+
+
+def _compiled_as_the_engine_does(tokenizer, spec, prompt_ids, token_ms):
+    """The grammar GrammarCompiler builds on its compile thread, with its default clock (as Engine's)."""
+    from decoding.grammar import MAX_GRAMMAR_CHARS
+    from scheduler.grammars import GrammarCompiler
+
+    compiler = GrammarCompiler(tokenizer, token_ms)
+    try:
+        return asyncio.run(compiler.compile(spec, prompt_ids, MAX_GRAMMAR_CHARS))
+    finally:
+        compiler.close()
+
+
+def test_a_garbage_collection_in_another_thread_is_not_taken_off_this_ones_clock(monkeypatch):
+    """cpu_time_without_gc is per thread, as time.thread_time is: a collection on a grammar compile thread is
+    that thread's, and taken off the engine thread's clock too it would make that clock run backwards.
+    The fake CPU clock here is per thread; a collection moves its own thread's on by 100 ms."""
+    import collections
+    import gc
+    import threading
+    import types
+
+    import decoding.cpu_clock as cpu_clock_module
+    from decoding.cpu_clock import cpu_time_without_gc
+
+    clocks = collections.defaultdict(float)
+    monkeypatch.setattr(cpu_clock_module, "time",
+                        types.SimpleNamespace(thread_time=lambda: clocks[threading.get_ident()]))
+
+    def collection_takes_100_ms(phase: str, _info: dict) -> None:
+        if phase == "stop":
+            clocks[threading.get_ident()] += 0.1
+
+    def collect_elsewhere() -> None:
+        before = cpu_time_without_gc()
+        gc.collect()
+        elsewhere.append((clocks[threading.get_ident()], cpu_time_without_gc() - before))
+
+    elsewhere: list[tuple[float, float]] = []
+    gc.callbacks.insert(0, collection_takes_100_ms)  # (before the module's: the stop it reads is 100 ms on)
+    try:
+        here = cpu_time_without_gc()
+        worker = threading.Thread(target=collect_elsewhere)
+        worker.start()
+        worker.join()
+        assert cpu_time_without_gc() == pytest.approx(here)
+    finally:
+        gc.callbacks.remove(collection_takes_100_ms)
+    (clock, spent), = elsewhere
+    assert clock >= 0.1 and spent == pytest.approx(0.0)  # the collection was that thread's, and left out there
 
 
 async def test_a_grammar_whose_matching_outgrows_its_cpu_budget_fails_alone(engine_factory, runner):

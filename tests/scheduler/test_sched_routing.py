@@ -419,6 +419,40 @@ async def test_a_garbage_collection_in_a_step_is_no_decoders_host_cost(monkeypat
     assert host["refusion"] == pytest.approx(0.004) and host["ar"] == pytest.approx(0.0, abs=1e-9), host
 
 
+async def test_a_garbage_collection_in_a_steps_own_work_is_not_its_fixed_host_cost(monkeypatch):
+    """HostCost's fixed part (host_s_per_step: a step's host work apart from its requests) reads the same
+    clock: each step here does 1 ms of its own work and a real gc.collect() that the fake clock makes
+    100 ms; the step is 1 ms (scheduling, the step and its postprocessing all time it with
+    cpu_time_without_gc: one read on another clock mixes the two and the fixed part drops to 0)."""
+    import decoding.cpu_clock as cpu_clock_module
+
+    cpu = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(cpu_clock_module, "time", types.SimpleNamespace(thread_time=lambda: cpu.now))
+
+    def collection_takes_100_ms(phase: str, _info: dict) -> None:
+        if phase == "stop":
+            cpu.now += 0.1
+
+    routing = RoutingConfig(calibrate=False, cost_points=[(1, 0.001), (512, 0.001)], explore_every=0)
+    engine, _ = make_engine(routing=routing, prefix_cache=False)
+    expire = engine._expire_deadlines
+
+    def expire_with_work(now):
+        cpu.now += 0.001
+        gc.collect()
+        return expire(now)
+
+    engine._expire_deadlines = expire_with_work
+    await engine.start()
+    gc.callbacks.insert(0, collection_takes_100_ms)  # (before the clock's own: the stop it reads is 100 ms on)
+    try:
+        await collect(engine, GenerationRequest("a", [5, 7], {"gen_length": 8}, mode=Mode.AR))
+    finally:
+        gc.callbacks.remove(collection_takes_100_ms)
+    await engine.stop()
+    assert engine.stats()["host_s_per_step"] == pytest.approx(0.001), engine.stats()
+
+
 async def test_running_auto_requests_are_re_routed_with_their_herd():
     # Four AUTO requests start in AR (ReFusion's estimate poor), then ReFusion's estimate turns good. On
     # this concave curve one of them moving to ReFusion beside three in AR loses (gain 88 vs 176), but all
