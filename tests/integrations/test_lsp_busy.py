@@ -82,11 +82,20 @@ async def test_a_busy_backend_is_request_failed_and_its_retry_after_is_honoured(
     assert "answered JsonRpcRequestFailed (-32803): refusion backend busy" in lsp.stderr()
 
 
-@pytest.mark.parametrize("retry_after_s", ["soon", -1, None])
+# (False is a bool, not a number of seconds; an infinite pause is no duration either: 1 s, not the 60 s cap)
+@pytest.mark.parametrize("retry_after_s", ["soon", -1, None, False, float("inf")])
 async def test_a_retry_after_that_is_not_a_duration_pauses_one_second(bridge, retry_after_s):
     _, _, complete = bridge
     answer = await complete(busy(rpc.OVERLOADED, retry_after_s))
     assert answer["error"]["data"] == {"retry_after_s": 1, "code": rpc.OVERLOADED}, answer
+
+
+@pytest.mark.parametrize("data", [None, "retry later"])
+async def test_a_busy_error_without_a_data_object_pauses_one_second(bridge, data):
+    _, _, complete = bridge
+    answer = await complete({"code": rpc.ENGINE_UNAVAILABLE, "message": "engine stopped", "data": data})
+    assert answer["error"]["code"] == -32803, answer
+    assert answer["error"]["data"] == {"retry_after_s": 1, "code": rpc.ENGINE_UNAVAILABLE}, answer
 
 
 async def test_other_backend_errors_pause_nothing(bridge):
@@ -134,3 +143,25 @@ async def test_a_pause_starting_while_completions_wait_for_a_turn_keeps_them_fro
             await backend.complete({"uri": "c", "prefix": "z", "suffix": ""})
         assert [c["uri"] for c in completes] == ["a"]
         await backend.close()
+
+
+async def test_a_pause_holds_to_its_end_without_reaching_for_the_backend(monkeypatch):
+    """While paused, complete() raises BackendPaused before it connects or waits for a turn (an unreachable
+    backend here: reaching for it would fail otherwise), to the pause's last moment, however short; then
+    completions go out again."""
+    import types
+
+    import integrations.lsp.backend as backend_module
+    from integrations.lsp.backend import BackendPaused, EditorBackend
+
+    now = [100.0]
+    monkeypatch.setattr(backend_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    backend = EditorBackend("ws://127.0.0.1:1/v1/editor")  # (nothing listens on port 1)
+    backend.pause(0.5)
+    now[0] += 0.499
+    with pytest.raises(BackendPaused):
+        await backend.complete({"uri": "a", "prefix": "x", "suffix": ""})
+    now[0] += 0.002
+    with pytest.raises(OSError):  # over: it reaches for the backend
+        await backend.complete({"uri": "a", "prefix": "x", "suffix": ""})
+    await backend.close()
