@@ -9,7 +9,9 @@ can act (cancel, queue, submit) while the engine's state is known instead of rac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import threading
 import time
 from types import SimpleNamespace
@@ -270,3 +272,28 @@ async def serve_all(engine, specs) -> list:
         await engine.stop()
     assert engine.kv.sequences() == [] and engine.kv.pool().num_free == engine.kv.pool().num_total
     return results
+
+
+class FakeCpuClock:
+    """decoding.cpu_clock's CPU clock (this thread's CPU seconds less its garbage collections) on a number
+    the test moves, `now` (seconds), in place of time.thread_time; within `slow_collections()` every real
+    collection moves it on by `gc_s` (a gc callback run before the clock's own, so the stop it reads is
+    that much later): a collection's cost made exact and visible, whatever the machine."""
+
+    def __init__(self, monkeypatch, gc_s: float = 0.1):
+        import decoding.cpu_clock as cpu_clock_module
+
+        self.now, self.gc_s = 0.0, gc_s
+        monkeypatch.setattr(cpu_clock_module, "time", SimpleNamespace(thread_time=lambda: self.now))
+
+    def _collection(self, phase: str, _info: dict) -> None:
+        if phase == "stop":
+            self.now += self.gc_s
+
+    @contextlib.contextmanager
+    def slow_collections(self):
+        gc.callbacks.insert(0, self._collection)
+        try:
+            yield self
+        finally:
+            gc.callbacks.remove(self._collection)

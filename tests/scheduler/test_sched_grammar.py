@@ -10,7 +10,7 @@ import json
 import re
 
 import pytest
-from sched_fakes import ForwardGate
+from sched_fakes import FakeCpuClock, ForwardGate
 
 from decoding.api import DecodeParamError
 from decoding.grammar import Grammar, GrammarSpec, GrammarTokenizer
@@ -403,21 +403,12 @@ def test_a_garbage_collection_inside_a_timed_call_is_not_charged_to_the_grammar(
     """The budget's default clock leaves garbage collections out (decoding.cpu_clock.cpu_time_without_gc):
     a full collection starting inside an llguidance call (150 ms of CPU with torch and Ray loaded,
     helper-233) failed a valid request with a 400 blaming its grammar. Here the CPU clock is a fake
-    that a collection moves on by 100 ms (a gc callback run before the clock's own), so the same 100 ms
+    that a collection moves on by 100 ms (FakeCpuClock), so the same 100 ms
     is charged when it is the call's own work and not when a real gc.collect() took it. The engine builds
     its grammars with GrammarCompiler's default clock: that default is this one too."""
     import gc
-    import types
 
-    import decoding.cpu_clock as cpu_clock_module
-
-    cpu = types.SimpleNamespace(now=0.0)
-    monkeypatch.setattr(cpu_clock_module, "time", types.SimpleNamespace(thread_time=lambda: cpu.now))
-
-    def collection_takes_100_ms(phase: str, _info: dict) -> None:
-        if phase == "stop":
-            cpu.now += 0.1
-
+    cpu = FakeCpuClock(monkeypatch)  # a collection: 100 ms
     def own_work() -> None:
         cpu.now += 0.1
 
@@ -430,16 +421,13 @@ def test_a_garbage_collection_inside_a_timed_call_is_not_charged_to_the_grammar(
     letter = _ids(runner, "a")[0]
     collected = grammar.constraint()
     collected._matcher = _SlowConsume(collected._matcher, gc.collect)
-    gc.callbacks.insert(0, collection_takes_100_ms)  # (before the module's: the stop it reads is 100 ms on)
-    try:
+    with cpu.slow_collections():
         collected.bitmask()
         before = cpu.now
         collected.consume(letter)
         assert cpu.now - before >= 0.1  # the collection ran inside the timed call and took 100 ms
         collected.bitmask()  # no error: under 50 ms
         assert collected.last_token_ms < 50  # nor is it counted as a slow grammar's (grammar_step_ms)
-    finally:
-        gc.callbacks.remove(collection_takes_100_ms)
     worked = grammar.constraint()
     worked._matcher = _SlowConsume(worked._matcher, own_work)
     worked.bitmask()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-import types
 
 import pytest
 import structlog
-from sched_fakes import FakeRunner, ForwardGate, collect, ids_of, make_engine
+from sched_fakes import FakeCpuClock, FakeRunner, ForwardGate, collect, ids_of, make_engine
 
 from scheduler.api import GenerationRequest, Mode, Priority
 from scheduler.calibration import CALIBRATION_SEQ, calibrate
@@ -384,16 +383,8 @@ async def test_a_garbage_collection_in_a_step_is_no_decoders_host_cost(monkeypat
     (a full one takes ~150 ms with torch and Ray loaded) was charged to that decoder and swayed the
     router for ~50 steps. The engine thread's CPU clock is a fake here that moves only where the test
     says: 4 ms of a ReFusion absorb's own work counts; 100 ms that a real gc.collect() takes in an AR
-    absorb (a gc callback run before the clock's own moves the fake on) does not."""
-    import decoding.cpu_clock as cpu_clock_module
-
-    cpu = types.SimpleNamespace(now=0.0)
-    monkeypatch.setattr(cpu_clock_module, "time", types.SimpleNamespace(thread_time=lambda: cpu.now))
-
-    def collection_takes_100_ms(phase: str, _info: dict) -> None:
-        if phase == "stop":
-            cpu.now += 0.1
-
+    absorb (FakeCpuClock.slow_collections) does not."""
+    cpu = FakeCpuClock(monkeypatch)  # a collection: 100 ms
     routing = RoutingConfig(calibrate=False, cost_points=[(1, 0.001), (512, 0.001)], explore_every=0)
     engine, _ = make_engine(routing=routing, prefix_cache=False)
     absorb = engine._absorb
@@ -407,12 +398,9 @@ async def test_a_garbage_collection_in_a_step_is_no_decoders_host_cost(monkeypat
 
     engine._absorb = absorb_with_work
     await engine.start()
-    gc.callbacks.insert(0, collection_takes_100_ms)  # (before the clock's own: the stop it reads is 100 ms on)
-    try:
+    with cpu.slow_collections():
         await collect(engine, GenerationRequest("r", [5, 6], {"gen_length": 8}, mode=Mode.REFUSION))
         await collect(engine, GenerationRequest("a", [5, 7], {"gen_length": 8}, mode=Mode.AR))
-    finally:
-        gc.callbacks.remove(collection_takes_100_ms)
     await engine.stop()
     assert cpu.now >= 0.1 * 8  # the collections ran inside the AR steps, 100 ms each
     host = engine.stats()["host_s_per_request"]
@@ -424,15 +412,7 @@ async def test_a_garbage_collection_in_a_steps_own_work_is_not_its_fixed_host_co
     clock: each step here does 1 ms of its own work and a real gc.collect() that the fake clock makes
     100 ms; the step is 1 ms (scheduling, the step and its postprocessing all time it with
     cpu_time_without_gc: one read on another clock mixes the two and the fixed part drops to 0)."""
-    import decoding.cpu_clock as cpu_clock_module
-
-    cpu = types.SimpleNamespace(now=0.0)
-    monkeypatch.setattr(cpu_clock_module, "time", types.SimpleNamespace(thread_time=lambda: cpu.now))
-
-    def collection_takes_100_ms(phase: str, _info: dict) -> None:
-        if phase == "stop":
-            cpu.now += 0.1
-
+    cpu = FakeCpuClock(monkeypatch)  # a collection: 100 ms
     routing = RoutingConfig(calibrate=False, cost_points=[(1, 0.001), (512, 0.001)], explore_every=0)
     engine, _ = make_engine(routing=routing, prefix_cache=False)
     expire = engine._expire_deadlines
@@ -444,11 +424,8 @@ async def test_a_garbage_collection_in_a_steps_own_work_is_not_its_fixed_host_co
 
     engine._expire_deadlines = expire_with_work
     await engine.start()
-    gc.callbacks.insert(0, collection_takes_100_ms)  # (before the clock's own: the stop it reads is 100 ms on)
-    try:
+    with cpu.slow_collections():
         await collect(engine, GenerationRequest("a", [5, 7], {"gen_length": 8}, mode=Mode.AR))
-    finally:
-        gc.callbacks.remove(collection_takes_100_ms)
     await engine.stop()
     assert engine.stats()["host_s_per_step"] == pytest.approx(0.001), engine.stats()
 
