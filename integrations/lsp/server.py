@@ -12,7 +12,6 @@ protocol and lifecycle (framing, malformed messages, initialize/shutdown/exit) a
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from urllib.parse import unquote
 
@@ -210,9 +209,9 @@ def _busy(backend: EditorBackend, exc: BackendError) -> JsonRpcException:
     Retry-After (EditorBackend.pause): the completions asked for within it, and those waiting for a turn
     when it starts, answer no item without reaching the backend (they were answered -32603 and sent on,
     each adding to the load that refused them). retry_after_s is 1 s when absent or not a number >= 0, at
-    most MAX_RETRY_AFTER_S; a pause that ends later already stays."""
+    most MAX_RETRY_AFTER_S (an infinite one too); a pause that ends later already stays."""
     after = exc.data.get("retry_after_s") if isinstance(exc.data, dict) else None
-    valid = isinstance(after, (int, float)) and not isinstance(after, bool) and math.isfinite(after) and after >= 0
+    valid = isinstance(after, (int, float)) and not isinstance(after, bool) and after >= 0  # (NaN is not >= 0)
     after = min(float(after), MAX_RETRY_AFTER_S) if valid else 1.0
     backend.pause(after)
     return JsonRpcRequestFailed(f"refusion backend busy: {exc}; no completions asked for {after:g} s",

@@ -82,12 +82,13 @@ async def test_a_busy_backend_is_request_failed_and_its_retry_after_is_honoured(
     assert "answered JsonRpcRequestFailed (-32803): refusion backend busy" in lsp.stderr()
 
 
-# (False is a bool, not a number of seconds; an infinite pause is no duration either: 1 s, not the 60 s cap)
-@pytest.mark.parametrize("retry_after_s", ["soon", -1, None, False, float("inf")])
-async def test_a_retry_after_that_is_not_a_duration_pauses_one_second(bridge, retry_after_s):
+# (False is a bool, not a number of seconds; NaN is no duration; an infinite pause is the longest, 60 s)
+@pytest.mark.parametrize("retry_after_s, paused_s", [("soon", 1), (-1, 1), (None, 1), (False, 1), (float("nan"), 1),
+                                                     (float("inf"), 60)])
+async def test_a_retry_after_that_is_no_duration_pauses_one_second_and_an_infinite_one_the_cap(bridge, retry_after_s, paused_s):
     _, _, complete = bridge
     answer = await complete(busy(rpc.OVERLOADED, retry_after_s))
-    assert answer["error"]["data"] == {"retry_after_s": 1, "code": rpc.OVERLOADED}, answer
+    assert answer["error"]["data"] == {"retry_after_s": paused_s, "code": rpc.OVERLOADED}, answer
 
 
 @pytest.mark.parametrize("data", [None, "retry later"])
