@@ -3,6 +3,7 @@ logits; counter-based draws keyed by (seed, step, logical position)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -132,6 +133,47 @@ def test_greedy_probabilities_do_not_depend_on_a_sampled_neighbour(session):
     assert shared.tokens == alone.tokens and shared.probs == pytest.approx(alone.probs, rel=1e-5)
 
 
+def test_a_prob_read_of_token_zero_gives_token_zero(session):
+    """Token id 0 is a token like any other for a prob read, in a greedy step and in one that draws noise
+    (the `given` marker of rows without a given token is -1, not 0)."""
+    ids = _ids(5, 6)
+    reads = Reads(argmax=(0,), prob=(1, 3), prob_tokens=(0, 0))
+    for sampling in (Sampling(), Sampling(temperature=1.0, seed=5, gumbel=True, top_k=20)):
+        [res] = session.execute([_dropped("z", ids, reads, sampling)])
+        probs = result_logits(res).softmax(-1)  # rows 0, 1, 3
+        assert int(probs[1].argmax()) != 0 and int(probs[2].argmax()) != 0  # (so an argmax would differ)
+        assert res.tokens[1:] == [0, 0], sampling
+        for k in (1, 2):
+            assert math.isclose(res.probs[k], float(probs[k, 0]), rel_tol=1e-6)
+
+
+def test_a_logit_bias_moves_the_chosen_tokens_not_the_prob_reads(session):
+    """Segment.logit_bias applies to argmax and sample rows; a prob row of the same segment gives the
+    token's probability under the logits without it (workers/batch.py)."""
+    ids = _ids(5, 7)
+    reads = Reads(argmax=(1,), prob=(2, 3), prob_tokens=(17, 40))
+    [plain] = session.execute([_dropped("p", ids, reads, Sampling())])
+    banned = int(result_logits(plain)[0].argmax())
+    bias = ((banned, -100.0), (17, 25.0), (40, -25.0))
+    [res] = session.execute([dataclasses.replace(_dropped("b", ids, reads, Sampling()), logit_bias=bias)])
+    probs = result_logits(res).softmax(-1)  # rows 1, 2, 3: the raw logits
+    assert res.tokens[0] != banned
+    assert res.tokens[1:] == [17, 40]
+    for k, token in ((1, 17), (2, 40)):
+        assert math.isclose(res.probs[k], float(probs[k, token]), rel_tol=1e-6)
+    assert res.probs[1:] == pytest.approx(plain.probs[1:], rel=1e-6)
+
+
+def test_logits_rows_are_those_of_the_rows_read_as_logits(session):
+    """A segment's logits reads answer their own rows, also beside token reads of other rows."""
+    ids = _ids(6, 8)
+    [alone] = session.execute([segment("l", 0, ids, keep=False)])  # logits of rows 0..5
+    every = result_logits(alone)
+    reads = Reads(argmax=(0, 1), prob=(2,), prob_tokens=(9,), logits=(4, 5))
+    [mixed] = session.execute([segment("m", 0, ids, keep=False, reads=reads)])
+    torch.testing.assert_close(result_logits(mixed), every[[4, 5]], rtol=1e-5, atol=1e-5)
+
+
 def test_sample_reads(session):
     ids = _ids(5, 4)
     seg = lambda sid, s: _dropped(sid, ids, Reads(sample=(4,)), s)  # noqa: E731
@@ -190,6 +232,12 @@ def test_top_k_top_p_filters():
     assert kept(top_p=0.7) == [True, True, False, False]
     assert kept(top_k=1, top_p=0.99) == [True, False, False, False]
     assert kept(top_p=0.7, temperature=10.0) == [True, True, True, False]  # measured on the tempered distribution
+    # A token whose higher-ranked tokens hold exactly top_p is out (the nucleus is the smallest set reaching
+    # top_p, as vLLM's): probabilities 1/2, 1/4, 1/4 are exact in float64, so top_p = 1/2 keeps the first only
+    halves = torch.tensor([[math.log(2.0), 0.0, 0.0]], dtype=torch.float64)
+    x = filter_top_k_top_p(halves, torch.tensor([0]), torch.tensor([0.5], dtype=torch.float64),
+                           torch.tensor([1.0], dtype=torch.float64))
+    assert torch.isfinite(x[0]).tolist() == [True, False, False]
 
 
 def test_min_p_keeps_tokens_within_a_share_of_the_top_tokens_tempered_probability():
