@@ -186,6 +186,34 @@ def test_a_fed_back_tokens_penalty_is_added_once_when_a_caller_names_it_twice(ru
     assert run(((t, 4.0), (t, 1.0)), piped=True) == run(((t, 4.0 - 2.0), (t, 1.0)), piped=False)
 
 
+def test_feedback_takes_the_first_read_and_leaves_token_zero_of_the_step_alone(runner):
+    """A fed-back token is the one its sequence's first read returned, also when that step read more rows
+    ("a" reads its last prompt row, then its first); token id 0 elsewhere in the feedback step ("b"'s
+    first token) is a token, not a marker: the step equals the serial one with the token given."""
+    a, b = PROMPTS["a"], PROMPTS["b"]
+    first = [segment("a", 0, a, reads=Reads(argmax=(len(a) - 1, 0))),
+             segment("b", 0, b, reads=Reads(argmax=(len(b) - 1,)))]
+
+    def second(token: int | None):
+        return [_decode("a", len(a), 0 if token is None else token, 1, feedback=token is None),
+                segment("b", len(b), [0, 7], reads=Reads(argmax=(0, 1)))]
+
+    serial = RunnerSession(runner)
+    got_first = serial.execute(first)
+    t = got_first[0].tokens[0]
+    assert got_first[0].tokens[1] != t  # (so the second read's token would differ)
+    want = [(r.tokens, r.probs) for r in serial.execute(second(t))]
+    serial.free_all()
+
+    piped = RunnerSession(runner)
+    launched = runner.launch(first, piped.tables.prepare(first))
+    segs = second(None)
+    ahead = runner.launch(segs, piped.tables.prepare(segs))
+    assert [r.tokens for r in runner.collect(launched)] == [r.tokens for r in got_first]
+    assert [(r.tokens, r.probs) for r in runner.collect(ahead)] == want
+    piped.free_all()
+
+
 def test_a_feedback_penalty_needs_a_fed_back_token_and_numbers(runner):
     with pytest.raises(ValueError, match="feedback_penalty"):
         segment("a", 3, [7], reads=Reads(argmax=(0,)), feedback_penalty=FeedbackPenalty(0.5, 0.5))
