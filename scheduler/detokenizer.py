@@ -260,7 +260,7 @@ class TextStream:
         return index
 
     def _find_stop_in_view(self, start: int, view: str, at: list[int]) -> int | None:
-        """_find_stop on the client's view (TabView.view from `start`, `at` its indices in the text): the
+        """_find_stop on the client's view (its view() from `start`, client_view.py; `at` its indices in the text): the
         earliest stop string whose view starts at or after `start` and ends past the min_tokens text."""
         if not self._stops_open():
             return None

@@ -101,7 +101,7 @@ class EngineLoop:
     async def step(self) -> None:
         """One engine step: schedule -> execute -> postprocess. Under asynchronous scheduling the step the
         last one launched ahead is this step's plan (no scheduling), and `_execute` may launch the next."""
-        host_start = cpu_time_without_gc()  # this thread's CPU seconds: the step's host work (routing.HostCost)
+        host_start = cpu_time_without_gc()  # CPU seconds less collections: the step's host work (routing.HostCost)
         self._expire_deadlines(time.monotonic())
         launched = None
         if self._ahead is not None:
