@@ -758,6 +758,7 @@ async def test_slow_grammars_take_turns_with_steps_planned_ahead(runner, monkeyp
     # one of them at a time too (a request that sits out is planned from the host on its turn), and every
     # output is the serial one.
     import scheduler.engine as engine_module
+    from decoding.grammar import GrammarTokenizer
     from scheduler.grammars import GrammarCompiler
 
     class Tick:
@@ -768,11 +769,17 @@ async def test_slow_grammars_take_turns_with_steps_planned_ahead(runner, monkeyp
             self.now += 0.010
             return self.now
 
-    monkeypatch.setattr(engine_module, "GrammarCompiler", lambda tokenizer, token_ms: GrammarCompiler(tokenizer, token_ms, clock=Tick()))
+    grammars = GrammarCompiler(GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id), 0,
+                               clock=Tick())
+    monkeypatch.setattr(engine_module, "GrammarCompiler", lambda tokenizer, token_ms: grammars)
     # (the free requests outlast the slow ones: with only slow requests left nobody sits out)
     specs = [_request(runner, f"free{i}", i, {"ignore_eos": True, "temperature": 0.8 * (i % 2)}) for i in range(3)]
     specs += [_request(runner, f"slow{i}", i, grammar=_regex_grammar()) for i in range(3)]
     config = {"grammar_token_ms": 0, "grammar_step_ms": 40}
+    # Each run compiles the grammar before the requests come (Engine.stop drops the cache), so all six start
+    # in the same step: a compile still running on its thread while the free requests step on (a loaded
+    # machine) left the slow ones alone at the end, where nobody sits out
+    await grammars.compile(specs[3].grammar, specs[3].prompt_ids, max_forced=64)
     serial, _ = await _run(runner, specs, pipelined=False, config=config)
     slow_rows, launch = [], runner.launch
 
@@ -781,9 +788,11 @@ async def test_slow_grammars_take_turns_with_steps_planned_ahead(runner, monkeyp
         return launch(segments, tables)
 
     monkeypatch.setattr(runner, "launch", counted)
+    await grammars.compile(specs[3].grammar, specs[3].prompt_ids, max_forced=64)
     pipelined, engine = await _run(runner, specs, pipelined=True, config=config)
     _assert_same(specs, serial, pipelined)
     assert engine.ahead_steps > 0 and sum(rows > 1 for rows in slow_rows) <= 2, slow_rows
+    assert grammars.compiles == 2  # the requests took the grammar compiled before them, each time
 
 
 async def test_a_decoder_failing_to_restate_a_failed_step_from_the_host_fails_its_request_alone(runner, monkeypatch):

@@ -601,6 +601,10 @@ async def test_slow_grammars_take_turns_within_the_step_budget(engine_factory, r
     for step_ms in (0.0, 40.0):
         engine = await engine_factory(grammar_token_ms=0, grammar_step_ms=step_ms)
         engine.grammars = GrammarCompiler(tokenizer, 0, clock=_TickClock(0.010))
+        # compiled before the requests come, so all six start in the same step: a compile still running on
+        # its thread while the free requests step on (a loaded machine) put the slow ones behind, and alone
+        # once the free ones ended (nobody sits out then: a crowded step per token; CI met it)
+        await engine.grammars.compile(regex, _ids(runner, PROMPTS[0]), max_forced=32)
         grammar_rows = []
 
         def counted(segments, tables, grammar_rows=grammar_rows):
@@ -618,6 +622,7 @@ async def test_slow_grammars_take_turns_within_the_step_budget(engine_factory, r
             runner.execute = execute
         assert all(re.fullmatch("[a-z]{12}", text) for text, _, _ in outputs[step_ms][:3])
         assert all(last.finish_reason is not FinishReason.ERROR for _, _, last in outputs[step_ms])
+        assert engine.grammars.compiles == 1  # the requests took the grammar compiled before them
         crowded[step_ms] = sum(rows > 1 for rows in grammar_rows)  # steps with more than one slow request
     assert crowded[0.0] >= 6 and crowded[40.0] <= 2, crowded  # (the first steps: no cost measured yet)
     assert [ids for _, ids, _ in outputs[40.0]] == [ids for _, ids, _ in outputs[0.0]]  # batched differently
