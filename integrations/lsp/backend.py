@@ -35,6 +35,17 @@ class BackendError(Exception):
         self.data = error.get("data") or {}
 
 
+class BackendClosed(ConnectionError):
+    """The server closed the connection: `close_code` (RFC 6455) and `reason` from its close frame, None
+    and "" when it dropped without one. 1013 ("try again later") is a server draining or holding its most
+    editor connections; 1001 ("going away") a drain's end or an idle connection closed
+    (docs/editor-protocol.md, "Errors and limits")."""
+
+    def __init__(self, message: str, close_code: int | None, reason: str):
+        super().__init__(message)
+        self.close_code, self.reason = close_code, reason
+
+
 # How long closing waits for the server's closing handshake (websockets' default is 10 s): a stalled
 # server held the LSP `shutdown` answer that long, past the ~2 s editors give it before killing the bridge
 CLOSE_TIMEOUT_S = 1.0
@@ -130,16 +141,17 @@ class EditorBackend:
             if not future.done():
                 future.set_result(response)
 
-    def _closed_error(self, ws) -> ConnectionError:
+    def _closed_error(self, ws) -> BackendClosed:
         """Why the connection ended, from its close frame: 1001 ("going away") and 1013 ("try again
         later") are the server draining, or refusing one more connection, or closing an idle one
         (docs/editor-protocol.md), worth saying so."""
         code, reason = getattr(ws, "close_code", None), getattr(ws, "close_reason", None) or ""
         if code in (1001, 1013):
             what = "is shutting down or restarting" if "shutting down" in reason else "closed the editor connection"
-            return ConnectionError(f"the refusion server at {self.url} {what} (close code {code}: {reason}); "
-                                   "retry in a few seconds")
-        return ConnectionError(f"editor backend connection to {self.url} closed" + (f" (close code {code})" if code else ""))
+            return BackendClosed(f"the refusion server at {self.url} {what} (close code {code}: {reason}); "
+                                 "retry in a few seconds", code, reason)
+        return BackendClosed(f"editor backend connection to {self.url} closed" + (f" (close code {code})" if code else ""),
+                             code, reason)
 
     async def _call_on(self, ws, method: str, params: dict, msg_id=None):
         msg_id = next(self._ids) if msg_id is None else msg_id
@@ -186,17 +198,28 @@ class EditorBackend:
         """Run one completion; cancelling the caller sends `cancel` to the backend. At most the server's
         `max_inflight` run at once (its per-connection limit, docs/editor-protocol.md); more wait here
         for their turn, where the server would refuse them with -32003. Raises BackendPaused, sending
-        nothing, while a pause lasts (checked again when a waiting completion gets its turn)."""
-        self._raise_if_paused()
+        nothing, while a pause lasts (checked again when a waiting completion gets its turn);
+        BackendClosed when the server closes the connection under it, after one more try on a new
+        connection for a 1001 ("going away"); BackendError for an error answer."""
+        self.raise_if_paused()
         if self._turns is None:
             limit = (await self.limits()).max_inflight  # connects first; later calls skip this
             if self._turns is None:  # checked again after the await: concurrent first calls share one
                 self._turns = asyncio.Semaphore(limit)
         async with self._turns:
-            self._raise_if_paused()
+            self.raise_if_paused()
+            try:
+                return await self._complete(params, on_partial)
+            except BackendClosed as exc:
+                if exc.close_code != 1001:
+                    raise
+            # "Going away" with this completion unanswered: it raced the close (a drain closes once the
+            # completions it took have answered; an idle close, with none in flight, cancels one that came in
+            # as it closed). Sent once more on a new connection, where a draining server refuses it with 1013.
             return await self._complete(params, on_partial)
 
-    def _raise_if_paused(self) -> None:
+    def raise_if_paused(self) -> None:
+        """Raises BackendPaused while a pause lasts (see `pause`)."""
         if time.monotonic() < self.retry_at:
             raise BackendPaused(f"paused for {self.retry_at - time.monotonic():.1f} s more")
 

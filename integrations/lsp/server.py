@@ -22,7 +22,7 @@ from pygls.lsp.server import LanguageServer
 from integrations.editor import protocol as rpc
 from integrations.editor.document import LINE_BREAK
 from integrations.editor.protocol import Limits
-from integrations.lsp.backend import BackendError, BackendPaused, EditorBackend
+from integrations.lsp.backend import BackendClosed, BackendError, BackendPaused, EditorBackend
 from integrations.lsp.base_protocol import BridgeServer
 from integrations.lsp.bridge_config import BridgeConfig, BridgeConfigError
 from integrations.lsp.documents import (LspTextDocument, LspWorkspace, clamp_position, cursor_context,
@@ -171,6 +171,7 @@ async def _backend_completion_text(server: BridgeServer, config: BridgeConfig, b
     superseded it, or while the backend asked for a pause (`retry_after_s`, see _busy). A failure is a
     JSON-RPC error saying what is wrong (cancelled once `shutdown` was received)."""
     try:
+        backend.raise_if_paused()  # before limits(), which connects when no connection is open (after a close)
         prefix, suffix = fit_to_limits(prefix, suffix, await backend.limits())  # a line can be very long
         request = complete_params(config, doc.uri, version, doc.language_id or "", prefix, suffix)
         result = await backend.complete(request)
@@ -186,6 +187,8 @@ async def _backend_completion_text(server: BridgeServer, config: BridgeConfig, b
             if exc.code in (rpc.OVERLOADED, rpc.ENGINE_UNAVAILABLE):
                 raise _busy(backend, exc) from None
             raise JsonRpcInternalError(f"refusion backend: {exc}") from None
+        if isinstance(exc, BackendClosed) and exc.close_code == 1013:
+            raise _try_later(backend, exc) from None
         # An error, not an empty answer: the editor's LSP log then says what is wrong.
         raise JsonRpcInternalError(f"refusion backend unreachable at {config.url}: {exc}") from None
     return result.get("text", "")
@@ -216,3 +219,17 @@ def _busy(backend: EditorBackend, exc: BackendError) -> JsonRpcException:
     backend.pause(after)
     return JsonRpcRequestFailed(f"refusion backend busy: {exc}; no completions asked for {after:g} s",
                                 data={"retry_after_s": after, "code": exc.code})
+
+
+# How long a 1013 close ("try again later") pauses completions: its frame names no time, and a draining or
+# full server asked again each keystroke was connected to and refused each time
+TRY_LATER_S = 1.0
+
+
+def _try_later(backend: EditorBackend, exc: BackendClosed) -> JsonRpcException:
+    """The server closed the connection with 1013 ("try again later", RFC 6455 7.4.1: it is draining or holds
+    its most editor connections, docs/editor-protocol.md): RequestFailed (-32803) with data
+    {"retry_after_s": TRY_LATER_S, "close_code": 1013}, and no completion asked for that long (as _busy)."""
+    backend.pause(TRY_LATER_S)
+    return JsonRpcRequestFailed(f"refusion backend busy: {exc}; no completions asked for {TRY_LATER_S:g} s",
+                                data={"retry_after_s": TRY_LATER_S, "close_code": exc.close_code})

@@ -15,13 +15,20 @@ TEXT = "x = 1"
 
 
 class ScriptedBackend:
-    """Answers `initialize`, and each `complete` with the next scripted error (None: a completion)."""
+    """Answers `initialize`, and each `complete` with the next scripted error (None: a completion); while
+    `close_with` is set ((code, reason)), closes each connection with it as it opens (a draining or full
+    server, ingress_gate.py). `connections` counts the connections opened."""
 
     def __init__(self):
         self.errors: list[dict | None] = []
-        self.completes = 0
+        self.completes = self.connections = 0
+        self.close_with: tuple[int, str] | None = None
 
     async def serve(self, ws) -> None:
+        self.connections += 1
+        if self.close_with is not None:
+            await ws.close(*self.close_with)
+            return
         async for frame in ws:
             _, msg_id, method, _params = msgpack.unpackb(frame)
             if method == "initialize":
@@ -166,3 +173,95 @@ async def test_a_pause_holds_to_its_end_without_reaching_for_the_backend(monkeyp
     with pytest.raises(OSError):  # over: it reaches for the backend
         await backend.complete({"uri": "a", "prefix": "x", "suffix": ""})
     await backend.close()
+
+
+async def test_a_server_closing_with_try_again_later_is_request_failed_and_pauses(bridge):
+    """A draining server, or one holding its most editor connections, closes a new connection with 1013 ("try
+    again later"): RequestFailed (-32803) and a pause, as for a busy answer (it was -32603 "unreachable",
+    and each keystroke connected again to be refused). The pause itself: the next test, on a frozen clock."""
+    backend, _, complete = bridge
+    backend.close_with = (1013, "server is shutting down")
+    answer = await complete(reaches_backend=False)
+    assert answer["error"]["code"] == -32803, answer
+    assert answer["error"]["data"] == {"retry_after_s": 1, "close_code": 1013}, answer
+    assert "shutting down or restarting (close code 1013: server is shutting down)" in answer["error"]["message"]
+    assert backend.connections == 1
+
+
+async def test_a_try_again_later_close_pauses_completions_before_they_connect(monkeypatch):
+    """After a 1013 close the bridge has no connection open, so the pause is checked before the backend's
+    limits are asked for (which connects): no connection within the pause, one after it."""
+    import types
+
+    import websockets
+
+    import integrations.lsp.backend as backend_module
+    from integrations.lsp.backend import EditorBackend
+    from integrations.lsp.bridge_config import BridgeConfig
+    from integrations.lsp.server import TRY_LATER_S, JsonRpcRequestFailed, _backend_completion_text
+
+    now = [100.0]
+    monkeypatch.setattr(backend_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    scripted = ScriptedBackend()
+    scripted.close_with = (1013, "2 editor connections are open on this server replica, its most: retry later")
+    server = types.SimpleNamespace(protocol=types.SimpleNamespace(shutdown_received=False))
+    doc = types.SimpleNamespace(uri=URI, language_id="python")
+    async with websockets.serve(scripted.serve, "127.0.0.1", 0) as listening:
+        config = BridgeConfig(url=f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/editor")
+        backend = EditorBackend(config.url)
+        complete = lambda: _backend_completion_text(server, config, backend, doc, 1, "x = ", "")  # noqa: E731
+        with pytest.raises(JsonRpcRequestFailed) as failed:
+            await complete()
+        assert failed.value.data == {"retry_after_s": TRY_LATER_S, "close_code": 1013}
+        assert "closed the editor connection (close code 1013: 2 editor connections" in str(failed.value)
+        now[0] += TRY_LATER_S - 0.001
+        assert await complete() == "" and scripted.connections == 1  # paused: not connected
+        now[0] += 0.002
+        with pytest.raises(JsonRpcRequestFailed):  # over: it connects, and is refused again
+            await complete()
+        assert scripted.connections == 2
+        await backend.close()
+
+
+class GoingAway:
+    """Answers `initialize`; closes the connection with 1001 ("going away") on each of its first `n`
+    completions instead of answering them (they raced an idle close or a drain's end), then completes."""
+
+    def __init__(self, n: int):
+        self.n, self.completes, self.connections = n, 0, 0
+
+    async def serve(self, ws) -> None:
+        self.connections += 1
+        async for frame in ws:
+            _, msg_id, method, _params = msgpack.unpackb(frame)
+            if method == "initialize":
+                await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, None, {"limits": {"max_inflight": 8}}]))
+            elif method == "complete":
+                self.completes += 1
+                if self.completes <= self.n:
+                    await ws.close(1001, "idle for 600 s: reconnect to complete again")
+                    return
+                await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, None, {"text": TEXT, "stop_reason": "stop"}]))
+
+
+@pytest.mark.parametrize("going_away", [1, 2])
+async def test_a_completion_the_server_went_away_from_is_sent_once_more_on_a_new_connection(going_away):
+    """A 1001 close with a completion unanswered: the server closes only once the completions it took have
+    answered (or, idle, has none in flight), so this one raced the close and went unanswered; it goes once more on a new connection (it was
+    -32603 "unreachable"). A second 1001 for it is the caller's error."""
+    import websockets
+
+    from integrations.lsp.backend import BackendClosed, EditorBackend
+
+    server = GoingAway(going_away)
+    async with websockets.serve(server.serve, "127.0.0.1", 0) as listening:
+        backend = EditorBackend(f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/editor")
+        params = {"uri": "a", "prefix": "x", "suffix": ""}
+        if going_away == 1:
+            assert (await backend.complete(params))["text"] == TEXT
+        else:
+            with pytest.raises(BackendClosed, match="close code 1001: idle for 600 s") as closed:
+                await backend.complete(params)
+            assert closed.value.close_code == 1001
+        assert (server.completes, server.connections) == (2, 2)
+        await backend.close()
