@@ -28,9 +28,10 @@ def deploy(submit: Callable[[], object], status: Callable[[], tuple[str, str]], 
 
     submit: sends the application to Serve's controller without waiting for its replicas.
     status: (Ray's ApplicationStatus name, its message): "RUNNING", "DEPLOY_FAILED", "DEPLOYING", ...
-    Returns True once the status is RUNNING, False when `stop` is set first (a signal; the caller then
-    removes the application). Raises DeployError on DEPLOY_FAILED. Calls `notice` once with a hint when
-    the application is not running after `notice_after_s` seconds."""
+    Returns True once the status is RUNNING (looked at once more when `stop` is set), False when `stop`
+    is set first (a signal; the caller then removes the application, or drains the replicas already up).
+    Raises DeployError on DEPLOY_FAILED. Calls `notice` once with a hint when the application is not
+    running after `notice_after_s` seconds."""
     submit()
     started, noticed = time.monotonic(), False
     while True:
@@ -40,7 +41,9 @@ def deploy(submit: Callable[[], object], status: Callable[[], tuple[str, str]], 
         if state == "DEPLOY_FAILED":
             raise DeployError(next(iter(message.strip().splitlines()), state))
         if stop.wait(POLL_S):
-            return False
+            # One more look: an application that came up since the last one is ready, and "stopped before
+            # every replica was up" would be wrong (its replicas are drained either way)
+            return status()[0] == "RUNNING"
         if not noticed and time.monotonic() - started > notice_after_s:
             noticed = True
             notice(f"still starting after {notice_after_s:g} s: replicas are loading the model or waiting for "

@@ -45,6 +45,15 @@ def test_a_stop_while_deploying_returns_false_after_one_notice():
     assert len(notices) == 1 and "lower --replicas" in notices[0]
 
 
+def test_an_application_up_by_the_time_the_stop_is_seen_is_ready():
+    """Ctrl-C as the last replica came up, after a look that said DEPLOYING: it was reported as stopped
+    "before every replica was up" though every one was (the drain was right either way)."""
+    stop = threading.Event()
+    stop.set()
+    assert deploy(lambda: None, statuses(("DEPLOYING", ""), ("RUNNING", "")), stop)
+    assert not deploy(lambda: None, statuses(("DEPLOYING", ""), ("DEPLOYING", "")), stop)
+
+
 def test_a_sigterm_while_ray_starts_reaches_the_callers_handler():
     """ray.init first sets a SIGTERM handler that calls sys.exit: a SIGTERM while Ray started ended the
     process inside ray.init and left the agents it had started running (a break-test). start_ray keeps
