@@ -6,7 +6,9 @@ from __future__ import annotations
 import random
 
 import pytest
+from sched_fakes import FakeRunner, FakeTokenizer, collect, ids_of, make_engine
 
+from scheduler.api import FinishReason, GenerationRequest, Mode
 from scheduler.client_view import TabView
 from scheduler.detokenizer import TextStream, tabs_for_spaces
 
@@ -113,3 +115,28 @@ def test_min_tokens_passes_over_a_stop_that_ends_in_its_text():
     pieces = ["a", "\n", "    ", "b", "\n", "    ", "c"]
     assert run(pieces, ["\n\t"])[:2] == ("a", "stop")
     assert run(pieces, ["\n\t"], min_tokens=4)[:2] == ("a\n    b", "stop")  # the first "\n\t" ends in 3 tokens
+
+
+class SpaceTokenizer(FakeTokenizer):
+    """FakeTokenizer whose letters are spaces: lines of indentation only."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(" " if c.isalpha() else c for c in super().decode(ids, skip_special_tokens))
+
+
+async def test_a_stop_the_last_open_indent_completes_is_a_stop_not_the_token_cap():
+    """The token cap ends the text on "\n   ", an open indent (a fourth space would make it a tab), held
+    until the text is known to end: there the client's "\n   " stop matches, so the request ends on a stop
+    string ("stop", its stop_word), not "length" (engine_output's reason at the stream's end)."""
+    engine, _ = make_engine(FakeRunner(newline_every=6), tokenizer=SpaceTokenizer())
+    await engine.start()
+    try:  # (generated positions 3..9 of the [5, 6, 7] prompt: "   \n   "; position 6 is the newline)
+        capped = await collect(engine, GenerationRequest("cap", [5, 6, 7], {"gen_length": 16}, mode=Mode.AR,
+                                                         max_tokens=7, tab_indent=True))
+        assert "".join(d.text for d in capped) == "   \n   " and capped[-1].finish_reason is FinishReason.LENGTH
+        deltas = await collect(engine, GenerationRequest("stop", [5, 6, 7], {"gen_length": 16}, mode=Mode.AR,
+                                                         max_tokens=7, tab_indent=True, stop=["\n   "]))
+        assert "".join(d.text for d in deltas) == "   " and deltas[-1].finish_reason is FinishReason.STOP
+        assert deltas[-1].stats.get("stop_word") == "\n   " and len(ids_of(deltas)) == 7
+    finally:
+        await engine.stop()
