@@ -15,12 +15,13 @@ TEXT = "x = 1"
 
 
 class ScriptedBackend:
-    """Answers `initialize`, and each `complete` with the next scripted error (None: a completion); while
-    `close_with` is set ((code, reason)), closes each connection with it as it opens (a draining or full
-    server, ingress_gate.py). `connections` counts the connections opened."""
+    """Answers `initialize`, and each `complete` with the next scripted error (None: a completion; a
+    (code, reason) tuple: the connection closed with it instead of an answer); while `close_with` is set
+    ((code, reason)), closes each connection with it as it opens (a draining or full server,
+    ingress_gate.py). `connections` counts the connections opened."""
 
     def __init__(self):
-        self.errors: list[dict | None] = []
+        self.errors: list[dict | tuple | None] = []
         self.completes = self.connections = 0
         self.close_with: tuple[int, str] | None = None
 
@@ -36,6 +37,9 @@ class ScriptedBackend:
             elif method == "complete":
                 self.completes += 1
                 error = self.errors.pop(0)
+                if isinstance(error, tuple):
+                    await ws.close(*error)
+                    return
                 result = None if error else {"text": TEXT, "stop_reason": "stop"}
                 await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, error, result]))
 
@@ -223,27 +227,6 @@ async def test_a_try_again_later_close_pauses_completions_before_they_connect(mo
         await backend.close()
 
 
-class GoingAway:
-    """Answers `initialize`; closes the connection with 1001 ("going away") on each of its first `n`
-    completions instead of answering them (they raced an idle close or a drain's end), then completes."""
-
-    def __init__(self, n: int):
-        self.n, self.completes, self.connections = n, 0, 0
-
-    async def serve(self, ws) -> None:
-        self.connections += 1
-        async for frame in ws:
-            _, msg_id, method, _params = msgpack.unpackb(frame)
-            if method == "initialize":
-                await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, None, {"limits": {"max_inflight": 8}}]))
-            elif method == "complete":
-                self.completes += 1
-                if self.completes <= self.n:
-                    await ws.close(1001, "idle for 600 s: reconnect to complete again")
-                    return
-                await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, None, {"text": TEXT, "stop_reason": "stop"}]))
-
-
 @pytest.mark.parametrize("going_away", [1, 2])
 async def test_a_completion_the_server_went_away_from_is_sent_once_more_on_a_new_connection(going_away):
     """A 1001 close with a completion unanswered: the server closes only once the completions it took have
@@ -253,7 +236,8 @@ async def test_a_completion_the_server_went_away_from_is_sent_once_more_on_a_new
 
     from integrations.lsp.backend import BackendClosed, EditorBackend
 
-    server = GoingAway(going_away)
+    server = ScriptedBackend()  # (a 1001 close instead of an answer, each of the first `going_away` times)
+    server.errors = [(1001, "idle for 600 s: reconnect to complete again")] * going_away + [None]
     async with websockets.serve(server.serve, "127.0.0.1", 0) as listening:
         backend = EditorBackend(f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/editor")
         params = {"uri": "a", "prefix": "x", "suffix": ""}
