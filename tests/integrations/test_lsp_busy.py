@@ -230,8 +230,8 @@ async def test_a_try_again_later_close_pauses_completions_before_they_connect(mo
 @pytest.mark.parametrize("going_away", [1, 2])
 async def test_a_completion_the_server_went_away_from_is_sent_once_more_on_a_new_connection(going_away):
     """A 1001 close with a completion unanswered: the server closes only once the completions it took have
-    answered (or, idle, has none in flight), so this one raced the close and went unanswered; it goes once more on a new connection (it was
-    -32603 "unreachable"). A second 1001 for it is the caller's error."""
+    answered (or, idle, has none in flight), so this one raced the close; it goes once more on a new
+    connection (it was -32603 "unreachable"). A second 1001 for it is the caller's error."""
     import websockets
 
     from integrations.lsp.backend import BackendClosed, EditorBackend
