@@ -8,7 +8,8 @@ and Ray's health check pass. On resume each request continues as if never paused
 mode "keep" is offered, and it must be named: vLLM's default is "abort", so a bare POST /pause, "abort"
 or "wait" is a 400 naming `mode` (cancel the requests, or wait for them, then pause with mode=keep).
 Behind Ray Serve every engine replica up at the call is paused or resumed (each call routed to its
-replica); one started later (autoscaling, a replacement) runs unpaused.
+replica); one started later (autoscaling, a replacement) runs unpaused, and queue rebalancing moves the
+paused replicas' waiting requests that never started to it (none onto a paused one: EngineDeployment.load).
 
     POST /pause?mode=keep -> {"status": "paused", "replicas": {replica id: true, ...}} once each holds
     POST /resume          -> {"status": "resumed", "replicas": {replica id: false, ...}}

@@ -231,19 +231,20 @@ class EngineDeployment:
         """Queue rebalancing's view of this replica (integrations/serve_rebalance.ReplicaLoad): free
         running slots (max_running - running - waiting) and the waiting requests it may release
         (Engine.movable: never started, past the ones its own free slots start; so a replica is never
-        both); neither while draining or paused (pause: a held replica takes no work and keeps its own).
-        `replica`: the id the router delivered the call by."""
-        if self.draining or self.engine.stopping or self.engine.paused:
+        both); neither while draining. A paused replica (pause) has no room, as it would run nothing it
+        took, but its queue is movable: what never started would wait here until resume, while a replica
+        started after the pause (autoscaling) runs it now. `replica`: the id the router delivered the call by."""
+        if self.draining or self.engine.stopping:
             return {"replica": self.replica, "room": 0, "movable": 0}
         busy = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
-        return {"replica": self.replica, "room": max(0, self.engine.config.max_running - busy),
-                "movable": len(self.engine.movable(keep=self._moved_in))}
+        room = 0 if self.engine.paused else max(0, self.engine.config.max_running - busy)
+        return {"replica": self.replica, "room": room, "movable": len(self.engine.movable(keep=self._moved_in))}
 
     async def release_waiting(self, limit: int, to: str, replica: str | None = None) -> int:
         """End up to `limit` waiting requests that never started (scheduler.engine.Engine.release_waiting)
         for replica `to` to run: their calls end with EngineFailure("moved", replica=to), which the
-        ingress streaming each one sends there. Returns how many."""
-        if self.draining or self.engine.stopping or self.engine.paused or to == self.replica:
+        ingress streaming each one sends there (from a paused replica too: load). Returns how many."""
+        if self.draining or self.engine.stopping or to == self.replica:
             return 0
         return self._release(limit, to)
 

@@ -204,39 +204,50 @@ async def test_autoscaling_scales_up_under_a_ramp_and_drains_on_scale_down(clust
 
 
 async def test_a_queue_moves_to_a_replica_with_free_slots(cluster):
-    """Queue rebalancing (integrations/serve_rebalance.py). One running slot per replica and strict
-    affinity: a long stream holds replica A's slot and three short requests of the same conversation
-    queue behind it there, while B idles (before rebalancing they waited out the long stream: a
-    replica added by the autoscaler served nothing for 190 s while 28 requests waited in the first,
-    helper-144). They move to B and finish there while the long stream still runs on A."""
-    placed = deploy(cluster, 2, num_replicas=2, router={"imbalanced_threshold": 1000}, engine={"max_running": 1},
-                    args={"rebalance_after_s": 0.2})
-    live = sorted(placed)
-    source, target = live[0], live[1]
-    messages = conversations_on(source, live, 1)[0]
-    finished_before = per_replica(cluster.url, "refusion_requests_finished_total")
-    moved_before = per_replica(cluster.url, "refusion_requests_moved_total")
-    decisions_before = metrics(cluster.url).get(("refusion_router_decisions_total", (("decision", "moved"),)), 0)
+    """Queue rebalancing (integrations/serve_rebalance.py). One running slot per replica: a long stream
+    holds replica A's slot and three short requests queue behind it there; then the autoscaler's replica
+    B comes up (before rebalancing they waited out the long stream: a replica added by the autoscaler
+    served nothing for 190 s while 28 requests waited in the first, helper-144). They move to B and finish
+    there while the long stream still runs on A. A is paused (POST /pause) before the three are sent, so
+    the long stream holds its slot however long the moves take (with A running, it raced them: a 60-token
+    stream ended first and the three ran on A); B, started after the pause, runs unpaused. The stream
+    (~25 s) outlasts only the pause's answer; paused before it starts, it would be first in A's queue and
+    move itself."""
+    settings = dict(engine={"max_running": 1}, args={"rebalance_after_s": 0.2, "pause_endpoints": True})
+    [source] = deploy(cluster, 1, deployments=[{"name": "RefusionEngine", "num_replicas": 1}], **settings)
+    messages = conversation(0)
     started = asyncio.Event()
-    # (the context's whole length: 25 s here, the three moves 0.8 s)
     long_stream = asyncio.create_task(stream_completion(cluster.url, 4000, messages=messages, started=started))
+    shorts: list[asyncio.Task] = []
     try:
         await asyncio.wait_for(started.wait(), 120)
-        shorts = await asyncio.wait_for(asyncio.gather(*(stream_completion(cluster.url, 8, messages=messages)
-                                                         for _ in range(3))), 240)
-        assert not long_stream.done(), long_stream.result()  # they did not wait for it
-        for result in shorts:
+        paused = await asyncio.to_thread(httpx.post, cluster.url + "/pause", params={"mode": "keep"}, timeout=120)
+        assert paused.status_code == 200 and paused.json()["replicas"] == {source: True}, paused.text
+        finished_before = per_replica(cluster.url, "refusion_requests_finished_total")
+        moved_before = per_replica(cluster.url, "refusion_requests_moved_total")
+        decisions_before = metrics(cluster.url).get(("refusion_router_decisions_total", (("decision", "moved"),)), 0)
+        shorts = [asyncio.create_task(stream_completion(cluster.url, 8, messages=messages)) for _ in range(3)]
+        await asyncio.to_thread(wait_for, lambda: per_replica(cluster.url, "refusion_requests_waiting").get(source) == 3,
+                                120, "the three queued on A")
+        await asyncio.to_thread(cluster.serve_deploy, cluster.app_config(
+            deployments=[{"name": "RefusionEngine", "num_replicas": 2}], **settings))
+        [target] = set(await asyncio.to_thread(settled, cluster, 2)) - {source}  # rescaled in place: A kept
+        results = await asyncio.wait_for(asyncio.gather(*shorts), 240)
+        assert not long_stream.done(), long_stream.result()  # they did not wait for it (it cannot end: paused)
+        for result in results:
             assert result["status"] == 200 and result["error"] is None and result["finish_reason"] == "length", result
         finished = per_replica(cluster.url, "refusion_requests_finished_total")
         assert finished.get(target, 0) - finished_before.get(target, 0) == 3, (finished_before, finished)
         assert finished.get(source, 0) - finished_before.get(source, 0) == 0  # (the long stream still runs)
         moved = per_replica(cluster.url, "refusion_requests_moved_total")
-        assert (moved[source] - moved_before.get(source, 0), moved[target] - moved_before.get(target, 0)) == (3, 0)
+        assert (moved[source] - moved_before.get(source, 0), moved[target]) == (3, 0)
         decisions = metrics(cluster.url)[("refusion_router_decisions_total", (("decision", "moved"),))]
         assert decisions - decisions_before >= 3  # each sent again, to B first (a retry of the routing counts too)
     finally:
-        long_stream.cancel()
-        await asyncio.gather(long_stream, return_exceptions=True)
+        for task in [long_stream, *shorts]:
+            task.cancel()
+        await asyncio.gather(long_stream, *shorts, return_exceptions=True)
+        await asyncio.to_thread(httpx.post, cluster.url + "/resume", timeout=120)
 
 
 async def test_a_replica_removed_by_a_scale_down_hands_its_queue_back(cluster):

@@ -117,3 +117,43 @@ async def test_a_call_that_times_out_is_cancelled_in_ray_too(monkeypatch):
     assert await asyncio.wait_for(rebalancer.round(), 5) == []
     assert await asyncio.wait_for(rebalancer.round(), 5) == []  # the next round runs
     assert len(responses) == 2 and all(r.cancelled for r in responses)
+
+
+async def test_a_paused_replica_takes_no_work_but_gives_its_queue():
+    """POST /pause holds the replicas up at the call; one the autoscaler starts later runs. What never
+    started on a paused replica would wait there until resume, so it moves to the running one, as off a
+    busy replica (a paused replica gave nothing, and the new one idled beside its queue); nothing moves
+    onto a paused replica, where it would not run."""
+    from types import SimpleNamespace
+
+    from integrations.serve_engine import EngineDeployment
+
+    class Engine:  # the state EngineDeployment reads; movable and release as scheduler.engine.Engine's
+        stopping, paused = False, True
+
+        def __init__(self, running: list[str], waiting: list[str]):
+            self.config = SimpleNamespace(max_running=1)
+            self.scheduler = SimpleNamespace(running=running, waiting=waiting)
+
+        def movable(self, keep=(), every=False):
+            return self.scheduler.waiting[:len(self.scheduler.running) + len(self.scheduler.waiting) - 1]
+
+        def release_waiting(self, limit, keep=(), every=False):
+            released = self.movable()[:limit]
+            self.scheduler.waiting = [r for r in self.scheduler.waiting if r not in released]
+            return released
+
+    def replica(name: str, engine: Engine):
+        deployment = object.__new__(EngineDeployment.func_or_class)
+        deployment.replica, deployment.engine, deployment.draining = name, engine, False
+        deployment._moved_in, deployment._moving = set(), {}
+        return deployment
+
+    busy = replica("a", Engine(["long"], ["x", "y"]))  # its one slot held by a paused stream
+    idle = replica("c", Engine([], []))
+    assert await busy.load() == {"replica": "a", "room": 0, "movable": 2}
+    assert await idle.load() == {"replica": "c", "room": 0, "movable": 0}  # paused: takes nothing
+    idle.engine.paused = False
+    assert await idle.load() == {"replica": "c", "room": 1, "movable": 0}
+    assert await busy.release_waiting(5, to="c") == 2 and busy._moving == {"x": "c", "y": "c"}
+    assert busy.engine.scheduler.running == ["long"]  # the paused stream keeps its slot
