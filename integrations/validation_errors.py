@@ -66,12 +66,23 @@ def validation_message(error: dict) -> str:
     return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
 
 
+def also_missing(errors: list[dict], param: str | None) -> str:
+    """" (also required: a, b)" naming the body's other missing top-level fields (pydantic's "missing"),
+    "" when none: a body without two required fields named one a round trip (llama.cpp's server lists
+    every missing field at once). Fields inside lists or unions are left out: pydantic reports those for
+    each member it tried, most of them not the client's."""
+    names = [validation_field(tuple(e.get("loc", ()))) for e in errors if e.get("type") == "missing"]
+    others = [n for n in dict.fromkeys(names) if n and n != param and "." not in n]
+    return f" (also required: {_listed(others)})" if others else ""
+
+
 def validation_answer(errors: list[dict], api_path: str) -> tuple[str | None, str]:
     """(param, message) of the 400 for pydantic's `errors` on the route at `api_path` (its path without
     a root_path: http_errors._api_path); param None when the body as a whole is wrong."""
     first = _most_specific(errors) if errors else {"loc": (), "msg": "invalid request body"}
     param = validation_field(tuple(first.get("loc", ())))
     message = f"{_short(param)}: {validation_message(first)}" if param else validation_message(first)
+    message += also_missing(errors, param)
     # every unknown field at once, not one per round trip; beside another fault too (a misspelled
     # `input` was only "input: Field required")
     unknown = [validation_field(tuple(e.get("loc", ()))) for e in errors if e.get("type") == "extra_forbidden"]

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from integrations.http_errors import APIError, api_field, engine_message, from_engine_error, llama_error_body
 from integrations.request_body import read_json_object
 from integrations.request_limits import InputError, RequestLimits
-from integrations.validation_errors import validation_field, validation_message
+from integrations.validation_errors import also_missing, validation_field, validation_message
 from scheduler.api import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ async def read_body(request: Request, model: type[BaseModel]):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise InputError(400, validation_field(tuple(first["loc"])), validation_message(first)) from None
+        errors = exc.errors(include_url=False)
+        field = validation_field(tuple(errors[0]["loc"]))
+        raise InputError(400, field, validation_message(errors[0]) + also_missing(errors, field)) from None
 
 
 def app_limits(request: Request) -> RequestLimits:

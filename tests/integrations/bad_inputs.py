@@ -344,6 +344,8 @@ HTTP_CASES = [
     HTTPCase("tokenize-two-inputs", "POST", "/tokenize", {"content": "x", "prompt": "y"}, field="content"),
     HTTPCase("unknown-route", "GET", "/v1/nothing", status=404),
     # POST /infill (llama.cpp)
+    # every missing required field in one answer (as llama.cpp's server lists them), not one a round trip
+    _infill("infill-empty-body", {}, field="Field 'input_prefix': Field required (also required: input_suffix)"),
     _infill("infill-nested-100k", NESTED, field="deeper"),
     _infill("infill-not-json", b"{'input_prefix': 1}", field="JSON"),
     _infill("infill-not-utf8", b'{"input_prefix": "\xc3\x28"}', field="UTF-8"),

@@ -1,0 +1,30 @@
+"""integrations/validation_errors.py: the 400 a body pydantic refuses gets (the message names the field)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from integrations.anthropic_models import MessagesRequest
+from integrations.openai_models import ChatCompletionRequest
+from integrations.validation_errors import validation_answer
+
+
+def answer(model, body: dict, path: str) -> tuple[str | None, str]:
+    with pytest.raises(ValidationError) as err:
+        model.model_validate(body)
+    return validation_answer(err.value.errors(), path)
+
+
+def test_every_missing_top_level_field_is_named_in_one_answer():
+    """A body missing several required fields named one a round trip (llama.cpp's server lists them all)."""
+    assert answer(MessagesRequest, {}, "/v1/messages") == (
+        "model", "model: Field required (also required: messages, max_tokens)")
+    assert answer(MessagesRequest, {"model": "m", "max_tokens": 4}, "/v1/messages") == ("messages", "messages: Field required")
+
+
+def test_a_missing_field_inside_a_list_is_not_listed_beside_the_first_fault():
+    """pydantic reports a nested field missing for each member of a union it tried, most of them not the
+    client's: only top-level fields are listed."""
+    body = {"tools": [{"type": "function", "function": {}}]}  # messages missing; and tools.0.function.name
+    assert answer(ChatCompletionRequest, body, "/v1/chat/completions") == ("messages", "messages: Field required")
