@@ -163,6 +163,8 @@ class EditorBackend:
             try:
                 await ws.send(frame)
             except ConnectionClosed:  # the server closed it (a drain's 1001 or 1013) or it dropped
+                if self._ws is ws:  # (before the reader saw the close): the next call connects again
+                    self._ws = None
                 raise self._closed_error(ws) from None
             try:
                 _, _, error, result = await asyncio.wait_for(future, self.answer_timeout_s)

@@ -249,3 +249,28 @@ async def test_a_completion_the_server_went_away_from_is_sent_once_more_on_a_new
             assert closed.value.close_code == 1001
         assert (server.completes, server.connections) == (2, 2)
         await backend.close()
+
+
+async def test_a_close_the_send_meets_first_is_retried_on_a_new_connection():
+    """The 1001 close can reach the send before the reader task sees it: the dead connection was kept as
+    the current one, so the completion sent once more went to it again and failed."""
+    import types
+
+    import websockets
+    from websockets.exceptions import ConnectionClosedOK
+    from websockets.frames import Close
+
+    from integrations.lsp.backend import EditorBackend
+
+    async def send(frame):
+        raise ConnectionClosedOK(Close(1001, "idle for 600 s: reconnect to complete again"), None)
+
+    closed = types.SimpleNamespace(send=send, close_code=1001, close_reason="idle for 600 s: reconnect to complete again")
+    server = ScriptedBackend()
+    server.errors = [None]
+    async with websockets.serve(server.serve, "127.0.0.1", 0) as listening:
+        backend = EditorBackend(f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/editor")
+        backend._ws = closed  # the server's close received, the reader not yet run
+        assert (await backend.complete({"uri": "a", "prefix": "x", "suffix": ""}))["text"] == TEXT
+        assert (server.connections, server.completes) == (1, 1)
+        await backend.close()
