@@ -202,7 +202,8 @@ class EditorBackend:
         for their turn, where the server would refuse them with -32003. Raises BackendPaused, sending
         nothing, while a pause lasts (checked again when a waiting completion gets its turn);
         BackendClosed when the server closes the connection under it, after one more try on a new
-        connection for a 1001 ("going away"); BackendError for an error answer."""
+        connection for a 1001 ("going away"; BackendPaused instead when a pause started meanwhile);
+        BackendError for an error answer."""
         self.raise_if_paused()
         if self._turns is None:
             limit = (await self.limits()).max_inflight  # connects first; later calls skip this
@@ -217,7 +218,9 @@ class EditorBackend:
                     raise
             # "Going away" with this completion unanswered: it raced the close (a drain closes once the
             # completions it took have answered; an idle close, with none in flight, cancels one that came in
-            # as it closed). Sent once more on a new connection, where a draining server refuses it with 1013.
+            # as it closed). Sent once more on a new connection, where a draining server refuses it with 1013;
+            # not within a pause (a draining server answers OVERLOADED before it closes): that connected to it
+            self.raise_if_paused()
             return await self._complete(params, on_partial)
 
     def raise_if_paused(self) -> None:

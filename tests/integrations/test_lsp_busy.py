@@ -16,7 +16,8 @@ TEXT = "x = 1"
 
 class ScriptedBackend:
     """Answers `initialize`, and each `complete` with the next scripted error (None: a completion; a
-    (code, reason) tuple: the connection closed with it instead of an answer); while `close_with` is set
+    (code, reason) tuple: the connection closed with it instead of an answer; "drop": the connection
+    dropped without a close frame); while `close_with` is set
     ((code, reason)), closes each connection with it as it opens (a draining or full server,
     ingress_gate.py). `connections` counts the connections opened."""
 
@@ -37,6 +38,9 @@ class ScriptedBackend:
             elif method == "complete":
                 self.completes += 1
                 error = self.errors.pop(0)
+                if error == "drop":  # no close frame: the client sees 1006
+                    ws.transport.abort()
+                    return
                 if isinstance(error, tuple):
                     await ws.close(*error)
                     return
@@ -273,4 +277,60 @@ async def test_a_close_the_send_meets_first_is_retried_on_a_new_connection():
         backend._ws = closed  # the server's close received, the reader not yet run
         assert (await backend.complete({"uri": "a", "prefix": "x", "suffix": ""}))["text"] == TEXT
         assert (server.connections, server.completes) == (1, 1)
+        await backend.close()
+
+
+def in_process_bridge(url: str):
+    """_backend_completion_text over a new EditorBackend at `url`: (backend, complete()), without the
+    `refusion lsp` subprocess."""
+    import types
+
+    from integrations.lsp.backend import EditorBackend
+    from integrations.lsp.bridge_config import BridgeConfig
+    from integrations.lsp.server import _backend_completion_text
+
+    server = types.SimpleNamespace(protocol=types.SimpleNamespace(shutdown_received=False))
+    doc = types.SimpleNamespace(uri=URI, language_id="python")
+    config = BridgeConfig(url=url)
+    backend = EditorBackend(config.url)
+    return backend, lambda: _backend_completion_text(server, config, backend, doc, 1, "x = ", "")
+
+
+@pytest.mark.parametrize("closes, sent", [([(1011, "internal error")], 1), (["drop"], 1),
+                                          ([(1001, "server is shutting down")] * 2, 2)])
+async def test_other_closes_are_unreachable_sent_once_and_pause_nothing(closes, sent):
+    """Only a 1013 close pauses (RequestFailed), and only a 1001 close sends the completion once more: a
+    1011, a drop without a close frame (1006) and a second 1001 are -32603 "unreachable", and the next
+    completion goes to the backend."""
+    import websockets
+    from pygls.exceptions import JsonRpcInternalError
+
+    scripted = ScriptedBackend()
+    scripted.errors = [*closes, None]
+    async with websockets.serve(scripted.serve, "127.0.0.1", 0) as listening:
+        backend, complete = in_process_bridge(f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/editor")
+        with pytest.raises(JsonRpcInternalError, match="unreachable"):
+            await complete()
+        assert scripted.completes == sent
+        assert await complete() == TEXT and backend.retry_at == 0.0
+        await backend.close()
+
+
+async def test_a_completion_the_server_went_away_from_is_not_sent_again_within_a_pause():
+    """A draining server answers a new completion OVERLOADED (a pause) and closes with 1001 once those in
+    flight have answered: a completion that raced the close was sent once more at once, within the pause,
+    to a server that refuses new connections (1013); it answers no item, as others within a pause do."""
+    import asyncio
+
+    import websockets
+    from integrations.lsp.server import JsonRpcRequestFailed
+
+    scripted = ScriptedBackend()
+    scripted.errors = [busy(rpc.OVERLOADED, 5), (1001, "server is shutting down")]
+    async with websockets.serve(scripted.serve, "127.0.0.1", 0) as listening:
+        backend, complete = in_process_bridge(f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/editor")
+        refused, raced = await asyncio.gather(complete(), complete(), return_exceptions=True)
+        assert isinstance(refused, JsonRpcRequestFailed), refused
+        assert raced == "", raced
+        assert (scripted.connections, scripted.completes) == (1, 2)
         await backend.close()
