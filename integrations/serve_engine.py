@@ -232,13 +232,16 @@ class EngineDeployment:
         running slots (max_running - running - waiting) and the waiting requests it may release
         (Engine.movable: never started, past the ones its own free slots start; so a replica is never
         both); neither while draining. A paused replica (pause) has no room, as it would run nothing it
-        took, but its queue is movable: what never started would wait here until resume, while a replica
-        started after the pause (autoscaling) runs it now. `replica`: the id the router delivered the call by."""
+        took, but its queue is movable, all of it (its free slots start nothing): what never started would
+        wait here until resume, while a replica started after the pause (autoscaling) runs it now.
+        `replica`: the id the router delivered the call by."""
         if self.draining or self.engine.stopping:
             return {"replica": self.replica, "room": 0, "movable": 0}
         busy = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
         room = 0 if self.engine.paused else max(0, self.engine.config.max_running - busy)
-        return {"replica": self.replica, "room": room, "movable": len(self.engine.movable(keep=self._moved_in))}
+        # paused, its free slots start nothing: every waiting request is past them (Engine.movable's `every`)
+        movable = self.engine.movable(keep=self._moved_in, every=self.engine.paused)
+        return {"replica": self.replica, "room": room, "movable": len(movable)}
 
     async def release_waiting(self, limit: int, to: str, replica: str | None = None) -> int:
         """End up to `limit` waiting requests that never started (scheduler.engine.Engine.release_waiting)
@@ -251,7 +254,8 @@ class EngineDeployment:
     def _release(self, limit: int, to: str, every: bool = False) -> int:
         """Engine.release_waiting, and each released call told where to go (`to`; "" for anywhere but
         here) before its generator reads the end (no await in between)."""
-        released = self.engine.release_waiting(limit, keep=() if every else self._moved_in, every=every)
+        released = self.engine.release_waiting(limit, keep=() if every else self._moved_in,
+                                               every=every or self.engine.paused)  # (as load)
         for request_id in released:
             self._moving[request_id] = to
         if released and every:

@@ -161,3 +161,42 @@ async def test_a_paused_replica_takes_no_work_but_gives_its_queue():
     assert await idle.load() == {"replica": "c", "room": 1, "movable": 0}
     assert await busy.release_waiting(5, to="c") == 2 and busy._moving == {"x": "c", "y": "c"}
     assert busy.engine.scheduler.running == ["long"]  # the paused stream keeps its slot
+
+
+async def test_a_paused_replica_with_free_slots_gives_every_request_that_never_started():
+    """Engine.movable keeps the waiting requests the replica's own free slots start next; a paused replica
+    starts none of them until resume, so all of its never-started queue is movable (it kept them while it
+    had a free slot: max_running 4, one stream, two waiting). A request moved into it once stays."""
+    from types import SimpleNamespace
+
+    from integrations.serve_engine import EngineDeployment
+    from scheduler.engine import Engine as RealEngine
+    from scheduler.request import RequestStatus
+
+    def waiting(name: str, arrival_s: float):  # (the fields Request.rank_key and Engine.movable read)
+        return SimpleNamespace(id=name, arrival_s=arrival_s, rank_class=0, skipped=0, order=0, status=RequestStatus.WAITING, preemptions=0, decoder=None,
+                       in_flight=False, spec=SimpleNamespace(internal=False))
+
+    class Engine:  # Engine.movable itself, over the state it reads; release as Engine.release_waiting
+        stopping, paused = False, True
+        movable = RealEngine.movable
+
+        def __init__(self):
+            self.config = SimpleNamespace(max_running=4)
+            self.scheduler = SimpleNamespace(running=["long"], waiting=[waiting("x", 1.0), waiting("y", 2.0),
+                                                                         waiting("in", 0.5)])
+
+        def release_waiting(self, limit, keep=(), every=False):
+            released = self.movable(keep, every)[:limit]
+            self.scheduler.waiting = [r for r in self.scheduler.waiting if r not in released]
+            return [r.id for r in released]
+
+    paused = object.__new__(EngineDeployment.func_or_class)
+    paused.replica, paused.engine, paused.draining = "a", Engine(), False
+    paused._moved_in, paused._moving = {"in"}, {}
+    assert await paused.load() == {"replica": "a", "room": 0, "movable": 2}
+    assert await paused.release_waiting(5, to="c") == 2 and paused._moving == {"x": "c", "y": "c"}
+    assert [r.id for r in paused.engine.scheduler.waiting] == ["in"]
+    paused.engine.paused = False  # resumed: its free slots start what waits
+    paused.engine.scheduler.waiting = [waiting("z", 3.0)]
+    assert await paused.load() == {"replica": "a", "room": 2, "movable": 0}
