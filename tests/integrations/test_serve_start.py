@@ -52,6 +52,8 @@ def test_an_application_up_by_the_time_the_stop_is_seen_is_ready():
     stop.set()
     assert deploy(lambda: None, statuses(("DEPLOYING", ""), ("RUNNING", "")), stop)
     assert not deploy(lambda: None, statuses(("DEPLOYING", ""), ("DEPLOYING", "")), stop)
+    for later in ("DEPLOY_FAILED", "UNHEALTHY", "NOT_STARTED"):  # only RUNNING is ready
+        assert not deploy(lambda: None, statuses(("DEPLOYING", ""), (later, "")), stop)
 
 
 def test_a_sigterm_while_ray_starts_reaches_the_callers_handler():

@@ -28,3 +28,9 @@ def test_a_missing_field_inside_a_list_is_not_listed_beside_the_first_fault():
     client's: only top-level fields are listed."""
     body = {"tools": [{"type": "function", "function": {}}]}  # messages missing; and tools.0.function.name
     assert answer(ChatCompletionRequest, body, "/v1/chat/completions") == ("messages", "messages: Field required")
+
+
+def test_only_missing_fields_are_listed_as_required_beside_another_fault():
+    """The first fault a wrong type: the other missing field is listed, not the other wrong one."""
+    assert answer(MessagesRequest, {"model": 5, "max_tokens": "many"}, "/v1/messages") == (
+        "model", "model: Input should be a valid string (also required: messages)")
