@@ -200,3 +200,22 @@ async def test_a_paused_replica_with_free_slots_gives_every_request_that_never_s
     paused.engine.paused = False  # resumed: its free slots start what waits
     paused.engine.scheduler.waiting = [waiting("z", 3.0)]
     assert await paused.load() == {"replica": "a", "room": 2, "movable": 0}
+
+
+async def test_a_stopping_replica_neither_takes_nor_gives():
+    """A replica whose engine stops (its drain runs, or ends what is left with an error) is out of
+    rebalancing, paused or not: what waits there is the drain's to end or hand back."""
+    from types import SimpleNamespace
+
+    from integrations.serve_engine import EngineDeployment
+
+    engine = SimpleNamespace(stopping=True, paused=True, config=SimpleNamespace(max_running=4),
+                             scheduler=SimpleNamespace(running=[], waiting=["x"]),
+                             movable=lambda **_: ["x"], release_waiting=lambda *a, **k: ["x"])
+    stopping = object.__new__(EngineDeployment.func_or_class)
+    stopping.replica, stopping.engine, stopping.draining = "a", engine, False
+    stopping._moved_in, stopping._moving = set(), {}
+    for paused in (True, False):
+        engine.paused = paused
+        assert await stopping.load() == {"replica": "a", "room": 0, "movable": 0}
+        assert await stopping.release_waiting(5, to="c") == 0 and stopping._moving == {}
