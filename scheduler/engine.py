@@ -169,7 +169,7 @@ class Engine(EngineLoop, EngineAhead, EngineOutput):
         start here (Request.rank_key): never started (no output, no KV, not preempted), not the server's
         own (GenerationRequest.internal), not in `keep` (ids moved here once already), and no more than
         wait past the running slots (running + waiting - max_running: the rest start here next), unless
-        `every` (this replica is being removed: none of them should start here)."""
+        `every` (this replica is being removed, or is paused: none of them should start here now)."""
         scheduler = self.scheduler
         surplus = len(scheduler.running) + len(scheduler.waiting) - self.config.max_running
         if every:
