@@ -137,7 +137,9 @@ async def _asgi_stream(app, receive, path: str = "/v1/completions", fields: dict
         await leave_when.wait()
         return await next_receive()
 
-    await asyncio.wait_for(app(scope, lambda: first_then(receive), send), 10)
+    # (the bound only turns a hang into a failure: the route's first use of the tokenizer pool starts its
+    # thread inside it, and the request runs at nice 19 on a loaded machine)
+    await asyncio.wait_for(app(scope, lambda: first_then(receive), send), 60)
     return sent
 
 
