@@ -262,7 +262,9 @@ def test_drain_ends_in_flight_requests_cleanly(serve_port, tiny_model_dir):
     [DONE] (not a severed connection), new requests get 503, an idle editor socket opened before the
     drain is closed with 1001 and a new one with 1013. The error says the engine stopped it: the
     drain timeout (2 s) ended it, not its own end (3000 tokens, tens of seconds on 2 cores); how fast
-    is bench/'s business, not a test's."""
+    is bench/'s business, not a test's. The engine is paused (POST /pause) once the stream runs, so it
+    cannot end before the drain starts: signal_drain starts the drain signal's actor first, a new process
+    whose start a loaded machine makes as slow as it likes."""
     import ray
     from ray import serve
 
@@ -276,11 +278,14 @@ def test_drain_ends_in_flight_requests_cleanly(serve_port, tiny_model_dir):
     signal = None
     editor = f"ws://127.0.0.1:{serve_port}/drain/v1/editor"
     try:
-        with httpx.Client(base_url=url, timeout=30) as http, websockets.sync.client.connect(editor) as idle:
+        # (a read may wait out the paused stream and the signal's start: a generous timeout)
+        with httpx.Client(base_url=url, timeout=120) as http, websockets.sync.client.connect(editor) as idle:
             with long_stream(http, "/v1/completions") as response:
                 lines = response.iter_lines()
                 assert next(lines).startswith("data: {")
-                signal = signal_drain("refusion-drain")
+                paused = http.post("/pause", params={"mode": "keep"})
+                assert paused.status_code == 200 and all(paused.json()["replicas"].values()), paused.text
+                signal = signal_drain("refusion-drain")  # the drain ends the pause (Engine.stop)
                 rest = [line for line in lines if line]
             refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
             with pytest.raises(websockets.exceptions.ConnectionClosed) as gone:  # open before the drain
