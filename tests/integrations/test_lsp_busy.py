@@ -17,9 +17,9 @@ TEXT = "x = 1"
 class ScriptedBackend:
     """Answers `initialize`, and each `complete` with the next scripted error (None: a completion; a
     (code, reason) tuple: the connection closed with it instead of an answer; "drop": the connection
-    dropped without a close frame); while `close_with` is set
-    ((code, reason)), closes each connection with it as it opens (a draining or full server,
-    ingress_gate.py). `connections` counts the connections opened."""
+    dropped without a close frame); while `close_with` is set ((code, reason)), closes each connection
+    with it as it opens (a draining or full server, ingress_gate.py). `connections` counts the
+    connections opened."""
 
     def __init__(self):
         self.errors: list[dict | tuple | None] = []

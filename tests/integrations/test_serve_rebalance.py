@@ -174,8 +174,9 @@ async def test_a_paused_replica_with_free_slots_gives_every_request_that_never_s
     from scheduler.request import RequestStatus
 
     def waiting(name: str, arrival_s: float):  # (the fields Request.rank_key and Engine.movable read)
-        return SimpleNamespace(id=name, arrival_s=arrival_s, rank_class=0, skipped=0, order=0, status=RequestStatus.WAITING, preemptions=0, decoder=None,
-                       in_flight=False, spec=SimpleNamespace(internal=False))
+        return SimpleNamespace(id=name, arrival_s=arrival_s, rank_class=0, skipped=0, order=0,
+                               status=RequestStatus.WAITING, preemptions=0, decoder=None, in_flight=False,
+                               spec=SimpleNamespace(internal=False))
 
     class Engine:  # Engine.movable itself, over the state it reads; release as Engine.release_waiting
         stopping, paused = False, True
