@@ -188,7 +188,7 @@ async def _backend_completion_text(server: BridgeServer, config: BridgeConfig, b
                 raise _busy(backend, exc) from None
             raise JsonRpcInternalError(f"refusion backend: {exc}") from None
         if isinstance(exc, BackendClosed) and exc.close_code == 1013:
-            raise _try_later(backend, exc) from None
+            raise _paused(backend, exc, TRY_LATER_S, close_code=exc.close_code) from None
         # An error, not an empty answer: the editor's LSP log then says what is wrong.
         raise JsonRpcInternalError(f"refusion backend unreachable at {config.url}: {exc}") from None
     return result.get("text", "")
@@ -216,20 +216,18 @@ def _busy(backend: EditorBackend, exc: BackendError) -> JsonRpcException:
     after = exc.data.get("retry_after_s") if isinstance(exc.data, dict) else None
     valid = isinstance(after, (int, float)) and not isinstance(after, bool) and after >= 0  # (NaN is not >= 0)
     after = min(float(after), MAX_RETRY_AFTER_S) if valid else 1.0
-    backend.pause(after)
-    return JsonRpcRequestFailed(f"refusion backend busy: {exc}; no completions asked for {after:g} s",
-                                data={"retry_after_s": after, "code": exc.code})
+    return _paused(backend, exc, after, code=exc.code)
 
 
-# How long a 1013 close ("try again later") pauses completions: its frame names no time, and a draining or
-# full server asked again each keystroke was connected to and refused each time
+# How long a 1013 close ("try again later", RFC 6455 7.4.1: the server draining or holding its most editor
+# connections, docs/editor-protocol.md) pauses completions: its frame names no time, and a draining or full
+# server was connected to and refused again at each keystroke
 TRY_LATER_S = 1.0
 
 
-def _try_later(backend: EditorBackend, exc: BackendClosed) -> JsonRpcException:
-    """The server closed the connection with 1013 ("try again later", RFC 6455 7.4.1: it is draining or holds
-    its most editor connections, docs/editor-protocol.md): RequestFailed (-32803) with data
-    {"retry_after_s": TRY_LATER_S, "close_code": 1013}, and no completion asked for that long (as _busy)."""
-    backend.pause(TRY_LATER_S)
-    return JsonRpcRequestFailed(f"refusion backend busy: {exc}; no completions asked for {TRY_LATER_S:g} s",
-                                data={"retry_after_s": TRY_LATER_S, "close_code": exc.close_code})
+def _paused(backend: EditorBackend, exc: Exception, after: float, **data) -> JsonRpcException:
+    """RequestFailed (-32803) saying why, `data` {"retry_after_s": after, **data}, and no completion asked of
+    the backend for `after` seconds (EditorBackend.pause): a busy answer (_busy) or a 1013 close."""
+    backend.pause(after)
+    return JsonRpcRequestFailed(f"refusion backend busy: {exc}; no completions asked for {after:g} s",
+                                data={"retry_after_s": after, **data})

@@ -48,6 +48,11 @@ class ScriptedBackend:
                 await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, error, result]))
 
 
+def editor_url(server) -> str:
+    """The /v1/editor URL of a websockets server listening on a free local port."""
+    return f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/editor"
+
+
 @pytest.fixture
 async def bridge(tmp_path):
     """(the scripted backend, an initialized `refusion lsp` with DOC open on it, a request sender)."""
@@ -55,7 +60,7 @@ async def bridge(tmp_path):
 
     backend = ScriptedBackend()
     async with websockets.serve(backend.serve, "127.0.0.1", 0) as server:
-        lsp = await RawLsp.start(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/editor", tmp_path)
+        lsp = await RawLsp.start(editor_url(server), tmp_path)
         ids = iter(range(1, 1000))
         try:
             assert "capabilities" in (await lsp.request(next(ids), "initialize", {"capabilities": {}}))["result"]
@@ -144,7 +149,7 @@ async def test_a_pause_starting_while_completions_wait_for_a_turn_keeps_them_fro
                 await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, None, {"text": TEXT, "stop_reason": "stop"}]))
 
     async with websockets.serve(one_turn, "127.0.0.1", 0) as server:
-        backend = EditorBackend(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/editor")
+        backend = EditorBackend(editor_url(server))
         first = asyncio.ensure_future(backend.complete({"uri": "a", "prefix": "x", "suffix": ""}))
         await wait_until(lambda: len(completes) == 1, "the first completion to reach the backend")
         waiting = asyncio.ensure_future(backend.complete({"uri": "b", "prefix": "y", "suffix": ""}))
@@ -196,6 +201,22 @@ async def test_a_server_closing_with_try_again_later_is_request_failed_and_pause
     assert backend.connections == 1
 
 
+def in_process_bridge(url: str):
+    """_backend_completion_text over a new EditorBackend at `url`: (backend, complete()), without the
+    `refusion lsp` subprocess."""
+    import types
+
+    from integrations.lsp.backend import EditorBackend
+    from integrations.lsp.bridge_config import BridgeConfig
+    from integrations.lsp.server import _backend_completion_text
+
+    server = types.SimpleNamespace(protocol=types.SimpleNamespace(shutdown_received=False))
+    doc = types.SimpleNamespace(uri=URI, language_id="python")
+    config = BridgeConfig(url=url)
+    backend = EditorBackend(config.url)
+    return backend, lambda: _backend_completion_text(server, config, backend, doc, 1, "x = ", "")
+
+
 async def test_a_try_again_later_close_pauses_completions_before_they_connect(monkeypatch):
     """After a 1013 close the bridge has no connection open, so the pause is checked before the backend's
     limits are asked for (which connects): no connection within the pause, one after it."""
@@ -204,20 +225,14 @@ async def test_a_try_again_later_close_pauses_completions_before_they_connect(mo
     import websockets
 
     import integrations.lsp.backend as backend_module
-    from integrations.lsp.backend import EditorBackend
-    from integrations.lsp.bridge_config import BridgeConfig
-    from integrations.lsp.server import TRY_LATER_S, JsonRpcRequestFailed, _backend_completion_text
+    from integrations.lsp.server import TRY_LATER_S, JsonRpcRequestFailed
 
     now = [100.0]
     monkeypatch.setattr(backend_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     scripted = ScriptedBackend()
     scripted.close_with = (1013, "2 editor connections are open on this server replica, its most: retry later")
-    server = types.SimpleNamespace(protocol=types.SimpleNamespace(shutdown_received=False))
-    doc = types.SimpleNamespace(uri=URI, language_id="python")
     async with websockets.serve(scripted.serve, "127.0.0.1", 0) as listening:
-        config = BridgeConfig(url=f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/editor")
-        backend = EditorBackend(config.url)
-        complete = lambda: _backend_completion_text(server, config, backend, doc, 1, "x = ", "")  # noqa: E731
+        backend, complete = in_process_bridge(editor_url(listening))
         with pytest.raises(JsonRpcRequestFailed) as failed:
             await complete()
         assert failed.value.data == {"retry_after_s": TRY_LATER_S, "close_code": 1013}
@@ -243,7 +258,7 @@ async def test_a_completion_the_server_went_away_from_is_sent_once_more_on_a_new
     server = ScriptedBackend()  # (a 1001 close instead of an answer, each of the first `going_away` times)
     server.errors = [(1001, "idle for 600 s: reconnect to complete again")] * going_away + [None]
     async with websockets.serve(server.serve, "127.0.0.1", 0) as listening:
-        backend = EditorBackend(f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/editor")
+        backend = EditorBackend(editor_url(listening))
         params = {"uri": "a", "prefix": "x", "suffix": ""}
         if going_away == 1:
             assert (await backend.complete(params))["text"] == TEXT
@@ -267,33 +282,18 @@ async def test_a_close_the_send_meets_first_is_retried_on_a_new_connection():
     from integrations.lsp.backend import EditorBackend
 
     async def send(frame):
-        raise ConnectionClosedOK(Close(1001, "idle for 600 s: reconnect to complete again"), None)
+        raise ConnectionClosedOK(Close(1001, reason), None)
 
-    closed = types.SimpleNamespace(send=send, close_code=1001, close_reason="idle for 600 s: reconnect to complete again")
+    reason = "idle for 600 s: reconnect to complete again"
+    closed = types.SimpleNamespace(send=send, close_code=1001, close_reason=reason)
     server = ScriptedBackend()
     server.errors = [None]
     async with websockets.serve(server.serve, "127.0.0.1", 0) as listening:
-        backend = EditorBackend(f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/editor")
+        backend = EditorBackend(editor_url(listening))
         backend._ws = closed  # the server's close received, the reader not yet run
         assert (await backend.complete({"uri": "a", "prefix": "x", "suffix": ""}))["text"] == TEXT
         assert (server.connections, server.completes) == (1, 1)
         await backend.close()
-
-
-def in_process_bridge(url: str):
-    """_backend_completion_text over a new EditorBackend at `url`: (backend, complete()), without the
-    `refusion lsp` subprocess."""
-    import types
-
-    from integrations.lsp.backend import EditorBackend
-    from integrations.lsp.bridge_config import BridgeConfig
-    from integrations.lsp.server import _backend_completion_text
-
-    server = types.SimpleNamespace(protocol=types.SimpleNamespace(shutdown_received=False))
-    doc = types.SimpleNamespace(uri=URI, language_id="python")
-    config = BridgeConfig(url=url)
-    backend = EditorBackend(config.url)
-    return backend, lambda: _backend_completion_text(server, config, backend, doc, 1, "x = ", "")
 
 
 @pytest.mark.parametrize("closes, sent", [([(1011, "internal error")], 1), (["drop"], 1),
@@ -308,7 +308,7 @@ async def test_other_closes_are_unreachable_sent_once_and_pause_nothing(closes, 
     scripted = ScriptedBackend()
     scripted.errors = [*closes, None]
     async with websockets.serve(scripted.serve, "127.0.0.1", 0) as listening:
-        backend, complete = in_process_bridge(f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/editor")
+        backend, complete = in_process_bridge(editor_url(listening))
         with pytest.raises(JsonRpcInternalError, match="unreachable"):
             await complete()
         assert scripted.completes == sent
@@ -328,7 +328,7 @@ async def test_a_completion_the_server_went_away_from_is_not_sent_again_within_a
     scripted = ScriptedBackend()
     scripted.errors = [busy(rpc.OVERLOADED, 5), (1001, "server is shutting down")]
     async with websockets.serve(scripted.serve, "127.0.0.1", 0) as listening:
-        backend, complete = in_process_bridge(f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/editor")
+        backend, complete = in_process_bridge(editor_url(listening))
         refused, raced = await asyncio.gather(complete(), complete(), return_exceptions=True)
         assert isinstance(refused, JsonRpcRequestFailed), refused
         assert raced == "", raced

@@ -123,14 +123,23 @@ async def test_a_call_that_times_out_is_cancelled_in_ray_too(monkeypatch):
     assert len(responses) == 2 and all(r.cancelled for r in responses)
 
 
+def deployment(name: str, engine, moved_in=()):
+    """An EngineDeployment (its class, not started by Serve) named `name` over `engine`: the state its
+    load() and release_waiting() read."""
+    from integrations.serve_engine import EngineDeployment
+
+    replica = object.__new__(EngineDeployment.func_or_class)
+    replica.replica, replica.engine, replica.draining = name, engine, False
+    replica._moved_in, replica._moving = set(moved_in), {}
+    return replica
+
+
 async def test_a_paused_replica_takes_no_work_but_gives_its_queue():
     """POST /pause holds the replicas up at the call; one the autoscaler starts later runs. What never
     started on a paused replica would wait there until resume, so it moves to the running one, as off a
     busy replica (a paused replica gave nothing, and the new one idled beside its queue); nothing moves
     onto a paused replica, where it would not run."""
     from types import SimpleNamespace
-
-    from integrations.serve_engine import EngineDeployment
 
     class Engine:  # the state EngineDeployment reads; movable and release as scheduler.engine.Engine's
         stopping, paused = False, True
@@ -147,14 +156,8 @@ async def test_a_paused_replica_takes_no_work_but_gives_its_queue():
             self.scheduler.waiting = [r for r in self.scheduler.waiting if r not in released]
             return released
 
-    def replica(name: str, engine: Engine):
-        deployment = object.__new__(EngineDeployment.func_or_class)
-        deployment.replica, deployment.engine, deployment.draining = name, engine, False
-        deployment._moved_in, deployment._moving = set(), {}
-        return deployment
-
-    busy = replica("a", Engine(["long"], ["x", "y"]))  # its one slot held by a paused stream
-    idle = replica("c", Engine([], []))
+    busy = deployment("a", Engine(["long"], ["x", "y"]))  # its one slot held by a paused stream
+    idle = deployment("c", Engine([], []))
     assert await busy.load() == {"replica": "a", "room": 0, "movable": 2}
     assert await idle.load() == {"replica": "c", "room": 0, "movable": 0}  # paused: takes nothing
     idle.engine.paused = False
@@ -169,7 +172,6 @@ async def test_a_paused_replica_with_free_slots_gives_every_request_that_never_s
     had a free slot: max_running 4, one stream, two waiting). A request moved into it once stays."""
     from types import SimpleNamespace
 
-    from integrations.serve_engine import EngineDeployment
     from scheduler.engine import Engine as RealEngine
     from scheduler.request import RequestStatus
 
@@ -192,9 +194,7 @@ async def test_a_paused_replica_with_free_slots_gives_every_request_that_never_s
             self.scheduler.waiting = [r for r in self.scheduler.waiting if r not in released]
             return [r.id for r in released]
 
-    paused = object.__new__(EngineDeployment.func_or_class)
-    paused.replica, paused.engine, paused.draining = "a", Engine(), False
-    paused._moved_in, paused._moving = {"in"}, {}
+    paused = deployment("a", Engine(), moved_in={"in"})
     assert await paused.load() == {"replica": "a", "room": 0, "movable": 2}
     assert await paused.release_waiting(5, to="c") == 2 and paused._moving == {"x": "c", "y": "c"}
     assert [r.id for r in paused.engine.scheduler.waiting] == ["in"]
@@ -208,14 +208,10 @@ async def test_a_stopping_replica_neither_takes_nor_gives():
     rebalancing, paused or not: what waits there is the drain's to end or hand back."""
     from types import SimpleNamespace
 
-    from integrations.serve_engine import EngineDeployment
-
     engine = SimpleNamespace(stopping=True, paused=True, config=SimpleNamespace(max_running=4),
                              scheduler=SimpleNamespace(running=[], waiting=["x"]),
                              movable=lambda **_: ["x"], release_waiting=lambda *a, **k: ["x"])
-    stopping = object.__new__(EngineDeployment.func_or_class)
-    stopping.replica, stopping.engine, stopping.draining = "a", engine, False
-    stopping._moved_in, stopping._moving = set(), {}
+    stopping = deployment("a", engine)
     for paused in (True, False):
         engine.paused = paused
         assert await stopping.load() == {"replica": "a", "room": 0, "movable": 0}
