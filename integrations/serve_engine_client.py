@@ -35,8 +35,9 @@ PAUSE_TIMEOUT_S = 30.0
 # moved to it), and handed back by replicas that Ray Serve removes a few times (a rolling update of several
 # replicas, a router's stale choice of one being removed).
 MAX_MOVES, MAX_HAND_BACKS = 1, 4
-# How long the engine deployment's autoscaling bounds, as Serve's controller holds them, are taken as known
-# (`scaled_to_zero`: /health asks on every probe; a `serve deploy` may change them in place)
+# How old a read of the engine deployment's autoscaling bounds, as Serve's controller holds them, may be
+# before it is read again, in the background (`scaled_to_zero`: /health asks on every probe; a
+# `serve deploy` may change them in place)
 SCALING_CONFIG_TTL_S = 10.0
 
 
@@ -118,6 +119,7 @@ class ServeEngineClient:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._scaling_read: tuple[float, bool] | None = None  # (when, whether min_replicas is 0)
+        self._scaling_reading: asyncio.Task | None = None  # that read in flight (scaled_to_zero)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Delta]:
         from ray.exceptions import RayError
@@ -261,22 +263,39 @@ class ServeEngineClient:
     async def scaled_to_zero(self) -> bool:
         """Whether no engine replica is up because the deployment autoscales down to zero (min_replicas
         0, as Ray Serve's controller holds its config now: args or a `serve deploy` file's
-        `deployments:` entry; read at most every SCALING_CONFIG_TTL_S). False while a replica is up,
-        and when the config cannot be read."""
+        `deployments:` entry). False while a replica is up, and when the config cannot be read.
+
+        Only the first call waits for the controller (one read, shared by concurrent callers). After that
+        the last read answers at once, and one older than SCALING_CONFIG_TTL_S is read again in the
+        background (the next call sees it): /health and /metrics answer within their bounds however slow
+        the controller is on a loaded head node (helper-242: a 15 s Prometheus scrape waited on it)."""
         from integrations.routing_state import live_replicas
 
-        where = (self._handle.app_name, self._handle.deployment_name)
-        if live_replicas(*where):
+        if live_replicas(self._handle.app_name, self._handle.deployment_name):
             return False
-        now = time.monotonic()
-        if self._scaling_read is None or now - self._scaling_read[0] > SCALING_CONFIG_TTL_S:
+        if self._scaling_read is None:
+            return await asyncio.shield(self._read_scaling())
+        if time.monotonic() - self._scaling_read[0] > SCALING_CONFIG_TTL_S:
+            self._read_scaling()
+        return self._scaling_read[1]
+
+    def _read_scaling(self) -> asyncio.Task:
+        """The controller read of the engine deployment's min_replicas in flight, started if none is;
+        it stores (when, whether min_replicas is 0) in `_scaling_read` and returns the latter."""
+        if self._scaling_reading is not None and not self._scaling_reading.done():
+            return self._scaling_reading
+
+        async def read() -> bool:
             try:
-                low = await asyncio.to_thread(engine_min_replicas, *where)
+                low = await asyncio.to_thread(engine_min_replicas, self._handle.app_name, self._handle.deployment_name)
             except Exception as exc:  # noqa: BLE001 - an unreadable config: probe the engine, as for a fixed count
                 log.warning("scaled_to_zero: the engine deployment's config could not be read: %s", exc)
                 low = None
-            self._scaling_read = (now, low == 0)
-        return self._scaling_read[1]
+            self._scaling_read = (time.monotonic(), low == 0)
+            return low == 0
+
+        self._scaling_reading = asyncio.get_running_loop().create_task(read())
+        return self._scaling_reading
 
     async def _call(self, method: str, **kwargs):
         from ray.exceptions import RayError

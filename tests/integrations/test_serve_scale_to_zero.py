@@ -10,6 +10,8 @@ starts a replica (Ray Serve's cold start from zero) and is served.
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -69,3 +71,58 @@ def test_health_answers_at_zero_replicas_and_the_first_request_starts_one(zero_u
         health = http.get("/health")  # a replica is up: probed again, as with a fixed replica count
         assert health.status_code == 200 and "engine" not in health.json(), health.json()
         assert "scaled_to_zero" not in http.get("/v1/engine").json()
+
+
+async def test_a_slow_controller_read_holds_up_only_the_first_answer(monkeypatch):
+    """/health and /metrics ask `scaled_to_zero` on every call; once its read of the deployment's
+    min_replicas from Ray's controller was older than SCALING_CONFIG_TTL_S, the call waited for a new
+    read, and on a loaded head node a scrape's engine section fell past its 2 s bound (helper-242). Now
+    only the first call waits (one read for concurrent callers); later ones answer with the last read at
+    once while one new read runs in the background. The controller is held still by an event."""
+    import threading
+    from types import SimpleNamespace
+
+    import integrations.routing_state as routing_state
+    import integrations.serve_engine_client as serve_engine_client
+
+    controller = threading.Event()
+    reads = []
+
+    def engine_min_replicas(app, deployment):
+        reads.append((app, deployment))
+        assert controller.wait(30), "the test never let the controller answer"
+        return 0 if len(reads) == 1 else 1  # min_replicas: 0, then 1 (changed in place by a `serve deploy`)
+
+    monkeypatch.setattr(serve_engine_client, "engine_min_replicas", engine_min_replicas)
+    monkeypatch.setattr(routing_state, "LIVE_REPLICAS", {})  # no replica is up
+    handle = SimpleNamespace(options=lambda **_: None, app_name=APP, deployment_name="RefusionEngine")
+    client = serve_engine_client.ServeEngineClient(handle, tokenizer=None, model_name="m")
+    try:
+        first = [asyncio.ensure_future(client.scaled_to_zero()) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert not any(f.done() for f in first)  # the first answer waits for the controller
+        controller.set()
+        assert await asyncio.wait_for(asyncio.gather(*first), 30) == [True] * 3
+        assert reads == [(APP, "RefusionEngine")]  # one read for the three
+
+        controller.clear()
+        monkeypatch.setattr(serve_engine_client, "SCALING_CONFIG_TTL_S", -1.0)  # every read is out of date
+        assert await asyncio.wait_for(client.scaled_to_zero(), 5) is True  # at once, from the last read
+        await until(lambda: len(reads) == 2)  # while a new read waits on the controller
+        for _ in range(3):  # answered at once too, and no second read is started beside it
+            assert await asyncio.wait_for(client.scaled_to_zero(), 5) is True
+        assert len(reads) == 2
+        controller.set()
+        await until(lambda: client._scaling_reading.done())
+        assert await client.scaled_to_zero() is False  # the new read's min_replicas 1
+    finally:
+        controller.set()
+
+
+async def until(condition, bound_s: float = 30.0) -> None:
+    """Wait for `condition()` to hold, checking every 10 ms; AssertionError after bound_s seconds."""
+    for _ in range(int(bound_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{condition} did not hold within {bound_s:g} s")
