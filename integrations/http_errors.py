@@ -35,9 +35,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from integrations.request_limits import InputError, clipped
+from integrations.route_hints import anthropic_path, unknown_route_message
 from integrations.validation_errors import validation_answer
 from integrations.engine_client import EngineUnavailableError, ShuttingDownError
 from scheduler.api import EngineError, InvalidRequestError, OverloadedError
@@ -173,19 +173,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = getattr(exc, "headers", None)
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":  # the router's: no such route
-            # OpenAI's wording, "Invalid URL (POST /v1/embeddings)", and where the served routes are listed
-            path = request.url.path
-            message = f"Invalid URL ({request.method} {path}): not a route of this server"
-            meant = "/v1" + (path.rstrip("/") or "/")
-            probe = {**request.scope, "path": meant}
-            if not meant.startswith("/v1/models/") and any(
-                    route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
-                # (a client's base URL without its /v1: the OpenAI SDK's base_url ends in /v1; FULL: this
-                # method is served there too; not /v1/models/{id}, which may not hold that id)
-                message += f"; did you mean {meant}? An OpenAI client's base_url ends in /v1"
-            else:
-                message += (" (embeddings, files, moderations and stored responses are not offered); GET /docs and "
-                            "docs/api.md list the routes")
+            message = unknown_route_message(request)
         elif exc.status_code == 405 and message == "Method Not Allowed" and (headers or {}).get("Allow"):
             message = f"{request.method} is not allowed on {request.url.path}: use {headers['Allow']}"
         return APIError(exc.status_code, message, kind, headers=headers).response()
@@ -204,7 +192,6 @@ def install_error_handlers(app: FastAPI) -> None:
 # Anthropic's error types (https://docs.anthropic.com/en/api/errors) for ours; the rest map by status
 _ANTHROPIC_TYPES = {"server_error": "api_error", "permission_error": "permission_error",
                     "overloaded_error": "overloaded_error"}
-ANTHROPIC_PATHS = "/v1/messages"
 # llama.cpp server's own routes served here (integrations/editor/http.py, token_routes.py): errors in llama.cpp's shape.
 # Not /tokenize, /detokenize, /tokenizer_info: vLLM serves them too, and its clients read OpenAI's shape
 # (a vLLM-style `model` that is not served is OpenAI's 404 model_not_found there)
@@ -236,7 +223,10 @@ def _route_shape(path: str, headers=()):
     """The error-body builder of `path`'s API, or None for OpenAI's (the shape errors start in). /v1/models
     serves both SDKs: a request with Anthropic's `anthropic-version` header (the anthropic SDK always sends
     it) gets Anthropic's shape there."""
-    if path == ANTHROPIC_PATHS or path.startswith(ANTHROPIC_PATHS + "/"):
+    path = path.rstrip("/") or "/"  # a slip's 404 in the shape of the route meant (route_hints): a trailing
+    if path.startswith("/v1/v1/"):  # slash, an Anthropic SDK's base_url ending in /v1
+        path = path[3:]
+    if anthropic_path(path):
         return anthropic_error_body
     if (path == "/v1/models" or path.startswith("/v1/models/")) and any(k == b"anthropic-version" for k, _ in headers):
         return anthropic_error_body

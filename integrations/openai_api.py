@@ -72,7 +72,8 @@ ENGINE_METRICS_TIMEOUT_S = 2.0  # /metrics: the engine's part is left out when n
 def create_app(settings: APISettings, engine_client=None, gate: IngressGate | None = None) -> FastAPI:
     """The ASGI app. `engine_client` follows integrations.engine_client.EngineClient; `gate` (in-flight
     accounting, draining: integrations/ingress_gate.py) is the host's to hold when it drains the app."""
-    app = FastAPI(title="refusion-serve", version="0.1.0")
+    # redirect_slashes: a path with a trailing slash is a 404 naming the route (route_hints), not a 307
+    app = FastAPI(title="refusion-serve", version="0.1.0", redirect_slashes=False)
     app.state.settings = settings
     app.state.engine_client = engine_client
     app.state.metrics = APIMetrics()

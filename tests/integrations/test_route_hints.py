@@ -1,0 +1,86 @@
+"""A path that is no route: a 404 naming the route a client most likely meant (integrations/route_hints.py),
+in that route's error shape, never a 307 redirect. A break-test (helper-246) found a trailing slash
+answered 307 with an empty body and an absolute http:// Location (a client that does not follow redirects
+read nothing; behind a TLS proxy the Location is the wrong scheme), and an Anthropic SDK whose base_url
+ended in /v1 (so POST /v1/v1/messages) got OpenAI's shape and no hint. The app over a fake engine client."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import openai
+import pytest
+from test_editor_fakes import bpe_tokenizer, fake_client  # noqa: F401 - fixtures
+
+from integrations.openai_api import APISettings, create_app
+
+USER = [{"role": "user", "content": "hi"}]
+OPENAI_BASE = "An OpenAI client's base_url ends in /v1"
+ANTHROPIC_BASE = "An Anthropic client's base_url is the server's root, without /v1 (the SDK adds /v1/messages)"
+
+
+@pytest.fixture
+def app(fake_client):  # noqa: F811
+    return create_app(APISettings(model_name=fake_client.model_name), fake_client)
+
+
+@pytest.mark.parametrize("method, path, meant, why", [
+    ("POST", "/v1/chat/completions/", "/v1/chat/completions", "Routes here have no trailing slash"),
+    ("POST", "/chat/completions/", "/v1/chat/completions", OPENAI_BASE),
+    ("POST", "/completions", "/v1/completions", OPENAI_BASE),
+    ("POST", "/v1/v1/chat/completions", "/v1/chat/completions",
+     "The URL holds /v1 twice: an OpenAI client's base_url ends in /v1, and the client adds only the route"),
+    ("POST", "/messages", "/v1/messages", ANTHROPIC_BASE),
+    ("POST", "/v1/v1/messages", "/v1/messages", ANTHROPIC_BASE),
+    ("POST", "/v1/v1/messages/count_tokens", "/v1/messages/count_tokens", ANTHROPIC_BASE),
+    ("POST", "/v1/messages/", "/v1/messages", "Routes here have no trailing slash"),
+    ("POST", "/completion/", "/completion", "Routes here have no trailing slash"),  # llama.cpp's
+])
+@pytest.mark.parametrize("root_path", ["", "/api"])
+async def test_a_slip_in_the_url_names_the_route_meant(app, method, path, meant, why, root_path):
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.request(method, root_path + path, json={})
+    assert response.status_code == 404, response.text
+    said = response.json()["error"]["message"]
+    assert said == (f"Invalid URL ({method} {root_path}{path}): not a route of this server; did you mean "
+                    f"{root_path}{meant}? {why}")
+    anthropic_shape = "/v1/messages" in path  # (a bare /messages is no SDK's)
+    assert (response.json().get("type") == "error") is anthropic_shape, response.json()  # the route meant's shape
+    if meant == "/completion":
+        assert response.json()["error"]["code"] == 404  # llama.cpp's shape
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/completions"),  # POST only at /v1/completions: no guess for a GET
+    ("GET", "/models/nope"),  # /v1/models/{id} may not hold that id
+    ("GET", "/v1/v1/models/nope"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/v1/embeddings"),
+])
+async def test_no_guess_where_no_route_serves_the_method(app, method, path):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.request(method, path)
+    assert response.status_code == 404, response.text
+    said = response.json()["error"]["message"]
+    assert said.startswith(f"Invalid URL ({method} {path}): not a route of this server (embeddings, files"), said
+    assert "did you mean" not in said
+
+
+async def test_the_sdks_with_a_base_url_slip_read_the_hint(app):
+    """The real clients: the OpenAI SDK with a trailing slash on its route (a hand-built path), the anthropic
+    SDK with base_url ending in /v1. Each raises its NotFoundError with the hint as its message."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        oai = openai.AsyncOpenAI(base_url="http://test/v1", api_key="k", http_client=http, max_retries=0)
+        with pytest.raises(openai.NotFoundError) as err:
+            await oai.post("/chat/completions/", body={"messages": USER}, cast_to=httpx.Response)
+        assert "did you mean /v1/chat/completions? Routes here have no trailing slash" in err.value.body["message"]
+    import httpx2  # (the anthropic SDK's own httpx)
+
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as http:
+        claude = anthropic.AsyncAnthropic(base_url="http://test/v1", api_key="k", http_client=http, max_retries=0)
+        with pytest.raises(anthropic.NotFoundError) as err:
+            await claude.messages.create(model="m", max_tokens=4, messages=USER)
+    assert err.value.body["error"]["type"] == "not_found_error"
+    assert f"did you mean /v1/messages? {ANTHROPIC_BASE}" in err.value.body["error"]["message"]
