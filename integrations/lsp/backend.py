@@ -191,10 +191,13 @@ class EditorBackend:
     async def call(self, method: str, params: dict | None = None) -> Any:
         return await self._call_on(await self._connection(), method, params or {})
 
-    def pause(self, seconds: float) -> None:
+    def pause(self, seconds: float) -> float:
         """Send no completion for `seconds` (a backend's retry_after_s, honoured as an HTTP client honours
-        Retry-After); a pause that ends later already stays."""
-        self.retry_at = max(self.retry_at, time.monotonic() + seconds)
+        Retry-After); a pause that ends later already stays. Returns the seconds left in the pause that
+        holds now: `seconds`, or more where that longer pause stays."""
+        now = time.monotonic()
+        self.retry_at = max(self.retry_at, now + seconds)
+        return max(seconds, self.retry_at - now)  # ((now + seconds) - now can come out a hair short of seconds)
 
     async def complete(self, params: dict, on_partial: Callable[[str], Any] | None = None) -> dict:
         """Run one completion; cancelling the caller sends `cancel` to the backend. At most the server's

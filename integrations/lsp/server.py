@@ -212,7 +212,8 @@ def _busy(backend: EditorBackend, exc: BackendError) -> JsonRpcException:
     Retry-After (EditorBackend.pause): the completions asked for within it, and those waiting for a turn
     when it starts, answer no item without reaching the backend (they were answered -32603 and sent on,
     each adding to the load that refused them). retry_after_s is 1 s when absent or not a number >= 0, at
-    most MAX_RETRY_AFTER_S (an infinite one too); a pause that ends later already stays."""
+    most MAX_RETRY_AFTER_S (an infinite one too); a pause that ends later already stays, and the seconds
+    left in it are the retry_after_s answered (_paused)."""
     after = exc.data.get("retry_after_s") if isinstance(exc.data, dict) else None
     valid = isinstance(after, (int, float)) and not isinstance(after, bool) and after >= 0  # (NaN is not >= 0)
     after = min(float(after), MAX_RETRY_AFTER_S) if valid else 1.0
@@ -226,8 +227,10 @@ TRY_LATER_S = 1.0
 
 
 def _paused(backend: EditorBackend, exc: Exception, after: float, **data) -> JsonRpcException:
-    """RequestFailed (-32803) saying why, `data` {"retry_after_s": after, **data}, and no completion asked of
-    the backend for `after` seconds (EditorBackend.pause): a busy answer (_busy) or a 1013 close."""
-    backend.pause(after)
+    """No completion asked of the backend for `after` seconds (EditorBackend.pause), and RequestFailed (-32803)
+    saying why, its `data` {"retry_after_s": the seconds the pause that now holds has left, **data}: `after`,
+    or more when a longer pause started before (a busy answer with a larger retry_after_s; it reported
+    `after` while no completion went out for longer). For a busy answer (_busy) or a 1013 close."""
+    after = backend.pause(after)
     return JsonRpcRequestFailed(f"refusion backend busy: {exc}; no completions asked for {after:g} s",
                                 data={"retry_after_s": after, **data})

@@ -5,6 +5,8 @@ and every `complete` that reached it is counted; the bridge is the `refusion lsp
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import msgpack
 import pytest
 from test_lsp_bridge import DOC, URI, RawLsp, raw_inline_params
@@ -18,13 +20,15 @@ class ScriptedBackend:
     """Answers `initialize`, and each `complete` with the next scripted error (None: a completion; a
     (code, reason) tuple: the connection closed with it instead of an answer; "drop": the connection
     dropped without a close frame); while `close_with` is set ((code, reason)), closes each connection
-    with it as it opens (a draining or full server, ingress_gate.py). `connections` counts the
-    connections opened."""
+    with it as it opens (a draining or full server, ingress_gate.py). `on_complete`, when set, is called
+    as each `complete` arrives, before its answer (what happens meanwhile at the client). `connections`
+    counts the connections opened."""
 
     def __init__(self):
         self.errors: list[dict | tuple | None] = []
         self.completes = self.connections = 0
         self.close_with: tuple[int, str] | None = None
+        self.on_complete: Callable[[], Any] | None = None
 
     async def serve(self, ws) -> None:
         self.connections += 1
@@ -37,6 +41,8 @@ class ScriptedBackend:
                 await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, None, {"limits": {"max_inflight": 8}}]))
             elif method == "complete":
                 self.completes += 1
+                if self.on_complete is not None:
+                    self.on_complete()
                 error = self.errors.pop(0)
                 if error == "drop":  # no close frame: the client sees 1006
                     ws.transport.abort()
@@ -199,6 +205,42 @@ async def test_a_server_closing_with_try_again_later_is_request_failed_and_pause
     assert answer["error"]["data"] == {"retry_after_s": 1, "close_code": 1013}, answer
     assert "shutting down or restarting (close code 1013: server is shutting down)" in answer["error"]["message"]
     assert backend.connections == 1
+
+
+@pytest.mark.parametrize("refusal, own_s, data", [(busy(rpc.OVERLOADED, 2), 2, {"code": rpc.OVERLOADED}),
+                                                   ((1013, "server is shutting down"), 1, {"close_code": 1013})])
+@pytest.mark.parametrize("held_s", [30, 10.5])
+async def test_a_refusal_within_a_longer_pause_reports_the_time_left_in_it(monkeypatch, refusal, own_s, data, held_s):
+    """A busy answer or a 1013 close that came while a longer pause held (another completion's busy answer
+    with a larger retry_after_s, 10 s ago) reported its own retry_after_s (2 s; 1 s for a 1013), though no
+    completion was asked for until the longer pause ended: it reports the seconds left in the pause that
+    holds, and its own when that ends sooner."""
+    import types
+
+    import websockets
+
+    import integrations.lsp.backend as backend_module
+    from integrations.lsp.server import JsonRpcRequestFailed
+
+    now = [100.0]
+    monkeypatch.setattr(backend_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    scripted = ScriptedBackend()
+    scripted.errors = [refusal]
+    async with websockets.serve(scripted.serve, "127.0.0.1", 0) as listening:
+        backend, complete = in_process_bridge(editor_url(listening))
+
+        def another_completions_busy_answer() -> None:  # a pause of held_s, 10 s of it gone by the refusal
+            backend.pause(held_s)
+            now[0] += 10
+
+        scripted.on_complete = another_completions_busy_answer
+        with pytest.raises(JsonRpcRequestFailed) as failed:
+            await complete()
+        left = max(own_s, held_s - 10)
+        assert failed.value.data == {"retry_after_s": left, **data}
+        assert f"no completions asked for {left:g} s" in str(failed.value)
+        assert backend.retry_at == now[0] + left
+        await backend.close()
 
 
 def in_process_bridge(url: str):
