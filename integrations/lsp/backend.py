@@ -70,11 +70,16 @@ class EditorBackend:
         self._ids = itertools.count(1)
         self._connect_lock = asyncio.Lock()
         self._turns: asyncio.Semaphore | None = None  # the server's max_inflight completions at once
-        self.retry_at = 0.0  # time.monotonic() before which no completion is sent (pause)
+        self.retry_at = 0.0  # time.monotonic() before which no completion is sent, no connection opened (pause)
 
     async def _connection(self):
+        """The open connection, or a new one once its `initialize` has answered. Raises BackendPaused,
+        opening none, while a pause lasts: checked under the lock, where the connection is made (a caller
+        that waited there while another's connection was refused with 1013 connected again, within the
+        pause that refusal started)."""
         async with self._connect_lock:
             if self._ws is None:
+                self.raise_if_paused()
                 import websockets
                 from websockets.exceptions import InvalidStatus
 
@@ -181,8 +186,8 @@ class EditorBackend:
         return result
 
     async def limits(self) -> rpc.Limits:
-        """The server's limits, from its `initialize` answer (connecting first when needed); the
-        protocol's defaults (docs/editor-protocol.md) for any it did not announce."""
+        """The server's limits, from its `initialize` answer (connecting first when needed: BackendPaused
+        within a pause); the protocol's defaults (docs/editor-protocol.md) for any it did not announce."""
         await self._connection()
         announced = (self.server_info or {}).get("limits") or {}
         return rpc.Limits(**{name: value for name, value in announced.items()
@@ -192,9 +197,9 @@ class EditorBackend:
         return await self._call_on(await self._connection(), method, params or {})
 
     def pause(self, seconds: float) -> float:
-        """Send no completion for `seconds` (a backend's retry_after_s, honoured as an HTTP client honours
-        Retry-After); a pause that ends later already stays. Returns the seconds left in the pause that
-        holds now: `seconds`, or more where that longer pause stays."""
+        """Send no completion, and open no connection, for `seconds` (a backend's retry_after_s, honoured as
+        an HTTP client honours Retry-After); a pause that ends later already stays. Returns the seconds
+        left in the pause that holds now: `seconds`, or more where that longer pause stays."""
         now = time.monotonic()
         self.retry_at = max(self.retry_at, now + seconds)
         return max(seconds, self.retry_at - now)  # ((now + seconds) - now can come out a hair short of seconds)
@@ -203,17 +208,16 @@ class EditorBackend:
         """Run one completion; cancelling the caller sends `cancel` to the backend. At most the server's
         `max_inflight` run at once (its per-connection limit, docs/editor-protocol.md); more wait here
         for their turn, where the server would refuse them with -32003. Raises BackendPaused, sending
-        nothing, while a pause lasts (checked again when a waiting completion gets its turn);
-        BackendClosed when the server closes the connection under it, after one more try on a new
-        connection for a 1001 ("going away"; BackendPaused instead when a pause started meanwhile);
-        BackendError for an error answer."""
-        self.raise_if_paused()
+        nothing, while a pause lasts (checked again as each try connects and sends, so one waiting for a
+        turn or a connection when a pause starts sends nothing); BackendClosed when the server closes the
+        connection under it, after one more try on a new connection for a 1001 ("going away"; BackendPaused
+        instead when a pause started meanwhile); BackendError for an error answer."""
+        self.raise_if_paused()  # (before waiting for a turn)
         if self._turns is None:
             limit = (await self.limits()).max_inflight  # connects first; later calls skip this
             if self._turns is None:  # checked again after the await: concurrent first calls share one
                 self._turns = asyncio.Semaphore(limit)
         async with self._turns:
-            self.raise_if_paused()
             try:
                 return await self._complete(params, on_partial)
             except BackendClosed as exc:
@@ -222,8 +226,7 @@ class EditorBackend:
             # "Going away" with this completion unanswered: it raced the close (a drain closes once the
             # completions it took have answered; an idle close, with none in flight, cancels one that came in
             # as it closed). Sent once more on a new connection, where a draining server refuses it with 1013;
-            # not within a pause (a draining server answers OVERLOADED before it closes): that connected to it
-            self.raise_if_paused()
+            # not within a pause (a draining server answers OVERLOADED before it closes): _complete checks
             return await self._complete(params, on_partial)
 
     def raise_if_paused(self) -> None:
@@ -232,7 +235,8 @@ class EditorBackend:
             raise BackendPaused(f"paused for {self.retry_at - time.monotonic():.1f} s more")
 
     async def _complete(self, params: dict, on_partial: Callable[[str], Any] | None) -> dict:
-        ws = await self._connection()
+        ws = await self._connection()  # (BackendPaused where it would connect within a pause)
+        self.raise_if_paused()  # (on an open connection too: nothing awaits from here to the send)
         msg_id = next(self._ids)
         if on_partial is not None:
             self._partials[msg_id] = on_partial

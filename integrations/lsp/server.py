@@ -171,7 +171,6 @@ async def _backend_completion_text(server: BridgeServer, config: BridgeConfig, b
     superseded it, or while the backend asked for a pause (`retry_after_s`, see _busy). A failure is a
     JSON-RPC error saying what is wrong (cancelled once `shutdown` was received)."""
     try:
-        backend.raise_if_paused()  # before limits(), which connects when no connection is open (after a close)
         prefix, suffix = fit_to_limits(prefix, suffix, await backend.limits())  # a line can be very long
         request = complete_params(config, doc.uri, version, doc.language_id or "", prefix, suffix)
         result = await backend.complete(request)

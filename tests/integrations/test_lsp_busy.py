@@ -260,8 +260,8 @@ def in_process_bridge(url: str):
 
 
 async def test_a_try_again_later_close_pauses_completions_before_they_connect(monkeypatch):
-    """After a 1013 close the bridge has no connection open, so the pause is checked before the backend's
-    limits are asked for (which connects): no connection within the pause, one after it."""
+    """After a 1013 close the bridge has no connection open, and asking for the backend's limits connects:
+    the pause is checked where the connection is made, so none within the pause, one after it."""
     import types
 
     import websockets
@@ -375,4 +375,40 @@ async def test_a_completion_the_server_went_away_from_is_not_sent_again_within_a
         assert isinstance(refused, JsonRpcRequestFailed), refused
         assert raced == "", raced
         assert (scripted.connections, scripted.completes) == (1, 2)
+        await backend.close()
+
+
+async def test_completions_the_server_went_away_from_open_no_connection_once_a_pause_starts():
+    """Two completions left unanswered by one 1001 close are each sent once more: the first to go connects
+    and is refused with 1013 (a pause), while the second waits for that connection. Having passed the pause
+    check before it waited, the second connected again within the pause, to be refused again; the pause is
+    now checked where the connection is made, so it answers no item, as others within a pause do."""
+    import asyncio
+
+    import websockets
+
+    from integrations.lsp.server import JsonRpcRequestFailed
+
+    connections, completes = [], []
+
+    async def going_away_then_full(ws) -> None:
+        connections.append(ws)
+        if len(connections) > 1:  # (a draining server refuses new connections)
+            await ws.close(1013, "server is shutting down")
+            return
+        async for frame in ws:
+            _, msg_id, method, _params = msgpack.unpackb(frame)
+            if method == "initialize":
+                await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, None, {"limits": {"max_inflight": 8}}]))
+            elif method == "complete":
+                completes.append(msg_id)
+                if len(completes) == 2:  # both taken, neither answered (they raced the close)
+                    await ws.close(1001, "server is shutting down")
+
+    async with websockets.serve(going_away_then_full, "127.0.0.1", 0) as listening:
+        backend, complete = in_process_bridge(editor_url(listening))
+        answers = await asyncio.gather(complete(), complete(), return_exceptions=True)
+        refused = [answer for answer in answers if isinstance(answer, JsonRpcRequestFailed)]
+        assert len(refused) == 1 and refused[0].data["close_code"] == 1013, answers
+        assert "" in answers and len(connections) == 2, answers
         await backend.close()
