@@ -214,10 +214,12 @@ def _deploy_and_drain(args: argparse.Namespace, file: ConfigFile, signals: _Stop
         print("refusion serve: stopped before the application was ready; removing it"
               + (" (up to 30 s)" if args.address else ""), flush=True)
         return INTERRUPTED_EXIT_CODE
-    if progress.ready:
+    if progress.ready and not signals.stop.is_set():
         url = http_url(http["host"], http["port"], tls=bool(http.get("ssl_certfile")))
         print(f"refusion serve: ready at {url} (Ctrl-C to stop)", flush=True)
         signals.stop.wait()
+    elif progress.ready:  # the stop came as the last replica came up: "ready at" was followed by the drain at once
+        print("refusion serve: stopped as every replica came up; they are drained", flush=True)
     else:  # replicas up already answer requests (others still wait for room): their streams are drained
         print("refusion serve: stopped before every replica was up; the replicas running serve requests, "
               "so they are drained", flush=True)

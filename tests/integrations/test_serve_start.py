@@ -56,6 +56,36 @@ def test_an_application_up_by_the_time_the_stop_is_seen_is_ready():
         assert not deploy(lambda: None, statuses(("DEPLOYING", ""), (later, "")), stop)
 
 
+def test_a_stop_as_the_application_comes_up_drains_without_saying_ready(monkeypatch, capsys):
+    """Ctrl-C as the last replica came up (deploy returns True with the stop set): "ready at ... (Ctrl-C to
+    stop)" was printed, and the drain began at once. It says it was stopped as every replica came up, then
+    drains as before. Ray's calls are stand-ins: deploy, the application, the drain signal and the drain."""
+    import argparse
+    import types
+
+    import integrations.serve_app as serve_app
+    import integrations.serve_drain as serve_drain
+    import integrations.serve_start as serve_start
+    from integrations import cli_serve
+
+    def deploy(submit, status, stop, notice):
+        stop.set()  # the Ctrl-C, after the last look that said DEPLOYING
+        return True  # the look once more: RUNNING
+
+    monkeypatch.setattr(serve_start, "deploy", deploy)
+    monkeypatch.setattr(serve_app, "application", lambda config, deployments: None)
+    monkeypatch.setattr(serve_drain, "drain_signal", lambda app_name: None)
+    monkeypatch.setattr(serve_drain, "drain_app", lambda app_name, signal, drain_timeout_s, give_up: True)
+    file = types.SimpleNamespace(args={}, http={"host": "127.0.0.1", "port": 8000}, deployments=None)
+    signals, progress = cli_serve._StopSignals(), cli_serve._Progress()
+    assert cli_serve._deploy_and_drain(argparse.Namespace(address=None), file, signals, progress) == 0
+    said = capsys.readouterr().out
+    assert "ready at" not in said and progress.ready, said
+    assert said.splitlines() == ["refusion serve: stopped as every replica came up; they are drained",
+                                 "refusion serve: draining: running requests get up to 20 s (Ctrl-C again: stop now)",
+                                 "refusion serve: drained; shutting down"], said
+
+
 def test_a_sigterm_while_ray_starts_reaches_the_callers_handler():
     """ray.init first sets a SIGTERM handler that calls sys.exit: a SIGTERM while Ray started ended the
     process inside ray.init and left the agents it had started running (a break-test). start_ray keeps
