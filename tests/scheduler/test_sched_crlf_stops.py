@@ -7,10 +7,11 @@ from __future__ import annotations
 import random
 
 import pytest
-from sched_fakes import NEWLINE, FakeRunner, FakeTokenizer, collect, make_engine
+from sched_fakes import NEWLINE, FakeRunner, FakeTokenizer, collect, ids_of, make_engine
+from test_sched_cancel import NEVER_MS, clock  # noqa: F401 - clock is a fixture
 from test_sched_tab_stops import PieceTokenizer, client_text
 
-from scheduler.api import GenerationRequest, Mode
+from scheduler.api import FinishReason, GenerationRequest, Mode
 from scheduler.client_view import CrlfView, TabView, client_view
 from scheduler.detokenizer import TextStream
 
@@ -129,3 +130,46 @@ async def test_the_engine_matches_a_crlf_requests_stops_on_its_line_breaks():
         assert deltas[-1].stats.get("stop_word") == "\n"
     finally:
         await engine.stop()
+
+
+class CrTokenizer(FakeTokenizer):
+    """FakeTokenizer whose newline token is the model writing a lone "\r"."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return super().decode(ids, skip_special_tokens).replace("\n", "\r")
+
+
+async def test_a_stop_the_deadline_completes_at_a_last_cr_is_a_stop_not_the_deadline(clock):
+    """The step that writes a lone "\r" (position 6: "abc" before it) ends past the deadline and its grace:
+    the engine ends the request there with DEADLINE, and the "\r" it held back (a "\n" next would have
+    joined it into a line break) is read at the text's end, where the "\r" stop matches. So the request
+    ends on a stop string ("stop", its stop_word), not "deadline" (engine_output's reason at the stream's
+    end, the deadline twin of test_sched_tab_stops' token-cap case). The clock moves on in the forward
+    that writes it, whatever the machine's speed."""
+    async def ask(rid, stop):
+        clock.skew_s = 0.0  # (the last request's deadline passed: this one's is an hour ahead)
+        runner = FakeRunner(newline_every=6)
+        execute = runner.execute
+
+        def execute_then_expire(segments, tables):
+            results = execute(segments, tables)
+            if any(NEWLINE in r.tokens for r in results):
+                clock.advance(2 * NEVER_MS / 1000)  # past the deadline and its grace
+            return results
+
+        runner.execute = execute_then_expire
+        engine, _ = make_engine(runner, tokenizer=CrTokenizer(), deadline_grace_ms=NEVER_MS)
+        await engine.start()
+        try:
+            return await collect(engine, GenerationRequest(rid, [5, 6, 7], {"gen_length": 16}, mode=Mode.AR,
+                                                           max_time_ms=NEVER_MS, stop=stop, crlf=True))
+        finally:
+            await engine.stop()
+
+    expired = await ask("deadline", [])  # the deadline ends it at the "\r"
+    text = "".join(d.text for d in expired)
+    assert text.endswith("\r") and "\r" not in text[:-1] and len(ids_of(expired)) == 4
+    assert expired[-1].finish_reason is FinishReason.DEADLINE
+    stopped = await ask("stop", ["\r"])
+    assert "".join(d.text for d in stopped) == text[:-1] and stopped[-1].finish_reason is FinishReason.STOP
+    assert stopped[-1].stats.get("stop_word") == "\r" and ids_of(stopped) == ids_of(expired)
