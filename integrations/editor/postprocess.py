@@ -294,7 +294,8 @@ def postprocess(raw: str, rules: Rules, final: bool = False) -> Processed:
     """Apply the invalid-bytes, single-line, indentation and suffix-repeat rules in that order (module
     docstring); a cut at a "\r\n" the model wrote in a CRLF or CR document takes it whole (Rules.crlf)."""
     if rules.crlf:  # the rules read each "\r\n" as the one line break it is; the text kept is a prefix of raw
-        pending = not final and raw.endswith("\r")  # (a "\n" next would make it a line break: not read yet)
+        # (a "\n" next would make a "\r" last a line break: not read yet, unless a U+FFFD before it is cut anyway)
+        pending = not final and raw.endswith("\r") and not (rules.cut_invalid and REPLACEMENT in raw)
         body = raw[:-1] if pending else raw
         kept = postprocess(body.replace("\r\n", "\n"), replace(rules, crlf=False), final)
         text = body[: _unfolded_length(body, len(kept.text))]

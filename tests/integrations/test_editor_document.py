@@ -190,11 +190,47 @@ def test_a_lone_cr_is_one_character_and_a_last_one_is_read_at_the_end():
     assert postprocess("    a\n\r", Rules(indent=4), final=True) == Processed("    a", CUT_INDENT)
 
 
-def test_no_replacement_character_shows_while_a_cr_after_it_waits():
+def test_a_replacement_character_before_a_waiting_cr_is_cut_at_once():
     """cut_invalid drops a U+FFFD last without a cut (the rest of its character may come); one before a "\r"
-    that waits for its "\n" is dropped too, never shown, and cut once the text is final."""
-    assert postprocess("x\ufffd\r", Rules(cut_invalid=True, crlf=True)).text == "x"
-    assert postprocess("x\ufffd\r", Rules(cut_invalid=True, crlf=True), final=True) == Processed("x", CUT_INVALID)
+    has text after it (whatever a "\n" next makes of the "\r"): bytes that are no UTF-8, cut on the delta
+    that brings the "\r". The "\r" waiting for its "\n" hid it: the cut came a delta later."""
+    assert postprocess("x\ufffd", Rules(cut_invalid=True, crlf=True)) == Processed("x")
+    for final in (False, True):
+        assert postprocess("x\ufffd\r", Rules(cut_invalid=True, crlf=True), final) == Processed("x", CUT_INVALID)
+
+
+class PieceTokenizer:
+    """Each id is one piece of `pieces` (the text the engine streams as deltas, one id each)."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def encode(self, text, add_special_tokens=False):
+        assert text == "".join(self.pieces)
+        return list(range(len(self.pieces)))
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+async def test_the_runner_stops_on_the_delta_bringing_a_cr_after_invalid_bytes(bpe_tokenizer):  # noqa: F811
+    """In a CRLF document the editor's completion stops (and cancels the candidate) on the delta whose "\r"
+    follows a U+FFFD, as it stops on any other character after one; it read one more delta before."""
+    client = FakeEngineClient(PieceTokenizer(["x", "\ufffd\r", "y", "\r\n", "z"]), default_text="x\ufffd\ry\r\nz",
+                              delay_s=0)
+    read, stream = [], client.stream
+
+    async def reading(req):
+        async for delta in stream(req):
+            read.append(delta.text)
+            yield delta
+
+    client.stream = reading
+    job = CompletionJob("t", build_infill_prompt(bpe_tokenizer, "def f():\r\n    x = ", ""), (32,),
+                        Rules(cut_invalid=True))
+    outcome = await run_completion(client, job, None)
+    assert (outcome.text, outcome.stop_reason) == ("x", CUT_INVALID)
+    assert read == ["x", "\ufffd\r"]
 
 
 @pytest.mark.parametrize("line_ending", ["\r\n", "\r"])
