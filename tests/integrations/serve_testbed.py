@@ -27,6 +27,15 @@ RAY_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROX
 STRICT_ALIAS = "gpt-4o-mini"  # the strict app's second served model id
 
 
+def unstarted(deployment) -> object:
+    """An instance of a Serve deployment's class (`deployment.func_or_class`) that Serve never started: no
+    __init__ ran, so the attributes a test sets are all it has. Its async __del__ (which Serve awaits) is
+    not run when it is garbage collected: Python would only make a coroutine nobody awaits, a
+    RuntimeWarning in the test output. A test that shuts it down calls `deployment.func_or_class.__del__`."""
+    cls = deployment.func_or_class
+    return object.__new__(type(cls.__name__, (cls,), {"__del__": lambda self: None}))
+
+
 def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from serve_testbed import unstarted
+
 from integrations.serve_rebalance import Move, Rebalancer, ReplicaLoad, plan_moves
 
 
@@ -128,7 +130,7 @@ def deployment(name: str, engine, moved_in=()):
     load() and release_waiting() read."""
     from integrations.serve_engine import EngineDeployment
 
-    replica = object.__new__(EngineDeployment.func_or_class)
+    replica = unstarted(EngineDeployment)
     replica.replica, replica.engine, replica.draining = name, engine, False
     replica._moved_in, replica._moving = set(moved_in), {}
     return replica

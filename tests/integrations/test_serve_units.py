@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from serve_testbed import unstarted
 
 from integrations import cli_serve, serve_config_file
 from integrations.auth import APIKeyMiddleware
@@ -1228,9 +1229,9 @@ async def test_a_replica_whose_warm_up_failed_shuts_down_cleanly():
         async def stop(self, drain_timeout_s):
             stopped.append(drain_timeout_s)
 
-    replica = object.__new__(EngineDeployment.func_or_class)
+    replica = unstarted(EngineDeployment)
     replica.engine, replica.config = Engine(), argparse.Namespace(drain_timeout_s=7.0)
-    await replica.__del__()
+    await EngineDeployment.func_or_class.__del__(replica)
     assert stopped == [7.0]
 
 
@@ -1257,12 +1258,12 @@ async def test_a_replica_shut_down_during_a_drain_reports_its_end_to_the_drain_s
         async def stop(self, drain_timeout_s):
             pass
 
-    engine = object.__new__(EngineDeployment.func_or_class)
+    engine = unstarted(EngineDeployment)
     engine.engine, engine.config, engine.replica = Engine(), argparse.Namespace(drain_timeout_s=1.0), "e1"
     engine._drain_signal, engine._drain_watch, engine._caller_watch = Signal(), asyncio.sleep(0), None
     engine._drain_watch = asyncio.ensure_future(engine._drain_watch)
-    await engine.__del__()
-    ingress = object.__new__(IngressDeployment.func_or_class)
+    await EngineDeployment.func_or_class.__del__(engine)
+    ingress = unstarted(IngressDeployment)
     ingress.replica, ingress._drain_signal = "i1", Signal()
     ingress._drain_watch = asyncio.ensure_future(asyncio.sleep(0))
     ingress.gate = argparse.Namespace(open_work=0)
@@ -1278,7 +1279,7 @@ async def test_an_ingress_shut_down_with_no_drain_stops_its_drain_watch():
     timeout" with a RuntimeError traceback, with no drain running at all."""
     from integrations.serve_app import IngressDeployment
 
-    ingress = object.__new__(IngressDeployment.func_or_class)
+    ingress = unstarted(IngressDeployment)
     ingress.replica, ingress._drain_signal = "i1", None
     ingress._drain_watch = asyncio.ensure_future(asyncio.sleep(3600))  # waiting for a signal that never comes
     ingress.gate = argparse.Namespace(open_work=0)
