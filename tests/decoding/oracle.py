@@ -12,6 +12,8 @@ log probabilities must equal.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -34,12 +36,20 @@ def _crop(cache: DynamicCache, length: int) -> None:
 
 
 @torch.no_grad()
-def _forward(model, cache: DynamicCache, tokens: list[int], positions: list[int]) -> torch.Tensor:
-    """Run tokens at positions after the cache (appending their KV); returns float32 logits [len, V]."""
-    out = model(
-        input_ids=torch.tensor([tokens]), position_ids=torch.tensor([positions]), past_key_values=cache, use_cache=True
-    )
+def hf_forward(model, cache: DynamicCache, tokens: list[int], positions: list[int] | None = None) -> torch.Tensor:
+    """transformers' forward of `tokens` at `positions` (default: right after the cache), their KV appended to
+    `cache`; float32 logits [len, V]."""
+    position_ids = None if positions is None else torch.tensor([positions])
+    out = model(input_ids=torch.tensor([tokens]), position_ids=position_ids, use_cache=True,
+                **{_cache_keyword(type(model)): cache})
     return out.logits[0].float()
+
+
+@functools.cache
+def _cache_keyword(model_class) -> str:
+    """The forward's keyword for its KV cache: `cache` where the installed transformers has it (5.25 has it,
+    and warns that `past_key_values` goes in 5.40), else `past_key_values` (pyproject allows >= 4.51)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _append_kv(cache: DynamicCache, source: DynamicCache, start: int, length: int) -> None:
@@ -113,7 +123,7 @@ class _Oracle:
         # 1. plan: pool slots as masks after the cache (the first plan also carries the context)
         mask_pos = [s + j for s in pool for j in range(S)]
         tokens = self.ctx + [self.mask_id] * len(mask_pos)
-        logits = _forward(self.model, self.cache, tokens, self.ctx_pos + mask_pos)[len(self.ctx):]
+        logits = hf_forward(self.model, self.cache, tokens, self.ctx_pos + mask_pos)[len(self.ctx):]
         self.res.forwards += 1
         self.ctx, self.ctx_pos = [], []
         _crop(self.cache, base)
@@ -133,7 +143,7 @@ class _Oracle:
         # 2. verify: chosen drafts in position order, clean; shifted probabilities
         flat = [t for s in chosen for t in drafts[s][0]]
         flat_pos = [s + j for s in chosen for j in range(S)]
-        verify_logits = _forward(self.model, self.cache, flat, flat_pos)
+        verify_logits = hf_forward(self.model, self.cache, flat, flat_pos)
         probs = verify_logits.softmax(-1)
         verify_rows = verify_logits.log_softmax(-1)
         rows = [plan_rows[pool.index(flat_pos[k]) * S] if k % S == 0 else verify_rows[k - 1] for k in range(len(flat))]
@@ -199,7 +209,7 @@ def _complete(model, caches, slots, branches, tags, base, S, token_threshold, en
         rounds += 1
         for b in range(len(slots)):  # draft: unverified tokens as masks; argmax at masked rows (no shift)
             inp = [t if ok else mask_id for t, ok in zip(slots[b][apl:], tags[b][apl:])]
-            logits = _forward(model, caches[b], inp, [branches[b] + j for j in range(apl, S)])
+            logits = hf_forward(model, caches[b], inp, [branches[b] + j for j in range(apl, S)])
             _crop(caches[b], base + apl)
             x = logits.argmax(-1).tolist()
             slots[b][apl:] = [t if ok else d for t, ok, d in zip(slots[b][apl:], tags[b][apl:], x)]
@@ -208,7 +218,7 @@ def _complete(model, caches, slots, branches, tags, base, S, token_threshold, en
                 if not tags[b][j]:
                     slot_rows[b][j] = draft_rows[j - apl]
         for b in range(len(slots)):  # verify: clean, kept; shifted probabilities
-            logits = _forward(model, caches[b], slots[b][apl:], [branches[b] + j for j in range(apl, S)])
+            logits = hf_forward(model, caches[b], slots[b][apl:], [branches[b] + j for j in range(apl, S)])
             probs = logits.softmax(-1)
             verify_rows = logits.log_softmax(-1)
             before = list(tags[b])

@@ -8,7 +8,7 @@ continuation independently: a MASK at the next position (dropped) gives the firs
 from __future__ import annotations
 
 import torch
-from oracle import refusion_oracle
+from oracle import hf_forward, refusion_oracle
 from refusion_cases import PROMPTS
 from transformers import DynamicCache
 
@@ -27,15 +27,13 @@ def _params(runner, **kw) -> DecodeParams:
 @torch.no_grad()
 def _hf_ar_after_mask(hf, context: list[int], mask_id: int, n: int) -> list[int]:
     cache = DynamicCache()
-    hf(input_ids=torch.tensor([context]), past_key_values=cache, use_cache=True)
+    hf_forward(hf, cache, context)
     p = len(context)
-    logits = hf(input_ids=torch.tensor([[mask_id]]), position_ids=torch.tensor([[p]]), past_key_values=cache).logits
+    logits = hf_forward(hf, cache, [mask_id], [p])
     cache.crop(-1)  # the mask's KV is dropped
-    out = [int(logits[0, -1].argmax())]
+    out = [int(logits[-1].argmax())]
     for i in range(1, n):
-        logits = hf(input_ids=torch.tensor([[out[-1]]]), position_ids=torch.tensor([[p + i - 1]]),
-                    past_key_values=cache).logits
-        out.append(int(logits[0, -1].argmax()))
+        out.append(int(hf_forward(hf, cache, [out[-1]], [p + i - 1])[-1].argmax()))
     return out
 
 

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from oracle import hf_forward
 from refusion_cases import PROMPTS
 from transformers import DynamicCache
 
@@ -31,15 +32,13 @@ def _hf_rows(hf, context: list[int], mask_id: int, generated: list[int]) -> list
     """log_softmax rows that read each generated token as the AR decoder does: the first from a MASK at
     the first generation position (its KV dropped), the others from the previous token's row."""
     cache = DynamicCache()
-    hf(input_ids=torch.tensor([context]), past_key_values=cache, use_cache=True)
+    hf_forward(hf, cache, context)
     p = len(context)
-    logits = hf(input_ids=torch.tensor([[mask_id]]), position_ids=torch.tensor([[p]]), past_key_values=cache).logits
+    logits = hf_forward(hf, cache, [mask_id], [p])
     cache.crop(-1)
-    rows = [logits[0, -1].float().log_softmax(-1)]
+    rows = [logits[-1].log_softmax(-1)]
     for i in range(1, len(generated)):
-        logits = hf(input_ids=torch.tensor([[generated[i - 1]]]), position_ids=torch.tensor([[p + i - 1]]),
-                    past_key_values=cache).logits
-        rows.append(logits[0, -1].float().log_softmax(-1))
+        rows.append(hf_forward(hf, cache, [generated[i - 1]], [p + i - 1])[-1].log_softmax(-1))
     return rows
 
 

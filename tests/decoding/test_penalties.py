@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from oracle import hf_forward
 from refusion_cases import PROMPTS
 from transformers import DynamicCache
 
@@ -28,18 +29,18 @@ def _hf_penalized(hf, context: list[int], mask_id: int, n: int, presence: float,
                   bias: dict[int, float]) -> list[int]:
     """Greedy AR as the engine decodes it (first token from a MASK row), each step's logits adjusted."""
     cache, out = DynamicCache(), []
-    hf(input_ids=torch.tensor([context]), past_key_values=cache, use_cache=True)
+    hf_forward(hf, cache, context)
     p = len(context)
-    logits = hf(input_ids=torch.tensor([[mask_id]]), position_ids=torch.tensor([[p]]), past_key_values=cache).logits
+    logits = hf_forward(hf, cache, [mask_id], [p])
     cache.crop(-1)
     for i in range(n):
-        row = logits[0, -1].float().clone()
+        row = logits[-1].clone()
         for token, count in Counter(out).items():
             row[token] -= presence + frequency * count
         for token, value in bias.items():
             row[token] += value
         out.append(int(row.argmax()))
-        logits = hf(input_ids=torch.tensor([[out[-1]]]), position_ids=torch.tensor([[p + i]]), past_key_values=cache).logits
+        logits = hf_forward(hf, cache, [out[-1]], [p + i])
     return out
 
 
