@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from decoding.params import MAX_LOGIT_BIAS_TOKENS
 from integrations.validation_errors import validation_field, validation_message
 from integrations.openai_models import CompletionRequest
-from integrations.request_limits import InputError
+from integrations.request_limits import InputError, encode
 from scheduler.api import Delta, FinishReason
 from scheduler.validation import with_seed
 
@@ -184,8 +184,7 @@ def _openai_bias(bias, tokenizer=None) -> dict[str, float]:
         elif tokenizer is None:
             raise InputError(400, "logit_bias", f"token {token!r}: give token ids here")
         else:  # (as plain text, as llama.cpp's tokenize without parse_special: "<|endoftext|>" is not the EOS)
-            pairs.extend((str(t), value) for t in tokenizer.encode(token, add_special_tokens=False,
-                                                                  split_special_tokens=True))
+            pairs.extend((str(t), value) for t in encode(tokenizer, token, parse_special=False))
     for token, value in pairs:
         if value is False:
             banned.add(token)

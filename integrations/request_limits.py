@@ -208,6 +208,12 @@ def trim_heap() -> None:
         pass
 
 
-def encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
-    """Token ids of `text` (CPU-bound: run it through off_loop)."""
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens)) if text or add_special_tokens else []
+def encode(tokenizer, text: str, add_special_tokens: bool = False, parse_special: bool = True) -> list[int]:
+    """Token ids of `text` (CPU-bound: run it through off_loop). parse_special False: a special token's
+    spelling in the text ("<|endoftext|>", "<|mask|>") is plain characters, never that token's id, as
+    llama.cpp tokenizes with parse_special false (a document's text, /tokenize's parse_special)."""
+    if not (text or add_special_tokens):
+        return []
+    if parse_special:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True))

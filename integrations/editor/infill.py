@@ -20,6 +20,7 @@ from integrations.editor.gaps import (MULTILINE_GAPS, SINGLE_LINE_GAPS, SLOT_SIZ
                                       choose_candidate, fitting_gaps, gap_cap, gap_params, infill_room, longest_gap,
                                       no_room_message, plan_gaps, strategy_gaps)
 from integrations.editor.postprocess import REPLACEMENT
+from integrations.request_limits import encode
 from scheduler.detokenizer import Healer
 
 # Prompt building's own names, and the gap names as they were imported from here (their home: gaps.py)
@@ -64,7 +65,10 @@ class InfillPrompt:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+    """Ids of document text: a special token's spelling in it ("<|endoftext|>" in a tokenizer's source,
+    "<|mask|>") is plain characters, never the EOS or a mask position, as llama.cpp's /infill tokenizes
+    prefix, suffix and input_extra (parse_special false)."""
+    return encode(tokenizer, text, parse_special=False)
 
 
 def format_context(chunks: Sequence, language: str = "") -> str:
@@ -100,6 +104,7 @@ def build_infill_prompt(
 
     Context comes first so that it, not the moving prefix, is the stable part a prefix cache reuses.
     Parts are tokenized separately: a boundary inside a token costs nothing to correctness here.
+    They are document text, tokenized as plain text (`_encode`): "<|endoftext|>" in a file is its characters.
     Each part's text is first cut to its budget x MAX_CHARS_PER_TOKEN characters (the far end goes),
     so the cost of tokenizing is bounded by the budgets. CPU-bound: callers on an event loop run it in
     integrations.request_limits.off_loop.

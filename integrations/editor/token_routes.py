@@ -225,10 +225,7 @@ async def tokenizer_info_route(request: Request) -> Response:
 
 def tokenize(tokenizer, body: TokenizeBody) -> list:
     """The ids (or pieces) of /tokenize; CPU-bound, run off the event loop."""
-    if body.parse_special:
-        ids = encode(tokenizer, body.content, body.add_special)
-    else:
-        ids = list(tokenizer.encode(body.content, add_special_tokens=body.add_special, split_special_tokens=True))
+    ids = encode(tokenizer, body.content, body.add_special, body.parse_special)
     if not body.with_pieces:
         return ids
     return [{"id": i, "piece": _piece(tokenizer, i)} for i in ids]

@@ -497,3 +497,25 @@ async def test_a_client_that_left_is_sent_nothing_more(fake_client, wait_until):
     assert all(t.cancelled() or t.exception() is None for t in senders)
     await s.close()
     fake_client.hold.set()
+
+
+@pytest.mark.parametrize("special", ["<|endoftext|>", "<|mask|>", "<|beginoftext|>"])
+async def test_special_token_text_in_the_document_is_plain_text(session, fake_client, special):  # noqa: F811
+    """prefix, suffix and context chunks are document text: a special token's spelling in them is its
+    characters (the ids of /tokenize with parse_special false), never a real EOS, BOS or mask position."""
+    s, wire = session
+    tok = fake_client.tokenizer
+    doc = f"EOS = '{special}'\nx = 1\n"
+
+    def plain(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    fake_client.script = {32: "y = 2\n"}
+    await s.handle_frame(rpc.encode_request(5, "complete", complete_params(
+        prefix=doc, suffix=doc, context=[{"path": "", "text": doc}], gaps=[32])))
+    await s.drain()
+    [[_, _, err, _]] = wire.responses(5)
+    assert err is None
+    req = fake_client.requests[0]
+    assert req.prompt_ids == plain(doc + "\n") + plain(doc) and req.suffix_ids == plain(doc)
+    assert tok.convert_tokens_to_ids(special) not in req.prompt_ids + req.suffix_ids

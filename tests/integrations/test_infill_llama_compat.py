@@ -544,3 +544,30 @@ async def test_a_stream_whose_client_leaves_cancels_its_candidates(bpe_tokenizer
     assert len(ids) == 2 and set(client.cancelled) == ids and not client.completed
     gaps = {r.request_id: r.params["gen_length"] for r in client.requests}
     assert all(read[rid] < gaps[rid] for rid in ids), (read, gaps)  # (the fake stops at gen_length)
+
+
+# A source file that mentions special tokens (any GPT-2/HF tokenizer's code does): its text, not the tokens
+SPECIAL_TEXT_DOC = "EOS = '{}'\nx = 1\n"
+
+
+@pytest.mark.parametrize("special", ["<|endoftext|>", "<|mask|>", "<|beginoftext|>"])
+async def test_special_token_text_in_the_document_is_plain_text(http, fake_client, special):  # noqa: F811
+    """llama.cpp's /infill tokenizes input_prefix, input_suffix and input_extra with parse_special false:
+    "<|endoftext|>" in a document is its characters, never a real EOS in the prompt ("<|mask|>" never a
+    mask position). The document's ids are /tokenize's with parse_special false; they were the special id."""
+    doc = SPECIAL_TEXT_DOC.format(special)
+
+    async def plain(text: str) -> list[int]:
+        return (await http.post("/tokenize", json={"content": text, "parse_special": False})).json()["tokens"]
+
+    tok = fake_client.tokenizer
+    special_ids = {tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
+    for body, part, want in (({"input_prefix": doc}, "prompt_ids", await plain(doc)),
+                             ({"input_suffix": doc}, "suffix_ids", await plain(doc)),
+                             ({"input_extra": [{"filename": "", "text": doc}]}, "prompt_ids", await plain(doc + "\n"))):
+        fake_client.requests.clear()
+        resp = await http.post("/infill", json={"input_prefix": "", "input_suffix": "", "n_predict": 8, **body})
+        assert resp.status_code == 200, resp.text
+        req = fake_client.requests[0]
+        assert getattr(req, part) == want, (body, part)
+        assert not special_ids & set(req.prompt_ids) and not special_ids & set(req.suffix_ids or ()), body

@@ -171,3 +171,20 @@ async def test_closing_the_deltas_while_they_wait_leaves_no_pending_task(fake_cl
         await asyncio.sleep(0)
     left = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()]
     assert left == [], left
+
+
+@pytest.mark.parametrize("special", ["<|endoftext|>", "<|mask|>"])
+async def test_special_token_text_in_prompt_and_suffix_is_plain_text(http, fake_client, special):  # noqa: F811
+    """With `suffix` the prompt and suffix are the document around the cursor (the infill path): a special
+    token's spelling in them is plain text, as /tokenize with parse_special false gives it, never the
+    special id (a real EOS or a mask position in the prompt). Without suffix the prompt parses specials."""
+    doc = f"EOS = '{special}'\nx = 1\n"
+    plain = (await http.post("/tokenize", json={"content": doc, "parse_special": False})).json()["tokens"]
+    resp = await http.post("/v1/completions", json={"prompt": doc, "suffix": doc, "max_tokens": 8})
+    assert resp.status_code == 200, resp.text
+    req = fake_client.requests[0]
+    assert req.prompt_ids == plain and req.suffix_ids == plain
+    special_id = fake_client.tokenizer.convert_tokens_to_ids(special)
+    fake_client.requests.clear()
+    await http.post("/v1/completions", json={"prompt": doc, "max_tokens": 8})  # vLLM's plain prompt: unchanged
+    assert special_id in fake_client.requests[0].prompt_ids

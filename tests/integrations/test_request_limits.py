@@ -210,12 +210,12 @@ class _BlockingTokenizer:
         self.inner, self.block_over = inner, block_over
         self.entered, self.release, self.calls = threading.Event(), threading.Event(), []
 
-    def encode(self, text, add_special_tokens=True):
+    def encode(self, text, add_special_tokens=True, **options):
         self.calls.append(len(text))
         if len(text) > self.block_over:
             self.entered.set()
             assert self.release.wait(30), "never released: the test did not get a response while encoding"
-        return self.inner.encode(text, add_special_tokens=add_special_tokens)
+        return self.inner.encode(text, add_special_tokens=add_special_tokens, **options)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
