@@ -55,9 +55,12 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def render_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None,
-                continue_final: bool = False, template_kwargs: dict | None = None) -> tuple[str, list[str]]:
+                continue_final: bool = False, template_kwargs: dict | None = None,
+                generation_prompt: bool = True) -> tuple[str, list[str]]:
     """(prompt text, extra stop strings) for a chat request; continue_final: the last (assistant) message's
-    turn is left open for the model to continue (module docstring); template_kwargs: vLLM's
+    turn is left open for the model to continue (module docstring); generation_prompt False: no assistant
+    turn is opened either (the conversation as it stands: /tokenize's and /apply-template's
+    add_generation_prompt false; the chat route always opens one); template_kwargs: vLLM's
     chat_template_kwargs, extra variables of the tokenizer's chat template (`enable_thinking` for Qwen3's);
     the plain template has none, so they change nothing there (as Jinja ignores variables a template
     does not read)."""
@@ -66,7 +69,7 @@ def render_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | 
             text = tokenizer.apply_chat_template(
                 [_template_message(m) for m in messages],
                 tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
-                add_generation_prompt=not continue_final,
+                add_generation_prompt=generation_prompt and not continue_final,
                 continue_final_message=continue_final,
                 tokenize=False,
                 **(template_kwargs or {}),
@@ -74,17 +77,17 @@ def render_chat(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | 
         except Exception as exc:  # jinja raises on orders/roles a template does not accept
             raise ChatTemplateError(f"the model's chat template rejected the messages: {exc}") from exc
         return text, []
-    return render_plain(messages, tools, continue_final), [PLAIN_STOP]
+    return render_plain(messages, tools, continue_final, generation_prompt), [PLAIN_STOP]
 
 
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], tools: list[ToolSpec] | None,
                     limits: RequestLimits, continue_final: bool = False,
-                    template_kwargs: dict | None = None) -> tuple[list[int], list[str]]:
+                    template_kwargs: dict | None = None, generation_prompt: bool = True) -> tuple[list[int], list[str]]:
     """The chat's prompt token ids and extra stop strings: render_chat, the rendered text checked
     against max_prompt_chars, then tokenized (CPU-bound: run it in request_limits.off_loop). Raises
     InputError(400, "messages") for a template error, an over-long or an empty prompt."""
     try:
-        text, extra_stop = render_chat(tokenizer, messages, tools, continue_final, template_kwargs)
+        text, extra_stop = render_chat(tokenizer, messages, tools, continue_final, template_kwargs, generation_prompt)
     except ChatTemplateError as exc:
         raise InputError(400, "messages", str(exc)) from None
     limits.check_chars("messages", text)
@@ -119,8 +122,10 @@ def conversation_key(messages: list[ChatMessage]) -> str:
     return "chat:" + hashlib.blake2b(opening.encode(), digest_size=12).hexdigest()
 
 
-def render_plain(messages: list[ChatMessage], tools: list[ToolSpec] | None, continue_final: bool = False) -> str:
-    """The documented plain template (module docstring)."""
+def render_plain(messages: list[ChatMessage], tools: list[ToolSpec] | None, continue_final: bool = False,
+                 generation_prompt: bool = True) -> str:
+    """The documented plain template (module docstring); the assistant's header last unless continue_final
+    or not generation_prompt (render_chat)."""
     sections: list[str] = []
     if tools:
         lines = [f"To call a function, reply with {TOOL_OPEN}{{\"name\": ..., \"arguments\": {{...}}}}{TOOL_CLOSE}."]
@@ -128,7 +133,7 @@ def render_plain(messages: list[ChatMessage], tools: list[ToolSpec] | None, cont
         sections.append("### Tools\n" + "\n".join(lines))
     for message in messages:
         sections.append(_plain_section(message))
-    if not continue_final:
+    if generation_prompt and not continue_final:
         sections.append("### Assistant\n")
     return "\n".join(sections)
 

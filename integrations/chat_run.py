@@ -59,11 +59,13 @@ class ChatPrompt:
 
 
 async def chat_prompt(tokenizer, limits: RequestLimits, body: ChatCompletionRequest,
-                      prompt_field: str = "messages", lead_field: str | None = None) -> ChatPrompt:
+                      prompt_field: str = "messages", lead_field: str | None = None,
+                      generation_prompt: bool = True) -> ChatPrompt:
     """The prompt `body` runs as (template, tools, forced tool-call opening), off the event loop (the
-    model name is the caller's to check). Raises InputError (400 naming the field, `prompt_field` for
-    the conversation; `lead_field` for its first, system message when that is what is too long: the
-    Responses API's `instructions`)."""
+    model name is the caller's to check). generation_prompt False: the assistant's turn is not opened
+    (/tokenize's and /apply-template's add_generation_prompt false; chat_prompt_ids). Raises InputError
+    (400 naming the field, `prompt_field` for the conversation; `lead_field` for its first, system
+    message when that is what is too long: the Responses API's `instructions`)."""
     try:
         limits.check_chars(prompt_field, "".join(m.content or "" for m in body.messages))
     except PromptCharsError as exc:
@@ -76,10 +78,14 @@ async def chat_prompt(tokenizer, limits: RequestLimits, body: ChatCompletionRequ
         call = forced_call(body.forced_tool, [t.function.name for t in body.tools or []])
     except ValueError as exc:
         raise InputError(400, "tool_choice", str(exc)) from None
+    if call is not None and not generation_prompt:
+        raise InputError(400, "tool_choice", "a forced tool call opens the assistant's turn, which "
+                         "add_generation_prompt false leaves out: set tool_choice to \"auto\" or \"none\", or drop "
+                         "add_generation_prompt")
     try:
         prompt_ids, extra_stop = await off_loop(chat_prompt_ids, tokenizer, body.messages, tools, limits,
                                                 body.continue_final_message, body.chat_template_kwargs,
-                                                chars=sum(len(m.content or "") for m in body.messages))
+                                                generation_prompt, chars=sum(len(m.content or "") for m in body.messages))
     except PromptCharsError as exc:  # the rendered prompt (tools included) over max_prompt_chars
         if tools and len(await _text_without_tools(tokenizer, body)) <= limits.prompt_chars:
             raise PromptCharsError("tools", exc.chars, exc.limit, "the tools' definitions (names, descriptions and "

@@ -128,14 +128,15 @@ def _apply_chat_template_arguments() -> frozenset[str]:
     return frozenset(p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
 
 
-def check_generation_prompt(add: bool | None, continue_final: bool | None) -> bool | None:
-    """vLLM's rule for add_generation_prompt beside continue_final_message: not both true; and since the
-    chat route always opens the assistant's turn otherwise, false only with continue_final_message.
+def check_generation_prompt(add: bool | None, continue_final: bool | None, opens_turn: bool = True) -> bool | None:
+    """vLLM's rule for add_generation_prompt beside continue_final_message: not both true; and on the chat
+    route (`opens_turn`), which always opens the assistant's turn otherwise, false only with
+    continue_final_message (/tokenize's and /apply-template's chat forms render without the turn then).
     ValueError (the 400 names add_generation_prompt, the field to change)."""
     if continue_final and add:
         raise ValueError("add_generation_prompt and continue_final_message cannot both be true (vLLM's rule): "
                          "drop add_generation_prompt")
-    if not continue_final and add is False:
+    if opens_turn and not continue_final and add is False:
         raise ValueError("add_generation_prompt false is only offered with continue_final_message true (the "
                          "chat route always opens the assistant's turn)")
     return add

@@ -32,21 +32,35 @@ from integrations.token_bytes import token_bytes
 router = APIRouter()
 
 
-class TokenizeBody(BaseModel):
-    """The /tokenize request: llama.cpp's fields, or vLLM's (`prompt`, or chat `messages` and `tools`
-    rendered with the chat template as /v1/chat/completions does). Other unknown fields are ignored
-    (llama.cpp's rule); vLLM's chat-template options other than the defaults are refused."""
+class ChatFormFields(BaseModel):
+    """The chat form's options that /tokenize (vLLM's) and /apply-template (llama.cpp's) share with the
+    messages: the prompt /v1/chat/completions runs for them, or with add_generation_prompt false the
+    conversation without the assistant turn's opening (llama.cpp's and vLLM's default: true)."""
+
+    tools: list[ToolSpec] | None = None  # the tools the chat template lists
+    tool_choice: Any = None  # as chat's ("none" leaves the tools out, a forced call adds its opening)
+    # vLLM's: the last (assistant) message left open, as chat runs it (a strict boolean as on chat; null
+    # is unset). Before add_generation_prompt: its check reads this one.
+    continue_final_message: StrictBool | None = None
+    # null: open the assistant's turn unless continue_final_message is set; false: the conversation alone
+    add_generation_prompt: StrictBool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # as on chat: extra chat-template variables
+
+    @field_validator("add_generation_prompt")
+    @classmethod
+    def _generation_prompt(cls, add, info):
+        """vLLM's rule (openai_models.check_generation_prompt); false alone is taken, unlike on chat."""
+        return check_generation_prompt(add, info.data.get("continue_final_message"), opens_turn=False)
+
+
+class TokenizeBody(ChatFormFields):
+    """The /tokenize request: llama.cpp's fields, or vLLM's (`prompt`, or chat `messages` and the chat
+    form's options rendered as /v1/chat/completions does, ChatFormFields). Other unknown fields are
+    ignored (llama.cpp's rule)."""
 
     content: str | None = None
     prompt: str | None = None  # vLLM's name of content
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)  # vLLM: the chat prompt's tokens
-    tools: list[ToolSpec] | None = None  # with messages: the tools the chat template lists
-    tool_choice: Any = None  # with messages and tools: as chat's ("none" leaves the tools out, a forced call adds its opening)
-    # vLLM's: the last (assistant) message left open, as chat runs it (a strict boolean as on chat; null
-    # is unset). Before add_generation_prompt: its check reads this one.
-    continue_final_message: StrictBool | None = None
-    add_generation_prompt: bool | None = None  # the chat route adds it unless continue_final_message is set
-    chat_template_kwargs: dict[str, Any] | None = None  # as on chat: extra chat-template variables
     add_special: bool = False  # insert the tokenizer's special tokens (BOS, when it has one)
     add_special_tokens: bool | None = None  # vLLM's name of add_special
     parse_special: bool = True  # false: special-token text such as "<|endoftext|>" is plain text
@@ -60,12 +74,6 @@ class TokenizeBody(BaseModel):
         parse_special were refused as "not a valid boolean")."""
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
-    @field_validator("add_generation_prompt")
-    @classmethod
-    def _generation_prompt(cls, add, info):
-        """As on chat (openai_models.check_generation_prompt)."""
-        return check_generation_prompt(add, info.data.get("continue_final_message"))
-
     @model_validator(mode="after")
     def _one_input(self):
         given = [name for name in ("content", "prompt", "messages") if getattr(self, name) is not None]
@@ -76,6 +84,15 @@ class TokenizeBody(BaseModel):
         if self.add_special_tokens is not None:
             self.add_special = self.add_special_tokens
         return self
+
+
+async def _chat_form_ids(tokenizer, request: Request, body) -> list[int]:
+    """The ids of /tokenize's chat form and /apply-template (`body`: their messages and ChatFormFields):
+    the chat turn's prompt, its assistant turn left unopened with add_generation_prompt false. Raises
+    InputError naming the field."""
+    prompt = await chat_prompt(tokenizer, app_limits(request), _chat_turn(body),
+                               generation_prompt=body.add_generation_prompt is not False)
+    return prompt.ids
 
 
 def _chat_turn(body) -> ChatCompletionRequest:
@@ -116,7 +133,7 @@ async def tokenize_route(request: Request) -> Response:
         body = await read_body(request, TokenizeBody)
         check_model(request, body.model)
         if body.messages is not None:  # vLLM's chat form: the prompt /v1/chat/completions would run
-            ids = (await chat_prompt(tokenizer, limits, _chat_turn(body))).ids
+            ids = await _chat_form_ids(tokenizer, request, body)
             tokens = [{"id": i, "piece": _piece(tokenizer, i)} for i in ids] if body.with_pieces else ids
         else:
             limits.check_chars("prompt" if body.prompt is not None else "content", body.content)
@@ -150,27 +167,24 @@ async def detokenize_route(request: Request) -> Response:
     return Response(compact_json({"content": text, "prompt": text}), media_type="application/json")
 
 
-class ApplyTemplateBody(BaseModel):
+class ApplyTemplateBody(ChatFormFields):
     """The /apply-template request (llama.cpp): chat `messages`, and `tools`, `tool_choice`,
-    `continue_final_message`, `chat_template_kwargs` as /tokenize's chat form takes them. Other fields
-    are ignored (llama.cpp)."""
+    `continue_final_message`, `add_generation_prompt`, `chat_template_kwargs` as /tokenize's chat form
+    takes them (ChatFormFields). Other fields are ignored (llama.cpp)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[ToolSpec] | None = None
-    tool_choice: Any = None
-    continue_final_message: StrictBool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
 
 
 @router.post("/apply-template")
 async def apply_template_route(request: Request) -> Response:
     """llama.cpp's /apply-template: {"messages": [...]} -> {"prompt": text}, the prompt
     /v1/chat/completions runs for them (chat template or the plain one, tools, a forced call's
-    opening; the same tokens /tokenize counts, decoded). Errors: 400 naming the field, 413."""
+    opening; the same tokens /tokenize counts, decoded); add_generation_prompt false leaves the
+    assistant turn's opening out, as llama.cpp does. Errors: 400 naming the field, 413."""
     tokenizer = request.app.state.engine_client.tokenizer
     try:
         body = await read_body(request, ApplyTemplateBody)
-        ids = (await chat_prompt(tokenizer, app_limits(request), _chat_turn(body))).ids
+        ids = await _chat_form_ids(tokenizer, request, body)
     except InputError as exc:
         status, payload, headers = error_body(exc)
         return JSONResponse(payload, status, headers=headers)

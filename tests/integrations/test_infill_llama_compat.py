@@ -226,6 +226,33 @@ async def test_a_stream_a_stopping_engine_cuts_ends_with_llama_cpps_503_error_ev
     assert whole.status_code == 503 and whole.json()["error"]["type"] == "unavailable_error", whole.text
 
 
+async def test_add_generation_prompt_false_leaves_the_assistant_header_out_on_both_chat_forms(http, fake_client):  # noqa: F811
+    """llama.cpp's /apply-template reads add_generation_prompt (default true) and vLLM's /tokenize does too:
+    false renders the conversation without the assistant turn's opening header. /apply-template ignored
+    it (false still ended in the header) and /tokenize refused it. On both a non-boolean, both flags true
+    (vLLM's rule), or false beside a forced tool call (whose opening starts the assistant's turn) is a 400."""
+    chat = [{"role": "user", "content": "hi"}]
+    opened = (await http.post("/apply-template", json={"messages": chat})).json()["prompt"]
+    assert opened == "### User\nhi\n### Assistant\n"  # the plain template (integrations/chat.py)
+    for flag in (True, None):
+        same = await http.post("/apply-template", json={"messages": chat, "add_generation_prompt": flag})
+        assert same.json()["prompt"] == opened, same.text
+    closed = await http.post("/apply-template", json={"messages": chat, "add_generation_prompt": False})
+    assert closed.status_code == 200 and closed.json()["prompt"] == "### User\nhi", closed.text
+    tokens = (await http.post("/tokenize", json={"messages": chat, "add_generation_prompt": False})).json()["tokens"]
+    assert tokens == fake_client.tokenizer.encode("### User\nhi", add_special_tokens=False)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    for route in ("/apply-template", "/tokenize"):
+        for flags in ({"add_generation_prompt": "not-a-bool"}, {"add_generation_prompt": 0},
+                      {"add_generation_prompt": True, "continue_final_message": True}):
+            refused = await http.post(route, json={"messages": chat, **flags})
+            assert refused.status_code == 400, (route, flags, refused.text)
+            assert refused.json()["error"]["message"].startswith("Field 'add_generation_prompt': "), refused.text
+        forced = await http.post(route, json={"messages": chat, "tools": tools, "tool_choice": "required",
+                                              "add_generation_prompt": False})
+        assert forced.status_code == 400 and "tool_choice" in forced.json()["error"]["message"], forced.text
+
+
 def test_select_fields_flattens_paths_and_skips_unknown():
     result = {"content": "x", "timings": {"prompt_n": 3}}
     assert select_fields(result, ["content", "timings/prompt_n", "nope", ""]) == {"content": "x", "timings/prompt_n": 3}
@@ -248,13 +275,13 @@ async def test_tokenize_and_detokenize_in_vllms_forms(http, fake_client):  # noq
     assert vllm["tokens"] == tok.encode(text, add_special_tokens=False) and vllm["count"] == len(vllm["tokens"])
     both = await http.post("/tokenize", json={"prompt": text, "content": text})
     assert both.status_code == 400 and "exactly one" in both.json()["error"]["message"]
-    # vLLM's generation-prompt rules: the 400 names add_generation_prompt, the field to change (it named
+    # vLLM's generation-prompt rule: the 400 names add_generation_prompt, the field to change (it named
     # continue_final_message, which the client may not have sent)
     chat = [{"role": "user", "content": "hi"}]
-    for flags in ({"add_generation_prompt": False}, {"add_generation_prompt": True, "continue_final_message": True}):
-        refused = await http.post("/tokenize", json={"messages": chat, **flags})
-        assert refused.status_code == 400
-        assert refused.json()["error"]["message"].startswith("Field 'add_generation_prompt': "), refused.text
+    refused = await http.post("/tokenize", json={"messages": chat, "add_generation_prompt": True,
+                                                 "continue_final_message": True})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"].startswith("Field 'add_generation_prompt': "), refused.text
     assert (await http.post("/tokenize", json={"messages": chat, "add_generation_prompt": True})).status_code == 200
     ids = vllm["tokens"] + [tok.eos_token_id]
     out = (await http.post("/detokenize", json={"tokens": ids})).json()

@@ -1011,6 +1011,8 @@ def test_chat_template_errors_are_400(tiny_model_dir):
         render_chat(tok, body.messages, None)
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     assert render_chat(tok, body.messages, None) == ("<user>hi<assistant>", [])
+    # /tokenize's and /apply-template's add_generation_prompt false: the template opens no turn
+    assert render_chat(tok, body.messages, None, generation_prompt=False) == ("<user>hi", [])
 
 
 async def test_coalesce_merges_ready_deltas_and_closes_the_source():
