@@ -22,6 +22,7 @@ from typing import Annotated, Any, AsyncIterator
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from decoding.params import MAX_LOGIT_BIAS_TOKENS
+from integrations.editor.protocol import MAX_STOP_STRINGS
 from integrations.validation_errors import validation_field, validation_message
 from integrations.openai_models import CompletionRequest
 from integrations.request_limits import InputError, encode
@@ -102,7 +103,7 @@ class LlamaCompletionBody(LlamaBody):
     # -1 (llama.cpp's default): a random seed, drawn when the body is read so that generation_settings
     # reports the seed used and a sample can be repeated (as /infill's does)
     seed: int = Field(-1, ge=-1, validate_default=True)
-    stop: list[str] = Field(default_factory=list, max_length=4)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)  # llama.cpp: any number; as /infill
     stream: bool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -152,7 +153,7 @@ class LlamaCompletionBody(LlamaBody):
                 raise InputError(400, "grammar", "give grammar or json_schema, not both")
             body["structured_outputs"] = {"grammar": self.grammar}
         try:
-            return CompletionRequest.model_validate(body)
+            return CompletionRequest.model_validate(body, context={"max_stops": MAX_STOP_STRINGS})
         except ValidationError as exc:
             error = exc.errors(include_url=False, include_input=False)[0]
             raise InputError(400, llama_field(validation_field(tuple(error["loc"]))), validation_message(error)) from None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,21 @@ def test_logit_bias_in_llama_cpps_form(http):
         banned_text = http.post("/completion", json={"prompt": "y", "n_predict": 4, "temperature": 0, "n_probs": 1,
                                                      "logit_bias": by_text}).json()
         assert all(p["id"] != x for p in banned_text["completion_probabilities"]), by_text
+
+
+def test_stop_takes_as_many_strings_as_infill():
+    """llama.cpp's /completion has no limit on `stop` and Continue's llama.cpp provider sends its whole list:
+    /completion takes as many as /infill (MAX_STOP_STRINGS), not OpenAI's 4, and names the limit past it."""
+    from integrations.editor.protocol import MAX_STOP_STRINGS
+    from integrations.llama_completion import LlamaCompletionBody
+    from integrations.request_limits import InputError
+
+    continues = ["\n\n", "```", "<|endoftext|>", "/src/", "#- coding: utf-8"]
+    assert LlamaCompletionBody.model_validate({"prompt": "x", "stop": continues}).openai_body().stop == continues
+    most = [f"s{i}" for i in range(MAX_STOP_STRINGS)]
+    assert LlamaCompletionBody.model_validate({"prompt": "x", "stop": most}).openai_body().stop == most
+    with pytest.raises((InputError, ValidationError), match=f"at most {MAX_STOP_STRINGS}"):
+        LlamaCompletionBody.model_validate({"prompt": "x", "stop": most + ["one more"]}).openai_body()
 
 
 def test_a_token_listed_twice_in_logit_bias_gets_the_sum_of_its_biases():
