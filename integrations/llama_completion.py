@@ -88,12 +88,23 @@ def completion_defaults() -> dict:
 class LlamaCompletionBody(LlamaBody):
     """POST /completion (module docstring)."""
 
-    prompt: str | list[int]
+    prompt: str | list[int]  # one prompt (_one_prompt)
     n_predict: int = Field(-1, ge=-1)
     temperature: float = Field(0.8, ge=0, le=2)
     top_k: int = 40  # <= 0: off, as llama.cpp (its README's -1 included)
     top_p: float = Field(0.95, ge=1e-6, le=1)
     min_p: float = Field(0.05, ge=0, le=1)
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_prompt(cls, value, handler):
+        """llama.cpp also takes a prompt mixing strings and token ids, and a list of prompts; here a prompt
+        is one string or one list of token ids, and the 400 says so and what to send (pydantic's was "Input
+        should be a valid string")."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(_prompt_form_error(value)) from None
 
     @field_validator("top_k")
     @classmethod
@@ -196,6 +207,19 @@ def _openai_bias(bias, tokenizer=None) -> dict[str, float]:
         raise InputError(400, "logit_bias", f"biases {len(biased):,} tokens (each text counts the tokens it encodes "
                                             f"to); at most {MAX_LOGIT_BIAS_TOKENS} tokens may be biased")
     return biased
+
+
+def _prompt_form_error(prompt) -> str:
+    """Why `prompt` is not one of /completion's two forms, and what to send instead."""
+    taken = "one string or one list of token ids (integers)"
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return (f"is a list of strings (llama.cpp's several prompts); a prompt here is {taken}: send one prompt "
+                f"per request, or the list to /v1/completions, which takes a batch")
+    if isinstance(prompt, list) and any(isinstance(p, str) for p in prompt):
+        return (f"mixes strings and token ids (llama.cpp's mixed prompt), which this server does not take; a prompt "
+                f"here is {taken}: send the text as one string, or tokenize the strings (POST /tokenize) and send "
+                f"one list of ids")
+    return f"must be {taken}"
 
 
 # An object key llama.cpp reads as a token id (strtol to its end: C's blanks and a sign before the digits;

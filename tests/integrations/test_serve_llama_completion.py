@@ -125,6 +125,24 @@ def test_stop_takes_as_many_strings_as_infill():
         LlamaCompletionBody.model_validate({"prompt": "x", "stop": most + ["one more"]}).openai_body()
 
 
+@pytest.mark.parametrize("prompt, says", [
+    ([261, 320, "return", 275], "mixes strings and token ids"),  # llama.cpp's mixed prompt
+    (["abc", "def"], "a list of strings"),  # llama.cpp's several prompts
+    ({"x": 1}, "must be one string"),
+    ([1.5], "must be one string"),
+])
+def test_a_prompt_in_another_form_says_which_forms_are_taken(prompt, says):
+    """A prompt is one string or one list of token ids here (llama.cpp also mixes them, or sends several):
+    the 400 names those forms and what to send instead (it was pydantic's "Input should be a valid string")."""
+    from integrations.llama_completion import LlamaCompletionBody
+
+    with pytest.raises(ValidationError) as err:
+        LlamaCompletionBody.model_validate({"prompt": prompt})
+    [error] = err.value.errors()
+    assert error["loc"] == ("prompt",) and says in error["msg"], error
+    assert "one string or one list of token ids" in error["msg"] and "Input should be" not in error["msg"]
+
+
 def test_a_token_listed_twice_in_logit_bias_gets_the_sum_of_its_biases():
     from integrations.llama_completion import LlamaCompletionBody
     from integrations.request_limits import InputError
