@@ -21,7 +21,7 @@ from typing import Annotated, Any, AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
-from decoding.params import MAX_LOGIT_BIAS_TOKENS
+from decoding.params import MAX_LOGIT_BIAS_TOKENS, MIN_TOP_P
 from integrations.editor.protocol import MAX_STOP_STRINGS
 from integrations.validation_errors import validation_field, validation_message
 from integrations.openai_models import CompletionRequest
@@ -60,6 +60,20 @@ class LlamaBody(BaseModel):
     def _null_is_not_given(cls, data):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
+    @field_validator("temperature", check_fields=False)
+    @classmethod
+    def _greedy_at_or_below_zero(cls, value: float) -> float:
+        """llama.cpp samples greedily at a temperature <= 0 (a negative one is greedy too: its sampling
+        code's "temp < 0.0 -> probs"); 0 is this server's greedy."""
+        return max(value, 0.0)
+
+    @field_validator("top_p", check_fields=False)
+    @classmethod
+    def _one_token_at_zero(cls, value: float) -> float:
+        """llama.cpp's top_p 0 keeps its one min_keep token (greedy); the decoders' least top_p,
+        decoding.params.MIN_TOP_P, keeps one token too."""
+        return max(value, MIN_TOP_P)
+
 
 def llama_timings(prompt_n: int, cached: int, prompt_ms: float, predicted_n: int, predicted_ms: float) -> dict:
     """llama.cpp's `timings` of a result: prompt_n counts the prompt tokens processed (`cached` ones the
@@ -90,9 +104,9 @@ class LlamaCompletionBody(LlamaBody):
 
     prompt: str | list[int]  # one prompt (_one_prompt)
     n_predict: int = Field(-1, ge=-1)
-    temperature: float = Field(0.8, ge=0, le=2)
+    temperature: float = Field(0.8, le=2)  # <= 0: greedy (LlamaBody)
     top_k: int = 40  # <= 0: off, as llama.cpp (its README's -1 included)
-    top_p: float = Field(0.95, ge=1e-6, le=1)
+    top_p: float = Field(0.95, ge=0, le=1)  # 0: one token (LlamaBody)
     min_p: float = Field(0.05, ge=0, le=1)
 
     @field_validator("prompt", mode="wrap")

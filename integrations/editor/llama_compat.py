@@ -56,11 +56,11 @@ class InfillBody(LlamaBody):
     n_indent: int = Field(0, ge=0, le=MAX_INDENT)
     stream: bool = False
     # llama.cpp's README defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, seed -1 (random).
-    temperature: float = Field(0.8, ge=0, le=2)
+    temperature: float = Field(0.8, le=2)  # <= 0: greedy (LlamaBody)
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 (llama.cpp's default): a random seed")
     n_cmpl: int = Field(1, ge=1, le=4)
     top_k: int = Field(40, le=MAX_TOP_K)  # <= 0: off, as llama.cpp (its README's -1 included)
-    top_p: float = Field(0.95, ge=1e-6, le=1)
+    top_p: float = Field(0.95, ge=0, le=1)  # 0: one token (LlamaBody)
     min_p: float = Field(0.05, ge=0, le=1)  # 0: off
     return_tokens: bool = False  # `tokens` holds the generated ids of `content` (always when streaming; _result)
     response_fields: list[str] | None = None

@@ -309,6 +309,27 @@ async def test_tokenize_with_pieces_and_parse_special_as_llama_cpp_documents(htt
     assert nulls.status_code == 200 and nulls.json()["tokens"] == parsed, nulls.text
 
 
+@pytest.mark.parametrize("sampling", [{"temperature": -1.0}, {"temperature": -0.5, "top_p": 0.0}, {"top_p": 0}])
+async def test_llama_cpps_greedy_spellings_are_taken(http, fake_client, sampling):  # noqa: F811
+    """llama.cpp samples greedily at a temperature <= 0 (a negative one too) and keeps one token at top_p 0;
+    here they were 400s (temperature >= 0, top_p >= 1e-06). Now: greedy (temperature 0) and the decoders'
+    least top_p, which keeps one token, on /infill and /completion alike."""
+    from decoding.params import MIN_TOP_P
+    from integrations.llama_completion import LlamaCompletionBody
+
+    response = await http.post("/infill", json=llama_vscode_request(**sampling))
+    assert response.status_code == 200, response.text
+    sent = llama_vscode_request(**sampling)
+    want = (0.0 if "temperature" in sampling else 0.8), (MIN_TOP_P if "top_p" in sampling else sent["top_p"])
+    assert fake_client.requests and all((r.params["temperature"], r.params["top_p"]) == want
+                                        for r in fake_client.requests), [r.params for r in fake_client.requests]
+    openai = LlamaCompletionBody.model_validate({"prompt": "x", **sampling}).openai_body()
+    assert (openai.temperature, openai.top_p) == (want[0], MIN_TOP_P if "top_p" in sampling else 0.95)
+    for refused in ({"temperature": 2.5}, {"top_p": -0.1}, {"top_p": 1.5}):  # still out of range
+        bad = await http.post("/infill", json=llama_vscode_request(**refused))
+        assert bad.status_code == 400 and f"'{next(iter(refused))}'" in bad.json()["error"]["message"], bad.text
+
+
 async def test_infill_returns_llama_cpp_fields(http, fake_client):  # noqa: F811
     fake_client.script = {32: "result = 2 * r\n    return result\n"}
     data = (await http.post("/infill", json=llama_vscode_request(return_tokens=True, top_k=5, top_p=0.5))).json()
