@@ -34,3 +34,21 @@ def test_only_missing_fields_are_listed_as_required_beside_another_fault():
     """The first fault a wrong type: the other missing field is listed, not the other wrong one."""
     assert answer(MessagesRequest, {"model": 5, "max_tokens": "many"}, "/v1/messages") == (
         "model", "model: Input should be a valid string (also required: messages)")
+
+
+def test_a_clients_key_never_becomes_a_pattern(monkeypatch):
+    """The item check compiled a regex from the first error's field, the client's own key: a 1 MB unknown
+    key took seconds on the event loop (every route waited) and kept ~20 MB in re's cache per distinct key
+    (helper-250). No pattern is built from a key now; the item of a union field is still the one named."""
+    import re
+
+    built = []
+    real = re.compile
+    monkeypatch.setattr(re, "compile", lambda pattern, *a, **k: built.append(pattern) or real(pattern, *a, **k))
+    key = "k" * 100_000
+    field, message = answer(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], key: 1},
+                            "/v1/chat/completions")
+    assert field == key and message.startswith("k" * 79 + "…: Extra inputs are not permitted"), message[:200]
+    assert not [p for p in built if key in str(p)]
+    assert answer(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], "stop": [None]},
+                  "/v1/chat/completions")[0] == "stop.0"  # the union's item, as before
