@@ -4,7 +4,8 @@
                              the route runs (by Content-Length, or counted as it arrives); a body that
                              stops arriving for body_timeout_s is answered 408
     parse_json_object(raw)   the body as a JSON object; not UTF-8, not JSON, NaN/Infinity, nested deeper
-                             than MAX_JSON_DEPTH, an array longer than the context, or a lone UTF-16
+                             than MAX_JSON_DEPTH, an array longer than the context, an object of more
+                             than MAX_OBJECT_KEYS keys, or a lone UTF-16
                              surrogate in a string (which no tokenizer or JSON encoder accepts) -> InputError
                              naming the field
     read_json_object(req)    both for a Starlette request, with the app's limits (integrations/request_limits.py)
@@ -18,7 +19,7 @@ import math
 import time
 from typing import Any
 
-from integrations.request_limits import (DEFAULT_BODY_TIMEOUT_S, DISCARD_UP_TO_BYTES, MAX_JSON_DEPTH,
+from integrations.request_limits import (DEFAULT_BODY_TIMEOUT_S, DISCARD_UP_TO_BYTES, MAX_JSON_DEPTH, MAX_OBJECT_KEYS,
                                          TRIM_AFTER_BODY_BYTES, InputError, trim_heap)
 
 
@@ -235,8 +236,8 @@ def _json_kind(value) -> str:
 
 def check_json_tree(data: dict, max_array_items: int | None = None) -> None:
     """Iteratively (no recursion to exhaust): nesting depth (at most MAX_JSON_DEPTH levels, `data` being
-    the first), strings or keys that are not valid Unicode (a lone surrogate) and arrays longer than
-    max_array_items. Raises InputError(400) whose field is the dotted path to the fault
+    the first), strings or keys that are not valid Unicode (a lone surrogate), arrays longer than
+    max_array_items and objects of more than MAX_OBJECT_KEYS keys. Raises InputError(400) whose field is the dotted path to the fault
     ("messages.0.content")."""
     stack: list[tuple[Any, tuple, int]] = [(data, (), 1)]
     while stack:
@@ -257,6 +258,9 @@ def check_json_tree(data: dict, max_array_items: int | None = None) -> None:
             if dict in kinds or list in kinds:
                 stack.extend((value, path + (i,), depth + 1) for i, value in enumerate(node) if type(value) in (dict, list))
             continue
+        if len(node) > MAX_OBJECT_KEYS:
+            raise InputError(400, _dotted(path), f"holds {len(node):,} keys; an object may hold at most "
+                                                 f"{MAX_OBJECT_KEYS:,}: send only the fields the route takes")
         for key, value in node.items():
             if isinstance(key, str):
                 _check_text(key, path + (key,))

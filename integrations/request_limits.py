@@ -32,6 +32,10 @@ MiB = 1 << 20
 DEFAULT_MAX_BODY_BYTES = 8 * MiB  # a 128K-token prompt is ~0.5 MB of text or ~0.9 MB of token ids
 PROMPT_CHARS_PER_CONTEXT_TOKEN = 8  # default max_prompt_chars = 8 x context; BPE averages 3-4 chars/token
 MAX_JSON_DEPTH = 64  # nested arrays/objects; tool schemas need ~20
+# Keys of one JSON object: every field of a route, a 300-token logit_bias and a tool schema's properties fit
+# many times over. Each unknown key is one pydantic error built and worded on the event loop: 300k of them
+# (a 5 MB body) held every route ~3 s (helper-250).
+MAX_OBJECT_KEYS = 4096
 # Sampling bounds are the engine's own (decoding.params, workers.batch), checked here too so the HTTP
 # layer answers 400 naming the field before a request reaches the engine.
 MAX_SEED = SEED_MAX  # signed 64-bit: the device hashes (seed, step, position) in int64
