@@ -41,15 +41,18 @@ def hf_forward(model, cache: DynamicCache, tokens: list[int], positions: list[in
     `cache`; float32 logits [len, V]."""
     position_ids = None if positions is None else torch.tensor([positions])
     out = model(input_ids=torch.tensor([tokens]), position_ids=position_ids, use_cache=True,
-                **{_cache_keyword(type(model)): cache})
+                **{_cache_keyword(): cache})
     return out.logits[0].float()
 
 
 @functools.cache
-def _cache_keyword(model_class) -> str:
-    """The forward's keyword for its KV cache: `cache` where the installed transformers has it (5.25 has it,
-    and warns that `past_key_values` goes in 5.40), else `past_key_values` (pyproject allows >= 4.51)."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+def _cache_keyword() -> str:
+    """Qwen3ForCausalLM.forward's keyword for its KV cache (the oracle's models are all Qwen3; a caller may
+    wrap one, as bench/gpu_check_baselines.py does): `cache` where the installed transformers has it (5.25
+    has it, and warns that `past_key_values` goes in 5.40), else `past_key_values` (pyproject allows >= 4.51)."""
+    from transformers import Qwen3ForCausalLM
+
+    return "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
 
 
 def _append_kv(cache: DynamicCache, source: DynamicCache, start: int, length: int) -> None:
