@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -181,11 +182,23 @@ def _local_ray_problem(args: argparse.Namespace, file: ConfigFile, resources: di
              f"--config {args.config}" if args.config else "the default settings")
     if problem := room_problem(starting_demand(config, file.deployments), resources, where):
         return problem
-    device = str((config.get("runner") or {}).get("device") or "")
-    if device.startswith("cuda") and resources.get("GPU", 0) < 1:  # (each replica failed)
-        return (f"{f'--config {args.config}: ' if args.config else ''}runner.device: {device}, "
-                "but this machine has no GPU that Ray sees; set cpu, or leave it unset (CUDA when there is "
-                "one)")
+    runner = config.get("runner") or {}
+    place = f"--config {args.config}: {file.args_path}runner" if args.config else "runner"
+    device, no_gpu = str(runner.get("device") or ""), resources.get("GPU", 0) < 1
+    if device.startswith("cuda") and no_gpu:  # (each replica failed)
+        return (f"{place}.device: {device}, but this machine has no GPU that Ray sees; set cpu, or leave it unset "
+                "(CUDA when there is one)")
+    if device or not no_gpu:  # (device cpu with CUDA graphs: refused when the config was read)
+        return None
+    # no device and no GPU: the replicas run on the CPU (ModelRunner's default), where these fail each one
+    if runner.get("cuda_graphs") not in (None, False):
+        return (f"{place}.cuda_graphs: needs a CUDA device, and this machine has no GPU that Ray sees, so the "
+                "replicas run on the CPU: remove cuda_graphs (or set it false)")
+    env = {**os.environ, **((file.runtime_env or {}).get("env_vars") or {})}  # what a local Ray's replicas get
+    if runner.get("attention") == "paged" and str(env.get("TRITON_INTERPRET", "")).lower() not in ("1", "true", "on"):
+        return (f"{place}.attention: 'paged' runs on CUDA, and this machine has no GPU that Ray sees, so the "
+                "replicas run on the CPU, where it needs Triton's interpreter (TRITON_INTERPRET=1 in "
+                "runtime_env.env_vars): use attention 'sdpa'")
     return None
 
 

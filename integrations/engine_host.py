@@ -28,13 +28,15 @@ RUNNER_OPTIONS = ("dtype", "device", "block_size", "num_blocks", "kv_memory_byte
 
 RUNNER_DTYPES = ("float32", "bfloat16", "float16")  # workers.runner_options.DTYPES's names (no torch import here)
 RUNNER_ATTENTION = ("sdpa", "flex", "paged")  # workers.runner_options.ATTENTION's names (the same test pins both)
+RUNNER_DEVICES = ("cpu", "cuda")  # the device types workers.runner_options.device_and_dtype takes
 
 
 def check_runner_options(options: dict) -> None:
-    """Raises ValueError naming the first key of `options` that ModelRunner does not take, or a `dtype` or
-    `attention` it does not know (checked here so that a bad config fails before any replica starts;
-    whether a known backend can run on the replicas' device is the runner's check: this machine may
-    have no GPU)."""
+    """Raises ValueError naming the first key of `options` that ModelRunner does not take, or a `dtype`,
+    `attention` or `device` it does not know, or CUDA graphs with device cpu (checked here so that a bad
+    config fails before any replica starts; whether a known backend can run on the replicas' device when
+    the config leaves the device to them is for whoever knows the cluster: this machine may have no GPU,
+    cli_serve._local_ray_problem for a local Ray; kv_memory_bytes against the model, check_kv_budget)."""
     unknown = sorted(set(options) - set(RUNNER_OPTIONS))
     if unknown:
         raise ValueError(f"runner.{unknown[0]}: unknown setting; known: {', '.join(RUNNER_OPTIONS)}")
@@ -50,10 +52,18 @@ def check_runner_options(options: dict) -> None:
             raise ValueError(f"runner.{name}: expected a positive integer, got {value!r}")
     block_size = options.get("block_size") or DEFAULT_BLOCK_SIZE
     device = options.get("device")
+    if isinstance(device, str) and not runner_device(device):  # (torch's RuntimeError in each replica, or worse)
+        raise ValueError(f"runner.device: {device!r} is not a device the runner runs on; use cpu, cuda or cuda:N "
+                         "(the Nth GPU), or leave it unset: cuda where the replica has a GPU, else cpu")
     on_cpu = isinstance(device, str) and device.split(":")[0] == "cpu"  # ("cpu:0" too, as torch.device reads it)
+    if on_cpu and options.get("cuda_graphs") not in (None, False):
+        raise ValueError(f"runner.cuda_graphs: needs a CUDA device; runner.device is {device}: remove cuda_graphs "
+                         "(or set it false), or run on cuda")
     if attention == "flex" and not on_cpu and not flex_tileable(block_size):  # (else in each replica)
         raise ValueError(f"runner.block_size: {block_size} with attention 'flex' (compiled on CUDA, which tiles the "
                          f"KV block) must be {FLEX_BLOCK_SIZES}: change it, or use attention 'sdpa' or 'paged'")
+    if options.get("num_blocks") is not None and options.get("kv_memory_bytes") is not None:
+        raise ValueError("runner.kv_memory_bytes: give num_blocks or kv_memory_bytes, not both")
     least = min_kv_blocks(block_size)
     if options.get("num_blocks") is not None and options["num_blocks"] < least:
         raise ValueError(f"runner.num_blocks: the KV cache needs at least {least} blocks of {block_size} "
@@ -63,6 +73,37 @@ def check_runner_options(options: dict) -> None:
         value = options.get(name)
         if value is not None and not isinstance(value, kinds):
             raise ValueError(f"runner.{name}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+
+
+def runner_device(device: str) -> bool:
+    """Whether `device` names a device the runner runs on: a RUNNER_DEVICES type, with an index or not
+    ("cuda:1", "cpu:0"), as torch.device reads it."""
+    kind, colon, index = device.partition(":")
+    return kind in RUNNER_DEVICES and (not colon or index.isdigit())
+
+
+def check_kv_budget(options: dict, model_dir: str | Path) -> None:
+    """Raises ValueError when `options`' kv_memory_bytes holds fewer KV blocks of the model at
+    `model_dir` (its config.json: layers, KV heads, head size) than the start-up warm-up needs
+    (min_kv_blocks), which build_engine would find in every replica. The dtype is the options' own, else
+    float32 with device cpu, else bfloat16 (the smallest, where the replica's device decides)."""
+    import torch
+
+    from workers.kv_cache import bytes_per_block
+    from workers.loader import read_config
+
+    budget = options.get("kv_memory_bytes")
+    if budget is None:
+        return
+    block_size = options.get("block_size") or DEFAULT_BLOCK_SIZE
+    device = str(options.get("device") or "")
+    dtype = (options.get("dtype") or "").removeprefix("torch.") or ("float32" if device.startswith("cpu") else "bfloat16")
+    per_block = bytes_per_block(read_config(Path(model_dir)), block_size, getattr(torch, dtype))
+    blocks = min_kv_blocks(block_size)
+    if budget < blocks * per_block:
+        raise ValueError(f"runner.kv_memory_bytes: {budget} bytes hold fewer than the {blocks} KV blocks of "
+                         f"{block_size} tokens the start-up warm-up requests need ({per_block} bytes each for this "
+                         f"model in {dtype}): give at least {blocks * per_block}, or leave it unset")
 
 
 def build_engine(model_dir: str | Path, runner_options: dict | None = None, engine_options: dict | None = None):

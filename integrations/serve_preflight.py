@@ -1,7 +1,7 @@
 """What `refusion serve` checks before anything starts, so that a wrong flag or key fails in seconds with
 one line naming it: the flags and config file merged and validated, the model directory and its decode
-defaults, the port a local Ray's proxy will bind or the cluster address to join, and whether a local
-Ray has room for the replicas at start."""
+defaults, the runner's KV budget against the model, the port a local Ray's proxy will bind or the
+cluster address to join, and whether a local Ray has room for the replicas at start."""
 
 from __future__ import annotations
 
@@ -136,8 +136,8 @@ def _setting(args: argparse.Namespace, file, error: dict) -> tuple[str, str]:
     setting's own prefix ("model: ...") is moved into `where`."""
     key = ".".join(str(p) for p in error["loc"])
     message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix
-    if not key and ": " in message:  # a model validator naming its setting, "model: ... does not exist"
-        key, message = message.split(": ", 1)
+    if (not key or message.startswith(key + ".")) and ": " in message:  # a validator naming its setting: a model
+        key, message = message.split(": ", 1)  # validator's "model: ... does not exist", runner's "runner.dtype: ..."
     flag = next((flag for setting, (flag, dest) in SETTING_FLAGS.items()
                  if (key == setting or key.startswith(setting + ".")) and getattr(args, dest, None) is not None), None)
     if flag:
@@ -149,11 +149,13 @@ def _setting(args: argparse.Namespace, file, error: dict) -> tuple[str, str]:
 
 def checked_setup(args: argparse.Namespace) -> ConfigFile | None:
     """The flags and config file merged and checked before anything starts: the settings, the
-    deployments' options, the model directory and its decode defaults, and the cluster address or the
-    local port. None, after one line per problem on stderr naming the flag or key, when one is wrong."""
+    deployments' options, the model directory, its decode defaults and the runner's KV budget
+    (engine_host.check_kv_budget), and the cluster address or the local port. None, after one line per
+    problem on stderr naming the flag or key, when one is wrong."""
     from pydantic import ValidationError
 
     from decoding.params import DecodeParamError, DecodeParams, load_model_defaults
+    from integrations.engine_host import check_kv_budget
     from integrations.serve_app import application
     from integrations.serve_config import ServeConfig
     from workers.loader import ModelDirError, check_model_dir
@@ -175,15 +177,21 @@ def checked_setup(args: argparse.Namespace) -> ConfigFile | None:
         print(f"refusion serve: --config: applications[0].deployments: {exc}".splitlines()[0], file=sys.stderr)
         return None
     try:  # seconds here, where a broken directory failed each replica after a minute of tracebacks
-        model_dir = ServeConfig.model_validate(file.args).model
+        config = ServeConfig.model_validate(file.args)
+        model_dir = config.model
         check_model_dir(model_dir)
         DecodeParams.from_dict(load_model_defaults(model_dir))  # the decode defaults every request starts from
+        check_kv_budget(config.runner, model_dir)  # (a ValueError naming runner.kv_memory_bytes)
     except ModelDirError as exc:
         print(f"refusion serve: --model: {exc}", file=sys.stderr)
         return None
     except DecodeParamError as exc:
         print(f"refusion serve: --model: {Path(model_dir) / 'refusion.json'}: {str(exc).removeprefix('refusion.json: ')}",
               file=sys.stderr)
+        return None
+    except ValueError as exc:
+        where, message = _setting(args, file, {"loc": ("runner",), "msg": str(exc)})
+        print(f"refusion serve: {where}: {message}", file=sys.stderr)
         return None
     try:
         if args.address:

@@ -24,8 +24,14 @@ ATTENTION = {"sdpa": StepAttention, "flex": FlexStepAttention, "paged": PagedSte
 
 
 def device_and_dtype(device: str | None, dtype: torch.dtype | str | None) -> tuple[torch.device, torch.dtype]:
-    """Defaults: cuda when available, else cpu; bfloat16 on cuda, float32 on cpu. dtype may be a name."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Defaults: cuda when available, else cpu; bfloat16 on cuda, float32 on cpu. dtype may be a name. A
+    device other than cpu or cuda (whose name torch may not even know: "tpu") is a ValueError."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # torch's "Expected one of cpu, cuda, ... device type at start of device string"
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the runner runs on cpu or cuda (cuda:N for the Nth GPU)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use device='cpu'")
     if isinstance(dtype, str):

@@ -18,13 +18,14 @@ from integrations import cli_serve, serve_config_file
 from integrations.auth import APIKeyMiddleware
 from integrations.chat import PLAIN_STOP, render_chat
 from integrations.engine_client import EngineFailure, LocalEngineClient, ShuttingDownError, read_model_card
-from integrations.engine_host import EngineUnhealthyError, build_engine, one_token_probe
+from integrations.engine_host import EngineUnhealthyError, build_engine, min_kv_blocks, one_token_probe
 from integrations.http_errors import from_engine_error
 from integrations.openai_api import APISettings, create_app
 from integrations.openai_models import ChatCompletionRequest, CompletionRequest
 from integrations.openai_sampling import fitting_block_count, fitting_blocks
 from integrations.request_limits import RequestLimits
 from integrations.serve_config import ServeConfig
+from integrations.serve_preflight import checked_setup
 from integrations.validation_errors import validation_field
 from scheduler.api import Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError
 from scheduler.engine import EngineNotRunningError
@@ -545,6 +546,82 @@ def test_vllm_flags_merge_into_the_config_file(tiny_model_dir, tmp_path):
     for cpu in ("cpu", "cpu:0"):  # (eager flex on the CPU takes any block; "cpu:0" was refused, helper-219)
         assert ServeConfig(model=str(tiny_model_dir), runner={"attention": "flex", "block_size": 24, "device": cpu})
     assert ServeConfig(model=str(tiny_model_dir), runner={"attention": "flex", "block_size": 32})
+
+
+def test_runner_settings_no_replica_can_run_are_refused_before_ray_starts(tiny_model_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A runner device no replica runs on (`tpu`: torch's RuntimeError), CUDA graphs on the CPU (explicit
+    device cpu; or no device, and a local Ray with no GPU), paged attention on a CPU replica without
+    Triton's interpreter, a kv_memory_bytes below the warm-up's blocks (`10`: "holds no block"): each
+    passed the start-up checks and failed every engine replica three times after Ray started (helper-248).
+    Now one line naming the setting, before any replica (the device check on a remote cluster is its own)."""
+    for device in ("tpu", "mps", "cuda:x", "gpu"):
+        with pytest.raises(ValueError, match=f"runner.device: '{device}' is not a device the runner runs on; use cpu"):
+            ServeConfig(model=str(tiny_model_dir), runner={"device": device})
+    for device in ("cpu", "cpu:0", "cuda", "cuda:1"):
+        assert ServeConfig(model=str(tiny_model_dir), runner={"device": device})
+    from workers.runner_options import device_and_dtype
+
+    with pytest.raises(ValueError, match="device 'tpu': the runner runs on cpu or cuda"):  # (torch's RuntimeError)
+        device_and_dtype("tpu", None)
+    for graphs in (True, {}, {"max_graphs": 4}):
+        with pytest.raises(ValueError, match="runner.cuda_graphs: needs a CUDA device; runner.device is cpu"):
+            ServeConfig(model=str(tiny_model_dir), runner={"device": "cpu", "cuda_graphs": graphs})
+    assert ServeConfig(model=str(tiny_model_dir), runner={"device": "cpu", "cuda_graphs": False})
+    # no device: CUDA where the replica has a GPU, which only the cluster knows (a remote one is not refused)
+    assert ServeConfig(model=str(tiny_model_dir), runner={"cuda_graphs": True, "attention": "paged"})
+
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+
+    def local_problem(runner: dict, resources: dict, env_vars: dict | None = None) -> str | None:
+        path = tmp_path / "serve.yaml"
+        app = {"name": "refusion", "import_path": "integrations.serve_app:build_app",
+               "args": {"runner": runner}}
+        if env_vars:
+            app["runtime_env"] = {"env_vars": env_vars}
+        path.write_text(json.dumps({"applications": [app]}))
+        args = parser.parse_args(["--config", str(path)])
+        return cli_serve._local_ray_problem(args, cli_serve.merged_config(args), resources)
+
+    where = f"--config {tmp_path / 'serve.yaml'}: applications[0].args.runner"
+    graphs = local_problem({"cuda_graphs": True}, {"CPU": 8.0})
+    assert graphs.startswith(f"{where}.cuda_graphs: needs a CUDA device, and this machine has no GPU that Ray "
+                             "sees"), graphs
+    assert local_problem({"cuda_graphs": {"max_graphs": 2}}, {"CPU": 8.0}).startswith(f"{where}.cuda_graphs:")
+    assert local_problem({"cuda_graphs": True}, {"CPU": 8.0, "GPU": 1.0}) is None
+    assert local_problem({"cuda_graphs": False}, {"CPU": 8.0}) is None
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (tests/conftest.py sets it: a local Ray's replicas get it)
+    paged = local_problem({"attention": "paged"}, {"CPU": 8.0})
+    assert paged.startswith(f"{where}.attention: 'paged' runs on CUDA") and "TRITON_INTERPRET=1" in paged, paged
+    assert local_problem({"attention": "paged"}, {"CPU": 8.0}, {"TRITON_INTERPRET": "1"}) is None
+    assert local_problem({"attention": "paged"}, {"CPU": 8.0, "GPU": 1.0}) is None
+    assert local_problem({"device": "cuda"}, {"CPU": 8.0}).startswith(f"{where}.device: cuda, but this machine")
+    assert "\n" not in graphs + paged
+
+    # the KV budget against the model's config.json: before Ray starts (checked_setup), exit 2
+    import torch
+    from ports import free_port
+
+    from workers.kv_cache import bytes_per_block
+    from workers.loader import read_config
+
+    least_blocks = min_kv_blocks(16)
+    per_block = bytes_per_block(read_config(Path(tiny_model_dir)), 16, torch.bfloat16)  # (no dtype: CUDA's, the least)
+    for budget in (10, least_blocks * per_block - 1):
+        path = tmp_path / "kv.yaml"
+        path.write_text(f"model: {tiny_model_dir}\nrunner: {{kv_memory_bytes: {budget}}}\n")
+        assert checked_setup(parser.parse_args(["--config", str(path), "--port", str(free_port())])) is None
+        said = capsys.readouterr().err
+        assert said.startswith(f"refusion serve: --config {path}: runner.kv_memory_bytes: {budget} bytes hold "
+                               f"fewer than the {least_blocks} KV blocks"), said
+        assert f"give at least {least_blocks * per_block}" in said and said.count("\n") == 1, said
+    path.write_text(f"model: {tiny_model_dir}\nrunner: {{kv_memory_bytes: {least_blocks * per_block}, "
+                    f"dtype: float32}}\n")  # float32's blocks are twice as large
+    assert checked_setup(parser.parse_args(["--config", str(path), "--port", str(free_port())])) is None
+    assert f"give at least {2 * least_blocks * per_block}" in capsys.readouterr().err
+    path.write_text(f"model: {tiny_model_dir}\nrunner: {{kv_memory_bytes: {least_blocks * per_block}}}\n")
+    assert checked_setup(parser.parse_args(["--config", str(path), "--port", str(free_port())])) is not None
 
 
 def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
