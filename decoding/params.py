@@ -27,6 +27,9 @@ AR_ONLY_PARAMS = ("presence_penalty", "frequency_penalty", "logit_bias", "ignore
 # The model's own token ids (config.json, the tokenizer): a refusion.json may not set them, the engine
 # decodes with the model's whatever the file says
 MODEL_TOKEN_IDS = ("eos_token_id", "mask_token_id", "end_token_ids")
+# Settings of one request, never a model's default: a request without `seed` samples with a fresh one
+# (scheduler.validation.with_seed, as OpenAI's), and log probabilities go only to the requests that ask
+PER_REQUEST_PARAMS = ("seed", "logprobs", "prompt_logprobs")
 
 SERVING_DEFAULTS: dict = {
     "gen_length": 128,
@@ -236,9 +239,10 @@ def load_model_defaults(model_dir: str | Path) -> dict:
 
     SERVING_DEFAULTS, overridden by `refusion.json` when present, plus eos_token_id and mask_token_id
     from `config.json` when it names them. Raises DecodeParamError("refusion.json", ...) for an
-    unreadable or ill-formed file, an unknown key, a model token id (MODEL_TOKEN_IDS), or a non-zero
-    AR-only setting (AR_ONLY_PARAMS);
-    values themselves are checked when DecodeParams is built.
+    unreadable or ill-formed file, an unknown key, a model token id (MODEL_TOKEN_IDS), a per-request
+    setting (PER_REQUEST_PARAMS) or a non-zero AR-only setting (AR_ONLY_PARAMS): each would be taken and
+    have no effect. An unknown key's message offers model_default_keys(). Values themselves are checked
+    when DecodeParams is built.
     """
     model_dir = Path(model_dir)
     defaults = dict(SERVING_DEFAULTS)
@@ -258,18 +262,31 @@ def load_model_defaults(model_dir: str | Path) -> dict:
         known = {f.name for f in fields(DecodeParams)}
         for key in overrides:
             if key not in known:
-                raise DecodeParamError("refusion.json", f"unknown key {key!r} in {path}; use one of {sorted(known)}")
+                raise DecodeParamError("refusion.json", f"unknown key {key!r} in {path}; use one of "
+                                       f"{', '.join(model_default_keys())}")
             if key in MODEL_TOKEN_IDS:  # (accepted, and without effect)
                 source = {"mask_token_id": "config.json or its tokenizer's <|mask|>",
                           "end_token_ids": "config.json's and generation_config.json's eos_token_id and the "
                                            "tokenizer's eos_token"}.get(key, "config.json")
                 raise DecodeParamError("refusion.json", f"{key!r} in {path} is not a decode setting: the model's "
                                        f"{key} comes from its {source}; remove it")
+            if key in PER_REQUEST_PARAMS:  # (accepted, and without effect, as the token ids)
+                why = ("a request without a seed samples with a fresh one" if key == "seed" else
+                       "log probabilities go only to the requests that ask for them")
+                raise DecodeParamError("refusion.json", f"{key!r} in {path} is set per request, not as a model "
+                                       f"default ({why}): remove it and send it with the requests that want it")
             if key in AR_ONLY_PARAMS and overrides[key]:  # ReFusion would drop it, AR apply it: not a default
                 raise DecodeParamError("refusion.json", f"{key!r} in {path} shapes autoregressive decoding only, so it "
                                        "cannot be a model default: remove it and send it with the requests that want it")
         defaults.update(overrides)
     return defaults
+
+
+def model_default_keys() -> list[str]:
+    """The DecodeParams fields a refusion.json may set, in their order: each a default with an effect (not
+    a model token id, a per-request setting nor an AR-only one)."""
+    refused = set(MODEL_TOKEN_IDS) | set(PER_REQUEST_PARAMS) | set(AR_ONLY_PARAMS)
+    return [f.name for f in fields(DecodeParams) if f.name not in refused]
 
 
 def _read_json_object(path: Path) -> dict:

@@ -95,6 +95,37 @@ def test_refusion_json_may_not_set_the_models_token_ids(tmp_path, key, source):
         f"{source}; remove it")
 
 
+@pytest.mark.parametrize("key, value", [("seed", 5), ("seed", 0), ("logprobs", 3), ("prompt_logprobs", 0)])
+def test_refusion_json_may_not_set_per_request_settings(tmp_path, key, value):
+    """A seed was accepted and replaced by a fresh one on each request (scheduler.validation.with_seed; the
+    model card dropped it), logprobs and prompt_logprobs reach only the requests that ask for them: each
+    was accepted and without effect (helper-248). Refused as the token ids are, in one line."""
+    (tmp_path / "refusion.json").write_text(json.dumps({key: value}))
+    with pytest.raises(DecodeParamError) as info:
+        load_model_defaults(tmp_path)
+    said = str(info.value)
+    assert info.value.field == "refusion.json" and f"'{key}' in {tmp_path / 'refusion.json'} is set per request" in said
+    assert "remove it and send it with the requests that want it" in said and "\n" not in said, said
+
+
+def test_the_keys_an_unknown_key_message_offers_are_the_ones_refusion_json_takes(tmp_path):
+    """The unknown-key message listed every DecodeParams field, eos_token_id, presence_penalty and seed
+    among them, which the file then refuses (or takes and ignores); it lists the settings a model
+    default has an effect with, and each of them is taken."""
+    (tmp_path / "refusion.json").write_text(json.dumps({"gen_lenght": 3}))
+    with pytest.raises(DecodeParamError) as info:
+        load_model_defaults(tmp_path)
+    offered = str(info.value).split("use one of ")[1]
+    assert offered.startswith("gen_length, slot_size"), offered
+    names = offered.split(", ")
+    for refused in ("eos_token_id", "mask_token_id", "end_token_ids", "presence_penalty", "logit_bias", "ignore_eos",
+                    "seed", "logprobs", "prompt_logprobs"):
+        assert refused not in names, offered
+    for name in names:
+        (tmp_path / "refusion.json").write_text(json.dumps({name: SERVING_DEFAULTS[name]}))
+        assert load_model_defaults(tmp_path)[name] == SERVING_DEFAULTS[name]
+
+
 def test_refusion_json_may_state_ar_only_settings_at_their_off_value(tmp_path):
     (tmp_path / "refusion.json").write_text(json.dumps({"ignore_eos": False, "presence_penalty": 0.0}))
     assert load_model_defaults(tmp_path)["presence_penalty"] == 0.0
