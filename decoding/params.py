@@ -289,6 +289,22 @@ def model_default_keys() -> list[str]:
     return [f.name for f in fields(DecodeParams) if f.name not in refused]
 
 
+def model_default_params(model_dir: str | Path) -> DecodeParams:
+    """The model's decode defaults (load_model_defaults) built into DecodeParams, as every request starts
+    from them: a bad value in refusion.json (slot_size 0, gen_length "x") is refused when the model is
+    loaded, not by each request. Raises DecodeParamError whose field is the file at fault, as its path
+    (".../refusion.json"; config.json for the model's token ids), and whose message names the key
+    ("slot_size: must be >= 1, got 0")."""
+    model_dir = Path(model_dir)
+    try:
+        return DecodeParams.from_dict(load_model_defaults(model_dir))
+    except DecodeParamError as exc:
+        if exc.field in ("refusion.json", "config.json"):  # the file itself: unreadable, an unknown key
+            raise DecodeParamError(str(model_dir / exc.field), exc.message) from None
+        source = "config.json" if exc.field in MODEL_TOKEN_IDS else "refusion.json"
+        raise DecodeParamError(str(model_dir / source), str(exc)) from None
+
+
 def _read_json_object(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())

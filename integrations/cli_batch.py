@@ -151,11 +151,15 @@ async def run_batch(args, progress: Progress | None = None) -> Progress:
 
 
 def _checked_batch_flags(args) -> tuple[Path, dict]:
-    """(model directory, engine options) of the flags, every flag checked before the model loads and the
-    output file checked (batch_file.check_output); BatchArgumentError naming the flag."""
+    """(model directory, engine options) of the flags, every flag checked before the model loads (the
+    directory and its refusion.json defaults too) and the output file checked (batch_file.check_output);
+    BatchArgumentError naming the flag."""
+    from decoding.api import DecodeParamError
+    from decoding.params import model_default_params
     from integrations.engine_host import engine_config
     from integrations.serve_config import max_model_len_problem, served_names_problem
     from scheduler.config import EngineConfigError
+    from workers.loader import ModelDirError, check_model_dir
 
     if args.concurrency < 1:
         raise BatchArgumentError("--concurrency", f"must be at least 1, got {args.concurrency}")
@@ -166,6 +170,13 @@ def _checked_batch_flags(args) -> tuple[Path, dict]:
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     if not model_dir.is_dir():
         raise BatchArgumentError("--model", f"{model_dir} is not a model directory")
+    try:  # the directory, then the decode defaults every request starts from, as `refusion serve` checks them
+        check_model_dir(model_dir)  # (refusion.json's slot_size 0 was a ZeroDivisionError traceback per request)
+        model_default_params(model_dir)
+    except ModelDirError as exc:
+        raise BatchArgumentError("--model", f"{model_dir} cannot be loaded: {exc}") from None
+    except DecodeParamError as exc:
+        raise BatchArgumentError("--model", str(exc)) from None
     if args.device == "cuda":  # (the load's error was blamed on --model)
         import torch
 

@@ -9,7 +9,6 @@ import argparse
 import errno
 import socket
 import sys
-from pathlib import Path
 
 from integrations.serve_config_file import CLIError, ConfigFile, merged_config
 
@@ -154,7 +153,7 @@ def checked_setup(args: argparse.Namespace) -> ConfigFile | None:
     problem on stderr naming the flag or key, when one is wrong."""
     from pydantic import ValidationError
 
-    from decoding.params import DecodeParamError, DecodeParams, load_model_defaults
+    from decoding.params import DecodeParamError, model_default_params
     from integrations.engine_host import check_kv_budget
     from integrations.serve_app import application
     from integrations.serve_config import ServeConfig
@@ -180,14 +179,10 @@ def checked_setup(args: argparse.Namespace) -> ConfigFile | None:
         config = ServeConfig.model_validate(file.args)
         model_dir = config.model
         check_model_dir(model_dir)
-        DecodeParams.from_dict(load_model_defaults(model_dir))  # the decode defaults every request starts from
+        model_default_params(model_dir)  # the decode defaults every request starts from
         check_kv_budget(config.runner, model_dir)  # (a ValueError naming runner.kv_memory_bytes)
-    except ModelDirError as exc:
+    except (ModelDirError, DecodeParamError) as exc:
         print(f"refusion serve: --model: {exc}", file=sys.stderr)
-        return None
-    except DecodeParamError as exc:
-        print(f"refusion serve: --model: {Path(model_dir) / 'refusion.json'}: {str(exc).removeprefix('refusion.json: ')}",
-              file=sys.stderr)
         return None
     except ValueError as exc:
         where, message = _setting(args, file, {"loc": ("runner",), "msg": str(exc)})

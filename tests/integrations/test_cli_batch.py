@@ -249,6 +249,25 @@ def test_bad_flags_are_one_line_on_stderr(tmp_path, tiny_model_dir, flags, messa
     assert not (tmp_path / "o.jsonl").exists()  # a refused run leaves the output alone
 
 
+@pytest.mark.parametrize("defaults, said", [
+    ({"slot_size": 0}, "slot_size: must be >= 1, got 0"),  # (a ZeroDivisionError traceback, exit 1, no line out)
+    ({"gen_length": 0}, "gen_length: must be >= 1, got 0"),  # (these two were taken without a word)
+    ({"gen_length": "x"}, "gen_length: must be an integer, got 'x'"),
+])
+def test_a_bad_decode_default_in_the_model_directory_is_one_line_before_any_request(tmp_path, tiny_model_dir,
+                                                                                   defaults, said):
+    """refusion.json's values are checked as `refusion serve` and `refusion generate` check them at load
+    (decoding.params.model_default_params): one line naming the file and the key, exit 2, output untouched."""
+    import shutil
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    (model / "refusion.json").write_text(json.dumps(defaults))
+    code, results, stderr = _run_batch(tmp_path, model, [_line("a", "/v1/completions", {
+        "model": "model", "prompt": "x = 1", "max_tokens": 4})])
+    assert code == 2 and results == [] and not (tmp_path / "out.jsonl").exists(), stderr
+    assert stderr == f"refusion run-batch: error: --model: {model / 'refusion.json'}: {said}\n", stderr
+
+
 def test_bad_files_are_one_line_on_stderr_and_leave_the_output_alone(tmp_path, tiny_model_dir):
     source = tmp_path / "in.jsonl"
     source.write_text("")
