@@ -146,6 +146,14 @@ def _setting(args: argparse.Namespace, file, error: dict) -> tuple[str, str]:
     return key or "config", message
 
 
+def _model_source(args: argparse.Namespace, file: ConfigFile) -> str:
+    """Where the model directory came from, for its errors: --model, else the config file's `model:` (it
+    blamed --model, a flag not given), else --model, the flag that replaces the shipped model."""
+    if args.model is None and args.config and "model" in file.args:
+        return _setting(args, file, {"loc": ("model",), "msg": ""})[0]
+    return "--model"
+
+
 def checked_setup(args: argparse.Namespace) -> ConfigFile | None:
     """The flags and config file merged and checked before anything starts: the settings, the
     deployments' options, the model directory, its decode defaults and the runner's KV budget
@@ -182,7 +190,7 @@ def checked_setup(args: argparse.Namespace) -> ConfigFile | None:
         model_default_params(model_dir)  # the decode defaults every request starts from
         check_kv_budget(config.runner, model_dir)  # (a ValueError naming runner.kv_memory_bytes)
     except (ModelDirError, DecodeParamError) as exc:
-        print(f"refusion serve: --model: {exc}", file=sys.stderr)
+        print(f"refusion serve: {_model_source(args, file)}: {exc}", file=sys.stderr)
         return None
     except ValueError as exc:
         where, message = _setting(args, file, {"loc": ("runner",), "msg": str(exc)})

@@ -807,6 +807,33 @@ def test_a_broken_model_directory_is_one_line_before_ray_starts(tiny_model_dir, 
         assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
 
 
+def test_a_broken_model_directory_from_the_config_file_names_the_file(tiny_model_dir, tmp_path, capsys):
+    """A broken `model:` of the --config file was blamed on --model, a flag not given; it is named where
+    the file has it, as the file's other settings are (the flag, when given, is still named)."""
+    import shutil
+
+    from integrations.serve_preflight import checked_setup
+
+    broken = Path(shutil.copytree(tiny_model_dir, tmp_path / "broken"))
+    (broken / "config.json").write_text("{")
+    settings = Path(shutil.copytree(tiny_model_dir, tmp_path / "settings"))
+    (settings / "refusion.json").write_text('{"slot_size": 0}')
+    bare, served = tmp_path / "bare.yaml", tmp_path / "serve.yaml"
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    for model, said in ((broken, f"{broken / 'config.json'}: not valid JSON"),
+                        (settings, f"{settings / 'refusion.json'}: slot_size: must be >= 1, got 0")):
+        bare.write_text(f"model: {model}\n")
+        served.write_text("applications:\n- name: refusion\n  import_path: integrations.serve_app:build_app\n"
+                          f"  args:\n    model: {model}\n")
+        for argv, where in ((["--config", str(bare)], f"--config {bare}: model"),
+                            (["--config", str(served)], f"--config {served}: applications[0].args.model"),
+                            (["--config", str(served), "--model", str(model)], "--model")):
+            assert checked_setup(parser.parse_args([*argv, "--port", "1"])) is None
+            err = capsys.readouterr().err
+            assert err.startswith(f"refusion serve: {where}: {said}") and err.count("\n") == 1, err
+
+
 def test_an_unreadable_model_directory_is_one_line_before_ray_starts(tiny_model_dir, tmp_path):
     """A directory the user may not read (chmod 000) was a PermissionError traceback from the config check."""
     import shutil
