@@ -108,7 +108,11 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    args.address_from = address_from_env(args)
+    try:
+        args.address_from = address_from_env(args)
+    except CLIError as exc:
+        print(f"refusion serve: {exc}", file=sys.stderr)
+        return 2
     with local_ray_on_loopback(not args.address):  # before `ray` is imported: Ray reads it then
         return _run(args)
 

@@ -47,7 +47,12 @@ def address_from_env(args: argparse.Namespace) -> str | None:
     read it (set to "auto" in a Ray job's driver): it was ignored, and on a cluster node `refusion serve`
     started a Ray of its own without a word (helper-184). Sets args.address and returns the name to
     blame for it ("RAY_ADDRESS"), or None when the address is the flag's or there is none. "local" (from
-    either) is ray.init's word for a new local Ray: no address, the local Ray's checks and set-up apply."""
+    either) is ray.init's word for a new local Ray: no address, the local Ray's checks and set-up apply.
+    An empty --address (`--address "$HEAD"` with HEAD unset) is a CLIError: it started a local Ray, or
+    joined RAY_ADDRESS's cluster, without a word."""
+    if args.address is not None and not args.address.strip():
+        raise CLIError("--address: is empty; give the cluster's address (HOST:PORT, auto, ray://HOST:10001), "
+                       "or leave --address out (or give local) for a local Ray")
     if args.address == "local":
         args.address = None
         return None

@@ -877,6 +877,28 @@ def test_a_bad_setting_names_the_file_and_its_place_and_a_bad_address_is_one_lin
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("address", ["", "  "])
+def test_an_empty_address_is_refused_not_read_as_a_local_ray(monkeypatch, capsys, address):
+    """`--address "$HEAD"` with HEAD unset started a local Ray without a word (and with RAY_ADDRESS set,
+    joined that cluster); it is refused as an empty --model is. ("local" asks for a local Ray.)"""
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    with pytest.raises(cli_serve.CLIError, match="^--address: is empty"):
+        cli_serve.address_from_env(argparse.Namespace(address=address))
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(cli_serve.CLIError, match="^--address: is empty"):
+        cli_serve.address_from_env(argparse.Namespace(address=address))
+
+    def started(args):
+        raise AssertionError(f"went on to start with address {args.address!r}")
+
+    monkeypatch.setattr(cli_serve, "_run", started)
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    assert cli_serve.run(parser.parse_args(["--address", address])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refusion serve: --address: is empty; ") and err.count("\n") == 1, err
+
+
 def test_ray_address_is_read_as_rays_tools_read_it_and_a_web_url_is_named(tmp_path):
     """RAY_ADDRESS was ignored (a private local Ray started on a cluster node without a word, helper-184);
     it is the cluster to join when --address is not given, as for `serve run` and ray.init, and named in
