@@ -91,7 +91,8 @@ def checked_deployments(app: dict) -> dict[str, dict]:
 def _check_deployment_entry(name: str, entry: dict) -> None:
     """CLIError for a deployment entry's key Ray Serve does not know (its autoscaling_config's and
     ray_actor_options' too, and a value its AutoscalingConfig refuses), a runtime_env Ray does not take
-    (`_check_runtime_env`), a user_config, or a num_replicas or max_ongoing_requests out of range."""
+    (`_check_runtime_env`), a user_config, a num_replicas or max_ongoing_requests out of range, or any
+    other value Ray Serve's DeploymentSchema refuses (health_check_period_s: -1)."""
     from pydantic import ValidationError
     from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
     from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema
@@ -128,6 +129,17 @@ def _check_deployment_entry(name: str, entry: dict) -> None:
         raise CLIError(f"--config: applications[0].deployments: {name} max_ongoing_requests: expected an integer "
                        f"from 1 to {MAX_ONGOING_REQUESTS}, got {ongoing!r} (a replica takes 1000 concurrent calls, "
                        f"and Ray Serve's own, its health check among them, need room)")
+    # The other values as Ray Serve's schema takes them (Deployment.options() refused them later, named as
+    # applications[0].args.<key>, a place not in the file); the sections above have their own checks
+    scalars = {k: v for k, v in entry.items() if k not in ("autoscaling_config", "ray_actor_options")}
+    try:
+        DeploymentSchema(**scalars)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = error["loc"][0] if error["loc"] else None
+        got = f", got {entry[key]!r}" if key in entry and len(error["loc"]) == 1 else ""
+        where = f"applications[0].deployments {name}" + (f" {key}" if key else "")
+        raise CLIError(f"--config: {where}: {error['msg'].removeprefix('Value error, ')}{got}") from None
 
 
 def _check_actor_values(actor: dict, where: str) -> None:

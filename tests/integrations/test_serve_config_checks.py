@@ -158,3 +158,24 @@ def test_a_section_that_is_no_mapping_is_named_at_its_place(tmp_path, app, flags
     with pytest.raises(CLIError) as raised:
         cli_serve.merged_config(parser.parse_args(["--config", str(_config(tmp_path, app)), *flags]))
     assert str(raised.value).startswith(f"--config: {place}: must be a mapping of settings"), raised.value
+
+
+@pytest.mark.parametrize("name, entry, said", [
+    ("RefusionIngress", {"health_check_period_s": -1}, "health_check_period_s: Input should be greater than 0, got -1"),
+    ("RefusionIngress", {"health_check_timeout_s": 0}, "health_check_timeout_s: Input should be greater than 0, got 0"),
+    ("RefusionEngine", {"graceful_shutdown_wait_loop_s": -1},
+     "graceful_shutdown_wait_loop_s: Input should be greater than or equal to 0, got -1"),
+    ("RefusionEngine", {"graceful_shutdown_timeout_s": "abc"}, "graceful_shutdown_timeout_s: Input should be a valid number"),
+    ("RefusionIngress", {"max_queued_requests": -5}, "max_queued_requests must be -1 (no limit) or a positive integer"),
+])
+def test_a_deployment_value_ray_serve_refuses_is_named_with_its_deployment_and_key(tmp_path, name, entry, said):
+    """A deployment entry's value Ray Serve refuses was named by Deployment.options()'s error as
+    `applications[0].args.<key>`, a place not in the file, without the deployment; it is checked with the
+    file, at the entry's own place."""
+    with pytest.raises(CLIError) as err:
+        load_config_file(_config(tmp_path, {"deployments": [{"name": name, **entry}]}))
+    assert str(err.value).startswith(f"--config: applications[0].deployments {name}") and said in str(err.value), \
+        str(err.value)
+    good = {"health_check_period_s": 5, "health_check_timeout_s": 10, "max_queued_requests": -1,
+            "graceful_shutdown_wait_loop_s": 0, "graceful_shutdown_timeout_s": 30}
+    assert load_config_file(_config(tmp_path, {"deployments": [{"name": name, **good}]})).deployments[name] == good
