@@ -289,20 +289,20 @@ def model_default_keys() -> list[str]:
     return [f.name for f in fields(DecodeParams) if f.name not in refused]
 
 
-def model_default_params(model_dir: str | Path) -> DecodeParams:
-    """The model's decode defaults (load_model_defaults) built into DecodeParams, as every request starts
-    from them: a bad value in refusion.json (slot_size 0, gen_length "x") is refused when the model is
-    loaded, not by each request. Raises DecodeParamError whose field is the file at fault, as its path
-    (".../refusion.json"; config.json for the model's token ids), and whose message names the key
-    ("slot_size: must be >= 1, got 0")."""
+def model_default_params(model_dir: str | Path, token_ids: dict) -> DecodeParams:
+    """The model's decode defaults (load_model_defaults) built into DecodeParams with the token ids the
+    runner decodes with (`token_ids`: workers.loader.check_model_dir's; config.json may leave the mask id
+    to the tokenizer's <|mask|>), as every request starts from them (scheduler.decoders): a bad value in
+    refusion.json (slot_size 0, gen_length "x") is refused when the model is loaded, not by each request.
+    Raises DecodeParamError whose field is the file at fault, as its path (".../refusion.json"), and whose
+    message names the key ("slot_size: must be >= 1, got 0")."""
     model_dir = Path(model_dir)
     try:
-        return DecodeParams.from_dict(load_model_defaults(model_dir))
+        return DecodeParams.from_dict({**load_model_defaults(model_dir), **token_ids})
     except DecodeParamError as exc:
         if exc.field in ("refusion.json", "config.json"):  # the file itself: unreadable, an unknown key
             raise DecodeParamError(str(model_dir / exc.field), exc.message) from None
-        source = "config.json" if exc.field in MODEL_TOKEN_IDS else "refusion.json"
-        raise DecodeParamError(str(model_dir / source), str(exc)) from None
+        raise DecodeParamError(str(model_dir / "refusion.json"), str(exc)) from None
 
 
 def _read_json_object(path: Path) -> dict:

@@ -171,8 +171,8 @@ def _checked_batch_flags(args) -> tuple[Path, dict]:
     if not model_dir.is_dir():
         raise BatchArgumentError("--model", f"{model_dir} is not a model directory")
     try:  # the directory, then the decode defaults every request starts from, as `refusion serve` checks them
-        check_model_dir(model_dir)  # (refusion.json's slot_size 0 was a ZeroDivisionError traceback per request)
-        model_default_params(model_dir)
+        # (refusion.json's slot_size 0 was a ZeroDivisionError traceback per request)
+        model_default_params(model_dir, check_model_dir(model_dir))
     except ModelDirError as exc:
         raise BatchArgumentError("--model", f"{model_dir} cannot be loaded: {exc}") from None
     except DecodeParamError as exc:

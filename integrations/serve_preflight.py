@@ -186,8 +186,7 @@ def checked_setup(args: argparse.Namespace) -> ConfigFile | None:
     try:  # seconds here, where a broken directory failed each replica after a minute of tracebacks
         config = ServeConfig.model_validate(file.args)
         model_dir = config.model
-        check_model_dir(model_dir)
-        model_default_params(model_dir)  # the decode defaults every request starts from
+        model_default_params(model_dir, check_model_dir(model_dir))  # the decode defaults every request starts from
         check_kv_budget(config.runner, model_dir)  # (a ValueError naming runner.kv_memory_bytes)
     except (ModelDirError, DecodeParamError) as exc:
         print(f"refusion serve: {_model_source(args, file)}: {exc}", file=sys.stderr)

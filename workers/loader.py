@@ -27,13 +27,17 @@ __all__ = ["GENERATION_CONFIG", "MASK_TOKEN", "SHARD_INDEX", "SINGLE_FILE", "TRA
            "end_token_ids", "load_tokenizer", "read_config", "read_weights", "resolve_mask_token_id"]
 
 
-def check_model_dir(model_dir: Path | str) -> None:
+def check_model_dir(model_dir: Path | str) -> dict:
     """Every check loading the directory makes (config.json, the weights as check_weights does, the
     tokenizer, the mask and end tokens): seconds, so a server can refuse a broken directory before it
-    starts anything. Raises ModelDirError naming the file."""
+    starts anything. Returns the token ids the runner decodes with (ModelRunner's ModelInfo):
+    {"eos_token_id", "mask_token_id" (config.json's, else the tokenizer's <|mask|>), "end_token_ids"}.
+    Raises ModelDirError naming the file."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     check_weights(model_dir, config)
     tokenizer = load_tokenizer(model_dir)
     check_tokenizer(config, tokenizer, model_dir)
-    end_token_ids(config, tokenizer, model_dir, resolve_mask_token_id(config, tokenizer, model_dir))
+    mask_id = resolve_mask_token_id(config, tokenizer, model_dir)
+    return {"eos_token_id": config.eos_token_id, "mask_token_id": mask_id,
+            "end_token_ids": end_token_ids(config, tokenizer, model_dir, mask_id)}

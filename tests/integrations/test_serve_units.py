@@ -14,7 +14,7 @@ import openai
 import pytest
 from serve_testbed import unstarted
 
-from integrations import cli_serve, serve_config_file
+from integrations import cli_batch, cli_serve, serve_config_file
 from integrations.auth import APIKeyMiddleware
 from integrations.chat import PLAIN_STOP, render_chat
 from integrations.engine_client import EngineFailure, LocalEngineClient, ShuttingDownError, read_model_card
@@ -832,6 +832,34 @@ def test_a_broken_model_directory_from_the_config_file_names_the_file(tiny_model
             assert checked_setup(parser.parse_args([*argv, "--port", "1"])) is None
             err = capsys.readouterr().err
             assert err.startswith(f"refusion serve: {where}: {said}") and err.count("\n") == 1, err
+
+
+def test_a_mask_token_the_tokenizer_names_passes_the_start_up_checks(tiny_model_dir, tmp_path, capsys):
+    """config.json may leave mask_token_id to the tokenizer's <|mask|> (the loader and the runner read it
+    there), but the decode defaults' check before Ray starts required it in config.json: `refusion serve`
+    and `refusion run-batch` refused a model the engine loads. They check with the runner's ids now."""
+    import json
+    import shutil
+
+    from integrations.cli_batch import _checked_batch_flags
+    from integrations.serve_preflight import checked_setup
+    from workers.loader import check_model_dir
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    mask_id = config.pop("mask_token_id")
+    (model / "config.json").write_text(json.dumps(config))
+    assert check_model_dir(model)["mask_token_id"] == mask_id  # the tokenizer's <|mask|>
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    from ports import free_port
+
+    assert checked_setup(parser.parse_args(["--model", str(model), "--port", str(free_port())])) is not None, \
+        capsys.readouterr().err
+    batch = argparse.ArgumentParser()
+    cli_batch.add_arguments(batch)
+    _checked_batch_flags(batch.parse_args(["-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+                                           "--model", str(model)]))
 
 
 def test_an_unreadable_model_directory_is_one_line_before_ray_starts(tiny_model_dir, tmp_path):
