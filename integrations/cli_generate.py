@@ -179,10 +179,12 @@ def _params(model_dir: Path, args, runner):
     return DecodeParams.from_dict(values)
 
 
-def _check_context(model_dir: Path, prompt_tokens: int, params, mode: str, prompt_flag: str = "--prompt") -> None:
+def _check_context(model_dir: Path, prompt_tokens: int, params, mode: str, prompt_flag: str = "--prompt",
+                   asked: int | None = None) -> None:
     """The prompt and the decoded span must fit the model's context (config.json max_position_embeddings),
     as the server checks (integrations/context_fit.py): ReFusion decodes whole slots, so its span is
-    gen_length rounded up to slot_size. Raises GenerateArgumentError naming the flag to change."""
+    gen_length rounded up to slot_size. asked: --gen-length as typed, which the message quotes (params may
+    hold it rounded up to whole slots). Raises GenerateArgumentError naming the flag to change."""
     from integrations.engine_client import read_model_card
 
     context = read_model_card(model_dir)["limits"]["context_length"]
@@ -198,7 +200,9 @@ def _check_context(model_dir: Path, prompt_tokens: int, params, mode: str, promp
         raise GenerateArgumentError("--slot-size", f"{params.slot_size}-token slots do not fit the model's context of "
                                     f"{context} tokens after a {prompt_tokens}-token prompt; use at most {max(room, 1)}")
     most = room // params.slot_size * params.slot_size if mode == "refusion" else room  # whole slots fit
-    raise GenerateArgumentError("--gen-length", f"{params.gen_length} tokens after a {prompt_tokens}-token prompt exceed "
+    asked = params.gen_length if asked is None else asked
+    took = f" ({params.gen_length} in whole slots)" if asked != params.gen_length else ""
+    raise GenerateArgumentError("--gen-length", f"{asked} tokens{took} after a {prompt_tokens}-token prompt exceed "
                                 f"the model's context of {context} tokens; use at most {most}"
                                 + (f" (ReFusion decodes whole {params.slot_size}-token slots)" if most != room else ""))
 
@@ -217,7 +221,8 @@ def generate(args) -> dict:
     prompt_ids = runner.tokenizer(prompt)["input_ids"]
     if not prompt_ids:
         raise GenerateArgumentError("--prompt", "tokenizes to nothing; give some text to continue")
-    _check_context(model_dir, len(prompt_ids), params, args.mode, "--prompt-file" if args.prompt_file else "--prompt")
+    _check_context(model_dir, len(prompt_ids), params, args.mode, "--prompt-file" if args.prompt_file else "--prompt",
+                   args.gen_length)
     for flag in AR_ONLY:
         if args.mode == "refusion" and getattr(args, flag[2:].replace("-", "_")):
             raise GenerateArgumentError(flag, "applies to autoregressive decoding: add --mode ar")

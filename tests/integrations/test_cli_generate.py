@@ -400,3 +400,16 @@ def test_a_config_without_max_position_embeddings_has_transformers_default_conte
     assert model_context(model) == DEFAULT_CONTEXT == 32768
     code, _, err = _run(capsys, "--model", model, "--prompt", "x", "--mode", "ar", "--gen-length", "200000")
     assert code == 2 and "--gen-length: 200000 tokens after a 1-token prompt exceed the model's context of 32768" in err, err
+
+
+def test_a_length_over_the_context_is_quoted_as_typed(tiny_model_dir, capsys):
+    """ReFusion decodes whole slots, so --gen-length is rounded up to them; the refusal quoted the rounded
+    length (4096 for a typed 4090, helper-248): it quotes the typed one, and the rounded one beside it."""
+    from integrations.serve_config import model_context
+
+    context = model_context(tiny_model_dir)
+    asked = context - 2  # fits after a 1-token prompt; whole 8-token slots do not
+    code, _, err = _run(capsys, "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "refusion", "--slot-size", "8",
+                        "--gen-length", str(asked))
+    assert code == 2 and err.startswith(f"refusion generate: error: --gen-length: {asked} tokens (") and (
+        " in whole slots) after a 1-token prompt exceed the model's context" in err), err
