@@ -48,10 +48,10 @@ def _init_model_and_tokenizer(args):
     grows to every id the tokenizer holds."""
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from training.tokenizer_build import ensure_mask_token
-    from workers.loader import TRANSFORMERS_LOAD_ERRORS
+    from workers.loader import TRANSFORMERS_LOAD_ERRORS, ModelDirError, load_tokenizer
 
     def loaded(load):
         try:
@@ -67,7 +67,11 @@ def _init_model_and_tokenizer(args):
         with torch.device("meta"):
             return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
 
-    tokenizer, config = loaded(lambda: (AutoTokenizer.from_pretrained(args.init), AutoConfig.from_pretrained(args.init)))
+    try:  # the serving loader's tokenizer files check and message: transformers' raw text was cut at 300 chars
+        tokenizer = load_tokenizer(Path(args.init))
+    except ModelDirError as exc:
+        raise TrainArgumentError("--init", str(exc)) from None
+    config = loaded(lambda: AutoConfig.from_pretrained(args.init))
     if not tokenizer("def f(x):\n    return x\n")["input_ids"]:  # (no tokenizer files: an empty one loads)
         raise TrainArgumentError("--init", f"{args.init}: its tokenizer encodes text to nothing (tokenizer.json or "
                                            "the vocabulary files are missing?); give a model directory with its "

@@ -469,19 +469,24 @@ def test_a_broken_init_checkpoint_fails_naming_init_before_the_corpus_is_read(co
 
 
 def test_an_init_checkpoint_without_its_tokenizer_fails_naming_init(corpus_dir, tiny_model_dir, tmp_path, capsys):
-    """Without tokenizer files an empty tokenizer loads and encodes every unit to nothing, and the run
-    failed on "--seq-len: no unit fits; raise --seq-len" (helper-198); now it names --init."""
+    """Without tokenizer files an empty tokenizer loaded and encoded every unit to nothing, and the run
+    failed on "--seq-len: no unit fits; raise --seq-len" (helper-198); with tokenizer_config.json alone,
+    transformers' "Couldn't instantiate the backend tokenizer ..." was cut at 300 characters (helper-248).
+    Both name the file as `refusion serve` and `generate` do (workers.loader.load_tokenizer)."""
     import shutil
 
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_model_dir / name, bare / name)
-    assert main(["train", "--corpus", str(corpus_dir), "--out", str(tmp_path / "m"), "--init", str(bare),
-                 "--steps", "1", "--threads", "1"]) == 2
-    out, err = capsys.readouterr()
-    assert err.startswith(f"refusion train: --init: {bare}: its tokenizer encodes text to nothing"), err
-    assert "reading the corpus" not in out
+    for kept, said in ((("config.json", "model.safetensors"), "missing; the directory needs tokenizer files"),
+                       (("config.json", "model.safetensors", "tokenizer_config.json"),
+                        "missing: tokenizer_config.json alone holds no vocabulary")):
+        bare = tmp_path / f"bare{len(kept)}"
+        bare.mkdir()
+        for name in kept:
+            shutil.copy(tiny_model_dir / name, bare / name)
+        assert main(["train", "--corpus", str(corpus_dir), "--out", str(tmp_path / "m"), "--init", str(bare),
+                     "--steps", "1", "--threads", "1"]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith(f"refusion train: --init: {bare / 'tokenizer.json'}: {said}") and err.count("\n") == 1, err
+        assert "reading the corpus" not in out
 
 
 def test_an_init_tokenizer_with_a_gap_in_its_ids_fails_naming_init(corpus_dir, tmp_path, capsys):
