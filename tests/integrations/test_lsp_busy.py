@@ -19,7 +19,7 @@ TEXT = "x = 1"
 class ScriptedBackend:
     """Answers `initialize`, and each `complete` with the next scripted error (None: a completion; a
     (code, reason) tuple: the connection closed with it instead of an answer; "drop": the connection
-    dropped without a close frame); while `close_with` is set ((code, reason)), closes each connection
+    dropped without a close frame; "hold": no answer, the connection kept open); while `close_with` is set ((code, reason)), closes each connection
     with it as it opens (a draining or full server, ingress_gate.py). `on_complete`, when set, is called
     as each `complete` arrives, before its answer (what happens meanwhile at the client). `connections`
     counts the connections opened."""
@@ -47,6 +47,8 @@ class ScriptedBackend:
                 if error == "drop":  # no close frame: the client sees 1006
                     ws.transport.abort()
                     return
+                if error == "hold":
+                    continue
                 if isinstance(error, tuple):
                     await ws.close(*error)
                     return
@@ -389,26 +391,18 @@ async def test_completions_the_server_went_away_from_open_no_connection_once_a_p
 
     from integrations.lsp.server import JsonRpcRequestFailed
 
-    connections, completes = [], []
+    scripted = ScriptedBackend()  # both completes taken, neither answered (they raced the close), then:
+    scripted.errors = ["hold", (1001, "server is shutting down")]
 
-    async def going_away_then_full(ws) -> None:
-        connections.append(ws)
-        if len(connections) > 1:  # (a draining server refuses new connections)
-            await ws.close(1013, "server is shutting down")
-            return
-        async for frame in ws:
-            _, msg_id, method, _params = msgpack.unpackb(frame)
-            if method == "initialize":
-                await ws.send(msgpack.packb([rpc.RESPONSE, msg_id, None, {"limits": {"max_inflight": 8}}]))
-            elif method == "complete":
-                completes.append(msg_id)
-                if len(completes) == 2:  # both taken, neither answered (they raced the close)
-                    await ws.close(1001, "server is shutting down")
+    def draining() -> None:  # a draining server refuses new connections
+        if scripted.completes == 2:
+            scripted.close_with = (1013, "server is shutting down")
 
-    async with websockets.serve(going_away_then_full, "127.0.0.1", 0) as listening:
+    scripted.on_complete = draining
+    async with websockets.serve(scripted.serve, "127.0.0.1", 0) as listening:
         backend, complete = in_process_bridge(editor_url(listening))
         answers = await asyncio.gather(complete(), complete(), return_exceptions=True)
         refused = [answer for answer in answers if isinstance(answer, JsonRpcRequestFailed)]
         assert len(refused) == 1 and refused[0].data["close_code"] == 1013, answers
-        assert "" in answers and len(connections) == 2, answers
+        assert "" in answers and scripted.connections == 2, answers
         await backend.close()
