@@ -53,6 +53,7 @@ class IngressDeployment:
         # Its Ray actor name travels with each call: an engine replica cancels a dead ingress's requests.
         self.client = ServeEngineClient(engine, tokenizer, self.config.served_model_names[0], caller=context.replica_id.to_full_id_str(),
                                         rebalance_after_s=self.config.rebalance_after_s)
+        self.client.read_scaling_ahead()  # the first /health need not wait for Serve's controller
         self.model_card = read_model_card(self.config.model, tokenizer, self.config.max_model_len)
         self.gate = IngressGate(socket_limit=lambda: self.config.editor_connections(call_slots(self.config)))
         replica = self.replica = context.replica_id.unique_id

@@ -265,7 +265,8 @@ class ServeEngineClient:
         0, as Ray Serve's controller holds its config now: args or a `serve deploy` file's
         `deployments:` entry). False while a replica is up, and when the config cannot be read.
 
-        Only the first call waits for the controller (one read, shared by concurrent callers). After that
+        Only the first read waits for the controller (one read, shared by concurrent callers; the ingress
+        starts it as it starts, `read_scaling_ahead`). After that
         the last read answers at once, and one older than SCALING_CONFIG_TTL_S is read again in the
         background (the next call sees it): /health and /metrics answer within their bounds however slow
         the controller is on a loaded head node (helper-242: a 15 s Prometheus scrape waited on it)."""
@@ -279,9 +280,17 @@ class ServeEngineClient:
             self._read_scaling()
         return self._scaling_read[1]
 
-    def _read_scaling(self) -> asyncio.Task:
+    def read_scaling_ahead(self) -> None:
+        """Start the first controller read of the autoscaling bounds now (the ingress replica's start),
+        so the first /health or /metrics finds it done or under way rather than starting it. Needs a
+        running event loop. A failed read here is not kept (the application may still be being
+        deployed): the first `scaled_to_zero` then reads again."""
+        self._read_scaling(ahead=True)
+
+    def _read_scaling(self, ahead: bool = False) -> asyncio.Task:
         """The controller read of the engine deployment's min_replicas in flight, started if none is;
-        it stores (when, whether min_replicas is 0) in `_scaling_read` and returns the latter."""
+        it stores (when, whether min_replicas is 0) in `_scaling_read` and returns the latter. A failed
+        `ahead` read stores nothing."""
         if self._scaling_reading is not None and not self._scaling_reading.done():
             return self._scaling_reading
 
@@ -289,6 +298,9 @@ class ServeEngineClient:
             try:
                 low = await asyncio.to_thread(engine_min_replicas, self._handle.app_name, self._handle.deployment_name)
             except Exception as exc:  # noqa: BLE001 - an unreadable config: probe the engine, as for a fixed count
+                if ahead:
+                    log.debug("scaled_to_zero: the read ahead of the engine deployment's config failed: %s", exc)
+                    return False
                 log.warning("scaled_to_zero: the engine deployment's config could not be read: %s", exc)
                 low = None
             self._scaling_read = (time.monotonic(), low == 0)

@@ -126,3 +126,46 @@ async def until(condition, bound_s: float = 30.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{condition} did not hold within {bound_s:g} s")
+
+
+async def test_the_ingress_reads_the_scaling_bounds_ahead_of_the_first_probe(monkeypatch):
+    """The first /health or /metrics after an ingress replica started waited for Serve's controller: the
+    read began only then. The ingress now starts it as it starts (`read_scaling_ahead`), so a first probe
+    finds it done (no wait, no second read) or joins it; a read ahead that fails (the application still
+    being deployed) is not kept, and the first probe reads again instead of trusting it."""
+    import threading
+    from types import SimpleNamespace
+
+    import integrations.routing_state as routing_state
+    import integrations.serve_engine_client as serve_engine_client
+
+    controller, reads, answers = threading.Event(), [], [KeyError(APP), 0, 0]
+
+    def engine_min_replicas(app, deployment):
+        reads.append(app)
+        assert controller.wait(30), "the test never let the controller answer"
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(serve_engine_client, "engine_min_replicas", engine_min_replicas)
+    monkeypatch.setattr(routing_state, "LIVE_REPLICAS", {})  # no replica is up
+    handle = SimpleNamespace(options=lambda **_: None, app_name=APP, deployment_name="RefusionEngine")
+    try:
+        failing = serve_engine_client.ServeEngineClient(handle, tokenizer=None, model_name="m")
+        failing.read_scaling_ahead()
+        controller.set()
+        await until(lambda: failing._scaling_reading.done())
+        assert failing._scaling_read is None  # the failed read ahead is not kept
+        assert await asyncio.wait_for(failing.scaled_to_zero(), 30) is True  # read again: min_replicas 0
+        assert len(reads) == 2
+
+        client = serve_engine_client.ServeEngineClient(handle, tokenizer=None, model_name="m")
+        client.read_scaling_ahead()
+        await until(lambda: client._scaling_reading.done())
+        controller.clear()  # any further read would now wait on the controller
+        assert await asyncio.wait_for(client.scaled_to_zero(), 5) is True  # the read ahead answers at once
+        assert len(reads) == 3
+    finally:
+        controller.set()
