@@ -2,7 +2,7 @@
 
     app = create_app(APISettings(model_name=...), engine_client)   # or set app.state.engine_client later
 
-Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
+Routes (every GET route answers HEAD too: integrations/head_requests.py): GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
 POST /v1/responses (integrations/responses_api.py), POST /v1/messages and /v1/messages/count_tokens
 (Anthropic's Messages API: integrations/anthropic_api.py),
 GET /metrics (Prometheus text), GET /v1/engine (engine info: limits, defaults, load), plus the editor
@@ -27,6 +27,7 @@ from integrations.auth import APIKeyMiddleware, HostGuard, OriginGuard
 from integrations.chat_run import start_chat
 from integrations.anthropic_api import router as anthropic_router
 from integrations.http_errors import RouteErrorShape, install_error_handlers
+from integrations.head_requests import HeadAsGetMiddleware
 from integrations.http_metrics import APIMetrics
 from integrations.ingress_gate import IngressGate, IngressGateMiddleware
 from integrations.json_response import UTF8JSONResponse
@@ -88,7 +89,9 @@ def create_app(settings: APISettings, engine_client=None, gate: IngressGate | No
     editor_router = _editor_router()
     if editor_router is not None:
         app.include_router(editor_router)
-    # Outermost first: Host on loopback, browser origin, then API key, then the body limit, then the routes.
+    # Outermost first: Host on loopback, browser origin, then API key, then the body limit, then HEAD
+    # as GET, then the routes.
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes,
                        body_timeout_s=settings.limits.body_timeout_s)
     app.add_middleware(APIKeyMiddleware, keys=list(settings.api_keys))
@@ -110,7 +113,7 @@ def _editor_router():
     return editor_router
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])
+@router.get("/health")
 async def health(request: Request):
     """200 when a request would be served at full speed now: an engine replica answers (replicas warm up
     before they take traffic, engine_host.warm_up). 503 + Retry-After while none does (starting, being
