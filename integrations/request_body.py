@@ -286,6 +286,21 @@ def _dotted(path: tuple) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def check_content_encoding(values: list[str]) -> None:
+    """Raises InputError(415, "Content-Encoding") unless every coding the request's Content-Encoding
+    lines name is identity: this server reads uncompressed bodies (a compressed one would be read as
+    UTF-8 text and fail as "not UTF-8"). Each line is a comma-separated list and several lines are one
+    list (RFC 9110, 5.3 and 8.4), so "identity" on one line beside "gzip" on another is a gzip body (the
+    first line alone let such a body through as plain JSON). 415 is RFC 9110's answer to a content
+    coding the server does not take (15.5.16)."""
+    codings = [coding.strip().lower() for value in values for coding in value.split(",")]
+    refused = [coding for coding in codings if coding not in ("", "identity")]
+    if refused:
+        named = ", ".join(dict.fromkeys(refused))[:60]
+        raise InputError(415, "Content-Encoding", f"names {named!r}; this server reads uncompressed bodies only "
+                                                  "(identity): send the JSON as is, without Content-Encoding")
+
+
 OFF_LOOP_BODY_BYTES = 256 * 1024  # bodies at least this large are parsed in a worker thread
 
 
@@ -294,10 +309,7 @@ async def read_json_object(request) -> dict:
     the app's max_array_items (openai_api.APISettings.limits). A large body is parsed in a worker thread:
     checking a tree of millions of items is Python work that would hold the event loop (the thread
     gives it the interpreter between bytecodes)."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):  # (the body would be read as UTF-8 text and fail as "not UTF-8")
-        raise InputError(415, "Content-Encoding", f"is {encoding[:40]!r}; this server reads uncompressed "
-                                                  "bodies: send the JSON as is, without Content-Encoding")
+    check_content_encoding(request.headers.getlist("content-encoding"))
     raw = await request.body()
     settings = getattr(request.app.state, "settings", None)
     max_items = settings.limits.max_array_items if settings is not None else None
