@@ -3,7 +3,8 @@
     BodyLimitMiddleware      ASGI, every HTTP route: a body over max_body_bytes is answered 413 before
                              the route runs (by Content-Length, or counted as it arrives); a body that
                              stops arriving for body_timeout_s is answered 408
-    parse_json_object(raw)   the body as a JSON object; not UTF-8, not JSON, NaN/Infinity, nested deeper
+    parse_json_object(raw)   the body as a JSON object (a leading UTF-8 byte order mark ignored); UTF-16
+                             or UTF-32, not UTF-8, not JSON, NaN/Infinity, nested deeper
                              than MAX_JSON_DEPTH, an array longer than the context, an object of more
                              than MAX_OBJECT_KEYS keys, or a lone UTF-16
                              surrogate in a string (which no tokenizer or JSON encoder accepts) -> InputError
@@ -162,11 +163,16 @@ def parse_json_object(raw: bytes, max_array_items: int | None = None) -> dict:
     """The body as a JSON object (an empty body is {}, so validation names the missing fields).
     Raises InputError(400) saying what is wrong and, for a bad string, nesting or an array longer than
     max_array_items, where."""
+    wide = _wide_encoding(raw)
+    if wide is not None:
+        raise InputError(400, None, f"request body is {wide}, not UTF-8: send the JSON encoded as UTF-8 "
+                                    f"(RFC 8259, 8.1)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(400, None, f"request body is not UTF-8 (bad byte at offset {exc.start}): "
                                     f"send JSON encoded as UTF-8") from None
+    text = text.removeprefix(UTF8_BOM)
     if not text.strip():
         return {}
     try:
@@ -186,6 +192,35 @@ def parse_json_object(raw: bytes, max_array_items: int | None = None) -> dict:
         raise InputError(400, None, f"request body must be a JSON object ({{...}}), got {_json_kind(data)}")
     check_json_tree(data, max_array_items)
     return data
+
+
+# A UTF-8 body may begin with a byte order mark: RFC 8259 (8.1) lets a parser ignore it, Starlette's
+# Request.json() (so FastAPI's body models, and vLLM's server) does, and Windows tools write one (PowerShell 5's
+# `Out-File -Encoding utf8`, whose file `curl -d @body.json` then sends); Python's json.loads of a str refuses it.
+UTF8_BOM = "\ufeff"
+# UTF-16/32 by their byte order marks, longest first (UTF-32LE's begins as UTF-16LE's)
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
+              (b"\xfe\xff", "UTF-16BE"))
+
+
+def _wide_encoding(raw: bytes) -> str | None:
+    """The UTF-16 or UTF-32 encoding `raw` is in, by its byte order mark or, without one, by where the
+    zero bytes of its first (ASCII) character fall (RFC 4627, 3); None for anything else. A UTF-8 JSON text
+    holds no zero byte (a control character, which JSON escapes), so such a body is no UTF-8 JSON; one
+    in UTF-16LE is valid UTF-8, and was refused as JSON "expecting property name" at column 2."""
+    for bom, name in _WIDE_BOMS:
+        if raw.startswith(bom):
+            return f"{name} (by its byte order mark)"
+    head = raw[:4]
+    if len(head) == 4 and head[:3] == b"\0\0\0":
+        return "UTF-32BE"
+    if len(head) == 4 and head[1:] == b"\0\0\0":
+        return "UTF-32LE"
+    if len(head) >= 2 and head[0] == 0:
+        return "UTF-16BE"
+    if len(head) >= 2 and head[1] == 0:
+        return "UTF-16LE"
+    return None
 
 
 def _no_constant(name: str):
