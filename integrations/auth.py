@@ -112,11 +112,23 @@ def normalize_origin(value: str) -> str:
                      f"'http://localhost:3000' (no path), 'null' or '*'")
 
 
+def _header_lines(scope, name: bytes) -> list[str]:
+    """The values of every `name` header line of the request (ASGI keeps repeated lines apart)."""
+    return [value.decode("latin-1").strip() for key, value in scope.get("headers", []) if key == name]
+
+
 def _origin(scope) -> str | None:
-    for name, value in scope.get("headers", []):
-        if name == b"origin":
-            return value.decode("latin-1").strip().lower()
-    return None
+    lines = _header_lines(scope, b"origin")
+    return lines[0].lower() if lines else None
+
+
+def repeated_header(scope, header: str) -> bool:
+    """Whether the request repeats `header`: "Host" on more than one line (RFC 9112, 3.2: a server MUST
+    answer that 400; uvicorn's httptools parser passes it on), "Origin" with two different values (RFC
+    6454, 7.3: a user agent sends one). The guards read the first line, so an allowed origin or host name
+    first let another through after it, for whatever reads the last."""
+    values = _header_lines(scope, header.lower().encode())
+    return len(values) > 1 if header == "Host" else len({value.lower() for value in values}) > 1
 
 
 def _route_path(scope) -> str:
@@ -125,17 +137,29 @@ def _route_path(scope) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
-async def _forbidden(send, reason: str, param: str, code: str) -> None:
-    """A 403 in OpenAI's error shape (type permission_error) naming the header at fault."""
-    body = json.dumps({"error": {"message": reason, "type": "permission_error", "param": param, "code": code}}).encode()
-    await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]})
+async def _refuse_header(send, reason: str, param: str, code: str, status: int = 403,
+                         kind: str = "permission_error") -> None:
+    """A 403 (or `status`) in OpenAI's error shape (type permission_error, or `kind`) naming the header at fault."""
+    body = json.dumps({"error": {"message": reason, "type": kind, "param": param, "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse_repeated(scope, send, header: str) -> None:
+    """The answer to a request whose `header` is repeated (repeated_header): 400 naming it, or a WebSocket
+    handshake closed before it is accepted (HTTP 403)."""
+    reason = f"the request has more than one {header} header{' value' if header == 'Origin' else ''}: send one"
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": reason})
+        return
+    await _refuse_header(send, reason, header, "duplicate_header", 400, "invalid_request_error")
 
 
 class OriginGuard:
     """Pure ASGI: refuses browser requests from origins not in `allowed` (see the module docstring).
     A refused WebSocket handshake is closed before it is accepted (HTTP 403); a refused HTTP request
-    gets 403 in OpenAI's error shape. Requests without an Origin header, and /health, pass."""
+    gets 403 in OpenAI's error shape. Requests without an Origin header, and /health, pass; two different
+    Origin values are a 400 naming the header on every path (repeated_header)."""
 
     def __init__(self, app, allowed: list[str]):
         origins = [normalize_origin(o) for o in allowed]
@@ -149,6 +173,9 @@ class OriginGuard:
         return origin is None or self.allow_all or origin in self.allowed or path in OPEN_PATHS
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and repeated_header(scope, "Origin"):
+            await _refuse_repeated(scope, send, "Origin")
+            return
         if scope["type"] not in ("http", "websocket") or self._allowed(scope):
             await self.app(scope, receive, send)
             return
@@ -156,7 +183,7 @@ class OriginGuard:
             await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed: see allowed_origins"})
             return
         reason = f"origin {_origin(scope)!r} is not allowed: add it to allowed_origins in the serve config"
-        await _forbidden(send, reason, "Origin", "origin_not_allowed")
+        await _refuse_header(send, reason, "Origin", "origin_not_allowed")
 
 
 def _loopback(address) -> bool:
@@ -206,7 +233,8 @@ def normalize_host(value: str) -> str:
 class HostGuard:
     """Pure ASGI: refuses a request that came over a loopback connection naming a host other than an IP
     address, localhost or one of `allowed_hosts` (DNS rebinding; module docstring): 403 in OpenAI's
-    error shape, a WebSocket handshake closed before it is accepted (HTTP 403). /health passes."""
+    error shape, a WebSocket handshake closed before it is accepted (HTTP 403). /health passes. A
+    repeated Host line is a 400 naming the header on every path and connection (repeated_header)."""
 
     def __init__(self, app, allowed_hosts: list[str]):
         self.app = app
@@ -232,6 +260,9 @@ class HostGuard:
             return host
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and repeated_header(scope, "Host"):
+            await _refuse_repeated(scope, send, "Host")
+            return
         host = self.refused_host(scope) if scope["type"] in ("http", "websocket") else None
         if host is None:
             await self.app(scope, receive, send)
@@ -241,4 +272,4 @@ class HostGuard:
             return
         reason = (f"host {host!r} (the Host header) is not served on a loopback connection, against DNS rebinding: "
                   "use localhost or 127.0.0.1, or add the name to allowed_hosts in the serve config")
-        await _forbidden(send, reason, "Host", "host_not_allowed")
+        await _refuse_header(send, reason, "Host", "host_not_allowed")
