@@ -19,7 +19,8 @@ Guards around llguidance (found by a break-test):
   - special tokens (mask, BOS, ...) are never allowed, and EOS only where the grammar may end: the
     bitmask llguidance computes can offer a special token whose text spells a literal of the grammar,
     which its matcher then refuses; where that text is forced (fast-forward), it is forced as the
-    ordinary tokens that spell it;
+    ordinary tokens that spell it, and a grammar that forces the token itself (Lark's `<|mask|>`,
+    `<[id]>`: its spelling is refused) is a DecodeParamError naming the token;
   - a grammar that matches no text, or a parser limit met mid-request, ends the request with a
     DecodeParamError naming the grammar's source field (the API answers 400), never an EOS that would
     pass an incomplete text off as complete;
@@ -136,10 +137,13 @@ class GrammarTokenizer:
                 self.keep, self._built = keep, built
             return self._built
 
+    def text(self, token: int) -> str:
+        """A token's text, a special token's included ("<|mask|>")."""
+        return self._hf.decode([token], skip_special_tokens=False)
+
     def spell(self, token: int) -> list[int]:
         """The ordinary tokens that spell a special token's text ("<|mask|>" -> "<", "|", ...)."""
-        text = self._hf.decode([token], skip_special_tokens=False)
-        return self._hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+        return self._hf.encode(self.text(token), add_special_tokens=False, split_special_tokens=True)
 
 
 class Grammar:
@@ -272,12 +276,29 @@ class TokenConstraint:
         # for those bytes. Such a token is forced as the ordinary tokens that spell its text instead.
         keep = self._tokenizer.keep
         if any(not keep[t // 8] >> (t % 8) & 1 for t in forced):
-            forced = [p for t in forced for p in ((t,) if keep[t // 8] >> (t % 8) & 1 else self._tokenizer.spell(t))]
-            forced = forced[: max(0, limit)]
+            spelled = [(t, [t] if keep[t // 8] >> (t % 8) & 1 else self._tokenizer.spell(t)) for t in forced]
+            forced = [p for _, spelling in spelled for p in spelling][: max(0, limit)]
+            self._check_spelled(spelled, self._matcher.validate_tokens(forced), len(forced))
         if forced and not self._matcher.consume_tokens(forced):
             raise self._failed(f"{len(forced)} forced tokens were refused")
         self._charge(started)
         return forced
+
+    def _check_spelled(self, spelled: list[tuple[int, list[int]]], accepted: int, total: int) -> None:
+        """DecodeParamError naming the special token whose ordinary spelling the grammar refuses: the
+        grammar asks for the token itself (Lark's `<|endoftext|>` or `<[id]>`), not its text, and
+        special tokens are never generated. `spelled`: each forced token with the tokens that write it;
+        `accepted`: how many of the `total` respelled tokens the matcher takes (validate_tokens)."""
+        if accepted >= total:
+            return
+        end = 0
+        for token, spelling in spelled:
+            end += len(spelling)
+            if end > accepted:
+                break
+        text = self._tokenizer.text(token)
+        raise DecodeParamError(self._source, f"the grammar requires the special token {text} (id {token}) here; "
+                               f'special tokens are never generated: remove it, or quote it ("{text}") for its text')
 
     @property
     def stopped(self) -> bool:

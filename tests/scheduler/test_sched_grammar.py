@@ -178,6 +178,27 @@ async def test_grammar_requests_refuse_refusion_mode_and_bad_grammars(engine_fac
     assert not engine.scheduler.waiting and not engine.scheduler.running
 
 
+@pytest.mark.parametrize("lark, token", [
+    ("start: <|endoftext|>", "<|endoftext|>"),
+    ('start: "a" <|mask|> "b"', "<|mask|>"),
+    ("start: <[{mask}]>", "<|mask|>"),  # by id
+    ('start: "<|mask|>" <|endoftext|>', "<|endoftext|>"),  # the quoted literal is text; the token is not
+])
+def test_a_grammar_that_forces_a_special_token_itself_is_refused_naming_it(runner, lark, token):
+    """Lark's `<|endoftext|>` / `<[id]>` ask for the special token itself, never generated here. Where
+    the grammar forces one, its ordinary spelling was tried and refused, and the error read "7 forced
+    tokens were refused: Parser Error: token "<" doesn't satisfy the grammar; forced bytes: got 'ÿ'"
+    (a break-test): it names the token, and what to write instead."""
+    tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
+    mask = runner.tokenizer.convert_tokens_to_ids("<|mask|>")
+    spec = GrammarSpec(LLMatcher.grammar_from_lark(lark.format(mask=mask)), source="structured_outputs.grammar")
+    with pytest.raises(DecodeParamError) as err:
+        Grammar(tokenizer, spec, _ids(runner, "x"))
+    assert err.value.field == "structured_outputs.grammar"
+    assert f"requires the special token {token}" in err.value.message, err.value.message
+    assert f'quote it ("{token}")' in err.value.message
+
+
 def test_each_run_gets_a_fresh_matcher_and_prefill_tokens_are_consumed(runner):
     tokenizer = GrammarTokenizer(runner.tokenizer, runner.info.vocab_size, runner.info.eos_token_id)
     lark = GrammarSpec(LLMatcher.grammar_from_lark('start: "<call>" /[a-z]+/ "</call>"'))
