@@ -3,7 +3,8 @@
 A tool's `parameters` are the client's schema, written for hosted models; before it is compiled into a
 call's grammar (integrations/structured_output.py) it is rewritten here, never mutated: every object
 that lists its properties is closed (`closed_objects`, as OpenAI's strict function calling), the
-`propertyNames` every JSON object meets is dropped (`without_string_key_rules`: zod 4's z.record()); it
+`propertyNames` every JSON object meets is dropped (`without_string_key_rules`: zod 4's z.record()), and
+so is a `format` the grammar engine does not know (`without_unknown_formats`: pydantic's "password"); it
 stays the root of its own schema in the call grammar (structured_output._call_rules), where its `$ref`s
 resolve as in the client's document. Only
 schema-valued keywords are followed: a const, enum, default or example is data.
@@ -11,6 +12,7 @@ schema-valued keywords are followed: a const, enum, default or example is data.
 
 from __future__ import annotations
 
+import functools
 import re
 
 
@@ -146,3 +148,32 @@ def without_string_key_rules(schema):
         return out
 
     return _rewritten(schema, drop)
+
+
+def without_unknown_formats(schema):
+    """`schema` without the `format` values llguidance does not know (pydantic writes "password" for
+    SecretStr, "binary" for bytes, "path" for Path, ...). JSON Schema 2020-12 (7.2) makes `format` an
+    annotation and says an implementation MUST NOT fail validation on a format it does not know; llguidance
+    refuses the whole schema ("Unknown format: password"), so `client.beta.chat.completions.parse` of such
+    a model was a 400. Formats it knows (date-time, email, uuid, ...) stay and constrain the text."""
+    def drop(node: dict, out: dict) -> dict:
+        if isinstance(out.get("format"), str) and not _known_format(out["format"]):
+            del out["format"]
+        return out
+
+    return _rewritten(schema, drop)
+
+
+@functools.lru_cache(maxsize=256)
+def _known_format(name: str) -> bool:
+    """Whether llguidance compiles a string of `format` `name` (its own list, asked, not copied here)."""
+    from llguidance import LLMatcher
+
+    grammar = LLMatcher.grammar_from_json_schema({"type": "string", "format": name})
+    return not LLMatcher.validate_grammar(grammar)
+
+
+def for_grammar(schema):
+    """`schema` as it is compiled into a grammar: `without_string_key_rules` and `without_unknown_formats`
+    (a new schema; the input is unchanged)."""
+    return without_string_key_rules(without_unknown_formats(schema))

@@ -30,7 +30,7 @@ import re
 from typing import Any
 
 from decoding.grammar import GrammarSpec, grammar_error
-from integrations.json_schemas import closed_objects, without_string_key_rules
+from integrations.json_schemas import closed_objects, for_grammar
 from integrations.request_limits import InputError
 from integrations.tool_calls import TOOL_CLOSE, TOOL_OPEN
 
@@ -64,7 +64,7 @@ def json_grammar(schema: Any, field: str, options: dict = JSON_OPTIONS) -> str:
         raise InputError(400, field, f"must be a JSON Schema object, got {type(schema).__name__}")
     _check_integers(schema, field)
     try:
-        grammar = LLMatcher.grammar_from_json_schema(without_string_key_rules(schema), overrides=options)
+        grammar = LLMatcher.grammar_from_json_schema(for_grammar(schema), overrides=options)
     except (ValueError, TypeError) as exc:
         raise InputError(400, field, f"is not a usable JSON Schema: {_plain(exc)}") from None
     return _checked(grammar, field, "the JSON Schema")
@@ -165,12 +165,12 @@ NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": Fals
 
 def _arguments_schema(function) -> dict:
     """The schema of a call's arguments: the function's `parameters` with its objects closed and without
-    the `propertyNames` every key meets (`without_string_key_rules`: a strict tool's z.record() compiles);
+    the `propertyNames` every key meets and unknown formats (`for_grammar`: a strict tool's z.record() compiles);
     no arguments (`{}`) when it has none; any object for `parameters: {}` (a schema that constrains
     nothing, but arguments are an object)."""
     if function.parameters is None:
         return NO_ARGUMENTS
-    return without_string_key_rules(closed_objects(function.parameters)) if function.parameters else ANY_OBJECT
+    return for_grammar(closed_objects(function.parameters)) if function.parameters else ANY_OBJECT
 
 
 def _call_rules(tools: list) -> str:
@@ -252,7 +252,7 @@ def tools_or_format_grammar(tools: list, schema: Any, field: str, parallel: bool
     from llguidance import LLMatcher
 
     _check_tools(tools)
-    answer = {**(without_string_key_rules(schema) if isinstance(schema, dict) else {}), "x-guidance": JSON_OPTIONS}
+    answer = {**(for_grammar(schema) if isinstance(schema, dict) else {}), "x-guidance": JSON_OPTIONS}
     repeat = 'call ("\\n"? call)*' if parallel else "call"
     lark = f"start: calls | answer\ncalls: {repeat}\n" + _call_rules(tools) + f"answer: %json {json.dumps(answer)}\n"
     grammar = _checked(LLMatcher.grammar_from_lark(lark), field, "the tools' calls or the format's JSON")

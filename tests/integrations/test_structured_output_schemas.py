@@ -347,3 +347,30 @@ def test_mode_refusion_with_an_output_format_is_a_400_naming_mode(fields):
     assert err.value.status == 400 and err.value.field == "mode" and "autoregressively" in err.value.message
     assert CompletionRequest(prompt="x", mode="ar", **fields).output_grammar() is not None
     assert CompletionRequest(prompt="x", mode="refusion", response_format={"type": "text"}).output_grammar() is None
+
+
+def test_formats_the_grammar_engine_does_not_know_are_annotations(accepts):
+    """pydantic writes format "password" (SecretStr), "binary" (bytes) and "path" (Path); llguidance
+    refused the whole schema ("Unknown format: password"), so `client.beta.chat.completions.parse` of such
+    a model, or a strict tool taking one, was a 400. JSON Schema 2020-12 (7.2): an unknown format must not
+    fail validation; it is dropped. A format it knows still constrains the text."""
+    from pathlib import Path
+
+    from pydantic import BaseModel, SecretStr
+
+    class Upload(BaseModel):
+        token: SecretStr
+        blob: bytes
+        where: Path
+        contact: str = ""
+
+    schema = Upload.model_json_schema()
+    schema["properties"]["contact"]["format"] = "email"
+    good = '{"token": "s3cret", "blob": "AAEC", "where": "/tmp/x", "contact": "a@b.io"}'
+    for strict in (False, True):
+        grammar = json_grammar(closed_objects(schema) if strict else schema, "response_format.json_schema.schema")
+        assert accepts(grammar, good)
+        assert not accepts(grammar, good.replace("a@b.io", "not an email"))
+    call = {"token": "s3cret", "blob": "AAEC", "where": "/tmp/x", "contact": "a@b.io"}
+    assert accepts(tool_grammar(_tools(schema, strict=True), "", 0).grammar, _call(call))
+    assert schema["properties"]["token"]["format"] == "password"  # the client's schema is left as given
