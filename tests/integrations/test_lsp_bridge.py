@@ -568,6 +568,8 @@ async def test_an_answered_error_is_one_line_in_the_log_not_a_traceback(tmp_path
     (["--url", "ws://"], "--url must be a WebSocket URL"),
     (["--suffix-lines", "-1"], "--suffix-lines must be an integer >= 0"),
     (["--log-file", "/nonexistent/dir/x.log"], "--log-file /nonexistent/dir/x.log: No such file or directory"),
+    (["--api-key", ""], "--api-key is empty; give the key the server requires"),  # was taken: no key was sent
+    (["--api-key= "], "--api-key is empty; give the key the server requires"),
 ])
 def test_cli_rejects_bad_arguments_with_a_clear_message(argv, message, capsys):
     from integrations.cli import main
@@ -576,6 +578,15 @@ def test_cli_rejects_bad_arguments_with_a_clear_message(argv, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"refusion lsp: error: {message}") and err.count("\n") == 1, err
 
+
+def test_cli_api_key_falls_back_to_a_stripped_env_key_and_reads_a_blank_one_as_none():
+    """Without --api-key the bridge sends env REFUSION_API_KEY, read as the server reads it
+    (auth.keys_from_env): stripped, and a blank one is no key rather than an error."""
+    from integrations.cli_lsp import api_key
+
+    assert api_key(None, {"REFUSION_API_KEY": " k1 "}) == "k1"
+    assert api_key(None, {"REFUSION_API_KEY": "  "}) is None and api_key(None, {}) is None
+    assert api_key("k2", {"REFUSION_API_KEY": "k1"}) == "k2"  # the flag wins
 
 
 async def test_backend_forgets_a_request_whose_send_failed_or_whose_caller_left():
