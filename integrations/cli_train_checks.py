@@ -14,6 +14,7 @@ from pathlib import Path
 from integrations.cli_train_flags import (FRESH_LR, INIT_LR, SHAPE_DEFAULTS, TrainArgumentError,
                                           check_training_memory, fresh_model)
 from integrations.cli_train_out import RUN_RECORDS
+from training.corpus import MIN_BPE_UNIT_TOKENS, MIN_UNIT_TOKENS
 from workers.batch import SEED_MAX
 
 # Weight files an --init directory may hold (transformers' names)
@@ -56,7 +57,9 @@ def _check_budget_flags(args) -> None:
 
 def _check_size_flags(args) -> None:
     """The fractions, counts and sizes: data split and batch, model shape, seed, threads and worker
-    processes, each in its range; the shape's head size even and --kv-heads dividing --heads."""
+    processes, each in its range; --seq-len long enough for a unit to fit (training.corpus.MIN_UNIT_TOKENS,
+    MIN_BPE_UNIT_TOKENS for a fresh model's tokenizer); the shape's head size even and --kv-heads dividing
+    --heads."""
     if not 0.0 <= args.chat_fraction < 1.0:
         raise TrainArgumentError("--chat-fraction", f"got {args.chat_fraction}; use a fraction in [0, 1), e.g. 0.25")
     if not 0.0 <= args.heldout_fraction < 1.0:
@@ -69,6 +72,12 @@ def _check_size_flags(args) -> None:
     for name in ("heldout_max", "data_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise TrainArgumentError("--" + name.replace("_", "-"), f"got {getattr(args, name)}; use 0 or more")
+    fewest = MIN_BPE_UNIT_TOKENS if args.init is None else MIN_UNIT_TOKENS
+    if args.seq_len < fewest:  # (refused once the corpus was built, minutes on stdlib: "no unit fits")
+        tokenizer = "the BPE tokenizer built for a fresh model" if args.init is None else "any tokenizer"
+        raise TrainArgumentError("--seq-len", f"got {args.seq_len}; no unit can fit: with {tokenizer} a unit's prompt, "
+                                              f"response and EOS take at least {fewest} tokens; use at least "
+                                              f"{fewest} (the default 256 fits most units)")
     if not 0 <= args.seed <= SEED_MAX:  # generate's --seed range (2**70 was an OverflowError once the corpus was built)
         raise TrainArgumentError("--seed", f"got {args.seed}; use an integer in 0..{SEED_MAX} (a signed 64-bit integer)")
     if args.threads is not None and args.threads < 1:

@@ -163,6 +163,30 @@ def test_bad_flags_exit_2_naming_the_flag(corpus_dir, tmp_path, capsys, argv, me
     assert message in capsys.readouterr().err
 
 
+def test_a_seq_len_no_unit_can_fit_is_refused_before_the_corpus_is_read(tmp_path, capsys):
+    """--seq-len 3 was refused ("no unit fits in 3 tokens") only once the corpus was read and tokenized,
+    ~70 s on stdlib. Below training.corpus.MIN_BPE_UNIT_TOKENS (6) no unit fits the tokenizer a fresh model
+    gets, and it is refused before the corpus is read; 6 itself trains, on a corpus of the shortest unit
+    there is. With --init (any tokenizer) the bound is MIN_UNIT_TOKENS (3)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "m.py").write_text("def _():\n _\n")  # prompt "def _():\n" (3 tokens), response " _\n" (2)
+    base = ["train", *TINY, "--corpus", str(corpus), "--steps", "1", "--vocab-size", "300", "--heldout-fraction", "0"]
+    assert main([*base, "--out", str(tmp_path / "m5"), "--seq-len", "5", "--batch-tokens", "5"]) == 2
+    out, err = capsys.readouterr()
+    assert "reading the corpus" not in out, out
+    assert ("--seq-len: got 5; no unit can fit: with the BPE tokenizer built for a fresh model a unit's prompt, "
+            "response and EOS take at least 6 tokens; use at least 6") in err, err
+    assert main([*base, "--out", str(tmp_path / "m6"), "--seq-len", "6", "--batch-tokens", "6"]) == 0
+    assert "1 train (0 chat) / 0 held-out units, 6 tokens per epoch" in capsys.readouterr().out
+    # --init: any tokenizer's bound, checked before the checkpoint (here not one: refused next, for that)
+    assert main([*base, "--out", str(tmp_path / "i"), "--seq-len", "2", "--init", str(corpus)]) == 2
+    assert "--seq-len: got 2; no unit can fit: with any tokenizer a unit's prompt, response and EOS take at least 3 " \
+           "tokens" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "i"), "--seq-len", "3", "--init", str(corpus)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
 def test_out_never_replaces_a_model_unless_asked(corpus_dir, tmp_path, capsys):
     """--out naming a directory that holds a model (the shipped one, say) is refused: the run would
     replace its weights and keep its card (a break-test). --overwrite allows it; a directory where a run
