@@ -256,7 +256,11 @@ def run(args) -> int:
     try:
         result = generate(args)
     except (GenerateArgumentError, DecodeParamError, ModelDirError) as exc:
-        if isinstance(exc, DecodeParamError):
+        # Named as refusion serve names them (serve_preflight): the flag typed, or for a problem of the
+        # model directory's files, --model and the file's path
+        if isinstance(exc, DecodeParamError) and exc.field in ("refusion.json", "config.json"):
+            exc = f"--model: {_model_dir(args) / exc.field}: {exc.message}"  # the file itself (unreadable, a key)
+        elif isinstance(exc, DecodeParamError):
             flag = FLAGS.get(exc.field, exc.field)
             if flag in FLAGS.values() and getattr(args, flag[2:].replace("-", "_"), None) is None:
                 # not given as a flag: the value came from the model's refusion.json

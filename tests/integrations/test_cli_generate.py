@@ -303,6 +303,11 @@ def _config_with(**changes):
     ("config.json", _config_with(dtype="auto"), "config.json: dtype is 'auto'; give a torch dtype's name"),
     ("tokenizer.json", '{"garbage": 1}', "tokenizer.json: cannot be loaded"),
     ("refusion.json", '{"slot_size": -4}', "refusion.json: slot_size: "),
+    # the file itself (a key it may not hold, not an object, not JSON) was prefixed "refusion.json:", not --model
+    ("refusion.json", '{"bogus": 1}', "refusion.json: unknown key 'bogus'"),
+    ("refusion.json", '{"seed": 1}', "refusion.json: 'seed' in "),
+    ("refusion.json", "[1]", "refusion.json: "),
+    ("refusion.json", "{not json", "refusion.json: cannot read "),
 ])
 def test_a_damaged_model_directory_is_one_line_naming_the_file(tiny_model_dir, tmp_path, capsys, name, content, needle):
     """A truncated or foreign safetensors file, a config.json of the wrong shape or types, a tokenizer.json
