@@ -18,7 +18,8 @@ Retry-After, running ones get drain_timeout_s to finish and the rest end with a 
 drain_timeout_s plus a margin). Once it has exited, connections are refused (exit status 0). A second Ctrl-C
 stops at once, dropping open streams, and exits with 130.
 With a local Ray, replicas it has no CPUs, GPUs or custom resources for are refused before any starts
-(integrations/serve_preflight.py: room_problem, exit 2). While the application is still starting, Ctrl-C
+(integrations/serve_preflight.py: room_problem, exit 2), and runner settings that need CUDA (device cuda,
+cuda_graphs, paged attention) on a machine without it before Ray starts. While the application is still starting, Ctrl-C
 or SIGTERM removes it and exits with 130, unless
 its replicas up already answer requests (others waiting for room on a cluster): then they are drained
 as above; a deploy Ray reports as failed exits with 1 (integrations/serve_start.py). On Linux with a
@@ -41,6 +42,7 @@ from pathlib import Path
 from integrations.engine_host import RUNNER_DTYPES
 from integrations.serve_config import DEFAULT_MODEL
 from integrations.serve_config_file import CLIError, ConfigFile, merged_config
+from integrations.serve_deployments import ENGINE_DEPLOYMENT
 from integrations.serve_preflight import check_bindable, check_reachable, checked_setup, port_number, room_problem
 from integrations.serve_ray import address_from_env, local_ray_on_loopback, start_ray, start_serve
 
@@ -130,6 +132,9 @@ def _run(args: argparse.Namespace) -> int:
     file = checked_setup(args)
     if file is None:
         return 2
+    if not args.address and (problem := _no_cuda_problem(args, file)):  # (after ray.init it took ~16 s)
+        print(f"refusion serve: {problem}", file=sys.stderr, flush=True)
+        return 2
     signals = _StopSignals()
     signals.install()  # before Ray starts: a signal inside ray.init left its half-started agents running
     quiet = ServeConfig.model_validate(file.args).ray_logging()
@@ -186,23 +191,51 @@ def _local_ray_problem(args: argparse.Namespace, file: ConfigFile, resources: di
              f"--config {args.config}" if args.config else "the default settings")
     if problem := room_problem(starting_demand(config, file.deployments), resources, where):
         return problem
-    runner = config.get("runner") or {}
+    if resources.get("GPU", 0) < 1:
+        return _cpu_replica_problem(args, file, "this machine has no GPU that Ray sees")
+    return None
+
+
+# runtime_env keys that give the replicas a Python environment of their own (another torch, maybe with CUDA)
+_OWN_PYTHON_KEYS = ("pip", "conda", "uv", "container", "image_uri", "py_executable")
+
+
+def _no_cuda_problem(args: argparse.Namespace, file: ConfigFile) -> str | None:
+    """Before a local Ray starts: the runner settings that need CUDA (_cpu_replica_problem) when torch here
+    finds no CUDA device, as the replicas, run by this Python on this machine, will not either. Left to
+    _local_ray_problem, once Ray says what it sees, when a runtime_env gives the replicas another Python
+    environment or sets CUDA_VISIBLE_DEVICES."""
+    import torch
+
+    actor = ((file.deployments or {}).get(ENGINE_DEPLOYMENT) or {}).get("ray_actor_options") or {}
+    for env in (file.runtime_env or {}, actor.get("runtime_env") or {}):
+        if not isinstance(env, dict) or set(_OWN_PYTHON_KEYS) & set(env) \
+                or "CUDA_VISIBLE_DEVICES" in (env.get("env_vars") or {}):
+            return None
+    if torch.cuda.is_available():
+        return None
+    return _cpu_replica_problem(args, file, "this machine has no GPU (torch finds no CUDA device)")
+
+
+def _cpu_replica_problem(args: argparse.Namespace, file: ConfigFile, why: str) -> str | None:
+    """Why engine replicas without a GPU (`why` says so, for the message) cannot run the runner settings:
+    device cuda, or with no device (the runner's default is then the CPU) CUDA graphs, or paged attention
+    without Triton's interpreter. Each failed every replica after Ray had started. None when they can."""
+    runner = file.args.get("runner") or {}
     place = f"--config {args.config}: {file.args_path}runner" if args.config else "runner"
-    device, no_gpu = str(runner.get("device") or ""), resources.get("GPU", 0) < 1
-    if device.startswith("cuda") and no_gpu:  # (each replica failed)
-        return (f"{place}.device: {device}, but this machine has no GPU that Ray sees; set cpu, or leave it unset "
-                "(CUDA when there is one)")
-    if device or not no_gpu:  # (device cpu with CUDA graphs: refused when the config was read)
+    device = str(runner.get("device") or "")
+    if device.startswith("cuda"):  # (each replica failed)
+        return f"{place}.device: {device}, but {why}; set cpu, or leave it unset (CUDA when there is one)"
+    if device:  # (device cpu with CUDA graphs: refused when the config was read)
         return None
     # no device and no GPU: the replicas run on the CPU (ModelRunner's default), where these fail each one
     if runner.get("cuda_graphs") not in (None, False):
-        return (f"{place}.cuda_graphs: needs a CUDA device, and this machine has no GPU that Ray sees, so the "
-                "replicas run on the CPU: remove cuda_graphs (or set it false)")
+        return (f"{place}.cuda_graphs: needs a CUDA device, and {why}, so the replicas run on the CPU: remove "
+                "cuda_graphs (or set it false)")
     env = {**os.environ, **((file.runtime_env or {}).get("env_vars") or {})}  # what a local Ray's replicas get
     if runner.get("attention") == "paged" and str(env.get("TRITON_INTERPRET", "")).lower() not in ("1", "true", "on"):
-        return (f"{place}.attention: 'paged' runs on CUDA, and this machine has no GPU that Ray sees, so the "
-                "replicas run on the CPU, where it needs Triton's interpreter (TRITON_INTERPRET=1 in "
-                "runtime_env.env_vars): use attention 'sdpa'")
+        return (f"{place}.attention: 'paged' runs on CUDA, and {why}, so the replicas run on the CPU, where it "
+                "needs Triton's interpreter (TRITON_INTERPRET=1 in runtime_env.env_vars): use attention 'sdpa'")
     return None
 
 

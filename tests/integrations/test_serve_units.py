@@ -624,6 +624,58 @@ def test_runner_settings_no_replica_can_run_are_refused_before_ray_starts(tiny_m
     assert checked_setup(parser.parse_args(["--config", str(path), "--port", str(free_port())])) is not None
 
 
+def test_cuda_runner_settings_without_cuda_here_are_refused_before_ray_starts(tiny_model_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    """device cuda, CUDA graphs or paged attention on a local Ray, where torch here finds no CUDA device, was
+    refused by _local_ray_problem only once ray.init had run (~16 s): the replicas, this Python on this
+    machine, find none either, so it is refused before Ray starts. A runtime_env that gives the replicas
+    another Python environment, or their own CUDA_VISIBLE_DEVICES, leaves it to the check after ray.init;
+    so does --address (a cluster's nodes are not this machine)."""
+    import torch
+    from ports import free_port
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (tests/conftest.py sets it)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    started = []
+
+    def start_ray(*_args, **_kwargs):  # stands for ray.init: record it, then stop there
+        started.append(True)
+        return False
+
+    monkeypatch.setattr(cli_serve, "start_ray", start_ray)
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+
+    def serve(runner: dict, runtime_env: dict | None = None) -> tuple[int, str]:
+        path = tmp_path / "serve.yaml"
+        app = {"name": "refusion", "import_path": "integrations.serve_app:build_app",
+               "args": {"model": str(tiny_model_dir), "runner": runner}}
+        if runtime_env:
+            app["runtime_env"] = runtime_env
+        path.write_text(json.dumps({"applications": [app]}))
+        started.clear()
+        code = cli_serve.run(parser.parse_args(["--config", str(path), "--port", str(free_port())]))
+        return code, capsys.readouterr().err
+
+    where = f"refusion serve: --config {tmp_path / 'serve.yaml'}: applications[0].args.runner"
+    for runner, said in (({"device": "cuda"}, ".device: cuda, but this machine has no GPU (torch finds no CUDA "
+                                                "device); set cpu"),
+                         ({"device": "cuda:1"}, ".device: cuda:1, but this machine has no GPU"),
+                         ({"cuda_graphs": True}, ".cuda_graphs: needs a CUDA device, and this machine has no GPU "
+                                                 "(torch finds no CUDA device), so the replicas run on the CPU"),
+                         ({"attention": "paged"}, ".attention: 'paged' runs on CUDA, and this machine has no GPU")):
+        code, err = serve(runner)
+        assert code == 2 and err.startswith(where + said) and err.count("\n") == 1, err
+        assert not started, runner  # before ray.init
+    # settings the CPU runs, and runtime_envs that may give the replicas CUDA: on to ray.init
+    for runner, runtime_env in (({"device": "cpu"}, None), ({"attention": "paged"}, {"env_vars": {"TRITON_INTERPRET": "1"}}),
+                                ({"device": "cuda"}, {"pip": ["torch"]}),
+                                ({"device": "cuda"}, {"env_vars": {"CUDA_VISIBLE_DEVICES": "0"}})):
+        code, err = serve(runner, runtime_env)
+        assert code == 2 and started and "runner" not in err, (runner, runtime_env, err)
+
+
 def test_config_file_faults_are_one_line_naming_the_file(tmp_path):
     """A YAML syntax error, a directory, a non-UTF-8 file or a wrongly shaped applications list is a
     CLIError naming the file and what to change, not a yaml or Python traceback (a break-test)."""
