@@ -173,7 +173,15 @@ def _known_format(name: str) -> bool:
     return not LLMatcher.validate_grammar(grammar)
 
 
+def without_annotations(schema):
+    """`schema` without the keywords that constrain nothing (_ANNOTATIONS: description, title, $comment,
+    examples) in any of its schemas (a property named "description" stays: only schema-valued keywords
+    are followed). They are copied into the compiled grammar, whose size is capped
+    (decoding.grammar.MAX_GRAMMAR_CHARS): a long description was refused as the grammar's size."""
+    return _rewritten(schema, lambda node, out: {k: v for k, v in out.items() if k not in _ANNOTATIONS})
+
+
 def for_grammar(schema):
-    """`schema` as it is compiled into a grammar: `without_string_key_rules` and `without_unknown_formats`
-    (a new schema; the input is unchanged)."""
-    return without_string_key_rules(without_unknown_formats(schema))
+    """`schema` as it is compiled into a grammar: `without_string_key_rules`, `without_unknown_formats` and
+    `without_annotations` (a new schema; the input is unchanged)."""
+    return without_annotations(without_string_key_rules(without_unknown_formats(schema)))

@@ -374,3 +374,22 @@ def test_formats_the_grammar_engine_does_not_know_are_annotations(accepts):
     call = {"token": "s3cret", "blob": "AAEC", "where": "/tmp/x", "contact": "a@b.io"}
     assert accepts(tool_grammar(_tools(schema, strict=True), "", 0).grammar, _call(call))
     assert schema["properties"]["token"]["format"] == "password"  # the client's schema is left as given
+
+
+def test_descriptions_do_not_count_toward_the_grammar_cap(accepts):
+    """A schema's descriptions were copied into the compiled grammar, so a long one (an OpenAPI spec's
+    prose) was refused as "the compiled grammar has 1,200,2xx characters" although it constrains nothing.
+    Annotations (description, title, $comment, examples) are dropped before compiling; a property named
+    "description" is data and stays required."""
+    from decoding.grammar import MAX_GRAMMAR_CHARS
+
+    prose = "word " * (MAX_GRAMMAR_CHARS // 4)
+    schema = {"type": "object", "title": "T", "description": prose,
+              "properties": {"description": {"type": "string", "description": prose, "examples": ["x"]}},
+              "required": ["description"]}
+    grammar = json_grammar(schema, "response_format.json_schema.schema")
+    assert len(grammar) < MAX_GRAMMAR_CHARS and accepts(grammar, '{"description": "d"}')
+    assert not accepts(grammar, "{}")
+    call = tool_grammar(_tools(schema), "", 0).grammar
+    assert len(call) < MAX_GRAMMAR_CHARS and accepts(call, _call({"description": "d"}))
+    assert schema["description"] == prose  # the client's schema is left as given
