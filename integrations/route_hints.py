@@ -3,9 +3,12 @@ the served route the client most likely meant, with the base-URL slip behind it,
 listed. The slips: a base URL without its /v1 (the OpenAI SDK's base_url ends in /v1; llama.cpp's server
 serves both forms), one with /v1 where Anthropic's SDK adds it itself (so /v1/v1/messages), and a trailing
 slash (the app does not redirect one: a 307 to an absolute http:// URL breaks behind a TLS proxy, and a
-client that does not follow redirects read an empty body)."""
+client that does not follow redirects read an empty body); else a route spelled almost alike
+(/v1/chat/completion: `close_routes`)."""
 
 from __future__ import annotations
+
+import difflib
 
 from starlette.routing import Match
 
@@ -21,11 +24,24 @@ def unknown_route_message(request) -> str:
     path = request.scope.get("path", "")
     path = path[len(root):] if root and path.startswith(root) else path
     message = f"Invalid URL ({request.method} {request.url.path}): not a route of this server"
-    for meant, why in _guesses(path):
+    routes = request.app.router.routes
+    for meant, why in [*_guesses(path), *close_routes(path, request.app.openapi().get("paths", {}))]:
         probe = {**request.scope, "path": root + meant}
-        if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+        if any(route.matches(probe)[0] is Match.FULL for route in routes):
             return f"{message}; did you mean {root + meant}? {why}"
     return f"{message} {NOT_OFFERED}"
+
+
+def close_routes(path: str, served) -> list[tuple[str, str]]:
+    """(route, why) for the `served` route paths (the app's OpenAPI paths; those with {parameters} left
+    out) spelled almost as `path` (with /v1 added where it lacks one), closest first: a letter missing,
+    doubled or swapped (difflib's ratio at least 0.9, so /v1/completions and /v1/chat/completions never
+    stand for each other)."""
+    paths = sorted(p for p in served if "{" not in p)
+    bare = path.rstrip("/") or "/"
+    targets = [bare] if bare.startswith("/v1/") else [bare, "/v1" + bare]
+    found = [m for t in targets for m in difflib.get_close_matches(t, paths, n=2, cutoff=0.9)]
+    return [(m, "A route with a name almost alike") for m in dict.fromkeys(found)]
 
 
 def _guesses(path: str):

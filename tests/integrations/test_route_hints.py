@@ -16,6 +16,7 @@ from integrations.openai_api import APISettings, create_app
 
 USER = [{"role": "user", "content": "hi"}]
 OPENAI_BASE = "An OpenAI client's base_url ends in /v1"
+CLOSE = "A route with a name almost alike"
 ANTHROPIC_BASE = "An Anthropic client's base_url is the server's root, without /v1 (the SDK adds /v1/messages)"
 
 
@@ -35,6 +36,12 @@ def app(fake_client):  # noqa: F811
     ("POST", "/v1/v1/messages/count_tokens", "/v1/messages/count_tokens", ANTHROPIC_BASE),
     ("POST", "/v1/messages/", "/v1/messages", "Routes here have no trailing slash"),
     ("POST", "/completion/", "/completion", "Routes here have no trailing slash"),  # llama.cpp's
+    # a route spelled almost alike (a letter missing, doubled or swapped): close_routes
+    ("POST", "/v1/chat/completion", "/v1/chat/completions", CLOSE),
+    ("POST", "/chat/completion", "/v1/chat/completions", CLOSE),
+    ("POST", "/v1/chat/compeltions", "/v1/chat/completions", CLOSE),
+    ("GET", "/v1/model", "/v1/models", CLOSE),
+    ("GET", "/healthz", "/health", CLOSE),
 ])
 @pytest.mark.parametrize("root_path", ["", "/api"])
 async def test_a_slip_in_the_url_names_the_route_meant(app, method, path, meant, why, root_path):
