@@ -164,7 +164,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        param, message = validation_answer(exc.errors(), _api_path(request.scope))
+        param, message = validation_answer(exc.errors(), _api_path(request.scope),
+                                           getattr(request.state, "body_fields", ()))
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

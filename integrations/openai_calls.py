@@ -48,6 +48,8 @@ async def read_body(request: Request, model: type[BaseModel]):
     """The request body as `model`: JSON faults are request_limits.InputError, field faults
     RequestValidationError (both 400 naming the field)."""
     data = await read_json_object(request)
+    # the names an unknown field may be a misspelling of (validation_errors.close_field)
+    request.state.body_fields = [f.alias or name for name, f in model.model_fields.items()]
     try:
         return model.model_validate(data)
     except ValidationError as exc:

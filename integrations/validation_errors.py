@@ -2,11 +2,14 @@
 the field it names, dotted as the client wrote it (`stop.0`, `messages.2.content`), pydantic's message
 without its prefixes, every unknown field at once, and where a field this server offers under another
 name went (OpenAI's deprecated `functions`; the chat fields a Responses client sends, as OpenAI's 400
-says "In the Responses API, this parameter has moved to ..."). The route models (openai_models,
+says "In the Responses API, this parameter has moved to ..."), and the field an unknown one is likely a
+misspelling of ("moed: ...; did you mean `mode`?"). The route models (openai_models,
 responses_models, anthropic_models, the llama.cpp routes) name fields with the same helpers.
 """
 
 from __future__ import annotations
+
+import difflib
 
 
 def validation_field(loc: tuple) -> str | None:
@@ -81,9 +84,24 @@ def also_missing(errors: list[dict], param: str | None) -> str:
     return f" (also required: {_listed(others)})" if others else ""
 
 
-def validation_answer(errors: list[dict], api_path: str) -> tuple[str | None, str]:
+MAX_MISSPELT_CHARS = 64  # the longest unknown field name close_field compares
+
+
+def close_field(name: str, fields) -> str | None:
+    """The one of `fields` (a body model's top-level names) `name`, an unknown top-level field, is most
+    likely a misspelling of ("moed" -> "mode", "max_token" -> "max_tokens"; difflib's ratio at least
+    0.75); None for none, for a nested name ("a.b"), and for one longer than any field name could be
+    misspelled as (a client's megabyte key would cost difflib's work on the event loop)."""
+    if "." in name or not fields or len(name) > MAX_MISSPELT_CHARS:
+        return None
+    found = difflib.get_close_matches(name, sorted(fields), n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
+def validation_answer(errors: list[dict], api_path: str, fields=()) -> tuple[str | None, str]:
     """(param, message) of the 400 for pydantic's `errors` on the route at `api_path` (its path without
-    a root_path: http_errors._api_path); param None when the body as a whole is wrong."""
+    a root_path: http_errors._api_path); param None when the body as a whole is wrong. `fields`: the
+    body model's top-level field names, for "did you mean" on an unknown one (close_field)."""
     first = _most_specific(errors) if errors else {"loc": (), "msg": "invalid request body"}
     param = validation_field(tuple(first.get("loc", ())))
     message = f"{_short(param)}: {validation_message(first)}" if param else validation_message(first)
@@ -100,5 +118,7 @@ def validation_answer(errors: list[dict], api_path: str) -> tuple[str | None, st
     for f in unknown:
         if f in hints:
             said.setdefault(hints[f], f)
+        elif f and (near := close_field(f, fields)):
+            said.setdefault(f"did you mean `{near}`?", f)
     message += "".join(f"; {hint}" if f == param else f"; {f}: {hint}" for hint, f in said.items())
     return param, message

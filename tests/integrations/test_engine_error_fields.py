@@ -198,3 +198,21 @@ async def test_many_unknown_fields_leave_room_for_the_hint(fake_client):  # noqa
         error = (await http.post("/v1/responses", json=body)).json()["error"]
     assert error["message"].startswith("x" * 79 + "…: Extra inputs are not permitted (nor are: field_0, field_1"), error
     assert error["message"].endswith("… (401 in all)); max_tokens: in the Responses API it is `max_output_tokens`"), error
+
+
+@pytest.mark.parametrize("path, body, said", [
+    ("/v1/completions", {"prompt": "x", "moed": "ar"}, "moed: Extra inputs are not permitted; did you mean `mode`?"),
+    ("/v1/chat/completions", {"messages": USER, "temprature": 0}, "did you mean `temperature`?"),
+    ("/v1/responses", {"input": "hi", "max_output_token": 8}, "did you mean `max_output_tokens`?"),
+    ("/v1/messages", {"messages": USER, "max_tokens": 8, "stop_sequence": ["x"]}, "did you mean `stop_sequences`?"),
+])
+async def test_a_misspelt_field_is_told_the_field_meant(fake_client, path, body, said):  # noqa: F811
+    """An unknown top-level field spelled almost as one of the route's was only "moed: Extra inputs are not
+    permitted" (helper-258's new-user run): the client had to find `mode` in the docs."""
+    app = create_app(APISettings(model_name=fake_client.model_name), fake_client)
+    body = body | ({"model": fake_client.model_name} if path == "/v1/messages" else {})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post(path, json=body)
+        far = await http.post(path, json=body | {"zzqx": 1})
+    assert response.status_code == 400 and said in response.json()["error"]["message"], response.text
+    assert "did you mean `zzqx`" not in far.text and far.text.count("did you mean") == 1, far.text
