@@ -28,6 +28,13 @@ def test_no_confident_slot_and_a_tie_chooses_the_first_slot_by_position():
     assert d.next_segment(1000).positions == [5, 6, 7, 8]
 
 
+def test_no_confident_slot_chooses_the_most_confident_not_the_first_or_the_least():
+    """Spec step 1: 'if none does, choose the single most confident slot'."""
+    d = RefusionDecoder("r", PROMPT, _params(gen_length=24, serial_num_blocks=2))  # slots 5, 9, 13
+    _plan(d, [([20, 21, 22, 23], 0.3), ([30, 31, 32, 33], 0.6), ([40, 41, 42, 43], 0.5)])
+    assert d.next_segment(1000).positions == [9, 10, 11, 12]
+
+
 # ---- step 2 / 3: "A token passes if its probability exceeds token_threshold" (strict) --------------
 
 def test_token_probability_equal_to_token_threshold_fails_at_verify_and_in_branches():
@@ -132,3 +139,86 @@ def test_tokens_per_forward_counts_the_decoding_forwards_not_prompt_chunks():
             _answer(d, seg, [(-1, 0.9)] * 3)
     assert runs == 5 and d.stats.generated_tokens == 4  # 3 prompt chunks (2+2+1), the plan, the verify
     assert d.stats.prefill_forwards == 3 and d.stats.forwards == 2 and d.stats.tokens_per_forward == 2.0
+
+
+# ---- steps 2 and 4: "drop every pool slot from the EOS slot on", not from the first chosen slot ------
+# A pool slot positioned between the first chosen slot and the EOS slot was not chosen: it stays in the
+# pool and is decoded, else the text has a hole there. (Found by a mutation audit: dropping from the
+# first chosen slot passed every other test, engine-vs-oracle runs included.)
+
+def test_eos_at_verify_keeps_unchosen_pool_slots_before_the_eos_slot():
+    """Spec step 2, 'If prefix holds an EOS': drop every pool slot from the EOS slot on (by position:
+    not from the first chosen slot, nor from the EOS slot's index among the chosen)."""
+    d = RefusionDecoder("r", PROMPT, _params(gen_length=40, serial_num_blocks=2))  # block 1: slots 5..21
+    _plan(d, [([20, 21, 22, 23], 0.95), ([30, 31, 32, 33], 0.2), ([40, 41, 42, 43], 0.2),
+              ([60, EOS, 62, 63], 0.95), ([70, 71, 72, 73], 0.2)])
+    verify = d.next_segment(1000)
+    assert verify.positions == [5, 6, 7, 8, 17, 18, 19, 20]
+    _answer(d, verify, [(-1, 0.9)] * 6)  # everything passes: the prefix holds slot 17's EOS
+    assert d.accepted == {5: 20, 6: 21, 7: 22, 8: 23, 17: 60, 18: EOS}
+    assert d.pool.starts == [9, 13] and d.phase is Phase.PLAN  # 21 dropped; 9 and 13 kept
+    _plan(d, [([30, 31, 32, 33], 0.95), ([40, 41, 42, 43], 0.95)])
+    _answer(d, d.next_segment(1000), [(-1, 0.9)] * 6)
+    assert d.finished and d.output_ids() == [20, 21, 22, 23, 30, 31, 32, 33, 40, 41, 42, 43, 60]
+
+
+def test_eos_in_completion_keeps_unchosen_pool_slots_before_the_eos_branch():
+    """Spec step 4: if an EOS was committed, drop every pool slot positioned after the EOS slot (the
+    EOS slot's position: not the first branch's, nor the EOS branch's index into the pool, the seed's bug)."""
+    d = RefusionDecoder("r", PROMPT, _params(gen_length=40, serial_num_blocks=2))  # block 1: slots 5..21
+    _plan(d, [([20, 21, 22, 23], 0.95), ([30, 31, 32, 33], 0.2), ([40, 41, 42, 43], 0.2),
+              ([60, 61, 62, 63], 0.95), ([70, 71, 72, 73], 0.2)])
+    verify = d.next_segment(1000)
+    assert verify.positions == [5, 6, 7, 8, 17, 18, 19, 20]
+    _answer(d, verify, [(-1, 0.1)] * 6)  # no whole slot: branches 5 and 17
+    assert [b.start for b in d.branches] == [5, 17]
+    _answer(d, d.next_segment(1000), [(24, .3), (25, .3), (26, .3), (EOS, .3), (65, .3), (66, .3)])
+    _answer(d, d.next_segment(1000), [(-1, 0.9), (-1, 0.9), (-1, 0.1), (-1, 0.1)])  # 5 completes; 17: EOS
+    assert d.accepted == {5: 20, 6: 24, 7: 25, 8: 26, 17: 60, 18: EOS}
+    assert d.pool.starts == [9, 13] and d.phase is Phase.PLAN  # 21 dropped; 9 and 13 kept
+    _plan(d, [([30, 31, 32, 33], 0.95), ([40, 41, 42, 43], 0.95)])
+    _answer(d, d.next_segment(1000), [(-1, 0.9)] * 6)
+    assert d.finished and d.output_ids() == [20, 24, 25, 26, 30, 31, 32, 33, 40, 41, 42, 43, 60]
+
+
+# ---- "cut at the first EOS": with logprobs, the EOS entry reported is the first EOS's in the text -----
+
+def test_eos_logprob_is_the_first_eos_in_text_order_when_a_slot_before_it_ends_on_eos_later():
+    """Spec, end of the loop: 'sort accepted tokens by logical position and cut at the first EOS'. An EOS
+    committed first (slot 13) finishes the request after the block, but a pool slot before it (5) is
+    decoded later and ends on an EOS of its own: that one ends the text, and eos_logprob (Decoder API:
+    the EOS the text ended on) is its entry, not the later-positioned EOS's."""
+    from workers.batch import SegmentResult, TokenLogprob
+
+    def answer(d, seg, values, logprob):
+        rows = seg.reads.argmax or seg.reads.prob
+        tokens = [t for t, _ in values] if seg.reads.argmax else list(seg.reads.prob_tokens)
+        assert len(values) == len(rows)
+        d.absorb(SegmentResult(seg.seq_id, [t for t, _ in values], [p for _, p in values],
+                               logprobs=[TokenLogprob(t, logprob) for t in tokens]))
+
+    def plan_values(drafts):
+        return [(t, conf if j == 0 else 0.5) for tokens, conf in drafts for j, t in enumerate(tokens)]
+
+    d = RefusionDecoder("r", PROMPT, _params(gen_length=24, serial_num_blocks=2, logprobs=1))  # slots 5, 9, 13
+    answer(d, d.next_segment(1000), plan_values([([20, 21, 22, 23], 0.2), ([30, 31, 32, 33], 0.2),
+                                                 ([60, EOS, 62, 63], 0.95)]), -3.0)
+    answer(d, d.next_segment(1000), [(-1, 0.9)] * 3, -2.0)  # slot 13 up to its EOS at 14 (verify read)
+    assert d.accepted == {13: 60, 14: EOS} and d.pool.starts == [5, 9] and d.finish_after_block
+    answer(d, d.next_segment(1000), plan_values([([EOS, 21, 22, 23], 0.95), ([30, 31, 32, 33], 0.2)]), -1.0)
+    answer(d, d.next_segment(1000), [(-1, 0.1)] * 3, -2.5)  # prefix 1: slot 5's first token, an EOS
+    assert d.finished and d.output_ids() == [] and sorted(p for p, t in d.accepted.items() if t == EOS) == [5, 14]
+    assert d.eos_logprob() == TokenLogprob(EOS, -1.0)  # position 5's plan read, not position 14's
+
+
+# ---- step 2: "If prefix holds an EOS" -- any of the model's end tokens is EOS (DecodeParams.ends) ----
+
+def test_another_end_token_in_the_verify_prefix_ends_the_text_as_eos_does():
+    """Spec step 2, EOS in the prefix; a model's other end tokens (end_token_ids) are EOS wherever the
+    spec names it: slot 9 is cut just after it, the later slot 13 is dropped, the request finishes."""
+    END = 7
+    d = RefusionDecoder("r", PROMPT, _params(gen_length=24, serial_num_blocks=2, end_token_ids=(END,)))
+    _plan(d, [([20, 21, 22, 23], 0.95), ([30, END, 32, 33], 0.95), ([40, 41, 42, 43], 0.2)])
+    _answer(d, d.next_segment(1000), [(-1, 0.9)] * 6)
+    assert d.accepted == {5: 20, 6: 21, 7: 22, 8: 23, 9: 30, 10: END} and d.pool.starts == []
+    assert d.finished and d.output_ids() == [20, 21, 22, 23, 30]
