@@ -212,3 +212,50 @@ def test_decode_batch_frees_sequences_when_the_forward_fails():
     assert sorted(runner.freed) == ["a", "b"]
     with pytest.raises(ValueError):
         decode_batch(runner, [ARDecoder("a", PROMPT, _params()), ARDecoder("a", PROMPT, _params())])
+
+
+def test_an_infill_handoff_counts_the_suffix_as_cached_suffix_not_prompt():
+    """decoding.context: cache = [prompt] [suffix] [generated]; a handoff states what is cached of each,
+    so the next decoder feeds nothing twice and nothing is missing: prompt + generated = cached_len, the
+    whole suffix = suffix_cached_len. (A mutation audit found nothing pinned this split: counting the
+    first suffix token as a prompt token passed every test, and made the AR continuation's feed invalid.)"""
+    d = RefusionDecoder("r", PROMPT, _params(), suffix_ids=[90, 91])  # 2 blocks of 8
+    seg = _plan(d, [([20, 21, 22, 23], 0.95), ([30, 31, 32, 33], 0.95)])
+    assert seg.token_ids[:7] == PROMPT + [90, 91] and seg.positions[:7] == [0, 1, 2, 3, 4, 21, 22]
+    _answer(d, d.next_segment(1000), [(-1, 0.9)] * 6)
+    assert d.phase is Phase.NEXT_BLOCK and d.cache_len == 5 + 2 + 8
+    h = d.handoff()
+    assert (h.cached_len, h.suffix_ids, h.suffix_cached_len, h.remaining) == (5 + 8, [90, 91], 2, 8)
+    ar = ARDecoder.from_handoff("r", h, _params())
+    seg = ar.next_segment(1000)  # nothing left to feed: the mask at the first position left, after the cache
+    assert (seg.context_len, seg.token_ids, seg.positions) == (15, [MASK], [13])
+
+
+def test_a_first_step_that_fits_the_budget_exactly_carries_the_whole_prompt():
+    """The first plan carries the prompt tail (decoding.refusion; AR's first step likewise, decoding.ar): a
+    step of prompt + pool masks (AR: + one mask) that is exactly `budget` tokens fits it, so it is one
+    forward, with no prompt chunk before it."""
+    d = RefusionDecoder("r", PROMPT, _params())  # 5 prompt tokens + 8 masks of block 1
+    seg = d.next_segment(13)
+    assert d.phase is Phase.PLAN and seg.positions == list(range(13)) and seg.num_kept == 5
+    d = RefusionDecoder("r", PROMPT, _params())
+    seg = d.next_segment(12)  # one token short: a prompt chunk first
+    assert d.phase is Phase.PREFILL and seg.positions == list(range(5))
+    # AR: the first generation step is the prompt + one MASK (decoding.ar), 6 tokens
+    ar = ARDecoder("a", PROMPT, _params())
+    assert ar.next_segment(6).token_ids == PROMPT + [MASK]
+    ar = ARDecoder("a", PROMPT, _params())
+    assert ar.next_segment(5).token_ids == PROMPT  # a chunk first
+
+
+def test_ar_boundary_after_step_foretells_at_block_boundary_after_the_step():
+    """ARDecoder.boundary_after_step (asked with a decode step in flight, scheduler.mode_switch) is what
+    at_block_boundary() says once that step is absorbed: True exactly for the token that ends a block."""
+    d = ARDecoder("a", PROMPT, _params(gen_length=16, serial_num_blocks=2))  # blocks of 8
+    foretold, seen = [], []
+    for tok in range(30, 46):
+        seg = d.next_segment(1000)
+        foretold.append(d.boundary_after_step())
+        _answer(d, seg, [(tok, 0.9)])
+        seen.append(d.at_block_boundary() or d.finished)
+    assert foretold == seen == [i in (7, 15) for i in range(16)]
