@@ -14,8 +14,17 @@ from pathlib import Path
 from integrations.cli_train_flags import (FRESH_LR, INIT_LR, SHAPE_DEFAULTS, TrainArgumentError,
                                           check_training_memory, fresh_model)
 from integrations.cli_train_out import RUN_RECORDS
-from training.corpus import MIN_BPE_UNIT_TOKENS, MIN_UNIT_TOKENS
 from workers.batch import SEED_MAX
+
+# Fewest tokens a unit takes in a row (training.corpus.tokenize_units keeps len(prompt) + len(response)
+# + EOS <= seq_len): a unit's prompt (its `def` or `class` line at least) and its response (a line that is
+# not blank) are never empty, so any tokenizer gives each at least one token, then EOS. With the byte-level
+# BPE a fresh model gets (training.tokenizer_build.build_bpe_tokenizer), whose pre-tokenizer splits text as
+# GPT-2's does and no token spans two of its pieces, a prompt is at least 3 tokens (a word, a space with
+# the name and punctuation, the newline: "def _():\n") and a response at least 2 (its text, its newline:
+# " _\n"): 6 with EOS. (Here, not in training/: the serving packages never import it.)
+MIN_UNIT_TOKENS = 3
+MIN_BPE_UNIT_TOKENS = 6
 
 # Weight files an --init directory may hold (transformers' names)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -57,7 +66,7 @@ def _check_budget_flags(args) -> None:
 
 def _check_size_flags(args) -> None:
     """The fractions, counts and sizes: data split and batch, model shape, seed, threads and worker
-    processes, each in its range; --seq-len long enough for a unit to fit (training.corpus.MIN_UNIT_TOKENS,
+    processes, each in its range; --seq-len long enough for a unit to fit (MIN_UNIT_TOKENS,
     MIN_BPE_UNIT_TOKENS for a fresh model's tokenizer); the shape's head size even and --kv-heads dividing
     --heads."""
     if not 0.0 <= args.chat_fraction < 1.0:

@@ -222,15 +222,6 @@ def _unique(units: list[CodeUnit], seen: set[str]) -> list[CodeUnit]:
     return out
 
 
-# Fewest tokens a unit takes in a row (tokenize_units keeps len(prompt) + len(response) + EOS <= seq_len): a
-# unit's prompt (its `def` or `class` line at least) and its response (a line that is not blank) are never
-# empty, so any tokenizer gives each at least one token, then EOS. With the byte-level BPE a fresh model gets
-# (build_bpe_tokenizer), whose pre-tokenizer splits text as GPT-2's does and no token spans two of its
-# pieces, a prompt is at least 3 tokens (a word, a space with the name and punctuation, the newline:
-# "def _():\n") and a response at least 2 (its text, its newline: " _\n"): 6 with EOS.
-MIN_UNIT_TOKENS = 3
-MIN_BPE_UNIT_TOKENS = 6
-
 # Units per tokenizer call in tokenize_units: one call over a whole corpus held every unit's encoding at
 # once (peak +1.46 GB for 12.6M tokens of the standard library x 4, against +0.45 GB in chunks of 2,048).
 TOKENIZE_CHUNK = 2048

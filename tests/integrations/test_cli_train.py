@@ -165,7 +165,7 @@ def test_bad_flags_exit_2_naming_the_flag(corpus_dir, tmp_path, capsys, argv, me
 
 def test_a_seq_len_no_unit_can_fit_is_refused_before_the_corpus_is_read(tmp_path, capsys):
     """--seq-len 3 was refused ("no unit fits in 3 tokens") only once the corpus was read and tokenized,
-    ~70 s on stdlib. Below training.corpus.MIN_BPE_UNIT_TOKENS (6) no unit fits the tokenizer a fresh model
+    ~70 s on stdlib. Below cli_train_checks.MIN_BPE_UNIT_TOKENS (6) no unit fits the tokenizer a fresh model
     gets, and it is refused before the corpus is read; 6 itself trains, on a corpus of the shortest unit
     there is. With --init (any tokenizer) the bound is MIN_UNIT_TOKENS (3)."""
     corpus = tmp_path / "corpus"
