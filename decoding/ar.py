@@ -25,6 +25,12 @@ Should that token bring forced tokens, the step planned ahead has fed it at the 
 read: its read is discarded (a forward without a read, as a forced-token chunk's), and the step after
 it, planned ahead from the host, feeds the forced run and reads after it, as a serial step would.
 
+Token healing (decoding.healing.HealingConstraint): after a prompt whose trailing blanks were left
+out, every read while the output's blanks fall short of them carries the bitmask of the tokens that
+write them (the detokenizer drops that much leading blank text); meanwhile the decoder is at no block
+boundary (ReFusion, which takes no mask, waits until they are written), and a step planned ahead gets
+its mask after launch, as a grammar's.
+
 Parts: the states (decoding/ar_phase.py), steps planned ahead under asynchronous scheduling
 (decoding/ar_ahead.py), the logit bias with penalties and bans (decoding/logit_bias.py).
 """
@@ -39,6 +45,7 @@ from decoding.ar_ahead import ARPlanAhead
 from decoding.ar_phase import ARPhase
 from decoding.context import start_context
 from decoding.grammar import TokenConstraint
+from decoding.healing import HealingConstraint
 from decoding.logit_bias import LogitBias
 from decoding.params import DecodeParams
 from workers.batch import Reads, Sampling, Segment, SegmentResult, TokenLogprob
@@ -55,15 +62,19 @@ class ARDecoder(ARPlanAhead):
         *,
         suffix_ids: list[int] | None = None,
         constraint: TokenConstraint | None = None,
+        healing: HealingConstraint | None = None,
         _handoff: Handoff | None = None,
     ):
         self.seq_id = seq_id
+        if constraint is not None and healing is not None:
+            raise ValueError(f"{seq_id}: token healing is not applied with a grammar (the grammar decides the text)")
         if constraint is not None and params.end_token_ids:
             # The grammar decides where its text ends (it allows EOS once complete and masks the model's other
             # special end tokens); an end id that is a plain token ("." in a generation_config) is its text
             params = dataclasses.replace(params, end_token_ids=())
         self.params = params
         self.constraint = constraint
+        self.healing = healing  # the healed blanks not yet written (module doc); None without
         h = _handoff
         self.prompt_ids = list(prompt_ids)
         self.prior_ids, self.span, self.feed = start_context(prompt_ids, params.gen_length, suffix_ids, h,
@@ -105,17 +116,19 @@ class ARDecoder(ARPlanAhead):
 
     @classmethod
     def resume(cls, seq_id: str, handoff: Handoff, params: DecodeParams,
-               constraint: TokenConstraint | None = None) -> "ARDecoder":
+               constraint: TokenConstraint | None = None, healing: HealingConstraint | None = None) -> "ARDecoder":
         """Continue ids this request's own run made, its context (prompt and infill suffix) in the cache and
         those ids not (a preempted rerun retracing what it streamed: scheduler/replay.py): the first step
         feeds them (kept) and reads the next token after the last one, as that run read each token, not
         from a mask row as after a mode switch (module doc); the next read's step (its random draws) is
         the one that run would have used (exact without a grammar: forced tokens count no step).
-        `constraint`: a grammar request's matcher after those ids."""
+        `constraint`: a grammar request's matcher after those ids; `healing`: a healed prompt's
+        constraint after them."""
         if handoff.cached_len != len(handoff.prompt_ids) or handoff.suffix_cached_len != len(handoff.suffix_ids):
             raise ValueError(f"{seq_id}: resume needs the whole context cached")
         made = list(handoff.generated_ids)
-        dec = cls(seq_id, handoff.prompt_ids, params, suffix_ids=handoff.suffix_ids, constraint=constraint)
+        dec = cls(seq_id, handoff.prompt_ids, params, suffix_ids=handoff.suffix_ids, constraint=constraint,
+                  healing=healing)
         dec.feed.consume(dec.feed.pending)
         dec.generated, dec.gen_cached, dec.ended_on_eos = made, 0, False
         dec.logprobs, dec.stats = list(handoff.generated_logprobs), handoff.stats
@@ -235,6 +248,8 @@ class ARDecoder(ARPlanAhead):
             eos = self.constraint.stopped  # the grammar is complete: it allows only EOS now
             # a step planned ahead feeds this token alone: its read would skip the forced run
             self._moot = bool(forced) and self._in_flight is not None
+        if self.healing is not None:
+            self.healing.consume(token)
         self.ended_on_eos = eos
         if eos or len(self.generated) >= self.span:
             self._finish()
@@ -271,7 +286,13 @@ class ARDecoder(ARPlanAhead):
     def at_block_boundary(self) -> bool:
         """Between tokens, when the tokens left fill whole ReFusion blocks (so both modes share one grid)."""
         remaining = self.span - len(self.generated)
-        return self._in_flight is None and not self.finished and remaining % self.params.block_length == 0
+        return (self._in_flight is None and not self.finished and not self.healing_pending
+                and remaining % self.params.block_length == 0)
+
+    @property
+    def healing_pending(self) -> bool:
+        """Whether healed blanks are still to be written (every read masked: module doc)."""
+        return self.healing is not None and self.healing.pending
 
     def boundary_after_step(self) -> bool:
         """Whether absorbing the decode step in flight (one generated token) leaves the decoder at a block
@@ -282,6 +303,8 @@ class ARDecoder(ARPlanAhead):
     def handoff(self) -> Handoff:
         if self.constraint is not None:
             raise RuntimeError(f"{self.seq_id}: a grammar-constrained request stays on the AR path")
+        if self.healing_pending:
+            raise RuntimeError(f"{self.seq_id}: the healed blanks are not written yet (ReFusion takes no mask)")
         if not self.at_block_boundary():
             raise RuntimeError(f"{self.seq_id}: handoff only at a block boundary")
         return Handoff(
@@ -305,9 +328,15 @@ class ARDecoder(ARPlanAhead):
     def _segment(self, tokens: list[int], positions: list[int], num_kept: int, context_len: int) -> Segment:
         last = (len(tokens) - 1,)
         reads = Reads(argmax=last) if self.params.temperature == 0 else Reads(sample=last)
-        mask = self.constraint.bitmask() if self.constraint is not None else None
         return Segment(self.seq_id, context_len, tokens, positions, num_kept, reads, sampling=self._sampling(),
-                       token_bitmask=mask, logprobs=self.params.logprobs, logit_bias=self._logit_bias())
+                       token_bitmask=self._bitmask(), logprobs=self.params.logprobs, logit_bias=self._logit_bias())
+
+    def _bitmask(self) -> bytes | None:
+        """The tokens the next read may produce, from the host's state: the grammar's, or token healing's
+        while the healed blanks are not written; None (every token) otherwise."""
+        if self.constraint is not None:
+            return self.constraint.bitmask()
+        return self.healing.bitmask() if self.healing_pending else None
 
     def _logit_bias(self, in_flight: int = 0) -> tuple[tuple[int, float], ...]:
         """The step's (token, bias) pairs (decoding.logit_bias.LogitBias): the client's logit_bias, the

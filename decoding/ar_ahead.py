@@ -1,7 +1,7 @@
 """The AR decoder's part in asynchronous scheduling (scheduler/plan_ahead.py; vLLM's async scheduling):
 the step after the one in flight, stated before that one's result is back, its token fed back on the
 device (`plan_ahead`), and what undoes or completes such a step (`drop_ahead`, `host_segment`,
-`deferred_bitmask` for a grammar's mask given after launch). `ARPlanAhead` is a part of
+`deferred_bitmask` for a grammar's or token healing's mask given after launch). `ARPlanAhead` is a part of
 decoding.ar.ARDecoder, on its state; serial decoding (decoding/ar.py) never calls it.
 """
 
@@ -31,8 +31,9 @@ class ARPlanAhead:
         After a prompt chunk (a prompt longer than the step budget): the next chunk, or the first
         generation step, exactly as `next_segment(budget)` will state it once the chunk is absorbed (the
         prompt is on the host; `budget`: the step's tokens left).
-        With a grammar, the step's bitmask is given after launch (Segment.deferred_mask), from
-        `deferred_bitmask` once the step in flight is absorbed. When the step in flight feeds a token
+        With a grammar, or healed blanks not yet written (decoding.healing: the step in flight's token may
+        write them, or only some), the step's bitmask is given after launch (Segment.deferred_mask),
+        from `deferred_bitmask` once the step in flight is absorbed. When the step in flight feeds a token
         that brought forced tokens (its read is discarded), the step after it is known on the host: the
         forced run, kept, and a read after it under the grammar's bitmask, as `next_segment` will state
         it (no feedback). A grammar request sits the step out (`sits_out_ahead`) when the step in flight
@@ -69,7 +70,8 @@ class ARPlanAhead:
         # (the step in flight keeps its num_kept tokens: the last generated one, or the first step's context)
         self._ahead = Segment(self.seq_id, seg.context_len + seg.num_kept, [0], [position], 1, reads,
                               sampling=sampling, logprobs=p.logprobs, logit_bias=bias, feedback=True,
-                              feedback_penalty=penalty, deferred_mask=self.constraint is not None)
+                              feedback_penalty=penalty,
+                              deferred_mask=self.constraint is not None or self.healing_pending)
         return self._ahead
 
     def sits_out_ahead(self, budget: int = 1) -> bool:
@@ -85,15 +87,16 @@ class ARPlanAhead:
 
     def deferred_bitmask(self, segment: Segment) -> bytes | None:
         """The token bitmask of `segment`, the step in flight that plan_ahead stated with deferred_mask,
-        once the step before it is absorbed: the grammar's state after the token it feeds
-        (workers.runner.ModelRunner.finish_reads). None (every token) when its read is discarded or the
-        request finished. Raises RuntimeError for another segment; DecodeParamError when the grammar
-        allows no token (decoding.grammar.TokenConstraint.bitmask)."""
+        once the step before it is absorbed: the grammar's state after the token it feeds, or token
+        healing's (workers.runner.ModelRunner.finish_reads). None (every token) when its read is
+        discarded, the request finished, or that token wrote the last healed blanks. Raises RuntimeError
+        for another segment; DecodeParamError when the grammar allows no token
+        (decoding.grammar.TokenConstraint.bitmask)."""
         if segment is not self._in_flight or not segment.deferred_mask:
             raise RuntimeError(f"{self.seq_id}: deferred_bitmask asks for the step in flight with deferred_mask")
         if self._moot or self.finished:
             return None
-        return self.constraint.bitmask()
+        return self._bitmask()
 
     def _prefill_ahead(self, chunk: Segment, budget: int) -> Segment | None:
         """The step after the prompt chunk in flight (`plan_ahead`): next_segment's prefill branch on the

@@ -276,6 +276,10 @@ class Admission:
         decision = self.router.decide(requested, req.priority, load, request_key=route_key)
         if req.kv_fit_ar:  # (asked AUTO, held only as AR: not the client's choice)
             decision = dataclasses.replace(decision, reason="kv_fit")
+        elif requested is Mode.AUTO and req.healing is not None:
+            # The healed blanks are written under a token mask, which only AR reads take (decoding/healing.py);
+            # once they are written the router may move it to ReFusion at a block boundary (mode_switch.py)
+            decision = dataclasses.replace(decision, mode=Mode.AR, reason="healing")
         key = self.kv.runner_for(req, decision.mode is Mode.AR)
         cache = self.prefix_cache if key == "main" else None
         # A request scoring its prompt computes every prompt row: it neither starts on cached blocks nor
@@ -325,9 +329,13 @@ class Admission:
         """`req` starts on runner `key` in `decision.mode`: its decoder is built, its KV (on the blocks of
         its prefix `hit`) taken, and it joins `running`; a first start is counted in the metrics."""
         spec = req.spec
-        grammar = {"constraint": req.grammar.constraint()} if req.grammar is not None else {}  # fakes take none
+        constraints = {}  # (fakes take none)
+        if req.grammar is not None:
+            constraints["constraint"] = req.grammar.constraint()
+        if req.healing is not None and decision.mode is Mode.AR:  # (ReFusion takes no mask: docs/api.md)
+            constraints["healing"] = req.healing.constraint()
         req.decoder = self.factories[key].create(decision.mode, req.id, spec.prompt_ids, req.params, spec.suffix_ids,
-                                                 **grammar)
+                                                 **constraints)
         # A preempted request starting again is not a new request to the metrics (its queue time, mode
         # decision and prefix-cache lookup were counted at its first start; its rerun hitting its own
         # prompt's blocks read as a cache hit rate where no two requests shared a prefix), and its usage

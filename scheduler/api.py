@@ -114,6 +114,8 @@ class GenerationRequest:
     # model writes them inside its next token (byte-level BPE keeps a word's leading space in the word's
     # token). The engine drops as much leading blank text (scheduler.detokenizer.Healer) before the
     # text is sent and before stop strings are matched; token ids and usage keep the generated tokens.
+    # AR reads are masked until the model has written them (decoding.healing; AUTO starts in AR for it);
+    # ReFusion (mode REFUSION) is not constrained. Not applied with a grammar.
     healed: str = ""
     # The client's text indents with tabs, which the model's text writes as MODEL_TAB_WIDTH spaces
     # (integrations/editor/document.py): `stop` strings are matched on the text as the client reads it,

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from decoding.api import Decoder, Handoff
 from decoding.grammar import TokenConstraint
+from decoding.healing import HealingConstraint
 from scheduler.api import Mode
 
 
@@ -22,16 +23,17 @@ class DecoderFactory(Protocol):
         """Validate request parameters (model defaults for unset ones); raise DecodeParamError."""
 
     def create(self, mode: Mode, seq_id: str, prompt_ids: list[int], params: Any, suffix_ids: list[int] | None,
-               *, constraint: TokenConstraint | None = None) -> Decoder:
-        """A fresh decoder (mode is REFUSION or AR). `constraint`: a grammar request's matcher (AR only;
-        the scheduler passes it only for grammar requests)."""
+               *, constraint: TokenConstraint | None = None, healing: HealingConstraint | None = None) -> Decoder:
+        """A fresh decoder (mode is REFUSION or AR). `constraint`: a grammar request's matcher; `healing`:
+        a healed prompt's constraint on its first tokens (decoding.healing). AR only; the scheduler passes
+        each only for requests that have one."""
 
     def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any) -> Decoder:
         """A decoder continuing another one's text (mode switch at a block boundary); the handoff
         carries the infill suffix. Its stream_ids()/output_ids() include the handed-off text."""
 
     def resume(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any,
-               *, constraint: TokenConstraint | None = None) -> Decoder:
+               *, constraint: TokenConstraint | None = None, healing: HealingConstraint | None = None) -> Decoder:
         """A decoder continuing the ids its request's own run made (a preempted rerun retracing what it
         streamed, scheduler/replay.py); the handoff's context (prompt and suffix) is cached, its
         generated ids are not. AR reads the next token after them (decoding.ar.ARDecoder.resume);
@@ -73,22 +75,24 @@ class ModelDecoderFactory:
         return DecodeParams.from_dict({**self.defaults, **params})
 
     def create(self, mode: Mode, seq_id: str, prompt_ids: list[int], params: Any, suffix_ids: list[int] | None,
-               *, constraint: TokenConstraint | None = None) -> Decoder:
-        if constraint is None:
+               *, constraint: TokenConstraint | None = None, healing: HealingConstraint | None = None) -> Decoder:
+        if constraint is None and healing is None:
             return _decoder_class(mode)(seq_id, prompt_ids, params, suffix_ids=suffix_ids)
         if mode is not Mode.AR:
-            raise ValueError(f"{seq_id}: a grammar constrains AR decoding only, got mode {mode.value}")
-        return _decoder_class(mode)(seq_id, prompt_ids, params, suffix_ids=suffix_ids, constraint=constraint)
+            what = "a grammar" if constraint is not None else "token healing"
+            raise ValueError(f"{seq_id}: {what} constrains AR decoding only, got mode {mode.value}")
+        return _decoder_class(mode)(seq_id, prompt_ids, params, suffix_ids=suffix_ids, constraint=constraint,
+                                    healing=healing)
 
     def from_handoff(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any) -> Decoder:
         return _decoder_class(mode).from_handoff(seq_id, handoff, params)
 
     def resume(self, mode: Mode, seq_id: str, handoff: Handoff, params: Any,
-               *, constraint: TokenConstraint | None = None) -> Decoder:
+               *, constraint: TokenConstraint | None = None, healing: HealingConstraint | None = None) -> Decoder:
         if mode is Mode.AR:
             from decoding.ar import ARDecoder
 
-            return ARDecoder.resume(seq_id, handoff, params, constraint=constraint)
+            return ARDecoder.resume(seq_id, handoff, params, constraint=constraint, healing=healing)
         return _decoder_class(mode).from_handoff(seq_id, handoff, params)
 
 

@@ -12,7 +12,8 @@ text deltas:
   - with min_tokens (vLLM's), a stop string counts only if it ends inside or after the text of the
     min_tokens-th id: one complete before that is passed over (vLLM checks no stop string before then);
   - token healing (`healed`: the spaces/tabs a prompt ended in, left out of it so that the model writes
-    them inside its next token): as much leading blank text as they stand for is dropped (Healer)
+    them inside its next token, which AR decoding enforces: decoding/healing.py): as much leading blank
+    text as they stand for is dropped (Healer)
     before anything else, so the text, stop strings and the newline cut start where the client's
     prompt ended, as OpenAI's stop strings never match the prompt.
 Ids are released once their text is decoded (a token ending inside a character waits for the rest),
@@ -28,14 +29,13 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from decoding.healing import MODEL_TAB_WIDTH, blank_end, blank_width
+
 if TYPE_CHECKING:
     from scheduler.client_view import CrlfView, TabView
 
 REPLACEMENT_CHAR = "\ufffd"
 MAX_HELD_IDS = 3  # the most ids held back for a character not yet complete (4 bytes at most: 3 before the last)
-# Spaces per indent level in the model's text (a tab's columns), as Python code (PEP 8) and the
-# training corpus indent; the editor's document conversion (integrations/editor/document.py) uses it.
-MODEL_TAB_WIDTH = 4
 _LEADING_SPACES = re.compile(r"^ +", re.MULTILINE)
 
 
@@ -72,11 +72,6 @@ def held_prefix_len(text: str, markers: list[str], limit: int | None = None) -> 
     return 0
 
 
-def _blank_end(column: int, char: str) -> int:
-    """The column after one space or tab starting at `column` (tab stops every MODEL_TAB_WIDTH)."""
-    return column + 1 if char == " " else (column // MODEL_TAB_WIDTH + 1) * MODEL_TAB_WIDTH
-
-
 class Healer:
     """Drops the front of generated text that the healed whitespace already stands for, piece by piece:
     leading spaces/tabs while they stay within the healed whitespace's width in columns (a tab reaches
@@ -85,9 +80,7 @@ class Healer:
     `dropped`: characters dropped so far."""
 
     def __init__(self, healed: str):
-        self.width = 0
-        for char in healed:
-            self.width = _blank_end(self.width, char)
+        self.width = blank_width(healed)
         self.column = 0
         self.dropped = 0
         self.done = not healed
@@ -95,7 +88,7 @@ class Healer:
     def feed(self, text: str) -> str:
         i = 0
         while not self.done and i < len(text):
-            end = _blank_end(self.column, text[i]) if text[i] in " \t" else None
+            end = blank_end(self.column, text[i]) if text[i] in " \t" else None
             if end is None or end > self.width:
                 self.done = True
                 break

@@ -28,6 +28,7 @@ import structlog
 
 from decoding.api import DecodeParamError
 from decoding.grammar import Grammar, GrammarSpec, GrammarTokenizer
+from decoding.healing import Healing, HealingVocab
 from decoding.params import AR_ONLY_PARAMS
 from scheduler.api import (ENGINE_STOPPED, Delta, FinishReason, GenerationRequest, InvalidRequestError, Mode,
                            OverloadedError, merge_deltas)
@@ -72,6 +73,8 @@ class Engine(EngineLoop, EngineAhead, EngineOutput):
         self.tokenizer = tokenizer
         self.grammars = GrammarCompiler(GrammarTokenizer(tokenizer, runner.info.vocab_size, runner.info.eos_token_id),
                                          self.config.grammar_token_ms)
+        # token healing's bitmasks (decoding/healing.py): the vocabulary is walked at the first healed request
+        self.healing_vocab = HealingVocab(tokenizer, runner.info.vocab_size, never=(runner.info.mask_token_id,))
         self.metrics = EngineMetrics()
         factory = decoder_factory or ModelDecoderFactory(runner, self.config.model_dir)
         runners, factories = {"main": runner}, {"main": factory}
@@ -135,6 +138,8 @@ class Engine(EngineLoop, EngineAhead, EngineOutput):
         grammar = None
         if request.grammar is not None:
             request, grammar = await self._compile_grammar(request)
+        elif request.healed and not self.healing_vocab.built:
+            await asyncio.to_thread(self.healing_vocab.build)  # (once per engine; ~0.1 s for 150k tokens)
         req = self._admit(request, grammar)
         if req is None:  # an admission check that passed (GenerationRequest.admission_check)
             yield Delta(request.request_id, "", [], finished=True, finish_reason=FinishReason.LENGTH)
@@ -352,6 +357,9 @@ class Engine(EngineLoop, EngineAhead, EngineOutput):
                 self.metrics.rejected.labels(reason="queue_full").inc()
             raise
         req.grammar = grammar
+        if spec.healed and grammar is None:  # (the AR decoder writes the healed blanks under a mask)
+            ends = getattr(params, "ends", frozenset((self.runner.info.eos_token_id,)))  # (fake factories' params)
+            req.healing = Healing(self.healing_vocab, spec.healed, ends)
         self._requests[req.id] = req
         self._ids.add(req.id)
         self._wake.set()

@@ -50,7 +50,8 @@ def retrace(scheduler, req: Request) -> None:
     token after them as the first run did. Its stats (the step counter its random draws use) carry
     over, and ReFusion's block boundaries stay where they were (Handoff.block_done). A ReFusion span
     left that is no whole number of slots (it cannot happen: ReFusion streams whole slots) runs AR. A
-    grammar request's matcher is rebuilt and fed the streamed ids."""
+    grammar request's matcher is rebuilt and fed the streamed ids, and so is a healed prompt's
+    constraint (decoding.healing) on the AR path."""
     replay, decoder = req.replay_ids, req.decoder
     prompt, suffix = list(req.spec.prompt_ids), list(req.spec.suffix_ids or [])
     scheduler.kv.tables[req.runner_key].truncate(req.id, len(prompt) + len(suffix))
@@ -62,13 +63,17 @@ def retrace(scheduler, req: Request) -> None:
     mode = req.mode
     if mode is Mode.REFUSION and handoff.remaining % int(req.params.slot_size):
         mode = Mode.AR
-    constraint = None
+    constraints = {}
     if req.grammar is not None:
-        constraint = req.grammar.constraint()
+        constraint = constraints["constraint"] = req.grammar.constraint()
         for token in replay[len(constraint.initial_forced):]:
             constraint.consume(token)
+    if req.healing is not None and mode is Mode.AR:
+        healing = constraints["healing"] = req.healing.constraint()
+        for token in replay:
+            healing.consume(token)
     factory = scheduler.factories[req.runner_key]
-    req.decoder = factory.resume(mode, req.id, handoff, req.params, constraint=constraint)
+    req.decoder = factory.resume(mode, req.id, handoff, req.params, **constraints)
     if mode is not req.mode:
         req.mode_history.append(mode.value)
     req.mode, req.replay_ids, req.pending_segment = mode, [], None  # (a segment the old decoder stated goes too)

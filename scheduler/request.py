@@ -81,6 +81,7 @@ class Request:
     preemptions: int = 0
     pending_segment: Any = None  # stated by the decoder but not run yet (did not fit the budget)
     grammar: Any = None  # decoding.grammar.Grammar of a structured-output request (AR only); else None
+    healing: Any = None  # decoding.healing.Healing of a healed prompt (constrains AR; starts AUTO in AR); else None
     error: str | None = None
     error_field: str | None = None  # the request field that caused `error` (scheduler.api.Delta.error_field)
     # params.logprobs set: TokenLogprob of every id handed to `stream` so far (kept here, not read back
@@ -127,7 +128,8 @@ class Request:
         """A 64-bit digest of everything that decides this request's text: prompt and suffix ids, the
         parsed decoding parameters (the seed included, a drawn one when the client sent none; left out
         when greedy, which reads no random numbers; logprobs left out: they report on the tokens, they do
-        not choose them, prompt_logprobs likewise), max_tokens and stop strings. Identical requests
+        not choose them, prompt_logprobs likewise), max_tokens, stop strings and the healed blanks (their
+        mask chooses the first tokens: decoding/healing.py; "def " and "def" share prompt ids). Identical requests
         share it; the router's exploration uses it (Router.decide) so that a repeated seeded or greedy
         request is routed alike."""
         spec = self.spec
@@ -136,7 +138,7 @@ class Request:
         params.pop("prompt_logprobs", None)
         if params.get("temperature") == 0.0:
             params["seed"] = 0  # greedy reads no random numbers: a drawn seed must not change the key
-        text = repr((spec.prompt_ids, spec.suffix_ids, sorted(params.items()), spec.max_tokens, spec.stop))
+        text = repr((spec.prompt_ids, spec.suffix_ids, sorted(params.items()), spec.max_tokens, spec.stop, spec.healed))
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
     def sort_key(self) -> tuple:

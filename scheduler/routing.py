@@ -188,7 +188,8 @@ class RouteDecision:
 
     mode: Mode
     reason: str  # forced | refusion_faster | ar_faster | compute_bound | near_tie | keep | repeat | explore
-    # | kv_fit (admission's: an AUTO request the KV cache holds only as AR)
+    # | kv_fit (admission's: an AUTO request the KV cache holds only as AR) | healing (admission's: an AUTO
+    # request whose healed blanks are still to be written, decoding/healing.py, starts in AR)
     inputs: dict = field(default_factory=dict)
 
 

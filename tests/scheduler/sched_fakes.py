@@ -189,6 +189,7 @@ class FakeFactory:
     def __init__(self):
         self.created: list[tuple[str, Mode]] = []
         self.decoders: dict[str, FakeDecoder] = {}
+        self.healings: dict[str, object] = {}
 
     def parse_params(self, params: dict):
         unknown = set(params) - {"gen_length", "slot_size", "serial_num_blocks", "seed"}
@@ -202,8 +203,9 @@ class FakeFactory:
     def _shape(self, mode: Mode) -> dict:
         return dict(self.REFUSION_SHAPE) if mode is Mode.REFUSION else {}
 
-    def create(self, mode, seq_id, prompt_ids, params, suffix_ids):
+    def create(self, mode, seq_id, prompt_ids, params, suffix_ids, healing=None):
         self.created.append((seq_id, mode))
+        self.healings[seq_id] = healing  # (a healed prompt's constraint, AR only: the fake decoder ignores it)
         dec = FakeDecoder(seq_id, prompt_ids, params.gen_length, **self._shape(mode))
         self.decoders[seq_id] = dec
         return dec

@@ -278,6 +278,30 @@ async def test_auto_request_switches_mode_at_a_block_boundary():
     await engine.stop()
 
 
+async def test_an_auto_request_with_a_healed_prompt_starts_in_ar_then_is_routed_as_any():
+    """Token healing masks the first reads until the prompt's trailing blanks are written (decoding/healing.py),
+    and only AR reads take a mask: an AUTO request with a healed prompt starts in AR (reason "healing")
+    where the router would choose ReFusion, with its healing constraint; at a later block boundary the
+    router moves it as any running request. Asked in mode "refusion", it gets no constraint."""
+    routing = RoutingConfig(calibrate=False, cost_points=FLAT, switch_interval_tokens=4, explore_every=0)
+    engine, _ = make_engine(routing=routing, prefix_cache=False, runner=FakeRunner(num_blocks=128))
+    engine.router.observe_step = lambda *args: None  # (host terms kept at 0, as above)
+    await engine.start()
+    with structlog.testing.capture_logs() as logs:
+        healed = await collect(engine, GenerationRequest("h", [5, 6], {"gen_length": 16}, healed="    "))
+        plain = await collect(engine, GenerationRequest("p", [5, 6], {"gen_length": 16}))
+        forced = await collect(engine, GenerationRequest("r", [5, 6], {"gen_length": 16}, mode=Mode.REFUSION, healed=" "))
+    routes = [(e["request_id"], e["mode"], e["reason"]) for e in logs if e["event"] == "route"]
+    assert routes == [("h", "ar", "healing"), ("p", "refusion", "refusion_faster"), ("r", "refusion", "forced")]
+    assert healed[0].mode is Mode.AR and healed[-1].stats["modes"] == ["ar", "refusion"]  # switched at a boundary
+    assert len(ids_of(healed)) == 16 and plain[-1].stats["modes"] == ["refusion"]
+    factory = engine.scheduler.factories["main"]
+    assert factory.healings["h"].pending and factory.healings["h"].width == 4
+    assert factory.healings["p"] is None and factory.healings["r"] is None and forced[-1].mode is Mode.REFUSION
+    assert 'refusion_mode_decisions_total{mode="ar",reason="healing"} 1.0' in engine.metrics.render().decode()
+    await engine.stop()
+
+
 def test_calibration_times_each_count_and_uses_no_kv():
     runner = FakeRunner(num_blocks=8)
     curve = calibrate(runner, (1, 16, 64, 1024), repeats=2, max_tokens=256)
