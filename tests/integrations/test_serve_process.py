@@ -70,15 +70,17 @@ def wait_ready(proc: subprocess.Popen, log: Path) -> None:
     wait_for_line(proc, log, "refusion serve: ready at")
 
 
-def start_serve(model_dir: Path, config: dict, workdir: Path, *flags: str) -> tuple[subprocess.Popen, int, Path]:
+def start_serve(model_dir: Path, config: dict, workdir: Path, *flags: str,
+                under: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int, Path]:
     """`refusion serve` on a free port with `config` as its --config file, output in workdir/serve.log
-    (its own local Ray: RAY_ADDRESS unset). Returns (process, port, log)."""
+    (its own local Ray: RAY_ADDRESS unset). `under`: a command that runs it as its child (the serve
+    command is appended to it). Returns (process, port, log)."""
     (workdir / "serve.yaml").write_text(yaml.safe_dump(config))
     port, log = free_port(), workdir / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "integrations.cli", "serve", "--model", str(model_dir), "--port", str(port),
+            [*under, sys.executable, "-m", "integrations.cli", "serve", "--model", str(model_dir), "--port", str(port),
              "--config", str(workdir / "serve.yaml"), *flags],
             cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group, as a shell job's: signalled as a group below
@@ -462,4 +464,78 @@ def test_a_second_signal_cuts_the_drain_and_exits_130(tiny_model_dir, tmp_path):
                 os.kill(replica, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+
+
+# A parent that passes SIGTERM on to its child, as GNU make does to a recipe's command (`make serve`) and
+# GNU timeout to its command; exits with the child's status. It relays once the group's own copy has been
+# taken from the child's pending signals (/proc/PID/status), so that the child gets two SIGTERMs, not one
+# the kernel merges: make relays within milliseconds, which under load can go either way.
+RELAYER = """\
+import os, signal, subprocess, sys, time
+
+child = subprocess.Popen(sys.argv[1:])
+
+
+def sigterm_pending(pid):
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            masks = [int(line.split()[1], 16) for line in status if line.startswith(("SigPnd:", "ShdPnd:"))]
+    except OSError:
+        return False
+    return any(mask & (1 << (signal.SIGTERM - 1)) for mask in masks)
+
+
+def relay(signum, _frame):
+    deadline = time.monotonic() + 30
+    while sigterm_pending(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    os.kill(child.pid, signum)
+
+
+signal.signal(signal.SIGTERM, relay)
+code = child.wait()
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def test_a_group_sigterm_a_parent_relays_drains(tiny_model_dir, tmp_path):
+    """A SIGTERM to a process group that also holds a parent passing SIGTERM on to `refusion serve` (GNU
+    make running `make serve`, GNU timeout signalled from outside) reached it twice, and the second was
+    "stop now": every open stream was cut (`drain cut short`, exit 130). The supervisor now takes the
+    parent's copy and the group's own as one signal (serve_supervisor.relay_echoes), so it drains: the
+    open stream ends normally and the status is 0. The engine replica is stopped (SIGSTOP) until both
+    copies have been taken, so the stream is open whatever the machine's speed."""
+    config = {"runner": dict(RUNNER_OPTIONS), "engine": ENGINE, "drain_timeout_s": DRAIN_TIMEOUT_S,
+              "engine_deployment": {**ENGINE_DEPLOYMENT, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S + 5}}
+    proc, port, log = start_serve(tiny_model_dir, config, tmp_path, under=(sys.executable, "-c", RELAYER))
+    replica = None
+    try:
+        wait_ready(proc, log)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as http:
+            pid = http.get("/v1/engine").json()["pid"]
+            body = {**LONG, "min_tokens": LONG["max_tokens"]}  # only its length ends it
+            with http.stream("POST", "/v1/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                assert next(line for line in lines if line.startswith("data: ")) != "data: [DONE]"
+                os.kill(pid, signal.SIGSTOP)
+                replica = pid
+                os.killpg(proc.pid, signal.SIGTERM)  # the relayer and the supervisor, as `kill -- -PGID`
+                wait_for_line(proc, log, "refusion serve: draining")
+                wait_for_line(proc, log, "taken as one (the parent passes the group's signal on)")
+                os.kill(pid, signal.SIGCONT)
+                replica = None
+                rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        last = json.loads(rest[-2].removeprefix("data: "))
+        assert "error" not in last and last["choices"][0]["finish_reason"] == "length", last
+        assert proc.wait(WAIT_S) == 0, log.read_text(errors="replace")[-3000:]
+        said = log.read_text(errors="replace")
+        assert "refusion serve: drained; shutting down" in said and "drain cut short" not in said, said[-3000:]
+    finally:
+        if replica is not None:  # (stopped, it would outlive its Ray)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(replica, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the relayer and the supervisor: the server then drains
             proc.wait()
