@@ -20,12 +20,16 @@ is the server's, not the model's) never reaches the content.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from dataclasses import dataclass, field
 
 from integrations.json_response import read_number_float, read_number_int, utf8_json
+from integrations.tool_call_arguments import ArgumentsPiece, ArgumentsStream, CallStart
 from scheduler.detokenizer import held_prefix_len
+
+log = logging.getLogger(__name__)
 
 TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"
@@ -35,11 +39,16 @@ TOOL_CLOSE = "</tool_call>"
 class ToolCall:
     name: str
     arguments: str  # a JSON object, serialized (OpenAI sends arguments as a string); cut short: the text so far
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    id: str = field(default_factory=lambda: new_call_id())
     complete: bool = True  # False: the output was cut inside the call (module doc)
 
     def to_openai(self) -> dict:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def new_call_id() -> str:
+    """A tool call's id, `call_<24 hex>` (OpenAI's form)."""
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def forced_call(forced: str | None, tool_names: list[str]) -> tuple[str, str] | None:
@@ -178,9 +187,20 @@ def block_end(body: str) -> int:
     return -1
 
 
+# The opening of a block the tools grammar wrote (structured_output._call_rules, its structural tags):
+# exactly this text, no free whitespace
+_GRAMMAR_HEAD = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ')
+
+
 class ToolCallStreamParser:
     """Incremental parser for streamed text. feed(text) and finish() return events in order: plain
     text (str) to send as content, or a ToolCall once its block has closed.
+
+    stream_arguments (only for output the tools grammar constrains, where every block is a call of an
+    offered tool in the grammar's exact shape): a block is a call as soon as its name is known:
+    CallStart then, ArgumentsPiece events as the arguments are written (what is sure to be part of
+    the whole call's `arguments`: integrations/tool_call_arguments.py), the rest in one last piece
+    when the block ends, then its ToolCall, as the whole-call path builds it (same `arguments`).
 
     Text that might be the start of `<tool_call>` is held back until it is decided. Trailing whitespace
     is held until more text arrives: dropped when a call comes next, or at the end when tool calls were
@@ -188,12 +208,17 @@ class ToolCallStreamParser:
     otherwise.
     """
 
-    def __init__(self, allowed_names: set[str] | None = None):
+    def __init__(self, allowed_names: set[str] | None = None, stream_arguments: bool = False):
         self.allowed_names = allowed_names
         self._pending = ""
         self._inside = False
         self._space = ""  # held whitespace-only text
         self.num_calls = 0
+        self.stream_arguments = stream_arguments
+        self._streamed: CallStart | None = None  # the open block's call, once CallStart went out
+        self._head = 0  # length of its opening in the block's text
+        self._arguments: ArgumentsStream | None = None
+        self._sent = ""  # its arguments sent so far
 
     def feed(self, text: str) -> list:
         self._pending += text
@@ -201,12 +226,16 @@ class ToolCallStreamParser:
         while True:
             if self._inside:
                 end = block_end(self._pending)
+                if self.stream_arguments:
+                    self._stream(events, self._pending if end < 0 else self._pending[:end])
                 if end < 0:
                     return events
                 body, self._pending = self._pending[:end], self._pending[end + len(TOOL_CLOSE):]
                 self._inside = False
                 call = parse_tool_block(body.strip(), self.allowed_names)
-                if call is None:
+                if self._streamed is not None:
+                    self._end_streamed(events, call or partial_tool_call(body, self.allowed_names))
+                elif call is None:
                     self._text(events, TOOL_OPEN + body + TOOL_CLOSE)
                 else:
                     self._space = ""
@@ -234,6 +263,9 @@ class ToolCallStreamParser:
         events: list = []
         if cut and not self._inside and self._pending:
             self._pending = ""
+        if self._streamed is not None:  # its opening went out: it ends as a call cut short
+            self._end_streamed(events, partial_tool_call(self._pending, self.allowed_names))
+            self._pending, self._inside = "", False
         if self._inside and cut:
             call = partial_tool_call(self._pending, self.allowed_names)
             self._pending, self._inside = "", False
@@ -248,6 +280,44 @@ class ToolCallStreamParser:
             events.append(self._space)
         self._space = ""
         return events
+
+    def _stream(self, events: list, body: str) -> None:
+        """The CallStart of the open block once its opening is whole, then the new safe piece of its
+        arguments (`body`: the block's text so far, without its closing tag)."""
+        if self._streamed is None:
+            head = _GRAMMAR_HEAD.match(body)
+            if head is None:
+                return
+            try:
+                name = json.loads(head.group(1))
+            except ValueError:  # (a bad escape: not the grammar's text)
+                return
+            if not name or (self.allowed_names and name not in self.allowed_names):
+                return
+            self._streamed, self._head = CallStart(new_call_id(), name), head.end()
+            self._arguments, self._sent, self._space = ArgumentsStream(), "", ""
+            events.append(self._streamed)
+        safe = self._arguments.feed(body[self._head:])
+        if len(safe) > len(self._sent):
+            events.append(ArgumentsPiece(self._streamed.id, safe[len(self._sent):]))
+            self._sent = safe
+
+    def _end_streamed(self, events: list, call: ToolCall | None) -> None:
+        """The last piece and the ToolCall of the streamed block (`call`: as the whole-call path reads it)."""
+        opened, self._streamed, self._arguments = self._streamed, None, None
+        if call is None:  # (not under the grammar: its opening was a call's, the rest is not)
+            call = ToolCall(opened.name, self._sent, complete=False)
+        call.id = opened.id
+        if call.arguments.startswith(self._sent):
+            rest = call.arguments[len(self._sent):]
+            if rest:
+                events.append(ArgumentsPiece(opened.id, rest))
+        else:  # a repeated key (tool_call_arguments' module doc): nothing more is sent
+            log.warning("tool call %s: the streamed arguments %r... are not the start of the whole call's "
+                        "(a repeated key)", opened.id, self._sent[:80])
+        self._sent = ""
+        self.num_calls += 1
+        events.append(call)
 
     def _text(self, events: list, text: str) -> None:
         if not text:

@@ -1,0 +1,124 @@
+"""Streamed tool-call arguments (tool_calls.ToolCallStreamParser with stream_arguments,
+integrations/tool_call_arguments.py): fed in pieces split anywhere, the events are the same and each
+call's pieces concatenate to the arguments the whole-call path gives (split_tool_calls)."""
+
+from __future__ import annotations
+
+import pytest
+
+from integrations.tool_call_arguments import ArgumentsStream
+from integrations.tool_calls import ArgumentsPiece, CallStart, ToolCall, ToolCallStreamParser, split_tool_calls
+
+ALLOWED = {"f", "g"}
+
+
+def _block(name: str, arguments: str) -> str:
+    """A call as the tools grammar writes it (structured_output._call_rules)."""
+    return '<tool_call>{"name": "%s", "arguments": %s}</tool_call>' % (name, arguments)
+
+
+SAMPLES = [
+    "Sure. " + _block("f", '{"a": 1, "b": [true, null, "x\\ny </tool_call> \\"q\\""], "c": {"d": -2.5, "e": {}}}'),
+    _block("g", '{"s": "é 😀 \\u001f \\t", "n": 12345678901234567890}') + "\n" + _block("f", "{}"),
+    _block("f", '{"n": 1.50, "e": 1E5, "z": -0, "s": "ok"}'),  # numbers json.dumps writes otherwise
+    _block("f", '{"s": "\\u001F \\u0008 end"}'),  # escapes json.dumps writes otherwise
+    _block("f", '{"s": "trailing   "}') + " after",
+]
+
+
+def _run(parts: list[str], cut: bool = False) -> list:
+    parser = ToolCallStreamParser(ALLOWED, stream_arguments=True)
+    events = []
+    for part in parts:
+        events += parser.feed(part)
+    return events + parser.finish(cut)
+
+
+def _shape(events: list) -> list:
+    """The events with text and arguments pieces joined (how they split depends on how text came)."""
+    out: list = []
+    for event in events:
+        if isinstance(event, str) and out and isinstance(out[-1], str):
+            out[-1] += event
+        elif isinstance(event, ArgumentsPiece) and out and isinstance(out[-1], ArgumentsPiece):
+            out[-1] = ArgumentsPiece(event.id, out[-1].text + event.text)
+        else:
+            out.append(event)
+    return [("call", e.name, e.arguments, e.complete) if isinstance(e, ToolCall)
+            else ("start", e.name) if isinstance(e, CallStart)
+            else ("arguments", e.text) if isinstance(e, ArgumentsPiece) else e for e in out]
+
+
+def _pieces_per_call(events: list) -> list[tuple[str, ToolCall]]:
+    """(the call's concatenated pieces, its ToolCall) per call; checks each piece's id. A call that never
+    opened (cut before its opening was whole: it comes whole, arguments "") has None for pieces."""
+    out, sent, opened = [], "", None
+    for event in events:
+        if isinstance(event, CallStart):
+            opened, sent = event, ""
+        elif isinstance(event, ArgumentsPiece):
+            assert event.id == opened.id and event.text
+            sent += event.text
+        elif isinstance(event, ToolCall):
+            assert opened is None and event.arguments == "" or event.id == opened.id
+            out.append((sent if opened else None, event))
+            opened = None
+    return out
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_every_split_gives_the_same_events_and_the_whole_calls_arguments(text):
+    content, calls = split_tool_calls(text, ALLOWED)
+    whole = _shape(_run([text]))
+    assert [e for e in whole if isinstance(e, tuple) and e[0] == "call"] == [
+        ("call", c.name, c.arguments, True) for c in calls]
+    assert "".join(e for e in whole if isinstance(e, str)) == (content or "")
+    for cut in range(len(text) + 1):
+        events = _run([text[:cut], text[cut:]])
+        assert _shape(events) == whole, cut
+        assert [(s, c.arguments) for s, c in _pieces_per_call(events)] == [(c.arguments, c.arguments) for c in calls]
+    by_character = _run(list(text))
+    assert _shape(by_character) == whole
+    assert [s for s, _ in _pieces_per_call(by_character)] == [c.arguments for c in calls]
+
+
+def test_canonical_arguments_stream_in_more_than_one_piece():
+    events = _run(list(SAMPLES[0]))
+    pieces = [e.text for e in events if isinstance(e, ArgumentsPiece)]
+    assert len(pieces) > 10 and pieces[0] == "{"
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_a_call_cut_anywhere_ends_with_the_text_so_far(text):
+    """Output cut (max_tokens) inside a call: its pieces still concatenate to the incomplete call's
+    arguments, which are what the whole-call path gives for the cut text."""
+    for cut in range(len(text) + 1):
+        prefix = text[:cut]
+        _, calls = split_tool_calls(prefix, ALLOWED, cut=True)
+        streamed = _pieces_per_call(_run(list(prefix), cut=True))
+        assert [(c.name, c.arguments, c.complete) for _, c in streamed] == [
+            (c.name, c.arguments, c.complete) for c in calls]
+        assert all(sent in (None, call.arguments) for sent, call in streamed), prefix
+
+
+def test_without_stream_arguments_a_call_comes_whole():
+    parser = ToolCallStreamParser(ALLOWED)
+    events = parser.feed(SAMPLES[0][:40]) + parser.feed(SAMPLES[0][40:]) + parser.finish()
+    assert not [e for e in events if isinstance(e, (CallStart, ArgumentsPiece))]
+    assert [type(e) for e in events] == [str, ToolCall]
+
+
+def test_a_block_not_in_the_grammars_shape_is_not_streamed():
+    """Only the grammar's exact opening streams (a name not offered, free whitespace: the whole path)."""
+    for text in ['<tool_call> {"name": "f", "arguments": {}}</tool_call>', _block("h", "{}")]:
+        events = _run(list(text))
+        assert not [e for e in events if isinstance(e, (CallStart, ArgumentsPiece))]
+
+
+@pytest.mark.parametrize("arguments, sent", [
+    ('{"a": 1.50}', '{"a":'), ('{"a": "x\\u001F"}', '{"a": "x'), ('{"a": 1, "a": 2}', '{"a": 1, "a'),
+    ('{"a": "b  ', '{"a": "b'), ('{"a": 12', '{"a":'), ('{"a": "\\n', '{"a": "\\n'),
+])
+def test_the_safe_prefix_stops_where_the_whole_path_may_write_otherwise(arguments, sent):
+    stream = ArgumentsStream()
+    assert [stream.feed(arguments[:i]) for i in range(len(arguments) + 1)][-1] == sent
