@@ -35,7 +35,9 @@ from scheduler.api import Delta
 class ChatRun:
     """A started chat turn. forced: the text a forced tool call's turn starts with (the model did not
     write it; put it back before parsing); allowed: the tool names calls may use (None: tools off);
-    max_calls: 1 with parallel_tool_calls false, else None."""
+    max_calls: 1 with parallel_tool_calls false, else None; stream_arguments: the tools grammar
+    constrains every call (not mode "refusion"), so a call's arguments stream as they are written
+    (tool_calls.ToolCallStreamParser)."""
 
     client: object
     header: ResponseHeader
@@ -44,6 +46,7 @@ class ChatRun:
     forced: str
     allowed: set[str] | None
     max_calls: int | None
+    stream_arguments: bool = False
 
 
 @dataclass
@@ -204,7 +207,10 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
         check_id_free(client, header.id)
     reqs = scored_once(choice_requests(req, body.n), body.n)  # vLLM's prompt_logprobs: one list per response
     streams = await start_all(lambda r: start(client, r, observer), reqs)
-    return ChatRun(client, header, observer, streams, prompt.forced, allowed, max_calls)
+    # with tools on, a grammar is always a tools grammar (chat_grammar); without one (mode "refusion") a
+    # block may not parse, so it is held whole
+    return ChatRun(client, header, observer, streams, prompt.forced, allowed, max_calls,
+                   stream_arguments=allowed is not None and grammar is not None)
 
 
 async def turn_pieces(run: ChatRun, deltas: AsyncIterator[Delta]) -> AsyncIterator[tuple[Delta, list]]:

@@ -219,7 +219,8 @@ async def chat_completions(request: Request):
         run.streams[0] = prompt_scores_kept(run.streams[0], scores)
     if body.stream:
         build = functools.partial(chat_events, header, allowed_tools=run.allowed, prefix=run.forced,
-                                  max_calls=run.max_calls, logprobs=formatter, client_stops=body.stop)
+                                  max_calls=run.max_calls, logprobs=formatter, client_stops=body.stop,
+                                  stream_arguments=run.stream_arguments)
         events = merged([indexed(choice_chunks(d, build, ChoiceUsage(observer.prompt_tokens) if body.continuous_usage
                                                else None), i) for i, d in enumerate(run.streams)])
         return sse(request, header, observer, events, "chat.completion.chunk", body.include_usage)

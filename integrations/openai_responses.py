@@ -135,8 +135,21 @@ def chat_chunk(header: ResponseHeader, delta: dict, finish_reason: str | None = 
 
 
 def chat_tool_call_delta(call: ToolCall, index: int) -> dict:
-    """A streamed tool call, sent whole in one chunk once its block has closed."""
+    """A streamed tool call, sent whole in one chunk once its block has closed (output no grammar
+    constrains: mode "refusion")."""
     return {"tool_calls": [{"index": index, **call.to_openai()}]}
+
+
+def chat_tool_call_start(call_id: str, name: str, index: int) -> dict:
+    """The first chunk of a tool call whose arguments stream: its index, id, type and name, arguments ""
+    (OpenAI's stream shape; later chunks carry the index and arguments pieces: chat_tool_call_arguments)."""
+    return {"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}
+
+
+def chat_tool_call_arguments(text: str, index: int) -> dict:
+    """A piece of the arguments of the tool call at `index` (the pieces concatenate to its arguments)."""
+    return {"tool_calls": [{"index": index, "function": {"arguments": text}}]}
 
 
 def usage_chunk(header: ResponseHeader, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:

@@ -22,7 +22,7 @@ from integrations.http_errors import APIError, from_engine_error
 from integrations.http_metrics import RequestObserver
 from integrations.json_response import utf8_json
 from integrations.openai_logprobs import LogprobFormatter
-from integrations.tool_calls import ToolCallStreamParser, cut_short
+from integrations.tool_calls import ArgumentsPiece, CallStart, ToolCallStreamParser, cut_short
 from scheduler.api import Delta, EngineError
 from workers.batch import TokenLogprob
 
@@ -126,16 +126,20 @@ async def usage_at_end(events: AsyncIterator[dict], header, obj: str, observer: 
 
 
 async def chat_events(header, deltas, allowed_tools: set[str] | None, prefix: str = "", max_calls: int | None = None,
-                      logprobs: LogprobFormatter | None = None, client_stops: Collection[str] = ()) -> AsyncIterator[dict]:
-    """Chat chunks of one choice (index 0): role, content pieces and tool calls (once each block closes),
-    finish.
+                      logprobs: LogprobFormatter | None = None, client_stops: Collection[str] = (),
+                      stream_arguments: bool = False) -> AsyncIterator[dict]:
+    """Chat chunks of one choice (index 0): role, content pieces and tool calls, finish. A tool call is
+    sent whole once its block closes, or, with stream_arguments (the tools grammar constrains the
+    output: chat_run.ChatRun), as OpenAI streams one: a chunk with its index, id, type, name and
+    arguments "", then chunks of arguments pieces (tool_calls.ToolCallStreamParser).
     prefix: text the turn starts with that the model did not write (a forced call's opening,
     tool_calls.forced_call), parsed as if it had. max_calls: calls past it are dropped
     (parallel_tool_calls false: 1, as vLLM keeps only the first). logprobs: the tokens' log
     probabilities ride on the next chunk sent (text a tool-call block holds back carries them on later).
     client_stops: the request's `stop` strings (openai_responses.chat_finish_reason)."""
-    parser = ToolCallStreamParser(allowed_tools) if allowed_tools is not None else None
+    parser = ToolCallStreamParser(allowed_tools, stream_arguments) if allowed_tools is not None else None
     num_calls, pending, entries = 0, prefix, []
+    streamed, sending = None, False  # the streamed call now open (its id), and whether it is sent (max_calls)
     async with contextlib.aclosing(deltas):  # closing the events (client gone) cancels the request
         yield shape.chat_chunk(header, {"role": "assistant", "content": ""})
         async for delta in deltas:
@@ -151,6 +155,19 @@ async def chat_events(header, deltas, allowed_tools: set[str] | None, prefix: st
                     if piece:
                         chunks.append(shape.chat_chunk(header, {"content": piece}, logprobs=content))
                         entries, last_is_text = [], True
+                elif isinstance(piece, CallStart):
+                    streamed, sending = piece.id, max_calls is None or num_calls < max_calls
+                    if sending:
+                        start = shape.chat_tool_call_start(piece.id, piece.name, num_calls)
+                        chunks.append(shape.chat_chunk(header, start, logprobs=content))
+                        entries, last_is_text = [], False
+                elif isinstance(piece, ArgumentsPiece):
+                    if sending:
+                        arguments = shape.chat_tool_call_arguments(piece.text, num_calls)
+                        chunks.append(shape.chat_chunk(header, arguments, logprobs=content))
+                        entries, last_is_text = [], False
+                elif piece.id == streamed:  # the end of a streamed call: its pieces went out
+                    num_calls, streamed, sending = num_calls + sending, None, False
                 elif max_calls is None or num_calls < max_calls:
                     chunks.append(shape.chat_chunk(header, shape.chat_tool_call_delta(piece, num_calls), logprobs=content))
                     num_calls, entries, last_is_text = num_calls + 1, [], False

@@ -4,10 +4,15 @@ call's pieces concatenate to the arguments the whole-call path gives (split_tool
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from integrations import openai_responses as shape
+from integrations.openai_stream import chat_events
 from integrations.tool_call_arguments import ArgumentsStream
 from integrations.tool_calls import ArgumentsPiece, CallStart, ToolCall, ToolCallStreamParser, split_tool_calls
+from scheduler.api import Delta, FinishReason, Mode
 
 ALLOWED = {"f", "g"}
 
@@ -122,3 +127,27 @@ def test_a_block_not_in_the_grammars_shape_is_not_streamed():
 def test_the_safe_prefix_stops_where_the_whole_path_may_write_otherwise(arguments, sent):
     stream = ArgumentsStream()
     assert [stream.feed(arguments[:i]) for i in range(len(arguments) + 1)][-1] == sent
+
+
+async def _aiter(items):
+    for item in items:
+        yield item
+
+
+async def test_chat_chunks_open_each_call_then_send_its_pieces():
+    text = _block("f", '{"a": "xy"}') + "\n" + _block("g", '{"b": 2}')
+    deltas = [Delta("r1", ch, [7]) for ch in text]
+    deltas[-1].finished, deltas[-1].finish_reason, deltas[-1].mode = True, FinishReason.STOP, Mode.AR
+    header = shape.ResponseHeader("chatcmpl", "m")
+    for max_calls, names in ((None, ["f", "g"]), (1, ["f"])):
+        chunks = [c async for c in chat_events(header, _aiter(deltas), ALLOWED, max_calls=max_calls,
+                                               stream_arguments=True)]
+        calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks if "tool_calls" in c["choices"][0]["delta"]]
+        starts = [c for c in calls if "id" in c]
+        assert [(c["index"], c["type"], c["function"]) for c in starts] == [
+            (i, "function", {"name": n, "arguments": ""}) for i, n in enumerate(names)]
+        joined = ["".join(c["function"]["arguments"] for c in calls if c["index"] == i) for i in range(len(names))]
+        assert joined == ['{"a": "xy"}', '{"b": 2}'][:len(names)]
+        assert all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"} for c in calls if "id" not in c)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        assert json.loads(joined[0]) == {"a": "xy"}
