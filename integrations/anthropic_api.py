@@ -8,8 +8,9 @@ the matched `stop_sequence`, `tool_use`) and `usage` (`input_tokens` not read fr
 `cache_read_input_tokens`, `output_tokens`).
 
 Streamed (`stream: true`), Anthropic's events, each `event: <type>` + `data: {...}`: message_start,
-then per block content_block_start, content_block_delta (`text_delta`, or one `input_json_delta` with
-a tool call's whole input), content_block_stop; then message_delta (stop_reason, stop_sequence,
+then per block content_block_start, content_block_delta (`text_delta`, or `input_json_delta` pieces of
+a tool call's input as the model writes them where the tools grammar constrains the output, else one
+with the whole input once the call has closed), content_block_stop; then message_delta (stop_reason, stop_sequence,
 usage) and message_stop. A failure after the stream started is one `error` event
 ({"type": "error", "error": {"type", "message"}}). Errors before it are Anthropic's error object
 ({"type": "error", "error": {"type", "message"}}, the message starting with the field it names;
@@ -37,7 +38,7 @@ from integrations.openai_requests import id_headers
 from integrations.openai_responses import refusion_detail
 from integrations.openai_stream import sse_response
 from integrations.request_limits import InputError, PromptCharsError
-from integrations.tool_calls import ToolCall, read_json
+from integrations.tool_calls import ArgumentsPiece, CallStart, ToolCall, read_json
 from scheduler.api import Delta, FinishReason
 
 router = APIRouter()
@@ -129,6 +130,7 @@ class MessageTurn:
     async def _events(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[dict]:
         run, content = self.run, self.message["content"]
         num_calls, last, text_open = 0, None, False
+        streamed, sending = None, False  # the streamed call now open (its id), and whether it is sent (max_calls)
         async for delta, pieces in turn_pieces(run, deltas):
             if last is None:  # the first delta says how much of the prompt the prefix cache held
                 self.message["usage"] = {**self._usage(delta), "output_tokens": 0}
@@ -146,13 +148,22 @@ class MessageTurn:
                     content[-1]["text"] += piece
                     yield {"type": "content_block_delta", "index": len(content) - 1,
                            "delta": {"type": "text_delta", "text": piece}}
-                elif run.max_calls is None or num_calls < run.max_calls:
-                    if text_open:
-                        text_open = False
-                        yield {"type": "content_block_stop", "index": len(content) - 1}
-                    num_calls += 1
-                    for event in _tool_use_events(piece, len(content), content):
-                        yield event
+                    continue
+                if isinstance(piece, CallStart):
+                    streamed, sending = piece.id, run.max_calls is None or num_calls < run.max_calls
+                    num_calls += sending
+                elif not isinstance(piece, ArgumentsPiece) and piece.id != streamed:  # a call sent whole
+                    sending = run.max_calls is None or num_calls < run.max_calls
+                    num_calls += sending
+                if not sending:
+                    continue
+                if text_open:
+                    text_open = False
+                    yield {"type": "content_block_stop", "index": len(content) - 1}
+                for event in _tool_use_events(piece, content, streamed):
+                    yield event
+                if isinstance(piece, ToolCall):
+                    streamed = None
         if last is None:
             raise APIError(500, "engine stream ended without a final delta", "server_error")
         if text_open:
@@ -216,14 +227,34 @@ def error_event(error: APIError) -> dict:
     return anthropic_error_body(error.status, error.type, error.message, error.details)
 
 
-def _tool_use_events(call: ToolCall, index: int, content: list[dict]) -> list[dict]:
-    """A tool call as a tool_use block (its input sent whole in one input_json_delta, once the call has
-    closed); the block joins `content`. A call cut short (max_tokens inside it: tool_calls.py) has the
-    input its partial JSON holds so far, as the SDK's stream accumulator reads partial_json."""
-    block = {"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name,
-             "input": read_json(call.arguments) if call.complete else _partial_input(call.arguments)}
-    content.append(block)
-    return [{"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}},
-            {"type": "content_block_delta", "index": index,
-             "delta": {"type": "input_json_delta", "partial_json": call.arguments}},
-            {"type": "content_block_stop", "index": index}]
+def _tool_use_events(piece: CallStart | ArgumentsPiece | ToolCall, content: list[dict],
+                     streamed: str | None) -> list[dict]:
+    """A tool call as a tool_use block, which joins `content`: a streamed call's (`streamed`: its id)
+    content_block_start (CallStart), an input_json_delta per ArgumentsPiece, its stop (its ToolCall); a
+    call sent whole, all three at once (its whole input in one input_json_delta). The block's input is
+    the whole call's; a call cut short (max_tokens inside it: tool_calls.py) has the input its partial
+    JSON holds so far, as the SDK's stream accumulator reads partial_json."""
+    if isinstance(piece, ArgumentsPiece):
+        return [_input_delta(len(content) - 1, piece.text)]
+    whole, events = piece.id != streamed, []  # whole: a call sent whole (no CallStart came)
+    if isinstance(piece, CallStart) or whole:
+        content.append({"type": "tool_use", "id": "toolu_" + piece.id.removeprefix("call_"), "name": piece.name,
+                        "input": {}})
+        events.append({"type": "content_block_start", "index": len(content) - 1, "content_block": dict(content[-1])})
+    if whole:
+        events.append(_input_delta(len(content) - 1, piece.arguments))
+    if isinstance(piece, ToolCall):
+        content[-1]["input"] = read_json(piece.arguments) if piece.complete else _partial_input(piece.arguments)
+        events.append({"type": "content_block_stop", "index": len(content) - 1})
+    return events
+
+
+def _input_delta(index: int, partial_json: str) -> dict:
+    return {"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": partial_json}}
+    if isinstance(piece, ArgumentsPiece) or piece.id != streamed:
+        events.append({"type": "content_block_delta", "index": index, "delta": {
+            "type": "input_json_delta", "partial_json": piece.text if isinstance(piece, ArgumentsPiece) else piece.arguments}})
+    if isinstance(piece, ToolCall):
+        content[-1]["input"] = read_json(piece.arguments) if piece.complete else _partial_input(piece.arguments)
+        events.append({"type": "content_block_stop", "index": index})
+    return events

@@ -215,9 +215,10 @@ async def start_chat(request: Request, body: ChatCompletionRequest, id_prefix: s
 
 async def turn_pieces(run: ChatRun, deltas: AsyncIterator[Delta]) -> AsyncIterator[tuple[Delta, list]]:
     """Each delta of a turn with its output pieces in order: text (str) and, with tools on, a
-    tool_calls.ToolCall once its block has closed; a forced call's opening (run.forced) goes before the
-    model's first text. The event builders of /v1/responses and /v1/messages read the turn through it."""
-    parser = ToolCallStreamParser(run.allowed) if run.allowed is not None else None
+    tool_calls.ToolCall once its block has closed, before it (run.stream_arguments) its CallStart and
+    ArgumentsPieces; a forced call's opening (run.forced) goes before the model's first text. The event
+    builders of /v1/responses and /v1/messages read the turn through it."""
+    parser = ToolCallStreamParser(run.allowed, run.stream_arguments) if run.allowed is not None else None
     pending = run.forced
     async for delta in deltas:
         text, pending = pending + delta.text, ""

@@ -8,7 +8,8 @@ Streamed (`stream: true`), the events OpenAI documents, each `event: <type>` + `
 `sequence_number`: response.created, response.in_progress, then per output item
 response.output_item.added, (text) response.content_part.added, response.output_text.delta...,
 response.output_text.done, response.content_part.done, (call) response.function_call_arguments.delta
-and .done, response.output_item.done; finally response.completed, or response.incomplete when
+(pieces as the model writes the arguments where the tools grammar constrains the output, else the
+whole arguments once the call has closed; never an empty one) and .done, response.output_item.done; finally response.completed, or response.incomplete when
 max_output_tokens (or max_time_ms) cut the turn, or a stop string cut a function call. A failure after the stream started is one `error`
 event ({"type": "error", "code", "message", "param"}). No `[DONE]` line (OpenAI sends none here).
 """
@@ -33,7 +34,7 @@ from integrations.openai_responses import refusion_detail
 from integrations.openai_stream import sse_response
 from integrations.request_limits import InputError
 from integrations.responses_models import ResponsesRequest, responses_field
-from integrations.tool_calls import ToolCall
+from integrations.tool_calls import ArgumentsPiece, CallStart, ToolCall
 from scheduler.api import Delta, FinishReason
 
 router = APIRouter()
@@ -133,7 +134,7 @@ async def _turn_events(shell: ResponseShell, deltas: AsyncIterator[Delta], forma
     output = _TurnOutput(formatter, numbers)
     yield output.event("response.created", response=shell.object("in_progress", []))
     yield output.event("response.in_progress", response=shell.object("in_progress", []))
-    num_calls, last = 0, None
+    num_calls, last, sending = 0, None, False  # sending: the streamed call now open is sent (max_calls)
     async for delta, pieces in turn_pieces(run, deltas):
         last = delta
         output.entries += delta.logprobs or []
@@ -143,8 +144,14 @@ async def _turn_events(shell: ResponseShell, deltas: AsyncIterator[Delta], forma
                     continue
                 for text_event in output.text(piece):
                     yield text_event
-            elif run.max_calls is None or num_calls < run.max_calls:
-                num_calls += 1
+                continue
+            if isinstance(piece, CallStart):
+                sending = run.max_calls is None or num_calls < run.max_calls
+                num_calls += sending
+            elif not isinstance(piece, ArgumentsPiece) and piece.id != output.streamed:  # a call sent whole
+                sending = run.max_calls is None or num_calls < run.max_calls
+                num_calls += sending
+            if sending:
                 for call_event in output.call(piece):
                     yield call_event
     if not output.items and output.message is None:  # no text and no call: one empty message, as the whole response has
@@ -171,6 +178,7 @@ class _TurnOutput:
         self.items: list[dict] = []
         self.message: dict | None = None
         self.entries: list = []
+        self.streamed: str | None = None  # the id of the call whose arguments are streaming
 
     def event(self, kind: str, **fields) -> dict:
         return {"type": kind, "sequence_number": next(self.numbers), **fields}
@@ -196,12 +204,26 @@ class _TurnOutput:
         yield self.event("response.output_text.delta", item_id=message["id"], output_index=len(self.items),
                          content_index=0, delta=piece, logprobs=sent)
 
-    def call(self, call: ToolCall) -> Iterator[dict]:
-        """A tool call's item events, after the message in flight is closed."""
+    def call(self, piece: CallStart | ArgumentsPiece | ToolCall) -> Iterator[dict]:
+        """A tool call's item events, after the message in flight is closed: a streamed call's added
+        event (CallStart), its arguments deltas (ArgumentsPiece), its done events (its ToolCall); a
+        call sent whole, all of them at once."""
         yield from self.close_message()
         self.entries = []  # a call's tokens: no logprobs field to carry them
-        yield from _call_events(call, len(self.items), self.event)
-        self.items.append(_call_item(call, "completed" if call.complete else "incomplete"))
+        index = len(self.items)
+        if isinstance(piece, CallStart):
+            self.streamed = piece.id
+            yield _call_added(ToolCall(piece.name, "", piece.id), index, self.event)
+        elif isinstance(piece, ArgumentsPiece):
+            yield _arguments_delta(piece.id, piece.text, index, self.event)
+        else:
+            if piece.id != self.streamed:
+                yield _call_added(piece, index, self.event)
+                if piece.arguments:  # (no empty delta: a call cut before its arguments)
+                    yield _arguments_delta(piece.id, piece.arguments, index, self.event)
+            self.streamed = None
+            yield from _call_done(piece, index, self.event)
+            self.items.append(_call_item(piece, "completed" if piece.complete else "incomplete"))
 
     def released_logprobs(self) -> Iterator[dict]:
         """Tokens the end released without text (a stop string's, an EOS's): their own delta with no text,
@@ -229,13 +251,19 @@ class _TurnOutput:
                 self.event("response.output_item.done", output_index=index, item=done)]
 
 
-def _call_events(call: ToolCall, index: int, event) -> list[dict]:
-    added = _call_item(call, "in_progress", arguments="")
+def _call_added(call: ToolCall, index: int, event) -> dict:
+    return event("response.output_item.added", output_index=index, item=_call_item(call, "in_progress", arguments=""))
+
+
+def _arguments_delta(call_id: str, text: str, index: int, event) -> dict:
+    """A piece of a call's arguments (the item id is the call's: _call_item)."""
+    return event("response.function_call_arguments.delta", item_id="fc_" + call_id.removeprefix("call_"),
+                 output_index=index, delta=text)
+
+
+def _call_done(call: ToolCall, index: int, event) -> list[dict]:
     done = _call_item(call, "completed" if call.complete else "incomplete")  # (cut inside it: tool_calls.py)
-    return [event("response.output_item.added", output_index=index, item=added),
-            event("response.function_call_arguments.delta", item_id=added["id"], output_index=index,
-                  delta=call.arguments),
-            event("response.function_call_arguments.done", item_id=added["id"], output_index=index,
+    return [event("response.function_call_arguments.done", item_id=done["id"], output_index=index,
                   arguments=call.arguments),
             event("response.output_item.done", output_index=index, item=done)]
 

@@ -232,9 +232,10 @@ class Observer:
     prompt_tokens, completion_tokens = 5, 9
 
 
-def _turn(body: MessagesRequest, allowed=frozenset({"add"}), max_calls=None) -> MessageTurn:
+def _turn(body: MessagesRequest, allowed=frozenset({"add"}), max_calls=None, stream_arguments=False) -> MessageTurn:
     run = ChatRun(client=None, header=ResponseHeader("msg", "m", "msg-1"), observer=Observer(), streams=[],
-                  forced="", allowed=set(allowed) if allowed is not None else None, max_calls=max_calls)
+                  forced="", allowed=set(allowed) if allowed is not None else None, max_calls=max_calls,
+                  stream_arguments=stream_arguments)
     return MessageTurn(body, run)
 
 
@@ -329,3 +330,27 @@ def test_a_call_cut_inside_a_string_has_the_input_the_sdk_stream_reads():
     assert _partial_input('{"days": 3, "city": "Paris"') == {"days": 3, "city": "Paris"}
     assert _partial_input('{"tags": ["a", "b') == {"tags": ["a"]}
     assert _partial_input("") == {} and _partial_input("[1") == {}
+
+
+LONG_INPUT = '{"a": 12, "b": [3, 4], "note": "sum them"}'
+
+
+@pytest.mark.parametrize("max_calls", [None, 1])
+async def test_a_grammar_call_streams_its_input_in_pieces(max_calls):
+    """Under the tools grammar (ChatRun.stream_arguments) a tool_use block's input_json_delta pieces come
+    as the model writes them (one whole delta once the block closed, before); they add up to the
+    block's input. A second call past max_calls (disable_parallel_tool_use) is dropped whole."""
+    call = TOOL_OPEN + '{"name": "add", "arguments": ' + LONG_INPUT + "}" + TOOL_CLOSE
+    turn = _turn(_request(tools=[TOOL]), max_calls=max_calls, stream_arguments=True)
+    events = await _events(turn, _deltas(["Adding. "] + list(call) + ["\n"] + list(call)))
+    uses = [b for b in turn.message["content"] if b["type"] == "tool_use"]
+    assert [b["input"] for b in uses] == [json.loads(LONG_INPUT)] * (max_calls or 2)
+    for index, block in enumerate(turn.message["content"]):
+        if block["type"] != "tool_use":
+            continue
+        mine = [e for e in events if e.get("index") == index]
+        assert mine[0] == {"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}}
+        pieces = [e["delta"]["partial_json"] for e in mine if e["type"] == "content_block_delta"]
+        assert len(pieces) > 1 and all(pieces) and "".join(pieces) == LONG_INPUT
+        assert mine[-1] == {"type": "content_block_stop", "index": index}
+    assert turn.message["stop_reason"] == "tool_use"

@@ -25,21 +25,21 @@ class Observer:
     prompt_tokens, completion_tokens = 5, 9
 
 
-def _run(allowed=frozenset({"ping"})) -> ChatRun:
+def _run(allowed=frozenset({"ping"}), stream_arguments=False, max_calls=None) -> ChatRun:
     return ChatRun(client=None, header=ResponseHeader("resp", "m", "resp-1"), observer=Observer(), streams=[],
-                   forced="", allowed=set(allowed), max_calls=None)
+                   forced="", allowed=set(allowed), max_calls=max_calls, stream_arguments=stream_arguments)
 
 
-async def _deltas(pieces, fail=False):
+async def _deltas(pieces, fail=False, finish=FinishReason.STOP):
     for i, text in enumerate(pieces):
         last = i == len(pieces) - 1 and not fail
-        yield Delta("resp-1", text, [i], finished=last, finish_reason=FinishReason.STOP if last else None,
+        yield Delta("resp-1", text, [i], finished=last, finish_reason=finish if last else None,
                     logprobs=[TokenLogprob(i, -0.5)])
     if fail:
         raise APIError(500, "engine error: boom", "server_error")
 
 
-async def _events(pieces, body=None):
+async def _events(pieces, body=None, run=None, finish=FinishReason.STOP):
     body = body or ResponsesRequest(input="x", tools=[{"type": "function", "name": "ping"}], top_logprobs=0)
     numbers = itertools.count()
 
@@ -47,7 +47,8 @@ async def _events(pieces, body=None):
         def chat(self, entries):
             return [{"token": str(e.token), "logprob": e.logprob} for e in entries]
 
-    return [e async for e in response_events(ResponseShell(body, _run()), _deltas(pieces), Formatter(), numbers)]
+    return [e async for e in response_events(ResponseShell(body, run or _run()), _deltas(pieces, finish=finish),
+                                             Formatter(), numbers)]
 
 
 async def test_items_keep_the_order_written():
@@ -200,3 +201,36 @@ async def test_every_event_validates_against_the_openai_sdks_own_types():
         for event in events:
             classes[event["type"]].model_validate(event)
         assert events[-1]["response"]["usage"]["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
+
+
+ARGUMENTS = '{"host": "a.example", "port": 8080, "tags": ["x", "y"]}'
+LONG_CALL = TOOL_OPEN + '{"name": "ping", "arguments": ' + ARGUMENTS + "}" + TOOL_CLOSE
+
+
+@pytest.mark.parametrize("max_calls", [None, 1])
+async def test_a_grammar_call_streams_its_arguments_in_pieces(max_calls):
+    """Under the tools grammar (ChatRun.stream_arguments) a call's arguments deltas come as the model
+    writes them (they came whole, in one delta, once the block closed); every delta is non-empty, and
+    they add up to the done event's and the item's arguments. A second call past max_calls is dropped."""
+    events = await _events(["Hi. "] + list(LONG_CALL) + ["\n"] + list(LONG_CALL),
+                           run=_run(stream_arguments=True, max_calls=max_calls))
+    calls = [i for i in events[-1]["response"]["output"] if i["type"] == "function_call"]
+    assert len(calls) == (max_calls or 2) and all(c["arguments"] == ARGUMENTS for c in calls)
+    for index, call in enumerate(calls, start=1):
+        pieces = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"
+                  and e["item_id"] == call["id"]]
+        assert len(pieces) > 1 and all(pieces) and "".join(pieces) == ARGUMENTS
+        assert {e["output_index"] for e in events if e.get("item_id") == call["id"]} == {index}
+        added = [e for e in events if e["type"] == "response.output_item.added" and e["item"]["id"] == call["id"]]
+        assert [(a["item"]["arguments"], a["item"]["status"]) for a in added] == [("", "in_progress")]
+        kinds = [e["type"] for e in events if e.get("item_id") == call["id"] or e.get("item", {}).get("id") == call["id"]]
+        assert kinds[0] == "response.output_item.added" and kinds[-2:] == [
+            "response.function_call_arguments.done", "response.output_item.done"]
+
+
+async def test_a_call_cut_before_its_arguments_sends_no_empty_delta():
+    """A call the cap cut before its arguments (arguments ""), sent whole: no `"delta": ""` event (one went out)."""
+    events = await _events(['<tool_call>{"name": "ping"'], finish=FinishReason.LENGTH)
+    assert [e for e in events if e["type"] == "response.function_call_arguments.delta"] == []
+    [done] = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert done["arguments"] == ""

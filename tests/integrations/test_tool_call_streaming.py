@@ -63,3 +63,44 @@ def test_the_sdk_accumulator_gets_the_whole_call(sdk, whole):
     assert (call.function.name, call.function.arguments) == ("record", expected.function.arguments)
     assert final.choices[0].finish_reason == "tool_calls"
 
+
+RESPONSES_REQUEST = {"input": REQUEST["messages"][0]["content"], "tools": [{"type": "function", **TOOL["function"]}],
+                     "tool_choice": {"type": "function", "name": "record"}, "temperature": 0, "max_output_tokens": 200,
+                     "extra_body": {"mode": "ar"}}
+
+
+def test_responses_stream_sends_the_arguments_in_pieces_that_make_the_whole(sdk):
+    whole = [item for item in sdk.responses.create(model="refusion-tiny-code", **RESPONSES_REQUEST).output
+             if item.type == "function_call"]
+    assert len(whole) == 1
+    events = list(sdk.responses.create(model="refusion-tiny-code", stream=True, **RESPONSES_REQUEST))
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1 and all(pieces)  # as written, and never an empty delta
+    assert "".join(pieces) == whole[0].arguments
+    added = next(e for e in events if e.type == "response.output_item.added" and e.item.type == "function_call")
+    assert (added.item.name, added.item.arguments) == ("record", "")
+    assert {e.item_id for e in events if e.type == "response.function_call_arguments.delta"} == {added.item.id}
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert done.arguments == whole[0].arguments
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output[-1].arguments == whole[0].arguments
+
+
+def test_anthropic_stream_sends_the_input_in_pieces_that_make_the_whole(sdk):
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=str(sdk.base_url).removesuffix("/v1/"), api_key="unused", max_retries=0,
+                                 timeout=120)
+    kwargs = dict(model="refusion-tiny-code", max_tokens=200, messages=REQUEST["messages"],
+                  tools=[{"name": "record", "description": "Record the fields",
+                          "input_schema": TOOL["function"]["parameters"]}],
+                  tool_choice={"type": "tool", "name": "record"}, extra_body={"mode": "ar", "temperature": 0})
+    whole = [b for b in claude.messages.create(**kwargs).content if b.type == "tool_use"]
+    with claude.messages.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    pieces = [e.delta.partial_json for e in events if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
+    assert len(pieces) > 1 and all(pieces)
+    assert len(whole) == 1 and json.loads("".join(pieces)) == whole[0].input
+    assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [("record", whole[0].input)]
+    assert final.stop_reason == "tool_use"
