@@ -15,11 +15,10 @@ piece is sent only where that text is bound to agree with what the model wrote:
     tool_calls.partial_tool_call).
 
 A call whose streaming ended gets the rest of its arguments at its end (ToolCallStreamParser): the sent
-text is then a prefix of them. The one case it is not is a key repeated within an object (only an
-object the schema leaves open can hold one, `{"a": 1, "a": 2}`): json keeps the last value at the first
-key's place (`{"a": 2}`), so the text sent before cannot be the start of the whole, and no more is
-sent (logged). The call's end still carries the whole arguments where the API has a place for them
-(Responses' function_call_arguments.done and output items, Anthropic's final message), not in chat chunks.
+text is then a prefix of them. A key repeated within an object (only an object the schema leaves open
+can hold one, `{"a": 1, "a": 2}`) ends the streaming too, and the whole-call path then returns the
+arguments as the model wrote them (tool_calls._repeated_key_text; re-serialized, json would keep the last
+value at the first key's place, `{"a": 2}`), so the pieces still join to the call's arguments.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ class CallStart:
 @dataclass
 class ArgumentsPiece:
     """The next piece of a streamed call's arguments (never empty); the pieces of a call, in order,
-    concatenate to its ToolCall's `arguments` (but for a repeated key: module doc)."""
+    concatenate to its ToolCall's `arguments`."""
 
     id: str
     text: str

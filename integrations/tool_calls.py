@@ -97,7 +97,32 @@ def parse_tool_block(body: str, allowed_names: set[str] | None = None) -> ToolCa
             return None
     if not isinstance(arguments, dict):
         return None
-    return ToolCall(name=obj["name"], arguments=_json_text(arguments))
+    return ToolCall(name=obj["name"], arguments=_repeated_key_text(body) or _json_text(arguments))
+
+
+def _repeated_key_text(body: str) -> str | None:
+    """The arguments' text as the model wrote it in `body` (the grammar's shape, `{"name": ...,
+    "arguments": {...}}`) when an object in them repeats a key; None otherwise. json keeps a repeated
+    key's last value at its first place (`{"a": 1, "a": 2}` -> `{"a": 2}`), so the re-serialized text
+    would not start with what a stream already sent of the arguments as written
+    (integrations/tool_call_arguments.py); the text as written is JSON all the same (RFC 8259 4: names
+    SHOULD be unique, and parsers keep the last), so both paths return it."""
+    head = _CALL_HEAD.match(body)
+    if head is None or not head.group(0).rstrip().endswith(":"):
+        return None
+    repeated = []
+
+    def pairs(items: list) -> dict:
+        if len({key for key, _ in items}) < len(items):
+            repeated.append(True)
+        return dict(items)
+
+    decoder = json.JSONDecoder(object_pairs_hook=pairs, parse_float=str, parse_int=str, parse_constant=_not_json)
+    try:
+        _, end = decoder.raw_decode(body, head.end())
+    except ValueError:
+        return None
+    return body[head.end():end] if repeated else None
 
 
 def _json_text(arguments: dict) -> str:
@@ -312,9 +337,9 @@ class ToolCallStreamParser:
             rest = call.arguments[len(self._sent):]
             if rest:
                 events.append(ArgumentsPiece(opened.id, rest))
-        else:  # a repeated key (tool_call_arguments' module doc): nothing more is sent
-            log.warning("tool call %s: the streamed arguments %r... are not the start of the whole call's "
-                        "(a repeated key)", opened.id, self._sent[:80])
+        else:  # (never for the grammar's calls, a repeated key's included: _repeated_key_text) nothing more is sent
+            log.warning("tool call %s: the streamed arguments %r... are not the start of the whole call's",
+                        opened.id, self._sent[:80])
         self._sent = ""
         self.num_calls += 1
         events.append(call)

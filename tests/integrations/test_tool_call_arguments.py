@@ -151,3 +151,20 @@ async def test_chat_chunks_open_each_call_then_send_its_pieces():
         assert all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"} for c in calls if "id" not in c)
         assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
         assert json.loads(joined[0]) == {"a": "xy"}
+
+
+def test_a_repeated_key_comes_back_as_written_so_the_pieces_still_join():
+    """An object the schema leaves open may repeat a key; the whole-call path re-serialized it as json
+    keeps it (`{"a": 2}`), so the pieces already streamed (`{"a": 1, "a`) were not its start and the chat
+    stream's arguments stayed cut. The arguments now come back as the model wrote them, on both paths."""
+    from integrations.tool_calls import parse_tool_block
+
+    written = '{"a": 1, "b": {"c": [1.50, {"d": 2, "d": 3}]}, "a": "x"}'
+    assert parse_tool_block('{"name": "f", "arguments": ' + written + "}").arguments == written
+    assert parse_tool_block('{"name": "f", "arguments": {"a": 1.50}}').arguments == '{"a": 1.5}'  # none repeated
+    text = _block("f", written)
+    for split in range(1, len(text)):
+        events = _run([text[:split], text[split:]])
+        [call] = [e for e in events if isinstance(e, ToolCall)]
+        assert call.arguments == written
+        assert "".join(e.text for e in events if isinstance(e, ArgumentsPiece)) == written
