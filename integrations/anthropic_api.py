@@ -251,10 +251,3 @@ def _tool_use_events(piece: CallStart | ArgumentsPiece | ToolCall, content: list
 
 def _input_delta(index: int, partial_json: str) -> dict:
     return {"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": partial_json}}
-    if isinstance(piece, ArgumentsPiece) or piece.id != streamed:
-        events.append({"type": "content_block_delta", "index": index, "delta": {
-            "type": "input_json_delta", "partial_json": piece.text if isinstance(piece, ArgumentsPiece) else piece.arguments}})
-    if isinstance(piece, ToolCall):
-        content[-1]["input"] = read_json(piece.arguments) if piece.complete else _partial_input(piece.arguments)
-        events.append({"type": "content_block_stop", "index": index})
-    return events
