@@ -455,10 +455,10 @@ async def test_a_request_that_cannot_start_does_not_empty_the_cache(wait_until):
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
 
 
-async def _interactive_waits_beside_a_batch_victim(wait_until, v_prompt, v_gen: int, x_gen: int):
-    """A 40-block engine (blocks of 4, no reserve) with a 9-token prompt P cached (2 blocks); W (INTERACTIVE,
-    8 blocks) and V (BATCH, `v_prompt`) running, then X (INTERACTIVE, on P, `x_gen` tokens) waiting for
-    KV. Returns (V's deltas, X's deltas) once all finished."""
+async def _interactive_waits_beside_a_batch_victim(wait_until, v_prompt, v_gen: int, x_gen: int, other_cached=None):
+    """A 40-block engine (blocks of 4, no reserve) with a 9-token prompt P cached (2 blocks), and the prompt
+    `other_cached` too when given; W (INTERACTIVE, 8 blocks) and V (BATCH, `v_prompt`) running, then X
+    (INTERACTIVE, on P, `x_gen` tokens) waiting for KV. Returns (V's deltas, X's deltas) once all finished."""
     from scheduler.api import Priority
 
     engine, runner = make_engine(runner=FakeRunner(num_blocks=40, block_size=4), kv_reserve_fraction=0.0,
@@ -467,6 +467,8 @@ async def _interactive_waits_beside_a_batch_victim(wait_until, v_prompt, v_gen: 
     prompt = list(range(10, 19))
     await collect(engine, GenerationRequest("warm", prompt, {"gen_length": 4}, mode=Mode.AR))
     assert len(engine.prefix_cache) == 2
+    if other_cached is not None:
+        await collect(engine, GenerationRequest("warm2", other_cached, {"gen_length": 4}, mode=Mode.AR))
     gate, [w, v] = await _hold_running(engine, runner, wait_until, [
         GenerationRequest("W", [4, 5, 6, 7], {"gen_length": 24}, mode=Mode.AR, priority=Priority.INTERACTIVE),
         GenerationRequest("V", v_prompt or prompt, {"gen_length": v_gen}, mode=Mode.AR, priority=Priority.BATCH),
@@ -497,3 +499,36 @@ async def test_no_preemption_counting_a_victims_share_of_the_waiting_requests_hi
     room with V (5 blocks, 2 of them the hit's) sent back: 27 + 3 = 30."""
     v, x = await _interactive_waits_beside_a_batch_victim(wait_until, None, v_gen=7, x_gen=120)
     assert v[-1].stats["preemptions"] == 0 and len(ids_of(x)) == 120
+
+
+async def test_an_interactive_request_preempts_when_idle_cached_blocks_complete_the_room(wait_until):
+    """Admission's `_room_if_preempted` counts "the KV left, the prefix-cache blocks no request holds and
+    the victims' blocks": the idle cache blocks of another prompt are room too (`_make_room` evicts them
+    once the victim is gone). X needs 32 - 2 (its hit) = 30 blocks; 23 are free, V (BATCH) holds 4 and
+    another prompt's 3 cached blocks are idle: 23 + 4 + 3 = 30, so V is sent back at once and X starts on
+    its cached prompt. Counting only the free and the victim's blocks (27) left X waiting for V's end."""
+    v, x = await _interactive_waits_beside_a_batch_victim(wait_until, [5, 6, 7, 8], v_gen=8, x_gen=115,
+                                                          other_cached=list(range(20, 33)))
+    assert v[-1].stats["preemptions"] == 1
+    assert x[-1].stats["cached_prompt_tokens"] == 8 and len(ids_of(x)) == 115
+
+
+async def test_a_prefix_waiter_keeps_its_kv_estimate_from_later_requests():
+    """Admission (module docstring, "Prefix waits"): a waiter keeps a running slot and its KV estimate from
+    later requests, which may start around it only with what is left. 50 blocks of 4, no reserve, slots
+    to spare: a (64-token prompt, 19 blocks) prefills in chunks; b, a copy of it, waits for that prefill
+    and keeps its 19 blocks; x (20 blocks) fits in the 31 left beside a but not in the 12 left beside a
+    and b, so it starts only after b has (on the cached blocks of a's prompt)."""
+    runner = FakeRunner(num_blocks=50, block_size=4)
+    engine, _ = make_engine(runner=runner, token_budget=8, max_running=3, kv_reserve_fraction=0.0)
+    await engine.start()
+    prompt = list(range(4, 36)) * 2  # 64 tokens: 8 prefill chunks at a budget of 8
+    specs = [GenerationRequest("a", prompt, {"gen_length": 8}, mode=Mode.AR),
+             GenerationRequest("b", prompt, {"gen_length": 8}, mode=Mode.AR),
+             GenerationRequest("x", [7] * 5, {"gen_length": 71}, mode=Mode.AR)]
+    a, b, x = await asyncio.wait_for(asyncio.gather(*(collect(engine, s) for s in specs)), 60)
+    assert b[-1].stats["prefix_waits"] >= 1 and b[-1].stats["cached_prompt_tokens"] >= 56
+    assert _first_forward(runner, "b") < _first_forward(runner, "x")  # x did not take b's blocks meanwhile
+    assert len(ids_of(x)) == 71
+    await engine.stop()
+    assert engine.kv.pool().num_free + len(engine.prefix_cache) == engine.kv.pool().num_total
