@@ -8,6 +8,7 @@ import re
 import pytest
 from sched_fakes import VOCAB, FakeRunner, ForwardGate, collect, ids_of, make_engine
 
+from scheduler.admission import BACKFILL_SCAN
 from scheduler.api import FinishReason, GenerationRequest, InvalidRequestError, Mode, OverloadedError, Priority
 from scheduler.config import EngineConfig, EngineConfigError, RoutingConfig
 from scheduler.engine import EngineNotRunningError
@@ -504,3 +505,19 @@ async def test_interactive_preempts_when_the_victims_blocks_make_exactly_the_roo
     b_last = max(n for n, call in enumerate(runner.calls) if any(s.seq_id == "b" for s in call))
     assert i_first < b_last  # b finished after i started: it did not run to its end first
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+@pytest.mark.parametrize("fillers", [BACKFILL_SCAN - 1, BACKFILL_SCAN])
+async def test_backfilling_looks_at_backfill_scan_requests_behind_the_head(wait_until, fillers):
+    """Backfilling (scheduler/admission.py docstring): around a head waiting for KV, "up to BACKFILL_SCAN
+    of them looked at per step". `b` waits 4 blocks short while `a` runs; `fillers` requests of 10 blocks,
+    none of which fits in the 8 left, follow it, then `z` (4 blocks), which fits: as the BACKFILL_SCAN-th
+    request behind `b` it starts around it, one further back it is not looked at and waits."""
+    def check(sched):
+        assert len(sched.running) + len(sched.waiting) == 3 + fillers
+        assert ("z" in {r.id for r in sched.running}) is (fillers < BACKFILL_SCAN)
+        assert sched.waiting[0].id == "b" and sched.waiting[0].kv_wait == ("main", 4)
+
+    batch = Priority.BATCH
+    behind = [("b", 40, batch), *((f"f{k}", 30, batch) for k in range(fillers)), ("z", 6, batch)]
+    await _held_admission_walk(wait_until, behind, check)

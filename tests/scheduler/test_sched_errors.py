@@ -134,6 +134,28 @@ async def test_a_step_short_of_kv_preempts_at_schedule_time_and_loses_nothing():
     await engine.stop()
 
 
+async def test_a_step_short_of_kv_evicts_idle_cached_prefixes_before_preempting():
+    # KV ownership (docs/architecture.md; Scheduler._prepare_kv): "if blocks are short, prefix-cache blocks
+    # are evicted, then running requests later in scheduling order ... are sent back to the queue". A pool
+    # of 8 blocks of 4 with a 9-token prompt's 2 blocks cached and idle; r0 and r1 (estimates forced short,
+    # as above) need 4 blocks each (3 prompt + 13 generated tokens, the last never fed): the cache gives up
+    # its 2 and nobody is preempted.
+    runner = FakeRunner(num_blocks=8, block_size=4)
+    engine, _ = make_engine(runner=runner, kv_reserve_fraction=0.0)
+    await engine.start()
+    solo = [await collect(engine, req(f"solo{i}", gen=13)) for i in range(2)]
+    await collect(engine, GenerationRequest("warm", list(range(10, 19)), {"gen_length": 1}, mode=Mode.AR))
+    assert len(engine.prefix_cache) == 2 and engine.kv.pool().num_free == 6
+    engine.kv.blocks_needed = lambda *args, **kwargs: 1
+    outs = await asyncio.gather(*(collect(engine, req(f"r{i}", gen=13)) for i in range(2)))
+    for deltas, alone in zip(outs, solo):
+        assert deltas[-1].finish_reason is FinishReason.LENGTH and ids_of(deltas) == ids_of(alone)
+    assert [d[-1].stats["preemptions"] for d in outs] == [0, 0]
+    assert len(engine.prefix_cache) == 0
+    await engine.stop()
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
 async def test_a_request_preempted_while_its_step_waits_for_kv_reruns_from_its_prompt():
     # The scheduler holds a step the decoder stated but whose KV did not fit (`pending_segment`) and runs
     # it first next time; a request preempted while holding one gets a fresh decoder, whose first step is

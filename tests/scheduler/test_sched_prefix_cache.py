@@ -532,3 +532,22 @@ async def test_a_prefix_waiter_keeps_its_kv_estimate_from_later_requests():
     assert len(ids_of(x)) == 71
     await engine.stop()
     assert engine.kv.pool().num_free + len(engine.prefix_cache) == engine.kv.pool().num_total
+
+
+async def test_a_request_sharing_exactly_prefix_wait_blocks_more_blocks_waits():
+    """Prefix waits (scheduler/admission.py docstring; KVOwner.prefill_in_flight): a request whose prompt
+    shares "at least `prefix_wait_blocks`" (2) more full blocks with a prompt being prefilled waits for
+    it. `near` shares exactly two blocks (8 tokens) with `a`'s prompt, and so does `short`, whose prompt
+    has no more to take: each waits, then starts on them."""
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=128, block_size=4))
+    assert engine.config.prefix_wait_blocks == 2
+    await engine.start()
+    prompt = list(range(4, 36)) * 2
+    near = prompt[:8] + [39] * 56
+    short = prompt[:9]  # two blocks, all it may take from the cache (one prompt token stays uncached)
+    a, *waiters = await asyncio.gather(*(collect(engine, GenerationRequest(rid, p, {"gen_length": 8}, mode=Mode.AR))
+                                         for rid, p in (("a", prompt), ("near", near), ("short", short))))
+    assert a[-1].stats["prefix_waits"] == 0
+    for w in waiters:
+        assert w[-1].stats["prefix_waits"] >= 1 and w[-1].stats["cached_prompt_tokens"] == 8
+    await engine.stop()
