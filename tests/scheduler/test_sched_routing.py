@@ -302,6 +302,26 @@ async def test_an_auto_request_with_a_healed_prompt_starts_in_ar_then_is_routed_
     await engine.stop()
 
 
+async def test_a_mode_switch_comes_at_the_first_boundary_switch_interval_tokens_past_the_route():
+    """mode_switch.switch_due: re-routed "at a block boundary at least switch_interval_tokens after its last
+    routing". The fake decoder reaches a boundary every 4 generated tokens and switch_interval_tokens is 4:
+    once AR is the faster mode, the boundary at token 4 (exactly the interval) hands the request over, so
+    its first 4 tokens are ReFusion's and the other 12 AR's (not 8 and 8, as waiting for the next one)."""
+    routing = RoutingConfig(calibrate=False, cost_points=FLAT, switch_interval_tokens=4, explore_every=0)
+    engine, _ = make_engine(routing=routing, prefix_cache=False, runner=FakeRunner(num_blocks=128))
+    engine.router.observe_step = lambda *args: None  # (as above: host terms kept at 0)
+    await engine.start()
+    stream = engine.submit(GenerationRequest("a", [5, 6, 7], {"gen_length": 16}))
+    deltas = [await stream.__anext__()]
+    assert deltas[0].mode is Mode.REFUSION
+    engine.router.observe = lambda *args: None
+    engine.router.stats_for(Mode.REFUSION, Priority.BATCH).tpf = 0.2
+    deltas += [d async for d in stream]
+    per_mode = {mode: sum(len(d.token_ids) for d in deltas if d.mode is mode) for mode in (Mode.REFUSION, Mode.AR)}
+    assert per_mode == {Mode.REFUSION: 4, Mode.AR: 12} and deltas[-1].stats["modes"] == ["refusion", "ar"]
+    await engine.stop()
+
+
 def test_calibration_times_each_count_and_uses_no_kv():
     runner = FakeRunner(num_blocks=8)
     curve = calibrate(runner, (1, 16, 64, 1024), repeats=2, max_tokens=256)
