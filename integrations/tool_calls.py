@@ -172,7 +172,7 @@ def partial_tool_call(body: str, allowed_names: set[str] | None = None) -> ToolC
             return ToolCall(name, arguments[:end], complete=False)
     if not isinstance(value, dict):
         return ToolCall(name, arguments[:end], complete=False)
-    return ToolCall(name, _json_text(value))
+    return ToolCall(name, _repeated_key_text(body) or _json_text(value))  # (as parse_tool_block)
 
 
 def cut_short(finish_reason, stop_word: str | None) -> bool:

@@ -168,3 +168,21 @@ def test_a_repeated_key_comes_back_as_written_so_the_pieces_still_join():
         [call] = [e for e in events if isinstance(e, ToolCall)]
         assert call.arguments == written
         assert "".join(e.text for e in events if isinstance(e, ArgumentsPiece)) == written
+
+
+def test_a_repeated_key_in_a_call_cut_in_its_closing_text_comes_back_as_written():
+    """The output cut after the arguments' object but before the call's closing `}` (max_tokens, a stop
+    string): partial_tool_call re-serialized the object, so a repeated key came back as json keeps it
+    (`{"a": 2}`) while the stream had sent `{"a": 1, "a`; both paths now give the text as written."""
+    from integrations.tool_calls import partial_tool_call
+
+    written = '{"a": 1, "a": 2}'
+    body = '{"name": "f", "arguments": ' + written
+    assert partial_tool_call(body, ALLOWED).arguments == written
+    assert partial_tool_call(body + "}", ALLOWED).arguments == written
+    for text in ("<tool_call>" + body, "<tool_call>" + body + "}"):
+        for split in range(1, len(text)):
+            events = _run([text[:split], text[split:]], cut=True)
+            [call] = [e for e in events if isinstance(e, ToolCall)]
+            assert call.arguments == written
+            assert "".join(e.text for e in events if isinstance(e, ArgumentsPiece)) == written
