@@ -52,3 +52,27 @@ def test_a_clients_key_never_becomes_a_pattern(monkeypatch):
     assert not [p for p in built if key in str(p)]
     assert answer(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], "stop": [None]},
                   "/v1/chat/completions")[0] == "stop.0"  # the union's item, as before
+
+
+def test_a_body_of_many_unknown_fields_compares_only_the_first_for_a_misspelling(monkeypatch):
+    """Each unknown field was compared with every field of the route (difflib, ~0.1 ms a name): a body
+    of 4,096 near-misses (temperatur0, temperatur1, ...; MAX_OBJECT_KEYS) held the event loop ~0.4 s for
+    hints the cut message never shows. Only the first MAX_MISSPELT_FIELDS are compared; a misspelling
+    among them is still told the field meant, and a replaced field's hint (a lookup) still comes."""
+    import difflib
+
+    from integrations import validation_errors
+    from integrations.request_limits import MAX_OBJECT_KEYS
+
+    compared = []
+    real = difflib.get_close_matches
+    monkeypatch.setattr(difflib, "get_close_matches", lambda word, *a, **k: compared.append(word) or real(word, *a, **k))
+    extra = {f"temperatur{i}": 1 for i in range(MAX_OBJECT_KEYS - 3)}
+    body = {"messages": [{"role": "user", "content": "x"}], "moed": "ar", **extra, "functions": []}
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest.model_validate(body)
+    _, message = validation_answer(err.value.errors(), "/v1/chat/completions", ChatCompletionRequest.model_fields)
+    assert len(compared) == 32  # (4,094 before)
+    assert validation_errors.MAX_MISSPELT_FIELDS == 32
+    assert message.startswith("moed: Extra inputs are not permitted"), message[:100]
+    assert "; did you mean `mode`?" in message and "; functions: OpenAI's deprecated functions" in message, message[-300:]
