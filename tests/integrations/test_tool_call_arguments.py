@@ -186,3 +186,41 @@ def test_a_repeated_key_in_a_call_cut_in_its_closing_text_comes_back_as_written(
             [call] = [e for e in events if isinstance(e, ToolCall)]
             assert call.arguments == written
             assert "".join(e.text for e in events if isinstance(e, ArgumentsPiece)) == written
+
+
+def test_a_block_is_scanned_for_its_end_once_however_it_is_fed():
+    """The stream parser looked for a block's `</tool_call>` by scanning all of the block's text on every
+    feed: a 28,000-character call fed 4 characters at a time held the event loop ~5 s. The scan now
+    resumes where it stopped (tool_calls.BlockEndScan); the lines run in tool_calls.py (counted with
+    sys.settrace, not timed) grow with the text, not its square, and a closing tag split across feeds,
+    or inside a string, is still found only where it closes the block."""
+    import sys
+
+    from integrations import tool_calls
+    from integrations.tool_calls import block_end
+
+    text = _block("f", json.dumps({"code": "x = '</tool_call>'\n" * 100, "n": "<" * 50}))
+    lines = 0
+
+    def trace(frame, event, arg):
+        nonlocal lines
+        if frame.f_code.co_filename == tool_calls.__file__:
+            lines += event == "line"
+            return trace
+        return None
+
+    for stream_arguments in (False, True):
+        lines = 0
+        parser = ToolCallStreamParser(ALLOWED, stream_arguments=stream_arguments)
+        sys.settrace(trace)
+        try:
+            events = [e for i in range(0, len(text), 4) for e in parser.feed(text[i:i + 4])] + parser.finish()
+        finally:
+            sys.settrace(None)
+        assert lines < 20 * len(text), (stream_arguments, lines, len(text))  # (2,769,000 before)
+        [call] = [e for e in events if isinstance(e, ToolCall)]
+        assert json.loads(call.arguments)["n"] == "<" * 50
+    body = text[len("<tool_call>"):]
+    scan = tool_calls.BlockEndScan()
+    assert [scan.find(body[:n]) for n in range(len(body) + 1)] == [block_end(body[:n]) for n in range(len(body) + 1)]
+    assert block_end(body) == len(body) - len("</tool_call>")
