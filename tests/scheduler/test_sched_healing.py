@@ -7,12 +7,16 @@ the blanks are written (decoding/healing.py), serially and with steps planned ah
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
 import structlog
+from sched_fakes import ForwardGate
 
-from scheduler.api import GenerationRequest, Mode
+import scheduler.engine_output as engine_output
+from scheduler.api import GenerationRequest, Mode, Priority
 from scheduler.config import EngineConfig, RoutingConfig
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
@@ -74,3 +78,52 @@ async def test_refusion_asked_for_is_not_constrained(engine_factory):
     text, ids, deltas = await _complete(engine, "import ", Mode.REFUSION)
     assert deltas[-1].stats["modes"] == ["refusion"]
     assert text == engine.tokenizer.decode(ids, skip_special_tokens=True).removeprefix(" ")
+
+
+@pytest.mark.parametrize("prompt", ["import os\n    ", "def f():\n    "])
+async def test_a_request_preempted_mid_healing_reruns_to_the_same_text(engine_factory, runner, monkeypatch, wait_until, prompt):
+    """A BATCH request preempted by an INTERACTIVE one after its first token (greedy on the shipped model
+    that token is 3 of the 4 blanks, so the healing is still pending) and retraced from it has its
+    constraint fed the replayed id (scheduler/replay.py): it ends with the text it gets alone. Unfed,
+    the constraint starts again at column 0 and the text was empty."""
+    engine = await engine_factory(routing=RoutingConfig(calibrate=False), max_running=1)
+    kept = prompt.rstrip(" ")
+    spec = GenerationRequest("alone", engine.tokenizer.encode(kept), {"temperature": 0}, mode=Mode.AR,
+                             max_tokens=12, healed=prompt[len(kept):], priority=Priority.BATCH)
+    alone = [d async for d in engine.submit(spec)]
+    gate = ForwardGate(runner.execute, hold_from=0)  # held: the prefill, which reads the first token
+    monkeypatch.setattr(runner, "execute", gate)
+    preempted, requeue = [], engine.scheduler.requeue
+    monkeypatch.setattr(engine.scheduler, "requeue", lambda victim, reason: (preempted.append(victim.id), requeue(victim, reason)))
+
+    # A rerun retraces the streamed ids only where it parts from them (scheduler/replay.py), which on the
+    # CPU it does not: it retraces at its first check here, as a rerun parting at a near-tie would
+    retraced, diverged = [], engine_output.replay_diverged
+
+    def diverge_once(req) -> bool:
+        if retraced:
+            return diverged(req)
+        retraced.append(list(req.replay_ids))
+        return True
+
+    monkeypatch.setattr(engine_output, "replay_diverged", diverge_once)
+
+    async def collect(request):
+        return [d async for d in engine.submit(request)]
+
+    task = asyncio.create_task(collect(dataclasses.replace(spec, request_id="victim")))
+    try:
+        await wait_until(gate.entered.is_set, "the held forward")
+        (running,) = engine.scheduler.running
+        assert running.id == "victim" and running.decoder.healing_pending
+        urgent = asyncio.create_task(collect(GenerationRequest("u", engine.tokenizer.encode("import json\n"), {},
+                                                               mode=Mode.AR, max_tokens=4, priority=Priority.INTERACTIVE)))
+        await wait_until(lambda: any(r.id == "u" for r in engine.scheduler.waiting), "the interactive request to queue")
+    finally:
+        gate.release()
+    victim, _ = await asyncio.gather(task, urgent)
+
+    text, ids = "".join(d.text for d in victim), [t for d in victim for t in d.token_ids]
+    assert preempted == ["victim"] and retraced == [ids[:1]]
+    assert (text, ids) == ("".join(d.text for d in alone), [t for d in alone for t in d.token_ids])
+    assert prompt + text == kept + engine.tokenizer.decode(ids, skip_special_tokens=True)
