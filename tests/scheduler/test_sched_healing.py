@@ -17,7 +17,7 @@ from sched_fakes import ForwardGate
 
 import scheduler.engine_output as engine_output
 from scheduler.api import GenerationRequest, Mode, Priority
-from scheduler.config import EngineConfig, RoutingConfig
+from scheduler.config import RoutingConfig
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "refusion-tiny-code"
 pytestmark = [
