@@ -12,7 +12,7 @@ from sched_fakes import FakeCpuClock, FakeRunner, ForwardGate, collect, ids_of, 
 from scheduler.api import GenerationRequest, Mode, Priority
 from scheduler.calibration import CALIBRATION_SEQ, calibrate
 from scheduler.config import RoutingConfig
-from scheduler.routing import CostCurve, LoadSnapshot, Router
+from scheduler.routing import CostCurve, LoadSnapshot, RouteDecision, Router
 
 FLAT = [(1, 0.010), (512, 0.0101)]  # overhead-bound: packed tokens are free
 STEEP = [(1, 0.0001), (512, 0.0512)]  # compute-bound: latency ~ tokens
@@ -635,3 +635,28 @@ def test_an_explored_request_repeated_on_a_light_load_explores_alike():
     r.admitted(3, repeat)  # (a repeat of an explored one stays marked explored)
     assert r.decide(Mode.AUTO, Priority.BATCH, light, request_key=3).reason == "repeat"
     assert r.decide(Mode.AUTO, Priority.BATCH, heavy, request_key=3).mode is Mode.REFUSION  # not under load
+
+
+async def test_a_stay_decision_is_not_asked_again_until_switch_interval_tokens_later():
+    """mode_switch.switch_due: re-routed "at a block boundary at least switch_interval_tokens after its last
+    routing", and a re-route that keeps the mode is a routing too (maybe_switch sets tokens_at_last_route
+    before asking). The fake decoder reaches a boundary every 4 generated tokens, switch_interval_tokens is
+    8 and the router always says stay: the 24-token request is re-asked at tokens 8 and 16 only (with the
+    stay not counted as a routing, at every boundary from 8 on: 8, 12, 16, 20)."""
+    routing = RoutingConfig(calibrate=False, cost_points=FLAT, switch_interval_tokens=8, explore_every=0)
+    engine, _ = make_engine(routing=routing, prefix_cache=False, runner=FakeRunner(num_blocks=128))
+    factory = engine.scheduler.factories["main"]
+    decide, asked_at = engine.router.decide, []
+
+    def stay(requested, priority, load, current=None, request_key=None):
+        if current is None:
+            return decide(requested, priority, load, current=current, request_key=request_key)
+        asked_at.append(len(factory.decoders["a"].out))  # generated tokens when re-asked
+        return RouteDecision(current, "test_stay")
+
+    engine.router.decide = stay
+    await engine.start()
+    deltas = await collect(engine, GenerationRequest("a", [5, 6, 7], {"gen_length": 24}))
+    await engine.stop()
+    assert len(ids_of(deltas)) == 24 and len(deltas[-1].stats["modes"]) == 1  # never switched
+    assert asked_at == [8, 16]
