@@ -134,3 +134,35 @@ async def test_requests_switch_to_the_ar_model_only_while_its_pool_has_room_for_
     await engine.stop()
     for key in ("main", "ar"):
         assert engine.kv.pool(key).num_free == engine.kv.pool(key).num_total
+
+
+async def test_a_switch_that_needs_exactly_the_free_blocks_of_the_ar_pool_moves_there():
+    """mode_switch.maybe_switch moves a request to a separate AR model "only when that model's pool has
+    room for it" (KVOwner.available, its free unpromised blocks): room for exactly its estimate is room.
+    An AUTO request starts in ReFusion on the main model and wants AR at its first re-route; the AR pool
+    (no reserve) holds exactly its estimate and nothing else runs there: it moves and ends there."""
+
+    def build(ar_blocks):
+        main, ar = FakeRunner(num_blocks=128), FakeRunner(num_blocks=ar_blocks)
+        config = EngineConfig(kv_reserve_fraction=0.0, routing=RoutingConfig(calibrate=False, cost_points=FLAT,
+                                                                             switch_interval_tokens=4))
+        return Engine(main, FakeTokenizer(), config, FakeFactory(), ar_runner=ar, ar_decoder_factory=FakeFactory()), main, ar
+
+    need = build(128)[0].scheduler.kv.blocks_needed(3, 0, FakeFactory().parse_params({"gen_length": 16}))
+    engine, main, ar = build(need)
+    original = engine.router.decide
+
+    def decide(requested, priority, load, current=None, request_key=None):
+        if requested is not Mode.AUTO:
+            return original(requested, priority, load, current=current, request_key=request_key)
+        return RouteDecision(Mode.REFUSION if current is None else Mode.AR, "test")  # ReFusion, then AR
+
+    engine.router.decide = decide
+    await engine.start()
+    deltas = await asyncio.wait_for(collect(engine, GenerationRequest("x", [5, 6, 7], {"gen_length": 16})), 60)
+    assert engine.kv.available([], "ar") == need  # the exact fit this test is for (the pool is empty again)
+    assert deltas[-1].error is None and len(ids_of(deltas)) == 16
+    assert deltas[-1].stats["modes"] == ["refusion", "ar"] and "x" in _seqs(ar)
+    await engine.stop()
+    for key in ("main", "ar"):
+        assert engine.kv.pool(key).num_free == engine.kv.pool(key).num_total
