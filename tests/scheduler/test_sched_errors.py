@@ -202,6 +202,33 @@ async def test_a_request_that_never_fits_fails_alone_instead_of_looping():
     await engine.stop()
 
 
+async def test_a_request_alone_and_refused_kv_fails_on_its_max_running_plus_first_refusal():
+    """Scheduler.schedule: a step refused KV is held and its request `skipped` once more; the first one
+    refused before anything else was planned fails with "KV cache full" once skipped exceeds max_running
+    (`req.skipped > max_running`) and nothing else runs or ends that step. With max_running 3, the request
+    alone in a 2-block pool (its estimate forced to one block so it starts; it needs 4) is refused on 3
+    steps in a row and fails on the 4th (failed on the 3rd, it got one step fewer to be given room)."""
+    runner = FakeRunner(num_blocks=2, block_size=4)
+    engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0, max_running=3)
+    engine.kv.blocks_needed = lambda *args, **kwargs: 1
+    schedule, refusals = engine.scheduler.schedule, []  # per plan in which "big" was refused: (skipped, failed)
+
+    def spy():
+        plan = schedule()
+        big = next((r for r in engine.scheduler.running if r.id == "big"), None)
+        if big is not None and big.pending_segment is not None:
+            refusals.append((big.skipped, [r.id for r, _ in plan.failed]))
+        return plan
+
+    engine.scheduler.schedule = spy
+    await engine.start()
+    big = await asyncio.wait_for(collect(engine, req("big", gen=12)), 10)  # 15 tokens: 4 blocks
+    await engine.stop()
+    assert big[-1].finish_reason is FinishReason.ERROR and "KV cache full" in big[-1].error
+    assert refusals == [(1, []), (2, []), (3, []), (4, ["big"])]
+    assert_idle(engine)
+
+
 async def test_a_request_done_without_a_step_is_never_a_kv_victim():
     # A decoder can be done without a step (a grammar that forces the rest of the text); such a request is
     # in the step's `done` list while the scheduler looks for KV for a later one. Aged (ranked first) and
