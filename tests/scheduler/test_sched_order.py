@@ -118,8 +118,19 @@ async def test_output_does_not_depend_on_the_batch():
 
 
 async def test_interactive_preempts_the_youngest_batch_request_which_reruns_without_resending():
+    """Admission.requeue: a preempted request goes back to the queue with "its KV freed" (it restarts from
+    scratch later): right after its requeue the victim holds no block. (Kept, its blocks sat idle while it
+    waited, and a pool they filled deadlocked: test_sched_prefix_cache's preemption test hung.)"""
     runner = FakeRunner(num_blocks=256, delay_s=0.002)
     engine, _ = make_engine(runner=runner, max_running=2, prefix_cache=False)
+    requeue, held_when_requeued = engine.scheduler.requeue, []
+
+    def spy(victim, reason):
+        requeued = requeue(victim, reason)
+        held_when_requeued.append((victim.id, engine.kv.tables[victim.runner_key].table(victim.id)))
+        return requeued
+
+    engine.scheduler.requeue = spy
     await engine.start()
     solo = ids_of(await collect(engine, req("solo", prompt=[9, 8], mode=Mode.REFUSION, gen=24)))
     old = asyncio.create_task(collect(engine, req("old", prompt=[9, 8], mode=Mode.AR, gen=24)))
@@ -135,6 +146,7 @@ async def test_interactive_preempts_the_youngest_batch_request_which_reruns_with
     assert ids_of(deltas) == solo  # same tokens, each sent once
     assert "".join(d.text for d in deltas) == engine.tokenizer.decode(solo)
     assert (await old)[-1].stats["preemptions"] == 0  # the older BATCH request kept running
+    assert held_when_requeued == [("young", [])], f"a requeued victim kept its KV blocks: {held_when_requeued}"
     inter_first = next(i for i, call in enumerate(runner.calls) if any(s.seq_id == "inter" for s in call))
     assert not any(s.seq_id == "young" for s in runner.calls[inter_first])
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
