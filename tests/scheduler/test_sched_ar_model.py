@@ -107,6 +107,18 @@ async def test_an_auto_request_routed_to_ar_goes_where_its_kv_estimate_fits():
     await engine.stop()
 
 
+def _refusion_then_ar(engine) -> None:
+    """Route every AUTO request to ReFusion when it starts and to AR at each re-route; others as the router does."""
+    original = engine.router.decide
+
+    def decide(requested, priority, load, current=None, request_key=None):
+        if requested is not Mode.AUTO:
+            return original(requested, priority, load, current=current, request_key=request_key)
+        return RouteDecision(Mode.REFUSION if current is None else Mode.AR, "test")
+
+    engine.router.decide = decide
+
+
 async def test_requests_switch_to_the_ar_model_only_while_its_pool_has_room_for_them():
     """Two AUTO requests start in ReFusion on the main model and both want AR at their first re-route.
     The AR pool holds one of them: moved anyway, the second overcommitted it and, never preempted (it
@@ -117,14 +129,7 @@ async def test_requests_switch_to_the_ar_model_only_while_its_pool_has_room_for_
     engine = Engine(main, FakeTokenizer(), config, FakeFactory(), ar_runner=ar, ar_decoder_factory=FakeFactory())
     need = engine.scheduler.kv.blocks_needed(3, 0, FakeFactory().parse_params({"gen_length": 16}))
     assert need <= engine.kv.capacity("ar") < 2 * need
-    original = engine.router.decide
-
-    def decide(requested, priority, load, current=None, request_key=None):
-        if requested is not Mode.AUTO:
-            return original(requested, priority, load, current=current, request_key=request_key)
-        return RouteDecision(Mode.REFUSION if current is None else Mode.AR, "test")  # ReFusion, then AR
-
-    engine.router.decide = decide
+    _refusion_then_ar(engine)
     await engine.start()
     results = await asyncio.wait_for(asyncio.gather(
         *[collect(engine, GenerationRequest(n, [5, 6, 7], {"gen_length": 16})) for n in ("x", "y")]), 60)
@@ -150,14 +155,7 @@ async def test_a_switch_that_needs_exactly_the_free_blocks_of_the_ar_pool_moves_
 
     need = build(128)[0].scheduler.kv.blocks_needed(3, 0, FakeFactory().parse_params({"gen_length": 16}))
     engine, main, ar = build(need)
-    original = engine.router.decide
-
-    def decide(requested, priority, load, current=None, request_key=None):
-        if requested is not Mode.AUTO:
-            return original(requested, priority, load, current=current, request_key=request_key)
-        return RouteDecision(Mode.REFUSION if current is None else Mode.AR, "test")  # ReFusion, then AR
-
-    engine.router.decide = decide
+    _refusion_then_ar(engine)
     await engine.start()
     deltas = await asyncio.wait_for(collect(engine, GenerationRequest("x", [5, 6, 7], {"gen_length": 16})), 60)
     assert engine.kv.available([], "ar") == need  # the exact fit this test is for (the pool is empty again)
