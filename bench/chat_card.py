@@ -67,7 +67,7 @@ async def _score(model_dir: Path, instructions, tool_turns, modes, max_tokens: i
     from integrations.engine_client import LocalEngineClient
     from integrations.engine_host import build_engine
     from integrations.openai_api import APISettings, create_app
-    from integrations.tool_calls import split_tool_calls
+    from integrations.tool_call_stream import split_tool_calls
 
     engine, tokenizer = build_engine(model_dir)
     await engine.start()

@@ -38,7 +38,8 @@ from integrations.openai_requests import id_headers
 from integrations.openai_responses import refusion_detail
 from integrations.openai_stream import sse_response
 from integrations.request_limits import InputError, PromptCharsError
-from integrations.tool_calls import ArgumentsPiece, CallStart, ToolCall, read_json
+from integrations.tool_call_arguments import ArgumentsPiece, CallStart
+from integrations.tool_calls import ToolCall, read_json
 from scheduler.api import Delta, FinishReason
 
 router = APIRouter()

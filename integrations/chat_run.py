@@ -27,7 +27,8 @@ from integrations.openai_requests import check_id_free, generation_request, kv_b
 from integrations.openai_responses import ResponseHeader
 from integrations.request_limits import InputError, PromptCharsError, RequestLimits, encode, grammar_off_loop, off_loop
 from integrations.structured_output import response_format_schema, tool_grammar, tools_or_format_grammar
-from integrations.tool_calls import ToolCallStreamParser, cut_short, forced_call
+from integrations.tool_call_stream import ToolCallStreamParser
+from integrations.tool_calls import cut_short, forced_call
 from scheduler.api import Delta
 
 
@@ -37,7 +38,7 @@ class ChatRun:
     write it; put it back before parsing); allowed: the tool names calls may use (None: tools off);
     max_calls: 1 with parallel_tool_calls false, else None; stream_arguments: the tools grammar
     constrains every call (not mode "refusion"), so a call's arguments stream as they are written
-    (tool_calls.ToolCallStreamParser)."""
+    (tool_call_stream.ToolCallStreamParser)."""
 
     client: object
     header: ResponseHeader

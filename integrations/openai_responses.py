@@ -10,7 +10,8 @@ import time
 import uuid
 from typing import Collection
 
-from integrations.tool_calls import ToolCall, cut_short, split_tool_calls
+from integrations.tool_call_stream import split_tool_calls
+from integrations.tool_calls import ToolCall, cut_short
 from scheduler.api import Delta, FinishReason
 
 _FINISH = {

@@ -22,7 +22,9 @@ from integrations.http_errors import APIError, from_engine_error
 from integrations.http_metrics import RequestObserver
 from integrations.json_response import utf8_json
 from integrations.openai_logprobs import LogprobFormatter
-from integrations.tool_calls import ArgumentsPiece, CallStart, ToolCallStreamParser, cut_short
+from integrations.tool_call_arguments import ArgumentsPiece, CallStart
+from integrations.tool_call_stream import ToolCallStreamParser
+from integrations.tool_calls import cut_short
 from scheduler.api import Delta, EngineError
 from workers.batch import TokenLogprob
 
@@ -131,7 +133,7 @@ async def chat_events(header, deltas, allowed_tools: set[str] | None, prefix: st
     """Chat chunks of one choice (index 0): role, content pieces and tool calls, finish. A tool call is
     sent whole once its block closes, or, with stream_arguments (the tools grammar constrains the
     output: chat_run.ChatRun), as OpenAI streams one: a chunk with its index, id, type, name and
-    arguments "", then chunks of arguments pieces (tool_calls.ToolCallStreamParser).
+    arguments "", then chunks of arguments pieces (tool_call_stream.ToolCallStreamParser).
     prefix: text the turn starts with that the model did not write (a forced call's opening,
     tool_calls.forced_call), parsed as if it had. max_calls: calls past it are dropped
     (parallel_tool_calls false: 1, as vLLM keeps only the first). logprobs: the tokens' log

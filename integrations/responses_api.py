@@ -34,7 +34,8 @@ from integrations.openai_responses import refusion_detail
 from integrations.openai_stream import sse_response
 from integrations.request_limits import InputError
 from integrations.responses_models import ResponsesRequest, responses_field
-from integrations.tool_calls import ArgumentsPiece, CallStart, ToolCall
+from integrations.tool_call_arguments import ArgumentsPiece, CallStart
+from integrations.tool_calls import ToolCall
 from scheduler.api import Delta, FinishReason
 
 router = APIRouter()

@@ -30,7 +30,7 @@ from integrations.json_response import read_number_float, read_number_int, utf8_
 
 @dataclass
 class CallStart:
-    """A streamed call's opening (tool_calls.ToolCallStreamParser with stream_arguments): its id and
+    """A streamed call's opening (tool_call_stream.ToolCallStreamParser with stream_arguments): its id and
     name, sent as soon as they are known; ArgumentsPiece events follow, then the ToolCall (same id)
     once its block has ended."""
 

@@ -11,7 +11,8 @@ from test_editor_fakes import bpe_tokenizer, fake_client  # noqa: F401 - fixture
 from integrations import openai_responses as shape
 from integrations.openai_api import APISettings, create_app
 from integrations.openai_stream import chat_events, usage_at_end
-from integrations.tool_calls import ToolCallStreamParser, forced_call, parse_tool_block, partial_tool_call, split_tool_calls
+from integrations.tool_call_stream import ToolCallStreamParser, split_tool_calls
+from integrations.tool_calls import forced_call, parse_tool_block, partial_tool_call
 from scheduler.api import Delta, FinishReason, Mode
 
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
@@ -202,7 +203,7 @@ def test_close_marker_inside_an_argument_string_stays_in_the_call(cut):
 
 
 def test_block_end_skips_markers_in_strings_and_escaped_quotes():
-    from integrations.tool_calls import block_end
+    from integrations.tool_call_stream import block_end
 
     assert block_end('{"a": "x</tool_call>"}</tool_call>') == len('{"a": "x</tool_call>"}')
     assert block_end('{"a": "\\"</tool_call>"}</tool_call>') == len('{"a": "\\"</tool_call>"}')

@@ -1,4 +1,4 @@
-"""Streamed tool-call arguments (tool_calls.ToolCallStreamParser with stream_arguments,
+"""Streamed tool-call arguments (tool_call_stream.ToolCallStreamParser with stream_arguments,
 integrations/tool_call_arguments.py): fed in pieces split anywhere, the events are the same and each
 call's pieces concatenate to the arguments the whole-call path gives (split_tool_calls)."""
 
@@ -11,7 +11,9 @@ import pytest
 from integrations import openai_responses as shape
 from integrations.openai_stream import chat_events
 from integrations.tool_call_arguments import ArgumentsStream
-from integrations.tool_calls import ArgumentsPiece, CallStart, ToolCall, ToolCallStreamParser, split_tool_calls
+from integrations.tool_call_arguments import ArgumentsPiece, CallStart
+from integrations.tool_call_stream import ToolCallStreamParser, split_tool_calls
+from integrations.tool_calls import ToolCall
 from scheduler.api import Delta, FinishReason, Mode
 
 ALLOWED = {"f", "g"}
@@ -191,20 +193,20 @@ def test_a_repeated_key_in_a_call_cut_in_its_closing_text_comes_back_as_written(
 def test_a_block_is_scanned_for_its_end_once_however_it_is_fed():
     """The stream parser looked for a block's `</tool_call>` by scanning all of the block's text on every
     feed: a 28,000-character call fed 4 characters at a time held the event loop ~5 s. The scan now
-    resumes where it stopped (tool_calls.BlockEndScan); the lines run in tool_calls.py (counted with
+    resumes where it stopped (tool_call_stream.BlockEndScan); the lines run in tool_call_stream.py (counted with
     sys.settrace, not timed) grow with the text, not its square, and a closing tag split across feeds,
     or inside a string, is still found only where it closes the block."""
     import sys
 
-    from integrations import tool_calls
-    from integrations.tool_calls import block_end
+    from integrations import tool_call_stream
+    from integrations.tool_call_stream import block_end
 
     text = _block("f", json.dumps({"code": "x = '</tool_call>'\n" * 100, "n": "<" * 50}))
     lines = 0
 
     def trace(frame, event, arg):
         nonlocal lines
-        if frame.f_code.co_filename == tool_calls.__file__:
+        if frame.f_code.co_filename == tool_call_stream.__file__:
             lines += event == "line"
             return trace
         return None
@@ -221,6 +223,6 @@ def test_a_block_is_scanned_for_its_end_once_however_it_is_fed():
         [call] = [e for e in events if isinstance(e, ToolCall)]
         assert json.loads(call.arguments)["n"] == "<" * 50
     body = text[len("<tool_call>"):]
-    scan = tool_calls.BlockEndScan()
+    scan = tool_call_stream.BlockEndScan()
     assert [scan.find(body[:n]) for n in range(len(body) + 1)] == [block_end(body[:n]) for n in range(len(body) + 1)]
     assert block_end(body) == len(body) - len("</tool_call>")

@@ -7,7 +7,7 @@ import json
 
 from integrations.chat import render_chat
 from integrations.openai_models import ChatMessage, ToolSpec
-from integrations.tool_calls import split_tool_calls
+from integrations.tool_call_stream import split_tool_calls
 from training.chat_data import chat_pairs, instruction_pair, tool_call_pair
 from training.corpus import extract_units
 
