@@ -68,8 +68,10 @@ class BlockEndScan:
 
 
 # The opening of a block the tools grammar wrote (structured_output._call_rules, its structural tags):
-# exactly this text, no free whitespace
-_GRAMMAR_HEAD = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ')
+# exactly this text, no free whitespace; the name is known once its string closes (OpenAI and vLLM send a
+# call's name before its arguments), the arguments start after _ARGUMENTS_OPEN
+_GRAMMAR_NAME = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*")')
+_ARGUMENTS_OPEN = ', "arguments": '
 
 
 class ToolCallStreamParser:
@@ -77,7 +79,8 @@ class ToolCallStreamParser:
     text (str) to send as content, or a ToolCall once its block has closed.
 
     stream_arguments (only for output the tools grammar constrains, where every block is a call of an
-    offered tool in the grammar's exact shape): a block is a call as soon as its name is known:
+    offered tool in the grammar's exact shape): a block is a call as soon as its name's string has
+    closed (before `"arguments": `, so a call the output is cut or paused at there has its opening out):
     CallStart then, ArgumentsPiece events as the arguments are written (what is sure to be part of
     the whole call's `arguments`: integrations/tool_call_arguments.py), the rest in one last piece
     when the block ends, then its ToolCall, as the whole-call path builds it (same `arguments`).
@@ -97,7 +100,8 @@ class ToolCallStreamParser:
         self.num_calls = 0
         self.stream_arguments = stream_arguments
         self._streamed: CallStart | None = None  # the open block's call, once CallStart went out
-        self._head = 0  # length of its opening in the block's text
+        self._name_end = 0  # end of its name's string in the block's text
+        self._head = None  # length of its opening in the block's text, once known; -1: not the grammar's
         self._arguments: ArgumentsStream | None = None
         self._sent = ""  # its arguments sent so far
 
@@ -163,10 +167,10 @@ class ToolCallStreamParser:
         return events
 
     def _stream(self, events: list, body: str) -> None:
-        """The CallStart of the open block once its opening is whole, then the new safe piece of its
-        arguments (`body`: the block's text so far, without its closing tag)."""
+        """The CallStart of the open block once its name is whole, then the new safe piece of its
+        arguments once `"arguments": ` has come (`body`: the block's text so far, without its closing tag)."""
         if self._streamed is None:
-            head = _GRAMMAR_HEAD.match(body)
+            head = _GRAMMAR_NAME.match(body)
             if head is None:
                 return
             try:
@@ -175,9 +179,19 @@ class ToolCallStreamParser:
                 return
             if not name or (self.allowed_names and name not in self.allowed_names):
                 return
-            self._streamed, self._head = CallStart(new_call_id(), name), head.end()
+            self._streamed, self._name_end, self._head = CallStart(new_call_id(), name), head.end(), None
             self._arguments, self._sent, self._space = ArgumentsStream(), "", ""
             events.append(self._streamed)
+        if self._head is None:
+            after = body[self._name_end:self._name_end + len(_ARGUMENTS_OPEN)]
+            if after == _ARGUMENTS_OPEN:
+                self._head = self._name_end + len(_ARGUMENTS_OPEN)
+            elif _ARGUMENTS_OPEN.startswith(after):
+                return  # (not yet written)
+            else:  # not the grammar's text: the arguments come whole at the block's end
+                self._head = -1
+        if self._head < 0:
+            return
         safe = self._arguments.feed(body[self._head:])
         if len(safe) > len(self._sent):
             events.append(ArgumentsPiece(self._streamed.id, safe[len(self._sent):]))

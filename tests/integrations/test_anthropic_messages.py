@@ -354,3 +354,33 @@ async def test_a_grammar_call_streams_its_input_in_pieces(max_calls):
         assert len(pieces) > 1 and all(pieces) and "".join(pieces) == LONG_INPUT
         assert mine[-1] == {"type": "content_block_stop", "index": index}
     assert turn.message["stop_reason"] == "tool_use"
+
+
+async def test_a_grammar_tool_use_starts_once_its_name_is_written():
+    """Anthropic sends content_block_start (tool_use, input {}) before the input_json_delta pieces; it went
+    out only once `"arguments": ` had come. It now goes out with the delta that closes the name; cut there
+    (max_tokens), the block is that start and its stop, input {}."""
+    seen: list = []
+
+    async def deltas(pieces, reason):
+        for i, text in enumerate(pieces):
+            seen.append(("delta", i))
+            last = i == len(pieces) - 1
+            yield Delta("msg-1", text, [i], finished=last, finish_reason=reason if last else None, stats={})
+
+    pieces = ['<tool_call>{"name": "add"', ', "arguments": {"a": 1}}' + TOOL_CLOSE]
+    turn = _turn(_request(tools=[TOOL]), stream_arguments=True)
+    turn.run.streams.append(deltas(pieces, FinishReason.STOP))
+    async for event in turn.events():
+        seen.append(event)
+    first = seen.index(("delta", 1))
+    starts = [e for e in seen[:first] if isinstance(e, dict) and e["type"] == "content_block_start"]
+    assert [(e["content_block"]["type"], e["content_block"]["name"], e["content_block"]["input"]) for e in starts] == [
+        ("tool_use", "add", {})]
+    assert "".join(e["delta"]["partial_json"] for e in seen[first:] if isinstance(e, dict)
+                   and e["type"] == "content_block_delta") == '{"a": 1}'
+    turn = _turn(_request(tools=[TOOL]), stream_arguments=True)
+    events = await _events(turn, deltas(pieces[:1], FinishReason.LENGTH))
+    assert [e["type"] for e in events if "index" in e] == ["content_block_start", "content_block_stop"]
+    assert [(b["name"], b["input"]) for b in turn.message["content"] if b["type"] == "tool_use"] == [("add", {})]
+    assert turn.message["stop_reason"] == "max_tokens"

@@ -234,3 +234,33 @@ async def test_a_call_cut_before_its_arguments_sends_no_empty_delta():
     assert [e for e in events if e["type"] == "response.function_call_arguments.delta"] == []
     [done] = [e for e in events if e["type"] == "response.function_call_arguments.done"]
     assert done["arguments"] == ""
+
+
+async def test_a_grammar_call_is_added_once_its_name_is_written():
+    """OpenAI sends output_item.added (name, arguments "") before the arguments deltas; it went out only
+    once `"arguments": ` had come, so a call paused or cut after its name came whole at the end. It now
+    goes out with the delta that closes the name; cut there (max_output_tokens), the call is that item."""
+    seen: list = []
+
+    async def deltas(pieces, finish):
+        for i, text in enumerate(pieces):
+            seen.append(("delta", i))
+            last = i == len(pieces) - 1
+            yield Delta("resp-1", text, [i], finished=last, finish_reason=finish if last else None)
+
+    body = ResponsesRequest(input="x", tools=[{"type": "function", "name": "ping"}])
+    pieces = ['<tool_call>{"name": "ping"', ', "arguments": {"host": "a"}}' + TOOL_CLOSE]
+    async for event in response_events(ResponseShell(body, _run(stream_arguments=True)),
+                                       deltas(pieces, FinishReason.STOP), None, itertools.count()):
+        seen.append(event)
+    first = seen.index(("delta", 1))
+    added = [e for e in seen[:first] if isinstance(e, dict) and e["type"] == "response.output_item.added"]
+    assert [(e["item"]["type"], e["item"]["name"], e["item"]["arguments"]) for e in added] == [("function_call", "ping", "")]
+    pieces_sent = [e["delta"] for e in seen[first:] if isinstance(e, dict) and e["type"] == "response.function_call_arguments.delta"]
+    assert "".join(pieces_sent) == '{"host": "a"}'
+    events = [e async for e in response_events(ResponseShell(body, _run(stream_arguments=True)),
+                                               deltas(pieces[:1], FinishReason.LENGTH), None, itertools.count())]
+    kinds = [e["type"] for e in events if e.get("item", {}).get("type") == "function_call" or "item_id" in e]
+    assert kinds == ["response.output_item.added", "response.function_call_arguments.done", "response.output_item.done"]
+    [item] = [i for i in events[-1]["response"]["output"] if i["type"] == "function_call"]
+    assert (item["name"], item["arguments"], item["status"]) == ("ping", "", "incomplete")

@@ -58,7 +58,8 @@ def _shape(events: list) -> list:
 
 def _pieces_per_call(events: list) -> list[tuple[str, ToolCall]]:
     """(the call's concatenated pieces, its ToolCall) per call; checks each piece's id. A call that never
-    opened (cut before its opening was whole: it comes whole, arguments "") has None for pieces."""
+    opened (a CallStart) has None for pieces: none should, as a call comes out only once its name is
+    whole, and that opens it."""
     out, sent, opened = [], "", None
     for event in events:
         if isinstance(event, CallStart):
@@ -105,7 +106,7 @@ def test_a_call_cut_anywhere_ends_with_the_text_so_far(text):
         streamed = _pieces_per_call(_run(list(prefix), cut=True))
         assert [(c.name, c.arguments, c.complete) for _, c in streamed] == [
             (c.name, c.arguments, c.complete) for c in calls]
-        assert all(sent in (None, call.arguments) for sent, call in streamed), prefix
+        assert all(sent == call.arguments for sent, call in streamed), prefix
 
 
 def test_without_stream_arguments_a_call_comes_whole():
@@ -226,3 +227,105 @@ def test_a_block_is_scanned_for_its_end_once_however_it_is_fed():
     scan = tool_call_stream.BlockEndScan()
     assert [scan.find(body[:n]) for n in range(len(body) + 1)] == [block_end(body[:n]) for n in range(len(body) + 1)]
     assert block_end(body) == len(body) - len("</tool_call>")
+
+
+def test_a_call_opens_as_soon_as_its_name_string_closes():
+    """OpenAI and vLLM send a call's name before its arguments: the CallStart went out only once
+    `"arguments": ` had come, so a call cut (or paused) between its name and its arguments came whole at
+    the end. It now goes out when the name's string closes; the pieces follow once the arguments open."""
+    parser = ToolCallStreamParser(ALLOWED, stream_arguments=True)
+    assert parser.feed('<tool_call>{"name": "f') == []
+    [start] = parser.feed('"')
+    assert (type(start), start.name) == (CallStart, "f")
+    assert parser.feed(', "argum') == []
+    events = parser.feed('ents": {"a": 1}}</tool_call>') + parser.finish()
+    assert [e.text for e in events if isinstance(e, ArgumentsPiece)] == ['{"a": 1}']
+    assert [(e.id, e.arguments) for e in events if isinstance(e, ToolCall)] == [(start.id, '{"a": 1}')]
+    for cut_at in ('<tool_call>{"name": "f"', '<tool_call>{"name": "f", "argu'):
+        events = _run([cut_at], cut=True)
+        assert [(type(e), e.name) for e in events[:1]] == [(CallStart, "f")]
+        assert [(e.arguments, e.complete, e.id) for e in events[1:]] == [("", False, events[0].id)]
+    # after the name, not the grammar's text: the opening went out, the arguments come at the end
+    events = _run(['<tool_call>{"name": "f"}</tool_call>'])
+    assert _shape(events) == [("start", "f"), ("arguments", "{}"), ("call", "f", "{}", True)]
+
+
+async def test_a_chat_stream_paused_after_the_name_has_sent_the_calls_opening():
+    """The deltas stop (the model pauses, a step boundary) right after the call's name: the chunk with
+    its index, id, type, name and arguments "" is out before the next delta is asked for; cut there
+    (max_tokens) the call is that opening alone, finish "length"."""
+    seen: list = []
+
+    async def deltas(pieces, finish):
+        for i, text in enumerate(pieces):
+            seen.append(("delta", i))
+            last = i == len(pieces) - 1
+            yield Delta("r1", text, [7], finished=last, finish_reason=finish if last else None, mode=Mode.AR)
+
+    header = shape.ResponseHeader("chatcmpl", "m")
+    pieces = ['Ok. <tool_call>{"name": "f"', ', "arguments": {"a": 1}}</tool_call>']
+    async for chunk in chat_events(header, deltas(pieces, FinishReason.STOP), ALLOWED, stream_arguments=True):
+        seen.append(chunk["choices"][0]["delta"].get("tool_calls"))
+    first = seen.index(("delta", 1))
+    assert [c for c in seen[:first] if isinstance(c, list)] == [[{"index": 0, "id": seen[first - 1][0]["id"], "type": "function",
+                                               "function": {"name": "f", "arguments": ""}}]]
+    assert "".join(c[0]["function"]["arguments"] for c in seen[first:] if isinstance(c, list)) == '{"a": 1}'
+    chunks = [c async for c in chat_events(header, deltas(pieces[:1], FinishReason.LENGTH), ALLOWED,
+                                           stream_arguments=True)]
+    calls = [c["choices"][0]["delta"]["tool_calls"] for c in chunks if "tool_calls" in c["choices"][0]["delta"]]
+    assert [[{**c, "id": None} for c in call] for call in calls] == [
+        [{"index": 0, "id": None, "type": "function", "function": {"name": "f", "arguments": ""}}]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def _random_value(rng, depth: int = 0):
+    kind = rng.randrange(8 if depth < 3 else 5)
+    if kind == 0:
+        return rng.choice([True, False, None])
+    if kind == 1:
+        return rng.choice([0, -7, 12345678901234567890, 2.5, -0.001, 1e-7, 3e100])
+    if kind in (2, 3, 4):
+        alphabet = ['a', ' ', '"', '\\', '/', '\n', '\x1f', 'é', '😀', '</tool_call>', '<', '{', '}', ',', ':']
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(6)))
+    if kind in (5, 6):
+        return {rng.choice(["a", "b", "c d", "é", ""]): _random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+    return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+
+
+def _random_arguments(rng) -> str:
+    """Arguments as the tools grammar may write them: json.dumps's form, now and then with what
+    json.dumps writes otherwise (a number, an escape) or a repeated key."""
+    text = json.dumps({"k": _random_value(rng), "m": _random_value(rng)}, ensure_ascii=False)
+    variant = rng.randrange(6)
+    if variant == 0:
+        text = text[:-1] + ', "n": 1.50}'
+    elif variant == 1:
+        text = text[:-1] + ', "s": "x\\u001F y"}'
+    elif variant == 2:
+        text = text[:-1] + ', "k": 3}'
+    return text
+
+
+def test_random_calls_split_and_cut_anywhere_stream_the_whole_calls_arguments():
+    """Random grammar-shaped calls (seeded), fed in random pieces: every call opens (CallStart) and its
+    pieces join to exactly the arguments the whole-call path gives; cut at a random point, likewise for
+    the incomplete call's."""
+    import random
+
+    rng = random.Random(269)
+    for _ in range(300):
+        calls = [_block(rng.choice(["f", "g"]), _random_arguments(rng)) for _ in range(rng.randrange(1, 3))]
+        text = rng.choice(["", "Sure. "]) + "\n".join(calls)
+        for cut in (False, True):
+            if cut:
+                text = text[:rng.randrange(len(text) + 1)]
+            parts, at = [], 0
+            while at < len(text):
+                step = rng.randrange(1, 9)
+                parts.append(text[at:at + step])
+                at += step
+            _, whole_calls = split_tool_calls(text, ALLOWED, cut=cut)
+            streamed = _pieces_per_call(_run(parts, cut=cut))
+            assert [(c.name, c.arguments, c.complete) for _, c in streamed] == [
+                (c.name, c.arguments, c.complete) for c in whole_calls], text
+            assert [sent for sent, _ in streamed] == [c.arguments for c in whole_calls], text
