@@ -52,103 +52,127 @@ _SIMPLE_ESCAPES = frozenset('"\\/bfnrt')
 
 
 class ArgumentsStream:
-    """Scans the arguments text of one grammar-constrained call as it grows. feed(text) takes the text
-    after `"arguments": ` so far (the whole of it each time: it only ever grows) and returns its longest
-    prefix that is safe to send (module doc); `closed` turns True once the arguments' outer object has
-    ended (what follows is the call's own `}` and `</tool_call>`), `diverged` once a piece was found
-    that the whole-call path writes otherwise (nothing more is safe)."""
+    """Scans the arguments text of one grammar-constrained call as it comes. feed(text) takes the next
+    text after `"arguments": ` and returns the next piece of its longest prefix that is safe to send
+    (module doc), '' when no more of it is yet; the pieces concatenate to that prefix. `closed` turns True
+    once the arguments' outer object has ended (what follows is the call's own `}` and `</tool_call>`),
+    `diverged` once a piece was found that the whole-call path writes otherwise (nothing more is safe).
+
+    Each character is scanned once and copied into a piece once: only what is not yet sent is kept (held
+    whitespace, a number or escape not yet ended, an object key being read), so a call costs its length
+    however finely it is fed (feeding it the whole text so far each time copied it on every feed)."""
 
     def __init__(self):
         self.closed = False
         self.diverged = False
-        self._pos = 0  # characters scanned
-        self._safe = 0  # end of the safe prefix (before trailing whitespace is held back)
-        self._depth = 0
-        self._in_string = False
-        self._escape_at = -1  # start of an escape not yet whole
-        self._number_at = -1  # start of a number not yet ended
-        # per open container: (is_object, keys seen (objects), expecting a key (objects))
+        # per open container: [is_object, keys seen (objects), expecting a key (objects)]
         self._containers: list[list] = []
-        self._string_at = -1
-        self._key_string = False
+        self._in_string = False
+        self._number: list[str] | None = None  # a number not yet ended: its text from earlier feeds
+        self._escape: str | None = None  # an escape not yet whole, so far
+        self._key: list[str] | None = None  # an object key being read: its text from earlier feeds
+        self._number_from = self._key_from = 0  # where the number or key starts in the text being fed
+        self._space: list[str] = []  # safe whitespace held back (the end of the safe prefix so far)
+        self._unsafe: list[str] = []  # text after the safe prefix (a number or escape not yet ended)
 
     def feed(self, text: str) -> str:
-        while self._pos < len(text) and not self.closed and not self.diverged:
-            self._scan(text, self._pos)
-        if not self.diverged and self._number_at < 0 and self._escape_at < 0:
-            self._safe = self._pos
-        return text[:self._safe].rstrip() if not self.closed else text[:self._safe]
+        if self.closed or self.diverged:
+            return ""
+        safe, self._number_from, self._key_from = -1, 0, 0  # safe: end in `text` of the safe prefix
+        for i, ch in enumerate(text):
+            if self._in_string:
+                self._scan_string(text, i, ch)
+            else:
+                self._scan(text, i, ch)
+            if self.diverged:
+                break
+            if self._number is None and self._escape is None:
+                safe = i + 1
+            if self.closed:
+                break
+        if not self.diverged:  # what is still open goes on in the next text
+            if self._number is not None:
+                self._number.append(text[self._number_from:])
+            if self._key is not None:
+                self._key.append(text[self._key_from:])
+        return self._release(text, safe)
 
-    def _scan(self, text: str, i: int) -> None:
-        ch = text[i]
-        if self._in_string:
-            self._scan_string(text, i)
-            return
+    def _release(self, text: str, safe: int) -> str:
+        """The next piece: the text that became safe, trailing whitespace held back until more follows
+        (tool_calls.partial_tool_call right-strips a cut call's arguments) unless the arguments closed."""
+        if safe < 0:
+            if not self.diverged:
+                self._unsafe.append(text)
+            return ""
+        ready = "".join(self._unsafe) + text[:safe] if self._unsafe else text[:safe]
+        self._unsafe = [text[safe:]] if safe < len(text) and not self.diverged and not self.closed else []
+        if not self.closed and ready.isspace():
+            self._space.append(ready)
+            return ""
+        body = ready if self.closed else ready.rstrip()
+        piece = "".join(self._space) + body if self._space else body
+        self._space = [ready[len(body):]] if len(body) < len(ready) else []
+        return piece
+
+    def _scan(self, text: str, i: int, ch: str) -> None:
         if not self._containers and ch != "{":  # not an object's text: not the grammar's call
             self.diverged = True
             return
-        if self._number_at >= 0:
+        if self._number is not None:
             if ch in _NUMBER_CHARS:
-                self._pos = i + 1
                 return
-            self._end_number(text[self._number_at:i])
-            if self.diverged:
+            literal = "".join(self._number) + text[self._number_from:i]
+            self._number = None
+            if not _written_alike(literal):
+                self.diverged = True
                 return
+        top = self._containers[-1] if self._containers else None
         if ch == '"':
-            self._in_string, self._string_at = True, i
-            top = self._containers[-1] if self._containers else None
-            self._key_string = top is not None and top[0] and top[2]
+            self._in_string = True
+            if top[0] and top[2]:
+                self._key, self._key_from = [], i
         elif ch in "-0123456789":
-            self._number_at = i
+            self._number, self._number_from = [], i
         elif ch in "{[":
             self._containers.append([ch == "{", set(), ch == "{"])
         elif ch in "}]":
             self._containers.pop()
             if not self._containers:
                 self.closed = True
-        elif ch == "," and self._containers[-1][0]:
-            self._containers[-1][2] = True
-        self._pos = i + 1
-        if not self._in_string and self._number_at < 0:
-            self._safe = self._pos
+        elif ch == "," and top[0]:
+            top[2] = True
 
-    def _scan_string(self, text: str, i: int) -> None:
-        ch = text[i]
-        if self._escape_at >= 0:
-            escape = text[self._escape_at:i + 1]
-            if escape[1] == "u" and len(escape) < 6:
-                self._pos = i + 1
+    def _scan_string(self, text: str, i: int, ch: str) -> None:
+        if self._escape is not None:
+            self._escape += ch
+            if self._escape[1] == "u" and len(self._escape) < 6:
                 return
-            self._escape_at = -1
+            escape, self._escape = self._escape, None
             if escape[1] not in _SIMPLE_ESCAPES and escape[1] != "u" or _rewritten(escape) != escape:
                 self.diverged = True
-                return
         elif ch == "\\":
-            self._escape_at = i
+            self._escape = ch
         elif ch == '"':
             self._in_string = False
-            if self._key_string:
-                self._key_string = False
+            if self._key is not None:
+                key = json.loads("".join(self._key) + text[self._key_from:i + 1])
+                self._key = None
                 top = self._containers[-1]
-                key = json.loads(text[self._string_at:i + 1])
                 if key in top[1]:
                     self.diverged = True  # a repeated key (module doc)
                     return
                 top[1].add(key)
                 top[2] = False
-        self._pos = i + 1
-        if self._escape_at < 0:
-            self._safe = self._pos
 
-    def _end_number(self, literal: str) -> None:
-        self._number_at = -1
-        try:
-            written = utf8_json(json.loads(literal, parse_float=read_number_float,
-                                           parse_int=read_number_int)).decode("utf-8")
-        except ValueError:
-            written = None
-        if written != literal:
-            self.diverged = True
+
+def _written_alike(literal: str) -> bool:
+    """Whether the whole-call path writes the number `literal` (as the model wrote it) the same way."""
+    try:
+        written = utf8_json(json.loads(literal, parse_float=read_number_float,
+                                       parse_int=read_number_int)).decode("utf-8")
+    except ValueError:
+        return False
+    return written == literal
 
 
 def _rewritten(escape: str) -> str:
