@@ -32,7 +32,8 @@ MAX_NAMES_LISTED = 8  # served ids named in a 404 (all of them are in GET /v1/mo
 
 def check_model(request: Request, model: str | None) -> None:
     """404 model_not_found unless `model` is absent or one of the served ids (OpenAI's error; vLLM's
-    --served-model-name: any of its names). The message names the first MAX_NAMES_LISTED ids."""
+    --served-model-name: any of its names). The message names the first MAX_NAMES_LISTED ids and the
+    route listing them all, under the app's root_path (http_options.root_path), as route_hints does."""
     if model is None:
         return
     settings = request.app.state.settings
@@ -40,7 +41,8 @@ def check_model(request: Request, model: str | None) -> None:
     if model not in served:
         names = " or ".join(f"'{name}'" for name in served[:MAX_NAMES_LISTED])
         more = f" or one of {len(served) - MAX_NAMES_LISTED} more" if len(served) > MAX_NAMES_LISTED else ""
-        raise APIError(404, f"model '{clipped(model, 200)}' is not served here: use {names}{more} (GET /v1/models)",
+        listing = request.scope.get("root_path", "") + "/v1/models"
+        raise APIError(404, f"model '{clipped(model, 200)}' is not served here: use {names}{more} (GET {listing})",
                        "invalid_request_error", param="model", code="model_not_found")
 
 

@@ -91,3 +91,21 @@ async def test_the_sdks_with_a_base_url_slip_read_the_hint(app):
             await claude.messages.create(model="m", max_tokens=4, messages=USER)
     assert err.value.body["error"]["type"] == "not_found_error"
     assert f"did you mean /v1/messages? {ANTHROPIC_BASE}" in err.value.body["error"]["message"]
+
+
+@pytest.mark.parametrize("root_path", ["", "/api"])
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/v1/chat/completions", {"model": "nope", "messages": USER}),
+    ("POST", "/v1/completions", {"model": "nope", "prompt": "hi"}),
+    ("GET", "/v1/models/nope", None),
+    ("POST", "/v1/messages", {"model": "nope", "max_tokens": 4, "messages": USER}),
+])
+async def test_an_unknown_model_names_the_listing_route_under_the_root_path(app, root_path, method, path, body):
+    """The model_not_found 404 points at GET /v1/models as the app is served: behind http_options.root_path
+    /api that is /api/v1/models (it said /v1/models, a 404 there), as the route hints above do."""
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.request(method, root_path + path, json=body)
+    assert response.status_code == 404, response.text
+    said = response.json()["error"]["message"]
+    assert said.endswith(f"(GET {root_path}/v1/models)"), said
