@@ -1,10 +1,10 @@
 """What a 404 for a path that is no route says: OpenAI's wording, "Invalid URL (POST /v1/embeddings)", and
 the served route the client most likely meant, with the base-URL slip behind it, or where the routes are
-listed. The slips: a base URL without its /v1 (the OpenAI SDK's base_url ends in /v1; llama.cpp's server
-serves both forms), one with /v1 where Anthropic's SDK adds it itself (so /v1/v1/messages), and a trailing
-slash (the app does not redirect one: a 307 to an absolute http:// URL breaks behind a TLS proxy, and a
-client that does not follow redirects read an empty body); else a route spelled almost alike
-(/v1/chat/completion: `close_routes`)."""
+listed (each route named under the app's root_path). The slips: a base URL without its /v1 (the OpenAI
+SDK's base_url ends in /v1; llama.cpp's server serves both forms), one with /v1 where Anthropic's SDK adds
+it itself (so /v1/v1/messages), and a trailing slash (the app does not redirect one: a 307 to an absolute
+http:// URL breaks behind a TLS proxy, and a client that does not follow redirects read an empty body);
+else a route spelled almost alike (/v1/chat/completion: `close_routes`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import difflib
 from starlette.routing import Match
 
 ANTHROPIC_PATHS = "/v1/messages"  # Anthropic's Messages API: /v1/messages and /v1/messages/count_tokens
-NOT_OFFERED = ("(embeddings, files, moderations and stored responses are not offered); GET /docs and docs/api.md "
-               "list the routes")
+NOT_OFFERED = ("(embeddings, files, moderations and stored responses are not offered); GET {root}/docs and "
+               "docs/api.md list the routes")
 
 
 def unknown_route_message(request) -> str:
@@ -29,7 +29,7 @@ def unknown_route_message(request) -> str:
         probe = {**request.scope, "path": root + meant}
         if any(route.matches(probe)[0] is Match.FULL for route in routes):
             return f"{message}; did you mean {root + meant}? {why}"
-    return f"{message} {NOT_OFFERED}"
+    return f"{message} {NOT_OFFERED.format(root=root)}"
 
 
 def close_routes(path: str, served) -> list[tuple[str, str]]:

@@ -65,13 +65,19 @@ async def test_a_slip_in_the_url_names_the_route_meant(app, method, path, meant,
     ("POST", "/v1/embeddings"),
     ("POST", "/v1/v1/embeddings"),
 ])
-async def test_no_guess_where_no_route_serves_the_method(app, method, path):
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
-        response = await http.request(method, path)
+@pytest.mark.parametrize("root_path", ["", "/api"])
+async def test_no_guess_where_no_route_serves_the_method(app, method, path, root_path):
+    """No guess: the routes are listed at GET /docs, under the root_path (it said /docs behind /api)."""
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.request(method, root_path + path)
+        docs = await http.get(root_path + "/docs")
     assert response.status_code == 404, response.text
     said = response.json()["error"]["message"]
-    assert said.startswith(f"Invalid URL ({method} {path}): not a route of this server (embeddings, files"), said
+    assert said.startswith(f"Invalid URL ({method} {root_path}{path}): not a route of this server (embeddings, files"), said
     assert "did you mean" not in said
+    assert said.endswith(f"GET {root_path}/docs and docs/api.md list the routes"), said
+    assert docs.status_code == 200, docs.text
 
 
 async def test_the_sdks_with_a_base_url_slip_read_the_hint(app):
