@@ -130,6 +130,10 @@ class GenerationRequest:
     # as "\n" (scheduler.client_view.CrlfView): a "\n" stop ends the text before the "\r", and a "\r" the
     # text ends in is sent only once the next character is known. The text itself stays the model's.
     crlf: bool = False
+    # The client's text breaks lines with a lone "\r" (a CR-only document; crlf is set too): a lone "\r"
+    # the model writes is a line break there as well (DocumentStyle.to_document leaves it as written), so
+    # the view reads it as "\n" too, and a "\r" stop ("\n" in the stops' form) ends the text before it.
+    cr_only: bool = False
     # gen_length is the server's default, not the client's (OpenAI max_tokens unset): when prompt +
     # gen_length needs more KV blocks than the engine's cache has, gen_length (and max_tokens) shrink to
     # the largest whole blocks of whole slots that fit, instead of a 400, as an unset max_tokens shrinks

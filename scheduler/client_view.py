@@ -56,10 +56,13 @@ class CrlfView:
     one line break of the document (DocumentStyle.to_document), so it reads as "\n", the form of the stop
     strings' line breaks (model_stops), and a stop string's cut falls before its "\r". A "\r" the text
     ends in waits (the view stops before it) unless `final`: a "\n" next would join it into a line break.
-    A lone "\r" stays as the model wrote it. `tabs`: the tab view under it (a tab-indented client), or None."""
+    A lone "\r" stays as the model wrote it, except for a CR-only client (`cr_only`, GenerationRequest.cr_only),
+    whose line break it is: it reads as "\n" there. `tabs`: the tab view under it (a tab-indented client), or
+    None."""
 
-    def __init__(self, tabs: TabView | None):
+    def __init__(self, tabs: TabView | None, cr_only: bool = False):
         self.tabs = tabs
+        self.cr_only = cr_only
 
     def view(self, text: str, start: int, final: bool) -> tuple[str, list[int]]:
         """(view, at) as TabView.view's, from `start` (or the tab view's base)."""
@@ -74,11 +77,14 @@ class CrlfView:
         shown = shown.replace("\r\n", "\n")
         if shown.endswith("\r") and at[-1] == len(text) and not final:
             shown, at = shown[:-1], at[:-1]
+        if self.cr_only:  # (one character for one: `at` holds)
+            shown = shown.replace("\r", "\n")
         return shown, at
 
 
-def client_view(tab_indent: bool, tab_indent_first_line: bool, crlf: bool) -> TabView | CrlfView | None:
-    """The view a request's stop strings are matched on (GenerationRequest.tab_indent, .crlf); None: the
-    model's text itself."""
+def client_view(tab_indent: bool, tab_indent_first_line: bool, crlf: bool,
+                cr_only: bool = False) -> TabView | CrlfView | None:
+    """The view a request's stop strings are matched on (GenerationRequest.tab_indent, .crlf, .cr_only); None:
+    the model's text itself."""
     tabs = TabView(tab_indent_first_line) if tab_indent else None
-    return CrlfView(tabs) if crlf else tabs
+    return CrlfView(tabs, cr_only) if crlf or cr_only else tabs

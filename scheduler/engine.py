@@ -348,7 +348,7 @@ class Engine(EngineLoop, EngineAhead, EngineOutput):
             self.scheduler.fitted(spec, params)
             return None
         try:
-            view = client_view(spec.tab_indent, spec.tab_indent_first_line, spec.crlf)
+            view = client_view(spec.tab_indent, spec.tab_indent_first_line, spec.crlf, spec.cr_only)
             stream = TextStream(self.tokenizer, spec.stop, min_tokens=getattr(params, "min_tokens", 0), healed=spec.healed,
                                 view=view)
             req = self.scheduler.add(spec, params, stream)

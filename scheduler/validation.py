@@ -42,7 +42,7 @@ def validate_request(spec: GenerationRequest, vocab_size: int | None, max_stop_s
                                   f"(who sent the request, for the fair share), got {spec.client!r:.80}")
     if not isinstance(spec.healed, str) or spec.healed.strip(" \t"):
         raise InvalidRequestError("healed", f"must be spaces and tabs only (the prompt's trailing blanks), got {spec.healed!r}")
-    for name in ("tab_indent", "tab_indent_first_line", "crlf"):
+    for name in ("tab_indent", "tab_indent_first_line", "crlf", "cr_only"):
         if not isinstance(getattr(spec, name), bool):
             raise InvalidRequestError(name, f"must be true or false, got {getattr(spec, name)!r:.80}")
     cap = spec.max_tokens

@@ -66,9 +66,10 @@ class DocumentStyle:
         """The GenerationRequest fields that match stop strings on the text in this style (model_stops):
         tab_indent when the document indents with tabs, tab_indent_first_line when the completion's first
         line is indentation too (at_indent, as to_document's), crlf when its line breaks are CRLF or CR (a
-        "\r\n" the model writes is one line break there, as to_document makes it)."""
+        "\r\n" the model writes is one line break there, as to_document makes it), cr_only when they are CR
+        (a lone "\r" the model writes is one too: to_document leaves it as written)."""
         return {"tab_indent": self.tabs, "tab_indent_first_line": self.tabs and at_indent,
-                "crlf": self.line_ending != "\n"}
+                "crlf": self.line_ending != "\n", "cr_only": self.line_ending == "\r"}
 
     def client_stop(self, stops: list[str], word: str) -> str:
         """The client's stop string (one of `stops`) whose model form (model_stops) is `word`, the string

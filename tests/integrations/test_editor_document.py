@@ -125,13 +125,15 @@ def test_stop_strings_follow_the_document_and_keep_their_meaning_in_an_lf_one():
     assert DocumentStyle("\n", True).model_stops(["\r\n", "\r\n\tx", "\n\tpass"]) == ["\r\n", "\r\n\tx", "\n\tpass"]
     assert DocumentStyle("\r\n", True).model_stops(["\r\n\tx"]) == ["\n\tx"]
     assert DocumentStyle("\r", False).model_stops(["\t\r"]) == ["\t\n"]
-    assert DocumentStyle("\n", True).engine_fields(at_indent=True) == {"tab_indent": True,
-                                                                       "tab_indent_first_line": True, "crlf": False}
+    assert DocumentStyle("\n", True).engine_fields(at_indent=True) == {
+        "tab_indent": True, "tab_indent_first_line": True, "crlf": False, "cr_only": False}
     assert DocumentStyle("\n", True).engine_fields(at_indent=False)["tab_indent_first_line"] is False
-    assert DocumentStyle("\r\n", False).engine_fields(at_indent=True) == {"tab_indent": False,
-                                                                          "tab_indent_first_line": False, "crlf": True}
-    # the engine reads the model's "\r\n" as one line break of a CRLF or CR document (GenerationRequest.crlf)
+    assert DocumentStyle("\r\n", False).engine_fields(at_indent=True) == {
+        "tab_indent": False, "tab_indent_first_line": False, "crlf": True, "cr_only": False}
+    # the engine reads the model's "\r\n" as one line break of a CRLF or CR document (GenerationRequest.crlf),
+    # and a lone "\r" as one of a CR-only document (GenerationRequest.cr_only)
     assert DocumentStyle("\r", True).engine_fields(at_indent=False)["crlf"] is True
+    assert DocumentStyle("\r", True).engine_fields(at_indent=False)["cr_only"] is True
     assert DocumentStyle("\n", True).engine_fields(at_indent=False)["crlf"] is False
 
 

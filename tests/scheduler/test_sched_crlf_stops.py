@@ -16,9 +16,9 @@ from scheduler.client_view import CrlfView, TabView, client_view
 from scheduler.detokenizer import TextStream
 
 
-def run(pieces, stop, tabs=None, per_step=1):
+def run(pieces, stop, tabs=None, per_step=1, cr_only=False):
     """Stream the pieces (each one token), `per_step` a step; (the texts sent, stopped, stop_word, stream)."""
-    stream = TextStream(PieceTokenizer(pieces), stop=stop, view=CrlfView(tabs))
+    stream = TextStream(PieceTokenizer(pieces), stop=stop, view=CrlfView(tabs, cr_only))
     steps = range(per_step, len(pieces) + per_step, per_step)
     updates = [stream.update(list(range(min(k, len(pieces))))) for k in steps]
     updates.append(stream.finish())
@@ -82,9 +82,11 @@ def test_without_stop_strings_the_view_holds_nothing_back():
         assert (update.text, update.token_ids) == ("".join(pieces), list(range(len(pieces)))), pieces
 
 
-def fold(text: str) -> str:
-    """The model's text as a CRLF client reads it, in the stop strings' form: "\r\n" as "\n"."""
-    return text.replace("\r\n", "\n")
+def fold(text: str, cr_only: bool = False) -> str:
+    """The model's text as a CRLF client reads it, in the stop strings' form: "\r\n" as "\n"; a CR-only
+    client's reads every "\r" left as a line break too."""
+    text = text.replace("\r\n", "\n")
+    return text.replace("\r", "\n") if cr_only else text
 
 
 @pytest.mark.parametrize("seed", range(200))
@@ -95,17 +97,20 @@ def test_the_stream_stops_exactly_where_the_clients_text_has_a_stop(seed):
     pieces = [rng.choice(["\r", "\n", "\r\n", "x", "ab", " ", "    ", "x\r"]) for _ in range(rng.randint(1, 30))]
     stops = [rng.choice(["\n", "\n\n", "x\n", "\nx", " \n", "\n\t", "\n    "]) for _ in range(rng.randint(1, 3))]
     tabs = rng.choice([None, TabView(False), TabView(True)])
-    reader = (lambda t: fold(t)) if tabs is None else (lambda t: client_text(fold(t), tabs.first_line))
+    cr_only = tabs is None and rng.random() < 0.5  # (a CR-only client's lines after a lone "\r" keep their spaces)
+    reader = (lambda t: fold(t, cr_only)) if tabs is None else (lambda t: client_text(fold(t), tabs.first_line))
     whole = reader("".join(pieces))
     hits = [whole.find(s) for s in stops if s in whole]
     for per_step in (1, 3):
-        sent, stopped, word, stream = run(pieces, stops, tabs, per_step)
+        sent, stopped, word, stream = run(pieces, stops, tabs, per_step, cr_only)
         assert "".join(sent) == stream.text, (pieces, stops, per_step)  # nothing sent that the text lacks
         if not hits:
             assert (stream.text, stopped) == ("".join(pieces), None), (pieces, stops)
             continue
         assert reader(stream.text) == whole[:min(hits)] and stopped == "stop", (pieces, stops, per_step)
-        assert not stream.text.endswith("\r") or not whole.startswith("\n", min(hits) - 1)
+        assert not stream.text.endswith("\r") or not whole.startswith("\n", min(hits) - 1) or cr_only
+        # (the cut never falls between a "\r" and its "\n")
+        assert not (stream.text.endswith("\r") and "".join(pieces).startswith("\n", len(stream.text)))
 
 
 class CrlfTokenizer(FakeTokenizer):
@@ -173,3 +178,31 @@ async def test_a_stop_the_deadline_completes_at_a_last_cr_is_a_stop_not_the_dead
     stopped = await ask("stop", ["\r"])
     assert "".join(d.text for d in stopped) == text[:-1] and stopped[-1].finish_reason is FinishReason.STOP
     assert stopped[-1].stats.get("stop_word") == "\r" and ids_of(stopped) == ids_of(expired)
+
+
+@pytest.mark.parametrize("tokenizer", [CrTokenizer(), CrlfTokenizer(), FakeTokenizer()], ids=["cr", "crlf", "lf"])
+async def test_a_cr_only_documents_cr_stop_ends_at_every_line_break_it_reads(tokenizer):
+    """A CR-only document (old Mac line endings) reads each of "\r", "\r\n" and "\n" the model writes as one
+    line break ("\r": DocumentStyle.to_document leaves a lone "\r" as written, and "\r" is that document's
+    line break). Its client's stop "\r" goes to the engine as "\n" (model_stops) with the document's
+    engine_fields, and the text ends before the first of them. A lone "\r" was read as text (the view
+    joined "\r\n" only): the stop was passed over and the client's text held line breaks past it."""
+    from integrations.editor.document import DocumentStyle
+
+    style = DocumentStyle.of("a = 1\rb = 2\r")
+    assert style.line_ending == "\r"
+    engine, _ = make_engine(FakeRunner(newline_every=6), tokenizer=tokenizer)
+    await engine.start()
+    try:
+        plain = await collect(engine, GenerationRequest("plain", [5, 6, 7], {"gen_length": 16}, mode=Mode.AR))
+        whole = "".join(d.text for d in plain)
+        first_break = min(whole.index(b) for b in ("\r", "\n") if b in whole)
+        req = GenerationRequest("cr", [5, 6, 7], {"gen_length": 16}, mode=Mode.AR, stop=style.model_stops(["\r"]),
+                                **style.engine_fields(at_indent=False))
+        deltas = await collect(engine, req)
+    finally:
+        await engine.stop()
+    text = "".join(d.text for d in deltas)
+    assert text == whole[:first_break] and deltas[-1].finish_reason is FinishReason.STOP, (whole, text)
+    assert style.client_stop(["\r"], deltas[-1].stats.get("stop_word")) == "\r"
+    assert "\r" not in style.to_document(text, at_indent=False)
