@@ -1,7 +1,8 @@
 """The --config file of `refusion serve` read and checked as Ray Serve takes it (serve_config_file.py
 applies it): YAML with every key once (`read_config_mapping`), the one application, its deployments and
 http_options checked against Ray Serve's schemas and against what this command applies
-(`checked_application`, `checked_deployments`, `check_http_options`). Every problem is a CLIError naming
+(`checked_application`, `checked_deployments`, `check_http_options`), and a CUDA engine that reserves
+no GPU (`check_engine_gpus`). Every problem is a CLIError naming
 the flag or key and what to change.
 """
 
@@ -175,6 +176,40 @@ def _check_actor_values(actor: dict, where: str) -> None:
         serve.deployment(ray_actor_options=copy.deepcopy(values))(_Probe)  # (it adds its defaults to the dict)
     except (TypeError, ValueError, OverflowError) as exc:
         raise CLIError(f"--config: {where}: {exc}") from None
+
+
+def check_engine_gpus(args: dict, deployments: dict[str, dict], runtime_env: dict, args_path: str) -> None:
+    """CLIError when the engine runs on CUDA (`args` runner.device cuda or cuda:N) but its replicas reserve
+    no GPU: num_gpus 0 in the engine's `deployments` entry ray_actor_options, or none there (that mapping
+    replaces the engine's whole one, and Ray's default is 0), or else args engine_deployment.num_gpus 0 (left
+    out, `refusion serve` asks for one GPU where the cluster has GPUs). Ray leaves CUDA_VISIBLE_DEVICES as
+    the node has it for an actor that reserves no GPU (ray/_private/accelerators/accelerator.py,
+    ray-project/ray#54868), so each such replica sees every GPU, unreserved, and two replicas (or another
+    job) could load onto one GPU unplanned. A runtime_env (`runtime_env`, the application's, or the
+    entry's) that sets CUDA_VISIBLE_DEVICES picks the GPUs by hand: passed. `args_path`: where args sit."""
+    runner = args.get("runner")
+    device = runner.get("device") if isinstance(runner, dict) else None
+    if not (isinstance(device, str) and device.startswith("cuda")):
+        return
+    actor = (deployments.get(ENGINE_DEPLOYMENT) or {}).get("ray_actor_options")
+    for env in (runtime_env, (actor or {}).get("runtime_env") if isinstance(actor, dict) else None):
+        if isinstance(env, dict) and "CUDA_VISIBLE_DEVICES" in (env.get("env_vars") or {}):
+            return
+    if isinstance(actor, dict):
+        gpus = actor.get("num_gpus", 0)
+        where = (f"applications[0].deployments {ENGINE_DEPLOYMENT} ray_actor_options.num_gpus: "
+                 + ("0" if "num_gpus" in actor else "left out (Ray's default, 0; this mapping replaces "
+                    "engine_deployment's num_gpus)"))
+    else:
+        engine = args.get("engine_deployment")
+        gpus = engine.get("num_gpus") if isinstance(engine, dict) else None
+        where = f"{args_path}engine_deployment.num_gpus: 0"
+    if gpus != 0 or isinstance(gpus, bool):
+        return
+    raise CLIError(f"--config: {where}, but {args_path}runner.device is {device}: a replica that reserves no GPU "
+                   "still sees every GPU of its node (Ray sets no CUDA_VISIBLE_DEVICES for it), so replicas could "
+                   "share one unplanned; set num_gpus: 1 (a fraction such as 0.5 to share a GPU on purpose), or "
+                   "runner.device: cpu")
 
 
 class _Probe:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from integrations.cli_generate import EMPTY_MODEL_FLAG
 from integrations.serve_config import DEFAULT_MODEL, max_model_len_problem, served_names_problem
-from integrations.serve_config_checks import (CLIError, check_http_options, checked_application, checked_deployments,
-                                              read_config_mapping)
+from integrations.serve_config_checks import (CLIError, check_engine_gpus, check_http_options, checked_application,
+                                              checked_deployments, read_config_mapping)
 from integrations.serve_deployments import ENGINE_DEPLOYMENT
 
 __all__ = ["CLIError", "ConfigFile", "check_http_options", "load_config_file", "merged_config", "parse_autoscale"]
@@ -38,12 +38,15 @@ def load_config_file(path: Path) -> ConfigFile:
     """A Serve config file (or a bare args mapping) as `refusion serve` uses it."""
     data = read_config_mapping(path)
     if "applications" not in data:
+        check_engine_gpus(data, {}, {}, "")
         return ConfigFile(args=data)
     app = checked_application(data)
     deployments = checked_deployments(app)
-    return ConfigFile(_section(app, "args", "applications[0]."), _section(data, "http_options"),
+    file = ConfigFile(_section(app, "args", "applications[0]."), _section(data, "http_options"),
                       data.get("proxy_location"), deployments, "applications[0].args.",
                       _section(app, "runtime_env", "applications[0]."))
+    check_engine_gpus(file.args, deployments, file.runtime_env, file.args_path)
+    return file
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:

@@ -179,3 +179,44 @@ def test_a_deployment_value_ray_serve_refuses_is_named_with_its_deployment_and_k
     good = {"health_check_period_s": 5, "health_check_timeout_s": 10, "max_queued_requests": -1,
             "graceful_shutdown_wait_loop_s": 0, "graceful_shutdown_timeout_s": 30}
     assert load_config_file(_config(tmp_path, {"deployments": [{"name": name, **good}]})).deployments[name] == good
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+@pytest.mark.parametrize("engine_entry, engine_deployment, place", [
+    ({"ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}, {"num_gpus": 1},
+     "applications[0].deployments RefusionEngine ray_actor_options.num_gpus: 0"),
+    ({"ray_actor_options": {"num_cpus": 2}}, {"num_gpus": 1},  # (it replaces engine_deployment's whole options)
+     "applications[0].deployments RefusionEngine ray_actor_options.num_gpus: left out (Ray's default, 0; this "
+     "mapping replaces engine_deployment's num_gpus)"),
+    (None, {"num_gpus": 0}, "applications[0].args.engine_deployment.num_gpus: 0"),
+])
+def test_a_cuda_engine_that_reserves_no_gpu_is_refused(tmp_path, device, engine_entry, engine_deployment, place):
+    """runner.device cuda with engine replicas that reserve no GPU: Ray (ray/_private/accelerators/
+    accelerator.py, ray-project/ray#54868) leaves CUDA_VISIBLE_DEVICES alone for an actor with num_gpus 0,
+    so each replica saw the node's GPUs unreserved and two could load onto one unplanned. It passed the
+    config check; it is refused there now, naming the key and what to set."""
+    app = {"args": {"runner": {"device": device}, "engine_deployment": engine_deployment}}
+    with pytest.raises(CLIError) as err:
+        load_config_file(_config(tmp_path, app, engine_entry))
+    said = str(err.value)
+    assert said.startswith(f"--config: {place}, but applications[0].args.runner.device is {device}: "), said
+    assert "set num_gpus: 1" in said and "runner.device: cpu" in said and "\n" not in said, said
+
+
+@pytest.mark.parametrize("runner, engine_entry, engine_deployment, runtime_env", [
+    ({"device": "cuda"}, {"ray_actor_options": {"num_gpus": 1}}, {"num_gpus": 0}, None),  # the entry wins
+    ({"device": "cuda"}, {"ray_actor_options": {"num_gpus": 0.5}}, {}, None),  # a GPU shared on purpose
+    ({"device": "cuda"}, None, {"num_gpus": 1}, None),
+    ({"device": "cuda"}, None, {}, None),  # (refusion serve asks for one when the cluster has GPUs)
+    ({"device": "cpu"}, {"ray_actor_options": {"num_gpus": 0}}, {"num_gpus": 0}, None),
+    ({}, None, {"num_gpus": 0}, None),  # the shipped config: the runner's default device
+    ({"device": "cuda"}, {"ray_actor_options": {"num_gpus": 0, "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": "1"}}}},
+     {}, None),  # GPUs picked by hand
+    ({"device": "cuda"}, None, {"num_gpus": 0}, {"env_vars": {"CUDA_VISIBLE_DEVICES": "0"}}),
+])
+def test_an_engine_with_its_gpu_reserved_or_on_the_cpu_passes(tmp_path, runner, engine_entry, engine_deployment,
+                                                               runtime_env):
+    app = {"args": {"runner": runner, "engine_deployment": engine_deployment}}
+    if runtime_env is not None:
+        app["runtime_env"] = runtime_env
+    assert load_config_file(_config(tmp_path, app, engine_entry)).args["runner"] == runner
