@@ -43,7 +43,8 @@ from integrations.engine_host import RUNNER_DTYPES
 from integrations.serve_config import DEFAULT_MODEL
 from integrations.serve_config_file import CLIError, ConfigFile, merged_config
 from integrations.serve_deployments import ENGINE_DEPLOYMENT
-from integrations.serve_preflight import check_bindable, check_reachable, checked_setup, port_number, room_problem
+from integrations.serve_preflight import (check_bindable, check_reachable, checked_setup, port_number, reserve_gpu,
+                                          room_problem)
 from integrations.serve_ray import address_from_env, local_ray_on_loopback, start_ray, start_serve
 
 # Names tests and other modules import from here (their homes: serve_preflight, serve_ray, serve_config_file)
@@ -166,8 +167,7 @@ def _start_and_serve(args: argparse.Namespace, file: ConfigFile, signals: _StopS
     if signals.stop.is_set():
         print("refusion serve: stopped while Ray started", flush=True)
         return INTERRUPTED_EXIT_CODE
-    if "num_gpus" not in config["engine_deployment"] and ray.cluster_resources().get("GPU", 0) >= 1:
-        config["engine_deployment"]["num_gpus"] = 1
+    reserve_gpu(config["engine_deployment"], ray.cluster_resources())
     if not args.address and (problem := _local_ray_problem(args, file, ray.cluster_resources())):
         print(f"refusion serve: {problem}", file=sys.stderr, flush=True)
         return 2

@@ -25,6 +25,19 @@ def port_number(text: str) -> int:
     return port
 
 
+def reserve_gpu(engine_deployment: dict, resources: dict[str, float]) -> bool:
+    """`refusion serve`'s GPU default: an `engine_deployment` mapping (ServeConfig's, changed in place)
+    that does not say `num_gpus` gets 1 when the cluster (`resources`: ray.cluster_resources()) has a
+    GPU, so each replica reserves the GPU its runner picks (ModelRunner: CUDA when there is one); Ray's
+    own default, 0, would leave a replica on a GPU it did not reserve (Ray 2.60 hides no GPU from such
+    an actor: two replicas could load onto one). A `num_gpus` said (0 included) is kept. True when set.
+    """
+    if "num_gpus" in engine_deployment or resources.get("GPU", 0) < 1:
+        return False
+    engine_deployment["num_gpus"] = 1
+    return True
+
+
 def check_bindable(host: str, port: int, where: str = "--host/--port") -> None:
     """Raise CLIError unless (host, port) can be bound here now.
 

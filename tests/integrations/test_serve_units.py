@@ -268,6 +268,26 @@ def test_log_level_from_the_config_or_the_flag_filters_the_replicas_lines(tiny_m
     assert lines == [("info", "finished"), ("debug", "route")]
 
 
+def test_refusion_serve_reserves_a_gpu_per_engine_replica_where_ray_sees_one(tiny_model_dir):
+    """serve_preflight.reserve_gpu, as `refusion serve` applies it once Ray is up: the shipped config does not
+    say num_gpus (it pinned 0, so on a GPU machine each replica ran on a GPU it had not reserved, and the
+    README told users to edit the file), so a cluster with a GPU gets 1 per replica, one without gets
+    Ray's 0, and a num_gpus the config says (0 included) stays."""
+    from integrations.serve_preflight import reserve_gpu
+
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    args = parser.parse_args(["--config", str(REPO / "config" / "serve.yaml"), "--model", str(tiny_model_dir)])
+    for resources, gpus in (({"CPU": 16.0, "GPU": 2.0}, 1), ({"CPU": 2.0}, 0), ({"CPU": 2.0, "GPU": 0.5}, 0)):
+        config = cli_serve.merged_config(args).args
+        assert "num_gpus" not in config["engine_deployment"]
+        assert reserve_gpu(config["engine_deployment"], resources) is (gpus == 1)
+        options = ServeConfig.model_validate(config).engine_deployment.ray_options()["ray_actor_options"]
+        assert options["num_gpus"] == gpus, (resources, options)
+    said = {"num_gpus": 0}
+    assert reserve_gpu(said, {"GPU": 8.0}) is False and said == {"num_gpus": 0}
+
+
 def test_config_file_and_flags(tiny_model_dir, tmp_path):
     parser = argparse.ArgumentParser()
     cli_serve.add_arguments(parser)
