@@ -9,7 +9,8 @@ import logging
 from functools import partial
 
 from integrations.editor import protocol as rpc
-from integrations.editor.gaps import capped_gaps, fitting_gaps, infill_room, no_room_message, plan_gaps, strategy_gaps
+from integrations.editor.gaps import (capped_gaps, fitting_gaps, gap_within, infill_room, no_room_message, plan_gaps,
+                                     strategy_gaps)
 from integrations.editor.infill import build_infill_prompt
 from integrations.editor.postprocess import Rules
 from integrations.editor.runner import CompletionJob
@@ -66,16 +67,24 @@ async def completion_job(client, context_length: int, session_id: str, request_i
 _ENGINE_FIELDS = {"prompt_ids": "prefix", "gen_length": "max_tokens"}
 
 
-def completion_error(exc: Exception) -> rpc.RpcError:
-    """The error answer of a failed completion: typed engine errors by their code; anything else is a bug,
-    logged here and answered with INTERNAL_ERROR naming no internals. An engine field is named as this
-    protocol names it: the prompt the prefix (with the suffix and context chunks it holds: send less of
-    them), the gap length max_tokens."""
+def completion_error(exc: Exception, params: rpc.CompleteParams | None = None) -> rpc.RpcError:
+    """The error answer of a failed completion (`params`: the request's, None unknown): typed engine errors
+    by their code; anything else is a bug, logged here and answered with INTERNAL_ERROR naming no
+    internals. An engine field is named as this protocol names it: the prompt the prefix (with the suffix
+    and context chunks it holds: send less of them); a gap the KV cache cannot hold `gaps` when the
+    client chose the gaps and set no max_tokens, else max_tokens, with the longest length that fits in
+    whole slots (the engine's largest gen_length is not one: a gap of it rounds up to whole slots and was
+    refused again)."""
     if isinstance(exc, InvalidRequestError):
-        message = str(exc).split(": ", 1)[-1].replace("gen_length", "max_tokens")
+        field = _ENGINE_FIELDS.get(exc.field, exc.field)
+        if field == "max_tokens" and params is not None and params.gaps and params.max_tokens is None:
+            field = "gaps"
+        message = str(exc).split(": ", 1)[-1].replace("gen_length", "gap" if field == "gaps" else "max_tokens")
         if exc.field == "prompt_ids":
             message = message.replace("shorten the prompt", "send a shorter prefix, suffix or context")
-        return rpc.invalid_params(_ENGINE_FIELDS.get(exc.field, exc.field), message)
+        elif exc.field == "gen_length" and exc.most is not None:
+            message = f"{message.split('; ', 1)[0]}; send {field} of at most {gap_within(exc.most)} tokens"
+        return rpc.invalid_params(field, message)
     if isinstance(exc, EngineUnavailableError):
         return rpc.RpcError(rpc.ENGINE_UNAVAILABLE, "the engine stopped while serving this completion; retry",
                             {"retry_after_s": exc.retry_after_s})

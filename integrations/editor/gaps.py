@@ -47,7 +47,7 @@ def strategy_gaps(context_length: int, gaps: Sequence[int], at_least: int = 0) -
     if not context_length:
         return tuple(gaps)
     longest = longest_gap(context_length)
-    half = _whole_slots_within(max(1, (context_length - 2) // 2)) if longest else 0
+    half = gap_within(max(1, (context_length - 2) // 2)) if longest else 0
     limit = min(longest, max(half, gap_cap(at_least) if at_least else 0))
     kept = tuple(g for g in gaps if gap_cap(g) <= limit)
     if kept:
@@ -58,11 +58,12 @@ def strategy_gaps(context_length: int, gaps: Sequence[int], at_least: int = 0) -
 def longest_gap(context_length: int) -> int:
     """The longest gap (tokens) that a model context of `context_length` tokens holds beside a token of
     prefix and one of suffix (`fitting_gaps`); 0 when none does. What the 400s for a cap past it say."""
-    return max(0, _whole_slots_within(context_length - 2))
+    return max(0, gap_within(context_length - 2))
 
 
-def _whole_slots_within(tokens: int) -> int:
-    """The longest gap of at most `tokens` tokens: whole slots, or one slot shorter than SLOT_SIZE."""
+def gap_within(tokens: int) -> int:
+    """The longest gap of at most `tokens` tokens: whole slots, or one slot shorter than SLOT_SIZE (what a
+    gap or max_tokens of `tokens` decodes may be longer: gap_cap rounds up)."""
     return tokens if tokens < SLOT_SIZE else tokens // SLOT_SIZE * SLOT_SIZE
 
 

@@ -186,7 +186,7 @@ class EditorSession:
             entry.record.prompt_tokens = len(job.prompt.prompt_ids) + len(job.prompt.suffix_ids or [])
             outcome = await run_completion(self.client, job, partial)
         except Exception as exc:  # noqa: BLE001 - every failure must answer the request
-            err = completion_error(exc)
+            err = completion_error(exc, params)
             log_answer(self, msg_id, "complete", "error", entry.record, err=err)
             await self.send(rpc.encode_response(msg_id, err.to_wire()))
             return

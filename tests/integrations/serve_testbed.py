@@ -155,17 +155,18 @@ def local_app(model_dir, client_type=None, engine_options: dict | None = None, t
 
 
 @contextlib.asynccontextmanager
-async def local_editor_session(model_dir):
+async def local_editor_session(model_dir, runner_options: dict | None = None):
     """An EditorSession over an engine in this process on `model_dir` (LocalEngineClient; routing
-    calibration off, as in the Serve apps), and the list its frames are sent to (msgpack-decoded).
-    The engine is started here and stopped at exit."""
+    calibration off, as in the Serve apps; `runner_options`: ModelRunner options, e.g. a small
+    num_blocks), and the list its frames are sent to (msgpack-decoded). The engine is started here and
+    stopped at exit."""
     import msgpack
 
     from integrations.editor.session import EditorSession
     from integrations.engine_client import LocalEngineClient
     from integrations.engine_host import build_engine
 
-    engine, tokenizer = build_engine(model_dir, {}, {"routing": {"calibrate": False}})
+    engine, tokenizer = build_engine(model_dir, runner_options or {}, {"routing": {"calibrate": False}})
     await engine.start()
     frames: list = []
 
