@@ -11,6 +11,8 @@ It owns what must hold on every path, whatever a route does or fails to do:
   `finally` when its ASGI call returns (response sent, route failed, client gone), so no exit path can
   leave it raised. A route's RequestObserver (http_metrics.RequestObserver.for_request) that is still
   open then is finished with the status that went out: a 400 raised mid-route is counted as a 400.
+  It is finished (its request-log line written) before the request stops counting in `open_work`, so
+  a drain that waits for 0 leaves no line unwritten.
   A request answered before its route made an observer (an invalid body, an unknown model, a prompt
   over the context, a refusal while draining) gets one here, finished with that status: counted in
   `refusion_api_requests_total` and written to the request log like any other.
@@ -167,14 +169,16 @@ class IngressGateMiddleware:
                 status = 500  # Starlette's outermost handler answers the unhandled error with a 500
             raise
         finally:
-            self.gate.open_requests -= 1
-            if gauge is not None:
-                gauge.dec()
-            observer = scope["state"].get("observer")
-            if observer is None and endpoint is not None:  # answered before the route made one
-                observer = self._observer(scope, endpoint, arrived)
-            if observer is not None:
-                observer.finish(status, error="client disconnected" if status == CLIENT_GONE else error)
+            try:  # the outcome (metrics, the request-log line) is recorded before the request stops counting
+                observer = scope["state"].get("observer")  # as open: once open_requests is 0 every line is out
+                if observer is None and endpoint is not None:  # answered before the route made one
+                    observer = self._observer(scope, endpoint, arrived)
+                if observer is not None:
+                    observer.finish(status, error="client disconnected" if status == CLIENT_GONE else error)
+            finally:
+                self.gate.open_requests -= 1
+                if gauge is not None:
+                    gauge.dec()
 
     def _observer(self, scope, endpoint: str, arrived: float) -> RequestObserver:
         """The observer of a request answered without its route's (its X-Request-Id as its id, if valid)."""

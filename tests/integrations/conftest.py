@@ -21,7 +21,18 @@ from pathlib import Path
 import pytest
 
 from ports import free_port
-from serve_testbed import API_KEY, RAY_SERVE_ENV, STRICT_ALIAS, STRICT_ENGINE_OPTIONS, serve_config, wait_healthy
+from serve_testbed import API_KEY, LIVE_APPS, RAY_SERVE_ENV, STRICT_ALIAS, STRICT_ENGINE_OPTIONS, serve_config, wait_healthy
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)  # innermost: inside pytest's capture of the call
+def pytest_runtest_call(item):
+    """After each test's call, wait briefly for the in-process apps (serve_testbed.local_app, often
+    module-scoped) to finish answering: the request-log line of a test's last request is written by the
+    server's thread just after the client has its answer, and what is written between a test's phases
+    (capture suspended) goes to the run's output."""
+    yield
+    for app in list(LIVE_APPS):
+        app.settle()
 
 
 @pytest.fixture(scope="session")

@@ -100,6 +100,18 @@ class LocalApp:
 
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
 
+    def settle(self, timeout_s: float = 2.0) -> None:
+        """Wait (at most `timeout_s`, then return anyway) until no HTTP request is inside the app: its
+        request-log line is written by then (the gate finishes a request before it stops counting it),
+        so a test's last line lands in that test's captured output, not in the run's."""
+        gate = self.app.state.gate
+        deadline = time.monotonic() + timeout_s
+        while gate.open_requests and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+LIVE_APPS: list[LocalApp] = []  # local_app's apps now serving (tests/integrations/conftest.py settles them)
+
 
 @contextlib.contextmanager
 def local_app(model_dir, client_type=None, engine_options: dict | None = None, timeout_s: float = 300.0,
@@ -146,9 +158,12 @@ def local_app(model_dir, client_type=None, engine_options: dict | None = None, t
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the local app did not start"
         time.sleep(0.05)
+    live = LocalApp(f"http://127.0.0.1:{sock.getsockname()[1]}", app, engine, client, loops[0])
+    LIVE_APPS.append(live)
     try:
-        yield LocalApp(f"http://127.0.0.1:{sock.getsockname()[1]}", app, engine, client, loops[0])
+        yield live
     finally:
+        LIVE_APPS.remove(live)
         server.should_exit = True
         thread.join(30)
         sock.close()

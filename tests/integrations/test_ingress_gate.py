@@ -332,6 +332,26 @@ async def test_requests_refused_before_the_engine_are_counted(bpe_tokenizer, mon
     assert [e for (_, status), e in errors.items() if status == 200] == [None]
 
 
+async def test_a_requests_log_line_is_written_while_it_still_counts_as_open(bpe_tokenizer, monkeypatch):  # noqa: F811
+    """The gate records a request's outcome (metrics, its request-log line) before the request stops
+    counting in open_requests, so whoever waits for 0 (a drain, a test's teardown: tests/integrations/
+    conftest.py) finds every line written. It dropped the count first: a line could follow a drain's
+    end, or land in CI output after the test whose request it was had ended."""
+    from integrations import http_metrics
+
+    app = _app(ScriptedClient(bpe_tokenizer))
+    open_at_line = []
+    monkeypatch.setattr(http_metrics, "request_log", SimpleNamespace(
+        info=lambda event, **fields: open_at_line.append((fields["status"], app.state.gate.open_requests))))
+    async with _http(app) as http:
+        assert (await http.post("/v1/completions", json={"prompt": "x", "max_tokens": -1})).status_code == 400
+        assert (await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})).status_code == 200
+        streamed = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True})
+        assert streamed.status_code == 200 and streamed.text.rstrip().endswith("[DONE]")
+    assert open_at_line == [(400, 1), (200, 1), (200, 1)]
+    assert app.state.gate.open_requests == 0
+
+
 async def test_a_streamed_completion_ends_with_the_refusion_block(bpe_tokenizer):  # noqa: F811
     app = _app(ScriptedClient(bpe_tokenizer))
     async with _http(app) as http:
