@@ -232,6 +232,18 @@ async def test_a_preempted_request_offers_its_prompt_blocks_again(monkeypatch, w
             last = delta
         return last
 
+    # Admission.requeue frees the victim's KV. Kept, its blocks (with u's need, the whole 40-block pool)
+    # deadlock b and u, so the test ends at the first requeue that leaves blocks behind, not at a timeout
+    requeue, requeued, leaked = engine.scheduler.requeue, [], asyncio.Event()
+
+    def spy(victim, reason):
+        done = requeue(victim, reason)
+        requeued.append((victim.id, engine.kv.tables[victim.runner_key].table(victim.id)))
+        if requeued[-1][1]:
+            leaked.set()
+        return done
+
+    engine.scheduler.requeue = spy
     gate = ForwardGate(runner.execute, hold_from=2)  # prefill done, decoding
     monkeypatch.setattr(runner, "execute", gate)
     try:
@@ -242,7 +254,14 @@ async def test_a_preempted_request_offers_its_prompt_blocks_again(monkeypatch, w
         await wait_until(lambda: any(r.id == "u" for r in engine.scheduler.waiting), "u to queue")
     finally:
         gate.release()
-    b, _ = await asyncio.gather(first, urgent)
+    both, leak = asyncio.gather(first, urgent), asyncio.create_task(leaked.wait())
+    await asyncio.wait([both, leak], return_when=asyncio.FIRST_COMPLETED)
+    leak.cancel()
+    if not both.done():  # deadlocked: stopping the engine ends both streams
+        await engine.stop(drain_timeout_s=1)
+        await asyncio.wait([both])
+    assert requeued == [("b", [])], f"a requeued victim kept its KV blocks: {requeued}"
+    b, _ = both.result()
     assert b.stats["preemptions"] == 1
     again = await run(GenerationRequest("c", long, {"gen_length": 64}, mode=Mode.AR))
     assert again.stats["cached_prompt_tokens"] == (len(long) - 1) // 4 * 4
