@@ -423,3 +423,36 @@ async def test_a_preemption_during_the_admission_walk_keeps_its_order(wait_until
         gate.release()
     results = await asyncio.gather(*tasks)
     assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
+
+
+async def test_of_two_eligible_victims_the_latest_arrival_is_preempted_not_the_latest_started(wait_until):
+    """Admission: a waiting INTERACTIVE request "preempts the youngest running BATCH request", youngest by
+    arrival (Request.order), whatever order the victims started in. The fair share starts `b1` (client B,
+    nothing running) before `a2` (client A, which holds `a1`'s slot) though `a2` arrived first, so the
+    running list is a1, b1, a2; `i` finds no free slot and must send back `b1`, the latest arrival (taking
+    the last started, `a2`, passed every other test). Admission walks with forwards held: the state is exact."""
+    runner = FakeRunner(num_blocks=64, block_size=4)
+    engine, _ = make_engine(runner=runner, prefix_cache=False, max_running=3)
+    gate = ForwardGate(runner.execute)
+    runner.execute = gate
+    await engine.start()
+    sched = engine.scheduler
+    tasks = [asyncio.create_task(collect(engine, req("a1", gen=8, mode=Mode.AR, client="A")))]
+    try:
+        await wait_until(gate.entered.is_set, "a1's first forward")
+        for rid, client in (("a2", "A"), ("b1", "B")):
+            tasks.append(asyncio.create_task(collect(engine, req(rid, gen=8, mode=Mode.AR, client=client))))
+            await wait_until(lambda: rid in {r.id for r in sched.waiting}, f"{rid} waiting")
+        sched._start_waiting(StepPlan())
+        assert [(r.id, r.order) for r in sched.running] == [("a1", 1), ("b1", 3), ("a2", 2)]
+        tasks.append(asyncio.create_task(collect(engine, req("i", gen=8, mode=Mode.AR, priority=Priority.INTERACTIVE))))
+        await wait_until(lambda: [r.id for r in sched.waiting] == ["i"], "i waiting")
+        sched._start_waiting(StepPlan())
+        assert [r.id for r in sched.running] == ["a1", "a2", "i"] and [r.id for r in sched.waiting] == ["b1"]
+    finally:
+        gate.release()
+    results = dict(zip(("a1", "a2", "b1", "i"), await asyncio.gather(*tasks)))
+    assert {rid: r[-1].stats["preemptions"] for rid, r in results.items()} == {"a1": 0, "a2": 0, "b1": 1, "i": 0}
+    assert all(r[-1].finish_reason is FinishReason.LENGTH and len(ids_of(r)) == 8 for r in results.values())
+    await engine.stop()
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
