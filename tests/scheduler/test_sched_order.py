@@ -456,3 +456,43 @@ async def test_of_two_eligible_victims_the_latest_arrival_is_preempted_not_the_l
     assert all(r[-1].finish_reason is FinishReason.LENGTH and len(ids_of(r)) == 8 for r in results.values())
     await engine.stop()
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
+
+
+async def test_a_step_short_of_kv_preempts_the_latest_in_scheduling_order_of_several_victims(wait_until):
+    """Scheduler._prepare_kv: a step short of KV sends back the running request latest in scheduling order
+    (Request.sort_key: lowest class, least skipped, latest arrival) among those ranked after it, whatever
+    order they started in. Four 1-block requests fill a 4-block pool (admission's estimate forced to one
+    block, as test_sched_errors does); the fair share started them a1, b1, c1, a2 (client A's a2 arrived
+    before b1 and c1 but A held a1's slot). At a1's fourth token it needs a second block: of b1, c1, a2,
+    c1 (the latest arrival, neither the first nor the last started) must go. With the first or last
+    eligible victim taken, or the earliest, every other scheduler test passed."""
+    runner = FakeRunner(num_blocks=4, block_size=4)
+    engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0, max_running=4)
+    sched = engine.scheduler
+    requeue, requeued = sched.requeue, []
+
+    def spy(victim, reason):
+        requeued.append((victim.id, reason, [r.id for r in sched.running]))
+        return requeue(victim, reason)
+
+    sched.requeue = spy
+    specs = {rid: req(rid, gen=4, mode=Mode.AR, client=rid[0].upper()) for rid in ("a1", "a2", "b1", "c1")}
+    await engine.start()
+    alone = {rid: ids_of(await collect(engine, spec)) for rid, spec in specs.items()}
+    engine.kv.blocks_needed = lambda *args, **kwargs: 1
+    gate = ForwardGate(runner.execute, hold_from=1)  # a1's second forward (its first decode)
+    runner.execute = gate
+    tasks = {"a1": asyncio.create_task(collect(engine, specs["a1"]))}
+    try:
+        await wait_until(gate.entered.is_set, "a1 decoding")
+        for rid in ("a2", "b1", "c1"):
+            tasks[rid] = asyncio.create_task(collect(engine, specs[rid]))
+            await wait_until(lambda: rid in {r.id for r in sched.waiting}, f"{rid} waiting")
+    finally:
+        gate.release()
+    outs = dict(zip(tasks, await asyncio.wait_for(asyncio.gather(*tasks.values()), 60)))
+    assert requeued[0] == ("c1", "kv cache full (for a1)", ["a1", "b1", "c1", "a2"]), requeued
+    for rid, deltas in outs.items():
+        assert deltas[-1].finish_reason is FinishReason.LENGTH and ids_of(deltas) == alone[rid]
+    await engine.stop()
+    assert engine.kv.pool().num_free == engine.kv.pool().num_total
