@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from sched_fakes import FakeFactory, FakeRunner, FakeTokenizer, ForwardGate, collect, ids_of, make_engine
@@ -458,14 +459,18 @@ async def test_of_two_eligible_victims_the_latest_arrival_is_preempted_not_the_l
     assert engine.kv.pool().num_free == engine.kv.pool().num_total
 
 
-async def test_a_step_short_of_kv_preempts_the_latest_in_scheduling_order_of_several_victims(wait_until):
+@pytest.mark.parametrize("moved", [False, True])
+async def test_a_step_short_of_kv_preempts_the_latest_in_scheduling_order_of_several_victims(wait_until, moved):
     """Scheduler._prepare_kv: a step short of KV sends back the running request latest in scheduling order
     (Request.sort_key: lowest class, least skipped, latest arrival) among those ranked after it, whatever
     order they started in. Four 1-block requests fill a 4-block pool (admission's estimate forced to one
     block, as test_sched_errors does); the fair share started them a1, b1, c1, a2 (client A's a2 arrived
     before b1 and c1 but A held a1's slot). At a1's fourth token it needs a second block: of b1, c1, a2,
     c1 (the latest arrival, neither the first nor the last started) must go. With the first or last
-    eligible victim taken, or the earliest, every other scheduler test passed."""
+    eligible victim taken, or the earliest, every other scheduler test passed. `moved`: a1 is INTERACTIVE
+    and c1 was moved here after waiting 5 s on another replica (GenerationRequest.waited_s): its first
+    arrival is the earliest of the victims, so b1 goes (with sort_key's arrival_s left out, c1 went and no
+    test failed)."""
     runner = FakeRunner(num_blocks=4, block_size=4)
     engine, _ = make_engine(runner=runner, prefix_cache=False, kv_reserve_fraction=0.0, max_running=4)
     sched = engine.scheduler
@@ -477,6 +482,9 @@ async def test_a_step_short_of_kv_preempts_the_latest_in_scheduling_order_of_sev
 
     sched.requeue = spy
     specs = {rid: req(rid, gen=4, mode=Mode.AR, client=rid[0].upper()) for rid in ("a1", "a2", "b1", "c1")}
+    if moved:
+        specs["a1"] = dataclasses.replace(specs["a1"], priority=Priority.INTERACTIVE)
+        specs["c1"] = dataclasses.replace(specs["c1"], waited_s=5.0)
     await engine.start()
     alone = {rid: ids_of(await collect(engine, spec)) for rid, spec in specs.items()}
     engine.kv.blocks_needed = lambda *args, **kwargs: 1
@@ -491,7 +499,8 @@ async def test_a_step_short_of_kv_preempts_the_latest_in_scheduling_order_of_sev
     finally:
         gate.release()
     outs = dict(zip(tasks, await asyncio.wait_for(asyncio.gather(*tasks.values()), 60)))
-    assert requeued[0] == ("c1", "kv cache full (for a1)", ["a1", "b1", "c1", "a2"]), requeued
+    started = ["a1", "c1", "b1", "a2"] if moved else ["a1", "b1", "c1", "a2"]
+    assert requeued[0] == ("b1" if moved else "c1", "kv cache full (for a1)", started), requeued
     for rid, deltas in outs.items():
         assert deltas[-1].finish_reason is FinishReason.LENGTH and ids_of(deltas) == alone[rid]
     await engine.stop()
