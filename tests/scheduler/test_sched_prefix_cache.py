@@ -6,7 +6,7 @@ import asyncio
 
 from sched_fakes import FakeRunner, collect, ids_of, make_engine
 
-from scheduler.api import GenerationRequest, Mode
+from scheduler.api import FinishReason, GenerationRequest, Mode
 from scheduler.prefix_cache import PrefixCache
 from workers.kv_blocks import BlockPool
 
@@ -569,4 +569,21 @@ async def test_a_request_sharing_exactly_prefix_wait_blocks_more_blocks_waits():
     assert a[-1].stats["prefix_waits"] == 0
     for w in waiters:
         assert w[-1].stats["prefix_waits"] >= 1 and w[-1].stats["cached_prompt_tokens"] == 8
+    await engine.stop()
+
+
+async def test_a_prompt_extending_one_being_prefilled_waits_for_it_and_reads_it_from_the_cache():
+    """Prefix waits (KVOwner.prefill_in_flight) where the prompt being prefilled is the shorter one: `a`'s
+    16-token prompt (4 full blocks) is the head of `b`'s 64-token one. b waits while a prefills in
+    8-token chunks, then starts on a's 3 cached blocks (the 4th holds a's last prompt token, fed with its
+    first read). Comparing b's block names past the end of a's (the loop bounded by b's alone) raised
+    IndexError in the admission walk and failed b, with no other test failing."""
+    engine, _ = make_engine(runner=FakeRunner(num_blocks=128, block_size=4), token_budget=8)
+    await engine.start()
+    head = list(range(4, 20))
+    specs = [GenerationRequest("a", head, {"gen_length": 8}, mode=Mode.AR),
+             GenerationRequest("b", head + [30] * 48, {"gen_length": 8}, mode=Mode.AR)]
+    a, b = await asyncio.wait_for(asyncio.gather(*(collect(engine, s) for s in specs)), 60)
+    assert [d[-1].finish_reason for d in (a, b)] == [FinishReason.LENGTH] * 2 and len(ids_of(b)) == 8
+    assert b[-1].stats["prefix_waits"] >= 1 and b[-1].stats["cached_prompt_tokens"] == 12
     await engine.stop()
