@@ -164,3 +164,21 @@ async def test_a_switch_that_needs_exactly_the_free_blocks_of_the_ar_pool_moves_
     await engine.stop()
     for key in ("main", "ar"):
         assert engine.kv.pool(key).num_free == engine.kv.pool(key).num_total
+
+
+async def test_a_prompt_prefilled_on_the_ar_model_is_not_waited_for_on_the_main_one():
+    """Prefix waits (KVOwner.prefill_in_flight) are for a prompt the main model's prefix cache will hold:
+    a request prefilling on the separate AR model never offers its blocks there (another pool). `a`
+    (AR, on the AR model) and `r` (ReFusion, on the main one) share a 64-token prompt fed in 8-token
+    chunks: r starts at once instead of waiting out a's whole run (with the AR model's requests taken
+    as prefills in flight, r waited and no other test failed)."""
+    main, ar = FakeRunner(num_blocks=128), FakeRunner(num_blocks=128)
+    config = EngineConfig(token_budget=8, routing=RoutingConfig(calibrate=False, cost_points=FLAT))
+    engine = Engine(main, FakeTokenizer(), config, FakeFactory(), ar_runner=ar, ar_decoder_factory=FakeFactory())
+    prompt = list(range(4, 36)) * 2
+    await engine.start()
+    a, r = await asyncio.gather(collect(engine, GenerationRequest("a", prompt, {"gen_length": 8}, mode=Mode.AR)),
+                                collect(engine, GenerationRequest("r", prompt, {"gen_length": 8}, mode=Mode.REFUSION)))
+    assert _seqs(ar) == {"a"} and _seqs(main) == {"r"} and len(ids_of(a)) == len(ids_of(r)) == 8
+    assert r[-1].stats["prefix_waits"] == 0
+    await engine.stop()
