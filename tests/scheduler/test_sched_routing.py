@@ -355,6 +355,29 @@ async def test_a_burst_is_routed_on_the_load_it_makes_together():
     await engine.stop()
 
 
+async def test_requests_of_a_forced_mode_starting_with_an_auto_one_count_in_its_load(wait_until):
+    """Scheduler.load_snapshot: "One in a forced mode counts in that mode's class". An AUTO request queued
+    ahead of three AR ones (all four start in one step) is routed on a load of those three in AR, with
+    their packed tokens and tokens per forward (priors: 1 and 1 each), and no AUTO one arriving. Left out,
+    it was routed on an idle engine's load and no test failed."""
+    routing = RoutingConfig(calibrate=False, cost_points=FLAT, explore_every=0, allow_switch=False)
+    engine, _ = make_engine(routing=routing, prefix_cache=False, runner=FakeRunner(num_blocks=256), max_running=4)
+    await engine.pause()  # (held once started: all four wait for the same first step)
+    await engine.start()
+    with structlog.testing.capture_logs() as logs:
+        specs = [GenerationRequest("auto", [5, 6], {"gen_length": 4})]
+        specs += [GenerationRequest(f"ar{i}", [5, 7 + i], {"gen_length": 4}, mode=Mode.AR) for i in range(3)]
+        tasks = []
+        for spec in specs:  # (queued in this order: the AUTO request first)
+            tasks.append(asyncio.create_task(collect(engine, spec)))
+            await wait_until(lambda: len(engine.scheduler.waiting) == len(tasks), f"{spec.request_id} queued")
+        engine.resume()
+        await asyncio.gather(*tasks)
+    await engine.stop()
+    route = next(e for e in logs if e["event"] == "route" and e["request_id"] == "auto")
+    assert (route["running"], route["arriving_auto"], route["packed_tokens"], route["running_tpf_sum"]) == (3, 0, 3.0, 3.0)
+
+
 def test_a_burst_is_weighed_all_in_one_mode_against_all_in_the_other():
     # A curve whose marginal cost falls with size (a CPU's at small counts): 3 ms for the first 23
     # tokens, 1 ms for the next 72. One ReFusion request beside three AR ones loses to AR, but four in
