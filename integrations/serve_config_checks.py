@@ -185,8 +185,9 @@ def check_engine_gpus(args: dict, deployments: dict[str, dict], runtime_env: dic
     out, `refusion serve` asks for one GPU where the cluster has GPUs). Ray leaves CUDA_VISIBLE_DEVICES as
     the node has it for an actor that reserves no GPU (ray/_private/accelerators/accelerator.py,
     ray-project/ray#54868), so each such replica sees every GPU, unreserved, and two replicas (or another
-    job) could load onto one GPU unplanned. A runtime_env (`runtime_env`, the application's, or the
-    entry's) that sets CUDA_VISIBLE_DEVICES picks the GPUs by hand: passed. `args_path`: where args sit."""
+    job) could load onto one GPU unplanned; num_gpus false (YAML no, off) is 0 to Ray too. A runtime_env
+    (`runtime_env`, the application's, or the entry's) that sets CUDA_VISIBLE_DEVICES picks the GPUs by hand:
+    passed. `args_path`: where args sit."""
     runner = args.get("runner")
     device = runner.get("device") if isinstance(runner, dict) else None
     if not (isinstance(device, str) and device.startswith("cuda")):
@@ -198,18 +199,23 @@ def check_engine_gpus(args: dict, deployments: dict[str, dict], runtime_env: dic
     if isinstance(actor, dict):
         gpus = actor.get("num_gpus", 0)
         where = (f"applications[0].deployments {ENGINE_DEPLOYMENT} ray_actor_options.num_gpus: "
-                 + ("0" if "num_gpus" in actor else "left out (Ray's default, 0; this mapping replaces "
-                    "engine_deployment's num_gpus)"))
+                 + (_zero_said(gpus) if "num_gpus" in actor else "left out (Ray's default, 0; this mapping "
+                    "replaces engine_deployment's num_gpus)"))
     else:
         engine = args.get("engine_deployment")
         gpus = engine.get("num_gpus") if isinstance(engine, dict) else None
-        where = f"{args_path}engine_deployment.num_gpus: 0"
-    if gpus != 0 or isinstance(gpus, bool):
+        where = f"{args_path}engine_deployment.num_gpus: {_zero_said(gpus)}"
+    if gpus != 0:  # (a YAML false is 0 to Ray and to ServeConfig: it reserves no GPU either)
         return
     raise CLIError(f"--config: {where}, but {args_path}runner.device is {device}: a replica that reserves no GPU "
                    "still sees every GPU of its node (Ray sets no CUDA_VISIBLE_DEVICES for it), so replicas could "
                    "share one unplanned; set num_gpus: 1 (a fraction such as 0.5 to share a GPU on purpose), or "
                    "runner.device: cpu")
+
+
+def _zero_said(gpus) -> str:
+    """A num_gpus equal to 0 as the file wrote it: `false` for YAML's false (no, off), else 0."""
+    return "false" if gpus is False else "0"
 
 
 class _Probe:
