@@ -4,11 +4,15 @@ engine that is never started, so each situation is forced instead of waited for.
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 from sched_fakes import MASK, FakeDecoder, FakeFactory, FakeRunner, make_engine
 
 from scheduler.api import GenerationRequest, Mode, Priority
 from scheduler.plan import StepPlan
 from scheduler.prefix_cache import PrefixHit
+from scheduler.routing import LoadSnapshot
 from scheduler.request import Request, RequestStatus
 from workers.batch import Segment
 
@@ -175,3 +179,57 @@ def test_a_request_admitted_ahead_with_no_budget_left_gets_no_step_in_it():
     sched._admit_ahead(ahead, 0)
     assert sched.running == [arrival] and ahead.items == [] and ahead.tables == []
     assert arrival.decoder.budgets == []
+
+
+def _host_costs(router) -> None:
+    """One decode step of host work on the router's HostCost: an AR request 2 ms, a ReFusion one 5 ms, the
+    step 10 ms in all (so 3 ms apart from its requests). The fakes' steps cost no measurable host time."""
+    router.host.add_step([(Mode.AR, 0.002), (Mode.REFUSION, 0.005)], 0.010)
+    assert router.host.per_request() == {Mode.AR: 0.002, Mode.REFUSION: 0.005}
+    assert router.host.fixed_s == pytest.approx(0.003)
+
+
+def test_the_load_a_route_is_decided_on_counts_each_request_in_its_class_with_its_host_time():
+    """Scheduler.load_snapshot: each running request (but those re-routed together) adds its class's stats
+    (mode and its own priority: Router.stats_for) and its decoder's host seconds per step
+    (HostCost.per_request); the running AUTO requests weighed together with the re-routed one count in
+    `arriving_auto`, and so does an arriving AUTO one, while an arriving preempted rerun counts in the mode
+    it is pinned to. INTERACTIVE AR requests here pack 5.5 tokens a step, BATCH ones 1 (the prior)."""
+    engine, _ = make_engine(prefix_cache=False)
+    sched, router = engine.scheduler, engine.router
+    _host_costs(router)
+    router.stats_for(Mode.AR, Priority.INTERACTIVE).add(tokens=4, forwards=4, packed_tokens=40, decay=1.0)
+    assert (router.stats_for(Mode.AR, Priority.INTERACTIVE).step_tokens, router.stats_for(Mode.AR, Priority.BATCH).step_tokens) == (5.5, 1.0)
+    _holding(engine, _request("inter", kv_blocks=2, priority=Priority.INTERACTIVE), tokens=3)
+    batch = _holding(engine, _request("batch", kv_blocks=2, order=1), tokens=3)
+    together = [_holding(engine, _request(f"t{i}", kv_blocks=2, order=2 + i), tokens=3) for i in range(2)]
+    for req in together:
+        req.mode = Mode.REFUSION
+    load = sched.load_snapshot(exclude=batch, together=together)
+    assert load == LoadSnapshot(packed_tokens=5.5, tokens_per_forward=1.0, running=1, host_s=0.002, arriving_auto=2)
+    load = sched.load_snapshot(together=together)
+    assert load == LoadSnapshot(packed_tokens=6.5, tokens_per_forward=2.0, running=2, host_s=0.004, arriving_auto=2)
+    auto = dataclasses.replace(_request("auto", kv_blocks=2, priority=Priority.INTERACTIVE).spec, mode=Mode.AUTO)
+    rerun = Request(auto, None, 2, None, pinned_mode=Mode.AR)  # (preempted in AR: reruns in AR)
+    fresh = Request(dataclasses.replace(auto, request_id="fresh"), None, 2, None)
+    load = sched.load_snapshot(exclude=batch, arriving=[rerun, fresh])  # (t0, t1 running in ReFusion now)
+    ref = router.stats_for(Mode.REFUSION, Priority.BATCH).step_tokens
+    assert (load.packed_tokens, load.running, load.arriving_auto) == (5.5 + 2 * ref + 5.5, 4, 1)
+    assert load.host_s == pytest.approx(0.002 + 2 * 0.005 + 0.002)
+
+
+def test_a_routes_step_latencies_add_the_fixed_host_time_and_the_running_requests_host_time():
+    """Router._gains: each option's step latency is the cost curve's forward at the packed tokens with
+    the routed request, plus the step's host seconds apart from requests (HostCost.fixed_s), the running
+    requests' (LoadSnapshot.host_s) and the routed request's in that mode; the engine's throughput now
+    divides the running tokens per forward by the forward and host seconds without it."""
+    engine, _ = make_engine(prefix_cache=False)
+    router = engine.router
+    _host_costs(router)
+    load = LoadSnapshot(packed_tokens=6.0, tokens_per_forward=2.0, running=2, host_s=0.004)
+    inputs = router.decide(Mode.AUTO, Priority.BATCH, load).inputs
+    ref = router.stats_for(Mode.REFUSION, Priority.BATCH)
+    latency = router.curve.latency
+    assert inputs["latency_ar_s"] == pytest.approx(latency(7.0) + 0.003 + 0.004 + 0.002, abs=1e-9)
+    assert inputs["latency_refusion_s"] == pytest.approx(latency(6.0 + ref.step_tokens) + 0.003 + 0.004 + 0.005, abs=1e-9)
+    assert inputs["throughput_now"] == round(2.0 / (latency(6.0) + 0.007), 2)
