@@ -3,8 +3,8 @@
 `load_config_file` reads a Ray Serve config file (config/serve.yaml: `applications[0].args` and
 `.deployments`, `http_options`, `proxy_location`) as `serve deploy` reads it, or a bare mapping of
 ServeConfig fields, and names every key Ray Serve would drop or fail on, and every key it knows that
-this command does not apply (those checks: serve_config_checks.py); `merged_config` applies the flags
-(flags win). Every problem is a CLIError naming the flag or key and what to change.
+this command does not apply (those checks: serve_config_checks.py, serve_deployment_checks.py);
+`merged_config` applies the flags (flags win). Every problem is a CLIError naming the flag or key and what to change.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from integrations.cli_generate import EMPTY_MODEL_FLAG
 from integrations.serve_config import DEFAULT_MODEL, max_model_len_problem, served_names_problem
-from integrations.serve_config_checks import (CLIError, check_engine_gpus, check_http_options, checked_application,
-                                              checked_deployments, read_config_mapping)
+from integrations.serve_config_checks import CLIError, check_http_options, checked_application, read_config_mapping
+from integrations.serve_deployment_checks import check_engine_gpus, checked_deployments
 from integrations.serve_deployments import ENGINE_DEPLOYMENT
 
 __all__ = ["CLIError", "ConfigFile", "check_http_options", "load_config_file", "merged_config", "parse_autoscale"]

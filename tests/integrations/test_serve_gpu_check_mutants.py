@@ -1,4 +1,4 @@
-"""Gaps a mutation audit of the CUDA-engine GPU check (serve_config_checks.check_engine_gpus, applied by
+"""Gaps a mutation audit of the CUDA-engine GPU check (serve_deployment_checks.check_engine_gpus, applied by
 serve_config_file.load_config_file) and of serve_preflight.reserve_gpu found: each test fails on a small
 change to them that test_serve_config_checks.py and test_serve_units.py let through."""
 
