@@ -19,7 +19,8 @@ import re
 import time
 from typing import Annotated, Any, AsyncIterator
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from decoding.params import MAX_LOGIT_BIAS_TOKENS, MIN_TOP_P
 from integrations.editor.protocol import MAX_STOP_STRINGS
@@ -111,14 +112,14 @@ class LlamaCompletionBody(LlamaBody):
 
     @field_validator("prompt", mode="wrap")
     @classmethod
-    def _one_prompt(cls, value, handler):
+    def _one_prompt(cls, value, handler, info: ValidationInfo):
         """llama.cpp also takes a prompt mixing strings and token ids, and a list of prompts; here a prompt
         is one string or one list of token ids, and the 400 says so and what to send (pydantic's was "Input
-        should be a valid string")."""
+        should be a valid string"), the routes named under context root_path (route_errors.read_body)."""
         try:
             return handler(value)
         except ValidationError:
-            raise ValueError(_prompt_form_error(value)) from None
+            raise ValueError(_prompt_form_error(value, (info.context or {}).get("root_path", ""))) from None
 
     @field_validator("top_k")
     @classmethod
@@ -223,16 +224,17 @@ def _openai_bias(bias, tokenizer=None) -> dict[str, float]:
     return biased
 
 
-def _prompt_form_error(prompt) -> str:
-    """Why `prompt` is not one of /completion's two forms, and what to send instead."""
+def _prompt_form_error(prompt, root: str = "") -> str:
+    """Why `prompt` is not one of /completion's two forms, and what to send instead; routes are named
+    under `root` (the app's root_path, as route_hints names them)."""
     taken = "one string or one list of token ids (integers)"
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         return (f"is a list of strings (llama.cpp's several prompts); a prompt here is {taken}: send one prompt "
-                f"per request, or the list to /v1/completions, which takes a batch")
+                f"per request, or the list to {root}/v1/completions, which takes a batch")
     if isinstance(prompt, list) and any(isinstance(p, str) for p in prompt):
         return (f"mixes strings and token ids (llama.cpp's mixed prompt), which this server does not take; a prompt "
-                f"here is {taken}: send the text as one string, or tokenize the strings (POST /tokenize) and send "
-                f"one list of ids")
+                f"here is {taken}: send the text as one string, or tokenize the strings (POST {root}/tokenize) and "
+                f"send one list of ids")
     return f"must be {taken}"
 
 

@@ -197,7 +197,7 @@ async def completions(request: Request):
     grammar = None
     if body.response_format is not None or body.structured_outputs is not None:  # compiling can take a while
         grammar = await grammar_off_loop(body.output_grammar)
-    check_completion_options(body, grammar)
+    check_completion_options(body, grammar, request.scope.get("root_path", ""))
     if body.suffix is not None:  # infill, suffix "" (end of a file) too: the editor path (integrations/openai_infill.py)
         run = await start_infill(request, client, settings, header, body)
     else:

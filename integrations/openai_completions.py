@@ -43,15 +43,15 @@ class CompletionRun:
     scored_each: bool = False
 
 
-def check_completion_options(body: CompletionRequest, grammar) -> None:
+def check_completion_options(body: CompletionRequest, grammar, root: str = "") -> None:
     """InputError (400) naming the field of an option this request cannot have: an infill (`suffix`) takes
     one prompt, n 1, no echo, log probabilities, stop string kept or structured output; max_tokens 0 is
-    for echo only."""
+    for echo only. Routes are named under `root` (the app's root_path, as route_hints names them)."""
     if body.suffix is not None and len(body.prompts) > 1:
         raise InputError(400, "prompt", "an infill (`suffix`) takes one prompt: send one per request")
     if body.suffix is not None and body.n > 1:
         raise InputError(400, "n", "several completions of an infill (`suffix`) are not offered here: use n 1, "
-                         "or POST /infill with n_cmpl")
+                         f"or POST {root}/infill with n_cmpl")
     if body.max_tokens == 0 and not body.echo:
         raise InputError(400, "max_tokens", "0 generates nothing: it is only for echo true (the prompt alone, with "
                          "its log probabilities when logprobs is set); ask for at least 1 token")

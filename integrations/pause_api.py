@@ -33,18 +33,20 @@ MODES = ("keep",)  # vLLM's pause modes offered here (vLLM: "abort", "wait", "ke
 @router.post("/pause")
 async def pause(request: Request, mode: str | None = None):
     """Pause every engine replica's forwards; answers once each has absorbed the step it was running.
-    Raises InputError: 400 (`mode` missing, repeated or not "keep"), 409 (a resume came first)."""
+    Raises InputError: 400 (`mode` missing, repeated or not "keep"), 409 (a resume came first); each names
+    the routes under the app's root_path (http_options.root_path), as route_hints does."""
+    root = request.scope.get("root_path", "")
     modes = request.query_params.getlist("mode")
     if len(modes) != 1 or mode not in MODES:
         given = "missing" if not modes else f"given {len(modes)} times" if len(modes) > 1 else f"{mode!r}"
         raise InputError(400, "mode", f"{given}; send mode=keep once (requests keep their slots and continue on "
-                         "POST /resume). vLLM's 'abort' (its default) and 'wait' are not offered: cancel the "
+                         f"POST {root}/resume). vLLM's 'abort' (its default) and 'wait' are not offered: cancel the "
                          "requests, or wait for them, first")
     replicas = await request.app.state.engine_client.pause()
     if not all(replicas.values()):
-        raise InputError(409, "mode", f"a POST /resume or a shutdown came before the pause held on "
+        raise InputError(409, "mode", f"a POST {root}/resume or a shutdown came before the pause held on "
                          f"{', '.join(r for r, held in replicas.items() if not held)}: not paused there "
-                         f"(replicas: {replicas}); the last call wins, send POST /pause again to pause")
+                         f"(replicas: {replicas}); the last call wins, send POST {root}/pause?mode=keep again to pause")
     return {"status": "paused", "replicas": replicas}
 
 

@@ -44,10 +44,11 @@ def field_message(field: str | None, message: str) -> str:
 
 
 async def read_body(request: Request, model: type[BaseModel]):
-    """The body validated as `model`; raises InputError naming the field."""
+    """The body validated as `model`; raises InputError naming the field. Validators read the app's
+    root_path (http_options.root_path) from the validation context, to name a route as it is served."""
     data = await read_json_object(request)
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context={"root_path": request.scope.get("root_path", "")})
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         field = validation_field(tuple(errors[0]["loc"]))

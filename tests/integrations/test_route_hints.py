@@ -115,3 +115,40 @@ async def test_an_unknown_model_names_the_listing_route_under_the_root_path(app,
     assert response.status_code == 404, response.text
     said = response.json()["error"]["message"]
     assert said.endswith(f"(GET {root_path}/v1/models)"), said
+
+
+@pytest.mark.parametrize("root_path", ["", "/api"])
+@pytest.mark.parametrize("path, body, route", [
+    ("/completion", {"prompt": [261, "return"]}, "(POST {root}/tokenize)"),  # llama.cpp's mixed prompt
+    ("/completion", {"prompt": ["a", "b"]}, "the list to {root}/v1/completions,"),  # llama.cpp's several prompts
+    ("/v1/completions", {"prompt": "x", "suffix": "y", "n": 2}, "or POST {root}/infill with n_cmpl"),
+])
+async def test_a_refusal_names_the_route_to_use_under_the_root_path(app, root_path, path, body, route):
+    """A 400 that sends the client to another route names it as the app is served (behind root_path /api,
+    /api/tokenize; it said /tokenize, a 404 there), as the model_not_found 404 above does."""
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.post(root_path + path, json=body)
+    assert response.status_code == 400, response.text
+    said = response.json()["error"]["message"]
+    assert route.format(root=root_path) in said, said
+
+
+@pytest.mark.parametrize("root_path", ["", "/api"])
+async def test_pause_refusals_name_the_pause_routes_under_the_root_path(fake_client, root_path):  # noqa: F811
+    """POST /pause's 400 (no mode) and 409 (a resume came first) name POST /resume and POST /pause as the
+    app is served: /api/resume behind root_path /api (they said /resume)."""
+    async def overtaken():
+        return {"r1": False}
+
+    fake_client.pause = overtaken
+    app = create_app(APISettings(model_name=fake_client.model_name, pause_endpoints=True), fake_client)
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        bare = await http.post(root_path + "/pause")
+        overtaken_answer = await http.post(root_path + "/pause", params={"mode": "keep"})
+    assert bare.status_code == 400, bare.text
+    assert f"continue on POST {root_path}/resume)" in bare.json()["error"]["message"]
+    assert overtaken_answer.status_code == 409, overtaken_answer.text
+    said = overtaken_answer.json()["error"]["message"]
+    assert f"a POST {root_path}/resume or a shutdown" in said and f"send POST {root_path}/pause?mode=keep again" in said
