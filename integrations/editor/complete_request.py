@@ -57,6 +57,7 @@ async def completion_job(client, context_length: int, session_id: str, request_i
         max_time_ms=params.max_time_ms,
         max_tokens=params.max_tokens,
         fit_to_kv=params.max_tokens is None and not params.gaps,
+        drop_unfit_gaps=bool(params.gaps),  # (the KV cache's room, as fitting_gaps the context's)
         sampling=sampling,
         affinity_key=f"editor:{params.uri}",
         client=f"editor:{session_id}",  # each connection its own share of the engine (fair share)

@@ -19,7 +19,8 @@ from integrations.editor.gaps import Candidate, choose_candidate, gap_params
 from integrations.editor.infill import MAX_CHARS_PER_TOKEN, MAX_SUFFIX_TOKENS, InfillPrompt, heal_text
 from integrations.editor.postprocess import Rules, postprocess, shown_partial
 from integrations.engine_client import ShuttingDownError
-from scheduler.api import ENGINE_STOPPED, EngineError, GenerationRequest, Mode, OverloadedError, Priority
+from scheduler.api import (ENGINE_STOPPED, EngineError, GenerationRequest, InvalidRequestError, Mode, OverloadedError,
+                           Priority)
 from scheduler.detokenizer import Healer, ids_covering
 from scheduler.validation import with_seed
 
@@ -55,6 +56,10 @@ class CompletionJob:
     # cannot hold is shrunk to what it holds, as an unset max_tokens is (scheduler.api.GenerationRequest);
     # a length the client set is refused instead, naming it.
     fit_to_kv: bool = False
+    # The client chose the gaps (the editor's `gaps`): a candidate whose gap the engine's KV cache cannot
+    # hold is dropped where another is answered, as one past the model's context is (gaps.fitting_gaps);
+    # with none admitted the refusal (the longest length that fits) is raised.
+    drop_unfit_gaps: bool = False
 
     def __post_init__(self) -> None:
         # One seed for every candidate (a fresh one when the client gave none): a longer gap replaces
@@ -263,7 +268,7 @@ async def run_completion(client, job: CompletionJob, on_partial: PartialCallback
         asyncio.ensure_future(decode_candidate(client, req, gap, job, forward_partial if i == 0 else None, token_came))
         for i, (req, gap) in enumerate(zip(job.engine_requests(), job.gaps))
     ]
-    candidates = _answered_candidates(await _candidate_results(tasks, whole), whole)
+    candidates = _answered_candidates(await _candidate_results(tasks, whole), whole, job.drop_unfit_gaps)
     chosen = choose_candidate(candidates)
     return CompletionOutcome(
         text=chosen.text,
@@ -300,9 +305,10 @@ async def _candidate_results(tasks: list[asyncio.Future], whole: bool) -> list:
         raise
 
 
-def _answered_candidates(results: list, whole: bool) -> list[Candidate]:
-    """The candidates that were answered. Candidates refused as overloaded are dropped when another was
-    admitted; any other error, or every candidate refused, raises the first error. A candidate a stopping
+def _answered_candidates(results: list, whole: bool, drop_unfit: bool = False) -> list[Candidate]:
+    """The candidates that were answered. Candidates refused as overloaded, or (`drop_unfit`) as too long
+    for the KV cache, are dropped when another was admitted; any other error, or every candidate refused,
+    raises the first error. A candidate a stopping
     engine cut (its drain timeout: ENGINE_STOPPED) raises ShuttingDownError, retry after 1 s (HTTP 503
     `shutting_down`, editor OVERLOADED: as a plain completion cut so answers, openai_calls.checked), when
     `whole` or when it is the shortest answered gap's (partials, where shown, are the shortest gap's); a
@@ -311,7 +317,7 @@ def _answered_candidates(results: list, whole: bool) -> list[Candidate]:
     candidates = [r for r in results if isinstance(r, Candidate)]
     errors = [r for r in results if isinstance(r, BaseException)]
     # Under load some candidates may be refused (OverloadedError): answer with the admitted ones.
-    if errors and (not candidates or not all(isinstance(e, OverloadedError) for e in errors)):
+    if errors and (not candidates or not all(_droppable(e, drop_unfit) for e in errors)):
         raise errors[0]
     stopped = [c for c in candidates if c.stats.get("error") == ENGINE_STOPPED]  # not the request's fault
     if stopped and (whole or min(candidates, key=lambda c: c.gap) in stopped):
@@ -321,6 +327,12 @@ def _answered_candidates(results: list, whole: bool) -> list[Candidate]:
     if failed:  # whole: one that failed fails the request, as an engine error does a plain completion
         raise EngineError(failed[0].stats.get("error") or "an infill candidate failed")
     return candidates
+
+
+def _droppable(error: BaseException, drop_unfit: bool) -> bool:
+    """Whether a candidate refused with `error` may be left out when another candidate was answered."""
+    unfit = drop_unfit and isinstance(error, InvalidRequestError) and error.field == "gen_length"
+    return unfit or isinstance(error, OverloadedError)
 
 
 async def warm_prefix(client, request_id: str, prompt: InfillPrompt) -> dict:

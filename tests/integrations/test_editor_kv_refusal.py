@@ -2,7 +2,8 @@
 (192 tokens), through EditorSession over the real engine (serve_testbed.local_editor_session). The
 error names what the client sent and a length that fits: `gaps [256]` was answered "max_tokens: ...
 ask for at most 166", naming a field the client never sent, and `gaps [166]` (rounded up to whole
-slots, 168) was refused again."""
+slots, 168) was refused again. A gap that does not fit beside others that do is left out, as one past
+the model's context is: `gaps [16, 256]` answers with the 16-token gap (it failed the whole completion)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def _free_blocks(session) -> tuple[int, int]:
     return stats["kv_blocks_free"] + stats["prefix_cache_blocks"], stats["kv_blocks_total"]
 
 
-@pytest.mark.parametrize("sent, named", [({"gaps": [16, 256]}, "gaps"), ({"gaps": [256], "max_tokens": 200}, "max_tokens")])
+@pytest.mark.parametrize("sent, named", [({"gaps": [256]}, "gaps"), ({"gaps": [200, 256]}, "gaps"),
+                                         ({"gaps": [256], "max_tokens": 200}, "max_tokens")])
 async def test_a_gap_the_kv_cache_cannot_hold_names_what_was_sent_and_a_length_that_fits(sent, named):
     async with local_editor_session(SHIPPED_MODEL, SMALL_KV) as (session, frames):
         _, _, err, _ = await _answer(session, frames, 1, {**PARAMS, **sent})
@@ -45,4 +47,20 @@ async def test_a_gap_the_kv_cache_cannot_hold_names_what_was_sent_and_a_length_t
         retry = {"gaps": [most]} if named == "gaps" else {"gaps": [256], "max_tokens": most}
         _, _, again, result = await _answer(session, frames, 2, {**PARAMS, **retry})
         assert again is None and result["gap"] == most, again
+        assert _free_blocks(session) == (12, 12)
+
+
+@pytest.mark.parametrize("sent, fitting", [({"gaps": [16, 256]}, [16]),
+                                           ({"gaps": [16, 64, 256], "max_tokens": 200}, [16, 64])])
+async def test_a_gap_the_kv_cache_cannot_hold_is_dropped_and_the_others_answer(sent, fitting):
+    """Gaps the KV cache cannot hold are left out as those past the model's context are (gaps.fitting_gaps),
+    and the ones that fit answer: `gaps [16, 256]` on a 12-block cache failed the whole completion naming
+    gaps, while a gap past the context was dropped. The refused candidate takes no block (the cache is
+    whole after) and leaves the answer as the fitting gaps alone give it."""
+    async with local_editor_session(SHIPPED_MODEL, SMALL_KV) as (session, frames):
+        _, _, err, result = await _answer(session, frames, 1, {**PARAMS, **sent, "temperature": 0})
+        assert err is None and result["gap"] in fitting, err
+        assert _free_blocks(session) == (12, 12)
+        _, _, err, alone = await _answer(session, frames, 2, {**PARAMS, **sent, "gaps": fitting, "temperature": 0})
+        assert err is None and (alone["gap"], alone["text"]) == (result["gap"], result["text"]), (alone, result)
         assert _free_blocks(session) == (12, 12)
