@@ -16,7 +16,7 @@ from decoding.grammar import GrammarSpec
 from decoding.params import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_PENALTY, MAX_TOP_K, SERVING_DEFAULTS
 from integrations.openai_body import OpenAIBody, ResponseFormat, StreamOptions, StructuredOutputs
 from integrations.openai_choices import MAX_CHOICES
-from integrations.request_limits import MAX_SEED, MIN_TOP_P, InputError, sampling_temperature
+from integrations.request_limits import MAX_SEED, MIN_TOP_P, InputError, long_stop_fault, sampling_temperature
 from integrations.structured_output import response_format_grammar
 from scheduler.api import MAX_TIME_MS, Mode, Priority
 from workers.batch import MAX_TOP_LOGPROBS
@@ -232,13 +232,16 @@ class SamplingFields(OpenAIBody):
     @classmethod
     def _stop_list(cls, value, info: ValidationInfo):
         """OpenAI allows 4 stop sequences; a route whose API allows more passes context max_stops
-        (the Messages route: Anthropic documents no limit, this server takes MESSAGES_MAX_STOPS)."""
+        (the Messages route: Anthropic documents no limit, this server takes MESSAGES_MAX_STOPS). Each
+        is at most MAX_STOP_CHARS characters (request_limits.long_stop_fault)."""
         stops = [value] if isinstance(value, str) else list(value or [])
         limit = (info.context or {}).get("max_stops", 4)
         if len(stops) > limit:
             raise ValueError(f"at most {limit} stop sequences, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        if (fault := long_stop_fault(stops)) is not None:
+            raise ValueError(fault)
         return stops
 
     @field_validator("logit_bias")

@@ -53,6 +53,21 @@ DEFAULT_BODY_TIMEOUT_S = 10.0
 
 
 MAX_ERROR_MESSAGE_CHARS = 2000  # an error message quoting a client's value is cut here (a 1 MB `model` came back whole)
+# Characters of one stop string, on every route (editor protocol, /v1, /completion, /infill, Messages): far
+# past any delimiter a client stops at ("\n\n", "```", "</code>", a line of code). OpenAI documents only
+# the count (4), vLLM and llama.cpp no bound; without one an editor's 16 stops of 60,000 characters each
+# were taken, each bounded only by the 1 MiB frame.
+MAX_STOP_CHARS = 1000
+
+
+def long_stop_fault(stops) -> str | None:
+    """Why `stops` (a list of stop strings) is refused for a string over MAX_STOP_CHARS characters, naming
+    the first such and the limit; None when none is."""
+    for i, stop in enumerate(stops):
+        if isinstance(stop, str) and len(stop) > MAX_STOP_CHARS:
+            return (f"string {i} is {len(stop):,} characters long; a stop string may be at most "
+                    f"{MAX_STOP_CHARS:,} characters")
+    return None
 
 
 def clipped(text: str, limit: int = MAX_ERROR_MESSAGE_CHARS) -> str:

@@ -29,7 +29,7 @@ from integrations.editor.postprocess import CUT_INDENT, CUT_NEWLINE, CUT_SUFFIX,
 from integrations.editor.protocol import MAX_INDENT, MAX_STOP_STRINGS, ContextChunk, Limits
 from integrations.editor.runner import CompletionJob, CompletionOutcome, run_completion, warm_prefix
 from decoding.params import MAX_TOP_K
-from integrations.request_limits import MAX_SEED, InputError, off_loop, sampling_temperature
+from integrations.request_limits import MAX_SEED, InputError, long_stop_fault, off_loop, sampling_temperature
 from integrations.llama_completion import LlamaBody, llama_timings
 from integrations.openai_infill import final_delta
 from scheduler.api import Delta, Mode, Priority
@@ -86,6 +86,8 @@ class InfillBody(LlamaBody):
     def _non_empty_stops(cls, value: list[str]) -> list[str]:
         if not all(value):
             raise ValueError("stop strings must be non-empty")
+        if (fault := long_stop_fault(value)) is not None:
+            raise ValueError(fault)
         return value
 
     @field_validator("grammar", "json_schema", "n_probs", "lora", "ignore_eos", "logit_bias")

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-from integrations.request_limits import MAX_SEED, clipped
+from integrations.request_limits import MAX_SEED, clipped, long_stop_fault
 
 PROTOCOL_VERSION = 1
 
@@ -251,6 +251,8 @@ def parse_complete(params: dict, limits: Limits) -> CompleteParams:
         raise invalid_params("stop", "must be a list of non-empty strings")
     if len(stop) > MAX_STOP_STRINGS:
         raise invalid_params("stop", f"holds {len(stop)} strings; give at most {MAX_STOP_STRINGS}")
+    if (fault := long_stop_fault(stop)) is not None:
+        raise invalid_params("stop", fault)
     gaps = _get(params, "gaps", (list,), None, "a list of 1 to 4 integers")
     if gaps is not None and not (1 <= len(gaps) <= 4 and all(
             isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= limits.max_tokens for g in gaps)):
