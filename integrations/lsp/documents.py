@@ -6,12 +6,16 @@ the prefix and suffix cut around the cursor, and the document as if the editor's
 from __future__ import annotations
 
 import itertools
+import logging
 import re
+from urllib.parse import unquote
 
 from lsprotocol import types
 from pygls.workspace import TextDocument, Workspace
 
 from integrations.editor.document import LINE_BREAK
+
+log = logging.getLogger(__name__)
 
 
 # LSP's line breaks are "\n", "\r\n" and "\r" only (LSP 3.17, "Text Documents"). pygls splits lines
@@ -27,6 +31,7 @@ class LspTextDocument(TextDocument):
     the line, and counted the line break as part of the line)."""
 
     _lines_of: tuple = (None, ())  # (source, its lines): pygls reads `lines` for every edit and position
+    version_went_back = False  # a didChange came with a lower version (LspWorkspace.update_text_document)
 
     @property
     def lines(self):
@@ -71,6 +76,24 @@ class LspWorkspace(Workspace):
     def _create_text_document(self, doc_uri, source=None, version=None, language_id=None) -> TextDocument:
         return LspTextDocument(doc_uri, source=source, version=version, language_id=language_id,
                                sync_kind=self._sync_kind, position_codec=self.position_codec)
+
+    def update_text_document(self, text_doc: types.VersionedTextDocumentIdentifier,
+                             change: types.TextDocumentContentChangeEvent) -> None:
+        """Apply a textDocument/didChange edit in the order it came, whatever its version. LSP 3.17 says a
+        document's versions increase; one lower than the document's is a client's slip, not a late
+        message (a connection delivers in order, and pygls applies didChange in order), and the edit was
+        made on the editor's text as it is now: dropping it would put every later incremental edit at
+        the wrong place, with no way to ask the editor for its text again. So the order of arrival wins,
+        as in the editor protocol, which compares no versions (docs/editor-protocol.md); the going back
+        is logged as a warning, once per opened document, for whoever reads the editor's LSP log."""
+        doc = self._text_documents.get(unquote(text_doc.uri))
+        if doc is not None and doc.version is not None and text_doc.version is not None \
+                and text_doc.version < doc.version and not doc.version_went_back:
+            doc.version_went_back = True
+            log.warning("textDocument/didChange for %s has version %d, lower than the document's %d (LSP's "
+                        "versions increase): applied in the order it came; the client's versions are not "
+                        "to be relied on", text_doc.uri, text_doc.version, doc.version)
+        super().update_text_document(text_doc, change)
 
 
 def cursor_context(source: str, offset: int, prefix_lines: int, suffix_lines: int) -> tuple[str, str]:

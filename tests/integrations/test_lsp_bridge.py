@@ -1011,3 +1011,37 @@ async def test_lone_surrogates_in_the_uri_and_language_and_an_emoji_typed_in_two
         assert prompts and all(p.startswith("s = '\U0001F600'\ndef area(r):\n") for p in prompts), prompts
     finally:
         await lsp.close()
+
+
+async def test_a_change_with_a_lower_version_is_applied_in_order_and_logged(scripted_backend, tmp_path):
+    """LSP's versions increase; a didChange whose version is lower than the document's is a client's slip,
+    not a late message (one connection delivers in order). The bridge applies it in the order it came, as
+    the editor protocol compares no versions (dropped, the edits after it would land on the wrong text),
+    and logs a warning once per document, which the old bridge did not."""
+    url, fake = scripted_backend
+    log = tmp_path / "bridge.log"
+    client = LanguageClient("refusion-test", "0")
+    await client.start_io(sys.executable, "-m", "integrations.cli", "lsp", "--url", url, "--max-time-ms", "5000",
+                          "--log-file", str(log))
+    try:
+        await initialize(client)
+        client.initialized(types.InitializedParams())
+        open_document(client)
+
+        def insert(version: int, line: int, text: str) -> None:
+            client.text_document_did_change(types.DidChangeTextDocumentParams(
+                text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=version),
+                content_changes=[types.TextDocumentContentChangePartial(
+                    range=types.Range(types.Position(line, 4), types.Position(line, 4)), text=text)]))
+
+        insert(5, 1, "a = 1\n    ")  # line 1 becomes "a = 1", the cursor line is 2
+        insert(3, 2, "b = 2\n    ")  # lower than 5: still applied
+        insert(2, 3, "c = 3\n    ")  # lower again: applied, not logged again
+        n = len(fake.requests)
+        await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(4, 4)), WAIT_S)
+    finally:
+        await stop_lsp(client)
+    assert fake.tokenizer.decode(fake.requests[n].prompt_ids).endswith(
+        "def area(r):\n    a = 1\n    b = 2\n    c = 3\n")  # (the cursor's indent healed)
+    said = [line for line in log.read_text().splitlines() if "lower than the document's" in line]
+    assert len(said) == 1 and f"didChange for {URI} has version 3, lower than the document's 5" in said[0], said
