@@ -333,27 +333,35 @@ def test_random_calls_split_and_cut_anywhere_stream_the_whole_calls_arguments():
             assert [sent for sent, _ in streamed] == [c.arguments for c in whole_calls], text
 
 
+def feed_allocations(parser: ToolCallStreamParser, text: str) -> tuple[int, list]:
+    """`text` fed to `parser` 3 characters at a time: the bytes the feeds allocate beyond what each started
+    with (tracemalloc's peak: the copies each made, kept or not), summed; and the events."""
+    import tracemalloc
+
+    total, events = 0, []
+    tracemalloc.start()
+    try:
+        for i in range(0, len(text), 3):
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            events += parser.feed(text[i:i + 3])
+            total += tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    return total, events
+
+
 def test_a_call_costs_its_length_in_copies_however_finely_it_is_fed():
     """Each feed copied all of the block's text so far (the pending text grown by +=, the arguments
     sliced out of it and their safe prefix): a 112 KB call fed 3 characters at a time took 0.23 s, the
     square of its length. Counted, not timed: the memory each feed allocates beyond what it started with
     (tracemalloc's peak, the copies it made whether kept or not), summed over the call's feeds, grows with
     the call's length (about 2x at twice the length; it was 3.7x, and 1,700 bytes a character at 10 KB)."""
-    import tracemalloc
-
     def allocated(lines: int, stream_arguments: bool) -> tuple[int, int]:
         text = _block("f", json.dumps({"code": "x = '</tool_call>'  # é\n" * lines, "n": [1, 2.5, "<<"]},
                                       ensure_ascii=False))
-        parser, total, events = ToolCallStreamParser(ALLOWED, stream_arguments=stream_arguments), 0, []
-        tracemalloc.start()
-        try:
-            for i in range(0, len(text), 3):
-                before = tracemalloc.get_traced_memory()[0]
-                tracemalloc.reset_peak()
-                events += parser.feed(text[i:i + 3])
-                total += tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
+        parser = ToolCallStreamParser(ALLOWED, stream_arguments=stream_arguments)
+        total, events = feed_allocations(parser, text)
         [call] = [e for e in events + parser.finish() if isinstance(e, ToolCall)]
         assert json.loads(call.arguments)["n"] == [1, 2.5, "<<"]
         return total, len(text)

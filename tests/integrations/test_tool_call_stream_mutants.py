@@ -7,9 +7,9 @@ ends as the module doc says; and text that is not the grammar's costs its length
 from __future__ import annotations
 
 import json
-import tracemalloc
 
 import pytest
+from test_tool_call_arguments import feed_allocations
 
 from integrations.tool_call_arguments import ArgumentsPiece, ArgumentsStream, CallStart
 from integrations.tool_call_stream import ToolCallStreamParser, split_tool_calls
@@ -82,16 +82,7 @@ def _allocated(opening: str, lines: int) -> tuple[int, int]:
     """Bytes the feeds allocate beyond what each started with (tracemalloc's peak), summed over a block that
     starts with `opening`, fed 3 characters at a time; and the block's length."""
     text = "<tool_call>" + opening + json.dumps({"code": "x = 1  # é\n" * lines}) + "}</tool_call>"
-    parser, total, events = ToolCallStreamParser(ALLOWED, stream_arguments=True), 0, []
-    tracemalloc.start()
-    try:
-        for i in range(0, len(text), 3):
-            before = tracemalloc.get_traced_memory()[0]
-            tracemalloc.reset_peak()
-            events += parser.feed(text[i:i + 3])
-            total += tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+    total, _ = feed_allocations(ToolCallStreamParser(ALLOWED, stream_arguments=True), text)
     return total, len(text)
 
 
